@@ -1,0 +1,53 @@
+# The only entry points: setup · generate · run · test · lint · bench.
+# `make run` and `make test` each work on a fresh clone with nothing done first.
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+CONFIG ?= config/gateway.yaml
+STAMP := $(VENV)/.setup-stamp
+PROTOS := $(shell find protos/llmgateway -name '*.proto')
+
+.PHONY: setup generate run test test-fast lint bench redis-server clean
+
+setup: $(STAMP)
+
+# Builds llama-cpp-python from source the first time (about 6 minutes on 2 cores);
+# pip caches the wheel, so later setups take seconds.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip wheel setuptools
+	@echo ">>> installing llm-gateway (first run compiles llama.cpp: ~6 min on 2 cores)"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install --progress-bar on -e '.[dev,local]'
+	@touch $@
+
+generate: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+		--python_out=generated --grpc_python_out=generated \
+		--mypy_out=generated --mypy_grpc_out=generated $(PROTOS)
+
+run: $(STAMP)
+	$(PY) -m service serve --config $(CONFIG)
+
+redis-server:
+	@command -v redis-server >/dev/null || { echo ">>> installing redis-server"; \
+		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+
+test: $(STAMP) redis-server
+	$(PY) -m pytest
+
+test-fast: $(STAMP) redis-server
+	$(PY) -m pytest -m 'not local_model'
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

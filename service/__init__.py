@@ -1,0 +1,1 @@
+"""llm-gateway: a typed gRPC gateway in front of OpenAI-compatible LLM providers."""

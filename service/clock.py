@@ -1,0 +1,65 @@
+"""Injected time: a monotonic clock with sleep, and the caller's deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Clock(Protocol):
+    """Monotonic time and sleep, injected so tests never patch `asyncio.sleep`."""
+
+    def now(self) -> float:
+        """Monotonic seconds."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds`."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now(self) -> float:
+        """Monotonic seconds."""
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` on the event loop."""
+        await asyncio.sleep(seconds)
+
+
+SYSTEM_CLOCK = SystemClock()
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When the caller stops waiting (`expires_at` on `clock`, None: never)."""
+
+    expires_at: float | None
+    clock: Clock = SYSTEM_CLOCK
+
+    @classmethod
+    def after(cls, seconds: float | None, clock: Clock = SYSTEM_CLOCK) -> Deadline:
+        """A deadline `seconds` from now (None: no deadline)."""
+        return cls(None if seconds is None else clock.now() + seconds, clock)
+
+    def remaining_s(self) -> float | None:
+        """Seconds left (may be negative), or None without a deadline."""
+        if self.expires_at is None:
+            return None
+        return self.expires_at - self.clock.now()
+
+    def bound(self, timeout_s: float) -> float:
+        """`timeout_s` cut to the time left."""
+        left = self.remaining_s()
+        return timeout_s if left is None else min(timeout_s, left)
+
+    @property
+    def has_expired(self) -> bool:
+        """Whether the caller has stopped waiting."""
+        left = self.remaining_s()
+        return left is not None and left <= 0

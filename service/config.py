@@ -1,0 +1,311 @@
+"""Configuration: one YAML file plus environment overrides, loaded once and frozen.
+
+Every section is a frozen dataclass that checks itself in `__post_init__`. A config
+error names the file, the key and what is wrong. Environment variables of the form
+`LLM_GATEWAY__SECTION__KEY=value` override scalar keys (values parsed as YAML), e.g.
+`LLM_GATEWAY__SERVER__LISTEN=0.0.0.0:50051`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from service.domain import CacheMode, TruncationMode
+
+ENV_PREFIX = "LLM_GATEWAY__"
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration problem, naming the file and key."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key or '(top level)'}: {problem}")
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+
+def _require(condition: bool, problem: str) -> None:
+    if not condition:
+        raise ValueError(problem)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The gRPC listener and its lifecycle."""
+
+    listen: str = "127.0.0.1:50051"
+    grace_period_s: float = 10.0
+    max_receive_message_bytes: int = 4 * 1024 * 1024
+    max_in_flight_calls: int = 2000
+    max_queued_calls: int = 0
+    overload_retry_after_s: float = 1.0
+    workers: int = 1
+    # Refuse to start without caller auth on a non-loopback address unless forced.
+    allow_insecure_public_listen: bool = False
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        _require(bool(sep and host and port.isdigit()), "listen must be HOST:PORT")
+        _require(self.grace_period_s >= 0, "grace_period_s must be >= 0")
+        _require(self.max_receive_message_bytes >= 1024, "max_receive_message_bytes too small")
+        _require(self.max_in_flight_calls >= 1, "max_in_flight_calls must be >= 1")
+        _require(self.max_queued_calls >= 0, "max_queued_calls must be >= 0")
+        _require(self.workers >= 0, "workers must be >= 0 (0: one per core)")
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the listen address is reachable only from this machine."""
+        host = self.listen.rpartition(":")[0].strip("[]")
+        return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """One OpenAI-compatible provider endpoint.
+
+    `models` maps the model name callers use to the name the upstream expects.
+    The key is read from the environment variable `api_key_env`, never from the file.
+    """
+
+    name: str
+    base_url: str
+    models: Mapping[str, str]
+    api_key_env: str | None = None
+    timeout_s: float = 120.0
+    connect_timeout_s: float = 10.0
+    max_connections: int = 100
+    weight: int = 1
+    api_key: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(),
+            "name must be letters, digits, '-' or '_'",
+        )
+        parts = urlsplit(self.base_url)
+        _require(
+            parts.scheme in ("http", "https") and bool(parts.netloc),
+            "base_url must be an http(s) URL",
+        )
+        _require(
+            parts.username is None and parts.password is None,
+            "base_url must not carry credentials; use api_key_env",
+        )
+        _require(len(self.models) > 0, "models must list at least one model")
+        _require(self.timeout_s > 0 and self.connect_timeout_s > 0, "timeouts must be > 0")
+        _require(self.max_connections >= 1, "max_connections must be >= 1")
+        _require(self.weight >= 1, "weight must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """A model's context window and price in USD per million tokens."""
+
+    context_window: int
+    input_usd_per_million: float
+    output_usd_per_million: float
+    cached_input_usd_per_million: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.context_window >= 256, "context_window must be >= 256")
+        prices = (
+            self.input_usd_per_million,
+            self.output_usd_per_million,
+            self.cached_input_usd_per_million or 0.0,
+        )
+        _require(all(p >= 0 for p in prices), "prices must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModelConfig:
+    """The embedded llama.cpp server used when no provider key is set.
+
+    `enabled`: `auto` starts it only when no other upstream is enabled.
+    """
+
+    enabled: Literal["auto", "always", "never"] = "auto"
+    model: str = "gemma-3-270m"
+    model_path: str = "~/.cache/llm-gateway/gemma3-270m-q4_k_m.gguf"
+    chat_format: str = "gemma"
+    context_window: int = 2048
+    threads: int = 0
+    startup_timeout_s: float = 180.0
+    restart_backoff_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.context_window >= 256, "context_window must be >= 256")
+        _require(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDefaults:
+    """What a request gets for fields it leaves unset."""
+
+    truncation: TruncationMode = TruncationMode.NONE
+    cache_mode: CacheMode = CacheMode.DEFAULT
+    max_messages: int = 1000
+    max_stop_sequences: int = 4
+    max_labels: int = 32
+    max_label_length: int = 256
+    max_request_bytes: int = 2 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _require(self.max_messages >= 1, "max_messages must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The whole configuration."""
+
+    server: ServerConfig = ServerConfig()
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    local_model: LocalModelConfig = LocalModelConfig()
+    defaults: RequestDefaults = RequestDefaults()
+    source: str = "<defaults>"
+
+    @property
+    def enabled_upstreams(self) -> tuple[UpstreamConfig, ...]:
+        """Upstreams whose key is present (or that need none)."""
+        return tuple(u for u in self.upstreams if u.api_key_env is None or u.api_key)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Turn YAML data into the annotated type, raising ValueError with the key path."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}: must be one of {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(typing.cast(type[Any], tp), value, key)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(str(value).lower())
+        except ValueError:
+            allowed = ", ".join(str(m.value) for m in tp)
+            raise ValueError(f"{key}: must be one of {allowed}") from None
+    if origin in (tuple,) and args and args[-1] is Ellipsis:
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: must be a list")
+        return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict, typing.Mapping):
+        if key.endswith("models") and isinstance(value, list):
+            # `models: [a, b]` is shorthand for serving each under its own name.
+            value = {str(v): str(v) for v in value}
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: must be a mapping")
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key}: must be a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: must be an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: must be true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ValueError(f"{key}: must be a string")
+        return str(value)
+    raise ValueError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type[T], data: Any, key: str) -> T:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{key or '(top level)'}: must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{key + '.' if key else ''}{unknown[0]}: unknown key")
+    kwargs = {
+        name: _convert(hints[name], data[name], f"{key + '.' if key else ''}{name}")
+        for name in names
+        if name in data
+    }
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"{key or '(top level)'}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{key or '(top level)'}: {exc}") from None
+
+
+def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(name, ".".join(path), "cannot override inside a non-mapping")
+        node[path[-1]] = yaml.safe_load(raw)
+
+
+def parse_config(
+    data: Any, *, source: str = "<inline>", environ: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """Build a validated config from parsed YAML data and the environment."""
+    env = os.environ if environ is None else environ
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, "", "must be a YAML mapping")
+    _apply_env_overrides(data, env)
+    data["source"] = source
+    try:
+        config = _build(GatewayConfig, data, "")
+    except ValueError as exc:
+        key, _, problem = str(exc).partition(": ")
+        raise ConfigError(source, key, problem) from None
+    names = [u.name for u in config.upstreams]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise ConfigError(source, "upstreams", f"duplicate upstream name {duplicate!r}")
+    upstreams = tuple(
+        dataclasses.replace(u, api_key=env.get(u.api_key_env) or None) if u.api_key_env else u
+        for u in config.upstreams
+    )
+    return dataclasses.replace(config, upstreams=upstreams)
+
+
+def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read, override and validate the YAML config file at `path`."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, "", f"not valid YAML: {exc}") from None
+    return parse_config(data, source=source, environ=environ)

@@ -1,0 +1,149 @@
+"""Domain values that flow through the gateway.
+
+Only `servicer.py` knows Protobuf and only `upstream/` knows the OpenAI JSON shape;
+everything in between speaks these frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class Role(enum.StrEnum):
+    """Who wrote a message, spelled as the OpenAI API spells it."""
+
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class FinishReason(enum.StrEnum):
+    """Why the model stopped, spelled as the OpenAI API spells it."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CONTENT_FILTER = "content_filter"
+    TOOL_CALLS = "tool_calls"
+
+
+class CacheMode(enum.Enum):
+    """How one request may use the response cache."""
+
+    DEFAULT = "default"
+    BYPASS = "bypass"
+    REFRESH = "refresh"
+    NO_STORE = "no_store"
+
+    @property
+    def reads(self) -> bool:
+        """Whether a cached answer may be served."""
+        return self in (CacheMode.DEFAULT, CacheMode.NO_STORE)
+
+    @property
+    def writes(self) -> bool:
+        """Whether a fresh answer may be stored."""
+        return self in (CacheMode.DEFAULT, CacheMode.REFRESH)
+
+
+class TruncationMode(enum.Enum):
+    """What to do with a prompt longer than the context window."""
+
+    NONE = "none"
+    KEEP_RECENT = "keep_recent"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One turn of a conversation."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """Sampling parameters; None means unset, which differs from zero."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """A request's cache mode and TTL override (None: the configured default)."""
+
+    mode: CacheMode | None = None
+    ttl_s: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """One chat completion as the caller asked for it."""
+
+    model: str
+    messages: tuple[Message, ...]
+    params: GenerationParams = GenerationParams()
+    cache: CachePolicy = CachePolicy()
+    truncation: TruncationMode | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    idempotency_key: str = ""
+    tenant: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one call; `estimated` when the upstream reported none."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    is_estimated: bool = False
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cached_input_tokens=self.cached_input_tokens + other.cached_input_tokens,
+            is_estimated=self.is_estimated or other.is_estimated,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Milliseconds spent on one call."""
+
+    total_ms: float = 0.0
+    upstream_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A finished chat completion with everything the caller is told about it."""
+
+    id: str
+    model: str
+    content: str
+    finish_reason: FinishReason
+    usage: Usage
+    cost_usd: float
+    upstream: str
+    attempts: int = 1
+    timings: Timings = Timings()
+    saved_cost_usd: float = 0.0
+    is_cache_hit: bool = False
+    dropped_messages: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """The next piece of generated text of a stream."""
+
+    content: str

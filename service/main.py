@@ -1,0 +1,49 @@
+"""Command line of the server: `serve --config PATH [--listen HOST:PORT]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from service.config import ConfigError, load_config
+
+DEFAULT_CONFIG = "config/gateway.yaml"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `serve` subcommand's options."""
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("LLM_GATEWAY_CONFIG", DEFAULT_CONFIG),
+        help="YAML config file (default: $LLM_GATEWAY_CONFIG or config/gateway.yaml)",
+    )
+    parser.add_argument("--listen", help="HOST:PORT to listen on, overriding the config")
+    parser.add_argument("--log-level", default=os.environ.get("LLM_GATEWAY_LOG_LEVEL", "INFO"))
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Load the config and run the server; a config error exits 2 with file and key."""
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"llm-gateway: config error: {exc}", file=sys.stderr)
+        return 2
+    from service.server import run
+
+    run(config, listen=args.listen)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m service serve ...`."""
+    parser = argparse.ArgumentParser(prog="python -m service")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_arguments(commands.add_parser("serve", help="run the gateway"))
+    args = parser.parse_args(argv)
+    return serve_command(args)

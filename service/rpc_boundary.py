@@ -1,0 +1,115 @@
+"""The edge of every RPC: admission and error mapping, wrapped once at startup.
+
+Each servicer method is wrapped when the server is built rather than through a
+per-call interceptor, which costs an extra coroutine on every call. The wrapper admits
+the call (or sheds it with RESOURCE_EXHAUSTED at once), and turns any exception into a
+gRPC status with `google.rpc` details via `errors.to_rpc_status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeAlias
+
+import grpc
+from grpc_status import rpc_status
+
+from service.errors import GatewayError, Overloaded, pushback_trailer, to_rpc_status
+
+log = logging.getLogger("llm_gateway.rpc")
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+UnaryHandler: TypeAlias = Callable[[Any, Context], Awaitable[Any]]
+StreamHandler: TypeAlias = Callable[[Any, Context], AsyncIterator[Any]]
+
+
+class Admission:
+    """Counts calls in flight and refuses new ones past the limit, immediately."""
+
+    def __init__(self, *, max_in_flight: int, retry_after_s: float) -> None:
+        self.max_in_flight = max_in_flight
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+
+    def enter(self) -> None:
+        """Admit one call or raise `Overloaded`."""
+        if self.in_flight >= self.max_in_flight:
+            raise Overloaded(retry_after_s=self.retry_after_s)
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        """One admitted call finished."""
+        self.in_flight -= 1
+
+
+async def abort_with(context: Context, exc: BaseException, method: str) -> NoReturn:
+    """End the call with the status `exc` maps to."""
+    if not isinstance(exc, GatewayError):
+        # Unexpected: full detail goes to the server log only, never to the caller.
+        log.error("rpc.unexpected_error", exc_info=exc, extra={"method": method})
+    else:
+        log.debug("rpc.failed", extra={"method": method, "reason": exc.reason})
+    status = rpc_status.to_status(to_rpc_status(exc))
+    await context.abort(
+        status.code,
+        status.details,
+        trailing_metadata=status.trailing_metadata + pushback_trailer(exc),
+    )
+    raise AssertionError("context.abort always raises")  # pragma: no cover
+
+
+def _guard_unary(method: UnaryHandler, name: str, admission: Admission) -> UnaryHandler:
+    @functools.wraps(method)
+    async def guarded(request: Any, context: Context) -> Any:
+        try:
+            admission.enter()
+        except Overloaded as exc:
+            await abort_with(context, exc, name)
+        try:
+            return await method(request, context)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with(context, exc, name)
+        finally:
+            admission.leave()
+
+    return guarded
+
+
+def _guard_stream(method: StreamHandler, name: str, admission: Admission) -> StreamHandler:
+    @functools.wraps(method)
+    async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            admission.enter()
+        except Overloaded as exc:
+            await abort_with(context, exc, name)
+        try:
+            async for item in method(request, context):
+                yield item
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with(context, exc, name)
+        finally:
+            admission.leave()
+
+    return guarded
+
+
+def guard_servicer(servicer: object, method_names: list[str], admission: Admission) -> None:
+    """Wrap each named RPC method of `servicer` in place (before it is registered)."""
+    for name in method_names:
+        method = getattr(servicer, name)
+        if inspect.isasyncgenfunction(method):
+            setattr(servicer, name, _guard_stream(method, name, admission))
+        else:
+            setattr(servicer, name, _guard_unary(method, name, admission))

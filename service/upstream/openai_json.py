@@ -1,0 +1,161 @@
+"""The OpenAI chat-completions JSON shape, in both directions.
+
+https://platform.openai.com/docs/api-reference/chat — the only module that knows it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from service.domain import ChatRequest, FinishReason, Usage
+from service.upstream.types import StreamEnd, TextChunk
+
+_FINISH_REASONS = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "content_filter": FinishReason.CONTENT_FILTER,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    "function_call": FinishReason.TOOL_CALLS,
+    # llama.cpp and vLLM sometimes spell these their own way.
+    "eos": FinishReason.STOP,
+    "max_tokens": FinishReason.LENGTH,
+}
+
+
+class MalformedReply(ValueError):
+    """The upstream's JSON is not a chat completion."""
+
+
+def request_body(request: ChatRequest, *, upstream_model: str, stream: bool) -> bytes:
+    """Serialise `request` as an OpenAI chat-completions body for one upstream."""
+    body: dict[str, Any] = {
+        "model": upstream_model,
+        "messages": [{"role": m.role.value, "content": m.content} for m in request.messages],
+    }
+    params = request.params
+    if params.temperature is not None:
+        body["temperature"] = params.temperature
+    if params.top_p is not None:
+        body["top_p"] = params.top_p
+    if params.max_tokens is not None:
+        body["max_tokens"] = params.max_tokens
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if params.presence_penalty is not None:
+        body["presence_penalty"] = params.presence_penalty
+    if params.frequency_penalty is not None:
+        body["frequency_penalty"] = params.frequency_penalty
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return orjson.dumps(body)
+
+
+def finish_reason(value: object) -> FinishReason | None:
+    """Map an upstream finish reason; unknown non-empty values count as a stop."""
+    if not value:
+        return None
+    return _FINISH_REASONS.get(str(value), FinishReason.STOP)
+
+
+def usage(data: object) -> Usage | None:
+    """Parse an OpenAI `usage` object, or None when absent."""
+    if not isinstance(data, dict):
+        return None
+    details = data.get("prompt_tokens_details")
+    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+    try:
+        return Usage(
+            input_tokens=int(data.get("prompt_tokens") or 0),
+            output_tokens=int(data.get("completion_tokens") or 0),
+            cached_input_tokens=int(cached or 0),
+        )
+    except (TypeError, ValueError) as exc:
+        raise MalformedReply("usage counts are not integers") from exc
+
+
+def _loads(raw: bytes | str) -> dict[str, Any]:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedReply("not valid JSON") from exc
+    if not isinstance(data, dict):
+        raise MalformedReply("not a JSON object")
+    return data
+
+
+def parse_completion(raw: bytes) -> tuple[str, str, str, FinishReason, Usage | None]:
+    """Parse a unary answer into (id, model, content, finish reason, usage)."""
+    data = _loads(raw)
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise MalformedReply("no choices")
+    message = choices[0].get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if content is not None and not isinstance(content, str):
+        raise MalformedReply("message content is not a string")
+    reason = finish_reason(choices[0].get("finish_reason"))
+    if reason is None:
+        raise MalformedReply("no finish reason")
+    return (
+        str(data.get("id") or ""),
+        str(data.get("model") or ""),
+        content or "",
+        reason,
+        usage(data.get("usage")),
+    )
+
+
+class StreamParser:
+    """Turns the data of each SSE event into text chunks and, at the end, a `StreamEnd`."""
+
+    __slots__ = ("finish_reason", "id", "is_done", "model", "usage")
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.model = ""
+        self.finish_reason: FinishReason | None = None
+        self.usage: Usage | None = None
+        self.is_done = False
+
+    def parse(self, data: str) -> TextChunk | None:
+        """Parse one event; return its text, if any. `[DONE]` marks the end."""
+        if data == "[DONE]":
+            self.is_done = True
+            return None
+        event = _loads(data)
+        if "error" in event and not event.get("choices"):
+            raise MalformedReply("the upstream reported an error mid-stream")
+        if not self.id:
+            self.id = str(event.get("id") or "")
+            self.model = str(event.get("model") or "")
+        if event.get("usage"):
+            self.usage = usage(event["usage"])
+        choices = event.get("choices")
+        if not choices:
+            return None
+        if not isinstance(choices, list) or not isinstance(choices[0], dict):
+            raise MalformedReply("choices is not a list of objects")
+        choice = choices[0]
+        reason = finish_reason(choice.get("finish_reason"))
+        if reason is not None:
+            self.finish_reason = reason
+        delta = choice.get("delta")
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if content:
+            if not isinstance(content, str):
+                raise MalformedReply("delta content is not a string")
+            return TextChunk(content)
+        return None
+
+    def end(self) -> StreamEnd:
+        """The stream's end; raises when it never said why it finished."""
+        if self.finish_reason is None:
+            raise MalformedReply("the stream ended without a finish reason")
+        return StreamEnd(
+            id=self.id, model=self.model, finish_reason=self.finish_reason, usage=self.usage
+        )

@@ -1,0 +1,59 @@
+"""What an upstream answered, before the pipeline prices and reports it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from service.domain import FinishReason, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitHints:
+    """What the upstream's `X-RateLimit-*` headers said, when it sent them."""
+
+    limit: int | None = None
+    remaining: int | None = None
+    reset_epoch_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReply:
+    """A whole (unary) answer from an upstream."""
+
+    id: str
+    model: str
+    content: str
+    finish_reason: FinishReason
+    usage: Usage | None
+    rate_limits: RateLimitHints = RateLimitHints()
+
+
+@dataclass(frozen=True, slots=True)
+class TextChunk:
+    """Generated text from one stream event."""
+
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """The end of a complete stream."""
+
+    id: str
+    model: str
+    finish_reason: FinishReason
+    usage: Usage | None
+    rate_limits: RateLimitHints = RateLimitHints()
+
+
+StreamEvent = TextChunk | StreamEnd
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    """One request as an upstream will receive it."""
+
+    upstream_model: str
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)

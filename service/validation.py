@@ -1,0 +1,124 @@
+"""Field-by-field validation of a chat request; every problem is reported at once."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from service.config import RequestDefaults
+from service.domain import ChatRequest
+from service.errors import FieldViolation, InvalidRequest
+
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9_.\-/]{1,64}$")
+# C0 controls other than tab, LF and CR, DEL, and C1 controls.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_MAX_MODEL_NAME = 256
+_MAX_STOP_LENGTH = 256
+_MAX_IDEMPOTENCY_KEY = 256
+_MAX_TOKENS_CAP = 1_000_000
+_MAX_TTL_S = 30 * 24 * 3600
+
+
+def _range(
+    violations: list[FieldViolation],
+    name: str,
+    value: float | None,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+) -> None:
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        violations.append(
+            FieldViolation(name, f"must be in {bracket}{low:g}, {high:g}], got {value!r}")
+        )
+
+
+def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> list[FieldViolation]:
+    """Every invalid field of `request`, in field order."""
+    found: list[FieldViolation] = []
+    if not request.model:
+        found.append(FieldViolation("model", "must not be empty"))
+    elif len(request.model) > _MAX_MODEL_NAME or _CONTROL.search(request.model):
+        found.append(FieldViolation("model", "must be a printable name of at most 256 characters"))
+    if not request.messages:
+        found.append(FieldViolation("messages", "must contain at least one message"))
+    elif len(request.messages) > limits.max_messages:
+        found.append(
+            FieldViolation(
+                "messages", f"at most {limits.max_messages} messages, got {len(request.messages)}"
+            )
+        )
+    total_chars = 0
+    for index, message in enumerate(request.messages[: limits.max_messages]):
+        total_chars += len(message.content)
+        if not message.content.strip():
+            found.append(FieldViolation(f"messages[{index}].content", "must not be empty"))
+        elif _CONTROL.search(message.content):
+            found.append(
+                FieldViolation(f"messages[{index}].content", "must not contain control characters")
+            )
+    # UTF-8 takes at most 4 bytes a character, so only long texts need encoding.
+    if total_chars * 4 > limits.max_request_bytes:
+        size = len("".join(m.content for m in request.messages).encode("utf-8"))
+        if size > limits.max_request_bytes:
+            found.append(
+                FieldViolation(
+                    "messages", f"at most {limits.max_request_bytes} bytes of text, got {size}"
+                )
+            )
+    params = request.params
+    _range(found, "params.temperature", params.temperature, 0.0, 2.0)
+    _range(found, "params.top_p", params.top_p, 0.0, 1.0, low_open=True)
+    _range(found, "params.presence_penalty", params.presence_penalty, -2.0, 2.0)
+    _range(found, "params.frequency_penalty", params.frequency_penalty, -2.0, 2.0)
+    if params.max_tokens is not None and not 1 <= params.max_tokens <= _MAX_TOKENS_CAP:
+        found.append(
+            FieldViolation(
+                "params.max_tokens", f"must be in [1, {_MAX_TOKENS_CAP}], got {params.max_tokens}"
+            )
+        )
+    if len(params.stop) > limits.max_stop_sequences:
+        found.append(
+            FieldViolation("params.stop", f"at most {limits.max_stop_sequences} stop sequences")
+        )
+    for index, stop in enumerate(params.stop):
+        if not stop or len(stop) > _MAX_STOP_LENGTH:
+            found.append(
+                FieldViolation(
+                    f"params.stop[{index}]", f"must be 1 to {_MAX_STOP_LENGTH} characters"
+                )
+            )
+    if len(request.labels) > limits.max_labels:
+        found.append(FieldViolation("labels", f"at most {limits.max_labels} labels"))
+    for key, value in request.labels.items():
+        if not _LABEL_KEY.match(key):
+            found.append(
+                FieldViolation(f"labels[{key[:64]!r}]", "key must be 1-64 of A-Z a-z 0-9 _ . - /")
+            )
+        elif len(value) > limits.max_label_length or _CONTROL.search(value):
+            found.append(
+                FieldViolation(
+                    f"labels[{key!r}]",
+                    f"value must be printable and at most {limits.max_label_length} characters",
+                )
+            )
+    key = request.idempotency_key
+    if key and (len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable()):
+        found.append(FieldViolation("idempotency_key", "must be printable, at most 256 characters"))
+    if request.cache.ttl_s is not None and not 0 < request.cache.ttl_s <= _MAX_TTL_S:
+        found.append(FieldViolation("cache.ttl_seconds", f"must be in [1, {_MAX_TTL_S}]"))
+    return found
+
+
+def validate_chat_request(
+    request: ChatRequest, limits: RequestDefaults, *, prior: list[FieldViolation] | None = None
+) -> None:
+    """Raise `InvalidRequest` listing `prior` and every invalid field of `request`."""
+    found = list(prior or ()) + chat_request_violations(request, limits)
+    if found:
+        raise InvalidRequest(found)

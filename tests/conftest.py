@@ -1,0 +1,110 @@
+"""Shared fixtures: a fault-injecting upstream, the real gateway on loopback, its stub."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from llmgateway.v1 import gateway_pb2 as pb
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.config import GatewayConfig, parse_config
+from service.server import GatewayServer
+from tests.fake_upstream import FakeUpstream
+
+FAKE_MODEL = "fake-model"
+
+
+def gateway_config(*base_urls: str, **sections: Any) -> GatewayConfig:
+    """A config with one upstream per URL (named up0, up1, ...) serving `fake-model`."""
+    data: dict[str, Any] = {
+        "server": {"listen": "127.0.0.1:0", "grace_period_s": 2},
+        "upstreams": [
+            {"name": f"up{i}", "base_url": url, "models": [FAKE_MODEL], "timeout_s": 10}
+            for i, url in enumerate(base_urls)
+        ],
+        "models": {
+            FAKE_MODEL: {
+                "context_window": 4096,
+                "input_usd_per_million": 0.14,
+                "output_usd_per_million": 0.42,
+            }
+        },
+        "local_model": {"enabled": "never"},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_config(data, source="<test>", environ={})
+
+
+def chat(content: str = "Say hi", *, model: str = FAKE_MODEL, **fields: Any) -> pb.CompleteRequest:
+    """A one-message CompleteRequest."""
+    return pb.CompleteRequest(
+        model=model, messages=[pb.Message(role=pb.ROLE_USER, content=content)], **fields
+    )
+
+
+def chat_stream(content: str = "Say hi", **fields: Any) -> pb.CompleteStreamRequest:
+    """A one-message CompleteStreamRequest."""
+    return pb.CompleteStreamRequest(
+        model=fields.pop("model", FAKE_MODEL),
+        messages=[pb.Message(role=pb.ROLE_USER, content=content)],
+        **fields,
+    )
+
+
+@pytest_asyncio.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    """A fault-injecting OpenAI-compatible upstream on loopback."""
+    async with FakeUpstream(models=(FAKE_MODEL,)) as fake:
+        yield fake
+
+
+@dataclasses.dataclass
+class RunningGateway:
+    """A gateway on loopback and a stub connected to it."""
+
+    server: GatewayServer
+    channel: grpc.aio.Channel
+    stub: pb_grpc.CompletionServiceStub
+
+
+@pytest_asyncio.fixture
+async def start_gateway() -> AsyncIterator[Callable[[GatewayConfig], Any]]:
+    """A factory that starts gateways; each is stopped and its channel closed at teardown."""
+    running: list[RunningGateway] = []
+
+    async def start(config: GatewayConfig) -> RunningGateway:
+        server = GatewayServer(config)
+        await server.__aenter__()
+        channel = grpc.aio.insecure_channel(server.address)
+        gateway = RunningGateway(server, channel, pb_grpc.CompletionServiceStub(channel))
+        running.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in reversed(running):
+        await gateway.channel.close()
+        await gateway.server.stop(grace_s=0)
+
+
+@pytest_asyncio.fixture
+async def gateway(
+    upstream: FakeUpstream, start_gateway: Callable[[GatewayConfig], Any]
+) -> RunningGateway:
+    """The gateway in front of one fake upstream."""
+    result: RunningGateway = await start_gateway(gateway_config(upstream.base_url))
+    return result
+
+
+@pytest.fixture
+def stub(gateway: RunningGateway) -> pb_grpc.CompletionServiceStub:
+    """A stub for the gateway in front of one fake upstream."""
+    return gateway.stub

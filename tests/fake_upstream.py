@@ -1,0 +1,553 @@
+"""A real-socket fake of an OpenAI chat-completions upstream that can inject faults."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, NoReturn, TypeAlias, assert_never
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+__all__ = [
+    "Behaviour",
+    "CutStream",
+    "EndWithoutDone",
+    "FakeUpstream",
+    "Hang",
+    "MalformedSSE",
+    "RecordedRequest",
+    "Reply",
+    "Reset",
+    "Status",
+]
+
+_SPLIT_PAUSE_S = 0.002
+_FLUSH_PAUSE_S = 0.02
+_SHUTDOWN_TIMEOUT_S = 0.5
+
+_ERROR_KINDS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "model_not_found"),
+    408: ("timeout_error", "timeout"),
+    429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", "internal_error"),
+    502: ("server_error", "bad_gateway"),
+    503: ("server_error", "overloaded"),
+    504: ("server_error", "timeout"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """One chat-completions request as the fake upstream received it."""
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A successful completion, streamed as SSE when the request asks for it."""
+
+    content: str = "Hello from fake"
+    finish_reason: str | None = "stop"
+    prompt_tokens: int = 7
+    completion_tokens: int = 3
+    cached_tokens: int = 0
+    include_usage: bool = True
+    model: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    chunks: int = 3
+    chunk_delay_s: float = 0.0
+    crlf: bool = False
+    keepalive_comments: bool = False
+    split_events: bool = False
+    coalesce: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A bare HTTP status answer, with an OpenAI-style error body unless one is given."""
+
+    code: int
+    body: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Hang:
+    """Accept the request and never answer until the client goes away."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """Reset the TCP connection before any response header is sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class CutStream:
+    """Stream one word per chunk, then reset the connection after `after_chunks` of them."""
+
+    after_chunks: int
+    content: str = "a b c d e f"
+
+
+@dataclass(frozen=True, slots=True)
+class EndWithoutDone:
+    """Stream `after_chunks` word chunks, then end the response cleanly with no finish or [DONE]."""
+
+    after_chunks: int
+    content: str = "a b c d e f"
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedSSE:
+    """Stream word chunks with one bad `data:` event after `after_chunks` of them."""
+
+    after_chunks: int = 1
+    payload: str = "{not json"
+    content: str = "a b c d e f"
+
+
+Behaviour: TypeAlias = Reply | Status | Hang | Reset | CutStream | EndWithoutDone | MalformedSSE
+
+
+@dataclass(frozen=True, slots=True)
+class _Framing:
+    """How SSE events are laid out on the wire."""
+
+    crlf: bool = False
+    keepalive_comments: bool = False
+    split_events: bool = False
+    coalesce: bool = False
+    chunk_delay_s: float = 0.0
+
+
+class _ServerAborted(Exception):
+    """Raised after the fake deliberately aborted its own connection."""
+
+
+def error_body(message: str, code: int) -> dict[str, Any]:
+    """Build an OpenAI-style error object for an HTTP status."""
+    kind, err_code = _ERROR_KINDS.get(
+        code, ("server_error" if code >= 500 else "invalid_request_error", str(code))
+    )
+    return {"error": {"message": message, "type": kind, "param": None, "code": err_code}}
+
+
+def split_even(content: str, parts: int) -> list[str]:
+    """Split text into at most `parts` non-empty pieces whose lengths differ by at most one."""
+    n = min(max(parts, 1), len(content))
+    if n == 0:
+        return []
+    size, extra = divmod(len(content), n)
+    pieces: list[str] = []
+    start = 0
+    for i in range(n):
+        end = start + size + (1 if i < extra else 0)
+        pieces.append(content[start:end])
+        start = end
+    return pieces
+
+
+def split_words(content: str) -> list[str]:
+    """Split text into words, each after the first keeping its leading space."""
+    words = content.split(" ")
+    return [w if i == 0 else " " + w for i, w in enumerate(words) if w or i == 0]
+
+
+class FakeUpstream:
+    """An aiohttp server on 127.0.0.1 that plays scripted OpenAI behaviours."""
+
+    def __init__(
+        self,
+        *,
+        models: Sequence[str] = ("fake-model",),
+        api_key: str | None = None,
+        default: Behaviour | None = None,
+    ) -> None:
+        """Configure the fake; the server starts on `start()` or `async with`."""
+        self.port: int = 0
+        self.requests: list[RecordedRequest] = []
+        self.disconnects: int = 0
+        self.default: Behaviour = default if default is not None else Reply()
+        self.models: list[str] = list(models)
+        self.api_key: str | None = api_key
+        self._queue: deque[Behaviour] = deque()
+        self._runner: web.AppRunner | None = None
+        self._closing = False
+        self._disconnect_event = asyncio.Event()
+        self._disconnects_awaited = 0
+        self._ids = itertools.count(1)
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL, e.g. `http://127.0.0.1:PORT/v1`."""
+        if self._runner is None:
+            raise RuntimeError("FakeUpstream is not started")
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def script(self, *behaviours: Behaviour) -> None:
+        """Queue behaviours for the next requests, one per request, before `default` applies."""
+        self._queue.extend(behaviours)
+
+    def open_connections(self) -> int:
+        """Count TCP connections to the server that are currently open."""
+        if self._runner is None or self._runner.server is None:
+            return 0
+        return sum(1 for h in self._runner.server.connections if h.transport is not None)
+
+    async def wait_for_disconnect(self, timeout_s: float = 5.0) -> None:
+        """Wait for a disconnect not consumed by an earlier call, else raise TimeoutError."""
+        async with asyncio.timeout(timeout_s):
+            while self.disconnects <= self._disconnects_awaited:
+                self._disconnect_event.clear()
+                await self._disconnect_event.wait()
+        self._disconnects_awaited += 1
+
+    async def start(self) -> None:
+        """Bind to an ephemeral port on 127.0.0.1 and start serving."""
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+
+    async def close(self) -> None:
+        """Drop every open connection and stop the server without waiting on handlers."""
+        runner = self._runner
+        if runner is None:
+            return
+        self._closing = True
+        if runner.server is not None:
+            for handler in runner.server.connections:
+                if handler.transport is not None:
+                    handler.transport.abort()
+        await runner.cleanup()
+        self._runner = None
+
+    async def __aenter__(self) -> FakeUpstream:
+        """Start the server."""
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the server."""
+        await self.close()
+
+    def _note_disconnect(self) -> None:
+        """Count one client disconnect and wake waiters."""
+        self.disconnects += 1
+        self._disconnect_event.set()
+
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        """Return a 401 response when an API key is configured and not presented."""
+        if self.api_key is None:
+            return None
+        if request.headers.get("Authorization") == f"Bearer {self.api_key}":
+            return None
+        return _json(error_body("Incorrect API key provided.", 401), 401, {})
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        """Serve the model list."""
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
+        return _json({"object": "list", "data": data}, 200, {})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        """Record the request and play the next behaviour."""
+        raw = await request.read()
+        try:
+            parsed = json.loads(raw) if raw else {}
+        except ValueError:
+            parsed = None
+        body: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
+        self.requests.append(
+            RecordedRequest(
+                path=request.path,
+                headers={k.lower(): v for k, v in request.headers.items()},
+                body=body,
+                received_at=time.monotonic(),
+            )
+        )
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        if not isinstance(parsed, dict):
+            return _json(error_body("Request body is not a JSON object.", 400), 400, {})
+        behaviour = self._queue.popleft() if self._queue else self.default
+        try:
+            return await self._play(request, body, behaviour)
+        except _ServerAborted:
+            raise asyncio.CancelledError from None
+        except (asyncio.CancelledError, ConnectionError):
+            if not self._closing:
+                self._note_disconnect()
+            raise asyncio.CancelledError from None
+
+    async def _play(
+        self, request: web.Request, body: dict[str, Any], behaviour: Behaviour
+    ) -> web.StreamResponse:
+        """Produce the response for one behaviour."""
+        model = str(body.get("model") or "fake-model")
+        usage_requested = bool((body.get("stream_options") or {}).get("include_usage"))
+        match behaviour:
+            case Reply():
+                if behaviour.delay_s > 0:
+                    await asyncio.sleep(behaviour.delay_s)
+                model = behaviour.model or model
+                if body.get("stream") is True:
+                    return await self._stream_reply(request, behaviour, model, usage_requested)
+                return _json(self._completion(behaviour, model), 200, behaviour.headers)
+            case Status():
+                if behaviour.delay_s > 0:
+                    await asyncio.sleep(behaviour.delay_s)
+                return self._status(behaviour)
+            case Hang():
+                await _wait_forever()
+            case Reset():
+                _abort(request)
+            case CutStream():
+                await self._partial_stream(
+                    request, model, behaviour.content, behaviour.after_chunks
+                )
+                await asyncio.sleep(_FLUSH_PAUSE_S)
+                _abort(request)
+            case EndWithoutDone():
+                resp = await self._partial_stream(
+                    request, model, behaviour.content, behaviour.after_chunks
+                )
+                await resp.write_eof()
+                return resp
+            case MalformedSSE():
+                resp = await self._open_sse(request, {})
+                cid = self._new_id()
+                pieces = split_words(behaviour.content)
+                k = behaviour.after_chunks
+                events = [self._chunk(cid, model, {"role": "assistant"})]
+                events += [self._chunk(cid, model, {"content": p}) for p in pieces[:k]]
+                events.append(behaviour.payload)
+                events += [self._chunk(cid, model, {"content": p}) for p in pieces[k:]]
+                events.append(self._chunk(cid, model, {}, "stop"))
+                if usage_requested:
+                    events.append(self._usage_chunk(cid, model, Reply()))
+                events.append("[DONE]")
+                await _send(resp, events, _Framing())
+                await resp.write_eof()
+                return resp
+        assert_never(behaviour)
+
+    def _new_id(self) -> str:
+        """Return a fresh completion id."""
+        return f"chatcmpl-fake-{next(self._ids)}"
+
+    def _completion(self, reply: Reply, model: str) -> dict[str, Any]:
+        """Build a non-streaming `chat.completion` object."""
+        out: dict[str, Any] = {
+            "id": self._new_id(),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.content},
+                    "logprobs": None,
+                    "finish_reason": reply.finish_reason,
+                }
+            ],
+        }
+        if reply.include_usage:
+            out["usage"] = _usage(reply)
+        return out
+
+    @staticmethod
+    def _chunk(
+        cid: str, model: str, delta: dict[str, Any], finish_reason: str | None = None
+    ) -> str:
+        """Serialise one `chat.completion.chunk` with a single choice."""
+        return json.dumps(
+            {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            }
+        )
+
+    @staticmethod
+    def _usage_chunk(cid: str, model: str, reply: Reply) -> str:
+        """Serialise the trailing usage-only chunk."""
+        return json.dumps(
+            {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [],
+                "usage": _usage(reply),
+            }
+        )
+
+    async def _open_sse(
+        self, request: web.Request, headers: Mapping[str, str]
+    ) -> web.StreamResponse:
+        """Send the headers of an SSE response."""
+        merged = CIMultiDict({"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        merged.update(headers)
+        resp = web.StreamResponse(headers=merged)
+        await resp.prepare(request)
+        return resp
+
+    async def _partial_stream(
+        self, request: web.Request, model: str, content: str, after_chunks: int
+    ) -> web.StreamResponse:
+        """Open an SSE response and send the role chunk plus `after_chunks` word chunks."""
+        resp = await self._open_sse(request, {})
+        cid = self._new_id()
+        events = [self._chunk(cid, model, {"role": "assistant"})]
+        events += [
+            self._chunk(cid, model, {"content": piece})
+            for piece in split_words(content)[:after_chunks]
+        ]
+        await _send(resp, events, _Framing())
+        return resp
+
+    async def _stream_reply(
+        self, request: web.Request, reply: Reply, model: str, usage_requested: bool
+    ) -> web.StreamResponse:
+        """Stream a Reply as SSE chunks ending in [DONE]."""
+        resp = await self._open_sse(request, reply.headers)
+        cid = self._new_id()
+        events = [self._chunk(cid, model, {"role": "assistant"})]
+        events += [
+            self._chunk(cid, model, {"content": piece})
+            for piece in split_even(reply.content, reply.chunks)
+        ]
+        if reply.finish_reason is not None:
+            events.append(self._chunk(cid, model, {}, reply.finish_reason))
+        if reply.include_usage and usage_requested:
+            events.append(self._usage_chunk(cid, model, reply))
+        events.append("[DONE]")
+        framing = _Framing(
+            crlf=reply.crlf,
+            keepalive_comments=reply.keepalive_comments,
+            split_events=reply.split_events,
+            coalesce=reply.coalesce,
+            chunk_delay_s=reply.chunk_delay_s,
+        )
+        await _send(resp, events, framing)
+        await resp.write_eof()
+        return resp
+
+    @staticmethod
+    def _status(status: Status) -> web.Response:
+        """Build the response for a Status behaviour."""
+        if status.body is None:
+            return _json(
+                error_body(f"Fake upstream status {status.code}.", status.code),
+                status.code,
+                status.headers,
+            )
+        merged = CIMultiDict({"Content-Type": "application/json"})
+        merged.update(status.headers)
+        return web.Response(status=status.code, text=status.body, headers=merged)
+
+
+def _json(obj: Any, status: int, headers: Mapping[str, str]) -> web.Response:
+    """Build a JSON response whose headers may override the content type."""
+    merged = CIMultiDict({"Content-Type": "application/json"})
+    merged.update(headers)
+    return web.Response(status=status, text=json.dumps(obj), headers=merged)
+
+
+def _usage(reply: Reply) -> dict[str, Any]:
+    """Build the OpenAI usage object for a Reply."""
+    return {
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
+    }
+
+
+def _frame(payload: str, framing: _Framing) -> bytes:
+    """Encode one `data:` event."""
+    nl = "\r\n" if framing.crlf else "\n"
+    return f"data: {payload}{nl}{nl}".encode()
+
+
+def _comment(framing: _Framing) -> bytes:
+    """Encode one keep-alive comment."""
+    nl = "\r\n" if framing.crlf else "\n"
+    return f": keep-alive{nl}{nl}".encode()
+
+
+async def _send(resp: web.StreamResponse, events: Sequence[str], framing: _Framing) -> None:
+    """Write SSE events with the requested framing quirks."""
+    frames: list[bytes] = []
+    for i, payload in enumerate(events):
+        if i > 0 and framing.keepalive_comments:
+            frames.append(_comment(framing))
+        frames.append(_frame(payload, framing))
+    if framing.coalesce:
+        await resp.write(b"".join(frames))
+        return
+    for i, frame in enumerate(frames):
+        if i > 0 and framing.chunk_delay_s > 0 and not frame.startswith(b":"):
+            await asyncio.sleep(framing.chunk_delay_s)
+        if framing.split_events and len(frame) > 4:
+            for part in (frame[:3], frame[3:-1], frame[-1:]):
+                await resp.write(part)
+                await asyncio.sleep(_SPLIT_PAUSE_S)
+        else:
+            await resp.write(frame)
+
+
+async def _wait_forever() -> NoReturn:
+    """Block until the surrounding task is cancelled."""
+    await asyncio.get_running_loop().create_future()
+    raise AssertionError("a never-resolved future resolved")
+
+
+def _abort(request: web.Request) -> NoReturn:
+    """Reset the connection with an RST and stop handling the request."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    raise _ServerAborted
