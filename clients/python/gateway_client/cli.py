@@ -1,0 +1,51 @@
+"""`llm-gateway`: run the gateway, or call it from a shell.
+
+Each subcommand lives in `gateway_client/commands/` and registers itself with
+`register(subparsers)`; its handler takes the parsed arguments and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from gateway_client.commands import complete, models, serve
+
+SUBCOMMANDS = [serve, complete, models]
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--address and --api-key, shared by every command that calls the gateway."""
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("LLM_GATEWAY_ADDRESS", "127.0.0.1:50051"),
+        help="gateway HOST:PORT (default: $LLM_GATEWAY_ADDRESS or 127.0.0.1:50051)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("LLM_GATEWAY_API_KEY"),
+        help="caller key (default: $LLM_GATEWAY_API_KEY)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `llm-gateway` console script."""
+    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMANDS:
+        module.register(subparsers)
+    args = parser.parse_args(argv)
+    result = args.handler(args)
+    if asyncio.iscoroutine(result):
+        try:
+            result = asyncio.run(result)
+        except KeyboardInterrupt:
+            return 130
+    return int(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""`GatewayClient`: a typed asyncio client over the generated stubs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from llmgateway.v1 import gateway_pb2 as pb
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+
+_ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+SERVICE_CONFIG_PATH = Path(__file__).resolve().parents[2] / "service_config.json"
+
+
+def _service_config() -> str | None:
+    """The shipped retry policy (clients/service_config.json), when present."""
+    try:
+        return SERVICE_CONFIG_PATH.read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def build_request(
+    prompt: str | Sequence[tuple[str, str]],
+    *,
+    model: str,
+    system: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    **params: Any,
+) -> pb.CompleteRequest:
+    """A CompleteRequest from a prompt (or (role, content) pairs) and generation params."""
+    turns = [("user", prompt)] if isinstance(prompt, str) else list(prompt)
+    if system:
+        turns.insert(0, ("system", system))
+    return pb.CompleteRequest(
+        model=model,
+        messages=[pb.Message(role=_ROLES[role], content=content) for role, content in turns],
+        params=pb.GenerationParams(**params),
+        labels=dict(labels or {}),
+    )
+
+
+class CompletionStream:
+    """Text deltas as they arrive; `final` holds usage, cost and timings afterwards."""
+
+    def __init__(self, events: AsyncIterator[pb.CompleteStreamResponse]) -> None:
+        self._events = events
+        self.final: pb.CompletionMetadata | None = None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._texts()
+
+    async def _texts(self) -> AsyncIterator[str]:
+        async for event in self._events:
+            if event.HasField("final"):
+                self.final = event.final
+            else:
+                yield event.delta.content
+
+
+class GatewayClient:
+    """Calls one gateway; `async with GatewayClient("127.0.0.1:50051") as client:`."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        api_key: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout_s: float | None = 300.0,
+    ) -> None:
+        options: list[tuple[str, Any]] = [("grpc.enable_retries", 1)]
+        service_config = _service_config()
+        if service_config is not None:
+            options.append(("grpc.service_config", json.dumps(json.loads(service_config))))
+        if credentials is not None:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        self.stub = pb_grpc.CompletionServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._timeout_s = timeout_s
+
+    async def __aenter__(self) -> GatewayClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def complete(
+        self, prompt: str | Sequence[tuple[str, str]] | pb.CompleteRequest, **kwargs: Any
+    ) -> pb.CompleteResponse:
+        """One completion; `prompt` may be a ready CompleteRequest."""
+        request = (
+            prompt if isinstance(prompt, pb.CompleteRequest) else build_request(prompt, **kwargs)
+        )
+        response: pb.CompleteResponse = await self.stub.Complete(
+            request, timeout=self._timeout_s, metadata=self._metadata
+        )
+        return response
+
+    def stream(
+        self, prompt: str | Sequence[tuple[str, str]] | pb.CompleteRequest, **kwargs: Any
+    ) -> CompletionStream:
+        """A streamed completion: iterate for text, then read `.final`."""
+        unary = (
+            prompt if isinstance(prompt, pb.CompleteRequest) else build_request(prompt, **kwargs)
+        )
+        request = pb.CompleteStreamRequest()
+        request.ParseFromString(unary.SerializeToString())  # same fields, same numbers
+        call = self.stub.CompleteStream(request, timeout=self._timeout_s, metadata=self._metadata)
+        return CompletionStream(call.__aiter__())
+
+    async def list_models(self) -> pb.ListModelsResponse:
+        """The model catalog with upstream health."""
+        response: pb.ListModelsResponse = await self.stub.ListModels(
+            pb.ListModelsRequest(), timeout=self._timeout_s, metadata=self._metadata
+        )
+        return response
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata (the caller key) for direct stub calls."""
+        return self._metadata

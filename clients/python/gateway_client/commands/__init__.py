@@ -1,0 +1,1 @@
+"""Subcommands of the `llm-gateway` CLI, one module each."""

@@ -1,0 +1,80 @@
+"""`llm-gateway complete "prompt"`: print an answer; usage, cost and latency on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import grpc
+
+from gateway_client.client import GatewayClient, build_request
+from gateway_client.errors import error_details
+from llmgateway.v1 import gateway_pb2 as pb
+
+
+def register(subparsers: Any) -> None:
+    """Add the `complete` subcommand."""
+    from gateway_client.cli import add_connection_arguments
+
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "complete", help="ask for one completion and print it"
+    )
+    parser.add_argument("prompt", help="the user message ('-' reads standard input)")
+    parser.add_argument("--model", default="gemma-3-270m", help="model name (default: %(default)s)")
+    parser.add_argument("--system", help="a system message to put first")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    parser.add_argument("--max-tokens", type=int, help="upper bound on generated tokens")
+    parser.add_argument("--temperature", type=float, help="sampling temperature, 0 to 2")
+    parser.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="cost label (repeatable)"
+    )
+    add_connection_arguments(parser)
+    parser.set_defaults(handler=complete_command)
+
+
+def usage_line(meta: pb.CompletionMetadata, elapsed_s: float) -> str:
+    """One line of usage, cost and latency for stderr."""
+    usage = meta.usage
+    estimated = " (estimated)" if usage.estimated else ""
+    cached = " cache hit" if meta.cache_hit else ""
+    return (
+        f"[{meta.model or '?'} via {meta.upstream or '?'}{cached}] "
+        f"tokens in={usage.input_tokens} out={usage.output_tokens}{estimated} "
+        f"cost=${meta.cost_usd:.6f} attempts={meta.attempts} "
+        f"ttft={meta.timings.time_to_first_token_ms:.0f}ms total={elapsed_s * 1000:.0f}ms "
+        f"finish={pb.FinishReason.Name(meta.finish_reason)}"
+    )
+
+
+async def complete_command(args: argparse.Namespace) -> int:
+    """Run `llm-gateway complete`."""
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params: dict[str, Any] = {}
+    if args.max_tokens is not None:
+        params["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        params["temperature"] = args.temperature
+    labels = dict(item.split("=", 1) for item in args.label if "=" in item)
+    request = build_request(prompt, model=args.model, system=args.system, labels=labels, **params)
+    started = time.monotonic()
+    async with GatewayClient(args.address, api_key=args.api_key) as client:
+        try:
+            if args.stream:
+                stream = client.stream(request)
+                async for text in stream:
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                meta = stream.final
+            else:
+                answer = await client.complete(request)
+                print(answer.content)
+                meta = answer.metadata
+        except grpc.aio.AioRpcError as error:
+            print(error_details(error).describe(), file=sys.stderr)
+            return 1
+    if meta is not None:
+        print(usage_line(meta, time.monotonic() - started), file=sys.stderr)
+    return 0

@@ -1,0 +1,59 @@
+"""`llm-gateway models`: the model catalog as a table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import grpc
+
+from gateway_client.client import GatewayClient
+from gateway_client.errors import error_details
+from llmgateway.v1 import gateway_pb2 as pb
+
+
+def register(subparsers: Any) -> None:
+    """Add the `models` subcommand."""
+    from gateway_client.cli import add_connection_arguments
+
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "models", help="list models, context windows, prices and upstream health"
+    )
+    add_connection_arguments(parser)
+    parser.set_defaults(handler=models_command)
+
+
+def format_models(response: pb.ListModelsResponse) -> str:
+    """The catalog as an aligned text table."""
+    rows = [("MODEL", "CONTEXT", "IN $/1M", "OUT $/1M", "UPSTREAMS")]
+    for model in response.models:
+        upstreams = ", ".join(
+            f"{u.name}({pb.UpstreamHealth.Name(u.health).removeprefix('UPSTREAM_HEALTH_').lower()})"
+            for u in model.upstreams
+        )
+        rows.append(
+            (
+                model.name,
+                str(model.context_window),
+                f"{model.pricing.input_usd_per_million:.2f}",
+                f"{model.pricing.output_usd_per_million:.2f}",
+                upstreams,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
+async def models_command(args: argparse.Namespace) -> int:
+    """Run `llm-gateway models`."""
+    async with GatewayClient(args.address, api_key=args.api_key) as client:
+        try:
+            response = await client.list_models()
+        except grpc.aio.AioRpcError as error:
+            print(error_details(error).describe(), file=sys.stderr)
+            return 1
+    print(format_models(response))
+    return 0

@@ -1,0 +1,65 @@
+"""Decoding the `google.rpc.Status` details the gateway attaches to every error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorDetails:
+    """What a failed call said, beyond its status code."""
+
+    code: str
+    message: str
+    field_violations: tuple[tuple[str, str], ...] = ()
+    reason: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    retry_after_s: float | None = None
+    quota_violations: tuple[tuple[str, str], ...] = ()
+
+    def describe(self) -> str:
+        """A human-readable, multi-line description."""
+        lines = [f"{self.code}: {self.message}"]
+        lines += [f"  {name}: {why}" for name, why in self.field_violations]
+        lines += [f"  quota {subject}: {why}" for subject, why in self.quota_violations]
+        if self.retry_after_s is not None:
+            lines.append(f"  retry after {self.retry_after_s:.3g}s")
+        return "\n".join(lines)
+
+
+def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
+    """Unpack BadRequest, ErrorInfo, QuotaFailure and RetryInfo from a failed call."""
+    code = error.code()
+    status = rpc_status.from_call(error)
+    base = ErrorDetails(code=code.name if code else "UNKNOWN", message=error.details() or "")
+    if status is None:
+        return base
+    violations: list[tuple[str, str]] = []
+    quota: list[tuple[str, str]] = []
+    reason, metadata, retry_after = "", {}, None
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        info = error_details_pb2.ErrorInfo()
+        retry = error_details_pb2.RetryInfo()
+        failure = error_details_pb2.QuotaFailure()
+        if detail.Unpack(bad_request):
+            violations += [(v.field, v.description) for v in bad_request.field_violations]
+        elif detail.Unpack(info):
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Unpack(retry):
+            retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+        elif detail.Unpack(failure):
+            quota += [(v.subject, v.description) for v in failure.violations]
+    return ErrorDetails(
+        code=base.code,
+        message=status.message,
+        field_violations=tuple(violations),
+        reason=reason,
+        metadata=metadata,
+        retry_after_s=retry_after,
+        quota_violations=tuple(quota),
+    )
