@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from service.config import ConfigError, load_config
+from service.logs import configure_logging
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 
@@ -25,10 +25,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     """Load the config and run the server; a config error exits 2 with file and key."""
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(args.log_level)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

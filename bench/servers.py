@@ -1,0 +1,126 @@
+"""Processes the benchmarks measure, each printing `ready HOST:PORT` when it listens.
+
+python -m bench.servers mock             # the fault-injecting fake upstream, answering at once
+python -m bench.servers trivial          # a grpc.aio server that does nothing (the ceiling)
+python -m bench.servers gateway URL      # the gateway in front of the upstream at URL
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any
+
+import grpc
+
+from llmgateway.v1 import gateway_pb2 as pb
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+
+MODEL = "bench-model"
+STREAM_CHUNKS = int(os.environ.get("BENCH_STREAM_CHUNKS", "200"))
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _wait_forever() -> None:
+    await asyncio.Event().wait()
+
+
+async def run_mock() -> None:
+    """The fake upstream with instant answers; streams of STREAM_CHUNKS chunks."""
+    from tests.fake_upstream import FakeUpstream, Reply
+
+    content = " ".join(["tok"] * STREAM_CHUNKS)
+    async with FakeUpstream(
+        models=(MODEL,), default=Reply(content=content, chunks=STREAM_CHUNKS)
+    ) as up:
+        up.requests = _Discard()  # type: ignore[assignment]
+        print(f"ready {up.base_url}", flush=True)
+        await _wait_forever()
+
+
+class _Discard(list[Any]):
+    """A request log that keeps nothing, so a long benchmark does not grow memory."""
+
+    def append(self, item: Any) -> None:
+        """Drop the item."""
+
+
+class TrivialServicer(pb_grpc.CompletionServiceServicer):
+    """Answers without doing anything: the ceiling for a Python gRPC service here."""
+
+    def __init__(self) -> None:
+        content = " ".join(["tok"] * STREAM_CHUNKS)
+        self._response = pb.CompleteResponse(
+            content=content, metadata=pb.CompletionMetadata(id="x", model=MODEL)
+        )
+        self._delta = pb.CompleteStreamResponse(delta=pb.Delta(content="tok "))
+        self._final = pb.CompleteStreamResponse(final=pb.CompletionMetadata(id="x", model=MODEL))
+
+    async def Complete(self, request: Any, context: Any) -> pb.CompleteResponse:
+        return self._response
+
+    async def CompleteStream(self, request: Any, context: Any) -> Any:
+        for _ in range(STREAM_CHUNKS):
+            yield self._delta
+        yield self._final
+
+
+async def run_trivial() -> None:
+    """The trivial grpc.aio server."""
+    server = grpc.aio.server()
+    pb_grpc.add_CompletionServiceServicer_to_server(TrivialServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"ready 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+async def run_gateway(upstream_url: str) -> None:
+    """The gateway with one upstream serving MODEL."""
+    from service.config import parse_config
+    from service.server import GatewayServer
+
+    config = parse_config(
+        {
+            "server": {"listen": "127.0.0.1:0", "max_in_flight_calls": 100_000},
+            "upstreams": [{"name": "mock", "base_url": upstream_url, "models": [MODEL]}],
+            "models": {
+                MODEL: {
+                    "context_window": 32768,
+                    "input_usd_per_million": 0.14,
+                    "output_usd_per_million": 0.42,
+                }
+            },
+            "local_model": {"enabled": "never"},
+        },
+        source="<bench>",
+    )
+    async with GatewayServer(config) as server:
+        print(f"ready {server.address}", flush=True)
+        await _wait_forever()
+
+
+def main() -> None:
+    """Run the server named on the command line."""
+    _install_uvloop()
+    kind = sys.argv[1]
+    if kind == "mock":
+        asyncio.run(run_mock())
+    elif kind == "trivial":
+        asyncio.run(run_trivial())
+    elif kind == "gateway":
+        asyncio.run(run_gateway(sys.argv[2]))
+    else:
+        raise SystemExit(f"unknown server {kind!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Real completions from the embedded local model (llama.cpp + Gemma 3 270M).
+
+The model is a small base model: its words are real tokens but not useful prose, so
+these tests assert shape, usage and finish reason, never the text.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from llmgateway.v1 import gateway_pb2 as pb
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from tests.e2e.conftest import LOCAL_MODEL
+
+pytestmark = pytest.mark.local_model
+
+FINISHED = (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+
+
+def _messages(prompt: str) -> list[pb.Message]:
+    return [pb.Message(role=pb.ROLE_USER, content=prompt)]
+
+
+async def test_local_model_answers_a_real_completion(local_gateway):
+    """A unary call is answered by the local upstream with real tokens and usage."""
+    async with grpc.aio.insecure_channel(local_gateway) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        response = await stub.Complete(
+            pb.CompleteRequest(
+                model=LOCAL_MODEL,
+                messages=_messages("Write one sentence about the sea."),
+                params=pb.GenerationParams(max_tokens=16, temperature=0.0, seed=1),
+            ),
+            timeout=120,
+        )
+    meta = response.metadata
+    assert response.content.strip()
+    assert meta.upstream == "local"
+    assert meta.finish_reason in FINISHED
+    assert meta.usage.input_tokens > 0
+    assert 0 < meta.usage.output_tokens <= 16
+    assert not meta.usage.estimated
+    assert meta.cost_usd == 0.0
+
+
+async def test_local_model_streams_deltas_and_estimates_usage(local_gateway):
+    """A stream relays several real deltas; llama.cpp sends no usage, so it is estimated."""
+    async with grpc.aio.insecure_channel(local_gateway) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        events = [
+            event
+            async for event in stub.CompleteStream(
+                pb.CompleteStreamRequest(
+                    model=LOCAL_MODEL,
+                    messages=_messages("Count from one to ten."),
+                    params=pb.GenerationParams(max_tokens=24, temperature=0.0),
+                ),
+                timeout=120,
+            )
+        ]
+    deltas = [e.delta.content for e in events if e.HasField("delta")]
+    assert len(deltas) >= 2
+    assert "".join(deltas).strip()
+    final = events[-1].final
+    assert final.finish_reason in FINISHED
+    assert final.upstream == "local"
+    assert final.usage.estimated
+    assert final.usage.output_tokens > 0
+    assert final.timings.time_to_first_token_ms <= final.timings.total_ms
+
+
+async def test_local_model_is_listed_with_its_window(local_gateway):
+    """ListModels shows the local model served by the healthy `local` upstream."""
+    async with grpc.aio.insecure_channel(local_gateway) as channel:
+        response = await pb_grpc.CompletionServiceStub(channel).ListModels(
+            pb.ListModelsRequest(), timeout=10
+        )
+    [model] = [m for m in response.models if m.name == LOCAL_MODEL]
+    assert model.context_window == 2048
+    assert [u.name for u in model.upstreams] == ["local"]
+
+
+async def test_local_model_rejects_invalid_request_before_calling_it(local_gateway):
+    """llama.cpp answers 200 to empty messages, so the gateway must refuse them itself."""
+    async with grpc.aio.insecure_channel(local_gateway) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Complete(pb.CompleteRequest(model=LOCAL_MODEL), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,150 @@
+"""Unary and streaming completions through the real server against a real-socket upstream."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from llmgateway.v1 import gateway_pb2 as pb
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.fake_upstream import FakeUpstream, Reply
+
+# 7 input and 3 output tokens at 0.14 / 0.42 USD per million.
+FAKE_COST_USD = (7 * 0.14 + 3 * 0.42) / 1_000_000
+
+
+async def test_unary_completion_reports_content_usage_cost_and_upstream(stub, upstream):
+    """A unary call returns the upstream's answer with usage, exact cost and metadata."""
+    response = await stub.Complete(chat("Say hi"))
+    assert response.content == "Hello from fake"
+    meta = response.metadata
+    assert meta.finish_reason == pb.FINISH_REASON_STOP
+    assert (meta.usage.input_tokens, meta.usage.output_tokens) == (7, 3)
+    assert not meta.usage.estimated
+    assert meta.cost_usd == pytest.approx(FAKE_COST_USD, abs=1e-12)
+    assert meta.upstream == "up0"
+    assert meta.attempts == 1
+    assert meta.model == FAKE_MODEL
+    assert meta.id.startswith("chatcmpl")
+    assert meta.timings.total_ms >= meta.timings.upstream_ms > 0
+
+
+async def test_unary_sends_every_set_parameter_and_omits_unset_ones(stub, upstream):
+    """Set generation parameters reach the upstream; unset ones are absent, zero is kept."""
+    params = pb.GenerationParams(
+        temperature=0.0, top_p=0.5, max_tokens=12, stop=["\n\n"], seed=42, presence_penalty=0.1
+    )
+    await stub.Complete(chat("hi", params=params, idempotency_key="key-1"))
+    body = upstream.requests[-1].body
+    assert body["temperature"] == 0.0
+    assert body["top_p"] == 0.5
+    assert body["max_tokens"] == 12
+    assert body["stop"] == ["\n\n"]
+    assert body["seed"] == 42
+    assert body["presence_penalty"] == pytest.approx(0.1)
+    assert "frequency_penalty" not in body
+    assert "stream" not in body
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+    assert upstream.requests[-1].headers["idempotency-key"] == "key-1"
+
+
+async def test_upstream_model_alias_is_sent_and_caller_name_is_priced(upstream, start_gateway):
+    """A model mapped to another upstream name is sent under that name and priced as asked."""
+    config = gateway_config(upstream.base_url)
+    aliased = dataclasses.replace(config.upstreams[0], models={FAKE_MODEL: "provider-model-v1"})
+    gateway = await start_gateway(dataclasses.replace(config, upstreams=(aliased,)))
+    response = await gateway.stub.Complete(chat())
+    assert upstream.requests[-1].body["model"] == "provider-model-v1"
+    assert response.metadata.cost_usd == pytest.approx(FAKE_COST_USD, abs=1e-12)
+
+
+async def test_stream_relays_deltas_then_final_metadata(stub, upstream):
+    """A stream yields the upstream's deltas in order, then one final event with usage."""
+    upstream.script(Reply(content="one two three four", chunks=4))
+    events = [event async for event in stub.CompleteStream(chat_stream())]
+    deltas = [e.delta.content for e in events if e.HasField("delta")]
+    assert len(deltas) == 4
+    assert "".join(deltas) == "one two three four"
+    assert events[-1].HasField("final")
+    final = events[-1].final
+    assert final.finish_reason == pb.FINISH_REASON_STOP
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (7, 3)
+    assert final.cost_usd == pytest.approx(FAKE_COST_USD, abs=1e-12)
+    assert final.upstream == "up0"
+    assert 0 < final.timings.time_to_first_token_ms <= final.timings.total_ms
+    body = upstream.requests[-1].body
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        {"crlf": True},
+        {"keepalive_comments": True},
+        {"split_events": True},
+        {"coalesce": True},
+        {"crlf": True, "keepalive_comments": True, "split_events": True},
+    ],
+    ids=["crlf", "keepalive", "split", "coalesced", "all"],
+)
+async def test_stream_survives_sse_framing_variants(stub, upstream, framing):
+    """CRLF, keep-alive comments, split and coalesced events all relay the same text."""
+    upstream.script(Reply(content="alpha beta gamma delta", chunks=4, **framing))
+    events = [event async for event in stub.CompleteStream(chat_stream())]
+    assert "".join(e.delta.content for e in events if e.HasField("delta")) == (
+        "alpha beta gamma delta"
+    )
+    assert events[-1].final.finish_reason == pb.FINISH_REASON_STOP
+
+
+async def test_stream_without_upstream_usage_is_estimated_and_flagged(stub, upstream):
+    """When the upstream streams no usage the gateway estimates it and says so."""
+    upstream.script(Reply(content="some words here", include_usage=False))
+    events = [event async for event in stub.CompleteStream(chat_stream("count me"))]
+    final = events[-1].final
+    assert final.usage.estimated
+    assert final.usage.input_tokens > 0
+    assert final.usage.output_tokens > 0
+    assert final.cost_usd > 0
+
+
+async def test_length_finish_reason_is_reported(stub, upstream):
+    """A reply cut by max_tokens reports FINISH_REASON_LENGTH."""
+    upstream.script(Reply(finish_reason="length"))
+    response = await stub.Complete(chat())
+    assert response.metadata.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+async def test_list_models_shows_catalog_and_upstreams(stub):
+    """ListModels lists the served model with its window, prices and upstream."""
+    response = await stub.ListModels(pb.ListModelsRequest())
+    [model] = response.models
+    assert model.name == FAKE_MODEL
+    assert model.context_window == 4096
+    assert model.pricing.input_usd_per_million == pytest.approx(0.14)
+    assert model.pricing.output_usd_per_million == pytest.approx(0.42)
+    assert [u.name for u in model.upstreams] == ["up0"]
+    assert model.upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
+
+
+async def test_upstream_key_is_sent_as_bearer_and_never_returned(upstream, start_gateway):
+    """The upstream's key goes out as a bearer token and appears in no response field."""
+    secret = "sk-test-SECRET-upstream-key-9f3a"
+    upstream.api_key = secret
+    config = gateway_config(upstream.base_url)
+    keyed = dataclasses.replace(config.upstreams[0], api_key_env="FAKE_KEY", api_key=secret)
+    gateway = await start_gateway(dataclasses.replace(config, upstreams=(keyed,)))
+    response = await gateway.stub.Complete(chat())
+    assert upstream.requests[-1].headers["authorization"] == f"Bearer {secret}"
+    assert secret not in str(response)
+    models = await gateway.stub.ListModels(pb.ListModelsRequest())
+    assert secret not in str(models)
+
+
+async def test_upstream_connections_are_pooled(stub, upstream: FakeUpstream):
+    """Sequential calls reuse one pooled connection instead of opening one each."""
+    for _ in range(5):
+        await stub.Complete(chat())
+    assert upstream.open_connections() == 1

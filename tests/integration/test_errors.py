@@ -1,0 +1,166 @@
+"""Every failure is a gRPC status with google.rpc details, and never leaks a secret."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from llmgateway.v1 import gateway_pb2 as pb
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.fake_upstream import CutStream, EndWithoutDone, MalformedSSE, Reset, Status
+from tests.integration.helpers import error_info, field_violations, retry_delay_s
+
+# Single attempt, so each fault shows as itself rather than after retries.
+ONE_ATTEMPT: dict[str, object] = {}
+
+
+def _request(**fields: object) -> pb.CompleteRequest:
+    fields.setdefault("model", FAKE_MODEL)
+    fields.setdefault("messages", [pb.Message(role=pb.ROLE_USER, content="hi")])
+    return pb.CompleteRequest(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [pb.Message(role=pb.ROLE_UNSPECIFIED, content="x")]}, "messages[0].role"),
+        ({"messages": [pb.Message(role=7, content="x")]}, "messages[0].role"),
+        ({"messages": [pb.Message(role=pb.ROLE_USER, content="  ")]}, "messages[0].content"),
+        ({"messages": [pb.Message(role=pb.ROLE_USER, content="a\x00b")]}, "messages[0].content"),
+        ({"params": pb.GenerationParams(temperature=2.5)}, "params.temperature"),
+        ({"params": pb.GenerationParams(temperature=-0.1)}, "params.temperature"),
+        ({"params": pb.GenerationParams(top_p=0.0)}, "params.top_p"),
+        ({"params": pb.GenerationParams(top_p=1.5)}, "params.top_p"),
+        ({"params": pb.GenerationParams(max_tokens=0)}, "params.max_tokens"),
+        ({"params": pb.GenerationParams(presence_penalty=3)}, "params.presence_penalty"),
+        ({"params": pb.GenerationParams(frequency_penalty=-3)}, "params.frequency_penalty"),
+        ({"params": pb.GenerationParams(stop=[""])}, "params.stop[0]"),
+        ({"params": pb.GenerationParams(stop=["a", "b", "c", "d", "e"])}, "params.stop"),
+        ({"labels": {"bad key!": "v"}}, "labels['bad key!']"),
+        ({"model": ""}, "model"),
+    ],
+)
+async def test_each_invalid_field_is_named_in_bad_request(stub, upstream, request_fields, field):
+    """An invalid field gives INVALID_ARGUMENT naming it, and nothing reaches the upstream."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(_request(**request_fields))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in field_violations(caught.value)
+    assert upstream.requests == []
+
+
+async def test_all_violations_are_reported_at_once(stub):
+    """Several bad fields are all listed in one BadRequest."""
+    request = _request(
+        messages=[pb.Message(role=pb.ROLE_UNSPECIFIED, content="")],
+        params=pb.GenerationParams(temperature=9, top_p=0),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(request)
+    violations = field_violations(caught.value)
+    assert {"messages[0].role", "params.temperature", "params.top_p"} <= set(violations)
+
+
+async def test_stream_validation_fails_before_any_event(stub, upstream):
+    """A bad streamed request fails with INVALID_ARGUMENT and no upstream call."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.CompleteStream(chat_stream(params=pb.GenerationParams(max_tokens=0))):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert upstream.requests == []
+
+
+async def test_unknown_model_is_not_found_with_error_info(stub, upstream):
+    """A model no upstream serves is NOT_FOUND with an ErrorInfo naming it."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(model="no-such-model"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    info = error_info(caught.value)
+    assert info.reason == "MODEL_NOT_FOUND"
+    assert info.metadata["model"] == "no-such-model"
+    assert upstream.requests == []
+
+
+async def test_prompt_over_context_window_is_rejected_with_estimate(stub, upstream):
+    """A prompt over the window with truncation off is INVALID_ARGUMENT with the numbers."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat("word " * 20_000))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(caught.value)
+    assert info.reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert int(info.metadata["limit_tokens"]) == 4096
+    assert int(info.metadata["estimated_tokens"]) > 4096
+    assert "messages" in field_violations(caught.value)
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "code", "reason"),
+    [
+        (Status(503), grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE"),
+        (Status(500), grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE"),
+        (
+            Status(429, headers={"Retry-After": "7"}),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "UPSTREAM_RATE_LIMITED",
+        ),
+        (Status(401), grpc.StatusCode.UNAVAILABLE, "UPSTREAM_AUTH"),
+        (Status(400), grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST"),
+        (Reset(), grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE"),
+    ],
+    ids=["503", "500", "429", "401", "400", "reset"],
+)
+async def test_upstream_failures_map_to_status_with_details(
+    upstream, start_gateway, behaviour, code, reason
+):
+    """Each upstream failure maps to its documented code with an ErrorInfo naming the upstream."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    upstream.script(behaviour)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat())
+    assert caught.value.code() == code
+    info = error_info(caught.value)
+    assert info.reason == reason
+    assert info.metadata["upstream"] == "up0"
+    assert "127.0.0.1" not in caught.value.details()
+    assert str(upstream.port) not in caught.value.details()
+
+
+async def test_upstream_429_retry_after_becomes_retry_info(upstream, start_gateway):
+    """The upstream's Retry-After reaches the caller as RetryInfo."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    upstream.script(Status(429, headers={"Retry-After": "7"}))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat())
+    assert retry_delay_s(caught.value) == pytest.approx(7, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [CutStream(after_chunks=2), EndWithoutDone(after_chunks=2), MalformedSSE(after_chunks=1)],
+    ids=["cut", "no-done", "malformed"],
+)
+async def test_broken_stream_after_deltas_is_unavailable_never_ok(
+    upstream, start_gateway, behaviour
+):
+    """A cut, unterminated or malformed stream ends UNAVAILABLE, never a silent OK."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    upstream.script(behaviour)
+    received: list[str] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for event in gateway.stub.CompleteStream(chat_stream()):
+            assert not event.HasField("final"), "a broken stream must not end with a final event"
+            received.append(event.delta.content)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(received) >= 1
+
+
+async def test_unexpected_error_is_internal_without_details_leak(stub, upstream):
+    """A non-JSON 200 body is a malformed answer (UNAVAILABLE), never a stack trace."""
+    upstream.script(Status(200, body="<html>oops</html>"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Traceback" not in caught.value.details()
+    assert "oops" not in caught.value.details()

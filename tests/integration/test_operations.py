@@ -1,0 +1,227 @@
+"""Operating the server: health, reflection, graceful shutdown, config errors, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+import yaml
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from tests.conftest import FAKE_MODEL, chat
+from tests.fake_upstream import FakeUpstream, Reply
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def test_health_reports_serving_for_server_and_service(gateway):
+    """The standard health service answers SERVING for "" and the gateway service."""
+    health = health_pb2_grpc.HealthStub(gateway.channel)
+    for service in ("", "llmgateway.v1.CompletionService"):
+        response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _call_through_reflection(address: str) -> tuple[list[str], str]:
+    """List services and call Complete using only descriptors fetched by reflection."""
+    with grpc.insecure_channel(address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = list(database.get_services())
+        pool = descriptor_pool.DescriptorPool(database)
+        service = pool.FindServiceByName("llmgateway.v1.CompletionService")
+        method = service.methods_by_name["Complete"]
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        request = request_class(model=FAKE_MODEL)
+        message = request.messages.add()
+        message.role = 2  # ROLE_USER, known to this caller only through reflection
+        message.content = "hi"
+        call = channel.unary_unary(
+            "/llmgateway.v1.CompletionService/Complete",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response_class.FromString,
+        )
+        return services, call(request, timeout=10).content
+
+
+async def test_reflection_lists_and_calls_service_without_proto_files(gateway):
+    """A client with no .proto files discovers and calls Complete through reflection."""
+    services, content = await asyncio.to_thread(_call_through_reflection, gateway.server.address)
+    assert "llmgateway.v1.CompletionService" in services
+    assert "grpc.health.v1.Health" in services
+    assert content == "Hello from fake"
+
+
+def _write_config(tmp_path: Path, base_url: str, **server: object) -> Path:
+    config = {
+        "server": {"listen": "127.0.0.1:0", "grace_period_s": 5, **server},
+        "upstreams": [{"name": "fake", "base_url": base_url, "models": [FAKE_MODEL]}],
+        "models": {
+            FAKE_MODEL: {
+                "context_window": 4096,
+                "input_usd_per_million": 0.14,
+                "output_usd_per_million": 0.42,
+            }
+        },
+        "local_model": {"enabled": "never"},
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def _spawn(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=REPO,
+    )
+
+
+@pytest_asyncio.fixture
+async def gateway_process(
+    upstream: FakeUpstream, tmp_path: Path
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`python -m service serve` as a child process, and the address it printed."""
+    process = await _spawn("serve", "--config", str(_write_config(tmp_path, upstream.base_url)))
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
+    address = line.decode().strip().rsplit(" ", 1)[-1]
+    assert address.startswith("127.0.0.1:"), line
+    yield process, address
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+async def test_sigterm_finishes_in_flight_call_then_exits_cleanly(gateway_process, upstream):
+    """On SIGTERM an in-flight call completes, new calls are refused, and the process exits 0."""
+    process, address = gateway_process
+    upstream.script(Reply(content="slow but whole", delay_s=1.0))
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        in_flight = asyncio.ensure_future(stub.Complete(chat(), timeout=20))
+        while not upstream.requests:
+            await asyncio.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        response = await in_flight
+        assert response.content == "slow but whole"
+    assert await asyncio.wait_for(process.wait(), timeout=20) == 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pb_grpc.CompletionServiceStub(channel).Complete(chat(), timeout=2)
+        assert caught.value.code() in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+
+
+async def test_cli_complete_prints_answer_and_usage(gateway_process):
+    """`llm-gateway complete` prints the answer on stdout and usage and cost on stderr."""
+    _, address = gateway_process
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway_client.cli",
+        "complete",
+        "Say hi",
+        "--model",
+        FAKE_MODEL,
+        "--address",
+        address,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+    )
+    out, err = await asyncio.wait_for(cli.communicate(), timeout=30)
+    assert cli.returncode == 0, err.decode()
+    assert out.decode().strip() == "Hello from fake"
+    assert "tokens in=7 out=3" in err.decode()
+    assert "cost=$0.000002" in err.decode()
+
+
+async def test_cli_stream_prints_deltas(gateway_process):
+    """`llm-gateway complete --stream` prints the streamed text."""
+    _, address = gateway_process
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway_client.cli",
+        "complete",
+        "Say hi",
+        "--stream",
+        "--model",
+        FAKE_MODEL,
+        "--address",
+        address,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+    )
+    out, err = await asyncio.wait_for(cli.communicate(), timeout=30)
+    assert cli.returncode == 0, err.decode()
+    assert out.decode().strip() == "Hello from fake"
+    assert "FINISH_REASON_STOP" in err.decode()
+
+
+async def test_cli_reports_errors_with_details(gateway_process):
+    """A failed call exits 1 and prints the status with its field violations."""
+    _, address = gateway_process
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway_client.cli",
+        "complete",
+        "hi",
+        "--temperature",
+        "5",
+        "--model",
+        FAKE_MODEL,
+        "--address",
+        address,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+    )
+    _, err = await asyncio.wait_for(cli.communicate(), timeout=30)
+    assert cli.returncode == 1
+    assert "INVALID_ARGUMENT" in err.decode()
+    assert "params.temperature" in err.decode()
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("server: [not, a, mapping]", "server: must be a mapping"),
+        ("server:\n  listen: nowhere", "server: listen must be HOST:PORT"),
+        ("upstreams:\n  - name: x\n    base_url: ftp://h\n    models: [m]", "upstreams[0]"),
+        ("servr: {}", "servr: unknown key"),
+        ("server: {listen: [", "not valid YAML"),
+    ],
+)
+async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, content, expected):
+    """A bad config exits 2 with the file, the key and the problem on stderr."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    process = await _spawn("serve", "--config", str(path))
+    _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 2
+    assert str(path) in err.decode()
+    assert expected in err.decode()
