@@ -67,7 +67,7 @@ def content_of(payloads: list[str]) -> str:
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 2.0) -> None:
     """Poll a condition that has no event to await until it holds or the timeout expires."""
     async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110
+        while not predicate():
             await asyncio.sleep(0.01)
 
 
