@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 from service.config import ConfigError, load_config
 from service.logs import configure_logging
+from service.workers import worker_count
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 
@@ -20,6 +22,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="YAML config file (default: $LLM_GATEWAY_CONFIG or config/gateway.yaml)",
     )
     parser.add_argument("--listen", help="HOST:PORT to listen on, overriding the config")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the port (SO_REUSEPORT); 0: one per core (default: config)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("LLM_GATEWAY_LOG_LEVEL", "INFO"))
 
 
@@ -31,9 +38,20 @@ def serve_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
         return 2
+    server = config.server
+    if args.listen:
+        server = dataclasses.replace(server, listen=args.listen)
+    if args.workers is not None:
+        server = dataclasses.replace(server, workers=args.workers)
+    config = dataclasses.replace(config, server=server)
+    count = worker_count(server.workers)
+    if count > 1:
+        from service.workers import run_workers
+
+        return run_workers(config, count=count, log_level=args.log_level)
     from service.server import run
 
-    run(config, listen=args.listen)
+    run(config)
     return 0
 
 

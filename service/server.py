@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -137,23 +137,25 @@ def _install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(config: GatewayConfig) -> None:
-    """Run the gateway until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(config: GatewayConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the gateway until SIGTERM or SIGINT, then shut down gracefully.
+
+    `on_ready` gets the bound address once the server listens (default: print it).
+    """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     async with GatewayServer(config) as server:
-        print(f"llm-gateway listening on {server.address}", flush=True)
+        if on_ready is None:
+            print(f"llm-gateway listening on {server.address}", flush=True)
+        else:
+            on_ready(server.address)
         await stopping.wait()
         log.info("server.stopping", extra={"grace_s": config.server.grace_period_s})
 
 
-def run(config: GatewayConfig, *, listen: str | None = None) -> None:
-    """Blocking entry point: `listen` overrides the configured address."""
-    if listen:
-        config = dataclasses.replace(
-            config, server=dataclasses.replace(config.server, listen=listen)
-        )
+def run(config: GatewayConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
+    """Blocking entry point for one process."""
     _install_uvloop()
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, on_ready=on_ready))

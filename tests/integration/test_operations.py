@@ -225,3 +225,27 @@ async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, conte
     assert process.returncode == 2
     assert str(path) in err.decode()
     assert expected in err.decode()
+
+
+async def test_workers_share_one_port_and_drain_on_sigterm(upstream, tmp_path):
+    """`serve --workers 2` answers on one port from two processes and exits 0 on SIGTERM."""
+    path = _write_config(tmp_path, upstream.base_url)
+    process = await _spawn("serve", "--config", str(path), "--workers", "2")
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
+        assert "(2 workers)" in line
+        address = line.split(" on ", 1)[1].split(" ", 1)[0]
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(children) >= 2
+        for _ in range(6):  # fresh channels land on either worker; every one must answer
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = pb_grpc.CompletionServiceStub(channel)
+                response = await stub.Complete(chat(), timeout=10)
+            assert response.content == "Hello from fake"
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

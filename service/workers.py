@@ -1,0 +1,103 @@
+"""Several gateway processes on one port (SO_REUSEPORT), so one machine uses every core.
+
+The parent reserves the port, starts the local model once (if it is used) and hands its
+address to the workers as an ordinary upstream, then supervises the workers: SIGTERM or
+SIGINT is forwarded to each, which drains its own calls within the grace period. State
+kept in memory (cache, usage ledger, limits) is per worker unless Redis is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
+
+from service.config import GatewayConfig
+from service.local_model import LocalModelServer
+
+log = logging.getLogger("llm_gateway.workers")
+
+_WORKER_START_TIMEOUT_S = 120.0
+
+
+def worker_count(requested: int) -> int:
+    """`requested` workers; 0 means one per core."""
+    return requested if requested > 0 else max(1, os.cpu_count() or 1)
+
+
+def _reserve_port(listen: str) -> tuple[socket.socket, int]:
+    host, _, port = listen.rpartition(":")
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host.strip("[]"), int(port)))
+    return sock, int(sock.getsockname()[1])
+
+
+def _worker_main(config: GatewayConfig, log_level: str, ready: Queue[int]) -> None:
+    from service.logs import configure_logging
+    from service.server import run
+
+    configure_logging(log_level)
+    run(config, on_ready=lambda _address: ready.put(os.getpid()))
+
+
+def _wants_local_model(config: GatewayConfig) -> bool:
+    local = config.local_model
+    return local.enabled == "always" or (local.enabled == "auto" and not config.enabled_upstreams)
+
+
+async def _supervise(config: GatewayConfig, count: int, log_level: str) -> int:
+    reserved, port = _reserve_port(config.server.listen)
+    host = config.server.listen.rpartition(":")[0]
+    server = dataclasses.replace(config.server, listen=f"{host}:{port}", workers=count)
+    worker_config = dataclasses.replace(config, server=server)
+    async with contextlib.AsyncExitStack() as stack:
+        if _wants_local_model(config):
+            local = await stack.enter_async_context(LocalModelServer(config.local_model))
+            worker_config = dataclasses.replace(
+                worker_config,
+                upstreams=(*config.upstreams, local.upstream_config()),
+                local_model=dataclasses.replace(config.local_model, enabled="never"),
+            )
+        context = multiprocessing.get_context("spawn")
+        ready: Queue[int] = context.Queue()
+        workers: list[BaseProcess] = [
+            context.Process(target=_worker_main, args=(worker_config, log_level, ready))
+            for _ in range(count)
+        ]
+        for worker in workers:
+            worker.start()
+        for _ in workers:
+            await asyncio.to_thread(ready.get, True, _WORKER_START_TIMEOUT_S)
+        reserved.close()
+        print(f"llm-gateway listening on {host}:{port} ({count} workers)", flush=True)
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        exits = [asyncio.ensure_future(asyncio.to_thread(w.join)) for w in workers]
+        any_exit = asyncio.ensure_future(asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED))
+        stop = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait([any_exit, stop], return_when=asyncio.FIRST_COMPLETED)
+        if not stopping.is_set():
+            log.error("workers.exited_unexpectedly")
+        for worker in workers:
+            if worker.pid is not None and worker.exitcode is None:
+                os.kill(worker.pid, signal.SIGTERM)
+        await asyncio.gather(*exits)
+        stop.cancel()
+        any_exit.cancel()
+    return 0 if all(w.exitcode == 0 for w in workers) else 1
+
+
+def run_workers(config: GatewayConfig, *, count: int, log_level: str = "INFO") -> int:
+    """Run `count` worker processes on the configured port until SIGTERM/SIGINT."""
+    return asyncio.run(_supervise(config, count, log_level))
