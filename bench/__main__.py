@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["bench.overhead"]
+MODULES = ["bench.overhead", "bench.open_streams"]
 
 
 def main() -> None:

@@ -37,10 +37,12 @@ async def run_mock() -> None:
     """The fake upstream with instant answers; streams of STREAM_CHUNKS chunks."""
     from tests.fake_upstream import FakeUpstream, Reply
 
-    content = " ".join(["tok"] * STREAM_CHUNKS)
-    async with FakeUpstream(
-        models=(MODEL,), default=Reply(content=content, chunks=STREAM_CHUNKS)
-    ) as up:
+    if os.environ.get("BENCH_SLOW_STREAM"):
+        # Streams that stay open for seconds, for holding many at once.
+        reply = Reply(content="a b c d e f g h", chunks=8, chunk_delay_s=1.0)
+    else:
+        reply = Reply(content=" ".join(["tok"] * STREAM_CHUNKS), chunks=STREAM_CHUNKS)
+    async with FakeUpstream(models=(MODEL,), default=reply) as up:
         up.requests = _Discard()  # type: ignore[assignment]
         print(f"ready {up.base_url}", flush=True)
         await _wait_forever()
@@ -91,7 +93,14 @@ async def run_gateway(upstream_url: str) -> None:
     config = parse_config(
         {
             "server": {"listen": "127.0.0.1:0", "max_in_flight_calls": 100_000},
-            "upstreams": [{"name": "mock", "base_url": upstream_url, "models": [MODEL]}],
+            "upstreams": [
+                {
+                    "name": "mock",
+                    "base_url": upstream_url,
+                    "models": [MODEL],
+                    "max_connections": 10_000,
+                }
+            ],
             "models": {
                 MODEL: {
                     "context_window": 32768,
