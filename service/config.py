@@ -262,12 +262,18 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> No
         if not name.startswith(ENV_PREFIX):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            raise ConfigError(name, "", "names no key")
         node = data
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(name, ".".join(path), "cannot override inside a non-mapping")
-        node[path[-1]] = yaml.safe_load(raw)
+        try:
+            node[path[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            # Not YAML, e.g. "[::1]:50051" (a flow list to YAML): take it as a string.
+            node[path[-1]] = raw
 
 
 def parse_config(

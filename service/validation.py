@@ -43,7 +43,7 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     found: list[FieldViolation] = []
     if not request.model:
         found.append(FieldViolation("model", "must not be empty"))
-    elif len(request.model) > _MAX_MODEL_NAME or _CONTROL.search(request.model):
+    elif len(request.model) > _MAX_MODEL_NAME or not request.model.isprintable():
         found.append(FieldViolation("model", "must be a printable name of at most 256 characters"))
     if not request.messages:
         found.append(FieldViolation("messages", "must contain at least one message"))
@@ -100,7 +100,7 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
             found.append(
                 FieldViolation(f"labels[{key[:64]!r}]", "key must be 1-64 of A-Z a-z 0-9 _ . - /")
             )
-        elif len(value) > limits.max_label_length or _CONTROL.search(value):
+        elif len(value) > limits.max_label_length or not value.isprintable():
             found.append(
                 FieldViolation(
                     f"labels[{key!r}]",

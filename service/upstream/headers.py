@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 from collections.abc import Mapping
 
 from service.upstream.types import RateLimitHints
@@ -14,20 +15,16 @@ def retry_after_s(headers: Mapping[str, str], *, now_epoch_s: float) -> float | 
     `Retry-After` may be delta-seconds or an HTTP date (RFC 9110 section 10.2.3); a date
     in the past means no wait. Unparseable values are ignored rather than trusted.
     """
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms is not None:
-        try:
-            return max(0.0, float(raw_ms) / 1000.0)
-        except ValueError:
-            pass
+    wait_ms = _number(headers, "retry-after-ms")
+    if wait_ms is not None:
+        return max(0.0, wait_ms / 1000.0)
     raw = headers.get("retry-after")
     if raw is None:
         return None
     raw = raw.strip()
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
+    wait = _number(headers, "retry-after")
+    if wait is not None:
+        return max(0.0, wait)
     try:
         when = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError):
@@ -40,9 +37,11 @@ def _number(headers: Mapping[str, str], name: str) -> float | None:
     if raw is None:
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         return None
+    # "inf" and "nan" parse as floats but are no wait or count to act on (int(inf) raises).
+    return value if math.isfinite(value) else None
 
 
 def rate_limit_hints(headers: Mapping[str, str]) -> RateLimitHints:

@@ -13,23 +13,28 @@ from __future__ import annotations
 class SSEDecoder:
     """Feed it raw bytes as they arrive; it returns each completed event's data."""
 
-    __slots__ = ("_buffer", "_data")
+    __slots__ = ("_buffer", "_data", "_skip_lf")
 
     def __init__(self) -> None:
         self._buffer = b""
         self._data: list[str] = []
+        self._skip_lf = False
 
     def feed(self, chunk: bytes) -> list[str]:
         """Decode `chunk` and return the data of every event it completed."""
+        if not chunk:
+            return []
+        # A CR ends its line at once (holding it back would stall a CR-only stream's
+        # last event); if it was the first half of a CRLF split across reads, the LF
+        # that starts this read is not another line end.
+        if self._skip_lf and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        self._skip_lf = chunk.endswith(b"\r")
         buffer = self._buffer + chunk
-        # A CR at the end may be the first half of a CRLF split across reads.
-        held = b""
-        if buffer.endswith(b"\r"):
-            buffer, held = buffer[:-1], b"\r"
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = buffer.split(b"\n")
-        self._buffer = lines.pop() + held
+        self._buffer = lines.pop()
         events: list[str] = []
         for line in lines:
             if not line:

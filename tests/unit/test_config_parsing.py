@@ -1,0 +1,463 @@
+"""Unit tests for loading and validating the configuration (service.config)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.config import (
+    ConfigError,
+    GatewayConfig,
+    RequestDefaults,
+    ServerConfig,
+    load_config,
+    parse_config,
+)
+from service.domain import CacheMode, TruncationMode
+
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "gateway.yaml"
+PRESET_KEYS = {
+    "holysheep": "HOLYSHEEP_API_KEY",
+    "deepseek": "DEEPSEEK_API_KEY",
+    "openai": "OPENAI_API_KEY",
+}
+SECRET = "sk-test-not-a-real-key-0123456789"
+
+
+def upstream(name: str = "up", **fields: Any) -> dict[str, Any]:
+    """One valid upstream entry, with `fields` replacing its keys."""
+    return {"name": name, "base_url": "https://api.example.test/v1", "models": ["m"], **fields}
+
+
+def parse(data: Any, **environ: str) -> GatewayConfig:
+    """Parse `data` with exactly the environment `environ`."""
+    return parse_config(copy.deepcopy(data), source="<test>", environ=environ)
+
+
+def test_repo_config_has_the_presets() -> None:
+    """The shipped config lists each provider preset with its key variable and models."""
+    config = load_config(REPO_CONFIG, environ={})
+    assert {u.name: u.api_key_env for u in config.upstreams} == PRESET_KEYS
+    by_name = {u.name: u for u in config.upstreams}
+    assert dict(by_name["holysheep"].models) == {"deepseek-v4": "deepseek-v4"}
+    assert dict(by_name["deepseek"].models) == {"deepseek-v4": "deepseek-chat"}
+    assert dict(by_name["openai"].models) == {"gpt-4": "gpt-4"}
+    assert config.source == str(REPO_CONFIG)
+
+
+def test_repo_config_catalog_and_server() -> None:
+    """The shipped config has the pricing catalog and a loopback listener."""
+    config = load_config(REPO_CONFIG, environ={})
+    assert {"deepseek-v4", "gpt-4", "claude-sonnet-4.5", "gemini-2.5-flash"} <= set(config.models)
+    assert config.server.listen == "127.0.0.1:50051"
+    assert config.server.is_loopback
+    assert config.local_model.enabled == "auto"
+    assert config.defaults.truncation is TruncationMode.NONE
+
+
+def test_repo_config_all_disabled_without_keys() -> None:
+    """Without any key variable set, no preset upstream is enabled."""
+    config = load_config(REPO_CONFIG, environ={})
+    assert config.enabled_upstreams == ()
+    assert all(u.api_key is None for u in config.upstreams)
+
+
+@pytest.mark.parametrize(("name", "variable"), sorted(PRESET_KEYS.items()))
+def test_repo_config_enables_preset_with_key(name: str, variable: str) -> None:
+    """Setting one preset's key variable enables that preset and no other."""
+    config = load_config(REPO_CONFIG, environ={variable: SECRET})
+    assert [u.name for u in config.enabled_upstreams] == [name]
+    assert config.enabled_upstreams[0].api_key == SECRET
+
+
+def test_repo_config_empty_key_counts_as_unset() -> None:
+    """An empty key variable does not enable its preset."""
+    config = load_config(REPO_CONFIG, environ={"OPENAI_API_KEY": ""})
+    assert config.enabled_upstreams == ()
+
+
+def test_api_key_never_in_repr() -> None:
+    """The upstream key is kept on the config but never appears in its repr or str."""
+    config = load_config(REPO_CONFIG, environ=dict.fromkeys(PRESET_KEYS.values(), SECRET))
+    assert len(config.enabled_upstreams) == 3
+    assert SECRET not in repr(config)
+    assert SECRET not in str(config)
+    assert all(SECRET not in repr(u) for u in config.upstreams)
+
+
+def test_key_variables_are_read_from_environ_only() -> None:
+    """A key is read from the given environ, not from the file and not from os.environ."""
+    config = parse({"upstreams": [upstream(api_key_env="GW_UNIT_TEST_KEY")]})
+    assert config.upstreams[0].api_key is None
+    config = parse({"upstreams": [upstream(api_key_env="GW_UNIT_TEST_KEY")]}, GW_UNIT_TEST_KEY="k")
+    assert config.upstreams[0].api_key == "k"
+
+
+def test_upstream_without_key_variable_is_enabled() -> None:
+    """An upstream that names no key variable (a local server) is always enabled."""
+    config = parse({"upstreams": [upstream()]})
+    assert [u.name for u in config.enabled_upstreams] == ["up"]
+
+
+def test_empty_config_is_all_defaults() -> None:
+    """An empty document gives the defaults of every section."""
+    config = parse(None)
+    assert config.server == ServerConfig()
+    assert config.defaults == RequestDefaults()
+    assert config.upstreams == ()
+
+
+@pytest.mark.parametrize(
+    ("models", "expected"),
+    [
+        pytest.param(["a", "b"], {"a": "a", "b": "b"}, id="list-shorthand"),
+        pytest.param({"a": "x", "b": "y"}, {"a": "x", "b": "y"}, id="mapping"),
+        pytest.param({"gpt-4": "gpt-4-0613"}, {"gpt-4": "gpt-4-0613"}, id="renamed"),
+        pytest.param([1.5], {"1.5": "1.5"}, id="numbers-as-names"),
+    ],
+)
+def test_models_list_shorthand_and_mapping(models: Any, expected: dict[str, str]) -> None:
+    """`models: [a]` serves each under its own name; a mapping renames for the upstream."""
+    config = parse({"upstreams": [upstream(models=models)]})
+    assert dict(config.upstreams[0].models) == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "check"),
+    [
+        pytest.param(
+            {"LLM_GATEWAY__SERVER__LISTEN": "0.0.0.0:6000"},
+            lambda c: c.server.listen == "0.0.0.0:6000" and not c.server.is_loopback,
+            id="listen",
+        ),
+        pytest.param(
+            {"LLM_GATEWAY__SERVER__LISTEN": "[::1]:50051"},
+            lambda c: c.server.listen == "[::1]:50051" and c.server.is_loopback,
+            id="listen-ipv6",
+        ),
+        pytest.param(
+            {"LLM_GATEWAY__SERVER__GRACE_PERIOD_S": "2.5"},
+            lambda c: c.server.grace_period_s == 2.5,
+            id="float-from-yaml",
+        ),
+        pytest.param(
+            {"llm_gateway__server__workers": "3"},
+            lambda c: c.server.workers == 1,
+            id="prefix-is-case-sensitive",
+        ),
+        pytest.param(
+            {"LLM_GATEWAY__Server__Max_In_Flight_Calls": "7"},
+            lambda c: c.server.max_in_flight_calls == 7,
+            id="path-case-insensitive",
+        ),
+        pytest.param(
+            {"LLM_GATEWAY__DEFAULTS__TRUNCATION": "KEEP_RECENT"},
+            lambda c: c.defaults.truncation is TruncationMode.KEEP_RECENT,
+            id="enum-any-case",
+        ),
+        pytest.param(
+            {"LLM_GATEWAY__LOCAL_MODEL__ENABLED": "never"},
+            lambda c: c.local_model.enabled == "never",
+            id="new-section",
+        ),
+    ],
+)
+def test_env_overrides(environ: dict[str, str], check: Any) -> None:
+    """`LLM_GATEWAY__SECTION__KEY` overrides the file's value, parsed as YAML."""
+    assert check(parse({"server": {"listen": "127.0.0.1:50051", "workers": 1}}, **environ))
+
+
+def test_env_override_beats_file() -> None:
+    """An override replaces the value in the file and leaves its siblings alone."""
+    data = {"server": {"listen": "127.0.0.1:1", "grace_period_s": 4}}
+    config = parse(data, LLM_GATEWAY__SERVER__LISTEN="127.0.0.1:2")
+    assert (config.server.listen, config.server.grace_period_s) == ("127.0.0.1:2", 4.0)
+
+
+def test_env_override_on_real_file() -> None:
+    """The shipped config's listen address can be overridden from the environment."""
+    config = load_config(REPO_CONFIG, environ={"LLM_GATEWAY__SERVER__LISTEN": "0.0.0.0:50051"})
+    assert config.server.listen == "0.0.0.0:50051"
+
+
+@pytest.mark.parametrize(
+    ("data", "environ", "key", "problem"),
+    [
+        pytest.param({"bogus": 1}, {}, "bogus", "unknown key", id="unknown-top-level"),
+        pytest.param(
+            {"server": {"bogus": 1}}, {}, "server.bogus", "unknown key", id="unknown-nested"
+        ),
+        pytest.param(
+            {"upstreams": [upstream(bogus=1)]},
+            {},
+            "upstreams[0].bogus",
+            "unknown key",
+            id="unknown-in-upstream",
+        ),
+        pytest.param(
+            {"server": {"grace_period_s": "soon"}},
+            {},
+            "server.grace_period_s",
+            "must be a number",
+            id="float-as-string",
+        ),
+        pytest.param(
+            {"server": {"grace_period_s": True}},
+            {},
+            "server.grace_period_s",
+            "must be a number",
+            id="float-as-bool",
+        ),
+        pytest.param(
+            {"server": {"max_in_flight_calls": 1.5}},
+            {},
+            "server.max_in_flight_calls",
+            "must be an integer",
+            id="int-as-float",
+        ),
+        pytest.param(
+            {"server": {"max_in_flight_calls": True}},
+            {},
+            "server.max_in_flight_calls",
+            "must be an integer",
+            id="int-as-bool",
+        ),
+        pytest.param(
+            {"server": {"allow_insecure_public_listen": "yes please"}},
+            {},
+            "server.allow_insecure_public_listen",
+            "must be true or false",
+            id="bool-as-string",
+        ),
+        pytest.param(
+            {"server": {"listen": ["a"]}}, {}, "server.listen", "must be a string", id="str-list"
+        ),
+        pytest.param({"server": 5}, {}, "server", "must be a mapping", id="section-not-mapping"),
+        pytest.param({"upstreams": {"a": 1}}, {}, "upstreams", "must be a list", id="not-a-list"),
+        pytest.param(
+            {"upstreams": [upstream(models="m")]},
+            {},
+            "upstreams[0].models",
+            "must be a mapping",
+            id="models-scalar",
+        ),
+        pytest.param(
+            {"upstreams": [upstream(base_url="ftp://files.example.test")]},
+            {},
+            "upstreams[0]",
+            "base_url must be an http(s) URL",
+            id="url-scheme",
+        ),
+        pytest.param(
+            {"upstreams": [upstream(base_url="api.example.test/v1")]},
+            {},
+            "upstreams[0]",
+            "base_url must be an http(s) URL",
+            id="url-no-scheme",
+        ),
+        pytest.param(
+            {"upstreams": [upstream(base_url="https://user:pw@api.example.test/v1")]},
+            {},
+            "upstreams[0]",
+            "base_url must not carry credentials",
+            id="url-credentials",
+        ),
+        pytest.param(
+            {"upstreams": [upstream(base_url="https://token@api.example.test/v1")]},
+            {},
+            "upstreams[0]",
+            "base_url must not carry credentials",
+            id="url-username-only",
+        ),
+        pytest.param(
+            {"upstreams": [upstream("a"), upstream("b"), upstream("a")]},
+            {},
+            "upstreams",
+            "duplicate upstream name 'a'",
+            id="duplicate-names",
+        ),
+        pytest.param(
+            {"upstreams": [upstream("has space")]},
+            {},
+            "upstreams[0]",
+            "name must be letters",
+            id="bad-name",
+        ),
+        pytest.param(
+            {"upstreams": [upstream(models=[])]},
+            {},
+            "upstreams[0]",
+            "at least one model",
+            id="no-models",
+        ),
+        pytest.param(
+            {"upstreams": [{"name": "a", "base_url": "https://x.test"}]},
+            {},
+            "upstreams[0]",
+            "models",
+            id="missing-required",
+        ),
+        pytest.param(
+            {"upstreams": [upstream(timeout_s=0)]},
+            {},
+            "upstreams[0]",
+            "timeouts must be > 0",
+            id="zero-timeout",
+        ),
+        pytest.param(
+            {"defaults": {"truncation": "sometimes"}},
+            {},
+            "defaults.truncation",
+            "must be one of none, keep_recent",
+            id="bad-enum",
+        ),
+        pytest.param(
+            {"defaults": {"cache_mode": "forever"}},
+            {},
+            "defaults.cache_mode",
+            "must be one of default, bypass, refresh, no_store",
+            id="bad-cache-enum",
+        ),
+        pytest.param(
+            {"local_model": {"enabled": "maybe"}},
+            {},
+            "local_model.enabled",
+            "must be one of auto, always, never",
+            id="bad-literal",
+        ),
+        pytest.param(
+            {"server": {"listen": "localhost"}},
+            {},
+            "server",
+            "listen must be HOST:PORT",
+            id="listen-without-port",
+        ),
+        pytest.param(
+            {"server": {"listen": "localhost:http"}},
+            {},
+            "server",
+            "listen must be HOST:PORT",
+            id="listen-port-not-number",
+        ),
+        pytest.param(
+            {"server": {"listen": ":50051"}},
+            {},
+            "server",
+            "listen must be HOST:PORT",
+            id="listen-without-host",
+        ),
+        pytest.param(
+            {
+                "models": {
+                    "m": {
+                        "context_window": 100,
+                        "input_usd_per_million": 1,
+                        "output_usd_per_million": 1,
+                    }
+                }
+            },
+            {},
+            "models.m",
+            "context_window must be >= 256",
+            id="tiny-context-window",
+        ),
+        pytest.param(
+            {
+                "models": {
+                    "m": {
+                        "context_window": 1000,
+                        "input_usd_per_million": -1,
+                        "output_usd_per_million": 1,
+                    }
+                }
+            },
+            {},
+            "models.m",
+            "prices must be >= 0",
+            id="negative-price",
+        ),
+        pytest.param(
+            {}, {"LLM_GATEWAY__SERVER__LISTEN": "nowhere"}, "server", "HOST:PORT", id="env-listen"
+        ),
+        pytest.param(
+            {},
+            {"LLM_GATEWAY__SERVER__WORKERS": "many"},
+            "server.workers",
+            "must be an integer",
+            id="env-wrong-type",
+        ),
+        pytest.param(
+            {"server": "x"},
+            {"LLM_GATEWAY__SERVER__LISTEN": "127.0.0.1:1"},
+            "server.listen",
+            "non-mapping",
+            id="env-into-scalar",
+        ),
+        pytest.param({}, {"LLM_GATEWAY__": "x"}, "", "names no key", id="env-bare-prefix"),
+        pytest.param([1, 2], {}, "", "must be a YAML mapping", id="top-level-list"),
+    ],
+)
+def test_config_errors_name_the_key(
+    data: Any, environ: dict[str, str], key: str, problem: str
+) -> None:
+    """Each invalid config raises `ConfigError` naming the key and what is wrong."""
+    with pytest.raises(ConfigError) as caught:
+        parse(data, **environ)
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+    if key:
+        assert key in str(caught.value)
+
+
+def test_config_error_names_the_source() -> None:
+    """A config error's message starts with the file it came from."""
+    with pytest.raises(ConfigError, match=r"^my\.yaml: server\.bogus: unknown key$"):
+        parse_config({"server": {"bogus": 1}}, source="my.yaml", environ={})
+
+
+def test_config_error_does_not_echo_credentials() -> None:
+    """A URL with credentials is refused without repeating the password."""
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [upstream(base_url="https://user:hunter2@api.example.test")]})
+    assert "hunter2" not in str(caught.value)
+
+
+def test_load_config_missing_file(tmp_path: Path) -> None:
+    """A missing file is a ConfigError naming the path."""
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError, match="cannot read") as caught:
+        load_config(path, environ={})
+    assert caught.value.source == str(path)
+
+
+def test_load_config_invalid_yaml(tmp_path: Path) -> None:
+    """A file that is not YAML is a ConfigError, not a parser traceback."""
+    path = tmp_path / "broken.yaml"
+    path.write_text("server: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path, environ={})
+
+
+def test_load_config_round_trip(tmp_path: Path) -> None:
+    """A small YAML file loads into the typed, frozen config it describes."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        "server:\n  listen: 127.0.0.1:0\n"
+        "upstreams:\n  - name: local\n    base_url: http://127.0.0.1:8080/v1\n"
+        "    models: {small: small-q4}\n    timeout_s: 5\n"
+        "models:\n  small:\n    context_window: 2048\n    input_usd_per_million: 0\n"
+        "    output_usd_per_million: 0\n    cached_input_usd_per_million: 0\n"
+        "defaults:\n  cache_mode: bypass\n  max_messages: 10\n",
+        encoding="utf-8",
+    )
+    config = load_config(path, environ={})
+    only = config.upstreams[0]
+    assert (only.name, only.timeout_s, dict(only.models)) == ("local", 5.0, {"small": "small-q4"})
+    assert config.models["small"].cached_input_usd_per_million == 0.0
+    assert config.defaults.cache_mode is CacheMode.BYPASS
+    assert config.defaults.max_messages == 10
+    with pytest.raises(AttributeError):
+        config.server.listen = "0.0.0.0:1"  # type: ignore[misc]

@@ -1,0 +1,412 @@
+"""Unit tests for the OpenAI chat-completions JSON adapter (service.upstream.openai_json)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from service.domain import ChatRequest, FinishReason, GenerationParams, Message, Role, Usage
+from service.upstream.openai_json import (
+    MalformedReply,
+    StreamParser,
+    finish_reason,
+    parse_completion,
+    request_body,
+    usage,
+)
+from service.upstream.types import StreamEnd, TextChunk
+
+_PARAM_KEYS = {
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+}
+
+
+def body_of(params: GenerationParams | None = None, *, stream: bool = False) -> Any:
+    """The decoded JSON body for a two-message request with `params`."""
+    request = ChatRequest(
+        model="caller-name",
+        messages=(Message(Role.SYSTEM, "be brief"), Message(Role.USER, "hi")),
+        params=params or GenerationParams(),
+    )
+    return json.loads(request_body(request, upstream_model="upstream-name", stream=stream))
+
+
+def test_request_body_minimal() -> None:
+    """With no params set the body has only the upstream's model name and the messages."""
+    assert body_of() == {
+        "model": "upstream-name",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("params", "key", "value"),
+    [
+        (GenerationParams(temperature=0.7), "temperature", 0.7),
+        (GenerationParams(temperature=0.0), "temperature", 0.0),
+        (GenerationParams(top_p=0.9), "top_p", 0.9),
+        (GenerationParams(top_p=0.0), "top_p", 0.0),
+        (GenerationParams(max_tokens=64), "max_tokens", 64),
+        (GenerationParams(max_tokens=0), "max_tokens", 0),
+        (GenerationParams(stop=("END",)), "stop", ["END"]),
+        (GenerationParams(stop=("a", "b")), "stop", ["a", "b"]),
+        (GenerationParams(seed=42), "seed", 42),
+        (GenerationParams(seed=0), "seed", 0),
+        (GenerationParams(presence_penalty=-1.5), "presence_penalty", -1.5),
+        (GenerationParams(presence_penalty=0.0), "presence_penalty", 0.0),
+        (GenerationParams(frequency_penalty=1.25), "frequency_penalty", 1.25),
+        (GenerationParams(frequency_penalty=0.0), "frequency_penalty", 0.0),
+    ],
+)
+def test_request_body_sends_each_set_param_alone(
+    params: GenerationParams, key: str, value: object
+) -> None:
+    """A set parameter is sent with its exact value (zero included) and no other is sent."""
+    body = body_of(params)
+    assert body[key] == value
+    assert type(body[key]) is type(value)
+    assert _PARAM_KEYS & set(body) == {key}
+
+
+def test_request_body_sends_every_param() -> None:
+    """With every parameter set, each one is in the body with its value."""
+    params = GenerationParams(
+        temperature=1.0,
+        top_p=0.5,
+        max_tokens=10,
+        stop=("x",),
+        seed=7,
+        presence_penalty=0.1,
+        frequency_penalty=0.2,
+    )
+    body = body_of(params)
+    assert {k: body[k] for k in _PARAM_KEYS} == {
+        "temperature": 1.0,
+        "top_p": 0.5,
+        "max_tokens": 10,
+        "stop": ["x"],
+        "seed": 7,
+        "presence_penalty": 0.1,
+        "frequency_penalty": 0.2,
+    }
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_body_stream_flag(stream: bool) -> None:
+    """A stream asks for `stream` and usage in the last chunk; a unary call asks for neither."""
+    body = body_of(stream=stream)
+    if stream:
+        assert body["stream"] is True
+        assert body["stream_options"] == {"include_usage": True}
+    else:
+        assert "stream" not in body
+        assert "stream_options" not in body
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("stop", FinishReason.STOP),
+        ("length", FinishReason.LENGTH),
+        ("content_filter", FinishReason.CONTENT_FILTER),
+        ("tool_calls", FinishReason.TOOL_CALLS),
+        ("function_call", FinishReason.TOOL_CALLS),
+        ("eos", FinishReason.STOP),
+        ("max_tokens", FinishReason.LENGTH),
+        ("something_new", FinishReason.STOP),
+        (None, None),
+        ("", None),
+    ],
+)
+def test_finish_reason_mapping(raw: object, expected: FinishReason | None) -> None:
+    """Each upstream spelling maps to one finish reason; unknown ones count as a stop."""
+    assert finish_reason(raw) is expected
+
+
+def completion_json(**overrides: Any) -> bytes:
+    """A unary chat-completion answer, with top-level keys replaced by `overrides`."""
+    data: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "deepseek-chat",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello!"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+    }
+    data.update(overrides)
+    return json.dumps(data).encode()
+
+
+def test_parse_completion_good() -> None:
+    """A well-formed answer yields its id, model, content, finish reason and usage."""
+    assert parse_completion(completion_json()) == (
+        "chatcmpl-1",
+        "deepseek-chat",
+        "Hello!",
+        FinishReason.STOP,
+        Usage(input_tokens=12, output_tokens=3),
+    )
+
+
+def test_parse_completion_cached_tokens() -> None:
+    """`prompt_tokens_details.cached_tokens` becomes the cached input count."""
+    raw = completion_json(
+        usage={
+            "prompt_tokens": 100,
+            "completion_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 80},
+        }
+    )
+    assert parse_completion(raw)[4] == Usage(
+        input_tokens=100, output_tokens=5, cached_input_tokens=80
+    )
+
+
+@pytest.mark.parametrize("usage_value", [None, "n/a", 3])
+def test_parse_completion_without_usage(usage_value: object) -> None:
+    """An answer without a usage object parses with usage None (to be estimated later)."""
+    data = json.loads(completion_json())
+    if usage_value is None:
+        del data["usage"]
+    else:
+        data["usage"] = usage_value
+    assert parse_completion(json.dumps(data).encode())[4] is None
+
+
+def test_parse_completion_null_content_is_empty() -> None:
+    """A null message content (e.g. a tool call) parses as empty text."""
+    choice = {"message": {"role": "assistant", "content": None}, "finish_reason": "tool_calls"}
+    _, _, content, reason, _ = parse_completion(completion_json(choices=[choice]))
+    assert (content, reason) == ("", FinishReason.TOOL_CALLS)
+
+
+def test_parse_completion_missing_id_and_model() -> None:
+    """Missing id and model come back as empty strings, not 'None'."""
+    data = json.loads(completion_json())
+    del data["id"], data["model"]
+    assert parse_completion(json.dumps(data).encode())[:2] == ("", "")
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        pytest.param(completion_json(choices=[]), "no choices", id="empty-choices"),
+        pytest.param(completion_json(choices=None), "no choices", id="null-choices"),
+        pytest.param(completion_json(choices="x"), "no choices", id="choices-not-list"),
+        pytest.param(completion_json(choices=["x"]), "no choices", id="choice-not-object"),
+        pytest.param(
+            completion_json(choices=[{"message": {"content": "hi"}}]),
+            "no finish reason",
+            id="missing-finish-reason",
+        ),
+        pytest.param(
+            completion_json(choices=[{"message": {"content": "hi"}, "finish_reason": None}]),
+            "no finish reason",
+            id="null-finish-reason",
+        ),
+        pytest.param(
+            completion_json(choices=[{"message": {"content": 5}, "finish_reason": "stop"}]),
+            "not a string",
+            id="content-number",
+        ),
+        pytest.param(
+            completion_json(
+                choices=[{"message": {"content": [{"type": "text"}]}, "finish_reason": "stop"}]
+            ),
+            "not a string",
+            id="content-list",
+        ),
+        pytest.param(
+            completion_json(usage={"prompt_tokens": "many"}), "not integers", id="bad-usage"
+        ),
+        pytest.param(b"not json", "not valid JSON", id="not-json"),
+        pytest.param(b"[1, 2]", "not a JSON object", id="json-array"),
+        pytest.param(b"", "not valid JSON", id="empty"),
+    ],
+)
+def test_parse_completion_malformed(raw: bytes, problem: str) -> None:
+    """Each malformed answer raises `MalformedReply` saying what is wrong."""
+    with pytest.raises(MalformedReply, match=problem):
+        parse_completion(raw)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"prompt_tokens": 1, "completion_tokens": 2}, Usage(1, 2, 0)),
+        ({}, Usage(0, 0, 0)),
+        ({"prompt_tokens": None, "completion_tokens": None}, Usage(0, 0, 0)),
+        ({"prompt_tokens": 9, "prompt_tokens_details": None}, Usage(9, 0, 0)),
+        ({"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": None}}, Usage(9, 0, 0)),
+        ({"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 4}}, Usage(9, 0, 4)),
+        (None, None),
+        ([], None),
+    ],
+)
+def test_usage_parsing(data: object, expected: Usage | None) -> None:
+    """Usage objects parse with absent counts as zero; a non-object is no usage."""
+    assert usage(data) == expected
+
+
+def chunk(
+    content: str | None = None,
+    *,
+    role: str | None = None,
+    finish: str | None = None,
+    chunk_id: str = "c1",
+    model: str = "m1",
+) -> str:
+    """One streamed chat-completion chunk as SSE data."""
+    delta: dict[str, Any] = {}
+    if role is not None:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    return json.dumps(
+        {
+            "id": chunk_id,
+            "object": "chat.completion.chunk",
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+    )
+
+
+def usage_chunk(prompt: int, completion: int, cached: int | None = None) -> str:
+    """The final usage-only chunk a stream sends with `include_usage`."""
+    data: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion}
+    if cached is not None:
+        data["prompt_tokens_details"] = {"cached_tokens": cached}
+    return json.dumps({"id": "c1", "model": "m1", "choices": [], "usage": data})
+
+
+def test_stream_parser_full_stream() -> None:
+    """Role, content, finish, usage and [DONE] chunks parse to the text and the end."""
+    parser = StreamParser()
+    events = [
+        parser.parse(chunk(role="assistant", content="")),
+        parser.parse(chunk("Hel")),
+        parser.parse(chunk("lo")),
+        parser.parse(chunk(finish="stop")),
+        parser.parse(usage_chunk(10, 2, cached=4)),
+    ]
+    assert events == [None, TextChunk("Hel"), TextChunk("lo"), None, None]
+    assert not parser.is_done
+    assert parser.parse("[DONE]") is None
+    assert parser.is_done
+    assert parser.end() == StreamEnd(
+        id="c1",
+        model="m1",
+        finish_reason=FinishReason.STOP,
+        usage=Usage(input_tokens=10, output_tokens=2, cached_input_tokens=4),
+    )
+
+
+def test_stream_parser_role_chunk_yields_nothing() -> None:
+    """A role-only first chunk yields no text but records the id and model."""
+    parser = StreamParser()
+    assert parser.parse(chunk(role="assistant", chunk_id="abc", model="gpt")) is None
+    assert (parser.id, parser.model) == ("abc", "gpt")
+
+
+def test_stream_parser_keeps_first_id() -> None:
+    """The id and model come from the first chunk, even when later ones differ."""
+    parser = StreamParser()
+    parser.parse(chunk("a", chunk_id="first", model="m-first"))
+    parser.parse(chunk("b", chunk_id="second", model="m-second"))
+    assert (parser.id, parser.model) == ("first", "m-first")
+
+
+def test_stream_parser_content_and_finish_in_one_chunk() -> None:
+    """A chunk with both text and a finish reason yields the text and records the reason."""
+    parser = StreamParser()
+    assert parser.parse(chunk("end.", finish="length")) == TextChunk("end.")
+    assert parser.end().finish_reason is FinishReason.LENGTH
+
+
+def test_stream_parser_usage_chunk_with_empty_choices() -> None:
+    """A usage chunk with empty choices sets the usage and yields nothing."""
+    parser = StreamParser()
+    parser.parse(chunk(finish="stop"))
+    assert parser.parse(usage_chunk(7, 3)) is None
+    assert parser.usage == Usage(input_tokens=7, output_tokens=3)
+
+
+def test_stream_parser_without_usage() -> None:
+    """A stream that never reports usage ends with usage None."""
+    parser = StreamParser()
+    parser.parse(chunk("x", finish="stop"))
+    assert parser.end().usage is None
+
+
+@pytest.mark.parametrize("reason", ["stop", "length", "content_filter", "tool_calls"])
+def test_stream_parser_finish_reasons(reason: str) -> None:
+    """The stream's finish reason is the last one an upstream chunk gave."""
+    parser = StreamParser()
+    parser.parse(chunk("x"))
+    parser.parse(chunk(finish=reason))
+    assert parser.end().finish_reason is FinishReason(reason)
+
+
+def test_stream_parser_end_without_finish_reason() -> None:
+    """A stream that never said why it finished is malformed."""
+    parser = StreamParser()
+    parser.parse(chunk("partial"))
+    with pytest.raises(MalformedReply, match="without a finish reason"):
+        parser.end()
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        pytest.param(
+            json.dumps({"error": {"message": "overloaded", "type": "server_error"}}),
+            "error mid-stream",
+            id="error-object",
+        ),
+        pytest.param(
+            json.dumps({"error": "boom", "choices": []}), "error mid-stream", id="error-no-choices"
+        ),
+        pytest.param("{not json", "not valid JSON", id="not-json"),
+        pytest.param("[1]", "not a JSON object", id="array"),
+        pytest.param('"text"', "not a JSON object", id="string"),
+        pytest.param(json.dumps({"choices": "x"}), "not a list of objects", id="choices-string"),
+        pytest.param(json.dumps({"choices": [1]}), "not a list of objects", id="choice-number"),
+        pytest.param(
+            json.dumps({"choices": [{"delta": {"content": 5}}]}), "not a string", id="content-int"
+        ),
+        pytest.param(
+            json.dumps({"choices": [], "usage": {"prompt_tokens": "x"}}),
+            "not integers",
+            id="bad-usage",
+        ),
+    ],
+)
+def test_stream_parser_malformed(data: str, problem: str) -> None:
+    """A malformed or error event mid-stream raises `MalformedReply` saying what is wrong."""
+    parser = StreamParser()
+    parser.parse(chunk("ok so far"))
+    with pytest.raises(MalformedReply, match=problem):
+        parser.parse(data)
+
+
+def test_stream_parser_chunk_without_delta() -> None:
+    """A choice without a delta yields nothing rather than failing."""
+    parser = StreamParser()
+    assert parser.parse(json.dumps({"choices": [{"index": 0}]})) is None

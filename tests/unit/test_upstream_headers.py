@@ -1,0 +1,133 @@
+"""Unit tests for server-directed waits and rate-limit headers (service.upstream.headers)."""
+
+from __future__ import annotations
+
+import email.utils
+
+import pytest
+
+from service.upstream.headers import rate_limit_hints, retry_after_s
+from service.upstream.types import RateLimitHints
+
+# 2026-01-01T00:00:00Z: a fixed "now", so HTTP dates are checked without the real clock.
+NOW = 1_767_225_600.0
+
+
+def http_date(epoch_s: float) -> str:
+    """An RFC 9110 IMF-fixdate for `epoch_s`."""
+    return email.utils.formatdate(epoch_s, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        pytest.param({}, None, id="absent"),
+        pytest.param({"retry-after-ms": "1500"}, 1.5, id="ms"),
+        pytest.param({"retry-after-ms": "250.5"}, 0.2505, id="ms-fractional"),
+        pytest.param({"retry-after-ms": "0"}, 0.0, id="ms-zero"),
+        pytest.param({"retry-after-ms": "-20"}, 0.0, id="ms-negative-clamped"),
+        pytest.param({"retry-after": "3"}, 3.0, id="seconds"),
+        pytest.param({"retry-after": " 7 "}, 7.0, id="seconds-padded"),
+        pytest.param({"retry-after": "0.25"}, 0.25, id="seconds-fractional"),
+        pytest.param({"retry-after": "0"}, 0.0, id="seconds-zero"),
+        pytest.param({"retry-after": "-5"}, 0.0, id="seconds-negative-clamped"),
+        pytest.param({"retry-after": http_date(NOW + 30)}, 30.0, id="date-future"),
+        pytest.param({"retry-after": http_date(NOW - 30)}, 0.0, id="date-past"),
+        pytest.param({"retry-after": http_date(NOW)}, 0.0, id="date-now"),
+        pytest.param({"retry-after": "soon"}, None, id="garbage"),
+        pytest.param({"retry-after": ""}, None, id="empty"),
+        pytest.param({"retry-after": "Mon, 99 Foo 2026 99:99:99 GMT"}, None, id="bad-date"),
+        pytest.param({"retry-after-ms": "soon"}, None, id="ms-garbage-alone"),
+        pytest.param({"retry-after": "inf"}, None, id="infinite"),
+        pytest.param({"retry-after": "1e400"}, None, id="overflows-to-infinite"),
+        pytest.param({"retry-after": "nan"}, None, id="nan"),
+        pytest.param({"retry-after-ms": "Infinity"}, None, id="ms-infinite"),
+        pytest.param({"retry-after-ms": "nan", "retry-after": "2"}, 2.0, id="ms-nan-falls-back"),
+    ],
+)
+def test_retry_after_s(headers: dict[str, str], expected: float | None) -> None:
+    """Each Retry-After form gives the wait in seconds, clamped at zero, or None."""
+    wait = retry_after_s(headers, now_epoch_s=NOW)
+    if expected is None:
+        assert wait is None
+    else:
+        assert wait == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        pytest.param({"retry-after-ms": "100", "retry-after": "9"}, 0.1, id="ms-wins"),
+        pytest.param({"retry-after-ms": "0", "retry-after": "9"}, 0.0, id="ms-zero-wins"),
+        pytest.param(
+            {"retry-after-ms": "2000", "retry-after": http_date(NOW + 60)}, 2.0, id="ms-over-date"
+        ),
+        pytest.param(
+            {"retry-after-ms": "garbage", "retry-after": "4"}, 4.0, id="bad-ms-falls-back"
+        ),
+    ],
+)
+def test_retry_after_ms_takes_precedence(headers: dict[str, str], expected: float) -> None:
+    """A valid `retry-after-ms` wins over `Retry-After`; an invalid one is skipped."""
+    assert retry_after_s(headers, now_epoch_s=NOW) == pytest.approx(expected)
+
+
+def test_retry_after_date_uses_injected_now() -> None:
+    """An HTTP date is measured from the `now_epoch_s` given, not the real clock."""
+    headers = {"retry-after": http_date(NOW + 100)}
+    assert retry_after_s(headers, now_epoch_s=NOW + 40) == pytest.approx(60.0)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        pytest.param({}, RateLimitHints(), id="none"),
+        pytest.param(
+            {"x-ratelimit-limit": "60", "x-ratelimit-remaining": "59", "x-ratelimit-reset": "1.5"},
+            RateLimitHints(limit=60, remaining=59, reset_epoch_s=1.5),
+            id="plain",
+        ),
+        pytest.param(
+            {"x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499"},
+            RateLimitHints(limit=500, remaining=499),
+            id="openai-requests-names",
+        ),
+        pytest.param(
+            {
+                "x-ratelimit-limit": "10",
+                "x-ratelimit-limit-requests": "500",
+                "x-ratelimit-remaining": "3",
+                "x-ratelimit-remaining-requests": "499",
+            },
+            RateLimitHints(limit=10, remaining=3),
+            id="plain-names-win",
+        ),
+        pytest.param(
+            {"x-ratelimit-remaining": "0", "x-ratelimit-remaining-requests": "7"},
+            RateLimitHints(remaining=0),
+            id="zero-remaining-is-kept",
+        ),
+        pytest.param(
+            {"x-ratelimit-limit": "lots", "x-ratelimit-remaining": "", "x-ratelimit-reset": "?"},
+            RateLimitHints(),
+            id="garbage-ignored",
+        ),
+        pytest.param(
+            {
+                "x-ratelimit-limit": "inf",
+                "x-ratelimit-remaining": "nan",
+                "x-ratelimit-reset": "inf",
+            },
+            RateLimitHints(),
+            id="non-finite-ignored",
+        ),
+        pytest.param(
+            {"x-ratelimit-limit": "100.0", "x-ratelimit-remaining": "42.9"},
+            RateLimitHints(limit=100, remaining=42),
+            id="float-counts-truncated",
+        ),
+    ],
+)
+def test_rate_limit_hints(headers: dict[str, str], expected: RateLimitHints) -> None:
+    """`X-RateLimit-*` headers parse into hints; absent or unparseable ones stay None."""
+    assert rate_limit_hints(headers) == expected
