@@ -21,7 +21,7 @@ from service.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger("llm_gateway.breaker")
 
-CONSECUTIVE_FAILURES = 5
+CONSECUTIVE_FAILURES = 10
 FAILURE_RATIO = 0.5
 MIN_CALLS = 20  # calls in the window before the ratio may open the breaker
 WINDOW_S = 30.0  # seconds

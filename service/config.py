@@ -185,7 +185,7 @@ class ResilienceConfig:
     retry_budget_ratio: float = 0.2
     retry_budget_window_s: float = 10.0
     retry_budget_min_retries: int = 10
-    breaker_consecutive_failures: int = 5
+    breaker_consecutive_failures: int = 10
     breaker_failure_ratio: float = 0.5
     breaker_min_calls: int = 20
     breaker_window_s: float = 30.0

@@ -255,7 +255,7 @@ class UpstreamPool:
         if last_error is not None and last_route is not None:
             if not state.budget.can_retry():
                 plan.exclude(route, "retry budget exhausted")
-                log.warning("pool.retry_budget_exhausted", extra={"upstream": state.client.name})
+                log.debug("pool.retry_budget_exhausted", extra={"upstream": state.client.name})
                 return None
             if last_route is route:
                 wait = backoff_s(

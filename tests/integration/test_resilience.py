@@ -490,3 +490,34 @@ async def test_graceful_shutdown_finishes_accepted_calls(start_gateway):
         await gateway.server.stop(grace_s=5.0)
         results = await asyncio.gather(*calls)
         assert [r.content for r in results] == ["Hello from fake"] * 6
+
+
+async def test_weighted_pick_spreads_calls_by_weight(start_gateway):
+    """Weights 3:1 send three calls to the first upstream for each one to the second."""
+    async with FakeUpstream() as heavy, FakeUpstream() as light:
+        config = gateway_config(heavy.base_url, light.base_url, resilience=FAST_RESILIENCE)
+        weighted = (
+            dataclasses.replace(config.upstreams[0], weight=3),
+            dataclasses.replace(config.upstreams[1], weight=1),
+        )
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=weighted))
+        served = [(await gateway.stub.Complete(chat())).metadata.upstream for _ in range(8)]
+        assert served.count("up0") == 6
+        assert served.count("up1") == 2
+        assert (len(heavy.requests), len(light.requests)) == (6, 2)
+
+
+async def test_limiter_slows_down_when_the_upstream_says_none_remain(start_gateway):
+    """`X-RateLimit-Remaining: 0` with a 1 s reset holds the next call about a second."""
+    exhausted = {"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1"}
+    async with FakeUpstream() as fake:
+        fake.script(Reply(headers=exhausted))
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=FAST_RESILIENCE))
+        await gateway.stub.Complete(chat())
+        started = time.monotonic()
+        response = await gateway.stub.Complete(chat())
+        elapsed = time.monotonic() - started
+        assert response.metadata.attempts == 1
+        assert 0.9 <= elapsed < 3.0
+        gap = fake.requests[1].received_at - fake.requests[0].received_at
+        assert gap >= 0.9  # the upstream never saw the call it would have refused
