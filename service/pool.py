@@ -30,7 +30,6 @@ from service.errors import (
     StreamInterrupted,
     UpstreamAuthRejected,
     UpstreamError,
-    UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -317,7 +316,8 @@ class UpstreamPool:
             state.breaker.record_failure(reason=describe(exc))
         else:
             state.breaker.release()
-        if isinstance(exc, UpstreamRateLimited) and exc.retry_after_s is not None:
+        if exc.retry_after_s is not None:
+            # A 429 or 503 with Retry-After: no call goes to this upstream until then.
             state.limiter.pause(min(exc.retry_after_s, self.settings.max_retry_after_s))
 
     def _after_success(self, state: UpstreamState, hints: RateLimitHints) -> None:
@@ -425,8 +425,9 @@ class UpstreamPool:
                     raise self._final(exc, deadline, log.attempts) from None
                 last_error, last_route = exc, route
                 continue
-            except BaseException:
+            except BaseException as exc:  # cancelled: the caller went away
                 state.breaker.release()
+                self._record(log, route, request, started=started, is_stream=False, error=exc)
                 raise
             finally:
                 state.limiter.release()
@@ -446,6 +447,7 @@ class UpstreamPool:
         Once a delta has reached the caller a failure ends the stream with
         `StreamInterrupted` (UNAVAILABLE), saying how many deltas were sent.
         """
+        call_started = time.monotonic()
         plan = self._plan(request.model)
         last_error: UpstreamError | None = None
         last_route: Route | None = None
@@ -476,6 +478,7 @@ class UpstreamPool:
             log.upstream = route.client.name
             started = time.monotonic()
             deltas_sent = chars_sent = 0
+            is_finished = False
             try:
                 # The client's stream is an async generator: close it on every exit path.
                 events = cast(
@@ -488,10 +491,12 @@ class UpstreamPool:
                     async for event in events:
                         if isinstance(event, TextChunk):
                             if log.first_token_s is None:
-                                log.first_token_s = time.monotonic() - started
+                                # From the start of the call: retries delay the first token.
+                                log.first_token_s = time.monotonic() - call_started
                             deltas_sent += 1
                             chars_sent += len(event.content)
                         elif isinstance(event, StreamEnd):
+                            is_finished = True
                             self._after_success(state, event.rate_limits)
                             self._record(
                                 log,
@@ -527,8 +532,18 @@ class UpstreamPool:
                     raise self._final(exc, deadline, log.attempts) from None
                 last_error, last_route = exc, route
                 continue
-            except BaseException:
+            except BaseException as exc:  # cancelled, or the consumer stopped reading
                 state.breaker.release()
+                if not is_finished:
+                    self._record(
+                        log,
+                        route,
+                        request,
+                        started=started,
+                        is_stream=True,
+                        error=exc,
+                        deltas_sent=deltas_sent,
+                    )
                 raise
             finally:
                 state.limiter.release()

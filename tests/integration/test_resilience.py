@@ -293,6 +293,9 @@ async def test_fault_matrix(row: Row, mode: str, start_gateway):
         assert await settle(lambda: checked_out_connections(gateway) == 0)
         assert await settle(lambda: slots_in_use(gateway) == 0)
         assert await settle(lambda: not leftover_tasks()), leftover_tasks()
+        counters = gateway.server.pipeline.pool.counters
+        assert await settle(lambda: counters.attempts == expect.attempts)
+        assert counters.retries == expect.attempts - 1
 
 
 async def test_key_rejected_upstream_is_skipped_and_shown_unhealthy(start_gateway):
