@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["bench.overhead", "bench.open_streams"]
+MODULES = ["bench.overhead", "bench.open_streams", "bench.load_failures"]
 
 
 def main() -> None:

@@ -88,6 +88,9 @@ class UpstreamConfig:
     connect_timeout_s: float = 10.0
     max_connections: int = 100
     weight: int = 1
+    max_concurrency: int = 50
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
     api_key: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +111,11 @@ class UpstreamConfig:
         _require(self.timeout_s > 0 and self.connect_timeout_s > 0, "timeouts must be > 0")
         _require(self.max_connections >= 1, "max_connections must be >= 1")
         _require(self.weight >= 1, "weight must be >= 1")
+        _require(self.max_concurrency >= 1, "max_concurrency must be >= 1")
+        _require(
+            (self.requests_per_minute or 1) >= 1 and (self.tokens_per_minute or 1) >= 1,
+            "requests_per_minute and tokens_per_minute must be >= 1 when set",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +175,43 @@ class RequestDefaults:
 
 
 @dataclass(frozen=True, slots=True)
+class ResilienceConfig:
+    """Retries, backoff, retry budget and circuit breaking of upstream calls."""
+
+    attempts: int = 3
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 8.0
+    max_retry_after_s: float = 60.0
+    retry_budget_ratio: float = 0.2
+    retry_budget_window_s: float = 10.0
+    retry_budget_min_retries: int = 10
+    breaker_consecutive_failures: int = 10
+    breaker_failure_ratio: float = 0.5
+    breaker_min_calls: int = 20
+    breaker_window_s: float = 30.0
+    breaker_cool_down_s: float = 15.0
+    key_rejected_cool_down_s: float = 300.0
+    max_limit_wait_s: float = 5.0
+    min_attempt_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        _require(self.attempts >= 1, "attempts must be >= 1")
+        _require(0 < self.backoff_base_s <= self.backoff_cap_s, "need 0 < backoff_base_s <= cap")
+        _require(self.max_retry_after_s >= 0, "max_retry_after_s must be >= 0")
+        _require(self.retry_budget_ratio >= 0, "retry_budget_ratio must be >= 0")
+        _require(self.retry_budget_window_s > 0, "retry_budget_window_s must be > 0")
+        _require(self.retry_budget_min_retries >= 0, "retry_budget_min_retries must be >= 0")
+        _require(self.breaker_consecutive_failures >= 1, "breaker_consecutive_failures >= 1")
+        _require(0 < self.breaker_failure_ratio <= 1, "breaker_failure_ratio must be in (0, 1]")
+        _require(self.breaker_min_calls >= 1, "breaker_min_calls must be >= 1")
+        _require(self.breaker_window_s > 0, "breaker_window_s must be > 0")
+        _require(self.breaker_cool_down_s > 0, "breaker_cool_down_s must be > 0")
+        _require(self.key_rejected_cool_down_s > 0, "key_rejected_cool_down_s must be > 0")
+        _require(self.max_limit_wait_s >= 0, "max_limit_wait_s must be >= 0")
+        _require(self.min_attempt_s >= 0, "min_attempt_s must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The whole configuration."""
 
@@ -175,6 +220,7 @@ class GatewayConfig:
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     local_model: LocalModelConfig = LocalModelConfig()
     defaults: RequestDefaults = RequestDefaults()
+    resilience: ResilienceConfig = ResilienceConfig()
     source: str = "<defaults>"
 
     @property

@@ -174,6 +174,7 @@ class UpstreamError(GatewayError):
         self.upstream = upstream
         self.status = status
         self._retry_after_s = retry_after_s
+        self.attempts = 0  # upstream attempts made for the call, set by the pool
 
     @property
     def retry_after_s(self) -> float | None:
@@ -269,6 +270,8 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
         metadata["upstream"] = exc.upstream
         if exc.status is not None:
             metadata["http_status"] = str(exc.status)
+        if exc.attempts:
+            metadata["attempts"] = str(exc.attempts)
     if isinstance(exc, ContextWindowExceeded):
         metadata["estimated_tokens"] = str(exc.estimated_tokens)
         metadata["limit_tokens"] = str(exc.limit_tokens)

@@ -1,17 +1,64 @@
-"""The upstreams that serve each model, and how a call is sent to one of them."""
+"""The upstreams that serve each model, and the retry/failover loop that calls them.
+
+For each call the pool orders the model's routes (smooth weighted round-robin over the
+upstreams whose circuit breaker lets calls through), then runs a visible loop: take the
+next route, wait as the retry policy says, pass the breaker, the retry budget and the
+upstream's limiter, make one attempt. A retryable failure moves on to the next upstream
+(failover) or, with one upstream, waits and tries it again; a rejected key rules that
+upstream out for the call and opens its breaker. Policy lives in `service.retry`,
+`service.breaker` and `service.limits`; this module only sequences it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
-from service.clock import Deadline
+from service.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from service.clock import SYSTEM_CLOCK, Clock, Deadline
+from service.config import ResilienceConfig
 from service.domain import ChatRequest
-from service.errors import DeadlineExceeded, ModelNotFound, UpstreamTimeout
+from service.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    ModelNotFound,
+    StreamInterrupted,
+    UpstreamAuthRejected,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from service.limits import LimitExceeded, UpstreamLimiter
+from service.pool_hooks import AttemptRecord, PoolCounters, PoolHooks, RetryDecision
+from service.retry import (
+    BackoffPolicy,
+    RetryBudget,
+    backoff_s,
+    counts_against_health,
+    describe,
+    is_failover_only,
+    is_retryable,
+)
+from service.tokens import estimate_prompt_tokens
 from service.upstream.client import UpstreamClient
 from service.upstream.openai_json import request_body
-from service.upstream.types import StreamEvent, TextChunk, UpstreamCall, UpstreamReply
+from service.upstream.types import (
+    RateLimitHints,
+    StreamEnd,
+    StreamEvent,
+    TextChunk,
+    UpstreamCall,
+    UpstreamReply,
+)
+
+log = logging.getLogger("llm_gateway.pool")
+
+_DEFAULT_MAX_TOKENS = 256  # tokens reserved for the answer when the request sets none
 
 
 @dataclass(slots=True)
@@ -23,6 +70,7 @@ class AttemptLog:
     upstream_s: float = 0.0
     first_token_s: float | None = None
     errors: list[str] = field(default_factory=list)
+    records: list[AttemptRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,19 +81,118 @@ class Route:
     upstream_model: str
 
 
-class UpstreamPool:
-    """Routes each model to the upstreams that serve it."""
+class UpstreamState:
+    """Everything the pool keeps about one upstream: breaker, limiter, retry budget."""
 
-    def __init__(self, clients: Sequence[UpstreamClient]) -> None:
+    def __init__(
+        self, client: UpstreamClient, settings: ResilienceConfig, clock: Clock, hooks: PoolHooks
+    ) -> None:
+        self.client = client
+        self.breaker = CircuitBreaker(
+            client.name,
+            BreakerSettings(
+                consecutive_failures=settings.breaker_consecutive_failures,
+                failure_ratio=settings.breaker_failure_ratio,
+                min_calls=settings.breaker_min_calls,
+                window_s=settings.breaker_window_s,
+                cool_down_s=settings.breaker_cool_down_s,
+                key_rejected_cool_down_s=settings.key_rejected_cool_down_s,
+            ),
+            clock=clock,
+            on_change=hooks.breaker_changed,
+        )
+        config = client.config
+        self.limiter = UpstreamLimiter(
+            client.name,
+            max_concurrency=config.max_concurrency,
+            requests_per_minute=config.requests_per_minute,
+            tokens_per_minute=config.tokens_per_minute,
+            clock=clock,
+        )
+        self.budget = RetryBudget(
+            ratio=settings.retry_budget_ratio,
+            window_s=settings.retry_budget_window_s,
+            min_retries=settings.retry_budget_min_retries,
+            clock=clock,
+        )
+
+
+class _WeightedRoundRobin:
+    """Smooth weighted round-robin (nginx's): deterministic, and evenly interleaved."""
+
+    def __init__(self, count: int) -> None:
+        self._current = [0] * count
+
+    def pick(self, weights: Sequence[int], allowed: Sequence[bool]) -> int:
+        """The index of the next route among the allowed ones (0 when none is)."""
+        candidates = [i for i, ok in enumerate(allowed) if ok]
+        if not candidates:
+            return 0
+        total = sum(weights[i] for i in candidates)
+        for i in candidates:
+            self._current[i] += weights[i]
+        best = max(candidates, key=lambda i: (self._current[i], -i))
+        self._current[best] -= total
+        return best
+
+
+class _CallPlan:
+    """The routes of one call in the order to try them, and those ruled out for it."""
+
+    def __init__(self, routes: Sequence[Route], first: int) -> None:
+        self.order = list(routes[first:]) + list(routes[:first])
+        self.excluded: dict[str, str] = {}  # upstream name -> why
+
+    def exclude(self, route: Route, why: str) -> None:
+        self.excluded[route.client.name] = why
+
+    def next_route(self, after: Route | None, states: Mapping[str, UpstreamState]) -> Route | None:
+        """The first usable route after `after` (failover), `after` itself last."""
+        if after is None:
+            ordered = self.order
+        else:
+            at = self.order.index(after)
+            ordered = self.order[at + 1 :] + self.order[: at + 1]
+        for route in ordered:
+            name = route.client.name
+            if name not in self.excluded and states[name].breaker.allows():
+                return route
+        return None
+
+
+class UpstreamPool:
+    """Routes each model to the upstreams that serve it, with retries and failover."""
+
+    def __init__(
+        self,
+        clients: Sequence[UpstreamClient],
+        *,
+        settings: ResilienceConfig | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: random.Random | None = None,
+        hooks: PoolHooks | None = None,
+    ) -> None:
         self.clients = tuple(clients)
+        self.settings = settings or ResilienceConfig()
+        self.hooks = hooks or PoolHooks()
+        self.counters = PoolCounters().attach(self.hooks)
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._backoff = BackoffPolicy(
+            base_s=self.settings.backoff_base_s,
+            cap_s=self.settings.backoff_cap_s,
+            max_retry_after_s=self.settings.max_retry_after_s,
+        )
+        self._states = {c.name: UpstreamState(c, self.settings, clock, self.hooks) for c in clients}
         self._routes: dict[str, list[Route]] = {}
         for client in self.clients:
             for model, upstream_model in client.config.models.items():
                 self._routes.setdefault(model, []).append(Route(client, upstream_model))
+        self._balancers = {m: _WeightedRoundRobin(len(r)) for m, r in self._routes.items()}
 
     @property
     def models(self) -> Mapping[str, Sequence[Route]]:
-        """Every model served, with its routes in preference order."""
+        """Every model served, with its routes in configured order."""
         return self._routes
 
     def routes(self, model: str) -> Sequence[Route]:
@@ -55,7 +202,23 @@ class UpstreamPool:
             raise ModelNotFound(model)
         return routes
 
+    def state(self, upstream: str) -> UpstreamState:
+        """The breaker, limiter and budget of one upstream, by name."""
+        return self._states[upstream]
+
+    def health(self, upstream: str) -> tuple[BreakerState, int]:
+        """An upstream's breaker state and calls in flight to it (for ListModels)."""
+        state = self._states[upstream]
+        return state.breaker.state, state.limiter.in_flight
+
+    def _plan(self, model: str) -> _CallPlan:
+        routes = self.routes(model)
+        allowed = [self._states[r.client.name].breaker.allows() for r in routes]
+        weights = [r.client.config.weight for r in routes]
+        return _CallPlan(routes, self._balancers[model].pick(weights, allowed))
+
     def _call(self, request: ChatRequest, route: Route, *, stream: bool) -> UpstreamCall:
+        # One idempotency key per call, reused on every attempt and every upstream.
         headers = {"Idempotency-Key": request.idempotency_key} if request.idempotency_key else {}
         return UpstreamCall(
             upstream_model=route.upstream_model,
@@ -64,49 +227,330 @@ class UpstreamPool:
         )
 
     @staticmethod
-    def _time_left(route: Route, deadline: Deadline) -> float:
-        timeout = deadline.bound(route.client.config.timeout_s)
-        if timeout <= 0:
+    def _tokens(request: ChatRequest) -> int:
+        return estimate_prompt_tokens(request.messages) + (
+            request.params.max_tokens or _DEFAULT_MAX_TOKENS
+        )
+
+    # -- the steps of one attempt, shared by `complete` and `stream` ----------------
+
+    async def _prepare_attempt(
+        self,
+        plan: _CallPlan,
+        route: Route,
+        *,
+        request: ChatRequest,
+        deadline: Deadline,
+        log_: AttemptLog,
+        last_error: UpstreamError | None,
+        last_route: Route | None,
+    ) -> float | None:
+        """Wait and pass breaker, budget and limiter; the attempt's timeout, or None to skip.
+
+        Raises the last error when the caller's deadline leaves no room for the attempt.
+        """
+        state = self._states[route.client.name]
+        wait = 0.0
+        if last_error is not None and last_route is not None:
+            if not state.budget.can_retry():
+                plan.exclude(route, "retry budget exhausted")
+                log.debug("pool.retry_budget_exhausted", extra={"upstream": state.client.name})
+                return None
+            if last_route is route:
+                wait = backoff_s(
+                    log_.attempts - 1,
+                    retry_after_s=last_error.retry_after_s,
+                    rng=self._rng,
+                    policy=self._backoff,
+                )
+            left = deadline.remaining_s()
+            if left is not None and wait + self.settings.min_attempt_s > left:
+                # Never sleep into the caller's deadline: tell them now what went wrong.
+                raise last_error
+            self.hooks.retry(
+                RetryDecision(
+                    upstream=route.client.name,
+                    failed_upstream=last_route.client.name,
+                    attempt=log_.attempts + 1,
+                    wait_s=wait,
+                    reason=describe(last_error),
+                )
+            )
+            if wait > 0:
+                await self._clock.sleep(wait)
+        left = deadline.remaining_s()
+        if left is not None and left < self.settings.min_attempt_s:
+            if last_error is not None:
+                raise last_error
             raise DeadlineExceeded("the caller's deadline passed before the upstream call")
-        return timeout
+        if not state.breaker.acquire():
+            plan.exclude(route, "circuit open")
+            return None
+        max_wait = self.settings.max_limit_wait_s
+        if left is not None:
+            max_wait = min(max_wait, left - self.settings.min_attempt_s)
+        try:
+            await state.limiter.acquire(tokens=self._tokens(request), max_wait_s=max_wait)
+        except BaseException:
+            state.breaker.release()
+            raise
+        if last_error is None:
+            state.budget.record_request()
+        else:
+            state.budget.record_retry()
+        return deadline.bound(route.client.config.timeout_s)
+
+    def _after_failure(self, state: UpstreamState, exc: UpstreamError, deadline: Deadline) -> None:
+        """Tell the breaker and limiter what the failure says about the upstream."""
+        if isinstance(exc, UpstreamAuthRejected):
+            if not state.breaker.is_key_rejected:
+                # Once per episode, loudly: an operator must fix the key.
+                log.error(
+                    "upstream.key_rejected",
+                    extra={"upstream": state.client.name, "http_status": exc.status},
+                )
+            state.breaker.record_key_rejected()
+        elif isinstance(exc, UpstreamTimeout) and deadline.has_expired:
+            state.breaker.release()  # the caller's deadline, not the upstream's fault
+        elif counts_against_health(exc):
+            state.breaker.record_failure(reason=describe(exc))
+        else:
+            state.breaker.release()
+        if exc.retry_after_s is not None:
+            # A 429 or 503 with Retry-After: no call goes to this upstream until then.
+            state.limiter.pause(min(exc.retry_after_s, self.settings.max_retry_after_s))
+
+    def _after_success(self, state: UpstreamState, hints: RateLimitHints) -> None:
+        state.breaker.record_success()
+        state.limiter.learn(hints, now_epoch_s=time.time())
+
+    def _record(
+        self,
+        log_: AttemptLog,
+        route: Route,
+        request: ChatRequest,
+        *,
+        started: float,
+        is_stream: bool,
+        error: BaseException | None,
+        deltas_sent: int = 0,
+    ) -> None:
+        duration = time.monotonic() - started
+        log_.upstream_s += duration
+        record = AttemptRecord(
+            number=log_.attempts,
+            upstream=route.client.name,
+            model=request.model,
+            is_stream=is_stream,
+            started_at=started,
+            duration_s=duration,
+            error=None if error is None else describe(error),
+            deltas_sent=deltas_sent,
+        )
+        log_.records.append(record)
+        if error is not None:
+            log_.errors.append(f"{route.client.name}: {record.error}")
+        self.hooks.attempt(record)
+
+    def _give_up(self, model: str, plan: _CallPlan, last_error: UpstreamError | None) -> Exception:
+        """The error to raise when no attempt is left: the last failure, or why none ran."""
+        if last_error is not None:
+            return last_error
+        reasons = ", ".join(f"{name} ({why})" for name, why in sorted(plan.excluded.items()))
+        names = ",".join(r.client.name for r in plan.order)
+        cool_downs = [
+            wait
+            for r in plan.order
+            if r.client.name not in plan.excluded
+            and (wait := self._states[r.client.name].breaker.retry_after_s()) is not None
+        ]
+        return UpstreamUnavailable(
+            f"no upstream for model {model!r} is available" + (f": {reasons}" if reasons else ""),
+            upstream=names,
+            retry_after_s=min(cool_downs) if cool_downs else None,
+        )
+
+    @staticmethod
+    def _final(exc: UpstreamError, deadline: Deadline, attempts: int) -> GatewayError:
+        exc.attempts = attempts
+        if isinstance(exc, UpstreamTimeout) and deadline.has_expired:
+            return DeadlineExceeded("the caller's deadline passed")
+        return exc
+
+    # -- the two call shapes ---------------------------------------------------------
 
     async def complete(
         self, request: ChatRequest, *, deadline: Deadline, log: AttemptLog
     ) -> UpstreamReply:
-        """Send a unary completion to the first route of its model."""
-        route = self.routes(request.model)[0]
-        call = self._call(request, route, stream=False)
-        log.upstream = route.client.name
-        log.attempts += 1
-        started = time.monotonic()
-        try:
-            return await route.client.complete(call, timeout_s=self._time_left(route, deadline))
-        except UpstreamTimeout:
-            if deadline.has_expired:
-                raise DeadlineExceeded("the caller's deadline passed") from None
-            raise
-        finally:
-            log.upstream_s += time.monotonic() - started
+        """Send a unary completion, retrying and failing over as the policy allows."""
+        plan = self._plan(request.model)
+        last_error: UpstreamError | None = None
+        last_route: Route | None = None
+        while log.attempts < self.settings.attempts:
+            route = plan.next_route(last_route, self._states)
+            if route is None:
+                break
+            state = self._states[route.client.name]
+            try:
+                timeout_s = await self._prepare_attempt(
+                    plan,
+                    route,
+                    request=request,
+                    deadline=deadline,
+                    log_=log,
+                    last_error=last_error,
+                    last_route=last_route,
+                )
+            except LimitExceeded as exc:
+                plan.exclude(route, exc.what + " limit")
+                last_error = last_error or exc
+                continue
+            except UpstreamError as exc:
+                raise self._final(exc, deadline, log.attempts) from None
+            if timeout_s is None:
+                continue
+            log.attempts += 1
+            log.upstream = route.client.name
+            started = time.monotonic()
+            try:
+                reply = await route.client.complete(
+                    self._call(request, route, stream=False), timeout_s=timeout_s
+                )
+            except UpstreamError as exc:
+                self._after_failure(state, exc, deadline)
+                self._record(log, route, request, started=started, is_stream=False, error=exc)
+                if is_failover_only(exc):
+                    plan.exclude(route, "key rejected")
+                elif not is_retryable(exc) or deadline.has_expired:
+                    raise self._final(exc, deadline, log.attempts) from None
+                last_error, last_route = exc, route
+                continue
+            except BaseException as exc:  # cancelled: the caller went away
+                state.breaker.release()
+                self._record(log, route, request, started=started, is_stream=False, error=exc)
+                raise
+            finally:
+                state.limiter.release()
+            self._after_success(state, reply.rate_limits)
+            self._record(log, route, request, started=started, is_stream=False, error=None)
+            return reply
+        error = self._give_up(request.model, plan, last_error)
+        if isinstance(error, UpstreamError):
+            raise self._final(error, deadline, log.attempts)
+        raise error
 
     async def stream(
         self, request: ChatRequest, *, deadline: Deadline, log: AttemptLog
     ) -> AsyncIterator[StreamEvent]:
-        """Stream a completion from the first route of its model."""
-        route = self.routes(request.model)[0]
-        call = self._call(request, route, stream=True)
-        log.upstream = route.client.name
-        log.attempts += 1
-        started = time.monotonic()
-        try:
-            async for event in route.client.stream(
-                call, timeout_s=self._time_left(route, deadline)
-            ):
-                if log.first_token_s is None and isinstance(event, TextChunk):
-                    log.first_token_s = time.monotonic() - started
-                yield event
-        except UpstreamTimeout:
-            if deadline.has_expired:
-                raise DeadlineExceeded("the caller's deadline passed") from None
-            raise
-        finally:
-            log.upstream_s += time.monotonic() - started
+        """Stream a completion; retried and failed over only until the first delta is sent.
+
+        Once a delta has reached the caller a failure ends the stream with
+        `StreamInterrupted` (UNAVAILABLE), saying how many deltas were sent.
+        """
+        call_started = time.monotonic()
+        plan = self._plan(request.model)
+        last_error: UpstreamError | None = None
+        last_route: Route | None = None
+        while log.attempts < self.settings.attempts:
+            route = plan.next_route(last_route, self._states)
+            if route is None:
+                break
+            state = self._states[route.client.name]
+            try:
+                timeout_s = await self._prepare_attempt(
+                    plan,
+                    route,
+                    request=request,
+                    deadline=deadline,
+                    log_=log,
+                    last_error=last_error,
+                    last_route=last_route,
+                )
+            except LimitExceeded as exc:
+                plan.exclude(route, exc.what + " limit")
+                last_error = last_error or exc
+                continue
+            except UpstreamError as exc:
+                raise self._final(exc, deadline, log.attempts) from None
+            if timeout_s is None:
+                continue
+            log.attempts += 1
+            log.upstream = route.client.name
+            started = time.monotonic()
+            deltas_sent = chars_sent = 0
+            is_finished = False
+            try:
+                # The client's stream is an async generator: close it on every exit path.
+                events = cast(
+                    AsyncGenerator[StreamEvent, None],
+                    route.client.stream(
+                        self._call(request, route, stream=True), timeout_s=timeout_s
+                    ),
+                )
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if isinstance(event, TextChunk):
+                            if log.first_token_s is None:
+                                # From the start of the call: retries delay the first token.
+                                log.first_token_s = time.monotonic() - call_started
+                            deltas_sent += 1
+                            chars_sent += len(event.content)
+                        elif isinstance(event, StreamEnd):
+                            is_finished = True
+                            self._after_success(state, event.rate_limits)
+                            self._record(
+                                log,
+                                route,
+                                request,
+                                started=started,
+                                is_stream=True,
+                                error=None,
+                                deltas_sent=deltas_sent,
+                            )
+                        yield event
+                return
+            except UpstreamError as exc:
+                self._after_failure(state, exc, deadline)
+                self._record(
+                    log,
+                    route,
+                    request,
+                    started=started,
+                    is_stream=True,
+                    error=exc,
+                    deltas_sent=deltas_sent,
+                )
+                if deltas_sent > 0:
+                    # The caller already has part of the answer: a retry would repeat it.
+                    interrupted = StreamInterrupted(
+                        exc, deltas_sent=deltas_sent, chars_sent=chars_sent
+                    )
+                    raise self._final(interrupted, deadline, log.attempts) from exc
+                if is_failover_only(exc):
+                    plan.exclude(route, "key rejected")
+                elif not is_retryable(exc) or deadline.has_expired:
+                    raise self._final(exc, deadline, log.attempts) from None
+                last_error, last_route = exc, route
+                continue
+            except BaseException as exc:  # cancelled, or the consumer stopped reading
+                state.breaker.release()
+                if not is_finished:
+                    self._record(
+                        log,
+                        route,
+                        request,
+                        started=started,
+                        is_stream=True,
+                        error=exc,
+                        deltas_sent=deltas_sent,
+                    )
+                raise
+            finally:
+                state.limiter.release()
+        error = self._give_up(request.model, plan, last_error)
+        if isinstance(error, UpstreamError):
+            raise self._final(error, deadline, log.attempts)
+        raise error
+
+
+__all__ = ["AttemptLog", "Route", "UpstreamPool", "UpstreamState"]

@@ -9,6 +9,8 @@ gRPC status with `google.rpc` details via `errors.to_rpc_status`.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
 import inspect
 import logging
@@ -28,21 +30,52 @@ StreamHandler: TypeAlias = Callable[[Any, Context], AsyncIterator[Any]]
 
 
 class Admission:
-    """Counts calls in flight and refuses new ones past the limit, immediately."""
+    """Bounds calls in flight and calls queued for a slot; refuses the rest immediately.
 
-    def __init__(self, *, max_in_flight: int, retry_after_s: float) -> None:
+    Up to `max_in_flight` calls run; up to `max_queued` more wait (first come, first
+    served) for one of them to finish; a call beyond both is shed at once with
+    `Overloaded` (RESOURCE_EXHAUSTED, RetryInfo, `grpc-retry-pushback-ms`), never after
+    a timeout. A queued call still honours its own deadline and cancellation.
+    """
+
+    def __init__(self, *, max_in_flight: int, retry_after_s: float, max_queued: int = 0) -> None:
         self.max_in_flight = max_in_flight
+        self.max_queued = max_queued
         self.retry_after_s = retry_after_s
         self.in_flight = 0
+        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    def enter(self) -> None:
-        """Admit one call or raise `Overloaded`."""
-        if self.in_flight >= self.max_in_flight:
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a slot."""
+        return len(self._queue)
+
+    async def enter(self) -> None:
+        """Admit one call, queueing it while there is room, or raise `Overloaded`."""
+        if self.in_flight < self.max_in_flight and not self._queue:
+            self.in_flight += 1
+            return
+        if len(self._queue) >= self.max_queued:
             raise Overloaded(retry_after_s=self.retry_after_s)
-        self.in_flight += 1
+        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(slot)
+        try:
+            await slot
+        except BaseException:
+            if slot.done() and not slot.cancelled():
+                self.leave()  # a slot was handed to us as we gave up: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(slot)
+            raise
 
     def leave(self) -> None:
-        """One admitted call finished."""
+        """One admitted call finished: its slot goes to the oldest queued call."""
+        while self._queue:
+            slot = self._queue.popleft()
+            if not slot.done():
+                slot.set_result(None)  # in_flight is unchanged: the slot changes hands
+                return
         self.in_flight -= 1
 
 
@@ -66,7 +99,7 @@ def _guard_unary(method: UnaryHandler, name: str, admission: Admission) -> Unary
     @functools.wraps(method)
     async def guarded(request: Any, context: Context) -> Any:
         try:
-            admission.enter()
+            await admission.enter()
         except Overloaded as exc:
             await abort_with(context, exc, name)
         try:
@@ -87,7 +120,7 @@ def _guard_stream(method: StreamHandler, name: str, admission: Admission) -> Str
     @functools.wraps(method)
     async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
         try:
-            admission.enter()
+            await admission.enter()
         except Overloaded as exc:
             await abort_with(context, exc, name)
         try:

@@ -43,6 +43,7 @@ class GatewayServer:
         self.admission = Admission(
             max_in_flight=config.server.max_in_flight_calls,
             retry_after_s=config.server.overload_retry_after_s,
+            max_queued=config.server.max_queued_calls,
         )
         self._stack = contextlib.AsyncExitStack()
         self._server: grpc.aio.Server | None = None
@@ -81,7 +82,8 @@ class GatewayServer:
             await self._stack.enter_async_context(UpstreamClient(c))
             for c in await self._upstream_configs()
         ]
-        self.pipeline = Pipeline(self.config, UpstreamPool(clients), PriceList(self.config.models))
+        pool = UpstreamPool(clients, settings=self.config.resilience)
+        self.pipeline = Pipeline(self.config, pool, PriceList(self.config.models))
         servicer = CompletionServicer(self.pipeline)
         guard_servicer(servicer, RPC_METHODS, self.admission)
         server = grpc.aio.server(

@@ -13,6 +13,7 @@ import grpc
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.breaker import BreakerState
 from service.clock import Deadline
 from service.domain import (
     CacheMode,
@@ -47,6 +48,12 @@ _TRUNCATION = {
     pb.TRUNCATION_MODE_UNSPECIFIED: None,
     pb.TRUNCATION_MODE_NONE: TruncationMode.NONE,
     pb.TRUNCATION_MODE_KEEP_RECENT: TruncationMode.KEEP_RECENT,
+}
+
+_HEALTH = {
+    BreakerState.CLOSED: pb.UPSTREAM_HEALTH_HEALTHY,
+    BreakerState.HALF_OPEN: pb.UPSTREAM_HEALTH_PROBING,
+    BreakerState.OPEN: pb.UPSTREAM_HEALTH_UNHEALTHY,
 }
 
 AnyCompleteRequest = pb.CompleteRequest | pb.CompleteStreamRequest
@@ -136,6 +143,12 @@ def response_to_proto(completion: Completion) -> pb.CompleteResponse:
     return pb.CompleteResponse(content=completion.content, metadata=metadata_to_proto(completion))
 
 
+def upstream_status_to_proto(pipeline: Pipeline, upstream: str) -> pb.UpstreamStatus:
+    """An upstream's circuit-breaker health and calls in flight."""
+    state, in_flight = pipeline.pool.health(upstream)
+    return pb.UpstreamStatus(name=upstream, health=_HEALTH[state], in_flight=in_flight)
+
+
 def deadline_of(context: grpc.aio.ServicerContext[object, object]) -> Deadline:
     """The caller's deadline, read once."""
     return Deadline.after(context.time_remaining())
@@ -203,8 +216,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                     context_window=prices.context_window(name, 0),
                     pricing=pricing,
                     upstreams=[
-                        pb.UpstreamStatus(name=route.client.name, health=pb.UPSTREAM_HEALTH_HEALTHY)
-                        for route in routes
+                        upstream_status_to_proto(self._pipeline, r.client.name) for r in routes
                     ],
                 )
             )

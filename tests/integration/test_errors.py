@@ -11,7 +11,7 @@ from tests.fake_upstream import CutStream, EndWithoutDone, MalformedSSE, Reset, 
 from tests.integration.helpers import error_info, field_violations, retry_delay_s
 
 # Single attempt, so each fault shows as itself rather than after retries.
-ONE_ATTEMPT: dict[str, object] = {}
+ONE_ATTEMPT: dict[str, object] = {"resilience": {"attempts": 1}}
 
 
 def _request(**fields: object) -> pb.CompleteRequest:
@@ -156,11 +156,12 @@ async def test_broken_stream_after_deltas_is_unavailable_never_ok(
     assert len(received) >= 1
 
 
-async def test_unexpected_error_is_internal_without_details_leak(stub, upstream):
+async def test_malformed_body_is_unavailable_without_details_leak(upstream, start_gateway):
     """A non-JSON 200 body is a malformed answer (UNAVAILABLE), never a stack trace."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
     upstream.script(Status(200, body="<html>oops</html>"))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Complete(chat())
+        await gateway.stub.Complete(chat())
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "Traceback" not in caught.value.details()
     assert "oops" not in caught.value.details()

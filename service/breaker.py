@@ -1,0 +1,188 @@
+"""A per-upstream circuit breaker: closed → open → half-open → closed.
+
+Closed lets every call through and counts failures. Too many consecutive failures, or
+a failure ratio over a sliding window (once enough calls were seen), opens it: calls
+skip the upstream until the cool-down passes. Then it is half-open and lets exactly one
+probe through; the probe's success closes it, its failure opens it again.
+
+A rejected key (401/403) opens it at once for a longer cool-down: retrying a bad key
+in a loop only burns quota and fills logs.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.clock import SYSTEM_CLOCK, Clock
+
+log = logging.getLogger("llm_gateway.breaker")
+
+CONSECUTIVE_FAILURES = 10
+FAILURE_RATIO = 0.5
+MIN_CALLS = 20  # calls in the window before the ratio may open the breaker
+WINDOW_S = 30.0  # seconds
+COOL_DOWN_S = 15.0  # seconds open before a probe is let through
+KEY_REJECTED_COOL_DOWN_S = 300.0  # seconds
+
+
+class BreakerState(enum.Enum):
+    """The breaker's view of an upstream's health."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    """Thresholds and cool-downs of one breaker."""
+
+    consecutive_failures: int = CONSECUTIVE_FAILURES
+    failure_ratio: float = FAILURE_RATIO
+    min_calls: int = MIN_CALLS
+    window_s: float = WINDOW_S
+    cool_down_s: float = COOL_DOWN_S
+    key_rejected_cool_down_s: float = KEY_REJECTED_COOL_DOWN_S
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerChange:
+    """One state transition, as hooks receive it."""
+
+    upstream: str
+    old: BreakerState
+    new: BreakerState
+    reason: str
+
+
+class CircuitBreaker:
+    """Decides whether a call may go to one upstream; told the outcome of each call."""
+
+    def __init__(
+        self,
+        upstream: str,
+        settings: BreakerSettings = BreakerSettings(),
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        on_change: Callable[[BreakerChange], None] | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.settings = settings
+        self._clock = clock
+        self._on_change = on_change
+        self._state = BreakerState.CLOSED
+        self._opened_at = 0.0
+        self._cool_down_s = settings.cool_down_s
+        self._consecutive = 0
+        self._outcomes: deque[tuple[float, bool]] = deque()  # (when, failed)
+        self._probe_in_flight = False
+        self.is_key_rejected = False
+
+    @property
+    def state(self) -> BreakerState:
+        """The current state; an open breaker whose cool-down passed reads half-open."""
+        if (
+            self._state is BreakerState.OPEN
+            and self._clock.now() - self._opened_at >= self._cool_down_s
+        ):
+            self._move(BreakerState.HALF_OPEN, "cool-down passed")
+        return self._state
+
+    def retry_after_s(self) -> float | None:
+        """Seconds until an open breaker lets a probe through (None when not open)."""
+        if self.state is not BreakerState.OPEN:
+            return None
+        return max(0.0, self._opened_at + self._cool_down_s - self._clock.now())
+
+    def allows(self) -> bool:
+        """Whether a call may be sent now (without claiming the half-open probe)."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        return state is BreakerState.HALF_OPEN and not self._probe_in_flight
+
+    def acquire(self) -> bool:
+        """Claim permission for one call; in half-open, only one probe at a time."""
+        if not self.allows():
+            return False
+        if self._state is BreakerState.HALF_OPEN:
+            self._probe_in_flight = True
+        return True
+
+    def release(self) -> None:
+        """A claimed call ended without an outcome that says anything about health."""
+        self._probe_in_flight = False
+
+    def record_success(self) -> None:
+        """The upstream answered."""
+        self._probe_in_flight = False
+        self._consecutive = 0
+        self._note(failed=False)
+        if self._state is not BreakerState.CLOSED:
+            self.is_key_rejected = False
+            self._move(BreakerState.CLOSED, "probe succeeded")
+
+    def record_failure(self, *, reason: str = "failure") -> None:
+        """The upstream failed in a way that says it is unhealthy."""
+        self._probe_in_flight = False
+        self._consecutive += 1
+        self._note(failed=True)
+        if self._state is BreakerState.HALF_OPEN:
+            self._open(self.settings.cool_down_s, "probe failed: " + reason)
+            return
+        if self._state is not BreakerState.CLOSED:
+            return
+        if self._consecutive >= self.settings.consecutive_failures:
+            self._open(self.settings.cool_down_s, f"{self._consecutive} consecutive failures")
+            return
+        calls = len(self._outcomes)
+        failures = sum(1 for _, failed in self._outcomes if failed)
+        if calls >= self.settings.min_calls and failures / calls >= self.settings.failure_ratio:
+            self._open(self.settings.cool_down_s, f"{failures}/{calls} calls failed")
+
+    def record_key_rejected(self) -> None:
+        """The upstream rejected the gateway's key: open for the long cool-down."""
+        self._probe_in_flight = False
+        self._consecutive += 1
+        self._note(failed=True)
+        self.is_key_rejected = True
+        self._open(self.settings.key_rejected_cool_down_s, "key rejected")
+
+    def _note(self, *, failed: bool) -> None:
+        now = self._clock.now()
+        self._outcomes.append((now, failed))
+        horizon = now - self.settings.window_s
+        while self._outcomes and self._outcomes[0][0] <= horizon:
+            self._outcomes.popleft()
+
+    def _open(self, cool_down_s: float, reason: str) -> None:
+        self._opened_at = self._clock.now()
+        self._cool_down_s = cool_down_s
+        self._move(BreakerState.OPEN, reason)
+
+    def _move(self, new: BreakerState, reason: str) -> None:
+        old = self._state
+        self._state = new
+        if new is BreakerState.CLOSED:
+            self._outcomes.clear()
+            self._consecutive = 0
+        if old is new:
+            return
+        log.info(
+            "breaker.state_changed",
+            extra={"upstream": self.upstream, "from": old.value, "to": new.value, "why": reason},
+        )
+        if self._on_change is not None:
+            self._on_change(BreakerChange(self.upstream, old, new, reason))
+
+
+__all__ = [
+    "BreakerChange",
+    "BreakerSettings",
+    "BreakerState",
+    "CircuitBreaker",
+]

@@ -1,0 +1,170 @@
+"""Retry policy as pure functions: what to retry, how long to wait, and the retry budget.
+
+The retry loop itself lives in `service.pool`, where it is visible; this module only
+decides. Every number the policy uses by default is a constant here.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from service.clock import SYSTEM_CLOCK, Clock
+from service.errors import (
+    GatewayError,
+    StreamInterrupted,
+    UpstreamAuthRejected,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+DEFAULT_ATTEMPTS = 3
+INITIAL_BACKOFF_S = 0.5  # seconds: the first backoff's upper bound (full jitter below it)
+MAX_BACKOFF_S = 8.0  # seconds
+MAX_RETRY_AFTER_S = 60.0  # seconds: honour server-directed waits up to a minute
+RETRY_BUDGET_RATIO = 0.2  # retries per request, per upstream, over the window
+RETRY_BUDGET_WINDOW_S = 10.0  # seconds
+RETRY_BUDGET_MIN_RETRIES = 10  # retries always allowed per window, so quiet upstreams retry
+MIN_ATTEMPT_S = 0.05  # seconds: no attempt starts with less than this before the deadline
+
+# HTTP statuses worth another try: timeout, conflict, rate limit and every 5xx.
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether another attempt (here or on another upstream) may succeed.
+
+    Retries 408, 409, 429, 5xx, connection errors and timeouts. A rejected key (401/403)
+    is not retried on the same upstream but is failed over (see `is_failover_only`). A
+    stream that already sent deltas to the caller is never retried.
+    """
+    if isinstance(error, StreamInterrupted):
+        return False
+    if isinstance(error, UpstreamRateLimited | UpstreamTimeout):
+        return True
+    if isinstance(error, UpstreamUnavailable):
+        # No status: a connection error, reset, or malformed answer.
+        return error.status is None or error.status in RETRYABLE_STATUSES or error.status >= 500
+    return False
+
+
+def is_failover_only(error: BaseException) -> bool:
+    """Whether the error rules out this upstream but another one may still serve the call."""
+    return isinstance(error, UpstreamAuthRejected)
+
+
+def counts_against_health(error: BaseException) -> bool:
+    """Whether the error says the upstream itself is unhealthy (for the circuit breaker).
+
+    A 429 is the upstream working as designed (the limiter handles it), and a 4xx
+    rejection is about the request, so neither opens the breaker.
+    """
+    if isinstance(error, UpstreamRateLimited):
+        return False
+    return isinstance(error, UpstreamAuthRejected | UpstreamTimeout | UpstreamUnavailable)
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffPolicy:
+    """The numbers of capped exponential backoff with full jitter."""
+
+    base_s: float = INITIAL_BACKOFF_S
+    cap_s: float = MAX_BACKOFF_S
+    max_retry_after_s: float = MAX_RETRY_AFTER_S
+
+
+def backoff_s(
+    retries_taken: int,
+    *,
+    retry_after_s: float | None,
+    rng: random.Random,
+    policy: BackoffPolicy = BackoffPolicy(),
+) -> float:
+    """Seconds to wait before retry number `retries_taken + 1`.
+
+    A server-directed wait (`retry-after-ms` / `Retry-After`) is honoured, capped at
+    `policy.max_retry_after_s`. Otherwise full jitter: uniform in
+    [0, min(cap, base * 2**retries_taken)], which spreads retries of many callers apart
+    (https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/).
+    """
+    if retry_after_s is not None:
+        return max(0.0, min(retry_after_s, policy.max_retry_after_s))
+    ceiling = min(policy.cap_s, policy.base_s * (2 ** max(0, retries_taken)))
+    return rng.uniform(0.0, ceiling)
+
+
+class RetryBudget:
+    """Caps retries to a fraction of requests over a sliding window, per upstream.
+
+    With ratio 0.2, at most one retry per five requests (plus `min_retries` per window)
+    reaches the upstream, so a failing provider sees at most 1.2x its normal load.
+    """
+
+    def __init__(
+        self,
+        *,
+        ratio: float = RETRY_BUDGET_RATIO,
+        window_s: float = RETRY_BUDGET_WINDOW_S,
+        min_retries: int = RETRY_BUDGET_MIN_RETRIES,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.ratio = ratio
+        self.window_s = window_s
+        self.min_retries = min_retries
+        self._clock = clock
+        self._requests: deque[float] = deque()
+        self._retries: deque[float] = deque()
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.window_s
+        for stamps in (self._requests, self._retries):
+            while stamps and stamps[0] <= horizon:
+                stamps.popleft()
+
+    def record_request(self) -> None:
+        """A first attempt was sent to the upstream."""
+        now = self._clock.now()
+        self._prune(now)
+        self._requests.append(now)
+
+    def can_retry(self) -> bool:
+        """Whether one more retry fits in the budget now."""
+        self._prune(self._clock.now())
+        allowed = self.min_retries + self.ratio * len(self._requests)
+        return len(self._retries) + 1 <= allowed
+
+    def record_retry(self) -> None:
+        """A retry was sent to the upstream."""
+        now = self._clock.now()
+        self._prune(now)
+        self._retries.append(now)
+
+
+def describe(error: BaseException) -> str:
+    """A short, secret-free label of an error for logs and attempt records."""
+    if isinstance(error, GatewayError):
+        status = getattr(error, "status", None)
+        return f"{error.reason}:{status}" if status is not None else error.reason
+    return type(error).__name__
+
+
+__all__ = [
+    "DEFAULT_ATTEMPTS",
+    "INITIAL_BACKOFF_S",
+    "MAX_BACKOFF_S",
+    "MAX_RETRY_AFTER_S",
+    "MIN_ATTEMPT_S",
+    "RETRYABLE_STATUSES",
+    "RETRY_BUDGET_MIN_RETRIES",
+    "RETRY_BUDGET_RATIO",
+    "RETRY_BUDGET_WINDOW_S",
+    "BackoffPolicy",
+    "RetryBudget",
+    "backoff_s",
+    "counts_against_health",
+    "describe",
+    "is_failover_only",
+    "is_retryable",
+]

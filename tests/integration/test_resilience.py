@@ -1,0 +1,526 @@
+"""Retries, failover, breaker and shedding through the real server and fault-injecting upstreams.
+
+The fault matrix runs every row both unary and streaming and asserts, for each, the final
+status or answer, the attempts, the time taken (bounds that prove a wait was honoured and
+not exceeded), and that no upstream connection, limiter slot, admission slot or task is
+left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service.errors import RETRY_PUSHBACK_TRAILER
+from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
+from tests.fake_upstream import (
+    Behaviour,
+    CutStream,
+    FakeUpstream,
+    Hang,
+    MalformedSSE,
+    Reply,
+    Reset,
+    Status,
+)
+
+# Small waits keep the matrix fast; the bounds below are generous for a loaded 2-core box.
+FAST_RESILIENCE = {
+    "attempts": 3,
+    "backoff_base_s": 0.02,
+    "backoff_cap_s": 0.1,
+    "max_retry_after_s": 5.0,
+}
+REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What the caller should see."""
+
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    attempts: int = 1
+    upstream: str = "up0"
+    min_s: float = 0.0
+    max_s: float = 3.0
+    reason: str | None = None
+    deltas: int | None = None  # deltas received before the error, for interrupted streams
+
+
+@dataclass(frozen=True)
+class Row:
+    """One fault: the behaviour of each upstream, and what unary and stream calls see."""
+
+    id: str
+    scripts: tuple[tuple[Behaviour, ...] | str, ...]
+    unary: Expect
+    stream: Expect
+    default: Behaviour | None = None  # what up0 does once its script runs out
+    timeout_s: float = 10.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+MATRIX = [
+    Row(
+        "429-retry-after-then-ok",
+        ((Status(429, headers={"Retry-After": "1"}), Reply()),),
+        unary=Expect(attempts=2, min_s=0.9, max_s=3.0),
+        stream=Expect(attempts=2, min_s=0.9, max_s=3.0),
+    ),
+    Row(
+        "500-500-then-ok",
+        ((Status(500), Status(500), Reply()),),
+        unary=Expect(attempts=3, max_s=2.0),
+        stream=Expect(attempts=3, max_s=2.0),
+    ),
+    Row(
+        "always-503",
+        ((),),
+        default=Status(503),
+        unary=Expect(grpc.StatusCode.UNAVAILABLE, attempts=3, reason="UPSTREAM_UNAVAILABLE"),
+        stream=Expect(grpc.StatusCode.UNAVAILABLE, attempts=3, reason="UPSTREAM_UNAVAILABLE"),
+    ),
+    Row(
+        "reset-before-headers-then-ok",
+        ((Reset(), Reply()),),
+        unary=Expect(attempts=2),
+        stream=Expect(attempts=2),
+    ),
+    Row(
+        "hang-past-deadline",
+        ((),),
+        default=Hang(),
+        timeout_s=1.0,
+        unary=Expect(grpc.StatusCode.DEADLINE_EXCEEDED, attempts=1, min_s=0.9),
+        stream=Expect(grpc.StatusCode.DEADLINE_EXCEEDED, attempts=1, min_s=0.9),
+    ),
+    Row(
+        "cut-after-2-chunks",
+        ((CutStream(after_chunks=2), Reply()),),
+        unary=Expect(attempts=2),
+        stream=Expect(
+            grpc.StatusCode.UNAVAILABLE, attempts=1, reason="STREAM_INTERRUPTED", deltas=2
+        ),
+    ),
+    Row(
+        "cut-before-first-delta-then-ok",
+        ((CutStream(after_chunks=0), Reply()),),
+        unary=Expect(attempts=2),
+        stream=Expect(attempts=2),
+    ),
+    Row(
+        "malformed-sse",
+        ((MalformedSSE(after_chunks=1), Reply()),),
+        unary=Expect(attempts=2),
+        stream=Expect(
+            grpc.StatusCode.UNAVAILABLE, attempts=1, reason="STREAM_INTERRUPTED", deltas=1
+        ),
+    ),
+    Row(
+        "401-on-one-of-two",
+        ((Status(401),), ()),
+        unary=Expect(attempts=2, upstream="up1"),
+        stream=Expect(attempts=2, upstream="up1"),
+    ),
+    Row(
+        "refused-on-one-of-two",
+        (REFUSED, ()),
+        unary=Expect(attempts=2, upstream="up1"),
+        stream=Expect(attempts=2, upstream="up1"),
+    ),
+]
+
+
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on (connection refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def error_details(error: grpc.aio.AioRpcError) -> tuple[dict[str, str], str, float | None]:
+    """(ErrorInfo metadata, ErrorInfo reason, RetryInfo seconds) from a failed call."""
+    metadata: dict[str, str] = {}
+    reason = ""
+    retry_s = None
+    for key, value in error.trailing_metadata() or ():
+        if key != "grpc-status-details-bin":
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                metadata, reason = dict(info.metadata), info.reason
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_s = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+    return metadata, reason, retry_s
+
+
+def checked_out_connections(gateway: RunningGateway) -> int:
+    """Upstream connections the gateway holds checked out (not idle in the pool)."""
+    assert gateway.server.pipeline is not None
+    total = 0
+    for client in gateway.server.pipeline.pool.clients:
+        connector = client.session.connector
+        total += len(getattr(connector, "_acquired", ()))
+    return total
+
+
+def slots_in_use(gateway: RunningGateway) -> int:
+    """Admission and per-upstream limiter slots still taken."""
+    assert gateway.server.pipeline is not None
+    pool = gateway.server.pipeline.pool
+    return gateway.server.admission.in_flight + sum(pool.health(c.name)[1] for c in pool.clients)
+
+
+def leftover_tasks() -> list[str]:
+    """Tasks still running an RPC handler or gateway code (grpc's own loops excluded)."""
+    found = []
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        name = getattr(coro, "__qualname__", "")
+        code = getattr(coro, "cr_code", None)
+        filename = code.co_filename if code is not None else ""
+        if name == "_schedule_rpc_coro" or "/service/" in filename:
+            found.append(name or repr(coro))
+    return found
+
+
+async def settle(condition: Callable[[], bool], timeout_s: float = 3.0) -> bool:
+    """Poll `condition` until it holds or the timeout passes; whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+@contextlib.asynccontextmanager
+async def upstreams_for(row: Row) -> AsyncIterator[tuple[list[str], list[FakeUpstream]]]:
+    """Start one fake per scripted upstream (or a closed port); yield URLs and fakes."""
+    async with contextlib.AsyncExitStack() as stack:
+        urls: list[str] = []
+        fakes: list[FakeUpstream] = []
+        for index, script in enumerate(row.scripts):
+            if script == REFUSED:
+                urls.append(closed_port_url())
+                continue
+            default = row.default if index == 0 else None
+            fake = await stack.enter_async_context(
+                FakeUpstream(models=("fake-model",), default=default)
+            )
+            assert not isinstance(script, str)
+            fake.script(*script)
+            urls.append(fake.base_url)
+            fakes.append(fake)
+        yield urls, fakes
+
+
+async def call(gateway: RunningGateway, mode: str, timeout_s: float) -> tuple[Any, list[str]]:
+    """Make one call; (final metadata or the AioRpcError, deltas received)."""
+    if mode == "unary":
+        try:
+            response = await gateway.stub.Complete(chat(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            return error, []
+        return response.metadata, [response.content]
+    deltas: list[str] = []
+    try:
+        async for item in gateway.stub.CompleteStream(chat_stream(), timeout=timeout_s):
+            if item.HasField("final"):
+                return item.final, deltas
+            deltas.append(item.delta.content)
+    except grpc.aio.AioRpcError as error:
+        return error, deltas
+    raise AssertionError("stream ended without a final message")
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+@pytest.mark.parametrize("row", MATRIX, ids=[r.id for r in MATRIX])
+async def test_fault_matrix(row: Row, mode: str, start_gateway):
+    """Each fault ends in the expected answer or status, attempts and time, leaking nothing."""
+    expect = row.unary if mode == "unary" else row.stream
+    async with upstreams_for(row) as (urls, fakes):
+        config = gateway_config(*urls, resilience={**FAST_RESILIENCE, **row.config})
+        gateway = await start_gateway(config)
+        await gateway.stub.ListModels(pb.ListModelsRequest())  # warm the channel
+
+        started = time.monotonic()
+        result, deltas = await call(gateway, mode, row.timeout_s)
+        elapsed = time.monotonic() - started
+
+        assert expect.min_s <= elapsed < expect.max_s, f"took {elapsed:.2f}s"
+        upstream_requests = sum(len(f.requests) for f in fakes)
+        refused = sum(1 for s in row.scripts if s == REFUSED)
+        assert upstream_requests == expect.attempts - refused
+        if expect.code is grpc.StatusCode.OK:
+            assert isinstance(result, pb.CompletionMetadata), result
+            assert result.attempts == expect.attempts
+            assert result.upstream == expect.upstream
+            assert "".join(deltas) == "Hello from fake"
+        else:
+            assert isinstance(result, grpc.aio.AioRpcError)
+            assert result.code() is expect.code
+            if expect.reason is not None:
+                metadata, reason, _ = error_details(result)
+                assert reason == expect.reason
+                assert metadata["attempts"] == str(expect.attempts)
+                assert metadata["upstream"] == expect.upstream
+                assert "http://" not in result.details()
+            if expect.deltas is not None:
+                assert len(deltas) == expect.deltas
+                assert metadata["deltas_sent"] == str(expect.deltas)
+        if isinstance(row.default, Hang):
+            await fakes[0].wait_for_disconnect(timeout_s=3.0)
+
+        assert await settle(lambda: checked_out_connections(gateway) == 0)
+        assert await settle(lambda: slots_in_use(gateway) == 0)
+        assert await settle(lambda: not leftover_tasks()), leftover_tasks()
+        counters = gateway.server.pipeline.pool.counters
+        assert await settle(lambda: counters.attempts == expect.attempts)
+        assert counters.retries == expect.attempts - 1
+
+
+async def test_key_rejected_upstream_is_skipped_and_shown_unhealthy(start_gateway):
+    """After a 401 the upstream's breaker opens: later calls go straight to the healthy one."""
+    async with FakeUpstream(default=Status(401)) as bad, FakeUpstream() as good:
+        gateway = await start_gateway(
+            gateway_config(bad.base_url, good.base_url, resilience=FAST_RESILIENCE)
+        )
+        first = await gateway.stub.Complete(chat())
+        assert (first.metadata.attempts, first.metadata.upstream) == (2, "up1")
+        for _ in range(3):
+            later = await gateway.stub.Complete(chat())
+            assert (later.metadata.attempts, later.metadata.upstream) == (1, "up1")
+        assert len(bad.requests) == 1  # never retried in a loop
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        health = {u.name: u.health for u in models.models[0].upstreams}
+        assert health == {"up0": pb.UPSTREAM_HEALTH_UNHEALTHY, "up1": pb.UPSTREAM_HEALTH_HEALTHY}
+
+
+async def test_only_upstream_key_rejected_is_unavailable_upstream_auth(start_gateway):
+    """With its only upstream's key rejected the caller gets UNAVAILABLE/UPSTREAM_AUTH, once."""
+    async with FakeUpstream(default=Status(403)) as bad:
+        gateway = await start_gateway(gateway_config(bad.base_url, resilience=FAST_RESILIENCE))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat())
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        _, reason, _ = error_details(info.value)
+        assert reason == "UPSTREAM_AUTH"
+        assert len(bad.requests) == 1
+        with pytest.raises(grpc.aio.AioRpcError) as again:
+            await gateway.stub.Complete(chat())
+        assert again.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "no upstream" in again.value.details()
+        assert len(bad.requests) == 1  # the open breaker answered, not the upstream
+
+
+async def test_all_upstreams_down_is_unavailable_and_names_no_secret(start_gateway):
+    """Both upstreams failing ends UNAVAILABLE; the message carries no URL or key."""
+    async with FakeUpstream(default=Status(503)) as a, FakeUpstream(default=Status(502)) as b:
+        config = gateway_config(a.base_url, b.base_url, resilience=FAST_RESILIENCE)
+        config = dataclass_replace_upstream(config, api_key="sk-very-secret")
+        gateway = await start_gateway(config)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat())
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        metadata, _, _ = error_details(info.value)
+        assert metadata["attempts"] == "3"
+        assert len(a.requests) + len(b.requests) == 3
+        assert len(a.requests) >= 1
+        assert len(b.requests) >= 1
+        text = info.value.details() + repr(info.value.trailing_metadata())
+        assert "127.0.0.1" not in text
+        assert "sk-" not in text
+
+
+async def test_unknown_model_is_not_found(stub):
+    """A model no upstream serves is NOT_FOUND without any upstream call."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Complete(chat(model="nobody-serves-this"))
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+async def test_breaker_opens_after_failures_then_probe_closes_it(start_gateway):
+    """Failures open the breaker (fast UNAVAILABLE); after the cool-down a probe heals it."""
+    async with FakeUpstream(default=Status(500)) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 2,
+            "breaker_cool_down_s": 0.5,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await gateway.stub.Complete(chat())
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_UNHEALTHY
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat())
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        _, _, retry_s = error_details(info.value)
+        assert retry_s is not None
+        assert 0 < retry_s <= 0.5
+        assert len(fake.requests) == 2  # the open breaker kept the third call off it
+        fake.default = Reply()
+        await asyncio.sleep(0.6)  # the configured cool-down, not a speed assertion
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_PROBING
+        response = await gateway.stub.Complete(chat())
+        assert response.content == "Hello from fake"
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
+
+
+async def test_upstream_429_after_retries_is_resource_exhausted_with_pushback(start_gateway):
+    """A 429 that outlasts the retries reaches the caller as RESOURCE_EXHAUSTED with RetryInfo."""
+    async with FakeUpstream(default=Status(429, headers={"retry-after-ms": "50"})) as fake:
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=FAST_RESILIENCE))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat())
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        _, reason, retry_s = error_details(info.value)
+        assert reason == "UPSTREAM_RATE_LIMITED"
+        assert retry_s == pytest.approx(0.05)
+        assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "50"
+        assert len(fake.requests) == 3
+
+
+async def test_no_backoff_sleeps_past_the_deadline(start_gateway):
+    """A Retry-After longer than the caller's deadline is reported at once, not slept on."""
+    async with FakeUpstream(default=Status(503, headers={"Retry-After": "4"})) as fake:
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=FAST_RESILIENCE))
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat(), timeout=2.0)
+        elapsed = time.monotonic() - started
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert elapsed < 1.5
+        assert len(fake.requests) == 1
+
+
+async def test_retry_budget_limits_amplification(start_gateway):
+    """With no floor and ratio 0.5, a failing upstream sees at most 1.5x the calls."""
+    async with FakeUpstream(default=Status(500)) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "retry_budget_ratio": 0.5,
+            "retry_budget_min_retries": 0,
+            "breaker_consecutive_failures": 1000,
+            "breaker_min_calls": 1000,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        calls = 10
+        for _ in range(calls):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await gateway.stub.Complete(chat())
+        assert calls < len(fake.requests) <= calls * 1.5
+
+
+async def test_concurrency_limit_queues_on_the_upstream(start_gateway):
+    """With max_concurrency 1 concurrent calls reach the upstream one at a time."""
+    async with FakeUpstream(default=Reply(delay_s=0.1)) as fake:
+        config = gateway_config(fake.base_url, resilience=FAST_RESILIENCE)
+        config = dataclass_replace_upstream(config, max_concurrency=1)
+        gateway = await start_gateway(config)
+        results = await asyncio.gather(*(gateway.stub.Complete(chat()) for _ in range(4)))
+        assert all(r.content == "Hello from fake" for r in results)
+        starts = sorted(r.received_at for r in fake.requests)
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert min(gaps) >= 0.09  # each waited for the previous to finish
+
+
+def dataclass_replace_upstream(config: Any, **changes: Any) -> Any:
+    """`config` with every upstream's fields replaced."""
+    return dataclasses.replace(
+        config, upstreams=tuple(dataclasses.replace(u, **changes) for u in config.upstreams)
+    )
+
+
+async def test_admission_sheds_immediately_past_in_flight_and_queue(start_gateway):
+    """Past in-flight + queued calls the server answers RESOURCE_EXHAUSTED at once."""
+    async with FakeUpstream(default=Reply(delay_s=0.5)) as fake:
+        config = gateway_config(
+            fake.base_url,
+            server={"max_in_flight_calls": 2, "max_queued_calls": 1},
+            resilience=FAST_RESILIENCE,
+        )
+        gateway = await start_gateway(config)
+        accepted = [asyncio.ensure_future(gateway.stub.Complete(chat())) for _ in range(3)]
+        assert await settle(lambda: gateway.server.admission.queued == 1)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat())
+        assert time.monotonic() - started < 0.4  # well before any accepted call finished
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        _, reason, retry_s = error_details(info.value)
+        assert reason == "OVERLOADED"
+        assert retry_s == pytest.approx(1.0)
+        assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "1000"
+        results = await asyncio.gather(*accepted)
+        assert [r.content for r in results] == ["Hello from fake"] * 3
+
+
+async def test_graceful_shutdown_finishes_accepted_calls(start_gateway):
+    """Stopping under load lets every accepted call (running or queued) finish in the grace."""
+    async with FakeUpstream(default=Reply(delay_s=0.3)) as fake:
+        config = gateway_config(
+            fake.base_url,
+            server={"max_in_flight_calls": 3, "max_queued_calls": 3},
+            resilience=FAST_RESILIENCE,
+        )
+        gateway = await start_gateway(config)
+        calls = [asyncio.ensure_future(gateway.stub.Complete(chat())) for _ in range(6)]
+        assert await settle(lambda: len(fake.requests) == 3 and gateway.server.admission.queued)
+        await gateway.server.stop(grace_s=5.0)
+        results = await asyncio.gather(*calls)
+        assert [r.content for r in results] == ["Hello from fake"] * 6
+
+
+async def test_weighted_pick_spreads_calls_by_weight(start_gateway):
+    """Weights 3:1 send three calls to the first upstream for each one to the second."""
+    async with FakeUpstream() as heavy, FakeUpstream() as light:
+        config = gateway_config(heavy.base_url, light.base_url, resilience=FAST_RESILIENCE)
+        weighted = (
+            dataclasses.replace(config.upstreams[0], weight=3),
+            dataclasses.replace(config.upstreams[1], weight=1),
+        )
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=weighted))
+        served = [(await gateway.stub.Complete(chat())).metadata.upstream for _ in range(8)]
+        assert served.count("up0") == 6
+        assert served.count("up1") == 2
+        assert (len(heavy.requests), len(light.requests)) == (6, 2)
+
+
+async def test_limiter_slows_down_when_the_upstream_says_none_remain(start_gateway):
+    """`X-RateLimit-Remaining: 0` with a 1 s reset holds the next call about a second."""
+    exhausted = {"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1"}
+    async with FakeUpstream() as fake:
+        fake.script(Reply(headers=exhausted))
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=FAST_RESILIENCE))
+        await gateway.stub.Complete(chat())
+        started = time.monotonic()
+        response = await gateway.stub.Complete(chat())
+        elapsed = time.monotonic() - started
+        assert response.metadata.attempts == 1
+        assert 0.9 <= elapsed < 3.0
+        gap = fake.requests[1].received_at - fake.requests[0].received_at
+        assert gap >= 0.9  # the upstream never saw the call it would have refused

@@ -1,0 +1,358 @@
+"""Pure resilience policy: retryability, backoff, retry budget, breaker and limiter."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from service.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from service.errors import (
+    Overloaded,
+    StreamInterrupted,
+    UpstreamAuthRejected,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from service.limits import LimitExceeded, TokenBucket, UpstreamLimiter
+from service.retry import (
+    BackoffPolicy,
+    RetryBudget,
+    backoff_s,
+    counts_against_health,
+    is_failover_only,
+    is_retryable,
+)
+from service.rpc_boundary import Admission
+from service.upstream.types import RateLimitHints
+
+
+class FakeClock:
+    """A monotonic clock that only moves when told to (or when slept on)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.t = start
+        self.slept: list[float] = []
+
+    def now(self) -> float:
+        """Current fake time."""
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        """Advance time instead of waiting."""
+        self.slept.append(seconds)
+        self.t += seconds
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward."""
+        self.t += seconds
+
+
+def _status_error(status: int) -> Exception:
+    if status == 429:
+        return UpstreamRateLimited("x", upstream="u", status=429)
+    if status in (401, 403):
+        return UpstreamAuthRejected("x", upstream="u", status=status)
+    if status in (408, 409) or status >= 500:
+        return UpstreamUnavailable("x", upstream="u", status=status)
+    return UpstreamRejected("x", upstream="u", status=status)
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable", "failover_only", "unhealthy"),
+    [
+        (400, False, False, False),
+        (401, False, True, True),
+        (403, False, True, True),
+        (404, False, False, False),
+        (408, True, False, True),
+        (409, True, False, True),
+        (422, False, False, False),
+        (429, True, False, False),
+        (500, True, False, True),
+        (502, True, False, True),
+        (503, True, False, True),
+        (504, True, False, True),
+    ],
+)
+def test_status_policy(status, retryable, failover_only, unhealthy):
+    """Each HTTP status is retried, failed over, or returned as the policy table says."""
+    error = _status_error(status)
+    assert is_retryable(error) is retryable
+    assert is_failover_only(error) is failover_only
+    assert counts_against_health(error) is unhealthy
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable"),
+    [
+        (UpstreamUnavailable("reset", upstream="u"), True),
+        (UpstreamTimeout("slow", upstream="u"), True),
+        (
+            StreamInterrupted(
+                UpstreamUnavailable("cut", upstream="u"), deltas_sent=2, chars_sent=4
+            ),
+            False,
+        ),
+        (ValueError("bug"), False),
+    ],
+)
+def test_non_status_errors(error, retryable):
+    """Connection errors and timeouts retry; a stream cut after deltas and bugs never do."""
+    assert is_retryable(error) is retryable
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "expected"),
+    [(1.0, 1.0), (0.0, 0.0), (2.5, 2.5), (500.0, 60.0)],
+)
+def test_backoff_honours_retry_after_up_to_the_cap(retry_after, expected):
+    """A server-directed wait is used as is, capped at max_retry_after_s."""
+    assert backoff_s(0, retry_after_s=retry_after, rng=random.Random(1)) == expected
+
+
+@pytest.mark.parametrize("retries_taken", [0, 1, 2, 3, 4, 8, 20])
+def test_backoff_full_jitter_is_bounded(retries_taken):
+    """Without Retry-After the wait is uniform in [0, min(cap, base * 2**n)]."""
+    policy = BackoffPolicy(base_s=0.5, cap_s=8.0)
+    rng = random.Random(42)
+    waits = [
+        backoff_s(retries_taken, retry_after_s=None, rng=rng, policy=policy) for _ in range(200)
+    ]
+    ceiling = min(8.0, 0.5 * 2**retries_taken)
+    assert all(0.0 <= w <= ceiling for w in waits)
+    assert max(waits) > ceiling * 0.8  # full jitter uses the whole range
+    assert min(waits) < ceiling * 0.2
+
+
+def test_backoff_is_reproducible_with_a_seeded_rng():
+    """The same seed gives the same waits, so tests can pin them."""
+    a = [backoff_s(n, retry_after_s=None, rng=random.Random(7)) for n in range(5)]
+    b = [backoff_s(n, retry_after_s=None, rng=random.Random(7)) for n in range(5)]
+    assert a == b
+
+
+def test_retry_budget_caps_retries_to_a_ratio_of_requests():
+    """With ratio 0.2 and no floor, 100 requests allow 20 retries, not 21."""
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.2, window_s=10.0, min_retries=0, clock=clock)
+    for _ in range(100):
+        budget.record_request()
+    allowed = 0
+    while budget.can_retry():
+        budget.record_retry()
+        allowed += 1
+    assert allowed == 20
+
+
+def test_retry_budget_refills_after_the_window():
+    """Retries older than the window no longer count against the budget."""
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.0, window_s=10.0, min_retries=2, clock=clock)
+    budget.record_retry()
+    budget.record_retry()
+    assert not budget.can_retry()
+    clock.advance(10.5)
+    assert budget.can_retry()
+
+
+def _breaker(clock: FakeClock, on_change=None, **overrides: float) -> CircuitBreaker:
+    settings = BreakerSettings(
+        **{
+            "consecutive_failures": 3,
+            "failure_ratio": 0.5,
+            "min_calls": 10,
+            "window_s": 30.0,
+            "cool_down_s": 5.0,
+            "key_rejected_cool_down_s": 60.0,
+            **overrides,
+        }
+    )
+    return CircuitBreaker("up0", settings, clock=clock, on_change=on_change)
+
+
+def test_breaker_opens_after_consecutive_failures_and_probes_after_cool_down():
+    """Three failures open it; after the cool-down one probe is let through and closes it."""
+    clock = FakeClock()
+    changes = []
+    breaker = _breaker(clock, on_change=changes.append)
+    for _ in range(2):
+        breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    assert not breaker.acquire()
+    assert breaker.retry_after_s() == pytest.approx(5.0)
+    clock.advance(5.0)
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.acquire()
+    assert not breaker.acquire()  # only one probe at a time
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED
+    assert [c.new for c in changes] == [
+        BreakerState.OPEN,
+        BreakerState.HALF_OPEN,
+        BreakerState.CLOSED,
+    ]
+
+
+def test_breaker_failed_probe_reopens():
+    """A probe that fails opens the breaker for another cool-down."""
+    clock = FakeClock()
+    breaker = _breaker(clock)
+    for _ in range(3):
+        breaker.record_failure()
+    clock.advance(5.0)
+    assert breaker.acquire()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(4.9)
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_breaker_opens_on_failure_ratio():
+    """Half the calls failing in the window opens it, even without a streak of three."""
+    clock = FakeClock()
+    breaker = _breaker(clock)
+    for _ in range(5):
+        breaker.record_success()
+        breaker.record_failure()
+        clock.advance(0.1)
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_breaker_ratio_needs_min_calls():
+    """Below min_calls the ratio alone does not open it."""
+    clock = FakeClock()
+    breaker = _breaker(clock)
+    for _ in range(4):
+        breaker.record_success()
+        breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_breaker_key_rejected_opens_for_the_long_cool_down():
+    """A rejected key opens the breaker at once, for key_rejected_cool_down_s."""
+    clock = FakeClock()
+    breaker = _breaker(clock)
+    breaker.record_key_rejected()
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.is_key_rejected
+    clock.advance(59.0)
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(1.0)
+    assert breaker.state is BreakerState.HALF_OPEN
+
+
+@pytest.mark.parametrize(
+    ("per_minute", "level", "amount", "expected_wait"),
+    [(60, 60, 1, 0.0), (60, 0, 1, 1.0), (600, 0, 10, 1.0), (60, 0.5, 1, 0.5), (60, 0, 120, 60.0)],
+)
+def test_token_bucket_wait(per_minute, level, amount, expected_wait):
+    """The wait is the missing units at the refill rate (capped at one minute's worth)."""
+    bucket = TokenBucket(per_minute, level, updated_at=0.0)
+    assert bucket.wait_s(amount, now=0.0) == pytest.approx(expected_wait)
+
+
+async def test_limiter_requests_per_minute_waits_then_refuses_past_max_wait():
+    """At 60 RPM the second immediate call waits 1 s; with no room to wait it is refused."""
+    clock = FakeClock()
+    limiter = UpstreamLimiter("up0", requests_per_minute=60, clock=clock)
+    limiter._requests.level = 1  # type: ignore[union-attr]
+    await limiter.acquire(tokens=1, max_wait_s=5.0)
+    limiter.release()
+    await limiter.acquire(tokens=1, max_wait_s=5.0)
+    limiter.release()
+    assert clock.slept == [pytest.approx(1.0)]
+    with pytest.raises(LimitExceeded) as info:
+        await limiter.acquire(tokens=1, max_wait_s=0.5)
+    assert info.value.retry_after_s == pytest.approx(1.0)
+
+
+async def test_limiter_tokens_per_minute():
+    """A call larger than what is left of the token bucket waits for the refill."""
+    clock = FakeClock()
+    limiter = UpstreamLimiter("up0", tokens_per_minute=600, clock=clock)
+    await limiter.acquire(tokens=600, max_wait_s=0.0)
+    limiter.release()
+    await limiter.acquire(tokens=100, max_wait_s=20.0)
+    assert clock.slept == [pytest.approx(10.0)]
+
+
+async def test_limiter_concurrency_hands_slots_over_in_order():
+    """Past max_concurrency a call waits and gets the slot of the next one to finish."""
+    limiter = UpstreamLimiter("up0", max_concurrency=1)
+    await limiter.acquire(tokens=1, max_wait_s=1.0)
+    with pytest.raises(LimitExceeded):
+        await limiter.acquire(tokens=1, max_wait_s=0.0)
+    waiting = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=5.0))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    limiter.release()
+    await waiting
+    assert limiter.in_flight == 1
+    limiter.release()
+    assert limiter.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("hints", "expected_pause", "expected_spacing"),
+    [
+        (RateLimitHints(limit=100, remaining=50, reset_epoch_s=10.0), 0.0, 0.0),
+        (RateLimitHints(limit=100, remaining=5, reset_epoch_s=10.0), 0.0, 2.0),
+        (RateLimitHints(limit=100, remaining=0, reset_epoch_s=10.0), 10.0, 0.0),
+        (RateLimitHints(limit=100, remaining=0, reset_epoch_s=1_700_000_007.0), 7.0, 0.0),
+        (RateLimitHints(limit=100, remaining=0, reset_epoch_s=None), 1.0, 0.0),
+        (RateLimitHints(), 0.0, 0.0),
+    ],
+)
+def test_limiter_learns_from_rate_limit_headers(hints, expected_pause, expected_spacing):
+    """Low remaining spaces calls over the reset window; zero pauses until reset."""
+    clock = FakeClock()
+    limiter = UpstreamLimiter("up0", clock=clock)
+    limiter.learn(hints, now_epoch_s=1_700_000_000.0)
+    assert max(0.0, limiter.paused_until - clock.now()) == pytest.approx(expected_pause)
+    assert limiter.spacing_s == pytest.approx(expected_spacing)
+
+
+async def test_limiter_pause_after_429_delays_the_next_call():
+    """A pause (from a 429's Retry-After) makes the next call wait it out."""
+    clock = FakeClock()
+    limiter = UpstreamLimiter("up0", clock=clock)
+    limiter.pause(2.0)
+    await limiter.acquire(tokens=1, max_wait_s=5.0)
+    assert clock.slept == [pytest.approx(2.0)]
+
+
+async def test_admission_queues_then_sheds_immediately():
+    """Past in-flight calls wait in a bounded queue; past the queue, Overloaded at once."""
+    admission = Admission(max_in_flight=1, max_queued=1, retry_after_s=0.5)
+    await admission.enter()
+    queued = asyncio.ensure_future(admission.enter())
+    await asyncio.sleep(0)
+    assert admission.queued == 1
+    with pytest.raises(Overloaded) as info:
+        await admission.enter()
+    assert info.value.retry_after_s == 0.5
+    admission.leave()
+    await queued
+    assert (admission.in_flight, admission.queued) == (1, 0)
+    admission.leave()
+    assert admission.in_flight == 0
+
+
+async def test_admission_cancelled_waiter_frees_its_queue_place():
+    """A queued call that is cancelled leaves the queue and takes no slot."""
+    admission = Admission(max_in_flight=1, max_queued=1, retry_after_s=0.5)
+    await admission.enter()
+    queued = asyncio.ensure_future(admission.enter())
+    await asyncio.sleep(0)
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert admission.queued == 0
+    admission.leave()
+    assert admission.in_flight == 0
