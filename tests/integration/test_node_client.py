@@ -63,12 +63,11 @@ def node_scenarios() -> Path:
     return SCENARIOS_JS
 
 
-async def run_node(script: Path, scenario: str, *args: str) -> dict[str, Any]:
-    """Run one scenario to completion without blocking the loop the gateway runs on."""
+async def run_program(script: Path, *args: str) -> str:
+    """Run a Node program to completion without blocking the loop the gateway runs on."""
     process = await asyncio.create_subprocess_exec(
         "node",
         str(script),
-        scenario,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -81,7 +80,13 @@ async def run_node(script: Path, scenario: str, *args: str) -> dict[str, Any]:
         await process.wait()
         raise
     assert process.returncode == 0, stderr.decode()
-    result: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
+    return stdout.decode()
+
+
+async def run_node(script: Path, scenario: str, *args: str) -> dict[str, Any]:
+    """Run one scenario and return the JSON line it prints."""
+    stdout = await run_program(script, scenario, *args)
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     return result
 
 
@@ -136,6 +141,21 @@ async def test_node_unary_complete_reads_usage_and_cost(
     assert metadata["costUsd"] == pytest.approx(expected_cost_usd(7, 3))
     assert metadata["upstream"] == "up0"
     assert len(upstream.requests) == 1
+
+
+async def test_node_example_program_completes_and_streams(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """The documented example program prints the answer, the streamed text, usage and cost."""
+    example = node_scenarios.with_name("example.js")
+    stdout = await run_program(
+        example, "--address", gateway.server.address, "--model", "fake-model", "Say hi"
+    )
+    lines = stdout.splitlines()
+    assert lines[0] == "complete: Hello from fake"
+    assert lines[1] == "stream:   Hello from fake"
+    assert lines[2].startswith("usage:    7 in, 3 out; cost $0.000002 via up0")
+    assert len(upstream.requests) == 2
 
 
 async def test_node_stream_prints_deltas_as_they_arrive(
