@@ -194,10 +194,10 @@ async def test_node_retry_policy_waits_out_overload_pushback(
     node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
 ) -> None:
     """Refused with RESOURCE_EXHAUSTED, Node's retry policy waits the pushback and succeeds."""
-    pushback_s = 0.4
+    pushback_s = 0.5
     gateway = await start_gateway(overload_config(upstream, pushback_s=pushback_s))
     # The holding stream ends about 0.6 s after its first delta: past the first retry,
-    # well before the policy runs out of attempts (4 pushbacks = 1.6 s).
+    # well before the policy runs out of attempts (4 pushbacks = 2 s).
     upstream.script(Reply(content="hold the slot", chunks=2, chunk_delay_s=0.15))
     result = await run_against(node_scenarios, gateway, "overload-recovers")
     assert result["holdFirstEvent"] == "delta"
@@ -292,7 +292,7 @@ async def test_python_channel_with_service_config_honours_pushback(
     upstream: FakeUpstream, start_gateway: StartGateway
 ) -> None:
     """A Python channel given clients/service_config.json retries an overload after the pushback."""
-    pushback_s = 0.4
+    pushback_s = 0.5
     gateway = await start_gateway(overload_config(upstream, pushback_s=pushback_s))
     upstream.script(Reply(content="hold the slot", chunks=2, chunk_delay_s=0.15))
     options = [("grpc.service_config", SERVICE_CONFIG.read_text()), ("grpc.enable_retries", 1)]
