@@ -7,8 +7,12 @@ PY := $(VENV)/bin/python
 CONFIG ?= config/gateway.yaml
 STAMP := $(VENV)/.setup-stamp
 PROTOS := $(shell find protos/llmgateway -name '*.proto')
+# Node tooling (buf, ts-proto, tsc) and the Node client, pinned by its package-lock.json.
+NODE_DIR := clients/node
+NODE_MODULES := $(NODE_DIR)/node_modules/.package-lock.json
+BUF := $(NODE_DIR)/node_modules/.bin/buf
 
-.PHONY: setup generate run test test-fast lint bench redis-server clean
+.PHONY: setup generate run test test-fast lint bench redis-server node-setup clean
 
 setup: $(STAMP)
 
@@ -21,12 +25,19 @@ $(STAMP): pyproject.toml
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install --progress-bar on -e '.[dev,local]'
 	@touch $@
 
-generate: $(STAMP)
+node-setup: $(NODE_MODULES)
+
+$(NODE_MODULES): $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund
+
+generate: $(STAMP) $(NODE_MODULES)
 	$(PY) -m grpc_tools.protoc -I protos \
 		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
 		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 		--python_out=generated --grpc_python_out=generated \
 		--mypy_out=generated --mypy_grpc_out=generated $(PROTOS)
+	rm -rf generated/ts
+	$(BUF) generate protos --template protos/buf.gen.yaml
 
 run: $(STAMP)
 	$(PY) -m service serve --config $(CONFIG)
@@ -35,10 +46,10 @@ redis-server:
 	@command -v redis-server >/dev/null || { echo ">>> installing redis-server"; \
 		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server node-setup
 	$(PY) -m pytest
 
-test-fast: $(STAMP) redis-server
+test-fast: $(STAMP) redis-server node-setup
 	$(PY) -m pytest -m 'not local_model'
 
 lint: $(STAMP)
@@ -50,4 +61,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(NODE_DIR)/node_modules $(NODE_DIR)/dist

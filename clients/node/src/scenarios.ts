@@ -1,0 +1,206 @@
+/**
+ * Scenarios that tests/integration/test_node_client.py runs against a real gateway.
+ *
+ *   node scenarios.js SCENARIO --address HOST:PORT [--model NAME] [--status-base64 B64]
+ *
+ * Each scenario uses the typed client exactly as a caller would and prints one JSON line
+ * describing what it saw; the Python test decides whether that is right.
+ */
+import { performance } from "node:perf_hooks";
+
+import {
+  CompletionMetadata,
+  CompletionStream,
+  GatewayCallError,
+  GatewayClient,
+  Role,
+  StreamEvent,
+  decodeStatusDetails,
+  finishReasonToJSON,
+} from "./client";
+
+type Json = Record<string, unknown>;
+
+interface Args {
+  scenario: string;
+  address: string;
+  model: string;
+  statusBase64: string;
+}
+
+function parseArgs(argv: string[]): Args {
+  const args: Args = { scenario: argv[0] ?? "", address: "", model: "fake-model", statusBase64: "" };
+  for (let i = 1; i < argv.length; i += 2) {
+    const value = argv[i + 1] ?? "";
+    switch (argv[i]) {
+      case "--address":
+        args.address = value;
+        break;
+      case "--model":
+        args.model = value;
+        break;
+      case "--status-base64":
+        args.statusBase64 = value;
+        break;
+      default:
+        throw new Error(`unknown argument ${argv[i]}`);
+    }
+  }
+  return args;
+}
+
+function metadataJson(metadata: CompletionMetadata): Json {
+  return {
+    finishReason: finishReasonToJSON(metadata.finishReason),
+    inputTokens: metadata.usage?.inputTokens,
+    outputTokens: metadata.usage?.outputTokens,
+    costUsd: metadata.costUsd,
+    upstream: metadata.upstream,
+  };
+}
+
+function errorJson(error: unknown): Json {
+  if (!(error instanceof GatewayCallError)) {
+    throw error;
+  }
+  return {
+    code: error.codeName,
+    message: error.message,
+    attempts: error.attempts,
+    pushbackMs: error.pushbackMs,
+    details: error.details,
+  };
+}
+
+function messages(content: string): { role: Role; content: string }[] {
+  return [{ role: Role.ROLE_USER, content }];
+}
+
+async function next(iterator: AsyncIterator<StreamEvent>): Promise<StreamEvent | null> {
+  const result = await iterator.next();
+  return result.done ? null : result.value;
+}
+
+async function complete(client: GatewayClient, args: Args): Promise<Json> {
+  const { response, attempts } = await client.complete(
+    { model: args.model, messages: messages("Say hi") },
+    { timeoutMs: 10_000 },
+  );
+  return { content: response.content, attempts, metadata: metadataJson(response.metadata!) };
+}
+
+async function stream(client: GatewayClient, args: Args): Promise<Json> {
+  const started = performance.now();
+  const deltas: { content: string; atMs: number }[] = [];
+  let final: Json | null = null;
+  for await (const event of client.completeStream(
+    { model: args.model, messages: messages("Say hi") },
+    { timeoutMs: 10_000 },
+  )) {
+    if (event.kind === "delta") {
+      deltas.push({ content: event.content, atMs: performance.now() - started });
+    } else {
+      final = metadataJson(event.metadata);
+    }
+  }
+  return { deltas, final };
+}
+
+async function invalid(client: GatewayClient, args: Args): Promise<Json> {
+  try {
+    // Two invalid fields at once: the gateway reports every violation, not just the first.
+    await client.complete({
+      model: args.model,
+      messages: [{ role: Role.ROLE_USER, content: "   " }],
+      params: { temperature: 9 },
+    });
+  } catch (error) {
+    return errorJson(error);
+  }
+  return { unexpected: "the invalid request succeeded" };
+}
+
+async function overloadRecovers(client: GatewayClient, args: Args): Promise<Json> {
+  // A slow stream takes the gateway's only call slot; once its first delta is here the
+  // slot is certainly held, so the unary call below is refused with RESOURCE_EXHAUSTED and
+  // the channel's retry policy must wait out the pushback until the stream ends.
+  const hold: CompletionStream = client.completeStream({
+    model: args.model,
+    messages: messages("hold the slot"),
+  });
+  const holdEvents = hold[Symbol.asyncIterator]();
+  const first = await next(holdEvents);
+  const started = performance.now();
+  const { response, attempts } = await client.complete(
+    { model: args.model, messages: messages("Say hi") },
+    { timeoutMs: 15_000 },
+  );
+  const elapsedMs = performance.now() - started;
+  while ((await next(holdEvents)) !== null) {
+    // Drain the holding stream so it ends cleanly.
+  }
+  return { holdFirstEvent: first?.kind, content: response.content, attempts, elapsedMs };
+}
+
+async function overloadExhausted(client: GatewayClient, args: Args): Promise<Json> {
+  // The test holds the only slot for the whole call: every attempt is refused.
+  const started = performance.now();
+  try {
+    await client.complete(
+      { model: args.model, messages: messages("Say hi") },
+      { timeoutMs: 15_000 },
+    );
+  } catch (error) {
+    return { ...errorJson(error), elapsedMs: performance.now() - started };
+  }
+  return { unexpected: "the call succeeded while the gateway was full" };
+}
+
+async function cancel(client: GatewayClient, args: Args): Promise<Json> {
+  const call = client.completeStream({ model: args.model, messages: messages("Say hi") });
+  const events = call[Symbol.asyncIterator]();
+  const first = await next(events);
+  call.cancel();
+  try {
+    await next(events);
+  } catch (error) {
+    return { firstEvent: first?.kind, afterCancel: errorJson(error).code };
+  }
+  return { firstEvent: first?.kind, afterCancel: "no error" };
+}
+
+async function decode(args: Args): Promise<Json> {
+  return { details: decodeStatusDetails(Buffer.from(args.statusBase64, "base64")) };
+}
+
+const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<Json>> = {
+  complete,
+  stream,
+  invalid,
+  "overload-recovers": overloadRecovers,
+  "overload-exhausted": overloadExhausted,
+  cancel,
+};
+
+async function main(): Promise<void> {
+  const args = parseArgs(process.argv.slice(2));
+  if (args.scenario === "decode") {
+    console.log(JSON.stringify(await decode(args)));
+    return;
+  }
+  const run = SCENARIOS[args.scenario];
+  if (run === undefined) {
+    throw new Error(`unknown scenario ${args.scenario}`);
+  }
+  const client = new GatewayClient(args.address);
+  try {
+    console.log(JSON.stringify(await run(client, args)));
+  } finally {
+    client.close();
+  }
+}
+
+main().catch((error: unknown) => {
+  console.error(error);
+  process.exit(2);
+});

@@ -1,0 +1,330 @@
+"""A non-Python caller gets the full experience: the Node client against the real gateway.
+
+The TypeScript client in clients/node (built on the ts-proto stubs in generated/ts) is
+compiled once per session and run as a subprocess, one scenario per test, against a
+gateway started in-process in front of the fault-injecting upstream. Each scenario prints
+one JSON line of what the client saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from llmgateway.v1 import gateway_pb2 as pb
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.errors import (
+    ContextWindowExceeded,
+    GatewayError,
+    QuotaExceeded,
+    UpstreamRateLimited,
+    to_rpc_status,
+)
+from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
+from tests.fake_upstream import FakeUpstream, Hang, Reply
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE_DIR = ROOT / "clients" / "node"
+SCENARIOS_JS = NODE_DIR / "dist" / "clients" / "node" / "src" / "scenarios.js"
+SERVICE_CONFIG = ROOT / "clients" / "service_config.json"
+NODE_TIMEOUT_S = 30.0
+# Price of fake-model in gateway_config(): USD per million input / output tokens.
+INPUT_USD_PER_M, OUTPUT_USD_PER_M = 0.14, 0.42
+
+StartGateway = Callable[..., Any]
+
+
+@pytest.fixture(scope="session")
+def node_scenarios() -> Path:
+    """The Node scenarios program, compiled from the current TypeScript sources."""
+    node = shutil.which("node")
+    npm = shutil.which("npm")
+    assert node, "node (v20+) is needed to test the Node client"
+    assert npm, "npm is needed to install the Node client's packages"
+    if not (NODE_DIR / "node_modules" / ".package-lock.json").exists():
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300
+        )
+    subprocess.run(
+        [str(NODE_DIR / "node_modules" / ".bin" / "tsc"), "-p", str(NODE_DIR)],
+        check=True,
+        timeout=120,
+    )
+    return SCENARIOS_JS
+
+
+async def run_program(script: Path, *args: str) -> str:
+    """Run a Node program to completion without blocking the loop the gateway runs on."""
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(script),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(NODE_TIMEOUT_S):
+            stdout, stderr = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
+async def run_node(script: Path, scenario: str, *args: str) -> dict[str, Any]:
+    """Run one scenario and return the JSON line it prints."""
+    stdout = await run_program(script, scenario, *args)
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return result
+
+
+async def run_against(script: Path, gateway: RunningGateway, scenario: str) -> dict[str, Any]:
+    """Run one scenario against a running gateway."""
+    return await run_node(script, scenario, "--address", gateway.server.address)
+
+
+async def wait_until(condition: Callable[[], bool], *, timeout_s: float = 5.0) -> None:
+    """Poll until `condition()` holds (a synchronisation aid, not a timing assertion)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+
+
+def expected_cost_usd(input_tokens: int, output_tokens: int) -> float:
+    """What the gateway charges for fake-model usage."""
+    return (input_tokens * INPUT_USD_PER_M + output_tokens * OUTPUT_USD_PER_M) / 1e6
+
+
+def overload_config(upstream: FakeUpstream, *, pushback_s: float) -> Any:
+    """A gateway with a single call slot that refuses the rest with this pushback."""
+    return gateway_config(
+        upstream.base_url,
+        server={"max_in_flight_calls": 1, "overload_retry_after_s": pushback_s},
+    )
+
+
+def service_config() -> dict[str, Any]:
+    """The shipped gRPC service config."""
+    loaded: dict[str, Any] = json.loads(SERVICE_CONFIG.read_text())
+    return loaded
+
+
+def max_attempts() -> int:
+    """maxAttempts of the shipped retry policy."""
+    return int(service_config()["methodConfig"][0]["retryPolicy"]["maxAttempts"])
+
+
+async def test_node_unary_complete_reads_usage_and_cost(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A unary Complete from Node returns the content, usage and cost."""
+    result = await run_against(node_scenarios, gateway, "complete")
+    assert result["content"] == "Hello from fake"
+    assert result["attempts"] == 1
+    metadata = result["metadata"]
+    assert metadata["finishReason"] == "FINISH_REASON_STOP"
+    assert (metadata["inputTokens"], metadata["outputTokens"]) == (7, 3)
+    assert metadata["costUsd"] == pytest.approx(expected_cost_usd(7, 3))
+    assert metadata["upstream"] == "up0"
+    assert len(upstream.requests) == 1
+
+
+async def test_node_example_program_completes_and_streams(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """The documented example program prints the answer, the streamed text, usage and cost."""
+    example = node_scenarios.with_name("example.js")
+    stdout = await run_program(
+        example, "--address", gateway.server.address, "--model", "fake-model", "Say hi"
+    )
+    lines = stdout.splitlines()
+    assert lines[0] == "complete: Hello from fake"
+    assert lines[1] == "stream:   Hello from fake"
+    assert lines[2].startswith("usage:    7 in, 3 out; cost $0.000002 via up0")
+    assert len(upstream.requests) == 2
+
+
+async def test_node_stream_prints_deltas_as_they_arrive(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """CompleteStream from Node yields each delta as the upstream sends it, then usage and cost."""
+    chunk_delay_s = 0.15
+    upstream.script(Reply(content="Hello from fake", chunks=3, chunk_delay_s=chunk_delay_s))
+    result = await run_against(node_scenarios, gateway, "stream")
+    deltas = result["deltas"]
+    assert "".join(d["content"] for d in deltas) == "Hello from fake"
+    assert len(deltas) == 3
+    # Two upstream gaps separate the first delta from the last; buffering would collapse them.
+    assert deltas[-1]["atMs"] - deltas[0]["atMs"] >= 0.5 * 2 * chunk_delay_s * 1000
+    final = result["final"]
+    assert final["finishReason"] == "FINISH_REASON_STOP"
+    assert (final["inputTokens"], final["outputTokens"]) == (7, 3)
+    assert final["costUsd"] == pytest.approx(expected_cost_usd(7, 3))
+
+
+async def test_node_decodes_field_violations(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """An invalid request reaches Node as INVALID_ARGUMENT with every field violation decoded."""
+    result = await run_against(node_scenarios, gateway, "invalid")
+    assert result["code"] == "INVALID_ARGUMENT"
+    fields = [v["field"] for v in result["details"]["fieldViolations"]]
+    assert fields == ["messages[0].content", "params.temperature"]
+    assert all(v["description"] for v in result["details"]["fieldViolations"])
+    # INVALID_ARGUMENT is not retryable, and nothing reached the upstream.
+    assert result["attempts"] == 1
+    assert upstream.requests == []
+
+
+async def test_node_retry_policy_waits_out_overload_pushback(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """Refused with RESOURCE_EXHAUSTED, Node's retry policy waits the pushback and succeeds."""
+    pushback_s = 0.5
+    gateway = await start_gateway(overload_config(upstream, pushback_s=pushback_s))
+    # The holding stream ends about 0.6 s after its first delta: past the first retry,
+    # well before the policy runs out of attempts (4 pushbacks = 2 s).
+    upstream.script(Reply(content="hold the slot", chunks=2, chunk_delay_s=0.15))
+    result = await run_against(node_scenarios, gateway, "overload-recovers")
+    assert result["holdFirstEvent"] == "delta"
+    assert result["content"] == "Hello from fake"
+    assert 2 <= result["attempts"] <= max_attempts()
+    # Each retry waited the server's pushback, not the policy's shorter backoff.
+    assert result["elapsedMs"] >= (result["attempts"] - 1) * pushback_s * 1000
+    # Refused attempts never reached the upstream: only the hold and the success did.
+    assert len(upstream.requests) == 2
+
+
+async def test_node_overload_exhausts_attempts_and_decodes_retry_info(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """While the gateway stays full, Node retries maxAttempts times at the pushback, then fails."""
+    pushback_s = 0.25
+    gateway = await start_gateway(overload_config(upstream, pushback_s=pushback_s))
+    upstream.script(Hang())
+    hold = gateway.stub.Complete(chat("hold the slot"))
+    try:
+        await wait_until(lambda: len(upstream.requests) == 1)
+        result = await run_against(node_scenarios, gateway, "overload-exhausted")
+    finally:
+        hold.cancel()
+    assert result["code"] == "RESOURCE_EXHAUSTED"
+    assert result["attempts"] == max_attempts()
+    assert result["elapsedMs"] >= (max_attempts() - 1) * pushback_s * 1000
+    assert result["pushbackMs"] == 250
+    details = result["details"]
+    assert details["retryDelayMs"] == pytest.approx(250)
+    assert details["errorInfo"]["reason"] == "OVERLOADED"
+    assert details["errorInfo"]["domain"] == "llmgateway.v1"
+    await upstream.wait_for_disconnect()
+    assert len(upstream.requests) == 1
+
+
+async def test_node_cancelled_stream_closes_the_upstream_request(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """Node cancelling a stream after its first delta closes the upstream request early."""
+    upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=0.25))
+    started = time.monotonic()
+    result = await run_against(node_scenarios, gateway, "cancel")
+    assert result == {"firstEvent": "delta", "afterCancel": "CANCELLED"}
+    await upstream.wait_for_disconnect(timeout_s=4.0)
+    # The upstream would have streamed for about 5 s; it saw the close long before.
+    assert time.monotonic() - started < 20 * 0.25
+    await wait_until(lambda: gateway.server.admission.in_flight == 0)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            QuotaExceeded("tenant budget spent", subject="tenant:acme", retry_after_s=1.5),
+            {
+                "quotaViolations": [
+                    {"subject": "tenant:acme", "description": "tenant budget spent"}
+                ],
+                "retryDelayMs": 1500,
+                "reason": "QUOTA_EXCEEDED",
+            },
+        ),
+        (
+            ContextWindowExceeded(estimated_tokens=5000, limit_tokens=4096),
+            {"fields": ["messages"], "reason": "CONTEXT_WINDOW_EXCEEDED"},
+        ),
+        (
+            UpstreamRateLimited("rate limited", upstream="up0", status=429, retry_after_s=2.0),
+            {"retryDelayMs": 2000, "reason": "UPSTREAM_RATE_LIMITED"},
+        ),
+    ],
+    ids=["quota", "context-window", "upstream-429"],
+)
+async def test_node_decodes_every_detail_the_gateway_packs(
+    node_scenarios: Path, error: GatewayError, expected: dict[str, Any]
+) -> None:
+    """The Node decoder reads the exact google.rpc.Status the gateway builds for each error."""
+    status = to_rpc_status(error)
+    encoded = base64.b64encode(status.SerializeToString()).decode()
+    details = (await run_node(node_scenarios, "decode", "--status-base64", encoded))["details"]
+    assert details["unknownTypeUrls"] == []
+    assert details["errorInfo"]["reason"] == expected["reason"]
+    assert details["quotaViolations"] == expected.get("quotaViolations", [])
+    assert [v["field"] for v in details["fieldViolations"]] == expected.get("fields", [])
+    assert details["retryDelayMs"] == (
+        pytest.approx(expected["retryDelayMs"]) if "retryDelayMs" in expected else None
+    )
+
+
+async def test_python_channel_with_service_config_honours_pushback(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A Python channel given clients/service_config.json retries an overload after the pushback."""
+    pushback_s = 0.5
+    gateway = await start_gateway(overload_config(upstream, pushback_s=pushback_s))
+    upstream.script(Reply(content="hold the slot", chunks=2, chunk_delay_s=0.15))
+    options = [("grpc.service_config", SERVICE_CONFIG.read_text()), ("grpc.enable_retries", 1)]
+    async with grpc.aio.insecure_channel(gateway.server.address, options=options) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        hold = stub.CompleteStream(chat_stream("hold the slot"))
+        first = await hold.read()
+        assert first.WhichOneof("event") == "delta"
+        # Without the service config the same call is refused at once...
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await gateway.stub.Complete(chat())
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # ...with it, the channel waits out the pushback until the slot frees up.
+        started = time.monotonic()
+        response = await stub.Complete(chat(), timeout=15)
+        elapsed_s = time.monotonic() - started
+        last = first
+        while (event := await hold.read()) is not grpc.aio.EOF:
+            last = event
+    assert response.content == "Hello from fake"
+    assert elapsed_s >= pushback_s
+    assert last.WhichOneof("event") == "final"
+
+
+def test_service_config_retries_only_transient_codes_of_the_contract() -> None:
+    """The shipped retry policy names the contract's service and retries only transient codes."""
+    config = service_config()
+    (method,) = config["methodConfig"]
+    service = pb.DESCRIPTOR.services_by_name["CompletionService"].full_name
+    assert method["name"] == [{"service": service}]
+    policy = method["retryPolicy"]
+    assert set(policy["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+    # gRPC caps maxAttempts at 5; more would be silently ignored.
+    assert 2 <= policy["maxAttempts"] <= 5
+    assert config["retryThrottling"]["maxTokens"] > 0
