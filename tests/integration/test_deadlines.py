@@ -30,10 +30,10 @@ async def test_deadline_ends_unary_call_and_closes_upstream_request(stub, upstre
 
 async def test_deadline_ends_stream_mid_way_and_closes_upstream(stub, upstream):
     """A slow stream past the caller's deadline ends DEADLINE_EXCEEDED and is hung up on."""
-    upstream.script(Reply(content="a b c d e f g h", chunks=8, chunk_delay_s=UNIT_S / 2))
+    upstream.script(Reply(content="a b c d e f g h", chunks=8, chunk_delay_s=UNIT_S))
     received = 0
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for _ in stub.CompleteStream(chat_stream(), timeout=UNIT_S):
+        async for _ in stub.CompleteStream(chat_stream(), timeout=2.5 * UNIT_S):
             received += 1
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 1 <= received < 8
