@@ -103,33 +103,34 @@ def _hard_split(text: str, max_tokens: int) -> list[str]:
     return pieces
 
 
-def split_units(text: str, max_tokens: int) -> list[tuple[str, int]]:
+def split_units(text: str, max_tokens: int) -> tuple[list[tuple[str, int]], list[bool]]:
     """The document as (text, tokens) units, each fitting `max_tokens`.
 
-    Units are paragraphs, or the sentences of a paragraph too long to be one, or the
-    words of a sentence too long to be one. Each unit keeps the whitespace that follows
-    it, so joining units restores the text.
+    Units are sentences (or, for a sentence too long to be one, the words or characters
+    of it). Each unit keeps the whitespace that follows it, so joining units restores
+    the text. The second list says which units end a paragraph.
     """
     units: list[tuple[str, int]] = []
+    ends_paragraph: list[bool] = []
     parts = _PARAGRAPH_BREAK.split(text)
     # re.split with a group alternates paragraph, separator, paragraph, ...
     for index in range(0, len(parts), 2):
         paragraph = parts[index] + (parts[index + 1] if index + 1 < len(parts) else "")
         if not paragraph.strip():
-            continue
-        tokens = estimate_text_tokens(paragraph)
-        if tokens <= max_tokens:
-            units.append((paragraph, tokens))
+            if units:  # leading/blank runs join the previous unit, so no text is lost
+                units[-1] = (units[-1][0] + paragraph, units[-1][1])
             continue
         for sentence in _split_keeping(paragraph, _SENTENCE_BREAK):
             tokens = estimate_text_tokens(sentence)
             if tokens <= max_tokens:
                 units.append((sentence, tokens))
+                ends_paragraph.append(False)
                 continue
-            units.extend(
-                (piece, estimate_text_tokens(piece)) for piece in _hard_split(sentence, max_tokens)
-            )
-    return units
+            for piece in _hard_split(sentence, max_tokens):
+                units.append((piece, estimate_text_tokens(piece)))
+                ends_paragraph.append(False)
+        ends_paragraph[-1] = True
+    return units, ends_paragraph
 
 
 def _split_keeping(text: str, pattern: re.Pattern[str]) -> list[str]:
@@ -145,12 +146,19 @@ def _split_keeping(text: str, pattern: re.Pattern[str]) -> list[str]:
     return pieces
 
 
-def pack_units(tokens: Sequence[int], *, max_tokens: int, overlap_tokens: int) -> list[range]:
+def pack_units(
+    tokens: Sequence[int],
+    *,
+    max_tokens: int,
+    overlap_tokens: int,
+    ends_paragraph: Sequence[bool] | None = None,
+) -> list[range]:
     """Group consecutive units into chunks of at most `max_tokens`.
 
-    Each chunk after the first starts with the trailing units of the previous chunk
-    that together take at most `overlap_tokens`. Estimates add up (the estimator counts
-    whitespace-separated pieces), so a chunk's estimate is the sum of its units'.
+    A chunk ends at a paragraph end when one keeps it at least half full. Each chunk
+    after the first starts with the trailing units of the previous chunk that together
+    take at most `overlap_tokens`. Estimates add up (the estimator counts pieces between
+    whitespace), so a chunk's estimate is the sum of its units'.
 
     Returns:
         The unit index ranges of the chunks, in order.
@@ -162,9 +170,14 @@ def pack_units(tokens: Sequence[int], *, max_tokens: int, overlap_tokens: int) -
     while start < count:
         end = start
         total = 0
+        best_break, best_total = 0, 0
         while end < count and (end == start or total + tokens[end] <= max_tokens):
             total += tokens[end]
             end += 1
+            if ends_paragraph is not None and ends_paragraph[end - 1]:
+                best_break, best_total = end, total
+        if end < count and best_break > start and best_total * 2 >= max_tokens:
+            end = best_break
         chunks.append(range(start, end))
         if end >= count:
             break
@@ -180,8 +193,13 @@ def pack_units(tokens: Sequence[int], *, max_tokens: int, overlap_tokens: int) -
 
 def split_into_chunks(text: str, *, max_tokens: int, overlap_tokens: int) -> list[str]:
     """`text` as overlapping chunks of at most `max_tokens`, split at natural boundaries."""
-    units = split_units(text, max_tokens)
-    ranges = pack_units([t for _, t in units], max_tokens=max_tokens, overlap_tokens=overlap_tokens)
+    units, ends_paragraph = split_units(text, max_tokens)
+    ranges = pack_units(
+        [t for _, t in units],
+        max_tokens=max_tokens,
+        overlap_tokens=overlap_tokens,
+        ends_paragraph=ends_paragraph,
+    )
     return ["".join(units[i][0] for i in chunk).strip() for chunk in ranges]
 
 
