@@ -244,8 +244,8 @@ def _part_message(index: int, count: int, text: str) -> str:
     return f"Part {index + 1} of {count}:\n\n{text}"
 
 
-def _summaries_message(summaries: Sequence[str]) -> str:
-    return "\n\n".join(f"Summary of part {i + 1}:\n{s}" for i, s in enumerate(summaries))
+def _summaries_message(summaries: Sequence[str], *, first: int = 0) -> str:
+    return "\n\n".join(f"Summary of part {first + i + 1}:\n{s}" for i, s in enumerate(summaries))
 
 
 # --- the call ------------------------------------------------------------------------
@@ -359,10 +359,16 @@ class Summarizer:
             overlap_tokens=self._config.chunk_overlap_tokens,
         )
         texts = [_part_message(i, len(chunks), c) for i, c in enumerate(chunks)]
+        # Levels after the first combine groups of summaries into shorter ones.
+        group_system = combine_prompt(target_tokens=part_tokens, instructions=request.instructions)
+        group_budget = self._input_budget(
+            request.model, system=group_system, answer_tokens=part_tokens
+        )
+        system = part_system
         level = 1
         while True:
             summaries = await self._summarise_all(
-                request, part_system, texts, part_tokens, tally, level=level, deadline=deadline
+                request, system, texts, part_tokens, tally, level=level, deadline=deadline
             )
             joined = _summaries_message(summaries)
             combine_budget = self._input_budget(
@@ -375,8 +381,12 @@ class Summarizer:
                     f"the part summaries did not fit the window after {level} levels"
                 )
             tokens = [estimate_text_tokens(s) + 8 for s in summaries]
-            groups = pack_units(tokens, max_tokens=combine_budget, overlap_tokens=0)
-            texts = [_summaries_message([summaries[i] for i in group]) for group in groups]
+            groups = pack_units(tokens, max_tokens=group_budget, overlap_tokens=0)
+            texts = [
+                _summaries_message([summaries[i] for i in group], first=group.start)
+                for group in groups
+            ]
+            system = group_system
             level += 1
         text = await self._call(
             request,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,14 @@ class ScriptedUpstream(FakeUpstream):
         self.in_flight = 0
         self.peak_in_flight = 0
         self.finished = 0
+        self._changed = asyncio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        """Wait until `predicate()` holds after some request started or ended."""
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
 
     async def _play(
         self, request: web.Request, body: dict[str, Any], behaviour: Behaviour
@@ -44,9 +53,11 @@ class ScriptedUpstream(FakeUpstream):
         chosen = self.respond(body) if self.respond is not None else None
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        self._changed.set()
         try:
             response = await super()._play(request, body, chosen or behaviour)
             self.finished += 1
             return response
         finally:
             self.in_flight -= 1
+            self._changed.set()

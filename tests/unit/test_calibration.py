@@ -6,7 +6,7 @@ from service.calibration import TokenCalibration
 
 
 def feed(calibration: TokenCalibration, ratio: float, times: int, model: str = "m") -> None:
-    """Observe `times` answers whose reported prompt tokens are `ratio` × 1000."""
+    """Observe `times` answers whose reported prompt tokens are `ratio` times 1000."""
     for _ in range(times):
         calibration.observe(model, estimated_tokens=1000, reported_tokens=round(1000 * ratio))
 

@@ -1,5 +1,7 @@
 """Splitting long documents into overlapping chunks at natural boundaries."""
 
+import itertools
+
 import pytest
 
 from service.summarize import pack_units, split_into_chunks, split_units
@@ -34,7 +36,7 @@ def test_chunks_fit_cover_and_overlap(max_tokens, overlap):
             if sentence not in seen:
                 seen.append(sentence)
     assert seen == sentences_of(text)
-    for before, after in zip(chunks, chunks[1:], strict=False):
+    for before, after in itertools.pairwise(chunks):
         first = sentences_of(after)[0]
         if overlap:
             assert first in sentences_of(before)  # the next chunk repeats the tail

@@ -1,4 +1,5 @@
 """The token estimator against real tokenizer counts, and its additivity."""
+# ruff: noqa: E501, RUF001
 
 import pytest
 
