@@ -49,7 +49,7 @@ from service.tokens import (
 )
 
 _MS = 1000.0
-_PARAGRAPH_BREAK = re.compile(r"(\n[ \t]*\n\s*)")
+_PARAGRAPH_BREAK = re.compile(r"(\r?\n[ \t]*\r?\n\s*)")
 # After a sentence end: whitespace after . ! ? … (and closing quotes), or straight after
 # the full-width marks CJK text uses without spaces.
 _SENTENCE_BREAK = re.compile(

@@ -121,6 +121,8 @@ async def check_command(args: argparse.Namespace) -> int:
         return 0
     checks = await check_all(config, timeout_s=args.timeout)
     print(format_checks(checks))
+    if not config.enabled_upstreams and config.local_model.enabled != "never":
+        print("no provider key set: the gateway will serve the local model")
     failures = [c for c in checks if not c.is_ok]
     if failures:
         print(f"{len(failures)} upstream(s) failed the check", file=sys.stderr)
