@@ -3,7 +3,9 @@
 import argparse
 import asyncio
 import json
+import signal
 import socket
+import sys
 
 import pytest
 
@@ -241,3 +243,30 @@ async def test_check_config_error_exits_2(tmp_path, capsys):
     code = await check.check_command(parse(check, "check", "--config", str(config)))
     assert code == 2
     assert "base_url" in capsys.readouterr().err
+
+
+async def test_batch_process_killed_by_ctrl_c_resumes(tmp_path, scripted, address):
+    """The real `llm-gateway batch` process, stopped with SIGINT, resumes to each id once."""
+    ids = [f"q{i}" for i in range(40)]
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(source, ids)
+    command = [sys.executable, "-m", "gateway_client.cli", "batch", str(source), "-o", str(output)]
+    command += ["--concurrency", "2", "--address", address, "--model", FAKE_MODEL]
+    first = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(3000):
+            if output.exists() and output.read_text().count("\n") >= 4:
+                break
+            await asyncio.sleep(0.01)
+        first.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            assert await first.wait() == 130
+    finally:
+        if first.returncode is None:
+            first.kill()
+    done_first = {r["id"] for r in output_records(output)}
+    assert 4 <= len(done_first) < 40
+    second = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.DEVNULL)
+    async with asyncio.timeout(60):
+        assert await second.wait() == 0
+    assert sorted(r["id"] for r in output_records(output)) == sorted(ids)
