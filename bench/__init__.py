@@ -1,1 +1,1 @@
-"""Benchmarks that print figures; run each as `python -m bench.NAME`."""
+"""Benchmarks: each module prints its figures as ratios against a baseline run alongside."""
