@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import sys
 import time
 from multiprocessing.connection import Connection
 
@@ -97,12 +98,12 @@ async def run_batch(port: int, *, items: int, concurrency: int) -> tuple[float, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark and print the figures."""
+    """Run the benchmark and print the figures (`argv` None: the defaults)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--latency-ms", type=float, default=20.0)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv or [])
     latency_s = args.latency_ms / 1000
     parent, child = multiprocessing.Pipe()
     upstream = multiprocessing.get_context("spawn").Process(
@@ -129,4 +130,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
