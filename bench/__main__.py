@@ -5,7 +5,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["bench.overhead", "bench.open_streams", "bench.load_failures"]
+MODULES = [
+    "bench.overhead",
+    "bench.open_streams",
+    "bench.load_failures",
+    "bench.batch_throughput",
+]
 
 
 def main() -> None:

@@ -212,6 +212,45 @@ class ResilienceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SummarizeConfig:
+    """Limits and defaults of the Summarize RPC."""
+
+    max_document_bytes: int = 2 * 1024 * 1024
+    default_target_tokens: int = 256
+    chunk_overlap_tokens: int = 64
+    concurrency: int = 4  # chunk summaries in flight per call
+    chunk_attempts: int = 3  # tries per chunk before the call fails
+    retry_backoff_s: float = 0.2  # doubled on each further try
+    max_levels: int = 6
+
+    def __post_init__(self) -> None:
+        _require(self.max_document_bytes >= 1, "max_document_bytes must be >= 1")
+        _require(self.default_target_tokens >= 16, "default_target_tokens must be >= 16")
+        _require(self.chunk_overlap_tokens >= 0, "chunk_overlap_tokens must be >= 0")
+        _require(self.concurrency >= 1, "concurrency must be >= 1")
+        _require(self.chunk_attempts >= 1, "chunk_attempts must be >= 1")
+        _require(self.retry_backoff_s >= 0, "retry_backoff_s must be >= 0")
+        _require(self.max_levels >= 1, "max_levels must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchConfig:
+    """Limits and defaults of the CompleteBatch RPC."""
+
+    max_items: int = 1000
+    default_concurrency: int = 8
+    max_concurrency: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.max_items >= 1, "max_items must be >= 1")
+        _require(self.max_concurrency >= 1, "max_concurrency must be >= 1")
+        _require(
+            1 <= self.default_concurrency <= self.max_concurrency,
+            "default_concurrency must be in [1, max_concurrency]",
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The whole configuration."""
 
@@ -221,6 +260,8 @@ class GatewayConfig:
     local_model: LocalModelConfig = LocalModelConfig()
     defaults: RequestDefaults = RequestDefaults()
     resilience: ResilienceConfig = ResilienceConfig()
+    summarize: SummarizeConfig = SummarizeConfig()
+    batch: BatchConfig = BatchConfig()
     source: str = "<defaults>"
 
     @property

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.domain import Message, Role, TruncationMode
 from service.errors import ContextWindowExceeded
-from service.tokens import estimate_prompt_tokens
+from service.tokens import PER_REQUEST_OVERHEAD, estimate_message_tokens
 
 # Room kept for the answer when the caller sets no max_tokens.
 DEFAULT_ANSWER_RESERVE = 256
@@ -14,15 +16,22 @@ DEFAULT_ANSWER_RESERVE = 256
 
 @dataclass(frozen=True, slots=True)
 class FittedPrompt:
-    """The messages to send and how many were dropped to fit."""
+    """The messages to send, how many were dropped, and their calibrated estimate."""
 
     messages: tuple[Message, ...]
     dropped: int
     estimated_tokens: int
 
 
+def answer_reserve(context_window: int, max_tokens: int | None) -> int:
+    """Tokens kept free for the answer: `max_tokens`, or a default share of the window."""
+    if max_tokens is not None:
+        return max_tokens
+    return min(DEFAULT_ANSWER_RESERVE, context_window // 4)
+
+
 def fit_messages(
-    messages: tuple[Message, ...],
+    messages: Sequence[Message],
     *,
     context_window: int,
     max_tokens: int | None,
@@ -32,35 +41,43 @@ def fit_messages(
     """Return `messages` if they fit, else truncate per `mode` or raise.
 
     `keep_recent` keeps every system message and the most recent turns that fit,
-    never splitting a message and always keeping the last user message.
+    never splitting a message and always keeping the last user message. Each message is
+    estimated once: estimates add up, so trying one more turn costs an addition.
+
+    Raises:
+        ContextWindowExceeded: with the estimate (answer reserve included) and the limit,
+            when truncation is off or even the kept minimum does not fit.
     """
-    reserve = (
-        max_tokens if max_tokens is not None else min(DEFAULT_ANSWER_RESERVE, context_window // 4)
-    )
+    reserve = answer_reserve(context_window, max_tokens)
     budget = context_window - reserve
+    costs = [estimate_message_tokens(m) for m in messages]
 
-    def cost(items: tuple[Message, ...] | list[Message]) -> int:
-        return int(estimate_prompt_tokens(items) * calibration + 0.999)
+    def calibrated(raw: int) -> int:
+        return math.ceil(raw * calibration)
 
-    needed = cost(messages)
-    if needed <= budget:
-        return FittedPrompt(messages, 0, needed)
+    total = PER_REQUEST_OVERHEAD + sum(costs)
+    if calibrated(total) <= budget:
+        return FittedPrompt(tuple(messages), 0, calibrated(total))
     if mode is TruncationMode.NONE:
-        raise ContextWindowExceeded(estimated_tokens=needed + reserve, limit_tokens=context_window)
-    last_user = max((i for i, m in enumerate(messages) if m.role is Role.USER), default=-1)
-    keep = {i for i, m in enumerate(messages) if m.role is Role.SYSTEM}
-    keep.add(last_user if last_user >= 0 else len(messages) - 1)
-    base = [messages[i] for i in sorted(keep)]
-    if cost(base) > budget:
         raise ContextWindowExceeded(
-            estimated_tokens=cost(base) + reserve, limit_tokens=context_window
+            estimated_tokens=calibrated(total) + reserve, limit_tokens=context_window
         )
+    last_user = max((i for i, m in enumerate(messages) if m.role is Role.USER), default=-1)
+    keep = [m.role is Role.SYSTEM for m in messages]
+    keep[last_user if last_user >= 0 else len(messages) - 1] = True
+    kept = PER_REQUEST_OVERHEAD + sum(c for c, k in zip(costs, keep, strict=True) if k)
+    if calibrated(kept) > budget:
+        raise ContextWindowExceeded(
+            estimated_tokens=calibrated(kept) + reserve, limit_tokens=context_window
+        )
+    # Walk back from the newest turn; stop at the first that does not fit, so what is
+    # kept is an unbroken run of recent turns.
     for index in range(len(messages) - 1, -1, -1):
-        if index in keep:
+        if keep[index]:
             continue
-        trial = keep | {index}
-        if cost([messages[i] for i in sorted(trial)]) > budget:
+        if calibrated(kept + costs[index]) > budget:
             break
-        keep = trial
-    kept = tuple(messages[i] for i in sorted(keep))
-    return FittedPrompt(kept, len(messages) - len(kept), cost(kept))
+        keep[index] = True
+        kept += costs[index]
+    fitted = tuple(m for m, k in zip(messages, keep, strict=True) if k)
+    return FittedPrompt(fitted, len(messages) - len(fitted), calibrated(kept))

@@ -14,7 +14,8 @@
         ├── UpstreamUnavailable   5xx, reset, refused, malformed or cut stream
         ├── UpstreamAuthRejected  401/403: the upstream's key, not the caller's fault
         ├── UpstreamRejected      INVALID_ARGUMENT: 400/404/422, the request itself
-        └── UpstreamTimeout       the upstream took longer than its timeout
+        ├── UpstreamTimeout       the upstream took longer than its timeout
+        └── SummarizePartFailed   one part of a Summarize still failed after its retries
 
 Errors carry fields, never formatted secrets: messages name upstreams by their
 configured name only, never by URL or key.
@@ -230,6 +231,30 @@ class StreamInterrupted(UpstreamUnavailable):
         self.chars_sent = chars_sent
 
 
+class SummarizePartFailed(UpstreamError):
+    """A part of a Summarize call failed after its retries, so no summary is returned.
+
+    Summarising the rest would silently leave part of the document out.
+    """
+
+    reason = "SUMMARIZE_PART_FAILED"
+
+    def __init__(
+        self, cause: UpstreamError, *, part: int, parts: int, level: int, attempts: int
+    ) -> None:
+        super().__init__(
+            f"summarising part {part} of {parts} (level {level}) failed after {attempts} "
+            f"attempts: {cause.message}; no partial summary is returned",
+            upstream=cause.upstream,
+            status=cause.status,
+            retry_after_s=cause.retry_after_s,
+        )
+        self.part = part
+        self.parts = parts
+        self.level = level
+        self.attempts = attempts
+
+
 def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)  # type: ignore[arg-type]
@@ -275,6 +300,11 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
     if isinstance(exc, ContextWindowExceeded):
         metadata["estimated_tokens"] = str(exc.estimated_tokens)
         metadata["limit_tokens"] = str(exc.limit_tokens)
+    if isinstance(exc, SummarizePartFailed):
+        metadata["part"] = str(exc.part)
+        metadata["parts"] = str(exc.parts)
+        metadata["level"] = str(exc.level)
+        metadata["attempts"] = str(exc.attempts)
     if isinstance(exc, StreamInterrupted):
         metadata["deltas_sent"] = str(exc.deltas_sent)
         metadata["chars_sent"] = str(exc.chars_sent)

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from service.calibration import TokenCalibration
 from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
 from service.context_window import fit_messages
@@ -32,6 +33,16 @@ class Pipeline:
         self._config = config
         self._pool = pool
         self._prices = prices
+        self.calibration = TokenCalibration()
+
+    @property
+    def config(self) -> GatewayConfig:
+        """The gateway's configuration."""
+        return self._config
+
+    def context_window(self, model: str) -> int:
+        """The model's context window from the catalog (a safe default when unlisted)."""
+        return self._prices.context_window(model, _DEFAULT_CONTEXT_WINDOW)
 
     @property
     def pool(self) -> UpstreamPool:
@@ -54,9 +65,10 @@ class Pipeline:
         self._pool.routes(request.model)
         fitted = fit_messages(
             request.messages,
-            context_window=self._prices.context_window(request.model, _DEFAULT_CONTEXT_WINDOW),
+            context_window=self.context_window(request.model),
             max_tokens=request.params.max_tokens,
             mode=request.truncation or self._config.defaults.truncation,
+            calibration=self.calibration.factor(request.model),
         )
         if fitted.dropped:
             request = dataclasses.replace(request, messages=fitted.messages)
@@ -64,6 +76,11 @@ class Pipeline:
 
     def _usage(self, request: ChatRequest, content: str, reported: Usage | None) -> Usage:
         if reported is not None:
+            self.calibration.observe(
+                request.model,
+                estimated_tokens=estimate_prompt_tokens(request.messages),
+                reported_tokens=reported.input_tokens,
+            )
             return reported
         return Usage(
             input_tokens=estimate_prompt_tokens(request.messages),

@@ -61,6 +61,17 @@ log = logging.getLogger("llm_gateway.pool")
 _DEFAULT_MAX_TOKENS = 256  # tokens reserved for the answer when the request sets none
 
 
+# An upstream timeout this close to the caller's deadline was the deadline's doing: both
+# timers fire together, and whichever the loop runs first must not change the answer.
+_DEADLINE_SLACK_S = 0.05
+
+
+def _hit_callers_deadline(exc: UpstreamError, deadline: Deadline) -> bool:
+    """Whether `exc` is a timeout caused by the caller's deadline, not the upstream."""
+    left = deadline.remaining_s()
+    return isinstance(exc, UpstreamTimeout) and left is not None and left < _DEADLINE_SLACK_S
+
+
 @dataclass(slots=True)
 class AttemptLog:
     """What the pool did for one call: filled in as it goes, read by the pipeline."""
@@ -266,7 +277,7 @@ class UpstreamPool:
             left = deadline.remaining_s()
             if left is not None and wait + self.settings.min_attempt_s > left:
                 # Never sleep into the caller's deadline: tell them now what went wrong.
-                raise last_error
+                raise self._final(last_error, deadline, log_.attempts)
             self.hooks.retry(
                 RetryDecision(
                     upstream=route.client.name,
@@ -281,7 +292,7 @@ class UpstreamPool:
         left = deadline.remaining_s()
         if left is not None and left < self.settings.min_attempt_s:
             if last_error is not None:
-                raise last_error
+                raise self._final(last_error, deadline, log_.attempts)
             raise DeadlineExceeded("the caller's deadline passed before the upstream call")
         if not state.breaker.acquire():
             plan.exclude(route, "circuit open")
@@ -310,7 +321,7 @@ class UpstreamPool:
                     extra={"upstream": state.client.name, "http_status": exc.status},
                 )
             state.breaker.record_key_rejected()
-        elif isinstance(exc, UpstreamTimeout) and deadline.has_expired:
+        elif _hit_callers_deadline(exc, deadline):
             state.breaker.release()  # the caller's deadline, not the upstream's fault
         elif counts_against_health(exc):
             state.breaker.record_failure(reason=describe(exc))
@@ -373,7 +384,8 @@ class UpstreamPool:
     @staticmethod
     def _final(exc: UpstreamError, deadline: Deadline, attempts: int) -> GatewayError:
         exc.attempts = attempts
-        if isinstance(exc, UpstreamTimeout) and deadline.has_expired:
+        cause = exc.__cause__ if isinstance(exc, StreamInterrupted) else exc
+        if isinstance(cause, UpstreamError) and _hit_callers_deadline(cause, deadline):
             return DeadlineExceeded("the caller's deadline passed")
         return exc
 
@@ -525,6 +537,7 @@ class UpstreamPool:
                     interrupted = StreamInterrupted(
                         exc, deltas_sent=deltas_sent, chars_sent=chars_sent
                     )
+                    interrupted.__cause__ = exc
                     raise self._final(interrupted, deadline, log.attempts) from exc
                 if is_failover_only(exc):
                     plan.exclude(route, "key rejected")

@@ -7,12 +7,14 @@ Errors are raised as `GatewayError`s and mapped to statuses in one place,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.batch import BatchItem, BatchTotals, check_batch, run_batch
 from service.breaker import BreakerState
 from service.clock import Deadline
 from service.domain import (
@@ -25,9 +27,11 @@ from service.domain import (
     Message,
     Role,
     TruncationMode,
+    Usage,
 )
-from service.errors import FieldViolation, InvalidRequest, NotImplementedYet
+from service.errors import FieldViolation, InvalidRequest, NotImplementedYet, to_rpc_status
 from service.pipeline import Pipeline
+from service.summarize import Summarizer, SummaryRequest
 from service.validation import chat_request_violations
 
 _ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT}
@@ -110,20 +114,24 @@ def chat_request_from_proto(
     return request, violations
 
 
+def usage_to_proto(usage: Usage) -> pb.Usage:
+    """Token counts on the wire."""
+    return pb.Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        estimated=usage.is_estimated,
+    )
+
+
 def metadata_to_proto(completion: Completion) -> pb.CompletionMetadata:
     """Everything about a completion but its text."""
-    usage = completion.usage
     timings = completion.timings
     return pb.CompletionMetadata(
         id=completion.id,
         model=completion.model,
         finish_reason=_FINISH[completion.finish_reason],
-        usage=pb.Usage(
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cached_input_tokens=usage.cached_input_tokens,
-            estimated=usage.is_estimated,
-        ),
+        usage=usage_to_proto(completion.usage),
         cost_usd=completion.cost_usd,
         saved_cost_usd=completion.saved_cost_usd,
         cache_hit=completion.is_cache_hit,
@@ -164,6 +172,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
 
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
+        self._summarizer = Summarizer(pipeline, pipeline.config.summarize)
 
     def _request(
         self, message: AnyCompleteRequest, context: grpc.aio.ServicerContext[object, object]
@@ -227,13 +236,69 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         request: pb.CompleteBatchRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pb.CompleteBatchResponse]:
-        raise NotImplementedYet("CompleteBatch is not offered yet")
-        yield pb.CompleteBatchResponse()  # pragma: no cover - makes this a generator
+        tenant = tenant_of(context)
+        items = []
+        for item in request.items:
+            chat, violations = chat_request_from_proto(item.request, tenant=tenant)
+            items.append(BatchItem(item.id, chat, tuple(violations)))
+        concurrency = check_batch(items, request.concurrency, self._pipeline.config.batch)
+        results = run_batch(
+            self._pipeline, items, concurrency=concurrency, deadline=deadline_of(context)
+        )
+        async with contextlib.aclosing(results):
+            async for event in results:
+                if isinstance(event, BatchTotals):
+                    yield pb.CompleteBatchResponse(
+                        summary=pb.BatchSummary(
+                            succeeded=event.succeeded,
+                            failed=event.failed,
+                            usage=usage_to_proto(event.usage),
+                            cost_usd=event.cost_usd,
+                            wall_ms=event.wall_ms,
+                        )
+                    )
+                elif event.completion is not None:
+                    yield pb.CompleteBatchResponse(
+                        result=pb.BatchItemResult(
+                            id=event.id,
+                            index=event.index,
+                            response=response_to_proto(event.completion),
+                        )
+                    )
+                else:
+                    yield pb.CompleteBatchResponse(
+                        result=pb.BatchItemResult(
+                            id=event.id,
+                            index=event.index,
+                            error=to_rpc_status(event.error or RuntimeError()),
+                        )
+                    )
 
     async def Summarize(
         self, request: pb.SummarizeRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.SummarizeResponse:
-        raise NotImplementedYet("Summarize is not offered yet")
+        summary = await self._summarizer.summarize(
+            SummaryRequest(
+                model=request.model,
+                document=request.document,
+                target_tokens=request.target_tokens or None,
+                instructions=request.instructions,
+                labels=dict(request.labels),
+                tenant=tenant_of(context),
+            ),
+            deadline=deadline_of(context),
+        )
+        return pb.SummarizeResponse(
+            summary=summary.summary,
+            chunks=summary.chunks,
+            levels=summary.levels,
+            usage=usage_to_proto(summary.usage),
+            cost_usd=summary.cost_usd,
+            upstream_calls=summary.upstream_calls,
+            timings=pb.Timings(
+                total_ms=summary.timings.total_ms, upstream_ms=summary.timings.upstream_ms
+            ),
+        )
 
     async def GetUsage(
         self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[object, object]

@@ -119,6 +119,45 @@ class GatewayClient:
         call = self.stub.CompleteStream(request, timeout=self._timeout_s, metadata=self._metadata)
         return CompletionStream(call.__aiter__())
 
+    def complete_batch(
+        self, items: Sequence[pb.BatchItem], *, concurrency: int = 0
+    ) -> AsyncIterator[pb.CompleteBatchResponse]:
+        """Run a batch: each item's result as it finishes, then the summary.
+
+        Cancelling the iteration (or the task) cancels the call and, on the gateway,
+        every upstream request still in flight.
+        """
+        call = self.stub.CompleteBatch(
+            pb.CompleteBatchRequest(items=items, concurrency=concurrency),
+            timeout=self._timeout_s,
+            metadata=self._metadata,
+        )
+        events: AsyncIterator[pb.CompleteBatchResponse] = call.__aiter__()
+        return events
+
+    async def summarize(
+        self,
+        document: str,
+        *,
+        model: str,
+        target_tokens: int = 0,
+        instructions: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> pb.SummarizeResponse:
+        """Summarise a document of any length."""
+        response: pb.SummarizeResponse = await self.stub.Summarize(
+            pb.SummarizeRequest(
+                model=model,
+                document=document,
+                target_tokens=target_tokens,
+                instructions=instructions,
+                labels=dict(labels or {}),
+            ),
+            timeout=self._timeout_s,
+            metadata=self._metadata,
+        )
+        return response
+
     async def list_models(self) -> pb.ListModelsResponse:
         """The model catalog with upstream health."""
         response: pb.ListModelsResponse = await self.stub.ListModels(

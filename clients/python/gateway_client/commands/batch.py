@@ -1,0 +1,337 @@
+"""`llm-gateway batch INPUT.jsonl -o OUTPUT.jsonl`: many completions, resumable.
+
+Each input line is a JSON object with an `id` and either a `prompt` (plus optional
+`system`), `messages` (a list of {"role", "content"}), or `request` (a CompleteRequest
+in proto3 JSON). Optional: `model` (else --model), `max_tokens`, `temperature`,
+`labels`. Lines that cannot be used are reported with their line numbers and skipped.
+
+Each result is appended to OUTPUT as one JSON line the moment it arrives, with either
+`content` (plus usage and cost) or `error`. Re-running skips every id already in OUTPUT,
+so an interrupted run loses nothing and pays nothing twice; `--retry-failed` first
+removes the error lines so those items run again.
+
+Exit status: 0 when every line was valid and every item succeeded, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+from google.protobuf import json_format
+from google.rpc import error_details_pb2, status_pb2
+
+from gateway_client.client import GatewayClient, build_request
+from gateway_client.errors import error_details
+from gateway_client.progress import Progress
+from llmgateway.v1 import gateway_pb2 as pb
+
+# One call carries at most this many items and bytes; the rest wait for the next call.
+DEFAULT_ITEMS_PER_CALL = 500
+MAX_CALL_BYTES = 3 * 1024 * 1024
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed")
+
+
+def register(subparsers: Any) -> None:
+    """Add the `batch` subcommand."""
+    from gateway_client.cli import add_connection_arguments
+
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "batch",
+        help="run many completions from a JSONL file, resumably",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", type=Path, help="JSONL file of items")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="JSONL results file")
+    parser.add_argument(
+        "--concurrency", type=int, default=0, help="items in flight (default: the gateway's)"
+    )
+    parser.add_argument("--model", default="gemma-3-270m", help="model for items without one")
+    parser.add_argument(
+        "--retry-failed", action="store_true", help="run again the items that failed before"
+    )
+    parser.add_argument(
+        "--items-per-call",
+        type=int,
+        default=DEFAULT_ITEMS_PER_CALL,
+        help="items per CompleteBatch call (default: %(default)s)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_connection_arguments(parser)
+    parser.set_defaults(handler=batch_command)
+
+
+@dataclass(frozen=True, slots=True)
+class InputItem:
+    """One usable input line."""
+
+    line: int
+    id: str
+    request: pb.CompleteRequest
+
+
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """One input line that was skipped, and why."""
+
+    line: int
+    reason: str
+
+
+def _request_from(data: dict[str, Any], default_model: str) -> pb.CompleteRequest:
+    """The CompleteRequest a line describes; raises ValueError saying what is wrong."""
+    if "request" in data:
+        if not isinstance(data["request"], dict):
+            raise ValueError("'request' must be an object")
+        try:
+            request = json_format.ParseDict(data["request"], pb.CompleteRequest())
+        except json_format.ParseError as exc:
+            raise ValueError(f"'request' is not a CompleteRequest: {exc}") from None
+        if not request.model:
+            request.model = str(data.get("model") or default_model)
+        return request
+    params = {key: data[key] for key in _PARAM_KEYS if key in data}
+    labels = data.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise ValueError("'labels' must be an object")
+    model = str(data.get("model") or default_model)
+    if "messages" in data:
+        messages = data["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise ValueError("'messages' must be a list of {role, content} objects")
+        turns = [(str(m.get("role", "user")), m["content"]) for m in messages]
+        if any(role not in ("system", "user", "assistant") for role, _ in turns):
+            raise ValueError("a message role must be system, user or assistant")
+        prompt: str | list[tuple[str, str]] = turns
+    elif isinstance(data.get("prompt"), str):
+        prompt = data["prompt"]
+    else:
+        raise ValueError("needs 'prompt', 'messages' or 'request'")
+    try:
+        return build_request(
+            prompt,
+            model=model,
+            system=data.get("system"),
+            labels={str(k): str(v) for k, v in labels.items()},
+            **params,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad parameter: {exc}") from None
+
+
+def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[BadLine]]:
+    """Every usable line of `path`, and every line that is not (with line numbers)."""
+    items: list[InputItem] = []
+    bad: list[BadLine] = []
+    first_line_of: dict[str, int] = {}
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                data = json.loads(raw)
+            except ValueError as exc:
+                bad.append(BadLine(number, f"not JSON ({exc.args[0]})"))
+                continue
+            if not isinstance(data, dict):
+                bad.append(BadLine(number, "not a JSON object"))
+                continue
+            item_id = data.get("id")
+            if isinstance(item_id, bool) or not isinstance(item_id, str | int) or item_id == "":
+                bad.append(BadLine(number, "needs an 'id' (a non-empty string)"))
+                continue
+            item_id = str(item_id)
+            if item_id in first_line_of:
+                bad.append(
+                    BadLine(
+                        number, f"duplicate id {item_id!r} (first on line {first_line_of[item_id]})"
+                    )
+                )
+                continue
+            try:
+                request = _request_from(data, default_model)
+            except ValueError as exc:
+                bad.append(BadLine(number, str(exc)))
+                continue
+            first_line_of[item_id] = number
+            items.append(InputItem(number, item_id, request))
+    return items, bad
+
+
+def read_done(path: Path, *, retry_failed: bool) -> set[str]:
+    """Ids already in the output; repairs a last line cut short by an interruption.
+
+    With `retry_failed`, error lines are removed (the file is rewritten atomically) and
+    their ids are not counted as done.
+    """
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    good_end = data.rfind(b"\n") + 1
+    if good_end < len(data):  # a line cut in the middle of writing: drop it
+        with path.open("r+b") as output:
+            output.truncate(good_end)
+        data = data[:good_end]
+    done: set[str] = set()
+    kept: list[bytes] = []
+    for raw in data.splitlines(keepends=True):
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            kept.append(raw)
+            continue
+        if not isinstance(record, dict) or "id" not in record:
+            kept.append(raw)
+            continue
+        if retry_failed and "error" in record:
+            continue
+        kept.append(raw)
+        done.add(str(record["id"]))
+    if retry_failed:
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_bytes(b"".join(kept))
+        os.replace(temporary, path)
+    return done
+
+
+def _status_record(status: status_pb2.Status) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "code": _CODE_NAMES.get(status.code, str(status.code)),
+        "message": status.message,
+    }
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(info):
+            record["reason"] = info.reason
+            if info.metadata:
+                record["metadata"] = dict(info.metadata)
+        elif detail.Unpack(bad_request):
+            record["field_violations"] = [
+                {"field": v.field, "description": v.description}
+                for v in bad_request.field_violations
+            ]
+    return record
+
+
+def result_record(result: pb.BatchItemResult, line: int) -> dict[str, Any]:
+    """One output line for one item's result."""
+    if result.HasField("error"):
+        return {"id": result.id, "line": line, "error": _status_record(result.error)}
+    meta = result.response.metadata
+    return {
+        "id": result.id,
+        "line": line,
+        "content": result.response.content,
+        "model": meta.model,
+        "finish_reason": pb.FinishReason.Name(meta.finish_reason)
+        .removeprefix("FINISH_REASON_")
+        .lower(),
+        "usage": {
+            "input_tokens": meta.usage.input_tokens,
+            "output_tokens": meta.usage.output_tokens,
+            "cached_input_tokens": meta.usage.cached_input_tokens,
+            "estimated": meta.usage.estimated,
+        },
+        "cost_usd": meta.cost_usd,
+        "upstream": meta.upstream,
+        "dropped_messages": meta.dropped_messages,
+    }
+
+
+def slices(items: Sequence[InputItem], per_call: int) -> Iterator[list[InputItem]]:
+    """Consecutive groups of at most `per_call` items and MAX_CALL_BYTES each."""
+    group: list[InputItem] = []
+    size = 0
+    for item in items:
+        item_size = item.request.ByteSize() + len(item.id) + 16
+        if group and (len(group) >= per_call or size + item_size > MAX_CALL_BYTES):
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += item_size
+    if group:
+        yield group
+
+
+async def run_items(
+    client: GatewayClient,
+    pending: Sequence[InputItem],
+    output: TextIO,
+    progress: Progress,
+    *,
+    concurrency: int,
+    per_call: int,
+) -> int:
+    """Run `pending`, appending each result to `output` as it arrives; return failures."""
+    failed = 0
+    for group in slices(pending, max(1, per_call)):
+        items = [pb.BatchItem(id=item.id, request=item.request) for item in group]
+        async for event in client.complete_batch(items, concurrency=concurrency):
+            if not event.HasField("result"):
+                continue
+            result = event.result
+            record = result_record(result, group[result.index].line)
+            output.write(json.dumps(record, ensure_ascii=False) + "\n")
+            output.flush()
+            is_failure = result.HasField("error")
+            failed += int(is_failure)
+            usage = result.response.metadata.usage
+            progress.advance(
+                is_failure=is_failure,
+                tokens=usage.input_tokens + usage.output_tokens,
+                cost_usd=result.response.metadata.cost_usd,
+            )
+    return failed
+
+
+async def batch_command(args: argparse.Namespace) -> int:
+    """Run `llm-gateway batch`."""
+    try:
+        items, bad = read_input(args.input, args.model)
+    except OSError as exc:
+        print(f"llm-gateway batch: cannot read {args.input}: {exc.strerror}", file=sys.stderr)
+        return 1
+    for line in bad:
+        print(f"{args.input}:{line.line}: skipped: {line.reason}", file=sys.stderr)
+    done = read_done(args.output, retry_failed=args.retry_failed)
+    pending = [item for item in items if item.id not in done]
+    skipped = len(items) - len(pending)
+    if skipped:
+        print(f"resuming: {skipped} items already in {args.output}", file=sys.stderr)
+    progress = Progress(len(pending), stream=sys.stderr, is_enabled=not args.no_progress)
+    failed = 0
+    async with GatewayClient(args.address, api_key=args.api_key, timeout_s=None) as client:
+        with args.output.open("a", encoding="utf-8") as output:
+            try:
+                failed = await run_items(
+                    client,
+                    pending,
+                    output,
+                    progress,
+                    concurrency=args.concurrency,
+                    per_call=args.items_per_call,
+                )
+            except grpc.aio.AioRpcError as error:
+                progress.close()
+                print(error_details(error).describe(), file=sys.stderr)
+                print("re-run the same command to resume", file=sys.stderr)
+                return 1
+    progress.close()
+    print(
+        f"done: {len(pending) - failed} succeeded, {failed} failed, {len(bad)} bad lines, "
+        f"{skipped} already done; tokens {progress.tokens}, cost ${progress.cost_usd:.6f}",
+        file=sys.stderr,
+    )
+    return 0 if failed == 0 and not bad else 1

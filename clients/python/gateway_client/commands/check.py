@@ -1,0 +1,130 @@
+"""`llm-gateway check`: validate the config and every upstream's key, all at once.
+
+Calls `GET {base_url}/models` on each enabled upstream (concurrently) and prints a table:
+upstream, reachable, key valid, models listed, latency. Exits 2 on a config error, 1
+when any enabled upstream is unreachable or refuses its key, else 0. Upstreams whose key
+variable is unset are listed as skipped. Keys are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from service.config import ConfigError, GatewayConfig, UpstreamConfig, load_config
+from service.errors import UpstreamError
+from service.main import DEFAULT_CONFIG
+from service.upstream.client import probe_models
+
+
+def register(subparsers: Any) -> None:
+    """Add the `check` subcommand."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "check", help="validate the config and every upstream's key", description=__doc__
+    )
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("LLM_GATEWAY_CONFIG", DEFAULT_CONFIG),
+        help="YAML config file (default: $LLM_GATEWAY_CONFIG or config/gateway.yaml)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds per upstream (default: %(default)s)"
+    )
+    parser.set_defaults(handler=check_command)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCheck:
+    """What probing one upstream found."""
+
+    upstream: str
+    is_reachable: bool
+    key: str  # "valid", "invalid", "none needed", "unknown", "not set ($VAR)"
+    models: str
+    latency_ms: float | None
+    problem: str = ""
+
+    @property
+    def is_ok(self) -> bool:
+        """Whether calls to this upstream can work (skipped upstreams are ok)."""
+        return self.problem == ""
+
+
+async def check_upstream(config: UpstreamConfig, *, timeout_s: float) -> UpstreamCheck:
+    """Probe one upstream's `/models` with its key."""
+    started = time.monotonic()
+    try:
+        status, listed = await probe_models(config, timeout_s=timeout_s)
+    except UpstreamError as exc:
+        return UpstreamCheck(config.name, False, "unknown", "-", None, exc.message)
+    latency_ms = (time.monotonic() - started) * 1000
+    if status in (401, 403):
+        return UpstreamCheck(
+            config.name, True, "invalid", "-", latency_ms, f"key rejected (HTTP {status})"
+        )
+    if status != 200:
+        return UpstreamCheck(config.name, True, "unknown", "-", latency_ms, f"HTTP {status}")
+    key = "valid" if config.api_key else "none needed"
+    missing = sorted(set(config.models.values()) - set(listed))
+    models = str(len(listed)) + (f" (not listed: {', '.join(missing)})" if missing else "")
+    return UpstreamCheck(config.name, True, key, models, latency_ms)
+
+
+async def check_all(config: GatewayConfig, *, timeout_s: float) -> list[UpstreamCheck]:
+    """Probe every enabled upstream at once; list the disabled ones as skipped."""
+    enabled = config.enabled_upstreams
+    probed = await asyncio.gather(*(check_upstream(u, timeout_s=timeout_s) for u in enabled))
+    by_name = {check.upstream: check for check in probed}
+    return [
+        by_name.get(u.name)
+        or UpstreamCheck(u.name, False, f"not set (${u.api_key_env})", "-", None)
+        for u in config.upstreams
+    ]
+
+
+def format_checks(checks: list[UpstreamCheck]) -> str:
+    """The checks as an aligned text table."""
+    rows = [("UPSTREAM", "REACHABLE", "KEY", "MODELS", "LATENCY", "PROBLEM")]
+    for check in checks:
+        skipped = check.key.startswith("not set")
+        rows.append(
+            (
+                check.upstream,
+                "skipped" if skipped else ("yes" if check.is_reachable else "no"),
+                check.key,
+                check.models,
+                "-" if check.latency_ms is None else f"{check.latency_ms:.0f}ms",
+                check.problem,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+async def check_command(args: argparse.Namespace) -> int:
+    """Run `llm-gateway check`."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"llm-gateway: config error: {exc}", file=sys.stderr)
+        return 2
+    print(f"config {config.source}: ok")
+    if not config.upstreams:
+        print("no upstreams configured")
+        return 0
+    checks = await check_all(config, timeout_s=args.timeout)
+    print(format_checks(checks))
+    if not config.enabled_upstreams and config.local_model.enabled != "never":
+        print("no provider key set: the gateway will serve the local model")
+    failures = [c for c in checks if not c.is_ok]
+    if failures:
+        print(f"{len(failures)} upstream(s) failed the check", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,70 @@
+"""`llm-gateway summarize FILE`: summarise a document of any length."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gateway_client.client import GatewayClient
+from gateway_client.errors import error_details
+
+
+def register(subparsers: Any) -> None:
+    """Add the `summarize` subcommand."""
+    from gateway_client.cli import add_connection_arguments
+
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "summarize", help="summarise a document longer than the context window"
+    )
+    parser.add_argument("file", help="text file to summarise ('-' reads standard input)")
+    parser.add_argument("--model", default="gemma-3-270m", help="model name (default: %(default)s)")
+    parser.add_argument(
+        "--target-tokens", type=int, default=0, help="summary length (default: the gateway's)"
+    )
+    parser.add_argument("--instructions", default="", help="tone, focus or language")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait (default: %(default)s)"
+    )
+    add_connection_arguments(parser)
+    parser.set_defaults(handler=summarize_command)
+
+
+async def summarize_command(args: argparse.Namespace) -> int:
+    """Run `llm-gateway summarize`."""
+    try:
+        document = (
+            sys.stdin.read()
+            if args.file == "-"
+            else await asyncio.to_thread(
+                Path(args.file).read_text, encoding="utf-8", errors="replace"
+            )
+        )
+    except OSError as exc:
+        print(f"llm-gateway summarize: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    async with GatewayClient(args.address, api_key=args.api_key, timeout_s=args.timeout) as client:
+        try:
+            response = await client.summarize(
+                document,
+                model=args.model,
+                target_tokens=args.target_tokens,
+                instructions=args.instructions,
+            )
+        except grpc.aio.AioRpcError as error:
+            print(error_details(error).describe(), file=sys.stderr)
+            return 1
+    print(response.summary)
+    usage = response.usage
+    print(
+        f"[{args.model}] chunks={response.chunks} levels={response.levels} "
+        f"calls={response.upstream_calls} tokens in={usage.input_tokens} "
+        f"out={usage.output_tokens} cost=${response.cost_usd:.6f} "
+        f"total={response.timings.total_ms:.0f}ms",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,138 @@
+"""CompleteBatch: many completions at bounded concurrency, each result as it finishes.
+
+One item's failure is that item's result, never the batch's: every exception of an
+item becomes its outcome (mapped to a status by the servicer). Cancelling the call
+cancels the task group, and with it every upstream request still in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+
+from service.clock import Deadline
+from service.config import BatchConfig
+from service.domain import ChatRequest, Completion, Usage
+from service.errors import FieldViolation, GatewayError, InvalidRequest
+from service.pipeline import Pipeline
+from service.validation import chat_request_violations
+
+_MS = 1000.0
+log = logging.getLogger("llm_gateway.batch")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One item of a batch; `violations` are problems only visible on the wire."""
+
+    id: str
+    request: ChatRequest
+    violations: tuple[FieldViolation, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ItemOutcome:
+    """How one item ended: a completion, or the exception that failed it."""
+
+    index: int
+    id: str
+    completion: Completion | None = None
+    error: Exception | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTotals:
+    """The closing summary of a batch."""
+
+    succeeded: int
+    failed: int
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    wall_ms: float = 0.0
+
+
+def check_batch(items: Sequence[BatchItem], concurrency: int, limits: BatchConfig) -> int:
+    """Validate the batch as a whole; return the concurrency to use.
+
+    Problems of single items are not checked here: they fail only their item.
+    """
+    violations: list[FieldViolation] = []
+    if len(items) > limits.max_items:
+        violations.append(
+            FieldViolation("items", f"at most {limits.max_items} items, got {len(items)}")
+        )
+    if concurrency > limits.max_concurrency:
+        violations.append(
+            FieldViolation("concurrency", f"at most {limits.max_concurrency}, got {concurrency}")
+        )
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        if item.id and item.id in seen:
+            violations.append(FieldViolation(f"items[{index}].id", f"duplicate id {item.id!r}"))
+        seen.add(item.id)
+    if violations:
+        raise InvalidRequest(violations)
+    return concurrency or limits.default_concurrency
+
+
+async def run_batch(
+    pipeline: Pipeline,
+    items: Sequence[BatchItem],
+    *,
+    concurrency: int,
+    deadline: Deadline,
+) -> AsyncGenerator[ItemOutcome | BatchTotals, None]:
+    """Yield each item's outcome as it finishes, then the `BatchTotals`.
+
+    At most `concurrency` items are in flight. Closing or cancelling the iterator
+    cancels the items still running (their upstream requests are closed).
+    """
+    started = time.monotonic()
+    semaphore = asyncio.Semaphore(max(1, concurrency))
+    finished: asyncio.Queue[ItemOutcome] = asyncio.Queue()
+    limits = pipeline.limits
+
+    async def run_one(index: int, item: BatchItem) -> None:
+        async with semaphore:
+            try:
+                if item.violations:
+                    raise InvalidRequest(
+                        list(item.violations) + chat_request_violations(item.request, limits)
+                    )
+                completion = await pipeline.complete(item.request, deadline=deadline)
+            except Exception as exc:  # this item's outcome, not the batch's
+                if not isinstance(exc, GatewayError):
+                    log.error("batch.item_unexpected_error", exc_info=exc, extra={"index": index})
+                outcome = ItemOutcome(index, item.id, error=exc)
+            else:
+                outcome = ItemOutcome(index, item.id, completion=completion)
+        finished.put_nowait(outcome)
+
+    succeeded = failed = 0
+    usage = Usage()
+    cost = 0.0
+    async with asyncio.TaskGroup() as group:
+        for index, item in enumerate(items):
+            group.create_task(run_one(index, item))
+        for _ in items:
+            outcome = await finished.get()
+            if outcome.completion is not None:
+                succeeded += 1
+                usage = usage + outcome.completion.usage
+                cost += outcome.completion.cost_usd
+            else:
+                failed += 1
+            yield outcome
+    yield BatchTotals(
+        succeeded=succeeded,
+        failed=failed,
+        usage=usage,
+        cost_usd=round(cost, 12),
+        wall_ms=(time.monotonic() - started) * _MS,
+    )
+
+
+__all__ = ["BatchItem", "BatchTotals", "ItemOutcome", "check_batch", "run_batch"]

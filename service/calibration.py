@@ -1,0 +1,82 @@
+"""Per-model calibration of the token estimator from the usage upstreams report.
+
+`service.tokens` over-counts on purpose. Every answer that reports its prompt tokens
+tells us by how much for that model: the ratio of reported to estimated prompt tokens.
+`TokenCalibration` keeps an exponentially weighted mean of that ratio per model and
+hands `fit_messages` a factor that stays on the safe side of it:
+
+- no factor until `min_samples` prompts of at least `min_estimated_tokens` were seen
+  (short prompts are mostly chat-template overhead and say little about the text);
+- a `margin` on top of the mean, because single prompts vary around it;
+- never below `floor`, so a misreporting upstream (one that says 7 tokens whatever the
+  prompt) cannot talk the gateway into sending prompts far over the window;
+- never above `ceiling`: an estimate that is too low is corrected, within reason.
+
+Example:
+    calibration = TokenCalibration()
+    calibration.observe("deepseek-v4", estimated_tokens=1200, reported_tokens=800)
+    factor = calibration.factor("deepseek-v4")  # 1.0 until enough samples
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Ratio:
+    mean: float
+    samples: int
+
+
+class TokenCalibration:
+    """Learns, per model, reported prompt tokens ÷ estimated prompt tokens."""
+
+    def __init__(
+        self,
+        *,
+        floor: float = 0.5,
+        ceiling: float = 4.0,
+        margin: float = 0.1,
+        weight: float = 0.1,
+        min_samples: int = 3,
+        min_estimated_tokens: int = 32,
+    ) -> None:
+        if not 0 < floor <= 1 <= ceiling:
+            raise ValueError("need 0 < floor <= 1 <= ceiling")
+        if not 0 < weight <= 1:
+            raise ValueError("weight must be in (0, 1]")
+        self.floor = floor
+        self.ceiling = ceiling
+        self.margin = margin
+        self.weight = weight
+        self.min_samples = min_samples
+        self.min_estimated_tokens = min_estimated_tokens
+        self._ratios: dict[str, _Ratio] = {}
+
+    def observe(self, model: str, *, estimated_tokens: int, reported_tokens: int) -> None:
+        """Learn from one answer whose upstream reported its prompt tokens."""
+        if estimated_tokens < self.min_estimated_tokens or reported_tokens <= 0:
+            return
+        ratio = reported_tokens / estimated_tokens
+        known = self._ratios.get(model)
+        if known is None:
+            self._ratios[model] = _Ratio(ratio, 1)
+            return
+        known.mean += self.weight * (ratio - known.mean)
+        known.samples += 1
+
+    def factor(self, model: str) -> float:
+        """What to multiply `model`'s estimates by (1.0 until enough is known)."""
+        known = self._ratios.get(model)
+        if known is None or known.samples < self.min_samples:
+            return 1.0
+        return min(self.ceiling, max(self.floor, known.mean * (1 + self.margin)))
+
+    def samples(self, model: str) -> int:
+        """How many answers calibrated `model` so far."""
+        known = self._ratios.get(model)
+        return 0 if known is None else known.samples
+
+
+__all__ = ["TokenCalibration"]

@@ -1,0 +1,509 @@
+"""Summarize: a document of any length, chunked, summarised concurrently, combined.
+
+1. The document is split on paragraph boundaries, then sentence boundaries, then (for a
+   sentence longer than a chunk) word or character boundaries, into chunks that fit the
+   model's window with room for the prompt and the answer. Consecutive chunks overlap by
+   up to `chunk_overlap_tokens` of whole sentences, so nothing that straddles a boundary
+   is lost.
+2. Each chunk is summarised through `Pipeline.complete`, at most `concurrency` at once.
+   A failed part is retried; if it still fails the call fails (`SummarizePartFailed`)
+   and the other parts are cancelled: a summary of part of the document is never
+   returned as if it were the whole.
+3. The part summaries are combined in one call when they fit together; when they do not,
+   they are grouped into chunks and summarised again, level by level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from service.clock import SYSTEM_CLOCK, Clock, Deadline
+from service.config import SummarizeConfig
+from service.domain import (
+    ChatRequest,
+    Completion,
+    GenerationParams,
+    Message,
+    Role,
+    Timings,
+    TruncationMode,
+    Usage,
+)
+from service.errors import (
+    FieldViolation,
+    GatewayError,
+    InvalidRequest,
+    SummarizePartFailed,
+    UpstreamError,
+    UpstreamRejected,
+)
+from service.pipeline import Pipeline
+from service.tokens import (
+    PER_MESSAGE_OVERHEAD,
+    PER_REQUEST_OVERHEAD,
+    estimate_text_tokens,
+)
+
+_MS = 1000.0
+_PARAGRAPH_BREAK = re.compile(r"(\r?\n[ \t]*\r?\n\s*)")
+# After a sentence end: whitespace after . ! ? … (and closing quotes), or straight after
+# the full-width marks CJK text uses without spaces.
+_SENTENCE_BREAK = re.compile(
+    r"(?<=[.!?\u2026][\"')\]\u2019\u201d])\s+|(?<=[.!?\u2026])\s+|(?<=[\u3002\uff01\uff1f])"
+)
+_WORD_BREAK = re.compile(r"(?<=\s)(?=\S)")
+# Tokens kept free besides the estimate, for what the estimate cannot see.
+_SAFETY_TOKENS = 16
+_MIN_CHUNK_TOKENS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRequest:
+    """A Summarize call as the caller asked for it."""
+
+    model: str
+    document: str
+    target_tokens: int | None = None
+    instructions: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    tenant: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The summary and what it took."""
+
+    summary: str
+    chunks: int
+    levels: int
+    usage: Usage
+    cost_usd: float
+    upstream_calls: int
+    timings: Timings
+
+
+# --- chunking (pure) -----------------------------------------------------------------
+
+
+def _hard_split(text: str, max_tokens: int) -> list[str]:
+    """Split a sentence longer than `max_tokens` between words, or characters."""
+    pieces: list[str] = []
+    for word in _WORD_BREAK.split(text):
+        if estimate_text_tokens(word) <= max_tokens:
+            pieces.append(word)
+            continue
+        # No spaces (CJK, a long identifier): cut by characters; a character is at
+        # most 3 tokens, so max_tokens // 3 characters always fit.
+        step = max(1, max_tokens // 3)
+        pieces.extend(word[i : i + step] for i in range(0, len(word), step))
+    return pieces
+
+
+def split_units(text: str, max_tokens: int) -> tuple[list[tuple[str, int]], list[bool]]:
+    """The document as (text, tokens) units, each fitting `max_tokens`.
+
+    Units are sentences (or, for a sentence too long to be one, the words or characters
+    of it). Each unit keeps the whitespace that follows it, so joining units restores
+    the text. The second list says which units end a paragraph.
+    """
+    units: list[tuple[str, int]] = []
+    ends_paragraph: list[bool] = []
+    parts = _PARAGRAPH_BREAK.split(text)
+    # re.split with a group alternates paragraph, separator, paragraph, ...
+    for index in range(0, len(parts), 2):
+        paragraph = parts[index] + (parts[index + 1] if index + 1 < len(parts) else "")
+        if not paragraph.strip():
+            if units:  # leading/blank runs join the previous unit, so no text is lost
+                units[-1] = (units[-1][0] + paragraph, units[-1][1])
+            continue
+        for sentence in _split_keeping(paragraph, _SENTENCE_BREAK):
+            tokens = estimate_text_tokens(sentence)
+            if tokens <= max_tokens:
+                units.append((sentence, tokens))
+                ends_paragraph.append(False)
+                continue
+            for piece in _hard_split(sentence, max_tokens):
+                units.append((piece, estimate_text_tokens(piece)))
+                ends_paragraph.append(False)
+        ends_paragraph[-1] = True
+    return units, ends_paragraph
+
+
+def _split_keeping(text: str, pattern: re.Pattern[str]) -> list[str]:
+    """Split after each match of `pattern`, keeping the matched text on the left piece."""
+    pieces: list[str] = []
+    start = 0
+    for match in pattern.finditer(text):
+        if match.end() > start and match.start() > start:
+            pieces.append(text[start : match.end()])
+            start = match.end()
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
+def pack_units(
+    tokens: Sequence[int],
+    *,
+    max_tokens: int,
+    overlap_tokens: int,
+    ends_paragraph: Sequence[bool] | None = None,
+) -> list[range]:
+    """Group consecutive units into chunks of at most `max_tokens`.
+
+    A chunk ends at a paragraph end when one keeps it at least half full. Each chunk
+    after the first starts with the trailing units of the previous chunk that together
+    take at most `overlap_tokens`. Estimates add up (the estimator counts pieces between
+    whitespace), so a chunk's estimate is the sum of its units'.
+
+    Returns:
+        The unit index ranges of the chunks, in order.
+    """
+    overlap_tokens = min(overlap_tokens, max_tokens // 4)
+    chunks: list[range] = []
+    start = 0
+    count = len(tokens)
+    while start < count:
+        end = start
+        total = 0
+        best_break, best_total = 0, 0
+        while end < count and (end == start or total + tokens[end] <= max_tokens):
+            total += tokens[end]
+            end += 1
+            if ends_paragraph is not None and ends_paragraph[end - 1]:
+                best_break, best_total = end, total
+        if end < count and best_break > start and best_total * 2 >= max_tokens:
+            end = best_break
+        chunks.append(range(start, end))
+        if end >= count:
+            break
+        # Carry whole trailing units into the next chunk, but always move forward.
+        next_start = end
+        carried = 0
+        while next_start - 1 > start and carried + tokens[next_start - 1] <= overlap_tokens:
+            next_start -= 1
+            carried += tokens[next_start]
+        start = next_start
+    return chunks
+
+
+def split_into_chunks(text: str, *, max_tokens: int, overlap_tokens: int) -> list[str]:
+    """`text` as overlapping chunks of at most `max_tokens`, split at natural boundaries."""
+    units, ends_paragraph = split_units(text, max_tokens)
+    ranges = pack_units(
+        [t for _, t in units],
+        max_tokens=max_tokens,
+        overlap_tokens=overlap_tokens,
+        ends_paragraph=ends_paragraph,
+    )
+    return ["".join(units[i][0] for i in chunk).strip() for chunk in ranges]
+
+
+# --- prompts -------------------------------------------------------------------------
+
+
+def _words(tokens: int) -> int:
+    return max(10, tokens * 3 // 4)
+
+
+def document_prompt(*, target_tokens: int, instructions: str) -> str:
+    """System message for summarising a document that fits one call."""
+    prompt = (
+        "Summarise the document the user sends in at most about "
+        f"{_words(target_tokens)} words. Keep names, numbers, dates and conclusions; do not "
+        "add anything that is not in the text."
+    )
+    return f"{prompt}\n{instructions}" if instructions else prompt
+
+
+def part_prompt(*, target_tokens: int, instructions: str) -> str:
+    """System message for summarising one part of a longer document."""
+    prompt = (
+        "You summarise one part of a longer document. Write a faithful, self-contained "
+        f"summary of the part in at most about {_words(target_tokens)} words. Keep names, "
+        "numbers, dates and conclusions; do not add anything that is not in the text."
+    )
+    return f"{prompt}\n{instructions}" if instructions else prompt
+
+
+def combine_prompt(*, target_tokens: int, instructions: str) -> str:
+    """System message for combining part summaries into one."""
+    prompt = (
+        "You are given summaries of consecutive parts of one document, in order. Combine "
+        "them into one coherent summary of the whole document in at most about "
+        f"{_words(target_tokens)} words, without repeating yourself."
+    )
+    return f"{prompt}\n{instructions}" if instructions else prompt
+
+
+def _part_message(index: int, count: int, text: str) -> str:
+    return f"Part {index + 1} of {count}:\n\n{text}"
+
+
+def _summaries_message(summaries: Sequence[str], *, first: int = 0) -> str:
+    return "\n\n".join(f"Summary of part {first + i + 1}:\n{s}" for i, s in enumerate(summaries))
+
+
+# --- the call ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Tally:
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    calls: int = 0
+    upstream_s: float = 0.0
+
+    def add(self, completion: Completion) -> None:
+        self.usage = self.usage + completion.usage
+        self.cost_usd += completion.cost_usd
+        self.calls += 1
+        self.upstream_s += completion.timings.upstream_ms / _MS
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that ended a task group (the others are cancellations it caused)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        return exc
+    return group  # pragma: no cover - a group always holds an exception
+
+
+class Summarizer:
+    """Runs Summarize calls through a `Pipeline`."""
+
+    def __init__(
+        self, pipeline: Pipeline, config: SummarizeConfig, *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        self._pipeline = pipeline
+        self._config = config
+        self._clock = clock
+
+    def _validate(self, request: SummaryRequest) -> int:
+        """Check the request; return the target length in tokens."""
+        self._pipeline.pool.routes(request.model)  # ModelNotFound first, as Complete does
+        window = self._pipeline.context_window(request.model)
+        target = request.target_tokens or self._config.default_target_tokens
+        violations: list[FieldViolation] = []
+        if not request.document.strip():
+            violations.append(FieldViolation("document", "must not be empty"))
+        else:
+            size = len(request.document.encode("utf-8"))
+            if size > self._config.max_document_bytes:
+                violations.append(
+                    FieldViolation(
+                        "document",
+                        f"at most {self._config.max_document_bytes} bytes, got {size}",
+                    )
+                )
+        if target > window // 4:
+            violations.append(
+                FieldViolation(
+                    "target_tokens",
+                    f"at most a quarter of the model's context window ({window // 4}), "
+                    f"got {target}",
+                )
+            )
+        if estimate_text_tokens(request.instructions) > window // 8:
+            violations.append(FieldViolation("instructions", f"at most about {window // 8} tokens"))
+        if violations:
+            raise InvalidRequest(violations)
+        return target
+
+    def _input_budget(self, model: str, *, system: str, answer_tokens: int) -> int:
+        """Tokens of text that fit one call beside `system` and an answer."""
+        window = self._pipeline.context_window(model)
+        factor = self._pipeline.calibration.factor(model)
+        frame = PER_REQUEST_OVERHEAD + 2 * PER_MESSAGE_OVERHEAD + estimate_text_tokens(system)
+        frame += estimate_text_tokens(_part_message(998, 999, ""))
+        usable = math.floor((window - answer_tokens - _SAFETY_TOKENS) / factor) - frame
+        return max(_MIN_CHUNK_TOKENS, usable)
+
+    async def summarize(self, request: SummaryRequest, *, deadline: Deadline) -> Summary:
+        """Summarise `request.document`; see the module docstring for how."""
+        started = self._clock.now()
+        target = self._validate(request)
+        window = self._pipeline.context_window(request.model)
+        part_tokens = max(32, min(target, window // 8))
+        part_system = part_prompt(target_tokens=part_tokens, instructions=request.instructions)
+        combine_system = combine_prompt(target_tokens=target, instructions=request.instructions)
+        tally = _Tally()
+        document_system = document_prompt(target_tokens=target, instructions=request.instructions)
+        whole = await asyncio.to_thread(estimate_text_tokens, request.document)
+        if whole <= self._input_budget(request.model, system=document_system, answer_tokens=target):
+            text = await self._call(
+                request,
+                document_system,
+                request.document,
+                target,
+                tally,
+                part=1,
+                parts=1,
+                level=1,
+                deadline=deadline,
+            )
+            return self._result(text, 1, 1, tally, started)
+        chunk_budget = self._input_budget(
+            request.model, system=part_system, answer_tokens=part_tokens
+        )
+        # Chunking a large document is CPU work: keep the event loop answering meanwhile.
+        chunks = await asyncio.to_thread(
+            split_into_chunks,
+            request.document,
+            max_tokens=chunk_budget,
+            overlap_tokens=self._config.chunk_overlap_tokens,
+        )
+        texts = [_part_message(i, len(chunks), c) for i, c in enumerate(chunks)]
+        # Levels after the first combine groups of summaries into shorter ones.
+        group_system = combine_prompt(target_tokens=part_tokens, instructions=request.instructions)
+        group_budget = self._input_budget(
+            request.model, system=group_system, answer_tokens=part_tokens
+        )
+        system = part_system
+        level = 1
+        while True:
+            summaries = await self._summarise_all(
+                request, system, texts, part_tokens, tally, level=level, deadline=deadline
+            )
+            joined = _summaries_message(summaries)
+            combine_budget = self._input_budget(
+                request.model, system=combine_system, answer_tokens=target
+            )
+            if estimate_text_tokens(joined) <= combine_budget:
+                break
+            if level >= self._config.max_levels:
+                raise GatewayError(
+                    f"the part summaries did not fit the window after {level} levels"
+                )
+            tokens = [estimate_text_tokens(s) + 8 for s in summaries]
+            groups = pack_units(tokens, max_tokens=group_budget, overlap_tokens=0)
+            texts = [
+                _summaries_message([summaries[i] for i in group], first=group.start)
+                for group in groups
+            ]
+            system = group_system
+            level += 1
+        text = await self._call(
+            request,
+            combine_system,
+            joined,
+            target,
+            tally,
+            part=1,
+            parts=1,
+            level=level + 1,
+            deadline=deadline,
+        )
+        return self._result(text, len(chunks), level, tally, started)
+
+    def _result(
+        self, text: str, chunks: int, levels: int, tally: _Tally, started: float
+    ) -> Summary:
+        return Summary(
+            summary=text.strip(),
+            chunks=chunks,
+            levels=levels,
+            usage=tally.usage,
+            cost_usd=round(tally.cost_usd, 12),
+            upstream_calls=tally.calls,
+            timings=Timings(
+                total_ms=(self._clock.now() - started) * _MS,
+                upstream_ms=tally.upstream_s * _MS,
+            ),
+        )
+
+    async def _summarise_all(
+        self,
+        request: SummaryRequest,
+        system: str,
+        texts: Sequence[str],
+        answer_tokens: int,
+        tally: _Tally,
+        *,
+        level: int,
+        deadline: Deadline,
+    ) -> list[str]:
+        """Summarise every text, `concurrency` at once; the first failure cancels the rest."""
+        semaphore = asyncio.Semaphore(self._config.concurrency)
+        results: list[str] = [""] * len(texts)
+
+        async def one(index: int) -> None:
+            async with semaphore:
+                results[index] = await self._call(
+                    request,
+                    system,
+                    texts[index],
+                    answer_tokens,
+                    tally,
+                    part=index + 1,
+                    parts=len(texts),
+                    level=level,
+                    deadline=deadline,
+                )
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index in range(len(texts)):
+                    group.create_task(one(index))
+        except BaseExceptionGroup as failed:
+            raise _first_error(failed) from None
+        return results
+
+    async def _call(
+        self,
+        request: SummaryRequest,
+        system: str,
+        user: str,
+        answer_tokens: int,
+        tally: _Tally,
+        *,
+        part: int,
+        parts: int,
+        level: int,
+        deadline: Deadline,
+    ) -> str:
+        """One summarising call, retried on upstream failures that may pass."""
+        chat = ChatRequest(
+            model=request.model,
+            messages=(Message(Role.SYSTEM, system), Message(Role.USER, user)),
+            params=GenerationParams(max_tokens=answer_tokens, temperature=0.2),
+            truncation=TruncationMode.NONE,
+            labels=request.labels,
+            tenant=request.tenant,
+        )
+        attempts = self._config.chunk_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                completion = await self._pipeline.complete(chat, deadline=deadline)
+            except UpstreamRejected:
+                raise
+            except UpstreamError as exc:
+                wait_s = self._config.retry_backoff_s * 2 ** (attempt - 1)
+                left = deadline.remaining_s()
+                if attempt == attempts or (left is not None and left <= wait_s):
+                    raise SummarizePartFailed(
+                        exc, part=part, parts=parts, level=level, attempts=attempt
+                    ) from exc
+                await self._clock.sleep(wait_s)
+                continue
+            tally.add(completion)
+            return completion.content
+        raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
+
+
+__all__ = [
+    "Summarizer",
+    "Summary",
+    "SummaryRequest",
+    "combine_prompt",
+    "document_prompt",
+    "pack_units",
+    "part_prompt",
+    "split_into_chunks",
+    "split_units",
+]

@@ -1,0 +1,164 @@
+"""CompleteBatch through the real server: streaming results, isolation, bounds, cancellation."""
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from gateway_client.errors import error_details
+from llmgateway.v1 import gateway_pb2 as pb
+from tests.conftest import FAKE_MODEL, chat, gateway_config
+from tests.fake_upstream import Hang, Reply, Status
+from tests.scripted_upstream import ScriptedUpstream, user_text
+
+
+@pytest.fixture
+async def scripted():
+    """An upstream that answers by the prompt: 'fail' → 500, 'reject' → 400, 'slow' → 0.3 s."""
+
+    def respond(body):
+        text = user_text(body)
+        if text.startswith("fail"):
+            return Status(500)
+        if text.startswith("reject"):
+            return Status(400)
+        if text.startswith("slow"):
+            return Reply(content=f"answer to {text}", delay_s=0.3)
+        if text.startswith("hang"):
+            return Hang()
+        return Reply(content=f"answer to {text}", delay_s=0.02)
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def batch_gateway(scripted, start_gateway):
+    """The gateway in front of the scripted upstream."""
+    return await start_gateway(gateway_config(scripted.base_url))
+
+
+def batch(*prompts: str, concurrency: int = 0) -> pb.CompleteBatchRequest:
+    """A batch with ids item-0, item-1, ... for the prompts."""
+    return pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id=f"item-{i}", request=chat(p)) for i, p in enumerate(prompts)],
+        concurrency=concurrency,
+    )
+
+
+async def collect(call) -> tuple[list[pb.BatchItemResult], pb.BatchSummary]:
+    """All results of a batch call, and its summary (which must come last)."""
+    events = [event async for event in call]
+    assert events[-1].HasField("summary")
+    assert all(event.HasField("result") for event in events[:-1])
+    return [event.result for event in events[:-1]], events[-1].summary
+
+
+async def test_mixed_successes_and_failures(batch_gateway):
+    """Failures are per item with their own status; the others succeed; the summary adds up."""
+    prompts = ["ok a", "fail b", "ok c", "reject d", "ok e", "fail f", "ok g"]
+    bad_role = pb.BatchItem(
+        id="bad-role",
+        request=pb.CompleteRequest(model=FAKE_MODEL, messages=[pb.Message(role=9, content="x")]),
+    )
+    unknown_model = pb.BatchItem(id="no-model", request=chat("ok", model="nope"))
+    request = batch(*prompts, concurrency=3)
+    request.items.extend([bad_role, unknown_model])
+    results, summary = await collect(batch_gateway.stub.CompleteBatch(request))
+    assert sorted(r.index for r in results) == list(range(9))
+    by_id = {r.id: r for r in results}
+    assert len(by_id) == 9
+    for i, prompt in enumerate(prompts):
+        result = by_id[f"item-{i}"]
+        assert result.index == i
+        if prompt.startswith("ok"):
+            assert result.response.content == f"answer to {prompt}"
+            assert result.response.metadata.usage.input_tokens == 7
+        elif prompt.startswith("fail"):
+            assert result.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        else:
+            assert result.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    role_error = by_id["bad-role"].error
+    assert role_error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    violations = error_details_pb2.BadRequest()
+    assert role_error.details[0].Unpack(violations)
+    assert violations.field_violations[0].field == "messages[0].role"
+    assert by_id["no-model"].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert (summary.succeeded, summary.failed) == (4, 5)
+    assert summary.usage.input_tokens == 4 * 7
+    assert summary.usage.output_tokens == 4 * 3
+    assert summary.cost_usd == pytest.approx(4 * (7 * 0.14 + 3 * 0.42) / 1e6)
+    assert summary.wall_ms > 0
+
+
+async def test_results_stream_as_they_finish(batch_gateway):
+    """A slow first item does not hold back the fast ones: results come in finishing order."""
+    results, _ = await collect(
+        batch_gateway.stub.CompleteBatch(batch("slow", "ok 1", "ok 2", "ok 3", concurrency=4))
+    )
+    assert [r.index for r in results][-1] == 0
+    assert results[-1].response.content == "answer to slow"
+
+
+async def test_concurrency_is_bounded(batch_gateway, scripted):
+    """No more than `concurrency` upstream requests are ever in flight for one batch."""
+    _, summary = await collect(
+        batch_gateway.stub.CompleteBatch(batch(*(f"ok {i}" for i in range(24)), concurrency=4))
+    )
+    assert summary.succeeded == 24
+    assert 2 <= scripted.peak_in_flight <= 4
+
+
+async def test_cancelling_the_call_cancels_outstanding_upstream_requests(batch_gateway, scripted):
+    """Cancelling a batch closes every upstream request in flight and starts no new one."""
+    call = batch_gateway.stub.CompleteBatch(batch(*(f"hang {i}" for i in range(20)), concurrency=5))
+    await scripted.wait_until(lambda: scripted.in_flight == 5)
+    call.cancel()
+    for _ in range(5):
+        await scripted.wait_for_disconnect(timeout_s=10)
+    await scripted.wait_until(lambda: scripted.in_flight == 0)
+    assert len(scripted.requests) == 5
+    assert scripted.disconnects == 5
+    # The gateway is still healthy and serves the next call.
+    response = await batch_gateway.stub.Complete(chat("ok after"))
+    assert response.content == "answer to ok after"
+    assert len(scripted.requests) == 6
+
+
+async def test_empty_batch_has_only_a_summary(batch_gateway):
+    """A batch without items answers with a zero summary."""
+    events = [e async for e in batch_gateway.stub.CompleteBatch(pb.CompleteBatchRequest())]
+    assert len(events) == 1
+    assert (events[0].summary.succeeded, events[0].summary.failed) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (batch("ok", concurrency=1000), "concurrency"),
+        (
+            pb.CompleteBatchRequest(
+                items=[
+                    pb.BatchItem(id="same", request=chat()),
+                    pb.BatchItem(id="same", request=chat()),
+                ]
+            ),
+            "items[1].id",
+        ),
+    ],
+)
+async def test_whole_batch_problems_are_invalid_argument(batch_gateway, scripted, request_, field):
+    """Problems of the batch itself refuse the call before any upstream work."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(batch_gateway.stub.CompleteBatch(request_))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(caught.value).field_violations[0][0] == field
+    assert scripted.requests == []
+
+
+async def test_too_many_items(scripted, start_gateway):
+    """More items than batch.max_items is refused."""
+    gateway = await start_gateway(gateway_config(scripted.base_url, batch={"max_items": 3}))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(gateway.stub.CompleteBatch(batch("a", "b", "c", "d")))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 3 items" in error_details(caught.value).field_violations[0][1]

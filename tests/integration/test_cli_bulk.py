@@ -1,0 +1,272 @@
+"""The `batch`, `summarize` and `check` commands against a real gateway and upstream."""
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+import sys
+
+import pytest
+
+from gateway_client.commands import batch, check, summarize
+from tests.conftest import FAKE_MODEL, gateway_config
+from tests.fake_upstream import FakeUpstream, Reply, Status
+from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
+
+
+def parse(module, *argv: str) -> argparse.Namespace:
+    """Arguments for one subcommand, parsed by its own parser."""
+    parser = argparse.ArgumentParser()
+    module.register(parser.add_subparsers())
+    return parser.parse_args(list(argv))
+
+
+def write_items(path, ids) -> None:
+    """One prompt item per id."""
+    path.write_text("".join(json.dumps({"id": i, "prompt": f"ok {i}"}) + "\n" for i in ids))
+
+
+def output_records(path) -> list[dict]:
+    """The JSON records of an output file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def asked_ids(upstream) -> list[str]:
+    """The item ids the upstream was asked about, in order."""
+    return [user_text(r.body).removeprefix("ok ") for r in upstream.requests]
+
+
+@pytest.fixture
+async def scripted():
+    """An upstream answering 'ok X' with 'answer X' after 30 ms, and 'fail X' with a 500."""
+
+    def respond(body):
+        text = user_text(body)
+        if text.startswith("fail"):
+            return Status(500)
+        if system_text(body).startswith("You are given summaries"):
+            return Reply(content="FINAL")
+        return Reply(content="answer " + text.split()[-1], delay_s=0.03)
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def address(scripted, start_gateway) -> str:
+    """The address of a gateway in front of the scripted upstream."""
+    gateway = await start_gateway(gateway_config(scripted.base_url))
+    return gateway.server.address
+
+
+async def wait_for_lines(path, count: int) -> None:
+    """Wait until `path` has at least `count` complete lines."""
+    for _ in range(1000):
+        if path.exists() and path.read_text().count("\n") >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError(f"{path} never reached {count} lines")
+
+
+async def test_interrupted_batch_resumes_and_runs_each_id_once(tmp_path, scripted, address):
+    """An interrupted run keeps its results; the re-run asks only for the rest; each id once."""
+    ids = [f"q{i}" for i in range(40)]
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(source, ids)
+    argv = (str(source), "-o", str(output), "--concurrency", "4", "--address", address)
+    argv += ("--model", FAKE_MODEL)
+    first = asyncio.create_task(batch.batch_command(parse(batch, "batch", *argv)))
+    await wait_for_lines(output, 10)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await scripted.wait_until(lambda: scripted.in_flight == 0)
+    done_first = {r["id"] for r in output_records(output)}
+    assert 10 <= len(done_first) < 40
+    asked_before = len(scripted.requests)
+
+    code = await batch.batch_command(parse(batch, "batch", *argv))
+
+    assert code == 0
+    records = output_records(output)
+    assert sorted(r["id"] for r in records) == sorted(ids)  # each id exactly once
+    assert all(r["content"] == "answer " + r["id"] for r in records)
+    assert all(r["line"] == int(r["id"][1:]) + 1 for r in records)
+    resumed = asked_ids(scripted)[asked_before:]
+    assert not set(resumed) & done_first  # nothing paid twice
+    assert set(resumed) == set(ids) - done_first
+
+
+async def test_malformed_lines_are_reported_and_skipped(tmp_path, scripted, address, capsys):
+    """Bad lines are named by line number on stderr; the good ones still run."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(
+        "\n".join(
+            [
+                json.dumps({"id": "a", "prompt": "ok a"}),
+                "{not json",
+                json.dumps(["a", "list"]),
+                json.dumps({"prompt": "no id"}),
+                json.dumps({"id": "a", "prompt": "ok again"}),
+                json.dumps({"id": "b", "messages": [{"role": "robot", "content": "x"}]}),
+                "",
+                json.dumps({"id": "c", "messages": [{"role": "user", "content": "ok c"}]}),
+                json.dumps({"id": "d", "request": {"model": FAKE_MODEL, "nope": 1}}),
+            ]
+        )
+        + "\n"
+    )
+    code = await batch.batch_command(
+        parse(
+            batch,
+            "batch",
+            str(source),
+            "-o",
+            str(output),
+            "--address",
+            address,
+            "--model",
+            FAKE_MODEL,
+        )
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    for line, reason in [
+        (2, "not JSON"),
+        (3, "not a JSON object"),
+        (4, "needs an 'id'"),
+        (5, "duplicate id 'a' (first on line 1)"),
+        (6, "a message role must be system, user or assistant"),
+        (9, "'request' is not a CompleteRequest"),
+    ]:
+        assert f"in.jsonl:{line}: skipped: {reason}" in err
+    assert sorted(r["id"] for r in output_records(output)) == ["a", "c"]
+    assert "done: 2 succeeded, 0 failed, 6 bad lines" in err
+
+
+async def test_failures_are_recorded_and_retried_only_when_asked(tmp_path, scripted, address):
+    """Failed items are written as errors, skipped on resume, and rerun with --retry-failed."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(
+        json.dumps({"id": "good", "prompt": "ok good"})
+        + "\n"
+        + json.dumps({"id": "flaky", "prompt": "fail flaky"})
+        + "\n"
+    )
+    argv = ("batch", str(source), "-o", str(output), "--address", address, "--no-progress")
+    argv += ("--model", FAKE_MODEL)
+    assert await batch.batch_command(parse(batch, *argv)) == 1
+    errors = [r for r in output_records(output) if "error" in r]
+    assert [(r["id"], r["error"]["code"]) for r in errors] == [("flaky", "UNAVAILABLE")]
+    asked = len(scripted.requests)
+    assert await batch.batch_command(parse(batch, *argv)) == 0  # nothing left to do
+    assert len(scripted.requests) == asked
+    source.write_text(source.read_text().replace("fail flaky", "ok flaky"))
+    assert await batch.batch_command(parse(batch, *argv, "--retry-failed")) == 0
+    records = output_records(output)
+    assert sorted(r["id"] for r in records) == ["flaky", "good"]
+    assert all("error" not in r for r in records)
+    assert asked_ids(scripted)[asked:] == ["flaky"]
+
+
+async def test_summarize_command_prints_summary_and_stats(tmp_path, scripted, address, capsys):
+    """`summarize FILE` prints the summary on stdout and chunks and cost on stderr."""
+    document = tmp_path / "doc.txt"
+    document.write_text("\n\n".join(f"Paragraph {i} says something." * 40 for i in range(40)))
+    code = await summarize.summarize_command(
+        parse(summarize, "summarize", str(document), "--model", FAKE_MODEL, "--address", address)
+    )
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out.strip() == "FINAL"
+    assert "chunks=" in captured.err
+    assert "levels=1" in captured.err
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening on it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_check_reports_every_upstream(tmp_path, monkeypatch, capsys):
+    """`check` shows valid, rejected, unreachable and skipped upstreams, and fails on any."""
+    async with FakeUpstream(models=(FAKE_MODEL, "other"), api_key="sk-right") as fake:
+        config = tmp_path / "gateway.yaml"
+        config.write_text(
+            f"""
+upstreams:
+  - {{name: good, base_url: "{fake.base_url}", api_key_env: GOOD_KEY, models: [{FAKE_MODEL}]}}
+  - {{name: badkey, base_url: "{fake.base_url}", api_key_env: BAD_KEY, models: [missing-model]}}
+  - {{name: down, base_url: "http://127.0.0.1:{closed_port()}/v1", models: [{FAKE_MODEL}]}}
+  - {{name: unset, base_url: "{fake.base_url}", api_key_env: UNSET_KEY, models: [x]}}
+"""
+        )
+        monkeypatch.setenv("GOOD_KEY", "sk-right")
+        monkeypatch.setenv("BAD_KEY", "sk-wrong")
+        monkeypatch.delenv("UNSET_KEY", raising=False)
+        code = await check.check_command(parse(check, "check", "--config", str(config)))
+    out = capsys.readouterr().out
+    assert code == 1
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["good"][1:4] == ["yes", "valid", "2"]
+    assert rows["good"][4].endswith("ms")
+    assert rows["badkey"][1:3] == ["yes", "invalid"]
+    assert rows["down"][1] == "no"
+    assert rows["unset"][1:3] == ["skipped", "not"]
+    assert "sk-right" not in out
+    assert "sk-wrong" not in out
+
+
+async def test_check_passes_when_all_upstreams_answer(tmp_path, monkeypatch, capsys):
+    """`check` exits 0 when every enabled upstream is reachable with a valid key."""
+    async with FakeUpstream(models=(FAKE_MODEL,), api_key="sk-right") as fake:
+        config = tmp_path / "gateway.yaml"
+        config.write_text(
+            f"""
+upstreams:
+  - {{name: good, base_url: "{fake.base_url}", api_key_env: GOOD_KEY, models: [{FAKE_MODEL}]}}
+"""
+        )
+        monkeypatch.setenv("GOOD_KEY", "sk-right")
+        code = await check.check_command(parse(check, "check", "--config", str(config)))
+    assert code == 0
+    assert "good" in capsys.readouterr().out
+
+
+async def test_check_config_error_exits_2(tmp_path, capsys):
+    """A broken config is reported with its key and exits 2, before any probe."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("upstreams:\n  - {name: x, base_url: ftp://nope, models: [m]}\n")
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    assert code == 2
+    assert "base_url" in capsys.readouterr().err
+
+
+async def test_batch_process_killed_by_ctrl_c_resumes(tmp_path, scripted, address):
+    """The real `llm-gateway batch` process, stopped with SIGINT, resumes to each id once."""
+    ids = [f"q{i}" for i in range(40)]
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(source, ids)
+    command = [sys.executable, "-m", "gateway_client.cli", "batch", str(source), "-o", str(output)]
+    command += ["--concurrency", "2", "--address", address, "--model", FAKE_MODEL]
+    first = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(3000):
+            if output.exists() and output.read_text().count("\n") >= 4:
+                break
+            await asyncio.sleep(0.01)
+        first.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            assert await first.wait() == 130
+    finally:
+        if first.returncode is None:
+            first.kill()
+    done_first = {r["id"] for r in output_records(output)}
+    assert 4 <= len(done_first) < 40
+    second = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.DEVNULL)
+    async with asyncio.timeout(60):
+        assert await second.wait() == 0
+    assert sorted(r["id"] for r in output_records(output)) == sorted(ids)

@@ -1,0 +1,138 @@
+"""Context-window handling through the real server: truncation, rejection, calibration."""
+
+import grpc
+import pytest
+
+from gateway_client.errors import error_details
+from llmgateway.v1 import gateway_pb2 as pb
+from service.domain import Message, Role
+from service.tokens import estimate_prompt_tokens
+from tests.conftest import FAKE_MODEL, gateway_config
+from tests.fake_upstream import Reply
+from tests.scripted_upstream import ScriptedUpstream
+
+WINDOW = 1024
+# 100 words of 4 letters: 100 tokens of text, about 105 with the message overhead.
+TURN = " ".join(["word"] * 100)
+
+
+def small_window_config(base_url: str):
+    """The test config with a 1024-token window for the fake model."""
+    return gateway_config(
+        base_url,
+        models={
+            FAKE_MODEL: {
+                "context_window": WINDOW,
+                "input_usd_per_million": 0.14,
+                "output_usd_per_million": 0.42,
+            }
+        },
+    )
+
+
+def conversation(turns: int, *, mode: int) -> pb.CompleteRequest:
+    """A system message then `turns` alternating user/assistant turns, ending with a user turn."""
+    messages = [pb.Message(role=pb.ROLE_SYSTEM, content="You are terse.")]
+    for i in range(turns):
+        role = pb.ROLE_USER if (turns - i) % 2 == 1 else pb.ROLE_ASSISTANT
+        messages.append(pb.Message(role=role, content=f"turn{i} {TURN}"))
+    return pb.CompleteRequest(
+        model=FAKE_MODEL,
+        messages=messages,
+        params=pb.GenerationParams(max_tokens=100),
+        truncation=pb.TruncationPolicy(mode=mode),
+    )
+
+
+@pytest.fixture
+async def upstream_small():
+    """A scripted upstream for these tests."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        yield fake
+
+
+async def test_keep_recent_keeps_system_and_newest_and_reports_drops(upstream_small, start_gateway):
+    """KEEP_RECENT sends the system message and the newest turns that fit, and counts drops."""
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    request = conversation(15, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
+    response = await gateway.stub.Complete(request)
+    sent = upstream_small.requests[-1].body["messages"]
+    assert sent[0] == {"role": "system", "content": "You are terse."}
+    kept_turns = [m["content"].split()[0] for m in sent[1:]]
+    # The newest turns, unbroken, ending with the last user turn.
+    assert kept_turns == [f"turn{i}" for i in range(15 - len(kept_turns), 15)]
+    assert sent[-1]["role"] == "user"
+    assert response.metadata.dropped_messages == 15 - len(kept_turns)
+    assert 1 <= len(kept_turns) < 15
+    kept = [Message(Role(m["role"]), m["content"]) for m in sent]
+    assert estimate_prompt_tokens(kept) + 100 <= WINDOW
+    # One more turn would not have fitted.
+    assert estimate_prompt_tokens(kept) + 105 + 100 > WINDOW
+
+
+async def test_none_mode_rejects_with_estimate_and_limit(upstream_small, start_gateway):
+    """TRUNCATION_MODE_NONE refuses an oversize prompt with BadRequest and the numbers."""
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(conversation(15, mode=pb.TRUNCATION_MODE_NONE))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    details = error_details(caught.value)
+    assert details.reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert details.metadata["limit_tokens"] == str(WINDOW)
+    estimate = int(details.metadata["estimated_tokens"])
+    assert estimate > WINDOW
+    ((field, description),) = details.field_violations
+    assert field == "messages"
+    assert str(estimate) in description
+    assert str(WINDOW) in description
+    assert upstream_small.requests == []
+
+
+async def test_keep_recent_rejects_when_last_user_message_alone_is_too_long(
+    upstream_small, start_gateway
+):
+    """Even KEEP_RECENT refuses when the last user message cannot fit by itself."""
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    request = pb.CompleteRequest(
+        model=FAKE_MODEL,
+        messages=[pb.Message(role=pb.ROLE_USER, content=TURN * 12)],
+        truncation=pb.TruncationPolicy(mode=pb.TRUNCATION_MODE_KEEP_RECENT),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(request)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert upstream_small.requests == []
+
+
+async def test_calibration_from_reported_usage_admits_what_the_estimate_refused(
+    upstream_small, start_gateway
+):
+    """After answers report half the estimated prompt tokens, a prompt refused before fits."""
+
+    def half_of_estimate(body):
+        messages = [Message(Role(m["role"]), m["content"]) for m in body["messages"]]
+        return Reply(prompt_tokens=estimate_prompt_tokens(messages) // 2)
+
+    upstream_small.respond = half_of_estimate
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    big = conversation(9, mode=pb.TRUNCATION_MODE_NONE)  # about 960 tokens + 100 reserved
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.Complete(big)
+    for _ in range(3):
+        await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
+    response = await gateway.stub.Complete(big)
+    assert response.metadata.dropped_messages == 0
+    assert gateway.server.pipeline.calibration.factor(FAKE_MODEL) == pytest.approx(0.55, abs=0.02)
+
+
+async def test_calibration_never_goes_below_its_floor(upstream_small, start_gateway):
+    """An upstream that reports absurdly few tokens cannot push prompts far over the window."""
+    upstream_small.default = Reply(prompt_tokens=1)
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    for _ in range(5):
+        await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
+    assert gateway.server.pipeline.calibration.factor(FAKE_MODEL) == 0.5
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(conversation(19, mode=pb.TRUNCATION_MODE_NONE))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT

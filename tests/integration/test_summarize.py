@@ -1,0 +1,241 @@
+"""Summarize through the real server, against an upstream that records every part."""
+
+import itertools
+import re
+
+import grpc
+import pytest
+
+from gateway_client.errors import error_details
+from llmgateway.v1 import gateway_pb2 as pb
+from service.tokens import estimate_text_tokens
+from tests.conftest import FAKE_MODEL, gateway_config
+from tests.fake_upstream import Reply, Status
+from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
+
+WINDOW = 1024
+CONCURRENCY = 3
+OVERLAP = 32
+PART_HEADER = re.compile(r"^Part (\d+) of (\d+):\n\n")
+
+
+def document(paragraphs: int, sentences: int = 5) -> str:
+    """Numbered paragraphs of numbered sentences (about 15 tokens each)."""
+    return "\n\n".join(
+        " ".join(f"Paragraph p{p} sentence s{s} says something." for s in range(sentences))
+        for p in range(paragraphs)
+    )
+
+
+def sentences(text: str) -> list[str]:
+    """The numbered sentences in `text`, in order."""
+    return re.findall(r"Paragraph p\d+ sentence s\d+ says something\.", text)
+
+
+def config(base_url: str, **summarize):
+    """A 1024-token window and a summarize section for the tests."""
+    return gateway_config(
+        base_url,
+        models={
+            FAKE_MODEL: {
+                "context_window": WINDOW,
+                "input_usd_per_million": 0.14,
+                "output_usd_per_million": 0.42,
+            }
+        },
+        summarize={
+            "concurrency": CONCURRENCY,
+            "chunk_overlap_tokens": OVERLAP,
+            "default_target_tokens": 64,
+            "retry_backoff_s": 0.01,
+            **summarize,
+        },
+    )
+
+
+def is_part(body) -> bool:
+    """Whether a recorded request summarises one part of the document."""
+    return system_text(body).startswith("You summarise one part")
+
+
+def is_combine(body) -> bool:
+    """Whether a recorded request combines summaries."""
+    return system_text(body).startswith("You are given summaries")
+
+
+def default_respond(body):
+    """Parts answer with the range of sentences they saw; combines answer FINAL."""
+    if is_part(body):
+        seen = sentences(user_text(body))
+        return Reply(content=f"[{seen[0][10:23]} .. {seen[-1][10:23]}]", delay_s=0.05)
+    if is_combine(body):
+        return Reply(content="FINAL")
+    return Reply(content="WHOLE")
+
+
+@pytest.fixture
+async def recorder():
+    """The scripted upstream."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=default_respond) as fake:
+        yield fake
+
+
+async def test_long_document_is_chunked_summarised_concurrently_and_combined(
+    recorder, start_gateway
+):
+    """Chunks fit, end at sentence ends, overlap, cover the document; concurrency is bounded."""
+    gateway = await start_gateway(config(recorder.base_url))
+    text = document(60)
+    response = await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=text))
+    parts = [r.body for r in recorder.requests if is_part(r.body)]
+    combines = [r.body for r in recorder.requests if is_combine(r.body)]
+    assert response.summary == "FINAL"
+    assert response.chunks == len(parts) >= 5
+    assert response.levels == 1
+    assert len(combines) == 1
+    assert response.upstream_calls == len(parts) + 1 == len(recorder.requests)
+    assert response.usage.input_tokens == 7 * response.upstream_calls
+    assert response.cost_usd == pytest.approx(response.upstream_calls * (7 * 0.14 + 3 * 0.42) / 1e6)
+    # Each part is numbered once, fits the window with its answer, and ends a sentence.
+    numbered = {}
+    for body in parts:
+        header = PART_HEADER.match(user_text(body))
+        assert header is not None
+        assert int(header.group(2)) == len(parts)
+        chunk = user_text(body)[header.end() :]
+        numbered[int(header.group(1))] = chunk
+        assert chunk.endswith("says something.")
+        assert estimate_text_tokens(chunk) + body["max_tokens"] < WINDOW
+    assert sorted(numbered) == list(range(1, len(parts) + 1))
+    chunks = [numbered[i] for i in sorted(numbered)]
+    # Together the chunks cover every sentence, in order; neighbours overlap, but little.
+    covered: list[str] = []
+    for chunk in chunks:
+        covered += [s for s in sentences(chunk) if s not in covered]
+    assert covered == sentences(text)
+    for before, after in itertools.pairwise(chunks):
+        first = sentences(after)[0]
+        assert first in sentences(before)
+        assert estimate_text_tokens(before[before.index(first) :]) <= OVERLAP + 2
+    # The combine call got every part's summary, in document order.
+    combined = user_text(combines[0])
+    expected = [f"[{sentences(c)[0][10:23]} .. {sentences(c)[-1][10:23]}]" for c in chunks]
+    assert [line for line in combined.splitlines() if line.startswith("[")] == expected
+    assert 2 <= recorder.peak_in_flight <= CONCURRENCY
+
+
+async def test_long_summaries_are_combined_recursively(recorder, start_gateway):
+    """When the part summaries do not fit one call they are grouped and summarised again."""
+    long_summary = " ".join(["summary"] * 150)
+
+    def respond(body):
+        if is_part(body):
+            return Reply(content=long_summary)
+        if is_combine(body) and body["max_tokens"] < 200:
+            return Reply(content="MID " + long_summary)
+        return Reply(content="FINAL")
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url))
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(60), target_tokens=200)
+    )
+    parts = [r.body for r in recorder.requests if is_part(r.body)]
+    middles = [
+        r.body for r in recorder.requests if is_combine(r.body) and r.body["max_tokens"] < 200
+    ]
+    finals = [r.body for r in recorder.requests if r.body["max_tokens"] == 200]
+    assert response.summary == "FINAL"
+    assert response.levels == 2
+    assert response.chunks == len(parts)
+    assert 2 <= len(middles) < len(parts)
+    assert len(finals) == 1
+    # Every part summary went into exactly one second-level call.
+    assert sum(user_text(m).count("Summary of part") for m in middles) == len(parts)
+    assert user_text(finals[0]).count("MID") == len(middles)
+    assert response.upstream_calls == len(parts) + len(middles) + 1
+
+
+async def test_short_document_is_one_call(recorder, start_gateway):
+    """A document that fits is summarised in one call, sent as it is."""
+    gateway = await start_gateway(config(recorder.base_url))
+    text = document(2)
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=text, instructions="In French.")
+    )
+    assert (response.summary, response.chunks, response.levels) == ("WHOLE", 1, 1)
+    assert response.upstream_calls == 1
+    (only,) = recorder.requests
+    assert user_text(only.body) == text
+    assert system_text(only.body).endswith("In French.")
+    assert only.body["max_tokens"] == 64
+
+
+async def test_failing_part_is_retried_then_fails_the_call(recorder, start_gateway):
+    """A part that keeps failing fails the RPC with a clear status; nothing is combined."""
+
+    def respond(body):
+        if is_part(body) and "Paragraph p30 sentence s2" in user_text(body):
+            return Status(500)
+        return default_respond(body)
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url, chunk_attempts=3))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(60)))
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    details = error_details(caught.value)
+    assert details.reason == "SUMMARIZE_PART_FAILED"
+    assert details.metadata["attempts"] == "3"
+    assert "no partial summary" in details.message
+    poisoned = [r for r in recorder.requests if "Paragraph p30 sentence s2" in user_text(r.body)]
+    assert len(poisoned) >= 3
+    assert not any(is_combine(r.body) for r in recorder.requests)
+
+
+async def test_part_that_fails_once_is_retried(recorder, start_gateway):
+    """A transient failure of one part is retried and the summary completes."""
+    failures = []
+
+    def respond(body):
+        if is_part(body) and "Paragraph p30 sentence s2" in user_text(body) and not failures:
+            failures.append(body)
+            return Status(503)
+        return default_respond(body)
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url))
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
+    )
+    assert response.summary == "FINAL"
+    assert len(failures) == 1
+    assert response.upstream_calls == response.chunks + 1
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "field"),
+    [
+        (pb.SummarizeRequest(model=FAKE_MODEL, document="  "), "INVALID_ARGUMENT", "document"),
+        (
+            pb.SummarizeRequest(model=FAKE_MODEL, document="x" * 5000),
+            "INVALID_ARGUMENT",
+            "document",
+        ),
+        (
+            pb.SummarizeRequest(model=FAKE_MODEL, document="text", target_tokens=900),
+            "INVALID_ARGUMENT",
+            "target_tokens",
+        ),
+        (pb.SummarizeRequest(model="nope", document="text"), "NOT_FOUND", None),
+    ],
+)
+async def test_invalid_requests(recorder, start_gateway, request_, code, field):
+    """Empty or oversize documents, absurd targets and unknown models are refused up front."""
+    gateway = await start_gateway(config(recorder.base_url, max_document_bytes=4096))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(request_)
+    assert caught.value.code().name == code
+    if field:
+        assert error_details(caught.value).field_violations[0][0] == field
+    assert recorder.requests == []

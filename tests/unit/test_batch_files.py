@@ -1,0 +1,78 @@
+"""The batch command's files: resuming from output, and its progress line."""
+
+import io
+import json
+
+from gateway_client.commands.batch import InputItem, read_done, slices
+from gateway_client.progress import Progress
+from llmgateway.v1 import gateway_pb2 as pb
+
+
+def test_read_done_drops_a_line_cut_short(tmp_path):
+    """A last line cut mid-write is removed so the item runs again and the file stays valid."""
+    output = tmp_path / "out.jsonl"
+    output.write_text(json.dumps({"id": "a", "content": "x"}) + "\n" + '{"id": "b", "cont')
+    assert read_done(output, retry_failed=False) == {"a"}
+    assert output.read_text() == json.dumps({"id": "a", "content": "x"}) + "\n"
+
+
+def test_read_done_counts_errors_as_done_unless_retrying(tmp_path):
+    """Error lines count as done; with retry_failed they are removed from the file."""
+    output = tmp_path / "out.jsonl"
+    ok = json.dumps({"id": "a", "content": "x"}) + "\n"
+    failed = json.dumps({"id": "b", "error": {"code": "UNAVAILABLE"}}) + "\n"
+    output.write_text(ok + failed)
+    assert read_done(output, retry_failed=False) == {"a", "b"}
+    assert read_done(output, retry_failed=True) == {"a"}
+    assert output.read_text() == ok
+
+
+def test_read_done_without_output(tmp_path):
+    """No output file yet means nothing is done."""
+    assert read_done(tmp_path / "missing.jsonl", retry_failed=False) == set()
+
+
+def test_slices_respect_item_count():
+    """Items are sent in calls of at most `per_call` items, in order."""
+    items = [InputItem(i + 1, str(i), pb.CompleteRequest(model="m")) for i in range(7)]
+    groups = list(slices(items, 3))
+    assert [len(g) for g in groups] == [3, 3, 1]
+    assert [item.id for g in groups for item in g] == [str(i) for i in range(7)]
+
+
+class FakeClock:
+    """A settable monotonic clock."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_line_shows_counts_rate_and_eta():
+    """The line shows done/total, failures, tokens, cost, rate and ETA."""
+    clock = FakeClock()
+    stream = io.StringIO()
+    progress = Progress(100, stream=stream, clock=clock)
+    for i in range(10):
+        clock.now += 0.5
+        progress.advance(is_failure=i == 0, tokens=1000, cost_usd=0.001)
+    line = progress.line()
+    assert line.startswith("10/100 [")
+    assert "failed 1" in line
+    assert "tokens 10.0k" in line
+    assert "$0.0100" in line
+    assert "2.0/s" in line
+    assert "ETA 0:45" in line
+    progress.close()
+    assert stream.getvalue().splitlines()[-1] == line
+
+
+def test_disabled_progress_writes_nothing():
+    """--no-progress keeps stderr clean."""
+    stream = io.StringIO()
+    progress = Progress(3, stream=stream, is_enabled=False)
+    progress.advance(is_failure=False)
+    progress.close()
+    assert stream.getvalue() == ""

@@ -1,0 +1,62 @@
+"""TokenCalibration: learns reported ÷ estimated, conservatively."""
+
+import pytest
+
+from service.calibration import TokenCalibration
+
+
+def feed(calibration: TokenCalibration, ratio: float, times: int, model: str = "m") -> None:
+    """Observe `times` answers whose reported prompt tokens are `ratio` times 1000."""
+    for _ in range(times):
+        calibration.observe(model, estimated_tokens=1000, reported_tokens=round(1000 * ratio))
+
+
+def test_no_factor_before_enough_samples():
+    """The factor stays 1.0 until min_samples answers were seen."""
+    calibration = TokenCalibration(min_samples=3)
+    feed(calibration, 0.7, 2)
+    assert calibration.factor("m") == 1.0
+    feed(calibration, 0.7, 1)
+    assert calibration.factor("m") == pytest.approx(0.77)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "expected"),
+    [(0.8, 0.88), (0.1, 0.5), (1.2, 1.32), (10.0, 4.0)],
+)
+def test_factor_has_margin_floor_and_ceiling(ratio, expected):
+    """The factor is the mean ratio plus a margin, clamped to [floor, ceiling]."""
+    calibration = TokenCalibration(floor=0.5, ceiling=4.0, margin=0.1)
+    feed(calibration, ratio, 5)
+    assert calibration.factor("m") == pytest.approx(expected)
+
+
+def test_models_are_calibrated_separately():
+    """What one model teaches does not change another's factor."""
+    calibration = TokenCalibration()
+    feed(calibration, 0.6, 5, model="a")
+    assert calibration.factor("b") == 1.0
+    assert calibration.samples("a") == 5
+
+
+def test_short_prompts_are_ignored():
+    """Prompts under min_estimated_tokens are mostly overhead and teach nothing."""
+    calibration = TokenCalibration(min_estimated_tokens=32)
+    for _ in range(10):
+        calibration.observe("m", estimated_tokens=9, reported_tokens=7)
+    assert calibration.samples("m") == 0
+
+
+def test_mean_moves_towards_new_ratios():
+    """A change in the upstream's counting is learned over time."""
+    calibration = TokenCalibration(weight=0.5, margin=0.0, min_samples=1)
+    feed(calibration, 0.6, 1)
+    feed(calibration, 1.0, 10)
+    assert calibration.factor("m") == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("floor", [0.0, 1.5])
+def test_floor_must_be_sane(floor):
+    """A floor outside (0, 1] is refused."""
+    with pytest.raises(ValueError, match="floor"):
+        TokenCalibration(floor=floor)

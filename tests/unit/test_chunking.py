@@ -1,0 +1,101 @@
+"""Splitting long documents into overlapping chunks at natural boundaries."""
+
+import itertools
+
+import pytest
+
+from service.summarize import pack_units, split_into_chunks, split_units
+from service.tokens import estimate_text_tokens
+
+
+def document(paragraphs: int, sentences: int = 5) -> str:
+    """Numbered paragraphs of numbered sentences, easy to check for order and loss."""
+    return "\n\n".join(
+        " ".join(f"Paragraph p{p} sentence s{s} says something." for s in range(sentences))
+        for p in range(paragraphs)
+    )
+
+
+def sentences_of(text: str) -> list[str]:
+    """The sentences of `document`, in order."""
+    return [s.strip() + "." for s in text.replace("\n\n", " ").split(".") if s.strip()]
+
+
+@pytest.mark.parametrize(("max_tokens", "overlap"), [(60, 0), (80, 20), (200, 40), (100, 25)])
+def test_chunks_fit_cover_and_overlap(max_tokens, overlap):
+    """Each chunk fits; together they cover every sentence in order; neighbours overlap."""
+    text = document(12)
+    chunks = split_into_chunks(text, max_tokens=max_tokens, overlap_tokens=overlap)
+    assert len(chunks) > 1
+    for chunk in chunks:
+        assert estimate_text_tokens(chunk) <= max_tokens
+        assert chunk.endswith(".")  # cut at a sentence end, never mid-sentence
+    seen: list[str] = []
+    for chunk in chunks:
+        for sentence in sentences_of(chunk):
+            if sentence not in seen:
+                seen.append(sentence)
+    assert seen == sentences_of(text)
+    for before, after in itertools.pairwise(chunks):
+        first = sentences_of(after)[0]
+        if overlap:
+            assert first in sentences_of(before)  # the next chunk repeats the tail
+            assert estimate_text_tokens(before[before.rindex(first) :]) <= overlap + 2
+        else:
+            assert first not in sentences_of(before)
+
+
+def test_paragraphs_are_preferred_to_sentences():
+    """Paragraphs that fit stay whole: every chunk boundary is a paragraph boundary."""
+    text = document(10, sentences=2)
+    paragraphs = text.split("\n\n")
+    chunks = split_into_chunks(text, max_tokens=80, overlap_tokens=0)
+    assert len(chunks) > 1
+    for chunk in chunks:
+        assert all(part in paragraphs for part in chunk.split("\n\n"))
+
+
+def test_sentence_longer_than_a_chunk_is_split_between_words():
+    """A sentence with no boundary inside is cut between words, losing none."""
+    words = [f"w{i}" for i in range(300)]
+    text = " ".join(words)
+    chunks = split_into_chunks(text, max_tokens=50, overlap_tokens=0)
+    assert len(chunks) > 1
+    assert " ".join(chunks).split() == words
+
+
+def test_cjk_without_spaces_is_split_at_full_stops():
+    """Chinese sentences end at 。 with no space and are split there."""
+    sentence = "网关为每个上游提供商维护一个连接池。"
+    text = sentence * 30
+    chunks = split_into_chunks(text, max_tokens=60, overlap_tokens=0)
+    assert len(chunks) > 1
+    assert all(chunk.endswith("。") for chunk in chunks)
+    assert "".join(chunks) == text
+
+
+def test_units_rejoin_to_the_text():
+    """Joining the units restores the document exactly."""
+    text = document(3, sentences=40)
+    units, ends_paragraph = split_units(text, 30)
+    assert "".join(u for u, _ in units) == text
+    assert all(t <= 30 for _, t in units)
+    assert sum(ends_paragraph) == 3
+    assert ends_paragraph[-1]
+
+
+def test_pack_always_moves_forward():
+    """Even with an overlap as big as a unit, every chunk starts after the previous."""
+    ranges = pack_units([10] * 20, max_tokens=40, overlap_tokens=100)
+    starts = [r.start for r in ranges]
+    assert starts == sorted(set(starts))
+    assert ranges[-1].stop == 20
+
+
+def test_oversized_unit_gets_a_chunk_of_its_own():
+    """A unit bigger than the limit is never dropped."""
+    assert pack_units([5, 500, 5], max_tokens=100, overlap_tokens=0) == [
+        range(0, 1),
+        range(1, 2),
+        range(2, 3),
+    ]

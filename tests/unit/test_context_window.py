@@ -1,0 +1,130 @@
+"""fit_messages: what is kept, what is dropped, and when it refuses."""
+
+import pytest
+
+from service.context_window import DEFAULT_ANSWER_RESERVE, answer_reserve, fit_messages
+from service.domain import Message, Role, TruncationMode
+from service.errors import ContextWindowExceeded
+from service.tokens import estimate_prompt_tokens
+
+S, U, A = Role.SYSTEM, Role.USER, Role.ASSISTANT
+# 100 ASCII words of 4 letters: 100 tokens of text each.
+LONG = " ".join(["word"] * 100)
+
+
+def conversation(*roles: Role) -> tuple[Message, ...]:
+    """One long message per role, each numbered so that they differ."""
+    return tuple(Message(role, f"{i} {LONG}") for i, role in enumerate(roles))
+
+
+def test_fitting_prompt_is_untouched():
+    """A prompt under the budget comes back whole with its estimate."""
+    messages = conversation(S, U)
+    fitted = fit_messages(messages, context_window=4096, max_tokens=100, mode=TruncationMode.NONE)
+    assert fitted.messages == messages
+    assert fitted.dropped == 0
+    assert fitted.estimated_tokens == estimate_prompt_tokens(messages)
+
+
+def test_none_mode_rejects_with_estimate_and_limit():
+    """Truncation off: the error carries the estimate (answer included) and the limit."""
+    messages = conversation(S, U, A, U)
+    with pytest.raises(ContextWindowExceeded) as caught:
+        fit_messages(messages, context_window=300, max_tokens=50, mode=TruncationMode.NONE)
+    assert caught.value.estimated_tokens == estimate_prompt_tokens(messages) + 50
+    assert caught.value.limit_tokens == 300
+
+
+@pytest.mark.parametrize(
+    ("roles", "window", "kept"),
+    [
+        # system + the last two turns fit; the older turns go.
+        ((S, U, A, U, A, U), 450, [0, 4, 5]),
+        # the system message in the middle is kept too.
+        ((U, S, U, A, U), 450, [1, 3, 4]),
+        # only system + last user fit.
+        ((S, U, A, U), 320, [0, 3]),
+        # trailing assistant turn (a prefill) is newest; it is kept when it fits.
+        ((S, U, A, U, A), 450, [0, 3, 4]),
+        # a big window keeps all but the oldest.
+        ((U, A, U, A, U), 500, [1, 2, 3, 4]),
+    ],
+)
+def test_keep_recent_keeps_system_and_newest(roles, window, kept):
+    """Keep-recent keeps every system message and an unbroken run of the newest turns."""
+    messages = conversation(*roles)
+    fitted = fit_messages(
+        messages, context_window=window, max_tokens=40, mode=TruncationMode.KEEP_RECENT
+    )
+    assert fitted.messages == tuple(messages[i] for i in kept)
+    assert fitted.dropped == len(messages) - len(kept)
+    assert fitted.estimated_tokens == estimate_prompt_tokens(fitted.messages)
+    assert fitted.estimated_tokens + 40 <= window
+
+
+def test_keep_recent_stops_at_first_turn_that_does_not_fit():
+    """A big older turn is not skipped to squeeze in even older small ones."""
+    messages = (
+        Message(U, "short"),
+        Message(A, LONG * 3),
+        Message(U, "question"),
+    )
+    fitted = fit_messages(
+        messages, context_window=200, max_tokens=20, mode=TruncationMode.KEEP_RECENT
+    )
+    assert fitted.messages == (messages[2],)
+    assert fitted.dropped == 2
+
+
+def test_keep_recent_rejects_when_minimum_does_not_fit():
+    """When system + last user alone exceed the budget the request is refused."""
+    messages = conversation(S, U, A, U)
+    with pytest.raises(ContextWindowExceeded) as caught:
+        fit_messages(messages, context_window=256, max_tokens=100, mode=TruncationMode.KEEP_RECENT)
+    assert caught.value.limit_tokens == 256
+    assert caught.value.estimated_tokens == estimate_prompt_tokens([messages[0], messages[3]]) + 100
+
+
+def test_max_tokens_is_reserved():
+    """A prompt that fits alone is cut when max_tokens leaves no room for it."""
+    messages = conversation(U, A, U)
+    window = estimate_prompt_tokens(messages) + 10
+    assert fit_messages(messages, context_window=window, max_tokens=10, mode=TruncationMode.NONE)
+    fitted = fit_messages(
+        messages, context_window=window, max_tokens=11, mode=TruncationMode.KEEP_RECENT
+    )
+    assert fitted.dropped >= 1
+
+
+@pytest.mark.parametrize(
+    ("window", "max_tokens", "reserve"),
+    [(4096, None, DEFAULT_ANSWER_RESERVE), (512, None, 128), (4096, 1000, 1000)],
+)
+def test_answer_reserve(window, max_tokens, reserve):
+    """The answer's reserve is max_tokens, else the default capped at a quarter window."""
+    assert answer_reserve(window, max_tokens) == reserve
+
+
+@pytest.mark.parametrize(("factor", "fits"), [(1.0, True), (1.5, False), (0.5, True)])
+def test_calibration_scales_the_estimate(factor, fits):
+    """A calibration factor above 1 makes a borderline prompt no longer fit."""
+    messages = conversation(U)
+    window = estimate_prompt_tokens(messages) + 40
+    if fits:
+        fitted = fit_messages(
+            messages,
+            context_window=window,
+            max_tokens=40,
+            mode=TruncationMode.NONE,
+            calibration=factor,
+        )
+        assert fitted.dropped == 0
+    else:
+        with pytest.raises(ContextWindowExceeded):
+            fit_messages(
+                messages,
+                context_window=window,
+                max_tokens=40,
+                mode=TruncationMode.NONE,
+                calibration=factor,
+            )
