@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from service.clock import Deadline
 from service.domain import ChatRequest
 from service.errors import DeadlineExceeded, ModelNotFound, UpstreamTimeout
+from service.telemetry import active as telemetry
 from service.upstream.client import UpstreamClient
 from service.upstream.openai_json import request_body
 from service.upstream.types import StreamEvent, TextChunk, UpstreamCall, UpstreamReply
@@ -55,8 +56,11 @@ class UpstreamPool:
             raise ModelNotFound(model)
         return routes
 
-    def _call(self, request: ChatRequest, route: Route, *, stream: bool) -> UpstreamCall:
-        headers = {"Idempotency-Key": request.idempotency_key} if request.idempotency_key else {}
+    def _call(
+        self, request: ChatRequest, route: Route, *, stream: bool, headers: dict[str, str]
+    ) -> UpstreamCall:
+        if request.idempotency_key:
+            headers["Idempotency-Key"] = request.idempotency_key
         return UpstreamCall(
             upstream_model=route.upstream_model,
             body=request_body(request, upstream_model=route.upstream_model, stream=stream),
@@ -75,12 +79,31 @@ class UpstreamPool:
     ) -> UpstreamReply:
         """Send a unary completion to the first route of its model."""
         route = self.routes(request.model)[0]
-        call = self._call(request, route, stream=False)
         log.upstream = route.client.name
         log.attempts += 1
         started = time.monotonic()
+        headers: dict[str, str] = {}
         try:
-            return await route.client.complete(call, timeout_s=self._time_left(route, deadline))
+            with telemetry().upstream_attempt(
+                request,
+                upstream=route.client.name,
+                base_url=route.client.config.base_url,
+                upstream_model=route.upstream_model,
+                attempt=log.attempts,
+                headers=headers,  # receives `traceparent`
+            ) as attempt:
+                call = self._call(request, route, stream=False, headers=headers)
+                reply = await route.client.complete(
+                    call, timeout_s=self._time_left(route, deadline)
+                )
+                attempt.finish(
+                    response_id=reply.id,
+                    response_model=reply.model,
+                    finish_reason=str(reply.finish_reason),
+                    usage=reply.usage,
+                    content=reply.content,
+                )
+                return reply
         except UpstreamTimeout:
             if deadline.has_expired:
                 raise DeadlineExceeded("the caller's deadline passed") from None
@@ -93,17 +116,35 @@ class UpstreamPool:
     ) -> AsyncIterator[StreamEvent]:
         """Stream a completion from the first route of its model."""
         route = self.routes(request.model)[0]
-        call = self._call(request, route, stream=True)
         log.upstream = route.client.name
         log.attempts += 1
         started = time.monotonic()
+        headers: dict[str, str] = {}
         try:
-            async for event in route.client.stream(
-                call, timeout_s=self._time_left(route, deadline)
-            ):
-                if log.first_token_s is None and isinstance(event, TextChunk):
-                    log.first_token_s = time.monotonic() - started
-                yield event
+            with telemetry().upstream_attempt(
+                request,
+                upstream=route.client.name,
+                base_url=route.client.config.base_url,
+                upstream_model=route.upstream_model,
+                attempt=log.attempts,
+                headers=headers,  # receives `traceparent`
+            ) as attempt:
+                call = self._call(request, route, stream=True, headers=headers)
+                async for event in route.client.stream(
+                    call, timeout_s=self._time_left(route, deadline)
+                ):
+                    if isinstance(event, TextChunk):
+                        if log.first_token_s is None:
+                            log.first_token_s = time.monotonic() - started
+                        attempt.chunk(event.content)
+                    else:
+                        attempt.finish(
+                            response_id=event.id,
+                            response_model=event.model,
+                            finish_reason=str(event.finish_reason),
+                            usage=event.usage,
+                        )
+                    yield event
         except UpstreamTimeout:
             if deadline.has_expired:
                 raise DeadlineExceeded("the caller's deadline passed") from None

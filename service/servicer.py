@@ -25,7 +25,8 @@ from service.domain import (
     Role,
     TruncationMode,
 )
-from service.errors import FieldViolation, InvalidRequest, NotImplementedYet
+from service.errors import FieldViolation, InvalidRequest, NotImplementedYet, PermissionDenied
+from service.ledger import UsageFilter, UsageRow, total_of
 from service.pipeline import Pipeline
 from service.validation import chat_request_violations
 
@@ -146,6 +147,44 @@ def tenant_of(context: grpc.aio.ServicerContext[object, object]) -> str:
     return "default"
 
 
+def caller_is_admin(context: grpc.aio.ServicerContext[object, object]) -> bool:
+    """Whether the caller may read other tenants' usage (everyone, until auth exists)."""
+    return True
+
+
+ALL_TENANTS = "*"
+
+
+def usage_row_to_proto(row: UsageRow) -> pb.UsageRow:
+    """One ledger row."""
+    return pb.UsageRow(
+        tenant=row.tenant,
+        model=row.model,
+        upstream=row.upstream,
+        labels=dict(row.labels),
+        requests=row.requests,
+        usage=pb.Usage(
+            input_tokens=row.input_tokens,
+            output_tokens=row.output_tokens,
+            cached_input_tokens=row.cached_input_tokens,
+        ),
+        cost_usd=row.cost_usd,
+    )
+
+
+def usage_filter_from_proto(request: pb.GetUsageRequest, *, tenant: str | None) -> UsageFilter:
+    """The ledger filter of a GetUsage request (`tenant` already authorised)."""
+    return UsageFilter(
+        tenant=tenant,
+        model=request.model or None,
+        labels=dict(request.labels),
+        start_s=request.start_time.ToMicroseconds() / 1e6
+        if request.HasField("start_time")
+        else None,
+        end_s=request.end_time.ToMicroseconds() / 1e6 if request.HasField("end_time") else None,
+    )
+
+
 class CompletionServicer(pb_grpc.CompletionServiceServicer):
     """Implements `llmgateway.v1.CompletionService` on top of a `Pipeline`."""
 
@@ -226,4 +265,13 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
     async def GetUsage(
         self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.GetUsageResponse:
-        raise NotImplementedYet("GetUsage is not offered yet")
+        caller = tenant_of(context)
+        wanted = request.tenant or caller
+        if wanted != caller and not caller_is_admin(context):
+            raise PermissionDenied(f"tenant {caller!r} may only read its own usage")
+        query = usage_filter_from_proto(request, tenant=None if wanted == ALL_TENANTS else wanted)
+        rows = await self._pipeline.ledger.query(query)
+        return pb.GetUsageResponse(
+            rows=[usage_row_to_proto(r) for r in rows],
+            total=usage_row_to_proto(total_of(rows)),
+        )
