@@ -18,6 +18,7 @@ from service.pricing import PriceList
 from service.tokens import estimate_prompt_tokens
 
 ANY_TENANT = "*"
+_ADJECTIVE = {"day": "daily", "month": "monthly"}
 
 
 class Budgets:
@@ -53,7 +54,7 @@ class Budgets:
         now = self._now()
         raise QuotaExceeded(
             f"tenant {request.tenant!r} has spent ${spent:.6f} of its ${budget.usd:.6f} "
-            f"{budget.period}ly budget",
+            f"{_ADJECTIVE[budget.period]} budget",
             subject=f"tenant:{request.tenant}",
             retry_after_s=max(0.0, period_end_s(budget.period, now) - now),
         )

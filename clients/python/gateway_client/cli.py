@@ -12,9 +12,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gateway_client.commands import complete, models, serve
+from gateway_client.commands import complete, models, serve, usage
 
-SUBCOMMANDS = [serve, complete, models]
+SUBCOMMANDS = [serve, complete, models, usage]
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
