@@ -20,6 +20,7 @@ Every key but `dims` expires after `retention_days`.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -48,7 +49,13 @@ def to_pico(usd: float) -> int:
 
 def period_key(period: str, at_s: float) -> str:
     """The UTC calendar period (`day` or `month`) that `at_s` falls in, e.g. `day:2026-11-28`."""
-    when = dt.datetime.fromtimestamp(at_s, dt.UTC)
+    return _period_key_of_minute(period, int(at_s // 60))
+
+
+@functools.lru_cache(maxsize=64)
+def _period_key_of_minute(period: str, minute: int) -> str:
+    # Formatting dates on every call shows in profiles; a minute never spans two days.
+    when = dt.datetime.fromtimestamp(minute * 60, dt.UTC)
     return f"day:{when:%Y-%m-%d}" if period == "day" else f"month:{when:%Y-%m}"
 
 

@@ -111,7 +111,8 @@ class Telemetry:
     ) -> None:
         self.providers = providers
         self.tracer = providers.tracer
-        self.instruments = Instruments(providers.meter)
+        self.in_flight = 0
+        self.instruments = Instruments(providers.meter, in_flight=lambda: self.in_flight)
         self.capture_content = capture_content
         self.prices = prices if prices is not None else PriceList({})
         self._propagator = propagate.get_global_textmap()
@@ -177,7 +178,7 @@ class Telemetry:
         scope = RpcScope(span=span, method=method)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         rpc_token = CURRENT_RPC.set(scope)
-        self.instruments.in_flight.add(1)
+        self.in_flight += 1
         try:
             yield scope
         except (asyncio.CancelledError, GeneratorExit):
@@ -209,7 +210,7 @@ class Telemetry:
             attr.RPC_METHOD: scope.method,
             attr.RPC_GRPC_STATUS_CODE: scope.status_code,
         }
-        self.instruments.in_flight.add(-1)
+        self.in_flight -= 1
         self.instruments.requests.add(1, labels)
         self.instruments.rpc_duration.record(elapsed, labels)
         self.instruments.overhead.record(overhead, {attr.RPC_METHOD: scope.method})
@@ -300,8 +301,6 @@ class Telemetry:
                     attr.GEN_AI_OPERATION_NAME: operation,
                     attr.GEN_AI_REQUEST_MODEL: request.model,
                     attr.GEN_AI_RESPONSE_MODEL: completion.model,
-                    attr.GEN_AI_RESPONSE_ID: completion.id,
-                    attr.GEN_AI_RESPONSE_FINISH_REASONS: (str(completion.finish_reason),),
                     attr.GEN_AI_USAGE_INPUT_TOKENS: usage.input_tokens,
                     attr.GEN_AI_USAGE_OUTPUT_TOKENS: usage.output_tokens,
                     attr.CACHED_INPUT_TOKENS: usage.cached_input_tokens,
@@ -314,12 +313,10 @@ class Telemetry:
                     attr.TENANT: request.tenant,
                 }
             )
-        labels = {attr.TENANT: request.tenant, attr.GEN_AI_REQUEST_MODEL: request.model}
-        self.instruments.cost.add(completion.cost_usd, labels)
-        tokens = self.instruments.tokens
-        tokens.add(usage.input_tokens, {**labels, attr.GEN_AI_TOKEN_TYPE: "input"})
-        tokens.add(usage.output_tokens, {**labels, attr.GEN_AI_TOKEN_TYPE: "output"})
-        tokens.add(usage.cached_input_tokens, {**labels, attr.GEN_AI_TOKEN_TYPE: "cached_input"})
+        self.instruments.cost.add(
+            completion.cost_usd,
+            {attr.TENANT: request.tenant, attr.GEN_AI_REQUEST_MODEL: request.model},
+        )
         if completion.is_cache_hit:
             self.record_cache_hit(model=request.model)
 

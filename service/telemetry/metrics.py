@@ -6,6 +6,8 @@ so that stock GenAI dashboards work; gateway-only figures live under `llm_gatewa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from opentelemetry import metrics
 
 # Bucket boundaries the GenAI conventions advise, in seconds and tokens.
@@ -24,7 +26,7 @@ BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 class Instruments:
     """Every instrument, created once per meter."""
 
-    def __init__(self, meter: metrics.Meter) -> None:
+    def __init__(self, meter: metrics.Meter, *, in_flight: Callable[[], int]) -> None:
         self.operation_duration = meter.create_histogram(
             "gen_ai.client.operation.duration",
             unit="s",
@@ -60,16 +62,21 @@ class Instruments:
             description="Time of an RPC not spent waiting on an upstream",
             explicit_bucket_boundaries_advisory=OVERHEAD_BUCKETS_S,
         )
-        self.in_flight = meter.create_up_down_counter(
-            "llm_gateway.rpc.in_flight", unit="{call}", description="RPCs in progress"
+
+        # Observed at collection time: nothing is recorded on the request path.
+        def observe_in_flight(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+            return (metrics.Observation(in_flight()),)
+
+        self.in_flight = meter.create_observable_up_down_counter(
+            "llm_gateway.rpc.in_flight",
+            callbacks=[observe_in_flight],
+            unit="{call}",
+            description="RPCs in progress",
         )
+        # "{USD}": an annotation, not a UCUM unit, so Prometheus names it
+        # llm_gateway_cost_usd_total rather than appending a unit suffix.
         self.cost = meter.create_counter(
-            "llm_gateway.cost", unit="USD", description="USD charged, by tenant and model"
-        )
-        self.tokens = meter.create_counter(
-            "llm_gateway.tokens",
-            unit="{token}",
-            description="Tokens by tenant, model and type (input, output, cached_input)",
+            "llm_gateway.cost.usd", unit="{USD}", description="USD charged, by tenant and model"
         )
         self.cache_hits = meter.create_counter(
             "llm_gateway.cache.hits", unit="{hit}", description="Answers served from the cache"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import metrics, trace
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     MetricReader,
@@ -190,7 +190,13 @@ def build_providers(
         providers.tracer_provider = tracer_provider
         providers.tracer = tracer_provider.get_tracer(_SCOPE)
     if readers:
-        meter_provider = MeterProvider(metric_readers=readers, resource=resource)
+        # Exemplars cost a reservoir offer on every measurement; off unless asked for.
+        exemplar_filter = (
+            None if env.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
+        )
+        meter_provider = MeterProvider(
+            metric_readers=readers, resource=resource, exemplar_filter=exemplar_filter
+        )
         providers.meter_provider = meter_provider
         providers.meter = meter_provider.get_meter(_SCOPE)
     providers.prometheus_port = prometheus_port

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import socket
 import time
+from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
+import yaml
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1 import (
     trace_service_pb2,
@@ -17,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1 import (
 
 from service.config import TelemetryConfig
 from service.telemetry import Telemetry
-from tests.conftest import FAKE_MODEL, chat, gateway_config
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 
 ATTEMPT_SPAN = f"chat {FAKE_MODEL}"
 
@@ -174,3 +178,51 @@ async def test_metrics_are_served_on_the_prometheus_endpoint(upstream, start_gat
     assert 'rpc_grpc_status_code="0"' in requests
     assert 'rpc_method="Complete"' in requests
     assert requests.endswith(" 1.0")
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+METRIC_NAME = re.compile(
+    r"\b((?:gen_ai|llm_gateway)_\w+?(?:_total|_bucket|_sum|_count|_in_flight|_state))\b"
+)
+
+
+async def test_the_dashboard_queries_only_metrics_the_gateway_exports(upstream, start_gateway):
+    """Every metric the Grafana dashboard plots appears on the gateway's Prometheus endpoint."""
+    dashboard = json.loads((DEPLOY / "grafana" / "llm-gateway-dashboard.json").read_text())
+    wanted = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in METRIC_NAME.findall(target["expr"])
+    }
+    telemetry = Telemetry.from_config(TelemetryConfig(prometheus_port=0), environ={})
+    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+    await gw.stub.Complete(chat())
+    _ = [e async for e in gw.stub.CompleteStream(chat_stream())]
+    telemetry.record_retry("up0")
+    telemetry.record_cache_hit(model=FAKE_MODEL)
+    telemetry.record_upstream_error("up0", "503")
+    telemetry.set_breaker_state("up0", "closed")
+    port = telemetry.providers.prometheus_port
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as reply,
+    ):
+        text = await reply.text()
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()}
+    assert len(wanted) >= 10
+    assert wanted <= exported, wanted - exported
+
+
+def test_collector_config_receives_otlp_and_serves_prometheus():
+    """The collector config receives OTLP on 4317/4318 and wires traces and metrics pipelines."""
+    config = yaml.safe_load((DEPLOY / "otel-collector.yaml").read_text())
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert protocols["grpc"]["endpoint"].endswith(":4317")
+    assert protocols["http"]["endpoint"].endswith(":4318")
+    pipelines = config["service"]["pipelines"]
+    assert pipelines["traces"]["receivers"] == ["otlp"]
+    assert "prometheus" in pipelines["metrics"]["exporters"]
+    for pipeline in pipelines.values():
+        assert set(pipeline["exporters"]) <= set(config["exporters"])
+        assert set(pipeline["processors"]) <= set(config["processors"])
