@@ -116,6 +116,7 @@ class Telemetry:
         self.capture_content = capture_content
         self.prices = prices if prices is not None else PriceList({})
         self._propagator = propagate.get_global_textmap()
+        self._is_closed = False
 
     @classmethod
     def from_config(
@@ -147,8 +148,9 @@ class Telemetry:
         An unreachable collector must not hold up shutdown: after the bound the
         exporter thread is left to give up on its own.
         """
-        if not self.providers.is_recording:
+        if not self.providers.is_recording or self._is_closed:
             return
+        self._is_closed = True
         try:
             await asyncio.wait_for(
                 asyncio.shield(asyncio.to_thread(self.providers.shutdown)), _SHUTDOWN_TIMEOUT_S

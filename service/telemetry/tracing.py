@@ -8,6 +8,7 @@ https://opentelemetry.io/docs/specs/semconv/rpc/grpc/); the gateway's own live u
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import time
@@ -84,7 +85,7 @@ def error_type(exc: BaseException) -> str:
     status = getattr(exc, "status", None)
     if isinstance(status, int):
         return str(status)
-    if isinstance(exc, GeneratorExit):
+    if isinstance(exc, GeneratorExit | asyncio.CancelledError):
         return "cancelled"
     return type(exc).__name__
 

@@ -217,3 +217,20 @@ async def test_in_flight_counts_calls_in_progress(traced, captured, upstream):
     assert captured.total("llm_gateway.rpc.in_flight") == 1
     await call
     assert captured.total("llm_gateway.rpc.in_flight") == 0
+
+
+async def test_a_cancelled_stream_ends_both_spans_as_cancelled(traced, captured, upstream):
+    """When the caller cancels mid-stream the attempt and RPC spans still end, marked cancelled."""
+    upstream.script(Reply(chunks=5, chunk_delay_s=0.3))
+    call = traced.stub.CompleteStream(chat_stream())
+    async for _ in call:
+        call.cancel()
+        break
+    async with asyncio.timeout(10):
+        while len(captured.spans()) < 2:  # noqa: ASYNC110 - spans end on the server's own time
+            await asyncio.sleep(0.01)
+    client, server = captured.span(ATTEMPT_SPAN), captured.span(STREAM_SPAN)
+    assert attributes_of(client)["error.type"] == "cancelled"
+    assert attributes_of(server)["error.type"] == "cancelled"
+    assert attributes_of(server)["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert captured.total("llm_gateway.rpc.in_flight") == 0
