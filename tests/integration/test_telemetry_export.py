@@ -14,6 +14,10 @@ import grpc
 import pytest
 import yaml
 from aiohttp import web
+from opentelemetry.proto.collector.metrics.v1 import (
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
+)
 from opentelemetry.proto.collector.trace.v1 import (
     trace_service_pb2,
     trace_service_pb2_grpc,
@@ -35,6 +39,28 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     async def Export(self, request, context):
         self.requests.append(request)
         return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class MetricsCollector(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """An OTLP/gRPC metrics receiver that keeps every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
+
+    async def Export(self, request, context):
+        self.requests.append(request)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+def received_metric_names(requests) -> set[str]:
+    """Names of every metric in the export requests."""
+    return {
+        metric.name
+        for request in requests
+        for resource in request.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
 
 
 def received_spans(requests):
@@ -69,15 +95,17 @@ def otel_environ(monkeypatch):
 
 
 async def test_spans_arrive_at_a_real_otlp_grpc_receiver(upstream, start_gateway, otel_environ):
-    """Spans reach an OTLP/gRPC collector on loopback with cost and token attributes."""
-    collector = Collector()
+    """Spans (with cost and token attributes) and metrics reach an OTLP/gRPC collector."""
+    collector, metrics_collector = Collector(), MetricsCollector()
     server = grpc.aio.server()
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(metrics_collector, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         otel_environ(
             OTEL_TRACES_EXPORTER="otlp",
+            OTEL_METRICS_EXPORTER="otlp",
             OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
             OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
             OTEL_EXPORTER_OTLP_INSECURE="true",
@@ -101,6 +129,13 @@ async def test_spans_arrive_at_a_real_otlp_grpc_receiver(upstream, start_gateway
         resource = collector.requests[0].resource_spans[0].resource
         names = {a.key: a.value.string_value for a in resource.attributes}
         assert names["service.name"] == "gateway-under-test"
+        assert {
+            "gen_ai.client.operation.duration",
+            "gen_ai.client.token.usage",
+            "llm_gateway.cost.usd",
+            "llm_gateway.requests",
+        } <= received_metric_names(metrics_collector.requests)
+        await telemetry.aclose()  # while the collector still listens
     finally:
         await server.stop(0)
 
