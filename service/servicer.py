@@ -148,8 +148,12 @@ def tenant_of(context: grpc.aio.ServicerContext[object, object]) -> str:
 
 
 def caller_is_admin(context: grpc.aio.ServicerContext[object, object]) -> bool:
-    """Whether the caller may read other tenants' usage (everyone, until auth exists)."""
-    return True
+    """Whether the caller may read other tenants' usage.
+
+    Without caller auth every call is the operator's, tenant "default"; any named tenant
+    is refused others' usage until the tenancy layer says who is an admin.
+    """
+    return tenant_of(context) == "default"
 
 
 ALL_TENANTS = "*"
