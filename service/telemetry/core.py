@@ -72,10 +72,6 @@ class AttemptSpan:
         span = self.span
         if response_model:
             self.metric_attributes[attr.GEN_AI_RESPONSE_MODEL] = response_model
-        if span.is_recording():
-            span.set_attribute(attr.GEN_AI_RESPONSE_ID, response_id)
-            span.set_attribute(attr.GEN_AI_RESPONSE_MODEL, response_model)
-            span.set_attribute(attr.GEN_AI_RESPONSE_FINISH_REASONS, (finish_reason,))
         if usage is not None:
             token_usage = self.telemetry.instruments.token_usage
             token_usage.record(
@@ -84,16 +80,23 @@ class AttemptSpan:
             token_usage.record(
                 usage.output_tokens, {**self.metric_attributes, attr.GEN_AI_TOKEN_TYPE: "output"}
             )
-            if span.is_recording():
-                span.set_attribute(attr.GEN_AI_USAGE_INPUT_TOKENS, usage.input_tokens)
-                span.set_attribute(attr.GEN_AI_USAGE_OUTPUT_TOKENS, usage.output_tokens)
-                span.set_attribute(attr.CACHED_INPUT_TOKENS, usage.cached_input_tokens)
-                span.set_attribute(
-                    attr.COST_USD, self.telemetry.prices.cost_usd(self.request.model, usage)
-                )
-        if self.telemetry.capture_content and span.is_recording():
+        if not span.is_recording():
+            return
+        # One call: each set_attribute takes the span's lock and validates on its own.
+        attributes: dict[str, Any] = {
+            attr.GEN_AI_RESPONSE_ID: response_id,
+            attr.GEN_AI_RESPONSE_MODEL: response_model,
+            attr.GEN_AI_RESPONSE_FINISH_REASONS: (finish_reason,),
+        }
+        if usage is not None:
+            attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] = usage.input_tokens
+            attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] = usage.output_tokens
+            attributes[attr.CACHED_INPUT_TOKENS] = usage.cached_input_tokens
+            attributes[attr.COST_USD] = self.telemetry.prices.cost_usd(self.request.model, usage)
+        if self.telemetry.capture_content:
             text = content if content is not None else "".join(self._parts or ())
-            span.set_attribute(attr.GEN_AI_OUTPUT_MESSAGES, attr.output_json(text, finish_reason))
+            attributes[attr.GEN_AI_OUTPUT_MESSAGES] = attr.output_json(text, finish_reason)
+        span.set_attributes(attributes)
 
 
 class Telemetry:
@@ -201,10 +204,13 @@ class Telemetry:
         overhead = scope.overhead_s()
         span = scope.span
         if span.is_recording():
-            span.set_attribute(attr.RPC_GRPC_STATUS_CODE, scope.status_code)
-            span.set_attribute(attr.OVERHEAD_MS, overhead * 1000.0)
+            attributes: dict[str, Any] = {
+                attr.RPC_GRPC_STATUS_CODE: scope.status_code,
+                attr.OVERHEAD_MS: overhead * 1000.0,
+            }
             if scope.error_type is not None:
-                span.set_attribute(attr.ERROR_TYPE, scope.error_type)
+                attributes[attr.ERROR_TYPE] = scope.error_type
+            span.set_attributes(attributes)
             if scope.status_code in attr.SERVER_ERROR_CODES:
                 span.set_status(Status(StatusCode.ERROR, scope.error_type))
         span.end()
