@@ -204,12 +204,25 @@ class MemoryLedger:
         self._buckets = _Buckets(config or LedgerConfig(), wall_clock)
         self._rows: dict[tuple[int, Dims], UsageRow] = {}
         self._spend: dict[tuple[str, str], int] = {}
+        self._retention_s = self._buckets.config.retention_days * 86400
+        self._current_bucket: int | None = None
+
+    def _prune(self, now: float) -> None:
+        """Drop rows past retention and spend of finished periods (once per new bucket)."""
+        oldest = now - self._retention_s
+        self._rows = {k: r for k, r in self._rows.items() if k[0] >= oldest}
+        current = {period_key("day", now), period_key("month", now)}
+        self._spend = {k: v for k, v in self._spend.items() if k[1] in current}
 
     async def record(self, entry: UsageEntry) -> None:
         """Add one finished call."""
         now = self._buckets.now()
+        bucket = self._buckets.start(now)
+        if bucket != self._current_bucket:
+            self._current_bucket = bucket
+            self._prune(now)
         dims = _dims(entry.tenant, entry.model, entry.upstream, entry.labels)
-        key = (self._buckets.start(now), dims)
+        key = (bucket, dims)
         row = self._rows.get(key)
         if row is None:
             row = self._rows[key] = UsageRow(
@@ -339,9 +352,16 @@ class RedisLedger:
         return [merged[d] for d in sorted(merged)]
 
     async def spent_usd(self, tenant: str, period: str) -> float:
-        """What `tenant` has spent in the current UTC `period`."""
+        """What `tenant` has spent in the current UTC `period` (0 while Redis is down).
+
+        Budgets fail open: an unreachable ledger must not refuse every call.
+        """
         key = f"{self._prefix}:spend:{tenant}:{period_key(period, self._buckets.now())}"
-        raw = await self._redis.get(key)
+        try:
+            raw = await self._redis.get(key)
+        except (RedisError, OSError) as exc:
+            log.warning("ledger.spend_unavailable", extra={"error": type(exc).__name__})
+            return 0.0
         return int(raw or 0) / PICO
 
     async def aclose(self) -> None:

@@ -203,3 +203,24 @@ async def test_budget_counts_the_prompt_of_the_call_about_to_be_made():
     big = ChatRequest(model="m", messages=(Message(Role.USER, "word " * 4000),), tenant="anyone")
     with pytest.raises(QuotaExceeded, match="monthly budget"):
         await budgets.check(big)
+
+
+async def test_memory_ledger_forgets_usage_past_retention():
+    """Rows older than retention_days are dropped when a new bucket starts."""
+    clock = WallClock(NOON)
+    ledger = MemoryLedger(LedgerConfig(retention_days=1), wall_clock=clock)
+    await ledger.record(entry(cost=1.0))
+    clock.now = NOON + 2 * 86400
+    await ledger.record(entry(cost=2.0))
+    assert total_of(await ledger.query(UsageFilter())).cost_usd == 2.0
+
+
+async def test_an_unreachable_redis_ledger_neither_fails_calls_nor_blocks_budgets():
+    """With Redis down, recording logs and returns, and spend reads as zero (fail open)."""
+    dead = LedgerConfig(redis_url="redis://127.0.0.1:1/0")
+    ledger = RedisLedger(dead, wall_clock=WallClock(NOON))
+    try:
+        await ledger.record(entry())
+        assert await ledger.spent_usd("acme", "day") == 0.0
+    finally:
+        await ledger.aclose()
