@@ -155,6 +155,7 @@ async def test_usage_command_prints_a_table(priced, capsys):
     assert out[-1].split()[1] == "2"
 
 
+@pytest.mark.redis
 async def test_replicas_share_one_redis_ledger(upstream, start_gateway, redis_url):  # noqa: F811
     """Two gateways on one Redis ledger: usage from both shows in either's GetUsage."""
     config = gateway_config(

@@ -53,7 +53,7 @@ def entry(tenant="acme", model="m", upstream="up0", labels=None, cost=0.001, **u
     )
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def make_ledger(request):
     """A factory of ledgers of both kinds on a settable clock (Redis keys isolated per ledger)."""
     made = []
@@ -215,6 +215,7 @@ async def test_memory_ledger_forgets_usage_past_retention():
     assert total_of(await ledger.query(UsageFilter())).cost_usd == 2.0
 
 
+@pytest.mark.redis
 async def test_an_unreachable_redis_ledger_neither_fails_calls_nor_blocks_budgets():
     """With Redis down, recording logs and returns, and spend reads as zero (fail open)."""
     dead = LedgerConfig(redis_url="redis://127.0.0.1:1/0")
