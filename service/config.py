@@ -251,6 +251,55 @@ class BatchConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """Traces and metrics; exporters come from the standard `OTEL_*` environment.
+
+    `OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER` (otlp, console, prometheus, none;
+    default none) pick the exporters, so nothing leaves the process unless configured.
+    """
+
+    enabled: bool = True
+    # Prompt and completion text on spans: off unless the operator opts in.
+    capture_content: bool = False
+    service_name: str = "llm-gateway"
+    prometheus_port: int | None = None
+    prometheus_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        port = self.prometheus_port
+        _require(port is None or 0 <= port <= 65535, "prometheus_port must be 0..65535")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    """Where usage is summed: in memory, or in Redis shared by every replica."""
+
+    # May carry a password: never printed.
+    redis_url: str | None = field(default=None, repr=False)
+    key_prefix: str = "llm-gateway:usage"
+    bucket_s: int = 3600
+    retention_days: int = 62
+
+    def __post_init__(self) -> None:
+        _require(
+            60 <= self.bucket_s <= 86400 and 86400 % self.bucket_s == 0,
+            "bucket_s must divide a day and be >= 60",
+        )
+        _require(self.retention_days >= 1, "retention_days must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    """A tenant's spending limit in USD per calendar period (UTC)."""
+
+    usd: float
+    period: Literal["day", "month"] = "month"
+
+    def __post_init__(self) -> None:
+        _require(self.usd >= 0, "usd must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The whole configuration."""
 
@@ -262,6 +311,9 @@ class GatewayConfig:
     resilience: ResilienceConfig = ResilienceConfig()
     summarize: SummarizeConfig = SummarizeConfig()
     batch: BatchConfig = BatchConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    ledger: LedgerConfig = LedgerConfig()
+    budgets: Mapping[str, BudgetConfig] = field(default_factory=dict)
     source: str = "<defaults>"
 
     @property

@@ -9,15 +9,18 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+from service.budgets import Budgets
 from service.calibration import TokenCalibration
 from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
 from service.context_window import fit_messages
 from service.domain import ChatRequest, Completion, Delta, Timings, Usage
+from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.pool import AttemptLog, UpstreamPool
 from service.pricing import PriceList
+from service.telemetry import active as telemetry
 from service.tokens import estimate_prompt_tokens, estimate_text_tokens
 from service.upstream.types import StreamEnd, TextChunk
 from service.validation import validate_chat_request
@@ -29,11 +32,23 @@ _DEFAULT_CONTEXT_WINDOW = 8192
 class Pipeline:
     """Runs chat completions through the gateway's policies to an upstream."""
 
-    def __init__(self, config: GatewayConfig, pool: UpstreamPool, prices: PriceList) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        pool: UpstreamPool,
+        prices: PriceList,
+        *,
+        ledger: Ledger | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._config = config
         self._pool = pool
         self._prices = prices
         self.calibration = TokenCalibration()
+        self.ledger: Ledger = ledger if ledger is not None else MemoryLedger(config.ledger)
+        self._budgets = Budgets(
+            config.budgets, ledger=self.ledger, prices=prices, wall_clock=wall_clock
+        )
 
     @property
     def config(self) -> GatewayConfig:
@@ -43,6 +58,29 @@ class Pipeline:
     def context_window(self, model: str) -> int:
         """The model's context window from the catalog (a safe default when unlisted)."""
         return self._prices.context_window(model, _DEFAULT_CONTEXT_WINDOW)
+
+    async def check_budget(self, request: ChatRequest) -> None:
+        """Refuse with `QuotaExceeded` before any upstream work if the tenant's budget is spent."""
+        if self._config.budgets:
+            await self._budgets.check(request)
+
+    async def account(self, request: ChatRequest, completion: Completion) -> None:
+        """Record a finished call on the RPC span, the cost metrics and the usage ledger.
+
+        Every path that produces a `Completion` (unary, stream, cache hit, batch) calls
+        this once, so all of them are priced and counted identically.
+        """
+        telemetry().record_completion(request, completion)
+        await self.ledger.record(
+            UsageEntry(
+                tenant=request.tenant,
+                model=request.model,
+                upstream=completion.upstream,
+                labels=request.labels,
+                usage=completion.usage,
+                cost_usd=completion.cost_usd,
+            )
+        )
 
     @property
     def pool(self) -> UpstreamPool:
@@ -92,11 +130,12 @@ class Pipeline:
         """One unary completion."""
         started = time.monotonic()
         request, dropped = self.prepare(request)
+        await self.check_budget(request)
         log = AttemptLog()
         reply = await self._pool.complete(request, deadline=deadline, log=log)
         usage = self._usage(request, reply.content, reply.usage)
         upstream_ms = log.upstream_s * _MS
-        return Completion(
+        completion = Completion(
             id=reply.id or f"gw-{uuid.uuid4().hex}",
             model=reply.model,
             content=reply.content,
@@ -112,6 +151,8 @@ class Pipeline:
             ),
             dropped_messages=dropped,
         )
+        await self.account(request, completion)
+        return completion
 
     async def stream(
         self, request: ChatRequest, *, deadline: Deadline
@@ -119,6 +160,7 @@ class Pipeline:
         """One streamed completion: deltas as they arrive, then the `Completion`."""
         started = time.monotonic()
         request, dropped = self.prepare(request)
+        await self.check_budget(request)
         log = AttemptLog()
         parts: list[str] = []
         end: StreamEnd | None = None
@@ -132,7 +174,7 @@ class Pipeline:
             raise RuntimeError("stream ended without its end event")
         content = "".join(parts)
         usage = self._usage(request, content, end.usage)
-        yield Completion(
+        completion = Completion(
             id=end.id or f"gw-{uuid.uuid4().hex}",
             model=end.model,
             content=content,
@@ -148,3 +190,5 @@ class Pipeline:
             ),
             dropped_messages=dropped,
         )
+        await self.account(request, completion)
+        yield completion

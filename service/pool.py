@@ -44,6 +44,8 @@ from service.retry import (
     is_failover_only,
     is_retryable,
 )
+from service.telemetry import active as telemetry
+from service.telemetry.core import AttemptSpan
 from service.tokens import estimate_prompt_tokens
 from service.upstream.client import UpstreamClient
 from service.upstream.openai_json import request_body
@@ -80,6 +82,7 @@ class AttemptLog:
     upstream: str = ""
     upstream_s: float = 0.0
     first_token_s: float | None = None
+    retry_wait_s: float = 0.0
     errors: list[str] = field(default_factory=list)
     records: list[AttemptRecord] = field(default_factory=list)
 
@@ -228,13 +231,31 @@ class UpstreamPool:
         weights = [r.client.config.weight for r in routes]
         return _CallPlan(routes, self._balancers[model].pick(weights, allowed))
 
-    def _call(self, request: ChatRequest, route: Route, *, stream: bool) -> UpstreamCall:
+    def _call(
+        self, request: ChatRequest, route: Route, *, stream: bool, headers: dict[str, str]
+    ) -> UpstreamCall:
         # One idempotency key per call, reused on every attempt and every upstream.
-        headers = {"Idempotency-Key": request.idempotency_key} if request.idempotency_key else {}
+        if request.idempotency_key:
+            headers["Idempotency-Key"] = request.idempotency_key
         return UpstreamCall(
             upstream_model=route.upstream_model,
             body=request_body(request, upstream_model=route.upstream_model, stream=stream),
             headers=headers,
+        )
+
+    @staticmethod
+    def _attempt_span(
+        request: ChatRequest, route: Route, log: AttemptLog, headers: dict[str, str]
+    ) -> contextlib.AbstractContextManager[AttemptSpan]:
+        """The CLIENT span of this attempt; it puts `traceparent` into `headers`."""
+        return telemetry().upstream_attempt(
+            request,
+            upstream=route.client.name,
+            base_url=route.client.config.base_url,
+            upstream_model=route.upstream_model,
+            attempt=log.attempts,
+            headers=headers,
+            retry_wait_s=log.retry_wait_s if log.attempts > 1 else None,
         )
 
     @staticmethod
@@ -287,6 +308,7 @@ class UpstreamPool:
                     reason=describe(last_error),
                 )
             )
+            log_.retry_wait_s = wait
             if wait > 0:
                 await self._clock.sleep(wait)
         left = deadline.remaining_s()
@@ -424,10 +446,20 @@ class UpstreamPool:
             log.attempts += 1
             log.upstream = route.client.name
             started = time.monotonic()
+            headers: dict[str, str] = {}
             try:
-                reply = await route.client.complete(
-                    self._call(request, route, stream=False), timeout_s=timeout_s
-                )
+                with self._attempt_span(request, route, log, headers) as span:
+                    reply = await route.client.complete(
+                        self._call(request, route, stream=False, headers=headers),
+                        timeout_s=timeout_s,
+                    )
+                    span.finish(
+                        response_id=reply.id,
+                        response_model=reply.model,
+                        finish_reason=str(reply.finish_reason),
+                        usage=reply.usage,
+                        content=reply.content,
+                    )
             except UpstreamError as exc:
                 self._after_failure(state, exc, deadline)
                 self._record(log, route, request, started=started, is_stream=False, error=exc)
@@ -491,35 +523,45 @@ class UpstreamPool:
             started = time.monotonic()
             deltas_sent = chars_sent = 0
             is_finished = False
+            headers: dict[str, str] = {}
             try:
-                # The client's stream is an async generator: close it on every exit path.
-                events = cast(
-                    AsyncGenerator[StreamEvent, None],
-                    route.client.stream(
-                        self._call(request, route, stream=True), timeout_s=timeout_s
-                    ),
-                )
-                async with contextlib.aclosing(events):
-                    async for event in events:
-                        if isinstance(event, TextChunk):
-                            if log.first_token_s is None:
-                                # From the start of the call: retries delay the first token.
-                                log.first_token_s = time.monotonic() - call_started
-                            deltas_sent += 1
-                            chars_sent += len(event.content)
-                        elif isinstance(event, StreamEnd):
-                            is_finished = True
-                            self._after_success(state, event.rate_limits)
-                            self._record(
-                                log,
-                                route,
-                                request,
-                                started=started,
-                                is_stream=True,
-                                error=None,
-                                deltas_sent=deltas_sent,
-                            )
-                        yield event
+                with self._attempt_span(request, route, log, headers) as span:
+                    # The client's stream is an async generator: close it on every exit path.
+                    events = cast(
+                        AsyncGenerator[StreamEvent, None],
+                        route.client.stream(
+                            self._call(request, route, stream=True, headers=headers),
+                            timeout_s=timeout_s,
+                        ),
+                    )
+                    async with contextlib.aclosing(events):
+                        async for event in events:
+                            if isinstance(event, TextChunk):
+                                if log.first_token_s is None:
+                                    # From the start of the call: retries delay the first token.
+                                    log.first_token_s = time.monotonic() - call_started
+                                deltas_sent += 1
+                                chars_sent += len(event.content)
+                                span.chunk(event.content)
+                            elif isinstance(event, StreamEnd):
+                                is_finished = True
+                                span.finish(
+                                    response_id=event.id,
+                                    response_model=event.model,
+                                    finish_reason=str(event.finish_reason),
+                                    usage=event.usage,
+                                )
+                                self._after_success(state, event.rate_limits)
+                                self._record(
+                                    log,
+                                    route,
+                                    request,
+                                    started=started,
+                                    is_stream=True,
+                                    error=None,
+                                    deltas_sent=deltas_sent,
+                                )
+                            yield event
                 return
             except UpstreamError as exc:
                 self._after_failure(state, exc, deadline)

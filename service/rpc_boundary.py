@@ -3,7 +3,9 @@
 Each servicer method is wrapped when the server is built rather than through a
 per-call interceptor, which costs an extra coroutine on every call. The wrapper admits
 the call (or sheds it with RESOURCE_EXHAUSTED at once), and turns any exception into a
-gRPC status with `google.rpc` details via `errors.to_rpc_status`.
+gRPC status with `google.rpc` details via `errors.to_rpc_status`. It also opens the
+RPC's server span (continuing the caller's trace context) and ends every call, success
+or failure, with the `llm-gateway-overhead-ms` trailer: the time not spent upstream.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import grpc
 from grpc_status import rpc_status
 
 from service.errors import GatewayError, Overloaded, pushback_trailer, to_rpc_status
+from service.telemetry import RpcScope
+from service.telemetry import active as telemetry
 
 log = logging.getLogger("llm_gateway.rpc")
 
@@ -79,7 +83,12 @@ class Admission:
         self.in_flight -= 1
 
 
-async def abort_with(context: Context, exc: BaseException, method: str) -> NoReturn:
+SERVICE = "llmgateway.v1.CompletionService"
+
+
+async def abort_with(
+    context: Context, exc: BaseException, method: str, rpc: RpcScope | None = None
+) -> NoReturn:
     """End the call with the status `exc` maps to."""
     if not isinstance(exc, GatewayError):
         # Unexpected: full detail goes to the server log only, never to the caller.
@@ -87,31 +96,35 @@ async def abort_with(context: Context, exc: BaseException, method: str) -> NoRet
     else:
         log.debug("rpc.failed", extra={"method": method, "reason": exc.reason})
     status = rpc_status.to_status(to_rpc_status(exc))
-    await context.abort(
-        status.code,
-        status.details,
-        trailing_metadata=status.trailing_metadata + pushback_trailer(exc),
-    )
+    trailers = tuple(status.trailing_metadata) + pushback_trailer(exc)
+    if rpc is not None:
+        rpc.fail(status_code=status.code.value[0], error_type=getattr(exc, "reason", "INTERNAL"))
+        trailers += tuple(rpc.trailers())
+    await context.abort(status.code, status.details, trailing_metadata=trailers)
     raise AssertionError("context.abort always raises")  # pragma: no cover
 
 
 def _guard_unary(method: UnaryHandler, name: str, admission: Admission) -> UnaryHandler:
     @functools.wraps(method)
     async def guarded(request: Any, context: Context) -> Any:
-        try:
-            await admission.enter()
-        except Overloaded as exc:
-            await abort_with(context, exc, name)
-        try:
-            return await method(request, context)
-        except asyncio.CancelledError:
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await abort_with(context, exc, name)
-        finally:
-            admission.leave()
+        metadata = context.invocation_metadata() or ()
+        with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
+            try:
+                await admission.enter()
+            except Overloaded as exc:
+                await abort_with(context, exc, name, rpc)
+            try:
+                response = await method(request, context)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort_with(context, exc, name, rpc)
+            finally:
+                admission.leave()
+            context.set_trailing_metadata(rpc.trailers())
+            return response
 
     return guarded
 
@@ -119,21 +132,24 @@ def _guard_unary(method: UnaryHandler, name: str, admission: Admission) -> Unary
 def _guard_stream(method: StreamHandler, name: str, admission: Admission) -> StreamHandler:
     @functools.wraps(method)
     async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
-        try:
-            await admission.enter()
-        except Overloaded as exc:
-            await abort_with(context, exc, name)
-        try:
-            async for item in method(request, context):
-                yield item
-        except asyncio.CancelledError:
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await abort_with(context, exc, name)
-        finally:
-            admission.leave()
+        metadata = context.invocation_metadata() or ()
+        with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
+            try:
+                await admission.enter()
+            except Overloaded as exc:
+                await abort_with(context, exc, name, rpc)
+            try:
+                async for item in method(request, context):
+                    yield item
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort_with(context, exc, name, rpc)
+            finally:
+                admission.leave()
+            context.set_trailing_metadata(rpc.trailers())
 
     return guarded
 

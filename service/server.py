@@ -15,12 +15,14 @@ from grpc_reflection.v1alpha import reflection
 
 from llmgateway.v1 import gateway_pb2, gateway_pb2_grpc
 from service.config import GatewayConfig, UpstreamConfig
+from service.ledger import open_ledger
 from service.local_model import LocalModelServer
 from service.pipeline import Pipeline
 from service.pool import UpstreamPool
 from service.pricing import PriceList
 from service.rpc_boundary import Admission, guard_servicer
 from service.servicer import CompletionServicer
+from service.telemetry import Telemetry, activate
 from service.upstream.client import UpstreamClient
 
 log = logging.getLogger("llm_gateway.server")
@@ -36,8 +38,9 @@ class GatewayServer:
     and closes them in reverse order.
     """
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, *, telemetry: Telemetry | None = None) -> None:
         self.config = config
+        self.telemetry = telemetry
         self.port = 0
         self.health = HealthServicer()
         self.admission = Admission(
@@ -78,12 +81,16 @@ class GatewayServer:
 
     async def start(self) -> None:
         """Build everything and start listening."""
+        prices = PriceList(self.config.models)
+        await self._start_telemetry(prices)
+        ledger = open_ledger(self.config.ledger)
+        self._stack.push_async_callback(ledger.aclose)
         clients = [
             await self._stack.enter_async_context(UpstreamClient(c))
             for c in await self._upstream_configs()
         ]
         pool = UpstreamPool(clients, settings=self.config.resilience)
-        self.pipeline = Pipeline(self.config, pool, PriceList(self.config.models))
+        self.pipeline = Pipeline(self.config, pool, prices, ledger=ledger)
         servicer = CompletionServicer(self.pipeline)
         guard_servicer(servicer, RPC_METHODS, self.admission)
         server = grpc.aio.server(
@@ -114,6 +121,16 @@ class GatewayServer:
         log.info(
             "server.started", extra={"port": self.port, "upstreams": [c.name for c in clients]}
         )
+
+    async def _start_telemetry(self, prices: PriceList) -> None:
+        """Install this server's telemetry; restored and flushed when the server closes."""
+        if self.telemetry is None:
+            self.telemetry = Telemetry.from_config(self.config.telemetry, prices=prices)
+        else:
+            self.telemetry.prices = prices
+        previous = activate(self.telemetry)
+        self._stack.push_async_callback(self.telemetry.aclose)
+        self._stack.callback(activate, previous)
 
     @property
     def address(self) -> str:

@@ -29,7 +29,13 @@ from service.domain import (
     TruncationMode,
     Usage,
 )
-from service.errors import FieldViolation, InvalidRequest, NotImplementedYet, to_rpc_status
+from service.errors import (
+    FieldViolation,
+    InvalidRequest,
+    PermissionDenied,
+    to_rpc_status,
+)
+from service.ledger import UsageFilter, UsageRow, total_of
 from service.pipeline import Pipeline
 from service.summarize import Summarizer, SummaryRequest
 from service.validation import chat_request_violations
@@ -165,6 +171,48 @@ def deadline_of(context: grpc.aio.ServicerContext[object, object]) -> Deadline:
 def tenant_of(context: grpc.aio.ServicerContext[object, object]) -> str:
     """The tenant the auth layer attached to this call ("default" without auth)."""
     return "default"
+
+
+def caller_is_admin(context: grpc.aio.ServicerContext[object, object]) -> bool:
+    """Whether the caller may read other tenants' usage.
+
+    Without caller auth every call is the operator's, tenant "default"; any named tenant
+    is refused others' usage until the tenancy layer says who is an admin.
+    """
+    return tenant_of(context) == "default"
+
+
+ALL_TENANTS = "*"
+
+
+def usage_row_to_proto(row: UsageRow) -> pb.UsageRow:
+    """One ledger row."""
+    return pb.UsageRow(
+        tenant=row.tenant,
+        model=row.model,
+        upstream=row.upstream,
+        labels=dict(row.labels),
+        requests=row.requests,
+        usage=pb.Usage(
+            input_tokens=row.input_tokens,
+            output_tokens=row.output_tokens,
+            cached_input_tokens=row.cached_input_tokens,
+        ),
+        cost_usd=row.cost_usd,
+    )
+
+
+def usage_filter_from_proto(request: pb.GetUsageRequest, *, tenant: str | None) -> UsageFilter:
+    """The ledger filter of a GetUsage request (`tenant` already authorised)."""
+    return UsageFilter(
+        tenant=tenant,
+        model=request.model or None,
+        labels=dict(request.labels),
+        start_s=request.start_time.ToMicroseconds() / 1e6
+        if request.HasField("start_time")
+        else None,
+        end_s=request.end_time.ToMicroseconds() / 1e6 if request.HasField("end_time") else None,
+    )
 
 
 class CompletionServicer(pb_grpc.CompletionServiceServicer):
@@ -303,4 +351,13 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
     async def GetUsage(
         self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.GetUsageResponse:
-        raise NotImplementedYet("GetUsage is not offered yet")
+        caller = tenant_of(context)
+        wanted = request.tenant or caller
+        if wanted != caller and not caller_is_admin(context):
+            raise PermissionDenied(f"tenant {caller!r} may only read its own usage")
+        query = usage_filter_from_proto(request, tenant=None if wanted == ALL_TENANTS else wanted)
+        rows = await self._pipeline.ledger.query(query)
+        return pb.GetUsageResponse(
+            rows=[usage_row_to_proto(r) for r in rows],
+            total=usage_row_to_proto(total_of(rows)),
+        )

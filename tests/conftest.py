@@ -81,8 +81,8 @@ async def start_gateway() -> AsyncIterator[Callable[[GatewayConfig], Any]]:
     """A factory that starts gateways; each is stopped and its channel closed at teardown."""
     running: list[RunningGateway] = []
 
-    async def start(config: GatewayConfig) -> RunningGateway:
-        server = GatewayServer(config)
+    async def start(config: GatewayConfig, **options: Any) -> RunningGateway:
+        server = GatewayServer(config, **options)
         await server.__aenter__()
         channel = grpc.aio.insecure_channel(server.address)
         gateway = RunningGateway(server, channel, pb_grpc.CompletionServiceStub(channel))

@@ -12,9 +12,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gateway_client.commands import batch, check, complete, models, serve, summarize
+from gateway_client.commands import batch, check, complete, models, serve, summarize, usage
 
-SUBCOMMANDS = [serve, complete, models, batch, summarize, check]
+SUBCOMMANDS = [serve, complete, models, batch, summarize, check, usage]
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -169,3 +170,23 @@ class GatewayClient:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Call metadata (the caller key) for direct stub calls."""
         return self._metadata
+
+    async def usage(
+        self,
+        *,
+        tenant: str = "",
+        model: str = "",
+        labels: Mapping[str, str] | None = None,
+        since: datetime.datetime | None = None,
+        until: datetime.datetime | None = None,
+    ) -> pb.GetUsageResponse:
+        """Requests, tokens and cost recorded by the gateway, filtered."""
+        request = pb.GetUsageRequest(tenant=tenant, model=model, labels=dict(labels or {}))
+        if since is not None:
+            request.start_time.FromDatetime(since)
+        if until is not None:
+            request.end_time.FromDatetime(until)
+        response: pb.GetUsageResponse = await self.stub.GetUsage(
+            request, timeout=self._timeout_s, metadata=self._metadata
+        )
+        return response

@@ -1,0 +1,110 @@
+"""`llm-gateway usage`: requests, tokens and cost from the gateway's ledger, as a table."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import re
+import sys
+from typing import Any
+
+import grpc
+
+from gateway_client.client import GatewayClient
+from gateway_client.errors import error_details
+from llmgateway.v1 import gateway_pb2 as pb
+
+_UNITS = {"m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(value: str, *, now: dt.datetime | None = None) -> dt.datetime:
+    """`30m`, `24h`, `7d` (ago) or an ISO 8601 time (UTC unless it says otherwise)."""
+    match = re.fullmatch(r"(\d+)([mhd])", value.strip())
+    if match:
+        current = now or dt.datetime.now(dt.UTC)
+        return current - dt.timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a duration (30m, 24h, 7d) nor an ISO 8601 time"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def parse_label(value: str) -> tuple[str, str]:
+    """`key=value`."""
+    key, sep, label = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE")
+    return key, label
+
+
+def register(subparsers: Any) -> None:
+    """Add the `usage` subcommand."""
+    from gateway_client.cli import add_connection_arguments
+
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "usage", help="requests, tokens and cost by tenant, model, upstream and label"
+    )
+    add_connection_arguments(parser)
+    parser.add_argument("--tenant", default="", help="tenant ('*': all, admins only)")
+    parser.add_argument("--model", default="", help="only this model")
+    parser.add_argument(
+        "--label",
+        action="append",
+        type=parse_label,
+        default=[],
+        help="KEY=VALUE; only rows carrying it (repeatable)",
+    )
+    parser.add_argument(
+        "--since", type=parse_since, help="window start: 30m, 24h, 7d or an ISO 8601 time"
+    )
+    parser.set_defaults(handler=usage_command)
+
+
+def _row(row: pb.UsageRow, *, name: str | None = None) -> tuple[str, ...]:
+    labels = ",".join(f"{k}={v}" for k, v in sorted(row.labels.items()))
+    return (
+        name if name is not None else row.tenant,
+        row.model,
+        row.upstream,
+        labels,
+        str(row.requests),
+        str(row.usage.input_tokens),
+        str(row.usage.output_tokens),
+        str(row.usage.cached_input_tokens),
+        f"{row.cost_usd:.6f}",
+    )
+
+
+def format_usage(response: pb.GetUsageResponse) -> str:
+    """The ledger rows and their total as an aligned text table."""
+    rows: list[tuple[str, ...]] = [
+        ("TENANT", "MODEL", "UPSTREAM", "LABELS", "REQUESTS", "IN", "OUT", "CACHED", "COST $")
+    ]
+    rows.extend(_row(r) for r in response.rows)
+    rows.append(_row(response.total, name="TOTAL"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    numeric = range(4, len(widths))
+    return "\n".join(
+        "  ".join(
+            c.rjust(w) if i in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    )
+
+
+async def usage_command(args: argparse.Namespace) -> int:
+    """Run `llm-gateway usage`."""
+    async with GatewayClient(args.address, api_key=args.api_key) as client:
+        try:
+            response = await client.usage(
+                tenant=args.tenant, model=args.model, labels=dict(args.label), since=args.since
+            )
+        except grpc.aio.AioRpcError as error:
+            print(error_details(error).describe(), file=sys.stderr)
+            return 1
+    print(format_usage(response))
+    return 0

@@ -1,0 +1,34 @@
+"""Traces, metrics and the per-call overhead figure, behind a small hook interface.
+
+setup.py    providers and exporters from `OTEL_*` variables
+metrics.py  the instruments
+tracing.py  attribute names, the per-RPC scope
+core.py     `Telemetry` and the hooks other modules call
+"""
+
+from service.telemetry.core import (
+    AttemptSpan,
+    Telemetry,
+    activate,
+    active,
+    record_cache_hit,
+    record_retry,
+    record_upstream_error,
+    set_breaker_state,
+)
+from service.telemetry.setup import TelemetrySetupError
+from service.telemetry.tracing import OVERHEAD_TRAILER, RpcScope
+
+__all__ = [
+    "OVERHEAD_TRAILER",
+    "AttemptSpan",
+    "RpcScope",
+    "Telemetry",
+    "TelemetrySetupError",
+    "activate",
+    "active",
+    "record_cache_hit",
+    "record_retry",
+    "record_upstream_error",
+    "set_breaker_state",
+]

@@ -1,0 +1,389 @@
+"""`Telemetry`: what the boundary, pipeline and pool call to trace, measure and price.
+
+Core modules never import exporters: they call `active()` (the telemetry the running
+server installed) or the module-level hooks below, which cost next to nothing when
+telemetry is off because the tracer and meter are then OpenTelemetry's no-ops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from service.config import TelemetryConfig
+from service.domain import ChatRequest, Completion, Usage
+from service.pricing import PriceList
+from service.telemetry import tracing as attr
+from service.telemetry.metrics import BREAKER_STATES, Instruments
+from service.telemetry.setup import Providers, build_providers
+from service.telemetry.tracing import CURRENT_RPC, RpcScope
+
+log = logging.getLogger("llm_gateway.telemetry")
+
+_SHUTDOWN_TIMEOUT_S = 5.0
+
+
+@dataclass(slots=True)
+class AttemptSpan:
+    """One upstream attempt in progress: the CLIENT span and what it measures."""
+
+    span: Span
+    telemetry: Telemetry
+    request: ChatRequest
+    upstream: str
+    metric_attributes: dict[str, Any]
+    started: float = field(default_factory=time.perf_counter)
+    first_chunk_s: float | None = None
+    _parts: list[str] | None = None
+
+    def chunk(self, text: str) -> None:
+        """A streamed chunk arrived; the first one marks time to first token."""
+        if self.first_chunk_s is None:
+            self.first_chunk_s = time.perf_counter() - self.started
+            self.span.set_attribute(attr.TIME_TO_FIRST_TOKEN_MS, self.first_chunk_s * 1000.0)
+            self.telemetry.instruments.time_to_first_chunk.record(
+                self.first_chunk_s, self.metric_attributes
+            )
+        if self._parts is not None:
+            self._parts.append(text)
+
+    def finish(
+        self,
+        *,
+        response_id: str,
+        response_model: str,
+        finish_reason: str,
+        usage: Usage | None,
+        content: str | None = None,
+    ) -> None:
+        """The upstream answered in full: response attributes, tokens and cost."""
+        span = self.span
+        if response_model:
+            self.metric_attributes[attr.GEN_AI_RESPONSE_MODEL] = response_model
+        if usage is not None:
+            token_usage = self.telemetry.instruments.token_usage
+            token_usage.record(
+                usage.input_tokens, {**self.metric_attributes, attr.GEN_AI_TOKEN_TYPE: "input"}
+            )
+            token_usage.record(
+                usage.output_tokens, {**self.metric_attributes, attr.GEN_AI_TOKEN_TYPE: "output"}
+            )
+        if not span.is_recording():
+            return
+        # One call: each set_attribute takes the span's lock and validates on its own.
+        attributes: dict[str, Any] = {
+            attr.GEN_AI_RESPONSE_ID: response_id,
+            attr.GEN_AI_RESPONSE_MODEL: response_model,
+            attr.GEN_AI_RESPONSE_FINISH_REASONS: (finish_reason,),
+        }
+        if usage is not None:
+            attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] = usage.input_tokens
+            attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] = usage.output_tokens
+            attributes[attr.CACHED_INPUT_TOKENS] = usage.cached_input_tokens
+            attributes[attr.COST_USD] = self.telemetry.prices.cost_usd(self.request.model, usage)
+        if self.telemetry.capture_content:
+            text = content if content is not None else "".join(self._parts or ())
+            attributes[attr.GEN_AI_OUTPUT_MESSAGES] = attr.output_json(text, finish_reason)
+        span.set_attributes(attributes)
+
+
+class Telemetry:
+    """Tracer, instruments and content policy of one gateway.
+
+    Build it with `Telemetry.from_config`; `Telemetry.disabled()` is the no-op default.
+    """
+
+    def __init__(
+        self,
+        providers: Providers,
+        *,
+        capture_content: bool = False,
+        prices: PriceList | None = None,
+    ) -> None:
+        self.providers = providers
+        self.tracer = providers.tracer
+        self.in_flight = 0
+        self.instruments = Instruments(providers.meter, in_flight=lambda: self.in_flight)
+        self.capture_content = capture_content
+        self.prices = prices if prices is not None else PriceList({})
+        self._propagator = propagate.get_global_textmap()
+        self._is_closed = False
+
+    @classmethod
+    def from_config(
+        cls,
+        config: TelemetryConfig,
+        *,
+        prices: PriceList | None = None,
+        environ: Mapping[str, str] | None = None,
+        span_processors: Sequence[SpanProcessor] = (),
+        metric_readers: Sequence[MetricReader] = (),
+    ) -> Telemetry:
+        """Telemetry as configured; tests inject in-memory span processors and readers."""
+        providers = build_providers(
+            config,
+            environ=environ,
+            span_processors=span_processors,
+            extra_metric_readers=metric_readers,
+        )
+        return cls(providers, capture_content=config.capture_content, prices=prices)
+
+    @classmethod
+    def disabled(cls) -> Telemetry:
+        """Telemetry that records nothing."""
+        return cls.from_config(TelemetryConfig(enabled=False))
+
+    async def aclose(self) -> None:
+        """Flush and shut exporters down in a thread, waiting a bounded time.
+
+        An unreachable collector must not hold up shutdown: after the bound the
+        exporter thread is left to give up on its own.
+        """
+        if not self.providers.is_recording or self._is_closed:
+            return
+        self._is_closed = True
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(asyncio.to_thread(self.providers.shutdown)), _SHUTDOWN_TIMEOUT_S
+            )
+        except TimeoutError:
+            log.warning("telemetry.shutdown_timed_out", extra={"timeout_s": _SHUTDOWN_TIMEOUT_S})
+
+    # --- one span per RPC -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def rpc(
+        self, *, service: str, method: str, metadata: Sequence[tuple[str, Any]]
+    ) -> Iterator[RpcScope]:
+        """The SERVER span of one RPC, continuing the caller's W3C trace context."""
+        carrier = {k: v for k, v in metadata if isinstance(v, str)}
+        parent = self._propagator.extract(carrier)
+        span = self.tracer.start_span(
+            f"{service}/{method}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={
+                attr.RPC_SYSTEM: "grpc",
+                attr.RPC_SERVICE: service,
+                attr.RPC_METHOD: method,
+            },
+        )
+        scope = RpcScope(span=span, method=method)
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        rpc_token = CURRENT_RPC.set(scope)
+        self.in_flight += 1
+        try:
+            yield scope
+        except (asyncio.CancelledError, GeneratorExit):
+            scope.fail(status_code=1, error_type="cancelled")
+            raise
+        except BaseException as exc:
+            if scope.error_type is None:
+                scope.fail(status_code=2, error_type=type(exc).__name__)
+            raise
+        finally:
+            self._end_rpc(scope)
+            with contextlib.suppress(ValueError):
+                CURRENT_RPC.reset(rpc_token)
+            otel_context.detach(token)
+
+    def _end_rpc(self, scope: RpcScope) -> None:
+        elapsed = scope.elapsed_s()
+        overhead = scope.overhead_s()
+        span = scope.span
+        if span.is_recording():
+            attributes: dict[str, Any] = {
+                attr.RPC_GRPC_STATUS_CODE: scope.status_code,
+                attr.OVERHEAD_MS: overhead * 1000.0,
+            }
+            if scope.error_type is not None:
+                attributes[attr.ERROR_TYPE] = scope.error_type
+            span.set_attributes(attributes)
+            if scope.status_code in attr.SERVER_ERROR_CODES:
+                span.set_status(Status(StatusCode.ERROR, scope.error_type))
+        span.end()
+        labels: dict[str, Any] = {
+            attr.RPC_METHOD: scope.method,
+            attr.RPC_GRPC_STATUS_CODE: scope.status_code,
+        }
+        self.in_flight -= 1
+        self.instruments.requests.add(1, labels)
+        self.instruments.rpc_duration.record(elapsed, labels)
+        self.instruments.overhead.record(overhead, {attr.RPC_METHOD: scope.method})
+
+    # --- one CLIENT span per upstream attempt -----------------------------------------
+
+    @contextlib.contextmanager
+    def upstream_attempt(
+        self,
+        request: ChatRequest,
+        *,
+        upstream: str,
+        base_url: str,
+        upstream_model: str,
+        attempt: int,
+        headers: MutableMapping[str, str],
+        retry_wait_s: float | None = None,
+    ) -> Iterator[AttemptSpan]:
+        """The CLIENT span of one upstream attempt; injects `traceparent` into `headers`."""
+        parts = urlsplit(base_url)
+        host = parts.hostname or ""
+        provider = attr.provider_name(host, upstream)
+        metric_attributes: dict[str, Any] = {
+            attr.GEN_AI_OPERATION_NAME: attr.OPERATION_CHAT,
+            attr.GEN_AI_PROVIDER_NAME: provider,
+            attr.GEN_AI_REQUEST_MODEL: upstream_model,
+            attr.SERVER_ADDRESS: host,
+        }
+        attributes: dict[str, Any] = {
+            **metric_attributes,
+            attr.UPSTREAM: upstream,
+            attr.ATTEMPT: attempt,
+        }
+        if parts.port is not None:
+            attributes[attr.SERVER_PORT] = parts.port
+        params = request.params
+        if params.temperature is not None:
+            attributes[attr.GEN_AI_REQUEST_TEMPERATURE] = params.temperature
+        if params.top_p is not None:
+            attributes[attr.GEN_AI_REQUEST_TOP_P] = params.top_p
+        if params.max_tokens is not None:
+            attributes[attr.GEN_AI_REQUEST_MAX_TOKENS] = params.max_tokens
+        if retry_wait_s is not None:
+            attributes[attr.RETRY_WAIT_MS] = retry_wait_s * 1000.0
+        span = self.tracer.start_span(
+            f"{attr.OPERATION_CHAT} {upstream_model}", kind=SpanKind.CLIENT, attributes=attributes
+        )
+        if self.capture_content and span.is_recording():
+            span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, attr.messages_json(request.messages))
+        self._propagator.inject(headers, context=trace.set_span_in_context(span))
+        attempt_span = AttemptSpan(
+            span=span,
+            telemetry=self,
+            request=request,
+            upstream=upstream,
+            metric_attributes=metric_attributes,
+            _parts=[] if self.capture_content else None,
+        )
+        try:
+            yield attempt_span
+        except BaseException as exc:
+            kind = attr.error_type(exc)
+            metric_attributes[attr.ERROR_TYPE] = kind
+            span.set_attribute(attr.ERROR_TYPE, kind)
+            span.set_status(Status(StatusCode.ERROR, kind))
+            if isinstance(exc, Exception):
+                self.record_upstream_error(upstream, kind)
+            raise
+        finally:
+            elapsed = time.perf_counter() - attempt_span.started
+            scope = CURRENT_RPC.get()
+            if scope is not None:
+                scope.upstream_s += elapsed
+            self.instruments.operation_duration.record(elapsed, metric_attributes)
+            span.end()
+
+    # --- what a finished call cost ----------------------------------------------------
+
+    def record_completion(
+        self, request: ChatRequest, completion: Completion, *, operation: str = attr.OPERATION_CHAT
+    ) -> None:
+        """Put usage, cost and cache outcome on the RPC span and the cost metrics."""
+        usage = completion.usage
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    attr.GEN_AI_OPERATION_NAME: operation,
+                    attr.GEN_AI_REQUEST_MODEL: request.model,
+                    attr.GEN_AI_RESPONSE_MODEL: completion.model,
+                    attr.GEN_AI_USAGE_INPUT_TOKENS: usage.input_tokens,
+                    attr.GEN_AI_USAGE_OUTPUT_TOKENS: usage.output_tokens,
+                    attr.CACHED_INPUT_TOKENS: usage.cached_input_tokens,
+                    attr.USAGE_ESTIMATED: usage.is_estimated,
+                    attr.COST_USD: completion.cost_usd,
+                    attr.CACHE_HIT: completion.is_cache_hit,
+                    attr.UPSTREAM: completion.upstream,
+                    attr.ATTEMPTS: completion.attempts,
+                    attr.TIME_TO_FIRST_TOKEN_MS: completion.timings.time_to_first_token_ms,
+                    attr.TENANT: request.tenant,
+                }
+            )
+        self.instruments.cost.add(
+            completion.cost_usd,
+            {attr.TENANT: request.tenant, attr.GEN_AI_REQUEST_MODEL: request.model},
+        )
+        if completion.is_cache_hit:
+            self.record_cache_hit(model=request.model)
+
+    # --- hooks for the cache, retry loop and breaker -----------------------------------
+
+    def record_cache_hit(self, *, model: str = "") -> None:
+        """One answer served from the cache."""
+        self.instruments.cache_hits.add(1, {attr.GEN_AI_REQUEST_MODEL: model})
+
+    def record_retry(self, upstream: str, *, wait_s: float | None = None) -> None:
+        """One upstream attempt is being retried after `wait_s`."""
+        self.instruments.retries.add(1, {attr.UPSTREAM: upstream})
+        span = trace.get_current_span()
+        if wait_s is not None and span.is_recording():
+            span.add_event(
+                "llm_gateway.retry", {attr.UPSTREAM: upstream, attr.RETRY_WAIT_MS: wait_s * 1000.0}
+            )
+
+    def record_upstream_error(self, upstream: str, error_type: str) -> None:
+        """One upstream attempt failed with `error_type`."""
+        self.instruments.upstream_errors.add(
+            1, {attr.UPSTREAM: upstream, attr.ERROR_TYPE: error_type}
+        )
+
+    def set_breaker_state(self, upstream: str, state: str) -> None:
+        """The breaker of `upstream` is now `state` (closed, half_open or open)."""
+        self.instruments.breaker_state.set(BREAKER_STATES[state], {attr.UPSTREAM: upstream})
+
+
+_active = Telemetry.disabled()
+
+
+def active() -> Telemetry:
+    """The telemetry of the running server (a no-op one when none is installed)."""
+    return _active
+
+
+def activate(telemetry: Telemetry) -> Telemetry:
+    """Install `telemetry` process-wide and return the one it replaces."""
+    global _active
+    previous, _active = _active, telemetry
+    return previous
+
+
+def record_cache_hit(*, model: str = "") -> None:
+    """One answer served from the cache."""
+    _active.record_cache_hit(model=model)
+
+
+def record_retry(upstream: str, *, wait_s: float | None = None) -> None:
+    """One upstream attempt is being retried after `wait_s` seconds."""
+    _active.record_retry(upstream, wait_s=wait_s)
+
+
+def record_upstream_error(upstream: str, error_type: str) -> None:
+    """One upstream attempt failed (already counted by every attempt span)."""
+    _active.record_upstream_error(upstream, error_type)
+
+
+def set_breaker_state(upstream: str, state: str) -> None:
+    """The breaker of `upstream` is now `closed`, `half_open` or `open`."""
+    _active.set_breaker_state(upstream, state)

@@ -1,0 +1,96 @@
+"""The gateway's metric instruments: GenAI semantic conventions plus `llm_gateway.*`.
+
+Names and units follow https://opentelemetry.io/docs/specs/semconv/gen-ai/gen-ai-metrics/
+so that stock GenAI dashboards work; gateway-only figures live under `llm_gateway.`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from opentelemetry import metrics
+
+# Bucket boundaries the GenAI conventions advise, in seconds and tokens.
+DURATION_BUCKETS_S = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+TOKEN_BUCKETS = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216,
+)  # fmt: skip
+OVERHEAD_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+# Circuit breaker states as the `llm_gateway.upstream.breaker.state` gauge reports them.
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class Instruments:
+    """Every instrument, created once per meter."""
+
+    def __init__(self, meter: metrics.Meter, *, in_flight: Callable[[], int]) -> None:
+        self.operation_duration = meter.create_histogram(
+            "gen_ai.client.operation.duration",
+            unit="s",
+            description="Duration of one upstream GenAI operation (one attempt)",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
+        )
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage",
+            unit="{token}",
+            description="Input and output tokens per upstream operation",
+            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
+        )
+        self.time_to_first_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_to_first_chunk",
+            unit="s",
+            description="Time from the upstream request to its first streamed chunk",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
+        )
+        self.requests = meter.create_counter(
+            "llm_gateway.requests",
+            unit="{request}",
+            description="RPCs finished, by method and gRPC status code",
+        )
+        self.rpc_duration = meter.create_histogram(
+            "llm_gateway.rpc.duration",
+            unit="s",
+            description="Whole RPC duration as the gateway saw it",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
+        )
+        self.overhead = meter.create_histogram(
+            "llm_gateway.overhead.duration",
+            unit="s",
+            description="Time of an RPC not spent waiting on an upstream",
+            explicit_bucket_boundaries_advisory=OVERHEAD_BUCKETS_S,
+        )
+
+        # Observed at collection time: nothing is recorded on the request path.
+        def observe_in_flight(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+            return (metrics.Observation(in_flight()),)
+
+        self.in_flight = meter.create_observable_up_down_counter(
+            "llm_gateway.rpc.in_flight",
+            callbacks=[observe_in_flight],
+            unit="{call}",
+            description="RPCs in progress",
+        )
+        # "{USD}": an annotation, not a UCUM unit, so Prometheus names it
+        # llm_gateway_cost_usd_total rather than appending a unit suffix.
+        self.cost = meter.create_counter(
+            "llm_gateway.cost.usd", unit="{USD}", description="USD charged, by tenant and model"
+        )
+        self.cache_hits = meter.create_counter(
+            "llm_gateway.cache.hits", unit="{hit}", description="Answers served from the cache"
+        )
+        self.retries = meter.create_counter(
+            "llm_gateway.retries", unit="{retry}", description="Upstream attempts retried"
+        )
+        self.upstream_errors = meter.create_counter(
+            "llm_gateway.upstream.errors",
+            unit="{error}",
+            description="Failed upstream attempts, by upstream and error.type",
+        )
+        self.breaker_state = meter.create_gauge(
+            "llm_gateway.upstream.breaker.state",
+            unit="1",
+            description="Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
+        )

@@ -1,0 +1,204 @@
+"""Tracer and meter providers, with exporters chosen by the standard `OTEL_*` variables.
+
+`OTEL_TRACES_EXPORTER` and `OTEL_METRICS_EXPORTER` take a comma list of `otlp`,
+`console`, `prometheus` (metrics only) or `none`; both default to `none`, so nothing
+leaves the process unless the operator asks. The OTLP protocol comes from
+`OTEL_EXPORTER_OTLP_{TRACES,METRICS}_PROTOCOL` or `OTEL_EXPORTER_OTLP_PROTOCOL`
+(`grpc`, the default, or `http/protobuf`); endpoints, headers, timeouts and batching
+(`OTEL_EXPORTER_OTLP_*`, `OTEL_BSP_*`, `OTEL_METRIC_EXPORT_INTERVAL`) are read by the
+OpenTelemetry exporters themselves. Spans leave through a `BatchSpanProcessor`, whose
+background thread does every export, so a slow or unreachable collector never delays
+a call: it costs a log line from the exporter and dropped spans, nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+from service.config import TelemetryConfig
+
+log = logging.getLogger("llm_gateway.telemetry")
+
+_GRPC = "grpc"
+_HTTP = "http/protobuf"
+
+
+class TelemetrySetupError(Exception):
+    """An `OTEL_*` variable names an exporter or protocol this gateway cannot build."""
+
+
+def _names(environ: Mapping[str, str], key: str) -> list[str]:
+    raw = environ.get(key, "none")
+    return [n.strip().lower() for n in raw.split(",") if n.strip() and n.strip() != "none"]
+
+
+def _protocol(environ: Mapping[str, str], signal: str) -> str:
+    protocol = environ.get(
+        f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", _GRPC)
+    ).strip()
+    if protocol not in (_GRPC, _HTTP):
+        raise TelemetrySetupError(f"OTLP protocol {protocol!r} is not one of grpc, http/protobuf")
+    return protocol
+
+
+def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
+    """The span exporters `OTEL_TRACES_EXPORTER` asks for."""
+    exporters: list[SpanExporter] = []
+    for name in _names(environ, "OTEL_TRACES_EXPORTER"):
+        if name == "console":
+            exporters.append(ConsoleSpanExporter())
+        elif name == "otlp" and _protocol(environ, "TRACES") == _GRPC:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter as GrpcSpanExporter,
+            )
+
+            exporters.append(GrpcSpanExporter())
+        elif name == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as HttpSpanExporter,
+            )
+
+            exporters.append(HttpSpanExporter())
+        else:
+            raise TelemetrySetupError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}")
+    return exporters
+
+
+def metric_readers(environ: Mapping[str, str]) -> tuple[list[MetricReader], bool]:
+    """The periodic readers `OTEL_METRICS_EXPORTER` asks for, and whether it names prometheus."""
+    readers: list[MetricReader] = []
+    wants_prometheus = False
+    for name in _names(environ, "OTEL_METRICS_EXPORTER"):
+        if name == "console":
+            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+        elif name == "prometheus":
+            wants_prometheus = True
+        elif name == "otlp" and _protocol(environ, "METRICS") == _GRPC:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                OTLPMetricExporter as GrpcMetricExporter,
+            )
+
+            readers.append(PeriodicExportingMetricReader(GrpcMetricExporter()))
+        elif name == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter as HttpMetricExporter,
+            )
+
+            readers.append(PeriodicExportingMetricReader(HttpMetricExporter()))
+        else:
+            raise TelemetrySetupError(f"OTEL_METRICS_EXPORTER: unknown exporter {name!r}")
+    return readers, wants_prometheus
+
+
+@dataclass(slots=True)
+class Providers:
+    """The tracer and meter one gateway uses, and what must be shut down with it."""
+
+    tracer: trace.Tracer
+    meter: metrics.Meter
+    tracer_provider: TracerProvider | None = None
+    meter_provider: MeterProvider | None = None
+    prometheus_port: int | None = None
+    _prometheus_server: Any = field(default=None, repr=False)
+
+    @property
+    def is_recording(self) -> bool:
+        """Whether spans or metrics go anywhere at all."""
+        return self.tracer_provider is not None or self.meter_provider is not None
+
+    def force_flush(self, timeout_ms: int = 5000) -> None:
+        """Export what is buffered now (blocking: call from a thread or at shutdown)."""
+        if self.tracer_provider is not None:
+            self.tracer_provider.force_flush(timeout_ms)
+        if self.meter_provider is not None:
+            self.meter_provider.force_flush(timeout_ms)
+
+    def shutdown(self) -> None:
+        """Flush and stop exporters and the Prometheus endpoint (blocking)."""
+        if self._prometheus_server is not None:
+            self._prometheus_server.shutdown()
+            self._prometheus_server.server_close()
+            self._prometheus_server = None
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()
+
+
+_SCOPE = "llm_gateway"
+
+
+def build_providers(
+    config: TelemetryConfig,
+    *,
+    environ: Mapping[str, str] | None = None,
+    span_processors: Sequence[SpanProcessor] = (),
+    extra_metric_readers: Sequence[MetricReader] = (),
+) -> Providers:
+    """Providers for `config` and the environment; tests add in-memory processors/readers.
+
+    With no exporter configured and nothing injected, the no-op tracer and meter are
+    used, so telemetry that goes nowhere costs next to nothing.
+    """
+    env = os.environ if environ is None else environ
+    if not config.enabled or env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return Providers(trace.NoOpTracer(), metrics.NoOpMeter(_SCOPE))
+    resource = Resource.create(
+        {"service.name": env.get("OTEL_SERVICE_NAME") or config.service_name}
+    )
+    processors: list[SpanProcessor] = [BatchSpanProcessor(e) for e in span_exporters(env)]
+    processors.extend(span_processors)
+    readers, wants_prometheus = metric_readers(env)
+    readers.extend(extra_metric_readers)
+    prometheus_server = None
+    prometheus_port = config.prometheus_port
+    if prometheus_port is not None or wants_prometheus:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry()
+        readers.append(PrometheusMetricReader(registry=registry))
+        port = prometheus_port if prometheus_port is not None else 9464
+        prometheus_server, _ = start_http_server(
+            port, addr=config.prometheus_host, registry=registry
+        )
+        prometheus_port = int(prometheus_server.server_port)
+        log.info(
+            "telemetry.prometheus_listening",
+            extra={"host": config.prometheus_host, "port": prometheus_port},
+        )
+    providers = Providers(trace.NoOpTracer(), metrics.NoOpMeter(_SCOPE))
+    if processors:
+        tracer_provider = TracerProvider(resource=resource)
+        for processor in processors:
+            tracer_provider.add_span_processor(processor)
+        providers.tracer_provider = tracer_provider
+        providers.tracer = tracer_provider.get_tracer(_SCOPE)
+    if readers:
+        # Exemplars cost a reservoir offer on every measurement; off unless asked for.
+        exemplar_filter = (
+            None if env.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
+        )
+        meter_provider = MeterProvider(
+            metric_readers=readers, resource=resource, exemplar_filter=exemplar_filter
+        )
+        providers.meter_provider = meter_provider
+        providers.meter = meter_provider.get_meter(_SCOPE)
+    providers.prometheus_port = prometheus_port
+    providers._prometheus_server = prometheus_server
+    return providers

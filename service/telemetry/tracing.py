@@ -1,0 +1,145 @@
+"""Span names, attributes and the per-RPC scope.
+
+Attribute names follow the OpenTelemetry GenAI and RPC semantic conventions
+(https://opentelemetry.io/docs/specs/semconv/gen-ai/gen-ai-spans/,
+https://opentelemetry.io/docs/specs/semconv/rpc/grpc/); the gateway's own live under
+`llm_gateway.`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from opentelemetry.trace import Span
+
+from service.domain import Message
+
+# GenAI semantic conventions.
+GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+GEN_AI_REQUEST_TOP_P = "gen_ai.request.top_p"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_TOKEN_TYPE = "gen_ai.token.type"
+GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
+GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
+ERROR_TYPE = "error.type"
+
+# RPC semantic conventions.
+RPC_SYSTEM = "rpc.system"
+RPC_SERVICE = "rpc.service"
+RPC_METHOD = "rpc.method"
+RPC_GRPC_STATUS_CODE = "rpc.grpc.status_code"
+
+# The gateway's own.
+COST_USD = "llm_gateway.cost.usd"
+CACHE_HIT = "llm_gateway.cache.hit"
+ATTEMPT = "llm_gateway.attempt"
+ATTEMPTS = "llm_gateway.attempts"
+UPSTREAM = "llm_gateway.upstream"
+UPSTREAM_MODEL = "llm_gateway.upstream.model"
+TIME_TO_FIRST_TOKEN_MS = "llm_gateway.time_to_first_token_ms"
+RETRY_WAIT_MS = "llm_gateway.retry.wait_ms"
+CACHED_INPUT_TOKENS = "llm_gateway.usage.cached_input_tokens"
+USAGE_ESTIMATED = "llm_gateway.usage.estimated"
+TENANT = "llm_gateway.tenant"
+OVERHEAD_MS = "llm_gateway.overhead_ms"
+
+OPERATION_CHAT = "chat"
+OVERHEAD_TRAILER = "llm-gateway-overhead-ms"
+
+# gRPC codes a server span reports as errors (the rest are the caller's doing).
+SERVER_ERROR_CODES = frozenset({2, 4, 12, 13, 14, 15})
+
+# Well-known provider hosts; anything else is named by its configured upstream name.
+_PROVIDERS = {
+    "api.openai.com": "openai",
+    "api.deepseek.com": "deepseek",
+    "api.anthropic.com": "anthropic",
+    "api.mistral.ai": "mistral_ai",
+    "api.groq.com": "groq",
+    "api.x.ai": "x_ai",
+}
+
+
+def provider_name(host: str, upstream: str) -> str:
+    """`gen_ai.provider.name` for an upstream host, falling back to its configured name."""
+    return _PROVIDERS.get(host, upstream)
+
+
+def error_type(exc: BaseException) -> str:
+    """A low-cardinality `error.type`: the HTTP status when there is one, else the class."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        return str(status)
+    if isinstance(exc, GeneratorExit | asyncio.CancelledError):
+        return "cancelled"
+    return type(exc).__name__
+
+
+def messages_json(messages: Iterable[Message]) -> str:
+    """Messages in the GenAI conventions' `gen_ai.input.messages` shape."""
+    return json.dumps(
+        [{"role": str(m.role), "parts": [{"type": "text", "content": m.content}]} for m in messages]
+    )
+
+
+def output_json(content: str, finish_reason: str) -> str:
+    """A completion in the GenAI conventions' `gen_ai.output.messages` shape."""
+    return json.dumps(
+        [
+            {
+                "role": "assistant",
+                "parts": [{"type": "text", "content": content}],
+                "finish_reason": finish_reason,
+            }
+        ]
+    )
+
+
+@dataclass(slots=True)
+class RpcScope:
+    """One RPC as the boundary measures it: its span, its status and its upstream time."""
+
+    span: Span
+    method: str
+    started: float = field(default_factory=time.perf_counter)
+    upstream_s: float = 0.0
+    status_code: int = 0
+    error_type: str | None = None
+
+    def fail(self, *, status_code: int, error_type: str) -> None:
+        """Record the status the call is about to end with."""
+        self.status_code = status_code
+        self.error_type = error_type
+
+    def elapsed_s(self) -> float:
+        """Seconds since the RPC started."""
+        return time.perf_counter() - self.started
+
+    def overhead_s(self) -> float:
+        """Time not spent waiting on an upstream (never negative: concurrent fan-out
+        attempts can add up to more upstream time than wall time)."""
+        return max(0.0, self.elapsed_s() - self.upstream_s)
+
+    def trailers(self) -> Sequence[tuple[str, str]]:
+        """The `llm-gateway-overhead-ms` trailer."""
+        return ((OVERHEAD_TRAILER, f"{self.overhead_s() * 1000.0:.3f}"),)
+
+
+CURRENT_RPC: contextvars.ContextVar[RpcScope | None] = contextvars.ContextVar(
+    "llm_gateway_rpc", default=None
+)

@@ -1,0 +1,188 @@
+"""Cost on every path, the usage ledger behind GetUsage, budgets, and `llm-gateway usage`."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from gateway_client.cli import main as cli_main
+from llmgateway.v1 import gateway_pb2 as pb
+from service.pricing import cost_usd
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.fake_upstream import Reply
+from tests.redis_support import redis_url  # noqa: F401 - fixture
+
+# DeepSeek-like prices in USD per million tokens, with a cached-input price.
+PRICED_MODELS = {
+    FAKE_MODEL: {
+        "context_window": 8192,
+        "input_usd_per_million": 0.27,
+        "output_usd_per_million": 1.10,
+        "cached_input_usd_per_million": 0.07,
+    }
+}
+USAGE = Reply(prompt_tokens=1234, completion_tokens=567, cached_tokens=1000)
+# Worked by hand: 234 uncached x 0.27 + 1000 cached x 0.07 + 567 x 1.10 = 756.88 micro-dollars.
+EXPECTED_COST = 756.88e-6
+
+
+@pytest.fixture
+async def priced(upstream, start_gateway):
+    """A gateway whose model has input, cached-input and output prices."""
+    return await start_gateway(gateway_config(upstream.base_url, models=PRICED_MODELS))
+
+
+def metadata_of(items):
+    """The final metadata of a stream's responses."""
+    return items[-1].final
+
+
+async def test_unary_and_stream_cost_the_same_to_the_micro_dollar(priced, upstream):
+    """The same usage costs 756.88 micro-dollars, cached input priced apart, on both paths."""
+    upstream.script(USAGE, USAGE)
+    unary = (await priced.stub.Complete(chat())).metadata
+    streamed = metadata_of([e async for e in priced.stub.CompleteStream(chat_stream())])
+    for metadata in (unary, streamed):
+        assert metadata.usage.input_tokens == 1234
+        assert metadata.usage.cached_input_tokens == 1000
+        assert not metadata.usage.estimated
+        assert round(metadata.cost_usd * 1e6, 6) == round(EXPECTED_COST * 1e6, 6)
+    assert unary.cost_usd == streamed.cost_usd
+
+
+async def test_without_a_cached_price_cached_input_costs_full_price(upstream, start_gateway):
+    """A model with no cached-input price charges cached tokens at the input price."""
+    models = {FAKE_MODEL: {**PRICED_MODELS[FAKE_MODEL], "cached_input_usd_per_million": None}}
+    gw = await start_gateway(gateway_config(upstream.base_url, models=models))
+    upstream.script(USAGE)
+    metadata = (await gw.stub.Complete(chat())).metadata
+    assert round(metadata.cost_usd * 1e6, 6) == round(1234 * 0.27 + 567 * 1.10, 6)
+
+
+async def test_a_stream_without_usage_is_priced_from_an_estimate_flagged_as_such(priced, upstream):
+    """No usage from the upstream: estimated tokens, flagged, priced by the same formula."""
+    upstream.script(Reply(content="one two three four", include_usage=False))
+    final = metadata_of([e async for e in priced.stub.CompleteStream(chat_stream())])
+    assert final.usage.estimated
+    assert final.usage.input_tokens > 0
+    assert final.usage.output_tokens > 0
+    expected = (final.usage.input_tokens * 0.27 + final.usage.output_tokens * 1.10) / 1e6
+    assert final.cost_usd == pytest.approx(expected, abs=1e-12)
+
+
+async def test_get_usage_sums_every_path_exactly(priced, upstream):
+    """GetUsage totals the unary and streamed calls to exactly the sum of their costs."""
+    upstream.script(USAGE, USAGE, USAGE)
+    costs = [(await priced.stub.Complete(chat(labels={"team": "search"}))).metadata.cost_usd]
+    costs.append((await priced.stub.Complete(chat(labels={"team": "ads"}))).metadata.cost_usd)
+    items = [e async for e in priced.stub.CompleteStream(chat_stream(labels={"team": "search"}))]
+    costs.append(items[-1].final.cost_usd)
+    usage = await priced.stub.GetUsage(pb.GetUsageRequest())
+    assert usage.total.requests == 3
+    assert usage.total.usage.input_tokens == 3 * 1234
+    assert usage.total.usage.cached_input_tokens == 3000
+    assert round(usage.total.cost_usd * 1e6, 6) == round(3 * EXPECTED_COST * 1e6, 6)
+    assert usage.total.cost_usd == pytest.approx(sum(costs), abs=1e-12)
+    by_label = {r.labels["team"]: r for r in usage.rows}
+    assert by_label["search"].requests == 2
+    assert by_label["ads"].requests == 1
+    assert {r.tenant for r in usage.rows} == {"default"}
+    assert {r.upstream for r in usage.rows} == {"up0"}
+
+
+async def test_get_usage_filters_by_model_label_and_time(priced):
+    """Model, label and time-window filters narrow GetUsage; an empty match totals zero."""
+    await priced.stub.Complete(chat(labels={"team": "search", "env": "prod"}))
+    await priced.stub.Complete(chat(labels={"team": "ads"}))
+    search = await priced.stub.GetUsage(pb.GetUsageRequest(labels={"team": "search"}))
+    assert search.total.requests == 1
+    assert dict(search.rows[0].labels) == {"team": "search", "env": "prod"}
+    assert (await priced.stub.GetUsage(pb.GetUsageRequest(model="other"))).total.requests == 0
+    future = pb.GetUsageRequest()
+    future.start_time.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+    assert (await priced.stub.GetUsage(future)).total.requests == 0
+    past = pb.GetUsageRequest()
+    past.start_time.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
+    assert (await priced.stub.GetUsage(past)).total.requests == 2
+    assert (await priced.stub.GetUsage(pb.GetUsageRequest(tenant="*"))).total.requests == 2
+
+
+async def test_a_spent_budget_refuses_before_any_upstream_call(upstream, start_gateway):
+    """Over budget: RESOURCE_EXHAUSTED, QuotaFailure, RetryInfo and pushback; no upstream call."""
+    config = gateway_config(
+        upstream.base_url, budgets={"default": {"usd": 0.000002, "period": "day"}}
+    )
+    gw = await start_gateway(config)
+    first = await gw.stub.Complete(chat())
+    assert first.metadata.cost_usd > 0.000002  # 7 x 0.14 + 3 x 0.42 = 2.24 micro-dollars
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await gw.stub.Complete(chat())
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = dict(refused.value.trailing_metadata())
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    kinds = {d.type_url.rsplit("/", 1)[-1]: d for d in status.details}
+    quota = error_details_pb2.QuotaFailure()
+    kinds["google.rpc.QuotaFailure"].Unpack(quota)
+    retry = error_details_pb2.RetryInfo()
+    kinds["google.rpc.RetryInfo"].Unpack(retry)
+    assert quota.violations[0].subject == "tenant:default"
+    assert 0 < retry.retry_delay.seconds <= 86400
+    assert 0 < int(trailers["grpc-retry-pushback-ms"]) <= 86_400_000
+    with pytest.raises(grpc.aio.AioRpcError):
+        _ = [e async for e in gw.stub.CompleteStream(chat_stream())]
+    assert len(upstream.requests) == 1
+
+
+async def test_usage_command_prints_a_table(priced, capsys):
+    """`llm-gateway usage` prints one row per tenant/model/upstream/labels and a total."""
+    await priced.stub.Complete(chat(labels={"team": "search"}))
+    await priced.stub.Complete(chat(labels={"team": "search"}))
+    address = priced.server.address
+    code = await asyncio.to_thread(
+        cli_main, ["usage", "--address", address, "--label", "team=search", "--since", "1h"]
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0].split() == [
+        "TENANT", "MODEL", "UPSTREAM", "LABELS", "REQUESTS", "IN", "OUT", "CACHED", "COST", "$",
+    ]  # fmt: skip
+    assert out[1].split()[:5] == ["default", FAKE_MODEL, "up0", "team=search", "2"]
+    assert out[-1].split()[0] == "TOTAL"
+    assert out[-1].split()[1] == "2"
+
+
+@pytest.mark.redis
+async def test_replicas_share_one_redis_ledger(upstream, start_gateway, redis_url):  # noqa: F811
+    """Two gateways on one Redis ledger: usage from both shows in either's GetUsage."""
+    config = gateway_config(
+        upstream.base_url,
+        models=PRICED_MODELS,
+        ledger={"redis_url": redis_url, "key_prefix": "replicas-test"},
+    )
+    first, second = await start_gateway(config), await start_gateway(config)
+    upstream.script(USAGE, USAGE)
+    await first.stub.Complete(chat())
+    await second.stub.Complete(chat())
+    for gw in (first, second):
+        usage = await gw.stub.GetUsage(pb.GetUsageRequest())
+        assert usage.total.requests == 2
+        assert round(usage.total.cost_usd * 1e6, 6) == round(2 * EXPECTED_COST * 1e6, 6)
+
+
+def test_hand_computed_cost_matches_the_pricing_function():
+    """The hand figure used above is what pricing.cost_usd computes for the same usage."""
+    from service.config import ModelConfig
+    from service.domain import Usage
+
+    price = ModelConfig(
+        context_window=8192,
+        input_usd_per_million=0.27,
+        output_usd_per_million=1.10,
+        cached_input_usd_per_million=0.07,
+    )
+    usage = Usage(input_tokens=1234, output_tokens=567, cached_input_tokens=1000)
+    assert cost_usd(usage, price) == pytest.approx(EXPECTED_COST, abs=1e-12)

@@ -1,0 +1,263 @@
+"""Telemetry over the wire: a real OTLP gRPC and HTTP receiver, Prometheus, a dead collector."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+import yaml
+from aiohttp import web
+from opentelemetry.proto.collector.metrics.v1 import (
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
+)
+from opentelemetry.proto.collector.trace.v1 import (
+    trace_service_pb2,
+    trace_service_pb2_grpc,
+)
+
+from service.config import TelemetryConfig
+from service.telemetry import Telemetry
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+
+ATTEMPT_SPAN = f"chat {FAKE_MODEL}"
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver that keeps every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    async def Export(self, request, context):
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class MetricsCollector(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """An OTLP/gRPC metrics receiver that keeps every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
+
+    async def Export(self, request, context):
+        self.requests.append(request)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+def received_metric_names(requests) -> set[str]:
+    """Names of every metric in the export requests."""
+    return {
+        metric.name
+        for request in requests
+        for resource in request.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
+
+
+def received_spans(requests):
+    """Every span in the export requests, by name, with attributes as a dict."""
+    spans = {}
+    for request in requests:
+        for resource in request.resource_spans:
+            for scope in resource.scope_spans:
+                for span in scope.spans:
+                    spans[span.name] = {a.key: a.value for a in span.attributes}
+    return spans
+
+
+def free_port() -> int:
+    """A TCP port on loopback nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def otel_environ(monkeypatch):
+    """Clears OTEL_* variables, and sets the ones a test asks for (restored afterwards)."""
+
+    def set_env(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        monkeypatch.delenv(name, raising=False)
+    return set_env
+
+
+async def test_spans_arrive_at_a_real_otlp_grpc_receiver(upstream, start_gateway, otel_environ):
+    """Spans (with cost and token attributes) and metrics reach an OTLP/gRPC collector."""
+    collector, metrics_collector = Collector(), MetricsCollector()
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(metrics_collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        otel_environ(
+            OTEL_TRACES_EXPORTER="otlp",
+            OTEL_METRICS_EXPORTER="otlp",
+            OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+            OTEL_EXPORTER_OTLP_INSECURE="true",
+            OTEL_SERVICE_NAME="gateway-under-test",
+        )
+        telemetry = Telemetry.from_config(TelemetryConfig())
+        gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+        response = await gw.stub.Complete(chat())
+        await asyncio.to_thread(telemetry.providers.force_flush)
+        spans = received_spans(collector.requests)
+        attempt = spans[ATTEMPT_SPAN]
+        rpc = spans["llmgateway.v1.CompletionService/Complete"]
+        assert attempt["gen_ai.usage.input_tokens"].int_value == 7
+        assert attempt["gen_ai.usage.output_tokens"].int_value == 3
+        assert attempt["llm_gateway.cost.usd"].double_value == pytest.approx(
+            response.metadata.cost_usd, abs=1e-12
+        )
+        assert rpc["llm_gateway.cost.usd"].double_value == pytest.approx(
+            response.metadata.cost_usd, abs=1e-12
+        )
+        resource = collector.requests[0].resource_spans[0].resource
+        names = {a.key: a.value.string_value for a in resource.attributes}
+        assert names["service.name"] == "gateway-under-test"
+        assert {
+            "gen_ai.client.operation.duration",
+            "gen_ai.client.token.usage",
+            "llm_gateway.cost.usd",
+            "llm_gateway.requests",
+        } <= received_metric_names(metrics_collector.requests)
+        await telemetry.aclose()  # while the collector still listens
+    finally:
+        await server.stop(0)
+
+
+async def test_spans_arrive_at_an_otlp_http_receiver(upstream, start_gateway, otel_environ):
+    """With http/protobuf the same spans arrive as POST /v1/traces."""
+    bodies: list[bytes] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        bodies.append(await request.read())
+        return web.Response(
+            body=trace_service_pb2.ExportTraceServiceResponse().SerializeToString(),
+            content_type="application/x-protobuf",
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        otel_environ(
+            OTEL_TRACES_EXPORTER="otlp",
+            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+        )
+        telemetry = Telemetry.from_config(TelemetryConfig())
+        gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+        await gw.stub.Complete(chat())
+        await asyncio.to_thread(telemetry.providers.force_flush)
+        requests = [trace_service_pb2.ExportTraceServiceRequest.FromString(b) for b in bodies]
+        assert received_spans(requests)[ATTEMPT_SPAN]["gen_ai.usage.input_tokens"].int_value == 7
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_unreachable_collector_costs_calls_nothing(upstream, start_gateway, otel_environ):
+    """With the collector down every call still succeeds and shutdown stays bounded."""
+    otel_environ(
+        OTEL_TRACES_EXPORTER="otlp",
+        OTEL_METRICS_EXPORTER="otlp",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+        OTEL_EXPORTER_OTLP_INSECURE="true",
+        OTEL_EXPORTER_OTLP_TIMEOUT="1",
+        OTEL_BSP_SCHEDULE_DELAY="10",
+    )
+    telemetry = Telemetry.from_config(TelemetryConfig())
+    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+    responses = await asyncio.gather(*(gw.stub.Complete(chat(), timeout=10) for _ in range(20)))
+    assert all(r.content == "Hello from fake" for r in responses)
+    started = time.monotonic()
+    await telemetry.aclose()
+    assert time.monotonic() - started < 8.0  # bounded by Telemetry's shutdown limit
+
+
+async def test_metrics_are_served_on_the_prometheus_endpoint(upstream, start_gateway, otel_environ):
+    """prometheus_port exposes the GenAI and gateway metrics in the Prometheus text format."""
+    telemetry = Telemetry.from_config(TelemetryConfig(prometheus_port=0), environ={})
+    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+    await gw.stub.Complete(chat())
+    port = telemetry.providers.prometheus_port
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as reply,
+    ):
+        text = await reply.text()
+    assert reply.status == 200
+    assert "gen_ai_client_operation_duration_seconds_bucket" in text
+    assert "gen_ai_client_token_usage" in text
+    [requests] = [
+        line for line in text.splitlines() if line.startswith("llm_gateway_requests_total")
+    ]
+    assert 'rpc_grpc_status_code="0"' in requests
+    assert 'rpc_method="Complete"' in requests
+    assert requests.endswith(" 1.0")
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+METRIC_NAME = re.compile(
+    r"\b((?:gen_ai|llm_gateway)_\w+?(?:_total|_bucket|_sum|_count|_in_flight|_state))\b"
+)
+
+
+async def test_the_dashboard_queries_only_metrics_the_gateway_exports(upstream, start_gateway):
+    """Every metric the Grafana dashboard plots appears on the gateway's Prometheus endpoint."""
+    dashboard = json.loads((DEPLOY / "grafana" / "llm-gateway-dashboard.json").read_text())
+    wanted = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in METRIC_NAME.findall(target["expr"])
+    }
+    telemetry = Telemetry.from_config(TelemetryConfig(prometheus_port=0), environ={})
+    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+    await gw.stub.Complete(chat())
+    _ = [e async for e in gw.stub.CompleteStream(chat_stream())]
+    telemetry.record_retry("up0")
+    telemetry.record_cache_hit(model=FAKE_MODEL)
+    telemetry.record_upstream_error("up0", "503")
+    telemetry.set_breaker_state("up0", "closed")
+    port = telemetry.providers.prometheus_port
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as reply,
+    ):
+        text = await reply.text()
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()}
+    assert len(wanted) >= 10
+    assert wanted <= exported, wanted - exported
+
+
+def test_collector_config_receives_otlp_and_serves_prometheus():
+    """The collector config receives OTLP on 4317/4318 and wires traces and metrics pipelines."""
+    config = yaml.safe_load((DEPLOY / "otel-collector.yaml").read_text())
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert protocols["grpc"]["endpoint"].endswith(":4317")
+    assert protocols["http"]["endpoint"].endswith(":4318")
+    pipelines = config["service"]["pipelines"]
+    assert pipelines["traces"]["receivers"] == ["otlp"]
+    assert "prometheus" in pipelines["metrics"]["exporters"]
+    for pipeline in pipelines.values():
+        assert set(pipeline["exporters"]) <= set(config["exporters"])
+        assert set(pipeline["processors"]) <= set(config["processors"])

@@ -1,0 +1,264 @@
+"""Spans and metrics of the gateway, caught in memory, for success, stream and failure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+from opentelemetry.trace import SpanKind, StatusCode
+
+from llmgateway.v1 import gateway_pb2 as pb
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.fake_upstream import Reply, Status
+from tests.telemetry_support import Captured, attributes_of, captured_telemetry
+
+CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{CALLER_TRACE_ID}-{CALLER_SPAN_ID}-01"
+UNARY_SPAN = "llmgateway.v1.CompletionService/Complete"
+STREAM_SPAN = "llmgateway.v1.CompletionService/CompleteStream"
+ATTEMPT_SPAN = f"chat {FAKE_MODEL}"
+# The test catalog: 0.14 USD per million input tokens, 0.42 per million output.
+FAKE_REPLY_COST = (7 * 0.14 + 3 * 0.42) / 1e6
+
+
+@pytest.fixture
+def captured() -> Captured:
+    """Telemetry exporting to memory."""
+    return captured_telemetry()
+
+
+@pytest.fixture
+async def traced(upstream, start_gateway, captured):
+    """A gateway (one attempt per call) whose telemetry is caught in memory."""
+    config = gateway_config(upstream.base_url, resilience={"attempts": 1})
+    return await start_gateway(config, telemetry=captured.telemetry)
+
+
+async def test_unary_span_tree_continues_the_callers_trace(traced, captured):
+    """A SERVER span in the caller's trace, a CLIENT child per attempt, GenAI attributes."""
+    params = pb.GenerationParams(temperature=0.5, top_p=0.9, max_tokens=64)
+    await traced.stub.Complete(chat(params=params), metadata=(("traceparent", TRACEPARENT),))
+    server, client = captured.span(UNARY_SPAN), captured.span(ATTEMPT_SPAN)
+    assert server.kind is SpanKind.SERVER
+    assert format(server.context.trace_id, "032x") == CALLER_TRACE_ID
+    assert format(server.parent.span_id, "016x") == CALLER_SPAN_ID
+    assert client.kind is SpanKind.CLIENT
+    assert client.context.trace_id == server.context.trace_id
+    assert client.parent.span_id == server.context.span_id
+    attrs = attributes_of(client)
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.provider.name"] == "up0"
+    assert attrs["gen_ai.request.model"] == FAKE_MODEL
+    assert attrs["gen_ai.request.temperature"] == 0.5
+    assert attrs["gen_ai.request.top_p"] == pytest.approx(0.9)
+    assert attrs["gen_ai.request.max_tokens"] == 64
+    assert attrs["gen_ai.response.id"].startswith("chatcmpl-")
+    assert attrs["gen_ai.response.model"] == FAKE_MODEL
+    assert attrs["gen_ai.response.finish_reasons"] == ("stop",)
+    assert attrs["gen_ai.usage.input_tokens"] == 7
+    assert attrs["gen_ai.usage.output_tokens"] == 3
+    assert attrs["server.address"] == "127.0.0.1"
+    assert attrs["llm_gateway.upstream"] == "up0"
+    assert attrs["llm_gateway.attempt"] == 1
+    assert attrs["llm_gateway.cost.usd"] == pytest.approx(FAKE_REPLY_COST, abs=1e-12)
+    assert "error.type" not in attrs
+    rpc = attributes_of(server)
+    assert rpc["rpc.system"] == "grpc"
+    assert rpc["rpc.method"] == "Complete"
+    assert rpc["rpc.grpc.status_code"] == 0
+    assert rpc["llm_gateway.cost.usd"] == pytest.approx(FAKE_REPLY_COST, abs=1e-12)
+    assert rpc["gen_ai.usage.input_tokens"] == 7
+    assert rpc["llm_gateway.cache.hit"] is False
+    assert rpc["llm_gateway.attempts"] == 1
+    assert rpc["llm_gateway.tenant"] == "default"
+    assert server.status.status_code is StatusCode.UNSET
+
+
+async def test_traceparent_reaches_the_upstream_with_the_callers_trace_id(
+    traced, captured, upstream
+):
+    """The upstream request carries traceparent: the caller's trace id, the attempt as parent."""
+    await traced.stub.Complete(chat(), metadata=(("traceparent", TRACEPARENT),))
+    sent = upstream.requests[0].headers["traceparent"]
+    version, trace_id, parent_id, flags = sent.split("-")
+    client = captured.span(ATTEMPT_SPAN)
+    assert (version, trace_id, flags) == ("00", CALLER_TRACE_ID, "01")
+    assert parent_id == format(client.context.span_id, "016x")
+
+
+async def test_a_call_without_trace_context_starts_a_new_trace(traced, captured, upstream):
+    """Without traceparent the RPC span is a root, and the upstream still gets a traceparent."""
+    await traced.stub.Complete(chat())
+    server = captured.span(UNARY_SPAN)
+    assert server.parent is None
+    assert format(server.context.trace_id, "032x") in upstream.requests[0].headers["traceparent"]
+
+
+async def test_stream_spans_carry_time_to_first_token_and_usage(traced, captured, upstream):
+    """A streamed call gets the same tree, with time to first token and usage on the attempt."""
+    upstream.script(Reply(chunks=3, chunk_delay_s=0.01))
+    items = [e async for e in traced.stub.CompleteStream(chat_stream())]
+    client = attributes_of(captured.span(ATTEMPT_SPAN))
+    server = attributes_of(captured.span(STREAM_SPAN))
+    assert client["llm_gateway.time_to_first_token_ms"] > 0
+    assert client["gen_ai.usage.output_tokens"] == 3
+    assert client["gen_ai.response.finish_reasons"] == ("stop",)
+    assert server["llm_gateway.cost.usd"] == pytest.approx(items[-1].final.cost_usd, abs=1e-12)
+    assert server["llm_gateway.usage.estimated"] is False
+    assert captured.total("gen_ai.client.operation.time_to_first_chunk") > 0
+
+
+async def test_upstream_failure_marks_both_spans_and_counts_the_error(traced, captured, upstream):
+    """A 500 gives the attempt error.type 500, the RPC UNAVAILABLE, and an upstream error count."""
+    upstream.script(Status(500))
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await traced.stub.Complete(chat())
+    assert failure.value.code() is grpc.StatusCode.UNAVAILABLE
+    client, server = captured.span(ATTEMPT_SPAN), captured.span(UNARY_SPAN)
+    assert client.status.status_code is StatusCode.ERROR
+    assert attributes_of(client)["error.type"] == "500"
+    assert server.status.status_code is StatusCode.ERROR
+    assert attributes_of(server)["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert attributes_of(server)["error.type"] == "UPSTREAM_UNAVAILABLE"
+    assert captured.total("llm_gateway.upstream.errors", llm_gateway__upstream="up0") == 1
+    assert captured.total("gen_ai.client.operation.duration", error__type="500") > 0, (
+        "the failed attempt's duration is recorded with its error.type"
+    )
+
+
+async def test_retry_through_the_pool_gives_one_client_span_per_attempt(
+    upstream, start_gateway, captured
+):
+    """A 500 then success: two CLIENT spans under one SERVER span, numbered, with the wait."""
+    config = gateway_config(upstream.base_url, resilience={"attempts": 3, "backoff_base_s": 0.05})
+    gateway = await start_gateway(config, telemetry=captured.telemetry)
+    upstream.script(Status(500), Reply())
+    response = await gateway.stub.Complete(chat())
+    assert response.metadata.attempts == 2
+    server = captured.span(UNARY_SPAN)
+    attempts = sorted(
+        (s for s in captured.spans() if s.kind is SpanKind.CLIENT),
+        key=lambda s: attributes_of(s)["llm_gateway.attempt"],
+    )
+    assert [attributes_of(s)["llm_gateway.attempt"] for s in attempts] == [1, 2]
+    assert all(
+        s.parent is not None and s.parent.span_id == server.context.span_id for s in attempts
+    )
+    assert attempts[0].status.status_code is StatusCode.ERROR
+    assert attributes_of(attempts[0])["error.type"] == "500"
+    assert attempts[1].status.status_code is not StatusCode.ERROR
+    assert "llm_gateway.retry.wait_ms" in attributes_of(attempts[1])
+    assert attributes_of(attempts[1])["llm_gateway.retry.wait_ms"] >= 0
+    traceparents = [r.headers["traceparent"] for r in upstream.requests]
+    assert len(set(traceparents)) == 2, "each attempt is its own span in the trace"
+
+
+async def test_caller_errors_do_not_mark_the_server_span_as_failed(traced, captured):
+    """An invalid request ends INVALID_ARGUMENT on the span without an ERROR status."""
+    with pytest.raises(grpc.aio.AioRpcError):
+        await traced.stub.Complete(chat(model=""))
+    server = captured.span(UNARY_SPAN)
+    assert attributes_of(server)["rpc.grpc.status_code"] == 3
+    assert server.status.status_code is StatusCode.UNSET
+    assert not [s for s in captured.spans() if s.kind is SpanKind.CLIENT]
+
+
+async def test_prompt_and_completion_text_are_not_recorded_by_default(traced, captured):
+    """Without content capture no span attribute holds the prompt or the completion."""
+    await traced.stub.Complete(chat("a secret prompt"))
+    for span in captured.spans():
+        values = json.dumps({k: str(v) for k, v in attributes_of(span).items()})
+        assert "a secret prompt" not in values
+        assert "Hello from fake" not in values
+
+
+async def test_content_capture_records_messages_when_enabled(upstream, start_gateway):
+    """With capture_content the attempt span carries input and output messages."""
+    captured = captured_telemetry(capture_content=True)
+    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=captured.telemetry)
+    await gw.stub.Complete(chat("the prompt"))
+    [stream_final] = [
+        e async for e in gw.stub.CompleteStream(chat_stream("streamed prompt")) if e.final.id
+    ]
+    unary, streamed = [s for s in captured.spans() if s.kind is SpanKind.CLIENT]
+    inputs = json.loads(attributes_of(unary)["gen_ai.input.messages"])
+    assert inputs == [{"role": "user", "parts": [{"type": "text", "content": "the prompt"}]}]
+    outputs = json.loads(attributes_of(unary)["gen_ai.output.messages"])
+    assert outputs[0]["parts"][0]["content"] == "Hello from fake"
+    streamed_out = json.loads(attributes_of(streamed)["gen_ai.output.messages"])
+    assert streamed_out[0]["parts"][0]["content"] == "Hello from fake"
+    assert stream_final.final.usage.output_tokens == 3
+
+
+async def test_metrics_follow_the_genai_conventions(traced, captured):
+    """Duration, token usage, requests by status, cost and in-flight are recorded per call."""
+    response = await traced.stub.Complete(chat())
+    duration = captured.points("gen_ai.client.operation.duration")
+    assert [p.count for p in duration] == [1]
+    assert duration[0].attributes["gen_ai.operation.name"] == "chat"
+    assert duration[0].attributes["gen_ai.provider.name"] == "up0"
+    assert duration[0].attributes["server.address"] == "127.0.0.1"
+    assert captured.total("gen_ai.client.token.usage", gen_ai__token__type="input") == 7
+    assert captured.total("gen_ai.client.token.usage", gen_ai__token__type="output") == 3
+    assert captured.total("llm_gateway.requests", rpc__grpc__status_code=0) == 1
+    assert captured.total("llm_gateway.cost.usd", llm_gateway__tenant="default") == pytest.approx(
+        response.metadata.cost_usd, abs=1e-12
+    )
+    assert captured.total("llm_gateway.overhead.duration") > 0
+
+
+async def test_every_response_carries_the_overhead_trailer(gateway, upstream):
+    """Unary, stream and failed calls all end with llm-gateway-overhead-ms, within the total."""
+    call = gateway.stub.Complete(chat())
+    response = await call
+    overhead = float(dict(await call.trailing_metadata())["llm-gateway-overhead-ms"])
+    assert 0 <= overhead <= response.metadata.timings.total_ms + 5
+    stream = gateway.stub.CompleteStream(chat_stream())
+    _ = [e async for e in stream]
+    assert float(dict(await stream.trailing_metadata())["llm-gateway-overhead-ms"]) >= 0
+    upstream.script(Status(400))  # not retried: the call fails at once
+    failing = gateway.stub.Complete(chat())
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await failing
+    assert float(dict(failure.value.trailing_metadata())["llm-gateway-overhead-ms"]) >= 0
+
+
+async def test_overhead_excludes_time_spent_waiting_on_the_upstream(gateway, upstream):
+    """An upstream that takes 300 ms leaves the overhead figure far below the total."""
+    upstream.script(Reply(delay_s=0.3))
+    call = gateway.stub.Complete(chat())
+    response = await call
+    overhead = float(dict(await call.trailing_metadata())["llm-gateway-overhead-ms"])
+    assert response.metadata.timings.total_ms >= 300
+    assert overhead < 0.5 * response.metadata.timings.total_ms
+
+
+async def test_in_flight_counts_calls_in_progress(traced, captured, upstream):
+    """llm_gateway.rpc.in_flight is 1 while a call waits on a slow upstream, 0 after."""
+    upstream.script(Reply(delay_s=0.5))
+    call = asyncio.ensure_future(traced.stub.Complete(chat()))
+    while not upstream.requests:
+        await asyncio.sleep(0.01)
+    assert captured.total("llm_gateway.rpc.in_flight") == 1
+    await call
+    assert captured.total("llm_gateway.rpc.in_flight") == 0
+
+
+async def test_a_cancelled_stream_ends_both_spans_as_cancelled(traced, captured, upstream):
+    """When the caller cancels mid-stream the attempt and RPC spans still end, marked cancelled."""
+    upstream.script(Reply(chunks=5, chunk_delay_s=0.3))
+    call = traced.stub.CompleteStream(chat_stream())
+    async for _ in call:
+        call.cancel()
+        break
+    async with asyncio.timeout(10):
+        while len(captured.spans()) < 2:
+            await asyncio.sleep(0.01)
+    client, server = captured.span(ATTEMPT_SPAN), captured.span(STREAM_SPAN)
+    assert attributes_of(client)["error.type"] == "cancelled"
+    assert attributes_of(server)["error.type"] == "cancelled"
+    assert attributes_of(server)["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert captured.total("llm_gateway.rpc.in_flight") == 0

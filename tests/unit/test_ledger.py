@@ -1,0 +1,227 @@
+"""The usage ledger, in memory and in a real Redis, and budgets on top of it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+
+import pytest
+
+from service.budgets import Budgets
+from service.config import BudgetConfig, LedgerConfig, ModelConfig
+from service.domain import ChatRequest, Message, Role, Usage
+from service.errors import QuotaExceeded
+from service.ledger import (
+    MemoryLedger,
+    RedisLedger,
+    UsageEntry,
+    UsageFilter,
+    period_end_s,
+    period_key,
+    total_of,
+)
+from service.pricing import PriceList
+from tests.redis_support import redis_url  # noqa: F401 - fixture
+
+NOON = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC).timestamp()
+_prefixes = itertools.count()
+
+
+class WallClock:
+    """Settable epoch time."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def entry(tenant="acme", model="m", upstream="up0", labels=None, cost=0.001, **usage):
+    """A ledger entry with a few tokens."""
+    return UsageEntry(
+        tenant=tenant,
+        model=model,
+        upstream=upstream,
+        labels=labels or {},
+        usage=Usage(
+            input_tokens=usage.get("input_tokens", 10),
+            output_tokens=usage.get("output_tokens", 5),
+            cached_input_tokens=usage.get("cached_input_tokens", 0),
+        ),
+        cost_usd=cost,
+    )
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def make_ledger(request):
+    """A factory of ledgers of both kinds on a settable clock (Redis keys isolated per ledger)."""
+    made = []
+
+    def make(clock: WallClock, **config):
+        if request.param == "memory":
+            ledger = MemoryLedger(LedgerConfig(**config), wall_clock=clock)
+        else:
+            url = request.getfixturevalue("redis_url")
+            ledger = RedisLedger(
+                LedgerConfig(redis_url=url, key_prefix=f"t{next(_prefixes)}", **config),
+                wall_clock=clock,
+            )
+        made.append(ledger)
+        return ledger
+
+    yield make
+    for ledger in made:
+        await ledger.aclose()
+
+
+async def test_rows_are_summed_by_tenant_model_upstream_and_labels(make_ledger):
+    """Entries with the same dimensions add up; different ones get their own rows."""
+    ledger = make_ledger(WallClock(NOON))
+    await ledger.record(entry(labels={"team": "a"}, cost=0.1, input_tokens=100))
+    await ledger.record(entry(labels={"team": "a"}, cost=0.2, cached_input_tokens=4))
+    await ledger.record(entry(labels={"team": "b"}, cost=0.5))
+    await ledger.record(entry(tenant="zeta", model="other", cost=0.25))
+    rows = await ledger.query(UsageFilter())
+    assert [(r.tenant, r.model, dict(r.labels), r.requests) for r in rows] == [
+        ("acme", "m", {"team": "a"}, 2),
+        ("acme", "m", {"team": "b"}, 1),
+        ("zeta", "other", {}, 1),
+    ]
+    assert rows[0].input_tokens == 110
+    assert rows[0].cached_input_tokens == 4
+    assert rows[0].cost_usd == 0.3  # exact: summed as integer pico-dollars
+    assert total_of(rows).cost_usd == 1.05
+    assert total_of(rows).requests == 4
+
+
+@pytest.mark.parametrize(
+    ("query", "expected_requests"),
+    [
+        (UsageFilter(tenant="acme"), 3),
+        (UsageFilter(tenant="nobody"), 0),
+        (UsageFilter(model="other"), 1),
+        (UsageFilter(labels={"team": "a"}), 2),
+        (UsageFilter(labels={"team": "a", "env": "prod"}), 1),
+        (UsageFilter(tenant="acme", labels={"env": "dev"}), 0),
+    ],
+)
+async def test_filters_select_rows(make_ledger, query, expected_requests):
+    """Tenant, model and label filters (rows carrying every label given) select the rows."""
+    ledger = make_ledger(WallClock(NOON))
+    await ledger.record(entry(labels={"team": "a"}))
+    await ledger.record(entry(labels={"team": "a", "env": "prod"}))
+    await ledger.record(entry(labels={"team": "b"}))
+    await ledger.record(entry(tenant="zeta", model="other"))
+    rows = await ledger.query(query)
+    assert total_of(rows).requests == expected_requests
+
+
+async def test_time_window_selects_buckets(make_ledger):
+    """start/end select whole buckets: usage two hours ago is outside the last hour."""
+    clock = WallClock(NOON - 7200)
+    ledger = make_ledger(clock)
+    await ledger.record(entry(cost=1.0))
+    clock.now = NOON
+    await ledger.record(entry(cost=2.0))
+    recent = await ledger.query(UsageFilter(start_s=NOON - 3600))
+    older = await ledger.query(UsageFilter(end_s=NOON - 3600))
+    everything = await ledger.query(UsageFilter())
+    assert total_of(recent).cost_usd == 2.0
+    assert total_of(older).cost_usd == 1.0
+    assert total_of(everything).cost_usd == 3.0
+
+
+async def test_spend_is_per_utc_day_and_month(make_ledger):
+    """Daily spend resets at midnight UTC; monthly spend keeps counting until the 1st."""
+    clock = WallClock(NOON)
+    ledger = make_ledger(clock)
+    await ledger.record(entry(cost=0.4))
+    clock.now = NOON + 86400
+    await ledger.record(entry(cost=0.1))
+    assert await ledger.spent_usd("acme", "day") == 0.1
+    assert await ledger.spent_usd("acme", "month") == 0.5
+    assert await ledger.spent_usd("other", "month") == 0.0
+    clock.now = dt.datetime(2026, 12, 1, 0, 0, 1, tzinfo=dt.UTC).timestamp()
+    assert await ledger.spent_usd("acme", "month") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("period", "at", "key", "end"),
+    [
+        ("day", dt.datetime(2026, 11, 28, 23, 59), "day:2026-11-28", dt.datetime(2026, 11, 29)),
+        ("month", dt.datetime(2026, 11, 28, 12), "month:2026-11", dt.datetime(2026, 12, 1)),
+        ("month", dt.datetime(2026, 12, 31, 23), "month:2026-12", dt.datetime(2027, 1, 1)),
+    ],
+)
+def test_periods_are_utc_calendar_periods(period, at, key, end):
+    """Period keys and ends follow the UTC calendar, across a year's end too."""
+    at_s = at.replace(tzinfo=dt.UTC).timestamp()
+    assert period_key(period, at_s) == key
+    assert period_end_s(period, at_s) == end.replace(tzinfo=dt.UTC).timestamp()
+
+
+PRICES = PriceList(
+    {"m": ModelConfig(context_window=4096, input_usd_per_million=1.0, output_usd_per_million=2.0)}
+)
+
+
+def request_of(tenant: str) -> ChatRequest:
+    """A small request for model m."""
+    return ChatRequest(model="m", messages=(Message(Role.USER, "hello"),), tenant=tenant)
+
+
+async def test_budget_refuses_once_spent_until_the_period_resets():
+    """A tenant at its daily limit is refused with RetryInfo until midnight UTC; others pass."""
+    clock = WallClock(NOON)
+    ledger = MemoryLedger(wall_clock=clock)
+    budgets = Budgets(
+        {"acme": BudgetConfig(usd=0.01, period="day")},
+        ledger=ledger,
+        prices=PRICES,
+        wall_clock=clock,
+    )
+    await budgets.check(request_of("acme"))
+    await ledger.record(entry(cost=0.01))
+    with pytest.raises(QuotaExceeded) as refused:
+        await budgets.check(request_of("acme"))
+    assert refused.value.subject == "tenant:acme"
+    assert refused.value.retry_after_s == 12 * 3600
+    await budgets.check(request_of("zeta"))  # no budget of its own and no "*"
+    clock.now = NOON + 86400
+    await budgets.check(request_of("acme"))
+
+
+async def test_budget_counts_the_prompt_of_the_call_about_to_be_made():
+    """A call whose prompt alone would pass the limit is refused before it is sent."""
+    clock = WallClock(NOON)
+    ledger = MemoryLedger(wall_clock=clock)
+    budgets = Budgets(
+        {"*": BudgetConfig(usd=0.0001)}, ledger=ledger, prices=PRICES, wall_clock=clock
+    )
+    await budgets.check(request_of("anyone"))  # "hello": a few tokens, far under 100
+    big = ChatRequest(model="m", messages=(Message(Role.USER, "word " * 4000),), tenant="anyone")
+    with pytest.raises(QuotaExceeded, match="monthly budget"):
+        await budgets.check(big)
+
+
+async def test_memory_ledger_forgets_usage_past_retention():
+    """Rows older than retention_days are dropped when a new bucket starts."""
+    clock = WallClock(NOON)
+    ledger = MemoryLedger(LedgerConfig(retention_days=1), wall_clock=clock)
+    await ledger.record(entry(cost=1.0))
+    clock.now = NOON + 2 * 86400
+    await ledger.record(entry(cost=2.0))
+    assert total_of(await ledger.query(UsageFilter())).cost_usd == 2.0
+
+
+@pytest.mark.redis
+async def test_an_unreachable_redis_ledger_neither_fails_calls_nor_blocks_budgets():
+    """With Redis down, recording logs and returns, and spend reads as zero (fail open)."""
+    dead = LedgerConfig(redis_url="redis://127.0.0.1:1/0")
+    ledger = RedisLedger(dead, wall_clock=WallClock(NOON))
+    try:
+        await ledger.record(entry())
+        assert await ledger.spent_usd("acme", "day") == 0.0
+    finally:
+        await ledger.aclose()

@@ -1,0 +1,139 @@
+"""Exporter selection from OTEL_* variables, and the hooks other modules call."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+    OTLPSpanExporter as GrpcSpanExporter,
+)
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+    OTLPSpanExporter as HttpSpanExporter,
+)
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+import service.telemetry
+from service.config import TelemetryConfig
+from service.telemetry import Telemetry, TelemetrySetupError, activate, active
+from service.telemetry.setup import build_providers, metric_readers, span_exporters
+from tests.telemetry_support import captured_telemetry
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, []),
+        ({"OTEL_TRACES_EXPORTER": "none"}, []),
+        ({"OTEL_TRACES_EXPORTER": "console"}, [ConsoleSpanExporter]),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, [GrpcSpanExporter]),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+            [HttpSpanExporter],
+        ),
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "otlp,console",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+            },
+            [GrpcSpanExporter, ConsoleSpanExporter],
+        ),
+    ],
+)
+def test_span_exporters_follow_otel_traces_exporter(environ, expected):
+    """Each OTEL_TRACES_EXPORTER value builds its exporter; the default exports nothing."""
+    exporters = span_exporters(environ)
+    assert [type(e) for e in exporters] == expected
+    for exporter in exporters:
+        exporter.shutdown()
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"OTEL_TRACES_EXPORTER": "zipkin"},
+        {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+    ],
+)
+def test_unknown_exporters_are_refused_at_startup(environ):
+    """An exporter or protocol this gateway cannot build is a startup error, not a silent drop."""
+    with pytest.raises(TelemetrySetupError):
+        span_exporters(environ)
+
+
+def test_metric_readers_follow_otel_metrics_exporter():
+    """console and otlp become periodic readers; prometheus is flagged for the endpoint."""
+    readers, wants_prometheus = metric_readers({"OTEL_METRICS_EXPORTER": "console,prometheus"})
+    assert [type(r) for r in readers] == [PeriodicExportingMetricReader]
+    assert wants_prometheus
+    for reader in readers:
+        reader.shutdown()
+    assert metric_readers({}) == ([], False)
+
+
+def test_nothing_configured_means_no_op_providers():
+    """With no exporter and nothing injected, the no-op tracer and meter are used."""
+    providers = build_providers(TelemetryConfig(), environ={})
+    assert isinstance(providers.tracer, trace.NoOpTracer)
+    assert not providers.is_recording
+
+
+@pytest.mark.parametrize(
+    ("config", "environ"),
+    [
+        (TelemetryConfig(enabled=False), {"OTEL_TRACES_EXPORTER": "console"}),
+        (TelemetryConfig(), {"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}),
+    ],
+)
+def test_disabled_telemetry_ignores_exporters(config, environ):
+    """enabled: false or OTEL_SDK_DISABLED turns everything off whatever else is set."""
+    assert not build_providers(config, environ=environ).is_recording
+
+
+def test_hooks_reach_the_active_telemetry():
+    """record_retry, record_cache_hit, record_upstream_error and set_breaker_state are counted."""
+    captured = captured_telemetry()
+    previous = activate(captured.telemetry)
+    try:
+        assert active() is captured.telemetry
+        service.telemetry.record_retry("up1", wait_s=0.25)
+        service.telemetry.record_retry("up1")
+        service.telemetry.record_cache_hit(model="m")
+        service.telemetry.record_upstream_error("up1", "503")
+        service.telemetry.set_breaker_state("up1", "open")
+    finally:
+        activate(previous)
+    assert captured.total("llm_gateway.retries", llm_gateway__upstream="up1") == 2
+    assert captured.total("llm_gateway.cache.hits") == 1
+    assert captured.total("llm_gateway.upstream.errors", error__type="503") == 1
+    assert captured.total("llm_gateway.upstream.breaker.state", llm_gateway__upstream="up1") == 2
+
+
+def test_hooks_are_harmless_without_telemetry():
+    """With the default no-op telemetry the hooks do nothing and raise nothing."""
+    previous = activate(Telemetry.disabled())
+    try:
+        service.telemetry.record_retry("up0", wait_s=1.0)
+        service.telemetry.set_breaker_state("up0", "half_open")
+        assert not active().providers.is_recording
+    finally:
+        activate(previous)
+
+
+def test_public_surface():
+    """The telemetry package exports exactly the hook interface, all importable."""
+    assert sorted(service.telemetry.__all__) == [
+        "AttemptSpan",
+        "OVERHEAD_TRAILER",
+        "RpcScope",
+        "Telemetry",
+        "TelemetrySetupError",
+        "activate",
+        "active",
+        "record_cache_hit",
+        "record_retry",
+        "record_upstream_error",
+        "set_breaker_state",
+    ]
+    assert all(hasattr(service.telemetry, name) for name in service.telemetry.__all__)

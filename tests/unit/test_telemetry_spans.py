@@ -1,0 +1,77 @@
+"""The span helpers on their own: a retried call's span tree, and overhead accounting."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.trace import SpanKind, StatusCode
+
+from service.domain import ChatRequest, Message, Role
+from service.errors import UpstreamUnavailable
+from tests.telemetry_support import attributes_of, captured_telemetry
+
+REQUEST = ChatRequest(model="m", messages=(Message(Role.USER, "hi"),))
+
+
+def test_a_retried_call_has_one_client_span_per_attempt_under_the_rpc_span():
+    """Attempt 1 fails with 503, the retry is counted, attempt 2 carries its wait and succeeds."""
+    captured = captured_telemetry()
+    telemetry = captured.telemetry
+    with telemetry.rpc(service="svc", method="Complete", metadata=()) as rpc:
+        headers: dict[str, str] = {}
+        with (
+            pytest.raises(UpstreamUnavailable),
+            telemetry.upstream_attempt(
+                REQUEST,
+                upstream="up0",
+                base_url="https://api.deepseek.com/v1",
+                upstream_model="deepseek-chat",
+                attempt=1,
+                headers=headers,
+            ),
+        ):
+            raise UpstreamUnavailable("boom", upstream="up0", status=503)
+        telemetry.record_retry("up0", wait_s=0.2)
+        retry_headers: dict[str, str] = {}
+        with telemetry.upstream_attempt(
+            REQUEST,
+            upstream="up1",
+            base_url="http://10.0.0.7:8000/v1",
+            upstream_model="deepseek-chat",
+            attempt=2,
+            headers=retry_headers,
+            retry_wait_s=0.2,
+        ) as attempt:
+            attempt.finish(
+                response_id="r2", response_model="deepseek-chat", finish_reason="stop", usage=None
+            )
+    first, second = [s for s in captured.spans() if s.kind is SpanKind.CLIENT]
+    server = captured.span("svc/Complete")
+    assert first.parent.span_id == server.context.span_id
+    assert second.parent.span_id == server.context.span_id
+    assert attributes_of(first)["llm_gateway.attempt"] == 1
+    assert attributes_of(first)["error.type"] == "503"
+    assert attributes_of(first)["gen_ai.provider.name"] == "deepseek"
+    assert first.status.status_code is StatusCode.ERROR
+    assert attributes_of(second)["llm_gateway.attempt"] == 2
+    assert attributes_of(second)["llm_gateway.retry.wait_ms"] == pytest.approx(200.0)
+    assert attributes_of(second)["gen_ai.provider.name"] == "up1"
+    assert attributes_of(second)["server.address"] == "10.0.0.7"
+    assert "error.type" not in attributes_of(second)
+    assert [e.name for e in server.events] == ["llm_gateway.retry"]
+    assert headers["traceparent"] != retry_headers["traceparent"]
+    assert captured.total("llm_gateway.retries", llm_gateway__upstream="up0") == 1
+    assert captured.total("llm_gateway.upstream.errors", llm_gateway__upstream="up0") == 1
+    assert rpc.upstream_s > 0
+
+
+def test_overhead_is_wall_time_minus_upstream_time_and_never_negative():
+    """The trailer reports elapsed minus upstream time, clamped at zero for fan-out calls."""
+    captured = captured_telemetry()
+    with captured.telemetry.rpc(service="svc", method="Summarize", metadata=()) as rpc:
+        rpc.upstream_s = 1e6  # concurrent attempts can add up to more than wall time
+        assert rpc.overhead_s() == 0.0
+        rpc.upstream_s = 0.0
+        assert rpc.overhead_s() == pytest.approx(rpc.elapsed_s(), abs=0.01)
+        [(name, value)] = rpc.trailers()
+    assert name == "llm-gateway-overhead-ms"
+    assert float(value) >= 0
