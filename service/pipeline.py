@@ -6,11 +6,14 @@ Knows neither Protobuf nor HTTP: it takes a `ChatRequest` and returns a `Complet
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
+from service.cache import ResponseCache
 from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
 from service.context_window import fit_messages
@@ -28,10 +31,23 @@ _DEFAULT_CONTEXT_WINDOW = 8192
 class Pipeline:
     """Runs chat completions through the gateway's policies to an upstream."""
 
-    def __init__(self, config: GatewayConfig, pool: UpstreamPool, prices: PriceList) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        pool: UpstreamPool,
+        prices: PriceList,
+        *,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self._config = config
         self._pool = pool
         self._prices = prices
+        self._cache = cache
+
+    @property
+    def cache(self) -> ResponseCache | None:
+        """The response cache, if any."""
+        return self._cache
 
     @property
     def pool(self) -> UpstreamPool:
@@ -72,9 +88,18 @@ class Pipeline:
         )
 
     async def complete(self, request: ChatRequest, *, deadline: Deadline) -> Completion:
-        """One unary completion."""
+        """One unary completion, from the cache when it has it."""
         started = time.monotonic()
         request, dropped = self.prepare(request)
+        fetch = functools.partial(self._complete, request, dropped, deadline, started)
+        if self._cache is None:
+            return await fetch()
+        completion = await self._cache.complete(request, fetch=fetch, deadline=deadline)
+        return _with_dropped(completion, dropped)
+
+    async def _complete(
+        self, request: ChatRequest, dropped: int, deadline: Deadline, started: float
+    ) -> Completion:
         log = AttemptLog()
         reply = await self._pool.complete(request, deadline=deadline, log=log)
         usage = self._usage(request, reply.content, reply.usage)
@@ -102,6 +127,19 @@ class Pipeline:
         """One streamed completion: deltas as they arrive, then the `Completion`."""
         started = time.monotonic()
         request, dropped = self.prepare(request)
+        fetch = functools.partial(self._stream, request, dropped, deadline, started)
+        events = (
+            fetch()
+            if self._cache is None
+            else self._cache.stream(request, fetch=fetch, deadline=deadline)
+        )
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield _with_dropped(event, dropped) if isinstance(event, Completion) else event
+
+    async def _stream(
+        self, request: ChatRequest, dropped: int, deadline: Deadline, started: float
+    ) -> AsyncGenerator[Delta | Completion, None]:
         log = AttemptLog()
         parts: list[str] = []
         end: StreamEnd | None = None
@@ -131,3 +169,10 @@ class Pipeline:
             ),
             dropped_messages=dropped,
         )
+
+
+def _with_dropped(completion: Completion, dropped: int) -> Completion:
+    # A cached answer may come from a request that dropped a different number of messages.
+    if completion.dropped_messages == dropped:
+        return completion
+    return dataclasses.replace(completion, dropped_messages=dropped)
