@@ -88,6 +88,11 @@ class ResponseCache:
         return self._store.stats
 
     @property
+    def store(self) -> CacheStore:
+        """The byte store behind the cache."""
+        return self._store
+
+    @property
     def in_flight(self) -> int:
         """Shared upstream calls running now."""
         return len(self._flights)
