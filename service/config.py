@@ -184,6 +184,7 @@ class CacheConfig:
     max_ttl_s: int = 7 * 24 * 3600
     max_entry_bytes: int = 1024 * 1024
     operation_timeout_s: float = 0.25
+    error_cooldown_s: float = 1.0
     cacheable_by_default: Literal["deterministic", "all", "none"] = "deterministic"
 
     def __post_init__(self) -> None:
@@ -200,6 +201,7 @@ class CacheConfig:
         _require(1 <= self.default_ttl_s <= self.max_ttl_s, "need 1 <= default_ttl_s <= max_ttl_s")
         _require(self.max_entry_bytes >= 1024, "max_entry_bytes must be >= 1024")
         _require(self.operation_timeout_s > 0, "operation_timeout_s must be > 0")
+        _require(self.error_cooldown_s >= 0, "error_cooldown_s must be >= 0")
         _require(bool(self.key_prefix), "key_prefix must not be empty")
 
 

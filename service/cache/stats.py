@@ -14,7 +14,8 @@ class CacheStats:
     hits: answers served from the store. misses: reads that found nothing.
     coalesced: requests that joined an identical in-flight call instead of calling
     upstream. errors: store operations that failed or timed out (the request went on
-    without the cache). stores: entries written. skipped: answers not stored (finish
+    without the cache). unavailable: operations skipped while the store cooled down
+    after an error. stores: entries written. skipped: answers not stored (finish
     reason, size). bytes_read / bytes_written: encoded entry bytes moved.
     """
 
@@ -22,6 +23,7 @@ class CacheStats:
     misses: int = 0
     coalesced: int = 0
     errors: int = 0
+    unavailable: int = 0
     stores: int = 0
     skipped: int = 0
     bytes_read: int = 0

@@ -2,7 +2,9 @@
 
 Every operation is bounded by `operation_timeout_s`. A failure or timeout is logged,
 counted in `CacheStats.errors`, and reported as a miss (read) or a skipped write, so a
-slow or stopped Redis costs at most that timeout and never fails the caller.
+slow or stopped Redis costs at most that timeout and never fails the caller. After a
+failure the store is left alone for `error_cooldown_s` (counted in `unavailable`), so a
+hung Redis does not add its timeout to every request while it is down.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from aiocache import RedisCache, SimpleMemoryCache
 from aiocache.serializers import NullSerializer
 
 from service.cache.stats import CacheStats
+from service.clock import SYSTEM_CLOCK, Clock
 from service.config import CacheConfig
 
 __all__ = ["CacheStore"]
@@ -58,18 +61,30 @@ class CacheStore:
         *,
         stats: CacheStats | None = None,
         environ: Mapping[str, str] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._config = config
+        self._clock = clock
+        self._cooling_until = float("-inf")
         self.stats = stats if stats is not None else CacheStats()
         self._cache = _backend(config, os.environ if environ is None else environ)
+        # An in-process dict cannot hang: only a networked backend needs a deadline.
+        self._timeout_s = None if config.backend == "memory" else config.operation_timeout_s
 
     @property
     def backend(self) -> str:
         """`memory` or `redis`."""
         return self._config.backend
 
+    def _is_cooling_down(self) -> bool:
+        if self._clock.now() < self._cooling_until:
+            self.stats.unavailable += 1
+            return True
+        return False
+
     def _failed(self, operation: str, exc: Exception) -> None:
         self.stats.errors += 1
+        self._cooling_until = self._clock.now() + self._config.error_cooldown_s
         # The exception type only: a Redis error message may echo the URL or key.
         log.warning(
             "cache.error",
@@ -82,9 +97,14 @@ class CacheStore:
 
     async def get(self, key: str) -> bytes | None:
         """The bytes stored under `key`, or None when absent or the store failed."""
+        if self._is_cooling_down():
+            return None
         try:
-            async with asyncio.timeout(self._config.operation_timeout_s):
+            if self._timeout_s is None:
                 value = await self._cache.get(key)
+            else:
+                async with asyncio.timeout(self._timeout_s):
+                    value = await self._cache.get(key)
         except Exception as exc:  # any store failure degrades to a miss
             self._failed("get", exc)
             return None
@@ -99,8 +119,10 @@ class CacheStore:
         if len(value) > self._config.max_entry_bytes:
             self.stats.skipped += 1
             return False
+        if self._is_cooling_down():
+            return False
         try:
-            async with asyncio.timeout(self._config.operation_timeout_s):
+            async with asyncio.timeout(self._timeout_s):
                 await self._cache.set(key, value, ttl=ttl_s)
         except Exception as exc:  # a lost write only costs a later miss
             self._failed("set", exc)
@@ -112,7 +134,11 @@ class CacheStore:
     async def aclose(self) -> None:
         """Close the backend's connections."""
         try:
-            await self._cache.close()
+            if self._config.backend == "redis":
+                # aiocache's close() calls redis-py's deprecated close(); aclose() is current.
+                await self._cache.client.aclose()
+            else:
+                await self._cache.close()
         except Exception as exc:  # closing a broken connection must not fail shutdown
             self._failed("close", exc)
 
