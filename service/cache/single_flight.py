@@ -91,9 +91,6 @@ class SingleFlight(Generic[T]):
         try:
             try:
                 value = await call(flight.publish)
-            except asyncio.CancelledError:
-                flight.result.cancel()
-                raise
             except Exception as exc:
                 # Removed before anyone can join: a failure is never shared with later calls.
                 self._forget(flight)
@@ -104,6 +101,9 @@ class SingleFlight(Generic[T]):
             if after is not None:
                 await after(value)
         finally:
+            # Cancelled (or worse) before a result: followers must not wait forever.
+            if not flight.result.done():
+                flight.result.cancel()
             self._forget(flight)
             flight._wake()
 

@@ -476,3 +476,32 @@ async def test_slow_redis_times_out_then_is_left_alone_for_a_while(
     assert stats.errors == 1
     assert stats.unavailable == 5
     assert len(upstream.requests) == 4
+
+
+async def test_a_cancelled_lone_stream_closes_the_upstream_stream(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """A cacheable stream whose only caller goes away closes the upstream request."""
+    upstream.script(Reply(content="a b c d e f g h", chunks=8, chunk_delay_s=0.5))
+    call = cached.stub.CompleteStream(chat_stream(params=DETERMINISTIC))
+    first = await call.read()
+    call.cancel()
+    await upstream.wait_for_disconnect(timeout_s=10)
+    await settled(cached)
+    assert first.delta.content == "a "
+    assert cache_of(cached).stats.stores == 0
+
+
+async def test_a_follower_outliving_the_first_callers_deadline_tries_again(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """The shared call runs under the first caller's deadline; a later caller retries alone."""
+    upstream.script(Reply(content="too late", delay_s=2.0), Reply(content="on time"))
+    hasty = asyncio.ensure_future(cached.stub.Complete(ask(), timeout=0.5))
+    await eventually(lambda: upstream.requests)
+    patient = await cached.stub.Complete(ask(), timeout=20)
+    with pytest.raises(grpc.aio.AioRpcError, match="DEADLINE_EXCEEDED"):
+        await hasty
+    assert patient.content == "on time"
+    assert cache_of(cached).stats.coalesced == 1
+    assert len(upstream.requests) == 2
