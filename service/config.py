@@ -151,22 +151,6 @@ class LocalModelConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class RequestDefaults:
-    """What a request gets for fields it leaves unset."""
-
-    truncation: TruncationMode = TruncationMode.NONE
-    cache_mode: CacheMode = CacheMode.DEFAULT
-    max_messages: int = 1000
-    max_stop_sequences: int = 4
-    max_labels: int = 32
-    max_label_length: int = 256
-    max_request_bytes: int = 2 * 1024 * 1024
-
-    def __post_init__(self) -> None:
-        _require(self.max_messages >= 1, "max_messages must be >= 1")
-
-
-@dataclass(frozen=True, slots=True)
 class CacheConfig:
     """The response cache: in-process memory by default, Redis to share across replicas.
 
@@ -206,6 +190,22 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestDefaults:
+    """What a request gets for fields it leaves unset."""
+
+    truncation: TruncationMode = TruncationMode.NONE
+    cache_mode: CacheMode = CacheMode.DEFAULT
+    max_messages: int = 1000
+    max_stop_sequences: int = 4
+    max_labels: int = 32
+    max_label_length: int = 256
+    max_request_bytes: int = 2 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _require(self.max_messages >= 1, "max_messages must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The whole configuration."""
 
@@ -213,8 +213,8 @@ class GatewayConfig:
     upstreams: tuple[UpstreamConfig, ...] = ()
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     local_model: LocalModelConfig = LocalModelConfig()
-    defaults: RequestDefaults = RequestDefaults()
     cache: CacheConfig = CacheConfig()
+    defaults: RequestDefaults = RequestDefaults()
     source: str = "<defaults>"
 
     @property
