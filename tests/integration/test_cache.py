@@ -268,7 +268,8 @@ async def test_sampled_requests_are_not_cached_by_default(
 
 @pytest.mark.parametrize(
     "behaviour",
-    [Status(500), Reply(finish_reason="content_filter"), Reply(finish_reason="tool_calls")],
+    # 400: an error no retry policy retries, so the upstream sees exactly one call for it.
+    [Status(400), Reply(finish_reason="content_filter"), Reply(finish_reason="tool_calls")],
     ids=["error", "content_filter", "tool_calls"],
 )
 async def test_errors_and_odd_finishes_are_not_cached(
@@ -277,7 +278,7 @@ async def test_errors_and_odd_finishes_are_not_cached(
     """An error or a finish other than stop/length is never stored."""
     upstream.script(behaviour)
     if isinstance(behaviour, Status):
-        with pytest.raises(grpc.aio.AioRpcError, match="UNAVAILABLE"):
+        with pytest.raises(grpc.aio.AioRpcError, match="INVALID_ARGUMENT"):
             await cached.stub.Complete(ask())
     else:
         first = await cached.stub.Complete(ask())
@@ -322,12 +323,12 @@ async def test_identical_requests_share_the_same_error(
     cached: RunningGateway, upstream: FakeUpstream
 ) -> None:
     """When the shared call fails, every waiter gets the same status, from one call."""
-    upstream.script(Status(503, delay_s=0.3))
+    upstream.script(Status(400, delay_s=0.3))
     results = await asyncio.gather(
         *(cached.stub.Complete(ask()) for _ in range(10)), return_exceptions=True
     )
     codes = {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)}
-    assert codes == {grpc.StatusCode.UNAVAILABLE}
+    assert codes == {grpc.StatusCode.INVALID_ARGUMENT}
     assert len([r for r in results if isinstance(r, grpc.aio.AioRpcError)]) == 10
     assert len(upstream.requests) == 1
 
