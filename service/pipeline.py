@@ -39,15 +39,10 @@ class Pipeline:
         *,
         cache: ResponseCache | None = None,
     ) -> None:
+        self._cache = cache
         self._config = config
         self._pool = pool
         self._prices = prices
-        self._cache = cache
-
-    @property
-    def cache(self) -> ResponseCache | None:
-        """The response cache, if any."""
-        return self._cache
 
     @property
     def pool(self) -> UpstreamPool:
@@ -63,6 +58,11 @@ class Pipeline:
     def prices(self) -> PriceList:
         """The pricing catalog."""
         return self._prices
+
+    @property
+    def cache(self) -> ResponseCache | None:
+        """The response cache, if any."""
+        return self._cache
 
     def prepare(self, request: ChatRequest) -> tuple[ChatRequest, int]:
         """Validate `request` and fit it to its model's window: (request to send, dropped)."""
