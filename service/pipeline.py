@@ -12,8 +12,8 @@ import functools
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING
 
-from service.cache import ResponseCache
 from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
 from service.context_window import fit_messages
@@ -23,6 +23,9 @@ from service.pricing import PriceList
 from service.tokens import estimate_prompt_tokens, estimate_text_tokens
 from service.upstream.types import StreamEnd, TextChunk
 from service.validation import validate_chat_request
+
+if TYPE_CHECKING:  # only annotated here; the server builds the cache and passes it in
+    from service.cache import ResponseCache
 
 _MS = 1000.0
 _DEFAULT_CONTEXT_WINDOW = 8192
