@@ -10,6 +10,8 @@ MODULES = [
     "bench.open_streams",
     "bench.load_failures",
     "bench.batch_throughput",
+    "bench.cache_hits",
+    "bench.telemetry_overhead",
 ]
 
 

@@ -159,6 +159,45 @@ class LocalModelConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The response cache: in-process memory by default, Redis to share across replicas.
+
+    `cacheable_by_default` decides what a request without an explicit cache mode gets:
+    `deterministic` caches only temperature-0 or seeded requests, `all` caches every
+    request, `none` caches only requests that ask for it.
+    """
+
+    enabled: bool = True
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = ""
+    redis_password_env: str | None = None
+    key_prefix: str = "llmgw"
+    default_ttl_s: int = 3600
+    max_ttl_s: int = 7 * 24 * 3600
+    max_entry_bytes: int = 1024 * 1024
+    operation_timeout_s: float = 0.25
+    error_cooldown_s: float = 1.0
+    cacheable_by_default: Literal["deterministic", "all", "none"] = "deterministic"
+
+    def __post_init__(self) -> None:
+        if self.backend == "redis":
+            parts = urlsplit(self.redis_url)
+            _require(
+                parts.scheme in ("redis", "rediss") and bool(parts.hostname),
+                "redis_url must be redis://HOST:PORT/DB when backend is redis",
+            )
+            _require(
+                parts.username is None and parts.password is None,
+                "redis_url must not carry credentials; use redis_password_env",
+            )
+        _require(1 <= self.default_ttl_s <= self.max_ttl_s, "need 1 <= default_ttl_s <= max_ttl_s")
+        _require(self.max_entry_bytes >= 1024, "max_entry_bytes must be >= 1024")
+        _require(self.operation_timeout_s > 0, "operation_timeout_s must be > 0")
+        _require(self.error_cooldown_s >= 0, "error_cooldown_s must be >= 0")
+        _require(bool(self.key_prefix), "key_prefix must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
 class RequestDefaults:
     """What a request gets for fields it leaves unset."""
 
@@ -307,6 +346,7 @@ class GatewayConfig:
     upstreams: tuple[UpstreamConfig, ...] = ()
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     local_model: LocalModelConfig = LocalModelConfig()
+    cache: CacheConfig = CacheConfig()
     defaults: RequestDefaults = RequestDefaults()
     resilience: ResilienceConfig = ResilienceConfig()
     summarize: SummarizeConfig = SummarizeConfig()

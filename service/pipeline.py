@@ -6,10 +6,13 @@ Knows neither Protobuf nor HTTP: it takes a `ChatRequest` and returns a `Complet
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from service.budgets import Budgets
 from service.calibration import TokenCalibration
@@ -24,6 +27,9 @@ from service.telemetry import active as telemetry
 from service.tokens import estimate_prompt_tokens, estimate_text_tokens
 from service.upstream.types import StreamEnd, TextChunk
 from service.validation import validate_chat_request
+
+if TYPE_CHECKING:  # only annotated here; the server builds the cache and passes it in
+    from service.cache import ResponseCache
 
 _MS = 1000.0
 _DEFAULT_CONTEXT_WINDOW = 8192
@@ -40,7 +46,9 @@ class Pipeline:
         *,
         ledger: Ledger | None = None,
         wall_clock: Callable[[], float] = time.time,
+        cache: ResponseCache | None = None,
     ) -> None:
+        self._cache = cache
         self._config = config
         self._pool = pool
         self._prices = prices
@@ -97,6 +105,11 @@ class Pipeline:
         """The pricing catalog."""
         return self._prices
 
+    @property
+    def cache(self) -> ResponseCache | None:
+        """The response cache, if any."""
+        return self._cache
+
     def prepare(self, request: ChatRequest) -> tuple[ChatRequest, int]:
         """Validate `request` and fit it to its model's window: (request to send, dropped)."""
         validate_chat_request(request, self._config.defaults)
@@ -127,15 +140,29 @@ class Pipeline:
         )
 
     async def complete(self, request: ChatRequest, *, deadline: Deadline) -> Completion:
-        """One unary completion."""
+        """One unary completion, from the cache when it has it."""
         started = time.monotonic()
         request, dropped = self.prepare(request)
+        fetch = functools.partial(self._complete, request, dropped, deadline, started)
+        if self._cache is None:
+            completion = await fetch()
+        else:
+            completion = await self._cache.complete(request, fetch=fetch, deadline=deadline)
+            completion = _with_dropped(completion, dropped)
+        # Accounted per caller: a cache hit or a coalesced call records 0 cost, saved cost.
+        await self.account(request, completion)
+        return completion
+
+    async def _complete(
+        self, request: ChatRequest, dropped: int, deadline: Deadline, started: float
+    ) -> Completion:
+        """The upstream call behind a cache miss; budgets are checked only here."""
         await self.check_budget(request)
         log = AttemptLog()
         reply = await self._pool.complete(request, deadline=deadline, log=log)
         usage = self._usage(request, reply.content, reply.usage)
         upstream_ms = log.upstream_s * _MS
-        completion = Completion(
+        return Completion(
             id=reply.id or f"gw-{uuid.uuid4().hex}",
             model=reply.model,
             content=reply.content,
@@ -151,8 +178,6 @@ class Pipeline:
             ),
             dropped_messages=dropped,
         )
-        await self.account(request, completion)
-        return completion
 
     async def stream(
         self, request: ChatRequest, *, deadline: Deadline
@@ -160,6 +185,25 @@ class Pipeline:
         """One streamed completion: deltas as they arrive, then the `Completion`."""
         started = time.monotonic()
         request, dropped = self.prepare(request)
+        fetch = functools.partial(self._stream, request, dropped, deadline, started)
+        events = (
+            fetch()
+            if self._cache is None
+            else self._cache.stream(request, fetch=fetch, deadline=deadline)
+        )
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, Completion):
+                    completion = _with_dropped(event, dropped)
+                    await self.account(request, completion)
+                    yield completion
+                else:
+                    yield event
+
+    async def _stream(
+        self, request: ChatRequest, dropped: int, deadline: Deadline, started: float
+    ) -> AsyncGenerator[Delta | Completion, None]:
+        """The upstream stream behind a cache miss; budgets are checked only here."""
         await self.check_budget(request)
         log = AttemptLog()
         parts: list[str] = []
@@ -190,5 +234,11 @@ class Pipeline:
             ),
             dropped_messages=dropped,
         )
-        await self.account(request, completion)
         yield completion
+
+
+def _with_dropped(completion: Completion, dropped: int) -> Completion:
+    # A cached answer may come from a request that dropped a different number of messages.
+    if completion.dropped_messages == dropped:
+        return completion
+    return dataclasses.replace(completion, dropped_messages=dropped)

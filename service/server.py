@@ -14,6 +14,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from llmgateway.v1 import gateway_pb2, gateway_pb2_grpc
+from service.cache import CacheStore, ResponseCache
 from service.config import GatewayConfig, UpstreamConfig
 from service.ledger import open_ledger
 from service.local_model import LocalModelServer
@@ -89,8 +90,15 @@ class GatewayServer:
             await self._stack.enter_async_context(UpstreamClient(c))
             for c in await self._upstream_configs()
         ]
+        cache = await self._stack.enter_async_context(
+            ResponseCache(
+                self.config.cache,
+                store=CacheStore(self.config.cache),
+                default_mode=self.config.defaults.cache_mode,
+            )
+        )
         pool = UpstreamPool(clients, settings=self.config.resilience)
-        self.pipeline = Pipeline(self.config, pool, prices, ledger=ledger)
+        self.pipeline = Pipeline(self.config, pool, prices, ledger=ledger, cache=cache)
         servicer = CompletionServicer(self.pipeline)
         guard_servicer(servicer, RPC_METHODS, self.admission)
         server = grpc.aio.server(

@@ -15,6 +15,7 @@ from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import GatewayConfig, parse_config
 from service.server import GatewayServer
 from tests.fake_upstream import FakeUpstream
+from tests.redis_server import redis_server  # noqa: F401  (fixture)
 
 FAKE_MODEL = "fake-model"
 

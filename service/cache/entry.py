@@ -1,0 +1,80 @@
+"""What the cache stores for one answer, and its exact byte encoding (orjson).
+
+An entry is the finished `Completion` as the upstream produced it, plus the text of every
+delta in order, so that a stream replays with the same chunking it had live.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from service.domain import Completion, FinishReason, Timings, Usage
+
+__all__ = ["CACHEABLE_FINISH_REASONS", "CachedAnswer", "EntryDecodeError"]
+
+# Anything else (content filter, tool calls) is not an answer worth replaying.
+CACHEABLE_FINISH_REASONS = frozenset({FinishReason.STOP, FinishReason.LENGTH})
+
+_ENTRY_VERSION = 1
+
+
+class EntryDecodeError(ValueError):
+    """Stored bytes that are not a valid entry (corrupt, or written by another version)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """A finished answer and the deltas it was streamed as (one delta for a unary answer)."""
+
+    completion: Completion
+    deltas: tuple[str, ...]
+
+    @classmethod
+    def of_unary(cls, completion: Completion) -> CachedAnswer:
+        """An answer that was never streamed: its content replays as one delta."""
+        return cls(completion, (completion.content,) if completion.content else ())
+
+    @property
+    def is_cacheable(self) -> bool:
+        """Whether the answer may be stored: a clean stop or length finish only."""
+        return self.completion.finish_reason in CACHEABLE_FINISH_REASONS
+
+    def encode(self) -> bytes:
+        """The entry as compact JSON; floats round-trip exactly (shortest repr)."""
+        return orjson.dumps({"v": _ENTRY_VERSION, "c": self.completion, "d": self.deltas})
+
+    @classmethod
+    def decode(cls, data: bytes) -> CachedAnswer:
+        """The entry encoded by `encode`; raises `EntryDecodeError` on anything else."""
+        try:
+            raw = orjson.loads(data)
+            if raw["v"] != _ENTRY_VERSION:
+                raise EntryDecodeError(f"entry version {raw['v']!r}")
+            fields: dict[str, Any] = dict(raw["c"])
+            fields["finish_reason"] = FinishReason(fields["finish_reason"])
+            fields["usage"] = Usage(**fields["usage"])
+            fields["timings"] = Timings(**fields["timings"])
+            deltas = tuple(str(d) for d in raw["d"])
+            return cls(Completion(**fields), deltas)
+        except EntryDecodeError:
+            raise
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise EntryDecodeError(type(exc).__name__) from exc
+
+    def served_from_cache(self, *, total_ms: float, first_token_ms: float) -> Completion:
+        """The completion as a cache hit reports it: nothing charged, the cost saved."""
+        completion = self.completion
+        return dataclasses.replace(
+            completion,
+            cost_usd=0.0,
+            saved_cost_usd=completion.cost_usd,
+            is_cache_hit=True,
+            attempts=0,
+            timings=Timings(
+                total_ms=total_ms, upstream_ms=0.0, time_to_first_token_ms=first_token_ms
+            ),
+        )

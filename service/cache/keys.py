@@ -1,0 +1,54 @@
+"""The cache key: a hash of a canonical encoding of everything that changes the output.
+
+The encoding is a JSON array in a fixed order (never a dict, so no key order to get
+wrong) of: the key format version, the tenant, the model, every message as
+`[role, content]` in order, and every generation parameter with unset kept as `null`
+(distinct from `0`). Labels and the idempotency key are left out: they change who is
+billed and how the call is retried, not what the model answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import orjson
+
+from service.domain import ChatRequest
+
+__all__ = ["KEY_FORMAT_VERSION", "cache_key", "canonical_request"]
+
+# Bump when the encoding or the stored entry changes, so old entries are never misread.
+KEY_FORMAT_VERSION = 1
+
+
+def _number(value: float | None) -> float | None:
+    # -0.0 and 0.0 sample identically; fold them so they share an entry.
+    return None if value is None else value + 0.0
+
+
+def canonical_request(request: ChatRequest) -> bytes:
+    """The canonical bytes of everything in `request` that can change the answer."""
+    params = request.params
+    return orjson.dumps(
+        [
+            KEY_FORMAT_VERSION,
+            request.tenant,
+            request.model,
+            [[message.role.value, message.content] for message in request.messages],
+            [
+                _number(params.temperature),
+                _number(params.top_p),
+                params.max_tokens,
+                list(params.stop),
+                params.seed,
+                _number(params.presence_penalty),
+                _number(params.frequency_penalty),
+            ],
+        ]
+    )
+
+
+def cache_key(request: ChatRequest, *, prefix: str) -> str:
+    """`PREFIX:vN:SHA256` of the canonical request; the tenant is inside the hash."""
+    digest = hashlib.sha256(canonical_request(request)).hexdigest()
+    return f"{prefix}:v{KEY_FORMAT_VERSION}:{digest}"

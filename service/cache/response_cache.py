@@ -1,0 +1,310 @@
+"""The response cache policy: which requests are cached, lookup, single-flight, storing.
+
+`ResponseCache.complete` and `ResponseCache.stream` wrap the pipeline's upstream call
+(`fetch`). In order:
+
+1. The effective mode: the request's own, else the configured default when the request
+   is cacheable by default, else BYPASS. BYPASS calls upstream and stores nothing.
+2. Modes that read look the key up; a hit is served without any upstream call, with
+   `cost_usd` 0 and the original cost as `saved_cost_usd`. A stream replays the stored
+   deltas one by one, then the final message.
+3. On a miss the request joins the single flight for its key: the first caller starts
+   the upstream call, later identical callers share it and are reported as cache hits
+   (they cost nothing upstream). Streams follow the flight's deltas live, from the first.
+4. A finished answer is stored (when any of the flight's callers may write) only if it
+   finished with stop or length; errors and broken streams are never stored.
+
+REFRESH skips the read and the flight: it always makes its own upstream call and stores
+the answer. Single-flight is per process; across replicas Redis shares finished answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+
+from service.cache.entry import CachedAnswer, EntryDecodeError
+from service.cache.keys import cache_key
+from service.cache.single_flight import Flight, SingleFlight
+from service.cache.stats import CacheStats
+from service.cache.store import CacheStore
+from service.clock import SYSTEM_CLOCK, Clock, Deadline
+from service.config import CacheConfig
+from service.domain import CacheMode, ChatRequest, Completion, Delta
+from service.errors import DeadlineExceeded
+
+__all__ = ["ResponseCache", "is_deterministic"]
+
+log = logging.getLogger("llm_gateway.cache")
+
+_MS = 1000.0
+# A follower that joined a flight run under a shorter deadline than its own tries again.
+_MAX_JOINS = 2
+
+Fetch = Callable[[], Awaitable[Completion]]
+FetchStream = Callable[[], AsyncGenerator[Delta | Completion, None]]
+
+
+def is_deterministic(request: ChatRequest) -> bool:
+    """Whether the request asks for a reproducible answer: temperature 0 or a seed."""
+    params = request.params
+    return params.temperature == 0 or params.seed is not None
+
+
+@dataclass(slots=True)
+class _StorePlan:
+    """Whether (and for how long) a flight's answer is stored; any writer turns it on."""
+
+    ttl_s: int
+    is_wanted: bool
+
+
+class ResponseCache:
+    """Caches completions per tenant and request, shares identical in-flight calls.
+
+    Owns its store and its flights: `aclose()` cancels flights and closes the store.
+    """
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        *,
+        store: CacheStore,
+        default_mode: CacheMode = CacheMode.DEFAULT,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._default_mode = default_mode
+        self._clock = clock
+        self._flights: SingleFlight[CachedAnswer] = SingleFlight()
+        self._plans: dict[str, _StorePlan] = {}
+
+    @property
+    def stats(self) -> CacheStats:
+        """Counters: hits, misses, coalesced, errors, stores, skipped, bytes."""
+        return self._store.stats
+
+    @property
+    def store(self) -> CacheStore:
+        """The byte store behind the cache."""
+        return self._store
+
+    @property
+    def in_flight(self) -> int:
+        """Shared upstream calls running now."""
+        return len(self._flights)
+
+    def mode_for(self, request: ChatRequest) -> CacheMode:
+        """The cache mode this request gets."""
+        if not self._config.enabled:
+            return CacheMode.BYPASS
+        if request.cache.mode is not None:
+            return request.cache.mode
+        cacheable = self._config.cacheable_by_default
+        if cacheable == "all" or (cacheable == "deterministic" and is_deterministic(request)):
+            return self._default_mode
+        return CacheMode.BYPASS
+
+    def ttl_for(self, request: ChatRequest) -> int:
+        """Seconds an answer to `request` stays cached: its override, capped, or the default."""
+        return min(request.cache.ttl_s or self._config.default_ttl_s, self._config.max_ttl_s)
+
+    def key_for(self, request: ChatRequest) -> str:
+        """The store key of `request`."""
+        return cache_key(request, prefix=self._config.key_prefix)
+
+    async def _read(self, key: str) -> CachedAnswer | None:
+        data = await self._store.get(key)
+        if data is None:
+            self.stats.misses += 1
+            return None
+        try:
+            answer = CachedAnswer.decode(data)
+        except EntryDecodeError as exc:
+            self.stats.errors += 1
+            self.stats.misses += 1
+            log.warning("cache.bad_entry", extra={"error": str(exc)})
+            return None
+        self.stats.hits += 1
+        return answer
+
+    async def _write(self, key: str, answer: CachedAnswer, ttl_s: int) -> None:
+        if not answer.is_cacheable:
+            self.stats.skipped += 1
+            return
+        await self._store.set(key, answer.encode(), ttl_s=ttl_s)
+
+    def _join(
+        self,
+        key: str,
+        request: ChatRequest,
+        mode: CacheMode,
+        call: Callable[[Callable[[str], None]], Awaitable[CachedAnswer]],
+    ) -> tuple[Flight[CachedAnswer], bool]:
+        async def planned(publish: Callable[[str], None]) -> CachedAnswer:
+            try:
+                return await call(publish)
+            except BaseException:
+                self._plans.pop(key, None)
+                raise
+
+        async def store(answer: CachedAnswer) -> None:
+            plan = self._plans.pop(key, None)
+            if plan is not None and plan.is_wanted:
+                await self._write(key, answer, plan.ttl_s)
+
+        flight, is_leader = self._flights.join(key, planned, after=store)
+        if is_leader:
+            self._plans[key] = _StorePlan(self.ttl_for(request), mode.writes)
+        else:
+            self.stats.coalesced += 1
+            plan = self._plans.get(key)
+            if plan is not None and mode.writes and not plan.is_wanted:
+                plan.ttl_s, plan.is_wanted = self.ttl_for(request), True
+        return flight, is_leader
+
+    def _elapsed_ms(self, started: float) -> float:
+        return (self._clock.now() - started) * _MS
+
+    async def complete(
+        self, request: ChatRequest, *, fetch: Fetch, deadline: Deadline
+    ) -> Completion:
+        """The answer to `request`: from the cache, a shared call, or `fetch()`."""
+        mode = self.mode_for(request)
+        if mode is CacheMode.BYPASS:
+            return await fetch()
+        started = self._clock.now()
+        key = self.key_for(request)
+        if not mode.reads:
+            completion = await fetch()
+            await self._write(key, CachedAnswer.of_unary(completion), self.ttl_for(request))
+            return completion
+        cached = await self._read(key)
+        if cached is not None:
+            elapsed = self._elapsed_ms(started)
+            return cached.served_from_cache(total_ms=elapsed, first_token_ms=elapsed)
+
+        async def call(publish: Callable[[str], None]) -> CachedAnswer:
+            return CachedAnswer.of_unary(await fetch())
+
+        for join in range(1, _MAX_JOINS + 1):
+            flight, is_leader = self._join(key, request, mode, call)
+            try:
+                answer = await self._flights.wait(flight)
+            except DeadlineExceeded:
+                if is_leader or deadline.has_expired or join == _MAX_JOINS:
+                    raise
+                continue
+            if is_leader:
+                return answer.completion
+            elapsed = self._elapsed_ms(started)
+            return answer.served_from_cache(total_ms=elapsed, first_token_ms=elapsed)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def stream(
+        self, request: ChatRequest, *, fetch: FetchStream, deadline: Deadline
+    ) -> AsyncGenerator[Delta | Completion, None]:
+        """The streamed answer to `request`: replayed, shared live, or from `fetch()`."""
+        mode = self.mode_for(request)
+        if mode is CacheMode.BYPASS:
+            async with contextlib.aclosing(fetch()) as events:
+                async for event in events:
+                    yield event
+            return
+        started = self._clock.now()
+        key = self.key_for(request)
+        if not mode.reads:
+            async with contextlib.aclosing(self._refresh_stream(key, request, fetch)) as events:
+                async for event in events:
+                    yield event
+            return
+        cached = await self._read(key)
+        if cached is not None:
+            first_token_ms: float | None = None
+            for text in cached.deltas:
+                yield Delta(text)
+                if first_token_ms is None:
+                    first_token_ms = self._elapsed_ms(started)
+            elapsed = self._elapsed_ms(started)
+            yield cached.served_from_cache(
+                total_ms=elapsed,
+                first_token_ms=elapsed if first_token_ms is None else first_token_ms,
+            )
+            return
+
+        async def call(publish: Callable[[str], None]) -> CachedAnswer:
+            deltas: list[str] = []
+            completion: Completion | None = None
+            async with contextlib.aclosing(fetch()) as events:
+                async for event in events:
+                    if isinstance(event, Completion):
+                        completion = event
+                    else:
+                        deltas.append(event.content)
+                        publish(event.content)
+            if completion is None:  # the pipeline ends every stream with a Completion
+                raise RuntimeError("stream ended without its completion")
+            return CachedAnswer(completion, tuple(deltas))
+
+        for join in range(1, _MAX_JOINS + 1):
+            flight, is_leader = self._join(key, request, mode, call)
+            sent = 0
+            first_token_ms = None
+            answer: CachedAnswer | None = None
+            try:
+                async with contextlib.aclosing(self._flights.follow(flight)) as items:
+                    async for item in items:
+                        if isinstance(item, CachedAnswer):
+                            answer = item
+                            break
+                        yield Delta(item)
+                        sent += 1
+                        if first_token_ms is None:
+                            first_token_ms = self._elapsed_ms(started)
+            except DeadlineExceeded:
+                if is_leader or sent or deadline.has_expired or join == _MAX_JOINS:
+                    raise
+                continue
+            if answer is None:  # follow() always ends with the result or raises
+                raise RuntimeError("flight ended without its answer")
+            for text in answer.deltas[sent:]:  # a unary flight publishes no deltas
+                yield Delta(text)
+                if first_token_ms is None:
+                    first_token_ms = self._elapsed_ms(started)
+            if is_leader:
+                yield answer.completion
+            else:
+                elapsed = self._elapsed_ms(started)
+                yield answer.served_from_cache(
+                    total_ms=elapsed,
+                    first_token_ms=elapsed if first_token_ms is None else first_token_ms,
+                )
+            return
+
+    async def _refresh_stream(
+        self, key: str, request: ChatRequest, fetch: FetchStream
+    ) -> AsyncGenerator[Delta | Completion, None]:
+        deltas: list[str] = []
+        async with contextlib.aclosing(fetch()) as events:
+            async for event in events:
+                if isinstance(event, Completion):
+                    await self._write(
+                        key, CachedAnswer(event, tuple(deltas)), self.ttl_for(request)
+                    )
+                else:
+                    deltas.append(event.content)
+                yield event
+
+    async def aclose(self) -> None:
+        """Cancel shared calls still running, then close the store."""
+        await self._flights.aclose()
+        await self._store.aclose()
+
+    async def __aenter__(self) -> ResponseCache:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,148 @@
+"""Single-flight: identical concurrent calls share one upstream call.
+
+The first caller of a key starts a `Flight`: a task owned by `SingleFlight` that runs
+the call and publishes its progress (stream deltas) and its result on a future. Every
+caller of the same key, the first included, is a *follower* of that flight. A
+follower that is cancelled only stops following; the shared call goes on for the
+others. When the last follower leaves before the result, nobody wants the answer any
+more, so the call is cancelled (which closes the upstream request and stops billing).
+`aclose()` cancels and awaits every flight: no task outlives its owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Generic, TypeVar
+
+__all__ = ["Flight", "SingleFlight"]
+
+T = TypeVar("T")
+
+# A call receives `publish` for its progress and returns its result.
+Call = Callable[[Callable[[str], None]], Awaitable[T]]
+
+
+class Flight(Generic[T]):
+    """One shared call in progress: its published deltas so far and its result."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.deltas: list[str] = []
+        self.result: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        # Mark a failure as retrieved even when every follower has left: no
+        # "exception was never retrieved" noise for a call nobody waits on.
+        self.result.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.followers = 0
+        self.task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    def publish(self, delta: str) -> None:
+        """Hand the next delta to every follower."""
+        self.deltas.append(delta)
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _until_changed(self) -> None:
+        await self._changed.wait()
+
+
+class SingleFlight(Generic[T]):
+    """At most one call per key at a time; everyone asking meanwhile shares its result.
+
+    `after` runs in the flight's own task once the result is out (e.g. to store it), so
+    followers never wait for it, and an identical call arriving meanwhile still joins.
+    """
+
+    def __init__(self) -> None:
+        self._flights: dict[str, Flight[T]] = {}
+        self._is_closed = False
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def join(
+        self,
+        key: str,
+        call: Call[T],
+        *,
+        after: Callable[[T], Awaitable[None]] | None = None,
+    ) -> tuple[Flight[T], bool]:
+        """The flight for `key`, started with `call` if none is running: (flight, started)."""
+        if self._is_closed:
+            raise RuntimeError("SingleFlight is closed")
+        flight = self._flights.get(key)
+        if flight is not None:
+            return flight, False
+        flight = Flight[T](key)
+        self._flights[key] = flight
+        flight.task = asyncio.get_running_loop().create_task(
+            self._run(flight, call, after), name=f"single-flight {key[-12:]}"
+        )
+        return flight, True
+
+    async def _run(
+        self, flight: Flight[T], call: Call[T], after: Callable[[T], Awaitable[None]] | None
+    ) -> None:
+        try:
+            try:
+                value = await call(flight.publish)
+            except Exception as exc:
+                # Removed before anyone can join: a failure is never shared with later calls.
+                self._forget(flight)
+                flight.result.set_exception(exc)
+                return
+            flight.result.set_result(value)
+            flight._wake()
+            if after is not None:
+                await after(value)
+        finally:
+            # Cancelled (or worse) before a result: followers must not wait forever.
+            if not flight.result.done():
+                flight.result.cancel()
+            self._forget(flight)
+            flight._wake()
+
+    def _forget(self, flight: Flight[T]) -> None:
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+
+    @contextlib.asynccontextmanager
+    async def _following(self, flight: Flight[T]) -> AsyncIterator[None]:
+        flight.followers += 1
+        try:
+            yield
+        finally:
+            flight.followers -= 1
+            if flight.followers == 0 and not flight.result.done() and flight.task is not None:
+                flight.task.cancel()
+
+    async def wait(self, flight: Flight[T]) -> T:
+        """The flight's result (or its error); cancelling this waiter leaves the call running."""
+        async with self._following(flight):
+            return await asyncio.shield(flight.result)
+
+    async def follow(self, flight: Flight[T]) -> AsyncGenerator[str | T, None]:
+        """Every delta the flight publishes (from the first), then its result."""
+        async with self._following(flight):
+            sent = 0
+            while True:
+                while sent < len(flight.deltas):
+                    yield flight.deltas[sent]
+                    sent += 1
+                if flight.result.done():
+                    break
+                await flight._until_changed()
+            yield flight.result.result()
+
+    async def aclose(self) -> None:
+        """Cancel every flight and wait for their tasks to end."""
+        self._is_closed = True
+        tasks = [f.task for f in self._flights.values() if f.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

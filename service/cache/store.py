@@ -1,0 +1,149 @@
+"""Byte storage behind the cache: aiocache in memory or on Redis, never failing a request.
+
+Every operation is bounded by `operation_timeout_s`. A failure or timeout is logged,
+counted in `CacheStats.errors`, and reported as a miss (read) or a skipped write, so a
+slow or stopped Redis costs at most that timeout and never fails the caller. After a
+failure the store is left alone for `error_cooldown_s` (counted in `unavailable`), so a
+hung Redis does not add its timeout to every request while it is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiocache import RedisCache, SimpleMemoryCache
+from aiocache.serializers import NullSerializer
+
+from service.cache.stats import CacheStats
+from service.clock import SYSTEM_CLOCK, Clock
+from service.config import CacheConfig
+
+__all__ = ["CacheStore"]
+
+log = logging.getLogger("llm_gateway.cache")
+
+
+def _backend(config: CacheConfig, environ: Mapping[str, str]) -> Any:
+    # encoding=None: values are bytes in and bytes out on both backends.
+    serializer = NullSerializer(encoding=None)
+    # Our own asyncio.timeout bounds each call; aiocache's would only duplicate it.
+    if config.backend == "memory":
+        return SimpleMemoryCache(serializer=serializer, timeout=None)
+    parts = urlsplit(config.redis_url)
+    password = environ.get(config.redis_password_env) if config.redis_password_env else None
+    return RedisCache(
+        serializer=serializer,
+        timeout=None,
+        endpoint=parts.hostname,
+        port=parts.port or 6379,
+        db=int(parts.path.strip("/") or 0),
+        password=password or None,
+        ssl=parts.scheme == "rediss",
+        create_connection_timeout=config.operation_timeout_s,
+        connection_pool_kwargs={"socket_timeout": config.operation_timeout_s},
+    )
+
+
+class CacheStore:
+    """Get and set encoded entries by key with a TTL; errors become misses.
+
+    Owns its aiocache client: `aclose()` (or `async with`) closes the Redis pool.
+    """
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        *,
+        stats: CacheStats | None = None,
+        environ: Mapping[str, str] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._cooling_until = float("-inf")
+        self.stats = stats if stats is not None else CacheStats()
+        self._cache = _backend(config, os.environ if environ is None else environ)
+        # An in-process dict cannot hang: only a networked backend needs a deadline.
+        self._timeout_s = None if config.backend == "memory" else config.operation_timeout_s
+
+    @property
+    def backend(self) -> str:
+        """`memory` or `redis`."""
+        return self._config.backend
+
+    def _is_cooling_down(self) -> bool:
+        if self._clock.now() < self._cooling_until:
+            self.stats.unavailable += 1
+            return True
+        return False
+
+    def _failed(self, operation: str, exc: Exception) -> None:
+        self.stats.errors += 1
+        self._cooling_until = self._clock.now() + self._config.error_cooldown_s
+        # The exception type only: a Redis error message may echo the URL or key.
+        log.warning(
+            "cache.error",
+            extra={
+                "operation": operation,
+                "backend": self._config.backend,
+                "error": type(exc).__name__,
+            },
+        )
+
+    async def get(self, key: str) -> bytes | None:
+        """The bytes stored under `key`, or None when absent or the store failed."""
+        if self._is_cooling_down():
+            return None
+        try:
+            if self._timeout_s is None:
+                value = await self._cache.get(key)
+            else:
+                async with asyncio.timeout(self._timeout_s):
+                    value = await self._cache.get(key)
+        except Exception as exc:  # any store failure degrades to a miss
+            self._failed("get", exc)
+            return None
+        if value is None:
+            return None
+        data = bytes(value)
+        self.stats.bytes_read += len(data)
+        return data
+
+    async def set(self, key: str, value: bytes, *, ttl_s: int) -> bool:
+        """Store `value` for `ttl_s` seconds; False when too large or the store failed."""
+        if len(value) > self._config.max_entry_bytes:
+            self.stats.skipped += 1
+            return False
+        if self._is_cooling_down():
+            return False
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._cache.set(key, value, ttl=ttl_s)
+        except Exception as exc:  # a lost write only costs a later miss
+            self._failed("set", exc)
+            return False
+        self.stats.stores += 1
+        self.stats.bytes_written += len(value)
+        return True
+
+    async def aclose(self) -> None:
+        """Close the backend's connections."""
+        try:
+            if self._config.backend == "redis":
+                # aiocache's close() calls redis-py's deprecated close(); aclose() is current.
+                await self._cache.client.aclose()
+            else:
+                await self._cache.close()
+        except Exception as exc:  # closing a broken connection must not fail shutdown
+            self._failed("close", exc)
+
+    async def __aenter__(self) -> CacheStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

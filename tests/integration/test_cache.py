@@ -1,0 +1,508 @@
+"""The response cache end to end: real gateway, fake upstream, memory and real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service.cache import ResponseCache
+from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
+from tests.fake_upstream import CutStream, EndWithoutDone, FakeUpstream, Reply, Status
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.timeout(60)
+
+DETERMINISTIC = pb.GenerationParams(temperature=0.0)
+# Fake upstream price: 7 input and 3 output tokens at 0.14 / 0.42 USD per million.
+REPLY_COST_USD = (7 * 0.14 + 3 * 0.42) / 1_000_000
+
+
+@pytest.fixture(params=["memory", "redis"])
+def cache_section(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The cache config section for each backend; Redis is a real redis-server."""
+    if request.param == "memory":
+        return {"backend": "memory"}
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    return {"backend": "redis", "redis_url": redis.url, "operation_timeout_s": 1.0}
+
+
+@pytest.fixture
+async def cached(
+    upstream: FakeUpstream,
+    start_gateway: Callable[..., Any],
+    cache_section: dict[str, Any],
+) -> RunningGateway:
+    """A gateway with the cache on, in front of one fake upstream."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(upstream.base_url, cache=cache_section)
+    )
+    return gateway
+
+
+def cache_of(gateway: RunningGateway) -> ResponseCache:
+    """The gateway's response cache."""
+    assert gateway.server.pipeline is not None
+    cache = gateway.server.pipeline.cache
+    assert cache is not None
+    return cache
+
+
+async def eventually(condition: Callable[[], Any], *, timeout_s: float = 10.0) -> None:
+    """Poll `condition` (sync or async) until it is true, or fail after `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            result = condition()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.005)
+
+
+async def settled(gateway: RunningGateway) -> None:
+    """Wait until no shared call is still storing its answer."""
+    await eventually(lambda: cache_of(gateway).in_flight == 0)
+
+
+def ask(content: str = "Say hi", **fields: Any) -> pb.CompleteRequest:
+    """A deterministic (cacheable by default) request."""
+    fields.setdefault("params", DETERMINISTIC)
+    return chat(content, **fields)
+
+
+async def test_second_identical_request_is_a_free_hit(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """A repeated request is served from the cache: no upstream call, cost 0, cost saved."""
+    first = await cached.stub.Complete(ask())
+    await settled(cached)
+    second = await cached.stub.Complete(ask())
+    assert len(upstream.requests) == 1
+    assert not first.metadata.cache_hit
+    assert first.metadata.cost_usd == pytest.approx(REPLY_COST_USD)
+    assert second.metadata.cache_hit
+    assert second.content == first.content
+    assert second.metadata.cost_usd == 0.0
+    assert second.metadata.saved_cost_usd == pytest.approx(REPLY_COST_USD)
+    assert (second.metadata.id, second.metadata.usage) == (first.metadata.id, first.metadata.usage)
+    assert second.metadata.attempts == 0
+    stats = cache_of(cached).stats
+    assert (stats.hits, stats.misses, stats.stores, stats.errors) == (1, 1, 1, 0)
+    assert stats.bytes_read == stats.bytes_written > 0
+
+
+def _variant(name: str) -> pb.CompleteRequest:
+    base = ask()
+    match name:
+        case "model":
+            base.model = "other-model"
+        case "role":
+            base.messages[0].role = pb.ROLE_SYSTEM
+        case "content":
+            base.messages[0].content = "Say hello"
+        case "extra message":
+            base.messages.add(role=pb.ROLE_ASSISTANT, content="hi")
+        case "temperature unset":
+            base.params.ClearField("temperature")
+            base.cache.mode = pb.CACHE_MODE_DEFAULT
+        case "top_p":
+            base.params.top_p = 0.5
+        case "max_tokens":
+            base.params.max_tokens = 5
+        case "stop":
+            base.params.stop.append("\n")
+        case "seed zero":
+            base.params.seed = 0
+        case "presence_penalty zero":
+            base.params.presence_penalty = 0.0
+        case "frequency_penalty":
+            base.params.frequency_penalty = 0.5
+    return base
+
+
+VARIANTS = [
+    "model",
+    "role",
+    "content",
+    "extra message",
+    "temperature unset",
+    "top_p",
+    "max_tokens",
+    "stop",
+    "seed zero",
+    "presence_penalty zero",
+    "frequency_penalty",
+]
+
+
+@pytest.mark.parametrize("field", VARIANTS)
+async def test_changing_one_field_misses(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any], redis_server: RedisServer, field: str
+) -> None:
+    """Changing any one output-relevant field is a miss; the original still hits (Redis)."""
+    upstream.models.append("other-model")
+    config = gateway_config(
+        upstream.base_url, cache={"backend": "redis", "redis_url": redis_server.url}
+    )
+    config.upstreams[0].models["other-model"] = "other-model"  # type: ignore[index]
+    gateway: RunningGateway = await start_gateway(config)
+    await gateway.stub.Complete(ask())
+    await settled(gateway)
+    changed = await gateway.stub.Complete(_variant(field))
+    await settled(gateway)
+    again = await gateway.stub.Complete(ask())
+    assert not changed.metadata.cache_hit
+    assert again.metadata.cache_hit
+    assert len(upstream.requests) == 2
+
+
+async def test_tenants_never_share_entries(cached: RunningGateway, upstream: FakeUpstream) -> None:
+    """The same request from two tenants is two misses; each tenant then hits its own entry."""
+    from service.clock import Deadline
+    from service.domain import ChatRequest, GenerationParams, Message, Role
+
+    pipeline = cached.server.pipeline
+    assert pipeline is not None
+
+    def request(tenant: str) -> ChatRequest:
+        return ChatRequest(
+            model=FAKE_MODEL,
+            messages=(Message(Role.USER, "Say hi"),),
+            params=GenerationParams(temperature=0.0),
+            tenant=tenant,
+        )
+
+    upstream.script(Reply(content="for a"), Reply(content="for b"))
+    a1 = await pipeline.complete(request("a"), deadline=Deadline.after(10))
+    await settled(cached)
+    b1 = await pipeline.complete(request("b"), deadline=Deadline.after(10))
+    await settled(cached)
+    a2 = await pipeline.complete(request("a"), deadline=Deadline.after(10))
+    b2 = await pipeline.complete(request("b"), deadline=Deadline.after(10))
+    assert (a1.content, b1.content) == ("for a", "for b")
+    assert (a1.is_cache_hit, b1.is_cache_hit) == (False, False)
+    assert (a2.content, a2.is_cache_hit) == ("for a", True)
+    assert (b2.content, b2.is_cache_hit) == ("for b", True)
+    assert len(upstream.requests) == 2
+
+
+async def test_ttl_expiry(cached: RunningGateway, upstream: FakeUpstream) -> None:
+    """An entry with a 1 s TTL override hits at once and is gone a little later."""
+    request = ask(cache=pb.CachePolicy(ttl_seconds=1))
+    await cached.stub.Complete(request)
+    await settled(cached)
+    assert (await cached.stub.Complete(request)).metadata.cache_hit
+    no_store = pb.CachePolicy(mode=pb.CACHE_MODE_NO_STORE)
+
+    async def expired() -> bool:
+        return not (await cached.stub.Complete(ask(cache=no_store))).metadata.cache_hit
+
+    await eventually(expired)
+    assert len(upstream.requests) >= 2
+
+
+async def test_bypass_neither_reads_nor_writes(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """BYPASS calls upstream even with an entry present, and stores nothing."""
+    await cached.stub.Complete(ask())
+    await settled(cached)
+    bypass = pb.CachePolicy(mode=pb.CACHE_MODE_BYPASS)
+    first = await cached.stub.Complete(ask(cache=bypass))
+    await cached.stub.Complete(ask("new prompt", cache=bypass))
+    await settled(cached)
+    fresh = await cached.stub.Complete(ask("new prompt"))
+    assert not first.metadata.cache_hit
+    assert not fresh.metadata.cache_hit
+    assert len(upstream.requests) == 4
+
+
+async def test_refresh_replaces_the_entry(cached: RunningGateway, upstream: FakeUpstream) -> None:
+    """REFRESH skips the read, calls upstream and stores the new answer for later reads."""
+    upstream.script(Reply(content="old"), Reply(content="new"))
+    await cached.stub.Complete(ask())
+    await settled(cached)
+    refreshed = await cached.stub.Complete(ask(cache=pb.CachePolicy(mode=pb.CACHE_MODE_REFRESH)))
+    await settled(cached)
+    later = await cached.stub.Complete(ask())
+    assert (refreshed.content, refreshed.metadata.cache_hit) == ("new", False)
+    assert (later.content, later.metadata.cache_hit) == ("new", True)
+    assert len(upstream.requests) == 2
+
+
+async def test_no_store_reads_but_never_writes(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """NO_STORE answers are not stored, yet NO_STORE is served an existing entry."""
+    no_store = pb.CachePolicy(mode=pb.CACHE_MODE_NO_STORE)
+    await cached.stub.Complete(ask("one", cache=no_store))
+    await settled(cached)
+    second = await cached.stub.Complete(ask("one"))
+    await settled(cached)
+    third = await cached.stub.Complete(ask("one", cache=no_store))
+    assert not second.metadata.cache_hit
+    assert third.metadata.cache_hit
+    assert len(upstream.requests) == 2
+
+
+async def test_sampled_requests_are_not_cached_by_default(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """Without temperature 0 or a seed nothing is cached unless the caller asks for it."""
+    await cached.stub.Complete(chat())
+    await settled(cached)
+    repeat = await cached.stub.Complete(chat())
+    opted_in = chat(cache=pb.CachePolicy(mode=pb.CACHE_MODE_DEFAULT))
+    await cached.stub.Complete(opted_in)
+    await settled(cached)
+    opted_in_again = await cached.stub.Complete(opted_in)
+    assert not repeat.metadata.cache_hit
+    assert opted_in_again.metadata.cache_hit
+    assert len(upstream.requests) == 3
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    # 400: an error no retry policy retries, so the upstream sees exactly one call for it.
+    [Status(400), Reply(finish_reason="content_filter"), Reply(finish_reason="tool_calls")],
+    ids=["error", "content_filter", "tool_calls"],
+)
+async def test_errors_and_odd_finishes_are_not_cached(
+    cached: RunningGateway, upstream: FakeUpstream, behaviour: Any
+) -> None:
+    """An error or a finish other than stop/length is never stored."""
+    upstream.script(behaviour)
+    if isinstance(behaviour, Status):
+        with pytest.raises(grpc.aio.AioRpcError, match="INVALID_ARGUMENT"):
+            await cached.stub.Complete(ask())
+    else:
+        first = await cached.stub.Complete(ask())
+        assert first.metadata.finish_reason != pb.FINISH_REASON_STOP
+    await settled(cached)
+    after = await cached.stub.Complete(ask())
+    assert not after.metadata.cache_hit
+    assert len(upstream.requests) == 2
+    assert cache_of(cached).stats.stores == 1
+
+
+@pytest.mark.parametrize(
+    "behaviour", [CutStream(after_chunks=2), EndWithoutDone(after_chunks=2)], ids=["cut", "eof"]
+)
+async def test_truncated_streams_are_not_cached(
+    cached: RunningGateway, upstream: FakeUpstream, behaviour: Any
+) -> None:
+    """A stream that breaks off is an error for the caller and leaves no entry."""
+    upstream.script(behaviour)
+    with pytest.raises(grpc.aio.AioRpcError):
+        _ = [e async for e in cached.stub.CompleteStream(chat_stream(params=DETERMINISTIC))]
+    await settled(cached)
+    items = [e async for e in cached.stub.CompleteStream(chat_stream(params=DETERMINISTIC))]
+    assert not items[-1].final.cache_hit
+    assert len(upstream.requests) == 2
+
+
+async def test_fifty_identical_requests_make_one_upstream_call(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """Fifty concurrent identical requests: the upstream sees exactly one, all get the answer."""
+    upstream.script(Reply(content="shared", delay_s=0.5))
+    replies = await asyncio.gather(*(cached.stub.Complete(ask()) for _ in range(50)))
+    assert len(upstream.requests) == 1
+    assert {r.content for r in replies} == {"shared"}
+    assert sum(not r.metadata.cache_hit for r in replies) == 1
+    assert sum(r.metadata.cost_usd for r in replies) == pytest.approx(REPLY_COST_USD)
+    assert cache_of(cached).stats.coalesced == 49
+
+
+async def test_identical_requests_share_the_same_error(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """When the shared call fails, every waiter gets the same status, from one call."""
+    upstream.script(Status(400, delay_s=0.3))
+    results = await asyncio.gather(
+        *(cached.stub.Complete(ask()) for _ in range(10)), return_exceptions=True
+    )
+    codes = {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)}
+    assert codes == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert len([r for r in results if isinstance(r, grpc.aio.AioRpcError)]) == 10
+    assert len(upstream.requests) == 1
+
+
+async def test_cancelling_one_waiter_does_not_cancel_the_others(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """The first caller cancelling leaves the shared upstream call running for the rest."""
+    upstream.script(Reply(content="survives", delay_s=0.5))
+    first = cached.stub.Complete(ask())
+    await eventually(lambda: upstream.requests)
+    others = [asyncio.ensure_future(cached.stub.Complete(ask())) for _ in range(3)]
+    await eventually(lambda: cache_of(cached).stats.coalesced == 3)
+    first.cancel()
+    replies = await asyncio.gather(*others)
+    assert [r.content for r in replies] == ["survives"] * 3
+    assert len(upstream.requests) == 1
+    assert upstream.disconnects == 0
+
+
+async def test_all_waiters_cancelling_closes_the_upstream_call(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """When every caller has gone, the shared upstream request is closed."""
+    upstream.script(Reply(delay_s=30))
+    calls = [cached.stub.Complete(ask()) for _ in range(3)]
+    await eventually(lambda: upstream.requests)
+    for call in calls:
+        call.cancel()
+    await upstream.wait_for_disconnect(timeout_s=10)
+    await settled(cached)
+    assert len(upstream.requests) == 1
+
+
+async def _stream(
+    gateway: RunningGateway, content: str = "Say hi", **fields: Any
+) -> list[pb.CompleteStreamResponse]:
+    fields.setdefault("params", DETERMINISTIC)
+    return [e async for e in gateway.stub.CompleteStream(chat_stream(content, **fields))]
+
+
+async def test_stream_replays_delta_by_delta(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """A cached stream replays the same deltas in the same pieces, then the final message."""
+    upstream.script(Reply(content="one two three four five", chunks=5))
+    live = await _stream(cached)
+    await settled(cached)
+    replay = await _stream(cached)
+    live_deltas = [e.delta.content for e in live if e.HasField("delta")]
+    replay_deltas = [e.delta.content for e in replay if e.HasField("delta")]
+    assert len(live_deltas) == 5
+    assert replay_deltas == live_deltas
+    final, again = live[-1].final, replay[-1].final
+    assert (final.cache_hit, again.cache_hit) == (False, True)
+    assert (again.id, again.usage) == (final.id, final.usage)
+    assert again.finish_reason == final.finish_reason == pb.FINISH_REASON_STOP
+    assert again.saved_cost_usd == pytest.approx(final.cost_usd)
+    assert again.cost_usd == 0.0
+    assert len(upstream.requests) == 1
+
+
+async def test_unary_and_stream_serve_each_other(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """A cached unary answer serves a stream, and a cached stream serves a unary call."""
+    upstream.script(Reply(content="from unary"), Reply(content="from a stream", chunks=3))
+    await cached.stub.Complete(ask("u"))
+    await settled(cached)
+    streamed = await _stream(cached, "u")
+    await _stream(cached, "s")
+    await settled(cached)
+    unary = await cached.stub.Complete(ask("s"))
+    assert "".join(e.delta.content for e in streamed[:-1]) == "from unary"
+    assert streamed[-1].final.cache_hit
+    assert (unary.content, unary.metadata.cache_hit) == ("from a stream", True)
+    assert len(upstream.requests) == 2
+
+
+async def test_concurrent_identical_streams_share_one_live_call(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """Identical streams at once: one upstream stream, every caller gets every delta."""
+    upstream.script(Reply(content="a b c d", chunks=4, chunk_delay_s=0.1))
+    results = await asyncio.gather(*(_stream(cached) for _ in range(5)))
+    for items in results:
+        assert [e.delta.content for e in items[:-1]] == ["a ", "b ", "c ", "d"]
+    assert sorted(items[-1].final.cache_hit for items in results) == [False] + [True] * 4
+    assert len(upstream.requests) == 1
+
+
+async def test_redis_stopped_mid_test_degrades_to_upstream(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any], redis_server: RedisServer
+) -> None:
+    """With Redis gone, requests are still answered from upstream and errors are counted."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(
+            upstream.base_url,
+            cache={
+                "backend": "redis",
+                "redis_url": redis_server.url,
+                "operation_timeout_s": 0.5,
+                "error_cooldown_s": 0,
+            },
+        )
+    )
+    await gateway.stub.Complete(ask())
+    await settled(gateway)
+    assert (await gateway.stub.Complete(ask())).metadata.cache_hit
+    await redis_server.stop()
+    after = await gateway.stub.Complete(ask())
+    streamed = await _stream(gateway)
+    await settled(gateway)
+    assert (after.content, after.metadata.cache_hit) == ("Hello from fake", False)
+    assert not streamed[-1].final.cache_hit
+    assert len(upstream.requests) == 3
+    assert cache_of(gateway).stats.errors >= 2
+
+
+async def test_slow_redis_times_out_then_is_left_alone_for_a_while(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any], redis_server: RedisServer
+) -> None:
+    """A frozen Redis costs one timeout, then is skipped while it cools down."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(
+            upstream.base_url,
+            cache={
+                "backend": "redis",
+                "redis_url": redis_server.url,
+                "operation_timeout_s": 0.2,
+                "error_cooldown_s": 60,
+            },
+        )
+    )
+    await gateway.stub.Complete(ask("warm up the connection"))
+    await settled(gateway)
+    stats = cache_of(gateway).stats
+    redis_server.pause()
+    try:
+        replies = [await gateway.stub.Complete(ask(), timeout=10) for _ in range(3)]
+        await settled(gateway)
+    finally:
+        redis_server.resume()
+    assert [(r.content, r.metadata.cache_hit) for r in replies] == [("Hello from fake", False)] * 3
+    # Only the first read waited for the timeout; the rest skipped the frozen store.
+    assert stats.errors == 1
+    assert stats.unavailable == 5
+    assert len(upstream.requests) == 4
+
+
+async def test_a_cancelled_lone_stream_closes_the_upstream_stream(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """A cacheable stream whose only caller goes away closes the upstream request."""
+    upstream.script(Reply(content="a b c d e f g h", chunks=8, chunk_delay_s=0.5))
+    call = cached.stub.CompleteStream(chat_stream(params=DETERMINISTIC))
+    first = await call.read()
+    call.cancel()
+    await upstream.wait_for_disconnect(timeout_s=10)
+    await settled(cached)
+    assert first.delta.content == "a "
+    assert cache_of(cached).stats.stores == 0
+
+
+async def test_a_follower_outliving_the_first_callers_deadline_tries_again(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """The shared call runs under the first caller's deadline; a later caller retries alone."""
+    upstream.script(Reply(content="too late", delay_s=2.0), Reply(content="on time"))
+    hasty = asyncio.ensure_future(cached.stub.Complete(ask(), timeout=0.5))
+    await eventually(lambda: upstream.requests)
+    patient = await cached.stub.Complete(ask(), timeout=20)
+    with pytest.raises(grpc.aio.AioRpcError, match="DEADLINE_EXCEEDED"):
+        await hasty
+    assert patient.content == "on time"
+    assert cache_of(cached).stats.coalesced == 1
+    assert len(upstream.requests) == 2

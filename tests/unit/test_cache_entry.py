@@ -1,0 +1,69 @@
+"""Stored entries round-trip every field exactly, and hits report saved cost."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.cache import CachedAnswer
+from service.cache.entry import EntryDecodeError
+from service.domain import Completion, FinishReason, Timings, Usage
+
+COMPLETION = Completion(
+    id="chatcmpl-1",
+    model="fake-model",
+    content='héllo 👋\n"quoted"',
+    finish_reason=FinishReason.LENGTH,
+    usage=Usage(input_tokens=7, output_tokens=3, cached_input_tokens=2, is_estimated=True),
+    cost_usd=0.1 + 0.2,
+    upstream="up0",
+    attempts=2,
+    timings=Timings(total_ms=12.345678901234, upstream_ms=1e-9, time_to_first_token_ms=3.0),
+    saved_cost_usd=0.0,
+    is_cache_hit=False,
+    dropped_messages=1,
+)
+
+
+def test_entry_round_trips_exactly() -> None:
+    """decode(encode(x)) == x, floats and unicode included."""
+    answer = CachedAnswer(COMPLETION, ("hé", "llo 👋\n", '"quoted"'))
+    assert CachedAnswer.decode(answer.encode()) == answer
+
+
+def test_unary_answer_replays_as_one_delta() -> None:
+    """A unary answer's content becomes its single delta."""
+    assert CachedAnswer.of_unary(COMPLETION).deltas == (COMPLETION.content,)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not json", b"[]", b'{"v": 99, "c": {}, "d": []}', b'{"v": 1, "c": {}, "d": []}'],
+)
+def test_garbage_is_rejected(data: bytes) -> None:
+    """Bytes that are not a current entry raise EntryDecodeError."""
+    with pytest.raises(EntryDecodeError):
+        CachedAnswer.decode(data)
+
+
+@pytest.mark.parametrize(
+    ("reason", "cacheable"),
+    [
+        (FinishReason.STOP, True),
+        (FinishReason.LENGTH, True),
+        (FinishReason.CONTENT_FILTER, False),
+        (FinishReason.TOOL_CALLS, False),
+    ],
+)
+def test_only_stop_and_length_are_cacheable(reason: FinishReason, cacheable: bool) -> None:
+    """Content-filtered and tool-call answers are never stored."""
+    answer = CachedAnswer.of_unary(Completion("i", "m", "x", reason, Usage(), 0.0, "u"))
+    assert answer.is_cacheable is cacheable
+
+
+def test_served_from_cache_charges_nothing_and_reports_savings() -> None:
+    """A hit costs 0, saves the original cost, and made no upstream attempt."""
+    hit = CachedAnswer.of_unary(COMPLETION).served_from_cache(total_ms=1.0, first_token_ms=0.5)
+    assert (hit.cost_usd, hit.saved_cost_usd, hit.is_cache_hit) == (0.0, COMPLETION.cost_usd, True)
+    assert hit.attempts == 0
+    assert hit.timings == Timings(total_ms=1.0, upstream_ms=0.0, time_to_first_token_ms=0.5)
+    assert (hit.content, hit.usage, hit.id) == (COMPLETION.content, COMPLETION.usage, "chatcmpl-1")

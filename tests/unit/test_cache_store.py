@@ -1,0 +1,75 @@
+"""The byte store: sizes, counters, and a failing backend that only costs misses."""
+
+from __future__ import annotations
+
+import socket
+
+from service.cache import CacheStore
+from service.config import CacheConfig
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_memory_round_trip_and_byte_counters() -> None:
+    """What is set is got back byte for byte, and the bytes are counted both ways."""
+    async with CacheStore(CacheConfig()) as store:
+        assert await store.get("k") is None
+        assert await store.set("k", b"\x00value\xff", ttl_s=60)
+        assert await store.get("k") == b"\x00value\xff"
+        stats = store.stats
+        assert (stats.stores, stats.bytes_written, stats.bytes_read) == (1, 7, 7)
+
+
+async def test_entries_over_the_size_limit_are_skipped() -> None:
+    """An entry larger than max_entry_bytes is not stored, and counted as skipped."""
+    async with CacheStore(CacheConfig(max_entry_bytes=1024)) as store:
+        assert not await store.set("k", b"x" * 1025, ttl_s=60)
+        assert await store.get("k") is None
+        assert (store.stats.skipped, store.stats.stores) == (1, 0)
+
+
+async def test_unreachable_redis_degrades_and_cools_down() -> None:
+    """Refused connections are misses; the store is then skipped until the cooldown ends."""
+    clock = FakeClock()
+    config = CacheConfig(
+        backend="redis",
+        redis_url=f"redis://127.0.0.1:{_closed_port()}/0",
+        operation_timeout_s=2.0,
+        error_cooldown_s=5.0,
+    )
+    async with CacheStore(config, clock=clock) as store:
+        assert await store.get("k") is None
+        assert store.stats.errors == 1
+        assert await store.get("k") is None
+        assert not await store.set("k", b"v", ttl_s=60)
+        assert (store.stats.errors, store.stats.unavailable) == (1, 2)
+        clock.t += 5.0
+        assert await store.get("k") is None
+        assert (store.stats.errors, store.stats.unavailable) == (2, 2)
+
+
+async def test_password_comes_from_the_environment() -> None:
+    """The Redis password is read from the named variable, never from the URL."""
+    config = CacheConfig(
+        backend="redis", redis_url="redis://127.0.0.1:1/0", redis_password_env="TEST_REDIS_PW"
+    )
+    store = CacheStore(config, environ={"TEST_REDIS_PW": "s3cret"})
+    assert store._cache.password == "s3cret"
+    await store.aclose()

@@ -1,0 +1,154 @@
+"""Single-flight: one call per key, shared results and errors, safe cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from service.cache import SingleFlight
+
+
+class Upstream:
+    """A call that counts its starts and waits for the test to release it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.cancelled = 0
+        self.release = asyncio.Event()
+        self.error: Exception | None = None
+
+    async def __call__(self, publish: Callable[[str], None]) -> str:
+        self.calls += 1
+        try:
+            publish("a")
+            await self.release.wait()
+            publish("b")
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.error is not None:
+            raise self.error
+        return "answer"
+
+
+async def test_fifty_waiters_share_one_call() -> None:
+    """Fifty concurrent joins of one key start exactly one call and all get its result."""
+    flights: SingleFlight[str] = SingleFlight()
+    upstream = Upstream()
+    joined = [flights.join("k", upstream) for _ in range(50)]
+    waiters = [asyncio.create_task(flights.wait(flight)) for flight, _ in joined]
+    await asyncio.sleep(0)
+    upstream.release.set()
+    assert await asyncio.gather(*waiters) == ["answer"] * 50
+    assert upstream.calls == 1
+    assert [started for _, started in joined].count(True) == 1
+    await flights.aclose()
+
+
+async def test_every_waiter_gets_the_same_error() -> None:
+    """A failed call raises its error in every waiter, and is not kept for later calls."""
+    flights: SingleFlight[str] = SingleFlight()
+    upstream = Upstream()
+    upstream.error = ValueError("boom")
+    waiters = [asyncio.create_task(flights.wait(flights.join("k", upstream)[0])) for _ in range(5)]
+    await asyncio.sleep(0)
+    upstream.release.set()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(r is results[0] and isinstance(r, ValueError) for r in results)
+    assert len(flights) == 0
+    assert flights.join("k", upstream)[1] is True
+    await flights.aclose()
+
+
+async def test_cancelling_one_waiter_leaves_the_call_running() -> None:
+    """Cancelling the first waiter does not cancel the call the others wait for."""
+    flights: SingleFlight[str] = SingleFlight()
+    upstream = Upstream()
+    flight, _ = flights.join("k", upstream)
+    first = asyncio.create_task(flights.wait(flight))
+    second = asyncio.create_task(flights.wait(flight))
+    await asyncio.sleep(0)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    upstream.release.set()
+    assert await second == "answer"
+    assert (upstream.calls, upstream.cancelled) == (1, 0)
+    await flights.aclose()
+
+
+async def test_last_waiter_leaving_cancels_the_call() -> None:
+    """When every waiter has gone, the call nobody wants is cancelled."""
+    flights: SingleFlight[str] = SingleFlight()
+    upstream = Upstream()
+    flight, _ = flights.join("k", upstream)
+    waiters = [asyncio.create_task(flights.wait(flight)) for _ in range(3)]
+    await asyncio.sleep(0)
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert flight.task is not None
+    await asyncio.gather(flight.task, return_exceptions=True)
+    assert upstream.cancelled == 1
+    assert len(flights) == 0
+
+
+async def test_followers_see_every_delta_then_the_result() -> None:
+    """A follower that joins late still gets the deltas published before it joined."""
+    flights: SingleFlight[str] = SingleFlight()
+    upstream = Upstream()
+    flight, _ = flights.join("k", upstream)
+
+    async def collect() -> list[str]:
+        return [item async for item in flights.follow(flight)]
+
+    early = asyncio.create_task(collect())
+    await asyncio.sleep(0.01)
+    late = asyncio.create_task(collect())
+    await asyncio.sleep(0)
+    upstream.release.set()
+    assert await early == ["a", "b", "answer"]
+    assert await late == ["a", "b", "answer"]
+    await flights.aclose()
+
+
+async def test_after_hook_runs_once_and_joiners_meanwhile_share_the_result() -> None:
+    """The after hook runs in the flight; a join while it runs gets the finished result."""
+    flights: SingleFlight[str] = SingleFlight()
+    upstream = Upstream()
+    upstream.release.set()
+    storing = asyncio.Event()
+    stored: list[str] = []
+    proceed = asyncio.Event()
+
+    async def after(value: str) -> None:
+        storing.set()
+        await proceed.wait()
+        stored.append(value)
+
+    flight, _ = flights.join("k", upstream, after=after)
+    assert await flights.wait(flight) == "answer"
+    await storing.wait()
+    again, started = flights.join("k", upstream, after=after)
+    assert (again is flight, started) == (True, False)
+    assert await flights.wait(again) == "answer"
+    proceed.set()
+    assert flight.task is not None
+    await flight.task
+    assert (stored, upstream.calls, len(flights)) == (["answer"], 1, 0)
+
+
+async def test_aclose_cancels_running_calls() -> None:
+    """Closing cancels and awaits every flight: no task outlives the owner."""
+    flights: SingleFlight[str] = SingleFlight()
+    upstream = Upstream()
+    flight, _ = flights.join("k", upstream)
+    await asyncio.sleep(0)
+    await flights.aclose()
+    assert flight.task is not None
+    assert flight.task.done()
+    assert upstream.cancelled == 1
+    with pytest.raises(RuntimeError):
+        flights.join("k", upstream)
