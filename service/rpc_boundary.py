@@ -9,6 +9,7 @@ gRPC status with `google.rpc` details via `errors.to_rpc_status`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -16,9 +17,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeAlias
 
 import grpc
+from google.protobuf import message_factory
 from grpc_status import rpc_status
 
-from service.errors import GatewayError, Overloaded, pushback_trailer, to_rpc_status
+from service.caller_gate import CallerGate, UndecodableRequest
+from service.errors import (
+    FieldViolation,
+    GatewayError,
+    InvalidRequest,
+    Overloaded,
+    pushback_trailer,
+    to_rpc_status,
+)
 
 log = logging.getLogger("llm_gateway.rpc")
 
@@ -62,7 +72,20 @@ async def abort_with(context: Context, exc: BaseException, method: str) -> NoRet
     raise AssertionError("context.abort always raises")  # pragma: no cover
 
 
-def _guard_unary(method: UnaryHandler, name: str, admission: Admission) -> UnaryHandler:
+def _caller(
+    request: Any, context: Context, gate: CallerGate | None
+) -> contextlib.AbstractAsyncContextManager[object]:
+    """Authenticate, authorize and meter the call (see `service.caller_gate`)."""
+    if gate is not None:
+        return gate.admit(request, context)
+    if isinstance(request, UndecodableRequest):
+        raise InvalidRequest([FieldViolation("request", "not a valid message")])
+    return contextlib.nullcontext()
+
+
+def _guard_unary(
+    method: UnaryHandler, name: str, admission: Admission, gate: CallerGate | None = None
+) -> UnaryHandler:
     @functools.wraps(method)
     async def guarded(request: Any, context: Context) -> Any:
         try:
@@ -70,7 +93,8 @@ def _guard_unary(method: UnaryHandler, name: str, admission: Admission) -> Unary
         except Overloaded as exc:
             await abort_with(context, exc, name)
         try:
-            return await method(request, context)
+            async with _caller(request, context, gate):
+                return await method(request, context)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AbortError:
@@ -83,7 +107,9 @@ def _guard_unary(method: UnaryHandler, name: str, admission: Admission) -> Unary
     return guarded
 
 
-def _guard_stream(method: StreamHandler, name: str, admission: Admission) -> StreamHandler:
+def _guard_stream(
+    method: StreamHandler, name: str, admission: Admission, gate: CallerGate | None = None
+) -> StreamHandler:
     @functools.wraps(method)
     async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
         try:
@@ -91,8 +117,9 @@ def _guard_stream(method: StreamHandler, name: str, admission: Admission) -> Str
         except Overloaded as exc:
             await abort_with(context, exc, name)
         try:
-            async for item in method(request, context):
-                yield item
+            async with _caller(request, context, gate):
+                async for item in method(request, context):
+                    yield item
         except asyncio.CancelledError:
             raise
         except grpc.aio.AbortError:
@@ -105,11 +132,57 @@ def _guard_stream(method: StreamHandler, name: str, admission: Admission) -> Str
     return guarded
 
 
-def guard_servicer(servicer: object, method_names: list[str], admission: Admission) -> None:
+def guard_servicer(
+    servicer: object,
+    method_names: list[str],
+    admission: Admission,
+    gate: CallerGate | None = None,
+) -> None:
     """Wrap each named RPC method of `servicer` in place (before it is registered)."""
     for name in method_names:
         method = getattr(servicer, name)
         if inspect.isasyncgenfunction(method):
-            setattr(servicer, name, _guard_stream(method, name, admission))
+            setattr(servicer, name, _guard_stream(method, name, admission, gate))
         else:
-            setattr(servicer, name, _guard_unary(method, name, admission))
+            setattr(servicer, name, _guard_unary(method, name, admission, gate))
+
+
+def _tolerant_parser(message_class: Any) -> Callable[[bytes], Any]:
+    """`message_class.FromString`, except that undecodable bytes become a stand-in.
+
+    gRPC would answer a request that fails to parse (invalid UTF-8 in a string field,
+    a corrupt wire format) with UNKNOWN and the parser's exception text; the stand-in
+    lets the boundary answer INVALID_ARGUMENT with a `BadRequest` instead.
+    """
+    full_name = message_class.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception:  # DecodeError and friends: the bytes are the caller's problem
+            return UndecodableRequest(full_name)
+
+    return parse
+
+
+def service_handler(servicer: object, service: Any) -> grpc.GenericRpcHandler:
+    """The handler for every method of `service` (a ServiceDescriptor) on `servicer`.
+
+    Used instead of the generated `add_*Servicer_to_server` so that request parsing is
+    `_tolerant_parser`'s.
+    """
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant_parser(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)

@@ -13,6 +13,7 @@ import grpc
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.caller_gate import current_principal, current_tenant
 from service.clock import Deadline
 from service.domain import (
     CacheMode,
@@ -142,8 +143,8 @@ def deadline_of(context: grpc.aio.ServicerContext[object, object]) -> Deadline:
 
 
 def tenant_of(context: grpc.aio.ServicerContext[object, object]) -> str:
-    """The tenant the auth layer attached to this call ("default" without auth)."""
-    return "default"
+    """The tenant the caller gate authenticated for this call ("default" without auth)."""
+    return current_tenant()
 
 
 class CompletionServicer(pb_grpc.CompletionServiceServicer):
@@ -187,7 +188,10 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
     ) -> pb.ListModelsResponse:
         models = []
         prices = self._pipeline.prices
+        caller = current_principal()
         for name, routes in sorted(self._pipeline.pool.models.items()):
+            if caller is not None and not caller.limits.allows_model(name):
+                continue  # a tenant sees only the models it may use
             price = prices.price(name)
             pricing = pb.Pricing()
             if price is not None:

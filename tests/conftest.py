@@ -15,6 +15,7 @@ from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import GatewayConfig, parse_config
 from service.server import GatewayServer
 from tests.fake_upstream import FakeUpstream
+from tests.secret_capture import capture_emitted_logs, pytest_collection_modifyitems  # noqa: F401
 
 FAKE_MODEL = "fake-model"
 

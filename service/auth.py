@@ -1,0 +1,203 @@
+"""Who is calling: caller keys, stored only as hashes, and the tenant each one names.
+
+A caller sends `authorization: Bearer <key>`. The gateway never stores or logs the key:
+it hashes it with SHA-256 and looks the digest up in the key stores (the config file's
+`auth.keys`, the `auth.keys_file`, and Redis when configured). Digests are compared with
+`hmac.compare_digest` against every stored entry, so the time taken does not reveal how
+much of a digest matched or where in the list it sits.
+
+With a verified client certificate and `server.tls.tenant_from_cert_subject`, the
+certificate's subject common name names the tenant instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from service.config import AuthConfig, CallerKey, TenantConfig, is_tenant_name
+from service.errors import PermissionDenied, Unauthenticated
+
+log = logging.getLogger("llm_gateway.auth")
+
+KEY_PREFIX = "llmgw_"
+DEFAULT_TENANT = "default"
+_BEARER = "bearer "
+_MAX_KEY_LENGTH = 512
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest under which `key` is stored."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def generate_key() -> str:
+    """A new random caller key (256 bits of entropy, URL-safe)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def bearer_key(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """The key of the `authorization: Bearer <key>` header, or None if absent."""
+    for name, value in metadata:
+        if name.lower() != "authorization" or not isinstance(value, str):
+            continue
+        if value[: len(_BEARER)].lower() == _BEARER:
+            key = value[len(_BEARER) :].strip()
+            return key or None
+    return None
+
+
+def parse_keys_file(text: str, *, source: str) -> tuple[CallerKey, ...]:
+    """Entries of a keys file: one `SHA256HEX TENANT` a line, `#` starts a comment.
+
+    Raises:
+        ValueError: naming the file and line of a malformed entry.
+    """
+    keys = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        parts = raw.split("#", 1)[0].split()
+        if not parts:
+            continue
+        try:
+            if len(parts) != 2:
+                raise ValueError("expected 'SHA256HEX TENANT'")
+            keys.append(CallerKey(sha256=parts[0], tenant=parts[1]))
+        except ValueError as exc:
+            raise ValueError(f"{source}:{number}: {exc}") from None
+    return tuple(keys)
+
+
+def keys_file_line(caller_key: CallerKey) -> str:
+    """One line of a keys file."""
+    return f"{caller_key.sha256} {caller_key.tenant}\n"
+
+
+class KeyStore(Protocol):
+    """Maps a key's digest to its tenant."""
+
+    async def tenant_for(self, digest: str) -> str | None:
+        """The tenant of the key with SHA-256 `digest`, or None if unknown."""
+        ...
+
+
+class StaticKeyStore:
+    """Keys from the config file and the keys file, loaded at startup."""
+
+    def __init__(self, keys: Iterable[CallerKey]) -> None:
+        self._entries = tuple((k.sha256.encode("ascii"), k.tenant) for k in keys)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def tenant_for(self, digest: str) -> str | None:
+        """Compare against every entry without stopping early (constant time per entry)."""
+        wanted = digest.encode("ascii")
+        found: str | None = None
+        for stored, tenant in self._entries:
+            if hmac.compare_digest(stored, wanted):
+                found = tenant
+        return found
+
+
+class RedisKeyStore:
+    """Keys in the Redis hash `<prefix>keys` (field: digest, value: tenant)."""
+
+    def __init__(self, redis: Any, *, prefix: str) -> None:
+        self._redis = redis
+        self._hash = f"{prefix}keys"
+
+    async def tenant_for(self, digest: str) -> str | None:
+        """Look the digest up; Redis only ever sees digests, never keys."""
+        tenant = await self._redis.hget(self._hash, digest)
+        if tenant is None:
+            return None
+        return tenant.decode("utf-8") if isinstance(tenant, bytes) else str(tenant)
+
+    async def add(self, caller_key: CallerKey) -> None:
+        """Store a new key's digest."""
+        await self._redis.hset(self._hash, caller_key.sha256, caller_key.tenant)
+
+
+def load_static_keys(config: AuthConfig) -> StaticKeyStore:
+    """The config's keys plus those of `keys_file` (a missing file holds no keys yet)."""
+    keys = list(config.keys)
+    if config.keys_file:
+        path = Path(config.keys_file).expanduser()
+        if path.exists():
+            keys.extend(parse_keys_file(path.read_text(encoding="utf-8"), source=str(path)))
+    return StaticKeyStore(keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The authenticated caller: its tenant and what that tenant may do."""
+
+    tenant: str
+    limits: TenantConfig
+
+
+class Authenticator:
+    """Turns a call's metadata (and client certificate) into a `Principal`, or refuses it."""
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        tenants: Mapping[str, TenantConfig],
+        stores: Iterable[KeyStore] = (),
+        *,
+        tenant_from_cert_subject: bool = False,
+    ) -> None:
+        self._is_required = config.mode == "keys"
+        self._tenants = tenants
+        self._stores = tuple(stores)
+        self._tenant_from_cert = tenant_from_cert_subject
+
+    def principal(self, tenant: str) -> Principal:
+        """The principal of `tenant`; tenants not configured get no limits."""
+        return Principal(tenant, self._tenants.get(tenant) or TenantConfig())
+
+    async def authenticate(
+        self,
+        metadata: Iterable[tuple[str, str | bytes]],
+        *,
+        cert_common_name: str | None = None,
+    ) -> Principal:
+        """The caller's principal.
+
+        Raises:
+            Unauthenticated: keys are required and none, or an unknown one, was sent.
+        """
+        if self._tenant_from_cert and cert_common_name:
+            if not is_tenant_name(cert_common_name):
+                raise Unauthenticated("the client certificate's common name is not a tenant name")
+            return self.principal(cert_common_name)
+        key = bearer_key(metadata)
+        if key is None:
+            if self._is_required:
+                raise Unauthenticated(
+                    "missing caller key: send metadata 'authorization: Bearer <key>'"
+                )
+            return self.principal(DEFAULT_TENANT)
+        if len(key) > _MAX_KEY_LENGTH:
+            raise Unauthenticated("unknown caller key")
+        digest = hash_key(key)
+        for store in self._stores:
+            tenant = await store.tenant_for(digest)
+            if tenant is not None:
+                return self.principal(tenant)
+        if self._is_required:
+            log.info("auth.rejected", extra={"key_sha256_prefix": digest[:8]})
+            raise Unauthenticated("unknown caller key")
+        return self.principal(DEFAULT_TENANT)
+
+
+def check_model_allowed(principal: Principal, model: str) -> None:
+    """Raise `PermissionDenied` unless the caller's tenant may use `model`."""
+    if model and not principal.limits.allows_model(model):
+        raise PermissionDenied(f"tenant {principal.tenant!r} may not use model {model!r}")
