@@ -105,12 +105,17 @@ class StaticKeyStore:
         return found
 
 
+def redis_keys_hash(prefix: str) -> str:
+    """The Redis hash holding caller keys (field: digest, value: tenant)."""
+    return f"{prefix}keys"
+
+
 class RedisKeyStore:
-    """Keys in the Redis hash `<prefix>keys` (field: digest, value: tenant)."""
+    """Keys in the Redis hash `redis_keys_hash(prefix)`."""
 
     def __init__(self, redis: Any, *, prefix: str) -> None:
         self._redis = redis
-        self._hash = f"{prefix}keys"
+        self._hash = redis_keys_hash(prefix)
 
     async def tenant_for(self, digest: str) -> str | None:
         """Look the digest up; Redis only ever sees digests, never keys."""
@@ -118,10 +123,6 @@ class RedisKeyStore:
         if tenant is None:
             return None
         return tenant.decode("utf-8") if isinstance(tenant, bytes) else str(tenant)
-
-    async def add(self, caller_key: CallerKey) -> None:
-        """Store a new key's digest."""
-        await self._redis.hset(self._hash, caller_key.sha256, caller_key.tenant)
 
 
 def load_static_keys(config: AuthConfig) -> StaticKeyStore:

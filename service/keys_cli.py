@@ -8,12 +8,11 @@ Running gateways read the keys file at startup and Redis on every call.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
 
-from service.auth import RedisKeyStore, generate_key, hash_key, keys_file_line
+from service.auth import generate_key, hash_key, keys_file_line, redis_keys_hash
 from service.config import AuthConfig, CallerKey, ConfigError, load_config
 
 DEFAULT_CONFIG = "config/gateway.yaml"
@@ -27,14 +26,16 @@ def _append_to_keys_file(path: Path, caller_key: CallerKey) -> None:
         file.write(keys_file_line(caller_key))
 
 
-async def _store_in_redis(auth: AuthConfig, caller_key: CallerKey) -> None:
-    import redis.asyncio
+def _store_in_redis(auth: AuthConfig, caller_key: CallerKey) -> None:
+    import redis
 
-    client = redis.asyncio.Redis.from_url(auth.redis_url or "")
+    client = redis.Redis.from_url(auth.redis_url or "")
     try:
-        await RedisKeyStore(client, prefix=auth.redis_key_prefix).add(caller_key)
+        client.hset(redis_keys_hash(auth.redis_key_prefix), caller_key.sha256, caller_key.tenant)
+    except redis.RedisError as exc:  # the URL may hold a password: do not print it
+        raise OSError(f"cannot store the key in Redis ({type(exc).__name__})") from None
     finally:
-        await client.aclose()
+        client.close()
 
 
 def create_key(auth: AuthConfig, tenant: str) -> tuple[str, str]:
@@ -46,7 +47,7 @@ def create_key(auth: AuthConfig, tenant: str) -> tuple[str, str]:
     key = generate_key()
     caller_key = CallerKey(sha256=hash_key(key), tenant=tenant)
     if auth.redis_url:
-        asyncio.run(_store_in_redis(auth, caller_key))
+        _store_in_redis(auth, caller_key)
         return key, "redis"
     if auth.keys_file:
         path = Path(auth.keys_file).expanduser()
