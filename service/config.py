@@ -296,6 +296,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], value, key)
     if origin is Literal:
+        if isinstance(value, bool) and "off" in args:  # YAML 1.1 reads a bare `off` as false
+            value = "on" if value else "off"
         if value not in args:
             raise ValueError(f"{key}: must be one of {', '.join(map(str, args))}")
         return value

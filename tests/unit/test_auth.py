@@ -157,3 +157,9 @@ def test_listen_policy(sections, is_refused):
             check_listen_policy(config)
     else:
         check_listen_policy(config)
+
+
+@pytest.mark.parametrize(("raw", "mode"), [(False, "off"), ("off", "off"), ("keys", "keys")])
+def test_auth_mode_accepts_yaml_off(raw, mode):
+    """`mode: off` in YAML (parsed as false) means auth off; `keys` means keys."""
+    assert gateway_config("http://127.0.0.1:9", auth={"mode": raw}).auth.mode == mode
