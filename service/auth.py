@@ -137,10 +137,19 @@ def load_static_keys(config: AuthConfig) -> StaticKeyStore:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """The authenticated caller: its tenant and what that tenant may do."""
+    """The caller: its tenant, what that tenant may do, and whether it proved who it is.
+
+    `is_authenticated` is False only for the `default` tenant of auth mode `off`.
+    """
 
     tenant: str
     limits: TenantConfig
+    is_authenticated: bool = True
+
+    @property
+    def may_read_all_usage(self) -> bool:
+        """Whether GetUsage may show this caller other tenants' rows."""
+        return self.limits.is_admin or not self.is_authenticated
 
 
 class Authenticator:
@@ -159,9 +168,10 @@ class Authenticator:
         self._stores = tuple(stores)
         self._tenant_from_cert = tenant_from_cert_subject
 
-    def principal(self, tenant: str) -> Principal:
+    def principal(self, tenant: str, *, is_authenticated: bool = True) -> Principal:
         """The principal of `tenant`; tenants not configured get no limits."""
-        return Principal(tenant, self._tenants.get(tenant) or TenantConfig())
+        limits = self._tenants.get(tenant) or TenantConfig()
+        return Principal(tenant, limits, is_authenticated=is_authenticated)
 
     async def authenticate(
         self,
@@ -184,7 +194,7 @@ class Authenticator:
                 raise Unauthenticated(
                     "missing caller key: send metadata 'authorization: Bearer <key>'"
                 )
-            return self.principal(DEFAULT_TENANT)
+            return self.principal(DEFAULT_TENANT, is_authenticated=False)
         if len(key) > _MAX_KEY_LENGTH:
             raise Unauthenticated("unknown caller key")
         digest = hash_key(key)
@@ -195,7 +205,7 @@ class Authenticator:
         if self._is_required:
             log.info("auth.rejected", extra={"key_sha256_prefix": digest[:8]})
             raise Unauthenticated("unknown caller key")
-        return self.principal(DEFAULT_TENANT)
+        return self.principal(DEFAULT_TENANT, is_authenticated=False)
 
 
 def check_model_allowed(principal: Principal, model: str) -> None:

@@ -37,6 +37,12 @@ def current_principal() -> Principal | None:
     return _principal.get()
 
 
+def caller_may_read_all_usage() -> bool:
+    """Whether the current caller may read every tenant's usage (admin, or auth off)."""
+    principal = _principal.get()
+    return principal is None or principal.may_read_all_usage
+
+
 def current_tenant() -> str:
     """The tenant of the call being served (`default` outside a call or without auth)."""
     principal = _principal.get()

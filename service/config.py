@@ -249,12 +249,16 @@ class AuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class TenantConfig:
-    """What one tenant may use; 0 means unlimited, an empty `allowed_models` all models."""
+    """What one tenant may use; 0 means unlimited, an empty `allowed_models` all models.
+
+    `is_admin`: the tenant may read every tenant's usage (GetUsage), not only its own.
+    """
 
     allowed_models: tuple[str, ...] = ()
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
     max_concurrent_calls: int = 0
+    is_admin: bool = False
 
     def __post_init__(self) -> None:
         _require(

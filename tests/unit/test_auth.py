@@ -163,3 +163,17 @@ def test_listen_policy(sections, is_refused):
 def test_auth_mode_accepts_yaml_off(raw, mode):
     """`mode: off` in YAML (parsed as false) means auth off; `keys` means keys."""
     assert gateway_config("http://127.0.0.1:9", auth={"mode": raw}).auth.mode == mode
+
+
+async def test_only_admins_and_unauthenticated_local_callers_read_all_usage():
+    """An admin tenant or auth-off caller may read every tenant's usage; others only theirs."""
+    keys = [CallerKey(hash_key(KEY), "team-a"), CallerKey(hash_key("ops-key"), "ops")]
+    tenants = {"ops": TenantConfig(is_admin=True)}
+    keyed = Authenticator(AuthConfig(mode="keys"), tenants, [StaticKeyStore(keys)])
+    local = Authenticator(AuthConfig(mode="off"), tenants, [StaticKeyStore(keys)])
+    team = await keyed.authenticate([("authorization", f"Bearer {KEY}")])
+    ops = await keyed.authenticate([("authorization", "Bearer ops-key")])
+    assert not team.may_read_all_usage
+    assert ops.may_read_all_usage
+    assert (await local.authenticate([])).may_read_all_usage
+    assert not (await local.authenticate([("authorization", f"Bearer {KEY}")])).may_read_all_usage
