@@ -15,14 +15,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
+import os
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from service.clock import SYSTEM_CLOCK, Clock
 from service.config import AuthConfig, CallerKey, TenantConfig, is_tenant_name
-from service.errors import PermissionDenied, Unauthenticated
+from service.errors import PermissionDenied, Unauthenticated, UpstreamUnavailable
 
 log = logging.getLogger("llm_gateway.auth")
 
@@ -105,6 +108,62 @@ class StaticKeyStore:
         return found
 
 
+class FileKeyStore:
+    """The keys file, re-read when it changes (looked at no more than every `check_s`).
+
+    So a key made with `keys create` works on a running gateway within seconds. A file
+    that turns unreadable or malformed later is logged and the last good keys kept; at
+    startup it is an error.
+    """
+
+    def __init__(self, path: Path, *, check_s: float, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._path = path
+        self._check_s = check_s
+        self._clock = clock
+        self._checked_at = -math.inf
+        self._signature: tuple[int, int, int] | None = None
+        self._store = StaticKeyStore(())
+        self._refresh(is_strict=True)
+
+    def _refresh(self, *, is_strict: bool = False) -> None:
+        now = self._clock.now()
+        if now - self._checked_at < self._check_s:
+            return
+        self._checked_at = now
+        try:
+            stat = os.stat(self._path)
+        except FileNotFoundError:
+            self._store, self._signature = StaticKeyStore(()), None
+            return
+        signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if signature == self._signature:
+            return
+        try:
+            keys = parse_keys_file(self._path.read_text(encoding="utf-8"), source=str(self._path))
+        except (OSError, ValueError) as exc:
+            if is_strict:
+                raise
+            log.warning("auth.keys_file_unusable", extra={"error": str(exc)})
+            return
+        self._store, self._signature = StaticKeyStore(keys), signature
+        log.info("auth.keys_file_loaded", extra={"path": str(self._path), "keys": len(keys)})
+
+    async def tenant_for(self, digest: str) -> str | None:
+        """The tenant of `digest` in the file as it is now."""
+        self._refresh()
+        return await self._store.tenant_for(digest)
+
+
+def redis_connection_options(config: AuthConfig, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Keyword arguments for `Redis.from_url(config.redis_url, ...)`: password, timeouts."""
+    password = environ.get(config.redis_password_env) if config.redis_password_env else None
+    return {
+        "password": password or None,
+        "socket_timeout": config.redis_timeout_s,
+        "socket_connect_timeout": config.redis_timeout_s,
+    }
+
+
 def redis_keys_hash(prefix: str) -> str:
     """The Redis hash holding caller keys (field: digest, value: tenant)."""
     return f"{prefix}keys"
@@ -118,21 +177,35 @@ class RedisKeyStore:
         self._hash = redis_keys_hash(prefix)
 
     async def tenant_for(self, digest: str) -> str | None:
-        """Look the digest up; Redis only ever sees digests, never keys."""
-        tenant = await self._redis.hget(self._hash, digest)
+        """Look the digest up; Redis only ever sees digests, never keys.
+
+        Raises:
+            UpstreamUnavailable: Redis cannot be reached (the caller may retry).
+        """
+        try:
+            tenant = await self._redis.hget(self._hash, digest)
+        except Exception as exc:  # redis-py errors, timeouts: fail closed, retryable
+            log.warning("auth.key_store_unavailable", extra={"error": type(exc).__name__})
+            raise UpstreamUnavailable(
+                "the caller key store is unavailable", upstream="auth-store"
+            ) from None
         if tenant is None:
             return None
         return tenant.decode("utf-8") if isinstance(tenant, bytes) else str(tenant)
 
 
-def load_static_keys(config: AuthConfig) -> StaticKeyStore:
-    """The config's keys plus those of `keys_file` (a missing file holds no keys yet)."""
-    keys = list(config.keys)
+def local_key_stores(config: AuthConfig) -> list[KeyStore]:
+    """The config's keys, and the keys file if one is named (missing: no keys yet).
+
+    Raises:
+        ValueError: the keys file is malformed.
+        OSError: the keys file exists but cannot be read.
+    """
+    stores: list[KeyStore] = [StaticKeyStore(config.keys)]
     if config.keys_file:
         path = Path(config.keys_file).expanduser()
-        if path.exists():
-            keys.extend(parse_keys_file(path.read_text(encoding="utf-8"), source=str(path)))
-    return StaticKeyStore(keys)
+        stores.append(FileKeyStore(path, check_s=config.keys_file_check_s))
+    return stores
 
 
 @dataclass(frozen=True, slots=True)

@@ -241,10 +241,27 @@ class AuthConfig:
     mode: Literal["off", "keys"] = "off"
     keys: tuple[CallerKey, ...] = ()
     keys_file: str | None = None
-    redis_url: str | None = field(default=None, repr=False)
+    keys_file_check_s: float = 2.0  # how often a changed keys file is re-read
+    redis_url: str | None = None
+    redis_password_env: str | None = None
     redis_key_prefix: str = "llm_gateway:"
+    redis_timeout_s: float = 0.5
     # Auth off on a non-loopback address is refused unless this is set.
     allow_auth_off_on_public_listen: bool = False
+
+    def __post_init__(self) -> None:
+        if self.redis_url is not None:
+            parts = urlsplit(self.redis_url)
+            _require(
+                parts.scheme in ("redis", "rediss", "unix"),
+                "redis_url must be redis://, rediss:// or unix://",
+            )
+            _require(
+                parts.username is None and parts.password is None,
+                "redis_url must not carry credentials; use redis_password_env",
+            )
+        _require(self.redis_timeout_s > 0, "redis_timeout_s must be > 0")
+        _require(self.keys_file_check_s >= 0, "keys_file_check_s must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-from service.auth import generate_key, hash_key, keys_file_line, redis_keys_hash
+from service.auth import (
+    generate_key,
+    hash_key,
+    keys_file_line,
+    redis_connection_options,
+    redis_keys_hash,
+)
 from service.config import AuthConfig, CallerKey, ConfigError, load_config
 
 DEFAULT_CONFIG = "config/gateway.yaml"
@@ -29,7 +35,8 @@ def _append_to_keys_file(path: Path, caller_key: CallerKey) -> None:
 def _store_in_redis(auth: AuthConfig, caller_key: CallerKey) -> None:
     import redis
 
-    client = redis.Redis.from_url(auth.redis_url or "")
+    options = redis_connection_options(auth, os.environ)
+    client = redis.Redis.from_url(auth.redis_url or "", **options)
     try:
         client.hset(redis_keys_hash(auth.redis_key_prefix), caller_key.sha256, caller_key.tenant)
     except redis.RedisError as exc:  # the URL may hold a password: do not print it

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Any
 
-from service.auth import Authenticator, KeyStore, RedisKeyStore, load_static_keys
+from service.auth import (
+    Authenticator,
+    RedisKeyStore,
+    local_key_stores,
+    redis_connection_options,
+)
 from service.caller_gate import CallerGate
-from service.config import GatewayConfig
+from service.config import ConfigError, GatewayConfig
 from service.tenant_limits import MemoryTenantLimiter, RedisTenantLimiter, TenantLimiter
 
 log = logging.getLogger("llm_gateway.security")
@@ -44,19 +50,23 @@ def check_listen_policy(config: GatewayConfig) -> None:
     log.warning("security.auth_off_on_public_listen", extra={"listen": config.server.listen})
 
 
-def _redis_client(url: str) -> Any:
+def _redis_client(config: GatewayConfig) -> Any:
     import redis.asyncio
 
-    return redis.asyncio.Redis.from_url(url)
+    options = redis_connection_options(config.auth, os.environ)
+    return redis.asyncio.Redis.from_url(config.auth.redis_url or "", **options)
 
 
 async def build_caller_gate(config: GatewayConfig, stack: contextlib.AsyncExitStack) -> CallerGate:
     """The gate for `config`; a Redis client it opens is closed by `stack`."""
     auth = config.auth
-    stores: list[KeyStore] = [load_static_keys(auth)]
+    try:
+        stores = local_key_stores(auth)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(config.source, "auth.keys_file", str(exc)) from None
     limiter: TenantLimiter = MemoryTenantLimiter()
     if auth.redis_url:
-        client = _redis_client(auth.redis_url)
+        client = _redis_client(config)
         stack.push_async_callback(client.aclose)
         stores.append(RedisKeyStore(client, prefix=auth.redis_key_prefix))
         limiter = RedisTenantLimiter(client, prefix=auth.redis_key_prefix)

@@ -13,11 +13,12 @@ import grpc
 import pytest
 import redis
 import yaml
+from google.rpc import error_details_pb2
 
 from service.auth import hash_key
 from service.keys_cli import keys_command
 from tests.conftest import chat, gateway_config
-from tests.integration.tenancy_helpers import as_tenant, bearer, rpc_error, secure_config
+from tests.integration.tenancy_helpers import as_tenant, bearer, detail, rpc_error, secure_config
 from tests.secret_capture import register_secret
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -152,3 +153,34 @@ async def test_tenant_limits_in_redis_are_shared_by_replicas(upstream, start_gat
     client.close()
     assert in_flight == 0  # every lease was released
     assert len(upstream.requests) == 4
+
+
+async def test_a_key_created_while_the_gateway_runs_works_without_a_restart(
+    upstream, start_gateway, tmp_path, capsys
+):
+    """The keys file is re-read when it changes, so a new key needs no restart."""
+    keys_file = tmp_path / "keys.txt"
+    auth = {"mode": "keys", "keys_file": str(keys_file), "keys_file_check_s": 0}
+    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
+    config_file = _write_config(tmp_path / "gw.yaml", {"keys_file": str(keys_file)})
+    assert keys_command(["create", "--tenant", "late", "--config", str(config_file)]) == 0
+    key = register_secret(capsys.readouterr().out.strip())
+    assert (await gw.stub.Complete(chat(), metadata=bearer(key))).content
+
+
+async def test_an_unreachable_redis_fails_closed_for_keys_and_open_for_limits(
+    upstream, start_gateway, tmp_path
+):
+    """Redis down: an unknown key gets a retryable UNAVAILABLE; a config key is still served."""
+    config = secure_config(
+        upstream.base_url,
+        auth={"redis_url": f"unix://{tmp_path}/no-such.sock"},
+        tenants={"team-a": {"requests_per_minute": 1}},
+    )
+    gw = await start_gateway(config)
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer("llmgw_unknown-to-all")))
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert detail(error, error_details_pb2.ErrorInfo).metadata["upstream"] == "auth-store"
+    for _ in range(2):  # the limit cannot be checked, so it is not enforced
+        assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+    assert len(upstream.requests) == 2

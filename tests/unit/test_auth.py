@@ -6,12 +6,14 @@ import pytest
 
 from service.auth import (
     Authenticator,
+    FileKeyStore,
     StaticKeyStore,
     bearer_key,
     check_model_allowed,
     generate_key,
     hash_key,
     parse_keys_file,
+    redis_connection_options,
 )
 from service.config import AuthConfig, CallerKey, TenantConfig
 from service.errors import PermissionDenied, Unauthenticated
@@ -177,3 +179,66 @@ async def test_only_admins_and_unauthenticated_local_callers_read_all_usage():
     assert ops.may_read_all_usage
     assert (await local.authenticate([])).may_read_all_usage
     assert not (await local.authenticate([("authorization", f"Bearer {KEY}")])).may_read_all_usage
+
+
+class _Clock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        """The fake monotonic time."""
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        """Advance the fake time."""
+        self.t += seconds
+
+
+async def test_keys_file_changes_are_picked_up_after_the_check_interval(tmp_path):
+    """A key appended to the file works after `check_s`; a later broken file keeps old keys."""
+    path = tmp_path / "keys"
+    path.write_text(f"{hash_key('one')} team-a\n")
+    clock = _Clock()
+    store = FileKeyStore(path, check_s=2.0, clock=clock)
+    assert await store.tenant_for(hash_key("one")) == "team-a"
+    with path.open("a") as file:
+        file.write(f"{hash_key('two')} team-b\n")
+    clock.t += 1.0
+    assert await store.tenant_for(hash_key("two")) is None  # not looked at yet
+    clock.t += 1.5
+    assert await store.tenant_for(hash_key("two")) == "team-b"
+    path.write_text("this is not a keys file at all\n")
+    clock.t += 5
+    assert await store.tenant_for(hash_key("one")) == "team-a"
+    path.unlink()
+    clock.t += 5
+    assert await store.tenant_for(hash_key("one")) is None
+
+
+def test_a_malformed_keys_file_is_a_startup_error(tmp_path):
+    """At startup a malformed keys file raises instead of silently admitting nobody."""
+    path = tmp_path / "keys"
+    path.write_text("nonsense\n")
+    with pytest.raises(ValueError, match="keys:1"):
+        FileKeyStore(path, check_s=2.0)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://user:secret@127.0.0.1:6379/0", "redis://:secret@127.0.0.1/0", "http://x"]
+)
+def test_redis_url_must_not_carry_credentials(url):
+    """Passwords come from `redis_password_env`, never the URL (which may be logged)."""
+    with pytest.raises(ValueError, match="redis_url"):
+        AuthConfig(redis_url=url)
+
+
+def test_redis_password_comes_from_the_named_environment_variable():
+    """The Redis password is read from `redis_password_env`; timeouts bound every call."""
+    config = AuthConfig(
+        redis_url="redis://127.0.0.1:6379/0", redis_password_env="GW_REDIS_PW", redis_timeout_s=0.2
+    )
+    options = redis_connection_options(config, {"GW_REDIS_PW": "pw"})
+    assert options == {"password": "pw", "socket_timeout": 0.2, "socket_connect_timeout": 0.2}
+    assert redis_connection_options(config, {})["password"] is None
