@@ -47,13 +47,23 @@ def _refusal(tenant: str, which: str, limit: int, retry_after_s: float | None) -
     )
 
 
-def _too_large(tenant: str, tokens: int, limit: int) -> QuotaExceeded:
-    return QuotaExceeded(
-        f"a request of about {tokens} tokens can never fit tenant {tenant!r}'s "
-        f"tokens_per_minute of {limit}",
-        subject=f"tenant:{tenant}:tokens_per_minute",
-        retry_after_s=None,
-    )
+def _too_large(tenant: str, limits: TenantConfig, *, tokens: int, requests: int) -> None:
+    """Refuse, with no retry hint, a call larger than a whole minute's allowance."""
+    rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+    if rpm and requests > rpm:
+        raise QuotaExceeded(
+            f"a call of {requests} requests can never fit tenant {tenant!r}'s "
+            f"requests_per_minute of {rpm}",
+            subject=f"tenant:{tenant}:requests_per_minute",
+            retry_after_s=None,
+        )
+    if tpm and tokens > tpm:
+        raise QuotaExceeded(
+            f"a call of about {tokens} tokens can never fit tenant {tenant!r}'s "
+            f"tokens_per_minute of {tpm}",
+            subject=f"tenant:{tenant}:tokens_per_minute",
+            retry_after_s=None,
+        )
 
 
 @dataclass(slots=True)
@@ -93,8 +103,7 @@ class MemoryTenantLimiter:
     def take(self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1) -> None:
         """Take `requests` and `tokens` from the tenant's buckets, or refuse and take nothing."""
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
-        if tpm and tokens > tpm:
-            raise _too_large(tenant, tokens, tpm)
+        _too_large(tenant, limits, tokens=tokens, requests=requests)
         requests_bucket = self._bucket(self._requests, tenant, rpm) if rpm else None
         tokens_bucket = self._bucket(self._tokens, tenant, tpm) if tpm else None
         if requests_bucket is not None:
@@ -198,8 +207,7 @@ class RedisTenantLimiter:
         if not (rpm or tpm or cap):
             yield
             return
-        if tpm and tokens > tpm:
-            raise _too_large(tenant, tokens, tpm)
+        _too_large(tenant, limits, tokens=tokens, requests=requests)
         keys = self._keys(tenant)
         lease = uuid.uuid4().hex
         is_leased = False

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -15,11 +16,12 @@ from hypothesis import strategies as st
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.config import GatewayConfig
 from service.server import GatewayServer
 from tests.conftest import FAKE_MODEL, chat, gateway_config
 from tests.fake_upstream import FakeUpstream
-from tests.integration.tenancy_helpers import detail, rpc_error
-from tests.secret_capture import record_emitted
+from tests.integration.tenancy_helpers import detail, rpc_error, secure_config
+from tests.secret_capture import CALLER_KEY_A, record_emitted
 
 LIMITS = {
     "max_messages": 8,
@@ -110,21 +112,21 @@ async def test_messages_over_the_grpc_receive_limit_are_refused_by_grpc(upstream
     assert len(upstream.requests) == 1
 
 
-@pytest.fixture(scope="module")
-def live_gateway() -> Iterator[str]:
-    """A gateway and fake upstream on their own event loop thread, for synchronous clients."""
+@contextlib.contextmanager
+def _gateway_thread(make_config: Callable[[str], GatewayConfig]) -> Iterator[str]:
+    """A gateway and fake upstream on their own event loop thread; yields its address."""
     ready = threading.Event()
     state: dict[str, Any] = {}
 
     async def serve() -> None:
         state["stop"] = asyncio.Event()
         state["loop"] = asyncio.get_running_loop()
-        async with FakeUpstream(models=(FAKE_MODEL,)) as fake:
-            config = gateway_config(fake.base_url, defaults=LIMITS)
-            async with GatewayServer(config) as server:
-                state["address"] = server.address
-                ready.set()
-                await state["stop"].wait()
+        async with contextlib.AsyncExitStack() as stack:
+            fake = await stack.enter_async_context(FakeUpstream(models=(FAKE_MODEL,)))
+            server = await stack.enter_async_context(GatewayServer(make_config(fake.base_url)))
+            state["address"] = server.address
+            ready.set()
+            await state["stop"].wait()
 
     thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
     thread.start()
@@ -134,6 +136,20 @@ def live_gateway() -> Iterator[str]:
     finally:
         state["loop"].call_soon_threadsafe(state["stop"].set)
         thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def live_gateway() -> Iterator[str]:
+    """A gateway with tight request limits, for synchronous (hypothesis) clients."""
+    with _gateway_thread(lambda url: gateway_config(url, defaults=LIMITS)) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def live_keyed_gateway() -> Iterator[str]:
+    """A gateway requiring caller keys, for synchronous (hypothesis) clients."""
+    with _gateway_thread(secure_config) as address:
+        yield address
 
 
 _ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
@@ -246,3 +262,33 @@ def test_generated_requests_get_success_or_invalid_argument_with_details(
         _check_outcome(lambda: raw_call(raw, timeout=_CALL_TIMEOUT_S), "raw bytes")
         # The server is still whole: a plain request still succeeds.
         assert stub.Complete(chat("still there?"), timeout=_CALL_TIMEOUT_S).content
+
+
+_metadata_value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(
+    value=st.sampled_from([f"Bearer {CALLER_KEY_A}", "Bearer ", "bearer x"])
+    | _metadata_value
+    | _metadata_value.map(lambda v: f"Bearer {v}"),
+    name=st.sampled_from(["authorization", "Authorization", "x-api-key"]),
+)
+def test_generated_credentials_get_success_or_unauthenticated(live_keyed_gateway, name, value):
+    """Any authorization metadata is served (only the real key) or UNAUTHENTICATED, with details."""
+    with grpc.insecure_channel(live_keyed_gateway) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        code, trailers = grpc.StatusCode.OK, {}
+        try:
+            stub.Complete(chat(), metadata=((name.lower(), value),), timeout=_CALL_TIMEOUT_S)
+        except grpc.RpcError as error:
+            record_emitted(error.code(), error.details(), error.trailing_metadata())
+            code, trailers = error.code(), dict(error.trailing_metadata() or ())
+    assert code in (grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED)
+    assert code is grpc.StatusCode.OK or trailers.get("grpc-status-details-bin")
+    is_the_key = (
+        name.lower() == "authorization"
+        and value.lower().startswith("bearer ")
+        and (value[7:].strip() == CALLER_KEY_A)
+    )
+    assert (code is grpc.StatusCode.OK) == is_the_key

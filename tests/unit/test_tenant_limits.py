@@ -78,12 +78,20 @@ def test_a_refusal_takes_nothing():
     limiter.take("a", limits, tokens=10)  # the second request is still there
 
 
-def test_a_request_larger_than_a_minute_of_tokens_is_refused_without_a_retry_hint():
-    """Waiting cannot help a request bigger than the bucket, so no RetryInfo is given."""
+@pytest.mark.parametrize(
+    ("tokens", "requests", "subject"),
+    [(101, 1, "tenant:a:tokens_per_minute"), (0, 11, "tenant:a:requests_per_minute")],
+)
+def test_a_call_larger_than_a_minutes_allowance_is_refused_without_a_retry_hint(
+    tokens, requests, subject
+):
+    """Waiting cannot help a call bigger than the bucket (a big batch), so no RetryInfo."""
     limiter = MemoryTenantLimiter(clock=FakeClock())
+    limits = TenantConfig(tokens_per_minute=100, requests_per_minute=10)
     with pytest.raises(QuotaExceeded) as refused:
-        limiter.take("a", TenantConfig(tokens_per_minute=100), tokens=101)
+        limiter.take("a", limits, tokens=tokens, requests=requests)
     assert refused.value.retry_after_s is None
+    assert refused.value.subject == subject
 
 
 async def test_concurrency_slots_are_released_on_every_exit():
