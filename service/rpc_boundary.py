@@ -165,11 +165,11 @@ def _tolerant_parser(message_class: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def service_handler(servicer: object, service: Any) -> grpc.GenericRpcHandler:
-    """The handler for every method of `service` (a ServiceDescriptor) on `servicer`.
+def add_service(server: grpc.aio.Server, servicer: object, service: Any) -> None:
+    """Register every method of `service` (a ServiceDescriptor) on `servicer`.
 
-    Used instead of the generated `add_*Servicer_to_server` so that request parsing is
-    `_tolerant_parser`'s.
+    Does what the generated `add_*Servicer_to_server` does, except that request
+    parsing is `_tolerant_parser`'s.
     """
     handlers = {}
     for method in service.methods:
@@ -185,4 +185,7 @@ def service_handler(servicer: object, service: Any) -> grpc.GenericRpcHandler:
             request_deserializer=_tolerant_parser(request_class),
             response_serializer=response_class.SerializeToString,
         )
-    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -19,7 +19,7 @@ from service.local_model import LocalModelServer
 from service.pipeline import Pipeline
 from service.pool import UpstreamPool
 from service.pricing import PriceList
-from service.rpc_boundary import Admission, guard_servicer, service_handler
+from service.rpc_boundary import Admission, add_service, guard_servicer
 from service.security import build_caller_gate, check_listen_policy
 from service.servicer import CompletionServicer
 from service.upstream.client import UpstreamClient
@@ -96,7 +96,7 @@ class GatewayServer:
                 ("grpc.http2.max_pings_without_data", 0),
             ],
         )
-        server.add_generic_rpc_handlers((service_handler(servicer, SERVICE),))
+        add_service(server, servicer, SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
