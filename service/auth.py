@@ -4,7 +4,8 @@ A caller sends `authorization: Bearer <key>`. The gateway never stores or logs t
 it hashes it with SHA-256 and looks the digest up in the key stores (the config file's
 `auth.keys`, the `auth.keys_file`, and Redis when configured). Digests are compared with
 `hmac.compare_digest` against every stored entry, so the time taken does not reveal how
-much of a digest matched or where in the list it sits.
+much of a digest matched or where in the list it sits. A fast hash is right here:
+generated keys carry 256 random bits, so unlike passwords there is nothing to guess.
 
 With a verified client certificate and `server.tls.tenant_from_cert_subject`, the
 certificate's subject common name names the tenant instead.
