@@ -72,3 +72,4 @@ def capture_emitted_logs() -> Iterator[Path]:
         root.removeHandler(handler)
         handler.close()
         gateway.setLevel(previous)
+        EMITTED_PATH.unlink(missing_ok=True)
