@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -43,6 +44,41 @@ def _require(condition: bool, problem: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS for the gRPC port; with `client_ca_file`, client certificates (mTLS) too.
+
+    `tenant_from_cert_subject`: a verified client certificate's subject common name
+    names the caller's tenant, so no bearer key is needed.
+    """
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+    require_client_cert: bool = False
+    tenant_from_cert_subject: bool = False
+
+    def __post_init__(self) -> None:
+        _require(
+            (self.cert_file is None) == (self.key_file is None),
+            "cert_file and key_file go together",
+        )
+        _require(
+            self.client_ca_file is None or self.cert_file is not None,
+            "client_ca_file needs cert_file and key_file",
+        )
+        _require(
+            not (self.require_client_cert or self.tenant_from_cert_subject)
+            or self.client_ca_file is not None,
+            "require_client_cert and tenant_from_cert_subject need client_ca_file",
+        )
+
+    @property
+    def is_enabled(self) -> bool:
+        """Whether the port speaks TLS."""
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The gRPC listener and its lifecycle."""
 
@@ -55,6 +91,7 @@ class ServerConfig:
     workers: int = 1
     # Refuse to start without caller auth on a non-loopback address unless forced.
     allow_insecure_public_listen: bool = False
+    tls: TlsConfig = TlsConfig()
 
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
@@ -208,9 +245,94 @@ class RequestDefaults:
     max_labels: int = 32
     max_label_length: int = 256
     max_request_bytes: int = 2 * 1024 * 1024
+    max_prompt_tokens: int = 1_000_000
+    max_stop_length: int = 256
 
     def __post_init__(self) -> None:
         _require(self.max_messages >= 1, "max_messages must be >= 1")
+        _require(self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1")
+
+
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9_.\-@:]{1,128}$")
+
+
+def is_tenant_name(name: str) -> bool:
+    """Whether `name` is a valid tenant name."""
+    return bool(_TENANT_NAME.match(name))
+
+
+@dataclass(frozen=True, slots=True)
+class CallerKey:
+    """One caller key, stored only as the SHA-256 hex digest of the key."""
+
+    sha256: str
+    tenant: str
+
+    def __post_init__(self) -> None:
+        _require(
+            len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256),
+            "sha256 must be 64 lowercase hex digits (the key's hash, never the key)",
+        )
+        _require(is_tenant_name(self.tenant), "tenant must be 1-128 of A-Z a-z 0-9 _ . - @ :")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Caller authentication: `off` (local development) or bearer `keys`.
+
+    Keys come from `keys` (hashes in this file), `keys_file` (lines of `HASH TENANT`,
+    appended by `python -m service keys create`) and, with `redis_url`, the Redis hash
+    `redis_key_prefix + "keys"`. `redis_url` also makes tenant limits shared by replicas.
+    """
+
+    mode: Literal["off", "keys"] = "off"
+    keys: tuple[CallerKey, ...] = ()
+    keys_file: str | None = None
+    keys_file_check_s: float = 2.0  # how often a changed keys file is re-read
+    redis_url: str | None = None
+    redis_password_env: str | None = None
+    redis_key_prefix: str = "llm_gateway:"
+    redis_timeout_s: float = 0.5
+    # Auth off on a non-loopback address is refused unless this is set.
+    allow_auth_off_on_public_listen: bool = False
+
+    def __post_init__(self) -> None:
+        if self.redis_url is not None:
+            parts = urlsplit(self.redis_url)
+            _require(
+                parts.scheme in ("redis", "rediss", "unix"),
+                "redis_url must be redis://, rediss:// or unix://",
+            )
+            _require(
+                parts.username is None and parts.password is None,
+                "redis_url must not carry credentials; use redis_password_env",
+            )
+        _require(self.redis_timeout_s > 0, "redis_timeout_s must be > 0")
+        _require(self.keys_file_check_s >= 0, "keys_file_check_s must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    """What one tenant may use; 0 means unlimited, an empty `allowed_models` all models.
+
+    `is_admin`: the tenant may read every tenant's usage (GetUsage), not only its own.
+    """
+
+    allowed_models: tuple[str, ...] = ()
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    max_concurrent_calls: int = 0
+    is_admin: bool = False
+
+    def __post_init__(self) -> None:
+        _require(
+            min(self.requests_per_minute, self.tokens_per_minute, self.max_concurrent_calls) >= 0,
+            "limits must be >= 0 (0: unlimited)",
+        )
+
+    def allows_model(self, model: str) -> bool:
+        """Whether this tenant may call `model`."""
+        return not self.allowed_models or model in self.allowed_models
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +476,8 @@ class GatewayConfig:
     telemetry: TelemetryConfig = TelemetryConfig()
     ledger: LedgerConfig = LedgerConfig()
     budgets: Mapping[str, BudgetConfig] = field(default_factory=dict)
+    auth: AuthConfig = AuthConfig()
+    tenants: Mapping[str, TenantConfig] = field(default_factory=dict)
     source: str = "<defaults>"
 
     @property
@@ -372,6 +496,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], value, key)
     if origin is Literal:
+        if isinstance(value, bool) and "off" in args:  # YAML 1.1 reads a bare `off` as false
+            value = "on" if value else "off"
         if value not in args:
             raise ValueError(f"{key}: must be one of {', '.join(map(str, args))}")
         return value
@@ -475,6 +601,9 @@ def parse_config(
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise ConfigError(source, "upstreams", f"duplicate upstream name {duplicate!r}")
+    bad_tenant = next((t for t in config.tenants if not is_tenant_name(t)), None)
+    if bad_tenant is not None:
+        raise ConfigError(source, f"tenants.{bad_tenant}", "not a valid tenant name")
     upstreams = tuple(
         dataclasses.replace(u, api_key=env.get(u.api_key_env) or None) if u.api_key_env else u
         for u in config.upstreams

@@ -60,5 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service")
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(commands.add_parser("serve", help="run the gateway"))
+    keys = commands.add_parser("keys", help="issue caller keys: keys create --tenant T")
+    keys.add_argument("keys_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        from service.keys_cli import keys_command
+
+        return keys_command(args.keys_args)
     return serve_command(args)

@@ -20,9 +20,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeAlias
 
 import grpc
+from google.protobuf import message_factory
 from grpc_status import rpc_status
 
-from service.errors import GatewayError, Overloaded, pushback_trailer, to_rpc_status
+from service.caller_gate import CallerGate, UndecodableRequest
+from service.errors import (
+    FieldViolation,
+    GatewayError,
+    InvalidRequest,
+    Overloaded,
+    pushback_trailer,
+    to_rpc_status,
+)
 from service.telemetry import RpcScope
 from service.telemetry import active as telemetry
 
@@ -104,7 +113,20 @@ async def abort_with(
     raise AssertionError("context.abort always raises")  # pragma: no cover
 
 
-def _guard_unary(method: UnaryHandler, name: str, admission: Admission) -> UnaryHandler:
+def _caller(
+    request: Any, context: Context, gate: CallerGate | None
+) -> contextlib.AbstractAsyncContextManager[object]:
+    """Authenticate, authorize and meter the call (see `service.caller_gate`)."""
+    if gate is not None:
+        return gate.admit(request, context)
+    if isinstance(request, UndecodableRequest):
+        raise InvalidRequest([FieldViolation("request", "not a valid message")])
+    return contextlib.nullcontext()
+
+
+def _guard_unary(
+    method: UnaryHandler, name: str, admission: Admission, gate: CallerGate | None = None
+) -> UnaryHandler:
     @functools.wraps(method)
     async def guarded(request: Any, context: Context) -> Any:
         metadata = context.invocation_metadata() or ()
@@ -114,7 +136,8 @@ def _guard_unary(method: UnaryHandler, name: str, admission: Admission) -> Unary
             except Overloaded as exc:
                 await abort_with(context, exc, name, rpc)
             try:
-                response = await method(request, context)
+                async with _caller(request, context, gate):
+                    response = await method(request, context)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AbortError:
@@ -129,7 +152,9 @@ def _guard_unary(method: UnaryHandler, name: str, admission: Admission) -> Unary
     return guarded
 
 
-def _guard_stream(method: StreamHandler, name: str, admission: Admission) -> StreamHandler:
+def _guard_stream(
+    method: StreamHandler, name: str, admission: Admission, gate: CallerGate | None = None
+) -> StreamHandler:
     @functools.wraps(method)
     async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
         metadata = context.invocation_metadata() or ()
@@ -139,8 +164,9 @@ def _guard_stream(method: StreamHandler, name: str, admission: Admission) -> Str
             except Overloaded as exc:
                 await abort_with(context, exc, name, rpc)
             try:
-                async for item in method(request, context):
-                    yield item
+                async with _caller(request, context, gate):
+                    async for item in method(request, context):
+                        yield item
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AbortError:
@@ -154,11 +180,60 @@ def _guard_stream(method: StreamHandler, name: str, admission: Admission) -> Str
     return guarded
 
 
-def guard_servicer(servicer: object, method_names: list[str], admission: Admission) -> None:
+def guard_servicer(
+    servicer: object,
+    method_names: list[str],
+    admission: Admission,
+    gate: CallerGate | None = None,
+) -> None:
     """Wrap each named RPC method of `servicer` in place (before it is registered)."""
     for name in method_names:
         method = getattr(servicer, name)
         if inspect.isasyncgenfunction(method):
-            setattr(servicer, name, _guard_stream(method, name, admission))
+            setattr(servicer, name, _guard_stream(method, name, admission, gate))
         else:
-            setattr(servicer, name, _guard_unary(method, name, admission))
+            setattr(servicer, name, _guard_unary(method, name, admission, gate))
+
+
+def _tolerant_parser(message_class: Any) -> Callable[[bytes], Any]:
+    """`message_class.FromString`, except that undecodable bytes become a stand-in.
+
+    gRPC would answer a request that fails to parse (invalid UTF-8 in a string field,
+    a corrupt wire format) with UNKNOWN and the parser's exception text; the stand-in
+    lets the boundary answer INVALID_ARGUMENT with a `BadRequest` instead.
+    """
+    full_name = message_class.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception:  # DecodeError and friends: the bytes are the caller's problem
+            return UndecodableRequest(full_name)
+
+    return parse
+
+
+def add_service(server: grpc.aio.Server, servicer: object, service: Any) -> None:
+    """Register every method of `service` (a ServiceDescriptor) on `servicer`.
+
+    Does what the generated `add_*Servicer_to_server` does, except that request
+    parsing is `_tolerant_parser`'s.
+    """
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant_parser(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -13,23 +13,25 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from llmgateway.v1 import gateway_pb2, gateway_pb2_grpc
+from llmgateway.v1 import gateway_pb2
 from service.cache import CacheStore, ResponseCache
-from service.config import GatewayConfig, UpstreamConfig
+from service.config import GatewayConfig, ServerConfig, UpstreamConfig
 from service.ledger import open_ledger
 from service.local_model import LocalModelServer
 from service.pipeline import Pipeline
 from service.pool import UpstreamPool
 from service.pricing import PriceList
-from service.rpc_boundary import Admission, guard_servicer
+from service.rpc_boundary import Admission, add_service, guard_servicer
+from service.security import build_caller_gate, check_listen_policy
 from service.servicer import CompletionServicer
 from service.telemetry import Telemetry, activate
 from service.upstream.client import UpstreamClient
 
 log = logging.getLogger("llm_gateway.server")
 
-SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["CompletionService"].full_name
-RPC_METHODS = [m.name for m in gateway_pb2.DESCRIPTOR.services_by_name["CompletionService"].methods]
+SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["CompletionService"]
+SERVICE_NAME = SERVICE.full_name
+RPC_METHODS = [m.name for m in SERVICE.methods]
 
 
 class GatewayServer:
@@ -82,6 +84,8 @@ class GatewayServer:
 
     async def start(self) -> None:
         """Build everything and start listening."""
+        check_listen_policy(self.config)
+        gate = await build_caller_gate(self.config, self._stack)
         prices = PriceList(self.config.models)
         await self._start_telemetry(prices)
         ledger = open_ledger(self.config.ledger)
@@ -100,7 +104,7 @@ class GatewayServer:
         pool = UpstreamPool(clients, settings=self.config.resilience)
         self.pipeline = Pipeline(self.config, pool, prices, ledger=ledger, cache=cache)
         servicer = CompletionServicer(self.pipeline)
-        guard_servicer(servicer, RPC_METHODS, self.admission)
+        guard_servicer(servicer, RPC_METHODS, self.admission, gate)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", self.config.server.max_receive_message_bytes),
@@ -109,7 +113,7 @@ class GatewayServer:
                 ("grpc.http2.max_pings_without_data", 0),
             ],
         )
-        gateway_pb2_grpc.add_CompletionServiceServicer_to_server(servicer, server)
+        add_service(server, servicer, SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
@@ -119,7 +123,7 @@ class GatewayServer:
             ],
             server,
         )
-        self.port = server.add_insecure_port(self.config.server.listen)
+        self.port = _add_port(server, self.config.server)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.server.listen}")
         await server.start()
@@ -155,6 +159,23 @@ class GatewayServer:
             self._server = None
             log.info("server.stopped")
         await self._stack.aclose()
+
+
+def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Listen in plaintext, or with TLS (and client certificates) when configured."""
+    tls = config.tls
+    if tls.cert_file is None or tls.key_file is None:
+        return int(server.add_insecure_port(config.listen))
+    with open(tls.cert_file, "rb") as cert, open(tls.key_file, "rb") as key:
+        pair = (key.read(), cert.read())
+    client_ca = None
+    if tls.client_ca_file is not None:
+        with open(tls.client_ca_file, "rb") as ca:
+            client_ca = ca.read()
+    credentials = grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=tls.require_client_cert
+    )
+    return int(server.add_secure_port(config.listen, credentials))
 
 
 def _install_uvloop() -> None:

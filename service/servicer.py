@@ -16,6 +16,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.batch import BatchItem, BatchTotals, check_batch, run_batch
 from service.breaker import BreakerState
+from service.caller_gate import caller_may_read_all_usage, current_principal, current_tenant
 from service.clock import Deadline
 from service.domain import (
     CacheMode,
@@ -169,17 +170,13 @@ def deadline_of(context: grpc.aio.ServicerContext[object, object]) -> Deadline:
 
 
 def tenant_of(context: grpc.aio.ServicerContext[object, object]) -> str:
-    """The tenant the auth layer attached to this call ("default" without auth)."""
-    return "default"
+    """The tenant the caller gate authenticated for this call ("default" without auth)."""
+    return current_tenant()
 
 
 def caller_is_admin(context: grpc.aio.ServicerContext[object, object]) -> bool:
-    """Whether the caller may read other tenants' usage.
-
-    Without caller auth every call is the operator's, tenant "default"; any named tenant
-    is refused others' usage until the tenancy layer says who is an admin.
-    """
-    return tenant_of(context) == "default"
+    """Whether the caller may read other tenants' usage: an admin tenant, or auth off."""
+    return caller_may_read_all_usage()
 
 
 ALL_TENANTS = "*"
@@ -257,7 +254,10 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
     ) -> pb.ListModelsResponse:
         models = []
         prices = self._pipeline.prices
+        caller = current_principal()
         for name, routes in sorted(self._pipeline.pool.models.items()):
+            if caller is not None and not caller.limits.allows_model(name):
+                continue  # a tenant sees only the models it may use
             price = prices.price(name)
             pricing = pb.Pricing()
             if price is not None:

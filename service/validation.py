@@ -8,12 +8,12 @@ import re
 from service.config import RequestDefaults
 from service.domain import ChatRequest
 from service.errors import FieldViolation, InvalidRequest
+from service.tokens import estimate_prompt_tokens
 
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9_.\-/]{1,64}$")
 # C0 controls other than tab, LF and CR, DEL, and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _MAX_MODEL_NAME = 256
-_MAX_STOP_LENGTH = 256
 _MAX_IDEMPOTENCY_KEY = 256
 _MAX_TOKENS_CAP = 1_000_000
 _MAX_TTL_S = 30 * 24 * 3600
@@ -71,6 +71,19 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
                     "messages", f"at most {limits.max_request_bytes} bytes of text, got {size}"
                 )
             )
+    # Only worth estimating when the text could be over: no character costs more than
+    # 2 tokens, plus a few tokens of overhead a message.
+    bound = total_chars * 2 + 4 * len(request.messages) + 3
+    if len(request.messages) <= limits.max_messages and bound > limits.max_prompt_tokens:
+        estimate = estimate_prompt_tokens(request.messages)
+        if estimate > limits.max_prompt_tokens:
+            found.append(
+                FieldViolation(
+                    "messages",
+                    f"about {estimate} tokens, over the limit of "
+                    f"{limits.max_prompt_tokens} tokens a request",
+                )
+            )
     params = request.params
     _range(found, "params.temperature", params.temperature, 0.0, 2.0)
     _range(found, "params.top_p", params.top_p, 0.0, 1.0, low_open=True)
@@ -86,16 +99,17 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
         found.append(
             FieldViolation("params.stop", f"at most {limits.max_stop_sequences} stop sequences")
         )
-    for index, stop in enumerate(params.stop):
-        if not stop or len(stop) > _MAX_STOP_LENGTH:
+    for index, stop in enumerate(params.stop[: limits.max_stop_sequences]):
+        if not stop or len(stop) > limits.max_stop_length or _CONTROL.search(stop):
             found.append(
                 FieldViolation(
-                    f"params.stop[{index}]", f"must be 1 to {_MAX_STOP_LENGTH} characters"
+                    f"params.stop[{index}]",
+                    f"must be 1 to {limits.max_stop_length} printable characters",
                 )
             )
     if len(request.labels) > limits.max_labels:
         found.append(FieldViolation("labels", f"at most {limits.max_labels} labels"))
-    for key, value in request.labels.items():
+    for key, value in list(request.labels.items())[: limits.max_labels]:
         if not _LABEL_KEY.match(key):
             found.append(
                 FieldViolation(f"labels[{key[:64]!r}]", "key must be 1-64 of A-Z a-z 0-9 _ . - /")

@@ -1,0 +1,288 @@
+"""Who is calling: caller keys, stored only as hashes, and the tenant each one names.
+
+A caller sends `authorization: Bearer <key>`. The gateway never stores or logs the key:
+it hashes it with SHA-256 and looks the digest up in the key stores (the config file's
+`auth.keys`, the `auth.keys_file`, and Redis when configured). Digests are compared with
+`hmac.compare_digest` against every stored entry, so the time taken does not reveal how
+much of a digest matched or where in the list it sits. A fast hash is right here:
+generated keys carry 256 random bits, so unlike passwords there is nothing to guess.
+
+With a verified client certificate and `server.tls.tenant_from_cert_subject`, the
+certificate's subject common name names the tenant instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import os
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from service.clock import SYSTEM_CLOCK, Clock
+from service.config import AuthConfig, CallerKey, TenantConfig, is_tenant_name
+from service.errors import PermissionDenied, Unauthenticated, UpstreamUnavailable
+
+log = logging.getLogger("llm_gateway.auth")
+
+KEY_PREFIX = "llmgw_"
+DEFAULT_TENANT = "default"
+_BEARER = "bearer "
+_MAX_KEY_LENGTH = 512
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest under which `key` is stored."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def generate_key() -> str:
+    """A new random caller key (256 bits of entropy, URL-safe)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def bearer_key(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """The key of the `authorization: Bearer <key>` header, or None if absent."""
+    for name, value in metadata:
+        if name.lower() != "authorization" or not isinstance(value, str):
+            continue
+        if value[: len(_BEARER)].lower() == _BEARER:
+            key = value[len(_BEARER) :].strip()
+            return key or None
+    return None
+
+
+def parse_keys_file(text: str, *, source: str) -> tuple[CallerKey, ...]:
+    """Entries of a keys file: one `SHA256HEX TENANT` a line, `#` starts a comment.
+
+    Raises:
+        ValueError: naming the file and line of a malformed entry.
+    """
+    keys = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        parts = raw.split("#", 1)[0].split()
+        if not parts:
+            continue
+        try:
+            if len(parts) != 2:
+                raise ValueError("expected 'SHA256HEX TENANT'")
+            keys.append(CallerKey(sha256=parts[0], tenant=parts[1]))
+        except ValueError as exc:
+            raise ValueError(f"{source}:{number}: {exc}") from None
+    return tuple(keys)
+
+
+def keys_file_line(caller_key: CallerKey) -> str:
+    """One line of a keys file."""
+    return f"{caller_key.sha256} {caller_key.tenant}\n"
+
+
+class KeyStore(Protocol):
+    """Maps a key's digest to its tenant."""
+
+    async def tenant_for(self, digest: str) -> str | None:
+        """The tenant of the key with SHA-256 `digest`, or None if unknown."""
+        ...
+
+
+class StaticKeyStore:
+    """Keys from the config file and the keys file, loaded at startup."""
+
+    def __init__(self, keys: Iterable[CallerKey]) -> None:
+        self._entries = tuple((k.sha256.encode("ascii"), k.tenant) for k in keys)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def tenant_for(self, digest: str) -> str | None:
+        """Compare against every entry without stopping early (constant time per entry)."""
+        wanted = digest.encode("ascii")
+        found: str | None = None
+        for stored, tenant in self._entries:
+            if hmac.compare_digest(stored, wanted):
+                found = tenant
+        return found
+
+
+class FileKeyStore:
+    """The keys file, re-read when it changes (looked at no more than every `check_s`).
+
+    So a key made with `keys create` works on a running gateway within seconds. A file
+    that turns unreadable or malformed later is logged and the last good keys kept; at
+    startup it is an error.
+    """
+
+    def __init__(self, path: Path, *, check_s: float, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._path = path
+        self._check_s = check_s
+        self._clock = clock
+        self._checked_at = -math.inf
+        self._signature: tuple[int, int, int] | None = None
+        self._store = StaticKeyStore(())
+        self._refresh(is_strict=True)
+
+    def _refresh(self, *, is_strict: bool = False) -> None:
+        now = self._clock.now()
+        if now - self._checked_at < self._check_s:
+            return
+        self._checked_at = now
+        try:
+            stat = os.stat(self._path)
+        except FileNotFoundError:
+            self._store, self._signature = StaticKeyStore(()), None
+            return
+        signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if signature == self._signature:
+            return
+        try:
+            keys = parse_keys_file(self._path.read_text(encoding="utf-8"), source=str(self._path))
+        except (OSError, ValueError) as exc:
+            if is_strict:
+                raise
+            log.warning("auth.keys_file_unusable", extra={"error": str(exc)})
+            return
+        self._store, self._signature = StaticKeyStore(keys), signature
+        log.info("auth.keys_file_loaded", extra={"path": str(self._path), "keys": len(keys)})
+
+    async def tenant_for(self, digest: str) -> str | None:
+        """The tenant of `digest` in the file as it is now."""
+        self._refresh()
+        return await self._store.tenant_for(digest)
+
+
+def redis_connection_options(config: AuthConfig, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Keyword arguments for `Redis.from_url(config.redis_url, ...)`: password, timeouts."""
+    password = environ.get(config.redis_password_env) if config.redis_password_env else None
+    return {
+        "password": password or None,
+        "socket_timeout": config.redis_timeout_s,
+        "socket_connect_timeout": config.redis_timeout_s,
+    }
+
+
+def redis_keys_hash(prefix: str) -> str:
+    """The Redis hash holding caller keys (field: digest, value: tenant)."""
+    return f"{prefix}keys"
+
+
+class RedisKeyStore:
+    """Keys in the Redis hash `redis_keys_hash(prefix)`."""
+
+    def __init__(self, redis: Any, *, prefix: str) -> None:
+        self._redis = redis
+        self._hash = redis_keys_hash(prefix)
+
+    async def tenant_for(self, digest: str) -> str | None:
+        """Look the digest up; Redis only ever sees digests, never keys.
+
+        Raises:
+            UpstreamUnavailable: Redis cannot be reached (the caller may retry).
+        """
+        try:
+            tenant = await self._redis.hget(self._hash, digest)
+        except Exception as exc:  # redis-py errors, timeouts: fail closed, retryable
+            log.warning("auth.key_store_unavailable", extra={"error": type(exc).__name__})
+            raise UpstreamUnavailable(
+                "the caller key store is unavailable", upstream="auth-store"
+            ) from None
+        if tenant is None:
+            return None
+        return tenant.decode("utf-8") if isinstance(tenant, bytes) else str(tenant)
+
+
+def local_key_stores(config: AuthConfig) -> list[KeyStore]:
+    """The config's keys, and the keys file if one is named (missing: no keys yet).
+
+    Raises:
+        ValueError: the keys file is malformed.
+        OSError: the keys file exists but cannot be read.
+    """
+    stores: list[KeyStore] = [StaticKeyStore(config.keys)]
+    if config.keys_file:
+        path = Path(config.keys_file).expanduser()
+        stores.append(FileKeyStore(path, check_s=config.keys_file_check_s))
+    return stores
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller: its tenant, what that tenant may do, and whether it proved who it is.
+
+    `is_authenticated` is False only for the `default` tenant of auth mode `off`.
+    """
+
+    tenant: str
+    limits: TenantConfig
+    is_authenticated: bool = True
+
+    @property
+    def may_read_all_usage(self) -> bool:
+        """Whether GetUsage may show this caller other tenants' rows."""
+        return self.limits.is_admin or not self.is_authenticated
+
+
+class Authenticator:
+    """Turns a call's metadata (and client certificate) into a `Principal`, or refuses it."""
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        tenants: Mapping[str, TenantConfig],
+        stores: Iterable[KeyStore] = (),
+        *,
+        tenant_from_cert_subject: bool = False,
+    ) -> None:
+        self._is_required = config.mode == "keys"
+        self._tenants = tenants
+        self._stores = tuple(stores)
+        self._tenant_from_cert = tenant_from_cert_subject
+
+    def principal(self, tenant: str, *, is_authenticated: bool = True) -> Principal:
+        """The principal of `tenant`; tenants not configured get no limits."""
+        limits = self._tenants.get(tenant) or TenantConfig()
+        return Principal(tenant, limits, is_authenticated=is_authenticated)
+
+    async def authenticate(
+        self,
+        metadata: Iterable[tuple[str, str | bytes]],
+        *,
+        cert_common_name: str | None = None,
+    ) -> Principal:
+        """The caller's principal.
+
+        Raises:
+            Unauthenticated: keys are required and none, or an unknown one, was sent.
+        """
+        if self._tenant_from_cert and cert_common_name:
+            if not is_tenant_name(cert_common_name):
+                raise Unauthenticated("the client certificate's common name is not a tenant name")
+            return self.principal(cert_common_name)
+        key = bearer_key(metadata)
+        if key is None:
+            if self._is_required:
+                raise Unauthenticated(
+                    "missing caller key: send metadata 'authorization: Bearer <key>'"
+                )
+            return self.principal(DEFAULT_TENANT, is_authenticated=False)
+        if len(key) > _MAX_KEY_LENGTH:
+            raise Unauthenticated("unknown caller key")
+        digest = hash_key(key)
+        for store in self._stores:
+            tenant = await store.tenant_for(digest)
+            if tenant is not None:
+                return self.principal(tenant)
+        if self._is_required:
+            log.info("auth.rejected", extra={"key_sha256_prefix": digest[:8]})
+            raise Unauthenticated("unknown caller key")
+        return self.principal(DEFAULT_TENANT, is_authenticated=False)
+
+
+def check_model_allowed(principal: Principal, model: str) -> None:
+    """Raise `PermissionDenied` unless the caller's tenant may use `model`."""
+    if model and not principal.limits.allows_model(model):
+        raise PermissionDenied(f"tenant {principal.tenant!r} may not use model {model!r}")

@@ -1,0 +1,154 @@
+"""The caller's side of every RPC: who is calling, may they, and do they have quota left.
+
+`CallerGate.admit` runs in the RPC boundary before the servicer method: it authenticates
+the call (bearer key or client certificate), checks each requested model against the
+tenant's allowed models, and takes the tenant's quota. The tenant is then available to
+the servicer through `current_tenant()`, a context variable set for this call only
+(each RPC runs in its own asyncio task, so the value never leaks into another call).
+
+Requests arrive here as Protobuf messages; the gate reads only the fields that say what
+is being asked for (model, text, items), by name, and never keeps the message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from service.auth import DEFAULT_TENANT, Authenticator, Principal, check_model_allowed
+from service.errors import FieldViolation, InvalidRequest
+from service.tenant_limits import TenantLimiter
+from service.tokens import estimate_text_tokens
+
+log = logging.getLogger("llm_gateway.caller_gate")
+
+_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "llm_gateway_principal", default=None
+)
+_PER_MESSAGE_OVERHEAD = 4
+
+
+def current_principal() -> Principal | None:
+    """The authenticated caller of the call being served (None outside a call)."""
+    return _principal.get()
+
+
+def caller_may_read_all_usage() -> bool:
+    """Whether the current caller may read every tenant's usage (admin, or auth off)."""
+    principal = _principal.get()
+    return principal is None or principal.may_read_all_usage
+
+
+def current_tenant() -> str:
+    """The tenant of the call being served (`default` outside a call or without auth)."""
+    principal = _principal.get()
+    return principal.tenant if principal is not None else DEFAULT_TENANT
+
+
+@dataclass(frozen=True, slots=True)
+class UndecodableRequest:
+    """Stands in for a request whose bytes are not a valid message (bad UTF-8, corrupt)."""
+
+    message_type: str
+
+
+class CallContext(Protocol):
+    """The parts of `grpc.aio.ServicerContext` the gate reads."""
+
+    def invocation_metadata(self) -> Any:
+        """The caller's metadata."""
+        ...
+
+    def auth_context(self) -> Any:
+        """The transport's authentication properties (TLS peer certificate)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """What one RPC asks for: models, requests and an estimate of the tokens."""
+
+    models: tuple[str, ...] = ()
+    requests: int = 0
+    tokens: int = 0
+
+
+def _text_tokens(texts: Iterable[str]) -> int:
+    return sum(_PER_MESSAGE_OVERHEAD + estimate_text_tokens(t) for t in texts)
+
+
+def _completion_demand(request: Any) -> tuple[str, int]:
+    tokens = _text_tokens(m.content for m in request.messages)
+    params = getattr(request, "params", None)
+    if params is not None and params.HasField("max_tokens"):
+        tokens += max(0, params.max_tokens)
+    return request.model, tokens
+
+
+def demand_of(request: Any) -> Demand:
+    """What `request` asks for, read from its fields by name.
+
+    Raises:
+        InvalidRequest: the request's bytes could not be decoded.
+    """
+    if isinstance(request, UndecodableRequest):
+        raise InvalidRequest(
+            [FieldViolation("request", f"not a valid {request.message_type} message")]
+        )
+    if hasattr(request, "items"):  # a batch: every item counts
+        parts = [_completion_demand(item.request) for item in request.items]
+        return Demand(
+            models=tuple(sorted({model for model, _ in parts})),
+            requests=len(parts),
+            tokens=sum(tokens for _, tokens in parts),
+        )
+    if hasattr(request, "messages"):
+        model, tokens = _completion_demand(request)
+        return Demand(models=(model,), requests=1, tokens=tokens)
+    if hasattr(request, "document"):
+        tokens = _text_tokens([request.document, request.instructions])
+        return Demand(models=(request.model,), requests=1, tokens=2 * tokens)
+    return Demand()
+
+
+def cert_common_name(context: CallContext) -> str | None:
+    """The subject common name of the caller's verified TLS certificate, if any."""
+    try:
+        values = context.auth_context().get("x509_common_name") or []
+    except (AttributeError, TypeError, ValueError):
+        return None
+    for value in values:
+        name = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        if name:
+            return name
+    return None
+
+
+class CallerGate:
+    """Authenticates, authorizes and meters one call (see the module docstring)."""
+
+    def __init__(self, authenticator: Authenticator, limiter: TenantLimiter) -> None:
+        self._authenticator = authenticator
+        self._limiter = limiter
+
+    @contextlib.asynccontextmanager
+    async def admit(self, request: Any, context: CallContext) -> AsyncIterator[Principal]:
+        """Admit the call for the body of the `async with`, or raise a `GatewayError`."""
+        principal = await self._authenticator.authenticate(
+            context.invocation_metadata() or (), cert_common_name=cert_common_name(context)
+        )
+        _principal.set(principal)
+        demand = demand_of(request)
+        for model in demand.models:
+            check_model_allowed(principal, model)
+        if not demand.requests:
+            yield principal
+            return
+        async with self._limiter.admit(
+            principal.tenant, principal.limits, tokens=demand.tokens, requests=demand.requests
+        ):
+            yield principal

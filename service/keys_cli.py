@@ -1,0 +1,90 @@
+"""`python -m service keys create --tenant T [--config PATH]`: issue a caller key.
+
+The new key is printed once, on stdout, and never stored: only its SHA-256 digest is,
+appended to the config's `auth.keys_file` or, with `auth.redis_url`, put in Redis.
+Running gateways read the keys file at startup and Redis on every call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from service.auth import (
+    generate_key,
+    hash_key,
+    keys_file_line,
+    redis_connection_options,
+    redis_keys_hash,
+)
+from service.config import AuthConfig, CallerKey, ConfigError, load_config
+
+DEFAULT_CONFIG = "config/gateway.yaml"
+
+
+def _append_to_keys_file(path: Path, caller_key: CallerKey) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Digests are not secrets, but the file says who may call: keep it private anyway.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(descriptor, "a", encoding="utf-8") as file:
+        file.write(keys_file_line(caller_key))
+
+
+def _store_in_redis(auth: AuthConfig, caller_key: CallerKey) -> None:
+    import redis
+
+    options = redis_connection_options(auth, os.environ)
+    client = redis.Redis.from_url(auth.redis_url or "", **options)
+    try:
+        client.hset(redis_keys_hash(auth.redis_key_prefix), caller_key.sha256, caller_key.tenant)
+    except redis.RedisError as exc:  # the URL may hold a password: do not print it
+        raise OSError(f"cannot store the key in Redis ({type(exc).__name__})") from None
+    finally:
+        client.close()
+
+
+def create_key(auth: AuthConfig, tenant: str) -> tuple[str, str]:
+    """Make a key for `tenant`, store its digest; returns (key, where it was stored).
+
+    Raises:
+        ValueError: the tenant name is invalid or the config names no key store.
+    """
+    key = generate_key()
+    caller_key = CallerKey(sha256=hash_key(key), tenant=tenant)
+    if auth.redis_url:
+        _store_in_redis(auth, caller_key)
+        return key, "redis"
+    if auth.keys_file:
+        path = Path(auth.keys_file).expanduser()
+        _append_to_keys_file(path, caller_key)
+        return key, str(path)
+    raise ValueError("the config names no auth.keys_file or auth.redis_url to store keys in")
+
+
+def keys_command(argv: list[str]) -> int:
+    """Run `keys create --tenant T [--config PATH]`; exit status 0, or 2 on a usage error."""
+    parser = argparse.ArgumentParser(prog="python -m service keys")
+    commands = parser.add_subparsers(dest="action", required=True)
+    create = commands.add_parser("create", help="issue a new caller key for a tenant")
+    create.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    create.add_argument(
+        "--config",
+        default=os.environ.get("LLM_GATEWAY_CONFIG", DEFAULT_CONFIG),
+        help="YAML config file naming auth.keys_file or auth.redis_url",
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        key, where = create_key(config.auth, args.tenant)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"llm-gateway keys: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    print(
+        f"stored the key's SHA-256 for tenant {args.tenant!r} in {where}; "
+        "the key itself is shown only this once",
+        file=sys.stderr,
+    )
+    return 0

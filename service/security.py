@@ -1,0 +1,79 @@
+"""Startup of the gateway's caller security: the listen policy and the caller gate.
+
+Refuses to serve without caller authentication on an address other machines can reach
+(unless forced), and assembles the `CallerGate` from the config: key stores (config,
+keys file, Redis) and tenant limits (in memory, or Redis shared by replicas).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+from service.auth import (
+    Authenticator,
+    RedisKeyStore,
+    local_key_stores,
+    redis_connection_options,
+)
+from service.caller_gate import CallerGate
+from service.config import ConfigError, GatewayConfig
+from service.tenant_limits import MemoryTenantLimiter, RedisTenantLimiter, TenantLimiter
+
+log = logging.getLogger("llm_gateway.security")
+
+
+class InsecureListen(Exception):
+    """The config would serve unauthenticated callers on a non-loopback address."""
+
+
+def is_caller_auth_on(config: GatewayConfig) -> bool:
+    """Whether every call must prove who it is (bearer key or client certificate)."""
+    tls = config.server.tls
+    return config.auth.mode == "keys" or (tls.require_client_cert and tls.tenant_from_cert_subject)
+
+
+def check_listen_policy(config: GatewayConfig) -> None:
+    """Raise `InsecureListen` when auth is off on a public address and that is not forced."""
+    forced = (
+        config.auth.allow_auth_off_on_public_listen or config.server.allow_insecure_public_listen
+    )
+    if is_caller_auth_on(config) or config.server.is_loopback:
+        return
+    if not forced:
+        raise InsecureListen(
+            f"refusing to listen on {config.server.listen} with auth.mode: off; set "
+            "auth.mode: keys, or auth.allow_auth_off_on_public_listen: true to force it"
+        )
+    log.warning("security.auth_off_on_public_listen", extra={"listen": config.server.listen})
+
+
+def _redis_client(config: GatewayConfig) -> Any:
+    import redis.asyncio
+
+    options = redis_connection_options(config.auth, os.environ)
+    return redis.asyncio.Redis.from_url(config.auth.redis_url or "", **options)
+
+
+async def build_caller_gate(config: GatewayConfig, stack: contextlib.AsyncExitStack) -> CallerGate:
+    """The gate for `config`; a Redis client it opens is closed by `stack`."""
+    auth = config.auth
+    try:
+        stores = local_key_stores(auth)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(config.source, "auth.keys_file", str(exc)) from None
+    limiter: TenantLimiter = MemoryTenantLimiter()
+    if auth.redis_url:
+        client = _redis_client(config)
+        stack.push_async_callback(client.aclose)
+        stores.append(RedisKeyStore(client, prefix=auth.redis_key_prefix))
+        limiter = RedisTenantLimiter(client, prefix=auth.redis_key_prefix)
+    authenticator = Authenticator(
+        auth,
+        config.tenants,
+        stores,
+        tenant_from_cert_subject=config.server.tls.tenant_from_cert_subject,
+    )
+    return CallerGate(authenticator, limiter)

@@ -1,0 +1,230 @@
+"""Per-tenant quotas: requests and tokens per minute, and calls in flight.
+
+Checked before any upstream work. Rates are token buckets that hold one minute's worth
+and refill continuously, so a tenant may burst up to its per-minute limit and then
+proceeds at the limit's rate. A refusal says which limit and when a retry can pass.
+
+`MemoryTenantLimiter` keeps the buckets in this process (one replica); `RedisTenantLimiter`
+keeps them in Redis, updated atomically by one Lua script, so that every replica shares
+them. Tokens counted are the prompt's estimate plus the `max_tokens` reserved for output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from service.clock import SYSTEM_CLOCK, Clock
+from service.config import TenantConfig
+from service.errors import QuotaExceeded
+
+log = logging.getLogger("llm_gateway.tenant_limits")
+
+_WINDOW_S = 60.0
+# A lease a crashed replica never released stops counting after this long.
+_LEASE_TTL_S = 900
+
+
+class TenantLimiter(Protocol):
+    """Admits one call of a tenant or refuses it with `QuotaExceeded`."""
+
+    def admit(
+        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold one concurrent-call slot for the body; take `requests` and `tokens` now."""
+        ...
+
+
+def _refusal(tenant: str, which: str, limit: int, retry_after_s: float | None) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"tenant {tenant!r} is over its {which} limit of {limit}",
+        subject=f"tenant:{tenant}:{which}",
+        retry_after_s=retry_after_s,
+    )
+
+
+def _too_large(tenant: str, limits: TenantConfig, *, tokens: int, requests: int) -> None:
+    """Refuse, with no retry hint, a call larger than a whole minute's allowance."""
+    rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+    if rpm and requests > rpm:
+        raise QuotaExceeded(
+            f"a call of {requests} requests can never fit tenant {tenant!r}'s "
+            f"requests_per_minute of {rpm}",
+            subject=f"tenant:{tenant}:requests_per_minute",
+            retry_after_s=None,
+        )
+    if tpm and tokens > tpm:
+        raise QuotaExceeded(
+            f"a call of about {tokens} tokens can never fit tenant {tenant!r}'s "
+            f"tokens_per_minute of {tpm}",
+            subject=f"tenant:{tenant}:tokens_per_minute",
+            retry_after_s=None,
+        )
+
+
+@dataclass(slots=True)
+class _Bucket:
+    level: float
+    updated_at: float
+
+    def refill(self, now: float, capacity: int) -> None:
+        self.level = min(capacity, self.level + (now - self.updated_at) * capacity / _WINDOW_S)
+        self.updated_at = now
+
+    def wait_s(self, cost: float, capacity: int) -> float:
+        return 0.0 if self.level >= cost else (cost - self.level) * _WINDOW_S / capacity
+
+
+class MemoryTenantLimiter:
+    """Token buckets and in-flight counts per tenant, in this process."""
+
+    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
+        self._requests: dict[str, _Bucket] = {}
+        self._tokens: dict[str, _Bucket] = {}
+        self._in_flight: dict[str, int] = {}
+
+    def in_flight(self, tenant: str) -> int:
+        """Calls of `tenant` admitted and not finished."""
+        return self._in_flight.get(tenant, 0)
+
+    def _bucket(self, table: dict[str, _Bucket], tenant: str, capacity: int) -> _Bucket:
+        now = self._clock.now()
+        bucket = table.get(tenant)
+        if bucket is None:
+            bucket = table[tenant] = _Bucket(float(capacity), now)
+        bucket.refill(now, capacity)
+        return bucket
+
+    def take(self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1) -> None:
+        """Take `requests` and `tokens` from the tenant's buckets, or refuse and take nothing."""
+        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+        _too_large(tenant, limits, tokens=tokens, requests=requests)
+        requests_bucket = self._bucket(self._requests, tenant, rpm) if rpm else None
+        tokens_bucket = self._bucket(self._tokens, tenant, tpm) if tpm else None
+        if requests_bucket is not None:
+            wait = requests_bucket.wait_s(requests, rpm)
+            if wait > 0:
+                raise _refusal(tenant, "requests_per_minute", rpm, wait)
+        if tokens_bucket is not None:
+            wait = tokens_bucket.wait_s(tokens, tpm)
+            if wait > 0:
+                raise _refusal(tenant, "tokens_per_minute", tpm, wait)
+        if requests_bucket is not None:
+            requests_bucket.level -= requests
+        if tokens_bucket is not None:
+            tokens_bucket.level -= tokens
+
+    @contextlib.asynccontextmanager
+    async def admit(
+        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+    ) -> AsyncIterator[None]:
+        """Hold one concurrent-call slot for the body; take `requests` and `tokens` now."""
+        cap = limits.max_concurrent_calls
+        if cap and self._in_flight.get(tenant, 0) >= cap:
+            raise _refusal(tenant, "max_concurrent_calls", cap, 1.0)
+        self.take(tenant, limits, tokens=tokens, requests=requests)
+        self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
+        try:
+            yield
+        finally:
+            self._in_flight[tenant] -= 1
+
+
+# KEYS: requests bucket, tokens bucket, in-flight sorted set.
+# ARGV: rpm, tpm, requests, tokens, max concurrent, lease id, lease ttl (s).
+# Returns {0, ""} when admitted, else {1 rpm | 2 tpm | 3 concurrency, wait_s as string}.
+_ADMIT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+local nreq, ntok = tonumber(ARGV[3]), tonumber(ARGV[4])
+local maxc, ttl = tonumber(ARGV[5]), tonumber(ARGV[7])
+local function level(key, cap)
+  local v = redis.call('HMGET', key, 'level', 'at')
+  local lvl, at = tonumber(v[1]), tonumber(v[2])
+  if lvl == nil then return cap end
+  return math.min(cap, lvl + math.max(0, now - at) * cap / 60)
+end
+if maxc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= maxc then return {3, '1'} end
+end
+local rl, tl = 0, 0
+if rpm > 0 then
+  rl = level(KEYS[1], rpm)
+  if rl < nreq then return {1, tostring((nreq - rl) * 60 / rpm)} end
+end
+if tpm > 0 then
+  tl = level(KEYS[2], tpm)
+  if tl < ntok then return {2, tostring((ntok - tl) * 60 / tpm)} end
+end
+if rpm > 0 then
+  redis.call('HSET', KEYS[1], 'level', tostring(rl - nreq), 'at', tostring(now))
+  redis.call('EXPIRE', KEYS[1], 120)
+end
+if tpm > 0 then
+  redis.call('HSET', KEYS[2], 'level', tostring(tl - ntok), 'at', tostring(now))
+  redis.call('EXPIRE', KEYS[2], 120)
+end
+if maxc > 0 then
+  redis.call('ZADD', KEYS[3], now + ttl, ARGV[6])
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+return {0, ''}
+"""
+
+_WHICH = {1: "requests_per_minute", 2: "tokens_per_minute", 3: "max_concurrent_calls"}
+
+
+class RedisTenantLimiter:
+    """The same buckets and in-flight counts, in Redis, shared by every replica.
+
+    If Redis cannot be reached the call is admitted and a warning logged: an outage of
+    the limit store should not take the whole gateway down with it.
+    """
+
+    def __init__(self, redis: Any, *, prefix: str) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._script = redis.register_script(_ADMIT_LUA)
+
+    def _keys(self, tenant: str) -> list[str]:
+        base = f"{self._prefix}tenant:{{{tenant}}}:"
+        return [base + "rpm", base + "tpm", base + "inflight"]
+
+    @contextlib.asynccontextmanager
+    async def admit(
+        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+    ) -> AsyncIterator[None]:
+        """Hold one concurrent-call slot for the body; take `requests` and `tokens` now."""
+        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+        cap = limits.max_concurrent_calls
+        if not (rpm or tpm or cap):
+            yield
+            return
+        _too_large(tenant, limits, tokens=tokens, requests=requests)
+        keys = self._keys(tenant)
+        lease = uuid.uuid4().hex
+        is_leased = False
+        try:
+            which, wait = await self._script(
+                keys=keys, args=[rpm, tpm, requests, tokens, cap, lease, _LEASE_TTL_S]
+            )
+            is_leased = bool(cap)
+        except Exception as exc:  # the limit store is down: admit, say so once per call
+            log.warning("tenant_limits.store_unavailable", extra={"error": type(exc).__name__})
+            which, wait = 0, b""
+        if int(which):
+            limit = {1: rpm, 2: tpm, 3: cap}[int(which)]
+            raise _refusal(tenant, _WHICH[int(which)], limit, float(wait))
+        try:
+            yield
+        finally:
+            if is_leased:
+                with contextlib.suppress(Exception):
+                    await self._redis.zrem(keys[2], lease)

@@ -1,0 +1,294 @@
+"""Hostile input through the real server: limits, bad bytes, and a property-based barrage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from llmgateway.v1 import gateway_pb2 as pb
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.config import GatewayConfig
+from service.server import GatewayServer
+from tests.conftest import FAKE_MODEL, chat, gateway_config
+from tests.fake_upstream import FakeUpstream
+from tests.integration.tenancy_helpers import detail, rpc_error, secure_config
+from tests.secret_capture import CALLER_KEY_A, record_emitted
+
+LIMITS = {
+    "max_messages": 8,
+    "max_labels": 4,
+    "max_label_length": 32,
+    "max_stop_sequences": 3,
+    "max_stop_length": 16,
+    "max_prompt_tokens": 300,
+    "max_request_bytes": 8192,
+}
+_CALL_TIMEOUT_S = 15.0
+
+
+def _raw_complete(channel: grpc.aio.Channel) -> Any:
+    return channel.unary_unary(
+        "/llmgateway.v1.CompletionService/Complete",
+        request_serializer=lambda data: data,
+        response_deserializer=pb.CompleteResponse.FromString,
+    )
+
+
+def _message(content: str, role: int = pb.ROLE_USER) -> pb.Message:
+    return pb.Message(role=role, content=content)
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"messages": [_message("hi")] * 9}, "messages"),
+        ({"labels": {f"k{i}": "v" for i in range(5)}}, "labels"),
+        ({"labels": {"team": "v" * 33}}, "labels['team']"),
+        ({"labels": {"bad key!": "v"}}, "labels['bad key!']"),
+        ({"labels": {"team": "a\x00b"}}, "labels['team']"),
+        ({"params": pb.GenerationParams(stop=["x"] * 4)}, "params.stop"),
+        ({"params": pb.GenerationParams(stop=["s" * 17])}, "params.stop[0]"),
+        ({"params": pb.GenerationParams(stop=["\x1b[2J"])}, "params.stop[0]"),
+        ({"params": pb.GenerationParams(stop=[""])}, "params.stop[0]"),
+        ({"messages": [_message("clear \x1b[2J screen")]}, "messages[0].content"),
+        ({"messages": [_message("nul \x00")]}, "messages[0].content"),
+        ({"messages": [_message("hello " * 250)]}, "messages"),
+        ({"messages": [_message("é" * 4100)]}, "messages"),
+        ({"model": "fake\x07model"}, "model"),
+        ({"model": "m" * 300}, "model"),
+        ({"idempotency_key": "k\x00"}, "idempotency_key"),
+    ],
+    ids=[
+        "too-many-messages", "too-many-labels", "label-too-long", "label-key", "label-control",
+        "too-many-stops", "stop-too-long", "stop-control", "stop-empty", "content-escape",
+        "content-nul", "over-token-limit", "over-byte-limit", "model-control", "model-long",
+        "idempotency-control",
+    ],
+)  # fmt: skip
+async def test_each_limit_is_an_invalid_argument_naming_the_field(
+    upstream, start_gateway, request_fields, field
+):
+    """Every limit breach is INVALID_ARGUMENT with a BadRequest naming the field; no upstream."""
+    gw = await start_gateway(gateway_config(upstream.base_url, defaults=LIMITS))
+    base = {"model": FAKE_MODEL, "messages": [_message("hi")]}
+    error = await rpc_error(gw.stub.Complete(pb.CompleteRequest(**{**base, **request_fields})))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    fields = [v.field for v in detail(error, error_details_pb2.BadRequest).field_violations]
+    assert field in fields
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\x0a\x03\xff\xfe\xfd", b"\x12\x04\x12\x02\xc3\x28", b"\x0a\x05hello\x12", b"\xff" * 8],
+    ids=["model-bad-utf8", "content-bad-utf8", "truncated", "garbage"],
+)
+async def test_undecodable_bytes_are_invalid_argument_not_unknown(upstream, gateway, payload):
+    """Bytes that do not parse (bad UTF-8, corrupt wire format) get INVALID_ARGUMENT."""
+    error = await rpc_error(_raw_complete(gateway.channel)(payload))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert detail(error, error_details_pb2.BadRequest).field_violations[0].field == "request"
+    assert "DecodeError" not in (error.details() or "")
+    assert upstream.requests == []
+
+
+async def test_messages_over_the_grpc_receive_limit_are_refused_by_grpc(upstream, start_gateway):
+    """A message over server.max_receive_message_bytes never reaches the gateway's code."""
+    gw = await start_gateway(
+        gateway_config(upstream.base_url, server={"max_receive_message_bytes": 65536})
+    )
+    error = await rpc_error(gw.stub.Complete(chat("x" * 70_000)))
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await gw.stub.Complete(chat("small"))).content == "Hello from fake"
+    assert len(upstream.requests) == 1
+
+
+@contextlib.contextmanager
+def _gateway_thread(make_config: Callable[[str], GatewayConfig]) -> Iterator[str]:
+    """A gateway and fake upstream on their own event loop thread; yields its address."""
+    ready = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def serve() -> None:
+        state["stop"] = asyncio.Event()
+        state["loop"] = asyncio.get_running_loop()
+        async with contextlib.AsyncExitStack() as stack:
+            fake = await stack.enter_async_context(FakeUpstream(models=(FAKE_MODEL,)))
+            server = await stack.enter_async_context(GatewayServer(make_config(fake.base_url)))
+            state["address"] = server.address
+            ready.set()
+            await state["stop"].wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(30), "the gateway did not start"
+    try:
+        yield state["address"]
+    finally:
+        state["loop"].call_soon_threadsafe(state["stop"].set)
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def live_gateway() -> Iterator[str]:
+    """A gateway with tight request limits, for synchronous (hypothesis) clients."""
+    with _gateway_thread(lambda url: gateway_config(url, defaults=LIMITS)) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def live_keyed_gateway() -> Iterator[str]:
+    """A gateway requiring caller keys, for synchronous (hypothesis) clients."""
+    with _gateway_thread(secure_config) as address:
+        yield address
+
+
+_ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+_number = st.floats(allow_nan=True, allow_infinity=True)
+_word = st.from_regex(r"[A-Za-z][A-Za-z ,.!?]{0,60}", fullmatch=True)
+_label_key = st.from_regex(r"[a-z][a-z0-9_.-]{0,15}", fullmatch=True)
+
+# An ordinary request, field by field ...
+_VALID: dict[str, st.SearchStrategy[Any]] = {
+    "model": st.just(FAKE_MODEL),
+    "messages": st.lists(
+        st.builds(pb.Message, role=st.sampled_from([1, 2, 3]), content=_word),
+        min_size=1,
+        max_size=4,
+    ),
+    "temperature": st.none() | st.floats(0, 2),
+    "top_p": st.none() | st.floats(0.01, 1),
+    "max_tokens": st.none() | st.integers(1, 64),
+    "stop": st.lists(st.from_regex(r"[A-Z]{1,8}", fullmatch=True), max_size=3),
+    "seed": st.none() | st.integers(0, 2**31),
+    "cache": st.builds(pb.CachePolicy, mode=st.integers(0, 4), ttl_seconds=st.integers(0, 3600)),
+    "truncation": st.builds(pb.TruncationPolicy, mode=st.integers(0, 2)),
+    "labels": st.dictionaries(_label_key, _word, max_size=4),
+    "idempotency_key": st.just("") | _label_key,
+}
+# ... and what an attacker or a broken client may send instead.
+_HOSTILE: dict[str, st.SearchStrategy[Any]] = {
+    "model": st.sampled_from(["", "no-such-model", "m" * 300]) | _text,
+    "messages": st.lists(
+        st.builds(
+            pb.Message,
+            role=st.integers(-(2**31), 2**31 - 1),
+            content=_text | st.text(max_size=3000) | st.sampled_from(["", " \t", "\x00"]),
+        ),
+        max_size=12,
+    ),
+    "temperature": _number,
+    "top_p": _number,
+    "max_tokens": st.integers(-(2**31), 2**31 - 1),
+    "stop": st.lists(_text, max_size=6),
+    "seed": st.integers(-(2**63), 2**63 - 1),
+    "cache": st.builds(
+        pb.CachePolicy,
+        mode=st.integers(-(2**31), 2**31 - 1),
+        ttl_seconds=st.integers(0, 2**32 - 1),
+    ),
+    "truncation": st.builds(pb.TruncationPolicy, mode=st.integers(-(2**31), 2**31 - 1)),
+    "labels": st.dictionaries(_text, _text, max_size=8),
+    "idempotency_key": _text,
+}
+_PARAMS = ("temperature", "top_p", "max_tokens", "stop", "seed")
+
+
+@st.composite
+def _requests(draw: st.DrawFn) -> pb.CompleteRequest:
+    """An ordinary request with zero or more fields replaced by hostile values."""
+    hostile = draw(st.sets(st.sampled_from(sorted(_HOSTILE)), max_size=4))
+    fields = {
+        name: draw(_HOSTILE[name] if name in hostile else _VALID[name]) for name in sorted(_VALID)
+    }
+    params = {name: fields.pop(name) for name in _PARAMS}
+    stop = params.pop("stop")
+    return pb.CompleteRequest(
+        params=pb.GenerationParams(stop=stop, **{k: v for k, v in params.items() if v is not None}),
+        **fields,
+    )
+
+
+def _check_outcome(call: Any, kind: str) -> None:
+    """The call succeeded, or failed with an allowed code and google.rpc details."""
+    try:
+        call()
+        event(f"{kind}: OK")
+    except grpc.RpcError as error:
+        event(f"{kind}: {error.code().name}")
+        record_emitted(error.code(), error.details(), error.trailing_metadata())
+        assert error.code() in _ALLOWED, f"{error.code()}: {error.details()}"  # noqa: PT017
+        raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+        assert raw, "an error without google.rpc.Status details"
+        assert status_pb2.Status.FromString(raw).details
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(request=_requests(), is_stream=st.booleans(), raw=st.binary(max_size=64))
+def test_generated_requests_get_success_or_invalid_argument_with_details(
+    live_gateway, request, is_stream, raw
+):
+    """Any request is answered OK, INVALID_ARGUMENT or NOT_FOUND, with details; never worse."""
+    with grpc.insecure_channel(live_gateway) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        if is_stream:
+            stream_request = pb.CompleteStreamRequest.FromString(request.SerializeToString())
+            _check_outcome(
+                lambda: list(stub.CompleteStream(stream_request, timeout=_CALL_TIMEOUT_S)),
+                "request",
+            )
+        else:
+            _check_outcome(lambda: stub.Complete(request, timeout=_CALL_TIMEOUT_S), "request")
+        raw_call = channel.unary_unary(
+            "/llmgateway.v1.CompletionService/Complete",
+            request_serializer=lambda data: data,
+            response_deserializer=pb.CompleteResponse.FromString,
+        )
+        _check_outcome(lambda: raw_call(raw, timeout=_CALL_TIMEOUT_S), "raw bytes")
+        # The server is still whole: a plain request still succeeds.
+        assert stub.Complete(chat("still there?"), timeout=_CALL_TIMEOUT_S).content
+
+
+_metadata_value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(
+    value=st.sampled_from([f"Bearer {CALLER_KEY_A}", "Bearer ", "bearer x"])
+    | _metadata_value
+    | _metadata_value.map(lambda v: f"Bearer {v}"),
+    name=st.sampled_from(["authorization", "Authorization", "x-api-key"]),
+)
+def test_generated_credentials_get_success_or_unauthenticated(live_keyed_gateway, name, value):
+    """Any authorization metadata is served (only the real key) or UNAUTHENTICATED, with details."""
+    with grpc.insecure_channel(live_keyed_gateway) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        code, trailers = grpc.StatusCode.OK, {}
+        try:
+            stub.Complete(chat(), metadata=((name.lower(), value),), timeout=_CALL_TIMEOUT_S)
+        except grpc.RpcError as error:
+            record_emitted(error.code(), error.details(), error.trailing_metadata())
+            code, trailers = error.code(), dict(error.trailing_metadata() or ())
+    assert code in (grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED)
+    assert code is grpc.StatusCode.OK or trailers.get("grpc-status-details-bin")
+    is_the_key = (
+        name.lower() == "authorization"
+        and value.lower().startswith("bearer ")
+        and (value[7:].strip() == CALLER_KEY_A)
+    )
+    assert (code is grpc.StatusCode.OK) == is_the_key

@@ -1,0 +1,186 @@
+"""`keys create`, keys files, and keys and tenant limits shared through Redis."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+import yaml
+from google.rpc import error_details_pb2
+
+from service.auth import hash_key
+from service.keys_cli import keys_command
+from tests.conftest import chat, gateway_config
+from tests.integration.tenancy_helpers import as_tenant, bearer, detail, rpc_error, secure_config
+from tests.secret_capture import register_secret
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server on a Unix socket (no TCP port at all)."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is needed: `make redis-server` installs it"
+    directory = tmp_path_factory.mktemp("redis")
+    socket_path = directory / "redis.sock"
+    process = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(socket_path), "--save", "",
+         "--appendonly", "no", "--dir", str(directory)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = redis.Redis(unix_socket_path=str(socket_path))
+        started = time.monotonic()
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() - started < 20, "redis-server did not start"
+                time.sleep(0.05)
+        client.close()
+        yield f"unix://{socket_path}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _write_config(path: Path, auth: dict[str, object]) -> Path:
+    path.write_text(yaml.safe_dump({"auth": auth, "local_model": {"enabled": "never"}}))
+    return path
+
+
+def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path, capsys):
+    """The key goes to stdout once; the keys file holds its digest and tenant, not the key."""
+    keys_file = tmp_path / "keys.txt"
+    config = _write_config(tmp_path / "gw.yaml", {"mode": "keys", "keys_file": str(keys_file)})
+    assert keys_command(["create", "--tenant", "team-a", "--config", str(config)]) == 0
+    assert keys_command(["create", "--tenant", "team-b", "--config", str(config)]) == 0
+    printed = capsys.readouterr()
+    key_a, key_b = (register_secret(k) for k in printed.out.split())
+    assert key_a != key_b
+    assert key_a not in printed.err
+    assert key_b not in printed.err
+    stored = keys_file.read_text()
+    assert stored == f"{hash_key(key_a)} team-a\n{hash_key(key_b)} team-b\n"
+    assert keys_file.stat().st_mode & 0o077 == 0
+
+
+def test_keys_create_refuses_bad_tenants_and_configs_without_a_store(tmp_path, capsys):
+    """Invalid tenant names and configs naming no key store exit 2 and print no key."""
+    no_store = _write_config(tmp_path / "a.yaml", {"mode": "keys"})
+    with_file = _write_config(tmp_path / "b.yaml", {"keys_file": str(tmp_path / "k")})
+    assert keys_command(["create", "--tenant", "team-a", "--config", str(no_store)]) == 2
+    assert keys_command(["create", "--tenant", "bad name", "--config", str(with_file)]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert "keys_file" in printed.err
+    assert not (tmp_path / "k").exists()
+
+
+def test_python_m_service_keys_create(tmp_path):
+    """`python -m service keys create` is wired into the server's command line."""
+    keys_file = tmp_path / "keys.txt"
+    config = _write_config(tmp_path / "gw.yaml", {"keys_file": str(keys_file)})
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "keys", "create", "--tenant", "ops", "--config",
+         str(config)],
+        cwd=_REPO, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    key = register_secret(done.stdout.strip())
+    assert keys_file.read_text() == f"{hash_key(key)} ops\n"
+
+
+async def test_a_created_key_authenticates_through_the_keys_file(
+    upstream, start_gateway, tmp_path, capsys
+):
+    """A key from `keys create` is accepted by a gateway reading that keys file."""
+    keys_file = tmp_path / "keys.txt"
+    config_file = _write_config(tmp_path / "gw.yaml", {"keys_file": str(keys_file)})
+    assert keys_command(["create", "--tenant", "team-c", "--config", str(config_file)]) == 0
+    key = register_secret(capsys.readouterr().out.strip())
+    gw = await start_gateway(
+        gateway_config(upstream.base_url, auth={"mode": "keys", "keys_file": str(keys_file)})
+    )
+    assert (await gw.stub.Complete(chat(), metadata=bearer(key))).content
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(key[:-2])))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.redis
+async def test_keys_created_in_redis_work_on_running_replicas(
+    upstream, start_gateway, tmp_path, capsys, redis_url
+):
+    """A key stored in Redis after startup is accepted by every replica at once."""
+    auth = {"mode": "keys", "redis_url": redis_url, "redis_key_prefix": "t-keys:"}
+    replicas = [await start_gateway(gateway_config(upstream.base_url, auth=auth)) for _ in "ab"]
+    config_file = _write_config(tmp_path / "gw.yaml", auth)
+    assert keys_command(["create", "--tenant", "team-r", "--config", str(config_file)]) == 0
+    key = register_secret(capsys.readouterr().out.strip())
+    for gw in replicas:
+        assert (await gw.stub.Complete(chat(), metadata=bearer(key))).content
+    client = redis.Redis.from_url(redis_url)
+    stored = client.hgetall("t-keys:keys")
+    client.close()
+    assert stored == {hash_key(key).encode(): b"team-r"}
+
+
+@pytest.mark.redis
+async def test_tenant_limits_in_redis_are_shared_by_replicas(upstream, start_gateway, redis_url):
+    """Three calls a minute for team-a, spread over two replicas: the fourth is refused."""
+    config = secure_config(
+        upstream.base_url,
+        auth={"redis_url": redis_url, "redis_key_prefix": "t-limits:"},
+        tenants={"team-a": {"requests_per_minute": 3, "max_concurrent_calls": 2}, "team-b": {}},
+    )
+    first, second = [await start_gateway(config) for _ in range(2)]
+    for gw in (first, second, first):
+        assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+    for gw in (second, first):
+        error = await rpc_error(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await second.stub.Complete(chat(), metadata=as_tenant("team-b"))).content
+    client = redis.Redis.from_url(redis_url)
+    in_flight = client.zcard("t-limits:tenant:{team-a}:inflight")
+    client.close()
+    assert in_flight == 0  # every lease was released
+    assert len(upstream.requests) == 4
+
+
+async def test_a_key_created_while_the_gateway_runs_works_without_a_restart(
+    upstream, start_gateway, tmp_path, capsys
+):
+    """The keys file is re-read when it changes, so a new key needs no restart."""
+    keys_file = tmp_path / "keys.txt"
+    auth = {"mode": "keys", "keys_file": str(keys_file), "keys_file_check_s": 0}
+    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
+    config_file = _write_config(tmp_path / "gw.yaml", {"keys_file": str(keys_file)})
+    assert keys_command(["create", "--tenant", "late", "--config", str(config_file)]) == 0
+    key = register_secret(capsys.readouterr().out.strip())
+    assert (await gw.stub.Complete(chat(), metadata=bearer(key))).content
+
+
+async def test_an_unreachable_redis_fails_closed_for_keys_and_open_for_limits(
+    upstream, start_gateway, tmp_path
+):
+    """Redis down: an unknown key gets a retryable UNAVAILABLE; a config key is still served."""
+    config = secure_config(
+        upstream.base_url,
+        auth={"redis_url": f"unix://{tmp_path}/no-such.sock"},
+        tenants={"team-a": {"requests_per_minute": 1}},
+    )
+    gw = await start_gateway(config)
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer("llmgw_unknown-to-all")))
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert detail(error, error_details_pb2.ErrorInfo).metadata["upstream"] == "auth-store"
+    for _ in range(2):  # the limit cannot be checked, so it is not enforced
+        assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+    assert len(upstream.requests) == 2

@@ -1,0 +1,167 @@
+"""Caller keys, tenants and per-tenant quotas through the real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service.errors import RETRY_PUSHBACK_TRAILER
+from service.security import InsecureListen
+from service.server import GatewayServer
+from tests.conftest import chat, chat_stream, gateway_config
+from tests.fake_upstream import Reply
+from tests.integration.tenancy_helpers import (
+    as_tenant,
+    bearer,
+    detail,
+    rpc_error,
+    secure_config,
+    stream_error,
+    trailer,
+)
+from tests.secret_capture import CALLER_KEY_A, PROVIDER_KEY
+
+
+async def test_missing_key_is_unauthenticated_before_any_upstream_call(upstream, start_gateway):
+    """A call without a key fails UNAUTHENTICATED with ErrorInfo and reaches no upstream."""
+    gw = await start_gateway(secure_config(upstream.base_url))
+    error = await rpc_error(gw.stub.Complete(chat()))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert detail(error, error_details_pb2.ErrorInfo).reason == "UNAUTHENTICATED"
+    stream = await stream_error(gw.stub.CompleteStream(chat_stream()))
+    assert stream.code() is grpc.StatusCode.UNAUTHENTICATED
+    listed = await rpc_error(gw.stub.ListModels(pb.ListModelsRequest()))
+    assert listed.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        bearer("llmgw_not-a-key-anyone-was-given"),
+        bearer(CALLER_KEY_A + "x"),
+        bearer(CALLER_KEY_A[:-1]),
+        (("authorization", f"Basic {CALLER_KEY_A}"),),
+        bearer("k" * 5000),
+    ],
+    ids=["unknown", "longer", "shorter", "wrong-scheme", "huge"],
+)
+async def test_wrong_key_is_unauthenticated(upstream, start_gateway, metadata):
+    """Keys that are not exactly a stored one are refused, without echoing them."""
+    gw = await start_gateway(secure_config(upstream.base_url))
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=metadata))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert CALLER_KEY_A[:20] not in (error.details() or "")
+    assert upstream.requests == []
+
+
+async def test_valid_key_is_served_with_the_provider_key_not_the_callers(upstream, start_gateway):
+    """The caller's key authenticates the call and is never forwarded upstream."""
+    gw = await start_gateway(secure_config(upstream.base_url))
+    response = await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))
+    assert response.content == "Hello from fake"
+    (sent,) = upstream.requests
+    assert sent.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert CALLER_KEY_A not in repr(sent.headers) + repr(sent.body)
+
+
+async def test_model_outside_the_tenants_list_is_permission_denied(upstream, start_gateway):
+    """A valid key asking for a model its tenant may not use gets PERMISSION_DENIED."""
+    config = secure_config(
+        upstream.base_url,
+        tenants={"team-a": {"allowed_models": ["fake-model"]}, "team-b": {"allowed_models": ["x"]}},
+    )
+    gw = await start_gateway(config)
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=as_tenant("team-b")))
+    assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert detail(error, error_details_pb2.ErrorInfo).reason == "PERMISSION_DENIED"
+    stream = await stream_error(gw.stub.CompleteStream(chat_stream(), metadata=as_tenant("team-b")))
+    assert stream.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert upstream.requests == []
+    assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+    seen_b = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=as_tenant("team-b"))
+    seen_a = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=as_tenant("team-a"))
+    assert [m.name for m in seen_b.models] == []
+    assert [m.name for m in seen_a.models] == ["fake-model"]
+
+
+async def test_tenant_over_its_request_limit_is_refused_while_another_is_served(
+    upstream, start_gateway
+):
+    """team-a's third call in a minute is refused with quota details; team-b is unaffected."""
+    config = secure_config(
+        upstream.base_url, tenants={"team-a": {"requests_per_minute": 2}, "team-b": {}}
+    )
+    gw = await start_gateway(config)
+    for _ in range(2):
+        await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    quota = detail(error, error_details_pb2.QuotaFailure)
+    assert quota.violations[0].subject == "tenant:team-a:requests_per_minute"
+    retry = detail(error, error_details_pb2.RetryInfo).retry_delay
+    # One request refills in 60 s / 2 = 30 s.
+    assert 20 <= retry.seconds + retry.nanos / 1e9 <= 31
+    assert 20_000 <= int(trailer(error, RETRY_PUSHBACK_TRAILER) or 0) <= 31_000
+    stream = await stream_error(gw.stub.CompleteStream(chat_stream(), metadata=as_tenant("team-a")))
+    assert stream.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    for _ in range(5):
+        assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-b"))).content
+    assert len(upstream.requests) == 2 + 5
+
+
+async def test_tenant_over_its_token_limit_is_refused(upstream, start_gateway):
+    """Tokens per minute count the prompt estimate plus max_tokens; a big ask is refused."""
+    config = secure_config(upstream.base_url, tenants={"team-a": {"tokens_per_minute": 200}})
+    gw = await start_gateway(config)
+    ask = chat("hello", params=pb.GenerationParams(max_tokens=120))
+    await gw.stub.Complete(ask, metadata=as_tenant("team-a"))
+    error = await rpc_error(gw.stub.Complete(ask, metadata=as_tenant("team-a")))
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    subject = detail(error, error_details_pb2.QuotaFailure).violations[0].subject
+    assert subject == "tenant:team-a:tokens_per_minute"
+    huge = chat("hello", params=pb.GenerationParams(max_tokens=500))
+    never = await rpc_error(gw.stub.Complete(huge, metadata=as_tenant("team-a")))
+    assert never.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "can never fit" in (never.details() or "")
+    assert len(upstream.requests) == 1
+
+
+async def test_tenant_concurrency_limit_refuses_extra_calls_and_frees_slots(
+    upstream, start_gateway
+):
+    """With max_concurrent_calls 1, a second call while one runs is refused; then it passes."""
+    config = secure_config(upstream.base_url, tenants={"team-a": {"max_concurrent_calls": 1}})
+    gw = await start_gateway(config)
+    upstream.script(Reply(delay_s=1.0))
+    first = asyncio.ensure_future(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
+    for _ in range(1000):  # up to 10 s for the first call to reach the upstream
+        if upstream.requests:
+            break
+        await asyncio.sleep(0.01)
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    subject = detail(error, error_details_pb2.QuotaFailure).violations[0].subject
+    assert subject == "tenant:team-a:max_concurrent_calls"
+    assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-b"))).content
+    assert (await first).content
+    assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+
+
+async def test_auth_off_serves_the_default_tenant_on_loopback(upstream, start_gateway):
+    """With auth off (the default) a call without a key is served."""
+    gw = await start_gateway(gateway_config(upstream.base_url))
+    assert (await gw.stub.Complete(chat())).content == "Hello from fake"
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0", "10.1.2.3:50051"])
+async def test_auth_off_on_a_public_address_is_refused_at_startup(listen):
+    """The server will not start unauthenticated on a non-loopback address unless forced."""
+    config = gateway_config("http://127.0.0.1:9", server={"listen": listen})
+    with pytest.raises(InsecureListen, match=r"auth\.mode: off"):
+        async with GatewayServer(config):
+            pass

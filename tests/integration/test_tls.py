@@ -1,0 +1,140 @@
+"""TLS and mutual TLS on the gRPC port, with certificates made by openssl."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from google.rpc import error_details_pb2
+
+from llmgateway.v1 import gateway_pb2 as pb
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.server import GatewayServer
+from tests.conftest import chat, gateway_config
+from tests.integration.pki import Pki, make_pki
+from tests.integration.tenancy_helpers import as_tenant, detail, rpc_error, secure_config
+
+_TIMEOUT_S = 20.0
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, a server certificate for 127.0.0.1, two clients and an untrusted one."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _tls(pki: Pki, **extra: Any) -> dict[str, Any]:
+    return {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key), **extra}
+
+
+def _mtls(pki: Pki, **extra: Any) -> dict[str, Any]:
+    return _tls(pki, client_ca_file=str(pki.ca), require_client_cert=True, **extra)
+
+
+@pytest_asyncio.fixture
+async def tls_server() -> AsyncIterator[Any]:
+    """Starts gateways with a config; each is stopped at teardown."""
+    servers: list[GatewayServer] = []
+
+    async def start(config: Any) -> GatewayServer:
+        server = GatewayServer(config)
+        await server.__aenter__()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in reversed(servers):
+        await server.stop(grace_s=0)
+
+
+def _channel(
+    server: GatewayServer, pki: Pki, client: tuple[Path, Path] | None = None
+) -> grpc.aio.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.read_bytes(),
+        private_key=client[1].read_bytes() if client else None,
+        certificate_chain=client[0].read_bytes() if client else None,
+    )
+    return grpc.aio.secure_channel(server.address, credentials)
+
+
+async def test_tls_serves_a_client_that_trusts_the_ca(upstream, tls_server, pki):
+    """With TLS on, a client verifying the server against the CA is served."""
+    server = await tls_server(
+        gateway_config(upstream.base_url, server={"listen": "127.0.0.1:0", "tls": _tls(pki)})
+    )
+    async with _channel(server, pki) as channel:
+        response = await pb_grpc.CompletionServiceStub(channel).Complete(chat(), timeout=_TIMEOUT_S)
+    assert response.content == "Hello from fake"
+
+
+async def test_tls_port_refuses_plaintext(upstream, tls_server, pki):
+    """A plaintext client cannot talk to the TLS port; nothing reaches the upstream."""
+    server = await tls_server(
+        gateway_config(upstream.base_url, server={"listen": "127.0.0.1:0", "tls": _tls(pki)})
+    )
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        error = await rpc_error(
+            pb_grpc.CompletionServiceStub(channel).Complete(chat(), timeout=_TIMEOUT_S)
+        )
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert upstream.requests == []
+
+
+async def test_mtls_names_the_tenant_from_a_valid_client_certificate(upstream, tls_server, pki):
+    """A certificate signed by the CA is accepted and its CN is the tenant, without a key."""
+    config = secure_config(
+        upstream.base_url,
+        server={"listen": "127.0.0.1:0", "tls": _mtls(pki, tenant_from_cert_subject=True)},
+        tenants={
+            "team-a": {"allowed_models": ["fake-model"]},
+            "team-b": {"allowed_models": ["other"]},
+        },
+    )
+    server = await tls_server(config)
+    async with _channel(server, pki, pki.client_a) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        assert (await stub.Complete(chat(), timeout=_TIMEOUT_S)).content == "Hello from fake"
+    async with _channel(server, pki, pki.client_b) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        # team-b's certificate makes the call team-b's, whose tenant may not use the model.
+        denied = await rpc_error(stub.Complete(chat(), timeout=_TIMEOUT_S))
+        assert denied.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "team-b" in (denied.details() or "")
+        listed = await stub.ListModels(pb.ListModelsRequest(), timeout=_TIMEOUT_S)
+        assert list(listed.models) == []
+    assert len(upstream.requests) == 1
+
+
+async def test_mtls_refuses_an_untrusted_client_certificate(upstream, tls_server, pki):
+    """A client certificate from another CA (even with a known CN) fails the handshake."""
+    config = secure_config(
+        upstream.base_url,
+        server={"listen": "127.0.0.1:0", "tls": _mtls(pki, tenant_from_cert_subject=True)},
+    )
+    server = await tls_server(config)
+    for client in (pki.rogue_client, None):
+        async with _channel(server, pki, client) as channel:
+            stub = pb_grpc.CompletionServiceStub(channel)
+            error = await rpc_error(stub.Complete(chat(), timeout=_TIMEOUT_S))
+            assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert upstream.requests == []
+
+
+async def test_mtls_with_keys_still_requires_a_key_when_cert_tenant_is_off(
+    upstream, tls_server, pki
+):
+    """Without tenant_from_cert_subject a valid certificate is transport only: keys still rule."""
+    config = secure_config(upstream.base_url, server={"listen": "127.0.0.1:0", "tls": _mtls(pki)})
+    server = await tls_server(config)
+    async with _channel(server, pki, pki.client_a) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        error = await rpc_error(stub.Complete(chat(), timeout=_TIMEOUT_S))
+        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert detail(error, error_details_pb2.ErrorInfo).reason == "UNAUTHENTICATED"
+        response = await stub.Complete(chat(), metadata=as_tenant("team-b"), timeout=_TIMEOUT_S)
+        assert response.content == "Hello from fake"

@@ -1,0 +1,67 @@
+"""Run last: no provider or caller key appears in anything the gateway emitted.
+
+The session-wide capture (`tests/secret_capture.py`) holds every log record of the whole
+test run plus the errors and trailers the tests received. This test adds a run of its
+own that touches every path where a key is handled, then greps all of it.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from llmgateway.v1 import gateway_pb2 as pb
+from tests.conftest import chat, chat_stream
+from tests.fake_upstream import FakeUpstream, Status
+from tests.integration.tenancy_helpers import as_tenant, bearer, rpc_error, secure_config
+from tests.secret_capture import (
+    CALLER_KEY_A,
+    EMITTED_PATH,
+    PROVIDER_KEY,
+    SECRETS,
+    record_emitted,
+)
+
+
+async def _exercise_every_key_path(start_gateway) -> None:
+    async with FakeUpstream(models=("fake-model",), api_key=PROVIDER_KEY) as accepting:
+        gw = await start_gateway(secure_config(accepting.base_url))
+        record_emitted(await gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
+        record_emitted(
+            [e async for e in gw.stub.CompleteStream(chat_stream(), metadata=as_tenant("team-b"))]
+        )
+        record_emitted(
+            await gw.stub.ListModels(pb.ListModelsRequest(), metadata=as_tenant("team-a"))
+        )
+        assert accepting.requests[0].headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+        await rpc_error(gw.stub.Complete(chat()))
+        await rpc_error(gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A[:-3] + "zzz")))
+        await rpc_error(gw.stub.Complete(chat(model="nope"), metadata=as_tenant("team-a")))
+        accepting.script(Status(500), Status(500), Status(500), Status(500))
+        await rpc_error(gw.stub.Complete(chat("x"), metadata=as_tenant("team-a")))
+    async with FakeUpstream(models=("fake-model",), api_key="sk-some-other-key") as rejecting:
+        gw = await start_gateway(secure_config(rejecting.base_url))
+        rejected = await rpc_error(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
+        assert rejected.code() is grpc.StatusCode.UNAVAILABLE
+        assert rejecting.requests[0].headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+
+
+async def test_no_key_appears_in_logs_errors_or_responses(start_gateway):
+    """Every key used in the run is absent from all logs, errors, trailers and responses."""
+    await _exercise_every_key_path(start_gateway)
+    emitted = EMITTED_PATH.read_text(encoding="utf-8", errors="replace")
+    # The capture works: it holds lifecycle logs, DEBUG decisions and received errors.
+    assert "server.started" in emitted
+    assert "rpc.failed" in emitted
+    assert "UNAUTHENTICATED" in emitted
+    assert "UPSTREAM_AUTH" in emitted
+    # Any 16 characters of a key count as a leak: that also catches near-miss keys that
+    # tests sent on purpose (a key with a character dropped or added).
+    leaked = sorted(
+        {
+            secret[:8] + "…"
+            for secret in SECRETS
+            for start in range(max(1, len(secret) - 15))
+            if secret[start : start + 16] in emitted
+        }
+    )
+    assert leaked == [], f"keys found in emitted output: {leaked}"

@@ -1,0 +1,244 @@
+"""Caller keys: hashing, parsing, stores, the authenticator and the listen policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.auth import (
+    Authenticator,
+    FileKeyStore,
+    StaticKeyStore,
+    bearer_key,
+    check_model_allowed,
+    generate_key,
+    hash_key,
+    parse_keys_file,
+    redis_connection_options,
+)
+from service.config import AuthConfig, CallerKey, TenantConfig
+from service.errors import PermissionDenied, Unauthenticated
+from service.security import InsecureListen, check_listen_policy
+from tests.conftest import gateway_config
+
+KEY = "llmgw_unit-test-key"
+
+
+def test_hash_is_sha256_hex():
+    """Keys are stored as the SHA-256 hex digest of their UTF-8 bytes."""
+    assert hash_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_generated_keys_are_random_and_prefixed():
+    """Each generated key is new, prefixed and long enough to be unguessable."""
+    keys = {generate_key() for _ in range(50)}
+    assert len(keys) == 50
+    assert all(k.startswith("llmgw_") and len(k) >= 40 for k in keys)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ([("authorization", "Bearer abc")], "abc"),
+        ([("authorization", "bearer  abc ")], "abc"),
+        ([("Authorization", "BEARER abc")], "abc"),
+        ([("authorization", "Basic abc")], None),
+        ([("authorization", "Bearer ")], None),
+        ([("x-other", "Bearer abc")], None),
+        ([("authorization-bin", b"Bearer abc")], None),
+        ([], None),
+    ],
+)
+def test_bearer_key_parsing(metadata, expected):
+    """Only `authorization: Bearer <key>` (any case) yields a key."""
+    assert bearer_key(metadata) == expected
+
+
+def test_keys_file_lines_and_comments():
+    """A keys file holds `HASH TENANT` lines; blank lines and comments are skipped."""
+    digest = hash_key(KEY)
+    keys = parse_keys_file(f"# issued keys\n\n{digest} team-a  # ci\n", source="k")
+    assert keys == (CallerKey(digest, "team-a"),)
+
+
+@pytest.mark.parametrize(
+    "line", ["abc team-a", f"{hash_key(KEY)}", f"{hash_key(KEY)} a b", f"{hash_key(KEY)} bad/name"]
+)
+def test_malformed_keys_file_names_the_line(line):
+    """A malformed entry is an error naming the file and line, never silently skipped."""
+    with pytest.raises(ValueError, match=r"^keys:2: "):
+        parse_keys_file(f"# header\n{line}\n", source="keys")
+
+
+def test_config_refuses_a_plain_key_in_place_of_a_hash():
+    """`auth.keys` takes digests only: a raw key there is a config error."""
+    with pytest.raises(ValueError, match="sha256"):
+        CallerKey(sha256=KEY, tenant="team-a")
+
+
+async def test_static_store_finds_the_tenant_of_a_digest():
+    """The store maps the digest of a stored key to its tenant, and others to None."""
+    store = StaticKeyStore([CallerKey(hash_key(KEY), "team-a"), CallerKey(hash_key("x"), "b")])
+    assert await store.tenant_for(hash_key(KEY)) == "team-a"
+    assert await store.tenant_for(hash_key(KEY + "!")) is None
+
+
+async def test_authenticator_modes():
+    """`keys` requires a known key; `off` serves the default tenant yet honours keys."""
+    keys = [CallerKey(hash_key(KEY), "team-a")]
+    tenants = {"team-a": TenantConfig(requests_per_minute=5)}
+    required = Authenticator(AuthConfig(mode="keys"), tenants, [StaticKeyStore(keys)])
+    optional = Authenticator(AuthConfig(mode="off"), tenants, [StaticKeyStore(keys)])
+    principal = await required.authenticate([("authorization", f"Bearer {KEY}")])
+    assert principal.tenant == "team-a"
+    assert principal.limits.requests_per_minute == 5
+    with pytest.raises(Unauthenticated):
+        await required.authenticate([])
+    with pytest.raises(Unauthenticated):
+        await required.authenticate([("authorization", "Bearer nope")])
+    assert (await optional.authenticate([])).tenant == "default"
+    assert (await optional.authenticate([("authorization", f"Bearer {KEY}")])).tenant == "team-a"
+
+
+async def test_certificate_subject_names_the_tenant_only_when_enabled():
+    """A verified certificate's common name is the tenant only with tenant_from_cert_subject."""
+    config = AuthConfig(mode="keys")
+    by_cert = Authenticator(config, {}, [], tenant_from_cert_subject=True)
+    ignoring = Authenticator(config, {}, [], tenant_from_cert_subject=False)
+    assert (await by_cert.authenticate([], cert_common_name="team-c")).tenant == "team-c"
+    with pytest.raises(Unauthenticated):
+        await ignoring.authenticate([], cert_common_name="team-c")
+    with pytest.raises(Unauthenticated):
+        await by_cert.authenticate([], cert_common_name="Team C; DROP")
+
+
+async def test_allowed_models():
+    """An empty allow-list allows every model; otherwise only those listed."""
+    everything = Authenticator(AuthConfig(), {}, []).principal("t")
+    limited = Authenticator(AuthConfig(), {"t": TenantConfig(allowed_models=("a",))}, [])
+    check_model_allowed(everything, "anything")
+    check_model_allowed(limited.principal("t"), "a")
+    with pytest.raises(PermissionDenied):
+        check_model_allowed(limited.principal("t"), "b")
+
+
+@pytest.mark.parametrize(
+    ("sections", "is_refused"),
+    [
+        ({"server": {"listen": "127.0.0.1:1"}}, False),
+        ({"server": {"listen": "localhost:1"}}, False),
+        ({"server": {"listen": "0.0.0.0:1"}}, True),
+        ({"server": {"listen": "0.0.0.0:1"}, "auth": {"mode": "keys"}}, False),
+        (
+            {"server": {"listen": "0.0.0.0:1"}, "auth": {"allow_auth_off_on_public_listen": True}},
+            False,
+        ),
+        ({"server": {"listen": "0.0.0.0:1", "allow_insecure_public_listen": True}}, False),
+        (
+            {
+                "server": {
+                    "listen": "0.0.0.0:1",
+                    "tls": {
+                        "cert_file": "c",
+                        "key_file": "k",
+                        "client_ca_file": "ca",
+                        "require_client_cert": True,
+                        "tenant_from_cert_subject": True,
+                    },
+                }
+            },
+            False,
+        ),
+    ],
+    ids=["loopback", "localhost", "public", "keys", "forced", "forced-legacy", "mtls-tenants"],
+)
+def test_listen_policy(sections, is_refused):
+    """Auth off on a public address is refused unless forced or certificates identify callers."""
+    config = gateway_config("http://127.0.0.1:9", **sections)
+    if is_refused:
+        with pytest.raises(InsecureListen):
+            check_listen_policy(config)
+    else:
+        check_listen_policy(config)
+
+
+@pytest.mark.parametrize(("raw", "mode"), [(False, "off"), ("off", "off"), ("keys", "keys")])
+def test_auth_mode_accepts_yaml_off(raw, mode):
+    """`mode: off` in YAML (parsed as false) means auth off; `keys` means keys."""
+    assert gateway_config("http://127.0.0.1:9", auth={"mode": raw}).auth.mode == mode
+
+
+async def test_only_admins_and_unauthenticated_local_callers_read_all_usage():
+    """An admin tenant or auth-off caller may read every tenant's usage; others only theirs."""
+    keys = [CallerKey(hash_key(KEY), "team-a"), CallerKey(hash_key("ops-key"), "ops")]
+    tenants = {"ops": TenantConfig(is_admin=True)}
+    keyed = Authenticator(AuthConfig(mode="keys"), tenants, [StaticKeyStore(keys)])
+    local = Authenticator(AuthConfig(mode="off"), tenants, [StaticKeyStore(keys)])
+    team = await keyed.authenticate([("authorization", f"Bearer {KEY}")])
+    ops = await keyed.authenticate([("authorization", "Bearer ops-key")])
+    assert not team.may_read_all_usage
+    assert ops.may_read_all_usage
+    assert (await local.authenticate([])).may_read_all_usage
+    assert not (await local.authenticate([("authorization", f"Bearer {KEY}")])).may_read_all_usage
+
+
+class _Clock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        """The fake monotonic time."""
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        """Advance the fake time."""
+        self.t += seconds
+
+
+async def test_keys_file_changes_are_picked_up_after_the_check_interval(tmp_path):
+    """A key appended to the file works after `check_s`; a later broken file keeps old keys."""
+    path = tmp_path / "keys"
+    path.write_text(f"{hash_key('one')} team-a\n")
+    clock = _Clock()
+    store = FileKeyStore(path, check_s=2.0, clock=clock)
+    assert await store.tenant_for(hash_key("one")) == "team-a"
+    with path.open("a") as file:
+        file.write(f"{hash_key('two')} team-b\n")
+    clock.t += 1.0
+    assert await store.tenant_for(hash_key("two")) is None  # not looked at yet
+    clock.t += 1.5
+    assert await store.tenant_for(hash_key("two")) == "team-b"
+    path.write_text("this is not a keys file at all\n")
+    clock.t += 5
+    assert await store.tenant_for(hash_key("one")) == "team-a"
+    path.unlink()
+    clock.t += 5
+    assert await store.tenant_for(hash_key("one")) is None
+
+
+def test_a_malformed_keys_file_is_a_startup_error(tmp_path):
+    """At startup a malformed keys file raises instead of silently admitting nobody."""
+    path = tmp_path / "keys"
+    path.write_text("nonsense\n")
+    with pytest.raises(ValueError, match="keys:1"):
+        FileKeyStore(path, check_s=2.0)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://user:secret@127.0.0.1:6379/0", "redis://:secret@127.0.0.1/0", "http://x"]
+)
+def test_redis_url_must_not_carry_credentials(url):
+    """Passwords come from `redis_password_env`, never the URL (which may be logged)."""
+    with pytest.raises(ValueError, match="redis_url"):
+        AuthConfig(redis_url=url)
+
+
+def test_redis_password_comes_from_the_named_environment_variable():
+    """The Redis password is read from `redis_password_env`; timeouts bound every call."""
+    config = AuthConfig(
+        redis_url="redis://127.0.0.1:6379/0", redis_password_env="GW_REDIS_PW", redis_timeout_s=0.2
+    )
+    options = redis_connection_options(config, {"GW_REDIS_PW": "pw"})
+    assert options == {"password": "pw", "socket_timeout": 0.2, "socket_connect_timeout": 0.2}
+    assert redis_connection_options(config, {})["password"] is None

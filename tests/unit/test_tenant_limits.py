@@ -1,0 +1,118 @@
+"""Per-tenant token buckets and in-flight counts, on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.config import TenantConfig
+from service.errors import QuotaExceeded
+from service.tenant_limits import MemoryTenantLimiter
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> float:
+        """The fake monotonic time."""
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        """Advance the fake time."""
+        self.t += seconds
+
+
+def test_requests_burst_to_the_limit_then_refill_at_its_rate():
+    """60 rpm: 60 pass at once, the 61st waits 1 s, and 1 s later one more passes."""
+    clock = FakeClock()
+    limiter = MemoryTenantLimiter(clock=clock)
+    limits = TenantConfig(requests_per_minute=60)
+    for _ in range(60):
+        limiter.take("a", limits, tokens=0)
+    with pytest.raises(QuotaExceeded) as refused:
+        limiter.take("a", limits, tokens=0)
+    assert refused.value.retry_after_s == pytest.approx(1.0)
+    assert refused.value.subject == "tenant:a:requests_per_minute"
+    clock.t += 1.0
+    limiter.take("a", limits, tokens=0)
+    with pytest.raises(QuotaExceeded):
+        limiter.take("a", limits, tokens=0)
+
+
+def test_tenants_have_separate_buckets():
+    """One tenant's exhaustion never refuses another."""
+    limiter = MemoryTenantLimiter(clock=FakeClock())
+    limits = TenantConfig(requests_per_minute=1)
+    limiter.take("a", limits, tokens=0)
+    with pytest.raises(QuotaExceeded):
+        limiter.take("a", limits, tokens=0)
+    limiter.take("b", limits, tokens=0)
+
+
+@pytest.mark.parametrize(
+    ("taken", "ask", "wait_s"), [(900, 200, 6.0), (1000, 1, 0.06), (500, 500, 0.0)]
+)
+def test_token_bucket_wait(taken, ask, wait_s):
+    """1000 tpm: the wait is the missing tokens at 1000/60 tokens a second."""
+    limiter = MemoryTenantLimiter(clock=FakeClock())
+    limits = TenantConfig(tokens_per_minute=1000)
+    limiter.take("a", limits, tokens=taken)
+    if wait_s == 0:
+        limiter.take("a", limits, tokens=ask)
+        return
+    with pytest.raises(QuotaExceeded) as refused:
+        limiter.take("a", limits, tokens=ask)
+    assert refused.value.retry_after_s == pytest.approx(wait_s)
+
+
+def test_a_refusal_takes_nothing():
+    """A call refused on tokens does not spend a request, and vice versa."""
+    clock = FakeClock()
+    limiter = MemoryTenantLimiter(clock=clock)
+    limits = TenantConfig(requests_per_minute=2, tokens_per_minute=100)
+    limiter.take("a", limits, tokens=90)
+    with pytest.raises(QuotaExceeded):
+        limiter.take("a", limits, tokens=50)
+    limiter.take("a", limits, tokens=10)  # the second request is still there
+
+
+@pytest.mark.parametrize(
+    ("tokens", "requests", "subject"),
+    [(101, 1, "tenant:a:tokens_per_minute"), (0, 11, "tenant:a:requests_per_minute")],
+)
+def test_a_call_larger_than_a_minutes_allowance_is_refused_without_a_retry_hint(
+    tokens, requests, subject
+):
+    """Waiting cannot help a call bigger than the bucket (a big batch), so no RetryInfo."""
+    limiter = MemoryTenantLimiter(clock=FakeClock())
+    limits = TenantConfig(tokens_per_minute=100, requests_per_minute=10)
+    with pytest.raises(QuotaExceeded) as refused:
+        limiter.take("a", limits, tokens=tokens, requests=requests)
+    assert refused.value.retry_after_s is None
+    assert refused.value.subject == subject
+
+
+async def test_concurrency_slots_are_released_on_every_exit():
+    """A slot is held for the body and given back on success and on error alike."""
+    limiter = MemoryTenantLimiter(clock=FakeClock())
+    limits = TenantConfig(max_concurrent_calls=1)
+    async with limiter.admit("a", limits, tokens=0):
+        assert limiter.in_flight("a") == 1
+        with pytest.raises(QuotaExceeded):
+            async with limiter.admit("a", limits, tokens=0):
+                pass
+        async with limiter.admit("b", limits, tokens=0):
+            assert limiter.in_flight("b") == 1
+    with pytest.raises(RuntimeError):
+        async with limiter.admit("a", limits, tokens=0):
+            raise RuntimeError("boom")
+    assert limiter.in_flight("a") == 0
+
+
+def test_zero_means_unlimited():
+    """A tenant with no limits is never refused."""
+    limiter = MemoryTenantLimiter(clock=FakeClock())
+    for _ in range(10_000):
+        limiter.take("a", TenantConfig(), tokens=10**6)
