@@ -95,6 +95,18 @@ async def _spawn(*args: str) -> asyncio.subprocess.Process:
     )
 
 
+async def _run_cli(address: str, *args: str) -> tuple[int, str, str]:
+    """Run `llm-gateway complete ARGS` against `address`: exit code, stdout, stderr."""
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway_client.cli", "complete", *args,
+        "--model", FAKE_MODEL, "--address", address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(cli.communicate(), timeout=30)
+    assert cli.returncode is not None
+    return cli.returncode, out.decode(), err.decode()
+
+
 @pytest_asyncio.fixture
 async def gateway_process(
     upstream: FakeUpstream, tmp_path: Path
@@ -136,74 +148,29 @@ async def test_sigterm_finishes_in_flight_call_then_exits_cleanly(gateway_proces
 async def test_cli_complete_prints_answer_and_usage(gateway_process):
     """`llm-gateway complete` prints the answer on stdout and usage and cost on stderr."""
     _, address = gateway_process
-    cli = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway_client.cli",
-        "complete",
-        "Say hi",
-        "--model",
-        FAKE_MODEL,
-        "--address",
-        address,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-    )
-    out, err = await asyncio.wait_for(cli.communicate(), timeout=30)
-    assert cli.returncode == 0, err.decode()
-    assert out.decode().strip() == "Hello from fake"
-    assert "tokens in=7 out=3" in err.decode()
-    assert "cost=$0.000002" in err.decode()
+    code, out, err = await _run_cli(address, "Say hi")
+    assert code == 0, err
+    assert out.strip() == "Hello from fake"
+    assert "tokens in=7 out=3" in err
+    assert "cost=$0.000002" in err
 
 
 async def test_cli_stream_prints_deltas(gateway_process):
     """`llm-gateway complete --stream` prints the streamed text."""
     _, address = gateway_process
-    cli = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway_client.cli",
-        "complete",
-        "Say hi",
-        "--stream",
-        "--model",
-        FAKE_MODEL,
-        "--address",
-        address,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-    )
-    out, err = await asyncio.wait_for(cli.communicate(), timeout=30)
-    assert cli.returncode == 0, err.decode()
-    assert out.decode().strip() == "Hello from fake"
-    assert "FINISH_REASON_STOP" in err.decode()
+    code, out, err = await _run_cli(address, "Say hi", "--stream")
+    assert code == 0, err
+    assert out.strip() == "Hello from fake"
+    assert "FINISH_REASON_STOP" in err
 
 
 async def test_cli_reports_errors_with_details(gateway_process):
     """A failed call exits 1 and prints the status with its field violations."""
     _, address = gateway_process
-    cli = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway_client.cli",
-        "complete",
-        "hi",
-        "--temperature",
-        "5",
-        "--model",
-        FAKE_MODEL,
-        "--address",
-        address,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-    )
-    _, err = await asyncio.wait_for(cli.communicate(), timeout=30)
-    assert cli.returncode == 1
-    assert "INVALID_ARGUMENT" in err.decode()
-    assert "params.temperature" in err.decode()
+    code, _, err = await _run_cli(address, "hi", "--temperature", "5")
+    assert code == 1
+    assert "INVALID_ARGUMENT" in err
+    assert "params.temperature" in err
 
 
 @pytest.mark.parametrize(
@@ -221,10 +188,10 @@ async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, conte
     path = tmp_path / "bad.yaml"
     path.write_text(content)
     process = await _spawn("serve", "--config", str(path))
-    _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 2
-    assert str(path) in err.decode()
-    assert expected in err.decode()
+    assert str(path) in stderr.decode()
+    assert expected in stderr.decode()
 
 
 async def test_workers_share_one_port_and_drain_on_sigterm(upstream, tmp_path):
