@@ -77,7 +77,9 @@ async def test_cache_hits_misses_coalesced_and_bytes_are_exported(upstream, star
     hit = await gw.stub.Complete(chat("first", params=DETERMINISTIC))
     assert hit.metadata.cache_hit
     upstream.script(Reply(content="slow", delay_s=0.3))
-    await asyncio.gather(*(gw.stub.Complete(chat("second", params=DETERMINISTIC)) for _ in range(4)))
+    await asyncio.gather(
+        *(gw.stub.Complete(chat("second", params=DETERMINISTIC)) for _ in range(4))
+    )
 
     def lookups(result: str) -> float:
         return captured.total("llm_gateway.cache.lookups", llm_gateway__cache__result=result)
