@@ -92,6 +92,11 @@ class ServerConfig:
     # Refuse to start without caller auth on a non-loopback address unless forced.
     allow_insecure_public_listen: bool = False
     tls: TlsConfig = TlsConfig()
+    # Connections older than this get a GOAWAY, so clients balancing over DNS
+    # (dns:///headless) reconnect and discover new replicas. Grace: how long calls on
+    # such a connection may still run; None means max(upstream timeouts, 300 s).
+    max_connection_age_s: float = 300.0
+    max_connection_age_grace_s: float | None = None
 
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
@@ -101,6 +106,9 @@ class ServerConfig:
         _require(self.max_in_flight_calls >= 1, "max_in_flight_calls must be >= 1")
         _require(self.max_queued_calls >= 0, "max_queued_calls must be >= 0")
         _require(self.workers >= 0, "workers must be >= 0 (0: one per core)")
+        _require(self.max_connection_age_s > 0, "max_connection_age_s must be > 0")
+        grace = self.max_connection_age_grace_s
+        _require(grace is None or grace >= 0, "max_connection_age_grace_s must be >= 0")
 
     @property
     def is_loopback(self) -> bool:

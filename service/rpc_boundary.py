@@ -23,7 +23,7 @@ import grpc
 from google.protobuf import message_factory
 from grpc_status import rpc_status
 
-from service.caller_gate import CallerGate, UndecodableRequest
+from service.caller_gate import CallerGate, UndecodableRequest, current_tenant
 from service.errors import (
     FieldViolation,
     GatewayError,
@@ -137,6 +137,7 @@ def _guard_unary(
                 await abort_with(context, exc, name, rpc)
             try:
                 async with _caller(request, context, gate):
+                    rpc.set_tenant(current_tenant())
                     response = await method(request, context)
             except asyncio.CancelledError:
                 raise
@@ -165,6 +166,7 @@ def _guard_stream(
                 await abort_with(context, exc, name, rpc)
             try:
                 async with _caller(request, context, gate):
+                    rpc.set_tenant(current_tenant())
                     async for item in method(request, context):
                         yield item
             except asyncio.CancelledError:

@@ -25,6 +25,7 @@ from service.rpc_boundary import Admission, add_service, guard_servicer
 from service.security import build_caller_gate, check_listen_policy
 from service.servicer import CompletionServicer
 from service.telemetry import Telemetry, activate
+from service.telemetry.subscribers import observe_cache, subscribe_pool
 from service.upstream.client import UpstreamClient
 
 log = logging.getLogger("llm_gateway.server")
@@ -102,6 +103,9 @@ class GatewayServer:
             )
         )
         pool = UpstreamPool(clients, settings=self.config.resilience)
+        assert self.telemetry is not None  # installed by _start_telemetry
+        subscribe_pool(self.telemetry, pool.hooks, upstreams=[c.name for c in clients])
+        self._stack.callback(observe_cache(self.telemetry, cache.stats.as_dict))
         self.pipeline = Pipeline(self.config, pool, prices, ledger=ledger, cache=cache)
         servicer = CompletionServicer(self.pipeline)
         guard_servicer(servicer, RPC_METHODS, self.admission, gate)
@@ -111,6 +115,7 @@ class GatewayServer:
                 ("grpc.so_reuseport", 1 if self.config.server.workers != 1 else 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.max_pings_without_data", 0),
+                *connection_age_options(self.config),
             ],
         )
         add_service(server, servicer, SERVICE)
@@ -159,6 +164,22 @@ class GatewayServer:
             self._server = None
             log.info("server.stopped")
         await self._stack.aclose()
+
+
+def connection_age_options(config: GatewayConfig) -> list[tuple[str, int]]:
+    """GOAWAY after `max_connection_age_s`, so DNS-balancing clients find new replicas.
+
+    The grace defaults to the longest upstream timeout (at least 300 s), so a call that
+    started just before the GOAWAY is not cut short.
+    """
+    server = config.server
+    grace_s = server.max_connection_age_grace_s
+    if grace_s is None:
+        grace_s = max([300.0, *(u.timeout_s for u in config.upstreams)])
+    return [
+        ("grpc.max_connection_age_ms", round(server.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", round(grace_s * 1000)),
+    ]
 
 
 def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:

@@ -4,6 +4,10 @@ The parent reserves the port, starts the local model once (if it is used) and ha
 address to the workers as an ordinary upstream, then supervises the workers: SIGTERM or
 SIGINT is forwarded to each, which drains its own calls within the grace period. State
 kept in memory (cache, usage ledger, limits) is per worker unless Redis is configured.
+
+Each worker has its own metrics, so each serves its own Prometheus endpoint: worker `i`
+(from 0) listens on `telemetry.prometheus_port + i` (9464 + i when only
+`OTEL_METRICS_EXPORTER=prometheus` asks for one). Port 0 gives each worker a free port.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
+from collections.abc import Mapping
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 
-from service.config import GatewayConfig
+from service.config import ConfigError, GatewayConfig
 from service.local_model import LocalModelServer
+from service.telemetry.setup import DEFAULT_PROMETHEUS_PORT, names_prometheus
 
 log = logging.getLogger("llm_gateway.workers")
 
@@ -30,6 +37,35 @@ _WORKER_START_TIMEOUT_S = 120.0
 def worker_count(requested: int) -> int:
     """`requested` workers; 0 means one per core."""
     return requested if requested > 0 else max(1, os.cpu_count() or 1)
+
+
+def worker_configs(
+    config: GatewayConfig, count: int, *, environ: Mapping[str, str] | None = None
+) -> list[GatewayConfig]:
+    """One config per worker: the same but for each one's Prometheus port (base + index).
+
+    Raises:
+        ConfigError: the last worker's port would be past 65535.
+    """
+    env = os.environ if environ is None else environ
+    telemetry = config.telemetry
+    base = telemetry.prometheus_port
+    if base is None and telemetry.enabled and names_prometheus(env):
+        base = DEFAULT_PROMETHEUS_PORT
+    if base is None or base == 0:
+        return [config] * count
+    if base + count - 1 > 65535:
+        raise ConfigError(
+            "telemetry",
+            "prometheus_port",
+            f"{count} workers need ports {base}..{base + count - 1}; the last is past 65535",
+        )
+    return [
+        dataclasses.replace(
+            config, telemetry=dataclasses.replace(telemetry, prometheus_port=base + index)
+        )
+        for index in range(count)
+    ]
 
 
 def _reserve_port(listen: str) -> tuple[socket.socket, int]:
@@ -54,7 +90,8 @@ def _wants_local_model(config: GatewayConfig) -> bool:
     return local.enabled == "always" or (local.enabled == "auto" and not config.enabled_upstreams)
 
 
-async def _supervise(config: GatewayConfig, count: int, log_level: str) -> int:
+async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
+    config, count = configs[0], len(configs)
     reserved, port = _reserve_port(config.server.listen)
     host = config.server.listen.rpartition(":")[0]
     server = dataclasses.replace(config.server, listen=f"{host}:{port}", workers=count)
@@ -70,8 +107,15 @@ async def _supervise(config: GatewayConfig, count: int, log_level: str) -> int:
         context = multiprocessing.get_context("spawn")
         ready: Queue[int] = context.Queue()
         workers: list[BaseProcess] = [
-            context.Process(target=_worker_main, args=(worker_config, log_level, ready))
-            for _ in range(count)
+            context.Process(
+                target=_worker_main,
+                args=(
+                    dataclasses.replace(worker_config, telemetry=own.telemetry),
+                    log_level,
+                    ready,
+                ),
+            )
+            for own in configs
         ]
         for worker in workers:
             worker.start()
@@ -99,5 +143,13 @@ async def _supervise(config: GatewayConfig, count: int, log_level: str) -> int:
 
 
 def run_workers(config: GatewayConfig, *, count: int, log_level: str = "INFO") -> int:
-    """Run `count` worker processes on the configured port until SIGTERM/SIGINT."""
-    return asyncio.run(_supervise(config, count, log_level))
+    """Run `count` worker processes on the configured port until SIGTERM/SIGINT.
+
+    Returns 2 (after saying why) when the workers' Prometheus ports do not fit.
+    """
+    try:
+        configs = worker_configs(config, count)
+    except ConfigError as exc:
+        print(f"llm-gateway: config error: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_supervise(configs, log_level))

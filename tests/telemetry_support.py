@@ -1,17 +1,66 @@
-"""In-process telemetry for tests: an in-memory span exporter and metric reader."""
+"""In-process telemetry for tests: an in-memory span exporter and metric reader.
+
+Both also copy what they catch into the secret grep's capture (`tests/secret_capture.py`):
+every span as it ends, and every collection of metric data points, including a last
+one when the reader shuts down and one for each reader still open when the grep runs
+(`record_open_readers`). So a key that reached a span or metric attribute fails the grep.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service.config import TelemetryConfig
 from service.telemetry import Telemetry
+from tests.secret_capture import record_emitted
+
+
+class RecordingSpanExporter(InMemorySpanExporter):
+    """Keeps finished spans in memory and copies each into the secret grep's capture."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        record_emitted(*(span.to_json(indent=None) for span in spans))
+        return super().export(spans)
+
+
+_OPEN_READERS: list[RecordingMetricReader] = []
+
+
+class RecordingMetricReader(InMemoryMetricReader):
+    """An in-memory metric reader that copies every collection into the capture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        _OPEN_READERS.append(self)
+
+    def _receive_metrics(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> None:
+        record_emitted(metrics_data.to_json(indent=None))
+        super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        """Collect once more, so points measured after the test's last read are grepped."""
+        with contextlib.suppress(ValueError):
+            _OPEN_READERS.remove(self)
+        self.collect(timeout_millis=timeout_millis)
+        super().shutdown(timeout_millis, **kwargs)
+
+
+def record_open_readers() -> int:
+    """Collect every reader not shut down yet into the capture; returns how many."""
+    readers = list(_OPEN_READERS)
+    for reader in readers:
+        reader.collect()
+    return len(readers)
 
 
 @dataclass
@@ -19,8 +68,8 @@ class Captured:
     """A telemetry object wired to in-memory sinks, and readers of what they caught."""
 
     telemetry: Telemetry
-    exporter: InMemorySpanExporter
-    reader: InMemoryMetricReader
+    exporter: RecordingSpanExporter
+    reader: RecordingMetricReader
 
     def spans(self) -> list[ReadableSpan]:
         """Every finished span so far."""
@@ -54,8 +103,8 @@ class Captured:
 
 def captured_telemetry(*, capture_content: bool = False) -> Captured:
     """Telemetry exporting synchronously to memory (no OTEL_* variables consulted)."""
-    exporter = InMemorySpanExporter()
-    reader = InMemoryMetricReader()
+    exporter = RecordingSpanExporter()
+    reader = RecordingMetricReader()
     telemetry = Telemetry.from_config(
         TelemetryConfig(capture_content=capture_content),
         environ={},

@@ -1,8 +1,10 @@
 """Run last: no provider or caller key appears in anything the gateway emitted.
 
 The session-wide capture (`tests/secret_capture.py`) holds every log record of the whole
-test run plus the errors and trailers the tests received. This test adds a run of its
-own that touches every path where a key is handled, then greps all of it.
+test run, the errors and trailers the tests received, and every span and metric data
+point any in-memory exporter or reader caught (`tests/telemetry_support.py`). This test
+adds a run of its own that touches every path where a key is handled, with telemetry
+captured, then greps all of it.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from tests.secret_capture import (
     SECRETS,
     record_emitted,
 )
+from tests.telemetry_support import Captured, attributes_of, captured_telemetry, record_open_readers
 
 
-async def _exercise_every_key_path(start_gateway) -> None:
+async def _exercise_every_key_path(start_gateway, captured: Captured) -> None:
     async with FakeUpstream(models=("fake-model",), api_key=PROVIDER_KEY) as accepting:
-        gw = await start_gateway(secure_config(accepting.base_url))
+        gw = await start_gateway(secure_config(accepting.base_url), telemetry=captured.telemetry)
         record_emitted(await gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
         record_emitted(
             [e async for e in gw.stub.CompleteStream(chat_stream(), metadata=as_tenant("team-b"))]
@@ -47,8 +50,19 @@ async def _exercise_every_key_path(start_gateway) -> None:
 
 async def test_no_key_appears_in_logs_errors_or_responses(start_gateway):
     """Every key used in the run is absent from all logs, errors, trailers and responses."""
-    await _exercise_every_key_path(start_gateway)
+    captured = captured_telemetry(capture_content=True)
+    await _exercise_every_key_path(start_gateway, captured)
+    # The RPC span names the tenant the key authenticated, never the key itself.
+    complete = [s for s in captured.spans() if s.name.endswith("CompletionService/Complete")]
+    tenants = [attributes_of(s).get("llm_gateway.tenant") for s in complete]
+    assert tenants[0] == "team-a"
+    assert record_open_readers() >= 1
     emitted = EMITTED_PATH.read_text(encoding="utf-8", errors="replace")
+    # Spans and metric points are in the capture too.
+    assert '"llm_gateway.tenant": "team-a"' in emitted
+    assert "CompletionService/CompleteStream" in emitted
+    assert '"name": "llm_gateway.requests"' in emitted
+    assert '"name": "llm_gateway.cost.usd"' in emitted
     # The capture works: it holds lifecycle logs, DEBUG decisions and received errors.
     assert "server.started" in emitted
     assert "rpc.failed" in emitted

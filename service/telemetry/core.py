@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -115,7 +115,13 @@ class Telemetry:
         self.providers = providers
         self.tracer = providers.tracer
         self.in_flight = 0
-        self.instruments = Instruments(providers.meter, in_flight=lambda: self.in_flight)
+        # Set by `subscribers.observe_cache`: the response cache's counters by name.
+        self.cache_counters: Callable[[], Mapping[str, int]] | None = None
+        self.instruments = Instruments(
+            providers.meter,
+            in_flight=lambda: self.in_flight,
+            cache_counters=lambda: self.cache_counters() if self.cache_counters else {},
+        )
         self.capture_content = capture_content
         self.prices = prices if prices is not None else PriceList({})
         self._propagator = propagate.get_global_textmap()
@@ -347,6 +353,12 @@ class Telemetry:
         """One upstream attempt failed with `error_type`."""
         self.instruments.upstream_errors.add(
             1, {attr.UPSTREAM: upstream, attr.ERROR_TYPE: error_type}
+        )
+
+    def record_attempt(self, upstream: str, *, is_success: bool) -> None:
+        """One upstream attempt ended, successfully or not."""
+        self.instruments.attempts.add(
+            1, {attr.UPSTREAM: upstream, attr.OUTCOME: "success" if is_success else "failure"}
         )
 
     def set_breaker_state(self, upstream: str, state: str) -> None:

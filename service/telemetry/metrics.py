@@ -6,9 +6,11 @@ so that stock GenAI dashboards work; gateway-only figures live under `llm_gatewa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from opentelemetry import metrics
+
+from service.telemetry.tracing import CACHE_DIRECTION, CACHE_RESULT
 
 # Bucket boundaries the GenAI conventions advise, in seconds and tokens.
 DURATION_BUCKETS_S = (
@@ -26,7 +28,13 @@ BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 class Instruments:
     """Every instrument, created once per meter."""
 
-    def __init__(self, meter: metrics.Meter, *, in_flight: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        meter: metrics.Meter,
+        *,
+        in_flight: Callable[[], int],
+        cache_counters: Callable[[], Mapping[str, int]] = dict,
+    ) -> None:
         self.operation_duration = meter.create_histogram(
             "gen_ai.client.operation.duration",
             unit="s",
@@ -93,4 +101,53 @@ class Instruments:
             "llm_gateway.upstream.breaker.state",
             unit="1",
             description="Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
+        )
+        self.attempts = meter.create_counter(
+            "llm_gateway.upstream.attempts",
+            unit="{attempt}",
+            description="Upstream attempts, by upstream and outcome (success or failure)",
+        )
+
+        # The response cache's own counters (`CacheStats`), read at collection time.
+        def observe(
+            *pairs: tuple[str, dict[str, str]],
+        ) -> Callable[[metrics.CallbackOptions], Iterable[metrics.Observation]]:
+            def callback(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+                counters = cache_counters()
+                return [
+                    metrics.Observation(counters[name], labels)
+                    for name, labels in pairs
+                    if name in counters
+                ]
+
+            return callback
+
+        self.cache_lookups = meter.create_observable_counter(
+            "llm_gateway.cache.lookups",
+            callbacks=[
+                observe(
+                    ("hits", {CACHE_RESULT: "hit"}),
+                    ("misses", {CACHE_RESULT: "miss"}),
+                    ("coalesced", {CACHE_RESULT: "coalesced"}),
+                )
+            ],
+            unit="{lookup}",
+            description="Cache lookups by result: hit, miss, or coalesced onto an identical call",
+        )
+        self.cache_errors = meter.create_observable_counter(
+            "llm_gateway.cache.errors",
+            callbacks=[observe(("errors", {}))],
+            unit="{error}",
+            description="Cache store operations that failed or timed out",
+        )
+        self.cache_io = meter.create_observable_counter(
+            "llm_gateway.cache.io",
+            callbacks=[
+                observe(
+                    ("bytes_read", {CACHE_DIRECTION: "read"}),
+                    ("bytes_written", {CACHE_DIRECTION: "written"}),
+                )
+            ],
+            unit="By",
+            description="Encoded cache entry bytes read from and written to the store",
         )

@@ -35,6 +35,8 @@ from service.config import TelemetryConfig
 log = logging.getLogger("llm_gateway.telemetry")
 
 _GRPC = "grpc"
+# Where the Prometheus endpoint listens when OTEL_METRICS_EXPORTER names it without a port.
+DEFAULT_PROMETHEUS_PORT = 9464
 _HTTP = "http/protobuf"
 
 
@@ -77,6 +79,11 @@ def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
         else:
             raise TelemetrySetupError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}")
     return exporters
+
+
+def names_prometheus(environ: Mapping[str, str]) -> bool:
+    """Whether `OTEL_METRICS_EXPORTER` asks for the Prometheus endpoint."""
+    return "prometheus" in _names(environ, "OTEL_METRICS_EXPORTER")
 
 
 def metric_readers(environ: Mapping[str, str]) -> tuple[list[MetricReader], bool]:
@@ -173,7 +180,7 @@ def build_providers(
 
         registry = CollectorRegistry()
         readers.append(PrometheusMetricReader(registry=registry))
-        port = prometheus_port if prometheus_port is not None else 9464
+        port = prometheus_port if prometheus_port is not None else DEFAULT_PROMETHEUS_PORT
         prometheus_server, _ = start_http_server(
             port, addr=config.prometheus_host, registry=registry
         )

@@ -57,6 +57,9 @@ CACHED_INPUT_TOKENS = "llm_gateway.usage.cached_input_tokens"
 USAGE_ESTIMATED = "llm_gateway.usage.estimated"
 TENANT = "llm_gateway.tenant"
 OVERHEAD_MS = "llm_gateway.overhead_ms"
+OUTCOME = "llm_gateway.outcome"
+CACHE_RESULT = "llm_gateway.cache.result"
+CACHE_DIRECTION = "llm_gateway.cache.direction"
 
 OPERATION_CHAT = "chat"
 OVERHEAD_TRAILER = "llm-gateway-overhead-ms"
@@ -134,6 +137,11 @@ class RpcScope:
         """Time not spent waiting on an upstream (never negative: concurrent fan-out
         attempts can add up to more upstream time than wall time)."""
         return max(0.0, self.elapsed_s() - self.upstream_s)
+
+    def set_tenant(self, tenant: str) -> None:
+        """Name the tenant the caller was authenticated as (the tenant id, never a key)."""
+        if self.span.is_recording():
+            self.span.set_attribute(TENANT, tenant)
 
     def trailers(self) -> Sequence[tuple[str, str]]:
         """The `llm-gateway-overhead-ms` trailer."""

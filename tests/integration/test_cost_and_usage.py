@@ -186,3 +186,49 @@ def test_hand_computed_cost_matches_the_pricing_function():
     )
     usage = Usage(input_tokens=1234, output_tokens=567, cached_input_tokens=1000)
     assert cost_usd(usage, price) == pytest.approx(EXPECTED_COST, abs=1e-12)
+
+
+async def test_every_path_charges_the_same_figure_and_the_ledger_agrees(upstream, start_gateway):
+    """Unary, stream, batch items, batch total and a cache hit's saving all equal 756.88 µ$."""
+    config = gateway_config(upstream.base_url, models=PRICED_MODELS, cache={"backend": "memory"})
+    gw = await start_gateway(config)
+    deterministic = pb.GenerationParams(temperature=0.0)
+    upstream.script(USAGE, USAGE, USAGE, USAGE)
+    miss = (await gw.stub.Complete(chat("unary", params=deterministic))).metadata
+    cache = gw.server.pipeline.cache
+    async with asyncio.timeout(10):
+        while cache.in_flight:
+            await asyncio.sleep(0.005)
+    hit = (await gw.stub.Complete(chat("unary", params=deterministic))).metadata
+    streamed = metadata_of(
+        [e async for e in gw.stub.CompleteStream(chat_stream("stream", params=deterministic))]
+    )
+    batch = pb.CompleteBatchRequest(
+        items=[
+            pb.BatchItem(id=f"item-{i}", request=chat(f"batch {i}", params=deterministic))
+            for i in range(2)
+        ]
+    )
+    events = [e async for e in gw.stub.CompleteBatch(batch)]
+    items = [e.result.response.metadata for e in events if e.HasField("result")]
+    summary = events[-1].summary
+
+    def micro(usd: float) -> float:
+        return round(usd * 1e6, 6)
+
+    expected = micro(EXPECTED_COST)
+    charged = [miss, streamed, *items]
+    assert [micro(m.cost_usd) for m in charged] == [expected] * 4
+    assert not miss.cache_hit
+    assert hit.cache_hit
+    assert micro(hit.cost_usd) == 0
+    assert micro(hit.saved_cost_usd) == micro(miss.cost_usd) == expected
+    assert summary.succeeded == 2
+    assert micro(summary.cost_usd) == micro(2 * EXPECTED_COST)
+    assert summary.usage.input_tokens == 2 * 1234
+    assert len(upstream.requests) == 4
+    usage = await gw.stub.GetUsage(pb.GetUsageRequest())
+    assert usage.total.requests == 5  # the hit is counted, at no cost
+    assert micro(usage.total.cost_usd) == micro(4 * EXPECTED_COST)
+    assert usage.total.cost_usd == pytest.approx(sum(m.cost_usd for m in charged), abs=1e-12)
+    assert usage.total.usage.output_tokens == 5 * 567

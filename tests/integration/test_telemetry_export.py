@@ -23,9 +23,11 @@ from opentelemetry.proto.collector.trace.v1 import (
     trace_service_pb2_grpc,
 )
 
+from llmgateway.v1 import gateway_pb2 as pb
 from service.config import TelemetryConfig
 from service.telemetry import Telemetry
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.fake_upstream import Reply, Status
 
 ATTEMPT_SPAN = f"chat {FAKE_MODEL}"
 
@@ -231,13 +233,22 @@ async def test_the_dashboard_queries_only_metrics_the_gateway_exports(upstream, 
         for name in METRIC_NAME.findall(target["expr"])
     }
     telemetry = Telemetry.from_config(TelemetryConfig(prometheus_port=0), environ={})
-    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
-    await gw.stub.Complete(chat())
+    config = gateway_config(
+        upstream.base_url,
+        cache={"backend": "memory"},
+        resilience={"backoff_base_s": 0.01, "backoff_cap_s": 0.05},
+    )
+    gw = await start_gateway(config, telemetry=telemetry)
+    # Every series comes from real calls: a retried 503, a cache miss then a hit, a stream.
+    upstream.script(Status(503), Reply())
+    deterministic = chat(params=pb.GenerationParams(temperature=0.0))
+    await gw.stub.Complete(deterministic)
+    cache = gw.server.pipeline.cache
+    async with asyncio.timeout(10):
+        while cache.in_flight:
+            await asyncio.sleep(0.005)
+    assert (await gw.stub.Complete(deterministic)).metadata.cache_hit
     _ = [e async for e in gw.stub.CompleteStream(chat_stream())]
-    telemetry.record_retry("up0")
-    telemetry.record_cache_hit(model=FAKE_MODEL)
-    telemetry.record_upstream_error("up0", "503")
-    telemetry.set_breaker_state("up0", "closed")
     port = telemetry.providers.prometheus_port
     async with (
         aiohttp.ClientSession() as session,
@@ -245,7 +256,7 @@ async def test_the_dashboard_queries_only_metrics_the_gateway_exports(upstream, 
     ):
         text = await reply.text()
     exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()}
-    assert len(wanted) >= 10
+    assert len(wanted) >= 14
     assert wanted <= exported, wanted - exported
 
 

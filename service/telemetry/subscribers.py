@@ -1,0 +1,53 @@
+"""Telemetry subscribing to the pool's hooks and reading the cache's counters.
+
+The pool and the cache never import telemetry: the server attaches these at startup
+(like aiohttp `TraceConfig` signals), so retries, breaker transitions and attempts reach
+the metrics, and the cache's `CacheStats` is observed at collection time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from service.breaker import BreakerChange
+from service.pool_hooks import AttemptRecord, PoolHooks, RetryDecision
+from service.telemetry.core import Telemetry
+
+
+def subscribe_pool(telemetry: Telemetry, hooks: PoolHooks, *, upstreams: Iterable[str]) -> None:
+    """Feed the pool's retries, breaker changes and attempts to `telemetry`.
+
+    Every breaker starts closed, so the gauge reports each upstream from the start.
+    """
+
+    def on_retry(decision: RetryDecision) -> None:
+        # Counted against the upstream whose attempt failed: that is the one retried.
+        telemetry.record_retry(decision.failed_upstream, wait_s=decision.wait_s)
+
+    def on_breaker_change(change: BreakerChange) -> None:
+        telemetry.set_breaker_state(change.upstream, change.new.value)
+
+    def on_attempt(record: AttemptRecord) -> None:
+        telemetry.record_attempt(record.upstream, is_success=record.error is None)
+
+    hooks.on_retry.append(on_retry)
+    hooks.on_breaker_change.append(on_breaker_change)
+    hooks.on_attempt.append(on_attempt)
+    for upstream in upstreams:
+        telemetry.set_breaker_state(upstream, "closed")
+
+
+def observe_cache(
+    telemetry: Telemetry, counters: Callable[[], Mapping[str, int]]
+) -> Callable[[], None]:
+    """Export the cache's counters (read when metrics are collected); returns a detacher."""
+    telemetry.cache_counters = counters
+
+    def detach() -> None:
+        if telemetry.cache_counters is counters:
+            telemetry.cache_counters = None
+
+    return detach
+
+
+__all__ = ["observe_cache", "subscribe_pool"]

@@ -1,0 +1,57 @@
+"""`server.max_connection_age_s` reaches gRPC: old connections get GOAWAY, calls go on."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import grpc
+import pytest
+
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.server import connection_age_options
+from tests.conftest import chat, gateway_config
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_a_connection_past_its_age_is_closed_and_the_next_call_reconnects(
+    upstream, start_gateway
+):
+    """After a 0.2 s age the server sends GOAWAY (the channel leaves READY); calls still work."""
+    config = gateway_config(
+        upstream.base_url,
+        server={"max_connection_age_s": 0.2, "max_connection_age_grace_s": 1.0},
+    )
+    gw = await start_gateway(config)
+    async with grpc.aio.insecure_channel(gw.server.address) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        assert (await stub.Complete(chat())).content == "Hello from fake"
+        assert channel.get_state() is grpc.ChannelConnectivity.READY
+        # Polls for the GOAWAY (a bound, not a speed assertion): the channel drops to IDLE.
+        async with asyncio.timeout(20):
+            while channel.get_state() is grpc.ChannelConnectivity.READY:
+                await channel.wait_for_state_change(grpc.ChannelConnectivity.READY)
+        assert (await stub.Complete(chat())).content == "Hello from fake"
+    assert len(upstream.requests) == 2
+
+
+def test_the_grace_defaults_to_the_longest_upstream_timeout_or_five_minutes():
+    """Default age 300 s; grace max(upstream timeouts, 300 s) unless configured."""
+    base = gateway_config("http://127.0.0.1:1")
+    assert dict(connection_age_options(base)) == {
+        "grpc.max_connection_age_ms": 300_000,
+        "grpc.max_connection_age_grace_ms": 300_000,
+    }
+    slow = dataclasses.replace(
+        base, upstreams=(dataclasses.replace(base.upstreams[0], timeout_s=600.0),)
+    )
+    assert dict(connection_age_options(slow))["grpc.max_connection_age_grace_ms"] == 600_000
+    configured = gateway_config(
+        "http://127.0.0.1:1",
+        server={"max_connection_age_s": 60, "max_connection_age_grace_s": 5},
+    )
+    assert dict(connection_age_options(configured)) == {
+        "grpc.max_connection_age_ms": 60_000,
+        "grpc.max_connection_age_grace_ms": 5_000,
+    }

@@ -1,0 +1,94 @@
+"""Pool hooks and cache counters reach the metrics, read through an in-memory reader."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service.telemetry.metrics import BREAKER_STATES
+from tests.conftest import chat, gateway_config
+from tests.fake_upstream import FakeUpstream, Reply, Status
+from tests.telemetry_support import captured_telemetry
+
+FAST_RESILIENCE = {"attempts": 3, "backoff_base_s": 0.01, "backoff_cap_s": 0.05}
+DETERMINISTIC = pb.GenerationParams(temperature=0.0)
+UPSTREAM = "llm_gateway__upstream"
+
+
+async def test_a_retried_call_counts_a_retry_and_each_attempt_for_its_upstream(start_gateway):
+    """500 then 200: one retry and two attempts (one failed) on up0; nothing for others."""
+    captured = captured_telemetry()
+    async with FakeUpstream(models=("fake-model",)) as fake:
+        fake.script(Status(500), Reply())
+        config = gateway_config(fake.base_url, resilience=FAST_RESILIENCE)
+        gw = await start_gateway(config, telemetry=captured.telemetry)
+        response = await gw.stub.Complete(chat())
+    assert response.metadata.attempts == 2
+    assert captured.total("llm_gateway.retries", **{UPSTREAM: "up0"}) == 1
+    assert captured.total("llm_gateway.retries", **{UPSTREAM: "up1"}) == 0
+    attempts = {
+        p.attributes["llm_gateway.outcome"]: p.value
+        for p in captured.points("llm_gateway.upstream.attempts")
+    }
+    assert attempts == {"failure": 1, "success": 1}
+    # The retry shows on the RPC span as an event with its wait.
+    rpc = captured.span("llmgateway.v1.CompletionService/Complete")
+    [event] = [e for e in rpc.events if e.name == "llm_gateway.retry"]
+    assert event.attributes is not None
+    assert 0 <= event.attributes["llm_gateway.retry.wait_ms"] <= 1000
+
+
+async def test_an_opening_breaker_shows_in_the_breaker_state_gauge(start_gateway):
+    """The gauge reads closed at start and open after the breaker trips on failures."""
+    captured = captured_telemetry()
+    async with FakeUpstream(models=("fake-model",), default=Status(500)) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 2,
+            "breaker_cool_down_s": 30,
+        }
+        config = gateway_config(fake.base_url, resilience=resilience)
+        gw = await start_gateway(config, telemetry=captured.telemetry)
+
+        def state() -> float:
+            return captured.total("llm_gateway.upstream.breaker.state", **{UPSTREAM: "up0"})
+
+        assert state() == BREAKER_STATES["closed"]
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await gw.stub.Complete(chat())
+        assert state() == BREAKER_STATES["open"]
+
+
+async def test_cache_hits_misses_coalesced_and_bytes_are_exported(upstream, start_gateway):
+    """A miss, a hit and requests joining an in-flight call appear in the cache metrics."""
+    captured = captured_telemetry()
+    config = gateway_config(upstream.base_url, cache={"backend": "memory"})
+    gw = await start_gateway(config, telemetry=captured.telemetry)
+    await gw.stub.Complete(chat("first", params=DETERMINISTIC))
+    cache = gw.server.pipeline.cache
+    async with asyncio.timeout(10):
+        while cache.in_flight:
+            await asyncio.sleep(0.005)
+    hit = await gw.stub.Complete(chat("first", params=DETERMINISTIC))
+    assert hit.metadata.cache_hit
+    upstream.script(Reply(content="slow", delay_s=0.3))
+    await asyncio.gather(
+        *(gw.stub.Complete(chat("second", params=DETERMINISTIC)) for _ in range(4))
+    )
+
+    def lookups(result: str) -> float:
+        return captured.total("llm_gateway.cache.lookups", llm_gateway__cache__result=result)
+
+    stats = cache.stats
+    assert lookups("hit") == stats.hits >= 1
+    assert lookups("miss") == stats.misses >= 2
+    assert lookups("coalesced") == stats.coalesced >= 1
+    assert captured.total("llm_gateway.cache.errors") == stats.errors == 0
+    written = captured.total("llm_gateway.cache.io", llm_gateway__cache__direction="written")
+    assert written == stats.bytes_written > 0
+    assert len(upstream.requests) == 2

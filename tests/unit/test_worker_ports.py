@@ -1,0 +1,50 @@
+"""Each worker process gets its own Prometheus port: the configured one plus its index."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.config import ConfigError
+from service.workers import worker_configs
+from tests.conftest import gateway_config
+
+
+def ports(count: int, environ: dict[str, str] | None = None, **telemetry: object) -> list:
+    """The Prometheus port of each of `count` workers."""
+    config = gateway_config("http://127.0.0.1:1", telemetry=telemetry)
+    return [
+        c.telemetry.prometheus_port for c in worker_configs(config, count, environ=environ or {})
+    ]
+
+
+@pytest.mark.parametrize(
+    ("count", "telemetry", "environ", "expected"),
+    [
+        (3, {"prometheus_port": 9100}, {}, [9100, 9101, 9102]),
+        (1, {"prometheus_port": 9100}, {}, [9100]),
+        (2, {}, {"OTEL_METRICS_EXPORTER": "otlp,prometheus"}, [9464, 9465]),
+        (2, {}, {}, [None, None]),
+        (2, {"prometheus_port": 0}, {}, [0, 0]),
+        (2, {"enabled": False}, {"OTEL_METRICS_EXPORTER": "prometheus"}, [None, None]),
+    ],
+)
+def test_worker_port_is_base_plus_index(count, telemetry, environ, expected):
+    """Port + index when a port is configured or implied; unchanged when none or 0."""
+    assert ports(count, environ, **telemetry) == expected
+
+
+def test_workers_past_the_last_port_fail_clearly():
+    """Ports that would run past 65535 are a config error naming the key and the range."""
+    with pytest.raises(ConfigError) as error:
+        ports(4, prometheus_port=65534)
+    assert error.value.key == "prometheus_port"
+    assert "65534..65537" in str(error.value)
+
+
+def test_everything_but_the_port_is_shared():
+    """Workers differ only in their Prometheus port."""
+    config = gateway_config("http://127.0.0.1:1", telemetry={"prometheus_port": 9100})
+    first, second = worker_configs(config, 2, environ={})
+    assert first.server == second.server == config.server
+    assert first.upstreams == second.upstreams
+    assert first.telemetry.service_name == second.telemetry.service_name
