@@ -87,6 +87,14 @@ class AttemptLog:
     records: list[AttemptRecord] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Progress:
+    """How one call's attempts went so far: the last failure and where it happened."""
+
+    last_error: UpstreamError | None = None
+    last_route: Route | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """One upstream able to serve a model, and the model's name there."""
@@ -411,20 +419,23 @@ class UpstreamPool:
             return DeadlineExceeded("the caller's deadline passed")
         return exc
 
-    # -- the two call shapes ---------------------------------------------------------
+    async def _next_attempt(
+        self,
+        plan: _CallPlan,
+        request: ChatRequest,
+        deadline: Deadline,
+        log: AttemptLog,
+        progress: _Progress,
+    ) -> tuple[Route, float] | None:
+        """The next route to try and its timeout, once waits and admission passed.
 
-    async def complete(
-        self, request: ChatRequest, *, deadline: Deadline, log: AttemptLog
-    ) -> UpstreamReply:
-        """Send a unary completion, retrying and failing over as the policy allows."""
-        plan = self._plan(request.model)
-        last_error: UpstreamError | None = None
-        last_route: Route | None = None
+        None when the attempts or the routes are used up; raises when the caller's
+        deadline leaves no room for another attempt.
+        """
         while log.attempts < self.settings.attempts:
-            route = plan.next_route(last_route, self._states)
+            route = plan.next_route(progress.last_route, self._states)
             if route is None:
-                break
-            state = self._states[route.client.name]
+                return None
             try:
                 timeout_s = await self._prepare_attempt(
                     plan,
@@ -432,12 +443,12 @@ class UpstreamPool:
                     request=request,
                     deadline=deadline,
                     log_=log,
-                    last_error=last_error,
-                    last_route=last_route,
+                    last_error=progress.last_error,
+                    last_route=progress.last_route,
                 )
             except LimitExceeded as exc:
                 plan.exclude(route, exc.what + " limit")
-                last_error = last_error or exc
+                progress.last_error = progress.last_error or exc
                 continue
             except UpstreamError as exc:
                 raise self._final(exc, deadline, log.attempts) from None
@@ -445,6 +456,20 @@ class UpstreamPool:
                 continue
             log.attempts += 1
             log.upstream = route.client.name
+            return route, timeout_s
+        return None
+
+    # -- the two call shapes ---------------------------------------------------------
+
+    async def complete(
+        self, request: ChatRequest, *, deadline: Deadline, log: AttemptLog
+    ) -> UpstreamReply:
+        """Send a unary completion, retrying and failing over as the policy allows."""
+        plan = self._plan(request.model)
+        progress = _Progress()
+        while attempt := await self._next_attempt(plan, request, deadline, log, progress):
+            route, timeout_s = attempt
+            state = self._states[route.client.name]
             started = time.monotonic()
             headers: dict[str, str] = {}
             try:
@@ -467,7 +492,7 @@ class UpstreamPool:
                     plan.exclude(route, "key rejected")
                 elif not is_retryable(exc) or deadline.has_expired:
                     raise self._final(exc, deadline, log.attempts) from None
-                last_error, last_route = exc, route
+                progress.last_error, progress.last_route = exc, route
                 continue
             except BaseException as exc:  # cancelled: the caller went away
                 state.breaker.release()
@@ -478,7 +503,7 @@ class UpstreamPool:
             self._after_success(state, reply.rate_limits)
             self._record(log, route, request, started=started, is_stream=False, error=None)
             return reply
-        error = self._give_up(request.model, plan, last_error)
+        error = self._give_up(request.model, plan, progress.last_error)
         if isinstance(error, UpstreamError):
             raise self._final(error, deadline, log.attempts)
         raise error
@@ -493,33 +518,10 @@ class UpstreamPool:
         """
         call_started = time.monotonic()
         plan = self._plan(request.model)
-        last_error: UpstreamError | None = None
-        last_route: Route | None = None
-        while log.attempts < self.settings.attempts:
-            route = plan.next_route(last_route, self._states)
-            if route is None:
-                break
+        progress = _Progress()
+        while attempt := await self._next_attempt(plan, request, deadline, log, progress):
+            route, timeout_s = attempt
             state = self._states[route.client.name]
-            try:
-                timeout_s = await self._prepare_attempt(
-                    plan,
-                    route,
-                    request=request,
-                    deadline=deadline,
-                    log_=log,
-                    last_error=last_error,
-                    last_route=last_route,
-                )
-            except LimitExceeded as exc:
-                plan.exclude(route, exc.what + " limit")
-                last_error = last_error or exc
-                continue
-            except UpstreamError as exc:
-                raise self._final(exc, deadline, log.attempts) from None
-            if timeout_s is None:
-                continue
-            log.attempts += 1
-            log.upstream = route.client.name
             started = time.monotonic()
             deltas_sent = chars_sent = 0
             is_finished = False
@@ -585,7 +587,7 @@ class UpstreamPool:
                     plan.exclude(route, "key rejected")
                 elif not is_retryable(exc) or deadline.has_expired:
                     raise self._final(exc, deadline, log.attempts) from None
-                last_error, last_route = exc, route
+                progress.last_error, progress.last_route = exc, route
                 continue
             except BaseException as exc:  # cancelled, or the consumer stopped reading
                 state.breaker.release()
@@ -602,7 +604,7 @@ class UpstreamPool:
                 raise
             finally:
                 state.limiter.release()
-        error = self._give_up(request.model, plan, last_error)
+        error = self._give_up(request.model, plan, progress.last_error)
         if isinstance(error, UpstreamError):
             raise self._final(error, deadline, log.attempts)
         raise error
