@@ -17,6 +17,7 @@ import grpc
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.rpc_boundary import pending_call_options
 
 MODEL = "bench-model"
 STREAM_CHUNKS = int(os.environ.get("BENCH_STREAM_CHUNKS", "200"))
@@ -78,7 +79,8 @@ class TrivialServicer(pb_grpc.CompletionServiceServicer):
 
 async def run_trivial() -> None:
     """The trivial grpc.aio server."""
-    server = grpc.aio.server()
+    # The gateway's pending-call limits, so that both hold the same number of streams.
+    server = grpc.aio.server(options=pending_call_options(100_000, 0))
     pb_grpc.add_CompletionServiceServicer_to_server(TrivialServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
