@@ -103,7 +103,10 @@ def _http_calls(session: aiohttp.ClientSession, base_url: str) -> Calls:
     async def first_token() -> float:
         started = time.perf_counter()
         async with session.post(url, json=HTTP_STREAM) as response:
-            await response.content.readline()  # the first SSE line: the first chunk
+            # The first event carries only the role: time the first one with content.
+            line = b"data:"
+            while line and b'"content"' not in line:
+                line = await response.content.readline()
             first = time.perf_counter() - started
             async for _ in response.content.iter_chunked(65536):  # outside the timing
                 pass
