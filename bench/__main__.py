@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import inspect
 import sys
 
 DETAILED = [
@@ -27,7 +29,20 @@ def main() -> None:
     for name in DETAILED:
         if "all" in only or name.rsplit(".", 1)[-1] in only:
             print(f"\n===== {name} =====", flush=True)
-            importlib.import_module(name).main()
+            _run(importlib.import_module(name))
+
+
+def _run(module: object) -> None:
+    """Call a benchmark's `main` with its defaults (never this command line), sync or async."""
+    main = module.main  # type: ignore[attr-defined]
+    if hasattr(module, "parse_args"):
+        result = main(module.parse_args([]))
+    elif inspect.signature(main).parameters:
+        result = main([])
+    else:
+        result = main()
+    if inspect.iscoroutine(result):
+        asyncio.run(result)
 
 
 if __name__ == "__main__":
