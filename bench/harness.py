@@ -28,11 +28,12 @@ class Figures:
     per_second: float
     p50_ms: float
     p99_ms: float
+    p90_ms: float = 0.0
 
 
 @contextlib.asynccontextmanager
-async def child_server(*args: str) -> AsyncIterator[str]:
-    """Start `python -m bench.servers ARGS` and yield the address it reports."""
+async def child_server(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[str]:
+    """Start `python -m bench.servers ARGS` (extra `env`) and yield the address it reports."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -41,7 +42,7 @@ async def child_server(*args: str) -> AsyncIterator[str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     try:
         assert process.stdout is not None
@@ -87,8 +88,14 @@ async def measure(
         seconds=seconds,
         per_second=requests / seconds,
         p50_ms=statistics.median(latencies) * 1000,
-        p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        p90_ms=percentile(latencies, 0.90) * 1000,
     )
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    """The `fraction` percentile of an ascending list (nearest rank)."""
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
 def print_table(title: str, rows: list[Figures], baseline: Figures | None = None) -> None:

@@ -45,8 +45,8 @@ def _server_pid(kind: str) -> int:
     raise RuntimeError(f"{kind} process not found")
 
 
-async def hold_streams(address: str, pid: int) -> dict[str, float]:
-    """Open STREAMS streams at once on `address`, measure RSS of `pid`, then drain them."""
+async def hold_streams(address: str, pid: int, streams: int = STREAMS) -> dict[str, float]:
+    """Open `streams` streams at once on `address`, measure RSS of `pid`, then drain them."""
     channels = [grpc.aio.insecure_channel(address) for _ in range(CHANNELS)]
     stubs = [pb_grpc.CompletionServiceStub(c) for c in channels]
     await stubs[0].Complete(pb.CompleteRequest(model=MODEL, messages=REQUEST.messages))
@@ -64,18 +64,18 @@ async def hold_streams(address: str, pid: int) -> dict[str, float]:
                 if first:
                     first = False
                     opened += 1
-                    if opened == STREAMS:
+                    if opened == streams:
                         all_open.set()
         except grpc.aio.AioRpcError as error:
             errors += 1
             if errors <= 3:
                 print(f"stream error: {error.code().name} {error.details()}")
             opened += 1
-            if opened == STREAMS:
+            if opened == streams:
                 all_open.set()
 
     started = time.perf_counter()
-    tasks = [asyncio.ensure_future(one(i)) for i in range(STREAMS)]
+    tasks = [asyncio.ensure_future(one(i)) for i in range(streams)]
     await asyncio.wait_for(all_open.wait(), timeout=120)
     open_s = time.perf_counter() - started
     peak = rss_mb(pid)
@@ -83,12 +83,12 @@ async def hold_streams(address: str, pid: int) -> dict[str, float]:
     for channel in channels:
         await channel.close()
     return {
-        "streams": STREAMS,
+        "streams": streams,
         "errors": errors,
         "seconds_to_open_all": round(open_s, 2),
         "rss_idle_mb": round(baseline, 1),
         "rss_all_open_mb": round(peak, 1),
-        "rss_per_stream_kb": round((peak - baseline) * 1024 / STREAMS, 1),
+        "rss_per_stream_kb": round((peak - baseline) * 1024 / streams, 1),
     }
 
 

@@ -3,6 +3,7 @@
 python -m bench.servers mock             # the fault-injecting fake upstream, answering at once
 python -m bench.servers trivial          # a grpc.aio server that does nothing (the ceiling)
 python -m bench.servers gateway URL      # the gateway in front of the upstream at URL
+python -m bench.servers gateway-telemetry URL  # the same, every span and metric recorded
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import grpc
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.rpc_boundary import pending_call_options
 
 MODEL = "bench-model"
 STREAM_CHUNKS = int(os.environ.get("BENCH_STREAM_CHUNKS", "200"))
@@ -77,7 +79,8 @@ class TrivialServicer(pb_grpc.CompletionServiceServicer):
 
 async def run_trivial() -> None:
     """The trivial grpc.aio server."""
-    server = grpc.aio.server()
+    # The gateway's pending-call limits, so that both hold the same number of streams.
+    server = grpc.aio.server(options=pending_call_options(100_000, 0))
     pb_grpc.add_CompletionServiceServicer_to_server(TrivialServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -85,8 +88,8 @@ async def run_trivial() -> None:
     await server.wait_for_termination()
 
 
-async def run_gateway(upstream_url: str) -> None:
-    """The gateway with one upstream serving MODEL."""
+async def run_gateway(upstream_url: str, *, with_telemetry: bool = False) -> None:
+    """The gateway with one upstream serving MODEL; `with_telemetry`: all of it recorded."""
     from service.config import parse_config
     from service.server import GatewayServer
 
@@ -99,6 +102,7 @@ async def run_gateway(upstream_url: str) -> None:
                     "base_url": upstream_url,
                     "models": [MODEL],
                     "max_connections": 10_000,
+                    "max_concurrency": 100_000,
                 }
             ],
             "models": {
@@ -112,9 +116,27 @@ async def run_gateway(upstream_url: str) -> None:
         },
         source="<bench>",
     )
-    async with GatewayServer(config) as server:
+    telemetry = _discarding_telemetry() if with_telemetry else None  # None: as configured
+    async with GatewayServer(config, telemetry=telemetry) as server:
         print(f"ready {server.address}", flush=True)
         await _wait_forever()
+
+
+def _discarding_telemetry() -> Any:
+    """Spans through a batch processor and every metric aggregated; the exporter drops."""
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from bench.telemetry_overhead import DiscardingExporter
+    from service.config import TelemetryConfig
+    from service.telemetry import Telemetry
+
+    return Telemetry.from_config(
+        TelemetryConfig(),
+        environ={},
+        span_processors=[BatchSpanProcessor(DiscardingExporter())],
+        metric_readers=[InMemoryMetricReader()],
+    )
 
 
 def main() -> None:
@@ -127,6 +149,8 @@ def main() -> None:
         asyncio.run(run_trivial())
     elif kind == "gateway":
         asyncio.run(run_gateway(sys.argv[2]))
+    elif kind == "gateway-telemetry":
+        asyncio.run(run_gateway(sys.argv[2], with_telemetry=True))
     else:
         raise SystemExit(f"unknown server {kind!r}")
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from service.auth import DEFAULT_TENANT, Authenticator, Principal, check_model_allowed
+from service.config import TenantConfig
 from service.errors import FieldViolation, InvalidRequest
 from service.tenant_limits import TenantLimiter
 from service.tokens import estimate_text_tokens
@@ -128,6 +129,16 @@ def cert_common_name(context: CallContext) -> str | None:
     return None
 
 
+def _is_unmetered(limits: TenantConfig) -> bool:
+    """Whether a tenant may use every model without any per-minute or concurrency limit."""
+    return not (
+        limits.allowed_models
+        or limits.requests_per_minute
+        or limits.tokens_per_minute
+        or limits.max_concurrent_calls
+    )
+
+
 class CallerGate:
     """Authenticates, authorizes and meters one call (see the module docstring)."""
 
@@ -142,6 +153,9 @@ class CallerGate:
             context.invocation_metadata() or (), cert_common_name=cert_common_name(context)
         )
         _principal.set(principal)
+        if _is_unmetered(principal.limits) and not isinstance(request, UndecodableRequest):
+            yield principal  # nothing to check or count: skip estimating the request's tokens
+            return
         demand = demand_of(request)
         for model in demand.models:
             check_model_allowed(principal, model)

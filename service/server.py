@@ -21,7 +21,7 @@ from service.local_model import LocalModelServer
 from service.pipeline import Pipeline
 from service.pool import UpstreamPool
 from service.pricing import PriceList
-from service.rpc_boundary import Admission, add_service, guard_servicer
+from service.rpc_boundary import Admission, add_service, guard_servicer, pending_call_options
 from service.security import build_caller_gate, check_listen_policy
 from service.servicer import CompletionServicer
 from service.telemetry import Telemetry, activate
@@ -111,6 +111,7 @@ class GatewayServer:
         guard_servicer(servicer, RPC_METHODS, self.admission, gate)
         server = grpc.aio.server(
             options=[
+                *pending_call_options(self.admission.max_in_flight, self.admission.max_queued),
                 ("grpc.max_receive_message_length", self.config.server.max_receive_message_bytes),
                 ("grpc.so_reuseport", 1 if self.config.server.workers != 1 else 0),
                 ("grpc.keepalive_permit_without_calls", 1),

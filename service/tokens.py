@@ -21,6 +21,7 @@ tests/unit/test_tokens.py, the estimate is 1.1-1.7x the larger real count.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -35,6 +36,14 @@ _WORD = re.compile(r"[^\W\d_]+")
 # whitespace other than the single space that joins the next word.
 _OTHER = re.compile(r"\d|[^\w\s]|_|\s{2,}|[^\S ]")
 _ASTRAL = re.compile(r"[\U00010000-\U0010FFFF]")
+# In ASCII text a word's ceil(len / 4) tokens are its runs of up to 4 letters, counted by
+# the regex engine rather than word by word in Python (4: _ASCII_LETTERS_PER_TOKEN).
+_ASCII_WORD_PIECE = re.compile(r"[A-Za-z]{1,4}")
+# One call estimates the same prompt up to five times (caller gate, validation, context
+# window, upstream limiter, calibration): recent texts are remembered. Bounded to
+# _MEMO_SIZE texts of at most _MEMO_MAX_CHARS each (8 M characters at worst).
+_MEMO_SIZE = 256
+_MEMO_MAX_CHARS = 32 * 1024
 
 _ASCII_LETTERS_PER_TOKEN = 4
 _ASCII_LETTER_COST = 0.5  # inside a word with diacritics
@@ -71,11 +80,21 @@ def estimate_text_tokens(text: str) -> int:
     """Estimated tokens for `text`: never below what common BPE tokenizers count."""
     if not text:
         return 0
+    if len(text) <= _MEMO_MAX_CHARS:
+        return _remembered_estimate(text)
+    return _estimate(text)
+
+
+def _estimate(text: str) -> int:
+    if text.isascii():
+        return len(_ASCII_WORD_PIECE.findall(text)) + len(_OTHER.findall(text))
     total = sum(_word_tokens(word) for word in _WORD.findall(text))
     total += len(_OTHER.findall(text))
-    if not text.isascii():
-        total += len(_ASTRAL.findall(text))  # emoji and rare symbols: several byte tokens
+    total += len(_ASTRAL.findall(text))  # emoji and rare symbols: several byte tokens
     return total
+
+
+_remembered_estimate = functools.lru_cache(maxsize=_MEMO_SIZE)(_estimate)
 
 
 def estimate_message_tokens(message: Message) -> int:

@@ -1,0 +1,500 @@
+"""`make bench`: every target of the performance issue, measured in one run, in one table.
+
+    python -m bench.report            # BENCH_ROUNDS=3, BENCH_SCALE=1, BENCH_STREAMS=2000
+
+Each server runs in its own process, driven from this one: the mock upstream (answers
+at once), a trivial grpc.aio server (the ceiling for Python gRPC here), the gateway in
+front of the mock, the same gateway with every span and metric recorded, and
+`python -m service serve --workers N`. The load-sensitive figures are measured in
+BENCH_ROUNDS interleaved rounds (so background load hits every server alike) and the
+median of each is reported. Prints one table (figure, target, ratio, pass/fail), writes
+bench/results/report.json and renders bench/results/latency.png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import yaml
+
+from bench.harness import REPO, RESULTS, Figures, child_server, measure, percentile, write_json
+from bench.open_streams import _server_pid, hold_streams
+from bench.servers import MODEL, STREAM_CHUNKS
+from llmgateway.v1 import gateway_pb2 as pb
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+SCALE = float(os.environ.get("BENCH_SCALE", "1"))
+OPEN_STREAMS = int(os.environ.get("BENCH_STREAMS", "2000"))
+UNARY_C1 = max(50, int(500 * SCALE))
+UNARY_C64 = max(300, int(3000 * SCALE))
+STREAM_C1 = max(20, int(100 * SCALE))
+STREAMS_C16 = max(32, int(96 * SCALE))
+ADDED_MS_BUDGET = 0.25
+
+MESSAGES = [pb.Message(role=pb.ROLE_USER, content="Say hi")]
+MISS = pb.CompleteRequest(model=MODEL, messages=MESSAGES)  # not cacheable: no temperature
+HIT = pb.CompleteRequest(
+    model=MODEL, messages=MESSAGES, params=pb.GenerationParams(temperature=0.0)
+)  # temperature 0: cached after the first call
+STREAM = pb.CompleteStreamRequest(model=MODEL, messages=MESSAGES)
+HTTP_MESSAGES = [{"role": "user", "content": "Say hi"}]
+HTTP_UNARY = {"model": MODEL, "messages": HTTP_MESSAGES}
+HTTP_STREAM = {**HTTP_UNARY, "stream": True, "stream_options": {"include_usage": True}}
+
+
+# ---- the calls -----------------------------------------------------------------------
+
+
+@dataclass
+class Calls:
+    """The unary call, the whole stream and the time to its first message, per target."""
+
+    unary: Callable[[], Awaitable[object]]
+    stream: Callable[[], Awaitable[object]]
+    first_token: Callable[[], Awaitable[float]]  # seconds to the first message
+
+
+def _grpc_calls(stub: pb_grpc.CompletionServiceStub, request: pb.CompleteRequest) -> Calls:
+    async def unary() -> None:
+        await stub.Complete(request)
+
+    async def stream() -> None:
+        async for _ in stub.CompleteStream(STREAM):
+            pass
+
+    async def first_token() -> float:
+        started = time.perf_counter()
+        call = stub.CompleteStream(STREAM)
+        await call.read()
+        first = time.perf_counter() - started
+        while await call.read() is not grpc.aio.EOF:  # drained outside the timing
+            pass
+        return first
+
+    return Calls(unary, stream, first_token)
+
+
+def _http_calls(session: aiohttp.ClientSession, base_url: str) -> Calls:
+    url = base_url + "/chat/completions"
+
+    async def unary() -> None:
+        async with session.post(url, json=HTTP_UNARY) as response:
+            await response.json()
+
+    async def stream() -> None:
+        async with session.post(url, json=HTTP_STREAM) as response:
+            async for _ in response.content.iter_chunked(65536):
+                pass
+
+    async def first_token() -> float:
+        started = time.perf_counter()
+        async with session.post(url, json=HTTP_STREAM) as response:
+            # The first event carries only the role: time the first one with content.
+            line = b"data:"
+            while line and b'"content"' not in line:
+                line = await response.content.readline()
+            first = time.perf_counter() - started
+            async for _ in response.content.iter_chunked(65536):  # outside the timing
+                pass
+        return first
+
+    return Calls(unary, stream, first_token)
+
+
+# ---- measuring -----------------------------------------------------------------------
+
+
+def _median(rows: list[Figures]) -> Figures:
+    """The median of each figure across rounds."""
+    return Figures(
+        name=rows[0].name,
+        requests=sum(r.requests for r in rows),
+        errors=sum(r.errors for r in rows),
+        seconds=sum(r.seconds for r in rows),
+        per_second=statistics.median(r.per_second for r in rows),
+        p50_ms=statistics.median(r.p50_ms for r in rows),
+        p99_ms=statistics.median(r.p99_ms for r in rows),
+        p90_ms=statistics.median(r.p90_ms for r in rows),
+    )
+
+
+async def _figures(name: str, calls: Calls, *, unary_c64: bool = True) -> dict[str, Figures]:
+    figures = {
+        "unary_c1": await measure(
+            f"{name} unary c=1", calls.unary, requests=UNARY_C1, concurrency=1
+        ),
+        "ttft_c1": await _first_token(f"{name} first token c=1", calls.first_token),
+        "stream_c16": await measure(
+            f"{name} stream c=16", calls.stream, requests=STREAMS_C16, concurrency=16
+        ),
+    }
+    if unary_c64:
+        figures["unary_c64"] = await measure(
+            f"{name} unary c=64", calls.unary, requests=UNARY_C64, concurrency=64
+        )
+    return figures
+
+
+async def _first_token(name: str, first_token: Callable[[], Awaitable[float]]) -> Figures:
+    """Time to the first streamed message, one stream at a time."""
+    for _ in range(5):
+        await first_token()
+    started = time.perf_counter()
+    latencies = sorted([await first_token() for _ in range(STREAM_C1)])
+    seconds = time.perf_counter() - started
+    return Figures(
+        name=name,
+        requests=STREAM_C1,
+        errors=0,
+        seconds=seconds,
+        per_second=STREAM_C1 / seconds,
+        p50_ms=statistics.median(latencies) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        p90_ms=percentile(latencies, 0.90) * 1000,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _grpc_stub(address: str) -> AsyncIterator[pb_grpc.CompletionServiceStub]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        yield pb_grpc.CompletionServiceStub(channel)
+
+
+async def _rounds() -> dict[str, dict[str, Figures]]:
+    """Direct, trivial, gateway (miss and hit) and gateway with telemetry, interleaved."""
+    rounds: dict[str, dict[str, list[Figures]]] = {}
+
+    def keep(target: str, figures: dict[str, Figures]) -> None:
+        for key, row in figures.items():
+            rounds.setdefault(target, {}).setdefault(key, []).append(row)
+
+    async with contextlib.AsyncExitStack() as stack:
+        upstream_url = await stack.enter_async_context(child_server("mock"))
+        trivial_at = await stack.enter_async_context(child_server("trivial"))
+        gateway_at = await stack.enter_async_context(child_server("gateway", upstream_url))
+        telemetry_at = await stack.enter_async_context(
+            child_server("gateway-telemetry", upstream_url)
+        )
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
+        )
+        trivial = await stack.enter_async_context(_grpc_stub(trivial_at))
+        gateway = await stack.enter_async_context(_grpc_stub(gateway_at))
+        telemetry = await stack.enter_async_context(_grpc_stub(telemetry_at))
+        for index in range(ROUNDS):
+            print(f"round {index + 1}/{ROUNDS}", flush=True)
+            keep("direct", await _figures("direct", _http_calls(session, upstream_url)))
+            keep("trivial", await _figures("trivial", _grpc_calls(trivial, MISS)))
+            keep("gateway", await _figures("gateway", _grpc_calls(gateway, MISS)))
+            hit = _grpc_calls(gateway, HIT).unary
+            keep(
+                "gateway",
+                {
+                    "hit_c64": await measure(
+                        "gateway hit c=64", hit, requests=UNARY_C64, concurrency=64
+                    )
+                },
+            )
+            on = _grpc_calls(telemetry, MISS).unary
+            keep(
+                "telemetry",
+                {
+                    "unary_c64": await measure(
+                        "telemetry unary c=64", on, requests=UNARY_C64, concurrency=64
+                    )
+                },
+            )
+    return {
+        target: {key: _median(rows) for key, rows in figures.items()}
+        for target, figures in rounds.items()
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def _served(upstream_url: str, workers: int) -> AsyncIterator[str]:
+    """`python -m service serve --workers N` in front of the mock; yields its address."""
+    address = f"127.0.0.1:{_free_port()}"
+    config = {
+        "server": {"listen": address, "max_in_flight_calls": 100_000, "grace_period_s": 1},
+        "upstreams": [
+            {"name": "mock", "base_url": upstream_url, "models": [MODEL], "max_connections": 10_000}
+        ],
+        "models": {
+            MODEL: {
+                "context_window": 32768,
+                "input_usd_per_million": 0.14,
+                "output_usd_per_million": 0.42,
+            }
+        },
+        "local_model": {"enabled": "never"},
+    }
+    workdir = tempfile.TemporaryDirectory(prefix="llmgw-bench-")
+    config_path = os.path.join(workdir.name, "gateway.yaml")
+    with open(config_path, "w", encoding="utf-8") as file:  # noqa: ASYNC230 (tiny, once)
+        yaml.safe_dump(config, file)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", config_path,
+        "--workers", str(workers), "--log-level", "WARNING",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), timeout=120)).decode()
+        if "listening on" not in line:
+            raise RuntimeError(f"gateway with {workers} workers failed to start: {line!r}")
+        yield address
+    finally:
+        process.terminate()
+        await process.wait()
+        workdir.cleanup()
+
+
+async def _workers_throughput(upstream_url: str, workers: int) -> Figures:
+    """Unary c=64 over 8 connections, so the kernel spreads them over the workers."""
+    async with _served(upstream_url, workers) as address:
+        # A local subchannel pool gives each channel its own TCP connection.
+        channels = [
+            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(8)
+        ]
+        stubs = [pb_grpc.CompletionServiceStub(c) for c in channels]
+        turn = 0
+
+        async def unary() -> None:
+            nonlocal turn
+            turn += 1
+            await stubs[turn % len(stubs)].Complete(MISS)
+
+        try:
+            rows = [
+                await measure(
+                    f"{workers} worker(s) unary c=64", unary, requests=UNARY_C64, concurrency=64
+                )
+                for _ in range(ROUNDS)
+            ]
+        finally:
+            for channel in channels:
+                await channel.close()
+    return _median(rows)
+
+
+async def _scaling() -> dict[str, Figures]:
+    async with child_server("mock") as upstream_url:
+        return {
+            "workers_1": await _workers_throughput(upstream_url, 1),
+            "workers_2": await _workers_throughput(upstream_url, 2),
+        }
+
+
+async def _open_streams() -> dict[str, dict[str, float]]:
+    """OPEN_STREAMS slow streams held at once by the trivial server, then the gateway."""
+    slow = {"BENCH_SLOW_STREAM": "1"}
+    async with child_server("trivial", env=slow) as address:
+        trivial = await hold_streams(address, _server_pid("trivial"), OPEN_STREAMS)
+    async with (
+        child_server("mock", env=slow) as upstream_url,
+        child_server("gateway", upstream_url, env=slow) as address,
+    ):
+        gateway = await hold_streams(address, _server_pid("gateway"), OPEN_STREAMS)
+    return {"trivial": trivial, "gateway": gateway}
+
+
+# ---- the table -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One target: what was measured against what was asked."""
+
+    target: str
+    measured: str
+    wanted: str
+    ratio: float
+    passed: bool
+
+
+def _rows(
+    figures: dict[str, dict[str, Figures]],
+    scaling: dict[str, Figures],
+    streams: dict[str, dict[str, float]],
+) -> list[Row]:
+    direct, trivial, gateway = figures["direct"], figures["trivial"], figures["gateway"]
+    rows = []
+    for key, what in (("unary_c1", "unary p50 c=1"), ("ttft_c1", "stream first token p50 c=1")):
+        bound = direct[key].p50_ms + trivial[key].p50_ms + ADDED_MS_BUDGET
+        measured = gateway[key].p50_ms
+        added = measured - direct[key].p50_ms - trivial[key].p50_ms
+        rows.append(
+            Row(
+                f"{what} (added {added:+.2f} ms)",
+                f"{measured:.2f} ms",
+                f"<= {bound:.2f} ms",
+                measured / bound,
+                measured <= bound,
+            )
+        )
+    ceiling = trivial["unary_c64"].per_second
+    for key, what, floor in (
+        ("unary_c64", "unary c=64, cache miss", 0.5),
+        ("hit_c64", "unary c=64, cache hit", 0.8),
+    ):
+        ratio = gateway[key].per_second / ceiling
+        rows.append(
+            Row(
+                f"{what} vs trivial",
+                f"{gateway[key].per_second:.0f}/s of {ceiling:.0f}/s",
+                f">= {floor:.2f}",
+                ratio,
+                ratio >= floor,
+            )
+        )
+    chunks = STREAM_CHUNKS + 1
+    ratio = gateway["stream_c16"].per_second / trivial["stream_c16"].per_second
+    rows.append(
+        Row(
+            f"stream chunks/s c=16 ({STREAM_CHUNKS}-chunk) vs trivial",
+            f"{gateway['stream_c16'].per_second * chunks:.0f} of "
+            f"{trivial['stream_c16'].per_second * chunks:.0f}",
+            ">= 0.60",
+            ratio,
+            ratio >= 0.6,
+        )
+    )
+    held = streams["gateway"]
+    rows.append(
+        Row(
+            f"{OPEN_STREAMS} open streams: RSS ({held['rss_per_stream_kb']:.0f} KiB/stream)",
+            f"{held['rss_all_open_mb']:.0f} MiB, {held['errors']:.0f} errors "
+            f"(trivial {streams['trivial']['errors']:.0f})",
+            "< 300 MiB, 0 errors",
+            held["rss_all_open_mb"] / 300,
+            held["rss_all_open_mb"] < 300 and held["errors"] == 0,
+        )
+    )
+    ratio = figures["telemetry"]["unary_c64"].per_second / gateway["unary_c64"].per_second
+    rows.append(
+        Row(
+            "telemetry on: unary c=64 vs off",
+            f"{figures['telemetry']['unary_c64'].per_second:.0f}/s of "
+            f"{gateway['unary_c64'].per_second:.0f}/s",
+            ">= 0.90",
+            ratio,
+            ratio >= 0.9,
+        )
+    )
+    one, two = scaling["workers_1"].per_second, scaling["workers_2"].per_second
+    rows.append(
+        Row(
+            "--workers 2 vs --workers 1, unary c=64",
+            f"{two:.0f}/s vs {one:.0f}/s",
+            "> 1.00 (report)",
+            two / one,
+            two > one,
+        )
+    )
+    return rows
+
+
+def _table(rows: list[Row]) -> str:
+    header = ("target", "measured", "wanted", "ratio", "")
+    lines = [header] + [
+        (r.target, r.measured, r.wanted, f"{r.ratio:.2f}", "pass" if r.passed else "MISS")
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for number, line in enumerate(lines):
+        out.append("| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)) + " |")
+        if number == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def _chart(figures: dict[str, dict[str, Figures]], path: Path) -> bool:
+    """p50/p90/p99 of unary calls at c=1 for direct, gateway and trivial, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: `pip install -e '.[bench]'` for the chart)")
+        return False
+    targets = [("direct HTTP", "direct"), ("trivial gRPC", "trivial"), ("gateway", "gateway")]
+    marks = [("p50", "p50_ms"), ("p90", "p90_ms"), ("p99", "p99_ms")]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, key, title in (
+        (axes[0], "unary_c1", "unary, concurrency 1"),
+        (axes[1], "unary_c64", "unary, concurrency 64"),
+    ):
+        width = 0.25
+        for offset, (label, attr) in enumerate(marks):
+            values = [getattr(figures[t][key], attr) for _, t in targets]
+            positions = [i + (offset - 1) * width for i in range(len(targets))]
+            bars = axis.bar(positions, values, width, label=label)
+            axis.bar_label(bars, fmt="%.2f", fontsize=7)
+        axis.set_xticks(range(len(targets)), [name for name, _ in targets])
+        axis.set_ylabel("latency, ms")
+        axis.set_title(title)
+        axis.legend()
+    figure.suptitle(f"Latency percentiles (median of {ROUNDS} rounds, {os.cpu_count()} cores)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+async def run() -> dict[str, Any]:
+    """Measure everything, print the table, write the JSON and the chart."""
+    started = time.perf_counter()
+    print(f"bench: {ROUNDS} rounds, {os.cpu_count()} cores; per-round figures, then the table")
+    figures = await _rounds()
+    scaling = await _scaling()
+    streams = await _open_streams()
+    rows = _rows(figures, scaling, streams)
+    table = _table(rows)
+    print()
+    print(table)
+    result: dict[str, Any] = {
+        "rounds": ROUNDS,
+        "cores": os.cpu_count(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "table": [asdict(r) for r in rows],
+        "figures": figures,
+        "workers": scaling,
+        "open_streams": streams,
+    }
+    print(f"written {write_json('report', result)}")
+    if _chart(figures, RESULTS / "latency.png"):
+        print(f"written {RESULTS / 'latency.png'}")
+    return result
+
+
+def main() -> None:
+    """Entry point."""
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
