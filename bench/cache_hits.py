@@ -23,13 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from bench.harness import child_server
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 
@@ -125,30 +125,6 @@ class Figures:
     errors: int
 
 
-@contextlib.asynccontextmanager
-async def _child(kind: str, redis_url: str = "") -> AsyncIterator[str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.cache_hits",
-        "serve",
-        kind,
-        redis_url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        cwd=REPO,
-    )
-    try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
-        if not line.startswith("ready "):
-            raise RuntimeError(f"{kind} server failed to start: {line!r}")
-        yield line.split(" ", 1)[1].strip()
-    finally:
-        process.terminate()
-        await process.wait()
-
-
 async def _measure(name: str, address: str, *, requests: int, concurrency: int) -> Figures:
     request = _request()
     latencies: list[float] = []
@@ -237,7 +213,10 @@ async def _run(
     loaded: list[list[Figures]] = [[] for _ in servers]
     single: list[list[Figures]] = [[] for _ in servers]
     async with contextlib.AsyncExitStack() as stack:
-        addresses = [await stack.enter_async_context(_child(k, u)) for _, k, u in servers]
+        addresses = [
+            await stack.enter_async_context(child_server("serve", k, u, module="bench.cache_hits"))
+            for _, k, u in servers
+        ]
         # Interleave the servers round by round so background load hits them alike.
         for _ in range(rounds):
             for i, (name, _, _) in enumerate(servers):

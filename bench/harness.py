@@ -32,12 +32,14 @@ class Figures:
 
 
 @contextlib.asynccontextmanager
-async def child_server(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[str]:
-    """Start `python -m bench.servers ARGS` (extra `env`) and yield the address it reports."""
+async def child_server(
+    *args: str, env: dict[str, str] | None = None, module: str = "bench.servers"
+) -> AsyncIterator[str]:
+    """Start `python -m MODULE ARGS` (extra `env`) and yield the address it reports."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "bench.servers",
+        module,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
