@@ -450,6 +450,11 @@ class LedgerConfig:
     retention_days: int = 62
 
     def __post_init__(self) -> None:
+        if self.redis_url:  # checked here, or a typo only fails when the server starts
+            _require(
+                urlsplit(self.redis_url).scheme in ("redis", "rediss", "unix"),
+                "redis_url must be redis://, rediss:// or unix://",
+            )
         _require(
             60 <= self.bucket_s <= 86400 and 86400 % self.bucket_s == 0,
             "bucket_s must divide a day and be >= 60",

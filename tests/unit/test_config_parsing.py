@@ -398,6 +398,13 @@ def test_env_override_on_real_file() -> None:
         ),
         pytest.param({}, {"LLM_GATEWAY__": "x"}, "", "names no key", id="env-bare-prefix"),
         pytest.param([1, 2], {}, "", "must be a YAML mapping", id="top-level-list"),
+        pytest.param(
+            {"ledger": {"redis_url": "localhost:6379"}},
+            {},
+            "ledger",
+            "redis_url must be redis://, rediss:// or unix://",
+            id="ledger-redis-url-without-scheme",
+        ),
     ],
 )
 def test_config_errors_name_the_key(
