@@ -178,5 +178,6 @@ async def test_a_join_after_the_last_waiter_left_starts_a_fresh_call() -> None:
     assert (again is not flight, started) == (True, True)
     assert await flights.wait(again) == "answer"
     await flights.aclose()  # also ends the forgotten flight still winding down
-    assert flight.task is not None and flight.task.done()
+    assert flight.task is not None
+    assert flight.task.done()
     assert not closing.is_set()
