@@ -192,7 +192,7 @@ class LocalModelServer:
         self._closing = True
         if self._watchdog is not None:
             self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+            # Not suppress(CancelledError): that would also swallow aclose's own cancellation.
+            await asyncio.gather(self._watchdog, return_exceptions=True)
             self._watchdog = None
         await self._stop_process()
