@@ -134,7 +134,13 @@ class LocalModelServer:
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
         )
-        await self._wait_ready()
+        try:
+            await self._wait_ready()
+        except BaseException:
+            # Cancelled or failed before it answered: a child in its own session would
+            # otherwise outlive the gateway.
+            await self._stop_process()
+            raise
         log.info("local_model.ready", extra={"port": self.port, "model": self.config.model})
 
     async def _wait_ready(self) -> None:
