@@ -101,6 +101,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
         _require(bool(sep and host and port.isdigit()), "listen must be HOST:PORT")
+        # gRPC takes the port modulo 65536: 70000 would quietly listen on 4464.
+        _require(int(port) <= 65535, "listen's port must be 0..65535")
         _require(self.grace_period_s >= 0, "grace_period_s must be >= 0")
         _require(self.max_receive_message_bytes >= 1024, "max_receive_message_bytes too small")
         _require(self.max_in_flight_calls >= 1, "max_in_flight_calls must be >= 1")

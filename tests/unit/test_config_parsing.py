@@ -343,6 +343,13 @@ def test_env_override_on_real_file() -> None:
             id="listen-port-not-number",
         ),
         pytest.param(
+            {"server": {"listen": "127.0.0.1:70000"}},
+            {},
+            "server",
+            "listen's port must be 0..65535",
+            id="listen-port-out-of-range",
+        ),
+        pytest.param(
             {"server": {"listen": ":50051"}},
             {},
             "server",
