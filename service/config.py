@@ -101,6 +101,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
         _require(bool(sep and host and port.isdigit()), "listen must be HOST:PORT")
+        # gRPC takes the port modulo 65536: 70000 would quietly listen on 4464.
+        _require(int(port) <= 65535, "listen's port must be 0..65535")
         _require(self.grace_period_s >= 0, "grace_period_s must be >= 0")
         _require(self.max_receive_message_bytes >= 1024, "max_receive_message_bytes too small")
         _require(self.max_in_flight_calls >= 1, "max_in_flight_calls must be >= 1")
@@ -450,6 +452,11 @@ class LedgerConfig:
     retention_days: int = 62
 
     def __post_init__(self) -> None:
+        if self.redis_url:  # checked here, or a typo only fails when the server starts
+            _require(
+                urlsplit(self.redis_url).scheme in ("redis", "rediss", "unix"),
+                "redis_url must be redis://, rediss:// or unix://",
+            )
         _require(
             60 <= self.bucket_s <= 86400 and 86400 % self.bucket_s == 0,
             "bucket_s must divide a day and be >= 60",

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 
 from service.config import LedgerConfig
 from service.domain import Usage
+from service.errors import UpstreamUnavailable
 
 log = logging.getLogger("llm_gateway.ledger")
 
@@ -236,7 +237,20 @@ class MemoryLedger:
             self._spend[spend_key] = self._spend.get(spend_key, 0) + counters["cost_pico"]
 
     async def query(self, query: UsageFilter) -> list[UsageRow]:
-        """Rows matching `query`, summed over its time window."""
+        """Rows matching `query`, summed over its time window.
+
+        Raises:
+            UpstreamUnavailable: Redis cannot be reached (the caller may retry).
+        """
+        try:
+            return await self._query(query)
+        except (RedisError, OSError) as exc:
+            log.warning("ledger.query_failed", extra={"error": type(exc).__name__})
+            raise UpstreamUnavailable(
+                "the usage ledger is unavailable", upstream="usage-ledger"
+            ) from None
+
+    async def _query(self, query: UsageFilter) -> list[UsageRow]:
         low, high = self._buckets.window(query)
         merged: dict[Dims, UsageRow] = {}
         for (bucket, dims), row in self._rows.items():
@@ -307,7 +321,20 @@ class RedisLedger:
             log.warning("ledger.record_failed", extra={"error": type(exc).__name__})
 
     async def query(self, query: UsageFilter) -> list[UsageRow]:
-        """Rows matching `query`, summed over its time window."""
+        """Rows matching `query`, summed over its time window.
+
+        Raises:
+            UpstreamUnavailable: Redis cannot be reached (the caller may retry).
+        """
+        try:
+            return await self._query(query)
+        except (RedisError, OSError) as exc:
+            log.warning("ledger.query_failed", extra={"error": type(exc).__name__})
+            raise UpstreamUnavailable(
+                "the usage ledger is unavailable", upstream="usage-ledger"
+            ) from None
+
+    async def _query(self, query: UsageFilter) -> list[UsageRow]:
         low, high = self._buckets.window(query)
         low_arg = "-inf" if low == float("-inf") else str(int(low))
         high_arg = "+inf" if high == float("inf") else f"({high}"

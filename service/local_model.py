@@ -134,7 +134,13 @@ class LocalModelServer:
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
         )
-        await self._wait_ready()
+        try:
+            await self._wait_ready()
+        except BaseException:
+            # Cancelled or failed before it answered: a child in its own session would
+            # otherwise outlive the gateway.
+            await self._stop_process()
+            raise
         log.info("local_model.ready", extra={"port": self.port, "model": self.config.model})
 
     async def _wait_ready(self) -> None:
@@ -192,7 +198,7 @@ class LocalModelServer:
         self._closing = True
         if self._watchdog is not None:
             self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+            # Not suppress(CancelledError): that would also swallow aclose's own cancellation.
+            await asyncio.gather(self._watchdog, return_exceptions=True)
             self._watchdog = None
         await self._stop_process()

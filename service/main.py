@@ -39,10 +39,14 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
         return 2
     server = config.server
-    if args.listen:
-        server = dataclasses.replace(server, listen=args.listen)
-    if args.workers is not None:
-        server = dataclasses.replace(server, workers=args.workers)
+    try:  # replace() validates like the file does
+        if args.listen:
+            server = dataclasses.replace(server, listen=args.listen)
+        if args.workers is not None:
+            server = dataclasses.replace(server, workers=args.workers)
+    except ValueError as exc:
+        print(f"llm-gateway: config error: --listen/--workers: {exc}", file=sys.stderr)
+        return 2
     config = dataclasses.replace(config, server=server)
     count = worker_count(server.workers)
     if count > 1:

@@ -12,7 +12,7 @@ import functools
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from service.budgets import Budgets
 from service.calibration import TokenCalibration
@@ -25,7 +25,7 @@ from service.pool import AttemptLog, UpstreamPool
 from service.pricing import PriceList
 from service.telemetry import active as telemetry
 from service.tokens import estimate_prompt_tokens, estimate_text_tokens
-from service.upstream.types import StreamEnd, TextChunk
+from service.upstream.types import StreamEnd, StreamEvent, TextChunk
 from service.validation import validate_chat_request
 
 if TYPE_CHECKING:  # only annotated here; the server builds the cache and passes it in
@@ -208,12 +208,18 @@ class Pipeline:
         log = AttemptLog()
         parts: list[str] = []
         end: StreamEnd | None = None
-        async for event in self._pool.stream(request, deadline=deadline, log=log):
-            if isinstance(event, TextChunk):
-                parts.append(event.content)
-                yield Delta(event.content)
-            else:
-                end = event
+        # Closed here, at once, when this stream is: not later by a GC hook's own task.
+        upstream = cast(
+            AsyncGenerator[StreamEvent, None],
+            self._pool.stream(request, deadline=deadline, log=log),
+        )
+        async with contextlib.aclosing(upstream):
+            async for event in upstream:
+                if isinstance(event, TextChunk):
+                    parts.append(event.content)
+                    yield Delta(event.content)
+                else:
+                    end = event
         if end is None:  # the pool always ends a stream with StreamEnd or raises
             raise RuntimeError("stream ended without its end event")
         content = "".join(parts)

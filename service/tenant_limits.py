@@ -219,6 +219,13 @@ class RedisTenantLimiter:
         except Exception as exc:  # the limit store is down: admit, say so once per call
             log.warning("tenant_limits.store_unavailable", extra={"error": type(exc).__name__})
             which, wait = 0, b""
+        except BaseException:
+            # Cancelled awaiting the reply: the script may have taken a lease; give it back
+            # now rather than hold the tenant's slot until the lease expires.
+            if cap:
+                with contextlib.suppress(Exception):
+                    await self._redis.zrem(keys[2], lease)
+            raise
         if int(which):
             limit = {1: rpm, 2: tpm, 3: cap}[int(which)]
             raise _refusal(tenant, _WHICH[int(which)], limit, float(wait))

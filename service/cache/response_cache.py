@@ -144,11 +144,15 @@ class ResponseCache:
         mode: CacheMode,
         call: Callable[[Callable[[str], None]], Awaitable[CachedAnswer]],
     ) -> tuple[Flight[CachedAnswer], bool]:
+        own_plan = _StorePlan(self.ttl_for(request), mode.writes)
+
         async def planned(publish: Callable[[str], None]) -> CachedAnswer:
             try:
                 return await call(publish)
             except BaseException:
-                self._plans.pop(key, None)
+                # Only its own: an abandoned flight may wind down after a new one started.
+                if self._plans.get(key) is own_plan:
+                    del self._plans[key]
                 raise
 
         async def store(answer: CachedAnswer) -> None:
@@ -158,7 +162,7 @@ class ResponseCache:
 
         flight, is_leader = self._flights.join(key, planned, after=store)
         if is_leader:
-            self._plans[key] = _StorePlan(self.ttl_for(request), mode.writes)
+            self._plans[key] = own_plan
         else:
             self.stats.coalesced += 1
             plan = self._plans.get(key)

@@ -60,10 +60,11 @@ class SingleFlight(Generic[T]):
 
     def __init__(self) -> None:
         self._flights: dict[str, Flight[T]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # also those forgotten, winding down
         self._is_closed = False
 
     def __len__(self) -> int:
-        return len(self._flights)
+        return len(self._tasks)
 
     def join(
         self,
@@ -83,6 +84,8 @@ class SingleFlight(Generic[T]):
         flight.task = asyncio.get_running_loop().create_task(
             self._run(flight, call, after), name=f"single-flight {key[-12:]}"
         )
+        self._tasks.add(flight.task)
+        flight.task.add_done_callback(self._tasks.discard)
         return flight, True
 
     async def _run(
@@ -119,6 +122,9 @@ class SingleFlight(Generic[T]):
         finally:
             flight.followers -= 1
             if flight.followers == 0 and not flight.result.done() and flight.task is not None:
+                # Forgotten at once: a call arriving while it winds down starts afresh
+                # instead of joining a flight that can only end cancelled.
+                self._forget(flight)
                 flight.task.cancel()
 
     async def wait(self, flight: Flight[T]) -> T:
@@ -142,7 +148,7 @@ class SingleFlight(Generic[T]):
     async def aclose(self) -> None:
         """Cancel every flight and wait for their tasks to end."""
         self._is_closed = True
-        tasks = [f.task for f in self._flights.values() if f.task is not None]
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -22,6 +22,7 @@ _FINISH_REASONS = {
     "eos": FinishReason.STOP,
     "max_tokens": FinishReason.LENGTH,
 }
+_MAX_TOKEN_COUNT = 2**53  # far beyond any real call; exact as a double, fits an int64
 
 
 class MalformedReply(ValueError):
@@ -69,13 +70,20 @@ def usage(data: object) -> Usage | None:
     details = data.get("prompt_tokens_details")
     cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
     try:
-        return Usage(
+        counts = Usage(
             input_tokens=int(data.get("prompt_tokens") or 0),
             output_tokens=int(data.get("completion_tokens") or 0),
             cached_input_tokens=int(cached or 0),
         )
     except (TypeError, ValueError) as exc:
         raise MalformedReply("usage counts are not integers") from exc
+    # Negative or huge counts would be billed as credits or overflow the reply's int64.
+    if not all(
+        0 <= n <= _MAX_TOKEN_COUNT
+        for n in (counts.input_tokens, counts.output_tokens, counts.cached_input_tokens)
+    ):
+        raise MalformedReply("usage counts are out of range")
+    return counts
 
 
 def _loads(raw: bytes | str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.pricing import cost_usd
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import Reply
+from tests.integration.helpers import error_info
 from tests.redis_support import redis_url  # noqa: F401 - fixture
 
 # DeepSeek-like prices in USD per million tokens, with a cached-input price.
@@ -232,3 +233,17 @@ async def test_every_path_charges_the_same_figure_and_the_ledger_agrees(upstream
     assert micro(usage.total.cost_usd) == micro(4 * EXPECTED_COST)
     assert usage.total.cost_usd == pytest.approx(sum(m.cost_usd for m in charged), abs=1e-12)
     assert usage.total.usage.output_tokens == 5 * 567
+
+
+async def test_an_unreachable_redis_ledger_is_unavailable_for_get_usage(
+    upstream, start_gateway, tmp_path
+):
+    """Ledger down: calls are still served, and GetUsage says UNAVAILABLE, not INTERNAL."""
+    ledger = {"redis_url": f"unix://{tmp_path}/no-such.sock"}
+    gateway = await start_gateway(gateway_config(upstream.base_url, ledger=ledger))
+    assert (await gateway.stub.Complete(chat())).content
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.GetUsage(pb.GetUsageRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no-such.sock" not in caught.value.details()
+    assert error_info(caught.value).metadata["upstream"] == "usage-ledger"

@@ -7,7 +7,7 @@ import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
-from tests.fake_upstream import CutStream, EndWithoutDone, MalformedSSE, Reset, Status
+from tests.fake_upstream import CutStream, EndWithoutDone, MalformedSSE, Reply, Reset, Status
 from tests.integration.helpers import error_info, field_violations, retry_delay_s
 
 # Single attempt, so each fault shows as itself rather than after retries.
@@ -165,3 +165,25 @@ async def test_malformed_body_is_unavailable_without_details_leak(upstream, star
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "Traceback" not in caught.value.details()
     assert "oops" not in caught.value.details()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [Reply(prompt_tokens=10**20), Reply(completion_tokens=-5), Reply(cached_tokens=-1)],
+    ids=["over-int64", "negative-output", "negative-cached"],
+)
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_impossible_usage_counts_are_a_malformed_answer(
+    upstream, start_gateway, reply, is_stream
+):
+    """Token counts no upstream can mean are UNAVAILABLE (malformed), never INTERNAL or billed."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    upstream.script(reply)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if is_stream:
+            async for _ in gateway.stub.CompleteStream(chat_stream()):
+                pass
+        else:
+            await gateway.stub.Complete(chat())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "malformed" in caught.value.details()

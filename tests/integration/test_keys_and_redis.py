@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 import redis
+import redis.asyncio as aioredis
 import yaml
 from google.rpc import error_details_pb2
 
 from service.auth import hash_key
+from service.config import TenantConfig
 from service.keys_cli import keys_command
+from service.tenant_limits import RedisTenantLimiter
 from tests.conftest import chat, gateway_config
 from tests.integration.tenancy_helpers import as_tenant, bearer, detail, rpc_error, secure_config
 from tests.secret_capture import register_secret
@@ -184,3 +189,46 @@ async def test_an_unreachable_redis_fails_closed_for_keys_and_open_for_limits(
     for _ in range(2):  # the limit cannot be checked, so it is not enforced
         assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
     assert len(upstream.requests) == 2
+
+
+class _ReplyNeverArrives:
+    """A Redis client whose admission script runs on the server but whose reply hangs."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.script_ran = asyncio.Event()
+
+    def register_script(self, lua: str) -> Callable[..., Awaitable[Any]]:
+        """The real script, run for real; the caller then waits for a reply forever."""
+        script = self.client.register_script(lua)
+
+        async def run(*, keys: list[str], args: list[object]) -> Any:
+            await script(keys=keys, args=args)
+            self.script_ran.set()
+            await asyncio.Event().wait()
+
+        return run
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+async def test_a_call_cancelled_while_redis_admits_it_leaves_no_lease(redis_url):
+    """Cancelled between the admission script running and its reply: the slot is given back."""
+    client = aioredis.Redis.from_url(redis_url)
+    slow = _ReplyNeverArrives(client)
+    limiter = RedisTenantLimiter(slow, prefix="t-cancel:")
+    limits = TenantConfig(max_concurrent_calls=1)
+
+    async def one_call() -> None:
+        async with limiter.admit("team-a", limits, tokens=10):
+            pass
+
+    call = asyncio.create_task(one_call())
+    await slow.script_ran.wait()
+    call.cancel()
+    await asyncio.gather(call, return_exceptions=True)
+    try:
+        assert await client.zcard("t-cancel:tenant:{team-a}:inflight") == 0
+    finally:
+        await client.aclose()

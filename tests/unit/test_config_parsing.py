@@ -343,6 +343,13 @@ def test_env_override_on_real_file() -> None:
             id="listen-port-not-number",
         ),
         pytest.param(
+            {"server": {"listen": "127.0.0.1:70000"}},
+            {},
+            "server",
+            "listen's port must be 0..65535",
+            id="listen-port-out-of-range",
+        ),
+        pytest.param(
             {"server": {"listen": ":50051"}},
             {},
             "server",
@@ -398,6 +405,13 @@ def test_env_override_on_real_file() -> None:
         ),
         pytest.param({}, {"LLM_GATEWAY__": "x"}, "", "names no key", id="env-bare-prefix"),
         pytest.param([1, 2], {}, "", "must be a YAML mapping", id="top-level-list"),
+        pytest.param(
+            {"ledger": {"redis_url": "localhost:6379"}},
+            {},
+            "ledger",
+            "redis_url must be redis://, rediss:// or unix://",
+            id="ledger-redis-url-without-scheme",
+        ),
     ],
 )
 def test_config_errors_name_the_key(

@@ -152,3 +152,32 @@ async def test_aclose_cancels_running_calls() -> None:
     assert upstream.cancelled == 1
     with pytest.raises(RuntimeError):
         flights.join("k", upstream)
+
+
+async def test_a_join_after_the_last_waiter_left_starts_a_fresh_call() -> None:
+    """A call arriving while an abandoned flight is still winding down gets its own answer."""
+    flights: SingleFlight[str] = SingleFlight()
+    closing = asyncio.Event()
+
+    async def slow_to_close(publish: Callable[[str], None]) -> str:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await closing.wait()  # e.g. aiohttp closing the upstream response
+            raise
+        return "never"
+
+    flight, _ = flights.join("k", slow_to_close)
+    waiter = asyncio.create_task(flights.wait(flight))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    upstream = Upstream()
+    upstream.release.set()
+    again, started = flights.join("k", upstream)
+    assert (again is not flight, started) == (True, True)
+    assert await flights.wait(again) == "answer"
+    await flights.aclose()  # also ends the forgotten flight still winding down
+    assert flight.task is not None
+    assert flight.task.done()
+    assert not closing.is_set()

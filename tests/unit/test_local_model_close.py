@@ -1,0 +1,74 @@
+"""Closing the local model's supervisor (service.local_model), without starting llama.cpp."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from service.config import LocalModelConfig
+from service.local_model import LocalModelServer
+
+
+async def test_cancelling_aclose_while_the_supervisor_winds_down_cancels_aclose() -> None:
+    """aclose() cancelled while it waits for its supervisor task ends cancelled, not normally."""
+    server = LocalModelServer(LocalModelConfig())
+    winding_down = asyncio.Event()
+
+    async def supervisor() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            winding_down.set()
+            await asyncio.Event().wait()  # slow to wind down, until cancelled again
+            raise
+
+    server._watchdog = asyncio.create_task(supervisor())
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(server.aclose())
+    await asyncio.wait_for(winding_down.wait(), timeout=10)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(closing, timeout=10)
+
+
+async def test_a_start_cancelled_while_waiting_for_the_server_stops_the_process(
+    tmp_path: Path,
+) -> None:
+    """Cancelled during start-up (e.g. SIGTERM), the half-started server process is stopped."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"not really a model")
+    never_ready = tmp_path / "python"
+    never_ready.write_text("#!/bin/sh\nexec sleep 120\n")  # takes the args, never listens
+    never_ready.chmod(0o755)
+    server = LocalModelServer(
+        LocalModelConfig(model_path=str(model), startup_timeout_s=60), python=str(never_ready)
+    )
+    starting = asyncio.create_task(server.start())
+    async with asyncio.timeout(10):
+        while server.pid is None:
+            await asyncio.sleep(0.01)
+    pid = server.pid
+    try:
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        async with asyncio.timeout(10):
+            while _is_running(pid):
+                await asyncio.sleep(0.01)
+    finally:
+        if _is_running(pid):  # the bug this guards against: do not leave it behind
+            os.kill(pid, signal.SIGKILL)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its exit status is left to collect.
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rpartition(")")[2].split()[0] != "Z"

@@ -1,0 +1,30 @@
+"""`python -m service serve`: bad command-line overrides fail like config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.main import main
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--listen", "nowhere"], "listen must be HOST:PORT"),
+        (["--listen", "127.0.0.1:70000"], "port must be 0..65535"),
+        (["--workers", "-1"], "workers must be >= 0"),
+    ],
+)
+def test_a_bad_override_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], problem: str
+) -> None:
+    """A bad --listen or --workers exits 2 with a one-line config error, not a traceback."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("local_model: {enabled: never}\n")
+    assert main(["serve", "--config", str(config), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llm-gateway: config error: ")
+    assert flags[0] in err
+    assert problem in err
