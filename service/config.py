@@ -450,8 +450,11 @@ class LedgerConfig:
     key_prefix: str = "llm-gateway:usage"
     bucket_s: int = 3600
     retention_days: int = 62
+    # Each Redis operation's bound: a hung Redis costs a call this much, not redis-py's 5 s.
+    operation_timeout_s: float = 0.5
 
     def __post_init__(self) -> None:
+        _require(self.operation_timeout_s > 0, "operation_timeout_s must be > 0")
         if self.redis_url:  # checked here, or a typo only fails when the server starts
             _require(
                 urlsplit(self.redis_url).scheme in ("redis", "rediss", "unix"),

@@ -284,7 +284,12 @@ class RedisLedger:
         self._buckets = _Buckets(config, wall_clock)
         self._prefix = config.key_prefix
         self._ttl_s = config.retention_days * 86400
-        self._redis: Any = aioredis.Redis.from_url(config.redis_url, decode_responses=True)
+        self._redis: Any = aioredis.Redis.from_url(
+            config.redis_url,
+            decode_responses=True,
+            socket_timeout=config.operation_timeout_s,
+            socket_connect_timeout=config.operation_timeout_s,
+        )
 
     @staticmethod
     def _row_id(dims: Dims) -> str:

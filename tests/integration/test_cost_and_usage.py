@@ -247,3 +247,22 @@ async def test_an_unreachable_redis_ledger_is_unavailable_for_get_usage(
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "no-such.sock" not in caught.value.details()
     assert error_info(caught.value).metadata["upstream"] == "usage-ledger"
+
+
+@pytest.mark.redis
+async def test_a_frozen_redis_ledger_delays_a_call_by_its_timeout_only(
+    upstream, start_gateway, redis_server
+):
+    """A Redis that accepts connections but never answers costs a call its bound, not 5 s."""
+    ledger = {"redis_url": redis_server.url, "operation_timeout_s": 0.3}
+    gateway = await start_gateway(gateway_config(upstream.base_url, ledger=ledger))
+    assert (await gateway.stub.Complete(chat())).content  # connection made while healthy
+    redis_server.pause()
+    try:
+        started = asyncio.get_running_loop().time()
+        response = await gateway.stub.Complete(chat(), timeout=10)
+        elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        redis_server.resume()
+    assert response.content == "Hello from fake"
+    assert elapsed < 3.0, "the ledger's timeout, not redis-py's default, bounds the write"
