@@ -225,7 +225,7 @@ class Telemetry:
             attr.RPC_GRPC_STATUS_CODE: scope.status_code,
         }
         self.in_flight -= 1
-        self.instruments.requests.add(1, labels)
+        self.instruments.requests.add(1, scope.method, scope.status_code)
         self.instruments.rpc_duration.record(elapsed, labels)
         self.instruments.overhead.record(overhead, {attr.RPC_METHOD: scope.method})
 
@@ -327,10 +327,7 @@ class Telemetry:
                     attr.TENANT: request.tenant,
                 }
             )
-        self.instruments.cost.add(
-            completion.cost_usd,
-            {attr.TENANT: request.tenant, attr.GEN_AI_REQUEST_MODEL: request.model},
-        )
+        self.instruments.cost.add(completion.cost_usd, request.tenant, request.model)
         if completion.is_cache_hit:
             self.record_cache_hit(model=request.model)
 
@@ -338,7 +335,7 @@ class Telemetry:
 
     def record_cache_hit(self, *, model: str = "") -> None:
         """One answer served from the cache."""
-        self.instruments.cache_hits.add(1, {attr.GEN_AI_REQUEST_MODEL: model})
+        self.instruments.cache_hits.add(1, model)
 
     def record_retry(self, upstream: str, *, wait_s: float | None = None) -> None:
         """One upstream attempt is being retried after `wait_s`."""
@@ -357,9 +354,7 @@ class Telemetry:
 
     def record_attempt(self, upstream: str, *, is_success: bool) -> None:
         """One upstream attempt ended, successfully or not."""
-        self.instruments.attempts.add(
-            1, {attr.UPSTREAM: upstream, attr.OUTCOME: "success" if is_success else "failure"}
-        )
+        self.instruments.attempts.add(1, upstream, "success" if is_success else "failure")
 
     def set_breaker_state(self, upstream: str, state: str) -> None:
         """The breaker of `upstream` is now `state` (closed, half_open or open)."""
