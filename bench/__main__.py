@@ -17,6 +17,7 @@ DETAILED = [
     "bench.batch_throughput",
     "bench.cache_hits",
     "bench.telemetry_overhead",
+    "bench.telemetry_calls",
 ]
 
 

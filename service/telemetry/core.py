@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
@@ -210,10 +211,9 @@ class Telemetry:
         overhead = scope.overhead_s()
         span = scope.span
         if span.is_recording():
-            attributes: dict[str, Any] = {
-                attr.RPC_GRPC_STATUS_CODE: scope.status_code,
-                attr.OVERHEAD_MS: overhead * 1000.0,
-            }
+            attributes = scope.attributes
+            attributes[attr.RPC_GRPC_STATUS_CODE] = scope.status_code
+            attributes[attr.OVERHEAD_MS] = overhead * 1000.0
             if scope.error_type is not None:
                 attributes[attr.ERROR_TYPE] = scope.error_type
             span.set_attributes(attributes)
@@ -225,7 +225,7 @@ class Telemetry:
             attr.RPC_GRPC_STATUS_CODE: scope.status_code,
         }
         self.in_flight -= 1
-        self.instruments.requests.add(1, labels)
+        self.instruments.requests.add(1, scope.method, scope.status_code)
         self.instruments.rpc_duration.record(elapsed, labels)
         self.instruments.overhead.record(overhead, {attr.RPC_METHOD: scope.method})
 
@@ -244,31 +244,28 @@ class Telemetry:
         retry_wait_s: float | None = None,
     ) -> Iterator[AttemptSpan]:
         """The CLIENT span of one upstream attempt; injects `traceparent` into `headers`."""
-        parts = urlsplit(base_url)
-        host = parts.hostname or ""
-        provider = attr.provider_name(host, upstream)
+        host, port, provider = _endpoint(base_url, upstream)
         metric_attributes: dict[str, Any] = {
             attr.GEN_AI_OPERATION_NAME: attr.OPERATION_CHAT,
             attr.GEN_AI_PROVIDER_NAME: provider,
             attr.GEN_AI_REQUEST_MODEL: upstream_model,
             attr.SERVER_ADDRESS: host,
         }
-        attributes: dict[str, Any] = {
-            **metric_attributes,
-            attr.UPSTREAM: upstream,
-            attr.ATTEMPT: attempt,
-        }
-        if parts.port is not None:
-            attributes[attr.SERVER_PORT] = parts.port
-        params = request.params
-        if params.temperature is not None:
-            attributes[attr.GEN_AI_REQUEST_TEMPERATURE] = params.temperature
-        if params.top_p is not None:
-            attributes[attr.GEN_AI_REQUEST_TOP_P] = params.top_p
-        if params.max_tokens is not None:
-            attributes[attr.GEN_AI_REQUEST_MAX_TOKENS] = params.max_tokens
-        if retry_wait_s is not None:
-            attributes[attr.RETRY_WAIT_MS] = retry_wait_s * 1000.0
+        attributes: dict[str, Any] | None = None
+        # With no tracer provider every span is a no-op: skip describing it.
+        if self.providers.tracer_provider is not None:
+            attributes = {**metric_attributes, attr.UPSTREAM: upstream, attr.ATTEMPT: attempt}
+            if port is not None:
+                attributes[attr.SERVER_PORT] = port
+            params = request.params
+            if params.temperature is not None:
+                attributes[attr.GEN_AI_REQUEST_TEMPERATURE] = params.temperature
+            if params.top_p is not None:
+                attributes[attr.GEN_AI_REQUEST_TOP_P] = params.top_p
+            if params.max_tokens is not None:
+                attributes[attr.GEN_AI_REQUEST_MAX_TOKENS] = params.max_tokens
+            if retry_wait_s is not None:
+                attributes[attr.RETRY_WAIT_MS] = retry_wait_s * 1000.0
         span = self.tracer.start_span(
             f"{attr.OPERATION_CHAT} {upstream_model}", kind=SpanKind.CLIENT, attributes=attributes
         )
@@ -310,27 +307,28 @@ class Telemetry:
         usage = completion.usage
         span = trace.get_current_span()
         if span.is_recording():
-            span.set_attributes(
-                {
-                    attr.GEN_AI_OPERATION_NAME: operation,
-                    attr.GEN_AI_REQUEST_MODEL: request.model,
-                    attr.GEN_AI_RESPONSE_MODEL: completion.model,
-                    attr.GEN_AI_USAGE_INPUT_TOKENS: usage.input_tokens,
-                    attr.GEN_AI_USAGE_OUTPUT_TOKENS: usage.output_tokens,
-                    attr.CACHED_INPUT_TOKENS: usage.cached_input_tokens,
-                    attr.USAGE_ESTIMATED: usage.is_estimated,
-                    attr.COST_USD: completion.cost_usd,
-                    attr.CACHE_HIT: completion.is_cache_hit,
-                    attr.UPSTREAM: completion.upstream,
-                    attr.ATTEMPTS: completion.attempts,
-                    attr.TIME_TO_FIRST_TOKEN_MS: completion.timings.time_to_first_token_ms,
-                    attr.TENANT: request.tenant,
-                }
-            )
-        self.instruments.cost.add(
-            completion.cost_usd,
-            {attr.TENANT: request.tenant, attr.GEN_AI_REQUEST_MODEL: request.model},
-        )
+            attributes: dict[str, Any] = {
+                attr.GEN_AI_OPERATION_NAME: operation,
+                attr.GEN_AI_REQUEST_MODEL: request.model,
+                attr.GEN_AI_RESPONSE_MODEL: completion.model,
+                attr.GEN_AI_USAGE_INPUT_TOKENS: usage.input_tokens,
+                attr.GEN_AI_USAGE_OUTPUT_TOKENS: usage.output_tokens,
+                attr.CACHED_INPUT_TOKENS: usage.cached_input_tokens,
+                attr.USAGE_ESTIMATED: usage.is_estimated,
+                attr.COST_USD: completion.cost_usd,
+                attr.CACHE_HIT: completion.is_cache_hit,
+                attr.UPSTREAM: completion.upstream,
+                attr.ATTEMPTS: completion.attempts,
+                attr.TIME_TO_FIRST_TOKEN_MS: completion.timings.time_to_first_token_ms,
+                attr.TENANT: request.tenant,
+            }
+            scope = CURRENT_RPC.get()
+            if scope is not None and scope.span is span:
+                # The RPC's own span: set with the rest of its attributes when it ends.
+                scope.attributes.update(attributes)
+            else:
+                span.set_attributes(attributes)
+        self.instruments.cost.add(completion.cost_usd, request.tenant, request.model)
         if completion.is_cache_hit:
             self.record_cache_hit(model=request.model)
 
@@ -338,7 +336,7 @@ class Telemetry:
 
     def record_cache_hit(self, *, model: str = "") -> None:
         """One answer served from the cache."""
-        self.instruments.cache_hits.add(1, {attr.GEN_AI_REQUEST_MODEL: model})
+        self.instruments.cache_hits.add(1, model)
 
     def record_retry(self, upstream: str, *, wait_s: float | None = None) -> None:
         """One upstream attempt is being retried after `wait_s`."""
@@ -357,13 +355,19 @@ class Telemetry:
 
     def record_attempt(self, upstream: str, *, is_success: bool) -> None:
         """One upstream attempt ended, successfully or not."""
-        self.instruments.attempts.add(
-            1, {attr.UPSTREAM: upstream, attr.OUTCOME: "success" if is_success else "failure"}
-        )
+        self.instruments.attempts.add(1, upstream, "success" if is_success else "failure")
 
     def set_breaker_state(self, upstream: str, state: str) -> None:
         """The breaker of `upstream` is now `state` (closed, half_open or open)."""
         self.instruments.breaker_state.set(BREAKER_STATES[state], {attr.UPSTREAM: upstream})
+
+
+@functools.lru_cache(maxsize=256)
+def _endpoint(base_url: str, upstream: str) -> tuple[str, int | None, str]:
+    """Host, port and `gen_ai.provider.name` of an upstream, parsed once per base URL."""
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    return host, parts.port, attr.provider_name(host, upstream)
 
 
 _active = Telemetry.disabled()

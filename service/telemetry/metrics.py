@@ -6,11 +6,22 @@ so that stock GenAI dashboards work; gateway-only figures live under `llm_gatewa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from opentelemetry import metrics
+from opentelemetry.util.types import AttributeValue
 
-from service.telemetry.tracing import CACHE_DIRECTION, CACHE_RESULT
+from service.telemetry.tracing import (
+    CACHE_DIRECTION,
+    CACHE_RESULT,
+    GEN_AI_REQUEST_MODEL,
+    OUTCOME,
+    RPC_GRPC_STATUS_CODE,
+    RPC_METHOD,
+    TENANT,
+    UPSTREAM,
+)
 
 # Bucket boundaries the GenAI conventions advise, in seconds and tokens.
 DURATION_BUCKETS_S = (
@@ -23,6 +34,38 @@ OVERHEAD_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 
 
 # Circuit breaker states as the `llm_gateway.upstream.breaker.state` gauge reports them.
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class Tally:
+    """Running sums per attribute set, reported by an observable counter when collected.
+
+    It exports exactly what a synchronous counter would (a monotonic, cumulative sum per
+    attribute set) at a fraction of the cost on the request path: the SDK's `Counter.add`
+    builds a `Measurement`, validates and hashes its attributes and takes a lock on every
+    call (about 8 µs here), while adding to a dict costs well under one. Meant for
+    counters bumped on every call; the attribute values must be few (methods, status
+    codes, upstreams, tenants and configured models), as they are for any counter.
+    """
+
+    def __init__(self, attribute_names: Sequence[str]) -> None:
+        self._names = tuple(attribute_names)
+        self._sums: dict[tuple[AttributeValue, ...], float] = {}
+        # The metric reader calls `observe` from its own thread.
+        self._lock = threading.Lock()
+
+    def add(self, amount: float, *values: AttributeValue) -> None:
+        """Add `amount` for the attribute values given in `attribute_names` order."""
+        with self._lock:
+            self._sums[values] = self._sums.get(values, 0) + amount
+
+    def observe(self, _: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        """Every sum so far, with its attributes."""
+        with self._lock:
+            sums = list(self._sums.items())
+        return [
+            metrics.Observation(total, dict(zip(self._names, values, strict=True)))
+            for values, total in sums
+        ]
 
 
 class Instruments:
@@ -53,8 +96,11 @@ class Instruments:
             description="Time from the upstream request to its first streamed chunk",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
         )
-        self.requests = meter.create_counter(
+        # Counters bumped on every call are tallied in plain dicts (see `Tally`).
+        self.requests = Tally((RPC_METHOD, RPC_GRPC_STATUS_CODE))
+        meter.create_observable_counter(
             "llm_gateway.requests",
+            callbacks=[self.requests.observe],
             unit="{request}",
             description="RPCs finished, by method and gRPC status code",
         )
@@ -83,11 +129,19 @@ class Instruments:
         )
         # "{USD}": an annotation, not a UCUM unit, so Prometheus names it
         # llm_gateway_cost_usd_total rather than appending a unit suffix.
-        self.cost = meter.create_counter(
-            "llm_gateway.cost.usd", unit="{USD}", description="USD charged, by tenant and model"
+        self.cost = Tally((TENANT, GEN_AI_REQUEST_MODEL))
+        meter.create_observable_counter(
+            "llm_gateway.cost.usd",
+            callbacks=[self.cost.observe],
+            unit="{USD}",
+            description="USD charged, by tenant and model",
         )
-        self.cache_hits = meter.create_counter(
-            "llm_gateway.cache.hits", unit="{hit}", description="Answers served from the cache"
+        self.cache_hits = Tally((GEN_AI_REQUEST_MODEL,))
+        meter.create_observable_counter(
+            "llm_gateway.cache.hits",
+            callbacks=[self.cache_hits.observe],
+            unit="{hit}",
+            description="Answers served from the cache",
         )
         self.retries = meter.create_counter(
             "llm_gateway.retries", unit="{retry}", description="Upstream attempts retried"
@@ -102,8 +156,10 @@ class Instruments:
             unit="1",
             description="Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
         )
-        self.attempts = meter.create_counter(
+        self.attempts = Tally((UPSTREAM, OUTCOME))
+        meter.create_observable_counter(
             "llm_gateway.upstream.attempts",
+            callbacks=[self.attempts.observe],
             unit="{attempt}",
             description="Upstream attempts, by upstream and outcome (success or failure)",
         )

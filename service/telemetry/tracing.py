@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry.trace import Span
 
@@ -123,6 +124,9 @@ class RpcScope:
     upstream_s: float = 0.0
     status_code: int = 0
     error_type: str | None = None
+    # Attributes for the span, set in one call when it ends: each `set_attribute(s)`
+    # call takes the span's lock and validates on its own.
+    attributes: dict[str, Any] = field(default_factory=dict)
 
     def fail(self, *, status_code: int, error_type: str) -> None:
         """Record the status the call is about to end with."""
@@ -141,7 +145,7 @@ class RpcScope:
     def set_tenant(self, tenant: str) -> None:
         """Name the tenant the caller was authenticated as (the tenant id, never a key)."""
         if self.span.is_recording():
-            self.span.set_attribute(TENANT, tenant)
+            self.attributes[TENANT] = tenant
 
     def trailers(self) -> Sequence[tuple[str, str]]:
         """The `llm-gateway-overhead-ms` trailer."""
