@@ -237,20 +237,7 @@ class MemoryLedger:
             self._spend[spend_key] = self._spend.get(spend_key, 0) + counters["cost_pico"]
 
     async def query(self, query: UsageFilter) -> list[UsageRow]:
-        """Rows matching `query`, summed over its time window.
-
-        Raises:
-            UpstreamUnavailable: Redis cannot be reached (the caller may retry).
-        """
-        try:
-            return await self._query(query)
-        except (RedisError, OSError) as exc:
-            log.warning("ledger.query_failed", extra={"error": type(exc).__name__})
-            raise UpstreamUnavailable(
-                "the usage ledger is unavailable", upstream="usage-ledger"
-            ) from None
-
-    async def _query(self, query: UsageFilter) -> list[UsageRow]:
+        """Rows matching `query`, summed over its time window."""
         low, high = self._buckets.window(query)
         merged: dict[Dims, UsageRow] = {}
         for (bucket, dims), row in self._rows.items():
