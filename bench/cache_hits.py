@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 
 from bench.harness import child_server
+from bench.servers import gateway_config_data
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 
@@ -81,21 +82,7 @@ async def _serve_gateway(redis_url: str) -> None:
         cache = {"backend": "redis", "redis_url": redis_url}
     async with FakeUpstream(models=(MODEL,), default=Reply(content=CONTENT)) as upstream:
         config = parse_config(
-            {
-                "server": {"listen": "127.0.0.1:0", "max_in_flight_calls": 100_000},
-                "upstreams": [{"name": "mock", "base_url": upstream.base_url, "models": [MODEL]}],
-                "models": {
-                    MODEL: {
-                        "context_window": 32768,
-                        "input_usd_per_million": 0.14,
-                        "output_usd_per_million": 0.42,
-                    }
-                },
-                "local_model": {"enabled": "never"},
-                "cache": cache,
-            },
-            source="<bench>",
-            environ={},
+            gateway_config_data(upstream.base_url, cache=cache), source="<bench>", environ={}
         )
         async with GatewayServer(config) as server:
             print(f"ready {server.address}", flush=True)

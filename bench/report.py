@@ -32,7 +32,7 @@ import yaml
 
 from bench.harness import REPO, RESULTS, Figures, child_server, measure, percentile, write_json
 from bench.open_streams import _server_pid, hold_streams
-from bench.servers import MODEL, STREAM_CHUNKS
+from bench.servers import MODEL, STREAM_CHUNKS, gateway_config_data
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 
@@ -234,20 +234,7 @@ def _free_port() -> int:
 async def _served(upstream_url: str, workers: int) -> AsyncIterator[str]:
     """`python -m service serve --workers N` in front of the mock; yields its address."""
     address = f"127.0.0.1:{_free_port()}"
-    config = {
-        "server": {"listen": address, "max_in_flight_calls": 100_000, "grace_period_s": 1},
-        "upstreams": [
-            {"name": "mock", "base_url": upstream_url, "models": [MODEL], "max_connections": 10_000}
-        ],
-        "models": {
-            MODEL: {
-                "context_window": 32768,
-                "input_usd_per_million": 0.14,
-                "output_usd_per_million": 0.42,
-            }
-        },
-        "local_model": {"enabled": "never"},
-    }
+    config = gateway_config_data(upstream_url, listen=address, server={"grace_period_s": 1})
     workdir = tempfile.TemporaryDirectory(prefix="llmgw-bench-")
     config_path = os.path.join(workdir.name, "gateway.yaml")
     with open(config_path, "w", encoding="utf-8") as file:  # noqa: ASYNC230 (tiny, once)

@@ -88,32 +88,46 @@ async def run_trivial() -> None:
     await server.wait_for_termination()
 
 
+def gateway_config_data(
+    upstream_url: str, *, listen: str = "127.0.0.1:0", **sections: dict[str, Any]
+) -> dict[str, Any]:
+    """The config every benchmark's gateway runs: one mock upstream serving MODEL.
+
+    The gateway's own limits are lifted, so a benchmark measures the gateway rather than
+    its admission or the pool's concurrency cap; `sections` are merged over this.
+    """
+    data: dict[str, Any] = {
+        "server": {"listen": listen, "max_in_flight_calls": 100_000},
+        "upstreams": [
+            {
+                "name": "mock",
+                "base_url": upstream_url,
+                "models": [MODEL],
+                "max_connections": 10_000,
+                "max_concurrency": 100_000,
+            }
+        ],
+        "models": {
+            MODEL: {
+                "context_window": 32768,
+                "input_usd_per_million": 0.14,
+                "output_usd_per_million": 0.42,
+            }
+        },
+        "local_model": {"enabled": "never"},
+    }
+    for name, section in sections.items():
+        data[name] = {**data.get(name, {}), **section}
+    return data
+
+
 async def run_gateway(upstream_url: str, *, with_telemetry: bool = False) -> None:
     """The gateway with one upstream serving MODEL; `with_telemetry`: all of it recorded."""
     from service.config import parse_config
     from service.server import GatewayServer
 
     config = parse_config(
-        {
-            "server": {"listen": "127.0.0.1:0", "max_in_flight_calls": 100_000},
-            "upstreams": [
-                {
-                    "name": "mock",
-                    "base_url": upstream_url,
-                    "models": [MODEL],
-                    "max_connections": 10_000,
-                    "max_concurrency": 100_000,
-                }
-            ],
-            "models": {
-                MODEL: {
-                    "context_window": 32768,
-                    "input_usd_per_million": 0.14,
-                    "output_usd_per_million": 0.42,
-                }
-            },
-            "local_model": {"enabled": "never"},
-        },
+        gateway_config_data(upstream_url),
         source="<bench>",
     )
     telemetry = _discarding_telemetry() if with_telemetry else None  # None: as configured
