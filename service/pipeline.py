@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, cast
 
 from service.budgets import Budgets
@@ -181,7 +181,7 @@ class Pipeline:
 
     async def stream(
         self, request: ChatRequest, *, deadline: Deadline
-    ) -> AsyncIterator[Delta | Completion]:
+    ) -> AsyncGenerator[Delta | Completion, None]:
         """One streamed completion: deltas as they arrive, then the `Completion`."""
         started = time.monotonic()
         request, dropped = self.prepare(request)

@@ -16,7 +16,7 @@ import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, NoReturn, TypeAlias
 
 import grpc
@@ -39,7 +39,7 @@ log = logging.getLogger("llm_gateway.rpc")
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 UnaryHandler: TypeAlias = Callable[[Any, Context], Awaitable[Any]]
-StreamHandler: TypeAlias = Callable[[Any, Context], AsyncIterator[Any]]
+StreamHandler: TypeAlias = Callable[[Any, Context], AsyncGenerator[Any, None]]
 
 
 class Admission:
@@ -171,7 +171,7 @@ def _guard_stream(
     method: StreamHandler, name: str, admission: Admission, gate: CallerGate | None = None
 ) -> StreamHandler:
     @functools.wraps(method)
-    async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
+    async def guarded(request: Any, context: Context) -> AsyncGenerator[Any, None]:
         metadata = context.invocation_metadata() or ()
         with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
             try:
@@ -181,8 +181,10 @@ def _guard_stream(
             try:
                 async with _caller(request, context, gate):
                     rpc.set_tenant(current_tenant())
-                    async for item in method(request, context):
-                        yield item
+                    # Closed here, not by the garbage collector, however the call ends.
+                    async with contextlib.aclosing(method(request, context)) as items:
+                        async for item in items:
+                            yield item
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AbortError:

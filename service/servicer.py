@@ -271,11 +271,14 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pb.CompleteStreamResponse]:
         chat = self._request(request, context)
-        async for event in self._pipeline.stream(chat, deadline=deadline_of(context)):
-            if isinstance(event, Completion):
-                yield stream_final_to_proto(event)
-            else:
-                yield stream_delta_to_proto(event.content)
+        # Closed here, not by the garbage collector, however this generator ends.
+        events = self._pipeline.stream(chat, deadline=deadline_of(context))
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, Completion):
+                    yield stream_final_to_proto(event)
+                else:
+                    yield stream_delta_to_proto(event.content)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]
