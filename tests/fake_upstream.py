@@ -122,6 +122,7 @@ class MalformedSSE:
     after_chunks: int = 1
     payload: str = "{not json"
     content: str = "a b c d e f"
+    coalesce: bool = False  # every event in one write, so the client reads them together
 
 
 Behaviour: TypeAlias = Reply | Status | Hang | Reset | CutStream | EndWithoutDone | MalformedSSE
@@ -363,7 +364,7 @@ class FakeUpstream:
                 if usage_requested:
                     events.append(self._usage_chunk(cid, model, Reply()))
                 events.append("[DONE]")
-                await _send(resp, events, _Framing())
+                await _send(resp, events, _Framing(coalesce=behaviour.coalesce))
                 await resp.write_eof()
                 return resp
         assert_never(behaviour)

@@ -374,7 +374,7 @@ async def test_stream_replays_delta_by_delta(
     cached: RunningGateway, upstream: FakeUpstream
 ) -> None:
     """A cached stream replays the same deltas in the same pieces, then the final message."""
-    upstream.script(Reply(content="one two three four five", chunks=5))
+    upstream.script(Reply(content="one two three four five", chunks=5, chunk_delay_s=0.02))
     live = await _stream(cached)
     await settled(cached)
     replay = await _stream(cached)

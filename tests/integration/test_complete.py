@@ -61,7 +61,8 @@ async def test_upstream_model_alias_is_sent_and_caller_name_is_priced(upstream, 
 
 async def test_stream_relays_deltas_then_final_metadata(stub, upstream):
     """A stream yields the upstream's deltas in order, then one final event with usage."""
-    upstream.script(Reply(content="one two three four", chunks=4))
+    # Apart in time, so each event arrives in a read of its own and is relayed on its own.
+    upstream.script(Reply(content="one two three four", chunks=4, chunk_delay_s=0.02))
     events = [event async for event in stub.CompleteStream(chat_stream())]
     deltas = [e.delta.content for e in events if e.HasField("delta")]
     assert len(deltas) == 4
@@ -96,6 +97,15 @@ async def test_stream_survives_sse_framing_variants(stub, upstream, framing):
     assert "".join(e.delta.content for e in events if e.HasField("delta")) == (
         "alpha beta gamma delta"
     )
+    assert events[-1].final.finish_reason == pb.FINISH_REASON_STOP
+
+
+async def test_stream_relays_events_that_arrive_together_as_one_delta(stub, upstream):
+    """Events written in one piece reach the caller as one delta: one message, same text."""
+    upstream.script(Reply(content="one two three four", chunks=4, coalesce=True))
+    events = [event async for event in stub.CompleteStream(chat_stream())]
+    deltas = [e.delta.content for e in events if e.HasField("delta")]
+    assert deltas == ["one two three four"]
     assert events[-1].final.finish_reason == pb.FINISH_REASON_STOP
 
 

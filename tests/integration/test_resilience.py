@@ -56,7 +56,9 @@ class Expect:
     min_s: float = 0.0
     max_s: float = 3.0
     reason: str | None = None
-    deltas: int | None = None  # deltas received before the error, for interrupted streams
+    # Text received before the error, for interrupted streams (events that arrived in
+    # one read are relayed as one delta, so the text is what is certain, not the count).
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ MATRIX = [
         ((CutStream(after_chunks=2), Reply()),),
         unary=Expect(attempts=2),
         stream=Expect(
-            grpc.StatusCode.UNAVAILABLE, attempts=1, reason="STREAM_INTERRUPTED", deltas=2
+            grpc.StatusCode.UNAVAILABLE, attempts=1, reason="STREAM_INTERRUPTED", text="a b"
         ),
     ),
     Row(
@@ -125,7 +127,7 @@ MATRIX = [
         ((MalformedSSE(after_chunks=1), Reply()),),
         unary=Expect(attempts=2),
         stream=Expect(
-            grpc.StatusCode.UNAVAILABLE, attempts=1, reason="STREAM_INTERRUPTED", deltas=1
+            grpc.StatusCode.UNAVAILABLE, attempts=1, reason="STREAM_INTERRUPTED", text="a"
         ),
     ),
     Row(
@@ -284,9 +286,9 @@ async def test_fault_matrix(row: Row, mode: str, start_gateway):
                 assert metadata["attempts"] == str(expect.attempts)
                 assert metadata["upstream"] == expect.upstream
                 assert "http://" not in result.details()
-            if expect.deltas is not None:
-                assert len(deltas) == expect.deltas
-                assert metadata["deltas_sent"] == str(expect.deltas)
+            if expect.text is not None:
+                assert "".join(deltas) == expect.text
+                assert metadata["deltas_sent"] == str(len(deltas))
         if isinstance(row.default, Hang):
             await fakes[0].wait_for_disconnect(timeout_s=3.0)
 
@@ -296,6 +298,21 @@ async def test_fault_matrix(row: Row, mode: str, start_gateway):
         counters = gateway.server.pipeline.pool.counters
         assert await settle(lambda: counters.attempts == expect.attempts)
         assert counters.retries == expect.attempts - 1
+
+
+async def test_text_read_with_a_malformed_event_reaches_the_caller_before_the_error(
+    stub, upstream
+):
+    """Good events read together with a malformed one are relayed, then the stream fails."""
+    upstream.script(MalformedSSE(after_chunks=2, coalesce=True))
+    deltas: list[str] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for event in stub.CompleteStream(chat_stream()):
+            deltas.append(event.delta.content)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert deltas == ["a b"]
+    metadata, reason, _ = error_details(caught.value)
+    assert (reason, metadata["deltas_sent"]) == ("STREAM_INTERRUPTED", "1")
 
 
 async def test_key_rejected_upstream_is_skipped_and_shown_unhealthy(start_gateway):
