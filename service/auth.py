@@ -226,6 +226,9 @@ class Principal:
         return self.limits.is_admin or not self.is_authenticated
 
 
+_NO_LIMITS = TenantConfig()
+
+
 class Authenticator:
     """Turns a call's metadata (and client certificate) into a `Principal`, or refuses it."""
 
@@ -242,9 +245,14 @@ class Authenticator:
         self._stores = tuple(stores)
         self._tenant_from_cert = tenant_from_cert_subject
 
+    @property
+    def uses_certificates(self) -> bool:
+        """Whether a client certificate's common name can name the caller's tenant."""
+        return self._tenant_from_cert
+
     def principal(self, tenant: str, *, is_authenticated: bool = True) -> Principal:
         """The principal of `tenant`; tenants not configured get no limits."""
-        limits = self._tenants.get(tenant) or TenantConfig()
+        limits = self._tenants.get(tenant) or _NO_LIMITS
         return Principal(tenant, limits, is_authenticated=is_authenticated)
 
     async def authenticate(

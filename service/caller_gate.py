@@ -149,8 +149,11 @@ class CallerGate:
     @contextlib.asynccontextmanager
     async def admit(self, request: Any, context: CallContext) -> AsyncIterator[Principal]:
         """Admit the call for the body of the `async with`, or raise a `GatewayError`."""
-        principal = await self._authenticator.authenticate(
-            context.invocation_metadata() or (), cert_common_name=cert_common_name(context)
+        authenticator = self._authenticator
+        # grpc builds the whole auth context anew on each call: ask only when it is used.
+        common_name = cert_common_name(context) if authenticator.uses_certificates else None
+        principal = await authenticator.authenticate(
+            context.invocation_metadata() or (), cert_common_name=common_name
         )
         _principal.set(principal)
         if _is_unmetered(principal.limits) and not isinstance(request, UndecodableRequest):

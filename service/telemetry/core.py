@@ -175,20 +175,25 @@ class Telemetry:
         self, *, service: str, method: str, metadata: Sequence[tuple[str, Any]]
     ) -> Iterator[RpcScope]:
         """The SERVER span of one RPC, continuing the caller's W3C trace context."""
-        carrier = {k: v for k, v in metadata if isinstance(v, str)}
-        parent = self._propagator.extract(carrier)
-        span = self.tracer.start_span(
-            f"{service}/{method}",
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={
-                attr.RPC_SYSTEM: "grpc",
-                attr.RPC_SERVICE: service,
-                attr.RPC_METHOD: method,
-            },
-        )
+        token = None
+        if self.providers.tracer_provider is None:
+            # Every span is a no-op: no trace context to read or make current.
+            span: Span = trace.INVALID_SPAN
+        else:
+            carrier = {k: v for k, v in metadata if isinstance(v, str)}
+            parent = self._propagator.extract(carrier)
+            span = self.tracer.start_span(
+                f"{service}/{method}",
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes={
+                    attr.RPC_SYSTEM: "grpc",
+                    attr.RPC_SERVICE: service,
+                    attr.RPC_METHOD: method,
+                },
+            )
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
         scope = RpcScope(span=span, method=method)
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
         rpc_token = CURRENT_RPC.set(scope)
         self.in_flight += 1
         try:
@@ -204,7 +209,8 @@ class Telemetry:
             self._end_rpc(scope)
             with contextlib.suppress(ValueError):
                 CURRENT_RPC.reset(rpc_token)
-            otel_context.detach(token)
+            if token is not None:
+                otel_context.detach(token)
 
     def _end_rpc(self, scope: RpcScope) -> None:
         elapsed = scope.elapsed_s()
@@ -269,9 +275,10 @@ class Telemetry:
         span = self.tracer.start_span(
             f"{attr.OPERATION_CHAT} {upstream_model}", kind=SpanKind.CLIENT, attributes=attributes
         )
-        if self.capture_content and span.is_recording():
-            span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, attr.messages_json(request.messages))
-        self._propagator.inject(headers, context=trace.set_span_in_context(span))
+        if attributes is not None:  # a real span: the upstream continues its trace
+            if self.capture_content and span.is_recording():
+                span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, attr.messages_json(request.messages))
+            self._propagator.inject(headers, context=trace.set_span_in_context(span))
         attempt_span = AttemptSpan(
             span=span,
             telemetry=self,
