@@ -15,7 +15,6 @@ from service.domain import ChatRequest, Usage
 from service.errors import QuotaExceeded
 from service.ledger import Ledger, WallClock, period_end_s
 from service.pricing import PriceList
-from service.tokens import estimate_prompt_tokens
 
 ANY_TENANT = "*"
 _ADJECTIVE = {"day": "daily", "month": "monthly"}
@@ -41,13 +40,16 @@ class Budgets:
         """The budget that applies to `tenant`, if any."""
         return self._budgets.get(tenant) or self._budgets.get(ANY_TENANT)
 
-    async def check(self, request: ChatRequest) -> None:
-        """Raise `QuotaExceeded` (retry when the period resets) if the call would overrun."""
+    async def check(self, request: ChatRequest, *, prompt_tokens: int) -> None:
+        """Raise `QuotaExceeded` (retry when the period resets) if the call would overrun.
+
+        `prompt_tokens`: the request's prompt estimate, priced as the least it will cost.
+        """
         budget = self.budget_of(request.tenant)
         if budget is None:
             return
         spent = await self._ledger.spent_usd(request.tenant, budget.period)
-        prompt = Usage(input_tokens=estimate_prompt_tokens(request.messages), is_estimated=True)
+        prompt = Usage(input_tokens=prompt_tokens, is_estimated=True)
         expected = self._prices.cost_usd(request.model, prompt)
         if spent < budget.usd and spent + expected <= budget.usd:
             return

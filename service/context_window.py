@@ -16,11 +16,17 @@ DEFAULT_ANSWER_RESERVE = 256
 
 @dataclass(frozen=True, slots=True)
 class FittedPrompt:
-    """The messages to send, how many were dropped, and their calibrated estimate."""
+    """The messages to send, how many were dropped, and their estimate.
+
+    `prompt_tokens` is the plain estimate of what is sent (what limits, budgets and
+    calibration work with); `estimated_tokens` is it times the model's calibration
+    factor, the figure checked against the context window.
+    """
 
     messages: tuple[Message, ...]
     dropped: int
     estimated_tokens: int
+    prompt_tokens: int
 
 
 def answer_reserve(context_window: int, max_tokens: int | None) -> int:
@@ -57,7 +63,7 @@ def fit_messages(
 
     total = PER_REQUEST_OVERHEAD + sum(costs)
     if calibrated(total) <= budget:
-        return FittedPrompt(tuple(messages), 0, calibrated(total))
+        return FittedPrompt(tuple(messages), 0, calibrated(total), total)
     if mode is TruncationMode.NONE:
         raise ContextWindowExceeded(
             estimated_tokens=calibrated(total) + reserve, limit_tokens=context_window
@@ -80,4 +86,4 @@ def fit_messages(
         keep[index] = True
         kept += costs[index]
     fitted = tuple(m for m, k in zip(messages, keep, strict=True) if k)
-    return FittedPrompt(fitted, len(messages) - len(fitted), calibrated(kept))
+    return FittedPrompt(fitted, len(messages) - len(fitted), calibrated(kept), kept)

@@ -24,7 +24,7 @@ from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.pool import AttemptLog, UpstreamPool
 from service.pricing import PriceList
 from service.telemetry import active as telemetry
-from service.tokens import estimate_prompt_tokens, estimate_text_tokens
+from service.tokens import estimate_text_tokens
 from service.upstream.types import StreamEnd, StreamEvent, TextChunk
 from service.validation import validate_chat_request
 
@@ -32,6 +32,17 @@ if TYPE_CHECKING:  # only annotated here; the server builds the cache and passes
     from service.cache import ResponseCache
 
 _MS = 1000.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A request validated and fitted to its model's window, its prompt estimated once."""
+
+    request: ChatRequest
+    dropped: int  # messages the truncation dropped
+    prompt_tokens: int  # the estimate of the messages sent (before calibration)
+
+
 _DEFAULT_CONTEXT_WINDOW = 8192
 
 
@@ -67,10 +78,10 @@ class Pipeline:
         """The model's context window from the catalog (a safe default when unlisted)."""
         return self._prices.context_window(model, _DEFAULT_CONTEXT_WINDOW)
 
-    async def check_budget(self, request: ChatRequest) -> None:
+    async def check_budget(self, prepared: PreparedRequest) -> None:
         """Refuse with `QuotaExceeded` before any upstream work if the tenant's budget is spent."""
         if self._config.budgets:
-            await self._budgets.check(request)
+            await self._budgets.check(prepared.request, prompt_tokens=prepared.prompt_tokens)
 
     async def account(self, request: ChatRequest, completion: Completion) -> None:
         """Record a finished call on the RPC span, the cost metrics and the usage ledger.
@@ -110,8 +121,12 @@ class Pipeline:
         """The response cache, if any."""
         return self._cache
 
-    def prepare(self, request: ChatRequest) -> tuple[ChatRequest, int]:
-        """Validate `request` and fit it to its model's window: (request to send, dropped)."""
+    def prepare(self, request: ChatRequest) -> PreparedRequest:
+        """Validate `request`, fit it to its model's window and estimate its prompt.
+
+        The one place a call's prompt is estimated: budgets, the upstream's token limiter
+        and usage all take the figure from here.
+        """
         validate_chat_request(request, self._config.defaults)
         self._pool.routes(request.model)
         fitted = fit_messages(
@@ -123,18 +138,18 @@ class Pipeline:
         )
         if fitted.dropped:
             request = dataclasses.replace(request, messages=fitted.messages)
-        return request, fitted.dropped
+        return PreparedRequest(request, fitted.dropped, fitted.prompt_tokens)
 
-    def _usage(self, request: ChatRequest, content: str, reported: Usage | None) -> Usage:
+    def _usage(self, prepared: PreparedRequest, content: str, reported: Usage | None) -> Usage:
         if reported is not None:
             self.calibration.observe(
-                request.model,
-                estimated_tokens=estimate_prompt_tokens(request.messages),
+                prepared.request.model,
+                estimated_tokens=prepared.prompt_tokens,
                 reported_tokens=reported.input_tokens,
             )
             return reported
         return Usage(
-            input_tokens=estimate_prompt_tokens(request.messages),
+            input_tokens=prepared.prompt_tokens,
             output_tokens=estimate_text_tokens(content),
             is_estimated=True,
         )
@@ -142,25 +157,29 @@ class Pipeline:
     async def complete(self, request: ChatRequest, *, deadline: Deadline) -> Completion:
         """One unary completion, from the cache when it has it."""
         started = time.monotonic()
-        request, dropped = self.prepare(request)
-        fetch = functools.partial(self._complete, request, dropped, deadline, started)
+        prepared = self.prepare(request)
+        request = prepared.request
+        fetch = functools.partial(self._complete, prepared, deadline, started)
         if self._cache is None:
             completion = await fetch()
         else:
             completion = await self._cache.complete(request, fetch=fetch, deadline=deadline)
-            completion = _with_dropped(completion, dropped)
+            completion = _with_dropped(completion, prepared.dropped)
         # Accounted per caller: a cache hit or a coalesced call records 0 cost, saved cost.
         await self.account(request, completion)
         return completion
 
     async def _complete(
-        self, request: ChatRequest, dropped: int, deadline: Deadline, started: float
+        self, prepared: PreparedRequest, deadline: Deadline, started: float
     ) -> Completion:
         """The upstream call behind a cache miss; budgets are checked only here."""
-        await self.check_budget(request)
+        await self.check_budget(prepared)
+        request = prepared.request
         log = AttemptLog()
-        reply = await self._pool.complete(request, deadline=deadline, log=log)
-        usage = self._usage(request, reply.content, reply.usage)
+        reply = await self._pool.complete(
+            request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
+        )
+        usage = self._usage(prepared, reply.content, reply.usage)
         upstream_ms = log.upstream_s * _MS
         return Completion(
             id=reply.id or f"gw-{uuid.uuid4().hex}",
@@ -176,7 +195,7 @@ class Pipeline:
                 upstream_ms=upstream_ms,
                 time_to_first_token_ms=upstream_ms,
             ),
-            dropped_messages=dropped,
+            dropped_messages=prepared.dropped,
         )
 
     async def stream(
@@ -184,8 +203,9 @@ class Pipeline:
     ) -> AsyncGenerator[Delta | Completion, None]:
         """One streamed completion: deltas as they arrive, then the `Completion`."""
         started = time.monotonic()
-        request, dropped = self.prepare(request)
-        fetch = functools.partial(self._stream, request, dropped, deadline, started)
+        prepared = self.prepare(request)
+        request = prepared.request
+        fetch = functools.partial(self._stream, prepared, deadline, started)
         events = (
             fetch()
             if self._cache is None
@@ -194,24 +214,27 @@ class Pipeline:
         async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, Completion):
-                    completion = _with_dropped(event, dropped)
+                    completion = _with_dropped(event, prepared.dropped)
                     await self.account(request, completion)
                     yield completion
                 else:
                     yield event
 
     async def _stream(
-        self, request: ChatRequest, dropped: int, deadline: Deadline, started: float
+        self, prepared: PreparedRequest, deadline: Deadline, started: float
     ) -> AsyncGenerator[Delta | Completion, None]:
         """The upstream stream behind a cache miss; budgets are checked only here."""
-        await self.check_budget(request)
+        await self.check_budget(prepared)
+        request = prepared.request
         log = AttemptLog()
         parts: list[str] = []
         end: StreamEnd | None = None
         # Closed here, at once, when this stream is: not later by a GC hook's own task.
         upstream = cast(
             AsyncGenerator[StreamEvent, None],
-            self._pool.stream(request, deadline=deadline, log=log),
+            self._pool.stream(
+                request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
+            ),
         )
         async with contextlib.aclosing(upstream):
             async for event in upstream:
@@ -223,7 +246,7 @@ class Pipeline:
         if end is None:  # the pool always ends a stream with StreamEnd or raises
             raise RuntimeError("stream ended without its end event")
         content = "".join(parts)
-        usage = self._usage(request, content, end.usage)
+        usage = self._usage(prepared, content, end.usage)
         completion = Completion(
             id=end.id or f"gw-{uuid.uuid4().hex}",
             model=end.model,
@@ -238,7 +261,7 @@ class Pipeline:
                 upstream_ms=log.upstream_s * _MS,
                 time_to_first_token_ms=(log.first_token_s or log.upstream_s) * _MS,
             ),
-            dropped_messages=dropped,
+            dropped_messages=prepared.dropped,
         )
         yield completion
 

@@ -46,7 +46,6 @@ from service.retry import (
 )
 from service.telemetry import active as telemetry
 from service.telemetry.core import AttemptSpan
-from service.tokens import estimate_prompt_tokens
 from service.upstream.client import UpstreamClient
 from service.upstream.openai_json import request_body
 from service.upstream.types import (
@@ -267,10 +266,9 @@ class UpstreamPool:
         )
 
     @staticmethod
-    def _tokens(request: ChatRequest) -> int:
-        return estimate_prompt_tokens(request.messages) + (
-            request.params.max_tokens or _DEFAULT_MAX_TOKENS
-        )
+    def _tokens(request: ChatRequest, prompt_tokens: int) -> int:
+        """What one attempt takes from the upstream's tokens-per-minute limit."""
+        return prompt_tokens + (request.params.max_tokens or _DEFAULT_MAX_TOKENS)
 
     # -- the steps of one attempt, shared by `complete` and `stream` ----------------
 
@@ -280,6 +278,7 @@ class UpstreamPool:
         route: Route,
         *,
         request: ChatRequest,
+        tokens: int,
         deadline: Deadline,
         log_: AttemptLog,
         last_error: UpstreamError | None,
@@ -331,7 +330,7 @@ class UpstreamPool:
         if left is not None:
             max_wait = min(max_wait, left - self.settings.min_attempt_s)
         try:
-            await state.limiter.acquire(tokens=self._tokens(request), max_wait_s=max_wait)
+            await state.limiter.acquire(tokens=tokens, max_wait_s=max_wait)
         except BaseException:
             state.breaker.release()
             raise
@@ -426,6 +425,8 @@ class UpstreamPool:
         deadline: Deadline,
         log: AttemptLog,
         progress: _Progress,
+        *,
+        tokens: int,
     ) -> tuple[Route, float] | None:
         """The next route to try and its timeout, once waits and admission passed.
 
@@ -441,6 +442,7 @@ class UpstreamPool:
                     plan,
                     route,
                     request=request,
+                    tokens=tokens,
                     deadline=deadline,
                     log_=log,
                     last_error=progress.last_error,
@@ -462,12 +464,18 @@ class UpstreamPool:
     # -- the two call shapes ---------------------------------------------------------
 
     async def complete(
-        self, request: ChatRequest, *, deadline: Deadline, log: AttemptLog
+        self, request: ChatRequest, *, prompt_tokens: int, deadline: Deadline, log: AttemptLog
     ) -> UpstreamReply:
-        """Send a unary completion, retrying and failing over as the policy allows."""
+        """Send a unary completion, retrying and failing over as the policy allows.
+
+        `prompt_tokens`: the prompt's estimate, for the upstreams' token limits.
+        """
         plan = self._plan(request.model)
         progress = _Progress()
-        while attempt := await self._next_attempt(plan, request, deadline, log, progress):
+        tokens = self._tokens(request, prompt_tokens)
+        while attempt := await self._next_attempt(
+            plan, request, deadline, log, progress, tokens=tokens
+        ):
             route, timeout_s = attempt
             state = self._states[route.client.name]
             started = time.monotonic()
@@ -509,7 +517,7 @@ class UpstreamPool:
         raise error
 
     async def stream(
-        self, request: ChatRequest, *, deadline: Deadline, log: AttemptLog
+        self, request: ChatRequest, *, prompt_tokens: int, deadline: Deadline, log: AttemptLog
     ) -> AsyncIterator[StreamEvent]:
         """Stream a completion; retried and failed over only until the first delta is sent.
 
@@ -519,7 +527,10 @@ class UpstreamPool:
         call_started = time.monotonic()
         plan = self._plan(request.model)
         progress = _Progress()
-        while attempt := await self._next_attempt(plan, request, deadline, log, progress):
+        tokens = self._tokens(request, prompt_tokens)
+        while attempt := await self._next_attempt(
+            plan, request, deadline, log, progress, tokens=tokens
+        ):
             route, timeout_s = attempt
             state = self._states[route.client.name]
             started = time.monotonic()

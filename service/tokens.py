@@ -39,9 +39,10 @@ _ASTRAL = re.compile(r"[\U00010000-\U0010FFFF]")
 # In ASCII text a word's ceil(len / 4) tokens are its runs of up to 4 letters, counted by
 # the regex engine rather than word by word in Python (4: _ASCII_LETTERS_PER_TOKEN).
 _ASCII_WORD_PIECE = re.compile(r"[A-Za-z]{1,4}")
-# One call estimates the same prompt up to five times (caller gate, validation, context
-# window, upstream limiter, calibration): recent texts are remembered. Bounded to
-# _MEMO_SIZE texts of at most _MEMO_MAX_CHARS each (8 M characters at worst).
+# Recent texts are remembered: calls repeat system prompts and conversation history, and
+# the caller gate and validation estimate a prompt before `Pipeline.prepare` does (which
+# then carries its one estimate to budgets, the upstream limiter and calibration).
+# Bounded to _MEMO_SIZE texts of at most _MEMO_MAX_CHARS each (8 M characters at worst).
 _MEMO_SIZE = 256
 _MEMO_MAX_CHARS = 32 * 1024
 

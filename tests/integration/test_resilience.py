@@ -300,9 +300,7 @@ async def test_fault_matrix(row: Row, mode: str, start_gateway):
         assert counters.retries == expect.attempts - 1
 
 
-async def test_text_read_with_a_malformed_event_reaches_the_caller_before_the_error(
-    stub, upstream
-):
+async def test_text_read_with_a_malformed_event_reaches_the_caller_before_the_error(stub, upstream):
     """Good events read together with a malformed one are relayed, then the stream fails."""
     upstream.script(MalformedSSE(after_chunks=2, coalesce=True))
     deltas: list[str] = []

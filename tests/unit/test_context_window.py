@@ -1,5 +1,7 @@
 """fit_messages: what is kept, what is dropped, and when it refuses."""
 
+import math
+
 import pytest
 
 from service.context_window import DEFAULT_ANSWER_RESERVE, answer_reserve, fit_messages
@@ -59,6 +61,7 @@ def test_keep_recent_keeps_system_and_newest(roles, window, kept):
     assert fitted.messages == tuple(messages[i] for i in kept)
     assert fitted.dropped == len(messages) - len(kept)
     assert fitted.estimated_tokens == estimate_prompt_tokens(fitted.messages)
+    assert fitted.prompt_tokens == fitted.estimated_tokens  # no calibration
     assert fitted.estimated_tokens + 40 <= window
 
 
@@ -119,6 +122,9 @@ def test_calibration_scales_the_estimate(factor, fits):
             calibration=factor,
         )
         assert fitted.dropped == 0
+        # The window check is calibrated; the estimate handed on is the plain one.
+        assert fitted.prompt_tokens == estimate_prompt_tokens(messages)
+        assert fitted.estimated_tokens == math.ceil(fitted.prompt_tokens * factor)
     else:
         with pytest.raises(ContextWindowExceeded):
             fit_messages(

@@ -21,6 +21,7 @@ from service.ledger import (
     total_of,
 )
 from service.pricing import PriceList
+from service.tokens import estimate_prompt_tokens
 from tests.redis_support import redis_url  # noqa: F401 - fixture
 
 NOON = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC).timestamp()
@@ -171,6 +172,11 @@ def request_of(tenant: str) -> ChatRequest:
     return ChatRequest(model="m", messages=(Message(Role.USER, "hello"),), tenant=tenant)
 
 
+async def check(budgets: Budgets, request: ChatRequest) -> None:
+    """`budgets.check` with the request's prompt estimated, as `Pipeline.prepare` does."""
+    await budgets.check(request, prompt_tokens=estimate_prompt_tokens(request.messages))
+
+
 async def test_budget_refuses_once_spent_until_the_period_resets():
     """A tenant at its daily limit is refused with RetryInfo until midnight UTC; others pass."""
     clock = WallClock(NOON)
@@ -181,15 +187,15 @@ async def test_budget_refuses_once_spent_until_the_period_resets():
         prices=PRICES,
         wall_clock=clock,
     )
-    await budgets.check(request_of("acme"))
+    await check(budgets, request_of("acme"))
     await ledger.record(entry(cost=0.01))
     with pytest.raises(QuotaExceeded) as refused:
-        await budgets.check(request_of("acme"))
+        await check(budgets, request_of("acme"))
     assert refused.value.subject == "tenant:acme"
     assert refused.value.retry_after_s == 12 * 3600
-    await budgets.check(request_of("zeta"))  # no budget of its own and no "*"
+    await check(budgets, request_of("zeta"))  # no budget of its own and no "*"
     clock.now = NOON + 86400
-    await budgets.check(request_of("acme"))
+    await check(budgets, request_of("acme"))
 
 
 async def test_budget_counts_the_prompt_of_the_call_about_to_be_made():
@@ -199,10 +205,10 @@ async def test_budget_counts_the_prompt_of_the_call_about_to_be_made():
     budgets = Budgets(
         {"*": BudgetConfig(usd=0.0001)}, ledger=ledger, prices=PRICES, wall_clock=clock
     )
-    await budgets.check(request_of("anyone"))  # "hello": a few tokens, far under 100
+    await check(budgets, request_of("anyone"))  # "hello": a few tokens, far under 100
     big = ChatRequest(model="m", messages=(Message(Role.USER, "word " * 4000),), tenant="anyone")
     with pytest.raises(QuotaExceeded, match="monthly budget"):
-        await budgets.check(big)
+        await check(budgets, big)
 
 
 async def test_memory_ledger_forgets_usage_past_retention():
