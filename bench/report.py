@@ -3,8 +3,9 @@
     python -m bench.report            # BENCH_ROUNDS=3, BENCH_SCALE=1, BENCH_STREAMS=2000
 
 Each server runs in its own process, driven from this one: the mock upstream (answers
-at once), a trivial grpc.aio server (the ceiling for Python gRPC here), the gateway in
-front of the mock, the same gateway with every span and metric recorded, and
+at once from canned bytes, bench/lean_upstream.py), a trivial grpc.aio server (the
+ceiling for Python gRPC here), the gateway in front of the mock, the same gateway with
+every span and metric recorded, and
 `python -m service serve --workers N`. The load-sensitive figures are measured in
 BENCH_ROUNDS interleaved rounds (so background load hits every server alike) and the
 median of each is reported. Prints one table (figure, target, ratio, pass/fail), writes
@@ -196,7 +197,7 @@ async def _rounds() -> tuple[dict[str, dict[str, Figures]], dict[str, float]]:
             rounds.setdefault(target, {}).setdefault(key, []).append(row)
 
     async with contextlib.AsyncExitStack() as stack:
-        upstream_url = await stack.enter_async_context(child_server("mock"))
+        upstream_url = await stack.enter_async_context(child_server("lean-mock"))
         trivial_at = await stack.enter_async_context(child_server("trivial"))
         gateway_at = await stack.enter_async_context(child_server("gateway", upstream_url))
         telemetry_at = await stack.enter_async_context(
@@ -306,7 +307,7 @@ async def _workers_throughput(upstream_url: str, workers: int) -> Figures:
 
 
 async def _scaling() -> dict[str, Figures]:
-    async with child_server("mock") as upstream_url:
+    async with child_server("lean-mock") as upstream_url:
         return {
             "workers_1": await _workers_throughput(upstream_url, 1),
             "workers_2": await _workers_throughput(upstream_url, 2),

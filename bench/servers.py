@@ -1,5 +1,6 @@
 """Processes the benchmarks measure, each printing `ready HOST:PORT` when it listens.
 
+python -m bench.servers lean-mock        # a minimal upstream answering at once, canned bytes
 python -m bench.servers mock             # the fault-injecting fake upstream, answering at once
 python -m bench.servers trivial          # a grpc.aio server that does nothing (the ceiling)
 python -m bench.servers gateway URL      # the gateway in front of the upstream at URL
@@ -33,6 +34,17 @@ def _install_uvloop() -> None:
 
 async def _wait_forever() -> None:
     await asyncio.Event().wait()
+
+
+async def run_lean_mock() -> None:
+    """The lean upstream with instant, canned answers; streams of STREAM_CHUNKS chunks."""
+    from bench.lean_upstream import Answers, serve
+
+    answers = Answers(MODEL, " ".join(["tok"] * STREAM_CHUNKS), STREAM_CHUNKS)
+    server = await serve(answers)
+    port = server.sockets[0].getsockname()[1]
+    print(f"ready http://127.0.0.1:{port}/v1", flush=True)
+    await _wait_forever()
 
 
 async def run_mock() -> None:
@@ -159,6 +171,8 @@ def main() -> None:
     kind = sys.argv[1]
     if kind == "mock":
         asyncio.run(run_mock())
+    elif kind == "lean-mock":
+        asyncio.run(run_lean_mock())
     elif kind == "trivial":
         asyncio.run(run_trivial())
     elif kind == "gateway":

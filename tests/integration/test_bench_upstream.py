@@ -1,0 +1,51 @@
+"""The benchmarks' lean upstream speaks enough of the protocol for the gateway to relay it.
+
+`make bench` measures the gateway in front of `bench/lean_upstream.py`; if it stopped
+answering correctly the benchmark would time errors instead of calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bench.lean_upstream import Answers, serve
+from llmgateway.v1 import gateway_pb2 as pb
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+
+CONTENT = " ".join(f"w{i}" for i in range(40))
+
+
+@pytest.fixture
+async def lean_url() -> AsyncIterator[str]:
+    server = await serve(Answers(FAKE_MODEL, CONTENT, chunks=20))
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}/v1"
+    server.close()
+    await server.wait_closed()
+
+
+async def test_unary_calls_through_the_gateway_get_the_canned_answer(lean_url, start_gateway):
+    """Several unary calls on the kept-alive connection each get the whole answer."""
+    gateway = await start_gateway(gateway_config(lean_url))
+    for _ in range(3):
+        response = await gateway.stub.Complete(chat("hi"))
+        assert response.content == CONTENT
+        assert (response.metadata.usage.input_tokens, response.metadata.usage.output_tokens) == (
+            7,
+            3,
+        )
+        assert response.metadata.finish_reason == pb.FINISH_REASON_STOP
+
+
+async def test_streams_through_the_gateway_relay_every_word(lean_url, start_gateway):
+    """A stream carries the whole text, then usage, and the connection serves the next."""
+    gateway = await start_gateway(gateway_config(lean_url))
+    for _ in range(2):
+        events = [e async for e in gateway.stub.CompleteStream(chat_stream("hi"))]
+        text = "".join(e.delta.content for e in events if e.HasField("delta"))
+        assert text.split() == CONTENT.split()
+        final = events[-1].final
+        assert final.finish_reason == pb.FINISH_REASON_STOP
+        assert final.usage.output_tokens == 3
