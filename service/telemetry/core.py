@@ -176,10 +176,12 @@ class Telemetry:
     ) -> Iterator[RpcScope]:
         """The SERVER span of one RPC, continuing the caller's W3C trace context."""
         token = None
-        if self.providers.tracer_provider is None:
-            # Every span is a no-op: no trace context to read or make current.
+        if self.providers.tracer_provider is None and not _has_trace_context(metadata):
+            # Nothing to record and nothing to pass on: skip reading the metadata.
             span: Span = trace.INVALID_SPAN
         else:
+            # With no tracer provider the span is a no-op carrying the caller's context,
+            # which the upstream request then passes on unchanged.
             carrier = {k: v for k, v in metadata if isinstance(v, str)}
             parent = self._propagator.extract(carrier)
             span = self.tracer.start_span(
@@ -275,9 +277,10 @@ class Telemetry:
         span = self.tracer.start_span(
             f"{attr.OPERATION_CHAT} {upstream_model}", kind=SpanKind.CLIENT, attributes=attributes
         )
-        if attributes is not None:  # a real span: the upstream continues its trace
-            if self.capture_content and span.is_recording():
-                span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, attr.messages_json(request.messages))
+        if self.capture_content and span.is_recording():
+            span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, attr.messages_json(request.messages))
+        # A real span, or the caller's context passed through: the upstream continues it.
+        if attributes is not None or otel_context.get_current():
             self._propagator.inject(headers, context=trace.set_span_in_context(span))
         attempt_span = AttemptSpan(
             span=span,
@@ -367,6 +370,14 @@ class Telemetry:
     def set_breaker_state(self, upstream: str, state: str) -> None:
         """The breaker of `upstream` is now `state` (closed, half_open or open)."""
         self.instruments.breaker_state.set(BREAKER_STATES[state], {attr.UPSTREAM: upstream})
+
+
+_TRACE_METADATA = frozenset({"traceparent", "tracestate", "baggage"})
+
+
+def _has_trace_context(metadata: Sequence[tuple[str, Any]]) -> bool:
+    """Whether the caller sent W3C trace context or baggage (gRPC keys are lowercase)."""
+    return any(key in _TRACE_METADATA for key, _ in metadata)
 
 
 @functools.lru_cache(maxsize=256)

@@ -89,6 +89,21 @@ async def test_traceparent_reaches_the_upstream_with_the_callers_trace_id(
     assert parent_id == format(client.context.span_id, "016x")
 
 
+async def test_without_a_trace_exporter_the_callers_context_passes_through(gateway, upstream):
+    """Telemetry off: the caller's traceparent and baggage reach the upstream unchanged."""
+    metadata = (("traceparent", TRACEPARENT), ("baggage", "team=search"))
+    await gateway.stub.Complete(chat(), metadata=metadata)
+    events = [e async for e in gateway.stub.CompleteStream(chat_stream(), metadata=metadata)]
+    assert events[-1].HasField("final")
+    await gateway.stub.Complete(chat("no trace context"))
+    with_context, without = upstream.requests[:2], upstream.requests[2]
+    for request in with_context:
+        assert request.headers["traceparent"] == TRACEPARENT  # no gateway span in between
+        assert request.headers["baggage"] == "team=search"
+    assert "traceparent" not in without.headers
+    assert "baggage" not in without.headers
+
+
 async def test_a_call_without_trace_context_starts_a_new_trace(traced, captured, upstream):
     """Without traceparent the RPC span is a root, and the upstream still gets a traceparent."""
     await traced.stub.Complete(chat())
