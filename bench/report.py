@@ -52,6 +52,11 @@ HIT = pb.CompleteRequest(
     model=MODEL, messages=MESSAGES, params=pb.GenerationParams(temperature=0.0)
 )  # temperature 0: cached after the first call
 STREAM = pb.CompleteStreamRequest(model=MODEL, messages=MESSAGES)
+# Every metric, and the spans of one call in ten (the OpenTelemetry SDK's own sampler).
+SAMPLED_TRACES = {
+    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+    "OTEL_TRACES_SAMPLER_ARG": "0.1",
+}
 HTTP_MESSAGES = [{"role": "user", "content": "Say hi"}]
 HTTP_UNARY = {"model": MODEL, "messages": HTTP_MESSAGES}
 HTTP_STREAM = {**HTTP_UNARY, "stream": True, "stream_options": {"include_usage": True}}
@@ -203,12 +208,16 @@ async def _rounds() -> tuple[dict[str, dict[str, Figures]], dict[str, float]]:
         telemetry_at = await stack.enter_async_context(
             child_server("gateway-telemetry", upstream_url)
         )
+        sampled_at = await stack.enter_async_context(
+            child_server("gateway-telemetry", upstream_url, env=SAMPLED_TRACES)
+        )
         session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
         )
         trivial = await stack.enter_async_context(_grpc_stub(trivial_at))
         gateway = await stack.enter_async_context(_grpc_stub(gateway_at))
         telemetry = await stack.enter_async_context(_grpc_stub(telemetry_at))
+        sampled = await stack.enter_async_context(_grpc_stub(sampled_at))
         for index in range(ROUNDS):
             print(f"round {index + 1}/{ROUNDS}", flush=True)
             keep("direct", await _figures("direct", _http_calls(session, upstream_url)))
@@ -229,15 +238,16 @@ async def _rounds() -> tuple[dict[str, dict[str, Figures]], dict[str, float]]:
                     )
                 },
             )
-            on = _grpc_calls(telemetry, MISS).unary
-            keep(
-                "telemetry",
-                {
-                    "unary_c64": await measure(
-                        "telemetry unary c=64", on, requests=UNARY_C64, concurrency=64
-                    )
-                },
-            )
+            for target, stub in (("telemetry", telemetry), ("telemetry_sampled", sampled)):
+                on = _grpc_calls(stub, MISS).unary
+                keep(
+                    target,
+                    {
+                        "unary_c64": await measure(
+                            f"{target} unary c=64", on, requests=UNARY_C64, concurrency=64
+                        )
+                    },
+                )
     medians = {
         target: {key: _median(rows) for key, rows in figures.items()}
         for target, figures in rounds.items()
@@ -411,6 +421,16 @@ def _rows(
             ">= 0.90",
             ratio,
             ratio >= 0.9,
+        )
+    )
+    sampled = figures["telemetry_sampled"]["unary_c64"].per_second
+    rows.append(
+        Row(
+            "telemetry on, 10% of traces sampled, vs off",
+            f"{sampled:.0f}/s of {gateway['unary_c64'].per_second:.0f}/s",
+            "(report)",
+            sampled / gateway["unary_c64"].per_second,
+            True,
         )
     )
     one, two = scaling["workers_1"].per_second, scaling["workers_2"].per_second
