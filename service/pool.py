@@ -334,10 +334,12 @@ class UpstreamPool:
         except BaseException:
             state.breaker.release()
             raise
-        if last_error is None:
-            state.budget.record_request()
-        else:
+        # A retry follows an attempt that was sent and failed; a route skipped before any
+        # was sent (the gateway's own limits, an open circuit) leaves this a first attempt.
+        if last_error is not None and last_route is not None:
             state.budget.record_retry()
+        else:
+            state.budget.record_request()
         return deadline.bound(route.client.config.timeout_s)
 
     def _after_failure(self, state: UpstreamState, exc: UpstreamError, deadline: Deadline) -> None:

@@ -450,6 +450,37 @@ async def test_retry_budget_limits_amplification(start_gateway):
         assert calls < len(fake.requests) <= calls * 1.5
 
 
+async def test_a_route_skipped_by_our_own_limit_does_not_make_the_next_attempt_a_retry(
+    start_gateway,
+):
+    """The first attempt sent after a rate-limited route is a request, not a retry.
+
+    The budget allows one retry (no ratio): were the attempts sent after up0 was skipped
+    counted as retries, the retry the third call needs would be refused.
+    """
+    async with FakeUpstream() as limited, FakeUpstream() as spare:
+        resilience = {
+            **FAST_RESILIENCE,
+            "retry_budget_ratio": 0.0,
+            "retry_budget_min_retries": 1,
+            "retry_budget_window_s": 60.0,
+        }
+        config = gateway_config(limited.base_url, spare.base_url, resilience=resilience)
+        upstreams = (
+            dataclasses.replace(config.upstreams[0], weight=100, requests_per_minute=1),
+            dataclasses.replace(config.upstreams[1], weight=1),
+        )
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=upstreams))
+        first = await gateway.stub.Complete(chat())
+        second = await gateway.stub.Complete(chat())  # up0 is out of requests this minute
+        spare.script(Status(503), Reply())
+        third = await gateway.stub.Complete(chat())
+        served = [r.metadata.upstream for r in (first, second, third)]
+        assert served == ["up0", "up1", "up1"]
+        assert third.metadata.attempts == 2
+        assert (len(limited.requests), len(spare.requests)) == (1, 3)
+
+
 async def test_concurrency_limit_queues_on_the_upstream(start_gateway):
     """With max_concurrency 1 concurrent calls reach the upstream one at a time."""
     async with FakeUpstream(default=Reply(delay_s=0.1)) as fake:
