@@ -640,4 +640,24 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(source, "", f"not valid YAML: {exc}") from None
-    return parse_config(data, source=source, environ=environ)
+    config = parse_config(data, source=source, environ=environ)
+    _check_tls_files(config.server.tls, source)
+    return config
+
+
+def _check_tls_files(tls: TlsConfig, source: str) -> None:
+    """Refuse certificate files the server could not read, now rather than at listen time."""
+    files = {
+        "cert_file": tls.cert_file,
+        "key_file": tls.key_file,
+        "client_ca_file": tls.client_ca_file,
+    }
+    for key, path in files.items():
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            problem = f"cannot read {path}: {exc.strerror}"
+            raise ConfigError(source, f"server.tls.{key}", problem) from None

@@ -28,3 +28,22 @@ def test_a_bad_override_exits_2_naming_it(
     assert err.startswith("llm-gateway: config error: ")
     assert flags[0] in err
     assert problem in err
+
+
+@pytest.mark.parametrize("key", ["cert_file", "key_file", "client_ca_file"])
+def test_an_unreadable_tls_file_exits_2_naming_its_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str
+) -> None:
+    """A certificate file that is not there is a config error at load, not a traceback."""
+    files = {name: tmp_path / name for name in ("cert_file", "key_file", "client_ca_file")}
+    for name, path in files.items():
+        if name != key:
+            path.write_text("PEM\n")
+    tls = ", ".join(f"{name}: {path}" for name, path in files.items())
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"server: {{tls: {{{tls}}}}}\nlocal_model: {{enabled: never}}\n")
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llm-gateway: config error: ")
+    assert f"server.tls.{key}" in err
+    assert str(files[key]) in err
