@@ -6,8 +6,11 @@ spends about 190 µs of CPU per request and 0.8 ms building a 200-chunk stream b
 first chunk: a third of a core taken from the gateway under load, which a real
 provider, running elsewhere, never takes. This server answers from bytes prepared at
 start: HTTP/1.1 keep-alive on an asyncio protocol, a JSON completion, or an SSE stream
-written one event per write (so the gateway still receives events one by one).
-No faults, no recording: the fault-injecting fake stays the upstream of every test.
+written one event per write. Unpaced, the writes go out back to back and the gateway
+reads the stream in a few reads (a burst, which it relays in a few messages); with
+`event_gap_s` each event waits that long after the one before, as a provider's tokens
+do, so each arrives on its own. No faults, no recording: the fault-injecting fake stays
+the upstream of every test.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def _sse(data: bytes) -> bytes:
 class Answers:
     """The bytes of every answer, built once."""
 
-    def __init__(self, model: str, content: str, chunks: int) -> None:
+    def __init__(self, model: str, content: str, chunks: int, *, event_gap_s: float = 0) -> None:
+        self.event_gap_s = event_gap_s
         body = _unary_body(model, content)
         self.unary = (
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -69,7 +73,8 @@ class Answers:
         )
         words = content.split(" ")
         per_chunk = max(1, len(words) // max(1, chunks))
-        pieces = [" ".join(words[i : i + per_chunk]) + " " for i in range(0, len(words), per_chunk)]
+        starts = range(0, len(words), per_chunk)
+        pieces = [(" " if i else "") + " ".join(words[i : i + per_chunk]) for i in starts]
         usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
         self.stream = [
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -89,6 +94,7 @@ class _Connection(asyncio.Protocol):
         self._answers = answers
         self._buffer = b""
         self._transport: asyncio.WriteTransport | None = None
+        self._paced: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.WriteTransport, transport)  # uvloop's is no subclass
@@ -128,9 +134,23 @@ class _Connection(asyncio.Protocol):
             return
         if not wants_stream:
             transport.write(self._answers.unary)
-            return
-        for event in self._answers.stream:  # one write per event, as a provider sends them
+        elif self._answers.event_gap_s > 0:
+            self._paced = asyncio.get_running_loop().create_task(self._write_paced(transport))
+        else:
+            for event in self._answers.stream:
+                transport.write(event)
+
+    async def _write_paced(self, transport: asyncio.WriteTransport) -> None:
+        for index, event in enumerate(self._answers.stream):
+            if index:
+                await asyncio.sleep(self._answers.event_gap_s)
+            if transport.is_closing():
+                return
             transport.write(event)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._paced is not None:
+            self._paced.cancel()
 
 
 async def serve(answers: Answers, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:

@@ -37,10 +37,14 @@ async def _wait_forever() -> None:
 
 
 async def run_lean_mock() -> None:
-    """The lean upstream with instant, canned answers; streams of STREAM_CHUNKS chunks."""
+    """The lean upstream with canned answers; streams of STREAM_CHUNKS chunks.
+
+    BENCH_EVENT_GAP_MS paces a stream's events (0, the default: all at once).
+    """
     from bench.lean_upstream import Answers, serve
 
-    answers = Answers(MODEL, " ".join(["tok"] * STREAM_CHUNKS), STREAM_CHUNKS)
+    gap_s = float(os.environ.get("BENCH_EVENT_GAP_MS", "0")) / 1000
+    answers = Answers(MODEL, " ".join(["tok"] * STREAM_CHUNKS), STREAM_CHUNKS, event_gap_s=gap_s)
     server = await serve(answers)
     port = server.sockets[0].getsockname()[1]
     print(f"ready http://127.0.0.1:{port}/v1", flush=True)

@@ -43,7 +43,8 @@ class Budgets:
     async def check(self, request: ChatRequest, *, prompt_tokens: int) -> None:
         """Raise `QuotaExceeded` (retry when the period resets) if the call would overrun.
 
-        `prompt_tokens`: the request's prompt estimate, priced as the least it will cost.
+        `prompt_tokens`: the request's prompt estimate (the estimator errs high), priced
+        as the input part of what the call will cost.
         """
         budget = self.budget_of(request.tenant)
         if budget is None:

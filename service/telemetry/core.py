@@ -126,6 +126,8 @@ class Telemetry:
         self.capture_content = capture_content
         self.prices = prices if prices is not None else PriceList({})
         self._propagator = propagate.get_global_textmap()
+        # The metadata keys the configured propagators read (OTEL_PROPAGATORS).
+        self._trace_keys = frozenset(key.lower() for key in self._propagator.fields)
         self._is_closed = False
 
     @classmethod
@@ -176,7 +178,7 @@ class Telemetry:
     ) -> Iterator[RpcScope]:
         """The SERVER span of one RPC, continuing the caller's W3C trace context."""
         token = None
-        if self.providers.tracer_provider is None and not _has_trace_context(metadata):
+        if self.providers.tracer_provider is None and not self._has_trace_context(metadata):
             # Nothing to record and nothing to pass on: skip reading the metadata.
             span: Span = trace.INVALID_SPAN
         else:
@@ -213,6 +215,10 @@ class Telemetry:
                 CURRENT_RPC.reset(rpc_token)
             if token is not None:
                 otel_context.detach(token)
+
+    def _has_trace_context(self, metadata: Sequence[tuple[str, Any]]) -> bool:
+        """Whether the caller sent anything the propagators read (gRPC keys are lowercase)."""
+        return any(key in self._trace_keys for key, _ in metadata)
 
     def _end_rpc(self, scope: RpcScope) -> None:
         elapsed = scope.elapsed_s()
@@ -370,14 +376,6 @@ class Telemetry:
     def set_breaker_state(self, upstream: str, state: str) -> None:
         """The breaker of `upstream` is now `state` (closed, half_open or open)."""
         self.instruments.breaker_state.set(BREAKER_STATES[state], {attr.UPSTREAM: upstream})
-
-
-_TRACE_METADATA = frozenset({"traceparent", "tracestate", "baggage"})
-
-
-def _has_trace_context(metadata: Sequence[tuple[str, Any]]) -> bool:
-    """Whether the caller sent W3C trace context or baggage (gRPC keys are lowercase)."""
-    return any(key in _TRACE_METADATA for key, _ in metadata)
 
 
 @functools.lru_cache(maxsize=256)

@@ -97,9 +97,10 @@ def _text_of_read(
 ) -> tuple[str, MalformedReply | None]:
     """The text of every event completed by one read, joined, and what cut it short.
 
-    Events that arrived in one read go on as one delta: the caller gets the same text,
-    no later (it was all here already), in one message instead of one per event, which
-    spares a gRPC write per event when the upstream sends faster than the gateway relays.
+    Events that arrived in one read go on as one delta: the caller gets the same text in
+    one message instead of one per event, which spares a gRPC write per event when the
+    upstream sends faster than the gateway relays. The first event's text waits only for
+    the rest of its read to be parsed (about 2 µs an event).
     Text before a malformed event is still returned, so it reaches the caller first.
     """
     texts: list[str] = []

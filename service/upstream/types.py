@@ -31,7 +31,7 @@ class UpstreamReply:
 
 @dataclass(frozen=True, slots=True)
 class TextChunk:
-    """Generated text from one stream event."""
+    """Generated text: every content event of one network read, joined."""
 
     content: str
 

@@ -17,9 +17,9 @@ from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 CONTENT = " ".join(f"w{i}" for i in range(40))
 
 
-@pytest.fixture
-async def lean_url() -> AsyncIterator[str]:
-    server = await serve(Answers(FAKE_MODEL, CONTENT, chunks=20))
+@pytest.fixture(params=[0.0, 0.002], ids=["burst", "paced"])
+async def lean_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    server = await serve(Answers(FAKE_MODEL, CONTENT, chunks=20, event_gap_s=request.param))
     port = server.sockets[0].getsockname()[1]
     yield f"http://127.0.0.1:{port}/v1"
     server.close()
@@ -44,8 +44,23 @@ async def test_streams_through_the_gateway_relay_every_word(lean_url, start_gate
     gateway = await start_gateway(gateway_config(lean_url))
     for _ in range(2):
         events = [e async for e in gateway.stub.CompleteStream(chat_stream("hi"))]
-        text = "".join(e.delta.content for e in events if e.HasField("delta"))
-        assert text.split() == CONTENT.split()
+        deltas = [e.delta.content for e in events if e.HasField("delta")]
+        assert "".join(deltas) == CONTENT
         final = events[-1].final
         assert final.finish_reason == pb.FINISH_REASON_STOP
         assert final.usage.output_tokens == 3
+
+
+async def test_paced_events_reach_the_caller_one_message_each(start_gateway):
+    """With a gap between events each arrives alone, so each is its own delta."""
+    server = await serve(Answers(FAKE_MODEL, CONTENT, chunks=20, event_gap_s=0.005))
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        gateway = await start_gateway(gateway_config(url))
+        events = [e async for e in gateway.stub.CompleteStream(chat_stream("hi"))]
+        deltas = [e.delta.content for e in events if e.HasField("delta")]
+        assert len(deltas) == 20
+        assert "".join(deltas) == CONTENT
+    finally:
+        server.close()
+        await server.wait_closed()
