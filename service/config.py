@@ -88,7 +88,9 @@ class ServerConfig:
     max_in_flight_calls: int = 2000
     max_queued_calls: int = 0
     overload_retry_after_s: float = 1.0
-    workers: int = 1
+    # Processes sharing the port: N, 0 for one per core, or unset for one per core when
+    # nothing that must agree across processes is kept in one (see `service.workers`).
+    workers: int | None = None
     # Refuse to start without caller auth on a non-loopback address unless forced.
     allow_insecure_public_listen: bool = False
     tls: TlsConfig = TlsConfig()
@@ -107,7 +109,9 @@ class ServerConfig:
         _require(self.max_receive_message_bytes >= 1024, "max_receive_message_bytes too small")
         _require(self.max_in_flight_calls >= 1, "max_in_flight_calls must be >= 1")
         _require(self.max_queued_calls >= 0, "max_queued_calls must be >= 0")
-        _require(self.workers >= 0, "workers must be >= 0 (0: one per core)")
+        _require(
+            self.workers is None or self.workers >= 0, "workers must be >= 0 (0: one per core)"
+        )
         _require(self.max_connection_age_s > 0, "max_connection_age_s must be > 0")
         grace = self.max_connection_age_grace_s
         _require(grace is None or grace >= 0, "max_connection_age_grace_s must be >= 0")

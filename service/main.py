@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 
@@ -25,7 +26,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        help="processes sharing the port (SO_REUSEPORT); 0: one per core (default: config)",
+        help="processes sharing the port (SO_REUSEPORT); 0: one per core "
+        "(default: server.workers, else one per core when state is shared in Redis)",
     )
     parser.add_argument("--log-level", default=os.environ.get("LLM_GATEWAY_LOG_LEVEL", "INFO"))
 
@@ -48,7 +50,11 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"llm-gateway: config error: --listen/--workers: {exc}", file=sys.stderr)
         return 2
     config = dataclasses.replace(config, server=server)
-    count = worker_count(server.workers)
+    count, why = worker_count(config)
+    logging.getLogger("llm_gateway.workers").info(
+        "server.workers", extra={"workers": count, "why": why}
+    )
+    config = dataclasses.replace(config, server=dataclasses.replace(server, workers=count))
     if count > 1:
         from service.workers import run_workers
 

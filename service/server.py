@@ -113,7 +113,7 @@ class GatewayServer:
             options=[
                 *pending_call_options(self.admission.max_in_flight, self.admission.max_queued),
                 ("grpc.max_receive_message_length", self.config.server.max_receive_message_bytes),
-                ("grpc.so_reuseport", 1 if self.config.server.workers != 1 else 0),
+                ("grpc.so_reuseport", 0 if self.config.server.workers in (None, 1) else 1),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.max_pings_without_data", 0),
                 *connection_age_options(self.config),

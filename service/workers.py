@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 
-from service.config import ConfigError, GatewayConfig
+from service.config import ConfigError, GatewayConfig, TenantConfig
 from service.local_model import LocalModelServer
 from service.telemetry.setup import DEFAULT_PROMETHEUS_PORT, names_prometheus
 
@@ -34,9 +34,30 @@ log = logging.getLogger("llm_gateway.workers")
 _WORKER_START_TIMEOUT_S = 120.0
 
 
-def worker_count(requested: int) -> int:
-    """`requested` workers; 0 means one per core."""
-    return requested if requested > 0 else max(1, os.cpu_count() or 1)
+def worker_count(config: GatewayConfig) -> tuple[int, str]:
+    """How many worker processes to run, and why.
+
+    `server.workers` when set (0: one per core). Unset, one per core as long as nothing
+    that must agree across processes would be kept in each: the usage ledger (GetUsage,
+    budgets) and any tenant's rate limits must then be in Redis; otherwise one process,
+    so that a default setup never answers with a fraction of its usage or lets a tenant
+    through N times its limit. The response cache may be per process: it only hits less.
+    """
+    cores = max(1, os.cpu_count() or 1)
+    requested = config.server.workers
+    if requested is not None:
+        return (requested or cores), "server.workers" if requested else "one per core"
+    if config.ledger.redis_url is None:
+        return 1, "the usage ledger is in memory (set ledger.redis_url to share it)"
+    if config.auth.redis_url is None and any(_is_limited(t) for t in config.tenants.values()):
+        return 1, "tenant limits are in memory (set auth.redis_url to share them)"
+    return cores, "one per core: shared state is in Redis"
+
+
+def _is_limited(tenant: TenantConfig) -> bool:
+    return bool(
+        tenant.requests_per_minute or tenant.tokens_per_minute or tenant.max_concurrent_calls
+    )
 
 
 def worker_configs(

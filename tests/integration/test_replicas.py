@@ -60,11 +60,15 @@ def _config(upstream: FakeUpstream, redis: RedisServer, key: str) -> dict[str, A
 
 @contextlib.asynccontextmanager
 async def _gateway_process(config: Path) -> AsyncIterator[pb_grpc.CompletionServiceStub]:
-    """`python -m service serve --config CONFIG` as a child process; a stub to it."""
+    """`python -m service serve --config CONFIG` as one child process; a stub to it.
+
+    `--workers 1`: with its state in Redis the gateway would otherwise run one process
+    per core, and this test is about separate replicas.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_GATEWAY")}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service", "serve", "--config", str(config),
-        "--log-level", "WARNING",
+        "--workers", "1", "--log-level", "WARNING",
         stdout=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     try:

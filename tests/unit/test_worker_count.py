@@ -1,0 +1,57 @@
+"""How many worker processes `serve` runs when the config does or does not say."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from service.config import parse_config
+from service.workers import worker_count
+
+CORES = max(1, os.cpu_count() or 1)
+REDIS = "redis://127.0.0.1:6379/0"
+LIMITED = {"acme": {"requests_per_minute": 60}}
+
+
+def config(**sections: Any) -> Any:
+    return parse_config({"local_model": {"enabled": "never"}, **sections}, environ={})
+
+
+@pytest.mark.parametrize(("workers", "expected"), [(3, 3), (1, 1), (0, CORES)])
+def test_a_configured_count_is_used_whatever_the_state(workers: int, expected: int) -> None:
+    """server.workers wins: N processes, 0 one per core, even with state in memory."""
+    count, _ = worker_count(config(server={"workers": workers}))
+    assert count == expected
+
+
+def test_unset_with_the_ledger_in_memory_runs_one_process_and_says_why() -> None:
+    """A default setup keeps usage in memory: several processes would each hold a part."""
+    count, why = worker_count(config())
+    assert count == 1
+    assert "ledger.redis_url" in why
+
+
+def test_unset_with_tenant_limits_in_memory_runs_one_process() -> None:
+    """Per-process limits would let a tenant through once per process."""
+    count, why = worker_count(config(ledger={"redis_url": REDIS}, tenants=LIMITED))
+    assert count == 1
+    assert "auth.redis_url" in why
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"ledger": {"redis_url": REDIS}},
+        {"ledger": {"redis_url": REDIS}, "auth": {"redis_url": REDIS}, "tenants": LIMITED},
+    ],
+    ids=["no-limits", "limits-in-redis"],
+)
+def test_unset_with_shared_state_in_redis_runs_one_process_per_core(
+    sections: dict[str, Any],
+) -> None:
+    """With the ledger (and any limits) in Redis, the default uses every core."""
+    count, why = worker_count(config(**sections))
+    assert count == CORES
+    assert "Redis" in why
