@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # only annotated here; the server builds the cache and passes
     from service.cache import ResponseCache
 
 _MS = 1000.0
+_DEFAULT_CONTEXT_WINDOW = 8192
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -41,9 +42,6 @@ class PreparedRequest:
     request: ChatRequest
     dropped: int  # messages the truncation dropped
     prompt_tokens: int  # the estimate of the messages sent (before calibration)
-
-
-_DEFAULT_CONTEXT_WINDOW = 8192
 
 
 class Pipeline:

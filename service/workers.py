@@ -47,9 +47,9 @@ def worker_count(config: GatewayConfig) -> tuple[int, str]:
     requested = config.server.workers
     if requested is not None:
         return (requested or cores), "server.workers" if requested else "one per core"
-    if config.ledger.redis_url is None:
+    if not config.ledger.redis_url:
         return 1, "the usage ledger is in memory (set ledger.redis_url to share it)"
-    if config.auth.redis_url is None and any(_is_limited(t) for t in config.tenants.values()):
+    if not config.auth.redis_url and any(_is_limited(t) for t in config.tenants.values()):
         return 1, "tenant limits are in memory (set auth.redis_url to share them)"
     return cores, "one per core: shared state is in Redis"
 
