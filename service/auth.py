@@ -250,6 +250,12 @@ class Authenticator:
         """Whether a client certificate's common name can name the caller's tenant."""
         return self._tenant_from_cert
 
+    @property
+    def names_every_caller_default(self) -> bool:
+        """Whether every caller is the anonymous `default` tenant: no key is required,
+        there is none to look up, and no certificate names a tenant."""
+        return not (self._is_required or self._stores or self._tenant_from_cert)
+
     def principal(self, tenant: str, *, is_authenticated: bool = True) -> Principal:
         """The principal of `tenant`; tenants not configured get no limits."""
         limits = self._tenants.get(tenant) or _NO_LIMITS

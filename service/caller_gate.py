@@ -146,6 +146,15 @@ class CallerGate:
         self._authenticator = authenticator
         self._limiter = limiter
 
+    @property
+    def checks_nothing(self) -> bool:
+        """Whether every call would pass as the anonymous `default` tenant, unlimited: the
+        boundary can then skip the gate (auth off, no keys, no limits on `default`)."""
+        authenticator = self._authenticator
+        return authenticator.names_every_caller_default and _is_unmetered(
+            authenticator.principal(DEFAULT_TENANT, is_authenticated=False).limits
+        )
+
     @contextlib.asynccontextmanager
     async def admit(self, request: Any, context: CallContext) -> AsyncIterator[Principal]:
         """Admit the call for the body of the `async with`, or raise a `GatewayError`."""

@@ -108,7 +108,8 @@ class GatewayServer:
         self._stack.callback(observe_cache(self.telemetry, cache.stats.as_dict))
         self.pipeline = Pipeline(self.config, pool, prices, ledger=ledger, cache=cache)
         servicer = CompletionServicer(self.pipeline)
-        guard_servicer(servicer, RPC_METHODS, self.admission, gate)
+        # A gate that would admit everyone as the unlimited default tenant is skipped.
+        guard_servicer(servicer, RPC_METHODS, self.admission, None if gate.checks_nothing else gate)
         server = grpc.aio.server(
             options=[
                 *pending_call_options(self.admission.max_in_flight, self.admission.max_queued),

@@ -234,12 +234,14 @@ class Telemetry:
             if scope.status_code in attr.SERVER_ERROR_CODES:
                 span.set_status(Status(StatusCode.ERROR, scope.error_type))
         span.end()
+        self.in_flight -= 1
+        self.instruments.requests.add(1, scope.method, scope.status_code)
+        if self.providers.meter_provider is None:
+            return  # the histograms are no-ops: skip building their attributes
         labels: dict[str, Any] = {
             attr.RPC_METHOD: scope.method,
             attr.RPC_GRPC_STATUS_CODE: scope.status_code,
         }
-        self.in_flight -= 1
-        self.instruments.requests.add(1, scope.method, scope.status_code)
         self.instruments.rpc_duration.record(elapsed, labels)
         self.instruments.overhead.record(overhead, {attr.RPC_METHOD: scope.method})
 

@@ -15,9 +15,11 @@ from service.auth import (
     parse_keys_file,
     redis_connection_options,
 )
+from service.caller_gate import CallerGate
 from service.config import AuthConfig, CallerKey, TenantConfig
 from service.errors import PermissionDenied, Unauthenticated
 from service.security import InsecureListen, check_listen_policy
+from service.tenant_limits import MemoryTenantLimiter
 from tests.conftest import gateway_config
 
 KEY = "llmgw_unit-test-key"
@@ -242,3 +244,33 @@ def test_redis_password_comes_from_the_named_environment_variable():
     options = redis_connection_options(config, {"GW_REDIS_PW": "pw"})
     assert options == {"password": "pw", "socket_timeout": 0.2, "socket_connect_timeout": 0.2}
     assert redis_connection_options(config, {})["password"] is None
+
+
+@pytest.mark.parametrize(
+    ("auth", "tenants", "stores", "from_cert", "checks_nothing"),
+    [
+        (AuthConfig(), {}, [], False, True),
+        (AuthConfig(), {"team-a": TenantConfig(requests_per_minute=5)}, [], False, True),
+        (AuthConfig(mode="keys"), {}, [], False, False),
+        (AuthConfig(), {}, [StaticKeyStore([CallerKey(hash_key(KEY), "t")])], False, False),
+        (AuthConfig(), {}, [], True, False),
+        (AuthConfig(), {"default": TenantConfig(requests_per_minute=5)}, [], False, False),
+        (AuthConfig(), {"default": TenantConfig(allowed_models=("m",))}, [], False, False),
+    ],
+    ids=[
+        "auth-off",
+        "limits-only-for-others",
+        "keys-required",
+        "keys-to-look-up",
+        "tenant-from-certificate",
+        "default-tenant-limited",
+        "default-tenant-restricted",
+    ],
+)
+def test_the_gate_is_skipped_only_when_it_would_admit_everyone_unlimited(
+    auth, tenants, stores, from_cert, checks_nothing
+):
+    """Skipping the gate must change nothing: every caller default, nothing to check."""
+    authenticator = Authenticator(auth, tenants, stores, tenant_from_cert_subject=from_cert)
+    gate = CallerGate(authenticator, MemoryTenantLimiter())
+    assert gate.checks_nothing is checks_nothing
