@@ -1,16 +1,17 @@
-"""One OpenAI-compatible upstream over a pooled aiohttp session.
+"""One OpenAI-compatible upstream over a pooled HTTP/1.1 connection pool (`http.py`).
 
-The only module (with its siblings in `upstream/`) that imports aiohttp. Foreign errors
-are translated to `UpstreamError` subclasses at one seam, `_translate_errors`.
+Foreign errors are translated to `UpstreamError` subclasses at one seam,
+`_translate_errors`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 
-import aiohttp
+import orjson
 
 from service.config import UpstreamConfig
 from service.errors import (
@@ -22,6 +23,7 @@ from service.errors import (
     UpstreamUnavailable,
 )
 from service.upstream.headers import rate_limit_hints, retry_after_s
+from service.upstream.http import ConnectFailed, HttpError, HttpPool, Response
 from service.upstream.openai_json import MalformedReply, StreamParser, parse_completion
 from service.upstream.sse import SSEDecoder
 from service.upstream.types import (
@@ -32,7 +34,9 @@ from service.upstream.types import (
     UpstreamReply,
 )
 
-_STREAM_READ_BYTES = 64 * 1024
+_USER_AGENT = "llm-gateway"
+# Idle connections older than this are not reused (providers close theirs after a while).
+_KEEPALIVE_S = 30.0
 
 
 def _error_for_status(upstream: str, status: int, headers: Mapping[str, str]) -> UpstreamError:
@@ -67,7 +71,7 @@ def _error_for_status(upstream: str, status: int, headers: Mapping[str, str]) ->
 
 @contextlib.contextmanager
 def _translate_errors(upstream: str) -> Iterator[None]:
-    """Turn aiohttp and timeout errors into `UpstreamError` subclasses.
+    """Turn connection, HTTP and timeout errors into `UpstreamError` subclasses.
 
     We map to the most specific class we can; the original goes in `__cause__` for
     logs, never into the message a caller sees.
@@ -78,11 +82,11 @@ def _translate_errors(upstream: str) -> Iterator[None]:
         raise
     except TimeoutError as exc:
         raise UpstreamTimeout(f"upstream {upstream!r} timed out", upstream=upstream) from exc
-    except aiohttp.ClientConnectorError as exc:
+    except ConnectFailed as exc:
         raise UpstreamUnavailable(
             f"upstream {upstream!r} refused or could not be reached", upstream=upstream
         ) from exc
-    except (aiohttp.ClientError, ConnectionError) as exc:
+    except (HttpError, ConnectionError) as exc:
         raise UpstreamUnavailable(
             f"upstream {upstream!r} dropped the connection", upstream=upstream
         ) from exc
@@ -119,106 +123,114 @@ def _text_of_read(
 class UpstreamClient:
     """Sends chat completions to one upstream; owns its connection pool.
 
-    Use as `async with UpstreamClient(config) as client:`; a session may be injected
-    for tests, and is then not closed by the client.
+    Use as `async with UpstreamClient(config) as client:`.
     """
 
-    def __init__(
-        self, config: UpstreamConfig, *, session: aiohttp.ClientSession | None = None
-    ) -> None:
+    def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         self.name = config.name
-        self._url = config.base_url.rstrip("/") + "/chat/completions"
-        self._owns_session = session is None
-        self._session = session
-        self._headers = {"Content-Type": "application/json"}
+        self._pool: HttpPool | None = None
+        self._headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+            "User-Agent": _USER_AGENT,
+        }
         if config.api_key:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
 
     async def __aenter__(self) -> UpstreamClient:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self.config.max_connections, keepalive_timeout=30, ttl_dns_cache=300
+        if self._pool is None:
+            self._pool = HttpPool(
+                self.config.base_url,
+                max_connections=self.config.max_connections,
+                connect_timeout_s=self.config.connect_timeout_s,
+                keepalive_s=_KEEPALIVE_S,
             )
-            self._session = aiohttp.ClientSession(connector=connector)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool, if this client created it."""
-        if self._session is not None and self._owns_session:
-            await self._session.close()
-        self._session = None
+        """Close the connection pool."""
+        if self._pool is not None:
+            await self._pool.aclose()
+        self._pool = None
 
     @property
     def open_connections(self) -> int:
         """Connections currently checked out or idle in the pool."""
-        connector = self._session.connector if self._session is not None else None
-        if connector is None:
-            return 0
-        idle = sum(len(conns) for conns in getattr(connector, "_conns", {}).values())
-        return idle + len(getattr(connector, "_acquired", ()))
+        return self._pool.open_connections if self._pool is not None else 0
 
-    def _timeout(self, timeout_s: float) -> aiohttp.ClientTimeout:
+    @property
+    def checked_out_connections(self) -> int:
+        """Connections carrying a request now."""
+        return self._pool.checked_out if self._pool is not None else 0
+
+    def _deadline(self, timeout_s: float) -> float:
+        """The loop time by which the whole exchange must be over."""
         total = max(0.001, min(timeout_s, self.config.timeout_s))
-        return aiohttp.ClientTimeout(total=total, connect=min(total, self.config.connect_timeout_s))
+        return asyncio.get_running_loop().time() + total
 
-    def _request_headers(self, call: UpstreamCall) -> dict[str, str]:
+    def _request_headers(self, call: UpstreamCall) -> Mapping[str, str]:
         if not call.headers:
             return self._headers
         return {**self._headers, **call.headers}
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        """The pooled session; raises when the client is not open."""
-        if self._session is None:
+    def pool(self) -> HttpPool:
+        """The connection pool; raises when the client is not open."""
+        if self._pool is None:
             raise RuntimeError(f"upstream client {self.name!r} is not open")
-        return self._session
+        return self._pool
+
+    async def _post(self, call: UpstreamCall, deadline: float) -> Response:
+        async with asyncio.timeout_at(deadline):
+            return await self.pool.request(
+                "POST", "/chat/completions", self._request_headers(call), call.body
+            )
 
     async def complete(self, call: UpstreamCall, *, timeout_s: float) -> UpstreamReply:
         """Send one unary completion and parse the answer."""
+        deadline = self._deadline(timeout_s)
         with _translate_errors(self.name):
-            async with self.session.post(
-                self._url,
-                data=call.body,
-                headers=self._request_headers(call),
-                timeout=self._timeout(timeout_s),
-            ) as response:
-                body = await response.read()
-                if response.status >= 400:
-                    raise _error_for_status(self.name, response.status, response.headers)
-                reply_id, model, content, finish, usage = parse_completion(body)
-                return UpstreamReply(
-                    id=reply_id,
-                    model=model or call.upstream_model,
-                    content=content,
-                    finish_reason=finish,
-                    usage=usage,
-                    rate_limits=rate_limit_hints(response.headers),
-                )
+            async with await self._post(call, deadline) as response:
+                async with asyncio.timeout_at(deadline):
+                    body = await response.read()
+            if response.status >= 400:
+                raise _error_for_status(self.name, response.status, response.headers)
+            reply_id, model, content, finish, usage = parse_completion(body)
+            return UpstreamReply(
+                id=reply_id,
+                model=model or call.upstream_model,
+                content=content,
+                finish_reason=finish,
+                usage=usage,
+                rate_limits=rate_limit_hints(response.headers),
+            )
 
     async def stream(self, call: UpstreamCall, *, timeout_s: float) -> AsyncIterator[StreamEvent]:
         """Yield text chunks as they arrive, then one `StreamEnd`.
 
-        The response is closed on every exit path: when the consumer stops early or is
-        cancelled the connection is dropped at once, so the provider stops generating.
+        The response is released on every exit path: when the consumer stops early or is
+        cancelled the connection is closed at once, so the provider stops generating. The
+        timeout bounds only the gateway's own waits, never the consumer's between chunks.
         """
+        deadline = self._deadline(timeout_s)
         with _translate_errors(self.name):
-            response = await self.session.post(
-                self._url,
-                data=call.body,
-                headers=self._request_headers(call),
-                timeout=self._timeout(timeout_s),
-            )
+            response = await self._post(call, deadline)
             try:
                 if response.status >= 400:
-                    await response.read()
+                    async with asyncio.timeout_at(deadline):
+                        await response.read()
                     raise _error_for_status(self.name, response.status, response.headers)
                 decoder = SSEDecoder()
                 parser = StreamParser()
-                async for raw in response.content.iter_chunked(_STREAM_READ_BYTES):
+                while True:
+                    async with asyncio.timeout_at(deadline):
+                        raw = await response.next_chunk()
+                    if raw is None:
+                        break
                     text, error = _text_of_read(raw, decoder, parser)
                     if text:
                         yield TextChunk(text)
@@ -237,37 +249,34 @@ class UpstreamClient:
                     rate_limits=rate_limit_hints(response.headers),
                 )
             finally:
-                # Ensure the response is closed even if the consumer doesn't read all
-                # data: a half-read connection is dropped, never reused.
-                if response.content.at_eof():
-                    response.release()
-                else:
-                    response.close()
+                # Reused only when read to the end; a half-read connection is closed.
+                response.release()
 
 
 async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int, list[str]]:
-    """GET `{base_url}/models` on a short-lived session: the status and model ids listed.
+    """GET `{base_url}/models` on a short-lived connection: the status and model ids listed.
 
     The old client's key check: 200 lists the models, 401 means a bad or expired key.
     """
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    with _translate_errors(config.name):
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(
-                config.base_url.rstrip("/") + "/models",
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
-            ) as response,
-        ):
+    headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
+    if config.api_key:
+        headers["Authorization"] = f"Bearer {config.api_key}"
+    pool = HttpPool(config.base_url, max_connections=1, connect_timeout_s=timeout_s)
+    try:
+        with _translate_errors(config.name):
+            async with asyncio.timeout(timeout_s):
+                async with await pool.request("GET", "/models", headers) as response:
+                    body = await response.read()
             if response.status != 200:
                 return response.status, []
             try:
-                data = await response.json(content_type=None)
-            except ValueError as exc:
+                data = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
                 raise MalformedReply("model list is not JSON") from exc
             items = data.get("data", []) if isinstance(data, dict) else []
             return 200, [str(m.get("id")) for m in items if isinstance(m, dict)]
+    finally:
+        await pool.aclose()
 
 
 __all__ = ["UpstreamClient", "probe_models"]

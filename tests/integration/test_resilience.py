@@ -177,11 +177,7 @@ def error_details(error: grpc.aio.AioRpcError) -> tuple[dict[str, str], str, flo
 def checked_out_connections(gateway: RunningGateway) -> int:
     """Upstream connections the gateway holds checked out (not idle in the pool)."""
     assert gateway.server.pipeline is not None
-    total = 0
-    for client in gateway.server.pipeline.pool.clients:
-        connector = client.session.connector
-        total += len(getattr(connector, "_acquired", ()))
-    return total
+    return sum(c.checked_out_connections for c in gateway.server.pipeline.pool.clients)
 
 
 def slots_in_use(gateway: RunningGateway) -> int:

@@ -1,0 +1,313 @@
+"""The upstream HTTP/1.1 pool against raw socket servers: framing, reuse, faults, limits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from service.upstream.http import ConnectFailed, HttpError, HttpPool, _head
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request's head and body (bodies are sent with Content-Length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head, await reader.readexactly(length)
+
+
+class RawServer:
+    """A TCP server on loopback running `handler` per connection; counts connections."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[RawServer]]]:
+    started: list[RawServer] = []
+
+    async def start(handler: Handler) -> RawServer:
+        raw = RawServer(handler)
+        raw.server = await asyncio.start_server(raw._serve, "127.0.0.1", 0)
+        started.append(raw)
+        return raw
+
+    yield start
+    for raw in started:
+        assert raw.server is not None
+        raw.server.close()
+        await raw.server.wait_closed()
+
+
+def pool_for(raw: RawServer, **options: float) -> HttpPool:
+    return HttpPool(
+        raw.url,
+        max_connections=int(options.get("max_connections", 10)),
+        connect_timeout_s=2.0,
+        keepalive_s=options.get("keepalive_s", 30.0),
+    )
+
+
+async def answer_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Keep-alive: echo each request's body back with Content-Length."""
+    while True:
+        _, body = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+
+async def test_sequential_requests_reuse_one_connection(serve):
+    """A response read to the end leaves its connection for the next request."""
+    raw = await serve(answer_forever)
+    pool = pool_for(raw)
+    for n in range(3):
+        async with await pool.request("POST", "/echo", {}, b"hello %d" % n) as response:
+            assert response.status == 200
+            assert await response.read() == b"hello %d" % n
+    assert raw.connections == 1
+    assert (pool.open_connections, pool.checked_out) == (1, 0)
+    await pool.aclose()
+
+
+async def test_the_request_line_carries_the_base_path_host_and_length(serve):
+    """`/v1` from the base URL prefixes the path; Host and Content-Length are sent."""
+    seen: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        seen.append(head)
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+
+    raw = await serve(record)
+    pool = pool_for(raw)
+    async with await pool.request("POST", "/chat/completions", {"X-Test": "1"}, b"{}") as r:
+        assert r.status == 204
+        assert await r.read() == b""
+    head = seen[0].decode()
+    assert head.startswith("POST /v1/chat/completions HTTP/1.1\r\n")
+    port = raw.url.split(":")[2].split("/")[0]
+    assert f"Host: 127.0.0.1:{port}\r\n" in head
+    assert "Content-Length: 2\r\n" in head
+    assert "X-Test: 1\r\n" in head
+    await pool.aclose()
+
+
+async def test_a_chunked_body_arrives_piece_by_piece_and_whole(serve):
+    """Chunked transfer encoding is decoded; each read hands over what arrived."""
+
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"6\r\n world\r\n0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    raw = await serve(chunked)
+    pool = pool_for(raw)
+    response = await pool.request("POST", "/", {}, b"")
+    pieces = []
+    while (piece := await response.next_chunk()) is not None:
+        pieces.append(piece)
+    response.release()
+    assert pieces == [b"hello", b" world"]
+    assert pool.open_connections == 1  # complete and keep-alive: back in the pool
+    await pool.aclose()
+
+
+async def test_a_body_without_length_ends_when_the_server_closes(serve):
+    """No Content-Length and not chunked: read until close, and do not reuse."""
+
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")
+        await writer.drain()
+
+    raw = await serve(until_close)
+    pool = pool_for(raw)
+    async with await pool.request("GET", "/", {}) as response:
+        assert await response.read() == b"all of it"
+    assert pool.open_connections == 0
+    await pool.aclose()
+
+
+async def test_a_body_cut_short_is_an_error_not_a_short_answer(serve):
+    """Content-Length promises more than arrives before the close: HttpError."""
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
+        await writer.drain()
+
+    raw = await serve(cut)
+    pool = pool_for(raw)
+    response = await pool.request("POST", "/", {}, b"x")
+    with pytest.raises(HttpError, match="mid-response"):
+        await response.read()
+    response.release()
+    assert pool.open_connections == 0
+    await pool.aclose()
+
+
+async def test_garbage_instead_of_http_is_an_error(serve):
+    """A reply that is not HTTP fails the request instead of hanging it."""
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    raw = await serve(garbage)
+    pool = pool_for(raw)
+    with pytest.raises(HttpError, match="malformed"):
+        await pool.request("POST", "/", {}, b"x")
+    assert (pool.open_connections, pool.checked_out) == (0, 0)
+    await pool.aclose()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused(serve):
+    """After the server drops an idle keep-alive connection the next request opens another."""
+
+    async def once_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, body = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        await asyncio.sleep(0.05)  # then close, as a provider's idle timeout would
+
+    raw = await serve(once_then_close)
+    pool = pool_for(raw)
+    for body in (b"first", b"second"):
+        async with await pool.request("POST", "/", {}, body) as response:
+            assert await response.read() == body
+        await asyncio.sleep(0.2)
+    assert raw.connections == 2
+    await pool.aclose()
+
+
+async def test_connections_older_than_keepalive_are_not_reused(serve):
+    """An idle connection past `keepalive_s` is closed and replaced."""
+    raw = await serve(answer_forever)
+    pool = pool_for(raw, keepalive_s=0.05)
+    for body in (b"a", b"b"):
+        async with await pool.request("POST", "/", {}, body) as response:
+            await response.read()
+        await asyncio.sleep(0.1)
+    assert raw.connections == 2
+    await pool.aclose()
+
+
+async def test_max_connections_queues_requests_beyond_it(serve):
+    """With one connection allowed, concurrent requests take turns on it."""
+    active = 0
+    most = 0
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal active, most
+        while True:
+            await read_request(reader)
+            active += 1
+            most = max(most, active)
+            await asyncio.sleep(0.05)
+            active -= 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    raw = await serve(slow)
+    pool = pool_for(raw, max_connections=1)
+
+    async def one() -> bytes:
+        async with await pool.request("POST", "/", {}, b"x") as response:
+            return await response.read()
+
+    assert await asyncio.gather(*(one() for _ in range(4))) == [b"ok"] * 4
+    assert (raw.connections, most) == (1, 1)
+    await pool.aclose()
+
+
+async def test_a_large_body_read_late_is_paused_then_delivered_whole(serve):
+    """Past the high-water mark reading pauses; reading the body resumes it to the end."""
+    size = 1024 * 1024
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"z" * size)
+        await writer.drain()
+        await asyncio.sleep(2)
+
+    raw = await serve(big)
+    pool = pool_for(raw)
+    response = await pool.request("POST", "/", {}, b"x")
+    await asyncio.sleep(0.2)  # let it pile up unread
+    async with asyncio.timeout(5):
+        body = await response.read()
+    response.release()
+    assert len(body) == size
+    await pool.aclose()
+
+
+async def test_a_refused_connection_is_connect_failed():
+    """Nothing listening: ConnectFailed, and the slot is given back."""
+    pool = HttpPool("http://127.0.0.1:1/v1", max_connections=1, connect_timeout_s=2.0)
+    for _ in range(2):  # a leaked slot would make the second wait forever
+        with pytest.raises(ConnectFailed):
+            async with asyncio.timeout(3):
+                await pool.request("GET", "/models", {})
+    await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-Evil": "a\r\nInjected: yes"}, {"X-Evil": "a\nb"}, {"Bad\r\nName": "v"}, {"A:B": "v"}],
+)
+def test_a_line_break_in_a_header_is_refused(headers):
+    """No header can smuggle a second header or a second request."""
+    with pytest.raises(ValueError, match="line break"):
+        _head("POST", "/", "h", headers, 0)
+
+
+async def test_headers_are_case_insensitive_and_repeated_ones_joined(serve):
+    """Header names are read lowercase; a repeated header's values are joined."""
+
+    async def headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nX-A: 1\r\nx-a: 2\r\n"
+            b"Content-Length: 0\r\n\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    raw = await serve(headers)
+    pool = pool_for(raw)
+    async with await pool.request("POST", "/", {}, b"x") as response:
+        assert response.status == 429
+        assert response.headers["retry-after"] == "3"
+        assert response.headers["x-a"] == "1, 2"
+    await pool.aclose()
