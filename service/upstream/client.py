@@ -192,10 +192,12 @@ class UpstreamClient:
 
     async def complete(self, call: UpstreamCall, *, timeout_s: float) -> UpstreamReply:
         """Send one unary completion and parse the answer."""
-        deadline = self._deadline(timeout_s)
         with _translate_errors(self.name):
-            async with await self._post(call, deadline) as response:
-                async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(self._deadline(timeout_s)):
+                response = await self.pool.request(
+                    "POST", "/chat/completions", self._request_headers(call), call.body
+                )
+                async with response:
                     body = await response.read()
             if response.status >= 400:
                 raise _error_for_status(self.name, response.status, response.headers)
