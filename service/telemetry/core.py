@@ -54,9 +54,10 @@ class AttemptSpan:
         if self.first_chunk_s is None:
             self.first_chunk_s = time.perf_counter() - self.started
             self.span.set_attribute(attr.TIME_TO_FIRST_TOKEN_MS, self.first_chunk_s * 1000.0)
-            self.telemetry.instruments.time_to_first_chunk.record(
-                self.first_chunk_s, self.metric_attributes
-            )
+            if self.telemetry.providers.meter_provider is not None:
+                self.telemetry.instruments.time_to_first_chunk.record(
+                    self.first_chunk_s, self.metric_attributes
+                )
         if self._parts is not None:
             self._parts.append(text)
 
@@ -73,7 +74,7 @@ class AttemptSpan:
         span = self.span
         if response_model:
             self.metric_attributes[attr.GEN_AI_RESPONSE_MODEL] = response_model
-        if usage is not None:
+        if usage is not None and self.telemetry.providers.meter_provider is not None:
             token_usage = self.telemetry.instruments.token_usage
             token_usage.record(
                 usage.input_tokens, {**self.metric_attributes, attr.GEN_AI_TOKEN_TYPE: "input"}
@@ -282,14 +283,19 @@ class Telemetry:
                 attributes[attr.GEN_AI_REQUEST_MAX_TOKENS] = params.max_tokens
             if retry_wait_s is not None:
                 attributes[attr.RETRY_WAIT_MS] = retry_wait_s * 1000.0
-        span = self.tracer.start_span(
-            f"{attr.OPERATION_CHAT} {upstream_model}", kind=SpanKind.CLIENT, attributes=attributes
-        )
-        if self.capture_content and span.is_recording():
-            span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, attr.messages_json(request.messages))
-        # A real span, or the caller's context passed through: the upstream continues it.
-        if attributes is not None or otel_context.get_current():
+        if attributes is not None:
+            span = self.tracer.start_span(
+                f"{attr.OPERATION_CHAT} {upstream_model}",
+                kind=SpanKind.CLIENT,
+                attributes=attributes,
+            )
+            if self.capture_content and span.is_recording():
+                span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, attr.messages_json(request.messages))
             self._propagator.inject(headers, context=trace.set_span_in_context(span))
+        else:
+            span = trace.INVALID_SPAN
+            if otel_context.get_current():  # the caller's context, passed on unchanged
+                self._propagator.inject(headers)
         attempt_span = AttemptSpan(
             span=span,
             telemetry=self,
@@ -313,7 +319,8 @@ class Telemetry:
             scope = CURRENT_RPC.get()
             if scope is not None:
                 scope.upstream_s += elapsed
-            self.instruments.operation_duration.record(elapsed, metric_attributes)
+            if self.providers.meter_provider is not None:
+                self.instruments.operation_duration.record(elapsed, metric_attributes)
             span.end()
 
     # --- what a finished call cost ----------------------------------------------------
