@@ -120,6 +120,7 @@ class Response:
         self._head_ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._wakeup: asyncio.Future[None] | None = None
         self._is_released = False
+        self._is_informational = False
 
     # httptools callbacks --------------------------------------------------------------
 
@@ -134,7 +135,12 @@ class Response:
     def on_headers_complete(self) -> None:
         parser = self._connection._parser
         assert parser is not None
-        self.status = parser.get_status_code()
+        status = parser.get_status_code()
+        if 100 <= status < 200:  # informational (103 Early Hints): the answer is still to come
+            self._is_informational = True
+            self.headers.clear()
+            return
+        self.status = status
         self._keep_alive = bool(parser.should_keep_alive())
         self._until_close = (
             "content-length" not in self.headers
@@ -151,6 +157,9 @@ class Response:
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._is_informational:
+            self._is_informational = False
+            return
         self._is_complete = True
         self._wake()
 

@@ -311,3 +311,22 @@ async def test_headers_are_case_insensitive_and_repeated_ones_joined(serve):
         assert response.headers["retry-after"] == "3"
         assert response.headers["x-a"] == "1, 2"
     await pool.aclose()
+
+
+async def test_an_informational_response_is_skipped_for_the_real_one(serve):
+    """A 103 Early Hints before the answer is not taken for the answer."""
+
+    async def hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    raw = await serve(hints)
+    pool = pool_for(raw)
+    async with await pool.request("POST", "/", {}, b"x") as response:
+        assert response.status == 200
+        assert "link" not in response.headers
+        assert await response.read() == b"real"
+    await pool.aclose()
