@@ -202,7 +202,7 @@ def local_key_stores(config: AuthConfig) -> list[KeyStore]:
         ValueError: the keys file is malformed.
         OSError: the keys file exists but cannot be read.
     """
-    stores: list[KeyStore] = [StaticKeyStore(config.keys)]
+    stores: list[KeyStore] = [StaticKeyStore(config.keys)] if config.keys else []
     if config.keys_file:
         path = Path(config.keys_file).expanduser()
         stores.append(FileKeyStore(path, check_s=config.keys_file_check_s))

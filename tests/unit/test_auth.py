@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from service.auth import (
@@ -18,7 +20,7 @@ from service.auth import (
 from service.caller_gate import CallerGate
 from service.config import AuthConfig, CallerKey, TenantConfig
 from service.errors import PermissionDenied, Unauthenticated
-from service.security import InsecureListen, check_listen_policy
+from service.security import InsecureListen, build_caller_gate, check_listen_policy
 from service.tenant_limits import MemoryTenantLimiter
 from tests.conftest import gateway_config
 
@@ -274,3 +276,19 @@ def test_the_gate_is_skipped_only_when_it_would_admit_everyone_unlimited(
     authenticator = Authenticator(auth, tenants, stores, tenant_from_cert_subject=from_cert)
     gate = CallerGate(authenticator, MemoryTenantLimiter())
     assert gate.checks_nothing is checks_nothing
+
+
+@pytest.mark.parametrize(
+    ("sections", "checks_nothing"),
+    [
+        ({}, True),
+        ({"auth": {"mode": "keys"}}, False),
+        ({"auth": {"keys": [{"sha256": hash_key(KEY), "tenant": "team-a"}]}}, False),
+    ],
+    ids=["default-config", "keys-required", "keys-configured"],
+)
+async def test_the_gate_built_for_a_config_is_skipped_only_without_auth(sections, checks_nothing):
+    """The default config builds a gate that checks nothing (so the boundary skips it)."""
+    async with contextlib.AsyncExitStack() as stack:
+        gate = await build_caller_gate(gateway_config("http://127.0.0.1:1/v1", **sections), stack)
+        assert gate.checks_nothing is checks_nothing
