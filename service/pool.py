@@ -234,6 +234,8 @@ class UpstreamPool:
 
     def _plan(self, model: str) -> _CallPlan:
         routes = self.routes(model)
+        if len(routes) == 1:
+            return _CallPlan(routes, 0)  # nothing to choose between
         allowed = [self._states[r.client.name].breaker.allows() for r in routes]
         weights = [r.client.config.weight for r in routes]
         return _CallPlan(routes, self._balancers[model].pick(weights, allowed))

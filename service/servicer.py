@@ -70,8 +70,14 @@ _HEALTH = {
 AnyCompleteRequest = pb.CompleteRequest | pb.CompleteStreamRequest
 
 
+_NO_PARAMS = GenerationParams()
+_NO_CACHE_POLICY = CachePolicy()
+
+
 def params_from_proto(params: pb.GenerationParams) -> GenerationParams:
     """Generation parameters; unset proto3 optionals stay None."""
+    if params.ByteSize() == 0:
+        return _NO_PARAMS  # nothing set: one shared value instead of seven field reads
     return GenerationParams(
         temperature=params.temperature if params.HasField("temperature") else None,
         top_p=params.top_p if params.HasField("top_p") else None,
@@ -108,11 +114,16 @@ def chat_request_from_proto(
     truncation = _TRUNCATION.get(message.truncation.mode)
     if message.truncation.mode not in _TRUNCATION:
         violations.append(FieldViolation("truncation.mode", "unknown truncation mode"))
+    cache = (
+        CachePolicy(mode=cache_mode, ttl_s=message.cache.ttl_seconds or None)
+        if cache_mode is not None or message.cache.ttl_seconds
+        else _NO_CACHE_POLICY
+    )
     request = ChatRequest(
         model=message.model,
         messages=tuple(messages),
         params=params_from_proto(message.params),
-        cache=CachePolicy(mode=cache_mode, ttl_s=message.cache.ttl_seconds or None),
+        cache=cache,
         truncation=truncation,
         labels=dict(message.labels),
         idempotency_key=message.idempotency_key,
