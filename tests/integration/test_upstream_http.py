@@ -23,6 +23,19 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, await reader.readexactly(length)
 
 
+def replying(*replies: bytes, linger_s: float = 0.0) -> Handler:
+    """A handler that reads one request, writes `replies`, then waits `linger_s` and closes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        for reply in replies:
+            writer.write(reply)
+        await writer.drain()
+        await asyncio.sleep(linger_s)
+
+    return handler
+
+
 class RawServer:
     """A TCP server on loopback running `handler` per connection; counts connections."""
 
@@ -144,12 +157,7 @@ async def test_a_chunked_body_arrives_piece_by_piece_and_whole(serve):
 async def test_a_body_without_length_ends_when_the_server_closes(serve):
     """No Content-Length and not chunked: read until close, and do not reuse."""
 
-    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")
-        await writer.drain()
-
-    raw = await serve(until_close)
+    raw = await serve(replying(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it"))
     pool = pool_for(raw)
     async with await pool.request("GET", "/", {}) as response:
         assert await response.read() == b"all of it"
@@ -160,12 +168,7 @@ async def test_a_body_without_length_ends_when_the_server_closes(serve):
 async def test_a_body_cut_short_is_an_error_not_a_short_answer(serve):
     """Content-Length promises more than arrives before the close: HttpError."""
 
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
-        await writer.drain()
-
-    raw = await serve(cut)
+    raw = await serve(replying(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this"))
     pool = pool_for(raw)
     response = await pool.request("POST", "/", {}, b"x")
     with pytest.raises(HttpError, match="mid-response"):
@@ -178,13 +181,7 @@ async def test_a_body_cut_short_is_an_error_not_a_short_answer(serve):
 async def test_garbage_instead_of_http_is_an_error(serve):
     """A reply that is not HTTP fails the request instead of hanging it."""
 
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(1)
-
-    raw = await serve(garbage)
+    raw = await serve(replying(b"SSH-2.0-OpenSSH_9.6\r\n\r\n", linger_s=1.0))
     pool = pool_for(raw)
     with pytest.raises(HttpError, match="malformed"):
         await pool.request("POST", "/", {}, b"x")
@@ -295,16 +292,13 @@ def test_a_line_break_in_a_header_is_refused(headers):
 async def test_headers_are_case_insensitive_and_repeated_ones_joined(serve):
     """Header names are read lowercase; a repeated header's values are joined."""
 
-    async def headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(
+    raw = await serve(
+        replying(
             b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nX-A: 1\r\nx-a: 2\r\n"
-            b"Content-Length: 0\r\n\r\n"
+            b"Content-Length: 0\r\n\r\n",
+            linger_s=0.5,
         )
-        await writer.drain()
-        await asyncio.sleep(0.5)
-
-    raw = await serve(headers)
+    )
     pool = pool_for(raw)
     async with await pool.request("POST", "/", {}, b"x") as response:
         assert response.status == 429
@@ -316,14 +310,13 @@ async def test_headers_are_case_insensitive_and_repeated_ones_joined(serve):
 async def test_an_informational_response_is_skipped_for_the_real_one(serve):
     """A 103 Early Hints before the answer is not taken for the answer."""
 
-    async def hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal")
-        await writer.drain()
-        await asyncio.sleep(0.5)
-
-    raw = await serve(hints)
+    raw = await serve(
+        replying(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal",
+            linger_s=0.5,
+        )
+    )
     pool = pool_for(raw)
     async with await pool.request("POST", "/", {}, b"x") as response:
         assert response.status == 200
