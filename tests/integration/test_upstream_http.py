@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
 from service.upstream.http import ConnectFailed, HttpError, HttpPool, _head
+from tests.integration.pki import make_pki
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -323,3 +326,43 @@ async def test_an_informational_response_is_skipped_for_the_real_one(serve):
         assert "link" not in response.headers
         assert await response.read() == b"real"
     await pool.aclose()
+
+
+async def _https_server(tmp_path: Path) -> tuple[asyncio.Server, Path]:
+    """An HTTPS echo server with a certificate for 127.0.0.1, and the CA that signed it."""
+    pki = make_pki(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    server = await asyncio.start_server(answer_forever, "127.0.0.1", 0, ssl=context)
+    return server, pki.ca
+
+
+async def test_https_upstreams_are_verified_against_the_trusted_cas(tmp_path, monkeypatch):
+    """TLS with certificate and host checks: trusted, it works and reuses the connection."""
+    server, ca = await _https_server(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the default trust store, as OpenSSL reads it
+    port = server.sockets[0].getsockname()[1]
+    pool = HttpPool(f"https://127.0.0.1:{port}/v1", max_connections=2, connect_timeout_s=5)
+    try:
+        for body in (b"over", b"tls"):
+            async with await pool.request("POST", "/", {}, body) as response:
+                assert await response.read() == body
+        assert pool.open_connections == 1
+    finally:
+        await pool.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_https_upstream_with_an_untrusted_certificate_is_refused(tmp_path):
+    """A certificate no trusted CA signed fails the connect, nothing is sent."""
+    server, _ = await _https_server(tmp_path)
+    port = server.sockets[0].getsockname()[1]
+    pool = HttpPool(f"https://127.0.0.1:{port}/v1", max_connections=1, connect_timeout_s=5)
+    try:
+        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+            await pool.request("POST", "/", {}, b"secret")
+    finally:
+        await pool.aclose()
+        server.close()
+        await server.wait_closed()
