@@ -8,6 +8,7 @@ one when the reader shuts down and one for each reader still open when the grep 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,6 +81,17 @@ class Captured:
         found = [s for s in self.spans() if s.name == name]
         assert len(found) == 1, [s.name for s in self.spans()]
         return found[0]
+
+    async def ended(self, name: str, *, timeout_s: float = 5.0) -> ReadableSpan:
+        """The one span called `name`, once it has ended.
+
+        A call that fails reaches the caller when its status is sent, which can be just
+        before the server's span ends: wait for it rather than race it.
+        """
+        async with asyncio.timeout(timeout_s):
+            while not any(s.name == name for s in self.spans()):
+                await asyncio.sleep(0.005)
+        return self.span(name)
 
     def points(self, metric: str) -> list[Any]:
         """The data points of `metric` collected now."""

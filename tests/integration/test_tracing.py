@@ -132,7 +132,7 @@ async def test_upstream_failure_marks_both_spans_and_counts_the_error(traced, ca
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await traced.stub.Complete(chat())
     assert failure.value.code() is grpc.StatusCode.UNAVAILABLE
-    client, server = captured.span(ATTEMPT_SPAN), captured.span(UNARY_SPAN)
+    client, server = captured.span(ATTEMPT_SPAN), await captured.ended(UNARY_SPAN)
     assert client.status.status_code is StatusCode.ERROR
     assert attributes_of(client)["error.type"] == "500"
     assert server.status.status_code is StatusCode.ERROR
@@ -175,7 +175,7 @@ async def test_caller_errors_do_not_mark_the_server_span_as_failed(traced, captu
     """An invalid request ends INVALID_ARGUMENT on the span without an ERROR status."""
     with pytest.raises(grpc.aio.AioRpcError):
         await traced.stub.Complete(chat(model=""))
-    server = captured.span(UNARY_SPAN)
+    server = await captured.ended(UNARY_SPAN)
     assert attributes_of(server)["rpc.grpc.status_code"] == 3
     assert server.status.status_code is StatusCode.UNSET
     assert not [s for s in captured.spans() if s.kind is SpanKind.CLIENT]
