@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from service.upstream.http import ConnectFailed, HttpError, HttpPool, _head
 from tests.integration.pki import make_pki
@@ -62,8 +64,9 @@ class RawServer:
         return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
 
 
-@pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[RawServer]]]:
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[Callable[[Handler], Awaitable[RawServer]]]:
+    """A factory of raw servers, each closed on exit."""
     started: list[RawServer] = []
 
     async def start(handler: Handler) -> RawServer:
@@ -72,11 +75,19 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[RawServer]]]:
         started.append(raw)
         return raw
 
-    yield start
-    for raw in started:
-        assert raw.server is not None
-        raw.server.close()
-        await raw.server.wait_closed()
+    try:
+        yield start
+    finally:
+        for raw in started:
+            assert raw.server is not None
+            raw.server.close()
+            await raw.server.wait_closed()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[RawServer]]]:
+    async with serving() as start:
+        yield start
 
 
 def pool_for(raw: RawServer, **options: float) -> HttpPool:
@@ -337,13 +348,19 @@ async def _https_server(tmp_path: Path) -> tuple[asyncio.Server, Path]:
     return server, pki.ca
 
 
-async def test_https_upstreams_are_verified_against_the_trusted_cas(tmp_path, monkeypatch):
-    """TLS with certificate and host checks: trusted, it works and reuses the connection."""
+async def https_call(tmp_path: Path, trust: pytest.MonkeyPatch | None) -> None:
+    """Calls to an HTTPS echo server whose CA `trust` puts in the trust store (or not)."""
     server, ca = await _https_server(tmp_path)
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the default trust store, as OpenSSL reads it
+    trusted = trust is not None
+    if trust is not None:
+        trust.setenv("SSL_CERT_FILE", str(ca))  # the default trust store, as OpenSSL reads it
     port = server.sockets[0].getsockname()[1]
     pool = HttpPool(f"https://127.0.0.1:{port}/v1", max_connections=2, connect_timeout_s=5)
     try:
+        if not trusted:
+            with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+                await pool.request("POST", "/", {}, b"secret")
+            return
         for body in (b"over", b"tls"):
             async with await pool.request("POST", "/", {}, body) as response:
                 assert await response.read() == body
@@ -354,15 +371,46 @@ async def test_https_upstreams_are_verified_against_the_trusted_cas(tmp_path, mo
         await server.wait_closed()
 
 
+async def test_https_upstreams_are_verified_against_the_trusted_cas(tmp_path, monkeypatch):
+    """TLS with certificate and host checks: trusted, it works and reuses the connection."""
+    await https_call(tmp_path, monkeypatch)
+
+
 async def test_an_https_upstream_with_an_untrusted_certificate_is_refused(tmp_path):
     """A certificate no trusted CA signed fails the connect, nothing is sent."""
-    server, _ = await _https_server(tmp_path)
-    port = server.sockets[0].getsockname()[1]
-    pool = HttpPool(f"https://127.0.0.1:{port}/v1", max_connections=1, connect_timeout_s=5)
-    try:
-        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
-            await pool.request("POST", "/", {}, b"secret")
-    finally:
-        await pool.aclose()
-        server.close()
-        await server.wait_closed()
+    await https_call(tmp_path, None)
+
+
+# The suite's other tests run on asyncio's own loop; the gateway runs on uvloop, whose
+# transports differ (no happy_eyeballs_delay, its own TLS and flow control): the pool's
+# framing, reuse, back-pressure, faults and TLS cases run there too.
+ON_UVLOOP = [
+    test_sequential_requests_reuse_one_connection,
+    test_a_chunked_body_arrives_piece_by_piece_and_whole,
+    test_a_body_without_length_ends_when_the_server_closes,
+    test_a_body_cut_short_is_an_error_not_a_short_answer,
+    test_garbage_instead_of_http_is_an_error,
+    test_a_connection_the_server_closed_while_idle_is_not_reused,
+    test_max_connections_queues_requests_beyond_it,
+    test_a_large_body_read_late_is_paused_then_delivered_whole,
+    test_an_informational_response_is_skipped_for_the_real_one,
+]
+
+
+@pytest.mark.parametrize("case", ON_UVLOOP, ids=lambda case: case.__name__[5:])
+def test_on_uvloop(case: Callable[..., Awaitable[None]]) -> None:
+    """The same cases with the loop the gateway serves on."""
+
+    async def run() -> None:
+        async with serving() as start:
+            await case(start)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
+def test_https_on_uvloop(trusted: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TLS through uvloop's own implementation."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(https_call(tmp_path, monkeypatch if trusted else None))
