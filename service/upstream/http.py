@@ -12,8 +12,8 @@ Only what an OpenAI-compatible API needs: POST and GET with a body in one write,
 responses with Content-Length, chunked or read-until-close bodies, keep-alive reuse,
 TLS (https), and a connect timeout. The caller bounds the whole exchange (its deadline).
 Addresses are tried in turn, without Happy Eyeballs: uvloop's `create_connection` does
-not take `happy_eyeballs_delay`, so a host whose first address does not answer costs up
-to the connect timeout (`upstreams[].connect_timeout_s`) before the next is tried.
+not take `happy_eyeballs_delay`, so when a host's first address silently drops packets
+the connect fails after `upstreams[].connect_timeout_s`, all addresses counted.
 """
 
 from __future__ import annotations
