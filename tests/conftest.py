@@ -23,6 +23,11 @@ FAKE_MODEL = "fake-model"
 
 def gateway_config(*base_urls: str, **sections: Any) -> GatewayConfig:
     """A config with one upstream per URL (named up0, up1, ...) serving `fake-model`."""
+    return parse_config(gateway_config_data(*base_urls, **sections), source="<test>", environ={})
+
+
+def gateway_config_data(*base_urls: str, **sections: Any) -> dict[str, Any]:
+    """The data of `gateway_config` (as a YAML file would hold it); `sections` merged in."""
     data: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0", "grace_period_s": 2},
         "upstreams": [
@@ -43,7 +48,7 @@ def gateway_config(*base_urls: str, **sections: Any) -> GatewayConfig:
             data[key] = {**data[key], **value}
         else:
             data[key] = value
-    return parse_config(data, source="<test>", environ={})
+    return data
 
 
 def chat(content: str = "Say hi", *, model: str = FAKE_MODEL, **fields: Any) -> pb.CompleteRequest:

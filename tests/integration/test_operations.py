@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
-from tests.conftest import FAKE_MODEL, chat
+from tests.conftest import FAKE_MODEL, chat, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,18 +65,7 @@ async def test_reflection_lists_and_calls_service_without_proto_files(gateway):
 
 
 def _write_config(tmp_path: Path, base_url: str, **server: object) -> Path:
-    config = {
-        "server": {"listen": "127.0.0.1:0", "grace_period_s": 5, **server},
-        "upstreams": [{"name": "fake", "base_url": base_url, "models": [FAKE_MODEL]}],
-        "models": {
-            FAKE_MODEL: {
-                "context_window": 4096,
-                "input_usd_per_million": 0.14,
-                "output_usd_per_million": 0.42,
-            }
-        },
-        "local_model": {"enabled": "never"},
-    }
+    config = gateway_config_data(base_url, server={"grace_period_s": 5, **server})
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -1,0 +1,56 @@
+"""The gateway as a child process (`python -m service serve`), for tests of replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+
+_STARTUP_TIMEOUT_S = 30.0
+_STOP_TIMEOUT_S = 10.0
+_LISTENING = "llm-gateway listening on "
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(
+    config: Mapping[str, Any], directory: Path
+) -> AsyncIterator[pb_grpc.CompletionServiceStub]:
+    """`config` written as YAML under `directory`, served by one child process; a stub to it.
+
+    `--workers 1`: with its state in Redis the gateway would otherwise run one process per
+    core, and these tests are about separate replicas. SIGTERM on exit, SIGKILL if it hangs.
+    """
+    path = directory / f"gateway-{os.urandom(4).hex()}.yaml"
+    path.write_text(yaml.safe_dump(dict(config)), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_GATEWAY")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(path),
+        "--workers", "1", "--log-level", "WARNING",
+        stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(_STARTUP_TIMEOUT_S):
+            line = (await process.stdout.readline()).decode()
+        assert line.startswith(_LISTENING), f"gateway process did not start: {line!r}"
+        async with grpc.aio.insecure_channel(line[len(_LISTENING) :].strip()) as channel:
+            yield pb_grpc.CompletionServiceStub(channel)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(_STOP_TIMEOUT_S):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
