@@ -131,12 +131,7 @@ def cert_common_name(context: CallContext) -> str | None:
 
 def _is_unmetered(limits: TenantConfig) -> bool:
     """Whether a tenant may use every model without any per-minute or concurrency limit."""
-    return not (
-        limits.allowed_models
-        or limits.requests_per_minute
-        or limits.tokens_per_minute
-        or limits.max_concurrent_calls
-    )
+    return not (limits.allowed_models or limits.has_rate_limits)
 
 
 class CallerGate:

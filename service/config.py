@@ -348,6 +348,11 @@ class TenantConfig:
         """Whether this tenant may call `model`."""
         return not self.allowed_models or model in self.allowed_models
 
+    @property
+    def has_rate_limits(self) -> bool:
+        """Whether any per-minute or concurrency limit applies (state to keep per tenant)."""
+        return bool(self.requests_per_minute or self.tokens_per_minute or self.max_concurrent_calls)
+
 
 @dataclass(frozen=True, slots=True)
 class ResilienceConfig:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 
-from service.config import ConfigError, GatewayConfig, TenantConfig
+from service.config import ConfigError, GatewayConfig
 from service.local_model import LocalModelServer
 from service.telemetry.setup import DEFAULT_PROMETHEUS_PORT, names_prometheus
 
@@ -49,15 +49,9 @@ def worker_count(config: GatewayConfig) -> tuple[int, str]:
         return (requested or cores), "server.workers" if requested else "one per core"
     if not config.ledger.redis_url:
         return 1, "the usage ledger is in memory (set ledger.redis_url to share it)"
-    if not config.auth.redis_url and any(_is_limited(t) for t in config.tenants.values()):
+    if not config.auth.redis_url and any(t.has_rate_limits for t in config.tenants.values()):
         return 1, "tenant limits are in memory (set auth.redis_url to share them)"
     return cores, "one per core: shared state is in Redis"
-
-
-def _is_limited(tenant: TenantConfig) -> bool:
-    return bool(
-        tenant.requests_per_minute or tenant.tokens_per_minute or tenant.max_concurrent_calls
-    )
 
 
 def worker_configs(
