@@ -54,7 +54,7 @@ class AttemptSpan:
         if self.first_chunk_s is None:
             self.first_chunk_s = time.perf_counter() - self.started
             self.span.set_attribute(attr.TIME_TO_FIRST_TOKEN_MS, self.first_chunk_s * 1000.0)
-            if self.telemetry.providers.meter_provider is not None:
+            if self.telemetry.providers.records_metrics:
                 self.telemetry.instruments.time_to_first_chunk.record(
                     self.first_chunk_s, self.metric_attributes
                 )
@@ -74,7 +74,7 @@ class AttemptSpan:
         span = self.span
         if response_model:
             self.metric_attributes[attr.GEN_AI_RESPONSE_MODEL] = response_model
-        if usage is not None and self.telemetry.providers.meter_provider is not None:
+        if usage is not None and self.telemetry.providers.records_metrics:
             token_usage = self.telemetry.instruments.token_usage
             token_usage.record(
                 usage.input_tokens, {**self.metric_attributes, attr.GEN_AI_TOKEN_TYPE: "input"}
@@ -179,7 +179,7 @@ class Telemetry:
     ) -> Iterator[RpcScope]:
         """The SERVER span of one RPC, continuing the caller's W3C trace context."""
         token = None
-        if self.providers.tracer_provider is None and not self._has_trace_context(metadata):
+        if not self.providers.records_spans and not self._has_trace_context(metadata):
             # Nothing to record and nothing to pass on: skip reading the metadata.
             span: Span = trace.INVALID_SPAN
         else:
@@ -237,7 +237,7 @@ class Telemetry:
         span.end()
         self.in_flight -= 1
         self.instruments.requests.add(1, scope.method, scope.status_code)
-        if self.providers.meter_provider is None:
+        if not self.providers.records_metrics:
             return  # the histograms are no-ops: skip building their attributes
         labels: dict[str, Any] = {
             attr.RPC_METHOD: scope.method,
@@ -270,7 +270,7 @@ class Telemetry:
         }
         attributes: dict[str, Any] | None = None
         # With no tracer provider every span is a no-op: skip describing it.
-        if self.providers.tracer_provider is not None:
+        if self.providers.records_spans:
             attributes = {**metric_attributes, attr.UPSTREAM: upstream, attr.ATTEMPT: attempt}
             if port is not None:
                 attributes[attr.SERVER_PORT] = port
@@ -319,7 +319,7 @@ class Telemetry:
             scope = CURRENT_RPC.get()
             if scope is not None:
                 scope.upstream_s += elapsed
-            if self.providers.meter_provider is not None:
+            if self.providers.records_metrics:
                 self.instruments.operation_duration.record(elapsed, metric_attributes)
             span.end()
 

@@ -124,9 +124,19 @@ class Providers:
     _prometheus_server: Any = field(default=None, repr=False)
 
     @property
+    def records_spans(self) -> bool:
+        """Whether spans go anywhere (else the tracer is a no-op)."""
+        return self.tracer_provider is not None
+
+    @property
+    def records_metrics(self) -> bool:
+        """Whether metrics go anywhere (else every instrument is a no-op)."""
+        return self.meter_provider is not None
+
+    @property
     def is_recording(self) -> bool:
         """Whether spans or metrics go anywhere at all."""
-        return self.tracer_provider is not None or self.meter_provider is not None
+        return self.records_spans or self.records_metrics
 
     def force_flush(self, timeout_ms: int = 5000) -> None:
         """Export what is buffered now (blocking: call from a thread or at shutdown)."""
