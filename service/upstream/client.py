@@ -184,19 +184,17 @@ class UpstreamClient:
             raise RuntimeError(f"upstream client {self.name!r} is not open")
         return self._pool
 
-    async def _post(self, call: UpstreamCall, deadline: float) -> Response:
-        async with asyncio.timeout_at(deadline):
-            return await self.pool.request(
-                "POST", "/chat/completions", self._request_headers(call), call.body
-            )
+    async def _post(self, call: UpstreamCall) -> Response:
+        """Send the call; the response once its status and headers are in."""
+        return await self.pool.request(
+            "POST", "/chat/completions", self._request_headers(call), call.body
+        )
 
     async def complete(self, call: UpstreamCall, *, timeout_s: float) -> UpstreamReply:
         """Send one unary completion and parse the answer."""
         with _translate_errors(self.name):
             async with asyncio.timeout_at(self._deadline(timeout_s)):
-                response = await self.pool.request(
-                    "POST", "/chat/completions", self._request_headers(call), call.body
-                )
+                response = await self._post(call)
                 async with response:
                     body = await response.read()
             if response.status >= 400:
@@ -220,7 +218,8 @@ class UpstreamClient:
         """
         deadline = self._deadline(timeout_s)
         with _translate_errors(self.name):
-            response = await self._post(call, deadline)
+            async with asyncio.timeout_at(deadline):
+                response = await self._post(call)
             try:
                 if response.status >= 400:
                     async with asyncio.timeout_at(deadline):
