@@ -79,9 +79,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._response = response
         self._parser = httptools.HttpResponseParser(response)
-        self.transport.write(head + body if len(body) < 16384 else head)
-        if len(body) >= 16384:
-            self.transport.write(body)
+        self.transport.writelines((head, body))  # one call, no copy of a long body
 
     def finished(self) -> None:
         self._response = None
