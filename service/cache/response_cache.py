@@ -25,7 +25,7 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
-from service.cache.entry import CachedAnswer, EntryDecodeError
+from service.cache.entry import CachedAnswer, EntryDecodeError, decode_entry
 from service.cache.keys import cache_key
 from service.cache.single_flight import Flight, SingleFlight
 from service.cache.stats import CacheStats
@@ -122,7 +122,7 @@ class ResponseCache:
             self.stats.misses += 1
             return None
         try:
-            answer = CachedAnswer.decode(data)
+            answer = decode_entry(data)
         except EntryDecodeError as exc:
             self.stats.errors += 1
             self.stats.misses += 1

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from service.cache import CachedAnswer
-from service.cache.entry import EntryDecodeError
+from service.cache.entry import EntryDecodeError, decode_entry
 from service.domain import Completion, FinishReason, Timings, Usage
 
 COMPLETION = Completion(
@@ -67,3 +69,30 @@ def test_served_from_cache_charges_nothing_and_reports_savings() -> None:
     assert hit.attempts == 0
     assert hit.timings == Timings(total_ms=1.0, upstream_ms=0.0, time_to_first_token_ms=0.5)
     assert (hit.content, hit.usage, hit.id) == (COMPLETION.content, COMPLETION.usage, "chatcmpl-1")
+
+
+def test_served_from_cache_keeps_every_other_field() -> None:
+    """Every field a hit does not override is the stored completion's (new fields too)."""
+    hit = CachedAnswer.of_unary(COMPLETION).served_from_cache(total_ms=1.0, first_token_ms=0.5)
+    overridden = {"cost_usd", "saved_cost_usd", "is_cache_hit", "attempts", "timings"}
+    for field in dataclasses.fields(Completion):
+        if field.name not in overridden:
+            assert getattr(hit, field.name) == getattr(COMPLETION, field.name), field.name
+
+
+def test_decoding_the_same_bytes_again_reuses_the_answer() -> None:
+    """A hot entry is decoded once; equal bytes read again give the same answer object."""
+    data = CachedAnswer.of_unary(COMPLETION).encode()
+    first = decode_entry(data)
+    assert decode_entry(bytes(bytearray(data))) is first  # equal bytes, another object
+    assert first == CachedAnswer.of_unary(COMPLETION)
+
+
+def test_large_entries_decode_afresh_and_garbage_always_raises() -> None:
+    """Entries over 16 KiB are not remembered; undecodable bytes raise on every read."""
+    big = CachedAnswer.of_unary(dataclasses.replace(COMPLETION, content="x" * 20_000)).encode()
+    assert decode_entry(big) == decode_entry(big)
+    assert decode_entry(big) is not decode_entry(big)
+    for _ in range(2):
+        with pytest.raises(EntryDecodeError):
+            decode_entry(b'{"v": 1, "c": {}, "d": []}')
