@@ -59,12 +59,15 @@ class _Connection(asyncio.Protocol):
         if response is None or self._parser is None:
             self.close()  # bytes nobody asked for: the connection cannot be trusted
             return
+        parsed = response.parsed
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             response.fail(HttpError("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
             response.fail(HttpError(f"malformed HTTP response: {exc}"))
+        else:
+            response.fed(len(data), made_progress=response.parsed != parsed)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_closed = True
@@ -122,6 +125,10 @@ class Response:
         self._wakeup: asyncio.Future[None] | None = None
         self._is_released = False
         self._is_informational = False
+        # Heads, body pieces and ends parsed so far, and the bytes fed since the last read
+        # that parsed one: httptools keeps a header or trailer to itself until it is whole.
+        self.parsed = 0
+        self._unparsed_bytes = 0
 
     # httptools callbacks --------------------------------------------------------------
 
@@ -134,6 +141,7 @@ class Response:
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
     def on_headers_complete(self) -> None:
+        self.parsed += 1
         parser = self._connection._parser
         assert parser is not None
         status = parser.get_status_code()
@@ -151,6 +159,7 @@ class Response:
             self._head_ready.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        self.parsed += 1
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER_BYTES:
@@ -158,6 +167,7 @@ class Response:
         self._wake()
 
     def on_message_complete(self) -> None:
+        self.parsed += 1
         if self._is_informational:
             self._is_informational = False
             return
@@ -165,6 +175,15 @@ class Response:
         self._wake()
 
     # connection events ---------------------------------------------------------------
+
+    def fed(self, size: int, *, made_progress: bool) -> None:
+        """`size` bytes were parsed; fail once too many held no head, body or end."""
+        if made_progress:
+            self._unparsed_bytes = 0
+            return
+        self._unparsed_bytes += size
+        if self._unparsed_bytes > _MAX_HEADER_BYTES:
+            self.fail(HttpError("response headers too large"))
 
     def fail(self, error: HttpError) -> None:
         if self._error is None and not self._is_complete:

@@ -321,6 +321,49 @@ async def test_headers_are_case_insensitive_and_repeated_ones_joined(serve):
     await pool.aclose()
 
 
+async def test_a_header_that_never_ends_is_refused_not_buffered(serve):
+    """A header line longer than the limit fails the request at once, ended or not.
+
+    httptools hands a header over only once it is whole, so a limit checked on whole
+    headers alone let an upstream send one endless header into memory until the deadline.
+    """
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (256 * 1024))
+        await writer.drain()
+        await asyncio.sleep(1.5)
+
+    raw = await serve(endless)
+    pool = pool_for(raw)
+    with pytest.raises(HttpError, match="too large"):
+        async with asyncio.timeout(1):
+            await pool.request("POST", "/", {}, b"x")
+    assert (pool.open_connections, pool.checked_out) == (0, 0)
+    await pool.aclose()
+
+
+async def test_a_trailer_that_never_ends_is_refused_not_buffered(serve):
+    """The same limit holds for a chunked body's trailer, which is parsed like headers."""
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+        writer.write(b"0\r\nX-Trailer: " + b"a" * (256 * 1024))
+        await writer.drain()
+        await asyncio.sleep(1.5)
+
+    raw = await serve(endless)
+    pool = pool_for(raw)
+    response = await pool.request("POST", "/", {}, b"x")
+    with pytest.raises(HttpError, match="too large"):
+        async with asyncio.timeout(1):
+            await response.read()
+    response.release()
+    assert (pool.open_connections, pool.checked_out) == (0, 0)
+    await pool.aclose()
+
+
 async def test_an_informational_response_is_skipped_for_the_real_one(serve):
     """A 103 Early Hints before the answer is not taken for the answer."""
 
@@ -394,6 +437,8 @@ ON_UVLOOP = [
     test_max_connections_queues_requests_beyond_it,
     test_a_large_body_read_late_is_paused_then_delivered_whole,
     test_an_informational_response_is_skipped_for_the_real_one,
+    test_a_header_that_never_ends_is_refused_not_buffered,
+    test_a_trailer_that_never_ends_is_refused_not_buffered,
 ]
 
 
