@@ -73,7 +73,7 @@ class _Connection(asyncio.Protocol):
         self.is_closed = True
         response = self._response
         if response is not None:
-            response.connection_lost()
+            response.connection_lost(exc)
 
     # what the pool and the response call ---------------------------------------------
 
@@ -193,11 +193,12 @@ class Response:
         self._connection.close()
         self._wake()
 
-    def connection_lost(self) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         if self._is_complete:
             return
-        if self._head_ready.done() and self._until_close:
-            self._is_complete = True  # a body without a length ends when the peer closes
+        if self._head_ready.done() and self._until_close and exc is None:
+            # A body without a length ends when the peer closes; a reset cuts it short.
+            self._is_complete = True
             self._keep_alive = False
             self._wake()
             return

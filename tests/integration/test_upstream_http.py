@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -189,6 +191,28 @@ async def test_a_body_cut_short_is_an_error_not_a_short_answer(serve):
         await response.read()
     response.release()
     assert pool.open_connections == 0
+    await pool.aclose()
+
+
+async def test_a_body_without_length_cut_by_a_reset_is_an_error(serve):
+    """Read until close: only a clean close ends the body; a reset cuts it short."""
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # SO_LINGER 0: the close sends a reset
+
+    raw = await serve(reset)
+    pool = pool_for(raw)
+    response = await pool.request("POST", "/", {}, b"x")
+    with pytest.raises(HttpError, match="mid-response"):
+        await response.read()
+    response.release()
+    assert (pool.open_connections, pool.checked_out) == (0, 0)
     await pool.aclose()
 
 
@@ -432,6 +456,7 @@ ON_UVLOOP = [
     test_a_chunked_body_arrives_piece_by_piece_and_whole,
     test_a_body_without_length_ends_when_the_server_closes,
     test_a_body_cut_short_is_an_error_not_a_short_answer,
+    test_a_body_without_length_cut_by_a_reset_is_an_error,
     test_garbage_instead_of_http_is_an_error,
     test_a_connection_the_server_closed_while_idle_is_not_reused,
     test_max_connections_queues_requests_beyond_it,
