@@ -45,6 +45,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.is_closed = False
+        self.is_paused = False
         self.idle_since = 0.0
         self._parser: httptools.HttpResponseParser | None = None
         self._response: Response | None = None
@@ -91,10 +92,12 @@ class _Connection(asyncio.Protocol):
     def pause(self) -> None:
         if self.transport is not None and not self.is_closed:
             self.transport.pause_reading()
+            self.is_paused = True
 
     def resume(self) -> None:
         if self.transport is not None and not self.is_closed:
             self.transport.resume_reading()
+            self.is_paused = False
 
     def close(self) -> None:
         self.is_closed = True
@@ -352,6 +355,8 @@ class HttpPool:
         self._busy.discard(connection)
         connection.finished()
         if reusable and not connection.is_closed and not self._is_closed:
+            if connection.is_paused:  # its body arrived whole but was left unread
+                connection.resume()
             connection.idle_since = time.monotonic()
             self._idle.append(connection)
         else:

@@ -307,6 +307,33 @@ async def test_a_large_body_read_late_is_paused_then_delivered_whole(serve):
     await pool.aclose()
 
 
+async def test_a_connection_paused_on_a_whole_unread_body_is_reused_unpaused(serve):
+    """A body that arrived whole but paused reading, released unread: the next request works.
+
+    The last read pushed the unread body past the high-water mark (reading paused) and
+    ended it; the connection is reusable, but only once reading resumes.
+    """
+    size = 256 * 1024 + 100  # past the high-water mark only with its last read
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"z" * size)
+            await writer.drain()
+
+    raw = await serve(big)
+    pool = pool_for(raw, max_connections=1)
+    response = await pool.request("POST", "/", {}, b"x")
+    async with asyncio.timeout(1):
+        while not response.is_complete:
+            await asyncio.sleep(0.01)
+    response.release()  # whole, so reusable, though nobody read it
+    async with asyncio.timeout(1), await pool.request("POST", "/", {}, b"x") as again:
+        assert len(await again.read()) == size
+    assert raw.connections == 1
+    await pool.aclose()
+
+
 async def test_a_refused_connection_is_connect_failed():
     """Nothing listening: ConnectFailed, and the slot is given back."""
     pool = HttpPool("http://127.0.0.1:1/v1", max_connections=1, connect_timeout_s=2.0)
@@ -461,6 +488,7 @@ ON_UVLOOP = [
     test_a_connection_the_server_closed_while_idle_is_not_reused,
     test_max_connections_queues_requests_beyond_it,
     test_a_large_body_read_late_is_paused_then_delivered_whole,
+    test_a_connection_paused_on_a_whole_unread_body_is_reused_unpaused,
     test_an_informational_response_is_skipped_for_the_real_one,
     test_a_header_that_never_ends_is_refused_not_buffered,
     test_a_trailer_that_never_ends_is_refused_not_buffered,
