@@ -135,6 +135,10 @@ class Response:
 
     # httptools callbacks --------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._is_complete:  # a second message nobody asked for: stop parsing, close
+            raise HttpError("bytes after the end of the response")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:

@@ -227,6 +227,25 @@ async def test_garbage_instead_of_http_is_an_error(serve):
     await pool.aclose()
 
 
+async def test_a_second_response_after_the_end_does_not_overwrite_the_first(serve):
+    """Bytes after a response's end are no part of it: it keeps its status and body."""
+
+    raw = await serve(
+        replying(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            b"HTTP/1.1 500 Oops\r\nX-Late: 1\r\nContent-Length: 4\r\n\r\nlate",
+            linger_s=0.5,
+        )
+    )
+    pool = pool_for(raw)
+    async with await pool.request("POST", "/", {}, b"x") as response:
+        assert await response.read() == b"ok"
+        assert response.status == 200
+        assert "x-late" not in response.headers
+    assert pool.open_connections == 0  # unasked-for bytes: not reused
+    await pool.aclose()
+
+
 async def test_a_connection_the_server_closed_while_idle_is_not_reused(serve):
     """After the server drops an idle keep-alive connection the next request opens another."""
 
@@ -485,6 +504,7 @@ ON_UVLOOP = [
     test_a_body_cut_short_is_an_error_not_a_short_answer,
     test_a_body_without_length_cut_by_a_reset_is_an_error,
     test_garbage_instead_of_http_is_an_error,
+    test_a_second_response_after_the_end_does_not_overwrite_the_first,
     test_a_connection_the_server_closed_while_idle_is_not_reused,
     test_max_connections_queues_requests_beyond_it,
     test_a_large_body_read_late_is_paused_then_delivered_whole,
