@@ -70,6 +70,11 @@ class _Connection(asyncio.Protocol):
         else:
             response.fed(len(data), made_progress=response.parsed != parsed)
 
+    def eof_received(self) -> None:
+        # The transport closes itself after this, but calls connection_lost only later:
+        # not reusable from now on.
+        self.is_closed = True
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_closed = True
         response = self._response

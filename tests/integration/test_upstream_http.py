@@ -265,6 +265,50 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(serve):
     await pool.aclose()
 
 
+async def test_a_connection_whose_close_was_read_is_not_reused(serve):
+    """Once the server's FIN is read the connection is not handed out, though asyncio calls
+    `connection_lost` only on a later turn of the loop: a request picking a connection
+    in that turn got "closed mid-response" instead of a fresh connection.
+
+    Runs on asyncio's loop only: the turn is made to happen by the order of readiness,
+    which uvloop's deferred writes do not keep.
+    """
+    signal: list[asyncio.StreamWriter] = []
+    go = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        signal.append(writer)
+        await asyncio.sleep(1)
+
+    async def once_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, body = await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            if body == b"first":
+                await go.wait()
+                signal[0].write(b"!")  # the byte the client waits for, then at once the FIN:
+                writer.get_extra_info("socket").shutdown(socket.SHUT_WR)  # read in one turn
+                await asyncio.sleep(0.5)
+                return
+
+    raw = await serve(once_then_close)
+    side = await serve(hold)
+    side_reader, side_writer = await asyncio.open_connection(*side.server.sockets[0].getsockname())
+    pool = pool_for(raw)
+    async with await pool.request("POST", "/", {}, b"first") as response:
+        assert await response.read() == b"first"
+    while not signal:
+        await asyncio.sleep(0.01)
+    go.set()
+    await side_reader.readexactly(1)  # woken in the turn that reads the FIN, before its close
+    async with await pool.request("POST", "/", {}, b"second") as response:
+        assert await response.read() == b"second"
+    assert raw.connections == 2
+    side_writer.close()
+    await pool.aclose()
+
+
 async def test_connections_older_than_keepalive_are_not_reused(serve):
     """An idle connection past `keepalive_s` is closed and replaced."""
     raw = await serve(answer_forever)
