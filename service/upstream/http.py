@@ -290,6 +290,7 @@ class HttpPool:
         host = f"[{self._host}]" if ":" in self._host else self._host
         self.host_header = host if self._port == default_port else f"{host}:{self._port}"
         self.path_prefix = parts.path.rstrip("/")
+        self.query = f"?{parts.query}" if parts.query else ""  # after every path
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._ssl = ssl.create_default_context() if self._is_tls else None
@@ -317,7 +318,8 @@ class HttpPool:
             ConnectFailed: no connection could be made.
             HttpError: the connection failed or the answer was not HTTP.
         """
-        head = _head(method, self.path_prefix + path, self.host_header, headers, len(body))
+        target = self.path_prefix + path + self.query
+        head = _head(method, target, self.host_header, headers, len(body))
         await self._slots.acquire()
         try:
             connection = self._idle_connection() or await self._connect()

@@ -146,6 +146,24 @@ async def test_the_request_line_carries_the_base_path_host_and_length(serve):
     await pool.aclose()
 
 
+async def test_a_query_in_the_base_url_is_sent_after_the_path(serve):
+    """`?api-version=...` in the base URL (as Azure OpenAI needs) follows every path."""
+    lines: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        lines.append(head.split(b"\r\n")[0])
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+
+    raw = await serve(record)
+    pool = HttpPool(raw.url + "?api-version=2024-06-01", max_connections=1, connect_timeout_s=2)
+    async with await pool.request("POST", "/chat/completions", {}, b"{}") as response:
+        assert response.status == 204
+    assert lines == [b"POST /v1/chat/completions?api-version=2024-06-01 HTTP/1.1"]
+    await pool.aclose()
+
+
 async def test_a_chunked_body_arrives_piece_by_piece_and_whole(serve):
     """Chunked transfer encoding is decoded; each read hands over what arrived."""
 
