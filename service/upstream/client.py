@@ -37,6 +37,9 @@ from service.upstream.types import (
 _USER_AGENT = "llm-gateway"
 # Idle connections older than this are not reused (providers close theirs after a while).
 _KEEPALIVE_S = 30.0
+# How long a stream's connection waits after `[DONE]` for its last chunk before it is
+# closed rather than reused: a server sends that chunk right after its last event.
+_STREAM_END_GRACE_S = 0.25
 
 
 def _error_for_status(upstream: str, status: int, headers: Mapping[str, str]) -> UpstreamError:
@@ -213,20 +216,21 @@ class UpstreamClient:
         """Yield text chunks as they arrive, then one `StreamEnd`.
 
         The response is released on every exit path: when the consumer stops early or is
-        cancelled the connection is closed at once, so the provider stops generating. The
+        cancelled the connection is closed at once, so the provider stops generating; a
+        stream read to `[DONE]` leaves its connection for the next call. The
         timeout bounds only the gateway's own waits, never the consumer's between chunks.
         """
         deadline = self._deadline(timeout_s)
         with _translate_errors(self.name):
             async with asyncio.timeout_at(deadline):
                 response = await self._post(call)
+            parser = StreamParser()
             try:
                 if response.status >= 400:
                     async with asyncio.timeout_at(deadline):
                         await response.read()
                     raise _error_for_status(self.name, response.status, response.headers)
                 decoder = SSEDecoder()
-                parser = StreamParser()
                 while True:
                     async with asyncio.timeout_at(deadline):
                         raw = await response.next_chunk()
@@ -250,8 +254,11 @@ class UpstreamClient:
                     rate_limits=rate_limit_hints(response.headers),
                 )
             finally:
-                # Reused only when read to the end; a half-read connection is closed.
-                response.release()
+                if parser.is_done:
+                    # Only the body's framing can be left: reuse the connection once it ends.
+                    response.release_at_end(within_s=_STREAM_END_GRACE_S)
+                else:
+                    response.release()  # half read: closed, so the provider stops generating
 
 
 async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int, list[str]]:

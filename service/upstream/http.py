@@ -29,6 +29,8 @@ import httptools
 # A body the consumer has not read yet beyond this pauses reading from the socket.
 _HIGH_WATER_BYTES = 256 * 1024
 _MAX_HEADER_BYTES = 64 * 1024
+# What a response released with `release_at_end` may still send before its end.
+_MAX_TRAILING_BODY_BYTES = 64 * 1024
 
 
 class HttpError(Exception):
@@ -114,7 +116,8 @@ class Response:
     """One response: status and headers at once, the body read whole or as it arrives.
 
     Call `release()` (or use `async with`) when done: a connection whose response was
-    read to the end goes back to the pool; any other is closed.
+    read to the end goes back to the pool; any other is closed. `release_at_end` waits
+    for the end first, for a caller that knows the body is whole but for its framing.
     """
 
     def __init__(self, pool: HttpPool, connection: _Connection) -> None:
@@ -137,6 +140,7 @@ class Response:
         # that parsed one: httptools keeps a header or trailer to itself until it is whole.
         self.parsed = 0
         self._unparsed_bytes = 0
+        self._end_timer: asyncio.TimerHandle | None = None  # set while waiting for the end
 
     # httptools callbacks --------------------------------------------------------------
 
@@ -172,6 +176,11 @@ class Response:
 
     def on_body(self, body: bytes) -> None:
         self.parsed += 1
+        if self._end_timer is not None:  # released: nobody reads it; only bound it
+            self._buffered += len(body)
+            if self._buffered > _MAX_TRAILING_BODY_BYTES:
+                raise HttpError("more body after the caller was done with it")
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER_BYTES:
@@ -189,9 +198,12 @@ class Response:
     # connection events ---------------------------------------------------------------
 
     def fed(self, size: int, *, made_progress: bool) -> None:
-        """`size` bytes were parsed; fail once too many held no head, body or end."""
+        """`size` bytes were parsed: fail once too many held no head, body or end, and
+        hand the connection back if this was the end `release_at_end` waits for."""
         if made_progress:
             self._unparsed_bytes = 0
+            if self._end_timer is not None and self._is_complete:
+                self.release()  # the end that `release_at_end` waited for
             return
         self._unparsed_bytes += size
         if self._unparsed_bytes > _MAX_HEADER_BYTES:
@@ -204,6 +216,8 @@ class Response:
             self._head_ready.set_exception(error)
         self._connection.close()
         self._wake()
+        if self._end_timer is not None:
+            self.release()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._is_complete:
@@ -261,8 +275,31 @@ class Response:
         if self._is_released:
             return
         self._is_released = True
+        if self._end_timer is not None:
+            self._end_timer.cancel()
         reusable = self._is_complete and self._keep_alive and self._error is None
         self._pool._release(self._connection, reusable=reusable)
+
+    def release_at_end(self, *, within_s: float) -> None:
+        """Done with a body that is whole but for its end (an SSE stream after `[DONE]`,
+        the chunked encoding's last chunk still in flight).
+
+        The connection goes back to the pool when the end arrives within `within_s`, and
+        is closed otherwise; it keeps its slot until then. Closing it at once instead
+        would cost the next call a new connection (a TLS handshake to a real provider)
+        whenever a server writes its last chunk separately from its last event.
+        """
+        if self._is_released or self._end_timer is not None:
+            return
+        reusable_at_end = self._keep_alive and not self._until_close and self._error is None
+        if self._is_complete or not reusable_at_end:
+            self.release()  # nothing to wait for, or no end that would make it reusable
+            return
+        self._chunks.clear()
+        self._buffered = 0
+        self._end_timer = asyncio.get_running_loop().call_later(within_s, self.release)
+        if self._connection.is_paused:
+            self._connection.resume()
 
     async def __aenter__(self) -> Response:
         return self

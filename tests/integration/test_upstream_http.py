@@ -327,6 +327,76 @@ async def test_a_connection_whose_close_was_read_is_not_reused(serve):
     await pool.aclose()
 
 
+async def settled(condition: Callable[[], bool]) -> None:
+    """Wait (at most 2 s) until `condition()` holds."""
+    async with asyncio.timeout(2):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+def chunked_then(end: asyncio.Event, *, after_end: bytes = b"0\r\n\r\n") -> Handler:
+    """Keep-alive: each request gets one chunk at once and `after_end` once `end` is set."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await writer.drain()
+            await end.wait()
+            writer.write(after_end)
+            await writer.drain()
+            end.clear()
+
+    return handler
+
+
+async def test_a_body_released_before_its_end_is_reused_once_the_end_arrives(serve):
+    """`release_at_end`: the connection waits for its last chunk, then serves the next call."""
+    end = asyncio.Event()
+    raw = await serve(chunked_then(end))
+    pool = pool_for(raw, max_connections=1)
+    for _ in range(3):
+        response = await pool.request("POST", "/", {}, b"")
+        assert await response.next_chunk() == b"hello"
+        response.release_at_end(within_s=30)
+        assert pool.checked_out == 1  # still its slot: the end has not arrived
+        end.set()
+        await settled(lambda: pool.checked_out == 0)
+    assert raw.connections == 1
+    await pool.aclose()
+
+
+async def test_a_body_whose_end_never_comes_is_closed_after_the_grace(serve):
+    """No end within the grace: the connection is closed, its slot freed, the next is new."""
+    end = asyncio.Event()  # never set
+    raw = await serve(chunked_then(end))
+    pool = pool_for(raw, max_connections=1)
+    response = await pool.request("POST", "/", {}, b"")
+    assert await response.next_chunk() == b"hello"
+    response.release_at_end(within_s=0.05)
+    await settled(lambda: pool.checked_out == 0)
+    assert pool.open_connections == 0
+    async with await pool.request("POST", "/", {}, b"") as second:
+        assert await second.next_chunk() == b"hello"
+    assert raw.connections == 2
+    await pool.aclose()
+
+
+async def test_more_body_after_release_at_end_is_bounded_and_closes(serve):
+    """A server that keeps sending after the caller was done is cut off, never buffered."""
+    end = asyncio.Event()
+    flood = b"".join(b"4000\r\n" + b"x" * 0x4000 + b"\r\n" for _ in range(8))  # 128 KiB
+    raw = await serve(chunked_then(end, after_end=flood))
+    pool = pool_for(raw, max_connections=1)
+    response = await pool.request("POST", "/", {}, b"")
+    assert await response.next_chunk() == b"hello"
+    response.release_at_end(within_s=30)
+    end.set()
+    await settled(lambda: pool.checked_out == 0)
+    assert pool.open_connections == 0
+    await pool.aclose()
+
+
 async def test_connections_older_than_keepalive_are_not_reused(serve):
     """An idle connection past `keepalive_s` is closed and replaced."""
     raw = await serve(answer_forever)
@@ -574,6 +644,9 @@ ON_UVLOOP = [
     test_an_informational_response_is_skipped_for_the_real_one,
     test_a_header_that_never_ends_is_refused_not_buffered,
     test_a_trailer_that_never_ends_is_refused_not_buffered,
+    test_a_body_released_before_its_end_is_reused_once_the_end_arrives,
+    test_a_body_whose_end_never_comes_is_closed_after_the_grace,
+    test_more_body_after_release_at_end_is_bounded_and_closes,
 ]
 
 
