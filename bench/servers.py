@@ -2,7 +2,8 @@
 
 python -m bench.servers lean-mock        # a minimal upstream answering at once, canned bytes
 python -m bench.servers mock             # the fault-injecting fake upstream, answering at once
-python -m bench.servers trivial          # a grpc.aio server that does nothing (the ceiling)
+python -m bench.servers trivial          # a grpc.aio server that does nothing (the ceiling);
+                                         # BENCH_EVENT_GAP_MS paces its stream messages
 python -m bench.servers gateway URL      # the gateway in front of the upstream at URL
 python -m bench.servers gateway-telemetry URL  # the same, every span and metric recorded
 """
@@ -88,8 +89,11 @@ class TrivialServicer(pb_grpc.CompletionServiceServicer):
         return self._response
 
     async def CompleteStream(self, request: Any, context: Any) -> Any:
+        gap_s = float(os.environ.get("BENCH_EVENT_GAP_MS", "0")) / 1000
         for _ in range(STREAM_CHUNKS):
             yield self._delta
+            if gap_s:  # paced as the lean mock paces its events
+                await asyncio.sleep(gap_s)
         yield self._final
 
 
