@@ -1,24 +1,27 @@
 """An incremental Server-Sent Events decoder.
 
 Follows https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
-for what a chat-completion stream needs: LF, CRLF and CR line ends (also split across
-reads), comment lines (keep-alives), several `data:` lines joined by newlines, and events
-split across or packed into reads. `event:`, `id:` and `retry:` fields are ignored: the
-OpenAI protocol does not use them.
+for what a chat-completion stream needs: a leading byte order mark skipped, LF, CRLF and CR
+line ends (also split across reads), comment lines (keep-alives), several `data:` lines
+joined by newlines, and events split across or packed into reads. `event:`, `id:` and
+`retry:` fields are ignored: the OpenAI protocol does not use them.
 """
 
 from __future__ import annotations
+
+_BOM = b"\xef\xbb\xbf"
 
 
 class SSEDecoder:
     """Feed it raw bytes as they arrive; it returns each completed event's data."""
 
-    __slots__ = ("_buffer", "_data", "_skip_lf")
+    __slots__ = ("_buffer", "_data", "_is_started", "_skip_lf")
 
     def __init__(self) -> None:
         self._buffer = b""
         self._data: list[str] = []
         self._skip_lf = False
+        self._is_started = False  # whether the stream's first bytes (and any BOM) are past
 
     def feed(self, chunk: bytes) -> list[str]:
         """Decode `chunk` and return the data of every event it completed."""
@@ -31,6 +34,14 @@ class SSEDecoder:
             chunk = chunk[1:]
         self._skip_lf = chunk.endswith(b"\r")
         buffer = self._buffer + chunk
+        if not self._is_started:
+            # The spec skips one BOM at the start of the stream; a server that sends one
+            # would otherwise hide the first line, and with it the first event's text.
+            if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
+                self._buffer = buffer  # maybe the BOM's first bytes: wait for the rest
+                return []
+            self._is_started = True
+            buffer = buffer.removeprefix(_BOM)
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = buffer.split(b"\n")

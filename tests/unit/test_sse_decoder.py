@@ -186,3 +186,15 @@ def test_random_splits_decode_identically(case: tuple[bytes, list[str], list[int
         events.extend(decoder.feed(chunk))
     assert events == expected
     assert not decoder.has_pending
+
+
+def test_byte_order_mark_at_the_start_is_skipped() -> None:
+    """A BOM opening the stream is not part of the first line (so its event is kept)."""
+    raw = b"\xef\xbb\xbfdata: first\n\ndata: second\n\n"
+    assert decode(raw) == ["first", "second"]
+    assert decode(*(raw[i : i + 1] for i in range(len(raw)))) == ["first", "second"]
+
+
+def test_byte_order_mark_is_only_skipped_at_the_start() -> None:
+    """A BOM later in the stream starts a line that is no `data:` field."""
+    assert decode(b"data: a\n\n", b"\xef\xbb\xbfdata: b\n\ndata: c\n\n") == ["a", "c"]
