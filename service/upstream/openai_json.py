@@ -57,9 +57,14 @@ def request_body(request: ChatRequest, *, upstream_model: str, stream: bool) -> 
 
 
 def finish_reason(value: object) -> FinishReason | None:
-    """Map an upstream finish reason; unknown non-empty values count as a stop."""
+    """Map an upstream finish reason; unknown non-empty values count as a stop.
+
+    "error" (OpenRouter, watsonx: the generation failed) raises: it is no answer.
+    """
     if not value:
         return None
+    if value == "error":
+        raise MalformedReply("the upstream reported an error")
     return _FINISH_REASONS.get(str(value), FinishReason.STOP)
 
 
@@ -136,7 +141,7 @@ class StreamParser:
             self.is_done = True
             return None
         event = _loads(data)
-        if "error" in event and not event.get("choices"):
+        if event.get("error"):  # also beside choices (OpenRouter); `"error": null` is none
             raise MalformedReply("the upstream reported an error mid-stream")
         if not self.id:
             self.id = str(event.get("id") or "")

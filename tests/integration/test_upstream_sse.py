@@ -8,9 +8,11 @@ from typing import Any
 
 import grpc
 import orjson
+import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
 from tests.conftest import FAKE_MODEL, chat_stream, gateway_config
+from tests.integration.test_resilience import error_details
 from tests.integration.test_upstream_http import read_request
 
 DETERMINISTIC = pb.GenerationParams(temperature=0.0)
@@ -98,3 +100,61 @@ async def test_a_byte_order_mark_before_the_first_event_loses_no_text(
     assert text == "Hello"
     assert final is not None
     assert final.final.finish_reason == pb.FINISH_REASON_STOP
+
+
+# OpenRouter's mid-stream failure: HTTP 200 long since sent, so the error comes as an event
+# with a top-level `error` and the choice finished with "error".
+OPENROUTER_ERROR = chunk(
+    "", "error", error={"code": 502, "message": "Provider disconnected unexpectedly"}
+)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param(OPENROUTER_ERROR, id="error-object-and-finish-error"),
+        pytest.param(chunk("", "error"), id="finish-error"),
+    ],
+)
+async def test_an_upstream_error_after_the_first_token_is_an_interrupted_stream(
+    start_gateway: Callable[..., Any], failure: bytes
+) -> None:
+    """An error reported in a chunk that still has choices fails the stream; it is no stop.
+
+    Taken for a clean finish, the caller would get a cut answer as complete, and the
+    cache would store it and replay it to everyone after.
+    """
+    body = chunk("Hel") + failure + DONE
+    async with SSEUpstream(body) as url:
+        gateway = await start_gateway(gateway_config(url, cache={"backend": "memory"}))
+        request = chat_stream("hi", params=DETERMINISTIC)
+        text, final, error = await relay(gateway, request)
+        assert gateway.server.pipeline.cache.stats.stores == 0
+    assert text == "Hel"
+    assert final is None
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_details(error)[1] == "STREAM_INTERRUPTED"
+
+
+async def test_a_null_error_field_is_no_error(start_gateway: Callable[..., Any]) -> None:
+    """`"error": null` beside the usage says there was none: the stream ends cleanly."""
+    usage = event(
+        {
+            "id": "c1",
+            "model": FAKE_MODEL,
+            "choices": [],
+            "error": None,
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+        }
+    )
+    body = chunk("Hel") + chunk("lo", "stop") + usage + DONE
+    async with SSEUpstream(body) as url:
+        gateway = await start_gateway(gateway_config(url))
+        text, final, error = await relay(gateway, chat_stream("hi"))
+    assert error is None
+    assert text == "Hello"
+    assert final is not None
+    assert final.final.finish_reason == pb.FINISH_REASON_STOP
+    assert (final.final.usage.input_tokens, final.final.usage.output_tokens) == (3, 2)
+    assert not final.final.usage.estimated

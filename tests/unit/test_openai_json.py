@@ -235,6 +235,11 @@ def test_parse_completion_missing_id_and_model() -> None:
         pytest.param(
             completion_json(usage={"prompt_tokens": "many"}), "not integers", id="bad-usage"
         ),
+        pytest.param(
+            completion_json(choices=[{"message": {"content": "cut"}, "finish_reason": "error"}]),
+            "reported an error",
+            id="finish-reason-error",
+        ),
         pytest.param(b"not json", "not valid JSON", id="not-json"),
         pytest.param(b"[1, 2]", "not a JSON object", id="json-array"),
         pytest.param(b"", "not valid JSON", id="empty"),
