@@ -217,10 +217,17 @@ class UpstreamClient:
 
         The response is released on every exit path: when the consumer stops early or is
         cancelled the connection is closed at once, so the provider stops generating; a
-        stream read to `[DONE]` leaves its connection for the next call. The
-        timeout bounds only the gateway's own waits, never the consumer's between chunks.
+        stream read to `[DONE]` leaves its connection for the next call.
+
+        `timeout_s` (the caller's deadline, within the upstream's `timeout_s`) bounds the
+        gateway's own waits until the first text; after it, only the upstream's `timeout_s`
+        does. Once text flows its consumers end the stream by leaving when their deadlines
+        pass (gRPC cancels each call), and a stream the cache shares among callers must not
+        end at its first caller's deadline. The bounds apply to the gateway's own waits, never
+        to the consumer's time between chunks.
         """
         deadline = self._deadline(timeout_s)
+        whole_stream_deadline = self._deadline(self.config.timeout_s)
         with _translate_errors(self.name):
             async with asyncio.timeout_at(deadline):
                 response = await self._post(call)
@@ -238,6 +245,7 @@ class UpstreamClient:
                         break
                     text, error = _text_of_read(raw, decoder, parser)
                     if text:
+                        deadline = whole_stream_deadline
                         yield TextChunk(text)
                     if error is not None:
                         raise error

@@ -507,3 +507,27 @@ async def test_a_follower_outliving_the_first_callers_deadline_tries_again(
     assert patient.content == "on time"
     assert cache_of(cached).stats.coalesced == 1
     assert len(upstream.requests) == 2
+
+
+async def test_a_shared_stream_outlives_its_first_callers_deadline(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """Once text flows a shared stream is bounded by its callers, not by the first one's
+    deadline: the hasty caller ends at its deadline, the patient one gets the whole answer."""
+    upstream.script(Reply(content="a b c d e f", chunks=6, chunk_delay_s=0.15))
+    hasty_call = cached.stub.CompleteStream(chat_stream(params=DETERMINISTIC), timeout=0.4)
+    hasty = asyncio.ensure_future(_read_all(hasty_call))
+    await eventually(lambda: upstream.requests)
+    patient = await _stream(cached)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await hasty
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "".join(e.delta.content for e in patient) == "a b c d e f"
+    assert patient[-1].final.finish_reason == pb.FINISH_REASON_STOP
+    await settled(cached)
+    assert len(upstream.requests) == 1
+    assert cache_of(cached).stats.stores == 1
+
+
+async def _read_all(call: Any) -> list[pb.CompleteStreamResponse]:
+    return [e async for e in call]
