@@ -22,6 +22,15 @@ _FINISH_REASONS = {
     "eos": FinishReason.STOP,
     "max_tokens": FinishReason.LENGTH,
 }
+# Finish reasons that say the generation failed part-way: the text is no answer (never
+# cached; retried before any text reached the caller, an interrupted stream after).
+_FAILED_FINISH_REASONS = frozenset(
+    {
+        "error",  # OpenRouter, watsonx
+        "insufficient_system_resource",  # DeepSeek: cut short for lack of capacity
+        "abort",  # vLLM: the request was aborted
+    }
+)
 _MAX_TOKEN_COUNT = 2**53  # far beyond any real call; exact as a double, fits an int64
 
 
@@ -59,12 +68,13 @@ def request_body(request: ChatRequest, *, upstream_model: str, stream: bool) -> 
 def finish_reason(value: object) -> FinishReason | None:
     """Map an upstream finish reason; unknown non-empty values count as a stop.
 
-    "error" (OpenRouter, watsonx: the generation failed) raises: it is no answer.
+    A reason that says the generation failed (`_FAILED_FINISH_REASONS`) raises: the text
+    so far is no answer.
     """
     if not value:
         return None
-    if value == "error":
-        raise MalformedReply("the upstream reported an error")
+    if value in _FAILED_FINISH_REASONS:
+        raise MalformedReply(f"the upstream reported an error (finish reason {value!r})")
     return _FINISH_REASONS.get(str(value), FinishReason.STOP)
 
 

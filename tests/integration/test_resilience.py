@@ -131,6 +131,18 @@ MATRIX = [
         ),
     ),
     Row(
+        # DeepSeek cuts a generation short for lack of capacity with a finish reason.
+        "deepseek-insufficient-resource-then-ok",
+        ((Reply(finish_reason="insufficient_system_resource"), Reply()),),
+        unary=Expect(attempts=2),
+        stream=Expect(
+            grpc.StatusCode.UNAVAILABLE,
+            attempts=1,
+            reason="STREAM_INTERRUPTED",
+            text="Hello from fake",
+        ),
+    ),
+    Row(
         "401-on-one-of-two",
         ((Status(401),), ()),
         unary=Expect(attempts=2, upstream="up1"),

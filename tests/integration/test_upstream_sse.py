@@ -114,6 +114,10 @@ OPENROUTER_ERROR = chunk(
     [
         pytest.param(OPENROUTER_ERROR, id="error-object-and-finish-error"),
         pytest.param(chunk("", "error"), id="finish-error"),
+        pytest.param(
+            chunk("", "insufficient_system_resource"), id="deepseek-insufficient-resource"
+        ),
+        pytest.param(chunk("", "abort"), id="vllm-abort"),
     ],
 )
 async def test_an_upstream_error_after_the_first_token_is_an_interrupted_stream(

@@ -240,6 +240,20 @@ def test_parse_completion_missing_id_and_model() -> None:
             "reported an error",
             id="finish-reason-error",
         ),
+        pytest.param(
+            completion_json(
+                choices=[
+                    {"message": {"content": "cut"}, "finish_reason": "insufficient_system_resource"}
+                ]
+            ),
+            "reported an error",
+            id="finish-reason-deepseek-insufficient-resource",
+        ),
+        pytest.param(
+            completion_json(choices=[{"message": {"content": "cut"}, "finish_reason": "abort"}]),
+            "reported an error",
+            id="finish-reason-vllm-abort",
+        ),
         pytest.param(b"not json", "not valid JSON", id="not-json"),
         pytest.param(b"[1, 2]", "not a JSON object", id="json-array"),
         pytest.param(b"", "not valid JSON", id="empty"),
