@@ -181,6 +181,11 @@ class UpstreamError(GatewayError):
     def retry_after_s(self) -> float | None:
         return self._retry_after_s
 
+    def suggest_retry_after(self, seconds: float) -> None:
+        """The delay `RetryInfo` suggests, unless the upstream named one (Retry-After)."""
+        if self._retry_after_s is None:
+            self._retry_after_s = seconds
+
 
 class UpstreamRateLimited(UpstreamError):
     """The upstream answered 429."""

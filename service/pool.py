@@ -414,13 +414,23 @@ class UpstreamPool:
             retry_after_s=min(cool_downs) if cool_downs else None,
         )
 
-    @staticmethod
-    def _final(exc: UpstreamError, deadline: Deadline, attempts: int) -> GatewayError:
+    def _final(self, exc: UpstreamError, deadline: Deadline, attempts: int) -> GatewayError:
+        """What the call ends with: `exc` with its attempts and, when it is UNAVAILABLE, a
+        retry delay; or `DeadlineExceeded` when the caller's deadline caused it."""
         exc.attempts = attempts
         cause = exc.__cause__ if isinstance(exc, StreamInterrupted) else exc
         if isinstance(cause, UpstreamError) and _hit_callers_deadline(cause, deadline):
             return DeadlineExceeded("the caller's deadline passed")
+        if isinstance(exc, UpstreamUnavailable | UpstreamTimeout):
+            exc.suggest_retry_after(self._retry_delay_s(exc.upstream))
         return exc
+
+    def _retry_delay_s(self, upstream: str) -> float:
+        """When a caller may try again after the gateway's own retries failed, if the
+        upstream did not say: once its breaker lets a probe through, else the first backoff."""
+        state = self._states.get(upstream)
+        cool_down = state.breaker.retry_after_s() if state is not None else None
+        return cool_down if cool_down is not None else self.settings.backoff_base_s
 
     async def _next_attempt(
         self,

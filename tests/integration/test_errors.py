@@ -136,6 +136,19 @@ async def test_upstream_429_retry_after_becomes_retry_info(upstream, start_gatew
     assert retry_delay_s(caught.value) == pytest.approx(7, abs=0.01)
 
 
+async def test_an_unavailable_upstream_whose_breaker_opened_says_when_to_retry(
+    upstream, start_gateway
+):
+    """No Retry-After, breaker opened by the failure: RetryInfo is its cool-down."""
+    resilience = {"attempts": 1, "breaker_consecutive_failures": 1, "breaker_cool_down_s": 30}
+    gateway = await start_gateway(gateway_config(upstream.base_url, resilience=resilience))
+    upstream.script(Status(503))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert retry_delay_s(caught.value) == pytest.approx(30, abs=2)
+
+
 @pytest.mark.parametrize(
     "behaviour",
     [CutStream(after_chunks=2), EndWithoutDone(after_chunks=2), MalformedSSE(after_chunks=1)],

@@ -289,8 +289,11 @@ async def test_fault_matrix(row: Row, mode: str, start_gateway):
             assert isinstance(result, grpc.aio.AioRpcError)
             assert result.code() is expect.code
             if expect.reason is not None:
-                metadata, reason, _ = error_details(result)
+                metadata, reason, retry_s = error_details(result)
                 assert reason == expect.reason
+                if expect.code is grpc.StatusCode.UNAVAILABLE:
+                    # No Retry-After from the upstream: the first backoff (breaker closed).
+                    assert retry_s == pytest.approx(FAST_RESILIENCE["backoff_base_s"])
                 assert metadata["attempts"] == str(expect.attempts)
                 assert metadata["upstream"] == expect.upstream
                 assert "http://" not in result.details()
