@@ -63,8 +63,17 @@ def _sse(data: bytes) -> bytes:
 class Answers:
     """The bytes of every answer, built once."""
 
-    def __init__(self, model: str, content: str, chunks: int, *, event_gap_s: float = 0) -> None:
+    def __init__(
+        self,
+        model: str,
+        content: str,
+        chunks: int,
+        *,
+        event_gap_s: float = 0,
+        first_event_gap_s: float = 0,
+    ) -> None:
         self.event_gap_s = event_gap_s
+        self.first_event_gap_s = first_event_gap_s
         body = _unary_body(model, content)
         self.unary = (
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -95,6 +104,7 @@ class _Connection(asyncio.Protocol):
         self._buffer = b""
         self._transport: asyncio.WriteTransport | None = None
         self._paced: asyncio.Task[None] | None = None
+        self._later: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.WriteTransport, transport)  # uvloop's is no subclass
@@ -136,6 +146,13 @@ class _Connection(asyncio.Protocol):
             transport.write(self._answers.unary)
         elif self._answers.event_gap_s > 0:
             self._paced = asyncio.get_running_loop().create_task(self._write_paced(transport))
+        elif self._answers.first_event_gap_s > 0:
+            # The head, the role and the first text now; the rest at once after the gap.
+            stream = self._answers.stream
+            transport.writelines(stream[:2])
+            self._later = asyncio.get_running_loop().call_later(
+                self._answers.first_event_gap_s, transport.writelines, stream[2:]
+            )
         else:
             for event in self._answers.stream:
                 transport.write(event)
@@ -151,6 +168,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._paced is not None:
             self._paced.cancel()
+        if self._later is not None:
+            self._later.cancel()
 
 
 async def serve(answers: Answers, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:

@@ -45,7 +45,14 @@ async def run_lean_mock() -> None:
     from bench.lean_upstream import Answers, serve
 
     gap_s = float(os.environ.get("BENCH_EVENT_GAP_MS", "0")) / 1000
-    answers = Answers(MODEL, " ".join(["tok"] * STREAM_CHUNKS), STREAM_CHUNKS, event_gap_s=gap_s)
+    first_gap_s = float(os.environ.get("BENCH_FIRST_EVENT_GAP_MS", "0")) / 1000
+    answers = Answers(
+        MODEL,
+        " ".join(["tok"] * STREAM_CHUNKS),
+        STREAM_CHUNKS,
+        event_gap_s=gap_s,
+        first_event_gap_s=first_gap_s,
+    )
     server = await serve(answers)
     port = server.sockets[0].getsockname()[1]
     print(f"ready http://127.0.0.1:{port}/v1", flush=True)
@@ -90,10 +97,13 @@ class TrivialServicer(pb_grpc.CompletionServiceServicer):
 
     async def CompleteStream(self, request: Any, context: Any) -> Any:
         gap_s = float(os.environ.get("BENCH_EVENT_GAP_MS", "0")) / 1000
-        for _ in range(STREAM_CHUNKS):
+        first_gap_s = float(os.environ.get("BENCH_FIRST_EVENT_GAP_MS", "0")) / 1000
+        for index in range(STREAM_CHUNKS):
             yield self._delta
             if gap_s:  # paced as the lean mock paces its events
                 await asyncio.sleep(gap_s)
+            elif first_gap_s and index == 0:
+                await asyncio.sleep(first_gap_s)
         yield self._final
 
 

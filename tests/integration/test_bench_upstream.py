@@ -17,9 +17,12 @@ from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 CONTENT = " ".join(f"w{i}" for i in range(40))
 
 
-@pytest.fixture(params=[0.0, 0.002], ids=["burst", "paced"])
+@pytest.fixture(
+    params=[{}, {"event_gap_s": 0.002}, {"first_event_gap_s": 0.005}],
+    ids=["burst", "paced", "first-event-alone"],
+)
 async def lean_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
-    server = await serve(Answers(FAKE_MODEL, CONTENT, chunks=20, event_gap_s=request.param))
+    server = await serve(Answers(FAKE_MODEL, CONTENT, chunks=20, **request.param))
     port = server.sockets[0].getsockname()[1]
     yield f"http://127.0.0.1:{port}/v1"
     server.close()
@@ -60,6 +63,21 @@ async def test_paced_events_reach_the_caller_one_message_each(start_gateway):
         events = [e async for e in gateway.stub.CompleteStream(chat_stream("hi"))]
         deltas = [e.delta.content for e in events if e.HasField("delta")]
         assert len(deltas) == 20
+        assert "".join(deltas) == CONTENT
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_first_event_sent_alone_is_relayed_alone(start_gateway):
+    """With the rest held back, the first word reaches the caller as a delta of its own."""
+    server = await serve(Answers(FAKE_MODEL, CONTENT, chunks=20, first_event_gap_s=0.05))
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        gateway = await start_gateway(gateway_config(url))
+        events = [e async for e in gateway.stub.CompleteStream(chat_stream("hi"))]
+        deltas = [e.delta.content for e in events if e.HasField("delta")]
+        assert deltas[0] == "w0 w1"
         assert "".join(deltas) == CONTENT
     finally:
         server.close()
