@@ -86,9 +86,17 @@ def worker_configs(
 def _reserve_port(listen: str) -> tuple[socket.socket, int]:
     host, _, port = listen.rpartition(":")
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    address = (host.strip("[]"), int(port))
+    # With SO_REUSEPORT the bind below would join a port that another process of this
+    # user already listens on the same way (another gateway's workers), and the kernel
+    # would split the callers between the two: first make sure the port is free.
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        address = (address[0], int(probe.getsockname()[1]))
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host.strip("[]"), int(port)))
+    sock.bind(address)
     return sock, int(sock.getsockname()[1])
 
 
