@@ -61,7 +61,11 @@ def serve_command(args: argparse.Namespace) -> int:
         return run_workers(config, count=count, log_level=args.log_level)
     from service.server import run
 
-    run(config)
+    try:
+        run(config)
+    except ConfigError as exc:  # found only at start, e.g. a malformed auth.keys_file
+        print(f"llm-gateway: config error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

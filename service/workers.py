@@ -22,8 +22,9 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from multiprocessing.queues import Queue
+from typing import Any
 
 from service.config import ConfigError, GatewayConfig
 from service.local_model import LocalModelServer
@@ -100,12 +101,37 @@ def _reserve_port(listen: str) -> tuple[socket.socket, int]:
     return sock, int(sock.getsockname()[1])
 
 
-def _worker_main(config: GatewayConfig, log_level: str, ready: Queue[int]) -> None:
+def _worker_main(config: GatewayConfig, log_level: str, ready: Connection) -> None:
     from service.logs import configure_logging
     from service.server import run
 
     configure_logging(log_level)
-    run(config, on_ready=lambda _address: ready.put(os.getpid()))
+    try:
+        run(config, on_ready=lambda _address: ready.send(os.getpid()))
+    except ConfigError as exc:  # found only at start (e.g. the keys file): exit 2 as main does
+        print(f"llm-gateway: config error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+async def _started(ready: Connection) -> bool:
+    """Whether the worker at the other end of `ready` said it listens (False: it died)."""
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(ready.fileno(), on_readable)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(ready.fileno())
+    try:
+        ready.recv()
+    except EOFError:
+        return False
+    return True
 
 
 def _wants_local_model(config: GatewayConfig) -> bool:
@@ -115,6 +141,12 @@ def _wants_local_model(config: GatewayConfig) -> bool:
 
 async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
     config, count = configs[0], len(configs)
+    # From the start: a SIGTERM while the workers start must stop them too, not kill this
+    # process alone and leave them serving the port.
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
     reserved, port = _reserve_port(config.server.listen)
     host = config.server.listen.rpartition(":")[0]
     server = dataclasses.replace(config.server, listen=f"{host}:{port}", workers=count)
@@ -128,41 +160,54 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
                 local_model=dataclasses.replace(config.local_model, enabled="never"),
             )
         context = multiprocessing.get_context("spawn")
-        ready: Queue[int] = context.Queue()
-        workers: list[BaseProcess] = [
-            context.Process(
+        workers: list[BaseProcess] = []
+        readies: list[Connection] = []
+        for own in configs:
+            ready, ready_sender = context.Pipe(duplex=False)
+            worker: BaseProcess = context.Process(
                 target=_worker_main,
                 args=(
                     dataclasses.replace(worker_config, telemetry=own.telemetry),
                     log_level,
-                    ready,
+                    ready_sender,
                 ),
             )
-            for own in configs
-        ]
-        for worker in workers:
             worker.start()
-        for _ in workers:
-            await asyncio.to_thread(ready.get, True, _WORKER_START_TIMEOUT_S)
-        reserved.close()
-        print(f"llm-gateway listening on {host}:{port} ({count} workers)", flush=True)
-        loop = asyncio.get_running_loop()
-        stopping = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
+            ready_sender.close()  # the worker's copy alone: its exit ends the pipe
+            workers.append(worker)
+            readies.append(ready)
         exits = [asyncio.ensure_future(asyncio.to_thread(w.join)) for w in workers]
         any_exit = asyncio.ensure_future(asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED))
         stop = asyncio.ensure_future(stopping.wait())
-        await asyncio.wait([any_exit, stop], return_when=asyncio.FIRST_COMPLETED)
+        started = asyncio.ensure_future(asyncio.gather(*(_started(r) for r in readies)))
+        phases: list[asyncio.Future[Any]] = [started, any_exit, stop]
+        await asyncio.wait(
+            phases,
+            timeout=_WORKER_START_TIMEOUT_S,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        is_up = started.done() and all(started.result())
+        if started.done() and not is_up:
+            # A worker closed its pipe without listening: let it exit (with its own status)
+            # before the others are stopped.
+            await asyncio.wait([any_exit, stop], return_when=asyncio.FIRST_COMPLETED)
+        if is_up:
+            reserved.close()
+            print(f"llm-gateway listening on {host}:{port} ({count} workers)", flush=True)
+            await asyncio.wait([any_exit, stop], return_when=asyncio.FIRST_COMPLETED)
         if not stopping.is_set():
-            log.error("workers.exited_unexpectedly")
+            log.error("workers.exited_unexpectedly" if is_up else "workers.start_failed")
         for worker in workers:
             if worker.pid is not None and worker.exitcode is None:
                 os.kill(worker.pid, signal.SIGTERM)
         await asyncio.gather(*exits)
-        stop.cancel()
-        any_exit.cancel()
-    return 0 if all(w.exitcode == 0 for w in workers) else 1
+        for task in (started, stop, any_exit):
+            task.cancel()
+        reserved.close()
+    codes = [w.exitcode for w in workers]
+    if stopping.is_set():  # a worker stopped before it could catch SIGTERM is stopped too
+        return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
+    return 2 if not is_up and 2 in codes else 1
 
 
 def run_workers(config: GatewayConfig, *, count: int, log_level: str = "INFO") -> int:

@@ -59,6 +59,57 @@ def _is_alive(pid: int) -> bool:
     return True
 
 
+async def test_sigterm_while_workers_start_stops_them_all(tmp_path):
+    """SIGTERM before the workers are ready: the supervisor stops and leaves no worker behind.
+
+    Before, the supervisor only handled SIGTERM once every worker was ready; until then the
+    default action killed it at once and the workers, orphaned, kept serving the port.
+    """
+    path = _write_config(tmp_path)
+    async with _serve("--config", str(path), "--workers", "2") as process:
+        async with asyncio.timeout(_HANG_GUARD_S):
+            while len(workers := _worker_pids(process.pid)) < 2:
+                await asyncio.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(_HANG_GUARD_S):
+            code = await process.wait()
+        alive = [pid for pid in workers if _is_alive(pid)]
+        for pid in alive:  # do not leave them running whatever the outcome
+            os.kill(pid, signal.SIGKILL)
+        assert alive == []
+        assert code == 0
+
+
+async def test_a_config_error_found_by_the_workers_exits_2_at_once(tmp_path):
+    """A keys file the workers refuse stops the supervisor with status 2, not a 120 s hang.
+
+    Before, the supervisor waited up to 120 s for workers that had already died, then
+    failed with a traceback while still joining them.
+    """
+    keys = tmp_path / "keys"
+    keys.write_text("not-a-digest tenant\n")
+    path = _write_config(tmp_path, auth={"mode": "keys", "keys_file": str(keys)})
+    async with _serve("--config", str(path), "--workers", "2") as process:
+        async with asyncio.timeout(_HANG_GUARD_S):
+            out, err = await process.communicate()
+    assert process.returncode == 2, err.decode()
+    assert b"listening" not in out
+    assert f"config error: {path}: auth.keys_file".encode() in err
+
+
+async def test_a_config_error_found_at_start_exits_2_in_one_process(tmp_path):
+    """The README's promise (a config error exits 2) holds for the keys file, too."""
+    keys = tmp_path / "keys"
+    keys.write_text("not-a-digest tenant\n")
+    path = _write_config(tmp_path, auth={"mode": "keys", "keys_file": str(keys)})
+    async with _serve("--config", str(path), "--workers", "1") as process:
+        async with asyncio.timeout(_HANG_GUARD_S):
+            _, err = await process.communicate()
+    assert process.returncode == 2
+    assert f"config error: {path}: auth.keys_file".encode() in err
+    assert b"Traceback" not in err
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_port_another_gateway_serves_is_refused(tmp_path, workers):
     """Workers bind with SO_REUSEPORT; that must not let a second gateway join a busy port.
