@@ -573,7 +573,7 @@ def _build(cls: type[T], data: Any, key: str) -> T:
         raise ValueError(f"{key or '(top level)'}: must be a mapping")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys may be bools or numbers
     if unknown:
         raise ValueError(f"{key + '.' if key else ''}{unknown[0]}: unknown key")
     kwargs = {

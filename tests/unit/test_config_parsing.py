@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from service.config import (
     ConfigError,
@@ -475,3 +476,10 @@ def test_load_config_round_trip(tmp_path: Path) -> None:
     assert config.defaults.max_messages == 10
     with pytest.raises(AttributeError):
         config.server.listen = "0.0.0.0:1"  # type: ignore[misc]
+
+
+def test_unknown_keys_of_mixed_types_are_a_config_error() -> None:
+    """YAML 1.1 reads `on:` as the key `true`; beside a typo it must not crash the check."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(yaml.safe_load("on: 1\nservr: {}\n"), source="my.yaml", environ={})
+    assert "unknown key" in caught.value.problem
