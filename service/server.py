@@ -179,9 +179,17 @@ def connection_age_options(config: GatewayConfig) -> list[tuple[str, int]]:
     if grace_s is None:
         grace_s = max([300.0, *(u.timeout_s for u in config.upstreams)])
     return [
-        ("grpc.max_connection_age_ms", round(server.max_connection_age_s * 1000)),
-        ("grpc.max_connection_age_grace_ms", round(grace_s * 1000)),
+        ("grpc.max_connection_age_ms", _grpc_ms(server.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", _grpc_ms(grace_s)),
     ]
+
+
+# gRPC channel arguments are C ints: a longer time (past 24.8 days) would fail the start.
+_GRPC_MAX_MS = 2**31 - 1
+
+
+def _grpc_ms(seconds: float) -> int:
+    return round(min(seconds * 1000, _GRPC_MAX_MS))
 
 
 def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:

@@ -55,3 +55,15 @@ def test_the_grace_defaults_to_the_longest_upstream_timeout_or_five_minutes():
         "grpc.max_connection_age_ms": 60_000,
         "grpc.max_connection_age_grace_ms": 5_000,
     }
+
+
+async def test_an_age_past_what_grpc_can_hold_still_starts(upstream, start_gateway):
+    """A month (to all but turn recycling off) is past gRPC's 32-bit milliseconds: not a crash."""
+    month_s = 30 * 86400
+    config = gateway_config(
+        upstream.base_url,
+        server={"max_connection_age_s": month_s, "max_connection_age_grace_s": month_s},
+    )
+    gw = await start_gateway(config)
+    async with grpc.aio.insecure_channel(gw.server.address) as channel:
+        assert (await pb_grpc.CompletionServiceStub(channel).Complete(chat())).content
