@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -101,10 +102,28 @@ def _reserve_port(listen: str) -> tuple[socket.socket, int]:
     return sock, int(sock.getsockname()[1])
 
 
-def _worker_main(config: GatewayConfig, log_level: str, ready: Connection) -> None:
+# prctl(2): the signal the kernel sends this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with(supervisor: int) -> None:
+    """Have the kernel SIGTERM this worker when the supervisor dies, even by SIGKILL.
+
+    Otherwise a supervisor killed outright (not through its process group, as Kubernetes
+    and systemd do) leaves its workers serving the port with nobody to stop them. Linux
+    only; elsewhere the call is skipped.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before the kernel was asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_main(config: GatewayConfig, log_level: str, ready: Connection, supervisor: int) -> None:
     from service.logs import configure_logging
     from service.server import run
 
+    _stop_with(supervisor)
     configure_logging(log_level)
     try:
         run(config, on_ready=lambda _address: ready.send(os.getpid()))
@@ -170,6 +189,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
                     dataclasses.replace(worker_config, telemetry=own.telemetry),
                     log_level,
                     ready_sender,
+                    os.getpid(),
                 ),
             )
             worker.start()

@@ -136,3 +136,37 @@ async def test_a_port_another_gateway_serves_is_refused(tmp_path, workers):
         first.send_signal(signal.SIGTERM)
         async with asyncio.timeout(_HANG_GUARD_S):
             assert await first.wait() == 0
+
+
+async def test_workers_stop_when_the_supervisor_is_killed_outright(tmp_path):
+    """SIGKILL to the supervisor alone (not its process group): the workers stop too.
+
+    The kernel sends each worker SIGTERM when its parent dies; before, they went on
+    serving the port with nobody left to stop them.
+    """
+    path = _write_config(tmp_path)
+    async with _serve("--config", str(path), "--workers", "2") as process:
+        assert process.stdout is not None
+        async with asyncio.timeout(_HANG_GUARD_S):
+            assert b"listening on" in await process.stdout.readline()
+        workers = _worker_pids(process.pid)
+        assert len(workers) == 2
+        process.kill()  # not waited for: its pipes stay open while any worker lives
+        try:
+            async with asyncio.timeout(_HANG_GUARD_S):
+                while alive := [pid for pid in workers if _is_running(pid)]:
+                    await asyncio.sleep(0.05)
+        finally:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        assert alive == []
+
+
+def _is_running(pid: int) -> bool:
+    """Alive and not a zombie: an orphan's exit is reaped by whoever adopted it, if at all."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
