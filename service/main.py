@@ -55,17 +55,20 @@ def serve_command(args: argparse.Namespace) -> int:
         "server.workers", extra={"workers": count, "why": why}
     )
     config = dataclasses.replace(config, server=dataclasses.replace(server, workers=count))
-    if count > 1:
-        from service.workers import run_workers
-
-        return run_workers(config, count=count, log_level=args.log_level)
-    from service.server import run
+    from service.server import ListenError, run
 
     try:
+        if count > 1:
+            from service.workers import run_workers
+
+            return run_workers(config, count=count, log_level=args.log_level)
         run(config)
     except ConfigError as exc:  # found only at start, e.g. a malformed auth.keys_file
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
         return 2
+    except ListenError as exc:
+        print(f"llm-gateway: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

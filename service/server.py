@@ -130,9 +130,15 @@ class GatewayServer:
             ],
             server,
         )
-        self.port = _add_port(server, self.config.server)
+        listen = self.config.server.listen
+        try:
+            self.port = _add_port(server, self.config.server)
+        except RuntimeError as exc:  # grpc's "Failed to bind to address"
+            raise ListenError(
+                f"cannot listen on {listen}: the address is taken or not local"
+            ) from exc
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.server.listen}")
+            raise ListenError(f"cannot listen on {listen}")
         await server.start()
         self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -190,6 +196,10 @@ _GRPC_MAX_MS = 2**31 - 1
 
 def _grpc_ms(seconds: float) -> int:
     return round(min(seconds * 1000, _GRPC_MAX_MS))
+
+
+class ListenError(OSError):
+    """The configured address cannot be listened on (taken, not this host's, no permission)."""
 
 
 def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:

@@ -86,6 +86,15 @@ def worker_configs(
 
 
 def _reserve_port(listen: str) -> tuple[socket.socket, int]:
+    try:
+        return _bind_shared(listen)
+    except OSError as exc:
+        from service.server import ListenError  # here: the supervisor never serves itself
+
+        raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+
+
+def _bind_shared(listen: str) -> tuple[socket.socket, int]:
     host, _, port = listen.rpartition(":")
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     address = (host.strip("[]"), int(port))
