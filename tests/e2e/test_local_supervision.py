@@ -12,16 +12,9 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
 from service.server import GatewayServer
 from tests.e2e.conftest import LOCAL_MODEL
+from tests.integration.gateway_process import is_running
 
 pytestmark = pytest.mark.local_model
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def test_killed_local_server_is_restarted_and_stopped_on_shutdown(start_gateway):
@@ -57,7 +50,7 @@ async def test_killed_local_server_is_restarted_and_stopped_on_shutdown(start_ga
     assert second_pid is not None
     await server.stop(grace_s=0)
     for _ in range(100):
-        if not _alive(second_pid):
+        if not is_running(second_pid):
             break
         await asyncio.sleep(0.05)
-    assert not _alive(second_pid)
+    assert not is_running(second_pid)

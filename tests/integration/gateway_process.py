@@ -54,3 +54,13 @@ async def gateway_process(
             except TimeoutError:
                 process.kill()
                 await process.wait()
+
+
+def is_running(pid: int) -> bool:
+    """Whether `pid` is alive and not a zombie (an orphan's exit is reaped by whoever
+    adopted it, if anyone, so a dead process may linger as one)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -13,7 +13,7 @@ import pytest
 from llmgateway.v1 import gateway_pb2 as pb
 from tests.conftest import FAKE_MODEL, chat_stream, gateway_config
 from tests.integration.test_resilience import error_details
-from tests.integration.test_upstream_http import read_request
+from tests.integration.test_upstream_http import read_request, settled
 
 DETERMINISTIC = pb.GenerationParams(temperature=0.0)
 
@@ -40,23 +40,37 @@ DONE = b"data: [DONE]\n\n"
 
 
 class SSEUpstream:
-    """Answers every request on a keep-alive connection with `body`, chunked, in one write."""
+    """Answers every request on a keep-alive connection with `body`, chunked, in one write.
 
-    def __init__(self, body: bytes) -> None:
+    With `end_when`, the chunked encoding's last chunk waits for that event (cleared for the
+    next request): a server that writes it separately, after the caller is done.
+    """
+
+    def __init__(self, body: bytes, *, end_when: asyncio.Event | None = None) -> None:
         self.body = body
+        self.end_when = end_when
         self.requests = 0
+        self.connections = 0
         self.server: asyncio.Server | None = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while True:
                 await read_request(reader)
                 self.requests += 1
-                writer.write(
+                answer = (
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n"
-                    b"%x\r\n%s\r\n0\r\n\r\n" % (len(self.body), self.body)
+                    b"%x\r\n%s\r\n" % (len(self.body), self.body)
                 )
+                if self.end_when is not None:
+                    writer.write(answer)
+                    await writer.drain()
+                    await self.end_when.wait()
+                    self.end_when.clear()
+                    answer = b""
+                writer.write(answer + b"0\r\n\r\n")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -162,3 +176,28 @@ async def test_a_null_error_field_is_no_error(start_gateway: Callable[..., Any])
     assert final.final.finish_reason == pb.FINISH_REASON_STOP
     assert (final.final.usage.input_tokens, final.final.usage.output_tokens) == (3, 2)
     assert not final.final.usage.estimated
+
+
+async def test_a_stream_whose_last_chunk_comes_late_leaves_its_connection_reusable(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """Three streams, each answered before the upstream ends its body: one connection.
+
+    The gateway stops reading at `[DONE]`; a server that writes the chunked encoding's
+    last chunk separately has it arrive after that, and the connection was then closed
+    instead of reused (a new TLS handshake for the next call to a real provider).
+    """
+    end = asyncio.Event()
+    upstream = SSEUpstream(chunk("hi") + chunk(None, "stop") + USAGE + DONE, end_when=end)
+    async with upstream as url:
+        gateway = await start_gateway(gateway_config(url))
+        client = gateway.server.pipeline.pool.clients[0]
+        for _ in range(3):
+            text, final, error = await relay(gateway, chat_stream("hi"))
+            assert (text, error) == ("hi", None)
+            assert final is not None
+            assert final.final.finish_reason == pb.FINISH_REASON_STOP
+            end.set()  # only now, after the caller has its answer
+            await settled(lambda: client.checked_out_connections == 0)
+        assert upstream.connections == 1
+        assert client.open_connections == 1

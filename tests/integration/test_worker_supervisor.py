@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import gateway_config_data
+from tests.integration.gateway_process import is_running
 
 REPO = Path(__file__).resolve().parents[2]
 _HANG_GUARD_S = 30.0
@@ -51,14 +52,6 @@ def _worker_pids(supervisor: int) -> list[int]:
     return pids
 
 
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 async def test_sigterm_while_workers_start_stops_them_all(tmp_path):
     """SIGTERM before the workers are ready: the supervisor stops and leaves no worker behind.
 
@@ -73,7 +66,7 @@ async def test_sigterm_while_workers_start_stops_them_all(tmp_path):
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(_HANG_GUARD_S):
             code = await process.wait()
-        alive = [pid for pid in workers if _is_alive(pid)]
+        alive = [pid for pid in workers if is_running(pid)]
         for pid in alive:  # do not leave them running whatever the outcome
             os.kill(pid, signal.SIGKILL)
         assert alive == []
@@ -158,19 +151,10 @@ async def test_workers_stop_when_the_supervisor_is_killed_outright(tmp_path):
         process.kill()  # not waited for: its pipes stay open while any worker lives
         try:
             async with asyncio.timeout(_HANG_GUARD_S):
-                while alive := [pid for pid in workers if _is_running(pid)]:
+                while alive := [pid for pid in workers if is_running(pid)]:
                     await asyncio.sleep(0.05)
         finally:
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         assert alive == []
-
-
-def _is_running(pid: int) -> bool:
-    """Alive and not a zombie: an orphan's exit is reaped by whoever adopted it, if at all."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
