@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +31,9 @@ from service.upstream.client import UpstreamClient
 
 log = logging.getLogger("llm_gateway.server")
 
+# How often a stopping server looks whether its last gateway call has finished.
+_DRAIN_POLL_S = 0.02
+
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["CompletionService"]
 SERVICE_NAME = SERVICE.full_name
 RPC_METHODS = [m.name for m in SERVICE.methods]
@@ -46,7 +50,7 @@ class GatewayServer:
         self.config = config
         self.telemetry = telemetry
         self.port = 0
-        self.health = HealthServicer()
+        self.health = EndableHealth()
         self.admission = Admission(
             max_in_flight=config.server.max_in_flight_calls,
             retry_after_s=config.server.overload_retry_after_s,
@@ -168,10 +172,26 @@ class GatewayServer:
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
-            await self._server.stop(grace)
+            stopping = asyncio.ensure_future(self._server.stop(grace))
+            # grpc waits out the grace for every open call, health Watch streams too (a
+            # client balancing with health checks holds one per connection): once no
+            # gateway call is left they are ended, so the stop need not idle to the grace.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._drained()
+            self.health.end_watches()
+            await stopping
             self._server = None
             log.info("server.stopped")
         await self._stack.aclose()
+
+    async def _drained(self) -> None:
+        """Return once no gateway call has been running or queued for a poll interval."""
+        idle_polls = 0
+        while idle_polls < 2:  # twice: a call grpc had just handed over is admitted by then
+            await asyncio.sleep(_DRAIN_POLL_S)
+            is_idle = self.admission.in_flight == 0 and self.admission.queued == 0
+            idle_polls = idle_polls + 1 if is_idle else 0
 
 
 def connection_age_options(config: GatewayConfig) -> list[tuple[str, int]]:
@@ -196,6 +216,33 @@ _GRPC_MAX_MS = 2**31 - 1
 
 def _grpc_ms(seconds: float) -> int:
     return round(min(seconds * 1000, _GRPC_MAX_MS))
+
+
+class EndableHealth(HealthServicer):  # type: ignore[misc]  # grpc_health is untyped
+    """grpc's health service, whose Watch streams can be ended (they never end on their own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ended = asyncio.Event()
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        watching = asyncio.ensure_future(super().Watch(request, context))
+        ended = asyncio.ensure_future(self._ended.wait())
+        try:
+            await asyncio.wait([watching, ended], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watching, ended):
+                task.cancel()
+            await asyncio.gather(watching, ended, return_exceptions=True)
+        failure = watching.exception() if watching.done() and not watching.cancelled() else None
+        if failure is not None:
+            raise failure
+
+    def end_watches(self) -> None:
+        """End every Watch stream, open or to come (with OK: the server is going away)."""
+        self._ended.set()
 
 
 class ListenError(OSError):

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
-from tests.conftest import FAKE_MODEL, chat, gateway_config_data
+from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +32,29 @@ async def test_health_reports_serving_for_server_and_service(gateway):
     for service in ("", "llmgateway.v1.CompletionService"):
         response = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_stopping_ends_health_watches_once_the_last_call_is_done(start_gateway):
+    """A health Watch stream (one per connection for clients balancing with health checks)
+    does not hold the server for the whole grace: the call in flight finishes, the watch
+    hears NOT_SERVING and is ended, and stop() returns long before the 30 s grace."""
+    async with FakeUpstream(default=Reply(delay_s=0.5)) as fake:
+        gateway = await start_gateway(gateway_config(fake.base_url))
+        health = health_pb2_grpc.HealthStub(gateway.channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        call = asyncio.ensure_future(gateway.stub.Complete(chat()))
+        while not fake.requests:
+            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):  # a hang guard, far inside the grace
+            await gateway.server.stop(grace_s=30)
+        assert (await call).content == "Hello from fake"
+        statuses = []
+        async with asyncio.timeout(10):
+            while (update := await watch.read()) is not grpc.aio.EOF:
+                statuses.append(update.status)
+        assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
+        assert await watch.code() == grpc.StatusCode.OK
 
 
 def _call_through_reflection(address: str) -> tuple[list[str], str]:
