@@ -38,7 +38,10 @@ async def _serve(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
     finally:
         if process.returncode is None:
             process.kill()
-            await process.wait()
+        # Read to the end: the workers and multiprocessing's resource tracker hold the pipes
+        # a moment after the supervisor exits, and a pipe left open outlives the test's loop.
+        async with asyncio.timeout(_HANG_GUARD_S):
+            await process.communicate()
 
 
 def _worker_pids(supervisor: int) -> list[int]:
