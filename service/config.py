@@ -267,12 +267,12 @@ class RequestDefaults:
         _require(self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1")
 
 
-_TENANT_NAME = re.compile(r"^[A-Za-z0-9_.\-@:]{1,128}$")
+_TENANT_NAME = re.compile(r"[A-Za-z0-9_.\-@:]{1,128}")
 
 
 def is_tenant_name(name: str) -> bool:
     """Whether `name` is a valid tenant name."""
-    return bool(_TENANT_NAME.match(name))
+    return bool(_TENANT_NAME.fullmatch(name))  # `$` would also match before a final newline
 
 
 @dataclass(frozen=True, slots=True)

@@ -232,3 +232,18 @@ async def test_a_call_cancelled_while_redis_admits_it_leaves_no_lease(redis_url)
         assert await client.zcard("t-cancel:tenant:{team-a}:inflight") == 0
     finally:
         await client.aclose()
+
+
+@pytest.mark.redis
+def test_keys_create_refuses_a_tenant_name_with_a_trailing_newline(tmp_path, capsys, redis_url):
+    """`team-a\\n` is not `team-a`: stored in Redis it would name a tenant with no limits
+    at all, so a key for it would escape team-a's allowed models."""
+    auth = {"mode": "keys", "redis_url": redis_url, "redis_key_prefix": "t-newline:"}
+    config_file = _write_config(tmp_path / "gw.yaml", auth)
+    assert keys_command(["create", "--tenant", "team-a\n", "--config", str(config_file)]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    client = redis.Redis.from_url(redis_url)
+    stored = client.hgetall("t-newline:keys")
+    client.close()
+    assert stored == {}
