@@ -239,8 +239,13 @@ class Authenticator:
         stores: Iterable[KeyStore] = (),
         *,
         tenant_from_cert_subject: bool = False,
+        requires_client_cert: bool = False,
     ) -> None:
-        self._is_required = config.mode == "keys"
+        # Certificates that must name the tenant identify every caller: one that names
+        # none (no CN) must not fall back to the anonymous, all-seeing `default` tenant.
+        self._is_required = config.mode == "keys" or (
+            tenant_from_cert_subject and requires_client_cert
+        )
         self._tenants = tenants
         self._stores = tuple(stores)
         self._tenant_from_cert = tenant_from_cert_subject

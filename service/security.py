@@ -75,5 +75,6 @@ async def build_caller_gate(config: GatewayConfig, stack: contextlib.AsyncExitSt
         config.tenants,
         stores,
         tenant_from_cert_subject=config.server.tls.tenant_from_cert_subject,
+        requires_client_cert=config.server.tls.require_client_cert,
     )
     return CallerGate(authenticator, limiter)

@@ -138,3 +138,34 @@ async def test_mtls_with_keys_still_requires_a_key_when_cert_tenant_is_off(
         assert detail(error, error_details_pb2.ErrorInfo).reason == "UNAUTHENTICATED"
         response = await stub.Complete(chat(), metadata=as_tenant("team-b"), timeout=_TIMEOUT_S)
         assert response.content == "Hello from fake"
+
+
+async def test_mtls_certificate_without_a_common_name_is_not_the_anonymous_tenant(
+    upstream, tls_server, pki, tmp_path
+):
+    """With mTLS naming tenants (and auth.mode off, allowed on a public address), a
+    certificate with no CN names no tenant: it must not become the anonymous `default`
+    caller, who may read every tenant's usage."""
+    from tests.integration.pki import _openssl
+
+    ca_cert, ca_key = pki.ca, pki.ca.with_suffix(".key")
+    (tmp_path / "ca.pem").write_bytes(ca_cert.read_bytes())
+    (tmp_path / "ca.key").write_bytes(ca_key.read_bytes())
+    (tmp_path / "nocn.ext").write_text("extendedKeyUsage=clientAuth\n", encoding="ascii")
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-subj", "/O=no-common-name", "-keyout", "nocn.key", "-out", "nocn.csr",
+             cwd=tmp_path)  # fmt: skip
+    _openssl("x509", "-req", "-in", "nocn.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-extfile", "nocn.ext", "-out", "nocn.pem",
+             cwd=tmp_path)  # fmt: skip
+    config = gateway_config(
+        upstream.base_url,
+        server={"listen": "127.0.0.1:0", "tls": _mtls(pki, tenant_from_cert_subject=True)},
+    )
+    server = await tls_server(config)
+    async with _channel(server, pki, pki.client_a) as channel:
+        await pb_grpc.CompletionServiceStub(channel).Complete(chat(), timeout=_TIMEOUT_S)
+    async with _channel(server, pki, (tmp_path / "nocn.pem", tmp_path / "nocn.key")) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        error = await rpc_error(stub.GetUsage(pb.GetUsageRequest(tenant="*"), timeout=_TIMEOUT_S))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
