@@ -10,7 +10,7 @@ from service.domain import ChatRequest
 from service.errors import FieldViolation, InvalidRequest
 from service.tokens import estimate_prompt_tokens
 
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9_.\-/]{1,64}$")
+_LABEL_KEY = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")  # fullmatch: `$` passes a final newline
 # C0 controls other than tab, LF and CR, DEL, and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _MAX_MODEL_NAME = 256
@@ -110,7 +110,7 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     if len(request.labels) > limits.max_labels:
         found.append(FieldViolation("labels", f"at most {limits.max_labels} labels"))
     for key, value in list(request.labels.items())[: limits.max_labels]:
-        if not _LABEL_KEY.match(key):
+        if not _LABEL_KEY.fullmatch(key):
             found.append(
                 FieldViolation(f"labels[{key[:64]!r}]", "key must be 1-64 of A-Z a-z 0-9 _ . - /")
             )

@@ -86,6 +86,11 @@ def test_valid_request_has_no_violations() -> None:
         ),
         pytest.param(dataclasses.replace(BASE, labels={"": "v"}), "labels['']", id="label-empty"),
         pytest.param(
+            dataclasses.replace(BASE, labels={"team\n": "v"}),
+            "labels['team\\n']",
+            id="label-key-trailing-newline",
+        ),
+        pytest.param(
             dataclasses.replace(BASE, labels={"k" * 65: "v"}),
             f"labels[{'k' * 64!r}]",
             id="label-key-too-long-cut-in-path",
