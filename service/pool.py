@@ -12,6 +12,7 @@ upstream out for the call and opens its breaker. Policy lives in `service.retry`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -65,6 +66,17 @@ _DEFAULT_MAX_TOKENS = 256  # tokens reserved for the answer when the request set
 # An upstream timeout this close to the caller's deadline was the deadline's doing: both
 # timers fire together, and whichever the loop runs first must not change the answer.
 _DEADLINE_SLACK_S = 0.05
+
+
+def upstream_idempotency_key(tenant: str, key: str) -> str:
+    """The `Idempotency-Key` sent upstream: the caller's key scoped to its tenant.
+
+    Every tenant reaches a provider with the gateway's one API key, so a provider that
+    de-duplicates by this header would hand tenant B the answer to tenant A's request if
+    both chose the same key. A hash of tenant and key keeps each tenant's retries
+    de-duplicated and the tenants apart, and tells the provider neither.
+    """
+    return hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()
 
 
 def _hit_callers_deadline(exc: UpstreamError, deadline: Deadline) -> bool:
@@ -245,7 +257,9 @@ class UpstreamPool:
     ) -> UpstreamCall:
         # One idempotency key per call, reused on every attempt and every upstream.
         if request.idempotency_key:
-            headers["Idempotency-Key"] = request.idempotency_key
+            headers["Idempotency-Key"] = upstream_idempotency_key(
+                request.tenant, request.idempotency_key
+            )
         return UpstreamCall(
             upstream_model=route.upstream_model,
             body=request_body(request, upstream_model=route.upstream_model, stream=stream),

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
+from service.pool import upstream_idempotency_key
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply
 
@@ -46,7 +47,9 @@ async def test_unary_sends_every_set_parameter_and_omits_unset_ones(stub, upstre
     assert "frequency_penalty" not in body
     assert "stream" not in body
     assert body["messages"] == [{"role": "user", "content": "hi"}]
-    assert upstream.requests[-1].headers["idempotency-key"] == "key-1"
+    assert upstream.requests[-1].headers["idempotency-key"] == upstream_idempotency_key(
+        "default", "key-1"
+    )
 
 
 async def test_upstream_model_alias_is_sent_and_caller_name_is_priced(upstream, start_gateway):

@@ -100,3 +100,17 @@ async def test_tenants_never_share_a_ledger_row(tenanted: RunningGateway, upstre
             tenanted.stub.GetUsage(pb.GetUsageRequest(tenant=other), metadata=as_tenant("team-b"))
         )
         assert refused.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_the_same_idempotency_key_from_two_tenants_reaches_the_upstream_apart(
+    tenanted: RunningGateway, upstream: FakeUpstream
+):
+    """All tenants share the provider's API key: a provider de-duplicating by
+    `Idempotency-Key` must not see one tenant's key as another's. Each tenant's own
+    retries keep one value, and the caller's key itself is not sent."""
+    request = chat("hi", idempotency_key="order-42")
+    for tenant in ("team-a", "team-a", "team-b"):
+        await tenanted.stub.Complete(request, metadata=as_tenant(tenant))
+    sent = [r.headers["idempotency-key"] for r in upstream.requests]
+    assert sent[0] == sent[1] != sent[2]
+    assert "order-42" not in "".join(sent)
