@@ -102,18 +102,26 @@ async def relay(
     return text, final, error
 
 
+async def relayed_cleanly(
+    start_gateway: Callable[..., Any], body: bytes, text: str
+) -> pb.CompletionMetadata:
+    """`body` streamed through a gateway: the caller got `text` and a clean stop; its final."""
+    async with SSEUpstream(body) as url:
+        gateway = await start_gateway(gateway_config(url))
+        relayed, final, error = await relay(gateway, chat_stream("hi"))
+    assert error is None
+    assert relayed == text
+    assert final is not None
+    assert final.final.finish_reason == pb.FINISH_REASON_STOP
+    return final.final
+
+
 async def test_a_byte_order_mark_before_the_first_event_loses_no_text(
     start_gateway: Callable[..., Any],
 ) -> None:
     """A UTF-8 BOM opening the stream is skipped (as the SSE spec says), not the first event."""
     body = b"\xef\xbb\xbf" + chunk("Hel") + chunk("lo", "stop") + USAGE + DONE
-    async with SSEUpstream(body) as url:
-        gateway = await start_gateway(gateway_config(url))
-        text, final, error = await relay(gateway, chat_stream("hi"))
-    assert error is None
-    assert text == "Hello"
-    assert final is not None
-    assert final.final.finish_reason == pb.FINISH_REASON_STOP
+    await relayed_cleanly(start_gateway, body, "Hello")
 
 
 # OpenRouter's mid-stream failure: HTTP 200 long since sent, so the error comes as an event
@@ -166,16 +174,11 @@ async def test_a_null_error_field_is_no_error(start_gateway: Callable[..., Any])
             "usage": {"prompt_tokens": 3, "completion_tokens": 2},
         }
     )
-    body = chunk("Hel") + chunk("lo", "stop") + usage + DONE
-    async with SSEUpstream(body) as url:
-        gateway = await start_gateway(gateway_config(url))
-        text, final, error = await relay(gateway, chat_stream("hi"))
-    assert error is None
-    assert text == "Hello"
-    assert final is not None
-    assert final.final.finish_reason == pb.FINISH_REASON_STOP
-    assert (final.final.usage.input_tokens, final.final.usage.output_tokens) == (3, 2)
-    assert not final.final.usage.estimated
+    final = await relayed_cleanly(
+        start_gateway, chunk("Hel") + chunk("lo", "stop") + usage + DONE, "Hello"
+    )
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 2)
+    assert not final.usage.estimated
 
 
 async def test_a_stream_whose_last_chunk_comes_late_leaves_its_connection_reusable(
