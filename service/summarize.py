@@ -89,17 +89,30 @@ class Summary:
 # --- chunking (pure) -----------------------------------------------------------------
 
 
-def _hard_split(text: str, max_tokens: int) -> list[str]:
-    """Split a sentence longer than `max_tokens` between words, or characters."""
-    pieces: list[str] = []
+def _hard_split(text: str, max_tokens: int) -> list[tuple[str, int]]:
+    """Split a sentence longer than `max_tokens` between words, or characters.
+
+    Returns (piece, tokens) pairs whose tokens add up to at least the estimate of any
+    run of consecutive pieces joined again.
+    """
+    pieces: list[tuple[str, int]] = []
     for word in _WORD_BREAK.split(text):
-        if estimate_text_tokens(word) <= max_tokens:
-            pieces.append(word)
+        tokens = estimate_text_tokens(word)
+        if tokens <= max_tokens:
+            pieces.append((word, tokens))
             continue
         # No spaces (CJK, a long identifier): cut by characters; a character is at
         # most 3 tokens, so max_tokens // 3 characters always fit.
         step = max(1, max_tokens // 3)
-        pieces.extend(word[i : i + step] for i in range(0, len(word), step))
+        for i in range(0, len(word), step):
+            piece = word[i : i + step]
+            if piece.isascii() and not word.isascii():
+                # In a word with a non-ASCII letter each ASCII letter costs half a token
+                # (more than in an all-ASCII word): count the piece as part of that word.
+                # The appended letter costs exactly one token, in its own run or not.
+                pieces.append((piece, estimate_text_tokens(piece + "\u00e9") - 1))
+            else:
+                pieces.append((piece, estimate_text_tokens(piece)))
     return pieces
 
 
@@ -127,7 +140,7 @@ def split_units(text: str, max_tokens: int) -> tuple[list[tuple[str, int]], list
                 ends_paragraph.append(False)
                 continue
             for piece in _hard_split(sentence, max_tokens):
-                units.append((piece, estimate_text_tokens(piece)))
+                units.append(piece)
                 ends_paragraph.append(False)
         ends_paragraph[-1] = True
     return units, ends_paragraph

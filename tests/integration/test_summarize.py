@@ -239,3 +239,26 @@ async def test_invalid_requests(recorder, start_gateway, request_, code, field):
     if field:
         assert error_details(caught.value).field_violations[0][0] == field
     assert recorder.requests == []
+
+
+async def test_one_giant_word_with_a_diacritic_is_split_into_parts_that_fit(
+    recorder, start_gateway
+):
+    """A long word without spaces, mixing plain and accented letters, still fits each part.
+
+    Inside a word with a diacritic every ASCII letter counts half a token, so the pieces
+    such a word is cut into must be counted as parts of that word, not as ASCII words.
+    """
+
+    def respond(body):
+        return Reply(content="FINAL" if is_combine(body) else "part")
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url))
+    text = "é" + "a" * 6000
+    response = await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=text))
+    assert response.summary == "FINAL"
+    parts = [r.body for r in recorder.requests if is_part(r.body)]
+    assert response.chunks == len(parts) >= 2
+    for body in parts:
+        assert estimate_text_tokens(user_text(body)) + body["max_tokens"] < WINDOW
