@@ -216,13 +216,12 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
             return_when=asyncio.FIRST_COMPLETED,
         )
         is_up = started.done() and all(started.result())
-        if started.done() and not is_up:
-            # A worker closed its pipe without listening: let it exit (with its own status)
-            # before the others are stopped.
-            await asyncio.wait([any_exit, stop], return_when=asyncio.FIRST_COMPLETED)
         if is_up:
             reserved.close()
             print(f"llm-gateway listening on {host}:{port} ({count} workers)", flush=True)
+        if started.done():
+            # Serving until a worker exits or a stop; or, when a worker closed its pipe
+            # without listening, until it has exited (with its own status).
             await asyncio.wait([any_exit, stop], return_when=asyncio.FIRST_COMPLETED)
         if not stopping.is_set():
             log.error("workers.exited_unexpectedly" if is_up else "workers.start_failed")

@@ -72,6 +72,14 @@ def _error_for_status(upstream: str, status: int, headers: Mapping[str, str]) ->
     )
 
 
+def _headers(config: UpstreamConfig, *, accept: str) -> dict[str, str]:
+    """What every request to the upstream carries: who we are, what we take, the key."""
+    headers = {"Accept": accept, "User-Agent": _USER_AGENT}
+    if config.api_key:
+        headers["Authorization"] = f"Bearer {config.api_key}"
+    return headers
+
+
 @contextlib.contextmanager
 def _translate_errors(upstream: str) -> Iterator[None]:
     """Turn connection, HTTP and timeout errors into `UpstreamError` subclasses.
@@ -134,12 +142,9 @@ class UpstreamClient:
         self.name = config.name
         self._pool: HttpPool | None = None
         self._headers = {
+            **_headers(config, accept="application/json, text/event-stream"),
             "Content-Type": "application/json",
-            "Accept": "application/json, text/event-stream",
-            "User-Agent": _USER_AGENT,
         }
-        if config.api_key:
-            self._headers["Authorization"] = f"Bearer {config.api_key}"
 
     async def __aenter__(self) -> UpstreamClient:
         if self._pool is None:
@@ -274,9 +279,7 @@ async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int
 
     The old client's key check: 200 lists the models, 401 means a bad or expired key.
     """
-    headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
-    if config.api_key:
-        headers["Authorization"] = f"Bearer {config.api_key}"
+    headers = _headers(config, accept="application/json")
     pool = HttpPool(config.base_url, max_connections=1, connect_timeout_s=timeout_s)
     try:
         with _translate_errors(config.name):

@@ -322,8 +322,8 @@ class HttpPool:
         parts = urlsplit(base_url)
         self._is_tls = parts.scheme == "https"
         self._host = parts.hostname or ""
-        self._port = parts.port or (443 if self._is_tls else 80)
         default_port = 443 if self._is_tls else 80
+        self._port = parts.port or default_port
         host = f"[{self._host}]" if ":" in self._host else self._host
         self.host_header = host if self._port == default_port else f"{host}:{self._port}"
         self.path_prefix = parts.path.rstrip("/")
