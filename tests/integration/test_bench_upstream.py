@@ -7,6 +7,7 @@ answering correctly the benchmark would time errors instead of calls.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -54,31 +55,30 @@ async def test_streams_through_the_gateway_relay_every_word(lean_url, start_gate
         assert final.usage.output_tokens == 3
 
 
-async def test_paced_events_reach_the_caller_one_message_each(start_gateway):
-    """With a gap between events each arrives alone, so each is its own delta."""
-    server = await serve(Answers(FAKE_MODEL, CONTENT, chunks=20, event_gap_s=0.005))
+async def relayed_deltas(start_gateway: Any, answers: Answers) -> list[str]:
+    """The deltas of one stream relayed by a gateway in front of a lean upstream."""
+    server = await serve(answers)
     try:
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
         gateway = await start_gateway(gateway_config(url))
         events = [e async for e in gateway.stub.CompleteStream(chat_stream("hi"))]
-        deltas = [e.delta.content for e in events if e.HasField("delta")]
-        assert len(deltas) == 20
-        assert "".join(deltas) == CONTENT
+        return [e.delta.content for e in events if e.HasField("delta")]
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_paced_events_reach_the_caller_one_message_each(start_gateway):
+    """With a gap between events each arrives alone, so each is its own delta."""
+    answers = Answers(FAKE_MODEL, CONTENT, chunks=20, event_gap_s=0.005)
+    deltas = await relayed_deltas(start_gateway, answers)
+    assert len(deltas) == 20
+    assert "".join(deltas) == CONTENT
 
 
 async def test_a_first_event_sent_alone_is_relayed_alone(start_gateway):
     """With the rest held back, the first word reaches the caller as a delta of its own."""
-    server = await serve(Answers(FAKE_MODEL, CONTENT, chunks=20, first_event_gap_s=0.05))
-    try:
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-        gateway = await start_gateway(gateway_config(url))
-        events = [e async for e in gateway.stub.CompleteStream(chat_stream("hi"))]
-        deltas = [e.delta.content for e in events if e.HasField("delta")]
-        assert deltas[0] == "w0 w1"
-        assert "".join(deltas) == CONTENT
-    finally:
-        server.close()
-        await server.wait_closed()
+    answers = Answers(FAKE_MODEL, CONTENT, chunks=20, first_event_gap_s=0.05)
+    deltas = await relayed_deltas(start_gateway, answers)
+    assert deltas[0] == "w0 w1"
+    assert "".join(deltas) == CONTENT
