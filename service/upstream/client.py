@@ -107,28 +107,33 @@ def _translate_errors(upstream: str) -> Iterator[None]:
         ) from exc
 
 
-def _text_of_read(
-    raw: bytes, decoder: SSEDecoder, parser: StreamParser
-) -> tuple[str, MalformedReply | None]:
-    """The text of every event completed by one read, joined, and what cut it short.
+def _text_of_events(
+    events: list[str], parser: StreamParser, *, stop_at_text: bool
+) -> tuple[str, int, MalformedReply | None]:
+    """The text of `events` joined, how many were parsed, and what cut them short.
 
     Events that arrived in one read go on as one delta: the caller gets the same text in
     one message instead of one per event, which spares a gRPC write per event when the
-    upstream sends faster than the gateway relays. The first event's text waits only for
-    the rest of its read to be parsed (about 2 µs an event).
-    Text before a malformed event is still returned, so it reaches the caller first.
+    upstream sends faster than the gateway relays. `stop_at_text` stops after the first
+    event with text, so that it goes on before the rest of its read is parsed (about
+    2 µs an event: 0.4 ms for a burst of 200). Text before a malformed event is still
+    returned, so it reaches the caller first.
     """
     texts: list[str] = []
+    parsed = 0
     try:
-        for data in decoder.feed(raw):
+        for data in events:
+            parsed += 1
             chunk = parser.parse(data)
             if chunk is not None:
                 texts.append(chunk.content)
+                if stop_at_text:
+                    break
             elif parser.is_done:
                 break
     except MalformedReply as exc:
-        return "".join(texts), exc
-    return "".join(texts), None
+        return "".join(texts), parsed, exc
+    return "".join(texts), parsed, None
 
 
 class UpstreamClient:
@@ -243,17 +248,26 @@ class UpstreamClient:
                         await response.read()
                     raise _error_for_status(self.name, response.status, response.headers)
                 decoder = SSEDecoder()
+                has_text = False
                 while True:
                     async with asyncio.timeout_at(deadline):
                         raw = await response.next_chunk()
                     if raw is None:
                         break
-                    text, error = _text_of_read(raw, decoder, parser)
-                    if text:
-                        deadline = whole_stream_deadline
-                        yield TextChunk(text)
-                    if error is not None:
-                        raise error
+                    events = decoder.feed(raw)
+                    while events:
+                        text, parsed, error = _text_of_events(
+                            events, parser, stop_at_text=not has_text
+                        )
+                        del events[:parsed]
+                        if text:
+                            has_text = True
+                            deadline = whole_stream_deadline
+                            yield TextChunk(text)
+                        if error is not None:
+                            raise error
+                        if parser.is_done:
+                            break
                     if parser.is_done:
                         break
                 end = parser.end()

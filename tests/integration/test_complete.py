@@ -104,11 +104,12 @@ async def test_stream_survives_sse_framing_variants(stub, upstream, framing):
 
 
 async def test_stream_relays_events_that_arrive_together_as_one_delta(stub, upstream):
-    """Events written in one piece reach the caller as one delta: one message, same text."""
-    upstream.script(Reply(content="one two three four", chunks=4, coalesce=True))
+    """Events written in one piece reach the caller as two deltas: the first text alone
+    (it goes on before the rest is parsed), then the rest of the read as one message."""
+    upstream.script(Reply(content="aabbccdd", chunks=4, coalesce=True))  # aa, bb, cc, dd
     events = [event async for event in stub.CompleteStream(chat_stream())]
     deltas = [e.delta.content for e in events if e.HasField("delta")]
-    assert deltas == ["one two three four"]
+    assert deltas == ["aa", "bbccdd"]
     assert events[-1].final.finish_reason == pb.FINISH_REASON_STOP
 
 

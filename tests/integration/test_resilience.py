@@ -319,9 +319,9 @@ async def test_text_read_with_a_malformed_event_reaches_the_caller_before_the_er
         async for event in stub.CompleteStream(chat_stream()):
             deltas.append(event.delta.content)
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-    assert deltas == ["a b"]
+    assert deltas == ["a", " b"]  # the first text alone, then the rest of the read
     metadata, reason, _ = error_details(caught.value)
-    assert (reason, metadata["deltas_sent"]) == ("STREAM_INTERRUPTED", "1")
+    assert (reason, metadata["deltas_sent"]) == ("STREAM_INTERRUPTED", "2")
 
 
 async def test_key_rejected_upstream_is_skipped_and_shown_unhealthy(start_gateway):
