@@ -631,11 +631,37 @@ def parse_config(
     bad_tenant = next((t for t in config.tenants if not is_tenant_name(t)), None)
     if bad_tenant is not None:
         raise ConfigError(source, f"tenants.{bad_tenant}", "not a valid tenant name")
+    _check_redis_password_env(config, source, env)
     upstreams = tuple(
         dataclasses.replace(u, api_key=env.get(u.api_key_env) or None) if u.api_key_env else u
         for u in config.upstreams
     )
     return dataclasses.replace(config, upstreams=upstreams)
+
+
+def _check_redis_password_env(config: GatewayConfig, source: str, env: Mapping[str, str]) -> None:
+    """Refuse a named Redis password variable that is unset or empty.
+
+    Whoever named it expects a password to be used: connecting without one would hide the
+    missing secret (until Redis refuses every command, a failure far from its cause). Not
+    named: no password. Only sections that connect to Redis are checked.
+    """
+    named = {
+        "cache.redis_password_env": config.cache.redis_password_env
+        if config.cache.backend == "redis"
+        else None,
+        "auth.redis_password_env": config.auth.redis_password_env
+        if config.auth.redis_url is not None
+        else None,
+    }
+    for key, variable in named.items():
+        if variable and not env.get(variable):
+            state = "empty" if variable in env else "not set"
+            problem = (
+                f"the environment variable {variable} is {state}; set it to the Redis "
+                "password, or remove redis_password_env to connect without one"
+            )
+            raise ConfigError(source, key, problem)
 
 
 def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> GatewayConfig:

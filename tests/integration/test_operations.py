@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -94,7 +94,7 @@ def _write_config(tmp_path: Path, base_url: str, **server: object) -> Path:
     return path
 
 
-async def _spawn(*args: str) -> asyncio.subprocess.Process:
+async def _spawn(*args: str, env: Mapping[str, str] = os.environ) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -102,7 +102,7 @@ async def _spawn(*args: str) -> asyncio.subprocess.Process:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**env, "PYTHONUNBUFFERED": "1"},
         cwd=REPO,
     )
 
@@ -204,6 +204,46 @@ async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, conte
     assert process.returncode == 2
     assert str(path) in stderr.decode()
     assert expected in stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "state"),
+    [
+        pytest.param("cache", None, "not set", id="cache-variable-unset"),
+        pytest.param("auth", "", "empty", id="auth-variable-empty"),
+    ],
+)
+async def test_a_named_redis_password_variable_without_a_password_exits_2(
+    tmp_path: Path, section: str, value: str | None, state: str
+) -> None:
+    """`redis_password_env` naming an unset or empty variable stops the start with status 2.
+
+    The message names the key and the variable; a password set for the other section is
+    never printed. Before, the gateway connected to Redis without a password.
+    """
+    secret = "not-printed-0123456789"
+    redis_url = "redis://127.0.0.1:6379/0"
+    sections = {
+        "cache": {"backend": "redis", "redis_url": redis_url},
+        "auth": {"redis_url": redis_url},
+    }
+    other = "auth" if section == "cache" else "cache"
+    data = gateway_config_data("http://127.0.0.1:9/v1")
+    data[section] = {**sections[section], "redis_password_env": "GW_TEST_REDIS_PW_MISSING"}
+    data[other] = {**sections[other], "redis_password_env": "GW_TEST_REDIS_PW_SET"}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if k != "GW_TEST_REDIS_PW_MISSING"}
+    env["GW_TEST_REDIS_PW_SET"] = secret
+    if value is not None:
+        env["GW_TEST_REDIS_PW_MISSING"] = value
+    process = await _spawn("serve", "--config", str(path), env=env)
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    message = stderr.decode()
+    assert process.returncode == 2
+    assert f"{path}: {section}.redis_password_env: " in message
+    assert f"the environment variable GW_TEST_REDIS_PW_MISSING is {state}" in message
+    assert secret not in message
 
 
 async def test_workers_share_one_port_and_drain_on_sigterm(upstream, tmp_path):

@@ -440,6 +440,38 @@ def test_config_error_does_not_echo_credentials() -> None:
     assert "hunter2" not in str(caught.value)
 
 
+REDIS_SECTIONS = {
+    "cache": {"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0"},
+    "auth": {"redis_url": "redis://127.0.0.1:6379/0"},
+}
+
+
+@pytest.mark.parametrize("section", sorted(REDIS_SECTIONS))
+@pytest.mark.parametrize(("environ", "state"), [({}, "not set"), ({"GW_PW": ""}, "empty")])
+def test_a_named_redis_password_variable_must_hold_a_password(
+    section: str, environ: dict[str, str], state: str
+) -> None:
+    """Naming `redis_password_env` asks for a password: unset or empty is a config error."""
+    data = {section: {**REDIS_SECTIONS[section], "redis_password_env": "GW_PW"}}
+    with pytest.raises(ConfigError) as caught:
+        parse(data, **environ)
+    assert caught.value.key == f"{section}.redis_password_env"
+    assert f"the environment variable GW_PW is {state}" in caught.value.problem
+
+
+@pytest.mark.parametrize("section", sorted(REDIS_SECTIONS))
+def test_a_redis_password_variable_that_is_set_or_not_named_is_accepted(section: str) -> None:
+    """A variable that holds a password is accepted, and so is naming none (no password)."""
+    parse({section: {**REDIS_SECTIONS[section], "redis_password_env": "GW_PW"}}, GW_PW=SECRET)
+    parse({section: REDIS_SECTIONS[section]})
+
+
+def test_a_redis_password_variable_is_only_required_where_redis_is_used() -> None:
+    """The memory cache and auth without `redis_url` connect to no Redis: nothing to check."""
+    parse({"cache": {"backend": "memory", "redis_password_env": "GW_PW"}})
+    parse({"auth": {"redis_password_env": "GW_PW"}})
+
+
 def test_load_config_missing_file(tmp_path: Path) -> None:
     """A missing file is a ConfigError naming the path."""
     path = tmp_path / "absent.yaml"
