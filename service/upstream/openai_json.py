@@ -31,6 +31,7 @@ _FAILED_FINISH_REASONS = frozenset(
         "abort",  # vLLM: the request was aborted
     }
 )
+_DONE = "[DONE]"  # the data of a stream's last event
 _MAX_TOKEN_COUNT = 2**53  # far beyond any real call; exact as a double, fits an int64
 
 
@@ -147,8 +148,12 @@ class StreamParser:
 
     def parse(self, data: str) -> TextChunk | None:
         """Parse one event; return its text, if any. `[DONE]` marks the end."""
-        if data == "[DONE]":
+        if data == _DONE:
             self.is_done = True
+            return None
+        if not data.strip():
+            # `data:` alone: the SSE spec dispatches it with empty data, but it carries no
+            # chunk (no JSON is blank), and failing the stream on it would cut an answer.
             return None
         event = _loads(data)
         if event.get("error"):  # also beside choices (OpenRouter); `"error": null` is none

@@ -4,12 +4,24 @@ Follows https://html.spec.whatwg.org/multipage/server-sent-events.html#event-str
 for what a chat-completion stream needs: a leading byte order mark skipped, LF, CRLF and CR
 line ends (also split across reads), comment lines (keep-alives), several `data:` lines
 joined by newlines, and events split across or packed into reads. `event:`, `id:` and
-`retry:` fields are ignored: the OpenAI protocol does not use them.
+`retry:` fields are ignored: the OpenAI protocol does not use them. As the spec says, an
+event with a `data` field dispatches even when its data is empty (`data:` alone), and one
+without (only comments, `event:` or `id:`) does not.
 """
 
 from __future__ import annotations
 
 _BOM = b"\xef\xbb\xbf"
+
+
+def _data_value(line: bytes) -> bytes | None:
+    """The value of a `data` field line, or None for any other line."""
+    if line == b"data":  # a field name without a colon has an empty value
+        return b""
+    if not line.startswith(b"data:"):
+        return None
+    value = line[5:]
+    return value[1:] if value.startswith(b" ") else value
 
 
 class SSEDecoder:
@@ -52,10 +64,7 @@ class SSEDecoder:
                 if self._data:
                     events.append("\n".join(self._data))
                     self._data = []
-            elif line.startswith(b"data:"):
-                value = line[5:]
-                if value.startswith(b" "):
-                    value = value[1:]
+            elif (value := _data_value(line)) is not None:
                 self._data.append(value.decode("utf-8", errors="replace"))
         return events
 

@@ -204,3 +204,25 @@ async def test_a_stream_whose_last_chunk_comes_late_leaves_its_connection_reusab
             await settled(lambda: client.checked_out_connections == 0)
         assert upstream.connections == 1
         assert client.open_connections == 1
+
+
+@pytest.mark.parametrize(
+    "empty",
+    [
+        pytest.param(b"data:\n\n", id="data-colon-alone"),
+        pytest.param(b"data: \n\n", id="data-colon-space"),
+        pytest.param(b"data:\ndata:\n\n", id="two-empty-data-lines"),
+        pytest.param(b"event: ping\nid: 7\n: keep-alive\ndata:\n\n", id="with-other-fields"),
+    ],
+)
+async def test_an_event_with_empty_data_is_skipped(
+    start_gateway: Callable[..., Any], empty: bytes
+) -> None:
+    """An event whose data is empty carries no chunk: skipped, before and amid the text.
+
+    The SSE spec dispatches it (with empty data); taken for a chunk it is no JSON, and the
+    stream failed after its first text.
+    """
+    body = empty + chunk("Hel") + empty + chunk("lo", "stop") + empty + USAGE + DONE
+    final = await relayed_cleanly(start_gateway, body, "Hello")
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 2)

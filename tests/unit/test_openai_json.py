@@ -425,6 +425,15 @@ def test_stream_parser_malformed(data: str, problem: str) -> None:
         parser.parse(data)
 
 
+@pytest.mark.parametrize("data", ["", "\n", " "])
+def test_stream_parser_skips_an_event_without_data(data: str) -> None:
+    """An event whose data is empty (`data:` alone) carries no chunk; the stream goes on."""
+    parser = StreamParser()
+    assert parser.parse(data) is None
+    assert parser.parse(chunk("x", finish="stop")) == TextChunk("x")
+    assert not parser.is_done
+
+
 def test_stream_parser_chunk_without_delta() -> None:
     """A choice without a delta yields nothing rather than failing."""
     parser = StreamParser()

@@ -30,6 +30,9 @@ def decode(*chunks: bytes) -> list[str]:
         pytest.param(b"data:hello\n\n", ["hello"], id="data-without-space"),
         pytest.param(b"data:  two spaces\n\n", [" two spaces"], id="only-one-space-stripped"),
         pytest.param(b"data:\n\n", [""], id="empty-data"),
+        pytest.param(b"data\n\n", [""], id="data-field-without-colon"),
+        # The spec's own example: "fires two events", the last block is discarded.
+        pytest.param(b"data\n\ndata\ndata\n\ndata:", ["", "\n"], id="spec-empty-data-example"),
         pytest.param(b"data: line1\ndata: line2\n\n", ["line1\nline2"], id="multi-line"),
         pytest.param(b"data: a\ndata:\ndata: b\n\n", ["a\n\nb"], id="multi-line-with-empty"),
         pytest.param(b": keep-alive\n\ndata: x\n\n", ["x"], id="comment-alone"),
