@@ -252,7 +252,8 @@ class UpstreamClient:
                 while True:
                     async with asyncio.timeout_at(deadline):
                         raw = await response.next_chunk()
-                    if raw is None:
+                    if raw is None:  # a clean end; a reset raises instead
+                        parser.end_of_body(decoder.data_at_end())
                         break
                     events = decoder.feed(raw)
                     while events:

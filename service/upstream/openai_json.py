@@ -180,6 +180,16 @@ class StreamParser:
             return TextChunk(content)
         return None
 
+    def end_of_body(self, data_at_end: str | None) -> None:
+        """Take the event a clean end of the body left without its blank line: only `[DONE]`.
+
+        `data_at_end` is that event's data (`SSEDecoder.data_at_end`). A whole `[DONE]` says
+        the upstream finished and only the blank line after it was lost; anything else left
+        open (`[DO`, a chunk) stays unread, and the stream counts as cut.
+        """
+        if data_at_end == _DONE:
+            self.is_done = True
+
     def end(self) -> StreamEnd:
         """The stream's end; raises when it never said why it finished."""
         if self.finish_reason is None:

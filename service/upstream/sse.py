@@ -68,6 +68,19 @@ class SSEDecoder:
                 self._data.append(value.decode("utf-8", errors="replace"))
         return events
 
+    def data_at_end(self) -> str | None:
+        """The data of the event the body's end left without its blank line, if any.
+
+        The spec discards that event ("the end of the stream is not enough to trigger the
+        dispatch of the last event"); a caller may still trust it when the body ended
+        cleanly (not reset) and its data is whole by itself, like OpenAI's `[DONE]`. A
+        last line without its line end counts here: the clean end is its end.
+        """
+        data = list(self._data)
+        if (value := _data_value(self._buffer)) is not None:
+            data.append(value.decode("utf-8", errors="replace"))
+        return "\n".join(data) if data else None
+
     @property
     def has_pending(self) -> bool:
         """Whether an event was started but not finished: a cut stream, if at the end."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import orjson
@@ -39,16 +41,30 @@ USAGE = event(
 DONE = b"data: [DONE]\n\n"
 
 
+# How a body is framed: the chunked encoding, a Content-Length, or neither (the body ends
+# at the close, or is cut by a reset); the last two end the connection after one answer.
+Framing = Literal["chunked", "length", "close", "reset"]
+_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+
+
 class SSEUpstream:
-    """Answers every request on a keep-alive connection with `body`, chunked, in one write.
+    """Answers every request with `body` in one write, chunked on a keep-alive connection
+    unless `framing` says otherwise.
 
     With `end_when`, the chunked encoding's last chunk waits for that event (cleared for the
     next request): a server that writes it separately, after the caller is done.
     """
 
-    def __init__(self, body: bytes, *, end_when: asyncio.Event | None = None) -> None:
+    def __init__(
+        self,
+        body: bytes,
+        *,
+        end_when: asyncio.Event | None = None,
+        framing: Framing = "chunked",
+    ) -> None:
         self.body = body
         self.end_when = end_when
+        self.framing = framing
         self.requests = 0
         self.connections = 0
         self.server: asyncio.Server | None = None
@@ -59,23 +75,41 @@ class SSEUpstream:
             while True:
                 await read_request(reader)
                 self.requests += 1
-                answer = (
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                    b"Transfer-Encoding: chunked\r\n\r\n"
-                    b"%x\r\n%s\r\n" % (len(self.body), self.body)
-                )
-                if self.end_when is not None:
-                    writer.write(answer)
+                if self.framing == "chunked":
+                    await self._answer_chunked(writer)
+                elif self.framing == "length":
+                    body = b"Content-Length: %d\r\n\r\n%s" % (len(self.body), self.body)
+                    writer.write(_HEAD + body)
                     await writer.drain()
-                    await self.end_when.wait()
-                    self.end_when.clear()
-                    answer = b""
-                writer.write(answer + b"0\r\n\r\n")
-                await writer.drain()
+                else:
+                    await self._answer_until_close(writer)
+                    return
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
+
+    async def _answer_chunked(self, writer: asyncio.StreamWriter) -> None:
+        answer = _HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+        answer += b"%x\r\n%s\r\n" % (len(self.body), self.body)
+        if self.end_when is not None:
+            writer.write(answer)
+            await writer.drain()
+            await self.end_when.wait()
+            self.end_when.clear()
+            answer = b""
+        writer.write(answer + b"0\r\n\r\n")
+        await writer.drain()
+
+    async def _answer_until_close(self, writer: asyncio.StreamWriter) -> None:
+        """A body without a length, ended by the close (`_serve`'s) or cut by a reset."""
+        writer.write(_HEAD + b"\r\n" + self.body)
+        await writer.drain()
+        if self.framing == "reset":
+            await asyncio.sleep(0.05)  # let the gateway read the body before the reset
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # SO_LINGER 0: the close sends a reset
 
     async def __aenter__(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -103,10 +137,10 @@ async def relay(
 
 
 async def relayed_cleanly(
-    start_gateway: Callable[..., Any], body: bytes, text: str
+    start_gateway: Callable[..., Any], body: bytes, text: str, *, framing: Framing = "chunked"
 ) -> pb.CompletionMetadata:
     """`body` streamed through a gateway: the caller got `text` and a clean stop; its final."""
-    async with SSEUpstream(body) as url:
+    async with SSEUpstream(body, framing=framing) as url:
         gateway = await start_gateway(gateway_config(url))
         relayed, final, error = await relay(gateway, chat_stream("hi"))
     assert error is None
@@ -226,3 +260,44 @@ async def test_an_event_with_empty_data_is_skipped(
     body = empty + chunk("Hel") + empty + chunk("lo", "stop") + empty + USAGE + DONE
     final = await relayed_cleanly(start_gateway, body, "Hello")
     assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 2)
+
+
+@pytest.mark.parametrize("framing", ["chunked", "length", "close"])
+@pytest.mark.parametrize(
+    "done", [b"data: [DONE]", b"data: [DONE]\n", b"data: [DONE]\r\n"], ids=repr
+)
+async def test_a_body_that_ends_cleanly_after_a_whole_done_line_has_finished(
+    start_gateway: Callable[..., Any], framing: Framing, done: bytes
+) -> None:
+    """`[DONE]` without its blank line, then the body's clean end: the upstream finished.
+
+    The stream failed as cut, after its text, though the upstream had said it was done.
+    """
+    body = chunk("Hel") + chunk("lo", "stop") + USAGE + done
+    final = await relayed_cleanly(start_gateway, body, "Hello", framing=framing)
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 2)
+    assert not final.usage.estimated
+
+
+@pytest.mark.parametrize(
+    ("done", "framing"),
+    [
+        pytest.param(b"data: [DO", "chunked", id="partial-done-then-clean-end"),
+        pytest.param(b"data: [DO", "close", id="partial-done-then-close"),
+        pytest.param(b"data: [DONE]\n", "reset", id="done-then-reset"),
+    ],
+)
+async def test_a_body_cut_before_done_is_whole_is_an_interrupted_stream(
+    start_gateway: Callable[..., Any], done: bytes, framing: Framing
+) -> None:
+    """A partial `[DONE]` at the body's end, or a whole one before a reset: a cut stream."""
+    upstream = SSEUpstream(chunk("Hel") + chunk("lo", "stop") + USAGE + done, framing=framing)
+    async with upstream as url:
+        gateway = await start_gateway(gateway_config(url))
+        text, final, error = await relay(gateway, chat_stream("hi"))
+    assert text == "Hello"
+    assert final is None
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_details(error)[1] == "STREAM_INTERRUPTED"
+    assert upstream.requests == 1

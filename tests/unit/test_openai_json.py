@@ -434,6 +434,24 @@ def test_stream_parser_skips_an_event_without_data(data: str) -> None:
     assert not parser.is_done
 
 
+@pytest.mark.parametrize(
+    ("data_at_end", "is_done"),
+    [
+        pytest.param("[DONE]", True, id="done"),
+        pytest.param(None, False, id="nothing-left-open"),
+        pytest.param("[DO", False, id="partial-done"),
+        pytest.param("[DONE]x", False, id="more-than-done"),
+        pytest.param(chunk("x") + "\n[DONE]", False, id="chunk-then-done"),
+    ],
+)
+def test_stream_parser_end_of_body(data_at_end: str | None, is_done: bool) -> None:
+    """A clean end of body ends the stream only when the event it left open is `[DONE]`."""
+    parser = StreamParser()
+    parser.parse(chunk("x", finish="stop"))
+    parser.end_of_body(data_at_end)
+    assert parser.is_done is is_done
+
+
 def test_stream_parser_chunk_without_delta() -> None:
     """A choice without a delta yields nothing rather than failing."""
     parser = StreamParser()

@@ -137,6 +137,28 @@ def test_has_pending(fed: bytes, pending: bool) -> None:
     assert decoder.has_pending is pending
 
 
+@pytest.mark.parametrize(
+    ("fed", "data"),
+    [
+        pytest.param(b"", None, id="nothing"),
+        pytest.param(b"data: x\n\n", None, id="every-event-complete"),
+        pytest.param(b"data: [DONE]", "[DONE]", id="last-line-without-line-end"),
+        pytest.param(b"data: [DONE]\n", "[DONE]", id="without-blank-line"),
+        pytest.param(b"data: [DONE]\r\n", "[DONE]", id="crlf-without-blank-line"),
+        pytest.param(b"data: [DO", "[DO", id="partial-value"),
+        pytest.param(b"da", None, id="partial-field-name"),
+        pytest.param(b"data: a\ndata: [DONE]", "a\n[DONE]", id="several-lines"),
+        pytest.param(b"data: x\n\nevent: ping\n: c\n", None, id="no-data-field"),
+        pytest.param(b"data:\n", "", id="empty-data"),
+    ],
+)
+def test_data_at_end(fed: bytes, data: str | None) -> None:
+    """`data_at_end` is the data of the event left open, its last line taken as whole."""
+    decoder = SSEDecoder()
+    decoder.feed(fed)
+    assert decoder.data_at_end() == data
+
+
 def test_pending_clears_once_event_completes() -> None:
     """A cut event stops being pending once its blank line arrives."""
     decoder = SSEDecoder()
