@@ -68,9 +68,14 @@ class SSEUpstream:
         self.requests = 0
         self.connections = 0
         self.server: asyncio.Server | None = None
+        # Open connections' handlers: closed and awaited on exit, not cancelled with the loop.
+        self._handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers[task] = writer
         try:
             while True:
                 await read_request(reader)
@@ -88,6 +93,7 @@ class SSEUpstream:
             pass
         finally:
             writer.close()
+            del self._handlers[task]
 
     async def _answer_chunked(self, writer: asyncio.StreamWriter) -> None:
         answer = _HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
@@ -118,6 +124,10 @@ class SSEUpstream:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self.server is not None
         self.server.close()
+        handlers = list(self._handlers.items())
+        for _, writer in handlers:
+            writer.close()  # a handler waiting for the next request reads the end and returns
+        await asyncio.gather(*(task for task, _ in handlers), return_exceptions=True)
 
 
 async def relay(
