@@ -11,6 +11,13 @@
    returned as if it were the whole.
 3. The part summaries are combined in one call when they fit together; when they do not,
    they are grouped into chunks and summarised again, level by level.
+
+Chunks and groups are sized with the model's token calibration as it stands when they
+are made. Upstream usage can raise it while they wait (a model whose answers report more
+tokens than estimated), so each text is checked again just before it is sent; one that
+no longer fits is split, with the calibration as it is then, into smaller pieces that are
+summarised in its place and in order. Only a window with too little room for any piece
+fails the call (`InvalidRequest`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from service.domain import (
     Usage,
 )
 from service.errors import (
+    ContextWindowExceeded,
     FieldViolation,
     GatewayError,
     InvalidRequest,
@@ -253,8 +261,18 @@ def combine_prompt(*, target_tokens: int, instructions: str) -> str:
     return f"{prompt}\n{instructions}" if instructions else prompt
 
 
-def _part_message(index: int, count: int, text: str) -> str:
-    return f"Part {index + 1} of {count}:\n\n{text}"
+def _part_name(index: int, count: int) -> str:
+    return f"Part {index + 1} of {count}"
+
+
+def _piece_name(name: str, number: int) -> str:
+    """The name of a piece a named text was split into (a group of summaries has none)."""
+    return f"{name}, piece {number}" if name else ""
+
+
+def _header(name: str) -> str:
+    """What goes before a text in its message: its name, when it has one."""
+    return f"{name}:\n\n" if name else ""
 
 
 def _summaries_message(summaries: Sequence[str], *, first: int = 0) -> str:
@@ -328,28 +346,57 @@ class Summarizer:
             raise InvalidRequest(violations)
         return target
 
-    def _input_budget(self, model: str, *, system: str, answer_tokens: int) -> int:
-        """Tokens of text that fit one call beside `system` and an answer."""
+    def _room(self, model: str, *, system: str, header: str, answer_tokens: int) -> int:
+        """Tokens of text that fit one call beside `system`, `header` and an answer, now.
+
+        Read again before every call: the calibration factor rises when upstreams report
+        more prompt tokens than estimated. May be negative.
+        """
         window = self._pipeline.context_window(model)
         factor = self._pipeline.calibration.factor(model)
         frame = PER_REQUEST_OVERHEAD + 2 * PER_MESSAGE_OVERHEAD + estimate_text_tokens(system)
-        frame += estimate_text_tokens(_part_message(998, 999, ""))
-        usable = math.floor((window - answer_tokens - _SAFETY_TOKENS) / factor) - frame
-        return max(_MIN_CHUNK_TOKENS, usable)
+        frame += estimate_text_tokens(header)
+        return math.floor((window - answer_tokens - _SAFETY_TOKENS) / factor) - frame
+
+    def _require_room(self, request: SummaryRequest, room: int) -> int:
+        """`room`, when enough of the document fits one call; else no split can help.
+
+        Raises:
+            InvalidRequest: on `instructions` (or `target_tokens` without them), saying
+                how much room the prompt and the answer leave.
+        """
+        if room >= _MIN_CHUNK_TOKENS:
+            return room
+        window = self._pipeline.context_window(request.model)
+        factor = self._pipeline.calibration.factor(request.model)
+        field_name = "instructions" if request.instructions else "target_tokens"
+        raise InvalidRequest(
+            [
+                FieldViolation(
+                    field_name,
+                    f"the prompt, instructions and answer leave room for {max(0, room)} "
+                    f"tokens of the document in the model's context window of {window} "
+                    f"(estimates x{factor:.2f}, as calibrated for this model); at least "
+                    f"{_MIN_CHUNK_TOKENS} are needed: shorten the instructions or lower "
+                    "target_tokens",
+                )
+            ]
+        )
 
     async def summarize(self, request: SummaryRequest, *, deadline: Deadline) -> Summary:
         """Summarise `request.document`; see the module docstring for how."""
         started = self._clock.now()
         target = self._validate(request)
-        window = self._pipeline.context_window(request.model)
+        model = request.model
+        window = self._pipeline.context_window(model)
         part_tokens = max(32, min(target, window // 8))
         part_system = part_prompt(target_tokens=part_tokens, instructions=request.instructions)
         combine_system = combine_prompt(target_tokens=target, instructions=request.instructions)
         tally = _Tally()
         document_system = document_prompt(target_tokens=target, instructions=request.instructions)
         whole = await asyncio.to_thread(estimate_text_tokens, request.document)
-        if whole <= self._input_budget(request.model, system=document_system, answer_tokens=target):
-            text = await self._call(
+        if whole <= self._room(model, system=document_system, header="", answer_tokens=target):
+            text = await self._call_if_fits(
                 request,
                 document_system,
                 request.document,
@@ -360,59 +407,79 @@ class Summarizer:
                 level=1,
                 deadline=deadline,
             )
-            return self._result(text, 1, 1, tally, started)
-        chunk_budget = self._input_budget(
-            request.model, system=part_system, answer_tokens=part_tokens
+            if text is not None:
+                return self._result(text, 1, 1, tally, started)
+        chunk_room = self._room(
+            model,
+            system=part_system,
+            header=_header(_part_name(998, 999)),
+            answer_tokens=part_tokens,
         )
         # Chunking a large document is CPU work: keep the event loop answering meanwhile.
         chunks = await asyncio.to_thread(
             split_into_chunks,
             request.document,
-            max_tokens=chunk_budget,
+            max_tokens=self._require_room(request, chunk_room),
             overlap_tokens=self._config.chunk_overlap_tokens,
         )
-        texts = [_part_message(i, len(chunks), c) for i, c in enumerate(chunks)]
+        inputs = [(_part_name(i, len(chunks)), c) for i, c in enumerate(chunks)]
         # Levels after the first combine groups of summaries into shorter ones.
         group_system = combine_prompt(target_tokens=part_tokens, instructions=request.instructions)
-        group_budget = self._input_budget(
-            request.model, system=group_system, answer_tokens=part_tokens
-        )
         system = part_system
+        overlap_tokens = self._config.chunk_overlap_tokens
         level = 1
         while True:
             summaries = await self._summarise_all(
-                request, system, texts, part_tokens, tally, level=level, deadline=deadline
+                request,
+                system,
+                inputs,
+                part_tokens,
+                tally,
+                overlap_tokens=overlap_tokens,
+                level=level,
+                deadline=deadline,
             )
+            if level == 1:
+                parts_summarised = len(summaries)  # more than the chunks when any was re-split
             joined = _summaries_message(summaries)
-            combine_budget = self._input_budget(
-                request.model, system=combine_system, answer_tokens=target
-            )
-            if estimate_text_tokens(joined) <= combine_budget:
-                break
+            combine_room = self._room(model, system=combine_system, header="", answer_tokens=target)
+            if estimate_text_tokens(joined) <= combine_room:
+                text = await self._call_if_fits(
+                    request,
+                    combine_system,
+                    joined,
+                    target,
+                    tally,
+                    part=1,
+                    parts=1,
+                    level=level + 1,
+                    deadline=deadline,
+                )
+                if text is not None:
+                    return self._result(text, parts_summarised, level, tally, started)
+                combine_room = self._room(
+                    model, system=combine_system, header="", answer_tokens=target
+                )
+            # Too long to combine in one call: group the summaries and summarise them again.
+            self._require_room(request, combine_room)
             if level >= self._config.max_levels:
                 raise GatewayError(
                     f"the part summaries did not fit the window after {level} levels"
                 )
+            group_room = self._room(
+                model, system=group_system, header="", answer_tokens=part_tokens
+            )
             tokens = [estimate_text_tokens(s) + 8 for s in summaries]
-            groups = pack_units(tokens, max_tokens=group_budget, overlap_tokens=0)
-            texts = [
-                _summaries_message([summaries[i] for i in group], first=group.start)
+            groups = pack_units(
+                tokens, max_tokens=self._require_room(request, group_room), overlap_tokens=0
+            )
+            inputs = [
+                ("", _summaries_message([summaries[i] for i in group], first=group.start))
                 for group in groups
             ]
             system = group_system
+            overlap_tokens = 0
             level += 1
-        text = await self._call(
-            request,
-            combine_system,
-            joined,
-            target,
-            tally,
-            part=1,
-            parts=1,
-            level=level + 1,
-            deadline=deadline,
-        )
-        return self._result(text, len(chunks), level, tally, started)
 
     def _result(
         self, text: str, chunks: int, levels: int, tally: _Tally, started: float
@@ -434,38 +501,146 @@ class Summarizer:
         self,
         request: SummaryRequest,
         system: str,
-        texts: Sequence[str],
+        inputs: Sequence[tuple[str, str]],
         answer_tokens: int,
         tally: _Tally,
         *,
+        overlap_tokens: int,
         level: int,
         deadline: Deadline,
     ) -> list[str]:
-        """Summarise every text, `concurrency` at once; the first failure cancels the rest."""
+        """Summarise every (name, text), `concurrency` at once; the first failure cancels the rest.
+
+        Returns the summaries in the order of `inputs`, each input's re-split pieces (see
+        `_summarise_fitting`) in place of it.
+        """
         semaphore = asyncio.Semaphore(self._config.concurrency)
-        results: list[str] = [""] * len(texts)
+        results: list[list[str]] = [[] for _ in inputs]
 
         async def one(index: int) -> None:
+            name, text = inputs[index]
             async with semaphore:
-                results[index] = await self._call(
+                results[index] = await self._summarise_fitting(
                     request,
                     system,
-                    texts[index],
+                    text,
                     answer_tokens,
                     tally,
+                    name=name,
+                    overlap_tokens=overlap_tokens,
                     part=index + 1,
-                    parts=len(texts),
+                    parts=len(inputs),
                     level=level,
                     deadline=deadline,
                 )
 
         try:
             async with asyncio.TaskGroup() as group:
-                for index in range(len(texts)):
+                for index in range(len(inputs)):
                     group.create_task(one(index))
         except BaseExceptionGroup as failed:
             raise _first_error(failed) from None
-        return results
+        return [summary for summaries in results for summary in summaries]
+
+    async def _summarise_fitting(
+        self,
+        request: SummaryRequest,
+        system: str,
+        text: str,
+        answer_tokens: int,
+        tally: _Tally,
+        *,
+        name: str,
+        overlap_tokens: int,
+        part: int,
+        parts: int,
+        level: int,
+        deadline: Deadline,
+    ) -> list[str]:
+        """Summarise `text`, split again first when it no longer fits the window.
+
+        Parts and groups are sized with the calibration as it stood when they were made;
+        upstream usage may have raised it since. A text that no longer fits is split with
+        the factor as it is now into pieces, each summarised in turn (and checked again
+        when its turn comes). Every piece is at most the room, which is less than the text
+        it came from, so splitting ends; a room too small for any piece fails the call.
+
+        Returns:
+            One summary, or one for each piece, in order.
+        """
+        model = request.model
+        header = _header(name)
+        room = self._room(model, system=system, header=header, answer_tokens=answer_tokens)
+        if estimate_text_tokens(text) <= room:
+            summary = await self._call_if_fits(
+                request,
+                system,
+                header + text,
+                answer_tokens,
+                tally,
+                part=part,
+                parts=parts,
+                level=level,
+                deadline=deadline,
+            )
+            if summary is not None:
+                return [summary]
+        # Room for the widest piece number a split can reach (a piece takes a token at least).
+        widest = _header(_piece_name(name, estimate_text_tokens(text)))
+        piece_room = self._room(model, system=system, header=widest, answer_tokens=answer_tokens)
+        pieces = split_into_chunks(
+            text, max_tokens=self._require_room(request, piece_room), overlap_tokens=overlap_tokens
+        )
+        summaries: list[str] = []
+        for number, piece in enumerate(pieces, start=1):
+            summaries += await self._summarise_fitting(
+                request,
+                system,
+                piece,
+                answer_tokens,
+                tally,
+                name=_piece_name(name, number),
+                overlap_tokens=overlap_tokens,
+                part=part,
+                parts=parts,
+                level=level,
+                deadline=deadline,
+            )
+        return summaries
+
+    async def _call_if_fits(
+        self,
+        request: SummaryRequest,
+        system: str,
+        user: str,
+        answer_tokens: int,
+        tally: _Tally,
+        *,
+        part: int,
+        parts: int,
+        level: int,
+        deadline: Deadline,
+    ) -> str | None:
+        """`_call`, or None when the pipeline refuses `user` for the window before sending.
+
+        Callers check the room first, so this happens only on a retry: during its backoff
+        other calls raised the model's calibration. The caller then splits the text as if
+        it had not fitted to begin with.
+        """
+        try:
+            return await self._call(
+                request,
+                system,
+                user,
+                answer_tokens,
+                tally,
+                part=part,
+                parts=parts,
+                level=level,
+                deadline=deadline,
+            )
+        except ContextWindowExceeded:
+            return None
 
     async def _call(
         self,

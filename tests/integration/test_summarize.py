@@ -1,6 +1,9 @@
 """Summarize through the real server, against an upstream that records every part."""
 
+import asyncio
+import dataclasses
 import itertools
+import math
 import re
 
 import grpc
@@ -8,9 +11,11 @@ import pytest
 
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
-from service.tokens import estimate_text_tokens
-from tests.conftest import FAKE_MODEL, gateway_config
+from service.calibration import TokenCalibration
+from service.tokens import PER_MESSAGE_OVERHEAD, PER_REQUEST_OVERHEAD, estimate_text_tokens
+from tests.conftest import FAKE_MODEL, chat, gateway_config
 from tests.fake_upstream import Reply, Status
+from tests.integration.helpers import field_violations
 from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
 
 WINDOW = 1024
@@ -262,3 +267,259 @@ async def test_one_giant_word_with_a_diacritic_is_split_into_parts_that_fit(
     assert response.chunks == len(parts) >= 2
     for body in parts:
         assert estimate_text_tokens(user_text(body)) + body["max_tokens"] < WINDOW
+
+
+# --- calibration rising mid-call ----------------------------------------------------
+
+
+def estimated_prompt(body) -> int:
+    """The gateway's uncalibrated estimate of a recorded request's prompt."""
+    return PER_REQUEST_OVERHEAD + sum(
+        PER_MESSAGE_OVERHEAD + estimate_text_tokens(m["content"]) for m in body["messages"]
+    )
+
+
+def reporting(ratio, respond):
+    """`respond`, with every reply reporting `ratio` times the estimated prompt tokens.
+
+    `ratio` is a number, or a function of the request body giving one.
+    """
+    ratio_of = ratio if callable(ratio) else lambda _body: ratio
+
+    def scaled(body):
+        behaviour = respond(body)
+        if not isinstance(behaviour, Reply):
+            return behaviour
+        prompt_tokens = math.ceil(ratio_of(body) * estimated_prompt(body))
+        return dataclasses.replace(behaviour, prompt_tokens=prompt_tokens)
+
+    return scaled
+
+
+def header(body) -> str:
+    """The first line of a recorded request's user message: "Part 4 of 9, piece 1:"."""
+    return user_text(body).split("\n", 1)[0]
+
+
+def is_piece(body) -> bool:
+    """Whether a recorded request summarises a piece a part was re-split into."""
+    return is_part(body) and ", piece " in header(body)
+
+
+SPAN = re.compile(r"\[(p\d+ s\d+) \.\. p\d+ s\d+\]")
+
+
+def span(body) -> str:
+    """The first and last sentence a part saw, as "[p3 s1 .. p7 s4]"."""
+    seen = re.findall(r"Paragraph (p\d+) sentence (s\d+)", user_text(body))
+    return f"[{' '.join(seen[0])} .. {' '.join(seen[-1])}]"
+
+
+def spans(text: str) -> list[str]:
+    """The spans in `text`, in order."""
+    return [match.group(0) for match in SPAN.finditer(text)]
+
+
+def in_document_order(found: list[str]) -> list[str]:
+    """`found` spans sorted by their first sentence's place in the document."""
+
+    def key(found_span: str) -> tuple[int, int]:
+        paragraph, sentence = SPAN.fullmatch(found_span).group(1).split()
+        return int(paragraph[1:]), int(sentence[1:])
+
+    return sorted(found, key=key)
+
+
+def respond_with_span(body, *, padding: str = ""):
+    """Parts answer with their span (then `padding`); combines answer FINAL."""
+    if is_part(body):
+        return Reply(content=f"{span(body)} {padding}".strip(), delay_s=0.05)
+    return Reply(content="FINAL")
+
+
+def assert_each_request_fitted(requests, ratio_of) -> float:
+    """Each request fitted the window at the calibration the gateway had when it was sent.
+
+    Replays the usage the upstream reported (`ratio_of(body)` times the estimate), in
+    order, through a calibration of its own: with one request in flight at a time the
+    gateway learnt exactly the same. Returns the factor learnt.
+    """
+    calibration = TokenCalibration()
+    for recorded in requests:
+        estimate = estimated_prompt(recorded.body)
+        calibrated = math.ceil(estimate * calibration.factor(FAKE_MODEL))
+        assert calibrated + recorded.body["max_tokens"] <= WINDOW
+        calibration.observe(
+            FAKE_MODEL,
+            estimated_tokens=estimate,
+            reported_tokens=math.ceil(ratio_of(recorded.body) * estimate),
+        )
+    return calibration.factor(FAKE_MODEL)
+
+
+@pytest.mark.parametrize("ratio", [1.3, 2.0])
+async def test_parts_queued_when_calibration_rises_are_resplit(recorder, start_gateway, ratio):
+    """Parts sized before the upstream's usage raised the calibration are re-split, not refused."""
+    recorder.respond = reporting(ratio, default_respond)
+    gateway = await start_gateway(config(recorder.base_url, concurrency=1))
+    text = document(60)
+    response = await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=text))
+    assert response.summary == "FINAL"
+    assert assert_each_request_fitted(recorder.requests, lambda _body: ratio) > ratio
+    parts = [r.body for r in recorder.requests if is_part(r.body)]
+    assert any(is_piece(body) for body in parts), "no part was re-split"
+    assert response.chunks == len(parts)
+    assert response.upstream_calls == len(recorder.requests) == len(parts) + 1
+    # The parts sent, pieces included, still cover the document in order.
+    covered: list[str] = []
+    for body in parts:
+        covered += [s for s in sentences(user_text(body)) if s not in covered]
+    assert covered == sentences(text)
+
+
+async def test_resplit_pieces_keep_document_order_in_the_combine(recorder, start_gateway):
+    """The summaries of re-split pieces reach the combine in document order, each once.
+
+    Earlier parts answer more slowly, so summaries finish out of document order.
+    """
+    text = document(100)
+
+    def respond(body):
+        reply = respond_with_span(body)
+        if is_part(body):
+            first = sentences(user_text(body))[0]
+            return dataclasses.replace(reply, delay_s=0.15 * (1 - text.index(first) / len(text)))
+        return reply
+
+    recorder.respond = reporting(1.5, respond)
+    gateway = await start_gateway(config(recorder.base_url))
+    response = await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=text))
+    parts = [r.body for r in recorder.requests if is_part(r.body)]
+    (combine,) = [r.body for r in recorder.requests if is_combine(r.body)]
+    assert response.summary == "FINAL"
+    assert sum(is_piece(body) for body in parts) >= 2
+    assert response.chunks == len(parts)
+    combined = user_text(combine)
+    assert spans(combined) == in_document_order([span(body) for body in parts])
+    numbers = [int(n) for n in re.findall(r"^Summary of part (\d+):", combined, re.MULTILINE)]
+    assert numbers == list(range(1, len(parts) + 1))
+
+
+async def test_groups_of_summaries_are_resplit_when_calibration_rises(recorder, start_gateway):
+    """A group of part summaries that no longer fits is re-split at its level, order kept."""
+    padding = " ".join(["sum"] * 150)
+
+    def respond(body):
+        if is_combine(body) and body["max_tokens"] < 200:
+            return Reply(content="MID " + " ".join(spans(user_text(body))))
+        return respond_with_span(body, padding=padding)
+
+    def ratio_of(body):
+        # Parts report 1.3x the estimate, groups 4x: each group answered raises the factor.
+        return 4.0 if is_combine(body) and body["max_tokens"] < 200 else 1.3
+
+    recorder.respond = reporting(ratio_of, respond)
+    gateway = await start_gateway(config(recorder.base_url, concurrency=1))
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(60), target_tokens=200)
+    )
+    parts = [r.body for r in recorder.requests if is_part(r.body)]
+    groups = [
+        r.body for r in recorder.requests if is_combine(r.body) and r.body["max_tokens"] < 200
+    ]
+    (final,) = [r.body for r in recorder.requests if r.body["max_tokens"] == 200]
+    assert response.summary == "FINAL"
+    assert response.levels == 2
+    assert_each_request_fitted(recorder.requests, ratio_of)
+    # Some groups were split: more calls than the summaries needed, packed as the first was.
+    per_group = [user_text(body).count("Summary of part") for body in groups]
+    assert sum(per_group) == len(parts)
+    assert len(groups) > math.ceil(len(parts) / per_group[0])
+    assert spans(user_text(final)) == in_document_order([span(body) for body in parts])
+
+
+async def test_part_retried_after_calibration_rose_is_resplit(recorder, start_gateway):
+    """A part retried after others raised the calibration, and no longer fitting, is split."""
+    failed: list[str] = []
+
+    def respond(body):
+        if is_part(body) and header(body).startswith("Part 2 of") and not failed:
+            failed.append(header(body))
+            return Status(503)
+        return respond_with_span(body)
+
+    recorder.respond = reporting(1.5, respond)
+    # One upstream attempt per call: Summarize's own retry, after its backoff, resends it.
+    settings = config(recorder.base_url, concurrency=2, retry_backoff_s=1.0)
+    settings = dataclasses.replace(
+        settings, resilience=dataclasses.replace(settings.resilience, attempts=1)
+    )
+    gateway = await start_gateway(settings)
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
+    )
+    assert response.summary == "FINAL"
+    second = [header(r.body) for r in recorder.requests if "Part 2 of" in header(r.body)]
+    assert second[0] == failed[0]
+    assert len(second) >= 3
+    assert all(", piece " in h for h in second[1:])
+
+
+async def test_no_room_left_for_the_document_fails_with_a_field_violation(recorder, start_gateway):
+    """When instructions and answer leave too little of the window, the call fails cleanly.
+
+    Mid-call (the calibration rose to its ceiling) and then up front on the next call.
+    """
+    recorder.respond = reporting(4.0, default_respond)
+    gateway = await start_gateway(config(recorder.base_url, concurrency=1))
+    instructions = " ".join(["Name"] * 110)
+    request = pb.SummarizeRequest(
+        model=FAKE_MODEL, document=document(60), instructions=instructions
+    )
+    # The first call sends three parts before the calibration rises; the next one none.
+    for _ in range(2):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Summarize(request)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        violations = field_violations(caught.value)
+        assert list(violations) == ["instructions"]
+        assert "context window of 1024" in violations["instructions"]
+        assert "shorten the instructions" in violations["instructions"]
+        assert len(recorder.requests) == 3
+
+
+async def test_document_retried_after_other_calls_raised_the_calibration_is_chunked(
+    recorder, start_gateway
+):
+    """A one-call document that no longer fits when retried is chunked instead of refused.
+
+    Other RPCs on the same model (here three Completes) raise the calibration during
+    Summarize's backoff.
+    """
+    failed: list[str] = []
+
+    def respond(body):
+        if system_text(body).startswith("Summarise the document") and not failed:
+            failed.append(user_text(body))
+            return Status(503)
+        return respond_with_span(body)
+
+    recorder.respond = reporting(4.0, respond)
+    settings = config(recorder.base_url, retry_backoff_s=1.0)
+    settings = dataclasses.replace(
+        settings, resilience=dataclasses.replace(settings.resilience, attempts=1)
+    )
+    gateway = await start_gateway(settings)
+    text = document(6)
+    summarizing = asyncio.ensure_future(
+        gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=text))
+    )
+    await recorder.wait_until(lambda: bool(failed))
+    for _ in range(3):
+        await gateway.stub.Complete(chat(document(1)))
+    response = await summarizing
+    assert response.summary == "FINAL"
+    assert response.chunks >= 2
+    assert len(failed) == 1
+    whole = [r for r in recorder.requests if system_text(r.body).startswith("Summarise the")]
+    assert len(whole) == 1
