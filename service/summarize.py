@@ -591,6 +591,21 @@ class Summarizer:
         pieces = split_into_chunks(
             text, max_tokens=self._require_room(request, piece_room), overlap_tokens=overlap_tokens
         )
+        if len(pieces) == 1:
+            # One piece: splitting it again could loop if the estimate and the pipeline
+            # disagreed. Send it; a refusal from the pipeline then stands.
+            call = self._call(
+                request,
+                system,
+                header + pieces[0],
+                answer_tokens,
+                tally,
+                part=part,
+                parts=parts,
+                level=level,
+                deadline=deadline,
+            )
+            return [await call]
         summaries: list[str] = []
         for number, piece in enumerate(pieces, start=1):
             summaries += await self._summarise_fitting(
