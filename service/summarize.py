@@ -43,7 +43,6 @@ from service.domain import (
 from service.errors import (
     ContextWindowExceeded,
     FieldViolation,
-    GatewayError,
     InvalidRequest,
     SummarizePartFailed,
     UpstreamError,
@@ -463,9 +462,14 @@ class Summarizer:
             # Too long to combine in one call: group the summaries and summarise them again.
             self._require_room(request, combine_room)
             if level >= self._config.max_levels:
-                raise GatewayError(
-                    f"the part summaries did not fit the window after {level} levels"
+                violation = FieldViolation(
+                    "document",
+                    f"too long to summarise in {level} levels (summarize.max_levels): the "
+                    f"summaries of its {len(summaries)} parts still do not fit one call "
+                    f"with a {target}-token answer; shorten the document or lower "
+                    "target_tokens",
                 )
+                raise InvalidRequest([violation])
             group_room = self._room(
                 model, system=group_system, header="", answer_tokens=part_tokens
             )

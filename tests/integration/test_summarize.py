@@ -161,6 +161,21 @@ async def test_long_summaries_are_combined_recursively(recorder, start_gateway):
     assert response.upstream_calls == len(parts) + len(middles) + 1
 
 
+async def test_summaries_that_never_fit_one_call_fail_on_the_document(recorder, start_gateway):
+    """Past `max_levels` the caller gets INVALID_ARGUMENT on `document`, not INTERNAL."""
+    recorder.respond = lambda body: Reply(content=" ".join(["summary"] * 150))
+    gateway = await start_gateway(config(recorder.base_url, max_levels=1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(
+            pb.SummarizeRequest(model=FAKE_MODEL, document=document(60), target_tokens=200)
+        )
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    violations = field_violations(caught.value)
+    assert list(violations) == ["document"]
+    assert "summarize.max_levels" in violations["document"]
+    assert not any(is_combine(r.body) for r in recorder.requests)  # gave up before combining
+
+
 async def test_short_document_is_one_call(recorder, start_gateway):
     """A document that fits is summarised in one call, sent as it is."""
     gateway = await start_gateway(config(recorder.base_url))
