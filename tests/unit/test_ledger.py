@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import itertools
 
@@ -10,7 +11,7 @@ import pytest
 
 from service.budgets import Budgets
 from service.config import BudgetConfig, LedgerConfig, ModelConfig
-from service.domain import ChatRequest, Message, Role, Usage
+from service.domain import ChatRequest, GenerationParams, Message, Role, Usage
 from service.errors import QuotaExceeded
 from service.ledger import (
     PICO,
@@ -177,8 +178,12 @@ def request_of(tenant: str) -> ChatRequest:
 
 
 async def check(budgets: Budgets, request: ChatRequest) -> None:
-    """`budgets.check` with the request's prompt estimated, as `Pipeline.prepare` does."""
-    await budgets.check(request, prompt_tokens=estimate_prompt_tokens(request.messages))
+    """`budgets.reserve` with the prompt estimated as `Pipeline.prepare` does, then released."""
+    reservation = await budgets.reserve(
+        request, prompt_tokens=estimate_prompt_tokens(request.messages)
+    )
+    if reservation is not None:
+        await budgets.release(reservation)
 
 
 async def test_budget_refuses_once_spent_until_the_period_resets():
@@ -213,6 +218,32 @@ async def test_budget_counts_the_prompt_of_the_call_about_to_be_made():
     big = ChatRequest(model="m", messages=(Message(Role.USER, "word " * 4000),), tenant="anyone")
     with pytest.raises(QuotaExceeded, match="monthly budget"):
         await check(budgets, big)
+
+
+async def test_budget_reserves_max_tokens_as_output_and_says_what_calls_in_flight_hold():
+    """With max_tokens set the output it allows is reserved, and refusals count it."""
+    clock = WallClock(NOON)
+    ledger = MemoryLedger(wall_clock=clock)
+    budgets = Budgets(
+        {"acme": BudgetConfig(usd=0.005, period="day")},
+        ledger=ledger,
+        prices=PRICES,
+        wall_clock=clock,
+    )
+    capped = dataclasses.replace(request_of("acme"), params=GenerationParams(max_tokens=1000))
+    prompt_tokens = estimate_prompt_tokens(capped.messages)
+    expected = (prompt_tokens * 1.0 + 1000 * 2.0) / 1e6
+    assert budgets.expected_cost_usd(capped, prompt_tokens=prompt_tokens) == expected
+    held = [await budgets.reserve(capped, prompt_tokens=prompt_tokens) for _ in range(2)]
+    assert await ledger.reserved_usd("acme", "day") == pytest.approx(2 * expected, abs=1e-12)
+    with pytest.raises(QuotaExceeded, match=r"reserved \$0\.004\d+ for calls in flight") as refused:
+        await budgets.reserve(capped, prompt_tokens=prompt_tokens)
+    assert refused.value.subject == "tenant:acme"
+    await check(budgets, request_of("acme"))  # no max_tokens: only its prompt is reserved
+    for reservation in held:
+        assert reservation is not None
+        await budgets.release(reservation)
+    assert await ledger.reserved_usd("acme", "day") == 0.0
 
 
 async def test_memory_ledger_forgets_usage_past_retention():
