@@ -1,19 +1,30 @@
 """Budgets: a tenant's USD limit per UTC day or month, checked before any upstream call.
 
-A call is refused when what the tenant has spent this period plus what the call's
-prompt alone will cost would pass the limit; the completion's price is unknown until
-it is generated, so the last call of a period may overrun by at most its output. The
+A call is refused when what the tenant has spent this period, plus what its calls still
+in flight have reserved, plus this call's expected cost would pass the limit. The
+expected cost is the prompt estimate (the estimator errs high) priced as input plus,
+when the request sets `max_tokens`, that many tokens priced as output; without it only
+the prompt is reserved, since the output's length is unknown. A call that passes holds
+its expected cost in the ledger until its usage is recorded, or until it fails or is
+cancelled. The check and the reservation are one atomic step, in the process and, with
+a Redis ledger, across replicas, so concurrent calls never pass on the same figure.
+
+The guarantee: calls that set `max_tokens` never take a tenant past its limit together
+(as long as the upstream bills no more prompt tokens than estimated); each call without
+it that is in flight when the limit is reached may overrun it by at most its own output.
+A reservation its replica never released lapses after `ledger.RESERVATION_TTL_S`. The
 `"*"` entry applies to every tenant without its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 
 from service.config import BudgetConfig
 from service.domain import ChatRequest, Usage
 from service.errors import QuotaExceeded
-from service.ledger import Ledger, WallClock, period_end_s
+from service.ledger import PICO, Ledger, Reservation, WallClock, period_end_s
 from service.pricing import PriceList
 
 ANY_TENANT = "*"
@@ -21,7 +32,7 @@ _ADJECTIVE = {"day": "daily", "month": "monthly"}
 
 
 class Budgets:
-    """Refuses calls that would take a tenant past its budget."""
+    """Refuses calls that would take a tenant past its budget; reserves the others."""
 
     def __init__(
         self,
@@ -40,24 +51,92 @@ class Budgets:
         """The budget that applies to `tenant`, if any."""
         return self._budgets.get(tenant) or self._budgets.get(ANY_TENANT)
 
-    async def check(self, request: ChatRequest, *, prompt_tokens: int) -> None:
-        """Raise `QuotaExceeded` (retry when the period resets) if the call would overrun.
+    def expected_cost_usd(self, request: ChatRequest, *, prompt_tokens: int) -> float:
+        """The most the call can cost: prompt as input, plus `max_tokens` as output if set."""
+        usage = Usage(
+            input_tokens=prompt_tokens,
+            output_tokens=request.params.max_tokens or 0,
+            is_estimated=True,
+        )
+        return self._prices.cost_usd(request.model, usage)
 
-        `prompt_tokens`: the request's prompt estimate (the estimator errs high), priced
-        as the input part of what the call will cost.
+    async def reserve(self, request: ChatRequest, *, prompt_tokens: int) -> Reservation | None:
+        """Reserve the call's expected cost, or raise `QuotaExceeded` (retry when the period
+        resets) if it would overrun; None when no budget applies.
+
+        `prompt_tokens`: the request's prompt estimate.
         """
         budget = self.budget_of(request.tenant)
         if budget is None:
-            return
-        spent = await self._ledger.spent_usd(request.tenant, budget.period)
-        prompt = Usage(input_tokens=prompt_tokens, is_estimated=True)
-        expected = self._prices.cost_usd(request.model, prompt)
-        if spent < budget.usd and spent + expected <= budget.usd:
-            return
+            return None
+        reservation = await self._ledger.reserve(
+            request.tenant,
+            budget.period,
+            cost_usd=self.expected_cost_usd(request, prompt_tokens=prompt_tokens),
+            limit_usd=budget.usd,
+        )
+        if reservation.is_granted:
+            return reservation
+        spent, reserved = reservation.spent_pico / PICO, reservation.reserved_pico / PICO
+        held = f" and reserved ${reserved:.6f} for calls in flight" if reserved else ""
         now = self._now()
         raise QuotaExceeded(
-            f"tenant {request.tenant!r} has spent ${spent:.6f} of its ${budget.usd:.6f} "
-            f"{_ADJECTIVE[budget.period]} budget",
+            f"tenant {request.tenant!r} has spent ${spent:.6f}{held} of its "
+            f"${budget.usd:.6f} {_ADJECTIVE[budget.period]} budget",
             subject=f"tenant:{request.tenant}",
             retry_after_s=max(0.0, period_end_s(budget.period, now) - now),
         )
+
+    async def release(self, reservation: Reservation) -> None:
+        """Stop holding a reservation (its call's usage is recorded, or it never ran)."""
+        await self._ledger.release(reservation)
+
+    @contextlib.asynccontextmanager
+    async def holding(self) -> AsyncIterator[BudgetHold]:
+        """A hold for one caller's call, released on leaving: after its usage is recorded."""
+        hold = BudgetHold(self)
+        try:
+            yield hold
+        finally:
+            await hold.close()
+
+
+class BudgetHold:
+    """The reservation of one caller's call, kept until the caller has recorded its usage.
+
+    The upstream part of the call runs inside `reserving()`. If that part fails or is
+    cancelled its reservation is released at once; if it succeeds the reservation is
+    kept until the caller leaves `Budgets.holding()`, after recording the usage, so the
+    call's cost is never counted in neither spent nor reserved. An upstream part that
+    succeeds after its caller left (a shared cache flight that other callers still
+    follow) releases its own reservation.
+    """
+
+    def __init__(self, budgets: Budgets) -> None:
+        self._budgets = budgets
+        self._kept: list[Reservation] = []
+        self._is_closed = False
+
+    @contextlib.asynccontextmanager
+    async def reserving(self, request: ChatRequest, *, prompt_tokens: int) -> AsyncIterator[None]:
+        """Reserve before the body (or raise `QuotaExceeded`); hand over or release after."""
+        reservation = await self._budgets.reserve(request, prompt_tokens=prompt_tokens)
+        if reservation is None:
+            yield
+            return
+        try:
+            yield
+        except BaseException:
+            await self._budgets.release(reservation)
+            raise
+        if self._is_closed:
+            await self._budgets.release(reservation)
+        else:
+            self._kept.append(reservation)
+
+    async def close(self) -> None:
+        """Release what was kept; anything reserved from now on releases itself."""
+        self._is_closed = True
+        kept, self._kept = self._kept, []
+        for reservation in kept:
+            await self._budgets.release(reservation)

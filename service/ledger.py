@@ -4,7 +4,9 @@ Usage is summed into time buckets (`ledger.bucket_s`, an hour by default), so a
 `GetUsage` time window is as fine as one bucket. Cost is kept as integer pico-dollars
 (the precision `pricing.cost_usd` rounds to), so sums are exact whatever the order of
 additions. Spend per tenant per UTC day and month is kept apart for budget checks,
-which then cost one lookup.
+which then cost one lookup, together with what calls still in flight have reserved
+(`reserve`/`release`): a budget check and its reservation are one atomic step, in the
+process for `MemoryLedger` and in Redis, for every replica, for `RedisLedger`.
 
 `MemoryLedger` lives in the process; `RedisLedger` is shared by every replica:
 
@@ -13,20 +15,26 @@ which then cost one lookup.
     {prefix}:buckets                 sorted set of bucket starts (score = start)
     {prefix}:dims                    hash row_id -> JSON of tenant, model, upstream, labels
     {prefix}:spend:{tenant}:{period} integer pico-dollars (INCRBY)
+    {prefix}:reserved:{tenant}:{period}  pico-dollars held by calls in flight
+    {prefix}:leases:{tenant}:{period}    sorted set "{id}:{pico}" -> when it lapses
 
-Every key but `dims` expires after `retention_days`.
+Every key but `dims` expires after `retention_days`; the reservation keys expire
+`RESERVATION_TTL_S` after the tenant's last reservation, and each lease lapses that
+long after it was taken, so a replica that crashed mid-call cannot hold a budget forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
@@ -38,6 +46,9 @@ from service.errors import UpstreamUnavailable
 log = logging.getLogger("llm_gateway.ledger")
 
 PICO = 10**12
+# A reservation its replica never released (it crashed mid-call) stops counting after
+# this long; longer than any call is expected to run.
+RESERVATION_TTL_S = 900
 _FIELDS = ("requests", "input_tokens", "output_tokens", "cached_input_tokens", "cost_pico")
 
 WallClock = Callable[[], float]
@@ -162,6 +173,28 @@ def total_of(rows: list[UsageRow]) -> UsageRow:
     return total
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A call's expected cost held against its tenant's period spend, or the refusal to.
+
+    `spent_pico` and `reserved_pico` are what the check saw: the period's recorded spend
+    and what other calls in flight held, this one not included.
+    """
+
+    tenant: str
+    period_key: str  # the period it was taken in: released there even once it is over
+    cost_pico: int
+    is_granted: bool
+    spent_pico: int = 0
+    reserved_pico: int = 0
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def _fits(*, spent: int, reserved: int, cost: int, limit: int) -> bool:
+    committed = spent + reserved
+    return committed < limit and committed + cost <= limit
+
+
 class Ledger(Protocol):
     """Where finished calls are summed."""
 
@@ -175,6 +208,24 @@ class Ledger(Protocol):
 
     async def spent_usd(self, tenant: str, period: str) -> float:
         """What `tenant` has spent in the current UTC `period` (day or month)."""
+        ...
+
+    async def reserve(
+        self, tenant: str, period: str, *, cost_usd: float, limit_usd: float
+    ) -> Reservation:
+        """Hold `cost_usd` for a call about to be made if spent + reserved + it fit the limit.
+
+        Refused (nothing held) when what `tenant` has spent in the current `period` plus
+        what its calls in flight hold reaches `limit_usd`, or would pass it with this cost.
+        """
+        ...
+
+    async def reserved_usd(self, tenant: str, period: str) -> float:
+        """What `tenant`'s calls in flight hold in the current `period`."""
+        ...
+
+    async def release(self, reservation: Reservation) -> None:
+        """Stop holding `reservation` (once; again, or a refused one, changes nothing)."""
         ...
 
     async def aclose(self) -> None:
@@ -205,6 +256,8 @@ class MemoryLedger:
         self._buckets = _Buckets(config or LedgerConfig(), wall_clock)
         self._rows: dict[tuple[int, Dims], UsageRow] = {}
         self._spend: dict[tuple[str, str], int] = {}
+        self._reserved: dict[tuple[str, str], int] = {}
+        self._held: dict[str, Reservation] = {}
         self._retention_s = self._buckets.config.retention_days * 86400
         self._current_bucket: int | None = None
 
@@ -256,8 +309,76 @@ class MemoryLedger:
         """What `tenant` has spent in the current UTC `period`."""
         return self._spend.get((tenant, period_key(period, self._buckets.now())), 0) / PICO
 
+    async def reserve(
+        self, tenant: str, period: str, *, cost_usd: float, limit_usd: float
+    ) -> Reservation:
+        """Hold `cost_usd` if it fits; no await, so atomic within the process."""
+        key = (tenant, period_key(period, self._buckets.now()))
+        spent, reserved = self._spend.get(key, 0), self._reserved.get(key, 0)
+        cost = to_pico(cost_usd)
+        is_granted = _fits(spent=spent, reserved=reserved, cost=cost, limit=to_pico(limit_usd))
+        reservation = Reservation(
+            tenant=tenant, period_key=key[1], cost_pico=cost, is_granted=is_granted,
+            spent_pico=spent, reserved_pico=reserved,
+        )  # fmt: skip
+        if is_granted:
+            self._held[reservation.id] = reservation
+            self._reserved[key] = reserved + cost
+        return reservation
+
+    async def reserved_usd(self, tenant: str, period: str) -> float:
+        """What `tenant`'s calls in flight hold in the current `period`."""
+        return self._reserved.get((tenant, period_key(period, self._buckets.now())), 0) / PICO
+
+    async def release(self, reservation: Reservation) -> None:
+        """Stop holding `reservation` (idempotent)."""
+        if self._held.pop(reservation.id, None) is None:
+            return
+        key = (reservation.tenant, reservation.period_key)
+        left = self._reserved[key] - reservation.cost_pico
+        if left:
+            self._reserved[key] = left
+        else:
+            del self._reserved[key]
+
     async def aclose(self) -> None:
         """Nothing to release."""
+
+
+# KEYS: spend, reserved, leases of one tenant and period. ARGV[1]: now (epoch s).
+# Forgets leases that lapsed (their replica never released them), then reads both totals.
+# Lua numbers are doubles: exact up to 2^53 pico-dollars ($9,007), a few pico-dollars off above.
+_SWEEP_LUA = """
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+if #lapsed > 0 then
+  local total = 0
+  for _, lease in ipairs(lapsed) do total = total + tonumber(string.match(lease, ':(%d+)$')) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+  redis.call('DECRBY', KEYS[2], string.format('%.0f', total))
+end
+local spent = redis.call('GET', KEYS[1]) or '0'
+local reserved = redis.call('GET', KEYS[2]) or '0'
+"""
+# ARGV: now, cost, limit, lease ("{id}:{cost}"), ttl (s). Returns {granted 0|1, spent, reserved}.
+_RESERVE = """
+local committed = tonumber(spent) + tonumber(reserved)
+local cost, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+if committed >= limit or committed + cost > limit then return {0, spent, reserved} end
+redis.call('INCRBY', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[1]) + tonumber(ARGV[5]), ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+return {1, spent, reserved}
+"""
+_RESERVE_LUA = _SWEEP_LUA + _RESERVE
+_RESERVED_LUA = _SWEEP_LUA + "return reserved"
+# KEYS: reserved, leases. ARGV: lease, cost. A lease already released or lapsed is not
+# subtracted twice; once no lease is left the total is dropped, so it cannot drift.
+_RELEASE_LUA = """
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then redis.call('DECRBY', KEYS[1], ARGV[2]) end
+if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class RedisLedger:
@@ -277,6 +398,9 @@ class RedisLedger:
             socket_timeout=config.operation_timeout_s,
             socket_connect_timeout=config.operation_timeout_s,
         )
+        self._reserve_script = self._redis.register_script(_RESERVE_LUA)
+        self._reserved_script = self._redis.register_script(_RESERVED_LUA)
+        self._release_script = self._redis.register_script(_RELEASE_LUA)
 
     @staticmethod
     def _row_id(dims: Dims) -> str:
@@ -382,6 +506,70 @@ class RedisLedger:
             log.warning("ledger.spend_unavailable", extra={"error": type(exc).__name__})
             return 0.0
         return int(raw or 0) / PICO
+
+    def _budget_keys(self, tenant: str, period_key: str) -> list[str]:
+        return [
+            f"{self._prefix}:{kind}:{tenant}:{period_key}"
+            for kind in ("spend", "reserved", "leases")
+        ]
+
+    async def reserve(
+        self, tenant: str, period: str, *, cost_usd: float, limit_usd: float
+    ) -> Reservation:
+        """Check and hold in one script, so replicas see each other's reservations.
+
+        While Redis is down budgets fail open: granted, with nothing held, if the cost
+        alone fits the limit.
+        """
+        now = self._buckets.now()
+        key = period_key(period, now)
+        cost, limit = to_pico(cost_usd), to_pico(limit_usd)
+        lease = Reservation(tenant=tenant, period_key=key, cost_pico=cost, is_granted=True)
+        try:
+            is_granted, spent, reserved = await self._reserve_script(
+                keys=self._budget_keys(tenant, key),
+                args=[now, cost, limit, self._lease(lease), RESERVATION_TTL_S],
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("ledger.reserve_unavailable", extra={"error": type(exc).__name__})
+            return replace(lease, is_granted=_fits(spent=0, reserved=0, cost=cost, limit=limit))
+        except BaseException:
+            # Cancelled awaiting the reply: the script may have held it; give it back now.
+            with contextlib.suppress(Exception):
+                await self.release(lease)
+            raise
+        return replace(
+            lease, is_granted=bool(is_granted), spent_pico=int(spent), reserved_pico=int(reserved)
+        )
+
+    async def reserved_usd(self, tenant: str, period: str) -> float:
+        """What `tenant`'s calls in flight hold in the current `period` (0 while Redis is down)."""
+        now = self._buckets.now()
+        try:
+            raw = await self._reserved_script(
+                keys=self._budget_keys(tenant, period_key(period, now)), args=[now]
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("ledger.spend_unavailable", extra={"error": type(exc).__name__})
+            return 0.0
+        return int(raw) / PICO
+
+    async def release(self, reservation: Reservation) -> None:
+        """Stop holding `reservation` (idempotent); if Redis is down, its lease lapses."""
+        if not reservation.is_granted:
+            return
+        _, reserved_key, leases_key = self._budget_keys(reservation.tenant, reservation.period_key)
+        try:
+            await self._release_script(
+                keys=[reserved_key, leases_key],
+                args=[self._lease(reservation), reservation.cost_pico],
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("ledger.release_failed", extra={"error": type(exc).__name__})
+
+    @staticmethod
+    def _lease(reservation: Reservation) -> str:
+        return f"{reservation.id}:{reservation.cost_pico}"
 
     async def aclose(self) -> None:
         """Close the connection pool."""

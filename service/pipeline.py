@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, cast
 
-from service.budgets import Budgets
+from service.budgets import BudgetHold, Budgets
 from service.calibration import TokenCalibration
 from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
@@ -75,11 +75,6 @@ class Pipeline:
     def context_window(self, model: str) -> int:
         """The model's context window from the catalog (a safe default when unlisted)."""
         return self._prices.context_window(model, _DEFAULT_CONTEXT_WINDOW)
-
-    async def check_budget(self, prepared: PreparedRequest) -> None:
-        """Refuse with `QuotaExceeded` before any upstream work if the tenant's budget is spent."""
-        if self._config.budgets:
-            await self._budgets.check(prepared.request, prompt_tokens=prepared.prompt_tokens)
 
     async def account(self, request: ChatRequest, completion: Completion) -> None:
         """Record a finished call on the RPC span, the cost metrics and the usage ledger.
@@ -157,26 +152,29 @@ class Pipeline:
         started = time.monotonic()
         prepared = self.prepare(request)
         request = prepared.request
-        fetch = functools.partial(self._complete, prepared, deadline, started)
-        if self._cache is None:
-            completion = await fetch()
-        else:
-            completion = await self._cache.complete(request, fetch=fetch, deadline=deadline)
-            completion = _with_dropped(completion, prepared.dropped)
-        # Accounted per caller: a cache hit or a coalesced call records 0 cost, saved cost.
-        await self.account(request, completion)
+        # A cache miss reserves its expected cost against the tenant's budget; it is released
+        # only after account() (or on failure), so the cost always counts, reserved or spent.
+        async with self._budgets.holding() as hold:
+            fetch = functools.partial(self._complete, prepared, hold, deadline, started)
+            if self._cache is None:
+                completion = await fetch()
+            else:
+                completion = await self._cache.complete(request, fetch=fetch, deadline=deadline)
+                completion = _with_dropped(completion, prepared.dropped)
+            # Accounted per caller: a cache hit or a coalesced call records 0 cost, saved cost.
+            await self.account(request, completion)
         return completion
 
     async def _complete(
-        self, prepared: PreparedRequest, deadline: Deadline, started: float
+        self, prepared: PreparedRequest, hold: BudgetHold, deadline: Deadline, started: float
     ) -> Completion:
-        """The upstream call behind a cache miss; budgets are checked only here."""
-        await self.check_budget(prepared)
+        """The upstream call behind a cache miss; budgets are checked and reserved only here."""
         request = prepared.request
         log = AttemptLog()
-        reply = await self._pool.complete(
-            request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
-        )
+        async with hold.reserving(request, prompt_tokens=prepared.prompt_tokens):
+            reply = await self._pool.complete(
+                request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
+            )
         usage = self._usage(prepared, reply.content, reply.usage)
         upstream_ms = log.upstream_s * _MS
         return Completion(
@@ -203,44 +201,45 @@ class Pipeline:
         started = time.monotonic()
         prepared = self.prepare(request)
         request = prepared.request
-        fetch = functools.partial(self._stream, prepared, deadline, started)
-        events = (
-            fetch()
-            if self._cache is None
-            else self._cache.stream(request, fetch=fetch, deadline=deadline)
-        )
-        async with contextlib.aclosing(events):
-            async for event in events:
-                if isinstance(event, Completion):
-                    completion = _with_dropped(event, prepared.dropped)
-                    await self.account(request, completion)
-                    yield completion
-                else:
-                    yield event
+        async with self._budgets.holding() as hold:  # released after account(), as in complete()
+            fetch = functools.partial(self._stream, prepared, hold, deadline, started)
+            events = (
+                fetch()
+                if self._cache is None
+                else self._cache.stream(request, fetch=fetch, deadline=deadline)
+            )
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, Completion):
+                        completion = _with_dropped(event, prepared.dropped)
+                        await self.account(request, completion)
+                        yield completion
+                    else:
+                        yield event
 
     async def _stream(
-        self, prepared: PreparedRequest, deadline: Deadline, started: float
+        self, prepared: PreparedRequest, hold: BudgetHold, deadline: Deadline, started: float
     ) -> AsyncGenerator[Delta | Completion, None]:
-        """The upstream stream behind a cache miss; budgets are checked only here."""
-        await self.check_budget(prepared)
+        """The upstream stream behind a cache miss; budgets are checked and reserved only here."""
         request = prepared.request
         log = AttemptLog()
         parts: list[str] = []
         end: StreamEnd | None = None
-        # Closed here, at once, when this stream is: not later by a GC hook's own task.
-        upstream = cast(
-            AsyncGenerator[StreamEvent, None],
-            self._pool.stream(
-                request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
-            ),
-        )
-        async with contextlib.aclosing(upstream):
-            async for event in upstream:
-                if isinstance(event, TextChunk):
-                    parts.append(event.content)
-                    yield Delta(event.content)
-                else:
-                    end = event
+        async with hold.reserving(request, prompt_tokens=prepared.prompt_tokens):
+            # Closed here, at once, when this stream is: not later by a GC hook's own task.
+            upstream = cast(
+                AsyncGenerator[StreamEvent, None],
+                self._pool.stream(
+                    request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
+                ),
+            )
+            async with contextlib.aclosing(upstream):
+                async for event in upstream:
+                    if isinstance(event, TextChunk):
+                        parts.append(event.content)
+                        yield Delta(event.content)
+                    else:
+                        end = event
         if end is None:  # the pool always ends a stream with StreamEnd or raises
             raise RuntimeError("stream ended without its end event")
         content = "".join(parts)

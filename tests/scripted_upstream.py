@@ -27,7 +27,8 @@ class ScriptedUpstream(FakeUpstream):
     """Answers each request with `respond(body)` when set, and tracks concurrency.
 
     `in_flight` is how many requests are being answered now, `peak_in_flight` the most
-    there ever were at once, and `finished` how many answers were completed.
+    there ever were at once, and `finished` how many answers were completed. While
+    `gate` is cleared every request is held (in flight) before it is answered.
     """
 
     def __init__(
@@ -39,6 +40,8 @@ class ScriptedUpstream(FakeUpstream):
         self.peak_in_flight = 0
         self.finished = 0
         self._changed = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.gate.set()
 
     async def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
         """Wait until `predicate()` holds after some request started or ended."""
@@ -55,6 +58,7 @@ class ScriptedUpstream(FakeUpstream):
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         self._changed.set()
         try:
+            await self.gate.wait()
             response = await super()._play(request, body, chosen or behaviour)
             self.finished += 1
             return response

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime as dt
 import itertools
 
@@ -9,15 +11,18 @@ import pytest
 
 from service.budgets import Budgets
 from service.config import BudgetConfig, LedgerConfig, ModelConfig
-from service.domain import ChatRequest, Message, Role, Usage
+from service.domain import ChatRequest, GenerationParams, Message, Role, Usage
 from service.errors import QuotaExceeded
 from service.ledger import (
+    PICO,
+    RESERVATION_TTL_S,
     MemoryLedger,
     RedisLedger,
     UsageEntry,
     UsageFilter,
     period_end_s,
     period_key,
+    to_pico,
     total_of,
 )
 from service.pricing import PriceList
@@ -173,8 +178,12 @@ def request_of(tenant: str) -> ChatRequest:
 
 
 async def check(budgets: Budgets, request: ChatRequest) -> None:
-    """`budgets.check` with the request's prompt estimated, as `Pipeline.prepare` does."""
-    await budgets.check(request, prompt_tokens=estimate_prompt_tokens(request.messages))
+    """`budgets.reserve` with the prompt estimated as `Pipeline.prepare` does, then released."""
+    reservation = await budgets.reserve(
+        request, prompt_tokens=estimate_prompt_tokens(request.messages)
+    )
+    if reservation is not None:
+        await budgets.release(reservation)
 
 
 async def test_budget_refuses_once_spent_until_the_period_resets():
@@ -211,6 +220,32 @@ async def test_budget_counts_the_prompt_of_the_call_about_to_be_made():
         await check(budgets, big)
 
 
+async def test_budget_reserves_max_tokens_as_output_and_says_what_calls_in_flight_hold():
+    """With max_tokens set the output it allows is reserved, and refusals count it."""
+    clock = WallClock(NOON)
+    ledger = MemoryLedger(wall_clock=clock)
+    budgets = Budgets(
+        {"acme": BudgetConfig(usd=0.005, period="day")},
+        ledger=ledger,
+        prices=PRICES,
+        wall_clock=clock,
+    )
+    capped = dataclasses.replace(request_of("acme"), params=GenerationParams(max_tokens=1000))
+    prompt_tokens = estimate_prompt_tokens(capped.messages)
+    expected = (prompt_tokens * 1.0 + 1000 * 2.0) / 1e6
+    assert budgets.expected_cost_usd(capped, prompt_tokens=prompt_tokens) == expected
+    held = [await budgets.reserve(capped, prompt_tokens=prompt_tokens) for _ in range(2)]
+    assert await ledger.reserved_usd("acme", "day") == pytest.approx(2 * expected, abs=1e-12)
+    with pytest.raises(QuotaExceeded, match=r"reserved \$0\.004\d+ for calls in flight") as refused:
+        await budgets.reserve(capped, prompt_tokens=prompt_tokens)
+    assert refused.value.subject == "tenant:acme"
+    await check(budgets, request_of("acme"))  # no max_tokens: only its prompt is reserved
+    for reservation in held:
+        assert reservation is not None
+        await budgets.release(reservation)
+    assert await ledger.reserved_usd("acme", "day") == 0.0
+
+
 async def test_memory_ledger_forgets_usage_past_retention():
     """Rows older than retention_days are dropped when a new bucket starts."""
     clock = WallClock(NOON)
@@ -223,11 +258,83 @@ async def test_memory_ledger_forgets_usage_past_retention():
 
 @pytest.mark.redis
 async def test_an_unreachable_redis_ledger_neither_fails_calls_nor_blocks_budgets():
-    """With Redis down, recording logs and returns, and spend reads as zero (fail open)."""
+    """Redis down: recording logs and returns, spend reads 0, a call that fits alone passes."""
     dead = LedgerConfig(redis_url="redis://127.0.0.1:1/0")
     ledger = RedisLedger(dead, wall_clock=WallClock(NOON))
     try:
         await ledger.record(entry())
         assert await ledger.spent_usd("acme", "day") == 0.0
+        reservation = await ledger.reserve("acme", "day", cost_usd=0.5, limit_usd=1.0)
+        assert reservation.is_granted
+        await ledger.release(reservation)
+        assert not (await ledger.reserve("acme", "day", cost_usd=5.0, limit_usd=1.0)).is_granted
     finally:
         await ledger.aclose()
+
+
+async def test_reservations_count_against_the_limit_until_released(make_ledger):
+    """Spent + reserved + cost must fit the limit; a release frees its cost exactly once."""
+    ledger = make_ledger(WallClock(NOON))
+    await ledger.record(entry(cost=0.25))
+    first = await ledger.reserve("acme", "day", cost_usd=0.5, limit_usd=1.0)
+    refused = await ledger.reserve("acme", "day", cost_usd=0.5, limit_usd=1.0)
+    exact = await ledger.reserve("acme", "day", cost_usd=0.25, limit_usd=1.0)
+    assert (first.is_granted, refused.is_granted, exact.is_granted) == (True, False, True)
+    assert (refused.spent_pico, refused.reserved_pico) == (PICO // 4, PICO // 2)
+    assert await ledger.reserved_usd("acme", "day") == 0.75
+    assert not (await ledger.reserve("acme", "day", cost_usd=0.0, limit_usd=1.0)).is_granted
+    await ledger.release(first)
+    await ledger.release(first)
+    await ledger.release(refused)
+    assert await ledger.reserved_usd("acme", "day") == 0.25
+    assert (await ledger.reserve("acme", "day", cost_usd=0.5, limit_usd=1.0)).is_granted
+
+
+async def test_concurrent_reservations_grant_only_what_fits(make_ledger):
+    """Ten calls checked at once against room for three: exactly three are granted."""
+    ledger = make_ledger(WallClock(NOON))
+    tries = await asyncio.gather(
+        *(ledger.reserve("acme", "month", cost_usd=0.1, limit_usd=0.35) for _ in range(10))
+    )
+    assert sum(r.is_granted for r in tries) == 3
+    assert await ledger.reserved_usd("acme", "month") == 0.3
+
+
+async def test_reservations_are_per_tenant_and_period(make_ledger):
+    """One tenant's reservations never limit another; a new day starts with none held."""
+    clock = WallClock(NOON)
+    ledger = make_ledger(clock)
+    yesterday = await ledger.reserve("acme", "day", cost_usd=1.0, limit_usd=1.0)
+    assert (await ledger.reserve("zeta", "day", cost_usd=1.0, limit_usd=1.0)).is_granted
+    assert await ledger.reserved_usd("acme", "month") == 0.0
+    clock.now = NOON + 86400
+    assert await ledger.reserved_usd("acme", "day") == 0.0
+    today = await ledger.reserve("acme", "day", cost_usd=0.5, limit_usd=1.0)
+    await ledger.release(yesterday)  # released in its own day, not from today's
+    assert today.is_granted
+    assert await ledger.reserved_usd("acme", "day") == 0.5
+
+
+@pytest.mark.redis
+async def test_redis_reservations_are_shared_and_lapse_when_never_released(redis_url):  # noqa: F811
+    """Replicas on one Redis see each other's reservations; an unreleased one lapses."""
+    clock = WallClock(NOON)
+    config = LedgerConfig(redis_url=redis_url, key_prefix=f"t{next(_prefixes)}")
+    first, second = RedisLedger(config, wall_clock=clock), RedisLedger(config, wall_clock=clock)
+    try:
+        crashed = await first.reserve("acme", "day", cost_usd=0.75, limit_usd=1.0)
+        refused = await second.reserve("acme", "day", cost_usd=0.5, limit_usd=1.0)
+        assert crashed.is_granted
+        assert not refused.is_granted
+        assert refused.reserved_pico == to_pico(0.75)
+        clock.now = NOON + RESERVATION_TTL_S - 1
+        assert await second.reserved_usd("acme", "day") == 0.75
+        clock.now = NOON + RESERVATION_TTL_S + 1
+        assert await second.reserved_usd("acme", "day") == 0.0
+        later = await second.reserve("acme", "day", cost_usd=0.5, limit_usd=1.0)
+        await first.release(crashed)  # lapsed already: must not free the later one's cost
+        assert later.is_granted
+        assert await first.reserved_usd("acme", "day") == 0.5
+    finally:
+        await first.aclose()
+        await second.aclose()

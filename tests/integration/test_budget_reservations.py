@@ -1,0 +1,268 @@
+"""Budgets count the expected cost of calls still in flight, per tenant and across replicas.
+
+Every call here sets `max_tokens`, so its expected cost (prompt as input plus
+`max_tokens` as output) is what it reserves. The upstream holds its answers until
+`gate` is set, so the calls overlap for as long as a test needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from google.rpc import error_details_pb2
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service.config import ModelConfig
+from service.domain import Message, Role, Usage
+from service.pricing import cost_usd
+from service.tokens import estimate_prompt_tokens
+from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
+from tests.fake_upstream import Status
+from tests.integration.helpers import retry_delay_s, rich_status
+from tests.integration.tenancy_helpers import as_tenant, secure_config
+from tests.redis_support import redis_url  # noqa: F401 - fixture
+from tests.scripted_upstream import ScriptedUpstream
+
+MAX_TOKENS = 1000
+PRICE = ModelConfig(context_window=4096, input_usd_per_million=0.14, output_usd_per_million=0.42)
+_TIMEOUT_S = 10.0
+
+
+def expected_cost_usd(content: str) -> float:
+    """What a call with one user message `content` reserves: prompt in, max_tokens out."""
+    prompt = estimate_prompt_tokens((Message(Role.USER, content),))
+    return cost_usd(Usage(input_tokens=prompt, output_tokens=MAX_TOKENS), PRICE)
+
+
+def budget_for(calls: float, content: str = "call a") -> dict[str, Any]:
+    """A daily budget with room for `calls` calls like `content` in flight."""
+    return {"usd": calls * expected_cost_usd(content), "period": "day"}
+
+
+def capped(content: str, **fields: Any) -> pb.CompleteRequest:
+    """A unary request with max_tokens set."""
+    params = pb.GenerationParams(max_tokens=MAX_TOKENS, **fields)
+    return chat(content, params=params)
+
+
+def capped_stream(content: str) -> pb.CompleteStreamRequest:
+    """A streamed request with max_tokens set."""
+    return chat_stream(content, params=pb.GenerationParams(max_tokens=MAX_TOKENS))
+
+
+@pytest_asyncio.fixture
+async def held() -> AsyncIterator[ScriptedUpstream]:
+    """An upstream that holds every answer while its gate is cleared."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        yield fake
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def ledger(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The ledger section: in memory, or in a real Redis under a prefix of its own."""
+    if request.param == "memory":
+        return {}
+    return {"redis_url": request.getfixturevalue("redis_url"), "key_prefix": uuid.uuid4().hex}
+
+
+async def outcome(call: Awaitable[Any]) -> Any:
+    """The call's result, or the gRPC error it failed with."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        return exc
+
+
+async def streamed(gateway: RunningGateway, content: str, **kwargs: Any) -> list[Any]:
+    """Every response of one CompleteStream call."""
+    return [e async for e in gateway.stub.CompleteStream(capped_stream(content), **kwargs)]
+
+
+def assert_budget_refused(error: Any, tenant: str = "default") -> None:
+    """RESOURCE_EXHAUSTED with QuotaFailure on the tenant and RetryInfo until the reset."""
+    assert isinstance(error, grpc.aio.AioRpcError), f"expected a refusal, got {error!r}"
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "reserved" in error.details()
+    quota = error_details_pb2.QuotaFailure()
+    assert any(d.Unpack(quota) for d in rich_status(error).details)
+    assert quota.violations[0].subject == f"tenant:{tenant}"
+    assert 0 < (retry_delay_s(error) or 0) <= 86400
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Wait until `predicate()` holds."""
+    async with asyncio.timeout(_TIMEOUT_S):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def nothing_reserved(gateway: RunningGateway, tenant: str = "default") -> None:
+    """Wait until the gateway's ledger holds no reservation for `tenant`."""
+    async with asyncio.timeout(_TIMEOUT_S):
+        while await gateway.server.pipeline.ledger.reserved_usd(tenant, "day"):
+            await asyncio.sleep(0.01)
+
+
+async def test_concurrent_calls_past_the_budget_never_reach_the_upstream(
+    held, start_gateway, ledger
+):
+    """Eight calls at once, unary and streamed, on room for three: three go upstream."""
+    fits, calls = 3, 8
+    contents = [f"call {letter}" for letter in "abcdefgh"]
+    assert len({expected_cost_usd(c) for c in contents}) == 1
+    gateway = await start_gateway(
+        gateway_config(held.base_url, ledger=ledger, budgets={"default": budget_for(fits)})
+    )
+    held.gate.clear()
+
+    async def call(index: int) -> Any:
+        if index % 2:
+            return await outcome(streamed(gateway, contents[index]))
+        return await outcome(gateway.stub.Complete(capped(contents[index])))
+
+    tasks = [asyncio.create_task(call(i)) for i in range(calls)]
+    first_done = asyncio.as_completed(tasks, timeout=_TIMEOUT_S)
+    refusals = [await next_done for next_done in itertools.islice(first_done, calls - fits)]
+    for refusal in refusals:
+        assert_budget_refused(refusal)
+    await held.wait_until(lambda: held.in_flight == fits)
+    held.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert sum(isinstance(r, grpc.aio.AioRpcError) for r in results) == calls - fits
+    assert len(held.requests) == fits
+    await nothing_reserved(gateway)
+    assert (await gateway.stub.Complete(capped("call z"))).content
+
+
+async def cancel_unary(gateway: RunningGateway, held: ScriptedUpstream) -> None:
+    """A unary call held upstream, then cancelled by its caller."""
+    call = gateway.stub.Complete(capped("call a"))
+    await held.wait_until(lambda: held.in_flight == 1)
+    await asserting_the_next_call_is_refused(gateway)
+    call.cancel()
+    await held.wait_for_disconnect()
+
+
+async def cancel_stream(gateway: RunningGateway, held: ScriptedUpstream) -> None:
+    """A streamed call held upstream, then cancelled by its caller."""
+    call = gateway.stub.CompleteStream(capped_stream("call a"))
+    reading = asyncio.create_task(call.read())
+    await held.wait_until(lambda: held.in_flight == 1)
+    await asserting_the_next_call_is_refused(gateway)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):  # how grpc.aio ends a read it cancelled
+        await reading
+    await held.wait_for_disconnect()
+
+
+async def succeed(gateway: RunningGateway, held: ScriptedUpstream) -> None:
+    """A unary call held upstream, then answered."""
+    call = asyncio.create_task(outcome(gateway.stub.Complete(capped("call a"))))
+    await held.wait_until(lambda: held.in_flight == 1)
+    await asserting_the_next_call_is_refused(gateway)
+    held.gate.set()
+    assert (await call).content
+
+
+async def fail_upstream(gateway: RunningGateway, held: ScriptedUpstream) -> None:
+    """A streamed call held upstream, then failed by it (503, no retry)."""
+    held.script(Status(503))
+    call = asyncio.create_task(outcome(streamed(gateway, "call a")))
+    await held.wait_until(lambda: held.in_flight == 1)
+    await asserting_the_next_call_is_refused(gateway)
+    held.gate.set()
+    assert (await call).code() is grpc.StatusCode.UNAVAILABLE
+
+
+async def asserting_the_next_call_is_refused(gateway: RunningGateway) -> None:
+    """While the first call is in flight its reservation leaves no room for another."""
+    assert_budget_refused(await outcome(gateway.stub.Complete(capped("call b"))))
+
+
+@pytest.mark.parametrize("end", [succeed, fail_upstream, cancel_unary, cancel_stream])
+async def test_a_reservation_is_released_however_its_call_ends(held, start_gateway, ledger, end):
+    """Success, upstream failure or the caller cancelling: the next call passes."""
+    config = gateway_config(
+        held.base_url,
+        ledger=ledger,
+        budgets={"default": budget_for(1.5)},
+        resilience={"attempts": 1},
+    )
+    gateway = await start_gateway(config)
+    held.gate.clear()
+    await end(gateway, held)
+    await nothing_reserved(gateway)
+    held.gate.set()
+    assert (await gateway.stub.Complete(capped("call c"))).content
+    assert len(held.requests) == 2
+
+
+async def test_a_shared_cache_flight_releases_after_its_first_caller_left(held, start_gateway):
+    """The caller that started a flight cancels; the flight serves the other, then releases."""
+    config = gateway_config(
+        held.base_url, cache={"backend": "memory"}, budgets={"default": budget_for(1.5)}
+    )
+    gateway = await start_gateway(config)
+    cache = gateway.server.pipeline.cache
+    held.gate.clear()
+    first = gateway.stub.Complete(capped("call a", temperature=0.0))
+    await held.wait_until(lambda: held.in_flight == 1)
+    second = asyncio.create_task(outcome(gateway.stub.Complete(capped("call a", temperature=0.0))))
+    await until(lambda: cache.stats.coalesced == 1)
+    await asserting_the_next_call_is_refused(gateway)
+    first.cancel()
+    await until(lambda: gateway.server.admission.in_flight == 1)  # the gateway let it go
+    held.gate.set()
+    answer = await second
+    assert answer.metadata.cache_hit
+    await nothing_reserved(gateway)
+    assert (await gateway.stub.Complete(capped("call c"))).content
+    assert len(held.requests) == 2
+
+
+@pytest.mark.redis
+async def test_replicas_on_one_redis_see_each_others_reservations(
+    held,
+    start_gateway,
+    redis_url,  # noqa: F811
+):
+    """A call in flight on one gateway leaves no room on the other until it is recorded."""
+    ledger = {"redis_url": redis_url, "key_prefix": uuid.uuid4().hex}
+    config = gateway_config(held.base_url, ledger=ledger, budgets={"default": budget_for(1.5)})
+    first, second = await start_gateway(config), await start_gateway(config)
+    held.gate.clear()
+    call = asyncio.create_task(outcome(first.stub.Complete(capped("call a"))))
+    await held.wait_until(lambda: held.in_flight == 1)
+    assert_budget_refused(await outcome(second.stub.Complete(capped("call b"))))
+    assert_budget_refused(await outcome(streamed(second, "call b")))
+    held.gate.set()
+    assert (await call).content
+    assert (await second.stub.Complete(capped("call c"))).content
+    assert len(held.requests) == 2
+
+
+async def test_one_tenants_reservations_never_limit_another(held, start_gateway, ledger):
+    """team-a's call in flight fills team-a's budget only; team-b's call goes upstream."""
+    config = secure_config(held.base_url, ledger=ledger, budgets={"*": budget_for(1.5)})
+    gateway = await start_gateway(config)
+    held.gate.clear()
+    team_a = asyncio.create_task(
+        outcome(gateway.stub.Complete(capped("call a"), metadata=as_tenant("team-a")))
+    )
+    await held.wait_until(lambda: held.in_flight == 1)
+    team_b = asyncio.create_task(
+        outcome(gateway.stub.Complete(capped("call b"), metadata=as_tenant("team-b")))
+    )
+    await held.wait_until(lambda: held.in_flight == 2)
+    refused = await outcome(gateway.stub.Complete(capped("call c"), metadata=as_tenant("team-a")))
+    assert_budget_refused(refused, tenant="team-a")
+    held.gate.set()
+    assert (await team_a).content
+    assert (await team_b).content
