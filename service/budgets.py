@@ -134,6 +134,11 @@ class BudgetHold:
         else:
             self._kept.append(reservation)
 
+    @property
+    def caller_has_left(self) -> bool:
+        """Whether the caller has left (`close`d), with its upstream part maybe still running."""
+        return self._is_closed
+
     async def close(self) -> None:
         """Release what was kept; anything reserved from now on releases itself."""
         self._is_closed = True

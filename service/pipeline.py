@@ -177,7 +177,7 @@ class Pipeline:
             )
         usage = self._usage(prepared, reply.content, reply.usage)
         upstream_ms = log.upstream_s * _MS
-        return Completion(
+        completion = Completion(
             id=reply.id or f"gw-{uuid.uuid4().hex}",
             model=reply.model,
             content=reply.content,
@@ -193,6 +193,19 @@ class Pipeline:
             ),
             dropped_messages=prepared.dropped,
         )
+        await self._account_if_caller_left(hold, request, completion)
+        return completion
+
+    async def _account_if_caller_left(
+        self, hold: BudgetHold, request: ChatRequest, completion: Completion
+    ) -> None:
+        """Record a call whose caller left while others still followed it (a shared flight).
+
+        The followers record what they were served as cache hits, at no cost; without this
+        the upstream's charge for the call would be recorded for no one.
+        """
+        if hold.caller_has_left:
+            await self.account(request, completion)
 
     async def stream(
         self, request: ChatRequest, *, deadline: Deadline
@@ -260,6 +273,7 @@ class Pipeline:
             ),
             dropped_messages=prepared.dropped,
         )
+        await self._account_if_caller_left(hold, request, completion)
         yield completion
 
 

@@ -227,6 +227,53 @@ async def test_a_shared_cache_flight_releases_after_its_first_caller_left(held, 
     assert len(held.requests) == 2
 
 
+@pytest.mark.parametrize("kind", ["unary", "stream"])
+async def test_a_shared_flight_whose_first_caller_left_is_still_charged(held, start_gateway, kind):
+    """The upstream's charge for a shared call is recorded once, for the caller's tenant,
+    even when the caller that started it cancelled and only a follower (charged nothing,
+    as a cache hit) got the answer."""
+    gateway = await start_gateway(gateway_config(held.base_url, cache={"backend": "memory"}))
+    cache = gateway.server.pipeline.cache
+    held.gate.clear()
+    stream_request = chat_stream("call a", params=pb.GenerationParams(temperature=0.0))
+
+    def call() -> Any:  # gRPC starts a call as soon as it is made
+        if kind == "unary":
+            return gateway.stub.Complete(capped("call a", temperature=0.0))
+        return gateway.stub.CompleteStream(stream_request)
+
+    first = call()
+    first_read = asyncio.create_task(outcome(first if kind == "unary" else first.read()))
+    await held.wait_until(lambda: held.in_flight == 1)
+    follower = call()
+    second = asyncio.create_task(outcome(follower if kind == "unary" else _final_of(follower)))
+    await until(lambda: cache.stats.coalesced == 1)
+    first.cancel()
+    await until(lambda: gateway.server.admission.in_flight == 1)  # the gateway let it go
+    held.gate.set()
+    answer = await second
+    metadata = answer.metadata if kind == "unary" else answer  # a stream's final message
+    assert metadata.cache_hit
+    assert metadata.cost_usd == 0
+    first_read.cancel()
+    usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+    async with asyncio.timeout(_TIMEOUT_S):
+        while usage.total.requests < 2:  # the flight records after serving its follower
+            await asyncio.sleep(0.01)
+            usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+    assert usage.total.requests == 2  # the flight's call and the follower's hit
+    assert usage.total.cost_usd == pytest.approx(
+        cost_usd(Usage(input_tokens=7, output_tokens=3), PRICE), abs=1e-12
+    )
+    assert len(held.requests) == 1
+
+
+async def _final_of(call: Any) -> Any:
+    """The final message of a CompleteStream call."""
+    items = [item async for item in call]
+    return items[-1].final
+
+
 @pytest.mark.redis
 async def test_replicas_on_one_redis_see_each_others_reservations(
     held,
