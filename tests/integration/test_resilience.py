@@ -581,3 +581,25 @@ async def test_limiter_slows_down_when_the_upstream_says_none_remain(start_gatew
         assert 0.9 <= elapsed < 3.0
         gap = fake.requests[1].received_at - fake.requests[0].received_at
         assert gap >= 0.9  # the upstream never saw the call it would have refused
+
+
+async def test_a_call_queued_for_a_slot_honours_a_retry_after_given_meanwhile(start_gateway):
+    """A 429's Retry-After pauses the upstream for calls already queued on its limiter too.
+
+    With max_concurrency 1, the second call waits for the first one's slot; the first gets
+    a 429 asking for a 1 s pause. The slot it hands over must not send the queued call
+    to the upstream before that second has passed.
+    """
+    async with FakeUpstream() as fake:
+        fake.script(Status(429, headers={"Retry-After": "1"}, delay_s=0.3))
+        config = gateway_config(fake.base_url, resilience={**FAST_RESILIENCE, "attempts": 1})
+        gateway = await start_gateway(dataclass_replace_upstream(config, max_concurrency=1))
+        first = asyncio.ensure_future(gateway.stub.Complete(chat()))
+        assert await settle(lambda: len(fake.requests) == 1)
+        second = asyncio.ensure_future(gateway.stub.Complete(chat()))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await first
+        response = await second
+        assert response.content == "Hello from fake"
+        answered_429_at = fake.requests[0].received_at + 0.3
+        assert fake.requests[1].received_at - answered_429_at >= 0.9
