@@ -353,6 +353,11 @@ class UpstreamPool:
         # A retry follows an attempt that was sent and failed; a route skipped before any
         # was sent (the gateway's own limits, an open circuit) leaves this a first attempt.
         if last_error is not None and last_route is not None:
+            if not state.budget.can_retry():  # other calls spent it while this one waited
+                state.limiter.release()
+                state.breaker.release()
+                plan.exclude(route, "retry budget exhausted")
+                return None
             state.budget.record_retry()
         else:
             state.budget.record_request()

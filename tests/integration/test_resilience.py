@@ -603,3 +603,28 @@ async def test_a_call_queued_for_a_slot_honours_a_retry_after_given_meanwhile(st
         assert response.content == "Hello from fake"
         answered_429_at = fake.requests[0].received_at + 0.3
         assert fake.requests[1].received_at - answered_429_at >= 0.9
+
+
+async def test_retry_budget_holds_for_calls_failing_at_once(start_gateway):
+    """Calls that fail together share one budget: with ratio 0.5, 10 calls retry at most 5.
+
+    Each call waits (Retry-After) between deciding to retry and sending the retry; the
+    budget must count the retries already decided, not only those already sent.
+    """
+    failing = Status(503, headers={"Retry-After": "0.3"}, delay_s=0.2)
+    async with FakeUpstream(default=failing) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 2,
+            "retry_budget_ratio": 0.5,
+            "retry_budget_min_retries": 0,
+            "breaker_consecutive_failures": 1000,
+            "breaker_min_calls": 1000,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        calls = 10
+        results = await asyncio.gather(
+            *(gateway.stub.Complete(chat()) for _ in range(calls)), return_exceptions=True
+        )
+        assert all(isinstance(r, grpc.aio.AioRpcError) for r in results)
+        assert len(fake.requests) <= calls * 1.5
