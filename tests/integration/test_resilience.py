@@ -35,6 +35,7 @@ from tests.fake_upstream import (
     Reset,
     Status,
 )
+from tests.scripted_upstream import ScriptedUpstream, user_text
 
 # Small waits keep the matrix fast; the bounds below are generous for a loaded 2-core box.
 FAST_RESILIENCE = {
@@ -628,3 +629,35 @@ async def test_retry_budget_holds_for_calls_failing_at_once(start_gateway):
         )
         assert all(isinstance(r, grpc.aio.AioRpcError) for r in results)
         assert len(fake.requests) <= calls * 1.5
+
+
+async def test_half_open_lets_one_probe_through_while_older_calls_end(start_gateway):
+    """A call sent before the breaker opened, ending during the probe, frees no second probe.
+
+    The old call's 400 says nothing about the upstream's health; it must not release the
+    probe slot of the call that is probing.
+    """
+    behaviours = {"old": Status(400, delay_s=1.5), "fail": Status(500), "probe": Reply(delay_s=2.0)}
+    async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 0.5,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        old = asyncio.ensure_future(gateway.stub.Complete(chat("old")))
+        assert await settle(lambda: fake.in_flight == 1)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("fail"))  # opens the breaker
+        await asyncio.sleep(0.6)  # the cool-down: the breaker is half-open
+        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
+        assert await settle(lambda: fake.in_flight == 2)
+        with pytest.raises(grpc.aio.AioRpcError) as rejected:
+            await old
+        assert rejected.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat("another"))
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert [user_text(r.body) for r in fake.requests] == ["old", "fail", "probe"]
+        assert (await probe).content == "Hello from fake"
