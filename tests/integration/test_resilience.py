@@ -637,7 +637,7 @@ async def test_half_open_lets_one_probe_through_while_older_calls_end(start_gate
     The old call's 400 says nothing about the upstream's health; it must not release the
     probe slot of the call that is probing.
     """
-    behaviours = {"old": Status(400, delay_s=1.5), "fail": Status(500), "probe": Reply(delay_s=2.0)}
+    behaviours = {"old": Status(400, delay_s=2.0), "fail": Status(500), "probe": Reply(delay_s=2.5)}
     async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
         resilience = {
             **FAST_RESILIENCE,
