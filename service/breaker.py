@@ -113,9 +113,14 @@ class CircuitBreaker:
             self._probe_in_flight = True
         return True
 
-    def release(self) -> None:
-        """A claimed call ended without an outcome that says anything about health."""
-        self._probe_in_flight = False
+    def release(self, *, is_probe: bool) -> None:
+        """A claimed call ended without an outcome that says anything about health.
+
+        `is_probe`: the call was claimed half-open, as the probe. Only its end frees the
+        probe slot: a call sent before the breaker opened may end during the probe.
+        """
+        if is_probe:
+            self._probe_in_flight = False
 
     def record_success(self) -> None:
         """The upstream answered."""

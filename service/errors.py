@@ -266,7 +266,13 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
+# The longest wait a `google.protobuf.Duration` holds (10,000 years). An upstream may send
+# a longer, still valid, `Retry-After`; it is passed on as this.
+_MAX_RETRY_DELAY_S = 315_576_000_000
+
+
 def _duration(seconds: float) -> duration_pb2.Duration:
+    seconds = min(seconds, _MAX_RETRY_DELAY_S)
     whole = math.floor(seconds)
     return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
 
@@ -342,5 +348,6 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
 def pushback_trailer(exc: BaseException) -> tuple[tuple[str, str], ...]:
     """The `grpc-retry-pushback-ms` trailer that gRPC retry policies honour."""
     if isinstance(exc, QuotaExceeded | UpstreamRateLimited) and exc.retry_after_s is not None:
-        return ((RETRY_PUSHBACK_TRAILER, str(max(0, round(exc.retry_after_s * 1000)))),)
+        delay_ms = round(min(exc.retry_after_s, _MAX_RETRY_DELAY_S) * 1000)
+        return ((RETRY_PUSHBACK_TRAILER, str(max(0, delay_ms))),)
     return ()

@@ -144,6 +144,14 @@ class UpstreamLimiter:
             finally:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
+            if self.wait_s(tokens)[0] > 0:
+                # While this call queued, a 429 paused the upstream or the calls ahead of
+                # it spent the buckets: give the slot back and wait for the rate again.
+                self.release()
+                await self.acquire(
+                    tokens=tokens, max_wait_s=max_wait_s - (self._clock.now() - started)
+                )
+                return
         else:
             self.in_flight += 1
         now = self._clock.now()

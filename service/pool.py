@@ -299,8 +299,9 @@ class UpstreamPool:
         log_: AttemptLog,
         last_error: UpstreamError | None,
         last_route: Route | None,
-    ) -> float | None:
-        """Wait and pass breaker, budget and limiter; the attempt's timeout, or None to skip.
+    ) -> tuple[float, bool] | None:
+        """Wait and pass breaker, budget and limiter; the attempt's timeout and whether it is
+        the breaker's half-open probe, or None to skip.
 
         Raises the last error when the caller's deadline leaves no room for the attempt.
         """
@@ -342,23 +343,31 @@ class UpstreamPool:
         if not state.breaker.acquire():
             plan.exclude(route, "circuit open")
             return None
+        is_probe = state.breaker.state is BreakerState.HALF_OPEN
         max_wait = self.settings.max_limit_wait_s
         if left is not None:
             max_wait = min(max_wait, left - self.settings.min_attempt_s)
         try:
             await state.limiter.acquire(tokens=tokens, max_wait_s=max_wait)
         except BaseException:
-            state.breaker.release()
+            state.breaker.release(is_probe=is_probe)
             raise
         # A retry follows an attempt that was sent and failed; a route skipped before any
         # was sent (the gateway's own limits, an open circuit) leaves this a first attempt.
         if last_error is not None and last_route is not None:
+            if not state.budget.can_retry():  # other calls spent it while this one waited
+                state.limiter.release()
+                state.breaker.release(is_probe=is_probe)
+                plan.exclude(route, "retry budget exhausted")
+                return None
             state.budget.record_retry()
         else:
             state.budget.record_request()
-        return deadline.bound(route.client.config.timeout_s)
+        return deadline.bound(route.client.config.timeout_s), is_probe
 
-    def _after_failure(self, state: UpstreamState, exc: UpstreamError, deadline: Deadline) -> None:
+    def _after_failure(
+        self, state: UpstreamState, exc: UpstreamError, deadline: Deadline, *, is_probe: bool
+    ) -> None:
         """Tell the breaker and limiter what the failure says about the upstream."""
         if isinstance(exc, UpstreamAuthRejected):
             if not state.breaker.is_key_rejected:
@@ -369,11 +378,12 @@ class UpstreamPool:
                 )
             state.breaker.record_key_rejected()
         elif _hit_callers_deadline(exc, deadline):
-            state.breaker.release()  # the caller's deadline, not the upstream's fault
+            # The caller's deadline, not the upstream's fault.
+            state.breaker.release(is_probe=is_probe)
         elif counts_against_health(exc):
             state.breaker.record_failure(reason=describe(exc))
         else:
-            state.breaker.release()
+            state.breaker.release(is_probe=is_probe)
         if exc.retry_after_s is not None:
             # A 429 or 503 with Retry-After: no call goes to this upstream until then.
             state.limiter.pause(min(exc.retry_after_s, self.settings.max_retry_after_s))
@@ -455,8 +465,9 @@ class UpstreamPool:
         progress: _Progress,
         *,
         tokens: int,
-    ) -> tuple[Route, float] | None:
-        """The next route to try and its timeout, once waits and admission passed.
+    ) -> tuple[Route, float, bool] | None:
+        """The next route to try, its timeout and whether it is the breaker's probe, once
+        waits and admission passed.
 
         None when the attempts or the routes are used up; raises when the caller's
         deadline leaves no room for another attempt.
@@ -466,7 +477,7 @@ class UpstreamPool:
             if route is None:
                 return None
             try:
-                timeout_s = await self._prepare_attempt(
+                admitted = await self._prepare_attempt(
                     plan,
                     route,
                     request=request,
@@ -482,11 +493,11 @@ class UpstreamPool:
                 continue
             except UpstreamError as exc:
                 raise self._final(exc, deadline, log.attempts) from None
-            if timeout_s is None:
+            if admitted is None:
                 continue
             log.attempts += 1
             log.upstream = route.client.name
-            return route, timeout_s
+            return route, *admitted
         return None
 
     # -- the two call shapes ---------------------------------------------------------
@@ -504,7 +515,7 @@ class UpstreamPool:
         while attempt := await self._next_attempt(
             plan, request, deadline, log, progress, tokens=tokens
         ):
-            route, timeout_s = attempt
+            route, timeout_s, is_probe = attempt
             state = self._states[route.client.name]
             started = time.monotonic()
             headers: dict[str, str] = {}
@@ -522,7 +533,7 @@ class UpstreamPool:
                         content=reply.content,
                     )
             except UpstreamError as exc:
-                self._after_failure(state, exc, deadline)
+                self._after_failure(state, exc, deadline, is_probe=is_probe)
                 self._record(log, route, request, started=started, is_stream=False, error=exc)
                 if is_failover_only(exc):
                     plan.exclude(route, "key rejected")
@@ -531,7 +542,7 @@ class UpstreamPool:
                 progress.last_error, progress.last_route = exc, route
                 continue
             except BaseException as exc:  # cancelled: the caller went away
-                state.breaker.release()
+                state.breaker.release(is_probe=is_probe)
                 self._record(log, route, request, started=started, is_stream=False, error=exc)
                 raise
             finally:
@@ -559,7 +570,7 @@ class UpstreamPool:
         while attempt := await self._next_attempt(
             plan, request, deadline, log, progress, tokens=tokens
         ):
-            route, timeout_s = attempt
+            route, timeout_s, is_probe = attempt
             state = self._states[route.client.name]
             started = time.monotonic()
             deltas_sent = chars_sent = 0
@@ -605,7 +616,7 @@ class UpstreamPool:
                             yield event
                 return
             except UpstreamError as exc:
-                self._after_failure(state, exc, deadline)
+                self._after_failure(state, exc, deadline, is_probe=is_probe)
                 self._record(
                     log,
                     route,
@@ -629,7 +640,7 @@ class UpstreamPool:
                 progress.last_error, progress.last_route = exc, route
                 continue
             except BaseException as exc:  # cancelled, or the consumer stopped reading
-                state.breaker.release()
+                state.breaker.release(is_probe=is_probe)
                 if not is_finished:
                     self._record(
                         log,

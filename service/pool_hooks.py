@@ -9,7 +9,7 @@ plain totals, enough for tests, the bench and a metrics helper to read.
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -18,6 +18,9 @@ from service.breaker import BreakerChange
 
 log = logging.getLogger("llm_gateway.pool")
 _T = TypeVar("_T")
+# Breaker transitions kept by `PoolCounters`: the most recent only, so that an upstream
+# that flaps for months does not grow the process.
+RECENT_BREAKER_CHANGES = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +99,9 @@ class PoolCounters:
     failovers: int = 0
     upstream_errors: Counter[str] = field(default_factory=Counter)
     attempts_by_upstream: Counter[str] = field(default_factory=Counter)
-    breaker_changes: list[BreakerChange] = field(default_factory=list)
+    breaker_changes: deque[BreakerChange] = field(
+        default_factory=lambda: deque(maxlen=RECENT_BREAKER_CHANGES)
+    )
 
     def attach(self, hooks: PoolHooks) -> PoolCounters:
         """Subscribe to `hooks`; returns self."""

@@ -219,6 +219,9 @@ class RedisTenantLimiter:
         except Exception as exc:  # the limit store is down: admit, say so once per call
             log.warning("tenant_limits.store_unavailable", extra={"error": type(exc).__name__})
             which, wait = 0, b""
+            # A reply that timed out may follow a script that ran and took a lease: give
+            # it back at the end rather than hold the tenant's slot until it expires.
+            is_leased = bool(cap)
         except BaseException:
             # Cancelled awaiting the reply: the script may have taken a lease; give it back
             # now rather than hold the tenant's slot until the lease expires.

@@ -247,3 +247,32 @@ def test_keys_create_refuses_a_tenant_name_with_a_trailing_newline(tmp_path, cap
     stored = client.hgetall("t-newline:keys")
     client.close()
     assert stored == {}
+
+
+class _ReplyTimesOut(_ReplyNeverArrives):
+    """A Redis client whose admission script runs on the server but whose reply times out."""
+
+    def register_script(self, lua: str) -> Callable[..., Awaitable[Any]]:
+        """The real script, run for real; the caller then gets redis-py's timeout error."""
+        script = self.client.register_script(lua)
+
+        async def run(*, keys: list[str], args: list[object]) -> Any:
+            await script(keys=keys, args=args)
+            self.script_ran.set()
+            raise redis.TimeoutError("Timeout reading from socket")
+
+        return run
+
+
+async def test_a_call_admitted_without_a_reply_from_redis_leaves_no_lease(redis_url):
+    """Redis ran the admission script but its reply timed out: the call is admitted (fail
+    open) and ends without leaving a lease that holds the tenant's slot for 15 minutes."""
+    client = aioredis.Redis.from_url(redis_url)
+    limiter = RedisTenantLimiter(_ReplyTimesOut(client), prefix="t-timeout:")
+    limits = TenantConfig(max_concurrent_calls=1)
+    try:
+        async with limiter.admit("team-a", limits, tokens=10):
+            pass
+        assert await client.zcard("t-timeout:tenant:{team-a}:inflight") == 0
+    finally:
+        await client.aclose()

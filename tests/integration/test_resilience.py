@@ -35,6 +35,7 @@ from tests.fake_upstream import (
     Reset,
     Status,
 )
+from tests.scripted_upstream import ScriptedUpstream, user_text
 
 # Small waits keep the matrix fast; the bounds below are generous for a loaded 2-core box.
 FAST_RESILIENCE = {
@@ -581,3 +582,103 @@ async def test_limiter_slows_down_when_the_upstream_says_none_remain(start_gatew
         assert 0.9 <= elapsed < 3.0
         gap = fake.requests[1].received_at - fake.requests[0].received_at
         assert gap >= 0.9  # the upstream never saw the call it would have refused
+
+
+async def test_a_call_queued_for_a_slot_honours_a_retry_after_given_meanwhile(start_gateway):
+    """A 429's Retry-After pauses the upstream for calls already queued on its limiter too.
+
+    With max_concurrency 1, the second call waits for the first one's slot; the first gets
+    a 429 asking for a 1 s pause. The slot it hands over must not send the queued call
+    to the upstream before that second has passed.
+    """
+    async with FakeUpstream() as fake:
+        fake.script(Status(429, headers={"Retry-After": "1"}, delay_s=0.3))
+        config = gateway_config(fake.base_url, resilience={**FAST_RESILIENCE, "attempts": 1})
+        gateway = await start_gateway(dataclass_replace_upstream(config, max_concurrency=1))
+        first = asyncio.ensure_future(gateway.stub.Complete(chat()))
+        assert await settle(lambda: len(fake.requests) == 1)
+        second = asyncio.ensure_future(gateway.stub.Complete(chat()))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await first
+        response = await second
+        assert response.content == "Hello from fake"
+        answered_429_at = fake.requests[0].received_at + 0.3
+        assert fake.requests[1].received_at - answered_429_at >= 0.9
+
+
+async def test_retry_budget_holds_for_calls_failing_at_once(start_gateway):
+    """Calls that fail together share one budget: with ratio 0.5, 10 calls retry at most 5.
+
+    Each call waits (Retry-After) between deciding to retry and sending the retry; the
+    budget must count the retries already decided, not only those already sent.
+    """
+    failing = Status(503, headers={"Retry-After": "0.3"}, delay_s=0.2)
+    async with FakeUpstream(default=failing) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 2,
+            "retry_budget_ratio": 0.5,
+            "retry_budget_min_retries": 0,
+            "breaker_consecutive_failures": 1000,
+            "breaker_min_calls": 1000,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        calls = 10
+        results = await asyncio.gather(
+            *(gateway.stub.Complete(chat()) for _ in range(calls)), return_exceptions=True
+        )
+        assert all(isinstance(r, grpc.aio.AioRpcError) for r in results)
+        assert len(fake.requests) <= calls * 1.5
+
+
+async def test_half_open_lets_one_probe_through_while_older_calls_end(start_gateway):
+    """A call sent before the breaker opened, ending during the probe, frees no second probe.
+
+    The old call's 400 says nothing about the upstream's health; it must not release the
+    probe slot of the call that is probing.
+    """
+    behaviours = {"old": Status(400, delay_s=2.0), "fail": Status(500), "probe": Reply(delay_s=2.5)}
+    async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 0.5,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        old = asyncio.ensure_future(gateway.stub.Complete(chat("old")))
+        assert await settle(lambda: fake.in_flight == 1)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("fail"))  # opens the breaker
+        await asyncio.sleep(0.6)  # the cool-down: the breaker is half-open
+        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
+        assert await settle(lambda: fake.in_flight == 2)
+        with pytest.raises(grpc.aio.AioRpcError) as rejected:
+            await old
+        assert rejected.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat("another"))
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert [user_text(r.body) for r in fake.requests] == ["old", "fail", "probe"]
+        assert (await probe).content == "Hello from fake"
+
+
+async def test_an_absurd_retry_after_still_ends_in_resource_exhausted(start_gateway):
+    """A Retry-After too long for a protobuf Duration is sent as the longest one.
+
+    `Retry-After: 99999999999999999999` is valid delta-seconds; the caller still gets
+    RESOURCE_EXHAUSTED with RetryInfo and a pushback trailer, not UNKNOWN.
+    """
+    absurd = Status(429, headers={"Retry-After": "99999999999999999999"})
+    async with FakeUpstream(default=absurd) as fake:
+        resilience = {**FAST_RESILIENCE, "attempts": 1}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat())
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        _, reason, retry_s = error_details(info.value)
+        assert reason == "UPSTREAM_RATE_LIMITED"
+        assert retry_s is not None
+        assert retry_s > 1e10
+        pushback_ms = int(dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER])
+        assert pushback_ms < 2**63

@@ -18,6 +18,7 @@ from service.errors import (
     UpstreamUnavailable,
 )
 from service.limits import LimitExceeded, TokenBucket, UpstreamLimiter
+from service.pool_hooks import PoolCounters, PoolHooks
 from service.retry import (
     BackoffPolicy,
     RetryBudget,
@@ -356,3 +357,18 @@ async def test_admission_cancelled_waiter_frees_its_queue_place():
     assert admission.queued == 0
     admission.leave()
     assert admission.in_flight == 0
+
+
+def test_pool_counters_keep_a_bounded_history_of_breaker_changes():
+    """A flapping upstream does not grow the pool's counters for the life of the process."""
+    clock = FakeClock()
+    hooks = PoolHooks()
+    counters = PoolCounters().attach(hooks)
+    breaker = _breaker(clock, on_change=hooks.breaker_changed)
+    for _ in range(5000):
+        breaker.record_key_rejected()  # open
+        clock.advance(60.0)
+        assert breaker.acquire()  # half-open: the probe
+        breaker.record_success()  # closed
+    assert len(counters.breaker_changes) <= 1000
+    assert counters.breaker_changes[-1].new is BreakerState.CLOSED
