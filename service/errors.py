@@ -266,7 +266,17 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
+# google.protobuf.Duration's largest value (about 10,000 years). An upstream's Retry-After
+# is the upstream's word, not ours: a larger one must not crash the status that carries it.
+_MAX_RETRY_DELAY_S = 315_576_000_000
+
+
+def _retry_delay_s(seconds: float) -> float:
+    return min(max(0.0, seconds), _MAX_RETRY_DELAY_S)
+
+
 def _duration(seconds: float) -> duration_pb2.Duration:
+    seconds = _retry_delay_s(seconds)
     whole = math.floor(seconds)
     return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
 
@@ -342,5 +352,5 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
 def pushback_trailer(exc: BaseException) -> tuple[tuple[str, str], ...]:
     """The `grpc-retry-pushback-ms` trailer that gRPC retry policies honour."""
     if isinstance(exc, QuotaExceeded | UpstreamRateLimited) and exc.retry_after_s is not None:
-        return ((RETRY_PUSHBACK_TRAILER, str(max(0, round(exc.retry_after_s * 1000)))),)
+        return ((RETRY_PUSHBACK_TRAILER, str(round(_retry_delay_s(exc.retry_after_s) * 1000))),)
     return ()
