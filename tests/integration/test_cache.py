@@ -551,6 +551,29 @@ async def test_a_follower_outliving_the_first_callers_deadline_tries_again(
     assert len(upstream.requests) == 2
 
 
+async def test_a_follower_outliving_two_shorter_deadlines_still_gets_its_answer(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """The patient caller follows the first call, then the second hasty caller's retry;
+    when that one hits its deadline too, the patient caller tries again rather than fail."""
+    upstream.script(
+        Reply(content="too late", delay_s=3.0),
+        Reply(content="too late", delay_s=3.0),
+        Reply(content="on time"),
+    )
+    stats = cache_of(cached).stats
+    first = asyncio.ensure_future(cached.stub.Complete(ask(), timeout=0.5))
+    await eventually(lambda: upstream.requests)
+    second = asyncio.ensure_future(cached.stub.Complete(ask(), timeout=1.5))
+    await eventually(lambda: stats.coalesced == 1)
+    patient = await cached.stub.Complete(ask(), timeout=20)
+    for hasty in (first, second):
+        with pytest.raises(grpc.aio.AioRpcError, match="DEADLINE_EXCEEDED"):
+            await hasty
+    assert patient.content == "on time"
+    assert len(upstream.requests) == 3
+
+
 async def test_a_shared_stream_outlives_its_first_callers_deadline(
     cached: RunningGateway, upstream: FakeUpstream
 ) -> None:
