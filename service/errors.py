@@ -33,6 +33,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "llmgateway.v1"
 RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+# A status travels in trailers, which gRPC clients refuse past 8-16 KiB by default (as
+# RESOURCE_EXHAUSTED, the details lost): a status names at most this many violations,
+# each described in at most this many characters.
+MAX_REPORTED_VIOLATIONS = 10
+_MAX_DESCRIPTION_CHARS = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +71,9 @@ class InvalidRequest(GatewayError):
     reason = "INVALID_REQUEST"
 
     def __init__(self, violations: list[FieldViolation]) -> None:
-        fields = ", ".join(v.field for v in violations)
+        fields = ", ".join(v.field for v in violations[:MAX_REPORTED_VIOLATIONS])
+        if len(violations) > MAX_REPORTED_VIOLATIONS:
+            fields += f" and {len(violations) - MAX_REPORTED_VIOLATIONS} more"
         super().__init__(f"invalid request: {fields}")
         self.violations = violations
 
@@ -296,9 +303,9 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
+                            field=v.field, description=v.description[:_MAX_DESCRIPTION_CHARS]
                         )
-                        for v in exc.violations
+                        for v in exc.violations[:MAX_REPORTED_VIOLATIONS]
                     ]
                 )
             )
