@@ -33,6 +33,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "llmgateway.v1"
 RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+# A status travels in trailers, which gRPC clients refuse past 8-16 KiB by default (as
+# RESOURCE_EXHAUSTED, the details lost): a status names at most this many violations,
+# each described in at most this many characters.
+MAX_REPORTED_VIOLATIONS = 10
+_MAX_DESCRIPTION_CHARS = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +71,9 @@ class InvalidRequest(GatewayError):
     reason = "INVALID_REQUEST"
 
     def __init__(self, violations: list[FieldViolation]) -> None:
-        fields = ", ".join(v.field for v in violations)
+        fields = ", ".join(v.field for v in violations[:MAX_REPORTED_VIOLATIONS])
+        if len(violations) > MAX_REPORTED_VIOLATIONS:
+            fields += f" and {len(violations) - MAX_REPORTED_VIOLATIONS} more"
         super().__init__(f"invalid request: {fields}")
         self.violations = violations
 
@@ -266,13 +273,17 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
-# The longest wait a `google.protobuf.Duration` holds (10,000 years). An upstream may send
-# a longer, still valid, `Retry-After`; it is passed on as this.
+# google.protobuf.Duration's largest value (about 10,000 years). An upstream's Retry-After
+# is the upstream's word, not ours: a larger one must not crash the status that carries it.
 _MAX_RETRY_DELAY_S = 315_576_000_000
 
 
+def _retry_delay_s(seconds: float) -> float:
+    return min(max(0.0, seconds), _MAX_RETRY_DELAY_S)
+
+
 def _duration(seconds: float) -> duration_pb2.Duration:
-    seconds = min(seconds, _MAX_RETRY_DELAY_S)
+    seconds = _retry_delay_s(seconds)
     whole = math.floor(seconds)
     return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
 
@@ -292,9 +303,9 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
+                            field=v.field, description=v.description[:_MAX_DESCRIPTION_CHARS]
                         )
-                        for v in exc.violations
+                        for v in exc.violations[:MAX_REPORTED_VIOLATIONS]
                     ]
                 )
             )
@@ -348,6 +359,5 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
 def pushback_trailer(exc: BaseException) -> tuple[tuple[str, str], ...]:
     """The `grpc-retry-pushback-ms` trailer that gRPC retry policies honour."""
     if isinstance(exc, QuotaExceeded | UpstreamRateLimited) and exc.retry_after_s is not None:
-        delay_ms = round(min(exc.retry_after_s, _MAX_RETRY_DELAY_S) * 1000)
-        return ((RETRY_PUSHBACK_TRAILER, str(max(0, delay_ms))),)
+        return ((RETRY_PUSHBACK_TRAILER, str(round(_retry_delay_s(exc.retry_after_s) * 1000))),)
     return ()

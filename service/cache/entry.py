@@ -6,9 +6,10 @@ delta in order, so that a stream replays with the same chunking it had live.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -20,6 +21,14 @@ __all__ = ["CACHEABLE_FINISH_REASONS", "CachedAnswer", "EntryDecodeError", "deco
 CACHEABLE_FINISH_REASONS = frozenset({FinishReason.STOP, FinishReason.LENGTH})
 
 _ENTRY_VERSION = 1
+# The JSON types each scalar field may hold, by its annotation (a string here, under
+# `from __future__ import annotations`).
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+}
 # Decoded entries remembered by their bytes: at most this many, each at most this long.
 _REMEMBERED_ENTRIES = 256
 _REMEMBERED_MAX_BYTES = 16 * 1024
@@ -27,6 +36,22 @@ _REMEMBERED_MAX_BYTES = 16 * 1024
 
 class EntryDecodeError(ValueError):
     """Stored bytes that are not a valid entry (corrupt, or written by another version)."""
+
+
+T = TypeVar("T")
+
+
+def _typed(cls: type[T], values: dict[str, Any]) -> T:
+    """`cls(**values)`, refusing a scalar of the wrong type: JSON that parses but would
+    fail only when the hit is turned into a response."""
+    for spec in dataclasses.fields(cls):  # type: ignore[arg-type]
+        types = _SCALAR_TYPES.get(str(spec.type))
+        if types is None or spec.name not in values:
+            continue
+        value = values[spec.name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise EntryDecodeError(f"{cls.__name__}.{spec.name} is a {type(value).__name__}")
+    return cls(**values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +84,10 @@ class CachedAnswer:
                 raise EntryDecodeError(f"entry version {raw['v']!r}")
             fields: dict[str, Any] = dict(raw["c"])
             fields["finish_reason"] = FinishReason(fields["finish_reason"])
-            fields["usage"] = Usage(**fields["usage"])
-            fields["timings"] = Timings(**fields["timings"])
+            fields["usage"] = _typed(Usage, dict(fields["usage"]))
+            fields["timings"] = _typed(Timings, dict(fields["timings"]))
             deltas = tuple(str(d) for d in raw["d"])
-            return cls(Completion(**fields), deltas)
+            return cls(_typed(Completion, fields), deltas)
         except EntryDecodeError:
             raise
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

@@ -40,8 +40,6 @@ __all__ = ["ResponseCache", "is_deterministic"]
 log = logging.getLogger("llm_gateway.cache")
 
 _MS = 1000.0
-# A follower that joined a flight run under a shorter deadline than its own tries again.
-_MAX_JOINS = 2
 
 Fetch = Callable[[], Awaitable[Completion]]
 FetchStream = Callable[[], AsyncGenerator[Delta | Completion, None]]
@@ -194,19 +192,20 @@ class ResponseCache:
         async def call(publish: Callable[[str], None]) -> CachedAnswer:
             return CachedAnswer.of_unary(await fetch())
 
-        for join in range(1, _MAX_JOINS + 1):
+        # A follower whose flight ran out of its leader's (shorter) deadline tries again,
+        # for as long as its own deadline allows: each failed flight had its own leader.
+        while True:
             flight, is_leader = self._join(key, request, mode, call)
             try:
                 answer = await self._flights.wait(flight)
             except DeadlineExceeded:
-                if is_leader or deadline.has_expired or join == _MAX_JOINS:
+                if is_leader or deadline.has_expired:
                     raise
                 continue
             if is_leader:
                 return answer.completion
             elapsed = self._elapsed_ms(started)
             return answer.served_from_cache(total_ms=elapsed, first_token_ms=elapsed)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def stream(
         self, request: ChatRequest, *, fetch: FetchStream, deadline: Deadline
@@ -253,7 +252,7 @@ class ResponseCache:
                 raise RuntimeError("stream ended without its completion")
             return CachedAnswer(completion, tuple(deltas))
 
-        for join in range(1, _MAX_JOINS + 1):
+        while True:  # retried as in `complete`
             flight, is_leader = self._join(key, request, mode, call)
             sent = 0
             first_token_ms = None
@@ -269,7 +268,7 @@ class ResponseCache:
                         if first_token_ms is None:
                             first_token_ms = self._elapsed_ms(started)
             except DeadlineExceeded:
-                if is_leader or sent or deadline.has_expired or join == _MAX_JOINS:
+                if is_leader or sent or deadline.has_expired:
                     raise
                 continue
             if answer is None:  # follow() always ends with the result or raises

@@ -7,7 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.cache import ResponseCache
@@ -449,6 +451,46 @@ async def test_redis_stopped_mid_test_degrades_to_upstream(
     assert cache_of(gateway).stats.errors >= 2
 
 
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        {"content": 5},
+        {"cost_usd": "0.1"},
+        {"usage": {"input_tokens": "7"}},
+        {"id": None},
+    ],
+    ids=["content", "cost", "usage", "id"],
+)
+async def test_a_corrupt_redis_entry_is_a_miss_not_an_error(
+    upstream: FakeUpstream,
+    start_gateway: Callable[..., Any],
+    redis_server: RedisServer,
+    corrupt: dict[str, Any],
+) -> None:
+    """An entry that parses as JSON but holds a field of the wrong type is answered from
+    upstream (and overwritten), never INTERNAL."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(upstream.base_url, cache={"backend": "redis", "redis_url": redis_server.url})
+    )
+    await gateway.stub.Complete(ask())
+    await settled(gateway)
+    client = aioredis.from_url(redis_server.url)
+    try:
+        [key] = await client.keys("*")
+        entry = orjson.loads(await client.get(key))
+        entry["c"] |= corrupt
+        await client.set(key, orjson.dumps(entry))
+        reply = await gateway.stub.Complete(ask())
+        await settled(gateway)
+        again = await gateway.stub.Complete(ask())
+    finally:
+        await client.aclose()
+    assert (reply.content, reply.metadata.cache_hit) == ("Hello from fake", False)
+    assert (again.content, again.metadata.cache_hit) == ("Hello from fake", True)
+    assert len(upstream.requests) == 2
+    assert cache_of(gateway).stats.errors == 1
+
+
 async def test_slow_redis_times_out_then_is_left_alone_for_a_while(
     upstream: FakeUpstream, start_gateway: Callable[..., Any], redis_server: RedisServer
 ) -> None:
@@ -507,6 +549,29 @@ async def test_a_follower_outliving_the_first_callers_deadline_tries_again(
     assert patient.content == "on time"
     assert cache_of(cached).stats.coalesced == 1
     assert len(upstream.requests) == 2
+
+
+async def test_a_follower_outliving_two_shorter_deadlines_still_gets_its_answer(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """The patient caller follows the first call, then the second hasty caller's retry;
+    when that one hits its deadline too, the patient caller tries again rather than fail."""
+    upstream.script(
+        Reply(content="too late", delay_s=3.0),
+        Reply(content="too late", delay_s=3.0),
+        Reply(content="on time"),
+    )
+    stats = cache_of(cached).stats
+    first = asyncio.ensure_future(cached.stub.Complete(ask(), timeout=0.5))
+    await eventually(lambda: upstream.requests)
+    second = asyncio.ensure_future(cached.stub.Complete(ask(), timeout=1.5))
+    await eventually(lambda: stats.coalesced == 1)
+    patient = await cached.stub.Complete(ask(), timeout=20)
+    for hasty in (first, second):
+        with pytest.raises(grpc.aio.AioRpcError, match="DEADLINE_EXCEEDED"):
+            await hasty
+    assert patient.content == "on time"
+    assert len(upstream.requests) == 3
 
 
 async def test_a_shared_stream_outlives_its_first_callers_deadline(

@@ -62,6 +62,29 @@ async def test_all_violations_are_reported_at_once(stub):
     assert {"messages[0].role", "params.temperature", "params.top_p"} <= set(violations)
 
 
+async def test_a_thousand_violations_still_fit_in_the_status(stub, upstream):
+    """A request with a bad field in each of 1000 messages is INVALID_ARGUMENT naming the
+    first 10, not a status too large for the client's trailer limit (RESOURCE_EXHAUSTED)."""
+    request = _request(messages=[pb.Message(role=pb.ROLE_USER, content="a\x00")] * 1000)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(field_violations(caught.value)) == [f"messages[{i}].content" for i in range(10)]
+    assert caught.value.details().endswith("messages[9].content and 990 more")
+    assert upstream.requests == []
+
+
+async def test_a_long_duplicate_batch_id_still_fits_in_the_status(stub, upstream):
+    """A violation's description quoting a caller's 30,000-character id is cut short."""
+    item = pb.BatchItem(id="x" * 30_000, request=_request())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.CompleteBatch(pb.CompleteBatchRequest(items=[item, item])):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "items[1].id" in field_violations(caught.value)
+    assert upstream.requests == []
+
+
 async def test_stream_validation_fails_before_any_event(stub, upstream):
     """A bad streamed request fails with INVALID_ARGUMENT and no upstream call."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -134,6 +157,17 @@ async def test_upstream_429_retry_after_becomes_retry_info(upstream, start_gatew
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.stub.Complete(chat())
     assert retry_delay_s(caught.value) == pytest.approx(7, abs=0.01)
+
+
+async def test_an_absurd_retry_after_still_maps_to_resource_exhausted(upstream, start_gateway):
+    """A Retry-After beyond what a Duration holds is capped, not a crash into UNKNOWN."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    upstream.script(Status(429, headers={"Retry-After": "1e20"}))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat())
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(caught.value).reason == "UPSTREAM_RATE_LIMITED"
+    assert retry_delay_s(caught.value) == 315_576_000_000
 
 
 async def test_an_unavailable_upstream_whose_breaker_opened_says_when_to_retry(

@@ -63,6 +63,8 @@ def _message(content: str, role: int = pb.ROLE_USER) -> pb.Message:
         ({"messages": [_message("nul \x00")]}, "messages[0].content"),
         ({"messages": [_message("hello " * 250)]}, "messages"),
         ({"messages": [_message("é" * 4100)]}, "messages"),
+        # About 2.5 tokens a character (a wide letter beyond the BMP): 357 tokens in 140.
+        ({"messages": [_message("\U00020000" * 140)]}, "messages"),
         ({"model": "fake\x07model"}, "model"),
         ({"model": "m" * 300}, "model"),
         ({"idempotency_key": "k\x00"}, "idempotency_key"),
@@ -70,8 +72,8 @@ def _message(content: str, role: int = pb.ROLE_USER) -> pb.Message:
     ids=[
         "too-many-messages", "too-many-labels", "label-too-long", "label-key", "label-control",
         "too-many-stops", "stop-too-long", "stop-control", "stop-empty", "content-escape",
-        "content-nul", "over-token-limit", "over-byte-limit", "model-control", "model-long",
-        "idempotency-control",
+        "content-nul", "over-token-limit", "over-byte-limit", "over-token-limit-astral",
+        "model-control", "model-long", "idempotency-control",
     ],
 )  # fmt: skip
 async def test_each_limit_is_an_invalid_argument_naming_the_field(
