@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
+from service.errors import RETRY_PUSHBACK_TRAILER
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import CutStream, EndWithoutDone, MalformedSSE, Reply, Reset, Status
 from tests.integration.helpers import error_info, field_violations, retry_delay_s
@@ -168,6 +169,8 @@ async def test_an_absurd_retry_after_still_maps_to_resource_exhausted(upstream, 
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_info(caught.value).reason == "UPSTREAM_RATE_LIMITED"
     assert retry_delay_s(caught.value) == 315_576_000_000
+    pushback_ms = dict(caught.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER]
+    assert int(pushback_ms) == 315_576_000_000_000
 
 
 async def test_an_unavailable_upstream_whose_breaker_opened_says_when_to_retry(
