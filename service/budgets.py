@@ -91,14 +91,10 @@ class Budgets:
         """Stop holding a reservation (its call's usage is recorded, or it never ran)."""
         await self._ledger.release(reservation)
 
-    @contextlib.asynccontextmanager
-    async def holding(self) -> AsyncIterator[BudgetHold]:
-        """A hold for one caller's call, released on leaving: after its usage is recorded."""
-        hold = BudgetHold(self)
-        try:
-            yield hold
-        finally:
-            await hold.close()
+    def holding(self) -> BudgetHold:
+        """A hold for one caller's call (`async with`), released on leaving: after its
+        usage is recorded."""
+        return BudgetHold(self)
 
 
 class BudgetHold:
@@ -112,10 +108,19 @@ class BudgetHold:
     follow) releases its own reservation.
     """
 
+    __slots__ = ("_budgets", "_is_closed", "_kept")
+
     def __init__(self, budgets: Budgets) -> None:
         self._budgets = budgets
         self._kept: list[Reservation] = []
         self._is_closed = False
+
+    # A class, not a generator context manager: every call, cache hits too, enters one.
+    async def __aenter__(self) -> BudgetHold:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     @contextlib.asynccontextmanager
     async def reserving(self, request: ChatRequest, *, prompt_tokens: int) -> AsyncIterator[None]:
