@@ -43,6 +43,11 @@ _HTTP = "http/protobuf"
 class TelemetrySetupError(Exception):
     """An `OTEL_*` variable names an exporter or protocol this gateway cannot build."""
 
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
 
 def _names(environ: Mapping[str, str], key: str) -> list[str]:
     raw = environ.get(key, "none")
@@ -50,11 +55,14 @@ def _names(environ: Mapping[str, str], key: str) -> list[str]:
 
 
 def _protocol(environ: Mapping[str, str], signal: str) -> str:
-    protocol = environ.get(
-        f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", _GRPC)
-    ).strip()
+    variable = f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"
+    if variable not in environ:
+        variable = "OTEL_EXPORTER_OTLP_PROTOCOL"
+    protocol = environ.get(variable, _GRPC).strip()
     if protocol not in (_GRPC, _HTTP):
-        raise TelemetrySetupError(f"OTLP protocol {protocol!r} is not one of grpc, http/protobuf")
+        raise TelemetrySetupError(
+            variable, f"OTLP protocol {protocol!r} is not one of grpc, http/protobuf"
+        )
     return protocol
 
 
@@ -77,7 +85,7 @@ def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
 
             exporters.append(HttpSpanExporter())
         else:
-            raise TelemetrySetupError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}")
+            raise TelemetrySetupError("OTEL_TRACES_EXPORTER", f"unknown exporter {name!r}")
     return exporters
 
 
@@ -108,7 +116,7 @@ def metric_readers(environ: Mapping[str, str]) -> tuple[list[MetricReader], bool
 
             readers.append(PeriodicExportingMetricReader(HttpMetricExporter()))
         else:
-            raise TelemetrySetupError(f"OTEL_METRICS_EXPORTER: unknown exporter {name!r}")
+            raise TelemetrySetupError("OTEL_METRICS_EXPORTER", f"unknown exporter {name!r}")
     return readers, wants_prometheus
 
 
