@@ -26,6 +26,7 @@ from service.rpc_boundary import Admission, add_service, guard_servicer, pending
 from service.security import build_caller_gate, check_listen_policy
 from service.servicer import CompletionServicer
 from service.telemetry import Telemetry, TelemetrySetupError, activate
+from service.telemetry.setup import MetricsListenError
 from service.telemetry.subscribers import observe_cache, subscribe_pool
 from service.upstream.client import UpstreamClient
 
@@ -158,6 +159,8 @@ class GatewayServer:
                 self.telemetry = Telemetry.from_config(self.config.telemetry, prices=prices)
             except TelemetrySetupError as exc:
                 raise ConfigError("environment", exc.variable, exc.problem) from None
+            except MetricsListenError as exc:
+                raise ListenError(str(exc)) from exc
         else:
             self.telemetry.prices = prices
         previous = activate(self.telemetry)

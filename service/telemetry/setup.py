@@ -49,6 +49,10 @@ class TelemetrySetupError(Exception):
         self.problem = problem
 
 
+class MetricsListenError(OSError):
+    """The Prometheus endpoint cannot listen on its address (taken, not this host's)."""
+
+
 def _names(environ: Mapping[str, str], key: str) -> list[str]:
     raw = environ.get(key, "none")
     return [n.strip().lower() for n in raw.split(",") if n.strip() and n.strip() != "none"]
@@ -199,9 +203,15 @@ def build_providers(
         registry = CollectorRegistry()
         readers.append(PrometheusMetricReader(registry=registry))
         port = prometheus_port if prometheus_port is not None else DEFAULT_PROMETHEUS_PORT
-        prometheus_server, _ = start_http_server(
-            port, addr=config.prometheus_host, registry=registry
-        )
+        try:
+            prometheus_server, _ = start_http_server(
+                port, addr=config.prometheus_host, registry=registry
+            )
+        except OSError as exc:
+            raise MetricsListenError(
+                f"cannot listen on {config.prometheus_host}:{port} for Prometheus metrics: "
+                f"{exc.strerror or exc}"
+            ) from exc
         prometheus_port = int(prometheus_server.server_port)
         log.info(
             "telemetry.prometheus_listening",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -79,4 +80,26 @@ def test_an_otel_variable_the_gateway_cannot_use_exits_2_naming_it(
     assert main(["serve", "--config", str(config), "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert f"llm-gateway: config error: environment: {named}" in err
+    assert "Traceback" not in err
+
+
+def test_a_taken_prometheus_port_exits_1_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A metrics port already in use fails like a taken gRPC port: one line, status 1.
+
+    Before, the OSError from the Prometheus HTTP server escaped `serve` as a traceback.
+    """
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "gateway.yaml"
+        config.write_text(
+            "server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n"
+            f"telemetry: {{prometheus_port: {port}}}\n"
+        )
+        assert main(["serve", "--config", str(config), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"llm-gateway: cannot listen on 127.0.0.1:{port} for Prometheus metrics" in err
     assert "Traceback" not in err
