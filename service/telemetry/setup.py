@@ -219,7 +219,8 @@ def build_providers(
         )
     providers = Providers(trace.NoOpTracer(), metrics.NoOpMeter(_SCOPE))
     if processors:
-        tracer_provider = TracerProvider(resource=resource)
+        # Shut down by `Telemetry.aclose`, within its bound; an exit hook would wait longer.
+        tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         for processor in processors:
             tracer_provider.add_span_processor(processor)
         providers.tracer_provider = tracer_provider
@@ -230,7 +231,10 @@ def build_providers(
             None if env.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
         )
         meter_provider = MeterProvider(
-            metric_readers=readers, resource=resource, exemplar_filter=exemplar_filter
+            metric_readers=readers,
+            resource=resource,
+            exemplar_filter=exemplar_filter,
+            shutdown_on_exit=False,
         )
         providers.meter_provider = meter_provider
         providers.meter = meter_provider.get_meter(_SCOPE)
