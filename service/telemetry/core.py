@@ -366,6 +366,8 @@ class Telemetry:
             scope = CURRENT_RPC.get()
             if scope is not None and scope.span is span:
                 # The RPC's own span: set with the rest of its attributes when it ends.
+                # A batch or a summary makes several calls in one RPC: they add up.
+                _add_usage(attributes, scope.attributes)
                 scope.attributes.update(attributes)
             else:
                 span.set_attributes(attributes)
@@ -401,6 +403,26 @@ class Telemetry:
     def set_breaker_state(self, upstream: str, state: str) -> None:
         """The breaker of `upstream` is now `state` (closed, half_open or open)."""
         self.instruments.breaker_state.set(BREAKER_STATES[state], {attr.UPSTREAM: upstream})
+
+
+_SUMMED = (
+    attr.GEN_AI_USAGE_INPUT_TOKENS,
+    attr.GEN_AI_USAGE_OUTPUT_TOKENS,
+    attr.CACHED_INPUT_TOKENS,
+    attr.ATTEMPTS,
+)
+
+
+def _add_usage(attributes: dict[str, Any], earlier: Mapping[str, Any]) -> None:
+    """Add the usage and cost of the RPC's earlier calls (if any) into `attributes`."""
+    if attr.COST_USD not in earlier:
+        return
+    for key in _SUMMED:
+        attributes[key] += earlier[key]
+    attributes[attr.COST_USD] = round(attributes[attr.COST_USD] + earlier[attr.COST_USD], 12)
+    attributes[attr.USAGE_ESTIMATED] = (
+        attributes[attr.USAGE_ESTIMATED] or earlier[attr.USAGE_ESTIMATED]
+    )
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
