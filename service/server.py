@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from llmgateway.v1 import gateway_pb2
 from service.cache import CacheStore, ResponseCache
-from service.config import GatewayConfig, ServerConfig, UpstreamConfig
+from service.config import ConfigError, GatewayConfig, ServerConfig, UpstreamConfig
 from service.ledger import open_ledger
 from service.local_model import LocalModelServer
 from service.pipeline import Pipeline
@@ -25,7 +25,8 @@ from service.pricing import PriceList
 from service.rpc_boundary import Admission, add_service, guard_servicer, pending_call_options
 from service.security import build_caller_gate, check_listen_policy
 from service.servicer import CompletionServicer
-from service.telemetry import Telemetry, activate
+from service.telemetry import Telemetry, TelemetrySetupError, activate
+from service.telemetry.setup import MetricsListenError
 from service.telemetry.subscribers import observe_cache, subscribe_pool
 from service.upstream.client import UpstreamClient
 
@@ -154,7 +155,12 @@ class GatewayServer:
     async def _start_telemetry(self, prices: PriceList) -> None:
         """Install this server's telemetry; restored and flushed when the server closes."""
         if self.telemetry is None:
-            self.telemetry = Telemetry.from_config(self.config.telemetry, prices=prices)
+            try:
+                self.telemetry = Telemetry.from_config(self.config.telemetry, prices=prices)
+            except TelemetrySetupError as exc:
+                raise ConfigError("environment", exc.variable, exc.problem) from None
+            except MetricsListenError as exc:
+                raise ListenError(str(exc)) from exc
         else:
             self.telemetry.prices = prices
         previous = activate(self.telemetry)

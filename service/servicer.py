@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Literal
 
 import grpc
 
@@ -239,16 +240,37 @@ def usage_row_to_proto(row: UsageRow) -> pb.UsageRow:
 
 
 def usage_filter_from_proto(request: pb.GetUsageRequest, *, tenant: str | None) -> UsageFilter:
-    """The ledger filter of a GetUsage request (`tenant` already authorised)."""
+    """The ledger filter of a GetUsage request (`tenant` already authorised).
+
+    Raises:
+        InvalidRequest: a window bound is not a valid Timestamp.
+    """
+    violations: list[FieldViolation] = []
+    start_s = _epoch_s(request, "start_time", violations)
+    end_s = _epoch_s(request, "end_time", violations)
+    if violations:
+        raise InvalidRequest(violations)
     return UsageFilter(
         tenant=tenant,
         model=request.model or None,
         labels=dict(request.labels),
-        start_s=request.start_time.ToMicroseconds() / 1e6
-        if request.HasField("start_time")
-        else None,
-        end_s=request.end_time.ToMicroseconds() / 1e6 if request.HasField("end_time") else None,
+        start_s=start_s,
+        end_s=end_s,
     )
+
+
+def _epoch_s(
+    request: pb.GetUsageRequest,
+    name: Literal["start_time", "end_time"],
+    violations: list[FieldViolation],
+) -> float | None:
+    if not request.HasField(name):
+        return None
+    try:
+        return float(getattr(request, name).ToMicroseconds() / 1e6)
+    except ValueError:  # seconds outside years 1-9999, or nanos outside 0-999,999,999
+        violations.append(FieldViolation(name, "must be a valid Timestamp (years 1 to 9999)"))
+        return None
 
 
 class CompletionServicer(pb_grpc.CompletionServiceServicer):

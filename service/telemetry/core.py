@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -164,10 +165,25 @@ class Telemetry:
         if not self.providers.is_recording or self._is_closed:
             return
         self._is_closed = True
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def shut_down() -> None:
+            try:
+                self.providers.shutdown()
+            except BaseException as exc:
+                error: BaseException | None = exc
+            else:
+                error = None
+            with contextlib.suppress(RuntimeError):  # the loop closed before it finished
+                loop.call_soon_threadsafe(_settle, done, error)
+
+        # A daemon thread of its own, not asyncio.to_thread: `asyncio.run` joins its
+        # executor's threads on the way out, which would hold the process until the
+        # exporters give up, however long this waits.
+        threading.Thread(target=shut_down, name="telemetry-shutdown", daemon=True).start()
         try:
-            await asyncio.wait_for(
-                asyncio.shield(asyncio.to_thread(self.providers.shutdown)), _SHUTDOWN_TIMEOUT_S
-            )
+            await asyncio.wait_for(asyncio.shield(done), _SHUTDOWN_TIMEOUT_S)
         except TimeoutError:
             log.warning("telemetry.shutdown_timed_out", extra={"timeout_s": _SHUTDOWN_TIMEOUT_S})
 
@@ -350,6 +366,8 @@ class Telemetry:
             scope = CURRENT_RPC.get()
             if scope is not None and scope.span is span:
                 # The RPC's own span: set with the rest of its attributes when it ends.
+                # A batch or a summary makes several calls in one RPC: they add up.
+                _add_usage(attributes, scope.attributes)
                 scope.attributes.update(attributes)
             else:
                 span.set_attributes(attributes)
@@ -385,6 +403,35 @@ class Telemetry:
     def set_breaker_state(self, upstream: str, state: str) -> None:
         """The breaker of `upstream` is now `state` (closed, half_open or open)."""
         self.instruments.breaker_state.set(BREAKER_STATES[state], {attr.UPSTREAM: upstream})
+
+
+_SUMMED = (
+    attr.GEN_AI_USAGE_INPUT_TOKENS,
+    attr.GEN_AI_USAGE_OUTPUT_TOKENS,
+    attr.CACHED_INPUT_TOKENS,
+    attr.ATTEMPTS,
+)
+
+
+def _add_usage(attributes: dict[str, Any], earlier: Mapping[str, Any]) -> None:
+    """Add the usage and cost of the RPC's earlier calls (if any) into `attributes`."""
+    if attr.COST_USD not in earlier:
+        return
+    for key in _SUMMED:
+        attributes[key] += earlier[key]
+    attributes[attr.COST_USD] = round(attributes[attr.COST_USD] + earlier[attr.COST_USD], 12)
+    attributes[attr.USAGE_ESTIMATED] = (
+        attributes[attr.USAGE_ESTIMATED] or earlier[attr.USAGE_ESTIMATED]
+    )
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 @functools.lru_cache(maxsize=256)

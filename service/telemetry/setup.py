@@ -43,6 +43,15 @@ _HTTP = "http/protobuf"
 class TelemetrySetupError(Exception):
     """An `OTEL_*` variable names an exporter or protocol this gateway cannot build."""
 
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+class MetricsListenError(OSError):
+    """The Prometheus endpoint cannot listen on its address (taken, not this host's)."""
+
 
 def _names(environ: Mapping[str, str], key: str) -> list[str]:
     raw = environ.get(key, "none")
@@ -50,11 +59,14 @@ def _names(environ: Mapping[str, str], key: str) -> list[str]:
 
 
 def _protocol(environ: Mapping[str, str], signal: str) -> str:
-    protocol = environ.get(
-        f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", _GRPC)
-    ).strip()
+    variable = f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"
+    if variable not in environ:
+        variable = "OTEL_EXPORTER_OTLP_PROTOCOL"
+    protocol = environ.get(variable, _GRPC).strip()
     if protocol not in (_GRPC, _HTTP):
-        raise TelemetrySetupError(f"OTLP protocol {protocol!r} is not one of grpc, http/protobuf")
+        raise TelemetrySetupError(
+            variable, f"OTLP protocol {protocol!r} is not one of grpc, http/protobuf"
+        )
     return protocol
 
 
@@ -77,7 +89,7 @@ def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
 
             exporters.append(HttpSpanExporter())
         else:
-            raise TelemetrySetupError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}")
+            raise TelemetrySetupError("OTEL_TRACES_EXPORTER", f"unknown exporter {name!r}")
     return exporters
 
 
@@ -108,7 +120,7 @@ def metric_readers(environ: Mapping[str, str]) -> tuple[list[MetricReader], bool
 
             readers.append(PeriodicExportingMetricReader(HttpMetricExporter()))
         else:
-            raise TelemetrySetupError(f"OTEL_METRICS_EXPORTER: unknown exporter {name!r}")
+            raise TelemetrySetupError("OTEL_METRICS_EXPORTER", f"unknown exporter {name!r}")
     return readers, wants_prometheus
 
 
@@ -191,9 +203,15 @@ def build_providers(
         registry = CollectorRegistry()
         readers.append(PrometheusMetricReader(registry=registry))
         port = prometheus_port if prometheus_port is not None else DEFAULT_PROMETHEUS_PORT
-        prometheus_server, _ = start_http_server(
-            port, addr=config.prometheus_host, registry=registry
-        )
+        try:
+            prometheus_server, _ = start_http_server(
+                port, addr=config.prometheus_host, registry=registry
+            )
+        except OSError as exc:
+            raise MetricsListenError(
+                f"cannot listen on {config.prometheus_host}:{port} for Prometheus metrics: "
+                f"{exc.strerror or exc}"
+            ) from exc
         prometheus_port = int(prometheus_server.server_port)
         log.info(
             "telemetry.prometheus_listening",
@@ -201,7 +219,8 @@ def build_providers(
         )
     providers = Providers(trace.NoOpTracer(), metrics.NoOpMeter(_SCOPE))
     if processors:
-        tracer_provider = TracerProvider(resource=resource)
+        # Shut down by `Telemetry.aclose`, within its bound; an exit hook would wait longer.
+        tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         for processor in processors:
             tracer_provider.add_span_processor(processor)
         providers.tracer_provider = tracer_provider
@@ -212,7 +231,10 @@ def build_providers(
             None if env.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
         )
         meter_provider = MeterProvider(
-            metric_readers=readers, resource=resource, exemplar_filter=exemplar_filter
+            metric_readers=readers,
+            resource=resource,
+            exemplar_filter=exemplar_filter,
+            shutdown_on_exit=False,
         )
         providers.meter_provider = meter_provider
         providers.meter = meter_provider.get_meter(_SCOPE)

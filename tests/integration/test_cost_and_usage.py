@@ -14,7 +14,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.pricing import cost_usd
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import Reply
-from tests.integration.helpers import error_info
+from tests.integration.helpers import error_info, field_violations
 from tests.redis_support import redis_url  # noqa: F401 - fixture
 
 # DeepSeek-like prices in USD per million tokens, with a cached-input price.
@@ -110,6 +110,23 @@ async def test_get_usage_filters_by_model_label_and_time(priced):
     past.start_time.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
     assert (await priced.stub.GetUsage(past)).total.requests == 2
     assert (await priced.stub.GetUsage(pb.GetUsageRequest(tenant="*"))).total.requests == 2
+
+
+async def test_get_usage_refuses_a_timestamp_out_of_range_as_invalid_argument(priced):
+    """A window bound no Timestamp can hold is the caller's error, on that field.
+
+    Before, converting it raised ValueError in the servicer: INTERNAL, and an
+    unexpected-error traceback in the server log.
+    """
+    beyond = pb.GetUsageRequest()
+    beyond.end_time.seconds = 10**12  # past year 9999
+    negative_nanos = pb.GetUsageRequest()
+    negative_nanos.start_time.nanos = -1
+    for request, field in ((beyond, "end_time"), (negative_nanos, "start_time")):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await priced.stub.GetUsage(request)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert list(field_violations(refused.value)) == [field]
 
 
 async def test_a_spent_budget_refuses_before_any_upstream_call(upstream, start_gateway):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
+import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -24,9 +28,10 @@ from opentelemetry.proto.collector.trace.v1 import (
 )
 
 from llmgateway.v1 import gateway_pb2 as pb
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import TelemetryConfig
 from service.telemetry import Telemetry
-from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import Reply, Status
 
 ATTEMPT_SPAN = f"chat {FAKE_MODEL}"
@@ -272,3 +277,47 @@ def test_collector_config_receives_otlp_and_serves_prometheus():
     for pipeline in pipelines.values():
         assert set(pipeline["exporters"]) <= set(config["exporters"])
         assert set(pipeline["processors"]) <= set(config["processors"])
+
+
+async def test_sigterm_exits_within_the_flush_bound_when_the_collector_is_down(
+    upstream, tmp_path, otel_environ
+):
+    """The process, not just `Telemetry.aclose`, is done about 5 s after SIGTERM.
+
+    Before, the flush ran on asyncio's default executor, which `asyncio.run` joins on the
+    way out: the process lived on until the exporters gave up (each retries for up to
+    OTEL_EXPORTER_OTLP_TIMEOUT), here about a minute, past a pod's termination grace.
+    """
+    path = tmp_path / "gateway.yaml"
+    config = gateway_config_data(upstream.base_url, server={"grace_period_s": 0.5})
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("LLM_GATEWAY", "OTEL_"))},
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "30",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(path), "--workers", "1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(30):
+            line = (await process.stdout.readline()).decode()
+        async with grpc.aio.insecure_channel(line.rsplit(" ", 1)[1].strip()) as channel:
+            stub = pb_grpc.CompletionServiceStub(channel)
+            assert (await stub.Complete(chat(), timeout=10)).content == "Hello from fake"
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(15):
+                await process.wait()
+        assert process.returncode == 0
+        assert time.monotonic() - started < 9.0  # grace 0.5 s + the 5 s flush bound
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -171,6 +171,23 @@ async def test_retry_through_the_pool_gives_one_client_span_per_attempt(
     assert len(set(traceparents)) == 2, "each attempt is its own span in the trace"
 
 
+async def test_a_batch_span_carries_the_usage_and_cost_of_all_its_items(traced, captured):
+    """The CompleteBatch span totals its items, as the batch summary does.
+
+    Before, each item's completion overwrote the RPC span's usage and cost, so the span
+    showed one item's cost (and a Summarize span one part's) as the whole call's.
+    """
+    items = [pb.BatchItem(id=str(i), request=chat(f"question {i}")) for i in range(3)]
+    events = [e async for e in traced.stub.CompleteBatch(pb.CompleteBatchRequest(items=items))]
+    summary = events[-1].summary
+    assert summary.succeeded == 3
+    rpc = attributes_of(await captured.ended("llmgateway.v1.CompletionService/CompleteBatch"))
+    assert rpc["gen_ai.usage.input_tokens"] == summary.usage.input_tokens == 21
+    assert rpc["gen_ai.usage.output_tokens"] == summary.usage.output_tokens == 9
+    assert rpc["llm_gateway.cost.usd"] == pytest.approx(summary.cost_usd, abs=1e-12)
+    assert rpc["llm_gateway.attempts"] == 3
+
+
 async def test_caller_errors_do_not_mark_the_server_span_as_failed(traced, captured):
     """An invalid request ends INVALID_ARGUMENT on the span without an ERROR status."""
     with pytest.raises(grpc.aio.AioRpcError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,58 @@ def test_an_unreadable_tls_file_exits_2_naming_its_key(
     assert err.startswith("llm-gateway: config error: ")
     assert f"server.tls.{key}" in err
     assert str(files[key]) in err
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "jaeger"}, "OTEL_TRACES_EXPORTER: unknown exporter 'jaeger'"),
+        ({"OTEL_METRICS_EXPORTER": "statsd"}, "OTEL_METRICS_EXPORTER: unknown exporter 'statsd'"),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"},
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: OTLP protocol 'http/json'",
+        ),
+    ],
+)
+def test_an_otel_variable_the_gateway_cannot_use_exits_2_naming_it(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    variables: dict[str, str],
+    named: str,
+) -> None:
+    """An unknown OTEL_* exporter or protocol is a one-line config error, not a traceback.
+
+    Before, the server's start raised TelemetrySetupError through `serve`: a traceback
+    and status 1.
+    """
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    config = tmp_path / "gateway.yaml"
+    config.write_text("server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n")
+    assert main(["serve", "--config", str(config), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"llm-gateway: config error: environment: {named}" in err
+    assert "Traceback" not in err
+
+
+def test_a_taken_prometheus_port_exits_1_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A metrics port already in use fails like a taken gRPC port: one line, status 1.
+
+    Before, the OSError from the Prometheus HTTP server escaped `serve` as a traceback.
+    """
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "gateway.yaml"
+        config.write_text(
+            "server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n"
+            f"telemetry: {{prometheus_port: {port}}}\n"
+        )
+        assert main(["serve", "--config", str(config), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"llm-gateway: cannot listen on 127.0.0.1:{port} for Prometheus metrics" in err
+    assert "Traceback" not in err
