@@ -25,8 +25,11 @@ from service.tenant_limits import MemoryTenantLimiter, RedisTenantLimiter, Tenan
 log = logging.getLogger("llm_gateway.security")
 
 
-class InsecureListen(Exception):
-    """The config would serve unauthenticated callers on a non-loopback address."""
+class InsecureListen(ConfigError):
+    """The config would serve unauthenticated callers on a non-loopback address.
+
+    A config error, so `serve` (and each worker) reports it in one line and exits 2.
+    """
 
 
 def is_caller_auth_on(config: GatewayConfig) -> bool:
@@ -44,8 +47,10 @@ def check_listen_policy(config: GatewayConfig) -> None:
         return
     if not forced:
         raise InsecureListen(
+            config.source,
+            "server.listen",
             f"refusing to listen on {config.server.listen} with auth.mode: off; set "
-            "auth.mode: keys, or auth.allow_auth_off_on_public_listen: true to force it"
+            "auth.mode: keys, or auth.allow_auth_off_on_public_listen: true to force it",
         )
     log.warning("security.auth_off_on_public_listen", extra={"listen": config.server.listen})
 

@@ -130,7 +130,7 @@ def _stop_with(supervisor: int) -> None:
 
 def _worker_main(config: GatewayConfig, log_level: str, ready: Connection, supervisor: int) -> None:
     from service.logs import configure_logging
-    from service.server import run
+    from service.server import ListenError, run
 
     _stop_with(supervisor)
     configure_logging(log_level)
@@ -139,6 +139,9 @@ def _worker_main(config: GatewayConfig, log_level: str, ready: Connection, super
     except ConfigError as exc:  # found only at start (e.g. the keys file): exit 2 as main does
         print(f"llm-gateway: config error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except ListenError as exc:  # e.g. its Prometheus port is taken: one line, as main does
+        print(f"llm-gateway: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 async def _started(ready: Connection) -> bool:
@@ -241,9 +244,13 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
 def run_workers(config: GatewayConfig, *, count: int, log_level: str = "INFO") -> int:
     """Run `count` worker processes on the configured port until SIGTERM/SIGINT.
 
-    Returns 2 (after saying why) when the workers' Prometheus ports do not fit.
+    Returns 2 (after saying why) when the workers' Prometheus ports do not fit, or when
+    the listen policy refuses the address (said once here, not by every worker).
     """
+    from service.security import check_listen_policy
+
     try:
+        check_listen_policy(config)
         configs = worker_configs(config, count)
     except ConfigError as exc:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)

@@ -103,3 +103,41 @@ def test_a_taken_prometheus_port_exits_1_naming_it(
     err = capsys.readouterr().err
     assert f"llm-gateway: cannot listen on 127.0.0.1:{port} for Prometheus metrics" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_auth_off_on_a_public_address_exits_2_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str
+) -> None:
+    """Refusing to serve unauthenticated callers publicly is a one-line config error.
+
+    Before, `InsecureListen` escaped `serve` (and each worker) as a traceback, status 1.
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text("server: {listen: '0.0.0.0:0'}\nlocal_model: {enabled: never}\n")
+    assert main(["serve", "--config", str(config), "--workers", workers]) == 2
+    err = capsys.readouterr().err
+    assert f"llm-gateway: config error: {config}: server.listen: refusing to listen" in err
+    assert "Traceback" not in err
+
+
+def test_a_worker_whose_prometheus_port_is_taken_exits_with_one_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """With --workers, a worker that cannot listen says so in one line, as `serve` does.
+
+    Before, the worker's ListenError was a traceback on the worker's stderr.
+    """
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "gateway.yaml"
+        config.write_text(
+            "server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n"
+            f"telemetry: {{prometheus_port: {port}}}\n"
+        )
+        assert main(["serve", "--config", str(config), "--workers", "2"]) == 1
+    err = capfd.readouterr().err
+    assert f"llm-gateway: cannot listen on 127.0.0.1:{port} for Prometheus metrics" in err
+    assert "Traceback" not in err
