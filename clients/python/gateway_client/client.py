@@ -46,21 +46,34 @@ def build_request(
 
 
 class CompletionStream:
-    """Text deltas as they arrive; `final` holds usage, cost and timings afterwards."""
+    """Text deltas as they arrive; `final` holds usage, cost and timings afterwards.
 
-    def __init__(self, events: AsyncIterator[pb.CompleteStreamResponse]) -> None:
-        self._events = events
+    Leaving the loop early (break, an exception) cancels the call, and with it the
+    upstream request, even while the stream object is still referenced.
+    """
+
+    def __init__(
+        self, call: grpc.aio.UnaryStreamCall[pb.CompleteStreamRequest, pb.CompleteStreamResponse]
+    ) -> None:
+        self._call = call
         self.final: pb.CompletionMetadata | None = None
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._texts()
 
+    def cancel(self) -> None:
+        """Stop the call; the gateway closes the upstream request at once."""
+        self._call.cancel()
+
     async def _texts(self) -> AsyncIterator[str]:
-        async for event in self._events:
-            if event.HasField("final"):
-                self.final = event.final
-            else:
-                yield event.delta.content
+        try:
+            async for event in self._call:
+                if event.HasField("final"):
+                    self.final = event.final
+                else:
+                    yield event.delta.content
+        finally:
+            self._call.cancel()  # a no-op once the call has ended
 
 
 class GatewayClient:
@@ -118,7 +131,7 @@ class GatewayClient:
         request = pb.CompleteStreamRequest()
         request.ParseFromString(unary.SerializeToString())  # same fields, same numbers
         call = self.stub.CompleteStream(request, timeout=self._timeout_s, metadata=self._metadata)
-        return CompletionStream(call.__aiter__())
+        return CompletionStream(call)
 
     def complete_batch(
         self, items: Sequence[pb.BatchItem], *, concurrency: int = 0
