@@ -14,15 +14,13 @@ from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 
 _ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
-SERVICE_CONFIG_PATH = Path(__file__).resolve().parents[2] / "service_config.json"
+# clients/service_config.json, linked into the package so that a wheel carries it too.
+SERVICE_CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
 
-def _service_config() -> str | None:
-    """The shipped retry policy (clients/service_config.json), when present."""
-    try:
-        return SERVICE_CONFIG_PATH.read_text(encoding="utf-8")
-    except OSError:
-        return None
+def _service_config() -> str:
+    """The shipped retry policy; a client without it would not wait out pushbacks."""
+    return SERVICE_CONFIG_PATH.read_text(encoding="utf-8")
 
 
 def build_request(
@@ -87,10 +85,10 @@ class GatewayClient:
         credentials: grpc.ChannelCredentials | None = None,
         timeout_s: float | None = 300.0,
     ) -> None:
-        options: list[tuple[str, Any]] = [("grpc.enable_retries", 1)]
-        service_config = _service_config()
-        if service_config is not None:
-            options.append(("grpc.service_config", json.dumps(json.loads(service_config))))
+        options: list[tuple[str, Any]] = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(json.loads(_service_config()))),
+        ]
         if credentials is not None:
             self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         else:
