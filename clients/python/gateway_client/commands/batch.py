@@ -305,7 +305,12 @@ async def batch_command(args: argparse.Namespace) -> int:
         return 1
     for line in bad:
         print(f"{args.input}:{line.line}: skipped: {line.reason}", file=sys.stderr)
-    done = read_done(args.output, retry_failed=args.retry_failed)
+    try:
+        done = read_done(args.output, retry_failed=args.retry_failed)
+        output = args.output.open("a", encoding="utf-8")
+    except OSError as exc:
+        print(f"llm-gateway batch: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return 1
     pending = [item for item in items if item.id not in done]
     skipped = len(items) - len(pending)
     if skipped:
@@ -313,7 +318,7 @@ async def batch_command(args: argparse.Namespace) -> int:
     progress = Progress(len(pending), stream=sys.stderr, is_enabled=not args.no_progress)
     failed = 0
     async with GatewayClient(args.address, api_key=args.api_key, timeout_s=None) as client:
-        with args.output.open("a", encoding="utf-8") as output:
+        with output:
             try:
                 failed = await run_items(
                     client,
