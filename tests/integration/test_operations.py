@@ -185,6 +185,26 @@ async def test_cli_reports_errors_with_details(gateway_process):
     assert "params.temperature" in err
 
 
+@pytest.mark.parametrize("source", ["--api-key", "LLM_GATEWAY_API_KEY"])
+async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, source):
+    """A key with a stray carriage return is a one-line usage error that never echoes it."""
+    key = "llmgw_do-not-print-me\r"
+    args = ["--api-key", key] if source == "--api-key" else []
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway_client.cli", "complete", "Say hi", *args,
+        "--model", FAKE_MODEL, "--address", gateway.server.address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        env={**os.environ, "LLM_GATEWAY_API_KEY": key} if not args else None,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(cli.communicate(), timeout=30)
+    text = err.decode()
+    assert cli.returncode == 2
+    assert "argument --api-key: the caller key has characters" in text.splitlines()[-1]
+    assert "Traceback" not in text
+    assert "do-not-print-me" not in text
+    assert upstream.requests == []
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [

@@ -12,9 +12,19 @@ import os
 import sys
 from collections.abc import Sequence
 
+from gateway_client.client import authorization_metadata
 from gateway_client.commands import batch, check, complete, models, serve, summarize, usage
 
 SUBCOMMANDS = [serve, complete, models, batch, summarize, check, usage]
+
+
+def caller_key(value: str) -> str:
+    """--api-key: a key gRPC can send, checked before any call."""
+    try:
+        authorization_metadata(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +37,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         default=os.environ.get("LLM_GATEWAY_API_KEY"),
+        type=caller_key,
         help="caller key (default: $LLM_GATEWAY_API_KEY)",
     )
 

@@ -43,6 +43,22 @@ def build_request(
     )
 
 
+def authorization_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The caller key as call metadata.
+
+    Raises:
+        ValueError: the key has characters gRPC metadata cannot carry (only printable
+            ASCII); the message never repeats the key.
+    """
+    if not api_key:
+        return ()
+    if not all(" " <= char <= "~" for char in api_key):
+        raise ValueError(
+            "the caller key has characters gRPC metadata cannot carry (a stray newline?)"
+        )
+    return (("authorization", f"Bearer {api_key}"),)
+
+
 class CompletionStream:
     """Text deltas as they arrive; `final` holds usage, cost and timings afterwards.
 
@@ -94,7 +110,7 @@ class GatewayClient:
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = pb_grpc.CompletionServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._metadata = authorization_metadata(api_key)
         self._timeout_s = timeout_s
 
     async def __aenter__(self) -> GatewayClient:
