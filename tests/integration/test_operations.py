@@ -185,6 +185,21 @@ async def test_cli_reports_errors_with_details(gateway_process):
     assert "params.temperature" in err
 
 
+async def test_cli_error_shows_the_reason_and_its_metadata(upstream, gateway):
+    """The ErrorInfo reason and metadata a script would branch on are printed too."""
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway_client.cli", "complete", "hi", "--stream",
+        "--model", "nope", "--address", gateway.server.address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(cli.communicate(), timeout=30)
+    assert cli.returncode == 1
+    assert err.decode().splitlines() == [
+        "NOT_FOUND: model 'nope' is not served by any configured upstream",
+        "  reason MODEL_NOT_FOUND: model=nope",
+    ]
+
+
 @pytest.mark.parametrize("source", ["--api-key", "LLM_GATEWAY_API_KEY"])
 async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, source):
     """A key with a stray carriage return is a one-line usage error that never echoes it."""
