@@ -200,6 +200,14 @@ async def test_cli_error_shows_the_reason_and_its_metadata(upstream, gateway):
     ]
 
 
+async def test_cli_refuses_a_label_without_a_value(upstream, gateway):
+    """`--label team` (no `=`) is a usage error, not a call whose cost goes unlabelled."""
+    code, _, err = await _run_cli(gateway.server.address, "hi", "--label", "team")
+    assert code == 2
+    assert err.splitlines()[-1].endswith("argument --label: 'team' is not KEY=VALUE")
+    assert upstream.requests == []
+
+
 @pytest.mark.parametrize("source", ["--api-key", "LLM_GATEWAY_API_KEY"])
 async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, source):
     """A key with a stray carriage return is a one-line usage error that never echoes it."""
