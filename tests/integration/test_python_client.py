@@ -16,7 +16,8 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway_client import GatewayClient
+from gateway_client import GatewayClient, build_request
+from llmgateway.v1 import gateway_pb2 as pb
 from tests.conftest import FAKE_MODEL, RunningGateway, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply
 
@@ -48,6 +49,26 @@ async def test_leaving_a_stream_early_closes_the_upstream_request(
                 await asyncio.sleep(0.01)
 
 
+async def test_leaving_a_batch_early_closes_its_upstream_requests(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """Breaking out of complete_batch cancels the call and the items still in flight."""
+    upstream.script(Reply(content="fast"), Reply(content="slow", delay_s=5))
+    items = [
+        pb.BatchItem(id=str(i), request=build_request("x", model=FAKE_MODEL)) for i in range(2)
+    ]
+    async with GatewayClient(gateway.server.address) as client:
+        started = time.monotonic()
+        async for event in client.complete_batch(items, concurrency=2):
+            assert event.result.response.content == "fast"
+            break
+        await upstream.wait_for_disconnect(timeout_s=2.0)
+        assert time.monotonic() - started < 5
+        async with asyncio.timeout(5):
+            while gateway.server.admission.in_flight:
+                await asyncio.sleep(0.01)
+
+
 @pytest.fixture(scope="module")
 def installed_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """gateway_client as a wheel installs it: built like deploy/Dockerfile, then unpacked."""
@@ -74,7 +95,8 @@ def installed_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
 INSTALLED_CLIENT_CALL = """
 import asyncio, sys, time
 import gateway_client
-from gateway_client import GatewayClient
+from gateway_client import GatewayClient, build_request
+from llmgateway.v1 import gateway_pb2 as pb
 
 assert gateway_client.__file__.startswith(sys.argv[2]), gateway_client.__file__
 

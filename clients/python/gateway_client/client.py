@@ -59,6 +59,17 @@ def authorization_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),)
 
 
+async def _cancel_when_left(
+    call: grpc.aio.UnaryStreamCall[pb.CompleteBatchRequest, pb.CompleteBatchResponse],
+) -> AsyncIterator[pb.CompleteBatchResponse]:
+    """The call's messages; leaving the loop early cancels the call."""
+    try:
+        async for event in call:
+            yield event
+    finally:
+        call.cancel()  # a no-op once the call has ended
+
+
 class CompletionStream:
     """Text deltas as they arrive; `final` holds usage, cost and timings afterwards.
 
@@ -152,16 +163,15 @@ class GatewayClient:
     ) -> AsyncIterator[pb.CompleteBatchResponse]:
         """Run a batch: each item's result as it finishes, then the summary.
 
-        Cancelling the iteration (or the task) cancels the call and, on the gateway,
-        every upstream request still in flight.
+        Leaving the loop early, or cancelling the task, cancels the call and, on the
+        gateway, every upstream request still in flight.
         """
         call = self.stub.CompleteBatch(
             pb.CompleteBatchRequest(items=items, concurrency=concurrency),
             timeout=self._timeout_s,
             metadata=self._metadata,
         )
-        events: AsyncIterator[pb.CompleteBatchResponse] = call.__aiter__()
-        return events
+        return _cancel_when_left(call)
 
     async def summarize(
         self,
