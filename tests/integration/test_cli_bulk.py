@@ -293,3 +293,36 @@ async def test_batch_output_that_cannot_be_written_is_one_line_and_exit_1(
         + ("No such file or directory" if where == "missing directory" else "Is a directory")
     ]
     assert scripted.requests == []
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        ("complete", "--max-tokens=99999999999"),
+        ("batch", "--concurrency=-5"),
+        ("summarize", "--target-tokens=-1"),
+    ],
+)
+async def test_numbers_a_request_cannot_carry_are_usage_errors(
+    tmp_path, scripted, address, command, option
+):
+    """A number outside its protobuf field's range is an exit-2 usage error, not a traceback."""
+    source = tmp_path / "in.txt"
+    write_items(source, ["q1"])
+    args = {
+        "complete": ["hi"],
+        "batch": [str(source), "-o", str(tmp_path / "out.jsonl")],
+        "summarize": [str(source)],
+    }[command]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway_client.cli", command, *args, option,
+        "--address", address, "--model", FAKE_MODEL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        _, err = await process.communicate()
+    text = err.decode()
+    assert process.returncode == 2, text
+    assert f"argument {option.split('=')[0]}: " in text.splitlines()[-1]
+    assert "Traceback" not in text
+    assert scripted.requests == []

@@ -42,7 +42,7 @@ _PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed")
 
 def register(subparsers: Any) -> None:
     """Add the `batch` subcommand."""
-    from gateway_client.cli import add_connection_arguments
+    from gateway_client.cli import UINT32, add_connection_arguments, int_in
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "batch",
@@ -53,7 +53,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("input", type=Path, help="JSONL file of items")
     parser.add_argument("-o", "--output", type=Path, required=True, help="JSONL results file")
     parser.add_argument(
-        "--concurrency", type=int, default=0, help="items in flight (default: the gateway's)"
+        "--concurrency",
+        type=int_in(UINT32),
+        default=0,
+        help="items in flight (default: the gateway's)",
     )
     parser.add_argument("--model", default="gemma-3-270m", help="model for items without one")
     parser.add_argument(

@@ -17,7 +17,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 
 def register(subparsers: Any) -> None:
     """Add the `complete` subcommand."""
-    from gateway_client.cli import add_connection_arguments
+    from gateway_client.cli import INT32, add_connection_arguments, int_in
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "complete", help="ask for one completion and print it"
@@ -26,7 +26,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--model", default="gemma-3-270m", help="model name (default: %(default)s)")
     parser.add_argument("--system", help="a system message to put first")
     parser.add_argument("--stream", action="store_true", help="print tokens as they arrive")
-    parser.add_argument("--max-tokens", type=int, help="upper bound on generated tokens")
+    parser.add_argument("--max-tokens", type=int_in(INT32), help="upper bound on generated tokens")
     parser.add_argument("--temperature", type=float, help="sampling temperature, 0 to 2")
     parser.add_argument(
         "--label",
