@@ -249,6 +249,23 @@ async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, conte
     assert expected in stderr.decode()
 
 
+@pytest.mark.parametrize("source", ["--log-level", "LLM_GATEWAY_LOG_LEVEL"])
+async def test_an_unknown_log_level_is_a_usage_error(upstream, tmp_path, source):
+    """`--log-level LOUD` (or the variable) exits 2 with one line, before anything starts."""
+    config = _write_config(tmp_path, upstream.base_url)
+    if source == "--log-level":
+        process = await _spawn("serve", "--config", str(config), "--log-level", "LOUD")
+    else:
+        process = await _spawn("serve", "--config", str(config), env={**os.environ, source: "LOUD"})
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    text = stderr.decode()
+    assert process.returncode == 2
+    assert text.splitlines()[-1].endswith(
+        "argument --log-level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+    )
+    assert "Traceback" not in text
+
+
 @pytest.mark.parametrize(
     ("section", "value", "state"),
     [
