@@ -2,7 +2,8 @@
 
 The new key is printed once, on stdout, and never stored: only its SHA-256 digest is,
 appended to the config's `auth.keys_file` or, with `auth.redis_url`, put in Redis.
-Running gateways read the keys file at startup and Redis on every call.
+Running gateways re-read a changed keys file within `auth.keys_file_check_s` and look
+keys up in Redis on every call.
 """
 
 from __future__ import annotations

@@ -15,6 +15,16 @@ from service.workers import worker_count
 DEFAULT_CONFIG = "config/gateway.yaml"
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(value: str) -> str:
+    """--log-level: a level name logging knows, in any case."""
+    if value.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return value.upper()
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` subcommand's options."""
     parser.add_argument(
@@ -29,7 +39,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="processes sharing the port (SO_REUSEPORT); 0: one per core "
         "(default: server.workers, else one per core when state is shared in Redis)",
     )
-    parser.add_argument("--log-level", default=os.environ.get("LLM_GATEWAY_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        type=log_level,
+        default=os.environ.get("LLM_GATEWAY_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: $LLM_GATEWAY_LOG_LEVEL or INFO)",
+    )
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -270,3 +270,59 @@ async def test_batch_process_killed_by_ctrl_c_resumes(tmp_path, scripted, addres
     async with asyncio.timeout(60):
         assert await second.wait() == 0
     assert sorted(r["id"] for r in output_records(output)) == sorted(ids)
+
+
+@pytest.mark.parametrize("where", ["missing directory", "a directory"])
+async def test_batch_output_that_cannot_be_written_is_one_line_and_exit_1(
+    tmp_path, scripted, address, where
+):
+    """An output path that cannot be opened is reported in one line, before any item runs."""
+    source = tmp_path / "in.jsonl"
+    write_items(source, ["q1"])
+    output = tmp_path / "nowhere" / "out.jsonl" if where == "missing directory" else tmp_path
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway_client.cli", "batch", str(source), "-o", str(output),
+        "--address", address, "--model", FAKE_MODEL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        _, err = await process.communicate()
+    assert process.returncode == 1
+    assert err.decode().splitlines() == [
+        f"llm-gateway batch: cannot write {output}: "
+        + ("No such file or directory" if where == "missing directory" else "Is a directory")
+    ]
+    assert scripted.requests == []
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        ("complete", "--max-tokens=99999999999"),
+        ("batch", "--concurrency=-5"),
+        ("summarize", "--target-tokens=-1"),
+    ],
+)
+async def test_numbers_a_request_cannot_carry_are_usage_errors(
+    tmp_path, scripted, address, command, option
+):
+    """A number outside its protobuf field's range is an exit-2 usage error, not a traceback."""
+    source = tmp_path / "in.txt"
+    write_items(source, ["q1"])
+    args = {
+        "complete": ["hi"],
+        "batch": [str(source), "-o", str(tmp_path / "out.jsonl")],
+        "summarize": [str(source)],
+    }[command]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway_client.cli", command, *args, option,
+        "--address", address, "--model", FAKE_MODEL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        _, err = await process.communicate()
+    text = err.decode()
+    assert process.returncode == 2, text
+    assert f"argument {option.split('=')[0]}: " in text.splitlines()[-1]
+    assert "Traceback" not in text
+    assert scripted.requests == []

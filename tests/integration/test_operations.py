@@ -185,6 +185,49 @@ async def test_cli_reports_errors_with_details(gateway_process):
     assert "params.temperature" in err
 
 
+async def test_cli_error_shows_the_reason_and_its_metadata(upstream, gateway):
+    """The ErrorInfo reason and metadata a script would branch on are printed too."""
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway_client.cli", "complete", "hi", "--stream",
+        "--model", "nope", "--address", gateway.server.address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(cli.communicate(), timeout=30)
+    assert cli.returncode == 1
+    assert err.decode().splitlines() == [
+        "NOT_FOUND: model 'nope' is not served by any configured upstream",
+        "  reason MODEL_NOT_FOUND: model=nope",
+    ]
+
+
+async def test_cli_refuses_a_label_without_a_value(upstream, gateway):
+    """`--label team` (no `=`) is a usage error, not a call whose cost goes unlabelled."""
+    code, _, err = await _run_cli(gateway.server.address, "hi", "--label", "team")
+    assert code == 2
+    assert err.splitlines()[-1].endswith("argument --label: 'team' is not KEY=VALUE")
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("source", ["--api-key", "LLM_GATEWAY_API_KEY"])
+async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, source):
+    """A key with a stray carriage return is a one-line usage error that never echoes it."""
+    key = "llmgw_do-not-print-me\r"
+    args = ["--api-key", key] if source == "--api-key" else []
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway_client.cli", "complete", "Say hi", *args,
+        "--model", FAKE_MODEL, "--address", gateway.server.address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        env={**os.environ, "LLM_GATEWAY_API_KEY": key} if not args else None,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(cli.communicate(), timeout=30)
+    text = err.decode()
+    assert cli.returncode == 2
+    assert "argument --api-key: the caller key has characters" in text.splitlines()[-1]
+    assert "Traceback" not in text
+    assert "do-not-print-me" not in text
+    assert upstream.requests == []
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
@@ -204,6 +247,23 @@ async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, conte
     assert process.returncode == 2
     assert str(path) in stderr.decode()
     assert expected in stderr.decode()
+
+
+@pytest.mark.parametrize("source", ["--log-level", "LLM_GATEWAY_LOG_LEVEL"])
+async def test_an_unknown_log_level_is_a_usage_error(upstream, tmp_path, source):
+    """`--log-level LOUD` (or the variable) exits 2 with one line, before anything starts."""
+    config = _write_config(tmp_path, upstream.base_url)
+    if source == "--log-level":
+        process = await _spawn("serve", "--config", str(config), "--log-level", "LOUD")
+    else:
+        process = await _spawn("serve", "--config", str(config), env={**os.environ, source: "LOUD"})
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    text = stderr.decode()
+    assert process.returncode == 2
+    assert text.splitlines()[-1].endswith(
+        "argument --log-level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+    )
+    assert "Traceback" not in text
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,41 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from gateway_client.client import authorization_metadata
 from gateway_client.commands import batch, check, complete, models, serve, summarize, usage
 
 SUBCOMMANDS = [serve, complete, models, batch, summarize, check, usage]
+
+
+INT32 = (-(2**31), 2**31 - 1)
+UINT32 = (0, 2**32 - 1)
+
+
+def int_in(bounds: tuple[int, int]) -> Callable[[str], int]:
+    """An argparse type: an integer the request's protobuf field can carry."""
+    low, high = bounds
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{number} is outside {low}..{high}")
+        return number
+
+    return parse
+
+
+def caller_key(value: str) -> str:
+    """--api-key: a key gRPC can send, checked before any call."""
+    try:
+        authorization_metadata(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +57,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         default=os.environ.get("LLM_GATEWAY_API_KEY"),
+        type=caller_key,
         help="caller key (default: $LLM_GATEWAY_API_KEY)",
     )
 

@@ -14,15 +14,13 @@ from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 
 _ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
-SERVICE_CONFIG_PATH = Path(__file__).resolve().parents[2] / "service_config.json"
+# clients/service_config.json, linked into the package so that a wheel carries it too.
+SERVICE_CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
 
-def _service_config() -> str | None:
-    """The shipped retry policy (clients/service_config.json), when present."""
-    try:
-        return SERVICE_CONFIG_PATH.read_text(encoding="utf-8")
-    except OSError:
-        return None
+def _service_config() -> str:
+    """The shipped retry policy; a client without it would not wait out pushbacks."""
+    return SERVICE_CONFIG_PATH.read_text(encoding="utf-8")
 
 
 def build_request(
@@ -45,22 +43,62 @@ def build_request(
     )
 
 
-class CompletionStream:
-    """Text deltas as they arrive; `final` holds usage, cost and timings afterwards."""
+def authorization_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The caller key as call metadata.
 
-    def __init__(self, events: AsyncIterator[pb.CompleteStreamResponse]) -> None:
-        self._events = events
+    Raises:
+        ValueError: the key has characters gRPC metadata cannot carry (only printable
+            ASCII); the message never repeats the key.
+    """
+    if not api_key:
+        return ()
+    if not all(" " <= char <= "~" for char in api_key):
+        raise ValueError(
+            "the caller key has characters gRPC metadata cannot carry (a stray newline?)"
+        )
+    return (("authorization", f"Bearer {api_key}"),)
+
+
+async def _cancel_when_left(
+    call: grpc.aio.UnaryStreamCall[pb.CompleteBatchRequest, pb.CompleteBatchResponse],
+) -> AsyncIterator[pb.CompleteBatchResponse]:
+    """The call's messages; leaving the loop early cancels the call."""
+    try:
+        async for event in call:
+            yield event
+    finally:
+        call.cancel()  # a no-op once the call has ended
+
+
+class CompletionStream:
+    """Text deltas as they arrive; `final` holds usage, cost and timings afterwards.
+
+    Leaving the loop early (break, an exception) cancels the call, and with it the
+    upstream request, even while the stream object is still referenced.
+    """
+
+    def __init__(
+        self, call: grpc.aio.UnaryStreamCall[pb.CompleteStreamRequest, pb.CompleteStreamResponse]
+    ) -> None:
+        self._call = call
         self.final: pb.CompletionMetadata | None = None
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._texts()
 
+    def cancel(self) -> None:
+        """Stop the call; the gateway closes the upstream request at once."""
+        self._call.cancel()
+
     async def _texts(self) -> AsyncIterator[str]:
-        async for event in self._events:
-            if event.HasField("final"):
-                self.final = event.final
-            else:
-                yield event.delta.content
+        try:
+            async for event in self._call:
+                if event.HasField("final"):
+                    self.final = event.final
+                else:
+                    yield event.delta.content
+        finally:
+            self._call.cancel()  # a no-op once the call has ended
 
 
 class GatewayClient:
@@ -74,16 +112,16 @@ class GatewayClient:
         credentials: grpc.ChannelCredentials | None = None,
         timeout_s: float | None = 300.0,
     ) -> None:
-        options: list[tuple[str, Any]] = [("grpc.enable_retries", 1)]
-        service_config = _service_config()
-        if service_config is not None:
-            options.append(("grpc.service_config", json.dumps(json.loads(service_config))))
+        options: list[tuple[str, Any]] = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(json.loads(_service_config()))),
+        ]
         if credentials is not None:
             self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = pb_grpc.CompletionServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._metadata = authorization_metadata(api_key)
         self._timeout_s = timeout_s
 
     async def __aenter__(self) -> GatewayClient:
@@ -118,23 +156,22 @@ class GatewayClient:
         request = pb.CompleteStreamRequest()
         request.ParseFromString(unary.SerializeToString())  # same fields, same numbers
         call = self.stub.CompleteStream(request, timeout=self._timeout_s, metadata=self._metadata)
-        return CompletionStream(call.__aiter__())
+        return CompletionStream(call)
 
     def complete_batch(
         self, items: Sequence[pb.BatchItem], *, concurrency: int = 0
     ) -> AsyncIterator[pb.CompleteBatchResponse]:
         """Run a batch: each item's result as it finishes, then the summary.
 
-        Cancelling the iteration (or the task) cancels the call and, on the gateway,
-        every upstream request still in flight.
+        Leaving the loop early, or cancelling the task, cancels the call and, on the
+        gateway, every upstream request still in flight.
         """
         call = self.stub.CompleteBatch(
             pb.CompleteBatchRequest(items=items, concurrency=concurrency),
             timeout=self._timeout_s,
             metadata=self._metadata,
         )
-        events: AsyncIterator[pb.CompleteBatchResponse] = call.__aiter__()
-        return events
+        return _cancel_when_left(call)
 
     async def summarize(
         self,

@@ -26,6 +26,9 @@ class ErrorDetails:
         lines = [f"{self.code}: {self.message}"]
         lines += [f"  {name}: {why}" for name, why in self.field_violations]
         lines += [f"  quota {subject}: {why}" for subject, why in self.quota_violations]
+        if self.reason:
+            facts = ", ".join(f"{key}={value}" for key, value in sorted(self.metadata.items()))
+            lines.append(f"  reason {self.reason}" + (f": {facts}" if facts else ""))
         if self.retry_after_s is not None:
             lines.append(f"  retry after {self.retry_after_s:.3g}s")
         return "\n".join(lines)

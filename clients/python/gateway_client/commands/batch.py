@@ -42,7 +42,7 @@ _PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed")
 
 def register(subparsers: Any) -> None:
     """Add the `batch` subcommand."""
-    from gateway_client.cli import add_connection_arguments
+    from gateway_client.cli import UINT32, add_connection_arguments, int_in
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "batch",
@@ -53,7 +53,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("input", type=Path, help="JSONL file of items")
     parser.add_argument("-o", "--output", type=Path, required=True, help="JSONL results file")
     parser.add_argument(
-        "--concurrency", type=int, default=0, help="items in flight (default: the gateway's)"
+        "--concurrency",
+        type=int_in(UINT32),
+        default=0,
+        help="items in flight (default: the gateway's)",
     )
     parser.add_argument("--model", default="gemma-3-270m", help="model for items without one")
     parser.add_argument(
@@ -305,7 +308,12 @@ async def batch_command(args: argparse.Namespace) -> int:
         return 1
     for line in bad:
         print(f"{args.input}:{line.line}: skipped: {line.reason}", file=sys.stderr)
-    done = read_done(args.output, retry_failed=args.retry_failed)
+    try:
+        done = read_done(args.output, retry_failed=args.retry_failed)
+        output = args.output.open("a", encoding="utf-8")
+    except OSError as exc:
+        print(f"llm-gateway batch: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return 1
     pending = [item for item in items if item.id not in done]
     skipped = len(items) - len(pending)
     if skipped:
@@ -313,7 +321,7 @@ async def batch_command(args: argparse.Namespace) -> int:
     progress = Progress(len(pending), stream=sys.stderr, is_enabled=not args.no_progress)
     failed = 0
     async with GatewayClient(args.address, api_key=args.api_key, timeout_s=None) as client:
-        with args.output.open("a", encoding="utf-8") as output:
+        with output:
             try:
                 failed = await run_items(
                     client,

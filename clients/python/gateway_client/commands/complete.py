@@ -10,13 +10,14 @@ from typing import Any
 import grpc
 
 from gateway_client.client import GatewayClient, build_request
+from gateway_client.commands.usage import parse_label
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 
 
 def register(subparsers: Any) -> None:
     """Add the `complete` subcommand."""
-    from gateway_client.cli import add_connection_arguments
+    from gateway_client.cli import INT32, add_connection_arguments, int_in
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "complete", help="ask for one completion and print it"
@@ -25,10 +26,15 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--model", default="gemma-3-270m", help="model name (default: %(default)s)")
     parser.add_argument("--system", help="a system message to put first")
     parser.add_argument("--stream", action="store_true", help="print tokens as they arrive")
-    parser.add_argument("--max-tokens", type=int, help="upper bound on generated tokens")
+    parser.add_argument("--max-tokens", type=int_in(INT32), help="upper bound on generated tokens")
     parser.add_argument("--temperature", type=float, help="sampling temperature, 0 to 2")
     parser.add_argument(
-        "--label", action="append", default=[], metavar="KEY=VALUE", help="cost label (repeatable)"
+        "--label",
+        action="append",
+        type=parse_label,
+        default=[],
+        metavar="KEY=VALUE",
+        help="cost label (repeatable)",
     )
     add_connection_arguments(parser)
     parser.set_defaults(handler=complete_command)
@@ -56,7 +62,7 @@ async def complete_command(args: argparse.Namespace) -> int:
         params["max_tokens"] = args.max_tokens
     if args.temperature is not None:
         params["temperature"] = args.temperature
-    labels = dict(item.split("=", 1) for item in args.label if "=" in item)
+    labels = dict(args.label)
     request = build_request(prompt, model=args.model, system=args.system, labels=labels, **params)
     started = time.monotonic()
     async with GatewayClient(args.address, api_key=args.api_key) as client:

@@ -16,7 +16,7 @@ from gateway_client.errors import error_details
 
 def register(subparsers: Any) -> None:
     """Add the `summarize` subcommand."""
-    from gateway_client.cli import add_connection_arguments
+    from gateway_client.cli import UINT32, add_connection_arguments, int_in
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "summarize", help="summarise a document longer than the context window"
@@ -24,7 +24,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("file", help="text file to summarise ('-' reads standard input)")
     parser.add_argument("--model", default="gemma-3-270m", help="model name (default: %(default)s)")
     parser.add_argument(
-        "--target-tokens", type=int, default=0, help="summary length (default: the gateway's)"
+        "--target-tokens",
+        type=int_in(UINT32),
+        default=0,
+        help="summary length (default: the gateway's)",
     )
     parser.add_argument("--instructions", default="", help="tone, focus or language")
     parser.add_argument(

@@ -1,0 +1,143 @@
+"""The Python client library (clients/python/gateway_client) against the real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway_client import GatewayClient, build_request
+from llmgateway.v1 import gateway_pb2 as pb
+from tests.conftest import FAKE_MODEL, RunningGateway, chat_stream, gateway_config
+from tests.fake_upstream import FakeUpstream, Reply
+
+REPO = Path(__file__).resolve().parents[2]
+StartGateway = Callable[..., Any]
+
+
+async def test_leaving_a_stream_early_closes_the_upstream_request(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """Breaking out of a stream cancels the call, so the provider stops generating at once.
+
+    The stream object stays referenced (as when a caller means to read `.final`) and the
+    client stays open: nothing but the client itself can end the call.
+    """
+    upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=0.25))
+    async with GatewayClient(gateway.server.address) as client:
+        started = time.monotonic()
+        stream = client.stream("Tell a story", model=FAKE_MODEL)
+        async for text in stream:
+            assert text
+            break
+        await upstream.wait_for_disconnect(timeout_s=2.0)
+        # The upstream would have streamed for about 5 s; it saw the close long before.
+        assert time.monotonic() - started < 20 * 0.25
+        assert stream.final is None
+        async with asyncio.timeout(5):
+            while gateway.server.admission.in_flight:
+                await asyncio.sleep(0.01)
+
+
+async def test_leaving_a_batch_early_closes_its_upstream_requests(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """Breaking out of complete_batch cancels the call and the items still in flight."""
+    upstream.script(Reply(content="fast"), Reply(content="slow", delay_s=5))
+    items = [
+        pb.BatchItem(id=str(i), request=build_request("x", model=FAKE_MODEL)) for i in range(2)
+    ]
+    async with GatewayClient(gateway.server.address) as client:
+        started = time.monotonic()
+        async for event in client.complete_batch(items, concurrency=2):
+            assert event.result.response.content == "fast"
+            break
+        await upstream.wait_for_disconnect(timeout_s=2.0)
+        assert time.monotonic() - started < 5
+        async with asyncio.timeout(5):
+            while gateway.server.admission.in_flight:
+                await asyncio.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def installed_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """gateway_client as a wheel installs it: built like deploy/Dockerfile, then unpacked."""
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("service", "generated"):
+        shutil.copytree(REPO / name, source / name)
+    shutil.copytree(REPO / "clients", source / "clients", ignore=shutil.ignore_patterns("node"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(root / "dist"), str(source)],
+        check=True, timeout=120, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = (root / "dist").glob("llm_gateway-*.whl")
+    site = root / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    return site
+
+
+INSTALLED_CLIENT_CALL = """
+import asyncio, sys, time
+import gateway_client
+from gateway_client import GatewayClient, build_request
+from llmgateway.v1 import gateway_pb2 as pb
+
+assert gateway_client.__file__.startswith(sys.argv[2]), gateway_client.__file__
+
+async def main():
+    async with GatewayClient(sys.argv[1], timeout_s=15) as client:
+        started = time.monotonic()
+        answer = await client.complete("Say hi", model=sys.argv[3])
+        print(answer.content, time.monotonic() - started)
+
+asyncio.run(main())
+"""
+
+
+async def test_installed_client_waits_out_the_overload_pushback(
+    installed_client: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """Installed from the wheel, GatewayClient still installs the shipped retry policy.
+
+    An overloaded gateway refuses with RESOURCE_EXHAUSTED and a pushback; the client's
+    channel waits it out and succeeds once the slot frees up.
+    """
+    pushback_s = 0.5
+    gateway = await start_gateway(
+        gateway_config(
+            upstream.base_url,
+            server={"max_in_flight_calls": 1, "overload_retry_after_s": pushback_s},
+        )
+    )
+    upstream.script(Reply(content="hold the slot", chunks=2, chunk_delay_s=0.15))
+    hold = gateway.stub.CompleteStream(chat_stream("hold the slot"))
+    assert (await hold.read()).WhichOneof("event") == "delta"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", INSTALLED_CLIENT_CALL,
+        gateway.server.address, str(installed_client), FAKE_MODEL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(installed_client)}, cwd=installed_client,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    while await hold.read() is not grpc.aio.EOF:
+        pass
+    assert process.returncode == 0, err.decode()
+    content, elapsed_s = out.decode().rsplit(" ", 1)
+    assert content == "Hello from fake"
+    assert float(elapsed_s) >= pushback_s
