@@ -295,6 +295,27 @@ class _Tally:
         self.upstream_s += completion.timings.upstream_ms / _MS
 
 
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """What every call of one Summarize shares: the request, its deadline and its tally."""
+
+    request: SummaryRequest
+    deadline: Deadline
+    tally: _Tally = field(default_factory=_Tally)
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """Where a call sits in the work, as `SummarizePartFailed` reports it."""
+
+    part: int
+    parts: int
+    level: int
+
+
+_WHOLE = _Slot(part=1, parts=1, level=1)
+
+
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error that ended a task group (the others are cancellations it caused)."""
     for exc in group.exceptions:
@@ -391,23 +412,13 @@ class Summarizer:
         part_tokens = max(32, min(target, window // 8))
         part_system = part_prompt(target_tokens=part_tokens, instructions=request.instructions)
         combine_system = combine_prompt(target_tokens=target, instructions=request.instructions)
-        tally = _Tally()
+        run = _Run(request, deadline)
         document_system = document_prompt(target_tokens=target, instructions=request.instructions)
         whole = await asyncio.to_thread(estimate_text_tokens, request.document)
         if whole <= self._room(model, system=document_system, header="", answer_tokens=target):
-            text = await self._call_if_fits(
-                request,
-                document_system,
-                request.document,
-                target,
-                tally,
-                part=1,
-                parts=1,
-                level=1,
-                deadline=deadline,
-            )
+            text = await self._call_if_fits(run, document_system, request.document, target, _WHOLE)
             if text is not None:
-                return self._result(text, 1, 1, tally, started)
+                return self._result(text, 1, 1, run.tally, started)
         chunk_room = self._room(
             model,
             system=part_system,
@@ -429,33 +440,17 @@ class Summarizer:
         level = 1
         while True:
             summaries = await self._summarise_all(
-                request,
-                system,
-                inputs,
-                part_tokens,
-                tally,
-                overlap_tokens=overlap_tokens,
-                level=level,
-                deadline=deadline,
+                run, system, inputs, part_tokens, overlap_tokens=overlap_tokens, level=level
             )
             if level == 1:
                 parts_summarised = len(summaries)  # more than the chunks when any was re-split
             joined = _summaries_message(summaries)
             combine_room = self._room(model, system=combine_system, header="", answer_tokens=target)
             if estimate_text_tokens(joined) <= combine_room:
-                text = await self._call_if_fits(
-                    request,
-                    combine_system,
-                    joined,
-                    target,
-                    tally,
-                    part=1,
-                    parts=1,
-                    level=level + 1,
-                    deadline=deadline,
-                )
+                final = _Slot(part=1, parts=1, level=level + 1)
+                text = await self._call_if_fits(run, combine_system, joined, target, final)
                 if text is not None:
-                    return self._result(text, parts_summarised, level, tally, started)
+                    return self._result(text, parts_summarised, level, run.tally, started)
                 combine_room = self._room(
                     model, system=combine_system, header="", answer_tokens=target
                 )
@@ -503,15 +498,13 @@ class Summarizer:
 
     async def _summarise_all(
         self,
-        request: SummaryRequest,
+        run: _Run,
         system: str,
         inputs: Sequence[tuple[str, str]],
         answer_tokens: int,
-        tally: _Tally,
         *,
         overlap_tokens: int,
         level: int,
-        deadline: Deadline,
     ) -> list[str]:
         """Summarise every (name, text), `concurrency` at once; the first failure cancels the rest.
 
@@ -524,18 +517,9 @@ class Summarizer:
         async def one(index: int) -> None:
             name, text = inputs[index]
             async with semaphore:
+                slot = _Slot(part=index + 1, parts=len(inputs), level=level)
                 results[index] = await self._summarise_fitting(
-                    request,
-                    system,
-                    text,
-                    answer_tokens,
-                    tally,
-                    name=name,
-                    overlap_tokens=overlap_tokens,
-                    part=index + 1,
-                    parts=len(inputs),
-                    level=level,
-                    deadline=deadline,
+                    run, system, text, answer_tokens, slot, name=name, overlap_tokens=overlap_tokens
                 )
 
         try:
@@ -548,18 +532,14 @@ class Summarizer:
 
     async def _summarise_fitting(
         self,
-        request: SummaryRequest,
+        run: _Run,
         system: str,
         text: str,
         answer_tokens: int,
-        tally: _Tally,
+        slot: _Slot,
         *,
         name: str,
         overlap_tokens: int,
-        part: int,
-        parts: int,
-        level: int,
-        deadline: Deadline,
     ) -> list[str]:
         """Summarise `text`, split again first when it no longer fits the window.
 
@@ -572,73 +552,40 @@ class Summarizer:
         Returns:
             One summary, or one for each piece, in order.
         """
-        model = request.model
+        model = run.request.model
         header = _header(name)
         room = self._room(model, system=system, header=header, answer_tokens=answer_tokens)
         if estimate_text_tokens(text) <= room:
-            summary = await self._call_if_fits(
-                request,
-                system,
-                header + text,
-                answer_tokens,
-                tally,
-                part=part,
-                parts=parts,
-                level=level,
-                deadline=deadline,
-            )
+            summary = await self._call_if_fits(run, system, header + text, answer_tokens, slot)
             if summary is not None:
                 return [summary]
         # Room for the widest piece number a split can reach (a piece takes a token at least).
         widest = _header(_piece_name(name, estimate_text_tokens(text)))
         piece_room = self._room(model, system=system, header=widest, answer_tokens=answer_tokens)
         pieces = split_into_chunks(
-            text, max_tokens=self._require_room(request, piece_room), overlap_tokens=overlap_tokens
+            text,
+            max_tokens=self._require_room(run.request, piece_room),
+            overlap_tokens=overlap_tokens,
         )
         if len(pieces) == 1:
             # One piece: splitting it again could loop if the estimate and the pipeline
             # disagreed. Send it; a refusal from the pipeline then stands.
-            call = self._call(
-                request,
-                system,
-                header + pieces[0],
-                answer_tokens,
-                tally,
-                part=part,
-                parts=parts,
-                level=level,
-                deadline=deadline,
-            )
-            return [await call]
+            return [await self._call(run, system, header + pieces[0], answer_tokens, slot)]
         summaries: list[str] = []
         for number, piece in enumerate(pieces, start=1):
             summaries += await self._summarise_fitting(
-                request,
+                run,
                 system,
                 piece,
                 answer_tokens,
-                tally,
+                slot,
                 name=_piece_name(name, number),
                 overlap_tokens=overlap_tokens,
-                part=part,
-                parts=parts,
-                level=level,
-                deadline=deadline,
             )
         return summaries
 
     async def _call_if_fits(
-        self,
-        request: SummaryRequest,
-        system: str,
-        user: str,
-        answer_tokens: int,
-        tally: _Tally,
-        *,
-        part: int,
-        parts: int,
-        level: int,
-        deadline: Deadline,
+        self, run: _Run, system: str, user: str, answer_tokens: int, slot: _Slot
     ) -> str | None:
         """`_call`, or None when the pipeline refuses `user` for the window before sending.
 
@@ -647,34 +594,15 @@ class Summarizer:
         it had not fitted to begin with.
         """
         try:
-            return await self._call(
-                request,
-                system,
-                user,
-                answer_tokens,
-                tally,
-                part=part,
-                parts=parts,
-                level=level,
-                deadline=deadline,
-            )
+            return await self._call(run, system, user, answer_tokens, slot)
         except ContextWindowExceeded:
             return None
 
     async def _call(
-        self,
-        request: SummaryRequest,
-        system: str,
-        user: str,
-        answer_tokens: int,
-        tally: _Tally,
-        *,
-        part: int,
-        parts: int,
-        level: int,
-        deadline: Deadline,
+        self, run: _Run, system: str, user: str, answer_tokens: int, slot: _Slot
     ) -> str:
         """One summarising call, retried on upstream failures that may pass."""
+        request, deadline = run.request, run.deadline
         chat = ChatRequest(
             model=request.model,
             messages=(Message(Role.SYSTEM, system), Message(Role.USER, user)),
@@ -694,11 +622,11 @@ class Summarizer:
                 left = deadline.remaining_s()
                 if attempt == attempts or (left is not None and left <= wait_s):
                     raise SummarizePartFailed(
-                        exc, part=part, parts=parts, level=level, attempts=attempt
+                        exc, part=slot.part, parts=slot.parts, level=slot.level, attempts=attempt
                     ) from exc
                 await self._clock.sleep(wait_s)
                 continue
-            tally.add(completion)
+            run.tally.add(completion)
             return completion.content
         raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
 
