@@ -83,28 +83,6 @@ def test_an_otel_variable_the_gateway_cannot_use_exits_2_naming_it(
     assert "Traceback" not in err
 
 
-def test_a_taken_prometheus_port_exits_1_naming_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A metrics port already in use fails like a taken gRPC port: one line, status 1.
-
-    Before, the OSError from the Prometheus HTTP server escaped `serve` as a traceback.
-    """
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        config = tmp_path / "gateway.yaml"
-        config.write_text(
-            "server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n"
-            f"telemetry: {{prometheus_port: {port}}}\n"
-        )
-        assert main(["serve", "--config", str(config), "--workers", "1"]) == 1
-    err = capsys.readouterr().err
-    assert f"llm-gateway: cannot listen on 127.0.0.1:{port} for Prometheus metrics" in err
-    assert "Traceback" not in err
-
-
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_auth_off_on_a_public_address_exits_2_naming_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str
@@ -121,12 +99,15 @@ def test_auth_off_on_a_public_address_exits_2_naming_the_key(
     assert "Traceback" not in err
 
 
-def test_a_worker_whose_prometheus_port_is_taken_exits_with_one_line(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_prometheus_port_exits_1_naming_it(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], workers: str
 ) -> None:
-    """With --workers, a worker that cannot listen says so in one line, as `serve` does.
+    """A metrics port already in use fails like a taken gRPC port: one line, status 1,
+    from `serve` itself or from the worker that could not listen.
 
-    Before, the worker's ListenError was a traceback on the worker's stderr.
+    Before, the OSError from the Prometheus HTTP server escaped `serve` as a traceback,
+    and a worker's ListenError was a traceback on the worker's stderr.
     """
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -137,7 +118,7 @@ def test_a_worker_whose_prometheus_port_is_taken_exits_with_one_line(
             "server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n"
             f"telemetry: {{prometheus_port: {port}}}\n"
         )
-        assert main(["serve", "--config", str(config), "--workers", "2"]) == 1
-    err = capfd.readouterr().err
+        assert main(["serve", "--config", str(config), "--workers", workers]) == 1
+    err = capfd.readouterr().err  # the workers' stderr too: they share its descriptor
     assert f"llm-gateway: cannot listen on 127.0.0.1:{port} for Prometheus metrics" in err
     assert "Traceback" not in err
