@@ -32,6 +32,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "llmgateway.v1"
+INTERNAL_ERROR_REASON = "INTERNAL_ERROR"
 RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
 # A status travels in trailers, which gRPC clients refuse past 8-16 KiB by default (as
 # RESOURCE_EXHAUSTED, the details lost): a status names at most this many violations,
@@ -354,6 +355,18 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_duration(exc.retry_after_s))))
     code = exc.grpc_code.value[0]
     return status_pb2.Status(code=code, message=exc.message, details=details)
+
+
+def internal_error_status() -> status_pb2.Status:
+    """INTERNAL with an `ErrorInfo` `INTERNAL_ERROR` and nothing else.
+
+    What a caller gets when mapping an error to its status failed: a gateway bug, about
+    which the failed mapping cannot say anything reliable.
+    """
+    info = error_details_pb2.ErrorInfo(reason=INTERNAL_ERROR_REASON, domain=ERROR_DOMAIN)
+    return status_pb2.Status(
+        code=code_pb2.INTERNAL, message="internal error", details=[_pack(info)]
+    )
 
 
 def pushback_trailer(exc: BaseException) -> tuple[tuple[str, str], ...]:
