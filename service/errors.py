@@ -39,6 +39,20 @@ RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
 # each described in at most this many characters.
 MAX_REPORTED_VIOLATIONS = 10
 _MAX_DESCRIPTION_CHARS = 300
+# What a status repeats of a value the caller sent (a model name before it is validated).
+_MAX_ECHOED_CHARS = 100
+
+
+def clipped(value: str) -> str:
+    """`value` cut to its first 100 characters, with "..." when it was longer."""
+    return value if len(value) <= _MAX_ECHOED_CHARS else value[:_MAX_ECHOED_CHARS] + "..."
+
+
+def quoted(value: str) -> str:
+    """`value` quoted for an error message and cut like `clipped`: `'gpt-4o'`, `'aaaa'...`."""
+    if len(value) <= _MAX_ECHOED_CHARS:
+        return repr(value)
+    return repr(value[:_MAX_ECHOED_CHARS]) + "..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +120,7 @@ class ModelNotFound(GatewayError):
     reason = "MODEL_NOT_FOUND"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"model {model!r} is not served by any configured upstream")
+        super().__init__(f"model {quoted(model)} is not served by any configured upstream")
         self.model = model
 
 
@@ -313,7 +327,7 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
         )
     metadata: dict[str, str] = {}
     if isinstance(exc, ModelNotFound):
-        metadata["model"] = exc.model
+        metadata["model"] = clipped(exc.model)
     if isinstance(exc, UpstreamError):
         metadata["upstream"] = exc.upstream
         if exc.status is not None:
