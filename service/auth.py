@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from service.clock import SYSTEM_CLOCK, Clock
 from service.config import AuthConfig, CallerKey, TenantConfig, is_tenant_name
-from service.errors import PermissionDenied, Unauthenticated, UpstreamUnavailable
+from service.errors import PermissionDenied, Unauthenticated, UpstreamUnavailable, quoted
 
 log = logging.getLogger("llm_gateway.auth")
 
@@ -304,4 +304,4 @@ class Authenticator:
 def check_model_allowed(principal: Principal, model: str) -> None:
     """Raise `PermissionDenied` unless the caller's tenant may use `model`."""
     if model and not principal.limits.allows_model(model):
-        raise PermissionDenied(f"tenant {principal.tenant!r} may not use model {model!r}")
+        raise PermissionDenied(f"tenant {principal.tenant!r} may not use model {quoted(model)}")

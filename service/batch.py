@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from service.clock import Deadline
 from service.config import BatchConfig
 from service.domain import ChatRequest, Completion, Usage
-from service.errors import FieldViolation, GatewayError, InvalidRequest
+from service.errors import FieldViolation, GatewayError, InvalidRequest, quoted
 from service.pipeline import Pipeline
 from service.validation import chat_request_violations
 
@@ -71,7 +71,9 @@ def check_batch(items: Sequence[BatchItem], concurrency: int, limits: BatchConfi
     seen: set[str] = set()
     for index, item in enumerate(items):
         if item.id and item.id in seen:
-            violations.append(FieldViolation(f"items[{index}].id", f"duplicate id {item.id!r}"))
+            violations.append(
+                FieldViolation(f"items[{index}].id", f"duplicate id {quoted(item.id)}")
+            )
         seen.add(item.id)
     if violations:
         raise InvalidRequest(violations)

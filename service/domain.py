@@ -26,6 +26,8 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"
     CONTENT_FILTER = "content_filter"
     TOOL_CALLS = "tool_calls"
+    # A reason the gateway does not know: callers see STOP, and the answer is never cached.
+    UNKNOWN = "unknown"
 
 
 class CacheMode(enum.Enum):

@@ -32,12 +32,27 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "llmgateway.v1"
+INTERNAL_ERROR_REASON = "INTERNAL_ERROR"
 RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
 # A status travels in trailers, which gRPC clients refuse past 8-16 KiB by default (as
 # RESOURCE_EXHAUSTED, the details lost): a status names at most this many violations,
 # each described in at most this many characters.
 MAX_REPORTED_VIOLATIONS = 10
 _MAX_DESCRIPTION_CHARS = 300
+# What a status repeats of a value the caller sent (a model name before it is validated).
+_MAX_ECHOED_CHARS = 100
+
+
+def clipped(value: str) -> str:
+    """`value` cut to its first 100 characters, with "..." when it was longer."""
+    return value if len(value) <= _MAX_ECHOED_CHARS else value[:_MAX_ECHOED_CHARS] + "..."
+
+
+def quoted(value: str) -> str:
+    """`value` quoted for an error message and cut like `clipped`: `'gpt-4o'`, `'aaaa'...`."""
+    if len(value) <= _MAX_ECHOED_CHARS:
+        return repr(value)
+    return repr(value[:_MAX_ECHOED_CHARS]) + "..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +120,7 @@ class ModelNotFound(GatewayError):
     reason = "MODEL_NOT_FOUND"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"model {model!r} is not served by any configured upstream")
+        super().__init__(f"model {quoted(model)} is not served by any configured upstream")
         self.model = model
 
 
@@ -312,7 +327,7 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
         )
     metadata: dict[str, str] = {}
     if isinstance(exc, ModelNotFound):
-        metadata["model"] = exc.model
+        metadata["model"] = clipped(exc.model)
     if isinstance(exc, UpstreamError):
         metadata["upstream"] = exc.upstream
         if exc.status is not None:
@@ -354,6 +369,18 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_duration(exc.retry_after_s))))
     code = exc.grpc_code.value[0]
     return status_pb2.Status(code=code, message=exc.message, details=details)
+
+
+def internal_error_status() -> status_pb2.Status:
+    """INTERNAL with an `ErrorInfo` `INTERNAL_ERROR` and nothing else.
+
+    What a caller gets when mapping an error to its status failed: a gateway bug, about
+    which the failed mapping cannot say anything reliable.
+    """
+    info = error_details_pb2.ErrorInfo(reason=INTERNAL_ERROR_REASON, domain=ERROR_DOMAIN)
+    return status_pb2.Status(
+        code=code_pb2.INTERNAL, message="internal error", details=[_pack(info)]
+    )
 
 
 def pushback_trailer(exc: BaseException) -> tuple[tuple[str, str], ...]:

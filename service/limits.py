@@ -188,8 +188,8 @@ class UpstreamLimiter:
         """Adapt to the upstream's `X-RateLimit-*` headers from its last answer."""
         if hints.remaining is None:
             return
-        reset_in: float | None = None
-        if hints.reset_epoch_s is not None:
+        reset_in = hints.reset_in_s
+        if reset_in is None and hints.reset_epoch_s is not None:
             reset = hints.reset_epoch_s
             reset_in = max(0.0, reset - now_epoch_s if reset >= _EPOCH_THRESHOLD_S else reset)
         if hints.remaining <= 0:

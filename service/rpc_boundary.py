@@ -25,10 +25,12 @@ from grpc_status import rpc_status
 
 from service.caller_gate import CallerGate, UndecodableRequest, current_tenant
 from service.errors import (
+    INTERNAL_ERROR_REASON,
     FieldViolation,
     GatewayError,
     InvalidRequest,
     Overloaded,
+    internal_error_status,
     pushback_trailer,
     to_rpc_status,
 )
@@ -118,10 +120,23 @@ async def abort_with(
         log.error("rpc.unexpected_error", exc_info=exc, extra={"method": method})
     else:
         log.debug("rpc.failed", extra={"method": method, "reason": exc.reason})
-    status = rpc_status.to_status(to_rpc_status(exc))
-    trailers = tuple(status.trailing_metadata) + pushback_trailer(exc)
+    try:
+        status = rpc_status.to_status(to_rpc_status(exc))
+        trailers = tuple(status.trailing_metadata) + pushback_trailer(exc)
+        error_type = getattr(exc, "reason", "INTERNAL")
+    except Exception as mapping_error:
+        # A bug in the mapping itself (a detail that cannot be built): left to grpc, the
+        # caller would get UNKNOWN with the Python exception's text.
+        log.error(
+            "rpc.error_mapping_failed",
+            exc_info=mapping_error,
+            extra={"method": method, "error_type": type(exc).__name__},
+        )
+        status = rpc_status.to_status(internal_error_status())
+        trailers = tuple(status.trailing_metadata)
+        error_type = INTERNAL_ERROR_REASON
     if rpc is not None:
-        rpc.fail(status_code=status.code.value[0], error_type=getattr(exc, "reason", "INTERNAL"))
+        rpc.fail(status_code=status.code.value[0], error_type=error_type)
         trailers += tuple(rpc.trailers())
     await context.abort(status.code, status.details, trailing_metadata=trailers)
     raise AssertionError("context.abort always raises")  # pragma: no cover

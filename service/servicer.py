@@ -48,6 +48,7 @@ _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.CONTENT_FILTER: pb.FINISH_REASON_CONTENT_FILTER,
     FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
+    FinishReason.UNKNOWN: pb.FINISH_REASON_STOP,  # the contract has no better value
 }
 _CACHE_MODES = {
     pb.CACHE_MODE_UNSPECIFIED: None,

@@ -144,21 +144,17 @@ class ResponseCache:
     ) -> tuple[Flight[CachedAnswer], bool]:
         own_plan = _StorePlan(self.ttl_for(request), mode.writes)
 
-        async def planned(publish: Callable[[str], None]) -> CachedAnswer:
-            try:
-                return await call(publish)
-            except BaseException:
-                # Only its own: an abandoned flight may wind down after a new one started.
-                if self._plans.get(key) is own_plan:
-                    del self._plans[key]
-                raise
-
         async def store(answer: CachedAnswer) -> None:
             plan = self._plans.pop(key, None)
             if plan is not None and plan.is_wanted:
                 await self._write(key, answer, plan.ttl_s)
 
-        flight, is_leader = self._flights.join(key, planned, after=store)
+        def drop_plan() -> None:
+            # Only its own: an abandoned flight may wind down after a new one started.
+            if self._plans.get(key) is own_plan:
+                del self._plans[key]
+
+        flight, is_leader = self._flights.join(key, call, after=store, on_end=drop_plan)
         if is_leader:
             self._plans[key] = own_plan
         else:

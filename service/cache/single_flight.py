@@ -72,8 +72,13 @@ class SingleFlight(Generic[T]):
         call: Call[T],
         *,
         after: Callable[[T], Awaitable[None]] | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> tuple[Flight[T], bool]:
-        """The flight for `key`, started with `call` if none is running: (flight, started)."""
+        """The flight for `key`, started with `call` if none is running: (flight, started).
+
+        `on_end` (of a flight this join starts) runs once its task is done, however it
+        ended: with a result, an error, or cancelled, even before it first ran.
+        """
         if self._is_closed:
             raise RuntimeError("SingleFlight is closed")
         flight = self._flights.get(key)
@@ -81,11 +86,24 @@ class SingleFlight(Generic[T]):
             return flight, False
         flight = Flight[T](key)
         self._flights[key] = flight
-        flight.task = asyncio.get_running_loop().create_task(
+        task = asyncio.get_running_loop().create_task(
             self._run(flight, call, after), name=f"single-flight {key[-12:]}"
         )
-        self._tasks.add(flight.task)
-        flight.task.add_done_callback(self._tasks.discard)
+        flight.task = task
+        self._tasks.add(task)
+
+        def ended(_: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            # Cancelled before its first step, `_run` never ran its `finally`: end it here,
+            # or the followers would wait forever.
+            if not flight.result.done():
+                flight.result.cancel()
+                self._forget(flight)
+                flight._wake()
+            if on_end is not None:
+                on_end()
+
+        task.add_done_callback(ended)
         return flight, True
 
     async def _run(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import math
+import re
 from collections.abc import Mapping
 
 from service.upstream.types import RateLimitHints
@@ -44,14 +45,77 @@ def _number(headers: Mapping[str, str], name: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+# One number and its unit of a Go duration; `ms` is tried before `m`.
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(h|ms|m|s|us|µs|μs|ns)")
+_DURATION = re.compile(f"(?:{_DURATION_PART.pattern})+")
+_MAX_DURATION_CHARS = 32  # "1h2m3.5s" is 8: anything far longer is not a reset
+_SECONDS_PER_UNIT = {
+    "h": 3600.0,
+    "m": 60.0,
+    "s": 1.0,
+    "ms": 1e-3,
+    "us": 1e-6,
+    "µs": 1e-6,  # U+00B5 micro sign
+    "μs": 1e-6,  # U+03BC Greek mu
+    "ns": 1e-9,
+}
+
+
+def go_duration_s(raw: str) -> float | None:
+    """Seconds in a Go duration (`1s`, `6m0s`, `20ms`, `1h2m3.5s`), or None if it is not one.
+
+    The form of OpenAI's `x-ratelimit-reset-requests` / `-tokens` headers, as Go's
+    `time.Duration.String` writes it (https://pkg.go.dev/time#ParseDuration). Strict: a
+    sign, a unit missing (but for a bare `0`) or anything else makes it unreadable.
+    """
+    text = raw.strip()
+    if text == "0":
+        return 0.0
+    if len(text) > _MAX_DURATION_CHARS or not _DURATION.fullmatch(text):
+        return None
+    return sum(float(n) * _SECONDS_PER_UNIT[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+def _duration(headers: Mapping[str, str], name: str) -> float | None:
+    raw = headers.get(name)
+    return None if raw is None else go_duration_s(raw)
+
+
+def _count(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
 def rate_limit_hints(headers: Mapping[str, str]) -> RateLimitHints:
-    """The `X-RateLimit-Limit/Remaining/Reset` headers (reset in epoch seconds)."""
+    """The upstream's rate-limit headers, as the limiter reads them.
+
+    `X-RateLimit-Limit/Remaining/Reset` (reset in epoch seconds) win when sent. Otherwise
+    OpenAI's two windows, `x-ratelimit-{limit,remaining,reset}-requests` and `-tokens`,
+    resets as Go durations: the hints describe the tokens window when it is exhausted
+    and the requests window is not (or resets sooner), else the requests window.
+    """
     limit = _number(headers, "x-ratelimit-limit") or _number(headers, "x-ratelimit-limit-requests")
     remaining = _number(headers, "x-ratelimit-remaining")
-    if remaining is None:
-        remaining = _number(headers, "x-ratelimit-remaining-requests")
+    reset_epoch_s = _number(headers, "x-ratelimit-reset")
+    if remaining is not None:
+        return RateLimitHints(
+            limit=_count(limit), remaining=int(remaining), reset_epoch_s=reset_epoch_s
+        )
+    remaining = _number(headers, "x-ratelimit-remaining-requests")
+    reset_in_s = _duration(headers, "x-ratelimit-reset-requests")
+    tokens_left = _number(headers, "x-ratelimit-remaining-tokens")
+    if tokens_left is not None and tokens_left <= 0:
+        tokens_reset_in_s = _duration(headers, "x-ratelimit-reset-tokens")
+        is_requests_exhausted = remaining is not None and remaining <= 0
+        if not is_requests_exhausted or (tokens_reset_in_s or 0.0) > (reset_in_s or 0.0):
+            return RateLimitHints(
+                limit=_count(_number(headers, "x-ratelimit-limit-tokens")),
+                remaining=int(tokens_left),
+                reset_epoch_s=reset_epoch_s,
+                reset_in_s=tokens_reset_in_s,
+            )
     return RateLimitHints(
-        limit=int(limit) if limit is not None else None,
-        remaining=int(remaining) if remaining is not None else None,
-        reset_epoch_s=_number(headers, "x-ratelimit-reset"),
+        limit=_count(limit),
+        remaining=_count(remaining),
+        reset_epoch_s=reset_epoch_s,
+        reset_in_s=reset_in_s,
     )

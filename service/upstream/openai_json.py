@@ -17,10 +17,17 @@ _FINISH_REASONS = {
     "length": FinishReason.LENGTH,
     "content_filter": FinishReason.CONTENT_FILTER,
     "tool_calls": FinishReason.TOOL_CALLS,
-    "function_call": FinishReason.TOOL_CALLS,
-    # llama.cpp and vLLM sometimes spell these their own way.
+    "function_call": FinishReason.TOOL_CALLS,  # OpenAI's deprecated functions
+    # Other servers' spellings: llama.cpp and vLLM (eos, max_tokens), Hugging Face TGI
+    # (eos_token, stop_sequence), Mistral (model_length: the context window ran out),
+    # and Anthropic-style reasons relayed by proxies (end_turn, stop_sequence, tool_use).
     "eos": FinishReason.STOP,
+    "eos_token": FinishReason.STOP,
+    "stop_sequence": FinishReason.STOP,
+    "end_turn": FinishReason.STOP,
     "max_tokens": FinishReason.LENGTH,
+    "model_length": FinishReason.LENGTH,
+    "tool_use": FinishReason.TOOL_CALLS,
 }
 # Finish reasons that say the generation failed part-way: the text is no answer (never
 # cached; retried before any text reached the caller, an interrupted stream after).
@@ -67,16 +74,20 @@ def request_body(request: ChatRequest, *, upstream_model: str, stream: bool) -> 
 
 
 def finish_reason(value: object) -> FinishReason | None:
-    """Map an upstream finish reason; unknown non-empty values count as a stop.
+    """Map an upstream finish reason; any other non-empty value is `UNKNOWN`.
 
     A reason that says the generation failed (`_FAILED_FINISH_REASONS`) raises: the text
     so far is no answer.
     """
     if not value:
         return None
-    if value in _FAILED_FINISH_REASONS:
-        raise MalformedReply(f"the upstream reported an error (finish reason {value!r})")
-    return _FINISH_REASONS.get(str(value), FinishReason.STOP)
+    if isinstance(value, str):
+        known = _FINISH_REASONS.get(value)
+        if known is not None:
+            return known
+        if value in _FAILED_FINISH_REASONS:
+            raise MalformedReply(f"the upstream reported an error (finish reason {value!r})")
+    return FinishReason.UNKNOWN
 
 
 def usage(data: object) -> Usage | None:

@@ -10,11 +10,16 @@ from service.domain import FinishReason, Usage
 
 @dataclass(frozen=True, slots=True)
 class RateLimitHints:
-    """What the upstream's `X-RateLimit-*` headers said, when it sent them."""
+    """What the upstream's `X-RateLimit-*` headers said, when it sent them.
+
+    `reset_epoch_s` is `X-RateLimit-Reset` as sent (epoch seconds, or seconds from now
+    when small); `reset_in_s` is a reset given as a duration (OpenAI's), and wins.
+    """
 
     limit: int | None = None
     remaining: int | None = None
     reset_epoch_s: float | None = None
+    reset_in_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

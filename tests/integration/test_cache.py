@@ -293,6 +293,28 @@ async def test_errors_and_odd_finishes_are_not_cached(
     assert cache_of(cached).stats.stores == 1
 
 
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_an_unknown_finish_reason_is_relayed_as_stop_but_not_cached(
+    cached: RunningGateway, upstream: FakeUpstream, is_stream: bool
+) -> None:
+    """A finish reason the gateway does not know reaches the caller as STOP, unstored."""
+    upstream.script(Reply(finish_reason="foo"))
+
+    async def finish_and_hit() -> tuple[int, bool]:
+        if is_stream:
+            final = (await _stream(cached))[-1].final
+            return final.finish_reason, final.cache_hit
+        response = await cached.stub.Complete(ask())
+        return response.metadata.finish_reason, response.metadata.cache_hit
+
+    assert await finish_and_hit() == (pb.FINISH_REASON_STOP, False)
+    await settled(cached)
+    assert await finish_and_hit() == (pb.FINISH_REASON_STOP, False)
+    assert len(upstream.requests) == 2
+    await settled(cached)  # the second (known) answer's write may still be on its way
+    assert cache_of(cached).stats.stores == 1
+
+
 @pytest.mark.parametrize(
     "behaviour", [CutStream(after_chunks=2), EndWithoutDone(after_chunks=2)], ids=["cut", "eof"]
 )

@@ -584,6 +584,49 @@ async def test_limiter_slows_down_when_the_upstream_says_none_remain(start_gatew
         assert gap >= 0.9  # the upstream never saw the call it would have refused
 
 
+_OPENAI_WINDOWS = {
+    "x-ratelimit-limit-requests": "500",
+    "x-ratelimit-remaining-requests": "499",
+    "x-ratelimit-reset-requests": "120ms",
+    "x-ratelimit-limit-tokens": "30000",
+    "x-ratelimit-remaining-tokens": "29000",
+    "x-ratelimit-reset-tokens": "6m0s",
+}
+
+
+@pytest.mark.parametrize(
+    ("exhausted", "pause_s"),
+    [
+        pytest.param(
+            {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1s500ms"},
+            1.5,
+            id="tokens",
+        ),
+        pytest.param(
+            {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"},
+            2.0,
+            id="requests",
+        ),
+    ],
+)
+async def test_limiter_pauses_for_the_reset_of_the_exhausted_openai_window(
+    start_gateway, exhausted, pause_s
+):
+    """OpenAI's windows: the one with nothing left holds the next call for its own reset.
+
+    The resets are Go durations (`1s500ms`); the other window has plenty left, so only
+    reading the exhausted one's reset gives the pause (not none, not a fixed second).
+    """
+    async with FakeUpstream() as fake:
+        fake.script(Reply(headers={**_OPENAI_WINDOWS, **exhausted}))
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=FAST_RESILIENCE))
+        await gateway.stub.Complete(chat())
+        response = await gateway.stub.Complete(chat())
+        assert response.metadata.attempts == 1
+        gap = fake.requests[1].received_at - fake.requests[0].received_at
+        assert pause_s - 0.1 <= gap < pause_s + 2.0
+
+
 async def test_a_call_queued_for_a_slot_honours_a_retry_after_given_meanwhile(start_gateway):
     """A 429's Retry-After pauses the upstream for calls already queued on its limiter too.
 

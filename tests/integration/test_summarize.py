@@ -15,7 +15,7 @@ from service.calibration import TokenCalibration
 from service.tokens import PER_MESSAGE_OVERHEAD, PER_REQUEST_OVERHEAD, estimate_text_tokens
 from tests.conftest import FAKE_MODEL, chat, gateway_config
 from tests.fake_upstream import Reply, Status
-from tests.integration.helpers import field_violations
+from tests.integration.helpers import error_info, field_violations
 from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
 
 WINDOW = 1024
@@ -258,6 +258,21 @@ async def test_invalid_requests(recorder, start_gateway, request_, code, field):
     assert caught.value.code().name == code
     if field:
         assert error_details(caught.value).field_violations[0][0] == field
+    assert recorder.requests == []
+
+
+async def test_a_huge_unknown_model_is_not_found_with_a_short_status(recorder, start_gateway):
+    """A 100 KB model name is quoted in part: echoed whole, the status would not fit the
+    trailers a gRPC client accepts (8-16 KiB), and Summarize looks the model up first."""
+    gateway = await start_gateway(config(recorder.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(pb.SummarizeRequest(model="m" * 100_000, document="text"))
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == (
+        f"model {'m' * 100!r}... is not served by any configured upstream"
+    )
+    info = error_info(caught.value)
+    assert (info.reason, info.metadata["model"]) == ("MODEL_NOT_FOUND", "m" * 100 + "...")
     assert recorder.requests == []
 
 

@@ -89,6 +89,26 @@ async def test_model_outside_the_tenants_list_is_permission_denied(upstream, sta
     assert [m.name for m in seen_a.models] == ["fake-model"]
 
 
+async def test_a_huge_model_name_is_permission_denied_with_a_short_status(upstream, start_gateway):
+    """A 100 KB model name a tenant may not use is quoted in part, so the status fits.
+
+    The name is checked against the tenant's models before the request is validated; echoed
+    whole, it would overflow the trailers a gRPC client accepts (8-16 KiB).
+    """
+    config = secure_config(upstream.base_url, tenants={"team-a": {"allowed_models": ["x"]}})
+    gw = await start_gateway(config)
+    huge = "m" * 100_000
+    unary = await rpc_error(gw.stub.Complete(chat(model=huge), metadata=as_tenant("team-a")))
+    stream = await stream_error(
+        gw.stub.CompleteStream(chat_stream(model=huge), metadata=as_tenant("team-a"))
+    )
+    for error in (unary, stream):
+        assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert detail(error, error_details_pb2.ErrorInfo).reason == "PERMISSION_DENIED"
+        assert error.details() == f"tenant 'team-a' may not use model {'m' * 100!r}..."
+    assert upstream.requests == []
+
+
 async def test_tenant_over_its_request_limit_is_refused_while_another_is_served(
     upstream, start_gateway
 ):

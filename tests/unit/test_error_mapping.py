@@ -31,7 +31,9 @@ from service.errors import (
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
+    clipped,
     pushback_trailer,
+    quoted,
     to_rpc_status,
 )
 from service.upstream.client import _error_for_status
@@ -448,3 +450,21 @@ def _all_subclasses(cls: type[GatewayError]) -> list[type[GatewayError]]:
         found.append(sub)
         found.extend(_all_subclasses(sub))
     return found
+
+
+@pytest.mark.parametrize(
+    ("value", "expected_clipped", "expected_quoted"),
+    [
+        ("gpt-4o", "gpt-4o", "'gpt-4o'"),
+        ("a" * 100, "a" * 100, repr("a" * 100)),
+        ("a" * 101, "a" * 100 + "...", repr("a" * 100) + "..."),
+        ("é" * 100_000, "é" * 100 + "...", repr("é" * 100) + "..."),
+    ],
+    ids=["short", "at-limit", "one-over", "huge"],
+)
+def test_echoed_caller_values_are_cut_to_100_characters(
+    value: str, expected_clipped: str, expected_quoted: str
+) -> None:
+    """A value the caller sent is repeated whole up to 100 characters, then cut with '...'."""
+    assert clipped(value) == expected_clipped
+    assert quoted(value) == expected_quoted

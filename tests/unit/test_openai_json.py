@@ -123,14 +123,23 @@ def test_request_body_stream_flag(stream: bool) -> None:
         ("tool_calls", FinishReason.TOOL_CALLS),
         ("function_call", FinishReason.TOOL_CALLS),
         ("eos", FinishReason.STOP),
+        ("eos_token", FinishReason.STOP),
+        ("stop_sequence", FinishReason.STOP),
+        ("end_turn", FinishReason.STOP),
         ("max_tokens", FinishReason.LENGTH),
-        ("something_new", FinishReason.STOP),
+        ("model_length", FinishReason.LENGTH),
+        ("tool_use", FinishReason.TOOL_CALLS),
+        ("something_new", FinishReason.UNKNOWN),
+        ("STOP", FinishReason.UNKNOWN),
+        (7, FinishReason.UNKNOWN),
+        (["stop"], FinishReason.UNKNOWN),
+        ({"reason": "error"}, FinishReason.UNKNOWN),
         (None, None),
         ("", None),
     ],
 )
 def test_finish_reason_mapping(raw: object, expected: FinishReason | None) -> None:
-    """Each upstream spelling maps to one finish reason; unknown ones count as a stop."""
+    """Each upstream spelling maps to one finish reason; anything else is UNKNOWN."""
     assert finish_reason(raw) is expected
 
 

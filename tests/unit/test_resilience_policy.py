@@ -307,6 +307,9 @@ async def test_limiter_concurrency_hands_slots_over_in_order():
         (RateLimitHints(limit=100, remaining=0, reset_epoch_s=10.0), 10.0, 0.0),
         (RateLimitHints(limit=100, remaining=0, reset_epoch_s=1_700_000_007.0), 7.0, 0.0),
         (RateLimitHints(limit=100, remaining=0, reset_epoch_s=None), 1.0, 0.0),
+        (RateLimitHints(limit=100, remaining=0, reset_in_s=6.5), 6.5, 0.0),
+        (RateLimitHints(limit=100, remaining=0, reset_epoch_s=10.0, reset_in_s=3.0), 3.0, 0.0),
+        (RateLimitHints(limit=100, remaining=5, reset_in_s=10.0), 0.0, 2.0),
         (RateLimitHints(), 0.0, 0.0),
     ],
 )

@@ -181,3 +181,38 @@ async def test_a_join_after_the_last_waiter_left_starts_a_fresh_call() -> None:
     assert flight.task is not None
     assert flight.task.done()
     assert not closing.is_set()
+
+
+async def test_a_flight_cancelled_before_its_task_ran_does_not_leave_waiters_hanging() -> None:
+    """Closed before its task took its first step, a flight still ends for its waiter."""
+    flights: SingleFlight[str] = SingleFlight()
+    upstream = Upstream()
+    flight, _ = flights.join("k", upstream)
+    waiter = asyncio.create_task(flights.wait(flight))
+    await flights.aclose()  # the flight's task is cancelled before it ever ran
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiter, timeout=2.0)
+    assert upstream.calls == 0
+    assert len(flights) == 0
+
+
+@pytest.mark.parametrize("outcome", ["result", "error", "cancelled-before-running"])
+async def test_on_end_runs_once_however_the_flight_ends(outcome: str) -> None:
+    """`on_end` runs exactly once after the flight's task is done, whatever its end."""
+    flights: SingleFlight[str] = SingleFlight()
+    upstream = Upstream()
+    upstream.release.set()
+    if outcome == "error":
+        upstream.error = ValueError("boom")
+    ended: list[str] = []
+    flight, _ = flights.join("k", upstream, on_end=lambda: ended.append("k"))
+    assert flight.task is not None
+    if outcome == "cancelled-before-running":
+        flight.task.cancel()
+    else:
+        await asyncio.gather(flights.wait(flight), return_exceptions=True)
+    # Wakes after the flight's own done callbacks (registered first) have run.
+    await asyncio.gather(flight.task, return_exceptions=True)
+    assert ended == ["k"]
+    assert upstream.calls == (0 if outcome == "cancelled-before-running" else 1)
+    await flights.aclose()

@@ -6,7 +6,7 @@ import email.utils
 
 import pytest
 
-from service.upstream.headers import rate_limit_hints, retry_after_s
+from service.upstream.headers import go_duration_s, rate_limit_hints, retry_after_s
 from service.upstream.types import RateLimitHints
 
 # 2026-01-01T00:00:00Z: a fixed "now", so HTTP dates are checked without the real clock.
@@ -131,3 +131,120 @@ def test_retry_after_date_uses_injected_now() -> None:
 def test_rate_limit_hints(headers: dict[str, str], expected: RateLimitHints) -> None:
     """`X-RateLimit-*` headers parse into hints; absent or unparseable ones stay None."""
     assert rate_limit_hints(headers) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        pytest.param("1s", 1.0, id="seconds"),
+        pytest.param("6m0s", 360.0, id="minutes-and-zero-seconds"),
+        pytest.param("20ms", 0.02, id="milliseconds"),
+        pytest.param("1h2m3.5s", 3723.5, id="hours-minutes-fractional-seconds"),
+        pytest.param("2m59.56s", 179.56, id="groq-style"),
+        pytest.param("0s", 0.0, id="zero-seconds"),
+        pytest.param("0", 0.0, id="bare-zero"),
+        pytest.param(".5s", 0.5, id="leading-point"),
+        pytest.param("1.s", 1.0, id="trailing-point"),
+        pytest.param("1500us", 0.0015, id="microseconds"),
+        pytest.param("1500µs", 0.0015, id="micro-sign"),
+        pytest.param("1500μs", 0.0015, id="greek-mu"),
+        pytest.param("250000000ns", 0.25, id="nanoseconds"),
+        pytest.param(" 7s ", 7.0, id="padded"),
+        pytest.param("1m1m", 120.0, id="repeated-unit-adds-up-as-in-go"),
+        pytest.param("", None, id="empty"),
+        pytest.param("1", None, id="no-unit"),
+        pytest.param("1.5", None, id="number-without-unit"),
+        pytest.param("-1s", None, id="negative"),
+        pytest.param("+1s", None, id="signed"),
+        pytest.param("1d", None, id="unknown-unit"),
+        pytest.param("1S", None, id="upper-case-unit"),
+        pytest.param("1 s", None, id="space-inside"),
+        pytest.param("s", None, id="unit-without-number"),
+        pytest.param("1.2.3s", None, id="two-points"),
+        pytest.param("1sx", None, id="trailing-garbage"),
+        pytest.param("\u0661s", None, id="non-ascii-digit"),
+        pytest.param("inf", None, id="infinity"),
+        pytest.param("nan", None, id="nan"),
+        pytest.param("1" * 40 + "s", None, id="too-long"),
+        pytest.param("9" * 31 + "h", 9.999999999999999e30 * 3600, id="longest-is-finite"),
+    ],
+)
+def test_go_duration_s(raw: str, expected: float | None) -> None:
+    """Go durations parse to seconds; anything else, however close, is None."""
+    seconds = go_duration_s(raw)
+    if expected is None:
+        assert seconds is None
+    else:
+        assert seconds == pytest.approx(expected)
+
+
+_OPENAI_WINDOWS = {
+    "x-ratelimit-limit-requests": "500",
+    "x-ratelimit-remaining-requests": "499",
+    "x-ratelimit-reset-requests": "120ms",
+    "x-ratelimit-limit-tokens": "30000",
+    "x-ratelimit-remaining-tokens": "29000",
+    "x-ratelimit-reset-tokens": "2s",
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        pytest.param(
+            {},
+            RateLimitHints(limit=500, remaining=499, reset_in_s=0.12),
+            id="neither-exhausted-requests-window",
+        ),
+        pytest.param(
+            {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"},
+            RateLimitHints(limit=30000, remaining=0, reset_in_s=360.0),
+            id="tokens-exhausted",
+        ),
+        pytest.param(
+            {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"},
+            RateLimitHints(limit=500, remaining=0, reset_in_s=1.5),
+            id="requests-exhausted",
+        ),
+        pytest.param(
+            {
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "1s",
+                "x-ratelimit-remaining-tokens": "0",
+                "x-ratelimit-reset-tokens": "20s",
+            },
+            RateLimitHints(limit=30000, remaining=0, reset_in_s=20.0),
+            id="both-exhausted-tokens-later",
+        ),
+        pytest.param(
+            {
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "1m",
+                "x-ratelimit-remaining-tokens": "0",
+                "x-ratelimit-reset-tokens": "20s",
+            },
+            RateLimitHints(limit=500, remaining=0, reset_in_s=60.0),
+            id="both-exhausted-requests-later",
+        ),
+        pytest.param(
+            {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "soon"},
+            RateLimitHints(limit=30000, remaining=0),
+            id="tokens-exhausted-garbage-reset",
+        ),
+        pytest.param(
+            {"x-ratelimit-reset-requests": "-1s"},
+            RateLimitHints(limit=500, remaining=499),
+            id="negative-reset-ignored",
+        ),
+        pytest.param(
+            {"x-ratelimit-remaining": "3", "x-ratelimit-remaining-tokens": "0"},
+            RateLimitHints(limit=500, remaining=3),
+            id="plain-names-still-win",
+        ),
+    ],
+)
+def test_rate_limit_hints_of_openai_windows(
+    changes: dict[str, str], expected: RateLimitHints
+) -> None:
+    """OpenAI's requests and tokens windows: the exhausted one's reset is the one used."""
+    assert rate_limit_hints({**_OPENAI_WINDOWS, **changes}) == expected
