@@ -23,6 +23,8 @@ log = logging.getLogger("llm_gateway.local_model")
 
 UPSTREAM_NAME = "local"
 _PROBE_INTERVAL_S = 0.5
+# How much of the child's stderr is kept: its last line says why a start failed.
+_STDERR_TAIL_BYTES = 4096
 
 
 class LocalModelUnavailable(RuntimeError):
@@ -64,6 +66,8 @@ class LocalModelServer:
         self.port = 0
         self._process: asyncio.subprocess.Process | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._stderr_tail = bytearray()
+        self._stderr_reader: asyncio.Task[None] | None = None
         self._closing = False
         self.restarts = 0
 
@@ -131,8 +135,13 @@ class LocalModelServer:
             *self._command(model_path),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+        )
+        assert self._process.stderr is not None
+        self._stderr_tail = bytearray()
+        self._stderr_reader = asyncio.create_task(
+            _keep_tail(self._process.stderr, self._stderr_tail), name="local-model-stderr"
         )
         try:
             await self._wait_ready()
@@ -149,7 +158,9 @@ class LocalModelServer:
         probe = self.upstream_config()
         while loop.time() < give_up:
             if self._process is None or self._process.returncode is not None:
-                raise LocalModelUnavailable("llama.cpp server exited during start-up")
+                raise LocalModelUnavailable(
+                    f"llama.cpp server exited during start-up{await self._exit_reason()}"
+                )
             with contextlib.suppress(UpstreamError):
                 status, _ = await probe_models(probe, timeout_s=2.0)
                 if status == 200:
@@ -159,6 +170,16 @@ class LocalModelServer:
         raise LocalModelUnavailable(
             f"llama.cpp server did not answer within {self.config.startup_timeout_s:g}s"
         )
+
+    async def _exit_reason(self) -> str:
+        """`(exit code N): <its last stderr line>`, as far as known."""
+        code = self._process.returncode if self._process is not None else None
+        if self._stderr_reader is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._stderr_reader), timeout=2.0)
+        lines = bytes(self._stderr_tail).decode(errors="replace").strip().splitlines()
+        last = f": {lines[-1].strip()}" if lines else ""
+        return f" (exit code {code}){last}"
 
     async def _supervise(self, model_path: Path) -> None:
         """Restart the server whenever it exits, until `aclose`."""
@@ -202,3 +223,14 @@ class LocalModelServer:
             await asyncio.gather(self._watchdog, return_exceptions=True)
             self._watchdog = None
         await self._stop_process()
+        if self._stderr_reader is not None:
+            self._stderr_reader.cancel()
+            await asyncio.gather(self._stderr_reader, return_exceptions=True)
+            self._stderr_reader = None
+
+
+async def _keep_tail(stream: asyncio.StreamReader, tail: bytearray) -> None:
+    """Read the child's stderr to its end (a full pipe would block it), keeping its end."""
+    while chunk := await stream.read(65536):
+        tail += chunk
+        del tail[:-_STDERR_TAIL_BYTES]

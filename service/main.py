@@ -70,6 +70,7 @@ def serve_command(args: argparse.Namespace) -> int:
         "server.workers", extra={"workers": count, "why": why}
     )
     config = dataclasses.replace(config, server=dataclasses.replace(server, workers=count))
+    from service.local_model import LocalModelUnavailable
     from service.server import ListenError, run
 
     try:
@@ -83,6 +84,9 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     except ListenError as exc:
         print(f"llm-gateway: {exc}", file=sys.stderr)
+        return 1
+    except LocalModelUnavailable as exc:  # not installed, or llama.cpp could not start
+        print(f"llm-gateway: local model: {exc}", file=sys.stderr)
         return 1
     return 0
 

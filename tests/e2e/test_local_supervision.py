@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
 from service.server import GatewayServer
-from tests.e2e.conftest import LOCAL_MODEL
+from tests.e2e.conftest import LOCAL_MODEL, REPO
 from tests.integration.gateway_process import is_running
 
 pytestmark = pytest.mark.local_model
@@ -54,3 +58,28 @@ async def test_killed_local_server_is_restarted_and_stopped_on_shutdown(start_ga
             break
         await asyncio.sleep(0.05)
     assert not is_running(second_pid)
+
+
+def test_a_model_file_llama_cpp_cannot_load_exits_1_with_its_reason(tmp_path: Path) -> None:
+    """A corrupt GGUF: one line naming llama.cpp's own reason, exit 1, no traceback."""
+    model = tmp_path / "corrupt.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 60)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"listen": "127.0.0.1:0"},
+                "local_model": {"enabled": "always", "model_path": str(model)},
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--config", str(config)],
+        check=False, capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("llm-gateway: local model: llama.cpp server exited during start-up")
+    assert f"Failed to load model from file: {model}" in last
