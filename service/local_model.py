@@ -25,6 +25,19 @@ UPSTREAM_NAME = "local"
 _PROBE_INTERVAL_S = 0.5
 # How much of the child's stderr is kept: its last line says why a start failed.
 _STDERR_TAIL_BYTES = 4096
+# Runs first in the child, then execs llama.cpp's server: the kernel SIGKILLs the child
+# when the gateway dies, even by SIGKILL (its own session spares it the signals sent to
+# the gateway's process group). PR_SET_PDEATHSIG is Linux only; elsewhere it is skipped.
+_DIE_WITH_PARENT = """\
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+except AttributeError:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("llm-gateway exited before llama.cpp's server started")
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
 
 
 class LocalModelUnavailable(RuntimeError):
@@ -90,6 +103,9 @@ class LocalModelServer:
         threads = self.config.threads or max(1, (os.cpu_count() or 2))
         return [
             self._python,
+            "-c",
+            _DIE_WITH_PARENT,
+            str(os.getpid()),
             "-m",
             "llama_cpp.server",
             "--model",

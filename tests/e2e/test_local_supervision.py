@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,40 @@ def test_a_model_file_llama_cpp_cannot_load_exits_1_with_its_reason(tmp_path: Pa
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("llm-gateway: local model: llama.cpp server exited during start-up")
     assert f"Failed to load model from file: {model}" in last
+
+
+def test_gateway_killed_outright_takes_the_local_server_with_it(tmp_path: Path) -> None:
+    """SIGKILL of the gateway (OOM killer, kill -9): the llama.cpp server does not outlive it."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump({"server": {"listen": "127.0.0.1:0"}, "local_model": {"enabled": "always"}})
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env,
+    )  # fmt: skip
+    children: list[int] = []
+    try:
+        assert gateway.stdout is not None
+        assert gateway.stdout.readline().startswith("llm-gateway listening on")
+        children = _children(gateway.pid)
+        assert len(children) == 1
+        gateway.kill()
+        gateway.wait()
+        for _ in range(100):
+            if not is_running(children[0]):
+                break
+            time.sleep(0.05)
+        assert not is_running(children[0])
+    finally:
+        gateway.kill()
+        gateway.wait()
+        for pid in children:  # the bug this guards against: do not leave it behind
+            if is_running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [int(c) for t in tasks for c in (t / "children").read_text().split()]
