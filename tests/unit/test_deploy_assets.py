@@ -323,3 +323,27 @@ def test_dockerfile_is_multi_stage_non_root_and_keyless() -> None:
     assert f"EXPOSE {GRPC_PORT}" in text
     assert f"LLM_GATEWAY__SERVER__LISTEN=0.0.0.0:{GRPC_PORT}" in text
     assert not re.search(r"^\s*(ENV|ARG)\s+\S*API_KEY", text, flags=re.MULTILINE)
+
+
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration[:-1])
+
+
+def test_envoy_never_ends_a_call_that_is_silent_within_the_callers_deadline() -> None:
+    """No Envoy timeout ends a call the caller's deadline allows, however long it is silent.
+
+    A unary Complete sends nothing until it ends: through its retries that is up to
+    attempts x the upstream timeout (and a Summarize runs many such calls).
+    """
+    (listener,) = _envoy()["static_resources"]["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
+    assert _seconds(route["route"]["timeout"]) == 0
+    assert _seconds(route["route"]["max_stream_duration"]["grpc_timeout_header_max"]) == 0
+    assert _seconds(manager.get("request_timeout", "0s")) == 0
+    config = _production_config()
+    longest_unary_s = config.resilience.attempts * max(u.timeout_s for u in config.upstreams)
+    for timeout in (manager.get("stream_idle_timeout", "300s"), route["route"].get("idle_timeout")):
+        if timeout is not None:
+            assert _seconds(timeout) == 0 or _seconds(timeout) > longest_unary_s, timeout
