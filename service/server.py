@@ -286,15 +286,32 @@ async def serve(config: GatewayConfig, *, on_ready: Callable[[str], None] | None
     """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+    started = False
+    this = asyncio.current_task()
+
+    def on_signal() -> None:
+        # While starting (a local model can take local_model.startup_timeout_s to answer)
+        # the start is cancelled, and GatewayServer closes what it had opened.
+        if not started and not stopping.is_set() and this is not None:
+            this.cancel()
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    async with GatewayServer(config) as server:
-        if on_ready is None:
-            print(f"llm-gateway listening on {server.address}", flush=True)
-        else:
-            on_ready(server.address)
-        await stopping.wait()
-        log.info("server.stopping", extra={"grace_s": config.server.grace_period_s})
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        async with GatewayServer(config) as server:
+            started = True
+            if on_ready is None:
+                print(f"llm-gateway listening on {server.address}", flush=True)
+            else:
+                on_ready(server.address)
+            await stopping.wait()
+            log.info("server.stopping", extra={"grace_s": config.server.grace_period_s})
+    except asyncio.CancelledError:
+        if started or not stopping.is_set() or this is None:
+            raise
+        this.uncancel()
+        log.info("server.stopped_while_starting")
 
 
 def run(config: GatewayConfig, *, on_ready: Callable[[str], None] | None = None) -> None:

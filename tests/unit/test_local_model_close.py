@@ -5,12 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from service.config import LocalModelConfig
 from service.local_model import LocalModelServer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_cancelling_aclose_while_the_supervisor_winds_down_cancels_aclose() -> None:
@@ -72,3 +78,48 @@ def _is_running(pid: int) -> bool:
     # A zombie has exited; only its exit status is left to collect.
     stat = Path(f"/proc/{pid}/stat").read_text()
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_sigterm_while_the_local_model_starts_stops_the_gateway_at_once(tmp_path: Path) -> None:
+    """SIGTERM during the local model's start-up ends `serve` then, not at the start timeout."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"not really a model")
+    never_ready = tmp_path / "python"
+    never_ready.write_text("#!/bin/sh\nexec sleep 120\n")  # takes the args, never listens
+    never_ready.chmod(0o755)
+    config = tmp_path / "gateway.yaml"
+    local = {"enabled": "always", "model_path": str(model), "startup_timeout_s": 60}
+    config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"}, "local_model": local}))
+    # The supervisor runs `sys.executable` as llama.cpp's Python: this one never answers.
+    driver = (
+        f"import sys; sys.executable = {str(never_ready)!r}\n"
+        "from service.main import main\n"
+        f"raise SystemExit(main(['serve', '--config', {str(config)!r}]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    gateway = subprocess.Popen(
+        [sys.executable, "-c", driver], cwd=ROOT, env=env, stderr=subprocess.DEVNULL
+    )
+    children: list[int] = []
+    try:
+        for _ in range(200):
+            children = _children(gateway.pid)
+            if children:
+                break
+            time.sleep(0.05)
+        assert children, "the local model's process did not start"
+        gateway.send_signal(signal.SIGTERM)
+        assert gateway.wait(timeout=15) == 0
+        for pid in children:
+            assert not _is_running(pid)
+    finally:
+        gateway.kill()
+        gateway.wait()
+        for pid in children:
+            if _is_running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [int(c) for t in tasks for c in (t / "children").read_text().split()]
