@@ -22,14 +22,16 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, TypeVar
 
 from service.config import ConfigError, GatewayConfig
 from service.local_model import LocalModelServer
 from service.telemetry.setup import DEFAULT_PROMETHEUS_PORT, names_prometheus
+
+T = TypeVar("T")
 
 log = logging.getLogger("llm_gateway.workers")
 
@@ -170,6 +172,22 @@ def _wants_local_model(config: GatewayConfig) -> bool:
     return local.enabled == "always" or (local.enabled == "auto" and not config.enabled_upstreams)
 
 
+async def _unless_stopped(start: Awaitable[T], stopping: asyncio.Event) -> T | None:
+    """What `start` gives, or None, with `start` cancelled, when `stopping` is set first."""
+    task = asyncio.ensure_future(start)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
 async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
     config, count = configs[0], len(configs)
     # From the start: a SIGTERM while the workers start must stop them too, not kill this
@@ -183,8 +201,13 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
     server = dataclasses.replace(config.server, listen=f"{host}:{port}", workers=count)
     worker_config = dataclasses.replace(config, server=server)
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(reserved.close)  # however this ends; closing twice is harmless
         if _wants_local_model(config):
-            local = await stack.enter_async_context(LocalModelServer(config.local_model))
+            starting = stack.enter_async_context(LocalModelServer(config.local_model))
+            local = await _unless_stopped(starting, stopping)
+            if local is None:  # it can take local_model.startup_timeout_s to answer
+                log.info("workers.stopped_while_starting")
+                return 0
             worker_config = dataclasses.replace(
                 worker_config,
                 upstreams=(*config.upstreams, local.upstream_config()),

@@ -80,8 +80,14 @@ def _is_running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def test_sigterm_while_the_local_model_starts_stops_the_gateway_at_once(tmp_path: Path) -> None:
-    """SIGTERM during the local model's start-up ends `serve` then, not at the start timeout."""
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_while_the_local_model_starts_stops_the_gateway_at_once(
+    tmp_path: Path, workers: str
+) -> None:
+    """SIGTERM during the local model's start-up ends `serve` then, not at the start timeout.
+
+    With --workers the supervisor starts the local model before any worker.
+    """
     model = tmp_path / "model.gguf"
     model.write_bytes(b"not really a model")
     never_ready = tmp_path / "python"
@@ -94,7 +100,8 @@ def test_sigterm_while_the_local_model_starts_stops_the_gateway_at_once(tmp_path
     driver = (
         f"import sys; sys.executable = {str(never_ready)!r}\n"
         "from service.main import main\n"
-        f"raise SystemExit(main(['serve', '--config', {str(config)!r}]))\n"
+        f"args = ['serve', '--config', {str(config)!r}, '--workers', {workers!r}]\n"
+        "raise SystemExit(main(args))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     gateway = subprocess.Popen(
