@@ -23,6 +23,10 @@ log = logging.getLogger("llm_gateway.local_model")
 
 UPSTREAM_NAME = "local"
 _PROBE_INTERVAL_S = 0.5
+# Restarts back off from `restart_backoff_s`, doubling to at most this; a child that ran
+# for `_STABLE_S` had recovered, and its next exit starts from the base again.
+_MAX_RESTART_BACKOFF_S = 60.0
+_STABLE_S = 60.0
 # How much of the child's stderr is kept: its last line says why a start failed.
 _STDERR_TAIL_BYTES = 4096
 # Runs first in the child, then execs llama.cpp's server: the kernel SIGKILLs the child
@@ -68,6 +72,11 @@ def ensure_model_file(config: LocalModelConfig) -> Path:
     model_package.assemble(partial, overwrite=True)
     partial.replace(path)
     return path
+
+
+def restart_delay_s(base_s: float, in_a_row: int) -> float:
+    """Seconds before restarting after the `in_a_row`-th exit in a row (1, 2, ...)."""
+    return max(base_s, min(_MAX_RESTART_BACKOFF_S, base_s * 2.0 ** min(in_a_row - 1, 32)))
 
 
 class LocalModelServer:
@@ -198,20 +207,28 @@ class LocalModelServer:
         return f" (exit code {code}){last}"
 
     async def _supervise(self, model_path: Path) -> None:
-        """Restart the server whenever it exits, until `aclose`."""
+        """Restart the server whenever it exits, until `aclose`.
+
+        Exits in a row back off (`restart_delay_s`): a child that cannot start again (its
+        model file replaced, say) is retried ever less often, not every second forever.
+        """
+        loop = asyncio.get_running_loop()
+        in_a_row = 0
         while not self._closing:
             process = self._process
             if process is None:
                 return
+            up_since = loop.time()
             code = await process.wait()
             if self._closing:
                 return
+            in_a_row = 1 if loop.time() - up_since >= _STABLE_S else in_a_row + 1
             self.restarts += 1
             log.warning("local_model.exited", extra={"code": code, "restarts": self.restarts})
-            await asyncio.sleep(self.config.restart_backoff_s)
+            await asyncio.sleep(restart_delay_s(self.config.restart_backoff_s, in_a_row))
             try:
                 await self._spawn(model_path)
-            except LocalModelUnavailable:
+            except Exception:  # LocalModelUnavailable, or an OSError spawning: try again
                 log.exception("local_model.restart_failed")
 
     @property

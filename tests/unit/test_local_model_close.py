@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -130,3 +131,53 @@ def test_sigterm_while_the_local_model_starts_stops_the_gateway_at_once(
 def _children(pid: int) -> list[int]:
     tasks = Path(f"/proc/{pid}/task").iterdir()
     return [int(c) for t in tasks for c in (t / "children").read_text().split()]
+
+
+_ONCE_THEN_CRASH = """#!{python}
+# A stand-in for llama.cpp's Python: each run notes when it started; the first answers
+# /v1/models on --port for a moment and exits, every later one exits at once, as a
+# server that cannot start again.
+import http.server, pathlib, sys, threading, time
+runs = pathlib.Path({runs!r})
+first = not runs.exists()
+with runs.open("a") as log:
+    log.write(f"{{time.time()}}\\n")
+if not first:
+    sys.exit(1)
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Models(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'{{"data": []}}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", port), Models)
+threading.Timer(0.5, server.shutdown).start()
+server.serve_forever()
+"""
+
+
+async def test_a_child_that_cannot_start_again_is_retried_ever_less_often(
+    tmp_path: Path,
+) -> None:
+    """Exits in a row back off, doubling: not a restart every `restart_backoff_s` forever."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"not really a model")
+    runs = tmp_path / "runs"
+    stand_in = tmp_path / "python"
+    stand_in.write_text(_ONCE_THEN_CRASH.format(python=sys.executable, runs=str(runs)))
+    stand_in.chmod(0o755)
+    config = LocalModelConfig(model_path=str(model), restart_backoff_s=0.2)
+    async with LocalModelServer(config, python=str(stand_in)) as server:
+        async with asyncio.timeout(20):
+            while server.restarts < 5:
+                await asyncio.sleep(0.05)
+    started = [float(line) for line in runs.read_text().split()]
+    # Each failed start takes about 0.5 s to notice, then waits 0.2, 0.4, 0.8 s...; with a
+    # fixed backoff every gap between failed starts would be the same.
+    gaps = [b - a for a, b in itertools.pairwise(started[1:])]
+    assert len(gaps) >= 3
+    assert gaps[-1] >= gaps[0] + 0.5
