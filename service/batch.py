@@ -116,18 +116,27 @@ async def run_batch(
     succeeded = failed = 0
     usage = Usage()
     cost = 0.0
-    async with asyncio.TaskGroup() as group:
-        for index, item in enumerate(items):
-            group.create_task(run_one(index, item))
-        for _ in items:
-            outcome = await finished.get()
-            if outcome.completion is not None:
-                succeeded += 1
-                usage = usage + outcome.completion.usage
-                cost += outcome.completion.cost_usd
-            else:
-                failed += 1
-            yield outcome
+    try:
+        async with asyncio.TaskGroup() as group:
+            for index, item in enumerate(items):
+                group.create_task(run_one(index, item))
+            for _ in items:
+                outcome = await finished.get()
+                if outcome.completion is not None:
+                    succeeded += 1
+                    usage = usage + outcome.completion.usage
+                    cost += outcome.completion.cost_usd
+                else:
+                    failed += 1
+                yield outcome
+    except BaseExceptionGroup as group_error:
+        # Closed at `yield` (gRPC drops a stream cancelled while it sends a result, and
+        # the generator is closed when collected): the group cancelled the items and
+        # wrapped the GeneratorExit, which `aclose()` must get back as it is.
+        closing, rest = group_error.split(GeneratorExit)
+        if closing is None or rest is not None:
+            raise
+        raise GeneratorExit from None
     yield BatchTotals(
         succeeded=succeeded,
         failed=failed,

@@ -332,9 +332,11 @@ class HttpPool:
         self._keepalive_s = keepalive_s
         self._ssl = ssl.create_default_context() if self._is_tls else None
         self._slots = asyncio.Semaphore(max_connections)
-        self._idle: list[_Connection] = []
+        self._idle: list[_Connection] = []  # oldest first: released in this order
         self._busy: set[_Connection] = set()
         self._is_closed = False
+        # Closes idle connections past keep-alive, so a quiet pool holds no sockets.
+        self._expiry: asyncio.TimerHandle | None = None
 
     @property
     def checked_out(self) -> int:
@@ -407,13 +409,37 @@ class HttpPool:
                 connection.resume()
             connection.idle_since = time.monotonic()
             self._idle.append(connection)
+            self._schedule_expiry()
         else:
             connection.close()
         self._slots.release()
 
+    def _schedule_expiry(self) -> None:
+        """Wake when the oldest idle connection passes keep-alive (`_idle_connection` pops
+        the newest, so under light load the oldest would otherwise stay open for ever)."""
+        if self._expiry is not None or not self._idle:
+            return
+        delay_s = self._idle[0].idle_since + self._keepalive_s - time.monotonic()
+        self._expiry = asyncio.get_running_loop().call_later(max(0.0, delay_s), self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        now = time.monotonic()
+        kept = []
+        for connection in self._idle:
+            if connection.is_closed or now - connection.idle_since >= self._keepalive_s:
+                connection.close()
+            else:
+                kept.append(connection)
+        self._idle = kept
+        self._schedule_expiry()
+
     async def aclose(self) -> None:
         """Close every connection, idle or busy."""
         self._is_closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         for connection in [*self._idle, *self._busy]:
             connection.close()
         self._idle.clear()

@@ -409,6 +409,30 @@ async def test_connections_older_than_keepalive_are_not_reused(serve):
     await pool.aclose()
 
 
+async def test_idle_connections_past_keepalive_are_closed_without_another_request(serve):
+    """A pool left quiet closes its idle connections once they pass `keepalive_s`."""
+    open_now = 0
+
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now
+        open_now += 1
+        try:
+            await answer_forever(reader, writer)
+        finally:
+            open_now -= 1
+
+    raw = await serve(counted)
+    pool = pool_for(raw, keepalive_s=0.1)
+    responses = await asyncio.gather(*(pool.request("POST", "/", {}, b"x") for _ in range(3)))
+    for response in responses:
+        await response.read()
+        response.release()
+    assert (pool.open_connections, open_now) == (3, 3)
+    await asyncio.sleep(0.4)  # nothing asks the pool for a connection meanwhile
+    assert (pool.open_connections, open_now) == (0, 0)
+    await pool.aclose()
+
+
 async def test_max_connections_queues_requests_beyond_it(serve):
     """With one connection allowed, concurrent requests take turns on it."""
     active = 0
@@ -638,6 +662,7 @@ ON_UVLOOP = [
     test_garbage_instead_of_http_is_an_error,
     test_a_second_response_after_the_end_does_not_overwrite_the_first,
     test_a_connection_the_server_closed_while_idle_is_not_reused,
+    test_idle_connections_past_keepalive_are_closed_without_another_request,
     test_max_connections_queues_requests_beyond_it,
     test_a_large_body_read_late_is_paused_then_delivered_whole,
     test_a_connection_paused_on_a_whole_unread_body_is_reused_unpaused,
