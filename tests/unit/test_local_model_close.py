@@ -20,6 +20,19 @@ from service.local_model import LocalModelServer
 ROOT = Path(__file__).resolve().parents[2]
 
 
+NEVER_READY = "#!/bin/sh\nexec sleep 120\n"  # takes llama.cpp's arguments, never listens
+
+
+def stand_in_for_llama_cpp(tmp_path: Path, script: str) -> tuple[Path, Path]:
+    """A model file llama.cpp never reads, and `script` as the Python the supervisor runs."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"not really a model")
+    python = tmp_path / "python"
+    python.write_text(script)
+    python.chmod(0o755)
+    return model, python
+
+
 async def test_cancelling_aclose_while_the_supervisor_winds_down_cancels_aclose() -> None:
     """aclose() cancelled while it waits for its supervisor task ends cancelled, not normally."""
     server = LocalModelServer(LocalModelConfig())
@@ -46,11 +59,7 @@ async def test_a_start_cancelled_while_waiting_for_the_server_stops_the_process(
     tmp_path: Path,
 ) -> None:
     """Cancelled during start-up (e.g. SIGTERM), the half-started server process is stopped."""
-    model = tmp_path / "model.gguf"
-    model.write_bytes(b"not really a model")
-    never_ready = tmp_path / "python"
-    never_ready.write_text("#!/bin/sh\nexec sleep 120\n")  # takes the args, never listens
-    never_ready.chmod(0o755)
+    model, never_ready = stand_in_for_llama_cpp(tmp_path, NEVER_READY)
     server = LocalModelServer(
         LocalModelConfig(model_path=str(model), startup_timeout_s=60), python=str(never_ready)
     )
@@ -89,11 +98,7 @@ def test_sigterm_while_the_local_model_starts_stops_the_gateway_at_once(
 
     With --workers the supervisor starts the local model before any worker.
     """
-    model = tmp_path / "model.gguf"
-    model.write_bytes(b"not really a model")
-    never_ready = tmp_path / "python"
-    never_ready.write_text("#!/bin/sh\nexec sleep 120\n")  # takes the args, never listens
-    never_ready.chmod(0o755)
+    model, never_ready = stand_in_for_llama_cpp(tmp_path, NEVER_READY)
     config = tmp_path / "gateway.yaml"
     local = {"enabled": "always", "model_path": str(model), "startup_timeout_s": 60}
     config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"}, "local_model": local}))
@@ -164,12 +169,9 @@ async def test_a_child_that_cannot_start_again_is_retried_ever_less_often(
     tmp_path: Path,
 ) -> None:
     """Exits in a row back off, doubling: not a restart every `restart_backoff_s` forever."""
-    model = tmp_path / "model.gguf"
-    model.write_bytes(b"not really a model")
     runs = tmp_path / "runs"
-    stand_in = tmp_path / "python"
-    stand_in.write_text(_ONCE_THEN_CRASH.format(python=sys.executable, runs=str(runs)))
-    stand_in.chmod(0o755)
+    script = _ONCE_THEN_CRASH.format(python=sys.executable, runs=str(runs))
+    model, stand_in = stand_in_for_llama_cpp(tmp_path, script)
     config = LocalModelConfig(model_path=str(model), restart_backoff_s=0.2)
     async with LocalModelServer(config, python=str(stand_in)) as server:
         async with asyncio.timeout(20):
