@@ -71,7 +71,7 @@ def serve_command(args: argparse.Namespace) -> int:
     )
     config = dataclasses.replace(config, server=dataclasses.replace(server, workers=count))
     from service.local_model import LocalModelUnavailable
-    from service.server import ListenError, run
+    from service.server import ListenError, report_start_failure, run
 
     try:
         if count > 1:
@@ -79,15 +79,9 @@ def serve_command(args: argparse.Namespace) -> int:
 
             return run_workers(config, count=count, log_level=args.log_level)
         run(config)
-    except ConfigError as exc:  # found only at start, e.g. a malformed auth.keys_file
-        print(f"llm-gateway: config error: {exc}", file=sys.stderr)
-        return 2
-    except ListenError as exc:
-        print(f"llm-gateway: {exc}", file=sys.stderr)
-        return 1
-    except LocalModelUnavailable as exc:  # not installed, or llama.cpp could not start
-        print(f"llm-gateway: local model: {exc}", file=sys.stderr)
-        return 1
+    # Found only at start: a malformed auth.keys_file, a taken port, llama.cpp failing.
+    except (ConfigError, ListenError, LocalModelUnavailable) as exc:
+        return report_start_failure(exc)
     return 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ from llmgateway.v1 import gateway_pb2
 from service.cache import CacheStore, ResponseCache
 from service.config import ConfigError, GatewayConfig, ServerConfig, UpstreamConfig
 from service.ledger import open_ledger
-from service.local_model import LocalModelServer
+from service.local_model import LocalModelServer, LocalModelUnavailable
 from service.pipeline import Pipeline
 from service.pool import UpstreamPool
 from service.pricing import PriceList
@@ -253,6 +254,19 @@ class EndableHealth(HealthServicer):  # type: ignore[misc]  # grpc_health is unt
 
 class ListenError(OSError):
     """The configured address cannot be listened on (taken, not this host's, no permission)."""
+
+
+def report_start_failure(exc: ConfigError | ListenError | LocalModelUnavailable) -> int:
+    """Say on stderr, in one line, why `serve` (or one of its workers) could not start;
+    return the exit status the README documents: 2 for the config, else 1."""
+    if isinstance(exc, ConfigError):
+        line, status = f"config error: {exc}", 2
+    elif isinstance(exc, LocalModelUnavailable):  # not installed, or llama.cpp failed
+        line, status = f"local model: {exc}", 1
+    else:
+        line, status = str(exc), 1
+    print(f"llm-gateway: {line}", file=sys.stderr, flush=True)
+    return status
 
 
 def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:

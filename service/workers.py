@@ -132,18 +132,14 @@ def _stop_with(supervisor: int) -> None:
 
 def _worker_main(config: GatewayConfig, log_level: str, ready: Connection, supervisor: int) -> None:
     from service.logs import configure_logging
-    from service.server import ListenError, run
+    from service.server import ListenError, report_start_failure, run
 
     _stop_with(supervisor)
     configure_logging(log_level)
     try:
         run(config, on_ready=lambda _address: ready.send(os.getpid()))
-    except ConfigError as exc:  # found only at start (e.g. the keys file): exit 2 as main does
-        print(f"llm-gateway: config error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except ListenError as exc:  # e.g. its Prometheus port is taken: one line, as main does
-        print(f"llm-gateway: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    except (ConfigError, ListenError) as exc:  # e.g. the keys file, its Prometheus port
+        sys.exit(report_start_failure(exc))
 
 
 async def _started(ready: Connection) -> bool:
@@ -267,15 +263,11 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
 def run_workers(config: GatewayConfig, *, count: int, log_level: str = "INFO") -> int:
     """Run `count` worker processes on the configured port until SIGTERM/SIGINT.
 
-    Returns 2 (after saying why) when the workers' Prometheus ports do not fit, or when
-    the listen policy refuses the address (said once here, not by every worker).
+    Raises:
+        ConfigError: the workers' Prometheus ports do not fit, or the listen policy
+            refuses the address (said once by `serve`, not by every worker).
     """
     from service.security import check_listen_policy
 
-    try:
-        check_listen_policy(config)
-        configs = worker_configs(config, count)
-    except ConfigError as exc:
-        print(f"llm-gateway: config error: {exc}", file=sys.stderr)
-        return 2
-    return asyncio.run(_supervise(configs, log_level))
+    check_listen_policy(config)
+    return asyncio.run(_supervise(worker_configs(config, count), log_level))
