@@ -41,16 +41,26 @@ class EntryDecodeError(ValueError):
 T = TypeVar("T")
 
 
+# Read once: each stored dataclass's scalar fields and the JSON types each may hold.
+_SCALAR_FIELDS: dict[type, tuple[tuple[str, tuple[type, ...]], ...]] = {
+    cls: tuple(
+        (spec.name, _SCALAR_TYPES[str(spec.type)])
+        for spec in dataclasses.fields(cls)
+        if str(spec.type) in _SCALAR_TYPES
+    )
+    for cls in (Completion, Usage, Timings)
+}
+
+
 def _typed(cls: type[T], values: dict[str, Any]) -> T:
     """`cls(**values)`, refusing a scalar of the wrong type: JSON that parses but would
     fail only when the hit is turned into a response."""
-    for spec in dataclasses.fields(cls):  # type: ignore[arg-type]
-        types = _SCALAR_TYPES.get(str(spec.type))
-        if types is None or spec.name not in values:
+    for name, types in _SCALAR_FIELDS[cls]:
+        if name not in values:
             continue
-        value = values[spec.name]
+        value = values[name]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise EntryDecodeError(f"{cls.__name__}.{spec.name} is a {type(value).__name__}")
+            raise EntryDecodeError(f"{cls.__name__}.{name} is a {type(value).__name__}")
     return cls(**values)
 
 
