@@ -40,7 +40,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import yaml
@@ -55,6 +55,7 @@ _LISTENING = "llm-gateway listening on "
 # Late by more than this past its deadline, a call counts as hung.
 _HANG_SLACK_S = 1.0
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+M = TypeVar("M", pb.CompleteRequest, pb.CompleteStreamRequest)
 
 
 # --- the upstream ---------------------------------------------------------------------
@@ -399,6 +400,13 @@ def _params(cacheable: bool) -> pb.GenerationParams:
     return pb.GenerationParams(temperature=0.0 if cacheable else 0.7, max_tokens=64)
 
 
+def _request(rng: random.Random, *, cacheable: bool, message: type[M]) -> M:
+    """One prompt as `message`, cacheable (a few recurring ones, temperature 0) or unique."""
+    return message(
+        model=MODEL, messages=_messages(rng, cacheable=cacheable), params=_params(cacheable)
+    )
+
+
 async def one_call(stub: pb_grpc.CompletionServiceStub, rng: random.Random, tally: Tally) -> None:
     """One caller action drawn from the mix; errors checked, lateness measured."""
     cacheable = rng.random() < 0.3
@@ -416,12 +424,8 @@ async def one_call(stub: pb_grpc.CompletionServiceStub, rng: random.Random, tall
     try:
         if kind.startswith("unary"):
             unary = stub.Complete(
-                pb.CompleteRequest(
-                    model=MODEL, messages=_messages(rng, cacheable=cacheable),
-                    params=_params(cacheable),
-                ),
-                timeout=deadline_s,
-            )  # fmt: skip
+                _request(rng, cacheable=cacheable, message=pb.CompleteRequest), timeout=deadline_s
+            )
             waiting = asyncio.ensure_future(unary)
             if kind == "unary-cancel":  # the caller gives up before its deadline
                 done, _ = await asyncio.wait([waiting], timeout=rng.uniform(0, 0.5))
@@ -433,11 +437,7 @@ async def one_call(stub: pb_grpc.CompletionServiceStub, rng: random.Random, tall
             items = [
                 pb.BatchItem(
                     id=str(i),
-                    request=pb.CompleteRequest(
-                        model=MODEL,
-                        messages=_messages(rng, cacheable=cacheable),
-                        params=_params(cacheable),
-                    ),
+                    request=_request(rng, cacheable=cacheable, message=pb.CompleteRequest),
                 )
                 for i in range(rng.randint(2, 6))
             ]
@@ -455,13 +455,8 @@ async def one_call(stub: pb_grpc.CompletionServiceStub, rng: random.Random, tall
                 elif event.HasField("result"):
                     tally.batch_items["OK"] += 1
         else:
-            call = stub.CompleteStream(
-                pb.CompleteStreamRequest(
-                    model=MODEL, messages=_messages(rng, cacheable=cacheable),
-                    params=_params(cacheable),
-                ),
-                timeout=deadline_s,
-            )  # fmt: skip
+            stream_request = _request(rng, cacheable=cacheable, message=pb.CompleteStreamRequest)
+            call = stub.CompleteStream(stream_request, timeout=deadline_s)
             async for event in call:
                 if kind == "stream-cancel" and event.HasField("delta"):
                     cancelled = True

@@ -444,16 +444,20 @@ async def test_no_backoff_sleeps_past_the_deadline(start_gateway):
         assert len(fake.requests) == 1
 
 
+# Retries at most half the requests, with no floor, and a breaker that never opens.
+HALF_RETRY_BUDGET = {
+    **FAST_RESILIENCE,
+    "retry_budget_ratio": 0.5,
+    "retry_budget_min_retries": 0,
+    "breaker_consecutive_failures": 1000,
+    "breaker_min_calls": 1000,
+}
+
+
 async def test_retry_budget_limits_amplification(start_gateway):
     """With no floor and ratio 0.5, a failing upstream sees at most 1.5x the calls."""
     async with FakeUpstream(default=Status(500)) as fake:
-        resilience = {
-            **FAST_RESILIENCE,
-            "retry_budget_ratio": 0.5,
-            "retry_budget_min_retries": 0,
-            "breaker_consecutive_failures": 1000,
-            "breaker_min_calls": 1000,
-        }
+        resilience = HALF_RETRY_BUDGET
         gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
         calls = 10
         for _ in range(calls):
@@ -657,14 +661,7 @@ async def test_retry_budget_holds_for_calls_failing_at_once(start_gateway):
     """
     failing = Status(503, headers={"Retry-After": "0.3"}, delay_s=0.2)
     async with FakeUpstream(default=failing) as fake:
-        resilience = {
-            **FAST_RESILIENCE,
-            "attempts": 2,
-            "retry_budget_ratio": 0.5,
-            "retry_budget_min_retries": 0,
-            "breaker_consecutive_failures": 1000,
-            "breaker_min_calls": 1000,
-        }
+        resilience = {**HALF_RETRY_BUDGET, "attempts": 2}
         gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
         calls = 10
         results = await asyncio.gather(
