@@ -381,6 +381,9 @@ async def test_all_waiters_cancelling_closes_the_upstream_call(
     upstream.script(Reply(delay_s=30))
     calls = [cached.stub.Complete(ask()) for _ in range(3)]
     await eventually(lambda: upstream.requests)
+    # All three following the call: one cancelled before its handler started (a busy
+    # machine) would still run as a follower that nobody can cancel any more.
+    await eventually(lambda: cache_of(cached).stats.coalesced == 2)
     for call in calls:
         call.cancel()
     await upstream.wait_for_disconnect(timeout_s=10)
