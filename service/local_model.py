@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from service.config import LocalModelConfig, UpstreamConfig
+from service.cpus import usable_cpus
 from service.errors import UpstreamError
 from service.upstream.client import probe_models
 
@@ -109,7 +110,7 @@ class LocalModelServer:
         )
 
     def _command(self, model_path: Path) -> list[str]:
-        threads = self.config.threads or max(1, (os.cpu_count() or 2))
+        threads = self.config.threads or usable_cpus()
         return [
             self._python,
             "-c",

@@ -28,6 +28,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
 from service.config import ConfigError, GatewayConfig
+from service.cpus import usable_cpus
 from service.local_model import LocalModelServer
 from service.telemetry.setup import DEFAULT_PROMETHEUS_PORT, names_prometheus
 
@@ -47,7 +48,7 @@ def worker_count(config: GatewayConfig) -> tuple[int, str]:
     so that a default setup never answers with a fraction of its usage or lets a tenant
     through N times its limit. The response cache may be per process: it only hits less.
     """
-    cores = max(1, os.cpu_count() or 1)
+    cores = usable_cpus()
     requested = config.server.workers
     if requested is not None:
         return (requested or cores), "server.workers" if requested else "one per core"

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
 
 from service.config import parse_config
+from service.cpus import usable_cpus
 from service.workers import worker_count
 
-CORES = max(1, os.cpu_count() or 1)
+CORES = usable_cpus()
 REDIS = "redis://127.0.0.1:6379/0"
 LIMITED = {"acme": {"requests_per_minute": 60}}
 
