@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from service.config import LocalModelConfig, UpstreamConfig
@@ -83,9 +84,18 @@ def restart_delay_s(base_s: float, in_a_row: int) -> float:
 class LocalModelServer:
     """Supervises `python -m llama_cpp.server`; use as an async context manager."""
 
-    def __init__(self, config: LocalModelConfig, *, python: str = sys.executable) -> None:
+    def __init__(
+        self,
+        config: LocalModelConfig,
+        *,
+        python: str = sys.executable,
+        on_availability: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
         self.config = config
         self._python = python
+        # Told False when the server exits and True when a restart answers again.
+        self._on_availability = on_availability
+        self.is_up = False
         self.port = 0
         self._process: asyncio.subprocess.Process | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -176,6 +186,7 @@ class LocalModelServer:
             # otherwise outlive the gateway.
             await self._stop_process()
             raise
+        self.is_up = True
         log.info("local_model.ready", extra={"port": self.port, "model": self.config.model})
 
     async def _wait_ready(self) -> None:
@@ -226,11 +237,24 @@ class LocalModelServer:
             in_a_row = 1 if loop.time() - up_since >= _STABLE_S else in_a_row + 1
             self.restarts += 1
             log.warning("local_model.exited", extra={"code": code, "restarts": self.restarts})
+            if self.is_up:
+                self.is_up = False
+                await self._announce()
             await asyncio.sleep(restart_delay_s(self.config.restart_backoff_s, in_a_row))
             try:
                 await self._spawn(model_path)
             except Exception:  # LocalModelUnavailable, or an OSError spawning: try again
                 log.exception("local_model.restart_failed")
+            else:
+                await self._announce()
+
+    async def _announce(self) -> None:
+        if self._on_availability is None:
+            return
+        try:
+            await self._on_availability(self.is_up)
+        except Exception:  # a listener's failure must not end supervision
+            log.exception("local_model.availability_listener_failed")
 
     @property
     def pid(self) -> int | None:

@@ -39,6 +39,8 @@ _DRAIN_POLL_S = 0.02
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["CompletionService"]
 SERVICE_NAME = SERVICE.full_name
 RPC_METHODS = [m.name for m in SERVICE.methods]
+# The health service name that follows the local model's llama.cpp server alone.
+LOCAL_MODEL_HEALTH = "llm_gateway.local_model"
 
 
 class GatewayServer:
@@ -62,6 +64,7 @@ class GatewayServer:
         self._server: grpc.aio.Server | None = None
         self.pipeline: Pipeline | None = None
         self.local_model: LocalModelServer | None = None
+        self._only_local_model = False
 
     async def __aenter__(self) -> GatewayServer:
         try:
@@ -79,7 +82,10 @@ class GatewayServer:
         local = self.config.local_model
         wants_local = local.enabled == "always" or (local.enabled == "auto" and not configs)
         if wants_local:
-            self.local_model = await self._stack.enter_async_context(LocalModelServer(local))
+            self._only_local_model = not configs
+            self.local_model = await self._stack.enter_async_context(
+                LocalModelServer(local, on_availability=self._local_model_availability)
+            )
             configs.append(self.local_model.upstream_config())
         for upstream in self.config.upstreams:
             if upstream not in configs and upstream.api_key_env:
@@ -147,11 +153,30 @@ class GatewayServer:
             raise ListenError(f"cannot listen on {listen}")
         await server.start()
         self._server = server
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health()
         log.info(
             "server.started", extra={"port": self.port, "upstreams": [c.name for c in clients]}
         )
+
+    async def _set_health(self) -> None:
+        """SERVING, unless the local model is down and it is the only upstream.
+
+        `llm_gateway.local_model` follows the local model alone, whatever else is configured.
+        """
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        local_is_up = self.local_model is None or self.local_model.is_up
+        overall = serving if local_is_up or not self._only_local_model else not_serving
+        await self.health.set("", overall)
+        await self.health.set(SERVICE_NAME, overall)
+        if self.local_model is not None:
+            await self.health.set(LOCAL_MODEL_HEALTH, serving if local_is_up else not_serving)
+
+    async def _local_model_availability(self, _is_up: bool) -> None:
+        if self._server is not None:  # before start() ends, it sets health itself
+            await self._set_health()
 
     async def _start_telemetry(self, prices: PriceList) -> None:
         """Install this server's telemetry; restored and flushed when the server closes."""

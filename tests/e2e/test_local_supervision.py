@@ -12,18 +12,25 @@ from pathlib import Path
 
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
-from service.server import GatewayServer
+from service.server import LOCAL_MODEL_HEALTH, GatewayServer
 from tests.e2e.conftest import LOCAL_MODEL, REPO
 from tests.integration.gateway_process import is_running
 
 pytestmark = pytest.mark.local_model
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
 
 async def test_killed_local_server_is_restarted_and_stopped_on_shutdown(start_gateway):
-    """Killing llama.cpp's server brings a new one up on the same port; stop() ends it."""
+    """Killing llama.cpp's server brings a new one up on the same port; stop() ends it.
+
+    Meanwhile health says NOT_SERVING: it is the gateway's only upstream.
+    """
     config = parse_config(
         {"server": {"listen": "127.0.0.1:0"}, "local_model": {"enabled": "always"}},
         environ={},
@@ -33,6 +40,18 @@ async def test_killed_local_server_is_restarted_and_stopped_on_shutdown(start_ga
     assert server.local_model is not None
     first_pid = server.local_model.pid
     assert first_pid is not None
+    health = health_pb2_grpc.HealthStub(gateway.channel)
+    watches = {
+        name: health.Watch(health_pb2.HealthCheckRequest(service=name))
+        for name in ("", LOCAL_MODEL_HEALTH)
+    }
+    seen: dict[str, list[int]] = {name: [] for name in watches}
+
+    async def follow(name: str) -> None:
+        async for reply in watches[name]:
+            seen[name].append(reply.status)
+
+    followers = [asyncio.ensure_future(follow(name)) for name in watches]
     os.kill(first_pid, signal.SIGKILL)
     for _ in range(600):
         if server.local_model.restarts == 1 and server.local_model.pid not in (None, first_pid):
@@ -51,6 +70,14 @@ async def test_killed_local_server_is_restarted_and_stopped_on_shutdown(start_ga
         except Exception:
             await asyncio.sleep(0.2)
     assert response.metadata.upstream == "local"
+    for _ in range(100):
+        if all(len(statuses) >= 3 for statuses in seen.values()):
+            break
+        await asyncio.sleep(0.05)
+    for follower in followers:
+        follower.cancel()
+    up_down_up = [SERVING, NOT_SERVING, SERVING]
+    assert seen == {"": up_down_up, LOCAL_MODEL_HEALTH: up_down_up}
     second_pid = server.local_model.pid
     assert second_pid is not None
     await server.stop(grace_s=0)
