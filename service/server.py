@@ -229,17 +229,27 @@ class GatewayServer:
 def connection_age_options(config: GatewayConfig) -> list[tuple[str, int]]:
     """GOAWAY after `max_connection_age_s`, so DNS-balancing clients find new replicas.
 
-    The grace defaults to the longest upstream timeout (at least 300 s), so a call that
-    started just before the GOAWAY is not cut short.
+    The grace defaults to the longest one call can take with no deadline of its own
+    (at least 300 s): every attempt at the longest upstream timeout, with the longest
+    Retry-After honoured between them and the longest wait for an upstream slot, so a
+    call that started just before the GOAWAY is not cut short while it retries.
     """
     server = config.server
     grace_s = server.max_connection_age_grace_s
     if grace_s is None:
-        grace_s = max([300.0, *(u.timeout_s for u in config.upstreams)])
+        grace_s = max(300.0, longest_call_s(config))
     return [
         ("grpc.max_connection_age_ms", _grpc_ms(server.max_connection_age_s)),
         ("grpc.max_connection_age_grace_ms", _grpc_ms(grace_s)),
     ]
+
+
+def longest_call_s(config: GatewayConfig) -> float:
+    """How long one call with no deadline can take through every attempt and its waits."""
+    resilience = config.resilience
+    timeout_s = max((u.timeout_s for u in config.upstreams), default=0.0)
+    waits_s = (resilience.attempts - 1) * resilience.max_retry_after_s
+    return resilience.attempts * timeout_s + waits_s + resilience.max_limit_wait_s
 
 
 # gRPC channel arguments are C ints: a longer time (past 24.8 days) would fail the start.

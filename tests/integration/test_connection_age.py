@@ -36,17 +36,32 @@ async def test_a_connection_past_its_age_is_closed_and_the_next_call_reconnects(
     assert len(upstream.requests) == 2
 
 
-def test_the_grace_defaults_to_the_longest_upstream_timeout_or_five_minutes():
-    """Default age 300 s; grace max(upstream timeouts, 300 s) unless configured."""
-    base = gateway_config("http://127.0.0.1:1")
+def test_the_grace_defaults_to_the_longest_call_with_its_retries_or_five_minutes():
+    """Default age 300 s; grace: every attempt at the longest upstream timeout, plus the
+    longest Retry-After between attempts and the longest slot wait, at least 300 s."""
+    base = gateway_config("http://127.0.0.1:1", resilience={"attempts": 1})
+    base = dataclasses.replace(
+        base, upstreams=(dataclasses.replace(base.upstreams[0], timeout_s=10.0),)
+    )
     assert dict(connection_age_options(base)) == {
         "grpc.max_connection_age_ms": 300_000,
         "grpc.max_connection_age_grace_ms": 300_000,
     }
-    slow = dataclasses.replace(
-        base, upstreams=(dataclasses.replace(base.upstreams[0], timeout_s=600.0),)
+    # The defaults: 3 attempts of 120 s, up to 60 s of Retry-After between them, and up
+    # to 5 s waiting for an upstream slot.
+    retrying = gateway_config(
+        "http://127.0.0.1:1",
+        resilience={"attempts": 3, "max_retry_after_s": 60.0, "max_limit_wait_s": 5.0},
     )
-    assert dict(connection_age_options(slow))["grpc.max_connection_age_grace_ms"] == 600_000
+    slow = dataclasses.replace(
+        retrying,
+        upstreams=(
+            dataclasses.replace(retrying.upstreams[0], timeout_s=120.0),
+            dataclasses.replace(retrying.upstreams[0], name="slower", timeout_s=200.0),
+        ),
+    )
+    grace_ms = dict(connection_age_options(slow))["grpc.max_connection_age_grace_ms"]
+    assert grace_ms == (3 * 200 + 2 * 60 + 5) * 1000
     configured = gateway_config(
         "http://127.0.0.1:1",
         server={"max_connection_age_s": 60, "max_connection_age_grace_s": 5},
