@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 import yaml
 from google.rpc import error_details_pb2
 
+from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import hash_key
 from service.config import TenantConfig
 from service.keys_cli import keys_command
@@ -189,6 +190,30 @@ async def test_an_unreachable_redis_fails_closed_for_keys_and_open_for_limits(
     for _ in range(2):  # the limit cannot be checked, so it is not enforced
         assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
     assert len(upstream.requests) == 2
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("stored_tenant", ["", "*", "team a"], ids=["empty", "star", "space"])
+async def test_a_redis_key_naming_no_valid_tenant_is_unauthenticated(
+    upstream, start_gateway, redis_url, stored_tenant
+):
+    """An entry written into the Redis hash by hand is checked like the keys file's: one
+    whose tenant is empty or `*` would otherwise pass GetUsage's own-tenant check as a
+    caller whose filter matches every tenant's rows."""
+    config = secure_config(
+        upstream.base_url, auth={"redis_url": redis_url, "redis_key_prefix": "t-badname:"}
+    )
+    gw = await start_gateway(config)
+    assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+    key = "llmgw_hand-written-entry-0c7e2a9d41f6b853"
+    client = redis.Redis.from_url(redis_url)
+    client.hset("t-badname:keys", hash_key(key), stored_tenant)
+    client.close()
+    error = await rpc_error(gw.stub.GetUsage(pb.GetUsageRequest(), metadata=bearer(key)))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert detail(error, error_details_pb2.ErrorInfo).reason == "UNAUTHENTICATED"
+    listed = await rpc_error(gw.stub.ListModels(pb.ListModelsRequest(), metadata=bearer(key)))
+    assert listed.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
 class _ReplyNeverArrives:
