@@ -178,7 +178,8 @@ class RedisKeyStore:
         self._hash = redis_keys_hash(prefix)
 
     async def tenant_for(self, digest: str) -> str | None:
-        """Look the digest up; Redis only ever sees digests, never keys.
+        """Look the digest up; Redis only ever sees digests, never keys. An entry whose
+        tenant is not a valid tenant name counts as no entry.
 
         Raises:
             UpstreamUnavailable: Redis cannot be reached (the caller may retry).
@@ -192,7 +193,13 @@ class RedisKeyStore:
             ) from None
         if tenant is None:
             return None
-        return tenant.decode("utf-8") if isinstance(tenant, bytes) else str(tenant)
+        name = tenant.decode("utf-8", "replace") if isinstance(tenant, bytes) else str(tenant)
+        if not is_tenant_name(name):
+            # Entries written by hand are not checked on the way in, as the keys file's
+            # are: an empty or "*" tenant would read every tenant's usage with GetUsage.
+            log.warning("auth.key_store_bad_tenant", extra={"key_sha256_prefix": digest[:8]})
+            return None
+        return name
 
 
 def local_key_stores(config: AuthConfig) -> list[KeyStore]:

@@ -71,6 +71,13 @@ class TlsConfig:
             or self.client_ca_file is not None,
             "require_client_cert and tenant_from_cert_subject need client_ca_file",
         )
+        # grpc asks for a client certificate only when it requires one: without that, no
+        # certificate could ever name a tenant and callers would silently need keys.
+        _require(
+            self.require_client_cert or not self.tenant_from_cert_subject,
+            "tenant_from_cert_subject needs require_client_cert: true (without it no client "
+            "certificate is asked for)",
+        )
 
     @property
     def is_enabled(self) -> bool:

@@ -28,9 +28,16 @@ DEFAULT_CONFIG = "config/gateway.yaml"
 def _append_to_keys_file(path: Path, caller_key: CallerKey) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Digests are not secrets, but the file says who may call: keep it private anyway.
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(descriptor, "a", encoding="utf-8") as file:
-        file.write(keys_file_line(caller_key))
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(descriptor, "a+b") as file:
+        line = keys_file_line(caller_key).encode("utf-8")
+        # A hand edit can leave the last line without its newline: the new line must not
+        # join it (a malformed file, which running gateways ignore and a restart refuses).
+        if file.seek(0, os.SEEK_END) > 0:
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":
+                line = b"\n" + line
+        file.write(line)
 
 
 def _store_in_redis(auth: AuthConfig, caller_key: CallerKey) -> None:

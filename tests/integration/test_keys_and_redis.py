@@ -18,13 +18,14 @@ import redis.asyncio as aioredis
 import yaml
 from google.rpc import error_details_pb2
 
+from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import hash_key
 from service.config import TenantConfig
 from service.keys_cli import keys_command
 from service.tenant_limits import RedisTenantLimiter
 from tests.conftest import chat, gateway_config
 from tests.integration.tenancy_helpers import as_tenant, bearer, detail, rpc_error, secure_config
-from tests.secret_capture import register_secret
+from tests.secret_capture import CALLER_KEY_A, register_secret
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -173,6 +174,24 @@ async def test_a_key_created_while_the_gateway_runs_works_without_a_restart(
     assert (await gw.stub.Complete(chat(), metadata=bearer(key))).content
 
 
+async def test_a_key_created_after_a_hand_edit_left_no_final_newline_still_works(
+    upstream, start_gateway, tmp_path, capsys
+):
+    """A keys file whose last line lost its newline (a revocation made in an editor) gets
+    the new key on a line of its own: appended as is, it would join that line, leaving a
+    malformed file that a running gateway ignores and a restart refuses."""
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"{hash_key(CALLER_KEY_A)} team-a", encoding="utf-8")
+    auth = {"mode": "keys", "keys_file": str(keys_file), "keys_file_check_s": 0}
+    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
+    config_file = _write_config(tmp_path / "gw.yaml", {"keys_file": str(keys_file)})
+    assert keys_command(["create", "--tenant", "late", "--config", str(config_file)]) == 0
+    key = register_secret(capsys.readouterr().out.strip())
+    assert (await gw.stub.Complete(chat(), metadata=bearer(key))).content
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    assert keys_file.read_text(encoding="utf-8").splitlines()[1] == f"{hash_key(key)} late"
+
+
 async def test_an_unreachable_redis_fails_closed_for_keys_and_open_for_limits(
     upstream, start_gateway, tmp_path
 ):
@@ -189,6 +208,30 @@ async def test_an_unreachable_redis_fails_closed_for_keys_and_open_for_limits(
     for _ in range(2):  # the limit cannot be checked, so it is not enforced
         assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
     assert len(upstream.requests) == 2
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("stored_tenant", ["", "*", "team a"], ids=["empty", "star", "space"])
+async def test_a_redis_key_naming_no_valid_tenant_is_unauthenticated(
+    upstream, start_gateway, redis_url, stored_tenant
+):
+    """An entry written into the Redis hash by hand is checked like the keys file's: one
+    whose tenant is empty or `*` would otherwise pass GetUsage's own-tenant check as a
+    caller whose filter matches every tenant's rows."""
+    config = secure_config(
+        upstream.base_url, auth={"redis_url": redis_url, "redis_key_prefix": "t-badname:"}
+    )
+    gw = await start_gateway(config)
+    assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+    key = "llmgw_hand-written-entry-0c7e2a9d41f6b853"
+    client = redis.Redis.from_url(redis_url)
+    client.hset("t-badname:keys", hash_key(key), stored_tenant)
+    client.close()
+    error = await rpc_error(gw.stub.GetUsage(pb.GetUsageRequest(), metadata=bearer(key)))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert detail(error, error_details_pb2.ErrorInfo).reason == "UNAUTHENTICATED"
+    listed = await rpc_error(gw.stub.ListModels(pb.ListModelsRequest(), metadata=bearer(key)))
+    assert listed.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
 class _ReplyNeverArrives:

@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.config import ConfigError
 from service.server import GatewayServer
 from tests.conftest import chat, gateway_config
 from tests.integration.pki import Pki, make_pki
@@ -169,3 +170,11 @@ async def test_mtls_certificate_without_a_common_name_is_not_the_anonymous_tenan
         stub = pb_grpc.CompletionServiceStub(channel)
         error = await rpc_error(stub.GetUsage(pb.GetUsageRequest(tenant="*"), timeout=_TIMEOUT_S))
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_tenant_from_cert_subject_without_required_certificates_is_a_config_error(pki):
+    """grpc asks for no client certificate unless it requires one, so a certificate could
+    never name the tenant: refused at startup rather than every such caller UNAUTHENTICATED."""
+    tls = _tls(pki, client_ca_file=str(pki.ca), tenant_from_cert_subject=True)
+    with pytest.raises(ConfigError, match=r"server\.tls.*require_client_cert"):
+        secure_config("http://127.0.0.1:9", server={"listen": "127.0.0.1:0", "tls": tls})
