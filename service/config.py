@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import os
 import re
 import types
@@ -127,7 +128,12 @@ class ServerConfig:
     def is_loopback(self) -> bool:
         """Whether the listen address is reachable only from this machine."""
         host = self.listen.rpartition(":")[0].strip("[]")
-        return host in ("localhost", "::1") or host.startswith("127.")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a DNS name such as 127.corp.example may resolve anywhere
+            return False
 
 
 @dataclass(frozen=True, slots=True)

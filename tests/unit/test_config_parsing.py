@@ -515,3 +515,24 @@ def test_unknown_keys_of_mixed_types_are_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(yaml.safe_load("on: 1\nservr: {}\n"), source="my.yaml", environ={})
     assert "unknown key" in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    ("listen", "is_loopback"),
+    [
+        ("127.0.0.1:50051", True),
+        ("127.8.9.10:50051", True),
+        ("localhost:50051", True),
+        ("[::1]:50051", True),
+        ("0.0.0.0:50051", False),
+        ("10.0.0.5:50051", False),
+        ("[::]:50051", False),
+        # A DNS name that merely starts like a loopback address may resolve anywhere.
+        ("127.corp.example:50051", False),
+        ("127.0.0.1.nip.io:50051", False),
+    ],
+)
+def test_only_loopback_addresses_count_as_loopback(listen: str, is_loopback: bool) -> None:
+    """Auth may be off only on loopback: a host name is never taken for one by its prefix."""
+    config = parse({"server": {"listen": listen}})
+    assert config.server.is_loopback is is_loopback
