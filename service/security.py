@@ -43,7 +43,13 @@ def check_listen_policy(config: GatewayConfig) -> None:
     forced = (
         config.auth.allow_auth_off_on_public_listen or config.server.allow_insecure_public_listen
     )
-    if is_caller_auth_on(config) or config.server.is_loopback:
+    if config.server.is_loopback:
+        return
+    if is_caller_auth_on(config):
+        if not config.server.tls.is_enabled:
+            # Fine behind a proxy or mesh that terminates TLS; otherwise keys cross the
+            # network in clear text.
+            log.warning("security.keys_without_tls", extra={"listen": config.server.listen})
         return
     if not forced:
         raise InsecureListen(

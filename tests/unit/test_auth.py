@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import pytest
 
@@ -292,3 +293,22 @@ async def test_the_gate_built_for_a_config_is_skipped_only_without_auth(sections
     async with contextlib.AsyncExitStack() as stack:
         gate = await build_caller_gate(gateway_config("http://127.0.0.1:1/v1", **sections), stack)
         assert gate.checks_nothing is checks_nothing
+
+
+@pytest.mark.parametrize(
+    ("server", "warns"),
+    [
+        ({"listen": "0.0.0.0:1"}, True),
+        ({"listen": "127.0.0.1:1"}, False),
+        ({"listen": "0.0.0.0:1", "tls": {"cert_file": "c", "key_file": "k"}}, False),
+    ],
+    ids=["public-clear", "loopback", "public-tls"],
+)
+def test_keys_in_clear_text_on_a_public_address_are_warned_about(
+    server: dict[str, Any], warns: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Keys over a public port without TLS start (a proxy may terminate TLS) but warn."""
+    config = gateway_config("http://127.0.0.1:9", server=server, auth={"mode": "keys"})
+    with caplog.at_level("WARNING", logger="llm_gateway"):
+        check_listen_policy(config)
+    assert ("security.keys_without_tls" in caplog.messages) is warns
