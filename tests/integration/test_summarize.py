@@ -553,3 +553,26 @@ async def test_document_retried_after_other_calls_raised_the_calibration_is_chun
     assert len(failed) == 1
     whole = [r for r in recorder.requests if system_text(r.body).startswith("Summarise the")]
     assert len(whole) == 1
+
+
+@pytest.mark.parametrize(
+    ("document_", "instructions", "field"),
+    [
+        # pdftotext separates pages with a form feed; here it is in the last part only.
+        (document(60) + "\n\nThe end of page one.\fPage two.", "", "document"),
+        (document(2), "Be brief.\x07", "instructions"),
+    ],
+)
+async def test_control_characters_are_refused_up_front_on_the_field_sent(
+    recorder, start_gateway, document_, instructions, field
+):
+    """A control character fails the call before any part is sent (and paid for), and the
+    violation names the Summarize field that holds it, not the internal call's messages."""
+    gateway = await start_gateway(config(recorder.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(
+            pb.SummarizeRequest(model=FAKE_MODEL, document=document_, instructions=instructions)
+        )
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert recorder.requests == []
+    assert field_violations(caught.value) == {field: "must not contain control characters"}
