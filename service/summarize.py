@@ -475,7 +475,12 @@ class Summarizer:
             group_room = self._room(
                 model, system=group_system, header="", answer_tokens=part_tokens
             )
-            tokens = [estimate_text_tokens(s) + 8 for s in summaries]
+            # Each summary with its header as `_summaries_message` writes it, plus 1 for
+            # the blank line between two (estimates add up across whitespace).
+            tokens = [
+                estimate_text_tokens(_summaries_message([s], first=i)) + 1
+                for i, s in enumerate(summaries)
+            ]
             groups = pack_units(
                 tokens, max_tokens=self._require_room(request, group_room), overlap_tokens=0
             )

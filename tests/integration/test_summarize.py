@@ -576,3 +576,31 @@ async def test_control_characters_are_refused_up_front_on_the_field_sent(
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert recorder.requests == []
     assert field_violations(caught.value) == {field: "must not contain control characters"}
+
+
+async def test_groups_of_summaries_are_sized_with_their_headers(recorder, start_gateway):
+    """With the calibration steady, each group of summaries fits the call it was packed for:
+    no group is re-split (an extra call), however many digits its part numbers have."""
+    padding = " ".join(["sum"] * 14)
+
+    def respond(body):
+        if is_part(body):
+            return Reply(content=padding)
+        if body["max_tokens"] < 200:
+            return Reply(content="MID")
+        return Reply(content="FINAL")
+
+    recorder.respond = reporting(1.0, respond)
+    gateway = await start_gateway(config(recorder.base_url))
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(400), target_tokens=200)
+    )
+    groups = [
+        r.body for r in recorder.requests if is_combine(r.body) and r.body["max_tokens"] < 200
+    ]
+    per_group = [user_text(body).count("Summary of part") for body in groups]
+    assert response.summary == "FINAL"
+    assert response.levels == 2
+    assert response.chunks >= 20
+    assert sum(per_group) == response.chunks
+    assert len(groups) == math.ceil(response.chunks / max(per_group))
