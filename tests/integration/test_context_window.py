@@ -139,7 +139,9 @@ async def test_calibration_never_goes_below_its_floor(upstream_small, start_gate
 
 
 @pytest.mark.parametrize("mode", [pb.TRUNCATION_MODE_NONE, pb.TRUNCATION_MODE_KEEP_RECENT])
-async def test_max_tokens_that_fill_the_window_are_the_violation(upstream_small, start_gateway, mode):
+async def test_max_tokens_that_fill_the_window_are_the_violation(
+    upstream_small, start_gateway, mode
+):
     """A max_tokens of the whole window leaves no room for any prompt: the violation names
     params.max_tokens, not the messages (shortening them or truncating could not help)."""
     gateway = await start_gateway(small_window_config(upstream_small.base_url))
