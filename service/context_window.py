@@ -64,6 +64,12 @@ def fit_messages(
     total = PER_REQUEST_OVERHEAD + sum(costs)
     if calibrated(total) <= budget:
         return FittedPrompt(tuple(messages), 0, calibrated(total), total)
+    if reserve >= context_window:  # only a max_tokens can: no prompt, however short, fits
+        raise ContextWindowExceeded(
+            estimated_tokens=calibrated(total) + reserve,
+            limit_tokens=context_window,
+            max_tokens=max_tokens,
+        )
     if mode is TruncationMode.NONE:
         raise ContextWindowExceeded(
             estimated_tokens=calibrated(total) + reserve, limit_tokens=context_window

@@ -94,21 +94,29 @@ class InvalidRequest(GatewayError):
 
 
 class ContextWindowExceeded(InvalidRequest):
-    """The prompt does not fit the model's context window and truncation is off."""
+    """The prompt does not fit the model's context window and truncation is off (or
+    cannot help): the violation is on `messages`, or on `params.max_tokens` when that
+    alone fills the window."""
 
     reason = "CONTEXT_WINDOW_EXCEEDED"
 
-    def __init__(self, *, estimated_tokens: int, limit_tokens: int) -> None:
-        super().__init__(
-            [
-                FieldViolation(
-                    "messages",
-                    f"prompt needs about {estimated_tokens} tokens (with max_tokens reserved), "
-                    f"over the model's context window of {limit_tokens}; shorten it or use "
-                    "TRUNCATION_MODE_KEEP_RECENT",
-                )
-            ]
-        )
+    def __init__(
+        self, *, estimated_tokens: int, limit_tokens: int, max_tokens: int | None = None
+    ) -> None:
+        if max_tokens is None:
+            violation = FieldViolation(
+                "messages",
+                f"prompt needs about {estimated_tokens} tokens (with max_tokens reserved), "
+                f"over the model's context window of {limit_tokens}; shorten it or use "
+                "TRUNCATION_MODE_KEEP_RECENT",
+            )
+        else:
+            violation = FieldViolation(
+                "params.max_tokens",
+                f"{max_tokens} tokens reserved for the answer leave no room for the prompt "
+                f"in the model's context window of {limit_tokens}; lower it",
+            )
+        super().__init__([violation])
         self.estimated_tokens = estimated_tokens
         self.limit_tokens = limit_tokens
 

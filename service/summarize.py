@@ -54,6 +54,7 @@ from service.tokens import (
     PER_REQUEST_OVERHEAD,
     estimate_text_tokens,
 )
+from service.validation import has_control_characters
 
 _MS = 1000.0
 _PARAGRAPH_BREAK = re.compile(r"(\r?\n[ \t]*\r?\n\s*)")
@@ -352,6 +353,10 @@ class Summarizer:
                         f"at most {self._config.max_document_bytes} bytes, got {size}",
                     )
                 )
+            elif has_control_characters(request.document):
+                # Refused here, not by the call that would send it: the parts before that
+                # one would have been sent and paid for by then.
+                violations.append(FieldViolation("document", "must not contain control characters"))
         if target > window // 4:
             violations.append(
                 FieldViolation(
@@ -362,6 +367,8 @@ class Summarizer:
             )
         if estimate_text_tokens(request.instructions) > window // 8:
             violations.append(FieldViolation("instructions", f"at most about {window // 8} tokens"))
+        elif has_control_characters(request.instructions):
+            violations.append(FieldViolation("instructions", "must not contain control characters"))
         if violations:
             raise InvalidRequest(violations)
         return target
@@ -468,7 +475,12 @@ class Summarizer:
             group_room = self._room(
                 model, system=group_system, header="", answer_tokens=part_tokens
             )
-            tokens = [estimate_text_tokens(s) + 8 for s in summaries]
+            # Each summary with its header as `_summaries_message` writes it, plus 1 for
+            # the blank line between two (estimates add up across whitespace).
+            tokens = [
+                estimate_text_tokens(_summaries_message([s], first=i)) + 1
+                for i, s in enumerate(summaries)
+            ]
             groups = pack_units(
                 tokens, max_tokens=self._require_room(request, group_room), overlap_tokens=0
             )

@@ -38,6 +38,11 @@ def _range(
         )
 
 
+def has_control_characters(text: str) -> bool:
+    """Whether `text` holds a character no message may contain (see `_CONTROL`)."""
+    return _CONTROL.search(text) is not None
+
+
 def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> list[FieldViolation]:
     """Every invalid field of `request`, in field order."""
     found: list[FieldViolation] = []
@@ -58,7 +63,7 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
         total_chars += len(message.content)
         if not message.content.strip():
             found.append(FieldViolation(f"messages[{index}].content", "must not be empty"))
-        elif _CONTROL.search(message.content):
+        elif has_control_characters(message.content):
             found.append(
                 FieldViolation(f"messages[{index}].content", "must not contain control characters")
             )

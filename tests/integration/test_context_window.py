@@ -136,3 +136,29 @@ async def test_calibration_never_goes_below_its_floor(upstream_small, start_gate
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.stub.Complete(conversation(19, mode=pb.TRUNCATION_MODE_NONE))
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("mode", [pb.TRUNCATION_MODE_NONE, pb.TRUNCATION_MODE_KEEP_RECENT])
+async def test_max_tokens_that_fill_the_window_are_the_violation(
+    upstream_small, start_gateway, mode
+):
+    """A max_tokens of the whole window leaves no room for any prompt: the violation names
+    params.max_tokens, not the messages (shortening them or truncating could not help)."""
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    request = pb.CompleteRequest(
+        model=FAKE_MODEL,
+        messages=[pb.Message(role=pb.ROLE_USER, content="Say hi")],
+        params=pb.GenerationParams(max_tokens=WINDOW),
+        truncation=pb.TruncationPolicy(mode=mode),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(request)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    details = error_details(caught.value)
+    assert details.reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert details.metadata["limit_tokens"] == str(WINDOW)
+    assert int(details.metadata["estimated_tokens"]) > WINDOW
+    ((field, description),) = details.field_violations
+    assert field == "params.max_tokens"
+    assert f"context window of {WINDOW}" in description
+    assert upstream_small.requests == []

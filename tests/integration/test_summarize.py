@@ -553,3 +553,54 @@ async def test_document_retried_after_other_calls_raised_the_calibration_is_chun
     assert len(failed) == 1
     whole = [r for r in recorder.requests if system_text(r.body).startswith("Summarise the")]
     assert len(whole) == 1
+
+
+@pytest.mark.parametrize(
+    ("document_", "instructions", "field"),
+    [
+        # pdftotext separates pages with a form feed; here it is in the last part only.
+        (document(60) + "\n\nThe end of page one.\fPage two.", "", "document"),
+        (document(2), "Be brief.\x07", "instructions"),
+    ],
+)
+async def test_control_characters_are_refused_up_front_on_the_field_sent(
+    recorder, start_gateway, document_, instructions, field
+):
+    """A control character fails the call before any part is sent (and paid for), and the
+    violation names the Summarize field that holds it, not the internal call's messages."""
+    gateway = await start_gateway(config(recorder.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(
+            pb.SummarizeRequest(model=FAKE_MODEL, document=document_, instructions=instructions)
+        )
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert recorder.requests == []
+    assert field_violations(caught.value) == {field: "must not contain control characters"}
+
+
+async def test_groups_of_summaries_are_sized_with_their_headers(recorder, start_gateway):
+    """With the calibration steady, each group of summaries fits the call it was packed for:
+    no group is re-split (an extra call), however many digits its part numbers have."""
+    padding = " ".join(["sum"] * 14)
+
+    def respond(body):
+        if is_part(body):
+            return Reply(content=padding)
+        if body["max_tokens"] < 200:
+            return Reply(content="MID")
+        return Reply(content="FINAL")
+
+    recorder.respond = reporting(1.0, respond)
+    gateway = await start_gateway(config(recorder.base_url))
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(400), target_tokens=200)
+    )
+    groups = [
+        r.body for r in recorder.requests if is_combine(r.body) and r.body["max_tokens"] < 200
+    ]
+    per_group = [user_text(body).count("Summary of part") for body in groups]
+    assert response.summary == "FINAL"
+    assert response.levels == 2
+    assert response.chunks >= 20
+    assert sum(per_group) == response.chunks
+    assert len(groups) == math.ceil(response.chunks / max(per_group))
