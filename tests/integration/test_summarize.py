@@ -213,6 +213,34 @@ async def test_failing_part_is_retried_then_fails_the_call(recorder, start_gatew
     assert not any(is_combine(r.body) for r in recorder.requests)
 
 
+async def test_a_part_retried_after_a_429_waits_its_retry_after(recorder, start_gateway):
+    """Summarize's own retry of a part, after its short backoff, still waits out the
+    429's Retry-After: the upstream is paused for it, so a rate-limited provider is not
+    asked again before it said to."""
+    failures = []
+
+    def respond(body):
+        if is_part(body) and "Paragraph p30 sentence s2" in user_text(body) and not failures:
+            failures.append(body)
+            return Status(429, headers={"Retry-After": "1"})
+        return default_respond(body)
+
+    recorder.respond = respond
+    settings = config(recorder.base_url)
+    # One attempt per call: the 429 reaches Summarize's own retry at once.
+    settings = dataclasses.replace(
+        settings, resilience=dataclasses.replace(settings.resilience, attempts=1)
+    )
+    gateway = await start_gateway(settings)
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
+    )
+    assert response.summary == "FINAL"
+    poisoned = [r for r in recorder.requests if "Paragraph p30 sentence s2" in user_text(r.body)]
+    assert len(poisoned) == 2
+    assert poisoned[1].received_at - poisoned[0].received_at >= 0.9
+
+
 async def test_part_that_fails_once_is_retried(recorder, start_gateway):
     """A transient failure of one part is retried and the summary completes."""
     failures = []
