@@ -19,7 +19,7 @@ from service.calibration import TokenCalibration
 from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
 from service.context_window import fit_messages
-from service.domain import ChatRequest, Completion, Delta, Timings, Usage
+from service.domain import ChatRequest, Completion, Delta, FinishReason, Timings, Usage
 from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.pool import AttemptLog, UpstreamPool
 from service.pricing import PriceList
@@ -207,6 +207,29 @@ class Pipeline:
         if hold.caller_has_left:
             await self.account(request, completion)
 
+    async def _account_cut_stream(
+        self, prepared: PreparedRequest, content: str, log: AttemptLog
+    ) -> None:
+        """Record a stream that ended without its `Completion` after some text.
+
+        The upstream bills what it generated even when the stream never finished, so the
+        call is recorded once, for its caller's tenant, with estimated usage.
+        """
+        request = prepared.request
+        usage = self._usage(prepared, content, None)
+        completion = Completion(
+            id="",
+            model=request.model,
+            content=content,
+            finish_reason=FinishReason.UNKNOWN,
+            usage=usage,
+            cost_usd=self._prices.cost_usd(request.model, usage),
+            upstream=log.upstream,
+            attempts=log.attempts,
+            dropped_messages=prepared.dropped,
+        )
+        await self.account(request, completion)
+
     async def stream(
         self, request: ChatRequest, *, deadline: Deadline
     ) -> AsyncGenerator[Delta | Completion, None]:
@@ -246,13 +269,19 @@ class Pipeline:
                     request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
                 ),
             )
-            async with contextlib.aclosing(upstream):
-                async for event in upstream:
-                    if isinstance(event, TextChunk):
-                        parts.append(event.content)
-                        yield Delta(event.content)
-                    else:
-                        end = event
+            try:
+                async with contextlib.aclosing(upstream):
+                    async for event in upstream:
+                        if isinstance(event, TextChunk):
+                            parts.append(event.content)
+                            yield Delta(event.content)
+                        else:
+                            end = event
+            except BaseException:
+                # Cut by the upstream, the caller or its deadline: the text sent was billed.
+                if parts:
+                    await self._account_cut_stream(prepared, "".join(parts), log)
+                raise
         if end is None:  # the pool always ends a stream with StreamEnd or raises
             raise RuntimeError("stream ended without its end event")
         content = "".join(parts)

@@ -1,0 +1,104 @@
+"""What a stream that ends before its final message records in the usage ledger.
+
+The upstream bills every token it generated, whether or not the stream reached its end:
+a stream cut after some text (by the upstream, the caller or the caller's deadline) is
+recorded once, for its caller's tenant, priced from estimated tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from llmgateway.v1 import gateway_pb2 as pb
+from tests.conftest import FAKE_MODEL, RunningGateway, chat_stream, gateway_config
+from tests.fake_upstream import CutStream, FakeUpstream, Reply
+from tests.integration.test_resilience import error_details
+
+PRICED_MODELS = {
+    FAKE_MODEL: {
+        "context_window": 8192,
+        "input_usd_per_million": 0.27,
+        "output_usd_per_million": 1.10,
+    }
+}
+# Six words, one a second: a caller that leaves after the first has left mid-stream.
+SLOW = Reply(content="one two three four five six", chunks=6, chunk_delay_s=1.0)
+_TIMEOUT_S = 10.0
+
+
+async def recorded(gateway: RunningGateway, *, requests: int) -> pb.UsageRow:
+    """The ledger's total once it counts `requests` calls, after a pause for any more."""
+    async with asyncio.timeout(_TIMEOUT_S):
+        while (await gateway.stub.GetUsage(pb.GetUsageRequest())).total.requests < requests:
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)  # a second record for the same call would land by now
+    return (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+
+
+def assert_estimated_charge(total: pb.UsageRow) -> None:
+    """One call, its prompt and some output priced at the model's prices."""
+    assert total.requests == 1
+    assert total.usage.input_tokens > 0
+    assert total.usage.output_tokens > 0
+    expected = (total.usage.input_tokens * 0.27 + total.usage.output_tokens * 1.10) / 1e6
+    assert total.cost_usd == pytest.approx(expected, abs=1e-12)
+
+
+async def test_a_stream_the_upstream_cuts_after_text_is_charged_for_it(
+    upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """The caller gets STREAM_INTERRUPTED; the ledger records the prompt and the text sent."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, models=PRICED_MODELS))
+    upstream.script(CutStream(after_chunks=3))
+    text = ""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for item in gateway.stub.CompleteStream(chat_stream(), timeout=5):
+            text += item.delta.content
+    assert text
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert error_details(caught.value)[1] == "STREAM_INTERRUPTED"
+    assert_estimated_charge(await recorded(gateway, requests=1))
+
+
+@pytest.mark.parametrize("leave", ["cancel", "deadline"])
+async def test_a_stream_its_caller_leaves_after_text_is_charged_for_it(
+    upstream: FakeUpstream, start_gateway: Any, leave: str
+) -> None:
+    """Cancelled, or past its deadline, after the first delta: charged once, estimated."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, models=PRICED_MODELS))
+    upstream.script(SLOW)
+    call = gateway.stub.CompleteStream(chat_stream(), timeout=1.5 if leave == "deadline" else 10)
+    first = await call.read()
+    assert first.delta.content
+    if leave == "cancel":
+        call.cancel()
+    else:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while True:
+                await call.read()
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    await upstream.wait_for_disconnect(timeout_s=_TIMEOUT_S)
+    assert_estimated_charge(await recorded(gateway, requests=1))
+
+
+async def test_a_shared_stream_every_caller_leaves_is_charged_once(
+    upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """Two callers follow one upstream stream and both cancel: one call is recorded."""
+    config = gateway_config(upstream.base_url, models=PRICED_MODELS, cache={"backend": "memory"})
+    gateway = await start_gateway(config)
+    upstream.script(SLOW)
+    request = chat_stream(params=pb.GenerationParams(temperature=0.0))
+    calls = [gateway.stub.CompleteStream(request, timeout=10) for _ in range(2)]
+    for call in calls:
+        assert (await call.read()).delta.content
+    assert gateway.server.pipeline.cache.stats.coalesced == 1
+    for call in calls:
+        call.cancel()
+    await upstream.wait_for_disconnect(timeout_s=_TIMEOUT_S)
+    assert_estimated_charge(await recorded(gateway, requests=1))
+    assert len(upstream.requests) == 1
