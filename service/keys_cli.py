@@ -95,4 +95,12 @@ def keys_command(argv: list[str]) -> int:
         "the key itself is shown only this once",
         file=sys.stderr,
     )
+    if config.tenants and args.tenant not in config.tenants:
+        # Allowed (tenants need an entry only for limits), but a typo would look the same.
+        print(
+            f"note: tenant {args.tenant!r} has no entry under tenants: in {args.config}, "
+            f"so it has no limits and may use every model (tenants there: "
+            f"{', '.join(sorted(config.tenants))})",
+            file=sys.stderr,
+        )
     return 0

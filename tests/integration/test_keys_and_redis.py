@@ -80,6 +80,29 @@ def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path, caps
     assert keys_file.stat().st_mode & 0o077 == 0
 
 
+def test_keys_create_for_a_tenant_the_config_does_not_list_says_so(tmp_path, capsys):
+    """A key for a tenant missing from `tenants:` (a typo, say) is issued with a note that
+    it has no limits; a listed tenant gets no note."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "auth": {"mode": "keys", "keys_file": str(tmp_path / "keys.txt")},
+                "tenants": {"team-a": {"requests_per_minute": 60}},
+                "local_model": {"enabled": "never"},
+            }
+        )
+    )
+    assert keys_command(["create", "--tenant", "team-a", "--config", str(config)]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert keys_command(["create", "--tenant", "taem-a", "--config", str(config)]) == 0
+    printed = capsys.readouterr()
+    register_secret(printed.out.strip())
+    assert "note: tenant 'taem-a' has no entry under tenants:" in printed.err
+    assert "no limits" in printed.err
+    assert "team-a" in printed.err.split("tenants there:")[1]
+
+
 def test_keys_create_refuses_bad_tenants_and_configs_without_a_store(tmp_path, capsys):
     """Invalid tenant names and configs naming no key store exit 2 and print no key."""
     no_store = _write_config(tmp_path / "a.yaml", {"mode": "keys"})
