@@ -155,7 +155,10 @@ class UpstreamConfig:
     max_concurrency: int = 50
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
-    api_key: str | None = field(default=None, repr=False, compare=False)
+    # Filled from `api_key_env` by `parse_config`; a file that sets it is refused.
+    api_key: str | None = field(
+        default=None, repr=False, compare=False, metadata={"from_environment": "api_key_env"}
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -585,7 +588,12 @@ def _build(cls: type[T], data: Any, key: str) -> T:
     if not isinstance(data, dict):
         raise ValueError(f"{key or '(top level)'}: must be a mapping")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    for secret in (f for f in fields if "from_environment" in f.metadata and f.name in data):
+        variable = secret.metadata["from_environment"]
+        problem = f"never read from the file; put it in the environment variable {variable} names"
+        raise ValueError(f"{key + '.' if key else ''}{secret.name}: {problem}")
+    names = {f.name for f in fields if f.init}
     unknown = sorted(set(data) - names, key=str)  # YAML keys may be bools or numbers
     if unknown:
         raise ValueError(f"{key + '.' if key else ''}{unknown[0]}: unknown key")

@@ -97,6 +97,20 @@ def test_key_variables_are_read_from_environ_only() -> None:
     assert config.upstreams[0].api_key == "k"
 
 
+@pytest.mark.parametrize("variable", [{}, {"api_key_env": "GW_UNIT_TEST_KEY"}])
+def test_a_key_in_the_file_is_refused_without_echoing_it(variable: dict[str, str]) -> None:
+    """`api_key` in the file is a config error naming the key, never a key that is used.
+
+    Before, an upstream without `api_key_env` sent the file's `api_key` upstream, though
+    README and the shipped config say keys are never read from the file.
+    """
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [upstream(api_key=SECRET, **variable)]})
+    assert caught.value.key == "upstreams[0].api_key"
+    assert "never read from the file" in caught.value.problem
+    assert SECRET not in str(caught.value)
+
+
 def test_upstream_without_key_variable_is_enabled() -> None:
     """An upstream that names no key variable (a local server) is always enabled."""
     config = parse({"upstreams": [upstream()]})
