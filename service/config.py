@@ -685,6 +685,36 @@ def _check_redis_password_env(config: GatewayConfig, source: str, env: Mapping[s
             raise ConfigError(source, key, problem)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping.
+
+    PyYAML keeps the last value of a repeated key, so a second `server:` section (or
+    `timeout_s:` line) would silently drop the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # `<<: *base` merges are meant to be overridden
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    found = ((exc.problem, exc.problem_mark), (exc.context, exc.context_mark))
+    return "; ".join(
+        f"{text} at line {mark.line + 1}, column {mark.column + 1}"
+        for text, mark in found
+        if text and mark
+    )
+
+
 def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     """Read, override and validate the YAML config file at `path`."""
     source = str(path)
@@ -693,9 +723,13 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, "", f"not valid YAML: {exc}") from None
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        # Only the line and column: PyYAML's message quotes the line, which may hold a
+        # password (ledger.redis_url may carry one).
+        raise ConfigError(source, "", f"not valid YAML: {_yaml_problem(exc)}") from None
+    except yaml.YAMLError:
+        raise ConfigError(source, "", "not valid YAML") from None
     config = parse_config(data, source=source, environ=environ)
     _check_tls_files(config.server.tls, source)
     return config

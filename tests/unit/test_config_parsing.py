@@ -502,6 +502,71 @@ def test_load_config_invalid_yaml(tmp_path: Path) -> None:
         load_config(path, environ={})
 
 
+@pytest.mark.parametrize(
+    ("text", "duplicate", "line"),
+    [
+        ("server: {listen: '127.0.0.1:1'}\ncache: {}\nserver: {grace_period_s: 3}\n", "server", 3),
+        (
+            "upstreams:\n  - name: a\n    base_url: http://127.0.0.1:1\n    models: [m]\n"
+            "    timeout_s: 5\n    timeout_s: 600\n",
+            "timeout_s",
+            6,
+        ),
+        ("tenants:\n  search: {requests_per_minute: 10}\n  search: {}\n", "search", 3),
+    ],
+)
+def test_a_key_given_twice_is_a_config_error(
+    tmp_path: Path, text: str, duplicate: str, line: int
+) -> None:
+    """A repeated key is refused with its line, not resolved by keeping the last one.
+
+    Before, a second `server:` section silently replaced the first (PyYAML keeps the last).
+    """
+    path = tmp_path / "gw.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert f"duplicate key '{duplicate}' at line {line}," in caught.value.problem
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    """`<<: *anchor` followed by a key it also sets is an override, not a duplicate."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        "tenants:\n  a: &base {requests_per_minute: 10, tokens_per_minute: 5}\n"
+        "  b: {<<: *base, requests_per_minute: 20}\n",
+        encoding="utf-8",
+    )
+    config = load_config(path, environ={})
+    assert (config.tenants["b"].requests_per_minute, config.tenants["b"].tokens_per_minute) == (
+        20,
+        5,
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'ledger:\n  redis_url: "redis://:hunter2@redis:6379/0\n',
+        "ledger: {redis_url: redis://:hunter2@redis:6379/0\n",
+        "ledger:\n\tredis_url: redis://:hunter2@redis:6379/0\n",
+    ],
+)
+def test_a_yaml_syntax_error_does_not_quote_the_line(tmp_path: Path, text: str) -> None:
+    """A YAML error gives the line and column but not the line's text, which may hold a
+    password (`ledger.redis_url` may carry one).
+
+    Before, PyYAML's message, with the offending line quoted, was the config error.
+    """
+    path = tmp_path / "gw.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert "not valid YAML" in caught.value.problem
+    assert "line " in caught.value.problem
+    assert "hunter2" not in str(caught.value)
+
+
 def test_load_config_round_trip(tmp_path: Path) -> None:
     """A small YAML file loads into the typed, frozen config it describes."""
     path = tmp_path / "gw.yaml"
