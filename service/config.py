@@ -557,9 +557,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ValueError(f"{key}: must be a list")
         return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (Mapping, dict, typing.Mapping):
-        if key.endswith("models") and isinstance(value, list):
+        if key.endswith("models") and args[1] is str and isinstance(value, list):
             # `models: [a, b]` is shorthand for serving each under its own name.
-            value = {str(v): str(v) for v in value}
+            names = [_convert(str, v, f"{key}[{i}]") for i, v in enumerate(value)]
+            value = dict(zip(names, names, strict=True))
         if not isinstance(value, dict):
             raise ValueError(f"{key}: must be a mapping")
         return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}

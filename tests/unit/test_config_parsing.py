@@ -260,6 +260,20 @@ def test_env_override_on_real_file() -> None:
             id="models-scalar",
         ),
         pytest.param(
+            {"upstreams": [upstream(models=[{"deepseek-v4": "deepseek-chat"}])]},
+            {},
+            "upstreams[0].models[0]",
+            "must be a string",
+            id="models-list-of-mappings",
+        ),
+        pytest.param(
+            {"upstreams": [upstream(models=["m", None])]},
+            {},
+            "upstreams[0].models[1]",
+            "must be a string",
+            id="models-list-with-null",
+        ),
+        pytest.param(
             {"upstreams": [upstream(base_url="ftp://files.example.test")]},
             {},
             "upstreams[0]",
