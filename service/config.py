@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import math
 import os
 import re
 import types
@@ -117,6 +118,7 @@ class ServerConfig:
         _require(self.max_receive_message_bytes >= 1024, "max_receive_message_bytes too small")
         _require(self.max_in_flight_calls >= 1, "max_in_flight_calls must be >= 1")
         _require(self.max_queued_calls >= 0, "max_queued_calls must be >= 0")
+        _require(self.overload_retry_after_s >= 0, "overload_retry_after_s must be >= 0")
         _require(
             self.workers is None or self.workers >= 0, "workers must be >= 0 (0: one per core)"
         )
@@ -223,6 +225,9 @@ class LocalModelConfig:
     def __post_init__(self) -> None:
         _require(self.context_window >= 256, "context_window must be >= 256")
         _require(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
+        _require(self.threads >= 0, "threads must be >= 0 (0: the CPUs the gateway may use)")
+        # 0 (or less) would restart a crashing llama.cpp in a busy loop: doubling keeps it 0.
+        _require(self.restart_backoff_s > 0, "restart_backoff_s must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +286,15 @@ class RequestDefaults:
     def __post_init__(self) -> None:
         _require(self.max_messages >= 1, "max_messages must be >= 1")
         _require(self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1")
+        _require(
+            min(self.max_stop_sequences, self.max_labels) >= 0,
+            "max_stop_sequences and max_labels must be >= 0",
+        )
+        # 0 is no "unlimited" here: it would refuse every request, label or stop sequence.
+        _require(
+            min(self.max_request_bytes, self.max_label_length, self.max_stop_length) >= 1,
+            "max_request_bytes, max_label_length and max_stop_length must be >= 1",
+        )
 
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9_.\-@:]{1,128}")
@@ -565,7 +579,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ValueError(f"{key}: must be a mapping")
         return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
             raise ValueError(f"{key}: must be a number")
         return float(value)
     if tp is int:
