@@ -634,7 +634,9 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> No
             raise ConfigError(name, "", "names no key")
         node = data
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a section whose keys are all commented out
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(name, ".".join(path), "cannot override inside a non-mapping")
         try:

@@ -192,6 +192,22 @@ def test_env_override_beats_file() -> None:
     assert (config.server.listen, config.server.grace_period_s) == ("127.0.0.1:2", 4.0)
 
 
+def test_env_override_into_an_empty_section() -> None:
+    """A section left empty (every key commented out, so YAML null) can still be overridden.
+
+    Before, `server:` with nothing under it made LLM_GATEWAY__SERVER__LISTEN a config
+    error, "cannot override inside a non-mapping", though the empty section itself is valid.
+    """
+    data = yaml.safe_load("server:\n  # listen: 127.0.0.1:50051\nledger:\n")
+    config = parse(
+        data,
+        LLM_GATEWAY__SERVER__LISTEN="0.0.0.0:50051",
+        LLM_GATEWAY__LEDGER__REDIS_URL="redis://127.0.0.1:6379/0",
+    )
+    assert config.server.listen == "0.0.0.0:50051"
+    assert config.ledger.redis_url == "redis://127.0.0.1:6379/0"
+
+
 def test_env_override_on_real_file() -> None:
     """The shipped config's listen address can be overridden from the environment."""
     config = load_config(REPO_CONFIG, environ={"LLM_GATEWAY__SERVER__LISTEN": "0.0.0.0:50051"})
