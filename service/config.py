@@ -625,7 +625,9 @@ def _build(cls: type[T], data: Any, key: str) -> T:
         raise ValueError(f"{key or '(top level)'}: {exc}") from None
 
 
-def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Set each `LLM_GATEWAY__...` variable's value in `data`; return {key path: variable}."""
+    applied: dict[str, str] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -644,6 +646,8 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> No
         except yaml.YAMLError:
             # Not YAML, e.g. "[::1]:50051" (a flow list to YAML): take it as a string.
             node[path[-1]] = raw
+        applied[".".join(path)] = name
+    return applied
 
 
 def parse_config(
@@ -655,12 +659,16 @@ def parse_config(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, "", "must be a YAML mapping")
-    _apply_env_overrides(data, env)
+    overrides = _apply_env_overrides(data, env)
     data["source"] = source
     try:
         config = _build(GatewayConfig, data, "")
     except ValueError as exc:
         key, _, problem = str(exc).partition(": ")
+        # The file may not hold the key at all: say which variables set keys there.
+        variables = [v for k, v in overrides.items() if k == key or k.startswith(f"{key}.")]
+        if variables:
+            problem += f" (set from the environment: {', '.join(sorted(variables))})"
         raise ConfigError(source, key, problem) from None
     names = [u.name for u in config.upstreams]
     duplicate = next((n for n in names if names.count(n) > 1), None)

@@ -208,6 +208,34 @@ def test_env_override_into_an_empty_section() -> None:
     assert config.ledger.redis_url == "redis://127.0.0.1:6379/0"
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "key"),
+    [
+        ("LLM_GATEWAY__SERVER__LISTN", "0.0.0.0:50051", "server.listn"),
+        ("LLM_GATEWAY__SERVER__WORKERS", "many", "server.workers"),
+        ("LLM_GATEWAY__SERVER__LISTEN", "nowhere", "server"),
+    ],
+)
+def test_a_bad_env_override_is_named_in_the_error(variable: str, value: str, key: str) -> None:
+    """An error in a key set from the environment names the variable, not only the file.
+
+    Before, a typo such as LLM_GATEWAY__SERVER__LISTN read "gateway.yaml: server.listn:
+    unknown key", sending the reader to a file that has no such key.
+    """
+    with pytest.raises(ConfigError) as caught:
+        parse({}, **{variable: value})
+    assert caught.value.key == key
+    assert caught.value.problem.endswith(f"(set from the environment: {variable})")
+    assert value not in caught.value.problem
+
+
+def test_a_file_error_does_not_blame_other_env_overrides() -> None:
+    """A variable that set a key elsewhere is not named in an error about the file."""
+    with pytest.raises(ConfigError) as caught:
+        parse({"server": {"bogus": 1}}, LLM_GATEWAY__CACHE__ENABLED="false")
+    assert "environment" not in caught.value.problem
+
+
 def test_env_override_on_real_file() -> None:
     """The shipped config's listen address can be overridden from the environment."""
     config = load_config(REPO_CONFIG, environ={"LLM_GATEWAY__SERVER__LISTEN": "0.0.0.0:50051"})
