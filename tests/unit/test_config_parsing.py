@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from service.config import (
 from service.domain import CacheMode, TruncationMode
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "gateway.yaml"
+README = Path(__file__).resolve().parents[2] / "README.md"
 PRESET_KEYS = {
     "holysheep": "HOLYSHEEP_API_KEY",
     "deepseek": "DEEPSEEK_API_KEY",
@@ -743,3 +747,39 @@ def test_only_loopback_addresses_count_as_loopback(listen: str, is_loopback: boo
     """Auth may be off only on loopback: a host name is never taken for one by its prefix."""
     config = parse({"server": {"listen": listen}})
     assert config.server.is_loopback is is_loopback
+
+
+def config_keys(cls: type[Any], prefix: str = "") -> list[str]:
+    """Every key a config file may set, as `section.key` paths."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name == "source" or "from_environment" in f.metadata:
+            continue
+        args = typing.get_args(hints[f.name])
+        inner = next((a for a in (hints[f.name], *args) if dataclasses.is_dataclass(a)), None)
+        if isinstance(inner, type):
+            keys += config_keys(inner, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+@pytest.mark.parametrize("key", config_keys(GatewayConfig))
+def test_readme_documents_every_config_key(key: str) -> None:
+    """Each key the config accepts is named in README, as `key` or as `key:` in an example.
+
+    Before, server.allow_insecure_public_listen, local_model.chat_format and
+    startup_timeout_s, defaults.cache_mode, summarize.retry_backoff_s,
+    telemetry.service_name and auth.redis_key_prefix appeared nowhere in README.
+    """
+    leaf = key.rpartition(".")[2]
+    assert re.search(rf"`([\w.\[\]]*\.)?{leaf}[`:]|(^\s*|[{{,] *){leaf}:", README.read_text(), re.M)
+
+
+def test_readme_yaml_examples_parse() -> None:
+    """Every YAML example in README is a valid config."""
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        parse(yaml.safe_load(block), REDIS_PASSWORD=SECRET)
