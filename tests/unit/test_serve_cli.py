@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,34 @@ def test_a_taken_prometheus_port_exits_1_naming_it(
     err = capfd.readouterr().err  # the workers' stderr too: they share its descriptor
     assert f"llm-gateway: cannot listen on 127.0.0.1:{port} for Prometheus metrics" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        (
+            "server: {listen: '127.0.0.1:0'}\nupstreams:\n  - {name: up, models: [m],"
+            " base_url: 'http://127.0.0.1:9/v1', api_key: sk-from-the-file-0123}\n",
+            "upstreams[0].api_key: never read from the file",
+        ),
+        (
+            "server: {grace_period_s: 1}\nserver: {listen: '127.0.0.1:0'}\n",
+            "duplicate key 'server'",
+        ),
+    ],
+)
+def test_a_key_in_the_file_or_a_repeated_key_exits_2(tmp_path: Path, text: str, named: str) -> None:
+    """`serve` refuses a provider key written in the file, or a key given twice, in one line.
+
+    Before, both started the gateway: the first sending the file's key upstream, the
+    second with the first `server` section silently dropped.
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text(text + "local_model: {enabled: never}\n")
+    command = [sys.executable, "-m", "service", "serve", "--config", str(config), "--workers", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"llm-gateway: config error: {config}: ")
+    assert named in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert "sk-from-the-file" not in done.stderr
