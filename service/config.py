@@ -660,6 +660,8 @@ def parse_config(
     if not isinstance(data, dict):
         raise ConfigError(source, "", "must be a YAML mapping")
     overrides = _apply_env_overrides(data, env)
+    if "source" in data:  # a field of GatewayConfig, but set here, never by the file
+        raise ConfigError(source, "source", "unknown key")
     data["source"] = source
     try:
         config = _build(GatewayConfig, data, "")

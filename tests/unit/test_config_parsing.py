@@ -253,6 +253,7 @@ def test_env_override_on_real_file() -> None:
         pytest.param(
             {"server": {"bogus": 1}}, {}, "server.bogus", "unknown key", id="unknown-nested"
         ),
+        pytest.param({"source": "x.yaml"}, {}, "source", "unknown key", id="source-key"),
         pytest.param(
             {"upstreams": [upstream(bogus=1)]},
             {},
