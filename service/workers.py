@@ -76,8 +76,8 @@ def worker_configs(
         return [config] * count
     if base + count - 1 > 65535:
         raise ConfigError(
-            "telemetry",
-            "prometheus_port",
+            config.source,
+            "telemetry.prometheus_port",
             f"{count} workers need ports {base}..{base + count - 1}; the last is past 65535",
         )
     return [

@@ -34,10 +34,12 @@ def test_worker_port_is_base_plus_index(count, telemetry, environ, expected):
 
 
 def test_workers_past_the_last_port_fail_clearly():
-    """Ports that would run past 65535 are a config error naming the key and the range."""
+    """Ports that would run past 65535 are a config error naming the file, the key and the
+    range (before, the file was left out and "telemetry" took its place)."""
     with pytest.raises(ConfigError) as error:
         ports(4, prometheus_port=65534)
-    assert error.value.key == "prometheus_port"
+    assert error.value.key == "telemetry.prometheus_port"
+    assert str(error.value).startswith("<test>: telemetry.prometheus_port: ")
     assert "65534..65537" in str(error.value)
 
 
