@@ -252,6 +252,13 @@ class CacheConfig:
     cacheable_by_default: Literal["deterministic", "all", "none"] = "deterministic"
 
     def __post_init__(self) -> None:
+        # The ledger and auth use Redis once given a URL: a URL here with the memory
+        # backend would leave each replica its own cache without a word.
+        _require(
+            self.backend == "redis" or not self.redis_url,
+            "redis_url is set but backend is memory; set backend: redis to share the cache "
+            "through Redis, or remove redis_url",
+        )
         if self.backend == "redis":
             parts = urlsplit(self.redis_url)
             _require(

@@ -560,6 +560,13 @@ def test_env_override_on_real_file() -> None:
             "redis_url must be redis://, rediss:// or unix://",
             id="ledger-redis-url-without-scheme",
         ),
+        pytest.param(
+            {"cache": {"redis_url": "redis://127.0.0.1:6379/0"}},
+            {},
+            "cache",
+            "backend: redis",
+            id="cache-redis-url-with-the-memory-backend",
+        ),
     ],
 )
 def test_config_errors_name_the_key(
