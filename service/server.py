@@ -19,6 +19,7 @@ from llmgateway.v1 import gateway_pb2
 from service.cache import CacheStore, ResponseCache
 from service.config import ConfigError, GatewayConfig, ServerConfig, UpstreamConfig
 from service.ledger import open_ledger
+from service.local_model import UPSTREAM_NAME as LOCAL_UPSTREAM
 from service.local_model import LocalModelServer, LocalModelUnavailable
 from service.pipeline import Pipeline
 from service.pool import UpstreamPool
@@ -115,6 +116,7 @@ class GatewayServer:
             )
         )
         pool = UpstreamPool(clients, settings=self.config.resilience)
+        _warn_of_unpriced_models(pool, prices)
         assert self.telemetry is not None  # installed by _start_telemetry
         subscribe_pool(self.telemetry, pool.hooks, upstreams=[c.name for c in clients])
         self._stack.callback(observe_cache(self.telemetry, cache.stats.as_dict))
@@ -224,6 +226,18 @@ class GatewayServer:
             await asyncio.sleep(_DRAIN_POLL_S)
             is_idle = self.admission.in_flight == 0 and self.admission.queued == 0
             idle_polls = idle_polls + 1 if is_idle else 0
+
+
+def _warn_of_unpriced_models(pool: UpstreamPool, prices: PriceList) -> None:
+    """Say which served models have no price: their calls cost $0 and no budget sees them.
+
+    The local model is free by design; a provider's model without one is most likely a
+    name missing from (or misspelt in) `models:`.
+    """
+    for model, routes in sorted(pool.models.items()):
+        paid = [r.client.name for r in routes if r.client.name != LOCAL_UPSTREAM]
+        if paid and prices.price(model) is None:
+            log.warning("pricing.model_without_price", extra={"model": model, "upstreams": paid})
 
 
 def connection_age_options(config: GatewayConfig) -> list[tuple[str, int]]:

@@ -11,8 +11,9 @@ from google.rpc import error_details_pb2, status_pb2
 
 from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
+from service.config import parse_config
 from service.pricing import cost_usd
-from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import Reply
 from tests.integration.helpers import error_info, field_violations
 from tests.redis_support import redis_url  # noqa: F401 - fixture
@@ -283,3 +284,17 @@ async def test_a_frozen_redis_ledger_delays_a_call_by_its_timeout_only(
         redis_server.resume()
     assert response.content == "Hello from fake"
     assert elapsed < 3.0, "the ledger's timeout, not redis-py's default, bounds the write"
+
+
+async def test_a_served_model_without_a_price_is_warned_about_at_start(
+    upstream, start_gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider model missing from `models:` would cost $0 and escape every budget: the
+    gateway says so once at start, naming it; priced models are not named."""
+    data = gateway_config_data(upstream.base_url)
+    data["upstreams"][0]["models"] = [FAKE_MODEL, "typo-model"]
+    with caplog.at_level("WARNING", logger="llm_gateway"):
+        await start_gateway(parse_config(data, source="<test>", environ={}))
+    warned = [r for r in caplog.records if r.getMessage() == "pricing.model_without_price"]
+    assert [r.model for r in warned] == ["typo-model"]
+    assert warned[0].upstreams == ["up0"]
