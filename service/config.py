@@ -491,8 +491,10 @@ class TelemetryConfig:
 class LedgerConfig:
     """Where usage is summed: in memory, or in Redis shared by every replica."""
 
-    # May carry a password: never printed.
+    # May carry a password: never printed. Or name its variable in redis_password_env, as
+    # the cache and auth do, so that one credential-free URL serves all three.
     redis_url: str | None = field(default=None, repr=False)
+    redis_password_env: str | None = None
     key_prefix: str = "llm-gateway:usage"
     bucket_s: int = 3600
     retention_days: int = 62
@@ -707,6 +709,9 @@ def _check_redis_password_env(config: GatewayConfig, source: str, env: Mapping[s
         else None,
         "auth.redis_password_env": config.auth.redis_password_env
         if config.auth.redis_url is not None
+        else None,
+        "ledger.redis_password_env": config.ledger.redis_password_env
+        if config.ledger.redis_url
         else None,
     }
     for key, variable in named.items():

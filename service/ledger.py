@@ -31,6 +31,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -384,16 +385,27 @@ return 0
 class RedisLedger:
     """The ledger shared by every replica through Redis."""
 
-    def __init__(self, config: LedgerConfig, *, wall_clock: WallClock = time.time) -> None:
+    def __init__(
+        self,
+        config: LedgerConfig,
+        *,
+        wall_clock: WallClock = time.time,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         import redis.asyncio as aioredis
 
         if not config.redis_url:
             raise ValueError("RedisLedger needs ledger.redis_url")
+        env = os.environ if environ is None else environ
+        variable = config.redis_password_env
+        # A password in the URL, if any, is used as well: redis-py prefers the URL's.
+        password = env.get(variable) if variable else None
         self._buckets = _Buckets(config, wall_clock)
         self._prefix = config.key_prefix
         self._ttl_s = config.retention_days * 86400
         self._redis: Any = aioredis.Redis.from_url(
             config.redis_url,
+            password=password or None,
             decode_responses=True,
             socket_timeout=config.operation_timeout_s,
             socket_connect_timeout=config.operation_timeout_s,

@@ -28,7 +28,8 @@ def _free_port() -> int:
 class RedisServer:
     """One `redis-server` subprocess without persistence, on a free loopback port."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, password: str | None = None) -> None:
+        self.password = password
         self.port = _free_port()
         self._dir = tempfile.mkdtemp(prefix="llmgw-redis-")
         self._process: subprocess.Popen[bytes] | None = None
@@ -64,6 +65,7 @@ class RedisServer:
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", self._dir,
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -75,6 +77,11 @@ class RedisServer:
         except OSError:
             return False
         try:
+            if self.password:
+                writer.write(f"AUTH {self.password}\r\n".encode())
+                await writer.drain()
+                if not (await reader.readline()).startswith(b"+OK"):
+                    return False
             writer.write(b"PING\r\n")
             await writer.drain()
             return (await reader.readline()).startswith(b"+PONG")

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import hash_key
+from service.config import parse_config
 from tests.conftest import chat, gateway_config_data
 from tests.fake_upstream import FakeUpstream
 from tests.integration.gateway_process import gateway_process
@@ -82,3 +83,41 @@ async def test_two_processes_share_cache_rate_limit_and_ledger(
     assert usage_one.total.requests == usage_two.total.requests == _RPM
     assert usage_one.total.cost_usd == pytest.approx(usage_two.total.cost_usd)
     assert usage_one.total.cost_usd > 0
+
+
+async def test_cache_ledger_and_keys_share_one_password_protected_redis(
+    upstream: FakeUpstream, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One credential-free URL and one password variable serve all three Redis users, as
+    the Kubernetes manifests pass them: a hit, the usage and the caller key all work."""
+    password = "redis-pw-" + secrets.token_hex(8)
+    monkeypatch.setenv("GW_TEST_REDIS_PASSWORD", password)
+    redis = RedisServer(password=password)
+    await redis.start()
+    try:
+        key = "pw-test-" + secrets.token_hex(16)
+        shared = {"redis_url": redis.url, "redis_password_env": "GW_TEST_REDIS_PASSWORD"}
+        data = gateway_config_data(
+            upstream.base_url,
+            cache={"backend": "redis", **shared},
+            ledger=shared,
+            auth={"mode": "keys", **shared},
+        )
+        client = Redis.from_url(redis.url, password=password)
+        await client.hset("llm_gateway:keys", hash_key(key), _TENANT)
+        gateway = await start_gateway(parse_config(data, source="<test>"))
+        metadata = (("authorization", f"Bearer {key}"),)
+        question = chat("asked twice", params=pb.GenerationParams(temperature=0.0))
+        first = await gateway.stub.Complete(question, metadata=metadata)
+        async with asyncio.timeout(10):  # the cache is written just after the answer
+            while not await client.keys("llmgw*"):
+                await asyncio.sleep(0.02)
+        second = await gateway.stub.Complete(question, metadata=metadata)
+        usage = await gateway.stub.GetUsage(pb.GetUsageRequest(), metadata=metadata)
+        assert await client.keys("llm-gateway:usage*")
+        await client.aclose()
+    finally:
+        await redis.stop()
+    assert (first.metadata.cache_hit, second.metadata.cache_hit) == (False, True)
+    assert usage.total.requests == 2
+    assert len(upstream.requests) == 1

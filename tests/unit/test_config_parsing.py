@@ -597,6 +597,7 @@ def test_config_error_does_not_echo_credentials() -> None:
 REDIS_SECTIONS = {
     "cache": {"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0"},
     "auth": {"redis_url": "redis://127.0.0.1:6379/0"},
+    "ledger": {"redis_url": "redis://127.0.0.1:6379/0"},
 }
 
 
@@ -624,6 +625,7 @@ def test_a_redis_password_variable_is_only_required_where_redis_is_used() -> Non
     """The memory cache and auth without `redis_url` connect to no Redis: nothing to check."""
     parse({"cache": {"backend": "memory", "redis_password_env": "GW_PW"}})
     parse({"auth": {"redis_password_env": "GW_PW"}})
+    parse({"ledger": {"redis_password_env": "GW_PW"}})
 
 
 def test_load_config_missing_file(tmp_path: Path) -> None:
