@@ -18,6 +18,7 @@ from tests.conftest import chat, gateway_config_data
 from tests.fake_upstream import FakeUpstream
 from tests.integration.gateway_process import gateway_process
 from tests.redis_server import RedisServer
+from tests.secret_capture import register_secret
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(90)]
 
@@ -90,7 +91,7 @@ async def test_cache_ledger_and_keys_share_one_password_protected_redis(
 ) -> None:
     """One credential-free URL and one password variable serve all three Redis users, as
     the Kubernetes manifests pass them: a hit, the usage and the caller key all work."""
-    password = "redis-pw-" + secrets.token_hex(8)
+    password = register_secret("redis-pw-" + secrets.token_hex(8))  # never to be logged
     monkeypatch.setenv("GW_TEST_REDIS_PASSWORD", password)
     redis = RedisServer(password=password)
     await redis.start()
