@@ -135,7 +135,7 @@ class MemoryTenantLimiter:
             self._in_flight[tenant] -= 1
 
 
-# KEYS: requests bucket, tokens bucket, in-flight sorted set.
+# KEYS: requests bucket, tokens bucket, in-flight sorted set, the lease's released marker.
 # ARGV: rpm, tpm, requests, tokens, max concurrent, lease id, lease ttl (s).
 # Returns {0, ""} when admitted, else {1 rpm | 2 tpm | 3 concurrency, wait_s as string}.
 _ADMIT_LUA = """
@@ -171,7 +171,7 @@ if tpm > 0 then
   redis.call('HSET', KEYS[2], 'level', tostring(tl - ntok), 'at', tostring(now))
   redis.call('EXPIRE', KEYS[2], 120)
 end
-if maxc > 0 then
+if maxc > 0 and redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('ZADD', KEYS[3], now + ttl, ARGV[6])
   redis.call('EXPIRE', KEYS[3], ttl)
 end
@@ -193,9 +193,20 @@ class RedisTenantLimiter:
         self._prefix = prefix
         self._script = redis.register_script(_ADMIT_LUA)
 
-    def _keys(self, tenant: str) -> list[str]:
+    def _keys(self, tenant: str, lease: str) -> list[str]:
         base = f"{self._prefix}tenant:{{{tenant}}}:"
-        return [base + "rpm", base + "tpm", base + "inflight"]
+        return [base + "rpm", base + "tpm", base + "inflight", base + "released:" + lease]
+
+    async def _release_unconfirmed(self, keys: list[str], lease: str) -> None:
+        """Give back a lease whose admission script may not have run yet.
+
+        A script Redis did not answer may still sit in a stalled server's input and run
+        after this: the marker stops it from taking the lease then, for the lease's TTL.
+        """
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys[2], lease)
+            pipe.set(keys[3], 1, ex=_LEASE_TTL_S)
+            await pipe.execute()
 
     @contextlib.asynccontextmanager
     async def admit(
@@ -208,26 +219,26 @@ class RedisTenantLimiter:
             yield
             return
         _too_large(tenant, limits, tokens=tokens, requests=requests)
-        keys = self._keys(tenant)
         lease = uuid.uuid4().hex
-        is_leased = False
+        keys = self._keys(tenant, lease)
+        is_confirmed = True
         try:
             which, wait = await self._script(
                 keys=keys, args=[rpm, tpm, requests, tokens, cap, lease, _LEASE_TTL_S]
             )
-            is_leased = bool(cap)
         except Exception as exc:  # the limit store is down: admit, say so once per call
             log.warning("tenant_limits.store_unavailable", extra={"error": type(exc).__name__})
             which, wait = 0, b""
-            # A reply that timed out may follow a script that ran and took a lease: give
-            # it back at the end rather than hold the tenant's slot until it expires.
-            is_leased = bool(cap)
+            # A reply that timed out may follow a script that ran and took a lease, or
+            # precede one that will: give it back at the end rather than hold the
+            # tenant's slot until it expires.
+            is_confirmed = False
         except BaseException:
             # Cancelled awaiting the reply: the script may have taken a lease; give it back
             # now rather than hold the tenant's slot until the lease expires.
             if cap:
                 with contextlib.suppress(Exception):
-                    await self._redis.zrem(keys[2], lease)
+                    await self._release_unconfirmed(keys, lease)
             raise
         if int(which):
             limit = {1: rpm, 2: tpm, 3: cap}[int(which)]
@@ -235,6 +246,9 @@ class RedisTenantLimiter:
         try:
             yield
         finally:
-            if is_leased:
+            if cap:
                 with contextlib.suppress(Exception):
-                    await self._redis.zrem(keys[2], lease)
+                    if is_confirmed:
+                        await self._redis.zrem(keys[2], lease)
+                    else:
+                        await self._release_unconfirmed(keys, lease)

@@ -143,8 +143,8 @@ def _worker_main(config: GatewayConfig, log_level: str, ready: Connection, super
         sys.exit(report_start_failure(exc))
 
 
-async def _started(ready: Connection) -> bool:
-    """Whether the worker at the other end of `ready` said it listens (False: it died)."""
+async def _readable(fd: int) -> None:
+    """Return once `fd` can be read (or is at its end) without blocking."""
     loop = asyncio.get_running_loop()
     readable: asyncio.Future[None] = loop.create_future()
 
@@ -152,16 +152,27 @@ async def _started(ready: Connection) -> bool:
         if not readable.done():
             readable.set_result(None)
 
-    loop.add_reader(ready.fileno(), on_readable)
+    loop.add_reader(fd, on_readable)
     try:
         await readable
     finally:
-        loop.remove_reader(ready.fileno())
+        loop.remove_reader(fd)
+
+
+async def _started(ready: Connection) -> bool:
+    """Whether the worker at the other end of `ready` said it listens (False: it died)."""
+    await _readable(ready.fileno())
     try:
         ready.recv()
     except EOFError:
         return False
     return True
+
+
+async def _exited(worker: BaseProcess) -> None:
+    """Return once `worker` has exited (its sentinel is readable then), reaped."""
+    await _readable(worker.sentinel)
+    worker.join()
 
 
 def _wants_local_model(config: GatewayConfig) -> bool:
@@ -228,7 +239,9 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
             ready_sender.close()  # the worker's copy alone: its exit ends the pipe
             workers.append(worker)
             readies.append(ready)
-        exits = [asyncio.ensure_future(asyncio.to_thread(w.join)) for w in workers]
+        # Watched on the loop, not by a thread each: asyncio's thread pool is smaller than
+        # a big machine's worker count, and the exits past its size went unwatched.
+        exits = [asyncio.ensure_future(_exited(w)) for w in workers]
         any_exit = asyncio.ensure_future(asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED))
         stop = asyncio.ensure_future(stopping.wait())
         started = asyncio.ensure_future(asyncio.gather(*(_started(r) for r in readies)))

@@ -342,3 +342,42 @@ async def test_a_call_admitted_without_a_reply_from_redis_leaves_no_lease(redis_
         assert await client.zcard("t-timeout:tenant:{team-a}:inflight") == 0
     finally:
         await client.aclose()
+
+
+class _ScriptRunsLate(_ReplyNeverArrives):
+    """A Redis client whose admission script times out unrun, and runs later: as a script
+    left in a stalled server's input (a failover, a long fork) runs once it wakes up."""
+
+    def __init__(self, client: Any) -> None:
+        super().__init__(client)
+        self.pending: list[Callable[[], Awaitable[Any]]] = []
+
+    def register_script(self, lua: str) -> Callable[..., Awaitable[Any]]:
+        """The real script, held back; the caller gets redis-py's timeout error at once."""
+        script = self.client.register_script(lua)
+
+        async def run(*, keys: list[str], args: list[object]) -> Any:
+            self.pending.append(lambda: script(keys=keys, args=args))
+            raise redis.TimeoutError("Timeout reading from socket")
+
+        return run
+
+
+async def test_an_admission_script_run_after_its_call_ended_takes_no_lease(redis_url):
+    """Redis stalled with the admission script unread and woke after the call was over:
+    the script, run then, takes no lease. Before, it took one that nobody would release,
+    and a tenant at its max_concurrent_calls was refused for the lease's 15 minutes."""
+    client = aioredis.Redis.from_url(redis_url)
+    late = _ScriptRunsLate(client)
+    limiter = RedisTenantLimiter(late, prefix="t-late:")
+    limits = TenantConfig(max_concurrent_calls=1)
+    try:
+        async with limiter.admit("team-a", limits, tokens=10):
+            pass
+        (script,) = late.pending
+        assert await script() == [0, b""]  # it admits, as it would have on time
+        assert await client.zcard("t-late:tenant:{team-a}:inflight") == 0
+        async with RedisTenantLimiter(client, prefix="t-late:").admit("team-a", limits, tokens=1):
+            pass
+    finally:
+        await client.aclose()

@@ -152,3 +152,35 @@ async def test_workers_stop_when_the_supervisor_is_killed_outright(tmp_path):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         assert alive == []
+
+
+# asyncio.to_thread's default pool: min(32, cores + 4) threads.
+_DEFAULT_POOL_THREADS = min(32, (os.cpu_count() or 1) + 4)
+
+
+@pytest.mark.timeout(180)
+async def test_a_worker_dying_while_serving_stops_the_rest_however_many_there_are(tmp_path):
+    """Any worker killed while serving, the last one started included: the supervisor
+    stops the others and exits 1.
+
+    Before, it waited for each worker's exit on a thread of asyncio's default pool: past
+    that pool's size (32 on a machine of 28 cores or more) the last workers' exits were
+    never watched, and one of them dying went unnoticed while the gateway ran short.
+    """
+    count = _DEFAULT_POOL_THREADS + 1
+    path = _write_config(tmp_path)
+    async with _serve("--config", str(path), "--workers", str(count)) as process:
+        assert process.stdout is not None
+        async with asyncio.timeout(120):
+            assert b"listening on" in await process.stdout.readline()
+        workers = sorted(_worker_pids(process.pid))  # in the order they were started
+        assert len(workers) == count
+        os.kill(workers[-1], signal.SIGKILL)
+        try:
+            async with asyncio.timeout(_HANG_GUARD_S):
+                code = await process.wait()
+        finally:
+            alive = [pid for pid in workers if is_running(pid)]
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+        assert (code, alive) == (1, [])
