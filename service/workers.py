@@ -267,6 +267,9 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         await asyncio.gather(*exits)
         for task in (started, stop, any_exit):
             task.cancel()
+        # Awaited, not left to asyncio.run's shutdown: a gather whose workers had not said
+        # they listen ends with a CancelledError that asyncio logs as never retrieved.
+        await asyncio.gather(started, stop, any_exit, return_exceptions=True)
         reserved.close()
     codes = [w.exitcode for w in workers]
     if stopping.is_set():  # a worker stopped before it could catch SIGTERM is stopped too
