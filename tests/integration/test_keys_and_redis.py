@@ -184,16 +184,22 @@ async def test_tenant_limits_in_redis_are_shared_by_replicas(upstream, start_gat
     assert len(upstream.requests) == 4
 
 
-async def test_a_key_created_while_the_gateway_runs_works_without_a_restart(
-    upstream, start_gateway, tmp_path, capsys
-):
-    """The keys file is re-read when it changes, so a new key needs no restart."""
+async def _create_key_while_serving(upstream, start_gateway, tmp_path, capsys) -> tuple[Any, str]:
+    """A gateway re-reading `tmp_path/keys.txt` at once, and a key `keys create` then
+    issued for tenant "late" into that file."""
     keys_file = tmp_path / "keys.txt"
     auth = {"mode": "keys", "keys_file": str(keys_file), "keys_file_check_s": 0}
     gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
     config_file = _write_config(tmp_path / "gw.yaml", {"keys_file": str(keys_file)})
     assert keys_command(["create", "--tenant", "late", "--config", str(config_file)]) == 0
-    key = register_secret(capsys.readouterr().out.strip())
+    return gw, register_secret(capsys.readouterr().out.strip())
+
+
+async def test_a_key_created_while_the_gateway_runs_works_without_a_restart(
+    upstream, start_gateway, tmp_path, capsys
+):
+    """The keys file is re-read when it changes, so a new key needs no restart."""
+    gw, key = await _create_key_while_serving(upstream, start_gateway, tmp_path, capsys)
     assert (await gw.stub.Complete(chat(), metadata=bearer(key))).content
 
 
@@ -205,11 +211,7 @@ async def test_a_key_created_after_a_hand_edit_left_no_final_newline_still_works
     malformed file that a running gateway ignores and a restart refuses."""
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text(f"{hash_key(CALLER_KEY_A)} team-a", encoding="utf-8")
-    auth = {"mode": "keys", "keys_file": str(keys_file), "keys_file_check_s": 0}
-    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
-    config_file = _write_config(tmp_path / "gw.yaml", {"keys_file": str(keys_file)})
-    assert keys_command(["create", "--tenant", "late", "--config", str(config_file)]) == 0
-    key = register_secret(capsys.readouterr().out.strip())
+    gw, key = await _create_key_while_serving(upstream, start_gateway, tmp_path, capsys)
     assert (await gw.stub.Complete(chat(), metadata=bearer(key))).content
     assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
     assert keys_file.read_text(encoding="utf-8").splitlines()[1] == f"{hash_key(key)} late"

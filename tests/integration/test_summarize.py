@@ -37,10 +37,13 @@ def sentences(text: str) -> list[str]:
     return re.findall(r"Paragraph p\d+ sentence s\d+ says something\.", text)
 
 
-def config(base_url: str, **summarize):
-    """A 1024-token window and a summarize section for the tests."""
+def config(base_url: str, *, upstream_attempts: int | None = None, **summarize):
+    """A 1024-token window and a summarize section for the tests; `upstream_attempts`: the
+    pipeline's own tries per call (1: a failure reaches Summarize's retry at once)."""
+    resilience = {} if upstream_attempts is None else {"attempts": upstream_attempts}
     return gateway_config(
         base_url,
+        resilience=resilience,
         models={
             FAKE_MODEL: {
                 "context_window": WINDOW,
@@ -226,12 +229,7 @@ async def test_a_part_retried_after_a_429_waits_its_retry_after(recorder, start_
         return default_respond(body)
 
     recorder.respond = respond
-    settings = config(recorder.base_url)
-    # One attempt per call: the 429 reaches Summarize's own retry at once.
-    settings = dataclasses.replace(
-        settings, resilience=dataclasses.replace(settings.resilience, attempts=1)
-    )
-    gateway = await start_gateway(settings)
+    gateway = await start_gateway(config(recorder.base_url, upstream_attempts=1))
     response = await gateway.stub.Summarize(
         pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
     )
@@ -508,10 +506,7 @@ async def test_part_retried_after_calibration_rose_is_resplit(recorder, start_ga
 
     recorder.respond = reporting(1.5, respond)
     # One upstream attempt per call: Summarize's own retry, after its backoff, resends it.
-    settings = config(recorder.base_url, concurrency=2, retry_backoff_s=1.0)
-    settings = dataclasses.replace(
-        settings, resilience=dataclasses.replace(settings.resilience, attempts=1)
-    )
+    settings = config(recorder.base_url, upstream_attempts=1, concurrency=2, retry_backoff_s=1.0)
     gateway = await start_gateway(settings)
     response = await gateway.stub.Summarize(
         pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
@@ -563,11 +558,9 @@ async def test_document_retried_after_other_calls_raised_the_calibration_is_chun
         return respond_with_span(body)
 
     recorder.respond = reporting(4.0, respond)
-    settings = config(recorder.base_url, retry_backoff_s=1.0)
-    settings = dataclasses.replace(
-        settings, resilience=dataclasses.replace(settings.resilience, attempts=1)
+    gateway = await start_gateway(
+        config(recorder.base_url, upstream_attempts=1, retry_backoff_s=1.0)
     )
-    gateway = await start_gateway(settings)
     text = document(6)
     summarizing = asyncio.ensure_future(
         gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=text))
