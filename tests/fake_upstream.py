@@ -77,6 +77,9 @@ class Reply:
     keepalive_comments: bool = False
     split_events: bool = False
     coalesce: bool = False
+    # Answer one JSON completion even when the request asks for a stream, as some
+    # OpenAI-compatible servers do.
+    ignore_stream: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +331,7 @@ class FakeUpstream:
                 if behaviour.delay_s > 0:
                     await asyncio.sleep(behaviour.delay_s)
                 model = behaviour.model or model
-                if body.get("stream") is True:
+                if body.get("stream") is True and not behaviour.ignore_stream:
                     return await self._stream_reply(request, behaviour, model, usage_requested)
                 return _json(self._completion(behaviour, model), 200, behaviour.headers)
             case Status():

@@ -247,6 +247,22 @@ class UpstreamClient:
                     async with asyncio.timeout_at(deadline):
                         await response.read()
                     raise _error_for_status(self.name, response.status, response.headers)
+                if response.headers.get("content-type", "").startswith("application/json"):
+                    # Some OpenAI-compatible servers ignore `stream: true` and answer with
+                    # one completion: relay it as one chunk and the end.
+                    async with asyncio.timeout_at(deadline):
+                        body = await response.read()
+                    reply_id, model, content, finish, usage = parse_completion(body)
+                    if content:
+                        yield TextChunk(content)
+                    yield StreamEnd(
+                        id=reply_id,
+                        model=model or call.upstream_model,
+                        finish_reason=finish,
+                        usage=usage,
+                        rate_limits=rate_limit_hints(response.headers),
+                    )
+                    return
                 decoder = SSEDecoder()
                 has_text = False
                 while True:

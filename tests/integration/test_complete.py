@@ -113,6 +113,20 @@ async def test_stream_relays_events_that_arrive_together_as_one_delta(stub, upst
     assert events[-1].final.finish_reason == pb.FINISH_REASON_STOP
 
 
+async def test_a_stream_answered_with_one_json_completion_is_relayed(stub, upstream):
+    """A server that ignores `stream: true` and answers one JSON completion: its text goes
+    out as one delta, then the final message with its reported usage, from one request."""
+    upstream.script(Reply(content="the whole answer at once", ignore_stream=True))
+    events = [event async for event in stub.CompleteStream(chat_stream())]
+    assert [e.delta.content for e in events if e.HasField("delta")] == ["the whole answer at once"]
+    final = events[-1].final
+    assert final.finish_reason == pb.FINISH_REASON_STOP
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (7, 3)
+    assert not final.usage.estimated
+    assert final.cost_usd == pytest.approx(FAKE_COST_USD, abs=1e-12)
+    assert len(upstream.requests) == 1
+
+
 async def test_stream_without_upstream_usage_is_estimated_and_flagged(stub, upstream):
     """When the upstream streams no usage the gateway estimates it and says so."""
     upstream.script(Reply(content="some words here", include_usage=False))
