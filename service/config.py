@@ -151,6 +151,10 @@ class UpstreamConfig:
     models: Mapping[str, str]
     api_key_env: str | None = None
     timeout_s: float = 120.0
+    # Once a stream's text flows, the longest wait for its next chunk (None: only
+    # `timeout_s` bounds the stream). Lets `timeout_s` be long enough for long answers
+    # while a stream that stalls still ends soon.
+    stream_idle_timeout_s: float | None = None
     connect_timeout_s: float = 10.0
     max_connections: int = 100
     weight: int = 1
@@ -178,6 +182,10 @@ class UpstreamConfig:
         )
         _require(len(self.models) > 0, "models must list at least one model")
         _require(self.timeout_s > 0 and self.connect_timeout_s > 0, "timeouts must be > 0")
+        _require(
+            self.stream_idle_timeout_s is None or self.stream_idle_timeout_s > 0,
+            "stream_idle_timeout_s must be > 0 when set",
+        )
         _require(self.max_connections >= 1, "max_connections must be >= 1")
         _require(self.weight >= 1, "weight must be >= 1")
         _require(self.max_concurrency >= 1, "max_concurrency must be >= 1")

@@ -231,10 +231,11 @@ class UpstreamClient:
 
         `timeout_s` (the caller's deadline, within the upstream's `timeout_s`) bounds the
         gateway's own waits until the first text; after it, only the upstream's `timeout_s`
-        does. Once text flows its consumers end the stream by leaving when their deadlines
-        pass (gRPC cancels each call), and a stream the cache shares among callers must not
-        end at its first caller's deadline. The bounds apply to the gateway's own waits, never
-        to the consumer's time between chunks.
+        does, and `stream_idle_timeout_s` (when set) each wait for a next chunk. Once text
+        flows its consumers end the stream by leaving when their deadlines pass (gRPC
+        cancels each call), and a stream the cache shares among callers must not end at its
+        first caller's deadline. The bounds apply to the gateway's own waits, never to the
+        consumer's time between chunks.
         """
         deadline = self._deadline(timeout_s)
         whole_stream_deadline = self._deadline(self.config.timeout_s)
@@ -265,8 +266,12 @@ class UpstreamClient:
                     return
                 decoder = SSEDecoder()
                 has_text = False
+                idle_s = self.config.stream_idle_timeout_s
                 while True:
-                    async with asyncio.timeout_at(deadline):
+                    wait_until = deadline
+                    if has_text and idle_s is not None:
+                        wait_until = min(deadline, asyncio.get_running_loop().time() + idle_s)
+                    async with asyncio.timeout_at(wait_until):
                         raw = await response.next_chunk()
                     if raw is None:  # a clean end; a reset raises instead
                         parser.end_of_body(decoder.data_at_end())

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import grpc
 import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.pool import upstream_idempotency_key
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply
+from tests.integration.helpers import error_info
 
 # 7 input and 3 output tokens at 0.14 / 0.42 USD per million.
 FAKE_COST_USD = (7 * 0.14 + 3 * 0.42) / 1_000_000
@@ -176,3 +178,34 @@ async def test_upstream_connections_are_pooled(stub, upstream: FakeUpstream):
     for _ in range(5):
         await stub.Complete(chat())
     assert upstream.open_connections() == 1
+
+
+@pytest.mark.parametrize(("idle_s", "is_cut"), [(0.2, True), (2.0, False)])
+async def test_a_stream_silent_past_its_idle_timeout_is_interrupted(
+    upstream, start_gateway, idle_s: float, is_cut: bool
+):
+    """`stream_idle_timeout_s` ends a stream whose next chunk is later than it, with the
+    text already sent and STREAM_INTERRUPTED, and closes the upstream connection; a
+    stream whose chunks come sooner runs to its end. `timeout_s` (10 s) allows both."""
+    upstream.script(Reply(content="one two three", chunks=3, chunk_delay_s=0.6))
+    config = gateway_config(upstream.base_url)
+    slow = dataclasses.replace(config.upstreams[0], stream_idle_timeout_s=idle_s)
+    gateway = await start_gateway(dataclasses.replace(config, upstreams=(slow,)))
+    deltas: list[str] = []
+    error: grpc.aio.AioRpcError | None = None
+    try:
+        async for event in gateway.stub.CompleteStream(chat_stream()):
+            if event.HasField("delta"):
+                deltas.append(event.delta.content)
+    except grpc.aio.AioRpcError as exc:
+        error = exc
+    if is_cut:
+        assert error is not None
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(error).reason == "STREAM_INTERRUPTED"
+        assert len(deltas) == 1  # the first chunk only
+        assert "one two three".startswith(deltas[0])
+        await upstream.wait_for_disconnect(timeout_s=5)
+    else:
+        assert error is None
+        assert "".join(deltas) == "one two three"
