@@ -50,7 +50,14 @@ PICO = 10**12
 # A reservation its replica never released (it crashed mid-call) stops counting after
 # this long; longer than any call is expected to run.
 RESERVATION_TTL_S = 900
-_FIELDS = ("requests", "input_tokens", "output_tokens", "cached_input_tokens", "cost_pico")
+_FIELDS = (
+    "requests",
+    "estimated_requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cost_pico",
+)
 
 WallClock = Callable[[], float]
 
@@ -116,6 +123,9 @@ class UsageRow:
     upstream: str
     labels: Mapping[str, str]
     requests: int = 0
+    # Calls whose usage the gateway estimated (the upstream reported none, or the stream
+    # was cut before it could): their tokens and cost are estimates.
+    estimated_requests: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
@@ -129,6 +139,7 @@ class UsageRow:
     def add(self, other: Mapping[str, int]) -> None:
         """Add counters (by field name) to this row."""
         self.requests += other.get("requests", 0)
+        self.estimated_requests += other.get("estimated_requests", 0)
         self.input_tokens += other.get("input_tokens", 0)
         self.output_tokens += other.get("output_tokens", 0)
         self.cached_input_tokens += other.get("cached_input_tokens", 0)
@@ -142,6 +153,7 @@ class UsageRow:
 def _entry_counters(entry: UsageEntry) -> dict[str, int]:
     return {
         "requests": 1,
+        "estimated_requests": int(entry.usage.is_estimated),
         "input_tokens": entry.usage.input_tokens,
         "output_tokens": entry.usage.output_tokens,
         "cached_input_tokens": entry.usage.cached_input_tokens,

@@ -167,9 +167,10 @@ async def test_usage_command_prints_a_table(priced, capsys):
     out = capsys.readouterr().out.splitlines()
     assert code == 0
     assert out[0].split() == [
-        "TENANT", "MODEL", "UPSTREAM", "LABELS", "REQUESTS", "IN", "OUT", "CACHED", "COST", "$",
+        "TENANT", "MODEL", "UPSTREAM", "LABELS", "REQUESTS", "ESTIMATED", "IN", "OUT", "CACHED",
+        "COST", "$",
     ]  # fmt: skip
-    assert out[1].split()[:5] == ["default", FAKE_MODEL, "up0", "team=search", "2"]
+    assert out[1].split()[:6] == ["default", FAKE_MODEL, "up0", "team=search", "2", "0"]
     assert out[-1].split()[0] == "TOTAL"
     assert out[-1].split()[1] == "2"
 
@@ -298,3 +299,26 @@ async def test_a_served_model_without_a_price_is_warned_about_at_start(
     warned = [r for r in caplog.records if r.getMessage() == "pricing.model_without_price"]
     assert [r.model for r in warned] == ["typo-model"]
     assert warned[0].upstreams == ["up0"]
+
+
+@pytest.mark.parametrize("ledger", ["memory", "redis"])
+async def test_usage_says_how_many_requests_were_estimated(
+    upstream, start_gateway, request: pytest.FixtureRequest, ledger: str
+) -> None:
+    """A stream whose upstream reported no usage is counted as estimated in its row and
+    the total, in memory and in Redis; a call with reported usage is not."""
+    section = {}
+    if ledger == "redis":
+        section = {"redis_url": request.getfixturevalue("redis_url"), "key_prefix": "est-test"}
+    gw = await start_gateway(
+        gateway_config(upstream.base_url, models=PRICED_MODELS, ledger=section)
+    )
+    upstream.script(USAGE, Reply(content="no usage reported", include_usage=False))
+    await gw.stub.Complete(chat(labels={"case": "reported"}))
+    _ = [e async for e in gw.stub.CompleteStream(chat_stream(labels={"case": "estimated"}))]
+    usage = await gw.stub.GetUsage(pb.GetUsageRequest())
+    rows = {row.labels["case"]: row for row in usage.rows}
+    assert (rows["reported"].estimated_requests, rows["reported"].usage.estimated) == (0, False)
+    assert (rows["estimated"].estimated_requests, rows["estimated"].usage.estimated) == (1, True)
+    assert (usage.total.requests, usage.total.estimated_requests) == (2, 1)
+    assert usage.total.usage.estimated

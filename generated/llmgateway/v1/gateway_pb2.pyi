@@ -1066,15 +1066,22 @@ class UsageRow(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
+    ESTIMATED_REQUESTS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model: _builtins.str
     upstream: _builtins.str
     requests: _builtins.int
     cost_usd: _builtins.float
+    estimated_requests: _builtins.int
+    """Requests whose usage the gateway estimated: the upstream reported none, or the
+    stream was cut before it could. Their tokens and cost are estimates.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
-    def usage(self) -> Global___Usage: ...
+    def usage(self) -> Global___Usage:
+        """usage.estimated is true when any of these requests' usage was estimated."""
+
     def __init__(
         self,
         *,
@@ -1085,10 +1092,11 @@ class UsageRow(_message.Message):
         requests: _builtins.int = ...,
         usage: Global___Usage | None = ...,
         cost_usd: _builtins.float = ...,
+        estimated_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "labels", b"labels", "model", b"model", "requests", b"requests", "tenant", b"tenant", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "estimated_requests", b"estimated_requests", "labels", b"labels", "model", b"model", "requests", b"requests", "tenant", b"tenant", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

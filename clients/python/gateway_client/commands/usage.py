@@ -63,6 +63,13 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=usage_command)
 
 
+# The row dimensions, then the counters (right-aligned).
+_HEADER = (
+    *("TENANT", "MODEL", "UPSTREAM", "LABELS"),
+    *("REQUESTS", "ESTIMATED", "IN", "OUT", "CACHED", "COST $"),
+)
+
+
 def _row(row: pb.UsageRow, *, name: str | None = None) -> tuple[str, ...]:
     labels = ",".join(f"{k}={v}" for k, v in sorted(row.labels.items()))
     return (
@@ -71,6 +78,7 @@ def _row(row: pb.UsageRow, *, name: str | None = None) -> tuple[str, ...]:
         row.upstream,
         labels,
         str(row.requests),
+        str(row.estimated_requests),
         str(row.usage.input_tokens),
         str(row.usage.output_tokens),
         str(row.usage.cached_input_tokens),
@@ -80,9 +88,7 @@ def _row(row: pb.UsageRow, *, name: str | None = None) -> tuple[str, ...]:
 
 def format_usage(response: pb.GetUsageResponse) -> str:
     """The ledger rows and their total as an aligned text table."""
-    rows: list[tuple[str, ...]] = [
-        ("TENANT", "MODEL", "UPSTREAM", "LABELS", "REQUESTS", "IN", "OUT", "CACHED", "COST $")
-    ]
+    rows: list[tuple[str, ...]] = [_HEADER]
     rows.extend(_row(r) for r in response.rows)
     rows.append(_row(response.total, name="TOTAL"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -516,8 +516,14 @@ export interface UsageRow {
   upstream: string;
   labels: { [key: string]: string };
   requests: number;
+  /** usage.estimated is true when any of these requests' usage was estimated. */
   usage: Usage | undefined;
   costUsd: number;
+  /**
+   * Requests whose usage the gateway estimated: the upstream reported none, or the
+   * stream was cut before it could. Their tokens and cost are estimates.
+   */
+  estimatedRequests: number;
 }
 
 export interface UsageRow_LabelsEntry {
@@ -4020,7 +4026,16 @@ export const GetUsageRequest_LabelsEntry: MessageFns<GetUsageRequest_LabelsEntry
 };
 
 function createBaseUsageRow(): UsageRow {
-  return { tenant: "", model: "", upstream: "", labels: {}, requests: 0, usage: undefined, costUsd: 0 };
+  return {
+    tenant: "",
+    model: "",
+    upstream: "",
+    labels: {},
+    requests: 0,
+    usage: undefined,
+    costUsd: 0,
+    estimatedRequests: 0,
+  };
 }
 
 export const UsageRow: MessageFns<UsageRow> = {
@@ -4045,6 +4060,9 @@ export const UsageRow: MessageFns<UsageRow> = {
     }
     if (message.costUsd !== 0) {
       writer.uint32(57).double(message.costUsd);
+    }
+    if (message.estimatedRequests !== 0) {
+      writer.uint32(64).uint64(message.estimatedRequests);
     }
     return writer;
   },
@@ -4121,6 +4139,14 @@ export const UsageRow: MessageFns<UsageRow> = {
             message.costUsd = reader.double();
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.estimatedRequests = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4159,6 +4185,11 @@ export const UsageRow: MessageFns<UsageRow> = {
         : isSet(object.cost_usd)
         ? globalThis.Number(object.cost_usd)
         : 0,
+      estimatedRequests: isSet(object.estimatedRequests)
+        ? globalThis.Number(object.estimatedRequests)
+        : isSet(object.estimated_requests)
+        ? globalThis.Number(object.estimated_requests)
+        : 0,
     };
   },
 
@@ -4191,6 +4222,9 @@ export const UsageRow: MessageFns<UsageRow> = {
     if (message.costUsd !== 0) {
       obj.costUsd = floatToJson(message.costUsd);
     }
+    if (message.estimatedRequests !== 0) {
+      obj.estimatedRequests = Math.round(message.estimatedRequests);
+    }
     return obj;
   },
 
@@ -4214,6 +4248,7 @@ export const UsageRow: MessageFns<UsageRow> = {
     message.requests = object.requests ?? 0;
     message.usage = (object.usage !== undefined && object.usage !== null) ? Usage.fromPartial(object.usage) : undefined;
     message.costUsd = object.costUsd ?? 0;
+    message.estimatedRequests = object.estimatedRequests ?? 0;
     return message;
   },
 };
