@@ -1,0 +1,104 @@
+"""The log setup: grpc's ERROR for the deadline race becomes one INFO event."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+from grpc._cython import cygrpc
+
+from service.errors import DeadlineExceeded, UpstreamUnavailable
+from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter, configure_logging
+
+METHOD = "/llmgateway.v1.CompletionService/Complete"
+
+
+def batch_error_while_handling(cause: Exception) -> cygrpc.ExecuteBatchError:
+    """grpc's error from sending a status, raised while the servicer's error was handled."""
+    try:
+        try:
+            raise cause
+        except Exception:
+            raise cygrpc.ExecuteBatchError('Failed "execute_batch"')  # noqa: B904 - as grpc
+    except cygrpc.ExecuteBatchError as error:
+        return error
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def grpc_log() -> Iterator[tuple[logging.Logger, Capture]]:
+    """grpc.aio's logger with the filter and a capturing handler, restored afterwards."""
+    logger, root = logging.getLogger(GRPC_AIO_LOGGER), logging.getLogger()
+    capture, race, level = Capture(), DeadlineRaceFilter(), root.level
+    logger.addHandler(capture)
+    logger.addFilter(race)
+    root.setLevel(logging.INFO)
+    try:
+        yield logger, capture
+    finally:
+        logger.removeHandler(capture)
+        logger.removeFilter(race)
+        root.setLevel(level)
+
+
+def log_as_grpc_does(logger: logging.Logger, error: BaseException) -> None:
+    logger.error(
+        "ExecuteBatchError raised in core by servicer method [%s]",
+        METHOD,
+        exc_info=(type(error), error, error.__traceback__),
+    )
+
+
+def test_the_deadline_race_is_one_info_event_without_traceback(grpc_log) -> None:
+    """Sending DEADLINE_EXCEEDED as grpc's own deadline ended the call is no error."""
+    logger, capture = grpc_log
+    log_as_grpc_does(
+        logger, batch_error_while_handling(DeadlineExceeded("the caller's deadline passed"))
+    )
+    [record] = capture.records
+    assert (record.levelname, record.getMessage()) == ("INFO", "rpc.deadline_race")
+    assert record.exc_info is None
+    assert record.method == METHOD
+
+
+def test_any_other_failed_status_stays_an_error(grpc_log) -> None:
+    """A batch that failed while ending a call for another reason is still an ERROR."""
+    logger, capture = grpc_log
+    log_as_grpc_does(
+        logger, batch_error_while_handling(UpstreamUnavailable("up0 is down", upstream="up0"))
+    )
+    log_as_grpc_does(logger, ValueError("a servicer bug"))
+    assert [r.levelname for r in capture.records] == ["ERROR", "ERROR"]
+    assert all(r.exc_info for r in capture.records)
+
+
+def test_the_rewritten_event_is_dropped_below_the_configured_level(grpc_log) -> None:
+    """With --log-level WARNING the INFO event is not written at all."""
+    logger, capture = grpc_log
+    logging.getLogger().setLevel(logging.WARNING)
+    log_as_grpc_does(logger, batch_error_while_handling(DeadlineExceeded("passed")))
+    assert capture.records == []
+
+
+def test_configure_logging_installs_the_filter_once() -> None:
+    logger = logging.getLogger(GRPC_AIO_LOGGER)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO")
+        configure_logging("INFO")
+        assert sum(isinstance(f, DeadlineRaceFilter) for f in logger.filters) == 1
+    finally:
+        for found in [f for f in logger.filters if isinstance(f, DeadlineRaceFilter)]:
+            logger.removeFilter(found)
+        root.handlers[:] = handlers
+        root.setLevel(level)
