@@ -54,7 +54,7 @@ from service.tokens import (
     PER_REQUEST_OVERHEAD,
     estimate_text_tokens,
 )
-from service.validation import has_control_characters
+from service.validation import has_control_characters, model_violations
 
 _MS = 1000.0
 _PARAGRAPH_BREAK = re.compile(r"(\r?\n[ \t]*\r?\n\s*)")
@@ -338,6 +338,8 @@ class Summarizer:
 
     def _validate(self, request: SummaryRequest) -> int:
         """Check the request; return the target length in tokens."""
+        if invalid_model := model_violations(request.model):
+            raise InvalidRequest(invalid_model)  # as Complete refuses it
         self._pipeline.pool.routes(request.model)  # ModelNotFound first, as Complete does
         window = self._pipeline.context_window(request.model)
         target = request.target_tokens or self._config.default_target_tokens

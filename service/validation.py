@@ -43,13 +43,18 @@ def has_control_characters(text: str) -> bool:
     return _CONTROL.search(text) is not None
 
 
+def model_violations(model: str) -> list[FieldViolation]:
+    """What is wrong with a model name, whichever RPC it came in (empty list: nothing)."""
+    if not model:
+        return [FieldViolation("model", "must not be empty")]
+    if len(model) > _MAX_MODEL_NAME or not model.isprintable():
+        return [FieldViolation("model", "must be a printable name of at most 256 characters")]
+    return []
+
+
 def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> list[FieldViolation]:
     """Every invalid field of `request`, in field order."""
-    found: list[FieldViolation] = []
-    if not request.model:
-        found.append(FieldViolation("model", "must not be empty"))
-    elif len(request.model) > _MAX_MODEL_NAME or not request.model.isprintable():
-        found.append(FieldViolation("model", "must be a printable name of at most 256 characters"))
+    found = model_violations(request.model)
     if not request.messages:
         found.append(FieldViolation("messages", "must contain at least one message"))
     elif len(request.messages) > limits.max_messages:

@@ -287,12 +287,34 @@ async def test_invalid_requests(recorder, start_gateway, request_, code, field):
     assert recorder.requests == []
 
 
-async def test_a_huge_unknown_model_is_not_found_with_a_short_status(recorder, start_gateway):
-    """A 100 KB model name is quoted in part: echoed whole, the status would not fit the
-    trailers a gRPC client accepts (8-16 KiB), and Summarize looks the model up first."""
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [
+        ("", "must not be empty"),
+        ("m" * 100_000, "must be a printable name of at most 256 characters"),
+        ("bad\nname", "must be a printable name of at most 256 characters"),
+    ],
+    ids=["empty", "100-KB", "control-character"],
+)
+async def test_an_invalid_model_name_is_refused_as_complete_refuses_it(
+    recorder, start_gateway, model: str, problem: str
+):
+    """The model field follows Complete's rules: INVALID_ARGUMENT on `model`, with a short
+    status (a 100 KB name echoed whole would not fit the trailers a client accepts)."""
     gateway = await start_gateway(config(recorder.base_url))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await gateway.stub.Summarize(pb.SummarizeRequest(model="m" * 100_000, document="text"))
+        await gateway.stub.Summarize(pb.SummarizeRequest(model=model, document="text"))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == {"model": problem}
+    assert len(caught.value.details() or "") < 1000
+    assert recorder.requests == []
+
+
+async def test_a_long_unknown_model_is_not_found_with_a_short_status(recorder, start_gateway):
+    """An unknown model name is quoted in part: Summarize looks the model up first."""
+    gateway = await start_gateway(config(recorder.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(pb.SummarizeRequest(model="m" * 200, document="text"))
     assert caught.value.code() is grpc.StatusCode.NOT_FOUND
     assert caught.value.details() == (
         f"model {'m' * 100!r}... is not served by any configured upstream"
