@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from service.clock import SYSTEM_CLOCK, Clock
-from service.config import AuthConfig, CallerKey, TenantConfig, is_tenant_name
+from service.config import AuthConfig, CallerKey, TenantConfig, is_tenant_name, redis_password
 from service.errors import PermissionDenied, Unauthenticated, UpstreamUnavailable, quoted
 
 log = logging.getLogger("llm_gateway.auth")
@@ -157,9 +157,8 @@ class FileKeyStore:
 
 def redis_connection_options(config: AuthConfig, environ: Mapping[str, str]) -> dict[str, Any]:
     """Keyword arguments for `Redis.from_url(config.redis_url, ...)`: password, timeouts."""
-    password = environ.get(config.redis_password_env) if config.redis_password_env else None
     return {
-        "password": password or None,
+        "password": redis_password(config.redis_password_env, environ),
         "socket_timeout": config.redis_timeout_s,
         "socket_connect_timeout": config.redis_timeout_s,
     }

@@ -704,6 +704,12 @@ def parse_config(
     return dataclasses.replace(config, upstreams=upstreams)
 
 
+def redis_password(variable: str | None, environ: Mapping[str, str]) -> str | None:
+    """The Redis password held by the variable a section's `redis_password_env` names;
+    None when it names none (`parse_config` has refused a named one that is unset)."""
+    return (environ.get(variable) or None) if variable else None
+
+
 def _check_redis_password_env(config: GatewayConfig, source: str, env: Mapping[str, str]) -> None:
     """Refuse a named Redis password variable that is unset or empty.
 

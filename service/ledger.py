@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
-from service.config import LedgerConfig
+from service.config import LedgerConfig, redis_password
 from service.domain import Usage
 from service.errors import UpstreamUnavailable
 
@@ -408,16 +408,16 @@ class RedisLedger:
 
         if not config.redis_url:
             raise ValueError("RedisLedger needs ledger.redis_url")
-        env = os.environ if environ is None else environ
-        variable = config.redis_password_env
         # A password in the URL, if any, is used as well: redis-py prefers the URL's.
-        password = env.get(variable) if variable else None
+        password = redis_password(
+            config.redis_password_env, os.environ if environ is None else environ
+        )
         self._buckets = _Buckets(config, wall_clock)
         self._prefix = config.key_prefix
         self._ttl_s = config.retention_days * 86400
         self._redis: Any = aioredis.Redis.from_url(
             config.redis_url,
-            password=password or None,
+            password=password,
             decode_responses=True,
             socket_timeout=config.operation_timeout_s,
             socket_connect_timeout=config.operation_timeout_s,

@@ -21,7 +21,7 @@ from aiocache.serializers import NullSerializer
 
 from service.cache.stats import CacheStats
 from service.clock import SYSTEM_CLOCK, Clock
-from service.config import CacheConfig
+from service.config import CacheConfig, redis_password
 
 __all__ = ["CacheStore"]
 
@@ -35,14 +35,14 @@ def _backend(config: CacheConfig, environ: Mapping[str, str]) -> Any:
     if config.backend == "memory":
         return SimpleMemoryCache(serializer=serializer, timeout=None)
     parts = urlsplit(config.redis_url)
-    password = environ.get(config.redis_password_env) if config.redis_password_env else None
+    password = redis_password(config.redis_password_env, environ)
     return RedisCache(
         serializer=serializer,
         timeout=None,
         endpoint=parts.hostname,
         port=parts.port or 6379,
         db=int(parts.path.strip("/") or 0),
-        password=password or None,
+        password=password,
         ssl=parts.scheme == "rediss",
         create_connection_timeout=config.operation_timeout_s,
         connection_pool_kwargs={"socket_timeout": config.operation_timeout_s},
