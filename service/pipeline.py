@@ -165,6 +165,34 @@ class Pipeline:
             await self.account(request, completion)
         return completion
 
+    def _completion(
+        self,
+        prepared: PreparedRequest,
+        log: AttemptLog,
+        *,
+        completion_id: str,
+        model: str,
+        content: str,
+        finish_reason: FinishReason,
+        reported: Usage | None,
+        timings: Timings,
+    ) -> Completion:
+        """An upstream call's answer with its usage (as reported, else estimated), its
+        cost and where it ran: one place for unary calls, streams and cut streams."""
+        usage = self._usage(prepared, content, reported)
+        return Completion(
+            id=completion_id,
+            model=model,
+            content=content,
+            finish_reason=finish_reason,
+            usage=usage,
+            cost_usd=self._prices.cost_usd(prepared.request.model, usage),
+            upstream=log.upstream,
+            attempts=log.attempts,
+            timings=timings,
+            dropped_messages=prepared.dropped,
+        )
+
     async def _complete(
         self, prepared: PreparedRequest, hold: BudgetHold, deadline: Deadline, started: float
     ) -> Completion:
@@ -175,23 +203,20 @@ class Pipeline:
             reply = await self._pool.complete(
                 request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
             )
-        usage = self._usage(prepared, reply.content, reply.usage)
         upstream_ms = log.upstream_s * _MS
-        completion = Completion(
-            id=reply.id or f"gw-{uuid.uuid4().hex}",
+        completion = self._completion(
+            prepared,
+            log,
+            completion_id=reply.id or f"gw-{uuid.uuid4().hex}",
             model=reply.model,
             content=reply.content,
             finish_reason=reply.finish_reason,
-            usage=usage,
-            cost_usd=self._prices.cost_usd(request.model, usage),
-            upstream=log.upstream,
-            attempts=log.attempts,
+            reported=reply.usage,
             timings=Timings(
                 total_ms=(time.monotonic() - started) * _MS,
                 upstream_ms=upstream_ms,
                 time_to_first_token_ms=upstream_ms,
             ),
-            dropped_messages=prepared.dropped,
         )
         await self._account_if_caller_left(hold, request, completion)
         return completion
@@ -216,17 +241,15 @@ class Pipeline:
         call is recorded once, for its caller's tenant, with estimated usage.
         """
         request = prepared.request
-        usage = self._usage(prepared, content, None)
-        completion = Completion(
-            id="",
+        completion = self._completion(
+            prepared,
+            log,
+            completion_id="",
             model=request.model,
             content=content,
             finish_reason=FinishReason.UNKNOWN,
-            usage=usage,
-            cost_usd=self._prices.cost_usd(request.model, usage),
-            upstream=log.upstream,
-            attempts=log.attempts,
-            dropped_messages=prepared.dropped,
+            reported=None,
+            timings=Timings(),  # recorded for its cost only
         )
         await self.account(request, completion)
 
@@ -284,23 +307,19 @@ class Pipeline:
                 raise
         if end is None:  # the pool always ends a stream with StreamEnd or raises
             raise RuntimeError("stream ended without its end event")
-        content = "".join(parts)
-        usage = self._usage(prepared, content, end.usage)
-        completion = Completion(
-            id=end.id or f"gw-{uuid.uuid4().hex}",
+        completion = self._completion(
+            prepared,
+            log,
+            completion_id=end.id or f"gw-{uuid.uuid4().hex}",
             model=end.model,
-            content=content,
+            content="".join(parts),
             finish_reason=end.finish_reason,
-            usage=usage,
-            cost_usd=self._prices.cost_usd(request.model, usage),
-            upstream=log.upstream,
-            attempts=log.attempts,
+            reported=end.usage,
             timings=Timings(
                 total_ms=(time.monotonic() - started) * _MS,
                 upstream_ms=log.upstream_s * _MS,
                 time_to_first_token_ms=(log.first_token_s or log.upstream_s) * _MS,
             ),
-            dropped_messages=prepared.dropped,
         )
         await self._account_if_caller_left(hold, request, completion)
         yield completion
