@@ -212,15 +212,7 @@ class UpstreamClient:
                     body = await response.read()
             if response.status >= 400:
                 raise _error_for_status(self.name, response.status, response.headers)
-            reply_id, model, content, finish, usage = parse_completion(body)
-            return UpstreamReply(
-                id=reply_id,
-                model=model or call.upstream_model,
-                content=content,
-                finish_reason=finish,
-                usage=usage,
-                rate_limits=rate_limit_hints(response.headers),
-            )
+            return _reply(call, body, response.headers)
 
     async def stream(self, call: UpstreamCall, *, timeout_s: float) -> AsyncIterator[StreamEvent]:
         """Yield text chunks as they arrive, then one `StreamEnd`.
@@ -253,15 +245,15 @@ class UpstreamClient:
                     # one completion: relay it as one chunk and the end.
                     async with asyncio.timeout_at(deadline):
                         body = await response.read()
-                    reply_id, model, content, finish, usage = parse_completion(body)
-                    if content:
-                        yield TextChunk(content)
+                    reply = _reply(call, body, response.headers)
+                    if reply.content:
+                        yield TextChunk(reply.content)
                     yield StreamEnd(
-                        id=reply_id,
-                        model=model or call.upstream_model,
-                        finish_reason=finish,
-                        usage=usage,
-                        rate_limits=rate_limit_hints(response.headers),
+                        id=reply.id,
+                        model=reply.model,
+                        finish_reason=reply.finish_reason,
+                        usage=reply.usage,
+                        rate_limits=reply.rate_limits,
                     )
                     return
                 decoder = SSEDecoder()
@@ -308,6 +300,19 @@ class UpstreamClient:
                     response.release_at_end(within_s=_STREAM_END_GRACE_S)
                 else:
                     response.release()  # half read: closed, so the provider stops generating
+
+
+def _reply(call: UpstreamCall, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
+    """A whole chat completion's answer, as a unary call gets it."""
+    reply_id, model, content, finish, usage = parse_completion(body)
+    return UpstreamReply(
+        id=reply_id,
+        model=model or call.upstream_model,
+        content=content,
+        finish_reason=finish,
+        usage=usage,
+        rate_limits=rate_limit_hints(headers),
+    )
 
 
 async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int, list[str]]:
