@@ -559,6 +559,12 @@ class GatewayConfig:
         """Upstreams whose key is present (or that need none)."""
         return tuple(u for u in self.upstreams if u.api_key_env is None or u.api_key)
 
+    @property
+    def wants_local_model(self) -> bool:
+        """Whether the local model runs: `always`, or `auto` with no other upstream enabled."""
+        enabled = self.local_model.enabled
+        return enabled == "always" or (enabled == "auto" and not self.enabled_upstreams)
+
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
     """Turn YAML data into the annotated type, raising ValueError with the key path."""

@@ -80,12 +80,12 @@ class GatewayServer:
 
     async def _upstream_configs(self) -> list[UpstreamConfig]:
         configs = list(self.config.enabled_upstreams)
-        local = self.config.local_model
-        wants_local = local.enabled == "always" or (local.enabled == "auto" and not configs)
-        if wants_local:
+        if self.config.wants_local_model:
             self._only_local_model = not configs
             self.local_model = await self._stack.enter_async_context(
-                LocalModelServer(local, on_availability=self._local_model_availability)
+                LocalModelServer(
+                    self.config.local_model, on_availability=self._local_model_availability
+                )
             )
             configs.append(self.local_model.upstream_config())
         for upstream in self.config.upstreams:

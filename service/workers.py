@@ -175,11 +175,6 @@ async def _exited(worker: BaseProcess) -> None:
     worker.join()
 
 
-def _wants_local_model(config: GatewayConfig) -> bool:
-    local = config.local_model
-    return local.enabled == "always" or (local.enabled == "auto" and not config.enabled_upstreams)
-
-
 async def _unless_stopped(start: Awaitable[T], stopping: asyncio.Event) -> T | None:
     """What `start` gives, or None, with `start` cancelled, when `stopping` is set first."""
     task = asyncio.ensure_future(start)
@@ -210,7 +205,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
     worker_config = dataclasses.replace(config, server=server)
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(reserved.close)  # however this ends; closing twice is harmless
-        if _wants_local_model(config):
+        if config.wants_local_model:
             starting = stack.enter_async_context(LocalModelServer(config.local_model))
             local = await _unless_stopped(starting, stopping)
             if local is None:  # it can take local_model.startup_timeout_s to answer
