@@ -89,11 +89,11 @@ class LocalModelServer:
         config: LocalModelConfig,
         *,
         python: str = sys.executable,
-        on_availability: Callable[[bool], Awaitable[None]] | None = None,
+        on_availability: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self._python = python
-        # Told False when the server exits and True when a restart answers again.
+        # Called when `is_up` changes: the server exited, or a restart answers again.
         self._on_availability = on_availability
         self.is_up = False
         self.port = 0
@@ -252,7 +252,7 @@ class LocalModelServer:
         if self._on_availability is None:
             return
         try:
-            await self._on_availability(self.is_up)
+            await self._on_availability()
         except Exception:  # a listener's failure must not end supervision
             log.exception("local_model.availability_listener_failed")
 

@@ -176,7 +176,7 @@ class GatewayServer:
         if self.local_model is not None:
             await self.health.set(LOCAL_MODEL_HEALTH, serving if local_is_up else not_serving)
 
-    async def _local_model_availability(self, _is_up: bool) -> None:
+    async def _local_model_availability(self) -> None:
         if self._server is not None:  # before start() ends, it sets health itself
             await self._set_health()
 
