@@ -298,6 +298,8 @@ class MemoryLedger:
             )  # fmt: skip
         counters = _entry_counters(entry)
         row.add(counters)
+        if not counters["cost_pico"]:
+            return  # a cache hit or a free model: no spend to add
         for period in ("day", "month"):
             spend_key = (entry.tenant, period_key(period, now))
             self._spend[spend_key] = self._spend.get(spend_key, 0) + counters["cost_pico"]

@@ -12,6 +12,7 @@ import functools
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from service.budgets import BudgetHold, Budgets
@@ -21,6 +22,7 @@ from service.config import GatewayConfig, RequestDefaults
 from service.context_window import fit_messages
 from service.domain import ChatRequest, Completion, Delta, FinishReason, Timings, Usage
 from service.ledger import Ledger, MemoryLedger, UsageEntry
+from service.memo import BoundedMemo
 from service.pool import AttemptLog, UpstreamPool
 from service.pricing import PriceList
 from service.telemetry import active as telemetry
@@ -34,14 +36,30 @@ if TYPE_CHECKING:  # only annotated here; the server builds the cache and passes
 _MS = 1000.0
 _DEFAULT_CONTEXT_WINDOW = 8192
 
+RepeatKey = tuple[str, bytes]
+"""A caller's tenant and the exact bytes of its request message (deterministic encoding),
+made only for messages up to REPEATABLE_MAX_BYTES."""
+# Requests remembered for `Pipeline.repeat`: at most this many, each at most this long.
+REPEATABLE_REQUESTS = 256
+REPEATABLE_MAX_BYTES = 16 * 1024
 
-@dataclasses.dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True)
 class PreparedRequest:
     """A request validated and fitted to its model's window, its prompt estimated once."""
 
     request: ChatRequest
     dropped: int  # messages the truncation dropped
     prompt_tokens: int  # the estimate of the messages sent (before calibration)
+
+
+@dataclass(frozen=True, slots=True)
+class _Repeatable:
+    """A prepared request the cache reads, as `Pipeline.repeat` finds it again."""
+
+    prepared: PreparedRequest
+    store_key: str
+    calibration: float  # the model's calibration factor it was fitted with
 
 
 class Pipeline:
@@ -66,6 +84,7 @@ class Pipeline:
         self._budgets = Budgets(
             config.budgets, ledger=self.ledger, prices=prices, wall_clock=wall_clock
         )
+        self._repeatable: BoundedMemo[RepeatKey, _Repeatable] = BoundedMemo(REPEATABLE_REQUESTS)
 
     @property
     def config(self) -> GatewayConfig:
@@ -147,8 +166,14 @@ class Pipeline:
             is_estimated=True,
         )
 
-    async def complete(self, request: ChatRequest, *, deadline: Deadline) -> Completion:
-        """One unary completion, from the cache when it has it."""
+    async def complete(
+        self, request: ChatRequest, *, deadline: Deadline, repeat_key: RepeatKey | None = None
+    ) -> Completion:
+        """One unary completion, from the cache when it has it.
+
+        With `repeat_key` (the caller's tenant and request bytes), a request the cache
+        reads is remembered so that `repeat` can answer the same bytes again.
+        """
         started = time.monotonic()
         prepared = self.prepare(request)
         request = prepared.request
@@ -159,10 +184,48 @@ class Pipeline:
             if self._cache is None:
                 completion = await fetch()
             else:
-                completion = await self._cache.complete(request, fetch=fetch, deadline=deadline)
+                key = None if repeat_key is None else self._remember(repeat_key, prepared)
+                completion = await self._cache.complete(
+                    request, fetch=fetch, deadline=deadline, key=key
+                )
                 completion = _with_dropped(completion, prepared.dropped)
             # Accounted per caller: a cache hit or a coalesced call records 0 cost, saved cost.
             await self.account(request, completion)
+        return completion
+
+    def _remember(self, repeat_key: RepeatKey, prepared: PreparedRequest) -> str | None:
+        """Remember a request the cache reads for `repeat`; its store key, else None."""
+        cache = self._cache
+        request = prepared.request
+        if cache is None or not cache.mode_for(request).reads:
+            return None
+        store_key = cache.key_for(request)
+        factor = self.calibration.factor(request.model)
+        self._repeatable.put(repeat_key, _Repeatable(prepared, store_key, factor))
+        return store_key
+
+    async def repeat(self, repeat_key: RepeatKey) -> Completion | None:
+        """A cache hit for a request the same tenant sent moments ago, or None.
+
+        Callers hit a hot entry by sending the very same request again, and converting,
+        validating, fitting and keying it again was a third of a hit's CPU. Here the same
+        bytes find the request `complete` prepared (if the model's calibration has not
+        moved since), and `ResponseCache.recall` its answer, if a store read returned it
+        in the last second. Otherwise None, and the caller takes `complete`.
+        """
+        if self._cache is None:
+            return None
+        known = self._repeatable.get(repeat_key)
+        if known is None:
+            return None
+        request = known.prepared.request
+        if self.calibration.factor(request.model) != known.calibration:
+            return None
+        completion = self._cache.recall(known.store_key)
+        if completion is None:
+            return None
+        completion = _with_dropped(completion, known.prepared.dropped)
+        await self.account(request, completion)
         return completion
 
     def _completion(

@@ -38,7 +38,7 @@ from service.errors import (
     to_rpc_status,
 )
 from service.ledger import UsageFilter, UsageRow, total_of
-from service.pipeline import Pipeline
+from service.pipeline import REPEATABLE_MAX_BYTES, Pipeline, RepeatKey
 from service.summarize import Summarizer, SummaryRequest
 from service.validation import chat_request_violations
 
@@ -210,6 +210,14 @@ def deadline_of(context: grpc.aio.ServicerContext[object, object]) -> Deadline:
     return Deadline.after(context.time_remaining())
 
 
+def repeat_key_of(message: pb.CompleteRequest, *, tenant: str) -> RepeatKey | None:
+    """The tenant and the request's exact bytes, by which `Pipeline.repeat` knows a
+    request sent again; None for a message too long to be worth remembering."""
+    if message.ByteSize() > REPEATABLE_MAX_BYTES:
+        return None
+    return (tenant, message.SerializeToString(deterministic=True))
+
+
 def tenant_of(context: grpc.aio.ServicerContext[object, object]) -> str:
     """The tenant the caller gate authenticated for this call ("default" without auth)."""
     return current_tenant()
@@ -296,9 +304,14 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
     async def Complete(
         self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CompleteResponse:
-        completion = await self._pipeline.complete(
-            self._request(request, context), deadline=deadline_of(context)
-        )
+        repeat_key = repeat_key_of(request, tenant=tenant_of(context))
+        completion = None if repeat_key is None else await self._pipeline.repeat(repeat_key)
+        if completion is None:
+            completion = await self._pipeline.complete(
+                self._request(request, context),
+                deadline=deadline_of(context),
+                repeat_key=repeat_key,
+            )
         return response_to_proto(completion)
 
     async def CompleteStream(

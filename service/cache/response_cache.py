@@ -16,6 +16,12 @@
 
 REFRESH skips the read and the flight: it always makes its own upstream call and stores
 the answer. Single-flight is per process; across replicas Redis shares finished answers.
+
+With the in-process memory store, `recall` serves a hit for a key whose answer a store
+read returned less than a second ago, without reading the store again: the pipeline's
+path for a caller repeating the same request. A write forgets the key at once; an entry
+can outlive its TTL by up to that second. With Redis every hit reads Redis, so that
+replicas never serve an answer another replica has replaced.
 """
 
 from __future__ import annotations
@@ -34,12 +40,16 @@ from service.clock import SYSTEM_CLOCK, Clock, Deadline
 from service.config import CacheConfig
 from service.domain import CacheMode, ChatRequest, Completion, Delta
 from service.errors import DeadlineExceeded
+from service.memo import BoundedMemo
 
 __all__ = ["ResponseCache", "is_deterministic"]
 
 log = logging.getLogger("llm_gateway.cache")
 
 _MS = 1000.0
+# How long, and for how many keys, `recall` reuses an answer a store read returned.
+RECENT_READ_S = 1.0
+_RECENT_READS = 256
 
 Fetch = Callable[[], Awaitable[Completion]]
 FetchStream = Callable[[], AsyncGenerator[Delta | Completion, None]]
@@ -79,6 +89,8 @@ class ResponseCache:
         self._clock = clock
         self._flights: SingleFlight[CachedAnswer] = SingleFlight()
         self._plans: dict[str, _StorePlan] = {}
+        self._recent: BoundedMemo[str, tuple[CachedAnswer, float]] = BoundedMemo(_RECENT_READS)
+        self._recalls = store.backend == "memory"
 
     @property
     def stats(self) -> CacheStats:
@@ -127,9 +139,30 @@ class ResponseCache:
             log.warning("cache.bad_entry", extra={"error": str(exc)})
             return None
         self.stats.hits += 1
+        if self._recalls:
+            self._recent.put(key, (answer, self._clock.now()))
         return answer
 
+    def recall(self, key: str) -> Completion | None:
+        """A hit for `key` from the answer a store read returned in the last second.
+
+        None when there is none that recent, or the store is Redis: the caller then goes
+        through `complete`, whose read (when it hits) makes the answer recent again.
+        """
+        started = self._clock.now()
+        recent = self._recent.get(key)
+        if recent is None:
+            return None
+        answer, read_at = recent
+        if started - read_at > RECENT_READ_S:
+            self._recent.pop(key)
+            return None
+        self.stats.hits += 1
+        elapsed = self._elapsed_ms(started)
+        return answer.served_from_cache(total_ms=elapsed, first_token_ms=elapsed)
+
     async def _write(self, key: str, answer: CachedAnswer, ttl_s: int) -> None:
+        self._recent.pop(key)  # whatever the store holds next, a recall must not predate it
         if not answer.is_cacheable:
             self.stats.skipped += 1
             return
@@ -168,14 +201,18 @@ class ResponseCache:
         return (self._clock.now() - started) * _MS
 
     async def complete(
-        self, request: ChatRequest, *, fetch: Fetch, deadline: Deadline
+        self, request: ChatRequest, *, fetch: Fetch, deadline: Deadline, key: str | None = None
     ) -> Completion:
-        """The answer to `request`: from the cache, a shared call, or `fetch()`."""
+        """The answer to `request`: from the cache, a shared call, or `fetch()`.
+
+        `key`, when given, is `key_for(request)` already derived by the caller.
+        """
         mode = self.mode_for(request)
         if mode is CacheMode.BYPASS:
             return await fetch()
         started = self._clock.now()
-        key = self.key_for(request)
+        if key is None:
+            key = self.key_for(request)
         if not mode.reads:
             completion = await fetch()
             await self._write(key, CachedAnswer.of_unary(completion), self.ttl_for(request))

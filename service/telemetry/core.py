@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -100,6 +102,39 @@ class AttemptSpan:
             text = content if content is not None else "".join(self._parts or ())
             attributes[attr.GEN_AI_OUTPUT_MESSAGES] = attr.output_json(text, finish_reason)
         span.set_attributes(attributes)
+
+
+class RpcContext:
+    """One RPC's span in a `with` block: `Telemetry.rpc` starts it, leaving ends it.
+
+    A class rather than `contextlib.contextmanager`: every RPC enters one, and the
+    generator machinery cost a few µs more per call.
+    """
+
+    __slots__ = ("otel_token", "rpc_token", "scope", "telemetry")
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        scope: RpcScope,
+        rpc_token: contextvars.Token[RpcScope | None],
+        otel_token: contextvars.Token[otel_context.Context] | None,
+    ) -> None:
+        self.telemetry = telemetry
+        self.scope = scope
+        self.rpc_token = rpc_token
+        self.otel_token = otel_token
+
+    def __enter__(self) -> RpcScope:
+        return self.scope
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.telemetry._leave_rpc(self, exc_type)
 
 
 class Telemetry:
@@ -189,11 +224,11 @@ class Telemetry:
 
     # --- one span per RPC -------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def rpc(
-        self, *, service: str, method: str, metadata: Sequence[tuple[str, Any]]
-    ) -> Iterator[RpcScope]:
-        """The SERVER span of one RPC, continuing the caller's W3C trace context."""
+    def rpc(self, *, service: str, method: str, metadata: Sequence[tuple[str, Any]]) -> RpcContext:
+        """The SERVER span of one RPC, continuing the caller's W3C trace context.
+
+        Started here; `with` it, and it ends with the block's outcome.
+        """
         token = None
         if not self.providers.records_spans and not self._has_trace_context(metadata):
             # Nothing to record and nothing to pass on: skip reading the metadata.
@@ -215,23 +250,8 @@ class Telemetry:
             )
             token = otel_context.attach(trace.set_span_in_context(span, parent))
         scope = RpcScope(span=span, method=method)
-        rpc_token = CURRENT_RPC.set(scope)
         self.in_flight += 1
-        try:
-            yield scope
-        except (asyncio.CancelledError, GeneratorExit):
-            scope.fail(status_code=1, error_type="cancelled")
-            raise
-        except BaseException as exc:
-            if scope.error_type is None:
-                scope.fail(status_code=2, error_type=type(exc).__name__)
-            raise
-        finally:
-            self._end_rpc(scope)
-            with contextlib.suppress(ValueError):
-                CURRENT_RPC.reset(rpc_token)
-            if token is not None:
-                otel_context.detach(token)
+        return RpcContext(self, scope, CURRENT_RPC.set(scope), token)
 
     def _has_trace_context(self, metadata: Sequence[tuple[str, Any]]) -> bool:
         """Whether the caller sent anything the propagators read (gRPC keys are lowercase)."""
@@ -261,6 +281,21 @@ class Telemetry:
         }
         self.instruments.rpc_duration.record(elapsed, labels)
         self.instruments.overhead.record(overhead, {attr.RPC_METHOD: scope.method})
+
+    def _leave_rpc(self, context: RpcContext, exc_type: type[BaseException] | None) -> None:
+        scope = context.scope
+        if exc_type is not None:
+            if issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
+                scope.fail(status_code=1, error_type="cancelled")
+            elif scope.error_type is None:
+                scope.fail(status_code=2, error_type=exc_type.__name__)
+        try:
+            self._end_rpc(scope)
+        finally:
+            with contextlib.suppress(ValueError):  # left in another context than entered
+                CURRENT_RPC.reset(context.rpc_token)
+            if context.otel_token is not None:
+                otel_context.detach(context.otel_token)
 
     # --- one CLIENT span per upstream attempt -----------------------------------------
 
@@ -346,7 +381,8 @@ class Telemetry:
     ) -> None:
         """Put usage, cost and cache outcome on the RPC span and the cost metrics."""
         usage = completion.usage
-        span = trace.get_current_span()
+        # Only this gateway's tracer records spans: without a provider, skip the lookup.
+        span = trace.get_current_span() if self.providers.records_spans else trace.INVALID_SPAN
         if span.is_recording():
             attributes: dict[str, Any] = {
                 attr.GEN_AI_OPERATION_NAME: operation,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
 from service.domain import ChatRequest, Message, Role
 from service.errors import UpstreamUnavailable
+from service.telemetry.tracing import CURRENT_RPC
 from tests.telemetry_support import attributes_of, captured_telemetry
 
 REQUEST = ChatRequest(model="m", messages=(Message(Role.USER, "hi"),))
@@ -75,3 +78,34 @@ def test_overhead_is_wall_time_minus_upstream_time_and_never_negative():
         [(name, value)] = rpc.trailers()
     assert name == "llm-gateway-overhead-ms"
     assert float(value) >= 0
+
+
+def test_an_exception_leaving_the_rpc_ends_its_span_with_the_exceptions_type() -> None:
+    """An error nothing recorded first: status 2 (UNKNOWN) and the type as error.type."""
+    captured = captured_telemetry()
+    telemetry = captured.telemetry
+    with pytest.raises(KeyError), telemetry.rpc(service="svc", method="Complete", metadata=()):
+        raise KeyError("x")
+    span = captured.span("svc/Complete")
+    assert attributes_of(span)["rpc.grpc.status_code"] == 2
+    assert attributes_of(span)["error.type"] == "KeyError"
+    assert span.status.status_code is StatusCode.ERROR
+    assert telemetry.in_flight == 0
+    assert CURRENT_RPC.get() is None
+
+
+def test_a_cancelled_rpc_ends_its_span_as_cancelled() -> None:
+    """Cancellation is status 1 (CANCELLED), not an error of the server's."""
+    captured = captured_telemetry()
+    telemetry = captured.telemetry
+    with (
+        pytest.raises(asyncio.CancelledError),
+        telemetry.rpc(service="svc", method="Complete", metadata=()) as rpc,
+    ):
+        assert CURRENT_RPC.get() is rpc
+        raise asyncio.CancelledError
+    span = captured.span("svc/Complete")
+    assert attributes_of(span)["rpc.grpc.status_code"] == 1
+    assert attributes_of(span)["error.type"] == "cancelled"
+    assert span.status.status_code is not StatusCode.ERROR
+    assert (telemetry.in_flight, CURRENT_RPC.get()) == (0, None)

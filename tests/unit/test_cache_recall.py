@@ -1,0 +1,91 @@
+"""`ResponseCache.recall`: the answer a store read returned, reused for one second."""
+
+from __future__ import annotations
+
+from service.cache import CacheStore, ResponseCache
+from service.cache.response_cache import RECENT_READ_S
+from service.clock import Deadline
+from service.config import CacheConfig
+from service.domain import (
+    ChatRequest,
+    Completion,
+    FinishReason,
+    GenerationParams,
+    Message,
+    Role,
+    Usage,
+)
+
+REQUEST = ChatRequest(
+    model="m", messages=(Message(Role.USER, "hi"),), params=GenerationParams(temperature=0.0)
+)
+ANSWER = Completion(
+    id="c-1",
+    model="m",
+    content="hello",
+    finish_reason=FinishReason.STOP,
+    usage=Usage(input_tokens=3, output_tokens=1),
+    cost_usd=2e-6,
+    upstream="up0",
+)
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+async def _fetch() -> Completion:
+    return ANSWER
+
+
+async def _cache_with_a_read(clock: FakeClock) -> tuple[ResponseCache, str]:
+    """A cache holding ANSWER for REQUEST, read once (a hit) at the clock's time."""
+    config = CacheConfig()
+    cache = ResponseCache(config, store=CacheStore(config, clock=clock), clock=clock)
+    for _ in range(2):  # a miss that stores, then a hit that reads
+        await cache.complete(REQUEST, fetch=_fetch, deadline=Deadline.after(None))
+    return cache, cache.key_for(REQUEST)
+
+
+async def test_a_recent_read_is_recalled_as_a_free_hit() -> None:
+    """Within the second: the stored answer as a hit, nothing charged, the cost saved."""
+    clock = FakeClock()
+    cache, key = await _cache_with_a_read(clock)
+    clock.t += RECENT_READ_S
+    recalled = cache.recall(key)
+    assert recalled is not None
+    assert (recalled.content, recalled.id, recalled.is_cache_hit) == ("hello", "c-1", True)
+    assert (recalled.cost_usd, recalled.saved_cost_usd, recalled.attempts) == (0.0, 2e-6, 0)
+    assert (cache.stats.hits, cache.stats.misses) == (2, 1)
+    await cache.aclose()
+
+
+async def test_a_read_older_than_a_second_is_not_recalled() -> None:
+    """Past the second the caller must read the store again; nothing is counted."""
+    clock = FakeClock()
+    cache, key = await _cache_with_a_read(clock)
+    clock.t += RECENT_READ_S + 0.001
+    assert cache.recall(key) is None
+    clock.t -= 1.0  # forgotten, not merely too old: even an earlier time finds nothing
+    assert cache.recall(key) is None
+    assert cache.stats.hits == 1
+    await cache.aclose()
+
+
+async def test_a_key_never_read_is_not_recalled() -> None:
+    """A miss that stored an answer has read nothing: there is nothing to recall."""
+    clock = FakeClock()
+    config = CacheConfig()
+    cache = ResponseCache(config, store=CacheStore(config, clock=clock), clock=clock)
+    await cache.complete(REQUEST, fetch=_fetch, deadline=Deadline.after(None))
+    assert cache.recall(cache.key_for(REQUEST)) is None
+    await cache.aclose()
