@@ -50,6 +50,9 @@ _MS = 1000.0
 # How long, and for how many keys, `recall` reuses an answer a store read returned.
 RECENT_READ_S = 1.0
 _RECENT_READS = 256
+# Entries up to this size only: `decode_entry` remembers those too, so a recent answer is
+# the same object, not a second copy of a long one.
+_RECENT_MAX_BYTES = 16 * 1024
 
 Fetch = Callable[[], Awaitable[Completion]]
 FetchStream = Callable[[], AsyncGenerator[Delta | Completion, None]]
@@ -139,7 +142,7 @@ class ResponseCache:
             log.warning("cache.bad_entry", extra={"error": str(exc)})
             return None
         self.stats.hits += 1
-        if self._recalls:
+        if self._recalls and len(data) <= _RECENT_MAX_BYTES:
             self._recent.put(key, (answer, self._clock.now()))
         return answer
 

@@ -156,6 +156,21 @@ async def test_a_request_too_long_to_remember_still_hits_through_the_store(
     assert len(upstream.requests) == 1
 
 
+async def test_a_long_answer_is_read_from_the_store_on_every_hit(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """Answers over 16 KiB are not kept from one read to the next: no second copy."""
+    upstream.script(Reply(content="word " * 4_000))
+    reads = []
+    for _ in range(4):
+        answer = await cached.stub.Complete(ask())
+        reads.append(cache_of(cached).stats.bytes_read)
+    assert answer.content == "word " * 4_000
+    assert reads[0] == 0  # the miss read nothing
+    assert reads[1] < reads[2] < reads[3]
+    assert len(upstream.requests) == 1
+
+
 async def test_with_redis_every_hit_reads_redis(
     upstream: FakeUpstream, start_gateway: Callable[..., Any], redis_server: RedisServer
 ) -> None:
