@@ -21,6 +21,7 @@ from tests.conftest import FAKE_MODEL, RunningGateway, chat, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.integration.tenancy_helpers import as_tenant, rpc_error, secure_config
 from tests.redis_server import RedisServer
+from tests.telemetry_support import attributes_of, captured_telemetry
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -225,4 +226,27 @@ async def test_a_tenant_not_allowed_the_model_is_refused_however_hot_the_request
         await gateway.stub.Complete(ask(), metadata=as_tenant("team-a"))
     error = await rpc_error(gateway.stub.Complete(ask(), metadata=as_tenant("team-b")))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert len(upstream.requests) == 1
+
+
+async def test_a_repeat_hit_is_traced_and_counted_as_any_hit(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any]
+) -> None:
+    """The RPC span says cache hit at no cost, and the cache-hit counter counts it."""
+    captured = captured_telemetry()
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(upstream.base_url, cache={"backend": "memory"}),
+        telemetry=captured.telemetry,
+    )
+    for _ in range(3):
+        await gateway.stub.Complete(ask())
+    assert cache_of(gateway).stats.hits == 2
+    spans = [s for s in captured.spans() if s.name == "llmgateway.v1.CompletionService/Complete"]
+    assert len(spans) == 3
+    repeat = attributes_of(spans[-1])
+    assert repeat["llm_gateway.cache.hit"] is True
+    assert repeat["llm_gateway.cost.usd"] == 0.0
+    assert repeat["llm_gateway.tenant"] == "default"
+    assert repeat["gen_ai.usage.input_tokens"] == 7
+    assert captured.total("llm_gateway.cache.hits") == 2
     assert len(upstream.requests) == 1
