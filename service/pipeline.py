@@ -184,6 +184,7 @@ class Pipeline:
             if self._cache is None:
                 completion = await fetch()
             else:
+                # No await since `prepare`: the calibration remembered is the one it used.
                 key = None if repeat_key is None else self._remember(repeat_key, prepared)
                 completion = await self._cache.complete(
                     request, fetch=fetch, deadline=deadline, key=key
@@ -203,6 +204,11 @@ class Pipeline:
         factor = self.calibration.factor(request.model)
         self._repeatable.put(repeat_key, _Repeatable(prepared, store_key, factor))
         return store_key
+
+    @property
+    def takes_repeats(self) -> bool:
+        """Whether `repeat` can ever answer: a cache that can recall its recent reads."""
+        return self._cache is not None and self._cache.recalls
 
     async def repeat(self, repeat_key: RepeatKey) -> Completion | None:
         """A cache hit for a request the same tenant sent moments ago, or None.

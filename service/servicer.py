@@ -304,10 +304,13 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
     async def Complete(
         self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CompleteResponse:
-        repeat_key = repeat_key_of(request, tenant=tenant_of(context))
-        completion = None if repeat_key is None else await self._pipeline.repeat(repeat_key)
+        pipeline = self._pipeline
+        repeat_key = (
+            repeat_key_of(request, tenant=tenant_of(context)) if pipeline.takes_repeats else None
+        )
+        completion = None if repeat_key is None else await pipeline.repeat(repeat_key)
         if completion is None:
-            completion = await self._pipeline.complete(
+            completion = await pipeline.complete(
                 self._request(request, context),
                 deadline=deadline_of(context),
                 repeat_key=repeat_key,

@@ -93,7 +93,8 @@ class ResponseCache:
         self._flights: SingleFlight[CachedAnswer] = SingleFlight()
         self._plans: dict[str, _StorePlan] = {}
         self._recent: BoundedMemo[str, tuple[CachedAnswer, float]] = BoundedMemo(_RECENT_READS)
-        self._recalls = store.backend == "memory"
+        self._recalls = config.enabled and store.backend == "memory"
+        self._writes = 0  # writes begun, so that a read overlapping one is not remembered
 
     @property
     def stats(self) -> CacheStats:
@@ -130,21 +131,30 @@ class ResponseCache:
         return cache_key(request, prefix=self._config.key_prefix)
 
     async def _read(self, key: str) -> CachedAnswer | None:
+        writes_before = self._writes
         data = await self._store.get(key)
         if data is None:
             self.stats.misses += 1
+            self._recent.pop(key)  # gone from the store (expired): gone for `recall` too
             return None
         try:
             answer = decode_entry(data)
         except EntryDecodeError as exc:
             self.stats.errors += 1
             self.stats.misses += 1
+            self._recent.pop(key)
             log.warning("cache.bad_entry", extra={"error": str(exc)})
             return None
         self.stats.hits += 1
-        if self._recalls and len(data) <= _RECENT_MAX_BYTES:
+        # Not if a write began while the store was read: the bytes may predate it.
+        if self._recalls and len(data) <= _RECENT_MAX_BYTES and self._writes == writes_before:
             self._recent.put(key, (answer, self._clock.now()))
         return answer
+
+    @property
+    def recalls(self) -> bool:
+        """Whether `recall` can ever serve a hit (the memory backend, the cache enabled)."""
+        return self._recalls
 
     def recall(self, key: str) -> Completion | None:
         """A hit for `key` from the answer a store read returned in the last second.
@@ -165,6 +175,7 @@ class ResponseCache:
         return answer.served_from_cache(total_ms=elapsed, first_token_ms=elapsed)
 
     async def _write(self, key: str, answer: CachedAnswer, ttl_s: int) -> None:
+        self._writes += 1
         self._recent.pop(key)  # whatever the store holds next, a recall must not predate it
         if not answer.is_cacheable:
             self.stats.skipped += 1

@@ -250,3 +250,30 @@ async def test_a_repeat_hit_is_traced_and_counted_as_any_hit(
     assert repeat["gen_ai.usage.input_tokens"] == 7
     assert captured.total("llm_gateway.cache.hits") == 2
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("cache", "takes_repeats"),
+    [
+        ({"backend": "memory"}, True),
+        ({"backend": "memory", "enabled": False}, False),
+        ({"backend": "redis"}, False),
+    ],
+)
+async def test_requests_are_keyed_for_repeats_only_where_a_repeat_can_answer(
+    upstream: FakeUpstream,
+    start_gateway: Callable[..., Any],
+    redis_server: RedisServer,
+    cache: dict[str, Any],
+    takes_repeats: bool,
+) -> None:
+    """With Redis or the cache off no call pays for keying a request it cannot repeat."""
+    if cache["backend"] == "redis":
+        cache = {**cache, "redis_url": redis_server.url}
+    gateway: RunningGateway = await start_gateway(gateway_config(upstream.base_url, cache=cache))
+    pipeline = gateway.server.pipeline
+    assert pipeline is not None
+    assert pipeline.takes_repeats is takes_repeats
+    answers = [await gateway.stub.Complete(ask()) for _ in range(3)]
+    assert [a.content for a in answers] == ["Hello from fake"] * 3
+    assert len(upstream.requests) == (1 if cache.get("enabled", True) else 3)
