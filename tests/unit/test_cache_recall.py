@@ -21,6 +21,7 @@ from service.domain import (
     Role,
     Usage,
 )
+from tests.fake_clock import FakeClock
 
 REQUEST = ChatRequest(
     model="m", messages=(Message(Role.USER, "hi"),), params=GenerationParams(temperature=0.0)
@@ -34,19 +35,6 @@ ANSWER = Completion(
     cost_usd=2e-6,
     upstream="up0",
 )
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep(self, seconds: float) -> None:
-        self.t += seconds
 
 
 async def _fetch() -> Completion:

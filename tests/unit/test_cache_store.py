@@ -6,19 +6,7 @@ import socket
 
 from service.cache import CacheStore
 from service.config import CacheConfig
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep(self, seconds: float) -> None:
-        self.t += seconds
+from tests.fake_clock import FakeClock
 
 
 def _closed_port() -> int:

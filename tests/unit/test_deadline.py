@@ -8,27 +8,7 @@ import dataclasses
 import pytest
 
 from service.clock import SYSTEM_CLOCK, Clock, Deadline, SystemClock
-
-
-class FakeClock:
-    """A clock that moves only when told to; `sleep` advances it instantly."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.time = start
-        self.slept: list[float] = []
-
-    def now(self) -> float:
-        """The fake monotonic time."""
-        return self.time
-
-    async def sleep(self, seconds: float) -> None:
-        """Advance the fake time by `seconds` without waiting."""
-        self.slept.append(seconds)
-        self.time += seconds
-
-    def advance(self, seconds: float) -> None:
-        """Move the fake time forward."""
-        self.time += seconds
+from tests.fake_clock import FakeClock
 
 
 def test_fake_clock_satisfies_protocol() -> None:

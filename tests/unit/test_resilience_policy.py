@@ -29,27 +29,7 @@ from service.retry import (
 )
 from service.rpc_boundary import Admission
 from service.upstream.types import RateLimitHints
-
-
-class FakeClock:
-    """A monotonic clock that only moves when told to (or when slept on)."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.t = start
-        self.slept: list[float] = []
-
-    def now(self) -> float:
-        """Current fake time."""
-        return self.t
-
-    async def sleep(self, seconds: float) -> None:
-        """Advance time instead of waiting."""
-        self.slept.append(seconds)
-        self.t += seconds
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward."""
-        self.t += seconds
+from tests.fake_clock import FakeClock
 
 
 def _status_error(status: int) -> Exception:

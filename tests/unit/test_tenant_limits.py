@@ -7,21 +7,7 @@ import pytest
 from service.config import TenantConfig
 from service.errors import QuotaExceeded
 from service.tenant_limits import MemoryTenantLimiter
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def now(self) -> float:
-        """The fake monotonic time."""
-        return self.t
-
-    async def sleep(self, seconds: float) -> None:
-        """Advance the fake time."""
-        self.t += seconds
+from tests.fake_clock import FakeClock
 
 
 def test_requests_burst_to_the_limit_then_refill_at_its_rate():
