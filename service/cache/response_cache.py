@@ -19,9 +19,9 @@ the answer. Single-flight is per process; across replicas Redis shares finished 
 
 With the in-process memory store, `recall` serves a hit for a key whose answer a store
 read returned less than a second ago, without reading the store again: the pipeline's
-path for a caller repeating the same request. A write forgets the key at once; an entry
-can outlive its TTL by up to that second. With Redis every hit reads Redis, so that
-replicas never serve an answer another replica has replaced.
+path for a caller repeating the same request. A write, or a read that finds the key
+gone, forgets it at once; an entry can outlive its TTL by up to that second. With Redis
+every hit reads Redis, so that replicas never serve an answer another replica replaced.
 """
 
 from __future__ import annotations
