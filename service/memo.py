@@ -1,4 +1,4 @@
-"""A dict that keeps at most a fixed number of entries, forgetting the oldest first."""
+"""A dict that keeps at most a fixed number of entries, forgetting the least used first."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ V = TypeVar("V")
 
 
 class BoundedMemo(Generic[K, V]):
-    """At most `size` entries; putting one more drops the one put longest ago.
+    """At most `size` entries; putting one more drops the one put or got longest ago.
 
     Written by hand because `functools.lru_cache` memoizes a function, while the gateway
     remembers values it only learns after the call (a store read, a prepared request).
@@ -27,8 +27,12 @@ class BoundedMemo(Generic[K, V]):
         return len(self._entries)
 
     def get(self, key: K) -> V | None:
-        """The value under `key`, or None."""
-        return self._entries.get(key)
+        """The value under `key`, or None; a value found is now the newest."""
+        entries = self._entries
+        value = entries.pop(key, None)
+        if value is not None:
+            entries[key] = value  # a hot key outlives a burst of keys put once
+        return value
 
     def put(self, key: K, value: V) -> None:
         """Remember `value` under `key`, forgetting the oldest entry when full."""

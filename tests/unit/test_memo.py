@@ -1,4 +1,4 @@
-"""The bounded memo (service.memo): a size bound that forgets the oldest entry first."""
+"""The bounded memo (service.memo): a size bound that forgets the least used entry first."""
 
 from __future__ import annotations
 
@@ -36,3 +36,13 @@ def test_a_size_below_one_is_refused() -> None:
     """A memo that could hold nothing is a mistake, not a silent no-op."""
     with pytest.raises(ValueError, match="at least 1"):
         BoundedMemo(0)
+
+
+def test_getting_a_key_keeps_it_past_a_burst_of_new_keys() -> None:
+    """A key got between puts outlives keys put after it was put but never got."""
+    memo: BoundedMemo[str, int] = BoundedMemo(2)
+    memo.put("hot", 1)
+    memo.put("b", 2)
+    assert memo.get("hot") == 1
+    memo.put("c", 3)
+    assert (memo.get("hot"), memo.get("b"), memo.get("c")) == (1, None, 3)
