@@ -15,7 +15,13 @@ import orjson
 
 from service.domain import Completion, FinishReason, Timings, Usage
 
-__all__ = ["CACHEABLE_FINISH_REASONS", "CachedAnswer", "EntryDecodeError", "decode_entry"]
+__all__ = [
+    "CACHEABLE_FINISH_REASONS",
+    "REMEMBERED_MAX_BYTES",
+    "CachedAnswer",
+    "EntryDecodeError",
+    "decode_entry",
+]
 
 # Anything else (content filter, tool calls) is not an answer worth replaying.
 CACHEABLE_FINISH_REASONS = frozenset({FinishReason.STOP, FinishReason.LENGTH})
@@ -31,7 +37,7 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
 }
 # Decoded entries remembered by their bytes: at most this many, each at most this long.
 _REMEMBERED_ENTRIES = 256
-_REMEMBERED_MAX_BYTES = 16 * 1024
+REMEMBERED_MAX_BYTES = 16 * 1024
 
 
 class EntryDecodeError(ValueError):
@@ -135,6 +141,6 @@ def decode_entry(data: bytes) -> CachedAnswer:
     on every hit. Sharing the result is safe because a `CachedAnswer` is immutable; bytes
     that fail to decode are not remembered and raise every time.
     """
-    if len(data) > _REMEMBERED_MAX_BYTES:
+    if len(data) > REMEMBERED_MAX_BYTES:
         return CachedAnswer.decode(data)
     return _decode_remembered(data)

@@ -31,7 +31,12 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
-from service.cache.entry import CachedAnswer, EntryDecodeError, decode_entry
+from service.cache.entry import (
+    REMEMBERED_MAX_BYTES,
+    CachedAnswer,
+    EntryDecodeError,
+    decode_entry,
+)
 from service.cache.keys import cache_key
 from service.cache.single_flight import Flight, SingleFlight
 from service.cache.stats import CacheStats
@@ -50,9 +55,6 @@ _MS = 1000.0
 # How long, and for how many keys, `recall` reuses an answer a store read returned.
 RECENT_READ_S = 1.0
 _RECENT_READS = 256
-# Entries up to this size only: `decode_entry` remembers those too, so a recent answer is
-# the same object, not a second copy of a long one.
-_RECENT_MAX_BYTES = 16 * 1024
 
 Fetch = Callable[[], Awaitable[Completion]]
 FetchStream = Callable[[], AsyncGenerator[Delta | Completion, None]]
@@ -147,7 +149,8 @@ class ResponseCache:
             return None
         self.stats.hits += 1
         # Not if a write began while the store was read: the bytes may predate it.
-        if self._recalls and len(data) <= _RECENT_MAX_BYTES and self._writes == writes_before:
+        # Only entries `decode_entry` remembers too: the same object, not a second copy.
+        if self._recalls and len(data) <= REMEMBERED_MAX_BYTES and self._writes == writes_before:
             self._recent.put(key, (answer, self._clock.now()))
         return answer
 
