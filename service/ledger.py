@@ -145,15 +145,6 @@ class UsageRow:
         self.cached_input_tokens += other.get("cached_input_tokens", 0)
         self.cost_pico += other.get("cost_pico", 0)
 
-    def add_call(self, usage: Usage, cost_pico: int) -> None:
-        """Add one finished call (what `add` does with its counters, without the dict)."""
-        self.requests += 1
-        self.estimated_requests += usage.is_estimated
-        self.input_tokens += usage.input_tokens
-        self.output_tokens += usage.output_tokens
-        self.cached_input_tokens += usage.cached_input_tokens
-        self.cost_pico += cost_pico
-
     def counters(self) -> dict[str, int]:
         """The counters by field name."""
         return {name: getattr(self, name) for name in _FIELDS}
@@ -305,8 +296,9 @@ class MemoryLedger:
                 tenant=entry.tenant, model=entry.model, upstream=entry.upstream,
                 labels=dict(dims[3]),
             )  # fmt: skip
-        cost_pico = to_pico(entry.cost_usd)
-        row.add_call(entry.usage, cost_pico)
+        counters = _entry_counters(entry)
+        row.add(counters)
+        cost_pico = counters["cost_pico"]
         if not cost_pico:
             return  # a cache hit or a free model: no spend to add
         for period in ("day", "month"):
