@@ -173,6 +173,24 @@ class Overloaded(QuotaExceeded):
         )
 
 
+class ShuttingDown(GatewayError):
+    """The server is stopping and this call outlasted its grace period.
+
+    Another replica can take the call at once, so the retry delay is zero.
+    """
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    reason = "SHUTTING_DOWN"
+
+    def __init__(self) -> None:
+        super().__init__("the gateway is shutting down; retry the call on another replica")
+
+    @property
+    def retry_after_s(self) -> float:
+        """Retry at once: this replica's connection is going away, not the service."""
+        return 0.0
+
+
 class DeadlineExceeded(GatewayError):
     """The caller's deadline passed before an answer was ready."""
 

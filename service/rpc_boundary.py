@@ -30,6 +30,7 @@ from service.errors import (
     GatewayError,
     InvalidRequest,
     Overloaded,
+    ShuttingDown,
     internal_error_status,
     pushback_trailer,
     to_rpc_status,
@@ -51,6 +52,10 @@ class Admission:
     served) for one of them to finish; a call beyond both is shed at once with
     `Overloaded` (RESOURCE_EXHAUSTED, RetryInfo, `grpc-retry-pushback-ms`), never after
     a timeout. A queued call still honours its own deadline and cancellation.
+
+    It also knows each admitted or queued call's task, so that a stopping server can end
+    the calls still running as its grace runs out (`cut_off`) with a status that says
+    why, rather than grpc's bare UNAVAILABLE.
     """
 
     def __init__(self, *, max_in_flight: int, retry_after_s: float, max_queued: int = 0) -> None:
@@ -59,6 +64,8 @@ class Admission:
         self.retry_after_s = retry_after_s
         self.in_flight = 0
         self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._calls: set[asyncio.Task[Any]] = set()
+        self._cut_off: set[asyncio.Task[Any]] = set()
 
     @property
     def queued(self) -> int:
@@ -66,26 +73,54 @@ class Admission:
         return len(self._queue)
 
     async def enter(self) -> None:
-        """Admit one call, queueing it while there is room, or raise `Overloaded`."""
+        """Admit the calling task's call, queueing it while there is room, or raise
+        `Overloaded`. The task calls `leave` once the call is done."""
+        task = asyncio.current_task()
         if self.in_flight < self.max_in_flight and not self._queue:
             self.in_flight += 1
+            if task is not None:
+                self._calls.add(task)
             return
         if len(self._queue) >= self.max_queued:
             raise Overloaded(retry_after_s=self.retry_after_s)
         slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(slot)
+        if task is not None:
+            self._calls.add(task)
         try:
             await slot
         except BaseException:
             if slot.done() and not slot.cancelled():
                 self.leave()  # a slot was handed to us as we gave up: pass it on
             else:
+                self._forget(task)
                 with contextlib.suppress(ValueError):
                     self._queue.remove(slot)
             raise
 
+    def cut_off(self) -> int:
+        """Cancel every admitted or queued call not cancelled yet; returns how many.
+
+        For a stopping server as its grace runs out: the boundary ends each call
+        cancelled here with `ShuttingDown`, which callers may retry at once elsewhere.
+        """
+        cut = [t for t in self._calls if not t.done() and t not in self._cut_off]
+        for task in cut:
+            self._cut_off.add(task)
+            task.cancel()
+        return len(cut)
+
+    def _forget(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:
+            self._calls.discard(task)
+
+    def was_cut_off(self) -> bool:
+        """Whether `cut_off` cancelled the calling task's call."""
+        return bool(self._cut_off) and asyncio.current_task() in self._cut_off
+
     def leave(self) -> None:
-        """One admitted call finished: its slot goes to the oldest queued call."""
+        """The calling task's call finished: its slot goes to the oldest queued call."""
+        self._forget(asyncio.current_task())
         while self._queue:
             slot = self._queue.popleft()
             if not slot.done():
@@ -153,6 +188,15 @@ def _caller(
     return contextlib.nullcontext()
 
 
+async def _end_if_cut_off(
+    context: Context, method: str, rpc: RpcScope, admission: Admission
+) -> None:
+    """End a call that shutdown cancelled (`Admission.cut_off`) with `ShuttingDown`; any
+    other cancellation (the caller's, grpc's) goes on as it is."""
+    if admission.was_cut_off():
+        await abort_with(context, ShuttingDown(), method, rpc)
+
+
 def _guard_unary(
     method: UnaryHandler, name: str, admission: Admission, gate: CallerGate | None = None
 ) -> UnaryHandler:
@@ -164,11 +208,15 @@ def _guard_unary(
                 await admission.enter()
             except Overloaded as exc:
                 await abort_with(context, exc, name, rpc)
+            except asyncio.CancelledError:
+                await _end_if_cut_off(context, name, rpc, admission)
+                raise
             try:
                 async with _caller(request, context, gate):
                     rpc.set_tenant(current_tenant())
                     response = await method(request, context)
             except asyncio.CancelledError:
+                await _end_if_cut_off(context, name, rpc, admission)
                 raise
             except grpc.aio.AbortError:
                 raise
@@ -193,6 +241,9 @@ def _guard_stream(
                 await admission.enter()
             except Overloaded as exc:
                 await abort_with(context, exc, name, rpc)
+            except asyncio.CancelledError:
+                await _end_if_cut_off(context, name, rpc, admission)
+                raise
             try:
                 async with _caller(request, context, gate):
                     rpc.set_tenant(current_tenant())
@@ -201,6 +252,7 @@ def _guard_stream(
                         async for item in items:
                             yield item
             except asyncio.CancelledError:
+                await _end_if_cut_off(context, name, rpc, admission)
                 raise
             except grpc.aio.AbortError:
                 raise

@@ -36,6 +36,8 @@ log = logging.getLogger("llm_gateway.server")
 
 # How often a stopping server looks whether its last gateway call has finished.
 _DRAIN_POLL_S = 0.02
+# How long before the end of the shutdown grace the calls still running are cut off.
+_CUT_OFF_MARGIN_S = 0.5
 
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["CompletionService"]
 SERVICE_NAME = SERVICE.full_name
@@ -210,9 +212,17 @@ class GatewayServer:
             # grpc waits out the grace for every open call, health Watch streams too (a
             # client balancing with health checks holds one per connection): once no
             # gateway call is left they are ended, so the stop need not idle to the grace.
+            # Calls still running just before grpc would cut them are ended here instead,
+            # with a status that tells the caller to retry elsewhere (`ShuttingDown`).
+            margin = min(_CUT_OFF_MARGIN_S, grace / 2)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace):
+                async with asyncio.timeout(grace - margin):
                     await self._drained()
+            if cut := self.admission.cut_off():
+                log.warning("server.calls_cut_off", extra={"calls": cut, "grace_s": grace})
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(margin):
+                        await self._drained()
             self.health.end_watches()
             await stopping
             self._server = None

@@ -1,0 +1,176 @@
+"""Calls still running as shutdown's grace runs out end UNAVAILABLE with `SHUTTING_DOWN`.
+
+Left to grpc they would be cancelled at the end of the grace and reach the caller as a
+bare UNAVAILABLE ("Cancelling all calls", no details); the gateway ends them itself just
+before, with `ErrorInfo` `SHUTTING_DOWN` and a zero `RetryInfo` (retry at once,
+elsewhere), closes their upstream requests, and records them as such.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service.ledger import UsageFilter
+from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
+from tests.fake_upstream import FakeUpstream, Hang, Reply
+from tests.integration.test_resilience import error_details
+from tests.integration.test_stream_charges import PRICED_MODELS
+from tests.telemetry_support import attributes_of, captured_telemetry
+
+GRACE_S = 1.0
+# Six words, one a second: still streaming when a 1 s grace ends.
+SLOW_STREAM = Reply(content="one two three four five six", chunks=6, chunk_delay_s=1.0)
+
+
+def assert_shutting_down(error: grpc.aio.AioRpcError) -> None:
+    """UNAVAILABLE with ErrorInfo SHUTTING_DOWN and a RetryInfo of zero."""
+    assert error.code() is grpc.StatusCode.UNAVAILABLE, error
+    _, reason, retry_s = error_details(error)
+    assert reason == "SHUTTING_DOWN"
+    assert retry_s == 0.0
+    assert "shutting down" in (error.details() or "")
+
+
+async def stop(gateway: RunningGateway) -> float:
+    """Stop the gateway with a 1 s grace; how long the stop took."""
+    started = time.monotonic()
+    async with asyncio.timeout(10):  # a hang guard, far past the grace
+        await gateway.server.stop(grace_s=GRACE_S)
+    return time.monotonic() - started
+
+
+async def test_a_unary_call_outliving_the_grace_is_cut_off_with_details(
+    upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """The caller gets SHUTTING_DOWN before the grace ends; the upstream request is closed."""
+    upstream.script(Hang())
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    call = asyncio.ensure_future(gateway.stub.Complete(chat(), timeout=10))
+    while not upstream.requests:
+        await asyncio.sleep(0.01)
+    took_s = await stop(gateway)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert_shutting_down(caught.value)
+    await upstream.wait_for_disconnect()
+    assert GRACE_S / 2 <= took_s < GRACE_S + 1.0
+
+
+async def test_a_call_cut_off_is_recorded_as_shutting_down_not_cancelled(
+    upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """Its span and the request counter carry UNAVAILABLE and SHUTTING_DOWN, what the
+    caller got, rather than a cancellation."""
+    captured = captured_telemetry()
+    upstream.script(Hang())
+    gateway = await start_gateway(gateway_config(upstream.base_url), telemetry=captured.telemetry)
+    call = asyncio.ensure_future(gateway.stub.Complete(chat(), timeout=10))
+    while not upstream.requests:
+        await asyncio.sleep(0.01)
+    await stop(gateway)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call
+    unavailable = grpc.StatusCode.UNAVAILABLE.value[0]
+    server = attributes_of(captured.span("llmgateway.v1.CompletionService/Complete"))
+    assert (server["rpc.grpc.status_code"], server["error.type"]) == (unavailable, "SHUTTING_DOWN")
+    assert captured.total("llm_gateway.requests", rpc__grpc__status_code=unavailable) == 1
+    assert captured.total("llm_gateway.requests", rpc__grpc__status_code=1) == 0
+    assert captured.total("llm_gateway.rpc.in_flight") == 0
+
+
+async def test_a_stream_outliving_the_grace_keeps_its_text_and_is_charged(
+    upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """The deltas sent stand, the stream ends SHUTTING_DOWN, and the text sent is charged."""
+    upstream.script(SLOW_STREAM)
+    gateway = await start_gateway(gateway_config(upstream.base_url, models=PRICED_MODELS))
+    call = gateway.stub.CompleteStream(chat_stream(), timeout=10)
+    text = (await call.read()).delta.content
+    assert text
+    stopping = asyncio.ensure_future(stop(gateway))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        while (item := await call.read()) is not grpc.aio.EOF:
+            text += item.delta.content
+    assert_shutting_down(caught.value)
+    assert SLOW_STREAM.content.startswith(text)
+    assert len(text) < len(SLOW_STREAM.content)
+    await stopping
+    await upstream.wait_for_disconnect()
+    (row,) = await gateway.server.pipeline.ledger.query(UsageFilter())
+    assert (row.requests, row.estimated_requests) == (1, 1)
+    assert row.input_tokens > 0
+    assert row.output_tokens > 0
+    expected_usd = (row.input_tokens * 0.27 + row.output_tokens * 1.10) / 1e6  # PRICED_MODELS
+    assert row.cost_usd == pytest.approx(expected_usd, abs=1e-12)
+
+
+async def test_queued_calls_are_cut_off_too(start_gateway: Any) -> None:
+    """A call still waiting for a slot when the grace runs out gets the same answer."""
+    async with FakeUpstream(default=Hang()) as fake:
+        config = gateway_config(
+            fake.base_url, server={"max_in_flight_calls": 1, "max_queued_calls": 1}
+        )
+        gateway = await start_gateway(config)
+        calls = [asyncio.ensure_future(gateway.stub.Complete(chat(), timeout=10)) for _ in "ab"]
+        while not (fake.requests and gateway.server.admission.queued):
+            await asyncio.sleep(0.01)
+        await stop(gateway)
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert_shutting_down(caught.value)
+        assert len(fake.requests) == 1  # the queued call never reached the upstream
+        assert (gateway.server.admission.in_flight, gateway.server.admission.queued) == (0, 0)
+
+
+async def test_calls_done_within_the_grace_are_not_cut_off(start_gateway: Any) -> None:
+    """A call that finishes inside the grace is answered in full, as before."""
+    async with FakeUpstream(default=Reply(delay_s=0.2)) as fake:
+        gateway = await start_gateway(gateway_config(fake.base_url))
+        call = asyncio.ensure_future(gateway.stub.Complete(chat(), timeout=10))
+        while not fake.requests:
+            await asyncio.sleep(0.01)
+        await stop(gateway)
+        assert (await call).content == "Hello from fake"
+        assert gateway.server.admission.cut_off() == 0
+
+
+async def test_a_caller_that_cancels_during_the_grace_is_not_reported_as_cut_off(
+    start_gateway: Any,
+) -> None:
+    """Only the calls the gateway itself ends are SHUTTING_DOWN: a caller's own
+    cancellation during the grace stays a cancellation."""
+    async with FakeUpstream(default=Hang()) as fake:
+        gateway = await start_gateway(gateway_config(fake.base_url))
+        call = gateway.stub.Complete(chat(), timeout=10)
+        while not fake.requests:
+            await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(stop(gateway))
+        await asyncio.sleep(0.1)
+        call.cancel()
+        await fake.wait_for_disconnect()
+        assert await stopping < GRACE_S / 2 + 0.4  # drained: nothing left to cut
+        assert call.cancelled()
+
+
+async def test_batch_items_in_flight_are_cut_off_with_the_call(start_gateway: Any) -> None:
+    """CompleteBatch goes through the same boundary: the call ends SHUTTING_DOWN."""
+    async with FakeUpstream(default=Hang()) as fake:
+        gateway = await start_gateway(gateway_config(fake.base_url))
+        batch = pb.CompleteBatchRequest(items=[pb.BatchItem(request=chat()) for _ in range(2)])
+        call = gateway.stub.CompleteBatch(batch, timeout=10)
+        reader = asyncio.ensure_future(call.read())
+        while len(fake.requests) < 2:
+            await asyncio.sleep(0.01)
+        await stop(gateway)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await reader
+        assert_shutting_down(caught.value)
+        for _ in range(2):
+            await fake.wait_for_disconnect()
