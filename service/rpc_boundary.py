@@ -45,6 +45,11 @@ UnaryHandler: TypeAlias = Callable[[Any, Context], Awaitable[Any]]
 StreamHandler: TypeAlias = Callable[[Any, Context], AsyncGenerator[Any, None]]
 
 
+# What `Admission.enter` hands out and `leave` takes back: the call's task (None only
+# outside a task), so that `leave` need not look it up again.
+CallTicket: TypeAlias = "asyncio.Task[Any] | None"
+
+
 class Admission:
     """Bounds calls in flight and calls queued for a slot; refuses the rest immediately.
 
@@ -72,15 +77,15 @@ class Admission:
         """Calls waiting for a slot."""
         return len(self._queue)
 
-    async def enter(self) -> None:
+    async def enter(self) -> CallTicket:
         """Admit the calling task's call, queueing it while there is room, or raise
-        `Overloaded`. The task calls `leave` once the call is done."""
+        `Overloaded`. Give the ticket back to `leave` once the call is done."""
         task = asyncio.current_task()
         if self.in_flight < self.max_in_flight and not self._queue:
             self.in_flight += 1
             if task is not None:
                 self._calls.add(task)
-            return
+            return task
         if len(self._queue) >= self.max_queued:
             raise Overloaded(retry_after_s=self.retry_after_s)
         slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -91,12 +96,14 @@ class Admission:
             await slot
         except BaseException:
             if slot.done() and not slot.cancelled():
-                self.leave()  # a slot was handed to us as we gave up: pass it on
+                self.leave(task)  # a slot was handed to us as we gave up: pass it on
             else:
-                self._forget(task)
+                if task is not None:
+                    self._calls.discard(task)
                 with contextlib.suppress(ValueError):
                     self._queue.remove(slot)
             raise
+        return task
 
     def cut_off(self) -> int:
         """Cancel every admitted or queued call not cancelled yet; returns how many.
@@ -110,17 +117,15 @@ class Admission:
             task.cancel()
         return len(cut)
 
-    def _forget(self, task: asyncio.Task[Any] | None) -> None:
-        if task is not None:
-            self._calls.discard(task)
-
     def was_cut_off(self) -> bool:
         """Whether `cut_off` cancelled the calling task's call."""
         return bool(self._cut_off) and asyncio.current_task() in self._cut_off
 
-    def leave(self) -> None:
-        """The calling task's call finished: its slot goes to the oldest queued call."""
-        self._forget(asyncio.current_task())
+    def leave(self, ticket: CallTicket) -> None:
+        """The call `enter` gave `ticket` for finished: its slot goes to the oldest
+        queued call."""
+        if ticket is not None:
+            self._calls.discard(ticket)
         while self._queue:
             slot = self._queue.popleft()
             if not slot.done():
@@ -205,7 +210,7 @@ def _guard_unary(
         metadata = context.invocation_metadata() or ()
         with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
             try:
-                await admission.enter()
+                ticket = await admission.enter()
             except Overloaded as exc:
                 await abort_with(context, exc, name, rpc)
             except asyncio.CancelledError:
@@ -223,7 +228,7 @@ def _guard_unary(
             except Exception as exc:
                 await abort_with(context, exc, name, rpc)
             finally:
-                admission.leave()
+                admission.leave(ticket)
             context.set_trailing_metadata(rpc.trailers())
             return response
 
@@ -238,7 +243,7 @@ def _guard_stream(
         metadata = context.invocation_metadata() or ()
         with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
             try:
-                await admission.enter()
+                ticket = await admission.enter()
             except Overloaded as exc:
                 await abort_with(context, exc, name, rpc)
             except asyncio.CancelledError:
@@ -259,7 +264,7 @@ def _guard_stream(
             except Exception as exc:
                 await abort_with(context, exc, name, rpc)
             finally:
-                admission.leave()
+                admission.leave(ticket)
             context.set_trailing_metadata(rpc.trailers())
 
     return guarded

@@ -314,31 +314,31 @@ async def test_limiter_pause_after_429_delays_the_next_call():
 async def test_admission_queues_then_sheds_immediately():
     """Past in-flight calls wait in a bounded queue; past the queue, Overloaded at once."""
     admission = Admission(max_in_flight=1, max_queued=1, retry_after_s=0.5)
-    await admission.enter()
+    first = await admission.enter()
     queued = asyncio.ensure_future(admission.enter())
     await asyncio.sleep(0)
     assert admission.queued == 1
     with pytest.raises(Overloaded) as info:
         await admission.enter()
     assert info.value.retry_after_s == 0.5
-    admission.leave()
-    await queued
+    admission.leave(first)
+    second = await queued
     assert (admission.in_flight, admission.queued) == (1, 0)
-    admission.leave()
+    admission.leave(second)
     assert admission.in_flight == 0
 
 
 async def test_admission_cancelled_waiter_frees_its_queue_place():
     """A queued call that is cancelled leaves the queue and takes no slot."""
     admission = Admission(max_in_flight=1, max_queued=1, retry_after_s=0.5)
-    await admission.enter()
+    ticket = await admission.enter()
     queued = asyncio.ensure_future(admission.enter())
     await asyncio.sleep(0)
     queued.cancel()
     with pytest.raises(asyncio.CancelledError):
         await queued
     assert admission.queued == 0
-    admission.leave()
+    admission.leave(ticket)
     assert admission.in_flight == 0
 
 
