@@ -43,6 +43,7 @@ from redis.exceptions import RedisError
 from service.config import LedgerConfig, redis_password
 from service.domain import Usage
 from service.errors import UpstreamUnavailable
+from service.late_release import LateReleases
 
 log = logging.getLogger("llm_gateway.ledger")
 
@@ -428,6 +429,7 @@ class RedisLedger:
         self._reserve_script = self._redis.register_script(_RESERVE_LUA)
         self._reserved_script = self._redis.register_script(_RESERVED_LUA)
         self._release_script = self._redis.register_script(_RELEASE_LUA)
+        self.late_releases = LateReleases("ledger", lease_ttl_s=RESERVATION_TTL_S)
 
     @staticmethod
     def _row_id(dims: Dims) -> str:
@@ -582,24 +584,33 @@ class RedisLedger:
         return int(raw) / PICO
 
     async def release(self, reservation: Reservation) -> None:
-        """Stop holding `reservation` (idempotent); if Redis is down, its lease lapses."""
+        """Stop holding `reservation` (idempotent). If Redis does not take the release
+        now, it is retried in the background until it does or the lease lapses."""
         if not reservation.is_granted:
             return
-        _, reserved_key, leases_key = self._budget_keys(reservation.tenant, reservation.period_key)
-        try:
+
+        async def release_now() -> None:
+            _, reserved, leases = self._budget_keys(reservation.tenant, reservation.period_key)
             await self._release_script(
-                keys=[reserved_key, leases_key],
-                args=[self._lease(reservation), reservation.cost_pico],
+                keys=[reserved, leases], args=[self._lease(reservation), reservation.cost_pico]
             )
+
+        try:
+            await release_now()
         except (RedisError, OSError) as exc:
             log.warning("ledger.release_failed", extra={"error": type(exc).__name__})
+            self.late_releases.retry(release_now)
+        except BaseException:  # cancelled while releasing: it may not have reached Redis
+            self.late_releases.retry(release_now)
+            raise
 
     @staticmethod
     def _lease(reservation: Reservation) -> str:
         return f"{reservation.id}:{reservation.cost_pico}"
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Stop retrying releases and close the connection pool."""
+        await self.late_releases.aclose()
         await self._redis.aclose()
 
 

@@ -80,7 +80,9 @@ async def build_caller_gate(config: GatewayConfig, stack: contextlib.AsyncExitSt
         client = _redis_client(config)
         stack.push_async_callback(client.aclose)
         stores.append(RedisKeyStore(client, prefix=auth.redis_key_prefix))
-        limiter = RedisTenantLimiter(client, prefix=auth.redis_key_prefix)
+        redis_limiter = RedisTenantLimiter(client, prefix=auth.redis_key_prefix)
+        stack.push_async_callback(redis_limiter.aclose)  # unwound before client.aclose
+        limiter = redis_limiter
     authenticator = Authenticator(
         auth,
         config.tenants,

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from service.clock import SYSTEM_CLOCK, Clock
 from service.config import TenantConfig
 from service.errors import QuotaExceeded
+from service.late_release import LateReleases, Release
 
 log = logging.getLogger("llm_gateway.tenant_limits")
 
@@ -185,13 +186,30 @@ class RedisTenantLimiter:
     """The same buckets and in-flight counts, in Redis, shared by every replica.
 
     If Redis cannot be reached the call is admitted and a warning logged: an outage of
-    the limit store should not take the whole gateway down with it.
+    the limit store should not take the whole gateway down with it. A lease Redis does
+    not take back when its call ends is given back later (`LateReleases`), so a short
+    outage does not hold a tenant's slot for the lease's 15 minutes.
     """
 
     def __init__(self, redis: Any, *, prefix: str) -> None:
         self._redis = redis
         self._prefix = prefix
         self._script = redis.register_script(_ADMIT_LUA)
+        self.late_releases = LateReleases("tenant_limits", lease_ttl_s=_LEASE_TTL_S)
+
+    async def aclose(self) -> None:
+        """Stop retrying releases (before the Redis client closes)."""
+        await self.late_releases.aclose()
+
+    async def _give_back(self, release: Release) -> None:
+        """Run `release` now; if Redis does not take it, keep retrying it in the background."""
+        try:
+            await release()
+        except Exception:
+            self.late_releases.retry(release)
+        except BaseException:  # cancelled while releasing: it may not have reached Redis
+            self.late_releases.retry(release)
+            raise
 
     def _keys(self, tenant: str, lease: str) -> list[str]:
         base = f"{self._prefix}tenant:{{{tenant}}}:"
@@ -237,8 +255,7 @@ class RedisTenantLimiter:
             # Cancelled awaiting the reply: the script may have taken a lease; give it back
             # now rather than hold the tenant's slot until the lease expires.
             if cap:
-                with contextlib.suppress(Exception):
-                    await self._release_unconfirmed(keys, lease)
+                await self._give_back(lambda: self._release_unconfirmed(keys, lease))
             raise
         if int(which):
             limit = {1: rpm, 2: tpm, 3: cap}[int(which)]
@@ -247,8 +264,7 @@ class RedisTenantLimiter:
             yield
         finally:
             if cap:
-                with contextlib.suppress(Exception):
-                    if is_confirmed:
-                        await self._redis.zrem(keys[2], lease)
-                    else:
-                        await self._release_unconfirmed(keys, lease)
+                if is_confirmed:
+                    await self._give_back(lambda: self._redis.zrem(keys[2], lease))
+                else:
+                    await self._give_back(lambda: self._release_unconfirmed(keys, lease))

@@ -1,0 +1,115 @@
+"""Releases a shared store refused, retried in the background until they land.
+
+A lease in Redis (a tenant's in-flight slot, a budget reservation) that a call could not
+give back when it ended keeps counting until it expires, 15 minutes later: a Redis
+failover of a few seconds at the wrong moment would hold a tenant at its
+`max_concurrent_calls` (or its budget) for that long. Each release that fails is kept
+here and retried, oldest first, with capped exponential backoff while the store stays
+unreachable, until it succeeds or its lease has expired anyway. One task does the
+retrying, however many releases wait; at most `max_pending` wait (past that the oldest
+is left to expire), so an outage under full load cannot grow memory without bound.
+Releases must be idempotent: a release that timed out may still have happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("llm_gateway.late_release")
+
+Release = Callable[[], Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    release: Release
+    expires_at: float  # the event loop's clock
+
+
+class LateReleases:
+    """Retries failed releases of one store (`store` names it in the logs)."""
+
+    def __init__(
+        self,
+        store: str,
+        *,
+        lease_ttl_s: float,
+        first_delay_s: float = 0.5,
+        max_delay_s: float = 30.0,
+        max_pending: int = 10_000,
+    ) -> None:
+        self._store = store
+        self._lease_ttl_s = lease_ttl_s
+        self._first_delay_s = first_delay_s
+        self._max_delay_s = max_delay_s
+        self._pending: deque[_Pending] = deque()
+        self._max_pending = max_pending
+        self._worker: asyncio.Task[None] | None = None
+        self.released = 0
+        self.dropped = 0
+
+    @property
+    def pending(self) -> int:
+        """Releases still waiting for the store."""
+        return len(self._pending)
+
+    def retry(self, release: Release) -> None:
+        """Keep retrying `release` (which just failed) until it succeeds or expires."""
+        loop = asyncio.get_running_loop()
+        if len(self._pending) >= self._max_pending:
+            self._pending.popleft()  # it will expire in the store on its own
+            self.dropped += 1
+        self._pending.append(_Pending(release, loop.time() + self._lease_ttl_s))
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._retry_pending())
+
+    async def _retry_pending(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self._first_delay_s
+        while self._pending:
+            await asyncio.sleep(delay)
+            released = 0
+            while self._pending:
+                item = self._pending[0]
+                if loop.time() < item.expires_at:
+                    try:
+                        await item.release()
+                    except Exception as exc:
+                        delay = min(delay * 2, self._max_delay_s)
+                        log.warning(
+                            "late_release.store_unavailable",
+                            extra={
+                                "store": self._store,
+                                "pending": len(self._pending),
+                                "error": type(exc).__name__,
+                                "retry_in_s": delay,
+                            },
+                        )
+                        break
+                    released += 1
+                    self.released += 1
+                if self._pending and self._pending[0] is item:  # not dropped meanwhile
+                    self._pending.popleft()
+            else:
+                delay = self._first_delay_s
+            if released:
+                log.info(
+                    "late_release.released", extra={"store": self._store, "releases": released}
+                )
+
+    async def aclose(self) -> None:
+        """Stop retrying; the releases left expire in the store on their own."""
+        if self._worker is not None:
+            self._worker.cancel()
+            # wait, not `await` under suppress(CancelledError): that would also swallow a
+            # cancellation of aclose itself.
+            await asyncio.wait([self._worker])
+        if self._pending:
+            log.warning(
+                "late_release.abandoned", extra={"store": self._store, "releases": self.pending}
+            )
+            self._pending.clear()

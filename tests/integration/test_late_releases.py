@@ -1,0 +1,134 @@
+"""Leases Redis refused to release are given back once it takes writes, not 15 minutes later.
+
+A call that ends while Redis refuses writes cannot give back its tenant slot or its
+budget reservation then. Here a real redis-server is demoted mid-call to a replica of a
+master that does not exist (`REPLICAOF`), as the node a gateway talks to is during a
+failover: it keeps its data but answers every write `READONLY`. Before, the lease held
+the tenant until it expired, 15 minutes later; now the release is retried in the
+background and lands once the server is promoted back (`REPLICAOF NO ONE`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import FAKE_MODEL, chat, gateway_config
+from tests.fake_upstream import FakeUpstream, Reply
+from tests.integration.tenancy_helpers import as_tenant, secure_config
+from tests.integration.test_budget_reservations import budget_for, capped
+from tests.redis_server import RedisServer
+from tests.scripted_upstream import ScriptedUpstream
+
+pytestmark = pytest.mark.redis
+_TIMEOUT_S = 10.0
+
+
+async def until(predicate: Callable[[], Any]) -> None:
+    """Wait until `await predicate()` (or `predicate()`) holds."""
+    async with asyncio.timeout(_TIMEOUT_S):
+        while True:
+            result = predicate()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def read_only(client: Any) -> AsyncIterator[None]:
+    """The server refuses writes (a replica of an unreachable master) inside the block."""
+    await client.execute_command("REPLICAOF", "127.0.0.1", "1")
+    try:
+        yield
+    finally:
+        await client.execute_command("REPLICAOF", "NO", "ONE")
+
+
+async def test_a_tenant_slot_redis_refused_to_release_is_given_back_once_it_takes_writes(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """team-a may run one call at a time; its call ends while Redis refuses writes; once
+    Redis takes writes again the slot is free, and team-a's next call is admitted."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    async with FakeUpstream(default=Reply(delay_s=0.3)) as fake:
+        config = secure_config(
+            fake.base_url,
+            auth={
+                "redis_url": redis_server.url,
+                "redis_key_prefix": prefix,
+                "redis_timeout_s": 0.2,
+            },
+            tenants={"team-a": {"max_concurrent_calls": 1}, "team-b": {}},
+        )
+        gateway = await start_gateway(config)
+        client = aioredis.Redis.from_url(redis_server.url)
+        in_flight = f"{prefix}tenant:{{team-a}}:inflight"
+        try:
+            call = asyncio.ensure_future(
+                gateway.stub.Complete(chat(), metadata=as_tenant("team-a"), timeout=_TIMEOUT_S)
+            )
+            await until(lambda: fake.requests)
+            assert await client.zcard(in_flight) == 1
+            async with read_only(client):
+                assert (await call).content == "Hello from fake"  # served; its release refused
+                await asyncio.sleep(0.3)
+                assert await client.zcard(in_flight) == 1
+            await until(lambda: _zcard_is_zero(client, in_flight))
+            second = await gateway.stub.Complete(
+                chat(), metadata=as_tenant("team-a"), timeout=_TIMEOUT_S
+            )
+            assert second.content == "Hello from fake"
+        finally:
+            await client.aclose()
+
+
+async def _zcard_is_zero(client: Any, key: str) -> bool:
+    return int(await client.zcard(key)) == 0
+
+
+async def test_a_reservation_redis_refused_to_release_is_given_back_once_it_takes_writes(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """The budget has room for one call in flight; that call ends while Redis refuses
+    writes; once Redis takes them its reservation is gone and the next call passes."""
+    ledger = {
+        "redis_url": redis_server.url,
+        "key_prefix": uuid.uuid4().hex,
+        "operation_timeout_s": 0.2,
+    }
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as held:
+        config = gateway_config(
+            held.base_url,
+            ledger=ledger,
+            budgets={"default": budget_for(1.5)},
+            resilience={"attempts": 1},
+        )
+        gateway = await start_gateway(config)
+        reservations = gateway.server.pipeline.ledger
+        held.gate.clear()
+        call = asyncio.ensure_future(gateway.stub.Complete(capped("call a"), timeout=_TIMEOUT_S))
+        await until(lambda: held.requests)
+        assert await reservations.reserved_usd("default", "day") > 0
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            async with read_only(client):
+                held.gate.set()
+                assert (await call).content  # served; its release refused
+                await asyncio.sleep(0.3)
+                assert await reservations.reserved_usd("default", "day") > 0
+        finally:
+            await client.aclose()
+        await until(lambda: _nothing_reserved(reservations))
+        assert (await gateway.stub.Complete(capped("call b"), timeout=_TIMEOUT_S)).content
+
+
+async def _nothing_reserved(ledger: Any) -> bool:
+    return float(await ledger.reserved_usd("default", "day")) == 0.0

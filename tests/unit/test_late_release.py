@@ -1,0 +1,123 @@
+"""`LateReleases`: failed releases retried in the background until they land."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from service.late_release import LateReleases
+
+_TIMEOUT_S = 5.0
+
+
+class Store:
+    """A store that refuses the first `failures` releases, and records what it took."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.attempts: list[str] = []
+        self.released: list[str] = []
+
+    def release(self, name: str) -> Callable[[], Awaitable[None]]:
+        async def attempt() -> None:
+            self.attempts.append(name)
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("store unreachable")
+            self.released.append(name)
+
+        return attempt
+
+
+async def drained(late: LateReleases) -> None:
+    async with asyncio.timeout(_TIMEOUT_S):
+        while late.pending:
+            await asyncio.sleep(0.005)
+
+
+def fast(**options: float) -> LateReleases:
+    return LateReleases("test", **{"lease_ttl_s": 60.0, "first_delay_s": 0.01, **options})
+
+
+async def test_a_release_is_retried_until_the_store_takes_it() -> None:
+    """Refused twice more after the caller's own try: retried, with backoff, until it lands."""
+    store = Store(failures=2)
+    late = fast(max_delay_s=0.05)
+    late.retry(store.release("a"))
+    await drained(late)
+    assert store.attempts == ["a", "a", "a"]
+    assert store.released == ["a"]
+    assert late.released == 1
+
+
+async def test_waiting_releases_go_oldest_first_through_one_worker() -> None:
+    """While the store is down one retry at a time probes it; once up, all land in order."""
+    store = Store(failures=1)
+    late = fast()
+    for name in "abc":
+        late.retry(store.release(name))
+    assert late.pending == 3
+    await drained(late)
+    assert store.attempts == ["a", "a", "b", "c"]  # only the oldest probed the dead store
+    assert store.released == ["a", "b", "c"]
+
+
+async def test_a_release_whose_lease_has_expired_is_not_tried() -> None:
+    """Past the lease's TTL the store has dropped it already: nothing is sent."""
+    store = Store()
+    late = fast(lease_ttl_s=0.0)
+    late.retry(store.release("a"))
+    await drained(late)
+    assert store.attempts == []
+    assert late.released == 0
+
+
+async def test_past_max_pending_the_oldest_is_left_to_expire() -> None:
+    """An outage under load cannot grow the backlog without bound."""
+    store = Store()
+    late = fast(max_pending=2)
+    for name in "abc":
+        late.retry(store.release(name))
+    assert (late.pending, late.dropped) == (2, 1)
+    await drained(late)
+    assert store.released == ["b", "c"]
+
+
+async def test_aclose_stops_retrying_and_abandons_the_rest() -> None:
+    """Closing (the server stops) cancels the worker; no release runs after it."""
+    store = Store(failures=1_000)
+    late = fast()
+    late.retry(store.release("a"))
+    await asyncio.sleep(0.05)
+    await late.aclose()
+    attempts = len(store.attempts)
+    assert attempts >= 1
+    assert late.pending == 0
+    await asyncio.sleep(0.05)
+    assert len(store.attempts) == attempts
+
+
+async def test_a_new_failure_after_the_backlog_drained_starts_a_new_worker() -> None:
+    """The worker ends once nothing waits, and the next failure starts another."""
+    store = Store()
+    late = fast()
+    late.retry(store.release("a"))
+    await drained(late)
+    late.retry(store.release("b"))
+    await drained(late)
+    assert store.released == ["a", "b"]
+
+
+async def test_backoff_doubles_up_to_its_cap(caplog: pytest.LogCaptureFixture) -> None:
+    """However long the store stays down, the next probe is at most max_delay_s away."""
+    store = Store(failures=5)
+    late = fast(max_delay_s=0.04)
+    with caplog.at_level(logging.WARNING, logger="llm_gateway.late_release"):
+        late.retry(store.release("a"))
+        await drained(late)
+    waits = [r.retry_in_s for r in caplog.records if r.message == "late_release.store_unavailable"]
+    assert waits == [0.02, 0.04, 0.04, 0.04, 0.04]
+    assert store.released == ["a"]
