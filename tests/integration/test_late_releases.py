@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -23,23 +23,12 @@ from tests.conftest import FAKE_MODEL, chat, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.integration.test_budget_reservations import budget_for, capped
+from tests.integration.test_cache import eventually
 from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream
 
 pytestmark = pytest.mark.redis
 _TIMEOUT_S = 10.0
-
-
-async def until(predicate: Callable[[], Any]) -> None:
-    """Wait until `await predicate()` (or `predicate()`) holds."""
-    async with asyncio.timeout(_TIMEOUT_S):
-        while True:
-            result = predicate()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager
@@ -75,13 +64,13 @@ async def test_a_tenant_slot_redis_refused_to_release_is_given_back_once_it_take
             call = asyncio.ensure_future(
                 gateway.stub.Complete(chat(), metadata=as_tenant("team-a"), timeout=_TIMEOUT_S)
             )
-            await until(lambda: fake.requests)
+            await eventually(lambda: fake.requests)
             assert await client.zcard(in_flight) == 1
             async with read_only(client):
                 assert (await call).content == "Hello from fake"  # served; its release refused
                 await asyncio.sleep(0.3)
                 assert await client.zcard(in_flight) == 1
-            await until(lambda: _zcard_is_zero(client, in_flight))
+            await eventually(lambda: _zcard_is_zero(client, in_flight))
             second = await gateway.stub.Complete(
                 chat(), metadata=as_tenant("team-a"), timeout=_TIMEOUT_S
             )
@@ -115,7 +104,7 @@ async def test_a_reservation_redis_refused_to_release_is_given_back_once_it_take
         reservations = gateway.server.pipeline.ledger
         held.gate.clear()
         call = asyncio.ensure_future(gateway.stub.Complete(capped("call a"), timeout=_TIMEOUT_S))
-        await until(lambda: held.requests)
+        await eventually(lambda: held.requests)
         assert await reservations.reserved_usd("default", "day") > 0
         client = aioredis.Redis.from_url(redis_server.url)
         try:
@@ -126,7 +115,7 @@ async def test_a_reservation_redis_refused_to_release_is_given_back_once_it_take
                 assert await reservations.reserved_usd("default", "day") > 0
         finally:
             await client.aclose()
-        await until(lambda: _nothing_reserved(reservations))
+        await eventually(lambda: _nothing_reserved(reservations))
         assert (await gateway.stub.Complete(capped("call b"), timeout=_TIMEOUT_S)).content
 
 
