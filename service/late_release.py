@@ -8,7 +8,9 @@ here and retried, oldest first, with capped exponential backoff while the store 
 unreachable, until it succeeds or its lease has expired anyway. One task does the
 retrying, however many releases wait; at most `max_pending` wait (past that the oldest
 is left to expire), so an outage under full load cannot grow memory without bound.
-Releases must be idempotent: a release that timed out may still have happened.
+Releases must be idempotent: a release that timed out may still have happened. A write
+that is not idempotent by nature (the usage ledger's rows) is made so by its store, and
+says through `on_give_up` when it is abandoned.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ Release = Callable[[], Awaitable[object]]
 class _Pending:
     release: Release
     expires_at: float  # the event loop's clock
+    on_give_up: Callable[[], None] | None
 
 
 class LateReleases:
@@ -57,13 +60,22 @@ class LateReleases:
         """Releases still waiting for the store."""
         return len(self._pending)
 
-    def retry(self, release: Release) -> None:
-        """Keep retrying `release` (which just failed) until it succeeds or expires."""
+    def retry(
+        self,
+        release: Release,
+        *,
+        expires_after_s: float | None = None,
+        on_give_up: Callable[[], None] | None = None,
+    ) -> None:
+        """Keep retrying `release` (which just failed) until it succeeds or, after
+        `expires_after_s` (the lease's TTL by default), is no use any more; `on_give_up`
+        is called if it is abandoned instead (expired, crowded out or closed)."""
         loop = asyncio.get_running_loop()
         if len(self._pending) >= self._max_pending:
-            self._pending.popleft()  # it will expire in the store on its own
+            self._give_up(self._pending.popleft())  # it expires in the store on its own
             self.dropped += 1
-        self._pending.append(_Pending(release, loop.time() + self._lease_ttl_s))
+        ttl_s = self._lease_ttl_s if expires_after_s is None else expires_after_s
+        self._pending.append(_Pending(release, loop.time() + ttl_s, on_give_up))
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._retry_pending())
 
@@ -92,6 +104,8 @@ class LateReleases:
                         break
                     released += 1
                     self.released += 1
+                else:
+                    self._give_up(item)
                 if self._pending and self._pending[0] is item:  # not dropped meanwhile
                     self._pending.popleft()
             else:
@@ -112,4 +126,11 @@ class LateReleases:
             log.warning(
                 "late_release.abandoned", extra={"store": self._store, "releases": self.pending}
             )
+            for item in self._pending:
+                self._give_up(item)
             self._pending.clear()
+
+    @staticmethod
+    def _give_up(item: _Pending) -> None:
+        if item.on_give_up is not None:
+            item.on_give_up()

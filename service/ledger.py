@@ -29,6 +29,7 @@ import contextlib
 import datetime as dt
 import functools
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -51,6 +52,8 @@ PICO = 10**12
 # A reservation its replica never released (it crashed mid-call) stops counting after
 # this long; longer than any call is expected to run.
 RESERVATION_TTL_S = 900
+# A usage row Redis did not take is retried for this long, then given up (and logged).
+RECORD_RETRY_S = 3600
 _FIELDS = (
     "requests",
     "estimated_requests",
@@ -388,6 +391,32 @@ redis.call('EXPIRE', KEYS[3], ARGV[5])
 return {1, spent, reserved}
 """
 _RESERVE_LUA = _SWEEP_LUA + _RESERVE
+# One finished call, applied at most once however often it is sent: each replica numbers
+# its records, and Redis keeps the numbers it applied (KEYS[7]) from the lowest one the
+# replica has not yet seen confirmed (ARGV[7]) up; anything lower is never sent again.
+# KEYS: dims, row, bucket's row ids, buckets, day spend, month spend, applied numbers.
+# ARGV: row id, dims JSON, row TTL, bucket, drop buckets before, record number, lowest
+# unconfirmed number, applied numbers' TTL, then the counters in _FIELDS order.
+_RECORD_LUA = """
+if redis.call('ZSCORE', KEYS[7], ARGV[6]) then return 0 end
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+local fields = {FIELDS}
+for i, name in ipairs(fields) do redis.call('HINCRBY', KEYS[2], name, ARGV[8 + i]) end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[5])
+local cost = ARGV[8 + #fields]
+for k = 5, 6 do
+  redis.call('INCRBY', KEYS[k], cost)
+  redis.call('EXPIRE', KEYS[k], ARGV[3])
+end
+redis.call('ZADD', KEYS[7], ARGV[6], ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. ARGV[7])
+redis.call('EXPIRE', KEYS[7], ARGV[8])
+return 1
+""".replace("FIELDS", ", ".join(f"'{name}'" for name in _FIELDS))
 _RESERVED_LUA = _SWEEP_LUA + "return reserved"
 # KEYS: reserved, leases. ARGV: lease, cost. A lease already released or lapsed is not
 # subtracted twice; once no lease is left the total is dropped, so it cannot drift.
@@ -396,6 +425,38 @@ if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then redis.call('DECRBY', KEYS[1], 
 if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+_PERIODS = ("day", "month")
+
+
+class _RecordNumbers:
+    """This replica's record numbers: the next one, and which are not yet confirmed.
+
+    Redis keeps every number it applied from `lowest_unconfirmed()` up (under `key`), so
+    a record sent again is recognised; numbers below it were confirmed and are never
+    sent again, so Redis forgets them and the set stays as small as the records in flight.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._next = 1
+        self._unconfirmed: list[int] = []  # a heap; confirmed numbers leave it lazily
+        self._confirmed: set[int] = set()
+
+    def take(self) -> int:
+        number = self._next
+        self._next += 1
+        heapq.heappush(self._unconfirmed, number)
+        return number
+
+    def confirm(self, number: int) -> None:
+        self._confirmed.add(number)
+        while self._unconfirmed and self._unconfirmed[0] in self._confirmed:
+            self._confirmed.discard(heapq.heappop(self._unconfirmed))
+
+    def lowest_unconfirmed(self) -> int:
+        return self._unconfirmed[0] if self._unconfirmed else self._next
 
 
 class RedisLedger:
@@ -429,7 +490,10 @@ class RedisLedger:
         self._reserve_script = self._redis.register_script(_RESERVE_LUA)
         self._reserved_script = self._redis.register_script(_RESERVED_LUA)
         self._release_script = self._redis.register_script(_RELEASE_LUA)
+        self._record_script = self._redis.register_script(_RECORD_LUA)
+        # Failed reservation releases and usage rows, retried in the order they failed.
         self.late_releases = LateReleases("ledger", lease_ttl_s=RESERVATION_TTL_S)
+        self._records = _RecordNumbers(f"{self._prefix}:applied:{uuid.uuid4().hex}")
 
     @staticmethod
     def _row_id(dims: Dims) -> str:
@@ -437,33 +501,50 @@ class RedisLedger:
         return hashlib.sha256(encoded.encode()).hexdigest()[:24]
 
     async def record(self, entry: UsageEntry) -> None:
-        """Add one finished call in one round trip."""
+        """Add one finished call in one round trip, exactly once.
+
+        If Redis does not take it (unreachable, or `READONLY` mid-failover) the call is
+        not failed for it: the row is retried in the background for `RECORD_RETRY_S`,
+        and a send that timed out but landed is not counted again.
+        """
         now = self._buckets.now()
         bucket = self._buckets.start(now)
         dims = _dims(entry.tenant, entry.model, entry.upstream, entry.labels)
         row_id = self._row_id(dims)
-        row_key = f"{self._prefix}:row:{bucket}:{row_id}"
-        bucket_key = f"{self._prefix}:bucket:{bucket}"
-        buckets_key = f"{self._prefix}:buckets"
+        spend = [f"{self._prefix}:spend:{entry.tenant}:{period_key(p, now)}" for p in _PERIODS]
+        keys = [
+            f"{self._prefix}:dims",
+            f"{self._prefix}:row:{bucket}:{row_id}",
+            f"{self._prefix}:bucket:{bucket}",
+            f"{self._prefix}:buckets",
+            *spend,
+            self._records.key,
+        ]
+        number = self._records.take()
         counters = _entry_counters(entry)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hsetnx(f"{self._prefix}:dims", row_id, json.dumps(dims))
-        for name, value in counters.items():
-            pipe.hincrby(row_key, name, value)
-        pipe.expire(row_key, self._ttl_s)
-        pipe.sadd(bucket_key, row_id)
-        pipe.expire(bucket_key, self._ttl_s)
-        pipe.zadd(buckets_key, {str(bucket): bucket})
-        pipe.zremrangebyscore(buckets_key, "-inf", f"({now - self._ttl_s}")
-        for period in ("day", "month"):
-            spend_key = f"{self._prefix}:spend:{entry.tenant}:{period_key(period, now)}"
-            pipe.incrby(spend_key, counters["cost_pico"])
-            pipe.expire(spend_key, self._ttl_s)
+        args: list[str | int | float] = [
+            row_id, json.dumps(dims), self._ttl_s, bucket, now - self._ttl_s, number,
+            0, 2 * RECORD_RETRY_S, *(counters[name] for name in _FIELDS),
+        ]  # fmt: skip
+
+        async def record_now() -> None:
+            args[6] = self._records.lowest_unconfirmed()
+            await self._record_script(keys=keys, args=args)
+            self._records.confirm(number)
+
+        def give_up() -> None:
+            self._records.confirm(number)  # never sent again
+            log.error("ledger.record_lost", extra={"tenant": entry.tenant})
+
         try:
-            await pipe.execute()
+            await record_now()
         except (RedisError, OSError) as exc:
-            # Losing a ledger line must not fail a call that the upstream already served.
+            # A call the upstream already served is not failed for its ledger line.
             log.warning("ledger.record_failed", extra={"error": type(exc).__name__})
+            self.late_releases.retry(record_now, expires_after_s=RECORD_RETRY_S, on_give_up=give_up)
+        except BaseException:  # cancelled while recording: it may not have reached Redis
+            self.late_releases.retry(record_now, expires_after_s=RECORD_RETRY_S, on_give_up=give_up)
+            raise
 
     async def query(self, query: UsageFilter) -> list[UsageRow]:
         """Rows matching `query`, summed over its time window.

@@ -121,3 +121,24 @@ async def test_backoff_doubles_up_to_its_cap(caplog: pytest.LogCaptureFixture) -
     waits = [r.retry_in_s for r in caplog.records if r.message == "late_release.store_unavailable"]
     assert waits == [0.02, 0.04, 0.04, 0.04, 0.04]
     assert store.released == ["a"]
+
+
+async def test_a_release_given_up_says_so() -> None:
+    """Expired, crowded out or closed: `on_give_up` is called, once, for each."""
+    store = Store(failures=1_000)
+    late = fast(max_pending=2)
+    given_up: list[str] = []
+
+    def retry(name: str, **options: float) -> None:
+        late.retry(store.release(name), on_give_up=lambda: given_up.append(name), **options)
+
+    retry("expired", expires_after_s=0.0)
+    retry("a")
+    await asyncio.sleep(0.05)  # the worker skips the expired one; "a" keeps failing
+    assert given_up == ["expired"]
+    retry("b")
+    retry("c")  # past max_pending: crowds out the oldest, "a"
+    assert given_up == ["expired", "a"]
+    await late.aclose()
+    assert given_up == ["expired", "a", "b", "c"]
+    assert "expired" not in store.attempts

@@ -20,6 +20,7 @@ from service.ledger import (
     RedisLedger,
     UsageEntry,
     UsageFilter,
+    _RecordNumbers,
     period_end_s,
     period_key,
     to_pico,
@@ -338,3 +339,17 @@ async def test_redis_reservations_are_shared_and_lapse_when_never_released(redis
     finally:
         await first.aclose()
         await second.aclose()
+
+
+def test_record_numbers_track_the_lowest_unconfirmed_whatever_the_order() -> None:
+    """Redis forgets the numbers below the lowest unconfirmed one, so that number must
+    not move past a record still in flight, however the others are confirmed."""
+    numbers = _RecordNumbers("applied")
+    first, second, third = numbers.take(), numbers.take(), numbers.take()
+    assert numbers.lowest_unconfirmed() == first
+    numbers.confirm(second)
+    assert numbers.lowest_unconfirmed() == first
+    numbers.confirm(first)
+    assert numbers.lowest_unconfirmed() == third
+    numbers.confirm(third)
+    assert numbers.lowest_unconfirmed() == numbers.take() == third + 1
