@@ -110,8 +110,10 @@ class Admission:
 
         For a stopping server as its grace runs out: the boundary ends each call
         cancelled here with `ShuttingDown`, which callers may retry at once elsewhere.
+        A call already being cancelled (by an earlier cut, or as its caller left or its
+        deadline passed) is left to finish its cleanup, and stays what it was.
         """
-        cut = [t for t in self._calls if not t.done() and t not in self._cut_off]
+        cut = [t for t in self._calls if not t.done() and not t.cancelling()]
         for task in cut:
             self._cut_off.add(task)
             task.cancel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply
 from tests.integration.test_resilience import error_details
 from tests.integration.test_stream_charges import PRICED_MODELS
+from tests.redis_server import RedisServer
 from tests.telemetry_support import attributes_of, captured_telemetry
 
 GRACE_S = 1.0
@@ -157,6 +159,38 @@ async def test_a_caller_that_cancels_during_the_grace_is_not_reported_as_cut_off
         await fake.wait_for_disconnect()
         assert await stopping < GRACE_S / 2 + 0.4  # drained: nothing left to cut
         assert call.cancelled()
+
+
+@pytest.mark.redis
+async def test_a_caller_cancelled_call_still_cleaning_up_is_not_cut_off(
+    redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """A stream whose caller left is still charging its deltas (to a Redis ledger that
+    has stalled) as the grace runs out: the gateway lets it finish, and it stays a
+    cancellation rather than being cancelled again and counted as SHUTTING_DOWN."""
+    captured = captured_telemetry()
+    upstream.script(SLOW_STREAM)
+    ledger = {
+        "redis_url": redis_server.url,
+        "key_prefix": uuid.uuid4().hex,
+        "operation_timeout_s": 3,  # still waiting on Redis when the grace runs out
+    }
+    config = gateway_config(upstream.base_url, models=PRICED_MODELS, ledger=ledger)
+    gateway = await start_gateway(config, telemetry=captured.telemetry)
+    call = gateway.stub.CompleteStream(chat_stream(), timeout=10)
+    assert (await call.read()).delta.content
+    redis_server.pause()  # the charge for the deltas waits on Redis
+    try:
+        call.cancel()
+        await asyncio.sleep(0.1)
+        assert gateway.server.admission.in_flight == 1
+        await stop(gateway)
+    finally:
+        redis_server.resume()
+    server = attributes_of(captured.span("llmgateway.v1.CompletionService/CompleteStream"))
+    assert server["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert server.get("error.type") != "SHUTTING_DOWN"
+    assert gateway.server.admission.cut_off() == 0
 
 
 async def test_batch_items_in_flight_are_cut_off_with_the_call(start_gateway: Any) -> None:
