@@ -52,6 +52,7 @@ class LateReleases:
         self._pending: deque[_Pending] = deque()
         self._max_pending = max_pending
         self._worker: asyncio.Task[None] | None = None
+        self._is_closed = False
         self.released = 0
         self.dropped = 0
 
@@ -71,6 +72,11 @@ class LateReleases:
         `expires_after_s` (the lease's TTL by default), is no use any more; `on_give_up`
         is called if it is abandoned instead (expired, crowded out or closed)."""
         loop = asyncio.get_running_loop()
+        if self._is_closed:  # a call still ending as the store closed: no worker outlives it
+            log.warning("late_release.abandoned", extra={"store": self._store, "releases": 1})
+            if on_give_up is not None:
+                on_give_up()
+            return
         if len(self._pending) >= self._max_pending:
             self._give_up(self._pending.popleft())  # it expires in the store on its own
             self.dropped += 1
@@ -116,7 +122,9 @@ class LateReleases:
                 )
 
     async def aclose(self) -> None:
-        """Stop retrying; the releases left expire in the store on their own."""
+        """Stop retrying; the releases left, and any that fail from now on, expire in the
+        store on their own."""
+        self._is_closed = True
         if self._worker is not None:
             self._worker.cancel()
             # wait, not `await` under suppress(CancelledError): that would also swallow a

@@ -100,6 +100,20 @@ async def test_aclose_stops_retrying_and_abandons_the_rest() -> None:
     assert len(store.attempts) == attempts
 
 
+async def test_a_release_failing_after_aclose_is_given_up_at_once() -> None:
+    """A call still cleaning up as its stores close (the server has stopped) starts no
+    worker that would outlive them: its release is abandoned on the spot, and says so."""
+    store = Store(failures=1_000)
+    late = fast()
+    await late.aclose()
+    given_up: list[str] = []
+    late.retry(store.release("a"), on_give_up=lambda: given_up.append("a"))
+    assert given_up == ["a"]
+    assert late.pending == 0
+    await asyncio.sleep(0.05)
+    assert store.attempts == []
+
+
 async def test_a_new_failure_after_the_backlog_drained_starts_a_new_worker() -> None:
     """The worker ends once nothing waits, and the next failure starts another."""
     store = Store()
