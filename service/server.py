@@ -220,6 +220,9 @@ class GatewayServer:
                     await self._drained()
             if cut := self.admission.cut_off():
                 log.warning("server.calls_cut_off", extra={"calls": cut, "grace_s": grace})
+            # The rest of the grace: for the calls just cut, and for those their callers
+            # left (not cut) still ending, before the stores they end with close.
+            if self.admission.in_flight or self.admission.queued:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(margin):
                         await self._drained()

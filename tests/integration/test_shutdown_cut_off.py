@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.ledger import UsageFilter
@@ -191,6 +192,38 @@ async def test_a_caller_cancelled_call_still_cleaning_up_is_not_cut_off(
     assert server["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert server.get("error.type") != "SHUTTING_DOWN"
     assert gateway.server.admission.cut_off() == 0
+
+
+@pytest.mark.redis
+async def test_a_call_still_cleaning_up_has_the_whole_grace_before_the_ledger_closes(
+    redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """Nothing is left to cut, but a call whose caller left is still charging its deltas
+    to a stalled Redis: the stop waits for it to the end of the grace, as for any call,
+    rather than closing the ledger under it; Redis wakes within the grace and the
+    charge lands."""
+    upstream.script(SLOW_STREAM)
+    prefix = uuid.uuid4().hex
+    ledger = {"redis_url": redis_server.url, "key_prefix": prefix, "operation_timeout_s": 3}
+    config = gateway_config(upstream.base_url, models=PRICED_MODELS, ledger=ledger)
+    gateway = await start_gateway(config)
+    call = gateway.stub.CompleteStream(chat_stream(), timeout=10)
+    assert (await call.read()).delta.content
+    redis_server.pause()
+    try:
+        call.cancel()
+        await asyncio.sleep(0.1)
+        stopping = asyncio.ensure_future(stop(gateway))
+        await asyncio.sleep(GRACE_S * 0.7)  # past the cut, within the grace
+    finally:
+        redis_server.resume()
+    await stopping
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        rows = [k async for k in client.scan_iter(match=f"{prefix}:row:*")]
+        assert [await client.hget(row, "requests") for row in rows] == ["1"]
+    finally:
+        await client.aclose()
 
 
 async def test_batch_items_in_flight_are_cut_off_with_the_call(start_gateway: Any) -> None:
