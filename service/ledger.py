@@ -494,6 +494,8 @@ class RedisLedger:
         # Failed reservation releases and usage rows, retried in the order they failed.
         self.late_releases = LateReleases("ledger", lease_ttl_s=RESERVATION_TTL_S)
         self._records = _RecordNumbers(f"{self._prefix}:applied:{uuid.uuid4().hex}")
+        # Per tenant, the numbers of its usage rows waiting in `late_releases`.
+        self._rows_waiting: dict[str, set[int]] = {}
 
     @staticmethod
     def _row_id(dims: Dims) -> str:
@@ -532,19 +534,38 @@ class RedisLedger:
             await self._record_script(keys=keys, args=args)
             self._records.confirm(number)
 
+        async def record_late() -> None:
+            await record_now()
+            self._row_settled(entry.tenant, number)
+
         def give_up() -> None:
             self._records.confirm(number)  # never sent again
+            self._row_settled(entry.tenant, number)
             log.error("ledger.record_lost", extra={"tenant": entry.tenant})
+
+        def retry_late() -> None:
+            self._rows_waiting.setdefault(entry.tenant, set()).add(number)
+            self.late_releases.retry(
+                record_late, expires_after_s=RECORD_RETRY_S, on_give_up=give_up
+            )
 
         try:
             await record_now()
         except (RedisError, OSError) as exc:
             # A call the upstream already served is not failed for its ledger line.
             log.warning("ledger.record_failed", extra={"error": type(exc).__name__})
-            self.late_releases.retry(record_now, expires_after_s=RECORD_RETRY_S, on_give_up=give_up)
+            retry_late()
         except BaseException:  # cancelled while recording: it may not have reached Redis
-            self.late_releases.retry(record_now, expires_after_s=RECORD_RETRY_S, on_give_up=give_up)
+            retry_late()
             raise
+
+    def _row_settled(self, tenant: str, number: int) -> None:
+        """Row `number` of `tenant` landed or was given up (either, or both, may say so)."""
+        waiting = self._rows_waiting.get(tenant)
+        if waiting is not None:
+            waiting.discard(number)
+            if not waiting:
+                del self._rows_waiting[tenant]
 
     async def query(self, query: UsageFilter) -> list[UsageRow]:
         """Rows matching `query`, summed over its time window.
@@ -676,6 +697,11 @@ class RedisLedger:
                 keys=[reserved, leases], args=[self._lease(reservation), reservation.cost_pico]
             )
 
+        if reservation.tenant in self._rows_waiting:
+            # The call's usage row (or an earlier one of the tenant's) is still to land:
+            # released after it, so the budget counts the call all along, reserved or spent.
+            self.late_releases.retry(release_now)
+            return
         try:
             await release_now()
         except (RedisError, OSError) as exc:

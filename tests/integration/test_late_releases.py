@@ -22,7 +22,13 @@ import redis.asyncio as aioredis
 from tests.conftest import FAKE_MODEL, chat, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.integration.tenancy_helpers import as_tenant, secure_config
-from tests.integration.test_budget_reservations import budget_for, capped
+from tests.integration.test_budget_reservations import (
+    MAX_TOKENS,
+    assert_budget_refused,
+    budget_for,
+    capped,
+    outcome,
+)
 from tests.integration.test_cache import eventually
 from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream
@@ -121,3 +127,47 @@ async def test_a_reservation_redis_refused_to_release_is_given_back_once_it_take
 
 async def _nothing_reserved(ledger: Any) -> bool:
     return float(await ledger.reserved_usd("default", "day")) == 0.0
+
+
+async def test_a_reservation_is_not_released_before_its_usage_row_lands(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """Redis pauses writes (as a primary does as it hands over in a failover) for longer
+    than a write may take: the call's usage row times out and waits to be sent again, and
+    the pause is over before its reservation's release. The budget, room for 1.5 calls,
+    must go on counting the call (reserved until its row lands), so the next call, which
+    the first one's spend leaves no room for, is refused: before, the release landed at
+    once and the next call passed on a budget that held neither the first call's spend
+    nor its reservation."""
+    ledger = {
+        "redis_url": redis_server.url,
+        "key_prefix": uuid.uuid4().hex,
+        "operation_timeout_s": 0.3,
+    }
+    every_token = Reply(completion_tokens=MAX_TOKENS)  # it costs what it reserved
+    async with ScriptedUpstream(models=(FAKE_MODEL,), default=every_token) as held:
+        config = gateway_config(
+            held.base_url,
+            ledger=ledger,
+            budgets={"default": budget_for(1.5)},
+            resilience={"attempts": 1},
+        )
+        gateway = await start_gateway(config)
+        held.gate.clear()
+        call = asyncio.ensure_future(gateway.stub.Complete(capped("call a"), timeout=_TIMEOUT_S))
+        await eventually(lambda: held.requests)
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            # The row's write times out (0.3 s); the release, sent after, is let through.
+            await client.execute_command("CLIENT", "PAUSE", 450, "WRITE")
+            held.gate.set()
+            assert (await call).content  # served; its row is to be sent again
+            second = await outcome(gateway.stub.Complete(capped("call a"), timeout=_TIMEOUT_S))
+        finally:
+            await client.aclose()
+        assert_budget_refused(second)
+        reservations = gateway.server.pipeline.ledger
+        await eventually(lambda: reservations.late_releases.pending == 0)  # row, then release
+        assert await reservations.reserved_usd("default", "day") == 0
+        spent_usd = (7 * 0.14 + MAX_TOKENS * 0.42) / 1e6  # the first call's row, once
+        assert await reservations.spent_usd("default", "day") == pytest.approx(spent_usd)
