@@ -16,6 +16,7 @@ says through `on_give_up` when it is abandoned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,7 @@ class LateReleases:
         self._max_pending = max_pending
         self._worker: asyncio.Task[None] | None = None
         self._is_closed = False
+        self._wake = asyncio.Event()
         self.released = 0
         self.dropped = 0
 
@@ -85,51 +87,69 @@ class LateReleases:
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._retry_pending())
 
+    def store_answered(self) -> None:
+        """The store just took a write: retry what waits now, not after the backoff."""
+        if self._pending:
+            self._wake.set()
+
     async def _retry_pending(self) -> None:
-        loop = asyncio.get_running_loop()
         delay = self._first_delay_s
         while self._pending:
-            await asyncio.sleep(delay)
-            released = 0
-            while self._pending:
-                item = self._pending[0]
-                if loop.time() < item.expires_at:
-                    try:
-                        await item.release()
-                    except Exception as exc:
-                        delay = min(delay * 2, self._max_delay_s)
-                        log.warning(
-                            "late_release.store_unavailable",
-                            extra={
-                                "store": self._store,
-                                "pending": len(self._pending),
-                                "error": type(exc).__name__,
-                                "retry_in_s": delay,
-                            },
-                        )
-                        break
-                    released += 1
-                    self.released += 1
-                else:
-                    self._give_up(item)
-                if self._pending and self._pending[0] is item:  # not dropped meanwhile
-                    self._pending.popleft()
-            else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            self._wake.clear()
+            refusal = await self._release_in_order()
+            if refusal is None:
                 delay = self._first_delay_s
-            if released:
-                log.info(
-                    "late_release.released", extra={"store": self._store, "releases": released}
-                )
+                continue
+            delay = min(delay * 2, self._max_delay_s)
+            log.warning(
+                "late_release.store_unavailable",
+                extra={
+                    "store": self._store,
+                    "pending": len(self._pending),
+                    "error": type(refusal).__name__,
+                    "retry_in_s": delay,
+                },
+            )
 
-    async def aclose(self) -> None:
-        """Stop retrying; the releases left, and any that fail from now on, expire in the
-        store on their own."""
+    async def _release_in_order(self) -> Exception | None:
+        """Send what waits, oldest first, until the store refuses one (returned)."""
+        loop = asyncio.get_running_loop()
+        released = 0
+        refusal = None
+        while self._pending:
+            item = self._pending[0]
+            if loop.time() < item.expires_at:
+                try:
+                    await item.release()
+                except Exception as exc:
+                    refusal = exc
+                    break
+                released += 1
+                self.released += 1
+            else:
+                self._give_up(item)
+            if self._pending and self._pending[0] is item:  # not dropped meanwhile
+                self._pending.popleft()
+        if released:
+            log.info("late_release.released", extra={"store": self._store, "releases": released})
+        return refusal
+
+    async def aclose(self, *, flush_s: float = 1.0) -> None:
+        """Stop retrying, after one last try (at most `flush_s`) for what waits; what is
+        left then, and any release that fails from now on, expires in the store."""
         self._is_closed = True
         if self._worker is not None:
             self._worker.cancel()
             # wait, not `await` under suppress(CancelledError): that would also swallow a
             # cancellation of aclose itself.
             await asyncio.wait([self._worker])
+        if self._pending:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(flush_s):
+                    await self._release_in_order()
         if self._pending:
             log.warning(
                 "late_release.abandoned", extra={"store": self._store, "releases": self.pending}

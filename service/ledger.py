@@ -558,6 +558,8 @@ class RedisLedger:
         except BaseException:  # cancelled while recording: it may not have reached Redis
             retry_late()
             raise
+        else:
+            self.late_releases.store_answered()
 
     def _row_settled(self, tenant: str, number: int) -> None:
         """Row `number` of `tenant` landed or was given up (either, or both, may say so)."""
@@ -669,6 +671,7 @@ class RedisLedger:
             with contextlib.suppress(Exception):
                 await self.release(lease)
             raise
+        self.late_releases.store_answered()
         return replace(
             lease, is_granted=bool(is_granted), spent_pico=int(spent), reserved_pico=int(reserved)
         )
@@ -710,6 +713,8 @@ class RedisLedger:
         except BaseException:  # cancelled while releasing: it may not have reached Redis
             self.late_releases.retry(release_now)
             raise
+        else:
+            self.late_releases.store_answered()
 
     @staticmethod
     def _lease(reservation: Reservation) -> str:

@@ -210,6 +210,8 @@ class RedisTenantLimiter:
         except BaseException:  # cancelled while releasing: it may not have reached Redis
             self.late_releases.retry(release)
             raise
+        else:
+            self.late_releases.store_answered()
 
     def _keys(self, tenant: str, lease: str) -> list[str]:
         base = f"{self._prefix}tenant:{{{tenant}}}:"
@@ -257,6 +259,8 @@ class RedisTenantLimiter:
             if cap:
                 await self._give_back(lambda: self._release_unconfirmed(keys, lease))
             raise
+        else:
+            self.late_releases.store_answered()
         if int(which):
             limit = {1: rpm, 2: tpm, 3: cap}[int(which)]
             raise _refusal(tenant, _WHICH[int(which)], limit, float(wait))

@@ -156,3 +156,42 @@ async def test_a_release_given_up_says_so() -> None:
     await late.aclose()
     assert given_up == ["expired", "a", "b", "c"]
     assert "expired" not in store.attempts
+
+
+async def test_a_store_that_answers_again_is_retried_at_once_not_after_the_backoff() -> None:
+    """A write the store takes directly (it is back) wakes the retries: what waits lands
+    now, not when a backoff of up to 30 s runs out."""
+    store = Store()
+    late = fast(first_delay_s=30.0)
+    late.retry(store.release("a"))
+    await asyncio.sleep(0.02)
+    assert store.attempts == []  # still backing off
+    late.store_answered()
+    async with asyncio.timeout(1.0):
+        while late.pending:
+            await asyncio.sleep(0.005)
+    assert store.released == ["a"]
+    await late.aclose()
+
+
+async def test_aclose_tries_once_more_before_giving_up() -> None:
+    """A store that is back as the gateway stops still gets what waited for it."""
+    store = Store()
+    late = fast(first_delay_s=30.0)
+    given_up: list[str] = []
+    late.retry(store.release("a"), on_give_up=lambda: given_up.append("a"))
+    await late.aclose()
+    assert store.released == ["a"]
+    assert given_up == []
+
+
+async def test_aclose_gives_up_at_the_first_refusal_within_its_bound() -> None:
+    """A store still down as the gateway stops: one try, then everything is given up."""
+    store = Store(failures=1_000)
+    late = fast(first_delay_s=30.0)
+    given_up: list[str] = []
+    for name in "ab":
+        late.retry(store.release(name), on_give_up=lambda name=name: given_up.append(name))
+    await late.aclose()
+    assert store.attempts == ["a"]
+    assert given_up == ["a", "b"]
