@@ -87,6 +87,22 @@ class LateReleases:
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._retry_pending())
 
+    async def release_now(self, release: Release) -> None:
+        """Run `release` now; if the store refuses it, or the caller is cancelled while
+        it runs (it may not have reached the store), retry it in the background."""
+        try:
+            await release()
+        except Exception as exc:
+            log.warning(
+                "late_release.deferred", extra={"store": self._store, "error": type(exc).__name__}
+            )
+            self.retry(release)
+        except BaseException:
+            self.retry(release)
+            raise
+        else:
+            self.store_answered()
+
     def store_answered(self) -> None:
         """The store just took a write: retry what waits now, not after the backoff."""
         if self._pending:

@@ -705,16 +705,7 @@ class RedisLedger:
             # released after it, so the budget counts the call all along, reserved or spent.
             self.late_releases.retry(release_now)
             return
-        try:
-            await release_now()
-        except (RedisError, OSError) as exc:
-            log.warning("ledger.release_failed", extra={"error": type(exc).__name__})
-            self.late_releases.retry(release_now)
-        except BaseException:  # cancelled while releasing: it may not have reached Redis
-            self.late_releases.retry(release_now)
-            raise
-        else:
-            self.late_releases.store_answered()
+        await self.late_releases.release_now(release_now)
 
     @staticmethod
     def _lease(reservation: Reservation) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from service.clock import SYSTEM_CLOCK, Clock
 from service.config import TenantConfig
 from service.errors import QuotaExceeded
-from service.late_release import LateReleases, Release
+from service.late_release import LateReleases
 
 log = logging.getLogger("llm_gateway.tenant_limits")
 
@@ -201,17 +201,16 @@ class RedisTenantLimiter:
         """Stop retrying releases (before the Redis client closes)."""
         await self.late_releases.aclose()
 
-    async def _give_back(self, release: Release) -> None:
-        """Run `release` now; if Redis does not take it, keep retrying it in the background."""
-        try:
-            await release()
-        except Exception:
-            self.late_releases.retry(release)
-        except BaseException:  # cancelled while releasing: it may not have reached Redis
-            self.late_releases.retry(release)
-            raise
+    async def _give_back(self, keys: list[str], lease: str, *, is_confirmed: bool) -> None:
+        """Release the call's lease, now or, if Redis does not take it, in the background.
+
+        An unconfirmed lease (its admission script's reply never came) may be taken after
+        this, so it is marked released as well.
+        """
+        if is_confirmed:
+            await self.late_releases.release_now(lambda: self._redis.zrem(keys[2], lease))
         else:
-            self.late_releases.store_answered()
+            await self.late_releases.release_now(lambda: self._release_unconfirmed(keys, lease))
 
     def _keys(self, tenant: str, lease: str) -> list[str]:
         base = f"{self._prefix}tenant:{{{tenant}}}:"
@@ -257,7 +256,7 @@ class RedisTenantLimiter:
             # Cancelled awaiting the reply: the script may have taken a lease; give it back
             # now rather than hold the tenant's slot until the lease expires.
             if cap:
-                await self._give_back(lambda: self._release_unconfirmed(keys, lease))
+                await self._give_back(keys, lease, is_confirmed=False)
             raise
         else:
             self.late_releases.store_answered()
@@ -268,7 +267,4 @@ class RedisTenantLimiter:
             yield
         finally:
             if cap:
-                if is_confirmed:
-                    await self._give_back(lambda: self._redis.zrem(keys[2], lease))
-                else:
-                    await self._give_back(lambda: self._release_unconfirmed(keys, lease))
+                await self._give_back(keys, lease, is_confirmed=is_confirmed)

@@ -89,24 +89,31 @@ async def _zcard_is_zero(client: Any, key: str) -> bool:
     return int(await client.zcard(key)) == 0
 
 
+async def budgeted_gateway(
+    redis_server: RedisServer, held: ScriptedUpstream, start_gateway: Any, *, timeout_s: float
+) -> Any:
+    """A gateway whose budget has room for 1.5 calls, its ledger in `redis_server`."""
+    ledger = {
+        "redis_url": redis_server.url,
+        "key_prefix": uuid.uuid4().hex,
+        "operation_timeout_s": timeout_s,
+    }
+    config = gateway_config(
+        held.base_url,
+        ledger=ledger,
+        budgets={"default": budget_for(1.5)},
+        resilience={"attempts": 1},
+    )
+    return await start_gateway(config)
+
+
 async def test_a_reservation_redis_refused_to_release_is_given_back_once_it_takes_writes(
     redis_server: RedisServer, start_gateway: Any
 ) -> None:
     """The budget has room for one call in flight; that call ends while Redis refuses
     writes; once Redis takes them its reservation is gone and the next call passes."""
-    ledger = {
-        "redis_url": redis_server.url,
-        "key_prefix": uuid.uuid4().hex,
-        "operation_timeout_s": 0.2,
-    }
     async with ScriptedUpstream(models=(FAKE_MODEL,)) as held:
-        config = gateway_config(
-            held.base_url,
-            ledger=ledger,
-            budgets={"default": budget_for(1.5)},
-            resilience={"attempts": 1},
-        )
-        gateway = await start_gateway(config)
+        gateway = await budgeted_gateway(redis_server, held, start_gateway, timeout_s=0.2)
         reservations = gateway.server.pipeline.ledger
         held.gate.clear()
         call = asyncio.ensure_future(gateway.stub.Complete(capped("call a"), timeout=_TIMEOUT_S))
@@ -139,20 +146,9 @@ async def test_a_reservation_is_not_released_before_its_usage_row_lands(
     the first one's spend leaves no room for, is refused: before, the release landed at
     once and the next call passed on a budget that held neither the first call's spend
     nor its reservation."""
-    ledger = {
-        "redis_url": redis_server.url,
-        "key_prefix": uuid.uuid4().hex,
-        "operation_timeout_s": 0.3,
-    }
     every_token = Reply(completion_tokens=MAX_TOKENS)  # it costs what it reserved
     async with ScriptedUpstream(models=(FAKE_MODEL,), default=every_token) as held:
-        config = gateway_config(
-            held.base_url,
-            ledger=ledger,
-            budgets={"default": budget_for(1.5)},
-            resilience={"attempts": 1},
-        )
-        gateway = await start_gateway(config)
+        gateway = await budgeted_gateway(redis_server, held, start_gateway, timeout_s=0.3)
         held.gate.clear()
         call = asyncio.ensure_future(gateway.stub.Complete(capped("call a"), timeout=_TIMEOUT_S))
         await eventually(lambda: held.requests)
