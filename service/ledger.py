@@ -64,6 +64,8 @@ _FIELDS = (
 )
 
 WallClock = Callable[[], float]
+# The budget periods whose spend each recorded call adds to.
+_PERIODS = ("day", "month")
 
 
 def to_pico(usd: float) -> int:
@@ -305,7 +307,7 @@ class MemoryLedger:
         cost_pico = counters["cost_pico"]
         if not cost_pico:
             return  # a cache hit or a free model: no spend to add
-        for period in ("day", "month"):
+        for period in _PERIODS:
             spend_key = (entry.tenant, period_key(period, now))
             self._spend[spend_key] = self._spend.get(spend_key, 0) + cost_pico
 
@@ -425,9 +427,6 @@ if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then redis.call('DECRBY', KEYS[1], 
 if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-_PERIODS = ("day", "month")
 
 
 class _RecordNumbers:
