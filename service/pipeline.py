@@ -74,8 +74,12 @@ class Pipeline:
         ledger: Ledger | None = None,
         wall_clock: Callable[[], float] = time.time,
         cache: ResponseCache | None = None,
+        on_answered: Callable[[], None] = lambda: None,
     ) -> None:
+        """`on_answered` is called, in the caller's task, once a call has its answer:
+        a stopping server lets such calls finish (`Admission.answered`)."""
         self._cache = cache
+        self._on_answered = on_answered
         self._config = config
         self._pool = pool
         self._prices = prices
@@ -190,6 +194,7 @@ class Pipeline:
                     request, fetch=fetch, deadline=deadline, key=key
                 )
                 completion = _with_dropped(completion, prepared.dropped)
+            self._on_answered()
             # Accounted per caller: a cache hit or a coalesced call records 0 cost, saved cost.
             await self.account(request, completion)
         return completion
@@ -231,6 +236,7 @@ class Pipeline:
         if completion is None:
             return None
         completion = _with_dropped(completion, known.prepared.dropped)
+        self._on_answered()
         await self.account(request, completion)
         return completion
 
@@ -272,6 +278,7 @@ class Pipeline:
             reply = await self._pool.complete(
                 request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
             )
+        self._on_answered()  # before a cache write, when this runs in the caller's task
         upstream_ms = log.upstream_s * _MS
         completion = self._completion(
             prepared,
@@ -339,6 +346,7 @@ class Pipeline:
             async with contextlib.aclosing(events):
                 async for event in events:
                     if isinstance(event, Completion):
+                        self._on_answered()
                         completion = _with_dropped(event, prepared.dropped)
                         await self.account(request, completion)
                         yield completion
@@ -376,6 +384,7 @@ class Pipeline:
                 raise
         if end is None:  # the pool always ends a stream with StreamEnd or raises
             raise RuntimeError("stream ended without its end event")
+        self._on_answered()
         completion = self._completion(
             prepared,
             log,

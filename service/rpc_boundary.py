@@ -105,13 +105,27 @@ class Admission:
             raise
         return task
 
+    def answered(self) -> None:
+        """The calling task's call has its answer (the upstream or the cache gave it):
+        `cut_off` leaves it to finish.
+
+        What remains is bookkeeping (the ledger row, the budget release, the reply), and
+        a cut there would tell the caller to retry elsewhere a call already served, and
+        paid for.
+        """
+        task = asyncio.current_task()
+        if task is not None:
+            self._calls.discard(task)
+
     def cut_off(self) -> int:
-        """Cancel every admitted or queued call not cancelled yet; returns how many.
+        """Cancel every admitted or queued call not cancelled or answered yet; returns
+        how many.
 
         For a stopping server as its grace runs out: the boundary ends each call
         cancelled here with `ShuttingDown`, which callers may retry at once elsewhere.
         A call already being cancelled (by an earlier cut, or as its caller left or its
-        deadline passed) is left to finish its cleanup, and stays what it was.
+        deadline passed) is left to finish its cleanup, and stays what it was; so is a
+        call that has its answer (`answered`).
         """
         cut = [t for t in self._calls if not t.done() and not t.cancelling()]
         for task in cut:

@@ -122,7 +122,14 @@ class GatewayServer:
         assert self.telemetry is not None  # installed by _start_telemetry
         subscribe_pool(self.telemetry, pool.hooks, upstreams=[c.name for c in clients])
         self._stack.callback(observe_cache(self.telemetry, cache.stats.as_dict))
-        self.pipeline = Pipeline(self.config, pool, prices, ledger=ledger, cache=cache)
+        self.pipeline = Pipeline(
+            self.config,
+            pool,
+            prices,
+            ledger=ledger,
+            cache=cache,
+            on_answered=self.admission.answered,
+        )
         servicer = CompletionServicer(self.pipeline)
         # A gate that would admit everyone as the unlimited default tenant is skipped.
         guard_servicer(servicer, RPC_METHODS, self.admission, None if gate.checks_nothing else gate)

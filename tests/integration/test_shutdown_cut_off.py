@@ -3,7 +3,8 @@
 Left to grpc they would be cancelled at the end of the grace and reach the caller as a
 bare UNAVAILABLE ("Cancelling all calls", no details); the gateway ends them itself just
 before, with `ErrorInfo` `SHUTTING_DOWN` and a zero `RetryInfo` (retry at once,
-elsewhere), closes their upstream requests, and records them as such.
+elsewhere), closes their upstream requests, and records them as such. A call that
+already has its answer is left to finish with it.
 """
 
 from __future__ import annotations
@@ -241,3 +242,83 @@ async def test_batch_items_in_flight_are_cut_off_with_the_call(start_gateway: An
         assert_shutting_down(caught.value)
         for _ in range(2):
             await fake.wait_for_disconnect()
+
+
+def stalled_redis_ledger(redis_server: RedisServer) -> dict[str, Any]:
+    """A Redis ledger that waits longer than the grace for a frozen server."""
+    return {"redis_url": redis_server.url, "key_prefix": uuid.uuid4().hex, "operation_timeout_s": 3}
+
+
+async def rows_recorded(redis_server: RedisServer, prefix: str) -> list[str]:
+    """The `requests` count of every usage row under `prefix`."""
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        rows = [k async for k in client.scan_iter(match=f"{prefix}:row:*")]
+        return [await client.hget(row, "requests") for row in rows]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_unary_call_answered_before_the_cut_gets_its_answer(
+    redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """The upstream answered, but the call is still recording its usage (to a Redis
+    that has stalled) as the grace runs out: cut off, its caller would retry elsewhere a
+    call already served and paid for. It is left to finish, gets its answer once Redis
+    wakes within the grace, and is recorded once."""
+    upstream.script(Reply(content="served once"))
+    ledger = stalled_redis_ledger(redis_server)
+    config = gateway_config(upstream.base_url, models=PRICED_MODELS, ledger=ledger)
+    gateway = await start_gateway(config)
+    redis_server.pause()
+    try:
+        call = asyncio.ensure_future(gateway.stub.Complete(chat(), timeout=10))
+        while not upstream.requests:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # answered: recording waits on Redis
+        assert not call.done()
+        stopping = asyncio.ensure_future(stop(gateway))
+        await asyncio.sleep(GRACE_S * 0.7)  # past the cut, within the grace
+        assert gateway.server.admission.cut_off() == 0
+    finally:
+        redis_server.resume()
+    reply = await call
+    assert reply.content == "served once"
+    await stopping
+    assert await rows_recorded(redis_server, ledger["key_prefix"]) == ["1"]
+
+
+@pytest.mark.redis
+async def test_a_stream_finished_upstream_before_the_cut_gets_its_last_message(
+    redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """The same for a stream whose upstream has ended: its caller gets the closing
+    message with the usage, not SHUTTING_DOWN after the text."""
+    upstream.script(Reply(content="one two three"))
+    ledger = stalled_redis_ledger(redis_server)
+    config = gateway_config(upstream.base_url, models=PRICED_MODELS, ledger=ledger)
+    gateway = await start_gateway(config)
+    redis_server.pause()
+    try:
+        call = gateway.stub.CompleteStream(chat_stream(), timeout=10)
+        items = asyncio.ensure_future(collect(call))
+        while not upstream.requests:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert not items.done()
+        stopping = asyncio.ensure_future(stop(gateway))
+        await asyncio.sleep(GRACE_S * 0.7)
+    finally:
+        redis_server.resume()
+    received = await items
+    assert "".join(item.delta.content for item in received) == "one two three"
+    assert received[-1].WhichOneof("event") == "final"
+    assert received[-1].final.usage.output_tokens > 0
+    await stopping
+    assert await rows_recorded(redis_server, ledger["key_prefix"]) == ["1"]
+
+
+async def collect(call: Any) -> list[Any]:
+    """Every message of a stream call, to its end."""
+    return [item async for item in call]
