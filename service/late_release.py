@@ -10,7 +10,9 @@ retrying, however many releases wait; at most `max_pending` wait (past that the 
 is left to expire), so an outage under full load cannot grow memory without bound.
 Releases must be idempotent: a release that timed out may still have happened. A write
 that is not idempotent by nature (the usage ledger's rows) is made so by its store, and
-says through `on_give_up` when it is abandoned.
+says through `on_give_up` when it is abandoned. A release the store refuses for what it
+is (`refused_for_good`), rather than for being unavailable, is given up at once: sent
+again it would fail again, and hold back every release queued behind it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from dataclasses import dataclass
 log = logging.getLogger("llm_gateway.late_release")
 
 Release = Callable[[], Awaitable[object]]
+
+
+def _never(_: Exception) -> bool:
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +51,10 @@ class LateReleases:
         first_delay_s: float = 0.5,
         max_delay_s: float = 30.0,
         max_pending: int = 10_000,
+        refused_for_good: Callable[[Exception], bool] = _never,
     ) -> None:
         self._store = store
+        self._refused_for_good = refused_for_good
         self._lease_ttl_s = lease_ttl_s
         self._first_delay_s = first_delay_s
         self._max_delay_s = max_delay_s
@@ -93,6 +101,9 @@ class LateReleases:
         try:
             await release()
         except Exception as exc:
+            if self._refused_for_good(exc):
+                self._log_refusal(exc)
+                return
             log.warning(
                 "late_release.deferred", extra={"store": self._store, "error": type(exc).__name__}
             )
@@ -141,10 +152,14 @@ class LateReleases:
                 try:
                     await item.release()
                 except Exception as exc:
-                    refusal = exc
-                    break
-                released += 1
-                self.released += 1
+                    if not self._refused_for_good(exc):
+                        refusal = exc
+                        break
+                    self._log_refusal(exc)
+                    self._give_up(item)
+                else:
+                    released += 1
+                    self.released += 1
             else:
                 self._give_up(item)
             if self._pending and self._pending[0] is item:  # not dropped meanwhile
@@ -173,6 +188,9 @@ class LateReleases:
             for item in self._pending:
                 self._give_up(item)
             self._pending.clear()
+
+    def _log_refusal(self, exc: Exception) -> None:
+        log.error("late_release.refused", extra={"store": self._store, "error": str(exc)})
 
     @staticmethod
     def _give_up(item: _Pending) -> None:

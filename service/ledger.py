@@ -45,6 +45,7 @@ from service.config import LedgerConfig, redis_password
 from service.domain import Usage
 from service.errors import UpstreamUnavailable
 from service.late_release import LateReleases
+from service.redis_errors import refused_for_good
 
 log = logging.getLogger("llm_gateway.ledger")
 
@@ -396,11 +397,18 @@ _RESERVE_LUA = _SWEEP_LUA + _RESERVE
 # One finished call, applied at most once however often it is sent: each replica numbers
 # its records, and Redis keeps the numbers it applied (KEYS[7]) from the lowest one the
 # replica has not yet seen confirmed (ARGV[7]) up; anything lower is never sent again.
+# The number is written first: Redis does not undo a script's writes when a later
+# command in it fails (a key of the wrong type), and a record sent again must not add
+# the writes before that failure a second time. (A "not now" refusal, READONLY or OOM,
+# stops a script at its first write, before anything is applied.)
 # KEYS: dims, row, bucket's row ids, buckets, day spend, month spend, applied numbers.
 # ARGV: row id, dims JSON, row TTL, bucket, drop buckets before, record number, lowest
 # unconfirmed number, applied numbers' TTL, then the counters in _FIELDS order.
 _RECORD_LUA = """
 if redis.call('ZSCORE', KEYS[7], ARGV[6]) then return 0 end
+redis.call('ZADD', KEYS[7], ARGV[6], ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. ARGV[7])
+redis.call('EXPIRE', KEYS[7], ARGV[8])
 redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 local fields = {FIELDS}
 for i, name in ipairs(fields) do redis.call('HINCRBY', KEYS[2], name, ARGV[8 + i]) end
@@ -414,9 +422,6 @@ for k = 5, 6 do
   redis.call('INCRBY', KEYS[k], cost)
   redis.call('EXPIRE', KEYS[k], ARGV[3])
 end
-redis.call('ZADD', KEYS[7], ARGV[6], ARGV[6])
-redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. ARGV[7])
-redis.call('EXPIRE', KEYS[7], ARGV[8])
 return 1
 """.replace("FIELDS", ", ".join(f"'{name}'" for name in _FIELDS))
 _RESERVED_LUA = _SWEEP_LUA + "return reserved"
@@ -491,7 +496,9 @@ class RedisLedger:
         self._release_script = self._redis.register_script(_RELEASE_LUA)
         self._record_script = self._redis.register_script(_RECORD_LUA)
         # Failed reservation releases and usage rows, retried in the order they failed.
-        self.late_releases = LateReleases("ledger", lease_ttl_s=RESERVATION_TTL_S)
+        self.late_releases = LateReleases(
+            "ledger", lease_ttl_s=RESERVATION_TTL_S, refused_for_good=refused_for_good
+        )
         self._records = _RecordNumbers(f"{self._prefix}:applied:{uuid.uuid4().hex}")
         # Per tenant, the numbers of its usage rows waiting in `late_releases`.
         self._rows_waiting: dict[str, set[int]] = {}
@@ -540,7 +547,9 @@ class RedisLedger:
         def give_up() -> None:
             self._records.confirm(number)  # never sent again
             self._row_settled(entry.tenant, number)
-            log.error("ledger.record_lost", extra={"tenant": entry.tenant})
+            # What an operator needs to add the call by hand, if it did not land.
+            lost = {"tenant": entry.tenant, "model": entry.model, "cost_usd": entry.cost_usd}
+            log.error("ledger.record_lost", extra=lost)
 
         def retry_late() -> None:
             self._rows_waiting.setdefault(entry.tenant, set()).add(number)
@@ -552,8 +561,11 @@ class RedisLedger:
             await record_now()
         except (RedisError, OSError) as exc:
             # A call the upstream already served is not failed for its ledger line.
-            log.warning("ledger.record_failed", extra={"error": type(exc).__name__})
-            retry_late()
+            log.warning("ledger.record_failed", extra={"error": str(exc) or type(exc).__name__})
+            if refused_for_good(exc):
+                give_up()  # sent again it would fail again
+            else:
+                retry_late()
         except BaseException:  # cancelled while recording: it may not have reached Redis
             retry_late()
             raise

@@ -22,6 +22,7 @@ from service.clock import SYSTEM_CLOCK, Clock
 from service.config import TenantConfig
 from service.errors import QuotaExceeded
 from service.late_release import LateReleases
+from service.redis_errors import refused_for_good
 
 log = logging.getLogger("llm_gateway.tenant_limits")
 
@@ -195,7 +196,9 @@ class RedisTenantLimiter:
         self._redis = redis
         self._prefix = prefix
         self._script = redis.register_script(_ADMIT_LUA)
-        self.late_releases = LateReleases("tenant_limits", lease_ttl_s=_LEASE_TTL_S)
+        self.late_releases = LateReleases(
+            "tenant_limits", lease_ttl_s=_LEASE_TTL_S, refused_for_good=refused_for_good
+        )
 
     async def aclose(self) -> None:
         """Stop retrying releases (before the Redis client closes)."""

@@ -10,6 +10,8 @@ twice. Before, both were lost: `GetUsage` and the budgets' spend missed those ca
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
 from typing import Any
 
@@ -17,6 +19,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from llmgateway.v1 import gateway_pb2 as pb
+from service.auth import DEFAULT_TENANT
+from service.ledger import period_key
 from tests.conftest import RunningGateway, chat, gateway_config
 from tests.fake_upstream import FakeUpstream
 from tests.integration.test_cache import eventually
@@ -105,3 +109,36 @@ async def test_redis_forgets_the_record_numbers_of_confirmed_rows(
     finally:
         await client.aclose()
     assert (await total(gateway)).requests == 20
+
+
+async def test_a_row_redis_refuses_for_good_is_given_up_at_once_not_sent_again(
+    redis_server: RedisServer,
+    upstream: FakeUpstream,
+    start_gateway: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The tenant's day spend key holds a list (another program's key, say), so the
+    row's script fails half way with WRONGTYPE, after adding the row's counters. Sent
+    again it would fail again, for an hour, adding the counters each time and holding
+    back the rows queued behind it; instead it is given up at once, the counters stay
+    added once, and the log says what was lost, for an operator to add by hand."""
+    gateway, prefix = await ledger_gateway(redis_server, upstream, start_gateway)
+    day = period_key("day", time.time())
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.rpush(f"{prefix}:spend:{DEFAULT_TENANT}:{day}", "not a number")
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.ledger"):
+            assert (await gateway.stub.Complete(chat(), timeout=10)).content
+        assert gateway.server.pipeline.ledger.late_releases.pending == 0
+        await asyncio.sleep(1.0)  # a retry would have come after 0.5 s
+        assert (await total(gateway)).requests == 1
+        assert await client.lrange(f"{prefix}:spend:{DEFAULT_TENANT}:{day}", 0, -1) == [
+            b"not a number"
+        ]
+    finally:
+        await client.aclose()
+    (failed,) = [r for r in caplog.records if r.message == "ledger.record_failed"]
+    assert "WRONGTYPE" in failed.__dict__["error"]
+    (lost,) = [r for r in caplog.records if r.message == "ledger.record_lost"]
+    assert lost.__dict__["tenant"] == DEFAULT_TENANT
+    assert lost.__dict__["cost_usd"] == pytest.approx(CALL_COST_USD, abs=1e-12)

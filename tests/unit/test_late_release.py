@@ -195,3 +195,70 @@ async def test_aclose_gives_up_at_the_first_refusal_within_its_bound() -> None:
     await late.aclose()
     assert store.attempts == ["a"]
     assert given_up == ["a", "b"]
+
+
+class RefusedForGood(Exception):
+    """What a store answers to a write it will never take (a key of the wrong type)."""
+
+
+def refuses_for_good(exc: Exception) -> bool:
+    return isinstance(exc, RefusedForGood)
+
+
+async def test_a_release_refused_for_good_is_given_up_without_holding_back_the_rest() -> None:
+    """Oldest first, but a release the store will never take is dropped (and said so)
+    rather than retried in front of the others until it expires."""
+    taken: list[str] = []
+    given_up: list[str] = []
+
+    async def poisoned() -> None:
+        raise RefusedForGood("WRONGTYPE")
+
+    def take(name: str) -> Callable[[], Awaitable[None]]:
+        async def attempt() -> None:
+            taken.append(name)
+
+        return attempt
+
+    late = LateReleases(
+        "test", lease_ttl_s=60.0, first_delay_s=0.01, refused_for_good=refuses_for_good
+    )
+    late.retry(poisoned, on_give_up=lambda: given_up.append("poisoned"))
+    late.retry(take("b"))
+    late.retry(take("c"))
+    await drained(late)
+    assert taken == ["b", "c"]
+    assert given_up == ["poisoned"]
+    assert late.released == 2
+
+
+async def test_release_now_does_not_retry_a_release_refused_for_good(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Tried once, refused for good: logged as an error, nothing left waiting."""
+
+    async def poisoned() -> None:
+        raise RefusedForGood("WRONGTYPE Operation against a key holding the wrong kind")
+
+    late = LateReleases("test", lease_ttl_s=60.0, refused_for_good=refuses_for_good)
+    with caplog.at_level(logging.ERROR, logger="llm_gateway.late_release"):
+        await late.release_now(poisoned)
+    assert late.pending == 0
+    (record,) = [r for r in caplog.records if r.message == "late_release.refused"]
+    assert "WRONGTYPE" in record.__dict__["error"]
+
+
+async def test_without_a_refusal_test_every_failure_may_pass() -> None:
+    """The default: any failure is retried (a store whose errors are all transient)."""
+    attempts: list[int] = []
+
+    async def flaky() -> None:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise RefusedForGood("looks permanent, but no test says so")
+
+    late = fast(max_delay_s=0.02)
+    await late.release_now(flaky)
+    await drained(late)
+    assert len(attempts) == 3
+    assert late.released == 1

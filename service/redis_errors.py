@@ -1,0 +1,33 @@
+"""Which Redis errors may pass and which will not.
+
+A write that failed for a reason that may pass (Redis unreachable, a timeout, a replica
+mid-failover, memory or disk full) is retried until it lands (`LateReleases`). One that
+Redis refused for what it is (a key of the wrong type, a script error, no permission)
+would fail the same way for as long as it is retried, and hold back the writes queued
+behind it: it is given up at once, and said so in the log.
+"""
+
+from __future__ import annotations
+
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
+
+# "Not now" replies redis-py maps to classes of their own (LOADING is a ConnectionError).
+_NOT_NOW_ERRORS = (ReadOnlyError, OutOfMemoryError, TryAgainError, ClusterDownError, NoScriptError)
+# "Not now" replies it does not map, which keep their code in the message: a script
+# running too long, a failing disk, too few replicas.
+_NOT_NOW_CODES = ("BUSY ", "MISCONF ", "NOREPLICAS ")
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """Whether Redis answered `exc` to this very command, so sending it again cannot
+    succeed; connection errors, timeouts and "not now" replies may pass."""
+    if not isinstance(exc, ResponseError) or isinstance(exc, _NOT_NOW_ERRORS):
+        return False
+    return not str(exc).startswith(_NOT_NOW_CODES)

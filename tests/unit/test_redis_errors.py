@@ -1,0 +1,54 @@
+"""`refused_for_good`: which Redis errors a write may outlive, and which it will not.
+
+The errors are built by redis-py's own reply parser from the server's error replies,
+as a real connection would raise them.
+"""
+
+from __future__ import annotations
+
+import pytest
+from redis._parsers.base import BaseParser
+from redis.exceptions import ConnectionError, TimeoutError
+
+from service.redis_errors import refused_for_good
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "WRONGTYPE Operation against a key holding the wrong kind of value script: abc",
+        "ERR user_script:3: Script attempted to access nonexistent global variable 'x'",
+        "ERR value is not an integer or out of range",
+        "NOPERM User gateway has no permissions to run the 'evalsha' command",
+        "CROSSSLOT Keys in request don't hash to the same slot",
+    ],
+)
+def test_a_reply_refusing_the_command_itself_is_for_good(reply: str) -> None:
+    assert refused_for_good(BaseParser.parse_error(reply))
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "READONLY You can't write against a read only replica.",
+        "OOM command not allowed when used memory > 'maxmemory'.",
+        "LOADING Redis is loading the dataset in memory",
+        "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSCRIPT.",
+        "MISCONF Redis is configured to save RDB snapshots, but it's unable to persist to disk.",
+        "NOREPLICAS Not enough good replicas to write.",
+        "TRYAGAIN Multiple keys request during rehashing of slot",
+        "CLUSTERDOWN The cluster is down",
+        "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+        "NOSCRIPT No matching script. Please use EVAL.",
+    ],
+)
+def test_a_reply_saying_not_now_may_pass(reply: str) -> None:
+    assert not refused_for_good(BaseParser.parse_error(reply))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ConnectionError("Connection refused"), TimeoutError("Timeout reading"), OSError(104, "reset")],
+)
+def test_connection_errors_and_timeouts_may_pass(error: Exception) -> None:
+    assert not refused_for_good(error)
