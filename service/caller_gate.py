@@ -142,6 +142,11 @@ class CallerGate:
         self._limiter = limiter
 
     @property
+    def limiter(self) -> TenantLimiter:
+        """Where the tenants' rate limits and concurrent calls are counted."""
+        return self._limiter
+
+    @property
     def checks_nothing(self) -> bool:
         """Whether every call would pass as the anonymous `default` tenant, unlimited: the
         boundary can then skip the gate (auth off, no keys, no limits on `default`)."""

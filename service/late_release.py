@@ -65,6 +65,7 @@ class LateReleases:
         self._wake = asyncio.Event()
         self.released = 0
         self.dropped = 0
+        self.abandoned = 0  # every write given up, however: expired, crowded out, refused
 
     @property
     def pending(self) -> int:
@@ -84,11 +85,11 @@ class LateReleases:
         loop = asyncio.get_running_loop()
         if self._is_closed:  # a call still ending as the store closed: no worker outlives it
             log.warning("late_release.abandoned", extra={"store": self._store, "releases": 1})
-            if on_give_up is not None:
-                on_give_up()
+            self._give_up(on_give_up)
             return
         if len(self._pending) >= self._max_pending:
-            self._give_up(self._pending.popleft())  # it expires in the store on its own
+            # The oldest: it expires in the store on its own.
+            self._give_up(self._pending.popleft().on_give_up)
             self.dropped += 1
         ttl_s = self._lease_ttl_s if expires_after_s is None else expires_after_s
         self._pending.append(_Pending(release, loop.time() + ttl_s, on_give_up))
@@ -103,6 +104,7 @@ class LateReleases:
         except Exception as exc:
             if self._refused_for_good(exc):
                 self._log_refusal(exc)
+                self._give_up(None)
                 return
             log.warning(
                 "late_release.deferred", extra={"store": self._store, "error": type(exc).__name__}
@@ -113,6 +115,11 @@ class LateReleases:
             raise
         else:
             self.store_answered()
+
+    def abandon(self, on_give_up: Callable[[], None]) -> None:
+        """Give up a write that failed for good before it ever waited here, counted with
+        the others abandoned: `on_give_up` is called at once."""
+        self._give_up(on_give_up)
 
     def store_answered(self) -> None:
         """The store just took a write: retry what waits now, not after the backoff."""
@@ -156,12 +163,12 @@ class LateReleases:
                         refusal = exc
                         break
                     self._log_refusal(exc)
-                    self._give_up(item)
+                    self._give_up(item.on_give_up)
                 else:
                     released += 1
                     self.released += 1
             else:
-                self._give_up(item)
+                self._give_up(item.on_give_up)
             if self._pending and self._pending[0] is item:  # not dropped meanwhile
                 self._pending.popleft()
         if released:
@@ -186,13 +193,13 @@ class LateReleases:
                 "late_release.abandoned", extra={"store": self._store, "releases": self.pending}
             )
             for item in self._pending:
-                self._give_up(item)
+                self._give_up(item.on_give_up)
             self._pending.clear()
 
     def _log_refusal(self, exc: Exception) -> None:
         log.error("late_release.refused", extra={"store": self._store, "error": str(exc)})
 
-    @staticmethod
-    def _give_up(item: _Pending) -> None:
-        if item.on_give_up is not None:
-            item.on_give_up()
+    def _give_up(self, on_give_up: Callable[[], None] | None) -> None:
+        self.abandoned += 1
+        if on_give_up is not None:
+            on_give_up()

@@ -563,7 +563,7 @@ class RedisLedger:
             # A call the upstream already served is not failed for its ledger line.
             log.warning("ledger.record_failed", extra={"error": str(exc) or type(exc).__name__})
             if refused_for_good(exc):
-                give_up()  # sent again it would fail again
+                self.late_releases.abandon(give_up)  # sent again it would fail again
             else:
                 retry_late()
         except BaseException:  # cancelled while recording: it may not have reached Redis

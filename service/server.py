@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from llmgateway.v1 import gateway_pb2
 from service.cache import CacheStore, ResponseCache
 from service.config import ConfigError, GatewayConfig, ServerConfig, UpstreamConfig
-from service.ledger import open_ledger
+from service.ledger import RedisLedger, open_ledger
 from service.local_model import UPSTREAM_NAME as LOCAL_UPSTREAM
 from service.local_model import LocalModelServer, LocalModelUnavailable
 from service.pipeline import Pipeline
@@ -29,7 +29,8 @@ from service.security import build_caller_gate, check_listen_policy
 from service.servicer import CompletionServicer
 from service.telemetry import Telemetry, TelemetrySetupError, activate
 from service.telemetry.setup import MetricsListenError
-from service.telemetry.subscribers import observe_cache, subscribe_pool
+from service.telemetry.subscribers import observe_cache, observe_store_writes, subscribe_pool
+from service.tenant_limits import RedisTenantLimiter
 from service.upstream.client import UpstreamClient
 
 log = logging.getLogger("llm_gateway.server")
@@ -122,6 +123,12 @@ class GatewayServer:
         assert self.telemetry is not None  # installed by _start_telemetry
         subscribe_pool(self.telemetry, pool.hooks, upstreams=[c.name for c in clients])
         self._stack.callback(observe_cache(self.telemetry, cache.stats.as_dict))
+        late_writes = {
+            name: store.late_releases
+            for name, store in (("ledger", ledger), ("tenant_limits", gate.limiter))
+            if isinstance(store, RedisLedger | RedisTenantLimiter)
+        }
+        self._stack.callback(observe_store_writes(self.telemetry, late_writes))
         self.pipeline = Pipeline(
             self.config,
             pool,

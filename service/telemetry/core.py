@@ -30,7 +30,7 @@ from service.config import TelemetryConfig
 from service.domain import ChatRequest, Completion, Usage
 from service.pricing import PriceList
 from service.telemetry import tracing as attr
-from service.telemetry.metrics import BREAKER_STATES, Instruments
+from service.telemetry.metrics import BREAKER_STATES, Instruments, StoreWrites
 from service.telemetry.setup import Providers, build_providers
 from service.telemetry.tracing import CURRENT_RPC, RpcScope
 
@@ -155,10 +155,13 @@ class Telemetry:
         self.in_flight = 0
         # Set by `subscribers.observe_cache`: the response cache's counters by name.
         self.cache_counters: Callable[[], Mapping[str, int]] | None = None
+        # Set by `subscribers.observe_store_writes`: each shared store's late writes.
+        self.store_writes: Callable[[], Mapping[str, StoreWrites]] | None = None
         self.instruments = Instruments(
             providers.meter,
             in_flight=lambda: self.in_flight,
             cache_counters=lambda: self.cache_counters() if self.cache_counters else {},
+            store_writes=lambda: self.store_writes() if self.store_writes else {},
         )
         self.capture_content = capture_content
         self.prices = prices if prices is not None else PriceList({})

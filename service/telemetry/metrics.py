@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from opentelemetry import metrics
 from opentelemetry.util.types import AttributeValue
@@ -19,6 +20,7 @@ from service.telemetry.tracing import (
     OUTCOME,
     RPC_GRPC_STATUS_CODE,
     RPC_METHOD,
+    STORE,
     TENANT,
     UPSTREAM,
 )
@@ -68,6 +70,14 @@ class Tally:
         ]
 
 
+@dataclass(frozen=True, slots=True)
+class StoreWrites:
+    """A shared store's late writes: waiting now, and given up so far."""
+
+    waiting: int
+    abandoned: int
+
+
 class Instruments:
     """Every instrument, created once per meter."""
 
@@ -77,6 +87,7 @@ class Instruments:
         *,
         in_flight: Callable[[], int],
         cache_counters: Callable[[], Mapping[str, int]] = dict,
+        store_writes: Callable[[], Mapping[str, StoreWrites]] = dict,
     ) -> None:
         self.operation_duration = meter.create_histogram(
             "gen_ai.client.operation.duration",
@@ -162,6 +173,32 @@ class Instruments:
             callbacks=[self.attempts.observe],
             unit="{attempt}",
             description="Upstream attempts, by upstream and outcome (success or failure)",
+        )
+
+        # Writes a shared store (Redis) did not take when they were made, read at
+        # collection time: an operator alerts on these, as GetUsage misses such rows.
+        def observe_writes(
+            figure: Callable[[StoreWrites], int],
+        ) -> Callable[[metrics.CallbackOptions], Iterable[metrics.Observation]]:
+            def callback(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+                return [
+                    metrics.Observation(figure(writes), {STORE: store})
+                    for store, writes in store_writes().items()
+                ]
+
+            return callback
+
+        self.store_writes_waiting = meter.create_observable_up_down_counter(
+            "llm_gateway.store.writes_waiting",
+            callbacks=[observe_writes(lambda writes: writes.waiting)],
+            unit="{write}",
+            description="Writes (usage rows, lease releases) waiting for a shared store to take",
+        )
+        self.store_writes_abandoned = meter.create_observable_counter(
+            "llm_gateway.store.writes_abandoned",
+            callbacks=[observe_writes(lambda writes: writes.abandoned)],
+            unit="{write}",
+            description="Writes given up: refused for good, expired, crowded out or at shutdown",
         )
 
         # The response cache's own counters (`CacheStats`), read at collection time.

@@ -1,8 +1,9 @@
-"""Telemetry subscribing to the pool's hooks and reading the cache's counters.
+"""Telemetry subscribing to the pool's hooks and reading the stores' counters.
 
 The pool and the cache never import telemetry: the server attaches these at startup
 (like aiohttp `TraceConfig` signals), so retries, breaker transitions and attempts reach
-the metrics, and the cache's `CacheStats` is observed at collection time.
+the metrics, and the cache's `CacheStats` and the Redis stores' late writes are observed
+at collection time.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from service.breaker import BreakerChange
+from service.late_release import LateReleases
 from service.pool_hooks import AttemptRecord, PoolHooks, RetryDecision
 from service.telemetry.core import Telemetry
+from service.telemetry.metrics import StoreWrites
 
 
 def subscribe_pool(telemetry: Telemetry, hooks: PoolHooks, *, upstreams: Iterable[str]) -> None:
@@ -50,4 +53,25 @@ def observe_cache(
     return detach
 
 
-__all__ = ["observe_cache", "subscribe_pool"]
+def observe_store_writes(
+    telemetry: Telemetry, stores: Mapping[str, LateReleases]
+) -> Callable[[], None]:
+    """Export the late writes of each shared store, by name (read when metrics are
+    collected); returns a detacher."""
+
+    def store_writes() -> dict[str, StoreWrites]:
+        return {
+            name: StoreWrites(waiting=late.pending, abandoned=late.abandoned)
+            for name, late in stores.items()
+        }
+
+    telemetry.store_writes = store_writes
+
+    def detach() -> None:
+        if telemetry.store_writes is store_writes:
+            telemetry.store_writes = None
+
+    return detach
+
+
+__all__ = ["observe_cache", "observe_store_writes", "subscribe_pool"]

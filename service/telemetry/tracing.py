@@ -61,6 +61,7 @@ OVERHEAD_MS = "llm_gateway.overhead_ms"
 OUTCOME = "llm_gateway.outcome"
 CACHE_RESULT = "llm_gateway.cache.result"
 CACHE_DIRECTION = "llm_gateway.cache.direction"
+STORE = "llm_gateway.store"
 
 OPERATION_CHAT = "chat"
 OVERHEAD_TRAILER = "llm-gateway-overhead-ms"

@@ -26,6 +26,7 @@ from tests.fake_upstream import FakeUpstream
 from tests.integration.test_cache import eventually
 from tests.integration.test_late_releases import read_only
 from tests.redis_server import RedisServer
+from tests.telemetry_support import captured_telemetry
 
 pytestmark = pytest.mark.redis
 # The fake's reply (7 prompt and 3 completion tokens) at the test catalog's prices.
@@ -142,3 +143,34 @@ async def test_a_row_redis_refuses_for_good_is_given_up_at_once_not_sent_again(
     (lost,) = [r for r in caplog.records if r.message == "ledger.record_lost"]
     assert lost.__dict__["tenant"] == DEFAULT_TENANT
     assert lost.__dict__["cost_usd"] == pytest.approx(CALL_COST_USD, abs=1e-12)
+
+
+async def test_rows_waiting_for_redis_and_rows_given_up_are_metrics(
+    redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """An operator alerts on rows Redis has not taken yet and on rows given up (which
+    `GetUsage` and the budgets miss) from the metrics, by store, not from the logs."""
+    captured = captured_telemetry()
+    prefix = uuid.uuid4().hex
+    ledger = {"redis_url": redis_server.url, "key_prefix": prefix, "operation_timeout_s": 0.2}
+    config = gateway_config(upstream.base_url, ledger=ledger)
+    gateway = await start_gateway(config, telemetry=captured.telemetry)
+
+    def writes(metric: str) -> float:
+        return captured.total(f"llm_gateway.store.{metric}", llm_gateway__store="ledger")
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with read_only(client):
+            for _ in range(2):
+                assert (await gateway.stub.Complete(chat(), timeout=10)).content
+            assert writes("writes_waiting") == 2
+        await settled(gateway)
+        assert (writes("writes_waiting"), writes("writes_abandoned")) == (0, 0)
+        spend = f"{prefix}:spend:{DEFAULT_TENANT}:{period_key('day', time.time())}"
+        await client.delete(spend)
+        await client.rpush(spend, "not a number")
+        assert (await gateway.stub.Complete(chat(), timeout=10)).content
+        assert (writes("writes_waiting"), writes("writes_abandoned")) == (0, 1)
+    finally:
+        await client.aclose()

@@ -262,3 +262,24 @@ async def test_without_a_refusal_test_every_failure_may_pass() -> None:
     await drained(late)
     assert len(attempts) == 3
     assert late.released == 1
+
+
+async def test_every_write_given_up_is_counted_as_abandoned() -> None:
+    """Refused for good (queued or not), expired, crowded out, or left at close: the
+    count an operator's metric reads."""
+    late = LateReleases("test", lease_ttl_s=60.0, max_pending=1, refused_for_good=refuses_for_good)
+
+    async def poisoned() -> None:
+        raise RefusedForGood("WRONGTYPE")
+
+    async def unreachable() -> None:
+        raise ConnectionError("store unreachable")
+
+    await late.release_now(poisoned)  # refused for good, never queued
+    late.abandon(lambda: None)  # given up by its store before it was queued
+    late.retry(unreachable)
+    late.retry(unreachable)  # crowds the first out
+    late.retry(unreachable, expires_after_s=0.0)  # crowds the second out, then expires
+    await late.aclose(flush_s=0.1)
+    assert late.abandoned == 5
+    assert late.pending == 0
