@@ -109,19 +109,29 @@ def _hard_split(text: str, max_tokens: int) -> list[tuple[str, int]]:
         if tokens <= max_tokens:
             pieces.append((word, tokens))
             continue
-        # No spaces (CJK, a long identifier): cut by characters; a character is at
-        # most 3 tokens, so max_tokens // 3 characters always fit.
-        step = max(1, max_tokens // 3)
-        for i in range(0, len(word), step):
-            piece = word[i : i + step]
-            if piece.isascii() and not word.isascii():
-                # In a word with a non-ASCII letter each ASCII letter costs half a token
-                # (more than in an all-ASCII word): count the piece as part of that word.
-                # The appended letter costs exactly one token, in its own run or not.
-                pieces.append((piece, estimate_text_tokens(piece + "\u00e9") - 1))
-            else:
-                pieces.append((piece, estimate_text_tokens(piece)))
+        # No spaces (CJK, emoji, a long identifier): cut by characters, max_tokens // 3
+        # at a time. Emoji and other characters costed by their UTF-8 bytes take up to
+        # 4 tokens each (a run 1 more): such a piece is cut shorter, until it fits.
+        start = 0
+        while start < len(word):
+            piece = word[start : start + max(1, max_tokens // 3)]
+            tokens = _piece_tokens(piece, word)
+            while tokens > max_tokens and len(piece) > 1:
+                piece = piece[: max(1, len(piece) * max_tokens // tokens)]
+                tokens = _piece_tokens(piece, word)
+            pieces.append((piece, tokens))
+            start += len(piece)
     return pieces
+
+
+def _piece_tokens(piece: str, word: str) -> int:
+    """The estimate of `piece`, cut from `word`, as part of that word."""
+    if piece.isascii() and not word.isascii():
+        # In a word with a non-ASCII letter each ASCII letter costs half a token (more
+        # than in an all-ASCII word): count the piece as part of that word. The appended
+        # letter costs exactly one token, in its own run or not.
+        return estimate_text_tokens(piece + "\u00e9") - 1
+    return estimate_text_tokens(piece)
 
 
 def split_units(text: str, max_tokens: int) -> tuple[list[tuple[str, int]], list[bool]]:

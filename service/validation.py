@@ -82,9 +82,9 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
                 )
             )
     # Only worth estimating when the text could be over: no character costs more than
-    # 3 tokens (a one-letter word of a CJK ideograph beyond the BMP: 2 for the rounded-up
-    # letter, 1 for being astral), plus a few tokens of overhead a message.
-    bound = total_chars * 3 + 4 * len(request.messages) + 3
+    # 5 tokens (an emoji alone: its 4 UTF-8 bytes, 1 more for starting a run), plus a
+    # few tokens of overhead a message.
+    bound = total_chars * 5 + 4 * len(request.messages) + 3
     if len(request.messages) <= limits.max_messages and bound > limits.max_prompt_tokens:
         estimate = estimate_prompt_tokens(request.messages)
         if estimate > limits.max_prompt_tokens:

@@ -65,6 +65,8 @@ def _message(content: str, role: int = pb.ROLE_USER) -> pb.Message:
         ({"messages": [_message("é" * 4100)]}, "messages"),
         # About 2.5 tokens a character (a wide letter beyond the BMP): 357 tokens in 140.
         ({"messages": [_message("\U00020000" * 140)]}, "messages"),
+        # 4 tokens an emoji (its UTF-8 bytes) and 1 for the run: 388 tokens in 95.
+        ({"messages": [_message("\U0001f600" * 95)]}, "messages"),
         ({"model": "fake\x07model"}, "model"),
         ({"model": "m" * 300}, "model"),
         ({"idempotency_key": "k\x00"}, "idempotency_key"),
@@ -73,6 +75,7 @@ def _message(content: str, role: int = pb.ROLE_USER) -> pb.Message:
         "too-many-messages", "too-many-labels", "label-too-long", "label-key", "label-control",
         "too-many-stops", "stop-too-long", "stop-control", "stop-empty", "content-escape",
         "content-nul", "over-token-limit", "over-byte-limit", "over-token-limit-astral",
+        "over-token-limit-emoji",
         "model-control", "model-long", "idempotency-control",
     ],
 )  # fmt: skip

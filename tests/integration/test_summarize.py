@@ -347,6 +347,34 @@ async def test_one_giant_word_with_a_diacritic_is_split_into_parts_that_fit(
         assert estimate_text_tokens(user_text(body)) + body["max_tokens"] < WINDOW
 
 
+@pytest.mark.parametrize("character", ["\U0001f600", "\U0001d400", "\U00020000"])
+async def test_a_run_of_four_byte_characters_is_split_into_parts_that_fit(
+    recorder, start_gateway, character
+):
+    """Emoji, math letters or rare ideographs without spaces are cut into parts that fit.
+
+    Such a character is estimated at its 4 UTF-8 bytes (a run of them 1 more): a piece cut
+    at a third of the room in characters would not fit, and splitting it again would never
+    end in a piece that did.
+    """
+
+    def respond(body):
+        return Reply(content="FINAL" if is_combine(body) else "part")
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url))
+    text = character * 2000
+    response = await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=text))
+    assert response.summary == "FINAL"
+    parts = [r.body for r in recorder.requests if is_part(r.body)]
+    assert response.chunks == len(parts) >= 8
+    sent = ""
+    for body in parts:
+        assert estimate_text_tokens(user_text(body)) + body["max_tokens"] < WINDOW
+        sent += PART_HEADER.sub("", user_text(body))
+    assert sent == text
+
+
 # --- calibration rising mid-call ----------------------------------------------------
 
 

@@ -99,3 +99,12 @@ def test_oversized_unit_gets_a_chunk_of_its_own():
         range(1, 2),
         range(2, 3),
     ]
+
+
+@pytest.mark.parametrize("character", ["\U0001f600", "\U0001d400", "\u10d0", "\u4e2d"])
+def test_a_word_of_costly_characters_is_cut_into_pieces_that_fit(character):
+    """A run without spaces of characters worth up to 4 tokens each is cut to fit, whole."""
+    text = character * 3000
+    chunks = split_into_chunks(text, max_tokens=500, overlap_tokens=64)
+    assert all(estimate_text_tokens(chunk) <= 500 for chunk in chunks)
+    assert "".join(chunks) == text
