@@ -63,7 +63,7 @@ def _message(content: str, role: int = pb.ROLE_USER) -> pb.Message:
         ({"messages": [_message("nul \x00")]}, "messages[0].content"),
         ({"messages": [_message("hello " * 250)]}, "messages"),
         ({"messages": [_message("é" * 4100)]}, "messages"),
-        # About 2.5 tokens a character (a wide letter beyond the BMP): 357 tokens in 140.
+        # 4 tokens a wide letter beyond the BMP (its UTF-8 bytes) and 1 for the run: 561 in 140.
         ({"messages": [_message("\U00020000" * 140)]}, "messages"),
         # 4 tokens an emoji (its UTF-8 bytes) and 1 for the run: 388 tokens in 95.
         ({"messages": [_message("\U0001f600" * 95)]}, "messages"),
