@@ -228,6 +228,17 @@ def caller_is_admin(context: grpc.aio.ServicerContext[object, object]) -> bool:
     return caller_may_read_all_usage()
 
 
+def _tenant_concurrency() -> int | None:
+    """The caller's tenant's `max_concurrent_calls`, if it has one.
+
+    A batch or a summary holds one of the tenant's call slots but makes many upstream
+    calls: they run at most this many at once, so one batch cannot take the upstream
+    capacity the limit is there to share.
+    """
+    principal = current_principal()
+    return (principal.limits.max_concurrent_calls or None) if principal is not None else None
+
+
 ALL_TENANTS = "*"
 
 
@@ -374,7 +385,10 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             items.append(BatchItem(item.id, chat, tuple(violations)))
         concurrency = check_batch(items, request.concurrency, self._pipeline.config.batch)
         results = run_batch(
-            self._pipeline, items, concurrency=concurrency, deadline=deadline_of(context)
+            self._pipeline,
+            items,
+            concurrency=min(concurrency, _tenant_concurrency() or concurrency),
+            deadline=deadline_of(context),
         )
         async with contextlib.aclosing(results):
             async for event in results:
@@ -418,6 +432,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                 tenant=tenant_of(context),
             ),
             deadline=deadline_of(context),
+            max_concurrency=_tenant_concurrency(),
         )
         return pb.SummarizeResponse(
             summary=summary.summary,

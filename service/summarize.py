@@ -312,6 +312,7 @@ class _Run:
 
     request: SummaryRequest
     deadline: Deadline
+    concurrency: int  # calls at once
     tally: _Tally = field(default_factory=_Tally)
 
 
@@ -422,8 +423,13 @@ class Summarizer:
             ]
         )
 
-    async def summarize(self, request: SummaryRequest, *, deadline: Deadline) -> Summary:
-        """Summarise `request.document`; see the module docstring for how."""
+    async def summarize(
+        self, request: SummaryRequest, *, deadline: Deadline, max_concurrency: int | None = None
+    ) -> Summary:
+        """Summarise `request.document`; see the module docstring for how.
+
+        `max_concurrency` caps the configured calls at once (the tenant's own cap).
+        """
         started = self._clock.now()
         target = self._validate(request)
         model = request.model
@@ -431,7 +437,8 @@ class Summarizer:
         part_tokens = max(32, min(target, window // 8))
         part_system = part_prompt(target_tokens=part_tokens, instructions=request.instructions)
         combine_system = combine_prompt(target_tokens=target, instructions=request.instructions)
-        run = _Run(request, deadline)
+        concurrency = self._config.concurrency
+        run = _Run(request, deadline, min(concurrency, max_concurrency or concurrency))
         document_system = document_prompt(target_tokens=target, instructions=request.instructions)
         whole = await asyncio.to_thread(estimate_text_tokens, request.document)
         if whole <= self._room(model, system=document_system, header="", answer_tokens=target):
@@ -535,7 +542,7 @@ class Summarizer:
         Returns the summaries in the order of `inputs`, each input's re-split pieces (see
         `_summarise_fitting`) in place of it.
         """
-        semaphore = asyncio.Semaphore(self._config.concurrency)
+        semaphore = asyncio.Semaphore(run.concurrency)
         results: list[list[str]] = [[] for _ in inputs]
 
         async def one(index: int) -> None:

@@ -12,7 +12,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.errors import RETRY_PUSHBACK_TRAILER
 from service.security import InsecureListen
 from service.server import GatewayServer
-from tests.conftest import chat, chat_stream, gateway_config
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import Reply
 from tests.integration.tenancy_helpers import (
     as_tenant,
@@ -23,6 +23,7 @@ from tests.integration.tenancy_helpers import (
     stream_error,
     trailer,
 )
+from tests.scripted_upstream import ScriptedUpstream
 from tests.secret_capture import CALLER_KEY_A, PROVIDER_KEY
 
 
@@ -170,6 +171,59 @@ async def test_tenant_concurrency_limit_refuses_extra_calls_and_frees_slots(
     assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-b"))).content
     assert (await first).content
     assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+
+
+async def test_a_batch_runs_no_more_upstream_calls_at_once_than_its_tenant_may(start_gateway):
+    """A batch holds one of team-a's two call slots but makes ten upstream calls: asked
+    to run them all at once, it runs two at a time; team-b, unlimited, runs ten."""
+
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=lambda body: Reply(content="ok", delay_s=0.2)
+    ) as scripted:
+        config = secure_config(
+            scripted.base_url, tenants={"team-a": {"max_concurrent_calls": 2}, "team-b": {}}
+        )
+        gw = await start_gateway(config)
+        batch = pb.CompleteBatchRequest(
+            items=[pb.BatchItem(id=f"item-{i}", request=chat(f"q{i}")) for i in range(10)],
+            concurrency=10,
+        )
+        for tenant, peak in (("team-a", 2), ("team-b", 10)):
+            scripted.peak_in_flight = 0
+            events = [e async for e in gw.stub.CompleteBatch(batch, metadata=as_tenant(tenant))]
+            assert events[-1].summary.succeeded == 10
+            assert scripted.peak_in_flight == peak
+
+
+async def test_a_summary_runs_no_more_upstream_calls_at_once_than_its_tenant_may(start_gateway):
+    """The same for the parts of a Summarize: team-a may run one call at a time."""
+
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=lambda body: Reply(content="short", delay_s=0.05)
+    ) as scripted:
+        config = secure_config(
+            scripted.base_url,
+            tenants={"team-a": {"max_concurrent_calls": 1}, "team-b": {}},
+            models={
+                FAKE_MODEL: {
+                    "context_window": 1024,
+                    "input_usd_per_million": 0.14,
+                    "output_usd_per_million": 0.42,
+                }
+            },
+            summarize={"concurrency": 4, "default_target_tokens": 64},
+        )
+        gw = await start_gateway(config)
+        document = "\n\n".join(
+            " ".join(f"Paragraph {p} sentence {s} says something." for s in range(5))
+            for p in range(150)
+        )
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document)
+        for tenant, peak in (("team-a", 1), ("team-b", 4)):
+            scripted.peak_in_flight = 0
+            summary = await gw.stub.Summarize(request, metadata=as_tenant(tenant))
+            assert summary.upstream_calls > 4
+            assert scripted.peak_in_flight == peak
 
 
 async def test_auth_off_serves_the_default_tenant_on_loopback(upstream, start_gateway):
