@@ -53,6 +53,18 @@ class PreparedRequest:
     prompt_tokens: int  # the estimate of the messages sent (before calibration)
 
 
+@dataclass(slots=True)
+class _Owed:
+    """An answer the upstream gave for a caller, until the caller records it.
+
+    With the cache the upstream call runs in a shared flight's task, and its caller may
+    leave after the answer came but before it was handed the answer (still relaying the
+    deltas of a stream the upstream finished): the caller then records it on its way out.
+    """
+
+    completion: Completion | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class _Repeatable:
     """A prepared request the cache reads, as `Pipeline.repeat` finds it again."""
@@ -184,19 +196,24 @@ class Pipeline:
         # A cache miss reserves its expected cost against the tenant's budget; it is released
         # only after account() (or on failure), so the cost always counts, reserved or spent.
         async with self._budgets.holding() as hold:
-            fetch = functools.partial(self._complete, prepared, hold, deadline, started)
-            if self._cache is None:
-                completion = await fetch()
-            else:
-                # No await since `prepare`: the calibration remembered is the one it used.
-                key = None if repeat_key is None else self._remember(repeat_key, prepared)
-                completion = await self._cache.complete(
-                    request, fetch=fetch, deadline=deadline, key=key
-                )
-                completion = _with_dropped(completion, prepared.dropped)
-            self._on_answered()
-            # Accounted per caller: a cache hit or a coalesced call records 0 cost, saved cost.
-            await self.account(request, completion)
+            owed = _Owed()
+            fetch = functools.partial(self._complete, prepared, hold, owed, deadline, started)
+            try:
+                if self._cache is None:
+                    completion = await fetch()
+                else:
+                    # No await since `prepare`: the calibration remembered is the one it used.
+                    key = None if repeat_key is None else self._remember(repeat_key, prepared)
+                    completion = await self._cache.complete(
+                        request, fetch=fetch, deadline=deadline, key=key
+                    )
+                    completion = _with_dropped(completion, prepared.dropped)
+                self._on_answered()
+                # Accounted per caller: a cache hit or a coalesced call records 0 cost.
+                owed.completion = None
+                await self.account(request, completion)
+            finally:
+                await self._account_owed(request, owed)
         return completion
 
     def _remember(self, repeat_key: RepeatKey, prepared: PreparedRequest) -> str | None:
@@ -269,7 +286,12 @@ class Pipeline:
         )
 
     async def _complete(
-        self, prepared: PreparedRequest, hold: BudgetHold, deadline: Deadline, started: float
+        self,
+        prepared: PreparedRequest,
+        hold: BudgetHold,
+        owed: _Owed,
+        deadline: Deadline,
+        started: float,
     ) -> Completion:
         """The upstream call behind a cache miss; budgets are checked and reserved only here."""
         request = prepared.request
@@ -294,18 +316,27 @@ class Pipeline:
                 time_to_first_token_ms=upstream_ms,
             ),
         )
-        await self._account_if_caller_left(hold, request, completion)
+        await self._hand_over(hold, owed, request, completion)
         return completion
 
-    async def _account_if_caller_left(
-        self, hold: BudgetHold, request: ChatRequest, completion: Completion
+    async def _hand_over(
+        self, hold: BudgetHold, owed: _Owed, request: ChatRequest, completion: Completion
     ) -> None:
-        """Record a call whose caller left while others still followed it (a shared flight).
+        """Leave the upstream's answer for its caller to record, or record it now if the
+        caller left while others still followed the call (a shared flight).
 
         The followers record what they were served as cache hits, at no cost; without this
         the upstream's charge for the call would be recorded for no one.
         """
         if hold.caller_has_left:
+            await self.account(request, completion)
+        else:
+            owed.completion = completion
+
+    async def _account_owed(self, request: ChatRequest, owed: _Owed) -> None:
+        """Record the answer a leaving caller was owed but never handed (see `_Owed`)."""
+        completion, owed.completion = owed.completion, None
+        if completion is not None:
             await self.account(request, completion)
 
     async def _account_cut_stream(
@@ -337,24 +368,34 @@ class Pipeline:
         prepared = self.prepare(request)
         request = prepared.request
         async with self._budgets.holding() as hold:  # released after account(), as in complete()
-            fetch = functools.partial(self._stream, prepared, hold, deadline, started)
+            owed = _Owed()
+            fetch = functools.partial(self._stream, prepared, hold, owed, deadline, started)
             events = (
                 fetch()
                 if self._cache is None
                 else self._cache.stream(request, fetch=fetch, deadline=deadline)
             )
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    if isinstance(event, Completion):
-                        self._on_answered()
-                        completion = _with_dropped(event, prepared.dropped)
-                        await self.account(request, completion)
-                        yield completion
-                    else:
-                        yield event
+            try:
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if isinstance(event, Completion):
+                            self._on_answered()
+                            owed.completion = None
+                            completion = _with_dropped(event, prepared.dropped)
+                            await self.account(request, completion)
+                            yield completion
+                        else:
+                            yield event
+            finally:
+                await self._account_owed(request, owed)
 
     async def _stream(
-        self, prepared: PreparedRequest, hold: BudgetHold, deadline: Deadline, started: float
+        self,
+        prepared: PreparedRequest,
+        hold: BudgetHold,
+        owed: _Owed,
+        deadline: Deadline,
+        started: float,
     ) -> AsyncGenerator[Delta | Completion, None]:
         """The upstream stream behind a cache miss; budgets are checked and reserved only here."""
         request = prepared.request
@@ -399,7 +440,7 @@ class Pipeline:
                 time_to_first_token_ms=(log.first_token_s or log.upstream_s) * _MS,
             ),
         )
-        await self._account_if_caller_left(hold, request, completion)
+        await self._hand_over(hold, owed, request, completion)
         yield completion
 
 

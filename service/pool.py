@@ -442,8 +442,9 @@ class UpstreamPool:
         """What the call ends with: `exc` with its attempts and, when it is UNAVAILABLE, a
         retry delay; or `DeadlineExceeded` when the caller's deadline caused it."""
         exc.attempts = attempts
-        cause = exc.__cause__ if isinstance(exc, StreamInterrupted) else exc
-        if isinstance(cause, UpstreamError) and _hit_callers_deadline(cause, deadline):
+        # Not a stream's timeout after its text (`StreamInterrupted`): only the upstream's
+        # own bounds apply then, and a shared stream's followers outlive its first caller.
+        if _hit_callers_deadline(exc, deadline):
             return DeadlineExceeded("the caller's deadline passed")
         if isinstance(exc, UpstreamUnavailable | UpstreamTimeout):
             exc.suggest_retry_after(self._retry_delay_s(exc.upstream))

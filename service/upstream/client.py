@@ -240,7 +240,8 @@ class UpstreamClient:
                     async with asyncio.timeout_at(deadline):
                         await response.read()
                     raise _error_for_status(self.name, response.status, response.headers)
-                if response.headers.get("content-type", "").startswith("application/json"):
+                content_type = response.headers.get("content-type", "").lower()
+                if content_type.startswith("application/json"):
                     # Some OpenAI-compatible servers ignore `stream: true` and answer with
                     # one completion: relay it as one chunk and the end.
                     async with asyncio.timeout_at(deadline):

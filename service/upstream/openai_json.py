@@ -180,6 +180,11 @@ class StreamParser:
         if not isinstance(choices, list) or not isinstance(choices[0], dict):
             raise MalformedReply("choices is not a list of objects")
         choice = choices[0]
+        if choice.get("index"):  # another completion's (`n` is never sent): find the answer's
+            firsts = [c for c in choices if isinstance(c, dict) and not c.get("index")]
+            if not firsts:
+                return None
+            choice = firsts[0]
         reason = finish_reason(choice.get("finish_reason"))
         if reason is not None:
             self.finish_reason = reason

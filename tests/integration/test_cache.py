@@ -15,6 +15,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.cache import ResponseCache
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import CutStream, EndWithoutDone, FakeUpstream, Reply, Status
+from tests.integration.test_resilience import error_details
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -621,3 +622,35 @@ async def test_a_shared_stream_outlives_its_first_callers_deadline(
 
 async def _read_all(call: Any) -> list[pb.CompleteStreamResponse]:
     return [e async for e in call]
+
+
+async def test_a_shared_stream_stalling_after_its_first_callers_deadline_is_interrupted(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any]
+) -> None:
+    """A stall after the text, once the first caller's deadline has passed, is the upstream's
+    fault: the patient follower gets UNAVAILABLE `STREAM_INTERRUPTED`, not DEADLINE_EXCEEDED
+    long before its own deadline."""
+    stalling = {
+        "name": "up0",
+        "base_url": upstream.base_url,
+        "models": [FAKE_MODEL],
+        "stream_idle_timeout_s": 0.6,
+    }
+    gateway = await start_gateway(
+        gateway_config(upstream.base_url, cache={"backend": "memory"}, upstreams=[stalling])
+    )
+    # The first word at 1 s, the next 1 s later: past the idle timeout.
+    upstream.script(Reply(content="a b", chunks=2, chunk_delay_s=1.0))
+    request = chat_stream(params=DETERMINISTIC)
+    hasty = asyncio.ensure_future(_read_all(gateway.stub.CompleteStream(request, timeout=1.3)))
+    await eventually(lambda: upstream.requests)
+    patient = gateway.stub.CompleteStream(request, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for event in patient:
+            assert event.delta.content == "a "
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_details(caught.value)[1] == "STREAM_INTERRUPTED"
+    with pytest.raises(grpc.aio.AioRpcError) as hasty_caught:
+        await hasty
+    assert hasty_caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert cache_of(gateway).stats.coalesced == 1

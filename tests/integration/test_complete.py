@@ -129,6 +129,17 @@ async def test_a_stream_answered_with_one_json_completion_is_relayed(stub, upstr
     assert len(upstream.requests) == 1
 
 
+async def test_a_json_completion_is_relayed_whatever_the_case_of_its_media_type(stub, upstream):
+    """Media types are case-insensitive: `Application/JSON` is one JSON completion too,
+    not an event stream without events that failed as malformed after every retry."""
+    headers = {"Content-Type": "Application/JSON; charset=UTF-8"}  # kept as is by aiohttp
+    upstream.script(Reply(content="all at once", ignore_stream=True, headers=headers))
+    events = [event async for event in stub.CompleteStream(chat_stream())]
+    assert [e.delta.content for e in events if e.HasField("delta")] == ["all at once"]
+    assert events[-1].final.finish_reason == pb.FINISH_REASON_STOP
+    assert len(upstream.requests) == 1
+
+
 async def test_stream_without_upstream_usage_is_estimated_and_flagged(stub, upstream):
     """When the upstream streams no usage the gateway estimates it and says so."""
     upstream.script(Reply(content="some words here", include_usage=False))

@@ -102,3 +102,44 @@ async def test_a_shared_stream_every_caller_leaves_is_charged_once(
     await upstream.wait_for_disconnect(timeout_s=_TIMEOUT_S)
     assert_estimated_charge(await recorded(gateway, requests=1))
     assert len(upstream.requests) == 1
+
+
+# More text than gRPC's flow-control windows and socket buffers hold: a caller that reads
+# none of it holds the gateway's relay back long after the upstream has finished.
+LONG = Reply(content="x" * 20_000_000, chunks=10_000, prompt_tokens=11, completion_tokens=5000)
+
+
+@pytest.mark.parametrize("leave", ["cancel", "deadline"])
+async def test_a_shared_stream_its_caller_leaves_after_the_upstream_finished_is_charged(
+    start_gateway: Any, leave: str
+) -> None:
+    """The upstream finished (and billed) while the caller still read: charged once, as reported.
+
+    The shared call runs in the cache's own task and finishes while the caller is still
+    relaying its deltas; the caller leaving before its final message recorded nothing.
+    """
+    async with FakeUpstream(default=LONG) as upstream:
+        config = gateway_config(
+            upstream.base_url, models=PRICED_MODELS, cache={"backend": "memory"}
+        )
+        gateway = await start_gateway(config)
+        request = chat_stream(params=pb.GenerationParams(temperature=0.0))
+        call = gateway.stub.CompleteStream(request, timeout=3 if leave == "deadline" else 20)
+        assert (await call.read()).delta.content
+        cache = gateway.server.pipeline.cache
+        async with asyncio.timeout(_TIMEOUT_S):
+            while cache.in_flight:  # the upstream stream is read to its end
+                await asyncio.sleep(0.02)
+        if leave == "cancel":
+            call.cancel()
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                while True:
+                    await asyncio.sleep(1)  # a caller too slow for its own deadline
+                    await call.read()
+            assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        total = await recorded(gateway, requests=1)
+    assert total.requests == 1
+    assert (total.usage.input_tokens, total.usage.output_tokens) == (11, 5000)
+    assert not total.usage.estimated
+    assert total.cost_usd == pytest.approx((11 * 0.27 + 5000 * 1.10) / 1e6, abs=1e-12)

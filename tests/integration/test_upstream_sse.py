@@ -311,3 +311,21 @@ async def test_a_body_cut_before_done_is_whole_is_an_interrupted_stream(
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert error_details(error)[1] == "STREAM_INTERRUPTED"
     assert upstream.requests == 1
+
+
+async def test_only_the_first_choice_is_relayed_when_an_event_carries_others(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """A choice with another index (a second completion the gateway never asked for) is
+    not spliced into the answer's text, nor does its finish end the answer."""
+    other = {"index": 1, "delta": {"content": "ZZ"}, "finish_reason": "length"}
+    second_only = event({"id": "c1", "model": FAKE_MODEL, "choices": [other]})
+    both = event(
+        {
+            "id": "c1",
+            "model": FAKE_MODEL,
+            "choices": [other, {"index": 0, "delta": {"content": "l"}, "finish_reason": None}],
+        }
+    )
+    body = chunk("He") + second_only + both + chunk("lo", "stop") + USAGE + DONE
+    await relayed_cleanly(start_gateway, body, "Hello")
