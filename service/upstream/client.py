@@ -74,7 +74,8 @@ def _error_for_status(upstream: str, status: int, headers: Mapping[str, str]) ->
 
 def _headers(config: UpstreamConfig, *, accept: str) -> dict[str, str]:
     """What every request to the upstream carries: who we are, what we take, the key."""
-    headers = {"Accept": accept, "User-Agent": _USER_AGENT}
+    # identity: without Accept-Encoding a server may compress, and nothing here decodes.
+    headers = {"Accept": accept, "Accept-Encoding": "identity", "User-Agent": _USER_AGENT}
     if config.api_key:
         headers["Authorization"] = f"Bearer {config.api_key}"
     return headers

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
 
 import grpc
 import pytest
+from aiohttp import web
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.pool import upstream_idempotency_key
@@ -138,6 +141,45 @@ async def test_a_json_completion_is_relayed_whatever_the_case_of_its_media_type(
     assert [e.delta.content for e in events if e.HasField("delta")] == ["all at once"]
     assert events[-1].final.finish_reason == pb.FINISH_REASON_STOP
     assert len(upstream.requests) == 1
+
+
+async def test_the_upstream_is_asked_for_an_answer_with_no_content_coding(start_gateway):
+    """Without `Accept-Encoding` a server may use any content coding (RFC 9110, 12.5.3),
+    and the gateway decodes none: it asks for `identity`, so a server that compresses
+    whenever it may still answers plainly (here: gzip unless `identity` is asked for)."""
+    completion = {
+        "id": "chatcmpl-plain",
+        "object": "chat.completion",
+        "model": FAKE_MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "plain"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+
+    async def compressing(request: web.Request) -> web.Response:
+        body = json.dumps(completion).encode()
+        if request.headers.get("Accept-Encoding", "*").strip() == "identity":
+            return web.Response(body=body, content_type="application/json")
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        return web.Response(body=gzip.compress(body), headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", compressing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        gw = await start_gateway(gateway_config(f"http://127.0.0.1:{port}/v1"))
+        assert (await gw.stub.Complete(chat(), timeout=10)).content == "plain"
+    finally:
+        await runner.cleanup()
 
 
 async def test_stream_without_upstream_usage_is_estimated_and_flagged(stub, upstream):
