@@ -778,9 +778,16 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
     """Read, override and validate the YAML config file at `path`."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1 by an editor
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            source, "", f"not UTF-8 text: line {line} has a byte that is not UTF-8"
+        ) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:

@@ -249,6 +249,23 @@ async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, conte
     assert expected in stderr.decode()
 
 
+@pytest.mark.parametrize("command", [("serve",), ("keys", "create", "--tenant", "search")])
+async def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path, command):
+    """A config whose comment an editor saved as Latin-1 exits 2 naming the file and the
+    line, like any other config error. Before, `serve` died with a UnicodeDecodeError
+    traceback and status 1, and `keys` printed the codec's message without the file."""
+    path = tmp_path / "gateway.yaml"
+    path.write_bytes(b"server:\n  listen: 127.0.0.1:0\n# caf\xe9 team\n")
+    process = await _spawn(*command, "--config", str(path))
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    text = stderr.decode()
+    assert process.returncode == 2
+    assert text.splitlines()[-1].endswith(
+        f"{path}: (top level): not UTF-8 text: line 3 has a byte that is not UTF-8"
+    )
+    assert "Traceback" not in text
+
+
 @pytest.mark.parametrize("source", ["--log-level", "LLM_GATEWAY_LOG_LEVEL"])
 async def test_an_unknown_log_level_is_a_usage_error(upstream, tmp_path, source):
     """`--log-level LOUD` (or the variable) exits 2 with one line, before anything starts."""
