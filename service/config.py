@@ -87,6 +87,10 @@ class TlsConfig:
         return self.cert_file is not None
 
 
+# gRPC server options are C ints: a larger value fails the start with an OverflowError.
+_GRPC_MAX_INT = 2**31 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The gRPC listener and its lifecycle."""
@@ -115,9 +119,17 @@ class ServerConfig:
         # gRPC takes the port modulo 65536: 70000 would quietly listen on 4464.
         _require(int(port) <= 65535, "listen's port must be 0..65535")
         _require(self.grace_period_s >= 0, "grace_period_s must be >= 0")
-        _require(self.max_receive_message_bytes >= 1024, "max_receive_message_bytes too small")
+        _require(
+            1024 <= self.max_receive_message_bytes <= _GRPC_MAX_INT,
+            f"max_receive_message_bytes must be 1024..{_GRPC_MAX_INT}",
+        )
         _require(self.max_in_flight_calls >= 1, "max_in_flight_calls must be >= 1")
         _require(self.max_queued_calls >= 0, "max_queued_calls must be >= 0")
+        # gRPC is told to hold twice as many pending calls (`pending_call_options`).
+        _require(
+            self.max_in_flight_calls + self.max_queued_calls <= _GRPC_MAX_INT // 2,
+            f"max_in_flight_calls + max_queued_calls must be <= {_GRPC_MAX_INT // 2}",
+        )
         _require(self.overload_retry_after_s >= 0, "overload_retry_after_s must be >= 0")
         _require(
             self.workers is None or self.workers >= 0, "workers must be >= 0 (0: one per core)"

@@ -236,6 +236,15 @@ async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, sour
         ("upstreams:\n  - name: x\n    base_url: ftp://h\n    models: [m]", "upstreams[0]"),
         ("servr: {}", "servr: unknown key"),
         ("server: {listen: [", "not valid YAML"),
+        # Past gRPC's C int: the start died with an OverflowError traceback and status 1.
+        (
+            "server: {max_receive_message_bytes: 2147483648}",
+            "server: max_receive_message_bytes must be 1024..2147483647",
+        ),
+        (
+            "server: {max_in_flight_calls: 2000000000}",
+            "server: max_in_flight_calls + max_queued_calls must be <= 1073741823",
+        ),
     ],
 )
 async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, content, expected):
