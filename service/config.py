@@ -665,6 +665,10 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> di
     applied: dict[str, str] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
+            # LLM_GATEWAY_SERVER__LISTEN (one underscore short) would be ignored without a
+            # word; the gateway's other variables (LLM_GATEWAY_CONFIG, ...) have no "__".
+            if name.startswith(ENV_PREFIX[:-1]) and "__" in name:
+                raise ConfigError(name, "", f"not an override: those start with {ENV_PREFIX}")
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
         if not path:

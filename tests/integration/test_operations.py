@@ -275,6 +275,25 @@ async def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path, comman
     assert "Traceback" not in text
 
 
+@pytest.mark.parametrize("variable", ["LLM_GATEWAY_SERVER__LISTEN", "LLM_GATEWAY_AUTH__MODE"])
+async def test_an_override_variable_misnamed_is_a_config_error(upstream, tmp_path, variable):
+    """An override one underscore short exits 2 naming the variable. Before, it was
+    ignored without a word and the gateway served the file's address."""
+    config = _write_config(tmp_path, upstream.base_url)
+    process = await _spawn("serve", "--config", str(config), env={**os.environ, variable: "x"})
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
+    finally:
+        if process.returncode is None:  # it started: the variable was ignored
+            process.kill()
+            await process.wait()
+    assert process.returncode == 2
+    assert stderr.decode().splitlines()[-1] == (
+        f"llm-gateway: config error: {variable}: (top level): "
+        "not an override: those start with LLM_GATEWAY__"
+    )
+
+
 @pytest.mark.parametrize("source", ["--log-level", "LLM_GATEWAY_LOG_LEVEL"])
 async def test_an_unknown_log_level_is_a_usage_error(upstream, tmp_path, source):
     """`--log-level LOUD` (or the variable) exits 2 with one line, before anything starts."""
