@@ -14,6 +14,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import types
 import typing
 from collections.abc import Mapping
@@ -833,3 +834,32 @@ def _check_tls_files(tls: TlsConfig, source: str) -> None:
         except OSError as exc:
             problem = f"cannot read {path}: {exc.strerror}"
             raise ConfigError(source, f"server.tls.{key}", problem) from None
+    _check_tls_contents(tls, source)
+
+
+def _check_tls_contents(tls: TlsConfig, source: str) -> None:
+    """Refuse certificate files grpc could not use: it would fail the listen itself, and
+    the start would blame the address."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # judge the files, not the key sizes grpc takes
+    for key, path in (("cert_file", tls.cert_file), ("client_ca_file", tls.client_ca_file)):
+        if path is None:
+            continue
+        try:
+            context.load_verify_locations(cafile=path)
+        except ssl.SSLError:
+            raise ConfigError(
+                source, f"server.tls.{key}", f"no PEM certificate in {path}"
+            ) from None
+    if tls.cert_file is None or tls.key_file is None:
+        return
+    try:
+        # A password callback, so that an encrypted key fails here rather than prompting.
+        context.load_cert_chain(tls.cert_file, tls.key_file, password=lambda: b"")
+    except ssl.SSLError as exc:
+        problem = (
+            "not the private key of cert_file's certificate"
+            if exc.reason == "KEY_VALUES_MISMATCH"
+            else f"no unencrypted PEM private key in {tls.key_file}"
+        )
+        raise ConfigError(source, "server.tls.key_file", problem) from None
