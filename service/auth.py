@@ -136,6 +136,11 @@ class FileKeyStore:
         except FileNotFoundError:
             self._store, self._signature = StaticKeyStore(()), None
             return
+        except OSError as exc:  # its directory turned unreadable, or into a file
+            if is_strict:
+                raise
+            log.warning("auth.keys_file_unusable", extra={"error": str(exc)})
+            return
         signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         if signature == self._signature:
             return

@@ -14,6 +14,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import types
 import typing
 from collections.abc import Mapping
@@ -87,6 +88,10 @@ class TlsConfig:
         return self.cert_file is not None
 
 
+# gRPC server options are C ints: a larger value fails the start with an OverflowError.
+_GRPC_MAX_INT = 2**31 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The gRPC listener and its lifecycle."""
@@ -115,9 +120,17 @@ class ServerConfig:
         # gRPC takes the port modulo 65536: 70000 would quietly listen on 4464.
         _require(int(port) <= 65535, "listen's port must be 0..65535")
         _require(self.grace_period_s >= 0, "grace_period_s must be >= 0")
-        _require(self.max_receive_message_bytes >= 1024, "max_receive_message_bytes too small")
+        _require(
+            1024 <= self.max_receive_message_bytes <= _GRPC_MAX_INT,
+            f"max_receive_message_bytes must be 1024..{_GRPC_MAX_INT}",
+        )
         _require(self.max_in_flight_calls >= 1, "max_in_flight_calls must be >= 1")
         _require(self.max_queued_calls >= 0, "max_queued_calls must be >= 0")
+        # gRPC is told to hold twice as many pending calls (`pending_call_options`).
+        _require(
+            self.max_in_flight_calls + self.max_queued_calls <= _GRPC_MAX_INT // 2,
+            f"max_in_flight_calls + max_queued_calls must be <= {_GRPC_MAX_INT // 2}",
+        )
         _require(self.overload_retry_after_s >= 0, "overload_retry_after_s must be >= 0")
         _require(
             self.workers is None or self.workers >= 0, "workers must be >= 0 (0: one per core)"
@@ -653,6 +666,10 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> di
     applied: dict[str, str] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
+            # LLM_GATEWAY_SERVER__LISTEN (one underscore short) would be ignored without a
+            # word; the gateway's other variables (LLM_GATEWAY_CONFIG, ...) have no "__".
+            if name.startswith(ENV_PREFIX[:-1]) and "__" in name:
+                raise ConfigError(name, "", f"not an override: those start with {ENV_PREFIX}")
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
         if not path:
@@ -778,9 +795,16 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
     """Read, override and validate the YAML config file at `path`."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1 by an editor
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            source, "", f"not UTF-8 text: line {line} has a byte that is not UTF-8"
+        ) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
@@ -810,3 +834,32 @@ def _check_tls_files(tls: TlsConfig, source: str) -> None:
         except OSError as exc:
             problem = f"cannot read {path}: {exc.strerror}"
             raise ConfigError(source, f"server.tls.{key}", problem) from None
+    _check_tls_contents(tls, source)
+
+
+def _check_tls_contents(tls: TlsConfig, source: str) -> None:
+    """Refuse certificate files grpc could not use: it would fail the listen itself, and
+    the start would blame the address."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # judge the files, not the key sizes grpc takes
+    for key, path in (("cert_file", tls.cert_file), ("client_ca_file", tls.client_ca_file)):
+        if path is None:
+            continue
+        try:
+            context.load_verify_locations(cafile=path)
+        except ssl.SSLError:
+            raise ConfigError(
+                source, f"server.tls.{key}", f"no PEM certificate in {path}"
+            ) from None
+    if tls.cert_file is None or tls.key_file is None:
+        return
+    try:
+        # A password callback, so that an encrypted key fails here rather than prompting.
+        context.load_cert_chain(tls.cert_file, tls.key_file, password=lambda: b"")
+    except ssl.SSLError as exc:
+        problem = (
+            "not the private key of cert_file's certificate"
+            if exc.reason == "KEY_VALUES_MISMATCH"
+            else f"no unencrypted PEM private key in {tls.key_file}"
+        )
+        raise ConfigError(source, "server.tls.key_file", problem) from None

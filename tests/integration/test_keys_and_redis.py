@@ -217,6 +217,26 @@ async def test_a_key_created_after_a_hand_edit_left_no_final_newline_still_works
     assert keys_file.read_text(encoding="utf-8").splitlines()[1] == f"{hash_key(key)} late"
 
 
+async def test_a_keys_file_that_turns_unreachable_keeps_the_last_keys(
+    upstream, start_gateway, tmp_path
+):
+    """A keys file whose directory can no longer be looked into keeps serving the keys last
+    read, as a malformed or unreadable file does. Before, every call with a key from the
+    file failed INTERNAL. (A file where the directory was stands in for a directory whose
+    permissions changed: these tests run as root, which permissions do not stop.)"""
+    directory = tmp_path / "keys.d"
+    directory.mkdir()
+    (directory / "keys").write_text(f"{hash_key(CALLER_KEY_A)} team-a\n", encoding="utf-8")
+    auth = {"mode": "keys", "keys_file": str(directory / "keys"), "keys_file_check_s": 0}
+    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    directory.rename(tmp_path / "moved.d")
+    directory.write_text("", encoding="utf-8")
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer("llmgw_unknown-to-all")))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_an_unreachable_redis_fails_closed_for_keys_and_open_for_limits(
     upstream, start_gateway, tmp_path
 ):

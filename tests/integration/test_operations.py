@@ -236,6 +236,15 @@ async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, sour
         ("upstreams:\n  - name: x\n    base_url: ftp://h\n    models: [m]", "upstreams[0]"),
         ("servr: {}", "servr: unknown key"),
         ("server: {listen: [", "not valid YAML"),
+        # Past gRPC's C int: the start died with an OverflowError traceback and status 1.
+        (
+            "server: {max_receive_message_bytes: 2147483648}",
+            "server: max_receive_message_bytes must be 1024..2147483647",
+        ),
+        (
+            "server: {max_in_flight_calls: 2000000000}",
+            "server: max_in_flight_calls + max_queued_calls must be <= 1073741823",
+        ),
     ],
 )
 async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, content, expected):
@@ -247,6 +256,42 @@ async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, conte
     assert process.returncode == 2
     assert str(path) in stderr.decode()
     assert expected in stderr.decode()
+
+
+@pytest.mark.parametrize("command", [("serve",), ("keys", "create", "--tenant", "search")])
+async def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path, command):
+    """A config whose comment an editor saved as Latin-1 exits 2 naming the file and the
+    line, like any other config error. Before, `serve` died with a UnicodeDecodeError
+    traceback and status 1, and `keys` printed the codec's message without the file."""
+    path = tmp_path / "gateway.yaml"
+    path.write_bytes(b"server:\n  listen: 127.0.0.1:0\n# caf\xe9 team\n")
+    process = await _spawn(*command, "--config", str(path))
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    text = stderr.decode()
+    assert process.returncode == 2
+    assert text.splitlines()[-1].endswith(
+        f"{path}: (top level): not UTF-8 text: line 3 has a byte that is not UTF-8"
+    )
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("variable", ["LLM_GATEWAY_SERVER__LISTEN", "LLM_GATEWAY_AUTH__MODE"])
+async def test_an_override_variable_misnamed_is_a_config_error(upstream, tmp_path, variable):
+    """An override one underscore short exits 2 naming the variable. Before, it was
+    ignored without a word and the gateway served the file's address."""
+    config = _write_config(tmp_path, upstream.base_url)
+    process = await _spawn("serve", "--config", str(config), env={**os.environ, variable: "x"})
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
+    finally:
+        if process.returncode is None:  # it started: the variable was ignored
+            process.kill()
+            await process.wait()
+    assert process.returncode == 2
+    assert stderr.decode().splitlines()[-1] == (
+        f"llm-gateway: config error: {variable}: (top level): "
+        "not an override: those start with LLM_GATEWAY__"
+    )
 
 
 @pytest.mark.parametrize("source", ["--log-level", "LLM_GATEWAY_LOG_LEVEL"])

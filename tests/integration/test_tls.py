@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -9,17 +11,19 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+import yaml
 from google.rpc import error_details_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import ConfigError
 from service.server import GatewayServer
-from tests.conftest import chat, gateway_config
+from tests.conftest import chat, gateway_config, gateway_config_data
 from tests.integration.pki import Pki, make_pki
 from tests.integration.tenancy_helpers import as_tenant, detail, rpc_error, secure_config
 
 _TIMEOUT_S = 20.0
+_REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +182,59 @@ async def test_tenant_from_cert_subject_without_required_certificates_is_a_confi
     tls = _tls(pki, client_ca_file=str(pki.ca), tenant_from_cert_subject=True)
     with pytest.raises(ConfigError, match=r"server\.tls.*require_client_cert"):
         secure_config("http://127.0.0.1:9", server={"listen": "127.0.0.1:0", "tls": tls})
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        pytest.param(
+            {"cert_file": "not-pem"},
+            "server.tls.cert_file: no PEM certificate in {not-pem}",
+            id="cert-not-pem",
+        ),
+        pytest.param(
+            {"key_file": "team-a.key"},
+            "server.tls.key_file: not the private key of cert_file's certificate",
+            id="key-of-another-certificate",
+        ),
+        pytest.param(
+            {"key_file": "not-pem"},
+            "server.tls.key_file: no unencrypted PEM private key in {not-pem}",
+            id="key-not-pem",
+        ),
+        pytest.param(
+            {"client_ca_file": "server.key"},
+            "server.tls.client_ca_file: no PEM certificate in {server.key}",
+            id="ca-is-a-key",
+        ),
+    ],
+)
+async def test_certificate_files_grpc_cannot_use_are_a_config_error(pki, tmp_path, files, expected):
+    """`serve` with a certificate, key or CA file that is no such thing exits 2 naming the
+    key. Before, grpc failed the listen and the gateway blamed the address ("the address is
+    taken or not local"), exit status 1."""
+    (tmp_path / "not-pem").write_text("not a certificate\n")
+
+    def path_of(name: str) -> str:
+        return str(tmp_path / name if name == "not-pem" else pki.ca.parent / name)
+
+    tls = {**_mtls(pki), **{key: path_of(name) for key, name in files.items()}}
+    config = gateway_config_data(
+        "http://127.0.0.1:9/v1", server={"listen": "127.0.0.1:0", "tls": tls}
+    )
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=_REPO,
+    )  # fmt: skip
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=_TIMEOUT_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    for name in ("not-pem", "server.key"):
+        expected = expected.replace(f"{{{name}}}", path_of(name))
+    assert stderr.decode().splitlines()[-1] == f"llm-gateway: config error: {path}: {expected}"
+    assert process.returncode == 2
