@@ -88,6 +88,9 @@ class TlsConfig:
         return self.cert_file is not None
 
 
+# What caller keys start with (`auth.KEY_PREFIX`; auth imports this module).
+_CALLER_KEY_PREFIX = "llmgw_"
+
 # gRPC server options are C ints: a larger value fails the start with an OverflowError.
 _GRPC_MAX_INT = 2**31 - 1
 
@@ -633,6 +636,15 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     raise ValueError(f"{key}: unsupported type {tp}")
 
 
+def _shown_name(name: object) -> str:
+    """An unknown key as an error may show it: never a caller key pasted in its place
+    (`llmgw_...`), and no more than 32 characters of anything else."""
+    text = str(name)
+    if text.startswith(_CALLER_KEY_PREFIX):
+        return _CALLER_KEY_PREFIX + "…"
+    return text if len(text) <= 32 else text[:32] + "…"
+
+
 def _build(cls: type[T], data: Any, key: str) -> T:
     if data is None:
         data = {}
@@ -647,7 +659,7 @@ def _build(cls: type[T], data: Any, key: str) -> T:
     names = {f.name for f in fields if f.init}
     unknown = sorted(set(data) - names, key=str)  # YAML keys may be bools or numbers
     if unknown:
-        raise ValueError(f"{key + '.' if key else ''}{unknown[0]}: unknown key")
+        raise ValueError(f"{key + '.' if key else ''}{_shown_name(unknown[0])}: unknown key")
     kwargs = {
         name: _convert(hints[name], data[name], f"{key + '.' if key else ''}{name}")
         for name in names

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from service.auth import KEY_PREFIX
 from service.config import (
     ConfigError,
     GatewayConfig,
@@ -592,6 +593,19 @@ def test_config_error_does_not_echo_credentials() -> None:
     with pytest.raises(ConfigError) as caught:
         parse({"upstreams": [upstream(base_url="https://user:hunter2@api.example.test")]})
     assert "hunter2" not in str(caught.value)
+
+
+def test_a_caller_key_written_where_a_field_name_goes_is_not_echoed() -> None:
+    """A raw key pasted as a mapping key (`keys: [{llmgw_...: team}]`) is an unknown key;
+    the error names where it is without repeating it. Long unknown names are cut too."""
+    secret = KEY_PREFIX + "s3cr3t" * 7  # what `keys create` prints
+    with pytest.raises(ConfigError) as caught:
+        parse({"auth": {"keys": [{secret: "team-a"}]}})
+    assert "s3cr3t" not in str(caught.value)
+    assert caught.value.key == f"auth.keys[0].{KEY_PREFIX}…"
+    with pytest.raises(ConfigError) as caught:
+        parse({"server": {"x" * 100: 1}})
+    assert caught.value.key == "server." + "x" * 32 + "…"
 
 
 REDIS_SECTIONS = {
