@@ -15,21 +15,24 @@ never shares a token with its neighbours (a single space joins the next word for
   keys and base64 fall apart into one- and two-letter tokens.
 - Digits and ASCII punctuation: one token each (Llama and Gemma split numbers into single
   digits). Whitespace: a token per run of up to 16 spaces or 8 newlines or tabs.
-- Any other character costs by its script: 1 for Cyrillic, Vietnamese and combining
-  diacritics; 1.25 for Greek and Arabic; 1.5 for other Latin letters with diacritics
-  (they split a word into pieces the vocabularies know less well), Hebrew, Devanagari,
-  Thai, CJK ideographs, kana and Hangul syllables; 2 for Bengali, Tamil, dashes, quotes
-  and box drawing. Every other character (emoji, math, scripts the vocabularies hardly
-  cover, Hangul jamo) costs its UTF-8 bytes, the most a byte-level BPE can ever use, and
-  a run of them one more, as the space before it may not merge with its first byte.
+- Any other character costs by its script: 1 for Cyrillic and Vietnamese; 1.25 for Greek
+  and Arabic; 1.5 for other Latin letters with diacritics (they split a word into pieces
+  the vocabularies know less well), Hebrew, Devanagari, Thai, CJK ideographs, kana and
+  Hangul syllables; 2 for Bengali, Tamil, dashes, quotes and box drawing. Every other
+  character (emoji, math, scripts the vocabularies hardly cover, Hangul jamo, combining
+  diacritics as in NFD text or stacked "Zalgo" marks) costs its UTF-8 bytes, the most a
+  byte-level BPE can ever use, and a run of them one more, as the space before it may
+  not merge with its first byte.
 
 Measured against cl100k_base and o200k_base on the samples in tests/unit/test_tokens.py,
 the estimate is 1.0-2.0x the larger real count on English, code, data, European and CJK
-text (Russian 2.1x), 1.0-1.6x on the other scripts, and up to 3.2x on emoji, symbols
-and runs of one punctuation mark. A character class cannot tell every text apart, so
-some still run under: languages the vocabularies cover poorly but write in plain ASCII
-letters (Swahili 0.75x), random lowercase or all-caps strings, and rare CJK ideographs;
-calibration corrects those per model once answers report their real counts.
+text (Russian 2.1x), 1.0-1.6x on the other scripts, and up to 3.2x on emoji and symbols;
+a run of one punctuation mark costs a token a character (a line of "=" is one token up
+to 64). A character class cannot tell every text apart, so some still run under:
+languages the vocabularies cover poorly but write in plain ASCII letters (Swahili
+0.75x), random lowercase or all-caps strings, and strings of rare letters (rare CJK
+ideographs, random Hangul syllables or Cyrillic letters, about 0.6x); calibration
+corrects those per model once answers report their real counts.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ _CHAR_MEMO_SIZE = 4096
 _SCRIPT_COSTS: tuple[tuple[int, float | None], ...] = (
     (0x024F, 1.5),  # Latin-1, Latin Extended-A and -B: letters with diacritics
     (0x02FF, None),  # IPA, spacing modifiers
-    (0x036F, 1.0),  # combining diacritics
+    (0x036F, None),  # combining diacritics: nearly all take a token per UTF-8 byte
     (0x03FF, 1.25),  # Greek
     (0x04FF, 1.0),  # Cyrillic
     (0x058F, None),  # Cyrillic Supplement, Armenian

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from aiocache import RedisCache, SimpleMemoryCache
 from aiocache.serializers import NullSerializer
+from redis.exceptions import ResponseError
 
 from service.cache.stats import CacheStats
 from service.clock import SYSTEM_CLOCK, Clock
@@ -96,7 +97,8 @@ class CacheStore:
         )
 
     async def get(self, key: str) -> bytes | None:
-        """The bytes stored under `key`, or None when absent or the store failed."""
+        """The bytes stored under `key` (empty when it holds another kind of value), or
+        None when absent or the store failed."""
         if self._is_cooling_down():
             return None
         try:
@@ -105,6 +107,13 @@ class CacheStore:
             else:
                 async with asyncio.timeout(self._timeout_s):
                     value = await self._cache.get(key)
+        except ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                self._failed("get", exc)
+                return None
+            # A hash or a list under the key is an unreadable entry, which the fresh
+            # answer's SET replaces, not a failing store to leave alone for a while.
+            return b""
         except Exception as exc:  # any store failure degrades to a miss
             self._failed("get", exc)
             return None

@@ -517,6 +517,36 @@ async def test_a_corrupt_redis_entry_is_a_miss_not_an_error(
     assert cache_of(gateway).stats.errors == 1
 
 
+async def test_a_foreign_kind_of_value_under_a_key_is_a_miss_not_a_failing_store(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any], redis_server: RedisServer
+) -> None:
+    """A hash where an entry should be is an unreadable entry: answered from upstream and
+    replaced, while the store stays in use for every other request (no cool-down)."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(
+            upstream.base_url,
+            cache={"backend": "redis", "redis_url": redis_server.url, "error_cooldown_s": 60},
+        )
+    )
+    await gateway.stub.Complete(ask())
+    await settled(gateway)
+    client = aioredis.from_url(redis_server.url)
+    try:
+        [key] = await client.keys("*")
+        await client.delete(key)
+        await client.hset(key, "field", "value")
+        replies = []
+        for content in ("Say hi", "Say hi", "Say bye", "Say bye"):
+            replies.append(await gateway.stub.Complete(ask(content)))
+            await settled(gateway)
+    finally:
+        await client.aclose()
+    assert [r.metadata.cache_hit for r in replies] == [False, True, False, True]
+    assert len(upstream.requests) == 3
+    assert cache_of(gateway).stats.errors == 1
+    assert cache_of(gateway).stats.unavailable == 0
+
+
 async def test_slow_redis_times_out_then_is_left_alone_for_a_while(
     upstream: FakeUpstream, start_gateway: Callable[..., Any], redis_server: RedisServer
 ) -> None:

@@ -1,5 +1,7 @@
 """Context-window handling through the real server: truncation, rejection, calibration."""
 
+import unicodedata
+
 import grpc
 import pytest
 
@@ -14,6 +16,13 @@ from tests.scripted_upstream import ScriptedUpstream
 WINDOW = 1024
 # 100 words of 4 letters: 100 tokens of text, about 105 with the message overhead.
 TURN = " ".join(["word"] * 100)
+VIETNAMESE = (
+    "Cổng kết nối giữ một nhóm kết nối tới mỗi nhà cung cấp và thử lại các yêu cầu thất bại "
+    "với thời gian chờ tăng dần. Khi người gọi gửi một cuộc hội thoại dài hơn cửa sổ ngữ cảnh "
+    "của mô hình, cổng sẽ từ chối với một lỗi rõ ràng hoặc bỏ đi những lượt cũ nhất, giữ lại "
+    "mọi thông điệp hệ thống và câu hỏi mới nhất. Chi phí được tính từ số token mà nhà cung "
+    "cấp báo cáo."
+)
 
 
 def small_window_config(base_url: str):
@@ -85,6 +94,24 @@ async def test_none_mode_rejects_with_estimate_and_limit(upstream_small, start_g
     assert field == "messages"
     assert str(estimate) in description
     assert str(WINDOW) in description
+    assert upstream_small.requests == []
+
+
+async def test_decomposed_text_is_not_sent_over_the_window(upstream_small, start_gateway):
+    """Text in NFD (a letter, then its combining marks) is refused when its real count does
+    not fit: each mark takes about 2 tokens, not the 1 a precomposed letter does."""
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    text = unicodedata.normalize("NFD", VIETNAMESE)  # 384 tokens in cl100k, 305 in o200k
+    request = pb.CompleteRequest(
+        model=FAKE_MODEL,
+        messages=[pb.Message(role=pb.ROLE_USER, content=text)],
+        # With the 7 tokens of chat template, 384 + 7 + 724 is over the 1024 window.
+        params=pb.GenerationParams(max_tokens=724),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(request)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
     assert upstream_small.requests == []
 
 

@@ -208,6 +208,25 @@ SAMPLES = [
         id="french_decomposed",
     ),
     pytest.param(
+        unicodedata.normalize(
+            "NFD",
+            "Cổng kết nối giữ một nhóm kết nối tới mỗi nhà cung cấp và thử lại các yêu cầu thất bại với thời gian chờ tăng dần. Khi người gọi gửi một cuộc hội thoại dài hơn cửa sổ ngữ cảnh của mô hình, cổng sẽ từ chối với một lỗi rõ ràng hoặc bỏ đi những lượt cũ nhất, giữ lại mọi thông điệp hệ thống và câu hỏi mới nhất. Chi phí được tính từ số token mà nhà cung cấp báo cáo.",
+        ),
+        384,
+        305,
+        id="vietnamese_decomposed",
+    ),
+    pytest.param(
+        # "Zalgo" text: four combining marks stacked on every character, spaces included.
+        "".join(
+            char + "".join(chr(0x300 + (i * 7 + j * 13) % 0x70) for j in range(4))
+            for i, char in enumerate("the gateway counts every mark")
+        ),
+        259,
+        253,
+        id="stacked_combining_marks",
+    ),
+    pytest.param(
         "Ağ geçidi her sağlayıcı için bir bağlantı havuzu tutar ve başarısız istekleri sınırlı üstel bekleme ile yeniden dener. Çağıran, modelin bağlam penceresinden uzun bir konuşma gönderdiğinde, ağ geçidi onu açık bir hatayla reddeder ya da en eski turları siler; tüm sistem mesajlarını ve son soruyu korur.",
         108,
         87,
