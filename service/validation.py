@@ -16,7 +16,6 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _MAX_MODEL_NAME = 256
 _MAX_IDEMPOTENCY_KEY = 256
 _MAX_TOKENS_CAP = 1_000_000
-_MAX_TTL_S = 30 * 24 * 3600
 
 
 def _range(
@@ -135,8 +134,9 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     key = request.idempotency_key
     if key and (len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable()):
         found.append(FieldViolation("idempotency_key", "must be printable, at most 256 characters"))
-    if request.cache.ttl_s is not None and not 0 < request.cache.ttl_s <= _MAX_TTL_S:
-        found.append(FieldViolation("cache.ttl_seconds", f"must be in [1, {_MAX_TTL_S}]"))
+    # No upper bound here: the cache caps a TTL at its configured `max_ttl_s`.
+    if request.cache.ttl_s is not None and request.cache.ttl_s < 1:
+        found.append(FieldViolation("cache.ttl_seconds", "must be >= 1"))
     return found
 
 
