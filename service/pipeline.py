@@ -296,27 +296,29 @@ class Pipeline:
         """The upstream call behind a cache miss; budgets are checked and reserved only here."""
         request = prepared.request
         log = AttemptLog()
+        # Handed over inside: a call whose caller left is recorded before its reservation
+        # is released, so its cost counts all along, reserved or spent.
         async with hold.reserving(request, prompt_tokens=prepared.prompt_tokens):
             reply = await self._pool.complete(
                 request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
             )
-        self._on_answered()  # before a cache write, when this runs in the caller's task
-        upstream_ms = log.upstream_s * _MS
-        completion = self._completion(
-            prepared,
-            log,
-            completion_id=reply.id or f"gw-{uuid.uuid4().hex}",
-            model=reply.model,
-            content=reply.content,
-            finish_reason=reply.finish_reason,
-            reported=reply.usage,
-            timings=Timings(
-                total_ms=(time.monotonic() - started) * _MS,
-                upstream_ms=upstream_ms,
-                time_to_first_token_ms=upstream_ms,
-            ),
-        )
-        await self._hand_over(hold, owed, request, completion)
+            self._on_answered()  # before a cache write, when this runs in the caller's task
+            upstream_ms = log.upstream_s * _MS
+            completion = self._completion(
+                prepared,
+                log,
+                completion_id=reply.id or f"gw-{uuid.uuid4().hex}",
+                model=reply.model,
+                content=reply.content,
+                finish_reason=reply.finish_reason,
+                reported=reply.usage,
+                timings=Timings(
+                    total_ms=(time.monotonic() - started) * _MS,
+                    upstream_ms=upstream_ms,
+                    time_to_first_token_ms=upstream_ms,
+                ),
+            )
+            await self._hand_over(hold, owed, request, completion)
         return completion
 
     async def _hand_over(
@@ -423,24 +425,24 @@ class Pipeline:
                 if parts:
                     await self._account_cut_stream(prepared, "".join(parts), log)
                 raise
-        if end is None:  # the pool always ends a stream with StreamEnd or raises
-            raise RuntimeError("stream ended without its end event")
-        self._on_answered()
-        completion = self._completion(
-            prepared,
-            log,
-            completion_id=end.id or f"gw-{uuid.uuid4().hex}",
-            model=end.model,
-            content="".join(parts),
-            finish_reason=end.finish_reason,
-            reported=end.usage,
-            timings=Timings(
-                total_ms=(time.monotonic() - started) * _MS,
-                upstream_ms=log.upstream_s * _MS,
-                time_to_first_token_ms=(log.first_token_s or log.upstream_s) * _MS,
-            ),
-        )
-        await self._hand_over(hold, owed, request, completion)
+            if end is None:  # the pool always ends a stream with StreamEnd or raises
+                raise RuntimeError("stream ended without its end event")
+            self._on_answered()
+            completion = self._completion(
+                prepared,
+                log,
+                completion_id=end.id or f"gw-{uuid.uuid4().hex}",
+                model=end.model,
+                content="".join(parts),
+                finish_reason=end.finish_reason,
+                reported=end.usage,
+                timings=Timings(
+                    total_ms=(time.monotonic() - started) * _MS,
+                    upstream_ms=log.upstream_s * _MS,
+                    time_to_first_token_ms=(log.first_token_s or log.upstream_s) * _MS,
+                ),
+            )
+            await self._hand_over(hold, owed, request, completion)  # inside, as in _complete
         yield completion
 
 

@@ -5,6 +5,7 @@ https://platform.openai.com/docs/api-reference/chat — the only module that kno
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -110,6 +111,9 @@ def usage(data: object) -> Usage | None:
         for n in (counts.input_tokens, counts.output_tokens, counts.cached_input_tokens)
     ):
         raise MalformedReply("usage counts are out of range")
+    if counts.cached_input_tokens > counts.input_tokens:
+        # Cached input is part of the input: reported as priced (`pricing.cost_usd`).
+        counts = replace(counts, cached_input_tokens=counts.input_tokens)
     return counts
 
 

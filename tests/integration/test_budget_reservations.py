@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
@@ -313,3 +314,75 @@ async def test_one_tenants_reservations_never_limit_another(held, start_gateway,
     held.gate.set()
     assert (await team_a).content
     assert (await team_b).content
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("kind", ["unary", "stream"])
+async def test_a_shared_flight_whose_first_caller_left_is_recorded_before_it_is_released(
+    held,
+    start_gateway,
+    redis_url,  # noqa: F811
+    kind,
+):
+    """The flight records the call of a caller that left, then releases its reservation:
+    in the other order, for the round trip between the two, a Redis budget counted the
+    call as neither spent nor reserved, and another replica's call could pass on it."""
+    ledger = {"redis_url": redis_url, "key_prefix": uuid.uuid4().hex}
+    config = gateway_config(
+        held.base_url,
+        ledger=ledger,
+        cache={"backend": "memory"},
+        budgets={"default": budget_for(2)},
+    )
+    gateway = await start_gateway(config)
+    watcher = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    watching_from = asyncio.Event()
+    seen: list[str] = []  # the ledger's scripts in the order Redis ran them (or NOSCRIPT)
+
+    async def watch() -> None:
+        async with watcher.monitor() as monitor:
+            watching_from.set()
+            async for command in monitor.listen():
+                words = command["command"].split()
+                if words[0] != "EVALSHA":
+                    continue
+                if words[3] == f"{ledger['key_prefix']}:dims":
+                    seen.append("record")
+                elif words[2] == "2":  # KEYS: reserved, leases
+                    seen.append("release")
+
+    watching = asyncio.create_task(watch())
+    try:
+        await asyncio.wait_for(watching_from.wait(), _TIMEOUT_S)
+        held.gate.clear()
+        request = capped("call a", temperature=0.0)
+        stream_request = chat_stream(
+            "call a", params=pb.GenerationParams(max_tokens=MAX_TOKENS, temperature=0.0)
+        )
+
+        def call() -> Any:
+            if kind == "unary":
+                return gateway.stub.Complete(request)
+            return gateway.stub.CompleteStream(stream_request)
+
+        first = call()
+        first_read = asyncio.create_task(outcome(first if kind == "unary" else first.read()))
+        await held.wait_until(lambda: held.in_flight == 1)
+        follower = call()
+        second = asyncio.create_task(outcome(follower if kind == "unary" else _final_of(follower)))
+        await until(lambda: gateway.server.pipeline.cache.stats.coalesced == 1)
+        first.cancel()
+        await until(lambda: gateway.server.admission.in_flight == 1)
+        held.gate.set()
+        answer = await second
+        assert (answer.metadata if kind == "unary" else answer).cache_hit
+        first_read.cancel()
+        await nothing_reserved(gateway)
+        async with asyncio.timeout(_TIMEOUT_S):  # the flight's call and the follower's hit
+            while (await gateway.stub.GetUsage(pb.GetUsageRequest())).total.requests < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        watching.cancel()
+        await asyncio.wait([watching])
+        await watcher.aclose()
+    assert seen.index("record") < seen.index("release"), seen

@@ -65,6 +65,32 @@ async def test_without_a_cached_price_cached_input_costs_full_price(upstream, st
     assert round(metadata.cost_usd * 1e6, 6) == round(1234 * 0.27 + 567 * 1.10, 6)
 
 
+@pytest.mark.parametrize("ledger", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_cached_input_reported_above_the_input_counts_as_all_of_it(
+    upstream, start_gateway, request: pytest.FixtureRequest, ledger: str
+) -> None:
+    """An upstream saying 50 of 10 prompt tokens were cached: the call is priced with all
+    10 cached, and the response and the ledger say 10 cached, not more than the input.
+
+    Before, the figures said 50 cached of 10 (the ledger's CACHED over its IN) while the
+    cost counted 10."""
+    section = {}
+    if ledger == "redis":
+        section = {"redis_url": request.getfixturevalue("redis_url"), "key_prefix": "over-cached"}
+    gw = await start_gateway(
+        gateway_config(upstream.base_url, models=PRICED_MODELS, ledger=section)
+    )
+    over = Reply(prompt_tokens=10, completion_tokens=5, cached_tokens=50)
+    upstream.script(over, over)
+    unary = (await gw.stub.Complete(chat())).metadata
+    streamed = metadata_of([e async for e in gw.stub.CompleteStream(chat_stream())])
+    for metadata in (unary, streamed):
+        assert (metadata.usage.input_tokens, metadata.usage.cached_input_tokens) == (10, 10)
+        assert metadata.cost_usd == pytest.approx((10 * 0.07 + 5 * 1.10) / 1e6, abs=1e-12)
+    total = (await gw.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.usage.input_tokens, total.usage.cached_input_tokens) == (20, 20)
+
+
 async def test_a_stream_without_usage_is_priced_from_an_estimate_flagged_as_such(priced, upstream):
     """No usage from the upstream: estimated tokens, flagged, priced by the same formula."""
     upstream.script(Reply(content="one two three four", include_usage=False))
