@@ -66,6 +66,17 @@ class TokenCalibration:
         known.mean += self.weight * (ratio - known.mean)
         known.samples += 1
 
+    def refused_as_too_long(self, model: str) -> None:
+        """An upstream refused as over `model`'s window a prompt fitted with its factor.
+
+        The mean is over the model's traffic as a whole; texts the estimator counts low
+        (plain-ASCII languages, rare letters) can then run over. The factor goes back
+        to at least 1, the estimator's own, and learns down again from there.
+        """
+        known = self._ratios.get(model)
+        if known is not None:
+            known.mean = max(known.mean, 1 / (1 + self.margin))
+
     def factor(self, model: str) -> float:
         """What to multiply `model`'s estimates by (1.0 until enough is known)."""
         known = self._ratios.get(model)

@@ -261,6 +261,13 @@ class UpstreamRejected(UpstreamError):
     reason = "UPSTREAM_REJECTED_REQUEST"
 
 
+class UpstreamContextExceeded(UpstreamRejected):
+    """The upstream refused the prompt as over the model's context window: the gateway's
+    estimate (with its calibration) fitted it, the upstream's tokenizer did not."""
+
+    reason = "CONTEXT_WINDOW_EXCEEDED"
+
+
 class UpstreamTimeout(UpstreamError):
     """The upstream did not answer within its timeout."""
 
@@ -338,7 +345,12 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
     if not isinstance(exc, GatewayError):
         return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
     details: list[any_pb2.Any] = []
+    violations: list[FieldViolation] = []
     if isinstance(exc, InvalidRequest):
+        violations = exc.violations[:MAX_REPORTED_VIOLATIONS]
+    elif isinstance(exc, UpstreamContextExceeded):  # the same to a caller as the gateway's own
+        violations = [FieldViolation("messages", exc.message)]
+    if violations:
         details.append(
             _pack(
                 error_details_pb2.BadRequest(
@@ -346,7 +358,7 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
                         error_details_pb2.BadRequest.FieldViolation(
                             field=v.field, description=v.description[:_MAX_DESCRIPTION_CHARS]
                         )
-                        for v in exc.violations[:MAX_REPORTED_VIOLATIONS]
+                        for v in violations
                     ]
                 )
             )

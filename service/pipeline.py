@@ -21,6 +21,7 @@ from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
 from service.context_window import fit_messages
 from service.domain import ChatRequest, Completion, Delta, FinishReason, Timings, Usage
+from service.errors import UpstreamContextExceeded
 from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.memo import BoundedMemo
 from service.pool import AttemptLog, UpstreamPool
@@ -299,9 +300,13 @@ class Pipeline:
         # Handed over inside: a call whose caller left is recorded before its reservation
         # is released, so its cost counts all along, reserved or spent.
         async with hold.reserving(request, prompt_tokens=prepared.prompt_tokens):
-            reply = await self._pool.complete(
-                request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
-            )
+            try:
+                reply = await self._pool.complete(
+                    request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
+                )
+            except UpstreamContextExceeded:
+                self.calibration.refused_as_too_long(request.model)
+                raise
             self._on_answered()  # before a cache write, when this runs in the caller's task
             upstream_ms = log.upstream_s * _MS
             completion = self._completion(
@@ -420,6 +425,9 @@ class Pipeline:
                             yield Delta(event.content)
                         else:
                             end = event
+            except UpstreamContextExceeded:  # before any text
+                self.calibration.refused_as_too_long(request.model)
+                raise
             except BaseException:
                 # Cut by the upstream, the caller or its deadline: the text sent was billed.
                 if parts:

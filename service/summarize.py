@@ -45,6 +45,7 @@ from service.errors import (
     FieldViolation,
     InvalidRequest,
     SummarizePartFailed,
+    UpstreamContextExceeded,
     UpstreamError,
     UpstreamRejected,
 )
@@ -618,15 +619,17 @@ class Summarizer:
     async def _call_if_fits(
         self, run: _Run, system: str, user: str, answer_tokens: int, slot: _Slot
     ) -> str | None:
-        """`_call`, or None when the pipeline refuses `user` for the window before sending.
+        """`_call`, or None when `user` does not fit the window after all: the pipeline
+        refuses it before sending, or the upstream refuses it as too long.
 
-        Callers check the room first, so this happens only on a retry: during its backoff
-        other calls raised the model's calibration. The caller then splits the text as if
-        it had not fitted to begin with.
+        Callers check the room first, so the pipeline refuses only on a retry: during its
+        backoff other calls raised the model's calibration. An upstream counts its own
+        tokens, and its refusal raises the calibration too. The caller then splits the
+        text as if it had not fitted to begin with.
         """
         try:
             return await self._call(run, system, user, answer_tokens, slot)
-        except ContextWindowExceeded:
+        except (ContextWindowExceeded, UpstreamContextExceeded):
             return None
 
     async def _call(

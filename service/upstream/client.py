@@ -16,6 +16,7 @@ import orjson
 from service.config import UpstreamConfig
 from service.errors import (
     UpstreamAuthRejected,
+    UpstreamContextExceeded,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamRejected,
@@ -24,7 +25,12 @@ from service.errors import (
 )
 from service.upstream.headers import rate_limit_hints, retry_after_s
 from service.upstream.http import ConnectFailed, HttpError, HttpPool, Response
-from service.upstream.openai_json import MalformedReply, StreamParser, parse_completion
+from service.upstream.openai_json import (
+    MalformedReply,
+    StreamParser,
+    parse_completion,
+    says_context_exceeded,
+)
 from service.upstream.sse import SSEDecoder
 from service.upstream.types import (
     StreamEnd,
@@ -42,8 +48,11 @@ _KEEPALIVE_S = 30.0
 _STREAM_END_GRACE_S = 0.25
 
 
-def _error_for_status(upstream: str, status: int, headers: Mapping[str, str]) -> UpstreamError:
-    """Map an HTTP error status to the most specific `UpstreamError`."""
+def _error_for_status(
+    upstream: str, status: int, headers: Mapping[str, str], body: bytes = b""
+) -> UpstreamError:
+    """Map an HTTP error status (and, for a 400, its body) to the most specific
+    `UpstreamError`."""
     wait = retry_after_s(headers, now_epoch_s=time.time())
     if status == 429:
         return UpstreamRateLimited(
@@ -64,6 +73,13 @@ def _error_for_status(upstream: str, status: int, headers: Mapping[str, str]) ->
             upstream=upstream,
             status=status,
             retry_after_s=wait,
+        )
+    if status == 400 and says_context_exceeded(body):
+        return UpstreamContextExceeded(
+            f"upstream {upstream!r} says the prompt with max_tokens is over the model's "
+            f"context window (HTTP {status}); shorten it or use TRUNCATION_MODE_KEEP_RECENT",
+            upstream=upstream,
+            status=status,
         )
     return UpstreamRejected(
         f"upstream {upstream!r} rejected the request (HTTP {status})",
@@ -212,7 +228,7 @@ class UpstreamClient:
                 async with response:
                     body = await response.read()
             if response.status >= 400:
-                raise _error_for_status(self.name, response.status, response.headers)
+                raise _error_for_status(self.name, response.status, response.headers, body)
             return _reply(call, body, response.headers)
 
     async def stream(self, call: UpstreamCall, *, timeout_s: float) -> AsyncIterator[StreamEvent]:
@@ -239,8 +255,8 @@ class UpstreamClient:
             try:
                 if response.status >= 400:
                     async with asyncio.timeout_at(deadline):
-                        await response.read()
-                    raise _error_for_status(self.name, response.status, response.headers)
+                        body = await response.read()
+                    raise _error_for_status(self.name, response.status, response.headers, body)
                 content_type = response.headers.get("content-type", "").lower()
                 if content_type.startswith("application/json"):
                     # Some OpenAI-compatible servers ignore `stream: true` and answer with

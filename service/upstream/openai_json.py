@@ -217,3 +217,26 @@ class StreamParser:
         return StreamEnd(
             id=self.id, model=self.model, finish_reason=self.finish_reason, usage=self.usage
         )
+
+
+# How OpenAI-compatible servers say a request is over the model's context window, in a
+# 400: OpenAI's `code`, llama.cpp's `type`, and the message vLLM, DeepSeek, OpenAI and
+# llama.cpp write ("This model's maximum context length is 8192 tokens. However ...",
+# "the request exceeds the available context size").
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+_CONTEXT_PHRASES = ("maximum context length", "context size", "context window", "context length")
+
+
+def says_context_exceeded(body: bytes) -> bool:
+    """Whether an error body says the prompt (with max_tokens) is over the context window."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        if any(error.get(key) in _CONTEXT_CODES for key in ("code", "type")):
+            return True
+        error = error.get("message")
+    # Some servers send the message alone: {"error": "..."}.
+    return isinstance(error, str) and any(p in error.lower() for p in _CONTEXT_PHRASES)

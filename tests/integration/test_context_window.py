@@ -10,7 +10,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.domain import Message, Role
 from service.tokens import estimate_prompt_tokens
 from tests.conftest import FAKE_MODEL, gateway_config
-from tests.fake_upstream import Reply
+from tests.fake_upstream import Reply, Status
 from tests.scripted_upstream import ScriptedUpstream
 
 WINDOW = 1024
@@ -189,3 +189,69 @@ async def test_max_tokens_that_fill_the_window_are_the_violation(
     assert field == "params.max_tokens"
     assert f"context window of {WINDOW}" in description
     assert upstream_small.requests == []
+
+
+# What OpenAI, vLLM and DeepSeek answer (400) to a prompt over the window, and llama.cpp.
+OPENAI_TOO_LONG = (
+    '{"error": {"message": "This model\'s maximum context length is 1024 tokens. However, '
+    'your messages resulted in 1100 tokens.", "type": "invalid_request_error", '
+    '"param": "messages", "code": "context_length_exceeded"}}'
+)
+LLAMA_CPP_TOO_LONG = (
+    '{"error": {"code": 400, "message": "the request exceeds the available context size, '
+    'try increasing it", "type": "exceed_context_size_error", "n_prompt_tokens": 1100, '
+    '"n_ctx": 1024}}'
+)
+
+
+@pytest.mark.parametrize("body", [OPENAI_TOO_LONG, LLAMA_CPP_TOO_LONG], ids=["openai", "llama.cpp"])
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_an_upstream_refusing_a_prompt_as_too_long_corrects_the_calibration(
+    upstream_small, start_gateway, body, stream
+):
+    """The upstream counts more tokens than the calibrated estimate (trained low by
+    answers reporting few): it refuses with its context-length 400. The caller gets what
+    the gateway's own refusal says (INVALID_ARGUMENT, `CONTEXT_WINDOW_EXCEEDED`, a
+    violation on `messages`), not a generic upstream rejection, and the calibration goes
+    back to the plain estimate, so the same prompt is refused (or truncated) before it is
+    sent again."""
+    upstream_small.default = Reply(prompt_tokens=1)
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    for _ in range(5):
+        await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
+    calibration = gateway.server.pipeline.calibration
+    assert calibration.factor(FAKE_MODEL) == 0.5
+    big = conversation(9, mode=pb.TRUNCATION_MODE_NONE)  # fits only at half the estimate
+    upstream_small.default = Status(400, body=body)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if stream:
+            request = pb.CompleteStreamRequest(
+                model=big.model, messages=big.messages, params=big.params
+            )
+            [_ async for _ in gateway.stub.CompleteStream(request)]
+        else:
+            await gateway.stub.Complete(big)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    details = error_details(caught.value)
+    assert details.reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert [field for field, _ in details.field_violations] == ["messages"]
+    assert calibration.factor(FAKE_MODEL) >= 1.0
+    sent = len(upstream_small.requests)
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await gateway.stub.Complete(big)
+    assert error_details(again.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert len(upstream_small.requests) == sent  # refused by the gateway this time
+
+
+async def test_another_400_is_still_the_upstream_rejecting_the_request(
+    upstream_small, start_gateway
+):
+    """A 400 about something else is not taken for a context overflow."""
+    upstream_small.default = Status(
+        400, body='{"error": {"message": "temperature is not supported", "code": "bad_param"}}'
+    )
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(caught.value).reason == "UPSTREAM_REJECTED_REQUEST"

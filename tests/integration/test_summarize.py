@@ -675,3 +675,43 @@ async def test_groups_of_summaries_are_sized_with_their_headers(recorder, start_
     assert response.chunks >= 20
     assert sum(per_group) == response.chunks
     assert len(groups) == math.ceil(response.chunks / max(per_group))
+
+
+async def test_a_document_the_upstream_refuses_as_too_long_is_split_and_summarised(
+    start_gateway,
+):
+    """Answers reporting few prompt tokens taught the gateway half its estimate, so the
+    whole document looks like one call; the upstream counts its own tokens and refuses
+    it as over the window. The calibration goes back to the plain estimate and the
+    document is split into parts that fit, summarised and combined: one refusal, then
+    an answer, not a failed call."""
+
+    def respond(body):
+        if estimate_text_tokens(user_text(body)) > WINDOW - 100:
+            return Status(400, body=TOO_LONG)
+        return Reply(content="short", prompt_tokens=1)
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as fake:
+        gateway = await start_gateway(config(fake.base_url))
+        question = chat("Paragraph p1 sentence s1 says something. " * 8)
+        for _ in range(5):
+            await gateway.stub.Complete(question)
+        calibration = gateway.server.pipeline.calibration
+        assert calibration.factor(FAKE_MODEL) == 0.5
+        text = document(20)  # about 1.5 windows by the plain estimate
+        asked = len(fake.requests)
+        response = await gateway.stub.Summarize(
+            pb.SummarizeRequest(model=FAKE_MODEL, document=text)
+        )
+        sent = [r.body for r in fake.requests[asked:]]
+        assert user_text(sent[0]) == text  # the whole document, refused
+        assert response.summary == "short"
+        assert response.chunks >= 2
+        assert response.upstream_calls == len(sent) - 1  # the refused call is not counted
+        assert all(estimate_text_tokens(user_text(b)) <= WINDOW - 100 for b in sent[1:])
+
+
+TOO_LONG = (
+    '{"error": {"message": "This model\'s maximum context length is 1024 tokens.", '
+    '"type": "invalid_request_error", "code": "context_length_exceeded"}}'
+)

@@ -60,3 +60,18 @@ def test_floor_must_be_sane(floor):
     """A floor outside (0, 1] is refused."""
     with pytest.raises(ValueError, match="floor"):
         TokenCalibration(floor=floor)
+
+
+def test_an_upstream_refusing_a_prompt_as_too_long_resets_a_low_factor():
+    """A factor learned low goes back to 1.0 (learning down again from there); one
+    learned high, or a model with no factor yet, is left as it is."""
+    calibration = TokenCalibration(margin=0.1)
+    feed(calibration, 0.6, 5, model="low")
+    feed(calibration, 1.5, 5, model="high")
+    for model in ("low", "high", "unknown"):
+        calibration.refused_as_too_long(model)
+    assert calibration.factor("low") == pytest.approx(1.0)
+    assert calibration.factor("high") == pytest.approx(1.65)
+    assert calibration.factor("unknown") == 1.0
+    feed(calibration, 0.6, 1, model="low")
+    assert calibration.factor("low") < 1.0

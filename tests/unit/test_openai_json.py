@@ -14,6 +14,7 @@ from service.upstream.openai_json import (
     finish_reason,
     parse_completion,
     request_body,
+    says_context_exceeded,
     usage,
 )
 from service.upstream.types import StreamEnd, TextChunk
@@ -465,3 +466,46 @@ def test_stream_parser_chunk_without_delta() -> None:
     """A choice without a delta yields nothing rather than failing."""
     parser = StreamParser()
     assert parser.parse(json.dumps({"choices": [{"index": 0}]})) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # OpenAI: the code says it.
+        ({"error": {"message": "...", "code": "context_length_exceeded"}}, True),
+        # vLLM and DeepSeek: the message does.
+        (
+            {
+                "object": "error",
+                "error": {
+                    "message": "This model's maximum context length is 4096 tokens. However,"
+                    " you requested 5000 tokens (4900 in the messages, 100 in the completion).",
+                    "type": "BadRequestError",
+                },
+            },
+            True,
+        ),
+        # llama.cpp: its type and message.
+        (
+            {
+                "error": {
+                    "code": 400,
+                    "message": "the request exceeds the available context size, try increasing it",
+                    "type": "exceed_context_size_error",
+                }
+            },
+            True,
+        ),
+        ({"error": {"message": "temperature must be at most 2", "code": "invalid_value"}}, False),
+        ({"error": "prompt over the context window"}, True),  # some send the message alone
+        ({"detail": "maximum context length"}, False),
+        ([], False),
+    ],
+)
+def test_says_context_exceeded(body: Any, expected: bool) -> None:
+    assert says_context_exceeded(json.dumps(body).encode()) is expected
+
+
+@pytest.mark.parametrize("body", [b"", b"<html>Bad Request</html>", b"\xff\xfe"])
+def test_a_body_that_is_not_json_says_nothing(body: bytes) -> None:
+    assert not says_context_exceeded(body)
