@@ -40,7 +40,9 @@ _FAILED_FINISH_REASONS = frozenset(
     }
 )
 _DONE = "[DONE]"  # the data of a stream's last event
-_MAX_TOKEN_COUNT = 2**53  # far beyond any real call; exact as a double, fits an int64
+# Far beyond any real call (no model takes a billion-token prompt); priced even at
+# $2,000 a million tokens, one call stays within the ledgers' int64 pico-dollar counters.
+_MAX_TOKEN_COUNT = 2**32
 
 
 class MalformedReply(ValueError):

@@ -293,6 +293,21 @@ def test_usage_parsing(data: object, expected: Usage | None) -> None:
     assert usage(data) == expected
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"prompt_tokens": -1},
+        {"completion_tokens": 2**32 + 1},
+        {"prompt_tokens": 2**53, "completion_tokens": 1},  # it would overflow Redis's sums
+        {"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": -5}},
+    ],
+)
+def test_usage_counts_out_of_range_are_malformed(data: object) -> None:
+    """A count no real call has is a broken answer, not a bill of billions."""
+    with pytest.raises(MalformedReply, match="out of range"):
+        usage(data)
+
+
 def chunk(
     content: str | None = None,
     *,
