@@ -97,6 +97,8 @@ def usage(data: object) -> Usage | None:
     """Parse an OpenAI `usage` object, or None when absent."""
     if not isinstance(data, dict):
         return None
+    if data.get("prompt_tokens") is None and data.get("completion_tokens") is None:
+        return None  # `{}`: no counts at all, so estimated (and flagged), not free
     details = data.get("prompt_tokens_details")
     cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
     try:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -143,11 +145,9 @@ async def test_a_json_completion_is_relayed_whatever_the_case_of_its_media_type(
     assert len(upstream.requests) == 1
 
 
-async def test_the_upstream_is_asked_for_an_answer_with_no_content_coding(start_gateway):
-    """Without `Accept-Encoding` a server may use any content coding (RFC 9110, 12.5.3),
-    and the gateway decodes none: it asks for `identity`, so a server that compresses
-    whenever it may still answers plainly (here: gzip unless `identity` is asked for)."""
-    completion = {
+def plain_completion(usage: dict[str, int]) -> dict[str, object]:
+    """An OpenAI chat completion answering "plain", with `usage` as given."""
+    return {
         "id": "chatcmpl-plain",
         "object": "chat.completion",
         "model": FAKE_MODEL,
@@ -158,28 +158,55 @@ async def test_the_upstream_is_asked_for_an_answer_with_no_content_coding(start_
                 "finish_reason": "stop",
             }
         ],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        "usage": usage,
     }
 
+
+@contextlib.asynccontextmanager
+async def serving(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
+    """An HTTP upstream answering every chat completion with `handler`; its base URL."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_upstream_is_asked_for_an_answer_with_no_content_coding(start_gateway):
+    """Without `Accept-Encoding` a server may use any content coding (RFC 9110, 12.5.3),
+    and the gateway decodes none: it asks for `identity`, so a server that compresses
+    whenever it may still answers plainly (here: gzip unless `identity` is asked for)."""
+    body = json.dumps(plain_completion({"prompt_tokens": 3, "completion_tokens": 1})).encode()
+
     async def compressing(request: web.Request) -> web.Response:
-        body = json.dumps(completion).encode()
         if request.headers.get("Accept-Encoding", "*").strip() == "identity":
             return web.Response(body=body, content_type="application/json")
         headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
         return web.Response(body=gzip.compress(body), headers=headers)
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", compressing)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        gw = await start_gateway(gateway_config(f"http://127.0.0.1:{port}/v1"))
+    async with serving(compressing) as base_url:
+        gw = await start_gateway(gateway_config(base_url))
         assert (await gw.stub.Complete(chat(), timeout=10)).content == "plain"
-    finally:
-        await runner.cleanup()
+
+
+async def test_a_usage_object_without_counts_is_estimated_not_free(start_gateway):
+    """`"usage": {}` reports nothing: the call is estimated, flagged and priced, rather
+    than recorded as 0 tokens and $0 (the provider billed it)."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(plain_completion({}))
+
+    async with serving(answer) as base_url:
+        gw = await start_gateway(gateway_config(base_url))
+        metadata = (await gw.stub.Complete(chat(), timeout=10)).metadata
+    assert metadata.usage.estimated
+    assert metadata.usage.input_tokens > 0
+    assert metadata.usage.output_tokens > 0
+    assert metadata.cost_usd > 0
 
 
 async def test_stream_without_upstream_usage_is_estimated_and_flagged(stub, upstream):

@@ -279,8 +279,9 @@ def test_parse_completion_malformed(raw: bytes, problem: str) -> None:
     ("data", "expected"),
     [
         ({"prompt_tokens": 1, "completion_tokens": 2}, Usage(1, 2, 0)),
-        ({}, Usage(0, 0, 0)),
-        ({"prompt_tokens": None, "completion_tokens": None}, Usage(0, 0, 0)),
+        ({}, None),
+        ({"prompt_tokens": None, "completion_tokens": None}, None),
+        ({"completion_tokens": 2}, Usage(0, 2, 0)),
         ({"prompt_tokens": 9, "prompt_tokens_details": None}, Usage(9, 0, 0)),
         ({"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": None}}, Usage(9, 0, 0)),
         ({"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 4}}, Usage(9, 0, 4)),
@@ -289,7 +290,8 @@ def test_parse_completion_malformed(raw: bytes, problem: str) -> None:
     ],
 )
 def test_usage_parsing(data: object, expected: Usage | None) -> None:
-    """Usage objects parse with absent counts as zero; a non-object is no usage."""
+    """Usage objects parse with an absent count as zero; an object with no count at all,
+    or a non-object, is no usage (the gateway then estimates it)."""
     assert usage(data) == expected
 
 
