@@ -94,27 +94,29 @@ def finish_reason(value: object) -> FinishReason | None:
 
 
 def usage(data: object) -> Usage | None:
-    """Parse an OpenAI `usage` object, or None when absent."""
+    """Parse an OpenAI `usage` object, or None when absent or not to be believed."""
     if not isinstance(data, dict):
         return None
     if data.get("prompt_tokens") is None and data.get("completion_tokens") is None:
         return None  # `{}`: no counts at all, so estimated (and flagged), not free
     details = data.get("prompt_tokens_details")
     cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+    # Counts that are not integers, negative (billed as credits) or past any real call
+    # count as none: the answer stands, estimated. Failing it would have it retried, and
+    # billed twice.
     try:
         counts = Usage(
             input_tokens=int(data.get("prompt_tokens") or 0),
             output_tokens=int(data.get("completion_tokens") or 0),
             cached_input_tokens=int(cached or 0),
         )
-    except (TypeError, ValueError) as exc:
-        raise MalformedReply("usage counts are not integers") from exc
-    # Negative or huge counts would be billed as credits or overflow the reply's int64.
+    except (TypeError, ValueError, OverflowError):
+        return None
     if not all(
         0 <= n <= _MAX_TOKEN_COUNT
         for n in (counts.input_tokens, counts.output_tokens, counts.cached_input_tokens)
     ):
-        raise MalformedReply("usage counts are out of range")
+        return None
     if counts.cached_input_tokens > counts.input_tokens:
         # Cached input is part of the input: reported as priced (`pricing.cost_usd`).
         counts = replace(counts, cached_input_tokens=counts.input_tokens)

@@ -289,3 +289,15 @@ async def test_a_stream_silent_past_its_idle_timeout_is_interrupted(
     else:
         assert error is None
         assert "".join(deltas) == "one two three"
+
+
+async def test_an_answer_whose_usage_no_call_could_have_is_served_estimated(stub, upstream):
+    """Negative tokens (a credit, if believed): the answer is relayed once, its usage
+    estimated and flagged, rather than failed as malformed and retried (billed again)."""
+    upstream.script(Reply(content="fine text", prompt_tokens=-3))
+    response = await stub.Complete(chat())
+    assert response.content == "fine text"
+    assert response.metadata.usage.estimated
+    assert response.metadata.usage.input_tokens > 0
+    assert response.metadata.cost_usd > 0
+    assert len(upstream.requests) == 1
