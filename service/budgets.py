@@ -64,16 +64,17 @@ class Budgets:
         """Reserve the call's expected cost, or raise `QuotaExceeded` (retry when the period
         resets) if it would overrun; None when no budget applies.
 
-        `prompt_tokens`: the request's prompt estimate.
+        `prompt_tokens`: the request's prompt estimate. A call expected to cost nothing
+        (a model without a price) is never refused: None.
         """
         budget = self.budget_of(request.tenant)
         if budget is None:
             return None
+        cost_usd = self.expected_cost_usd(request, prompt_tokens=prompt_tokens)
+        if not cost_usd:
+            return None  # a model without a price: no budget counts it, spent or not
         reservation = await self._ledger.reserve(
-            request.tenant,
-            budget.period,
-            cost_usd=self.expected_cost_usd(request, prompt_tokens=prompt_tokens),
-            limit_usd=budget.usd,
+            request.tenant, budget.period, cost_usd=cost_usd, limit_usd=budget.usd
         )
         if reservation.is_granted:
             return reservation

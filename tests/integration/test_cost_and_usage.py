@@ -182,6 +182,24 @@ async def test_a_spent_budget_refuses_before_any_upstream_call(upstream, start_g
     assert len(upstream.requests) == 1
 
 
+async def test_a_spent_budget_still_lets_calls_that_cost_nothing_through(upstream, start_gateway):
+    """A model without a price (the local model, say) costs $0 and no budget counts it:
+    its calls pass after the tenant's budget is spent, while priced calls are refused."""
+    data = gateway_config_data(
+        upstream.base_url, budgets={"default": {"usd": 0.000002, "period": "day"}}
+    )
+    data["upstreams"][0]["models"] = [FAKE_MODEL, "free-model"]
+    gw = await start_gateway(parse_config(data, source="<test>", environ={}))
+    assert (await gw.stub.Complete(chat())).metadata.cost_usd > 0.000002  # spent
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await gw.stub.Complete(chat())
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    free = await gw.stub.Complete(chat(model="free-model"))
+    assert (free.content, free.metadata.cost_usd) == ("Hello from fake", 0.0)
+    streamed = [e async for e in gw.stub.CompleteStream(chat_stream(model="free-model"))]
+    assert streamed[-1].final.cost_usd == 0.0
+
+
 async def test_usage_command_prints_a_table(priced, capsys):
     """`llm-gateway usage` prints one row per tenant/model/upstream/labels and a total."""
     await priced.stub.Complete(chat(labels={"team": "search"}))
