@@ -219,12 +219,7 @@ async def test_a_call_still_cleaning_up_has_the_whole_grace_before_the_ledger_cl
     finally:
         redis_server.resume()
     await stopping
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    try:
-        rows = [k async for k in client.scan_iter(match=f"{prefix}:row:*")]
-        assert [await client.hget(row, "requests") for row in rows] == ["1"]
-    finally:
-        await client.aclose()
+    assert await rows_recorded(redis_server, prefix) == ["1"]
 
 
 async def test_batch_items_in_flight_are_cut_off_with_the_call(start_gateway: Any) -> None:
