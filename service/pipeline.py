@@ -214,7 +214,8 @@ class Pipeline:
                 owed.completion = None
                 await self.account(request, completion)
             finally:
-                await self._account_owed(request, owed)
+                if owed.completion is not None:  # no coroutine on the common path
+                    await self._account_owed(request, owed)
         return completion
 
     def _remember(self, repeat_key: RepeatKey, prepared: PreparedRequest) -> str | None:
@@ -394,7 +395,8 @@ class Pipeline:
                         else:
                             yield event
             finally:
-                await self._account_owed(request, owed)
+                if owed.completion is not None:  # no coroutine on the common path
+                    await self._account_owed(request, owed)
 
     async def _stream(
         self,
