@@ -223,17 +223,20 @@ async def test_malformed_body_is_unavailable_without_details_leak(upstream, star
     ids=["over-int64", "negative-output", "negative-cached"],
 )
 @pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
-async def test_impossible_usage_counts_are_a_malformed_answer(
+async def test_impossible_usage_counts_are_estimated_not_billed(
     upstream, start_gateway, reply, is_stream
 ):
-    """Token counts no upstream can mean are UNAVAILABLE (malformed), never INTERNAL or billed."""
+    """Token counts no upstream can mean are neither billed (a credit, or billions) nor
+    a failed answer (retried, so billed twice): the answer is served once, its usage
+    estimated and flagged."""
     gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
     upstream.script(reply)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        if is_stream:
-            async for _ in gateway.stub.CompleteStream(chat_stream()):
-                pass
-        else:
-            await gateway.stub.Complete(chat())
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "malformed" in caught.value.details()
+    if is_stream:
+        events = [e async for e in gateway.stub.CompleteStream(chat_stream())]
+        metadata = events[-1].final
+    else:
+        metadata = (await gateway.stub.Complete(chat())).metadata
+    assert metadata.usage.estimated
+    assert 0 < metadata.usage.input_tokens < 1000
+    assert 0 < metadata.cost_usd < 0.001
+    assert len(upstream.requests) == 1
