@@ -287,10 +287,11 @@ class Telemetry:
 
     def _leave_rpc(self, context: RpcContext, exc_type: type[BaseException] | None) -> None:
         scope = context.scope
-        if exc_type is not None:
+        # A status the call was already ended with (`RpcScope.fail`) stands.
+        if exc_type is not None and scope.error_type is None:
             if issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
                 scope.fail(status_code=1, error_type="cancelled")
-            elif scope.error_type is None:
+            else:
                 scope.fail(status_code=2, error_type=exc_type.__name__)
         try:
             self._end_rpc(scope)

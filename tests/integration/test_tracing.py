@@ -294,3 +294,27 @@ async def test_a_cancelled_stream_ends_both_spans_as_cancelled(traced, captured,
     assert attributes_of(server)["error.type"] == "cancelled"
     assert attributes_of(server)["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert captured.total("llm_gateway.rpc.in_flight") == 0
+
+
+async def test_a_stream_past_its_deadline_is_recorded_as_deadline_exceeded(
+    traced, captured, upstream
+):
+    """A stream whose deadline passes after its first deltas: the span and
+    llm_gateway.requests say DEADLINE_EXCEEDED, as the caller got, not CANCELLED.
+
+    Before, grpc's cancellation of the handler at the deadline was recorded as the
+    caller's cancel: such calls were missing from the error rate.
+    """
+    upstream.script(Reply(chunks=10, chunk_delay_s=0.1))
+    call = traced.stub.CompleteStream(chat_stream(), timeout=0.35)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        _ = [e async for e in call]
+    assert failure.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    server = await captured.ended(STREAM_SPAN)
+    deadline_exceeded = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert attributes_of(server)["rpc.grpc.status_code"] == deadline_exceeded
+    assert attributes_of(server)["error.type"] == "DEADLINE_EXCEEDED"
+    assert server.status.status_code is StatusCode.ERROR
+    assert captured.total("llm_gateway.requests", rpc__grpc__status_code=deadline_exceeded) == 1
+    assert captured.total("llm_gateway.requests", rpc__grpc__status_code=1) == 0
+    assert attributes_of(server)["gen_ai.usage.output_tokens"] > 0, "its text is still charged"
