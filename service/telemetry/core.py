@@ -296,10 +296,13 @@ class Telemetry:
         try:
             self._end_rpc(scope)
         finally:
-            with contextlib.suppress(ValueError):  # left in another context than entered
+            # A stream's generator closed after grpc's handler ended (its caller left while
+            # a write waited) is closed in another context than the RPC began in: there is
+            # nothing to reset there. (OpenTelemetry's `detach` would log an ERROR.)
+            with contextlib.suppress(ValueError):
                 CURRENT_RPC.reset(context.rpc_token)
-            if context.otel_token is not None:
-                otel_context.detach(context.otel_token)
+                if context.otel_token is not None:
+                    context.otel_token.var.reset(context.otel_token)
 
     # --- one CLIENT span per upstream attempt -----------------------------------------
 
