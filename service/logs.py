@@ -30,30 +30,36 @@ class EventFormatter(logging.Formatter):
 
 class DeadlineRaceFilter(logging.Filter):
     """grpc's ERROR for a DEADLINE_EXCEEDED sent as grpc's own deadline ended the call,
-    logged instead as the INFO event `rpc.deadline_race`.
+    logged instead as the INFO event `rpc.deadline_race`; and for a stream's message
+    grpc could not write because its call had ended, as `rpc.call_ended_while_writing`.
 
     The gateway ends a call whose deadline passed with DEADLINE_EXCEEDED. When grpc's
     deadline timer ends the same call at the same moment, sending that status fails and
     grpc logs the failure at ERROR, traceback and all (about once in a few thousand
     calls under load). The caller gets DEADLINE_EXCEEDED either way: nothing failed.
+    Likewise when a caller cancels (or its deadline passes) while grpc waits to write a
+    stream's next message to it: the write fails, and the caller has what it asked for.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Rewrite the record when it is that race; let every record through."""
+        """Rewrite the record when it is one of those races; let every record through."""
         error = record.exc_info[1] if record.exc_info else None
-        if (
-            record.levelno >= logging.ERROR
-            and type(error).__name__ == "ExecuteBatchError"
-            and isinstance(error.__context__ if error else None, DeadlineExceeded)
-        ):
-            method = record.getMessage().rpartition("[")[2].rstrip("]")
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg, record.args = "rpc.deadline_race", ()
-            record.exc_info, record.exc_text = None, None
-            record.method = method
-            # Let through only as far as an INFO record would have been.
-            return logging.getLogger().isEnabledFor(logging.INFO)
-        return True
+        if record.levelno < logging.ERROR or type(error).__name__ != "ExecuteBatchError":
+            return True
+        handling = error.__context__ if error else None
+        if isinstance(handling, DeadlineExceeded):
+            event = "rpc.deadline_race"
+        elif handling is None and "SendMessageOperation" in str(error):
+            event = "rpc.call_ended_while_writing"  # grpc's own write, no servicer error
+        else:
+            return True
+        method = record.getMessage().rpartition("[")[2].rstrip("]")
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args = event, ()
+        record.exc_info, record.exc_text = None, None
+        record.method = method
+        # Let through only as far as an INFO record would have been.
+        return logging.getLogger().isEnabledFor(logging.INFO)
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -26,6 +26,7 @@ from grpc_status import rpc_status
 from service.caller_gate import CallerGate, UndecodableRequest, current_tenant
 from service.errors import (
     INTERNAL_ERROR_REASON,
+    DeadlineExceeded,
     FieldViolation,
     GatewayError,
     InvalidRequest,
@@ -151,6 +152,7 @@ class Admission:
 
 
 SERVICE = "llmgateway.v1.CompletionService"
+_DEADLINE_EXCEEDED_CODE: int = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 
 # grpc core's own default: beyond this many calls waiting for the application, it cancels
 # new ones (CANCELLED, before any handler sees them): about 10% of 2,000 streams opened
@@ -213,9 +215,15 @@ async def _end_if_cut_off(
     context: Context, method: str, rpc: RpcScope, admission: Admission
 ) -> None:
     """End a call that shutdown cancelled (`Admission.cut_off`) with `ShuttingDown`; any
-    other cancellation (the caller's, grpc's) goes on as it is."""
+    other cancellation (the caller's, grpc's) goes on as it is.
+
+    grpc cancels a call whose deadline passed, and its caller gets DEADLINE_EXCEEDED:
+    that is what the span and `llm_gateway.requests` record, not the caller's cancel.
+    """
     if admission.was_cut_off():
         await abort_with(context, ShuttingDown(), method, rpc)
+    if context.time_remaining() == 0:  # None: the call has no deadline
+        rpc.fail(status_code=_DEADLINE_EXCEEDED_CODE, error_type=DeadlineExceeded.reason)
 
 
 def _guard_unary(

@@ -287,18 +287,22 @@ class Telemetry:
 
     def _leave_rpc(self, context: RpcContext, exc_type: type[BaseException] | None) -> None:
         scope = context.scope
-        if exc_type is not None:
+        # A status the call was already ended with (`RpcScope.fail`) stands.
+        if exc_type is not None and scope.error_type is None:
             if issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
                 scope.fail(status_code=1, error_type="cancelled")
-            elif scope.error_type is None:
+            else:
                 scope.fail(status_code=2, error_type=exc_type.__name__)
         try:
             self._end_rpc(scope)
         finally:
-            with contextlib.suppress(ValueError):  # left in another context than entered
+            # A stream's generator closed after grpc's handler ended (its caller left while
+            # a write waited) is closed in another context than the RPC began in: there is
+            # nothing to reset there. (OpenTelemetry's `detach` would log an ERROR.)
+            with contextlib.suppress(ValueError):
                 CURRENT_RPC.reset(context.rpc_token)
-            if context.otel_token is not None:
-                otel_context.detach(context.otel_token)
+                if context.otel_token is not None:
+                    context.otel_token.var.reset(context.otel_token)
 
     # --- one CLIENT span per upstream attempt -----------------------------------------
 

@@ -162,9 +162,11 @@ class Instruments:
             unit="{error}",
             description="Failed upstream attempts, by upstream and error.type",
         )
+        # "{state}", not "1": an OpenTelemetry Collector's Prometheus exporter names a
+        # gauge of unit "1" ..._ratio, and the dashboard queries this name as it is.
         self.breaker_state = meter.create_gauge(
             "llm_gateway.upstream.breaker.state",
-            unit="1",
+            unit="{state}",
             description="Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
         )
         self.attempts = Tally((UPSTREAM, OUTCOME))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 
 import grpc
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
 from llmgateway.v1 import gateway_pb2 as pb
+from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import Reply, Status
 from tests.telemetry_support import Captured, attributes_of, captured_telemetry
@@ -294,3 +297,57 @@ async def test_a_cancelled_stream_ends_both_spans_as_cancelled(traced, captured,
     assert attributes_of(server)["error.type"] == "cancelled"
     assert attributes_of(server)["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert captured.total("llm_gateway.rpc.in_flight") == 0
+
+
+async def test_a_stream_past_its_deadline_is_recorded_as_deadline_exceeded(
+    traced, captured, upstream
+):
+    """A stream whose deadline passes after its first deltas: the span and
+    llm_gateway.requests say DEADLINE_EXCEEDED, as the caller got, not CANCELLED.
+
+    Before, grpc's cancellation of the handler at the deadline was recorded as the
+    caller's cancel: such calls were missing from the error rate.
+    """
+    upstream.script(Reply(chunks=10, chunk_delay_s=0.1))
+    call = traced.stub.CompleteStream(chat_stream(), timeout=0.35)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        _ = [e async for e in call]
+    assert failure.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    server = await captured.ended(STREAM_SPAN)
+    deadline_exceeded = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert attributes_of(server)["rpc.grpc.status_code"] == deadline_exceeded
+    assert attributes_of(server)["error.type"] == "DEADLINE_EXCEEDED"
+    assert server.status.status_code is StatusCode.ERROR
+    assert captured.total("llm_gateway.requests", rpc__grpc__status_code=deadline_exceeded) == 1
+    assert captured.total("llm_gateway.requests", rpc__grpc__status_code=1) == 0
+    assert attributes_of(server)["gen_ai.usage.output_tokens"] > 0, "its text is still charged"
+
+
+async def test_a_caller_leaving_a_stream_the_gateway_is_writing_logs_no_error(
+    traced, captured, upstream, caplog
+):
+    """A caller that stops reading a long stream and cancels it, while the gateway waits
+    to write the next delta: both spans end as cancelled, and nothing is logged as an ERROR.
+
+    Before, grpc logged its failed write at ERROR with a traceback, and OpenTelemetry
+    logged "Failed to detach context" at ERROR: the stream's generator is closed after
+    grpc's handler ended, in another context than the RPC began in.
+    """
+    logging.getLogger(GRPC_AIO_LOGGER).addFilter(race_filter := DeadlineRaceFilter())
+    try:
+        upstream.script(Reply(content="x" * 40_000_000, chunks=800))
+        call = traced.stub.CompleteStream(chat_stream(), metadata=(("traceparent", TRACEPARENT),))
+        await call.read()
+        await asyncio.sleep(1.0)  # until gRPC's flow control holds the gateway's writes
+        call.cancel()
+        server = await captured.ended(STREAM_SPAN)
+        await asyncio.sleep(0.5)
+        gc.collect()
+        await asyncio.sleep(0.1)
+    finally:
+        logging.getLogger(GRPC_AIO_LOGGER).removeFilter(race_filter)
+    assert attributes_of(server)["error.type"] == "cancelled"
+    assert attributes_of(captured.span(ATTEMPT_SPAN))["error.type"] == "cancelled"
+    assert captured.total("llm_gateway.rpc.in_flight") == 0
+    errors = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []

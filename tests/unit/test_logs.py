@@ -1,4 +1,5 @@
-"""The log setup: grpc's ERROR for the deadline race becomes one INFO event."""
+"""The log setup: grpc's ERROR for the deadline race (or a write to a call that ended)
+becomes one INFO event."""
 
 from __future__ import annotations
 
@@ -66,6 +67,17 @@ def test_the_deadline_race_is_one_info_event_without_traceback(grpc_log) -> None
     )
     [record] = capture.records
     assert (record.levelname, record.getMessage()) == ("INFO", "rpc.deadline_race")
+    assert record.exc_info is None
+    assert record.method == METHOD
+
+
+def test_a_write_to_a_call_that_ended_is_one_info_event_without_traceback(grpc_log) -> None:
+    """grpc's own write of a stream message, failed as its caller cancelled, is no error."""
+    logger, capture = grpc_log
+    send = "(<grpc._cython.cygrpc.SendMessageOperation object at 0x7efd81c3b330>,)"
+    log_as_grpc_does(logger, cygrpc.ExecuteBatchError(f'Failed "execute_batch": {send}'))
+    [record] = capture.records
+    assert (record.levelname, record.getMessage()) == ("INFO", "rpc.call_ended_while_writing")
     assert record.exc_info is None
     assert record.method == METHOD
 
