@@ -109,8 +109,14 @@ class CachedAnswer:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise EntryDecodeError(type(exc).__name__) from exc
 
-    def served_from_cache(self, *, total_ms: float, first_token_ms: float) -> Completion:
-        """The completion as a cache hit reports it: nothing charged, the cost saved."""
+    def served_from_cache(
+        self, *, total_ms: float, first_token_ms: float, upstream_ms: float = 0.0
+    ) -> Completion:
+        """The completion as a cache hit reports it: nothing charged, the cost saved.
+
+        `upstream_ms`: how long the caller waited on an upstream call another caller
+        made (a coalesced follower), 0 for an answer read from the store.
+        """
         completion = self.completion
         # Built field by field: `dataclasses.replace` costs twice as much on every hit.
         return Completion(
@@ -123,7 +129,7 @@ class CachedAnswer:
             upstream=completion.upstream,
             attempts=0,
             timings=Timings(
-                total_ms=total_ms, upstream_ms=0.0, time_to_first_token_ms=first_token_ms
+                total_ms=total_ms, upstream_ms=upstream_ms, time_to_first_token_ms=first_token_ms
             ),
             saved_cost_usd=completion.cost_usd,
             is_cache_hit=True,

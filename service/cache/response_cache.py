@@ -246,6 +246,7 @@ class ResponseCache:
         # for as long as its own deadline allows: each failed flight had its own leader.
         while True:
             flight, is_leader = self._join(key, request, mode, call)
+            joined = self._clock.now()
             try:
                 answer = await self._flights.wait(flight)
             except DeadlineExceeded:
@@ -255,7 +256,9 @@ class ResponseCache:
             if is_leader:
                 return answer.completion
             elapsed = self._elapsed_ms(started)
-            return answer.served_from_cache(total_ms=elapsed, first_token_ms=elapsed)
+            return answer.served_from_cache(
+                total_ms=elapsed, first_token_ms=elapsed, upstream_ms=self._elapsed_ms(joined)
+            )
 
     async def stream(
         self, request: ChatRequest, *, fetch: FetchStream, deadline: Deadline
@@ -304,6 +307,7 @@ class ResponseCache:
 
         while True:  # retried as in `complete`
             flight, is_leader = self._join(key, request, mode, call)
+            joined = self._clock.now()
             sent = 0
             first_token_ms = None
             answer: CachedAnswer | None = None
@@ -334,6 +338,7 @@ class ResponseCache:
                 yield answer.served_from_cache(
                     total_ms=elapsed,
                     first_token_ms=elapsed if first_token_ms is None else first_token_ms,
+                    upstream_ms=self._elapsed_ms(joined),
                 )
             return
 

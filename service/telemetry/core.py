@@ -417,6 +417,12 @@ class Telemetry:
         self.instruments.cost.add(completion.cost_usd, request.tenant, request.model)
         if completion.is_cache_hit:
             self.record_cache_hit(model=request.model)
+            if completion.timings.upstream_ms:
+                # A coalesced follower waited on another caller's upstream call: that wait
+                # is upstream time, not the gateway's overhead.
+                scope = CURRENT_RPC.get()
+                if scope is not None:
+                    scope.upstream_s += completion.timings.upstream_ms / 1000.0
 
     # --- hooks for the cache, retry loop and breaker -----------------------------------
 

@@ -345,6 +345,34 @@ async def test_fifty_identical_requests_make_one_upstream_call(
     assert cache_of(cached).stats.coalesced == 49
 
 
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_caller_following_anothers_upstream_call_counts_the_wait_as_upstream(
+    cached: RunningGateway, upstream: FakeUpstream, is_stream: bool
+) -> None:
+    """A follower waits on the first caller's 300 ms upstream call: its timings say so
+    (`upstream_ms`), and its `llm-gateway-overhead-ms` trailer leaves that wait out, as
+    the first caller's does, instead of reporting it as the gateway's own time."""
+    upstream.script(Reply(content="shared", delay_s=0.3))
+
+    async def call() -> tuple[pb.CompletionMetadata, float]:
+        if is_stream:
+            stream = cached.stub.CompleteStream(chat_stream(params=DETERMINISTIC))
+            metadata = [e async for e in stream][-1].final
+            trailers = await stream.trailing_metadata()
+        else:
+            unary = cached.stub.Complete(ask())
+            metadata = (await unary).metadata
+            trailers = await unary.trailing_metadata()
+        return metadata, float(dict(trailers)["llm-gateway-overhead-ms"])
+
+    results = await asyncio.gather(call(), call())
+    assert len(upstream.requests) == 1
+    [(follower, overhead)] = [(m, o) for m, o in results if m.cache_hit]
+    assert follower.timings.upstream_ms >= 250
+    assert follower.timings.total_ms >= 300
+    assert overhead < 0.5 * follower.timings.total_ms
+
+
 async def test_identical_requests_share_the_same_error(
     cached: RunningGateway, upstream: FakeUpstream
 ) -> None:
