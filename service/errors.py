@@ -421,8 +421,18 @@ def internal_error_status() -> status_pb2.Status:
     )
 
 
-def pushback_trailer(exc: BaseException) -> tuple[tuple[str, str], ...]:
-    """The `grpc-retry-pushback-ms` trailer that gRPC retry policies honour."""
+def pushback_trailer(
+    exc: BaseException, time_remaining_s: float | None = None
+) -> tuple[tuple[str, str], ...]:
+    """The `grpc-retry-pushback-ms` trailer that gRPC retry policies honour.
+
+    A wait the call's deadline (`time_remaining_s` from now) cannot outlast is sent as
+    -1, gRPC's "do not retry": a retry policy would otherwise sit it out until a bare
+    DEADLINE_EXCEEDED, and the caller would never see this status or its details.
+    """
     if isinstance(exc, QuotaExceeded | UpstreamRateLimited) and exc.retry_after_s is not None:
-        return ((RETRY_PUSHBACK_TRAILER, str(round(_retry_delay_s(exc.retry_after_s) * 1000))),)
+        delay_s = _retry_delay_s(exc.retry_after_s)
+        if time_remaining_s is not None and delay_s >= time_remaining_s:
+            return ((RETRY_PUSHBACK_TRAILER, "-1"),)
+        return ((RETRY_PUSHBACK_TRAILER, str(round(delay_s * 1000))),)
     return ()

@@ -180,7 +180,7 @@ async def abort_with(
         log.debug("rpc.failed", extra={"method": method, "reason": exc.reason})
     try:
         status = rpc_status.to_status(to_rpc_status(exc))
-        trailers = tuple(status.trailing_metadata) + pushback_trailer(exc)
+        trailers = tuple(status.trailing_metadata) + pushback_trailer(exc, context.time_remaining())
         error_type = getattr(exc, "reason", "INTERNAL")
     except Exception as mapping_error:
         # A bug in the mapping itself (a detail that cannot be built): left to grpc, the

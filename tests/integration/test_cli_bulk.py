@@ -252,7 +252,13 @@ async def test_batch_process_killed_by_ctrl_c_resumes(tmp_path, scripted, addres
     write_items(source, ids)
     command = [sys.executable, "-m", "gateway_client.cli", "batch", str(source), "-o", str(output)]
     command += ["--concurrency", "2", "--address", address, "--model", FAKE_MODEL]
-    first = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.DEVNULL)
+    # A run started with SIGINT ignored (nohup, `&` in a script) would pass that on to
+    # the child, which then finishes instead of stopping: a handler is reset on exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        first = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.DEVNULL)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         for _ in range(3000):
             if output.exists() and output.read_text().count("\n") >= 4:

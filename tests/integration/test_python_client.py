@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway_client import GatewayClient, build_request
+from gateway_client import GatewayClient, build_request, error_details
 from llmgateway.v1 import gateway_pb2 as pb
 from tests.conftest import FAKE_MODEL, RunningGateway, chat_stream, gateway_config
-from tests.fake_upstream import FakeUpstream, Reply
+from tests.fake_upstream import FakeUpstream, Reply, Status
 
 REPO = Path(__file__).resolve().parents[2]
 StartGateway = Callable[..., Any]
@@ -95,7 +95,7 @@ def installed_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
 INSTALLED_CLIENT_CALL = """
 import asyncio, sys, time
 import gateway_client
-from gateway_client import GatewayClient, build_request
+from gateway_client import GatewayClient, build_request, error_details
 from llmgateway.v1 import gateway_pb2 as pb
 
 assert gateway_client.__file__.startswith(sys.argv[2]), gateway_client.__file__
@@ -141,3 +141,49 @@ async def test_installed_client_waits_out_the_overload_pushback(
     content, elapsed_s = out.decode().rsplit(" ", 1)
     assert content == "Hello from fake"
     assert float(elapsed_s) >= pushback_s
+
+
+@pytest.mark.parametrize(
+    ("sections", "refusal", "reason"),
+    [
+        pytest.param(
+            # The first call costs more than this: the budget is spent until tomorrow.
+            {"budgets": {"default": {"usd": 0.000002, "period": "day"}}},
+            Reply(),  # never asked for
+            "QUOTA_EXCEEDED",
+            id="budget-spent-until-tomorrow",
+        ),
+        pytest.param(
+            {"resilience": {"attempts": 1}},
+            Status(429, headers={"Retry-After": "60"}),
+            "UPSTREAM_RATE_LIMITED",
+            id="upstream-429-retry-after-60s",
+        ),
+    ],
+)
+async def test_a_refusal_the_deadline_cannot_wait_out_arrives_at_once(
+    upstream: FakeUpstream,
+    start_gateway: StartGateway,
+    sections: dict[str, Any],
+    refusal: Reply | Status,
+    reason: str,
+) -> None:
+    """A RESOURCE_EXHAUSTED whose wait outlasts the call's deadline reaches the caller
+    at once, with its details, rather than the retry policy sitting out the pushback
+    until a bare DEADLINE_EXCEEDED."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **sections))
+    upstream.script(Reply(), refusal)
+    deadline_s = 3.0
+    async with GatewayClient(gateway.server.address, timeout_s=deadline_s) as client:
+        await client.complete("Say hi", model=FAKE_MODEL)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.complete("Say hi again", model=FAKE_MODEL)
+        elapsed_s = time.monotonic() - started
+    details = error_details(refused.value)
+    assert (details.code, details.reason) == ("RESOURCE_EXHAUSTED", reason)
+    assert details.retry_after_s is not None
+    assert details.retry_after_s > deadline_s
+    assert elapsed_s < deadline_s / 2
+    # The second call reached the upstream only when the upstream refused it, and once.
+    assert len(upstream.requests) == (2 if isinstance(refusal, Status) else 1)

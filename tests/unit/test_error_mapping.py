@@ -417,6 +417,23 @@ def test_pushback_trailer_values(exc: GatewayError, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("retry_after_s", "time_remaining_s", "expected"),
+    [
+        pytest.param(86_400.0, 300.0, "-1", id="budget-resets-after-the-deadline"),
+        pytest.param(5.0, 5.0, "-1", id="retry-exactly-at-the-deadline"),
+        pytest.param(0.5, 15.0, "500", id="fits-before-the-deadline"),
+        pytest.param(86_400.0, None, "86400000", id="no-deadline"),
+    ],
+)
+def test_pushback_past_the_deadline_says_do_not_retry(
+    retry_after_s: float, time_remaining_s: float | None, expected: str
+) -> None:
+    """A wait the call's deadline cannot outlast pushes back -1, gRPC's "do not retry"."""
+    exc = QuotaExceeded("q", subject="t", retry_after_s=retry_after_s)
+    assert pushback_trailer(exc, time_remaining_s) == ((RETRY_PUSHBACK_TRAILER, expected),)
+
+
+@pytest.mark.parametrize(
     "exc",
     [
         pytest.param(QuotaExceeded("q", subject="t", retry_after_s=None), id="quota-no-wait"),
