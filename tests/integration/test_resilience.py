@@ -431,6 +431,21 @@ async def test_upstream_429_after_retries_is_resource_exhausted_with_pushback(st
         assert len(fake.requests) == 3
 
 
+async def test_upstream_429_without_retry_after_still_says_when_to_retry(start_gateway):
+    """A bare 429 that outlasts the retries still carries RetryInfo and the pushback
+    trailer (the first backoff), so a caller's retry policy waits instead of hammering."""
+    async with FakeUpstream(default=Status(429)) as fake:
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=FAST_RESILIENCE))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat())
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        _, reason, retry_s = error_details(info.value)
+        assert reason == "UPSTREAM_RATE_LIMITED"
+        assert retry_s == pytest.approx(FAST_RESILIENCE["backoff_base_s"])
+        assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "20"
+        assert len(fake.requests) == 3
+
+
 async def test_no_backoff_sleeps_past_the_deadline(start_gateway):
     """A Retry-After longer than the caller's deadline is reported at once, not slept on."""
     async with FakeUpstream(default=Status(503, headers={"Retry-After": "4"})) as fake:
