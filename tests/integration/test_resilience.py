@@ -446,6 +446,27 @@ async def test_upstream_429_without_retry_after_still_says_when_to_retry(start_g
         assert len(fake.requests) == 3
 
 
+async def test_a_keep_alive_connection_dropped_as_it_is_reused_is_sent_on_a_new_one(
+    start_gateway,
+):
+    """A server that closes an idle connection just as a request reuses it never answered
+    it: the request goes again on a new connection, within the same attempt, and the
+    breaker counts no failure (one attempt allowed, and one failure would open it)."""
+    async with FakeUpstream() as fake:
+        resilience = {**FAST_RESILIENCE, "attempts": 1, "breaker_consecutive_failures": 1}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        await gateway.stub.Complete(chat("one"))  # leaves its connection idle in the pool
+        fake.script(Reset())  # what the reused connection gets: closed, no answer
+        response = await gateway.stub.Complete(chat("two"))
+        assert response.content == "Hello from fake"
+        assert response.metadata.attempts == 1
+        assert len(fake.requests) == 3
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
+        assert await settle(lambda: checked_out_connections(gateway) == 0)
+        assert gateway.server.pipeline.pool.clients[0].open_connections == 1
+
+
 async def test_no_backoff_sleeps_past_the_deadline(start_gateway):
     """A Retry-After longer than the caller's deadline is reported at once, not slept on."""
     async with FakeUpstream(default=Status(503, headers={"Retry-After": "4"})) as fake:
