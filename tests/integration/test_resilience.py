@@ -467,6 +467,24 @@ async def test_a_keep_alive_connection_dropped_as_it_is_reused_is_sent_on_a_new_
         assert gateway.server.pipeline.pool.clients[0].open_connections == 1
 
 
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_an_answer_larger_than_any_completion_is_refused_not_buffered(mode, start_gateway):
+    """A 17 MiB answer (or one stream event that size) is a malformed answer: the gateway
+    stops reading at 16 MiB, closes the connection and says UNAVAILABLE, rather than hold
+    whatever a broken upstream sends and pass it on."""
+    huge = Reply(content="x" * (17 * 1024 * 1024), chunks=1)
+    async with FakeUpstream(default=huge) as fake:
+        resilience = {**FAST_RESILIENCE, "attempts": 1}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        result, deltas = await call(gateway, mode, timeout_s=10.0)
+        assert isinstance(result, grpc.aio.AioRpcError), type(result)
+        assert result.code() is grpc.StatusCode.UNAVAILABLE, result.details()
+        assert error_details(result)[1] == "UPSTREAM_UNAVAILABLE"
+        assert "larger than" in result.details()
+        assert deltas == []
+        assert await settle(lambda: gateway.server.pipeline.pool.clients[0].open_connections == 0)
+
+
 async def test_no_backoff_sleeps_past_the_deadline(start_gateway):
     """A Retry-After longer than the caller's deadline is reported at once, not slept on."""
     async with FakeUpstream(default=Status(503, headers={"Retry-After": "4"})) as fake:
