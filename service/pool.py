@@ -31,6 +31,7 @@ from service.errors import (
     StreamInterrupted,
     UpstreamAuthRejected,
     UpstreamError,
+    UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -439,14 +440,14 @@ class UpstreamPool:
         )
 
     def _final(self, exc: UpstreamError, deadline: Deadline, attempts: int) -> GatewayError:
-        """What the call ends with: `exc` with its attempts and, when it is UNAVAILABLE, a
-        retry delay; or `DeadlineExceeded` when the caller's deadline caused it."""
+        """What the call ends with: `exc` with its attempts and, when it is UNAVAILABLE or a
+        429, a retry delay; or `DeadlineExceeded` when the caller's deadline caused it."""
         exc.attempts = attempts
         # Not a stream's timeout after its text (`StreamInterrupted`): only the upstream's
         # own bounds apply then, and a shared stream's followers outlive its first caller.
         if _hit_callers_deadline(exc, deadline):
             return DeadlineExceeded("the caller's deadline passed")
-        if isinstance(exc, UpstreamUnavailable | UpstreamTimeout):
+        if isinstance(exc, UpstreamUnavailable | UpstreamTimeout | UpstreamRateLimited):
             exc.suggest_retry_after(self._retry_delay_s(exc.upstream))
         return exc
 

@@ -46,6 +46,9 @@ _KEEPALIVE_S = 30.0
 # How long a stream's connection waits after `[DONE]` for its last chunk before it is
 # closed rather than reused: a server sends that chunk right after its last event.
 _STREAM_END_GRACE_S = 0.25
+# The largest answer (or stream event) read: far past any real completion, and a bound
+# on what a broken or hostile upstream can make the gateway hold in memory.
+_MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 
 def _error_for_status(
@@ -122,6 +125,18 @@ def _translate_errors(upstream: str) -> Iterator[None]:
         raise UpstreamUnavailable(
             f"upstream {upstream!r} sent a malformed answer: {exc}", upstream=upstream
         ) from exc
+
+
+async def _read_whole(response: Response) -> bytes:
+    """The whole body, refused once it passes `_MAX_REPLY_BYTES`."""
+    parts = []
+    size = 0
+    while (data := await response.next_chunk()) is not None:
+        size += len(data)
+        if size > _MAX_REPLY_BYTES:
+            raise MalformedReply(f"the answer is larger than {_MAX_REPLY_BYTES} bytes")
+        parts.append(data)
+    return b"".join(parts)
 
 
 def _text_of_events(
@@ -226,7 +241,7 @@ class UpstreamClient:
             async with asyncio.timeout_at(self._deadline(timeout_s)):
                 response = await self._post(call)
                 async with response:
-                    body = await response.read()
+                    body = await _read_whole(response)
             if response.status >= 400:
                 raise _error_for_status(self.name, response.status, response.headers, body)
             return _reply(call, body, response.headers)
@@ -255,14 +270,14 @@ class UpstreamClient:
             try:
                 if response.status >= 400:
                     async with asyncio.timeout_at(deadline):
-                        body = await response.read()
+                        body = await _read_whole(response)
                     raise _error_for_status(self.name, response.status, response.headers, body)
                 content_type = response.headers.get("content-type", "").lower()
                 if content_type.startswith("application/json"):
                     # Some OpenAI-compatible servers ignore `stream: true` and answer with
                     # one completion: relay it as one chunk and the end.
                     async with asyncio.timeout_at(deadline):
-                        body = await response.read()
+                        body = await _read_whole(response)
                     reply = _reply(call, body, response.headers)
                     if reply.content:
                         yield TextChunk(reply.content)
@@ -302,6 +317,10 @@ class UpstreamClient:
                             break
                     if parser.is_done:
                         break
+                    if decoder.pending_bytes > _MAX_REPLY_BYTES:
+                        raise MalformedReply(
+                            f"a stream event is larger than {_MAX_REPLY_BYTES} bytes"
+                        )
                 end = parser.end()
                 if not parser.is_done and decoder.has_pending:
                     raise MalformedReply("the stream was cut in the middle of an event")

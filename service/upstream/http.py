@@ -63,6 +63,7 @@ class _Connection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: the connection cannot be trusted
             return
         parsed = response.parsed
+        response.received_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -140,6 +141,7 @@ class Response:
         # that parsed one: httptools keeps a header or trailer to itself until it is whole.
         self.parsed = 0
         self._unparsed_bytes = 0
+        self.received_bytes = 0
         self._end_timer: asyncio.TimerHandle | None = None  # set while waiting for the end
 
     # httptools callbacks --------------------------------------------------------------
@@ -266,6 +268,11 @@ class Response:
         return b"".join(parts)
 
     @property
+    def is_unanswered(self) -> bool:
+        """Whether not one byte of the response arrived."""
+        return self.received_bytes == 0
+
+    @property
     def is_complete(self) -> bool:
         """Whether the whole response has arrived."""
         return self._is_complete
@@ -359,21 +366,33 @@ class HttpPool:
         """
         target = self.path_prefix + path + self.query
         head = _head(method, target, self.host_header, headers, len(body))
-        await self._slots.acquire()
-        try:
-            connection = self._idle_connection() or await self._connect()
-        except BaseException:
-            self._slots.release()
-            raise
-        self._busy.add(connection)
-        response = Response(self, connection)
-        try:
-            connection.send(head, body, response)
-            await response.wait_head()
-        except BaseException:
-            response.release()
-            raise
-        return response
+        may_reuse = True
+        while True:
+            await self._slots.acquire()
+            try:
+                connection = self._idle_connection() if may_reuse else None
+                is_reused = connection is not None
+                connection = connection or await self._connect()
+            except BaseException:
+                self._slots.release()
+                raise
+            self._busy.add(connection)
+            response = Response(self, connection)
+            try:
+                connection.send(head, body, response)
+                await response.wait_head()
+            except HttpError:
+                response.release()
+                if is_reused and response.is_unanswered:
+                    # The server closed the idle connection as the request went out (its
+                    # keep-alive timeout): it never answered, so send it on a new one.
+                    may_reuse = False
+                    continue
+                raise
+            except BaseException:
+                response.release()
+                raise
+            return response
 
     def _idle_connection(self) -> _Connection | None:
         now = time.monotonic()

@@ -85,3 +85,8 @@ class SSEDecoder:
     def has_pending(self) -> bool:
         """Whether an event was started but not finished: a cut stream, if at the end."""
         return bool(self._data) or bool(self._buffer.strip())
+
+    @property
+    def pending_bytes(self) -> int:
+        """The size of the event still being read (its data lines and the partial line)."""
+        return len(self._buffer) + sum(len(data) for data in self._data)

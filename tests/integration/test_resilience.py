@@ -431,6 +431,60 @@ async def test_upstream_429_after_retries_is_resource_exhausted_with_pushback(st
         assert len(fake.requests) == 3
 
 
+async def test_upstream_429_without_retry_after_still_says_when_to_retry(start_gateway):
+    """A bare 429 that outlasts the retries still carries RetryInfo and the pushback
+    trailer (the first backoff), so a caller's retry policy waits instead of hammering."""
+    async with FakeUpstream(default=Status(429)) as fake:
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=FAST_RESILIENCE))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat())
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        _, reason, retry_s = error_details(info.value)
+        assert reason == "UPSTREAM_RATE_LIMITED"
+        assert retry_s == pytest.approx(FAST_RESILIENCE["backoff_base_s"])
+        assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "20"
+        assert len(fake.requests) == 3
+
+
+async def test_a_keep_alive_connection_dropped_as_it_is_reused_is_sent_on_a_new_one(
+    start_gateway,
+):
+    """A server that closes an idle connection just as a request reuses it never answered
+    it: the request goes again on a new connection, within the same attempt, and the
+    breaker counts no failure (one attempt allowed, and one failure would open it)."""
+    async with FakeUpstream() as fake:
+        resilience = {**FAST_RESILIENCE, "attempts": 1, "breaker_consecutive_failures": 1}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        await gateway.stub.Complete(chat("one"))  # leaves its connection idle in the pool
+        fake.script(Reset())  # what the reused connection gets: closed, no answer
+        response = await gateway.stub.Complete(chat("two"))
+        assert response.content == "Hello from fake"
+        assert response.metadata.attempts == 1
+        assert len(fake.requests) == 3
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
+        assert await settle(lambda: checked_out_connections(gateway) == 0)
+        assert gateway.server.pipeline.pool.clients[0].open_connections == 1
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_an_answer_larger_than_any_completion_is_refused_not_buffered(mode, start_gateway):
+    """A 17 MiB answer (or one stream event that size) is a malformed answer: the gateway
+    stops reading at 16 MiB, closes the connection and says UNAVAILABLE, rather than hold
+    whatever a broken upstream sends and pass it on."""
+    huge = Reply(content="x" * (17 * 1024 * 1024), chunks=1)
+    async with FakeUpstream(default=huge) as fake:
+        resilience = {**FAST_RESILIENCE, "attempts": 1}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        result, deltas = await call(gateway, mode, timeout_s=10.0)
+        assert isinstance(result, grpc.aio.AioRpcError), type(result)
+        assert result.code() is grpc.StatusCode.UNAVAILABLE, result.details()
+        assert error_details(result)[1] == "UPSTREAM_UNAVAILABLE"
+        assert "larger than" in result.details()
+        assert deltas == []
+        assert await settle(lambda: gateway.server.pipeline.pool.clients[0].open_connections == 0)
+
+
 async def test_no_backoff_sleeps_past_the_deadline(start_gateway):
     """A Retry-After longer than the caller's deadline is reported at once, not slept on."""
     async with FakeUpstream(default=Status(503, headers={"Retry-After": "4"})) as fake:
