@@ -25,9 +25,17 @@ _NOT_NOW_ERRORS = (ReadOnlyError, OutOfMemoryError, TryAgainError, ClusterDownEr
 _NOT_NOW_CODES = ("BUSY ", "MISCONF ", "NOREPLICAS ")
 
 
+# How redis-py words a failed command of a pipeline or transaction, before Redis's reply.
+_PIPELINE_ERROR = " of pipeline caused error: "
+
+
 def refused_for_good(exc: BaseException) -> bool:
     """Whether Redis answered `exc` to this very command, so sending it again cannot
     succeed; connection errors, timeouts and "not now" replies may pass."""
     if not isinstance(exc, ResponseError) or isinstance(exc, _NOT_NOW_ERRORS):
         return False
-    return not str(exc).startswith(_NOT_NOW_CODES)
+    reply = str(exc)
+    if reply.startswith("Command # ") and _PIPELINE_ERROR in reply:
+        # "Command # 1 (ZREM k m) of pipeline caused error: ('NOREPLICAS ...',)"
+        reply = reply.partition(_PIPELINE_ERROR)[2].lstrip("('\"")
+    return not reply.startswith(_NOT_NOW_CODES)

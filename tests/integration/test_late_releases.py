@@ -32,6 +32,7 @@ from tests.integration.test_budget_reservations import (
 from tests.integration.test_cache import eventually
 from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream
+from tests.telemetry_support import captured_telemetry
 
 pytestmark = pytest.mark.redis
 _TIMEOUT_S = 10.0
@@ -167,3 +168,60 @@ async def test_a_reservation_is_not_released_before_its_usage_row_lands(
         assert await reservations.reserved_usd("default", "day") == 0
         spent_usd = (7 * 0.14 + MAX_TOKENS * 0.42) / 1e6  # the first call's row, once
         assert await reservations.spent_usd("default", "day") == pytest.approx(spent_usd)
+
+
+async def test_an_unconfirmed_slot_redis_refuses_for_want_of_replicas_is_given_back_later(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """team-a's admission times out while Redis pauses writes, and its lease is taken
+    once the pause ends; as the call ends Redis refuses writes for want of replicas
+    (`NOREPLICAS`, which passes). Its release, sent as one transaction (it also marks the
+    lease released), was taken for a refusal for good and given up: the slot stayed held
+    for 15 minutes. It is retried, and lands once Redis takes writes again."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as held:
+        config = secure_config(
+            held.base_url,
+            auth={
+                "redis_url": redis_server.url,
+                "redis_key_prefix": prefix,
+                "redis_timeout_s": 0.2,
+            },
+            tenants={"team-a": {"max_concurrent_calls": 1}, "team-b": {}},
+        )
+        captured = captured_telemetry()
+        gateway = await start_gateway(config, telemetry=captured.telemetry)
+        client = aioredis.Redis.from_url(redis_server.url)
+        in_flight = f"{prefix}tenant:{{team-a}}:inflight"
+        try:
+            assert (await gateway.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+            held.gate.clear()
+            redis_server.pause()
+            try:
+                call = asyncio.ensure_future(
+                    gateway.stub.Complete(chat(), metadata=as_tenant("team-a"), timeout=_TIMEOUT_S)
+                )
+                await eventually(lambda: held.requests[1:])  # admitted, the lease unconfirmed
+            finally:
+                redis_server.resume()
+            await eventually(lambda: _zcard_is(client, in_flight, 1))  # taken as Redis woke
+            await client.config_set("min-replicas-to-write", 1)
+            held.gate.set()
+            assert (await call).content  # served; its release refused for now
+            await asyncio.sleep(0.3)
+            assert await client.zcard(in_flight) == 1
+            await client.config_set("min-replicas-to-write", 0)
+            await eventually(lambda: _zcard_is(client, in_flight, 0))
+            second = await gateway.stub.Complete(
+                chat(), metadata=as_tenant("team-a"), timeout=_TIMEOUT_S
+            )
+            assert second.content
+        finally:
+            await client.config_set("min-replicas-to-write", 0)
+            await client.aclose()
+        abandoned = "llm_gateway.store.writes_abandoned"
+        assert captured.total(abandoned, llm_gateway__store="tenant_limits") == 0
+
+
+async def _zcard_is(client: Any, key: str, count: int) -> bool:
+    return int(await client.zcard(key)) == count
