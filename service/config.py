@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -44,6 +44,19 @@ class ConfigError(Exception):
 def _require(condition: bool, problem: str) -> None:
     if not condition:
         raise ValueError(problem)
+
+
+def _has_redis_credentials(url: str) -> bool:
+    """Whether a Redis URL names a user or password: before its host, or as the `username`
+    or `password` query parameter, which redis-py reads too (and prefers to its own
+    `password` argument, so one there would also override `redis_password_env`)."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    return (
+        parts.username is not None
+        or parts.password is not None
+        or bool({"username", "password"} & {name.lower() for name in query})
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +303,7 @@ class CacheConfig:
                 "redis_url must be redis://HOST:PORT/DB when backend is redis",
             )
             _require(
-                parts.username is None and parts.password is None,
+                not _has_redis_credentials(self.redis_url),
                 "redis_url must not carry credentials; use redis_password_env",
             )
         _require(1 <= self.default_ttl_s <= self.max_ttl_s, "need 1 <= default_ttl_s <= max_ttl_s")
@@ -379,7 +392,7 @@ class AuthConfig:
                 "redis_url must be redis://, rediss:// or unix://",
             )
             _require(
-                parts.username is None and parts.password is None,
+                not _has_redis_credentials(self.redis_url),
                 "redis_url must not carry credentials; use redis_password_env",
             )
         _require(self.redis_timeout_s > 0, "redis_timeout_s must be > 0")

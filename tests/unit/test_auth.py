@@ -231,7 +231,16 @@ def test_a_malformed_keys_file_is_a_startup_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "url", ["redis://user:secret@127.0.0.1:6379/0", "redis://:secret@127.0.0.1/0", "http://x"]
+    "url",
+    [
+        "redis://user:secret@127.0.0.1:6379/0",
+        "redis://:secret@127.0.0.1/0",
+        "http://x",
+        # redis-py reads these query parameters too, and prefers them to `password=`.
+        "redis://127.0.0.1:6379/0?password=secret",
+        "redis://127.0.0.1:6379/0?username=gateway&password=secret",
+        "unix:///run/redis.sock?password=secret",
+    ],
 )
 def test_redis_url_must_not_carry_credentials(url):
     """Passwords come from `redis_password_env`, never the URL (which may be logged)."""

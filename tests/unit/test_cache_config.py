@@ -25,6 +25,7 @@ def test_defaults_are_memory_and_deterministic_only() -> None:
         ({"backend": "redis"}, "redis_url"),
         ({"backend": "redis", "redis_url": "http://127.0.0.1:6379"}, "redis_url"),
         ({"backend": "redis", "redis_url": "redis://u:p@127.0.0.1:6379/0"}, "credentials"),
+        ({"backend": "redis", "redis_url": "redis://127.0.0.1/0?password=p"}, "credentials"),
         ({"backend": "memcached"}, "backend"),
         ({"default_ttl_s": 0}, "default_ttl_s"),
         ({"default_ttl_s": 100, "max_ttl_s": 10}, "default_ttl_s"),
