@@ -284,6 +284,8 @@ class CacheConfig:
     default_ttl_s: int = 3600
     max_ttl_s: int = 7 * 24 * 3600
     max_entry_bytes: int = 1024 * 1024
+    # The memory backend's bound: past it, the least recently used entries go first.
+    memory_max_bytes: int = 256 * 1024 * 1024
     operation_timeout_s: float = 0.25
     error_cooldown_s: float = 1.0
     cacheable_by_default: Literal["deterministic", "all", "none"] = "deterministic"
@@ -307,6 +309,10 @@ class CacheConfig:
                 "redis_url must not carry credentials; use redis_password_env",
             )
         _require(1 <= self.default_ttl_s <= self.max_ttl_s, "need 1 <= default_ttl_s <= max_ttl_s")
+        _require(
+            self.memory_max_bytes >= self.max_entry_bytes,
+            "memory_max_bytes must be >= max_entry_bytes (an entry must fit)",
+        )
         _require(self.max_entry_bytes >= 1024, "max_entry_bytes must be >= 1024")
         _require(self.operation_timeout_s > 0, "operation_timeout_s must be > 0")
         _require(self.error_cooldown_s >= 0, "error_cooldown_s must be >= 0")

@@ -1,4 +1,4 @@
-"""Byte storage behind the cache: aiocache in memory or on Redis, never failing a request.
+"""Byte storage behind the cache: in memory (bounded) or on Redis, never failing a request.
 
 Every operation is bounded by `operation_timeout_s`. A failure or timeout is logged,
 counted in `CacheStats.errors`, and reported as a miss (read) or a skipped write, so a
@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from aiocache import RedisCache, SimpleMemoryCache
+from aiocache import RedisCache
 from aiocache.serializers import NullSerializer
+from cachetools import TLRUCache
 from redis.exceptions import ResponseError
 
 from service.cache.stats import CacheStats
@@ -29,12 +31,44 @@ __all__ = ["CacheStore"]
 log = logging.getLogger("llm_gateway.cache")
 
 
+class BoundedMemoryCache:
+    """The memory backend: each entry until its TTL, the least recently used dropped first
+    once they hold more than `max_bytes` (aiocache's memory backend has no bound, so a
+    busy gateway, or one tenant asking long TTLs, could fill the process)."""
+
+    def __init__(self, max_bytes: int, *, timer: Callable[[], float] = time.monotonic) -> None:
+        self._entries: TLRUCache[str, tuple[bytes, float]] = TLRUCache(
+            maxsize=max_bytes,
+            ttu=lambda _key, entry, now: now + entry[1],
+            timer=timer,
+            getsizeof=lambda entry: max(1, len(entry[0])),
+        )
+
+    @property
+    def size_bytes(self) -> int:
+        """The bytes the entries hold now."""
+        return int(self._entries.currsize)
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._entries.get(key)
+        return None if entry is None else entry[0]
+
+    async def set(self, key: str, value: bytes, *, ttl: float) -> None:
+        self._entries[key] = (value, ttl)
+
+    async def delete(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    async def close(self) -> None:
+        self._entries.clear()
+
+
 def _backend(config: CacheConfig, environ: Mapping[str, str]) -> Any:
-    # encoding=None: values are bytes in and bytes out on both backends.
+    if config.backend == "memory":
+        return BoundedMemoryCache(config.memory_max_bytes)
+    # encoding=None: values are bytes in and bytes out.
     serializer = NullSerializer(encoding=None)
     # Our own asyncio.timeout bounds each call; aiocache's would only duplicate it.
-    if config.backend == "memory":
-        return SimpleMemoryCache(serializer=serializer, timeout=None)
     parts = urlsplit(config.redis_url)
     password = redis_password(config.redis_password_env, environ)
     return RedisCache(

@@ -712,3 +712,26 @@ async def test_a_shared_stream_stalling_after_its_first_callers_deadline_is_inte
         await hasty
     assert hasty_caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert cache_of(gateway).stats.coalesced == 1
+
+
+async def test_the_memory_cache_keeps_what_fits_its_bound_and_drops_the_oldest(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any]
+) -> None:
+    """Three answers of about 2 KB in a 5 KB memory cache: the first asked is dropped to
+    make room for the third, and is fetched again; the last two are still hits. The
+    process never holds more than the bound, however many distinct requests come."""
+    cache = {"backend": "memory", "max_entry_bytes": 4096, "memory_max_bytes": 5000}
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache=cache))
+    upstream.script(*(Reply(content=f"answer {i} " + "x" * 800) for i in range(4)))
+    for question in ("q1", "q2", "q3"):
+        assert not (await gateway.stub.Complete(ask(question))).metadata.cache_hit
+        await settled(gateway)
+    stats = cache_of(gateway).stats
+    assert stats.stores == 3
+    assert 2 * stats.bytes_written / 3 <= 5000 < stats.bytes_written  # two fit, not three
+    assert (await gateway.stub.Complete(ask("q3"))).metadata.cache_hit
+    assert (await gateway.stub.Complete(ask("q2"))).metadata.cache_hit
+    assert not (await gateway.stub.Complete(ask("q1"))).metadata.cache_hit
+    assert len(upstream.requests) == 4
+    store = cache_of(gateway).store
+    assert 0 < store._cache.size_bytes <= 5000

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from service.cache import CacheStore
+from service.cache.store import BoundedMemoryCache
 from service.config import CacheConfig
 from tests.fake_clock import FakeClock
 
@@ -61,3 +64,35 @@ async def test_password_comes_from_the_environment() -> None:
     store = CacheStore(config, environ={"TEST_REDIS_PW": "s3cret"})
     assert store._cache.password == "s3cret"
     await store.aclose()
+
+
+async def test_the_memory_store_drops_the_least_recently_used_past_its_bound() -> None:
+    """Entries of 2,000 bytes in a 5,000-byte store: the one least recently used goes
+    first, then the next; what is held never passes the bound."""
+    config = CacheConfig(max_entry_bytes=2000, memory_max_bytes=5000)
+    async with CacheStore(config) as store:
+        for key in ("a", "b"):
+            assert await store.set(key, b"x" * 2000, ttl_s=60)
+        assert await store.get("a") == b"x" * 2000  # "a" is now the most recently used
+        assert await store.set("c", b"y" * 2000, ttl_s=60)  # drops "b"
+        assert [await store.get(k) is not None for k in "abc"] == [True, False, True]
+        assert await store.set("d", b"z" * 2000, ttl_s=60)  # drops "a", read before "c"
+        assert [await store.get(k) is not None for k in "acd"] == [False, True, True]
+
+
+async def test_memory_entries_expire_at_their_own_ttl() -> None:
+    """Each entry lives its own TTL, measured on the store's clock."""
+    now = [0.0]
+    memory = BoundedMemoryCache(1000, timer=lambda: now[0])
+    await memory.set("short", b"1", ttl=10)
+    await memory.set("long", b"2", ttl=100)
+    now[0] = 50.0
+    assert (await memory.get("short"), await memory.get("long")) == (None, b"2")
+    assert memory.size_bytes == 1
+    now[0] = 100.0
+    assert await memory.get("long") is None
+
+
+def test_a_memory_bound_smaller_than_one_entry_is_refused() -> None:
+    with pytest.raises(ValueError, match="memory_max_bytes"):
+        CacheConfig(max_entry_bytes=4096, memory_max_bytes=2048)
