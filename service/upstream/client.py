@@ -24,7 +24,7 @@ from service.errors import (
     UpstreamUnavailable,
 )
 from service.upstream.headers import rate_limit_hints, retry_after_s
-from service.upstream.http import ConnectFailed, HttpError, HttpPool, Response
+from service.upstream.http import BodyTooLarge, ConnectFailed, HttpError, HttpPool, Response
 from service.upstream.openai_json import (
     MalformedReply,
     StreamParser,
@@ -121,22 +121,10 @@ def _translate_errors(upstream: str) -> Iterator[None]:
         raise UpstreamUnavailable(
             f"upstream {upstream!r} dropped the connection", upstream=upstream
         ) from exc
-    except MalformedReply as exc:
+    except (MalformedReply, BodyTooLarge) as exc:
         raise UpstreamUnavailable(
             f"upstream {upstream!r} sent a malformed answer: {exc}", upstream=upstream
         ) from exc
-
-
-async def _read_whole(response: Response) -> bytes:
-    """The whole body, refused once it passes `_MAX_REPLY_BYTES`."""
-    parts = []
-    size = 0
-    while (data := await response.next_chunk()) is not None:
-        size += len(data)
-        if size > _MAX_REPLY_BYTES:
-            raise MalformedReply(f"the answer is larger than {_MAX_REPLY_BYTES} bytes")
-        parts.append(data)
-    return b"".join(parts)
 
 
 def _text_of_events(
@@ -241,7 +229,7 @@ class UpstreamClient:
             async with asyncio.timeout_at(self._deadline(timeout_s)):
                 response = await self._post(call)
                 async with response:
-                    body = await _read_whole(response)
+                    body = await response.read(max_bytes=_MAX_REPLY_BYTES)
             if response.status >= 400:
                 raise _error_for_status(self.name, response.status, response.headers, body)
             return _reply(call, body, response.headers)
@@ -270,14 +258,14 @@ class UpstreamClient:
             try:
                 if response.status >= 400:
                     async with asyncio.timeout_at(deadline):
-                        body = await _read_whole(response)
+                        body = await response.read(max_bytes=_MAX_REPLY_BYTES)
                     raise _error_for_status(self.name, response.status, response.headers, body)
                 content_type = response.headers.get("content-type", "").lower()
                 if content_type.startswith("application/json"):
                     # Some OpenAI-compatible servers ignore `stream: true` and answer with
                     # one completion: relay it as one chunk and the end.
                     async with asyncio.timeout_at(deadline):
-                        body = await _read_whole(response)
+                        body = await response.read(max_bytes=_MAX_REPLY_BYTES)
                     reply = _reply(call, body, response.headers)
                     if reply.content:
                         yield TextChunk(reply.content)

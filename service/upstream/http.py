@@ -41,6 +41,10 @@ class ConnectFailed(HttpError):
     """No connection could be made (refused, unreachable, DNS, TLS handshake)."""
 
 
+class BodyTooLarge(Exception):
+    """A body longer than its reader takes (`Response.read(max_bytes=...)`)."""
+
+
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection: one request at a time, its response parsed as it comes."""
 
@@ -260,10 +264,14 @@ class Response:
         self._buffered = 0
         return data
 
-    async def read(self) -> bytes:
-        """The whole body."""
+    async def read(self, *, max_bytes: int | None = None) -> bytes:
+        """The whole body; `BodyTooLarge` once it passes `max_bytes`."""
         parts = []
+        size = 0
         while (data := await self.next_chunk()) is not None:
+            size += len(data)
+            if max_bytes is not None and size > max_bytes:
+                raise BodyTooLarge(f"the answer is larger than {max_bytes} bytes")
             parts.append(data)
         return b"".join(parts)
 
