@@ -25,12 +25,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from service.clock import SYSTEM_CLOCK, Clock
-from service.config import AuthConfig, CallerKey, TenantConfig, is_tenant_name, redis_password
+from service.config import (
+    CALLER_KEY_PREFIX,
+    AuthConfig,
+    CallerKey,
+    TenantConfig,
+    is_tenant_name,
+    redis_password,
+)
 from service.errors import PermissionDenied, Unauthenticated, UpstreamUnavailable, quoted
 
 log = logging.getLogger("llm_gateway.auth")
 
-KEY_PREFIX = "llmgw_"
+KEY_PREFIX = CALLER_KEY_PREFIX
 DEFAULT_TENANT = "default"
 _BEARER = "bearer "
 _MAX_KEY_LENGTH = 512

@@ -101,8 +101,8 @@ class TlsConfig:
         return self.cert_file is not None
 
 
-# What caller keys start with (`auth.KEY_PREFIX`; auth imports this module).
-_CALLER_KEY_PREFIX = "llmgw_"
+# What caller keys start with (`auth` issues them; it imports this module, not the reverse).
+CALLER_KEY_PREFIX = "llmgw_"
 
 # gRPC server options are C ints: a larger value fails the start with an OverflowError.
 _GRPC_MAX_INT = 2**31 - 1
@@ -659,8 +659,8 @@ def _shown_name(name: object) -> str:
     """An unknown key as an error may show it: never a caller key pasted in its place
     (`llmgw_...`), and no more than 32 characters of anything else."""
     text = str(name)
-    if text.startswith(_CALLER_KEY_PREFIX):
-        return _CALLER_KEY_PREFIX + "…"
+    if text.startswith(CALLER_KEY_PREFIX):
+        return CALLER_KEY_PREFIX + "…"
     return text if len(text) <= 32 else text[:32] + "…"
 
 
