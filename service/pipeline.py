@@ -214,8 +214,8 @@ class Pipeline:
                 owed.completion = None
                 await self.account(request, completion)
             finally:
-                if owed.completion is not None:  # no coroutine on the common path
-                    await self._account_owed(request, owed)
+                if owed.completion is not None:  # its caller left before it was handed over
+                    await self.account(request, owed.completion)
         return completion
 
     def _remember(self, repeat_key: RepeatKey, prepared: PreparedRequest) -> str | None:
@@ -341,12 +341,6 @@ class Pipeline:
         else:
             owed.completion = completion
 
-    async def _account_owed(self, request: ChatRequest, owed: _Owed) -> None:
-        """Record the answer a leaving caller was owed but never handed (see `_Owed`)."""
-        completion, owed.completion = owed.completion, None
-        if completion is not None:
-            await self.account(request, completion)
-
     async def _account_cut_stream(
         self, prepared: PreparedRequest, content: str, log: AttemptLog
     ) -> None:
@@ -395,8 +389,8 @@ class Pipeline:
                         else:
                             yield event
             finally:
-                if owed.completion is not None:  # no coroutine on the common path
-                    await self._account_owed(request, owed)
+                if owed.completion is not None:  # its caller left before it was handed over
+                    await self.account(request, owed.completion)
 
     async def _stream(
         self,
