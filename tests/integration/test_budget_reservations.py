@@ -234,29 +234,12 @@ async def test_a_shared_flight_whose_first_caller_left_is_still_charged(held, st
     even when the caller that started it cancelled and only a follower (charged nothing,
     as a cache hit) got the answer."""
     gateway = await start_gateway(gateway_config(held.base_url, cache={"backend": "memory"}))
-    cache = gateway.server.pipeline.cache
-    held.gate.clear()
     stream_request = chat_stream("call a", params=pb.GenerationParams(temperature=0.0))
-
-    def call() -> Any:  # gRPC starts a call as soon as it is made
-        if kind == "unary":
-            return gateway.stub.Complete(capped("call a", temperature=0.0))
-        return gateway.stub.CompleteStream(stream_request)
-
-    first = call()
-    first_read = asyncio.create_task(outcome(first if kind == "unary" else first.read()))
-    await held.wait_until(lambda: held.in_flight == 1)
-    follower = call()
-    second = asyncio.create_task(outcome(follower if kind == "unary" else _final_of(follower)))
-    await until(lambda: cache.stats.coalesced == 1)
-    first.cancel()
-    await until(lambda: gateway.server.admission.in_flight == 1)  # the gateway let it go
-    held.gate.set()
-    answer = await second
-    metadata = answer.metadata if kind == "unary" else answer  # a stream's final message
+    metadata = await first_caller_leaves_a_shared_flight(
+        gateway, held, capped("call a", temperature=0.0) if kind == "unary" else stream_request
+    )
     assert metadata.cache_hit
     assert metadata.cost_usd == 0
-    first_read.cancel()
     usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
     async with asyncio.timeout(_TIMEOUT_S):
         while usage.total.requests < 2:  # the flight records after serving its follower
@@ -267,6 +250,33 @@ async def test_a_shared_flight_whose_first_caller_left_is_still_charged(held, st
         cost_usd(Usage(input_tokens=7, output_tokens=3), PRICE), abs=1e-12
     )
     assert len(held.requests) == 1
+
+
+async def first_caller_leaves_a_shared_flight(
+    gateway: RunningGateway,
+    held: ScriptedUpstream,
+    request: pb.CompleteRequest | pb.CompleteStreamRequest,
+) -> pb.CompletionMetadata:
+    """Two callers send `request` and share one upstream call, held until the first has
+    cancelled; the follower's metadata (a stream's final message) once it is served."""
+    held.gate.clear()
+    is_unary = isinstance(request, pb.CompleteRequest)
+
+    def call() -> Any:  # gRPC starts a call as soon as it is made
+        return (gateway.stub.Complete if is_unary else gateway.stub.CompleteStream)(request)
+
+    first = call()
+    first_read = asyncio.create_task(outcome(first if is_unary else first.read()))
+    await held.wait_until(lambda: held.in_flight == 1)
+    follower = call()
+    second = asyncio.create_task(outcome(follower if is_unary else _final_of(follower)))
+    await until(lambda: gateway.server.pipeline.cache.stats.coalesced == 1)
+    first.cancel()
+    await until(lambda: gateway.server.admission.in_flight == 1)  # the gateway let it go
+    held.gate.set()
+    answer = await second
+    first_read.cancel()
+    return answer.metadata if is_unary else answer
 
 
 async def _final_of(call: Any) -> Any:
@@ -354,29 +364,13 @@ async def test_a_shared_flight_whose_first_caller_left_is_recorded_before_it_is_
     watching = asyncio.create_task(watch())
     try:
         await asyncio.wait_for(watching_from.wait(), _TIMEOUT_S)
-        held.gate.clear()
-        request = capped("call a", temperature=0.0)
         stream_request = chat_stream(
             "call a", params=pb.GenerationParams(max_tokens=MAX_TOKENS, temperature=0.0)
         )
-
-        def call() -> Any:
-            if kind == "unary":
-                return gateway.stub.Complete(request)
-            return gateway.stub.CompleteStream(stream_request)
-
-        first = call()
-        first_read = asyncio.create_task(outcome(first if kind == "unary" else first.read()))
-        await held.wait_until(lambda: held.in_flight == 1)
-        follower = call()
-        second = asyncio.create_task(outcome(follower if kind == "unary" else _final_of(follower)))
-        await until(lambda: gateway.server.pipeline.cache.stats.coalesced == 1)
-        first.cancel()
-        await until(lambda: gateway.server.admission.in_flight == 1)
-        held.gate.set()
-        answer = await second
-        assert (answer.metadata if kind == "unary" else answer).cache_hit
-        first_read.cancel()
+        metadata = await first_caller_leaves_a_shared_flight(
+            gateway, held, capped("call a", temperature=0.0) if kind == "unary" else stream_request
+        )
+        assert metadata.cache_hit
         await nothing_reserved(gateway)
         async with asyncio.timeout(_TIMEOUT_S):  # the flight's call and the follower's hit
             while (await gateway.stub.GetUsage(pb.GetUsageRequest())).total.requests < 2:

@@ -55,15 +55,7 @@ async def test_a_tenant_slot_redis_refused_to_release_is_given_back_once_it_take
     Redis takes writes again the slot is free, and team-a's next call is admitted."""
     prefix = f"t-{uuid.uuid4().hex[:8]}:"
     async with FakeUpstream(default=Reply(delay_s=0.3)) as fake:
-        config = secure_config(
-            fake.base_url,
-            auth={
-                "redis_url": redis_server.url,
-                "redis_key_prefix": prefix,
-                "redis_timeout_s": 0.2,
-            },
-            tenants={"team-a": {"max_concurrent_calls": 1}, "team-b": {}},
-        )
+        config = one_slot_config(fake.base_url, redis_server, prefix)
         gateway = await start_gateway(config)
         client = aioredis.Redis.from_url(redis_server.url)
         in_flight = f"{prefix}tenant:{{team-a}}:inflight"
@@ -77,7 +69,7 @@ async def test_a_tenant_slot_redis_refused_to_release_is_given_back_once_it_take
                 assert (await call).content == "Hello from fake"  # served; its release refused
                 await asyncio.sleep(0.3)
                 assert await client.zcard(in_flight) == 1
-            await eventually(lambda: _zcard_is_zero(client, in_flight))
+            await eventually(lambda: _zcard_is(client, in_flight, 0))
             second = await gateway.stub.Complete(
                 chat(), metadata=as_tenant("team-a"), timeout=_TIMEOUT_S
             )
@@ -86,8 +78,17 @@ async def test_a_tenant_slot_redis_refused_to_release_is_given_back_once_it_take
             await client.aclose()
 
 
-async def _zcard_is_zero(client: Any, key: str) -> bool:
-    return int(await client.zcard(key)) == 0
+def one_slot_config(base_url: str, redis_server: RedisServer, prefix: str) -> Any:
+    """team-a may run one call at a time, its slots kept in `redis_server` under `prefix`."""
+    return secure_config(
+        base_url,
+        auth={"redis_url": redis_server.url, "redis_key_prefix": prefix, "redis_timeout_s": 0.2},
+        tenants={"team-a": {"max_concurrent_calls": 1}, "team-b": {}},
+    )
+
+
+async def _zcard_is(client: Any, key: str, count: int) -> bool:
+    return int(await client.zcard(key)) == count
 
 
 async def budgeted_gateway(
@@ -180,15 +181,7 @@ async def test_an_unconfirmed_slot_redis_refuses_for_want_of_replicas_is_given_b
     for 15 minutes. It is retried, and lands once Redis takes writes again."""
     prefix = f"t-{uuid.uuid4().hex[:8]}:"
     async with ScriptedUpstream(models=(FAKE_MODEL,)) as held:
-        config = secure_config(
-            held.base_url,
-            auth={
-                "redis_url": redis_server.url,
-                "redis_key_prefix": prefix,
-                "redis_timeout_s": 0.2,
-            },
-            tenants={"team-a": {"max_concurrent_calls": 1}, "team-b": {}},
-        )
+        config = one_slot_config(held.base_url, redis_server, prefix)
         captured = captured_telemetry()
         gateway = await start_gateway(config, telemetry=captured.telemetry)
         client = aioredis.Redis.from_url(redis_server.url)
@@ -221,7 +214,3 @@ async def test_an_unconfirmed_slot_redis_refuses_for_want_of_replicas_is_given_b
             await client.aclose()
         abandoned = "llm_gateway.store.writes_abandoned"
         assert captured.total(abandoned, llm_gateway__store="tenant_limits") == 0
-
-
-async def _zcard_is(client: Any, key: str, count: int) -> bool:
-    return int(await client.zcard(key)) == count

@@ -417,32 +417,30 @@ async def test_breaker_opens_after_failures_then_probe_closes_it(start_gateway):
         assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
 
 
-async def test_upstream_429_after_retries_is_resource_exhausted_with_pushback(start_gateway):
-    """A 429 that outlasts the retries reaches the caller as RESOURCE_EXHAUSTED with RetryInfo."""
-    async with FakeUpstream(default=Status(429, headers={"retry-after-ms": "50"})) as fake:
+@pytest.mark.parametrize(
+    ("headers", "retry_s", "pushback"),
+    [
+        ({"retry-after-ms": "50"}, 0.05, "50"),
+        # A bare 429 still says when to retry (the first backoff), so a caller's retry
+        # policy waits instead of hammering.
+        ({}, FAST_RESILIENCE["backoff_base_s"], "20"),
+    ],
+    ids=["retry-after", "bare"],
+)
+async def test_upstream_429_after_retries_is_resource_exhausted_with_pushback(
+    start_gateway, headers, retry_s, pushback
+):
+    """A 429 that outlasts the retries reaches the caller as RESOURCE_EXHAUSTED with
+    RetryInfo and the pushback trailer: the upstream's Retry-After, else the backoff."""
+    async with FakeUpstream(default=Status(429, headers=headers)) as fake:
         gateway = await start_gateway(gateway_config(fake.base_url, resilience=FAST_RESILIENCE))
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await gateway.stub.Complete(chat())
         assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        _, reason, retry_s = error_details(info.value)
+        _, reason, retry_after_s = error_details(info.value)
         assert reason == "UPSTREAM_RATE_LIMITED"
-        assert retry_s == pytest.approx(0.05)
-        assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "50"
-        assert len(fake.requests) == 3
-
-
-async def test_upstream_429_without_retry_after_still_says_when_to_retry(start_gateway):
-    """A bare 429 that outlasts the retries still carries RetryInfo and the pushback
-    trailer (the first backoff), so a caller's retry policy waits instead of hammering."""
-    async with FakeUpstream(default=Status(429)) as fake:
-        gateway = await start_gateway(gateway_config(fake.base_url, resilience=FAST_RESILIENCE))
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await gateway.stub.Complete(chat())
-        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        _, reason, retry_s = error_details(info.value)
-        assert reason == "UPSTREAM_RATE_LIMITED"
-        assert retry_s == pytest.approx(FAST_RESILIENCE["backoff_base_s"])
-        assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "20"
+        assert retry_after_s == pytest.approx(retry_s)
+        assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == pushback
         assert len(fake.requests) == 3
 
 

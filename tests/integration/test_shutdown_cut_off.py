@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -28,6 +29,7 @@ from tests.redis_server import RedisServer
 from tests.telemetry_support import attributes_of, captured_telemetry
 
 GRACE_S = 1.0
+T = TypeVar("T")
 # Six words, one a second: still streaming when a 1 s grace ends.
 SLOW_STREAM = Reply(content="one two three four five six", chunks=6, chunk_delay_s=1.0)
 
@@ -254,6 +256,32 @@ async def rows_recorded(redis_server: RedisServer, prefix: str) -> list[str]:
         await client.aclose()
 
 
+async def answered_across_the_cut(
+    gateway: RunningGateway,
+    redis_server: RedisServer,
+    upstream: FakeUpstream,
+    answer: Coroutine[Any, Any, T],
+) -> T:
+    """Freeze Redis, start `answer` (a call) and let the upstream answer it, so that it
+    waits on the ledger; stop the gateway, and wake Redis past the cut, within the grace.
+    What the call returned, once the stop is done."""
+    redis_server.pause()
+    try:
+        call = asyncio.ensure_future(answer)
+        while not upstream.requests:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # answered: recording waits on Redis
+        assert not call.done()
+        stopping = asyncio.ensure_future(stop(gateway))
+        await asyncio.sleep(GRACE_S * 0.7)  # past the cut, within the grace
+        assert gateway.server.admission.cut_off() == 0
+    finally:
+        redis_server.resume()
+    result = await call
+    await stopping
+    return result
+
+
 @pytest.mark.redis
 async def test_a_unary_call_answered_before_the_cut_gets_its_answer(
     redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any
@@ -266,21 +294,12 @@ async def test_a_unary_call_answered_before_the_cut_gets_its_answer(
     ledger = stalled_redis_ledger(redis_server)
     config = gateway_config(upstream.base_url, models=PRICED_MODELS, ledger=ledger)
     gateway = await start_gateway(config)
-    redis_server.pause()
-    try:
-        call = asyncio.ensure_future(gateway.stub.Complete(chat(), timeout=10))
-        while not upstream.requests:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)  # answered: recording waits on Redis
-        assert not call.done()
-        stopping = asyncio.ensure_future(stop(gateway))
-        await asyncio.sleep(GRACE_S * 0.7)  # past the cut, within the grace
-        assert gateway.server.admission.cut_off() == 0
-    finally:
-        redis_server.resume()
-    reply = await call
+
+    async def complete() -> pb.CompleteResponse:
+        return await gateway.stub.Complete(chat(), timeout=10)
+
+    reply = await answered_across_the_cut(gateway, redis_server, upstream, complete())
     assert reply.content == "served once"
-    await stopping
     assert await rows_recorded(redis_server, ledger["key_prefix"]) == ["1"]
 
 
@@ -294,23 +313,14 @@ async def test_a_stream_finished_upstream_before_the_cut_gets_its_last_message(
     ledger = stalled_redis_ledger(redis_server)
     config = gateway_config(upstream.base_url, models=PRICED_MODELS, ledger=ledger)
     gateway = await start_gateway(config)
-    redis_server.pause()
-    try:
-        call = gateway.stub.CompleteStream(chat_stream(), timeout=10)
-        items = asyncio.ensure_future(collect(call))
-        while not upstream.requests:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)
-        assert not items.done()
-        stopping = asyncio.ensure_future(stop(gateway))
-        await asyncio.sleep(GRACE_S * 0.7)
-    finally:
-        redis_server.resume()
-    received = await items
+
+    async def stream() -> list[Any]:  # made once Redis is frozen: gRPC starts it at once
+        return await collect(gateway.stub.CompleteStream(chat_stream(), timeout=10))
+
+    received = await answered_across_the_cut(gateway, redis_server, upstream, stream())
     assert "".join(item.delta.content for item in received) == "one two three"
     assert received[-1].WhichOneof("event") == "final"
     assert received[-1].final.usage.output_tokens > 0
-    await stopping
     assert await rows_recorded(redis_server, ledger["key_prefix"]) == ["1"]
 
 

@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -102,20 +103,32 @@ def otel_environ(monkeypatch):
     return set_env
 
 
-async def test_spans_arrive_at_a_real_otlp_grpc_receiver(upstream, start_gateway, otel_environ):
-    """Spans (with cost and token attributes) and metrics reach an OTLP/gRPC collector."""
-    collector, metrics_collector = Collector(), MetricsCollector()
+@contextlib.asynccontextmanager
+async def otlp_grpc_receiver(
+    metrics: MetricsCollector, *, traces: Collector | None = None
+) -> AsyncIterator[str]:
+    """A real OTLP/gRPC receiver on loopback for `metrics` (and `traces`); its endpoint."""
     server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(metrics_collector, server)
+    if traces is not None:
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(traces, server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(metrics, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+async def test_spans_arrive_at_a_real_otlp_grpc_receiver(upstream, start_gateway, otel_environ):
+    """Spans (with cost and token attributes) and metrics reach an OTLP/gRPC collector."""
+    collector, metrics_collector = Collector(), MetricsCollector()
+    async with otlp_grpc_receiver(metrics_collector, traces=collector) as endpoint:
         otel_environ(
             OTEL_TRACES_EXPORTER="otlp",
             OTEL_METRICS_EXPORTER="otlp",
             OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
-            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+            OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
             OTEL_EXPORTER_OTLP_INSECURE="true",
             OTEL_SERVICE_NAME="gateway-under-test",
         )
@@ -144,8 +157,6 @@ async def test_spans_arrive_at_a_real_otlp_grpc_receiver(upstream, start_gateway
             "llm_gateway.requests",
         } <= received_metric_names(metrics_collector.requests)
         await telemetry.aclose()  # while the collector still listens
-    finally:
-        await server.stop(0)
 
 
 async def test_spans_arrive_at_an_otlp_http_receiver(upstream, start_gateway, otel_environ):
@@ -318,15 +329,11 @@ async def test_the_dashboard_queries_only_metrics_the_collector_serves(
     exporter turns into a `_ratio` suffix: the dashboard's breaker panel stayed empty.
     """
     metrics_collector = MetricsCollector()
-    server = grpc.aio.server()
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(metrics_collector, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    async with otlp_grpc_receiver(metrics_collector) as endpoint:
         otel_environ(
             OTEL_METRICS_EXPORTER="otlp",
             OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
-            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+            OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
             OTEL_EXPORTER_OTLP_INSECURE="true",
         )
         telemetry = Telemetry.from_config(TelemetryConfig())
@@ -344,8 +351,6 @@ async def test_the_dashboard_queries_only_metrics_the_collector_serves(
         assert len(wanted) >= 16
         assert wanted <= served, wanted - served
         await telemetry.aclose()  # while the collector still listens
-    finally:
-        await server.stop(0)
 
 
 def test_collector_config_receives_otlp_and_serves_prometheus():
