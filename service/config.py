@@ -692,6 +692,22 @@ def _build(cls: type[T], data: Any, key: str) -> T:
         raise ValueError(f"{key or '(top level)'}: {exc}") from None
 
 
+def _key_in(node: dict[str, Any], part: str, variable: str, path: list[str]) -> str:
+    """The key of `node` that the lower-cased `part` of a variable's name means.
+
+    Environment variable names are upper case by convention, so keys are matched without
+    case: `LLM_GATEWAY__TENANTS__SEARCH__...` reaches a tenant the file names `Search`.
+    """
+    if part in node:
+        return part
+    matches = [key for key in node if isinstance(key, str) and key.lower() == part]
+    if len(matches) > 1:
+        raise ConfigError(
+            variable, ".".join(path), f"matches more than one key: {', '.join(sorted(matches))}"
+        )
+    return matches[0] if matches else part
+
+
 def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
     """Set each `LLM_GATEWAY__...` variable's value in `data`; return {key path: variable}."""
     applied: dict[str, str] = {}
@@ -706,10 +722,13 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> di
         if not path:
             raise ConfigError(name, "", "names no key")
         node = data
-        for part in path[:-1]:
-            if node.get(part) is None:  # absent, or a section whose keys are all commented out
-                node[part] = {}
-            node = node[part]
+        for index, part in enumerate(path):
+            path[index] = _key_in(node, part, name, path)
+            if index == len(path) - 1:
+                break
+            if node.get(path[index]) is None:  # absent, or a section with all keys commented out
+                node[path[index]] = {}
+            node = node[path[index]]
             if not isinstance(node, dict):
                 raise ConfigError(name, ".".join(path), "cannot override inside a non-mapping")
         try:

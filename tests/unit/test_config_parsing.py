@@ -213,6 +213,27 @@ def test_env_override_into_an_empty_section() -> None:
     assert config.ledger.redis_url == "redis://127.0.0.1:6379/0"
 
 
+def test_env_override_reaches_a_key_spelled_in_capitals() -> None:
+    """Variable names are upper case, so a key the file spells with capitals (a tenant
+    named `Search`) is found without case.
+
+    Before, the override made a second tenant `search`, and `Search` kept its old limit.
+    """
+    data = {"tenants": {"Search": {"requests_per_minute": 10}, "ads": {}}}
+    config = parse(data, LLM_GATEWAY__TENANTS__SEARCH__REQUESTS_PER_MINUTE="99")
+    assert set(config.tenants) == {"Search", "ads"}
+    assert config.tenants["Search"].requests_per_minute == 99
+
+
+def test_env_override_matching_two_keys_is_an_error() -> None:
+    """Two keys that differ only in case cannot be told apart by a variable's name."""
+    data = {"tenants": {"Search": {}, "SEARCH": {}}}
+    with pytest.raises(ConfigError) as caught:
+        parse(data, LLM_GATEWAY__TENANTS__SEARCH__REQUESTS_PER_MINUTE="99")
+    assert caught.value.key == "tenants.search.requests_per_minute"
+    assert "SEARCH, Search" in caught.value.problem
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "key"),
     [
