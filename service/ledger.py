@@ -10,17 +10,30 @@ process for `MemoryLedger` and in Redis, for every replica, for `RedisLedger`.
 
 `MemoryLedger` lives in the process; `RedisLedger` is shared by every replica:
 
-    {prefix}:row:{bucket}:{row_id}   hash: requests, input_tokens, ... (HINCRBY)
-    {prefix}:bucket:{bucket}         set of the row ids seen in that bucket
+    {prefix}:row:{bucket}:{row_id}   hash: requests, input_tokens, ... (HINCRBY), and
+                                     `dims`: JSON of tenant, model, upstream, labels
+    {prefix}:rows:{bucket}:{tenant}  set of the tenant's row ids seen in that bucket
+    {prefix}:tenants:{bucket}        set of the tenants seen in that bucket
     {prefix}:buckets                 sorted set of bucket starts (score = start)
-    {prefix}:dims                    hash row_id -> JSON of tenant, model, upstream, labels
     {prefix}:spend:{tenant}:{period} integer pico-dollars (INCRBY)
     {prefix}:reserved:{tenant}:{period}  pico-dollars held by calls in flight
     {prefix}:leases:{tenant}:{period}    sorted set "{id}:{pico}" -> when it lapses
+    {prefix}:applied:{replica}       sorted set: a replica's record numbers (`_RecordNumbers`)
 
-Every key but `dims` expires after `retention_days`; the reservation keys expire
-`RESERVATION_TTL_S` after the tenant's last reservation, and each lease lapses that
-long after it was taken, so a replica that crashed mid-call cannot hold a budget forever.
+A tenant name is the last part of its keys but for budget keys, whose period is a fixed
+form (`day:YYYY-MM-DD`, `month:YYYY-MM`), so a name holding `:` cannot pass for another.
+A query for one tenant reads only that tenant's row ids and rows; one for every tenant
+reads each bucket's tenants first.
+
+Every key expires: usage and spend `retention_days` after their last write, record
+numbers after `2 * RECORD_RETRY_S`; the reservation keys expire `RESERVATION_TTL_S`
+after the tenant's last reservation, and each lease lapses that long after it was
+taken, so a replica that crashed mid-call cannot hold a budget forever.
+
+Releases before this layout kept every bucket's row ids in one `{prefix}:bucket:{bucket}`
+set and the dimensions in one `{prefix}:dims` hash that never expired. Queries still read
+those rows until they expire, and the first record of this release gives `{prefix}:dims`
+the retention (and a day, for the old replicas of a rolling upgrade) as its TTL.
 """
 
 from __future__ import annotations
@@ -55,6 +68,9 @@ PICO = 10**12
 RESERVATION_TTL_S = 900
 # A usage row Redis did not take is retried for this long, then given up (and logged).
 RECORD_RETRY_S = 3600
+# The old layout's dims hash outlives retention by this much after the first record of
+# this release: old replicas of a rolling upgrade still add rows (and dims) meanwhile.
+_OLD_DIMS_GRACE_S = 86400
 _FIELDS = (
     "requests",
     "estimated_requests",
@@ -173,6 +189,11 @@ Dims = tuple[str, str, str, tuple[tuple[str, str], ...]]
 
 def _dims(tenant: str, model: str, upstream: str, labels: Mapping[str, str]) -> Dims:
     return tenant, model, upstream, tuple(sorted(labels.items()))
+
+
+def _parse_dims(raw: str) -> Dims:
+    tenant, model, upstream, labels = json.loads(raw)
+    return _dims(tenant, model, upstream, dict(labels))
 
 
 def _matches(dims: Dims, query: UsageFilter) -> bool:
@@ -401,23 +422,29 @@ _RESERVE_LUA = _SWEEP_LUA + _RESERVE
 # command in it fails (a key of the wrong type), and a record sent again must not add
 # the writes before that failure a second time. (A "not now" refusal, READONLY or OOM,
 # stops a script at its first write, before anything is applied.)
-# KEYS: dims, row, bucket's row ids, buckets, day spend, month spend, applied numbers.
+# KEYS: row, the tenant's row ids in the bucket, the bucket's tenants, buckets, day spend,
+# month spend, applied numbers, the old layout's dims hash.
 # ARGV: row id, dims JSON, row TTL, bucket, drop buckets before, record number, lowest
-# unconfirmed number, applied numbers' TTL, then the counters in _FIELDS order.
+# unconfirmed number, applied numbers' TTL, tenant, old dims' TTL, then the counters in
+# _FIELDS order.
 _RECORD_LUA = """
 if redis.call('ZSCORE', KEYS[7], ARGV[6]) then return 0 end
 redis.call('ZADD', KEYS[7], ARGV[6], ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. ARGV[7])
 redis.call('EXPIRE', KEYS[7], ARGV[8])
-redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSETNX', KEYS[1], 'dims', ARGV[2])
 local fields = {FIELDS}
-for i, name in ipairs(fields) do redis.call('HINCRBY', KEYS[2], name, ARGV[8 + i]) end
+for i, name in ipairs(fields) do redis.call('HINCRBY', KEYS[1], name, ARGV[10 + i]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[9])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[5])
-local cost = ARGV[8 + #fields]
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+if redis.call('TTL', KEYS[8]) == -1 then redis.call('EXPIRE', KEYS[8], ARGV[10]) end
+local cost = ARGV[10 + #fields]
 for k = 5, 6 do
   redis.call('INCRBY', KEYS[k], cost)
   redis.call('EXPIRE', KEYS[k], ARGV[3])
@@ -499,9 +526,23 @@ class RedisLedger:
         self.late_releases = LateReleases(
             "ledger", lease_ttl_s=RESERVATION_TTL_S, refused_for_good=refused_for_good
         )
+        self._old_dims_key = f"{self._prefix}:dims"
         self._records = _RecordNumbers(f"{self._prefix}:applied:{uuid.uuid4().hex}")
         # Per tenant, the numbers of its usage rows waiting in `late_releases`.
         self._rows_waiting: dict[str, set[int]] = {}
+
+    def _row_key(self, bucket: int | str, row_id: str) -> str:
+        return f"{self._prefix}:row:{bucket}:{row_id}"
+
+    def _tenant_rows_key(self, bucket: int | str, tenant: str) -> str:
+        return f"{self._prefix}:rows:{bucket}:{tenant}"
+
+    def _tenants_key(self, bucket: int | str) -> str:
+        return f"{self._prefix}:tenants:{bucket}"
+
+    def _old_rows_key(self, bucket: int | str) -> str:
+        """The old layout's set of every tenant's row ids in `bucket`."""
+        return f"{self._prefix}:bucket:{bucket}"
 
     @staticmethod
     def _row_id(dims: Dims) -> str:
@@ -521,18 +562,20 @@ class RedisLedger:
         row_id = self._row_id(dims)
         spend = [f"{self._prefix}:spend:{entry.tenant}:{period_key(p, now)}" for p in _PERIODS]
         keys = [
-            f"{self._prefix}:dims",
-            f"{self._prefix}:row:{bucket}:{row_id}",
-            f"{self._prefix}:bucket:{bucket}",
+            self._row_key(bucket, row_id),
+            self._tenant_rows_key(bucket, entry.tenant),
+            self._tenants_key(bucket),
             f"{self._prefix}:buckets",
             *spend,
             self._records.key,
+            self._old_dims_key,
         ]
         number = self._records.take()
         counters = _entry_counters(entry)
         args: list[str | int | float] = [
             row_id, json.dumps(dims), self._ttl_s, bucket, now - self._ttl_s, number,
-            0, 2 * RECORD_RETRY_S, *(counters[name] for name in _FIELDS),
+            0, 2 * RECORD_RETRY_S, entry.tenant, self._ttl_s + _OLD_DIMS_GRACE_S,
+            *(counters[name] for name in _FIELDS),
         ]  # fmt: skip
 
         async def record_now() -> None:
@@ -601,35 +644,43 @@ class RedisLedger:
         buckets = await self._redis.zrangebyscore(f"{self._prefix}:buckets", low_arg, high_arg)
         if not buckets:
             return []
+        if query.tenant:
+            tenants_of: list[list[str]] = [[query.tenant]] * len(buckets)
+        else:
+            pipe = self._redis.pipeline(transaction=False)
+            for bucket in buckets:
+                pipe.smembers(self._tenants_key(bucket))
+            tenants_of = [sorted(tenants) for tenants in await pipe.execute()]
         pipe = self._redis.pipeline(transaction=False)
-        for bucket in buckets:
-            pipe.smembers(f"{self._prefix}:bucket:{bucket}")
-        members: list[set[str]] = await pipe.execute()
-        row_ids = sorted({r for ids in members for r in ids})
-        if not row_ids:
-            return []
-        raw_dims = await self._redis.hmget(f"{self._prefix}:dims", row_ids)
-        dims_of: dict[str, Dims] = {}
-        for row_id, raw in zip(row_ids, raw_dims, strict=True):
-            if raw is None:
-                continue
-            tenant, model, upstream, labels = json.loads(raw)
-            dims = _dims(tenant, model, upstream, dict(labels))
-            if _matches(dims, query):
-                dims_of[row_id] = dims
-        keys = [
-            (row_id, f"{self._prefix}:row:{bucket}:{row_id}")
-            for bucket, ids in zip(buckets, members, strict=True)
-            for row_id in ids
-            if row_id in dims_of
-        ]
+        for bucket, tenants in zip(buckets, tenants_of, strict=True):
+            for tenant in tenants:
+                pipe.smembers(self._tenant_rows_key(bucket, tenant))
+            pipe.smembers(self._old_rows_key(bucket))
+        replies = iter(await pipe.execute())
+        rows: list[tuple[str, str]] = []  # (bucket, row id)
+        old_rows: list[tuple[str, str]] = []  # rows in the old layout only
+        for bucket, tenants in zip(buckets, tenants_of, strict=True):
+            ids: set[str] = set().union(*(next(replies) for _ in tenants))
+            rows += [(bucket, row_id) for row_id in sorted(ids)]
+            old_rows += [(bucket, row_id) for row_id in sorted(next(replies) - ids)]
+        old_dims = await self._old_dims(old_rows, query)
+        rows.extend(old_dims)
         pipe = self._redis.pipeline(transaction=False)
-        for _, key in keys:
-            pipe.hgetall(key)
+        for bucket, row_id in rows:
+            pipe.hgetall(self._row_key(bucket, row_id))
         values: list[dict[str, str]] = await pipe.execute()
         merged: dict[Dims, UsageRow] = {}
-        for (row_id, _), counters in zip(keys, values, strict=True):
-            dims = dims_of[row_id]
+        for row, counters in zip(rows, values, strict=True):
+            raw_dims = counters.pop("dims", None)
+            if not counters:
+                continue  # expired since its id was read
+            dims = old_dims.get(row)
+            if dims is None:
+                if raw_dims is None:
+                    continue
+                dims = _parse_dims(raw_dims)
+                if not _matches(dims, query):
+                    continue
             target = merged.get(dims)
             if target is None:
                 target = merged[dims] = UsageRow(
@@ -637,6 +688,24 @@ class RedisLedger:
                 )
             target.add({k: int(v) for k, v in counters.items()})
         return [merged[d] for d in sorted(merged)]
+
+    async def _old_dims(
+        self, rows: list[tuple[str, str]], query: UsageFilter
+    ) -> dict[tuple[str, str], Dims]:
+        """The dimensions of the old layout's `rows` that match `query`, by row.
+
+        The old layout kept no rows by tenant: until its rows expire, a query for one
+        tenant reads the dimensions of every tenant's, but only its own rows.
+        """
+        if not rows:
+            return {}
+        row_ids = sorted({row_id for _, row_id in rows})
+        raw_dims = await self._redis.hmget(self._old_dims_key, row_ids)
+        dims_of: dict[str, Dims] = {}
+        for row_id, raw in zip(row_ids, raw_dims, strict=True):
+            if raw is not None and _matches(dims := _parse_dims(raw), query):
+                dims_of[row_id] = dims
+        return {(b, row_id): dims_of[row_id] for b, row_id in rows if row_id in dims_of}
 
     async def spent_usd(self, tenant: str, period: str) -> float:
         """What `tenant` has spent in the current UTC `period` (0 while Redis is down).

@@ -356,7 +356,7 @@ async def test_a_shared_flight_whose_first_caller_left_is_recorded_before_it_is_
                 words = command["command"].split()
                 if words[0] != "EVALSHA":
                     continue
-                if words[3] == f"{ledger['key_prefix']}:dims":
+                if words[3].startswith(f"{ledger['key_prefix']}:row:"):  # KEYS[1]: the row
                     seen.append("record")
                 elif words[2] == "2":  # KEYS: reserved, leases
                     seen.append("release")

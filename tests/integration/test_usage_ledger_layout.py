@@ -1,0 +1,110 @@
+"""GetUsage over a Redis ledger shared by two replicas: per tenant, bounded, and upgraded.
+
+Each tenant reads only its own rows whichever replica recorded them, every ledger key
+expires (labels with a new value in every call once grew Redis for ever), and rows the
+release before this layout wrote are still read, and not counted twice, until they expire.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from llmgateway.v1 import gateway_pb2 as pb
+from tests.conftest import FAKE_MODEL, RunningGateway, chat
+from tests.fake_upstream import FakeUpstream
+from tests.integration.tenancy_helpers import as_tenant, secure_config
+from tests.old_ledger_layout import record_in_old_layout
+from tests.redis_server import RedisServer
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+# team-a may read every tenant's usage; team-b only its own.
+TENANTS = {"team-a": {"is_admin": True}, "team-b": {}}
+
+
+async def replicas(
+    redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any, prefix: str
+) -> tuple[RunningGateway, RunningGateway]:
+    """Two gateways whose ledger is in `redis_server` under `prefix`."""
+    ledger = {"redis_url": redis_server.url, "key_prefix": prefix}
+    config = secure_config(upstream.base_url, tenants=TENANTS, ledger=ledger)
+    return await start_gateway(config), await start_gateway(config)
+
+
+async def usage(gateway: RunningGateway, caller: str, **request: Any) -> pb.GetUsageResponse:
+    response: pb.GetUsageResponse = await gateway.stub.GetUsage(
+        pb.GetUsageRequest(**request), metadata=as_tenant(caller)
+    )
+    return response
+
+
+def by_labels(response: pb.GetUsageResponse) -> dict[tuple[str, str], int]:
+    """Requests by (tenant, the `team` label)."""
+    return {(r.tenant, r.labels.get("team", "")): r.requests for r in response.rows}
+
+
+async def test_each_tenant_reads_its_own_rows_from_either_replica_and_every_key_expires(
+    redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """team-a calls one replica and team-b the other, with a label value new on every
+    call: each replica shows team-b its own rows only, the admin every tenant's, and
+    every key the ledger wrote has a TTL."""
+    prefix = uuid.uuid4().hex
+    one, two = await replicas(redis_server, upstream, start_gateway, prefix)
+    for call in range(3):
+        await one.stub.Complete(chat(labels={"team": f"a{call}"}), metadata=as_tenant("team-a"))
+    for call in range(2):
+        await two.stub.Complete(chat(labels={"team": f"b{call}"}), metadata=as_tenant("team-b"))
+    for replica in (one, two):
+        own = await usage(replica, "team-b")
+        assert by_labels(own) == {("team-b", "b0"): 1, ("team-b", "b1"): 1}
+        assert own.total.requests == 2
+        everyone = await usage(replica, "team-a", tenant="*")
+        assert everyone.total.requests == 5
+        assert {r.tenant for r in everyone.rows} == {"team-a", "team-b"}
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+        never_expire = [key for key in keys if await client.ttl(key) < 0]
+    finally:
+        await client.aclose()
+    assert len(keys) > 10
+    assert never_expire == []
+
+
+async def test_rows_written_before_the_upgrade_are_still_read(
+    redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """Rows of the old layout, two hours ago and this hour, for both tenants; then
+    upgraded replicas record more, one row of it the same (tenant, labels, hour) as an
+    old one: GetUsage sums both layouts per tenant, counts that shared row once, and
+    honours the time window and label filters over old rows too."""
+    prefix = uuid.uuid4().hex
+    now = time.time()
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        for at_s, tenant in ((now - 7200, "team-b"), (now, "team-b"), (now, "team-a")):
+            await record_in_old_layout(
+                client, prefix, at_s=at_s, tenant=tenant, model=FAKE_MODEL, upstream="up0",
+                labels={"team": "x"}, counters={"requests": 1, "input_tokens": 100},
+            )  # fmt: skip
+    finally:
+        await client.aclose()
+    one, two = await replicas(redis_server, upstream, start_gateway, prefix)
+    await one.stub.Complete(chat(labels={"team": "x"}), metadata=as_tenant("team-b"))
+    await two.stub.Complete(chat(labels={"team": "y"}), metadata=as_tenant("team-b"))
+
+    own = await usage(two, "team-b")
+    assert by_labels(own) == {("team-b", "x"): 3, ("team-b", "y"): 1}
+    assert own.total.usage.input_tokens == 200 + 2 * 7  # the fake's 7 prompt tokens a call
+    everyone = await usage(one, "team-a", tenant="*")
+    assert by_labels(everyone) == {("team-a", "x"): 1, ("team-b", "x"): 3, ("team-b", "y"): 1}
+    this_hour = await usage(one, "team-b", start_time=Timestamp(seconds=int(now) - 3600))
+    assert by_labels(this_hour) == {("team-b", "x"): 2, ("team-b", "y"): 1}
+    labelled = await usage(two, "team-a", tenant="*", labels={"team": "x"})
+    assert by_labels(labelled) == {("team-a", "x"): 1, ("team-b", "x"): 3}
