@@ -15,18 +15,26 @@ import grpc
 import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
+from service.domain import Message, Role
+from service.tokens import estimate_prompt_tokens
 from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply
+from tests.integration.helpers import rich_status
 from tests.integration.test_resilience import dataclass_replace_upstream
 from tests.integration.test_stream_charges import PRICED_MODELS, recorded
 
 _TIMEOUT_S = 10.0
 
 
+def prompt_tokens(content: str = "Say hi") -> int:
+    """The gateway's estimate of a one-message prompt."""
+    return estimate_prompt_tokens((Message(Role.USER, content),))
+
+
 def assert_prompt_charge(total: pb.UsageRow) -> None:
     """One call: its prompt's estimate priced as input, no output, marked estimated."""
     assert total.requests == 1
-    assert total.usage.input_tokens > 0
+    assert total.usage.input_tokens == prompt_tokens() > 0
     assert total.usage.output_tokens == 0
     assert total.usage.estimated
     assert total.cost_usd > 0
@@ -94,7 +102,7 @@ async def test_a_call_cut_before_its_request_was_sent_records_nothing(
     config = gateway_config(upstream.base_url, models=PRICED_MODELS)
     gateway = await start_gateway(dataclass_replace_upstream(config, **{waiting_for: 1}))
     upstream.script(Hang(), Hang())
-    first = gateway.stub.Complete(chat("first"), timeout=10)
+    first = gateway.stub.Complete(chat(), timeout=10)
     await until_sent(upstream)
     queued = gateway.stub.Complete(chat("queued"), timeout=10)
     await asyncio.sleep(0.3)  # well into its wait for the slot
@@ -153,3 +161,26 @@ async def test_a_shared_unary_call_its_first_caller_leaves_is_charged_once_as_an
     assert not total.usage.estimated
     assert total.cost_usd == pytest.approx((11 * 0.27 + 5 * 1.10) / 1e6, abs=1e-12)
     assert upstream.disconnects == 0
+
+
+async def test_a_cut_call_counts_against_its_tenants_budget(
+    upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """With room for one and a half prompts, a call cut after it was sent leaves room for
+    none: its prompt is spent, so cancelling calls cannot get past a budget."""
+    prompt_usd = prompt_tokens() * 0.27 / 1e6  # no max_tokens: the prompt is all it reserves
+    budgets = {"default": {"usd": 1.5 * prompt_usd, "period": "day"}}
+    config = gateway_config(upstream.base_url, models=PRICED_MODELS, budgets=budgets)
+    gateway = await start_gateway(config)
+    upstream.script(Hang())
+    call = gateway.stub.Complete(chat(), timeout=10)
+    await until_sent(upstream)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert_prompt_charge(await recorded(gateway, requests=1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat(), timeout=10)
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rich_status(caught.value).message.startswith("tenant 'default' has spent")
+    assert len(upstream.requests) == 1
