@@ -308,6 +308,10 @@ class Pipeline:
             except UpstreamContextExceeded:
                 self.calibration.refused_as_too_long(request.model)
                 raise
+            except BaseException:
+                if log.is_cut_after_sending:
+                    await self._account_cut(prepared, "", log)
+                raise
             self._on_answered()  # before a cache write, when this runs in the caller's task
             upstream_ms = log.upstream_s * _MS
             completion = self._completion(
@@ -341,13 +345,14 @@ class Pipeline:
         else:
             owed.completion = completion
 
-    async def _account_cut_stream(
-        self, prepared: PreparedRequest, content: str, log: AttemptLog
-    ) -> None:
-        """Record a stream that ended without its `Completion` after some text.
+    async def _account_cut(self, prepared: PreparedRequest, content: str, log: AttemptLog) -> None:
+        """Record a call that ended without its `Completion` after the upstream had it:
+        a stream after some text, or any call its caller cut once its request was sent.
 
-        The upstream bills what it generated even when the stream never finished, so the
-        call is recorded once, for its caller's tenant, with estimated usage.
+        The upstream bills the prompt it received and what it generated, even when the
+        answer never came back, so the call is recorded once, for its caller's tenant,
+        with estimated usage: the prompt as input, `content` as output. Called inside
+        `hold.reserving`, so that its cost counts all along, reserved or spent.
         """
         request = prepared.request
         completion = self._completion(
@@ -425,9 +430,10 @@ class Pipeline:
                 self.calibration.refused_as_too_long(request.model)
                 raise
             except BaseException:
-                # Cut by the upstream, the caller or its deadline: the text sent was billed.
-                if parts:
-                    await self._account_cut_stream(prepared, "".join(parts), log)
+                # Cut by the upstream, the caller or its deadline: the text sent was billed,
+                # and the prompt was once the upstream had it.
+                if parts or log.is_cut_after_sending:
+                    await self._account_cut(prepared, "".join(parts), log)
                 raise
             if end is None:  # the pool always ends a stream with StreamEnd or raises
                 raise RuntimeError("stream ended without its end event")

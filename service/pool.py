@@ -97,6 +97,19 @@ class AttemptLog:
     retry_wait_s: float = 0.0
     errors: list[str] = field(default_factory=list)
     records: list[AttemptRecord] = field(default_factory=list)
+    # Whether the last attempt's request reached the upstream whole (`HttpPool.request`).
+    is_sent: bool = False
+    # Whether the caller (cancelled, or its deadline) cut the last attempt after it was sent
+    # and before its answer: the upstream has the prompt, and may bill it.
+    is_cut_after_sending: bool = False
+
+    def sent(self) -> None:
+        """The last attempt's request reached the upstream whole."""
+        self.is_sent = True
+
+    def cut(self) -> None:
+        """The caller cut the last attempt: recorded only if its request had been sent."""
+        self.is_cut_after_sending = self.is_sent
 
 
 @dataclass(slots=True)
@@ -499,6 +512,7 @@ class UpstreamPool:
                 continue
             log.attempts += 1
             log.upstream = route.client.name
+            log.is_sent = log.is_cut_after_sending = False
             return route, *admitted
         return None
 
@@ -526,6 +540,7 @@ class UpstreamPool:
                     reply = await route.client.complete(
                         self._call(request, route, stream=False, headers=headers),
                         timeout_s=timeout_s,
+                        on_sent=log.sent,
                     )
                     span.finish(
                         response_id=reply.id,
@@ -535,6 +550,8 @@ class UpstreamPool:
                         content=reply.content,
                     )
             except UpstreamError as exc:
+                if _hit_callers_deadline(exc, deadline):
+                    log.cut()
                 self._after_failure(state, exc, deadline, is_probe=is_probe)
                 self._record(log, route, request, started=started, is_stream=False, error=exc)
                 if is_failover_only(exc):
@@ -544,6 +561,7 @@ class UpstreamPool:
                 progress.last_error, progress.last_route = exc, route
                 continue
             except BaseException as exc:  # cancelled: the caller went away
+                log.cut()
                 state.breaker.release(is_probe=is_probe)
                 self._record(log, route, request, started=started, is_stream=False, error=exc)
                 raise
@@ -586,6 +604,7 @@ class UpstreamPool:
                         route.client.stream(
                             self._call(request, route, stream=True, headers=headers),
                             timeout_s=timeout_s,
+                            on_sent=log.sent,
                         ),
                     )
                     async with contextlib.aclosing(events):
@@ -618,6 +637,8 @@ class UpstreamPool:
                             yield event
                 return
             except UpstreamError as exc:
+                if _hit_callers_deadline(exc, deadline):
+                    log.cut()
                 self._after_failure(state, exc, deadline, is_probe=is_probe)
                 self._record(
                     log,
@@ -644,6 +665,7 @@ class UpstreamPool:
             except BaseException as exc:  # cancelled, or the consumer stopped reading
                 state.breaker.release(is_probe=is_probe)
                 if not is_finished:
+                    log.cut()
                     self._record(
                         log,
                         route,

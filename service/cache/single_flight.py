@@ -5,7 +5,8 @@ the call and publishes its progress (stream deltas) and its result on a future. 
 caller of the same key, the first included, is a *follower* of that flight. A
 follower that is cancelled only stops following; the shared call goes on for the
 others. When the last follower leaves before the result, nobody wants the answer any
-more, so the call is cancelled (which closes the upstream request and stops billing).
+more, so the call is cancelled (which closes the upstream request; the pipeline records
+what the provider bills for it all the same).
 `aclose()` cancels and awaits every flight: no task outlives its owner.
 """
 

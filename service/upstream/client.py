@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
 import orjson
 
@@ -217,25 +217,38 @@ class UpstreamClient:
             raise RuntimeError(f"upstream client {self.name!r} is not open")
         return self._pool
 
-    async def _post(self, call: UpstreamCall) -> Response:
+    async def _post(self, call: UpstreamCall, on_sent: Callable[[], None] | None) -> Response:
         """Send the call; the response once its status and headers are in."""
         return await self.pool.request(
-            "POST", "/chat/completions", self._request_headers(call), call.body
+            "POST", "/chat/completions", self._request_headers(call), call.body, on_sent=on_sent
         )
 
-    async def complete(self, call: UpstreamCall, *, timeout_s: float) -> UpstreamReply:
-        """Send one unary completion and parse the answer."""
+    async def complete(
+        self,
+        call: UpstreamCall,
+        *,
+        timeout_s: float,
+        on_sent: Callable[[], None] | None = None,
+    ) -> UpstreamReply:
+        """Send one unary completion and parse the answer; `on_sent` as `HttpPool.request`."""
         with _translate_errors(self.name):
             async with asyncio.timeout_at(self._deadline(timeout_s)):
-                response = await self._post(call)
+                response = await self._post(call, on_sent)
                 async with response:
                     body = await response.read(max_bytes=_MAX_REPLY_BYTES)
             if response.status >= 400:
                 raise _error_for_status(self.name, response.status, response.headers, body)
             return _reply(call, body, response.headers)
 
-    async def stream(self, call: UpstreamCall, *, timeout_s: float) -> AsyncIterator[StreamEvent]:
-        """Yield text chunks as they arrive, then one `StreamEnd`.
+    async def stream(
+        self,
+        call: UpstreamCall,
+        *,
+        timeout_s: float,
+        on_sent: Callable[[], None] | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """Yield text chunks as they arrive, then one `StreamEnd`; `on_sent` as
+        `HttpPool.request`.
 
         The response is released on every exit path: when the consumer stops early or is
         cancelled the connection is closed at once, so the provider stops generating; a
@@ -253,7 +266,7 @@ class UpstreamClient:
         whole_stream_deadline = self._deadline(self.config.timeout_s)
         with _translate_errors(self.name):
             async with asyncio.timeout_at(deadline):
-                response = await self._post(call)
+                response = await self._post(call, on_sent)
             parser = StreamParser()
             try:
                 if response.status >= 400:

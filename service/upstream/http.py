@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 import httptools
@@ -96,6 +96,11 @@ class _Connection(asyncio.Protocol):
         self._response = response
         self._parser = httptools.HttpResponseParser(response)
         self.transport.writelines((head, body))  # one call, no copy of a long body
+
+    @property
+    def has_sent_all(self) -> bool:
+        """Whether every byte written is in the socket, none left in the transport's buffer."""
+        return self.transport is not None and self.transport.get_write_buffer_size() == 0
 
     def finished(self) -> None:
         self._response = None
@@ -364,9 +369,20 @@ class HttpPool:
         return len(self._busy) + sum(1 for c in self._idle if not c.is_closed)
 
     async def request(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes = b""
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes = b"",
+        *,
+        on_sent: Callable[[], None] | None = None,
     ) -> Response:
         """Send one request and return once the response's status and headers are in.
+
+        `on_sent` is called once the server surely has the whole request: when its status
+        and headers arrive, or when the wait for them is cut (cancelled, timed out) after
+        every byte of the request was written to the socket. A request cut while waiting
+        for a connection, or still in the transport's buffer, is not sent.
 
         Raises:
             ConnectFailed: no connection could be made.
@@ -398,8 +414,12 @@ class HttpPool:
                     continue
                 raise
             except BaseException:
+                if on_sent is not None and connection.has_sent_all:  # before release closes it
+                    on_sent()
                 response.release()
                 raise
+            if on_sent is not None:
+                on_sent()
             return response
 
     def _idle_connection(self) -> _Connection | None:

@@ -41,7 +41,7 @@ async def test_deadline_ends_stream_mid_way_and_closes_upstream(stub, upstream):
 
 
 async def test_cancelled_unary_call_closes_upstream_request(stub, upstream):
-    """Cancelling a unary call drops the upstream request so the provider stops billing."""
+    """Cancelling a unary call drops the upstream request at once."""
     upstream.script(Hang())
     call = stub.Complete(chat())
     while not upstream.requests:

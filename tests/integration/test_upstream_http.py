@@ -509,6 +509,55 @@ async def test_a_connection_paused_on_a_whole_unread_body_is_reused_unpaused(ser
     await pool.aclose()
 
 
+async def test_a_request_cut_once_written_whole_was_sent(serve):
+    """Cut while waiting for the answer, after the server read every byte: `on_sent`."""
+    read = asyncio.Event()
+
+    async def read_and_hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        read.set()
+        await asyncio.sleep(30)
+
+    raw = await serve(read_and_hang)
+    pool = pool_for(raw)
+    sent: list[bool] = []
+    request = asyncio.ensure_future(
+        pool.request("POST", "/x", {}, b"prompt", on_sent=lambda: sent.append(True))
+    )
+    await asyncio.wait_for(read.wait(), 5)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert sent == [True]
+    await pool.aclose()
+
+
+async def test_a_request_cut_while_still_being_written_was_not_sent(serve):
+    """A server that reads nothing leaves most of a long body in the gateway's buffer: cut
+    then, the request was not sent, and the socket is closed."""
+    started = asyncio.Event()
+
+    async def read_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    raw = await serve(read_nothing)
+    pool = pool_for(raw)
+    sent: list[bool] = []
+    body = b"x" * (64 * 1024 * 1024)  # far past loopback's socket buffers
+    request = asyncio.ensure_future(
+        pool.request("POST", "/x", {}, body, on_sent=lambda: sent.append(True))
+    )
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.sleep(0.1)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert sent == []
+    assert pool.open_connections == 0
+    await pool.aclose()
+
+
 async def test_a_refused_connection_is_connect_failed():
     """Nothing listening: ConnectFailed, and the slot is given back."""
     pool = HttpPool("http://127.0.0.1:1/v1", max_connections=1, connect_timeout_s=2.0)
@@ -672,6 +721,8 @@ ON_UVLOOP = [
     test_a_body_released_before_its_end_is_reused_once_the_end_arrives,
     test_a_body_whose_end_never_comes_is_closed_after_the_grace,
     test_more_body_after_release_at_end_is_bounded_and_closes,
+    test_a_request_cut_once_written_whole_was_sent,
+    test_a_request_cut_while_still_being_written_was_not_sent,
 ]
 
 

@@ -1,0 +1,186 @@
+"""What a call its caller cuts before the answer records in the usage ledger.
+
+Once the upstream has the whole request it bills the prompt, answer or not: a call the
+caller cancels (or its deadline cuts) after that is recorded once, for its tenant, with
+the prompt's estimate as input and no output. A call cut before its request went out
+(waiting for the upstream's limiter or a connection) records nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service.domain import Message, Role
+from service.tokens import estimate_prompt_tokens
+from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
+from tests.fake_upstream import FakeUpstream, Hang, Reply
+from tests.integration.helpers import rich_status
+from tests.integration.test_resilience import dataclass_replace_upstream
+from tests.integration.test_stream_charges import PRICED_MODELS, recorded
+
+_TIMEOUT_S = 10.0
+
+
+def prompt_tokens(content: str = "Say hi") -> int:
+    """The gateway's estimate of a one-message prompt."""
+    return estimate_prompt_tokens((Message(Role.USER, content),))
+
+
+def assert_prompt_charge(total: pb.UsageRow) -> None:
+    """One call: its prompt's estimate priced as input, no output, marked estimated."""
+    assert total.requests == 1
+    assert total.usage.input_tokens == prompt_tokens() > 0
+    assert total.usage.output_tokens == 0
+    assert total.usage.estimated
+    assert total.cost_usd > 0
+    assert total.cost_usd == pytest.approx(total.usage.input_tokens * 0.27 / 1e6, abs=1e-12)
+
+
+async def until_sent(upstream: FakeUpstream, requests: int = 1) -> None:
+    """Wait until the upstream has received `requests` requests."""
+    async with asyncio.timeout(_TIMEOUT_S):
+        while len(upstream.requests) < requests:
+            await asyncio.sleep(0.01)
+
+
+async def nothing_recorded(gateway: RunningGateway) -> None:
+    await asyncio.sleep(0.3)  # a record would land by now
+    assert (await gateway.stub.GetUsage(pb.GetUsageRequest())).total.requests == 0
+
+
+@pytest.mark.parametrize("leave", ["cancel", "deadline"])
+async def test_a_unary_call_cut_while_the_upstream_generates_is_charged_its_prompt(
+    upstream: FakeUpstream, start_gateway: Any, leave: str
+) -> None:
+    """Cancelled, or past its deadline, with the upstream still working: one estimated row."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, models=PRICED_MODELS))
+    upstream.script(Hang())
+    if leave == "cancel":
+        call = gateway.stub.Complete(chat(), timeout=10)
+        await until_sent(upstream)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    else:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(chat(), timeout=0.5)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    await upstream.wait_for_disconnect(timeout_s=_TIMEOUT_S)
+    assert_prompt_charge(await recorded(gateway, requests=1))
+
+
+@pytest.mark.parametrize("leave", ["cancel", "deadline"])
+async def test_a_stream_cut_before_its_first_text_is_charged_its_prompt(
+    upstream: FakeUpstream, start_gateway: Any, leave: str
+) -> None:
+    """No text reached the caller, but the upstream had the prompt: one estimated row."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, models=PRICED_MODELS))
+    upstream.script(Hang())
+    call = gateway.stub.CompleteStream(chat_stream(), timeout=0.5 if leave == "deadline" else 10)
+    if leave == "cancel":
+        await until_sent(upstream)
+        call.cancel()
+    else:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    await upstream.wait_for_disconnect(timeout_s=_TIMEOUT_S)
+    assert_prompt_charge(await recorded(gateway, requests=1))
+
+
+@pytest.mark.parametrize("waiting_for", ["max_concurrency", "max_connections"])
+async def test_a_call_cut_before_its_request_was_sent_records_nothing(
+    upstream: FakeUpstream, start_gateway: Any, waiting_for: str
+) -> None:
+    """Queued behind a call holding the upstream's only slot (its limiter's, or its only
+    connection): the queued call never reached the upstream, and is not charged."""
+    config = gateway_config(upstream.base_url, models=PRICED_MODELS)
+    gateway = await start_gateway(dataclass_replace_upstream(config, **{waiting_for: 1}))
+    upstream.script(Hang(), Hang())
+    first = gateway.stub.Complete(chat(), timeout=10)
+    await until_sent(upstream)
+    queued = gateway.stub.Complete(chat("queued"), timeout=10)
+    await asyncio.sleep(0.3)  # well into its wait for the slot
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    await nothing_recorded(gateway)
+    first.cancel()  # the call that was sent is charged, and only it
+    await upstream.wait_for_disconnect(timeout_s=_TIMEOUT_S)
+    assert_prompt_charge(await recorded(gateway, requests=1))
+    assert len(upstream.requests) == 1
+
+
+async def test_a_shared_unary_call_every_caller_leaves_is_charged_once(
+    upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """Two callers share one upstream call and both cancel: it is recorded once."""
+    config = gateway_config(upstream.base_url, models=PRICED_MODELS, cache={"backend": "memory"})
+    gateway = await start_gateway(config)
+    upstream.script(Hang())
+    request = chat(params=pb.GenerationParams(temperature=0.0))
+    calls = [gateway.stub.Complete(request, timeout=10) for _ in range(2)]
+    await until_sent(upstream)
+    async with asyncio.timeout(_TIMEOUT_S):
+        while gateway.server.pipeline.cache.stats.coalesced < 1:
+            await asyncio.sleep(0.01)
+    for call in calls:
+        call.cancel()
+    await upstream.wait_for_disconnect(timeout_s=_TIMEOUT_S)
+    assert_prompt_charge(await recorded(gateway, requests=1))
+    assert len(upstream.requests) == 1
+
+
+async def test_a_shared_unary_call_its_first_caller_leaves_is_charged_once_as_answered(
+    upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """The caller that started the shared call leaves; the call goes on for the other and
+    answers: its cost is recorded once, as the upstream reported it, and no estimate.
+
+    Both callers get a row (the follower's at no cost, as a cache hit's)."""
+    config = gateway_config(upstream.base_url, models=PRICED_MODELS, cache={"backend": "memory"})
+    gateway = await start_gateway(config)
+    upstream.script(Reply(delay_s=1.0, prompt_tokens=11, completion_tokens=5))
+    request = chat(params=pb.GenerationParams(temperature=0.0))
+    first = gateway.stub.Complete(request, timeout=10)
+    await until_sent(upstream)
+    second = gateway.stub.Complete(request, timeout=10)
+    async with asyncio.timeout(_TIMEOUT_S):
+        while gateway.server.pipeline.cache.stats.coalesced < 1:
+            await asyncio.sleep(0.01)
+    first.cancel()
+    assert (await second).content == "Hello from fake"
+    total = await recorded(gateway, requests=2)
+    assert total.requests == 2
+    assert (total.usage.input_tokens, total.usage.output_tokens) == (2 * 11, 2 * 5)
+    assert not total.usage.estimated
+    assert total.cost_usd == pytest.approx((11 * 0.27 + 5 * 1.10) / 1e6, abs=1e-12)
+    assert upstream.disconnects == 0
+
+
+async def test_a_cut_call_counts_against_its_tenants_budget(
+    upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """With room for one and a half prompts, a call cut after it was sent leaves room for
+    none: its prompt is spent, so cancelling calls cannot get past a budget."""
+    prompt_usd = prompt_tokens() * 0.27 / 1e6  # no max_tokens: the prompt is all it reserves
+    budgets = {"default": {"usd": 1.5 * prompt_usd, "period": "day"}}
+    config = gateway_config(upstream.base_url, models=PRICED_MODELS, budgets=budgets)
+    gateway = await start_gateway(config)
+    upstream.script(Hang())
+    call = gateway.stub.Complete(chat(), timeout=10)
+    await until_sent(upstream)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert_prompt_charge(await recorded(gateway, requests=1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat(), timeout=10)
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rich_status(caught.value).message.startswith("tenant 'default' has spent")
+    assert len(upstream.requests) == 1
