@@ -543,9 +543,13 @@ class LedgerConfig:
     retention_days: int = 62
     # Each Redis operation's bound: a hung Redis costs a call this much, not redis-py's 5 s.
     operation_timeout_s: float = 0.5
+    # Rows (model, upstream and label set) a tenant may start in one bucket; the calls
+    # past it are summed in one row per model and upstream, labelled `OVERFLOW_LABELS`.
+    max_rows_per_tenant: int = 1000
 
     def __post_init__(self) -> None:
         _require(self.operation_timeout_s > 0, "operation_timeout_s must be > 0")
+        _require(self.max_rows_per_tenant >= 1, "max_rows_per_tenant must be >= 1")
         if self.redis_url:  # checked here, or a typo only fails when the server starts
             _require(
                 urlsplit(self.redis_url).scheme in ("redis", "rediss", "unix"),

@@ -50,6 +50,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
@@ -83,6 +84,9 @@ _FIELDS = (
 WallClock = Callable[[], float]
 # The budget periods whose spend each recorded call adds to.
 _PERIODS = ("day", "month")
+# The labels of a tenant's calls past `max_rows_per_tenant` new rows in one bucket: labels
+# with a new value on every call (a request id) would otherwise grow the ledger unbounded.
+OVERFLOW_LABELS: Mapping[str, str] = MappingProxyType({"llm_gateway.overflow": "true"})
 
 
 def to_pico(usd: float) -> int:
@@ -290,6 +294,25 @@ class _Buckets:
         return low, high
 
 
+class _CappedTenants:
+    """Says once per tenant and bucket that the tenant reached `max_rows_per_tenant`."""
+
+    def __init__(self, max_rows: int) -> None:
+        self._max_rows = max_rows
+        self._bucket: int | None = None
+        self._tenants: set[str] = set()
+
+    def add(self, tenant: str, bucket: int) -> None:
+        if bucket != self._bucket:  # only the current bucket's rows are started
+            self._bucket, self._tenants = bucket, set()
+        if tenant not in self._tenants:
+            self._tenants.add(tenant)
+            log.warning(
+                "ledger.rows_capped",
+                extra={"tenant": tenant, "bucket": bucket, "max_rows_per_tenant": self._max_rows},
+            )
+
+
 class MemoryLedger:
     """The ledger of one process."""
 
@@ -301,11 +324,15 @@ class MemoryLedger:
         self._held: dict[str, Reservation] = {}
         self._retention_s = self._buckets.config.retention_days * 86400
         self._current_bucket: int | None = None
+        self._max_rows = self._buckets.config.max_rows_per_tenant
+        self._rows_started: dict[tuple[int, str], int] = {}  # by bucket and tenant
+        self._capped = _CappedTenants(self._max_rows)
 
     def _prune(self, now: float) -> None:
         """Drop rows past retention and spend of finished periods (once per new bucket)."""
         oldest = now - self._retention_s
         self._rows = {k: r for k, r in self._rows.items() if k[0] >= oldest}
+        self._rows_started = {k: n for k, n in self._rows_started.items() if k[0] >= oldest}
         current = {period_key("day", now), period_key("month", now)}
         self._spend = {k: v for k, v in self._spend.items() if k[1] in current}
 
@@ -316,14 +343,7 @@ class MemoryLedger:
         if bucket != self._current_bucket:
             self._current_bucket = bucket
             self._prune(now)
-        dims = _dims(entry.tenant, entry.model, entry.upstream, entry.labels)
-        key = (bucket, dims)
-        row = self._rows.get(key)
-        if row is None:
-            row = self._rows[key] = UsageRow(
-                tenant=entry.tenant, model=entry.model, upstream=entry.upstream,
-                labels=dict(dims[3]),
-            )  # fmt: skip
+        row = self._row(bucket, entry)
         counters = _entry_counters(entry)
         row.add(counters)
         cost_pico = counters["cost_pico"]
@@ -332,6 +352,27 @@ class MemoryLedger:
         for period in _PERIODS:
             spend_key = (entry.tenant, period_key(period, now))
             self._spend[spend_key] = self._spend.get(spend_key, 0) + cost_pico
+
+    def _row(self, bucket: int, entry: UsageEntry) -> UsageRow:
+        """The row `entry` adds to: its own, or past the tenant's cap the overflow row."""
+        dims = _dims(entry.tenant, entry.model, entry.upstream, entry.labels)
+        row = self._rows.get((bucket, dims))
+        if row is not None:
+            return row
+        started = (bucket, entry.tenant)
+        if self._rows_started.get(started, 0) >= self._max_rows:
+            self._capped.add(entry.tenant, bucket)
+            dims = _dims(entry.tenant, entry.model, entry.upstream, OVERFLOW_LABELS)
+            row = self._rows.get((bucket, dims))
+            if row is not None:
+                return row
+        else:
+            self._rows_started[started] = self._rows_started.get(started, 0) + 1
+        row = self._rows[(bucket, dims)] = UsageRow(
+            tenant=entry.tenant, model=entry.model, upstream=entry.upstream,
+            labels=dict(dims[3]),
+        )  # fmt: skip
+        return row
 
     async def query(self, query: UsageFilter) -> list[UsageRow]:
         """Rows matching `query`, summed over its time window."""
@@ -423,20 +464,26 @@ _RESERVE_LUA = _SWEEP_LUA + _RESERVE
 # the writes before that failure a second time. (A "not now" refusal, READONLY or OOM,
 # stops a script at its first write, before anything is applied.)
 # KEYS: row, the tenant's row ids in the bucket, the bucket's tenants, buckets, day spend,
-# month spend, applied numbers, the old layout's dims hash.
+# month spend, applied numbers, the old layout's dims hash, the overflow row.
 # ARGV: row id, dims JSON, row TTL, bucket, drop buckets before, record number, lowest
-# unconfirmed number, applied numbers' TTL, tenant, old dims' TTL, then the counters in
-# _FIELDS order.
+# unconfirmed number, applied numbers' TTL, tenant, old dims' TTL, overflow row id, its
+# dims JSON, max rows per tenant, then the counters in _FIELDS order.
+# Returns 0 (applied before), 1 (applied) or 2 (applied to the overflow row).
 _RECORD_LUA = """
 if redis.call('ZSCORE', KEYS[7], ARGV[6]) then return 0 end
 redis.call('ZADD', KEYS[7], ARGV[6], ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. ARGV[7])
 redis.call('EXPIRE', KEYS[7], ARGV[8])
-redis.call('HSETNX', KEYS[1], 'dims', ARGV[2])
+local row, row_id, dims, applied = KEYS[1], ARGV[1], ARGV[2], 1
+if redis.call('SISMEMBER', KEYS[2], row_id) == 0
+    and redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[13]) then
+  row, row_id, dims, applied = KEYS[9], ARGV[11], ARGV[12], 2
+end
+redis.call('HSETNX', row, 'dims', dims)
 local fields = {FIELDS}
-for i, name in ipairs(fields) do redis.call('HINCRBY', KEYS[1], name, ARGV[10 + i]) end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('SADD', KEYS[2], ARGV[1])
+for i, name in ipairs(fields) do redis.call('HINCRBY', row, name, ARGV[13 + i]) end
+redis.call('EXPIRE', row, ARGV[3])
+redis.call('SADD', KEYS[2], row_id)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[9])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
@@ -444,13 +491,14 @@ redis.call('ZADD', KEYS[4], ARGV[4], ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[5])
 redis.call('EXPIRE', KEYS[4], ARGV[3])
 if redis.call('TTL', KEYS[8]) == -1 then redis.call('EXPIRE', KEYS[8], ARGV[10]) end
-local cost = ARGV[10 + #fields]
+local cost = ARGV[13 + #fields]
 for k = 5, 6 do
   redis.call('INCRBY', KEYS[k], cost)
   redis.call('EXPIRE', KEYS[k], ARGV[3])
 end
-return 1
+return applied
 """.replace("FIELDS", ", ".join(f"'{name}'" for name in _FIELDS))
+_APPLIED_TO_OVERFLOW = 2
 _RESERVED_LUA = _SWEEP_LUA + "return reserved"
 # KEYS: reserved, leases. ARGV: lease, cost. A lease already released or lapsed is not
 # subtracted twice; once no lease is left the total is dropped, so it cannot drift.
@@ -527,6 +575,8 @@ class RedisLedger:
             "ledger", lease_ttl_s=RESERVATION_TTL_S, refused_for_good=refused_for_good
         )
         self._old_dims_key = f"{self._prefix}:dims"
+        self._max_rows = config.max_rows_per_tenant
+        self._capped = _CappedTenants(self._max_rows)
         self._records = _RecordNumbers(f"{self._prefix}:applied:{uuid.uuid4().hex}")
         # Per tenant, the numbers of its usage rows waiting in `late_releases`.
         self._rows_waiting: dict[str, set[int]] = {}
@@ -560,6 +610,8 @@ class RedisLedger:
         bucket = self._buckets.start(now)
         dims = _dims(entry.tenant, entry.model, entry.upstream, entry.labels)
         row_id = self._row_id(dims)
+        overflow_dims = _dims(entry.tenant, entry.model, entry.upstream, OVERFLOW_LABELS)
+        overflow_id = self._row_id(overflow_dims)
         spend = [f"{self._prefix}:spend:{entry.tenant}:{period_key(p, now)}" for p in _PERIODS]
         keys = [
             self._row_key(bucket, row_id),
@@ -569,19 +621,23 @@ class RedisLedger:
             *spend,
             self._records.key,
             self._old_dims_key,
+            self._row_key(bucket, overflow_id),
         ]
         number = self._records.take()
         counters = _entry_counters(entry)
         args: list[str | int | float] = [
             row_id, json.dumps(dims), self._ttl_s, bucket, now - self._ttl_s, number,
             0, 2 * RECORD_RETRY_S, entry.tenant, self._ttl_s + _OLD_DIMS_GRACE_S,
+            overflow_id, json.dumps(overflow_dims), self._max_rows,
             *(counters[name] for name in _FIELDS),
         ]  # fmt: skip
 
         async def record_now() -> None:
             args[6] = self._records.lowest_unconfirmed()
-            await self._record_script(keys=keys, args=args)
+            applied = await self._record_script(keys=keys, args=args)
             self._records.confirm(number)
+            if applied == _APPLIED_TO_OVERFLOW:
+                self._capped.add(entry.tenant, bucket)
 
         async def record_late() -> None:
             await record_now()

@@ -139,6 +139,27 @@ async def test_get_usage_filters_by_model_label_and_time(priced):
     assert (await priced.stub.GetUsage(pb.GetUsageRequest(tenant="*"))).total.requests == 2
 
 
+async def test_get_usage_sums_a_tenants_calls_past_its_row_cap_in_one_overflow_row(
+    upstream, start_gateway
+):
+    """A label with a new value on every call (a request id) starts at most
+    `ledger.max_rows_per_tenant` rows a bucket; GetUsage shows the rest in one row
+    labelled `llm_gateway.overflow`, and the total still counts every call and cent."""
+    gw = await start_gateway(gateway_config(upstream.base_url, ledger={"max_rows_per_tenant": 2}))
+    costs = [
+        (await gw.stub.Complete(chat(labels={"request_id": str(n)}))).metadata.cost_usd
+        for n in range(5)
+    ]
+    usage = await gw.stub.GetUsage(pb.GetUsageRequest())
+    assert sorted((*r.labels.items(), r.requests) for r in usage.rows) == [
+        (("llm_gateway.overflow", "true"), 3),
+        (("request_id", "0"), 1),
+        (("request_id", "1"), 1),
+    ]
+    assert usage.total.requests == 5
+    assert usage.total.cost_usd == pytest.approx(sum(costs), abs=1e-12)
+
+
 async def test_get_usage_refuses_a_timestamp_out_of_range_as_invalid_argument(priced):
     """A window bound no Timestamp can hold is the caller's error, on that field.
 

@@ -102,6 +102,42 @@ async def test_rows_are_summed_by_tenant_model_upstream_and_labels(make_ledger):
     assert total_of(rows).requests == 4
 
 
+async def test_a_tenants_rows_past_its_cap_in_a_bucket_are_summed_in_one_overflow_row(
+    make_ledger, caplog
+):
+    """Labels with a new value on every call start at most `max_rows_per_tenant` rows a
+    bucket; the calls past it add up in one overflow row, counted whole, said once in
+    the log. Rows the tenant has keep counting, other tenants and the next bucket start
+    afresh.
+
+    Before, every label set was a row for the whole retention: a request id as a label
+    grew the ledger (the process, or Redis) by a row a call.
+    """
+    clock = WallClock(NOON)
+    ledger = make_ledger(clock, max_rows_per_tenant=3)
+    for request in range(6):
+        await ledger.record(entry(labels={"request": str(request)}, cost=0.25))
+    await ledger.record(entry(labels={"request": "0"}))
+    await ledger.record(entry(tenant="zeta", labels={"request": "9"}))
+    rows = await ledger.query(UsageFilter(tenant="acme"))
+    assert {tuple(r.labels.items()): r.requests for r in rows} == {
+        (("llm_gateway.overflow", "true"),): 3,
+        (("request", "0"),): 2,
+        (("request", "1"),): 1,
+        (("request", "2"),): 1,
+    }
+    assert total_of(rows).cost_usd == 6 * 0.25 + 0.001
+    assert [dict(r.labels) for r in await ledger.query(UsageFilter(tenant="zeta"))] == [
+        {"request": "9"}
+    ]
+    capped = [r for r in caplog.records if r.getMessage() == "ledger.rows_capped"]
+    assert [(r.tenant, r.max_rows_per_tenant) for r in capped] == [("acme", 3)]
+    clock.now += 3600  # the next bucket
+    await ledger.record(entry(labels={"request": "7"}))
+    window = UsageFilter(tenant="acme", start_s=clock.now)
+    assert [dict(r.labels) for r in await ledger.query(window)] == [{"request": "7"}]
+
+
 @pytest.mark.parametrize(
     ("query", "expected_requests"),
     [
