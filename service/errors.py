@@ -34,6 +34,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 ERROR_DOMAIN = "llmgateway.v1"
 INTERNAL_ERROR_REASON = "INTERNAL_ERROR"
 RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+# The longest wait pushed back to a call without a deadline; a longer one is "do not
+# retry", and the caller gets the refusal, with its RetryInfo, at once.
+MAX_PUSHBACK_S = 300.0
 # A status travels in trailers, which gRPC clients refuse past 8-16 KiB by default (as
 # RESOURCE_EXHAUSTED, the details lost): a status names at most this many violations,
 # each described in at most this many characters.
@@ -428,11 +431,14 @@ def pushback_trailer(
 
     A wait the call's deadline (`time_remaining_s` from now) cannot outlast is sent as
     -1, gRPC's "do not retry": a retry policy would otherwise sit it out until a bare
-    DEADLINE_EXCEEDED, and the caller would never see this status or its details.
+    DEADLINE_EXCEEDED, and the caller would never see this status or its details. So is
+    a wait past `MAX_PUSHBACK_S` for a call without a deadline: it would hang until a
+    spent budget's period resets, hours on, with nothing said.
     """
     if isinstance(exc, QuotaExceeded | UpstreamRateLimited) and exc.retry_after_s is not None:
         delay_s = _retry_delay_s(exc.retry_after_s)
-        if time_remaining_s is not None and delay_s >= time_remaining_s:
+        limit_s = MAX_PUSHBACK_S if time_remaining_s is None else time_remaining_s
+        if delay_s >= limit_s:
             return ((RETRY_PUSHBACK_TRAILER, "-1"),)
         return ((RETRY_PUSHBACK_TRAILER, str(round(delay_s * 1000))),)
     return ()

@@ -422,13 +422,17 @@ def test_pushback_trailer_values(exc: GatewayError, expected: str) -> None:
         pytest.param(86_400.0, 300.0, "-1", id="budget-resets-after-the-deadline"),
         pytest.param(5.0, 5.0, "-1", id="retry-exactly-at-the-deadline"),
         pytest.param(0.5, 15.0, "500", id="fits-before-the-deadline"),
-        pytest.param(86_400.0, None, "86400000", id="no-deadline"),
+        pytest.param(120.0, None, "120000", id="no-deadline"),
+        pytest.param(86_400.0, None, "-1", id="no-deadline-budget-resets-tomorrow"),
+        pytest.param(300.0, None, "-1", id="no-deadline-at-the-longest-pushback"),
     ],
 )
 def test_pushback_past_the_deadline_says_do_not_retry(
     retry_after_s: float, time_remaining_s: float | None, expected: str
 ) -> None:
-    """A wait the call's deadline cannot outlast pushes back -1, gRPC's "do not retry"."""
+    """A wait the call's deadline cannot outlast pushes back -1, gRPC's "do not retry";
+    so does one past five minutes for a call without a deadline, which a retry policy
+    would otherwise sit out for hours (a budget spent until tomorrow) without a word."""
     exc = QuotaExceeded("q", subject="t", retry_after_s=retry_after_s)
     assert pushback_trailer(exc, time_remaining_s) == ((RETRY_PUSHBACK_TRAILER, expected),)
 
