@@ -120,7 +120,12 @@ def period_end_s(period: str, at_s: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class UsageEntry:
-    """One finished call as the ledger records it."""
+    """One finished call as the ledger records it, or one attempt the gateway abandoned.
+
+    An abandoned attempt the upstream most likely billed (`is_request=False`) adds its
+    tokens and cost, and counts among `estimated_requests` (its figures are estimates),
+    but not among `requests`: those stay the number of calls.
+    """
 
     tenant: str
     model: str
@@ -128,6 +133,7 @@ class UsageEntry:
     labels: Mapping[str, str]
     usage: Usage
     cost_usd: float
+    is_request: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +157,7 @@ class UsageRow:
     labels: Mapping[str, str]
     requests: int = 0
     # Calls whose usage the gateway estimated (the upstream reported none, or the stream
-    # was cut before it could): their tokens and cost are estimates.
+    # was cut before it could), and lost attempts: their tokens and cost are estimates.
     estimated_requests: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
@@ -179,7 +185,7 @@ class UsageRow:
 
 def _entry_counters(entry: UsageEntry) -> dict[str, int]:
     return {
-        "requests": 1,
+        "requests": int(entry.is_request),
         "estimated_requests": int(entry.usage.is_estimated),
         "input_tokens": entry.usage.input_tokens,
         "output_tokens": entry.usage.output_tokens,

@@ -312,6 +312,9 @@ class Pipeline:
                 if log.is_cut_after_sending:
                     await self._account_cut(prepared, "", log)
                 raise
+            finally:
+                if log.lost:
+                    await self._account_lost(prepared, log)
             self._on_answered()  # before a cache write, when this runs in the caller's task
             upstream_ms = log.upstream_s * _MS
             completion = self._completion(
@@ -366,6 +369,35 @@ class Pipeline:
             timings=Timings(),  # recorded for its cost only
         )
         await self.account(request, completion)
+
+    async def _account_lost(self, prepared: PreparedRequest, log: AttemptLog) -> None:
+        """Record each attempt the upstream most likely billed but whose answer was lost
+        (`AttemptLog.lose`): timed out at the upstream's `timeout_s` once sent, or failed
+        after a success status.
+
+        One row each, for the caller's tenant and the attempt's upstream: the prompt's
+        estimate as input, no output, estimated. Not a request: `requests` stays the number
+        of calls, and the call's answer (if any) keeps its own usage and cost. Called
+        inside `hold.reserving`, in the upstream call's task, so once per upstream call
+        even when a shared flight serves several callers.
+        """
+        request = prepared.request
+        usage = Usage(input_tokens=prepared.prompt_tokens, output_tokens=0, is_estimated=True)
+        cost_usd = self._prices.cost_usd(request.model, usage)
+        lost, log.lost = log.lost, ()
+        for upstream in lost:
+            telemetry().record_lost_attempt(request, cost_usd)
+            await self.ledger.record(
+                UsageEntry(
+                    tenant=request.tenant,
+                    model=request.model,
+                    upstream=upstream,
+                    labels=request.labels,
+                    usage=usage,
+                    cost_usd=cost_usd,
+                    is_request=False,
+                )
+            )
 
     async def stream(
         self, request: ChatRequest, *, deadline: Deadline
@@ -435,6 +467,9 @@ class Pipeline:
                 if parts or log.is_cut_after_sending:
                     await self._account_cut(prepared, "".join(parts), log)
                 raise
+            finally:
+                if log.lost:
+                    await self._account_lost(prepared, log)
             if end is None:  # the pool always ends a stream with StreamEnd or raises
                 raise RuntimeError("stream ended without its end event")
             self._on_answered()

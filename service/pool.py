@@ -99,17 +99,39 @@ class AttemptLog:
     records: list[AttemptRecord] = field(default_factory=list)
     # Whether the last attempt's request reached the upstream whole (`HttpPool.request`).
     is_sent: bool = False
+    # Whether the last attempt's answer came with a success status (`UpstreamClient`).
+    is_accepted: bool = False
     # Whether the caller (cancelled, or its deadline) cut the last attempt after it was sent
     # and before its answer: the upstream has the prompt, and may bill it.
     is_cut_after_sending: bool = False
+    # The upstream of each attempt the gateway gave up on after the upstream most likely
+    # billed it (`lose`), whatever came of the call: its answer was never used.
+    lost: tuple[str, ...] = ()
 
     def sent(self) -> None:
         """The last attempt's request reached the upstream whole."""
         self.is_sent = True
 
+    def accepted(self) -> None:
+        """The last attempt's answer came with a success status: the upstream took the call."""
+        self.is_accepted = True
+
     def cut(self) -> None:
         """The caller cut the last attempt: recorded only if its request had been sent."""
         self.is_cut_after_sending = self.is_sent
+
+    def lose(self, upstream: str, exc: UpstreamError) -> None:
+        """The last attempt, to `upstream`, failed with `exc` before any of its answer was
+        used: noted as lost when the upstream most likely billed it anyway.
+
+        That is when it timed out (at the upstream's own `timeout_s`) after its request was
+        sent whole, or when its answer failed after a success status (malformed, cut or
+        reset): a provider sends that status for a call it took, and for a non-streamed
+        answer only once it has generated all of it. An error status is not billed, and a
+        call refused or reset before any answer most likely never ran.
+        """
+        if self.is_accepted or (self.is_sent and isinstance(exc, UpstreamTimeout)):
+            self.lost = (*self.lost, upstream)
 
 
 @dataclass(slots=True)
@@ -512,7 +534,7 @@ class UpstreamPool:
                 continue
             log.attempts += 1
             log.upstream = route.client.name
-            log.is_sent = log.is_cut_after_sending = False
+            log.is_sent = log.is_accepted = log.is_cut_after_sending = False
             return route, *admitted
         return None
 
@@ -541,6 +563,7 @@ class UpstreamPool:
                         self._call(request, route, stream=False, headers=headers),
                         timeout_s=timeout_s,
                         on_sent=log.sent,
+                        on_accepted=log.accepted,
                     )
                     span.finish(
                         response_id=reply.id,
@@ -552,6 +575,8 @@ class UpstreamPool:
             except UpstreamError as exc:
                 if _hit_callers_deadline(exc, deadline):
                     log.cut()
+                else:
+                    log.lose(route.client.name, exc)
                 self._after_failure(state, exc, deadline, is_probe=is_probe)
                 self._record(log, route, request, started=started, is_stream=False, error=exc)
                 if is_failover_only(exc):
@@ -605,6 +630,7 @@ class UpstreamPool:
                             self._call(request, route, stream=True, headers=headers),
                             timeout_s=timeout_s,
                             on_sent=log.sent,
+                            on_accepted=log.accepted,
                         ),
                     )
                     async with contextlib.aclosing(events):
@@ -639,6 +665,8 @@ class UpstreamPool:
             except UpstreamError as exc:
                 if _hit_callers_deadline(exc, deadline):
                     log.cut()
+                elif deltas_sent == 0:  # after text, the pipeline records the cut stream
+                    log.lose(route.client.name, exc)
                 self._after_failure(state, exc, deadline, is_probe=is_probe)
                 self._record(
                     log,

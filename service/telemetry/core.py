@@ -424,6 +424,11 @@ class Telemetry:
                 if scope is not None:
                     scope.upstream_s += completion.timings.upstream_ms / 1000.0
 
+    def record_lost_attempt(self, request: ChatRequest, cost_usd: float) -> None:
+        """The cost of an upstream attempt whose answer was lost (`AttemptLog.lose`): on
+        the cost metric with the calls', not on the call's span nor as a request."""
+        self.instruments.cost.add(cost_usd, request.tenant, request.model)
+
     # --- hooks for the cache, retry loop and breaker -----------------------------------
 
     def record_cache_hit(self, *, model: str = "") -> None:

@@ -217,11 +217,19 @@ class UpstreamClient:
             raise RuntimeError(f"upstream client {self.name!r} is not open")
         return self._pool
 
-    async def _post(self, call: UpstreamCall, on_sent: Callable[[], None] | None) -> Response:
+    async def _post(
+        self,
+        call: UpstreamCall,
+        on_sent: Callable[[], None] | None,
+        on_accepted: Callable[[], None] | None,
+    ) -> Response:
         """Send the call; the response once its status and headers are in."""
-        return await self.pool.request(
+        response = await self.pool.request(
             "POST", "/chat/completions", self._request_headers(call), call.body, on_sent=on_sent
         )
+        if on_accepted is not None and 200 <= response.status < 300:
+            on_accepted()
+        return response
 
     async def complete(
         self,
@@ -229,11 +237,13 @@ class UpstreamClient:
         *,
         timeout_s: float,
         on_sent: Callable[[], None] | None = None,
+        on_accepted: Callable[[], None] | None = None,
     ) -> UpstreamReply:
-        """Send one unary completion and parse the answer; `on_sent` as `HttpPool.request`."""
+        """Send one unary completion and parse the answer; `on_sent` as `HttpPool.request`,
+        `on_accepted` once the answer's status is a success (2xx), before its body is read."""
         with _translate_errors(self.name):
             async with asyncio.timeout_at(self._deadline(timeout_s)):
-                response = await self._post(call, on_sent)
+                response = await self._post(call, on_sent, on_accepted)
                 async with response:
                     body = await response.read(max_bytes=_MAX_REPLY_BYTES)
             if response.status >= 400:
@@ -246,9 +256,10 @@ class UpstreamClient:
         *,
         timeout_s: float,
         on_sent: Callable[[], None] | None = None,
+        on_accepted: Callable[[], None] | None = None,
     ) -> AsyncIterator[StreamEvent]:
-        """Yield text chunks as they arrive, then one `StreamEnd`; `on_sent` as
-        `HttpPool.request`.
+        """Yield text chunks as they arrive, then one `StreamEnd`; `on_sent` and
+        `on_accepted` as in `complete`.
 
         The response is released on every exit path: when the consumer stops early or is
         cancelled the connection is closed at once, so the provider stops generating; a
@@ -266,7 +277,7 @@ class UpstreamClient:
         whole_stream_deadline = self._deadline(self.config.timeout_s)
         with _translate_errors(self.name):
             async with asyncio.timeout_at(deadline):
-                response = await self._post(call, on_sent)
+                response = await self._post(call, on_sent, on_accepted)
             parser = StreamParser()
             try:
                 if response.status >= 400:

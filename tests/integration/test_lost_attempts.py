@@ -1,0 +1,292 @@
+"""What an attempt the upstream most likely billed, but whose answer was lost, records.
+
+The gateway gives up on an attempt that times out at its upstream's `timeout_s` once its
+request was sent, and on one whose answer fails after a success status (malformed, cut
+or reset before any text reached the caller); the provider took both calls and bills at
+least their prompts. Each is recorded, whatever came of the call, for the caller's
+tenant and that attempt's upstream: the prompt's estimate as input, no output,
+estimated, and not as a request (`requests` stays the number of calls). An attempt that
+ended in an error status, or a reset before any answer, is not billed and records nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service.config import GatewayConfig, parse_config
+from tests.conftest import RunningGateway, chat, chat_stream, gateway_config_data
+from tests.fake_upstream import (
+    Behaviour,
+    CutStream,
+    EndWithoutDone,
+    FakeUpstream,
+    Hang,
+    MalformedSSE,
+    Reply,
+    Reset,
+    Status,
+)
+from tests.integration.helpers import error_info, rich_status
+from tests.integration.test_cut_call_charges import prompt_tokens
+from tests.integration.test_resilience import FAST_RESILIENCE
+from tests.integration.test_stream_charges import PRICED_MODELS
+from tests.redis_support import redis_url  # noqa: F401 - fixture
+from tests.telemetry_support import captured_telemetry
+
+# An upstream that gives up this soon times out well within the caller's deadline.
+SHORT_TIMEOUT_S = 0.3
+ANSWER = Reply(prompt_tokens=11, completion_tokens=5)
+ANSWER_USD = (11 * 0.27 + 5 * 1.10) / 1e6
+PROMPT_USD = prompt_tokens() * 0.27 / 1e6
+MODES = ["unary", "stream"]
+_TIMEOUT_S = 10.0
+
+
+@pytest_asyncio.fixture
+async def fakes() -> AsyncIterator[tuple[FakeUpstream, FakeUpstream]]:
+    """Two upstreams serving the model: up0, where each call starts, then up1."""
+    async with FakeUpstream() as up0, FakeUpstream() as up1:
+        yield up0, up1
+
+
+def config_for(
+    fakes: tuple[FakeUpstream, ...], *, timeouts_s: tuple[float, ...], **sections: Any
+) -> GatewayConfig:
+    """A gateway over `fakes` (up0, up1, ...) with each upstream's `timeout_s`."""
+    data = gateway_config_data(
+        *(fake.base_url for fake in fakes),
+        models=PRICED_MODELS,
+        resilience=FAST_RESILIENCE,
+        **sections,
+    )
+    for upstream, timeout_s in zip(data["upstreams"], timeouts_s, strict=True):
+        upstream["timeout_s"] = timeout_s
+    return parse_config(data, source="<test>", environ={})
+
+
+async def call(gateway: RunningGateway, mode: str, **fields: Any) -> pb.CompletionMetadata:
+    """One call's final metadata; raises the call's AioRpcError."""
+    if mode == "unary":
+        return (await gateway.stub.Complete(chat(**fields), timeout=_TIMEOUT_S)).metadata
+    async for item in gateway.stub.CompleteStream(chat_stream(**fields), timeout=_TIMEOUT_S):
+        if item.HasField("final"):
+            return item.final
+    raise AssertionError("the stream ended without its final message")
+
+
+async def usage(gateway: RunningGateway) -> pb.GetUsageResponse:
+    await asyncio.sleep(0.2)  # a late or second record would land by now
+    return await gateway.stub.GetUsage(pb.GetUsageRequest())
+
+
+def by_upstream(response: pb.GetUsageResponse) -> dict[str, pb.UsageRow]:
+    return {row.upstream: row for row in response.rows}
+
+
+def assert_lost(row: pb.UsageRow, attempts: int = 1) -> None:
+    """`attempts` lost attempts: each its prompt's estimate, no output, and no request."""
+    assert row.requests == 0
+    assert row.estimated_requests == attempts
+    assert row.usage.input_tokens == attempts * prompt_tokens() > 0
+    assert row.usage.output_tokens == 0
+    assert row.usage.estimated
+    assert row.cost_usd == pytest.approx(attempts * PROMPT_USD, abs=1e-12)
+
+
+def assert_answered(row: pb.UsageRow) -> None:
+    """The call's answer, as the upstream reported it."""
+    assert (row.requests, row.estimated_requests) == (1, 0)
+    assert (row.usage.input_tokens, row.usage.output_tokens) == (11, 5)
+    assert not row.usage.estimated
+    assert row.cost_usd == pytest.approx(ANSWER_USD, abs=1e-12)
+
+
+def assert_answer_and_one_lost(response: pb.GetUsageResponse, *, lost_on: str) -> None:
+    """One call answered by the other upstream, and one attempt lost on `lost_on`."""
+    rows = by_upstream(response)
+    assert sorted(rows) == ["up0", "up1"]
+    assert_lost(rows[lost_on])
+    assert_answered(rows["up1" if lost_on == "up0" else "up0"])
+    total = response.total
+    assert (total.requests, total.estimated_requests) == (1, 1)
+    assert total.usage.input_tokens == 11 + prompt_tokens()
+    assert total.usage.output_tokens == 5
+    assert total.usage.estimated
+    assert total.cost_usd == pytest.approx(ANSWER_USD + PROMPT_USD, abs=1e-12)
+
+
+def assert_the_answers_own(metadata: pb.CompletionMetadata, *, attempts: int) -> None:
+    """The caller is told its answer's usage and cost, not the lost attempts'."""
+    assert (metadata.upstream, metadata.attempts) == ("up1", attempts)
+    assert (metadata.usage.input_tokens, metadata.usage.output_tokens) == (11, 5)
+    assert metadata.cost_usd == pytest.approx(ANSWER_USD, abs=1e-12)
+
+
+@pytest.mark.parametrize("ledger", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_attempt_past_its_upstreams_timeout_is_charged_its_prompt(
+    fakes: tuple[FakeUpstream, FakeUpstream],
+    start_gateway: Any,
+    request: pytest.FixtureRequest,
+    mode: str,
+    ledger: str,
+) -> None:
+    """up0 hangs past its `timeout_s` and up1 answers: one request, the answer's usage on
+    up1 and the hung attempt's prompt on up0, in the ledger and the cost metric."""
+    section = {}
+    if ledger == "redis":
+        section = {"redis_url": request.getfixturevalue("redis_url"), "key_prefix": f"lost-{mode}"}
+    captured = captured_telemetry()
+    config = config_for(fakes, timeouts_s=(SHORT_TIMEOUT_S, 10), ledger=section)
+    gateway = await start_gateway(config, telemetry=captured.telemetry)
+    fakes[0].script(Hang())
+    fakes[1].script(ANSWER)
+    assert_the_answers_own(await call(gateway, mode), attempts=2)
+    assert_answer_and_one_lost(await usage(gateway), lost_on="up0")
+    cost = captured.total("llm_gateway.cost.usd", llm_gateway__tenant="default")
+    assert cost == pytest.approx(ANSWER_USD + PROMPT_USD, abs=1e-12)
+    method = "Complete" if mode == "unary" else "CompleteStream"
+    assert captured.total("llm_gateway.requests", rpc__method=method) == 1
+
+
+AFTER_SUCCESS_STATUS: dict[str, Behaviour] = {
+    "malformed-json": Status(200, body="{not json"),
+    "cut-body": CutStream(after_chunks=0),
+    "malformed-sse": MalformedSSE(after_chunks=0),
+    "end-without-done": EndWithoutDone(after_chunks=0),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fault", list(AFTER_SUCCESS_STATUS))
+async def test_an_answer_that_fails_after_a_success_status_is_charged_its_prompt(
+    fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: Any, fault: str, mode: str
+) -> None:
+    """A 200 whose body is not JSON, is cut, or whose stream fails before its first text:
+    retried on up1, and the attempt up0 took is recorded there as lost."""
+    gateway = await start_gateway(config_for(fakes, timeouts_s=(10, 10)))
+    fakes[0].script(AFTER_SUCCESS_STATUS[fault])
+    fakes[1].script(ANSWER)
+    assert_the_answers_own(await call(gateway, mode), attempts=2)
+    assert_answer_and_one_lost(await usage(gateway), lost_on="up0")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "fault", [Status(500), Status(429), Reset()], ids=["500", "429", "reset-before-status"]
+)
+async def test_an_attempt_that_fails_before_a_success_status_is_not_charged(
+    fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: Any, fault: Behaviour, mode: str
+) -> None:
+    """up0 fails with an error status (or a reset before any answer), up1 hangs past its
+    `timeout_s`, and up0 answers: only up1's attempt is lost; up0's row is its answer."""
+    gateway = await start_gateway(config_for(fakes, timeouts_s=(10, SHORT_TIMEOUT_S)))
+    fakes[0].script(fault, ANSWER)
+    fakes[1].script(Hang())
+    metadata = await call(gateway, mode)
+    assert (metadata.upstream, metadata.attempts) == ("up0", 3)
+    assert_answer_and_one_lost(await usage(gateway), lost_on="up1")
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_call_whose_every_attempt_timed_out_is_charged_their_prompts(
+    start_gateway: Any, mode: str
+) -> None:
+    """Both upstreams hang past their `timeout_s` on all three attempts: the caller gets
+    UNAVAILABLE (UPSTREAM_TIMEOUT), and the ledger no request but three lost prompts."""
+    async with FakeUpstream(default=Hang()) as up0, FakeUpstream(default=Hang()) as up1:
+        config = config_for((up0, up1), timeouts_s=(SHORT_TIMEOUT_S, SHORT_TIMEOUT_S))
+        gateway = await start_gateway(config)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(gateway, mode)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        info = error_info(caught.value)
+        assert (info.reason, info.metadata["attempts"]) == ("UPSTREAM_TIMEOUT", "3")
+        response = await usage(gateway)
+    rows = by_upstream(response)
+    assert sorted(rows) == ["up0", "up1"]
+    assert_lost(rows["up0"], attempts=2)  # the first and third attempts
+    assert_lost(rows["up1"])
+    assert_lost(response.total, attempts=3)
+
+
+async def test_a_stream_cut_after_text_records_its_lost_attempt_and_itself_once(
+    fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: Any
+) -> None:
+    """up0 hangs past its `timeout_s`, then up1's stream is cut after two words: up0's
+    prompt is lost, and up1's row is the cut stream's alone (one request, one prompt)."""
+    gateway = await start_gateway(config_for(fakes, timeouts_s=(SHORT_TIMEOUT_S, 10)))
+    fakes[0].script(Hang())
+    fakes[1].script(CutStream(after_chunks=2))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(gateway, "stream")
+    assert error_info(caught.value).reason == "STREAM_INTERRUPTED"
+    response = await usage(gateway)
+    rows = by_upstream(response)
+    assert sorted(rows) == ["up0", "up1"]
+    assert_lost(rows["up0"])
+    cut = rows["up1"]
+    assert (cut.requests, cut.estimated_requests) == (1, 1)
+    assert cut.usage.input_tokens == prompt_tokens()
+    assert cut.usage.output_tokens > 0
+    assert (response.total.requests, response.total.estimated_requests) == (1, 2)
+
+
+@pytest.mark.parametrize("first_caller", ["stays", "leaves"])
+async def test_a_shared_call_records_its_lost_attempt_once(
+    fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: Any, first_caller: str
+) -> None:
+    """Two callers share one upstream call (the cache's flight) whose first attempt hangs
+    past up0's `timeout_s`: the lost attempt is recorded once, whether or not the caller
+    that started the call stays for the answer."""
+    config = config_for(fakes, timeouts_s=(SHORT_TIMEOUT_S, 10), cache={"backend": "memory"})
+    gateway = await start_gateway(config)
+    fakes[0].script(Hang())
+    fakes[1].script(ANSWER)
+    request = chat(params=pb.GenerationParams(temperature=0.0))
+    first = gateway.stub.Complete(request, timeout=_TIMEOUT_S)
+    async with asyncio.timeout(_TIMEOUT_S):
+        while not fakes[0].requests:
+            await asyncio.sleep(0.01)
+    second = gateway.stub.Complete(request, timeout=_TIMEOUT_S)
+    async with asyncio.timeout(_TIMEOUT_S):
+        while gateway.server.pipeline.cache.stats.coalesced < 1:
+            await asyncio.sleep(0.01)
+    if first_caller == "leaves":
+        first.cancel()
+    else:
+        assert (await first).metadata.upstream == "up1"
+    assert (await second).content == "Hello from fake"
+    response = await usage(gateway)
+    rows = by_upstream(response)
+    assert sorted(rows) == ["up0", "up1"]
+    assert_lost(rows["up0"])
+    assert rows["up1"].requests == 2  # the answer, and the follower's free cache hit
+    assert rows["up1"].cost_usd == pytest.approx(ANSWER_USD, abs=1e-12)
+    assert len(fakes[0].requests) == len(fakes[1].requests) == 1
+
+
+async def test_a_lost_attempt_counts_against_its_tenants_budget(
+    fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: Any
+) -> None:
+    """With room for one answer and one and a half prompts, a call whose first attempt was
+    lost leaves no room for the next call's prompt: the lost prompt is spent."""
+    budgets = {"default": {"usd": ANSWER_USD + 1.5 * PROMPT_USD, "period": "day"}}
+    gateway = await start_gateway(
+        config_for(fakes, timeouts_s=(SHORT_TIMEOUT_S, 10), budgets=budgets)
+    )
+    fakes[0].script(Hang())
+    fakes[1].script(ANSWER)
+    assert_the_answers_own(await call(gateway, "unary"), attempts=2)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(gateway, "unary")
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rich_status(caught.value).message.startswith("tenant 'default' has spent")
+    assert len(fakes[0].requests) == len(fakes[1].requests) == 1
