@@ -182,6 +182,10 @@ def redis_keys_hash(prefix: str) -> str:
     return f"{prefix}keys"
 
 
+def _key_store_unavailable() -> UpstreamUnavailable:
+    return UpstreamUnavailable("the caller key store is unavailable", upstream="auth-store")
+
+
 class RedisKeyStore:
     """Keys in the Redis hash `redis_keys_hash(prefix)`. While `cooldown` (shared with the
     other users of the same Redis client) leaves Redis alone, lookups fail at once."""
@@ -199,17 +203,14 @@ class RedisKeyStore:
             UpstreamUnavailable: Redis cannot be reached, or is in a cool-down (the caller
                 may retry).
         """
-        unavailable = UpstreamUnavailable(
-            "the caller key store is unavailable", upstream="auth-store"
-        )
         if self._cooldown.skips():
-            raise unavailable
+            raise _key_store_unavailable()
         try:
             tenant = await self._redis.hget(self._hash, digest)
         except Exception as exc:  # redis-py errors, timeouts: fail closed, retryable
             self._cooldown.failed(exc)
             log.warning("auth.key_store_unavailable", extra={"error": type(exc).__name__})
-            raise unavailable from None
+            raise _key_store_unavailable() from None
         self._cooldown.answered()
         if tenant is None:
             return None
