@@ -34,6 +34,7 @@ from service.config import (
     redis_password,
 )
 from service.errors import PermissionDenied, Unauthenticated, UpstreamUnavailable, quoted
+from service.store_cooldown import StoreCooldown
 
 log = logging.getLogger("llm_gateway.auth")
 
@@ -181,27 +182,36 @@ def redis_keys_hash(prefix: str) -> str:
     return f"{prefix}keys"
 
 
-class RedisKeyStore:
-    """Keys in the Redis hash `redis_keys_hash(prefix)`."""
+def _key_store_unavailable() -> UpstreamUnavailable:
+    return UpstreamUnavailable("the caller key store is unavailable", upstream="auth-store")
 
-    def __init__(self, redis: Any, *, prefix: str) -> None:
+
+class RedisKeyStore:
+    """Keys in the Redis hash `redis_keys_hash(prefix)`. While `cooldown` (shared with the
+    other users of the same Redis client) leaves Redis alone, lookups fail at once."""
+
+    def __init__(self, redis: Any, *, prefix: str, cooldown: StoreCooldown | None = None) -> None:
         self._redis = redis
         self._hash = redis_keys_hash(prefix)
+        self._cooldown = cooldown if cooldown is not None else StoreCooldown("auth")
 
     async def tenant_for(self, digest: str) -> str | None:
         """Look the digest up; Redis only ever sees digests, never keys. An entry whose
         tenant is not a valid tenant name counts as no entry.
 
         Raises:
-            UpstreamUnavailable: Redis cannot be reached (the caller may retry).
+            UpstreamUnavailable: Redis cannot be reached, or is in a cool-down (the caller
+                may retry).
         """
+        if self._cooldown.skips():
+            raise _key_store_unavailable()
         try:
             tenant = await self._redis.hget(self._hash, digest)
         except Exception as exc:  # redis-py errors, timeouts: fail closed, retryable
+            self._cooldown.failed(exc)
             log.warning("auth.key_store_unavailable", extra={"error": type(exc).__name__})
-            raise UpstreamUnavailable(
-                "the caller key store is unavailable", upstream="auth-store"
-            ) from None
+            raise _key_store_unavailable() from None
+        self._cooldown.answered()
         if tenant is None:
             return None
         name = tenant.decode("utf-8", "replace") if isinstance(tenant, bytes) else str(tenant)

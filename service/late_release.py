@@ -12,7 +12,9 @@ Releases must be idempotent: a release that timed out may still have happened. A
 that is not idempotent by nature (the usage ledger's rows) is made so by its store, and
 says through `on_give_up` when it is abandoned. A release the store refuses for what it
 is (`refused_for_good`), rather than for being unavailable, is given up at once: sent
-again it would fail again, and hold back every release queued behind it.
+again it would fail again, and hold back every release queued behind it. With a
+`StoreCooldown`, a release made while the store is left alone (it just failed to answer)
+is queued untried, and each try tells the cool-down whether the store answered.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from service.store_cooldown import StoreCooldown
 
 log = logging.getLogger("llm_gateway.late_release")
 
@@ -52,8 +56,10 @@ class LateReleases:
         max_delay_s: float = 30.0,
         max_pending: int = 10_000,
         refused_for_good: Callable[[Exception], bool] = _never,
+        cooldown: StoreCooldown | None = None,
     ) -> None:
         self._store = store
+        self._cooldown = cooldown
         self._refused_for_good = refused_for_good
         self._lease_ttl_s = lease_ttl_s
         self._first_delay_s = first_delay_s
@@ -98,10 +104,15 @@ class LateReleases:
 
     async def release_now(self, release: Release) -> None:
         """Run `release` now; if the store refuses it, or the caller is cancelled while
-        it runs (it may not have reached the store), retry it in the background."""
+        it runs (it may not have reached the store), retry it in the background. In a
+        cool-down it is queued without a try."""
+        if self._cooldown is not None and self._cooldown.skips():
+            self.retry(release)
+            return
         try:
             await release()
         except Exception as exc:
+            self._answered(exc)
             if self._refused_for_good(exc):
                 self._log_refusal(exc)
                 self._give_up(None)
@@ -122,7 +133,9 @@ class LateReleases:
         self._give_up(on_give_up)
 
     def store_answered(self) -> None:
-        """The store just took a write: retry what waits now, not after the backoff."""
+        """The store just took a write: its cool-down is over, and what waits is retried
+        now, not after the backoff."""
+        self._answered(None)
         if self._pending:
             self._wake.set()
 
@@ -159,12 +172,14 @@ class LateReleases:
                 try:
                     await item.release()
                 except Exception as exc:
+                    self._answered(exc)
                     if not self._refused_for_good(exc):
                         refusal = exc
                         break
                     self._log_refusal(exc)
                     self._give_up(item.on_give_up)
                 else:
+                    self._answered(None)
                     released += 1
                     self.released += 1
             else:
@@ -195,6 +210,15 @@ class LateReleases:
             for item in self._pending:
                 self._give_up(item.on_give_up)
             self._pending.clear()
+
+    def _answered(self, exc: Exception | None) -> None:
+        """Tell the cool-down, if any, how the store answered a try (`exc`: it failed)."""
+        if self._cooldown is None:
+            return
+        if exc is None:
+            self._cooldown.answered()
+        else:
+            self._cooldown.failed(exc)
 
     def _log_refusal(self, exc: Exception) -> None:
         log.error("late_release.refused", extra={"store": self._store, "error": str(exc)})

@@ -60,6 +60,7 @@ from service.domain import Usage
 from service.errors import UpstreamUnavailable
 from service.late_release import LateReleases
 from service.redis_errors import refused_for_good
+from service.store_cooldown import StoreCooldown
 
 log = logging.getLogger("llm_gateway.ledger")
 
@@ -229,7 +230,8 @@ class Reservation:
     """A call's expected cost held against its tenant's period spend, or the refusal to.
 
     `spent_pico` and `reserved_pico` are what the check saw: the period's recorded spend
-    and what other calls in flight held, this one not included.
+    and what other calls in flight held, this one not included. `was_sent` is False for
+    one granted without asking Redis (in a cool-down): nothing is held, or to release.
     """
 
     tenant: str
@@ -239,6 +241,7 @@ class Reservation:
     spent_pico: int = 0
     reserved_pico: int = 0
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    was_sent: bool = True
 
 
 def _fits(*, spent: int, reserved: int, cost: int, limit: int) -> bool:
@@ -576,9 +579,14 @@ class RedisLedger:
         self._reserved_script = self._redis.register_script(_RESERVED_LUA)
         self._release_script = self._redis.register_script(_RELEASE_LUA)
         self._record_script = self._redis.register_script(_RECORD_LUA)
+        # Redis left alone for a while after it fails to answer (`StoreCooldown`).
+        self.cooldown = StoreCooldown("ledger")
         # Failed reservation releases and usage rows, retried in the order they failed.
         self.late_releases = LateReleases(
-            "ledger", lease_ttl_s=RESERVATION_TTL_S, refused_for_good=refused_for_good
+            "ledger",
+            lease_ttl_s=RESERVATION_TTL_S,
+            refused_for_good=refused_for_good,
+            cooldown=self.cooldown,
         )
         self._old_dims_key = f"{self._prefix}:dims"
         self._max_rows = config.max_rows_per_tenant
@@ -610,7 +618,8 @@ class RedisLedger:
 
         If Redis does not take it (unreachable, or `READONLY` mid-failover) the call is
         not failed for it: the row is retried in the background for `RECORD_RETRY_S`,
-        and a send that timed out but landed is not counted again.
+        and a send that timed out but landed is not counted again. In a cool-down it
+        waits there untried.
         """
         now = self._buckets.now()
         bucket = self._buckets.start(now)
@@ -662,9 +671,13 @@ class RedisLedger:
                 record_late, expires_after_s=RECORD_RETRY_S, on_give_up=give_up
             )
 
+        if self.cooldown.skips():
+            retry_late()
+            return
         try:
             await record_now()
         except (RedisError, OSError) as exc:
+            self.cooldown.failed(exc)
             # A call the upstream already served is not failed for its ledger line.
             log.warning("ledger.record_failed", extra={"error": str(exc) or type(exc).__name__})
             if refused_for_good(exc):
@@ -689,15 +702,22 @@ class RedisLedger:
         """Rows matching `query`, summed over its time window.
 
         Raises:
-            UpstreamUnavailable: Redis cannot be reached (the caller may retry).
+            UpstreamUnavailable: Redis cannot be reached, or is in a cool-down (the caller
+                may retry).
         """
+        unavailable = UpstreamUnavailable(
+            "the usage ledger is unavailable", upstream="usage-ledger"
+        )
+        if self.cooldown.skips():
+            raise unavailable
         try:
-            return await self._query(query)
+            rows = await self._query(query)
         except (RedisError, OSError) as exc:
+            self.cooldown.failed(exc)
             log.warning("ledger.query_failed", extra={"error": type(exc).__name__})
-            raise UpstreamUnavailable(
-                "the usage ledger is unavailable", upstream="usage-ledger"
-            ) from None
+            raise unavailable from None
+        self.cooldown.answered()
+        return rows
 
     async def _query(self, query: UsageFilter) -> list[UsageRow]:
         low, high = self._buckets.window(query)
@@ -775,11 +795,15 @@ class RedisLedger:
         Budgets fail open: an unreachable ledger must not refuse every call.
         """
         key = f"{self._prefix}:spend:{tenant}:{period_key(period, self._buckets.now())}"
+        if self.cooldown.skips():
+            return 0.0
         try:
             raw = await self._redis.get(key)
         except (RedisError, OSError) as exc:
+            self.cooldown.failed(exc)
             log.warning("ledger.spend_unavailable", extra={"error": type(exc).__name__})
             return 0.0
+        self.cooldown.answered()
         return int(raw or 0) / PICO
 
     def _budget_keys(self, tenant: str, period_key: str) -> list[str]:
@@ -793,21 +817,25 @@ class RedisLedger:
     ) -> Reservation:
         """Check and hold in one script, so replicas see each other's reservations.
 
-        While Redis is down budgets fail open: granted, with nothing held, if the cost
-        alone fits the limit.
+        While Redis is down (or in a cool-down) budgets fail open: granted, with nothing
+        held, if the cost alone fits the limit.
         """
         now = self._buckets.now()
         key = period_key(period, now)
         cost, limit = to_pico(cost_usd), to_pico(limit_usd)
         lease = Reservation(tenant=tenant, period_key=key, cost_pico=cost, is_granted=True)
+        fits_alone = _fits(spent=0, reserved=0, cost=cost, limit=limit)
+        if self.cooldown.skips():
+            return replace(lease, is_granted=fits_alone, was_sent=False)
         try:
             is_granted, spent, reserved = await self._reserve_script(
                 keys=self._budget_keys(tenant, key),
                 args=[now, cost, limit, self._lease(lease), RESERVATION_TTL_S],
             )
         except (RedisError, OSError) as exc:
+            self.cooldown.failed(exc)
             log.warning("ledger.reserve_unavailable", extra={"error": type(exc).__name__})
-            return replace(lease, is_granted=_fits(spent=0, reserved=0, cost=cost, limit=limit))
+            return replace(lease, is_granted=fits_alone)
         except BaseException:
             # Cancelled awaiting the reply: the script may have held it; give it back now.
             with contextlib.suppress(Exception):
@@ -821,19 +849,24 @@ class RedisLedger:
     async def reserved_usd(self, tenant: str, period: str) -> float:
         """What `tenant`'s calls in flight hold in the current `period` (0 while Redis is down)."""
         now = self._buckets.now()
+        if self.cooldown.skips():
+            return 0.0
         try:
             raw = await self._reserved_script(
                 keys=self._budget_keys(tenant, period_key(period, now)), args=[now]
             )
         except (RedisError, OSError) as exc:
+            self.cooldown.failed(exc)
             log.warning("ledger.spend_unavailable", extra={"error": type(exc).__name__})
             return 0.0
+        self.cooldown.answered()
         return int(raw) / PICO
 
     async def release(self, reservation: Reservation) -> None:
         """Stop holding `reservation` (idempotent). If Redis does not take the release
-        now, it is retried in the background until it does or the lease lapses."""
-        if not reservation.is_granted:
+        now (or is in a cool-down), it is retried in the background until it does or the
+        lease lapses."""
+        if not (reservation.is_granted and reservation.was_sent):
             return
 
         async def release_now() -> None:

@@ -9,6 +9,7 @@ behind it: it is given up at once, and said so in the log.
 
 from __future__ import annotations
 
+from redis import exceptions
 from redis.exceptions import (
     ClusterDownError,
     NoScriptError,
@@ -39,3 +40,13 @@ def refused_for_good(exc: BaseException) -> bool:
         # "Command # 1 (ZREM k m) of pipeline caused error: ('NOREPLICAS ...',)"
         reply = reply.partition(_PIPELINE_ERROR)[2].lstrip("('\"")
     return not reply.startswith(_NOT_NOW_CODES)
+
+
+# LOADING (`BusyLoadingError`) is a ConnectionError too: a Redis that cannot serve yet.
+_UNANSWERED = (exceptions.ConnectionError, exceptions.TimeoutError, TimeoutError, OSError)
+
+
+def is_unanswered(exc: BaseException) -> bool:
+    """Whether Redis gave no answer: the operation timed out, or could not connect. Any
+    other error is an answer, so Redis is up."""
+    return isinstance(exc, _UNANSWERED)

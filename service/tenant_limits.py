@@ -23,6 +23,7 @@ from service.config import TenantConfig
 from service.errors import QuotaExceeded
 from service.late_release import LateReleases
 from service.redis_errors import refused_for_good
+from service.store_cooldown import StoreCooldown
 
 log = logging.getLogger("llm_gateway.tenant_limits")
 
@@ -189,15 +190,21 @@ class RedisTenantLimiter:
     If Redis cannot be reached the call is admitted and a warning logged: an outage of
     the limit store should not take the whole gateway down with it. A lease Redis does
     not take back when its call ends is given back later (`LateReleases`), so a short
-    outage does not hold a tenant's slot for the lease's 15 minutes.
+    outage does not hold a tenant's slot for the lease's 15 minutes. While `cooldown`
+    (shared with the other users of the same Redis client) leaves Redis alone, calls are
+    admitted at once, and take no lease to give back.
     """
 
-    def __init__(self, redis: Any, *, prefix: str) -> None:
+    def __init__(self, redis: Any, *, prefix: str, cooldown: StoreCooldown | None = None) -> None:
         self._redis = redis
         self._prefix = prefix
         self._script = redis.register_script(_ADMIT_LUA)
+        self.cooldown = cooldown if cooldown is not None else StoreCooldown("tenant_limits")
         self.late_releases = LateReleases(
-            "tenant_limits", lease_ttl_s=_LEASE_TTL_S, refused_for_good=refused_for_good
+            "tenant_limits",
+            lease_ttl_s=_LEASE_TTL_S,
+            refused_for_good=refused_for_good,
+            cooldown=self.cooldown,
         )
 
     async def aclose(self) -> None:
@@ -241,6 +248,9 @@ class RedisTenantLimiter:
             yield
             return
         _too_large(tenant, limits, tokens=tokens, requests=requests)
+        if self.cooldown.skips():
+            yield
+            return
         lease = uuid.uuid4().hex
         keys = self._keys(tenant, lease)
         is_confirmed = True
@@ -249,6 +259,7 @@ class RedisTenantLimiter:
                 keys=keys, args=[rpm, tpm, requests, tokens, cap, lease, _LEASE_TTL_S]
             )
         except Exception as exc:  # the limit store is down: admit, say so once per call
+            self.cooldown.failed(exc)
             log.warning("tenant_limits.store_unavailable", extra={"error": type(exc).__name__})
             which, wait = 0, b""
             # A reply that timed out may follow a script that ran and took a lease, or

@@ -25,6 +25,7 @@ from service.keys_cli import keys_command
 from service.tenant_limits import RedisTenantLimiter
 from tests.conftest import chat, gateway_config
 from tests.integration.tenancy_helpers import as_tenant, bearer, detail, rpc_error, secure_config
+from tests.integration.test_cache import eventually
 from tests.secret_capture import CALLER_KEY_A, register_secret
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -354,13 +355,15 @@ class _ReplyTimesOut(_ReplyNeverArrives):
 
 async def test_a_call_admitted_without_a_reply_from_redis_leaves_no_lease(redis_url):
     """Redis ran the admission script but its reply timed out: the call is admitted (fail
-    open) and ends without leaving a lease that holds the tenant's slot for 15 minutes."""
+    open) and ends without leaving a lease that holds the tenant's slot for 15 minutes
+    (given back in the background: Redis timed out just now, so it is left alone a while)."""
     client = aioredis.Redis.from_url(redis_url)
     limiter = RedisTenantLimiter(_ReplyTimesOut(client), prefix="t-timeout:")
     limits = TenantConfig(max_concurrent_calls=1)
     try:
         async with limiter.admit("team-a", limits, tokens=10):
             pass
+        await eventually(lambda: limiter.late_releases.pending == 0)
         assert await client.zcard("t-timeout:tenant:{team-a}:inflight") == 0
     finally:
         await client.aclose()
@@ -396,6 +399,7 @@ async def test_an_admission_script_run_after_its_call_ended_takes_no_lease(redis
     try:
         async with limiter.admit("team-a", limits, tokens=10):
             pass
+        await eventually(lambda: limiter.late_releases.pending == 0)
         (script,) = late.pending
         assert await script() == [0, b""]  # it admits, as it would have on time
         assert await client.zcard("t-late:tenant:{team-a}:inflight") == 0

@@ -141,13 +141,13 @@ async def _nothing_reserved(ledger: Any) -> bool:
 async def test_a_reservation_is_not_released_before_its_usage_row_lands(
     redis_server: RedisServer, start_gateway: Any
 ) -> None:
-    """Redis pauses writes (as a primary does as it hands over in a failover) for longer
-    than a write may take: the call's usage row times out and waits to be sent again, and
-    the pause is over before its reservation's release. The budget, room for 1.5 calls,
-    must go on counting the call (reserved until its row lands), so the next call, which
-    the first one's spend leaves no room for, is refused: before, the release landed at
-    once and the next call passed on a budget that held neither the first call's spend
-    nor its reservation."""
+    """Redis refuses writes (`READONLY`, mid-failover) as the call ends: its usage row
+    waits to be sent again, and Redis takes writes again before its reservation's release.
+    The budget, room for 1.5 calls, must go on counting the call (reserved until its row
+    lands), so the next call, which the first one's spend leaves no room for, is refused:
+    before, the release landed at once and the next call passed on a budget that held
+    neither the first call's spend nor its reservation. (A row that times out instead
+    starts a cool-down, in which the next call's budget check fails open, not refused.)"""
     every_token = Reply(completion_tokens=MAX_TOKENS)  # it costs what it reserved
     async with ScriptedUpstream(models=(FAKE_MODEL,), default=every_token) as held:
         gateway = await budgeted_gateway(redis_server, held, start_gateway, timeout_s=0.3)
@@ -156,10 +156,9 @@ async def test_a_reservation_is_not_released_before_its_usage_row_lands(
         await eventually(lambda: held.requests)
         client = aioredis.Redis.from_url(redis_server.url)
         try:
-            # The row's write times out (0.3 s); the release, sent after, is let through.
-            await client.execute_command("CLIENT", "PAUSE", 450, "WRITE")
-            held.gate.set()
-            assert (await call).content  # served; its row is to be sent again
+            async with read_only(client):
+                held.gate.set()
+                assert (await call).content  # served; its row is to be sent again
             second = await outcome(gateway.stub.Complete(capped("call a"), timeout=_TIMEOUT_S))
         finally:
             await client.aclose()

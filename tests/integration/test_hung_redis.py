@@ -1,0 +1,156 @@
+"""A hung Redis costs one call its timeout, not every call: it is left alone for a while.
+
+A real redis-server is frozen (SIGSTOP): connections stay open and nothing answers, as
+with a partition that drops packets or a stuck primary. Before, every call waited out the
+operation timeout for each Redis operation on its path (its tenant slot, its budget
+reservation, its usage row, the slot's release), for as long as Redis hung. Now the first
+operation that times out starts a cool-down: the calls after it do at once what they do
+when Redis fails, and their writes wait in the background queue until Redis answers.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service.auth import generate_key, hash_key, redis_keys_hash
+from service.ledger import period_key
+from tests.conftest import chat
+from tests.fake_upstream import FakeUpstream
+from tests.integration.tenancy_helpers import as_tenant, bearer, rpc_error, secure_config
+from tests.integration.test_cache import eventually
+from tests.redis_server import RedisServer
+from tests.telemetry_support import Captured, captured_telemetry
+
+pytestmark = pytest.mark.redis
+# Each Redis operation's timeout; a call that waits on a hung Redis takes at least this.
+TIMEOUT_S = 0.2
+CALLS = 5
+# The fake's reply (7 prompt and 3 completion tokens) at the test catalog's prices.
+CALL_COST_USD = (7 * 0.14 + 3 * 0.42) / 1e6
+
+
+async def timed(call: Callable[[], Awaitable[Any]]) -> float:
+    """How long `call` took, in seconds."""
+    started = time.monotonic()
+    await call()
+    return time.monotonic() - started
+
+
+def hung_redis_config(fake: FakeUpstream, redis_server: RedisServer, prefix: str) -> Any:
+    """team-a's slot (one at a time), its budget and its usage all in `redis_server`."""
+    return secure_config(
+        fake.base_url,
+        auth={
+            "redis_url": redis_server.url,
+            "redis_key_prefix": prefix,
+            "redis_timeout_s": TIMEOUT_S,
+        },
+        tenants={"team-a": {"max_concurrent_calls": 1}, "team-b": {}},
+        ledger={
+            "redis_url": redis_server.url,
+            "key_prefix": f"{prefix}usage",
+            "operation_timeout_s": TIMEOUT_S,
+        },
+        budgets={"team-a": {"usd": 1.0, "period": "day"}},
+    )
+
+
+def writes_waiting(captured: Captured, store: str | None = None) -> float:
+    """Usage rows and releases not yet in Redis (`llm_gateway.store.writes_waiting`)."""
+    attributes = {} if store is None else {"llm_gateway__store": store}
+    return captured.total("llm_gateway.store.writes_waiting", **attributes)
+
+
+async def test_while_redis_hangs_only_the_first_call_waits_for_it(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """Five calls of team-a while Redis is frozen all succeed, and only the first takes
+    the timeout; once Redis wakes, each call's usage row lands exactly once and the
+    budget and team-a's one slot are free again."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    async with FakeUpstream() as fake:
+        captured = captured_telemetry()
+        config = hung_redis_config(fake, redis_server, prefix)
+        gateway = await start_gateway(config, telemetry=captured.telemetry)
+
+        async def call() -> None:
+            reply = await gateway.stub.Complete(chat(), metadata=as_tenant("team-a"), timeout=10)
+            assert reply.content
+
+        await call()  # connected while Redis answers
+        redis_server.pause()
+        try:
+            took = [await timed(call) for _ in range(CALLS)]
+            waiting = [writes_waiting(captured, store) for store in ("ledger", "tenant_limits")]
+        finally:
+            redis_server.resume()
+        assert took[0] >= TIMEOUT_S
+        assert [t for t in took[1:] if t >= TIMEOUT_S] == [], took
+        # Every row waits, and the first call's budget release behind its row, and its
+        # slot's release. The others took no slot and held no budget in Redis.
+        assert waiting == [CALLS + 1, 1]
+
+        await eventually(lambda: writes_waiting(captured) == 0)
+        usage = await gateway.stub.GetUsage(pb.GetUsageRequest(), metadata=as_tenant("team-a"))
+        assert usage.total.requests == CALLS + 1
+        assert usage.total.cost_usd == pytest.approx((CALLS + 1) * CALL_COST_USD, abs=1e-12)
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            day = period_key("day", time.time())
+            assert await client.zcard(f"{prefix}usage:leases:team-a:{day}") == 0
+            assert await client.zcard(f"{prefix}tenant:{{team-a}}:inflight") == 0
+        finally:
+            await client.aclose()
+        await call()  # its one slot is free
+
+
+async def test_while_redis_hangs_a_key_kept_there_is_refused_at_once_not_let_in(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """A caller whose key is only in Redis gets a retryable UNAVAILABLE while Redis is
+    frozen, never admitted as someone else; only the first lookup waits for Redis. Once
+    Redis wakes the key works again."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    key = generate_key()
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.hset(redis_keys_hash(prefix), hash_key(key), "team-b")
+    finally:
+        await client.aclose()
+    async with FakeUpstream() as fake:
+        gateway = await start_gateway(hung_redis_config(fake, redis_server, prefix))
+
+        async def call() -> pb.CompleteResponse:
+            return await gateway.stub.Complete(chat(), metadata=bearer(key), timeout=10)
+
+        assert (await call()).content
+
+        async def refused() -> None:
+            error = await rpc_error(call())
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+        redis_server.pause()
+        try:
+            took = [await timed(refused) for _ in range(CALLS)]
+        finally:
+            redis_server.resume()
+        assert took[0] >= TIMEOUT_S
+        assert [t for t in took[1:] if t >= TIMEOUT_S] == [], took
+        await eventually(lambda: _answers(call))
+
+
+async def _answers(call: Callable[[], Awaitable[pb.CompleteResponse]]) -> bool:
+    try:
+        return bool((await call()).content)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return False

@@ -1,0 +1,36 @@
+"""`StoreCooldown`: a Redis that did not answer is left alone, and tried by one at a time."""
+
+from __future__ import annotations
+
+from redis.exceptions import ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.store_cooldown import StoreCooldown
+from tests.fake_clock import FakeClock
+
+
+def test_after_a_timeout_redis_is_skipped_then_tried_by_one_caller_at_a_time() -> None:
+    """Skipped for the cool-down; past it one caller tries while the others still skip,
+    and Redis answering that one ends the cool-down for all."""
+    clock = FakeClock()
+    cooldown = StoreCooldown("test", cooldown_s=1.0, clock=clock)
+    assert not cooldown.skips()
+    cooldown.failed(RedisTimeoutError("Timeout reading from socket"))
+    assert [cooldown.skips() for _ in range(3)] == [True, True, True]
+    clock.advance(1.0)
+    assert [cooldown.skips() for _ in range(3)] == [False, True, True]
+    cooldown.answered()
+    assert not cooldown.is_cooling_down
+    assert [cooldown.skips() for _ in range(3)] == [False, False, False]
+
+
+def test_an_error_reply_starts_no_cool_down_and_ends_one() -> None:
+    """`READONLY` is an answer: Redis is up, so it is tried as before."""
+    clock = FakeClock()
+    cooldown = StoreCooldown("test", cooldown_s=1.0, clock=clock)
+    cooldown.failed(ReadOnlyError("READONLY You can't write against a read only replica."))
+    assert not cooldown.skips()
+    cooldown.failed(ConnectionRefusedError(111, "Connection refused"))
+    assert cooldown.skips()
+    cooldown.failed(ReadOnlyError("READONLY You can't write against a read only replica."))
+    assert not cooldown.is_cooling_down
