@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from cachetools import TTLCache
+
 from service.clock import SYSTEM_CLOCK, Clock
 from service.config import (
     CALLER_KEY_PREFIX,
@@ -186,41 +188,72 @@ def _key_store_unavailable() -> UpstreamUnavailable:
     return UpstreamUnavailable("the caller key store is unavailable", upstream="auth-store")
 
 
-class RedisKeyStore:
-    """Keys in the Redis hash `redis_keys_hash(prefix)`. While `cooldown` (shared with the
-    other users of the same Redis client) leaves Redis alone, lookups fail at once."""
+# How long a key's tenant, as Redis last gave it, answers for Redis while it does not
+# answer: the callers of the last minutes go on through an outage, new ones are refused.
+KNOWN_KEY_S = 300.0
+_KNOWN_KEYS = 10_000
 
-    def __init__(self, redis: Any, *, prefix: str, cooldown: StoreCooldown | None = None) -> None:
+
+class RedisKeyStore:
+    """Keys in the Redis hash `redis_keys_hash(prefix)`.
+
+    While Redis does not answer, or `cooldown` (shared with the other users of the same
+    Redis client) leaves it alone, a key Redis named in the last `known_key_s` keeps its
+    tenant; any other lookup fails at once. Redis is asked on every call while it
+    answers, so a key removed there is refused at once, and forgotten.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        prefix: str,
+        cooldown: StoreCooldown | None = None,
+        known_key_s: float = KNOWN_KEY_S,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._redis = redis
         self._hash = redis_keys_hash(prefix)
         self._cooldown = cooldown if cooldown is not None else StoreCooldown("auth")
+        self._known: TTLCache[str, str] = TTLCache(_KNOWN_KEYS, known_key_s, timer=clock.now)
 
     async def tenant_for(self, digest: str) -> str | None:
         """Look the digest up; Redis only ever sees digests, never keys. An entry whose
         tenant is not a valid tenant name counts as no entry.
 
         Raises:
-            UpstreamUnavailable: Redis cannot be reached, or is in a cool-down (the caller
-                may retry).
+            UpstreamUnavailable: Redis cannot be reached, or is in a cool-down, and did
+                not name this key lately (the caller may retry).
         """
         if self._cooldown.skips():
-            raise _key_store_unavailable()
+            return self._known_tenant(digest)
         try:
             tenant = await self._redis.hget(self._hash, digest)
         except Exception as exc:  # redis-py errors, timeouts: fail closed, retryable
             self._cooldown.failed(exc)
             log.warning("auth.key_store_unavailable", extra={"error": type(exc).__name__})
-            raise _key_store_unavailable() from None
+            return self._known_tenant(digest)
         self._cooldown.answered()
-        if tenant is None:
-            return None
-        name = tenant.decode("utf-8", "replace") if isinstance(tenant, bytes) else str(tenant)
-        if not is_tenant_name(name):
+        name = None
+        if tenant is not None:
+            name = tenant.decode("utf-8", "replace") if isinstance(tenant, bytes) else str(tenant)
+        if name is not None and not is_tenant_name(name):
             # Entries written by hand are not checked on the way in, as the keys file's
             # are: an empty or "*" tenant would read every tenant's usage with GetUsage.
             log.warning("auth.key_store_bad_tenant", extra={"key_sha256_prefix": digest[:8]})
-            return None
+            name = None
+        if name is None:
+            self._known.pop(digest, None)
+        else:
+            self._known[digest] = name
         return name
+
+    def _known_tenant(self, digest: str) -> str:
+        """The tenant Redis last named for `digest`, if lately; else fail closed."""
+        tenant = self._known.get(digest)
+        if tenant is None:
+            raise _key_store_unavailable()
+        return tenant
 
 
 def local_key_stores(config: AuthConfig) -> list[KeyStore]:

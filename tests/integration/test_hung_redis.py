@@ -20,9 +20,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from llmgateway.v1 import gateway_pb2 as pb
-from service.auth import generate_key, hash_key, redis_keys_hash
+from service.auth import RedisKeyStore, generate_key, hash_key, redis_keys_hash
+from service.errors import UpstreamUnavailable
 from service.ledger import period_key
+from service.store_cooldown import StoreCooldown
 from tests.conftest import chat
+from tests.fake_clock import FakeClock
 from tests.fake_upstream import FakeUpstream
 from tests.integration.tenancy_helpers import as_tenant, bearer, rpc_error, secure_config
 from tests.integration.test_cache import eventually
@@ -112,19 +115,51 @@ async def test_while_redis_hangs_only_the_first_call_waits_for_it(
         await call()  # its one slot is free
 
 
-async def test_while_redis_hangs_a_key_kept_there_is_refused_at_once_not_let_in(
+async def test_while_redis_hangs_a_known_key_works_and_an_unknown_one_is_refused_at_once(
     redis_server: RedisServer, start_gateway: Any
 ) -> None:
-    """A caller whose key is only in Redis gets a retryable UNAVAILABLE while Redis is
-    frozen, never admitted as someone else; only the first lookup waits for Redis. Once
-    Redis wakes the key works again."""
+    """While Redis is frozen, a key Redis named lately keeps its tenant (its caller goes
+    on through the outage), and one it never named gets a retryable UNAVAILABLE, never
+    admitted as someone else; only the first lookup waits for Redis. Once Redis wakes
+    the new key works too.
+
+    Before, every caller whose key is kept in Redis was refused while it hung.
+    """
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    known, new = generate_key(), generate_key()
+    await _store_keys(redis_server, prefix, {known: "team-b", new: "team-b"})
+    async with FakeUpstream() as fake:
+        gateway = await start_gateway(hung_redis_config(fake, redis_server, prefix))
+
+        async def call(key: str) -> pb.CompleteResponse:
+            return await gateway.stub.Complete(chat(), metadata=bearer(key), timeout=10)
+
+        assert (await call(known)).content
+
+        async def refused() -> None:
+            error = await rpc_error(call(new))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+        redis_server.pause()
+        try:
+            took = [await timed(refused) for _ in range(CALLS)]
+            for _ in range(CALLS):
+                assert (await call(known)).content
+        finally:
+            redis_server.resume()
+        assert took[0] >= TIMEOUT_S
+        assert [t for t in took[1:] if t >= TIMEOUT_S] == [], took
+        await eventually(lambda: _answers(lambda: call(new)))
+
+
+async def test_a_key_removed_from_redis_is_not_let_in_while_redis_hangs(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """A key removed from Redis is refused at the next call, and forgotten: it is not
+    let in on its old tenant when Redis then hangs."""
     prefix = f"t-{uuid.uuid4().hex[:8]}:"
     key = generate_key()
-    client = aioredis.Redis.from_url(redis_server.url)
-    try:
-        await client.hset(redis_keys_hash(prefix), hash_key(key), "team-b")
-    finally:
-        await client.aclose()
+    await _store_keys(redis_server, prefix, {key: "team-b"})
     async with FakeUpstream() as fake:
         gateway = await start_gateway(hung_redis_config(fake, redis_server, prefix))
 
@@ -132,19 +167,60 @@ async def test_while_redis_hangs_a_key_kept_there_is_refused_at_once_not_let_in(
             return await gateway.stub.Complete(chat(), metadata=bearer(key), timeout=10)
 
         assert (await call()).content
-
-        async def refused() -> None:
-            error = await rpc_error(call())
-            assert error.code() == grpc.StatusCode.UNAVAILABLE
-
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await client.hdel(redis_keys_hash(prefix), hash_key(key))
+        finally:
+            await client.aclose()
+        assert (await rpc_error(call())).code() == grpc.StatusCode.UNAUTHENTICATED
         redis_server.pause()
         try:
-            took = [await timed(refused) for _ in range(CALLS)]
+            error = await rpc_error(call())
         finally:
             redis_server.resume()
-        assert took[0] >= TIMEOUT_S
-        assert [t for t in took[1:] if t >= TIMEOUT_S] == [], took
-        await eventually(lambda: _answers(call))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_known_key_answers_for_redis_only_as_long_as_known_key_s(
+    redis_server: RedisServer,
+) -> None:
+    """The tenant Redis gave a key stands in for Redis for `known_key_s` after that
+    answer, and no longer: then the key is refused until Redis answers again."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    key = generate_key()
+    await _store_keys(redis_server, prefix, {key: "team-b"})
+    clock = FakeClock()
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=TIMEOUT_S)
+    store = RedisKeyStore(
+        client,
+        prefix=prefix,
+        cooldown=StoreCooldown("auth", clock=clock),
+        known_key_s=60,
+        clock=clock,
+    )
+    try:
+        assert await store.tenant_for(hash_key(key)) == "team-b"
+        redis_server.pause()
+        try:
+            assert await store.tenant_for(hash_key(key)) == "team-b"  # Redis timed out: known
+            clock.advance(59)
+            assert await store.tenant_for(hash_key(key)) == "team-b"  # still known
+            clock.advance(1)
+            with pytest.raises(UpstreamUnavailable):
+                await store.tenant_for(hash_key(key))
+        finally:
+            redis_server.resume()
+    finally:
+        await client.aclose()
+
+
+async def _store_keys(redis_server: RedisServer, prefix: str, tenants: dict[str, str]) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for key, tenant in tenants.items():
+            await client.hset(redis_keys_hash(prefix), hash_key(key), tenant)
+    finally:
+        await client.aclose()
 
 
 async def _answers(call: Callable[[], Awaitable[pb.CompleteResponse]]) -> bool:
