@@ -332,7 +332,8 @@ class Pipeline:
                 )
                 await self._hand_over(hold, owed, request, completion)
             finally:
-                await self._account_lost(prepared, log, owed)
+                if log.lost:
+                    await self._account_lost(prepared, log, owed)
         return completion
 
     async def _hand_over(
@@ -387,8 +388,6 @@ class Pipeline:
         leaving) stops none of them, and the answer still `owed` to a caller is recorded
         here too, before the reservation is released: the upstream billed it all.
         """
-        if not log.lost:
-            return
         request = prepared.request
         usage = Usage(input_tokens=prepared.prompt_tokens, output_tokens=0, is_estimated=True)
         cost_usd = self._prices.cost_usd(request.model, usage)
@@ -513,7 +512,8 @@ class Pipeline:
                 )
                 await self._hand_over(hold, owed, request, completion)  # inside, as in _complete
             finally:
-                await self._account_lost(prepared, log, owed)
+                if log.lost:
+                    await self._account_lost(prepared, log, owed)
         yield completion
 
 
