@@ -296,28 +296,33 @@ async def test_a_lost_attempt_counts_against_its_tenants_budget(
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("cache", ["off", "shared"])
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_call_cut_while_its_lost_attempts_are_recorded_records_them_and_its_answer(
     fakes: tuple[FakeUpstream, FakeUpstream],
     start_gateway: Any,
     redis_server: RedisServer,
     mode: str,
+    cache: str,
 ) -> None:
     """up0 and up1 hang past their `timeout_s`, then up0 answers; Redis holds writes as the
     answer comes (a failover), so recording the two lost attempts waits, and the caller
-    cancels meanwhile. Once Redis takes writes again the ledger has both lost prompts and
-    the answer: before, the cancel stopped the recording at the first lost row, and the
-    answer, which the upstream billed, was never recorded."""
-    ledger = {"redis_url": redis_server.url, "key_prefix": f"cut-lost-{mode}"}
+    cancels meanwhile (with the cache, the shared call is then cut too). Once Redis takes
+    writes again the ledger has both lost prompts and the answer: before, the cancel
+    stopped the recording at the first lost row, and the answer, which the upstream
+    billed, was never recorded."""
+    ledger = {"redis_url": redis_server.url, "key_prefix": f"cut-lost-{mode}-{cache}"}
     config = config_for(
         fakes,
         timeouts_s=(SHORT_TIMEOUT_S, SHORT_TIMEOUT_S),
         ledger={**ledger, "operation_timeout_s": 5.0},
+        cache={"backend": "memory", "enabled": cache == "shared"},
     )
     gateway = await start_gateway(config)
     fakes[0].script(Hang(), Reply(prompt_tokens=11, completion_tokens=5, delay_s=0.2))
     fakes[1].script(Hang())
-    answered = asyncio.ensure_future(call(gateway, mode))
+    params = pb.GenerationParams(temperature=0.0)  # cacheable: the call runs in a flight
+    answered = asyncio.ensure_future(call(gateway, mode, params=params))
     await eventually(lambda: len(fakes[0].requests) == 2)
     client = aioredis.Redis.from_url(redis_server.url)
     try:
@@ -328,6 +333,7 @@ async def test_a_call_cut_while_its_lost_attempts_are_recorded_records_them_and_
             await answered
     finally:
         await client.aclose()
+    assert gateway.server.pipeline.cache.stats.misses == (cache == "shared")
     ledger_ = gateway.server.pipeline.ledger
     await asyncio.sleep(1.2)  # Redis takes writes again
     await eventually(lambda: ledger_.late_releases.pending == 0)
