@@ -199,6 +199,22 @@ async def test_an_attempt_that_fails_before_a_success_status_is_not_charged(
 
 
 @pytest.mark.parametrize("mode", MODES)
+async def test_an_error_status_whose_body_times_out_is_not_charged(
+    fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: Any, mode: str
+) -> None:
+    """up0 answers 503 at once but its body stalls past up0's `timeout_s`, and up1
+    answers: the attempt up0 refused with its status records nothing, as any error status
+    does (before, its timeout made it a lost attempt, its prompt charged)."""
+    gateway = await start_gateway(config_for(fakes, timeouts_s=(SHORT_TIMEOUT_S, 10)))
+    fakes[0].script(Status(503, body_delay_s=5.0))
+    fakes[1].script(ANSWER)
+    assert_the_answers_own(await call(gateway, mode), attempts=2)
+    response = await usage(gateway)
+    assert sorted(by_upstream(response)) == ["up1"]
+    assert_answered(response.total)
+
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_a_call_whose_every_attempt_timed_out_is_charged_their_prompts(
     start_gateway: Any, mode: str
 ) -> None:
