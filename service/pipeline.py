@@ -215,7 +215,8 @@ class Pipeline:
                 await self.account(request, completion)
             finally:
                 if owed.completion is not None:  # its caller left before it was handed over
-                    await self.account(request, owed.completion)
+                    left, owed.completion = owed.completion, None
+                    await self.account(request, left)
         return completion
 
     def _remember(self, repeat_key: RepeatKey, prepared: PreparedRequest) -> str | None:
@@ -302,36 +303,37 @@ class Pipeline:
         # is released, so its cost counts all along, reserved or spent.
         async with hold.reserving(request, prompt_tokens=prepared.prompt_tokens):
             try:
-                reply = await self._pool.complete(
-                    request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
+                try:
+                    reply = await self._pool.complete(
+                        request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
+                    )
+                except UpstreamContextExceeded:
+                    self.calibration.refused_as_too_long(request.model)
+                    raise
+                except BaseException:
+                    if log.is_cut_after_sending:
+                        await self._account_cut(prepared, "", log)
+                    raise
+                self._on_answered()  # before a cache write, when this runs in the caller's task
+                upstream_ms = log.upstream_s * _MS
+                completion = self._completion(
+                    prepared,
+                    log,
+                    completion_id=reply.id or f"gw-{uuid.uuid4().hex}",
+                    model=reply.model,
+                    content=reply.content,
+                    finish_reason=reply.finish_reason,
+                    reported=reply.usage,
+                    timings=Timings(
+                        total_ms=(time.monotonic() - started) * _MS,
+                        upstream_ms=upstream_ms,
+                        time_to_first_token_ms=upstream_ms,
+                    ),
                 )
-            except UpstreamContextExceeded:
-                self.calibration.refused_as_too_long(request.model)
-                raise
-            except BaseException:
-                if log.is_cut_after_sending:
-                    await self._account_cut(prepared, "", log)
-                raise
+                await self._hand_over(hold, owed, request, completion)
             finally:
                 if log.lost:
-                    await self._account_lost(prepared, log)
-            self._on_answered()  # before a cache write, when this runs in the caller's task
-            upstream_ms = log.upstream_s * _MS
-            completion = self._completion(
-                prepared,
-                log,
-                completion_id=reply.id or f"gw-{uuid.uuid4().hex}",
-                model=reply.model,
-                content=reply.content,
-                finish_reason=reply.finish_reason,
-                reported=reply.usage,
-                timings=Timings(
-                    total_ms=(time.monotonic() - started) * _MS,
-                    upstream_ms=upstream_ms,
-                    time_to_first_token_ms=upstream_ms,
-                ),
-            )
-            await self._hand_over(hold, owed, request, completion)
+                    await self._account_lost(prepared, log, owed)
         return completion
 
     async def _hand_over(
@@ -370,7 +372,7 @@ class Pipeline:
         )
         await self.account(request, completion)
 
-    async def _account_lost(self, prepared: PreparedRequest, log: AttemptLog) -> None:
+    async def _account_lost(self, prepared: PreparedRequest, log: AttemptLog, owed: _Owed) -> None:
         """Record each attempt the upstream most likely billed but whose answer was lost
         (`AttemptLog.lose`): timed out at the upstream's `timeout_s` once sent, or failed
         after a success status.
@@ -378,26 +380,48 @@ class Pipeline:
         One row each, for the caller's tenant and the attempt's upstream: the prompt's
         estimate as input, no output, estimated. Not a request: `requests` stays the number
         of calls, and the call's answer (if any) keeps its own usage and cost. Called
-        inside `hold.reserving`, in the upstream call's task, so once per upstream call
-        even when a shared flight serves several callers.
+        inside `hold.reserving`, once the call's answer (if any) is handed over, in the
+        upstream call's task, so once per upstream call even when a shared flight serves
+        several callers.
+
+        A cancel while they are recorded (the caller's, or every caller of a shared call
+        leaving) stops none of them, and the answer still `owed` to a caller is recorded
+        here too, before the reservation is released: the upstream billed it all.
         """
         request = prepared.request
         usage = Usage(input_tokens=prepared.prompt_tokens, output_tokens=0, is_estimated=True)
         cost_usd = self._prices.cost_usd(request.model, usage)
         lost, log.lost = log.lost, ()
-        for upstream in lost:
-            telemetry().record_lost_attempt(request, cost_usd)
-            await self.ledger.record(
-                UsageEntry(
-                    tenant=request.tenant,
-                    model=request.model,
-                    upstream=upstream,
-                    labels=request.labels,
-                    usage=usage,
-                    cost_usd=cost_usd,
-                    is_request=False,
-                )
+        entries = [
+            UsageEntry(
+                tenant=request.tenant,
+                model=request.model,
+                upstream=upstream,
+                labels=request.labels,
+                usage=usage,
+                cost_usd=cost_usd,
+                is_request=False,
             )
+            for upstream in lost
+        ]
+        for _ in entries:
+            telemetry().record_lost_attempt(request, cost_usd)
+        try:
+            await self._record_each(entries)
+        except BaseException:
+            if owed.completion is not None:
+                completion, owed.completion = owed.completion, None
+                await self.account(request, completion)
+            raise
+
+    async def _record_each(self, entries: list[UsageEntry]) -> None:
+        """Record every entry, each even when the task is cancelled while an earlier one is
+        (the cancel is raised once all are recorded)."""
+        if entries:
+            try:
+                await self.ledger.record(entries[0])
+            finally:
+                await self._record_each(entries[1:])
 
     async def stream(
         self, request: ChatRequest, *, deadline: Deadline
@@ -427,7 +451,8 @@ class Pipeline:
                             yield event
             finally:
                 if owed.completion is not None:  # its caller left before it was handed over
-                    await self.account(request, owed.completion)
+                    left, owed.completion = owed.completion, None
+                    await self.account(request, left)
 
     async def _stream(
         self,
@@ -451,43 +476,44 @@ class Pipeline:
                 ),
             )
             try:
-                async with contextlib.aclosing(upstream):
-                    async for event in upstream:
-                        if isinstance(event, TextChunk):
-                            parts.append(event.content)
-                            yield Delta(event.content)
-                        else:
-                            end = event
-            except UpstreamContextExceeded:  # before any text
-                self.calibration.refused_as_too_long(request.model)
-                raise
-            except BaseException:
-                # Cut by the upstream, the caller or its deadline: the text sent was billed,
-                # and the prompt was once the upstream had it.
-                if parts or log.is_cut_after_sending:
-                    await self._account_cut(prepared, "".join(parts), log)
-                raise
+                try:
+                    async with contextlib.aclosing(upstream):
+                        async for event in upstream:
+                            if isinstance(event, TextChunk):
+                                parts.append(event.content)
+                                yield Delta(event.content)
+                            else:
+                                end = event
+                except UpstreamContextExceeded:  # before any text
+                    self.calibration.refused_as_too_long(request.model)
+                    raise
+                except BaseException:
+                    # Cut by the upstream, the caller or its deadline: the text sent was
+                    # billed, and the prompt was once the upstream had it.
+                    if parts or log.is_cut_after_sending:
+                        await self._account_cut(prepared, "".join(parts), log)
+                    raise
+                if end is None:  # the pool always ends a stream with StreamEnd or raises
+                    raise RuntimeError("stream ended without its end event")
+                self._on_answered()
+                completion = self._completion(
+                    prepared,
+                    log,
+                    completion_id=end.id or f"gw-{uuid.uuid4().hex}",
+                    model=end.model,
+                    content="".join(parts),
+                    finish_reason=end.finish_reason,
+                    reported=end.usage,
+                    timings=Timings(
+                        total_ms=(time.monotonic() - started) * _MS,
+                        upstream_ms=log.upstream_s * _MS,
+                        time_to_first_token_ms=(log.first_token_s or log.upstream_s) * _MS,
+                    ),
+                )
+                await self._hand_over(hold, owed, request, completion)  # inside, as in _complete
             finally:
                 if log.lost:
-                    await self._account_lost(prepared, log)
-            if end is None:  # the pool always ends a stream with StreamEnd or raises
-                raise RuntimeError("stream ended without its end event")
-            self._on_answered()
-            completion = self._completion(
-                prepared,
-                log,
-                completion_id=end.id or f"gw-{uuid.uuid4().hex}",
-                model=end.model,
-                content="".join(parts),
-                finish_reason=end.finish_reason,
-                reported=end.usage,
-                timings=Timings(
-                    total_ms=(time.monotonic() - started) * _MS,
-                    upstream_ms=log.upstream_s * _MS,
-                    time_to_first_token_ms=(log.first_token_s or log.upstream_s) * _MS,
-                ),
-            )
-            await self._hand_over(hold, owed, request, completion)  # inside, as in _complete
+                    await self._account_lost(prepared, log, owed)
         yield completion
 
 

@@ -99,8 +99,10 @@ class AttemptLog:
     records: list[AttemptRecord] = field(default_factory=list)
     # Whether the last attempt's request reached the upstream whole (`HttpPool.request`).
     is_sent: bool = False
-    # Whether the last attempt's answer came with a success status (`UpstreamClient`).
+    # Whether the last attempt's answer came with a success status (`UpstreamClient`), or
+    # with an error status: the upstream refused the call, and bills nothing for it.
     is_accepted: bool = False
+    is_refused: bool = False
     # Whether the caller (cancelled, or its deadline) cut the last attempt after it was sent
     # and before its answer: the upstream has the prompt, and may bill it.
     is_cut_after_sending: bool = False
@@ -112,13 +114,16 @@ class AttemptLog:
         """The last attempt's request reached the upstream whole."""
         self.is_sent = True
 
-    def accepted(self) -> None:
-        """The last attempt's answer came with a success status: the upstream took the call."""
-        self.is_accepted = True
+    def answered(self, status: int) -> None:
+        """The last attempt's answer came with `status`: a success (2xx) says the upstream
+        took the call, any other that it refused it."""
+        self.is_accepted = 200 <= status < 300
+        self.is_refused = not self.is_accepted
 
     def cut(self) -> None:
-        """The caller cut the last attempt: recorded only if its request had been sent."""
-        self.is_cut_after_sending = self.is_sent
+        """The caller cut the last attempt: recorded only if its request had been sent, and
+        not refused."""
+        self.is_cut_after_sending = self.is_sent and not self.is_refused
 
     def lose(self, upstream: str, exc: UpstreamError) -> None:
         """The last attempt, to `upstream`, failed with `exc` before any of its answer was
@@ -127,10 +132,12 @@ class AttemptLog:
         That is when it timed out (at the upstream's own `timeout_s`) after its request was
         sent whole, or when its answer failed after a success status (malformed, cut or
         reset): a provider sends that status for a call it took, and for a non-streamed
-        answer only once it has generated all of it. An error status is not billed, and a
-        call refused or reset before any answer most likely never ran.
+        answer only once it has generated all of it. An error status is not billed, even
+        when its body times out, and a call refused or reset before any answer most likely
+        never ran.
         """
-        if self.is_accepted or (self.is_sent and isinstance(exc, UpstreamTimeout)):
+        timed_out = self.is_sent and not self.is_refused and isinstance(exc, UpstreamTimeout)
+        if self.is_accepted or timed_out:
             self.lost = (*self.lost, upstream)
 
 
@@ -534,7 +541,7 @@ class UpstreamPool:
                 continue
             log.attempts += 1
             log.upstream = route.client.name
-            log.is_sent = log.is_accepted = log.is_cut_after_sending = False
+            log.is_sent = log.is_accepted = log.is_refused = log.is_cut_after_sending = False
             return route, *admitted
         return None
 
@@ -563,7 +570,7 @@ class UpstreamPool:
                         self._call(request, route, stream=False, headers=headers),
                         timeout_s=timeout_s,
                         on_sent=log.sent,
-                        on_accepted=log.accepted,
+                        on_status=log.answered,
                     )
                     span.finish(
                         response_id=reply.id,
@@ -630,7 +637,7 @@ class UpstreamPool:
                             self._call(request, route, stream=True, headers=headers),
                             timeout_s=timeout_s,
                             on_sent=log.sent,
-                            on_accepted=log.accepted,
+                            on_status=log.answered,
                         ),
                     )
                     async with contextlib.aclosing(events):

@@ -90,6 +90,7 @@ class Status:
     body: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    body_delay_s: float = 0.0  # the status and headers at once, the body this much later
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +338,8 @@ class FakeUpstream:
             case Status():
                 if behaviour.delay_s > 0:
                     await asyncio.sleep(behaviour.delay_s)
+                if behaviour.body_delay_s > 0:
+                    return await self._slow_status(request, behaviour)
                 return self._status(behaviour)
             case Hang():
                 await _wait_forever()
@@ -473,6 +476,20 @@ class FakeUpstream:
             chunk_delay_s=reply.chunk_delay_s,
         )
         await _send(resp, events, framing)
+        await resp.write_eof()
+        return resp
+
+    @staticmethod
+    async def _slow_status(request: web.Request, status: Status) -> web.StreamResponse:
+        """Send a Status behaviour's status and headers, and its body `body_delay_s` later."""
+        headers = CIMultiDict({"Content-Type": "application/json"})
+        headers.update(status.headers)
+        resp = web.StreamResponse(status=status.code, headers=headers)
+        await resp.prepare(request)
+        await resp.write(b" ")  # JSON may start with a space: the status goes out now
+        await asyncio.sleep(status.body_delay_s)
+        body = status.body or json.dumps(error_body(f"Fake status {status.code}.", status.code))
+        await resp.write(body.encode())
         await resp.write_eof()
         return resp
 

@@ -221,14 +221,14 @@ class UpstreamClient:
         self,
         call: UpstreamCall,
         on_sent: Callable[[], None] | None,
-        on_accepted: Callable[[], None] | None,
+        on_status: Callable[[int], None] | None,
     ) -> Response:
         """Send the call; the response once its status and headers are in."""
         response = await self.pool.request(
             "POST", "/chat/completions", self._request_headers(call), call.body, on_sent=on_sent
         )
-        if on_accepted is not None and 200 <= response.status < 300:
-            on_accepted()
+        if on_status is not None:
+            on_status(response.status)
         return response
 
     async def complete(
@@ -237,13 +237,13 @@ class UpstreamClient:
         *,
         timeout_s: float,
         on_sent: Callable[[], None] | None = None,
-        on_accepted: Callable[[], None] | None = None,
+        on_status: Callable[[int], None] | None = None,
     ) -> UpstreamReply:
         """Send one unary completion and parse the answer; `on_sent` as `HttpPool.request`,
-        `on_accepted` once the answer's status is a success (2xx), before its body is read."""
+        `on_status` with the answer's status, before its body is read."""
         with _translate_errors(self.name):
             async with asyncio.timeout_at(self._deadline(timeout_s)):
-                response = await self._post(call, on_sent, on_accepted)
+                response = await self._post(call, on_sent, on_status)
                 async with response:
                     body = await response.read(max_bytes=_MAX_REPLY_BYTES)
             if response.status >= 400:
@@ -256,10 +256,10 @@ class UpstreamClient:
         *,
         timeout_s: float,
         on_sent: Callable[[], None] | None = None,
-        on_accepted: Callable[[], None] | None = None,
+        on_status: Callable[[int], None] | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """Yield text chunks as they arrive, then one `StreamEnd`; `on_sent` and
-        `on_accepted` as in `complete`.
+        `on_status` as in `complete`.
 
         The response is released on every exit path: when the consumer stops early or is
         cancelled the connection is closed at once, so the provider stops generating; a
@@ -277,7 +277,7 @@ class UpstreamClient:
         whole_stream_deadline = self._deadline(self.config.timeout_s)
         with _translate_errors(self.name):
             async with asyncio.timeout_at(deadline):
-                response = await self._post(call, on_sent, on_accepted)
+                response = await self._post(call, on_sent, on_status)
             parser = StreamParser()
             try:
                 if response.status >= 400:

@@ -18,7 +18,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.domain import Message, Role
 from service.tokens import estimate_prompt_tokens
 from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
-from tests.fake_upstream import FakeUpstream, Hang, Reply
+from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
 from tests.integration.helpers import rich_status
 from tests.integration.test_resilience import dataclass_replace_upstream
 from tests.integration.test_stream_charges import PRICED_MODELS, recorded
@@ -114,6 +114,28 @@ async def test_a_call_cut_before_its_request_was_sent_records_nothing(
     await upstream.wait_for_disconnect(timeout_s=_TIMEOUT_S)
     assert_prompt_charge(await recorded(gateway, requests=1))
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_call_cut_while_an_error_status_is_read_records_nothing(
+    upstream: FakeUpstream, start_gateway: Any, mode: str
+) -> None:
+    """The upstream refused the call with a 503 whose body stalls, and the caller cancels
+    meanwhile: a refusal is not billed, so nothing is recorded (before, the cut after the
+    request was sent charged its prompt)."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, models=PRICED_MODELS))
+    upstream.script(Status(503, body_delay_s=5.0))
+    if mode == "unary":
+        call: Any = gateway.stub.Complete(chat(), timeout=10)
+    else:
+        call = gateway.stub.CompleteStream(chat_stream(), timeout=10)
+        reading = asyncio.ensure_future(call.read())
+    await until_sent(upstream)
+    await asyncio.sleep(0.3)  # the status is in, its body still to come
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await (call if mode == "unary" else reading)
+    await nothing_recorded(gateway)
 
 
 async def test_a_shared_unary_call_every_caller_leaves_is_charged_once(

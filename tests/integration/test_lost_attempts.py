@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import GatewayConfig, parse_config
@@ -34,9 +35,11 @@ from tests.fake_upstream import (
     Status,
 )
 from tests.integration.helpers import error_info, rich_status
+from tests.integration.test_cache import eventually
 from tests.integration.test_cut_call_charges import prompt_tokens
 from tests.integration.test_resilience import FAST_RESILIENCE
 from tests.integration.test_stream_charges import PRICED_MODELS
+from tests.redis_server import RedisServer
 from tests.redis_support import redis_url  # noqa: F401 - fixture
 from tests.telemetry_support import captured_telemetry
 
@@ -196,6 +199,22 @@ async def test_an_attempt_that_fails_before_a_success_status_is_not_charged(
 
 
 @pytest.mark.parametrize("mode", MODES)
+async def test_an_error_status_whose_body_times_out_is_not_charged(
+    fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: Any, mode: str
+) -> None:
+    """up0 answers 503 at once but its body stalls past up0's `timeout_s`, and up1
+    answers: the attempt up0 refused with its status records nothing, as any error status
+    does (before, its timeout made it a lost attempt, its prompt charged)."""
+    gateway = await start_gateway(config_for(fakes, timeouts_s=(SHORT_TIMEOUT_S, 10)))
+    fakes[0].script(Status(503, body_delay_s=5.0))
+    fakes[1].script(ANSWER)
+    assert_the_answers_own(await call(gateway, mode), attempts=2)
+    response = await usage(gateway)
+    assert sorted(by_upstream(response)) == ["up1"]
+    assert_answered(response.total)
+
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_a_call_whose_every_attempt_timed_out_is_charged_their_prompts(
     start_gateway: Any, mode: str
 ) -> None:
@@ -290,3 +309,56 @@ async def test_a_lost_attempt_counts_against_its_tenants_budget(
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert rich_status(caught.value).message.startswith("tenant 'default' has spent")
     assert len(fakes[0].requests) == len(fakes[1].requests) == 1
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("cache", ["off", "shared"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_call_cut_while_its_lost_attempts_are_recorded_records_them_and_its_answer(
+    fakes: tuple[FakeUpstream, FakeUpstream],
+    start_gateway: Any,
+    redis_server: RedisServer,
+    mode: str,
+    cache: str,
+) -> None:
+    """up0 and up1 hang past their `timeout_s`, then up0 answers; Redis holds writes as the
+    answer comes (a failover), so recording the two lost attempts waits, and the caller
+    cancels meanwhile (with the cache, the shared call is then cut too). Once Redis takes
+    writes again the ledger has both lost prompts and the answer: before, the cancel
+    stopped the recording at the first lost row, and the answer, which the upstream
+    billed, was never recorded."""
+    ledger = {"redis_url": redis_server.url, "key_prefix": f"cut-lost-{mode}-{cache}"}
+    config = config_for(
+        fakes,
+        timeouts_s=(SHORT_TIMEOUT_S, SHORT_TIMEOUT_S),
+        ledger={**ledger, "operation_timeout_s": 5.0},
+        cache={"backend": "memory", "enabled": cache == "shared"},
+    )
+    gateway = await start_gateway(config)
+    fakes[0].script(Hang(), Reply(prompt_tokens=11, completion_tokens=5, delay_s=0.2))
+    fakes[1].script(Hang())
+    params = pb.GenerationParams(temperature=0.0)  # cacheable: the call runs in a flight
+    answered = asyncio.ensure_future(call(gateway, mode, params=params))
+    await eventually(lambda: len(fakes[0].requests) == 2)
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        await asyncio.sleep(0.6)  # answered, and its lost attempts waiting on Redis
+        answered.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await answered
+    finally:
+        await client.aclose()
+    assert gateway.server.pipeline.cache.stats.misses == (cache == "shared")
+    ledger_ = gateway.server.pipeline.ledger
+    await asyncio.sleep(1.2)  # Redis takes writes again
+    await eventually(lambda: ledger_.late_releases.pending == 0)
+    response = await usage(gateway)
+    rows = by_upstream(response)
+    assert sorted(rows) == ["up0", "up1"]
+    assert_lost(rows["up1"])
+    answer_and_lost = rows["up0"]
+    assert (answer_and_lost.requests, answer_and_lost.estimated_requests) == (1, 1)
+    assert answer_and_lost.usage.input_tokens == 11 + prompt_tokens()
+    assert answer_and_lost.usage.output_tokens == 5
+    assert answer_and_lost.cost_usd == pytest.approx(ANSWER_USD + PROMPT_USD, abs=1e-12)
