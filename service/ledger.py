@@ -312,7 +312,9 @@ class _CappedTenants:
         self._tenants: set[str] = set()
 
     def add(self, tenant: str, bucket: int) -> None:
-        if bucket != self._bucket:  # only the current bucket's rows are started
+        if self._bucket is not None and bucket < self._bucket:
+            return  # a row retried late into an older bucket: said then, if at all
+        if bucket != self._bucket:
             self._bucket, self._tenants = bucket, set()
         if tenant not in self._tenants:
             self._tenants.add(tenant)
