@@ -231,3 +231,33 @@ async def _answers(call: Callable[[], Awaitable[pb.CompleteResponse]]) -> bool:
         if exc.code() != grpc.StatusCode.UNAVAILABLE:
             raise
         return False
+
+
+async def test_a_known_key_is_not_let_in_when_redis_answers_its_lookup_with_an_error(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """A key Redis named lately stands in for Redis only while Redis does not answer. Once
+    Redis refuses the gateway its lookups (here `NOPERM`: an operator took HGET from the
+    gateway's user), Redis is up and cannot vouch for the key: the caller gets a
+    retryable UNAVAILABLE, as every caller of a Redis key does, not its old tenant.
+
+    Before, any failed lookup fell back on the key's last tenant, an error reply too.
+    """
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    key = generate_key()
+    await _store_keys(redis_server, prefix, {key: "team-b"})
+    async with FakeUpstream() as fake:
+        gateway = await start_gateway(hung_redis_config(fake, redis_server, prefix))
+
+        async def call() -> pb.CompleteResponse:
+            return await gateway.stub.Complete(chat(), metadata=bearer(key), timeout=10)
+
+        assert (await call()).content
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await client.acl_setuser("default", enabled=True, commands=["-hget"])
+        finally:
+            await client.aclose()
+        error = await rpc_error(call())
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(fake.requests) == 1
