@@ -36,6 +36,7 @@ from service.config import (
     redis_password,
 )
 from service.errors import PermissionDenied, Unauthenticated, UpstreamUnavailable, quoted
+from service.redis_errors import is_unanswered
 from service.store_cooldown import StoreCooldown
 
 log = logging.getLogger("llm_gateway.auth")
@@ -222,8 +223,9 @@ class RedisKeyStore:
         tenant is not a valid tenant name counts as no entry.
 
         Raises:
-            UpstreamUnavailable: Redis cannot be reached, or is in a cool-down, and did
-                not name this key lately (the caller may retry).
+            UpstreamUnavailable: Redis answered with an error; or it cannot be reached,
+                or is in a cool-down, and did not name this key lately (the caller may
+                retry).
         """
         if self._cooldown.skips():
             return self._known_tenant(digest)
@@ -232,6 +234,8 @@ class RedisKeyStore:
         except Exception as exc:  # redis-py errors, timeouts: fail closed, retryable
             self._cooldown.failed(exc)
             log.warning("auth.key_store_unavailable", extra={"error": type(exc).__name__})
+            if not is_unanswered(exc):  # an error reply: Redis is up, and did not vouch
+                raise _key_store_unavailable() from None
             return self._known_tenant(digest)
         self._cooldown.answered()
         name = None

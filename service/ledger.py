@@ -59,7 +59,7 @@ from service.config import LedgerConfig, redis_password
 from service.domain import Usage
 from service.errors import UpstreamUnavailable
 from service.late_release import LateReleases
-from service.redis_errors import refused_for_good
+from service.redis_errors import refused_for_good, replacing_closed_connections
 from service.store_cooldown import StoreCooldown
 
 log = logging.getLogger("llm_gateway.ledger")
@@ -576,6 +576,7 @@ class RedisLedger:
             decode_responses=True,
             socket_timeout=config.operation_timeout_s,
             socket_connect_timeout=config.operation_timeout_s,
+            **replacing_closed_connections(),
         )
         self._reserve_script = self._redis.register_script(_RESERVE_LUA)
         self._reserved_script = self._redis.register_script(_RESERVED_LUA)

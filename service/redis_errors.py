@@ -9,6 +9,8 @@ behind it: it is given up at once, and said so in the log.
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis import exceptions
 from redis.exceptions import (
     ClusterDownError,
@@ -50,3 +52,15 @@ def is_unanswered(exc: BaseException) -> bool:
     """Whether Redis gave no answer: the operation timed out, or could not connect. Any
     other error is an answer, so Redis is up."""
     return isinstance(exc, _UNANSWERED)
+
+
+def replacing_closed_connections() -> dict[str, Any]:
+    """Options for `Redis.from_url` under which a pooled connection that Redis closed (its
+    idle `timeout`, a proxy's, a restart) is replaced as it is taken, not handed out to
+    fail its command and start a cool-down. A redis-py with maintenance notifications
+    (Redis Enterprise's, RESP3 only) skips that check while they are on, as by default."""
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+    except ImportError:  # an older redis-py: it always checks
+        return {}
+    return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}

@@ -20,6 +20,7 @@ from service.auth import (
 )
 from service.caller_gate import CallerGate
 from service.config import ConfigError, GatewayConfig
+from service.redis_errors import replacing_closed_connections
 from service.store_cooldown import StoreCooldown
 from service.tenant_limits import MemoryTenantLimiter, RedisTenantLimiter, TenantLimiter
 
@@ -66,7 +67,9 @@ def _redis_client(config: GatewayConfig) -> Any:
     import redis.asyncio
 
     options = redis_connection_options(config.auth, os.environ)
-    return redis.asyncio.Redis.from_url(config.auth.redis_url or "", **options)
+    return redis.asyncio.Redis.from_url(
+        config.auth.redis_url or "", **options, **replacing_closed_connections()
+    )
 
 
 async def build_caller_gate(config: GatewayConfig, stack: contextlib.AsyncExitStack) -> CallerGate:

@@ -231,3 +231,72 @@ async def _answers(call: Callable[[], Awaitable[pb.CompleteResponse]]) -> bool:
         if exc.code() != grpc.StatusCode.UNAVAILABLE:
             raise
         return False
+
+
+async def test_a_known_key_is_not_let_in_when_redis_answers_its_lookup_with_an_error(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """A key Redis named lately stands in for Redis only while Redis does not answer. Once
+    Redis refuses the gateway its lookups (here `NOPERM`: an operator took HGET from the
+    gateway's user), Redis is up and cannot vouch for the key: the caller gets a
+    retryable UNAVAILABLE, as every caller of a Redis key does, not its old tenant.
+
+    Before, any failed lookup fell back on the key's last tenant, an error reply too.
+    """
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    key = generate_key()
+    await _store_keys(redis_server, prefix, {key: "team-b"})
+    async with FakeUpstream() as fake:
+        gateway = await start_gateway(hung_redis_config(fake, redis_server, prefix))
+
+        async def call() -> pb.CompleteResponse:
+            return await gateway.stub.Complete(chat(), metadata=bearer(key), timeout=10)
+
+        assert (await call()).content
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await client.acl_setuser("default", enabled=True, commands=["-hget"])
+        finally:
+            await client.aclose()
+        error = await rpc_error(call())
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(fake.requests) == 1
+
+
+async def test_connections_redis_closed_are_replaced_without_a_cool_down(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """Redis closing the gateway's idle connections (its `timeout`, a proxy's, a restart
+    or failover) is no outage: each is replaced as it is taken from the pool, so a key
+    Redis never named before still gets in, and team-a's one slot and its budget are
+    still held in Redis, not failed open.
+
+    Before, redis-py handed out each closed connection as it was, its command failed
+    with "Connection closed by server", and that started a cool-down: the new key got
+    UNAVAILABLE, and every closed connection in the pool could start another.
+    """
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    known, new = generate_key(), generate_key()
+    await _store_keys(redis_server, prefix, {known: "team-a", new: "team-a"})
+    async with FakeUpstream() as fake:
+        captured = captured_telemetry()
+        config = hung_redis_config(fake, redis_server, prefix)
+        gateway = await start_gateway(config, telemetry=captured.telemetry)
+
+        async def call(key: str) -> pb.CompleteResponse:
+            return await gateway.stub.Complete(chat(), metadata=bearer(key), timeout=10)
+
+        assert (await call(known)).content
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            assert await client.client_kill_filter(_type="normal", skipme=True) >= 2
+            for _ in range(3):
+                assert (await call(new)).content
+            day = period_key("day", time.time())
+            reservations = await client.zcard(f"{prefix}usage:leases:team-a:{day}")
+        finally:
+            await client.aclose()
+        assert reservations == 0  # each released as its call ended
+        assert writes_waiting(captured) == 0  # nothing waited for a Redis in a cool-down
+        usage = await gateway.stub.GetUsage(pb.GetUsageRequest(), metadata=bearer(new))
+        assert usage.total.requests == 4
