@@ -60,6 +60,9 @@ class LateReleases:
     ) -> None:
         self._store = store
         self._cooldown = cooldown
+        if cooldown is not None:
+            # Another user of the same Redis may be the first to see it answer again.
+            cooldown.on_end(self._wake_pending)
         self._refused_for_good = refused_for_good
         self._lease_ttl_s = lease_ttl_s
         self._first_delay_s = first_delay_s
@@ -136,6 +139,9 @@ class LateReleases:
         """The store just took a write: its cool-down is over, and what waits is retried
         now, not after the backoff."""
         self._answered(None)
+        self._wake_pending()
+
+    def _wake_pending(self) -> None:
         if self._pending:
             self._wake.set()
 

@@ -15,6 +15,7 @@ operation Redis answers, a retried write's included, ends the cool-down. An erro
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from redis.exceptions import ResponseError
 
@@ -37,6 +38,11 @@ class StoreCooldown:
         self._clock = clock
         self._until: float | None = None  # None: Redis answers
         self.skipped = 0  # operations not tried, this cool-down
+        self._on_end: list[Callable[[], None]] = []
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever a cool-down ends: what waits for Redis can go now."""
+        self._on_end.append(callback)
 
     @property
     def is_cooling_down(self) -> bool:
@@ -79,3 +85,5 @@ class StoreCooldown:
         if self._until is not None:
             self._until = None
             log.info("store.cooldown_ended", extra={"store": self._store, "skipped": self.skipped})
+            for callback in self._on_end:
+                callback()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service.late_release import LateReleases
 from service.store_cooldown import StoreCooldown
 from tests.fake_clock import FakeClock
 
@@ -34,3 +37,24 @@ def test_an_error_reply_starts_no_cool_down_and_ends_one() -> None:
     assert cooldown.skips()
     cooldown.failed(ReadOnlyError("READONLY You can't write against a read only replica."))
     assert not cooldown.is_cooling_down
+
+
+async def test_a_cool_down_another_user_of_the_store_ends_wakes_the_writes_waiting() -> None:
+    """A release queued untried during a cool-down goes as soon as the cool-down ends,
+    whoever ended it (the key store and the tenant limits share one Redis): not after
+    the retry worker's backoff, during which the tenant's slot would stay taken."""
+    cooldown = StoreCooldown("test", cooldown_s=1.0, clock=FakeClock())
+    releases = LateReleases("test", lease_ttl_s=60, first_delay_s=30, cooldown=cooldown)
+    released = asyncio.Event()
+
+    async def release() -> None:
+        released.set()
+
+    cooldown.failed(RedisTimeoutError("Timeout reading from socket"))
+    await releases.release_now(release)
+    assert releases.pending == 1
+    cooldown.answered()  # a key lookup, say, got its answer
+    async with asyncio.timeout(5):
+        await released.wait()
+    await releases.aclose()
+    assert releases.pending == 0
