@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError
 from service.cache.stats import CacheStats
 from service.clock import SYSTEM_CLOCK, Clock
 from service.config import CacheConfig, redis_password
+from service.redis_errors import replacing_closed_connections
 
 __all__ = ["CacheStore"]
 
@@ -80,7 +81,10 @@ def _backend(config: CacheConfig, environ: Mapping[str, str]) -> Any:
         password=password,
         ssl=parts.scheme == "rediss",
         create_connection_timeout=config.operation_timeout_s,
-        connection_pool_kwargs={"socket_timeout": config.operation_timeout_s},
+        connection_pool_kwargs={
+            "socket_timeout": config.operation_timeout_s,
+            **replacing_closed_connections(),
+        },
     )
 
 

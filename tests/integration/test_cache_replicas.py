@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import redis.asyncio
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -75,3 +76,29 @@ async def test_an_answer_from_one_replica_is_a_hit_on_the_other(
     assert not there.metadata.cache_hit
     assert (back.metadata.cache_hit, back.metadata.id) == (True, there.metadata.id)
     assert len(upstream.requests) == 2
+
+
+async def test_connections_redis_closed_still_serve_the_cache(
+    upstream: FakeUpstream, redis_server: RedisServer, start_gateway: Callable[..., Any]
+) -> None:
+    """Redis closing the cache's idle connections (its `timeout`, a proxy's, a restart)
+    costs no hit: each closed connection is replaced as it is taken from the pool.
+
+    Before, redis-py handed the closed connection out, the read failed with "Connection
+    closed by server", and the cache left Redis alone for its error cool-down: the
+    request went upstream again, and so did every other for that second.
+    """
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(upstream.base_url, cache={"backend": "redis", "redis_url": redis_server.url})
+    )
+    first = await gateway.stub.Complete(_ask("asked before the restart"))
+    await settled(gateway)
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        assert await admin.client_kill_filter(_type="normal", skipme=True) >= 1
+    finally:
+        await admin.aclose()
+    again = await gateway.stub.Complete(_ask("asked before the restart"))
+    assert (again.metadata.cache_hit, again.metadata.id) == (True, first.metadata.id)
+    assert len(upstream.requests) == 1
+    assert cache_of(gateway).store.stats.unavailable == 0
