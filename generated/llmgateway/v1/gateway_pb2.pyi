@@ -1071,16 +1071,21 @@ class UsageRow(_message.Message):
     model: _builtins.str
     upstream: _builtins.str
     requests: _builtins.int
+    """Calls. Tokens and cost also count attempts a provider most likely billed but whose
+    answer was lost (timed out once sent, or failed after a success status): not calls.
+    """
     cost_usd: _builtins.float
     estimated_requests: _builtins.int
-    """Requests whose usage the gateway estimated: the upstream reported none, or the
-    stream was cut before it could. Their tokens and cost are estimates.
+    """Requests, and lost attempts, whose usage the gateway estimated: the upstream
+    reported none, the stream was cut before it could, the caller cut the call once the
+    upstream had it, or the attempt was lost. Their tokens and cost are estimates; with
+    lost attempts this can exceed `requests`.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def usage(self) -> Global___Usage:
-        """usage.estimated is true when any of these requests' usage was estimated."""
+        """usage.estimated is true when any of the usage counted here was estimated."""
 
     def __init__(
         self,

@@ -515,13 +515,19 @@ export interface UsageRow {
   model: string;
   upstream: string;
   labels: { [key: string]: string };
+  /**
+   * Calls. Tokens and cost also count attempts a provider most likely billed but whose
+   * answer was lost (timed out once sent, or failed after a success status): not calls.
+   */
   requests: number;
-  /** usage.estimated is true when any of these requests' usage was estimated. */
+  /** usage.estimated is true when any of the usage counted here was estimated. */
   usage: Usage | undefined;
   costUsd: number;
   /**
-   * Requests whose usage the gateway estimated: the upstream reported none, or the
-   * stream was cut before it could. Their tokens and cost are estimates.
+   * Requests, and lost attempts, whose usage the gateway estimated: the upstream
+   * reported none, the stream was cut before it could, the caller cut the call once the
+   * upstream had it, or the attempt was lost. Their tokens and cost are estimates; with
+   * lost attempts this can exceed `requests`.
    */
   estimatedRequests: number;
 }
