@@ -158,13 +158,23 @@ class ServerConfig:
     @property
     def is_loopback(self) -> bool:
         """Whether the listen address is reachable only from this machine."""
-        host = self.listen.rpartition(":")[0].strip("[]")
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:  # a DNS name such as 127.corp.example may resolve anywhere
-            return False
+        return _is_loopback_host(self.listen.rpartition(":")[0].strip("[]"))
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a DNS name such as 127.corp.example may resolve anywhere
+        return False
+
+
+# Query parameters that carry a credential: one in `base_url` would sit in the config
+# file (a ConfigMap) in clear, where `api_key_env` keeps the key out of it.
+_CREDENTIAL_PARAMETERS = frozenset(
+    {"key", "api_key", "api-key", "apikey", "access_token", "token", "password", "secret"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +205,16 @@ class UpstreamConfig:
         default=None, repr=False, compare=False, metadata={"from_environment": "api_key_env"}
     )
 
+    @property
+    def sends_key_in_clear(self) -> bool:
+        """Whether its key would cross a network unencrypted: `http://` to another host."""
+        parts = urlsplit(self.base_url)
+        return (
+            bool(self.api_key)
+            and parts.scheme == "http"
+            and not _is_loopback_host(parts.hostname or "")
+        )
+
     def __post_init__(self) -> None:
         _require(
             bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(),
@@ -208,6 +228,15 @@ class UpstreamConfig:
         _require(
             parts.username is None and parts.password is None,
             "base_url must not carry credentials; use api_key_env",
+        )
+        in_query = sorted(
+            {name.lower() for name in parse_qs(parts.query, keep_blank_values=True)}
+            & _CREDENTIAL_PARAMETERS
+        )
+        _require(
+            not in_query,
+            f"base_url must not carry credentials (query parameter {', '.join(in_query)});"
+            " use api_key_env",
         )
         _require(len(self.models) > 0, "models must list at least one model")
         _require(self.timeout_s > 0 and self.connect_timeout_s > 0, "timeouts must be > 0")

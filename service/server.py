@@ -97,6 +97,9 @@ class GatewayServer:
                     "upstream.disabled",
                     extra={"upstream": upstream.name, "missing_env": upstream.api_key_env},
                 )
+            elif upstream.sends_key_in_clear:
+                # Legitimate inside a cluster's own network, so said, not refused.
+                log.warning("upstream.key_over_plain_http", extra={"upstream": upstream.name})
         return configs
 
     async def start(self) -> None:

@@ -16,7 +16,7 @@ from google.rpc import error_details_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
-from service.config import ConfigError
+from service.config import ConfigError, parse_config
 from service.server import GatewayServer
 from tests.conftest import chat, gateway_config, gateway_config_data
 from tests.integration.pki import Pki, make_pki
@@ -238,3 +238,29 @@ async def test_certificate_files_grpc_cannot_use_are_a_config_error(pki, tmp_pat
         expected = expected.replace(f"{{{name}}}", path_of(name))
     assert stderr.decode().splitlines()[-1] == f"llm-gateway: config error: {path}: {expected}"
     assert process.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("base_url", "warned"),
+    [
+        ("http://vllm.internal.example:8000/v1", True),
+        ("http://10.0.0.7:8000/v1", True),
+        ("https://vllm.internal.example/v1", False),
+        ("http://127.0.0.1:8000/v1", False),
+        ("http://localhost:8000/v1", False),
+    ],
+)
+async def test_a_provider_key_sent_over_plain_http_to_another_host_is_warned_about(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture, base_url: str, warned: bool
+) -> None:
+    """An upstream with a key on `http://` to another machine sends that key across the
+    network unencrypted: said once at start, naming the upstream (never the key or the
+    URL). Inside a cluster's own network that may be intended, so it is not refused."""
+    data = gateway_config_data(base_url)
+    data["upstreams"][0]["api_key_env"] = "PROVIDER_KEY"
+    config = parse_config(data, source="<test>", environ={"PROVIDER_KEY": "sk-test-secret"})
+    with caplog.at_level("WARNING", logger="llm_gateway"):
+        await start_gateway(config)
+    said = [r for r in caplog.records if r.getMessage() == "upstream.key_over_plain_http"]
+    assert [r.upstream for r in said] == (["up0"] if warned else [])
+    assert "sk-test-secret" not in caplog.text

@@ -443,6 +443,13 @@ def test_env_override_on_real_file() -> None:
             id="url-username-only",
         ),
         pytest.param(
+            {"upstreams": [upstream(base_url="https://api.example.test/v1?api-version=1&Key=k")]},
+            {},
+            "upstreams[0]",
+            "base_url must not carry credentials (query parameter key); use api_key_env",
+            id="url-key-in-query",
+        ),
+        pytest.param(
             {"upstreams": [upstream("a"), upstream("b"), upstream("a")]},
             {},
             "upstreams",
