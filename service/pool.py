@@ -12,6 +12,7 @@ upstream out for the call and opens its breaker. Policy lives in `service.retry`
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import random
@@ -80,7 +81,7 @@ def upstream_idempotency_key(tenant: str, key: str) -> str:
     return hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()
 
 
-def _hit_callers_deadline(exc: UpstreamError, deadline: Deadline) -> bool:
+def _hit_callers_deadline(exc: BaseException, deadline: Deadline) -> bool:
     """Whether `exc` is a timeout caused by the caller's deadline, not the upstream."""
     left = deadline.remaining_s()
     return isinstance(exc, UpstreamTimeout) and left is not None and left < _DEADLINE_SLACK_S
@@ -311,7 +312,11 @@ class UpstreamPool:
 
     @staticmethod
     def _attempt_span(
-        request: ChatRequest, route: Route, log: AttemptLog, headers: dict[str, str]
+        request: ChatRequest,
+        route: Route,
+        log: AttemptLog,
+        headers: dict[str, str],
+        deadline: Deadline,
     ) -> contextlib.AbstractContextManager[AttemptSpan]:
         """The CLIENT span of this attempt; it puts `traceparent` into `headers`."""
         return telemetry().upstream_attempt(
@@ -322,6 +327,7 @@ class UpstreamPool:
             attempt=log.attempts,
             headers=headers,
             retry_wait_s=log.retry_wait_s if log.attempts > 1 else None,
+            is_callers_cut=functools.partial(_hit_callers_deadline, deadline=deadline),
         )
 
     @staticmethod
@@ -565,7 +571,7 @@ class UpstreamPool:
             started = time.monotonic()
             headers: dict[str, str] = {}
             try:
-                with self._attempt_span(request, route, log, headers) as span:
+                with self._attempt_span(request, route, log, headers, deadline) as span:
                     reply = await route.client.complete(
                         self._call(request, route, stream=False, headers=headers),
                         timeout_s=timeout_s,
@@ -629,7 +635,7 @@ class UpstreamPool:
             is_finished = False
             headers: dict[str, str] = {}
             try:
-                with self._attempt_span(request, route, log, headers) as span:
+                with self._attempt_span(request, route, log, headers, deadline) as span:
                     # The client's stream is an async generator: close it on every exit path.
                     events = cast(
                         AsyncGenerator[StreamEvent, None],

@@ -317,8 +317,13 @@ class Telemetry:
         attempt: int,
         headers: MutableMapping[str, str],
         retry_wait_s: float | None = None,
+        is_callers_cut: Callable[[BaseException], bool] | None = None,
     ) -> Iterator[AttemptSpan]:
-        """The CLIENT span of one upstream attempt; injects `traceparent` into `headers`."""
+        """The CLIENT span of one upstream attempt; injects `traceparent` into `headers`.
+
+        An attempt that fails counts in `llm_gateway.upstream.errors`, unless
+        `is_callers_cut` says its caller's deadline cut it: the upstream did nothing wrong.
+        """
         host, port, provider = _endpoint(base_url, upstream)
         metric_attributes: dict[str, Any] = {
             attr.GEN_AI_OPERATION_NAME: attr.OPERATION_CHAT,
@@ -369,7 +374,7 @@ class Telemetry:
             metric_attributes[attr.ERROR_TYPE] = kind
             span.set_attribute(attr.ERROR_TYPE, kind)
             span.set_status(Status(StatusCode.ERROR, kind))
-            if isinstance(exc, Exception):
+            if isinstance(exc, Exception) and not (is_callers_cut and is_callers_cut(exc)):
                 self.record_upstream_error(upstream, kind)
             raise
         finally:

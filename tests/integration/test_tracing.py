@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -14,7 +15,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from llmgateway.v1 import gateway_pb2 as pb
 from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
-from tests.fake_upstream import Reply, Status
+from tests.fake_upstream import Hang, Reply, Status
 from tests.telemetry_support import Captured, attributes_of, captured_telemetry
 
 CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -351,3 +352,28 @@ async def test_a_caller_leaving_a_stream_the_gateway_is_writing_logs_no_error(
     assert captured.total("llm_gateway.rpc.in_flight") == 0
     errors = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+
+
+@pytest.mark.parametrize("cut_by", ["caller's deadline", "upstream's timeout_s"])
+async def test_an_attempt_the_callers_deadline_cut_is_no_upstream_error(
+    upstream, start_gateway, captured, cut_by
+):
+    """`llm_gateway.upstream.errors` counts what upstreams did wrong: an attempt still
+    running when its caller's deadline passed is not one (an operator alerting on it
+    would be paged for callers' tight deadlines), one past the upstream's own
+    `timeout_s` is.
+
+    Before, both counted as UPSTREAM_TIMEOUT errors of the upstream.
+    """
+    timeout_s, deadline_s = (5.0, 0.3) if cut_by == "caller's deadline" else (0.3, 5.0)
+    config = gateway_config(upstream.base_url, resilience={"attempts": 1})
+    config = dataclasses.replace(
+        config, upstreams=(dataclasses.replace(config.upstreams[0], timeout_s=timeout_s),)
+    )
+    gateway = await start_gateway(config, telemetry=captured.telemetry)
+    upstream.script(Hang())
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.Complete(chat(), timeout=deadline_s)
+    await captured.ended(UNARY_SPAN)
+    errors = captured.total("llm_gateway.upstream.errors", llm_gateway__upstream="up0")
+    assert errors == (0 if cut_by == "caller's deadline" else 1)
