@@ -26,11 +26,13 @@ log = logging.getLogger("llm_gateway.batch")
 
 @dataclass(frozen=True, slots=True)
 class BatchItem:
-    """One item of a batch; `violations` are problems only visible on the wire."""
+    """One item of a batch; `violations` are problems only visible on the wire, and
+    `refusal` why its caller may not run it (a model its tenant may not use)."""
 
     id: str
     request: ChatRequest
     violations: tuple[FieldViolation, ...] = ()
+    refusal: GatewayError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,8 @@ async def run_batch(
     async def run_one(index: int, item: BatchItem) -> None:
         async with semaphore:
             try:
+                if item.refusal is not None:
+                    raise item.refusal
                 if item.violations:
                     raise InvalidRequest(
                         list(item.violations) + chat_request_violations(item.request, limits)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,6 +78,10 @@ class Demand:
     tokens: int = 0
 
 
+def _any_model(model: str) -> bool:
+    return True
+
+
 def _text_tokens(texts: Iterable[str]) -> int:
     return sum(_PER_MESSAGE_OVERHEAD + estimate_text_tokens(t) for t in texts)
 
@@ -90,8 +94,12 @@ def _completion_demand(request: Any) -> tuple[str, int]:
     return request.model, tokens
 
 
-def demand_of(request: Any) -> Demand:
+def demand_of(request: Any, *, allows_model: Callable[[str], bool] = _any_model) -> Demand:
     """What `request` asks for, read from its fields by name.
+
+    A batch names no models: each item's is checked as it runs, and fails only that item
+    (`CompleteBatch`); the items whose model the tenant may not use (`allows_model`)
+    make no upstream call, so they are not counted.
 
     Raises:
         InvalidRequest: the request's bytes could not be decoded.
@@ -100,13 +108,10 @@ def demand_of(request: Any) -> Demand:
         raise InvalidRequest(
             [FieldViolation("request", f"not a valid {request.message_type} message")]
         )
-    if hasattr(request, "items"):  # a batch: every item counts
+    if hasattr(request, "items"):  # a batch: every item it may run counts
         parts = [_completion_demand(item.request) for item in request.items]
-        return Demand(
-            models=tuple(sorted({model for model, _ in parts})),
-            requests=len(parts),
-            tokens=sum(tokens for _, tokens in parts),
-        )
+        allowed = [tokens for model, tokens in parts if not model or allows_model(model)]
+        return Demand(requests=len(allowed), tokens=sum(allowed))
     if hasattr(request, "messages"):
         model, tokens = _completion_demand(request)
         return Demand(models=(model,), requests=1, tokens=tokens)
@@ -168,7 +173,7 @@ class CallerGate:
         if _is_unmetered(principal.limits) and not isinstance(request, UndecodableRequest):
             yield principal  # nothing to check or count: skip estimating the request's tokens
             return
-        demand = demand_of(request)
+        demand = demand_of(request, allows_model=principal.limits.allows_model)
         for model in demand.models:
             check_model_allowed(principal, model)
         if not demand.requests:

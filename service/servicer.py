@@ -15,6 +15,7 @@ import grpc
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.auth import check_model_allowed
 from service.batch import BatchItem, BatchTotals, check_batch, run_batch
 from service.breaker import BreakerState
 from service.caller_gate import caller_may_read_all_usage, current_principal, current_tenant
@@ -379,10 +380,17 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pb.CompleteBatchResponse]:
         tenant = tenant_of(context)
+        principal = current_principal()
         items = []
         for item in request.items:
             chat, violations = chat_request_from_proto(item.request, tenant=tenant)
-            items.append(BatchItem(item.id, chat, tuple(violations)))
+            refusal = None
+            if principal is not None:
+                try:
+                    check_model_allowed(principal, item.request.model)
+                except PermissionDenied as exc:
+                    refusal = exc
+            items.append(BatchItem(item.id, chat, tuple(violations), refusal))
         concurrency = check_batch(items, request.concurrency, self._pipeline.config.batch)
         results = run_batch(
             self._pipeline,

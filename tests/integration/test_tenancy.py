@@ -90,6 +90,37 @@ async def test_model_outside_the_tenants_list_is_permission_denied(upstream, sta
     assert [m.name for m in seen_a.models] == ["fake-model"]
 
 
+async def test_a_batch_item_naming_a_model_the_tenant_may_not_use_fails_alone(
+    upstream, start_gateway
+):
+    """In a batch, an item whose model its tenant may not use fails with its own
+    PERMISSION_DENIED, and the other items run: one item's failure never fails the others.
+    It makes no upstream call, so it does not count against the tenant's request limit.
+
+    Before, the whole batch was refused up front, the allowed items with it.
+    """
+    config = secure_config(
+        upstream.base_url,
+        tenants={"team-a": {"allowed_models": [FAKE_MODEL], "requests_per_minute": 1}},
+    )
+    gw = await start_gateway(config)
+    batch = pb.CompleteBatchRequest(
+        items=[
+            pb.BatchItem(id="allowed", request=chat()),
+            pb.BatchItem(id="forbidden", request=chat(model="other-model")),
+        ]
+    )
+    events = [e async for e in gw.stub.CompleteBatch(batch, metadata=as_tenant("team-a"))]
+    results = {e.result.id: e.result for e in events if e.HasField("result")}
+    assert results["allowed"].response.content
+    refused = results["forbidden"].error
+    assert refused.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert "may not use model 'other-model'" in refused.message
+    summary = events[-1].summary
+    assert (summary.succeeded, summary.failed) == (1, 1)
+    assert len(upstream.requests) == 1
+
+
 async def test_a_huge_model_name_is_permission_denied_with_a_short_status(upstream, start_gateway):
     """A 100 KB model name a tenant may not use is quoted in part, so the status fits.
 
