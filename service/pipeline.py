@@ -214,9 +214,7 @@ class Pipeline:
                 owed.completion = None
                 await self.account(request, completion)
             finally:
-                if owed.completion is not None:  # its caller left before it was handed over
-                    left, owed.completion = owed.completion, None
-                    await self.account(request, left)
+                await self._account_owed(request, owed)
         return completion
 
     def _remember(self, repeat_key: RepeatKey, prepared: PreparedRequest) -> str | None:
@@ -336,6 +334,14 @@ class Pipeline:
                     await self._account_lost(prepared, log, owed)
         return completion
 
+    async def _account_owed(self, request: ChatRequest, owed: _Owed) -> None:
+        """Record the answer still owed to a caller that left before it was handed over;
+        taken first, so whichever of the caller and the upstream call gets here first
+        records it, once."""
+        if owed.completion is not None:
+            completion, owed.completion = owed.completion, None
+            await self.account(request, completion)
+
     async def _hand_over(
         self, hold: BudgetHold, owed: _Owed, request: ChatRequest, completion: Completion
     ) -> None:
@@ -409,9 +415,7 @@ class Pipeline:
         try:
             await self._record_each(entries)
         except BaseException:
-            if owed.completion is not None:
-                completion, owed.completion = owed.completion, None
-                await self.account(request, completion)
+            await self._account_owed(request, owed)
             raise
 
     async def _record_each(self, entries: list[UsageEntry]) -> None:
@@ -450,9 +454,7 @@ class Pipeline:
                         else:
                             yield event
             finally:
-                if owed.completion is not None:  # its caller left before it was handed over
-                    left, owed.completion = owed.completion, None
-                    await self.account(request, left)
+                await self._account_owed(request, owed)
 
     async def _stream(
         self,
