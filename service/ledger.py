@@ -48,10 +48,10 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -63,6 +63,7 @@ from service.redis_errors import refused_for_good, replacing_closed_connections
 from service.store_cooldown import StoreCooldown
 
 log = logging.getLogger("llm_gateway.ledger")
+T = TypeVar("T")
 
 PICO = 10**12
 # A reservation its replica never released (it crashed mid-call) stops counting after
@@ -708,19 +709,25 @@ class RedisLedger:
             UpstreamUnavailable: Redis cannot be reached, or is in a cool-down (the caller
                 may retry).
         """
-        unavailable = UpstreamUnavailable(
-            "the usage ledger is unavailable", upstream="usage-ledger"
-        )
+        rows = await self._read(lambda: self._query(query), failure="ledger.query_failed")
+        if rows is None:
+            raise UpstreamUnavailable("the usage ledger is unavailable", upstream="usage-ledger")
+        return rows
+
+    async def _read(self, read: Callable[[], Awaitable[T]], *, failure: str) -> T | None:
+        """What `read` returns, or None while Redis is in a cool-down or when it does not
+        take the read (logged as `failure`): each caller then does what it does without
+        Redis."""
         if self.cooldown.skips():
-            raise unavailable
+            return None
         try:
-            rows = await self._query(query)
+            value = await read()
         except (RedisError, OSError) as exc:
             self.cooldown.failed(exc)
-            log.warning("ledger.query_failed", extra={"error": type(exc).__name__})
-            raise unavailable from None
+            log.warning(failure, extra={"error": type(exc).__name__})
+            return None
         self.cooldown.answered()
-        return rows
+        return value
 
     async def _query(self, query: UsageFilter) -> list[UsageRow]:
         low, high = self._buckets.window(query)
@@ -798,16 +805,8 @@ class RedisLedger:
         Budgets fail open: an unreachable ledger must not refuse every call.
         """
         key = f"{self._prefix}:spend:{tenant}:{period_key(period, self._buckets.now())}"
-        if self.cooldown.skips():
-            return 0.0
-        try:
-            raw = await self._redis.get(key)
-        except (RedisError, OSError) as exc:
-            self.cooldown.failed(exc)
-            log.warning("ledger.spend_unavailable", extra={"error": type(exc).__name__})
-            return 0.0
-        self.cooldown.answered()
-        return int(raw or 0) / PICO
+        raw = await self._read(lambda: self._redis.get(key), failure="ledger.spend_unavailable")
+        return int(raw or 0) / PICO  # None: no spend yet, or Redis unavailable
 
     def _budget_keys(self, tenant: str, period_key: str) -> list[str]:
         return [
@@ -852,18 +851,11 @@ class RedisLedger:
     async def reserved_usd(self, tenant: str, period: str) -> float:
         """What `tenant`'s calls in flight hold in the current `period` (0 while Redis is down)."""
         now = self._buckets.now()
-        if self.cooldown.skips():
-            return 0.0
-        try:
-            raw = await self._reserved_script(
-                keys=self._budget_keys(tenant, period_key(period, now)), args=[now]
-            )
-        except (RedisError, OSError) as exc:
-            self.cooldown.failed(exc)
-            log.warning("ledger.spend_unavailable", extra={"error": type(exc).__name__})
-            return 0.0
-        self.cooldown.answered()
-        return int(raw) / PICO
+        keys = self._budget_keys(tenant, period_key(period, now))
+        raw = await self._read(
+            lambda: self._reserved_script(keys=keys, args=[now]), failure="ledger.spend_unavailable"
+        )
+        return int(raw or 0) / PICO
 
     async def release(self, reservation: Reservation) -> None:
         """Stop holding `reservation` (idempotent). If Redis does not take the release
