@@ -100,10 +100,8 @@ class AttemptLog:
     records: list[AttemptRecord] = field(default_factory=list)
     # Whether the last attempt's request reached the upstream whole (`HttpPool.request`).
     is_sent: bool = False
-    # Whether the last attempt's answer came with a success status (`UpstreamClient`), or
-    # with an error status: the upstream refused the call, and bills nothing for it.
-    is_accepted: bool = False
-    is_refused: bool = False
+    # The last attempt's HTTP status, once its answer began (`UpstreamClient`).
+    status: int | None = None
     # Whether the caller (cancelled, or its deadline) cut the last attempt after it was sent
     # and before its answer: the upstream has the prompt, and may bill it.
     is_cut_after_sending: bool = False
@@ -111,15 +109,32 @@ class AttemptLog:
     # billed it (`lose`), whatever came of the call: its answer was never used.
     lost: tuple[str, ...] = ()
 
+    def begin(self, upstream: str) -> None:
+        """Another attempt starts, to `upstream`: nothing of it is sent or answered yet."""
+        self.attempts += 1
+        self.upstream = upstream
+        self.is_sent = self.is_cut_after_sending = False
+        self.status = None
+
     def sent(self) -> None:
         """The last attempt's request reached the upstream whole."""
         self.is_sent = True
 
     def answered(self, status: int) -> None:
-        """The last attempt's answer came with `status`: a success (2xx) says the upstream
-        took the call, any other that it refused it."""
-        self.is_accepted = 200 <= status < 300
-        self.is_refused = not self.is_accepted
+        """The last attempt's answer began with `status`."""
+        self.status = status
+
+    @property
+    def is_accepted(self) -> bool:
+        """Whether the last attempt's answer came with a success status: the upstream
+        took the call."""
+        return self.status is not None and 200 <= self.status < 300
+
+    @property
+    def is_refused(self) -> bool:
+        """Whether it came with an error status: the upstream refused the call, and bills
+        nothing for it."""
+        return self.status is not None and not self.is_accepted
 
     def cut(self) -> None:
         """The caller cut the last attempt: recorded only if its request had been sent, and
@@ -545,9 +560,7 @@ class UpstreamPool:
                 raise self._final(exc, deadline, log.attempts) from None
             if admitted is None:
                 continue
-            log.attempts += 1
-            log.upstream = route.client.name
-            log.is_sent = log.is_accepted = log.is_refused = log.is_cut_after_sending = False
+            log.begin(route.client.name)
             return route, *admitted
         return None
 
