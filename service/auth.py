@@ -366,7 +366,12 @@ class Authenticator:
         return self.principal(DEFAULT_TENANT, is_authenticated=False)
 
 
+def may_use_model(principal: Principal, model: str) -> bool:
+    """Whether the caller's tenant may use `model` (a missing name is validation's to refuse)."""
+    return not model or principal.limits.allows_model(model)
+
+
 def check_model_allowed(principal: Principal, model: str) -> None:
     """Raise `PermissionDenied` unless the caller's tenant may use `model`."""
-    if model and not principal.limits.allows_model(model):
+    if not may_use_model(principal, model):
         raise PermissionDenied(f"tenant {principal.tenant!r} may not use model {quoted(model)}")

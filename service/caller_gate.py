@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from service.auth import DEFAULT_TENANT, Authenticator, Principal, check_model_allowed
+from service.auth import (
+    DEFAULT_TENANT,
+    Authenticator,
+    Principal,
+    check_model_allowed,
+    may_use_model,
+)
 from service.config import TenantConfig
 from service.errors import FieldViolation, InvalidRequest
 from service.tenant_limits import TenantLimiter
@@ -110,7 +117,7 @@ def demand_of(request: Any, *, allows_model: Callable[[str], bool] = _any_model)
         )
     if hasattr(request, "items"):  # a batch: every item it may run counts
         parts = [_completion_demand(item.request) for item in request.items]
-        allowed = [tokens for model, tokens in parts if not model or allows_model(model)]
+        allowed = [tokens for model, tokens in parts if allows_model(model)]
         return Demand(requests=len(allowed), tokens=sum(allowed))
     if hasattr(request, "messages"):
         model, tokens = _completion_demand(request)
@@ -173,7 +180,7 @@ class CallerGate:
         if _is_unmetered(principal.limits) and not isinstance(request, UndecodableRequest):
             yield principal  # nothing to check or count: skip estimating the request's tokens
             return
-        demand = demand_of(request, allows_model=principal.limits.allows_model)
+        demand = demand_of(request, allows_model=functools.partial(may_use_model, principal))
         for model in demand.models:
             check_model_allowed(principal, model)
         if not demand.requests:
