@@ -10,9 +10,11 @@ when Redis fails, and their writes wait in the background queue until Redis answ
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -158,25 +160,13 @@ async def test_a_key_removed_from_redis_is_not_let_in_while_redis_hangs(
 ) -> None:
     """A key removed from Redis is refused at the next call, and forgotten: it is not
     let in on its old tenant when Redis then hangs."""
-    prefix = f"t-{uuid.uuid4().hex[:8]}:"
-    key = generate_key()
-    await _store_keys(redis_server, prefix, {key: "team-b"})
-    async with FakeUpstream() as fake:
-        gateway = await start_gateway(hung_redis_config(fake, redis_server, prefix))
-
-        async def call() -> pb.CompleteResponse:
-            return await gateway.stub.Complete(chat(), metadata=bearer(key), timeout=10)
-
-        assert (await call()).content
-        client = aioredis.Redis.from_url(redis_server.url)
-        try:
-            await client.hdel(redis_keys_hash(prefix), hash_key(key))
-        finally:
-            await client.aclose()
-        assert (await rpc_error(call())).code() == grpc.StatusCode.UNAUTHENTICATED
+    async with _gateway_with_a_redis_key(redis_server, start_gateway) as (keyed, _):
+        async with _redis_client(redis_server) as client:
+            await client.hdel(redis_keys_hash(keyed.prefix), hash_key(keyed.key))
+        assert (await rpc_error(keyed.call())).code() == grpc.StatusCode.UNAUTHENTICATED
         redis_server.pause()
         try:
-            error = await rpc_error(call())
+            error = await rpc_error(keyed.call())
         finally:
             redis_server.resume()
         assert error.code() == grpc.StatusCode.UNAVAILABLE
@@ -216,12 +206,45 @@ async def test_a_known_key_answers_for_redis_only_as_long_as_known_key_s(
 
 
 async def _store_keys(redis_server: RedisServer, prefix: str, tenants: dict[str, str]) -> None:
-    client = aioredis.Redis.from_url(redis_server.url)
-    try:
+    async with _redis_client(redis_server) as client:
         for key, tenant in tenants.items():
             await client.hset(redis_keys_hash(prefix), hash_key(key), tenant)
+
+
+@contextlib.asynccontextmanager
+async def _redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        yield client
     finally:
         await client.aclose()
+
+
+@dataclass(frozen=True)
+class _KeyedGateway:
+    """A gateway whose one caller key, team-b's, is kept only in Redis under `prefix`."""
+
+    gateway: Any
+    prefix: str
+    key: str
+
+    async def call(self) -> pb.CompleteResponse:
+        return await self.gateway.stub.Complete(chat(), metadata=bearer(self.key), timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def _gateway_with_a_redis_key(
+    redis_server: RedisServer, start_gateway: Any
+) -> AsyncIterator[tuple[_KeyedGateway, FakeUpstream]]:
+    """The gateway and its upstream, once a call with the key has been answered."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    key = generate_key()
+    await _store_keys(redis_server, prefix, {key: "team-b"})
+    async with FakeUpstream() as fake:
+        gateway = await start_gateway(hung_redis_config(fake, redis_server, prefix))
+        keyed = _KeyedGateway(gateway, prefix, key)
+        assert (await keyed.call()).content
+        yield keyed, fake
 
 
 async def _answers(call: Callable[[], Awaitable[pb.CompleteResponse]]) -> bool:
@@ -243,22 +266,10 @@ async def test_a_known_key_is_not_let_in_when_redis_answers_its_lookup_with_an_e
 
     Before, any failed lookup fell back on the key's last tenant, an error reply too.
     """
-    prefix = f"t-{uuid.uuid4().hex[:8]}:"
-    key = generate_key()
-    await _store_keys(redis_server, prefix, {key: "team-b"})
-    async with FakeUpstream() as fake:
-        gateway = await start_gateway(hung_redis_config(fake, redis_server, prefix))
-
-        async def call() -> pb.CompleteResponse:
-            return await gateway.stub.Complete(chat(), metadata=bearer(key), timeout=10)
-
-        assert (await call()).content
-        client = aioredis.Redis.from_url(redis_server.url)
-        try:
+    async with _gateway_with_a_redis_key(redis_server, start_gateway) as (keyed, fake):
+        async with _redis_client(redis_server) as client:
             await client.acl_setuser("default", enabled=True, commands=["-hget"])
-        finally:
-            await client.aclose()
-        error = await rpc_error(call())
+        error = await rpc_error(keyed.call())
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert len(fake.requests) == 1
 
