@@ -287,9 +287,13 @@ class LocalModelConfig:
     threads: int = 0
     startup_timeout_s: float = 180.0
     restart_backoff_s: float = 1.0
+    # A running server that answers no health probe for this long (deadlocked, stopped,
+    # starved) is killed and restarted.
+    hang_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         _require(self.context_window >= 256, "context_window must be >= 256")
+        _require(self.hang_timeout_s > 0, "hang_timeout_s must be > 0")
         _require(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
         _require(self.threads >= 0, "threads must be >= 0 (0: the CPUs the gateway may use)")
         # 0 (or less) would restart a crashing llama.cpp in a busy loop: doubling keeps it 0.

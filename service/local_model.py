@@ -25,6 +25,8 @@ log = logging.getLogger("llm_gateway.local_model")
 
 UPSTREAM_NAME = "local"
 _PROBE_INTERVAL_S = 0.5
+# How often a running server is probed (at most: a third of `hang_timeout_s` if shorter).
+_LIVENESS_INTERVAL_S = 5.0
 # Restarts back off from `restart_backoff_s`, doubling to at most this; a child that ran
 # for `_STABLE_S` had recovered, and its next exit starts from the base again.
 _MAX_RESTART_BACKOFF_S = 60.0
@@ -237,7 +239,7 @@ class LocalModelServer:
             if process is None:
                 return
             up_since = loop.time()
-            code = await process.wait()
+            code = await self._exit_of(process)
             if self._closing:
                 return
             in_a_row = 1 if loop.time() - up_since >= _STABLE_S else in_a_row + 1
@@ -253,6 +255,39 @@ class LocalModelServer:
                 log.exception("local_model.restart_failed")
             else:
                 await self._announce()
+
+    async def _exit_of(self, process: asyncio.subprocess.Process) -> int:
+        """`process`'s exit code; killed first if it stops answering (`_watch`)."""
+        watch = asyncio.create_task(self._watch(process), name="local-model-liveness")
+        try:
+            return await process.wait()
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
+    async def _watch(self, process: asyncio.subprocess.Process) -> None:
+        """Kill `process` once it has answered no probe for `hang_timeout_s`.
+
+        A hung server never exits, so without this it would stay "up": health SERVING
+        and every call waiting out its timeout, until someone restarts the gateway.
+        """
+        loop = asyncio.get_running_loop()
+        interval = min(_LIVENESS_INTERVAL_S, self.config.hang_timeout_s / 3)
+        probe = self.upstream_config()
+        answered = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            status = 0
+            with contextlib.suppress(UpstreamError):
+                status, _ = await probe_models(probe, timeout_s=interval)
+            now = loop.time()
+            if status == 200:
+                answered = now
+            elif now - answered >= self.config.hang_timeout_s:
+                silent_s = round(now - answered, 1)
+                log.error("local_model.hung", extra={"silent_s": silent_s, "pid": process.pid})
+                process.kill()
+                return
 
     async def _announce(self) -> None:
         if self._on_availability is None:

@@ -333,6 +333,13 @@ def test_env_override_on_real_file() -> None:
             id="zero-restart-backoff",
         ),
         pytest.param(
+            {"local_model": {"hang_timeout_s": 0}},
+            {},
+            "local_model",
+            "hang_timeout_s must be > 0",
+            id="zero-hang-timeout",
+        ),
+        pytest.param(
             {"defaults": {"max_labels": -1}},
             {},
             "defaults",
