@@ -19,7 +19,7 @@ from pathlib import Path
 from service.config import LocalModelConfig, UpstreamConfig
 from service.cpus import usable_cpus
 from service.errors import UpstreamError
-from service.upstream.client import probe_models
+from service.upstream.client import answers_http, probe_models
 
 log = logging.getLogger("llm_gateway.local_model")
 
@@ -266,10 +266,11 @@ class LocalModelServer:
             await asyncio.gather(watch, return_exceptions=True)
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
-        """Kill `process` once it has answered no probe for `hang_timeout_s`.
+        """Kill `process` once it has answered no HTTP request for `hang_timeout_s`.
 
         A hung server never exits, so without this it would stay "up": health SERVING
-        and every call waiting out its timeout, until someone restarts the gateway.
+        and every call waiting out its timeout, until someone restarts the gateway. Any
+        answer counts: a server busy generating is slow to list its models, not hung.
         """
         loop = asyncio.get_running_loop()
         interval = min(_LIVENESS_INTERVAL_S, self.config.hang_timeout_s / 3)
@@ -277,11 +278,9 @@ class LocalModelServer:
         answered = loop.time()
         while True:
             await asyncio.sleep(interval)
-            status = 0
-            with contextlib.suppress(UpstreamError):
-                status, _ = await probe_models(probe, timeout_s=interval)
+            is_answered = await answers_http(probe, timeout_s=interval)
             now = loop.time()
-            if status == 200:
+            if is_answered:
                 answered = now
             elif now - answered >= self.config.hang_timeout_s:
                 silent_s = round(now - answered, 1)

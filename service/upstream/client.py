@@ -388,4 +388,24 @@ async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int
         await pool.aclose()
 
 
-__all__ = ["UpstreamClient", "probe_models"]
+async def answers_http(config: UpstreamConfig, *, timeout_s: float) -> bool:
+    """Whether the upstream answers an HTTP request at all, whatever the status.
+
+    A path no server routes (a 404 is an answer): llama-cpp-python's `/v1/models` waits
+    for the model's lock, so a server busy generating would look hung.
+    """
+    headers = _headers(config, accept="application/json")
+    pool = HttpPool(config.base_url, max_connections=1, connect_timeout_s=timeout_s)
+    try:
+        with _translate_errors(config.name):
+            async with asyncio.timeout(timeout_s):
+                async with await pool.request("GET", "/llm-gateway-liveness", headers) as response:
+                    await response.read()
+    except UpstreamError:
+        return False
+    finally:
+        await pool.aclose()
+    return True
+
+
+__all__ = ["UpstreamClient", "answers_http", "probe_models"]

@@ -17,14 +17,30 @@ from pathlib import Path
 import pytest
 
 from service.config import LocalModelConfig
+from service.errors import UpstreamTimeout
 from service.local_model import LocalModelServer
 from service.upstream.client import probe_models
 from tests.integration.test_local_model_restart import _STAND_IN, MODEL
 
+# While a file `busy` sits beside it, GET /v1/models waits, as llama-cpp-python's does
+# while the model generates; any other path is answered at once.
+_BUSY = """
+_get = OpenAI.do_GET
+def do_GET(self):
+    import os, time
+    while self.path == "/v1/models" and os.path.exists(os.path.join({here!r}, "busy")):
+        time.sleep(0.05)
+    _get(self)
+OpenAI.do_GET = do_GET
+"""
+
 
 def _stand_in(tmp_path: Path) -> Path:
     python = tmp_path / "python"
-    python.write_text(_STAND_IN.format(python=sys.executable, model=MODEL))
+    script = _STAND_IN.format(python=sys.executable, model=MODEL)
+    serve = "http.server.ThreadingHTTPServer"
+    script = script.replace(serve, _BUSY.format(here=str(tmp_path)) + serve, 1)
+    python.write_text(script)
     python.chmod(0o755)
     return python
 
@@ -62,13 +78,18 @@ async def test_a_hung_server_is_killed_and_restarted(
     assert not _is_alive(hung)
 
 
-async def test_a_slow_but_answering_server_is_left_alone(tmp_path: Path) -> None:
-    """A server that answers its probes is never killed, however long it runs."""
+async def test_a_busy_server_is_left_alone(tmp_path: Path) -> None:
+    """A server whose model endpoints wait (llama-cpp-python's `/v1/models` waits for the
+    model while it generates) but that answers other requests is never killed."""
     model = tmp_path / "model.gguf"
     model.write_bytes(b"not really a model")
     config = LocalModelConfig(model=MODEL, model_path=str(model), hang_timeout_s=0.3)
     async with LocalModelServer(config, python=str(_stand_in(tmp_path))) as server:
         first = server.pid
+        assert first is not None
+        Path(f"{tmp_path}/busy").touch()  # the stand-in's /v1/models now waits
+        with pytest.raises(UpstreamTimeout):
+            await probe_models(server.upstream_config(), timeout_s=0.5)
         await asyncio.sleep(1.5)  # five hang timeouts of probes, every 0.1 s
         assert (server.pid, server.restarts, server.is_up) == (first, 0, True)
 
