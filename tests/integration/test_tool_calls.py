@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
+from gateway_client import GatewayClient
 from llmgateway.v1 import gateway_pb2 as pb
 from tests.conftest import FAKE_MODEL, gateway_config
 from tests.fake_upstream import Reply, ToolCallReply
@@ -505,3 +506,34 @@ async def test_batch_item_with_tools_carries_its_tool_calls(stub, upstream):
     body = upstream.requests[-1].body
     assert [t["function"]["name"] for t in body["tools"]] == ["get_weather", "get-time"]
     assert body["tool_choice"] == "required"
+
+
+async def test_python_client_sends_tools_and_assembles_streamed_calls(gateway, upstream):
+    """`GatewayClient` sends tools and tool turns, and a stream's `tool_calls` holds the
+    calls assembled from their pieces."""
+    upstream.script(TOOL_REPLY, Reply(content="Sunny."))
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream(
+            "Weather in Paris?",
+            model=FAKE_MODEL,
+            tools=[WEATHER],
+            tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED),
+        )
+        assert [text async for text in stream] == []
+        assert _calls(stream.tool_calls) == [("call_1", "get_weather", WEATHER_CALL.arguments)]
+        answer = await client.complete(
+            [
+                ("user", "Weather in Paris?"),
+                pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=stream.tool_calls),
+                pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="21 C"),
+            ],
+            model=FAKE_MODEL,
+            tools=[WEATHER],
+        )
+    assert answer.content == "Sunny."
+    assert upstream.requests[0].body["tool_choice"] == "required"
+    assert upstream.requests[1].body["messages"][2] == {
+        "role": "tool",
+        "content": "21 C",
+        "tool_call_id": "call_1",
+    }
