@@ -123,6 +123,24 @@ class ToolChoice:
         return self.mode is not None or bool(self.function_name)
 
 
+class ResponseFormatType(enum.StrEnum):
+    """The shape of an answer, spelled as the OpenAI API spells it."""
+
+    TEXT = "text"
+    JSON_OBJECT = "json_object"
+    JSON_SCHEMA = "json_schema"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """JSON mode, or structured output following `json_schema` (a JSON object as text)."""
+
+    type: ResponseFormatType
+    json_schema: str = ""
+    schema_name: str = ""
+    is_strict: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationParams:
     """Sampling parameters; None means unset, which differs from zero."""
@@ -134,6 +152,7 @@ class GenerationParams:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True, slots=True)

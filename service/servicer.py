@@ -28,6 +28,8 @@ from service.domain import (
     FinishReason,
     GenerationParams,
     Message,
+    ResponseFormat,
+    ResponseFormatType,
     Role,
     Tool,
     ToolCall,
@@ -79,6 +81,12 @@ _TRUNCATION = {
     pb.TRUNCATION_MODE_NONE: TruncationMode.NONE,
     pb.TRUNCATION_MODE_KEEP_RECENT: TruncationMode.KEEP_RECENT,
 }
+_RESPONSE_FORMATS = {
+    pb.RESPONSE_FORMAT_TYPE_UNSPECIFIED: None,
+    pb.RESPONSE_FORMAT_TYPE_TEXT: ResponseFormatType.TEXT,
+    pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormatType.JSON_OBJECT,
+    pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType.JSON_SCHEMA,
+}
 
 _HEALTH = {
     BreakerState.CLOSED: pb.UPSTREAM_HEALTH_HEALTHY,
@@ -108,6 +116,21 @@ def params_from_proto(params: pb.GenerationParams) -> GenerationParams:
         frequency_penalty=(
             params.frequency_penalty if params.HasField("frequency_penalty") else None
         ),
+        response_format=_response_format_from_proto(params.response_format),
+    )
+
+
+def _response_format_from_proto(message: pb.ResponseFormat) -> ResponseFormat | None:
+    """The response format; None when unset. A schema given without its type is kept,
+    as TEXT, for validation to refuse (an unknown type is refused on the wire)."""
+    kind = _RESPONSE_FORMATS.get(message.type)
+    if kind is None and not message.ByteSize():
+        return None
+    return ResponseFormat(
+        type=kind or ResponseFormatType.TEXT,
+        json_schema=message.json_schema,
+        schema_name=message.schema_name,
+        is_strict=message.strict,
     )
 
 
@@ -135,6 +158,10 @@ def chat_request_from_proto(
     cache_mode = _CACHE_MODES.get(message.cache.mode)
     if message.cache.mode not in _CACHE_MODES:
         violations.append(FieldViolation("cache.mode", "unknown cache mode"))
+    if message.params.response_format.type not in _RESPONSE_FORMATS:
+        violations.append(
+            FieldViolation("params.response_format.type", "unknown response format type")
+        )
     truncation = _TRUNCATION.get(message.truncation.mode)
     if message.truncation.mode not in _TRUNCATION:
         violations.append(FieldViolation("truncation.mode", "unknown truncation mode"))

@@ -8,7 +8,7 @@ import re
 import orjson
 
 from service.config import RequestDefaults
-from service.domain import ChatRequest, Message, Role
+from service.domain import ChatRequest, Message, ResponseFormat, ResponseFormatType, Role
 from service.errors import FieldViolation, InvalidRequest
 from service.tokens import estimate_prompt_tokens
 
@@ -21,6 +21,7 @@ _MAX_TOKENS_CAP = 1_000_000
 _TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # fullmatch, as _LABEL_KEY
 _MAX_TOOLS = 128  # OpenAI's limit
 _MAX_TOOL_CALL_ID = 256
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")  # OpenAI's rule for `json_schema.name`
 
 
 def _range(
@@ -115,6 +116,8 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
                 "params.max_tokens", f"must be in [1, {_MAX_TOKENS_CAP}], got {params.max_tokens}"
             )
         )
+    if params.response_format is not None:
+        found.extend(_response_format_violations(params.response_format, limits))
     if len(params.stop) > limits.max_stop_sequences:
         found.append(
             FieldViolation("params.stop", f"at most {limits.max_stop_sequences} stop sequences")
@@ -243,13 +246,6 @@ def _tools_violations(found: list[FieldViolation], request: ChatRequest) -> int:
     return chars
 
 
-def _is_json_object(text: str) -> bool:
-    try:
-        return isinstance(orjson.loads(text), dict)
-    except orjson.JSONDecodeError:
-        return False
-
-
 def validate_chat_request(
     request: ChatRequest, limits: RequestDefaults, *, prior: list[FieldViolation] | None = None
 ) -> None:
@@ -257,3 +253,42 @@ def validate_chat_request(
     found = list(prior or ()) + chat_request_violations(request, limits)
     if found:
         raise InvalidRequest(found)
+
+
+def _response_format_violations(
+    response_format: ResponseFormat, limits: RequestDefaults
+) -> list[FieldViolation]:
+    """A schema, its name and `strict` belong to JSON_SCHEMA, which needs a JSON object."""
+    field = "params.response_format"
+    if response_format.type is not ResponseFormatType.JSON_SCHEMA:
+        return [
+            FieldViolation(f"{field}.{name}", "only with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
+            for name, is_set in (
+                ("json_schema", bool(response_format.json_schema)),
+                ("schema_name", bool(response_format.schema_name)),
+                ("strict", response_format.is_strict),
+            )
+            if is_set
+        ]
+    found = []
+    schema = response_format.json_schema
+    if len(schema) * 4 > limits.max_request_bytes and (
+        len(schema.encode("utf-8")) > limits.max_request_bytes
+    ):
+        found.append(
+            FieldViolation(f"{field}.json_schema", f"at most {limits.max_request_bytes} bytes")
+        )
+    elif not _is_json_object(schema):
+        found.append(
+            FieldViolation(f"{field}.json_schema", "must be a JSON Schema object as JSON text")
+        )
+    if response_format.schema_name and not _SCHEMA_NAME.fullmatch(response_format.schema_name):
+        found.append(FieldViolation(f"{field}.schema_name", "must be 1-64 of A-Z a-z 0-9 _ -"))
+    return found
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(orjson.loads(text), dict)
+    except orjson.JSONDecodeError:
+        return False

@@ -35,6 +35,26 @@ def _number(value: float | None) -> float | None:
 def canonical_request(request: ChatRequest) -> bytes:
     """The canonical bytes of everything in `request` that can change the answer."""
     params = request.params
+    sampling: list[object] = [
+        _number(params.temperature),
+        _number(params.top_p),
+        params.max_tokens,
+        list(params.stop),
+        params.seed,
+        _number(params.presence_penalty),
+        _number(params.frequency_penalty),
+    ]
+    response_format = params.response_format
+    if response_format is not None:
+        # Appended only when set, so the keys of every other request stay as they were.
+        sampling.append(
+            [
+                response_format.type.value,
+                response_format.json_schema,
+                response_format.schema_name,
+                response_format.is_strict,
+            ]
+        )
     parts: list[object] = [
         KEY_FORMAT_VERSION,
         request.tenant,
@@ -50,15 +70,7 @@ def canonical_request(request: ChatRequest) -> bytes:
             else [message.role.value, message.content]
             for message in request.messages
         ],
-        [
-            _number(params.temperature),
-            _number(params.top_p),
-            params.max_tokens,
-            list(params.stop),
-            params.seed,
-            _number(params.presence_penalty),
-            _number(params.frequency_penalty),
-        ],
+        sampling,
     ]
     choice = request.tool_choice
     if request.tools or choice.is_set:

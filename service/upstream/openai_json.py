@@ -14,6 +14,8 @@ from service.domain import (
     ChatRequest,
     FinishReason,
     Message,
+    ResponseFormat,
+    ResponseFormatType,
     Tool,
     ToolCall,
     ToolCallDelta,
@@ -56,6 +58,10 @@ _MAX_TOKEN_COUNT = 2**32
 _NO_PARAMETERS = orjson.Fragment(b'{"type":"object","properties":{}}')
 
 
+# OpenAI requires a schema's name; callers may leave it out.
+DEFAULT_SCHEMA_NAME = "response"
+
+
 class MalformedReply(ValueError):
     """The upstream's JSON is not a chat completion."""
 
@@ -90,6 +96,8 @@ def request_body(request: ChatRequest, *, upstream_model: str, stream: bool) -> 
         body["presence_penalty"] = params.presence_penalty
     if params.frequency_penalty is not None:
         body["frequency_penalty"] = params.frequency_penalty
+    if params.response_format is not None:
+        body["response_format"] = _response_format(params.response_format)
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -129,6 +137,19 @@ def _tool_choice_json(choice: ToolChoice) -> object:
     if choice.function_name:
         return {"type": "function", "function": {"name": choice.function_name}}
     return None if choice.mode is None else choice.mode.value
+
+
+def _response_format(response_format: ResponseFormat) -> dict[str, Any]:
+    if response_format.type is not ResponseFormatType.JSON_SCHEMA:
+        return {"type": response_format.type.value}
+    json_schema: dict[str, Any] = {
+        "name": response_format.schema_name or DEFAULT_SCHEMA_NAME,
+        # Validated as a JSON object, and sent as the caller wrote it.
+        "schema": orjson.Fragment(response_format.json_schema),
+    }
+    if response_format.is_strict:
+        json_schema["strict"] = True
+    return {"type": "json_schema", "json_schema": json_schema}
 
 
 def finish_reason(value: object) -> FinishReason | None:

@@ -125,6 +125,11 @@ def _variant(name: str) -> pb.CompleteRequest:
             base.params.presence_penalty = 0.0
         case "frequency_penalty":
             base.params.frequency_penalty = 0.5
+        case "json mode":
+            base.params.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT
+        case "json schema":
+            base.params.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+            base.params.response_format.json_schema = '{"type": "object"}'
     return base
 
 
@@ -140,6 +145,8 @@ VARIANTS = [
     "seed zero",
     "presence_penalty zero",
     "frequency_penalty",
+    "json mode",
+    "json schema",
 ]
 
 

@@ -330,6 +330,59 @@ export function toolChoiceModeToJSON(object: ToolChoiceMode): string {
   }
 }
 
+/** ResponseFormatType is the shape of an answer. */
+export enum ResponseFormatType {
+  /** RESPONSE_FORMAT_TYPE_UNSPECIFIED - Free text: the upstream's default. */
+  RESPONSE_FORMAT_TYPE_UNSPECIFIED = 0,
+  /** RESPONSE_FORMAT_TYPE_TEXT - Free text, said explicitly. */
+  RESPONSE_FORMAT_TYPE_TEXT = 1,
+  /**
+   * RESPONSE_FORMAT_TYPE_JSON_OBJECT - Any valid JSON object ("JSON mode"). OpenAI and DeepSeek require the
+   * prompt itself to ask for JSON, and answer 400 otherwise.
+   */
+  RESPONSE_FORMAT_TYPE_JSON_OBJECT = 2,
+  /** RESPONSE_FORMAT_TYPE_JSON_SCHEMA - JSON that follows `json_schema` (structured outputs). */
+  RESPONSE_FORMAT_TYPE_JSON_SCHEMA = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function responseFormatTypeFromJSON(object: any): ResponseFormatType {
+  switch (object) {
+    case 0:
+    case "RESPONSE_FORMAT_TYPE_UNSPECIFIED":
+      return ResponseFormatType.RESPONSE_FORMAT_TYPE_UNSPECIFIED;
+    case 1:
+    case "RESPONSE_FORMAT_TYPE_TEXT":
+      return ResponseFormatType.RESPONSE_FORMAT_TYPE_TEXT;
+    case 2:
+    case "RESPONSE_FORMAT_TYPE_JSON_OBJECT":
+      return ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_OBJECT;
+    case 3:
+    case "RESPONSE_FORMAT_TYPE_JSON_SCHEMA":
+      return ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ResponseFormatType.UNRECOGNIZED;
+  }
+}
+
+export function responseFormatTypeToJSON(object: ResponseFormatType): string {
+  switch (object) {
+    case ResponseFormatType.RESPONSE_FORMAT_TYPE_UNSPECIFIED:
+      return "RESPONSE_FORMAT_TYPE_UNSPECIFIED";
+    case ResponseFormatType.RESPONSE_FORMAT_TYPE_TEXT:
+      return "RESPONSE_FORMAT_TYPE_TEXT";
+    case ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
+      return "RESPONSE_FORMAT_TYPE_JSON_OBJECT";
+    case ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+      return "RESPONSE_FORMAT_TYPE_JSON_SCHEMA";
+    case ResponseFormatType.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** Message is one turn of a conversation. */
 export interface Message {
   role: Role;
@@ -379,7 +432,31 @@ export interface GenerationParams {
   stop: string[];
   seed?: number | undefined;
   presencePenalty?: number | undefined;
-  frequencyPenalty?: number | undefined;
+  frequencyPenalty?:
+    | number
+    | undefined;
+  /** The shape the answer must take; unset means free text. */
+  responseFormat: ResponseFormat | undefined;
+}
+
+/** ResponseFormat asks the model for JSON, optionally following a schema. */
+export interface ResponseFormat {
+  type: ResponseFormatType;
+  /**
+   * With RESPONSE_FORMAT_TYPE_JSON_SCHEMA only, and required there: a JSON
+   * Schema object as JSON text, sent to the upstream as JSON.
+   */
+  jsonSchema: string;
+  /**
+   * With RESPONSE_FORMAT_TYPE_JSON_SCHEMA only: the schema's name, 1-64 of
+   * A-Z a-z 0-9 _ -; empty means "response".
+   */
+  schemaName: string;
+  /**
+   * With RESPONSE_FORMAT_TYPE_JSON_SCHEMA only: ask the upstream to follow
+   * the schema exactly (OpenAI's `strict`).
+   */
+  strict: boolean;
 }
 
 /** CachePolicy is a request's cache mode and optional TTL override. */
@@ -1091,6 +1168,7 @@ function createBaseGenerationParams(): GenerationParams {
     seed: undefined,
     presencePenalty: undefined,
     frequencyPenalty: undefined,
+    responseFormat: undefined,
   };
 }
 
@@ -1116,6 +1194,9 @@ export const GenerationParams: MessageFns<GenerationParams> = {
     }
     if (message.frequencyPenalty !== undefined) {
       writer.uint32(57).double(message.frequencyPenalty);
+    }
+    if (message.responseFormat !== undefined) {
+      ResponseFormat.encode(message.responseFormat, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -1189,6 +1270,14 @@ export const GenerationParams: MessageFns<GenerationParams> = {
             message.frequencyPenalty = reader.double();
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.responseFormat = ResponseFormat.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1226,6 +1315,11 @@ export const GenerationParams: MessageFns<GenerationParams> = {
         : isSet(object.frequency_penalty)
         ? globalThis.Number(object.frequency_penalty)
         : undefined,
+      responseFormat: isSet(object.responseFormat)
+        ? ResponseFormat.fromJSON(object.responseFormat)
+        : isSet(object.response_format)
+        ? ResponseFormat.fromJSON(object.response_format)
+        : undefined,
     };
   },
 
@@ -1252,6 +1346,9 @@ export const GenerationParams: MessageFns<GenerationParams> = {
     if (message.frequencyPenalty !== undefined) {
       obj.frequencyPenalty = floatToJson(message.frequencyPenalty);
     }
+    if (message.responseFormat !== undefined) {
+      obj.responseFormat = ResponseFormat.toJSON(message.responseFormat);
+    }
     return obj;
   },
 
@@ -1267,6 +1364,134 @@ export const GenerationParams: MessageFns<GenerationParams> = {
     message.seed = object.seed ?? undefined;
     message.presencePenalty = object.presencePenalty ?? undefined;
     message.frequencyPenalty = object.frequencyPenalty ?? undefined;
+    message.responseFormat = (object.responseFormat !== undefined && object.responseFormat !== null)
+      ? ResponseFormat.fromPartial(object.responseFormat)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseResponseFormat(): ResponseFormat {
+  return { type: 0, jsonSchema: "", schemaName: "", strict: false };
+}
+
+export const ResponseFormat: MessageFns<ResponseFormat> = {
+  encode(message: ResponseFormat, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.type !== 0) {
+      writer.uint32(8).int32(message.type);
+    }
+    if (message.jsonSchema !== "") {
+      writer.uint32(18).string(message.jsonSchema);
+    }
+    if (message.schemaName !== "") {
+      writer.uint32(26).string(message.schemaName);
+    }
+    if (message.strict !== false) {
+      writer.uint32(32).bool(message.strict);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ResponseFormat {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseResponseFormat();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.type = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.jsonSchema = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.schemaName = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.strict = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ResponseFormat {
+    return {
+      type: isSet(object.type) ? responseFormatTypeFromJSON(object.type) : 0,
+      jsonSchema: isSet(object.jsonSchema)
+        ? globalThis.String(object.jsonSchema)
+        : isSet(object.json_schema)
+        ? globalThis.String(object.json_schema)
+        : "",
+      schemaName: isSet(object.schemaName)
+        ? globalThis.String(object.schemaName)
+        : isSet(object.schema_name)
+        ? globalThis.String(object.schema_name)
+        : "",
+      strict: isSet(object.strict) ? globalThis.Boolean(object.strict) : false,
+    };
+  },
+
+  toJSON(message: ResponseFormat): unknown {
+    const obj: any = {};
+    if (message.type !== 0) {
+      obj.type = responseFormatTypeToJSON(message.type);
+    }
+    if (message.jsonSchema !== "") {
+      obj.jsonSchema = message.jsonSchema;
+    }
+    if (message.schemaName !== "") {
+      obj.schemaName = message.schemaName;
+    }
+    if (message.strict !== false) {
+      obj.strict = message.strict;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ResponseFormat>, I>>(base?: I): ResponseFormat {
+    return ResponseFormat.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ResponseFormat>, I>>(object: I): ResponseFormat {
+    const message = createBaseResponseFormat();
+    message.type = object.type ?? 0;
+    message.jsonSchema = object.jsonSchema ?? "";
+    message.schemaName = object.schemaName ?? "";
+    message.strict = object.strict ?? false;
     return message;
   },
 };
