@@ -95,6 +95,9 @@ def _text_tokens(texts: Iterable[str]) -> int:
 
 def _completion_demand(request: Any) -> tuple[str, int]:
     tokens = _text_tokens(m.content for m in request.messages)
+    tokens += _text_tokens(
+        f"{tool.name} {tool.description} {tool.parameters}" for tool in request.tools
+    )
     params = getattr(request, "params", None)
     if params is not None and params.HasField("max_tokens"):
         tokens += max(0, params.max_tokens)

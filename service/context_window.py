@@ -6,9 +6,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.domain import Message, Role, TruncationMode
+from service.domain import Message, Role, Tool, TruncationMode
 from service.errors import ContextWindowExceeded
-from service.tokens import PER_REQUEST_OVERHEAD, estimate_message_tokens
+from service.tokens import PER_REQUEST_OVERHEAD, estimate_message_tokens, estimate_tools_tokens
 
 # Room kept for the answer when the caller sets no max_tokens.
 DEFAULT_ANSWER_RESERVE = 256
@@ -36,9 +36,29 @@ def answer_reserve(context_window: int, max_tokens: int | None) -> int:
     return min(DEFAULT_ANSWER_RESERVE, context_window // 4)
 
 
+def _turns(messages: Sequence[Message]) -> list[tuple[int, ...]]:
+    """For each message, the indexes kept or dropped with it: an assistant message with
+    tool calls and the tool messages answering them go together (a provider refuses a tool
+    result without its call, and a call without its results); any other message alone."""
+    caller_of: dict[str, int] = {}  # tool call id: index of the assistant message
+    answers: dict[int, list[int]] = {}  # assistant index: it and its tool messages
+    for index, message in enumerate(messages):
+        if message.tool_calls:
+            answers[index] = [index]
+            caller_of.update((call.id, index) for call in message.tool_calls)
+        elif message.tool_call_id in caller_of:
+            answers[caller_of[message.tool_call_id]].append(index)
+    turns: list[tuple[int, ...]] = [(index,) for index in range(len(messages))]
+    for group in answers.values():
+        for index in group:
+            turns[index] = tuple(group)
+    return turns
+
+
 def fit_messages(
     messages: Sequence[Message],
     *,
+    tools: Sequence[Tool] = (),
     context_window: int,
     max_tokens: int | None,
     mode: TruncationMode,
@@ -46,9 +66,10 @@ def fit_messages(
 ) -> FittedPrompt:
     """Return `messages` if they fit, else truncate per `mode` or raise.
 
-    `keep_recent` keeps every system message and the most recent turns that fit,
-    never splitting a message and always keeping the last user message. Each message is
-    estimated once: estimates add up, so trying one more turn costs an addition.
+    `keep_recent` keeps every system message, the tool definitions, and the most recent
+    turns that fit, never splitting a message or a tool-call turn (an assistant message
+    with tool calls and their results) and always keeping the last user message. Each
+    message is estimated once: estimates add up, so trying one more turn costs an addition.
 
     Raises:
         ContextWindowExceeded: with the estimate (answer reserve included) and the limit,
@@ -61,7 +82,8 @@ def fit_messages(
     def calibrated(raw: int) -> int:
         return math.ceil(raw * calibration)
 
-    total = PER_REQUEST_OVERHEAD + sum(costs)
+    fixed = PER_REQUEST_OVERHEAD + estimate_tools_tokens(tools)
+    total = fixed + sum(costs)
     if calibrated(total) <= budget:
         return FittedPrompt(tuple(messages), 0, calibrated(total), total)
     if reserve >= context_window:  # only a max_tokens can: no prompt, however short, fits
@@ -74,10 +96,12 @@ def fit_messages(
         raise ContextWindowExceeded(
             estimated_tokens=calibrated(total) + reserve, limit_tokens=context_window
         )
+    turns = _turns(messages)
     last_user = max((i for i, m in enumerate(messages) if m.role is Role.USER), default=-1)
     keep = [m.role is Role.SYSTEM for m in messages]
-    keep[last_user if last_user >= 0 else len(messages) - 1] = True
-    kept = PER_REQUEST_OVERHEAD + sum(c for c, k in zip(costs, keep, strict=True) if k)
+    for index in turns[last_user if last_user >= 0 else len(messages) - 1]:
+        keep[index] = True
+    kept = fixed + sum(c for c, k in zip(costs, keep, strict=True) if k)
     if calibrated(kept) > budget:
         raise ContextWindowExceeded(
             estimated_tokens=calibrated(kept) + reserve, limit_tokens=context_window
@@ -87,9 +111,12 @@ def fit_messages(
     for index in range(len(messages) - 1, -1, -1):
         if keep[index]:
             continue
-        if calibrated(kept + costs[index]) > budget:
+        turn = [i for i in turns[index] if not keep[i]]
+        cost = sum(costs[i] for i in turn)
+        if calibrated(kept + cost) > budget:
             break
-        keep[index] = True
-        kept += costs[index]
+        for i in turn:
+            keep[i] = True
+        kept += cost
     fitted = tuple(m for m, k in zip(messages, keep, strict=True) if k)
     return FittedPrompt(fitted, len(messages) - len(fitted), calibrated(kept), kept)

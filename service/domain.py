@@ -7,7 +7,7 @@ everything in between speaks these frozen dataclasses.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -17,6 +17,7 @@ class Role(enum.StrEnum):
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"
+    TOOL = "tool"
 
 
 class FinishReason(enum.StrEnum):
@@ -57,11 +58,69 @@ class TruncationMode(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One call of a tool the model asked for; `arguments` is JSON text as the model wrote it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of one tool call of a stream: id and name on the call's first piece, and
+    `arguments` pieces to append, by `index`."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
-    """One turn of a conversation."""
+    """One turn of a conversation.
+
+    `tool_calls` only on an assistant message (its content may then be empty), and
+    `tool_call_id` only on a tool message: the call it answers.
+    """
 
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call; `parameters` is a JSON Schema object as JSON text
+    ("" for none)."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""
+
+
+class ToolChoiceMode(enum.StrEnum):
+    """Whether the model may, must or must not call tools, spelled as OpenAI spells it."""
+
+    AUTO = "auto"
+    NONE = "none"
+    REQUIRED = "required"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """A request's tool choice: a mode, or the one tool the model must call (neither set:
+    the upstream's default)."""
+
+    mode: ToolChoiceMode | None = None
+    function_name: str = ""
+
+    @property
+    def is_set(self) -> bool:
+        """Whether the request chose anything."""
+        return self.mode is not None or bool(self.function_name)
 
 
 class ResponseFormatType(enum.StrEnum):
@@ -116,6 +175,8 @@ class ChatRequest:
     labels: Mapping[str, str] = field(default_factory=dict)
     idempotency_key: str = ""
     tenant: str = "default"
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +222,35 @@ class Completion:
     saved_cost_usd: float = 0.0
     is_cache_hit: bool = False
     dropped_messages: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Delta:
-    """The next piece of generated text of a stream."""
+    """The next piece of generated text of a stream, or of its tool calls."""
 
     content: str
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+
+
+def whole_tool_calls(calls: tuple[ToolCall, ...]) -> tuple[ToolCallDelta, ...]:
+    """Each call as one stream piece with everything: how an answer not streamed live
+    (a cached one, a unary one) is streamed."""
+    return tuple(
+        ToolCallDelta(index, call.id, call.name, call.arguments) for index, call in enumerate(calls)
+    )
+
+
+def assemble_tool_calls(pieces: Iterable[ToolCallDelta]) -> tuple[ToolCall, ...]:
+    """The tool calls a stream's pieces make: by index, arguments appended in order."""
+    calls: dict[int, tuple[str, str, list[str]]] = {}
+    for piece in pieces:
+        call = calls.get(piece.index)
+        if call is None:
+            calls[piece.index] = (piece.id, piece.name, [piece.arguments])
+        else:
+            call[2].append(piece.arguments)
+    return tuple(
+        ToolCall(call_id, name, "".join(arguments))
+        for _, (call_id, name, arguments) in sorted(calls.items())
+    )

@@ -20,14 +20,24 @@ from service.calibration import TokenCalibration
 from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
 from service.context_window import fit_messages
-from service.domain import ChatRequest, Completion, Delta, FinishReason, Timings, Usage
+from service.domain import (
+    ChatRequest,
+    Completion,
+    Delta,
+    FinishReason,
+    Timings,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    assemble_tool_calls,
+)
 from service.errors import UpstreamContextExceeded
 from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.memo import BoundedMemo
 from service.pool import AttemptLog, UpstreamPool
 from service.pricing import PriceList
 from service.telemetry import active as telemetry
-from service.tokens import estimate_text_tokens
+from service.tokens import estimate_output_tokens
 from service.upstream.types import StreamEnd, StreamEvent, TextChunk
 from service.validation import validate_chat_request
 
@@ -160,6 +170,7 @@ class Pipeline:
         self._pool.routes(request.model)
         fitted = fit_messages(
             request.messages,
+            tools=request.tools,
             context_window=self.context_window(request.model),
             max_tokens=request.params.max_tokens,
             mode=request.truncation or self._config.defaults.truncation,
@@ -169,7 +180,13 @@ class Pipeline:
             request = dataclasses.replace(request, messages=fitted.messages)
         return PreparedRequest(request, fitted.dropped, fitted.prompt_tokens)
 
-    def _usage(self, prepared: PreparedRequest, content: str, reported: Usage | None) -> Usage:
+    def _usage(
+        self,
+        prepared: PreparedRequest,
+        content: str,
+        tool_calls: tuple[ToolCall, ...],
+        reported: Usage | None,
+    ) -> Usage:
         if reported is not None:
             self.calibration.observe(
                 prepared.request.model,
@@ -179,7 +196,7 @@ class Pipeline:
             return reported
         return Usage(
             input_tokens=prepared.prompt_tokens,
-            output_tokens=estimate_text_tokens(content),
+            output_tokens=estimate_output_tokens(content, tool_calls),
             is_estimated=True,
         )
 
@@ -269,10 +286,11 @@ class Pipeline:
         finish_reason: FinishReason,
         reported: Usage | None,
         timings: Timings,
+        tool_calls: tuple[ToolCall, ...] = (),
     ) -> Completion:
         """An upstream call's answer with its usage (as reported, else estimated), its
         cost and where it ran: one place for unary calls, streams and cut streams."""
-        usage = self._usage(prepared, content, reported)
+        usage = self._usage(prepared, content, tool_calls, reported)
         return Completion(
             id=completion_id,
             model=model,
@@ -284,6 +302,7 @@ class Pipeline:
             attempts=log.attempts,
             timings=timings,
             dropped_messages=prepared.dropped,
+            tool_calls=tool_calls,
         )
 
     async def _complete(
@@ -310,7 +329,7 @@ class Pipeline:
                     raise
                 except BaseException:
                     if log.is_cut_after_sending:
-                        await self._account_cut(prepared, "", log)
+                        await self._account_cut(prepared, "", (), log)
                     raise
                 self._on_answered()  # before a cache write, when this runs in the caller's task
                 upstream_ms = log.upstream_s * _MS
@@ -327,6 +346,7 @@ class Pipeline:
                         upstream_ms=upstream_ms,
                         time_to_first_token_ms=upstream_ms,
                     ),
+                    tool_calls=reply.tool_calls,
                 )
                 await self._hand_over(hold, owed, request, completion)
             finally:
@@ -356,13 +376,20 @@ class Pipeline:
         else:
             owed.completion = completion
 
-    async def _account_cut(self, prepared: PreparedRequest, content: str, log: AttemptLog) -> None:
+    async def _account_cut(
+        self,
+        prepared: PreparedRequest,
+        content: str,
+        tool_calls: tuple[ToolCall, ...],
+        log: AttemptLog,
+    ) -> None:
         """Record a call that ended without its `Completion` after the upstream had it:
-        a stream after some text, or any call its caller cut once its request was sent.
+        a stream after some output, or any call its caller cut once its request was sent.
 
         The upstream bills the prompt it received and what it generated, even when the
         answer never came back, so the call is recorded once, for its caller's tenant,
-        with estimated usage: the prompt as input, `content` as output. Called inside
+        with estimated usage: the prompt as input, `content` and the (partial) `tool_calls`
+        as output. Called inside
         `hold.reserving`, so that its cost counts all along, reserved or spent.
         """
         request = prepared.request
@@ -375,6 +402,7 @@ class Pipeline:
             finish_reason=FinishReason.UNKNOWN,
             reported=None,
             timings=Timings(),  # recorded for its cost only
+            tool_calls=tool_calls,
         )
         await self.account(request, completion)
 
@@ -468,6 +496,7 @@ class Pipeline:
         request = prepared.request
         log = AttemptLog()
         parts: list[str] = []
+        pieces: list[ToolCallDelta] = []
         end: StreamEnd | None = None
         async with hold.reserving(request, prompt_tokens=prepared.prompt_tokens):
             # Closed here, at once, when this stream is: not later by a GC hook's own task.
@@ -483,17 +512,19 @@ class Pipeline:
                         async for event in upstream:
                             if isinstance(event, TextChunk):
                                 parts.append(event.content)
-                                yield Delta(event.content)
+                                pieces.extend(event.tool_calls)
+                                yield Delta(event.content, event.tool_calls)
                             else:
                                 end = event
                 except UpstreamContextExceeded:  # before any text
                     self.calibration.refused_as_too_long(request.model)
                     raise
                 except BaseException:
-                    # Cut by the upstream, the caller or its deadline: the text sent was
+                    # Cut by the upstream, the caller or its deadline: the output sent was
                     # billed, and the prompt was once the upstream had it.
                     if parts or log.is_cut_after_sending:
-                        await self._account_cut(prepared, "".join(parts), log)
+                        tool_calls = assemble_tool_calls(pieces)
+                        await self._account_cut(prepared, "".join(parts), tool_calls, log)
                     raise
                 if end is None:  # the pool always ends a stream with StreamEnd or raises
                     raise RuntimeError("stream ended without its end event")
@@ -511,6 +542,7 @@ class Pipeline:
                         upstream_ms=log.upstream_s * _MS,
                         time_to_first_token_ms=(log.first_token_s or log.upstream_s) * _MS,
                     ),
+                    tool_calls=assemble_tool_calls(pieces),
                 )
                 await self._hand_over(hold, owed, request, completion)  # inside, as in _complete
             finally:

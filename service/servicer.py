@@ -31,6 +31,11 @@ from service.domain import (
     ResponseFormat,
     ResponseFormatType,
     Role,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    ToolChoiceMode,
     TruncationMode,
     Usage,
 )
@@ -45,7 +50,18 @@ from service.pipeline import REPEATABLE_MAX_BYTES, Pipeline, RepeatKey
 from service.summarize import Summarizer, SummaryRequest
 from service.validation import chat_request_violations
 
-_ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT}
+_ROLES = {
+    pb.ROLE_SYSTEM: Role.SYSTEM,
+    pb.ROLE_USER: Role.USER,
+    pb.ROLE_ASSISTANT: Role.ASSISTANT,
+    pb.ROLE_TOOL: Role.TOOL,
+}
+_TOOL_CHOICE_MODES = {
+    pb.TOOL_CHOICE_MODE_UNSPECIFIED: None,
+    pb.TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.AUTO,
+    pb.TOOL_CHOICE_MODE_NONE: ToolChoiceMode.NONE,
+    pb.TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.REQUIRED,
+}
 _FINISH = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -83,6 +99,7 @@ AnyCompleteRequest = pb.CompleteRequest | pb.CompleteStreamRequest
 
 _NO_PARAMS = GenerationParams()
 _NO_CACHE_POLICY = CachePolicy()
+_NO_TOOL_CHOICE = ToolChoice()
 
 
 def params_from_proto(params: pb.GenerationParams) -> GenerationParams:
@@ -129,11 +146,15 @@ def chat_request_from_proto(
             violations.append(
                 FieldViolation(
                     f"messages[{index}].role",
-                    "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT",
+                    "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL",
                 )
             )
             role = Role.USER
-        messages.append(Message(role, item.content))
+        if item.tool_calls or item.tool_call_id:
+            calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in item.tool_calls)
+            messages.append(Message(role, item.content, calls, item.tool_call_id))
+        else:
+            messages.append(Message(role, item.content))
     cache_mode = _CACHE_MODES.get(message.cache.mode)
     if message.cache.mode not in _CACHE_MODES:
         violations.append(FieldViolation("cache.mode", "unknown cache mode"))
@@ -149,6 +170,12 @@ def chat_request_from_proto(
         if cache_mode is not None or message.cache.ttl_seconds
         else _NO_CACHE_POLICY
     )
+    tool_choice = _NO_TOOL_CHOICE
+    if message.HasField("tool_choice"):
+        mode = _TOOL_CHOICE_MODES.get(message.tool_choice.mode)
+        if message.tool_choice.mode not in _TOOL_CHOICE_MODES:
+            violations.append(FieldViolation("tool_choice.mode", "unknown tool choice mode"))
+        tool_choice = ToolChoice(mode, message.tool_choice.function_name)
     request = ChatRequest(
         model=message.model,
         messages=tuple(messages),
@@ -158,6 +185,8 @@ def chat_request_from_proto(
         labels=dict(message.labels),
         idempotency_key=message.idempotency_key,
         tenant=tenant,
+        tools=tuple(Tool(t.name, t.description, t.parameters) for t in message.tools),
+        tool_choice=tool_choice,
     )
     return request, violations
 
@@ -210,6 +239,8 @@ def response_to_proto(completion: Completion) -> pb.CompleteResponse:
     """A unary response."""
     response = pb.CompleteResponse(content=completion.content)
     _fill_metadata(response.metadata, completion)
+    for call in completion.tool_calls:
+        response.tool_calls.add(id=call.id, name=call.name, arguments=call.arguments)
     return response
 
 
@@ -220,10 +251,17 @@ def stream_final_to_proto(completion: Completion) -> pb.CompleteStreamResponse:
     return message
 
 
-def stream_delta_to_proto(content: str) -> pb.CompleteStreamResponse:
-    """One streamed piece of text (assigned in place: a stream sends hundreds of these)."""
+def stream_delta_to_proto(
+    content: str, tool_calls: tuple[ToolCallDelta, ...] = ()
+) -> pb.CompleteStreamResponse:
+    """One streamed piece of text or tool calls (assigned in place: a stream sends
+    hundreds of these)."""
     message = pb.CompleteStreamResponse()
     message.delta.content = content
+    for piece in tool_calls:
+        message.delta.tool_calls.add(
+            index=piece.index, id=piece.id, name=piece.name, arguments=piece.arguments
+        )
     return message
 
 
@@ -369,7 +407,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                 if isinstance(event, Completion):
                     yield stream_final_to_proto(event)
                 else:
-                    yield stream_delta_to_proto(event.content)
+                    yield stream_delta_to_proto(event.content, event.tool_calls)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]

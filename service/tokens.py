@@ -46,10 +46,14 @@ import functools
 import re
 from collections.abc import Iterable
 
-from service.domain import Message
+from service.domain import Message, Tool, ToolCall
 
 PER_MESSAGE_OVERHEAD = 4
 PER_REQUEST_OVERHEAD = 3
+# The template's share of each tool call and each tool definition (the JSON keys, the
+# function wrapper); its text is counted on top.
+PER_TOOL_CALL_OVERHEAD = 4
+PER_TOOL_OVERHEAD = 8
 
 # In ASCII text every token is one regex match, counted by the regex engine rather than
 # character by character in Python. Letters: a capital joins the lowercase letters after
@@ -170,11 +174,47 @@ def _estimate(text: str) -> int:
 _remembered_estimate = functools.lru_cache(maxsize=_MEMO_SIZE)(_estimate)
 
 
+def estimate_tool_call_tokens(calls: Iterable[ToolCall]) -> int:
+    """Estimated tokens of tool calls: their ids, names and arguments."""
+    return sum(
+        PER_TOOL_CALL_OVERHEAD
+        + estimate_text_tokens(call.id)
+        + estimate_text_tokens(call.name)
+        + estimate_text_tokens(call.arguments)
+        for call in calls
+    )
+
+
+def estimate_tools_tokens(tools: Iterable[Tool]) -> int:
+    """Estimated tokens of tool definitions: names, descriptions and parameter schemas."""
+    return sum(
+        PER_TOOL_OVERHEAD
+        + estimate_text_tokens(tool.name)
+        + estimate_text_tokens(tool.description)
+        + estimate_text_tokens(tool.parameters)
+        for tool in tools
+    )
+
+
 def estimate_message_tokens(message: Message) -> int:
     """Estimated tokens of one message, with its share of the chat template."""
-    return PER_MESSAGE_OVERHEAD + estimate_text_tokens(message.content)
+    tokens = PER_MESSAGE_OVERHEAD + estimate_text_tokens(message.content)
+    if message.tool_calls:
+        tokens += estimate_tool_call_tokens(message.tool_calls)
+    if message.tool_call_id:
+        tokens += estimate_text_tokens(message.tool_call_id)
+    return tokens
 
 
-def estimate_prompt_tokens(messages: Iterable[Message]) -> int:
-    """Estimated prompt tokens for a conversation, with per-message overhead."""
-    return PER_REQUEST_OVERHEAD + sum(estimate_message_tokens(m) for m in messages)
+def estimate_prompt_tokens(messages: Iterable[Message], tools: Iterable[Tool] = ()) -> int:
+    """Estimated prompt tokens for a conversation and its tools, with per-message overhead."""
+    return (
+        PER_REQUEST_OVERHEAD
+        + sum(estimate_message_tokens(m) for m in messages)
+        + estimate_tools_tokens(tools)
+    )
+
+
+def estimate_output_tokens(content: str, tool_calls: Iterable[ToolCall] = ()) -> int:
+    """Estimated tokens of an answer: its text and its tool calls."""
+    return estimate_text_tokens(content) + estimate_tool_call_tokens(tool_calls)

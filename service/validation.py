@@ -8,7 +8,7 @@ import re
 import orjson
 
 from service.config import RequestDefaults
-from service.domain import ChatRequest, ResponseFormat, ResponseFormatType
+from service.domain import ChatRequest, Message, ResponseFormat, ResponseFormatType, Role
 from service.errors import FieldViolation, InvalidRequest
 from service.tokens import estimate_prompt_tokens
 
@@ -18,6 +18,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _MAX_MODEL_NAME = 256
 _MAX_IDEMPOTENCY_KEY = 256
 _MAX_TOKENS_CAP = 1_000_000
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # fullmatch, as _LABEL_KEY
+_MAX_TOOLS = 128  # OpenAI's limit
+_MAX_TOOL_CALL_ID = 256
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")  # OpenAI's rule for `json_schema.name`
 
 
@@ -66,17 +69,22 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
             )
         )
     total_chars = 0
+    call_ids: set[str] = set()  # of the tool calls of the messages so far
     for index, message in enumerate(request.messages[: limits.max_messages]):
         total_chars += len(message.content)
+        if message.tool_calls or message.tool_call_id or message.role is Role.TOOL:
+            total_chars += _tool_message_violations(found, index, message, call_ids)
         if not message.content.strip():
-            found.append(FieldViolation(f"messages[{index}].content", "must not be empty"))
+            if not message.tool_calls:  # an assistant's tool-call turn may have no text
+                found.append(FieldViolation(f"messages[{index}].content", "must not be empty"))
         elif has_control_characters(message.content):
             found.append(
                 FieldViolation(f"messages[{index}].content", "must not contain control characters")
             )
+    total_chars += _tools_violations(found, request)
     # UTF-8 takes at most 4 bytes a character, so only long texts need encoding.
     if total_chars * 4 > limits.max_request_bytes:
-        size = len("".join(m.content for m in request.messages).encode("utf-8"))
+        size = len("".join(_texts_of(request)).encode("utf-8"))
         if size > limits.max_request_bytes:
             found.append(
                 FieldViolation(
@@ -86,9 +94,9 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     # Only worth estimating when the text could be over: no character costs more than
     # 5 tokens (an emoji alone: its 4 UTF-8 bytes, 1 more for starting a run), plus a
     # few tokens of overhead a message.
-    bound = total_chars * 5 + 4 * len(request.messages) + 3
+    bound = total_chars * 5 + 8 * len(request.messages) + 8 * len(request.tools) + 3
     if len(request.messages) <= limits.max_messages and bound > limits.max_prompt_tokens:
-        estimate = estimate_prompt_tokens(request.messages)
+        estimate = estimate_prompt_tokens(request.messages, request.tools)
         if estimate > limits.max_prompt_tokens:
             found.append(
                 FieldViolation(
@@ -143,6 +151,99 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     if request.cache.ttl_s is not None and request.cache.ttl_s < 1:
         found.append(FieldViolation("cache.ttl_seconds", "must be >= 1"))
     return found
+
+
+def _texts_of(request: ChatRequest) -> list[str]:
+    """Every text of `request` that counts towards its size."""
+    texts = []
+    for message in request.messages:
+        texts.append(message.content)
+        texts.append(message.tool_call_id)
+        texts.extend(f"{call.id}{call.name}{call.arguments}" for call in message.tool_calls)
+    texts.extend(f"{tool.name}{tool.description}{tool.parameters}" for tool in request.tools)
+    return texts
+
+
+def _tool_message_violations(
+    found: list[FieldViolation], index: int, message: Message, call_ids: set[str]
+) -> int:
+    """Check a message's tool calls or the call it answers; the characters they add.
+
+    `call_ids` holds the ids of the tool calls of the messages before; this message's are
+    added.
+    """
+    path = f"messages[{index}]"
+    chars = len(message.tool_call_id)
+    if message.tool_calls and message.role is not Role.ASSISTANT:
+        found.append(FieldViolation(f"{path}.tool_calls", "only on ROLE_ASSISTANT messages"))
+    for number, call in enumerate(message.tool_calls):
+        chars += len(call.id) + len(call.name) + len(call.arguments)
+        if not call.id or len(call.id) > _MAX_TOOL_CALL_ID or not call.id.isprintable():
+            found.append(
+                FieldViolation(
+                    f"{path}.tool_calls[{number}].id",
+                    f"must be 1 to {_MAX_TOOL_CALL_ID} printable characters",
+                )
+            )
+        if not _TOOL_NAME.fullmatch(call.name):
+            found.append(
+                FieldViolation(
+                    f"{path}.tool_calls[{number}].name", "must be 1-64 of a-z A-Z 0-9 _ -"
+                )
+            )
+        call_ids.add(call.id)
+    if message.role is Role.TOOL:
+        if not message.tool_call_id:
+            found.append(FieldViolation(f"{path}.tool_call_id", "required on ROLE_TOOL messages"))
+        elif message.tool_call_id not in call_ids:
+            found.append(
+                FieldViolation(
+                    f"{path}.tool_call_id",
+                    "must be the id of a tool call of an earlier assistant message",
+                )
+            )
+    elif message.tool_call_id:
+        found.append(FieldViolation(f"{path}.tool_call_id", "only on ROLE_TOOL messages"))
+    return chars
+
+
+def _tools_violations(found: list[FieldViolation], request: ChatRequest) -> int:
+    """Check the tools and the tool choice; the characters the tools add."""
+    tools = request.tools
+    if len(tools) > _MAX_TOOLS:
+        found.append(FieldViolation("tools", f"at most {_MAX_TOOLS} tools, got {len(tools)}"))
+    chars = 0
+    names: set[str] = set()
+    for index, tool in enumerate(tools[:_MAX_TOOLS]):
+        chars += len(tool.name) + len(tool.description) + len(tool.parameters)
+        if not _TOOL_NAME.fullmatch(tool.name):
+            found.append(FieldViolation(f"tools[{index}].name", "must be 1-64 of a-z A-Z 0-9 _ -"))
+        elif tool.name in names:
+            found.append(FieldViolation(f"tools[{index}].name", f"{tool.name!r} is declared twice"))
+        names.add(tool.name)
+        if has_control_characters(tool.description):
+            found.append(
+                FieldViolation(f"tools[{index}].description", "must not contain control characters")
+            )
+        if tool.parameters.strip() and not _is_json_object(tool.parameters):
+            found.append(
+                FieldViolation(
+                    f"tools[{index}].parameters", "must be a JSON object (a JSON Schema)"
+                )
+            )
+    choice = request.tool_choice
+    if choice.is_set and not tools:
+        found.append(FieldViolation("tool_choice", "needs tools"))
+    elif choice.function_name:
+        if choice.mode is not None:
+            found.append(
+                FieldViolation("tool_choice.mode", "must be unspecified with a function_name")
+            )
+        if choice.function_name not in names:
+            found.append(
+                FieldViolation("tool_choice.function_name", "must name one of the request's tools")
+            )
+    return chars
 
 
 def validate_chat_request(

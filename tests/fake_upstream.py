@@ -28,6 +28,7 @@ __all__ = [
     "Reply",
     "Reset",
     "Status",
+    "ToolCallReply",
 ]
 
 _SPLIT_PAUSE_S = 0.002
@@ -59,8 +60,25 @@ class RecordedRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallReply:
+    """One tool call a Reply makes; `arguments` is sent as written."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
-    """A successful completion, streamed as SSE when the request asks for it."""
+    """A successful completion, streamed as SSE when the request asks for it.
+
+    With `tool_calls`, an empty `content` is sent as null; a stream sends each call's id
+    and name first, then its arguments in `tool_call_pieces` pieces (each call in turn,
+    or round robin with `interleave_tool_calls`), at the upstream indexes
+    `tool_call_index_base` on. `raw_tool_calls` is sent as is instead (the message's
+    `tool_calls`, or one delta's). `cut_after_events` resets the connection after that
+    many events of a stream (the role event included).
+    """
 
     content: str = "Hello from fake"
     finish_reason: str | None = "stop"
@@ -80,6 +98,12 @@ class Reply:
     # Answer one JSON completion even when the request asks for a stream, as some
     # OpenAI-compatible servers do.
     ignore_stream: bool = False
+    tool_calls: tuple[ToolCallReply, ...] = ()
+    tool_call_pieces: int = 3
+    interleave_tool_calls: bool = False
+    tool_call_index_base: int = 0
+    raw_tool_calls: Any = None
+    cut_after_events: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,7 +413,7 @@ class FakeUpstream:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": reply.content},
+                    "message": _message(reply),
                     "logprobs": None,
                     "finish_reason": reply.finish_reason,
                 }
@@ -463,6 +487,11 @@ class FakeUpstream:
             self._chunk(cid, model, {"content": piece})
             for piece in split_even(reply.content, reply.chunks)
         ]
+        events += [self._chunk(cid, model, delta) for delta in _tool_call_deltas(reply)]
+        if reply.cut_after_events is not None:
+            await _send(resp, events[: reply.cut_after_events], _Framing())
+            await asyncio.sleep(_FLUSH_PAUSE_S)
+            _abort(request)
         if reply.finish_reason is not None:
             events.append(self._chunk(cid, model, {}, reply.finish_reason))
         if reply.include_usage and usage_requested:
@@ -505,6 +534,58 @@ class FakeUpstream:
         merged = CIMultiDict({"Content-Type": "application/json"})
         merged.update(status.headers)
         return web.Response(status=status.code, text=status.body, headers=merged)
+
+
+def _message(reply: Reply) -> dict[str, Any]:
+    """The `message` of a unary Reply."""
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if reply.raw_tool_calls is not None:
+        message["tool_calls"] = reply.raw_tool_calls
+    elif reply.tool_calls:
+        message["content"] = reply.content or None
+        message["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for call in reply.tool_calls
+        ]
+    return message
+
+
+def _tool_call_deltas(reply: Reply) -> list[dict[str, Any]]:
+    """The `delta`s that stream a Reply's tool calls, in OpenAI's shape."""
+    if reply.raw_tool_calls is not None:
+        return [{"tool_calls": reply.raw_tool_calls}]
+    base = reply.tool_call_index_base
+    heads = [
+        {
+            "index": base + i,
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": ""},
+        }
+        for i, call in enumerate(reply.tool_calls)
+    ]
+    pieces = [
+        [
+            {"index": base + i, "function": {"arguments": piece}}
+            for piece in split_even(call.arguments, reply.tool_call_pieces)
+        ]
+        for i, call in enumerate(reply.tool_calls)
+    ]
+    if reply.interleave_tool_calls:
+        order = [heads] + [
+            [p[k] for p in pieces if k < len(p)]
+            for k in range(max((len(p) for p in pieces), default=0))
+        ]
+        return [{"tool_calls": [item]} for group in order for item in group]
+    return [
+        {"tool_calls": [item]}
+        for head, rest in zip(heads, pieces, strict=True)
+        for item in (head, *rest)
+    ]
 
 
 def _json(obj: Any, status: int, headers: Mapping[str, str]) -> web.Response:

@@ -1,7 +1,11 @@
 """What the cache stores for one answer, and its exact byte encoding (orjson).
 
-An entry is the finished `Completion` as the upstream produced it, plus the text of every
-delta in order, so that a stream replays with the same chunking it had live.
+An entry is the finished `Completion` as the upstream produced it (its tool calls
+included), plus the text of every delta in order, so that a stream replays with the same
+chunking it had live; its tool calls replay whole, one piece each, after the text.
+
+Version 2 added `tool_calls` to the completion; version 1 entries (written before) still
+decode, with none.
 """
 
 from __future__ import annotations
@@ -13,7 +17,15 @@ from typing import Any, TypeVar
 
 import orjson
 
-from service.domain import Completion, FinishReason, Timings, Usage
+from service.domain import (
+    Completion,
+    Delta,
+    FinishReason,
+    Timings,
+    ToolCall,
+    Usage,
+    whole_tool_calls,
+)
 
 __all__ = [
     "CACHEABLE_FINISH_REASONS",
@@ -23,10 +35,13 @@ __all__ = [
     "decode_entry",
 ]
 
-# Anything else (content filter, tool calls) is not an answer worth replaying.
-CACHEABLE_FINISH_REASONS = frozenset({FinishReason.STOP, FinishReason.LENGTH})
+# Anything else (a content filter, an unknown reason) is not an answer worth replaying.
+CACHEABLE_FINISH_REASONS = frozenset(
+    {FinishReason.STOP, FinishReason.LENGTH, FinishReason.TOOL_CALLS}
+)
 
-_ENTRY_VERSION = 1
+_ENTRY_VERSION = 2
+_READABLE_VERSIONS = frozenset({1, 2})
 # The JSON types each scalar field may hold, by its annotation (a string here, under
 # `from __future__ import annotations`).
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
@@ -54,7 +69,7 @@ _SCALAR_FIELDS: dict[type, tuple[tuple[str, tuple[type, ...]], ...]] = {
         for spec in dataclasses.fields(cls)
         if str(spec.type) in _SCALAR_TYPES
     )
-    for cls in (Completion, Usage, Timings)
+    for cls in (Completion, Usage, Timings, ToolCall)
 }
 
 
@@ -82,6 +97,13 @@ class CachedAnswer:
         """An answer that was never streamed: its content replays as one delta."""
         return cls(completion, (completion.content,) if completion.content else ())
 
+    def replay(self) -> list[Delta]:
+        """The stream a cache hit sends: the text deltas, then each tool call whole."""
+        deltas = [Delta(text) for text in self.deltas]
+        if self.completion.tool_calls:
+            deltas.append(Delta("", whole_tool_calls(self.completion.tool_calls)))
+        return deltas
+
     @property
     def is_cacheable(self) -> bool:
         """Whether the answer may be stored: a clean stop or length finish only."""
@@ -96,12 +118,15 @@ class CachedAnswer:
         """The entry encoded by `encode`; raises `EntryDecodeError` on anything else."""
         try:
             raw = orjson.loads(data)
-            if raw["v"] != _ENTRY_VERSION:
+            if raw["v"] not in _READABLE_VERSIONS:
                 raise EntryDecodeError(f"entry version {raw['v']!r}")
             fields: dict[str, Any] = dict(raw["c"])
             fields["finish_reason"] = FinishReason(fields["finish_reason"])
             fields["usage"] = _typed(Usage, dict(fields["usage"]))
             fields["timings"] = _typed(Timings, dict(fields["timings"]))
+            fields["tool_calls"] = tuple(
+                _typed(ToolCall, dict(call)) for call in fields.get("tool_calls", ())
+            )
             deltas = tuple(str(d) for d in raw["d"])
             return cls(_typed(Completion, fields), deltas)
         except EntryDecodeError:
@@ -134,6 +159,7 @@ class CachedAnswer:
             saved_cost_usd=completion.cost_usd,
             is_cache_hit=True,
             dropped_messages=completion.dropped_messages,
+            tool_calls=completion.tool_calls,
         )
 
 

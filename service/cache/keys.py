@@ -5,6 +5,12 @@ wrong) of: the key format version, the tenant, the model, every message as
 `[role, content]` in order, and every generation parameter with unset kept as `null`
 (distinct from `0`). Labels and the idempotency key are left out: they change who is
 billed and how the call is retried, not what the model answers.
+
+Tool calling adds to that only where a request uses it, so the keys of every other
+request (and the entries stored under them) stay as they were: a message with tool calls
+or answering one is `[role, content, [[id, name, arguments], ...], tool_call_id]`, and a
+request with tools or a tool choice ends with `[[name, description, parameters], ...]`
+and `[mode, function_name]`. Lengths differ, so no two encodings coincide.
 """
 
 from __future__ import annotations
@@ -49,15 +55,28 @@ def canonical_request(request: ChatRequest) -> bytes:
                 response_format.is_strict,
             ]
         )
-    return orjson.dumps(
+    parts: list[object] = [
+        KEY_FORMAT_VERSION,
+        request.tenant,
+        request.model,
         [
-            KEY_FORMAT_VERSION,
-            request.tenant,
-            request.model,
-            [[message.role.value, message.content] for message in request.messages],
-            sampling,
-        ]
-    )
+            [
+                message.role.value,
+                message.content,
+                [[call.id, call.name, call.arguments] for call in message.tool_calls],
+                message.tool_call_id,
+            ]
+            if message.tool_calls or message.tool_call_id
+            else [message.role.value, message.content]
+            for message in request.messages
+        ],
+        sampling,
+    ]
+    choice = request.tool_choice
+    if request.tools or choice.is_set:
+        parts.append([[tool.name, tool.description, tool.parameters] for tool in request.tools])
+        parts.append([None if choice.mode is None else choice.mode.value, choice.function_name])
+    return orjson.dumps(parts)
 
 
 def cache_key(request: ChatRequest, *, prefix: str) -> str:

@@ -7,12 +7,12 @@
    is cacheable by default, else BYPASS. BYPASS calls upstream and stores nothing.
 2. Modes that read look the key up; a hit is served without any upstream call, with
    `cost_usd` 0 and the original cost as `saved_cost_usd`. A stream replays the stored
-   deltas one by one, then the final message.
+   deltas one by one, then each tool call whole, then the final message.
 3. On a miss the request joins the single flight for its key: the first caller starts
    the upstream call, later identical callers share it and are reported as cache hits
    (they cost nothing upstream). Streams follow the flight's deltas live, from the first.
 4. A finished answer is stored (when any of the flight's callers may write) only if it
-   finished with stop or length; errors and broken streams are never stored.
+   finished with stop, length or tool calls; errors and broken streams are never stored.
 
 REFRESH skips the read and the flight: it always makes its own upstream call and stores
 the answer. Single-flight is per process; across replicas Redis shares finished answers.
@@ -190,7 +190,7 @@ class ResponseCache:
         key: str,
         request: ChatRequest,
         mode: CacheMode,
-        call: Callable[[Callable[[str], None]], Awaitable[CachedAnswer]],
+        call: Callable[[Callable[[Delta], None]], Awaitable[CachedAnswer]],
     ) -> tuple[Flight[CachedAnswer], bool]:
         own_plan = _StorePlan(self.ttl_for(request), mode.writes)
 
@@ -239,7 +239,7 @@ class ResponseCache:
             elapsed = self._elapsed_ms(started)
             return cached.served_from_cache(total_ms=elapsed, first_token_ms=elapsed)
 
-        async def call(publish: Callable[[str], None]) -> CachedAnswer:
+        async def call(publish: Callable[[Delta], None]) -> CachedAnswer:
             return CachedAnswer.of_unary(await fetch())
 
         # A follower whose flight ran out of its leader's (shorter) deadline tries again,
@@ -280,8 +280,8 @@ class ResponseCache:
         cached = await self._read(key)
         if cached is not None:
             first_token_ms: float | None = None
-            for text in cached.deltas:
-                yield Delta(text)
+            for delta in cached.replay():
+                yield delta
                 if first_token_ms is None:
                     first_token_ms = self._elapsed_ms(started)
             elapsed = self._elapsed_ms(started)
@@ -291,7 +291,7 @@ class ResponseCache:
             )
             return
 
-        async def call(publish: Callable[[str], None]) -> CachedAnswer:
+        async def call(publish: Callable[[Delta], None]) -> CachedAnswer:
             deltas: list[str] = []
             completion: Completion | None = None
             async with contextlib.aclosing(fetch()) as events:
@@ -299,8 +299,9 @@ class ResponseCache:
                     if isinstance(event, Completion):
                         completion = event
                     else:
-                        deltas.append(event.content)
-                        publish(event.content)
+                        if event.content:  # a piece of tool calls only: in the completion
+                            deltas.append(event.content)
+                        publish(event)
             if completion is None:  # the pipeline ends every stream with a Completion
                 raise RuntimeError("stream ended without its completion")
             return CachedAnswer(completion, tuple(deltas))
@@ -317,7 +318,7 @@ class ResponseCache:
                         if isinstance(item, CachedAnswer):
                             answer = item
                             break
-                        yield Delta(item)
+                        yield item
                         sent += 1
                         if first_token_ms is None:
                             first_token_ms = self._elapsed_ms(started)
@@ -327,8 +328,9 @@ class ResponseCache:
                 continue
             if answer is None:  # follow() always ends with the result or raises
                 raise RuntimeError("flight ended without its answer")
-            for text in answer.deltas[sent:]:  # a unary flight publishes no deltas
-                yield Delta(text)
+            # A unary flight publishes no deltas: its answer replays whole.
+            for delta in answer.replay() if sent == 0 else ():
+                yield delta
                 if first_token_ms is None:
                     first_token_ms = self._elapsed_ms(started)
             if is_leader:
@@ -352,7 +354,7 @@ class ResponseCache:
                     await self._write(
                         key, CachedAnswer(event, tuple(deltas)), self.ttl_for(request)
                     )
-                else:
+                elif event.content:
                     deltas.append(event.content)
                 yield event
 

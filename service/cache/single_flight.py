@@ -17,12 +17,14 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
+from service.domain import Delta
+
 __all__ = ["Flight", "SingleFlight"]
 
 T = TypeVar("T")
 
 # A call receives `publish` for its progress and returns its result.
-Call = Callable[[Callable[[str], None]], Awaitable[T]]
+Call = Callable[[Callable[[Delta], None]], Awaitable[T]]
 
 
 class Flight(Generic[T]):
@@ -30,7 +32,7 @@ class Flight(Generic[T]):
 
     def __init__(self, key: str) -> None:
         self.key = key
-        self.deltas: list[str] = []
+        self.deltas: list[Delta] = []
         self.result: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         # Mark a failure as retrieved even when every follower has left: no
         # "exception was never retrieved" noise for a call nobody waits on.
@@ -39,7 +41,7 @@ class Flight(Generic[T]):
         self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
-    def publish(self, delta: str) -> None:
+    def publish(self, delta: Delta) -> None:
         """Hand the next delta to every follower."""
         self.deltas.append(delta)
         self._wake()
@@ -151,7 +153,7 @@ class SingleFlight(Generic[T]):
         async with self._following(flight):
             return await asyncio.shield(flight.result)
 
-    async def follow(self, flight: Flight[T]) -> AsyncGenerator[str | T, None]:
+    async def follow(self, flight: Flight[T]) -> AsyncGenerator[Delta | T, None]:
         """Every delta the flight publishes (from the first), then its result."""
         async with self._following(flight):
             sent = 0

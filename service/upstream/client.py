@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 import orjson
 
 from service.config import UpstreamConfig
+from service.domain import ToolCallDelta, whole_tool_calls
 from service.errors import (
     UpstreamAuthRejected,
     UpstreamContextExceeded,
@@ -127,33 +128,39 @@ def _translate_errors(upstream: str) -> Iterator[None]:
         ) from exc
 
 
-def _text_of_events(
-    events: list[str], parser: StreamParser, *, stop_at_text: bool
-) -> tuple[str, int, MalformedReply | None]:
-    """The text of `events` joined, how many were parsed, and what cut them short.
+def _output_of_events(
+    events: list[str], parser: StreamParser, *, stop_at_output: bool
+) -> tuple[TextChunk | None, int, MalformedReply | None]:
+    """The output of `events` as one chunk (None without any), how many were parsed, and
+    what cut them short.
 
-    Events that arrived in one read go on as one delta: the caller gets the same text in
-    one message instead of one per event, which spares a gRPC write per event when the
-    upstream sends faster than the gateway relays. `stop_at_text` stops after the first
-    event with text, so that it goes on before the rest of its read is parsed (about
-    2 µs an event: 0.4 ms for a burst of 200). Text before a malformed event is still
-    returned, so it reaches the caller first.
+    Events that arrived in one read go on as one delta: the caller gets the same text (and
+    tool-call pieces) in one message instead of one per event, which spares a gRPC write
+    per event when the upstream sends faster than the gateway relays. `stop_at_output`
+    stops after the first event with output, so that it goes on before the rest of its
+    read is parsed (about 2 µs an event: 0.4 ms for a burst of 200). Output before a
+    malformed event is still returned, so it reaches the caller first.
     """
     texts: list[str] = []
+    pieces: list[ToolCallDelta] = []
     parsed = 0
+    error = None
     try:
         for data in events:
             parsed += 1
             chunk = parser.parse(data)
             if chunk is not None:
                 texts.append(chunk.content)
-                if stop_at_text:
+                pieces.extend(chunk.tool_calls)
+                if stop_at_output:
                     break
             elif parser.is_done:
                 break
     except MalformedReply as exc:
-        return "".join(texts), parsed, exc
-    return "".join(texts), parsed, None
+        error = exc
+    if not texts:
+        return None, parsed, error
+    return TextChunk("".join(texts), tuple(pieces)), parsed, error
 
 
 class UpstreamClient:
@@ -291,8 +298,8 @@ class UpstreamClient:
                     async with asyncio.timeout_at(deadline):
                         body = await response.read(max_bytes=_MAX_REPLY_BYTES)
                     reply = _reply(call, body, response.headers)
-                    if reply.content:
-                        yield TextChunk(reply.content)
+                    if reply.content or reply.tool_calls:
+                        yield TextChunk(reply.content, whole_tool_calls(reply.tool_calls))
                     yield StreamEnd(
                         id=reply.id,
                         model=reply.model,
@@ -302,11 +309,11 @@ class UpstreamClient:
                     )
                     return
                 decoder = SSEDecoder()
-                has_text = False
+                has_output = False
                 idle_s = self.config.stream_idle_timeout_s
                 while True:
                     wait_until = deadline
-                    if has_text and idle_s is not None:
+                    if has_output and idle_s is not None:
                         wait_until = min(deadline, asyncio.get_running_loop().time() + idle_s)
                     async with asyncio.timeout_at(wait_until):
                         raw = await response.next_chunk()
@@ -315,14 +322,14 @@ class UpstreamClient:
                         break
                     events = decoder.feed(raw)
                     while events:
-                        text, parsed, error = _text_of_events(
-                            events, parser, stop_at_text=not has_text
+                        chunk, parsed, error = _output_of_events(
+                            events, parser, stop_at_output=not has_output
                         )
                         del events[:parsed]
-                        if text:
-                            has_text = True
+                        if chunk is not None:
+                            has_output = True
                             deadline = whole_stream_deadline
-                            yield TextChunk(text)
+                            yield chunk
                         if error is not None:
                             raise error
                         if parser.is_done:
@@ -353,7 +360,7 @@ class UpstreamClient:
 
 def _reply(call: UpstreamCall, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
     """A whole chat completion's answer, as a unary call gets it."""
-    reply_id, model, content, finish, usage = parse_completion(body)
+    reply_id, model, content, finish, usage, tool_calls = parse_completion(body)
     return UpstreamReply(
         id=reply_id,
         model=model or call.upstream_model,
@@ -361,6 +368,7 @@ def _reply(call: UpstreamCall, body: bytes, headers: Mapping[str, str]) -> Upstr
         finish_reason=finish,
         usage=usage,
         rate_limits=rate_limit_hints(headers),
+        tool_calls=tool_calls,
     )
 
 

@@ -13,8 +13,13 @@ import orjson
 from service.domain import (
     ChatRequest,
     FinishReason,
+    Message,
     ResponseFormat,
     ResponseFormatType,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
     Usage,
 )
 from service.upstream.types import StreamEnd, TextChunk
@@ -49,6 +54,8 @@ _DONE = "[DONE]"  # the data of a stream's last event
 # Far beyond any real call (no model takes a billion-token prompt); priced even at
 # $2,000 a million tokens, one call stays within the ledgers' int64 pico-dollar counters.
 _MAX_TOKEN_COUNT = 2**32
+# What a tool without parameters sends: some servers refuse a function without them.
+_NO_PARAMETERS = orjson.Fragment(b'{"type":"object","properties":{}}')
 
 
 # OpenAI requires a schema's name; callers may leave it out.
@@ -63,8 +70,17 @@ def request_body(request: ChatRequest, *, upstream_model: str, stream: bool) -> 
     """Serialise `request` as an OpenAI chat-completions body for one upstream."""
     body: dict[str, Any] = {
         "model": upstream_model,
-        "messages": [{"role": m.role.value, "content": m.content} for m in request.messages],
+        "messages": [
+            _message_json(m)
+            if m.tool_calls or m.tool_call_id
+            else {"role": m.role.value, "content": m.content}
+            for m in request.messages
+        ],
     }
+    if request.tools:
+        body["tools"] = [_tool_json(tool) for tool in request.tools]
+    if request.tool_choice.is_set:
+        body["tool_choice"] = _tool_choice_json(request.tool_choice)
     params = request.params
     if params.temperature is not None:
         body["temperature"] = params.temperature
@@ -86,6 +102,41 @@ def request_body(request: ChatRequest, *, upstream_model: str, stream: bool) -> 
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return orjson.dumps(body)
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    """A message with tool calls (content null when empty) or answering one."""
+    data: dict[str, Any] = {"role": message.role.value, "content": message.content}
+    if message.tool_calls:
+        data["content"] = message.content or None
+        data["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id:
+        data["tool_call_id"] = message.tool_call_id
+    return data
+
+
+def _tool_json(tool: Tool) -> dict[str, Any]:
+    """A tool as a function; its parameters (validated as a JSON object) embedded as sent."""
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    function["parameters"] = (
+        orjson.Fragment(tool.parameters.encode()) if tool.parameters.strip() else _NO_PARAMETERS
+    )
+    return {"type": "function", "function": function}
+
+
+def _tool_choice_json(choice: ToolChoice) -> object:
+    if choice.function_name:
+        return {"type": "function", "function": {"name": choice.function_name}}
+    return None if choice.mode is None else choice.mode.value
 
 
 def _response_format(response_format: ResponseFormat) -> dict[str, Any]:
@@ -158,8 +209,33 @@ def _loads(raw: bytes | str) -> dict[str, Any]:
     return data
 
 
-def parse_completion(raw: bytes) -> tuple[str, str, str, FinishReason, Usage | None]:
-    """Parse a unary answer into (id, model, content, finish reason, usage)."""
+def _tool_calls(data: object) -> tuple[ToolCall, ...]:
+    """A unary answer's `message.tool_calls`; absent or null is none."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise MalformedReply("tool_calls is not a list")
+    calls = []
+    for item in data:
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict):
+            raise MalformedReply("a tool call has no function object")
+        call_id, name = item.get("id"), function.get("name")
+        arguments = function.get("arguments")
+        if not isinstance(call_id, str) or not call_id:
+            raise MalformedReply("a tool call has no id")
+        if not isinstance(name, str) or not name:
+            raise MalformedReply("a tool call has no function name")
+        if arguments is not None and not isinstance(arguments, str):
+            raise MalformedReply("tool call arguments are not a string")
+        calls.append(ToolCall(call_id, name, arguments or ""))
+    return tuple(calls)
+
+
+def parse_completion(
+    raw: bytes,
+) -> tuple[str, str, str, FinishReason, Usage | None, tuple[ToolCall, ...]]:
+    """Parse a unary answer into (id, model, content, finish reason, usage, tool calls)."""
     data = _loads(raw)
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
@@ -168,6 +244,7 @@ def parse_completion(raw: bytes) -> tuple[str, str, str, FinishReason, Usage | N
     content = message.get("content") if isinstance(message, dict) else None
     if content is not None and not isinstance(content, str):
         raise MalformedReply("message content is not a string")
+    tool_calls = _tool_calls(message.get("tool_calls")) if isinstance(message, dict) else ()
     reason = finish_reason(choices[0].get("finish_reason"))
     if reason is None:
         raise MalformedReply("no finish reason")
@@ -177,13 +254,18 @@ def parse_completion(raw: bytes) -> tuple[str, str, str, FinishReason, Usage | N
         content or "",
         reason,
         usage(data.get("usage")),
+        tool_calls,
     )
 
 
 class StreamParser:
-    """Turns the data of each SSE event into text chunks and, at the end, a `StreamEnd`."""
+    """Turns the data of each SSE event into text chunks and, at the end, a `StreamEnd`.
 
-    __slots__ = ("finish_reason", "id", "is_done", "model", "usage")
+    Tool-call pieces come out numbered by the order their calls first appeared (whatever
+    indexes the upstream used), with id and name on each call's first piece only.
+    """
+
+    __slots__ = ("_tool_positions", "finish_reason", "id", "is_done", "model", "usage")
 
     def __init__(self) -> None:
         self.id = ""
@@ -191,9 +273,41 @@ class StreamParser:
         self.finish_reason: FinishReason | None = None
         self.usage: Usage | None = None
         self.is_done = False
+        self._tool_positions: dict[int, tuple[int, str]] = {}  # index: (position, id)
+
+    def _tool_call_pieces(self, data: object) -> tuple[ToolCallDelta, ...]:
+        if not isinstance(data, list):
+            raise MalformedReply("delta tool_calls is not a list")
+        pieces = []
+        for item in data:
+            if not isinstance(item, dict):
+                raise MalformedReply("a tool call piece is not an object")
+            index, call_id = item.get("index"), item.get("id")
+            function = item.get("function")
+            function = {} if function is None else function
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                raise MalformedReply("a tool call piece has no index")
+            if not isinstance(function, dict):
+                raise MalformedReply("a tool call piece's function is not an object")
+            name, arguments = function.get("name"), function.get("arguments")
+            if not all(isinstance(v, str | None) for v in (call_id, name, arguments)):
+                raise MalformedReply("a tool call piece has a field that is not a string")
+            known = self._tool_positions.get(index)
+            if known is None:
+                if not call_id or not name:
+                    raise MalformedReply("a tool call's first piece has no id or name")
+                position = len(self._tool_positions)
+                self._tool_positions[index] = (position, call_id)
+                pieces.append(ToolCallDelta(position, call_id, name, arguments or ""))
+            elif call_id and call_id != known[1]:
+                raise MalformedReply("a tool call piece changes its call's id")
+            elif arguments:  # some servers repeat the id and name: sent once
+                pieces.append(ToolCallDelta(known[0], arguments=arguments))
+        return tuple(pieces)
 
     def parse(self, data: str) -> TextChunk | None:
-        """Parse one event; return its text, if any. `[DONE]` marks the end."""
+        """Parse one event; return its text and tool-call pieces, if any. `[DONE]` marks
+        the end."""
         if data == _DONE:
             self.is_done = True
             return None
@@ -224,11 +338,15 @@ class StreamParser:
         if reason is not None:
             self.finish_reason = reason
         delta = choice.get("delta")
-        content = delta.get("content") if isinstance(delta, dict) else None
-        if content:
-            if not isinstance(content, str):
-                raise MalformedReply("delta content is not a string")
-            return TextChunk(content)
+        if not isinstance(delta, dict):
+            return None
+        content = delta.get("content")
+        if content and not isinstance(content, str):
+            raise MalformedReply("delta content is not a string")
+        tool_calls = delta.get("tool_calls")
+        pieces = () if tool_calls is None else self._tool_call_pieces(tool_calls)
+        if content or pieces:
+            return TextChunk(content or "", pieces)
         return None
 
     def end_of_body(self, data_at_end: str | None) -> None:

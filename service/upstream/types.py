@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from service.domain import FinishReason, Usage
+from service.domain import FinishReason, ToolCall, ToolCallDelta, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,13 +32,16 @@ class UpstreamReply:
     finish_reason: FinishReason
     usage: Usage | None
     rate_limits: RateLimitHints = RateLimitHints()
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class TextChunk:
-    """Generated text: every content event of one network read, joined."""
+    """Generated output: the text of every content event of one network read, joined,
+    and the tool-call pieces of those events in order."""
 
     content: str
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -279,13 +279,14 @@ async def test_sampled_requests_are_not_cached_by_default(
 @pytest.mark.parametrize(
     "behaviour",
     # 400: an error no retry policy retries, so the upstream sees exactly one call for it.
-    [Status(400), Reply(finish_reason="content_filter"), Reply(finish_reason="tool_calls")],
-    ids=["error", "content_filter", "tool_calls"],
+    # Tool calls are answers like text, and cached (test_tool_calls.py).
+    [Status(400), Reply(finish_reason="content_filter")],
+    ids=["error", "content_filter"],
 )
 async def test_errors_and_odd_finishes_are_not_cached(
     cached: RunningGateway, upstream: FakeUpstream, behaviour: Any
 ) -> None:
-    """An error or a finish other than stop/length is never stored."""
+    """An error or a finish other than stop, length or tool calls is never stored."""
     upstream.script(behaviour)
     if isinstance(behaviour, Status):
         with pytest.raises(grpc.aio.AioRpcError, match="INVALID_ARGUMENT"):

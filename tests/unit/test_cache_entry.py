@@ -52,12 +52,15 @@ def test_garbage_is_rejected(data: bytes) -> None:
     [
         (FinishReason.STOP, True),
         (FinishReason.LENGTH, True),
+        (FinishReason.TOOL_CALLS, True),
         (FinishReason.CONTENT_FILTER, False),
-        (FinishReason.TOOL_CALLS, False),
+        (FinishReason.UNKNOWN, False),
     ],
 )
-def test_only_stop_and_length_are_cacheable(reason: FinishReason, cacheable: bool) -> None:
-    """Content-filtered and tool-call answers are never stored."""
+def test_only_stop_length_and_tool_calls_are_cacheable(
+    reason: FinishReason, cacheable: bool
+) -> None:
+    """Content-filtered answers and unknown finish reasons are never stored."""
     answer = CachedAnswer.of_unary(Completion("i", "m", "x", reason, Usage(), 0.0, "u"))
     assert answer.is_cacheable is cacheable
 

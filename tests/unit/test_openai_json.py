@@ -171,6 +171,7 @@ def test_parse_completion_good() -> None:
         "Hello!",
         FinishReason.STOP,
         Usage(input_tokens=12, output_tokens=3),
+        (),
     )
 
 
@@ -202,7 +203,7 @@ def test_parse_completion_without_usage(usage_value: object) -> None:
 def test_parse_completion_null_content_is_empty() -> None:
     """A null message content (e.g. a tool call) parses as empty text."""
     choice = {"message": {"role": "assistant", "content": None}, "finish_reason": "tool_calls"}
-    _, _, content, reason, _ = parse_completion(completion_json(choices=[choice]))
+    _, _, content, reason, _, _ = parse_completion(completion_json(choices=[choice]))
     assert (content, reason) == ("", FinishReason.TOOL_CALLS)
 
 
@@ -311,7 +312,7 @@ def test_usage_counts_no_real_call_has_are_no_usage(data: object) -> None:
 
 def test_an_answer_with_unbelievable_usage_stands_without_it() -> None:
     """Unary and streamed: the text is relayed; the usage is left to the estimate."""
-    _, _, content, _, reported = parse_completion(completion_json(usage={"prompt_tokens": -3}))
+    _, _, content, _, reported, _ = parse_completion(completion_json(usage={"prompt_tokens": -3}))
     assert (content, reported) == ("Hello!", None)
     parser = StreamParser()
     parser.parse(chunk("ok"))

@@ -189,12 +189,16 @@ def test_cache_ttl_zero_is_unset(ttl: int, expected: int | None) -> None:
     [
         pytest.param(
             pb.CompleteRequest(messages=[user(), pb.Message(content="x")]),
-            FieldViolation("messages[1].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT"),
+            FieldViolation(
+                "messages[1].role", "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"
+            ),
             id="role-unspecified",
         ),
         pytest.param(
             pb.CompleteRequest(messages=[pb.Message(role=42, content="x")]),  # type: ignore[arg-type]
-            FieldViolation("messages[0].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT"),
+            FieldViolation(
+                "messages[0].role", "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"
+            ),
             id="role-unknown-number",
         ),
         pytest.param(
@@ -280,9 +284,10 @@ WIRE_FINISH = {
 
 
 def test_metadata_round_trips_every_completion_field() -> None:
-    """Every Completion field but the text survives metadata_to_proto and the wire."""
+    """Every Completion field but the answer (text, tool calls) survives metadata_to_proto
+    and the wire."""
     wire = pb.CompletionMetadata.FromString(metadata_to_proto(COMPLETION).SerializeToString())
-    fields = {f.name for f in dataclasses.fields(Completion)} - {"content"}
+    fields = {f.name for f in dataclasses.fields(Completion)} - {"content", "tool_calls"}
     assert set(READ_BACK) == fields, "update READ_BACK for new Completion fields"
     for name, read in READ_BACK.items():
         expected = getattr(COMPLETION, name)

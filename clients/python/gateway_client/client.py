@@ -13,7 +13,13 @@ import grpc
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 
-_ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+_ROLES = {
+    "system": pb.ROLE_SYSTEM,
+    "user": pb.ROLE_USER,
+    "assistant": pb.ROLE_ASSISTANT,
+    "tool": pb.ROLE_TOOL,
+}
+Turn = tuple[str, str] | pb.Message
 # clients/service_config.json, linked into the package so that a wheel carries it too.
 SERVICE_CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
@@ -24,22 +30,32 @@ def _service_config() -> str:
 
 
 def build_request(
-    prompt: str | Sequence[tuple[str, str]],
+    prompt: str | Sequence[Turn],
     *,
     model: str,
     system: str | None = None,
     labels: Mapping[str, str] | None = None,
+    tools: Sequence[pb.Tool] = (),
+    tool_choice: pb.ToolChoice | None = None,
     **params: Any,
 ) -> pb.CompleteRequest:
-    """A CompleteRequest from a prompt (or (role, content) pairs) and generation params."""
-    turns = [("user", prompt)] if isinstance(prompt, str) else list(prompt)
+    """A CompleteRequest from a prompt (or turns: (role, content) pairs, or `pb.Message`s
+    such as tool-call turns and tool results), tools and generation params."""
+    turns: list[Turn] = [("user", prompt)] if isinstance(prompt, str) else list(prompt)
     if system:
         turns.insert(0, ("system", system))
     return pb.CompleteRequest(
         model=model,
-        messages=[pb.Message(role=_ROLES[role], content=content) for role, content in turns],
+        messages=[
+            turn
+            if isinstance(turn, pb.Message)
+            else pb.Message(role=_ROLES[turn[0]], content=turn[1])
+            for turn in turns
+        ],
         params=pb.GenerationParams(**params),
         labels=dict(labels or {}),
+        tools=list(tools),
+        tool_choice=tool_choice,
     )
 
 
@@ -71,7 +87,8 @@ async def _cancel_when_left(
 
 
 class CompletionStream:
-    """Text deltas as they arrive; `final` holds usage, cost and timings afterwards.
+    """Text deltas as they arrive; afterwards `final` holds usage, cost and timings, and
+    `tool_calls` the tool calls the model made, assembled from their pieces.
 
     Leaving the loop early (break, an exception) cancels the call, and with it the
     upstream request, even while the stream object is still referenced.
@@ -82,6 +99,7 @@ class CompletionStream:
     ) -> None:
         self._call = call
         self.final: pb.CompletionMetadata | None = None
+        self.tool_calls: list[pb.ToolCall] = []
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._texts()
@@ -95,7 +113,12 @@ class CompletionStream:
             async for event in self._call:
                 if event.HasField("final"):
                     self.final = event.final
-                else:
+                    continue
+                for piece in event.delta.tool_calls:
+                    if piece.index == len(self.tool_calls):
+                        self.tool_calls.append(pb.ToolCall(id=piece.id, name=piece.name))
+                    self.tool_calls[piece.index].arguments += piece.arguments
+                if event.delta.content:
                     yield event.delta.content
         finally:
             self._call.cancel()  # a no-op once the call has ended
@@ -147,7 +170,7 @@ class GatewayClient:
         return response
 
     def stream(
-        self, prompt: str | Sequence[tuple[str, str]] | pb.CompleteRequest, **kwargs: Any
+        self, prompt: str | Sequence[Turn] | pb.CompleteRequest, **kwargs: Any
     ) -> CompletionStream:
         """A streamed completion: iterate for text, then read `.final`."""
         unary = (

@@ -33,6 +33,8 @@ export enum Role {
   ROLE_SYSTEM = 1,
   ROLE_USER = 2,
   ROLE_ASSISTANT = 3,
+  /** ROLE_TOOL - A tool's result, answering one of an earlier assistant message's tool calls. */
+  ROLE_TOOL = 4,
   UNRECOGNIZED = -1,
 }
 
@@ -50,6 +52,9 @@ export function roleFromJSON(object: any): Role {
     case 3:
     case "ROLE_ASSISTANT":
       return Role.ROLE_ASSISTANT;
+    case 4:
+    case "ROLE_TOOL":
+      return Role.ROLE_TOOL;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -67,6 +72,8 @@ export function roleToJSON(object: Role): string {
       return "ROLE_USER";
     case Role.ROLE_ASSISTANT:
       return "ROLE_ASSISTANT";
+    case Role.ROLE_TOOL:
+      return "ROLE_TOOL";
     case Role.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -273,6 +280,56 @@ export function upstreamHealthToJSON(object: UpstreamHealth): string {
   }
 }
 
+/** ToolChoiceMode says whether the model may, must or must not call tools. */
+export enum ToolChoiceMode {
+  /** TOOL_CHOICE_MODE_UNSPECIFIED - The upstream's default (auto when tools are given). */
+  TOOL_CHOICE_MODE_UNSPECIFIED = 0,
+  /** TOOL_CHOICE_MODE_AUTO - The model decides whether to call tools. */
+  TOOL_CHOICE_MODE_AUTO = 1,
+  /** TOOL_CHOICE_MODE_NONE - The model answers with text and calls no tool. */
+  TOOL_CHOICE_MODE_NONE = 2,
+  /** TOOL_CHOICE_MODE_REQUIRED - The model calls at least one tool. */
+  TOOL_CHOICE_MODE_REQUIRED = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function toolChoiceModeFromJSON(object: any): ToolChoiceMode {
+  switch (object) {
+    case 0:
+    case "TOOL_CHOICE_MODE_UNSPECIFIED":
+      return ToolChoiceMode.TOOL_CHOICE_MODE_UNSPECIFIED;
+    case 1:
+    case "TOOL_CHOICE_MODE_AUTO":
+      return ToolChoiceMode.TOOL_CHOICE_MODE_AUTO;
+    case 2:
+    case "TOOL_CHOICE_MODE_NONE":
+      return ToolChoiceMode.TOOL_CHOICE_MODE_NONE;
+    case 3:
+    case "TOOL_CHOICE_MODE_REQUIRED":
+      return ToolChoiceMode.TOOL_CHOICE_MODE_REQUIRED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ToolChoiceMode.UNRECOGNIZED;
+  }
+}
+
+export function toolChoiceModeToJSON(object: ToolChoiceMode): string {
+  switch (object) {
+    case ToolChoiceMode.TOOL_CHOICE_MODE_UNSPECIFIED:
+      return "TOOL_CHOICE_MODE_UNSPECIFIED";
+    case ToolChoiceMode.TOOL_CHOICE_MODE_AUTO:
+      return "TOOL_CHOICE_MODE_AUTO";
+    case ToolChoiceMode.TOOL_CHOICE_MODE_NONE:
+      return "TOOL_CHOICE_MODE_NONE";
+    case ToolChoiceMode.TOOL_CHOICE_MODE_REQUIRED:
+      return "TOOL_CHOICE_MODE_REQUIRED";
+    case ToolChoiceMode.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** ResponseFormatType is the shape of an answer. */
 export enum ResponseFormatType {
   /** RESPONSE_FORMAT_TYPE_UNSPECIFIED - Free text: the upstream's default. */
@@ -329,7 +386,42 @@ export function responseFormatTypeToJSON(object: ResponseFormatType): string {
 /** Message is one turn of a conversation. */
 export interface Message {
   role: Role;
+  /** May be empty on an assistant message that has tool calls. */
   content: string;
+  /** The tools the model called (assistant messages only), to send a tool-call turn back. */
+  toolCalls: ToolCall[];
+  /** The id of the tool call this message answers (ROLE_TOOL messages only, required). */
+  toolCallId: string;
+}
+
+/** ToolCall is one call of a tool the model asked for. */
+export interface ToolCall {
+  /** The upstream's id of the call; a ROLE_TOOL message answers it by this id. */
+  id: string;
+  /** The name of the tool called, one of the request's tools. */
+  name: string;
+  /**
+   * The arguments as JSON text, exactly as the model wrote them: not re-encoded, and
+   * not always valid JSON.
+   */
+  arguments: string;
+}
+
+/** Tool is a function the model may call. */
+export interface Tool {
+  /** 1-64 of a-z A-Z 0-9 _ -, unique within the request. */
+  name: string;
+  /** What the tool does, for the model to decide when to call it. */
+  description: string;
+  /** A JSON Schema object, as JSON text, for the arguments; empty means no arguments. */
+  parameters: string;
+}
+
+/** ToolChoice is a request's tool-calling mode, or the one tool the model must call. */
+export interface ToolChoice {
+  mode: ToolChoiceMode;
+  /** Forces a call of this tool (one of the request's tools); mode must then be unspecified. */
+  functionName: string;
 }
 
 /** GenerationParams are the sampling parameters; unset differs from zero. */
@@ -434,6 +526,10 @@ export interface CompleteRequest {
   labels: { [key: string]: string };
   /** Reused on every upstream attempt of this call. */
   idempotencyKey: string;
+  /** Tools the model may call (at most 128). */
+  tools: Tool[];
+  /** Whether, or which of, the tools the model may call; needs `tools`. */
+  toolChoice: ToolChoice | undefined;
 }
 
 export interface CompleteRequest_LabelsEntry {
@@ -443,8 +539,13 @@ export interface CompleteRequest_LabelsEntry {
 
 /** CompleteResponse is one chat completion. */
 export interface CompleteResponse {
+  /** Empty when the model only called tools. */
   content: string;
-  metadata: CompletionMetadata | undefined;
+  metadata:
+    | CompletionMetadata
+    | undefined;
+  /** The tools the model called, in order (finish reason FINISH_REASON_TOOL_CALLS). */
+  toolCalls: ToolCall[];
 }
 
 /** CompleteStreamRequest asks for one streamed chat completion. */
@@ -456,6 +557,9 @@ export interface CompleteStreamRequest {
   truncation: TruncationPolicy | undefined;
   labels: { [key: string]: string };
   idempotencyKey: string;
+  /** As in CompleteRequest. */
+  tools: Tool[];
+  toolChoice: ToolChoice | undefined;
 }
 
 export interface CompleteStreamRequest_LabelsEntry {
@@ -463,9 +567,28 @@ export interface CompleteStreamRequest_LabelsEntry {
   value: string;
 }
 
-/** Delta is the next piece of generated text. */
+/** Delta is the next piece of generated text, or of tool calls. */
 export interface Delta {
   content: string;
+  /** Pieces of tool calls, in the order they arrived. */
+  toolCalls: ToolCallDelta[];
+}
+
+/**
+ * ToolCallDelta is a piece of one tool call of a stream, in OpenAI's shape: a call's
+ * first piece has its id and name, and the `arguments` of every piece of the same
+ * index, appended in order, are its arguments. A replayed cached stream sends each call
+ * whole, as one piece.
+ */
+export interface ToolCallDelta {
+  /** Which call of the answer this piece belongs to, from 0. */
+  index: number;
+  /** Set on the call's first piece only. */
+  id: string;
+  /** Set on the call's first piece only. */
+  name: string;
+  /** The next piece of the call's arguments, to be appended. */
+  arguments: string;
 }
 
 /**
@@ -621,7 +744,7 @@ export interface GetUsageResponse {
 }
 
 function createBaseMessage(): Message {
-  return { role: 0, content: "" };
+  return { role: 0, content: "", toolCalls: [], toolCallId: "" };
 }
 
 export const Message: MessageFns<Message> = {
@@ -631,6 +754,12 @@ export const Message: MessageFns<Message> = {
     }
     if (message.content !== "") {
       writer.uint32(18).string(message.content);
+    }
+    for (const v of message.toolCalls) {
+      ToolCall.encode(v!, writer.uint32(26).fork()).join();
+    }
+    if (message.toolCallId !== "") {
+      writer.uint32(34).string(message.toolCallId);
     }
     return writer;
   },
@@ -664,6 +793,22 @@ export const Message: MessageFns<Message> = {
             message.content = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.toolCalls.push(ToolCall.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.toolCallId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -680,6 +825,16 @@ export const Message: MessageFns<Message> = {
     return {
       role: isSet(object.role) ? roleFromJSON(object.role) : 0,
       content: isSet(object.content) ? globalThis.String(object.content) : "",
+      toolCalls: globalThis.Array.isArray(object?.toolCalls)
+        ? object.toolCalls.map((e: any) => ToolCall.fromJSON(e))
+        : globalThis.Array.isArray(object?.tool_calls)
+        ? object.tool_calls.map((e: any) => ToolCall.fromJSON(e))
+        : [],
+      toolCallId: isSet(object.toolCallId)
+        ? globalThis.String(object.toolCallId)
+        : isSet(object.tool_call_id)
+        ? globalThis.String(object.tool_call_id)
+        : "",
     };
   },
 
@@ -691,6 +846,12 @@ export const Message: MessageFns<Message> = {
     if (message.content !== "") {
       obj.content = message.content;
     }
+    if (message.toolCalls?.length) {
+      obj.toolCalls = message.toolCalls.map((e) => ToolCall.toJSON(e));
+    }
+    if (message.toolCallId !== "") {
+      obj.toolCallId = message.toolCallId;
+    }
     return obj;
   },
 
@@ -701,6 +862,299 @@ export const Message: MessageFns<Message> = {
     const message = createBaseMessage();
     message.role = object.role ?? 0;
     message.content = object.content ?? "";
+    message.toolCalls = object.toolCalls?.map((e) => ToolCall.fromPartial(e)) || [];
+    message.toolCallId = object.toolCallId ?? "";
+    return message;
+  },
+};
+
+function createBaseToolCall(): ToolCall {
+  return { id: "", name: "", arguments: "" };
+}
+
+export const ToolCall: MessageFns<ToolCall> = {
+  encode(message: ToolCall, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.name !== "") {
+      writer.uint32(18).string(message.name);
+    }
+    if (message.arguments !== "") {
+      writer.uint32(26).string(message.arguments);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ToolCall {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseToolCall();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.arguments = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ToolCall {
+    return {
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      arguments: isSet(object.arguments) ? globalThis.String(object.arguments) : "",
+    };
+  },
+
+  toJSON(message: ToolCall): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.arguments !== "") {
+      obj.arguments = message.arguments;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ToolCall>, I>>(base?: I): ToolCall {
+    return ToolCall.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ToolCall>, I>>(object: I): ToolCall {
+    const message = createBaseToolCall();
+    message.id = object.id ?? "";
+    message.name = object.name ?? "";
+    message.arguments = object.arguments ?? "";
+    return message;
+  },
+};
+
+function createBaseTool(): Tool {
+  return { name: "", description: "", parameters: "" };
+}
+
+export const Tool: MessageFns<Tool> = {
+  encode(message: Tool, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.description !== "") {
+      writer.uint32(18).string(message.description);
+    }
+    if (message.parameters !== "") {
+      writer.uint32(26).string(message.parameters);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Tool {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTool();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.description = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.parameters = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Tool {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      description: isSet(object.description) ? globalThis.String(object.description) : "",
+      parameters: isSet(object.parameters) ? globalThis.String(object.parameters) : "",
+    };
+  },
+
+  toJSON(message: Tool): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.description !== "") {
+      obj.description = message.description;
+    }
+    if (message.parameters !== "") {
+      obj.parameters = message.parameters;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Tool>, I>>(base?: I): Tool {
+    return Tool.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Tool>, I>>(object: I): Tool {
+    const message = createBaseTool();
+    message.name = object.name ?? "";
+    message.description = object.description ?? "";
+    message.parameters = object.parameters ?? "";
+    return message;
+  },
+};
+
+function createBaseToolChoice(): ToolChoice {
+  return { mode: 0, functionName: "" };
+}
+
+export const ToolChoice: MessageFns<ToolChoice> = {
+  encode(message: ToolChoice, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.mode !== 0) {
+      writer.uint32(8).int32(message.mode);
+    }
+    if (message.functionName !== "") {
+      writer.uint32(18).string(message.functionName);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ToolChoice {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseToolChoice();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.mode = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.functionName = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ToolChoice {
+    return {
+      mode: isSet(object.mode) ? toolChoiceModeFromJSON(object.mode) : 0,
+      functionName: isSet(object.functionName)
+        ? globalThis.String(object.functionName)
+        : isSet(object.function_name)
+        ? globalThis.String(object.function_name)
+        : "",
+    };
+  },
+
+  toJSON(message: ToolChoice): unknown {
+    const obj: any = {};
+    if (message.mode !== 0) {
+      obj.mode = toolChoiceModeToJSON(message.mode);
+    }
+    if (message.functionName !== "") {
+      obj.functionName = message.functionName;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ToolChoice>, I>>(base?: I): ToolChoice {
+    return ToolChoice.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ToolChoice>, I>>(object: I): ToolChoice {
+    const message = createBaseToolChoice();
+    message.mode = object.mode ?? 0;
+    message.functionName = object.functionName ?? "";
     return message;
   },
 };
@@ -1712,6 +2166,8 @@ function createBaseCompleteRequest(): CompleteRequest {
     truncation: undefined,
     labels: {},
     idempotencyKey: "",
+    tools: [],
+    toolChoice: undefined,
   };
 }
 
@@ -1737,6 +2193,12 @@ export const CompleteRequest: MessageFns<CompleteRequest> = {
     });
     if (message.idempotencyKey !== "") {
       writer.uint32(58).string(message.idempotencyKey);
+    }
+    for (const v of message.tools) {
+      Tool.encode(v!, writer.uint32(66).fork()).join();
+    }
+    if (message.toolChoice !== undefined) {
+      ToolChoice.encode(message.toolChoice, writer.uint32(74).fork()).join();
     }
     return writer;
   },
@@ -1813,6 +2275,22 @@ export const CompleteRequest: MessageFns<CompleteRequest> = {
             message.idempotencyKey = reader.string();
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.tools.push(Tool.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.toolChoice = ToolChoice.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1851,6 +2329,12 @@ export const CompleteRequest: MessageFns<CompleteRequest> = {
         : isSet(object.idempotency_key)
         ? globalThis.String(object.idempotency_key)
         : "",
+      tools: globalThis.Array.isArray(object?.tools) ? object.tools.map((e: any) => Tool.fromJSON(e)) : [],
+      toolChoice: isSet(object.toolChoice)
+        ? ToolChoice.fromJSON(object.toolChoice)
+        : isSet(object.tool_choice)
+        ? ToolChoice.fromJSON(object.tool_choice)
+        : undefined,
     };
   },
 
@@ -1883,6 +2367,12 @@ export const CompleteRequest: MessageFns<CompleteRequest> = {
     if (message.idempotencyKey !== "") {
       obj.idempotencyKey = message.idempotencyKey;
     }
+    if (message.tools?.length) {
+      obj.tools = message.tools.map((e) => Tool.toJSON(e));
+    }
+    if (message.toolChoice !== undefined) {
+      obj.toolChoice = ToolChoice.toJSON(message.toolChoice);
+    }
     return obj;
   },
 
@@ -1912,6 +2402,10 @@ export const CompleteRequest: MessageFns<CompleteRequest> = {
       {},
     );
     message.idempotencyKey = object.idempotencyKey ?? "";
+    message.tools = object.tools?.map((e) => Tool.fromPartial(e)) || [];
+    message.toolChoice = (object.toolChoice !== undefined && object.toolChoice !== null)
+      ? ToolChoice.fromPartial(object.toolChoice)
+      : undefined;
     return message;
   },
 };
@@ -2002,7 +2496,7 @@ export const CompleteRequest_LabelsEntry: MessageFns<CompleteRequest_LabelsEntry
 };
 
 function createBaseCompleteResponse(): CompleteResponse {
-  return { content: "", metadata: undefined };
+  return { content: "", metadata: undefined, toolCalls: [] };
 }
 
 export const CompleteResponse: MessageFns<CompleteResponse> = {
@@ -2012,6 +2506,9 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
     }
     if (message.metadata !== undefined) {
       CompletionMetadata.encode(message.metadata, writer.uint32(18).fork()).join();
+    }
+    for (const v of message.toolCalls) {
+      ToolCall.encode(v!, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -2045,6 +2542,14 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
             message.metadata = CompletionMetadata.decode(reader, reader.uint32());
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.toolCalls.push(ToolCall.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2061,6 +2566,11 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
     return {
       content: isSet(object.content) ? globalThis.String(object.content) : "",
       metadata: isSet(object.metadata) ? CompletionMetadata.fromJSON(object.metadata) : undefined,
+      toolCalls: globalThis.Array.isArray(object?.toolCalls)
+        ? object.toolCalls.map((e: any) => ToolCall.fromJSON(e))
+        : globalThis.Array.isArray(object?.tool_calls)
+        ? object.tool_calls.map((e: any) => ToolCall.fromJSON(e))
+        : [],
     };
   },
 
@@ -2071,6 +2581,9 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
     }
     if (message.metadata !== undefined) {
       obj.metadata = CompletionMetadata.toJSON(message.metadata);
+    }
+    if (message.toolCalls?.length) {
+      obj.toolCalls = message.toolCalls.map((e) => ToolCall.toJSON(e));
     }
     return obj;
   },
@@ -2084,6 +2597,7 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
     message.metadata = (object.metadata !== undefined && object.metadata !== null)
       ? CompletionMetadata.fromPartial(object.metadata)
       : undefined;
+    message.toolCalls = object.toolCalls?.map((e) => ToolCall.fromPartial(e)) || [];
     return message;
   },
 };
@@ -2097,6 +2611,8 @@ function createBaseCompleteStreamRequest(): CompleteStreamRequest {
     truncation: undefined,
     labels: {},
     idempotencyKey: "",
+    tools: [],
+    toolChoice: undefined,
   };
 }
 
@@ -2122,6 +2638,12 @@ export const CompleteStreamRequest: MessageFns<CompleteStreamRequest> = {
     });
     if (message.idempotencyKey !== "") {
       writer.uint32(58).string(message.idempotencyKey);
+    }
+    for (const v of message.tools) {
+      Tool.encode(v!, writer.uint32(66).fork()).join();
+    }
+    if (message.toolChoice !== undefined) {
+      ToolChoice.encode(message.toolChoice, writer.uint32(74).fork()).join();
     }
     return writer;
   },
@@ -2198,6 +2720,22 @@ export const CompleteStreamRequest: MessageFns<CompleteStreamRequest> = {
             message.idempotencyKey = reader.string();
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.tools.push(Tool.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.toolChoice = ToolChoice.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2236,6 +2774,12 @@ export const CompleteStreamRequest: MessageFns<CompleteStreamRequest> = {
         : isSet(object.idempotency_key)
         ? globalThis.String(object.idempotency_key)
         : "",
+      tools: globalThis.Array.isArray(object?.tools) ? object.tools.map((e: any) => Tool.fromJSON(e)) : [],
+      toolChoice: isSet(object.toolChoice)
+        ? ToolChoice.fromJSON(object.toolChoice)
+        : isSet(object.tool_choice)
+        ? ToolChoice.fromJSON(object.tool_choice)
+        : undefined,
     };
   },
 
@@ -2268,6 +2812,12 @@ export const CompleteStreamRequest: MessageFns<CompleteStreamRequest> = {
     if (message.idempotencyKey !== "") {
       obj.idempotencyKey = message.idempotencyKey;
     }
+    if (message.tools?.length) {
+      obj.tools = message.tools.map((e) => Tool.toJSON(e));
+    }
+    if (message.toolChoice !== undefined) {
+      obj.toolChoice = ToolChoice.toJSON(message.toolChoice);
+    }
     return obj;
   },
 
@@ -2297,6 +2847,10 @@ export const CompleteStreamRequest: MessageFns<CompleteStreamRequest> = {
       {},
     );
     message.idempotencyKey = object.idempotencyKey ?? "";
+    message.tools = object.tools?.map((e) => Tool.fromPartial(e)) || [];
+    message.toolChoice = (object.toolChoice !== undefined && object.toolChoice !== null)
+      ? ToolChoice.fromPartial(object.toolChoice)
+      : undefined;
     return message;
   },
 };
@@ -2391,13 +2945,16 @@ export const CompleteStreamRequest_LabelsEntry: MessageFns<CompleteStreamRequest
 };
 
 function createBaseDelta(): Delta {
-  return { content: "" };
+  return { content: "", toolCalls: [] };
 }
 
 export const Delta: MessageFns<Delta> = {
   encode(message: Delta, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.content !== "") {
       writer.uint32(10).string(message.content);
+    }
+    for (const v of message.toolCalls) {
+      ToolCallDelta.encode(v!, writer.uint32(18).fork()).join();
     }
     return writer;
   },
@@ -2423,6 +2980,14 @@ export const Delta: MessageFns<Delta> = {
             message.content = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.toolCalls.push(ToolCallDelta.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2436,13 +3001,23 @@ export const Delta: MessageFns<Delta> = {
   },
 
   fromJSON(object: any): Delta {
-    return { content: isSet(object.content) ? globalThis.String(object.content) : "" };
+    return {
+      content: isSet(object.content) ? globalThis.String(object.content) : "",
+      toolCalls: globalThis.Array.isArray(object?.toolCalls)
+        ? object.toolCalls.map((e: any) => ToolCallDelta.fromJSON(e))
+        : globalThis.Array.isArray(object?.tool_calls)
+        ? object.tool_calls.map((e: any) => ToolCallDelta.fromJSON(e))
+        : [],
+    };
   },
 
   toJSON(message: Delta): unknown {
     const obj: any = {};
     if (message.content !== "") {
       obj.content = message.content;
+    }
+    if (message.toolCalls?.length) {
+      obj.toolCalls = message.toolCalls.map((e) => ToolCallDelta.toJSON(e));
     }
     return obj;
   },
@@ -2453,6 +3028,124 @@ export const Delta: MessageFns<Delta> = {
   fromPartial<I extends Exact<DeepPartial<Delta>, I>>(object: I): Delta {
     const message = createBaseDelta();
     message.content = object.content ?? "";
+    message.toolCalls = object.toolCalls?.map((e) => ToolCallDelta.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseToolCallDelta(): ToolCallDelta {
+  return { index: 0, id: "", name: "", arguments: "" };
+}
+
+export const ToolCallDelta: MessageFns<ToolCallDelta> = {
+  encode(message: ToolCallDelta, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.index !== 0) {
+      writer.uint32(8).uint32(message.index);
+    }
+    if (message.id !== "") {
+      writer.uint32(18).string(message.id);
+    }
+    if (message.name !== "") {
+      writer.uint32(26).string(message.name);
+    }
+    if (message.arguments !== "") {
+      writer.uint32(34).string(message.arguments);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ToolCallDelta {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseToolCallDelta();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.index = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.arguments = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ToolCallDelta {
+    return {
+      index: isSet(object.index) ? globalThis.Number(object.index) : 0,
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      arguments: isSet(object.arguments) ? globalThis.String(object.arguments) : "",
+    };
+  },
+
+  toJSON(message: ToolCallDelta): unknown {
+    const obj: any = {};
+    if (message.index !== 0) {
+      obj.index = Math.round(message.index);
+    }
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.arguments !== "") {
+      obj.arguments = message.arguments;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ToolCallDelta>, I>>(base?: I): ToolCallDelta {
+    return ToolCallDelta.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ToolCallDelta>, I>>(object: I): ToolCallDelta {
+    const message = createBaseToolCallDelta();
+    message.index = object.index ?? 0;
+    message.id = object.id ?? "";
+    message.name = object.name ?? "";
+    message.arguments = object.arguments ?? "";
     return message;
   },
 };

@@ -1,0 +1,539 @@
+"""Tool calling through the real server, against a real-socket upstream that calls tools."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway_client import GatewayClient
+from llmgateway.v1 import gateway_pb2 as pb
+from tests.conftest import FAKE_MODEL, gateway_config
+from tests.fake_upstream import Reply, ToolCallReply
+from tests.integration.helpers import error_info, field_violations
+
+ONE_ATTEMPT: dict[str, object] = {"resilience": {"attempts": 1}}
+CACHED = pb.CachePolicy(mode=pb.CACHE_MODE_DEFAULT)
+# Integers past a double's precision: they must reach the upstream as written.
+WEATHER_SCHEMA = (
+    '{"type": "object", "properties": {"city": {"type": "string"}, '
+    '"days": {"type": "integer", "maximum": 12345678901234567890}}, "required": ["city"]}'
+)
+WEATHER = pb.Tool(name="get_weather", description="Weather by city", parameters=WEATHER_SCHEMA)
+CLOCK = pb.Tool(name="get-time")  # no description, no parameters
+WEATHER_CALL = ToolCallReply("call_1", "get_weather", '{"city": "Paris",  "days": 3}')
+# Not valid JSON: models write such arguments, and callers must see them as written.
+CLOCK_CALL = ToolCallReply("call_2", "get-time", '{"tz": "Europe/Par')
+TOOL_REPLY = Reply(content="", finish_reason="tool_calls", tool_calls=(WEATHER_CALL,))
+
+
+def _request(
+    *messages: pb.Message, stream: bool = False, **fields: Any
+) -> pb.CompleteRequest | pb.CompleteStreamRequest:
+    messages = messages or (pb.Message(role=pb.ROLE_USER, content="Weather in Paris?"),)
+    fields.setdefault("tools", [WEATHER, CLOCK])
+    kind = pb.CompleteStreamRequest if stream else pb.CompleteRequest
+    return kind(model=FAKE_MODEL, messages=messages, **fields)
+
+
+def _calls(calls: Any) -> list[tuple[str, str, str]]:
+    return [(c.id, c.name, c.arguments) for c in calls]
+
+
+def _assembled(events: list[pb.CompleteStreamResponse]) -> list[tuple[str, str, str]]:
+    """The tool calls of a stream's deltas, assembled as an agent framework does."""
+    calls: dict[int, list[str]] = {}
+    for event in events:
+        for piece in event.delta.tool_calls:
+            if piece.index not in calls:
+                assert piece.id, "a call's first piece has its id and name"
+                assert piece.name
+                calls[piece.index] = [piece.id, piece.name, ""]
+            else:
+                assert (piece.id, piece.name) == ("", "")
+            calls[piece.index][2] += piece.arguments
+    return [(i, n, a) for i, n, a in (calls[k] for k in sorted(calls))]
+
+
+async def _collect(stub: Any, request: pb.CompleteStreamRequest) -> list[pb.CompleteStreamResponse]:
+    return [event async for event in stub.CompleteStream(request)]
+
+
+@pytest.mark.parametrize(
+    ("choice", "sent"),
+    [
+        (None, None),
+        (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO), "auto"),
+        (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE), "none"),
+        (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED), "required"),
+        (
+            pb.ToolChoice(function_name="get_weather"),
+            {"type": "function", "function": {"name": "get_weather"}},
+        ),
+    ],
+    ids=["unset", "auto", "none", "required", "function"],
+)
+async def test_unary_tool_call_round_trip(stub, upstream, choice, sent):
+    """Tools and the tool choice reach the upstream as OpenAI expects, and the answer's
+    tool calls come back with their id, name and arguments exactly as written."""
+    upstream.script(TOOL_REPLY)
+    fields = {} if choice is None else {"tool_choice": choice}
+    response = await stub.Complete(_request(**fields))
+    body = upstream.requests[-1].body
+    assert body["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather by city",
+                "parameters": json.loads(WEATHER_SCHEMA),
+            },
+        },
+        {
+            "type": "function",
+            "function": {"name": "get-time", "parameters": {"type": "object", "properties": {}}},
+        },
+    ]
+    assert body["tools"][0]["function"]["parameters"]["properties"]["days"]["maximum"] == (
+        12345678901234567890
+    )
+    assert body.get("tool_choice") == sent
+    assert ("tool_choice" in body) is (sent is not None)
+    assert body["messages"] == [{"role": "user", "content": "Weather in Paris?"}]
+    assert _calls(response.tool_calls) == [
+        ("call_1", "get_weather", '{"city": "Paris",  "days": 3}')
+    ]
+    assert response.content == ""
+    assert response.metadata.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+
+
+async def test_second_turn_sends_the_tool_calls_and_results_back(stub, upstream):
+    """An assistant turn with tool calls (content null) and the tool results, each with
+    the id of the call it answers, reach the upstream in OpenAI's shape."""
+    upstream.script(Reply(content="Sunny, 21 C."))
+    response = await stub.Complete(
+        _request(
+            pb.Message(role=pb.ROLE_USER, content="Weather and time in Paris?"),
+            pb.Message(
+                role=pb.ROLE_ASSISTANT,
+                tool_calls=[
+                    pb.ToolCall(id="call_1", name="get_weather", arguments='{"city":"Paris"}'),
+                    pb.ToolCall(id="call_2", name="get-time", arguments="{}"),
+                ],
+            ),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content='{"temp_c": 21}'),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_2", content="12:00"),
+        )
+    )
+    assert response.content == "Sunny, 21 C."
+    assert upstream.requests[-1].body["messages"] == [
+        {"role": "user", "content": "Weather and time in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                },
+                {
+                    "id": "call_2",
+                    "type": "function",
+                    "function": {"name": "get-time", "arguments": "{}"},
+                },
+            ],
+        },
+        {"role": "tool", "content": '{"temp_c": 21}', "tool_call_id": "call_1"},
+        {"role": "tool", "content": "12:00", "tool_call_id": "call_2"},
+    ]
+
+
+@pytest.mark.parametrize("interleave", [False, True], ids=["in-turn", "interleaved"])
+async def test_stream_relays_tool_call_pieces_assembled_by_index(stub, upstream, interleave):
+    """Parallel calls streamed in pieces over many events, each split across TCP writes
+    and at upstream indexes from 1, arrive as pieces numbered from 0 that assemble, by
+    index, into the calls as written; a stream with no text still ends with its final."""
+    upstream.script(
+        Reply(
+            content="",
+            finish_reason="tool_calls",
+            tool_calls=(WEATHER_CALL, CLOCK_CALL),
+            tool_call_pieces=4,
+            interleave_tool_calls=interleave,
+            tool_call_index_base=1,
+            split_events=True,
+            chunk_delay_s=0.01,
+        )
+    )
+    events = await _collect(stub, _request(stream=True))
+    pieces = [p for e in events for p in e.delta.tool_calls]
+    assert len(pieces) > 2, "pieces are relayed as they arrive, not gathered"
+    assert {p.index for p in pieces} == {0, 1}
+    assert _assembled(events) == [
+        ("call_1", "get_weather", WEATHER_CALL.arguments),
+        ("call_2", "get-time", CLOCK_CALL.arguments),
+    ]
+    assert all(e.delta.content == "" for e in events if e.HasField("delta"))
+    final = events[-1].final
+    assert final.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert final.timings.time_to_first_token_ms > 0
+    assert upstream.requests[-1].body["stream"] is True
+
+
+async def test_stream_cut_after_a_tool_call_piece_is_not_retried(upstream, start_gateway):
+    """A stream cut once a tool-call piece reached the caller is not retried (it would
+    repeat the call): STREAM_INTERRUPTED, one upstream request, recorded once as a cut call
+    with estimated output."""
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    upstream.script(
+        Reply(content="", tool_calls=(WEATHER_CALL,), cut_after_events=3, chunk_delay_s=0.01)
+    )
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for event in gateway.stub.CompleteStream(_request(stream=True)):
+            received.append(event)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "STREAM_INTERRUPTED"
+    assert any(e.delta.tool_calls for e in received)
+    assert len(upstream.requests) == 1
+    total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.requests, total.estimated_requests) == (1, 1)
+    assert total.usage.output_tokens > 0
+
+
+async def test_unary_cache_hit_has_the_same_tool_calls(upstream, start_gateway):
+    """The same tool-call request twice: the second is a cache hit with identical calls."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache={"backend": "memory"}))
+    upstream.script(
+        Reply(content="", finish_reason="tool_calls", tool_calls=(WEATHER_CALL, CLOCK_CALL))
+    )
+    first = await gateway.stub.Complete(_request(cache=CACHED))
+    second = await gateway.stub.Complete(_request(cache=CACHED))
+    assert second.metadata.cache_hit
+    assert not first.metadata.cache_hit
+    assert (
+        _calls(second.tool_calls)
+        == _calls(first.tool_calls)
+        == [
+            ("call_1", "get_weather", WEATHER_CALL.arguments),
+            ("call_2", "get-time", CLOCK_CALL.arguments),
+        ]
+    )
+    assert second.metadata.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert len(upstream.requests) == 1
+
+
+async def test_stream_cache_replay_sends_each_tool_call_whole(upstream, start_gateway):
+    """A cached tool-call stream replays its text, then each call as one piece with
+    everything."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache={"backend": "memory"}))
+    upstream.script(
+        Reply(
+            content="Let me check.",
+            finish_reason="tool_calls",
+            tool_calls=(WEATHER_CALL, CLOCK_CALL),
+            tool_call_pieces=3,
+        )
+    )
+    live = await _collect(gateway.stub, _request(stream=True, cache=CACHED))
+    replayed = await _collect(gateway.stub, _request(stream=True, cache=CACHED))
+    assert replayed[-1].final.cache_hit
+    assert not live[-1].final.cache_hit
+    assert len(upstream.requests) == 1
+    pieces = [p for e in replayed for p in e.delta.tool_calls]
+    assert [(p.index, p.id, p.name, p.arguments) for p in pieces] == [
+        (0, "call_1", "get_weather", WEATHER_CALL.arguments),
+        (1, "call_2", "get-time", CLOCK_CALL.arguments),
+    ]
+    assert _assembled(replayed) == _assembled(live)
+    assert "".join(e.delta.content for e in replayed) == "Let me check."
+
+
+async def test_requests_differing_only_in_tools_or_tool_choice_never_share_an_answer(
+    upstream, start_gateway
+):
+    """Each variant of the tools and the tool choice is its own cache entry."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache={"backend": "memory"}))
+    upstream.default = TOOL_REPLY
+    variants = [
+        _request(cache=CACHED, tools=[]),
+        _request(cache=CACHED),
+        _request(cache=CACHED, tools=[WEATHER]),
+        _request(cache=CACHED, tools=[WEATHER, pb.Tool(name="get-time", description="Now")]),
+        _request(cache=CACHED, tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)),
+        _request(cache=CACHED, tool_choice=pb.ToolChoice(function_name="get-time")),
+    ]
+    for request in variants:
+        response = await gateway.stub.Complete(request)
+        assert not response.metadata.cache_hit
+    assert len(upstream.requests) == len(variants)
+
+
+async def test_coalesced_followers_get_the_tool_calls(upstream, start_gateway):
+    """Identical concurrent calls share one upstream stream: streaming followers get the
+    pieces live, a unary follower the whole calls, all as cache hits."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache={"backend": "memory"}))
+    upstream.script(
+        Reply(
+            content="",
+            finish_reason="tool_calls",
+            tool_calls=(WEATHER_CALL, CLOCK_CALL),
+            delay_s=0.3,
+            chunk_delay_s=0.02,
+        )
+    )
+    request = _request(stream=True, cache=CACHED)
+    leader = asyncio.ensure_future(_collect(gateway.stub, request))
+    while not upstream.requests:
+        await asyncio.sleep(0.01)
+    followers = [asyncio.ensure_future(_collect(gateway.stub, request)) for _ in range(2)]
+    unary = asyncio.ensure_future(gateway.stub.Complete(_request(cache=CACHED)))
+    streams = await asyncio.gather(leader, *followers)
+    expected = [
+        ("call_1", "get_weather", WEATHER_CALL.arguments),
+        ("call_2", "get-time", CLOCK_CALL.arguments),
+    ]
+    for events in streams:
+        assert _assembled(events) == expected
+        assert events[-1].final.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert [events[-1].final.cache_hit for events in streams] == [False, True, True]
+    response = await unary
+    assert _calls(response.tool_calls) == expected
+    assert response.metadata.cache_hit
+    assert len(upstream.requests) == 1
+
+
+async def test_truncation_drops_a_tool_call_turn_as_one_unit(upstream, start_gateway):
+    """KEEP_RECENT never keeps a tool result whose assistant tool call it dropped: the
+    assistant message and its results go together."""
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    huge_arguments = json.dumps({"text": "lorem ipsum dolor sit amet " * 500})
+    request = _request(
+        pb.Message(role=pb.ROLE_SYSTEM, content="You are terse."),
+        pb.Message(role=pb.ROLE_USER, content="Summarise this."),
+        pb.Message(
+            role=pb.ROLE_ASSISTANT,
+            tool_calls=[pb.ToolCall(id="call_9", name="summarise", arguments=huge_arguments)],
+        ),
+        pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_9", content="ok"),
+        pb.Message(role=pb.ROLE_USER, content="And now?"),
+        truncation=pb.TruncationPolicy(mode=pb.TRUNCATION_MODE_KEEP_RECENT),
+    )
+    response = await gateway.stub.Complete(request)
+    assert response.metadata.dropped_messages == 3
+    assert upstream.requests[-1].body["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "And now?"},
+    ]
+    assert len(upstream.requests[-1].body["tools"]) == 2  # tools always stay
+
+
+def _assistant_call(call_id: str = "call_1", name: str = "get_weather") -> pb.Message:
+    return pb.Message(
+        role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(id=call_id, name=name, arguments="{}")]
+    )
+
+
+USER = pb.Message(role=pb.ROLE_USER, content="hi")
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"tools": [pb.Tool(name="bad name")]}, "tools[0].name"),
+        ({"tools": [pb.Tool(name="")]}, "tools[0].name"),
+        ({"tools": [pb.Tool(name="x" * 65)]}, "tools[0].name"),
+        ({"tools": [WEATHER, pb.Tool(name="get_weather")]}, "tools[1].name"),
+        ({"tools": [pb.Tool(name="t", parameters="[1, 2]")]}, "tools[0].parameters"),
+        ({"tools": [pb.Tool(name="t", parameters="{not json")]}, "tools[0].parameters"),
+        ({"tools": [pb.Tool(name=f"t{i}") for i in range(129)]}, "tools"),
+        ({"tool_choice": pb.ToolChoice(function_name="nope")}, "tool_choice.function_name"),
+        (
+            {
+                "tool_choice": pb.ToolChoice(
+                    mode=pb.TOOL_CHOICE_MODE_AUTO, function_name="get_weather"
+                )
+            },
+            "tool_choice.mode",
+        ),
+        ({"tools": [], "tool_choice": pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO)}, "tool_choice"),
+        ({"tool_choice": pb.ToolChoice(mode=7)}, "tool_choice.mode"),
+        (
+            {
+                "messages": [
+                    USER,
+                    pb.Message(
+                        role=pb.ROLE_USER, content="x", tool_calls=_assistant_call().tool_calls
+                    ),
+                ]
+            },
+            "messages[1].tool_calls",
+        ),
+        ({"messages": [USER, _assistant_call(call_id="")]}, "messages[1].tool_calls[0].id"),
+        ({"messages": [USER, _assistant_call(name="bad name")]}, "messages[1].tool_calls[0].name"),
+        (
+            {"messages": [USER, pb.Message(role=pb.ROLE_TOOL, content="r")]},
+            "messages[1].tool_call_id",
+        ),
+        (
+            {
+                "messages": [
+                    USER,
+                    _assistant_call(),
+                    pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_7", content="r"),
+                ]
+            },
+            "messages[2].tool_call_id",
+        ),
+        (
+            {
+                "messages": [
+                    pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="r"),
+                    _assistant_call(),
+                ]
+            },
+            "messages[0].tool_call_id",
+        ),
+        (
+            {"messages": [pb.Message(role=pb.ROLE_USER, tool_call_id="call_1", content="r")]},
+            "messages[0].tool_call_id",
+        ),
+        ({"messages": [USER, pb.Message(role=pb.ROLE_ASSISTANT)]}, "messages[1].content"),
+    ],
+    ids=[
+        "name-charset",
+        "name-empty",
+        "name-too-long",
+        "name-duplicate",
+        "parameters-not-object",
+        "parameters-not-json",
+        "too-many-tools",
+        "choice-undeclared",
+        "choice-mode-and-function",
+        "choice-without-tools",
+        "choice-unknown-mode",
+        "tool-calls-not-assistant",
+        "tool-call-id-empty",
+        "tool-call-name",
+        "tool-message-without-id",
+        "tool-message-unknown-id",
+        "tool-message-before-its-call",
+        "tool-call-id-not-tool-role",
+        "assistant-without-content-or-calls",
+    ],
+)
+async def test_each_tool_rule_is_a_named_field_violation(stub, upstream, fields, field):
+    """Each tool rule gives INVALID_ARGUMENT with a BadRequest naming the field path, and
+    nothing reaches the upstream."""
+    fields = dict(fields)
+    messages = fields.pop("messages", ())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(_request(*messages, **fields))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in field_violations(caught.value)
+    assert upstream.requests == []
+
+
+async def test_an_assistant_tool_call_turn_may_have_no_text(stub, upstream):
+    """Empty content is valid on an assistant message with tool calls."""
+    await stub.Complete(
+        _request(
+            USER,
+            _assistant_call(),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="r"),
+        )
+    )
+    assert len(upstream.requests) == 1
+
+
+MALFORMED_TOOL_CALLS = {
+    "not-a-list": {"id": "call_1"},
+    "no-function": [{"id": "call_1", "type": "function"}],
+    "no-name": [{"id": "call_1", "index": 0, "function": {"arguments": "{}"}}],
+    "arguments-object": [{"id": "call_1", "index": 0, "function": {"name": "f", "arguments": {}}}],
+}
+
+
+@pytest.mark.parametrize("shape", list(MALFORMED_TOOL_CALLS))
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_malformed_tool_calls_fail_as_other_malformed_replies(
+    upstream, start_gateway, shape, is_stream
+):
+    """A malformed tool-call shape is a malformed answer: UNAVAILABLE naming the upstream,
+    as a body that is not JSON is, and failed over (here: retried) before any output."""
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    bad = Reply(content="", finish_reason="tool_calls", raw_tool_calls=MALFORMED_TOOL_CALLS[shape])
+    upstream.script(bad, TOOL_REPLY)
+    if is_stream:
+        events = await _collect(gateway.stub, _request(stream=True))
+        assert _assembled(events) == [("call_1", "get_weather", WEATHER_CALL.arguments)]
+    else:
+        response = await gateway.stub.Complete(_request())
+        assert _calls(response.tool_calls) == [("call_1", "get_weather", WEATHER_CALL.arguments)]
+    assert len(upstream.requests) == 2
+    upstream.script(bad)
+    one_try = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if is_stream:
+            await _collect(one_try.stub, _request(stream=True))
+        else:
+            await one_try.stub.Complete(_request())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "malformed" in caught.value.details()
+    assert error_info(caught.value).metadata["upstream"] == "up0"
+
+
+async def test_batch_item_with_tools_carries_its_tool_calls(stub, upstream):
+    """A CompleteBatch item sends its tools and its result carries the tool calls."""
+    upstream.script(TOOL_REPLY)
+    batch = pb.CompleteBatchRequest(
+        items=[
+            pb.BatchItem(
+                id="a",
+                request=_request(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)),
+            )
+        ]
+    )
+    events = [event async for event in stub.CompleteBatch(batch)]
+    results = [e.result for e in events if e.HasField("result")]
+    assert _calls(results[0].response.tool_calls) == [
+        ("call_1", "get_weather", WEATHER_CALL.arguments)
+    ]
+    body = upstream.requests[-1].body
+    assert [t["function"]["name"] for t in body["tools"]] == ["get_weather", "get-time"]
+    assert body["tool_choice"] == "required"
+
+
+async def test_python_client_sends_tools_and_assembles_streamed_calls(gateway, upstream):
+    """`GatewayClient` sends tools and tool turns, and a stream's `tool_calls` holds the
+    calls assembled from their pieces."""
+    upstream.script(TOOL_REPLY, Reply(content="Sunny."))
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream(
+            "Weather in Paris?",
+            model=FAKE_MODEL,
+            tools=[WEATHER],
+            tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED),
+        )
+        assert [text async for text in stream] == []
+        assert _calls(stream.tool_calls) == [("call_1", "get_weather", WEATHER_CALL.arguments)]
+        answer = await client.complete(
+            [
+                ("user", "Weather in Paris?"),
+                pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=stream.tool_calls),
+                pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="21 C"),
+            ],
+            model=FAKE_MODEL,
+            tools=[WEATHER],
+        )
+    assert answer.content == "Sunny."
+    assert upstream.requests[0].body["tool_choice"] == "required"
+    assert upstream.requests[1].body["messages"][2] == {
+        "role": "tool",
+        "content": "21 C",
+        "tool_call_id": "call_1",
+    }

@@ -1,0 +1,243 @@
+"""Tool calling's pure parts: the OpenAI JSON both ways, assembly, keys, entries, estimates."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import orjson
+import pytest
+
+from service.cache.entry import CachedAnswer, EntryDecodeError
+from service.cache.keys import canonical_request
+from service.context_window import fit_messages
+from service.domain import (
+    ChatRequest,
+    Completion,
+    Delta,
+    FinishReason,
+    Message,
+    Role,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    ToolChoiceMode,
+    TruncationMode,
+    Usage,
+    assemble_tool_calls,
+)
+from service.tokens import estimate_output_tokens, estimate_prompt_tokens
+from service.upstream.openai_json import (
+    MalformedReply,
+    StreamParser,
+    parse_completion,
+    request_body,
+)
+
+CALL = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
+BASE = ChatRequest(model="m", messages=(Message(Role.USER, "hi"),))
+
+
+def _event(tool_calls: object) -> str:
+    return json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": tool_calls}}]})
+
+
+def test_stream_pieces_are_numbered_by_first_appearance_with_id_and_name_once() -> None:
+    """Upstream indexes 5 and 2 become 0 and 1; a repeated id and name are sent once."""
+    parser = StreamParser()
+    first = parser.parse(
+        _event([{"index": 5, "id": "a", "function": {"name": "f", "arguments": '{"x'}}])
+    )
+    second = parser.parse(_event([{"index": 2, "id": "b", "function": {"name": "g"}}]))
+    third = parser.parse(
+        _event([{"index": 5, "id": "a", "function": {"name": "f", "arguments": '": 1}'}}])
+    )
+    pieces = [p for chunk in (first, second, third) if chunk for p in chunk.tool_calls]
+    assert pieces == [
+        ToolCallDelta(0, "a", "f", '{"x'),
+        ToolCallDelta(1, "b", "g", ""),
+        ToolCallDelta(0, arguments='": 1}'),
+    ]
+    assert assemble_tool_calls(pieces) == (ToolCall("a", "f", '{"x": 1}'), ToolCall("b", "g", ""))
+
+
+@pytest.mark.parametrize(
+    "tool_calls",
+    [
+        {"index": 0},
+        ["x"],
+        [{"id": "a", "function": {"name": "f"}}],
+        [{"index": -1, "id": "a", "function": {"name": "f"}}],
+        [{"index": 0, "function": {"name": "f"}}],
+        [{"index": 0, "id": "a", "function": {"arguments": "{}"}}],
+        [{"index": 0, "id": "a", "function": {"name": "f", "arguments": {}}}],
+        [{"index": 0, "id": "a", "function": "f"}],
+    ],
+    ids=[
+        "not-list",
+        "not-object",
+        "no-index",
+        "negative-index",
+        "no-id",
+        "no-name",
+        "arguments-object",
+        "function-string",
+    ],
+)
+def test_malformed_stream_pieces_are_malformed_replies(tool_calls: object) -> None:
+    """A tool-call piece that cannot be assembled is a malformed reply."""
+    with pytest.raises(MalformedReply):
+        StreamParser().parse(_event(tool_calls))
+
+
+def test_a_piece_changing_its_calls_id_is_malformed() -> None:
+    """Two calls at one index would be merged into one wrong call: refused."""
+    parser = StreamParser()
+    parser.parse(_event([{"index": 0, "id": "a", "function": {"name": "f"}}]))
+    with pytest.raises(MalformedReply):
+        parser.parse(_event([{"index": 0, "id": "b", "function": {"arguments": "{}"}}]))
+
+
+def test_unary_tool_calls_parse_with_null_content() -> None:
+    """`message.tool_calls` parse as written; null content is empty text."""
+    message = {
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{bad"}}
+        ],
+    }
+    raw = json.dumps({"choices": [{"message": message, "finish_reason": "tool_calls"}]})
+    parsed = parse_completion(raw.encode())
+    assert (parsed[2], parsed[3], parsed[5]) == (
+        "",
+        FinishReason.TOOL_CALLS,
+        (ToolCall("call_1", "f", "{bad"),),
+    )
+
+
+def test_request_body_embeds_parameters_as_json_and_defaults_empty_ones() -> None:
+    """Parameters go as JSON exactly as the caller wrote them (big integers intact); a
+    tool without parameters gets an empty object schema; no description, none sent."""
+    schema = '{"type": "object", "properties": {"n": {"maximum": 123456789012345678901}}}'
+    request = dataclasses.replace(
+        BASE,
+        tools=(Tool("a", "does a", schema), Tool("b")),
+        tool_choice=ToolChoice(function_name="b"),
+    )
+    body = request_body(request, upstream_model="m", stream=False)
+    assert b"123456789012345678901" in body
+    data = json.loads(body)
+    assert data["tools"] == [
+        {
+            "type": "function",
+            "function": {"name": "a", "description": "does a", "parameters": json.loads(schema)},
+        },
+        {
+            "type": "function",
+            "function": {"name": "b", "parameters": {"type": "object", "properties": {}}},
+        },
+    ]
+    assert data["tool_choice"] == {"type": "function", "function": {"name": "b"}}
+
+
+def test_plain_requests_keep_their_cache_keys() -> None:
+    """A request without tool fields keys exactly as before tool calling existed."""
+    assert canonical_request(BASE) == orjson.dumps(
+        [1, "default", "m", [["user", "hi"]], [None, None, None, [], None, None, None]]
+    )
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"tools": (Tool("f"),)},
+        {"tools": (Tool("f", "d"),)},
+        {"tools": (Tool("f", "", '{"type": "object"}'),)},
+        {"tools": (Tool("g"),)},
+        {"tools": (Tool("f"),), "tool_choice": ToolChoice(ToolChoiceMode.NONE)},
+        {"tools": (Tool("f"),), "tool_choice": ToolChoice(function_name="f")},
+        {"messages": (Message(Role.USER, "hi"), Message(Role.ASSISTANT, "", (CALL,)))},
+        {
+            "messages": (
+                Message(Role.USER, "hi"),
+                Message(Role.ASSISTANT, "", (dataclasses.replace(CALL, arguments="{}"),)),
+            )
+        },
+        {"messages": (Message(Role.TOOL, "hi", tool_call_id="call_1"),)},
+        {"messages": (Message(Role.TOOL, "hi", tool_call_id="call_2"),)},
+    ],
+)
+def test_every_tool_field_changes_the_key(changed: dict[str, object]) -> None:
+    """Requests that differ only in a tool field never share a key."""
+    keys = {canonical_request(BASE)}
+    variant = dataclasses.replace(BASE, **changed)  # type: ignore[arg-type]
+    assert canonical_request(variant) not in keys
+    assert canonical_request(dataclasses.replace(variant, tools=(Tool("f"), Tool("h")))) != (
+        canonical_request(variant)
+    )
+
+
+def _completion(**fields: object) -> Completion:
+    return Completion("i", "m", "", FinishReason.TOOL_CALLS, Usage(1, 2), 0.5, "up", **fields)  # type: ignore[arg-type]
+
+
+def test_entries_keep_tool_calls_and_replay_each_whole() -> None:
+    """An entry round-trips its tool calls; a replay sends text, then each call whole."""
+    answer = CachedAnswer(_completion(tool_calls=(CALL,)), ("Checking.",))
+    decoded = CachedAnswer.decode(answer.encode())
+    assert decoded == answer
+    assert decoded.replay() == [
+        Delta("Checking."),
+        Delta("", (ToolCallDelta(0, "call_1", "get_weather", '{"city": "Paris"}'),)),
+    ]
+
+
+def test_version_1_entries_still_decode_without_tool_calls() -> None:
+    """Entries written before tool calls existed decode, with none."""
+    encoded = orjson.loads(CachedAnswer(_completion(), ("x",)).encode())
+    del encoded["c"]["tool_calls"]
+    encoded["v"] = 1
+    decoded = CachedAnswer.decode(orjson.dumps(encoded))
+    assert decoded.completion.tool_calls == ()
+    encoded["v"] = 3
+    with pytest.raises(EntryDecodeError):
+        CachedAnswer.decode(orjson.dumps(encoded))
+
+
+def test_estimates_count_tools_and_tool_calls() -> None:
+    """Tool definitions count in the prompt, tool calls in the prompt and the output."""
+    messages = (Message(Role.USER, "hi"),)
+    tools = (Tool("get_weather", "Weather by city", '{"type": "object"}'),)
+    assert estimate_prompt_tokens(messages, tools) > estimate_prompt_tokens(messages) + 5
+    with_call = (*messages, Message(Role.ASSISTANT, "", (CALL,)))
+    assert estimate_prompt_tokens(with_call) > estimate_prompt_tokens(
+        (*messages, Message(Role.ASSISTANT, ""))
+    )
+    assert estimate_output_tokens("", (CALL,)) > estimate_output_tokens("")
+
+
+def test_keep_recent_drops_a_tool_call_turn_whole_and_keeps_the_tools() -> None:
+    """A turn whose assistant call does not fit is dropped with its results, even when a
+    result alone would fit; tool definitions always count."""
+    big = ToolCall("c1", "f", "x " * 2000)
+    messages = (
+        Message(Role.SYSTEM, "sys"),
+        Message(Role.USER, "old"),
+        Message(Role.ASSISTANT, "", (big,)),
+        Message(Role.TOOL, "ok", tool_call_id="c1"),
+        Message(Role.USER, "new"),
+    )
+    fitted = fit_messages(
+        messages, context_window=1000, max_tokens=None, mode=TruncationMode.KEEP_RECENT
+    )
+    assert [m.content for m in fitted.messages] == ["sys", "new"]
+    tools = (Tool("t", "d" * 10, '{"type": "object"}'),)
+    with_tools = fit_messages(
+        messages,
+        tools=tools,
+        context_window=1000,
+        max_tokens=None,
+        mode=TruncationMode.KEEP_RECENT,
+    )
+    assert with_tools.prompt_tokens > fitted.prompt_tokens
