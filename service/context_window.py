@@ -68,8 +68,10 @@ def fit_messages(
 
     `keep_recent` keeps every system message, the tool definitions, and the most recent
     turns that fit, never splitting a message or a tool-call turn (an assistant message
-    with tool calls and their results) and always keeping the last user message. Each
-    message is estimated once: estimates add up, so trying one more turn costs an addition.
+    with tool calls and their results). It always keeps the last user message and every
+    message after it: the turn in progress, whose tool results the model needs to go on
+    (dropping them would have it call the same tools again). Each message is estimated
+    once: estimates add up, so trying one more turn costs an addition.
 
     Raises:
         ContextWindowExceeded: with the estimate (answer reserve included) and the limit,
@@ -99,8 +101,9 @@ def fit_messages(
     turns = _turns(messages)
     last_user = max((i for i, m in enumerate(messages) if m.role is Role.USER), default=-1)
     keep = [m.role is Role.SYSTEM for m in messages]
-    for index in turns[last_user if last_user >= 0 else len(messages) - 1]:
-        keep[index] = True
+    for current in range(last_user if last_user >= 0 else len(messages) - 1, len(messages)):
+        for index in turns[current]:
+            keep[index] = True
     kept = fixed + sum(c for c, k in zip(costs, keep, strict=True) if k)
     if calibrated(kept) > budget:
         raise ContextWindowExceeded(

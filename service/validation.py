@@ -75,7 +75,8 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
         if message.tool_calls or message.tool_call_id or message.role is Role.TOOL:
             total_chars += _tool_message_violations(found, index, message, call_ids)
         if not message.content.strip():
-            if not message.tool_calls:  # an assistant's tool-call turn may have no text
+            # A tool-call turn may have no text, and a tool may return none.
+            if not message.tool_calls and message.role is not Role.TOOL:
                 found.append(FieldViolation(f"messages[{index}].content", "must not be empty"))
         elif has_control_characters(message.content):
             found.append(

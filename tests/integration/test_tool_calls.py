@@ -450,6 +450,19 @@ async def test_an_assistant_tool_call_turn_may_have_no_text(stub, upstream):
     assert len(upstream.requests) == 1
 
 
+async def test_a_tool_may_return_no_text(stub, upstream):
+    """A tool result may be empty (a function that returns nothing): it is sent as such."""
+    await stub.Complete(
+        _request(
+            USER,
+            _assistant_call(),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content=""),
+        )
+    )
+    sent = upstream.requests[-1].body["messages"][-1]
+    assert sent == {"role": "tool", "content": "", "tool_call_id": "call_1"}
+
+
 MALFORMED_TOOL_CALLS = {
     "not-a-list": {"id": "call_1"},
     "no-function": [{"id": "call_1", "type": "function"}],

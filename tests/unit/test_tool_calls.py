@@ -27,6 +27,7 @@ from service.domain import (
     Usage,
     assemble_tool_calls,
 )
+from service.errors import ContextWindowExceeded
 from service.tokens import estimate_output_tokens, estimate_prompt_tokens
 from service.upstream.openai_json import (
     MalformedReply,
@@ -241,3 +242,34 @@ def test_keep_recent_drops_a_tool_call_turn_whole_and_keeps_the_tools() -> None:
         mode=TruncationMode.KEEP_RECENT,
     )
     assert with_tools.prompt_tokens > fitted.prompt_tokens
+
+
+def test_keep_recent_keeps_the_turn_in_progress() -> None:
+    """The tool calls and results after the last user message are the turn the model is
+    in: they stay, and older turns go first."""
+    messages = (
+        Message(Role.SYSTEM, "sys"),
+        Message(Role.USER, "old " * 300),
+        Message(Role.ASSISTANT, "old answer " * 100),
+        Message(Role.USER, "weather in Paris?"),
+        Message(Role.ASSISTANT, "", (ToolCall("c1", "get_weather", '{"city": "Paris"}'),)),
+        Message(Role.TOOL, "sunny, 21 C " * 40, tool_call_id="c1"),
+    )
+    fitted = fit_messages(
+        messages, context_window=700, max_tokens=None, mode=TruncationMode.KEEP_RECENT
+    )
+    assert fitted.messages == (messages[0], *messages[3:])
+    assert fitted.dropped == 2
+
+
+def test_keep_recent_refuses_a_turn_in_progress_too_big_to_keep() -> None:
+    """A turn in progress that cannot fit is refused, not cut."""
+    messages = (
+        Message(Role.USER, "weather?"),
+        Message(Role.ASSISTANT, "", (ToolCall("c1", "get_weather", "{}"),)),
+        Message(Role.TOOL, "sunny " * 2000, tool_call_id="c1"),
+    )
+    with pytest.raises(ContextWindowExceeded):
+        fit_messages(
+            messages, context_window=1000, max_tokens=None, mode=TruncationMode.KEEP_RECENT
+        )
