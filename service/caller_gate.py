@@ -96,6 +96,9 @@ def _text_tokens(texts: Iterable[str]) -> int:
 def _completion_demand(request: Any) -> tuple[str, int]:
     tokens = _text_tokens(m.content for m in request.messages)
     tokens += _text_tokens(
+        f"{call.name} {call.arguments}" for m in request.messages for call in m.tool_calls
+    )
+    tokens += _text_tokens(
         f"{tool.name} {tool.description} {tool.parameters}" for tool in request.tools
     )
     params = getattr(request, "params", None)

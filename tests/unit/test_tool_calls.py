@@ -273,3 +273,22 @@ def test_keep_recent_refuses_a_turn_in_progress_too_big_to_keep() -> None:
         fit_messages(
             messages, context_window=1000, max_tokens=None, mode=TruncationMode.KEEP_RECENT
         )
+
+
+def test_tenant_token_demand_counts_tool_calls_and_tools() -> None:
+    """A tenant's tokens-per-minute demand counts the arguments of the tool calls sent
+    back and the tool definitions, as the prompt estimate does."""
+    from llmgateway.v1 import gateway_pb2 as pb
+    from service.caller_gate import demand_of
+
+    plain = pb.CompleteRequest(model="m", messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
+    call = pb.ToolCall(id="c1", name="search", arguments=json.dumps({"q": "word " * 200}))
+    with_call = pb.CompleteRequest()
+    with_call.CopyFrom(plain)
+    with_call.messages.add(role=pb.ROLE_ASSISTANT, tool_calls=[call])
+    with_tools = pb.CompleteRequest()
+    with_tools.CopyFrom(plain)
+    with_tools.tools.add(name="search", parameters='{"type": "object"}')
+    base = demand_of(plain).tokens
+    assert demand_of(with_call).tokens > base + 200
+    assert demand_of(with_tools).tokens > base
