@@ -181,12 +181,17 @@ class ChatRequest:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token counts of one call; `estimated` when the upstream reported none."""
+    """Token counts of one call; `estimated` when the upstream reported none.
+
+    `reasoning_tokens` are part of `output_tokens` (billed as output): those the model
+    spent reasoning, as the upstream reported them, else 0.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
     is_estimated: bool = False
+    reasoning_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -194,6 +199,7 @@ class Usage:
             output_tokens=self.output_tokens + other.output_tokens,
             cached_input_tokens=self.cached_input_tokens + other.cached_input_tokens,
             is_estimated=self.is_estimated or other.is_estimated,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
         )
 
 
@@ -208,7 +214,11 @@ class Timings:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A finished chat completion with everything the caller is told about it."""
+    """A finished chat completion with everything the caller is told about it.
+
+    `reasoning` is the model's reasoning ("thinking") before its answer, when the upstream
+    sent any; it is output, never part of `content`, and never sent back upstream.
+    """
 
     id: str
     model: str
@@ -223,14 +233,17 @@ class Completion:
     is_cache_hit: bool = False
     dropped_messages: int = 0
     tool_calls: tuple[ToolCall, ...] = ()
+    reasoning: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Delta:
-    """The next piece of generated text of a stream, or of its tool calls."""
+    """The next piece of a stream's text, reasoning or tool calls (in one read, reasoning
+    comes before text)."""
 
     content: str
     tool_calls: tuple[ToolCallDelta, ...] = ()
+    reasoning: str = ""
 
 
 def whole_tool_calls(calls: tuple[ToolCall, ...]) -> tuple[ToolCallDelta, ...]:

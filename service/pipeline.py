@@ -185,6 +185,7 @@ class Pipeline:
         prepared: PreparedRequest,
         content: str,
         tool_calls: tuple[ToolCall, ...],
+        reasoning: str,
         reported: Usage | None,
     ) -> Usage:
         if reported is not None:
@@ -196,7 +197,7 @@ class Pipeline:
             return reported
         return Usage(
             input_tokens=prepared.prompt_tokens,
-            output_tokens=estimate_output_tokens(content, tool_calls),
+            output_tokens=estimate_output_tokens(content, tool_calls, reasoning),
             is_estimated=True,
         )
 
@@ -287,10 +288,11 @@ class Pipeline:
         reported: Usage | None,
         timings: Timings,
         tool_calls: tuple[ToolCall, ...] = (),
+        reasoning: str = "",
     ) -> Completion:
         """An upstream call's answer with its usage (as reported, else estimated), its
         cost and where it ran: one place for unary calls, streams and cut streams."""
-        usage = self._usage(prepared, content, tool_calls, reported)
+        usage = self._usage(prepared, content, tool_calls, reasoning, reported)
         return Completion(
             id=completion_id,
             model=model,
@@ -303,6 +305,7 @@ class Pipeline:
             timings=timings,
             dropped_messages=prepared.dropped,
             tool_calls=tool_calls,
+            reasoning=reasoning,
         )
 
     async def _complete(
@@ -347,6 +350,7 @@ class Pipeline:
                         time_to_first_token_ms=upstream_ms,
                     ),
                     tool_calls=reply.tool_calls,
+                    reasoning=reply.reasoning,
                 )
                 await self._hand_over(hold, owed, request, completion)
             finally:
@@ -382,14 +386,16 @@ class Pipeline:
         content: str,
         tool_calls: tuple[ToolCall, ...],
         log: AttemptLog,
+        *,
+        reasoning: str = "",
     ) -> None:
         """Record a call that ended without its `Completion` after the upstream had it:
         a stream after some output, or any call its caller cut once its request was sent.
 
         The upstream bills the prompt it received and what it generated, even when the
         answer never came back, so the call is recorded once, for its caller's tenant,
-        with estimated usage: the prompt as input, `content` and the (partial) `tool_calls`
-        as output. Called inside
+        with estimated usage: the prompt as input, `content`, the `reasoning` and the
+        (partial) `tool_calls` as output. Called inside
         `hold.reserving`, so that its cost counts all along, reserved or spent.
         """
         request = prepared.request
@@ -403,6 +409,7 @@ class Pipeline:
             reported=None,
             timings=Timings(),  # recorded for its cost only
             tool_calls=tool_calls,
+            reasoning=reasoning,
         )
         await self.account(request, completion)
 
@@ -496,6 +503,7 @@ class Pipeline:
         request = prepared.request
         log = AttemptLog()
         parts: list[str] = []
+        reasoning: list[str] = []
         pieces: list[ToolCallDelta] = []
         end: StreamEnd | None = None
         async with hold.reserving(request, prompt_tokens=prepared.prompt_tokens):
@@ -512,8 +520,9 @@ class Pipeline:
                         async for event in upstream:
                             if isinstance(event, TextChunk):
                                 parts.append(event.content)
+                                reasoning.append(event.reasoning)
                                 pieces.extend(event.tool_calls)
-                                yield Delta(event.content, event.tool_calls)
+                                yield Delta(event.content, event.tool_calls, event.reasoning)
                             else:
                                 end = event
                 except UpstreamContextExceeded:  # before any text
@@ -523,8 +532,13 @@ class Pipeline:
                     # Cut by the upstream, the caller or its deadline: the output sent was
                     # billed, and the prompt was once the upstream had it.
                     if parts or log.is_cut_after_sending:
-                        tool_calls = assemble_tool_calls(pieces)
-                        await self._account_cut(prepared, "".join(parts), tool_calls, log)
+                        await self._account_cut(
+                            prepared,
+                            "".join(parts),
+                            assemble_tool_calls(pieces),
+                            log,
+                            reasoning="".join(reasoning),
+                        )
                     raise
                 if end is None:  # the pool always ends a stream with StreamEnd or raises
                     raise RuntimeError("stream ended without its end event")
@@ -543,6 +557,7 @@ class Pipeline:
                         time_to_first_token_ms=(log.first_token_s or log.upstream_s) * _MS,
                     ),
                     tool_calls=assemble_tool_calls(pieces),
+                    reasoning="".join(reasoning),
                 )
                 await self._hand_over(hold, owed, request, completion)  # inside, as in _complete
             finally:

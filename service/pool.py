@@ -666,7 +666,7 @@ class UpstreamPool:
                                     # From the start of the call: retries delay the first token.
                                     log.first_token_s = time.monotonic() - call_started
                                 deltas_sent += 1
-                                chars_sent += len(event.content)
+                                chars_sent += len(event.content) + len(event.reasoning)
                                 span.chunk(event.content)
                             elif isinstance(event, StreamEnd):
                                 is_finished = True

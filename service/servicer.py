@@ -198,6 +198,7 @@ def usage_to_proto(usage: Usage) -> pb.Usage:
         output_tokens=usage.output_tokens,
         cached_input_tokens=usage.cached_input_tokens,
         estimated=usage.is_estimated,
+        reasoning_tokens=usage.reasoning_tokens,
     )
 
 
@@ -223,6 +224,7 @@ def _fill_metadata(target: pb.CompletionMetadata, completion: Completion) -> Non
     target.usage.output_tokens = usage.output_tokens
     target.usage.cached_input_tokens = usage.cached_input_tokens
     target.usage.estimated = usage.is_estimated
+    target.usage.reasoning_tokens = usage.reasoning_tokens
     target.cost_usd = completion.cost_usd
     target.saved_cost_usd = completion.saved_cost_usd
     target.cache_hit = completion.is_cache_hit
@@ -237,7 +239,7 @@ def _fill_metadata(target: pb.CompletionMetadata, completion: Completion) -> Non
 
 def response_to_proto(completion: Completion) -> pb.CompleteResponse:
     """A unary response."""
-    response = pb.CompleteResponse(content=completion.content)
+    response = pb.CompleteResponse(content=completion.content, reasoning=completion.reasoning)
     _fill_metadata(response.metadata, completion)
     for call in completion.tool_calls:
         response.tool_calls.add(id=call.id, name=call.name, arguments=call.arguments)
@@ -252,12 +254,14 @@ def stream_final_to_proto(completion: Completion) -> pb.CompleteStreamResponse:
 
 
 def stream_delta_to_proto(
-    content: str, tool_calls: tuple[ToolCallDelta, ...] = ()
+    content: str, tool_calls: tuple[ToolCallDelta, ...] = (), reasoning: str = ""
 ) -> pb.CompleteStreamResponse:
-    """One streamed piece of text or tool calls (assigned in place: a stream sends
-    hundreds of these)."""
+    """One streamed piece of text, reasoning or tool calls (assigned in place: a stream
+    sends hundreds of these)."""
     message = pb.CompleteStreamResponse()
     message.delta.content = content
+    if reasoning:
+        message.delta.reasoning = reasoning
     for piece in tool_calls:
         message.delta.tool_calls.add(
             index=piece.index, id=piece.id, name=piece.name, arguments=piece.arguments
@@ -407,7 +411,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                 if isinstance(event, Completion):
                     yield stream_final_to_proto(event)
                 else:
-                    yield stream_delta_to_proto(event.content, event.tool_calls)
+                    yield stream_delta_to_proto(event.content, event.tool_calls, event.reasoning)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]

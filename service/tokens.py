@@ -215,6 +215,12 @@ def estimate_prompt_tokens(messages: Iterable[Message], tools: Iterable[Tool] = 
     )
 
 
-def estimate_output_tokens(content: str, tool_calls: Iterable[ToolCall] = ()) -> int:
-    """Estimated tokens of an answer: its text and its tool calls."""
-    return estimate_text_tokens(content) + estimate_tool_call_tokens(tool_calls)
+def estimate_output_tokens(
+    content: str, tool_calls: Iterable[ToolCall] = (), reasoning: str = ""
+) -> int:
+    """Estimated tokens of an answer: its text, its tool calls and its reasoning."""
+    return (
+        estimate_text_tokens(content)
+        + estimate_tool_call_tokens(tool_calls)
+        + estimate_text_tokens(reasoning)
+    )

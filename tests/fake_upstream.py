@@ -78,6 +78,11 @@ class Reply:
     `tool_call_index_base` on. `raw_tool_calls` is sent as is instead (the message's
     `tool_calls`, or one delta's). `cut_after_events` resets the connection after that
     many events of a stream (the role event included).
+
+    `reasoning` is sent as the message's `reasoning_field` (DeepSeek's `reasoning_content`,
+    or OpenRouter's `reasoning`), and streamed in `reasoning_pieces` pieces before the
+    content; `raw_reasoning` is sent as is instead (the message's, or one delta's).
+    `reasoning_tokens`, when set, is sent as is in `usage.completion_tokens_details`.
     """
 
     content: str = "Hello from fake"
@@ -104,6 +109,11 @@ class Reply:
     tool_call_index_base: int = 0
     raw_tool_calls: Any = None
     cut_after_events: int | None = None
+    reasoning: str = ""
+    reasoning_field: str = "reasoning_content"
+    reasoning_pieces: int = 3
+    raw_reasoning: Any = None
+    reasoning_tokens: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,6 +493,7 @@ class FakeUpstream:
         resp = await self._open_sse(request, reply.headers)
         cid = self._new_id()
         events = [self._chunk(cid, model, {"role": "assistant"})]
+        events += [self._chunk(cid, model, delta) for delta in _reasoning_deltas(reply)]
         events += [
             self._chunk(cid, model, {"content": piece})
             for piece in split_even(reply.content, reply.chunks)
@@ -539,6 +550,10 @@ class FakeUpstream:
 def _message(reply: Reply) -> dict[str, Any]:
     """The `message` of a unary Reply."""
     message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if reply.raw_reasoning is not None:
+        message[reply.reasoning_field] = reply.raw_reasoning
+    elif reply.reasoning:
+        message[reply.reasoning_field] = reply.reasoning
     if reply.raw_tool_calls is not None:
         message["tool_calls"] = reply.raw_tool_calls
     elif reply.tool_calls:
@@ -552,6 +567,16 @@ def _message(reply: Reply) -> dict[str, Any]:
             for call in reply.tool_calls
         ]
     return message
+
+
+def _reasoning_deltas(reply: Reply) -> list[dict[str, Any]]:
+    """The `delta`s that stream a Reply's reasoning, before its content."""
+    if reply.raw_reasoning is not None:
+        return [{reply.reasoning_field: reply.raw_reasoning}]
+    return [
+        {"content": None, reply.reasoning_field: piece}
+        for piece in split_even(reply.reasoning, reply.reasoning_pieces)
+    ]
 
 
 def _tool_call_deltas(reply: Reply) -> list[dict[str, Any]]:
@@ -597,12 +622,15 @@ def _json(obj: Any, status: int, headers: Mapping[str, str]) -> web.Response:
 
 def _usage(reply: Reply) -> dict[str, Any]:
     """Build the OpenAI usage object for a Reply."""
-    return {
+    usage: dict[str, Any] = {
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.completion_tokens,
         "total_tokens": reply.prompt_tokens + reply.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
     }
+    if reply.reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reply.reasoning_tokens}
+    return usage
 
 
 def _frame(payload: str, framing: _Framing) -> bytes:

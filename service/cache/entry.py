@@ -1,11 +1,12 @@
 """What the cache stores for one answer, and its exact byte encoding (orjson).
 
-An entry is the finished `Completion` as the upstream produced it (its tool calls
-included), plus the text of every delta in order, so that a stream replays with the same
-chunking it had live; its tool calls replay whole, one piece each, after the text.
+An entry is the finished `Completion` as the upstream produced it (its reasoning and tool
+calls included), plus the text of every delta in order, so that a stream replays with the
+same chunking it had live; its reasoning replays whole, as one delta before the text, and
+its tool calls whole, one piece each, after the text.
 
-Version 2 added `tool_calls` to the completion; version 1 entries (written before) still
-decode, with none.
+Version 2 added `tool_calls` to the completion, version 3 `reasoning` and the usage's
+`reasoning_tokens`; entries written before still decode, with none.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ CACHEABLE_FINISH_REASONS = frozenset(
     {FinishReason.STOP, FinishReason.LENGTH, FinishReason.TOOL_CALLS}
 )
 
-_ENTRY_VERSION = 2
-_READABLE_VERSIONS = frozenset({1, 2})
+_ENTRY_VERSION = 3
+_READABLE_VERSIONS = frozenset({1, 2, 3})
 # The JSON types each scalar field may hold, by its annotation (a string here, under
 # `from __future__ import annotations`).
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
@@ -98,8 +99,12 @@ class CachedAnswer:
         return cls(completion, (completion.content,) if completion.content else ())
 
     def replay(self) -> list[Delta]:
-        """The stream a cache hit sends: the text deltas, then each tool call whole."""
-        deltas = [Delta(text) for text in self.deltas]
+        """The stream a cache hit sends: the reasoning whole, the text deltas, then each
+        tool call whole."""
+        deltas = (
+            [Delta("", reasoning=self.completion.reasoning)] if self.completion.reasoning else []
+        )
+        deltas += [Delta(text) for text in self.deltas]
         if self.completion.tool_calls:
             deltas.append(Delta("", whole_tool_calls(self.completion.tool_calls)))
         return deltas
@@ -160,6 +165,7 @@ class CachedAnswer:
             is_cache_hit=True,
             dropped_messages=completion.dropped_messages,
             tool_calls=completion.tool_calls,
+            reasoning=completion.reasoning,
         )
 
 

@@ -6,8 +6,8 @@
 1. The effective mode: the request's own, else the configured default when the request
    is cacheable by default, else BYPASS. BYPASS calls upstream and stores nothing.
 2. Modes that read look the key up; a hit is served without any upstream call, with
-   `cost_usd` 0 and the original cost as `saved_cost_usd`. A stream replays the stored
-   deltas one by one, then each tool call whole, then the final message.
+   `cost_usd` 0 and the original cost as `saved_cost_usd`. A stream replays the reasoning
+   whole, the stored deltas one by one, then each tool call whole, then the final message.
 3. On a miss the request joins the single flight for its key: the first caller starts
    the upstream call, later identical callers share it and are reported as cache hits
    (they cost nothing upstream). Streams follow the flight's deltas live, from the first.
@@ -299,7 +299,7 @@ class ResponseCache:
                     if isinstance(event, Completion):
                         completion = event
                     else:
-                        if event.content:  # a piece of tool calls only: in the completion
+                        if event.content:  # reasoning or tool calls only: in the completion
                             deltas.append(event.content)
                         publish(event)
             if completion is None:  # the pipeline ends every stream with a Completion

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
@@ -135,13 +136,14 @@ def _output_of_events(
     what cut them short.
 
     Events that arrived in one read go on as one delta: the caller gets the same text (and
-    tool-call pieces) in one message instead of one per event, which spares a gRPC write
-    per event when the upstream sends faster than the gateway relays. `stop_at_output`
-    stops after the first event with output, so that it goes on before the rest of its
-    read is parsed (about 2 µs an event: 0.4 ms for a burst of 200). Output before a
-    malformed event is still returned, so it reaches the caller first.
+    reasoning and tool-call pieces) in one message instead of one per event, which spares a
+    gRPC write per event when the upstream sends faster than the gateway relays.
+    `stop_at_output` stops after the first event with output, so that it goes on before the
+    rest of its read is parsed (about 2 µs an event: 0.4 ms for a burst of 200). Output
+    before a malformed event is still returned, so it reaches the caller first.
     """
     texts: list[str] = []
+    reasonings: list[str] = []
     pieces: list[ToolCallDelta] = []
     parsed = 0
     error = None
@@ -151,6 +153,7 @@ def _output_of_events(
             chunk = parser.parse(data)
             if chunk is not None:
                 texts.append(chunk.content)
+                reasonings.append(chunk.reasoning)
                 pieces.extend(chunk.tool_calls)
                 if stop_at_output:
                     break
@@ -160,7 +163,7 @@ def _output_of_events(
         error = exc
     if not texts:
         return None, parsed, error
-    return TextChunk("".join(texts), tuple(pieces)), parsed, error
+    return TextChunk("".join(texts), tuple(pieces), "".join(reasonings)), parsed, error
 
 
 class UpstreamClient:
@@ -298,8 +301,10 @@ class UpstreamClient:
                     async with asyncio.timeout_at(deadline):
                         body = await response.read(max_bytes=_MAX_REPLY_BYTES)
                     reply = _reply(call, body, response.headers)
-                    if reply.content or reply.tool_calls:
-                        yield TextChunk(reply.content, whole_tool_calls(reply.tool_calls))
+                    if reply.content or reply.tool_calls or reply.reasoning:
+                        yield TextChunk(
+                            reply.content, whole_tool_calls(reply.tool_calls), reply.reasoning
+                        )
                     yield StreamEnd(
                         id=reply.id,
                         model=reply.model,
@@ -360,15 +365,9 @@ class UpstreamClient:
 
 def _reply(call: UpstreamCall, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
     """A whole chat completion's answer, as a unary call gets it."""
-    reply_id, model, content, finish, usage, tool_calls = parse_completion(body)
-    return UpstreamReply(
-        id=reply_id,
-        model=model or call.upstream_model,
-        content=content,
-        finish_reason=finish,
-        usage=usage,
-        rate_limits=rate_limit_hints(headers),
-        tool_calls=tool_calls,
+    reply = parse_completion(body)
+    return dataclasses.replace(
+        reply, model=reply.model or call.upstream_model, rate_limits=rate_limit_hints(headers)
     )
 
 

@@ -22,7 +22,7 @@ from service.domain import (
     ToolChoice,
     Usage,
 )
-from service.upstream.types import StreamEnd, TextChunk
+from service.upstream.types import StreamEnd, TextChunk, UpstreamReply
 
 _FINISH_REASONS = {
     "stop": FinishReason.STOP,
@@ -196,7 +196,19 @@ def usage(data: object) -> Usage | None:
     if counts.cached_input_tokens > counts.input_tokens:
         # Cached input is part of the input: reported as priced (`pricing.cost_usd`).
         counts = replace(counts, cached_input_tokens=counts.input_tokens)
+    reasoning = _reasoning_tokens(data.get("completion_tokens_details"), counts.output_tokens)
+    if reasoning:
+        counts = replace(counts, reasoning_tokens=reasoning)
     return counts
+
+
+def _reasoning_tokens(details: object, output_tokens: int) -> int:
+    """`completion_tokens_details.reasoning_tokens` when it is a count that can be part of
+    the output, else 0: only a detail, so a bad one never costs the answer its usage."""
+    value = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= output_tokens:
+        return value
+    return 0
 
 
 def _loads(raw: bytes | str) -> dict[str, Any]:
@@ -232,29 +244,42 @@ def _tool_calls(data: object) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
-def parse_completion(
-    raw: bytes,
-) -> tuple[str, str, str, FinishReason, Usage | None, tuple[ToolCall, ...]]:
-    """Parse a unary answer into (id, model, content, finish reason, usage, tool calls)."""
+def _reasoning(message: dict[str, Any]) -> str:
+    """A message's or a delta's reasoning: DeepSeek, vLLM and llama.cpp spell it
+    `reasoning_content`, OpenRouter and newer vLLM `reasoning`; null or absent is none."""
+    value = message.get("reasoning_content")
+    if value is None:
+        value = message.get("reasoning")
+    if value is not None and not isinstance(value, str):
+        raise MalformedReply("reasoning is not a string")
+    return value or ""
+
+
+def parse_completion(raw: bytes) -> UpstreamReply:
+    """Parse a unary answer (its rate limits, from the headers, are the caller's to add)."""
     data = _loads(raw)
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise MalformedReply("no choices")
     message = choices[0].get("message")
-    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(message, dict):
+        message = {}
+    content = message.get("content")
     if content is not None and not isinstance(content, str):
         raise MalformedReply("message content is not a string")
-    tool_calls = _tool_calls(message.get("tool_calls")) if isinstance(message, dict) else ()
+    tool_calls = _tool_calls(message.get("tool_calls"))
+    reasoning = _reasoning(message)
     reason = finish_reason(choices[0].get("finish_reason"))
     if reason is None:
         raise MalformedReply("no finish reason")
-    return (
-        str(data.get("id") or ""),
-        str(data.get("model") or ""),
-        content or "",
-        reason,
-        usage(data.get("usage")),
-        tool_calls,
+    return UpstreamReply(
+        id=str(data.get("id") or ""),
+        model=str(data.get("model") or ""),
+        content=content or "",
+        finish_reason=reason,
+        usage=usage(data.get("usage")),
+        tool_calls=tool_calls,
+        reasoning=reasoning,
     )
 
 
@@ -306,8 +331,8 @@ class StreamParser:
         return tuple(pieces)
 
     def parse(self, data: str) -> TextChunk | None:
-        """Parse one event; return its text and tool-call pieces, if any. `[DONE]` marks
-        the end."""
+        """Parse one event; return its text, reasoning and tool-call pieces, if any.
+        `[DONE]` marks the end."""
         if data == _DONE:
             self.is_done = True
             return None
@@ -343,10 +368,11 @@ class StreamParser:
         content = delta.get("content")
         if content and not isinstance(content, str):
             raise MalformedReply("delta content is not a string")
+        reasoning = _reasoning(delta)
         tool_calls = delta.get("tool_calls")
         pieces = () if tool_calls is None else self._tool_call_pieces(tool_calls)
-        if content or pieces:
-            return TextChunk(content or "", pieces)
+        if content or pieces or reasoning:
+            return TextChunk(content or "", pieces, reasoning)
         return None
 
     def end_of_body(self, data_at_end: str | None) -> None:

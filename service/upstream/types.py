@@ -33,15 +33,17 @@ class UpstreamReply:
     usage: Usage | None
     rate_limits: RateLimitHints = RateLimitHints()
     tool_calls: tuple[ToolCall, ...] = ()
+    reasoning: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class TextChunk:
     """Generated output: the text of every content event of one network read, joined,
-    and the tool-call pieces of those events in order."""
+    and the reasoning and tool-call pieces of those events in order."""
 
     content: str
     tool_calls: tuple[ToolCallDelta, ...] = ()
+    reasoning: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from service.upstream.openai_json import (
     says_context_exceeded,
     usage,
 )
-from service.upstream.types import StreamEnd, TextChunk
+from service.upstream.types import StreamEnd, TextChunk, UpstreamReply
 
 _PARAM_KEYS = {
     "temperature",
@@ -165,13 +165,12 @@ def completion_json(**overrides: Any) -> bytes:
 
 def test_parse_completion_good() -> None:
     """A well-formed answer yields its id, model, content, finish reason and usage."""
-    assert parse_completion(completion_json()) == (
-        "chatcmpl-1",
-        "deepseek-chat",
-        "Hello!",
-        FinishReason.STOP,
-        Usage(input_tokens=12, output_tokens=3),
-        (),
+    assert parse_completion(completion_json()) == UpstreamReply(
+        id="chatcmpl-1",
+        model="deepseek-chat",
+        content="Hello!",
+        finish_reason=FinishReason.STOP,
+        usage=Usage(input_tokens=12, output_tokens=3),
     )
 
 
@@ -184,7 +183,7 @@ def test_parse_completion_cached_tokens() -> None:
             "prompt_tokens_details": {"cached_tokens": 80},
         }
     )
-    assert parse_completion(raw)[4] == Usage(
+    assert parse_completion(raw).usage == Usage(
         input_tokens=100, output_tokens=5, cached_input_tokens=80
     )
 
@@ -197,21 +196,22 @@ def test_parse_completion_without_usage(usage_value: object) -> None:
         del data["usage"]
     else:
         data["usage"] = usage_value
-    assert parse_completion(json.dumps(data).encode())[4] is None
+    assert parse_completion(json.dumps(data).encode()).usage is None
 
 
 def test_parse_completion_null_content_is_empty() -> None:
     """A null message content (e.g. a tool call) parses as empty text."""
     choice = {"message": {"role": "assistant", "content": None}, "finish_reason": "tool_calls"}
-    _, _, content, reason, _, _ = parse_completion(completion_json(choices=[choice]))
-    assert (content, reason) == ("", FinishReason.TOOL_CALLS)
+    reply = parse_completion(completion_json(choices=[choice]))
+    assert (reply.content, reply.finish_reason) == ("", FinishReason.TOOL_CALLS)
 
 
 def test_parse_completion_missing_id_and_model() -> None:
     """Missing id and model come back as empty strings, not 'None'."""
     data = json.loads(completion_json())
     del data["id"], data["model"]
-    assert parse_completion(json.dumps(data).encode())[:2] == ("", "")
+    reply = parse_completion(json.dumps(data).encode())
+    assert (reply.id, reply.model) == ("", "")
 
 
 @pytest.mark.parametrize(
@@ -312,8 +312,8 @@ def test_usage_counts_no_real_call_has_are_no_usage(data: object) -> None:
 
 def test_an_answer_with_unbelievable_usage_stands_without_it() -> None:
     """Unary and streamed: the text is relayed; the usage is left to the estimate."""
-    _, _, content, _, reported, _ = parse_completion(completion_json(usage={"prompt_tokens": -3}))
-    assert (content, reported) == ("Hello!", None)
+    reply = parse_completion(completion_json(usage={"prompt_tokens": -3}))
+    assert (reply.content, reply.usage) == ("Hello!", None)
     parser = StreamParser()
     parser.parse(chunk("ok"))
     parser.parse(json.dumps({"choices": [], "usage": {"prompt_tokens": "x"}}))

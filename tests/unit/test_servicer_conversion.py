@@ -241,7 +241,13 @@ COMPLETION = Completion(
     model="deepseek-chat",
     content="Hello there",
     finish_reason=FinishReason.LENGTH,
-    usage=Usage(input_tokens=120, output_tokens=34, cached_input_tokens=100, is_estimated=True),
+    usage=Usage(
+        input_tokens=120,
+        output_tokens=34,
+        cached_input_tokens=100,
+        is_estimated=True,
+        reasoning_tokens=20,
+    ),
     cost_usd=0.000031_08,
     upstream="deepseek",
     attempts=3,
@@ -249,6 +255,7 @@ COMPLETION = Completion(
     saved_cost_usd=0.0012,
     is_cache_hit=True,
     dropped_messages=2,
+    reasoning="The user greets; greet back.",
 )
 
 # How each Completion field reads back from CompletionMetadata; a new Completion field
@@ -262,6 +269,7 @@ READ_BACK: dict[str, Callable[[pb.CompletionMetadata], Any]] = {
         output_tokens=m.usage.output_tokens,
         cached_input_tokens=m.usage.cached_input_tokens,
         is_estimated=m.usage.estimated,
+        reasoning_tokens=m.usage.reasoning_tokens,
     ),
     "cost_usd": lambda m: m.cost_usd,
     "upstream": lambda m: m.upstream,
@@ -284,10 +292,11 @@ WIRE_FINISH = {
 
 
 def test_metadata_round_trips_every_completion_field() -> None:
-    """Every Completion field but the answer (text, tool calls) survives metadata_to_proto
-    and the wire."""
+    """Every Completion field but the answer (text, tool calls, reasoning) survives
+    metadata_to_proto and the wire."""
     wire = pb.CompletionMetadata.FromString(metadata_to_proto(COMPLETION).SerializeToString())
-    fields = {f.name for f in dataclasses.fields(Completion)} - {"content", "tool_calls"}
+    answer = {"content", "tool_calls", "reasoning"}
+    fields = {f.name for f in dataclasses.fields(Completion)} - answer
     assert set(READ_BACK) == fields, "update READ_BACK for new Completion fields"
     for name, read in READ_BACK.items():
         expected = getattr(COMPLETION, name)
@@ -322,7 +331,8 @@ def test_finish_reasons_map(reason: FinishReason, wire: int) -> None:
 
 
 def test_response_carries_content_and_metadata() -> None:
-    """A unary response has the completion's text and its metadata."""
+    """A unary response has the completion's text, its reasoning and its metadata."""
     response = response_to_proto(COMPLETION)
     assert response.content == "Hello there"
+    assert response.reasoning == "The user greets; greet back."
     assert response.metadata == metadata_to_proto(COMPLETION)

@@ -110,7 +110,7 @@ def test_unary_tool_calls_parse_with_null_content() -> None:
     }
     raw = json.dumps({"choices": [{"message": message, "finish_reason": "tool_calls"}]})
     parsed = parse_completion(raw.encode())
-    assert (parsed[2], parsed[3], parsed[5]) == (
+    assert (parsed.content, parsed.finish_reason, parsed.tool_calls) == (
         "",
         FinishReason.TOOL_CALLS,
         (ToolCall("call_1", "f", "{bad"),),
@@ -201,7 +201,7 @@ def test_version_1_entries_still_decode_without_tool_calls() -> None:
     encoded["v"] = 1
     decoded = CachedAnswer.decode(orjson.dumps(encoded))
     assert decoded.completion.tool_calls == ()
-    encoded["v"] = 3
+    encoded["v"] = 4  # a version no code has written yet
     with pytest.raises(EntryDecodeError):
         CachedAnswer.decode(orjson.dumps(encoded))
 

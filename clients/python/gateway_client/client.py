@@ -90,6 +90,10 @@ class CompletionStream:
     """Text deltas as they arrive; afterwards `final` holds usage, cost and timings, and
     `tool_calls` the tool calls the model made, assembled from their pieces.
 
+    `reasoning` is the model's reasoning received so far (a reasoning model's "thinking",
+    which arrives before the text): all of it once the first text is yielded, or the
+    stream has ended.
+
     Leaving the loop early (break, an exception) cancels the call, and with it the
     upstream request, even while the stream object is still referenced.
     """
@@ -100,6 +104,12 @@ class CompletionStream:
         self._call = call
         self.final: pb.CompletionMetadata | None = None
         self.tool_calls: list[pb.ToolCall] = []
+        self._reasoning: list[str] = []
+
+    @property
+    def reasoning(self) -> str:
+        """The reasoning pieces received so far, joined."""
+        return "".join(self._reasoning)
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._texts()
@@ -114,6 +124,8 @@ class CompletionStream:
                 if event.HasField("final"):
                     self.final = event.final
                     continue
+                if event.delta.reasoning:
+                    self._reasoning.append(event.delta.reasoning)
                 for piece in event.delta.tool_calls:
                     if piece.index == len(self.tool_calls):
                         self.tool_calls.append(pb.ToolCall(id=piece.id, name=piece.name))

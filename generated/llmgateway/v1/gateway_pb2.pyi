@@ -493,12 +493,17 @@ class Usage(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     ESTIMATED_FIELD_NUMBER: _builtins.int
+    REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     output_tokens: _builtins.int
     cached_input_tokens: _builtins.int
     """Input tokens the upstream served from its prompt cache."""
     estimated: _builtins.bool
     """True when the upstream reported no usage and the gateway estimated it."""
+    reasoning_tokens: _builtins.int
+    """Of output_tokens, those the model spent reasoning, as the upstream reported them
+    (0 when it did not, or the usage is estimated).
+    """
     def __init__(
         self,
         *,
@@ -506,10 +511,11 @@ class Usage(_message.Message):
         output_tokens: _builtins.int = ...,
         cached_input_tokens: _builtins.int = ...,
         estimated: _builtins.bool = ...,
+        reasoning_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_tokens", b"cached_input_tokens", "estimated", b"estimated", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_tokens", b"cached_input_tokens", "estimated", b"estimated", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -689,8 +695,13 @@ class CompleteResponse(_message.Message):
     CONTENT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     """Empty when the model only called tools."""
+    reasoning: _builtins.str
+    """The model's reasoning ("thinking") before its answer, when the upstream sent any
+    (DeepSeek's reasoning_content); never part of `content`.
+    """
     @_builtins.property
     def metadata(self) -> Global___CompletionMetadata: ...
     @_builtins.property
@@ -703,10 +714,11 @@ class CompleteResponse(_message.Message):
         content: _builtins.str = ...,
         metadata: Global___CompletionMetadata | None = ...,
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        reasoning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "metadata", b"metadata", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "metadata", b"metadata", "reasoning", b"reasoning", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -788,13 +800,20 @@ Global___CompleteStreamRequest: _TypeAlias = CompleteStreamRequest  # noqa: Y015
 
 @_typing.final
 class Delta(_message.Message):
-    """Delta is the next piece of generated text, or of tool calls."""
+    """Delta is the next piece of generated text, of reasoning, or of tool calls; one delta
+    may carry several, in the order they arrived: reasoning, then text, then tool calls.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CONTENT_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
     content: _builtins.str
+    reasoning: _builtins.str
+    """The next piece of the model's reasoning, to be appended; reasoning comes before the
+    answer's text. A replayed cached stream sends it whole, as the first delta.
+    """
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallDelta]:
         """Pieces of tool calls, in the order they arrived."""
@@ -804,10 +823,11 @@ class Delta(_message.Message):
         *,
         content: _builtins.str = ...,
         tool_calls: _abc.Iterable[Global___ToolCallDelta] | None = ...,
+        reasoning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "reasoning", b"reasoning", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

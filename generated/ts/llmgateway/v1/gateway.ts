@@ -479,6 +479,11 @@ export interface Usage {
   cachedInputTokens: number;
   /** True when the upstream reported no usage and the gateway estimated it. */
   estimated: boolean;
+  /**
+   * Of output_tokens, those the model spent reasoning, as the upstream reported them
+   * (0 when it did not, or the usage is estimated).
+   */
+  reasoningTokens: number;
 }
 
 /** Timings are milliseconds spent on one call. */
@@ -546,6 +551,11 @@ export interface CompleteResponse {
     | undefined;
   /** The tools the model called, in order (finish reason FINISH_REASON_TOOL_CALLS). */
   toolCalls: ToolCall[];
+  /**
+   * The model's reasoning ("thinking") before its answer, when the upstream sent any
+   * (DeepSeek's reasoning_content); never part of `content`.
+   */
+  reasoning: string;
 }
 
 /** CompleteStreamRequest asks for one streamed chat completion. */
@@ -567,11 +577,19 @@ export interface CompleteStreamRequest_LabelsEntry {
   value: string;
 }
 
-/** Delta is the next piece of generated text, or of tool calls. */
+/**
+ * Delta is the next piece of generated text, of reasoning, or of tool calls; one delta
+ * may carry several, in the order they arrived: reasoning, then text, then tool calls.
+ */
 export interface Delta {
   content: string;
   /** Pieces of tool calls, in the order they arrived. */
   toolCalls: ToolCallDelta[];
+  /**
+   * The next piece of the model's reasoning, to be appended; reasoning comes before the
+   * answer's text. A replayed cached stream sends it whole, as the first delta.
+   */
+  reasoning: string;
 }
 
 /**
@@ -1653,7 +1671,7 @@ export const TruncationPolicy: MessageFns<TruncationPolicy> = {
 };
 
 function createBaseUsage(): Usage {
-  return { inputTokens: 0, outputTokens: 0, cachedInputTokens: 0, estimated: false };
+  return { inputTokens: 0, outputTokens: 0, cachedInputTokens: 0, estimated: false, reasoningTokens: 0 };
 }
 
 export const Usage: MessageFns<Usage> = {
@@ -1669,6 +1687,9 @@ export const Usage: MessageFns<Usage> = {
     }
     if (message.estimated !== false) {
       writer.uint32(32).bool(message.estimated);
+    }
+    if (message.reasoningTokens !== 0) {
+      writer.uint32(40).int64(message.reasoningTokens);
     }
     return writer;
   },
@@ -1718,6 +1739,14 @@ export const Usage: MessageFns<Usage> = {
             message.estimated = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.reasoningTokens = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1748,6 +1777,11 @@ export const Usage: MessageFns<Usage> = {
         ? globalThis.Number(object.cached_input_tokens)
         : 0,
       estimated: isSet(object.estimated) ? globalThis.Boolean(object.estimated) : false,
+      reasoningTokens: isSet(object.reasoningTokens)
+        ? globalThis.Number(object.reasoningTokens)
+        : isSet(object.reasoning_tokens)
+        ? globalThis.Number(object.reasoning_tokens)
+        : 0,
     };
   },
 
@@ -1765,6 +1799,9 @@ export const Usage: MessageFns<Usage> = {
     if (message.estimated !== false) {
       obj.estimated = message.estimated;
     }
+    if (message.reasoningTokens !== 0) {
+      obj.reasoningTokens = Math.round(message.reasoningTokens);
+    }
     return obj;
   },
 
@@ -1777,6 +1814,7 @@ export const Usage: MessageFns<Usage> = {
     message.outputTokens = object.outputTokens ?? 0;
     message.cachedInputTokens = object.cachedInputTokens ?? 0;
     message.estimated = object.estimated ?? false;
+    message.reasoningTokens = object.reasoningTokens ?? 0;
     return message;
   },
 };
@@ -2496,7 +2534,7 @@ export const CompleteRequest_LabelsEntry: MessageFns<CompleteRequest_LabelsEntry
 };
 
 function createBaseCompleteResponse(): CompleteResponse {
-  return { content: "", metadata: undefined, toolCalls: [] };
+  return { content: "", metadata: undefined, toolCalls: [], reasoning: "" };
 }
 
 export const CompleteResponse: MessageFns<CompleteResponse> = {
@@ -2509,6 +2547,9 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
     }
     for (const v of message.toolCalls) {
       ToolCall.encode(v!, writer.uint32(26).fork()).join();
+    }
+    if (message.reasoning !== "") {
+      writer.uint32(34).string(message.reasoning);
     }
     return writer;
   },
@@ -2550,6 +2591,14 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
             message.toolCalls.push(ToolCall.decode(reader, reader.uint32()));
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.reasoning = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2571,6 +2620,7 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
         : globalThis.Array.isArray(object?.tool_calls)
         ? object.tool_calls.map((e: any) => ToolCall.fromJSON(e))
         : [],
+      reasoning: isSet(object.reasoning) ? globalThis.String(object.reasoning) : "",
     };
   },
 
@@ -2585,6 +2635,9 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
     if (message.toolCalls?.length) {
       obj.toolCalls = message.toolCalls.map((e) => ToolCall.toJSON(e));
     }
+    if (message.reasoning !== "") {
+      obj.reasoning = message.reasoning;
+    }
     return obj;
   },
 
@@ -2598,6 +2651,7 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
       ? CompletionMetadata.fromPartial(object.metadata)
       : undefined;
     message.toolCalls = object.toolCalls?.map((e) => ToolCall.fromPartial(e)) || [];
+    message.reasoning = object.reasoning ?? "";
     return message;
   },
 };
@@ -2945,7 +2999,7 @@ export const CompleteStreamRequest_LabelsEntry: MessageFns<CompleteStreamRequest
 };
 
 function createBaseDelta(): Delta {
-  return { content: "", toolCalls: [] };
+  return { content: "", toolCalls: [], reasoning: "" };
 }
 
 export const Delta: MessageFns<Delta> = {
@@ -2955,6 +3009,9 @@ export const Delta: MessageFns<Delta> = {
     }
     for (const v of message.toolCalls) {
       ToolCallDelta.encode(v!, writer.uint32(18).fork()).join();
+    }
+    if (message.reasoning !== "") {
+      writer.uint32(26).string(message.reasoning);
     }
     return writer;
   },
@@ -2988,6 +3045,14 @@ export const Delta: MessageFns<Delta> = {
             message.toolCalls.push(ToolCallDelta.decode(reader, reader.uint32()));
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.reasoning = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3008,6 +3073,7 @@ export const Delta: MessageFns<Delta> = {
         : globalThis.Array.isArray(object?.tool_calls)
         ? object.tool_calls.map((e: any) => ToolCallDelta.fromJSON(e))
         : [],
+      reasoning: isSet(object.reasoning) ? globalThis.String(object.reasoning) : "",
     };
   },
 
@@ -3019,6 +3085,9 @@ export const Delta: MessageFns<Delta> = {
     if (message.toolCalls?.length) {
       obj.toolCalls = message.toolCalls.map((e) => ToolCallDelta.toJSON(e));
     }
+    if (message.reasoning !== "") {
+      obj.reasoning = message.reasoning;
+    }
     return obj;
   },
 
@@ -3029,6 +3098,7 @@ export const Delta: MessageFns<Delta> = {
     const message = createBaseDelta();
     message.content = object.content ?? "";
     message.toolCalls = object.toolCalls?.map((e) => ToolCallDelta.fromPartial(e)) || [];
+    message.reasoning = object.reasoning ?? "";
     return message;
   },
 };

@@ -1,0 +1,381 @@
+"""Reasoning output through the real server, against a real-socket upstream that thinks."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway_client import GatewayClient
+from llmgateway.v1 import gateway_pb2 as pb
+from service.tokens import estimate_text_tokens
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.fake_upstream import Reply, split_even
+from tests.integration.helpers import error_info
+from tests.redis_server import RedisServer
+from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
+
+ONE_ATTEMPT: dict[str, object] = {"resilience": {"attempts": 1}}
+CACHED = pb.CachePolicy(mode=pb.CACHE_MODE_DEFAULT)
+THOUGHT = "The user wants the capital of France. That is Paris; answer in one word."
+# A DeepSeek thinking-mode answer: reasoning first, then the answer, its reasoning tokens
+# part of the completion tokens.
+THINKING = Reply(content="Paris.", reasoning=THOUGHT, completion_tokens=30, reasoning_tokens=25)
+REASONING_KEYS = {"reasoning_content", "reasoning"}
+
+
+async def _collect(stub: Any, request: pb.CompleteStreamRequest) -> list[pb.CompleteStreamResponse]:
+    return [event async for event in stub.CompleteStream(request)]
+
+
+def _deltas(events: list[pb.CompleteStreamResponse]) -> list[pb.Delta]:
+    return [e.delta for e in events if e.HasField("delta")]
+
+
+def _reasoning(events: list[pb.CompleteStreamResponse]) -> str:
+    return "".join(d.reasoning for d in _deltas(events))
+
+
+def _text(events: list[pb.CompleteStreamResponse]) -> str:
+    return "".join(d.content for d in _deltas(events))
+
+
+@pytest.mark.parametrize("spelling", ["reasoning_content", "reasoning"])
+async def test_unary_relays_reasoning_apart_from_the_answer(stub, upstream, spelling):
+    """DeepSeek's `reasoning_content` and OpenRouter's `reasoning` come back as
+    `reasoning`, the answer alone as `content`, and the reported reasoning tokens as
+    `usage.reasoning_tokens` (part of the output tokens)."""
+    upstream.script(dataclasses.replace(THINKING, reasoning_field=spelling))
+    response = await stub.Complete(chat("Capital of France?"))
+    assert (response.reasoning, response.content) == (THOUGHT, "Paris.")
+    usage = response.metadata.usage
+    assert (usage.output_tokens, usage.reasoning_tokens, usage.estimated) == (30, 25, False)
+    assert response.metadata.finish_reason == pb.FINISH_REASON_STOP
+
+
+async def test_the_next_turn_never_sends_reasoning_back(stub, upstream):
+    """The caller sends the answer back as an assistant turn: the upstream gets role and
+    content only (DeepSeek refuses `reasoning_content` in input messages with 400)."""
+    upstream.script(THINKING, Reply(content="About 2.1 million."))
+    first = await stub.Complete(chat("Capital of France?"))
+    assert first.reasoning == THOUGHT
+    second = await stub.Complete(
+        pb.CompleteRequest(
+            model=FAKE_MODEL,
+            messages=[
+                pb.Message(role=pb.ROLE_USER, content="Capital of France?"),
+                pb.Message(role=pb.ROLE_ASSISTANT, content=first.content),
+                pb.Message(role=pb.ROLE_USER, content="Its population?"),
+            ],
+        )
+    )
+    assert second.reasoning == ""
+    for request in upstream.requests:
+        assert not REASONING_KEYS & set(request.body)
+        for message in request.body["messages"]:
+            assert set(message) == {"role", "content"}
+    assert upstream.requests[1].body["messages"][1] == {"role": "assistant", "content": "Paris."}
+
+
+@pytest.mark.parametrize("spelling", ["reasoning_content", "reasoning"])
+async def test_stream_relays_reasoning_pieces_before_the_text(stub, upstream, spelling):
+    """Reasoning pieces go out as they arrive, each event split across TCP writes, all
+    before the first text; they assemble, in order, into the reasoning; the first piece
+    sets the time to first token; the final carries the reasoning tokens."""
+    delay_s = 0.2
+    upstream.script(
+        dataclasses.replace(
+            THINKING,
+            reasoning_field=spelling,
+            reasoning_pieces=3,
+            chunks=2,
+            split_events=True,
+            chunk_delay_s=delay_s,
+        )
+    )
+    events = await _collect(stub, chat_stream())
+    deltas = _deltas(events)
+    with_reasoning = [i for i, d in enumerate(deltas) if d.reasoning]
+    with_text = [i for i, d in enumerate(deltas) if d.content]
+    assert len(with_reasoning) == 3, "pieces are relayed as they arrive, not gathered"
+    assert max(with_reasoning) < min(with_text)
+    assert (_reasoning(events), _text(events)) == (THOUGHT, "Paris.")
+    final = events[-1].final
+    # The first reasoning piece comes one delay in, the first text four delays in.
+    assert 0 < final.timings.time_to_first_token_ms < 2.5 * delay_s * 1000
+    assert (final.usage.output_tokens, final.usage.reasoning_tokens) == (30, 25)
+
+
+async def test_stream_sends_reasoning_and_text_of_one_read_as_one_delta(stub, upstream):
+    """Events written in one piece: the first output alone, then the rest of the read,
+    reasoning and text together, as one delta."""
+    upstream.script(
+        Reply(content="aabb", chunks=2, reasoning="r1r2r3", reasoning_pieces=3, coalesce=True)
+    )
+    deltas = _deltas(await _collect(stub, chat_stream()))
+    assert [(d.reasoning, d.content) for d in deltas] == [("r1", ""), ("r2r3", "aabb")]
+
+
+async def test_a_stream_answered_with_one_json_completion_relays_its_reasoning(stub, upstream):
+    """A server that ignores `stream: true`: its reasoning and text go out as one delta."""
+    upstream.script(dataclasses.replace(THINKING, ignore_stream=True))
+    deltas = _deltas(await _collect(stub, chat_stream()))
+    assert [(d.reasoning, d.content) for d in deltas] == [(THOUGHT, "Paris.")]
+
+
+async def test_a_max_tokens_spent_on_reasoning_shows_why_the_answer_is_empty(stub, upstream):
+    """Finish LENGTH with no text: the reasoning that used up max_tokens is there, unary and
+    streamed."""
+    spent = Reply(content="", reasoning=THOUGHT, finish_reason="length", reasoning_tokens=3)
+    upstream.script(spent, spent)
+    response = await stub.Complete(chat(params=pb.GenerationParams(max_tokens=3)))
+    assert (response.content, response.reasoning) == ("", THOUGHT)
+    assert response.metadata.finish_reason == pb.FINISH_REASON_LENGTH
+    assert response.metadata.usage.reasoning_tokens == 3
+    events = await _collect(stub, chat_stream(params=pb.GenerationParams(max_tokens=3)))
+    assert (_text(events), _reasoning(events)) == ("", THOUGHT)
+    assert events[-1].final.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+async def test_stream_cut_after_reasoning_only_is_not_retried(upstream, start_gateway):
+    """Reasoning that reached the caller is output: a cut after it is STREAM_INTERRUPTED,
+    never retried, and recorded once with the reasoning sent as its estimated output."""
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    upstream.script(
+        dataclasses.replace(THINKING, reasoning_pieces=4, cut_after_events=3, chunk_delay_s=0.01)
+    )
+    received: list[pb.CompleteStreamResponse] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for event in gateway.stub.CompleteStream(chat_stream()):
+            received.append(event)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(caught.value)
+    assert info.reason == "STREAM_INTERRUPTED"
+    sent = _reasoning(received)
+    assert sent == "".join(split_even(THOUGHT, 4)[:2])  # the role event, then two pieces
+    assert _text(received) == ""
+    assert int(info.metadata["chars_sent"]) == len(sent)
+    assert len(upstream.requests) == 1
+    total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.requests, total.estimated_requests) == (1, 1)
+    assert total.usage.output_tokens == estimate_text_tokens(sent)
+
+
+async def test_stream_idle_timeout_runs_from_the_last_reasoning_piece(upstream, start_gateway):
+    """Once reasoning flows, `stream_idle_timeout_s` bounds the wait for the next piece:
+    a stream silent past it after reasoning is cut with STREAM_INTERRUPTED."""
+    upstream.script(dataclasses.replace(THINKING, reasoning_pieces=3, chunk_delay_s=0.6))
+    config = gateway_config(upstream.base_url)
+    slow = dataclasses.replace(config.upstreams[0], stream_idle_timeout_s=0.2)
+    gateway = await start_gateway(dataclasses.replace(config, upstreams=(slow,)))
+    received: list[pb.CompleteStreamResponse] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for event in gateway.stub.CompleteStream(chat_stream()):
+            received.append(event)
+    assert error_info(caught.value).reason == "STREAM_INTERRUPTED"
+    assert [(d.reasoning, d.content) for d in _deltas(received)] == [
+        (split_even(THOUGHT, 3)[0], "")
+    ]
+    await upstream.wait_for_disconnect(timeout_s=5)
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("spelling", ["reasoning_content", "reasoning"])
+async def test_reasoning_that_is_not_a_string_is_a_malformed_answer(
+    upstream, start_gateway, is_stream, spelling
+):
+    """A non-string reasoning is a malformed answer, like non-string content: retried
+    before any output, and UNAVAILABLE naming the upstream in the end."""
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    bad = Reply(content="Paris.", raw_reasoning={"text": "hmm"}, reasoning_field=spelling)
+    upstream.script(bad, THINKING)
+    if is_stream:
+        events = await _collect(gateway.stub, chat_stream())
+        assert (_reasoning(events), _text(events)) == (THOUGHT, "Paris.")
+    else:
+        response = await gateway.stub.Complete(chat())
+        assert (response.reasoning, response.content) == (THOUGHT, "Paris.")
+    assert len(upstream.requests) == 2
+    upstream.script(bad)
+    one_try = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if is_stream:
+            await _collect(one_try.stub, chat_stream())
+        else:
+            await one_try.stub.Complete(chat())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "malformed" in caught.value.details()
+    assert error_info(caught.value).metadata["upstream"] == "up0"
+
+
+@pytest.mark.parametrize("count", [31, -1, "25", 2.5, None], ids=str)
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_bad_reasoning_token_count_is_ignored_and_the_answer_stands(
+    stub, upstream, count, is_stream
+):
+    """A count that cannot be part of the output (more than it, negative, not an integer,
+    null) is ignored: the answer, its reasoning and the rest of its usage stand, not
+    estimated, from one upstream request."""
+    upstream.script(dataclasses.replace(THINKING, reasoning_tokens=count))
+    if is_stream:
+        events = await _collect(stub, chat_stream())
+        reasoning, content, usage = _reasoning(events), _text(events), events[-1].final.usage
+    else:
+        response = await stub.Complete(chat())
+        reasoning, content, usage = response.reasoning, response.content, response.metadata.usage
+    assert (reasoning, content) == (THOUGHT, "Paris.")
+    assert (usage.input_tokens, usage.output_tokens, usage.reasoning_tokens) == (7, 30, 0)
+    assert not usage.estimated
+    assert len(upstream.requests) == 1
+
+
+async def test_unreported_usage_is_estimated_with_the_reasoning(stub, upstream):
+    """With no usage reported, the output estimate counts the reasoning, which the
+    provider bills as output; reasoning tokens are then 0 (none reported)."""
+    upstream.script(dataclasses.replace(THINKING, include_usage=False))
+    response = await stub.Complete(chat())
+    usage = response.metadata.usage
+    assert usage.estimated
+    assert usage.output_tokens == estimate_text_tokens("Paris.") + estimate_text_tokens(THOUGHT)
+    assert usage.reasoning_tokens == 0
+
+
+async def test_unary_cache_hit_returns_the_same_reasoning(upstream, start_gateway):
+    """The same request twice: the second is a cache hit with the same reasoning and
+    reasoning tokens."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache={"backend": "memory"}))
+    upstream.script(THINKING)
+    first = await gateway.stub.Complete(chat(cache=CACHED))
+    second = await gateway.stub.Complete(chat(cache=CACHED))
+    assert (first.metadata.cache_hit, second.metadata.cache_hit) == (False, True)
+    assert second.reasoning == first.reasoning == THOUGHT
+    assert second.content == "Paris."
+    assert second.metadata.usage.reasoning_tokens == 25
+    assert len(upstream.requests) == 1
+
+
+@pytest.fixture(params=["memory", "redis"])
+def cache_section(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The cache config section for each backend; Redis is a real redis-server."""
+    if request.param == "memory":
+        return {"backend": "memory"}
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    return {"backend": "redis", "redis_url": redis.url}
+
+
+async def test_stream_cache_replay_sends_the_reasoning_first_whole(
+    upstream, start_gateway, cache_section
+):
+    """A cached stream replays its reasoning as one delta, then its text as it streamed
+    live; a unary hit of the same answer has it too (memory and Redis)."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache=cache_section))
+    upstream.script(dataclasses.replace(THINKING, reasoning_pieces=4, chunks=2))
+    live = await _collect(gateway.stub, chat_stream(cache=CACHED))
+    replayed = await _collect(gateway.stub, chat_stream(cache=CACHED))
+    assert (live[-1].final.cache_hit, replayed[-1].final.cache_hit) == (False, True)
+    assert len(upstream.requests) == 1
+    deltas = _deltas(replayed)
+    assert (deltas[0].reasoning, deltas[0].content) == (THOUGHT, "")
+    assert [d.content for d in deltas[1:]] == [d.content for d in _deltas(live) if d.content]
+    assert all(not d.reasoning for d in deltas[1:])
+    assert replayed[-1].final.usage.reasoning_tokens == 25
+    hit = await gateway.stub.Complete(chat(cache=CACHED))
+    assert (hit.metadata.cache_hit, hit.reasoning, hit.content) == (True, THOUGHT, "Paris.")
+
+
+async def test_coalesced_followers_get_the_reasoning(upstream, start_gateway):
+    """Identical concurrent calls share one upstream stream: streaming followers get the
+    reasoning pieces live, a unary follower the whole reasoning, all as cache hits."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache={"backend": "memory"}))
+    upstream.script(dataclasses.replace(THINKING, delay_s=0.3, chunk_delay_s=0.02))
+    request = chat_stream(cache=CACHED)
+    leader = asyncio.ensure_future(_collect(gateway.stub, request))
+    while not upstream.requests:
+        await asyncio.sleep(0.01)
+    followers = [asyncio.ensure_future(_collect(gateway.stub, request)) for _ in range(2)]
+    unary = asyncio.ensure_future(gateway.stub.Complete(chat(cache=CACHED)))
+    streams = await asyncio.gather(leader, *followers)
+    for events in streams:
+        assert (_reasoning(events), _text(events)) == (THOUGHT, "Paris.")
+        assert len([d for d in _deltas(events) if d.reasoning]) == 3  # live, in pieces
+    assert [events[-1].final.cache_hit for events in streams] == [False, True, True]
+    response = await unary
+    assert (response.reasoning, response.content) == (THOUGHT, "Paris.")
+    assert response.metadata.cache_hit
+    assert len(upstream.requests) == 1
+
+
+async def test_a_batch_item_carries_its_reasoning(stub, upstream):
+    """A CompleteBatch result carries the reasoning, and the summary the reasoning tokens."""
+    upstream.default = THINKING
+    batch = pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id=name, request=chat(name)) for name in ("a", "b")]
+    )
+    events = [event async for event in stub.CompleteBatch(batch)]
+    results = [e.result for e in events if e.HasField("result")]
+    assert [(r.response.reasoning, r.response.content) for r in results] == [
+        (THOUGHT, "Paris.")
+    ] * 2
+    assert events[-1].summary.usage.reasoning_tokens == 50
+
+
+async def test_summaries_never_include_reasoning(start_gateway):
+    """Summarize uses only the answers' text: a part whose max_tokens went on reasoning
+    gives an empty part summary, as an empty answer does; no reasoning reaches the
+    combining call or the summary; its usage counts the reasoning tokens."""
+    thinking = "SECRET-THOUGHT"
+
+    def respond(body: dict[str, Any]) -> Reply:
+        if system_text(body).startswith("You summarise one part"):
+            if "Paragraph p0 " in user_text(body):
+                return Reply(content="", reasoning=thinking, finish_reason="length")
+            return Reply(content="part", reasoning=thinking, reasoning_tokens=2)
+        return Reply(content="FINAL", reasoning=thinking, reasoning_tokens=2)
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as fake:
+        gateway = await start_gateway(
+            gateway_config(
+                fake.base_url,
+                models={
+                    FAKE_MODEL: {
+                        "context_window": 1024,
+                        "input_usd_per_million": 0.14,
+                        "output_usd_per_million": 0.42,
+                    }
+                },
+            )
+        )
+        document = "\n\n".join(
+            " ".join(f"Paragraph p{p} sentence s{s} says something." for s in range(5))
+            for p in range(40)
+        )
+        response = await gateway.stub.Summarize(
+            pb.SummarizeRequest(model=FAKE_MODEL, document=document)
+        )
+        combines = [
+            r.body
+            for r in fake.requests
+            if system_text(r.body).startswith("You are given summaries")
+        ]
+    assert response.summary == "FINAL"
+    assert response.chunks > 1
+    assert combines, "the parts were combined"
+    for sent in fake.requests:
+        assert thinking not in str(sent.body)
+    assert response.usage.reasoning_tokens == 2 * (response.upstream_calls - 1)
+
+
+async def test_python_client_gathers_the_streamed_reasoning(gateway, upstream):
+    """`GatewayClient.stream` still yields only the text; `stream.reasoning` holds the
+    reasoning, assembled from its pieces."""
+    upstream.script(THINKING)
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream("Capital of France?", model=FAKE_MODEL)
+        texts = [text async for text in stream]
+    assert "".join(texts) == "Paris."
+    assert stream.reasoning == THOUGHT
+    assert stream.final is not None
+    assert stream.final.usage.reasoning_tokens == 25
