@@ -98,6 +98,7 @@ def _completion_demand(request: Any) -> tuple[str, int]:
     tokens += _text_tokens(
         f"{call.name} {call.arguments}" for m in request.messages for call in m.tool_calls
     )
+    tokens += _text_tokens(m.reasoning for m in request.messages if m.reasoning)
     tokens += _text_tokens(
         f"{tool.name} {tool.description} {tool.parameters}" for tool in request.tools
     )

@@ -82,13 +82,15 @@ class Message:
     """One turn of a conversation.
 
     `tool_calls` only on an assistant message (its content may then be empty), and
-    `tool_call_id` only on a tool message: the call it answers.
+    `tool_call_id` only on a tool message: the call it answers. `reasoning`, only on an
+    assistant message, is the reasoning it came with, sent back upstream.
     """
 
     role: Role
     content: str
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str = ""
+    reasoning: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -150,9 +150,9 @@ def chat_request_from_proto(
                 )
             )
             role = Role.USER
-        if item.tool_calls or item.tool_call_id:
+        if item.tool_calls or item.tool_call_id or item.reasoning:
             calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in item.tool_calls)
-            messages.append(Message(role, item.content, calls, item.tool_call_id))
+            messages.append(Message(role, item.content, calls, item.tool_call_id, item.reasoning))
         else:
             messages.append(Message(role, item.content))
     cache_mode = _CACHE_MODES.get(message.cache.mode)

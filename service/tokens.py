@@ -203,6 +203,8 @@ def estimate_message_tokens(message: Message) -> int:
         tokens += estimate_tool_call_tokens(message.tool_calls)
     if message.tool_call_id:
         tokens += estimate_text_tokens(message.tool_call_id)
+    if message.reasoning:
+        tokens += estimate_text_tokens(message.reasoning)
     return tokens
 
 

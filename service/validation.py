@@ -74,6 +74,14 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
         total_chars += len(message.content)
         if message.tool_calls or message.tool_call_id or message.role is Role.TOOL:
             total_chars += _tool_message_violations(found, index, message, call_ids)
+        if message.reasoning:
+            total_chars += len(message.reasoning)
+            if message.role is not Role.ASSISTANT:
+                found.append(
+                    FieldViolation(
+                        f"messages[{index}].reasoning", "only on ROLE_ASSISTANT messages"
+                    )
+                )
         if not message.content.strip():
             # A tool-call turn may have no text, and a tool may return none.
             if not message.tool_calls and message.role is not Role.TOOL:
@@ -160,6 +168,7 @@ def _texts_of(request: ChatRequest) -> list[str]:
     for message in request.messages:
         texts.append(message.content)
         texts.append(message.tool_call_id)
+        texts.append(message.reasoning)
         texts.extend(f"{call.id}{call.name}{call.arguments}" for call in message.tool_calls)
     texts.extend(f"{tool.name}{tool.description}{tool.parameters}" for tool in request.tools)
     return texts

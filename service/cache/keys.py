@@ -7,8 +7,9 @@ wrong) of: the key format version, the tenant, the model, every message as
 billed and how the call is retried, not what the model answers.
 
 Tool calling adds to that only where a request uses it, so the keys of every other
-request (and the entries stored under them) stay as they were: a message with tool calls
-or answering one is `[role, content, [[id, name, arguments], ...], tool_call_id]`, and a
+request (and the entries stored under them) stay as they were: a message with tool calls,
+answering one or carrying reasoning back is
+`[role, content, [[id, name, arguments], ...], tool_call_id, reasoning]`, and a
 request with tools or a tool choice ends with `[[name, description, parameters], ...]`
 and `[mode, function_name]`. Lengths differ, so no two encodings coincide.
 """
@@ -65,8 +66,9 @@ def canonical_request(request: ChatRequest) -> bytes:
                 message.content,
                 [[call.id, call.name, call.arguments] for call in message.tool_calls],
                 message.tool_call_id,
+                message.reasoning,
             ]
-            if message.tool_calls or message.tool_call_id
+            if message.tool_calls or message.tool_call_id or message.reasoning
             else [message.role.value, message.content]
             for message in request.messages
         ],

@@ -72,7 +72,7 @@ def request_body(request: ChatRequest, *, upstream_model: str, stream: bool) -> 
         "model": upstream_model,
         "messages": [
             _message_json(m)
-            if m.tool_calls or m.tool_call_id
+            if m.tool_calls or m.tool_call_id or m.reasoning
             else {"role": m.role.value, "content": m.content}
             for m in request.messages
         ],
@@ -119,6 +119,8 @@ def _message_json(message: Message) -> dict[str, Any]:
         ]
     if message.tool_call_id:
         data["tool_call_id"] = message.tool_call_id
+    if message.reasoning:
+        data["reasoning_content"] = message.reasoning
     return data
 
 

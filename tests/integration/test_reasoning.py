@@ -13,8 +13,8 @@ from gateway_client import GatewayClient
 from llmgateway.v1 import gateway_pb2 as pb
 from service.tokens import estimate_text_tokens
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
-from tests.fake_upstream import Reply, split_even
-from tests.integration.helpers import error_info
+from tests.fake_upstream import Reply, ToolCallReply, split_even
+from tests.integration.helpers import error_info, field_violations
 from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
 
@@ -56,9 +56,10 @@ async def test_unary_relays_reasoning_apart_from_the_answer(stub, upstream, spel
     assert response.metadata.finish_reason == pb.FINISH_REASON_STOP
 
 
-async def test_the_next_turn_never_sends_reasoning_back(stub, upstream):
-    """The caller sends the answer back as an assistant turn: the upstream gets role and
-    content only (DeepSeek refuses `reasoning_content` in input messages with 400)."""
+async def test_the_next_turn_sends_reasoning_back_only_when_the_caller_does(stub, upstream):
+    """The gateway adds no reasoning of its own to a request: an assistant turn sent back
+    with content alone goes upstream as role and content only (DeepSeek ignores earlier
+    reasoning where no tool was called)."""
     upstream.script(THINKING, Reply(content="About 2.1 million."))
     first = await stub.Complete(chat("Capital of France?"))
     assert first.reasoning == THOUGHT
@@ -78,6 +79,55 @@ async def test_the_next_turn_never_sends_reasoning_back(stub, upstream):
         for message in request.body["messages"]:
             assert set(message) == {"role", "content"}
     assert upstream.requests[1].body["messages"][1] == {"role": "assistant", "content": "Paris."}
+
+
+async def test_a_thinking_tool_loop_sends_the_reasoning_back(stub, upstream):
+    """DeepSeek's thinking mode answers 400 unless each assistant message with tool calls
+    comes back with its `reasoning_content`: an assistant turn's `reasoning` is sent as
+    that, beside its tool calls, in every later request."""
+    weather = pb.Tool(name="get_weather", parameters='{"type": "object"}')
+    call = ToolCallReply("call_1", "get_weather", '{"city": "Paris"}')
+    upstream.script(
+        Reply(content="", reasoning=THOUGHT, tool_calls=(call,), finish_reason="tool_calls"),
+        Reply(content="Sunny in Paris."),
+    )
+    question = pb.Message(role=pb.ROLE_USER, content="Weather in Paris?")
+    first = await stub.Complete(
+        pb.CompleteRequest(model=FAKE_MODEL, messages=[question], tools=[weather])
+    )
+    assert (first.reasoning, [c.id for c in first.tool_calls]) == (THOUGHT, ["call_1"])
+    turn = pb.Message(
+        role=pb.ROLE_ASSISTANT, tool_calls=first.tool_calls, reasoning=first.reasoning
+    )
+    result = pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="sunny")
+    second = await stub.Complete(
+        pb.CompleteRequest(model=FAKE_MODEL, messages=[question, turn, result], tools=[weather])
+    )
+    assert second.content == "Sunny in Paris."
+    sent = upstream.requests[-1].body["messages"][1]
+    assert sent["reasoning_content"] == THOUGHT
+    assert [c["id"] for c in sent["tool_calls"]] == ["call_1"]
+    assert "reasoning" not in sent
+
+
+@pytest.mark.parametrize("role", [pb.ROLE_USER, pb.ROLE_SYSTEM, pb.ROLE_TOOL])
+async def test_reasoning_only_on_assistant_messages(stub, upstream, role):
+    """Reasoning sent back on any but an assistant message is refused, naming the field."""
+    messages = [
+        pb.Message(role=pb.ROLE_USER, content="hi"),
+        pb.Message(
+            role=pb.ROLE_ASSISTANT,
+            tool_calls=[pb.ToolCall(id="call_1", name="f", arguments="{}")],
+        ),
+        pb.Message(role=role, content="x", reasoning="thinking", tool_call_id="call_1")
+        if role == pb.ROLE_TOOL
+        else pb.Message(role=role, content="x", reasoning="thinking"),
+    ]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(pb.CompleteRequest(model=FAKE_MODEL, messages=messages))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages[2].reasoning" in field_violations(caught.value)
+    assert upstream.requests == []
 
 
 @pytest.mark.parametrize("spelling", ["reasoning_content", "reasoning"])

@@ -218,3 +218,27 @@ def test_version_2_entries_still_decode_without_reasoning() -> None:
     current["c"]["reasoning"] = 5
     with pytest.raises(EntryDecodeError):
         CachedAnswer.decode(orjson.dumps(current))
+
+
+def test_reasoning_sent_back_changes_the_key_and_the_estimate() -> None:
+    """An assistant turn's reasoning goes upstream, so it is part of the cache key and of
+    the prompt estimate; a turn without it keeps the key it had."""
+    from service.cache.keys import canonical_request
+    from service.domain import ChatRequest, Message, Role
+    from service.tokens import estimate_prompt_tokens
+
+    def request(reasoning: str) -> ChatRequest:
+        messages = (
+            Message(Role.USER, "hi"),
+            Message(Role.ASSISTANT, "hello", reasoning=reasoning),
+            Message(Role.USER, "and?"),
+        )
+        return ChatRequest(model="m", messages=messages)
+
+    plain, thought = request(""), request("the user greets me " * 20)
+    assert canonical_request(plain) == orjson.dumps(
+        [1, "default", "m", [["user", "hi"], ["assistant", "hello"], ["user", "and?"]],
+         [None, None, None, [], None, None, None]]
+    )  # fmt: skip
+    assert canonical_request(thought) != canonical_request(plain)
+    assert estimate_prompt_tokens(thought.messages) > estimate_prompt_tokens(plain.messages) + 20

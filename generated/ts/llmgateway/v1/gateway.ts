@@ -392,6 +392,13 @@ export interface Message {
   toolCalls: ToolCall[];
   /** The id of the tool call this message answers (ROLE_TOOL messages only, required). */
   toolCallId: string;
+  /**
+   * The reasoning an assistant message came with (CompleteResponse.reasoning), sent
+   * back upstream as `reasoning_content` (assistant messages only). DeepSeek's thinking
+   * mode requires it on every assistant message with tool calls, in all later requests,
+   * and answers 400 without it; elsewhere it is ignored or unneeded.
+   */
+  reasoning: string;
 }
 
 /** ToolCall is one call of a tool the model asked for. */
@@ -762,7 +769,7 @@ export interface GetUsageResponse {
 }
 
 function createBaseMessage(): Message {
-  return { role: 0, content: "", toolCalls: [], toolCallId: "" };
+  return { role: 0, content: "", toolCalls: [], toolCallId: "", reasoning: "" };
 }
 
 export const Message: MessageFns<Message> = {
@@ -778,6 +785,9 @@ export const Message: MessageFns<Message> = {
     }
     if (message.toolCallId !== "") {
       writer.uint32(34).string(message.toolCallId);
+    }
+    if (message.reasoning !== "") {
+      writer.uint32(42).string(message.reasoning);
     }
     return writer;
   },
@@ -827,6 +837,14 @@ export const Message: MessageFns<Message> = {
             message.toolCallId = reader.string();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.reasoning = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -853,6 +871,7 @@ export const Message: MessageFns<Message> = {
         : isSet(object.tool_call_id)
         ? globalThis.String(object.tool_call_id)
         : "",
+      reasoning: isSet(object.reasoning) ? globalThis.String(object.reasoning) : "",
     };
   },
 
@@ -870,6 +889,9 @@ export const Message: MessageFns<Message> = {
     if (message.toolCallId !== "") {
       obj.toolCallId = message.toolCallId;
     }
+    if (message.reasoning !== "") {
+      obj.reasoning = message.reasoning;
+    }
     return obj;
   },
 
@@ -882,6 +904,7 @@ export const Message: MessageFns<Message> = {
     message.content = object.content ?? "";
     message.toolCalls = object.toolCalls?.map((e) => ToolCall.fromPartial(e)) || [];
     message.toolCallId = object.toolCallId ?? "";
+    message.reasoning = object.reasoning ?? "";
     return message;
   },
 };
