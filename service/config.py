@@ -176,6 +176,16 @@ _CREDENTIAL_PARAMETERS = frozenset(
     {"key", "api_key", "api-key", "apikey", "access_token", "token", "password", "secret"}
 )
 
+# The request body fields the gateway writes from each request (`upstream.openai_json`):
+# an upstream's `extra_body` may add fields, never replace these.
+GATEWAY_BODY_FIELDS = frozenset(
+    {
+        "model", "messages", "stream", "stream_options", "tools", "tool_choice",
+        "response_format", "temperature", "top_p", "max_tokens", "stop", "seed",
+        "presence_penalty", "frequency_penalty",
+    }
+)  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
@@ -200,6 +210,9 @@ class UpstreamConfig:
     max_concurrency: int = 50
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    # Fields added to every request body sent to this upstream: a provider's own switches
+    # (DeepSeek's `thinking`, vLLM's `chat_template_kwargs`), never one the gateway sets.
+    extra_body: Mapping[str, object] = field(default_factory=dict)
     # Filled from `api_key_env` by `parse_config`; a file that sets it is refused.
     api_key: str | None = field(
         default=None, repr=False, compare=False, metadata={"from_environment": "api_key_env"}
@@ -239,6 +252,11 @@ class UpstreamConfig:
             " use api_key_env",
         )
         _require(len(self.models) > 0, "models must list at least one model")
+        taken = sorted(set(self.extra_body) & GATEWAY_BODY_FIELDS)
+        _require(
+            not taken,
+            f"extra_body must not set {', '.join(taken)}: the gateway sets it from each request",
+        )
         _require(self.timeout_s > 0 and self.connect_timeout_s > 0, "timeouts must be > 0")
         _require(
             self.stream_idle_timeout_s is None or self.stream_idle_timeout_s > 0,
@@ -673,6 +691,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{key}: must be a mapping")
         return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is object:  # free-form data sent on as JSON (`extra_body`)
+        return _json_value(value, key)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
             raise ValueError(f"{key}: must be a number")
@@ -690,6 +710,24 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ValueError(f"{key}: must be a string")
         return str(value)
     raise ValueError(f"{key}: unsupported type {tp}")
+
+
+def _json_value(value: Any, key: str) -> object:
+    """`value` if JSON can carry it as it is: no dates, sets, NaN or non-string keys."""
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{key}: must be a finite number")
+        return value
+    if isinstance(value, list):
+        return [_json_value(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        for name in value:
+            if not isinstance(name, str):
+                raise ValueError(f"{key}: keys must be strings, got {_shown_name(name)!r}")
+        return {name: _json_value(v, f"{key}.{name}") for name, v in value.items()}
+    raise ValueError(f"{key}: must be JSON data (a mapping, list, string, number, bool or null)")
 
 
 def _shown_name(name: object) -> str:

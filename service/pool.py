@@ -321,7 +321,12 @@ class UpstreamPool:
             )
         return UpstreamCall(
             upstream_model=route.upstream_model,
-            body=request_body(request, upstream_model=route.upstream_model, stream=stream),
+            body=request_body(
+                request,
+                upstream_model=route.upstream_model,
+                stream=stream,
+                extra=route.client.config.extra_body,
+            ),
             headers=headers,
         )
 

@@ -5,6 +5,7 @@ https://platform.openai.com/docs/api-reference/chat — the only module that kno
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -66,8 +67,15 @@ class MalformedReply(ValueError):
     """The upstream's JSON is not a chat completion."""
 
 
-def request_body(request: ChatRequest, *, upstream_model: str, stream: bool) -> bytes:
-    """Serialise `request` as an OpenAI chat-completions body for one upstream."""
+def request_body(
+    request: ChatRequest,
+    *,
+    upstream_model: str,
+    stream: bool,
+    extra: Mapping[str, object] | None = None,
+) -> bytes:
+    """Serialise `request` as an OpenAI chat-completions body for one upstream, with the
+    upstream's `extra` fields (none of which the request's own fields use)."""
     body: dict[str, Any] = {
         "model": upstream_model,
         "messages": [
@@ -101,6 +109,8 @@ def request_body(request: ChatRequest, *, upstream_model: str, stream: bool) -> 
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+    if extra:
+        body.update(extra)
     return orjson.dumps(body)
 
 

@@ -11,8 +11,9 @@ import pytest
 
 from gateway_client import GatewayClient
 from llmgateway.v1 import gateway_pb2 as pb
+from service.config import parse_config
 from service.tokens import estimate_text_tokens
-from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import Reply, ToolCallReply, split_even
 from tests.integration.helpers import error_info, field_violations
 from tests.redis_server import RedisServer
@@ -429,3 +430,28 @@ async def test_python_client_gathers_the_streamed_reasoning(gateway, upstream):
     assert stream.reasoning == THOUGHT
     assert stream.final is not None
     assert stream.final.usage.reasoning_tokens == 25
+
+
+async def test_an_upstream_extra_body_turns_thinking_off_for_its_model(upstream, start_gateway):
+    """Two upstream entries for one provider: the one whose `extra_body` turns DeepSeek's
+    thinking off serves its own model name with that switch in every request, unary and
+    streamed; the other's requests carry nothing extra."""
+    data = gateway_config_data(upstream.base_url)
+    fast = {
+        "name": "up0-fast",
+        "base_url": upstream.base_url,
+        "models": {"fast-model": FAKE_MODEL},
+        "extra_body": {"thinking": {"type": "disabled"}},
+    }
+    data["upstreams"].append(fast)
+    data["models"]["fast-model"] = data["models"][FAKE_MODEL]
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    await gateway.stub.Complete(chat("hi", model="fast-model"))
+    await _collect(gateway.stub, chat_stream("hi", model="fast-model"))
+    await gateway.stub.Complete(chat("hi"))
+    fast_unary, fast_stream, plain = (request.body for request in upstream.requests)
+    for body in (fast_unary, fast_stream):
+        assert body["thinking"] == {"type": "disabled"}
+        assert body["model"] == FAKE_MODEL
+    assert fast_stream["stream"] is True
+    assert "thinking" not in plain

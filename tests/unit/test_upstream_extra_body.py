@@ -1,0 +1,85 @@
+"""An upstream's `extra_body`: provider switches added to every request body it gets."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from service.config import GATEWAY_BODY_FIELDS, ConfigError
+from service.domain import (
+    ChatRequest,
+    GenerationParams,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+    Tool,
+    ToolChoice,
+    ToolChoiceMode,
+)
+from service.upstream.openai_json import request_body
+from tests.unit.test_config_parsing import parse, upstream
+
+THINKING_OFF = {"thinking": {"type": "disabled"}, "chat_template_kwargs": {"n": [1, 2.5, None]}}
+
+
+def test_extra_body_is_parsed_as_json_data() -> None:
+    """Nested mappings, lists, numbers, booleans and null are kept as written."""
+    config = parse({"upstreams": [upstream(extra_body=THINKING_OFF)]})
+    assert config.upstreams[0].extra_body == THINKING_OFF
+    assert parse({"upstreams": [upstream()]}).upstreams[0].extra_body == {}
+
+
+@pytest.mark.parametrize(
+    ("extra_body", "key", "problem"),
+    [
+        ({"model": "other"}, "upstreams[0]", "extra_body must not set model"),
+        ({"stream": False, "messages": []}, "upstreams[0]", "must not set messages, stream"),
+        ({"a": float("nan")}, "upstreams[0].extra_body.a", "finite number"),
+        ({"a": {1: "x"}}, "upstreams[0].extra_body.a", "keys must be strings"),
+        ({"a": datetime.date(2026, 1, 1)}, "upstreams[0].extra_body.a", "must be JSON data"),
+        (["thinking"], "upstreams[0].extra_body", "must be a mapping"),
+    ],
+)
+def test_bad_extra_body_names_the_key(extra_body: Any, key: str, problem: str) -> None:
+    """A field the gateway writes itself, or data JSON cannot carry, is a config error."""
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [upstream(extra_body=extra_body)]})
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+
+
+def test_request_body_adds_the_extra_fields() -> None:
+    """The extra fields sit beside the request's own, unchanged."""
+    request = ChatRequest(model="m", messages=(Message(Role.USER, "hi"),))
+    body = orjson.loads(request_body(request, upstream_model="up", stream=True, extra=THINKING_OFF))
+    assert body["thinking"] == {"type": "disabled"}
+    assert body["chat_template_kwargs"] == {"n": [1, 2.5, None]}
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+    assert body["stream"] is True
+
+
+def test_the_gateway_fields_cover_every_field_it_writes() -> None:
+    """`GATEWAY_BODY_FIELDS` (what extra_body may not set) lists every field a request with
+    everything set is sent with, so no extra field can replace one."""
+    request = ChatRequest(
+        model="m",
+        messages=(Message(Role.USER, "hi"),),
+        params=GenerationParams(
+            temperature=0.5,
+            top_p=0.9,
+            max_tokens=10,
+            stop=("x",),
+            seed=1,
+            presence_penalty=0.1,
+            frequency_penalty=0.1,
+            response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT),
+        ),
+        tools=(Tool("t"),),
+        tool_choice=ToolChoice(ToolChoiceMode.AUTO),
+    )
+    body = orjson.loads(request_body(request, upstream_model="up", stream=True))
+    assert set(body) == GATEWAY_BODY_FIELDS
