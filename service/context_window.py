@@ -84,7 +84,7 @@ def fit_messages(
     def calibrated(raw: int) -> int:
         return math.ceil(raw * calibration)
 
-    fixed = PER_REQUEST_OVERHEAD + estimate_tools_tokens(tools)
+    fixed = PER_REQUEST_OVERHEAD + (estimate_tools_tokens(tools) if tools else 0)
     total = fixed + sum(costs)
     if calibrated(total) <= budget:
         return FittedPrompt(tuple(messages), 0, calibrated(total), total)

@@ -158,7 +158,7 @@ def chat_request_from_proto(
     cache_mode = _CACHE_MODES.get(message.cache.mode)
     if message.cache.mode not in _CACHE_MODES:
         violations.append(FieldViolation("cache.mode", "unknown cache mode"))
-    if message.params.response_format.type not in _RESPONSE_FORMATS:
+    if message.HasField("params") and message.params.response_format.type not in _RESPONSE_FORMATS:
         violations.append(
             FieldViolation("params.response_format.type", "unknown response format type")
         )
@@ -185,7 +185,9 @@ def chat_request_from_proto(
         labels=dict(message.labels),
         idempotency_key=message.idempotency_key,
         tenant=tenant,
-        tools=tuple(Tool(t.name, t.description, t.parameters) for t in message.tools),
+        tools=tuple(Tool(t.name, t.description, t.parameters) for t in message.tools)
+        if message.tools
+        else (),
         tool_choice=tool_choice,
     )
     return request, violations
@@ -239,7 +241,9 @@ def _fill_metadata(target: pb.CompletionMetadata, completion: Completion) -> Non
 
 def response_to_proto(completion: Completion) -> pb.CompleteResponse:
     """A unary response."""
-    response = pb.CompleteResponse(content=completion.content, reasoning=completion.reasoning)
+    response = pb.CompleteResponse(content=completion.content)
+    if completion.reasoning:
+        response.reasoning = completion.reasoning
     _fill_metadata(response.metadata, completion)
     for call in completion.tool_calls:
         response.tool_calls.add(id=call.id, name=call.name, arguments=call.arguments)

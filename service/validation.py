@@ -90,7 +90,8 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
             found.append(
                 FieldViolation(f"messages[{index}].content", "must not contain control characters")
             )
-    total_chars += _tools_violations(found, request)
+    if request.tools or request.tool_choice.is_set:
+        total_chars += _tools_violations(found, request)
     # UTF-8 takes at most 4 bytes a character, so only long texts need encoding.
     if total_chars * 4 > limits.max_request_bytes:
         size = len("".join(_texts_of(request)).encode("utf-8"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
@@ -365,10 +364,7 @@ class UpstreamClient:
 
 def _reply(call: UpstreamCall, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
     """A whole chat completion's answer, as a unary call gets it."""
-    reply = parse_completion(body)
-    return dataclasses.replace(
-        reply, model=reply.model or call.upstream_model, rate_limits=rate_limit_hints(headers)
-    )
+    return parse_completion(body, model=call.upstream_model, rate_limits=rate_limit_hints(headers))
 
 
 async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int, list[str]]:

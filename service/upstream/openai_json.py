@@ -23,7 +23,7 @@ from service.domain import (
     ToolChoice,
     Usage,
 )
-from service.upstream.types import StreamEnd, TextChunk, UpstreamReply
+from service.upstream.types import RateLimitHints, StreamEnd, TextChunk, UpstreamReply
 
 _FINISH_REASONS = {
     "stop": FinishReason.STOP,
@@ -59,6 +59,7 @@ _MAX_TOKEN_COUNT = 2**32
 _NO_PARAMETERS = orjson.Fragment(b'{"type":"object","properties":{}}')
 
 
+_NO_HINTS = RateLimitHints()
 # OpenAI requires a schema's name; callers may leave it out.
 DEFAULT_SCHEMA_NAME = "response"
 
@@ -267,8 +268,11 @@ def _reasoning(message: dict[str, Any]) -> str:
     return value or ""
 
 
-def parse_completion(raw: bytes) -> UpstreamReply:
-    """Parse a unary answer (its rate limits, from the headers, are the caller's to add)."""
+def parse_completion(
+    raw: bytes, *, model: str = "", rate_limits: RateLimitHints = _NO_HINTS
+) -> UpstreamReply:
+    """Parse a unary answer; `model` names it when the body does not, and `rate_limits`
+    are what its headers said."""
     data = _loads(raw)
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
@@ -286,10 +290,11 @@ def parse_completion(raw: bytes) -> UpstreamReply:
         raise MalformedReply("no finish reason")
     return UpstreamReply(
         id=str(data.get("id") or ""),
-        model=str(data.get("model") or ""),
+        model=str(data.get("model") or model),
         content=content or "",
         finish_reason=reason,
         usage=usage(data.get("usage")),
+        rate_limits=rate_limits,
         tool_calls=tool_calls,
         reasoning=reasoning,
     )
