@@ -367,28 +367,34 @@ def _reply(call: UpstreamCall, body: bytes, headers: Mapping[str, str]) -> Upstr
     return parse_completion(body, model=call.upstream_model, rate_limits=rate_limit_hints(headers))
 
 
-async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int, list[str]]:
-    """GET `{base_url}/models` on a short-lived connection: the status and model ids listed.
-
-    The old client's key check: 200 lists the models, 401 means a bad or expired key.
-    """
+async def _get_once(config: UpstreamConfig, path: str, *, timeout_s: float) -> tuple[int, bytes]:
+    """GET `{base_url}{path}` on a short-lived connection: the status and the body."""
     headers = _headers(config, accept="application/json")
     pool = HttpPool(config.base_url, max_connections=1, connect_timeout_s=timeout_s)
     try:
         with _translate_errors(config.name):
             async with asyncio.timeout(timeout_s):
-                async with await pool.request("GET", "/models", headers) as response:
-                    body = await response.read()
-            if response.status != 200:
-                return response.status, []
-            try:
-                data = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise MalformedReply("model list is not JSON") from exc
-            items = data.get("data", []) if isinstance(data, dict) else []
-            return 200, [str(m.get("id")) for m in items if isinstance(m, dict)]
+                async with await pool.request("GET", path, headers) as response:
+                    return response.status, await response.read()
     finally:
         await pool.aclose()
+
+
+async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int, list[str]]:
+    """GET `{base_url}/models`: the status and model ids listed.
+
+    The old client's key check: 200 lists the models, 401 means a bad or expired key.
+    """
+    status, body = await _get_once(config, "/models", timeout_s=timeout_s)
+    if status != 200:
+        return status, []
+    with _translate_errors(config.name):
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise MalformedReply("model list is not JSON") from exc
+    items = data.get("data", []) if isinstance(data, dict) else []
+    return 200, [str(m.get("id")) for m in items if isinstance(m, dict)]
 
 
 async def answers_http(config: UpstreamConfig, *, timeout_s: float) -> bool:
@@ -397,17 +403,10 @@ async def answers_http(config: UpstreamConfig, *, timeout_s: float) -> bool:
     A path no server routes (a 404 is an answer): llama-cpp-python's `/v1/models` waits
     for the model's lock, so a server busy generating would look hung.
     """
-    headers = _headers(config, accept="application/json")
-    pool = HttpPool(config.base_url, max_connections=1, connect_timeout_s=timeout_s)
     try:
-        with _translate_errors(config.name):
-            async with asyncio.timeout(timeout_s):
-                async with await pool.request("GET", "/llm-gateway-liveness", headers) as response:
-                    await response.read()
+        await _get_once(config, "/llm-gateway-liveness", timeout_s=timeout_s)
     except UpstreamError:
         return False
-    finally:
-        await pool.aclose()
     return True
 
 
