@@ -75,7 +75,8 @@ class Reply:
     With `tool_calls`, an empty `content` is sent as null; a stream sends each call's id
     and name first, then its arguments in `tool_call_pieces` pieces (each call in turn,
     or round robin with `interleave_tool_calls`), at the upstream indexes
-    `tool_call_index_base` on. `raw_tool_calls` is sent as is instead (the message's
+    `tool_call_index_base` on (or at `tool_call_indexes`, one a call: Ollama sends 0 for
+    every call). `raw_tool_calls` is sent as is instead (the message's
     `tool_calls`, or one delta's). `cut_after_events` resets the connection after that
     many events of a stream (the role event included).
 
@@ -107,6 +108,7 @@ class Reply:
     tool_call_pieces: int = 3
     interleave_tool_calls: bool = False
     tool_call_index_base: int = 0
+    tool_call_indexes: tuple[int, ...] = ()
     raw_tool_calls: Any = None
     cut_after_events: int | None = None
     reasoning: str = ""
@@ -583,10 +585,12 @@ def _tool_call_deltas(reply: Reply) -> list[dict[str, Any]]:
     """The `delta`s that stream a Reply's tool calls, in OpenAI's shape."""
     if reply.raw_tool_calls is not None:
         return [{"tool_calls": reply.raw_tool_calls}]
-    base = reply.tool_call_index_base
+    indexes = reply.tool_call_indexes or [
+        reply.tool_call_index_base + i for i in range(len(reply.tool_calls))
+    ]
     heads = [
         {
-            "index": base + i,
+            "index": indexes[i],
             "id": call.id,
             "type": "function",
             "function": {"name": call.name, "arguments": ""},
@@ -595,7 +599,7 @@ def _tool_call_deltas(reply: Reply) -> list[dict[str, Any]]:
     ]
     pieces = [
         [
-            {"index": base + i, "function": {"arguments": piece}}
+            {"index": indexes[i], "function": {"arguments": piece}}
             for piece in split_even(call.arguments, reply.tool_call_pieces)
         ]
         for i, call in enumerate(reply.tool_calls)

@@ -304,10 +304,11 @@ class StreamParser:
     """Turns the data of each SSE event into text chunks and, at the end, a `StreamEnd`.
 
     Tool-call pieces come out numbered by the order their calls first appeared (whatever
-    indexes the upstream used), with id and name on each call's first piece only.
+    indexes the upstream used, and a new id at an index already used is a new call), with
+    id and name on each call's first piece only.
     """
 
-    __slots__ = ("_tool_positions", "finish_reason", "id", "is_done", "model", "usage")
+    __slots__ = ("_calls", "_tool_positions", "finish_reason", "id", "is_done", "model", "usage")
 
     def __init__(self) -> None:
         self.id = ""
@@ -316,6 +317,7 @@ class StreamParser:
         self.usage: Usage | None = None
         self.is_done = False
         self._tool_positions: dict[int, tuple[int, str]] = {}  # index: (position, id)
+        self._calls = 0  # tool calls begun
 
     def _tool_call_pieces(self, data: object) -> tuple[ToolCallDelta, ...]:
         if not isinstance(data, list):
@@ -335,14 +337,13 @@ class StreamParser:
             if not all(isinstance(v, str | None) for v in (call_id, name, arguments)):
                 raise MalformedReply("a tool call piece has a field that is not a string")
             known = self._tool_positions.get(index)
-            if known is None:
+            # A new id at a known index is a new call: Ollama streams every call at index 0.
+            if known is None or (call_id and call_id != known[1]):
                 if not call_id or not name:
                     raise MalformedReply("a tool call's first piece has no id or name")
-                position = len(self._tool_positions)
+                position, self._calls = self._calls, self._calls + 1
                 self._tool_positions[index] = (position, call_id)
                 pieces.append(ToolCallDelta(position, call_id, name, arguments or ""))
-            elif call_id and call_id != known[1]:
-                raise MalformedReply("a tool call piece changes its call's id")
             elif arguments:  # some servers repeat the id and name: sent once
                 pieces.append(ToolCallDelta(known[0], arguments=arguments))
         return tuple(pieces)

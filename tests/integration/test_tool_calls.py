@@ -184,6 +184,26 @@ async def test_stream_relays_tool_call_pieces_assembled_by_index(stub, upstream,
     assert upstream.requests[-1].body["stream"] is True
 
 
+async def test_stream_of_parallel_calls_all_at_index_0_relays_each_call(stub, upstream):
+    """Ollama streams every parallel call at index 0, each with its own id: a new id at an
+    index already used is the next call, not a malformed answer (its unary answer is fine)."""
+    upstream.script(
+        Reply(
+            content="",
+            finish_reason="tool_calls",
+            tool_calls=(WEATHER_CALL, CLOCK_CALL),
+            tool_call_indexes=(0, 0),
+        )
+    )
+    events = await _collect(stub, _request(stream=True))
+    assert _assembled(events) == [
+        ("call_1", "get_weather", WEATHER_CALL.arguments),
+        ("call_2", "get-time", CLOCK_CALL.arguments),
+    ]
+    assert events[-1].final.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert len(upstream.requests) == 1
+
+
 async def test_stream_cut_after_a_tool_call_piece_is_not_retried(upstream, start_gateway):
     """A stream cut once a tool-call piece reached the caller is not retried (it would
     repeat the call): STREAM_INTERRUPTED, one upstream request, recorded once as a cut call

@@ -93,7 +93,8 @@ def test_malformed_stream_pieces_are_malformed_replies(tool_calls: object) -> No
 
 
 def test_a_piece_changing_its_calls_id_is_malformed() -> None:
-    """Two calls at one index would be merged into one wrong call: refused."""
+    """A new id at a known index begins the next call (Ollama's parallel calls), which
+    needs its name: a piece that only changes the id is refused, never merged."""
     parser = StreamParser()
     parser.parse(_event([{"index": 0, "id": "a", "function": {"name": "f"}}]))
     with pytest.raises(MalformedReply):

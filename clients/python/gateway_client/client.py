@@ -170,9 +170,10 @@ class GatewayClient:
         await self._channel.close()
 
     async def complete(
-        self, prompt: str | Sequence[tuple[str, str]] | pb.CompleteRequest, **kwargs: Any
+        self, prompt: str | Sequence[Turn] | pb.CompleteRequest, **kwargs: Any
     ) -> pb.CompleteResponse:
-        """One completion; `prompt` may be a ready CompleteRequest."""
+        """One completion; `prompt` may be turns (as `build_request`) or a ready
+        CompleteRequest."""
         request = (
             prompt if isinstance(prompt, pb.CompleteRequest) else build_request(prompt, **kwargs)
         )
