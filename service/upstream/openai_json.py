@@ -60,6 +60,9 @@ _NO_PARAMETERS = orjson.Fragment(b'{"type":"object","properties":{}}')
 
 
 _NO_HINTS = RateLimitHints()
+# The index of tool-call pieces sent without one (Gemini's OpenAI-compatible streams send
+# each call whole, with no index): a piece with a new id begins the next call.
+_NO_INDEX = -1
 # OpenAI requires a schema's name; callers may leave it out.
 DEFAULT_SCHEMA_NAME = "response"
 
@@ -329,8 +332,10 @@ class StreamParser:
             index, call_id = item.get("index"), item.get("id")
             function = item.get("function")
             function = {} if function is None else function
-            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-                raise MalformedReply("a tool call piece has no index")
+            if index is None:
+                index = _NO_INDEX
+            elif not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                raise MalformedReply("a tool call piece has a bad index")
             if not isinstance(function, dict):
                 raise MalformedReply("a tool call piece's function is not an object")
             name, arguments = function.get("name"), function.get("arguments")

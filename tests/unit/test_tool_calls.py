@@ -68,7 +68,7 @@ def test_stream_pieces_are_numbered_by_first_appearance_with_id_and_name_once() 
     [
         {"index": 0},
         ["x"],
-        [{"id": "a", "function": {"name": "f"}}],
+        [{"function": {"arguments": "{}"}}],
         [{"index": -1, "id": "a", "function": {"name": "f"}}],
         [{"index": 0, "function": {"name": "f"}}],
         [{"index": 0, "id": "a", "function": {"arguments": "{}"}}],
@@ -78,7 +78,7 @@ def test_stream_pieces_are_numbered_by_first_appearance_with_id_and_name_once() 
     ids=[
         "not-list",
         "not-object",
-        "no-index",
+        "no-index-no-call",
         "negative-index",
         "no-id",
         "no-name",
@@ -90,6 +90,25 @@ def test_malformed_stream_pieces_are_malformed_replies(tool_calls: object) -> No
     """A tool-call piece that cannot be assembled is a malformed reply."""
     with pytest.raises(MalformedReply):
         StreamParser().parse(_event(tool_calls))
+
+
+def test_pieces_without_an_index_are_calls_in_turn() -> None:
+    """Gemini sends each call whole and without an index: each new id is the next call,
+    and a piece without an id continues the call before it."""
+    parser = StreamParser()
+    first = parser.parse(_event([{"id": "a", "function": {"name": "f", "arguments": "{}"}}]))
+    second = parser.parse(
+        _event(
+            [
+                {"id": "b", "function": {"name": "g", "arguments": '{"x":'}},
+                {"function": {"arguments": " 1}"}},
+            ]
+        )
+    )
+    assert first is not None
+    assert second is not None
+    pieces = (*first.tool_calls, *second.tool_calls)
+    assert assemble_tool_calls(pieces) == (ToolCall("a", "f", "{}"), ToolCall("b", "g", '{"x": 1}'))
 
 
 def test_a_piece_changing_its_calls_id_is_malformed() -> None:
