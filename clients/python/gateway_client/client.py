@@ -170,7 +170,7 @@ class GatewayClient:
         await self._channel.close()
 
     async def complete(
-        self, prompt: str | Sequence[tuple[str, str]] | pb.CompleteRequest, **kwargs: Any
+        self, prompt: str | Sequence[Turn] | pb.CompleteRequest, **kwargs: Any
     ) -> pb.CompleteResponse:
         """One completion; `prompt` may be a ready CompleteRequest."""
         request = (
