@@ -252,7 +252,8 @@ class UpstreamConfig:
             " use api_key_env",
         )
         _require(len(self.models) > 0, "models must list at least one model")
-        taken = sorted(set(self.extra_body) & GATEWAY_BODY_FIELDS)
+        # In any case: servers written in Go match JSON fields without it ("Model").
+        taken = sorted(name for name in self.extra_body if name.lower() in GATEWAY_BODY_FIELDS)
         _require(
             not taken,
             f"extra_body must not set {', '.join(taken)}: the gateway sets it from each request",
@@ -690,9 +691,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             value = dict(zip(names, names, strict=True))
         if not isinstance(value, dict):
             raise ValueError(f"{key}: must be a mapping")
+        if args[1] is object:  # free-form data sent on as JSON (`extra_body`): keys kept
+            return _json_value(value, key)
         return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    if tp is object:  # free-form data sent on as JSON (`extra_body`)
-        return _json_value(value, key)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
             raise ValueError(f"{key}: must be a number")
@@ -713,8 +714,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
 
 
 def _json_value(value: Any, key: str) -> object:
-    """`value` if JSON can carry it as it is: no dates, sets, NaN or non-string keys."""
-    if value is None or isinstance(value, str | bool | int):
+    """`value` if JSON can carry it as it is: no dates, sets, NaN, integers past 64 bits
+    or non-string keys."""
+    if value is None or isinstance(value, str | bool):
+        return value
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:  # orjson writes no larger integer
+            raise ValueError(f"{key}: must be an integer of at most 64 bits")
         return value
     if isinstance(value, float):
         if not math.isfinite(value):

@@ -42,6 +42,13 @@ def test_extra_body_is_parsed_as_json_data() -> None:
         ({"a": {1: "x"}}, "upstreams[0].extra_body.a", "keys must be strings"),
         ({"a": datetime.date(2026, 1, 1)}, "upstreams[0].extra_body.a", "must be JSON data"),
         (["thinking"], "upstreams[0].extra_body", "must be a mapping"),
+        # Servers written in Go match JSON fields without case: "Model" would replace "model".
+        ({"Model": "other"}, "upstreams[0]", "extra_body must not set Model"),
+        # orjson writes no integer past 64 bits: every request would fail.
+        ({"a": [2**64]}, "upstreams[0].extra_body.a[0]", "at most 64 bits"),
+        ({"a": -(2**63) - 1}, "upstreams[0].extra_body.a", "at most 64 bits"),
+        # A YAML key such as `on:` or `1:` is not a string, at the top as further in.
+        ({True: 1}, "upstreams[0].extra_body", "keys must be strings"),
     ],
 )
 def test_bad_extra_body_names_the_key(extra_body: Any, key: str, problem: str) -> None:
