@@ -212,7 +212,7 @@ class UpstreamConfig:
     tokens_per_minute: int | None = None
     # Fields added to every request body sent to this upstream: a provider's own switches
     # (DeepSeek's `thinking`, vLLM's `chat_template_kwargs`), never one the gateway sets.
-    extra_body: Mapping[str, object] = field(default_factory=dict)
+    extra_body: Mapping[str, object] = field(default_factory=dict, repr=False)
     # Filled from `api_key_env` by `parse_config`; a file that sets it is refused.
     api_key: str | None = field(
         default=None, repr=False, compare=False, metadata={"from_environment": "api_key_env"}
@@ -257,6 +257,11 @@ class UpstreamConfig:
         _require(
             not taken,
             f"extra_body must not set {', '.join(taken)}: the gateway sets it from each request",
+        )
+        secret = sorted(name for name in self.extra_body if name.lower() in _CREDENTIAL_PARAMETERS)
+        _require(
+            not secret,
+            f"extra_body must not carry credentials ({', '.join(secret)}); use api_key_env",
         )
         _require(self.timeout_s > 0 and self.connect_timeout_s > 0, "timeouts must be > 0")
         _require(

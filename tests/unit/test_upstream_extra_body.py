@@ -37,6 +37,7 @@ def test_extra_body_is_parsed_as_json_data() -> None:
     ("extra_body", "key", "problem"),
     [
         ({"model": "other"}, "upstreams[0]", "extra_body must not set model"),
+        ({"API_KEY": "sk-x", "token": "t"}, "upstreams[0]", "must not carry credentials"),
         ({"stream": False, "messages": []}, "upstreams[0]", "must not set messages, stream"),
         ({"a": float("nan")}, "upstreams[0].extra_body.a", "finite number"),
         ({"a": {1: "x"}}, "upstreams[0].extra_body.a", "keys must be strings"),
@@ -90,3 +91,9 @@ def test_the_gateway_fields_cover_every_field_it_writes() -> None:
     )
     body = orjson.loads(request_body(request, upstream_model="up", stream=True))
     assert set(body) == GATEWAY_BODY_FIELDS
+
+
+def test_extra_body_is_not_in_the_upstreams_repr() -> None:
+    """Whatever an operator put there stays out of anything that prints the config."""
+    config = parse({"upstreams": [upstream(extra_body={"x_org": "internal-team-7"})]})
+    assert "internal-team-7" not in repr(config)
