@@ -107,7 +107,9 @@ def fit_messages(
     kept = fixed + sum(c for c, k in zip(costs, keep, strict=True) if k)
     if calibrated(kept) > budget:
         raise ContextWindowExceeded(
-            estimated_tokens=calibrated(kept) + reserve, limit_tokens=context_window
+            estimated_tokens=calibrated(kept) + reserve,
+            limit_tokens=context_window,
+            is_truncated=True,
         )
     # Walk back from the newest turn; stop at the first that does not fit, so what is
     # kept is an unbroken run of recent turns.

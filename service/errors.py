@@ -104,9 +104,21 @@ class ContextWindowExceeded(InvalidRequest):
     reason = "CONTEXT_WINDOW_EXCEEDED"
 
     def __init__(
-        self, *, estimated_tokens: int, limit_tokens: int, max_tokens: int | None = None
+        self,
+        *,
+        estimated_tokens: int,
+        limit_tokens: int,
+        max_tokens: int | None = None,
+        is_truncated: bool = False,
     ) -> None:
-        if max_tokens is None:
+        if is_truncated:  # KEEP_RECENT dropped all it may: the rest must shrink
+            violation = FieldViolation(
+                "messages",
+                f"the system messages, tools and the last turn alone need about "
+                f"{estimated_tokens} tokens (with max_tokens reserved), over the model's "
+                f"context window of {limit_tokens}; shorten them",
+            )
+        elif max_tokens is None:
             violation = FieldViolation(
                 "messages",
                 f"prompt needs about {estimated_tokens} tokens (with max_tokens reserved), "

@@ -289,10 +289,13 @@ def test_keep_recent_refuses_a_turn_in_progress_too_big_to_keep() -> None:
         Message(Role.ASSISTANT, "", (ToolCall("c1", "get_weather", "{}"),)),
         Message(Role.TOOL, "sunny " * 2000, tool_call_id="c1"),
     )
-    with pytest.raises(ContextWindowExceeded):
+    with pytest.raises(ContextWindowExceeded) as caught:
         fit_messages(
             messages, context_window=1000, max_tokens=None, mode=TruncationMode.KEEP_RECENT
         )
+    description = caught.value.violations[0].description
+    assert "the last turn alone" in description
+    assert "KEEP_RECENT" not in description  # it was already on
 
 
 def test_tenant_token_demand_counts_tool_calls_and_tools() -> None:
