@@ -77,6 +77,43 @@ class _Owed:
 
 
 @dataclass(frozen=True, slots=True)
+class _Output:
+    """What an upstream generated for one call (all of it, or what a cut stream sent)."""
+
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    reasoning: str = ""
+
+
+_NO_OUTPUT = _Output()
+
+
+class _Relayed:
+    """What a stream has relayed so far, chunk by chunk."""
+
+    __slots__ = ("_pieces", "_reasoning", "_texts")
+
+    def __init__(self) -> None:
+        self._texts: list[str] = []
+        self._reasoning: list[str] = []
+        self._pieces: list[ToolCallDelta] = []
+
+    def __bool__(self) -> bool:
+        """Whether any output has been relayed."""
+        return bool(self._texts)
+
+    def add(self, chunk: TextChunk) -> None:
+        self._texts.append(chunk.content)
+        self._reasoning.append(chunk.reasoning)
+        self._pieces.extend(chunk.tool_calls)
+
+    def output(self) -> _Output:
+        return _Output(
+            "".join(self._texts), assemble_tool_calls(self._pieces), "".join(self._reasoning)
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class _Repeatable:
     """A prepared request the cache reads, as `Pipeline.repeat` finds it again."""
 
@@ -180,14 +217,7 @@ class Pipeline:
             request = dataclasses.replace(request, messages=fitted.messages)
         return PreparedRequest(request, fitted.dropped, fitted.prompt_tokens)
 
-    def _usage(
-        self,
-        prepared: PreparedRequest,
-        content: str,
-        tool_calls: tuple[ToolCall, ...],
-        reasoning: str,
-        reported: Usage | None,
-    ) -> Usage:
+    def _usage(self, prepared: PreparedRequest, output: _Output, reported: Usage | None) -> Usage:
         if reported is not None:
             self.calibration.observe(
                 prepared.request.model,
@@ -197,7 +227,9 @@ class Pipeline:
             return reported
         return Usage(
             input_tokens=prepared.prompt_tokens,
-            output_tokens=estimate_output_tokens(content, tool_calls, reasoning),
+            output_tokens=estimate_output_tokens(
+                output.content, output.tool_calls, output.reasoning
+            ),
             is_estimated=True,
         )
 
@@ -283,20 +315,18 @@ class Pipeline:
         *,
         completion_id: str,
         model: str,
-        content: str,
+        output: _Output,
         finish_reason: FinishReason,
         reported: Usage | None,
         timings: Timings,
-        tool_calls: tuple[ToolCall, ...] = (),
-        reasoning: str = "",
     ) -> Completion:
         """An upstream call's answer with its usage (as reported, else estimated), its
         cost and where it ran: one place for unary calls, streams and cut streams."""
-        usage = self._usage(prepared, content, tool_calls, reasoning, reported)
+        usage = self._usage(prepared, output, reported)
         return Completion(
             id=completion_id,
             model=model,
-            content=content,
+            content=output.content,
             finish_reason=finish_reason,
             usage=usage,
             cost_usd=self._prices.cost_usd(prepared.request.model, usage),
@@ -304,8 +334,8 @@ class Pipeline:
             attempts=log.attempts,
             timings=timings,
             dropped_messages=prepared.dropped,
-            tool_calls=tool_calls,
-            reasoning=reasoning,
+            tool_calls=output.tool_calls,
+            reasoning=output.reasoning,
         )
 
     async def _complete(
@@ -332,7 +362,7 @@ class Pipeline:
                     raise
                 except BaseException:
                     if log.is_cut_after_sending:
-                        await self._account_cut(prepared, "", (), log)
+                        await self._account_cut(prepared, _NO_OUTPUT, log)
                     raise
                 self._on_answered()  # before a cache write, when this runs in the caller's task
                 upstream_ms = log.upstream_s * _MS
@@ -341,7 +371,7 @@ class Pipeline:
                     log,
                     completion_id=reply.id or f"gw-{uuid.uuid4().hex}",
                     model=reply.model,
-                    content=reply.content,
+                    output=_Output(reply.content, reply.tool_calls, reply.reasoning),
                     finish_reason=reply.finish_reason,
                     reported=reply.usage,
                     timings=Timings(
@@ -349,8 +379,6 @@ class Pipeline:
                         upstream_ms=upstream_ms,
                         time_to_first_token_ms=upstream_ms,
                     ),
-                    tool_calls=reply.tool_calls,
-                    reasoning=reply.reasoning,
                 )
                 await self._hand_over(hold, owed, request, completion)
             finally:
@@ -381,22 +409,16 @@ class Pipeline:
             owed.completion = completion
 
     async def _account_cut(
-        self,
-        prepared: PreparedRequest,
-        content: str,
-        tool_calls: tuple[ToolCall, ...],
-        log: AttemptLog,
-        *,
-        reasoning: str = "",
+        self, prepared: PreparedRequest, output: _Output, log: AttemptLog
     ) -> None:
         """Record a call that ended without its `Completion` after the upstream had it:
         a stream after some output, or any call its caller cut once its request was sent.
 
         The upstream bills the prompt it received and what it generated, even when the
         answer never came back, so the call is recorded once, for its caller's tenant,
-        with estimated usage: the prompt as input, `content`, the `reasoning` and the
-        (partial) `tool_calls` as output. Called inside
-        `hold.reserving`, so that its cost counts all along, reserved or spent.
+        with estimated usage: the prompt as input, the `output` sent (text, reasoning and
+        partial tool calls) as output. Called inside `hold.reserving`, so that its cost
+        counts all along, reserved or spent.
         """
         request = prepared.request
         completion = self._completion(
@@ -404,12 +426,10 @@ class Pipeline:
             log,
             completion_id="",
             model=request.model,
-            content=content,
+            output=output,
             finish_reason=FinishReason.UNKNOWN,
             reported=None,
             timings=Timings(),  # recorded for its cost only
-            tool_calls=tool_calls,
-            reasoning=reasoning,
         )
         await self.account(request, completion)
 
@@ -502,9 +522,7 @@ class Pipeline:
         """The upstream stream behind a cache miss; budgets are checked and reserved only here."""
         request = prepared.request
         log = AttemptLog()
-        parts: list[str] = []
-        reasoning: list[str] = []
-        pieces: list[ToolCallDelta] = []
+        relayed = _Relayed()
         end: StreamEnd | None = None
         async with hold.reserving(request, prompt_tokens=prepared.prompt_tokens):
             # Closed here, at once, when this stream is: not later by a GC hook's own task.
@@ -519,9 +537,7 @@ class Pipeline:
                     async with contextlib.aclosing(upstream):
                         async for event in upstream:
                             if isinstance(event, TextChunk):
-                                parts.append(event.content)
-                                reasoning.append(event.reasoning)
-                                pieces.extend(event.tool_calls)
+                                relayed.add(event)
                                 yield Delta(event.content, event.tool_calls, event.reasoning)
                             else:
                                 end = event
@@ -531,14 +547,8 @@ class Pipeline:
                 except BaseException:
                     # Cut by the upstream, the caller or its deadline: the output sent was
                     # billed, and the prompt was once the upstream had it.
-                    if parts or log.is_cut_after_sending:
-                        await self._account_cut(
-                            prepared,
-                            "".join(parts),
-                            assemble_tool_calls(pieces),
-                            log,
-                            reasoning="".join(reasoning),
-                        )
+                    if relayed or log.is_cut_after_sending:
+                        await self._account_cut(prepared, relayed.output(), log)
                     raise
                 if end is None:  # the pool always ends a stream with StreamEnd or raises
                     raise RuntimeError("stream ended without its end event")
@@ -548,7 +558,7 @@ class Pipeline:
                     log,
                     completion_id=end.id or f"gw-{uuid.uuid4().hex}",
                     model=end.model,
-                    content="".join(parts),
+                    output=relayed.output(),
                     finish_reason=end.finish_reason,
                     reported=end.usage,
                     timings=Timings(
@@ -556,8 +566,6 @@ class Pipeline:
                         upstream_ms=log.upstream_s * _MS,
                         time_to_first_token_ms=(log.first_token_s or log.upstream_s) * _MS,
                     ),
-                    tool_calls=assemble_tool_calls(pieces),
-                    reasoning="".join(reasoning),
                 )
                 await self._hand_over(hold, owed, request, completion)  # inside, as in _complete
             finally:
