@@ -672,6 +672,8 @@ class UpstreamPool:
                                     log.first_token_s = time.monotonic() - call_started
                                 deltas_sent += 1
                                 chars_sent += len(event.content) + len(event.reasoning)
+                                for piece in event.tool_calls:
+                                    chars_sent += len(piece.arguments)
                                 span.chunk(event.content)
                             elif isinstance(event, StreamEnd):
                                 is_finished = True

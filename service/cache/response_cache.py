@@ -44,7 +44,7 @@ from service.cache.store import CacheStore
 from service.clock import SYSTEM_CLOCK, Clock, Deadline
 from service.config import CacheConfig
 from service.domain import CacheMode, ChatRequest, Completion, Delta
-from service.errors import DeadlineExceeded
+from service.errors import DeadlineExceeded, StreamInterrupted
 from service.memo import BoundedMemo
 
 __all__ = ["ResponseCache", "is_deterministic"]
@@ -244,12 +244,14 @@ class ResponseCache:
 
         # A follower whose flight ran out of its leader's (shorter) deadline tries again,
         # for as long as its own deadline allows: each failed flight had its own leader.
+        # So does one whose leader was a stream cut after sending text: that cannot be
+        # retried for the stream's caller, but this caller received none of it.
         while True:
             flight, is_leader = self._join(key, request, mode, call)
             joined = self._clock.now()
             try:
                 answer = await self._flights.wait(flight)
-            except DeadlineExceeded:
+            except (DeadlineExceeded, StreamInterrupted):
                 if is_leader or deadline.has_expired:
                     raise
                 continue

@@ -743,3 +743,35 @@ async def test_the_memory_cache_keeps_what_fits_its_bound_and_drops_the_oldest(
     assert len(upstream.requests) == 4
     store = cache_of(gateway).store
     assert 0 < store._cache.size_bytes <= 5000
+
+
+async def test_a_unary_follower_of_a_cut_stream_gets_its_own_answer(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any]
+) -> None:
+    """A unary call that joined a streaming call's flight received none of its text: when
+    that stream is cut (STREAM_INTERRUPTED for the streaming caller, who got some), the
+    unary caller makes its own call instead of failing with it."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(upstream.base_url, cache={"backend": "memory"})
+    )
+    upstream.script(
+        Reply(content="one two three four", chunks=4, delay_s=0.3, chunk_delay_s=0.05,
+              cut_after_events=3),
+        Reply(content="whole answer"),
+    )  # fmt: skip
+    params = pb.GenerationParams(temperature=0.0)
+
+    async def leader() -> list[pb.CompleteStreamResponse]:
+        return [event async for event in gateway.stub.CompleteStream(chat_stream(params=params))]
+
+    streaming = asyncio.ensure_future(leader())
+    while not upstream.requests:
+        await asyncio.sleep(0.01)
+    unary = asyncio.ensure_future(gateway.stub.Complete(chat(params=params)))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await streaming
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    response = await unary
+    assert response.content == "whole answer"
+    assert not response.metadata.cache_hit
+    assert len(upstream.requests) == 2

@@ -219,6 +219,9 @@ async def test_stream_cut_after_a_tool_call_piece_is_not_retried(upstream, start
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_info(caught.value).reason == "STREAM_INTERRUPTED"
     assert any(e.delta.tool_calls for e in received)
+    sent = sum(len(p.arguments) for e in received for p in e.delta.tool_calls)
+    assert sent > 0
+    assert int(error_info(caught.value).metadata["chars_sent"]) == sent
     assert len(upstream.requests) == 1
     total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
     assert (total.requests, total.estimated_requests) == (1, 1)
