@@ -31,7 +31,7 @@ from service.errors import (
     to_rpc_status,
 )
 from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
-from tests.fake_upstream import FakeUpstream, Hang, Reply
+from tests.fake_upstream import FakeUpstream, Hang, Reply, ToolCallReply
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "clients" / "node"
@@ -328,3 +328,31 @@ def test_service_config_retries_only_transient_codes_of_the_contract() -> None:
     # gRPC caps maxAttempts at 5; more would be silently ignored.
     assert 2 <= policy["maxAttempts"] <= 5
     assert config["retryThrottling"]["maxTokens"] > 0
+
+
+async def test_node_stream_gathers_reasoning_and_tool_calls(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A Node stream from a reasoning model calling tools: each delta carries its
+    reasoning and tool-call pieces, and the stream gathers the reasoning and assembles the
+    calls from their pieces."""
+    calls = (
+        ToolCallReply("call_1", "get_weather", '{"city": "Paris", "days": 3}'),
+        ToolCallReply("call_2", "get_weather", '{"city": "Oslo"}'),
+    )
+    upstream.script(
+        Reply(
+            content="",
+            reasoning="The user wants the weather; call the tool twice.",
+            tool_calls=calls,
+            finish_reason="tool_calls",
+            chunk_delay_s=0.02,
+        )
+    )
+    result = await run_against(node_scenarios, gateway, "stream-tools")
+    assert result["reasoning"] == "The user wants the weather; call the tool twice."
+    assert result["toolCalls"] == [
+        {"id": call.id, "name": call.name, "arguments": call.arguments} for call in calls
+    ]
+    assert sum(result["pieces"]) > len(calls)  # the arguments came in several pieces
+    assert upstream.requests[-1].body["tools"][0]["function"]["name"] == "get_weather"

@@ -37,6 +37,9 @@ import {
   CompletionMetadata,
   CompletionServiceClient,
   DeepPartial,
+  Delta,
+  ToolCall,
+  ToolCallDelta,
 } from "../../../generated/ts/llmgateway/v1/gateway";
 
 export * from "../../../generated/ts/llmgateway/v1/gateway";
@@ -216,14 +219,36 @@ export interface CompleteResult {
   attempts: number;
 }
 
-/** One event of a streamed completion. */
+/**
+ * One event of a streamed completion. A delta's `reasoning` (a reasoning model's thinking,
+ * before the text) and `toolCalls` (pieces by index: id and name on a call's first piece,
+ * `arguments` to append) are empty when it carries none.
+ */
 export type StreamEvent =
-  | { kind: "delta"; content: string }
+  | { kind: "delta"; content: string; reasoning: string; toolCalls: ToolCallDelta[] }
   | { kind: "final"; metadata: CompletionMetadata };
 
-/** A streamed completion: iterate its events, or cancel it. */
+/**
+ * A streamed completion: iterate its events, or cancel it. Once iterated, `reasoning`
+ * holds the reasoning received and `toolCalls` the tool calls assembled from their pieces.
+ */
 export class CompletionStream implements AsyncIterable<StreamEvent> {
+  reasoning = "";
+  readonly toolCalls: ToolCall[] = [];
+
   constructor(private readonly call: grpc.ClientReadableStream<CompleteStreamResponse>) {}
+
+  private gather(delta: Delta): void {
+    this.reasoning += delta.reasoning;
+    for (const piece of delta.toolCalls) {
+      const call = this.toolCalls[piece.index];
+      if (call === undefined) {
+        this.toolCalls[piece.index] = { id: piece.id, name: piece.name, arguments: piece.arguments };
+      } else {
+        call.arguments += piece.arguments;
+      }
+    }
+  }
 
   /** Stop the call; the gateway closes the upstream request at once. */
   cancel(): void {
@@ -235,7 +260,9 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
       for await (const message of this.call as AsyncIterable<CompleteStreamResponse>) {
         const event = message.event;
         if (event?.$case === "delta") {
-          yield { kind: "delta", content: event.delta.content };
+          this.gather(event.delta);
+          const { content, reasoning, toolCalls } = event.delta;
+          yield { kind: "delta", content, reasoning, toolCalls };
         } else if (event?.$case === "final") {
           yield { kind: "final", metadata: event.final };
         }

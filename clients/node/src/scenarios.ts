@@ -106,6 +106,25 @@ async function stream(client: GatewayClient, args: Args): Promise<Json> {
   return { deltas, final };
 }
 
+async function streamTools(client: GatewayClient, args: Args): Promise<Json> {
+  // A reasoning model calling tools: the reasoning and the calls, assembled by the stream.
+  const events = client.completeStream(
+    {
+      model: args.model,
+      messages: messages("Weather in Paris?"),
+      tools: [{ name: "get_weather", description: "", parameters: '{"type": "object"}' }],
+    },
+    { timeoutMs: 10_000 },
+  );
+  const pieces: number[] = [];
+  for await (const event of events) {
+    if (event.kind === "delta") {
+      pieces.push(event.toolCalls.length);
+    }
+  }
+  return { reasoning: events.reasoning, toolCalls: events.toolCalls, pieces };
+}
+
 async function invalid(client: GatewayClient, args: Args): Promise<Json> {
   try {
     // Two invalid fields at once: the gateway reports every violation, not just the first.
@@ -176,6 +195,7 @@ async function decode(args: Args): Promise<Json> {
 const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<Json>> = {
   complete,
   stream,
+  "stream-tools": streamTools,
   invalid,
   "overload-recovers": overloadRecovers,
   "overload-exhausted": overloadExhausted,
