@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -27,7 +27,6 @@ from service.domain import (
     FinishReason,
     Timings,
     ToolCall,
-    ToolCallDelta,
     Usage,
     assemble_tool_calls,
 )
@@ -38,7 +37,7 @@ from service.pool import AttemptLog, UpstreamPool
 from service.pricing import PriceList
 from service.telemetry import active as telemetry
 from service.tokens import estimate_output_tokens
-from service.upstream.types import StreamEnd, StreamEvent, TextChunk
+from service.upstream.types import StreamEnd, StreamEvent, TextChunk, joined_chunks
 from service.validation import validate_chat_request
 
 if TYPE_CHECKING:  # only annotated here; the server builds the cache and passes it in
@@ -88,29 +87,10 @@ class _Output:
 _NO_OUTPUT = _Output()
 
 
-class _Relayed:
-    """What a stream has relayed so far, chunk by chunk."""
-
-    __slots__ = ("_pieces", "_reasoning", "_texts")
-
-    def __init__(self) -> None:
-        self._texts: list[str] = []
-        self._reasoning: list[str] = []
-        self._pieces: list[ToolCallDelta] = []
-
-    def __bool__(self) -> bool:
-        """Whether any output has been relayed."""
-        return bool(self._texts)
-
-    def add(self, chunk: TextChunk) -> None:
-        self._texts.append(chunk.content)
-        self._reasoning.append(chunk.reasoning)
-        self._pieces.extend(chunk.tool_calls)
-
-    def output(self) -> _Output:
-        return _Output(
-            "".join(self._texts), assemble_tool_calls(self._pieces), "".join(self._reasoning)
-        )
+def _relayed_output(chunks: Sequence[TextChunk]) -> _Output:
+    """What a stream relayed, its tool calls assembled from their pieces."""
+    whole = joined_chunks(chunks)
+    return _Output(whole.content, assemble_tool_calls(whole.tool_calls), whole.reasoning)
 
 
 @dataclass(frozen=True, slots=True)
@@ -522,7 +502,7 @@ class Pipeline:
         """The upstream stream behind a cache miss; budgets are checked and reserved only here."""
         request = prepared.request
         log = AttemptLog()
-        relayed = _Relayed()
+        relayed: list[TextChunk] = []
         end: StreamEnd | None = None
         async with hold.reserving(request, prompt_tokens=prepared.prompt_tokens):
             # Closed here, at once, when this stream is: not later by a GC hook's own task.
@@ -537,7 +517,7 @@ class Pipeline:
                     async with contextlib.aclosing(upstream):
                         async for event in upstream:
                             if isinstance(event, TextChunk):
-                                relayed.add(event)
+                                relayed.append(event)
                                 yield Delta(event.content, event.tool_calls, event.reasoning)
                             else:
                                 end = event
@@ -548,7 +528,7 @@ class Pipeline:
                     # Cut by the upstream, the caller or its deadline: the output sent was
                     # billed, and the prompt was once the upstream had it.
                     if relayed or log.is_cut_after_sending:
-                        await self._account_cut(prepared, relayed.output(), log)
+                        await self._account_cut(prepared, _relayed_output(relayed), log)
                     raise
                 if end is None:  # the pool always ends a stream with StreamEnd or raises
                     raise RuntimeError("stream ended without its end event")
@@ -558,7 +538,7 @@ class Pipeline:
                     log,
                     completion_id=end.id or f"gw-{uuid.uuid4().hex}",
                     model=end.model,
-                    output=relayed.output(),
+                    output=_relayed_output(relayed),
                     finish_reason=end.finish_reason,
                     reported=end.usage,
                     timings=Timings(

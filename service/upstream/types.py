@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from service.domain import FinishReason, ToolCall, ToolCallDelta, Usage
@@ -44,6 +44,17 @@ class TextChunk:
     content: str
     tool_calls: tuple[ToolCallDelta, ...] = ()
     reasoning: str = ""
+
+
+def joined_chunks(chunks: Sequence[TextChunk]) -> TextChunk:
+    """`chunks` as one, in order: their text, tool-call pieces and reasoning joined."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return TextChunk(
+        "".join(chunk.content for chunk in chunks),
+        tuple(piece for chunk in chunks for piece in chunk.tool_calls),
+        "".join(chunk.reasoning for chunk in chunks),
+    )
 
 
 @dataclass(frozen=True, slots=True)
