@@ -18,10 +18,10 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _MAX_MODEL_NAME = 256
 _MAX_IDEMPOTENCY_KEY = 256
 _MAX_TOKENS_CAP = 1_000_000
-_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # fullmatch, as _LABEL_KEY
+# OpenAI's rule for a tool's and a JSON schema's name (fullmatch, as _LABEL_KEY).
+_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _MAX_TOOLS = 128  # OpenAI's limit
 _MAX_TOOL_CALL_ID = 256
-_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")  # OpenAI's rule for `json_schema.name`
 
 
 def _range(
@@ -196,7 +196,7 @@ def _tool_message_violations(
                     f"must be 1 to {_MAX_TOOL_CALL_ID} printable characters",
                 )
             )
-        if not _TOOL_NAME.fullmatch(call.name):
+        if not _FUNCTION_NAME.fullmatch(call.name):
             found.append(
                 FieldViolation(
                     f"{path}.tool_calls[{number}].name", "must be 1-64 of a-z A-Z 0-9 _ -"
@@ -227,7 +227,7 @@ def _tools_violations(found: list[FieldViolation], request: ChatRequest) -> int:
     names: set[str] = set()
     for index, tool in enumerate(tools[:_MAX_TOOLS]):
         chars += len(tool.name) + len(tool.description) + len(tool.parameters)
-        if not _TOOL_NAME.fullmatch(tool.name):
+        if not _FUNCTION_NAME.fullmatch(tool.name):
             found.append(FieldViolation(f"tools[{index}].name", "must be 1-64 of a-z A-Z 0-9 _ -"))
         elif tool.name in names:
             found.append(FieldViolation(f"tools[{index}].name", f"{tool.name!r} is declared twice"))
@@ -293,7 +293,7 @@ def _response_format_violations(
         found.append(
             FieldViolation(f"{field}.json_schema", "must be a JSON Schema object as JSON text")
         )
-    if response_format.schema_name and not _SCHEMA_NAME.fullmatch(response_format.schema_name):
+    if response_format.schema_name and not _FUNCTION_NAME.fullmatch(response_format.schema_name):
         found.append(FieldViolation(f"{field}.schema_name", "must be 1-64 of A-Z a-z 0-9 _ -"))
     return found
 
