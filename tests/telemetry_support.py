@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
@@ -25,9 +27,14 @@ from tests.secret_capture import record_emitted
 
 
 class RecordingSpanExporter(InMemorySpanExporter):
-    """Keeps finished spans in memory and copies each into the secret grep's capture."""
+    """Keeps finished spans in memory and copies each into the secret grep's capture.
+
+    Every batch is also encoded as an OTLP exporter encodes it, so a span no collector
+    could receive (an attribute value of a type OTLP lacks) fails the test that made it.
+    """
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        encode_spans(spans)
         record_emitted(*(span.to_json(indent=None) for span in spans))
         return super().export(spans)
 
@@ -45,6 +52,7 @@ class RecordingMetricReader(InMemoryMetricReader):
     def _receive_metrics(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> None:
+        encode_metrics(metrics_data)  # as an OTLP exporter would: it must encode
         record_emitted(metrics_data.to_json(indent=None))
         super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
 

@@ -162,6 +162,7 @@ class Telemetry:
             in_flight=lambda: self.in_flight,
             cache_counters=lambda: self.cache_counters() if self.cache_counters else {},
             store_writes=lambda: self.store_writes() if self.store_writes else {},
+            histograms=providers.histograms,
         )
         self.capture_content = capture_content
         self.prices = prices if prices is not None else PriceList({})

@@ -9,10 +9,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from opentelemetry import metrics
 from opentelemetry.util.types import AttributeValue
 
+from service.telemetry.histograms import HistogramExport
 from service.telemetry.tracing import (
     CACHE_DIRECTION,
     CACHE_RESULT,
@@ -78,8 +80,20 @@ class StoreWrites:
     abandoned: int
 
 
+class HistogramInstrument(Protocol):
+    """What the gateway records into: the SDK's histogram or a `CumulativeHistogram`."""
+
+    def record(
+        self, amount: float, attributes: Mapping[str, AttributeValue] | None = None
+    ) -> None: ...
+
+
 class Instruments:
-    """Every instrument, created once per meter."""
+    """Every instrument, created once per meter.
+
+    Histograms come from `histograms` when given (the gateway's own aggregation, see
+    `service.telemetry.histograms`), else from `meter`.
+    """
 
     def __init__(
         self,
@@ -88,24 +102,34 @@ class Instruments:
         in_flight: Callable[[], int],
         cache_counters: Callable[[], Mapping[str, int]] = dict,
         store_writes: Callable[[], Mapping[str, StoreWrites]] = dict,
+        histograms: HistogramExport | None = None,
     ) -> None:
-        self.operation_duration = meter.create_histogram(
+        def histogram(
+            name: str, *, unit: str, description: str, bounds: Sequence[float]
+        ) -> HistogramInstrument:
+            if histograms is not None:
+                return histograms.create(name, unit=unit, description=description, bounds=bounds)
+            return meter.create_histogram(
+                name, unit=unit, description=description, explicit_bucket_boundaries_advisory=bounds
+            )
+
+        self.operation_duration = histogram(
             "gen_ai.client.operation.duration",
             unit="s",
             description="Duration of one upstream GenAI operation (one attempt)",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
+            bounds=DURATION_BUCKETS_S,
         )
-        self.token_usage = meter.create_histogram(
+        self.token_usage = histogram(
             "gen_ai.client.token.usage",
             unit="{token}",
             description="Input and output tokens per upstream operation",
-            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
+            bounds=TOKEN_BUCKETS,
         )
-        self.time_to_first_chunk = meter.create_histogram(
+        self.time_to_first_chunk = histogram(
             "gen_ai.client.operation.time_to_first_chunk",
             unit="s",
             description="Time from the upstream request to its first streamed chunk",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
+            bounds=DURATION_BUCKETS_S,
         )
         # Counters bumped on every call are tallied in plain dicts (see `Tally`).
         self.requests = Tally((RPC_METHOD, RPC_GRPC_STATUS_CODE))
@@ -115,17 +139,17 @@ class Instruments:
             unit="{request}",
             description="RPCs finished, by method and gRPC status code",
         )
-        self.rpc_duration = meter.create_histogram(
+        self.rpc_duration = histogram(
             "llm_gateway.rpc.duration",
             unit="s",
             description="Whole RPC duration as the gateway saw it",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
+            bounds=DURATION_BUCKETS_S,
         )
-        self.overhead = meter.create_histogram(
+        self.overhead = histogram(
             "llm_gateway.overhead.duration",
             unit="s",
             description="Time of an RPC not spent waiting on an upstream",
-            explicit_bucket_boundaries_advisory=OVERHEAD_BUCKETS_S,
+            bounds=OVERHEAD_BUCKETS_S,
         )
 
         # Observed at collection time: nothing is recorded on the request path.

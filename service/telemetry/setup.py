@@ -27,10 +27,13 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from service.config import TelemetryConfig
+from service.telemetry.histograms import HistogramExport, suits
+from service.telemetry.lean_tracer import LeanTracer
 
 log = logging.getLogger("llm_gateway.telemetry")
 
@@ -132,6 +135,8 @@ class Providers:
     meter: metrics.Meter
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
+    # The gateway's own histograms when every reader takes them (see `histograms`).
+    histograms: HistogramExport | None = None
     prometheus_port: int | None = None
     _prometheus_server: Any = field(default=None, repr=False)
 
@@ -221,10 +226,12 @@ def build_providers(
     if processors:
         # Shut down by `Telemetry.aclose`, within its bound; an exit hook would wait longer.
         tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-        for processor in processors:
-            tracer_provider.add_span_processor(processor)
+        processor = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]
+        for each in processors:
+            processor.add_span_processor(each)
+        tracer_provider.add_span_processor(processor)
         providers.tracer_provider = tracer_provider
-        providers.tracer = tracer_provider.get_tracer(_SCOPE)
+        providers.tracer = LeanTracer(tracer_provider, processor, scope_name=_SCOPE)
     if readers:
         # Exemplars cost a reservoir offer on every measurement; off unless asked for.
         exemplar_filter = (
@@ -238,6 +245,10 @@ def build_providers(
         )
         providers.meter_provider = meter_provider
         providers.meter = meter_provider.get_meter(_SCOPE)
+        if exemplar_filter is not None and all(suits(reader) for reader in readers):
+            providers.histograms = HistogramExport(InstrumentationScope(_SCOPE), resource)
+            for reader in readers:
+                providers.histograms.install(reader)
     providers.prometheus_port = prometheus_port
     providers._prometheus_server = prometheus_server
     return providers

@@ -1,0 +1,213 @@
+"""The gateway's tracer against the SDK's: same sampling, context, limits and span content."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import (
+    ReadableSpan,
+    SynchronousMultiSpanProcessor,
+    TracerProvider,
+    sampling,
+)
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from service.telemetry.lean_tracer import LeanTracer
+
+RESOURCE = Resource.create({"service.name": "llm-gateway-test"})
+PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def lean(sampler: sampling.Sampler | None = None) -> tuple[LeanTracer, InMemorySpanExporter]:
+    """A lean tracer on a provider configured as the gateway configures it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=RESOURCE, sampler=sampler, shutdown_on_exit=False)
+    processor = SynchronousMultiSpanProcessor()
+    processor.add_span_processor(SimpleSpanProcessor(exporter))
+    provider.add_span_processor(processor)
+    return LeanTracer(provider, processor, scope_name="llm_gateway"), exporter
+
+
+def sdk() -> tuple[trace.Tracer, InMemorySpanExporter]:
+    """The SDK's own tracer with the same resource and scope."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=RESOURCE, shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("llm_gateway"), exporter
+
+
+def exercise(tracer: trace.Tracer) -> None:
+    """The same operations, through either tracer."""
+    span = tracer.start_span(
+        "chat m",
+        kind=SpanKind.CLIENT,
+        attributes={"gen_ai.request.model": "m", "attempt": 1, "ratio": 0.5, "ok": True},
+    )
+    span.set_attribute("llm_gateway.tenant", "acme")
+    span.set_attributes({"gen_ai.response.finish_reasons": ("stop",), "cost": 1.5e-6})
+    span.add_event("llm_gateway.retry", {"llm_gateway.retry.wait_ms": 200.0})
+    span.set_status(Status(StatusCode.ERROR, "503"))
+    span.end()
+
+
+def comparable(span: ReadableSpan) -> dict[str, Any]:
+    """What a span exports, less its ids and times."""
+    return {
+        "name": span.name,
+        "kind": span.kind,
+        "attributes": dict(span.attributes or {}),
+        "events": [(e.name, dict(e.attributes or {})) for e in span.events],
+        "status": (span.status.status_code, span.status.description),
+        "resource": dict(span.resource.attributes),
+        "scope": span.instrumentation_scope.name if span.instrumentation_scope else None,
+        "parent": span.parent,
+        "sampled": span.context.trace_flags.sampled,
+    }
+
+
+def test_a_span_exports_what_the_sdks_span_exports_for_the_same_calls():
+    lean_tracer, lean_spans = lean()
+    sdk_tracer, sdk_spans = sdk()
+    exercise(lean_tracer)
+    exercise(sdk_tracer)
+    [ours] = lean_spans.get_finished_spans()
+    [theirs] = sdk_spans.get_finished_spans()
+    assert comparable(ours) == comparable(theirs)
+    assert ours.start_time is not None
+    assert ours.end_time is not None
+    assert ours.start_time <= ours.end_time
+    assert encode_spans([ours]).resource_spans[0].scope_spans[0].spans[0].name == "chat m"
+
+
+def test_a_child_continues_a_sampled_remote_parent():
+    tracer, spans = lean()
+    parent = PROPAGATOR.extract(
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    )
+    span = tracer.start_span("svc/Complete", context=parent, kind=SpanKind.SERVER)
+    headers: dict[str, str] = {}
+    PROPAGATOR.inject(headers, context=trace.set_span_in_context(span))
+    span.end()
+    [ended] = spans.get_finished_spans()
+    assert ended.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert ended.parent is not None
+    assert ended.parent.span_id == 0xB7AD6B7169203331
+    assert ended.parent.is_remote
+    assert headers["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
+    assert headers["traceparent"].endswith("-01")
+
+
+def test_an_unsampled_remote_parent_is_followed_and_nothing_is_recorded():
+    tracer, spans = lean()
+    parent = PROPAGATOR.extract(
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}
+    )
+    span = tracer.start_span("svc/Complete", context=parent, kind=SpanKind.SERVER)
+    headers: dict[str, str] = {}
+    PROPAGATOR.inject(headers, context=trace.set_span_in_context(span))
+    span.set_attribute("k", "v")
+    span.end()
+    assert not span.is_recording()
+    assert span.get_span_context().trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert headers["traceparent"].endswith("-00")
+    assert spans.get_finished_spans() == ()
+
+
+@pytest.mark.parametrize(
+    ("sampler", "is_kept"),
+    [
+        (sampling.ALWAYS_OFF, False),
+        (sampling.TraceIdRatioBased(0.0), False),
+        (sampling.ParentBased(sampling.TraceIdRatioBased(1.0)), True),
+        (sampling.ALWAYS_ON, True),
+    ],
+)
+def test_a_configured_sampler_decides_for_root_spans(sampler: sampling.Sampler, is_kept: bool):
+    tracer, spans = lean(sampler)
+    span = tracer.start_span("root", attributes={"a": "b"})
+    span.end()
+    assert span.is_recording() is False
+    assert span.get_span_context().is_valid
+    assert span.get_span_context().trace_flags.sampled is is_kept
+    assert len(spans.get_finished_spans()) == int(is_kept)
+    if is_kept:
+        assert dict(spans.get_finished_spans()[0].attributes or {}) == {"a": "b"}
+
+
+def test_span_limits_set_in_the_environment_are_kept(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "4")
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "2")
+    tracer, spans = lean()
+    span = tracer.start_span("limited", attributes={"a": "abcdefgh"})
+    span.set_attributes({"b": "12345678", "c": "xyz"})
+    span.end()
+    [ended] = spans.get_finished_spans()
+    attributes = dict(ended.attributes or {})
+    assert len(attributes) == 2
+    assert ended.dropped_attributes == 1
+    assert all(len(str(value)) <= 4 for value in attributes.values())
+
+
+def test_ok_is_final_unset_changes_nothing_and_a_description_needs_an_error():
+    tracer, spans = lean()
+    span = tracer.start_span("s")
+    span.set_status(StatusCode.UNSET)
+    span.set_status(StatusCode.ERROR, "first")
+    span.set_status(Status(StatusCode.OK))
+    span.set_status(StatusCode.ERROR, "late")
+    span.end()
+    [ended] = spans.get_finished_spans()
+    assert ended.status.status_code is StatusCode.OK
+
+
+def test_an_ended_span_takes_nothing_more_and_is_exported_once():
+    tracer, spans = lean()
+    span = tracer.start_span("s", attributes={"a": 1})
+    span.end()
+    span.set_attribute("b", 2)
+    span.set_attributes({"c": 3})
+    span.add_event("late")
+    span.update_name("renamed")
+    span.end()
+    [ended] = spans.get_finished_spans()
+    assert (ended.name, dict(ended.attributes or {}), ended.events) == ("s", {"a": 1}, ())
+
+
+def test_none_values_are_dropped_as_the_sdk_drops_them():
+    tracer, spans = lean()
+    span = tracer.start_span("s", attributes={"a": None, "b": 1})  # type: ignore[dict-item]
+    span.set_attribute("c", None)  # type: ignore[arg-type]
+    span.set_attributes({"d": None, "e": "x"})  # type: ignore[dict-item]
+    span.end()
+    [ended] = spans.get_finished_spans()
+    assert dict(ended.attributes or {}) == {"b": 1, "e": "x"}
+
+
+def test_start_as_current_span_is_current_inside_and_records_an_escaping_error():
+    tracer, spans = lean()
+    with (
+        pytest.raises(ValueError, match="bad input"),
+        tracer.start_as_current_span("block") as span,
+    ):
+        assert trace.get_current_span() is span
+        child = tracer.start_span("child")
+        child.end()
+        raise ValueError("bad input")
+    assert trace.get_current_span() is not span
+    child_span, block = spans.get_finished_spans()
+    assert child_span.parent is not None
+    assert child_span.parent.span_id == block.context.span_id
+    assert block.status.status_code is StatusCode.ERROR
+    [event] = block.events
+    assert event.name == "exception"
+    assert event.attributes is not None
+    assert event.attributes["exception.type"] == "ValueError"
+    assert event.attributes["exception.message"] == "bad input"
+    assert "Traceback" in str(event.attributes["exception.stacktrace"])

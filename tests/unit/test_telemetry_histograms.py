@@ -1,0 +1,168 @@
+"""The gateway's histograms against the SDK's: the same points reach the same readers."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+from opentelemetry.sdk.metrics import Histogram, MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    InMemoryMetricReader,
+    MetricsData,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from service.config import TelemetryConfig
+from service.telemetry import Telemetry
+from service.telemetry.histograms import HistogramExport, suits
+
+RESOURCE = Resource.create({"service.name": "llm-gateway-test"})
+BOUNDS = (0.01, 0.1, 1.0, 10.0)
+# On the bounds, between them, past the last, zero, and amounts the SDK drops.
+AMOUNTS = (0.0, 0.01, 0.05, 0.1, 1.0, 3.0, 10.0, 11.0, 1e9, -1.0, math.inf, math.nan)
+ATTRIBUTE_SETS: tuple[dict[str, Any], ...] = (
+    {"gen_ai.request.model": "m", "server.address": "a"},
+    {"server.address": "a", "gen_ai.request.model": "m"},  # the same set, other order
+    {"gen_ai.request.model": "m", "server.address": "b", "attempt": 2},
+    {},
+)
+
+
+def points(data: MetricsData | None, name: str) -> dict[frozenset[Any], Any]:
+    """`name`'s points by attribute set, with the metric they came in."""
+    found: dict[frozenset[Any], Any] = {}
+    assert data is not None
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        found[frozenset(point.attributes.items())] = (scope, metric, point)
+    return found
+
+
+def test_the_points_are_those_the_sdks_cumulative_histogram_exports():
+    sdk_reader = InMemoryMetricReader()
+    sdk_meter = MeterProvider([sdk_reader], resource=RESOURCE).get_meter("llm_gateway")
+    sdk_histogram = sdk_meter.create_histogram(
+        "d", unit="s", description="a duration", explicit_bucket_boundaries_advisory=BOUNDS
+    )
+    reader = InMemoryMetricReader()
+    MeterProvider([reader], resource=RESOURCE)
+    export = HistogramExport(InstrumentationScope("llm_gateway"), RESOURCE)
+    export.install(reader)
+    ours = export.create("d", unit="s", description="a duration", bounds=BOUNDS)
+    for attributes in ATTRIBUTE_SETS:
+        for amount in AMOUNTS:
+            sdk_histogram.record(amount, attributes)
+            ours.record(amount, attributes)
+    expected = points(sdk_reader.get_metrics_data(), "d")
+    collected = reader.get_metrics_data()
+    got = points(collected, "d")
+    assert got.keys() == expected.keys()
+    assert len(got) == 3
+    for key, (scope, metric, point) in got.items():
+        sdk_scope, sdk_metric, sdk_point = expected[key]
+        assert scope.scope == sdk_scope.scope
+        assert (metric.name, metric.unit, metric.description) == ("d", "s", "a duration")
+        assert metric.data.aggregation_temporality is AggregationTemporality.CUMULATIVE
+        assert metric.data.aggregation_temporality is sdk_metric.data.aggregation_temporality
+        assert (point.count, point.sum, point.min, point.max) == (
+            sdk_point.count,
+            sdk_point.sum,
+            sdk_point.min,
+            sdk_point.max,
+        )
+        assert tuple(point.bucket_counts) == tuple(sdk_point.bucket_counts)
+        assert tuple(point.explicit_bounds) == tuple(sdk_point.explicit_bounds)
+        assert point.start_time_unix_nano <= point.time_unix_nano
+    assert collected is not None
+    assert collected.resource_metrics[0].resource == RESOURCE
+    assert encode_metrics(collected).resource_metrics  # what an OTLP exporter sends
+
+
+def test_they_join_the_gateways_scope_next_to_the_sdks_instruments():
+    reader = InMemoryMetricReader()
+    meter = MeterProvider([reader], resource=RESOURCE).get_meter("llm_gateway")
+    meter.create_counter("c").add(1)
+    export = HistogramExport(InstrumentationScope("llm_gateway"), RESOURCE)
+    export.install(reader)
+    export.create("d", unit="s", description="", bounds=BOUNDS).record(0.5)
+    data = reader.get_metrics_data()
+    assert data is not None
+    [resource] = data.resource_metrics
+    [scope] = resource.scope_metrics
+    assert scope.scope.name == "llm_gateway"
+    assert sorted(metric.name for metric in scope.metrics) == ["c", "d"]
+
+
+def test_nothing_is_added_before_the_first_record():
+    reader = InMemoryMetricReader()
+    MeterProvider([reader], resource=RESOURCE)
+    export = HistogramExport(InstrumentationScope("llm_gateway"), RESOURCE)
+    export.install(reader)
+    export.create("d", unit="s", description="", bounds=BOUNDS)
+    assert reader.get_metrics_data() is None
+
+
+def test_records_from_many_threads_during_collections_are_all_counted():
+    reader = InMemoryMetricReader()
+    MeterProvider([reader], resource=RESOURCE)
+    export = HistogramExport(InstrumentationScope("llm_gateway"), RESOURCE)
+    export.install(reader)
+    histogram = export.create("d", unit="s", description="", bounds=BOUNDS)
+
+    def record() -> None:
+        for i in range(5000):
+            histogram.record(i / 1000, {"k": i % 3})
+
+    threads = [threading.Thread(target=record) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        reader.get_metrics_data()
+    for thread in threads:
+        thread.join()
+    found = points(reader.get_metrics_data(), "d")
+    assert sum(point.count for _, _, point in found.values()) == 20_000
+    assert sum(sum(point.bucket_counts) for _, _, point in found.values()) == 20_000
+
+
+def test_a_reader_wanting_delta_histograms_gets_the_sdks():
+    delta = InMemoryMetricReader(preferred_temporality={Histogram: AggregationTemporality.DELTA})
+    assert not suits(delta)
+    assert suits(InMemoryMetricReader())
+    telemetry = Telemetry.from_config(TelemetryConfig(), environ={}, metric_readers=[delta])
+    assert telemetry.providers.histograms is None
+    telemetry.instruments.rpc_duration.record(0.2, {"rpc.method": "Complete"})
+    [(_, metric, point)] = points(delta.get_metrics_data(), "llm_gateway.rpc.duration").values()
+    assert metric.data.aggregation_temporality is AggregationTemporality.DELTA
+    assert point.count == 1
+    telemetry.providers.shutdown()
+
+
+def test_exemplars_asked_for_keep_the_sdks_histograms():
+    telemetry = Telemetry.from_config(
+        TelemetryConfig(),
+        environ={"OTEL_METRICS_EXEMPLAR_FILTER": "always_on"},
+        metric_readers=[InMemoryMetricReader()],
+    )
+    assert telemetry.providers.histograms is None
+    telemetry.providers.shutdown()
+
+
+def test_by_default_the_gateway_records_its_own():
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry.from_config(TelemetryConfig(), environ={}, metric_readers=[reader])
+    assert telemetry.providers.histograms is not None
+    telemetry.instruments.overhead.record(0.003, {"rpc.method": "Complete"})
+    [(_, metric, point)] = points(
+        reader.get_metrics_data(), "llm_gateway.overhead.duration"
+    ).values()
+    assert (metric.unit, point.count, point.sum) == ("s", 1, 0.003)
+    assert point.explicit_bounds[0] == 0.0005
+    telemetry.providers.shutdown()
