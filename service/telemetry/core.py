@@ -14,7 +14,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -37,20 +37,57 @@ from service.telemetry.tracing import CURRENT_RPC, RpcScope
 log = logging.getLogger("llm_gateway.telemetry")
 
 _SHUTDOWN_TIMEOUT_S = 5.0
+_NO_CONTEXT = otel_context.Context()  # immutable: what a carrier without trace keys gives
 
 
 @dataclass(slots=True)
 class AttemptSpan:
-    """One upstream attempt in progress: the CLIENT span and what it measures."""
+    """One upstream attempt in progress: the CLIENT span and what it measures.
+
+    `with` it (`Telemetry.upstream_attempt` starts it): leaving the block ends the span,
+    records the attempt's duration and, when it raised, its error. A class rather than
+    `contextlib.contextmanager`, as `RpcContext` is: every attempt enters one.
+    """
 
     span: Span
     telemetry: Telemetry
     request: ChatRequest
     upstream: str
     metric_attributes: dict[str, Any]
+    is_callers_cut: Callable[[BaseException], bool] | None = None
     started: float = field(default_factory=time.perf_counter)
     first_chunk_s: float | None = None
     _parts: list[str] | None = None
+
+    def __enter__(self) -> AttemptSpan:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        telemetry, span = self.telemetry, self.span
+        try:
+            if exc is not None:
+                kind = attr.error_type(exc)
+                self.metric_attributes[attr.ERROR_TYPE] = kind
+                span.set_attribute(attr.ERROR_TYPE, kind)
+                span.set_status(Status(StatusCode.ERROR, kind))
+                # A cut by the caller's own deadline is no fault of the upstream's.
+                if isinstance(exc, Exception) and not (
+                    self.is_callers_cut and self.is_callers_cut(exc)
+                ):
+                    telemetry.record_upstream_error(self.upstream, kind)
+        finally:
+            elapsed = time.perf_counter() - self.started
+            scope = CURRENT_RPC.get()
+            if scope is not None:
+                scope.upstream_s += elapsed
+            if telemetry.providers.records_metrics:
+                telemetry.instruments.operation_duration.record(elapsed, self.metric_attributes)
+            span.end()
 
     def chunk(self, text: str) -> None:
         """A streamed chunk arrived; the first one marks time to first token."""
@@ -234,14 +271,18 @@ class Telemetry:
         Started here; `with` it, and it ends with the block's outcome.
         """
         token = None
-        if not self.providers.records_spans and not self._has_trace_context(metadata):
+        has_trace_context = self._has_trace_context(metadata)
+        if not self.providers.records_spans and not has_trace_context:
             # Nothing to record and nothing to pass on: skip reading the metadata.
             span: Span = trace.INVALID_SPAN
         else:
             # With no tracer provider the span is a no-op carrying the caller's context,
-            # which the upstream request then passes on unchanged.
-            carrier = {k: v for k, v in metadata if isinstance(v, str)}
-            parent = self._propagator.extract(carrier)
+            # which the upstream request then passes on unchanged. Without any key the
+            # propagators read, extracting would only return an empty context.
+            parent = _NO_CONTEXT
+            if has_trace_context:
+                carrier = {k: v for k, v in metadata if isinstance(v, str)}
+                parent = self._propagator.extract(carrier)
             span = self.tracer.start_span(
                 f"{service}/{method}",
                 context=parent,
@@ -307,7 +348,6 @@ class Telemetry:
 
     # --- one CLIENT span per upstream attempt -----------------------------------------
 
-    @contextlib.contextmanager
     def upstream_attempt(
         self,
         request: ChatRequest,
@@ -319,8 +359,9 @@ class Telemetry:
         headers: MutableMapping[str, str],
         retry_wait_s: float | None = None,
         is_callers_cut: Callable[[BaseException], bool] | None = None,
-    ) -> Iterator[AttemptSpan]:
-        """The CLIENT span of one upstream attempt; injects `traceparent` into `headers`.
+    ) -> AttemptSpan:
+        """The CLIENT span of one upstream attempt, to `with`; injects `traceparent` into
+        `headers`.
 
         An attempt that fails counts in `llm_gateway.upstream.errors`, unless
         `is_callers_cut` says its caller's deadline cut it: the upstream did nothing wrong.
@@ -360,32 +401,15 @@ class Telemetry:
             span = trace.INVALID_SPAN
             if otel_context.get_current():  # the caller's context, passed on unchanged
                 self._propagator.inject(headers)
-        attempt_span = AttemptSpan(
+        return AttemptSpan(
             span=span,
             telemetry=self,
             request=request,
             upstream=upstream,
             metric_attributes=metric_attributes,
+            is_callers_cut=is_callers_cut,
             _parts=[] if self.capture_content else None,
         )
-        try:
-            yield attempt_span
-        except BaseException as exc:
-            kind = attr.error_type(exc)
-            metric_attributes[attr.ERROR_TYPE] = kind
-            span.set_attribute(attr.ERROR_TYPE, kind)
-            span.set_status(Status(StatusCode.ERROR, kind))
-            if isinstance(exc, Exception) and not (is_callers_cut and is_callers_cut(exc)):
-                self.record_upstream_error(upstream, kind)
-            raise
-        finally:
-            elapsed = time.perf_counter() - attempt_span.started
-            scope = CURRENT_RPC.get()
-            if scope is not None:
-                scope.upstream_s += elapsed
-            if self.providers.records_metrics:
-                self.instruments.operation_duration.record(elapsed, metric_attributes)
-            span.end()
 
     # --- what a finished call cost ----------------------------------------------------
 

@@ -49,17 +49,17 @@ _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 
 
 class LeanTracer(trace.Tracer):
-    """Starts `LeanSpan`s as `provider` configures them, ending into `processor`.
+    """Starts `LeanSpan`s as `provider` configures them, ending into `processors`.
 
-    `processor` is the one the provider shuts down and flushes (add it to the provider
-    with `add_span_processor`), so ended spans are exported, flushed and dropped exactly
-    as the SDK's own spans are.
+    `processors` are the ones added to `provider` (`add_span_processor`), which flushes
+    and shuts them down, so ended spans are exported, flushed and dropped exactly as the
+    SDK's own spans are.
     """
 
     def __init__(
-        self, provider: TracerProvider, processor: SpanProcessor, *, scope_name: str
+        self, provider: TracerProvider, processors: Sequence[SpanProcessor], *, scope_name: str
     ) -> None:
-        self.processor = processor
+        self.processors = tuple(processors)
         self.resource = provider.resource
         self._sampler = provider.sampler
         # ParentBased(ALWAYS_ON): sample what the parent sampled, and every root.
@@ -284,19 +284,19 @@ class LeanSpan(trace.Span):
         if longest is not None or (most is not None and len(attributes) > most):
             # Limits an operator set (the defaults are far above a gateway span's size).
             attributes = BoundedAttributes(most, attributes, immutable=True, max_value_len=longest)
-        tracer.processor.on_end(
-            ReadableSpan(
-                name=self._name,
-                context=self._context,
-                parent=self._parent,
-                resource=tracer.resource,
-                attributes=attributes,
-                events=self._events if self._events is not None else (),
-                links=self._links,
-                kind=self._kind,
-                status=self._status,
-                start_time=self._start_time,
-                end_time=self._end_time,
-                instrumentation_scope=tracer.scope,
-            )
+        ended = ReadableSpan(
+            name=self._name,
+            context=self._context,
+            parent=self._parent,
+            resource=tracer.resource,
+            attributes=attributes,
+            events=self._events if self._events is not None else (),
+            links=self._links,
+            kind=self._kind,
+            status=self._status,
+            start_time=self._start_time,
+            end_time=self._end_time,
+            instrumentation_scope=tracer.scope,
         )
+        for processor in tracer.processors:
+            processor.on_end(ended)

@@ -27,7 +27,7 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
@@ -226,12 +226,10 @@ def build_providers(
     if processors:
         # Shut down by `Telemetry.aclose`, within its bound; an exit hook would wait longer.
         tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-        processor = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]
-        for each in processors:
-            processor.add_span_processor(each)
-        tracer_provider.add_span_processor(processor)
+        for processor in processors:
+            tracer_provider.add_span_processor(processor)
         providers.tracer_provider = tracer_provider
-        providers.tracer = LeanTracer(tracer_provider, processor, scope_name=_SCOPE)
+        providers.tracer = LeanTracer(tracer_provider, processors, scope_name=_SCOPE)
     if readers:
         # Exemplars cost a reservoir offer on every measurement; off unless asked for.
         exemplar_filter = (

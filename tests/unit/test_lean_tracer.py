@@ -10,7 +10,6 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import (
     ReadableSpan,
-    SynchronousMultiSpanProcessor,
     TracerProvider,
     sampling,
 )
@@ -29,10 +28,9 @@ def lean(sampler: sampling.Sampler | None = None) -> tuple[LeanTracer, InMemoryS
     """A lean tracer on a provider configured as the gateway configures it."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider(resource=RESOURCE, sampler=sampler, shutdown_on_exit=False)
-    processor = SynchronousMultiSpanProcessor()
-    processor.add_span_processor(SimpleSpanProcessor(exporter))
+    processor = SimpleSpanProcessor(exporter)
     provider.add_span_processor(processor)
-    return LeanTracer(provider, processor, scope_name="llm_gateway"), exporter
+    return LeanTracer(provider, [processor], scope_name="llm_gateway"), exporter
 
 
 def sdk() -> tuple[trace.Tracer, InMemorySpanExporter]:
