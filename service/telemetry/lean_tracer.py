@@ -24,6 +24,7 @@ import logging
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from time import time_ns
+from typing import cast
 
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
@@ -144,22 +145,12 @@ class LeanTracer(trace.Tracer):
             yield current
 
 
-class LeanSpan(trace.Span):
-    """A recording span: attributes in a dict, ended into its tracer's processor."""
+class LeanSpan(trace.Span, ReadableSpan):
+    """A recording span: attributes in a dict; once ended, it is its own read-only view.
 
-    __slots__ = (
-        "_attributes",
-        "_context",
-        "_end_time",
-        "_events",
-        "_kind",
-        "_links",
-        "_name",
-        "_parent",
-        "_start_time",
-        "_status",
-        "_tracer",
-    )
+    As the SDK's own span, it is also the `ReadableSpan` the processors take, so ending
+    it builds nothing more: it takes no change once ended, so it is not copied.
+    """
 
     def __init__(
         self,
@@ -173,23 +164,25 @@ class LeanSpan(trace.Span):
         links: Sequence[Link],
         start_time: int,
     ) -> None:
+        super().__init__(
+            name=name,
+            context=context,
+            parent=parent,
+            resource=tracer.resource,
+            kind=kind,
+            links=tuple(links),
+            start_time=start_time,
+            instrumentation_scope=tracer.scope,
+        )
         self._tracer = tracer
-        self._name = name
-        self._context = context
-        self._parent = parent
-        self._kind = kind
-        self._attributes: dict[str, types.AttributeValue] = (
+        self._attributes: dict[str, types.AttributeValue] | BoundedAttributes = (
             {k: v for k, v in attributes.items() if v is not None} if attributes else {}
         )
-        self._links = tuple(links)
-        self._events: BoundedList[Event] | None = None
-        self._status = _UNSET
-        self._start_time = start_time
-        self._end_time: int | None = None
+        self._events: BoundedList[Event] | tuple[()] = ()
 
     def get_span_context(self) -> SpanContext:
         """The span's trace and span ids, and whether it is sampled."""
-        return self._context
+        return cast(SpanContext, self._context)  # always given: see `__init__`
 
     def is_recording(self) -> bool:
         """Whether it still takes attributes (until it ends)."""
@@ -214,7 +207,7 @@ class LeanSpan(trace.Span):
         if self._end_time is not None:
             return
         limits = self._tracer.limits
-        if self._events is None:
+        if isinstance(self._events, tuple):
             self._events = BoundedList(limits.max_events)
         self._events.append(
             Event(
@@ -279,24 +272,11 @@ class LeanSpan(trace.Span):
             return
         self._end_time = end_time if end_time is not None else time_ns()
         tracer = self._tracer
-        attributes: Mapping[str, types.AttributeValue] = self._attributes
         most, longest = tracer.limits.max_span_attributes, tracer.limits.max_span_attribute_length
-        if longest is not None or (most is not None and len(attributes) > most):
+        if longest is not None or (most is not None and len(self._attributes) > most):
             # Limits an operator set (the defaults are far above a gateway span's size).
-            attributes = BoundedAttributes(most, attributes, immutable=True, max_value_len=longest)
-        ended = ReadableSpan(
-            name=self._name,
-            context=self._context,
-            parent=self._parent,
-            resource=tracer.resource,
-            attributes=attributes,
-            events=self._events if self._events is not None else (),
-            links=self._links,
-            kind=self._kind,
-            status=self._status,
-            start_time=self._start_time,
-            end_time=self._end_time,
-            instrumentation_scope=tracer.scope,
-        )
+            self._attributes = BoundedAttributes(
+                most, self._attributes, immutable=True, max_value_len=longest
+            )
         for processor in tracer.processors:
-            processor.on_end(ended)
+            processor.on_end(self)
