@@ -9,7 +9,7 @@
     ├── QuotaExceeded             RESOURCE_EXHAUSTED (QuotaFailure, RetryInfo, pushback trailer)
     │   └── Overloaded            RESOURCE_EXHAUSTED (RetryInfo, pushback trailer)
     ├── DeadlineExceeded          DEADLINE_EXCEEDED
-    └── UpstreamError             UNAVAILABLE       (ErrorInfo naming the upstream, RetryInfo)
+    └── UpstreamError             UNAVAILABLE       (ErrorInfo naming upstream, RetryInfo, pushback)
         ├── UpstreamRateLimited   RESOURCE_EXHAUSTED (RetryInfo from Retry-After)
         ├── UpstreamUnavailable   5xx, reset, refused, malformed or cut stream
         ├── UpstreamAuthRejected  401/403: the upstream's key, not the caller's fault
@@ -34,6 +34,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 ERROR_DOMAIN = "llmgateway.v1"
 INTERNAL_ERROR_REASON = "INTERNAL_ERROR"
 RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+# What clients/service_config.json retries.
+_RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 # The longest wait pushed back to a call without a deadline; a longer one is "do not
 # retry", and the caller gets the refusal, with its RetryInfo, at once.
 MAX_PUSHBACK_S = 300.0
@@ -441,16 +443,27 @@ def pushback_trailer(
 ) -> tuple[tuple[str, str], ...]:
     """The `grpc-retry-pushback-ms` trailer that gRPC retry policies honour.
 
+    Sent with the codes the shipped retry policy retries (UNAVAILABLE, RESOURCE_EXHAUSTED)
+    when the gateway knows the wait (a quota's reset, an upstream's `Retry-After`, when
+    its circuit breaker lets a probe through, the retry backoff): the gateway has already
+    retried and failed over within the call, so the caller's retry waits that rather
+    than its own 0.2 s backoff. An upstream rejecting the gateway's key is -1, gRPC's "do
+    not retry": only an operator can mend it.
+
     A wait the call's deadline (`time_remaining_s` from now) cannot outlast is sent as
-    -1, gRPC's "do not retry": a retry policy would otherwise sit it out until a bare
-    DEADLINE_EXCEEDED, and the caller would never see this status or its details. So is
-    a wait past `MAX_PUSHBACK_S` for a call without a deadline: it would hang until a
-    spent budget's period resets, hours on, with nothing said.
+    -1: a retry policy would otherwise sit it out until a bare DEADLINE_EXCEEDED, and the
+    caller would never see this status or its details. So is a wait past
+    `MAX_PUSHBACK_S` for a call without a deadline: it would hang until a spent budget's
+    period resets, hours on, with nothing said.
     """
-    if isinstance(exc, QuotaExceeded | UpstreamRateLimited) and exc.retry_after_s is not None:
-        delay_s = _retry_delay_s(exc.retry_after_s)
-        limit_s = MAX_PUSHBACK_S if time_remaining_s is None else time_remaining_s
-        if delay_s >= limit_s:
-            return ((RETRY_PUSHBACK_TRAILER, "-1"),)
-        return ((RETRY_PUSHBACK_TRAILER, str(round(delay_s * 1000))),)
-    return ()
+    if not isinstance(exc, GatewayError) or exc.grpc_code not in _RETRIED_CODES:
+        return ()
+    if isinstance(exc, UpstreamAuthRejected):
+        return ((RETRY_PUSHBACK_TRAILER, "-1"),)
+    if exc.retry_after_s is None:
+        return ()
+    delay_s = _retry_delay_s(exc.retry_after_s)
+    limit_s = MAX_PUSHBACK_S if time_remaining_s is None else time_remaining_s
+    if delay_s >= limit_s:
+        return ((RETRY_PUSHBACK_TRAILER, "-1"),)
+    return ((RETRY_PUSHBACK_TRAILER, str(round(delay_s * 1000))),)

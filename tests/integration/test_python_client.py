@@ -144,6 +144,53 @@ async def test_installed_client_waits_out_the_overload_pushback(
 
 
 @pytest.mark.parametrize(
+    ("refusal", "reason"),
+    [
+        pytest.param(
+            Status(503, headers={"Retry-After": "60"}),
+            "UPSTREAM_UNAVAILABLE",
+            id="503-retry-after-past-the-deadline",
+        ),
+        pytest.param(Status(401), "UPSTREAM_AUTH", id="upstream-rejects-the-gateways-key"),
+    ],
+)
+async def test_an_upstream_failure_no_retry_can_mend_is_not_retried_by_the_caller(
+    upstream: FakeUpstream, start_gateway: StartGateway, refusal: Status, reason: str
+) -> None:
+    """UNAVAILABLE after the gateway's own retries, when the upstream's wait outlasts the
+    deadline or its key is refused, reaches the caller at once: the shipped retry policy
+    would otherwise send the call through the gateway up to four more times (here it
+    would have succeeded against the provider's wish, as the fake answers again)."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, resilience={"attempts": 1}))
+    upstream.script(refusal)
+    async with GatewayClient(gateway.server.address, timeout_s=3.0) as client:
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.complete("Say hi", model=FAKE_MODEL)
+        elapsed_s = time.monotonic() - started
+    details = error_details(refused.value)
+    assert (details.code, details.reason) == ("UNAVAILABLE", reason)
+    assert elapsed_s < 1.5
+    assert len(upstream.requests) == 1
+
+
+async def test_the_caller_retries_an_unavailable_upstream_after_the_wait_it_asked_for(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A 503 whose Retry-After fits in the deadline: the client's retry waits that long,
+    not its own 0.2 s backoff, and the retried call succeeds."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, resilience={"attempts": 1}))
+    upstream.script(Status(503, headers={"Retry-After": "1"}))
+    async with GatewayClient(gateway.server.address, timeout_s=10.0) as client:
+        started = time.monotonic()
+        answer = await client.complete("Say hi", model=FAKE_MODEL)
+        elapsed_s = time.monotonic() - started
+    assert answer.content == "Hello from fake"
+    assert elapsed_s >= 1.0
+    assert len(upstream.requests) == 2
+
+
+@pytest.mark.parametrize(
     ("sections", "refusal", "reason"),
     [
         pytest.param(

@@ -23,6 +23,7 @@ from service.errors import (
     Overloaded,
     PermissionDenied,
     QuotaExceeded,
+    ShuttingDown,
     StreamInterrupted,
     Unauthenticated,
     UpstreamAuthRejected,
@@ -409,10 +410,20 @@ def test_http_status_error_names_upstream_not_url(
             "120000",
             id="upstream-429-long",
         ),
+        pytest.param(
+            upstream(UpstreamUnavailable, status=503, retry_after_s=5.0), "5000", id="503-wait"
+        ),
+        pytest.param(upstream(UpstreamTimeout, retry_after_s=0.5), "500", id="timeout-backoff"),
+        pytest.param(ShuttingDown(), "0", id="shutting-down-retry-at-once"),
+        pytest.param(upstream(UpstreamAuthRejected, status=401), "-1", id="key-rejected"),
+        pytest.param(
+            upstream(UpstreamAuthRejected, status=403, retry_after_s=1.0), "-1", id="key-403"
+        ),
     ],
 )
 def test_pushback_trailer_values(exc: GatewayError, expected: str) -> None:
-    """Quota and rate-limit errors with a retry-after push back that many milliseconds."""
+    """Retried codes (RESOURCE_EXHAUSTED, UNAVAILABLE) whose wait the gateway knows push
+    back that many milliseconds; a rejected upstream key pushes back "do not retry"."""
     assert pushback_trailer(exc) == ((RETRY_PUSHBACK_TRAILER, expected),)
 
 
@@ -442,8 +453,9 @@ def test_pushback_past_the_deadline_says_do_not_retry(
     [
         pytest.param(QuotaExceeded("q", subject="t", retry_after_s=None), id="quota-no-wait"),
         pytest.param(upstream(UpstreamRateLimited, status=429), id="429-no-wait"),
+        pytest.param(upstream(UpstreamUnavailable, status=503), id="503-no-wait"),
         pytest.param(
-            upstream(UpstreamUnavailable, status=503, retry_after_s=5.0), id="503-with-wait"
+            upstream(UpstreamRejected, status=400, retry_after_s=5.0), id="rejected-not-retried"
         ),
         pytest.param(InvalidRequest(VIOLATIONS), id="invalid"),
         pytest.param(DeadlineExceeded("late"), id="deadline"),
@@ -451,7 +463,8 @@ def test_pushback_past_the_deadline_says_do_not_retry(
     ],
 )
 def test_no_pushback_trailer(exc: BaseException) -> None:
-    """Errors that are not quota or rate limits, or know no wait, push nothing back."""
+    """Codes the retry policy does not retry, and errors that know no wait, push nothing
+    back."""
     assert pushback_trailer(exc) == ()
 
 
