@@ -187,6 +187,11 @@ GATEWAY_BODY_FIELDS = frozenset(
 )  # fmt: skip
 
 
+# Fields that would change what an answer holds beyond what the gateway reads: several
+# choices (all billed, one relayed) or the legacy `function_call` (a call dropped).
+ANSWER_SHAPE_FIELDS = frozenset({"n", "best_of", "functions", "function_call"})
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     """One OpenAI-compatible provider endpoint.
@@ -257,6 +262,12 @@ class UpstreamConfig:
         _require(
             not taken,
             f"extra_body must not set {', '.join(taken)}: the gateway sets it from each request",
+        )
+        shaping = sorted(name for name in self.extra_body if name.lower() in ANSWER_SHAPE_FIELDS)
+        _require(
+            not shaping,
+            f"extra_body must not set {', '.join(shaping)}: the gateway relays one answer, "
+            "as content or tool_calls",
         )
         secret = sorted(name for name in self.extra_body if name.lower() in _CREDENTIAL_PARAMETERS)
         _require(

@@ -50,6 +50,11 @@ def test_extra_body_is_parsed_as_json_data() -> None:
         ({"a": -(2**63) - 1}, "upstreams[0].extra_body.a", "at most 64 bits"),
         # A YAML key such as `on:` or `1:` is not a string, at the top as further in.
         ({True: 1}, "upstreams[0].extra_body", "keys must be strings"),
+        # Several choices are all billed while one is relayed; a legacy function call
+        # would be dropped.
+        ({"n": 3}, "upstreams[0]", "extra_body must not set n: the gateway relays one answer"),
+        ({"best_of": 2, "N": 2}, "upstreams[0]", "must not set N, best_of"),
+        ({"functions": [], "function_call": "auto"}, "upstreams[0]", "function_call, functions"),
     ],
 )
 def test_bad_extra_body_names_the_key(extra_body: Any, key: str, problem: str) -> None:
