@@ -103,6 +103,9 @@ def _completion_demand(request: Any) -> tuple[str, int]:
         f"{tool.name} {tool.description} {tool.parameters}" for tool in request.tools
     )
     params = getattr(request, "params", None)
+    if params is not None and params.response_format.json_schema:
+        schema = params.response_format  # an answer's schema is prompt, as tools are
+        tokens += _text_tokens((f"{schema.schema_name} {schema.json_schema}",))
     if params is not None and params.HasField("max_tokens"):
         tokens += max(0, params.max_tokens)
     return request.model, tokens

@@ -6,9 +6,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.domain import Message, Role, Tool, TruncationMode
+from service.domain import Message, ResponseFormat, Role, Tool, TruncationMode
 from service.errors import ContextWindowExceeded
-from service.tokens import PER_REQUEST_OVERHEAD, estimate_message_tokens, estimate_tools_tokens
+from service.tokens import (
+    PER_REQUEST_OVERHEAD,
+    estimate_format_tokens,
+    estimate_message_tokens,
+    estimate_tools_tokens,
+)
 
 # Room kept for the answer when the caller sets no max_tokens.
 DEFAULT_ANSWER_RESERVE = 256
@@ -59,6 +64,7 @@ def fit_messages(
     messages: Sequence[Message],
     *,
     tools: Sequence[Tool] = (),
+    response_format: ResponseFormat | None = None,
     context_window: int,
     max_tokens: int | None,
     mode: TruncationMode,
@@ -66,7 +72,8 @@ def fit_messages(
 ) -> FittedPrompt:
     """Return `messages` if they fit, else truncate per `mode` or raise.
 
-    `keep_recent` keeps every system message, the tool definitions, and the most recent
+    `keep_recent` keeps every system message, the tool definitions and answer schema
+    (`response_format`), and the most recent
     turns that fit, never splitting a message or a tool-call turn (an assistant message
     with tool calls and their results). It always keeps the last user message and every
     message after it: the turn in progress, whose tool results the model needs to go on
@@ -84,7 +91,9 @@ def fit_messages(
     def calibrated(raw: int) -> int:
         return math.ceil(raw * calibration)
 
-    fixed = PER_REQUEST_OVERHEAD + (estimate_tools_tokens(tools) if tools else 0)
+    fixed = PER_REQUEST_OVERHEAD + estimate_format_tokens(response_format)
+    if tools:
+        fixed += estimate_tools_tokens(tools)
     total = fixed + sum(costs)
     if calibrated(total) <= budget:
         return FittedPrompt(tuple(messages), 0, calibrated(total), total)

@@ -188,6 +188,7 @@ class Pipeline:
         fitted = fit_messages(
             request.messages,
             tools=request.tools,
+            response_format=request.params.response_format,
             context_window=self.context_window(request.model),
             max_tokens=request.params.max_tokens,
             mode=request.truncation or self._config.defaults.truncation,

@@ -46,7 +46,7 @@ import functools
 import re
 from collections.abc import Iterable
 
-from service.domain import Message, Tool, ToolCall
+from service.domain import Message, ResponseFormat, ResponseFormatType, Tool, ToolCall
 
 PER_MESSAGE_OVERHEAD = 4
 PER_REQUEST_OVERHEAD = 3
@@ -208,12 +208,30 @@ def estimate_message_tokens(message: Message) -> int:
     return tokens
 
 
-def estimate_prompt_tokens(messages: Iterable[Message], tools: Iterable[Tool] = ()) -> int:
-    """Estimated prompt tokens for a conversation and its tools, with per-message overhead."""
+def estimate_format_tokens(response_format: ResponseFormat | None) -> int:
+    """Estimated tokens of a JSON Schema answer format: providers put the schema in the
+    prompt (and bill it) as they do tool definitions. JSON mode and text cost none."""
+    if response_format is None or response_format.type is not ResponseFormatType.JSON_SCHEMA:
+        return 0
+    return (
+        PER_TOOL_OVERHEAD
+        + estimate_text_tokens(response_format.schema_name)
+        + estimate_text_tokens(response_format.json_schema)
+    )
+
+
+def estimate_prompt_tokens(
+    messages: Iterable[Message],
+    tools: Iterable[Tool] = (),
+    response_format: ResponseFormat | None = None,
+) -> int:
+    """Estimated prompt tokens for a conversation, its tools and its answer's schema, with
+    per-message overhead."""
     return (
         PER_REQUEST_OVERHEAD
         + sum(estimate_message_tokens(m) for m in messages)
         + estimate_tools_tokens(tools)
+        + estimate_format_tokens(response_format)
     )
 
 

@@ -104,9 +104,11 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     # Only worth estimating when the text could be over: no character costs more than
     # 5 tokens (an emoji alone: its 4 UTF-8 bytes, 1 more for starting a run), plus a
     # few tokens of overhead a message.
-    bound = total_chars * 5 + 8 * len(request.messages) + 8 * len(request.tools) + 3
+    response_format = request.params.response_format
+    schema_chars = len(response_format.json_schema) if response_format is not None else 0
+    bound = (total_chars + schema_chars) * 5 + 8 * (len(request.messages) + len(request.tools) + 1)
     if len(request.messages) <= limits.max_messages and bound > limits.max_prompt_tokens:
-        estimate = estimate_prompt_tokens(request.messages, request.tools)
+        estimate = estimate_prompt_tokens(request.messages, request.tools, response_format)
         if estimate > limits.max_prompt_tokens:
             found.append(
                 FieldViolation(

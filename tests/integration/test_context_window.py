@@ -255,3 +255,32 @@ async def test_another_400_is_still_the_upstream_rejecting_the_request(
         await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert error_details(caught.value).reason == "UPSTREAM_REJECTED_REQUEST"
+
+
+async def test_an_answer_schema_counts_against_the_window(upstream_small, start_gateway):
+    """A JSON Schema is prompt the provider bills: with it, fewer turns are kept, and a
+    schema past the window is refused before any upstream call."""
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    plain = conversation(9, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
+    await gateway.stub.Complete(plain)
+    kept_plain = len(upstream_small.requests[-1].body["messages"])
+    schema = '{"type": "object", "description": "' + "word " * 300 + '"}'
+    with_schema = pb.CompleteRequest()
+    with_schema.CopyFrom(plain)
+    with_schema.params.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+    with_schema.params.response_format.json_schema = schema
+    response = await gateway.stub.Complete(with_schema)
+    sent = upstream_small.requests[-1].body
+    assert sent["response_format"]["type"] == "json_schema"
+    assert len(sent["messages"]) < kept_plain
+    assert response.metadata.dropped_messages > 0
+    too_big = pb.CompleteRequest()
+    too_big.CopyFrom(with_schema)
+    too_big.params.response_format.json_schema = (
+        '{"type": "object", "description": "' + "word " * 1200 + '"}'
+    )
+    calls = len(upstream_small.requests)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await gateway.stub.Complete(too_big)
+    assert error_details(refused.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert len(upstream_small.requests) == calls

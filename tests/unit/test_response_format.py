@@ -11,6 +11,7 @@ import pytest
 from service.cache import cache_key
 from service.cache.keys import canonical_request
 from service.config import RequestDefaults
+from service.context_window import fit_messages
 from service.domain import (
     ChatRequest,
     GenerationParams,
@@ -18,7 +19,10 @@ from service.domain import (
     ResponseFormat,
     ResponseFormatType,
     Role,
+    TruncationMode,
 )
+from service.errors import ContextWindowExceeded
+from service.tokens import estimate_prompt_tokens
 from service.upstream.openai_json import request_body
 from service.validation import chat_request_violations
 
@@ -161,3 +165,71 @@ def test_keys_of_requests_without_a_format_are_unchanged() -> None:
     assert canonical_request(BASE) == orjson.dumps(
         [1, "default", "m", [["user", "Answer in JSON"]], [0.0, None, None, [], None, None, None]]
     )
+
+
+BIG_SCHEMA = json.dumps(
+    {
+        "type": "object",
+        "properties": {
+            f"field_{i}": {"type": "string", "description": "x " * 20} for i in range(60)
+        },
+    }
+)
+
+
+def test_a_schema_counts_in_the_prompt_estimate_and_json_mode_does_not() -> None:
+    """Providers put the schema in the prompt: the estimate (and so the context window,
+    budgets and limits) counts it as it counts tool definitions."""
+    plain = estimate_prompt_tokens(BASE.messages)
+    schema = ResponseFormat(ResponseFormatType.JSON_SCHEMA, json_schema=BIG_SCHEMA)
+    assert estimate_prompt_tokens(BASE.messages, (), schema) > plain + 1000
+    json_mode = ResponseFormat(ResponseFormatType.JSON_OBJECT)
+    assert estimate_prompt_tokens(BASE.messages, (), json_mode) == plain
+
+
+def test_a_schema_that_does_not_fit_the_window_is_refused_and_always_kept() -> None:
+    """The schema is part of the prompt's fixed cost: over the window it is refused
+    with the messages' estimate, and under KEEP_RECENT old turns go, never the schema."""
+    schema = ResponseFormat(ResponseFormatType.JSON_SCHEMA, json_schema=BIG_SCHEMA)
+    messages = (
+        Message(Role.USER, "old " * 300),
+        Message(Role.ASSISTANT, "old answer " * 100),
+        Message(Role.USER, "Answer in JSON"),
+    )
+    window = 3500  # the schema alone is about 3,000 tokens, the messages 620
+    fits = fit_messages(messages, context_window=window, max_tokens=None, mode=TruncationMode.NONE)
+    assert fits.dropped == 0
+    with pytest.raises(ContextWindowExceeded):
+        fit_messages(
+            messages,
+            response_format=schema,
+            context_window=window,
+            max_tokens=None,
+            mode=TruncationMode.NONE,
+        )
+    kept = fit_messages(
+        messages,
+        response_format=schema,
+        context_window=window,
+        max_tokens=None,
+        mode=TruncationMode.KEEP_RECENT,
+    )
+    assert kept.messages == messages[2:]
+    assert kept.prompt_tokens > estimate_prompt_tokens(messages[2:]) + 1000
+
+
+def test_a_schema_counts_in_a_tenants_token_demand() -> None:
+    """A tenant's tokens-per-minute demand counts the schema, as the estimate does."""
+    from llmgateway.v1 import gateway_pb2 as pb
+    from service.caller_gate import demand_of
+
+    plain = pb.CompleteRequest(model="m", messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
+    with_schema = pb.CompleteRequest()
+    with_schema.CopyFrom(plain)
+    with_schema.params.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+    with_schema.params.response_format.json_schema = BIG_SCHEMA
+    json_mode = pb.CompleteRequest()
+    json_mode.CopyFrom(plain)
+    json_mode.params.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT
+    assert demand_of(with_schema).tokens > demand_of(plain).tokens + 1000
+    assert demand_of(json_mode).tokens == demand_of(plain).tokens
