@@ -181,7 +181,8 @@ _CREDENTIAL_PARAMETERS = frozenset(
 GATEWAY_BODY_FIELDS = frozenset(
     {
         "model", "messages", "stream", "stream_options", "tools", "tool_choice",
-        "response_format", "temperature", "top_p", "max_tokens", "stop", "seed",
+        "response_format", "temperature", "top_p", "max_tokens", "max_completion_tokens",
+        "stop", "seed",
         "presence_penalty", "frequency_penalty",
     }
 )  # fmt: skip
@@ -215,6 +216,9 @@ class UpstreamConfig:
     max_concurrency: int = 50
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    # The body field a request's `max_tokens` is sent in: OpenAI's reasoning models
+    # (o-series, gpt-5) refuse `max_tokens` and take only `max_completion_tokens`.
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     # Fields added to every request body sent to this upstream: a provider's own switches
     # (DeepSeek's `thinking`, vLLM's `chat_template_kwargs`), never one the gateway sets.
     extra_body: Mapping[str, object] = field(default_factory=dict, repr=False)

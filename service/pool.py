@@ -326,6 +326,7 @@ class UpstreamPool:
                 upstream_model=route.upstream_model,
                 stream=stream,
                 extra=route.client.config.extra_body,
+                max_tokens_field=route.client.config.max_tokens_field,
             ),
             headers=headers,
         )

@@ -77,9 +77,11 @@ def request_body(
     upstream_model: str,
     stream: bool,
     extra: Mapping[str, object] | None = None,
+    max_tokens_field: str = "max_tokens",
 ) -> bytes:
     """Serialise `request` as an OpenAI chat-completions body for one upstream, with the
-    upstream's `extra` fields (none of which the request's own fields use)."""
+    upstream's `extra` fields (none of which the request's own fields use) and
+    `params.max_tokens` in the upstream's `max_tokens_field`."""
     body: dict[str, Any] = {
         "model": upstream_model,
         "messages": [
@@ -99,7 +101,7 @@ def request_body(
     if params.top_p is not None:
         body["top_p"] = params.top_p
     if params.max_tokens is not None:
-        body["max_tokens"] = params.max_tokens
+        body[max_tokens_field] = params.max_tokens
     if params.stop:
         body["stop"] = list(params.stop)
     if params.seed is not None:

@@ -455,3 +455,22 @@ async def test_an_upstream_extra_body_turns_thinking_off_for_its_model(upstream,
         assert body["model"] == FAKE_MODEL
     assert fast_stream["stream"] is True
     assert "thinking" not in plain
+
+
+async def test_an_upstream_taking_max_completion_tokens_gets_the_callers_max_tokens_there(
+    upstream, start_gateway
+):
+    """OpenAI's reasoning models refuse `max_tokens`: an upstream configured with
+    `max_tokens_field: max_completion_tokens` gets the caller's limit in that field, unary
+    and streamed, while the caller still sets `params.max_tokens`."""
+    data = gateway_config_data(upstream.base_url)
+    data["upstreams"][0]["max_tokens_field"] = "max_completion_tokens"
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    limited = chat("hi", params=pb.GenerationParams(max_tokens=77))
+    await gateway.stub.Complete(limited)
+    streamed = pb.CompleteStreamRequest()
+    streamed.ParseFromString(limited.SerializeToString())
+    await _collect(gateway.stub, streamed)
+    for request in upstream.requests:
+        assert request.body["max_completion_tokens"] == 77
+        assert "max_tokens" not in request.body

@@ -95,7 +95,36 @@ def test_the_gateway_fields_cover_every_field_it_writes() -> None:
         tool_choice=ToolChoice(ToolChoiceMode.AUTO),
     )
     body = orjson.loads(request_body(request, upstream_model="up", stream=True))
-    assert set(body) == GATEWAY_BODY_FIELDS
+    reasoning_body = orjson.loads(
+        request_body(
+            request, upstream_model="up", stream=True, max_tokens_field="max_completion_tokens"
+        )
+    )
+    assert set(body) | set(reasoning_body) == GATEWAY_BODY_FIELDS
+
+
+def test_max_tokens_goes_in_the_upstreams_field() -> None:
+    """OpenAI's reasoning models take only `max_completion_tokens`: an upstream set so gets
+    the request's max_tokens there, and no `max_tokens`."""
+    request = ChatRequest(
+        model="m", messages=(Message(Role.USER, "hi"),), params=GenerationParams(max_tokens=64)
+    )
+    body = orjson.loads(
+        request_body(
+            request, upstream_model="o4", stream=False, max_tokens_field="max_completion_tokens"
+        )
+    )
+    assert body["max_completion_tokens"] == 64
+    assert "max_tokens" not in body
+    config = parse({"upstreams": [upstream(max_tokens_field="max_completion_tokens")]})
+    assert config.upstreams[0].max_tokens_field == "max_completion_tokens"
+    assert parse({"upstreams": [upstream()]}).upstreams[0].max_tokens_field == "max_tokens"
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [upstream(max_tokens_field="max_new_tokens")]})
+    assert caught.value.key == "upstreams[0].max_tokens_field"
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [upstream(extra_body={"max_completion_tokens": 10})]})
+    assert "must not set max_completion_tokens" in caught.value.problem
 
 
 def test_extra_body_is_not_in_the_upstreams_repr() -> None:
