@@ -603,6 +603,7 @@ class UpstreamPool:
                         finish_reason=str(reply.finish_reason),
                         usage=reply.usage,
                         content=reply.content,
+                        tool_calls=reply.tool_calls,
                     )
             except UpstreamError as exc:
                 if _hit_callers_deadline(exc, deadline):
@@ -675,7 +676,7 @@ class UpstreamPool:
                                 chars_sent += len(event.content) + len(event.reasoning)
                                 for piece in event.tool_calls:
                                     chars_sent += len(piece.arguments)
-                                span.chunk(event.content)
+                                span.chunk(event.content, event.tool_calls)
                             elif isinstance(event, StreamEnd):
                                 is_finished = True
                                 span.finish(

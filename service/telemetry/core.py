@@ -27,7 +27,14 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from service.config import TelemetryConfig
-from service.domain import ChatRequest, Completion, Usage
+from service.domain import (
+    ChatRequest,
+    Completion,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    assemble_tool_calls,
+)
 from service.pricing import PriceList
 from service.telemetry import tracing as attr
 from service.telemetry.metrics import BREAKER_STATES, Instruments, StoreWrites
@@ -57,7 +64,8 @@ class AttemptSpan:
     is_callers_cut: Callable[[BaseException], bool] | None = None
     started: float = field(default_factory=time.perf_counter)
     first_chunk_s: float | None = None
-    _parts: list[str] | None = None
+    _parts: list[str] | None = None  # with `capture_content`: the text streamed so far
+    _tool_call_pieces: list[ToolCallDelta] | None = None  # and the tool-call pieces
 
     def __enter__(self) -> AttemptSpan:
         return self
@@ -89,7 +97,7 @@ class AttemptSpan:
                 telemetry.instruments.operation_duration.record(elapsed, self.metric_attributes)
             span.end()
 
-    def chunk(self, text: str) -> None:
+    def chunk(self, text: str, tool_calls: Sequence[ToolCallDelta] = ()) -> None:
         """A streamed chunk arrived; the first one marks time to first token."""
         if self.first_chunk_s is None:
             self.first_chunk_s = time.perf_counter() - self.started
@@ -100,6 +108,8 @@ class AttemptSpan:
                 )
         if self._parts is not None:
             self._parts.append(text)
+        if self._tool_call_pieces is not None:
+            self._tool_call_pieces.extend(tool_calls)
 
     def finish(
         self,
@@ -109,8 +119,12 @@ class AttemptSpan:
         finish_reason: str,
         usage: Usage | None,
         content: str | None = None,
+        tool_calls: Sequence[ToolCall] = (),
     ) -> None:
-        """The upstream answered in full: response attributes, tokens and cost."""
+        """The upstream answered in full: response attributes, tokens and cost.
+
+        `content` and `tool_calls` are a unary answer's; a stream's were gathered by
+        `chunk`."""
         span = self.span
         if response_model:
             self.metric_attributes[attr.GEN_AI_RESPONSE_MODEL] = response_model
@@ -136,8 +150,12 @@ class AttemptSpan:
             attributes[attr.CACHED_INPUT_TOKENS] = usage.cached_input_tokens
             attributes[attr.COST_USD] = self.telemetry.prices.cost_usd(self.request.model, usage)
         if self.telemetry.capture_content:
-            text = content if content is not None else "".join(self._parts or ())
-            attributes[attr.GEN_AI_OUTPUT_MESSAGES] = attr.output_json(text, finish_reason)
+            if content is None:
+                content = "".join(self._parts or ())
+                tool_calls = assemble_tool_calls(self._tool_call_pieces or ())
+            attributes[attr.GEN_AI_OUTPUT_MESSAGES] = attr.output_json(
+                content, finish_reason, tool_calls
+            )
         span.set_attributes(attributes)
 
 
@@ -409,6 +427,7 @@ class Telemetry:
             metric_attributes=metric_attributes,
             is_callers_cut=is_callers_cut,
             _parts=[] if self.capture_content else None,
+            _tool_call_pieces=[] if self.capture_content else None,
         )
 
     # --- what a finished call cost ----------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
-from service.domain import Message
+from service.domain import Message, Role, ToolCall
 
 # GenAI semantic conventions.
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
@@ -96,23 +96,43 @@ def error_type(exc: BaseException) -> str:
 
 
 def messages_json(messages: Iterable[Message]) -> str:
-    """Messages in the GenAI conventions' `gen_ai.input.messages` shape."""
-    return json.dumps(
-        [{"role": str(m.role), "parts": [{"type": "text", "content": m.content}]} for m in messages]
-    )
+    """Messages in the GenAI conventions' `gen_ai.input.messages` shape: text, the tool
+    calls an assistant message made, and a tool message's result."""
+    return json.dumps([_message_parts(m) for m in messages])
 
 
-def output_json(content: str, finish_reason: str) -> str:
+def output_json(content: str, finish_reason: str, tool_calls: Sequence[ToolCall] = ()) -> str:
     """A completion in the GenAI conventions' `gen_ai.output.messages` shape."""
-    return json.dumps(
-        [
-            {
-                "role": "assistant",
-                "parts": [{"type": "text", "content": content}],
-                "finish_reason": finish_reason,
-            }
-        ]
-    )
+    parts: list[dict[str, Any]] = [{"type": "text", "content": content}] if content else []
+    parts.extend(_tool_call_part(call) for call in tool_calls)
+    if not parts:
+        parts.append({"type": "text", "content": ""})
+    return json.dumps([{"role": "assistant", "parts": parts, "finish_reason": finish_reason}])
+
+
+def _message_parts(message: Message) -> dict[str, Any]:
+    if message.role is Role.TOOL:
+        part = {
+            "type": "tool_call_response",
+            "id": message.tool_call_id,
+            "response": message.content,
+        }
+        return {"role": str(message.role), "parts": [part]}
+    parts: list[dict[str, Any]] = []
+    if message.content or not message.tool_calls:
+        parts.append({"type": "text", "content": message.content})
+    parts.extend(_tool_call_part(call) for call in message.tool_calls)
+    return {"role": str(message.role), "parts": parts}
+
+
+def _tool_call_part(call: ToolCall) -> dict[str, Any]:
+    """A tool call as the conventions record it: its arguments as JSON when they parse,
+    else as the model wrote them."""
+    try:
+        arguments: object = json.loads(call.arguments)
+    except ValueError:
+        arguments = call.arguments
+    return {"type": "tool_call", "id": call.id, "name": call.name, "arguments": arguments}
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from llmgateway.v1 import gateway_pb2 as pb
 from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
-from tests.fake_upstream import Hang, Reply, Status
+from tests.fake_upstream import Hang, Reply, Status, ToolCallReply
 from tests.telemetry_support import Captured, attributes_of, captured_telemetry
 
 CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -227,6 +227,59 @@ async def test_content_capture_records_messages_when_enabled(upstream, start_gat
     streamed_out = json.loads(attributes_of(streamed)["gen_ai.output.messages"])
     assert streamed_out[0]["parts"][0]["content"] == "Hello from fake"
     assert stream_final.final.usage.output_tokens == 3
+
+
+async def test_content_capture_records_tool_calls_and_results(upstream, start_gateway):
+    """An agent's turn in captured content: the assistant's earlier call and the tool's
+    result as input parts, and the model's new calls as output parts, unary and streamed
+    (the streamed pieces put back together), arguments as JSON."""
+    captured = captured_telemetry(capture_content=True)
+    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=captured.telemetry)
+    calls = (
+        ToolCallReply("call_1", "get_weather", '{"city": "Paris"}'),
+        ToolCallReply("call_2", "get_time", "not json"),
+    )
+    answer = Reply(content="", tool_calls=calls, finish_reason="tool_calls")
+    upstream.script(answer, answer)
+    turn = pb.CompleteRequest(
+        model=FAKE_MODEL,
+        messages=[
+            pb.Message(role=pb.ROLE_USER, content="Weather in Paris?"),
+            pb.Message(
+                role=pb.ROLE_ASSISTANT,
+                tool_calls=[pb.ToolCall(id="c0", name="lookup", arguments='{"q": 1}')],
+            ),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="c0", content="found"),
+        ],
+        tools=[pb.Tool(name="get_weather"), pb.Tool(name="get_time"), pb.Tool(name="lookup")],
+    )
+    await gw.stub.Complete(turn)
+    streamed_turn = pb.CompleteStreamRequest()
+    streamed_turn.ParseFromString(turn.SerializeToString())
+    [e async for e in gw.stub.CompleteStream(streamed_turn)]
+    unary, streamed = [s for s in captured.spans() if s.kind is SpanKind.CLIENT]
+    inputs = json.loads(attributes_of(unary)["gen_ai.input.messages"])
+    assert inputs[1] == {
+        "role": "assistant",
+        "parts": [{"type": "tool_call", "id": "c0", "name": "lookup", "arguments": {"q": 1}}],
+    }
+    assert inputs[2] == {
+        "role": "tool",
+        "parts": [{"type": "tool_call_response", "id": "c0", "response": "found"}],
+    }
+    expected = [
+        {
+            "type": "tool_call",
+            "id": "call_1",
+            "name": "get_weather",
+            "arguments": {"city": "Paris"},
+        },
+        {"type": "tool_call", "id": "call_2", "name": "get_time", "arguments": "not json"},
+    ]
+    for span in (unary, streamed):
+        [output] = json.loads(attributes_of(span)["gen_ai.output.messages"])
+        assert output["parts"] == expected
+        assert output["finish_reason"] == "tool_calls"
 
 
 async def test_metrics_follow_the_genai_conventions(traced, captured):
