@@ -80,7 +80,8 @@ _FIELDS = (
     "input_tokens",
     "output_tokens",
     "cached_input_tokens",
-    "cost_pico",
+    "reasoning_tokens",
+    "cost_pico",  # last: the record script reads it by position
 )
 
 WallClock = Callable[[], float]
@@ -164,6 +165,9 @@ class UsageRow:
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
+    # Of `output_tokens`, those a reasoning model spent thinking (rows written before
+    # they were kept apart count none).
+    reasoning_tokens: int = 0
     cost_pico: int = 0
 
     @property
@@ -178,6 +182,7 @@ class UsageRow:
         self.input_tokens += other.get("input_tokens", 0)
         self.output_tokens += other.get("output_tokens", 0)
         self.cached_input_tokens += other.get("cached_input_tokens", 0)
+        self.reasoning_tokens += other.get("reasoning_tokens", 0)
         self.cost_pico += other.get("cost_pico", 0)
 
     def counters(self) -> dict[str, int]:
@@ -192,6 +197,7 @@ def _entry_counters(entry: UsageEntry) -> dict[str, int]:
         "input_tokens": entry.usage.input_tokens,
         "output_tokens": entry.usage.output_tokens,
         "cached_input_tokens": entry.usage.cached_input_tokens,
+        "reasoning_tokens": entry.usage.reasoning_tokens,
         "cost_pico": to_pico(entry.cost_usd),
     }
 

@@ -328,6 +328,7 @@ def usage_row_to_proto(row: UsageRow) -> pb.UsageRow:
             input_tokens=row.input_tokens,
             output_tokens=row.output_tokens,
             cached_input_tokens=row.cached_input_tokens,
+            reasoning_tokens=row.reasoning_tokens,
             estimated=row.estimated_requests > 0,
         ),
         cost_usd=row.cost_usd,

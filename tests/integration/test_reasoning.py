@@ -474,3 +474,15 @@ async def test_an_upstream_taking_max_completion_tokens_gets_the_callers_max_tok
     for request in upstream.requests:
         assert request.body["max_completion_tokens"] == 77
         assert "max_tokens" not in request.body
+
+
+async def test_get_usage_keeps_reasoning_tokens_apart(stub, upstream):
+    """What thinking cost shows in the usage ledger: a row's reasoning tokens, within its
+    output tokens, summed over unary and streamed calls."""
+    upstream.script(THINKING, THINKING)
+    await stub.Complete(chat("Capital of France?"))
+    await _collect(stub, chat_stream("Capital of Italy?"))
+    usage = await stub.GetUsage(pb.GetUsageRequest())
+    [row] = usage.rows
+    assert (row.requests, row.usage.output_tokens, row.usage.reasoning_tokens) == (2, 60, 50)
+    assert usage.total.usage.reasoning_tokens == 50

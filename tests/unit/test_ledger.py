@@ -55,6 +55,7 @@ def entry(tenant="acme", model="m", upstream="up0", labels=None, cost=0.001, **u
             input_tokens=usage.get("input_tokens", 10),
             output_tokens=usage.get("output_tokens", 5),
             cached_input_tokens=usage.get("cached_input_tokens", 0),
+            reasoning_tokens=usage.get("reasoning_tokens", 0),
         ),
         cost_usd=cost,
     )
@@ -86,7 +87,9 @@ async def test_rows_are_summed_by_tenant_model_upstream_and_labels(make_ledger):
     """Entries with the same dimensions add up; different ones get their own rows."""
     ledger = make_ledger(WallClock(NOON))
     await ledger.record(entry(labels={"team": "a"}, cost=0.1, input_tokens=100))
-    await ledger.record(entry(labels={"team": "a"}, cost=0.2, cached_input_tokens=4))
+    await ledger.record(
+        entry(labels={"team": "a"}, cost=0.2, cached_input_tokens=4, reasoning_tokens=3)
+    )
     await ledger.record(entry(labels={"team": "b"}, cost=0.5))
     await ledger.record(entry(tenant="zeta", model="other", cost=0.25))
     rows = await ledger.query(UsageFilter())
@@ -97,6 +100,8 @@ async def test_rows_are_summed_by_tenant_model_upstream_and_labels(make_ledger):
     ]
     assert rows[0].input_tokens == 110
     assert rows[0].cached_input_tokens == 4
+    assert rows[0].reasoning_tokens == 3
+    assert total_of(rows).reasoning_tokens == 3
     assert rows[0].cost_usd == 0.3  # exact: summed as integer pico-dollars
     assert total_of(rows).cost_usd == 1.05
     assert total_of(rows).requests == 4

@@ -66,7 +66,7 @@ def register(subparsers: Any) -> None:
 # The row dimensions, then the counters (right-aligned).
 _HEADER = (
     *("TENANT", "MODEL", "UPSTREAM", "LABELS"),
-    *("REQUESTS", "ESTIMATED", "IN", "OUT", "CACHED", "COST $"),
+    *("REQUESTS", "ESTIMATED", "IN", "OUT", "REASONING", "CACHED", "COST $"),
 )
 
 
@@ -81,6 +81,7 @@ def _row(row: pb.UsageRow, *, name: str | None = None) -> tuple[str, ...]:
         str(row.estimated_requests),
         str(row.usage.input_tokens),
         str(row.usage.output_tokens),
+        str(row.usage.reasoning_tokens),
         str(row.usage.cached_input_tokens),
         f"{row.cost_usd:.6f}",
     )
