@@ -330,6 +330,7 @@ class SummarizePartFailed(UpstreamError):
         self.parts = parts
         self.level = level
         self.attempts = attempts
+        self.is_key_rejected = isinstance(cause, UpstreamAuthRejected)
 
 
 def _pack(message: object) -> any_pb2.Any:
@@ -448,7 +449,7 @@ def pushback_trailer(
     its circuit breaker lets a probe through, the retry backoff): the gateway has already
     retried and failed over within the call, so the caller's retry waits that rather
     than its own 0.2 s backoff. An upstream rejecting the gateway's key is -1, gRPC's "do
-    not retry": only an operator can mend it.
+    not retry": only an operator can mend it (so is a Summarize part failed by one).
 
     A wait the call's deadline (`time_remaining_s` from now) cannot outlast is sent as
     -1: a retry policy would otherwise sit it out until a bare DEADLINE_EXCEEDED, and the
@@ -458,7 +459,9 @@ def pushback_trailer(
     """
     if not isinstance(exc, GatewayError) or exc.grpc_code not in _RETRIED_CODES:
         return ()
-    if isinstance(exc, UpstreamAuthRejected):
+    if isinstance(exc, UpstreamAuthRejected) or (
+        isinstance(exc, SummarizePartFailed) and exc.is_key_rejected
+    ):
         return ((RETRY_PUSHBACK_TRAILER, "-1"),)
     if exc.retry_after_s is None:
         return ()

@@ -105,7 +105,11 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     # 5 tokens (an emoji alone: its 4 UTF-8 bytes, 1 more for starting a run), plus a
     # few tokens of overhead a message.
     response_format = request.params.response_format
-    schema_chars = len(response_format.json_schema) if response_format is not None else 0
+    schema_chars = (
+        len(response_format.json_schema) + len(response_format.schema_name)
+        if response_format is not None
+        else 0
+    )
     bound = (total_chars + schema_chars) * 5 + 8 * (len(request.messages) + len(request.tools) + 1)
     if len(request.messages) <= limits.max_messages and bound > limits.max_prompt_tokens:
         estimate = estimate_prompt_tokens(request.messages, request.tools, response_format)

@@ -9,10 +9,11 @@ https://opentelemetry.io/docs/specs/semconv/rpc/grpc/); the gateway's own live u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,19 +99,34 @@ def error_type(exc: BaseException) -> str:
 def messages_json(messages: Iterable[Message]) -> str:
     """Messages in the GenAI conventions' `gen_ai.input.messages` shape: text, the tool
     calls an assistant message made, and a tool message's result."""
-    return json.dumps([_message_parts(m) for m in messages])
+    messages = tuple(messages)
+    return _dumps(lambda parse: [_message_parts(m, parse) for m in messages])
 
 
 def output_json(content: str, finish_reason: str, tool_calls: Sequence[ToolCall] = ()) -> str:
     """A completion in the GenAI conventions' `gen_ai.output.messages` shape."""
-    parts: list[dict[str, Any]] = [{"type": "text", "content": content}] if content else []
-    parts.extend(_tool_call_part(call) for call in tool_calls)
-    if not parts:
-        parts.append({"type": "text", "content": ""})
-    return json.dumps([{"role": "assistant", "parts": parts, "finish_reason": finish_reason}])
+
+    def build(parse: bool) -> list[dict[str, Any]]:
+        parts: list[dict[str, Any]] = [{"type": "text", "content": content}] if content else []
+        parts.extend(_tool_call_part(call, parse) for call in tool_calls)
+        if not parts:
+            parts.append({"type": "text", "content": ""})
+        return [{"role": "assistant", "parts": parts, "finish_reason": finish_reason}]
+
+    return _dumps(build)
 
 
-def _message_parts(message: Message) -> dict[str, Any]:
+def _dumps(build: Callable[[bool], object]) -> str:
+    """`build(True)` as JSON, tool-call arguments parsed; when they nest deeper than the
+    encoder recurses, `build(False)`, arguments as text: a caller's or a model's text
+    must not fail its call."""
+    try:
+        return json.dumps(build(True))
+    except RecursionError:
+        return json.dumps(build(False))
+
+
+def _message_parts(message: Message, parse: bool) -> dict[str, Any]:
     if message.role is Role.TOOL:
         part = {
             "type": "tool_call_response",
@@ -121,17 +137,17 @@ def _message_parts(message: Message) -> dict[str, Any]:
     parts: list[dict[str, Any]] = []
     if message.content or not message.tool_calls:
         parts.append({"type": "text", "content": message.content})
-    parts.extend(_tool_call_part(call) for call in message.tool_calls)
+    parts.extend(_tool_call_part(call, parse) for call in message.tool_calls)
     return {"role": str(message.role), "parts": parts}
 
 
-def _tool_call_part(call: ToolCall) -> dict[str, Any]:
-    """A tool call as the conventions record it: its arguments as JSON when they parse,
-    else as the model wrote them."""
-    try:
-        arguments: object = json.loads(call.arguments)
-    except ValueError:
-        arguments = call.arguments
+def _tool_call_part(call: ToolCall, parse: bool) -> dict[str, Any]:
+    """A tool call as the conventions record it: its arguments as JSON when `parse` and
+    they parse, else as the model wrote them."""
+    arguments: object = call.arguments
+    if parse:
+        with contextlib.suppress(ValueError, RecursionError):  # not JSON, or nested too deep
+            arguments = json.loads(call.arguments)
     return {"type": "tool_call", "id": call.id, "name": call.name, "arguments": arguments}
 
 

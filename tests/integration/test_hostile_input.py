@@ -92,6 +92,25 @@ async def test_each_limit_is_an_invalid_argument_naming_the_field(
     assert upstream.requests == []
 
 
+async def test_a_schema_name_counts_toward_the_prompt_token_limit(upstream, start_gateway):
+    """A JSON Schema answer format's name is prompt too: a request whose estimate is over
+    `max_prompt_tokens` only with it (64 digits, a token each) is refused, not sent on."""
+    gw = await start_gateway(gateway_config(upstream.base_url, defaults={"max_prompt_tokens": 50}))
+    answer_format = pb.ResponseFormat(
+        type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema="{}", schema_name="0" * 64
+    )
+    request = pb.CompleteRequest(
+        model=FAKE_MODEL,
+        messages=[_message("\U0001f600")],
+        params=pb.GenerationParams(response_format=answer_format),
+    )
+    error = await rpc_error(gw.stub.Complete(request))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    fields = [v.field for v in detail(error, error_details_pb2.BadRequest).field_violations]
+    assert fields == ["messages"]
+    assert upstream.requests == []
+
+
 @pytest.mark.parametrize(
     "payload",
     [b"\x0a\x03\xff\xfe\xfd", b"\x12\x04\x12\x02\xc3\x28", b"\x0a\x05hello\x12", b"\xff" * 8],

@@ -174,6 +174,28 @@ async def test_an_upstream_failure_no_retry_can_mend_is_not_retried_by_the_calle
     assert len(upstream.requests) == 1
 
 
+async def test_a_summary_whose_upstream_rejects_the_gateways_key_is_not_retried_by_the_caller(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A Summarize part failing on a rejected upstream key ends the call with
+    SUMMARIZE_PART_FAILED: as for Complete's UPSTREAM_AUTH, only an operator can mend
+    it, so the shipped retry policy must not run the summary again (which then finds
+    the upstream set aside and says only that none is available)."""
+    config = gateway_config(
+        upstream.base_url, resilience={"attempts": 1}, summarize={"chunk_attempts": 1}
+    )
+    gateway = await start_gateway(config)
+    upstream.script(Status(401))
+    async with GatewayClient(gateway.server.address, timeout_s=3.0) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.summarize("A short document to summarise.", model=FAKE_MODEL)
+    details = error_details(refused.value)
+    assert (details.code, details.reason) == ("UNAVAILABLE", "SUMMARIZE_PART_FAILED")
+    # The first call's own cause, not a retry's "no upstream is available".
+    assert "rejected the gateway's key" in details.message
+    assert len(upstream.requests) == 1
+
+
 async def test_the_caller_retries_an_unavailable_upstream_after_the_wait_it_asked_for(
     upstream: FakeUpstream, start_gateway: StartGateway
 ) -> None:

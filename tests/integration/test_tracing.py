@@ -430,3 +430,44 @@ async def test_an_attempt_the_callers_deadline_cut_is_no_upstream_error(
     await captured.ended(UNARY_SPAN)
     errors = captured.total("llm_gateway.upstream.errors", llm_gateway__upstream="up0")
     assert errors == (0 if cut_by == "caller's deadline" else 1)
+
+
+@pytest.mark.parametrize(
+    "depth",
+    [
+        pytest.param(1500, id="past-the-parser"),
+        pytest.param(990, id="near-the-recursion-limit-the-encoder-may-hit"),
+    ],
+)
+async def test_content_capture_keeps_deeply_nested_tool_arguments_as_text(
+    upstream, start_gateway, depth
+):
+    """Tool-call arguments nested past what Python's JSON parser or encoder recurses
+    into (a caller's earlier turn, or the model's answer) are captured as the text they
+    are: capturing them must not fail the call with INTERNAL."""
+    captured = captured_telemetry(capture_content=True)
+    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=captured.telemetry)
+    nested = "[" * depth + "]" * depth
+    answer = Reply(
+        content="", tool_calls=(ToolCallReply("call_1", "f", nested),), finish_reason="tool_calls"
+    )
+    upstream.script(answer)
+    turn = pb.CompleteRequest(
+        model=FAKE_MODEL,
+        messages=[
+            pb.Message(role=pb.ROLE_USER, content="Go on"),
+            pb.Message(
+                role=pb.ROLE_ASSISTANT,
+                tool_calls=[pb.ToolCall(id="c0", name="f", arguments=nested)],
+            ),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="c0", content="done"),
+        ],
+        tools=[pb.Tool(name="f")],
+    )
+    response = await gw.stub.Complete(turn)
+    assert response.tool_calls[0].arguments == nested
+    [attempt] = [s for s in captured.spans() if s.kind is SpanKind.CLIENT]
+    inputs = json.loads(attributes_of(attempt)["gen_ai.input.messages"])
+    assert inputs[1]["parts"][0]["arguments"] == nested
+    [output] = json.loads(attributes_of(attempt)["gen_ai.output.messages"])
+    assert output["parts"][0]["arguments"] == nested
