@@ -457,7 +457,14 @@ def pushback_trailer(
     `MAX_PUSHBACK_S` for a call without a deadline: it would hang until a spent budget's
     period resets, hours on, with nothing said.
     """
-    if not isinstance(exc, GatewayError) or exc.grpc_code not in _RETRIED_CODES:
+    # A draining replica's refusal keeps the caller's own jittered backoff: pushed back 0,
+    # a channel to one address would spend every attempt on that replica within
+    # milliseconds, before its load balancer has moved on.
+    if (
+        not isinstance(exc, GatewayError)
+        or exc.grpc_code not in _RETRIED_CODES
+        or isinstance(exc, ShuttingDown)
+    ):
         return ()
     if isinstance(exc, UpstreamAuthRejected) or (
         isinstance(exc, SummarizePartFailed) and exc.is_key_rejected
