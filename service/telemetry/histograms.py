@@ -44,6 +44,10 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.util.types import AttributeValue
 
 _NO_ATTRIBUTES: frozenset[tuple[str, AttributeValue]] = frozenset()
+# As the SDK: past this many attribute sets a histogram counts new ones in one overflow
+# point, so a label an upstream controls (the model it answers as) cannot grow it forever.
+MOST_ATTRIBUTE_SETS = 2000
+_OVERFLOW_KEY: frozenset[tuple[str, AttributeValue]] = frozenset({("otel.metric.overflow", True)})
 
 
 @dataclass(slots=True)
@@ -78,6 +82,9 @@ class CumulativeHistogram:
         key = frozenset(attributes.items()) if attributes else _NO_ATTRIBUTES
         with self._lock:
             point = self._points.get(key)
+            if point is None and len(self._points) >= MOST_ATTRIBUTE_SETS:
+                key = _OVERFLOW_KEY
+                point = self._points.get(key)
             if point is None:
                 point = _Point(time_ns(), [0] * (len(self.bounds) + 1))
                 self._points[key] = point

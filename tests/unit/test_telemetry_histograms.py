@@ -18,7 +18,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from service.config import TelemetryConfig
 from service.telemetry import Telemetry
-from service.telemetry.histograms import HistogramExport, suits
+from service.telemetry.histograms import MOST_ATTRIBUTE_SETS, HistogramExport, suits
 
 RESOURCE = Resource.create({"service.name": "llm-gateway-test"})
 BOUNDS = (0.01, 0.1, 1.0, 10.0)
@@ -166,3 +166,30 @@ def test_by_default_the_gateway_records_its_own():
     assert (metric.unit, point.count, point.sum) == ("s", 1, 0.003)
     assert point.explicit_bounds[0] == 0.0005
     telemetry.providers.shutdown()
+
+
+def test_attribute_sets_past_the_limit_go_to_one_overflow_point_as_in_the_sdk():
+    """A label an upstream controls cannot grow a histogram forever: past 2,000 attribute
+    sets, new ones are counted in one `otel.metric.overflow` point, as the SDK counts them."""
+    sdk_reader = InMemoryMetricReader()
+    sdk_meter = MeterProvider([sdk_reader], resource=RESOURCE).get_meter("llm_gateway")
+    sdk_histogram = sdk_meter.create_histogram(
+        "d", unit="s", explicit_bucket_boundaries_advisory=BOUNDS
+    )
+    reader = InMemoryMetricReader()
+    MeterProvider([reader], resource=RESOURCE)
+    export = HistogramExport(InstrumentationScope("llm_gateway"), RESOURCE)
+    export.install(reader)
+    ours = export.create("d", unit="s", description="", bounds=BOUNDS)
+    for model in range(MOST_ATTRIBUTE_SETS + 5):
+        for histogram in (ours, sdk_histogram):
+            histogram.record(0.5, {"gen_ai.response.model": f"m{model}"})
+    ours.record(0.5, {"gen_ai.response.model": "m0"})  # a set it has still counts alone
+    sdk_histogram.record(0.5, {"gen_ai.response.model": "m0"})
+    got = points(reader.get_metrics_data(), "d")
+    expected = points(sdk_reader.get_metrics_data(), "d")
+    assert len(got) == MOST_ATTRIBUTE_SETS + 1
+    assert got.keys() == expected.keys()
+    overflow = frozenset({("otel.metric.overflow", True)})
+    assert got[overflow][2].count == expected[overflow][2].count == 5
+    assert got[frozenset({("gen_ai.response.model", "m0")})][2].count == 2
