@@ -193,3 +193,41 @@ def test_attribute_sets_past_the_limit_go_to_one_overflow_point_as_in_the_sdk():
     overflow = frozenset({("otel.metric.overflow", True)})
     assert got[overflow][2].count == expected[overflow][2].count == 5
     assert got[frozenset({("gen_ai.response.model", "m0")})][2].count == 2
+
+
+def test_a_prometheus_scrape_reads_the_same_as_with_the_sdks_histograms():
+    """The Prometheus endpoint (`telemetry.prometheus_port`) serves the gateway's
+    histograms exactly as it served the SDK's: the same bucket, sum and count lines."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    def scrape(record: Any, registry: CollectorRegistry) -> list[str]:
+        record()
+        text = generate_latest(registry).decode()
+        return sorted(line for line in text.splitlines() if line.startswith("d_seconds"))
+
+    sdk_registry = CollectorRegistry()
+    sdk_meter = MeterProvider(
+        [PrometheusMetricReader(registry=sdk_registry)], resource=RESOURCE
+    ).get_meter("llm_gateway")
+    sdk_histogram = sdk_meter.create_histogram(
+        "d", unit="s", description="a duration", explicit_bucket_boundaries_advisory=BOUNDS
+    )
+    registry = CollectorRegistry()
+    reader = PrometheusMetricReader(registry=registry)
+    MeterProvider([reader], resource=RESOURCE)
+    export = HistogramExport(InstrumentationScope("llm_gateway"), RESOURCE)
+    export.install(reader)
+    ours = export.create("d", unit="s", description="a duration", bounds=BOUNDS)
+
+    def record_into(histogram: Any) -> Any:
+        def record() -> None:
+            for attributes in ATTRIBUTE_SETS:
+                for amount in AMOUNTS:
+                    histogram.record(amount, attributes)
+
+        return record
+
+    expected = scrape(record_into(sdk_histogram), sdk_registry)
+    assert any("_bucket" in line for line in expected)
+    assert scrape(record_into(ours), registry) == expected
