@@ -93,6 +93,45 @@ async def test_traceparent_reaches_the_upstream_with_the_callers_trace_id(
     assert parent_id == format(client.context.span_id, "016x")
 
 
+async def test_a_caller_that_did_not_sample_gets_no_spans_and_its_decision_passes_on(
+    traced, captured, upstream
+):
+    """A caller's unsampled trace (flags 00) is followed, as the default sampler follows
+    its parent: nothing is recorded or exported, and the upstream gets the same trace,
+    still unsampled, with tracestate kept."""
+    unsampled = f"00-{CALLER_TRACE_ID}-{CALLER_SPAN_ID}-00"
+    metadata = (("traceparent", unsampled), ("tracestate", "vendor=opaque"))
+    await traced.stub.Complete(chat(), metadata=metadata)
+    [e async for e in traced.stub.CompleteStream(chat_stream(), metadata=metadata)]
+    assert captured.spans() == []
+    for request in upstream.requests:
+        version, trace_id, parent_id, flags = request.headers["traceparent"].split("-")
+        assert (version, trace_id, flags) == ("00", CALLER_TRACE_ID, "00")
+        assert parent_id != CALLER_SPAN_ID  # the gateway's own (unrecorded) attempt span
+        assert request.headers["tracestate"] == "vendor=opaque"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "is_recorded"),
+    [("always_off", False), ("traceidratio", True), ("parentbased_traceidratio", True)],
+)
+async def test_the_configured_sampler_decides_through_the_server(
+    upstream, start_gateway, monkeypatch, sampler, is_recorded
+):
+    """OTEL_TRACES_SAMPLER is the SDK's, as before: off records nothing and tells the
+    upstream so; a ratio sampler (here keeping every trace) records the whole tree."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "1.0")
+    captured = captured_telemetry()
+    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=captured.telemetry)
+    await gw.stub.Complete(chat())
+    names = sorted(span.name for span in captured.spans())
+    assert names == (sorted([UNARY_SPAN, ATTEMPT_SPAN]) if is_recorded else [])
+    flags = int(upstream.requests[0].headers["traceparent"].rsplit("-", 1)[1], 16)
+    assert flags & 0x01 == int(is_recorded)  # sampled
+    assert flags & 0x02  # a root trace's id is random (W3C Trace Context level 2), as the SDK says
+
+
 async def test_without_a_trace_exporter_the_callers_context_passes_through(gateway, upstream):
     """Telemetry off: the caller's traceparent and baggage reach the upstream unchanged."""
     metadata = (("traceparent", TRACEPARENT), ("baggage", "team=search"))
