@@ -45,6 +45,7 @@ from service.errors import (
     FieldViolation,
     InvalidRequest,
     SummarizePartFailed,
+    UpstreamAuthRejected,
     UpstreamContextExceeded,
     UpstreamError,
     UpstreamRejected,
@@ -654,7 +655,10 @@ class Summarizer:
             except UpstreamError as exc:
                 wait_s = self._config.retry_backoff_s * 2 ** (attempt - 1)
                 left = deadline.remaining_s()
-                if attempt == attempts or (left is not None and left <= wait_s):
+                # A rejected key stays rejected: a retry would only find the upstream set
+                # aside, and say that instead.
+                is_final = attempt == attempts or isinstance(exc, UpstreamAuthRejected)
+                if is_final or (left is not None and left <= wait_s):
                     raise SummarizePartFailed(
                         exc, part=slot.part, parts=slot.parts, level=slot.level, attempts=attempt
                     ) from exc

@@ -179,10 +179,11 @@ async def test_a_summary_whose_upstream_rejects_the_gateways_key_is_not_retried_
 ) -> None:
     """A Summarize part failing on a rejected upstream key ends the call with
     SUMMARIZE_PART_FAILED: as for Complete's UPSTREAM_AUTH, only an operator can mend
-    it, so the shipped retry policy must not run the summary again (which then finds
-    the upstream set aside and says only that none is available)."""
+    it, so neither the summary's own part retries (`chunk_attempts`, 3 here) nor the
+    shipped retry policy run it again (which then finds the upstream set aside and says
+    only that none is available)."""
     config = gateway_config(
-        upstream.base_url, resilience={"attempts": 1}, summarize={"chunk_attempts": 1}
+        upstream.base_url, resilience={"attempts": 1}, summarize={"chunk_attempts": 3}
     )
     gateway = await start_gateway(config)
     upstream.script(Status(401))
