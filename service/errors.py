@@ -73,6 +73,8 @@ class GatewayError(Exception):
 
     grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
     reason: ClassVar[str] = "INTERNAL"
+    # No retry can mend it, however long it waits: only an operator can.
+    is_retry_futile: bool = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -269,6 +271,7 @@ class UpstreamAuthRejected(UpstreamError):
     """The upstream rejected the gateway's key (401/403); the caller did nothing wrong."""
 
     reason = "UPSTREAM_AUTH"
+    is_retry_futile = True  # the key stays rejected until an operator changes it
 
 
 class UpstreamRejected(UpstreamError):
@@ -330,7 +333,7 @@ class SummarizePartFailed(UpstreamError):
         self.parts = parts
         self.level = level
         self.attempts = attempts
-        self.is_key_rejected = isinstance(cause, UpstreamAuthRejected)
+        self.is_retry_futile = cause.is_retry_futile
 
 
 def _pack(message: object) -> any_pb2.Any:
@@ -449,7 +452,8 @@ def pushback_trailer(
     its circuit breaker lets a probe through, the retry backoff): the gateway has already
     retried and failed over within the call, so the caller's retry waits that rather
     than its own 0.2 s backoff. An upstream rejecting the gateway's key is -1, gRPC's "do
-    not retry": only an operator can mend it (so is a Summarize part failed by one).
+    not retry": only an operator can mend it (`is_retry_futile`; so is a Summarize part
+    failed by one).
 
     A wait the call's deadline (`time_remaining_s` from now) cannot outlast is sent as
     -1: a retry policy would otherwise sit it out until a bare DEADLINE_EXCEEDED, and the
@@ -466,9 +470,7 @@ def pushback_trailer(
         or isinstance(exc, ShuttingDown)
     ):
         return ()
-    if isinstance(exc, UpstreamAuthRejected) or (
-        isinstance(exc, SummarizePartFailed) and exc.is_key_rejected
-    ):
+    if exc.is_retry_futile:
         return ((RETRY_PUSHBACK_TRAILER, "-1"),)
     if exc.retry_after_s is None:
         return ()

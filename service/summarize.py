@@ -45,7 +45,6 @@ from service.errors import (
     FieldViolation,
     InvalidRequest,
     SummarizePartFailed,
-    UpstreamAuthRejected,
     UpstreamContextExceeded,
     UpstreamError,
     UpstreamRejected,
@@ -657,7 +656,7 @@ class Summarizer:
                 left = deadline.remaining_s()
                 # A rejected key stays rejected: a retry would only find the upstream set
                 # aside, and say that instead.
-                is_final = attempt == attempts or isinstance(exc, UpstreamAuthRejected)
+                is_final = attempt == attempts or exc.is_retry_futile
                 if is_final or (left is not None and left <= wait_s):
                     raise SummarizePartFailed(
                         exc, part=slot.part, parts=slot.parts, level=slot.level, attempts=attempt
