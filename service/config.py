@@ -261,19 +261,23 @@ class UpstreamConfig:
             " use api_key_env",
         )
         _require(len(self.models) > 0, "models must list at least one model")
-        # In any case: servers written in Go match JSON fields without it ("Model").
-        taken = sorted(name for name in self.extra_body if name.lower() in GATEWAY_BODY_FIELDS)
+
+        def named_in(fields: frozenset[str]) -> list[str]:
+            # In any case: servers written in Go match JSON fields without it ("Model").
+            return sorted(name for name in self.extra_body if name.lower() in fields)
+
+        taken = named_in(GATEWAY_BODY_FIELDS)
         _require(
             not taken,
             f"extra_body must not set {', '.join(taken)}: the gateway sets it from each request",
         )
-        shaping = sorted(name for name in self.extra_body if name.lower() in ANSWER_SHAPE_FIELDS)
+        shaping = named_in(ANSWER_SHAPE_FIELDS)
         _require(
             not shaping,
             f"extra_body must not set {', '.join(shaping)}: the gateway relays one answer, "
             "as content or tool_calls",
         )
-        secret = sorted(name for name in self.extra_body if name.lower() in _CREDENTIAL_PARAMETERS)
+        secret = named_in(_CREDENTIAL_PARAMETERS)
         _require(
             not secret,
             f"extra_body must not carry credentials ({', '.join(secret)}); use api_key_env",
