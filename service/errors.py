@@ -451,9 +451,10 @@ def pushback_trailer(
     when the gateway knows the wait (a quota's reset, an upstream's `Retry-After`, when
     its circuit breaker lets a probe through, the retry backoff): the gateway has already
     retried and failed over within the call, so the caller's retry waits that rather
-    than its own 0.2 s backoff. An upstream rejecting the gateway's key is -1, gRPC's "do
-    not retry": only an operator can mend it (`is_retry_futile`; so is a Summarize part
-    failed by one).
+    than its own 0.2 s backoff. Every upstream of the model rejecting the gateway's key is
+    -1, gRPC's "do not retry": only an operator can mend it (`is_retry_futile`, which the
+    pool clears when another upstream may serve a retry; so is a Summarize part failed by
+    one).
 
     A wait the call's deadline (`time_remaining_s` from now) cannot outlast is sent as
     -1: a retry policy would otherwise sit it out until a bare DEADLINE_EXCEEDED, and the

@@ -493,6 +493,12 @@ class UpstreamPool:
     def _give_up(self, model: str, plan: _CallPlan, last_error: UpstreamError | None) -> Exception:
         """The error to raise when no attempt is left: the last failure, or why none ran."""
         if last_error is not None:
+            if last_error.is_retry_futile and not all(
+                self._states[r.client.name].breaker.is_key_rejected for r in plan.order
+            ):
+                # Another upstream failed in a way time mends (a 5xx, its own limits, an
+                # open breaker): the caller's retry can reach it, so do not forbid one.
+                last_error.is_retry_futile = False
             return last_error
         reasons = ", ".join(f"{name} ({why})" for name, why in sorted(plan.excluded.items()))
         names = ",".join(r.client.name for r in plan.order)

@@ -359,6 +359,29 @@ async def test_only_upstream_key_rejected_is_unavailable_upstream_auth(start_gat
         assert len(bad.requests) == 1  # the open breaker answered, not the upstream
 
 
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_key_rejected_after_a_5xx_leaves_the_callers_retry_open(start_gateway, mode):
+    """A 5xx on one upstream, then a 401 on the other: the call ends UPSTREAM_AUTH but
+    without the "do not retry" pushback (-1), since the first upstream may serve a retry;
+    and the retry, which skips the rejected key, does."""
+    async with FakeUpstream(default=Status(401)) as rejected, FakeUpstream() as flaky:
+        flaky.script(Status(503))
+        resilience = {**FAST_RESILIENCE, "attempts": 2}
+        gateway = await start_gateway(
+            gateway_config(flaky.base_url, rejected.base_url, resilience=resilience)
+        )
+        error, _ = await call(gateway, mode, timeout_s=10)
+        assert isinstance(error, grpc.aio.AioRpcError)
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(error)[1] == "UPSTREAM_AUTH"
+        assert (len(flaky.requests), len(rejected.requests)) == (1, 1)
+        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) != "-1"
+        metadata, _ = await call(gateway, mode, timeout_s=10)
+        assert not isinstance(metadata, grpc.aio.AioRpcError)
+        assert (metadata.upstream, metadata.attempts) == ("up0", 1)
+        assert len(rejected.requests) == 1
+
+
 async def test_all_upstreams_down_is_unavailable_and_names_no_secret(start_gateway):
     """Both upstreams failing ends UNAVAILABLE; the message carries no URL or key."""
     async with FakeUpstream(default=Status(503)) as a, FakeUpstream(default=Status(502)) as b:
