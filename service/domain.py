@@ -143,6 +143,18 @@ class ResponseFormat:
     is_strict: bool = False
 
 
+class ReasoningEffort(enum.StrEnum):
+    """How much a reasoning model thinks; the value is OpenAI's `reasoning_effort`."""
+
+    NONE = "none"
+    MINIMAL = "minimal"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    XHIGH = "xhigh"
+    MAX = "max"
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationParams:
     """Sampling parameters; None means unset, which differs from zero."""
@@ -155,6 +167,8 @@ class GenerationParams:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     response_format: ResponseFormat | None = None
+    # None: the upstream's default (its `extra_body`'s, if it sets one).
+    reasoning_effort: ReasoningEffort | None = None
 
 
 @dataclass(frozen=True, slots=True)

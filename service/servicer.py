@@ -28,6 +28,7 @@ from service.domain import (
     FinishReason,
     GenerationParams,
     Message,
+    ReasoningEffort,
     ResponseFormat,
     ResponseFormatType,
     Role,
@@ -87,6 +88,16 @@ _RESPONSE_FORMATS = {
     pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormatType.JSON_OBJECT,
     pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType.JSON_SCHEMA,
 }
+_REASONING_EFFORTS = {
+    pb.REASONING_EFFORT_UNSPECIFIED: None,
+    pb.REASONING_EFFORT_NONE: ReasoningEffort.NONE,
+    pb.REASONING_EFFORT_MINIMAL: ReasoningEffort.MINIMAL,
+    pb.REASONING_EFFORT_LOW: ReasoningEffort.LOW,
+    pb.REASONING_EFFORT_MEDIUM: ReasoningEffort.MEDIUM,
+    pb.REASONING_EFFORT_HIGH: ReasoningEffort.HIGH,
+    pb.REASONING_EFFORT_XHIGH: ReasoningEffort.XHIGH,
+    pb.REASONING_EFFORT_MAX: ReasoningEffort.MAX,
+}
 
 _HEALTH = {
     BreakerState.CLOSED: pb.UPSTREAM_HEALTH_HEALTHY,
@@ -117,6 +128,7 @@ def params_from_proto(params: pb.GenerationParams) -> GenerationParams:
             params.frequency_penalty if params.HasField("frequency_penalty") else None
         ),
         response_format=_response_format_from_proto(params.response_format),
+        reasoning_effort=_REASONING_EFFORTS.get(params.reasoning_effort),
     )
 
 
@@ -158,10 +170,13 @@ def chat_request_from_proto(
     cache_mode = _CACHE_MODES.get(message.cache.mode)
     if message.cache.mode not in _CACHE_MODES:
         violations.append(FieldViolation("cache.mode", "unknown cache mode"))
-    if message.HasField("params") and message.params.response_format.type not in _RESPONSE_FORMATS:
-        violations.append(
-            FieldViolation("params.response_format.type", "unknown response format type")
-        )
+    if message.HasField("params"):
+        if message.params.response_format.type not in _RESPONSE_FORMATS:
+            violations.append(
+                FieldViolation("params.response_format.type", "unknown response format type")
+            )
+        if message.params.reasoning_effort not in _REASONING_EFFORTS:
+            violations.append(FieldViolation("params.reasoning_effort", "unknown reasoning effort"))
     truncation = _TRUNCATION.get(message.truncation.mode)
     if message.truncation.mode not in _TRUNCATION:
         violations.append(FieldViolation("truncation.mode", "unknown truncation mode"))

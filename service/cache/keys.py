@@ -56,6 +56,9 @@ def canonical_request(request: ChatRequest) -> bytes:
                 response_format.is_strict,
             ]
         )
+    if params.reasoning_effort is not None:
+        # Appended only when set too; a str, so never taken for the format's list.
+        sampling.append(params.reasoning_effort.value)
     parts: list[object] = [
         KEY_FORMAT_VERSION,
         request.tenant,

@@ -80,8 +80,9 @@ def request_body(
     max_tokens_field: str = "max_tokens",
 ) -> bytes:
     """Serialise `request` as an OpenAI chat-completions body for one upstream, with the
-    upstream's `extra` fields (none of which the request's own fields use) and
-    `params.max_tokens` in the upstream's `max_tokens_field`."""
+    upstream's `extra` fields (none of which the request's own fields use, but for a
+    `reasoning_effort` the request's own replaces) and `params.max_tokens` in the
+    upstream's `max_tokens_field`."""
     body: dict[str, Any] = {
         "model": upstream_model,
         "messages": [
@@ -117,6 +118,9 @@ def request_body(
         body["stream_options"] = {"include_usage": True}
     if extra:
         body.update(extra)
+    if params.reasoning_effort is not None:
+        # After `extra`: an upstream's `extra_body` may set a default the caller overrides.
+        body["reasoning_effort"] = params.reasoning_effort.value
     return orjson.dumps(body)
 
 

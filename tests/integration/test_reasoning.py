@@ -14,7 +14,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
 from service.tokens import estimate_text_tokens
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
-from tests.fake_upstream import Reply, ToolCallReply, split_even
+from tests.fake_upstream import Reply, Status, ToolCallReply, split_even
 from tests.integration.helpers import error_info, field_violations
 from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
@@ -474,6 +474,76 @@ async def test_an_upstream_taking_max_completion_tokens_gets_the_callers_max_tok
     for request in upstream.requests:
         assert request.body["max_completion_tokens"] == 77
         assert "max_tokens" not in request.body
+
+
+def _with_effort(effort: int, content: str = "hi") -> pb.CompleteRequest:
+    return chat(content, params=pb.GenerationParams(reasoning_effort=effort), cache=CACHED)
+
+
+async def test_reasoning_effort_is_sent_and_replaces_an_upstreams_default(upstream, start_gateway):
+    """A request's effort reaches the upstream as `reasoning_effort`, unary and streamed,
+    in place of the default its `extra_body` sets; a request without one gets the default,
+    and an upstream without a default gets no field at all."""
+    data = gateway_config_data(upstream.base_url)
+    data["upstreams"][0]["extra_body"] = {"reasoning_effort": "high"}
+    data["upstreams"].append(
+        {"name": "plain", "base_url": upstream.base_url, "models": {"plain-model": FAKE_MODEL}}
+    )
+    data["models"]["plain-model"] = data["models"][FAKE_MODEL]
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    low = chat("hi", params=pb.GenerationParams(reasoning_effort=pb.REASONING_EFFORT_LOW))
+    await gateway.stub.Complete(low)
+    streamed = pb.CompleteStreamRequest()
+    streamed.ParseFromString(low.SerializeToString())
+    await _collect(gateway.stub, streamed)
+    await gateway.stub.Complete(chat("hi"))
+    await gateway.stub.Complete(chat("hi", model="plain-model"))
+    unary, stream, default, plain = (request.body for request in upstream.requests)
+    assert (unary["reasoning_effort"], stream["reasoning_effort"]) == ("low", "low")
+    assert stream["stream"] is True
+    assert default["reasoning_effort"] == "high"
+    assert "reasoning_effort" not in plain
+
+
+async def test_each_reasoning_effort_has_its_own_cache_entry(upstream, start_gateway):
+    """Answers at one effort are never served for another, nor for none."""
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    efforts = [pb.REASONING_EFFORT_UNSPECIFIED, pb.REASONING_EFFORT_LOW, pb.REASONING_EFFORT_MAX]
+    for effort in efforts:
+        reply = await gateway.stub.Complete(_with_effort(effort))
+        assert not reply.metadata.cache_hit
+    again = await gateway.stub.Complete(_with_effort(pb.REASONING_EFFORT_LOW))
+    assert again.metadata.cache_hit
+    sent = [request.body.get("reasoning_effort") for request in upstream.requests]
+    assert sent == [None, "low", "max"]
+
+
+async def test_an_unknown_reasoning_effort_is_refused_before_any_upstream_call(stub, upstream):
+    """A value outside the enum (a newer client's) is INVALID_ARGUMENT on the field."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(_with_effort(99))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == {"params.reasoning_effort": "unknown reasoning effort"}
+    assert upstream.requests == []
+
+
+async def test_an_upstream_refusing_an_effort_is_invalid_argument_tried_once(stub, upstream):
+    """A provider that does not take a value answers 400: the caller learns so at once,
+    with no retry (the same request would be refused again)."""
+    upstream.script(Status(400))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(_with_effort(pb.REASONING_EFFORT_MINIMAL))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert [request.body["reasoning_effort"] for request in upstream.requests] == ["minimal"]
+
+
+async def test_python_client_takes_the_effort_by_name(gateway, upstream):
+    """`reasoning_effort="max"` in the Python client; an unknown name fails before a call."""
+    async with GatewayClient(gateway.server.address) as client:
+        await client.complete("hi", model=FAKE_MODEL, reasoning_effort="max")
+        with pytest.raises(ValueError, match="reasoning effort must be one of"):
+            await client.complete("hi", model=FAKE_MODEL, reasoning_effort="extreme")
+    assert [request.body["reasoning_effort"] for request in upstream.requests] == ["max"]
 
 
 async def test_get_usage_keeps_reasoning_tokens_apart(stub, upstream):

@@ -16,6 +16,7 @@ from service.domain import (
     ChatRequest,
     GenerationParams,
     Message,
+    ReasoningEffort,
     ResponseFormat,
     ResponseFormatType,
     Role,
@@ -157,6 +158,23 @@ def test_every_format_has_its_own_cache_key() -> None:
     ]
     keys = {cache_key(with_format(variant), prefix="p") for variant in variants}
     assert len(keys) == len(variants)
+
+
+def test_every_reasoning_effort_has_its_own_cache_key() -> None:
+    """Unset and each effort, alone and with a format, never share an answer."""
+    variants = [None, *ReasoningEffort]
+    keys = {
+        cache_key(
+            dataclasses.replace(
+                request,
+                params=dataclasses.replace(request.params, reasoning_effort=effort),
+            ),
+            prefix="p",
+        )
+        for effort in variants
+        for request in (BASE, with_format(ResponseFormat(ResponseFormatType.JSON_OBJECT)))
+    }
+    assert len(keys) == 2 * len(variants)
 
 
 def test_keys_of_requests_without_a_format_are_unchanged() -> None:

@@ -13,6 +13,7 @@ from service.domain import (
     ChatRequest,
     GenerationParams,
     Message,
+    ReasoningEffort,
     ResponseFormat,
     ResponseFormatType,
     Role,
@@ -131,3 +132,23 @@ def test_extra_body_is_not_in_the_upstreams_repr() -> None:
     """Whatever an operator put there stays out of anything that prints the config."""
     config = parse({"upstreams": [upstream(extra_body={"x_org": "internal-team-7"})]})
     assert "internal-team-7" not in repr(config)
+
+
+def test_a_requests_reasoning_effort_replaces_the_upstreams_default() -> None:
+    """`extra_body` may set a default effort; the request's own, when set, goes out instead."""
+    plain = ChatRequest(model="m", messages=(Message(Role.USER, "hi"),))
+    low = ChatRequest(
+        model="m",
+        messages=(Message(Role.USER, "hi"),),
+        params=GenerationParams(reasoning_effort=ReasoningEffort.LOW),
+    )
+    default = {"reasoning_effort": "high"}
+
+    def sent(request: ChatRequest, extra: dict[str, object] | None) -> object:
+        body = orjson.loads(request_body(request, upstream_model="u", stream=False, extra=extra))
+        return body.get("reasoning_effort")
+
+    assert (sent(low, default), sent(plain, default)) == ("low", "high")
+    assert (sent(low, None), sent(plain, None)) == ("low", None)
+    assert "reasoning_effort" not in GATEWAY_BODY_FIELDS  # so a default is allowed
+    assert parse({"upstreams": [upstream(extra_body=default)]}).upstreams[0].extra_body == default

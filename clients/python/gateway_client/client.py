@@ -29,6 +29,16 @@ def _service_config() -> str:
     return SERVICE_CONFIG_PATH.read_text(encoding="utf-8")
 
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+
+
+def reasoning_effort(name: str) -> pb.ReasoningEffort.ValueType:
+    """The `ReasoningEffort` sent as `name` ("low", "max", ...)."""
+    if name not in REASONING_EFFORTS:
+        raise ValueError(f"reasoning effort must be one of {', '.join(REASONING_EFFORTS)}")
+    return pb.ReasoningEffort.Value(f"REASONING_EFFORT_{name.upper()}")
+
+
 def build_request(
     prompt: str | Sequence[Turn],
     *,
@@ -40,7 +50,13 @@ def build_request(
     **params: Any,
 ) -> pb.CompleteRequest:
     """A CompleteRequest from a prompt (or turns: (role, content) pairs, or `pb.Message`s
-    such as tool-call turns and tool results), tools and generation params."""
+    such as tool-call turns and tool results), tools and generation params.
+
+    `reasoning_effort` may be given by its name on the wire ("low", "max").
+    """
+    effort = params.get("reasoning_effort")
+    if isinstance(effort, str):
+        params["reasoning_effort"] = reasoning_effort(effort)
     turns: list[Turn] = [("user", prompt)] if isinstance(prompt, str) else list(prompt)
     if system:
         turns.insert(0, ("system", system))

@@ -175,6 +175,46 @@ TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.ValueType  # 3
 """The model calls at least one tool."""
 Global___ToolChoiceMode: _TypeAlias = ToolChoiceMode  # noqa: Y015
 
+class _ReasoningEffort:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReasoningEffortEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasoningEffort.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REASONING_EFFORT_UNSPECIFIED: _ReasoningEffort.ValueType  # 0
+    """The upstream's default: the field is not sent."""
+    REASONING_EFFORT_NONE: _ReasoningEffort.ValueType  # 1
+    """No reasoning (OpenAI gpt-5.1 and later)."""
+    REASONING_EFFORT_MINIMAL: _ReasoningEffort.ValueType  # 2
+    REASONING_EFFORT_LOW: _ReasoningEffort.ValueType  # 3
+    REASONING_EFFORT_MEDIUM: _ReasoningEffort.ValueType  # 4
+    REASONING_EFFORT_HIGH: _ReasoningEffort.ValueType  # 5
+    REASONING_EFFORT_XHIGH: _ReasoningEffort.ValueType  # 6
+    REASONING_EFFORT_MAX: _ReasoningEffort.ValueType  # 7
+    """The most (DeepSeek V4's `max`)."""
+
+class ReasoningEffort(_ReasoningEffort, metaclass=_ReasoningEffortEnumTypeWrapper):
+    """ReasoningEffort is how much a reasoning model thinks before it answers,
+    sent as OpenAI's `reasoning_effort` ("none", "minimal", ... "max").
+    Providers take their own subsets: DeepSeek V4 maps each to low, high or
+    max; OpenAI's reasoning models take none (gpt-5.1 and later) to xhigh; an
+    upstream refusing a value answers 400, which the caller gets as
+    INVALID_ARGUMENT.
+    """
+
+REASONING_EFFORT_UNSPECIFIED: ReasoningEffort.ValueType  # 0
+"""The upstream's default: the field is not sent."""
+REASONING_EFFORT_NONE: ReasoningEffort.ValueType  # 1
+"""No reasoning (OpenAI gpt-5.1 and later)."""
+REASONING_EFFORT_MINIMAL: ReasoningEffort.ValueType  # 2
+REASONING_EFFORT_LOW: ReasoningEffort.ValueType  # 3
+REASONING_EFFORT_MEDIUM: ReasoningEffort.ValueType  # 4
+REASONING_EFFORT_HIGH: ReasoningEffort.ValueType  # 5
+REASONING_EFFORT_XHIGH: ReasoningEffort.ValueType  # 6
+REASONING_EFFORT_MAX: ReasoningEffort.ValueType  # 7
+"""The most (DeepSeek V4's `max`)."""
+Global___ReasoningEffort: _TypeAlias = ReasoningEffort  # noqa: Y015
+
 class _ResponseFormatType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -351,12 +391,17 @@ class GenerationParams(_message.Message):
     PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
     FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
     RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    REASONING_EFFORT_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     top_p: _builtins.float
     max_tokens: _builtins.int
     seed: _builtins.int
     presence_penalty: _builtins.float
     frequency_penalty: _builtins.float
+    reasoning_effort: Global___ReasoningEffort.ValueType
+    """How much a reasoning model thinks before it answers; unset means the
+    upstream's default (or its `extra_body`'s). Sent as `reasoning_effort`.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -374,10 +419,11 @@ class GenerationParams(_message.Message):
         presence_penalty: _builtins.float | None = ...,
         frequency_penalty: _builtins.float | None = ...,
         response_format: Global___ResponseFormat | None = ...,
+        reasoning_effort: Global___ReasoningEffort.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "max_tokens", b"max_tokens", "presence_penalty", b"presence_penalty", "response_format", b"response_format", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "max_tokens", b"max_tokens", "presence_penalty", b"presence_penalty", "response_format", b"response_format", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "max_tokens", b"max_tokens", "presence_penalty", b"presence_penalty", "reasoning_effort", b"reasoning_effort", "response_format", b"response_format", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__frequency_penalty: _TypeAlias = _typing.Literal["frequency_penalty"]  # noqa: Y015
     _WhichOneofArgType__frequency_penalty: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty"]  # noqa: Y015

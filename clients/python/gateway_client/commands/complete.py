@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from gateway_client.client import GatewayClient, build_request
+from gateway_client.client import REASONING_EFFORTS, GatewayClient, build_request
 from gateway_client.commands.usage import parse_label
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
@@ -28,6 +28,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     parser.add_argument("--max-tokens", type=int_in(INT32), help="upper bound on generated tokens")
     parser.add_argument("--temperature", type=float, help="sampling temperature, 0 to 2")
+    parser.add_argument(
+        "--reasoning-effort",
+        choices=REASONING_EFFORTS,
+        help="how much a reasoning model thinks (default: the upstream's)",
+    )
     parser.add_argument(
         "--label",
         action="append",
@@ -62,6 +67,8 @@ async def complete_command(args: argparse.Namespace) -> int:
         params["max_tokens"] = args.max_tokens
     if args.temperature is not None:
         params["temperature"] = args.temperature
+    if args.reasoning_effort is not None:
+        params["reasoning_effort"] = args.reasoning_effort
     labels = dict(args.label)
     request = build_request(prompt, model=args.model, system=args.system, labels=labels, **params)
     started = time.monotonic()

@@ -330,6 +330,86 @@ export function toolChoiceModeToJSON(object: ToolChoiceMode): string {
   }
 }
 
+/**
+ * ReasoningEffort is how much a reasoning model thinks before it answers,
+ * sent as OpenAI's `reasoning_effort` ("none", "minimal", ... "max").
+ * Providers take their own subsets: DeepSeek V4 maps each to low, high or
+ * max; OpenAI's reasoning models take none (gpt-5.1 and later) to xhigh; an
+ * upstream refusing a value answers 400, which the caller gets as
+ * INVALID_ARGUMENT.
+ */
+export enum ReasoningEffort {
+  /** REASONING_EFFORT_UNSPECIFIED - The upstream's default: the field is not sent. */
+  REASONING_EFFORT_UNSPECIFIED = 0,
+  /** REASONING_EFFORT_NONE - No reasoning (OpenAI gpt-5.1 and later). */
+  REASONING_EFFORT_NONE = 1,
+  REASONING_EFFORT_MINIMAL = 2,
+  REASONING_EFFORT_LOW = 3,
+  REASONING_EFFORT_MEDIUM = 4,
+  REASONING_EFFORT_HIGH = 5,
+  REASONING_EFFORT_XHIGH = 6,
+  /** REASONING_EFFORT_MAX - The most (DeepSeek V4's `max`). */
+  REASONING_EFFORT_MAX = 7,
+  UNRECOGNIZED = -1,
+}
+
+export function reasoningEffortFromJSON(object: any): ReasoningEffort {
+  switch (object) {
+    case 0:
+    case "REASONING_EFFORT_UNSPECIFIED":
+      return ReasoningEffort.REASONING_EFFORT_UNSPECIFIED;
+    case 1:
+    case "REASONING_EFFORT_NONE":
+      return ReasoningEffort.REASONING_EFFORT_NONE;
+    case 2:
+    case "REASONING_EFFORT_MINIMAL":
+      return ReasoningEffort.REASONING_EFFORT_MINIMAL;
+    case 3:
+    case "REASONING_EFFORT_LOW":
+      return ReasoningEffort.REASONING_EFFORT_LOW;
+    case 4:
+    case "REASONING_EFFORT_MEDIUM":
+      return ReasoningEffort.REASONING_EFFORT_MEDIUM;
+    case 5:
+    case "REASONING_EFFORT_HIGH":
+      return ReasoningEffort.REASONING_EFFORT_HIGH;
+    case 6:
+    case "REASONING_EFFORT_XHIGH":
+      return ReasoningEffort.REASONING_EFFORT_XHIGH;
+    case 7:
+    case "REASONING_EFFORT_MAX":
+      return ReasoningEffort.REASONING_EFFORT_MAX;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ReasoningEffort.UNRECOGNIZED;
+  }
+}
+
+export function reasoningEffortToJSON(object: ReasoningEffort): string {
+  switch (object) {
+    case ReasoningEffort.REASONING_EFFORT_UNSPECIFIED:
+      return "REASONING_EFFORT_UNSPECIFIED";
+    case ReasoningEffort.REASONING_EFFORT_NONE:
+      return "REASONING_EFFORT_NONE";
+    case ReasoningEffort.REASONING_EFFORT_MINIMAL:
+      return "REASONING_EFFORT_MINIMAL";
+    case ReasoningEffort.REASONING_EFFORT_LOW:
+      return "REASONING_EFFORT_LOW";
+    case ReasoningEffort.REASONING_EFFORT_MEDIUM:
+      return "REASONING_EFFORT_MEDIUM";
+    case ReasoningEffort.REASONING_EFFORT_HIGH:
+      return "REASONING_EFFORT_HIGH";
+    case ReasoningEffort.REASONING_EFFORT_XHIGH:
+      return "REASONING_EFFORT_XHIGH";
+    case ReasoningEffort.REASONING_EFFORT_MAX:
+      return "REASONING_EFFORT_MAX";
+    case ReasoningEffort.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** ResponseFormatType is the shape of an answer. */
 export enum ResponseFormatType {
   /** RESPONSE_FORMAT_TYPE_UNSPECIFIED - Free text: the upstream's default. */
@@ -443,7 +523,14 @@ export interface GenerationParams {
     | number
     | undefined;
   /** The shape the answer must take; unset means free text. */
-  responseFormat: ResponseFormat | undefined;
+  responseFormat:
+    | ResponseFormat
+    | undefined;
+  /**
+   * How much a reasoning model thinks before it answers; unset means the
+   * upstream's default (or its `extra_body`'s). Sent as `reasoning_effort`.
+   */
+  reasoningEffort: ReasoningEffort;
 }
 
 /** ResponseFormat asks the model for JSON, optionally following a schema. */
@@ -1210,6 +1297,7 @@ function createBaseGenerationParams(): GenerationParams {
     presencePenalty: undefined,
     frequencyPenalty: undefined,
     responseFormat: undefined,
+    reasoningEffort: 0,
   };
 }
 
@@ -1238,6 +1326,9 @@ export const GenerationParams: MessageFns<GenerationParams> = {
     }
     if (message.responseFormat !== undefined) {
       ResponseFormat.encode(message.responseFormat, writer.uint32(66).fork()).join();
+    }
+    if (message.reasoningEffort !== 0) {
+      writer.uint32(72).int32(message.reasoningEffort);
     }
     return writer;
   },
@@ -1319,6 +1410,14 @@ export const GenerationParams: MessageFns<GenerationParams> = {
             message.responseFormat = ResponseFormat.decode(reader, reader.uint32());
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.reasoningEffort = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1361,6 +1460,11 @@ export const GenerationParams: MessageFns<GenerationParams> = {
         : isSet(object.response_format)
         ? ResponseFormat.fromJSON(object.response_format)
         : undefined,
+      reasoningEffort: isSet(object.reasoningEffort)
+        ? reasoningEffortFromJSON(object.reasoningEffort)
+        : isSet(object.reasoning_effort)
+        ? reasoningEffortFromJSON(object.reasoning_effort)
+        : 0,
     };
   },
 
@@ -1390,6 +1494,9 @@ export const GenerationParams: MessageFns<GenerationParams> = {
     if (message.responseFormat !== undefined) {
       obj.responseFormat = ResponseFormat.toJSON(message.responseFormat);
     }
+    if (message.reasoningEffort !== 0) {
+      obj.reasoningEffort = reasoningEffortToJSON(message.reasoningEffort);
+    }
     return obj;
   },
 
@@ -1408,6 +1515,7 @@ export const GenerationParams: MessageFns<GenerationParams> = {
     message.responseFormat = (object.responseFormat !== undefined && object.responseFormat !== null)
       ? ResponseFormat.fromPartial(object.responseFormat)
       : undefined;
+    message.reasoningEffort = object.reasoningEffort ?? 0;
     return message;
   },
 };
