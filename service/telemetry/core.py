@@ -148,6 +148,7 @@ class AttemptSpan:
             attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] = usage.input_tokens
             attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] = usage.output_tokens
             attributes[attr.CACHED_INPUT_TOKENS] = usage.cached_input_tokens
+            attributes[attr.REASONING_TOKENS] = usage.reasoning_tokens
             attributes[attr.COST_USD] = self.telemetry.prices.cost_usd(self.request.model, usage)
         if self.telemetry.capture_content:
             if content is None:
@@ -404,6 +405,8 @@ class Telemetry:
                 attributes[attr.GEN_AI_REQUEST_TOP_P] = params.top_p
             if params.max_tokens is not None:
                 attributes[attr.GEN_AI_REQUEST_MAX_TOKENS] = params.max_tokens
+            if params.reasoning_effort is not None:
+                attributes[attr.REASONING_EFFORT] = params.reasoning_effort.value
             if retry_wait_s is not None:
                 attributes[attr.RETRY_WAIT_MS] = retry_wait_s * 1000.0
         if attributes is not None:
@@ -447,6 +450,7 @@ class Telemetry:
                 attr.GEN_AI_USAGE_INPUT_TOKENS: usage.input_tokens,
                 attr.GEN_AI_USAGE_OUTPUT_TOKENS: usage.output_tokens,
                 attr.CACHED_INPUT_TOKENS: usage.cached_input_tokens,
+                attr.REASONING_TOKENS: usage.reasoning_tokens,
                 attr.USAGE_ESTIMATED: usage.is_estimated,
                 attr.COST_USD: completion.cost_usd,
                 attr.CACHE_HIT: completion.is_cache_hit,
@@ -512,6 +516,7 @@ _SUMMED = (
     attr.GEN_AI_USAGE_INPUT_TOKENS,
     attr.GEN_AI_USAGE_OUTPUT_TOKENS,
     attr.CACHED_INPUT_TOKENS,
+    attr.REASONING_TOKENS,
     attr.ATTEMPTS,
 )
 

@@ -167,6 +167,17 @@ async def test_cli_complete_prints_answer_and_usage(gateway_process):
     assert "cost=$0.000002" in err
 
 
+async def test_cli_sends_the_reasoning_effort_it_is_given(upstream, gateway):
+    """`--reasoning-effort max` reaches the upstream; a name it does not know is refused
+    by the command line before any call."""
+    code, _, err = await _run_cli(gateway.server.address, "hi", "--reasoning-effort", "max")
+    assert code == 0, err
+    code, _, err = await _run_cli(gateway.server.address, "hi", "--reasoning-effort", "huge")
+    assert code == 2
+    assert "invalid choice: 'huge'" in err
+    assert [request.body.get("reasoning_effort") for request in upstream.requests] == ["max"]
+
+
 async def test_cli_stream_prints_deltas(gateway_process):
     """`llm-gateway complete --stream` prints the streamed text."""
     _, address = gateway_process

@@ -68,7 +68,9 @@ async def test_unary_span_tree_continues_the_callers_trace(traced, captured):
     assert attrs["llm_gateway.upstream"] == "up0"
     assert attrs["llm_gateway.attempt"] == 1
     assert attrs["llm_gateway.cost.usd"] == pytest.approx(FAKE_REPLY_COST, abs=1e-12)
+    assert attrs["llm_gateway.usage.reasoning_tokens"] == 0
     assert "error.type" not in attrs
+    assert "llm_gateway.request.reasoning_effort" not in attrs
     rpc = attributes_of(server)
     assert rpc["rpc.system"] == "grpc"
     assert rpc["rpc.method"] == "Complete"
@@ -229,6 +231,23 @@ async def test_a_batch_span_carries_the_usage_and_cost_of_all_its_items(traced, 
     assert rpc["gen_ai.usage.output_tokens"] == summary.usage.output_tokens == 9
     assert rpc["llm_gateway.cost.usd"] == pytest.approx(summary.cost_usd, abs=1e-12)
     assert rpc["llm_gateway.attempts"] == 3
+
+
+async def test_spans_carry_the_reasoning_effort_and_reasoning_tokens(traced, captured, upstream):
+    """The attempt's span names the effort asked for; both spans count the tokens spent
+    thinking, and a batch's span adds them up over its items."""
+    upstream.default = Reply(content="Paris.", completion_tokens=30, reasoning_tokens=25)
+    params = pb.GenerationParams(reasoning_effort=pb.REASONING_EFFORT_HIGH)
+    await traced.stub.Complete(chat(params=params))
+    client = attributes_of(captured.span(ATTEMPT_SPAN))
+    assert client["llm_gateway.request.reasoning_effort"] == "high"
+    assert client["llm_gateway.usage.reasoning_tokens"] == 25
+    assert attributes_of(captured.span(UNARY_SPAN))["llm_gateway.usage.reasoning_tokens"] == 25
+    items = [pb.BatchItem(id=str(i), request=chat(f"question {i}")) for i in range(2)]
+    events = [e async for e in traced.stub.CompleteBatch(pb.CompleteBatchRequest(items=items))]
+    assert events[-1].summary.usage.reasoning_tokens == 50
+    rpc = attributes_of(await captured.ended("llmgateway.v1.CompletionService/CompleteBatch"))
+    assert rpc["llm_gateway.usage.reasoning_tokens"] == 50
 
 
 async def test_caller_errors_do_not_mark_the_server_span_as_failed(traced, captured):
