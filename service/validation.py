@@ -21,7 +21,7 @@ _MAX_TOKENS_CAP = 1_000_000
 # OpenAI's rule for a tool's and a JSON schema's name (fullmatch, as _LABEL_KEY).
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _MAX_TOOLS = 128  # OpenAI's limit
-_MAX_TOOL_CALL_ID = 256
+_MAX_TOOL_CALL_ID = 256  # also bounds a sent-back call's name
 
 
 def _range(
@@ -202,10 +202,14 @@ def _tool_message_violations(
                     f"must be 1 to {_MAX_TOOL_CALL_ID} printable characters",
                 )
             )
-        if not _FUNCTION_NAME.fullmatch(call.name):
+        # The model's own output sent back, so not the rule for declared tools: a model
+        # may call a name it was never given ("python.run"), and refusing the turn that
+        # carries it would leave the caller no way to answer that call.
+        if not call.name or len(call.name) > _MAX_TOOL_CALL_ID or not call.name.isprintable():
             found.append(
                 FieldViolation(
-                    f"{path}.tool_calls[{number}].name", "must be 1-64 of a-z A-Z 0-9 _ -"
+                    f"{path}.tool_calls[{number}].name",
+                    f"must be 1 to {_MAX_TOOL_CALL_ID} printable characters",
                 )
             )
         call_ids.add(call.id)

@@ -152,6 +152,25 @@ async def test_second_turn_sends_the_tool_calls_and_results_back(stub, upstream)
     ]
 
 
+async def test_a_tool_name_the_model_invented_can_be_answered(stub, upstream):
+    """A model may call a name outside the rule for declared tools ("python.run", never
+    declared): the gateway relays the call, and the next turn, which answers it, is taken
+    and sent on as it was."""
+    upstream.script(
+        Reply(content="", tool_calls=(ToolCallReply("call_x", "python.run", '{"code": "1"}'),)),
+        Reply(content="There is no such tool."),
+    )
+    question = pb.Message(role=pb.ROLE_USER, content="Compute 1+1")
+    first = await stub.Complete(_request(question))
+    assert [(c.id, c.name) for c in first.tool_calls] == [("call_x", "python.run")]
+    answer = pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_x", content="unknown tool")
+    turn = pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=first.tool_calls)
+    final = await stub.Complete(_request(question, turn, answer))
+    assert final.content == "There is no such tool."
+    sent = upstream.requests[-1].body["messages"][1]["tool_calls"][0]
+    assert sent["function"]["name"] == "python.run"
+
+
 @pytest.mark.parametrize("interleave", [False, True], ids=["in-turn", "interleaved"])
 async def test_stream_relays_tool_call_pieces_assembled_by_index(stub, upstream, interleave):
     """Parallel calls streamed in pieces over many events, each split across TCP writes
@@ -397,7 +416,8 @@ USER = pb.Message(role=pb.ROLE_USER, content="hi")
             "messages[1].tool_calls",
         ),
         ({"messages": [USER, _assistant_call(call_id="")]}, "messages[1].tool_calls[0].id"),
-        ({"messages": [USER, _assistant_call(name="bad name")]}, "messages[1].tool_calls[0].name"),
+        ({"messages": [USER, _assistant_call(name="")]}, "messages[1].tool_calls[0].name"),
+        ({"messages": [USER, _assistant_call(name="a\nb")]}, "messages[1].tool_calls[0].name"),
         (
             {"messages": [USER, pb.Message(role=pb.ROLE_TOOL, content="r")]},
             "messages[1].tool_call_id",
@@ -441,7 +461,8 @@ USER = pb.Message(role=pb.ROLE_USER, content="hi")
         "choice-unknown-mode",
         "tool-calls-not-assistant",
         "tool-call-id-empty",
-        "tool-call-name",
+        "tool-call-name-empty",
+        "tool-call-name-control",
         "tool-message-without-id",
         "tool-message-unknown-id",
         "tool-message-before-its-call",
