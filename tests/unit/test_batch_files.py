@@ -3,7 +3,7 @@
 import io
 import json
 
-from gateway_client.commands.batch import InputItem, read_done, slices
+from gateway_client.commands.batch import InputItem, read_done, read_input, slices
 from gateway_client.progress import Progress
 from llmgateway.v1 import gateway_pb2 as pb
 
@@ -76,3 +76,18 @@ def test_disabled_progress_writes_nothing():
     progress.advance(is_failure=False)
     progress.close()
     assert stream.getvalue() == ""
+
+
+def test_input_lines_may_set_the_reasoning_effort_by_name(tmp_path):
+    """`reasoning_effort` on a line is sent as the enum; a name it does not know makes a
+    bad line, reported with its number, not a failed item."""
+    path = tmp_path / "in.jsonl"
+    lines = [
+        {"id": "a", "prompt": "p", "reasoning_effort": "low"},
+        {"id": "b", "prompt": "p", "reasoning_effort": "extreme"},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    items, bad = read_input(path, "m")
+    assert [item.request.params.reasoning_effort for item in items] == [pb.REASONING_EFFORT_LOW]
+    assert [b.line for b in bad] == [2]
+    assert "reasoning effort must be one of" in bad[0].reason

@@ -3,7 +3,8 @@
 Each input line is a JSON object with an `id` and either a `prompt` (plus optional
 `system`), `messages` (a list of {"role", "content"}), or `request` (a CompleteRequest
 in proto3 JSON). Optional: `model` (else --model), `max_tokens`, `temperature`,
-`labels`. Lines that cannot be used are reported with their line numbers and skipped.
+`top_p`, `seed`, `reasoning_effort` ("low", "max", ...), `labels`. Lines that cannot
+be used are reported with their line numbers and skipped.
 
 Each result is appended to OUTPUT as one JSON line the moment it arrives, with either
 `content` (plus usage and cost) or `error`. Re-running skips every id already in OUTPUT,
@@ -37,7 +38,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 DEFAULT_ITEMS_PER_CALL = 500
 MAX_CALL_BYTES = 3 * 1024 * 1024
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-_PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed")
+_PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed", "reasoning_effort")
 
 
 def register(subparsers: Any) -> None:
