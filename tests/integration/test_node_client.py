@@ -143,6 +143,15 @@ async def test_node_unary_complete_reads_usage_and_cost(
     assert len(upstream.requests) == 1
 
 
+async def test_node_sends_a_typed_reasoning_effort(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`params.reasoningEffort` from the generated TypeScript enum reaches the upstream."""
+    result = await run_against(node_scenarios, gateway, "reasoning-effort")
+    assert result["content"] == "Hello from fake"
+    assert [request.body["reasoning_effort"] for request in upstream.requests] == ["low"]
+
+
 async def test_node_example_program_completes_and_streams(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

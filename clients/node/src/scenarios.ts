@@ -13,6 +13,7 @@ import {
   CompletionStream,
   GatewayCallError,
   GatewayClient,
+  ReasoningEffort,
   Role,
   StreamEvent,
   decodeStatusDetails,
@@ -87,6 +88,18 @@ async function complete(client: GatewayClient, args: Args): Promise<Json> {
     { timeoutMs: 10_000 },
   );
   return { content: response.content, attempts, metadata: metadataJson(response.metadata!) };
+}
+
+async function reasoningEffort(client: GatewayClient, args: Args): Promise<Json> {
+  const { response } = await client.complete(
+    {
+      model: args.model,
+      messages: messages("Say hi"),
+      params: { reasoningEffort: ReasoningEffort.REASONING_EFFORT_LOW },
+    },
+    { timeoutMs: 10_000 },
+  );
+  return { content: response.content };
 }
 
 async function stream(client: GatewayClient, args: Args): Promise<Json> {
@@ -194,6 +207,7 @@ async function decode(args: Args): Promise<Json> {
 
 const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<Json>> = {
   complete,
+  "reasoning-effort": reasoningEffort,
   stream,
   "stream-tools": streamTools,
   invalid,
