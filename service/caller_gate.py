@@ -1,8 +1,10 @@
 """The caller's side of every RPC: who is calling, may they, and do they have quota left.
 
-`CallerGate.admit` runs in the RPC boundary before the servicer method: it authenticates
-the call (bearer key or client certificate), checks each requested model against the
-tenant's allowed models, and takes the tenant's quota. The tenant is then available to
+The RPC boundary asks `CallerGate.authenticate` who is calling (bearer key or client
+certificate) before the call takes one of the server's slots, so callers without a valid
+key never hold or queue for one; once admitted, `CallerGate.admit` checks each requested
+model against the tenant's allowed models and takes the tenant's quota, for the servicer
+method's duration. The tenant is then available to
 the servicer through `current_tenant()`, a context variable set for this call only
 (each RPC runs in its own asyncio task, so the value never leaks into another call).
 
@@ -177,9 +179,9 @@ class CallerGate:
             authenticator.principal(DEFAULT_TENANT, is_authenticated=False).limits
         )
 
-    @contextlib.asynccontextmanager
-    async def admit(self, request: Any, context: CallContext) -> AsyncIterator[Principal]:
-        """Admit the call for the body of the `async with`, or raise a `GatewayError`."""
+    async def authenticate(self, context: CallContext) -> Principal:
+        """Who is calling, for this call (`current_tenant`), or raise a `GatewayError`
+        (`Unauthenticated`; `UpstreamUnavailable` while the key store cannot answer)."""
         authenticator = self._authenticator
         # grpc builds the whole auth context anew on each call: ask only when it is used.
         common_name = cert_common_name(context) if authenticator.uses_certificates else None
@@ -187,6 +189,12 @@ class CallerGate:
             context.invocation_metadata() or (), cert_common_name=common_name
         )
         _principal.set(principal)
+        return principal
+
+    @contextlib.asynccontextmanager
+    async def admit(self, request: Any, principal: Principal) -> AsyncIterator[Principal]:
+        """Admit the authenticated call for the body of the `async with`, or raise a
+        `GatewayError`."""
         if _is_unmetered(principal.limits) and not isinstance(request, UndecodableRequest):
             yield principal  # nothing to check or count: skip estimating the request's tokens
             return

@@ -23,6 +23,7 @@ import grpc
 from google.protobuf import message_factory
 from grpc_status import rpc_status
 
+from service.auth import Principal
 from service.caller_gate import CallerGate, UndecodableRequest, current_tenant
 from service.errors import (
     INTERNAL_ERROR_REASON,
@@ -200,12 +201,30 @@ async def abort_with(
     raise AssertionError("context.abort always raises")  # pragma: no cover
 
 
+async def _enter(
+    context: Context, method: str, rpc: RpcScope, admission: Admission, gate: CallerGate | None
+) -> tuple[Principal | None, CallTicket]:
+    """Authenticate the caller, then take a slot; or end the call.
+
+    In this order so that a caller without a valid key is refused at once and never holds
+    or queues for a slot that other callers wait for.
+    """
+    try:
+        principal = None if gate is None else await gate.authenticate(context)
+        return principal, await admission.enter()
+    except asyncio.CancelledError:
+        await _end_if_cut_off(context, method, rpc, admission)
+        raise
+    except Exception as exc:  # Unauthenticated, Overloaded, the key store down, a bug
+        await abort_with(context, exc, method, rpc)
+
+
 def _caller(
-    request: Any, context: Context, gate: CallerGate | None
+    request: Any, principal: Principal | None, gate: CallerGate | None
 ) -> contextlib.AbstractAsyncContextManager[object]:
-    """Authenticate, authorize and meter the call (see `service.caller_gate`)."""
-    if gate is not None:
-        return gate.admit(request, context)
+    """Authorize and meter the authenticated call (see `service.caller_gate`)."""
+    if gate is not None and principal is not None:
+        return gate.admit(request, principal)
     if isinstance(request, UndecodableRequest):
         raise InvalidRequest([FieldViolation("request", "not a valid message")])
     return contextlib.nullcontext()
@@ -233,15 +252,9 @@ def _guard_unary(
     async def guarded(request: Any, context: Context) -> Any:
         metadata = context.invocation_metadata() or ()
         with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
+            principal, ticket = await _enter(context, name, rpc, admission, gate)
             try:
-                ticket = await admission.enter()
-            except Overloaded as exc:
-                await abort_with(context, exc, name, rpc)
-            except asyncio.CancelledError:
-                await _end_if_cut_off(context, name, rpc, admission)
-                raise
-            try:
-                async with _caller(request, context, gate):
+                async with _caller(request, principal, gate):
                     rpc.set_tenant(current_tenant())
                     response = await method(request, context)
             except asyncio.CancelledError:
@@ -266,15 +279,9 @@ def _guard_stream(
     async def guarded(request: Any, context: Context) -> AsyncGenerator[Any, None]:
         metadata = context.invocation_metadata() or ()
         with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
+            principal, ticket = await _enter(context, name, rpc, admission, gate)
             try:
-                ticket = await admission.enter()
-            except Overloaded as exc:
-                await abort_with(context, exc, name, rpc)
-            except asyncio.CancelledError:
-                await _end_if_cut_off(context, name, rpc, admission)
-                raise
-            try:
-                async with _caller(request, context, gate):
+                async with _caller(request, principal, gate):
                     rpc.set_tenant(current_tenant())
                     # Closed here, not by the garbage collector, however the call ends.
                     async with contextlib.aclosing(method(request, context)) as items:

@@ -40,6 +40,31 @@ async def test_missing_key_is_unauthenticated_before_any_upstream_call(upstream,
     assert upstream.requests == []
 
 
+async def test_callers_without_a_valid_key_take_no_server_slot(upstream, start_gateway):
+    """With the server's only slot taken and one place to wait, calls without a key or
+    with a wrong one are refused at once, and never hold that place: a valid caller
+    arriving after them still waits for the slot and is served."""
+    config = secure_config(
+        upstream.base_url, server={"max_in_flight_calls": 1, "max_queued_calls": 1}
+    )
+    gw = await start_gateway(config)
+    upstream.script(Reply(delay_s=1.0))
+    first = asyncio.ensure_future(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
+    for _ in range(1000):  # up to 10 s for the first call to reach the upstream
+        if upstream.requests:
+            break
+        await asyncio.sleep(0.01)
+    for metadata in ((), bearer("llmgw_not-a-key-anyone-was-given")):
+        refused = asyncio.ensure_future(rpc_error(gw.stub.Complete(chat(), metadata=metadata)))
+        await asyncio.sleep(0.1)
+        assert refused.done()  # not queued behind the call that holds the slot
+        assert refused.result().code() is grpc.StatusCode.UNAUTHENTICATED
+    waiting = asyncio.ensure_future(gw.stub.Complete(chat(), metadata=as_tenant("team-b")))
+    assert (await first).content
+    assert (await waiting).content
+    assert len(upstream.requests) == 2
+
+
 @pytest.mark.parametrize(
     "metadata",
     [
