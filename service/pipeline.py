@@ -206,13 +206,12 @@ class Pipeline:
                 reported_tokens=reported.input_tokens,
             )
             return reported
-        return Usage(
-            input_tokens=prepared.prompt_tokens,
-            output_tokens=estimate_output_tokens(
-                output.content, output.tool_calls, output.reasoning
-            ),
-            is_estimated=True,
-        )
+        estimate = estimate_output_tokens(output.content, output.tool_calls, output.reasoning)
+        max_tokens = prepared.request.params.max_tokens
+        if max_tokens is not None:
+            # The model wrote at most that many, whatever the characters suggest.
+            estimate = min(estimate, max_tokens)
+        return Usage(input_tokens=prepared.prompt_tokens, output_tokens=estimate, is_estimated=True)
 
     async def complete(
         self, request: ChatRequest, *, deadline: Deadline, repeat_key: RepeatKey | None = None

@@ -220,6 +220,28 @@ async def test_stream_without_upstream_usage_is_estimated_and_flagged(stub, upst
     assert final.cost_usd > 0
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_an_estimated_output_never_exceeds_max_tokens(stub, upstream, stream):
+    """A text whose characters suggest more tokens than `max_tokens` allowed is counted
+    as `max_tokens`: the model could not have written more. Without the limit, the
+    estimate stands."""
+    text = "supercalifragilistic " * 40
+    params = pb.GenerationParams(max_tokens=16)
+
+    async def output_tokens(request: pb.CompleteRequest) -> int:
+        upstream.script(Reply(content=text, finish_reason="length", include_usage=False))
+        if not stream:
+            return (await stub.Complete(request)).metadata.usage.output_tokens
+        streamed = pb.CompleteStreamRequest()
+        streamed.ParseFromString(request.SerializeToString())
+        events = [event async for event in stub.CompleteStream(streamed)]
+        assert events[-1].final.usage.estimated
+        return events[-1].final.usage.output_tokens
+
+    assert await output_tokens(chat(params=params)) == 16
+    assert await output_tokens(chat()) > 16
+
+
 async def test_length_finish_reason_is_reported(stub, upstream):
     """A reply cut by max_tokens reports FINISH_REASON_LENGTH."""
     upstream.script(Reply(finish_reason="length"))
