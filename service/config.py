@@ -219,6 +219,10 @@ class UpstreamConfig:
     # The body field a request's `max_tokens` is sent in: OpenAI's reasoning models
     # (o-series, gpt-5) refuse `max_tokens` and take only `max_completion_tokens`.
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # How a JSON Schema response format is sent: OpenAI's `json_schema` object, or
+    # `{"type": "json_object", "schema": ...}`, the only shape llama-cpp-python's server
+    # (the local model) takes; it answers OpenAI's with HTTP 500.
+    json_schema_format: Literal["openai", "json_object_schema"] = "openai"
     # Fields added to every request body sent to this upstream: a provider's own switches
     # (DeepSeek's `thinking`, vLLM's `chat_template_kwargs`), never one the gateway sets.
     extra_body: Mapping[str, object] = field(default_factory=dict, repr=False)

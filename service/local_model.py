@@ -125,6 +125,7 @@ class LocalModelServer:
             models={self.config.model: self.config.model},
             timeout_s=300.0,
             max_connections=16,
+            json_schema_format="json_object_schema",
         )
 
     def _command(self, model_path: Path) -> list[str]:

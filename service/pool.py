@@ -327,6 +327,7 @@ class UpstreamPool:
                 stream=stream,
                 extra=route.client.config.extra_body,
                 max_tokens_field=route.client.config.max_tokens_field,
+                json_schema_format=route.client.config.json_schema_format,
             ),
             headers=headers,
         )

@@ -78,11 +78,12 @@ def request_body(
     stream: bool,
     extra: Mapping[str, object] | None = None,
     max_tokens_field: str = "max_tokens",
+    json_schema_format: str = "openai",
 ) -> bytes:
     """Serialise `request` as an OpenAI chat-completions body for one upstream, with the
     upstream's `extra` fields (none of which the request's own fields use, but for a
     `reasoning_effort` the request's own replaces) and `params.max_tokens` in the
-    upstream's `max_tokens_field`."""
+    upstream's `max_tokens_field`; a JSON Schema format in its `json_schema_format`."""
     body: dict[str, Any] = {
         "model": upstream_model,
         "messages": [
@@ -112,7 +113,7 @@ def request_body(
     if params.frequency_penalty is not None:
         body["frequency_penalty"] = params.frequency_penalty
     if params.response_format is not None:
-        body["response_format"] = _response_format(params.response_format)
+        body["response_format"] = _response_format(params.response_format, json_schema_format)
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -161,9 +162,13 @@ def _tool_choice_json(choice: ToolChoice) -> object:
     return None if choice.mode is None else choice.mode.value
 
 
-def _response_format(response_format: ResponseFormat) -> dict[str, Any]:
+def _response_format(response_format: ResponseFormat, json_schema_format: str) -> dict[str, Any]:
     if response_format.type is not ResponseFormatType.JSON_SCHEMA:
         return {"type": response_format.type.value}
+    if json_schema_format == "json_object_schema":
+        # llama-cpp-python's (and Anyscale's) shape: JSON mode held to the schema by a
+        # grammar; it has no name and is always strict.
+        return {"type": "json_object", "schema": orjson.Fragment(response_format.json_schema)}
     json_schema: dict[str, Any] = {
         "name": response_format.schema_name or DEFAULT_SCHEMA_NAME,
         # Validated as a JSON object, and sent as the caller wrote it.

@@ -6,6 +6,8 @@ these tests assert shape, usage and finish reason, never the text.
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 
@@ -88,3 +90,30 @@ async def test_local_model_rejects_invalid_request_before_calling_it(local_gatew
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Complete(pb.CompleteRequest(model=LOCAL_MODEL), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_local_model_answers_a_json_schema_with_json_that_follows_it(local_gateway):
+    """A JSON Schema answer from the local model: llama-cpp-python takes the schema only in
+    its own shape, which the gateway sends; the grammar then holds the answer to it."""
+    schema = (
+        '{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],'
+        ' "additionalProperties": false}'
+    )
+    params = pb.GenerationParams(
+        max_tokens=64,
+        temperature=0.0,
+        response_format=pb.ResponseFormat(
+            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=schema
+        ),
+    )
+    async with grpc.aio.insecure_channel(local_gateway) as channel:
+        response = await pb_grpc.CompletionServiceStub(channel).Complete(
+            pb.CompleteRequest(
+                model=LOCAL_MODEL,
+                messages=_messages("Is water wet? Answer in JSON."),
+                params=params,
+            ),
+            timeout=120,
+        )
+    assert response.metadata.finish_reason == pb.FINISH_REASON_STOP
+    assert isinstance(json.loads(response.content)["ok"], bool)

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.config import GATEWAY_BODY_FIELDS, ConfigError
+from service.config import GATEWAY_BODY_FIELDS, ConfigError, LocalModelConfig
 from service.domain import (
     ChatRequest,
     GenerationParams,
@@ -21,6 +21,7 @@ from service.domain import (
     ToolChoice,
     ToolChoiceMode,
 )
+from service.local_model import LocalModelServer
 from service.upstream.openai_json import request_body
 from tests.unit.test_config_parsing import parse, upstream
 
@@ -126,6 +127,34 @@ def test_max_tokens_goes_in_the_upstreams_field() -> None:
     with pytest.raises(ConfigError) as caught:
         parse({"upstreams": [upstream(extra_body={"max_completion_tokens": 10})]})
     assert "must not set max_completion_tokens" in caught.value.problem
+
+
+def test_an_upstream_taking_json_object_schemas_gets_the_schema_in_that_shape() -> None:
+    """llama-cpp-python's server takes a schema only as `{"type": "json_object", "schema":
+    ...}`: an upstream set so gets the caller's schema there, byte for byte; the default
+    is OpenAI's shape; the local model's upstream is set so."""
+    schema = '{"type": "object", "properties": {"n": {"type": "integer"}}}'
+    request = ChatRequest(
+        model="m",
+        messages=(Message(Role.USER, "hi"),),
+        params=GenerationParams(
+            response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, json_schema=schema)
+        ),
+    )
+    sent = request_body(
+        request, upstream_model="u", stream=False, json_schema_format="json_object_schema"
+    )
+    assert b'"response_format":{"type":"json_object","schema":' + schema.encode() in sent
+    openai = orjson.loads(request_body(request, upstream_model="u", stream=False))
+    assert openai["response_format"]["type"] == "json_schema"
+    config = parse({"upstreams": [upstream(json_schema_format="json_object_schema")]})
+    assert config.upstreams[0].json_schema_format == "json_object_schema"
+    assert parse({"upstreams": [upstream()]}).upstreams[0].json_schema_format == "openai"
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [upstream(json_schema_format="grammar")]})
+    assert caught.value.key == "upstreams[0].json_schema_format"
+    local = LocalModelServer(LocalModelConfig(), python="python").upstream_config()
+    assert local.json_schema_format == "json_object_schema"
 
 
 def test_extra_body_is_not_in_the_upstreams_repr() -> None:
