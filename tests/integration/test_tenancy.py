@@ -27,6 +27,17 @@ from tests.scripted_upstream import ScriptedUpstream
 from tests.secret_capture import CALLER_KEY_A, PROVIDER_KEY
 
 
+async def _call_in_progress(gw, upstream, tenant: str) -> asyncio.Future[pb.CompleteResponse]:
+    """A call of `tenant` that the upstream answers a second after it arrives, once there."""
+    upstream.script(Reply(delay_s=1.0))
+    call = asyncio.ensure_future(gw.stub.Complete(chat(), metadata=as_tenant(tenant)))
+    for _ in range(1000):  # up to 10 s for the call to reach the upstream
+        if upstream.requests:
+            break
+        await asyncio.sleep(0.01)
+    return call
+
+
 async def test_missing_key_is_unauthenticated_before_any_upstream_call(upstream, start_gateway):
     """A call without a key fails UNAUTHENTICATED with ErrorInfo and reaches no upstream."""
     gw = await start_gateway(secure_config(upstream.base_url))
@@ -48,12 +59,7 @@ async def test_callers_without_a_valid_key_take_no_server_slot(upstream, start_g
         upstream.base_url, server={"max_in_flight_calls": 1, "max_queued_calls": 1}
     )
     gw = await start_gateway(config)
-    upstream.script(Reply(delay_s=1.0))
-    first = asyncio.ensure_future(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
-    for _ in range(1000):  # up to 10 s for the first call to reach the upstream
-        if upstream.requests:
-            break
-        await asyncio.sleep(0.01)
+    first = await _call_in_progress(gw, upstream, "team-a")
     for metadata in ((), bearer("llmgw_not-a-key-anyone-was-given")):
         refused = asyncio.ensure_future(rpc_error(gw.stub.Complete(chat(), metadata=metadata)))
         await asyncio.sleep(0.1)
@@ -214,12 +220,7 @@ async def test_tenant_concurrency_limit_refuses_extra_calls_and_frees_slots(
     """With max_concurrent_calls 1, a second call while one runs is refused; then it passes."""
     config = secure_config(upstream.base_url, tenants={"team-a": {"max_concurrent_calls": 1}})
     gw = await start_gateway(config)
-    upstream.script(Reply(delay_s=1.0))
-    first = asyncio.ensure_future(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
-    for _ in range(1000):  # up to 10 s for the first call to reach the upstream
-        if upstream.requests:
-            break
-        await asyncio.sleep(0.01)
+    first = await _call_in_progress(gw, upstream, "team-a")
     error = await rpc_error(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     subject = detail(error, error_details_pb2.QuotaFailure).violations[0].subject
