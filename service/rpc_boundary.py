@@ -16,7 +16,7 @@ import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any, NoReturn, TypeAlias
 
 import grpc
@@ -60,9 +60,10 @@ class Admission:
     `Overloaded` (RESOURCE_EXHAUSTED, RetryInfo, `grpc-retry-pushback-ms`), never after
     a timeout. A queued call still honours its own deadline and cancellation.
 
-    It also knows each admitted or queued call's task, so that a stopping server can end
-    the calls still running as its grace runs out (`cut_off`) with a status that says
-    why, rather than grpc's bare UNAVAILABLE.
+    It also knows each admitted or queued call's task, and each still `arriving` (its
+    caller being authenticated, before it asks for a slot), so that a stopping server
+    waits for them and can end the calls still running as its grace runs out (`cut_off`)
+    with a status that says why, rather than grpc's bare UNAVAILABLE.
     """
 
     def __init__(self, *, max_in_flight: int, retry_after_s: float, max_queued: int = 0) -> None:
@@ -70,6 +71,7 @@ class Admission:
         self.max_queued = max_queued
         self.retry_after_s = retry_after_s
         self.in_flight = 0
+        self.arriving = 0
         self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
         self._calls: set[asyncio.Task[Any]] = set()
         self._cut_off: set[asyncio.Task[Any]] = set()
@@ -78,6 +80,21 @@ class Admission:
     def queued(self) -> int:
         """Calls waiting for a slot."""
         return len(self._queue)
+
+    @contextlib.contextmanager
+    def arriving_call(self) -> Iterator[None]:
+        """The calling task's call is on its way to `enter` (its caller's key may take a
+        key store's round trip): counted in `arriving` and ended by `cut_off` meanwhile."""
+        task = asyncio.current_task()
+        self.arriving += 1
+        if task is not None:
+            self._calls.add(task)
+        try:
+            yield
+        finally:
+            self.arriving -= 1
+            if task is not None:
+                self._calls.discard(task)
 
     async def enter(self) -> CallTicket:
         """Admit the calling task's call, queueing it while there is room, or raise
@@ -120,8 +137,8 @@ class Admission:
             self._calls.discard(task)
 
     def cut_off(self) -> int:
-        """Cancel every admitted or queued call not cancelled or answered yet; returns
-        how many.
+        """Cancel every admitted, queued or arriving call not cancelled or answered yet;
+        returns how many.
 
         For a stopping server as its grace runs out: the boundary ends each call
         cancelled here with `ShuttingDown`, which callers may retry at once elsewhere.
@@ -210,7 +227,10 @@ async def _enter(
     or queues for a slot that other callers wait for.
     """
     try:
-        principal = None if gate is None else await gate.authenticate(context)
+        principal = None
+        if gate is not None:
+            with admission.arriving_call():
+                principal = await gate.authenticate(context)
         return principal, await admission.enter()
     except asyncio.CancelledError:
         await _end_if_cut_off(context, method, rpc, admission)

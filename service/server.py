@@ -243,7 +243,7 @@ class GatewayServer:
                 log.warning("server.calls_cut_off", extra={"calls": cut, "grace_s": grace})
             # The rest of the grace: for the calls just cut, and for those their callers
             # left (not cut) still ending, before the stores they end with close.
-            if self.admission.in_flight or self.admission.queued:
+            if self.admission.in_flight or self.admission.queued or self.admission.arriving:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(margin):
                         await self._drained()
@@ -254,11 +254,13 @@ class GatewayServer:
         await self._stack.aclose()
 
     async def _drained(self) -> None:
-        """Return once no gateway call has been running or queued for a poll interval."""
+        """Return once no gateway call has been arriving, running or queued for a poll
+        interval."""
         idle_polls = 0
-        while idle_polls < 2:  # twice: a call grpc had just handed over is admitted by then
+        while idle_polls < 2:  # twice: a call grpc had just handed over is counted by then
             await asyncio.sleep(_DRAIN_POLL_S)
-            is_idle = self.admission.in_flight == 0 and self.admission.queued == 0
+            admission = self.admission
+            is_idle = not (admission.in_flight or admission.queued or admission.arriving)
             idle_polls = idle_polls + 1 if is_idle else 0
 
 

@@ -20,9 +20,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from llmgateway.v1 import gateway_pb2 as pb
+from service.auth import generate_key, hash_key, redis_keys_hash
 from service.ledger import UsageFilter
 from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply
+from tests.integration.tenancy_helpers import bearer, secure_config
 from tests.integration.test_resilience import error_details
 from tests.integration.test_stream_charges import PRICED_MODELS
 from tests.redis_server import RedisServer
@@ -133,6 +135,41 @@ async def test_queued_calls_are_cut_off_too(start_gateway: Any) -> None:
             assert_shutting_down(caught.value)
         assert len(fake.requests) == 1  # the queued call never reached the upstream
         assert (gateway.server.admission.in_flight, gateway.server.admission.queued) == (0, 0)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_call_still_authenticating_is_cut_off_too(
+    redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any, mode: str
+) -> None:
+    """A call whose key is still being looked up (in a Redis that has stalled) as the
+    grace runs out holds no slot yet: it is ended SHUTTING_DOWN with the rest, rather
+    than left out of the drain and cancelled bare by grpc at the end of the grace."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    key = generate_key()
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.hset(redis_keys_hash(prefix), hash_key(key), "team-a")
+    finally:
+        await client.aclose()
+    auth = {"redis_url": redis_server.url, "redis_key_prefix": prefix, "redis_timeout_s": 5}
+    gateway = await start_gateway(secure_config(upstream.base_url, auth=auth))
+    redis_server.pause()
+    try:
+        if mode == "unary":
+            call = gateway.stub.Complete(chat(), metadata=bearer(key), timeout=10)
+        else:
+            call = collect(gateway.stub.CompleteStream(chat_stream(), metadata=bearer(key)))
+        reply = asyncio.ensure_future(call)
+        await asyncio.sleep(0.2)  # its key's lookup waits on Redis
+        assert not reply.done()
+        await stop(gateway)
+    finally:
+        redis_server.resume()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reply
+    assert_shutting_down(caught.value)
+    assert upstream.requests == []
 
 
 async def test_calls_done_within_the_grace_are_not_cut_off(start_gateway: Any) -> None:
