@@ -84,7 +84,14 @@ class Admission:
     @contextlib.contextmanager
     def arriving_call(self) -> Iterator[None]:
         """The calling task's call is on its way to `enter` (its caller's key may take a
-        key store's round trip): counted in `arriving` and ended by `cut_off` meanwhile."""
+        key store's round trip): counted in `arriving` and ended by `cut_off` meanwhile.
+
+        At most as many arrive at once as the server would hold (in flight and queued):
+        beyond that, `Overloaded` at once, so a flood of made-up keys cannot open ever
+        more key store lookups. A call without a key passes through without waiting.
+        """
+        if self.arriving >= self.max_in_flight + self.max_queued:
+            raise Overloaded(retry_after_s=self.retry_after_s)
         task = asyncio.current_task()
         self.arriving += 1
         if task is not None:

@@ -342,6 +342,29 @@ async def test_admission_cancelled_waiter_frees_its_queue_place():
     assert admission.in_flight == 0
 
 
+async def test_admission_bounds_the_calls_arriving_at_once():
+    """Calls whose keys are being looked up count as arriving; no more arrive at once than
+    the server would hold (in flight and queued): past that, Overloaded at once."""
+    admission = Admission(max_in_flight=1, max_queued=1, retry_after_s=0.5)
+    looked_up = asyncio.Event()
+
+    async def arrive() -> None:
+        with admission.arriving_call():
+            await looked_up.wait()
+
+    waiting = [asyncio.ensure_future(arrive()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert admission.arriving == 2
+    with pytest.raises(Overloaded) as info, admission.arriving_call():
+        pass
+    assert info.value.retry_after_s == 0.5
+    looked_up.set()
+    await asyncio.gather(*waiting)
+    assert admission.arriving == 0
+    with admission.arriving_call():
+        assert admission.arriving == 1
+
+
 def test_pool_counters_keep_a_bounded_history_of_breaker_changes():
     """A flapping upstream does not grow the pool's counters for the life of the process."""
     clock = FakeClock()
