@@ -146,6 +146,13 @@ def _response_format_from_proto(message: pb.ResponseFormat) -> ResponseFormat | 
     )
 
 
+def _reasoning_effort_of(request: pb.SummarizeRequest) -> ReasoningEffort | None:
+    """A Summarize request's effort; an unknown value is refused on its field."""
+    if request.reasoning_effort not in _REASONING_EFFORTS:
+        raise InvalidRequest([FieldViolation("reasoning_effort", "unknown reasoning effort")])
+    return _REASONING_EFFORTS[request.reasoning_effort]
+
+
 def chat_request_from_proto(
     message: AnyCompleteRequest, *, tenant: str
 ) -> tuple[ChatRequest, list[FieldViolation]]:
@@ -527,6 +534,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                 instructions=request.instructions,
                 labels=dict(request.labels),
                 tenant=tenant_of(context),
+                reasoning_effort=_reasoning_effort_of(request),
             ),
             deadline=deadline_of(context),
             max_concurrency=_tenant_concurrency(),

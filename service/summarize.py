@@ -35,6 +35,7 @@ from service.domain import (
     Completion,
     GenerationParams,
     Message,
+    ReasoningEffort,
     Role,
     Timings,
     TruncationMode,
@@ -80,6 +81,7 @@ class SummaryRequest:
     instructions: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     tenant: str = "default"
+    reasoning_effort: ReasoningEffort | None = None  # None: the upstream's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,7 +642,11 @@ class Summarizer:
         chat = ChatRequest(
             model=request.model,
             messages=(Message(Role.SYSTEM, system), Message(Role.USER, user)),
-            params=GenerationParams(max_tokens=answer_tokens, temperature=0.2),
+            params=GenerationParams(
+                max_tokens=answer_tokens,
+                temperature=0.2,
+                reasoning_effort=request.reasoning_effort,
+            ),
             truncation=TruncationMode.NONE,
             labels=request.labels,
             tenant=request.tenant,

@@ -9,6 +9,7 @@ import re
 import grpc
 import pytest
 
+from gateway_client import GatewayClient
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 from service.calibration import TokenCalibration
@@ -130,6 +131,23 @@ async def test_long_document_is_chunked_summarised_concurrently_and_combined(
     expected = [f"[{sentences(c)[0][10:23]} .. {sentences(c)[-1][10:23]}]" for c in chunks]
     assert [line for line in combined.splitlines() if line.startswith("[")] == expected
     assert 2 <= recorder.peak_in_flight <= CONCURRENCY
+
+
+async def test_every_summarising_call_thinks_at_the_effort_asked_for(recorder, start_gateway):
+    """A reasoning effort on the Summarize request reaches every part and combine call
+    (thinking is billed as output on each); without one, none is sent."""
+    gateway = await start_gateway(config(recorder.base_url))
+    low = pb.SummarizeRequest(
+        model=FAKE_MODEL, document=document(60), reasoning_effort=pb.REASONING_EFFORT_LOW
+    )
+    assert (await gateway.stub.Summarize(low)).summary == "FINAL"
+    assert len(recorder.requests) >= 3
+    assert {r.body.get("reasoning_effort") for r in recorder.requests} == {"low"}
+    sent = len(recorder.requests)
+    async with GatewayClient(gateway.server.address) as client:
+        await client.summarize("A short text.", model=FAKE_MODEL, reasoning_effort="max")
+        await client.summarize("A short text, again.", model=FAKE_MODEL)
+    assert [r.body.get("reasoning_effort") for r in recorder.requests[sent:]] == ["max", None]
 
 
 async def test_long_summaries_are_combined_recursively(recorder, start_gateway):
@@ -274,6 +292,11 @@ async def test_part_that_fails_once_is_retried(recorder, start_gateway):
             "target_tokens",
         ),
         (pb.SummarizeRequest(model="nope", document="text"), "NOT_FOUND", None),
+        (
+            pb.SummarizeRequest(model=FAKE_MODEL, document="text", reasoning_effort=99),
+            "INVALID_ARGUMENT",
+            "reasoning_effort",
+        ),
     ],
 )
 async def test_invalid_requests(recorder, start_gateway, request_, code, field):

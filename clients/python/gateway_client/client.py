@@ -32,7 +32,7 @@ def _service_config() -> str:
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
-def reasoning_effort(name: str) -> pb.ReasoningEffort.ValueType:
+def reasoning_effort_value(name: str) -> pb.ReasoningEffort.ValueType:
     """The `ReasoningEffort` sent as `name` ("low", "max", ...)."""
     if name not in REASONING_EFFORTS:
         raise ValueError(f"reasoning effort must be one of {', '.join(REASONING_EFFORTS)}")
@@ -56,7 +56,7 @@ def build_request(
     """
     effort = params.get("reasoning_effort")
     if isinstance(effort, str):
-        params["reasoning_effort"] = reasoning_effort(effort)
+        params["reasoning_effort"] = reasoning_effort_value(effort)
     turns: list[Turn] = [("user", prompt)] if isinstance(prompt, str) else list(prompt)
     if system:
         turns.insert(0, ("system", system))
@@ -233,8 +233,9 @@ class GatewayClient:
         target_tokens: int = 0,
         instructions: str = "",
         labels: Mapping[str, str] | None = None,
+        reasoning_effort: str | None = None,
     ) -> pb.SummarizeResponse:
-        """Summarise a document of any length."""
+        """Summarise a document of any length; `reasoning_effort` by name ("low")."""
         response: pb.SummarizeResponse = await self.stub.Summarize(
             pb.SummarizeRequest(
                 model=model,
@@ -242,6 +243,11 @@ class GatewayClient:
                 target_tokens=target_tokens,
                 instructions=instructions,
                 labels=dict(labels or {}),
+                reasoning_effort=(
+                    reasoning_effort_value(reasoning_effort)
+                    if reasoning_effort
+                    else pb.REASONING_EFFORT_UNSPECIFIED
+                ),
             ),
             timeout=self._timeout_s,
             metadata=self._metadata,

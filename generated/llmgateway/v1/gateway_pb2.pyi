@@ -1134,12 +1134,18 @@ class SummarizeRequest(_message.Message):
     TARGET_TOKENS_FIELD_NUMBER: _builtins.int
     INSTRUCTIONS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    REASONING_EFFORT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     document: _builtins.str
     target_tokens: _builtins.int
     """Wanted length of the summary in tokens; 0 means the configured default."""
     instructions: _builtins.str
     """Extra instructions for the summariser (tone, focus, language)."""
+    reasoning_effort: Global___ReasoningEffort.ValueType
+    """How much a reasoning model thinks in each summarising call; unset means
+    the upstream's default. A summary needs little: thinking tokens are
+    billed as output on every part.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -1150,10 +1156,11 @@ class SummarizeRequest(_message.Message):
         target_tokens: _builtins.int = ...,
         instructions: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        reasoning_effort: Global___ReasoningEffort.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "instructions", b"instructions", "labels", b"labels", "model", b"model", "target_tokens", b"target_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "instructions", b"instructions", "labels", b"labels", "model", b"model", "reasoning_effort", b"reasoning_effort", "target_tokens", b"target_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from gateway_client.client import GatewayClient
+from gateway_client.client import REASONING_EFFORTS, GatewayClient
 from gateway_client.errors import error_details
 
 
@@ -30,6 +30,11 @@ def register(subparsers: Any) -> None:
         help="summary length (default: the gateway's)",
     )
     parser.add_argument("--instructions", default="", help="tone, focus or language")
+    parser.add_argument(
+        "--reasoning-effort",
+        choices=REASONING_EFFORTS,
+        help="how much a reasoning model thinks in each call (default: the upstream's)",
+    )
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait (default: %(default)s)"
     )
@@ -57,6 +62,7 @@ async def summarize_command(args: argparse.Namespace) -> int:
                 model=args.model,
                 target_tokens=args.target_tokens,
                 instructions=args.instructions,
+                reasoning_effort=args.reasoning_effort,
             )
         except grpc.aio.AioRpcError as error:
             print(error_details(error).describe(), file=sys.stderr)

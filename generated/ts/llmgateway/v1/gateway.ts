@@ -755,6 +755,12 @@ export interface SummarizeRequest {
   /** Extra instructions for the summariser (tone, focus, language). */
   instructions: string;
   labels: { [key: string]: string };
+  /**
+   * How much a reasoning model thinks in each summarising call; unset means
+   * the upstream's default. A summary needs little: thinking tokens are
+   * billed as output on every part.
+   */
+  reasoningEffort: ReasoningEffort;
 }
 
 export interface SummarizeRequest_LabelsEntry {
@@ -4000,7 +4006,7 @@ export const CompleteBatchResponse: MessageFns<CompleteBatchResponse> = {
 };
 
 function createBaseSummarizeRequest(): SummarizeRequest {
-  return { model: "", document: "", targetTokens: 0, instructions: "", labels: {} };
+  return { model: "", document: "", targetTokens: 0, instructions: "", labels: {}, reasoningEffort: 0 };
 }
 
 export const SummarizeRequest: MessageFns<SummarizeRequest> = {
@@ -4020,6 +4026,9 @@ export const SummarizeRequest: MessageFns<SummarizeRequest> = {
     globalThis.Object.entries(message.labels).forEach(([key, value]: [string, string]) => {
       SummarizeRequest_LabelsEntry.encode({ key: key as any, value }, writer.uint32(42).fork()).join();
     });
+    if (message.reasoningEffort !== 0) {
+      writer.uint32(48).int32(message.reasoningEffort);
+    }
     return writer;
   },
 
@@ -4079,6 +4088,14 @@ export const SummarizeRequest: MessageFns<SummarizeRequest> = {
             }
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.reasoningEffort = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4115,6 +4132,11 @@ export const SummarizeRequest: MessageFns<SummarizeRequest> = {
           {},
         )
         : {},
+      reasoningEffort: isSet(object.reasoningEffort)
+        ? reasoningEffortFromJSON(object.reasoningEffort)
+        : isSet(object.reasoning_effort)
+        ? reasoningEffortFromJSON(object.reasoning_effort)
+        : 0,
     };
   },
 
@@ -4141,6 +4163,9 @@ export const SummarizeRequest: MessageFns<SummarizeRequest> = {
         });
       }
     }
+    if (message.reasoningEffort !== 0) {
+      obj.reasoningEffort = reasoningEffortToJSON(message.reasoningEffort);
+    }
     return obj;
   },
 
@@ -4162,6 +4187,7 @@ export const SummarizeRequest: MessageFns<SummarizeRequest> = {
       },
       {},
     );
+    message.reasoningEffort = object.reasoningEffort ?? 0;
     return message;
   },
 };
