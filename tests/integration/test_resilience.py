@@ -362,8 +362,9 @@ async def test_only_upstream_key_rejected_is_unavailable_upstream_auth(start_gat
 @pytest.mark.parametrize("mode", ["unary", "stream"])
 async def test_key_rejected_after_a_5xx_leaves_the_callers_retry_open(start_gateway, mode):
     """A 5xx on one upstream, then a 401 on the other: the call ends UPSTREAM_AUTH but
-    without the "do not retry" pushback (-1), since the first upstream may serve a retry;
-    and the retry, which skips the rejected key, does."""
+    without the "do not retry" pushback (-1), since the first upstream may serve a retry
+    (pushed back by its backoff, its breaker being closed); and the retry, which skips
+    the rejected key, does."""
     async with FakeUpstream(default=Status(401)) as rejected, FakeUpstream() as flaky:
         flaky.script(Status(503))
         resilience = {**FAST_RESILIENCE, "attempts": 2}
@@ -375,7 +376,8 @@ async def test_key_rejected_after_a_5xx_leaves_the_callers_retry_open(start_gate
         assert error.code() is grpc.StatusCode.UNAVAILABLE
         assert error_details(error)[1] == "UPSTREAM_AUTH"
         assert (len(flaky.requests), len(rejected.requests)) == (1, 1)
-        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) != "-1"
+        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
+        assert error_details(error)[2] == pytest.approx(0.02)
         metadata, _ = await call(gateway, mode, timeout_s=10)
         assert not isinstance(metadata, grpc.aio.AioRpcError)
         assert (metadata.upstream, metadata.attempts) == ("up0", 1)
