@@ -27,9 +27,12 @@ from tests.scripted_upstream import ScriptedUpstream
 from tests.secret_capture import CALLER_KEY_A, PROVIDER_KEY
 
 
-async def _call_in_progress(gw, upstream, tenant: str) -> asyncio.Future[pb.CompleteResponse]:
-    """A call of `tenant` that the upstream answers a second after it arrives, once there."""
-    upstream.script(Reply(delay_s=1.0))
+async def _call_in_progress(
+    gw, upstream, tenant: str, *, answer_after_s: float = 1.0
+) -> asyncio.Future[pb.CompleteResponse]:
+    """A call of `tenant` that the upstream answers `answer_after_s` after it arrives,
+    once it is there."""
+    upstream.script(Reply(delay_s=answer_after_s))
     call = asyncio.ensure_future(gw.stub.Complete(chat(), metadata=as_tenant(tenant)))
     for _ in range(1000):  # up to 10 s for the call to reach the upstream
         if upstream.requests:
@@ -59,12 +62,11 @@ async def test_callers_without_a_valid_key_take_no_server_slot(upstream, start_g
         upstream.base_url, server={"max_in_flight_calls": 1, "max_queued_calls": 1}
     )
     gw = await start_gateway(config)
-    first = await _call_in_progress(gw, upstream, "team-a")
+    first = await _call_in_progress(gw, upstream, "team-a", answer_after_s=3.0)
     for metadata in ((), bearer("llmgw_not-a-key-anyone-was-given")):
-        refused = asyncio.ensure_future(rpc_error(gw.stub.Complete(chat(), metadata=metadata)))
-        await asyncio.sleep(0.1)
-        assert refused.done()  # not queued behind the call that holds the slot
-        assert refused.result().code() is grpc.StatusCode.UNAUTHENTICATED
+        error = await rpc_error(gw.stub.Complete(chat(), metadata=metadata))
+        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert not first.done()  # refused while the slot was held: it never queued for it
     waiting = asyncio.ensure_future(gw.stub.Complete(chat(), metadata=as_tenant("team-b")))
     assert (await first).content
     assert (await waiting).content
