@@ -52,6 +52,11 @@ async def test_killed_local_server_is_restarted_and_stopped_on_shutdown(start_ga
             seen[name].append(reply.status)
 
     followers = [asyncio.ensure_future(follow(name)) for name in watches]
+    for _ in range(100):  # each watch's first answer, before the kill: else it may be the down
+        if all(seen.values()):
+            break
+        await asyncio.sleep(0.05)
+    assert seen == {name: [SERVING] for name in watches}
     os.kill(first_pid, signal.SIGKILL)
     for _ in range(600):
         if server.local_model.restarts == 1 and server.local_model.pid not in (None, first_pid):
