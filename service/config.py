@@ -601,6 +601,9 @@ class TelemetryConfig:
     enabled: bool = True
     # Prompt and completion text on spans: off unless the operator opts in.
     capture_content: bool = False
+    # A caller's W3C `baggage` passed on to upstreams: off, since a provider is a third
+    # party and baggage carries whatever internal values callers put there (user ids).
+    forward_baggage: bool = False
     service_name: str = "llm-gateway"
     prometheus_port: int | None = None
     prometheus_host: str = "127.0.0.1"

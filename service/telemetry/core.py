@@ -44,6 +44,7 @@ from service.telemetry.tracing import CURRENT_RPC, RpcScope
 log = logging.getLogger("llm_gateway.telemetry")
 
 _SHUTDOWN_TIMEOUT_S = 5.0
+_BAGGAGE_HEADER = "baggage"  # what W3CBaggagePropagator writes
 _NO_CONTEXT = otel_context.Context()  # immutable: what a carrier without trace keys gives
 
 
@@ -204,6 +205,7 @@ class Telemetry:
         providers: Providers,
         *,
         capture_content: bool = False,
+        forward_baggage: bool = False,
         prices: PriceList | None = None,
     ) -> None:
         self.providers = providers
@@ -221,6 +223,7 @@ class Telemetry:
             histograms=providers.histograms,
         )
         self.capture_content = capture_content
+        self.forward_baggage = forward_baggage
         self.prices = prices if prices is not None else PriceList({})
         self._propagator = propagate.get_global_textmap()
         # The metadata keys the configured propagators read (OTEL_PROPAGATORS).
@@ -244,7 +247,12 @@ class Telemetry:
             span_processors=span_processors,
             extra_metric_readers=metric_readers,
         )
-        return cls(providers, capture_content=config.capture_content, prices=prices)
+        return cls(
+            providers,
+            capture_content=config.capture_content,
+            forward_baggage=config.forward_baggage,
+            prices=prices,
+        )
 
     @classmethod
     def disabled(cls) -> Telemetry:
@@ -380,7 +388,7 @@ class Telemetry:
         is_callers_cut: Callable[[BaseException], bool] | None = None,
     ) -> AttemptSpan:
         """The CLIENT span of one upstream attempt, to `with`; injects `traceparent` into
-        `headers`.
+        `headers` (and the caller's `baggage` only with `forward_baggage`).
 
         An attempt that fails counts in `llm_gateway.upstream.errors`, unless
         `is_callers_cut` says its caller's deadline cut it: the upstream did nothing wrong.
@@ -422,6 +430,8 @@ class Telemetry:
             span = trace.INVALID_SPAN
             if otel_context.get_current():  # the caller's context, passed on unchanged
                 self._propagator.inject(headers)
+        if not self.forward_baggage:
+            headers.pop(_BAGGAGE_HEADER, None)
         return AttemptSpan(
             span=span,
             telemetry=self,

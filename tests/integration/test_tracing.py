@@ -134,9 +134,15 @@ async def test_the_configured_sampler_decides_through_the_server(
     assert flags & 0x02  # a root trace's id is random (W3C Trace Context level 2), as the SDK says
 
 
-async def test_without_a_trace_exporter_the_callers_context_passes_through(gateway, upstream):
-    """Telemetry off: the caller's traceparent and baggage reach the upstream unchanged."""
-    metadata = (("traceparent", TRACEPARENT), ("baggage", "team=search"))
+@pytest.mark.parametrize("forward_baggage", [False, True])
+async def test_without_a_trace_exporter_the_callers_context_passes_through(
+    upstream, start_gateway, forward_baggage
+):
+    """Telemetry off: the caller's traceparent reaches the upstream unchanged; its
+    baggage, which may carry internal values, only with `telemetry.forward_baggage`."""
+    config = gateway_config(upstream.base_url, telemetry={"forward_baggage": forward_baggage})
+    gateway = await start_gateway(config)
+    metadata = (("traceparent", TRACEPARENT), ("baggage", "user.id=u-1234,team=search"))
     await gateway.stub.Complete(chat(), metadata=metadata)
     events = [e async for e in gateway.stub.CompleteStream(chat_stream(), metadata=metadata)]
     assert events[-1].HasField("final")
@@ -144,9 +150,20 @@ async def test_without_a_trace_exporter_the_callers_context_passes_through(gatew
     with_context, without = upstream.requests[:2], upstream.requests[2]
     for request in with_context:
         assert request.headers["traceparent"] == TRACEPARENT  # no gateway span in between
-        assert request.headers["baggage"] == "team=search"
+        sent = request.headers.get("baggage")
+        assert sent == ("user.id=u-1234,team=search" if forward_baggage else None)
     assert "traceparent" not in without.headers
     assert "baggage" not in without.headers
+
+
+async def test_a_recording_gateway_keeps_the_callers_baggage_from_upstreams(traced, upstream):
+    """With spans recorded the upstream gets the gateway's own traceparent, and still no
+    baggage unless the operator forwards it."""
+    metadata = (("traceparent", TRACEPARENT), ("baggage", "user.id=u-1234"))
+    await traced.stub.Complete(chat(), metadata=metadata)
+    headers = upstream.requests[0].headers
+    assert CALLER_TRACE_ID in headers["traceparent"]
+    assert "baggage" not in headers
 
 
 async def test_a_call_without_trace_context_starts_a_new_trace(traced, captured, upstream):
