@@ -238,6 +238,7 @@ async def _enter(
         if gate is not None:
             with admission.arriving_call():
                 principal = await gate.authenticate(context)
+            rpc.set_tenant(principal.tenant)  # on the span even if the call is then shed
         return principal, await admission.enter()
     except asyncio.CancelledError:
         await _end_if_cut_off(context, method, rpc, admission)
@@ -282,7 +283,8 @@ def _guard_unary(
             principal, ticket = await _enter(context, name, rpc, admission, gate)
             try:
                 async with _caller(request, principal, gate):
-                    rpc.set_tenant(current_tenant())
+                    if principal is None:
+                        rpc.set_tenant(current_tenant())
                     response = await method(request, context)
             except asyncio.CancelledError:
                 await _end_if_cut_off(context, name, rpc, admission)
@@ -309,7 +311,8 @@ def _guard_stream(
             principal, ticket = await _enter(context, name, rpc, admission, gate)
             try:
                 async with _caller(request, principal, gate):
-                    rpc.set_tenant(current_tenant())
+                    if principal is None:
+                        rpc.set_tenant(current_tenant())
                     # Closed here, not by the garbage collector, however the call ends.
                     async with contextlib.aclosing(method(request, context)) as items:
                         async for item in items:

@@ -16,6 +16,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import Hang, Reply, Status, ToolCallReply
+from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.telemetry_support import Captured, attributes_of, captured_telemetry
 
 CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -265,6 +266,29 @@ async def test_spans_carry_the_reasoning_effort_and_reasoning_tokens(traced, cap
     assert events[-1].summary.usage.reasoning_tokens == 50
     rpc = attributes_of(await captured.ended("llmgateway.v1.CompletionService/CompleteBatch"))
     assert rpc["llm_gateway.usage.reasoning_tokens"] == 50
+
+
+async def test_a_call_shed_as_overloaded_names_its_tenant(upstream, start_gateway, captured):
+    """With caller keys on, the caller is known before the call asks for a slot: a call
+    refused OVERLOADED carries its tenant on its span, as a served call does."""
+    config = secure_config(upstream.base_url, server={"max_in_flight_calls": 1})
+    gateway = await start_gateway(config, telemetry=captured.telemetry)
+    upstream.script(Reply(delay_s=1.0))
+    held = asyncio.ensure_future(gateway.stub.Complete(chat(), metadata=as_tenant("team-a")))
+    for _ in range(1000):  # up to 10 s for the held call to reach the upstream
+        if upstream.requests:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(grpc.aio.AioRpcError) as shed:
+        await gateway.stub.Complete(chat(), metadata=as_tenant("team-b"))
+    assert shed.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await held).content
+    tenants = sorted(
+        (attributes_of(span)["llm_gateway.tenant"], attributes_of(span)["rpc.grpc.status_code"])
+        for span in captured.spans()
+        if span.name == UNARY_SPAN
+    )
+    assert tenants == [("team-a", 0), ("team-b", grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])]
 
 
 async def test_caller_errors_do_not_mark_the_server_span_as_failed(traced, captured):
