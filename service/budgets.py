@@ -3,17 +3,18 @@
 A call is refused when what the tenant has spent this period, plus what its calls still
 in flight have reserved, plus this call's expected cost would pass the limit. The
 expected cost is the prompt estimate (the estimator errs high) priced as input plus,
-when the request sets `max_tokens`, that many tokens priced as output; without it only
-the prompt is reserved, since the output's length is unknown. A call that passes holds
+when the request sets `max_tokens`, that many tokens priced as output; without it the
+budget's `reserve_output_tokens` (0 by default: the prompt only, since the output's
+length is unknown). A call that passes holds
 its expected cost in the ledger until its usage is recorded, or until it fails or is
 cancelled. The check and the reservation are one atomic step, in the process and, with
 a Redis ledger, across replicas, so concurrent calls never pass on the same figure.
 
 The guarantee: calls that set `max_tokens` never take a tenant past its limit together
 (as long as the upstream bills no more prompt tokens than estimated); each call without
-it that is in flight when the limit is reached may overrun it by at most its own output.
-A reservation its replica never released lapses after `ledger.RESERVATION_TTL_S`. The
-`"*"` entry applies to every tenant without its own.
+it that is in flight when the limit is reached may overrun it by at most its own output
+beyond `reserve_output_tokens`. A reservation its replica never released lapses after
+`ledger.RESERVATION_TTL_S`. The `"*"` entry applies to every tenant without its own.
 """
 
 from __future__ import annotations
@@ -51,11 +52,15 @@ class Budgets:
         """The budget that applies to `tenant`, if any."""
         return self._budgets.get(tenant) or self._budgets.get(ANY_TENANT)
 
-    def expected_cost_usd(self, request: ChatRequest, *, prompt_tokens: int) -> float:
-        """The most the call can cost: prompt as input, plus `max_tokens` as output if set."""
+    def expected_cost_usd(
+        self, request: ChatRequest, *, prompt_tokens: int, reserve_output_tokens: int = 0
+    ) -> float:
+        """The most the call can cost: prompt as input, plus `max_tokens` as output if
+        set, else `reserve_output_tokens`."""
+        max_tokens = request.params.max_tokens
         usage = Usage(
             input_tokens=prompt_tokens,
-            output_tokens=request.params.max_tokens or 0,
+            output_tokens=reserve_output_tokens if max_tokens is None else max_tokens,
             is_estimated=True,
         )
         return self._prices.cost_usd(request.model, usage)
@@ -70,7 +75,9 @@ class Budgets:
         budget = self.budget_of(request.tenant)
         if budget is None:
             return None
-        cost_usd = self.expected_cost_usd(request, prompt_tokens=prompt_tokens)
+        cost_usd = self.expected_cost_usd(
+            request, prompt_tokens=prompt_tokens, reserve_output_tokens=budget.reserve_output_tokens
+        )
         if not cost_usd:
             return None  # a model without a price: no budget counts it, spent or not
         reservation = await self._ledger.reserve(

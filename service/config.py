@@ -651,9 +651,13 @@ class BudgetConfig:
 
     usd: float
     period: Literal["day", "month"] = "month"
+    # Output tokens reserved for a call that sets no `max_tokens` (0: its prompt only),
+    # so that such calls in flight together cannot overrun the budget by their answers.
+    reserve_output_tokens: int = 0
 
     def __post_init__(self) -> None:
         _require(self.usd >= 0, "usd must be >= 0")
+        _require(self.reserve_output_tokens >= 0, "reserve_output_tokens must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)

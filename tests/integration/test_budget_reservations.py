@@ -142,6 +142,24 @@ async def test_concurrent_calls_past_the_budget_never_reach_the_upstream(
     assert (await gateway.stub.Complete(capped("call z"))).content
 
 
+async def test_calls_without_max_tokens_hold_the_budgets_output_reserve(held, start_gateway):
+    """With `reserve_output_tokens`, calls that set no max_tokens reserve that much output
+    while they run: past the room for three, the next is refused before the upstream."""
+    budget = {**budget_for(3), "reserve_output_tokens": MAX_TOKENS}
+    gateway = await start_gateway(gateway_config(held.base_url, budgets={"default": budget}))
+    held.gate.clear()
+    running = [
+        asyncio.create_task(outcome(gateway.stub.Complete(chat(f"call {letter}"))))
+        for letter in "abc"
+    ]
+    await held.wait_until(lambda: held.in_flight == 3)
+    assert_budget_refused(await outcome(gateway.stub.Complete(chat("call d"))))
+    held.gate.set()
+    assert all(not isinstance(r, grpc.aio.AioRpcError) for r in await asyncio.gather(*running))
+    assert len(held.requests) == 3
+    await nothing_reserved(gateway)
+
+
 async def cancel_unary(gateway: RunningGateway, held: ScriptedUpstream) -> None:
     """A unary call held upstream, then cancelled by its caller."""
     call = gateway.stub.Complete(capped("call a"))

@@ -10,7 +10,7 @@ import itertools
 import pytest
 
 from service.budgets import Budgets
-from service.config import BudgetConfig, LedgerConfig, ModelConfig
+from service.config import BudgetConfig, ConfigError, LedgerConfig, ModelConfig, parse_config
 from service.domain import ChatRequest, GenerationParams, Message, Role, Usage
 from service.errors import QuotaExceeded
 from service.ledger import (
@@ -286,6 +286,33 @@ async def test_budget_reserves_max_tokens_as_output_and_says_what_calls_in_fligh
         assert reservation is not None
         await budgets.release(reservation)
     assert await ledger.reserved_usd("acme", "day") == 0.0
+
+
+async def test_a_budget_may_reserve_output_for_calls_without_max_tokens():
+    """`reserve_output_tokens` is reserved as output for a call that sets no max_tokens, so
+    such calls in flight count against the budget; a call's own max_tokens still wins."""
+    clock = WallClock(NOON)
+    ledger = MemoryLedger(wall_clock=clock)
+    budgets = Budgets(
+        {"acme": BudgetConfig(usd=0.005, period="day", reserve_output_tokens=1000)},
+        ledger=ledger,
+        prices=PRICES,
+        wall_clock=clock,
+    )
+    open_ended = request_of("acme")
+    prompt_tokens = estimate_prompt_tokens(open_ended.messages)
+    expected = (prompt_tokens * 1.0 + 1000 * 2.0) / 1e6
+    held = [await budgets.reserve(open_ended, prompt_tokens=prompt_tokens) for _ in range(2)]
+    assert await ledger.reserved_usd("acme", "day") == pytest.approx(2 * expected, abs=1e-12)
+    with pytest.raises(QuotaExceeded, match="daily budget"):
+        await budgets.reserve(open_ended, prompt_tokens=prompt_tokens)
+    small = dataclasses.replace(open_ended, params=GenerationParams(max_tokens=10))
+    await check(budgets, small)  # its own max_tokens, not the budget's reserve
+    for reservation in held:
+        assert reservation is not None
+        await budgets.release(reservation)
+    with pytest.raises(ConfigError, match="reserve_output_tokens must be >= 0"):
+        parse_config({"budgets": {"acme": {"usd": 1, "reserve_output_tokens": -1}}}, environ={})
 
 
 async def test_memory_ledger_forgets_usage_past_retention():
