@@ -21,7 +21,7 @@ _MAX_TOKENS_CAP = 1_000_000
 # OpenAI's rule for a tool's and a JSON schema's name (fullmatch, as _LABEL_KEY).
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _MAX_TOOLS = 128  # OpenAI's limit
-_MAX_TOOL_CALL_ID = 256  # also bounds a sent-back call's name
+_MAX_TOOL_CALL_FIELD = 256  # a sent-back tool call's id, and its name
 
 
 def _range(
@@ -195,23 +195,17 @@ def _tool_message_violations(
         found.append(FieldViolation(f"{path}.tool_calls", "only on ROLE_ASSISTANT messages"))
     for number, call in enumerate(message.tool_calls):
         chars += len(call.id) + len(call.name) + len(call.arguments)
-        if not call.id or len(call.id) > _MAX_TOOL_CALL_ID or not call.id.isprintable():
-            found.append(
-                FieldViolation(
-                    f"{path}.tool_calls[{number}].id",
-                    f"must be 1 to {_MAX_TOOL_CALL_ID} printable characters",
+        # Both are the model's own output sent back, so a name need not follow the rule
+        # for declared tools: a model may call one it was never given ("python.run"), and
+        # refusing the turn that carries it would leave the caller no way to answer it.
+        for name, value in (("id", call.id), ("name", call.name)):
+            if not value or len(value) > _MAX_TOOL_CALL_FIELD or not value.isprintable():
+                found.append(
+                    FieldViolation(
+                        f"{path}.tool_calls[{number}].{name}",
+                        f"must be 1 to {_MAX_TOOL_CALL_FIELD} printable characters",
+                    )
                 )
-            )
-        # The model's own output sent back, so not the rule for declared tools: a model
-        # may call a name it was never given ("python.run"), and refusing the turn that
-        # carries it would leave the caller no way to answer that call.
-        if not call.name or len(call.name) > _MAX_TOOL_CALL_ID or not call.name.isprintable():
-            found.append(
-                FieldViolation(
-                    f"{path}.tool_calls[{number}].name",
-                    f"must be 1 to {_MAX_TOOL_CALL_ID} printable characters",
-                )
-            )
         call_ids.add(call.id)
     if message.role is Role.TOOL:
         if not message.tool_call_id:

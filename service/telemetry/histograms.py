@@ -159,12 +159,12 @@ class HistogramExport:
         metrics = [m for m in (h.metric(now) for h in self._histograms) if m is not None]
         if not metrics:
             return collected
+        own = ScopeMetrics(
+            scope=self.scope, metrics=metrics, schema_url=self.scope.schema_url or ""
+        )
         if collected is None or not collected.resource_metrics:
-            scope = ScopeMetrics(
-                scope=self.scope, metrics=metrics, schema_url=self.scope.schema_url or ""
-            )
             resource = ResourceMetrics(
-                resource=self.resource, scope_metrics=[scope], schema_url=self.resource.schema_url
+                resource=self.resource, scope_metrics=[own], schema_url=self.resource.schema_url
             )
             return MetricsData(resource_metrics=[resource])
         # One provider, one resource: the first (and only) one gets the points.
@@ -179,11 +179,7 @@ class HistogramExport:
                 )
                 break
         else:
-            scopes.append(
-                ScopeMetrics(
-                    scope=self.scope, metrics=metrics, schema_url=self.scope.schema_url or ""
-                )
-            )
+            scopes.append(own)
         first = ResourceMetrics(
             resource=first.resource, scope_metrics=scopes, schema_url=first.schema_url
         )
