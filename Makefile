@@ -6,6 +6,8 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 CONFIG ?= config/gateway.yaml
 STAMP := $(VENV)/.setup-stamp
+# Every installed package's version, pinned (see its header): installs are reproducible.
+CONSTRAINTS := constraints.txt
 PROTOS := $(shell find protos/llmgateway -name '*.proto')
 # Node tooling (buf, ts-proto, tsc) and the Node client, pinned by its package-lock.json.
 NODE_DIR := clients/node
@@ -18,11 +20,12 @@ setup: $(STAMP)
 
 # Builds llama-cpp-python from source the first time (about 6 minutes on 2 cores);
 # pip caches the wheel, so later setups take seconds.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip wheel setuptools
+	$(PY) -m pip install --upgrade -c $(CONSTRAINTS) pip wheel setuptools
 	@echo ">>> installing llm-gateway (first run compiles llama.cpp: ~6 min on 2 cores)"
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install --progress-bar on -e '.[dev,local]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install --progress-bar on \
+		-c $(CONSTRAINTS) -e '.[dev,local]'
 	@touch $@
 
 node-setup: $(NODE_MODULES)
@@ -58,7 +61,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
-	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[bench]'
 	$(PY) -m bench
 
 clean:

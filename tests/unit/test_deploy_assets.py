@@ -339,6 +339,12 @@ def test_dockerfile_is_multi_stage_non_root_and_keyless() -> None:
     assert len(stages) >= 2
     assert "ARG PYTHON_IMAGE=python:3.11-slim" in text
     assert "pip wheel" in text
+    # Every pip install in the image is held to the versions CI passed with.
+    installs = re.findall(r"pip install[^;&]*", text)
+    assert installs
+    assert all("-c constraints.txt" in install for install in installs), installs
+    ignored = (DEPLOY.parent / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    assert "!constraints.txt" in ignored
     assert "ARG WITH_LOCAL_MODEL=false" in text
     (user,) = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
     assert int(user.split(":")[0]) > 0
