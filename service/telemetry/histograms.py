@@ -14,7 +14,8 @@ Only cumulative points are built: when a reader wants delta histograms
 The readers are reached through `MetricReader._set_collect_callback`, the hook the
 `MeterProvider` itself uses to hand each reader its collection; the SDK has no public
 way to add points to a collection. The tests export through real readers, so a change
-there fails them.
+there fails them; and should an SDK release move those internals, `suits` finds them
+missing and `setup` keeps the SDK's histograms: slower, never lost.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 from time import time_ns
 from typing import Any
 
-from opentelemetry.sdk.metrics._internal.instrument import _Histogram as _SdkHistogram
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Histogram,
@@ -187,13 +187,24 @@ class HistogramExport:
 
 
 def suits(reader: MetricReader) -> bool:
-    """Whether `reader` takes histograms as these are built: cumulative, explicit buckets.
+    """Whether `reader` takes histograms as these are built (cumulative, explicit buckets)
+    and has the collection hook `HistogramExport.install` uses.
 
     Read from the reader's private tables, as the SDK's own storage reads them: its
     preferences (`preferred_temporality`, `preferred_aggregation`) are not kept publicly.
+    An SDK whose internals moved does not suit: its own histograms are used instead.
     """
-    temporality = reader._instrument_class_temporality[_SdkHistogram]
-    aggregation = reader._instrument_class_aggregation[_SdkHistogram]
-    return temporality is AggregationTemporality.CUMULATIVE and isinstance(
-        aggregation, DefaultAggregation
+    try:
+        from opentelemetry.sdk.metrics._internal.instrument import _Histogram
+
+        temporality = reader._instrument_class_temporality[_Histogram]
+        aggregation = reader._instrument_class_aggregation[_Histogram]
+        hook = reader._set_collect_callback
+    except (ImportError, AttributeError, KeyError):
+        return False
+    return (
+        callable(hook)
+        and hasattr(reader, "_collect")
+        and temporality is AggregationTemporality.CUMULATIVE
+        and isinstance(aggregation, DefaultAggregation)
     )

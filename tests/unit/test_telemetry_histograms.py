@@ -145,6 +145,24 @@ def test_a_reader_wanting_delta_histograms_gets_the_sdks():
     telemetry.providers.shutdown()
 
 
+def test_an_sdk_whose_internals_moved_keeps_its_own_histograms(monkeypatch):
+    """Should an SDK release move the internals `suits` and `install` read, the SDK's own
+    histograms are used: slower, but every point is still exported."""
+    from opentelemetry.sdk.metrics._internal import instrument
+
+    monkeypatch.delattr(instrument, "_Histogram")
+    reader = InMemoryMetricReader()
+    assert not suits(reader)
+    telemetry = Telemetry.from_config(TelemetryConfig(), environ={}, metric_readers=[reader])
+    assert telemetry.providers.histograms is None
+    telemetry.instruments.overhead.record(0.003, {"rpc.method": "Complete"})
+    [(_, metric, point)] = points(
+        reader.get_metrics_data(), "llm_gateway.overhead.duration"
+    ).values()
+    assert (metric.unit, point.count, point.sum) == ("s", 1, 0.003)
+    telemetry.providers.shutdown()
+
+
 def test_exemplars_asked_for_keep_the_sdks_histograms():
     telemetry = Telemetry.from_config(
         TelemetryConfig(),
