@@ -329,3 +329,26 @@ async def test_only_the_first_choice_is_relayed_when_an_event_carries_others(
     )
     body = chunk("He") + second_only + both + chunk("lo", "stop") + USAGE + DONE
     await relayed_cleanly(start_gateway, body, "Hello")
+
+
+@pytest.mark.parametrize("content", [pytest.param(v, id=repr(v)) for v in (0, False, [], {})])
+async def test_delta_content_that_is_no_string_is_a_malformed_stream(
+    start_gateway: Callable[..., Any], content: Any
+) -> None:
+    """Content that is not a string (or null) is malformed, as in a unary answer, even when
+    it is falsy: dropped as no text, the answer was served as if whole."""
+    bad = event(
+        {
+            "id": "c1",
+            "model": FAKE_MODEL,
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+        }
+    )
+    body = bad + chunk("Hello", "stop") + USAGE + DONE
+    async with SSEUpstream(body) as url:
+        gateway = await start_gateway(gateway_config(url))
+        text, final, error = await relay(gateway, chat_stream("hi"))
+    assert (text, final) == ("", None)
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
