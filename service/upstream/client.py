@@ -148,6 +148,10 @@ def _output_of_events(
     try:
         for data in events:
             parsed += 1
+            if len(data) > _MAX_REPLY_BYTES:
+                # `pending_bytes` sees only events a read left unfinished: not one whose
+                # last read both passed the limit and completed it.
+                raise MalformedReply(f"a stream event is larger than {_MAX_REPLY_BYTES} bytes")
             chunk = parser.parse(data)
             if chunk is not None:
                 chunks.append(chunk)

@@ -400,7 +400,7 @@ class StreamParser:
         if not isinstance(delta, dict):
             return None
         content = delta.get("content")
-        if content and not isinstance(content, str):
+        if content is not None and not isinstance(content, str):
             raise MalformedReply("delta content is not a string")
         reasoning = _reasoning(delta)
         tool_calls = delta.get("tool_calls")

@@ -329,3 +329,60 @@ async def test_only_the_first_choice_is_relayed_when_an_event_carries_others(
     )
     body = chunk("He") + second_only + both + chunk("lo", "stop") + USAGE + DONE
     await relayed_cleanly(start_gateway, body, "Hello")
+
+
+@pytest.mark.parametrize("content", [pytest.param(v, id=repr(v)) for v in (0, False, [], {})])
+async def test_delta_content_that_is_no_string_is_a_malformed_stream(
+    start_gateway: Callable[..., Any], content: Any
+) -> None:
+    """Content that is not a string (or null) is malformed, as in a unary answer, even when
+    it is falsy: dropped as no text, the answer was served as if whole."""
+    bad = event(
+        {
+            "id": "c1",
+            "model": FAKE_MODEL,
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+        }
+    )
+    body = bad + chunk("Hello", "stop") + USAGE + DONE
+    async with SSEUpstream(body) as url:
+        gateway = await start_gateway(gateway_config(url))
+        text, final, error = await relay(gateway, chat_stream("hi"))
+    assert (text, final) == ("", None)
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
+
+
+async def test_a_stream_event_over_16_mib_is_malformed_even_when_one_read_completes_it(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """An event past 16 MiB whose last bytes arrive in the read that completes it.
+
+    The size was checked only on an event still unfinished after a read, so one that
+    stayed within 16 MiB until its last read was parsed and relayed whole.
+    """
+    limit = 16 * 1024 * 1024
+    framing = len(chunk("")) - len(b"data: \n\n")  # the event's data but its text
+    big = chunk("x" * (limit + 200 - framing))  # data 200 bytes over the limit
+    body = big + chunk(None, "stop") + USAGE + DONE
+    tail = len(body) - len(big) + 1000  # with the event's last bytes, in a later read
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(_HEAD + b"\r\n" + body[:-tail])
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the gateway reads all of it before the rest comes
+        writer.write(body[-tail:])
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        gateway = await start_gateway(gateway_config(url, resilience={"attempts": 1}))
+        text, final, error = await relay(gateway, chat_stream("hi"))
+    assert (text, final) == ("", None)
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
