@@ -275,7 +275,8 @@ class UpstreamClient:
 
         `timeout_s` (the caller's deadline, within the upstream's `timeout_s`) bounds the
         gateway's own waits until the first text; after it, only the upstream's `timeout_s`
-        does, and `stream_idle_timeout_s` (when set) each wait for a next chunk. Once text
+        does, and `stream_idle_timeout_s` (when set) each wait for the next output: reads
+        that bring none (keep-alive comments, events without text) do not restart it. Once text
         flows its consumers end the stream by leaving when their deadlines pass (gRPC
         cancels each call), and a stream the cache shares among callers must not end at its
         first caller's deadline. The bounds apply to the gateway's own waits, never to the
@@ -314,10 +315,12 @@ class UpstreamClient:
                 decoder = SSEDecoder()
                 has_output = False
                 idle_s = self.config.stream_idle_timeout_s
+                loop = asyncio.get_running_loop()
+                # When the idle timeout ends the stream: set after each output is passed on,
+                # so the consumer's time does not count and comments do not put it off.
+                idle_until: float | None = None
                 while True:
-                    wait_until = deadline
-                    if has_output and idle_s is not None:
-                        wait_until = min(deadline, asyncio.get_running_loop().time() + idle_s)
+                    wait_until = deadline if idle_until is None else min(deadline, idle_until)
                     async with asyncio.timeout_at(wait_until):
                         raw = await response.next_chunk()
                     if raw is None:  # a clean end; a reset raises instead
@@ -333,6 +336,8 @@ class UpstreamClient:
                             has_output = True
                             deadline = whole_stream_deadline
                             yield chunk
+                            if idle_s is not None:
+                                idle_until = loop.time() + idle_s
                         if error is not None:
                             raise error
                         if parser.is_done:

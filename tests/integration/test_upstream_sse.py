@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import socket
 import struct
 from collections.abc import Callable
@@ -386,3 +388,37 @@ async def test_a_stream_event_over_16_mib_is_malformed_even_when_one_read_comple
     assert error is not None
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
+
+
+async def test_keep_alive_comments_do_not_hold_off_the_idle_timeout(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """Once text flows, `stream_idle_timeout_s` waits for the next output, not the next
+    read: a provider that stalls but keeps its connection alive with SSE comments (as
+    OpenRouter's `: OPENROUTER PROCESSING`) is a stalled stream, ended as interrupted,
+    not one the caller waits out until its deadline."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(_HEAD + b"\r\n" + chunk("Hel"))
+        with contextlib.suppress(ConnectionError):
+            for _ in range(300):  # 30 s of comments, never more text
+                await asyncio.sleep(0.1)
+                writer.write(b": OPENROUTER PROCESSING\n\n")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        config = gateway_config(url)
+        idle = dataclasses.replace(config.upstreams[0], stream_idle_timeout_s=0.5)
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=(idle,)))
+        deltas: list[str] = []
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for message in gateway.stub.CompleteStream(chat_stream("hi"), timeout=8):
+                if message.HasField("delta"):
+                    deltas.append(message.delta.content)
+    assert deltas == ["Hel"]
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_details(caught.value)[1] == "STREAM_INTERRUPTED"
