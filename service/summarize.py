@@ -56,7 +56,11 @@ from service.tokens import (
     PER_REQUEST_OVERHEAD,
     estimate_text_tokens,
 )
-from service.validation import has_control_characters, model_violations
+from service.validation import (
+    has_control_characters,
+    model_violations,
+    without_control_characters,
+)
 
 _MS = 1000.0
 _PARAGRAPH_BREAK = re.compile(r"(\r?\n[ \t]*\r?\n\s*)")
@@ -289,7 +293,12 @@ def _header(name: str) -> str:
 
 
 def _summaries_message(summaries: Sequence[str], *, first: int = 0) -> str:
-    return "\n\n".join(f"Summary of part {first + i + 1}:\n{s}" for i, s in enumerate(summaries))
+    # A summary is the upstream's text: a control character in it (a form feed, an ANSI
+    # escape) would fail the next call's validation, after every part was paid for.
+    return "\n\n".join(
+        f"Summary of part {first + i + 1}:\n{without_control_characters(s)}"
+        for i, s in enumerate(summaries)
+    )
 
 
 # --- the call ------------------------------------------------------------------------

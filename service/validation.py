@@ -15,6 +15,7 @@ from service.tokens import estimate_prompt_tokens
 _LABEL_KEY = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")  # fullmatch: `$` passes a final newline
 # C0 controls other than tab, LF and CR, DEL, and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_CONTROL_RUN = re.compile(_CONTROL.pattern + "+")
 _MAX_MODEL_NAME = 256
 _MAX_IDEMPOTENCY_KEY = 256
 _MAX_TOKENS_CAP = 1_000_000
@@ -46,6 +47,11 @@ def _range(
 def has_control_characters(text: str) -> bool:
     """Whether `text` holds a character no message may contain (see `_CONTROL`)."""
     return _CONTROL.search(text) is not None
+
+
+def without_control_characters(text: str) -> str:
+    """`text` with each run of characters no message may contain as one space."""
+    return _CONTROL_RUN.sub(" ", text)
 
 
 def model_violations(model: str) -> list[FieldViolation]:

@@ -14,6 +14,7 @@ from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 from service.calibration import TokenCalibration
 from service.tokens import PER_MESSAGE_OVERHEAD, PER_REQUEST_OVERHEAD, estimate_text_tokens
+from service.validation import has_control_characters
 from tests.conftest import FAKE_MODEL, chat, gateway_config
 from tests.fake_upstream import Reply, Status
 from tests.integration.helpers import error_info, field_violations
@@ -738,3 +739,25 @@ TOO_LONG = (
     '{"error": {"message": "This model\'s maximum context length is 1024 tokens.", '
     '"type": "invalid_request_error", "code": "context_length_exceeded"}}'
 )
+
+
+async def test_a_part_summary_with_control_characters_is_still_combined(recorder, start_gateway):
+    """A model's summary of a part may hold control characters (a form feed, an ANSI
+    escape): they are the upstream's, not the caller's, so the combine call still goes
+    out, without them, instead of failing on a field the caller never sent after every
+    part was paid for."""
+
+    def respond(body):
+        if is_part(body):
+            return Reply(content="part\x1b[1m one\x0c two\x85 end")
+        return default_respond(body)
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url))
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
+    )
+    assert response.summary == "FINAL"
+    (combine,) = [r.body for r in recorder.requests if is_combine(r.body)]
+    assert not has_control_characters(user_text(combine))
+    assert "part [1m one two end" in " ".join(user_text(combine).split())
