@@ -16,6 +16,10 @@ _LABEL_KEY = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")  # fullmatch: `$` passes a fi
 # C0 controls other than tab, LF and CR, DEL, and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _CONTROL_RUN = re.compile(_CONTROL.pattern + "+")
+# The caller's own text is held to the control-character rule. A model's earlier answer
+# and a tool's output (a shell's ANSI colours) come back as they came: refusing them would
+# stall a conversation or an agent loop on text the caller did not write.
+_CALLERS_ROLES = frozenset({Role.SYSTEM, Role.USER})
 _MAX_MODEL_NAME = 256
 _MAX_IDEMPOTENCY_KEY = 256
 _MAX_TOKENS_CAP = 1_000_000
@@ -92,7 +96,7 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
             # A tool-call turn may have no text, and a tool may return none.
             if not message.tool_calls and message.role is not Role.TOOL:
                 found.append(FieldViolation(f"messages[{index}].content", "must not be empty"))
-        elif has_control_characters(message.content):
+        elif message.role in _CALLERS_ROLES and has_control_characters(message.content):
             found.append(
                 FieldViolation(f"messages[{index}].content", "must not contain control characters")
             )

@@ -482,6 +482,33 @@ async def test_each_tool_rule_is_a_named_field_violation(stub, upstream, fields,
     assert upstream.requests == []
 
 
+async def test_a_models_answer_and_a_tools_output_come_back_with_control_characters(stub, upstream):
+    """An agent loop sends back what it did not write: a model's answer with a form feed
+    (the gateway relayed it so) and a shell tool's output in ANSI colours. Both go on as
+    they came; the caller's own text is still held to the rule."""
+    upstream.script(Reply(content="Page one\x0cpage two"), Reply(content="Done."))
+    question = pb.Message(role=pb.ROLE_USER, content="Run the tests")
+    first = await stub.Complete(_request(question))
+    assert first.content == "Page one\x0cpage two"
+    colours = "\x1b[32m12 passed\x1b[0m in 0.4s"
+    final = await stub.Complete(
+        _request(
+            question,
+            pb.Message(role=pb.ROLE_ASSISTANT, content=first.content),
+            _assistant_call(),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content=colours),
+        )
+    )
+    assert final.content == "Done."
+    sent = upstream.requests[-1].body["messages"]
+    assert sent[1]["content"] == "Page one\x0cpage two"
+    assert sent[3]["content"] == colours
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(_request(pb.Message(role=pb.ROLE_USER, content=colours)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(upstream.requests) == 2
+
+
 async def test_an_assistant_tool_call_turn_may_have_no_text(stub, upstream):
     """Empty content is valid on an assistant message with tool calls."""
     await stub.Complete(

@@ -52,6 +52,11 @@ def test_valid_request_has_no_violations() -> None:
         pytest.param(with_messages("a\x1bb"), "messages[0].content", id="content-escape"),
         pytest.param(with_messages("a\x7fb"), "messages[0].content", id="content-del"),
         pytest.param(with_messages("a\x85b"), "messages[0].content", id="content-c1"),
+        pytest.param(
+            dataclasses.replace(BASE, messages=(Message(Role.SYSTEM, "a\x1bb"),)),
+            "messages[0].content",
+            id="system-content-escape",
+        ),
         pytest.param(with_params(temperature=-0.01), "params.temperature", id="temp-low"),
         pytest.param(with_params(temperature=2.01), "params.temperature", id="temp-high"),
         pytest.param(with_params(temperature=float("nan")), "params.temperature", id="temp-nan"),
@@ -144,6 +149,19 @@ def test_each_rule_names_its_field(request_: ChatRequest, field: str) -> None:
         pytest.param(dataclasses.replace(BASE, model="org/model:v1.2"), id="model-punctuation"),
         pytest.param(with_messages("tab\tnew\nline\r\n"), id="content-whitespace-controls"),
         pytest.param(with_messages("Xin chào 世界 🌏"), id="content-unicode"),
+        # What the caller did not write comes back as it came (a model's answer, a tool's
+        # output in a shell's colours).
+        pytest.param(
+            dataclasses.replace(
+                BASE,
+                messages=(
+                    Message(Role.USER, "hi"),
+                    Message(Role.ASSISTANT, "page\x0cbreak \x85"),
+                    Message(Role.USER, "and?"),
+                ),
+            ),
+            id="assistant-content-controls",
+        ),
         pytest.param(with_params(temperature=0.0), id="temp-zero"),
         pytest.param(with_params(temperature=2.0), id="temp-max"),
         pytest.param(with_params(top_p=1e-9), id="top-p-tiny"),
