@@ -333,6 +333,16 @@ async def test_only_the_first_choice_is_relayed_when_an_event_carries_others(
     await relayed_cleanly(start_gateway, body, "Hello")
 
 
+def assert_failed_before_any_text(
+    text: str, final: pb.CompleteStreamResponse | None, error: grpc.aio.AioRpcError | None
+) -> None:
+    """The stream sent nothing and failed as an upstream's malformed answer does."""
+    assert (text, final) == ("", None)
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
+
+
 @pytest.mark.parametrize("content", [pytest.param(v, id=repr(v)) for v in (0, False, [], {})])
 async def test_delta_content_that_is_no_string_is_a_malformed_stream(
     start_gateway: Callable[..., Any], content: Any
@@ -350,10 +360,7 @@ async def test_delta_content_that_is_no_string_is_a_malformed_stream(
     async with SSEUpstream(body) as url:
         gateway = await start_gateway(gateway_config(url))
         text, final, error = await relay(gateway, chat_stream("hi"))
-    assert (text, final) == ("", None)
-    assert error is not None
-    assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
+    assert_failed_before_any_text(text, final, error)
 
 
 async def test_a_stream_event_over_16_mib_is_malformed_even_when_one_read_completes_it(
@@ -384,10 +391,7 @@ async def test_a_stream_event_over_16_mib_is_malformed_even_when_one_read_comple
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
         gateway = await start_gateway(gateway_config(url, resilience={"attempts": 1}))
         text, final, error = await relay(gateway, chat_stream("hi"))
-    assert (text, final) == ("", None)
-    assert error is not None
-    assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
+    assert_failed_before_any_text(text, final, error)
 
 
 async def test_keep_alive_comments_do_not_hold_off_the_idle_timeout(
