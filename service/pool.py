@@ -393,6 +393,7 @@ class UpstreamPool:
             left = deadline.remaining_s()
             if left is not None and wait + self.settings.min_attempt_s > left:
                 # Never sleep into the caller's deadline: tell them now what went wrong.
+                last_error.is_cut_short_by_deadline = True
                 raise self._final(last_error, deadline, log_.attempts)
             self.hooks.retry(
                 RetryDecision(
@@ -409,6 +410,7 @@ class UpstreamPool:
         left = deadline.remaining_s()
         if left is not None and left < self.settings.min_attempt_s:
             if last_error is not None:
+                last_error.is_cut_short_by_deadline = True
                 raise self._final(last_error, deadline, log_.attempts)
             raise DeadlineExceeded("the caller's deadline passed before the upstream call")
         if not state.breaker.acquire():
