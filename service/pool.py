@@ -422,8 +422,10 @@ class UpstreamPool:
             max_wait = min(max_wait, left - self.settings.min_attempt_s)
         try:
             await state.limiter.acquire(tokens=tokens, max_wait_s=max_wait)
-        except BaseException:
+        except BaseException as exc:
             state.breaker.release(is_probe=is_probe)
+            if isinstance(exc, LimitExceeded) and max_wait < self.settings.max_limit_wait_s:
+                exc.is_cut_short_by_deadline = True
             raise
         # A retry follows an attempt that was sent and failed; a route skipped before any
         # was sent (the gateway's own limits, an open circuit) leaves this a first attempt.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -801,4 +802,32 @@ async def test_a_follower_whose_leaders_deadline_cut_the_retries_short_tries_aga
     answer = await patient
     content = answer.content if mode == "unary" else "".join(e.delta.content for e in answer)
     assert content == "Hello from fake"
+    assert len(upstream.requests) == 2
+
+
+async def test_a_follower_waits_for_the_upstream_slot_its_leaders_deadline_could_not(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any]
+) -> None:
+    """With the upstream's one slot busy, the first caller's deadline ends its wait for it
+    (RESOURCE_EXHAUSTED, `UPSTREAM_LIMIT`); the follower's deadline allows the wait, which
+    it makes on its own rather than share the refusal."""
+    upstream.script(Reply(content="slow", delay_s=1.5), Reply(content="shared"))
+    config = gateway_config(upstream.base_url, cache={"backend": "memory"})
+    gateway: RunningGateway = await start_gateway(
+        dataclasses.replace(
+            config,
+            upstreams=tuple(dataclasses.replace(u, max_concurrency=1) for u in config.upstreams),
+        )
+    )
+    busy = asyncio.ensure_future(gateway.stub.Complete(chat("Hold the slot"), timeout=20))
+    await eventually(lambda: upstream.requests)
+    hasty = asyncio.ensure_future(gateway.stub.Complete(ask(), timeout=0.6))
+    patient = asyncio.ensure_future(gateway.stub.Complete(ask(), timeout=20))
+    await eventually(lambda: cache_of(gateway).stats.coalesced == 1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await hasty
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_details(caught.value)[1] == "UPSTREAM_LIMIT"
+    assert (await patient).content == "shared"
+    assert (await busy).content == "slow"
     assert len(upstream.requests) == 2
