@@ -243,6 +243,10 @@ class UpstreamError(GatewayError):
         self.status = status
         self._retry_after_s = retry_after_s
         self.attempts = 0  # upstream attempts made for the call, set by the pool
+        # The caller's deadline left no room for the retry (or the wait for an upstream's
+        # limit) that might have mended it: a caller sharing the call (single flight) with
+        # a later deadline may still try.
+        self.is_cut_short_by_deadline = False
 
     @property
     def retry_after_s(self) -> float | None:

@@ -393,6 +393,7 @@ class UpstreamPool:
             left = deadline.remaining_s()
             if left is not None and wait + self.settings.min_attempt_s > left:
                 # Never sleep into the caller's deadline: tell them now what went wrong.
+                last_error.is_cut_short_by_deadline = True
                 raise self._final(last_error, deadline, log_.attempts)
             self.hooks.retry(
                 RetryDecision(
@@ -409,6 +410,7 @@ class UpstreamPool:
         left = deadline.remaining_s()
         if left is not None and left < self.settings.min_attempt_s:
             if last_error is not None:
+                last_error.is_cut_short_by_deadline = True
                 raise self._final(last_error, deadline, log_.attempts)
             raise DeadlineExceeded("the caller's deadline passed before the upstream call")
         if not state.breaker.acquire():
@@ -420,8 +422,10 @@ class UpstreamPool:
             max_wait = min(max_wait, left - self.settings.min_attempt_s)
         try:
             await state.limiter.acquire(tokens=tokens, max_wait_s=max_wait)
-        except BaseException:
+        except BaseException as exc:
             state.breaker.release(is_probe=is_probe)
+            if isinstance(exc, LimitExceeded) and max_wait < self.settings.max_limit_wait_s:
+                exc.is_cut_short_by_deadline = True
             raise
         # A retry follows an attempt that was sent and failed; a route skipped before any
         # was sent (the gateway's own limits, an open circuit) leaves this a first attempt.

@@ -44,7 +44,7 @@ from service.cache.store import CacheStore
 from service.clock import SYSTEM_CLOCK, Clock, Deadline
 from service.config import CacheConfig
 from service.domain import CacheMode, ChatRequest, Completion, Delta
-from service.errors import DeadlineExceeded, StreamInterrupted
+from service.errors import DeadlineExceeded, StreamInterrupted, UpstreamError
 from service.memo import BoundedMemo
 
 __all__ = ["ResponseCache", "is_deterministic"]
@@ -58,6 +58,14 @@ _RECENT_READS = 256
 
 Fetch = Callable[[], Awaitable[Completion]]
 FetchStream = Callable[[], AsyncGenerator[Delta | Completion, None]]
+
+
+def _ran_out_of_its_leaders_time(exc: BaseException) -> bool:
+    """Whether a shared call failed because its first caller's deadline ended it, or cut
+    its retries short: a follower with a later deadline may still get an answer."""
+    if isinstance(exc, DeadlineExceeded):
+        return True
+    return isinstance(exc, UpstreamError) and exc.is_cut_short_by_deadline
 
 
 def is_deterministic(request: ChatRequest) -> bool:
@@ -251,8 +259,11 @@ class ResponseCache:
             joined = self._clock.now()
             try:
                 answer = await self._flights.wait(flight)
-            except (DeadlineExceeded, StreamInterrupted):
-                if is_leader or deadline.has_expired:
+            except (DeadlineExceeded, UpstreamError) as exc:
+                is_mendable = _ran_out_of_its_leaders_time(exc) or isinstance(
+                    exc, StreamInterrupted
+                )
+                if is_leader or deadline.has_expired or not is_mendable:
                     raise
                 continue
             if is_leader:
@@ -324,8 +335,9 @@ class ResponseCache:
                         sent += 1
                         if first_token_ms is None:
                             first_token_ms = self._elapsed_ms(started)
-            except DeadlineExceeded:
-                if is_leader or sent or deadline.has_expired:
+            except (DeadlineExceeded, UpstreamError) as exc:
+                is_mendable = _ran_out_of_its_leaders_time(exc)
+                if is_leader or sent or deadline.has_expired or not is_mendable:
                     raise
                 continue
             if answer is None:  # follow() always ends with the result or raises

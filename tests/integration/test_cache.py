@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -774,4 +775,59 @@ async def test_a_unary_follower_of_a_cut_stream_gets_its_own_answer(
     response = await unary
     assert response.content == "whole answer"
     assert not response.metadata.cache_hit
+    assert len(upstream.requests) == 2
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_follower_whose_leaders_deadline_cut_the_retries_short_tries_again(
+    cached: RunningGateway, upstream: FakeUpstream, mode: str
+) -> None:
+    """The shared call's first attempt fails with a 503 whose Retry-After the first
+    caller's deadline cannot wait out, so that caller gets the 503 at once. The patient
+    follower's deadline can: it tries again, rather than take an error its own call
+    would not have ended with."""
+    upstream.script(Status(503, headers={"Retry-After": "1"}, delay_s=0.3), Reply())
+    stats = cache_of(cached).stats
+    hasty = asyncio.ensure_future(cached.stub.Complete(ask(), timeout=1.0))
+    await eventually(lambda: upstream.requests)
+    if mode == "unary":
+        patient = asyncio.ensure_future(cached.stub.Complete(ask(), timeout=20))
+    else:
+        call = cached.stub.CompleteStream(chat_stream(params=DETERMINISTIC), timeout=20)
+        patient = asyncio.ensure_future(_read_all(call))
+    await eventually(lambda: stats.coalesced == 1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await hasty
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    answer = await patient
+    content = answer.content if mode == "unary" else "".join(e.delta.content for e in answer)
+    assert content == "Hello from fake"
+    assert len(upstream.requests) == 2
+
+
+async def test_a_follower_waits_for_the_upstream_slot_its_leaders_deadline_could_not(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any]
+) -> None:
+    """With the upstream's one slot busy, the first caller's deadline ends its wait for it
+    (RESOURCE_EXHAUSTED, `UPSTREAM_LIMIT`); the follower's deadline allows the wait, which
+    it makes on its own rather than share the refusal."""
+    upstream.script(Reply(content="slow", delay_s=1.5), Reply(content="shared"))
+    config = gateway_config(upstream.base_url, cache={"backend": "memory"})
+    gateway: RunningGateway = await start_gateway(
+        dataclasses.replace(
+            config,
+            upstreams=tuple(dataclasses.replace(u, max_concurrency=1) for u in config.upstreams),
+        )
+    )
+    busy = asyncio.ensure_future(gateway.stub.Complete(chat("Hold the slot"), timeout=20))
+    await eventually(lambda: upstream.requests)
+    hasty = asyncio.ensure_future(gateway.stub.Complete(ask(), timeout=0.6))
+    patient = asyncio.ensure_future(gateway.stub.Complete(ask(), timeout=20))
+    await eventually(lambda: cache_of(gateway).stats.coalesced == 1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await hasty
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_details(caught.value)[1] == "UPSTREAM_LIMIT"
+    assert (await patient).content == "shared"
+    assert (await busy).content == "slow"
     assert len(upstream.requests) == 2
