@@ -814,8 +814,7 @@ def _key_in(node: dict[str, Any], part: str, variable: str, path: list[str]) -> 
     Environment variable names are upper case by convention, so keys are matched without
     case: `LLM_GATEWAY__TENANTS__SEARCH__...` reaches a tenant the file names `Search`.
     """
-    if part in node:
-        return part
+    # Not a shortcut for an exact match: `search` beside `Search` is ambiguous all the same.
     matches = [key for key in node if isinstance(key, str) and key.lower() == part]
     if len(matches) > 1:
         raise ConfigError(

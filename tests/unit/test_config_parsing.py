@@ -234,6 +234,19 @@ def test_env_override_matching_two_keys_is_an_error() -> None:
     assert "SEARCH, Search" in caught.value.problem
 
 
+def test_env_override_matching_a_lower_case_key_and_another_is_an_error() -> None:
+    """A variable's name matches `search` and `Search` alike: neither is the one meant.
+
+    Before, a key spelled exactly in lower case won without a word, so the override
+    silently missed the tenant `Search` it may well have been written for.
+    """
+    data = {"tenants": {"Search": {}, "search": {}}}
+    with pytest.raises(ConfigError) as caught:
+        parse(data, LLM_GATEWAY__TENANTS__SEARCH__REQUESTS_PER_MINUTE="99")
+    assert caught.value.key == "tenants.search.requests_per_minute"
+    assert "Search, search" in caught.value.problem
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "key"),
     [
