@@ -54,11 +54,11 @@ def check_listen_policy(config: GatewayConfig) -> None:
             log.warning("security.keys_without_tls", extra={"listen": config.server.listen})
         return
     if not forced:
-        raise InsecureListen(
-            config.source,
+        raise config.error(
             "server.listen",
             f"refusing to listen on {config.server.listen} with auth.mode: off; set "
             "auth.mode: keys, or auth.allow_auth_off_on_public_listen: true to force it",
+            kind=InsecureListen,
         )
     log.warning("security.auth_off_on_public_listen", extra={"listen": config.server.listen})
 
@@ -78,7 +78,7 @@ async def build_caller_gate(config: GatewayConfig, stack: contextlib.AsyncExitSt
     try:
         stores = local_key_stores(auth)
     except (OSError, ValueError) as exc:
-        raise ConfigError(config.source, "auth.keys_file", str(exc)) from None
+        raise config.error("auth.keys_file", str(exc)) from None
     limiter: TenantLimiter = MemoryTenantLimiter()
     if auth.redis_url:
         client = _redis_client(config)
