@@ -236,6 +236,32 @@ upstreams:
     assert "good" in capsys.readouterr().out
 
 
+async def test_check_reports_an_upstream_listing_its_models_as_null(tmp_path, capsys):
+    """A model list of `"data": null` (a Go server's empty list) is a row listing no model,
+    not a crash of the whole check.
+
+    Before, iterating the null raised TypeError out of `check`: a traceback, and no row
+    for any upstream.
+    """
+    async with FakeUpstream() as fake, FakeUpstream() as other:
+        fake.models = None
+        config = tmp_path / "gateway.yaml"
+        config.write_text(
+            f"""
+upstreams:
+  - {{name: gonull, base_url: "{fake.base_url}", models: [{FAKE_MODEL}]}}
+  - {{name: fine, base_url: "{other.base_url}", models: [{FAKE_MODEL}]}}
+"""
+        )
+        code = await check.check_command(parse(check, "check", "--config", str(config)))
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["gonull"][1:4] == ["yes", "none", "needed"]
+    assert f"(not listed: {FAKE_MODEL})" in out
+    assert rows["fine"][1:5] == ["yes", "none", "needed", "1"]
+    assert code == 0
+
+
 async def test_check_config_error_exits_2(tmp_path, capsys):
     """A broken config is reported with its key and exits 2, before any probe."""
     config = tmp_path / "gateway.yaml"
