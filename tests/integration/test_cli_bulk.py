@@ -271,6 +271,38 @@ async def test_check_config_error_exits_2(tmp_path, capsys):
     assert "base_url" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        pytest.param(
+            "server: {listen: '0.0.0.0:50051'}\n",
+            "server.listen: refusing to listen on 0.0.0.0:50051 with auth.mode: off",
+            id="auth-off-on-a-public-address",
+        ),
+        pytest.param(
+            "auth: {mode: keys, keys_file: KEYS}\n",
+            "auth.keys_file: ",
+            id="malformed-keys-file",
+        ),
+    ],
+)
+async def test_check_exits_2_on_a_config_error_serve_finds_at_start(tmp_path, capsys, text, named):
+    """What `serve` refuses as a config error (exit 2) at start, `check` refuses too,
+    rather than saying "ok" about a config the gateway will not start with.
+
+    Before, `check` printed the config as ok and exited 0 for both.
+    """
+    keys = tmp_path / "keys"
+    keys.write_text("not-a-digest search\n")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(text.replace("KEYS", str(keys)) + "local_model: {enabled: never}\n")
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert f"llm-gateway: config error: {config}: {named}" in captured.err
+    assert ": ok" not in captured.out
+
+
 async def test_batch_process_killed_by_ctrl_c_resumes(tmp_path, scripted, address):
     """The real `llm-gateway batch` process, stopped with SIGINT, resumes to each id once."""
     ids = [f"q{i}" for i in range(40)]
