@@ -679,6 +679,15 @@ class GatewayConfig:
     auth: AuthConfig = AuthConfig()
     tenants: Mapping[str, TenantConfig] = field(default_factory=dict)
     source: str = "<defaults>"
+    # {key path: the LLM_GATEWAY__... variable that set it}, so that errors found after
+    # parsing (TLS files, the listen policy) can name the variable too.
+    overrides: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def error(
+        self, key: str, problem: str, *, kind: type[ConfigError] = ConfigError
+    ) -> ConfigError:
+        """A config error on `key`, naming the variables that set it or a key under it."""
+        return kind(self.source, key, _with_variables(problem, key, self.overrides))
 
     @property
     def enabled_upstreams(self) -> tuple[UpstreamConfig, ...]:
@@ -690,6 +699,15 @@ class GatewayConfig:
         """Whether the local model runs: `always`, or `auto` with no other upstream enabled."""
         enabled = self.local_model.enabled
         return enabled == "always" or (enabled == "auto" and not self.enabled_upstreams)
+
+
+def _with_variables(problem: str, key: str, overrides: Mapping[str, str]) -> str:
+    """`problem`, saying which variables set `key` (or keys under it): the file may not
+    hold the key at all."""
+    variables = [v for k, v in overrides.items() if k == key or k.startswith(f"{key}.")]
+    if variables:
+        problem += f" (set from the environment: {', '.join(sorted(variables))})"
+    return problem
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
@@ -814,8 +832,7 @@ def _key_in(node: dict[str, Any], part: str, variable: str, path: list[str]) -> 
     Environment variable names are upper case by convention, so keys are matched without
     case: `LLM_GATEWAY__TENANTS__SEARCH__...` reaches a tenant the file names `Search`.
     """
-    if part in node:
-        return part
+    # Not a shortcut for an exact match: `search` beside `Search` is ambiguous all the same.
     matches = [key for key in node if isinstance(key, str) and key.lower() == part]
     if len(matches) > 1:
         raise ConfigError(
@@ -866,26 +883,27 @@ def parse_config(
     if not isinstance(data, dict):
         raise ConfigError(source, "", "must be a YAML mapping")
     overrides = _apply_env_overrides(data, env)
-    if "source" in data:  # a field of GatewayConfig, but set here, never by the file
-        raise ConfigError(source, "source", "unknown key")
+    for name in ("source", "overrides"):  # fields of GatewayConfig set here, never by the file
+        if name in data:
+            raise ConfigError(source, name, "unknown key")
     data["source"] = source
     try:
         config = _build(GatewayConfig, data, "")
     except ValueError as exc:
         key, _, problem = str(exc).partition(": ")
-        # The file may not hold the key at all: say which variables set keys there.
-        variables = [v for k, v in overrides.items() if k == key or k.startswith(f"{key}.")]
-        if variables:
-            problem += f" (set from the environment: {', '.join(sorted(variables))})"
-        raise ConfigError(source, key, problem) from None
+        raise ConfigError(source, key, _with_variables(problem, key, overrides)) from None
+    config = dataclasses.replace(config, overrides=overrides)
     names = [u.name for u in config.upstreams]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
-        raise ConfigError(source, "upstreams", f"duplicate upstream name {duplicate!r}")
+        raise config.error("upstreams", f"duplicate upstream name {duplicate!r}")
     bad_tenant = next((t for t in config.tenants if not is_tenant_name(t)), None)
     if bad_tenant is not None:
-        raise ConfigError(source, f"tenants.{bad_tenant}", "not a valid tenant name")
-    _check_redis_password_env(config, source, env)
+        raise config.error(f"tenants.{bad_tenant}", "not a valid tenant name")
+    try:
+        _check_redis_password_env(config, source, env)
+    except ConfigError as exc:
+        raise config.error(exc.key, exc.problem) from None
     upstreams = tuple(
         dataclasses.replace(u, api_key=env.get(u.api_key_env) or None) if u.api_key_env else u
         for u in config.upstreams
@@ -980,7 +998,10 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
     except yaml.YAMLError:
         raise ConfigError(source, "", "not valid YAML") from None
     config = parse_config(data, source=source, environ=environ)
-    _check_tls_files(config.server.tls, source)
+    try:
+        _check_tls_files(config.server.tls, source)
+    except ConfigError as exc:
+        raise config.error(exc.key, exc.problem) from None
     return config
 
 

@@ -59,6 +59,9 @@ def serve_command(args: argparse.Namespace) -> int:
     try:  # replace() validates like the file does
         if args.listen:
             server = dataclasses.replace(server, listen=args.listen)
+            # The flag, not LLM_GATEWAY__SERVER__LISTEN, set it: errors must not name that.
+            overrides = {k: v for k, v in config.overrides.items() if k != "server.listen"}
+            config = dataclasses.replace(config, overrides=overrides)
         if args.workers is not None:
             server = dataclasses.replace(server, workers=args.workers)
     except ValueError as exc:

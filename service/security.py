@@ -14,6 +14,7 @@ from typing import Any
 
 from service.auth import (
     Authenticator,
+    KeyStore,
     RedisKeyStore,
     local_key_stores,
     redis_connection_options,
@@ -54,13 +55,27 @@ def check_listen_policy(config: GatewayConfig) -> None:
             log.warning("security.keys_without_tls", extra={"listen": config.server.listen})
         return
     if not forced:
-        raise InsecureListen(
-            config.source,
+        raise config.error(
             "server.listen",
             f"refusing to listen on {config.server.listen} with auth.mode: off; set "
             "auth.mode: keys, or auth.allow_auth_off_on_public_listen: true to force it",
+            kind=InsecureListen,
         )
     log.warning("security.auth_off_on_public_listen", extra={"listen": config.server.listen})
+
+
+def check_start_config(config: GatewayConfig) -> None:
+    """Raise the `ConfigError` a start with `config` would end with: the listen policy,
+    or a keys file that cannot be read or parsed (`llm-gateway check` asks)."""
+    check_listen_policy(config)
+    _local_key_stores(config)
+
+
+def _local_key_stores(config: GatewayConfig) -> list[KeyStore]:
+    try:
+        return local_key_stores(config.auth)
+    except (OSError, ValueError) as exc:
+        raise config.error("auth.keys_file", str(exc)) from None
 
 
 def _redis_client(config: GatewayConfig) -> Any:
@@ -75,10 +90,7 @@ def _redis_client(config: GatewayConfig) -> Any:
 async def build_caller_gate(config: GatewayConfig, stack: contextlib.AsyncExitStack) -> CallerGate:
     """The gate for `config`; a Redis client it opens is closed by `stack`."""
     auth = config.auth
-    try:
-        stores = local_key_stores(auth)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(config.source, "auth.keys_file", str(exc)) from None
+    stores = _local_key_stores(config)
     limiter: TenantLimiter = MemoryTenantLimiter()
     if auth.redis_url:
         client = _redis_client(config)

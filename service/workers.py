@@ -75,8 +75,7 @@ def worker_configs(
     if base is None or base == 0:
         return [config] * count
     if base + count - 1 > 65535:
-        raise ConfigError(
-            config.source,
+        raise config.error(
             "telemetry.prometheus_port",
             f"{count} workers need ports {base}..{base + count - 1}; the last is past 65535",
         )

@@ -227,7 +227,8 @@ class FakeUpstream:
         self.requests: list[RecordedRequest] = []
         self.disconnects: int = 0
         self.default: Behaviour = default if default is not None else Reply()
-        self.models: list[str] = list(models)
+        # None: the list is `"data": null`, as servers written in Go send an empty one.
+        self.models: list[str] | None = list(models)
         self.api_key: str | None = api_key
         self._queue: deque[Behaviour] = deque()
         self._runner: web.AppRunner | None = None
@@ -323,7 +324,11 @@ class FakeUpstream:
         denied = self._unauthorized(request)
         if denied is not None:
             return denied
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
+        listed = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "fake"}
+            for m in self.models or ()
+        ]
+        data = None if self.models is None else listed
         return _json({"object": "list", "data": data}, 200, {})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:

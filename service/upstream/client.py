@@ -397,7 +397,9 @@ async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise MalformedReply("model list is not JSON") from exc
-    items = data.get("data", []) if isinstance(data, dict) else []
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list):  # Go servers send an empty list as null
+        items = []
     return 200, [str(m.get("id")) for m in items if isinstance(m, dict)]
 
 

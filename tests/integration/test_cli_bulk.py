@@ -236,6 +236,32 @@ upstreams:
     assert "good" in capsys.readouterr().out
 
 
+async def test_check_reports_an_upstream_listing_its_models_as_null(tmp_path, capsys):
+    """A model list of `"data": null` (a Go server's empty list) is a row listing no model,
+    not a crash of the whole check.
+
+    Before, iterating the null raised TypeError out of `check`: a traceback, and no row
+    for any upstream.
+    """
+    async with FakeUpstream() as fake, FakeUpstream() as other:
+        fake.models = None
+        config = tmp_path / "gateway.yaml"
+        config.write_text(
+            f"""
+upstreams:
+  - {{name: gonull, base_url: "{fake.base_url}", models: [{FAKE_MODEL}]}}
+  - {{name: fine, base_url: "{other.base_url}", models: [{FAKE_MODEL}]}}
+"""
+        )
+        code = await check.check_command(parse(check, "check", "--config", str(config)))
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["gonull"][1:4] == ["yes", "none", "needed"]
+    assert f"(not listed: {FAKE_MODEL})" in out
+    assert rows["fine"][1:5] == ["yes", "none", "needed", "1"]
+    assert code == 0
+
+
 async def test_check_config_error_exits_2(tmp_path, capsys):
     """A broken config is reported with its key and exits 2, before any probe."""
     config = tmp_path / "gateway.yaml"
@@ -243,6 +269,38 @@ async def test_check_config_error_exits_2(tmp_path, capsys):
     code = await check.check_command(parse(check, "check", "--config", str(config)))
     assert code == 2
     assert "base_url" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        pytest.param(
+            "server: {listen: '0.0.0.0:50051'}\n",
+            "server.listen: refusing to listen on 0.0.0.0:50051 with auth.mode: off",
+            id="auth-off-on-a-public-address",
+        ),
+        pytest.param(
+            "auth: {mode: keys, keys_file: KEYS}\n",
+            "auth.keys_file: ",
+            id="malformed-keys-file",
+        ),
+    ],
+)
+async def test_check_exits_2_on_a_config_error_serve_finds_at_start(tmp_path, capsys, text, named):
+    """What `serve` refuses as a config error (exit 2) at start, `check` refuses too,
+    rather than saying "ok" about a config the gateway will not start with.
+
+    Before, `check` printed the config as ok and exited 0 for both.
+    """
+    keys = tmp_path / "keys"
+    keys.write_text("not-a-digest search\n")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(text.replace("KEYS", str(keys)) + "local_model: {enabled: never}\n")
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert f"llm-gateway: config error: {config}: {named}" in captured.err
+    assert ": ok" not in captured.out
 
 
 async def test_batch_process_killed_by_ctrl_c_resumes(tmp_path, scripted, address):

@@ -234,6 +234,19 @@ def test_env_override_matching_two_keys_is_an_error() -> None:
     assert "SEARCH, Search" in caught.value.problem
 
 
+def test_env_override_matching_a_lower_case_key_and_another_is_an_error() -> None:
+    """A variable's name matches `search` and `Search` alike: neither is the one meant.
+
+    Before, a key spelled exactly in lower case won without a word, so the override
+    silently missed the tenant `Search` it may well have been written for.
+    """
+    data = {"tenants": {"Search": {}, "search": {}}}
+    with pytest.raises(ConfigError) as caught:
+        parse(data, LLM_GATEWAY__TENANTS__SEARCH__REQUESTS_PER_MINUTE="99")
+    assert caught.value.key == "tenants.search.requests_per_minute"
+    assert "Search, search" in caught.value.problem
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "key"),
     [
@@ -253,6 +266,45 @@ def test_a_bad_env_override_is_named_in_the_error(variable: str, value: str, key
     assert caught.value.key == key
     assert caught.value.problem.endswith(f"(set from the environment: {variable})")
     assert value not in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    ("variable", "key", "data", "environ"),
+    [
+        pytest.param(
+            "LLM_GATEWAY__CACHE__REDIS_PASSWORD_ENV",
+            "cache.redis_password_env",
+            "cache: {backend: redis, redis_url: 'redis://127.0.0.1:6379/0'}\n",
+            {"LLM_GATEWAY__CACHE__REDIS_PASSWORD_ENV": "NO_SUCH_PASSWORD_VARIABLE"},
+            id="redis-password-variable-unset",
+        ),
+        pytest.param(
+            "LLM_GATEWAY__SERVER__TLS__CERT_FILE",
+            "server.tls.cert_file",
+            "server: {listen: '127.0.0.1:50051'}\n",
+            {
+                "LLM_GATEWAY__SERVER__TLS__CERT_FILE": "/nonexistent/server.pem",
+                "LLM_GATEWAY__SERVER__TLS__KEY_FILE": "/nonexistent/server.key",
+            },
+            id="tls-file-missing",
+        ),
+    ],
+)
+def test_an_env_override_is_named_in_errors_found_after_parsing(
+    tmp_path: Path, variable: str, key: str, data: str, environ: dict[str, str]
+) -> None:
+    """The checks that run on the parsed config (Redis password variables, TLS files)
+    name the variable that set the key too, as the README promises for every error.
+
+    Before, they said only "gateway.yaml: server.tls.cert_file: cannot read ...", sending
+    the reader to a file that does not hold the key at all.
+    """
+    path = tmp_path / "gateway.yaml"
+    path.write_text(data)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=environ)
+    assert caught.value.key == key
+    assert caught.value.problem.endswith(f"(set from the environment: {variable})")
 
 
 def test_a_file_error_does_not_blame_other_env_overrides() -> None:
@@ -813,7 +865,7 @@ def config_keys(cls: type[Any], prefix: str = "") -> list[str]:
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.init or f.name == "source" or "from_environment" in f.metadata:
+        if not f.init or f.name in ("source", "overrides") or "from_environment" in f.metadata:
             continue
         args = typing.get_args(hints[f.name])
         inner = next((a for a in (hints[f.name], *args) if dataclasses.is_dataclass(a)), None)

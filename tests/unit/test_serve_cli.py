@@ -102,6 +102,30 @@ def test_auth_off_on_a_public_address_exits_2_naming_the_key(
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
+def test_auth_off_on_a_public_address_from_the_environment_names_the_variable(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    workers: str,
+) -> None:
+    """An address set by LLM_GATEWAY__SERVER__LISTEN is refused naming the variable, as
+    every error in a key the environment set does: the file says 127.0.0.1.
+
+    Before, the error blamed `server.listen` in a file that does not hold 0.0.0.0.
+    """
+    monkeypatch.setenv("LLM_GATEWAY__SERVER__LISTEN", "0.0.0.0:0")
+    config = tmp_path / "gateway.yaml"
+    config.write_text("server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n")
+    assert main(["serve", "--config", str(config), "--workers", workers]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: server.listen: refusing to listen on 0.0.0.0:0" in err
+    assert "(set from the environment: LLM_GATEWAY__SERVER__LISTEN)" in err
+    # --listen replaces what the variable said: then the variable is not to blame.
+    assert main(["serve", "--config", str(config), "--listen", "0.0.0.0:0"]) == 2
+    assert "LLM_GATEWAY__SERVER__LISTEN" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_taken_prometheus_port_exits_1_naming_it(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], workers: str
 ) -> None:

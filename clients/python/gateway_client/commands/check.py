@@ -19,6 +19,7 @@ from typing import Any
 from service.config import ConfigError, GatewayConfig, UpstreamConfig, load_config
 from service.errors import UpstreamError
 from service.main import DEFAULT_CONFIG
+from service.security import check_start_config
 from service.upstream.client import probe_models
 
 
@@ -112,6 +113,7 @@ async def check_command(args: argparse.Namespace) -> int:
     """Run `llm-gateway check`."""
     try:
         config = load_config(args.config)
+        check_start_config(config)  # what `serve` would refuse only once it starts
     except ConfigError as exc:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
         return 2
