@@ -383,10 +383,14 @@ class UpstreamPool:
                 plan.exclude(route, "retry budget exhausted")
                 log.debug("pool.retry_budget_exhausted", extra={"upstream": state.client.name})
                 return None
-            if last_route is route:
+            if any(r.upstream == route.client.name for r in log_.records):
+                # Back to an upstream this call has tried (A, B, then A again): a retry,
+                # which waits; failing over to one not tried yet does not. The failed
+                # attempt's Retry-After is its upstream's, and only its own retry honours it
+                # (an upstream's pause also holds its limiter).
                 wait = backoff_s(
                     log_.attempts - 1,
-                    retry_after_s=last_error.retry_after_s,
+                    retry_after_s=last_error.retry_after_s if last_route is route else None,
                     rng=self._rng,
                     policy=self._backoff,
                 )

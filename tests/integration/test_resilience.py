@@ -24,6 +24,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.errors import RETRY_PUSHBACK_TRAILER
+from service.pool_hooks import RetryDecision
 from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import (
     Behaviour,
@@ -572,6 +573,27 @@ async def test_a_route_skipped_by_our_own_limit_does_not_make_the_next_attempt_a
         assert served == ["up0", "up1", "up1"]
         assert third.metadata.attempts == 2
         assert (len(limited.requests), len(spare.requests)) == (1, 3)
+
+
+async def test_a_return_to_an_upstream_the_call_tried_waits_its_backoff(start_gateway):
+    """Two upstreams both failing: the second attempt fails over at once, the third goes
+    back to the first, a retry of it, and waits its backoff as any retry on one does."""
+    async with FakeUpstream() as first, FakeUpstream() as second:
+        resilience = {**FAST_RESILIENCE, "backoff_base_s": 0.05, "backoff_cap_s": 0.05}
+        config = gateway_config(first.base_url, second.base_url, resilience=resilience)
+        gateway = await start_gateway(config)
+        decisions: list[RetryDecision] = []
+        gateway.server.pipeline.pool.hooks.on_retry.append(decisions.append)
+        first.script(Status(503), Status(503))
+        second.script(Status(503))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(chat())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    routes = [(d.failed_upstream, d.upstream) for d in decisions]
+    assert routes == [("up0", "up1"), ("up1", "up0")]
+    assert decisions[0].wait_s == 0.0
+    assert decisions[1].wait_s > 0.0
+    assert (len(first.requests), len(second.requests)) == (2, 1)
 
 
 async def test_concurrency_limit_queues_on_the_upstream(start_gateway):
