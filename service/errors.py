@@ -257,6 +257,11 @@ class UpstreamError(GatewayError):
         if self._retry_after_s is None:
             self._retry_after_s = seconds
 
+    def cap_retry_after(self, most_s: float) -> None:
+        """Suggest at most `most_s`: the gateway itself waits no longer for the upstream."""
+        if self._retry_after_s is not None:
+            self._retry_after_s = min(self._retry_after_s, most_s)
+
 
 class UpstreamRateLimited(UpstreamError):
     """The upstream answered 429."""

@@ -464,8 +464,10 @@ class UpstreamPool:
         else:
             state.breaker.release(is_probe=is_probe)
         if exc.retry_after_s is not None:
-            # A 429 or 503 with Retry-After: no call goes to this upstream until then.
-            state.limiter.pause(min(exc.retry_after_s, self.settings.max_retry_after_s))
+            # A 429 or 503 with Retry-After: no call goes to this upstream until then. The
+            # caller is told no longer a wait than the gateway itself keeps.
+            exc.cap_retry_after(self.settings.max_retry_after_s)
+            state.limiter.pause(exc.retry_after_s or 0.0)
 
     def _after_success(self, state: UpstreamState, hints: RateLimitHints) -> None:
         state.breaker.record_success()

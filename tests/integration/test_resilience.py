@@ -470,6 +470,20 @@ async def test_upstream_429_after_retries_is_resource_exhausted_with_pushback(
         assert len(fake.requests) == 3
 
 
+async def test_a_retry_after_past_the_cap_is_passed_on_capped(start_gateway):
+    """An upstream asking for an hour (or a misread milliseconds value): the gateway
+    pauses it `max_retry_after_s` and tells the caller the same, not the hour."""
+    async with FakeUpstream(default=Status(429, headers={"Retry-After": "3600"})) as fake:
+        resilience = {**FAST_RESILIENCE, "attempts": 1}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat())
+    _, reason, retry_after_s = error_details(info.value)
+    assert reason == "UPSTREAM_RATE_LIMITED"
+    assert retry_after_s == pytest.approx(FAST_RESILIENCE["max_retry_after_s"])
+    assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "5000"
+
+
 async def test_a_keep_alive_connection_dropped_as_it_is_reused_is_sent_on_a_new_one(
     start_gateway,
 ):
