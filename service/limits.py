@@ -24,7 +24,6 @@ from service.upstream.types import RateLimitHints
 DEFAULT_MAX_CONCURRENCY = 50
 LOW_REMAINING_FRACTION = 0.1  # below this share of the limit left, space requests out
 MAX_PAUSE_S = 60.0  # seconds: the longest an upstream's hint may pause us
-_EPOCH_THRESHOLD_S = 1e9  # reset values below this are seconds-from-now, not epoch
 
 
 class LimitExceeded(UpstreamRateLimited):
@@ -188,10 +187,7 @@ class UpstreamLimiter:
         """Adapt to the upstream's `X-RateLimit-*` headers from its last answer."""
         if hints.remaining is None:
             return
-        reset_in = hints.reset_in_s
-        if reset_in is None and hints.reset_epoch_s is not None:
-            reset = hints.reset_epoch_s
-            reset_in = max(0.0, reset - now_epoch_s if reset >= _EPOCH_THRESHOLD_S else reset)
+        reset_in = hints.seconds_to_reset(now_epoch_s)
         if hints.remaining <= 0:
             self.pause(reset_in if reset_in is not None else 1.0)
             return

@@ -58,8 +58,13 @@ def _error_for_status(
 ) -> UpstreamError:
     """Map an HTTP error status (and, for a 400, its body) to the most specific
     `UpstreamError`."""
-    wait = retry_after_s(headers, now_epoch_s=time.time())
+    now_epoch_s = time.time()
+    wait = retry_after_s(headers, now_epoch_s=now_epoch_s)
     if status == 429:
+        if wait is None:
+            # No Retry-After, but a window with nothing left (OpenAI sends its
+            # `x-ratelimit-*` on a 429 too): its reset is when to try again.
+            wait = rate_limit_hints(headers).exhausted_for_s(now_epoch_s)
         return UpstreamRateLimited(
             f"upstream {upstream!r} is rate limiting (HTTP 429)",
             upstream=upstream,

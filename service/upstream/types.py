@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from service.domain import FinishReason, ToolCall, ToolCallDelta, Usage
 
+_EPOCH_THRESHOLD_S = 1e9  # reset values below this are seconds-from-now, not epoch
+
 
 @dataclass(frozen=True, slots=True)
 class RateLimitHints:
@@ -20,6 +22,22 @@ class RateLimitHints:
     remaining: int | None = None
     reset_epoch_s: float | None = None
     reset_in_s: float | None = None
+
+    def seconds_to_reset(self, now_epoch_s: float) -> float | None:
+        """Seconds until the window resets, when the headers said."""
+        if self.reset_in_s is not None:
+            return self.reset_in_s
+        reset = self.reset_epoch_s
+        if reset is None:
+            return None
+        return max(0.0, reset - now_epoch_s if reset >= _EPOCH_THRESHOLD_S else reset)
+
+    def exhausted_for_s(self, now_epoch_s: float) -> float | None:
+        """Seconds until the reset of a window with nothing left; None when something is
+        left or no reset was given."""
+        if self.remaining is None or self.remaining > 0:
+            return None
+        return self.seconds_to_reset(now_epoch_s)
 
 
 @dataclass(frozen=True, slots=True)

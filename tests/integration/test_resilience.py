@@ -484,6 +484,29 @@ async def test_a_retry_after_past_the_cap_is_passed_on_capped(start_gateway):
     assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "5000"
 
 
+async def test_a_429_without_retry_after_waits_for_its_exhausted_windows_reset(start_gateway):
+    """A 429 with no Retry-After but OpenAI's rate-limit headers saying the requests window
+    is empty for 2 s: the caller is told 2 s, and the upstream is left alone until then
+    (the next call is refused by the gateway's own pause, not sent to be refused again)."""
+    headers = {
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "2s",
+    }
+    async with FakeUpstream(default=Status(429, headers=headers)) as fake:
+        resilience = {**FAST_RESILIENCE, "attempts": 1, "max_limit_wait_s": 0.1}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await gateway.stub.Complete(chat())
+        with pytest.raises(grpc.aio.AioRpcError) as paused:
+            await gateway.stub.Complete(chat())
+    _, reason, retry_after_s = error_details(refused.value)
+    assert (reason, retry_after_s) == ("UPSTREAM_RATE_LIMITED", pytest.approx(2.0))
+    assert paused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_details(paused.value)[1] == "UPSTREAM_LIMIT"
+    assert len(fake.requests) == 1
+
+
 async def test_a_keep_alive_connection_dropped_as_it_is_reused_is_sent_on_a_new_one(
     start_gateway,
 ):
