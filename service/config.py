@@ -748,7 +748,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             return _json_value(value, key)
         return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        # Infinity too: no wait, timeout, price or bound here means "forever" (a grace period
+        # of `.inf` would hold a shutdown for ever).
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise ValueError(f"{key}: must be a number")
         return float(value)
     if tp is int:
@@ -897,9 +903,12 @@ def parse_config(
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise config.error("upstreams", f"duplicate upstream name {duplicate!r}")
-    bad_tenant = next((t for t in config.tenants if not is_tenant_name(t)), None)
-    if bad_tenant is not None:
-        raise config.error(f"tenants.{bad_tenant}", "not a valid tenant name")
+    # A budget's "*" is every tenant without its own entry (`budgets.ANY_TENANT`).
+    for section, also in (("tenants", ()), ("budgets", ("*",))):
+        names = getattr(config, section)
+        bad_tenant = next((t for t in names if not (is_tenant_name(t) or t in also)), None)
+        if bad_tenant is not None:
+            raise config.error(f"{section}.{bad_tenant}", "not a valid tenant name")
     try:
         _check_redis_password_env(config, source, env)
     except ConfigError as exc:

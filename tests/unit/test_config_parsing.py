@@ -357,6 +357,20 @@ def test_env_override_on_real_file() -> None:
             id="float-as-nan",
         ),
         pytest.param(
+            {"server": {"grace_period_s": float("inf")}},
+            {},
+            "server.grace_period_s",
+            "must be a number",
+            id="float-as-infinity",
+        ),
+        pytest.param(
+            {"budgets": {"team a": {"usd": 10}}},
+            {},
+            "budgets.team a",
+            "not a valid tenant name",
+            id="budget-tenant-name",
+        ),
+        pytest.param(
             {"server": {"overload_retry_after_s": float("nan")}},
             {},
             "server.overload_retry_after_s",
