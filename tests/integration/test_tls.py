@@ -14,6 +14,7 @@ import pytest_asyncio
 import yaml
 from google.rpc import error_details_pb2
 
+from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import ConfigError, parse_config
@@ -112,6 +113,31 @@ async def test_mtls_names_the_tenant_from_a_valid_client_certificate(upstream, t
         assert "team-b" in (denied.details() or "")
         listed = await stub.ListModels(pb.ListModelsRequest(), timeout=_TIMEOUT_S)
         assert list(listed.models) == []
+    assert len(upstream.requests) == 1
+
+
+async def test_the_cli_calls_a_mtls_gateway_with_its_certificate(upstream, tls_server, pki, capsys):
+    """`llm-gateway complete` with `--ca-file`, `--cert-file` and `--key-file` is served
+    as the certificate's tenant; without the client certificate the handshake fails."""
+    config = secure_config(
+        upstream.base_url,
+        server={"listen": "127.0.0.1:0", "tls": _mtls(pki, tenant_from_cert_subject=True)},
+        tenants={"team-a": {"allowed_models": ["fake-model"]}},
+    )
+    server = await tls_server(config)
+    cert, key = pki.client_a
+    base = ["complete", "--address", server.address, "--model", "fake-model", "hi"]
+    served = await asyncio.to_thread(
+        cli_main,
+        [*base, "--ca-file", str(pki.ca), "--cert-file", str(cert), "--key-file", str(key)],
+    )
+    assert served == 0
+    assert "Hello from fake" in capsys.readouterr().out
+    refused = await asyncio.to_thread(cli_main, [*base, "--ca-file", str(pki.ca)])
+    assert refused == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="go together"):
+        await asyncio.to_thread(cli_main, [*base, "--cert-file", str(cert)])
     assert len(upstream.requests) == 1
 
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Callable, Sequence
 
-from gateway_client.client import authorization_metadata
 from gateway_client.commands import batch, check, complete, models, serve, summarize, usage
 
 SUBCOMMANDS = [serve, complete, models, batch, summarize, check, usage]
@@ -36,30 +34,6 @@ def int_in(bounds: tuple[int, int]) -> Callable[[str], int]:
         return number
 
     return parse
-
-
-def caller_key(value: str) -> str:
-    """--api-key: a key gRPC can send, checked before any call."""
-    try:
-        authorization_metadata(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
-
-
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """--address and --api-key, shared by every command that calls the gateway."""
-    parser.add_argument(
-        "--address",
-        default=os.environ.get("LLM_GATEWAY_ADDRESS", "127.0.0.1:50051"),
-        help="gateway HOST:PORT (default: $LLM_GATEWAY_ADDRESS or 127.0.0.1:50051)",
-    )
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get("LLM_GATEWAY_API_KEY"),
-        type=caller_key,
-        help="caller key (default: $LLM_GATEWAY_API_KEY)",
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway_client.client import GatewayClient, build_request
+from gateway_client.connection import add_connection_arguments, connection
 from gateway_client.errors import error_details
 from gateway_client.progress import Progress
 from llmgateway.v1 import gateway_pb2 as pb
@@ -43,7 +44,7 @@ _PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed", "reasoning_effort")
 
 def register(subparsers: Any) -> None:
     """Add the `batch` subcommand."""
-    from gateway_client.cli import UINT32, add_connection_arguments, int_in
+    from gateway_client.cli import UINT32, int_in
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "batch",
@@ -321,7 +322,7 @@ async def batch_command(args: argparse.Namespace) -> int:
         print(f"resuming: {skipped} items already in {args.output}", file=sys.stderr)
     progress = Progress(len(pending), stream=sys.stderr, is_enabled=not args.no_progress)
     failed = 0
-    async with GatewayClient(args.address, api_key=args.api_key, timeout_s=None) as client:
+    async with GatewayClient(args.address, **connection(args), timeout_s=None) as client:
         with output:
             try:
                 failed = await run_items(

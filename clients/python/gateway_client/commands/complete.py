@@ -11,13 +11,14 @@ import grpc
 
 from gateway_client.client import REASONING_EFFORTS, GatewayClient, build_request
 from gateway_client.commands.usage import parse_label
+from gateway_client.connection import add_connection_arguments, connection
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 
 
 def register(subparsers: Any) -> None:
     """Add the `complete` subcommand."""
-    from gateway_client.cli import INT32, add_connection_arguments, int_in
+    from gateway_client.cli import INT32, int_in
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "complete", help="ask for one completion and print it"
@@ -72,7 +73,7 @@ async def complete_command(args: argparse.Namespace) -> int:
     labels = dict(args.label)
     request = build_request(prompt, model=args.model, system=args.system, labels=labels, **params)
     started = time.monotonic()
-    async with GatewayClient(args.address, api_key=args.api_key) as client:
+    async with GatewayClient(args.address, **connection(args)) as client:
         try:
             if args.stream:
                 stream = client.stream(request)

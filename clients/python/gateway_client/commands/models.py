@@ -9,13 +9,13 @@ from typing import Any
 import grpc
 
 from gateway_client.client import GatewayClient
+from gateway_client.connection import add_connection_arguments, connection
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 
 
 def register(subparsers: Any) -> None:
     """Add the `models` subcommand."""
-    from gateway_client.cli import add_connection_arguments
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "models", help="list models, context windows, prices and upstream health"
@@ -49,7 +49,7 @@ def format_models(response: pb.ListModelsResponse) -> str:
 
 async def models_command(args: argparse.Namespace) -> int:
     """Run `llm-gateway models`."""
-    async with GatewayClient(args.address, api_key=args.api_key) as client:
+    async with GatewayClient(args.address, **connection(args)) as client:
         try:
             response = await client.list_models()
         except grpc.aio.AioRpcError as error:

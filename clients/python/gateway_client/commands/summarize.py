@@ -11,12 +11,13 @@ from typing import Any
 import grpc
 
 from gateway_client.client import REASONING_EFFORTS, GatewayClient
+from gateway_client.connection import add_connection_arguments, connection
 from gateway_client.errors import error_details
 
 
 def register(subparsers: Any) -> None:
     """Add the `summarize` subcommand."""
-    from gateway_client.cli import UINT32, add_connection_arguments, int_in
+    from gateway_client.cli import UINT32, int_in
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "summarize", help="summarise a document longer than the context window"
@@ -55,7 +56,7 @@ async def summarize_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"llm-gateway summarize: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 1
-    async with GatewayClient(args.address, api_key=args.api_key, timeout_s=args.timeout) as client:
+    async with GatewayClient(args.address, **connection(args), timeout_s=args.timeout) as client:
         try:
             response = await client.summarize(
                 document,

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from gateway_client.client import GatewayClient
+from gateway_client.connection import add_connection_arguments, connection
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 
@@ -42,7 +43,6 @@ def parse_label(value: str) -> tuple[str, str]:
 
 def register(subparsers: Any) -> None:
     """Add the `usage` subcommand."""
-    from gateway_client.cli import add_connection_arguments
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "usage", help="requests, tokens and cost by tenant, model, upstream and label"
@@ -105,7 +105,7 @@ def format_usage(response: pb.GetUsageResponse) -> str:
 
 async def usage_command(args: argparse.Namespace) -> int:
     """Run `llm-gateway usage`."""
-    async with GatewayClient(args.address, api_key=args.api_key) as client:
+    async with GatewayClient(args.address, **connection(args)) as client:
         try:
             response = await client.usage(
                 tenant=args.tenant, model=args.model, labels=dict(args.label), since=args.since

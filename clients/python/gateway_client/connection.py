@@ -1,0 +1,86 @@
+"""The options every command that calls the gateway takes: address, caller key and TLS."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gateway_client.client import authorization_metadata
+
+
+def caller_key(value: str) -> str:
+    """--api-key: a key gRPC can send, checked before any call."""
+    try:
+        authorization_metadata(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def pem_file(value: str) -> bytes:
+    """--ca-file, --cert-file, --key-file: a PEM file's bytes, read before any call."""
+    try:
+        return Path(value).expanduser().read_bytes()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {value}: {exc.strerror}") from None
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--address, --api-key and TLS, shared by every command that calls the gateway."""
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("LLM_GATEWAY_ADDRESS", "127.0.0.1:50051"),
+        help="gateway HOST:PORT (default: $LLM_GATEWAY_ADDRESS or 127.0.0.1:50051)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("LLM_GATEWAY_API_KEY"),
+        type=caller_key,
+        help="caller key (default: $LLM_GATEWAY_API_KEY)",
+    )
+    tls = parser.add_argument_group("TLS (a gateway with server.tls)")
+    tls.add_argument(
+        "--tls",
+        action="store_true",
+        default=bool(os.environ.get("LLM_GATEWAY_TLS")),
+        help="connect with TLS, verifying the gateway against the system's CAs "
+        "(default: on when $LLM_GATEWAY_TLS is set, or with --ca-file)",
+    )
+    for flag, variable, what in (
+        (
+            "--ca-file",
+            "LLM_GATEWAY_CA_FILE",
+            "CA certificate to verify the gateway with; implies --tls",
+        ),
+        ("--cert-file", "LLM_GATEWAY_CERT_FILE", "client certificate (mutual TLS)"),
+        ("--key-file", "LLM_GATEWAY_KEY_FILE", "the client certificate's private key"),
+    ):
+        default = os.environ.get(variable)
+        tls.add_argument(
+            flag,
+            type=pem_file,
+            default=pem_file(default) if default else None,
+            metavar="PEM",
+            help=f"{what} (default: ${variable})",
+        )
+
+
+def connection(args: argparse.Namespace) -> dict[str, Any]:
+    """`GatewayClient`'s keyword arguments for the connection options in `args`."""
+    if (args.cert_file is None) != (args.key_file is None):
+        raise SystemExit("llm-gateway: --cert-file and --key-file go together")
+    is_tls = args.tls or args.ca_file is not None or args.cert_file is not None
+    credentials = (
+        grpc.ssl_channel_credentials(
+            root_certificates=args.ca_file,
+            private_key=args.key_file,
+            certificate_chain=args.cert_file,
+        )
+        if is_tls
+        else None
+    )
+    return {"api_key": args.api_key, "credentials": credentials}

@@ -1,0 +1,55 @@
+"""The connection options every calling command takes: address, caller key and TLS."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from gateway_client.connection import add_connection_arguments, connection
+
+
+def parse(*argv: str, environ: dict[str, str] | None = None) -> argparse.Namespace:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (environ or {}).items():
+            patch.setenv(name, value)
+        parser = argparse.ArgumentParser()
+        add_connection_arguments(parser)
+        return parser.parse_args(argv)
+
+
+def test_plaintext_by_default() -> None:
+    assert connection(parse())["credentials"] is None
+
+
+@pytest.mark.parametrize(
+    "argv", [("--tls",), ("--ca-file", "{pem}"), ("--cert-file", "{pem}", "--key-file", "{pem}")]
+)
+def test_any_tls_option_makes_the_channel_secure(tmp_path: Path, argv: tuple[str, ...]) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    args = parse(*(a.format(pem=pem) for a in argv))
+    assert connection(args)["credentials"] is not None
+
+
+def test_the_ca_file_comes_from_the_environment(tmp_path: Path) -> None:
+    pem = tmp_path / "ca.pem"
+    pem.write_bytes(b"ca bytes")
+    args = parse(environ={"LLM_GATEWAY_CA_FILE": str(pem)})
+    assert args.ca_file == b"ca bytes"
+    assert connection(args)["credentials"] is not None
+
+
+def test_an_unreadable_pem_file_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse("--ca-file", str(tmp_path / "missing.pem"))
+    assert caught.value.code == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_certificate_without_its_key_is_refused(tmp_path: Path) -> None:
+    pem = tmp_path / "client.pem"
+    pem.write_bytes(b"cert")
+    with pytest.raises(SystemExit, match="go together"):
+        connection(parse("--cert-file", str(pem)))
