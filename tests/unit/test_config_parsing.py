@@ -197,6 +197,16 @@ def test_env_override_beats_file() -> None:
     assert (config.server.listen, config.server.grace_period_s) == ("127.0.0.1:2", 4.0)
 
 
+def test_an_env_override_into_a_list_is_an_error_naming_the_variable() -> None:
+    """Upstreams are a list, set in the file: an override reaching into one is refused,
+    naming the variable, rather than ignored."""
+    data = {"upstreams": [upstream()]}
+    with pytest.raises(ConfigError) as caught:
+        parse(data, LLM_GATEWAY__UPSTREAMS__0__TIMEOUT_S="5")
+    assert caught.value.source == "LLM_GATEWAY__UPSTREAMS__0__TIMEOUT_S"
+    assert caught.value.problem == "cannot override inside a non-mapping"
+
+
 def test_env_override_into_an_empty_section() -> None:
     """A section left empty (every key commented out, so YAML null) can still be overridden.
 
