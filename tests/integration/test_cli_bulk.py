@@ -145,8 +145,11 @@ async def test_malformed_lines_are_reported_and_skipped(tmp_path, scripted, addr
     assert "done: 2 succeeded, 0 failed, 6 bad lines" in err
 
 
-async def test_failures_are_recorded_and_retried_only_when_asked(tmp_path, scripted, address):
-    """Failed items are written as errors, skipped on resume, and rerun with --retry-failed."""
+async def test_failures_are_recorded_and_retried_only_when_asked(
+    tmp_path, scripted, address, capsys
+):
+    """Failed items are written as errors, skipped on resume (which still exits 1: the
+    output holds an error), and rerun with --retry-failed."""
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text(
         json.dumps({"id": "good", "prompt": "ok good"})
@@ -160,7 +163,9 @@ async def test_failures_are_recorded_and_retried_only_when_asked(tmp_path, scrip
     errors = [r for r in output_records(output) if "error" in r]
     assert [(r["id"], r["error"]["code"]) for r in errors] == [("flaky", "UNAVAILABLE")]
     asked = len(scripted.requests)
-    assert await batch.batch_command(parse(batch, *argv)) == 0  # nothing left to do
+    capsys.readouterr()
+    assert await batch.batch_command(parse(batch, *argv)) == 1  # nothing to do, one error
+    assert "1 items failed in an earlier run" in capsys.readouterr().err
     assert len(scripted.requests) == asked
     source.write_text(source.read_text().replace("fail flaky", "ok flaky"))
     assert await batch.batch_command(parse(batch, *argv, "--retry-failed")) == 0

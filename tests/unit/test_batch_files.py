@@ -12,7 +12,7 @@ def test_read_done_drops_a_line_cut_short(tmp_path):
     """A last line cut mid-write is removed so the item runs again and the file stays valid."""
     output = tmp_path / "out.jsonl"
     output.write_text(json.dumps({"id": "a", "content": "x"}) + "\n" + '{"id": "b", "cont')
-    assert read_done(output, retry_failed=False) == {"a"}
+    assert read_done(output, retry_failed=False).ids == {"a"}
     assert output.read_text() == json.dumps({"id": "a", "content": "x"}) + "\n"
 
 
@@ -22,14 +22,16 @@ def test_read_done_counts_errors_as_done_unless_retrying(tmp_path):
     ok = json.dumps({"id": "a", "content": "x"}) + "\n"
     failed = json.dumps({"id": "b", "error": {"code": "UNAVAILABLE"}}) + "\n"
     output.write_text(ok + failed)
-    assert read_done(output, retry_failed=False) == {"a", "b"}
-    assert read_done(output, retry_failed=True) == {"a"}
+    kept = read_done(output, retry_failed=False)
+    assert (kept.ids, kept.failed) == ({"a", "b"}, {"b"})
+    retried = read_done(output, retry_failed=True)
+    assert (retried.ids, retried.failed) == ({"a"}, set())
     assert output.read_text() == ok
 
 
 def test_read_done_without_output(tmp_path):
     """No output file yet means nothing is done."""
-    assert read_done(tmp_path / "missing.jsonl", retry_failed=False) == set()
+    assert read_done(tmp_path / "missing.jsonl", retry_failed=False).ids == set()
 
 
 def test_slices_respect_item_count():

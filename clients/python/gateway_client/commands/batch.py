@@ -174,14 +174,22 @@ def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[Ba
     return items, bad
 
 
-def read_done(path: Path, *, retry_failed: bool) -> set[str]:
-    """Ids already in the output; repairs a last line cut short by an interruption.
+@dataclass(frozen=True, slots=True)
+class Done:
+    """What the output already holds: every id in it, and those recorded as errors."""
+
+    ids: frozenset[str] = frozenset()
+    failed: frozenset[str] = frozenset()
+
+
+def read_done(path: Path, *, retry_failed: bool) -> Done:
+    """The ids already in the output; repairs a last line cut short by an interruption.
 
     With `retry_failed`, error lines are removed (the file is rewritten atomically) and
     their ids are not counted as done.
     """
     if not path.exists():
-        return set()
+        return Done()
     data = path.read_bytes()
     good_end = data.rfind(b"\n") + 1
     if good_end < len(data):  # a line cut in the middle of writing: drop it
@@ -189,6 +197,7 @@ def read_done(path: Path, *, retry_failed: bool) -> set[str]:
             output.truncate(good_end)
         data = data[:good_end]
     done: set[str] = set()
+    failed: set[str] = set()
     kept: list[bytes] = []
     for raw in data.splitlines(keepends=True):
         try:
@@ -199,15 +208,17 @@ def read_done(path: Path, *, retry_failed: bool) -> set[str]:
         if not isinstance(record, dict) or "id" not in record:
             kept.append(raw)
             continue
-        if retry_failed and "error" in record:
-            continue
+        if "error" in record:
+            if retry_failed:
+                continue
+            failed.add(str(record["id"]))
         kept.append(raw)
         done.add(str(record["id"]))
     if retry_failed:
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_bytes(b"".join(kept))
         os.replace(temporary, path)
-    return done
+    return Done(frozenset(done), frozenset(failed))
 
 
 def _status_record(status: status_pb2.Status) -> dict[str, Any]:
@@ -316,7 +327,8 @@ async def batch_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"llm-gateway batch: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
         return 1
-    pending = [item for item in items if item.id not in done]
+    pending = [item for item in items if item.id not in done.ids]
+    failed_before = sum(1 for item in items if item.id in done.failed)
     skipped = len(items) - len(pending)
     if skipped:
         print(f"resuming: {skipped} items already in {args.output}", file=sys.stderr)
@@ -344,4 +356,10 @@ async def batch_command(args: argparse.Namespace) -> int:
         f"{skipped} already done; tokens {progress.tokens}, cost ${progress.cost_usd:.6f}",
         file=sys.stderr,
     )
-    return 0 if failed == 0 and not bad else 1
+    if failed_before:
+        print(
+            f"{failed_before} items failed in an earlier run (--retry-failed runs them again)",
+            file=sys.stderr,
+        )
+    # The output is the result: it must hold an answer for every item, this run's or not.
+    return 0 if failed == 0 and failed_before == 0 and not bad else 1
