@@ -269,6 +269,11 @@ async def _end_if_cut_off(
     """
     if admission.was_cut_off():
         await abort_with(context, ShuttingDown(), method, rpc)
+    _end_if_past_deadline(context, rpc)
+
+
+def _end_if_past_deadline(context: Context, rpc: RpcScope) -> None:
+    """Record DEADLINE_EXCEEDED, as the caller is told, when the call's deadline passed."""
     if context.time_remaining() == 0:  # None: the call has no deadline
         rpc.fail(status_code=_DEADLINE_EXCEEDED_CODE, error_type=DeadlineExceeded.reason)
 
@@ -319,6 +324,11 @@ def _guard_stream(
                             yield item
             except asyncio.CancelledError:
                 await _end_if_cut_off(context, name, rpc, admission)
+                raise
+            except GeneratorExit:
+                # grpc cancelled its own write (its caller not reading) and closes this
+                # generator after its handler ended: at the deadline, that is what it was.
+                _end_if_past_deadline(context, rpc)
                 raise
             except grpc.aio.AbortError:
                 raise

@@ -570,3 +570,26 @@ async def test_content_capture_keeps_deeply_nested_tool_arguments_as_text(
     assert inputs[1]["parts"][0]["arguments"] == nested
     [output] = json.loads(attributes_of(attempt)["gen_ai.output.messages"])
     assert output["parts"][0]["arguments"] == nested
+
+
+async def test_a_stream_past_its_deadline_while_the_gateway_writes_is_deadline_exceeded(
+    traced, captured, upstream
+):
+    """A caller that stops reading a long stream until its deadline passes, while the
+    gateway waits to write the next delta: the span and llm_gateway.requests say
+    DEADLINE_EXCEEDED, as the caller is told, not CANCELLED.
+
+    Before, grpc cancelled its own write at the deadline and closed the stream's
+    generator later (GeneratorExit, not CancelledError): recorded as the caller's cancel.
+    """
+    upstream.script(Reply(content="x" * 40_000_000, chunks=800))
+    call = traced.stub.CompleteStream(chat_stream(), timeout=1.5)
+    await call.read()  # then reads nothing more: gRPC's flow control holds the writes
+    assert (await call.code()) is grpc.StatusCode.DEADLINE_EXCEEDED
+    server = await captured.ended(STREAM_SPAN)
+    deadline_exceeded = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert attributes_of(server)["rpc.grpc.status_code"] == deadline_exceeded
+    assert attributes_of(server)["error.type"] == "DEADLINE_EXCEEDED"
+    assert server.status.status_code is StatusCode.ERROR
+    assert captured.total("llm_gateway.requests", rpc__grpc__status_code=deadline_exceeded) == 1
+    assert captured.total("llm_gateway.requests", rpc__grpc__status_code=1) == 0
