@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +128,19 @@ def metric_readers(environ: Mapping[str, str]) -> tuple[list[MetricReader], bool
     return readers, wants_prometheus
 
 
+def _service_name_from(environ: Mapping[str, str]) -> str | None:
+    """The service name the environment gives, as the SDK reads it: `OTEL_SERVICE_NAME`,
+    else `service.name` in `OTEL_RESOURCE_ATTRIBUTES`. It wins over the config's, which
+    `Resource.create` would otherwise put over the environment's."""
+    if name := environ.get("OTEL_SERVICE_NAME", "").strip():
+        return name
+    for pair in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, is_pair, value = pair.partition("=")
+        if is_pair and key.strip() == "service.name" and value.strip():
+            return urllib.parse.unquote(value.strip())
+    return None
+
+
 @dataclass(slots=True)
 class Providers:
     """The tracer and meter one gateway uses, and what must be shut down with it."""
@@ -192,9 +206,7 @@ def build_providers(
     env = os.environ if environ is None else environ
     if not config.enabled or env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return Providers(trace.NoOpTracer(), metrics.NoOpMeter(_SCOPE))
-    resource = Resource.create(
-        {"service.name": env.get("OTEL_SERVICE_NAME") or config.service_name}
-    )
+    resource = Resource.create({"service.name": _service_name_from(env) or config.service_name})
     processors: list[SpanProcessor] = [BatchSpanProcessor(e) for e in span_exporters(env)]
     processors.extend(span_processors)
     readers, wants_prometheus = metric_readers(env)

@@ -11,7 +11,12 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
     OTLPSpanExporter as HttpSpanExporter,
 )
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+from opentelemetry.sdk.trace.export import (
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 
 import service.telemetry
 from service.config import TelemetryConfig
@@ -89,6 +94,36 @@ def test_nothing_configured_means_no_op_providers():
 def test_disabled_telemetry_ignores_exporters(config, environ):
     """enabled: false or OTEL_SDK_DISABLED turns everything off whatever else is set."""
     assert not build_providers(config, environ=environ).is_recording
+
+
+class _Drop(SpanExporter):
+    def export(self, spans: object) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, "llm-gateway"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod"}, "llm-gateway"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "team=ml,service.name=billing%20gw"}, "billing gw"),
+        (
+            {"OTEL_RESOURCE_ATTRIBUTES": "service.name=billing", "OTEL_SERVICE_NAME": "edge"},
+            "edge",
+        ),
+    ],
+)
+def test_the_environments_service_name_wins_over_the_configs(monkeypatch, environ, expected):
+    """As in the SDK: OTEL_SERVICE_NAME, else OTEL_RESOURCE_ATTRIBUTES' service.name, else
+    the config's `telemetry.service_name`."""
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)  # the SDK's resource detector reads os.environ too
+    providers = build_providers(
+        TelemetryConfig(), environ=environ, span_processors=[SimpleSpanProcessor(_Drop())]
+    )
+    assert providers.tracer_provider is not None
+    assert providers.tracer_provider.resource.attributes["service.name"] == expected
+    providers.shutdown()
 
 
 def test_hooks_reach_the_active_telemetry():
