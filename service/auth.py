@@ -37,7 +37,7 @@ from service.config import (
 )
 from service.errors import PermissionDenied, Unauthenticated, UpstreamUnavailable, quoted
 from service.redis_errors import is_unanswered
-from service.store_cooldown import StoreCooldown
+from service.store_cooldown import COOLDOWN_S, StoreCooldown
 
 log = logging.getLogger("llm_gateway.auth")
 
@@ -186,7 +186,10 @@ def redis_keys_hash(prefix: str) -> str:
 
 
 def _key_store_unavailable() -> UpstreamUnavailable:
-    return UpstreamUnavailable("the caller key store is unavailable", upstream="auth-store")
+    # Retry once the store's cool-down lets a lookup through again: sooner, it is refused.
+    return UpstreamUnavailable(
+        "the caller key store is unavailable", upstream="auth-store", retry_after_s=COOLDOWN_S
+    )
 
 
 # How long a key's tenant, as Redis last gave it, answers for Redis while it does not

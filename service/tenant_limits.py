@@ -53,20 +53,26 @@ def _refusal(tenant: str, which: str, limit: int, retry_after_s: float | None) -
 def _too_large(tenant: str, limits: TenantConfig, *, tokens: int, requests: int) -> None:
     """Refuse, with no retry hint, a call larger than a whole minute's allowance."""
     rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+    refusal = None
     if rpm and requests > rpm:
-        raise QuotaExceeded(
+        refusal = QuotaExceeded(
             f"a call of {requests} requests can never fit tenant {tenant!r}'s "
             f"requests_per_minute of {rpm}",
             subject=f"tenant:{tenant}:requests_per_minute",
             retry_after_s=None,
         )
-    if tpm and tokens > tpm:
-        raise QuotaExceeded(
+    elif tpm and tokens > tpm:
+        refusal = QuotaExceeded(
             f"a call of about {tokens} tokens can never fit tenant {tenant!r}'s "
             f"tokens_per_minute of {tpm}",
             subject=f"tenant:{tenant}:tokens_per_minute",
             retry_after_s=None,
         )
+    if refusal is not None:
+        # Pushback -1: a retry policy that retries RESOURCE_EXHAUSTED would otherwise
+        # send the same call again, to the same refusal, until its attempts run out.
+        refusal.is_retry_futile = True
+        raise refusal
 
 
 @dataclass(slots=True)

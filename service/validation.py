@@ -79,11 +79,13 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
             )
         )
     total_chars = 0
+    tool_calls = 0  # sent back, each with its overhead in the estimate
     call_ids: set[str] = set()  # of the tool calls of the messages so far
     for index, message in enumerate(request.messages[: limits.max_messages]):
         total_chars += len(message.content)
         if message.tool_calls or message.tool_call_id or message.role is Role.TOOL:
             total_chars += _tool_message_violations(found, index, message, call_ids)
+            tool_calls += len(message.tool_calls)
         if message.reasoning:
             total_chars += len(message.reasoning)
             if message.role is not Role.ASSISTANT:
@@ -113,14 +115,15 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
             )
     # Only worth estimating when the text could be over: no character costs more than
     # 5 tokens (an emoji alone: its 4 UTF-8 bytes, 1 more for starting a run), plus a
-    # few tokens of overhead a message.
+    # few tokens of overhead a message, tool and tool call.
     response_format = request.params.response_format
     schema_chars = (
         len(response_format.json_schema) + len(response_format.schema_name)
         if response_format is not None
         else 0
     )
-    bound = (total_chars + schema_chars) * 5 + 8 * (len(request.messages) + len(request.tools) + 1)
+    overheads = len(request.messages) + len(request.tools) + tool_calls + 1
+    bound = (total_chars + schema_chars) * 5 + 8 * overheads
     if len(request.messages) <= limits.max_messages and bound > limits.max_prompt_tokens:
         estimate = estimate_prompt_tokens(request.messages, request.tools, response_format)
         if estimate > limits.max_prompt_tokens:

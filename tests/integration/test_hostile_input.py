@@ -111,6 +111,31 @@ async def test_a_schema_name_counts_toward_the_prompt_token_limit(upstream, star
     assert upstream.requests == []
 
 
+async def test_tool_calls_sent_back_count_whole_toward_the_prompt_token_limit(
+    upstream, start_gateway
+):
+    """Each sent-back tool call costs its template's tokens besides its id and name: 90
+    calls named and numbered by one emoji each come to about 1,270 tokens, over a
+    `max_prompt_tokens` of 1,000, and are refused, not sent on.
+
+    Before, the quick bound that decides whether the estimate is worth making left that
+    overhead out, put the request under the limit, and the upstream got it."""
+    gw = await start_gateway(
+        gateway_config(upstream.base_url, defaults={"max_prompt_tokens": 1000})
+    )
+    calls = [pb.ToolCall(id="\U0001f600", name="\U0001f600") for _ in range(90)]
+    request = pb.CompleteRequest(
+        model=FAKE_MODEL,
+        messages=[_message("hi"), pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=calls)],
+    )
+    error = await rpc_error(gw.stub.Complete(request))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    (violation,) = detail(error, error_details_pb2.BadRequest).field_violations
+    assert violation.field == "messages"
+    assert "over the limit of 1000 tokens" in violation.description
+    assert upstream.requests == []
+
+
 @pytest.mark.parametrize(
     "payload",
     [b"\x0a\x03\xff\xfe\xfd", b"\x12\x04\x12\x02\xc3\x28", b"\x0a\x05hello\x12", b"\xff" * 8],

@@ -21,10 +21,19 @@ from google.rpc import error_details_pb2
 from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import hash_key
 from service.config import TenantConfig
+from service.errors import RETRY_PUSHBACK_TRAILER
 from service.keys_cli import keys_command
+from service.store_cooldown import COOLDOWN_S
 from service.tenant_limits import RedisTenantLimiter
 from tests.conftest import chat, gateway_config
-from tests.integration.tenancy_helpers import as_tenant, bearer, detail, rpc_error, secure_config
+from tests.integration.tenancy_helpers import (
+    as_tenant,
+    bearer,
+    detail,
+    rpc_error,
+    secure_config,
+    trailer,
+)
 from tests.integration.test_cache import eventually
 from tests.secret_capture import CALLER_KEY_A, register_secret
 
@@ -254,6 +263,24 @@ async def test_an_unreachable_redis_fails_closed_for_keys_and_open_for_limits(
     for _ in range(2):  # the limit cannot be checked, so it is not enforced
         assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
     assert len(upstream.requests) == 2
+
+
+async def test_an_unreachable_key_store_says_when_to_retry(upstream, start_gateway, tmp_path):
+    """UNAVAILABLE from the key store carries RetryInfo and the pushback trailer, as the
+    README's error table promises for every UPSTREAM_UNAVAILABLE: the store is left alone
+    for its cool-down, and a retry sooner would only be refused the same way.
+
+    Before, it carried neither, and a retry policy retried at its own 0.2 s backoff."""
+    config = secure_config(upstream.base_url, auth={"redis_url": f"unix://{tmp_path}/none.sock"})
+    gw = await start_gateway(config)
+    for _ in range(2):  # the first lookup fails, the second skips Redis in its cool-down
+        error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer("llmgw_unknown-to-all")))
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+        assert detail(error, error_details_pb2.ErrorInfo).reason == "UPSTREAM_UNAVAILABLE"
+        delay = detail(error, error_details_pb2.RetryInfo).retry_delay
+        assert delay.seconds + delay.nanos / 1e9 == pytest.approx(COOLDOWN_S)
+        assert trailer(error, RETRY_PUSHBACK_TRAILER) == str(round(COOLDOWN_S * 1000))
+    assert upstream.requests == []
 
 
 @pytest.mark.redis

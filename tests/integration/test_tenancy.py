@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.errors import RETRY_PUSHBACK_TRAILER
 from service.security import InsecureListen
 from service.server import GatewayServer
@@ -25,6 +27,8 @@ from tests.integration.tenancy_helpers import (
 )
 from tests.scripted_upstream import ScriptedUpstream
 from tests.secret_capture import CALLER_KEY_A, PROVIDER_KEY
+
+SERVICE_CONFIG = Path(__file__).resolve().parents[2] / "clients" / "service_config.json"
 
 
 async def _call_in_progress(
@@ -214,6 +218,32 @@ async def test_tenant_over_its_token_limit_is_refused(upstream, start_gateway):
     assert never.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "can never fit" in (never.details() or "")
     assert len(upstream.requests) == 1
+
+
+async def test_a_call_that_can_never_fit_a_tenant_limit_tells_retry_policies_not_to_retry(
+    upstream, start_gateway, caplog
+):
+    """A call larger than a whole minute's allowance fails the same however long the
+    caller waits: its status says "do not retry" (pushback -1), so a channel with the
+    shipped retry policy, which retries RESOURCE_EXHAUSTED, asks once, not five times.
+
+    Before, the refusal carried no pushback and the channel retried it four more times."""
+    config = secure_config(upstream.base_url, tenants={"team-a": {"tokens_per_minute": 200}})
+    gw = await start_gateway(config)
+    huge = chat("hello", params=pb.GenerationParams(max_tokens=500))
+    never = await rpc_error(gw.stub.Complete(huge, metadata=as_tenant("team-a")))
+    assert never.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert trailer(never, RETRY_PUSHBACK_TRAILER) == "-1"
+    options = [("grpc.service_config", SERVICE_CONFIG.read_text()), ("grpc.enable_retries", 1)]
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="llm_gateway.rpc"):
+        async with grpc.aio.insecure_channel(gw.server.address, options=options) as channel:
+            stub = pb_grpc.CompletionServiceStub(channel)
+            retried = await rpc_error(stub.Complete(huge, metadata=as_tenant("team-a"), timeout=15))
+    assert retried.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    refusals = [r for r in caplog.records if r.getMessage() == "rpc.failed"]
+    assert len(refusals) == 1
+    assert upstream.requests == []
 
 
 async def test_tenant_concurrency_limit_refuses_extra_calls_and_frees_slots(
