@@ -132,8 +132,10 @@ class CachedAnswer:
             fields["tool_calls"] = tuple(
                 _typed(ToolCall, dict(call)) for call in fields.get("tool_calls", ())
             )
-            deltas = tuple(str(d) for d in raw["d"])
-            return cls(_typed(Completion, fields), deltas)
+            deltas = raw["d"]
+            if not isinstance(deltas, list) or not all(isinstance(d, str) for d in deltas):
+                raise EntryDecodeError("deltas are not a list of strings")
+            return cls(_typed(Completion, fields), tuple(deltas))
         except EntryDecodeError:
             raise
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

@@ -144,14 +144,12 @@ class ResponseCache:
         writes_before = self._writes
         data = await self._store.get(key)
         if data is None:
-            self.stats.misses += 1
             self._recent.pop(key)  # gone from the store (expired): gone for `recall` too
             return None
         try:
             answer = decode_entry(data)
         except EntryDecodeError as exc:
             self.stats.errors += 1
-            self.stats.misses += 1
             self._recent.pop(key)
             log.warning("cache.bad_entry", extra={"error": str(exc)})
             return None
@@ -213,8 +211,11 @@ class ResponseCache:
                 del self._plans[key]
 
         flight, is_leader = self._flights.join(key, call, after=store, on_end=drop_plan)
+        # A read that found nothing is counted here, once: as a miss if it calls upstream,
+        # else as coalesced (each lookup under one result, so that ratios add up).
         if is_leader:
             self._plans[key] = own_plan
+            self.stats.misses += 1
         else:
             self.stats.coalesced += 1
             plan = self._plans.get(key)

@@ -11,12 +11,13 @@ __all__ = ["CacheStats"]
 class CacheStats:
     """Monotonic counters since start (one process).
 
-    hits: answers served from the store. misses: reads that found nothing.
-    coalesced: requests that joined an identical in-flight call instead of calling
-    upstream. errors: store operations that failed or timed out (the request went on
-    without the cache). unavailable: operations skipped while the store cooled down
-    after an error. stores: entries written. skipped: answers not stored (finish
-    reason, size). bytes_read / bytes_written: encoded entry bytes moved.
+    hits: answers served from the store. misses: reads that found nothing (or an
+    unreadable entry) and called upstream. coalesced: reads that found nothing and joined
+    an identical in-flight call instead of calling upstream. errors: store operations
+    that failed or timed out (the request went on without the cache). unavailable:
+    operations skipped while the store cooled down after an error. stores: entries
+    written. skipped: answers not stored (finish reason, size). bytes_read /
+    bytes_written: encoded entry bytes moved.
     """
 
     hits: int = 0

@@ -554,6 +554,36 @@ async def test_a_corrupt_redis_entry_is_a_miss_not_an_error(
     assert cache_of(gateway).stats.errors == 1
 
 
+@pytest.mark.parametrize("deltas", [[5], "Hello", {"Hello": 1}], ids=["number", "text", "map"])
+async def test_stored_deltas_of_the_wrong_type_are_a_miss_not_a_replay(
+    upstream: FakeUpstream,
+    start_gateway: Callable[..., Any],
+    redis_server: RedisServer,
+    deltas: Any,
+) -> None:
+    """An entry whose deltas are not a list of strings is unreadable: a stream is answered
+    from upstream, never replayed as the characters or keys of whatever is there."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(upstream.base_url, cache={"backend": "redis", "redis_url": redis_server.url})
+    )
+    await gateway.stub.Complete(ask())
+    await settled(gateway)
+    client = aioredis.from_url(redis_server.url)
+    try:
+        [key] = await client.keys("*")
+        entry = orjson.loads(await client.get(key))
+        entry["d"] = deltas
+        await client.set(key, orjson.dumps(entry))
+        streamed = await _stream(gateway)
+        await settled(gateway)
+    finally:
+        await client.aclose()
+    assert "".join(e.delta.content for e in streamed[:-1]) == "Hello from fake"
+    assert not streamed[-1].final.cache_hit
+    assert len(upstream.requests) == 2
+    assert cache_of(gateway).stats.errors == 1
+
+
 async def test_a_foreign_kind_of_value_under_a_key_is_a_miss_not_a_failing_store(
     upstream: FakeUpstream, start_gateway: Callable[..., Any], redis_server: RedisServer
 ) -> None:

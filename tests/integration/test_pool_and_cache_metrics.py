@@ -9,7 +9,7 @@ import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.telemetry.metrics import BREAKER_STATES
-from tests.conftest import chat, gateway_config
+from tests.conftest import chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply, Status
 from tests.telemetry_support import captured_telemetry
 
@@ -92,3 +92,36 @@ async def test_cache_hits_misses_coalesced_and_bytes_are_exported(upstream, star
     written = captured.total("llm_gateway.cache.io", llm_gateway__cache__direction="written")
     assert written == stats.bytes_written > 0
     assert len(upstream.requests) == 2
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_each_cache_lookup_counts_under_one_result(upstream, start_gateway, is_stream):
+    """Four identical calls at once, then one more: one miss, three coalesced, one hit.
+
+    The dashboard's hit ratio is (hit + coalesced) / all lookups: a follower counted as a
+    miss as well would put four identical calls at 3/7, not 3/4.
+    """
+    captured = captured_telemetry()
+    config = gateway_config(upstream.base_url, cache={"backend": "memory"})
+    gw = await start_gateway(config, telemetry=captured.telemetry)
+    upstream.script(Reply(content="slow", delay_s=0.3))
+
+    async def call() -> None:
+        if is_stream:
+            request = chat_stream("same", params=DETERMINISTIC)
+            _ = [event async for event in gw.stub.CompleteStream(request)]
+        else:
+            await gw.stub.Complete(chat("same", params=DETERMINISTIC))
+
+    await asyncio.gather(*(call() for _ in range(4)))
+    cache = gw.server.pipeline.cache
+    async with asyncio.timeout(10):
+        while cache.in_flight:
+            await asyncio.sleep(0.005)
+    await call()
+
+    def lookups(result: str) -> float:
+        return captured.total("llm_gateway.cache.lookups", llm_gateway__cache__result=result)
+
+    assert [lookups(r) for r in ("hit", "miss", "coalesced")] == [1, 1, 3]
+    assert len(upstream.requests) == 1
