@@ -183,13 +183,21 @@ class ResponseCache:
         elapsed = self._elapsed_ms(started)
         return answer.served_from_cache(total_ms=elapsed, first_token_ms=elapsed)
 
-    async def _write(self, key: str, answer: CachedAnswer, ttl_s: int) -> None:
+    async def _write(
+        self, key: str, answer: CachedAnswer, ttl_s: int, *, replaces: bool = False
+    ) -> None:
+        """Store `answer`; with `replaces` (a REFRESH), an answer that cannot be stored
+        (its finish reason, its size) removes the entry it was to replace, which the
+        caller asked not to be served again."""
         self._writes += 1
         self._recent.pop(key)  # whatever the store holds next, a recall must not predate it
         if not answer.is_cacheable:
             self.stats.skipped += 1
-            return
-        await self._store.set(key, answer.encode(), ttl_s=ttl_s)
+            is_stored = False
+        else:
+            is_stored = await self._store.set(key, answer.encode(), ttl_s=ttl_s)
+        if replaces and not is_stored:
+            await self._store.delete(key)
 
     def _join(
         self,
@@ -241,7 +249,12 @@ class ResponseCache:
             key = self.key_for(request)
         if not mode.reads:
             completion = await fetch()
-            await self._write(key, CachedAnswer.of_unary(completion), self.ttl_for(request))
+            await self._write(
+                key,
+                CachedAnswer.of_unary(completion),
+                self.ttl_for(request),
+                replaces=True,  # REFRESH: BYPASS, the other mode that does not read, left above
+            )
             return completion
         cached = await self._read(key)
         if cached is not None:
@@ -367,7 +380,10 @@ class ResponseCache:
             async for event in events:
                 if isinstance(event, Completion):
                     await self._write(
-                        key, CachedAnswer(event, tuple(deltas)), self.ttl_for(request)
+                        key,
+                        CachedAnswer(event, tuple(deltas)),
+                        self.ttl_for(request),
+                        replaces=True,
                     )
                 elif event.content:
                     deltas.append(event.content)

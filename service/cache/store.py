@@ -178,6 +178,16 @@ class CacheStore:
         self.stats.bytes_written += len(value)
         return True
 
+    async def delete(self, key: str) -> None:
+        """Remove `key`'s entry, if any; a failure is counted and logged, not raised."""
+        if self._is_cooling_down():
+            return
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._cache.delete(key)
+        except Exception as exc:  # the entry then lives out its TTL
+            self._failed("delete", exc)
+
     async def aclose(self) -> None:
         """Close the backend's connections."""
         try:

@@ -246,6 +246,32 @@ async def test_refresh_replaces_the_entry(cached: RunningGateway, upstream: Fake
     assert len(upstream.requests) == 2
 
 
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_refresh_whose_answer_cannot_be_stored_removes_the_old_entry(
+    cached: RunningGateway, upstream: FakeUpstream, mode: str
+) -> None:
+    """A REFRESH asks that the entry not be served again: when its fresh answer cannot
+    be stored (a content filter's finish), the old entry goes, rather than answering
+    every later call as before."""
+    upstream.script(
+        Reply(content="old"), Reply(content="", finish_reason="content_filter"), Reply()
+    )
+    await cached.stub.Complete(ask())
+    await settled(cached)
+    refresh = pb.CachePolicy(mode=pb.CACHE_MODE_REFRESH)
+    if mode == "unary":
+        refreshed = await cached.stub.Complete(ask(cache=refresh))
+        assert refreshed.metadata.finish_reason == pb.FINISH_REASON_CONTENT_FILTER
+    else:
+        request = chat_stream(params=DETERMINISTIC, cache=refresh)
+        events = [e async for e in cached.stub.CompleteStream(request)]
+        assert events[-1].final.finish_reason == pb.FINISH_REASON_CONTENT_FILTER
+    await settled(cached)
+    later = await cached.stub.Complete(ask())
+    assert (later.content, later.metadata.cache_hit) == ("Hello from fake", False)
+    assert len(upstream.requests) == 3
+
+
 async def test_no_store_reads_but_never_writes(
     cached: RunningGateway, upstream: FakeUpstream
 ) -> None:
