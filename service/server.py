@@ -401,6 +401,8 @@ async def serve(config: GatewayConfig, *, on_ready: Callable[[str], None] | None
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    # A worker starts with SIGINT blocked (`service.workers`): one sent meanwhile comes now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         async with GatewayServer(config) as server:
             started = True
