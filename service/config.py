@@ -319,6 +319,10 @@ class ModelConfig:
         _require(all(p >= 0 for p in prices), "prices must be >= 0")
 
 
+# The name the local model is served under, beside the configured upstreams.
+LOCAL_MODEL_UPSTREAM = "local"
+
+
 @dataclass(frozen=True, slots=True)
 class LocalModelConfig:
     """The embedded llama.cpp server used when no provider key is set.
@@ -903,6 +907,14 @@ def parse_config(
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise config.error("upstreams", f"duplicate upstream name {duplicate!r}")
+    if config.local_model.enabled == "always" and LOCAL_MODEL_UPSTREAM in names:
+        # Two upstreams of one name would share a breaker, limiter and retry budget, and
+        # their answers and costs could not be told apart.
+        raise config.error(
+            f"upstreams[{names.index(LOCAL_MODEL_UPSTREAM)}].name",
+            f"the local model's upstream is {LOCAL_MODEL_UPSTREAM!r} "
+            "(local_model.enabled: always); choose another name",
+        )
     # A budget's "*" is every tenant without its own entry (`budgets.ANY_TENANT`).
     for section, also in (("tenants", ()), ("budgets", ("*",))):
         names = getattr(config, section)

@@ -16,14 +16,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from service.config import LocalModelConfig, UpstreamConfig
+from service.config import LOCAL_MODEL_UPSTREAM, LocalModelConfig, UpstreamConfig
 from service.cpus import usable_cpus
 from service.errors import UpstreamError
 from service.upstream.client import answers_http, probe_models
 
 log = logging.getLogger("llm_gateway.local_model")
 
-UPSTREAM_NAME = "local"
+UPSTREAM_NAME = LOCAL_MODEL_UPSTREAM
 _PROBE_INTERVAL_S = 0.5
 # How often a running server is probed (at most: a third of `hang_timeout_s` if shorter).
 _LIVENESS_INTERVAL_S = 5.0

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -110,10 +110,8 @@ class GatewayServer:
         await self._start_telemetry(prices)
         ledger = open_ledger(self.config.ledger)
         self._stack.push_async_callback(ledger.aclose)
-        clients = [
-            await self._stack.enter_async_context(UpstreamClient(c))
-            for c in await self._upstream_configs()
-        ]
+        upstreams = await self._upstream_configs()
+        clients = [await self._stack.enter_async_context(UpstreamClient(c)) for c in upstreams]
         cache = await self._stack.enter_async_context(
             ResponseCache(
                 self.config.cache,
@@ -150,7 +148,7 @@ class GatewayServer:
                 ("grpc.so_reuseport", 0 if self.config.server.workers in (None, 1) else 1),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.max_pings_without_data", 0),
-                *connection_age_options(self.config),
+                *connection_age_options(self.config, upstreams),
             ],
         )
         add_service(server, servicer, SERVICE)
@@ -276,28 +274,34 @@ def _warn_of_unpriced_models(pool: UpstreamPool, prices: PriceList) -> None:
             log.warning("pricing.model_without_price", extra={"model": model, "upstreams": paid})
 
 
-def connection_age_options(config: GatewayConfig) -> list[tuple[str, int]]:
+def connection_age_options(
+    config: GatewayConfig, upstreams: Sequence[UpstreamConfig] | None = None
+) -> list[tuple[str, int]]:
     """GOAWAY after `max_connection_age_s`, so DNS-balancing clients find new replicas.
 
     The grace defaults to the longest one call can take with no deadline of its own
     (at least 300 s): every attempt at the longest upstream timeout, with the longest
     Retry-After honoured between them and the longest wait for an upstream slot, so a
     call that started just before the GOAWAY is not cut short while it retries.
+    `upstreams`: those served (default: the config's), the local model among them.
     """
     server = config.server
     grace_s = server.max_connection_age_grace_s
     if grace_s is None:
-        grace_s = max(300.0, longest_call_s(config))
+        grace_s = max(300.0, longest_call_s(config, upstreams))
     return [
         ("grpc.max_connection_age_ms", _grpc_ms(server.max_connection_age_s)),
         ("grpc.max_connection_age_grace_ms", _grpc_ms(grace_s)),
     ]
 
 
-def longest_call_s(config: GatewayConfig) -> float:
+def longest_call_s(
+    config: GatewayConfig, upstreams: Sequence[UpstreamConfig] | None = None
+) -> float:
     """How long one call with no deadline can take through every attempt and its waits."""
     resilience = config.resilience
-    timeout_s = max((u.timeout_s for u in config.upstreams), default=0.0)
+    served = config.upstreams if upstreams is None else upstreams
+    timeout_s = max((u.timeout_s for u in served), default=0.0)
     waits_s = (resilience.attempts - 1) * resilience.max_retry_after_s
     return resilience.attempts * timeout_s + waits_s + resilience.max_limit_wait_s
 
@@ -397,6 +401,8 @@ async def serve(config: GatewayConfig, *, on_ready: Callable[[str], None] | None
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    # A worker starts with SIGINT blocked (`service.workers`): one sent meanwhile comes now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         async with GatewayServer(config) as server:
             started = True

@@ -22,7 +22,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
@@ -142,6 +143,24 @@ def _worker_main(config: GatewayConfig, log_level: str, ready: Connection, super
         sys.exit(report_start_failure(exc))
 
 
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread meanwhile, and so in a process started meanwhile.
+
+    Ctrl-C in a terminal sends SIGINT to the whole process group: a worker still importing
+    the gateway would end with KeyboardInterrupt (a traceback, and a status the supervisor
+    takes for a failure). Blocked, it waits for the worker's own handler (`serve` unblocks
+    it), and the supervisor's SIGTERM stops the worker meanwhile.
+    """
+    # Started with the first worker otherwise, unblocking SIGINT (not restoring the mask).
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 async def _readable(fd: int) -> None:
     """Return once `fd` can be read (or is at its end) without blocking."""
     loop = asyncio.get_running_loop()
@@ -229,7 +248,8 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
                     os.getpid(),
                 ),
             )
-            worker.start()
+            with _sigint_blocked():
+                worker.start()
             ready_sender.close()  # the worker's copy alone: its exit ends the pipe
             workers.append(worker)
             readies.append(ready)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import sys
 
 import grpc
 import pytest
 
+import service.server
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.local_model import LocalModelServer
 from service.server import connection_age_options
 from tests.conftest import chat, gateway_config
+from tests.integration.test_local_model_restart import _STAND_IN, MODEL
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -82,3 +87,38 @@ async def test_an_age_past_what_grpc_can_hold_still_starts(upstream, start_gatew
     gw = await start_gateway(config)
     async with grpc.aio.insecure_channel(gw.server.address) as channel:
         assert (await pb_grpc.CompletionServiceStub(channel).Complete(chat())).content
+
+
+async def test_the_grace_counts_the_local_models_timeout_as_workers_do(
+    tmp_path, monkeypatch, start_gateway
+):
+    """In one process the local model is no upstream of the config: its 300 s timeout must
+    still bound the grace, as it does with --workers (whose config lists it)."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"not really a model")
+    stand_in = tmp_path / "python"
+    stand_in.write_text(_STAND_IN.format(python=sys.executable, model=MODEL))
+    stand_in.chmod(0o755)
+    monkeypatch.setattr(
+        service.server,
+        "LocalModelServer",
+        functools.partial(LocalModelServer, python=str(stand_in)),
+    )
+    options: list[tuple[str, int]] = []
+    make_server = grpc.aio.server
+
+    def recording_server(**kwargs):
+        options.extend(kwargs["options"])
+        return make_server(**kwargs)
+
+    monkeypatch.setattr(grpc.aio, "server", recording_server)
+    config = gateway_config(
+        resilience={"attempts": 3, "max_retry_after_s": 60.0, "max_limit_wait_s": 5.0},
+        local_model={"enabled": "always", "model": MODEL, "model_path": str(model)},
+    )
+    gw = await start_gateway(config)
+    assert gw.server.local_model is not None
+    local = gw.server.local_model.upstream_config()
+    assert dict(options)["grpc.max_connection_age_grace_ms"] == round(
+        (3 * local.timeout_s + 2 * 60 + 5) * 1000
+    )

@@ -28,10 +28,11 @@ def _write_config(tmp_path: Path, **sections: object) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def _serve(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+async def _serve(*args: str, own_group: bool = False) -> AsyncIterator[asyncio.subprocess.Process]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service", "serve", *args, "--log-level", "WARNING",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        start_new_session=own_group,
     )  # fmt: skip
     try:
         yield process
@@ -74,6 +75,29 @@ async def test_sigterm_while_workers_start_stops_them_all(tmp_path):
             os.kill(pid, signal.SIGKILL)
         assert alive == []
         assert code == 0
+
+
+async def test_ctrl_c_while_workers_start_is_a_clean_stop(tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the whole process group, the workers too, as
+    they start: a clean stop (status 0, no traceback) as with SIGTERM to the supervisor.
+
+    Before, a worker still importing the gateway got KeyboardInterrupt: a traceback on
+    stderr and an exit by SIGINT, which the supervisor took for a failure (status 1).
+    """
+    path = _write_config(tmp_path)
+    async with _serve("--config", str(path), "--workers", "2", own_group=True) as process:
+        async with asyncio.timeout(_HANG_GUARD_S):
+            while len(workers := _worker_pids(process.pid)) < 2:
+                await asyncio.sleep(0.01)
+        os.killpg(process.pid, signal.SIGINT)
+        async with asyncio.timeout(_HANG_GUARD_S):
+            _, err = await process.communicate()
+        alive = [pid for pid in workers if is_running(pid)]
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+    assert alive == []
+    assert process.returncode == 0, err.decode()
+    assert b"Traceback" not in err
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

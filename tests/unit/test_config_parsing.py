@@ -540,6 +540,13 @@ def test_env_override_on_real_file() -> None:
             id="duplicate-names",
         ),
         pytest.param(
+            {"upstreams": [upstream("a"), upstream("local")], "local_model": {"enabled": "always"}},
+            {},
+            "upstreams[1].name",
+            "the local model's upstream is 'local'",
+            id="the-local-models-name",
+        ),
+        pytest.param(
             {"upstreams": [upstream("has space")]},
             {},
             "upstreams[0]",
