@@ -929,7 +929,21 @@ def parse_config(
         dataclasses.replace(u, api_key=env.get(u.api_key_env) or None) if u.api_key_env else u
         for u in config.upstreams
     )
-    return dataclasses.replace(config, upstreams=upstreams)
+    config = dataclasses.replace(config, upstreams=upstreams)
+    return _with_local_model_in_catalog(config)
+
+
+def _with_local_model_in_catalog(config: GatewayConfig) -> GatewayConfig:
+    """`config`, its catalog holding the local model when it serves and the file does not
+    list it: its window is the `n_ctx` the gateway starts llama.cpp with (not the catalog's
+    default for unknown models), and its tokens cost nothing."""
+    local = config.local_model
+    if not config.wants_local_model or local.model in config.models:
+        return config
+    entry = ModelConfig(
+        context_window=local.context_window, input_usd_per_million=0.0, output_usd_per_million=0.0
+    )
+    return dataclasses.replace(config, models={**config.models, local.model: entry})
 
 
 def redis_password(variable: str | None, environ: Mapping[str, str]) -> str | None:

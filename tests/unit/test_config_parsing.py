@@ -925,3 +925,27 @@ def test_readme_yaml_examples_parse() -> None:
     assert len(blocks) >= 5
     for block in blocks:
         parse(yaml.safe_load(block), REDIS_PASSWORD=SECRET)
+
+
+def test_the_local_model_is_in_the_catalog_with_the_window_llama_cpp_runs_with() -> None:
+    """A config that serves the local model without listing it in `models` fits its
+    prompts to the n_ctx the gateway starts llama.cpp with, not the default window of an
+    unknown model (8192, which llama.cpp would refuse); the file's own entry wins."""
+    served = parse({"local_model": {"context_window": 4096}})
+    entry = served.models[served.local_model.model]
+    assert (entry.context_window, entry.input_usd_per_million) == (4096, 0.0)
+    listed = parse(
+        {
+            "local_model": {"context_window": 4096},
+            "models": {
+                "gemma-3-270m": {
+                    "context_window": 1024,
+                    "input_usd_per_million": 0.0,
+                    "output_usd_per_million": 0.0,
+                }
+            },
+        }
+    )
+    assert listed.models["gemma-3-270m"].context_window == 1024
+    not_served = parse({"upstreams": [upstream()]})
+    assert not_served.models == {}
