@@ -123,8 +123,12 @@ class CachedAnswer:
         """The entry encoded by `encode`; raises `EntryDecodeError` on anything else."""
         try:
             raw = orjson.loads(data)
-            if raw["v"] not in _READABLE_VERSIONS:
-                raise EntryDecodeError(f"entry version {raw['v']!r}")
+            version = raw["v"]
+            if version not in _READABLE_VERSIONS:
+                # Written by something else, maybe: its value is not for the log, whatever
+                # its length; a version number is.
+                shown = version if type(version) is int else type(version).__name__
+                raise EntryDecodeError(f"entry version {shown}")
             fields: dict[str, Any] = dict(raw["c"])
             fields["finish_reason"] = FinishReason(fields["finish_reason"])
             fields["usage"] = _typed(Usage, dict(fields["usage"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import orjson
 import pytest
 
 from service.cache import CachedAnswer
@@ -99,3 +100,14 @@ def test_large_entries_decode_afresh_and_garbage_always_raises() -> None:
     for _ in range(2):
         with pytest.raises(EntryDecodeError):
             decode_entry(b'{"v": 1, "c": {}, "d": []}')
+
+
+@pytest.mark.parametrize(
+    ("version", "said"), [(99, "entry version 99"), ("x" * 100_000, "entry version str")]
+)
+def test_an_unknown_version_is_named_briefly(version: object, said: str) -> None:
+    """The error is logged (`cache.bad_entry`): a value some other writer left in the
+    shared store is named by its type, never copied into the log whatever its length."""
+    with pytest.raises(EntryDecodeError) as caught:
+        decode_entry(orjson.dumps({"v": version, "c": {}, "d": []}))
+    assert str(caught.value) == said
