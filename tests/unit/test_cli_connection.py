@@ -53,3 +53,26 @@ def test_a_certificate_without_its_key_is_refused(tmp_path: Path) -> None:
     pem.write_bytes(b"cert")
     with pytest.raises(SystemExit, match="go together"):
         connection(parse("--cert-file", str(pem)))
+
+
+def test_an_unreadable_pem_file_from_the_environment_is_a_usage_error(
+    tmp_path: Path, capsys
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse(environ={"LLM_GATEWAY_CA_FILE": str(tmp_path / "gone.pem")})
+    assert caught.value.code == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_stale_pem_variable_does_not_stop_commands_that_take_no_tls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`llm-gateway serve` reads no client certificate: a stale variable is not its
+    business."""
+    from gateway_client.cli import main
+
+    monkeypatch.setenv("LLM_GATEWAY_CERT_FILE", str(tmp_path / "gone.pem"))
+    with pytest.raises(SystemExit) as caught:
+        main(["serve", "--help"])
+    assert caught.value.code == 0
+    assert "usage" in capsys.readouterr().out

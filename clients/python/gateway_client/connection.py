@@ -59,11 +59,12 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         ("--cert-file", "LLM_GATEWAY_CERT_FILE", "client certificate (mutual TLS)"),
         ("--key-file", "LLM_GATEWAY_KEY_FILE", "the client certificate's private key"),
     ):
-        default = os.environ.get(variable)
+        # A string default goes through `type` at parse time, and only for the command
+        # run: a stale variable is then a usage error there, not a crash of every command.
         tls.add_argument(
             flag,
             type=pem_file,
-            default=pem_file(default) if default else None,
+            default=os.environ.get(variable) or None,
             metavar="PEM",
             help=f"{what} (default: ${variable})",
         )

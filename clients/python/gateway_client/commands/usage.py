@@ -23,7 +23,10 @@ def parse_since(value: str, *, now: dt.datetime | None = None) -> dt.datetime:
     match = re.fullmatch(r"(\d+)([mhd])", value.strip())
     if match:
         current = now or dt.datetime.now(dt.UTC)
-        return current - dt.timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+        try:
+            return current - dt.timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+        except OverflowError:  # argparse turns only ValueError and TypeError into usage
+            raise argparse.ArgumentTypeError(f"{value!r} reaches back before year 1") from None
     try:
         when = dt.datetime.fromisoformat(value)
     except ValueError:
