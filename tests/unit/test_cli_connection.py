@@ -76,3 +76,10 @@ def test_a_stale_pem_variable_does_not_stop_commands_that_take_no_tls(
         main(["serve", "--help"])
     assert caught.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("value", "is_tls"), [("1", True), ("true", True), ("0", False), ("", False)]
+)
+def test_llm_gateway_tls_reads_as_a_yes_or_no(value: str, is_tls: bool) -> None:
+    assert parse(environ={"LLM_GATEWAY_TLS": value}).tls is is_tls

@@ -21,6 +21,9 @@ def caller_key(value: str) -> str:
     return value
 
 
+_YES = frozenset({"1", "true", "yes", "on"})
+
+
 def pem_file(value: str) -> bytes:
     """--ca-file, --cert-file, --key-file: a PEM file's bytes, read before any call."""
     try:
@@ -46,9 +49,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     tls.add_argument(
         "--tls",
         action="store_true",
-        default=bool(os.environ.get("LLM_GATEWAY_TLS")),
+        default=os.environ.get("LLM_GATEWAY_TLS", "").strip().lower() in _YES,
         help="connect with TLS, verifying the gateway against the system's CAs "
-        "(default: on when $LLM_GATEWAY_TLS is set, or with --ca-file)",
+        "(default: on when $LLM_GATEWAY_TLS is 1, true or yes, or with --ca-file)",
     )
     for flag, variable, what in (
         (
