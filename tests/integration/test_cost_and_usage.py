@@ -224,6 +224,26 @@ async def test_a_spent_budget_still_lets_calls_that_cost_nothing_through(upstrea
     assert streamed[-1].final.cost_usd == 0.0
 
 
+async def test_a_spent_budget_refuses_a_priced_model_whose_expected_cost_is_zero(
+    upstream, start_gateway
+):
+    """A model whose input is free but whose output is priced bills every answer, so its
+    calls count: once the budget is spent, one without `max_tokens` (expected to cost
+    nothing, its output unknown) is refused like any priced call. Only a model without a
+    price passes a spent budget."""
+    models = {FAKE_MODEL: {**PRICED_MODELS[FAKE_MODEL], "input_usd_per_million": 0.0}}
+    models[FAKE_MODEL].pop("cached_input_usd_per_million")
+    config = gateway_config(
+        upstream.base_url, models=models, budgets={"default": {"usd": 0.000002, "period": "day"}}
+    )
+    gw = await start_gateway(config)
+    assert (await gw.stub.Complete(chat())).metadata.cost_usd > 0.000002  # 3 x 1.10: spent
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await gw.stub.Complete(chat())
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(upstream.requests) == 1
+
+
 async def test_usage_command_prints_a_table(priced, capsys):
     """`llm-gateway usage` prints one row per tenant/model/upstream/labels and a total."""
     await priced.stub.Complete(chat(labels={"team": "search"}))
