@@ -102,6 +102,19 @@ async def test_a_stream_without_usage_is_priced_from_an_estimate_flagged_as_such
     assert final.cost_usd == pytest.approx(expected, abs=1e-12)
 
 
+async def test_usage_counts_that_are_not_integers_are_estimated_on_both_paths(priced, upstream):
+    """A count of 7.9 tokens, or `true`, is no count a call can have: the answer stands,
+    its usage estimated and flagged, not billed as 7 tokens (or 1) reported."""
+    odd = (Reply(prompt_tokens=7.9), Reply(completion_tokens=True))  # type: ignore[arg-type]
+    upstream.script(*odd, *odd)
+    for reply in odd:
+        unary = (await priced.stub.Complete(chat())).metadata
+        assert unary.usage.estimated, reply
+    for reply in odd:
+        streamed = metadata_of([e async for e in priced.stub.CompleteStream(chat_stream())])
+        assert streamed.usage.estimated, reply
+
+
 async def test_get_usage_sums_every_path_exactly(priced, upstream):
     """GetUsage totals the unary and streamed calls to exactly the sum of their costs."""
     upstream.script(USAGE, USAGE, USAGE)
