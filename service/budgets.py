@@ -69,8 +69,8 @@ class Budgets:
         """Reserve the call's expected cost, or raise `QuotaExceeded` (retry when the period
         resets) if it would overrun; None when no budget applies.
 
-        `prompt_tokens`: the request's prompt estimate. A call expected to cost nothing
-        (a model without a price) is never refused: None.
+        `prompt_tokens`: the request's prompt estimate. A call to a model that costs
+        nothing (no price, or every price 0) is never refused: None.
         """
         budget = self.budget_of(request.tenant)
         if budget is None:
@@ -78,8 +78,11 @@ class Budgets:
         cost_usd = self.expected_cost_usd(
             request, prompt_tokens=prompt_tokens, reserve_output_tokens=budget.reserve_output_tokens
         )
-        if not cost_usd:
-            return None  # a model without a price: no budget counts it, spent or not
+        if not cost_usd and not self._prices.is_priced(request.model):
+            # A model without a price: no budget counts it, spent or not. A priced one
+            # expected to cost nothing (free input, no output reserved) still bills its
+            # answer, so it is refused once the budget is spent.
+            return None
         reservation = await self._ledger.reserve(
             request.tenant, budget.period, cost_usd=cost_usd, limit_usd=budget.usd
         )

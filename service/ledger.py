@@ -25,7 +25,8 @@ form (`day:YYYY-MM-DD`, `month:YYYY-MM`), so a name holding `:` cannot pass for 
 A query for one tenant reads only that tenant's row ids and rows; one for every tenant
 reads each bucket's tenants first.
 
-Every key expires: usage and spend `retention_days` after their last write, record
+Every key expires: usage and spend `retention_days` after their last write (a period's
+spend no sooner than its period ends, for its budget), record
 numbers after `2 * RECORD_RETRY_S`; the reservation keys expire `RESERVATION_TTL_S`
 after the tenant's last reservation, and each lease lapses that long after it was
 taken, so a replica that crashed mid-call cannot hold a budget forever.
@@ -45,6 +46,7 @@ import hashlib
 import heapq
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -485,7 +487,8 @@ _RESERVE_LUA = _SWEEP_LUA + _RESERVE
 # month spend, applied numbers, the old layout's dims hash, the overflow row.
 # ARGV: row id, dims JSON, row TTL, bucket, drop buckets before, record number, lowest
 # unconfirmed number, applied numbers' TTL, tenant, old dims' TTL, overflow row id, its
-# dims JSON, max rows per tenant, then the counters in _FIELDS order.
+# dims JSON, max rows per tenant, the counters in _FIELDS order, then the day and month
+# spend's TTLs.
 # Returns 0 (applied before), 1 (applied) or 2 (applied to the overflow row).
 _RECORD_LUA = """
 if redis.call('ZSCORE', KEYS[7], ARGV[6]) then return 0 end
@@ -512,7 +515,7 @@ if redis.call('TTL', KEYS[8]) == -1 then redis.call('EXPIRE', KEYS[8], ARGV[10])
 local cost = ARGV[13 + #fields]
 for k = 5, 6 do
   redis.call('INCRBY', KEYS[k], cost)
-  redis.call('EXPIRE', KEYS[k], ARGV[3])
+  redis.call('EXPIRE', KEYS[k], ARGV[9 + #fields + k])
 end
 return applied
 """.replace("FIELDS", ", ".join(f"'{name}'" for name in _FIELDS))
@@ -655,6 +658,9 @@ class RedisLedger:
             0, 2 * RECORD_RETRY_S, entry.tenant, self._ttl_s + _OLD_DIMS_GRACE_S,
             overflow_id, json.dumps(overflow_dims), self._max_rows,
             *(counters[name] for name in _FIELDS),
+            # A budget counts its period's spend to the period's end, however short the
+            # retention: a month's spend must not expire after a few days without calls.
+            *(max(self._ttl_s, math.ceil(period_end_s(p, now) - now)) for p in _PERIODS),
         ]  # fmt: skip
 
         async def record_now() -> None:

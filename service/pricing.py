@@ -41,6 +41,17 @@ class PriceList:
         """The model's catalog entry, if any."""
         return self._models.get(model)
 
+    def is_priced(self, model: str) -> bool:
+        """Whether any use of `model` can cost something."""
+        entry = self._models.get(model)
+        return entry is not None and any(
+            (
+                entry.input_usd_per_million,
+                entry.output_usd_per_million,
+                entry.cached_input_usd_per_million,
+            )
+        )
+
     def cost_usd(self, model: str, usage: Usage) -> float:
         """What `usage` of `model` costs."""
         return cost_usd(usage, self._models.get(model))

@@ -209,9 +209,9 @@ def usage(data: object) -> Usage | None:
     # billed twice.
     try:
         counts = Usage(
-            input_tokens=int(data.get("prompt_tokens") or 0),
-            output_tokens=int(data.get("completion_tokens") or 0),
-            cached_input_tokens=int(cached or 0),
+            input_tokens=_count(data.get("prompt_tokens")),
+            output_tokens=_count(data.get("completion_tokens")),
+            cached_input_tokens=_count(cached),
         )
     except (TypeError, ValueError, OverflowError):
         return None
@@ -227,6 +227,20 @@ def usage(data: object) -> Usage | None:
     if reasoning:
         counts = replace(counts, reasoning_tokens=reasoning)
     return counts
+
+
+def _count(value: object) -> int:
+    """A token count as JSON has it (absent or null: 0); raises for anything else.
+
+    `int()` alone would take 7.9 as 7, "7" as 7 and `true` as 1.
+    """
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise TypeError(f"not a token count: {type(value).__name__}")
 
 
 def _reasoning_tokens(details: object, output_tokens: int) -> int:

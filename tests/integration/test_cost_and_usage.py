@@ -102,6 +102,19 @@ async def test_a_stream_without_usage_is_priced_from_an_estimate_flagged_as_such
     assert final.cost_usd == pytest.approx(expected, abs=1e-12)
 
 
+async def test_usage_counts_that_are_not_integers_are_estimated_on_both_paths(priced, upstream):
+    """A count of 7.9 tokens, or `true`, is no count a call can have: the answer stands,
+    its usage estimated and flagged, not billed as 7 tokens (or 1) reported."""
+    odd = (Reply(prompt_tokens=7.9), Reply(completion_tokens=True))  # type: ignore[arg-type]
+    upstream.script(*odd, *odd)
+    for reply in odd:
+        unary = (await priced.stub.Complete(chat())).metadata
+        assert unary.usage.estimated, reply
+    for reply in odd:
+        streamed = metadata_of([e async for e in priced.stub.CompleteStream(chat_stream())])
+        assert streamed.usage.estimated, reply
+
+
 async def test_get_usage_sums_every_path_exactly(priced, upstream):
     """GetUsage totals the unary and streamed calls to exactly the sum of their costs."""
     upstream.script(USAGE, USAGE, USAGE)
@@ -222,6 +235,26 @@ async def test_a_spent_budget_still_lets_calls_that_cost_nothing_through(upstrea
     assert (free.content, free.metadata.cost_usd) == ("Hello from fake", 0.0)
     streamed = [e async for e in gw.stub.CompleteStream(chat_stream(model="free-model"))]
     assert streamed[-1].final.cost_usd == 0.0
+
+
+async def test_a_spent_budget_refuses_a_priced_model_whose_expected_cost_is_zero(
+    upstream, start_gateway
+):
+    """A model whose input is free but whose output is priced bills every answer, so its
+    calls count: once the budget is spent, one without `max_tokens` (expected to cost
+    nothing, its output unknown) is refused like any priced call. Only a model without a
+    price passes a spent budget."""
+    models = {FAKE_MODEL: {**PRICED_MODELS[FAKE_MODEL], "input_usd_per_million": 0.0}}
+    models[FAKE_MODEL].pop("cached_input_usd_per_million")
+    config = gateway_config(
+        upstream.base_url, models=models, budgets={"default": {"usd": 0.000002, "period": "day"}}
+    )
+    gw = await start_gateway(config)
+    assert (await gw.stub.Complete(chat())).metadata.cost_usd > 0.000002  # 3 x 1.10: spent
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await gw.stub.Complete(chat())
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(upstream.requests) == 1
 
 
 async def test_usage_command_prints_a_table(priced, capsys):

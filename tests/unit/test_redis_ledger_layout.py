@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.config import LedgerConfig
-from service.ledger import RedisLedger, UsageFilter, total_of
+from service.ledger import RedisLedger, UsageFilter, period_end_s, period_key, total_of
 from tests.old_ledger_layout import record_in_old_layout
 from tests.redis_support import redis_url  # noqa: F401 - fixture
 from tests.unit.test_ledger import NOON, WallClock, entry
@@ -59,6 +59,27 @@ async def test_every_key_the_ledger_writes_expires(
     retention_s = LedgerConfig().retention_days * 86400
     assert ttls[f"{prefix}:dims"] <= retention_s + 86400
     assert max(ttls.values()) <= retention_s + 86400
+
+
+async def test_spend_outlives_a_short_retention_until_its_period_ends(
+    redis_url: str,  # noqa: F811
+    client: aioredis.Redis,
+) -> None:
+    """With `retention_days: 1`, a monthly budget still counts what the tenant spent at
+    the start of the month after a day without calls (as the memory ledger does): the
+    month's spend expires no sooner than the month ends. Before, it expired with the
+    rows, and a tenant idle for a day had its whole month's budget again."""
+    prefix = f"spend{next(_prefixes)}"
+    config = LedgerConfig(redis_url=redis_url, key_prefix=prefix, retention_days=1)
+    ledger = RedisLedger(config, wall_clock=WallClock(NOON))
+    try:
+        await ledger.record(entry(tenant="acme", cost=0.5))
+    finally:
+        await ledger.aclose()
+    for period in ("day", "month"):
+        ttl = await client.ttl(f"{prefix}:spend:acme:{period_key(period, NOON)}")
+        assert ttl >= period_end_s(period, NOON) - NOON, period
+        assert ttl <= period_end_s(period, NOON) - NOON + 86400 + 1, period
 
 
 async def test_a_tenant_query_reads_none_of_another_tenants_rows(
