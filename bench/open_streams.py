@@ -34,15 +34,21 @@ def rss_mb(pid: int) -> float:
 
 
 def _server_pid(kind: str) -> int:
+    """The `bench.servers KIND` process this benchmark started: a child of this process,
+    never a server some other run left on the machine."""
+    found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            if b"bench.servers" in cmdline and kind.encode() in cmdline:
-                return int(entry.name)
-    raise RuntimeError(f"{kind} process not found")
+            if parent == os.getpid() and b"bench.servers" in cmdline and kind.encode() in cmdline:
+                found.append(int(entry.name))
+    if len(found) != 1:
+        raise RuntimeError(f"{len(found)} {kind} processes of this benchmark, not one")
+    return found[0]
 
 
 async def hold_streams(address: str, pid: int, streams: int = STREAMS) -> dict[str, float]:
