@@ -540,6 +540,22 @@ async def test_redis_stopped_mid_test_degrades_to_upstream(
     assert cache_of(gateway).stats.errors >= 2
 
 
+async def _cache_one_answer_and_rewrite_it(
+    gateway: RunningGateway, redis_server: RedisServer, change: Callable[[dict[str, Any]], None]
+) -> None:
+    """Cache one answer in Redis, then `change` its stored entry in place (as JSON)."""
+    await gateway.stub.Complete(ask())
+    await settled(gateway)
+    client = aioredis.from_url(redis_server.url)
+    try:
+        [key] = await client.keys("*")
+        entry = orjson.loads(await client.get(key))
+        change(entry)
+        await client.set(key, orjson.dumps(entry))
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.parametrize(
     "corrupt",
     [
@@ -561,19 +577,10 @@ async def test_a_corrupt_redis_entry_is_a_miss_not_an_error(
     gateway: RunningGateway = await start_gateway(
         gateway_config(upstream.base_url, cache={"backend": "redis", "redis_url": redis_server.url})
     )
-    await gateway.stub.Complete(ask())
+    await _cache_one_answer_and_rewrite_it(gateway, redis_server, lambda e: e["c"].update(corrupt))
+    reply = await gateway.stub.Complete(ask())
     await settled(gateway)
-    client = aioredis.from_url(redis_server.url)
-    try:
-        [key] = await client.keys("*")
-        entry = orjson.loads(await client.get(key))
-        entry["c"] |= corrupt
-        await client.set(key, orjson.dumps(entry))
-        reply = await gateway.stub.Complete(ask())
-        await settled(gateway)
-        again = await gateway.stub.Complete(ask())
-    finally:
-        await client.aclose()
+    again = await gateway.stub.Complete(ask())
     assert (reply.content, reply.metadata.cache_hit) == ("Hello from fake", False)
     assert (again.content, again.metadata.cache_hit) == ("Hello from fake", True)
     assert len(upstream.requests) == 2
@@ -592,18 +599,9 @@ async def test_stored_deltas_of_the_wrong_type_are_a_miss_not_a_replay(
     gateway: RunningGateway = await start_gateway(
         gateway_config(upstream.base_url, cache={"backend": "redis", "redis_url": redis_server.url})
     )
-    await gateway.stub.Complete(ask())
+    await _cache_one_answer_and_rewrite_it(gateway, redis_server, lambda e: e.update(d=deltas))
+    streamed = await _stream(gateway)
     await settled(gateway)
-    client = aioredis.from_url(redis_server.url)
-    try:
-        [key] = await client.keys("*")
-        entry = orjson.loads(await client.get(key))
-        entry["d"] = deltas
-        await client.set(key, orjson.dumps(entry))
-        streamed = await _stream(gateway)
-        await settled(gateway)
-    finally:
-        await client.aclose()
     assert "".join(e.delta.content for e in streamed[:-1]) == "Hello from fake"
     assert not streamed[-1].final.cache_hit
     assert len(upstream.requests) == 2

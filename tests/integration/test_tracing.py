@@ -10,6 +10,7 @@ import logging
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from llmgateway.v1 import gateway_pb2 as pb
@@ -467,13 +468,19 @@ async def test_a_stream_past_its_deadline_is_recorded_as_deadline_exceeded(
         _ = [e async for e in call]
     assert failure.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     server = await captured.ended(STREAM_SPAN)
+    assert_recorded_as_deadline_exceeded(server, captured)
+    assert attributes_of(server)["gen_ai.usage.output_tokens"] > 0, "its text is still charged"
+
+
+def assert_recorded_as_deadline_exceeded(server: ReadableSpan, captured: Captured) -> None:
+    """The RPC span and `llm_gateway.requests` say DEADLINE_EXCEEDED, as the caller was
+    told, never CANCELLED (1)."""
     deadline_exceeded = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert attributes_of(server)["rpc.grpc.status_code"] == deadline_exceeded
     assert attributes_of(server)["error.type"] == "DEADLINE_EXCEEDED"
     assert server.status.status_code is StatusCode.ERROR
     assert captured.total("llm_gateway.requests", rpc__grpc__status_code=deadline_exceeded) == 1
     assert captured.total("llm_gateway.requests", rpc__grpc__status_code=1) == 0
-    assert attributes_of(server)["gen_ai.usage.output_tokens"] > 0, "its text is still charged"
 
 
 async def test_a_caller_leaving_a_stream_the_gateway_is_writing_logs_no_error(
@@ -587,9 +594,4 @@ async def test_a_stream_past_its_deadline_while_the_gateway_writes_is_deadline_e
     await call.read()  # then reads nothing more: gRPC's flow control holds the writes
     assert (await call.code()) is grpc.StatusCode.DEADLINE_EXCEEDED
     server = await captured.ended(STREAM_SPAN)
-    deadline_exceeded = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-    assert attributes_of(server)["rpc.grpc.status_code"] == deadline_exceeded
-    assert attributes_of(server)["error.type"] == "DEADLINE_EXCEEDED"
-    assert server.status.status_code is StatusCode.ERROR
-    assert captured.total("llm_gateway.requests", rpc__grpc__status_code=deadline_exceeded) == 1
-    assert captured.total("llm_gateway.requests", rpc__grpc__status_code=1) == 0
+    assert_recorded_as_deadline_exceeded(server, captured)
