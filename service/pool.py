@@ -483,6 +483,7 @@ class UpstreamPool:
         is_stream: bool,
         error: BaseException | None,
         deltas_sent: int = 0,
+        is_callers_cut: bool = False,
     ) -> None:
         duration = time.monotonic() - started
         log_.upstream_s += duration
@@ -495,6 +496,7 @@ class UpstreamPool:
             duration_s=duration,
             error=None if error is None else describe(error),
             deltas_sent=deltas_sent,
+            is_callers_cut=is_callers_cut,
         )
         log_.records.append(record)
         if error is not None:
@@ -633,7 +635,15 @@ class UpstreamPool:
                 else:
                     log.lose(route.client.name, exc)
                 self._after_failure(state, exc, deadline, is_probe=is_probe)
-                self._record(log, route, request, started=started, is_stream=False, error=exc)
+                self._record(
+                    log,
+                    route,
+                    request,
+                    started=started,
+                    is_stream=False,
+                    error=exc,
+                    is_callers_cut=_hit_callers_deadline(exc, deadline),
+                )
                 if is_failover_only(exc):
                     plan.exclude(route, "key rejected")
                 elif not is_retryable(exc) or deadline.has_expired:
@@ -643,7 +653,15 @@ class UpstreamPool:
             except BaseException as exc:  # cancelled: the caller went away
                 log.cut()
                 state.breaker.release(is_probe=is_probe)
-                self._record(log, route, request, started=started, is_stream=False, error=exc)
+                self._record(
+                    log,
+                    route,
+                    request,
+                    started=started,
+                    is_stream=False,
+                    error=exc,
+                    is_callers_cut=not isinstance(exc, Exception),
+                )
                 raise
             finally:
                 state.limiter.release()
@@ -733,6 +751,7 @@ class UpstreamPool:
                     is_stream=True,
                     error=exc,
                     deltas_sent=deltas_sent,
+                    is_callers_cut=_hit_callers_deadline(exc, deadline),
                 )
                 if deltas_sent > 0:
                     # The caller already has part of the answer: a retry would repeat it.
@@ -759,6 +778,7 @@ class UpstreamPool:
                         is_stream=True,
                         error=exc,
                         deltas_sent=deltas_sent,
+                        is_callers_cut=not isinstance(exc, Exception),
                     )
                 raise
             finally:

@@ -35,6 +35,8 @@ class AttemptRecord:
     duration_s: float
     error: str | None = None  # e.g. "UPSTREAM_UNAVAILABLE:503"; None when it succeeded
     deltas_sent: int = 0
+    # The caller cut it (cancelled, or its deadline passed): no fault of the upstream's.
+    is_callers_cut: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -513,9 +513,13 @@ class Telemetry:
             1, {attr.UPSTREAM: upstream, attr.ERROR_TYPE: error_type}
         )
 
-    def record_attempt(self, upstream: str, *, is_success: bool) -> None:
-        """One upstream attempt ended, successfully or not."""
-        self.instruments.attempts.add(1, upstream, "success" if is_success else "failure")
+    def record_attempt(
+        self, upstream: str, *, is_success: bool, is_callers_cut: bool = False
+    ) -> None:
+        """One upstream attempt ended: a success, a failure, or cut by its caller
+        (cancelled, or its deadline passed), which is no failure of the upstream's."""
+        outcome = "success" if is_success else "cancelled" if is_callers_cut else "failure"
+        self.instruments.attempts.add(1, upstream, outcome)
 
     def set_breaker_state(self, upstream: str, state: str) -> None:
         """The breaker of `upstream` is now `state` (closed, half_open or open)."""

@@ -198,7 +198,8 @@ class Instruments:
             "llm_gateway.upstream.attempts",
             callbacks=[self.attempts.observe],
             unit="{attempt}",
-            description="Upstream attempts, by upstream and outcome (success or failure)",
+            description="Upstream attempts, by upstream and outcome (success, failure, or "
+            "cancelled: cut by the caller)",
         )
 
         # Writes a shared store (Redis) did not take when they were made, read at

@@ -31,7 +31,9 @@ def subscribe_pool(telemetry: Telemetry, hooks: PoolHooks, *, upstreams: Iterabl
         telemetry.set_breaker_state(change.upstream, change.new.value)
 
     def on_attempt(record: AttemptRecord) -> None:
-        telemetry.record_attempt(record.upstream, is_success=record.error is None)
+        telemetry.record_attempt(
+            record.upstream, is_success=record.error is None, is_callers_cut=record.is_callers_cut
+        )
 
     hooks.on_retry.append(on_retry)
     hooks.on_breaker_change.append(on_breaker_change)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
@@ -434,6 +435,31 @@ async def test_in_flight_counts_calls_in_progress(traced, captured, upstream):
     assert captured.total("llm_gateway.rpc.in_flight") == 1
     await call
     assert captured.total("llm_gateway.rpc.in_flight") == 0
+
+
+@pytest.mark.parametrize("cut_by", ["cancel", "deadline"])
+async def test_an_attempt_its_caller_cut_counts_as_cancelled_not_failed(
+    traced, captured, upstream, cut_by
+):
+    """`llm_gateway.upstream.attempts` by outcome: an attempt its caller cancelled or
+    whose deadline passed is `cancelled`, not a `failure` of the upstream (a dashboard
+    of failures by upstream would blame the provider for its callers' deadlines)."""
+    upstream.script(Hang())
+    if cut_by == "cancel":
+        call = traced.stub.Complete(chat())
+        async with asyncio.timeout(10):
+            while not upstream.requests:
+                await asyncio.sleep(0.01)
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+    else:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await traced.stub.Complete(chat(), timeout=0.4)
+    await captured.ended(UNARY_SPAN)
+    attempts = "llm_gateway.upstream.attempts"
+    assert captured.total(attempts, llm_gateway__outcome="cancelled") == 1
+    assert captured.total(attempts, llm_gateway__outcome="failure") == 0
 
 
 async def test_a_cancelled_stream_ends_both_spans_as_cancelled(traced, captured, upstream):
