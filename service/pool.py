@@ -612,6 +612,9 @@ class UpstreamPool:
             route, timeout_s, is_probe = attempt
             state = self._states[route.client.name]
             started = time.monotonic()
+            record = functools.partial(
+                self._record, log, route, request, started=started, is_stream=False
+            )
             headers: dict[str, str] = {}
             try:
                 with self._attempt_span(request, route, log, headers, deadline) as span:
@@ -635,15 +638,7 @@ class UpstreamPool:
                 else:
                     log.lose(route.client.name, exc)
                 self._after_failure(state, exc, deadline, is_probe=is_probe)
-                self._record(
-                    log,
-                    route,
-                    request,
-                    started=started,
-                    is_stream=False,
-                    error=exc,
-                    is_callers_cut=_hit_callers_deadline(exc, deadline),
-                )
+                record(error=exc, is_callers_cut=_hit_callers_deadline(exc, deadline))
                 if is_failover_only(exc):
                     plan.exclude(route, "key rejected")
                 elif not is_retryable(exc) or deadline.has_expired:
@@ -653,20 +648,12 @@ class UpstreamPool:
             except BaseException as exc:  # cancelled: the caller went away
                 log.cut()
                 state.breaker.release(is_probe=is_probe)
-                self._record(
-                    log,
-                    route,
-                    request,
-                    started=started,
-                    is_stream=False,
-                    error=exc,
-                    is_callers_cut=not isinstance(exc, Exception),
-                )
+                record(error=exc, is_callers_cut=not isinstance(exc, Exception))
                 raise
             finally:
                 state.limiter.release()
             self._after_success(state, reply.rate_limits)
-            self._record(log, route, request, started=started, is_stream=False, error=None)
+            record(error=None)
             return reply
         error = self._give_up(request.model, plan, progress.last_error)
         if isinstance(error, UpstreamError):
