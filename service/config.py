@@ -917,14 +917,11 @@ def parse_config(
         )
     # A budget's "*" is every tenant without its own entry (`budgets.ANY_TENANT`).
     for section, also in (("tenants", ()), ("budgets", ("*",))):
-        names = getattr(config, section)
-        bad_tenant = next((t for t in names if not (is_tenant_name(t) or t in also)), None)
+        tenants = getattr(config, section)
+        bad_tenant = next((t for t in tenants if not (is_tenant_name(t) or t in also)), None)
         if bad_tenant is not None:
             raise config.error(f"{section}.{bad_tenant}", "not a valid tenant name")
-    try:
-        _check_redis_password_env(config, source, env)
-    except ConfigError as exc:
-        raise config.error(exc.key, exc.problem) from None
+    _check_redis_password_env(config, env)
     upstreams = tuple(
         dataclasses.replace(u, api_key=env.get(u.api_key_env) or None) if u.api_key_env else u
         for u in config.upstreams
@@ -952,7 +949,7 @@ def redis_password(variable: str | None, environ: Mapping[str, str]) -> str | No
     return (environ.get(variable) or None) if variable else None
 
 
-def _check_redis_password_env(config: GatewayConfig, source: str, env: Mapping[str, str]) -> None:
+def _check_redis_password_env(config: GatewayConfig, env: Mapping[str, str]) -> None:
     """Refuse a named Redis password variable that is unset or empty.
 
     Whoever named it expects a password to be used: connecting without one would hide the
@@ -977,7 +974,7 @@ def _check_redis_password_env(config: GatewayConfig, source: str, env: Mapping[s
                 f"the environment variable {variable} is {state}; set it to the Redis "
                 "password, or remove redis_password_env to connect without one"
             )
-            raise ConfigError(source, key, problem)
+            raise config.error(key, problem)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -1033,15 +1030,13 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
     except yaml.YAMLError:
         raise ConfigError(source, "", "not valid YAML") from None
     config = parse_config(data, source=source, environ=environ)
-    try:
-        _check_tls_files(config.server.tls, source)
-    except ConfigError as exc:
-        raise config.error(exc.key, exc.problem) from None
+    _check_tls_files(config)
     return config
 
 
-def _check_tls_files(tls: TlsConfig, source: str) -> None:
+def _check_tls_files(config: GatewayConfig) -> None:
     """Refuse certificate files the server could not read, now rather than at listen time."""
+    tls = config.server.tls
     files = {
         "cert_file": tls.cert_file,
         "key_file": tls.key_file,
@@ -1055,13 +1050,14 @@ def _check_tls_files(tls: TlsConfig, source: str) -> None:
                 pass
         except OSError as exc:
             problem = f"cannot read {path}: {exc.strerror}"
-            raise ConfigError(source, f"server.tls.{key}", problem) from None
-    _check_tls_contents(tls, source)
+            raise config.error(f"server.tls.{key}", problem) from None
+    _check_tls_contents(config)
 
 
-def _check_tls_contents(tls: TlsConfig, source: str) -> None:
+def _check_tls_contents(config: GatewayConfig) -> None:
     """Refuse certificate files grpc could not use: it would fail the listen itself, and
     the start would blame the address."""
+    tls = config.server.tls
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.set_ciphers("DEFAULT:@SECLEVEL=0")  # judge the files, not the key sizes grpc takes
     for key, path in (("cert_file", tls.cert_file), ("client_ca_file", tls.client_ca_file)):
@@ -1070,9 +1066,7 @@ def _check_tls_contents(tls: TlsConfig, source: str) -> None:
         try:
             context.load_verify_locations(cafile=path)
         except ssl.SSLError:
-            raise ConfigError(
-                source, f"server.tls.{key}", f"no PEM certificate in {path}"
-            ) from None
+            raise config.error(f"server.tls.{key}", f"no PEM certificate in {path}") from None
     if tls.cert_file is None or tls.key_file is None:
         return
     try:
@@ -1084,4 +1078,4 @@ def _check_tls_contents(tls: TlsConfig, source: str) -> None:
             if exc.reason == "KEY_VALUES_MISMATCH"
             else f"no unencrypted PEM private key in {tls.key_file}"
         )
-        raise ConfigError(source, "server.tls.key_file", problem) from None
+        raise config.error("server.tls.key_file", problem) from None
