@@ -81,6 +81,11 @@ class Admission:
         """Calls waiting for a slot."""
         return len(self._queue)
 
+    @property
+    def is_idle(self) -> bool:
+        """Whether no call is arriving, running or queued."""
+        return not (self.in_flight or self.queued or self.arriving)
+
     @contextlib.contextmanager
     def arriving_call(self) -> Iterator[None]:
         """The calling task's call is on its way to `enter` (its caller's key may take a

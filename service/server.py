@@ -241,7 +241,7 @@ class GatewayServer:
                 log.warning("server.calls_cut_off", extra={"calls": cut, "grace_s": grace})
             # The rest of the grace: for the calls just cut, and for those their callers
             # left (not cut) still ending, before the stores they end with close.
-            if self.admission.in_flight or self.admission.queued or self.admission.arriving:
+            if not self.admission.is_idle:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(margin):
                         await self._drained()
@@ -257,9 +257,7 @@ class GatewayServer:
         idle_polls = 0
         while idle_polls < 2:  # twice: a call grpc had just handed over is counted by then
             await asyncio.sleep(_DRAIN_POLL_S)
-            admission = self.admission
-            is_idle = not (admission.in_flight or admission.queued or admission.arriving)
-            idle_polls = idle_polls + 1 if is_idle else 0
+            idle_polls = idle_polls + 1 if self.admission.is_idle else 0
 
 
 def _warn_of_unpriced_models(pool: UpstreamPool, prices: PriceList) -> None:
