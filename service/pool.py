@@ -633,12 +633,13 @@ class UpstreamPool:
                         tool_calls=reply.tool_calls,
                     )
             except UpstreamError as exc:
-                if _hit_callers_deadline(exc, deadline):
+                is_callers_cut = _hit_callers_deadline(exc, deadline)
+                if is_callers_cut:
                     log.cut()
                 else:
                     log.lose(route.client.name, exc)
                 self._after_failure(state, exc, deadline, is_probe=is_probe)
-                record(error=exc, is_callers_cut=_hit_callers_deadline(exc, deadline))
+                record(error=exc, is_callers_cut=is_callers_cut)
                 if is_failover_only(exc):
                     plan.exclude(route, "key rejected")
                 elif not is_retryable(exc) or deadline.has_expired:
@@ -725,7 +726,8 @@ class UpstreamPool:
                             yield event
                 return
             except UpstreamError as exc:
-                if _hit_callers_deadline(exc, deadline):
+                is_callers_cut = _hit_callers_deadline(exc, deadline)
+                if is_callers_cut:
                     log.cut()
                 elif deltas_sent == 0:  # after text, the pipeline records the cut stream
                     log.lose(route.client.name, exc)
@@ -738,7 +740,7 @@ class UpstreamPool:
                     is_stream=True,
                     error=exc,
                     deltas_sent=deltas_sent,
-                    is_callers_cut=_hit_callers_deadline(exc, deadline),
+                    is_callers_cut=is_callers_cut,
                 )
                 if deltas_sent > 0:
                     # The caller already has part of the answer: a retry would repeat it.
