@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from service.clock import Deadline
@@ -26,13 +26,15 @@ log = logging.getLogger("llm_gateway.batch")
 
 @dataclass(frozen=True, slots=True)
 class BatchItem:
-    """One item of a batch; `violations` are problems only visible on the wire, and
-    `refusal` why its caller may not run it (a model its tenant may not use)."""
+    """One item of a batch; `violations` are problems only visible on the wire,
+    `refusal` why its caller may not run it (a model its tenant may not use), and
+    `tokens` what its tenant's `tokens_per_minute` counts for it."""
 
     id: str
     request: ChatRequest
     violations: tuple[FieldViolation, ...] = ()
     refusal: GatewayError | None = None
+    tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +90,13 @@ async def run_batch(
     *,
     concurrency: int,
     deadline: Deadline,
+    pace: Callable[[int, Deadline], Awaitable[None]] | None = None,
 ) -> AsyncGenerator[ItemOutcome | BatchTotals, None]:
     """Yield each item's outcome as it finishes, then the `BatchTotals`.
 
-    At most `concurrency` items are in flight. Closing or cancelling the iterator
-    cancels the items still running (their upstream requests are closed).
+    At most `concurrency` items are in flight. Each valid item first waits for `pace`
+    (its tokens, the deadline): its tenant's per-minute limits. Closing or cancelling
+    the iterator cancels the items still running (their upstream requests are closed).
     """
     started = time.monotonic()
     semaphore = asyncio.Semaphore(max(1, concurrency))
@@ -108,6 +112,8 @@ async def run_batch(
                     raise InvalidRequest(
                         list(item.violations) + chat_request_violations(item.request, limits)
                     )
+                if pace is not None:
+                    await pace(item.tokens, deadline)
                 completion = await pipeline.complete(item.request, deadline=deadline)
             except Exception as exc:  # this item's outcome, not the batch's
                 if not isinstance(exc, GatewayError):

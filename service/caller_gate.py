@@ -14,11 +14,11 @@ is being asked for (model, text, items), by name, and never keeps the message.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
-import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,10 +27,10 @@ from service.auth import (
     Authenticator,
     Principal,
     check_model_allowed,
-    may_use_model,
 )
+from service.clock import Deadline
 from service.config import TenantConfig
-from service.errors import FieldViolation, InvalidRequest
+from service.errors import FieldViolation, InvalidRequest, QuotaExceeded
 from service.tenant_limits import TenantLimiter
 from service.tokens import estimate_text_tokens
 
@@ -39,7 +39,16 @@ log = logging.getLogger("llm_gateway.caller_gate")
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "llm_gateway_principal", default=None
 )
+_pacer: contextvars.ContextVar[BatchPacer | None] = contextvars.ContextVar(
+    "llm_gateway_batch_pacer", default=None
+)
 _PER_MESSAGE_OVERHEAD = 4
+
+
+def current_pacer() -> BatchPacer | None:
+    """Where the batch being served takes each item's share of its tenant's per-minute
+    limits (None: no gate, or a tenant without them)."""
+    return _pacer.get()
 
 
 def current_principal() -> Principal | None:
@@ -85,14 +94,18 @@ class Demand:
     models: tuple[str, ...] = ()
     requests: int = 0
     tokens: int = 0
-
-
-def _any_model(model: str) -> bool:
-    return True
+    # A batch: it holds a call slot, and each item takes its requests and tokens as it
+    # starts (`BatchPacer`), so a batch larger than a minute's allowance runs at the rate.
+    is_paced: bool = False
 
 
 def _text_tokens(texts: Iterable[str]) -> int:
     return sum(_PER_MESSAGE_OVERHEAD + estimate_text_tokens(t) for t in texts)
+
+
+def completion_tokens(request: Any) -> int:
+    """The tokens a tenant's `tokens_per_minute` counts for one `CompleteRequest`."""
+    return _completion_demand(request)[1]
 
 
 def _completion_demand(request: Any) -> tuple[str, int]:
@@ -113,12 +126,12 @@ def _completion_demand(request: Any) -> tuple[str, int]:
     return request.model, tokens
 
 
-def demand_of(request: Any, *, allows_model: Callable[[str], bool] = _any_model) -> Demand:
+def demand_of(request: Any) -> Demand:
     """What `request` asks for, read from its fields by name.
 
     A batch names no models: each item's is checked as it runs, and fails only that item
-    (`CompleteBatch`); the items whose model the tenant may not use (`allows_model`)
-    make no upstream call, so they are not counted.
+    (`CompleteBatch`); nor does it take requests or tokens here: each item takes its own
+    as it starts (`BatchPacer`), and an item that makes no upstream call takes none.
 
     Raises:
         InvalidRequest: the request's bytes could not be decoded.
@@ -127,10 +140,8 @@ def demand_of(request: Any, *, allows_model: Callable[[str], bool] = _any_model)
         raise InvalidRequest(
             [FieldViolation("request", f"not a valid {request.message_type} message")]
         )
-    if hasattr(request, "items"):  # a batch: every item it may run counts
-        parts = [_completion_demand(item.request) for item in request.items]
-        allowed = [tokens for model, tokens in parts if allows_model(model)]
-        return Demand(requests=len(allowed), tokens=sum(allowed))
+    if hasattr(request, "items"):
+        return Demand(is_paced=True)
     if hasattr(request, "messages"):
         model, tokens = _completion_demand(request)
         return Demand(models=(model,), requests=1, tokens=tokens)
@@ -138,6 +149,40 @@ def demand_of(request: Any, *, allows_model: Callable[[str], bool] = _any_model)
         tokens = _text_tokens([request.document, request.instructions])
         return Demand(models=(request.model,), requests=1, tokens=2 * tokens)
     return Demand()
+
+
+class BatchPacer:
+    """Takes each item of one batch from its tenant's per-minute buckets as it starts,
+    waiting for them to refill: a batch runs at its tenant's rate, however many items
+    it holds, where taking them all up front would refuse any batch larger than a
+    minute's allowance."""
+
+    def __init__(self, limiter: TenantLimiter, principal: Principal) -> None:
+        self._limiter = limiter
+        self._principal = principal
+        # Items take their turn in order, rather than every waiting item waking to race
+        # for each refill.
+        self._turn = asyncio.Lock()
+
+    async def take(self, tokens: int, deadline: Deadline) -> None:
+        """Take one request and `tokens`, waiting as long as the buckets ask if
+        `deadline` leaves the time.
+
+        Raises:
+            QuotaExceeded: the item cannot be taken before the deadline, or ever (more
+                tokens than a whole minute's allowance).
+        """
+        tenant, limits = self._principal.tenant, self._principal.limits
+        async with self._turn:
+            while True:
+                try:
+                    await self._limiter.take_rate(tenant, limits, tokens=tokens)
+                    return
+                except QuotaExceeded as refusal:
+                    wait_s, left_s = refusal.retry_after_s, deadline.remaining_s()
+                    if wait_s is None or (left_s is not None and wait_s >= left_s):
+                        raise
+                    await deadline.clock.sleep(wait_s)
 
 
 def cert_common_name(context: CallContext) -> str | None:
@@ -198,9 +243,17 @@ class CallerGate:
         if _is_unmetered(principal.limits) and not isinstance(request, UndecodableRequest):
             yield principal  # nothing to check or count: skip estimating the request's tokens
             return
-        demand = demand_of(request, allows_model=functools.partial(may_use_model, principal))
+        demand = demand_of(request)
         for model in demand.models:
             check_model_allowed(principal, model)
+        limits = principal.limits
+        if demand.is_paced:
+            async with self._limiter.admit(principal.tenant, limits, tokens=0, requests=0):
+                # For this call only, as `_principal` (each RPC runs in a task of its own).
+                if limits.requests_per_minute or limits.tokens_per_minute:
+                    _pacer.set(BatchPacer(self._limiter, principal))
+                yield principal
+            return
         if not demand.requests:
             yield principal
             return

@@ -18,7 +18,13 @@ from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.auth import check_model_allowed
 from service.batch import BatchItem, BatchTotals, check_batch, run_batch
 from service.breaker import BreakerState
-from service.caller_gate import caller_may_read_all_usage, current_principal, current_tenant
+from service.caller_gate import (
+    caller_may_read_all_usage,
+    completion_tokens,
+    current_pacer,
+    current_principal,
+    current_tenant,
+)
 from service.clock import Deadline
 from service.domain import (
     CacheMode,
@@ -477,6 +483,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
     ) -> AsyncIterator[pb.CompleteBatchResponse]:
         tenant = tenant_of(context)
         principal = current_principal()
+        pacer = current_pacer()
         items = []
         for item in request.items:
             chat, violations = chat_request_from_proto(item.request, tenant=tenant)
@@ -486,13 +493,15 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                     check_model_allowed(principal, item.request.model)
                 except PermissionDenied as exc:
                     refusal = exc
-            items.append(BatchItem(item.id, chat, tuple(violations), refusal))
+            tokens = completion_tokens(item.request) if pacer is not None else 0
+            items.append(BatchItem(item.id, chat, tuple(violations), refusal, tokens))
         concurrency = check_batch(items, request.concurrency, self._pipeline.config.batch)
         results = run_batch(
             self._pipeline,
             items,
             concurrency=min(concurrency, _tenant_concurrency() or concurrency),
             deadline=deadline_of(context),
+            pace=None if pacer is None else pacer.take,
         )
         async with contextlib.aclosing(results):
             async for event in results:

@@ -41,6 +41,13 @@ class TenantLimiter(Protocol):
         """Hold one concurrent-call slot for the body; take `requests` and `tokens` now."""
         ...
 
+    async def take_rate(
+        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+    ) -> None:
+        """Take `requests` and `tokens` from the tenant's per-minute buckets, holding no
+        call slot (a batch's item as it starts); or refuse and take nothing."""
+        ...
+
 
 def _refusal(tenant: str, which: str, limit: int, retry_after_s: float | None) -> QuotaExceeded:
     return QuotaExceeded(
@@ -127,6 +134,12 @@ class MemoryTenantLimiter:
             requests_bucket.level -= requests
         if tokens_bucket is not None:
             tokens_bucket.level -= tokens
+
+    async def take_rate(
+        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+    ) -> None:
+        """`take`, for callers of the `TenantLimiter` protocol."""
+        self.take(tenant, limits, tokens=tokens, requests=requests)
 
     @contextlib.asynccontextmanager
     async def admit(
@@ -243,6 +256,43 @@ class RedisTenantLimiter:
             pipe.set(keys[3], 1, ex=_LEASE_TTL_S)
             await pipe.execute()
 
+    def _store_failed(self, exc: Exception) -> None:
+        """The limit store did not answer: the call is admitted; say so once per call."""
+        self.cooldown.failed(exc)
+        log.warning("tenant_limits.store_unavailable", extra={"error": type(exc).__name__})
+
+    @staticmethod
+    def _refuse(tenant: str, limits: TenantConfig, which: int, wait: Any) -> None:
+        """Raise the refusal the admission script answered, if it refused."""
+        if which:
+            limit = {
+                1: limits.requests_per_minute,
+                2: limits.tokens_per_minute,
+                3: limits.max_concurrent_calls,
+            }[which]
+            raise _refusal(tenant, _WHICH[which], limit, float(wait))
+
+    async def take_rate(
+        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+    ) -> None:
+        """Take `requests` and `tokens` from the tenant's per-minute buckets, holding no
+        call slot (the script takes no lease without a concurrency cap); or refuse."""
+        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+        if not (rpm or tpm):
+            return
+        _too_large(tenant, limits, tokens=tokens, requests=requests)
+        if self.cooldown.skips():
+            return
+        try:
+            which, wait = await self._script(
+                keys=self._keys(tenant, ""), args=[rpm, tpm, requests, tokens, 0, "", 0]
+            )
+        except Exception as exc:  # the limit store is down: take nothing, pass
+            self._store_failed(exc)
+            return
+        self.late_releases.store_answered()
+        self._refuse(tenant, limits, int(which), wait)
+
     @contextlib.asynccontextmanager
     async def admit(
         self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
@@ -264,9 +314,8 @@ class RedisTenantLimiter:
             which, wait = await self._script(
                 keys=keys, args=[rpm, tpm, requests, tokens, cap, lease, _LEASE_TTL_S]
             )
-        except Exception as exc:  # the limit store is down: admit, say so once per call
-            self.cooldown.failed(exc)
-            log.warning("tenant_limits.store_unavailable", extra={"error": type(exc).__name__})
+        except Exception as exc:  # the limit store is down: admit
+            self._store_failed(exc)
             which, wait = 0, b""
             # A reply that timed out may follow a script that ran and took a lease, or
             # precede one that will: give it back at the end rather than hold the
@@ -280,9 +329,7 @@ class RedisTenantLimiter:
             raise
         else:
             self.late_releases.store_answered()
-        if int(which):
-            limit = {1: rpm, 2: tpm, 3: cap}[int(which)]
-            raise _refusal(tenant, _WHICH[int(which)], limit, float(wait))
+        self._refuse(tenant, limits, int(which), wait)
         try:
             yield
         finally:

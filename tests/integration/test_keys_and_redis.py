@@ -194,6 +194,38 @@ async def test_tenant_limits_in_redis_are_shared_by_replicas(upstream, start_gat
     assert len(upstream.requests) == 4
 
 
+@pytest.mark.redis
+async def test_a_batch_paced_by_redis_limits_takes_one_request_an_item_and_no_lease(
+    upstream, start_gateway, redis_url
+):
+    """With the limits in Redis, a batch's items take team-a's three requests a minute one
+    by one as they start (the fourth's turn is 20 s away, after the call's deadline), and
+    only the batch's own call slot is leased, then released: the items take none."""
+    config = secure_config(
+        upstream.base_url,
+        auth={"redis_url": redis_url, "redis_key_prefix": "t-paced:"},
+        tenants={"team-a": {"requests_per_minute": 3, "max_concurrent_calls": 1}},
+    )
+    gw = await start_gateway(config)
+    batch = pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id=f"item-{i}", request=chat(f"q{i}")) for i in range(4)],
+        concurrency=1,
+    )
+    call = gw.stub.CompleteBatch(batch, metadata=as_tenant("team-a"), timeout=10)
+    events = [e async for e in call]
+    failed = [e.result for e in events if e.HasField("result") and e.result.HasField("error")]
+    assert [r.id for r in failed] == ["item-3"]
+    assert failed[0].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert (events[-1].summary.succeeded, events[-1].summary.failed) == (3, 1)
+    client = redis.Redis.from_url(redis_url)
+    in_flight = client.zcard("t-paced:tenant:{team-a}:inflight")
+    level = float(client.hget("t-paced:tenant:{team-a}:rpm", "level") or -1)
+    client.close()
+    assert in_flight == 0
+    assert 0 <= level < 1  # all three requests taken, in Redis
+    assert len(upstream.requests) == 3
+
+
 async def _create_key_while_serving(upstream, start_gateway, tmp_path, capsys) -> tuple[Any, str]:
     """A gateway re-reading `tmp_path/keys.txt` at once, and a key `keys create` then
     issued for tenant "late" into that file."""

@@ -284,6 +284,70 @@ async def test_a_batch_runs_no_more_upstream_calls_at_once_than_its_tenant_may(s
             assert scripted.peak_in_flight == peak
 
 
+async def test_a_batch_larger_than_a_minutes_allowance_runs_at_its_tenants_rate(
+    upstream, start_gateway
+):
+    """61 items for a tenant allowed 60 requests a minute: 60 start at once and the last
+    a second later, when the bucket has refilled; the batch uses up the tenant's minute.
+
+    Before, the batch took every item's request up front and was refused as a call that
+    could never fit (pushback -1), so no batch larger than a minute's allowance ran."""
+    config = secure_config(upstream.base_url, tenants={"team-a": {"requests_per_minute": 60}})
+    gw = await start_gateway(config)
+    batch = pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id=f"item-{i}", request=chat(f"q{i}")) for i in range(61)]
+    )
+    events = [e async for e in gw.stub.CompleteBatch(batch, metadata=as_tenant("team-a"))]
+    summary = events[-1].summary
+    assert (summary.succeeded, summary.failed) == (61, 0)
+    assert len(upstream.requests) == 61
+    after = await rpc_error(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
+    assert after.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _item_detail(status, message_type):
+    """The detail of `message_type` in a batch item's google.rpc.Status."""
+    for item in status.details:
+        found = message_type()
+        if item.Unpack(found):
+            return found
+    raise AssertionError(f"no {message_type.__name__} in {status}")
+
+
+async def test_batch_items_the_tenants_limits_cannot_take_fail_alone(upstream, start_gateway):
+    """An item whose turn under requests_per_minute comes after the call's deadline
+    fails at once with RESOURCE_EXHAUSTED and when to retry, and one larger than a
+    minute's tokens fails for good; the other items run, and the batch ends with its
+    summary, not at its deadline."""
+    config = secure_config(
+        upstream.base_url,
+        tenants={"team-a": {"requests_per_minute": 3, "tokens_per_minute": 200}},
+    )
+    gw = await start_gateway(config)
+    huge = chat("big", params=pb.GenerationParams(max_tokens=500))
+    batch = pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id="huge", request=huge)]
+        + [pb.BatchItem(id=f"item-{i}", request=chat(f"q{i}")) for i in range(4)],
+        concurrency=1,
+    )
+    call = gw.stub.CompleteBatch(batch, metadata=as_tenant("team-a"), timeout=10)
+    events = [e async for e in call]
+    results = {e.result.id: e.result for e in events if e.HasField("result")}
+    never = results.pop("huge").error
+    assert never.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "can never fit" in never.message
+    assert not any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in never.details)
+    late = results.pop("item-3").error
+    assert late.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    quota = _item_detail(late, error_details_pb2.QuotaFailure)
+    assert quota.violations[0].subject == "tenant:team-a:requests_per_minute"
+    assert _item_detail(late, error_details_pb2.RetryInfo).retry_delay.seconds >= 19
+    assert all(r.response.content for r in results.values())
+    summary = events[-1].summary
+    assert (summary.succeeded, summary.failed) == (3, 2)
+    assert len(upstream.requests) == 3
+
+
 async def test_a_summary_runs_no_more_upstream_calls_at_once_than_its_tenant_may(start_gateway):
     """The same for the parts of a Summarize: team-a may run one call at a time."""
 

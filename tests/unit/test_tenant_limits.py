@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from service.auth import Principal
+from service.caller_gate import BatchPacer
+from service.clock import Deadline
 from service.config import TenantConfig
 from service.errors import QuotaExceeded
 from service.tenant_limits import MemoryTenantLimiter
@@ -102,3 +105,37 @@ def test_zero_means_unlimited():
     limiter = MemoryTenantLimiter(clock=FakeClock())
     for _ in range(10_000):
         limiter.take("a", TenantConfig(), tokens=10**6)
+
+
+def _pacer(limits: TenantConfig, clock: FakeClock) -> BatchPacer:
+    principal = Principal(tenant="a", limits=limits, is_authenticated=True)
+    return BatchPacer(MemoryTenantLimiter(clock=clock), principal)
+
+
+async def test_a_batch_pacer_waits_for_the_bucket_to_refill():
+    """60 rpm: a batch's first 60 items start at once, the next ones a second apart, each
+    waiting for its own request (taken in order, holding no call slot)."""
+    clock = FakeClock()
+    pacer = _pacer(TenantConfig(requests_per_minute=60, max_concurrent_calls=1), clock)
+    for _ in range(62):
+        await pacer.take(0, Deadline.after(None, clock))
+    assert clock.slept == [pytest.approx(1.0), pytest.approx(1.0)]
+
+
+async def test_a_batch_pacer_refuses_an_item_it_cannot_take_before_the_deadline():
+    """An item whose turn comes after the deadline is refused at once, with the wait, not
+    held until the deadline; one larger than a minute's tokens is refused for good."""
+    clock = FakeClock()
+    pacer = _pacer(TenantConfig(requests_per_minute=3, tokens_per_minute=1000), clock)
+    for _ in range(3):
+        await pacer.take(10, Deadline.after(5.0, clock))
+    with pytest.raises(QuotaExceeded) as late:
+        await pacer.take(10, Deadline.after(5.0, clock))
+    assert late.value.retry_after_s == pytest.approx(20.0)
+    assert clock.slept == []
+    await pacer.take(10, Deadline.after(30.0, clock))  # time enough: it waits its turn
+    assert clock.slept == [pytest.approx(20.0)]
+    with pytest.raises(QuotaExceeded) as never:
+        await pacer.take(1001, Deadline.after(None, clock))
+    assert never.value.retry_after_s is None
+    assert never.value.is_retry_futile
