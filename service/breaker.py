@@ -81,6 +81,8 @@ class CircuitBreaker:
         self._outcomes: deque[tuple[float, bool]] = deque()  # (when, failed)
         self._probe_in_flight = False
         self.is_key_rejected = False
+        # Times opened: a probe belongs to the half-open that follows one of them.
+        self.episode = 0
 
     @property
     def state(self) -> BreakerState:
@@ -113,13 +115,15 @@ class CircuitBreaker:
             self._probe_in_flight = True
         return True
 
-    def release(self, *, is_probe: bool) -> None:
+    def release(self, *, probe: int | None) -> None:
         """A claimed call ended without an outcome that says anything about health.
 
-        `is_probe`: the call was claimed half-open, as the probe. Only its end frees the
-        probe slot: a call sent before the breaker opened may end during the probe.
+        `probe`: the `episode` in which the call was claimed half-open, as the probe
+        (None: it was not). Only the current probe's end frees the probe slot: a call sent
+        before the breaker opened may end during the probe, and so may a probe of an
+        earlier half-open that outlived it (the breaker opened again meanwhile).
         """
-        if is_probe:
+        if probe == self.episode:
             self._probe_in_flight = False
 
     def record_success(self) -> None:
@@ -171,6 +175,7 @@ class CircuitBreaker:
             self._outcomes.popleft()
 
     def _open(self, cool_down_s: float, reason: str) -> None:
+        self.episode += 1
         self._opened_at = self._clock.now()
         self._cool_down_s = cool_down_s
         self._move(BreakerState.OPEN, reason)

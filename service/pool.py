@@ -370,9 +370,9 @@ class UpstreamPool:
         log_: AttemptLog,
         last_error: UpstreamError | None,
         last_route: Route | None,
-    ) -> tuple[float, bool] | None:
-        """Wait and pass breaker, budget and limiter; the attempt's timeout and whether it is
-        the breaker's half-open probe, or None to skip.
+    ) -> tuple[float, int | None] | None:
+        """Wait and pass breaker, budget and limiter; the attempt's timeout and, when it is
+        the breaker's half-open probe, the breaker's episode (else None); or None to skip.
 
         Raises the last error when the caller's deadline leaves no room for the attempt.
         """
@@ -420,14 +420,14 @@ class UpstreamPool:
         if not state.breaker.acquire():
             plan.exclude(route, "circuit open")
             return None
-        is_probe = state.breaker.state is BreakerState.HALF_OPEN
+        probe = state.breaker.episode if state.breaker.state is BreakerState.HALF_OPEN else None
         max_wait = self.settings.max_limit_wait_s
         if left is not None:
             max_wait = min(max_wait, left - self.settings.min_attempt_s)
         try:
             await state.limiter.acquire(tokens=tokens, max_wait_s=max_wait)
         except BaseException as exc:
-            state.breaker.release(is_probe=is_probe)
+            state.breaker.release(probe=probe)
             if isinstance(exc, LimitExceeded) and max_wait < self.settings.max_limit_wait_s:
                 exc.is_cut_short_by_deadline = True
             raise
@@ -436,16 +436,16 @@ class UpstreamPool:
         if last_error is not None and last_route is not None:
             if not state.budget.can_retry():  # other calls spent it while this one waited
                 state.limiter.release()
-                state.breaker.release(is_probe=is_probe)
+                state.breaker.release(probe=probe)
                 plan.exclude(route, "retry budget exhausted")
                 return None
             state.budget.record_retry()
         else:
             state.budget.record_request()
-        return deadline.bound(route.client.config.timeout_s), is_probe
+        return deadline.bound(route.client.config.timeout_s), probe
 
     def _after_failure(
-        self, state: UpstreamState, exc: UpstreamError, deadline: Deadline, *, is_probe: bool
+        self, state: UpstreamState, exc: UpstreamError, deadline: Deadline, *, probe: int | None
     ) -> None:
         """Tell the breaker and limiter what the failure says about the upstream."""
         if isinstance(exc, UpstreamAuthRejected):
@@ -458,11 +458,11 @@ class UpstreamPool:
             state.breaker.record_key_rejected()
         elif _hit_callers_deadline(exc, deadline):
             # The caller's deadline, not the upstream's fault.
-            state.breaker.release(is_probe=is_probe)
+            state.breaker.release(probe=probe)
         elif counts_against_health(exc):
             state.breaker.record_failure(reason=describe(exc))
         else:
-            state.breaker.release(is_probe=is_probe)
+            state.breaker.release(probe=probe)
         if exc.retry_after_s is not None:
             # A 429 or 503 with Retry-After: no call goes to this upstream until then. The
             # caller is told no longer a wait than the gateway itself keeps.
@@ -560,9 +560,9 @@ class UpstreamPool:
         progress: _Progress,
         *,
         tokens: int,
-    ) -> tuple[Route, float, bool] | None:
-        """The next route to try, its timeout and whether it is the breaker's probe, once
-        waits and admission passed.
+    ) -> tuple[Route, float, int | None] | None:
+        """The next route to try, its timeout and its probe's breaker episode (None: not the
+        breaker's probe), once waits and admission passed.
 
         None when the attempts or the routes are used up; raises when the caller's
         deadline leaves no room for another attempt.
@@ -609,7 +609,7 @@ class UpstreamPool:
         while attempt := await self._next_attempt(
             plan, request, deadline, log, progress, tokens=tokens
         ):
-            route, timeout_s, is_probe = attempt
+            route, timeout_s, probe = attempt
             state = self._states[route.client.name]
             started = time.monotonic()
             record = functools.partial(
@@ -638,7 +638,7 @@ class UpstreamPool:
                     log.cut()
                 else:
                     log.lose(route.client.name, exc)
-                self._after_failure(state, exc, deadline, is_probe=is_probe)
+                self._after_failure(state, exc, deadline, probe=probe)
                 record(error=exc, is_callers_cut=is_callers_cut)
                 if is_failover_only(exc):
                     plan.exclude(route, "key rejected")
@@ -648,7 +648,7 @@ class UpstreamPool:
                 continue
             except BaseException as exc:  # cancelled: the caller went away
                 log.cut()
-                state.breaker.release(is_probe=is_probe)
+                state.breaker.release(probe=probe)
                 record(error=exc, is_callers_cut=not isinstance(exc, Exception))
                 raise
             finally:
@@ -676,7 +676,7 @@ class UpstreamPool:
         while attempt := await self._next_attempt(
             plan, request, deadline, log, progress, tokens=tokens
         ):
-            route, timeout_s, is_probe = attempt
+            route, timeout_s, probe = attempt
             state = self._states[route.client.name]
             started = time.monotonic()
             deltas_sent = chars_sent = 0
@@ -731,7 +731,7 @@ class UpstreamPool:
                     log.cut()
                 elif deltas_sent == 0:  # after text, the pipeline records the cut stream
                     log.lose(route.client.name, exc)
-                self._after_failure(state, exc, deadline, is_probe=is_probe)
+                self._after_failure(state, exc, deadline, probe=probe)
                 self._record(
                     log,
                     route,
@@ -756,7 +756,7 @@ class UpstreamPool:
                 progress.last_error, progress.last_route = exc, route
                 continue
             except BaseException as exc:  # cancelled, or the consumer stopped reading
-                state.breaker.release(is_probe=is_probe)
+                state.breaker.release(probe=probe)
                 if not is_finished:
                     log.cut()
                     self._record(

@@ -837,3 +837,49 @@ async def test_half_open_lets_one_probe_through_while_older_calls_end(start_gate
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
         assert [user_text(r.body) for r in fake.requests] == ["old", "fail", "probe"]
         assert (await probe).content == "Hello from fake"
+
+
+async def test_a_probe_from_an_earlier_half_open_does_not_free_the_current_probe(start_gateway):
+    """A probe outlives its half-open: an older call's 5xx opens the breaker again, and
+    after the next cool-down a second probe goes out. The first probe's 429 then ends
+    nothing but itself: the second probe's slot stays taken, and a third call is kept off
+    the upstream while it runs.
+    """
+    behaviours = {
+        "old": Status(500, delay_s=0.5),  # sent closed; fails while the first probe runs
+        "fail": Status(500),
+        "probe1": Status(429, delay_s=1.6),
+        "probe2": Reply(delay_s=2.0),
+    }
+    async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 0.4,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        old = asyncio.ensure_future(gateway.stub.Complete(chat("old")))
+        assert await settle(lambda: fake.in_flight == 1)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("fail"))  # opens the breaker
+        await asyncio.sleep(0.45)  # half-open
+        probe1 = asyncio.ensure_future(gateway.stub.Complete(chat("probe1")))
+        assert await settle(lambda: len(fake.requests) == 3)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await old  # its 500 opens the breaker again, probe1 still running
+        await asyncio.sleep(0.45)  # half-open again
+        probe2 = asyncio.ensure_future(gateway.stub.Complete(chat("probe2")))
+        assert await settle(lambda: len(fake.requests) == 4)
+        with pytest.raises(grpc.aio.AioRpcError) as limited:
+            await probe1
+        assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert not probe2.done()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat("another"))
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert [user_text(r.body) for r in fake.requests] == ["old", "fail", "probe1", "probe2"]
+        assert (await probe2).content == "Hello from fake"
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
+        assert models.models[0].upstreams[0].in_flight == 0
