@@ -46,6 +46,16 @@ def _require(condition: bool, problem: str) -> None:
         raise ValueError(problem)
 
 
+# What `api_key_env` and `redis_password_env` must look like: a key or password pasted
+# there instead (`sk-...`) would be printed as the "variable" by logs, errors and `check`.
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_VARIABLE_NAME_RULE = "letters, digits and _, not starting with a digit"
+
+
+def _is_variable_name(name: str) -> bool:
+    return _VARIABLE_NAME.fullmatch(name) is not None
+
+
 def _has_redis_credentials(url: str) -> bool:
     """Whether a Redis URL names a user or password: before its host, or as the `username`
     or `password` query parameter, which redis-py reads too (and prefers to its own
@@ -263,6 +273,11 @@ class UpstreamConfig:
             not in_query,
             f"base_url must not carry credentials (query parameter {', '.join(in_query)});"
             " use api_key_env",
+        )
+        _require(
+            self.api_key_env is None or _is_variable_name(self.api_key_env),
+            f"api_key_env must name an environment variable ({_VARIABLE_NAME_RULE}), "
+            "not hold the key itself",
         )
         _require(len(self.models) > 0, "models must list at least one model")
 
@@ -968,6 +983,12 @@ def _check_redis_password_env(config: GatewayConfig, env: Mapping[str, str]) -> 
         else None,
     }
     for key, variable in named.items():
+        if variable and not _is_variable_name(variable):
+            problem = (
+                f"must name an environment variable ({_VARIABLE_NAME_RULE}), "
+                "not hold the password itself"
+            )
+            raise config.error(key, problem)
         if variable and not env.get(variable):
             state = "empty" if variable in env else "not set"
             problem = (

@@ -225,6 +225,28 @@ upstreams:
     assert "sk-wrong" not in out
 
 
+async def test_check_never_prints_a_key_pasted_as_its_variable_name(tmp_path, capsys):
+    """A provider key written as `api_key_env` (not the variable's name) is a config error
+    that `check` reports without printing the key.
+
+    Before, `check` listed the upstream as skipped, `not set ($sk-...)`: the key on stdout.
+    """
+    pasted = "sk-proj-PASTEDKEY-4d9a7c1e3b5f"
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"""
+upstreams:
+  - {{name: pasted, base_url: "https://api.example.test/v1", api_key_env: {pasted}, models: [m]}}
+local_model: {{enabled: never}}
+"""
+    )
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "upstreams[0]: api_key_env must name an environment variable" in captured.err
+    assert "PASTEDKEY" not in captured.out + captured.err
+
+
 async def test_check_passes_when_all_upstreams_answer(tmp_path, monkeypatch, capsys):
     """`check` exits 0 when every enabled upstream is reachable with a valid key."""
     async with FakeUpstream(models=(FAKE_MODEL,), api_key="sk-right") as fake:

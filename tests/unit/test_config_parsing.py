@@ -726,6 +726,52 @@ def test_a_caller_key_written_where_a_field_name_goes_is_not_echoed() -> None:
     assert caught.value.key == "server." + "x" * 32 + "…"
 
 
+PASTED_SECRET = "sk-proj-PASTEDINSTEADOFITSVARIABLE-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        pytest.param(
+            {"upstreams": [upstream(api_key_env=PASTED_SECRET)]}, "upstreams[0]", id="api_key_env"
+        ),
+        pytest.param(
+            {"cache": {"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0",
+                       "redis_password_env": PASTED_SECRET}},
+            "cache.redis_password_env",
+            id="cache",
+        ),
+        pytest.param(
+            {"auth": {"redis_url": "redis://127.0.0.1:6379/0",
+                      "redis_password_env": PASTED_SECRET}},
+            "auth.redis_password_env",
+            id="auth",
+        ),
+        pytest.param(
+            {"ledger": {"redis_url": "redis://127.0.0.1:6379/0",
+                        "redis_password_env": PASTED_SECRET}},
+            "ledger.redis_password_env",
+            id="ledger",
+        ),
+    ],
+)  # fmt: skip
+def test_a_secret_written_where_its_variable_name_goes_is_refused_unechoed(
+    data: dict[str, Any], key: str
+) -> None:
+    """A key or password pasted as `api_key_env` / `redis_password_env` (rather than the
+    name of the variable holding it) is a config error that does not repeat it.
+
+    Before, it was taken as a variable name: the upstream started disabled and the log
+    line `upstream.disabled` and `llm-gateway check` printed the key as `missing_env`,
+    or the config error for an unset password variable printed the password.
+    """
+    with pytest.raises(ConfigError) as caught:
+        parse(data)
+    assert caught.value.key == key
+    assert "must name an environment variable" in str(caught.value)
+    assert "PASTED" not in str(caught.value)
+
+
 REDIS_SECTIONS = {
     "cache": {"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0"},
     "auth": {"redis_url": "redis://127.0.0.1:6379/0"},
