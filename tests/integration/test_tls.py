@@ -136,8 +136,10 @@ async def test_the_cli_calls_a_mtls_gateway_with_its_certificate(upstream, tls_s
     refused = await asyncio.to_thread(cli_main, [*base, "--ca-file", str(pki.ca)])
     assert refused == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="go together"):
+    with pytest.raises(SystemExit) as caught:
         await asyncio.to_thread(cli_main, [*base, "--cert-file", str(cert)])
+    assert caught.value.code == 2
+    assert "go together" in capsys.readouterr().err
     assert len(upstream.requests) == 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 def connection(args: argparse.Namespace) -> dict[str, Any]:
     """`GatewayClient`'s keyword arguments for the connection options in `args`."""
     if (args.cert_file is None) != (args.key_file is None):
-        raise SystemExit("llm-gateway: --cert-file and --key-file go together")
+        # A bad option: exit status 2, as argparse's own usage errors (1 is a failed call).
+        print("llm-gateway: --cert-file and --key-file go together", file=sys.stderr)
+        raise SystemExit(2)
     is_tls = args.tls or args.ca_file is not None or args.cert_file is not None
     credentials = (
         grpc.ssl_channel_credentials(
