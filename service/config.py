@@ -267,6 +267,10 @@ class UpstreamConfig:
             parts.scheme in ("http", "https") and bool(parts.netloc),
             "base_url must be an http(s) URL",
         )
+        try:  # read by the HTTP pool only at start, which a bad port would fail
+            parts.port  # noqa: B018  (raises ValueError when not a number 0..65535)
+        except ValueError:
+            raise ValueError("base_url's port must be a number 0..65535") from None
         _require(
             parts.username is None and parts.password is None,
             "base_url must not carry credentials; use api_key_env",

@@ -985,3 +985,15 @@ def test_a_redis_url_without_a_port_or_database_or_over_a_socket_is_fine() -> No
         }
     )
     assert config.cache.redis_url == "redis://redis"
+
+
+@pytest.mark.parametrize(
+    "base_url", ["http://127.0.0.1:9x9/v1", "https://api.example.test:99999/v1"]
+)
+def test_a_base_url_whose_port_is_not_a_number_is_a_config_error(base_url: str) -> None:
+    """The HTTP pool reads the port only at start, and failed it with a traceback (exit 1);
+    the README's example config error is this key's."""
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [upstream(base_url=base_url)]})
+    assert caught.value.key == "upstreams[0]"
+    assert "base_url" in caught.value.problem
