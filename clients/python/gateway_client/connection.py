@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,21 @@ def pem_file(value: str) -> bytes:
         return Path(value).expanduser().read_bytes()
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot read {value}: {exc.strerror}") from None
+
+
+def system_ca_certificates() -> bytes | None:
+    """The system's CA bundle (`$SSL_CERT_FILE`, else OpenSSL's default file), or None.
+
+    gRPC does not read it: left to itself it trusts only the public roots it ships with,
+    so a gateway whose private CA is installed on the system would fail `--tls`.
+    """
+    cafile = ssl.get_default_verify_paths().cafile
+    if cafile is None:
+        return None
+    try:
+        return Path(cafile).read_bytes()
+    except OSError:
+        return None
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +99,7 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
     is_tls = args.tls or args.ca_file is not None or args.cert_file is not None
     credentials = (
         grpc.ssl_channel_credentials(
-            root_certificates=args.ca_file,
+            root_certificates=args.ca_file or system_ca_certificates(),
             private_key=args.key_file,
             certificate_chain=args.cert_file,
         )
