@@ -69,6 +69,22 @@ def _has_redis_credentials(url: str) -> bool:
     )
 
 
+def _require_redis_address(url: str) -> None:
+    """Refuse a Redis URL whose port or database is not a number: the clients read them
+    only at start, and fail it with a traceback (the cache) or take database 0 unasked."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018  (raises ValueError when not a number 0..65535)
+    except ValueError:
+        raise ValueError("redis_url's port must be a number 0..65535") from None
+    if parts.scheme != "unix":  # a socket's path is the file; its database is `?db=N`
+        database = parts.path.strip("/")
+        _require(
+            not database or re.fullmatch(r"[0-9]+", database) is not None,
+            "redis_url's database (its path) must be a number, as in redis://HOST:PORT/0",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
     """TLS for the gRPC port; with `client_ca_file`, client certificates (mTLS) too.
@@ -261,6 +277,10 @@ class UpstreamConfig:
             parts.scheme in ("http", "https") and bool(parts.netloc),
             "base_url must be an http(s) URL",
         )
+        try:  # read by the HTTP pool only at start, which a bad port would fail
+            parts.port  # noqa: B018  (raises ValueError when not a number 0..65535)
+        except ValueError:
+            raise ValueError("base_url's port must be a number 0..65535") from None
         _require(
             parts.username is None and parts.password is None,
             "base_url must not carry credentials; use api_key_env",
@@ -407,6 +427,7 @@ class CacheConfig:
                 not _has_redis_credentials(self.redis_url),
                 "redis_url must not carry credentials; use redis_password_env",
             )
+            _require_redis_address(self.redis_url)
         _require(1 <= self.default_ttl_s <= self.max_ttl_s, "need 1 <= default_ttl_s <= max_ttl_s")
         _require(
             self.memory_max_bytes >= self.max_entry_bytes,
@@ -500,6 +521,7 @@ class AuthConfig:
                 not _has_redis_credentials(self.redis_url),
                 "redis_url must not carry credentials; use redis_password_env",
             )
+            _require_redis_address(self.redis_url)
         _require(self.redis_timeout_s > 0, "redis_timeout_s must be > 0")
         _require(self.keys_file_check_s >= 0, "keys_file_check_s must be >= 0")
 
@@ -657,6 +679,7 @@ class LedgerConfig:
                 urlsplit(self.redis_url).scheme in ("redis", "rediss", "unix"),
                 "redis_url must be redis://, rediss:// or unix://",
             )
+            _require_redis_address(self.redis_url)
         _require(
             60 <= self.bucket_s <= 86400 and 86400 % self.bucket_s == 0,
             "bucket_s must divide a day and be >= 60",

@@ -136,8 +136,10 @@ async def test_the_cli_calls_a_mtls_gateway_with_its_certificate(upstream, tls_s
     refused = await asyncio.to_thread(cli_main, [*base, "--ca-file", str(pki.ca)])
     assert refused == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="go together"):
+    with pytest.raises(SystemExit) as caught:
         await asyncio.to_thread(cli_main, [*base, "--cert-file", str(cert)])
+    assert caught.value.code == 2
+    assert "go together" in capsys.readouterr().err
     assert len(upstream.requests) == 1
 
 
@@ -290,3 +292,21 @@ async def test_a_provider_key_sent_over_plain_http_to_another_host_is_warned_abo
     said = [r for r in caplog.records if r.getMessage() == "upstream.key_over_plain_http"]
     assert [r.upstream for r in said] == (["up0"] if warned else [])
     assert "sk-test-secret" not in caplog.text
+
+
+async def test_cli_tls_verifies_the_gateway_against_the_systems_cas(
+    upstream, tls_server, pki, monkeypatch, capsys
+):
+    """`llm-gateway complete --tls` verifies against the system's CAs (README), so a
+    gateway whose private CA is installed there is served. SSL_CERT_FILE names the system
+    bundle to OpenSSL; gRPC alone would only trust the public roots it ships with."""
+    server = await tls_server(
+        gateway_config(upstream.base_url, server={"listen": "127.0.0.1:0", "tls": _tls(pki)})
+    )
+    base = ["complete", "--address", server.address, "--model", "fake-model", "--tls", "hi"]
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    assert await asyncio.to_thread(cli_main, base) == 0
+    assert "Hello from fake" in capsys.readouterr().out
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca.with_name("rogue-ca.pem")))
+    assert await asyncio.to_thread(cli_main, base) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err

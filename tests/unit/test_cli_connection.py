@@ -48,11 +48,16 @@ def test_an_unreadable_pem_file_is_a_usage_error(tmp_path: Path, capsys) -> None
     assert "cannot read" in capsys.readouterr().err
 
 
-def test_a_certificate_without_its_key_is_refused(tmp_path: Path) -> None:
+def test_a_certificate_without_its_key_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    """A bad option exits 2 (README), as argparse's own usage errors do, not 1 (a failed
+    call)."""
     pem = tmp_path / "client.pem"
     pem.write_bytes(b"cert")
-    with pytest.raises(SystemExit, match="go together"):
-        connection(parse("--cert-file", str(pem)))
+    for argv in (("--cert-file", str(pem)), ("--key-file", str(pem))):
+        with pytest.raises(SystemExit) as caught:
+            connection(parse(*argv))
+        assert caught.value.code == 2
+        assert "--cert-file and --key-file go together" in capsys.readouterr().err
 
 
 def test_an_unreadable_pem_file_from_the_environment_is_a_usage_error(

@@ -995,3 +995,51 @@ def test_the_local_model_is_in_the_catalog_with_the_window_llama_cpp_runs_with()
     assert listed.models["gemma-3-270m"].context_window == 1024
     not_served = parse({"upstreams": [upstream()]})
     assert not_served.models == {}
+
+
+@pytest.mark.parametrize(
+    ("section", "url"),
+    [
+        ("cache", "redis://127.0.0.1:63a79/0"),
+        ("cache", "redis://127.0.0.1:6379/x"),
+        ("ledger", "redis://127.0.0.1:99999/0"),
+        ("ledger", "redis://127.0.0.1:6379/zero"),
+        ("auth", "rediss://redis.internal:port/0"),
+    ],
+)
+def test_a_redis_url_whose_port_or_database_is_not_a_number_is_a_config_error(
+    section: str, url: str
+) -> None:
+    """The Redis clients read the port and database only when the server starts, and fail
+    it with a traceback (exit 1) or take database 0 for a mistyped one: a config error
+    naming the key (exit 2) instead, as the README promises for a config that is wrong."""
+    data: dict[str, Any] = {section: {"redis_url": url}}
+    if section == "cache":
+        data["cache"]["backend"] = "redis"
+    with pytest.raises(ConfigError) as caught:
+        parse(data)
+    assert caught.value.key == section
+    assert "redis_url" in caught.value.problem
+
+
+def test_a_redis_url_without_a_port_or_database_or_over_a_socket_is_fine() -> None:
+    config = parse(
+        {
+            "cache": {"backend": "redis", "redis_url": "redis://redis"},
+            "ledger": {"redis_url": "unix:///run/redis/redis.sock?db=2"},
+            "auth": {"redis_url": "rediss://redis:6380/15"},
+        }
+    )
+    assert config.cache.redis_url == "redis://redis"
+
+
+@pytest.mark.parametrize(
+    "base_url", ["http://127.0.0.1:9x9/v1", "https://api.example.test:99999/v1"]
+)
+def test_a_base_url_whose_port_is_not_a_number_is_a_config_error(base_url: str) -> None:
+    """The HTTP pool reads the port only at start, and failed it with a traceback (exit 1);
+    the README's example config error is this key's."""
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [upstream(base_url=base_url)]})
+    assert caught.value.key == "upstreams[0]"
+    assert "base_url" in caught.value.problem

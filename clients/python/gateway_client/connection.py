@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,21 @@ def pem_file(value: str) -> bytes:
         return Path(value).expanduser().read_bytes()
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot read {value}: {exc.strerror}") from None
+
+
+def system_ca_certificates() -> bytes | None:
+    """The system's CA bundle (`$SSL_CERT_FILE`, else OpenSSL's default file), or None.
+
+    gRPC does not read it: left to itself it trusts only the public roots it ships with,
+    so a gateway whose private CA is installed on the system would fail `--tls`.
+    """
+    cafile = ssl.get_default_verify_paths().cafile
+    if cafile is None:
+        return None
+    try:
+        return Path(cafile).read_bytes()
+    except OSError:
+        return None
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,11 +93,13 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 def connection(args: argparse.Namespace) -> dict[str, Any]:
     """`GatewayClient`'s keyword arguments for the connection options in `args`."""
     if (args.cert_file is None) != (args.key_file is None):
-        raise SystemExit("llm-gateway: --cert-file and --key-file go together")
+        # A bad option: exit status 2, as argparse's own usage errors (1 is a failed call).
+        print("llm-gateway: --cert-file and --key-file go together", file=sys.stderr)
+        raise SystemExit(2)
     is_tls = args.tls or args.ca_file is not None or args.cert_file is not None
     credentials = (
         grpc.ssl_channel_credentials(
-            root_certificates=args.ca_file,
+            root_certificates=args.ca_file or system_ca_certificates(),
             private_key=args.key_file,
             certificate_chain=args.cert_file,
         )
