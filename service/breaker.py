@@ -5,8 +5,8 @@ a failure ratio over a sliding window (once enough calls were seen), opens it: c
 skip the upstream until the cool-down passes. Then it is half-open and lets exactly one
 probe through; the probe's success closes it, its failure opens it again.
 
-A rejected key (401/403) opens it at once for a longer cool-down: retrying a bad key
-in a loop only burns quota and fills logs.
+A rejected key (401/403) or account (402) opens it at once for a longer cool-down:
+retrying a bad key in a loop only burns quota and fills logs.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
     └── UpstreamError             UNAVAILABLE       (ErrorInfo naming upstream, RetryInfo, pushback)
         ├── UpstreamRateLimited   RESOURCE_EXHAUSTED (RetryInfo from Retry-After)
         ├── UpstreamUnavailable   5xx, reset, refused, malformed or cut stream
-        ├── UpstreamAuthRejected  401/403: the upstream's key, not the caller's fault
+        ├── UpstreamAuthRejected  401/402/403: the upstream's key or account, not the caller's
         ├── UpstreamRejected      INVALID_ARGUMENT: 400/404/422, the request itself
         ├── UpstreamTimeout       the upstream took longer than its timeout
         └── SummarizePartFailed   one part of a Summarize still failed after its retries
@@ -277,7 +277,8 @@ class UpstreamUnavailable(UpstreamError):
 
 
 class UpstreamAuthRejected(UpstreamError):
-    """The upstream rejected the gateway's key (401/403); the caller did nothing wrong."""
+    """The upstream rejected the gateway's key (401/403) or account (402: out of credit);
+    the caller did nothing wrong."""
 
     reason = "UPSTREAM_AUTH"
     is_retry_futile = True  # the key stays rejected until an operator changes it

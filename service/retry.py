@@ -37,8 +37,8 @@ def is_retryable(error: BaseException) -> bool:
     """Whether another attempt (here or on another upstream) may succeed.
 
     Retries 408, 409, 429, 5xx, connection errors and timeouts. A rejected key (401/403)
-    is not retried on the same upstream but is failed over (see `is_failover_only`). A
-    stream that already sent deltas to the caller is never retried.
+    or account (402) is not retried on the same upstream but is failed over (see
+    `is_failover_only`). A stream that already sent deltas to the caller is never retried.
     """
     if isinstance(error, StreamInterrupted):
         return False

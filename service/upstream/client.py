@@ -71,9 +71,14 @@ def _error_for_status(
             status=status,
             retry_after_s=wait,
         )
-    if status in (401, 403):
+    if status in (401, 402, 403):
+        # 402: the gateway's account there is out of credit (DeepSeek's "Insufficient
+        # Balance"), as much the operator's to fix, and another upstream's to serve, as a key.
+        problem = "rejected the gateway's key"
+        if status == 402:
+            problem = "refused the gateway's account for lack of credit"
         return UpstreamAuthRejected(
-            f"upstream {upstream!r} rejected the gateway's key (HTTP {status})",
+            f"upstream {upstream!r} {problem} (HTTP {status})",
             upstream=upstream,
             status=status,
         )

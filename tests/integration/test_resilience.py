@@ -150,6 +150,12 @@ MATRIX = [
         unary=Expect(attempts=2, upstream="up1"),
         stream=Expect(attempts=2, upstream="up1"),
     ),
+    Row(  # DeepSeek's "Insufficient Balance": the gateway's account there, not the call
+        "402-out-of-credit-on-one-of-two",
+        ((Status(402, '{"error": {"message": "Insufficient Balance"}}'),), ()),
+        unary=Expect(attempts=2, upstream="up1"),
+        stream=Expect(attempts=2, upstream="up1"),
+    ),
     Row(
         "refused-on-one-of-two",
         (REFUSED, ()),
@@ -343,13 +349,22 @@ async def test_key_rejected_upstream_is_skipped_and_shown_unhealthy(start_gatewa
         assert health == {"up0": pb.UPSTREAM_HEALTH_UNHEALTHY, "up1": pb.UPSTREAM_HEALTH_HEALTHY}
 
 
-async def test_only_upstream_key_rejected_is_unavailable_upstream_auth(start_gateway):
-    """With its only upstream's key rejected the caller gets UNAVAILABLE/UPSTREAM_AUTH, once."""
-    async with FakeUpstream(default=Status(403)) as bad:
+@pytest.mark.parametrize(
+    ("status", "problem"),
+    [(403, "rejected the gateway's key"), (402, "account for lack of credit")],
+)
+async def test_only_upstream_key_rejected_is_unavailable_upstream_auth(
+    start_gateway, status, problem
+):
+    """With its only upstream's key rejected, or its account out of credit (402), the
+    caller gets UNAVAILABLE/UPSTREAM_AUTH, once: not INVALID_ARGUMENT, as if its request
+    were at fault (a 402 was, before)."""
+    async with FakeUpstream(default=Status(status)) as bad:
         gateway = await start_gateway(gateway_config(bad.base_url, resilience=FAST_RESILIENCE))
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await gateway.stub.Complete(chat())
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert problem in info.value.details()
         _, reason, _ = error_details(info.value)
         assert reason == "UPSTREAM_AUTH"
         assert len(bad.requests) == 1
