@@ -229,6 +229,7 @@ class FakeUpstream:
         self.default: Behaviour = default if default is not None else Reply()
         # None: the list is `"data": null`, as servers written in Go send an empty one.
         self.models: list[str] | None = list(models)
+        self.models_status = 200  # another: /models answers it, with an error body
         self.api_key: str | None = api_key
         self._queue: deque[Behaviour] = deque()
         self._runner: web.AppRunner | None = None
@@ -324,6 +325,9 @@ class FakeUpstream:
         denied = self._unauthorized(request)
         if denied is not None:
             return denied
+        if self.models_status != 200:
+            status = self.models_status
+            return _json(error_body(f"HTTP {status}", status), status, {})
         listed = [
             {"id": m, "object": "model", "created": 0, "owned_by": "fake"}
             for m in self.models or ()

@@ -289,6 +289,38 @@ upstreams:
     assert code == 0
 
 
+@pytest.mark.parametrize(
+    ("status", "code", "shown"),
+    [
+        (404, 0, ["yes", "unknown", "no", "list", "(HTTP", "404)"]),
+        (405, 0, ["yes", "unknown", "no", "list", "(HTTP", "405)"]),
+        (402, 1, ["yes", "unknown", "-"]),
+        (500, 1, ["yes", "unknown", "-"]),
+    ],
+)
+async def test_check_passes_a_server_without_a_model_list_and_fails_an_account_out_of_credit(
+    tmp_path, capsys, status, code, shown
+):
+    """A server with no `/models` (404, 405) answered: `check` passes it, its key unknown,
+    as the README says (exit 1 only for an upstream unreachable, refusing its key or
+    account, or failing). A 402 (out of credit) or a 500 fails the check.
+
+    Before, any status but 200 failed the check, a server without the list included."""
+    async with FakeUpstream() as fake:
+        fake.models_status = status
+        config = tmp_path / "gateway.yaml"
+        config.write_text(
+            f'upstreams:\n  - {{name: up, base_url: "{fake.base_url}", models: [{FAKE_MODEL}]}}\n'
+        )
+        result = await check.check_command(parse(check, "check", "--config", str(config)))
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.startswith("up "))
+    assert row[1 : 1 + len(shown)] == shown
+    assert result == code
+    if status == 402:
+        assert "account out of credit (HTTP 402)" in out
+
+
 async def test_check_config_error_exits_2(tmp_path, capsys):
     """A broken config is reported with its key and exits 2, before any probe."""
     config = tmp_path / "gateway.yaml"

@@ -2,8 +2,10 @@
 
 Calls `GET {base_url}/models` on each enabled upstream (concurrently) and prints a table:
 upstream, reachable, key valid, models listed, latency. Exits 2 on a config error, 1
-when any enabled upstream is unreachable or refuses its key, else 0. Upstreams whose key
-variable is unset are listed as skipped. Keys are never printed.
+when any enabled upstream is unreachable, refuses its key or account, or answers with
+another error, else 0: a server that has no `/models` (404, 405) passes, its key
+unknown. Upstreams whose key variable is unset are listed as skipped. Keys are never
+printed.
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ async def check_upstream(config: UpstreamConfig, *, timeout_s: float) -> Upstrea
         return UpstreamCheck(
             config.name, True, "invalid", "-", latency_ms, f"key rejected (HTTP {status})"
         )
+    if status == 402:
+        return UpstreamCheck(
+            config.name, True, "unknown", "-", latency_ms, "account out of credit (HTTP 402)"
+        )
+    if status in (404, 405):  # a server without the list: it answered, nothing is wrong
+        return UpstreamCheck(config.name, True, "unknown", f"no list (HTTP {status})", latency_ms)
     if status != 200:
         return UpstreamCheck(config.name, True, "unknown", "-", latency_ms, f"HTTP {status}")
     key = "valid" if config.api_key else "none needed"
