@@ -889,6 +889,21 @@ def _key_in(node: dict[str, Any], part: str, variable: str, path: list[str]) -> 
     return matches[0] if matches else part
 
 
+def _override_value(raw: str) -> Any:
+    """An override's value: `raw` read as YAML (numbers, booleans, `[a, b]`), else as it is.
+
+    A value that is not YAML ("[::1]:50051", a flow list to YAML) or that YAML reads as a
+    mapping without braces (the prefix "llm_gateway:") is the string it looks like.
+    """
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        return raw
+    return value
+
+
 def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
     """Set each `LLM_GATEWAY__...` variable's value in `data`; return {key path: variable}."""
     applied: dict[str, str] = {}
@@ -912,11 +927,7 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> di
             node = node[path[index]]
             if not isinstance(node, dict):
                 raise ConfigError(name, ".".join(path), "cannot override inside a non-mapping")
-        try:
-            node[path[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            # Not YAML, e.g. "[::1]:50051" (a flow list to YAML): take it as a string.
-            node[path[-1]] = raw
+        node[path[-1]] = _override_value(raw)
         applied[".".join(path)] = name
     return applied
 

@@ -179,6 +179,16 @@ def test_models_list_shorthand_and_mapping(models: Any, expected: dict[str, str]
             id="enum-any-case",
         ),
         pytest.param(
+            {"LLM_GATEWAY__AUTH__REDIS_KEY_PREFIX": "team:llm:"},
+            lambda c: c.auth.redis_key_prefix == "team:llm:",
+            id="a-string-yaml-reads-as-a-mapping",
+        ),
+        pytest.param(
+            {"LLM_GATEWAY__SERVER__LISTEN": "[::1]:50051"},
+            lambda c: c.server.listen == "[::1]:50051",
+            id="a-string-yaml-cannot-read",
+        ),
+        pytest.param(
             {"LLM_GATEWAY__LOCAL_MODEL__ENABLED": "never"},
             lambda c: c.local_model.enabled == "never",
             id="new-section",
