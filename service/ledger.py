@@ -62,7 +62,7 @@ from service.domain import Usage
 from service.errors import UpstreamUnavailable
 from service.late_release import LateReleases
 from service.redis_errors import refused_for_good, replacing_closed_connections
-from service.store_cooldown import StoreCooldown
+from service.store_cooldown import COOLDOWN_S, StoreCooldown
 
 log = logging.getLogger("llm_gateway.ledger")
 T = TypeVar("T")
@@ -723,7 +723,9 @@ class RedisLedger:
         """
         rows = await self._read(lambda: self._query(query), failure="ledger.query_failed")
         if rows is None:
-            raise UpstreamUnavailable("the usage ledger is unavailable", upstream="usage-ledger")
+            raise UpstreamUnavailable(
+                "the usage ledger is unavailable", upstream="usage-ledger", retry_after_s=COOLDOWN_S
+            )
         return rows
 
     async def _read(self, read: Callable[[], Awaitable[T]], *, failure: str) -> T | None:

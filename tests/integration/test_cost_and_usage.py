@@ -12,7 +12,9 @@ from google.rpc import error_details_pb2, status_pb2
 from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
+from service.errors import RETRY_PUSHBACK_TRAILER
 from service.pricing import cost_usd
+from service.store_cooldown import COOLDOWN_S
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import Reply
 from tests.integration.helpers import error_info, field_violations
@@ -358,7 +360,9 @@ async def test_every_path_charges_the_same_figure_and_the_ledger_agrees(upstream
 async def test_an_unreachable_redis_ledger_is_unavailable_for_get_usage(
     upstream, start_gateway, tmp_path
 ):
-    """Ledger down: calls are still served, and GetUsage says UNAVAILABLE, not INTERNAL."""
+    """Ledger down: calls are still served, and GetUsage says UNAVAILABLE, not INTERNAL,
+    with when to retry (the store's cool-down) as every UNAVAILABLE does; before, it
+    carried no RetryInfo and no pushback."""
     ledger = {"redis_url": f"unix://{tmp_path}/no-such.sock"}
     gateway = await start_gateway(gateway_config(upstream.base_url, ledger=ledger))
     assert (await gateway.stub.Complete(chat())).content
@@ -367,6 +371,14 @@ async def test_an_unreachable_redis_ledger_is_unavailable_for_get_usage(
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "no-such.sock" not in caught.value.details()
     assert error_info(caught.value).metadata["upstream"] == "usage-ledger"
+    details = status_pb2.Status.FromString(
+        dict(caught.value.trailing_metadata())["grpc-status-details-bin"]
+    ).details
+    retry = error_details_pb2.RetryInfo()
+    assert any(d.Unpack(retry) for d in details)
+    assert retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9 == pytest.approx(COOLDOWN_S)
+    pushback = dict(caught.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER]
+    assert pushback == str(round(COOLDOWN_S * 1000))
 
 
 @pytest.mark.redis
