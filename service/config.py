@@ -737,6 +737,17 @@ class GatewayConfig:
         return tuple(u for u in self.upstreams if u.api_key_env is None or u.api_key)
 
     @property
+    def secret_variables(self) -> frozenset[str]:
+        """The environment variables this config reads secrets from: provider keys and
+        Redis passwords."""
+        named = [u.api_key_env for u in self.upstreams] + [
+            self.cache.redis_password_env,
+            self.auth.redis_password_env,
+            self.ledger.redis_password_env,
+        ]
+        return frozenset(name for name in named if name)
+
+    @property
     def wants_local_model(self) -> bool:
         """Whether the local model runs: `always`, or `auto` with no other upstream enabled."""
         enabled = self.local_model.enabled

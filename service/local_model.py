@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 
 from service.config import LOCAL_MODEL_UPSTREAM, LocalModelConfig, UpstreamConfig
@@ -89,6 +89,22 @@ def restart_delay_s(base_s: float, in_a_row: int) -> float:
     return max(base_s, min(_MAX_RESTART_BACKOFF_S, base_s * 2.0 ** min(in_a_row - 1, 32)))
 
 
+def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> dict[str, str]:
+    """The llama.cpp server's environment: the gateway's, less its secrets.
+
+    The model server needs none of them; withheld, they cannot leak through its logs, a
+    crash dump or a bug in it. Besides `withheld` (the config's provider keys and Redis
+    passwords): the CLI's caller key and OpenTelemetry exporter headers (tokens).
+    """
+    return {
+        name: value
+        for name, value in environ.items()
+        if name not in withheld
+        and name != "LLM_GATEWAY_API_KEY"
+        and not (name.startswith("OTEL_EXPORTER_OTLP") and name.endswith("HEADERS"))
+    }
+
+
 class LocalModelServer:
     """Supervises `python -m llama_cpp.server`; use as an async context manager."""
 
@@ -98,9 +114,12 @@ class LocalModelServer:
         *,
         python: str = sys.executable,
         on_availability: Callable[[], Awaitable[None]] | None = None,
+        withheld_env: Collection[str] = (),
     ) -> None:
         self.config = config
         self._python = python
+        # Variables holding the gateway's secrets (`GatewayConfig.secret_variables`).
+        self._withheld_env = frozenset(withheld_env)
         # Called when `is_up` changes: the server exited, or a restart answers again.
         self._on_availability = on_availability
         self.is_up = False
@@ -178,6 +197,7 @@ class LocalModelServer:
         log.info("local_model.starting", extra={"port": self.port})
         self._process = await asyncio.create_subprocess_exec(
             *self._command(model_path),
+            env=child_environment(os.environ, self._withheld_env),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,

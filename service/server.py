@@ -87,7 +87,9 @@ class GatewayServer:
             self._only_local_model = not configs
             self.local_model = await self._stack.enter_async_context(
                 LocalModelServer(
-                    self.config.local_model, on_availability=self._local_model_availability
+                    self.config.local_model,
+                    on_availability=self._local_model_availability,
+                    withheld_env=self.config.secret_variables,
                 )
             )
             configs.append(self.local_model.upstream_config())

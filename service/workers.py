@@ -224,7 +224,9 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(reserved.close)  # however this ends; closing twice is harmless
         if config.wants_local_model:
-            starting = stack.enter_async_context(LocalModelServer(config.local_model))
+            starting = stack.enter_async_context(
+                LocalModelServer(config.local_model, withheld_env=config.secret_variables)
+            )
             local = await _unless_stopped(starting, stopping)
             if local is None:  # it can take local_model.startup_timeout_s to answer
                 log.info("workers.stopped_while_starting")

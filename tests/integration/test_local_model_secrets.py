@@ -1,0 +1,67 @@
+"""The llama.cpp server runs without the gateway's secrets in its environment.
+
+llama.cpp's server is stood in for by the small OpenAI-compatible server of
+test_local_model_restart, started by the real gateway; its environment is read from /proc.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import service.server
+from service.config import parse_config
+from service.local_model import LocalModelServer
+from tests.conftest import gateway_config_data
+from tests.integration.test_local_model_restart import _STAND_IN, MODEL
+
+SECRETS = {
+    "PROVIDER_KEY_T": "sk-provider-CANARY",
+    "CACHE_REDIS_PASSWORD_T": "cache-CANARY",
+    "LLM_GATEWAY_API_KEY": "llmgw_caller-CANARY",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "authorization=Bearer otlp-CANARY",
+}
+
+
+def _environment_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = (item.decode().split("=", 1) for item in raw.split(b"\0") if item)
+    return dict(pairs)
+
+
+async def test_the_local_model_server_gets_no_secret_of_the_gateway(
+    tmp_path, monkeypatch, upstream, start_gateway
+):
+    """Provider keys and Redis passwords the config names, the CLI's caller key and the
+    OpenTelemetry exporter's headers are withheld from llama.cpp's server, which needs
+    none of them; the rest of the environment (PATH, ...) reaches it.
+
+    Before, the server inherited the gateway's whole environment, every key with it."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"not really a model")
+    stand_in = tmp_path / "python"
+    stand_in.write_text(_STAND_IN.format(python=sys.executable, model=MODEL))
+    stand_in.chmod(0o755)
+    monkeypatch.setattr(
+        service.server,
+        "LocalModelServer",
+        functools.partial(LocalModelServer, python=str(stand_in)),
+    )
+    data = gateway_config_data(
+        upstream.base_url,
+        local_model={"enabled": "always", "model": MODEL, "model_path": str(model)},
+        cache={"redis_password_env": "CACHE_REDIS_PASSWORD_T"},
+    )
+    data["upstreams"][0]["api_key_env"] = "PROVIDER_KEY_T"
+    gw = await start_gateway(parse_config(data, source="<test>", environ=dict(os.environ)))
+    assert gw.server.local_model is not None
+    pid = gw.server.local_model.pid
+    assert pid is not None
+    seen = _environment_of(pid)
+    assert sorted(set(SECRETS) & set(seen)) == []
+    assert not any("CANARY" in value for value in seen.values())
+    assert seen["PATH"] == os.environ["PATH"]
