@@ -467,7 +467,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             models.append(
                 pb.ModelInfo(
                     name=name,
-                    context_window=prices.context_window(name, 0),
+                    context_window=self._pipeline.context_window(name),
                     pricing=pricing,
                     upstreams=[
                         upstream_status_to_proto(self._pipeline, r.client.name) for r in routes

@@ -13,8 +13,9 @@ import pytest
 from aiohttp import web
 
 from llmgateway.v1 import gateway_pb2 as pb
+from service.config import parse_config
 from service.pool import upstream_idempotency_key
-from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.integration.helpers import error_info
 
@@ -259,6 +260,23 @@ async def test_list_models_shows_catalog_and_upstreams(stub):
     assert model.pricing.output_usd_per_million == pytest.approx(0.42)
     assert [u.name for u in model.upstreams] == ["up0"]
     assert model.upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
+
+
+async def test_list_models_shows_the_window_an_unlisted_model_is_fitted_to(upstream, start_gateway):
+    """A served model the catalog does not list is fitted to 8,192 tokens, and ListModels
+    says so; before, it showed 0 while the gateway fitted prompts to 8,192."""
+    config = gateway_config_data(upstream.base_url)
+    config["upstreams"][0]["models"] = [FAKE_MODEL, "unlisted-model"]
+    gateway = await start_gateway(parse_config(config, source="<test>", environ={}))
+    listed = await gateway.stub.ListModels(pb.ListModelsRequest())
+    windows = {m.name: m.context_window for m in listed.models}
+    assert windows == {FAKE_MODEL: 4096, "unlisted-model": 8192}
+    long_prompt = "word " * 9000  # about 9,000 tokens: over 8,192, refused as over the window
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await gateway.stub.Complete(chat(long_prompt, model="unlisted-model"))
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(refused.value)
+    assert (info.reason, info.metadata["limit_tokens"]) == ("CONTEXT_WINDOW_EXCEEDED", "8192")
 
 
 async def test_upstream_key_is_sent_as_bearer_and_never_returned(upstream, start_gateway):
