@@ -385,6 +385,28 @@ async def test_auth_off_serves_the_default_tenant_on_loopback(upstream, start_ga
     assert (await gw.stub.Complete(chat())).content == "Hello from fake"
 
 
+async def test_auth_off_with_keys_serves_a_valid_key_as_its_tenant_and_others_as_default(
+    upstream, start_gateway
+):
+    """Mode off with keys configured makes them optional, as the README says: a valid key
+    is its tenant, under its limits; no key or an unknown one is `default`, served."""
+    config = secure_config(
+        upstream.base_url,
+        auth={"mode": "off"},
+        tenants={"team-a": {"requests_per_minute": 1}},
+    )
+    gw = await start_gateway(config)
+    assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+    limited = await rpc_error(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
+    assert limited.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    for metadata in ((), bearer("llmgw_not-a-key-anyone-was-given")):
+        assert (await gw.stub.Complete(chat(), metadata=metadata)).content
+    own = await gw.stub.GetUsage(pb.GetUsageRequest())
+    assert own.total.requests == 2
+    theirs = await gw.stub.GetUsage(pb.GetUsageRequest(tenant="team-a"))  # default sees all
+    assert theirs.total.requests == 1
+
+
 @pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0", "10.1.2.3:50051"])
 async def test_auth_off_on_a_public_address_is_refused_at_startup(listen):
     """The server will not start unauthenticated on a non-loopback address unless forced."""
