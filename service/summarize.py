@@ -314,8 +314,9 @@ class _Tally:
     def add(self, completion: Completion) -> None:
         self.usage = self.usage + completion.usage
         self.cost_usd += completion.cost_usd
-        self.calls += 1
-        self.upstream_s += completion.timings.upstream_ms / _MS
+        if not completion.is_cache_hit:  # a cached part made no upstream call
+            self.calls += 1
+            self.upstream_s += completion.timings.upstream_ms / _MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -653,7 +654,10 @@ class Summarizer:
             messages=(Message(Role.SYSTEM, system), Message(Role.USER, user)),
             params=GenerationParams(
                 max_tokens=answer_tokens,
-                temperature=0.2,
+                # A summary should be faithful, not sampled; and so deterministic, it is
+                # cached by default: a Summarize run again (after a part failed, say) pays
+                # only for the parts not summarised before.
+                temperature=0.0,
                 reasoning_effort=request.reasoning_effort,
             ),
             truncation=TruncationMode.NONE,

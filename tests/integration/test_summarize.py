@@ -235,6 +235,49 @@ async def test_failing_part_is_retried_then_fails_the_call(recorder, start_gatew
     assert not any(is_combine(r.body) for r in recorder.requests)
 
 
+async def test_a_summary_run_again_after_a_part_failed_pays_only_for_what_was_missing(
+    recorder, start_gateway
+):
+    """Parts are summarised deterministically (temperature 0), so they are cached: run
+    again after its last part failed (as a retry policy would), with the token calibration
+    unchanged, the Summarize sends only that part and the combine upstream, and its
+    upstream_calls count only those; a third run sends nothing and costs nothing.
+
+    Before, parts were sampled (temperature 0.2) and never cached: every part was sent,
+    and paid for, again."""
+    healthy = []
+    last = "Paragraph p59 sentence s4"
+
+    def respond(body):
+        if is_part(body) and last in user_text(body) and not healthy:
+            return Status(500, delay_s=0.3)  # after the parts running beside it finished
+        return default_respond(body)
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url, chunk_attempts=2, upstream_attempts=1))
+    # Another document first: the token calibration it settles splits both runs alike.
+    await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(40, 4)))
+    before = len(recorder.requests)
+    request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(request)
+    assert error_details(caught.value).reason == "SUMMARIZE_PART_FAILED"
+    assert len(recorder.requests) - before > 3
+    first_run = len(recorder.requests)
+    healthy.append(True)
+    response = await gateway.stub.Summarize(request)
+    assert response.summary == "FINAL"
+    again = [r.body for r in recorder.requests[first_run:]]
+    assert [is_part(b) for b in again] == [True, False]  # the failed part, then the combine
+    assert last in user_text(again[0])
+    assert response.chunks > 2
+    assert response.upstream_calls == 2
+    third = await gateway.stub.Summarize(request)
+    assert (third.summary, third.upstream_calls, third.cost_usd) == ("FINAL", 0, 0.0)
+    assert third.usage.output_tokens == response.usage.output_tokens  # the same summary
+    assert len(recorder.requests) == first_run + 2
+
+
 async def test_a_part_retried_after_a_429_waits_its_retry_after(recorder, start_gateway):
     """Summarize's own retry of a part, after its short backoff, still waits out the
     429's Retry-After: the upstream is paused for it, so a rate-limited provider is not
