@@ -17,6 +17,7 @@ from service.clock import Deadline
 from service.config import BatchConfig
 from service.domain import ChatRequest, Completion, Usage
 from service.errors import FieldViolation, GatewayError, InvalidRequest, quoted
+from service.ledger import PICO, to_pico
 from service.pipeline import Pipeline
 from service.validation import chat_request_violations
 
@@ -125,7 +126,8 @@ async def run_batch(
 
     succeeded = failed = 0
     usage = Usage()
-    cost = 0.0
+    # Summed as the ledger sums them, in integer pico-dollars: a float sum drifts.
+    cost_pico = 0
     try:
         async with asyncio.TaskGroup() as group:
             for index, item in enumerate(items):
@@ -135,7 +137,7 @@ async def run_batch(
                 if outcome.completion is not None:
                     succeeded += 1
                     usage = usage + outcome.completion.usage
-                    cost += outcome.completion.cost_usd
+                    cost_pico += to_pico(outcome.completion.cost_usd)
                 else:
                     failed += 1
                 yield outcome
@@ -151,7 +153,7 @@ async def run_batch(
         succeeded=succeeded,
         failed=failed,
         usage=usage,
-        cost_usd=round(cost, 12),
+        cost_usd=cost_pico / PICO,
         wall_ms=(time.monotonic() - started) * _MS,
     )
 

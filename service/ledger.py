@@ -397,6 +397,9 @@ class MemoryLedger:
     async def query(self, query: UsageFilter) -> list[UsageRow]:
         """Rows matching `query`, summed over its time window."""
         low, high = self._buckets.window(query)
+        # Rows past retention are dropped only when a call starts a new bucket: an idle
+        # gateway still holds them, but must not show them (Redis has expired its own).
+        low = max(low, self._buckets.now() - self._retention_s)
         merged: dict[Dims, UsageRow] = {}
         for (bucket, dims), row in self._rows.items():
             if not (low <= bucket < high) or not _matches(dims, query):

@@ -50,6 +50,7 @@ from service.errors import (
     UpstreamError,
     UpstreamRejected,
 )
+from service.ledger import PICO, to_pico
 from service.pipeline import Pipeline
 from service.tokens import (
     PER_MESSAGE_OVERHEAD,
@@ -307,13 +308,14 @@ def _summaries_message(summaries: Sequence[str], *, first: int = 0) -> str:
 @dataclass(slots=True)
 class _Tally:
     usage: Usage = field(default_factory=Usage)
-    cost_usd: float = 0.0
+    # Summed as the ledger sums them, in integer pico-dollars: a float sum drifts.
+    cost_pico: int = 0
     calls: int = 0
     upstream_s: float = 0.0
 
     def add(self, completion: Completion) -> None:
         self.usage = self.usage + completion.usage
-        self.cost_usd += completion.cost_usd
+        self.cost_pico += to_pico(completion.cost_usd)
         if not completion.is_cache_hit:  # a cached part made no upstream call
             self.calls += 1
             self.upstream_s += completion.timings.upstream_ms / _MS
@@ -532,7 +534,7 @@ class Summarizer:
             chunks=chunks,
             levels=levels,
             usage=tally.usage,
-            cost_usd=round(tally.cost_usd, 12),
+            cost_usd=tally.cost_pico / PICO,
             upstream_calls=tally.calls,
             timings=Timings(
                 total_ms=(self._clock.now() - started) * _MS,

@@ -35,6 +35,7 @@ from service.domain import (
     Usage,
     assemble_tool_calls,
 )
+from service.ledger import PICO, to_pico
 from service.pricing import PriceList
 from service.telemetry import tracing as attr
 from service.telemetry.metrics import BREAKER_STATES, Instruments, StoreWrites
@@ -541,7 +542,9 @@ def _add_usage(attributes: dict[str, Any], earlier: Mapping[str, Any]) -> None:
         return
     for key in _SUMMED:
         attributes[key] += earlier[key]
-    attributes[attr.COST_USD] = round(attributes[attr.COST_USD] + earlier[attr.COST_USD], 12)
+    # In integer pico-dollars, as the ledger and the summaries sum: a float sum drifts.
+    cost_pico = to_pico(attributes[attr.COST_USD]) + to_pico(earlier[attr.COST_USD])
+    attributes[attr.COST_USD] = cost_pico / PICO
     attributes[attr.USAGE_ESTIMATED] = (
         attributes[attr.USAGE_ESTIMATED] or earlier[attr.USAGE_ESTIMATED]
     )

@@ -247,9 +247,11 @@ def _reasoning_tokens(details: object, output_tokens: int) -> int:
     """`completion_tokens_details.reasoning_tokens` when it is a count that can be part of
     the output, else 0: only a detail, so a bad one never costs the answer its usage."""
     value = details.get("reasoning_tokens") if isinstance(details, dict) else None
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= output_tokens:
-        return value
-    return 0
+    try:
+        count = _count(value)  # 25.0 is 25, as for the other counts
+    except TypeError:
+        return 0
+    return count if 0 <= count <= output_tokens else 0
 
 
 def _loads(raw: bytes | str) -> dict[str, Any]:

@@ -435,3 +435,24 @@ async def test_usage_says_how_many_requests_were_estimated(
     assert (rows["estimated"].estimated_requests, rows["estimated"].usage.estimated) == (1, True)
     assert (usage.total.requests, usage.total.estimated_requests) == (2, 1)
     assert usage.total.usage.estimated
+
+
+async def test_a_batch_summary_costs_exactly_what_its_items_cost(upstream, start_gateway):
+    """Three items of 990,436,117 output tokens at $1.10 a million cost $1,089.4797287 each:
+    the summary says $3,268.4391861, as GetUsage does, not the float sum 3268.439186099999.
+
+    Before, the summary added the items' costs as floats, and at hundreds of dollars the
+    sum drifted past the pico-dollar that rounding hides."""
+    gw = await start_gateway(gateway_config(upstream.base_url, models=PRICED_MODELS))
+    big = Reply(prompt_tokens=0, completion_tokens=990_436_117)
+    upstream.script(big, big, big)
+    request = pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id=f"item-{i}", request=chat(f"item {i}")) for i in range(3)]
+    )
+    events = [e async for e in gw.stub.CompleteBatch(request)]
+    items = [e.result.response.metadata.cost_usd for e in events if e.HasField("result")]
+    assert items == [1089.4797287] * 3
+    summary = events[-1].summary
+    total = (await gw.stub.GetUsage(pb.GetUsageRequest())).total
+    assert total.cost_usd == 3268.4391861
+    assert summary.cost_usd == total.cost_usd

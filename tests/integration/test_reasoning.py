@@ -283,6 +283,21 @@ async def test_a_bad_reasoning_token_count_is_ignored_and_the_answer_stands(
     assert len(upstream.requests) == 1
 
 
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_reasoning_token_count_written_as_a_whole_float_is_kept(stub, upstream, is_stream):
+    """`reasoning_tokens: 25.0` is 25, as `completion_tokens: 30.0` is 30: JSON has one
+    kind of number, and some servers write every count with a fraction.
+
+    Before, the other counts took 25.0 as 25 but the reasoning count was dropped to 0."""
+    whole_floats = dataclasses.replace(THINKING, completion_tokens=30.0, reasoning_tokens=25.0)
+    upstream.script(whole_floats)
+    if is_stream:
+        usage = (await _collect(stub, chat_stream()))[-1].final.usage
+    else:
+        usage = (await stub.Complete(chat())).metadata.usage
+    assert (usage.output_tokens, usage.reasoning_tokens, usage.estimated) == (30, 25, False)
+
+
 async def test_unreported_usage_is_estimated_with_the_reasoning(stub, upstream):
     """With no usage reported, the output estimate counts the reasoning, which the
     provider bills as output; reasoning tokens are then 0 (none reported)."""

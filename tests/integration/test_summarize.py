@@ -804,3 +804,26 @@ async def test_a_part_summary_with_control_characters_is_still_combined(recorder
     (combine,) = [r.body for r in recorder.requests if is_combine(r.body)]
     assert not has_control_characters(user_text(combine))
     assert "part [1m one two end" in " ".join(user_text(combine).split())
+
+
+async def test_a_summary_costs_exactly_what_its_calls_cost(start_gateway):
+    """Two parts and their combine, each 2,522,627,994 output tokens at $0.42 a million
+    ($1,059.50375748): the response says $3,178.51127244, as GetUsage does, not the float
+    sum 3178.511272440001.
+
+    Before, the calls' costs were added as floats, and at thousands of dollars the sum
+    drifted past the pico-dollar that rounding hides."""
+
+    def respond(body):
+        content = "FINAL" if is_combine(body) else "part"
+        return Reply(content=content, prompt_tokens=0, completion_tokens=2_522_627_994)
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
+        gateway = await start_gateway(config(upstream.base_url))
+        response = await gateway.stub.Summarize(
+            pb.SummarizeRequest(model=FAKE_MODEL, document=document(12))
+        )
+        assert (response.chunks, response.upstream_calls) == (2, 3)
+        total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert total.cost_usd == 3178.51127244
+    assert response.cost_usd == total.cost_usd

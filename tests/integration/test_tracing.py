@@ -253,6 +253,22 @@ async def test_a_batch_span_carries_the_usage_and_cost_of_all_its_items(traced, 
     assert rpc["llm_gateway.attempts"] == 3
 
 
+async def test_a_batch_spans_cost_is_the_exact_sum_of_its_items(traced, captured, upstream):
+    """Three items of $1,059.50375748 each (2,522,627,994 output tokens at $0.42 a million):
+    the span says $3,178.51127244, as the summary and GetUsage do.
+
+    Before, the span added each item's cost to the sum so far as floats, rounded to 12
+    places, which at thousands of dollars drifts: 3178.511272440001."""
+    big = Reply(prompt_tokens=0, completion_tokens=2_522_627_994)
+    upstream.script(big, big, big)
+    items = [pb.BatchItem(id=str(i), request=chat(f"question {i}")) for i in range(3)]
+    events = [e async for e in traced.stub.CompleteBatch(pb.CompleteBatchRequest(items=items))]
+    summary = events[-1].summary
+    rpc = attributes_of(await captured.ended("llmgateway.v1.CompletionService/CompleteBatch"))
+    assert summary.cost_usd == 3178.51127244
+    assert rpc["llm_gateway.cost.usd"] == summary.cost_usd
+
+
 async def test_spans_carry_the_reasoning_effort_and_reasoning_tokens(traced, captured, upstream):
     """The attempt's span names the effort asked for; both spans count the tokens spent
     thinking, and a batch's span adds them up over its items."""

@@ -325,6 +325,19 @@ async def test_memory_ledger_forgets_usage_past_retention():
     assert total_of(await ledger.query(UsageFilter())).cost_usd == 2.0
 
 
+async def test_memory_ledger_shows_no_usage_past_retention_when_no_call_came_since():
+    """A query retention_days after the last call finds nothing, as Redis's expired keys
+    do: the rows are past retention whether or not a call came since to drop them.
+
+    Before, they were dropped only when a call started a new bucket, so an idle gateway
+    showed usage of any age."""
+    clock = WallClock(NOON)
+    ledger = MemoryLedger(LedgerConfig(retention_days=1), wall_clock=clock)
+    await ledger.record(entry(cost=1.0))
+    clock.now = NOON + 2 * 86400
+    assert await ledger.query(UsageFilter()) == []
+
+
 @pytest.mark.redis
 async def test_an_unreachable_redis_ledger_neither_fails_calls_nor_blocks_budgets():
     """Redis down: recording logs and returns, spend reads 0, a call that fits alone passes."""
