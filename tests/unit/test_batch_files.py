@@ -1,9 +1,12 @@
 """The batch command's files: resuming from output, and its progress line."""
 
+import datetime as dt
 import io
 import json
 
-from gateway_client.commands.batch import InputItem, read_done, read_input, slices
+from google.rpc import error_details_pb2, status_pb2
+
+from gateway_client.commands.batch import InputItem, read_done, read_input, result_record, slices
 from gateway_client.progress import Progress
 from llmgateway.v1 import gateway_pb2 as pb
 
@@ -93,3 +96,40 @@ def test_input_lines_may_set_the_reasoning_effort_by_name(tmp_path):
     assert [item.request.params.reasoning_effort for item in items] == [pb.REASONING_EFFORT_LOW]
     assert [b.line for b in bad] == [2]
     assert "reasoning effort must be one of" in bad[0].reason
+
+
+def test_an_answer_line_keeps_tool_calls_reasoning_and_whether_it_was_cached():
+    """An item's line holds what its answer carried beyond the text: the tool calls a
+    model asked for, its reasoning and reasoning tokens, and whether the cache served it.
+
+    Before, the line held the text alone: a batch of agent steps lost every tool call."""
+    response = pb.CompleteResponse(content="", reasoning="think first")
+    response.tool_calls.add(id="call_1", name="lookup", arguments='{"q": "x"}')
+    response.metadata.usage.output_tokens = 9
+    response.metadata.usage.reasoning_tokens = 4
+    response.metadata.cache_hit = True
+    record = result_record(pb.BatchItemResult(id="q1", response=response), line=3)
+    assert record["tool_calls"] == [{"id": "call_1", "name": "lookup", "arguments": '{"q": "x"}'}]
+    assert record["reasoning"] == "think first"
+    assert record["usage"]["reasoning_tokens"] == 4
+    assert record["cache_hit"] is True
+    plain = result_record(
+        pb.BatchItemResult(id="q2", response=pb.CompleteResponse(content="hi")), 4
+    )
+    assert "tool_calls" not in plain
+    assert "reasoning" not in plain
+
+
+def test_an_error_line_says_when_to_retry_and_which_quota():
+    """An item refused by its tenant's limit keeps the refusal's RetryInfo and quota."""
+    retry = error_details_pb2.RetryInfo()
+    retry.retry_delay.FromTimedelta(dt.timedelta(seconds=20, milliseconds=500))
+    quota = error_details_pb2.QuotaFailure()
+    quota.violations.add(subject="tenant:team-a:requests_per_minute")
+    status = status_pb2.Status(code=8, message="over its limit")
+    for detail in (retry, quota):
+        status.details.add().Pack(detail)
+    record = result_record(pb.BatchItemResult(id="q1", error=status), line=1)["error"]
+    assert record["code"] == "RESOURCE_EXHAUSTED"
+    assert record["retry_after_s"] == 20.5
+    assert record["quota_violations"] == ["tenant:team-a:requests_per_minute"]

@@ -229,6 +229,8 @@ def _status_record(status: status_pb2.Status) -> dict[str, Any]:
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         bad_request = error_details_pb2.BadRequest()
+        retry = error_details_pb2.RetryInfo()
+        quota = error_details_pb2.QuotaFailure()
         if detail.Unpack(info):
             record["reason"] = info.reason
             if info.metadata:
@@ -238,6 +240,10 @@ def _status_record(status: status_pb2.Status) -> dict[str, Any]:
                 {"field": v.field, "description": v.description}
                 for v in bad_request.field_violations
             ]
+        elif detail.Unpack(retry):
+            record["retry_after_s"] = retry.retry_delay.ToTimedelta().total_seconds()
+        elif detail.Unpack(quota):
+            record["quota_violations"] = [v.subject for v in quota.violations]
     return record
 
 
@@ -245,11 +251,12 @@ def result_record(result: pb.BatchItemResult, line: int) -> dict[str, Any]:
     """One output line for one item's result."""
     if result.HasField("error"):
         return {"id": result.id, "line": line, "error": _status_record(result.error)}
-    meta = result.response.metadata
-    return {
+    response = result.response
+    meta = response.metadata
+    record: dict[str, Any] = {
         "id": result.id,
         "line": line,
-        "content": result.response.content,
+        "content": response.content,
         "model": meta.model,
         "finish_reason": pb.FinishReason.Name(meta.finish_reason)
         .removeprefix("FINISH_REASON_")
@@ -258,12 +265,22 @@ def result_record(result: pb.BatchItemResult, line: int) -> dict[str, Any]:
             "input_tokens": meta.usage.input_tokens,
             "output_tokens": meta.usage.output_tokens,
             "cached_input_tokens": meta.usage.cached_input_tokens,
+            "reasoning_tokens": meta.usage.reasoning_tokens,
             "estimated": meta.usage.estimated,
         },
         "cost_usd": meta.cost_usd,
+        "cache_hit": meta.cache_hit,
         "upstream": meta.upstream,
         "dropped_messages": meta.dropped_messages,
     }
+    if response.reasoning:
+        record["reasoning"] = response.reasoning
+    if response.tool_calls:
+        record["tool_calls"] = [
+            {"id": call.id, "name": call.name, "arguments": call.arguments}
+            for call in response.tool_calls
+        ]
+    return record
 
 
 def slices(items: Sequence[InputItem], per_call: int) -> Iterator[list[InputItem]]:
