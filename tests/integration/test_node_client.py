@@ -32,6 +32,8 @@ from service.errors import (
 )
 from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply, ToolCallReply
+from tests.integration.tenancy_helpers import as_tenant, secure_config
+from tests.secret_capture import CALLER_KEY_A
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "clients" / "node"
@@ -141,6 +143,41 @@ async def test_node_unary_complete_reads_usage_and_cost(
     assert metadata["costUsd"] == pytest.approx(expected_cost_usd(7, 3))
     assert metadata["upstream"] == "up0"
     assert len(upstream.requests) == 1
+
+
+async def test_node_client_sends_its_api_key_on_every_call(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """`new GatewayClient(address, { apiKey })` authenticates every call as the key's
+    tenant, as the Python client's `api_key` does; without it the gateway refuses."""
+    gateway = await start_gateway(secure_config(upstream.base_url))
+    address = gateway.server.address
+    keyed = await run_node(
+        node_scenarios, "complete", "--address", address, "--api-key", CALLER_KEY_A
+    )
+    assert keyed["content"] == "Hello from fake"
+    unkeyed = await run_node(node_scenarios, "without-timeout", "--address", address)
+    assert unkeyed["code"] == "UNAUTHENTICATED"
+    usage = await gateway.stub.GetUsage(pb.GetUsageRequest(), metadata=as_tenant("team-a"))
+    assert usage.total.requests == 1
+
+
+async def test_node_client_gives_a_call_without_a_timeout_its_default_deadline(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A call that sets no `timeoutMs` gets the client's `defaultTimeoutMs` (5 minutes
+    unless set): against a hung upstream it ends DEADLINE_EXCEEDED, not never.
+    Before, it had no deadline at all."""
+    upstream.script(Hang())
+    result = await run_node(
+        node_scenarios,
+        "without-timeout",
+        "--address",
+        gateway.server.address,
+        "--default-timeout-ms",
+        "500",
+    )
+    assert result["code"] == "DEADLINE_EXCEEDED"
 
 
 async def test_node_sends_a_typed_reasoning_effort(

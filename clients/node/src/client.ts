@@ -205,7 +205,18 @@ export interface GatewayClientOptions {
   serviceConfigJson?: string;
   /** Extra channel options, merged over the service config ones. */
   channelOptions?: grpc.ChannelOptions;
+  /** The caller key (`llmgw_...`), sent as `authorization: Bearer <key>` on every call. */
+  apiKey?: string;
+  /**
+   * Milliseconds a call may take when its own `timeoutMs` is not given; `null`: no
+   * deadline. Defaults to 300 000 (5 minutes), as the Python client: a call without a
+   * deadline waits as long as a hung upstream does.
+   */
+  defaultTimeoutMs?: number | null;
 }
+
+/** What a call waits at most when neither it nor its client says otherwise. */
+export const DEFAULT_TIMEOUT_MS = 300_000;
 
 export interface CallOptions {
   /** Milliseconds the whole call may take, retries and pushback waits included. */
@@ -276,13 +287,12 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
   }
 }
 
-function deadlineOf(options: CallOptions): Partial<grpc.CallOptions> {
-  return options.timeoutMs === undefined ? {} : { deadline: Date.now() + options.timeoutMs };
-}
 
 /** The gateway's `CompletionService` with the shared retry policy and decoded errors. */
 export class GatewayClient {
   readonly stub: CompletionServiceClient;
+  private readonly apiKey: string | undefined;
+  private readonly defaultTimeoutMs: number | null;
 
   constructor(address: string, options: GatewayClientOptions = {}) {
     const serviceConfigJson =
@@ -292,6 +302,24 @@ export class GatewayClient {
       options.credentials ?? grpc.credentials.createInsecure(),
       { ...serviceConfigOptions(serviceConfigJson), ...options.channelOptions },
     );
+    this.apiKey = options.apiKey;
+    this.defaultTimeoutMs =
+      options.defaultTimeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.defaultTimeoutMs;
+  }
+
+  /** The call's metadata: its own, with the client's key unless it sets one itself. */
+  private metadataOf(options: CallOptions): grpc.Metadata {
+    const metadata = options.metadata?.clone() ?? new grpc.Metadata();
+    if (this.apiKey !== undefined && metadata.get("authorization").length === 0) {
+      metadata.set("authorization", `Bearer ${this.apiKey}`);
+    }
+    return metadata;
+  }
+
+  /** The call's deadline: its own timeout, else the client's default, else none. */
+  private deadlineOf(options: CallOptions): Partial<grpc.CallOptions> {
+    const timeoutMs = options.timeoutMs ?? this.defaultTimeoutMs;
+    return timeoutMs === null ? {} : { deadline: Date.now() + timeoutMs };
   }
 
   /** One chat completion; rejects with `GatewayCallError`. */
@@ -300,8 +328,8 @@ export class GatewayClient {
       let attempts = 1;
       const call = this.stub.complete(
         CompleteRequest.fromPartial(request),
-        options.metadata ?? new grpc.Metadata(),
-        deadlineOf(options),
+        this.metadataOf(options),
+        this.deadlineOf(options),
         (error, response) => {
           if (error) {
             reject(asGatewayError(error));
@@ -323,8 +351,8 @@ export class GatewayClient {
   ): CompletionStream {
     const call = this.stub.completeStream(
       CompleteStreamRequest.fromPartial(request),
-      options.metadata ?? new grpc.Metadata(),
-      deadlineOf(options),
+      this.metadataOf(options),
+      this.deadlineOf(options),
     );
     return new CompletionStream(call);
   }

@@ -27,10 +27,19 @@ interface Args {
   address: string;
   model: string;
   statusBase64: string;
+  apiKey: string | undefined;
+  defaultTimeoutMs: number | undefined;
 }
 
 function parseArgs(argv: string[]): Args {
-  const args: Args = { scenario: argv[0] ?? "", address: "", model: "fake-model", statusBase64: "" };
+  const args: Args = {
+    scenario: argv[0] ?? "",
+    address: "",
+    model: "fake-model",
+    statusBase64: "",
+    apiKey: undefined,
+    defaultTimeoutMs: undefined,
+  };
   for (let i = 1; i < argv.length; i += 2) {
     const value = argv[i + 1] ?? "";
     switch (argv[i]) {
@@ -42,6 +51,12 @@ function parseArgs(argv: string[]): Args {
         break;
       case "--status-base64":
         args.statusBase64 = value;
+        break;
+      case "--api-key":
+        args.apiKey = value;
+        break;
+      case "--default-timeout-ms":
+        args.defaultTimeoutMs = Number(value);
         break;
       default:
         throw new Error(`unknown argument ${argv[i]}`);
@@ -201,6 +216,17 @@ async function cancel(client: GatewayClient, args: Args): Promise<Json> {
   return { firstEvent: first?.kind, afterCancel: "no error" };
 }
 
+async function withoutTimeout(client: GatewayClient, args: Args): Promise<Json> {
+  // No per-call timeout: the client's default deadline must end a call the upstream hangs.
+  const started = performance.now();
+  try {
+    await client.complete({ model: args.model, messages: messages("Say hi") });
+  } catch (error) {
+    return { ...errorJson(error), elapsedMs: performance.now() - started };
+  }
+  return { unexpected: "the call succeeded" };
+}
+
 async function decode(args: Args): Promise<Json> {
   return { details: decodeStatusDetails(Buffer.from(args.statusBase64, "base64")) };
 }
@@ -214,6 +240,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "overload-recovers": overloadRecovers,
   "overload-exhausted": overloadExhausted,
   cancel,
+  "without-timeout": withoutTimeout,
 };
 
 async function main(): Promise<void> {
@@ -226,7 +253,10 @@ async function main(): Promise<void> {
   if (run === undefined) {
     throw new Error(`unknown scenario ${args.scenario}`);
   }
-  const client = new GatewayClient(args.address);
+  const client = new GatewayClient(args.address, {
+    apiKey: args.apiKey,
+    defaultTimeoutMs: args.defaultTimeoutMs,
+  });
   try {
     console.log(JSON.stringify(await run(client, args)));
   } finally {
