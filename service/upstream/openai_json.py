@@ -458,7 +458,10 @@ def says_context_exceeded(body: bytes) -> bool:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         return False
-    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return False
+    # vLLM before 0.10 sends its error object bare: {"object": "error", "message": ...}.
+    error = data.get("error", data if data.get("object") == "error" else None)
     if isinstance(error, dict):
         if any(error.get(key) in _CONTEXT_CODES for key in ("code", "type")):
             return True

@@ -202,9 +202,21 @@ LLAMA_CPP_TOO_LONG = (
     'try increasing it", "type": "exceed_context_size_error", "n_prompt_tokens": 1100, '
     '"n_ctx": 1024}}'
 )
+# vLLM before 0.10 (and servers built on its OpenAI layer) answer its error object bare,
+# not under "error".
+VLLM_TOO_LONG = (
+    '{"object": "error", "message": "This model\'s maximum context length is 1024 tokens. '
+    "However, you requested 1100 tokens (1000 in the messages, 100 in the completion). "
+    'Please reduce the length of the messages or completion.", "type": "BadRequestError", '
+    '"param": null, "code": 400}'
+)
 
 
-@pytest.mark.parametrize("body", [OPENAI_TOO_LONG, LLAMA_CPP_TOO_LONG], ids=["openai", "llama.cpp"])
+@pytest.mark.parametrize(
+    "body",
+    [OPENAI_TOO_LONG, LLAMA_CPP_TOO_LONG, VLLM_TOO_LONG],
+    ids=["openai", "llama.cpp", "vllm"],
+)
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 async def test_an_upstream_refusing_a_prompt_as_too_long_corrects_the_calibration(
     upstream_small, start_gateway, body, stream
