@@ -28,7 +28,7 @@ def retry_after_s(headers: Mapping[str, str], *, now_epoch_s: float) -> float | 
         return max(0.0, wait)
     try:
         when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # a field past any C int
         return None
     return max(0.0, when.timestamp() - now_epoch_s)
 

@@ -37,6 +37,16 @@ def http_date(epoch_s: float) -> str:
         pytest.param({"retry-after": "soon"}, None, id="garbage"),
         pytest.param({"retry-after": ""}, None, id="empty"),
         pytest.param({"retry-after": "Mon, 99 Foo 2026 99:99:99 GMT"}, None, id="bad-date"),
+        pytest.param(
+            {"retry-after": "Thu, 01 Jan 2026 00:00:" + "9" * 20 + " GMT"},
+            None,
+            id="date-second-past-any-int",
+        ),
+        pytest.param(
+            {"retry-after": "Thu, 01 Jan " + "9" * 20 + " 00:00:00 GMT"},
+            None,
+            id="date-year-past-any-int",
+        ),
         pytest.param({"retry-after-ms": "soon"}, None, id="ms-garbage-alone"),
         pytest.param({"retry-after": "inf"}, None, id="infinite"),
         pytest.param({"retry-after": "1e400"}, None, id="overflows-to-infinite"),
