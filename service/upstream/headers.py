@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import email.utils
 import math
 import re
@@ -30,6 +31,8 @@ def retry_after_s(headers: Mapping[str, str], *, now_epoch_s: float) -> float | 
         when = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError, OverflowError):  # a field past any C int
         return None
+    if when.tzinfo is None:  # asctime names no zone; every HTTP date is UTC
+        when = when.replace(tzinfo=dt.UTC)
     return max(0.0, when.timestamp() - now_epoch_s)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import time
 
 import pytest
 
@@ -80,6 +81,21 @@ def test_retry_after_s(headers: dict[str, str], expected: float | None) -> None:
 def test_retry_after_ms_takes_precedence(headers: dict[str, str], expected: float) -> None:
     """A valid `retry-after-ms` wins over `Retry-After`; an invalid one is skipped."""
     assert retry_after_s(headers, now_epoch_s=NOW) == pytest.approx(expected)
+
+
+def test_retry_after_asctime_date_is_utc_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """asctime, one of the three HTTP-date forms a recipient must accept (RFC 9110
+    section 5.6.7), names no zone: like every HTTP date it is UTC, not the host's time."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        wait = retry_after_s({"retry-after": "Thu Jan  1 00:00:30 2026"}, now_epoch_s=NOW)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert wait == pytest.approx(30.0)
 
 
 def test_retry_after_date_uses_injected_now() -> None:
