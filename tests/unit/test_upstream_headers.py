@@ -98,6 +98,16 @@ def test_retry_after_asctime_date_is_utc_whatever_the_local_zone(
     assert wait == pytest.approx(30.0)
 
 
+@pytest.mark.parametrize(("reset", "seconds"), [("20s", 20.0), ("1m30s", 90.0), ("6ms", 0.006)])
+def test_a_plain_reset_given_as_a_duration_is_read(reset: str, seconds: float) -> None:
+    """`X-RateLimit-Reset` as some providers send it, a duration like OpenAI's resets: a
+    reset given, so remaining 0 pauses until it rather than for the second of none."""
+    headers = {"x-ratelimit-limit": "60", "x-ratelimit-remaining": "0", "x-ratelimit-reset": reset}
+    hints = rate_limit_hints(headers)
+    assert hints == RateLimitHints(limit=60, remaining=0, reset_in_s=seconds)
+    assert hints.exhausted_for_s(NOW) == pytest.approx(seconds)
+
+
 def test_retry_after_date_uses_injected_now() -> None:
     """An HTTP date is measured from the `now_epoch_s` given, not the real clock."""
     headers = {"retry-after": http_date(NOW + 100)}
