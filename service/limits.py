@@ -100,7 +100,9 @@ class UpstreamLimiter:
         now = self._clock.now()
         waits = [(max(0.0, self.paused_until - now), "upstream-requested pause")]
         if self.spacing_s > 0 and now < self._spacing_until:
-            waits.append((max(0.0, self._last_start + self.spacing_s - now), "learned rate"))
+            # The learned rate ends with its window: no wait outlasts that.
+            next_start = min(self._last_start + self.spacing_s, self._spacing_until)
+            waits.append((max(0.0, next_start - now), "learned rate"))
         if self._requests is not None:
             waits.append((self._requests.wait_s(1, now), "requests-per-minute"))
         if self._tokens is not None:

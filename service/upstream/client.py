@@ -297,6 +297,7 @@ class UpstreamClient:
         with _translate_errors(self.name):
             async with asyncio.timeout_at(deadline):
                 response = await self._post(call, on_sent, on_status)
+            headers_at = time.monotonic()
             parser = StreamParser()
             try:
                 if response.status >= 400:
@@ -366,7 +367,10 @@ class UpstreamClient:
                     model=end.model or call.upstream_model,
                     finish_reason=end.finish_reason,
                     usage=end.usage,
-                    rate_limits=rate_limit_hints(response.headers),
+                    # Its resets count from the headers, sent before the whole stream.
+                    rate_limits=rate_limit_hints(response.headers).aged(
+                        time.monotonic() - headers_at
+                    ),
                 )
             finally:
                 if parser.is_done:

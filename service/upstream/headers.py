@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import email.utils
 import math
 import re
@@ -28,8 +29,10 @@ def retry_after_s(headers: Mapping[str, str], *, now_epoch_s: float) -> float | 
         return max(0.0, wait)
     try:
         when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # a field past any C int
         return None
+    if when.tzinfo is None:  # asctime names no zone; every HTTP date is UTC
+        when = when.replace(tzinfo=dt.UTC)
     return max(0.0, when.timestamp() - now_epoch_s)
 
 
@@ -88,17 +91,24 @@ def _count(value: float | None) -> int | None:
 def rate_limit_hints(headers: Mapping[str, str]) -> RateLimitHints:
     """The upstream's rate-limit headers, as the limiter reads them.
 
-    `X-RateLimit-Limit/Remaining/Reset` (reset in epoch seconds) win when sent. Otherwise
-    OpenAI's two windows, `x-ratelimit-{limit,remaining,reset}-requests` and `-tokens`,
-    resets as Go durations: the hints describe the tokens window when it is exhausted
-    and the requests window is not (or resets sooner), else the requests window.
+    `X-RateLimit-Limit/Remaining/Reset` (reset in epoch seconds, seconds from now, or a Go
+    duration) win when sent. Otherwise OpenAI's two windows,
+    `x-ratelimit-{limit,remaining,reset}-requests` and `-tokens`, resets as Go durations:
+    the hints describe the tokens window when it is exhausted and the requests window is
+    not (or resets sooner), else the requests window.
     """
     limit = _number(headers, "x-ratelimit-limit") or _number(headers, "x-ratelimit-limit-requests")
     remaining = _number(headers, "x-ratelimit-remaining")
     reset_epoch_s = _number(headers, "x-ratelimit-reset")
     if remaining is not None:
         return RateLimitHints(
-            limit=_count(limit), remaining=int(remaining), reset_epoch_s=reset_epoch_s
+            limit=_count(limit),
+            remaining=int(remaining),
+            reset_epoch_s=reset_epoch_s,
+            # Some providers send it as OpenAI sends its windows' resets: `20s`, `1m30s`.
+            reset_in_s=None
+            if reset_epoch_s is not None
+            else _duration(headers, "x-ratelimit-reset"),
         )
     remaining = _number(headers, "x-ratelimit-remaining-requests")
     reset_in_s = _duration(headers, "x-ratelimit-reset-requests")

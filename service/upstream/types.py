@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from service.domain import FinishReason, ToolCall, ToolCallDelta, Usage
 
@@ -31,6 +31,22 @@ class RateLimitHints:
         if reset is None:
             return None
         return max(0.0, reset - now_epoch_s if reset >= _EPOCH_THRESHOLD_S else reset)
+
+    def aged(self, elapsed_s: float) -> RateLimitHints:
+        """These hints `elapsed_s` after the upstream sent them: a reset it gave relative to
+        then (a duration, or seconds from now) is that much nearer."""
+        if elapsed_s <= 0:
+            return self
+        reset_in, reset = self.reset_in_s, self.reset_epoch_s
+        return replace(
+            self,
+            reset_in_s=None if reset_in is None else max(0.0, reset_in - elapsed_s),
+            reset_epoch_s=(
+                reset
+                if reset is None or reset >= _EPOCH_THRESHOLD_S
+                else max(0.0, reset - elapsed_s)
+            ),
+        )
 
     def exhausted_for_s(self, now_epoch_s: float) -> float | None:
         """Seconds until the reset of a window with nothing left; None when something is

@@ -173,6 +173,19 @@ async def test_an_absurd_retry_after_still_maps_to_resource_exhausted(upstream, 
     assert dict(caught.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "60000"
 
 
+async def test_a_retry_after_date_out_of_range_is_ignored_and_the_call_retried(
+    upstream, start_gateway
+):
+    """A 503 whose Retry-After is a date with a number no date holds is a 503 like any
+    other (the wait unreadable, so ignored): retried, never UNKNOWN."""
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    date = "Thu, 01 Jan 2026 00:00:" + "9" * 20 + " GMT"
+    upstream.script(Status(503, headers={"Retry-After": date}), Reply(content="second"))
+    response = await gateway.stub.Complete(chat())
+    assert response.content == "second"
+    assert response.metadata.attempts == 2
+
+
 async def test_an_unavailable_upstream_whose_breaker_opened_says_when_to_retry(
     upstream, start_gateway
 ):

@@ -782,6 +782,26 @@ async def test_limiter_pauses_for_the_reset_of_the_exhausted_openai_window(
         assert pause_s - 0.1 <= gap < pause_s + 2.0
 
 
+async def test_a_streams_window_reset_counts_from_its_headers_not_from_its_end(start_gateway):
+    """A reset given as a duration (`1s`) counts from when the upstream sent it, with the
+    stream's headers: a stream that outlasts it ends with its window already reset, so the
+    next call goes at once instead of the upstream pausing a second more."""
+    headers = {
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1s",
+    }
+    async with FakeUpstream() as fake:
+        fake.script(Reply(headers=headers, chunks=3, chunk_delay_s=0.75))
+        resilience = {**FAST_RESILIENCE, "attempts": 1, "max_limit_wait_s": 0.0}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        deltas = [m async for m in gateway.stub.CompleteStream(chat_stream())]
+        assert deltas[-1].HasField("final")
+        response = await gateway.stub.Complete(chat())
+        assert response.metadata.attempts == 1
+        assert len(fake.requests) == 2
+
+
 async def test_a_call_queued_for_a_slot_honours_a_retry_after_given_meanwhile(start_gateway):
     """A 429's Retry-After pauses the upstream for calls already queued on its limiter too.
 

@@ -302,6 +302,22 @@ def test_limiter_learns_from_rate_limit_headers(hints, expected_pause, expected_
     assert limiter.spacing_s == pytest.approx(expected_spacing)
 
 
+async def test_a_learned_rate_never_makes_a_call_wait_past_its_window():
+    """One call left of a window resetting in 5 min spaces calls 5 min apart, but the
+    learned rate holds for at most a minute (as a pause does): the wait a refused call is
+    told, and the wait a patient one sleeps, end when it does, not 5 min on."""
+    clock = FakeClock()
+    limiter = UpstreamLimiter("up0", clock=clock)
+    await limiter.acquire(tokens=1, max_wait_s=0.0)
+    limiter.release()
+    limiter.learn(RateLimitHints(limit=100, remaining=1, reset_in_s=300.0), now_epoch_s=0.0)
+    with pytest.raises(LimitExceeded) as info:
+        await limiter.acquire(tokens=1, max_wait_s=5.0)
+    assert info.value.retry_after_s == pytest.approx(60.0)
+    await limiter.acquire(tokens=1, max_wait_s=600.0)
+    assert clock.slept == [pytest.approx(60.0)]
+
+
 async def test_limiter_pause_after_429_delays_the_next_call():
     """A pause (from a 429's Retry-After) makes the next call wait it out."""
     clock = FakeClock()

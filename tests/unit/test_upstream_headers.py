@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import time
 
 import pytest
 
@@ -37,6 +38,16 @@ def http_date(epoch_s: float) -> str:
         pytest.param({"retry-after": "soon"}, None, id="garbage"),
         pytest.param({"retry-after": ""}, None, id="empty"),
         pytest.param({"retry-after": "Mon, 99 Foo 2026 99:99:99 GMT"}, None, id="bad-date"),
+        pytest.param(
+            {"retry-after": "Thu, 01 Jan 2026 00:00:" + "9" * 20 + " GMT"},
+            None,
+            id="date-second-past-any-int",
+        ),
+        pytest.param(
+            {"retry-after": "Thu, 01 Jan " + "9" * 20 + " 00:00:00 GMT"},
+            None,
+            id="date-year-past-any-int",
+        ),
         pytest.param({"retry-after-ms": "soon"}, None, id="ms-garbage-alone"),
         pytest.param({"retry-after": "inf"}, None, id="infinite"),
         pytest.param({"retry-after": "1e400"}, None, id="overflows-to-infinite"),
@@ -70,6 +81,31 @@ def test_retry_after_s(headers: dict[str, str], expected: float | None) -> None:
 def test_retry_after_ms_takes_precedence(headers: dict[str, str], expected: float) -> None:
     """A valid `retry-after-ms` wins over `Retry-After`; an invalid one is skipped."""
     assert retry_after_s(headers, now_epoch_s=NOW) == pytest.approx(expected)
+
+
+def test_retry_after_asctime_date_is_utc_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """asctime, one of the three HTTP-date forms a recipient must accept (RFC 9110
+    section 5.6.7), names no zone: like every HTTP date it is UTC, not the host's time."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        wait = retry_after_s({"retry-after": "Thu Jan  1 00:00:30 2026"}, now_epoch_s=NOW)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert wait == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize(("reset", "seconds"), [("20s", 20.0), ("1m30s", 90.0), ("6ms", 0.006)])
+def test_a_plain_reset_given_as_a_duration_is_read(reset: str, seconds: float) -> None:
+    """`X-RateLimit-Reset` as some providers send it, a duration like OpenAI's resets: a
+    reset given, so remaining 0 pauses until it rather than for the second of none."""
+    headers = {"x-ratelimit-limit": "60", "x-ratelimit-remaining": "0", "x-ratelimit-reset": reset}
+    hints = rate_limit_hints(headers)
+    assert hints == RateLimitHints(limit=60, remaining=0, reset_in_s=seconds)
+    assert hints.exhausted_for_s(NOW) == pytest.approx(seconds)
 
 
 def test_retry_after_date_uses_injected_now() -> None:
