@@ -8,14 +8,17 @@ from dataclasses import dataclass, field, replace
 from service.domain import FinishReason, ToolCall, ToolCallDelta, Usage
 
 _EPOCH_THRESHOLD_S = 1e9  # reset values below this are seconds-from-now, not epoch
+# Above this a reset is epoch milliseconds (OpenRouter's): in seconds it is the year 33658.
+_EPOCH_MS_THRESHOLD = 1e12
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimitHints:
     """What the upstream's `X-RateLimit-*` headers said, when it sent them.
 
-    `reset_epoch_s` is `X-RateLimit-Reset` as sent (epoch seconds, or seconds from now
-    when small); `reset_in_s` is a reset given as a duration (OpenAI's), and wins.
+    `reset_epoch_s` is `X-RateLimit-Reset` as sent (epoch seconds, epoch milliseconds
+    when huge, or seconds from now when small); `reset_in_s` is a reset given as a
+    duration (OpenAI's), and wins.
     """
 
     limit: int | None = None
@@ -30,6 +33,8 @@ class RateLimitHints:
         reset = self.reset_epoch_s
         if reset is None:
             return None
+        if reset >= _EPOCH_MS_THRESHOLD:
+            reset /= 1000.0
         return max(0.0, reset - now_epoch_s if reset >= _EPOCH_THRESHOLD_S else reset)
 
     def aged(self, elapsed_s: float) -> RateLimitHints:

@@ -108,6 +108,22 @@ def test_a_plain_reset_given_as_a_duration_is_read(reset: str, seconds: float) -
     assert hints.exhausted_for_s(NOW) == pytest.approx(seconds)
 
 
+@pytest.mark.parametrize(
+    ("reset", "seconds"),
+    [(NOW + 12, 12.0), ((NOW + 12) * 1000, 12.0), (7, 7.0)],
+    ids=["epoch-seconds", "epoch-milliseconds", "seconds-from-now"],
+)
+def test_a_reset_in_epoch_milliseconds_is_read_as_such(reset: float, seconds: float) -> None:
+    """OpenRouter sends `X-RateLimit-Reset` in epoch milliseconds: read as seconds it was
+    thousands of years away, and paused the upstream for the 60 s cap, not 12 s."""
+    headers = {
+        "x-ratelimit-limit": "20",
+        "x-ratelimit-remaining": "0",
+        "x-ratelimit-reset": str(int(reset)),
+    }
+    assert rate_limit_hints(headers).exhausted_for_s(NOW) == pytest.approx(seconds)
+
+
 def test_retry_after_date_uses_injected_now() -> None:
     """An HTTP date is measured from the `now_epoch_s` given, not the real clock."""
     headers = {"retry-after": http_date(NOW + 100)}
