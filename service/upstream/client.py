@@ -30,6 +30,7 @@ from service.upstream.openai_json import (
     MalformedReply,
     StreamParser,
     parse_completion,
+    says_content_flagged,
     says_context_exceeded,
 )
 from service.upstream.sse import SSEDecoder
@@ -70,6 +71,14 @@ def _error_for_status(
             upstream=upstream,
             status=status,
             retry_after_s=wait,
+        )
+    if status == 403 and says_content_flagged(body):
+        # The caller's prompt, not the gateway's key: the upstream stays healthy for others.
+        return UpstreamRejected(
+            f"upstream {upstream!r} refused the request's content as flagged by its "
+            f"moderation (HTTP {status})",
+            upstream=upstream,
+            status=status,
         )
     if status in (401, 402, 403):
         # 402: the gateway's account there is out of credit (DeepSeek's "Insufficient

@@ -452,6 +452,19 @@ _CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_erro
 _CONTEXT_PHRASES = ("maximum context length", "context size", "context window", "context length")
 
 
+def says_content_flagged(body: bytes) -> bool:
+    """Whether an error body says the request's content was flagged by moderation
+    (OpenRouter's 403: `error.metadata` naming the `reasons` and the `flagged_input`),
+    rather than that the gateway's key was refused."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    error = data.get("error") if isinstance(data, dict) else None
+    metadata = error.get("metadata") if isinstance(error, dict) else None
+    return isinstance(metadata, dict) and ("flagged_input" in metadata or "reasons" in metadata)
+
+
 def says_context_exceeded(body: bytes) -> bool:
     """Whether an error body says the prompt (with max_tokens) is over the context window."""
     try:

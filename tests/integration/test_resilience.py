@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -347,6 +348,43 @@ async def test_key_rejected_upstream_is_skipped_and_shown_unhealthy(start_gatewa
         models = await gateway.stub.ListModels(pb.ListModelsRequest())
         health = {u.name: u.health for u in models.models[0].upstreams}
         assert health == {"up0": pb.UPSTREAM_HEALTH_UNHEALTHY, "up1": pb.UPSTREAM_HEALTH_HEALTHY}
+
+
+async def test_a_prompt_flagged_by_moderation_fails_alone_and_leaves_the_upstream_healthy(
+    start_gateway,
+):
+    """OpenRouter answers a prompt its moderation flags with 403 and the reasons: the
+    caller's content, not the gateway's key. The call fails INVALID_ARGUMENT
+    (UPSTREAM_REJECTED_REQUEST) and the upstream stays healthy, serving later calls.
+
+    Before, the 403 was read as a rejected key: the call failed over, and the upstream's
+    breaker opened for the key cool-down, for every caller, over one flagged prompt."""
+    flagged = json.dumps(
+        {
+            "error": {
+                "code": 403,
+                "message": "Your chosen model requires moderation and your input was flagged",
+                "metadata": {"reasons": ["violence"], "flagged_input": "..."},
+            }
+        }
+    )
+    async with FakeUpstream() as moderated, FakeUpstream() as other:
+        gateway = await start_gateway(
+            gateway_config(moderated.base_url, other.base_url, resilience=FAST_RESILIENCE)
+        )
+        moderated.script(Status(403, flagged))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await gateway.stub.Complete(chat())
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "flagged by its moderation" in refused.value.details()
+        _, reason, _ = error_details(refused.value)
+        assert reason == "UPSTREAM_REJECTED_REQUEST"
+        assert other.requests == []
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        health = {u.name: u.health for u in models.models[0].upstreams}
+        assert health == {"up0": pb.UPSTREAM_HEALTH_HEALTHY, "up1": pb.UPSTREAM_HEALTH_HEALTHY}
+        served = {(await gateway.stub.Complete(chat())).metadata.upstream for _ in range(2)}
+        assert served == {"up0", "up1"}  # round robin goes on reaching the moderated one
 
 
 @pytest.mark.parametrize(
