@@ -188,6 +188,24 @@ def test_parse_completion_cached_tokens() -> None:
     )
 
 
+def test_parse_completion_reads_deepseeks_cache_hit_count() -> None:
+    """DeepSeek reports its cached input as `prompt_cache_hit_tokens` (and the rest as
+    `prompt_cache_miss_tokens`): read as the cached count, priced at the cached price.
+    Before, without OpenAI's `prompt_tokens_details`, it was read as none: every input
+    token priced in full, at ten times DeepSeek's cache-hit price."""
+    raw = completion_json(
+        usage={
+            "prompt_tokens": 100,
+            "completion_tokens": 5,
+            "prompt_cache_hit_tokens": 64,
+            "prompt_cache_miss_tokens": 36,
+        }
+    )
+    assert parse_completion(raw).usage == Usage(
+        input_tokens=100, output_tokens=5, cached_input_tokens=64
+    )
+
+
 @pytest.mark.parametrize("usage_value", [None, "n/a", 3])
 def test_parse_completion_without_usage(usage_value: object) -> None:
     """An answer without a usage object parses with usage None (to be estimated later)."""
