@@ -245,6 +245,9 @@ class UpstreamConfig:
     # The body field a request's `max_tokens` is sent in: OpenAI's reasoning models
     # (o-series, gpt-5) refuse `max_tokens` and take only `max_completion_tokens`.
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # The header the key goes in: `Authorization: Bearer KEY`, or Azure OpenAI's
+    # `api-key: KEY` (its key authentication takes no bearer token).
+    api_key_header: Literal["authorization", "api-key"] = "authorization"
     # How a JSON Schema response format is sent: OpenAI's `json_schema` object, or
     # `{"type": "json_object", "schema": ...}`, the only shape llama-cpp-python's server
     # (the local model) takes; it answers OpenAI's with HTTP 500.

@@ -117,7 +117,10 @@ def _headers(config: UpstreamConfig, *, accept: str) -> dict[str, str]:
     # identity: without Accept-Encoding a server may compress, and nothing here decodes.
     headers = {"Accept": accept, "Accept-Encoding": "identity", "User-Agent": _USER_AGENT}
     if config.api_key:
-        headers["Authorization"] = f"Bearer {config.api_key}"
+        if config.api_key_header == "api-key":
+            headers["api-key"] = config.api_key
+        else:
+            headers["Authorization"] = f"Bearer {config.api_key}"
     return headers
 
 

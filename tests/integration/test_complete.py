@@ -341,3 +341,21 @@ async def test_an_answer_whose_usage_no_call_could_have_is_served_estimated(stub
     assert response.metadata.usage.input_tokens > 0
     assert response.metadata.cost_usd > 0
     assert len(upstream.requests) == 1
+
+
+async def test_an_azure_upstream_gets_its_key_in_the_api_key_header(upstream, start_gateway):
+    """`api_key_header: api-key` sends the key as Azure OpenAI's key authentication takes
+    it, `api-key: KEY`, with no `Authorization` (which Azure reads as an Entra token),
+    unary and streamed; the default stays `Authorization: Bearer KEY`."""
+    data = gateway_config_data(upstream.base_url, upstream.base_url)
+    for entry, header in zip(data["upstreams"], ("api-key", "authorization"), strict=True):
+        entry.update(api_key_env="AZURE_KEY_T", api_key_header=header)
+    environ = {"AZURE_KEY_T": "azure-key-1234"}
+    gateway = await start_gateway(parse_config(data, source="<test>", environ=environ))
+    for _ in range(2):  # round robin: one call to each upstream
+        await gateway.stub.Complete(chat())
+    async for _ in gateway.stub.CompleteStream(chat_stream()):
+        pass
+    seen = [(r.headers.get("api-key"), r.headers.get("authorization")) for r in upstream.requests]
+    assert len(seen) == 3
+    assert set(seen) == {("azure-key-1234", None), (None, "Bearer azure-key-1234")}
