@@ -116,6 +116,9 @@ class Reply:
     reasoning_pieces: int = 3
     raw_reasoning: Any = None
     reasoning_tokens: Any = None
+    # OpenAI's `refusal`: sent with `content: null` (unary), or as `refusal` deltas in
+    # `chunks` pieces in place of the content's (stream).
+    refusal: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,7 +510,11 @@ class FakeUpstream:
         events += [self._chunk(cid, model, delta) for delta in _reasoning_deltas(reply)]
         events += [
             self._chunk(cid, model, {"content": piece})
-            for piece in split_even(reply.content, reply.chunks)
+            for piece in split_even("" if reply.refusal else reply.content, reply.chunks)
+        ]
+        events += [
+            self._chunk(cid, model, {"content": None, "refusal": piece})
+            for piece in split_even(reply.refusal, reply.chunks)
         ]
         events += [self._chunk(cid, model, delta) for delta in _tool_call_deltas(reply)]
         if reply.cut_after_events is not None:
@@ -561,6 +568,8 @@ class FakeUpstream:
 def _message(reply: Reply) -> dict[str, Any]:
     """The `message` of a unary Reply."""
     message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if reply.refusal:
+        message.update(content=None, refusal=reply.refusal)
     if reply.raw_reasoning is not None:
         message[reply.reasoning_field] = reply.raw_reasoning
     elif reply.reasoning:

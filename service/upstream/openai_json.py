@@ -301,6 +301,15 @@ def _reasoning(message: dict[str, Any]) -> str:
     return value or ""
 
 
+def _refusal(message: dict[str, Any]) -> str:
+    """OpenAI's `refusal`: the model declining, for safety, instead of answering (null or
+    absent: none). Relayed as the answer's text, finished as a content filter's."""
+    value = message.get("refusal")
+    if value is not None and not isinstance(value, str):
+        raise MalformedReply("refusal is not a string")
+    return value or ""
+
+
 def parse_completion(
     raw: bytes, *, model: str = "", rate_limits: RateLimitHints = _NO_HINTS
 ) -> UpstreamReply:
@@ -321,6 +330,9 @@ def parse_completion(
     reason = finish_reason(choices[0].get("finish_reason"))
     if reason is None:
         raise MalformedReply("no finish reason")
+    refusal = _refusal(message)
+    if refusal:  # never an empty "stop" answer, cached and served as if answered
+        content, reason = (content or "") + refusal, FinishReason.CONTENT_FILTER
     return UpstreamReply(
         id=str(data.get("id") or ""),
         model=str(data.get("model") or model),
@@ -341,7 +353,16 @@ class StreamParser:
     id and name on each call's first piece only.
     """
 
-    __slots__ = ("_calls", "_tool_positions", "finish_reason", "id", "is_done", "model", "usage")
+    __slots__ = (
+        "_calls",
+        "_tool_positions",
+        "finish_reason",
+        "id",
+        "is_done",
+        "is_refused",
+        "model",
+        "usage",
+    )
 
     def __init__(self) -> None:
         self.id = ""
@@ -349,6 +370,7 @@ class StreamParser:
         self.finish_reason: FinishReason | None = None
         self.usage: Usage | None = None
         self.is_done = False
+        self.is_refused = False  # a `refusal` came: the stream ends as a content filter's
         self._tool_positions: dict[int, tuple[int, str]] = {}  # index: (position, id)
         self._calls = 0  # tool calls begun
 
@@ -421,6 +443,9 @@ class StreamParser:
         content = delta.get("content")
         if content is not None and not isinstance(content, str):
             raise MalformedReply("delta content is not a string")
+        refusal = _refusal(delta)
+        if refusal:
+            content, self.is_refused = (content or "") + refusal, True
         reasoning = _reasoning(delta)
         tool_calls = delta.get("tool_calls")
         pieces = () if tool_calls is None else self._tool_call_pieces(tool_calls)
@@ -442,9 +467,8 @@ class StreamParser:
         """The stream's end; raises when it never said why it finished."""
         if self.finish_reason is None:
             raise MalformedReply("the stream ended without a finish reason")
-        return StreamEnd(
-            id=self.id, model=self.model, finish_reason=self.finish_reason, usage=self.usage
-        )
+        reason = FinishReason.CONTENT_FILTER if self.is_refused else self.finish_reason
+        return StreamEnd(id=self.id, model=self.model, finish_reason=reason, usage=self.usage)
 
 
 # How OpenAI-compatible servers say a request is over the model's context window, in a

@@ -243,6 +243,30 @@ async def test_an_estimated_output_never_exceeds_max_tokens(stub, upstream, stre
     assert await output_tokens(chat()) > 16
 
 
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_models_refusal_is_relayed_as_a_content_filters_answer(stub, upstream, mode):
+    """OpenAI's `refusal` (the model declining, `content: null`) reaches the caller as the
+    answer's text with FINISH_REASON_CONTENT_FILTER, and is not cached: the same request
+    asked again goes upstream again.
+
+    Before, the caller got an empty answer finished STOP, cached and served as answered."""
+    refusal = "I'm sorry, I cannot help with that."
+    upstream.script(Reply(refusal=refusal), Reply(refusal=refusal))
+    cached = pb.CachePolicy(mode=pb.CACHE_MODE_DEFAULT)
+    for _ in range(2):
+        if mode == "unary":
+            response = await stub.Complete(chat("how do I ...", cache=cached))
+            text, finish = response.content, response.metadata.finish_reason
+        else:
+            events = [
+                e async for e in stub.CompleteStream(chat_stream("how do I ...", cache=cached))
+            ]
+            text = "".join(e.delta.content for e in events if e.HasField("delta"))
+            finish = events[-1].final.finish_reason
+        assert (text, finish) == (refusal, pb.FINISH_REASON_CONTENT_FILTER)
+    assert len(upstream.requests) == 2
+
+
 async def test_length_finish_reason_is_reported(stub, upstream):
     """A reply cut by max_tokens reports FINISH_REASON_LENGTH."""
     upstream.script(Reply(finish_reason="length"))
