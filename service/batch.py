@@ -114,6 +114,9 @@ async def run_batch(
                         list(item.violations) + chat_request_violations(item.request, limits)
                     )
                 if pace is not None:
+                    # Refuse an invalid item, or one for a model no upstream serves, before
+                    # it takes any of the tenant's limits: it makes no upstream call.
+                    pipeline.prepare(item.request)
                     await pace(item.tokens, deadline)
                 completion = await pipeline.complete(item.request, deadline=deadline)
             except Exception as exc:  # this item's outcome, not the batch's

@@ -83,6 +83,11 @@ def _require_redis_address(url: str) -> None:
             not database or re.fullmatch(r"[0-9]+", database) is not None,
             "redis_url's database (its path) must be a number, as in redis://HOST:PORT/0",
         )
+    # redis-py reads `?db=` too (over the path), and raises on a value not a number.
+    _require(
+        all(re.fullmatch(r"[0-9]+", db) for db in parse_qs(parts.query).get("db", [])),
+        "redis_url's db query parameter must be a number, as in unix:///PATH?db=0",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -348,6 +348,30 @@ async def test_batch_items_the_tenants_limits_cannot_take_fail_alone(upstream, s
     assert len(upstream.requests) == 3
 
 
+async def test_batch_items_that_make_no_upstream_call_take_nothing_from_the_limits(
+    upstream, start_gateway
+):
+    """An invalid item (empty text) and one naming a model no upstream serves fail alone
+    and take none of the tenant's requests_per_minute, as one its tenant may not use:
+    the one valid item after them still gets the minute's only request."""
+    config = secure_config(upstream.base_url, tenants={"team-a": {"requests_per_minute": 1}})
+    gw = await start_gateway(config)
+    batch = pb.CompleteBatchRequest(
+        items=[
+            pb.BatchItem(id="empty", request=chat("")),
+            pb.BatchItem(id="unknown", request=chat(model="no-such-model")),
+            pb.BatchItem(id="valid", request=chat()),
+        ],
+        concurrency=1,
+    )
+    call = gw.stub.CompleteBatch(batch, metadata=as_tenant("team-a"), timeout=10)
+    results = {e.result.id: e.result for e in [e async for e in call] if e.HasField("result")}
+    assert results["empty"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert results["unknown"].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert results["valid"].response.content == "Hello from fake"
+    assert len(upstream.requests) == 1
+
+
 async def test_a_summary_runs_no_more_upstream_calls_at_once_than_its_tenant_may(start_gateway):
     """The same for the parts of a Summarize: team-a may run one call at a time."""
 

@@ -1015,6 +1015,11 @@ def test_the_local_model_is_in_the_catalog_with_the_window_llama_cpp_runs_with()
         ("ledger", "redis://127.0.0.1:99999/0"),
         ("ledger", "redis://127.0.0.1:6379/zero"),
         ("auth", "rediss://redis.internal:port/0"),
+        # The database as the `db` query parameter, which redis-py reads too (a socket's
+        # only way to name one): from_url raises ValueError on it, as on a bad path.
+        ("cache", "redis://127.0.0.1:6379/0?db=one"),
+        ("ledger", "unix:///run/redis/redis.sock?db=two"),
+        ("auth", "redis://127.0.0.1:6379?db=1x"),
     ],
 )
 def test_a_redis_url_whose_port_or_database_is_not_a_number_is_a_config_error(
