@@ -30,7 +30,7 @@ from service.auth import (
 )
 from service.clock import Deadline
 from service.config import TenantConfig
-from service.errors import FieldViolation, InvalidRequest, QuotaExceeded
+from service.errors import DeadlineExceeded, FieldViolation, InvalidRequest, QuotaExceeded
 from service.tenant_limits import TenantLimiter
 from service.tokens import estimate_text_tokens
 
@@ -171,10 +171,13 @@ class BatchPacer:
         Raises:
             QuotaExceeded: the item cannot be taken before the deadline, or ever (more
                 tokens than a whole minute's allowance).
+            DeadlineExceeded: the deadline passed while the item waited for its turn.
         """
         tenant, limits = self._principal.tenant, self._principal.limits
         async with self._turn:
             while True:
+                if deadline.has_expired:  # taken now, it would be paid for and never sent
+                    raise DeadlineExceeded("the caller's deadline passed before the item's turn")
                 try:
                     await self._limiter.take_rate(tenant, limits, tokens=tokens)
                     return

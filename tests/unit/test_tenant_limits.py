@@ -8,7 +8,7 @@ from service.auth import Principal
 from service.caller_gate import BatchPacer
 from service.clock import Deadline
 from service.config import TenantConfig
-from service.errors import QuotaExceeded
+from service.errors import DeadlineExceeded, QuotaExceeded
 from service.tenant_limits import MemoryTenantLimiter
 from tests.fake_clock import FakeClock
 
@@ -139,3 +139,16 @@ async def test_a_batch_pacer_refuses_an_item_it_cannot_take_before_the_deadline(
         await pacer.take(1001, Deadline.after(None, clock))
     assert never.value.retry_after_s is None
     assert never.value.is_retry_futile
+
+
+async def test_a_batch_pacer_takes_nothing_once_the_deadline_has_passed():
+    """An item that reaches its turn after the call's deadline takes no request: it would
+    be paid for under the tenant's limit and never sent."""
+    clock = FakeClock()
+    limiter = MemoryTenantLimiter(clock=clock)
+    limits = TenantConfig(requests_per_minute=2)
+    pacer = BatchPacer(limiter, Principal(tenant="a", limits=limits))
+    with pytest.raises(DeadlineExceeded):
+        await pacer.take(0, Deadline(expires_at=clock.t - 0.1, clock=clock))
+    for _ in range(2):  # both of the minute's requests are still there
+        limiter.take("a", limits, tokens=0)
