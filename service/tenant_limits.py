@@ -11,6 +11,7 @@ them. Tokens counted are the prompt's estimate plus the `max_tokens` reserved fo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -202,6 +203,18 @@ return {0, ''}
 
 _WHICH = {1: "requests_per_minute", 2: "tokens_per_minute", 3: "max_concurrent_calls"}
 
+# KEYS: the in-flight sorted set. ARGV: lease id, lease ttl (s). Moves a lease still held
+# to expire a whole ttl from now (on Redis's clock, as the admission script does).
+_RENEW_LUA = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
 
 class RedisTenantLimiter:
     """The same buckets and in-flight counts, in Redis, shared by every replica.
@@ -211,17 +224,28 @@ class RedisTenantLimiter:
     not take back when its call ends is given back later (`LateReleases`), so a short
     outage does not hold a tenant's slot for the lease's 15 minutes. While `cooldown`
     (shared with the other users of the same Redis client) leaves Redis alone, calls are
-    admitted at once, and take no lease to give back.
+    admitted at once, and take no lease to give back. A call held longer than a third of
+    the lease's TTL (a long batch) renews its lease as it goes, so its slot counts for as
+    long as it runs, not 15 minutes.
     """
 
-    def __init__(self, redis: Any, *, prefix: str, cooldown: StoreCooldown | None = None) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        prefix: str,
+        cooldown: StoreCooldown | None = None,
+        lease_ttl_s: int = _LEASE_TTL_S,
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
         self._script = redis.register_script(_ADMIT_LUA)
+        self._renew = redis.register_script(_RENEW_LUA)
+        self._lease_ttl_s = lease_ttl_s
         self.cooldown = cooldown if cooldown is not None else StoreCooldown("tenant_limits")
         self.late_releases = LateReleases(
             "tenant_limits",
-            lease_ttl_s=_LEASE_TTL_S,
+            lease_ttl_s=lease_ttl_s,
             refused_for_good=refused_for_good,
             cooldown=self.cooldown,
         )
@@ -253,7 +277,7 @@ class RedisTenantLimiter:
         """
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zrem(keys[2], lease)
-            pipe.set(keys[3], 1, ex=_LEASE_TTL_S)
+            pipe.set(keys[3], 1, ex=self._lease_ttl_s)
             await pipe.execute()
 
     def _store_failed(self, exc: Exception) -> None:
@@ -312,7 +336,7 @@ class RedisTenantLimiter:
         is_confirmed = True
         try:
             which, wait = await self._script(
-                keys=keys, args=[rpm, tpm, requests, tokens, cap, lease, _LEASE_TTL_S]
+                keys=keys, args=[rpm, tpm, requests, tokens, cap, lease, self._lease_ttl_s]
             )
         except Exception as exc:  # the limit store is down: admit
             self._store_failed(exc)
@@ -330,8 +354,24 @@ class RedisTenantLimiter:
         else:
             self.late_releases.store_answered()
         self._refuse(tenant, limits, int(which), wait)
+        renewing = asyncio.create_task(self._keep_lease(keys[2], lease)) if cap else None
         try:
             yield
         finally:
-            if cap:
+            if renewing is not None:
+                renewing.cancel()
+                await asyncio.gather(renewing, return_exceptions=True)
                 await self._give_back(keys, lease, is_confirmed=is_confirmed)
+
+    async def _keep_lease(self, in_flight_key: str, lease: str) -> None:
+        """Renew the lease every third of its TTL while its call runs; one Redis does not
+        take is tried again at the next (the lease still counts meanwhile)."""
+        while True:
+            await asyncio.sleep(self._lease_ttl_s / 3)
+            if self.cooldown.skips():
+                continue
+            try:
+                await self._renew(keys=[in_flight_key], args=[lease, self._lease_ttl_s])
+            except Exception as exc:  # Redis down: the next renewal, or else the TTL
+                self.cooldown.failed(exc)
+                log.warning("tenant_limits.renew_failed", extra={"error": type(exc).__name__})

@@ -21,7 +21,7 @@ from google.rpc import error_details_pb2
 from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import hash_key
 from service.config import TenantConfig
-from service.errors import RETRY_PUSHBACK_TRAILER
+from service.errors import RETRY_PUSHBACK_TRAILER, QuotaExceeded
 from service.keys_cli import keys_command
 from service.store_cooldown import COOLDOWN_S
 from service.tenant_limits import RedisTenantLimiter
@@ -359,6 +359,29 @@ class _ReplyNeverArrives:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.client, name)
+
+
+async def test_a_call_held_past_its_lease_ttl_keeps_its_slot(redis_url):
+    """A call running longer than its lease's TTL (a long paced batch) renews its lease,
+    so the tenant's max_concurrent_calls still holds; once it ends, the slot is free.
+
+    Before, the lease lapsed after its TTL (15 minutes) while the call still ran, and a
+    second call of the tenant passed a cap of one on any replica."""
+    client = aioredis.Redis.from_url(redis_url)
+    limiter = RedisTenantLimiter(client, prefix="t-renew:", lease_ttl_s=1)
+    limits = TenantConfig(max_concurrent_calls=1)
+    try:
+        async with limiter.admit("team-a", limits, tokens=0):
+            await asyncio.sleep(2.5)  # past the 1 s TTL: renewed every third of it
+            with pytest.raises(QuotaExceeded):
+                async with limiter.admit("team-a", limits, tokens=0):
+                    pass
+        assert await client.zcard("t-renew:tenant:{team-a}:inflight") == 0
+        async with limiter.admit("team-a", limits, tokens=0):
+            pass
+    finally:
+        await limiter.aclose()
+        await client.aclose()
 
 
 async def test_a_call_cancelled_while_redis_admits_it_leaves_no_lease(redis_url):
