@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import sys
 
 import grpc
 import pytest
@@ -15,7 +14,7 @@ from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.local_model import LocalModelServer
 from service.server import connection_age_options
 from tests.conftest import chat, gateway_config
-from tests.integration.test_local_model_restart import _STAND_IN, MODEL
+from tests.integration.test_local_model_restart import MODEL, stand_in_local_model
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,11 +93,7 @@ async def test_the_grace_counts_the_local_models_timeout_as_workers_do(
 ):
     """In one process the local model is no upstream of the config: its 300 s timeout must
     still bound the grace, as it does with --workers (whose config lists it)."""
-    model = tmp_path / "model.gguf"
-    model.write_bytes(b"not really a model")
-    stand_in = tmp_path / "python"
-    stand_in.write_text(_STAND_IN.format(python=sys.executable, model=MODEL))
-    stand_in.chmod(0o755)
+    model, stand_in = stand_in_local_model(tmp_path)
     monkeypatch.setattr(
         service.server,
         "LocalModelServer",

@@ -51,6 +51,17 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), OpenAI).serve_forever()
 """
 
 
+def stand_in_local_model(tmp_path: Path) -> tuple[Path, Path]:
+    """A file standing in for the model and, as `tmp_path/python`, the stand-in server
+    the supervisor runs as llama.cpp's Python: (model file, stand-in)."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"not really a model")
+    stand_in = tmp_path / "python"
+    stand_in.write_text(_STAND_IN.format(python=sys.executable, model=MODEL))
+    stand_in.chmod(0o755)
+    return model, stand_in
+
+
 def _children(pid: int) -> list[int]:
     tasks = Path(f"/proc/{pid}/task").iterdir()
     return [int(c) for t in tasks for c in (t / "children").read_text().split()]
@@ -72,11 +83,7 @@ async def test_calls_refused_while_it_restarts_do_not_keep_it_out_once_serving(
 ) -> None:
     """Calls refused while llama.cpp was down opened the breaker; once the restart answers
     (health SERVING) calls go through at once, not only after the breaker's cool-down."""
-    model = tmp_path / "model.gguf"
-    model.write_bytes(b"not really a model")
-    stand_in = tmp_path / "python"
-    stand_in.write_text(_STAND_IN.format(python=sys.executable, model=MODEL))
-    stand_in.chmod(0o755)
+    model, stand_in = stand_in_local_model(tmp_path)
     config = tmp_path / "gateway.yaml"
     local = {"enabled": "always", "model_path": str(model), "restart_backoff_s": 1.0}
     resilience = {"breaker_consecutive_failures": 2, "breaker_cool_down_s": 60.0}

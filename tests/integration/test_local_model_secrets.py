@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 
 import service.server
 from service.config import parse_config
 from service.local_model import LocalModelServer
 from tests.conftest import gateway_config_data
-from tests.integration.test_local_model_restart import _STAND_IN, MODEL
+from tests.integration.test_local_model_restart import MODEL, stand_in_local_model
 
 SECRETS = {
     "PROVIDER_KEY_T": "sk-provider-CANARY",
@@ -41,11 +40,7 @@ async def test_the_local_model_server_gets_no_secret_of_the_gateway(
     Before, the server inherited the gateway's whole environment, every key with it."""
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
-    model = tmp_path / "model.gguf"
-    model.write_bytes(b"not really a model")
-    stand_in = tmp_path / "python"
-    stand_in.write_text(_STAND_IN.format(python=sys.executable, model=MODEL))
-    stand_in.chmod(0o755)
+    model, stand_in = stand_in_local_model(tmp_path)
     monkeypatch.setattr(
         service.server,
         "LocalModelServer",

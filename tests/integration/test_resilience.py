@@ -880,6 +880,25 @@ async def test_retry_budget_holds_for_calls_failing_at_once(start_gateway):
         assert len(fake.requests) <= calls * 1.5
 
 
+async def _half_open_beside_an_old_call(start_gateway, fake, *, cool_down_s: float):
+    """A gateway in front of `fake` (one attempt a call, a breaker opened by one failure)
+    whose call "old" is in flight at the upstream when the call "fail" opens the breaker,
+    left `cool_down_s` and a little to go half-open: (gateway, the old call)."""
+    resilience = {
+        **FAST_RESILIENCE,
+        "attempts": 1,
+        "breaker_consecutive_failures": 1,
+        "breaker_cool_down_s": cool_down_s,
+    }
+    gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+    old = asyncio.ensure_future(gateway.stub.Complete(chat("old")))
+    assert await settle(lambda: fake.in_flight == 1)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.Complete(chat("fail"))  # opens the breaker
+    await asyncio.sleep(cool_down_s + 0.05)  # the cool-down: the breaker is half-open
+    return gateway, old
+
+
 async def test_half_open_lets_one_probe_through_while_older_calls_end(start_gateway):
     """A call sent before the breaker opened, ending during the probe, frees no second probe.
 
@@ -888,18 +907,7 @@ async def test_half_open_lets_one_probe_through_while_older_calls_end(start_gate
     """
     behaviours = {"old": Status(400, delay_s=2.0), "fail": Status(500), "probe": Reply(delay_s=2.5)}
     async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
-        resilience = {
-            **FAST_RESILIENCE,
-            "attempts": 1,
-            "breaker_consecutive_failures": 1,
-            "breaker_cool_down_s": 0.5,
-        }
-        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
-        old = asyncio.ensure_future(gateway.stub.Complete(chat("old")))
-        assert await settle(lambda: fake.in_flight == 1)
-        with pytest.raises(grpc.aio.AioRpcError):
-            await gateway.stub.Complete(chat("fail"))  # opens the breaker
-        await asyncio.sleep(0.6)  # the cool-down: the breaker is half-open
+        gateway, old = await _half_open_beside_an_old_call(start_gateway, fake, cool_down_s=0.5)
         probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
         assert await settle(lambda: fake.in_flight == 2)
         with pytest.raises(grpc.aio.AioRpcError) as rejected:
@@ -925,18 +933,7 @@ async def test_a_probe_from_an_earlier_half_open_does_not_free_the_current_probe
         "probe2": Reply(delay_s=2.0),
     }
     async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
-        resilience = {
-            **FAST_RESILIENCE,
-            "attempts": 1,
-            "breaker_consecutive_failures": 1,
-            "breaker_cool_down_s": 0.4,
-        }
-        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
-        old = asyncio.ensure_future(gateway.stub.Complete(chat("old")))
-        assert await settle(lambda: fake.in_flight == 1)
-        with pytest.raises(grpc.aio.AioRpcError):
-            await gateway.stub.Complete(chat("fail"))  # opens the breaker
-        await asyncio.sleep(0.45)  # half-open
+        gateway, old = await _half_open_beside_an_old_call(start_gateway, fake, cool_down_s=0.4)
         probe1 = asyncio.ensure_future(gateway.stub.Complete(chat("probe1")))
         assert await settle(lambda: len(fake.requests) == 3)
         with pytest.raises(grpc.aio.AioRpcError):
