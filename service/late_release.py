@@ -68,6 +68,7 @@ class LateReleases:
         self._first_delay_s = first_delay_s
         self._max_delay_s = max_delay_s
         self._pending: deque[_Pending] = deque()
+        self._sending: _Pending | None = None  # the oldest, while a try of it is awaited
         self._max_pending = max_pending
         self._worker: asyncio.Task[None] | None = None
         self._is_closed = False
@@ -97,9 +98,14 @@ class LateReleases:
             self._give_up(on_give_up)
             return
         if len(self._pending) >= self._max_pending:
-            # The oldest: it expires in the store on its own.
-            self._give_up(self._pending.popleft().on_give_up)
-            self.dropped += 1
+            # The oldest: it expires in the store on its own. Not one being sent: that may
+            # still land, and would then be reported given up when it was not.
+            at = 1 if self._sending is not None and self._pending[0] is self._sending else 0
+            if at < len(self._pending):
+                crowded_out = self._pending[at]
+                del self._pending[at]
+                self._give_up(crowded_out.on_give_up)
+                self.dropped += 1
         ttl_s = self._lease_ttl_s if expires_after_s is None else expires_after_s
         self._pending.append(_Pending(release, loop.time() + ttl_s, on_give_up))
         if self._worker is None or self._worker.done():
@@ -175,6 +181,7 @@ class LateReleases:
         while self._pending:
             item = self._pending[0]
             if loop.time() < item.expires_at:
+                self._sending = item
                 try:
                     await item.release()
                 except Exception as exc:
@@ -188,6 +195,8 @@ class LateReleases:
                     self._answered(None)
                     released += 1
                     self.released += 1
+                finally:
+                    self._sending = None
             else:
                 self._give_up(item.on_give_up)
             if self._pending and self._pending[0] is item:  # not dropped meanwhile

@@ -443,11 +443,13 @@ class MemoryLedger:
         if self._held.pop(reservation.id, None) is None:
             return
         key = (reservation.tenant, reservation.period_key)
-        left = self._reserved[key] - reservation.cost_pico
+        # A $0 reservation (free input, no output reserved) holds no total: the others'
+        # releases may have dropped it already.
+        left = self._reserved.get(key, 0) - reservation.cost_pico
         if left:
             self._reserved[key] = left
         else:
-            del self._reserved[key]
+            self._reserved.pop(key, None)
 
     async def aclose(self) -> None:
         """Nothing to release."""

@@ -29,7 +29,7 @@ from tests.fake_upstream import Status
 from tests.integration.helpers import retry_delay_s, rich_status
 from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.redis_support import redis_url  # noqa: F401 - fixture
-from tests.scripted_upstream import ScriptedUpstream
+from tests.scripted_upstream import ScriptedUpstream, user_text
 
 MAX_TOKENS = 1000
 PRICE = ModelConfig(context_window=4096, input_usd_per_million=0.14, output_usd_per_million=0.42)
@@ -398,3 +398,43 @@ async def test_a_shared_flight_whose_first_caller_left_is_recorded_before_it_is_
         await asyncio.wait([watching])
         await watcher.aclose()
     assert seen.index("record") < seen.index("release"), seen
+
+
+class _GatedPerCall(ScriptedUpstream):
+    """Holds each request until the gate named by its user text is set."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gates: dict[str, asyncio.Event] = {}
+
+    async def _play(self, request: Any, body: dict[str, Any], behaviour: Any) -> Any:
+        await self.gates.setdefault(user_text(body), asyncio.Event()).wait()
+        return await super()._play(request, body, behaviour)
+
+
+async def test_a_call_reserving_nothing_survives_another_ending_first(start_gateway):
+    """A priced model with free input, called without max_tokens, reserves $0 against the
+    budget; a dearer call of the tenant's that starts after it and ends before it must
+    not leave it nothing to give back: both are answered, and nothing stays reserved."""
+    free_input = {"context_window": 4096, "input_usd_per_million": 0.0,
+                  "output_usd_per_million": PRICE.output_usd_per_million}  # fmt: skip
+    async with _GatedPerCall(models=(FAKE_MODEL,)) as upstream:
+        gateway = await start_gateway(
+            gateway_config(
+                upstream.base_url,
+                models={FAKE_MODEL: free_input},
+                budgets={"default": budget_for(3)},
+            )
+        )
+        cheap = asyncio.create_task(outcome(gateway.stub.Complete(chat("free prompt"))))
+        await until(lambda: "free prompt" in upstream.gates)
+        dear = asyncio.create_task(outcome(gateway.stub.Complete(capped("dear prompt"))))
+        await until(lambda: "dear prompt" in upstream.gates)
+        assert await gateway.server.pipeline.ledger.reserved_usd("default", "day") > 0
+        upstream.gates["dear prompt"].set()
+        assert (await dear).content
+        upstream.gates["free prompt"].set()
+        answer = await cheap
+        assert not isinstance(answer, grpc.aio.AioRpcError), answer
+        assert answer.content
+        await nothing_reserved(gateway)

@@ -283,3 +283,28 @@ async def test_every_write_given_up_is_counted_as_abandoned() -> None:
     await late.aclose(flush_s=0.1)
     assert late.abandoned == 5
     assert late.pending == 0
+
+
+async def test_a_release_landing_as_it_is_crowded_out_is_not_given_up() -> None:
+    """The oldest release is being sent when a new one arrives past `max_pending`: it may
+    land, and then it was not given up (a usage row reported lost that landed would be
+    added again by hand). Another one waiting makes the room instead, or none does."""
+    store = Store()
+    sending, landing = asyncio.Event(), asyncio.Event()
+
+    async def held_release() -> None:
+        sending.set()
+        await landing.wait()
+        store.released.append("a")
+
+    late = fast(max_pending=1)
+    given_up: list[str] = []
+    late.retry(held_release, on_give_up=lambda: given_up.append("a"))
+    async with asyncio.timeout(_TIMEOUT_S):
+        await sending.wait()
+    late.retry(store.release("b"), on_give_up=lambda: given_up.append("b"))
+    landing.set()
+    await drained(late)
+    assert store.released == ["a", "b"]
+    assert given_up == []
+    assert (late.released, late.abandoned) == (2, 0)
