@@ -69,6 +69,49 @@ async def test_leaving_a_batch_early_closes_its_upstream_requests(
                 await asyncio.sleep(0.01)
 
 
+async def test_cancelling_a_stream_inside_its_loop_ends_the_loop(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`stream.cancel()`, the README's alternative to leaving the loop, ends the loop: the
+    caller's task is not cancelled (an `asyncio.CancelledError` out of `async for` would
+    end it, or its TaskGroup, as though someone had cancelled it)."""
+    upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=0.1))
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream("Tell a story", model=FAKE_MODEL)
+        texts = []
+        async for text in stream:
+            texts.append(text)
+            if len(texts) == 2:
+                stream.cancel()
+        await upstream.wait_for_disconnect(timeout_s=2.0)
+    assert len(texts) == 2
+    assert stream.final is None
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
+
+
+async def test_a_stream_still_ends_when_its_task_is_cancelled(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """Cancelling the consumer's task still cancels it (and the call)."""
+    upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=0.25))
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream("Tell a story", model=FAKE_MODEL)
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in stream:
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await first.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await upstream.wait_for_disconnect(timeout_s=2.0)
+
+
 @pytest.fixture(scope="module")
 def installed_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """gateway_client as a wheel installs it: built like deploy/Dockerfile, then unpacked."""

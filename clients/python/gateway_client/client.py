@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -121,6 +122,7 @@ class CompletionStream:
         self.final: pb.CompletionMetadata | None = None
         self.tool_calls: list[pb.ToolCall] = []
         self._reasoning: list[str] = []
+        self._is_cancelled = False
 
     @property
     def reasoning(self) -> str:
@@ -131,7 +133,9 @@ class CompletionStream:
         return self._texts()
 
     def cancel(self) -> None:
-        """Stop the call; the gateway closes the upstream request at once."""
+        """Stop the call, and the loop reading it; the gateway closes the upstream request
+        at once."""
+        self._is_cancelled = True
         self._call.cancel()
 
     async def _texts(self) -> AsyncIterator[str]:
@@ -148,6 +152,12 @@ class CompletionStream:
                     self.tool_calls[piece.index].arguments += piece.arguments
                 if event.delta.content:
                     yield event.delta.content
+        except asyncio.CancelledError:
+            # gRPC reports its own cancelled call as CancelledError: out of the loop, it
+            # would end the caller's task as though someone had cancelled it.
+            task = asyncio.current_task()
+            if not self._is_cancelled or (task is not None and task.cancelling()):
+                raise
         finally:
             self._call.cancel()  # a no-op once the call has ended
 
