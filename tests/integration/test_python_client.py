@@ -112,6 +112,28 @@ async def test_a_stream_still_ends_when_its_task_is_cancelled(
         await upstream.wait_for_disconnect(timeout_s=2.0)
 
 
+async def test_leaving_a_referenced_batch_early_closes_its_upstream_requests(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """The batch's results held in a variable while the loop breaks, as a stream may be:
+    leaving the loop still cancels the call and the items still in flight."""
+    upstream.script(Reply(content="fast"), Reply(content="slow", delay_s=5))
+    items = [
+        pb.BatchItem(id=str(i), request=build_request("x", model=FAKE_MODEL)) for i in range(2)
+    ]
+    async with GatewayClient(gateway.server.address) as client:
+        started = time.monotonic()
+        results = client.complete_batch(items, concurrency=2)
+        async for event in results:
+            assert event.result.response.content == "fast"
+            break
+        await upstream.wait_for_disconnect(timeout_s=2.0)
+        assert time.monotonic() - started < 5
+        async with asyncio.timeout(5):
+            while gateway.server.admission.in_flight:
+                await asyncio.sleep(0.01)
+
+
 @pytest.fixture(scope="module")
 def installed_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """gateway_client as a wheel installs it: built like deploy/Dockerfile, then unpacked."""

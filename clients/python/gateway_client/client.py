@@ -103,6 +103,20 @@ async def _cancel_when_left(
         call.cancel()  # a no-op once the call has ended
 
 
+class BatchResults:
+    """A batch's events; each `async for` reads them through a generator of its own, so
+    that leaving the loop closes it, and cancels the call, even while this object is
+    still referenced (an iterator kept in a variable would outlive the loop)."""
+
+    def __init__(
+        self, call: grpc.aio.UnaryStreamCall[pb.CompleteBatchRequest, pb.CompleteBatchResponse]
+    ) -> None:
+        self._call = call
+
+    def __aiter__(self) -> AsyncIterator[pb.CompleteBatchResponse]:
+        return _cancel_when_left(self._call)
+
+
 class CompletionStream:
     """Text deltas as they arrive; afterwards `final` holds usage, cost and timings, and
     `tool_calls` the tool calls the model made, assembled from their pieces.
@@ -222,7 +236,7 @@ class GatewayClient:
 
     def complete_batch(
         self, items: Sequence[pb.BatchItem], *, concurrency: int = 0
-    ) -> AsyncIterator[pb.CompleteBatchResponse]:
+    ) -> BatchResults:
         """Run a batch: each item's result as it finishes, then the summary.
 
         Leaving the loop early, or cancelling the task, cancels the call and, on the
@@ -233,7 +247,7 @@ class GatewayClient:
             timeout=self._timeout_s,
             metadata=self._metadata,
         )
-        return _cancel_when_left(call)
+        return BatchResults(call)
 
     async def summarize(
         self,
