@@ -134,6 +134,17 @@ async def test_leaving_a_referenced_batch_early_closes_its_upstream_requests(
                 await asyncio.sleep(0.01)
 
 
+async def test_a_stop_string_is_one_stop_sequence(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`stop="END"`, as the OpenAI API takes it, reaches the upstream as one sequence, not
+    as "E", "N" and "D" (which would cut the answer at its first E)."""
+    async with GatewayClient(gateway.server.address) as client:
+        await client.complete("Say hi", model=FAKE_MODEL, stop="END")
+        await client.complete("Say hi", model=FAKE_MODEL, stop=["a", "b"])
+    assert [r.body["stop"] for r in upstream.requests] == [["END"], ["a", "b"]]
+
+
 @pytest.fixture(scope="module")
 def installed_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """gateway_client as a wheel installs it: built like deploy/Dockerfile, then unpacked."""

@@ -53,11 +53,15 @@ def build_request(
     """A CompleteRequest from a prompt (or turns: (role, content) pairs, or `pb.Message`s
     such as tool-call turns and tool results), tools and generation params.
 
-    `reasoning_effort` may be given by its name on the wire ("low", "max").
+    `reasoning_effort` may be given by its name on the wire ("low", "max"), and `stop`
+    as one string, as the OpenAI API takes it.
     """
     effort = params.get("reasoning_effort")
     if isinstance(effort, str):
         params["reasoning_effort"] = reasoning_effort_value(effort)
+    if isinstance(params.get("stop"), str):
+        # Protobuf would take the string as a sequence: each character a stop sequence.
+        params["stop"] = [params["stop"]]
     turns: list[Turn] = [("user", prompt)] if isinstance(prompt, str) else list(prompt)
     if system:
         turns.insert(0, ("system", system))
