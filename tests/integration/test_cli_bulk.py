@@ -145,6 +145,28 @@ async def test_malformed_lines_are_reported_and_skipped(tmp_path, scripted, addr
     assert "done: 2 succeeded, 0 failed, 6 bad lines" in err
 
 
+async def test_a_line_too_large_for_any_call_is_skipped_and_the_rest_still_run(
+    tmp_path, scripted, address, capsys
+):
+    """An item larger than one call may carry (past gRPC's 4 MiB message limit) is an
+    unusable line: reported, and the items after it still run. Sent alone it would fail
+    its whole call, stopping the run there on every resume."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [
+        {"id": "a", "prompt": "ok a"},
+        {"id": "big", "prompt": "ok " + "x" * (batch.MAX_CALL_BYTES + 1024 * 1024)},
+        {"id": "c", "prompt": "ok c"},
+    ]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ("batch", str(source), "-o", str(output), "--address", address, "--no-progress")
+    code = await batch.batch_command(parse(batch, *argv, "--model", FAKE_MODEL))
+    err = capsys.readouterr().err
+    assert code == 1  # a line was unusable
+    assert "in.jsonl:2: skipped: too large for one call" in err
+    assert sorted(r["id"] for r in output_records(output)) == ["a", "c"]
+    assert sorted(asked_ids(scripted)) == ["a", "c"]
+
+
 async def test_failures_are_recorded_and_retried_only_when_asked(
     tmp_path, scripted, address, capsys
 ):

@@ -69,6 +69,82 @@ async def test_leaving_a_batch_early_closes_its_upstream_requests(
                 await asyncio.sleep(0.01)
 
 
+async def test_cancelling_a_stream_inside_its_loop_ends_the_loop(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`stream.cancel()`, the README's alternative to leaving the loop, ends the loop: the
+    caller's task is not cancelled (an `asyncio.CancelledError` out of `async for` would
+    end it, or its TaskGroup, as though someone had cancelled it)."""
+    upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=0.1))
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream("Tell a story", model=FAKE_MODEL)
+        texts = []
+        async for text in stream:
+            texts.append(text)
+            if len(texts) == 2:
+                stream.cancel()
+        await upstream.wait_for_disconnect(timeout_s=2.0)
+    assert len(texts) == 2
+    assert stream.final is None
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
+
+
+async def test_a_stream_still_ends_when_its_task_is_cancelled(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """Cancelling the consumer's task still cancels it (and the call)."""
+    upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=0.25))
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream("Tell a story", model=FAKE_MODEL)
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in stream:
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await first.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await upstream.wait_for_disconnect(timeout_s=2.0)
+
+
+async def test_leaving_a_referenced_batch_early_closes_its_upstream_requests(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """The batch's results held in a variable while the loop breaks, as a stream may be:
+    leaving the loop still cancels the call and the items still in flight."""
+    upstream.script(Reply(content="fast"), Reply(content="slow", delay_s=5))
+    items = [
+        pb.BatchItem(id=str(i), request=build_request("x", model=FAKE_MODEL)) for i in range(2)
+    ]
+    async with GatewayClient(gateway.server.address) as client:
+        started = time.monotonic()
+        results = client.complete_batch(items, concurrency=2)
+        async for event in results:
+            assert event.result.response.content == "fast"
+            break
+        await upstream.wait_for_disconnect(timeout_s=2.0)
+        assert time.monotonic() - started < 5
+        async with asyncio.timeout(5):
+            while gateway.server.admission.in_flight:
+                await asyncio.sleep(0.01)
+
+
+async def test_a_stop_string_is_one_stop_sequence(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`stop="END"`, as the OpenAI API takes it, reaches the upstream as one sequence, not
+    as "E", "N" and "D" (which would cut the answer at its first E)."""
+    async with GatewayClient(gateway.server.address) as client:
+        await client.complete("Say hi", model=FAKE_MODEL, stop="END")
+        await client.complete("Say hi", model=FAKE_MODEL, stop=["a", "b"])
+    assert [r.body["stop"] for r in upstream.requests] == [["END"], ["a", "b"]]
+
+
 @pytest.fixture(scope="module")
 def installed_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """gateway_client as a wheel installs it: built like deploy/Dockerfile, then unpacked."""

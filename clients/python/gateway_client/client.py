@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -52,11 +53,15 @@ def build_request(
     """A CompleteRequest from a prompt (or turns: (role, content) pairs, or `pb.Message`s
     such as tool-call turns and tool results), tools and generation params.
 
-    `reasoning_effort` may be given by its name on the wire ("low", "max").
+    `reasoning_effort` may be given by its name on the wire ("low", "max"), and `stop`
+    as one string, as the OpenAI API takes it.
     """
     effort = params.get("reasoning_effort")
     if isinstance(effort, str):
         params["reasoning_effort"] = reasoning_effort_value(effort)
+    if isinstance(params.get("stop"), str):
+        # Protobuf would take the string as a sequence: each character a stop sequence.
+        params["stop"] = [params["stop"]]
     turns: list[Turn] = [("user", prompt)] if isinstance(prompt, str) else list(prompt)
     if system:
         turns.insert(0, ("system", system))
@@ -102,6 +107,20 @@ async def _cancel_when_left(
         call.cancel()  # a no-op once the call has ended
 
 
+class BatchResults:
+    """A batch's events; each `async for` reads them through a generator of its own, so
+    that leaving the loop closes it, and cancels the call, even while this object is
+    still referenced (an iterator kept in a variable would outlive the loop)."""
+
+    def __init__(
+        self, call: grpc.aio.UnaryStreamCall[pb.CompleteBatchRequest, pb.CompleteBatchResponse]
+    ) -> None:
+        self._call = call
+
+    def __aiter__(self) -> AsyncIterator[pb.CompleteBatchResponse]:
+        return _cancel_when_left(self._call)
+
+
 class CompletionStream:
     """Text deltas as they arrive; afterwards `final` holds usage, cost and timings, and
     `tool_calls` the tool calls the model made, assembled from their pieces.
@@ -121,6 +140,7 @@ class CompletionStream:
         self.final: pb.CompletionMetadata | None = None
         self.tool_calls: list[pb.ToolCall] = []
         self._reasoning: list[str] = []
+        self._is_cancelled = False
 
     @property
     def reasoning(self) -> str:
@@ -131,7 +151,9 @@ class CompletionStream:
         return self._texts()
 
     def cancel(self) -> None:
-        """Stop the call; the gateway closes the upstream request at once."""
+        """Stop the call, and the loop reading it; the gateway closes the upstream request
+        at once."""
+        self._is_cancelled = True
         self._call.cancel()
 
     async def _texts(self) -> AsyncIterator[str]:
@@ -148,6 +170,12 @@ class CompletionStream:
                     self.tool_calls[piece.index].arguments += piece.arguments
                 if event.delta.content:
                     yield event.delta.content
+        except asyncio.CancelledError:
+            # gRPC reports its own cancelled call as CancelledError: out of the loop, it
+            # would end the caller's task as though someone had cancelled it.
+            task = asyncio.current_task()
+            if not self._is_cancelled or (task is not None and task.cancelling()):
+                raise
         finally:
             self._call.cancel()  # a no-op once the call has ended
 
@@ -212,7 +240,7 @@ class GatewayClient:
 
     def complete_batch(
         self, items: Sequence[pb.BatchItem], *, concurrency: int = 0
-    ) -> AsyncIterator[pb.CompleteBatchResponse]:
+    ) -> BatchResults:
         """Run a batch: each item's result as it finishes, then the summary.
 
         Leaving the loop early, or cancelling the task, cancels the call and, on the
@@ -223,7 +251,7 @@ class GatewayClient:
             timeout=self._timeout_s,
             metadata=self._metadata,
         )
-        return _cancel_when_left(call)
+        return BatchResults(call)
 
     async def summarize(
         self,

@@ -135,6 +135,11 @@ def _request_from(data: dict[str, Any], default_model: str) -> pb.CompleteReques
         raise ValueError(f"bad parameter: {exc}") from None
 
 
+def _call_bytes(item_id: str, request: pb.CompleteRequest) -> int:
+    """About what one item adds to a CompleteBatch call."""
+    return request.ByteSize() + len(item_id) + 16
+
+
 def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[BadLine]]:
     """Every usable line of `path`, and every line that is not (with line numbers)."""
     items: list[InputItem] = []
@@ -168,6 +173,15 @@ def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[Ba
                 request = _request_from(data, default_model)
             except ValueError as exc:
                 bad.append(BadLine(number, str(exc)))
+                continue
+            size = _call_bytes(item_id, request)
+            if size > MAX_CALL_BYTES:
+                # Alone in its call it would still fail the call, and stop every resume there.
+                bad.append(
+                    BadLine(
+                        number, f"too large for one call ({size} bytes, at most {MAX_CALL_BYTES})"
+                    )
+                )
                 continue
             first_line_of[item_id] = number
             items.append(InputItem(number, item_id, request))
@@ -288,7 +302,7 @@ def slices(items: Sequence[InputItem], per_call: int) -> Iterator[list[InputItem
     group: list[InputItem] = []
     size = 0
     for item in items:
-        item_size = item.request.ByteSize() + len(item.id) + 16
+        item_size = _call_bytes(item.id, item.request)
         if group and (len(group) >= per_call or size + item_size > MAX_CALL_BYTES):
             yield group
             group, size = [], 0
