@@ -131,7 +131,8 @@ def demand_of(request: Any) -> Demand:
 
     A batch names no models: each item's is checked as it runs, and fails only that item
     (`CompleteBatch`); nor does it take requests or tokens here: each item takes its own
-    as it starts (`BatchPacer`), and an item that makes no upstream call takes none.
+    as it starts (`BatchPacer`), and an item refused before it starts (its model, its
+    fields) takes none; one the cache answers takes its share, as a unary call does.
 
     Raises:
         InvalidRequest: the request's bytes could not be decoded.
