@@ -145,6 +145,22 @@ async def test_a_stop_string_is_one_stop_sequence(
     assert [r.body["stop"] for r in upstream.requests] == [["END"], ["a", "b"]]
 
 
+async def test_options_beside_a_ready_request_are_refused_not_dropped(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`complete(request, max_tokens=5)` with a ready CompleteRequest raises TypeError
+    before any call, unary and streamed; before, the option was silently left out."""
+    request = pb.CompleteRequest(model=FAKE_MODEL)
+    request.messages.add(role=pb.ROLE_USER, content="Say hi")
+    async with GatewayClient(gateway.server.address) as client:
+        with pytest.raises(TypeError, match="max_tokens"):
+            await client.complete(request, max_tokens=5)
+        with pytest.raises(TypeError, match="model"):
+            client.stream(request, model="other")
+        assert (await client.complete(request)).content == "Hello from fake"
+    assert len(upstream.requests) == 1
+
+
 @pytest.fixture(scope="module")
 def installed_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """gateway_client as a wheel installs it: built like deploy/Dockerfile, then unpacked."""

@@ -107,6 +107,21 @@ async def _cancel_when_left(
         call.cancel()  # a no-op once the call has ended
 
 
+def _request_of(
+    prompt: str | Sequence[Turn] | pb.CompleteRequest, options: Mapping[str, Any]
+) -> pb.CompleteRequest:
+    """`prompt` as a CompleteRequest: built (`build_request`) with `options`, or as given;
+    options beside a ready request are refused rather than silently left out."""
+    if not isinstance(prompt, pb.CompleteRequest):
+        return build_request(prompt, **options)
+    if options:
+        raise TypeError(
+            f"options {', '.join(sorted(options))} go into the CompleteRequest itself "
+            "when one is given"
+        )
+    return prompt
+
+
 class BatchResults:
     """A batch's events; each `async for` reads them through a generator of its own, so
     that leaving the loop closes it, and cancels the call, even while this object is
@@ -218,9 +233,7 @@ class GatewayClient:
     ) -> pb.CompleteResponse:
         """One completion; `prompt` may be turns (as `build_request`) or a ready
         CompleteRequest."""
-        request = (
-            prompt if isinstance(prompt, pb.CompleteRequest) else build_request(prompt, **kwargs)
-        )
+        request = _request_of(prompt, kwargs)
         response: pb.CompleteResponse = await self.stub.Complete(
             request, timeout=self._timeout_s, metadata=self._metadata
         )
@@ -230,9 +243,7 @@ class GatewayClient:
         self, prompt: str | Sequence[Turn] | pb.CompleteRequest, **kwargs: Any
     ) -> CompletionStream:
         """A streamed completion: iterate for text, then read `.final`."""
-        unary = (
-            prompt if isinstance(prompt, pb.CompleteRequest) else build_request(prompt, **kwargs)
-        )
+        unary = _request_of(prompt, kwargs)
         request = pb.CompleteStreamRequest()
         request.ParseFromString(unary.SerializeToString())  # same fields, same numbers
         call = self.stub.CompleteStream(request, timeout=self._timeout_s, metadata=self._metadata)
