@@ -203,9 +203,10 @@ def usage(data: object) -> Usage | None:
     if data.get("prompt_tokens") is None and data.get("completion_tokens") is None:
         return None  # `{}`: no counts at all, so estimated (and flagged), not free
     details = data.get("prompt_tokens_details")
-    if isinstance(details, dict):
-        cached = details.get("cached_tokens", 0)
-    else:  # DeepSeek's own spelling, without OpenAI's details
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if not cached:
+        # DeepSeek's own spelling; resellers relaying it add OpenAI's details, counting
+        # none (empty, null or 0), beside it.
         cached = data.get("prompt_cache_hit_tokens", 0)
     # Counts that are not integers, negative (billed as credits) or past any real call
     # count as none: the answer stands, estimated. Failing it would have it retried, and

@@ -206,6 +206,32 @@ def test_parse_completion_reads_deepseeks_cache_hit_count() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "details",
+    [{}, {"cached_tokens": None}, {"cached_tokens": 0, "text_tokens": 0}],
+    ids=["empty", "null", "zero"],
+)
+def test_deepseeks_cache_hit_count_is_read_beside_details_without_one(
+    details: dict[str, object],
+) -> None:
+    """Resellers relaying DeepSeek re-encode its usage with OpenAI's
+    `prompt_tokens_details` (empty, null or zero counts) beside DeepSeek's own
+    `prompt_cache_hit_tokens`: the hit count is still the cached count. Before, any
+    details object hid it, and every input token was priced in full."""
+    raw = completion_json(
+        usage={
+            "prompt_tokens": 100,
+            "completion_tokens": 5,
+            "prompt_tokens_details": details,
+            "prompt_cache_hit_tokens": 64,
+            "prompt_cache_miss_tokens": 36,
+        }
+    )
+    assert parse_completion(raw).usage == Usage(
+        input_tokens=100, output_tokens=5, cached_input_tokens=64
+    )
+
+
 @pytest.mark.parametrize("usage_value", [None, "n/a", 3])
 def test_parse_completion_without_usage(usage_value: object) -> None:
     """An answer without a usage object parses with usage None (to be estimated later)."""
