@@ -196,6 +196,12 @@ def finish_reason(value: object) -> FinishReason | None:
     return FinishReason.UNKNOWN
 
 
+def _with_tool_calls(reason: FinishReason, *, has_tool_calls: bool) -> FinishReason:
+    """An answer that called tools finished as a tool-call answer: OpenAI and vLLM say
+    "stop" for a call forced by `tool_choice`, as older Ollama streams do for any call."""
+    return FinishReason.TOOL_CALLS if has_tool_calls and reason is FinishReason.STOP else reason
+
+
 def usage(data: object) -> Usage | None:
     """Parse an OpenAI `usage` object, or None when absent or not to be believed."""
     if not isinstance(data, dict):
@@ -331,6 +337,7 @@ def parse_completion(
     reason = finish_reason(choices[0].get("finish_reason"))
     if reason is None:
         raise MalformedReply("no finish reason")
+    reason = _with_tool_calls(reason, has_tool_calls=bool(tool_calls))
     refusal = _refusal(message)
     if refusal:  # never an empty "stop" answer, cached and served as if answered
         content, reason = (content or "") + refusal, FinishReason.CONTENT_FILTER
@@ -468,7 +475,11 @@ class StreamParser:
         """The stream's end; raises when it never said why it finished."""
         if self.finish_reason is None:
             raise MalformedReply("the stream ended without a finish reason")
-        reason = FinishReason.CONTENT_FILTER if self.is_refused else self.finish_reason
+        reason = (
+            FinishReason.CONTENT_FILTER
+            if self.is_refused
+            else _with_tool_calls(self.finish_reason, has_tool_calls=self._calls > 0)
+        )
         return StreamEnd(id=self.id, model=self.model, finish_reason=reason, usage=self.usage)
 
 

@@ -203,6 +203,25 @@ async def test_stream_relays_tool_call_pieces_assembled_by_index(stub, upstream,
     assert upstream.requests[-1].body["stream"] is True
 
 
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_an_answer_with_tool_calls_finished_stop_is_finished_tool_calls(
+    stub, upstream, is_stream
+):
+    """OpenAI and vLLM finish a call forced by `tool_choice` with "stop" (older Ollama
+    streams any call so): an answer that calls tools still says TOOL_CALLS, which an
+    agent loop waits for."""
+    upstream.script(Reply(content="", finish_reason="stop", tool_calls=(WEATHER_CALL,)))
+    choice = pb.ToolChoice(function_name="get_weather")
+    if is_stream:
+        events = await _collect(stub, _request(stream=True, tool_choice=choice))
+        calls, reason = _assembled(events), events[-1].final.finish_reason
+    else:
+        response = await stub.Complete(_request(tool_choice=choice))
+        calls, reason = _calls(response.tool_calls), response.metadata.finish_reason
+    assert calls == [("call_1", "get_weather", WEATHER_CALL.arguments)]
+    assert reason == pb.FINISH_REASON_TOOL_CALLS
+
+
 async def test_stream_of_parallel_calls_all_at_index_0_relays_each_call(stub, upstream):
     """Ollama streams every parallel call at index 0, each with its own id: a new id at an
     index already used is the next call, not a malformed answer (its unary answer is fine)."""
