@@ -198,8 +198,14 @@ def finish_reason(value: object) -> FinishReason | None:
 
 def _with_tool_calls(reason: FinishReason, *, has_tool_calls: bool) -> FinishReason:
     """An answer that called tools finished as a tool-call answer: OpenAI and vLLM say
-    "stop" for a call forced by `tool_choice`, as older Ollama streams do for any call."""
-    return FinishReason.TOOL_CALLS if has_tool_calls and reason is FinishReason.STOP else reason
+    "stop" for a call forced by `tool_choice`, as older Ollama streams do for any call.
+    And one that called none is not one: vLLM says "tool_calls" when its parser failed
+    to read the calls (the model's text is then the content)."""
+    if has_tool_calls and reason is FinishReason.STOP:
+        return FinishReason.TOOL_CALLS
+    if not has_tool_calls and reason is FinishReason.TOOL_CALLS:
+        return FinishReason.STOP
+    return reason
 
 
 def usage(data: object) -> Usage | None:

@@ -222,6 +222,25 @@ async def test_an_answer_with_tool_calls_finished_stop_is_finished_tool_calls(
     assert reason == pb.FINISH_REASON_TOOL_CALLS
 
 
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_an_answer_finished_tool_calls_without_any_call_is_finished_stop(
+    stub, upstream, is_stream
+):
+    """vLLM finishes "tool_calls" when its parser failed to read the model's calls, which
+    it leaves as text: the caller gets that text finished STOP, not a tool-call answer
+    with no calls (an agent loop would wait for calls that are not there)."""
+    upstream.script(Reply(content='<tool_call>{"name": "get_weather"', finish_reason="tool_calls"))
+    if is_stream:
+        events = await _collect(stub, _request(stream=True))
+        text = "".join(e.delta.content for e in events if e.HasField("delta"))
+        reason = events[-1].final.finish_reason
+    else:
+        response = await stub.Complete(_request())
+        text, reason = response.content, response.metadata.finish_reason
+    assert text.startswith("<tool_call>")
+    assert reason == pb.FINISH_REASON_STOP
+
+
 async def test_stream_of_parallel_calls_all_at_index_0_relays_each_call(stub, upstream):
     """Ollama streams every parallel call at index 0, each with its own id: a new id at an
     index already used is the next call, not a malformed answer (its unary answer is fine)."""
