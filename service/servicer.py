@@ -405,6 +405,30 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         self._pipeline = pipeline
         self._summarizer = Summarizer(pipeline, pipeline.config.summarize)
 
+    def check(self, message: object) -> None:
+        """Raise what a call would be refused with before any upstream call: an invalid
+        field, an unknown model, a prompt over the window (see `CallerGate.admit`)."""
+        if isinstance(message, pb.CompleteRequest | pb.CompleteStreamRequest):
+            request, violations = chat_request_from_proto(message, tenant=current_tenant())
+            if violations:
+                raise InvalidRequest(
+                    violations + chat_request_violations(request, self._pipeline.limits)
+                )
+            self._pipeline.prepare(request)
+        elif isinstance(message, pb.SummarizeRequest):
+            self._summarizer.validate(self._summary_request(message))
+
+    def _summary_request(self, request: pb.SummarizeRequest) -> SummaryRequest:
+        return SummaryRequest(
+            model=request.model,
+            document=request.document,
+            target_tokens=request.target_tokens or None,
+            instructions=request.instructions,
+            labels=dict(request.labels),
+            tenant=current_tenant(),
+            reasoning_effort=_reasoning_effort_of(request),
+        )
+
     def _request(
         self, message: AnyCompleteRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> ChatRequest:
@@ -536,15 +560,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         self, request: pb.SummarizeRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.SummarizeResponse:
         summary = await self._summarizer.summarize(
-            SummaryRequest(
-                model=request.model,
-                document=request.document,
-                target_tokens=request.target_tokens or None,
-                instructions=request.instructions,
-                labels=dict(request.labels),
-                tenant=tenant_of(context),
-                reasoning_effort=_reasoning_effort_of(request),
-            ),
+            self._summary_request(request),
             deadline=deadline_of(context),
             max_concurrency=_tenant_concurrency(),
         )

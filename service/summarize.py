@@ -362,7 +362,7 @@ class Summarizer:
         self._config = config
         self._clock = clock
 
-    def _validate(self, request: SummaryRequest) -> int:
+    def validate(self, request: SummaryRequest) -> int:
         """Check the request; return the target length in tokens."""
         if invalid_model := model_violations(request.model):
             raise InvalidRequest(invalid_model)  # as Complete refuses it
@@ -446,7 +446,7 @@ class Summarizer:
         `max_concurrency` caps the configured calls at once (the tenant's own cap).
         """
         started = self._clock.now()
-        target = self._validate(request)
+        target = self.validate(request)
         model = request.model
         window = self._pipeline.context_window(model)
         part_tokens = max(32, min(target, window // 8))
