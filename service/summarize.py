@@ -59,6 +59,7 @@ from service.tokens import (
 )
 from service.validation import (
     has_control_characters,
+    label_violations,
     model_violations,
     without_control_characters,
 )
@@ -397,6 +398,9 @@ class Summarizer:
             violations.append(FieldViolation("instructions", f"at most about {window // 8} tokens"))
         elif has_control_characters(request.instructions):
             violations.append(FieldViolation("instructions", "must not contain control characters"))
+        # Checked here as well as by each part's call: so before the call takes its
+        # tenant's limits (`CompletionServicer.check`).
+        violations.extend(label_violations(request.labels, self._pipeline.limits))
         if violations:
             raise InvalidRequest(violations)
         return target

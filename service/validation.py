@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 import orjson
 
@@ -159,9 +160,22 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
                     f"must be 1 to {limits.max_stop_length} printable characters",
                 )
             )
-    if len(request.labels) > limits.max_labels:
+    found.extend(label_violations(request.labels, limits))
+    key = request.idempotency_key
+    if key and (len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable()):
+        found.append(FieldViolation("idempotency_key", "must be printable, at most 256 characters"))
+    # No upper bound here: the cache caps a TTL at its configured `max_ttl_s`.
+    if request.cache.ttl_s is not None and request.cache.ttl_s < 1:
+        found.append(FieldViolation("cache.ttl_seconds", "must be >= 1"))
+    return found
+
+
+def label_violations(labels: Mapping[str, str], limits: RequestDefaults) -> list[FieldViolation]:
+    """What is wrong with a call's labels, whichever RPC they came in (empty: nothing)."""
+    found = []
+    if len(labels) > limits.max_labels:
         found.append(FieldViolation("labels", f"at most {limits.max_labels} labels"))
-    for key, value in list(request.labels.items())[: limits.max_labels]:
+    for key, value in list(labels.items())[: limits.max_labels]:
         if not _LABEL_KEY.fullmatch(key):
             found.append(
                 FieldViolation(f"labels[{key[:64]!r}]", "key must be 1-64 of A-Z a-z 0-9 _ . - /")
@@ -173,12 +187,6 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
                     f"value must be printable and at most {limits.max_label_length} characters",
                 )
             )
-    key = request.idempotency_key
-    if key and (len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable()):
-        found.append(FieldViolation("idempotency_key", "must be printable, at most 256 characters"))
-    # No upper bound here: the cache caps a TTL at its configured `max_ttl_s`.
-    if request.cache.ttl_s is not None and request.cache.ttl_s < 1:
-        found.append(FieldViolation("cache.ttl_seconds", "must be >= 1"))
     return found
 
 

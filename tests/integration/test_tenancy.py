@@ -375,10 +375,10 @@ async def test_batch_items_that_make_no_upstream_call_take_nothing_from_the_limi
 async def test_calls_refused_before_any_upstream_call_take_nothing_from_the_limits(
     upstream, start_gateway
 ):
-    """An invalid Complete, CompleteStream and Summarize, and a call naming a model no
-    upstream serves, are refused as such and take none of the tenant's
-    requests_per_minute, as a batch's invalid items take none: the valid call after them
-    still gets the minute's only request.
+    """An invalid Complete, CompleteStream and Summarize (its document or its labels),
+    and a call naming a model no upstream serves, are refused as such and take none of
+    the tenant's requests_per_minute, as a batch's invalid items take none: the valid
+    call after them still gets the minute's only request.
 
     Before, each took the minute's request before it was refused, and the valid call
     then got RESOURCE_EXHAUSTED."""
@@ -387,6 +387,7 @@ async def test_calls_refused_before_any_upstream_call_take_nothing_from_the_limi
     team_a = as_tenant("team-a")
     nan = chat(params=pb.GenerationParams(temperature=float("nan")))
     document = pb.SummarizeRequest(model=FAKE_MODEL, document="a\x00b")
+    labelled = pb.SummarizeRequest(model=FAKE_MODEL, document="text", labels={"bad key!": "v"})
     refusals = [
         (lambda: rpc_error(gw.stub.Complete(nan, metadata=team_a)), "params.temperature"),
         (lambda: rpc_error(gw.stub.Complete(chat(model="nope"), metadata=team_a)), None),
@@ -395,6 +396,7 @@ async def test_calls_refused_before_any_upstream_call_take_nothing_from_the_limi
             "messages[0].content",
         ),
         (lambda: rpc_error(gw.stub.Summarize(document, metadata=team_a)), "document"),
+        (lambda: rpc_error(gw.stub.Summarize(labelled, metadata=team_a)), "labels['bad key!']"),
     ]
     for refuse, field in refusals:
         error = await refuse()
