@@ -240,7 +240,10 @@ def split_into_chunks(text: str, *, max_tokens: int, overlap_tokens: int) -> lis
         overlap_tokens=overlap_tokens,
         ends_paragraph=ends_paragraph,
     )
-    return ["".join(units[i][0] for i in chunk).strip() for chunk in ranges]
+    chunks = ("".join(units[i][0] for i in chunk).strip() for chunk in ranges)
+    # A chunk of blanks alone (a long run of them cut by characters) has nothing to
+    # summarise: sent, it would be paid for and its summary made up.
+    return [chunk for chunk in chunks if chunk]
 
 
 # --- prompts -------------------------------------------------------------------------
