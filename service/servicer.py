@@ -508,6 +508,8 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         tenant = tenant_of(context)
         principal = current_principal()
         pacer = current_pacer()
+        # Before any item is read: a batch far over `max_items` would take seconds.
+        concurrency = check_batch(request.items, request.concurrency, self._pipeline.config.batch)
         items = []
         for item in request.items:
             chat, violations = chat_request_from_proto(item.request, tenant=tenant)
@@ -519,7 +521,6 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                     refusal = exc
             tokens = completion_tokens(item.request) if pacer is not None else 0
             items.append(BatchItem(item.id, chat, tuple(violations), refusal, tokens))
-        concurrency = check_batch(items, request.concurrency, self._pipeline.config.batch)
         results = run_batch(
             self._pipeline,
             items,
