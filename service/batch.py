@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from service.clock import Deadline
 from service.config import BatchConfig
@@ -59,8 +60,14 @@ class BatchTotals:
     wall_ms: float = 0.0
 
 
-def check_batch(items: Sequence[BatchItem], concurrency: int, limits: BatchConfig) -> int:
-    """Validate the batch as a whole; return the concurrency to use.
+class _Identified(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+def check_batch(items: Sequence[_Identified], concurrency: int, limits: BatchConfig) -> int:
+    """Validate the batch as a whole (its items as they came: nothing but their ids is
+    read); return the concurrency to use.
 
     Problems of single items are not checked here: they fail only their item.
     """
@@ -74,7 +81,8 @@ def check_batch(items: Sequence[BatchItem], concurrency: int, limits: BatchConfi
             FieldViolation("concurrency", f"at most {limits.max_concurrency}, got {concurrency}")
         )
     seen: set[str] = set()
-    for index, item in enumerate(items):
+    # Over the limit, 4 MB of empty items are two million: the first are enough to read.
+    for index, item in enumerate(items[: limits.max_items + 1]):
         if item.id and item.id in seen:
             violations.append(
                 FieldViolation(f"items[{index}].id", f"duplicate id {quoted(item.id)}")

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -241,9 +241,16 @@ class CallerGate:
         return principal
 
     @contextlib.asynccontextmanager
-    async def admit(self, request: Any, principal: Principal) -> AsyncIterator[Principal]:
+    async def admit(
+        self, request: Any, principal: Principal, *, check: Callable[[Any], None] | None = None
+    ) -> AsyncIterator[Principal]:
         """Admit the authenticated call for the body of the `async with`, or raise a
-        `GatewayError`."""
+        `GatewayError`.
+
+        `check` raises what the call would be refused with before any upstream call (an
+        invalid field, an unknown model): asked before the call takes any of its tenant's
+        limits, as a batch's items are.
+        """
         if _is_unmetered(principal.limits) and not isinstance(request, UndecodableRequest):
             yield principal  # nothing to check or count: skip estimating the request's tokens
             return
@@ -261,6 +268,10 @@ class CallerGate:
         if not demand.requests:
             yield principal
             return
+        if check is not None:
+            # A refused call makes no upstream call, so it takes no quota; and a bad field
+            # is the caller's to fix, not a tokens_per_minute "never fits" to give up on.
+            check(request)
         async with self._limiter.admit(
             principal.tenant, principal.limits, tokens=demand.tokens, requests=demand.requests
         ):

@@ -45,6 +45,8 @@ log = logging.getLogger("llm_gateway.rpc")
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 UnaryHandler: TypeAlias = Callable[[Any, Context], Awaitable[Any]]
 StreamHandler: TypeAlias = Callable[[Any, Context], AsyncGenerator[Any, None]]
+# Raises what a request would be refused with before any upstream call.
+RequestCheck: TypeAlias = Callable[[Any], None]
 
 
 # What `Admission.enter` hands out and `leave` takes back: the call's task (None only
@@ -253,11 +255,14 @@ async def _enter(
 
 
 def _caller(
-    request: Any, principal: Principal | None, gate: CallerGate | None
+    request: Any,
+    principal: Principal | None,
+    gate: CallerGate | None,
+    check: RequestCheck | None = None,
 ) -> contextlib.AbstractAsyncContextManager[object]:
     """Authorize and meter the authenticated call (see `service.caller_gate`)."""
     if gate is not None and principal is not None:
-        return gate.admit(request, principal)
+        return gate.admit(request, principal, check=check)
     if isinstance(request, UndecodableRequest):
         raise InvalidRequest([FieldViolation("request", "not a valid message")])
     return contextlib.nullcontext()
@@ -284,7 +289,11 @@ def _end_if_past_deadline(context: Context, rpc: RpcScope) -> None:
 
 
 def _guard_unary(
-    method: UnaryHandler, name: str, admission: Admission, gate: CallerGate | None = None
+    method: UnaryHandler,
+    name: str,
+    admission: Admission,
+    gate: CallerGate | None = None,
+    check: RequestCheck | None = None,
 ) -> UnaryHandler:
     @functools.wraps(method)
     async def guarded(request: Any, context: Context) -> Any:
@@ -292,7 +301,7 @@ def _guard_unary(
         with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
             principal, ticket = await _enter(context, name, rpc, admission, gate)
             try:
-                async with _caller(request, principal, gate):
+                async with _caller(request, principal, gate, check):
                     if principal is None:
                         rpc.set_tenant(current_tenant())
                     response = await method(request, context)
@@ -312,7 +321,11 @@ def _guard_unary(
 
 
 def _guard_stream(
-    method: StreamHandler, name: str, admission: Admission, gate: CallerGate | None = None
+    method: StreamHandler,
+    name: str,
+    admission: Admission,
+    gate: CallerGate | None = None,
+    check: RequestCheck | None = None,
 ) -> StreamHandler:
     @functools.wraps(method)
     async def guarded(request: Any, context: Context) -> AsyncGenerator[Any, None]:
@@ -320,7 +333,7 @@ def _guard_stream(
         with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
             principal, ticket = await _enter(context, name, rpc, admission, gate)
             try:
-                async with _caller(request, principal, gate):
+                async with _caller(request, principal, gate, check):
                     if principal is None:
                         rpc.set_tenant(current_tenant())
                     # Closed here, not by the garbage collector, however the call ends.
@@ -351,14 +364,18 @@ def guard_servicer(
     method_names: list[str],
     admission: Admission,
     gate: CallerGate | None = None,
+    check: RequestCheck | None = None,
 ) -> None:
-    """Wrap each named RPC method of `servicer` in place (before it is registered)."""
+    """Wrap each named RPC method of `servicer` in place (before it is registered).
+
+    `check` goes to the gate (`CallerGate.admit`).
+    """
     for name in method_names:
         method = getattr(servicer, name)
         if inspect.isasyncgenfunction(method):
-            setattr(servicer, name, _guard_stream(method, name, admission, gate))
+            setattr(servicer, name, _guard_stream(method, name, admission, gate, check))
         else:
-            setattr(servicer, name, _guard_unary(method, name, admission, gate))
+            setattr(servicer, name, _guard_unary(method, name, admission, gate, check))
 
 
 def _tolerant_parser(message_class: Any) -> Callable[[bytes], Any]:

@@ -142,7 +142,13 @@ class GatewayServer:
         )
         servicer = CompletionServicer(self.pipeline)
         # A gate that would admit everyone as the unlimited default tenant is skipped.
-        guard_servicer(servicer, RPC_METHODS, self.admission, None if gate.checks_nothing else gate)
+        guard_servicer(
+            servicer,
+            RPC_METHODS,
+            self.admission,
+            None if gate.checks_nothing else gate,
+            check=servicer.check,
+        )
         server = grpc.aio.server(
             options=[
                 *pending_call_options(self.admission.max_in_flight, self.admission.max_queued),

@@ -8,7 +8,7 @@ Errors are raised as `GatewayError`s and mapped to statuses in one place,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Literal
 
 import grpc
@@ -26,6 +26,7 @@ from service.caller_gate import (
     current_tenant,
 )
 from service.clock import Deadline
+from service.config import RequestDefaults
 from service.domain import (
     CacheMode,
     CachePolicy,
@@ -55,7 +56,12 @@ from service.errors import (
 from service.ledger import UsageFilter, UsageRow, total_of
 from service.pipeline import REPEATABLE_MAX_BYTES, Pipeline, RepeatKey
 from service.summarize import Summarizer, SummaryRequest
-from service.validation import chat_request_violations
+from service.validation import (
+    MAX_TOOLS,
+    chat_request_violations,
+    too_many_messages,
+    too_many_tools,
+)
 
 _ROLES = {
     pb.ROLE_SYSTEM: Role.SYSTEM,
@@ -160,12 +166,25 @@ def _reasoning_effort_of(request: pb.SummarizeRequest) -> ReasoningEffort | None
 
 
 def chat_request_from_proto(
-    message: AnyCompleteRequest, *, tenant: str
+    message: AnyCompleteRequest, *, tenant: str, limits: RequestDefaults | None = None
 ) -> tuple[ChatRequest, list[FieldViolation]]:
-    """The domain request, and violations only visible on the wire (unknown enums)."""
+    """The domain request, and violations only visible on the wire (unknown enums).
+
+    With `limits`, messages and tools past the number they allow are refused by their
+    count, and not converted: 4 MB of empty messages are two million, seconds of work
+    for a request that is refused anyway.
+    """
     violations: list[FieldViolation] = []
+    wire_messages: Sequence[pb.Message] = message.messages
+    wire_tools: Sequence[pb.Tool] = message.tools
+    if limits is not None and len(wire_messages) > limits.max_messages:
+        violations.append(too_many_messages(len(wire_messages), limits))
+        wire_messages = wire_messages[: limits.max_messages]
+    if limits is not None and len(wire_tools) > MAX_TOOLS:
+        violations.append(too_many_tools(len(wire_tools)))
+        wire_tools = wire_tools[:MAX_TOOLS]
     messages = []
-    for index, item in enumerate(message.messages):
+    for index, item in enumerate(wire_messages):
         role = _ROLES.get(item.role)
         if role is None:
             violations.append(
@@ -213,8 +232,8 @@ def chat_request_from_proto(
         labels=dict(message.labels),
         idempotency_key=message.idempotency_key,
         tenant=tenant,
-        tools=tuple(Tool(t.name, t.description, t.parameters) for t in message.tools)
-        if message.tools
+        tools=tuple(Tool(t.name, t.description, t.parameters) for t in wire_tools)
+        if wire_tools
         else (),
         tool_choice=tool_choice,
     )
@@ -405,10 +424,38 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         self._pipeline = pipeline
         self._summarizer = Summarizer(pipeline, pipeline.config.summarize)
 
+    def check(self, message: object) -> None:
+        """Raise what a call would be refused with before any upstream call: an invalid
+        field, an unknown model, a prompt over the window (see `CallerGate.admit`)."""
+        if isinstance(message, pb.CompleteRequest | pb.CompleteStreamRequest):
+            request, violations = chat_request_from_proto(
+                message, tenant=current_tenant(), limits=self._pipeline.limits
+            )
+            if violations:
+                raise InvalidRequest(
+                    violations + chat_request_violations(request, self._pipeline.limits)
+                )
+            self._pipeline.prepare(request)
+        elif isinstance(message, pb.SummarizeRequest):
+            self._summarizer.validate(self._summary_request(message))
+
+    def _summary_request(self, request: pb.SummarizeRequest) -> SummaryRequest:
+        return SummaryRequest(
+            model=request.model,
+            document=request.document,
+            target_tokens=request.target_tokens or None,
+            instructions=request.instructions,
+            labels=dict(request.labels),
+            tenant=current_tenant(),
+            reasoning_effort=_reasoning_effort_of(request),
+        )
+
     def _request(
         self, message: AnyCompleteRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> ChatRequest:
-        request, violations = chat_request_from_proto(message, tenant=tenant_of(context))
+        request, violations = chat_request_from_proto(
+            message, tenant=tenant_of(context), limits=self._pipeline.limits
+        )
         if violations:
             raise InvalidRequest(
                 violations + chat_request_violations(request, self._pipeline.limits)
@@ -484,9 +531,13 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         tenant = tenant_of(context)
         principal = current_principal()
         pacer = current_pacer()
+        # Before any item is read: a batch far over `max_items` would take seconds.
+        concurrency = check_batch(request.items, request.concurrency, self._pipeline.config.batch)
         items = []
         for item in request.items:
-            chat, violations = chat_request_from_proto(item.request, tenant=tenant)
+            chat, violations = chat_request_from_proto(
+                item.request, tenant=tenant, limits=self._pipeline.limits
+            )
             refusal = None
             if principal is not None:
                 try:
@@ -495,7 +546,6 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                     refusal = exc
             tokens = completion_tokens(item.request) if pacer is not None else 0
             items.append(BatchItem(item.id, chat, tuple(violations), refusal, tokens))
-        concurrency = check_batch(items, request.concurrency, self._pipeline.config.batch)
         results = run_batch(
             self._pipeline,
             items,
@@ -536,15 +586,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         self, request: pb.SummarizeRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.SummarizeResponse:
         summary = await self._summarizer.summarize(
-            SummaryRequest(
-                model=request.model,
-                document=request.document,
-                target_tokens=request.target_tokens or None,
-                instructions=request.instructions,
-                labels=dict(request.labels),
-                tenant=tenant_of(context),
-                reasoning_effort=_reasoning_effort_of(request),
-            ),
+            self._summary_request(request),
             deadline=deadline_of(context),
             max_concurrency=_tenant_concurrency(),
         )

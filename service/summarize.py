@@ -59,6 +59,7 @@ from service.tokens import (
 )
 from service.validation import (
     has_control_characters,
+    label_violations,
     model_violations,
     without_control_characters,
 )
@@ -239,7 +240,10 @@ def split_into_chunks(text: str, *, max_tokens: int, overlap_tokens: int) -> lis
         overlap_tokens=overlap_tokens,
         ends_paragraph=ends_paragraph,
     )
-    return ["".join(units[i][0] for i in chunk).strip() for chunk in ranges]
+    chunks = ("".join(units[i][0] for i in chunk).strip() for chunk in ranges)
+    # A chunk of blanks alone (a long run of them cut by characters) has nothing to
+    # summarise: sent, it would be paid for and its summary made up.
+    return [chunk for chunk in chunks if chunk]
 
 
 # --- prompts -------------------------------------------------------------------------
@@ -362,7 +366,7 @@ class Summarizer:
         self._config = config
         self._clock = clock
 
-    def _validate(self, request: SummaryRequest) -> int:
+    def validate(self, request: SummaryRequest) -> int:
         """Check the request; return the target length in tokens."""
         if invalid_model := model_violations(request.model):
             raise InvalidRequest(invalid_model)  # as Complete refuses it
@@ -397,6 +401,9 @@ class Summarizer:
             violations.append(FieldViolation("instructions", f"at most about {window // 8} tokens"))
         elif has_control_characters(request.instructions):
             violations.append(FieldViolation("instructions", "must not contain control characters"))
+        # Checked here as well as by each part's call: so before the call takes its
+        # tenant's limits (`CompletionServicer.check`).
+        violations.extend(label_violations(request.labels, self._pipeline.limits))
         if violations:
             raise InvalidRequest(violations)
         return target
@@ -446,7 +453,7 @@ class Summarizer:
         `max_concurrency` caps the configured calls at once (the tenant's own cap).
         """
         started = self._clock.now()
-        target = self._validate(request)
+        target = self.validate(request)
         model = request.model
         window = self._pipeline.context_window(model)
         part_tokens = max(32, min(target, window // 8))

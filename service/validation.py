@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 import orjson
 
@@ -25,7 +26,7 @@ _MAX_IDEMPOTENCY_KEY = 256
 _MAX_TOKENS_CAP = 1_000_000
 # OpenAI's rule for a tool's and a JSON schema's name (fullmatch, as _LABEL_KEY).
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-_MAX_TOOLS = 128  # OpenAI's limit
+MAX_TOOLS = 128  # OpenAI's limit
 _MAX_TOOL_CALL_FIELD = 256  # a sent-back tool call's id, and its name
 
 
@@ -67,17 +68,23 @@ def model_violations(model: str) -> list[FieldViolation]:
     return []
 
 
+def too_many_messages(count: int, limits: RequestDefaults) -> FieldViolation:
+    """The violation of a request of `count` messages, more than `limits` allow."""
+    return FieldViolation("messages", f"at most {limits.max_messages} messages, got {count}")
+
+
+def too_many_tools(count: int) -> FieldViolation:
+    """The violation of a request of `count` tools, more than `MAX_TOOLS`."""
+    return FieldViolation("tools", f"at most {MAX_TOOLS} tools, got {count}")
+
+
 def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> list[FieldViolation]:
     """Every invalid field of `request`, in field order."""
     found = model_violations(request.model)
     if not request.messages:
         found.append(FieldViolation("messages", "must contain at least one message"))
     elif len(request.messages) > limits.max_messages:
-        found.append(
-            FieldViolation(
-                "messages", f"at most {limits.max_messages} messages, got {len(request.messages)}"
-            )
-        )
+        found.append(too_many_messages(len(request.messages), limits))
     total_chars = 0
     tool_calls = 0  # sent back, each with its overhead in the estimate
     call_ids: set[str] = set()  # of the tool calls of the messages so far
@@ -159,9 +166,22 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
                     f"must be 1 to {limits.max_stop_length} printable characters",
                 )
             )
-    if len(request.labels) > limits.max_labels:
+    found.extend(label_violations(request.labels, limits))
+    key = request.idempotency_key
+    if key and (len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable()):
+        found.append(FieldViolation("idempotency_key", "must be printable, at most 256 characters"))
+    # No upper bound here: the cache caps a TTL at its configured `max_ttl_s`.
+    if request.cache.ttl_s is not None and request.cache.ttl_s < 1:
+        found.append(FieldViolation("cache.ttl_seconds", "must be >= 1"))
+    return found
+
+
+def label_violations(labels: Mapping[str, str], limits: RequestDefaults) -> list[FieldViolation]:
+    """What is wrong with a call's labels, whichever RPC they came in (empty: nothing)."""
+    found = []
+    if len(labels) > limits.max_labels:
         found.append(FieldViolation("labels", f"at most {limits.max_labels} labels"))
-    for key, value in list(request.labels.items())[: limits.max_labels]:
+    for key, value in list(labels.items())[: limits.max_labels]:
         if not _LABEL_KEY.fullmatch(key):
             found.append(
                 FieldViolation(f"labels[{key[:64]!r}]", "key must be 1-64 of A-Z a-z 0-9 _ . - /")
@@ -173,12 +193,6 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
                     f"value must be printable and at most {limits.max_label_length} characters",
                 )
             )
-    key = request.idempotency_key
-    if key and (len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable()):
-        found.append(FieldViolation("idempotency_key", "must be printable, at most 256 characters"))
-    # No upper bound here: the cache caps a TTL at its configured `max_ttl_s`.
-    if request.cache.ttl_s is not None and request.cache.ttl_s < 1:
-        found.append(FieldViolation("cache.ttl_seconds", "must be >= 1"))
     return found
 
 
@@ -238,11 +252,11 @@ def _tool_message_violations(
 def _tools_violations(found: list[FieldViolation], request: ChatRequest) -> int:
     """Check the tools and the tool choice; the characters the tools add."""
     tools = request.tools
-    if len(tools) > _MAX_TOOLS:
-        found.append(FieldViolation("tools", f"at most {_MAX_TOOLS} tools, got {len(tools)}"))
+    if len(tools) > MAX_TOOLS:
+        found.append(too_many_tools(len(tools)))
     chars = 0
     names: set[str] = set()
-    for index, tool in enumerate(tools[:_MAX_TOOLS]):
+    for index, tool in enumerate(tools[:MAX_TOOLS]):
         chars += len(tool.name) + len(tool.description) + len(tool.parameters)
         if not _FUNCTION_NAME.fullmatch(tool.name):
             found.append(FieldViolation(f"tools[{index}].name", "must be 1-64 of a-z A-Z 0-9 _ -"))

@@ -8,6 +8,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+import service.servicer
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 from tests.conftest import FAKE_MODEL, chat, gateway_config
@@ -181,3 +182,37 @@ async def test_too_many_items(scripted, start_gateway):
         await collect(gateway.stub.CompleteBatch(batch("a", "b", "c", "d")))
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "at most 3 items" in error_details(caught.value).field_violations[0][1]
+
+
+async def test_a_batch_of_far_too_many_items_is_refused_before_any_is_read(
+    scripted, start_gateway, monkeypatch
+):
+    """Half a million empty items (1 MB, well under the receive limit) are refused on
+    `items` by their count alone, over `batch.max_items`, before any item is converted.
+
+    Before, every item was converted and checked first, some 10 s on the event loop,
+    with every other call on the gateway stalled meanwhile (4 MB of them: half a
+    minute)."""
+    converted = []
+    convert = service.servicer.chat_request_from_proto
+
+    def counting(*args, **kwargs):
+        converted.append(1)
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(service.servicer, "chat_request_from_proto", counting)
+    gateway = await start_gateway(gateway_config(scripted.base_url, batch={"max_items": 3}))
+    call = gateway.channel.unary_stream(
+        "/llmgateway.v1.CompletionService/CompleteBatch",
+        request_serializer=lambda data: data,
+        response_deserializer=pb.CompleteBatchResponse.FromString,
+    )
+    empty_items = b"\x0a\x00" * 500_000  # field 1 (items): an empty BatchItem, each time
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(call(empty_items, timeout=60))
+    assert converted == []
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    (violation,) = error_details(caught.value).field_violations
+    assert violation[0] == "items"
+    assert "at most 3 items, got 500000" in violation[1]
+    assert scripted.requests == []

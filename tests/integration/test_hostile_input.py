@@ -150,6 +150,24 @@ async def test_undecodable_bytes_are_invalid_argument_not_unknown(upstream, gate
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize(("field", "entry"), [("messages", b"\x12\x00"), ("tools", b"\x42\x00")])
+async def test_far_too_many_messages_or_tools_are_refused_by_their_count_at_once(
+    upstream, gateway, field, entry
+):
+    """A million and a half empty messages, or tools (3 MB, under the receive limit), are
+    refused on their count at once, the rest never read.
+
+    Before, each was converted (and each message's unset role refused) first: seconds
+    on the event loop, every other call on the gateway stalled meanwhile."""
+    payload = b"\x0a\x0a" + FAKE_MODEL.encode() + entry * 1_500_000
+    error = await rpc_error(_raw_complete(gateway.channel)(payload, timeout=60))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    violations = detail(error, error_details_pb2.BadRequest).field_violations
+    assert violations[0].field == field  # the count first: before, each message's role
+    assert violations[0].description.endswith("got 1500000")
+    assert upstream.requests == []
+
+
 async def test_messages_over_the_grpc_receive_limit_are_refused_by_grpc(upstream, start_gateway):
     """A message over server.max_receive_message_bytes never reaches the gateway's code."""
     gw = await start_gateway(

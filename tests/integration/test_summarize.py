@@ -414,6 +414,30 @@ async def test_one_giant_word_with_a_diacritic_is_split_into_parts_that_fit(
         assert estimate_text_tokens(user_text(body)) + body["max_tokens"] < WINDOW
 
 
+@pytest.mark.parametrize("blank", [" ", "\t"])
+async def test_a_long_run_of_blanks_makes_no_part_without_text(recorder, start_gateway, blank):
+    """A sentence split inside a long run of spaces or tabs (padding, a broken export)
+    leaves pieces of blanks alone; a chunk of nothing else is not sent as a part: a call
+    with only its header would be paid for and its made-up summary combined.
+
+    Before, 50,000 spaces between two words made about 10 parts with only a header."""
+
+    def respond(body):
+        return Reply(content="FINAL" if is_combine(body) else "part")
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url))
+    text = document(2) + " Then one" + blank * 50_000 + "word more."
+    response = await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=text))
+    assert response.summary == "FINAL"
+    parts = [r.body for r in recorder.requests if is_part(r.body)]
+    assert response.chunks == len(parts) >= 2
+    for body in parts:
+        header = PART_HEADER.match(user_text(body))
+        assert header is not None
+        assert user_text(body)[header.end() :].strip()
+
+
 @pytest.mark.parametrize("character", ["\U0001f600", "\U0001d400", "\U00020000"])
 async def test_a_run_of_four_byte_characters_is_split_into_parts_that_fit(
     recorder, start_gateway, character

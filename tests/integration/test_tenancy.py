@@ -372,6 +372,81 @@ async def test_batch_items_that_make_no_upstream_call_take_nothing_from_the_limi
     assert len(upstream.requests) == 1
 
 
+async def test_calls_refused_before_any_upstream_call_take_nothing_from_the_limits(
+    upstream, start_gateway
+):
+    """An invalid Complete, CompleteStream and Summarize (its document or its labels),
+    and a call naming a model no upstream serves, are refused as such and take none of
+    the tenant's requests_per_minute, as a batch's invalid items take none: the valid
+    call after them still gets the minute's only request.
+
+    Before, each took the minute's request before it was refused, and the valid call
+    then got RESOURCE_EXHAUSTED."""
+    config = secure_config(upstream.base_url, tenants={"team-a": {"requests_per_minute": 1}})
+    gw = await start_gateway(config)
+    team_a = as_tenant("team-a")
+    nan = chat(params=pb.GenerationParams(temperature=float("nan")))
+    document = pb.SummarizeRequest(model=FAKE_MODEL, document="a\x00b")
+    labelled = pb.SummarizeRequest(model=FAKE_MODEL, document="text", labels={"bad key!": "v"})
+    refusals = [
+        (lambda: rpc_error(gw.stub.Complete(nan, metadata=team_a)), "params.temperature"),
+        (lambda: rpc_error(gw.stub.Complete(chat(model="nope"), metadata=team_a)), None),
+        (
+            lambda: stream_error(gw.stub.CompleteStream(chat_stream(""), metadata=team_a)),
+            "messages[0].content",
+        ),
+        (lambda: rpc_error(gw.stub.Summarize(document, metadata=team_a)), "document"),
+        (lambda: rpc_error(gw.stub.Summarize(labelled, metadata=team_a)), "labels['bad key!']"),
+    ]
+    for refuse, field in refusals:
+        error = await refuse()
+        if field is None:
+            assert error.code() is grpc.StatusCode.NOT_FOUND
+        else:
+            assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+            violations = detail(error, error_details_pb2.BadRequest).field_violations
+            assert [v.field for v in violations] == [field]
+    assert (await gw.stub.Complete(chat(), metadata=team_a)).content == "Hello from fake"
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("rpc", "field"),
+    [
+        ("max_tokens", "params.max_tokens"),
+        ("messages", "messages"),
+        ("document", "document"),
+    ],
+)
+async def test_an_invalid_field_is_invalid_argument_however_small_the_tenants_limit(
+    upstream, start_gateway, rpc, field
+):
+    """A request whose own field is invalid (a max_tokens past any window, more than
+    `max_messages` messages, a document with a NUL) is INVALID_ARGUMENT naming the
+    field, as for any tenant, not RESOURCE_EXHAUSTED "do not retry" because its
+    tokens could never fit the tenant's tokens_per_minute: no wait would help, a fix
+    would."""
+    config = secure_config(upstream.base_url, tenants={"team-a": {"tokens_per_minute": 200}})
+    gw = await start_gateway(config)
+    team_a = as_tenant("team-a")
+    if rpc == "max_tokens":
+        huge = chat(params=pb.GenerationParams(max_tokens=2**31 - 1))
+        error = await rpc_error(gw.stub.Complete(huge, metadata=team_a))
+    elif rpc == "messages":
+        many = pb.CompleteStreamRequest(
+            model=FAKE_MODEL, messages=[pb.Message(role=pb.ROLE_USER, content="hi")] * 1001
+        )
+        error = await stream_error(gw.stub.CompleteStream(many, metadata=team_a))
+    else:
+        document = pb.SummarizeRequest(model=FAKE_MODEL, document="Some words.\x00 " * 100)
+        error = await rpc_error(gw.stub.Summarize(document, metadata=team_a))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in detail(error, error_details_pb2.BadRequest).field_violations] == [
+        field
+    ]
+    assert upstream.requests == []
+
+
 async def test_a_summary_runs_no_more_upstream_calls_at_once_than_its_tenant_may(start_gateway):
     """The same for the parts of a Summarize: team-a may run one call at a time."""
 
