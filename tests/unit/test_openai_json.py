@@ -245,7 +245,9 @@ def test_parse_completion_without_usage(usage_value: object) -> None:
 
 def test_parse_completion_null_content_is_empty() -> None:
     """A null message content (e.g. a tool call) parses as empty text."""
-    choice = {"message": {"role": "assistant", "content": None}, "finish_reason": "tool_calls"}
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    choice = {"message": message, "finish_reason": "tool_calls"}
     reply = parse_completion(completion_json(choices=[choice]))
     assert (reply.content, reply.finish_reason) == ("", FinishReason.TOOL_CALLS)
 
@@ -455,13 +457,18 @@ def test_stream_parser_without_usage() -> None:
     assert parser.end().usage is None
 
 
-@pytest.mark.parametrize("reason", ["stop", "length", "content_filter", "tool_calls"])
-def test_stream_parser_finish_reasons(reason: str) -> None:
-    """The stream's finish reason is the last one an upstream chunk gave."""
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [("stop", "stop"), ("length", "length"), ("content_filter", "content_filter"),
+     ("tool_calls", "stop")],
+)  # fmt: skip
+def test_stream_parser_finish_reasons(reason: str, expected: str) -> None:
+    """The stream's finish reason is the last one an upstream chunk gave (but "tool_calls"
+    with no call streamed, which is a text answer's STOP)."""
     parser = StreamParser()
     parser.parse(chunk("x"))
     parser.parse(chunk(finish=reason))
-    assert parser.end().finish_reason is FinishReason(reason)
+    assert parser.end().finish_reason is FinishReason(expected)
 
 
 def test_stream_parser_end_without_finish_reason() -> None:
