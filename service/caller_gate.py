@@ -126,8 +126,9 @@ def _completion_demand(request: Any) -> tuple[str, int]:
     return request.model, tokens
 
 
-def demand_of(request: Any) -> Demand:
-    """What `request` asks for, read from its fields by name.
+def demand_of(request: Any, *, estimate: bool = True) -> Demand:
+    """What `request` asks for, read from its fields by name; its tokens only if
+    `estimate` (else 0).
 
     A batch names no models: each item's is checked as it runs, and fails only that item
     (`CompleteBatch`); nor does it take requests or tokens here: each item takes its own
@@ -144,11 +145,11 @@ def demand_of(request: Any) -> Demand:
     if hasattr(request, "items"):
         return Demand(is_paced=True)
     if hasattr(request, "messages"):
-        model, tokens = _completion_demand(request)
-        return Demand(models=(model,), requests=1, tokens=tokens)
+        tokens = _completion_demand(request)[1] if estimate else 0
+        return Demand(models=(request.model,), requests=1, tokens=tokens)
     if hasattr(request, "document"):
-        tokens = _text_tokens([request.document, request.instructions])
-        return Demand(models=(request.model,), requests=1, tokens=2 * tokens)
+        tokens = 2 * _text_tokens([request.document, request.instructions]) if estimate else 0
+        return Demand(models=(request.model,), requests=1, tokens=tokens)
     return Demand()
 
 
@@ -254,7 +255,9 @@ class CallerGate:
         if _is_unmetered(principal.limits) and not isinstance(request, UndecodableRequest):
             yield principal  # nothing to check or count: skip estimating the request's tokens
             return
-        demand = demand_of(request)
+        # Estimated only once `check` passed: a request refused by its count (millions of
+        # messages) would otherwise take seconds here, as though never refused at once.
+        demand = demand_of(request, estimate=False)
         for model in demand.models:
             check_model_allowed(principal, model)
         limits = principal.limits
@@ -272,7 +275,8 @@ class CallerGate:
             # A refused call makes no upstream call, so it takes no quota; and a bad field
             # is the caller's to fix, not a tokens_per_minute "never fits" to give up on.
             check(request)
+        tokens = demand_of(request).tokens
         async with self._limiter.admit(
-            principal.tenant, principal.limits, tokens=demand.tokens, requests=demand.requests
+            principal.tenant, principal.limits, tokens=tokens, requests=demand.requests
         ):
             yield principal

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+import service.caller_gate
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.errors import RETRY_PUSHBACK_TRAILER
@@ -444,6 +445,39 @@ async def test_an_invalid_field_is_invalid_argument_however_small_the_tenants_li
     assert [v.field for v in detail(error, error_details_pb2.BadRequest).field_violations] == [
         field
     ]
+    assert upstream.requests == []
+
+
+async def test_far_too_many_messages_of_a_metered_tenant_are_refused_before_any_is_estimated(
+    upstream, start_gateway, monkeypatch
+):
+    """A million and a half empty messages from a tenant with a per-minute limit are
+    refused on their count before the gate estimates their tokens, as for any caller.
+
+    Before, the gate estimated every message first (some 3 s on the event loop, every
+    other call on the gateway stalled) for a request its check then refused by count."""
+    estimated = []
+    estimate = service.caller_gate.estimate_text_tokens
+
+    def counting(text: str) -> int:
+        estimated.append(1)
+        return estimate(text)
+
+    monkeypatch.setattr(service.caller_gate, "estimate_text_tokens", counting)
+    config = secure_config(upstream.base_url, tenants={"team-a": {"requests_per_minute": 10}})
+    gw = await start_gateway(config)
+    raw = gw.channel.unary_unary(
+        "/llmgateway.v1.CompletionService/Complete",
+        request_serializer=lambda data: data,
+        response_deserializer=pb.CompleteResponse.FromString,
+    )
+    payload = b"\x0a\x0a" + FAKE_MODEL.encode() + b"\x12\x00" * 1_500_000
+    error = await rpc_error(raw(payload, metadata=as_tenant("team-a"), timeout=60))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    violations = detail(error, error_details_pb2.BadRequest).field_violations
+    assert violations[0].field == "messages"
+    assert violations[0].description.endswith("got 1500000")
+    assert len(estimated) < 1000
     assert upstream.requests == []
 
 
