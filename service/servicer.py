@@ -57,9 +57,11 @@ from service.ledger import UsageFilter, UsageRow, total_of
 from service.pipeline import REPEATABLE_MAX_BYTES, Pipeline, RepeatKey
 from service.summarize import Summarizer, SummaryRequest
 from service.validation import (
+    MAX_TOOL_CALLS_PER_MESSAGE,
     MAX_TOOLS,
     chat_request_violations,
     too_many_messages,
+    too_many_tool_calls,
     too_many_tools,
 )
 
@@ -195,7 +197,11 @@ def chat_request_from_proto(
             )
             role = Role.USER
         if item.tool_calls or item.tool_call_id or item.reasoning:
-            calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in item.tool_calls)
+            wire_calls: Sequence[pb.ToolCall] = item.tool_calls
+            if len(wire_calls) > MAX_TOOL_CALLS_PER_MESSAGE:  # refused by their count alone
+                violations.append(too_many_tool_calls(index, len(wire_calls)))
+                wire_calls = wire_calls[:MAX_TOOL_CALLS_PER_MESSAGE]
+            calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in wire_calls)
             messages.append(Message(role, item.content, calls, item.tool_call_id, item.reasoning))
         else:
             messages.append(Message(role, item.content))

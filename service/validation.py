@@ -27,6 +27,9 @@ _MAX_TOKENS_CAP = 1_000_000
 # OpenAI's rule for a tool's and a JSON schema's name (fullmatch, as _LABEL_KEY).
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 MAX_TOOLS = 128  # OpenAI's limit
+# Tool calls a message sent back may carry: a model's parallel calls are a handful; more
+# is no conversation, and converting millions of them would hold the event loop.
+MAX_TOOL_CALLS_PER_MESSAGE = 128
 _MAX_TOOL_CALL_FIELD = 256  # a sent-back tool call's id, and its name
 
 
@@ -71,6 +74,14 @@ def model_violations(model: str) -> list[FieldViolation]:
 def too_many_messages(count: int, limits: RequestDefaults) -> FieldViolation:
     """The violation of a request of `count` messages, more than `limits` allow."""
     return FieldViolation("messages", f"at most {limits.max_messages} messages, got {count}")
+
+
+def too_many_tool_calls(index: int, count: int) -> FieldViolation:
+    """The violation of message `index` sending back `count` tool calls, too many."""
+    return FieldViolation(
+        f"messages[{index}].tool_calls",
+        f"at most {MAX_TOOL_CALLS_PER_MESSAGE} tool calls, got {count}",
+    )
 
 
 def too_many_tools(count: int) -> FieldViolation:
@@ -220,7 +231,9 @@ def _tool_message_violations(
     chars = len(message.tool_call_id)
     if message.tool_calls and message.role is not Role.ASSISTANT:
         found.append(FieldViolation(f"{path}.tool_calls", "only on ROLE_ASSISTANT messages"))
-    for number, call in enumerate(message.tool_calls):
+    if len(message.tool_calls) > MAX_TOOL_CALLS_PER_MESSAGE:
+        found.append(too_many_tool_calls(index, len(message.tool_calls)))
+    for number, call in enumerate(message.tool_calls[:MAX_TOOL_CALLS_PER_MESSAGE]):
         chars += len(call.id) + len(call.name) + len(call.arguments)
         # Both are the model's own output sent back, so a name need not follow the rule
         # for declared tools: a model may call one it was never given ("python.run"), and

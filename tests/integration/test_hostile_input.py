@@ -168,6 +168,36 @@ async def test_far_too_many_messages_or_tools_are_refused_by_their_count_at_once
     assert upstream.requests == []
 
 
+def _varint(value: int) -> bytes:
+    """`value` as a protobuf varint (a length before a nested message)."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+async def test_far_too_many_tool_calls_sent_back_are_refused_by_their_count_at_once(
+    upstream, gateway
+):
+    """An assistant message sending back a million and a half empty tool calls (3 MB) is
+    refused on that message's `tool_calls` by their count, the rest never converted.
+
+    Before, there was no limit: each call was converted and checked (about 12 s on the
+    event loop, every other call stalled), and the status named each call's empty id."""
+    assistant = b"\x08\x03" + b"\x1a\x00" * 1_500_000  # ROLE_ASSISTANT, empty tool_calls
+    payload = b"\x0a\x0a" + FAKE_MODEL.encode() + b"\x12" + _varint(len(assistant)) + assistant
+    error = await rpc_error(_raw_complete(gateway.channel)(payload, timeout=60))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    violations = detail(error, error_details_pb2.BadRequest).field_violations
+    assert (violations[0].field, violations[0].description) == (
+        "messages[0].tool_calls",
+        "at most 128 tool calls, got 1500000",
+    )
+    assert upstream.requests == []
+
+
 async def test_messages_over_the_grpc_receive_limit_are_refused_by_grpc(upstream, start_gateway):
     """A message over server.max_receive_message_bytes never reaches the gateway's code."""
     gw = await start_gateway(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from service.config import RequestDefaults
-from service.domain import CachePolicy, ChatRequest, GenerationParams, Message, Role
+from service.domain import CachePolicy, ChatRequest, GenerationParams, Message, Role, ToolCall
 from service.errors import FieldViolation, InvalidRequest
 from service.validation import chat_request_violations, validate_chat_request
 
@@ -287,3 +287,21 @@ def test_only_first_messages_are_checked_past_the_limit() -> None:
     """Past `max_messages`, one count violation is reported, not one per extra message."""
     request = with_messages("a", "b", "", "", "")
     assert fields_of(request, TIGHT) == ["messages"]
+
+
+@pytest.mark.parametrize(("calls", "refused"), [(128, False), (129, True)])
+def test_a_message_sends_back_at_most_128_tool_calls(calls: int, refused: bool) -> None:
+    """An assistant turn's tool calls are limited as the tools are: 128 pass, 129 are
+    refused on that message's `tool_calls`, by their count, not one by one."""
+    turn = Message(
+        Role.ASSISTANT,
+        "",
+        tuple(ToolCall(f"call_{i}", "lookup", "{}") for i in range(calls)),
+    )
+    answers = tuple(Message(Role.TOOL, "ok", tool_call_id=f"call_{i}") for i in range(calls))
+    request = dataclasses.replace(BASE, messages=(BASE.messages[0], turn, *answers))
+    found = [(v.field, v.description) for v in chat_request_violations(request, LIMITS)]
+    if refused:
+        assert found[0] == ("messages[1].tool_calls", "at most 128 tool calls, got 129")
+    else:
+        assert found == []
