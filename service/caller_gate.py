@@ -105,10 +105,6 @@ def _text_tokens(texts: Iterable[str]) -> int:
 
 def completion_tokens(request: Any) -> int:
     """The tokens a tenant's `tokens_per_minute` counts for one `CompleteRequest`."""
-    return _completion_demand(request)[1]
-
-
-def _completion_demand(request: Any) -> tuple[str, int]:
     tokens = _text_tokens(m.content for m in request.messages)
     tokens += _text_tokens(
         f"{call.name} {call.arguments}" for m in request.messages for call in m.tool_calls
@@ -123,7 +119,16 @@ def _completion_demand(request: Any) -> tuple[str, int]:
         tokens += _text_tokens((f"{schema.schema_name} {schema.json_schema}",))
     if params is not None and params.HasField("max_tokens"):
         tokens += max(0, params.max_tokens)
-    return request.model, tokens
+    return tokens
+
+
+def _tokens_of(request: Any) -> int:
+    """The tokens `tokens_per_minute` counts for a completion or a Summarize (else 0)."""
+    if hasattr(request, "messages"):
+        return completion_tokens(request)
+    if hasattr(request, "document"):
+        return 2 * _text_tokens([request.document, request.instructions])
+    return 0
 
 
 def demand_of(request: Any, *, estimate: bool = True) -> Demand:
@@ -144,11 +149,8 @@ def demand_of(request: Any, *, estimate: bool = True) -> Demand:
         )
     if hasattr(request, "items"):
         return Demand(is_paced=True)
-    if hasattr(request, "messages"):
-        tokens = _completion_demand(request)[1] if estimate else 0
-        return Demand(models=(request.model,), requests=1, tokens=tokens)
-    if hasattr(request, "document"):
-        tokens = 2 * _text_tokens([request.document, request.instructions]) if estimate else 0
+    if hasattr(request, "messages") or hasattr(request, "document"):
+        tokens = _tokens_of(request) if estimate else 0
         return Demand(models=(request.model,), requests=1, tokens=tokens)
     return Demand()
 
@@ -275,8 +277,7 @@ class CallerGate:
             # A refused call makes no upstream call, so it takes no quota; and a bad field
             # is the caller's to fix, not a tokens_per_minute "never fits" to give up on.
             check(request)
-        tokens = demand_of(request).tokens
         async with self._limiter.admit(
-            principal.tenant, principal.limits, tokens=tokens, requests=demand.requests
+            principal.tenant, limits, tokens=_tokens_of(request), requests=demand.requests
         ):
             yield principal

@@ -434,14 +434,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         """Raise what a call would be refused with before any upstream call: an invalid
         field, an unknown model, a prompt over the window (see `CallerGate.admit`)."""
         if isinstance(message, pb.CompleteRequest | pb.CompleteStreamRequest):
-            request, violations = chat_request_from_proto(
-                message, tenant=current_tenant(), limits=self._pipeline.limits
-            )
-            if violations:
-                raise InvalidRequest(
-                    violations + chat_request_violations(request, self._pipeline.limits)
-                )
-            self._pipeline.prepare(request)
+            self._pipeline.prepare(self._request(message))
         elif isinstance(message, pb.SummarizeRequest):
             self._summarizer.validate(self._summary_request(message))
 
@@ -456,11 +449,10 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             reasoning_effort=_reasoning_effort_of(request),
         )
 
-    def _request(
-        self, message: AnyCompleteRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> ChatRequest:
+    def _request(self, message: AnyCompleteRequest) -> ChatRequest:
+        """The call's domain request, or `InvalidRequest` with every violation."""
         request, violations = chat_request_from_proto(
-            message, tenant=tenant_of(context), limits=self._pipeline.limits
+            message, tenant=current_tenant(), limits=self._pipeline.limits
         )
         if violations:
             raise InvalidRequest(
@@ -478,7 +470,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         completion = None if repeat_key is None else await pipeline.repeat(repeat_key)
         if completion is None:
             completion = await pipeline.complete(
-                self._request(request, context),
+                self._request(request),
                 deadline=deadline_of(context),
                 repeat_key=repeat_key,
             )
@@ -489,7 +481,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         request: pb.CompleteStreamRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pb.CompleteStreamResponse]:
-        chat = self._request(request, context)
+        chat = self._request(request)
         # Closed here, not by the garbage collector, however this generator ends.
         events = self._pipeline.stream(chat, deadline=deadline_of(context))
         async with contextlib.aclosing(events):
