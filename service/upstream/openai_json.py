@@ -497,29 +497,31 @@ _CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_erro
 _CONTEXT_PHRASES = ("maximum context length", "context size", "context window", "context length")
 
 
+def _error_of(body: bytes) -> object:
+    """The error an error body holds: its `error` (an object, or a message alone), or the
+    body itself when it is vLLM's bare error object; None when there is none."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    # vLLM before 0.10 sends its error object bare: {"object": "error", "message": ...}.
+    return data.get("error", data if data.get("object") == "error" else None)
+
+
 def says_content_flagged(body: bytes) -> bool:
     """Whether an error body says the request's content was flagged by moderation
     (OpenRouter's 403: `error.metadata` naming the `reasons` and the `flagged_input`),
     rather than that the gateway's key was refused."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    error = data.get("error") if isinstance(data, dict) else None
+    error = _error_of(body)
     metadata = error.get("metadata") if isinstance(error, dict) else None
     return isinstance(metadata, dict) and ("flagged_input" in metadata or "reasons" in metadata)
 
 
 def says_context_exceeded(body: bytes) -> bool:
     """Whether an error body says the prompt (with max_tokens) is over the context window."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    if not isinstance(data, dict):
-        return False
-    # vLLM before 0.10 sends its error object bare: {"object": "error", "message": ...}.
-    error = data.get("error", data if data.get("object") == "error" else None)
+    error = _error_of(body)
     if isinstance(error, dict):
         if any(error.get(key) in _CONTEXT_CODES for key in ("code", "type")):
             return True
