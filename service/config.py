@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import yaml
 
@@ -69,14 +69,20 @@ def _has_redis_credentials(url: str) -> bool:
     )
 
 
+def _require_port(parts: SplitResult, key: str) -> None:
+    """Refuse a URL whose port is not a number 0..65535: its client reads it only at
+    start, and a bad one would fail the start with a traceback."""
+    try:
+        parts.port  # noqa: B018  (raises ValueError when not a number 0..65535)
+    except ValueError:
+        raise ValueError(f"{key}'s port must be a number 0..65535") from None
+
+
 def _require_redis_address(url: str) -> None:
     """Refuse a Redis URL whose port or database is not a number: the clients read them
     only at start, and fail it with a traceback (the cache) or take database 0 unasked."""
     parts = urlsplit(url)
-    try:
-        parts.port  # noqa: B018  (raises ValueError when not a number 0..65535)
-    except ValueError:
-        raise ValueError("redis_url's port must be a number 0..65535") from None
+    _require_port(parts, "redis_url")
     if parts.scheme != "unix":  # a socket's path is the file; its database is `?db=N`
         database = parts.path.strip("/")
         _require(
@@ -285,10 +291,7 @@ class UpstreamConfig:
             parts.scheme in ("http", "https") and bool(parts.netloc),
             "base_url must be an http(s) URL",
         )
-        try:  # read by the HTTP pool only at start, which a bad port would fail
-            parts.port  # noqa: B018  (raises ValueError when not a number 0..65535)
-        except ValueError:
-            raise ValueError("base_url's port must be a number 0..65535") from None
+        _require_port(parts, "base_url")
         _require(
             parts.username is None and parts.password is None,
             "base_url must not carry credentials; use api_key_env",
