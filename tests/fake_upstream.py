@@ -77,8 +77,9 @@ class Reply:
     or round robin with `interleave_tool_calls`), at the upstream indexes
     `tool_call_index_base` on (or at `tool_call_indexes`, one a call: Ollama sends 0 for
     every call). `raw_tool_calls` is sent as is instead (the message's
-    `tool_calls`, or one delta's). `cut_after_events` resets the connection after that
-    many events of a stream (the role event included).
+    `tool_calls`, or one delta's); a stream sends `raw_tool_call_deltas` instead of the
+    calls' pieces, each as one delta's `tool_calls`. `cut_after_events` resets the
+    connection after that many events of a stream (the role event included).
 
     `reasoning` is sent as the message's `reasoning_field` (DeepSeek's `reasoning_content`,
     or OpenRouter's `reasoning`), and streamed in `reasoning_pieces` pieces before the
@@ -110,6 +111,7 @@ class Reply:
     tool_call_index_base: int = 0
     tool_call_indexes: tuple[int, ...] = ()
     raw_tool_calls: Any = None
+    raw_tool_call_deltas: tuple[Any, ...] = ()
     cut_after_events: int | None = None
     reasoning: str = ""
     reasoning_field: str = "reasoning_content"
@@ -603,6 +605,8 @@ def _tool_call_deltas(reply: Reply) -> list[dict[str, Any]]:
     """The `delta`s that stream a Reply's tool calls, in OpenAI's shape."""
     if reply.raw_tool_calls is not None:
         return [{"tool_calls": reply.raw_tool_calls}]
+    if reply.raw_tool_call_deltas:
+        return [{"tool_calls": pieces} for pieces in reply.raw_tool_call_deltas]
     indexes = reply.tool_call_indexes or [
         reply.tool_call_index_base + i for i in range(len(reply.tool_calls))
     ]

@@ -6,7 +6,7 @@ https://platform.openai.com/docs/api-reference/chat — the only module that kno
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -63,6 +63,9 @@ _NO_HINTS = RateLimitHints()
 # The index of tool-call pieces sent without one (Gemini's OpenAI-compatible streams send
 # each call whole, with no index): a piece with a new id begins the next call.
 _NO_INDEX = -1
+# The most argument text held for a call whose id or name has not come: past any real
+# call's, and a bound on what a broken upstream can make the gateway hold.
+_MAX_HELD_CHARS = 16 * 1024 * 1024
 # OpenAI requires a schema's name; callers may leave it out.
 DEFAULT_SCHEMA_NAME = "response"
 
@@ -359,17 +362,38 @@ def parse_completion(
     )
 
 
+@dataclass(slots=True)
+class _StreamedCall:
+    """A streamed tool call: its position once begun (sent with its id and name), and
+    until then what it has so far."""
+
+    id: str = ""
+    name: str = ""
+    position: int | None = None
+    held: list[str] = field(default_factory=list)  # arguments before it began
+    held_chars: int = 0
+
+
+def _check_begun(call: _StreamedCall) -> None:
+    """Raise for a call that never got its name or id (as a unary answer's would)."""
+    if call.position is None:
+        missing = "function name" if not call.name else "id"
+        raise MalformedReply(f"a streamed tool call has no {missing}")
+
+
 class StreamParser:
     """Turns the data of each SSE event into text chunks and, at the end, a `StreamEnd`.
 
-    Tool-call pieces come out numbered by the order their calls first appeared (whatever
-    indexes the upstream used, and a new id at an index already used is a new call), with
-    id and name on each call's first piece only.
+    Tool-call pieces come out numbered by the order their calls began (whatever indexes
+    the upstream used, and a new id at an index already used is a new call), with id and
+    name on each call's first piece only. A call begins once it has both: some servers
+    (vmlx, some llama.cpp and vLLM versions) send the id, the name and the first arguments
+    in separate pieces, so what comes before is held and sent with its first piece.
     """
 
     __slots__ = (
         "_calls",
-        "_tool_positions",
+        "_tool_calls",
         "finish_reason",
         "id",
         "is_done",
@@ -385,7 +409,7 @@ class StreamParser:
         self.usage: Usage | None = None
         self.is_done = False
         self.is_refused = False  # a `refusal` came: the stream ends as a content filter's
-        self._tool_positions: dict[int, tuple[int, str]] = {}  # index: (position, id)
+        self._tool_calls: dict[int, _StreamedCall] = {}  # by the upstream's index
         self._calls = 0  # tool calls begun
 
     def _tool_call_pieces(self, data: object) -> tuple[ToolCallDelta, ...]:
@@ -407,16 +431,28 @@ class StreamParser:
             name, arguments = function.get("name"), function.get("arguments")
             if not all(isinstance(v, str | None) for v in (call_id, name, arguments)):
                 raise MalformedReply("a tool call piece has a field that is not a string")
-            known = self._tool_positions.get(index)
+            known = self._tool_calls.get(index)
             # A new id at a known index is a new call: Ollama streams every call at index 0.
-            if known is None or (call_id and call_id != known[1]):
-                if not call_id or not name:
-                    raise MalformedReply("a tool call's first piece has no id or name")
-                position, self._calls = self._calls, self._calls + 1
-                self._tool_positions[index] = (position, call_id)
-                pieces.append(ToolCallDelta(position, call_id, name, arguments or ""))
-            elif arguments:  # some servers repeat the id and name: sent once
-                pieces.append(ToolCallDelta(known[0], arguments=arguments))
+            if known is None or (call_id and known.id and call_id != known.id):
+                if known is not None and known.position is None:
+                    _check_begun(known)  # its index is taken: it can never begin
+                known = self._tool_calls[index] = _StreamedCall()
+            if known.position is not None:
+                if arguments:  # some servers repeat the id and name: sent once
+                    pieces.append(ToolCallDelta(known.position, arguments=arguments))
+                continue
+            known.id, known.name = known.id or call_id or "", known.name or name or ""
+            if arguments:
+                known.held.append(arguments)
+                known.held_chars += len(arguments)
+                if known.held_chars > _MAX_HELD_CHARS:
+                    raise MalformedReply("a tool call's arguments ran long before its id and name")
+            if known.id and known.name:
+                known.position, self._calls = self._calls, self._calls + 1
+                pieces.append(
+                    ToolCallDelta(known.position, known.id, known.name, "".join(known.held))
+                )
+                known.held.clear()
         return tuple(pieces)
 
     def parse(self, data: str) -> TextChunk | None:
@@ -481,6 +517,8 @@ class StreamParser:
         """The stream's end; raises when it never said why it finished."""
         if self.finish_reason is None:
             raise MalformedReply("the stream ended without a finish reason")
+        for call in self._tool_calls.values():
+            _check_begun(call)
         reason = (
             FinishReason.CONTENT_FILTER
             if self.is_refused

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from typing import Any
 
@@ -28,6 +29,19 @@ WEATHER_CALL = ToolCallReply("call_1", "get_weather", '{"city": "Paris",  "days"
 # Not valid JSON: models write such arguments, and callers must see them as written.
 CLOCK_CALL = ToolCallReply("call_2", "get-time", '{"tz": "Europe/Par')
 TOOL_REPLY = Reply(content="", finish_reason="tool_calls", tool_calls=(WEATHER_CALL,))
+# vmlx's shape: the id (and type) first, arguments before the name, the name on its own.
+LATE_NAME_REPLY = Reply(
+    content="",
+    finish_reason="tool_calls",
+    tool_calls=(WEATHER_CALL,),
+    raw_tool_call_deltas=(
+        [{"index": 0, "id": "call_1", "type": "function"}],
+        [{"index": 0, "function": {"arguments": '{"city": "Paris",'}}],
+        [{"index": 0, "function": {"name": "get_weather"}}],
+        [{"index": 0, "function": {"arguments": '  "days": 3}'}}],
+    ),
+    chunk_delay_s=0.01,
+)
 
 
 def _request(
@@ -283,6 +297,59 @@ async def test_stream_cut_after_a_tool_call_piece_is_not_retried(upstream, start
     total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
     assert (total.requests, total.estimated_requests) == (1, 1)
     assert total.usage.output_tokens > 0
+
+
+async def test_stream_call_named_in_a_later_piece_is_relayed_whole(upstream, start_gateway):
+    """A call whose name comes after its id and some arguments is an answer, not a
+    malformed one: its first piece out has the id and name, once; the answer is cached
+    with the whole call, for a replayed stream and a unary hit alike."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache={"backend": "memory"}))
+    upstream.script(LATE_NAME_REPLY)
+    expected = [("call_1", "get_weather", WEATHER_CALL.arguments)]
+    live = await _collect(gateway.stub, _request(stream=True, cache=CACHED))
+    assert _assembled(live) == expected
+    assert len([p for e in live for p in e.delta.tool_calls]) == 2, "later arguments stream"
+    assert live[-1].final.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert not live[-1].final.cache_hit
+    replayed = await _collect(gateway.stub, _request(stream=True, cache=CACHED))
+    assert replayed[-1].final.cache_hit
+    assert [(p.index, p.id, p.name, p.arguments) for e in replayed for p in e.delta.tool_calls] == [
+        (0, *expected[0])
+    ]
+    unary = await gateway.stub.Complete(_request(cache=CACHED))
+    assert unary.metadata.cache_hit
+    assert _calls(unary.tool_calls) == expected
+    assert len(upstream.requests) == 1
+
+
+async def test_coalesced_followers_get_a_call_named_in_a_later_piece(upstream, start_gateway):
+    """Callers sharing one upstream stream whose call is named late all get the call:
+    streaming followers with its id and name on its first piece, a unary one whole."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache={"backend": "memory"}))
+    upstream.script(dataclasses.replace(LATE_NAME_REPLY, delay_s=0.3))
+    request = _request(stream=True, cache=CACHED)
+    leader = asyncio.ensure_future(_collect(gateway.stub, request))
+    while not upstream.requests:
+        await asyncio.sleep(0.01)
+    follower = asyncio.ensure_future(_collect(gateway.stub, request))
+    unary = asyncio.ensure_future(gateway.stub.Complete(_request(cache=CACHED)))
+    expected = [("call_1", "get_weather", WEATHER_CALL.arguments)]
+    for events in await asyncio.gather(leader, follower):
+        assert _assembled(events) == expected
+    response = await unary
+    assert _calls(response.tool_calls) == expected
+    assert response.metadata.cache_hit
+    assert len(upstream.requests) == 1
+
+
+async def test_python_client_assembles_a_call_named_in_a_later_piece(gateway, upstream):
+    """`CompletionStream.tool_calls` has the call's id and name when the upstream sent
+    them in different pieces."""
+    upstream.script(LATE_NAME_REPLY)
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream("Weather in Paris?", model=FAKE_MODEL, tools=[WEATHER])
+        assert [text async for text in stream] == []
+    assert _calls(stream.tool_calls) == [("call_1", "get_weather", WEATHER_CALL.arguments)]
 
 
 async def test_unary_cache_hit_has_the_same_tool_calls(upstream, start_gateway):
@@ -576,6 +643,7 @@ MALFORMED_TOOL_CALLS = {
     "not-a-list": {"id": "call_1"},
     "no-function": [{"id": "call_1", "type": "function"}],
     "no-name": [{"id": "call_1", "index": 0, "function": {"arguments": "{}"}}],
+    "no-id": [{"index": 0, "function": {"name": "get_weather", "arguments": "{}"}}],
     "arguments-object": [{"id": "call_1", "index": 0, "function": {"name": "f", "arguments": {}}}],
 }
 

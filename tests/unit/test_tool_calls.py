@@ -68,28 +68,90 @@ def test_stream_pieces_are_numbered_by_first_appearance_with_id_and_name_once() 
     [
         {"index": 0},
         ["x"],
-        [{"function": {"arguments": "{}"}}],
         [{"index": -1, "id": "a", "function": {"name": "f"}}],
-        [{"index": 0, "function": {"name": "f"}}],
-        [{"index": 0, "id": "a", "function": {"arguments": "{}"}}],
         [{"index": 0, "id": "a", "function": {"name": "f", "arguments": {}}}],
         [{"index": 0, "id": "a", "function": "f"}],
     ],
-    ids=[
-        "not-list",
-        "not-object",
-        "no-index-no-call",
-        "negative-index",
-        "no-id",
-        "no-name",
-        "arguments-object",
-        "function-string",
-    ],
+    ids=["not-list", "not-object", "negative-index", "arguments-object", "function-string"],
 )
 def test_malformed_stream_pieces_are_malformed_replies(tool_calls: object) -> None:
     """A tool-call piece that cannot be assembled is a malformed reply."""
     with pytest.raises(MalformedReply):
         StreamParser().parse(_event(tool_calls))
+
+
+def _finished(parser: StreamParser, *events: object) -> list[ToolCallDelta]:
+    """The pieces of `events` (each a delta's tool calls), then a finish event; `end()`
+    is called, so a call left without its id or name raises."""
+    chunks = [parser.parse(_event(tool_calls)) for tool_calls in events]
+    parser.parse(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    end = parser.end()
+    assert end.finish_reason is FinishReason.TOOL_CALLS
+    return [p for chunk in chunks if chunk for p in chunk.tool_calls]
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        # vmlx: the id and type first, then the name, then the arguments.
+        [
+            [{"index": 0, "id": "a", "type": "function"}],
+            [{"index": 0, "function": {"name": "f"}}],
+            [{"index": 0, "function": {"arguments": '{"x": 1}'}}],
+        ],
+        # Arguments before the name, the name repeated after.
+        [
+            [{"index": 0, "id": "a", "function": {"arguments": '{"x'}}],
+            [{"index": 0, "function": {"name": "f", "arguments": '": 1'}}],
+            [{"index": 0, "id": "a", "function": {"name": "f", "arguments": "}"}}],
+        ],
+        # The name first and the id later, without an index (Gemini sends none).
+        [
+            [{"function": {"name": "f", "arguments": ""}}],
+            [{"id": "a", "function": {"arguments": '{"x": 1}'}}],
+        ],
+    ],
+    ids=["id-then-name", "arguments-before-name", "id-after-name"],
+)
+def test_a_calls_id_and_name_may_come_in_later_pieces(events: list[object]) -> None:
+    """A call's first piece out has its id and name, with the arguments held until they
+    came; later arguments follow as pieces of their own."""
+    pieces = _finished(StreamParser(), *events)
+    assert pieces[0].id == "a"
+    assert pieces[0].name == "f"
+    assert all((p.index, p.id, p.name) == (0, "", "") for p in pieces[1:])
+    assert assemble_tool_calls(pieces) == (ToolCall("a", "f", '{"x": 1}'),)
+
+
+def test_calls_are_numbered_in_the_order_they_began() -> None:
+    """A call named after a later one began is numbered after it, so that the pieces'
+    indexes go up from 0 as they arrive."""
+    pieces = _finished(
+        StreamParser(),
+        [{"index": 0, "id": "a", "function": {"arguments": "{}"}}],
+        [{"index": 1, "id": "b", "function": {"name": "g", "arguments": "[]"}}],
+        [{"index": 0, "function": {"name": "f"}}],
+    )
+    assert pieces == [ToolCallDelta(0, "b", "g", "[]"), ToolCallDelta(1, "a", "f", "{}")]
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [[{"index": 0, "id": "a", "function": {"arguments": "{}"}}]],
+        [[{"index": 0, "function": {"name": "f", "arguments": "{}"}}]],
+        [[{"function": {"arguments": "{}"}}]],
+        [
+            [{"index": 0, "id": "a", "function": {"name": "f"}}],
+            [{"index": 1, "id": "b", "function": {"arguments": "{}"}}],
+        ],
+    ],
+    ids=["no-name", "no-id", "no-index-no-call", "second-call-no-name"],
+)
+def test_a_call_that_never_gets_its_id_or_name_is_malformed(events: list[object]) -> None:
+    """By the end of the stream every call has an id and a name, as a unary answer's."""
+    with pytest.raises(MalformedReply):
+        _finished(StreamParser(), *events)
 
 
 def test_pieces_without_an_index_are_calls_in_turn() -> None:
@@ -111,13 +173,33 @@ def test_pieces_without_an_index_are_calls_in_turn() -> None:
     assert assemble_tool_calls(pieces) == (ToolCall("a", "f", "{}"), ToolCall("b", "g", '{"x": 1}'))
 
 
+def test_arguments_held_for_a_nameless_call_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arguments waiting for their call's name are held only up to a bound: a broken
+    upstream cannot make the gateway hold a stream's worth."""
+    monkeypatch.setattr("service.upstream.openai_json._MAX_HELD_CHARS", 8)
+    parser = StreamParser()
+    parser.parse(_event([{"index": 0, "id": "a", "function": {"arguments": "1234"}}]))
+    with pytest.raises(MalformedReply):
+        parser.parse(_event([{"index": 0, "function": {"arguments": "56789"}}]))
+
+
 def test_a_piece_changing_its_calls_id_is_malformed() -> None:
     """A new id at a known index begins the next call (Ollama's parallel calls), which
     needs its name: a piece that only changes the id is refused, never merged."""
-    parser = StreamParser()
-    parser.parse(_event([{"index": 0, "id": "a", "function": {"name": "f"}}]))
     with pytest.raises(MalformedReply):
-        parser.parse(_event([{"index": 0, "id": "b", "function": {"arguments": "{}"}}]))
+        _finished(
+            StreamParser(),
+            [{"index": 0, "id": "a", "function": {"name": "f"}}],
+            [{"index": 0, "id": "b", "function": {"arguments": "{}"}}],
+        )
+
+
+def test_a_call_whose_index_is_taken_before_it_is_named_is_malformed() -> None:
+    """A call still waiting for its name when a new id takes its index can never get it."""
+    parser = StreamParser()
+    parser.parse(_event([{"index": 0, "id": "a", "function": {"arguments": "{}"}}]))
+    with pytest.raises(MalformedReply):
+        parser.parse(_event([{"index": 0, "id": "b", "function": {"name": "g"}}]))
 
 
 def test_unary_tool_calls_parse_with_null_content() -> None:
