@@ -69,9 +69,12 @@ def _ran_out_of_its_leaders_time(exc: BaseException) -> bool:
 
 
 def is_deterministic(request: ChatRequest) -> bool:
-    """Whether the request asks for a reproducible answer: temperature 0 or a seed."""
+    """Whether the request asks for a reproducible answer: temperature 0 or a seed.
+
+    A negative seed asks for none: llama.cpp reads -1 as "pick a random seed".
+    """
     params = request.params
-    return params.temperature == 0 or params.seed is not None
+    return params.temperature == 0 or (params.seed is not None and params.seed >= 0)
 
 
 @dataclass(slots=True)

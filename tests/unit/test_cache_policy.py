@@ -31,6 +31,8 @@ def _cache(**config: object) -> ResponseCache:
         ("deterministic", {"temperature": 0.0}, None, M.DEFAULT),
         ("deterministic", {"seed": 1, "temperature": 0.9}, None, M.DEFAULT),
         ("deterministic", {"seed": 0}, None, M.DEFAULT),
+        ("deterministic", {"seed": -1}, None, M.BYPASS),  # llama.cpp: a random seed
+        ("deterministic", {"seed": -1, "temperature": 0.0}, None, M.DEFAULT),
         ("deterministic", {}, None, M.BYPASS),
         ("deterministic", {"temperature": 0.7}, None, M.BYPASS),
         ("deterministic", {"temperature": 0.7}, M.DEFAULT, M.DEFAULT),
