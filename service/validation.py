@@ -13,6 +13,8 @@ from service.domain import ChatRequest, Message, ResponseFormat, ResponseFormatT
 from service.errors import FieldViolation, InvalidRequest
 from service.tokens import estimate_prompt_tokens
 
+# Label keys the gateway sets itself (the ledger's overflow row).
+RESERVED_LABEL_PREFIX = "llm_gateway."
 _LABEL_KEY = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")  # fullmatch: `$` passes a final newline
 # C0 controls other than tab, LF and CR, DEL, and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -196,6 +198,13 @@ def label_violations(labels: Mapping[str, str], limits: RequestDefaults) -> list
         if not _LABEL_KEY.fullmatch(key):
             found.append(
                 FieldViolation(f"labels[{key[:64]!r}]", "key must be 1-64 of A-Z a-z 0-9 _ . - /")
+            )
+        elif key.startswith(RESERVED_LABEL_PREFIX):
+            # The ledger's overflow row is labelled so: a caller's own would pass for it.
+            found.append(
+                FieldViolation(
+                    f"labels[{key!r}]", f"{RESERVED_LABEL_PREFIX}* keys are the gateway's"
+                )
             )
         elif len(value) > limits.max_label_length or not value.isprintable():
             found.append(

@@ -39,6 +39,7 @@ def _request(**fields: object) -> pb.CompleteRequest:
         ({"params": pb.GenerationParams(stop=[""])}, "params.stop[0]"),
         ({"params": pb.GenerationParams(stop=["a", "b", "c", "d", "e"])}, "params.stop"),
         ({"labels": {"bad key!": "v"}}, "labels['bad key!']"),
+        ({"labels": {"llm_gateway.overflow": "true"}}, "labels['llm_gateway.overflow']"),
         ({"model": ""}, "model"),
     ],
 )

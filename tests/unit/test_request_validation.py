@@ -10,7 +10,12 @@ import pytest
 from service.config import RequestDefaults
 from service.domain import CachePolicy, ChatRequest, GenerationParams, Message, Role, ToolCall
 from service.errors import FieldViolation, InvalidRequest
-from service.validation import chat_request_violations, validate_chat_request
+from service.ledger import OVERFLOW_LABELS
+from service.validation import (
+    RESERVED_LABEL_PREFIX,
+    chat_request_violations,
+    validate_chat_request,
+)
 
 LIMITS = RequestDefaults()
 BASE = ChatRequest(model="deepseek-v4", messages=(Message(Role.USER, "Hello"),))
@@ -99,6 +104,11 @@ def test_valid_request_has_no_violations() -> None:
             dataclasses.replace(BASE, labels={"k" * 65: "v"}),
             f"labels[{'k' * 64!r}]",
             id="label-key-too-long-cut-in-path",
+        ),
+        pytest.param(
+            dataclasses.replace(BASE, labels={"llm_gateway.overflow": "true"}),
+            "labels['llm_gateway.overflow']",
+            id="label-key-reserved",
         ),
         pytest.param(
             dataclasses.replace(BASE, labels={"team": "x" * 257}),
@@ -305,3 +315,8 @@ def test_a_message_sends_back_at_most_128_tool_calls(calls: int, refused: bool) 
         assert found[0] == ("messages[1].tool_calls", "at most 128 tool calls, got 129")
     else:
         assert found == []
+
+
+def test_the_ledgers_overflow_label_is_reserved() -> None:
+    """A caller cannot label its own calls as the ledger labels its overflow rows."""
+    assert all(key.startswith(RESERVED_LABEL_PREFIX) for key in OVERFLOW_LABELS)
