@@ -520,6 +520,14 @@ class UpstreamPool:
             return last_error
         reasons = ", ".join(f"{name} ({why})" for name, why in sorted(plan.excluded.items()))
         names = ",".join(r.client.name for r in plan.order)
+        if all(self._states[r.client.name].breaker.is_key_rejected for r in plan.order):
+            # Each is set aside for rejecting the key (or account) on an earlier call:
+            # the same as the call that found it, and as futile to retry.
+            return UpstreamAuthRejected(
+                f"every upstream serving model {model!r} rejected the gateway's key or "
+                "account; an operator must mend it",
+                upstream=names,
+            )
         cool_downs = [
             wait
             for r in plan.order

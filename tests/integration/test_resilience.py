@@ -395,8 +395,10 @@ async def test_only_upstream_key_rejected_is_unavailable_upstream_auth(
     start_gateway, status, problem
 ):
     """With its only upstream's key rejected, or its account out of credit (402), the
-    caller gets UNAVAILABLE/UPSTREAM_AUTH, once: not INVALID_ARGUMENT, as if its request
-    were at fault (a 402 was, before)."""
+    caller gets UNAVAILABLE/UPSTREAM_AUTH: not INVALID_ARGUMENT, as if its request were at
+    fault (a 402 was, before). So do the calls while its breaker is open, without reaching
+    it, and with the same "do not retry" pushback: they got UPSTREAM_UNAVAILABLE, pushed
+    back for the rest of the key cool-down, as if time would mend it."""
     async with FakeUpstream(default=Status(status)) as bad:
         gateway = await start_gateway(gateway_config(bad.base_url, resilience=FAST_RESILIENCE))
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -409,7 +411,9 @@ async def test_only_upstream_key_rejected_is_unavailable_upstream_auth(
         with pytest.raises(grpc.aio.AioRpcError) as again:
             await gateway.stub.Complete(chat())
         assert again.value.code() is grpc.StatusCode.UNAVAILABLE
-        assert "no upstream" in again.value.details()
+        assert "rejected the gateway's key or account" in again.value.details()
+        assert error_details(again.value)[1] == "UPSTREAM_AUTH"
+        assert dict(again.value.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "-1"
         assert len(bad.requests) == 1  # the open breaker answered, not the upstream
 
 
