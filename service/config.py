@@ -166,12 +166,18 @@ class ServerConfig:
     # such a connection may still run; None means max(upstream timeouts, 300 s).
     max_connection_age_s: float = 300.0
     max_connection_age_grace_s: float | None = None
+    # A second port serving only grpc.health.v1, in plaintext: for probes that cannot
+    # speak TLS (Kubernetes' native gRPC probes) when `tls` is on. Unset: none.
+    health_listen: str | None = None
 
     def __post_init__(self) -> None:
-        host, sep, port = self.listen.rpartition(":")
-        _require(bool(sep and host and port.isdigit()), "listen must be HOST:PORT")
-        # gRPC takes the port modulo 65536: 70000 would quietly listen on 4464.
-        _require(int(port) <= 65535, "listen's port must be 0..65535")
+        _require_address(self.listen, "listen")
+        if self.health_listen is not None:
+            _require_address(self.health_listen, "health_listen")
+            _require(
+                self.health_listen != self.listen or self.listen.endswith(":0"),
+                "health_listen must differ from listen",
+            )
         _require(self.grace_period_s >= 0, "grace_period_s must be >= 0")
         _require(
             1024 <= self.max_receive_message_bytes <= _GRPC_MAX_INT,
@@ -196,6 +202,13 @@ class ServerConfig:
     def is_loopback(self) -> bool:
         """Whether the listen address is reachable only from this machine."""
         return _is_loopback_host(self.listen.rpartition(":")[0].strip("[]"))
+
+
+def _require_address(address: str, name: str) -> None:
+    host, sep, port = address.rpartition(":")
+    _require(bool(sep and host and port.isdigit()), f"{name} must be HOST:PORT")
+    # gRPC takes the port modulo 65536: 70000 would quietly listen on 4464.
+    _require(int(port) <= 65535, f"{name}'s port must be 0..65535")
 
 
 def _is_loopback_host(host: str) -> bool:

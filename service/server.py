@@ -66,6 +66,8 @@ class GatewayServer:
         )
         self._stack = contextlib.AsyncExitStack()
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0  # of `server.health_listen`, once bound
         self.pipeline: Pipeline | None = None
         self.local_model: LocalModelServer | None = None
         self._only_local_model = False
@@ -170,20 +172,35 @@ class GatewayServer:
             server,
         )
         listen = self.config.server.listen
-        try:
-            self.port = _add_port(server, self.config.server)
-        except RuntimeError as exc:  # grpc's "Failed to bind to address"
-            raise ListenError(
-                f"cannot listen on {listen}: the address is taken or not local"
-            ) from exc
-        if self.port == 0:
-            raise ListenError(f"cannot listen on {listen}")
+        self.port = _bind(listen, lambda: _add_port(server, self.config.server))
+        health_server = self._health_server_on(self.config.server.health_listen)
         await server.start()
         self._server = server
         await self._set_health()
+        if health_server is not None:  # probes get an answer once there is one to give
+            await health_server.start()
         log.info(
             "server.started", extra={"port": self.port, "upstreams": [c.name for c in clients]}
         )
+
+    def _health_server_on(self, listen: str | None) -> grpc.aio.Server | None:
+        """A server bound to `listen` for the health service alone, in plaintext (stopped
+        with the rest); None without `listen`."""
+        if listen is None:
+            return None
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0 if self.config.server.workers in (None, 1) else 1)]
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.health_port = _bind(listen, lambda: int(server.add_insecure_port(listen)))
+        self._health_server = server
+        self._stack.push_async_callback(self._stop_health_server)
+        return server
+
+    async def _stop_health_server(self) -> None:
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+            self._health_server = None
 
     async def _set_health(self) -> None:
         """SERVING, unless the local model is down and it is the only upstream.
@@ -362,6 +379,17 @@ def report_start_failure(exc: ConfigError | ListenError | LocalModelUnavailable)
         line, status = str(exc), 1
     print(f"llm-gateway: {line}", file=sys.stderr, flush=True)
     return status
+
+
+def _bind(listen: str, add_port: Callable[[], int]) -> int:
+    """The port `add_port` bound for `listen`, or `ListenError`."""
+    try:
+        port = add_port()
+    except RuntimeError as exc:  # grpc's "Failed to bind to address"
+        raise ListenError(f"cannot listen on {listen}: the address is taken or not local") from exc
+    if port == 0:
+        raise ListenError(f"cannot listen on {listen}")
+    return port
 
 
 def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +16,7 @@ import pytest
 import pytest_asyncio
 import yaml
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
@@ -89,6 +93,88 @@ async def test_tls_port_refuses_plaintext(upstream, tls_server, pki):
         )
     assert error.code() is grpc.StatusCode.UNAVAILABLE
     assert upstream.requests == []
+
+
+async def test_health_listen_answers_probes_in_plaintext_and_serves_nothing_else(
+    upstream, tls_server, pki
+):
+    """With mTLS on the gateway's port, `server.health_listen` answers plaintext health
+    checks (Kubernetes' native gRPC probes speak no TLS): SERVING, then NOT_SERVING once the
+    gateway is stopping. The gateway's own service is not served there."""
+    server = await tls_server(
+        gateway_config(
+            upstream.base_url,
+            server={"listen": "127.0.0.1:0", "tls": _mtls(pki), "health_listen": "127.0.0.1:0"},
+        )
+    )
+    assert server.health_port not in (0, server.port)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "llmgateway.v1.CompletionService"):
+            answer = await health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=_TIMEOUT_S
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        error = await rpc_error(
+            pb_grpc.CompletionServiceStub(channel).Complete(chat(), timeout=_TIMEOUT_S)
+        )
+        assert error.code() is grpc.StatusCode.UNIMPLEMENTED
+        await server.health.enter_graceful_shutdown()  # as `stop` begins
+        answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=_TIMEOUT_S)
+        assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert upstream.requests == []
+
+
+async def test_health_listen_is_closed_with_the_gateway(upstream, pki):
+    """Stopping the gateway closes its health port too: nothing answers there after."""
+    config = gateway_config(
+        upstream.base_url,
+        server={"listen": "127.0.0.1:0", "tls": _tls(pki), "health_listen": "127.0.0.1:0"},
+    )
+    async with GatewayServer(config) as server:
+        port = server.health_port
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        error = await rpc_error(
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        )
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def _dockerfile_healthcheck() -> list[str]:
+    """The image's HEALTHCHECK command, run with this interpreter."""
+    text = (_REPO / "deploy" / "Dockerfile").read_text(encoding="utf-8")
+    (command,) = re.findall(r"^HEALTHCHECK .*?\\\n\s*CMD (\[.*\])$", text, flags=re.MULTILINE)
+    program, *arguments = json.loads(command)
+    assert program == "python"
+    return [sys.executable, *arguments]
+
+
+async def _exit_status(command: list[str], **environment: str) -> int:
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        env={**os.environ, **environment},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await asyncio.wait_for(process.wait(), _TIMEOUT_S)
+
+
+async def test_the_images_healthcheck_passes_on_the_health_port_of_a_tls_gateway(
+    upstream, tls_server, pki
+):
+    """The Dockerfile's HEALTHCHECK, pointed at `server.health_listen` by
+    LLM_GATEWAY_HEALTHCHECK_ADDRESS, passes for a gateway serving mTLS; pointed at the TLS
+    port it fails, as it did for every TLS gateway before."""
+    server = await tls_server(
+        gateway_config(
+            upstream.base_url,
+            server={"listen": "127.0.0.1:0", "tls": _mtls(pki), "health_listen": "127.0.0.1:0"},
+        )
+    )
+    healthcheck = _dockerfile_healthcheck()
+    health_port = f"127.0.0.1:{server.health_port}"
+    assert await _exit_status(healthcheck, LLM_GATEWAY_HEALTHCHECK_ADDRESS=health_port) == 0
+    assert await _exit_status(healthcheck, LLM_GATEWAY_HEALTHCHECK_ADDRESS=server.address) != 0
 
 
 async def test_mtls_names_the_tenant_from_a_valid_client_certificate(upstream, tls_server, pki):

@@ -634,6 +634,27 @@ def test_env_override_on_real_file() -> None:
             id="listen-without-host",
         ),
         pytest.param(
+            {"server": {"health_listen": "50052"}},
+            {},
+            "server",
+            "health_listen must be HOST:PORT",
+            id="health-listen-without-host",
+        ),
+        pytest.param(
+            {"server": {"health_listen": "0.0.0.0:65536"}},
+            {},
+            "server",
+            "health_listen's port must be 0..65535",
+            id="health-listen-port-out-of-range",
+        ),
+        pytest.param(
+            {"server": {"listen": "0.0.0.0:50051", "health_listen": "0.0.0.0:50051"}},
+            {},
+            "server",
+            "health_listen must differ from listen",
+            id="health-listen-on-the-gateways-port",
+        ),
+        pytest.param(
             {
                 "models": {
                     "m": {
