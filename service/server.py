@@ -247,6 +247,13 @@ class GatewayServer:
         host = self.config.server.listen.rpartition(":")[0]
         return f"{host}:{self.port}"
 
+    @property
+    def health_address(self) -> str | None:
+        """`host:port` of `server.health_listen` actually bound; None without one."""
+        if self.config.server.health_listen is None:
+            return None
+        return f"{self.config.server.health_listen.rpartition(':')[0]}:{self.health_port}"
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Report NOT_SERVING, stop accepting, let in-flight calls finish, close all."""
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
@@ -441,7 +448,10 @@ async def serve(config: GatewayConfig, *, on_ready: Callable[[str], None] | None
         async with GatewayServer(config) as server:
             started = True
             if on_ready is None:
-                print(f"llm-gateway listening on {server.address}", flush=True)
+                health = (
+                    "" if server.health_address is None else f", health on {server.health_address}"
+                )
+                print(f"llm-gateway listening on {server.address}{health}", flush=True)
             else:
                 on_ready(server.address)
             await stopping.wait()

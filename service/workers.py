@@ -88,13 +88,16 @@ def worker_configs(
     ]
 
 
-def _reserve_port(listen: str) -> tuple[socket.socket, int]:
+def _reserve_address(listen: str) -> tuple[socket.socket, str]:
+    """A socket holding `listen`'s port for the workers, and `listen` with that port
+    (the one chosen when `listen` asks for port 0)."""
     try:
-        return _bind_shared(listen)
+        sock, port = _bind_shared(listen)
     except OSError as exc:
         from service.server import ListenError  # here: the supervisor never serves itself
 
         raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+    return sock, f"{listen.rpartition(':')[0]}:{port}"
 
 
 def _bind_shared(listen: str) -> tuple[socket.socket, int]:
@@ -217,12 +220,22 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    reserved, port = _reserve_port(config.server.listen)
-    host = config.server.listen.rpartition(":")[0]
-    server = dataclasses.replace(config.server, listen=f"{host}:{port}", workers=count)
+    reserved, listen = _reserve_address(config.server.listen)
+    health_listen = None
+    if config.server.health_listen is not None:
+        try:
+            reserved_health, health_listen = _reserve_address(config.server.health_listen)
+        except BaseException:
+            reserved.close()
+            raise
+    server = dataclasses.replace(
+        config.server, listen=listen, health_listen=health_listen, workers=count
+    )
     worker_config = dataclasses.replace(config, server=server)
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(reserved.close)  # however this ends; closing twice is harmless
+        if health_listen is not None:
+            stack.callback(reserved_health.close)
         if config.wants_local_model:
             starting = stack.enter_async_context(
                 LocalModelServer(config.local_model, withheld_env=config.secret_variables)
@@ -270,7 +283,8 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         is_up = started.done() and all(started.result())
         if is_up:
             reserved.close()
-            print(f"llm-gateway listening on {host}:{port} ({count} workers)", flush=True)
+            health = "" if health_listen is None else f", health on {health_listen}"
+            print(f"llm-gateway listening on {listen} ({count} workers){health}", flush=True)
         if started.done():
             # Serving until a worker exits or a stop; or, when a worker closed its pipe
             # without listening, until it has exited (with its own status).

@@ -363,14 +363,22 @@ async def test_a_named_redis_password_variable_without_a_password_exits_2(
 
 
 async def test_workers_share_one_port_and_drain_on_sigterm(upstream, tmp_path):
-    """`serve --workers 2` answers on one port from two processes and exits 0 on SIGTERM."""
-    path = _write_config(tmp_path, upstream.base_url)
+    """`serve --workers 2` answers on one port from two processes, and on one health port
+    (`server.health_listen`, port 0 chosen once for all), and exits 0 on SIGTERM."""
+    path = _write_config(tmp_path, upstream.base_url, health_listen="127.0.0.1:0")
     process = await _spawn("serve", "--config", str(path), "--workers", "2")
     try:
         assert process.stdout is not None
         line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
-        assert "(2 workers)" in line
+        assert "(2 workers), health on 127.0.0.1:" in line
         address = line.split(" on ", 1)[1].split(" ", 1)[0]
+        health_address = line.rsplit(" on ", 1)[1].strip()
+        for _ in range(6):  # each worker answers on the one health port
+            async with grpc.aio.insecure_channel(health_address) as channel:
+                answer = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10
+                )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
         assert len(children) >= 2
         for _ in range(6):  # fresh channels land on either worker; every one must answer
