@@ -471,3 +471,80 @@ async def test_numbers_a_request_cannot_carry_are_usage_errors(
     assert f"argument {option.split('=')[0]}: " in text.splitlines()[-1]
     assert "Traceback" not in text
     assert scripted.requests == []
+
+
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Weather by city",
+    "parameters": '{"type": "object", "properties": {"city": {"type": "string"}}}',
+}
+SENT_WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather by city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+async def test_batch_prompt_and_messages_lines_send_their_tools(tmp_path, upstream, gateway):
+    """`tools` and `tool_choice` on a prompt or messages line reach the upstream as they
+    do from a whole `request` line (the same proto3 JSON shape); before, they were
+    silently dropped, and the model answered without them."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    tools = [WEATHER_TOOL]
+    required = {"mode": "TOOL_CHOICE_MODE_REQUIRED"}
+    lines = [
+        {"id": "p", "prompt": "p?", "tools": tools, "tool_choice": required},
+        {
+            "id": "m",
+            "messages": [{"role": "user", "content": "m?"}],
+            "tools": tools,
+            "tool_choice": {"functionName": "get_weather"},
+        },
+        {"id": "t", "prompt": "t?", "tools": tools},
+        {
+            "id": "r",
+            "request": {
+                "messages": [{"role": "ROLE_USER", "content": "r?"}],
+                "tools": tools,
+                "toolChoice": required,
+            },
+        },
+    ]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = (str(source), "-o", str(output), "--address", gateway.server.address)
+    code = await batch.batch_command(parse(batch, "batch", *argv, "--model", FAKE_MODEL))
+    assert code == 0
+    sent = {user_text(r.body): r.body for r in upstream.requests}
+    assert sorted(sent) == ["m?", "p?", "r?", "t?"]
+    assert all(body["tools"] == [SENT_WEATHER_TOOL] for body in sent.values())
+    assert sent["p?"]["tool_choice"] == sent["r?"]["tool_choice"] == "required"
+    assert sent["m?"]["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert "tool_choice" not in sent["t?"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"tools": {"name": "get_weather"}}, "'tools' must be a list"),
+        ({"tools": [{"name": "x", "parameters": {"type": "object"}}]}, "'tools'"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "auto"}, "'tool_choice'"),
+    ],
+    ids=["tools-not-a-list", "parameters-not-json-text", "tool-choice-a-bare-string"],
+)
+async def test_batch_lines_with_unusable_tools_are_skipped_with_why(
+    tmp_path, upstream, gateway, capsys, *, extra, reason
+):
+    """A line whose tools cannot be read is reported and skipped, not run without them."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"id": "a", "prompt": "hi", **extra}) + "\n")
+    argv = (str(source), "-o", str(output), "--address", gateway.server.address)
+    code = await batch.batch_command(parse(batch, "batch", *argv, "--model", FAKE_MODEL))
+    assert code == 1
+    skipped = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert len(skipped) == 1
+    assert f"{source}:1: skipped: " in skipped[0]
+    assert reason in skipped[0]
+    assert upstream.requests == []

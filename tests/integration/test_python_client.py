@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import shutil
@@ -17,7 +18,9 @@ import grpc
 import pytest
 
 from gateway_client import GatewayClient, build_request, error_details
+from gateway_client.commands import complete
 from llmgateway.v1 import gateway_pb2 as pb
+from service.pool import upstream_idempotency_key
 from tests.conftest import FAKE_MODEL, RunningGateway, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply, Status
 
@@ -330,3 +333,150 @@ async def test_a_refusal_the_deadline_cannot_wait_out_arrives_at_once(
     assert elapsed_s < deadline_s / 2
     # The second call reached the upstream only when the upstream refused it, and once.
     assert len(upstream.requests) == (2 if isinstance(refusal, Status) else 1)
+
+
+async def stores_settled(gateway: RunningGateway) -> None:
+    """Wait until the gateway's cache holds what the last call stored."""
+    assert gateway.server.pipeline is not None
+    cache = gateway.server.pipeline.cache
+    assert cache is not None
+    async with asyncio.timeout(5):
+        while cache.in_flight:
+            await asyncio.sleep(0.005)
+
+
+async def test_the_cache_policy_is_set_by_name_or_as_given(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`cache="bypass"` goes upstream despite a stored answer, unary and streamed;
+    `cache="default"` caches a sampled request, which by default is not; a
+    `pb.CachePolicy` is taken as given, and an unknown name is a ValueError before any
+    call."""
+    async with GatewayClient(gateway.server.address) as client:
+        await client.complete("Say hi", model=FAKE_MODEL, temperature=0)
+        await stores_settled(gateway)
+        bypassed = await client.complete("Say hi", model=FAKE_MODEL, temperature=0, cache="bypass")
+        stream = client.stream("Say hi", model=FAKE_MODEL, temperature=0, cache="bypass")
+        assert "".join([text async for text in stream]) == "Hello from fake"
+        policy = pb.CachePolicy(mode=pb.CACHE_MODE_BYPASS)
+        given = await client.complete("Say hi", model=FAKE_MODEL, temperature=0, cache=policy)
+        assert len(upstream.requests) == 4
+        assert not bypassed.metadata.cache_hit
+        assert stream.final is not None
+        assert not stream.final.cache_hit
+        assert not given.metadata.cache_hit
+
+        await client.complete("Sampled", model=FAKE_MODEL, cache="default")
+        await stores_settled(gateway)
+        again = await client.complete("Sampled", model=FAKE_MODEL, cache="default")
+        assert again.metadata.cache_hit
+        assert len(upstream.requests) == 5
+
+        with pytest.raises(ValueError, match="bypass"):
+            await client.complete("Say hi", model=FAKE_MODEL, cache="skip")
+    assert len(upstream.requests) == 5
+
+
+async def test_a_cache_ttl_shortens_how_long_the_answer_is_served(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`cache_ttl_s=1`: the answer is a hit at once and gone a little later (the default
+    TTL is an hour)."""
+    async with GatewayClient(gateway.server.address) as client:
+        await client.complete("Say hi", model=FAKE_MODEL, temperature=0, cache_ttl_s=1)
+        await stores_settled(gateway)
+        hit = await client.complete("Say hi", model=FAKE_MODEL, temperature=0)
+        assert hit.metadata.cache_hit
+        async with asyncio.timeout(10):
+            while True:
+                read = await client.complete(
+                    "Say hi", model=FAKE_MODEL, temperature=0, cache="no_store"
+                )
+                if not read.metadata.cache_hit:
+                    break
+                await asyncio.sleep(0.05)
+    assert len(upstream.requests) == 2
+
+
+async def test_truncation_by_name_drops_the_oldest_turns(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """`truncation="keep_recent"` sends the system message and the newest turns that fit
+    a small window; `truncation="none"` refuses, even where the gateway's default is
+    keep_recent."""
+    window = {"context_window": 1024, "input_usd_per_million": 0.1, "output_usd_per_million": 0.1}
+    gateway = await start_gateway(
+        gateway_config(
+            upstream.base_url,
+            models={FAKE_MODEL: window},
+            defaults={"truncation": "keep_recent"},
+        )
+    )
+    turns: list[tuple[str, str]] = [("system", "Be terse.")]
+    turns += [
+        ("user" if i % 2 == 0 else "assistant", f"turn{i} " + "word " * 100) for i in range(15)
+    ]
+    async with GatewayClient(gateway.server.address) as client:
+        answer = await client.complete(
+            turns, model=FAKE_MODEL, max_tokens=100, truncation="keep_recent"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.complete(turns, model=FAKE_MODEL, max_tokens=100, truncation="none")
+        with pytest.raises(ValueError, match="keep_recent"):
+            await client.complete(turns, model=FAKE_MODEL, truncation="drop_oldest")
+    sent = upstream.requests[0].body["messages"]
+    assert sent[0] == {"role": "system", "content": "Be terse."}
+    assert sent[-1]["content"].startswith("turn14 ")
+    assert answer.metadata.dropped_messages == 16 - len(sent) > 0
+    assert error_details(refused.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert len(upstream.requests) == 1
+
+
+async def test_the_idempotency_key_goes_with_every_upstream_attempt(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`idempotency_key` reaches the upstream, scoped to the tenant, on the first attempt
+    and on the gateway's retry of it, unary and streamed, and with a batch item built by
+    `build_request`."""
+    upstream.script(Status(500), Reply(), Status(500), Reply(), Reply())
+    async with GatewayClient(gateway.server.address) as client:
+        await client.complete("Say hi", model=FAKE_MODEL, idempotency_key="order-7")
+        stream = client.stream("Say hi", model=FAKE_MODEL, idempotency_key="order-8")
+        assert "".join([text async for text in stream]) == "Hello from fake"
+        item = pb.BatchItem(
+            id="a", request=build_request("Say hi", model=FAKE_MODEL, idempotency_key="order-9")
+        )
+        results = [event async for event in client.complete_batch([item])]
+        assert results[0].result.response.content == "Hello from fake"
+    sent = [r.headers.get("idempotency-key") for r in upstream.requests]
+    assert sent == [
+        upstream_idempotency_key("default", key)
+        for key in ("order-7", "order-7", "order-8", "order-8", "order-9")
+    ]
+
+
+async def test_the_complete_command_takes_a_cache_mode_and_ttl(
+    upstream: FakeUpstream, gateway: RunningGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`llm-gateway complete --cache bypass` asks the upstream again for an answer the
+    cache holds; `--cache-ttl-s` bounds how long the one it stores is served."""
+    parser = argparse.ArgumentParser()
+    complete.register(parser.add_subparsers())
+    base = ["complete", "Say hi", "--model", FAKE_MODEL, "--temperature", "0"]
+    base += ["--address", gateway.server.address]
+
+    async def run(*options: str) -> str:
+        assert await complete.complete_command(parser.parse_args([*base, *options])) == 0
+        return capsys.readouterr().err
+
+    assert "cache hit" not in await run("--cache-ttl-s", "1")
+    await stores_settled(gateway)
+    assert "cache hit" not in await run("--cache", "bypass")
+    assert "cache hit" in await run()
+    assert len(upstream.requests) == 2
+    async with asyncio.timeout(10):
+        while "cache hit" in await run("--cache", "no_store"):
+            await asyncio.sleep(0.05)
+    assert len(upstream.requests) == 3
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--cache", "skip"])

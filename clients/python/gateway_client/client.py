@@ -40,6 +40,45 @@ def reasoning_effort_value(name: str) -> pb.ReasoningEffort.ValueType:
     return pb.ReasoningEffort.Value(f"REASONING_EFFORT_{name.upper()}")
 
 
+CACHE_MODES = ("default", "bypass", "refresh", "no_store")
+TRUNCATION_MODES = ("none", "keep_recent")
+
+
+def cache_mode_value(name: str) -> pb.CacheMode.ValueType:
+    """The `CacheMode` sent as `name` ("bypass", "no_store", ...)."""
+    if name not in CACHE_MODES:
+        raise ValueError(f"cache mode must be one of {', '.join(CACHE_MODES)}")
+    return pb.CacheMode.Value(f"CACHE_MODE_{name.upper()}")
+
+
+def truncation_mode_value(name: str) -> pb.TruncationMode.ValueType:
+    """The `TruncationMode` sent as `name` ("none", "keep_recent")."""
+    if name not in TRUNCATION_MODES:
+        raise ValueError(f"truncation mode must be one of {', '.join(TRUNCATION_MODES)}")
+    return pb.TruncationMode.Value(f"TRUNCATION_MODE_{name.upper()}")
+
+
+def _cache_policy(cache: str | pb.CachePolicy | None, ttl_s: int | None) -> pb.CachePolicy | None:
+    if isinstance(cache, pb.CachePolicy):
+        if ttl_s is not None:
+            raise ValueError("cache_ttl_s goes into the CachePolicy itself when one is given")
+        return cache
+    if cache is None and ttl_s is None:
+        return None
+    return pb.CachePolicy(
+        mode=cache_mode_value(cache) if cache is not None else pb.CACHE_MODE_UNSPECIFIED,
+        ttl_seconds=ttl_s or 0,
+    )
+
+
+def _truncation_policy(
+    truncation: str | pb.TruncationPolicy | None,
+) -> pb.TruncationPolicy | None:
+    if truncation is None or isinstance(truncation, pb.TruncationPolicy):
+        return truncation
+    return pb.TruncationPolicy(mode=truncation_mode_value(truncation))
+
+
 def build_request(
     prompt: str | Sequence[Turn],
     *,
@@ -48,13 +87,20 @@ def build_request(
     labels: Mapping[str, str] | None = None,
     tools: Sequence[pb.Tool] = (),
     tool_choice: pb.ToolChoice | None = None,
+    cache: str | pb.CachePolicy | None = None,
+    cache_ttl_s: int | None = None,
+    truncation: str | pb.TruncationPolicy | None = None,
+    idempotency_key: str = "",
     **params: Any,
 ) -> pb.CompleteRequest:
     """A CompleteRequest from a prompt (or turns: (role, content) pairs, or `pb.Message`s
     such as tool-call turns and tool results), tools and generation params.
 
     `reasoning_effort` may be given by its name on the wire ("low", "max"), and `stop`
-    as one string, as the OpenAI API takes it.
+    as one string, as the OpenAI API takes it. `cache` ("default", "bypass", "refresh",
+    "no_store", or a `pb.CachePolicy`), `cache_ttl_s`, `truncation` ("none",
+    "keep_recent", or a `pb.TruncationPolicy`) and `idempotency_key` set the request's
+    own fields; unset, the gateway's defaults apply.
     """
     effort = params.get("reasoning_effort")
     if isinstance(effort, str):
@@ -77,6 +123,9 @@ def build_request(
         labels=dict(labels or {}),
         tools=list(tools),
         tool_choice=tool_choice,
+        cache=_cache_policy(cache, cache_ttl_s),
+        truncation=_truncation_policy(truncation),
+        idempotency_key=idempotency_key,
     )
 
 

@@ -3,8 +3,11 @@
 Each input line is a JSON object with an `id` and either a `prompt` (plus optional
 `system`), `messages` (a list of {"role", "content"}), or `request` (a CompleteRequest
 in proto3 JSON). Optional: `model` (else --model), `max_tokens`, `temperature`,
-`top_p`, `seed`, `reasoning_effort` ("low", "max", ...), `labels`. Lines that cannot
-be used are reported with their line numbers and skipped.
+`top_p`, `seed`, `reasoning_effort` ("low", "max", ...), `labels`, and `tools` and
+`tool_choice` as a `request` gives them (proto3 JSON: [{"name", "description",
+"parameters": "<JSON Schema as text>"}], {"mode": "TOOL_CHOICE_MODE_REQUIRED"} or
+{"function_name": "..."}). Lines that cannot be used are reported with their line
+numbers and skipped.
 
 Each result is appended to OUTPUT as one JSON line the moment it arrives, with either
 `content` (plus usage and cost) or `error`. Re-running skips every id already in OUTPUT,
@@ -92,6 +95,25 @@ class BadLine:
     reason: str
 
 
+def _tools_from(data: dict[str, Any]) -> tuple[list[pb.Tool], pb.ToolChoice | None]:
+    """A prompt or messages line's `tools` and `tool_choice`, in the proto3 JSON a
+    `request` line gives them in; raises ValueError saying what is wrong."""
+    tools = data.get("tools") or []
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise ValueError("'tools' must be a list of Tool objects")
+    choice = data.get("tool_choice")
+    if choice is not None and not isinstance(choice, dict):
+        raise ValueError("'tool_choice' must be a ToolChoice object")
+    try:
+        parsed = [json_format.ParseDict(tool, pb.Tool()) for tool in tools]
+    except json_format.ParseError as exc:
+        raise ValueError(f"'tools' is not a list of Tool objects: {exc}") from None
+    try:
+        return parsed, None if choice is None else json_format.ParseDict(choice, pb.ToolChoice())
+    except json_format.ParseError as exc:
+        raise ValueError(f"'tool_choice' is not a ToolChoice: {exc}") from None
+
+
 def _request_from(data: dict[str, Any], default_model: str) -> pb.CompleteRequest:
     """The CompleteRequest a line describes; raises ValueError saying what is wrong."""
     if "request" in data:
@@ -109,6 +131,7 @@ def _request_from(data: dict[str, Any], default_model: str) -> pb.CompleteReques
     if not isinstance(labels, dict):
         raise ValueError("'labels' must be an object")
     model = str(data.get("model") or default_model)
+    tools, tool_choice = _tools_from(data)
     if "messages" in data:
         messages = data["messages"]
         if not isinstance(messages, list) or not all(
@@ -129,6 +152,8 @@ def _request_from(data: dict[str, Any], default_model: str) -> pb.CompleteReques
             model=model,
             system=data.get("system"),
             labels={str(k): str(v) for k, v in labels.items()},
+            tools=tools,
+            tool_choice=tool_choice,
             **params,
         )
     except (TypeError, ValueError) as exc:

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from gateway_client.client import REASONING_EFFORTS, GatewayClient, build_request
+from gateway_client.client import CACHE_MODES, REASONING_EFFORTS, GatewayClient, build_request
 from gateway_client.commands.usage import parse_label
 from gateway_client.connection import add_connection_arguments, connection
 from gateway_client.errors import error_details
@@ -18,7 +18,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 
 def register(subparsers: Any) -> None:
     """Add the `complete` subcommand."""
-    from gateway_client.cli import INT32, int_in
+    from gateway_client.cli import INT32, UINT32, int_in
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "complete", help="ask for one completion and print it"
@@ -33,6 +33,16 @@ def register(subparsers: Any) -> None:
         "--reasoning-effort",
         choices=REASONING_EFFORTS,
         help="how much a reasoning model thinks (default: the upstream's)",
+    )
+    parser.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        help="bypass, refresh or no_store the gateway's cache (default: the gateway's)",
+    )
+    parser.add_argument(
+        "--cache-ttl-s",
+        type=int_in(UINT32),
+        help="seconds the answer stays cached (default: the gateway's)",
     )
     parser.add_argument(
         "--label",
@@ -71,7 +81,15 @@ async def complete_command(args: argparse.Namespace) -> int:
     if args.reasoning_effort is not None:
         params["reasoning_effort"] = args.reasoning_effort
     labels = dict(args.label)
-    request = build_request(prompt, model=args.model, system=args.system, labels=labels, **params)
+    request = build_request(
+        prompt,
+        model=args.model,
+        system=args.system,
+        labels=labels,
+        cache=args.cache,
+        cache_ttl_s=args.cache_ttl_s,
+        **params,
+    )
     started = time.monotonic()
     async with GatewayClient(args.address, **connection(args)) as client:
         try:
