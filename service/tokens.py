@@ -43,9 +43,11 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from collections.abc import Iterable
 
 from service.domain import Message, ResponseFormat, ResponseFormatType, Tool, ToolCall
+from service.memo import BoundedMemo
 
 PER_MESSAGE_OVERHEAD = 4
 PER_REQUEST_OVERHEAD = 3
@@ -179,7 +181,7 @@ def estimate_text_tokens(text: str) -> int:
         return 0
     if len(text) <= _MEMO_MAX_CHARS:
         return _remembered_estimate(text)
-    return _estimate(text)
+    return _remembered_long_estimate(text)
 
 
 def _rule_run_tokens(length: int) -> int:
@@ -202,6 +204,25 @@ def _estimate(text: str) -> int:
 
 
 _remembered_estimate = functools.lru_cache(maxsize=_MEMO_SIZE)(_estimate)
+
+# The last texts past the memo's bound, by identity: validation estimates a long prompt and
+# fitting it to the window again, each pass up to half a second for 4 MiB, while hashing
+# or comparing such a text is a pass of its own. An entry holds its text, so that no other
+# object can take its id while it is remembered.
+_LONG_MEMO_SIZE = 2
+_long_estimates: BoundedMemo[int, tuple[str, int]] = BoundedMemo(_LONG_MEMO_SIZE)
+_long_estimates_lock = threading.Lock()  # Summarize estimates its document in a thread
+
+
+def _remembered_long_estimate(text: str) -> int:
+    with _long_estimates_lock:
+        known = _long_estimates.get(id(text))
+    if known is not None and known[0] is text:
+        return known[1]
+    estimate = _estimate(text)
+    with _long_estimates_lock:
+        _long_estimates.put(id(text), (text, estimate))
+    return estimate
 
 
 def estimate_tool_call_tokens(calls: Iterable[ToolCall]) -> int:

@@ -7,9 +7,10 @@ import pytest
 
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
+from service import tokens
 from service.domain import Message, Role
 from service.tokens import estimate_prompt_tokens
-from tests.conftest import FAKE_MODEL, gateway_config
+from tests.conftest import FAKE_MODEL, chat, gateway_config
 from tests.fake_upstream import Reply, Status
 from tests.scripted_upstream import ScriptedUpstream
 
@@ -296,3 +297,31 @@ async def test_an_answer_schema_counts_against_the_window(upstream_small, start_
         await gateway.stub.Complete(too_big)
     assert error_details(refused.value).reason == "CONTEXT_WINDOW_EXCEEDED"
     assert len(upstream_small.requests) == calls
+
+
+async def test_a_long_prompt_is_estimated_once_a_call(upstream_small, start_gateway, monkeypatch):
+    """A prompt long enough for validation to check its estimate against
+    `max_prompt_tokens` is not estimated again when fitted to the window: each pass over
+    4 MiB holds the event loop for up to a second."""
+    passes: list[int] = []
+    estimate = tokens._estimate
+    monkeypatch.setattr(
+        tokens, "_estimate", lambda text: passes.append(len(text)) or estimate(text)
+    )
+    gateway = await start_gateway(
+        gateway_config(
+            upstream_small.base_url,
+            models={
+                FAKE_MODEL: {
+                    "context_window": 200_000,
+                    "input_usd_per_million": 0.14,
+                    "output_usd_per_million": 0.42,
+                }
+            },
+            defaults={"max_prompt_tokens": 100_000},
+        )
+    )
+    prompt = "word " * 10_000  # 50,000 characters: up to 250,000 tokens by the bound
+    response = await gateway.stub.Complete(chat(prompt))
+    assert response.metadata.usage.input_tokens > 0
+    assert [n for n in passes if n > tokens._MEMO_MAX_CHARS] == [len(prompt)]

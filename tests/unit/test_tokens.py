@@ -5,6 +5,7 @@ import unicodedata
 
 import pytest
 
+from service import tokens
 from service.domain import Message, Role
 from service.tokens import (
     PER_MESSAGE_OVERHEAD,
@@ -543,3 +544,26 @@ def test_prompt_estimate_adds_overheads():
     )
     assert estimate_prompt_tokens(messages) == expected
     assert estimate_message_tokens(messages[0]) == PER_MESSAGE_OVERHEAD + 4
+
+
+def test_a_long_text_is_estimated_once_while_remembered(monkeypatch):
+    """A text past the memo's bound is remembered by identity: validation and fitting
+    estimate the same prompt object, and 4 MiB cost up to a second a pass. Another object
+    with the same characters is estimated on its own, to the same figure; the entries
+    are bounded."""
+    passes = []
+    estimate = tokens._estimate
+    monkeypatch.setattr(tokens, "_estimate", lambda text: passes.append(text) or estimate(text))
+    long_text = "word " * (tokens._MEMO_MAX_CHARS // 4)
+    figure = estimate_text_tokens(long_text)
+    assert estimate_text_tokens(long_text) == figure
+    assert len(passes) == 1
+    twin = "".join(["word "] * (tokens._MEMO_MAX_CHARS // 4))
+    assert twin is not long_text
+    assert estimate_text_tokens(twin) == figure
+    assert len(passes) == 2
+    others = ["x" * (tokens._MEMO_MAX_CHARS + n) for n in range(1, tokens._LONG_MEMO_SIZE + 1)]
+    for other in others:
+        estimate_text_tokens(other)
+    estimate_text_tokens(long_text)  # forgotten for the newer ones
+    assert len(passes) == 3 + tokens._LONG_MEMO_SIZE
