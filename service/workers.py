@@ -100,6 +100,11 @@ def _reserve_address(listen: str) -> tuple[socket.socket, str]:
     return sock, f"{listen.rpartition(':')[0]}:{port}"
 
 
+def _close(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
 def _bind_shared(listen: str) -> tuple[socket.socket, int]:
     host, _, port = listen.rpartition(":")
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
@@ -220,22 +225,20 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    reserved, listen = _reserve_address(config.server.listen)
-    health_listen = None
-    if config.server.health_listen is not None:
-        try:
-            reserved_health, health_listen = _reserve_address(config.server.health_listen)
-        except BaseException:
-            reserved.close()
-            raise
-    server = dataclasses.replace(
-        config.server, listen=listen, health_listen=health_listen, workers=count
-    )
-    worker_config = dataclasses.replace(config, server=server)
+    reserved: list[socket.socket] = []
     async with contextlib.AsyncExitStack() as stack:
-        stack.callback(reserved.close)  # however this ends; closing twice is harmless
-        if health_listen is not None:
-            stack.callback(reserved_health.close)
+        # However this ends; closing twice is harmless.
+        stack.callback(_close, reserved)
+        sock, listen = _reserve_address(config.server.listen)
+        reserved.append(sock)
+        health_listen = None
+        if config.server.health_listen is not None:
+            sock, health_listen = _reserve_address(config.server.health_listen)
+            reserved.append(sock)
+        server = dataclasses.replace(
+            config.server, listen=listen, health_listen=health_listen, workers=count
+        )
+        worker_config = dataclasses.replace(config, server=server)
         if config.wants_local_model:
             starting = stack.enter_async_context(
                 LocalModelServer(config.local_model, withheld_env=config.secret_variables)
@@ -282,7 +285,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         )
         is_up = started.done() and all(started.result())
         if is_up:
-            reserved.close()
+            _close(reserved)
             health = "" if health_listen is None else f", health on {health_listen}"
             print(f"llm-gateway listening on {listen} ({count} workers){health}", flush=True)
         if started.done():
@@ -300,7 +303,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         # Awaited, not left to asyncio.run's shutdown: a gather whose workers had not said
         # they listen ends with a CancelledError that asyncio logs as never retrieved.
         await asyncio.gather(started, stop, any_exit, return_exceptions=True)
-        reserved.close()
+        _close(reserved)
     codes = [w.exitcode for w in workers]
     if stopping.is_set():  # a worker stopped before it could catch SIGTERM is stopped too
         return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
