@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Mapping
 from service.config import BudgetConfig
 from service.domain import ChatRequest, Usage
 from service.errors import QuotaExceeded
-from service.ledger import PICO, Ledger, Reservation, WallClock, period_end_s
+from service.ledger import PICO, Ledger, Reservation, WallClock, period_key_end_s
 from service.pricing import PriceList
 
 ANY_TENANT = "*"
@@ -90,12 +90,14 @@ class Budgets:
             return reservation
         spent, reserved = reservation.spent_pico / PICO, reservation.reserved_pico / PICO
         held = f" and reserved ${reserved:.6f} for calls in flight" if reserved else ""
-        now = self._now()
+        # The end of the period the ledger refused in: past midnight by now, the new
+        # day's budget may already have room.
+        ends_in_s = period_key_end_s(reservation.period_key) - self._now()
         raise QuotaExceeded(
             f"tenant {request.tenant!r} has spent ${spent:.6f}{held} of its "
             f"${budget.usd:.6f} {_ADJECTIVE[budget.period]} budget",
             subject=f"tenant:{request.tenant}",
-            retry_after_s=max(0.0, period_end_s(budget.period, now) - now),
+            retry_after_s=max(0.0, ends_in_s),
         )
 
     async def release(self, reservation: Reservation) -> None:

@@ -123,6 +123,13 @@ def period_end_s(period: str, at_s: float) -> float:
     return following.timestamp()
 
 
+def period_key_end_s(key: str) -> float:
+    """When the period named `key` (`day:2026-11-28`, `month:2026-11`) ends (epoch seconds)."""
+    period, _, date = key.partition(":")
+    start = dt.datetime.strptime(date, "%Y-%m-%d" if period == "day" else "%Y-%m")
+    return period_end_s(period, start.replace(tzinfo=dt.UTC).timestamp())
+
+
 @dataclass(frozen=True, slots=True)
 class UsageEntry:
     """One finished call as the ledger records it, or one attempt the gateway abandoned.

@@ -23,6 +23,7 @@ from service.ledger import (
     _RecordNumbers,
     period_end_s,
     period_key,
+    period_key_end_s,
     to_pico,
     total_of,
 )
@@ -247,6 +248,41 @@ async def test_budget_refuses_once_spent_until_the_period_resets():
     await check(budgets, request_of("zeta"))  # no budget of its own and no "*"
     clock.now = NOON + 86400
     await check(budgets, request_of("acme"))
+
+
+async def test_a_refusal_read_past_midnight_says_retry_now_not_in_a_day():
+    """The refusal's RetryInfo is the end of the period the ledger refused in: when
+    midnight passes between the ledger's check and the refusal, the new day's budget has
+    room, and the caller is not told to wait until the next midnight."""
+    clock = WallClock(NOON)
+    ledger = MemoryLedger(wall_clock=clock)
+    budgets_clock = WallClock(NOON)
+    budgets = Budgets(
+        {"acme": BudgetConfig(usd=0.01, period="day")},
+        ledger=ledger,
+        prices=PRICES,
+        wall_clock=budgets_clock,
+    )
+    await ledger.record(entry(cost=0.01))
+    midnight = dt.datetime(2026, 11, 29, tzinfo=dt.UTC).timestamp()
+    clock.now, budgets_clock.now = midnight - 0.5, midnight + 0.5
+    with pytest.raises(QuotaExceeded) as refused:
+        await check(budgets, request_of("acme"))
+    assert refused.value.retry_after_s == 0.0
+
+
+@pytest.mark.parametrize(
+    ("key", "end"),
+    [
+        ("day:2026-11-28", dt.datetime(2026, 11, 29)),
+        ("day:2026-12-31", dt.datetime(2027, 1, 1)),
+        ("month:2026-11", dt.datetime(2026, 12, 1)),
+        ("month:2026-12", dt.datetime(2027, 1, 1)),
+    ],
+)
+def test_a_period_key_names_its_end(key, end):
+    """The end of the UTC period a key names, across a year's end too."""
+    assert period_key_end_s(key) == end.replace(tzinfo=dt.UTC).timestamp()
 
 
 async def test_budget_counts_the_prompt_of_the_call_about_to_be_made():
