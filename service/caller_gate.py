@@ -161,9 +161,14 @@ class BatchPacer:
     it holds, where taking them all up front would refuse any batch larger than a
     minute's allowance."""
 
-    def __init__(self, limiter: TenantLimiter, principal: Principal) -> None:
+    def __init__(
+        self, limiter: TenantLimiter, principal: Principal, *, leave_share: float = 0.0
+    ) -> None:
         self._limiter = limiter
         self._principal = principal
+        # Left to the tenant's other calls: taking each refill the moment it came, a batch
+        # would refuse every unary call of its tenant for as long as it ran.
+        self._leave_share = leave_share
         # Items take their turn in order, rather than every waiting item waking to race
         # for each refill.
         self._turn = asyncio.Lock()
@@ -183,7 +188,9 @@ class BatchPacer:
                 if deadline.has_expired:  # taken now, it would be paid for and never sent
                     raise DeadlineExceeded("the caller's deadline passed before the item's turn")
                 try:
-                    await self._limiter.take_rate(tenant, limits, tokens=tokens)
+                    await self._limiter.take_rate(
+                        tenant, limits, tokens=tokens, leave_share=self._leave_share
+                    )
                     return
                 except QuotaExceeded as refusal:
                     wait_s, left_s = refusal.retry_after_s, deadline.remaining_s()
@@ -213,9 +220,16 @@ def _is_unmetered(limits: TenantConfig) -> bool:
 class CallerGate:
     """Authenticates, authorizes and meters one call (see the module docstring)."""
 
-    def __init__(self, authenticator: Authenticator, limiter: TenantLimiter) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        limiter: TenantLimiter,
+        *,
+        batch_leave_share: float = 0.0,
+    ) -> None:
         self._authenticator = authenticator
         self._limiter = limiter
+        self._batch_leave_share = batch_leave_share
 
     @property
     def limiter(self) -> TenantLimiter:
@@ -267,7 +281,9 @@ class CallerGate:
             async with self._limiter.admit(principal.tenant, limits, tokens=0, requests=0):
                 # For this call only, as `_principal` (each RPC runs in a task of its own).
                 if limits.requests_per_minute or limits.tokens_per_minute:
-                    _pacer.set(BatchPacer(self._limiter, principal))
+                    _pacer.set(
+                        BatchPacer(self._limiter, principal, leave_share=self._batch_leave_share)
+                    )
                 yield principal
             return
         if not demand.requests:

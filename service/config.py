@@ -645,9 +645,14 @@ class BatchConfig:
     max_items: int = 1000
     default_concurrency: int = 8
     max_concurrency: int = 64
+    # The share of a tenant's per-minute limits a paced batch leaves to its other calls.
+    rate_left_to_other_calls: float = 0.1
 
     def __post_init__(self) -> None:
         _require(self.max_items >= 1, "max_items must be >= 1")
+        _require(
+            0 <= self.rate_left_to_other_calls < 1, "rate_left_to_other_calls must be in [0, 1)"
+        )
         _require(self.max_concurrency >= 1, "max_concurrency must be >= 1")
         _require(
             1 <= self.default_concurrency <= self.max_concurrency,

@@ -109,4 +109,6 @@ async def build_caller_gate(config: GatewayConfig, stack: contextlib.AsyncExitSt
         tenant_from_cert_subject=config.server.tls.tenant_from_cert_subject,
         requires_client_cert=config.server.tls.require_client_cert,
     )
-    return CallerGate(authenticator, limiter)
+    return CallerGate(
+        authenticator, limiter, batch_leave_share=config.batch.rate_left_to_other_calls
+    )

@@ -43,10 +43,21 @@ class TenantLimiter(Protocol):
         ...
 
     async def take_rate(
-        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int = 1,
+        leave_share: float = 0.0,
     ) -> None:
         """Take `requests` and `tokens` from the tenant's per-minute buckets, holding no
-        call slot (a batch's item as it starts); or refuse and take nothing."""
+        call slot (a batch's item as it starts); or refuse and take nothing.
+
+        `leave_share` of each bucket's capacity is left to the tenant's other calls: a
+        take needs that much in the bucket beyond its own cost (never more than the
+        whole capacity), and its refusal's wait is until the bucket holds it.
+        """
         ...
 
 
@@ -92,8 +103,9 @@ class _Bucket:
         self.level = min(capacity, self.level + (now - self.updated_at) * capacity / _WINDOW_S)
         self.updated_at = now
 
-    def wait_s(self, cost: float, capacity: int) -> float:
-        return 0.0 if self.level >= cost else (cost - self.level) * _WINDOW_S / capacity
+    def wait_s(self, cost: float, capacity: int, *, leave_share: float = 0.0) -> float:
+        need = min(capacity, cost + leave_share * capacity)
+        return 0.0 if self.level >= need else (need - self.level) * _WINDOW_S / capacity
 
 
 class MemoryTenantLimiter:
@@ -117,18 +129,27 @@ class MemoryTenantLimiter:
         bucket.refill(now, capacity)
         return bucket
 
-    def take(self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1) -> None:
-        """Take `requests` and `tokens` from the tenant's buckets, or refuse and take nothing."""
+    def take(
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int = 1,
+        leave_share: float = 0.0,
+    ) -> None:
+        """Take `requests` and `tokens` from the tenant's buckets, or refuse and take
+        nothing; `leave_share` as in `TenantLimiter.take_rate`."""
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
         _too_large(tenant, limits, tokens=tokens, requests=requests)
         requests_bucket = self._bucket(self._requests, tenant, rpm) if rpm else None
         tokens_bucket = self._bucket(self._tokens, tenant, tpm) if tpm else None
         if requests_bucket is not None:
-            wait = requests_bucket.wait_s(requests, rpm)
+            wait = requests_bucket.wait_s(requests, rpm, leave_share=leave_share)
             if wait > 0:
                 raise _refusal(tenant, "requests_per_minute", rpm, wait)
         if tokens_bucket is not None:
-            wait = tokens_bucket.wait_s(tokens, tpm)
+            wait = tokens_bucket.wait_s(tokens, tpm, leave_share=leave_share)
             if wait > 0:
                 raise _refusal(tenant, "tokens_per_minute", tpm, wait)
         if requests_bucket is not None:
@@ -137,10 +158,16 @@ class MemoryTenantLimiter:
             tokens_bucket.level -= tokens
 
     async def take_rate(
-        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int = 1,
+        leave_share: float = 0.0,
     ) -> None:
         """`take`, for callers of the `TenantLimiter` protocol."""
-        self.take(tenant, limits, tokens=tokens, requests=requests)
+        self.take(tenant, limits, tokens=tokens, requests=requests, leave_share=leave_share)
 
     @contextlib.asynccontextmanager
     async def admit(
@@ -159,7 +186,8 @@ class MemoryTenantLimiter:
 
 
 # KEYS: requests bucket, tokens bucket, in-flight sorted set, the lease's released marker.
-# ARGV: rpm, tpm, requests, tokens, max concurrent, lease id, lease ttl (s).
+# ARGV: rpm, tpm, requests, tokens, max concurrent, lease id, lease ttl (s), the share of
+# each bucket to leave to other calls (`take_rate`'s `leave_share`).
 # Returns {0, ""} when admitted, else {1 rpm | 2 tpm | 3 concurrency, wait_s as string}.
 _ADMIT_LUA = """
 local t = redis.call('TIME')
@@ -167,6 +195,7 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local nreq, ntok = tonumber(ARGV[3]), tonumber(ARGV[4])
 local maxc, ttl = tonumber(ARGV[5]), tonumber(ARGV[7])
+local leave = tonumber(ARGV[8])
 local function level(key, cap)
   local v = redis.call('HMGET', key, 'level', 'at')
   local lvl, at = tonumber(v[1]), tonumber(v[2])
@@ -180,11 +209,13 @@ end
 local rl, tl = 0, 0
 if rpm > 0 then
   rl = level(KEYS[1], rpm)
-  if rl < nreq then return {1, tostring((nreq - rl) * 60 / rpm)} end
+  local need = math.min(rpm, nreq + leave * rpm)
+  if rl < need then return {1, tostring((need - rl) * 60 / rpm)} end
 end
 if tpm > 0 then
   tl = level(KEYS[2], tpm)
-  if tl < ntok then return {2, tostring((ntok - tl) * 60 / tpm)} end
+  local need = math.min(tpm, ntok + leave * tpm)
+  if tl < need then return {2, tostring((need - tl) * 60 / tpm)} end
 end
 if rpm > 0 then
   redis.call('HSET', KEYS[1], 'level', tostring(rl - nreq), 'at', tostring(now))
@@ -297,10 +328,17 @@ class RedisTenantLimiter:
             raise _refusal(tenant, _WHICH[which], limit, float(wait))
 
     async def take_rate(
-        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int = 1,
+        leave_share: float = 0.0,
     ) -> None:
         """Take `requests` and `tokens` from the tenant's per-minute buckets, holding no
-        call slot (the script takes no lease without a concurrency cap); or refuse."""
+        call slot (the script takes no lease without a concurrency cap); or refuse.
+        `leave_share` as in `TenantLimiter.take_rate`."""
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
         if not (rpm or tpm):
             return
@@ -309,7 +347,8 @@ class RedisTenantLimiter:
             return
         try:
             which, wait = await self._script(
-                keys=self._keys(tenant, ""), args=[rpm, tpm, requests, tokens, 0, "", 0]
+                keys=self._keys(tenant, ""),
+                args=[rpm, tpm, requests, tokens, 0, "", 0, leave_share],
             )
         except Exception as exc:  # the limit store is down: take nothing, pass
             self._store_failed(exc)
@@ -336,7 +375,8 @@ class RedisTenantLimiter:
         is_confirmed = True
         try:
             which, wait = await self._script(
-                keys=keys, args=[rpm, tpm, requests, tokens, cap, lease, self._lease_ttl_s]
+                keys=keys,
+                args=[rpm, tpm, requests, tokens, cap, lease, self._lease_ttl_s, 0],
             )
         except Exception as exc:  # the limit store is down: admit
             self._store_failed(exc)

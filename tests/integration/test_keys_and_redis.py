@@ -205,6 +205,7 @@ async def test_a_batch_paced_by_redis_limits_takes_one_request_an_item_and_no_le
         upstream.base_url,
         auth={"redis_url": redis_url, "redis_key_prefix": "t-paced:"},
         tenants={"team-a": {"requests_per_minute": 3, "max_concurrent_calls": 1}},
+        batch={"rate_left_to_other_calls": 0},
     )
     gw = await start_gateway(config)
     batch = pb.CompleteBatchRequest(
@@ -224,6 +225,32 @@ async def test_a_batch_paced_by_redis_limits_takes_one_request_an_item_and_no_le
     assert in_flight == 0
     assert 0 <= level < 1  # all three requests taken, in Redis
     assert len(upstream.requests) == 3
+
+
+@pytest.mark.redis
+async def test_a_batch_paced_by_redis_limits_leaves_its_share_to_other_calls(
+    upstream, start_gateway, redis_url
+):
+    """With the limits in Redis, a paced batch leaves `batch.rate_left_to_other_calls` of
+    team-a's ten requests a minute to its other calls: eight items run, the ninth's turn
+    is past the deadline, and two unary calls, on another replica, still pass."""
+    config = secure_config(
+        upstream.base_url,
+        auth={"redis_url": redis_url, "redis_key_prefix": "t-share:"},
+        tenants={"team-a": {"requests_per_minute": 10}},
+        batch={"rate_left_to_other_calls": 0.2},
+    )
+    first, second = [await start_gateway(config) for _ in range(2)]
+    batch = pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id=f"item-{i}", request=chat(f"q{i}")) for i in range(9)],
+        concurrency=1,
+    )
+    call = first.stub.CompleteBatch(batch, metadata=as_tenant("team-a"), timeout=3)
+    events = [e async for e in call]
+    assert (events[-1].summary.succeeded, events[-1].summary.failed) == (8, 1)
+    for _ in range(2):
+        assert (await second.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+    assert len(upstream.requests) == 10
 
 
 async def _create_key_while_serving(upstream, start_gateway, tmp_path, capsys) -> tuple[Any, str]:

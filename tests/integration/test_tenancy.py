@@ -293,7 +293,11 @@ async def test_a_batch_larger_than_a_minutes_allowance_runs_at_its_tenants_rate(
 
     Before, the batch took every item's request up front and was refused as a call that
     could never fit (pushback -1), so no batch larger than a minute's allowance ran."""
-    config = secure_config(upstream.base_url, tenants={"team-a": {"requests_per_minute": 60}})
+    config = secure_config(
+        upstream.base_url,
+        tenants={"team-a": {"requests_per_minute": 60}},
+        batch={"rate_left_to_other_calls": 0},  # the whole minute to the batch
+    )
     gw = await start_gateway(config)
     batch = pb.CompleteBatchRequest(
         items=[pb.BatchItem(id=f"item-{i}", request=chat(f"q{i}")) for i in range(61)]
@@ -304,6 +308,33 @@ async def test_a_batch_larger_than_a_minutes_allowance_runs_at_its_tenants_rate(
     assert len(upstream.requests) == 61
     after = await rpc_error(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
     assert after.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_paced_batch_leaves_a_share_of_its_tenants_minute_to_other_calls(
+    upstream, start_gateway
+):
+    """A batch paced by its tenant's 10 requests a minute leaves a fifth of them
+    (`batch.rate_left_to_other_calls`) to the tenant's other calls: its eighth item waits
+    for the bucket to hold three requests, past the batch's deadline, while two unary
+    calls of the tenant still pass. Before, the batch took all ten and each refill as it
+    came, refusing the tenant's other calls for as long as it ran."""
+    config = secure_config(
+        upstream.base_url,
+        tenants={"team-a": {"requests_per_minute": 10}},
+        batch={"rate_left_to_other_calls": 0.2},
+    )
+    gw = await start_gateway(config)
+    batch = pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id=f"item-{i}", request=chat(f"q{i}")) for i in range(9)],
+        concurrency=1,
+    )
+    call = gw.stub.CompleteBatch(batch, metadata=as_tenant("team-a"), timeout=3)
+    events = [e async for e in call]
+    summary = events[-1].summary
+    assert (summary.succeeded, summary.failed) == (8, 1)
+    for _ in range(2):
+        assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+    assert len(upstream.requests) == 10
 
 
 def _item_detail(status, message_type):
@@ -323,6 +354,7 @@ async def test_batch_items_the_tenants_limits_cannot_take_fail_alone(upstream, s
     config = secure_config(
         upstream.base_url,
         tenants={"team-a": {"requests_per_minute": 3, "tokens_per_minute": 200}},
+        batch={"rate_left_to_other_calls": 0},
     )
     gw = await start_gateway(config)
     huge = chat("big", params=pb.GenerationParams(max_tokens=500))

@@ -634,6 +634,13 @@ def test_env_override_on_real_file() -> None:
             id="listen-without-host",
         ),
         pytest.param(
+            {"batch": {"rate_left_to_other_calls": 1}},
+            {},
+            "batch",
+            "rate_left_to_other_calls must be in [0, 1)",
+            id="batch-leaves-the-whole-rate",
+        ),
+        pytest.param(
             {"server": {"health_listen": "50052"}},
             {},
             "server",

@@ -152,3 +152,39 @@ async def test_a_batch_pacer_takes_nothing_once_the_deadline_has_passed():
         await pacer.take(0, Deadline(expires_at=clock.t - 0.1, clock=clock))
     for _ in range(2):  # both of the minute's requests are still there
         limiter.take("a", limits, tokens=0)
+
+
+async def test_a_batch_pacer_leaves_its_share_to_the_tenants_other_calls():
+    """10 rpm, a fifth left to other calls: a batch takes the bucket down to 2 requests
+    and then waits until it holds 3, so the tenant's unary calls still pass meanwhile.
+    Taking every refill the moment it came, a batch refused them for as long as it ran.
+    """
+    clock = FakeClock()
+    limiter = MemoryTenantLimiter(clock=clock)
+    limits = TenantConfig(requests_per_minute=10, tokens_per_minute=1000)
+    principal = Principal(tenant="a", limits=limits, is_authenticated=True)
+    pacer = BatchPacer(limiter, principal, leave_share=0.2)
+    for _ in range(8):
+        await pacer.take(10, Deadline.after(None, clock))
+    assert clock.slept == []
+    with pytest.raises(QuotaExceeded) as waits:
+        await pacer.take(10, Deadline.after(1.0, clock))
+    assert waits.value.retry_after_s == pytest.approx(6.0)  # until 3 requests are in
+    for _ in range(2):  # the share left: two unary calls pass
+        limiter.take("a", limits, tokens=10)
+    with pytest.raises(QuotaExceeded):
+        limiter.take("a", limits, tokens=10)
+
+
+def test_the_share_left_to_other_calls_never_asks_more_than_the_bucket_holds():
+    """With a large share a take needs at most the whole bucket, never more: it waits for
+    a full bucket rather than forever."""
+    clock = FakeClock()
+    limiter = MemoryTenantLimiter(clock=clock)
+    limits = TenantConfig(tokens_per_minute=100)
+    limiter.take("a", limits, tokens=50)
+    with pytest.raises(QuotaExceeded) as refused:
+        limiter.take("a", limits, tokens=90, leave_share=0.5)
+    assert refused.value.retry_after_s == pytest.approx(30.0)  # 50 more to a full 100
+    clock.t += 30.0
+    limiter.take("a", limits, tokens=90, leave_share=0.5)
