@@ -196,11 +196,10 @@ class ResponseCache:
         self._recent.pop(key)  # whatever the store holds next, a recall must not predate it
         if not answer.is_cacheable:
             self.stats.skipped += 1
-            is_stored = False
+            if replaces:
+                await self._store.delete(key)
         else:
-            is_stored = await self._store.set(key, answer.encode(), ttl_s=ttl_s)
-        if replaces and not is_stored:
-            await self._store.delete(key)
+            await self._store.set(key, answer.encode(), ttl_s=ttl_s, replacing=replaces)
 
     def _join(
         self,

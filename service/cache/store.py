@@ -161,10 +161,13 @@ class CacheStore:
         self.stats.bytes_read += len(data)
         return data
 
-    async def set(self, key: str, value: bytes, *, ttl_s: int) -> bool:
-        """Store `value` for `ttl_s` seconds; False when too large or the store failed."""
+    async def set(self, key: str, value: bytes, *, ttl_s: int, replacing: bool = False) -> bool:
+        """Store `value` for `ttl_s` seconds; False when too large or the store failed.
+        With `replacing`, a value not stored removes the entry it was to replace."""
         if len(value) > self._config.max_entry_bytes:
             self.stats.skipped += 1
+            if replacing:
+                await self.delete(key)
             return False
         if self._is_cooling_down():
             return False
@@ -173,6 +176,10 @@ class CacheStore:
                 await self._cache.set(key, value, ttl=ttl_s)
         except Exception as exc:  # a lost write only costs a later miss
             self._failed("set", exc)
+            if replacing and isinstance(exc, ResponseError):
+                # Redis answered, so it is up: refusing the SET (out of memory) it still
+                # takes the DEL, which the cool-down just started would skip.
+                await self._delete(key)
             return False
         self.stats.stores += 1
         self.stats.bytes_written += len(value)
@@ -182,6 +189,9 @@ class CacheStore:
         """Remove `key`'s entry, if any; a failure is counted and logged, not raised."""
         if self._is_cooling_down():
             return
+        await self._delete(key)
+
+    async def _delete(self, key: str) -> None:
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._cache.delete(key)

@@ -885,3 +885,40 @@ async def test_a_follower_waits_for_the_upstream_slot_its_leaders_deadline_could
     assert (await patient).content == "shared"
     assert (await busy).content == "slow"
     assert len(upstream.requests) == 2
+
+
+async def test_a_refresh_redis_refuses_to_store_for_want_of_memory_removes_the_old_entry(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any], redis_server: RedisServer
+) -> None:
+    """A REFRESH asks that the entry not be served again. Redis out of memory (`maxmemory`
+    reached under `noeviction`) refuses the fresh answer's SET but still takes a DEL, so
+    the old entry goes rather than answering every later call for the rest of its TTL.
+
+    Before, the refused SET started the store's cool-down, which then skipped the very
+    DEL meant to remove the old entry."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(
+            upstream.base_url,
+            cache={"backend": "redis", "redis_url": redis_server.url, "error_cooldown_s": 0.2},
+        )
+    )
+    upstream.script(Reply(content="old"), Reply(content="new"), Reply(content="newest"))
+    await gateway.stub.Complete(ask())
+    await settled(gateway)
+    client = aioredis.from_url(redis_server.url)
+    try:
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", "1")  # every write that adds memory is refused
+        try:
+            refresh = pb.CachePolicy(mode=pb.CACHE_MODE_REFRESH)
+            refreshed = await gateway.stub.Complete(ask(cache=refresh))
+            await settled(gateway)
+        finally:
+            await client.config_set("maxmemory", "0")
+        await asyncio.sleep(0.3)  # past the cool-down
+        later = await gateway.stub.Complete(ask())
+    finally:
+        await client.aclose()
+    assert refreshed.content == "new"
+    assert (later.content, later.metadata.cache_hit) == ("newest", False)
+    assert cache_of(gateway).stats.errors == 1
