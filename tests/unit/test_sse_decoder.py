@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -232,27 +231,3 @@ def test_empty_data_lines_count_in_the_pending_size() -> None:
     decoder.feed(b"data:\n" * 1000)
     assert decoder.pending_bytes >= 1000
 
-
-def _cpu_s_to_feed(pieces: list[bytes]) -> float:
-    decoder = SSEDecoder()
-    started = time.process_time()
-    for piece in pieces:
-        assert decoder.feed(piece) == []
-    elapsed = time.process_time() - started
-    assert decoder.pending_bytes >= sum(map(len, pieces)) - len(b"data: ")
-    return elapsed
-
-
-def test_a_long_line_read_in_small_pieces_costs_what_it_costs_read_at_once() -> None:
-    """A line that arrives over many reads is put together once, when it ends.
-
-    Each read used to copy (and scan) all of the line so far: a 16 MiB event (the limit on
-    one) in 8 KiB reads took 2,048 copies of 8 MiB on average, seconds of the event loop
-    that every other call on the worker waited out. Compared with the same bytes fed in
-    one piece, in CPU time: the copying grows with the square of the line's length.
-    """
-    line = b"data: " + b"x" * (4 * 1024 * 1024)
-    size = 2048
-    pieces = [line[i : i + size] for i in range(0, len(line), size)]
-    at_once = _cpu_s_to_feed([line])
-    assert _cpu_s_to_feed(pieces) < 20 * max(at_once, 0.01)
