@@ -28,6 +28,9 @@ import httptools
 
 # A body the consumer has not read yet beyond this pauses reading from the socket.
 _HIGH_WATER_BYTES = 256 * 1024
+# What each piece of body held costs beside its bytes (a `bytes` object and its list entry),
+# counted toward the high-water mark: a body sent in tiny chunks is that many pieces.
+_PIECE_OVERHEAD_BYTES = 48
 _MAX_HEADER_BYTES = 64 * 1024
 # What a response released with `release_at_end` may still send before its end.
 _MAX_TRAILING_BODY_BYTES = 64 * 1024
@@ -193,7 +196,7 @@ class Response:
                 raise HttpError("more body after the caller was done with it")
             return
         self._chunks.append(body)
-        self._buffered += len(body)
+        self._buffered += len(body) + _PIECE_OVERHEAD_BYTES
         if self._buffered > _HIGH_WATER_BYTES:
             self._connection.pause()
         self._wake()

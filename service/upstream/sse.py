@@ -27,11 +27,17 @@ def _data_value(line: bytes) -> bytes | None:
 class SSEDecoder:
     """Feed it raw bytes as they arrive; it returns each completed event's data."""
 
-    __slots__ = ("_buffer", "_data", "_is_started", "_skip_lf")
+    __slots__ = ("_data", "_data_bytes", "_is_started", "_line", "_line_bytes", "_skip_lf")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        # The unfinished last line, in the pieces it arrived in: joined once, when it ends,
+        # since joining it at every read would copy a long line again and again.
+        self._line: list[bytes] = []
+        self._line_bytes = 0
         self._data: list[str] = []
+        # The size of `_data` joined: each line's value and the line end after it, so
+        # that an event of empty `data:` lines grows too.
+        self._data_bytes = 0
         self._skip_lf = False
         self._is_started = False  # whether the stream's first bytes (and any BOM) are past
 
@@ -45,28 +51,42 @@ class SSEDecoder:
         if self._skip_lf and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._skip_lf = chunk.endswith(b"\r")
-        buffer = self._buffer + chunk
+        if self._is_started and b"\n" not in chunk and b"\r" not in chunk:
+            if chunk:
+                self._line.append(chunk)
+                self._line_bytes += len(chunk)
+            return []
+        buffer = b"".join((*self._line, chunk)) if self._line else chunk
+        self._line.clear()
+        self._line_bytes = 0
         if not self._is_started:
             # The spec skips one BOM at the start of the stream; a server that sends one
             # would otherwise hide the first line, and with it the first event's text.
             if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
-                self._buffer = buffer  # maybe the BOM's first bytes: wait for the rest
+                self._keep_line(buffer)  # maybe the BOM's first bytes: wait for the rest
                 return []
             self._is_started = True
             buffer = buffer.removeprefix(_BOM)
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = buffer.split(b"\n")
-        self._buffer = lines.pop()
+        self._keep_line(lines.pop())
         events: list[str] = []
         for line in lines:
             if not line:
                 if self._data:
                     events.append("\n".join(self._data))
                     self._data = []
+                    self._data_bytes = 0
             elif (value := _data_value(line)) is not None:
                 self._data.append(value.decode("utf-8", errors="replace"))
+                self._data_bytes += len(value) + 1
         return events
+
+    def _keep_line(self, line: bytes) -> None:
+        if line:
+            self._line.append(line)
+            self._line_bytes += len(line)
 
     def data_at_end(self) -> str | None:
         """The data of the event the body's end left without its blank line, if any.
@@ -77,16 +97,16 @@ class SSEDecoder:
         last line without its line end counts here: the clean end is its end.
         """
         data = list(self._data)
-        if (value := _data_value(self._buffer)) is not None:
+        if (value := _data_value(b"".join(self._line))) is not None:
             data.append(value.decode("utf-8", errors="replace"))
         return "\n".join(data) if data else None
 
     @property
     def has_pending(self) -> bool:
         """Whether an event was started but not finished: a cut stream, if at the end."""
-        return bool(self._data) or bool(self._buffer.strip())
+        return bool(self._data) or bool(b"".join(self._line).strip())
 
     @property
     def pending_bytes(self) -> int:
         """The size of the event still being read (its data lines and the partial line)."""
-        return len(self._buffer) + sum(len(data) for data in self._data)
+        return self._line_bytes + self._data_bytes

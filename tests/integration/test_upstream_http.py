@@ -7,6 +7,7 @@ import contextlib
 import socket
 import ssl
 import struct
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -482,6 +483,48 @@ async def test_a_large_body_read_late_is_paused_then_delivered_whole(serve):
     await pool.aclose()
 
 
+async def test_a_body_in_tiny_chunks_read_late_is_paused_within_its_bound(serve):
+    """The high-water mark bounds the memory an unread body holds, not only its bytes.
+
+    A chunked body in two-byte chunks is one `bytes` object per two bytes (about 43 bytes
+    each, with its list entry): counted by their bytes alone, the 256 KiB mark paused
+    reading only once some 5.5 MB of them piled up, for each call whose caller stopped
+    reading. Measured as what lies in memory allocated by `http.py`.
+    """
+    size = 600 * 1024
+    written = 0
+
+    async def tiny(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"2\r\nzz\r\n" * 4096
+        while written < size:
+            writer.write(piece)
+            await writer.drain()
+            written += 2 * 4096
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    raw = await serve(tiny)
+    pool = pool_for(raw)
+    tracemalloc.start()
+    try:
+        response = await pool.request("POST", "/", {}, b"x")
+        await asyncio.sleep(0.5)  # let it pile up unread
+        held = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, "*/service/upstream/http.py")]
+        )
+    finally:
+        tracemalloc.stop()
+    assert sum(stat.size for stat in held.statistics("filename")) < 2 * 1024 * 1024
+    async with asyncio.timeout(10):
+        body = await response.read()
+    response.release()
+    assert body == b"z" * size
+    await pool.aclose()
+
+
 async def test_a_connection_paused_on_a_whole_unread_body_is_reused_unpaused(serve):
     """A body that arrived whole but paused reading, released unread: the next request works.
 
@@ -714,6 +757,7 @@ ON_UVLOOP = [
     test_idle_connections_past_keepalive_are_closed_without_another_request,
     test_max_connections_queues_requests_beyond_it,
     test_a_large_body_read_late_is_paused_then_delivered_whole,
+    test_a_body_in_tiny_chunks_read_late_is_paused_within_its_bound,
     test_a_connection_paused_on_a_whole_unread_body_is_reused_unpaused,
     test_an_informational_response_is_skipped_for_the_real_one,
     test_a_header_that_never_ends_is_refused_not_buffered,

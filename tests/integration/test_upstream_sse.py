@@ -394,6 +394,42 @@ async def test_a_stream_event_over_16_mib_is_malformed_even_when_one_read_comple
     assert_failed_before_any_text(text, final, error)
 
 
+async def test_an_unfinished_event_of_empty_data_lines_is_bounded_too(
+    start_gateway: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each `data:` line of an event adds a line to its data, empty or not.
+
+    Its size was counted without them, so an event of empty `data:` lines that never ended
+    counted 0 bytes however long it grew: the gateway read it (a list entry a line) until
+    the caller's deadline, never ending it at the limit on one event's size. The limit is
+    made 64 KiB here so that passing it takes 600 KB, not 100 MB.
+    """
+    limit = 64 * 1024
+    monkeypatch.setattr("service.upstream.client._MAX_REPLY_BYTES", limit)
+    finished = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(_HEAD + b"\r\n" + chunk("Hel") + b"data:\n" * (2 * limit))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            await finished.wait()  # never the blank line that would end the event
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        gateway = await start_gateway(gateway_config(url))
+        deltas: list[str] = []
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for message in gateway.stub.CompleteStream(chat_stream("hi"), timeout=5):
+                deltas.append(message.delta.content)
+        finished.set()
+    assert deltas == ["Hel"]
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_details(caught.value)[1] == "STREAM_INTERRUPTED"
+
+
 async def test_keep_alive_comments_do_not_hold_off_the_idle_timeout(
     start_gateway: Callable[..., Any],
 ) -> None:

@@ -223,3 +223,11 @@ def test_byte_order_mark_at_the_start_is_skipped() -> None:
 def test_byte_order_mark_is_only_skipped_at_the_start() -> None:
     """A BOM later in the stream starts a line that is no `data:` field."""
     assert decode(b"data: a\n\n", b"\xef\xbb\xbfdata: b\n\ndata: c\n\n") == ["a", "c"]
+
+
+def test_empty_data_lines_count_in_the_pending_size() -> None:
+    """Each `data:` line adds a line end to the event's data (and an entry to hold)."""
+    decoder = SSEDecoder()
+    decoder.feed(b"data:\n" * 1000)
+    assert decoder.pending_bytes >= 1000
+
