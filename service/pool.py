@@ -508,9 +508,7 @@ class UpstreamPool:
         if last_error is not None:
             if last_error.is_retry_futile:
                 open_routes = [
-                    r.client.name
-                    for r in plan.order
-                    if not self._states[r.client.name].breaker.is_key_rejected
+                    r.client.name for r in plan.order if not self._is_set_aside_for_key(r)
                 ]
                 if open_routes:
                     # Another upstream failed in a way time mends (a 5xx, its own limits,

@@ -441,6 +441,35 @@ async def test_a_call_during_a_rejected_keys_probe_is_not_told_to_give_up(start_
         assert [user_text(r.body) for r in fake.requests] == ["bad", "probe"]
 
 
+async def test_a_key_rejected_beside_a_rejected_keys_probe_leaves_the_retry_open(start_gateway):
+    """up0 rejected the key earlier; its cool-down has passed and a probe is finding out
+    whether the key was mended. A call that up1 now rejects the key of is told to retry
+    after the backoff, when up0's probe may have closed it, not "do not retry" (-1)."""
+    up0 = {"bad": Status(401), "probe": Reply(delay_s=1.5)}
+    up1 = {"another": Status(401)}
+    async with (
+        ScriptedUpstream(respond=lambda body: up0.get(user_text(body))) as first,
+        ScriptedUpstream(respond=lambda body: up1.get(user_text(body))) as second,
+    ):
+        resilience = {**FAST_RESILIENCE, "attempts": 2, "key_rejected_cool_down_s": 0.4}
+        gateway = await start_gateway(
+            gateway_config(first.base_url, second.base_url, resilience=resilience)
+        )
+        await gateway.stub.Complete(chat("bad"))  # up0's 401, then up1's answer
+        await asyncio.sleep(0.45)  # up0's key cool-down has passed: half-open
+        await gateway.stub.Complete(chat("up1's turn"))  # round robin: up1
+        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
+        assert await settle(lambda: first.in_flight == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat("another"))
+        assert [user_text(r.body) for r in first.requests] == ["bad", "probe"]
+        assert [user_text(r.body) for r in second.requests] == ["bad", "up1's turn", "another"]
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(info.value)[1] == "UPSTREAM_AUTH"
+        assert dict(info.value.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
+        assert (await probe).content == "Hello from fake"
+
+
 async def test_a_rejected_key_does_not_push_back_a_retry_past_the_other_upstreams_probe(
     start_gateway,
 ):
