@@ -508,9 +508,7 @@ class UpstreamPool:
         if last_error is not None:
             if last_error.is_retry_futile:
                 open_routes = [
-                    r.client.name
-                    for r in plan.order
-                    if not self._states[r.client.name].breaker.is_key_rejected
+                    r.client.name for r in plan.order if not self._is_set_aside_for_key(r)
                 ]
                 if open_routes:
                     # Another upstream failed in a way time mends (a 5xx, its own limits,
@@ -520,7 +518,8 @@ class UpstreamPool:
             return last_error
         reasons = ", ".join(f"{name} ({why})" for name, why in sorted(plan.excluded.items()))
         names = ",".join(r.client.name for r in plan.order)
-        if all(self._states[r.client.name].breaker.is_key_rejected for r in plan.order):
+        set_aside = {r.client.name for r in plan.order if self._is_set_aside_for_key(r)}
+        if len(set_aside) == len(plan.order):
             # Each is set aside for rejecting the key (or account) on an earlier call:
             # the same as the call that found it, and as futile to retry.
             return UpstreamAuthRejected(
@@ -528,10 +527,12 @@ class UpstreamPool:
                 "account; an operator must mend it",
                 upstream=names,
             )
+        # The caller's retry is for the others: a rejected key's cool-down is not its wait.
         cool_downs = [
             wait
             for r in plan.order
             if r.client.name not in plan.excluded
+            and r.client.name not in set_aside
             and (wait := self._states[r.client.name].breaker.retry_after_s()) is not None
         ]
         return UpstreamUnavailable(
@@ -539,6 +540,12 @@ class UpstreamPool:
             upstream=names,
             retry_after_s=min(cool_downs) if cool_downs else None,
         )
+
+    def _is_set_aside_for_key(self, route: Route) -> bool:
+        """Whether `route`'s breaker is open for a rejected key: once its cool-down has
+        passed, a probe may find the key mended."""
+        breaker = self._states[route.client.name].breaker
+        return breaker.is_key_rejected and breaker.retry_after_s() is not None
 
     def _final(self, exc: UpstreamError, deadline: Deadline, attempts: int) -> GatewayError:
         """What the call ends with: `exc` with its attempts and, when it is UNAVAILABLE or a

@@ -68,6 +68,7 @@ class GatewayServer:
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self.health_port = 0  # of `server.health_listen`, once bound
+        self._is_health_started = False
         self.pipeline: Pipeline | None = None
         self.local_model: LocalModelServer | None = None
         self._only_local_model = False
@@ -172,13 +173,16 @@ class GatewayServer:
             server,
         )
         listen = self.config.server.listen
-        self.port = _bind(listen, lambda: _add_port(server, self.config.server))
+        # The health port first: a grpc server lets its port go only once started, and the
+        # gateway's, bound before a failure here, would stay taken for the process's life.
         health_server = self._health_server_on(self.config.server.health_listen)
+        self.port = _bind(listen, lambda: _add_port(server, self.config.server))
         await server.start()
         self._server = server
         await self._set_health()
         if health_server is not None:  # probes get an answer once there is one to give
             await health_server.start()
+            self._is_health_started = True
         log.info(
             "server.started", extra={"port": self.port, "upstreams": [c.name for c in clients]}
         )
@@ -199,6 +203,8 @@ class GatewayServer:
 
     async def _stop_health_server(self) -> None:
         if self._health_server is not None:
+            if not self._is_health_started:  # the start failed after binding it
+                await self._health_server.start()  # else its port stays taken
             await self._health_server.stop(0)
             self._health_server = None
 

@@ -417,6 +417,96 @@ async def test_only_upstream_key_rejected_is_unavailable_upstream_auth(
         assert len(bad.requests) == 1  # the open breaker answered, not the upstream
 
 
+async def test_a_call_during_a_rejected_keys_probe_is_not_told_to_give_up(start_gateway):
+    """Once the key cool-down has passed, the upstream is half-open and its probe may find
+    the key mended: a call arriving while the probe runs is no longer one that finds the
+    upstream set aside for its key, so it gets UPSTREAM_UNAVAILABLE with a pushback (it
+    got UPSTREAM_AUTH and -1, "do not retry", though the probe then succeeded)."""
+    behaviours = {"bad": Status(401), "probe": Reply(delay_s=1.5)}
+    async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        resilience = {**FAST_RESILIENCE, "attempts": 1, "key_rejected_cool_down_s": 0.4}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        with pytest.raises(grpc.aio.AioRpcError) as rejected:
+            await gateway.stub.Complete(chat("bad"))
+        assert error_details(rejected.value)[1] == "UPSTREAM_AUTH"
+        await asyncio.sleep(0.45)  # the cool-down has passed: half-open
+        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
+        assert await settle(lambda: fake.in_flight == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat("another"))
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(info.value)[1] == "UPSTREAM_UNAVAILABLE"
+        assert dict(info.value.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
+        assert (await probe).content == "Hello from fake"
+        assert [user_text(r.body) for r in fake.requests] == ["bad", "probe"]
+
+
+async def test_a_key_rejected_beside_a_rejected_keys_probe_leaves_the_retry_open(start_gateway):
+    """up0 rejected the key earlier; its cool-down has passed and a probe is finding out
+    whether the key was mended. A call that up1 now rejects the key of is told to retry
+    after the backoff, when up0's probe may have closed it, not "do not retry" (-1)."""
+    up0 = {"bad": Status(401), "probe": Reply(delay_s=1.5)}
+    up1 = {"another": Status(401)}
+    async with (
+        ScriptedUpstream(respond=lambda body: up0.get(user_text(body))) as first,
+        ScriptedUpstream(respond=lambda body: up1.get(user_text(body))) as second,
+    ):
+        resilience = {**FAST_RESILIENCE, "attempts": 2, "key_rejected_cool_down_s": 0.4}
+        gateway = await start_gateway(
+            gateway_config(first.base_url, second.base_url, resilience=resilience)
+        )
+        await gateway.stub.Complete(chat("bad"))  # up0's 401, then up1's answer
+        await asyncio.sleep(0.45)  # up0's key cool-down has passed: half-open
+        await gateway.stub.Complete(chat("up1's turn"))  # round robin: up1
+        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
+        assert await settle(lambda: first.in_flight == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat("another"))
+        assert [user_text(r.body) for r in first.requests] == ["bad", "probe"]
+        assert [user_text(r.body) for r in second.requests] == ["bad", "up1's turn", "another"]
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(info.value)[1] == "UPSTREAM_AUTH"
+        assert dict(info.value.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
+        assert (await probe).content == "Hello from fake"
+
+
+async def test_a_rejected_key_does_not_push_back_a_retry_past_the_other_upstreams_probe(
+    start_gateway,
+):
+    """One upstream's key is rejected (set aside for its long cool-down), the other is
+    half-open with its probe running: the call that finds neither usable is told to come
+    back after the retry backoff, when the probe may have closed the other, not after the
+    rejected key's cool-down (the rejected upstream is set aside)."""
+    behaviours = {"fail": Status(500), "probe": Reply(delay_s=1.5)}
+    async with (
+        FakeUpstream(default=Status(401)) as rejected,
+        ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as flaky,
+    ):
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 2,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 0.4,
+            "key_rejected_cool_down_s": 4.0,
+        }
+        gateway = await start_gateway(
+            gateway_config(flaky.base_url, rejected.base_url, resilience=resilience)
+        )
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("fail"))  # up0's 500, then up1's 401
+        assert (len(flaky.requests), len(rejected.requests)) == (1, 1)
+        await asyncio.sleep(0.45)  # up0 half-open; up1's key cool-down lasts
+        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
+        assert await settle(lambda: flaky.in_flight == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat("another"))
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(info.value)[1] == "UPSTREAM_UNAVAILABLE"
+        assert dict(info.value.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
+        assert (await probe).content == "Hello from fake"
+        assert len(rejected.requests) == 1
+
+
 @pytest.mark.parametrize("mode", ["unary", "stream"])
 async def test_key_rejected_after_a_5xx_leaves_the_callers_retry_open(start_gateway, mode):
     """A 5xx on one upstream, then a 401 on the other: the call ends UPSTREAM_AUTH but

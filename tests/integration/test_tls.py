@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import ConfigError, parse_config
-from service.server import GatewayServer
+from service.server import GatewayServer, ListenError
 from tests.conftest import chat, gateway_config, gateway_config_data
 from tests.integration.pki import Pki, make_pki
 from tests.integration.tenancy_helpers import as_tenant, detail, rpc_error, secure_config
@@ -138,6 +139,34 @@ async def test_health_listen_is_closed_with_the_gateway(upstream, pki):
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
         )
     assert error.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("taken", ["listen", "health_listen"])
+async def test_a_start_failing_on_one_port_leaves_the_other_free(upstream, taken):
+    """A start failing with ListenError on a taken port, the gateway's or its health
+    port, lets go of the other one, bound just before: a second start on it succeeds
+    (it stayed bound for the life of the process)."""
+    free = _free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        other = "health_listen" if taken == "listen" else "listen"
+        held = f"127.0.0.1:{holder.getsockname()[1]}"
+        server = {taken: held, other: f"127.0.0.1:{free}"}
+        with pytest.raises(ListenError, match=re.escape(f"cannot listen on {held}")):
+            async with GatewayServer(gateway_config(upstream.base_url, server=server)):
+                pass
+    again = {"listen": f"127.0.0.1:{free}", "health_listen": "127.0.0.1:0"}
+    if other == "health_listen":
+        again = {"listen": "127.0.0.1:0", "health_listen": f"127.0.0.1:{free}"}
+    async with GatewayServer(gateway_config(upstream.base_url, server=again)) as started:
+        assert free in (started.port, started.health_port)
 
 
 def _dockerfile_healthcheck() -> list[str]:
