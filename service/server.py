@@ -204,6 +204,7 @@ class GatewayServer:
     async def _stop_health_server(self) -> None:
         if self._health_server is not None:
             if not self._is_health_started:  # the start failed after binding it
+                await self.health.enter_graceful_shutdown()  # NOT_SERVING meanwhile
                 await self._health_server.start()  # else its port stays taken
             await self._health_server.stop(0)
             self._health_server = None
