@@ -181,7 +181,9 @@ def estimate_text_tokens(text: str) -> int:
         return 0
     if len(text) <= _MEMO_MAX_CHARS:
         return _remembered_estimate(text)
-    return _remembered_long_estimate(text)
+    if len(text) <= _LONG_MEMO_MAX_CHARS:
+        return _remembered_long_estimate(text)
+    return _estimate(text)
 
 
 def _rule_run_tokens(length: int) -> int:
@@ -210,6 +212,8 @@ _remembered_estimate = functools.lru_cache(maxsize=_MEMO_SIZE)(_estimate)
 # or comparing such a text is a pass of its own. An entry holds its text, so that no other
 # object can take its id while it is remembered.
 _LONG_MEMO_SIZE = 2
+# Past a default gRPC message (4 MiB), held texts would grow with a raised message limit.
+_LONG_MEMO_MAX_CHARS = 4 * 1024 * 1024
 _long_estimates: BoundedMemo[int, tuple[str, int]] = BoundedMemo(_LONG_MEMO_SIZE)
 _long_estimates_lock = threading.Lock()  # Summarize estimates its document in a thread
 

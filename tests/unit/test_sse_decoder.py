@@ -230,4 +230,3 @@ def test_empty_data_lines_count_in_the_pending_size() -> None:
     decoder = SSEDecoder()
     decoder.feed(b"data:\n" * 1000)
     assert decoder.pending_bytes >= 1000
-

@@ -567,3 +567,14 @@ def test_a_long_text_is_estimated_once_while_remembered(monkeypatch):
         estimate_text_tokens(other)
     estimate_text_tokens(long_text)  # forgotten for the newer ones
     assert len(passes) == 3 + tokens._LONG_MEMO_SIZE
+
+
+def test_a_text_past_the_long_memos_bound_is_not_held(monkeypatch):
+    """Texts longer than a default gRPC message are estimated each time rather than held
+    after their call: the message limit may be raised far beyond it."""
+    passes = []
+    estimate = tokens._estimate
+    monkeypatch.setattr(tokens, "_estimate", lambda text: passes.append(text) or estimate(text))
+    huge = "x" * (tokens._LONG_MEMO_MAX_CHARS + 1)
+    assert estimate_text_tokens(huge) == estimate_text_tokens(huge)
+    assert len(passes) == 2
