@@ -166,6 +166,8 @@ class ServerConfig:
     # such a connection may still run; None means max(upstream timeouts, 300 s).
     max_connection_age_s: float = 300.0
     max_connection_age_grace_s: float | None = None
+    # A stream whose caller takes none of its messages this long is ended (0: never).
+    stalled_stream_timeout_s: float = 60.0
     # A second port serving only grpc.health.v1, in plaintext: for probes that cannot
     # speak TLS (Kubernetes' native gRPC probes) when `tls` is on. Unset: none.
     health_listen: str | None = None
@@ -195,6 +197,7 @@ class ServerConfig:
             self.workers is None or self.workers >= 0, "workers must be >= 0 (0: one per core)"
         )
         _require(self.max_connection_age_s > 0, "max_connection_age_s must be > 0")
+        _require(self.stalled_stream_timeout_s >= 0, "stalled_stream_timeout_s must be >= 0")
         grace = self.max_connection_age_grace_s
         _require(grace is None or grace >= 0, "max_connection_age_grace_s must be >= 0")
 

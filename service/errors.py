@@ -192,6 +192,17 @@ class Overloaded(QuotaExceeded):
         )
 
 
+class CallerStalled(GatewayError):
+    """The caller took none of a stream's messages for `server.stalled_stream_timeout_s`:
+    the call was ended, and what it held (an upstream connection, a slot) let go."""
+
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "CALLER_STALLED"
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the caller read none of the stream's messages for {timeout_s:g} s")
+
+
 class ShuttingDown(GatewayError):
     """The server is stopping and this call outlasted its grace period.
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any, NoReturn, TypeAlias
 
@@ -27,6 +29,7 @@ from service.auth import Principal
 from service.caller_gate import CallerGate, UndecodableRequest, current_tenant
 from service.errors import (
     INTERNAL_ERROR_REASON,
+    CallerStalled,
     DeadlineExceeded,
     FieldViolation,
     GatewayError,
@@ -232,6 +235,94 @@ async def abort_with(
     raise AssertionError("context.abort always raises")  # pragma: no cover
 
 
+class _Watched:
+    """One stream `StalledStreams` watches: its messages and when its write began."""
+
+    __slots__ = ("closing", "context", "items", "since")
+
+    def __init__(self, items: AsyncGenerator[Any, None]) -> None:
+        self.items = items
+        self.context = contextvars.copy_context()  # the call's: its cleanup runs in it
+        self.since: float | None = None  # a message handed to gRPC, not yet written
+        self.closing: asyncio.Task[None] | None = None
+
+
+class StalledStreams:
+    """Closes what a streaming call holds once its caller has taken none of its messages
+    for `timeout_s`, and ends the call as the caller reads on (`CallerStalled`).
+
+    A caller that stops reading, without cancelling and without a deadline, leaves its
+    call's next message waiting on gRPC's flow control for ever, and with it the upstream
+    connection the call reads from: enough of them would take an upstream's every
+    connection from all callers. The call's messages are closed as when a caller
+    cancels (the upstream request ends and is charged as cut); the call itself waits on
+    in gRPC until its caller reads or leaves, for only gRPC can end it, and it does so
+    with no status when its task is cancelled. One sweep, a quarter of `timeout_s`
+    apart while any stream runs, looks at the writes in progress, rather than a timer
+    for each message.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._watched: dict[asyncio.Task[Any], _Watched] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def aclose(self) -> None:
+        """Stop sweeping (a stream started later starts it again)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def relay(self, items: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+        """`items`, each handed on to the caller; or `CallerStalled` once they were closed
+        for a caller that took none for `timeout_s`."""
+        task = asyncio.current_task()
+        watched = _Watched(items)
+        if task is not None:  # outside a task nothing waits on gRPC's flow control
+            self._watched[task] = watched
+            if self._sweeper is None or self._sweeper.done():
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        try:
+            async for item in items:
+                watched.since = time.monotonic()
+                yield item
+                watched.since = None
+                if watched.closing is not None:
+                    await watched.closing
+                    raise CallerStalled(self.timeout_s)
+        finally:
+            if task is not None:
+                del self._watched[task]
+                if not self._watched and self._sweeper is not None:
+                    self._sweeper.cancel()  # no stream left to watch
+                    self._sweeper = None
+            if watched.closing is not None:  # closing them now: not twice at once
+                await asyncio.shield(watched.closing)
+            await items.aclose()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.timeout_s / 4)
+            since = time.monotonic() - self.timeout_s
+            for watched in self._watched.values():
+                if watched.closing is None and watched.since is not None and watched.since <= since:
+                    log.warning("rpc.caller_stalled", extra={"timeout_s": self.timeout_s})
+                    watched.closing = asyncio.get_running_loop().create_task(
+                        _closed(watched.items), context=watched.context
+                    )
+
+
+async def _closed(items: AsyncGenerator[Any, None]) -> None:
+    """Close `items`, suspended at a message the caller did not take; a failure while
+    closing is logged, as the caller that would have heard it is gone."""
+    try:
+        await items.aclose()
+    except Exception:
+        log.exception("rpc.stalled_close_failed")
+
+
 async def _enter(
     context: Context, method: str, rpc: RpcScope, admission: Admission, gate: CallerGate | None
 ) -> tuple[Principal | None, CallTicket]:
@@ -326,6 +417,8 @@ def _guard_stream(
     admission: Admission,
     gate: CallerGate | None = None,
     check: RequestCheck | None = None,
+    *,
+    stalls: StalledStreams | None = None,
 ) -> StreamHandler:
     @functools.wraps(method)
     async def guarded(request: Any, context: Context) -> AsyncGenerator[Any, None]:
@@ -337,7 +430,10 @@ def _guard_stream(
                     if principal is None:
                         rpc.set_tenant(current_tenant())
                     # Closed here, not by the garbage collector, however the call ends.
-                    async with contextlib.aclosing(method(request, context)) as items:
+                    messages = method(request, context)
+                    if stalls is not None:
+                        messages = stalls.relay(messages)
+                    async with contextlib.aclosing(messages) as items:
                         async for item in items:
                             yield item
             except asyncio.CancelledError:
@@ -365,15 +461,19 @@ def guard_servicer(
     admission: Admission,
     gate: CallerGate | None = None,
     check: RequestCheck | None = None,
+    *,
+    stalls: StalledStreams | None = None,
 ) -> None:
     """Wrap each named RPC method of `servicer` in place (before it is registered).
 
-    `check` goes to the gate (`CallerGate.admit`).
+    `check` goes to the gate (`CallerGate.admit`); `stalls` ends streams whose caller
+    stopped reading.
     """
     for name in method_names:
         method = getattr(servicer, name)
         if inspect.isasyncgenfunction(method):
-            setattr(servicer, name, _guard_stream(method, name, admission, gate, check))
+            guarded = _guard_stream(method, name, admission, gate, check, stalls=stalls)
+            setattr(servicer, name, guarded)
         else:
             setattr(servicer, name, _guard_unary(method, name, admission, gate, check))
 

@@ -24,7 +24,13 @@ from service.local_model import LocalModelServer, LocalModelUnavailable
 from service.pipeline import Pipeline
 from service.pool import UpstreamPool
 from service.pricing import PriceList
-from service.rpc_boundary import Admission, add_service, guard_servicer, pending_call_options
+from service.rpc_boundary import (
+    Admission,
+    StalledStreams,
+    add_service,
+    guard_servicer,
+    pending_call_options,
+)
 from service.security import build_caller_gate, check_listen_policy
 from service.servicer import CompletionServicer
 from service.telemetry import Telemetry, TelemetrySetupError, activate
@@ -144,6 +150,10 @@ class GatewayServer:
             on_answered=self.admission.answered,
         )
         servicer = CompletionServicer(self.pipeline)
+        stalls = None
+        if self.config.server.stalled_stream_timeout_s:
+            stalls = StalledStreams(self.config.server.stalled_stream_timeout_s)
+            self._stack.push_async_callback(stalls.aclose)
         # A gate that would admit everyone as the unlimited default tenant is skipped.
         guard_servicer(
             servicer,
@@ -151,6 +161,7 @@ class GatewayServer:
             self.admission,
             None if gate.checks_nothing else gate,
             check=servicer.check,
+            stalls=stalls,
         )
         server = grpc.aio.server(
             options=[

@@ -1,0 +1,43 @@
+"""A caller that stops reading a stream, without cancelling it or giving a deadline."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from gateway_client.errors import error_details
+from llmgateway.v1 import gateway_pb2 as pb
+from tests.conftest import chat_stream, gateway_config
+from tests.fake_upstream import FakeUpstream, Reply
+from tests.integration.test_resilience import checked_out_connections, settle
+
+# Far more than gRPC's flow-control windows and the sockets' buffers hold between them.
+_LONG = Reply(content="x" * (8 * 1024 * 1024), chunks=4096)
+
+
+async def test_a_caller_that_stops_reading_lets_go_of_the_upstream_then_hears_why(
+    start_gateway,
+):
+    """The caller reads one message and then nothing for longer than
+    `server.stalled_stream_timeout_s`: the gateway closes the upstream request (it held
+    its connection for as long as the caller did not read: for ever) and charges it as a
+    cut stream, once. Reading on, the caller gets what was already on its way, then
+    DEADLINE_EXCEEDED with reason CALLER_STALLED, not the rest of the answer."""
+    async with FakeUpstream(default=_LONG) as upstream:
+        gateway = await start_gateway(
+            gateway_config(upstream.base_url, server={"stalled_stream_timeout_s": 0.5})
+        )
+        call = gateway.stub.CompleteStream(chat_stream("long"))
+        received = len((await call.read()).delta.content)
+        assert await settle(lambda: checked_out_connections(gateway) == 1)
+        assert await settle(lambda: checked_out_connections(gateway) == 0, timeout_s=30)
+        with pytest.raises(grpc.aio.AioRpcError) as stalled:
+            while (message := await call.read()) is not grpc.aio.EOF:
+                received += len(message.delta.content)
+        assert stalled.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert error_details(stalled.value).reason == "CALLER_STALLED"
+        assert 0 < received < len(_LONG.content)
+        assert await settle(lambda: gateway.server.admission.is_idle)
+        usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+        assert (usage.total.requests, usage.total.estimated_requests) == (1, 1)
+        assert len(upstream.requests) == 1
