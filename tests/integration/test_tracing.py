@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import json
 import logging
+import urllib.parse
 
 import grpc
 import pytest
@@ -437,6 +438,26 @@ async def test_genai_histograms_have_the_bucket_bounds_the_conventions_advise(tr
     for name in ("gen_ai.client.operation.duration", "gen_ai.client.operation.time_to_first_chunk"):
         [point] = captured.points(name)
         assert tuple(point.explicit_bounds) == GENAI_DURATION_BOUNDS, name
+
+
+async def test_genai_metrics_name_the_upstreams_port(traced, captured, upstream):
+    """`server.port` is conditionally required on the GenAI client metrics whenever
+    `server.address` is set: two upstreams on one host must not share a series.
+
+    Before, only the span had it; every metric point lacked it.
+    """
+    _ = [e async for e in traced.stub.CompleteStream(chat_stream())]
+    port = urllib.parse.urlsplit(upstream.base_url).port
+    for name in (
+        "gen_ai.client.operation.duration",
+        "gen_ai.client.token.usage",
+        "gen_ai.client.operation.time_to_first_chunk",
+    ):
+        points = captured.points(name)
+        assert points, name
+        for point in points:
+            assert point.attributes["server.address"] == "127.0.0.1", name
+            assert point.attributes["server.port"] == port, name
 
 
 async def test_every_response_carries_the_overhead_trailer(gateway, upstream):
