@@ -401,12 +401,13 @@ class Telemetry:
             attr.GEN_AI_REQUEST_MODEL: upstream_model,
             attr.SERVER_ADDRESS: host,
         }
+        if port is not None:
+            # Conditionally required with `server.address`, on the metrics as on the span.
+            metric_attributes[attr.SERVER_PORT] = port
         attributes: dict[str, Any] | None = None
         # With no tracer provider every span is a no-op: skip describing it.
         if self.providers.records_spans:
             attributes = {**metric_attributes, attr.UPSTREAM: upstream, attr.ATTEMPT: attempt}
-            if port is not None:
-                attributes[attr.SERVER_PORT] = port
             params = request.params
             if params.temperature is not None:
                 attributes[attr.GEN_AI_REQUEST_TEMPERATURE] = params.temperature
@@ -559,12 +560,16 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
 
 
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
 @functools.lru_cache(maxsize=256)
 def _endpoint(base_url: str, upstream: str) -> tuple[str, int | None, str]:
     """Host, port and `gen_ai.provider.name` of an upstream, parsed once per base URL."""
     parts = urlsplit(base_url)
     host = parts.hostname or ""
-    return host, parts.port, attr.provider_name(host, upstream)
+    port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    return host, port, attr.provider_name(host, upstream)
 
 
 _active = Telemetry.disabled()

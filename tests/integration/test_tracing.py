@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import json
 import logging
+import urllib.parse
 
 import grpc
 import pytest
@@ -414,6 +415,49 @@ async def test_metrics_follow_the_genai_conventions(traced, captured):
         response.metadata.cost_usd, abs=1e-12
     )
     assert captured.total("llm_gateway.overhead.duration") > 0
+
+
+# The bucket boundaries the GenAI metric conventions advise (gen-ai-metrics.md).
+GENAI_DURATION_BOUNDS = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+GENAI_TOKEN_BOUNDS = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+)  # fmt: skip
+
+
+async def test_genai_histograms_have_the_bucket_bounds_the_conventions_advise(traced, captured):
+    """Token usage, operation duration and time to first chunk are bucketed as the GenAI
+    conventions advise, so stock GenAI dashboards read them as they read any client's.
+
+    Before, token usage stopped at 16777216: its last advised bound, 67108864, was missing.
+    """
+    _ = [e async for e in traced.stub.CompleteStream(chat_stream())]
+    [tokens, *_] = captured.points("gen_ai.client.token.usage")
+    assert tuple(tokens.explicit_bounds) == GENAI_TOKEN_BOUNDS
+    for name in ("gen_ai.client.operation.duration", "gen_ai.client.operation.time_to_first_chunk"):
+        [point] = captured.points(name)
+        assert tuple(point.explicit_bounds) == GENAI_DURATION_BOUNDS, name
+
+
+async def test_genai_metrics_name_the_upstreams_port(traced, captured, upstream):
+    """`server.port` is conditionally required on the GenAI client metrics whenever
+    `server.address` is set: two upstreams on one host must not share a series.
+
+    Before, only the span had it; every metric point lacked it.
+    """
+    _ = [e async for e in traced.stub.CompleteStream(chat_stream())]
+    port = urllib.parse.urlsplit(upstream.base_url).port
+    for name in (
+        "gen_ai.client.operation.duration",
+        "gen_ai.client.token.usage",
+        "gen_ai.client.operation.time_to_first_chunk",
+    ):
+        points = captured.points(name)
+        assert points, name
+        for point in points:
+            assert point.attributes["server.address"] == "127.0.0.1", name
+            assert point.attributes["server.port"] == port, name
 
 
 async def test_every_response_carries_the_overhead_trailer(gateway, upstream):

@@ -109,3 +109,27 @@ def test_a_cancelled_rpc_ends_its_span_as_cancelled() -> None:
     assert attributes_of(span)["error.type"] == "cancelled"
     assert span.status.status_code is not StatusCode.ERROR
     assert (telemetry.in_flight, CURRENT_RPC.get()) == (0, None)
+
+
+def test_an_upstream_url_without_a_port_is_named_by_its_schemes_port():
+    """`server.port` goes with `server.address` on the span and the GenAI metrics, the
+    scheme's default port when the URL names none (https://api.openai.com/v1: 443)."""
+    captured = captured_telemetry()
+    telemetry = captured.telemetry
+    for attempt, base_url in enumerate(("https://api.openai.com/v1", "http://vllm/v1"), 1):
+        with telemetry.upstream_attempt(
+            REQUEST,
+            upstream=f"up{attempt}",
+            base_url=base_url,
+            upstream_model="m",
+            attempt=attempt,
+            headers={},
+        ):
+            pass
+    ports = {
+        attributes_of(span)["server.address"]: attributes_of(span)["server.port"]
+        for span in captured.spans()
+    }
+    assert ports == {"api.openai.com": 443, "vllm": 80}
+    points = captured.points("gen_ai.client.operation.duration")
+    assert {p.attributes["server.address"]: p.attributes["server.port"] for p in points} == ports
