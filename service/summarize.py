@@ -608,18 +608,23 @@ class Summarizer:
         model = run.request.model
         header = _header(name)
         room = self._room(model, system=system, header=header, answer_tokens=answer_tokens)
-        if estimate_text_tokens(text) <= room:
+        tokens = estimate_text_tokens(text)
+        was_refused = False
+        if tokens <= room:
             summary = await self._call_if_fits(run, system, header + text, answer_tokens, slot)
             if summary is not None:
                 return [summary]
+            was_refused = True
         # Room for the widest piece number a split can reach (a piece takes a token at least).
-        widest = _header(_piece_name(name, estimate_text_tokens(text)))
+        widest = _header(_piece_name(name, tokens))
         piece_room = self._room(model, system=system, header=widest, answer_tokens=answer_tokens)
-        pieces = split_into_chunks(
-            text,
-            max_tokens=self._require_room(run.request, piece_room),
-            overlap_tokens=overlap_tokens,
-        )
+        max_tokens = self._require_room(run.request, piece_room)
+        if was_refused:
+            # Refused although it fitted by the estimate: a refusal leaves a factor of 1 or
+            # more as it was (no answer has calibrated a text the estimator counts low), and
+            # split by the same room it would come back whole and be refused again.
+            max_tokens = min(max_tokens, max(_MIN_CHUNK_TOKENS, tokens // 2))
+        pieces = split_into_chunks(text, max_tokens=max_tokens, overlap_tokens=overlap_tokens)
         if len(pieces) == 1:
             # One piece: splitting it again could loop if the estimate and the pipeline
             # disagreed. Send it; a refusal from the pipeline then stands.
