@@ -66,10 +66,14 @@ from service.validation import (
 
 _MS = 1000.0
 _PARAGRAPH_BREAK = re.compile(r"(\r?\n[ \t]*\r?\n\s*)")
-# After a sentence end: whitespace after . ! ? … (and closing quotes), or straight after
-# the full-width marks CJK text uses without spaces.
+# After a sentence end: whitespace after . ! ? … or another script's full stop or
+# question mark (Devanagari danda, Arabic question mark, Urdu, Armenian, Ethiopic and
+# Myanmar full stops), and closing quotes; or straight after the full-width marks CJK
+# text uses without spaces.
+_SENTENCE_END = "[.!?\u2026\u0964\u0965\u061f\u06d4\u0589\u1362\u1367\u104b]"
 _SENTENCE_BREAK = re.compile(
-    r"(?<=[.!?\u2026][\"')\]\u2019\u201d])\s+|(?<=[.!?\u2026])\s+|(?<=[\u3002\uff01\uff1f])"
+    rf"(?<={_SENTENCE_END}[\"')\]\u2019\u201d])\s+|(?<={_SENTENCE_END})\s+"
+    r"|(?<=[\u3002\uff01\uff1f])"
 )
 _WORD_BREAK = re.compile(r"(?<=\s)(?=\S)")
 # Tokens kept free besides the estimate, for what the estimate cannot see.
