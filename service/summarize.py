@@ -471,19 +471,26 @@ class Summarizer:
             text = await self._call_if_fits(run, document_system, request.document, target, _WHOLE)
             if text is not None:
                 return self._result(text, 1, 1, run.tally, started)
-        chunk_room = self._room(
-            model,
-            system=part_system,
-            header=_header(_part_name(998, 999)),
-            answer_tokens=part_tokens,
-        )
-        # Chunking a large document is CPU work: keep the event loop answering meanwhile.
-        chunks = await asyncio.to_thread(
-            split_into_chunks,
-            request.document,
-            max_tokens=self._require_room(request, chunk_room),
-            overlap_tokens=self._config.chunk_overlap_tokens,
-        )
+        # Room for the widest "Part N of M" of as many digits as the parts turn out to
+        # number: past 999 they are chunked again, with room for the longer header.
+        widest = 999
+        while True:
+            chunk_room = self._room(
+                model,
+                system=part_system,
+                header=_header(_part_name(widest - 1, widest)),
+                answer_tokens=part_tokens,
+            )
+            # Chunking a large document is CPU work: keep the event loop answering meanwhile.
+            chunks = await asyncio.to_thread(
+                split_into_chunks,
+                request.document,
+                max_tokens=self._require_room(request, chunk_room),
+                overlap_tokens=self._config.chunk_overlap_tokens,
+            )
+            if len(chunks) <= widest:
+                break
+            widest = 10 ** len(str(len(chunks))) - 1
         inputs = [(_part_name(i, len(chunks)), c) for i, c in enumerate(chunks)]
         # Levels after the first combine groups of summaries into shorter ones.
         group_system = combine_prompt(target_tokens=part_tokens, instructions=request.instructions)

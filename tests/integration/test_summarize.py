@@ -882,3 +882,35 @@ async def test_parts_the_upstream_refuses_before_any_calibration_are_split_until
     covered = {s for body in answered for s in sentences(user_text(body))}
     assert covered == set(sentences(text))
     assert response.chunks == len(answered)
+
+
+async def test_a_document_of_over_999_parts_is_chunked_with_room_for_their_numbers(
+    recorder, start_gateway
+):
+    """Chunks are sized with room for their "Part N of M" header. A document of more than
+    999 parts (2 MB on a small window) has four-digit numbers: each part still fits as
+    it was made, and none is split again into pieces, each a call more.
+
+    Before, the room was always that of "Part 999 of 999": a part packed to within a
+    token or two of it no longer fitted with its longer header, and was re-split (here
+    an eighth of them, each into two calls)."""
+    recorder.respond = lambda body: Reply(content="ok", prompt_tokens=0)  # no calibration
+    small = {
+        FAKE_MODEL: {
+            "context_window": 256,
+            "input_usd_per_million": 0.14,
+            "output_usd_per_million": 0.42,
+        }
+    }
+    settings = {"concurrency": 16, "chunk_overlap_tokens": 0, "default_target_tokens": 32}
+    gateway = await start_gateway(
+        gateway_config(recorder.base_url, models=small, summarize=settings)
+    )
+    text = " ".join(f"Item {i} is {'very ' * (i % 7)}good." for i in range(14000))
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=text), timeout=120
+    )
+    parts = [r.body for r in recorder.requests if is_part(r.body)]
+    assert len(parts) > 999
+    assert [header(b) for b in parts if is_piece(b)] == []
+    assert response.chunks == len(parts)
