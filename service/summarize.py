@@ -611,7 +611,8 @@ class Summarizer:
         upstream usage may have raised it since. A text that no longer fits is split with
         the factor as it is now into pieces, each summarised in turn (and checked again
         when its turn comes). Every piece is at most the room, which is less than the text
-        it came from, so splitting ends; a room too small for any piece fails the call.
+        it came from (at most half of it, when the text was refused although it fitted by
+        the estimate), so splitting ends; a room too small for any piece fails the call.
 
         Returns:
             One summary, or one for each piece, in order.
