@@ -66,10 +66,14 @@ from service.validation import (
 
 _MS = 1000.0
 _PARAGRAPH_BREAK = re.compile(r"(\r?\n[ \t]*\r?\n\s*)")
-# After a sentence end: whitespace after . ! ? … (and closing quotes), or straight after
-# the full-width marks CJK text uses without spaces.
+# After a sentence end: whitespace after . ! ? … or another script's full stop or
+# question mark (Devanagari danda, Arabic question mark, Urdu, Armenian, Ethiopic and
+# Myanmar full stops), and closing quotes; or straight after the full-width marks CJK
+# text uses without spaces.
+_SENTENCE_END = "[.!?\u2026\u0964\u0965\u061f\u06d4\u0589\u1362\u1367\u104b]"
 _SENTENCE_BREAK = re.compile(
-    r"(?<=[.!?\u2026][\"')\]\u2019\u201d])\s+|(?<=[.!?\u2026])\s+|(?<=[\u3002\uff01\uff1f])"
+    rf"(?<={_SENTENCE_END}[\"')\]\u2019\u201d])\s+|(?<={_SENTENCE_END})\s+"
+    r"|(?<=[\u3002\uff01\uff1f])"
 )
 _WORD_BREAK = re.compile(r"(?<=\s)(?=\S)")
 # Tokens kept free besides the estimate, for what the estimate cannot see.
@@ -467,19 +471,26 @@ class Summarizer:
             text = await self._call_if_fits(run, document_system, request.document, target, _WHOLE)
             if text is not None:
                 return self._result(text, 1, 1, run.tally, started)
-        chunk_room = self._room(
-            model,
-            system=part_system,
-            header=_header(_part_name(998, 999)),
-            answer_tokens=part_tokens,
-        )
-        # Chunking a large document is CPU work: keep the event loop answering meanwhile.
-        chunks = await asyncio.to_thread(
-            split_into_chunks,
-            request.document,
-            max_tokens=self._require_room(request, chunk_room),
-            overlap_tokens=self._config.chunk_overlap_tokens,
-        )
+        # Room for the widest "Part N of M" of as many digits as the parts turn out to
+        # number: past 999 they are chunked again, with room for the longer header.
+        widest = 999
+        while True:
+            chunk_room = self._room(
+                model,
+                system=part_system,
+                header=_header(_part_name(widest - 1, widest)),
+                answer_tokens=part_tokens,
+            )
+            # Chunking a large document is CPU work: keep the event loop answering meanwhile.
+            chunks = await asyncio.to_thread(
+                split_into_chunks,
+                request.document,
+                max_tokens=self._require_room(request, chunk_room),
+                overlap_tokens=self._config.chunk_overlap_tokens,
+            )
+            if len(chunks) <= widest:
+                break
+            widest = 10 ** len(str(len(chunks))) - 1
         inputs = [(_part_name(i, len(chunks)), c) for i, c in enumerate(chunks)]
         # Levels after the first combine groups of summaries into shorter ones.
         group_system = combine_prompt(target_tokens=part_tokens, instructions=request.instructions)
@@ -600,7 +611,8 @@ class Summarizer:
         upstream usage may have raised it since. A text that no longer fits is split with
         the factor as it is now into pieces, each summarised in turn (and checked again
         when its turn comes). Every piece is at most the room, which is less than the text
-        it came from, so splitting ends; a room too small for any piece fails the call.
+        it came from (at most half of it, when the text was refused although it fitted by
+        the estimate), so splitting ends; a room too small for any piece fails the call.
 
         Returns:
             One summary, or one for each piece, in order.
@@ -608,18 +620,23 @@ class Summarizer:
         model = run.request.model
         header = _header(name)
         room = self._room(model, system=system, header=header, answer_tokens=answer_tokens)
-        if estimate_text_tokens(text) <= room:
+        tokens = estimate_text_tokens(text)
+        was_refused = False
+        if tokens <= room:
             summary = await self._call_if_fits(run, system, header + text, answer_tokens, slot)
             if summary is not None:
                 return [summary]
+            was_refused = True
         # Room for the widest piece number a split can reach (a piece takes a token at least).
-        widest = _header(_piece_name(name, estimate_text_tokens(text)))
+        widest = _header(_piece_name(name, tokens))
         piece_room = self._room(model, system=system, header=widest, answer_tokens=answer_tokens)
-        pieces = split_into_chunks(
-            text,
-            max_tokens=self._require_room(run.request, piece_room),
-            overlap_tokens=overlap_tokens,
-        )
+        max_tokens = self._require_room(run.request, piece_room)
+        if was_refused:
+            # Refused although it fitted by the estimate: a refusal leaves a factor of 1 or
+            # more as it was (no answer has calibrated a text the estimator counts low), and
+            # split by the same room it would come back whole and be refused again.
+            max_tokens = min(max_tokens, max(_MIN_CHUNK_TOKENS, tokens // 2))
+        pieces = split_into_chunks(text, max_tokens=max_tokens, overlap_tokens=overlap_tokens)
         if len(pieces) == 1:
             # One piece: splitting it again could loop if the estimate and the pipeline
             # disagreed. Send it; a refusal from the pipeline then stands.

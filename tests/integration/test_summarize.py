@@ -851,3 +851,66 @@ async def test_a_summary_costs_exactly_what_its_calls_cost(start_gateway):
         total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
     assert total.cost_usd == 3178.51127244
     assert response.cost_usd == total.cost_usd
+
+
+async def test_parts_the_upstream_refuses_before_any_calibration_are_split_until_they_fit(
+    recorder, start_gateway
+):
+    """A text the estimator counts low (a plain-ASCII language, rare letters: the README
+    names them) on a fresh gateway: no answer has calibrated the model, so its factor is
+    the estimator's own, 1, and the parts sized with it run over the upstream's window.
+    Each refused part is split into smaller pieces until they fit, and the summary
+    completes.
+
+    Before, a refused part was split with the same factor, unchanged by the refusal:
+    the same text came back as one piece, was refused again, and the Summarize failed
+    with INVALID_ARGUMENT on `messages`, a field it does not have."""
+    ratio = 1.6  # the upstream's count of every prompt, against the estimate
+
+    def respond(body):
+        if ratio * estimated_prompt(body) + body["max_tokens"] > WINDOW:
+            return Status(400, body=TOO_LONG)
+        return default_respond(body)
+
+    recorder.respond = reporting(ratio, respond)
+    gateway = await start_gateway(config(recorder.base_url, chunk_attempts=1))
+    text = document(40)
+    response = await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=text))
+    assert response.summary == "FINAL"
+    answered = [r.body for r in recorder.requests if is_part(r.body)]
+    answered = [b for b in answered if ratio * estimated_prompt(b) + b["max_tokens"] <= WINDOW]
+    covered = {s for body in answered for s in sentences(user_text(body))}
+    assert covered == set(sentences(text))
+    assert response.chunks == len(answered)
+
+
+async def test_a_document_of_over_999_parts_is_chunked_with_room_for_their_numbers(
+    recorder, start_gateway
+):
+    """Chunks are sized with room for their "Part N of M" header. A document of more than
+    999 parts (2 MB on a small window) has four-digit numbers: each part still fits as
+    it was made, and none is split again into pieces, each a call more.
+
+    Before, the room was always that of "Part 999 of 999": a part packed to within a
+    token or two of it no longer fitted with its longer header, and was re-split (here
+    an eighth of them, each into two calls)."""
+    recorder.respond = lambda body: Reply(content="ok", prompt_tokens=0)  # no calibration
+    small = {
+        FAKE_MODEL: {
+            "context_window": 256,
+            "input_usd_per_million": 0.14,
+            "output_usd_per_million": 0.42,
+        }
+    }
+    settings = {"concurrency": 16, "chunk_overlap_tokens": 0, "default_target_tokens": 32}
+    gateway = await start_gateway(
+        gateway_config(recorder.base_url, models=small, summarize=settings)
+    )
+    text = " ".join(f"Item {i} is {'very ' * (i % 7)}good." for i in range(14000))
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=text), timeout=120
+    )
+    parts = [r.body for r in recorder.requests if is_part(r.body)]
+    assert len(parts) > 999
+    assert [header(b) for b in parts if is_piece(b)] == []
+    assert response.chunks == len(parts)

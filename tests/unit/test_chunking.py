@@ -1,5 +1,7 @@
 """Splitting long documents into overlapping chunks at natural boundaries."""
 
+# ruff: noqa: RUF001
+
 import itertools
 
 import pytest
@@ -72,6 +74,32 @@ def test_cjk_without_spaces_is_split_at_full_stops():
     assert len(chunks) > 1
     assert all(chunk.endswith("。") for chunk in chunks)
     assert "".join(chunks) == text
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "यह एक लंबा हिंदी पाठ है जो विभाजन का परीक्षण करता है। ",  # Hindi: danda
+        "هل هذا نص عربي طويل لاختبار التقسيم إلى أجزاء؟ ",  # Arabic question mark
+        "یہ ایک طویل اردو متن ہے جو تقسیم کی جانچ کرتا ہے۔ ",  # Urdu full stop
+        "Սա երկար հայերեն տեքստ է, որը ստուգում է բաժանումը։ ",  # Armenian full stop
+        "ይህ ረጅም የአማርኛ ጽሑፍ ነው እና ሌላም ነገር አለ። ",  # Ethiopic full stop
+    ],
+    ids=["hindi", "arabic", "urdu", "armenian", "amharic"],
+)
+def test_sentences_ending_in_other_scripts_marks_are_split_at_them(sentence):
+    """A paragraph of Hindi, Arabic, Urdu, Armenian or Amharic is cut at its sentences'
+    own full stops, and chunks overlap by whole sentences, as the README promises.
+
+    Before, only . ! ? … and the CJK marks ended a sentence: such a paragraph was one
+    long sentence, cut between words mid-sentence."""
+    text = sentence * 60
+    mark = sentence.strip()[-1]
+    chunks = split_into_chunks(text, max_tokens=120, overlap_tokens=40)
+    assert len(chunks) > 1
+    for chunk in chunks:
+        assert chunk.endswith(mark)
+        assert chunk.startswith(sentence.strip())
 
 
 def test_units_rejoin_to_the_text():
