@@ -375,7 +375,11 @@ class ModelConfig:
             self.output_usd_per_million,
             self.cached_input_usd_per_million or 0.0,
         )
-        _require(all(p >= 0 for p in prices), "prices must be >= 0")
+        _require(
+            all(p >= 0 for p in prices),
+            "prices must be >= 0 (input_usd_per_million, output_usd_per_million, "
+            "cached_input_usd_per_million)",
+        )
 
 
 # The name the local model is served under, beside the configured upstreams.
@@ -566,7 +570,8 @@ class TenantConfig:
     def __post_init__(self) -> None:
         _require(
             min(self.requests_per_minute, self.tokens_per_minute, self.max_concurrent_calls) >= 0,
-            "limits must be >= 0 (0: unlimited)",
+            "limits (requests_per_minute, tokens_per_minute, max_concurrent_calls) must be "
+            ">= 0 (0: unlimited)",
         )
 
     def allows_model(self, model: str) -> bool:

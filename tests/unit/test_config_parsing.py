@@ -353,6 +353,16 @@ def test_a_sections_check_names_only_the_variables_of_the_keys_it_is_about() -> 
         "grace_period_s must be >= 0 "
         "(set from the environment: LLM_GATEWAY__SERVER__GRACE_PERIOD_S)"
     )
+    for data, variable in (  # checks of several keys at once name each of them
+        ({"tenants": {"search": {}}}, "LLM_GATEWAY__TENANTS__SEARCH__REQUESTS_PER_MINUTE"),
+        (
+            {"models": {"m": {"input_usd_per_million": 1, "output_usd_per_million": 1}}},
+            "LLM_GATEWAY__MODELS__M__OUTPUT_USD_PER_MILLION",
+        ),
+    ):
+        with pytest.raises(ConfigError) as negative:
+            parse(data, **{variable: "-1"})
+        assert negative.value.problem.endswith(f"(set from the environment: {variable})")
     same = {
         "LLM_GATEWAY__SERVER__LISTEN": "0.0.0.0:1",
         "LLM_GATEWAY__SERVER__HEALTH_LISTEN": "0.0.0.0:1",
