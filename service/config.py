@@ -378,7 +378,11 @@ class ModelConfig:
             self.output_usd_per_million,
             self.cached_input_usd_per_million or 0.0,
         )
-        _require(all(p >= 0 for p in prices), "prices must be >= 0")
+        _require(
+            all(p >= 0 for p in prices),
+            "prices must be >= 0 (input_usd_per_million, output_usd_per_million, "
+            "cached_input_usd_per_million)",
+        )
 
 
 # The name the local model is served under, beside the configured upstreams.
@@ -569,7 +573,8 @@ class TenantConfig:
     def __post_init__(self) -> None:
         _require(
             min(self.requests_per_minute, self.tokens_per_minute, self.max_concurrent_calls) >= 0,
-            "limits must be >= 0 (0: unlimited)",
+            "limits (requests_per_minute, tokens_per_minute, max_concurrent_calls) must be "
+            ">= 0 (0: unlimited)",
         )
 
     def allows_model(self, model: str) -> bool:
@@ -604,7 +609,10 @@ class ResilienceConfig:
 
     def __post_init__(self) -> None:
         _require(self.attempts >= 1, "attempts must be >= 1")
-        _require(0 < self.backoff_base_s <= self.backoff_cap_s, "need 0 < backoff_base_s <= cap")
+        _require(
+            0 < self.backoff_base_s <= self.backoff_cap_s,
+            "need 0 < backoff_base_s <= backoff_cap_s",
+        )
         _require(self.max_retry_after_s >= 0, "max_retry_after_s must be >= 0")
         _require(self.retry_budget_ratio >= 0, "retry_budget_ratio must be >= 0")
         _require(self.retry_budget_window_s > 0, "retry_budget_window_s must be > 0")
@@ -786,13 +794,33 @@ class GatewayConfig:
         return enabled == "always" or (enabled == "auto" and not self.enabled_upstreams)
 
 
-def _with_variables(problem: str, key: str, overrides: Mapping[str, str]) -> str:
+def _with_variables(
+    problem: str, key: str, overrides: Mapping[str, str], *, section_check: bool = False
+) -> str:
     """`problem`, saying which variables set `key` (or keys under it): the file may not
-    hold the key at all."""
-    variables = [v for k, v in overrides.items() if k == key or k.startswith(f"{key}.")]
+    hold the key at all.
+
+    A section's own check (`section_check`: `server: grace_period_s must be >= 0`) names
+    the keys it is about, and only their variables are named: one setting another key of
+    the section (the image's listen address) is not to blame.
+    """
+    variables = [
+        v
+        for k, v in overrides.items()
+        if k == key
+        or (
+            k.startswith(f"{key}.")
+            and (not section_check or _names_key(problem, k[len(key) + 1 :].split(".")[0]))
+        )
+    ]
     if variables:
         problem += f" (set from the environment: {', '.join(sorted(variables))})"
     return problem
+
+
+def _names_key(problem: str, name: str) -> bool:
+    """Whether `problem` names the key `name` as a word (`listen`, not in `health_listen`)."""
+    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", problem) is not None
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
@@ -889,6 +917,10 @@ def _shown_name(name: object) -> str:
     return text if len(text) <= 32 else text[:32] + "…"
 
 
+class _SectionCheckError(ValueError):
+    """A section's `__post_init__` refused it: the problem names the keys it is about."""
+
+
 def _build(cls: type[T], data: Any, key: str) -> T:
     if data is None:
         data = {}
@@ -914,7 +946,7 @@ def _build(cls: type[T], data: Any, key: str) -> T:
     except TypeError as exc:
         raise ValueError(f"{key or '(top level)'}: {exc}") from None
     except ValueError as exc:
-        raise ValueError(f"{key or '(top level)'}: {exc}") from None
+        raise _SectionCheckError(f"{key or '(top level)'}: {exc}") from None
 
 
 def _key_in(node: dict[str, Any], part: str, variable: str, path: list[str]) -> str:
@@ -993,7 +1025,9 @@ def parse_config(
         config = _build(GatewayConfig, data, "")
     except ValueError as exc:
         key, _, problem = str(exc).partition(": ")
-        raise ConfigError(source, key, _with_variables(problem, key, overrides)) from None
+        section_check = isinstance(exc, _SectionCheckError)
+        problem = _with_variables(problem, key, overrides, section_check=section_check)
+        raise ConfigError(source, key, problem) from None
     config = dataclasses.replace(config, overrides=overrides)
     names = [u.name for u in config.upstreams]
     duplicate = next((n for n in names if names.count(n) > 1), None)

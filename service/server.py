@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -17,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from llmgateway.v1 import gateway_pb2
 from service.cache import CacheStore, ResponseCache
-from service.config import ConfigError, GatewayConfig, ServerConfig, UpstreamConfig
+from service.config import ConfigError, GatewayConfig, ServerConfig, TlsConfig, UpstreamConfig
 from service.ledger import RedisLedger, open_ledger
 from service.local_model import UPSTREAM_NAME as LOCAL_UPSTREAM
 from service.local_model import LocalModelServer, LocalModelUnavailable
@@ -187,7 +188,12 @@ class GatewayServer:
         # The health port first: a grpc server lets its port go only once started, and the
         # gateway's, bound before a failure here, would stay taken for the process's life.
         health_server = self._health_server_on(self.config.server.health_listen)
-        self.port = _bind(listen, lambda: _add_port(server, self.config.server))
+        try:
+            self.port = _bind(listen, lambda: _add_port(server, self.config.server))
+        except ListenError:
+            if self.config.server.tls.is_enabled and await _refuses_tls(self.config.server):
+                raise self.config.error("server.tls.cert_file", _TLS_REFUSED) from None
+            raise
         await server.start()
         self._server = server
         await self._set_health()
@@ -415,6 +421,30 @@ def _bind(listen: str, add_port: Callable[[], int]) -> int:
     if port == 0:
         raise ListenError(f"cannot listen on {listen}")
     return port
+
+
+_TLS_REFUSED = (
+    "grpc cannot serve TLS with this certificate and key (a key type or curve its TLS "
+    "does not take, such as DSA or secp256k1; RSA and P-256 keys work)"
+)
+
+
+async def _refuses_tls(config: ServerConfig) -> bool:
+    """Whether grpc refuses `config`'s certificate and key themselves: a scratch loopback
+    port takes plaintext but not TLS with them. (A failed listen says only "Failed to
+    bind", and the start would blame the address.)"""
+    scratch = dataclasses.replace(config, listen="127.0.0.1:0")
+    ports = []
+    for attempt in (scratch, dataclasses.replace(scratch, tls=TlsConfig())):
+        server = grpc.aio.server()
+        try:
+            ports.append(_add_port(server, attempt))
+        except RuntimeError:
+            ports.append(0)
+        if ports[-1]:  # a grpc server lets its port go only once started
+            await server.start()
+            await server.stop(0)
+    return ports[0] == 0 and ports[1] != 0
 
 
 def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:

@@ -383,6 +383,58 @@ async def test_certificate_files_grpc_cannot_use_are_a_config_error(pki, tmp_pat
     assert process.returncode == 2
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_certificate_of_a_curve_grpc_cannot_serve_is_a_config_error(tmp_path, workers):
+    """A well-formed certificate and key that grpc's TLS cannot use (an EC key on
+    secp256k1: Python's ssl loads it, BoringSSL does not) exits 2 naming the key, with
+    one process and with workers.
+
+    Before, the start failed at the listen and blamed the address ("the address is taken
+    or not local"), exit status 1: an operator would look for another process on a port
+    nobody held.
+    """
+    from tests.integration.pki import _openssl
+
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp256k1",
+             "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+             "-keyout", "k1.key", "-out", "k1.pem", cwd=tmp_path)  # fmt: skip
+    tls = {"cert_file": str(tmp_path / "k1.pem"), "key_file": str(tmp_path / "k1.key")}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            gateway_config_data(
+                "http://127.0.0.1:9/v1", server={"listen": "127.0.0.1:0", "tls": tls}
+            )
+        )
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(path), "--workers", workers,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=_REPO,
+    )  # fmt: skip
+    try:
+        out, stderr = await asyncio.wait_for(process.communicate(), timeout=_TIMEOUT_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    said = f"llm-gateway: config error: {path}: server.tls.cert_file: grpc cannot serve TLS"
+    assert any(line.startswith(said) for line in stderr.decode().splitlines()), stderr
+    assert b"listening" not in out
+    assert process.returncode == 2
+
+
+async def test_a_taken_port_with_a_usable_certificate_is_still_the_address(upstream, pki):
+    """The certificate is blamed only when grpc refuses it: a taken port is the address."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = f"127.0.0.1:{holder.getsockname()[1]}"
+        config = gateway_config(upstream.base_url, server={"listen": held, "tls": _tls(pki)})
+        with pytest.raises(ListenError, match=re.escape(f"cannot listen on {held}")):
+            async with GatewayServer(config):
+                pass
+
+
 @pytest.mark.parametrize(
     ("base_url", "warned"),
     [

@@ -334,6 +334,44 @@ def test_a_file_error_does_not_blame_other_env_overrides() -> None:
     assert "environment" not in caught.value.problem
 
 
+def test_a_sections_check_names_only_the_variables_of_the_keys_it_is_about() -> None:
+    """A section's own check (`grace_period_s must be >= 0`) names the variables of the
+    keys it is about, not every variable of the section.
+
+    The image and the Kubernetes manifest always set LLM_GATEWAY__SERVER__LISTEN (and
+    WORKERS): before, a bad `grace_period_s` in the file read "(set from the environment:
+    LLM_GATEWAY__SERVER__LISTEN, LLM_GATEWAY__SERVER__WORKERS)", sending the reader to
+    variables that hold nothing wrong.
+    """
+    deployed = {"LLM_GATEWAY__SERVER__LISTEN": "0.0.0.0:50051", "LLM_GATEWAY__SERVER__WORKERS": "2"}
+    with pytest.raises(ConfigError) as in_file:
+        parse({"server": {"grace_period_s": -1}}, **deployed)
+    assert in_file.value.problem == "grace_period_s must be >= 0"
+    with pytest.raises(ConfigError) as in_variable:
+        parse({}, **deployed, LLM_GATEWAY__SERVER__GRACE_PERIOD_S="-1")
+    assert in_variable.value.problem == (
+        "grace_period_s must be >= 0 "
+        "(set from the environment: LLM_GATEWAY__SERVER__GRACE_PERIOD_S)"
+    )
+    for data, variable in (  # checks of several keys at once name each of them
+        ({"tenants": {"search": {}}}, "LLM_GATEWAY__TENANTS__SEARCH__REQUESTS_PER_MINUTE"),
+        (
+            {"models": {"m": {"input_usd_per_million": 1, "output_usd_per_million": 1}}},
+            "LLM_GATEWAY__MODELS__M__OUTPUT_USD_PER_MILLION",
+        ),
+    ):
+        with pytest.raises(ConfigError) as negative:
+            parse(data, **{variable: "-1"})
+        assert negative.value.problem.endswith(f"(set from the environment: {variable})")
+    same = {
+        "LLM_GATEWAY__SERVER__LISTEN": "0.0.0.0:1",
+        "LLM_GATEWAY__SERVER__HEALTH_LISTEN": "0.0.0.0:1",
+    }
+    with pytest.raises(ConfigError) as both:  # a check about two keys names both
+        parse({}, **same)
+    assert both.value.problem.endswith(f"(set from the environment: {', '.join(sorted(same))})")
+
+
 def test_env_override_on_real_file() -> None:
     """The shipped config's listen address can be overridden from the environment."""
     config = load_config(REPO_CONFIG, environ={"LLM_GATEWAY__SERVER__LISTEN": "0.0.0.0:50051"})
