@@ -97,6 +97,8 @@ class Demand:
     # A batch: it holds a call slot, and each item takes its requests and tokens as it
     # starts (`BatchPacer`), so a batch larger than a minute's allowance runs at the rate.
     is_paced: bool = False
+    # A Summarize: it takes its request now, and each of its calls its tokens as it starts.
+    paces_tokens: bool = False
 
 
 def _text_tokens(texts: Iterable[str]) -> int:
@@ -123,12 +125,17 @@ def completion_tokens(request: Any) -> int:
 
 
 def _tokens_of(request: Any) -> int:
-    """The tokens `tokens_per_minute` counts for a completion or a Summarize (else 0)."""
+    """The tokens `tokens_per_minute` counts for a completion (else 0: a Summarize's
+    calls take theirs as they start)."""
     if hasattr(request, "messages"):
         return completion_tokens(request)
-    if hasattr(request, "document"):
-        return 2 * _text_tokens([request.document, request.instructions])
     return 0
+
+
+def part_tokens(texts: Iterable[str], *, max_tokens: int) -> int:
+    """The tokens `tokens_per_minute` counts for one of a Summarize's calls: its
+    messages' `texts`, and the answer's `max_tokens`, as for a completion."""
+    return _text_tokens(texts) + max_tokens
 
 
 def demand_of(request: Any, *, estimate: bool = True) -> Demand:
@@ -149,7 +156,9 @@ def demand_of(request: Any, *, estimate: bool = True) -> Demand:
         )
     if hasattr(request, "items"):
         return Demand(is_paced=True)
-    if hasattr(request, "messages") or hasattr(request, "document"):
+    if hasattr(request, "document"):
+        return Demand(models=(request.model,), requests=1, paces_tokens=True)
+    if hasattr(request, "messages"):
         tokens = _tokens_of(request) if estimate else 0
         return Demand(models=(request.model,), requests=1, tokens=tokens)
     return Demand()
@@ -173,9 +182,9 @@ class BatchPacer:
         # for each refill.
         self._turn = asyncio.Lock()
 
-    async def take(self, tokens: int, deadline: Deadline) -> None:
-        """Take one request and `tokens`, waiting as long as the buckets ask if
-        `deadline` leaves the time.
+    async def take(self, tokens: int, deadline: Deadline, *, requests: int = 1) -> None:
+        """Take `requests` (one item's) and `tokens`, waiting as long as the buckets ask
+        if `deadline` leaves the time.
 
         Raises:
             QuotaExceeded: the item cannot be taken before the deadline, or ever (more
@@ -189,7 +198,11 @@ class BatchPacer:
                     raise DeadlineExceeded("the caller's deadline passed before the item's turn")
                 try:
                     await self._limiter.take_rate(
-                        tenant, limits, tokens=tokens, leave_share=self._leave_share
+                        tenant,
+                        limits,
+                        tokens=tokens,
+                        requests=requests,
+                        leave_share=self._leave_share,
                     )
                     return
                 except QuotaExceeded as refusal:
@@ -296,4 +309,10 @@ class CallerGate:
         async with self._limiter.admit(
             principal.tenant, limits, tokens=_tokens_of(request), requests=demand.requests
         ):
+            if demand.paces_tokens and limits.tokens_per_minute:
+                # A Summarize's calls take their tokens as they start: a document of more
+                # than a minute's allowance runs at the tenant's rate, as a batch does.
+                _pacer.set(
+                    BatchPacer(self._limiter, principal, leave_share=self._batch_leave_share)
+                )
             yield principal

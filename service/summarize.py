@@ -28,6 +28,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from service.caller_gate import current_pacer, part_tokens
 from service.clock import SYSTEM_CLOCK, Clock, Deadline
 from service.config import SummarizeConfig
 from service.domain import (
@@ -690,6 +691,11 @@ class Summarizer:
             labels=request.labels,
             tenant=request.tenant,
         )
+        pacer = current_pacer()
+        if pacer is not None:  # the tenant's tokens_per_minute, taken as the call starts
+            await pacer.take(
+                part_tokens((system, user), max_tokens=answer_tokens), deadline, requests=0
+            )
         attempts = self._config.chunk_attempts
         for attempt in range(1, attempts + 1):
             try:

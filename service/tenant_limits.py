@@ -142,8 +142,9 @@ class MemoryTenantLimiter:
         nothing; `leave_share` as in `TenantLimiter.take_rate`."""
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
         _too_large(tenant, limits, tokens=tokens, requests=requests)
-        requests_bucket = self._bucket(self._requests, tenant, rpm) if rpm else None
-        tokens_bucket = self._bucket(self._tokens, tenant, tpm) if tpm else None
+        # A bucket nothing is taken from is not asked: a Summarize's call takes no request.
+        requests_bucket = self._bucket(self._requests, tenant, rpm) if rpm and requests else None
+        tokens_bucket = self._bucket(self._tokens, tenant, tpm) if tpm and tokens else None
         if requests_bucket is not None:
             wait = requests_bucket.wait_s(requests, rpm, leave_share=leave_share)
             if wait > 0:
@@ -339,7 +340,10 @@ class RedisTenantLimiter:
         """Take `requests` and `tokens` from the tenant's per-minute buckets, holding no
         call slot (the script takes no lease without a concurrency cap); or refuse.
         `leave_share` as in `TenantLimiter.take_rate`."""
-        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+        # A bucket nothing is taken from is not asked (0: no such limit): a Summarize's
+        # calls take no request.
+        rpm = limits.requests_per_minute if requests else 0
+        tpm = limits.tokens_per_minute if tokens else 0
         if not (rpm or tpm):
             return
         _too_large(tenant, limits, tokens=tokens, requests=requests)

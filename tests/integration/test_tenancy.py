@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.errors import RETRY_PUSHBACK_TRAILER
 from service.security import InsecureListen
 from service.server import GatewayServer
+from service.tokens import estimate_text_tokens
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import Reply
 from tests.integration.tenancy_helpers import (
@@ -337,6 +339,14 @@ async def test_a_paced_batch_leaves_a_share_of_its_tenants_minute_to_other_calls
     assert len(upstream.requests) == 10
 
 
+async def rpc_error_or_response(call: Any) -> Any:
+    """The call's response, or the `AioRpcError` it failed with."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        return error
+
+
 def _item_detail(status, message_type):
     """The detail of `message_type` in a batch item's google.rpc.Status."""
     for item in status.details:
@@ -542,6 +552,49 @@ async def test_a_summary_runs_no_more_upstream_calls_at_once_than_its_tenant_may
             summary = await gw.stub.Summarize(request, metadata=as_tenant(tenant))
             assert summary.upstream_calls > 4
             assert scripted.peak_in_flight == peak
+
+
+async def test_a_summary_of_more_than_a_minutes_tokens_takes_them_call_by_call(
+    start_gateway,
+):
+    """A Summarize's calls take the tenant's tokens_per_minute as each starts: a document
+    whose estimate, twice over, exceeded team-a's 16,000 tokens a minute was refused for
+    good ("can never fit", pushback -1), though its calls fit. Now it runs, and the
+    tokens its calls took are gone from the minute: of the 17 completions of 900 tokens a
+    fresh minute holds, one of the first 7 is refused."""
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=lambda body: Reply(content="short")
+    ) as scripted:
+        config = secure_config(
+            scripted.base_url,
+            tenants={"team-a": {"tokens_per_minute": 16_000}},
+            models={
+                FAKE_MODEL: {
+                    "context_window": 1024,
+                    "input_usd_per_million": 0.14,
+                    "output_usd_per_million": 0.42,
+                }
+            },
+            summarize={"default_target_tokens": 64},
+        )
+        gw = await start_gateway(config)
+        document = "\n\n".join(
+            " ".join(f"Paragraph {p} sentence {s} says something." for s in range(5))
+            for p in range(150)
+        )
+        assert 2 * estimate_text_tokens(document) > 16_000  # what the gate took, before
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document)
+        summary = await gw.stub.Summarize(request, metadata=as_tenant("team-a"))
+        assert summary.upstream_calls > 4
+        greedy = chat("hi", params=pb.GenerationParams(max_tokens=900))
+        outcomes = [
+            await rpc_error_or_response(gw.stub.Complete(greedy, metadata=as_tenant("team-a")))
+            for _ in range(7)
+        ]
+        refused = next(o for o in outcomes if isinstance(o, grpc.aio.AioRpcError))
+        assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        quota = detail(refused, error_details_pb2.QuotaFailure)
+        assert quota.violations[0].subject == "tenant:team-a:tokens_per_minute"
 
 
 async def test_auth_off_serves_the_default_tenant_on_loopback(upstream, start_gateway):
