@@ -168,7 +168,7 @@ class BatchPacer:
     """Takes each item of one batch from its tenant's per-minute buckets as it starts,
     waiting for them to refill: a batch runs at its tenant's rate, however many items
     it holds, where taking them all up front would refuse any batch larger than a
-    minute's allowance."""
+    minute's allowance. A Summarize's calls take their tokens through one the same way."""
 
     def __init__(
         self, limiter: TenantLimiter, principal: Principal, *, leave_share: float = 0.0
