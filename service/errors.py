@@ -357,6 +357,21 @@ class SummarizePartFailed(UpstreamError):
         self.is_retry_futile = cause.is_retry_futile
 
 
+class SummarizePartRejected(UpstreamRejected):
+    """The upstream refused a part of a Summarize call itself (a 400, its moderation):
+    the caller's document, not time, is at fault, so no part is retried."""
+
+    def __init__(self, cause: UpstreamRejected, *, part: int, parts: int, level: int) -> None:
+        super().__init__(
+            f"the upstream refused part {part} of {parts} (level {level}): {cause.message}",
+            upstream=cause.upstream,
+            status=cause.status,
+        )
+        self.part = part
+        self.parts = parts
+        self.level = level
+
+
 def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)  # type: ignore[arg-type]
@@ -417,10 +432,11 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
     if isinstance(exc, ContextWindowExceeded):
         metadata["estimated_tokens"] = str(exc.estimated_tokens)
         metadata["limit_tokens"] = str(exc.limit_tokens)
-    if isinstance(exc, SummarizePartFailed):
+    if isinstance(exc, SummarizePartFailed | SummarizePartRejected):
         metadata["part"] = str(exc.part)
         metadata["parts"] = str(exc.parts)
         metadata["level"] = str(exc.level)
+    if isinstance(exc, SummarizePartFailed):
         metadata["attempts"] = str(exc.attempts)
     if isinstance(exc, StreamInterrupted):
         metadata["deltas_sent"] = str(exc.deltas_sent)

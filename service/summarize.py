@@ -47,6 +47,7 @@ from service.errors import (
     FieldViolation,
     InvalidRequest,
     SummarizePartFailed,
+    SummarizePartRejected,
     UpstreamContextExceeded,
     UpstreamError,
     UpstreamRejected,
@@ -700,8 +701,12 @@ class Summarizer:
         for attempt in range(1, attempts + 1):
             try:
                 completion = await self._pipeline.complete(chat, deadline=deadline)
-            except UpstreamRejected:
-                raise
+            except UpstreamContextExceeded:
+                raise  # the text is split again (`_call_if_fits`)
+            except UpstreamRejected as exc:
+                raise SummarizePartRejected(
+                    exc, part=slot.part, parts=slot.parts, level=slot.level
+                ) from exc
             except UpstreamError as exc:
                 wait_s = self._config.retry_backoff_s * 2 ** (attempt - 1)
                 left = deadline.remaining_s()

@@ -183,6 +183,35 @@ async def test_long_summaries_are_combined_recursively(recorder, start_gateway):
     assert response.upstream_calls == len(parts) + len(middles) + 1
 
 
+async def test_a_part_the_upstream_refuses_fails_the_call_at_once_naming_the_part(
+    recorder, start_gateway
+):
+    """A part the upstream refuses itself (a 400 that is not about length: its moderation,
+    say) is not retried, and the caller hears which part: INVALID_ARGUMENT,
+    UPSTREAM_REJECTED_REQUEST, with the part, parts and level in the ErrorInfo. It used
+    to carry no more than a refused Complete would, leaving the caller to guess where in
+    a long document the refusal was."""
+    flagged = '{"error": {"message": "Input flagged", "type": "invalid_request_error"}}'
+
+    def respond(body):
+        if is_part(body) and header(body).startswith("Part 2 of"):
+            return Status(400, body=flagged)
+        return default_respond(body)
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url, concurrency=1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(60)))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(caught.value)
+    assert info.reason == "UPSTREAM_REJECTED_REQUEST"
+    assert (info.metadata["part"], info.metadata["level"]) == ("2", "1")
+    assert int(info.metadata["parts"]) > 2
+    assert "part 2 of" in caught.value.details()
+    refused = [r for r in recorder.requests if header(r.body).startswith("Part 2 of")]
+    assert len(refused) == 1  # not retried
+
+
 async def test_summaries_that_never_fit_one_call_fail_on_the_document(recorder, start_gateway):
     """Past `max_levels` the caller gets INVALID_ARGUMENT on `document`, not INTERNAL."""
     recorder.respond = lambda body: Reply(content=" ".join(["summary"] * 150))
