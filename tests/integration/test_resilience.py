@@ -417,6 +417,17 @@ async def test_only_upstream_key_rejected_is_unavailable_upstream_auth(
         assert len(bad.requests) == 1  # the open breaker answered, not the upstream
 
 
+async def _refused_during_probe(gateway: RunningGateway, probed: Any) -> grpc.aio.AioRpcError:
+    """Send "probe" (the half-open upstream's probe) and, while `probed` answers it, call
+    again: that call's error. The probe itself is served."""
+    probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
+    assert await settle(lambda: probed.in_flight == 1)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await gateway.stub.Complete(chat("another"))
+    assert (await probe).content == "Hello from fake"
+    return refused.value
+
+
 async def test_a_call_during_a_rejected_keys_probe_is_not_told_to_give_up(start_gateway):
     """Once the key cool-down has passed, the upstream is half-open and its probe may find
     the key mended: a call arriving while the probe runs is no longer one that finds the
@@ -430,14 +441,10 @@ async def test_a_call_during_a_rejected_keys_probe_is_not_told_to_give_up(start_
             await gateway.stub.Complete(chat("bad"))
         assert error_details(rejected.value)[1] == "UPSTREAM_AUTH"
         await asyncio.sleep(0.45)  # the cool-down has passed: half-open
-        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
-        assert await settle(lambda: fake.in_flight == 1)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await gateway.stub.Complete(chat("another"))
-        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-        assert error_details(info.value)[1] == "UPSTREAM_UNAVAILABLE"
-        assert dict(info.value.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
-        assert (await probe).content == "Hello from fake"
+        error = await _refused_during_probe(gateway, fake)
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
+        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
         assert [user_text(r.body) for r in fake.requests] == ["bad", "probe"]
 
 
@@ -458,16 +465,12 @@ async def test_a_key_rejected_beside_a_rejected_keys_probe_leaves_the_retry_open
         await gateway.stub.Complete(chat("bad"))  # up0's 401, then up1's answer
         await asyncio.sleep(0.45)  # up0's key cool-down has passed: half-open
         await gateway.stub.Complete(chat("up1's turn"))  # round robin: up1
-        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
-        assert await settle(lambda: first.in_flight == 1)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await gateway.stub.Complete(chat("another"))
+        error = await _refused_during_probe(gateway, first)
         assert [user_text(r.body) for r in first.requests] == ["bad", "probe"]
         assert [user_text(r.body) for r in second.requests] == ["bad", "up1's turn", "another"]
-        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-        assert error_details(info.value)[1] == "UPSTREAM_AUTH"
-        assert dict(info.value.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
-        assert (await probe).content == "Hello from fake"
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(error)[1] == "UPSTREAM_AUTH"
+        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
 
 
 async def test_a_rejected_key_does_not_push_back_a_retry_past_the_other_upstreams_probe(
@@ -496,14 +499,10 @@ async def test_a_rejected_key_does_not_push_back_a_retry_past_the_other_upstream
             await gateway.stub.Complete(chat("fail"))  # up0's 500, then up1's 401
         assert (len(flaky.requests), len(rejected.requests)) == (1, 1)
         await asyncio.sleep(0.45)  # up0 half-open; up1's key cool-down lasts
-        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
-        assert await settle(lambda: flaky.in_flight == 1)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await gateway.stub.Complete(chat("another"))
-        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-        assert error_details(info.value)[1] == "UPSTREAM_UNAVAILABLE"
-        assert dict(info.value.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
-        assert (await probe).content == "Hello from fake"
+        error = await _refused_during_probe(gateway, flaky)
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
+        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
         assert len(rejected.requests) == 1
 
 
