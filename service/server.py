@@ -191,8 +191,8 @@ class GatewayServer:
         try:
             self.port = _bind(listen, lambda: _add_port(server, self.config.server))
         except ListenError:
-            if self.config.server.tls.is_enabled and await _refuses_tls(self.config.server):
-                raise self.config.error("server.tls.cert_file", _TLS_REFUSED) from None
+            if self.config.server.tls.is_enabled and await refuses_tls(self.config.server):
+                raise self.config.error("server.tls.cert_file", TLS_REFUSED) from None
             raise
         await server.start()
         self._server = server
@@ -423,13 +423,13 @@ def _bind(listen: str, add_port: Callable[[], int]) -> int:
     return port
 
 
-_TLS_REFUSED = (
+TLS_REFUSED = (
     "grpc cannot serve TLS with this certificate and key (a key type or curve its TLS "
     "does not take, such as DSA or secp256k1; RSA and P-256 keys work)"
 )
 
 
-async def _refuses_tls(config: ServerConfig) -> bool:
+async def refuses_tls(config: ServerConfig) -> bool:
     """Whether grpc refuses `config`'s certificate and key themselves: a scratch loopback
     port takes plaintext but not TLS with them. (A failed listen says only "Failed to
     bind", and the start would blame the address.)"""

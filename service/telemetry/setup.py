@@ -97,6 +97,21 @@ def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
     return exporters
 
 
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Raise the `TelemetrySetupError` a start with `environ` would end with (an unknown
+    exporter or OTLP protocol), building nothing (`llm-gateway check` asks)."""
+    for signal, names in (("TRACES", ("console", "otlp")), ("METRICS", _METRIC_EXPORTERS)):
+        variable = f"OTEL_{signal}_EXPORTER"
+        for name in _names(environ, variable):
+            if name not in names:
+                raise TelemetrySetupError(variable, f"unknown exporter {name!r}")
+            if name == "otlp":
+                _protocol(environ, signal)
+
+
+_METRIC_EXPORTERS = ("console", "prometheus", "otlp")
+
+
 def names_prometheus(environ: Mapping[str, str]) -> bool:
     """Whether `OTEL_METRICS_EXPORTER` asks for the Prometheus endpoint."""
     return "prometheus" in _names(environ, "OTEL_METRICS_EXPORTER")

@@ -269,6 +269,50 @@ local_model: {{enabled: never}}
     assert "PASTEDKEY" not in captured.out + captured.err
 
 
+@pytest.mark.parametrize(
+    ("environment", "said"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER: unknown exporter 'zipkin'"),
+        (
+            {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+            "OTEL_EXPORTER_OTLP_PROTOCOL: OTLP protocol 'http/json' is not one of",
+        ),
+    ],
+)
+async def test_check_refuses_the_telemetry_environment_serve_would(
+    tmp_path, monkeypatch, capsys, environment, said
+):
+    """An OTEL_* exporter or protocol `serve` refuses at start (exit 2) is a config error
+    for `check` too. Before, `check` said the config was ok."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("local_model: {enabled: never}\n")
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert f"config error: environment: {said}" in captured.err
+    assert "ok" not in captured.out
+
+
+async def test_check_refuses_a_certificate_grpc_cannot_serve(tmp_path, capsys):
+    """A certificate and key Python loads but grpc's TLS cannot use (secp256k1) is the
+    config error `serve` exits 2 with, for `check` too."""
+    from tests.integration.pki import _openssl
+
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp256k1",
+             "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+             "-keyout", "k1.key", "-out", "k1.pem", cwd=tmp_path)  # fmt: skip
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"server: {{tls: {{cert_file: {tmp_path / 'k1.pem'}, key_file: {tmp_path / 'k1.key'}}}}}\n"
+        "local_model: {enabled: never}\n"
+    )
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    assert code == 2
+    assert "server.tls.cert_file: grpc cannot serve TLS" in capsys.readouterr().err
+
+
 async def test_check_passes_when_all_upstreams_answer(tmp_path, monkeypatch, capsys):
     """`check` exits 0 when every enabled upstream is reachable with a valid key."""
     async with FakeUpstream(models=(FAKE_MODEL,), api_key="sk-right") as fake:

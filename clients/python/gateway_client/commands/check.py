@@ -1,6 +1,8 @@
 """`llm-gateway check`: validate the config and every upstream's key, all at once.
 
-Calls `GET {base_url}/models` on each enabled upstream (concurrently) and prints a table:
+First the config errors `serve` would find only as it starts (the listen policy, the
+keys file, the `OTEL_*` exporters, a TLS pair grpc cannot serve). Then calls
+`GET {base_url}/models` on each enabled upstream (concurrently) and prints a table:
 upstream, reachable, key valid, models listed, latency. Exits 2 on a config error, 1
 when any enabled upstream is unreachable, refuses its key or account, or answers with
 another error, else 0: a server that has no `/models` (404, 405) passes, its key
@@ -22,6 +24,9 @@ from service.config import ConfigError, GatewayConfig, UpstreamConfig, load_conf
 from service.errors import UpstreamError
 from service.main import DEFAULT_CONFIG
 from service.security import check_start_config
+from service.server import TLS_REFUSED, refuses_tls
+from service.telemetry import TelemetrySetupError
+from service.telemetry.setup import check_environment
 from service.upstream.client import probe_models
 
 
@@ -122,6 +127,12 @@ async def check_command(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         check_start_config(config)  # what `serve` would refuse only once it starts
+        try:
+            check_environment(os.environ)
+        except TelemetrySetupError as exc:
+            raise ConfigError("environment", exc.variable, exc.problem) from None
+        if config.server.tls.is_enabled and await refuses_tls(config.server):
+            raise config.error("server.tls.cert_file", TLS_REFUSED)
     except ConfigError as exc:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
         return 2
