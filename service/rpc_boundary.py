@@ -308,15 +308,15 @@ class StalledStreams:
             since = time.monotonic() - self.timeout_s
             for watched in self._watched.values():
                 if watched.closing is None and watched.since is not None and watched.since <= since:
-                    log.warning("rpc.caller_stalled", extra={"timeout_s": self.timeout_s})
                     watched.closing = asyncio.get_running_loop().create_task(
-                        _closed(watched.items), context=watched.context
+                        _closed(watched.items, self.timeout_s), context=watched.context
                     )
 
 
-async def _closed(items: AsyncGenerator[Any, None]) -> None:
-    """Close `items`, suspended at a message the caller did not take; a failure while
-    closing is logged, as the caller that would have heard it is gone."""
+async def _closed(items: AsyncGenerator[Any, None], timeout_s: float) -> None:
+    """Close `items`, suspended at a message the caller did not take (in the call's
+    context); a failure while closing is logged, as the caller that would hear it is gone."""
+    log.warning("rpc.caller_stalled", extra={"tenant": current_tenant(), "timeout_s": timeout_s})
     try:
         await items.aclose()
     except Exception:
