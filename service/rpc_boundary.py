@@ -259,21 +259,20 @@ class StalledStreams:
     in gRPC until its caller reads or leaves, for only gRPC can end it, and it does so
     with no status when its task is cancelled. One sweep, a quarter of `timeout_s`
     apart while any stream runs, looks at the writes in progress, rather than a timer
-    for each message.
+    for each message; a timer, not a task, so that a stream starting costs no more than
+    a dict entry on its way to its first token.
     """
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self._watched: dict[asyncio.Task[Any], _Watched] = {}
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweep_timer: asyncio.TimerHandle | None = None
 
     async def aclose(self) -> None:
         """Stop sweeping (a stream started later starts it again)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
 
     async def relay(self, items: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
         """`items`, each handed on to the caller; or `CallerStalled` once they were closed
@@ -282,8 +281,10 @@ class StalledStreams:
         watched = _Watched(items)
         if task is not None:  # outside a task nothing waits on gRPC's flow control
             self._watched[task] = watched
-            if self._sweeper is None or self._sweeper.done():
-                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            if self._sweep_timer is None:
+                self._sweep_timer = asyncio.get_running_loop().call_later(
+                    self.timeout_s / 4, self._sweep
+                )
         try:
             async for item in items:
                 watched.since = time.monotonic()
@@ -295,22 +296,23 @@ class StalledStreams:
         finally:
             if task is not None:
                 del self._watched[task]
-                if not self._watched and self._sweeper is not None:
-                    self._sweeper.cancel()  # no stream left to watch
-                    self._sweeper = None
             if watched.closing is not None:  # closing them now: not twice at once
                 await asyncio.shield(watched.closing)
             await items.aclose()
 
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(self.timeout_s / 4)
-            since = time.monotonic() - self.timeout_s
-            for watched in self._watched.values():
-                if watched.closing is None and watched.since is not None and watched.since <= since:
-                    watched.closing = asyncio.get_running_loop().create_task(
-                        _closed(watched.items, self.timeout_s), context=watched.context
-                    )
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        since = time.monotonic() - self.timeout_s
+        for watched in self._watched.values():
+            if watched.closing is None and watched.since is not None and watched.since <= since:
+                watched.closing = loop.create_task(
+                    _closed(watched.items, self.timeout_s), context=watched.context
+                )
+        # Again while any stream runs; the next stream to start starts it otherwise.
+        is_watching = bool(self._watched)
+        self._sweep_timer = (
+            loop.call_later(self.timeout_s / 4, self._sweep) if is_watching else None
+        )
 
 
 async def _closed(items: AsyncGenerator[Any, None], timeout_s: float) -> None:
