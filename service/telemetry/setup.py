@@ -97,9 +97,12 @@ def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
     return exporters
 
 
-def check_environment(environ: Mapping[str, str]) -> None:
-    """Raise the `TelemetrySetupError` a start with `environ` would end with (an unknown
-    exporter or OTLP protocol), building nothing (`llm-gateway check` asks)."""
+def check_environment(config: TelemetryConfig, environ: Mapping[str, str]) -> None:
+    """Raise the `TelemetrySetupError` a start with `config` and `environ` would end with
+    (an unknown exporter or OTLP protocol), building nothing (`llm-gateway check` asks).
+    With telemetry off, a start reads no exporter, so none is an error."""
+    if _is_off(config, environ):
+        return
     for signal, names in (("TRACES", ("console", "otlp")), ("METRICS", _METRIC_EXPORTERS)):
         variable = f"OTEL_{signal}_EXPORTER"
         for name in _names(environ, variable):
@@ -110,6 +113,11 @@ def check_environment(environ: Mapping[str, str]) -> None:
 
 
 _METRIC_EXPORTERS = ("console", "prometheus", "otlp")
+
+
+def _is_off(config: TelemetryConfig, environ: Mapping[str, str]) -> bool:
+    """Whether the config or `OTEL_SDK_DISABLED` turns all telemetry off."""
+    return not config.enabled or environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
 
 def names_prometheus(environ: Mapping[str, str]) -> bool:
@@ -219,7 +227,7 @@ def build_providers(
     used, so telemetry that goes nowhere costs next to nothing.
     """
     env = os.environ if environ is None else environ
-    if not config.enabled or env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+    if _is_off(config, env):
         return Providers(trace.NoOpTracer(), metrics.NoOpMeter(_SCOPE))
     resource = Resource.create({"service.name": _service_name_from(env) or config.service_name})
     processors: list[SpanProcessor] = [BatchSpanProcessor(e) for e in span_exporters(env)]

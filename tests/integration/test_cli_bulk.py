@@ -295,6 +295,38 @@ async def test_check_refuses_the_telemetry_environment_serve_would(
     assert "ok" not in captured.out
 
 
+@pytest.mark.parametrize(
+    ("setting", "environment"),
+    [
+        ("telemetry: {enabled: false}\n", {}),
+        ("", {"OTEL_SDK_DISABLED": "true"}),
+    ],
+)
+async def test_check_passes_an_unknown_exporter_when_telemetry_is_off(
+    tmp_path, monkeypatch, capsys, setting, environment
+):
+    """With telemetry off (the config's `telemetry.enabled: false`, or OTEL_SDK_DISABLED),
+    `serve` reads no OTEL_* exporter and starts: `check` must not call one a config error.
+    Before, it exited 2 for a deployment that serves."""
+    async with FakeUpstream(models=(FAKE_MODEL,)) as fake:
+        config = tmp_path / "gateway.yaml"
+        config.write_text(
+            f"""{setting}
+upstreams:
+  - {{name: good, base_url: "{fake.base_url}", models: [{FAKE_MODEL}]}}
+local_model: {{enabled: never}}
+"""
+        )
+        monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert "config error" not in captured.err
+    assert code == 0
+    assert "good" in captured.out
+
+
 async def test_check_refuses_a_certificate_grpc_cannot_serve(tmp_path, capsys):
     """A certificate and key Python loads but grpc's TLS cannot use (secp256k1) is the
     config error `serve` exits 2 with, for `check` too."""

@@ -128,7 +128,7 @@ async def check_command(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         check_start_config(config)  # what `serve` would refuse only once it starts
         try:
-            check_environment(os.environ)
+            check_environment(config.telemetry, os.environ)
         except TelemetrySetupError as exc:
             raise ConfigError("environment", exc.variable, exc.problem) from None
         if config.server.tls.is_enabled and await refuses_tls(config.server):
