@@ -194,7 +194,8 @@ class Overloaded(QuotaExceeded):
 
 class CallerStalled(GatewayError):
     """The caller took none of a stream's messages for `server.stalled_stream_timeout_s`:
-    the call was ended, and what it held (an upstream connection, a slot) let go."""
+    the upstream request the call read from was closed (its call slots are let go only as
+    the caller reads on, or leaves)."""
 
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "CALLER_STALLED"

@@ -291,7 +291,9 @@ class StalledStreams:
                 yield item
                 watched.since = None
                 if watched.closing is not None:
-                    await watched.closing
+                    # Shielded: a cancel now (the caller leaving, a shutdown's cut) must
+                    # not cut the close short, and the `finally` below waits for it anyway.
+                    await asyncio.shield(watched.closing)
                     raise CallerStalled(self.timeout_s)
         finally:
             if task is not None:
