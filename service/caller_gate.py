@@ -159,7 +159,7 @@ def demand_of(request: Any, *, estimate: bool = True) -> Demand:
     if hasattr(request, "document"):
         return Demand(models=(request.model,), requests=1, paces_tokens=True)
     if hasattr(request, "messages"):
-        tokens = _tokens_of(request) if estimate else 0
+        tokens = completion_tokens(request) if estimate else 0
         return Demand(models=(request.model,), requests=1, tokens=tokens)
     return Demand()
 
@@ -270,6 +270,12 @@ class CallerGate:
         _principal.set(principal)
         return principal
 
+    def _pace(self, principal: Principal) -> None:
+        """Have this call's upstream calls take `principal`'s per-minute limits as they
+        start (`current_pacer`); for this call only, as `_principal` (each RPC runs in a
+        task of its own)."""
+        _pacer.set(BatchPacer(self._limiter, principal, leave_share=self._batch_leave_share))
+
     @contextlib.asynccontextmanager
     async def admit(
         self, request: Any, principal: Principal, *, check: Callable[[Any], None] | None = None
@@ -292,11 +298,8 @@ class CallerGate:
         limits = principal.limits
         if demand.is_paced:
             async with self._limiter.admit(principal.tenant, limits, tokens=0, requests=0):
-                # For this call only, as `_principal` (each RPC runs in a task of its own).
                 if limits.requests_per_minute or limits.tokens_per_minute:
-                    _pacer.set(
-                        BatchPacer(self._limiter, principal, leave_share=self._batch_leave_share)
-                    )
+                    self._pace(principal)
                 yield principal
             return
         if not demand.requests:
@@ -312,7 +315,5 @@ class CallerGate:
             if demand.paces_tokens and limits.tokens_per_minute:
                 # A Summarize's calls take their tokens as they start: a document of more
                 # than a minute's allowance runs at the tenant's rate, as a batch does.
-                _pacer.set(
-                    BatchPacer(self._limiter, principal, leave_share=self._batch_leave_share)
-                )
+                self._pace(principal)
             yield principal
