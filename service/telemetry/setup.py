@@ -74,10 +74,27 @@ def _protocol(environ: Mapping[str, str], signal: str) -> str:
     return protocol
 
 
+# The exporters each signal's `OTEL_<SIGNAL>_EXPORTER` may name.
+_EXPORTERS = {"TRACES": ("console", "otlp"), "METRICS": ("console", "prometheus", "otlp")}
+
+
+def _exporter_names(environ: Mapping[str, str], signal: str) -> list[str]:
+    """The exporters `OTEL_<signal>_EXPORTER` names; raises `TelemetrySetupError` for one
+    unknown, or for an OTLP protocol unknown, before any exporter is built."""
+    variable = f"OTEL_{signal}_EXPORTER"
+    names = _names(environ, variable)
+    for name in names:
+        if name not in _EXPORTERS[signal]:
+            raise TelemetrySetupError(variable, f"unknown exporter {name!r}")
+        if name == "otlp":
+            _protocol(environ, signal)
+    return names
+
+
 def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
     """The span exporters `OTEL_TRACES_EXPORTER` asks for."""
     exporters: list[SpanExporter] = []
-    for name in _names(environ, "OTEL_TRACES_EXPORTER"):
+    for name in _exporter_names(environ, "TRACES"):
         if name == "console":
             exporters.append(ConsoleSpanExporter())
         elif name == "otlp" and _protocol(environ, "TRACES") == _GRPC:
@@ -86,14 +103,12 @@ def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
             )
 
             exporters.append(GrpcSpanExporter())
-        elif name == "otlp":
+        else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
                 OTLPSpanExporter as HttpSpanExporter,
             )
 
             exporters.append(HttpSpanExporter())
-        else:
-            raise TelemetrySetupError("OTEL_TRACES_EXPORTER", f"unknown exporter {name!r}")
     return exporters
 
 
@@ -103,16 +118,8 @@ def check_environment(config: TelemetryConfig, environ: Mapping[str, str]) -> No
     With telemetry off, a start reads no exporter, so none is an error."""
     if _is_off(config, environ):
         return
-    for signal, names in (("TRACES", ("console", "otlp")), ("METRICS", _METRIC_EXPORTERS)):
-        variable = f"OTEL_{signal}_EXPORTER"
-        for name in _names(environ, variable):
-            if name not in names:
-                raise TelemetrySetupError(variable, f"unknown exporter {name!r}")
-            if name == "otlp":
-                _protocol(environ, signal)
-
-
-_METRIC_EXPORTERS = ("console", "prometheus", "otlp")
+    for signal in _EXPORTERS:
+        _exporter_names(environ, signal)
 
 
 def _is_off(config: TelemetryConfig, environ: Mapping[str, str]) -> bool:
@@ -129,7 +136,7 @@ def metric_readers(environ: Mapping[str, str]) -> tuple[list[MetricReader], bool
     """The periodic readers `OTEL_METRICS_EXPORTER` asks for, and whether it names prometheus."""
     readers: list[MetricReader] = []
     wants_prometheus = False
-    for name in _names(environ, "OTEL_METRICS_EXPORTER"):
+    for name in _exporter_names(environ, "METRICS"):
         if name == "console":
             readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
         elif name == "prometheus":
@@ -140,14 +147,12 @@ def metric_readers(environ: Mapping[str, str]) -> tuple[list[MetricReader], bool
             )
 
             readers.append(PeriodicExportingMetricReader(GrpcMetricExporter()))
-        elif name == "otlp":
+        else:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
                 OTLPMetricExporter as HttpMetricExporter,
             )
 
             readers.append(PeriodicExportingMetricReader(HttpMetricExporter()))
-        else:
-            raise TelemetrySetupError("OTEL_METRICS_EXPORTER", f"unknown exporter {name!r}")
     return readers, wants_prometheus
 
 
