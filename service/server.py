@@ -168,7 +168,7 @@ class GatewayServer:
             options=[
                 *pending_call_options(self.admission.max_in_flight, self.admission.max_queued),
                 ("grpc.max_receive_message_length", self.config.server.max_receive_message_bytes),
-                ("grpc.so_reuseport", 0 if self.config.server.workers in (None, 1) else 1),
+                self._reuse_port_option,
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.max_pings_without_data", 0),
                 *connection_age_options(self.config, upstreams),
@@ -204,14 +204,18 @@ class GatewayServer:
             "server.started", extra={"port": self.port, "upstreams": [c.name for c in clients]}
         )
 
+    @property
+    def _reuse_port_option(self) -> tuple[str, int]:
+        """Whether grpc lets other processes listen on this server's ports: the workers
+        of `--workers N` share them."""
+        return ("grpc.so_reuseport", 0 if self.config.server.workers in (None, 1) else 1)
+
     def _health_server_on(self, listen: str | None) -> grpc.aio.Server | None:
         """A server bound to `listen` for the health service alone, in plaintext (stopped
         with the rest); None without `listen`."""
         if listen is None:
             return None
-        server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0 if self.config.server.workers in (None, 1) else 1)]
-        )
+        server = grpc.aio.server(options=[self._reuse_port_option])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.health_port = _bind(listen, lambda: int(server.add_insecure_port(listen)))
         self._health_server = server
