@@ -8,7 +8,7 @@ Errors are raised as `GatewayError`s and mapped to statuses in one place,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Literal
 
 import grpc
@@ -32,6 +32,7 @@ from service.domain import (
     CachePolicy,
     ChatRequest,
     Completion,
+    Delta,
     FinishReason,
     GenerationParams,
     Message,
@@ -310,6 +311,37 @@ def stream_final_to_proto(completion: Completion) -> pb.CompleteStreamResponse:
     return message
 
 
+# Callers' gRPC clients take 4 MiB a message by default, and one upstream event may hold
+# up to 16 MiB: a longer delta goes out in pieces of at most this many characters (2 MiB
+# of UTF-8 at most), one field each, in the order the caller appends them.
+DELTA_PIECE_CHARS = 512 * 1024
+
+
+def delta_chars(delta: Delta) -> int:
+    """The characters a delta's message carries."""
+    chars = len(delta.content) + len(delta.reasoning)
+    if delta.tool_calls:
+        chars += sum(len(call.arguments) for call in delta.tool_calls)
+    return chars
+
+
+def long_delta_to_proto(delta: Delta) -> Iterator[pb.CompleteStreamResponse]:
+    """A delta over `DELTA_PIECE_CHARS` as several messages that append to the same."""
+    for piece in _pieces(delta.reasoning):
+        yield stream_delta_to_proto("", reasoning=piece)
+    for piece in _pieces(delta.content):
+        yield stream_delta_to_proto(piece)
+    for call in delta.tool_calls:
+        first = ToolCallDelta(call.index, call.id, call.name, call.arguments[:DELTA_PIECE_CHARS])
+        yield stream_delta_to_proto("", (first,))
+        for piece in _pieces(call.arguments[DELTA_PIECE_CHARS:]):
+            yield stream_delta_to_proto("", (ToolCallDelta(call.index, arguments=piece),))
+
+
+def _pieces(text: str) -> list[str]:
+    return [text[at : at + DELTA_PIECE_CHARS] for at in range(0, len(text), DELTA_PIECE_CHARS)]
+
+
 def stream_delta_to_proto(
     content: str, tool_calls: tuple[ToolCallDelta, ...] = (), reasoning: str = ""
 ) -> pb.CompleteStreamResponse:
@@ -488,8 +520,11 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             async for event in events:
                 if isinstance(event, Completion):
                     yield stream_final_to_proto(event)
-                else:
+                elif delta_chars(event) <= DELTA_PIECE_CHARS:
                     yield stream_delta_to_proto(event.content, event.tool_calls, event.reasoning)
+                else:
+                    for message in long_delta_to_proto(event):
+                        yield message
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]
