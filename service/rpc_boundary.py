@@ -236,12 +236,16 @@ async def abort_with(
 
 
 class _Watched:
-    """One stream `StalledStreams` watches: its messages and when its write began."""
+    """One stream `StalledStreams` watches: its messages, when its write began, and what
+    to call once they are closed."""
 
-    __slots__ = ("closing", "context", "items", "since")
+    __slots__ = ("closing", "context", "items", "on_closed", "since")
 
-    def __init__(self, items: AsyncGenerator[Any, None]) -> None:
+    def __init__(
+        self, items: AsyncGenerator[Any, None], on_closed: Callable[[], None] | None
+    ) -> None:
         self.items = items
+        self.on_closed = on_closed
         self.context = contextvars.copy_context()  # the call's: its cleanup runs in it
         self.since: float | None = None  # a message handed to gRPC, not yet written
         self.closing: asyncio.Task[None] | None = None
@@ -255,9 +259,10 @@ class StalledStreams:
     call's next message waiting on gRPC's flow control for ever, and with it the upstream
     connection the call reads from: enough of them would take an upstream's every
     connection from all callers. The call's messages are closed as when a caller
-    cancels (the upstream request ends and is charged as cut); the call itself waits on
-    in gRPC until its caller reads or leaves, for only gRPC can end it, and it does so
-    with no status when its task is cancelled. One sweep, a quarter of `timeout_s`
+    cancels (the upstream request ends and is charged as cut), and `on_closed` gives
+    back the call's server slot; the call itself waits on in gRPC until its caller reads
+    or leaves, for only gRPC can end it, and it does so with no status when its task is
+    cancelled. One sweep, a quarter of `timeout_s`
     apart while any stream runs, looks at the writes in progress, rather than a timer
     for each message; a timer, not a task, so that a stream starting costs no more than
     a dict entry on its way to its first token.
@@ -274,11 +279,13 @@ class StalledStreams:
             self._sweep_timer.cancel()
             self._sweep_timer = None
 
-    async def relay(self, items: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+    async def relay(
+        self, items: AsyncGenerator[Any, None], on_closed: Callable[[], None] | None = None
+    ) -> AsyncGenerator[Any, None]:
         """`items`, each handed on to the caller; or `CallerStalled` once they were closed
-        for a caller that took none for `timeout_s`."""
+        (and `on_closed` called) for a caller that took none for `timeout_s`."""
         task = asyncio.current_task()
-        watched = _Watched(items)
+        watched = _Watched(items, on_closed)
         if task is not None:  # outside a task nothing waits on gRPC's flow control
             self._watched[task] = watched
             if self._sweep_timer is None:
@@ -308,7 +315,8 @@ class StalledStreams:
         for watched in self._watched.values():
             if watched.closing is None and watched.since is not None and watched.since <= since:
                 watched.closing = loop.create_task(
-                    _closed(watched.items, self.timeout_s), context=watched.context
+                    _closed(watched.items, watched.on_closed, self.timeout_s),
+                    context=watched.context,
                 )
         # Again while any stream runs; the next stream to start starts it otherwise.
         is_watching = bool(self._watched)
@@ -317,7 +325,9 @@ class StalledStreams:
         )
 
 
-async def _closed(items: AsyncGenerator[Any, None], timeout_s: float) -> None:
+async def _closed(
+    items: AsyncGenerator[Any, None], on_closed: Callable[[], None] | None, timeout_s: float
+) -> None:
     """Close `items`, suspended at a message the caller did not take (in the call's
     context); a failure while closing is logged, as the caller that would hear it is gone."""
     log.warning("rpc.caller_stalled", extra={"tenant": current_tenant(), "timeout_s": timeout_s})
@@ -325,6 +335,9 @@ async def _closed(items: AsyncGenerator[Any, None], timeout_s: float) -> None:
         await items.aclose()
     except Exception:
         log.exception("rpc.stalled_close_failed")
+    finally:
+        if on_closed is not None:
+            on_closed()
 
 
 async def _enter(
@@ -415,6 +428,23 @@ def _guard_unary(
     return guarded
 
 
+class _ServerSlot:
+    """A stream's slot of `Admission`, given back once: when the call ends, or earlier,
+    when `StalledStreams` has closed what it held."""
+
+    __slots__ = ("admission", "is_held", "ticket")
+
+    def __init__(self, admission: Admission, ticket: CallTicket) -> None:
+        self.admission = admission
+        self.ticket = ticket
+        self.is_held = True
+
+    def leave(self) -> None:
+        if self.is_held:
+            self.is_held = False
+            self.admission.leave(self.ticket)
+
+
 def _guard_stream(
     method: StreamHandler,
     name: str,
@@ -429,6 +459,7 @@ def _guard_stream(
         metadata = context.invocation_metadata() or ()
         with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
             principal, ticket = await _enter(context, name, rpc, admission, gate)
+            slot = _ServerSlot(admission, ticket)
             try:
                 async with _caller(request, principal, gate, check):
                     if principal is None:
@@ -436,7 +467,7 @@ def _guard_stream(
                     # Closed here, not by the garbage collector, however the call ends.
                     messages = method(request, context)
                     if stalls is not None:
-                        messages = stalls.relay(messages)
+                        messages = stalls.relay(messages, on_closed=slot.leave)
                     async with contextlib.aclosing(messages) as items:
                         async for item in items:
                             yield item
@@ -453,7 +484,7 @@ def _guard_stream(
             except Exception as exc:
                 await abort_with(context, exc, name, rpc)
             finally:
-                admission.leave(ticket)
+                slot.leave()
             context.set_trailing_metadata(rpc.trailers())
 
     return guarded

@@ -7,7 +7,7 @@ import pytest
 
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
-from tests.conftest import chat_stream, gateway_config
+from tests.conftest import chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.integration.test_resilience import checked_out_connections, settle
 
@@ -41,3 +41,25 @@ async def test_a_caller_that_stops_reading_lets_go_of_the_upstream_then_hears_wh
         usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
         assert (usage.total.requests, usage.total.estimated_requests) == (1, 1)
         assert len(upstream.requests) == 1
+
+
+async def test_a_stalled_stream_gives_its_server_slot_to_other_callers(start_gateway):
+    """Once its upstream is let go, a stalled stream holds no slot of the server's
+    `max_in_flight_calls`: one tenant's callers that stop reading cannot refuse every
+    other caller for as long as they stay connected."""
+    async with FakeUpstream(default=_LONG) as upstream:
+        server = {"stalled_stream_timeout_s": 0.5, "max_in_flight_calls": 1}
+        gateway = await start_gateway(gateway_config(upstream.base_url, server=server))
+        call = gateway.stub.CompleteStream(chat_stream("long"))
+        await call.read()
+        assert await settle(lambda: checked_out_connections(gateway) == 1)
+        assert await settle(lambda: checked_out_connections(gateway) == 0, timeout_s=30)
+        upstream.script(Reply(content="served"))
+        answer = await gateway.stub.Complete(chat("short"))
+        assert answer.content == "served"
+        with pytest.raises(grpc.aio.AioRpcError) as stalled:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        assert error_details(stalled.value).reason == "CALLER_STALLED"
+        assert await settle(lambda: gateway.server.admission.is_idle)
+        assert gateway.server.admission.in_flight == 0
