@@ -1,10 +1,10 @@
 """Summarize: a document of any length, chunked, summarised concurrently, combined.
 
-1. The document is split on paragraph boundaries, then sentence boundaries, then (for a
-   sentence longer than a chunk) word or character boundaries, into chunks that fit the
-   model's window with room for the prompt and the answer. Consecutive chunks overlap by
-   up to `chunk_overlap_tokens` of whole sentences, so nothing that straddles a boundary
-   is lost.
+1. The document is split on paragraph boundaries (a page break is one), then sentence
+   boundaries, then (for a sentence longer than a chunk) line, word or character
+   boundaries, into chunks that fit the model's window with room for the prompt and the
+   answer. Consecutive chunks overlap by up to `chunk_overlap_tokens` of whole sentences,
+   so nothing that straddles a boundary is lost.
 2. Each chunk is summarised through `Pipeline.complete`, at most `concurrency` at once.
    A failed part is retried; if it still fails the call fails (`SummarizePartFailed`)
    and the other parts are cancelled: a summary of part of the document is never
@@ -23,6 +23,7 @@ fails the call (`InvalidRequest`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -77,7 +78,14 @@ _SENTENCE_BREAK = re.compile(
     rf"(?<={_SENTENCE_END}[\"')\]\u2019\u201d])\s+|(?<={_SENTENCE_END})\s+"
     r"|(?<=[\u3002\uff01\uff1f])"
 )
+# After a line break and the indentation that follows it (a unit keeps the whitespace
+# after it, so estimates still add up).
+_LINE_BREAK = re.compile(r"\n\s*")
 _WORD_BREAK = re.compile(r"(?<=\s)(?=\S)")
+# Whitespace that validation refuses in a message's text: a form feed (the page break
+# PDF text extraction writes) is sent as a paragraph break, where a part may end, and a
+# vertical tab (a word processor's line break) as a line break.
+_PAGE_BREAKS = str.maketrans({"\f": "\n\n", "\v": "\n"})
 # Tokens kept free besides the estimate, for what the estimate cannot see.
 _SAFETY_TOKENS = 16
 _MIN_CHUNK_TOKENS = 64
@@ -112,8 +120,24 @@ class Summary:
 # --- chunking (pure) -----------------------------------------------------------------
 
 
+def as_sent(document: str) -> str:
+    """`document` as its parts are sent: page breaks and vertical tabs as line breaks."""
+    return document.translate(_PAGE_BREAKS)
+
+
+def _split_long(text: str, max_tokens: int) -> list[tuple[str, int]]:
+    """Split a sentence longer than `max_tokens` at line breaks (CSV, code, lists have
+    no sentence ends), then a line longer than that between words, or characters.
+    """
+    pieces: list[tuple[str, int]] = []
+    for line in _split_keeping(text, _LINE_BREAK):
+        tokens = estimate_text_tokens(line)
+        pieces += [(line, tokens)] if tokens <= max_tokens else _hard_split(line, max_tokens)
+    return pieces
+
+
 def _hard_split(text: str, max_tokens: int) -> list[tuple[str, int]]:
-    """Split a sentence longer than `max_tokens` between words, or characters.
+    """Split a line longer than `max_tokens` between words, or characters.
 
     Returns (piece, tokens) pairs whose tokens add up to at least the estimate of any
     run of consecutive pieces joined again.
@@ -152,9 +176,9 @@ def _piece_tokens(piece: str, word: str) -> int:
 def split_units(text: str, max_tokens: int) -> tuple[list[tuple[str, int]], list[bool]]:
     """The document as (text, tokens) units, each fitting `max_tokens`.
 
-    Units are sentences (or, for a sentence too long to be one, the words or characters
-    of it). Each unit keeps the whitespace that follows it, so joining units restores
-    the text. The second list says which units end a paragraph.
+    Units are sentences (or, for a sentence too long to be one, its lines, or the words
+    or characters of a line too long). Each unit keeps the whitespace that follows it,
+    so joining units restores the text. The second list says which units end a paragraph.
     """
     units: list[tuple[str, int]] = []
     ends_paragraph: list[bool] = []
@@ -172,7 +196,7 @@ def split_units(text: str, max_tokens: int) -> tuple[list[tuple[str, int]], list
                 units.append((sentence, tokens))
                 ends_paragraph.append(False)
                 continue
-            for piece in _hard_split(sentence, max_tokens):
+            for piece in _split_long(sentence, max_tokens):
                 units.append(piece)
                 ends_paragraph.append(False)
         ends_paragraph[-1] = True
@@ -378,7 +402,8 @@ class Summarizer:
             raise InvalidRequest(invalid_model)  # as Complete refuses it
         self._pipeline.pool.routes(request.model)  # ModelNotFound first, as Complete does
         window = self._pipeline.context_window(request.model)
-        target = request.target_tokens or self._config.default_target_tokens
+        # The default scales down for a small model, as Complete's answer reserve does.
+        target = request.target_tokens or min(self._config.default_target_tokens, window // 4)
         violations: list[FieldViolation] = []
         if not request.document.strip():
             violations.append(FieldViolation("document", "must not be empty"))
@@ -391,7 +416,7 @@ class Summarizer:
                         f"at most {self._config.max_document_bytes} bytes, got {size}",
                     )
                 )
-            elif has_control_characters(request.document):
+            elif has_control_characters(as_sent(request.document)):
                 # Refused here, not by the call that would send it: the parts before that
                 # one would have been sent and paid for by then.
                 violations.append(FieldViolation("document", "must not contain control characters"))
@@ -459,6 +484,7 @@ class Summarizer:
         `max_concurrency` caps the configured calls at once (the tenant's own cap).
         """
         started = self._clock.now()
+        request = dataclasses.replace(request, document=as_sent(request.document))
         target = self.validate(request)
         model = request.model
         window = self._pipeline.context_window(model)
@@ -728,6 +754,7 @@ __all__ = [
     "Summarizer",
     "Summary",
     "SummaryRequest",
+    "as_sent",
     "combine_prompt",
     "document_prompt",
     "pack_units",
