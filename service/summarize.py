@@ -18,6 +18,10 @@ tokens than estimated), so each text is checked again just before it is sent; on
 no longer fits is split, with the calibration as it is then, into smaller pieces that are
 summarised in its place and in order. Only a window with too little room for any piece
 fails the call (`InvalidRequest`).
+
+Under a tenant's tokens_per_minute each call takes its tokens as it starts, so every call
+is also sized to fit one minute's tokens: a larger one could never be taken. A minute too
+small for any piece fails the call (`QuotaExceeded`, for good) before any part is sent.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from service.errors import (
     ContextWindowExceeded,
     FieldViolation,
     InvalidRequest,
+    QuotaExceeded,
     SummarizePartFailed,
     SummarizePartRejected,
     UpstreamContextExceeded,
@@ -386,6 +391,41 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group  # pragma: no cover - a group always holds an exception
 
 
+def _tokens_per_minute() -> int:
+    """The tokens_per_minute of the tenant whose Summarize is running (0: none)."""
+    pacer = current_pacer()
+    return pacer.tokens_per_minute if pacer is not None else 0
+
+
+def _rate_room(*, system: str, header: str, answer_tokens: int) -> int | None:
+    """Tokens of text that one call may hold beside `system`, `header` and an answer and
+    still fit the tenant's tokens_per_minute, counted as `_call` takes them (None: no
+    such limit). A larger call would be refused for good, however long it waited."""
+    limit = _tokens_per_minute()
+    if not limit:
+        return None
+    # `header` and the text are one message: the header's overhead counts it.
+    return (
+        limit
+        - part_tokens((system,), max_tokens=answer_tokens)
+        - part_tokens((header,), max_tokens=0)
+    )
+
+
+def _rate_too_small(tenant: str, answer_tokens: int) -> QuotaExceeded:
+    """The refusal of a Summarize whose tenant's tokens_per_minute holds no useful call."""
+    limit = _tokens_per_minute()
+    refusal = QuotaExceeded(
+        f"tenant {tenant!r}'s tokens_per_minute of {limit} cannot hold one summarising "
+        f"call: its prompt, a {answer_tokens}-token answer and at least "
+        f"{_MIN_CHUNK_TOKENS} tokens of text; lower target_tokens or shorten the instructions",
+        subject=f"tenant:{tenant}:tokens_per_minute",
+        retry_after_s=None,
+    )
+    refusal.is_retry_futile = True  # as any call larger than a minute's allowance
+    return refusal
+
+
 class Summarizer:
     """Runs Summarize calls through a `Pipeline`."""
 
@@ -440,28 +480,44 @@ class Summarizer:
         return target
 
     def _room(self, model: str, *, system: str, header: str, answer_tokens: int) -> int:
-        """Tokens of text that fit one call beside `system`, `header` and an answer, now.
+        """Tokens of text that fit one call beside `system`, `header` and an answer, now,
+        within the model's window and the tenant's tokens_per_minute (if it has one).
 
         Read again before every call: the calibration factor rises when upstreams report
         more prompt tokens than estimated. May be negative.
         """
+        room = self._window_room(model, system=system, header=header, answer_tokens=answer_tokens)
+        rate_room = _rate_room(system=system, header=header, answer_tokens=answer_tokens)
+        return room if rate_room is None else min(room, rate_room)
+
+    def _window_room(self, model: str, *, system: str, header: str, answer_tokens: int) -> int:
+        """`_room`, within the model's window alone."""
         window = self._pipeline.context_window(model)
         factor = self._pipeline.calibration.factor(model)
         frame = PER_REQUEST_OVERHEAD + 2 * PER_MESSAGE_OVERHEAD + estimate_text_tokens(system)
         frame += estimate_text_tokens(header)
         return math.floor((window - answer_tokens - _SAFETY_TOKENS) / factor) - frame
 
-    def _require_room(self, request: SummaryRequest, room: int) -> int:
-        """`room`, when enough of the document fits one call; else no split can help.
+    def _require_room(
+        self, request: SummaryRequest, *, system: str, header: str, answer_tokens: int
+    ) -> int:
+        """`_room`, when enough of the document fits one call; else no split can help.
 
         Raises:
             InvalidRequest: on `instructions` (or `target_tokens` without them), saying
-                how much room the prompt and the answer leave.
+                how much room the prompt and the answer leave in the window.
+            QuotaExceeded: the window has room, but the tenant's tokens_per_minute
+                cannot hold a call of the smallest part (no wait would help).
         """
+        model = request.model
+        room = self._room(model, system=system, header=header, answer_tokens=answer_tokens)
         if room >= _MIN_CHUNK_TOKENS:
             return room
-        window = self._pipeline.context_window(request.model)
-        factor = self._pipeline.calibration.factor(request.model)
+        room = self._window_room(model, system=system, header=header, answer_tokens=answer_tokens)
+        if room >= _MIN_CHUNK_TOKENS:
+            raise _rate_too_small(request.tenant, answer_tokens)
+        window = self._pipeline.context_window(model)
+        factor = self._pipeline.calibration.factor(model)
         field_name = "instructions" if request.instructions else "target_tokens"
         raise InvalidRequest(
             [
@@ -488,7 +544,9 @@ class Summarizer:
         target = self.validate(request)
         model = request.model
         window = self._pipeline.context_window(model)
-        part_tokens = max(32, min(target, window // 8))
+        # A part's answer is at most an eighth of what one call may take: the window, and
+        # the tenant's tokens_per_minute, else its summaries would barely shrink the text.
+        part_tokens = max(32, min(target, min(window, _tokens_per_minute() or window) // 8))
         part_system = part_prompt(target_tokens=part_tokens, instructions=request.instructions)
         combine_system = combine_prompt(target_tokens=target, instructions=request.instructions)
         concurrency = self._config.concurrency
@@ -499,12 +557,15 @@ class Summarizer:
             text = await self._call_if_fits(run, document_system, request.document, target, _WHOLE)
             if text is not None:
                 return self._result(text, 1, 1, run.tally, started)
+        # Before any part is paid for: the summaries must be combinable within the
+        # tenant's tokens_per_minute as well as the window.
+        self._require_room(request, system=combine_system, header="", answer_tokens=target)
         # Room for the widest "Part N of M" of as many digits as the parts turn out to
         # number: past 999 they are chunked again, with room for the longer header.
         widest = 999
         while True:
-            chunk_room = self._room(
-                model,
+            chunk_room = self._require_room(
+                request,
                 system=part_system,
                 header=_header(_part_name(widest - 1, widest)),
                 answer_tokens=part_tokens,
@@ -513,7 +574,7 @@ class Summarizer:
             chunks = await asyncio.to_thread(
                 split_into_chunks,
                 request.document,
-                max_tokens=self._require_room(request, chunk_room),
+                max_tokens=chunk_room,
                 overlap_tokens=self._config.chunk_overlap_tokens,
             )
             if len(chunks) <= widest:
@@ -538,11 +599,8 @@ class Summarizer:
                 text = await self._call_if_fits(run, combine_system, joined, target, final)
                 if text is not None:
                     return self._result(text, parts_summarised, level, run.tally, started)
-                combine_room = self._room(
-                    model, system=combine_system, header="", answer_tokens=target
-                )
             # Too long to combine in one call: group the summaries and summarise them again.
-            self._require_room(request, combine_room)
+            self._require_room(request, system=combine_system, header="", answer_tokens=target)
             if level >= self._config.max_levels:
                 violation = FieldViolation(
                     "document",
@@ -552,8 +610,8 @@ class Summarizer:
                     "target_tokens",
                 )
                 raise InvalidRequest([violation])
-            group_room = self._room(
-                model, system=group_system, header="", answer_tokens=part_tokens
+            group_room = self._require_room(
+                request, system=group_system, header="", answer_tokens=part_tokens
             )
             # Each summary with its header as `_summaries_message` writes it, plus 1 for
             # the blank line between two (estimates add up across whitespace).
@@ -561,9 +619,7 @@ class Summarizer:
                 estimate_text_tokens(_summaries_message([s], first=i)) + 1
                 for i, s in enumerate(summaries)
             ]
-            groups = pack_units(
-                tokens, max_tokens=self._require_room(request, group_room), overlap_tokens=0
-            )
+            groups = pack_units(tokens, max_tokens=group_room, overlap_tokens=0)
             inputs = [
                 ("", _summaries_message([summaries[i] for i in group], first=group.start))
                 for group in groups
@@ -657,8 +713,9 @@ class Summarizer:
             was_refused = True
         # Room for the widest piece number a split can reach (a piece takes a token at least).
         widest = _header(_piece_name(name, tokens))
-        piece_room = self._room(model, system=system, header=widest, answer_tokens=answer_tokens)
-        max_tokens = self._require_room(run.request, piece_room)
+        max_tokens = self._require_room(
+            run.request, system=system, header=widest, answer_tokens=answer_tokens
+        )
         if was_refused:
             # Refused although it fitted by the estimate: a refusal leaves a factor of 1 or
             # more as it was (no answer has calibrated a text the estimator counts low), and
