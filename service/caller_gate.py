@@ -182,6 +182,11 @@ class BatchPacer:
         # for each refill.
         self._turn = asyncio.Lock()
 
+    @property
+    def tokens_per_minute(self) -> int:
+        """The tenant's tokens_per_minute (0: none): no one call may take more."""
+        return self._principal.limits.tokens_per_minute
+
     async def take(self, tokens: int, deadline: Deadline, *, requests: int = 1) -> None:
         """Take `requests` (one item's) and `tokens`, waiting as long as the buckets ask
         if `deadline` leaves the time.

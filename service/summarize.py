@@ -1,10 +1,10 @@
 """Summarize: a document of any length, chunked, summarised concurrently, combined.
 
-1. The document is split on paragraph boundaries, then sentence boundaries, then (for a
-   sentence longer than a chunk) word or character boundaries, into chunks that fit the
-   model's window with room for the prompt and the answer. Consecutive chunks overlap by
-   up to `chunk_overlap_tokens` of whole sentences, so nothing that straddles a boundary
-   is lost.
+1. The document is split on paragraph boundaries (a page break is one), then sentence
+   boundaries, then (for a sentence longer than a chunk) line, word or character
+   boundaries, into chunks that fit the model's window with room for the prompt and the
+   answer. Consecutive chunks overlap by up to `chunk_overlap_tokens` of whole sentences,
+   so nothing that straddles a boundary is lost.
 2. Each chunk is summarised through `Pipeline.complete`, at most `concurrency` at once.
    A failed part is retried; if it still fails the call fails (`SummarizePartFailed`)
    and the other parts are cancelled: a summary of part of the document is never
@@ -18,11 +18,16 @@ tokens than estimated), so each text is checked again just before it is sent; on
 no longer fits is split, with the calibration as it is then, into smaller pieces that are
 summarised in its place and in order. Only a window with too little room for any piece
 fails the call (`InvalidRequest`).
+
+Under a tenant's tokens_per_minute each call takes its tokens as it starts, so every call
+is also sized to fit one minute's tokens: a larger one could never be taken. A minute too
+small for any piece fails the call (`QuotaExceeded`, for good) before any part is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -46,6 +51,7 @@ from service.errors import (
     ContextWindowExceeded,
     FieldViolation,
     InvalidRequest,
+    QuotaExceeded,
     SummarizePartFailed,
     SummarizePartRejected,
     UpstreamContextExceeded,
@@ -77,7 +83,14 @@ _SENTENCE_BREAK = re.compile(
     rf"(?<={_SENTENCE_END}[\"')\]\u2019\u201d])\s+|(?<={_SENTENCE_END})\s+"
     r"|(?<=[\u3002\uff01\uff1f])"
 )
+# After a line break and the indentation that follows it (a unit keeps the whitespace
+# after it, so estimates still add up).
+_LINE_BREAK = re.compile(r"\n\s*")
 _WORD_BREAK = re.compile(r"(?<=\s)(?=\S)")
+# Whitespace that validation refuses in a message's text: a form feed (the page break
+# PDF text extraction writes) is sent as a paragraph break, where a part may end, and a
+# vertical tab (a word processor's line break) as a line break.
+_PAGE_BREAKS = str.maketrans({"\f": "\n\n", "\v": "\n"})
 # Tokens kept free besides the estimate, for what the estimate cannot see.
 _SAFETY_TOKENS = 16
 _MIN_CHUNK_TOKENS = 64
@@ -112,8 +125,24 @@ class Summary:
 # --- chunking (pure) -----------------------------------------------------------------
 
 
+def as_sent(document: str) -> str:
+    """`document` as its parts are sent: page breaks and vertical tabs as line breaks."""
+    return document.translate(_PAGE_BREAKS)
+
+
+def _split_long(text: str, max_tokens: int) -> list[tuple[str, int]]:
+    """Split a sentence longer than `max_tokens` at line breaks (CSV, code, lists have
+    no sentence ends), then a line longer than that between words, or characters.
+    """
+    pieces: list[tuple[str, int]] = []
+    for line in _split_keeping(text, _LINE_BREAK):
+        tokens = estimate_text_tokens(line)
+        pieces += [(line, tokens)] if tokens <= max_tokens else _hard_split(line, max_tokens)
+    return pieces
+
+
 def _hard_split(text: str, max_tokens: int) -> list[tuple[str, int]]:
-    """Split a sentence longer than `max_tokens` between words, or characters.
+    """Split a line longer than `max_tokens` between words, or characters.
 
     Returns (piece, tokens) pairs whose tokens add up to at least the estimate of any
     run of consecutive pieces joined again.
@@ -152,9 +181,9 @@ def _piece_tokens(piece: str, word: str) -> int:
 def split_units(text: str, max_tokens: int) -> tuple[list[tuple[str, int]], list[bool]]:
     """The document as (text, tokens) units, each fitting `max_tokens`.
 
-    Units are sentences (or, for a sentence too long to be one, the words or characters
-    of it). Each unit keeps the whitespace that follows it, so joining units restores
-    the text. The second list says which units end a paragraph.
+    Units are sentences (or, for a sentence too long to be one, its lines, or the words
+    or characters of a line too long). Each unit keeps the whitespace that follows it,
+    so joining units restores the text. The second list says which units end a paragraph.
     """
     units: list[tuple[str, int]] = []
     ends_paragraph: list[bool] = []
@@ -172,7 +201,7 @@ def split_units(text: str, max_tokens: int) -> tuple[list[tuple[str, int]], list
                 units.append((sentence, tokens))
                 ends_paragraph.append(False)
                 continue
-            for piece in _hard_split(sentence, max_tokens):
+            for piece in _split_long(sentence, max_tokens):
                 units.append(piece)
                 ends_paragraph.append(False)
         ends_paragraph[-1] = True
@@ -362,6 +391,41 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group  # pragma: no cover - a group always holds an exception
 
 
+def _tokens_per_minute() -> int:
+    """The tokens_per_minute of the tenant whose Summarize is running (0: none)."""
+    pacer = current_pacer()
+    return pacer.tokens_per_minute if pacer is not None else 0
+
+
+def _rate_room(*, system: str, header: str, answer_tokens: int) -> int | None:
+    """Tokens of text that one call may hold beside `system`, `header` and an answer and
+    still fit the tenant's tokens_per_minute, counted as `_call` takes them (None: no
+    such limit). A larger call would be refused for good, however long it waited."""
+    limit = _tokens_per_minute()
+    if not limit:
+        return None
+    # `header` and the text are one message: the header's overhead counts it.
+    return (
+        limit
+        - part_tokens((system,), max_tokens=answer_tokens)
+        - part_tokens((header,), max_tokens=0)
+    )
+
+
+def _rate_too_small(tenant: str, answer_tokens: int) -> QuotaExceeded:
+    """The refusal of a Summarize whose tenant's tokens_per_minute holds no useful call."""
+    limit = _tokens_per_minute()
+    refusal = QuotaExceeded(
+        f"tenant {tenant!r}'s tokens_per_minute of {limit} cannot hold one summarising "
+        f"call: its prompt, a {answer_tokens}-token answer and at least "
+        f"{_MIN_CHUNK_TOKENS} tokens of text; lower target_tokens or shorten the instructions",
+        subject=f"tenant:{tenant}:tokens_per_minute",
+        retry_after_s=None,
+    )
+    refusal.is_retry_futile = True  # as any call larger than a minute's allowance
+    return refusal
+
+
 class Summarizer:
     """Runs Summarize calls through a `Pipeline`."""
 
@@ -378,7 +442,8 @@ class Summarizer:
             raise InvalidRequest(invalid_model)  # as Complete refuses it
         self._pipeline.pool.routes(request.model)  # ModelNotFound first, as Complete does
         window = self._pipeline.context_window(request.model)
-        target = request.target_tokens or self._config.default_target_tokens
+        # The default scales down for a small model, as Complete's answer reserve does.
+        target = request.target_tokens or min(self._config.default_target_tokens, window // 4)
         violations: list[FieldViolation] = []
         if not request.document.strip():
             violations.append(FieldViolation("document", "must not be empty"))
@@ -391,7 +456,7 @@ class Summarizer:
                         f"at most {self._config.max_document_bytes} bytes, got {size}",
                     )
                 )
-            elif has_control_characters(request.document):
+            elif has_control_characters(as_sent(request.document)):
                 # Refused here, not by the call that would send it: the parts before that
                 # one would have been sent and paid for by then.
                 violations.append(FieldViolation("document", "must not contain control characters"))
@@ -415,28 +480,44 @@ class Summarizer:
         return target
 
     def _room(self, model: str, *, system: str, header: str, answer_tokens: int) -> int:
-        """Tokens of text that fit one call beside `system`, `header` and an answer, now.
+        """Tokens of text that fit one call beside `system`, `header` and an answer, now,
+        within the model's window and the tenant's tokens_per_minute (if it has one).
 
         Read again before every call: the calibration factor rises when upstreams report
         more prompt tokens than estimated. May be negative.
         """
+        room = self._window_room(model, system=system, header=header, answer_tokens=answer_tokens)
+        rate_room = _rate_room(system=system, header=header, answer_tokens=answer_tokens)
+        return room if rate_room is None else min(room, rate_room)
+
+    def _window_room(self, model: str, *, system: str, header: str, answer_tokens: int) -> int:
+        """`_room`, within the model's window alone."""
         window = self._pipeline.context_window(model)
         factor = self._pipeline.calibration.factor(model)
         frame = PER_REQUEST_OVERHEAD + 2 * PER_MESSAGE_OVERHEAD + estimate_text_tokens(system)
         frame += estimate_text_tokens(header)
         return math.floor((window - answer_tokens - _SAFETY_TOKENS) / factor) - frame
 
-    def _require_room(self, request: SummaryRequest, room: int) -> int:
-        """`room`, when enough of the document fits one call; else no split can help.
+    def _require_room(
+        self, request: SummaryRequest, *, system: str, header: str, answer_tokens: int
+    ) -> int:
+        """`_room`, when enough of the document fits one call; else no split can help.
 
         Raises:
             InvalidRequest: on `instructions` (or `target_tokens` without them), saying
-                how much room the prompt and the answer leave.
+                how much room the prompt and the answer leave in the window.
+            QuotaExceeded: the window has room, but the tenant's tokens_per_minute
+                cannot hold a call of the smallest part (no wait would help).
         """
+        model = request.model
+        room = self._room(model, system=system, header=header, answer_tokens=answer_tokens)
         if room >= _MIN_CHUNK_TOKENS:
             return room
-        window = self._pipeline.context_window(request.model)
-        factor = self._pipeline.calibration.factor(request.model)
+        room = self._window_room(model, system=system, header=header, answer_tokens=answer_tokens)
+        if room >= _MIN_CHUNK_TOKENS:
+            raise _rate_too_small(request.tenant, answer_tokens)
+        window = self._pipeline.context_window(model)
+        factor = self._pipeline.calibration.factor(model)
         field_name = "instructions" if request.instructions else "target_tokens"
         raise InvalidRequest(
             [
@@ -459,10 +540,13 @@ class Summarizer:
         `max_concurrency` caps the configured calls at once (the tenant's own cap).
         """
         started = self._clock.now()
+        request = dataclasses.replace(request, document=as_sent(request.document))
         target = self.validate(request)
         model = request.model
         window = self._pipeline.context_window(model)
-        part_tokens = max(32, min(target, window // 8))
+        # A part's answer is at most an eighth of what one call may take: the window, and
+        # the tenant's tokens_per_minute, else its summaries would barely shrink the text.
+        part_tokens = max(32, min(target, min(window, _tokens_per_minute() or window) // 8))
         part_system = part_prompt(target_tokens=part_tokens, instructions=request.instructions)
         combine_system = combine_prompt(target_tokens=target, instructions=request.instructions)
         concurrency = self._config.concurrency
@@ -473,12 +557,15 @@ class Summarizer:
             text = await self._call_if_fits(run, document_system, request.document, target, _WHOLE)
             if text is not None:
                 return self._result(text, 1, 1, run.tally, started)
+        # Before any part is paid for: the summaries must be combinable within the
+        # tenant's tokens_per_minute as well as the window.
+        self._require_room(request, system=combine_system, header="", answer_tokens=target)
         # Room for the widest "Part N of M" of as many digits as the parts turn out to
         # number: past 999 they are chunked again, with room for the longer header.
         widest = 999
         while True:
-            chunk_room = self._room(
-                model,
+            chunk_room = self._require_room(
+                request,
                 system=part_system,
                 header=_header(_part_name(widest - 1, widest)),
                 answer_tokens=part_tokens,
@@ -487,7 +574,7 @@ class Summarizer:
             chunks = await asyncio.to_thread(
                 split_into_chunks,
                 request.document,
-                max_tokens=self._require_room(request, chunk_room),
+                max_tokens=chunk_room,
                 overlap_tokens=self._config.chunk_overlap_tokens,
             )
             if len(chunks) <= widest:
@@ -512,11 +599,8 @@ class Summarizer:
                 text = await self._call_if_fits(run, combine_system, joined, target, final)
                 if text is not None:
                     return self._result(text, parts_summarised, level, run.tally, started)
-                combine_room = self._room(
-                    model, system=combine_system, header="", answer_tokens=target
-                )
             # Too long to combine in one call: group the summaries and summarise them again.
-            self._require_room(request, combine_room)
+            self._require_room(request, system=combine_system, header="", answer_tokens=target)
             if level >= self._config.max_levels:
                 violation = FieldViolation(
                     "document",
@@ -526,8 +610,8 @@ class Summarizer:
                     "target_tokens",
                 )
                 raise InvalidRequest([violation])
-            group_room = self._room(
-                model, system=group_system, header="", answer_tokens=part_tokens
+            group_room = self._require_room(
+                request, system=group_system, header="", answer_tokens=part_tokens
             )
             # Each summary with its header as `_summaries_message` writes it, plus 1 for
             # the blank line between two (estimates add up across whitespace).
@@ -535,9 +619,7 @@ class Summarizer:
                 estimate_text_tokens(_summaries_message([s], first=i)) + 1
                 for i, s in enumerate(summaries)
             ]
-            groups = pack_units(
-                tokens, max_tokens=self._require_room(request, group_room), overlap_tokens=0
-            )
+            groups = pack_units(tokens, max_tokens=group_room, overlap_tokens=0)
             inputs = [
                 ("", _summaries_message([summaries[i] for i in group], first=group.start))
                 for group in groups
@@ -631,8 +713,9 @@ class Summarizer:
             was_refused = True
         # Room for the widest piece number a split can reach (a piece takes a token at least).
         widest = _header(_piece_name(name, tokens))
-        piece_room = self._room(model, system=system, header=widest, answer_tokens=answer_tokens)
-        max_tokens = self._require_room(run.request, piece_room)
+        max_tokens = self._require_room(
+            run.request, system=system, header=widest, answer_tokens=answer_tokens
+        )
         if was_refused:
             # Refused although it fitted by the estimate: a refusal leaves a factor of 1 or
             # more as it was (no answer has calibrated a text the estimator counts low), and
@@ -728,6 +811,7 @@ __all__ = [
     "Summarizer",
     "Summary",
     "SummaryRequest",
+    "as_sent",
     "combine_prompt",
     "document_prompt",
     "pack_units",

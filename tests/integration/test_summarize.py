@@ -39,7 +39,9 @@ def sentences(text: str) -> list[str]:
     return re.findall(r"Paragraph p\d+ sentence s\d+ says something\.", text)
 
 
-def config(base_url: str, *, upstream_attempts: int | None = None, **summarize):
+def config(
+    base_url: str, *, upstream_attempts: int | None = None, window: int = WINDOW, **summarize
+):
     """A 1024-token window and a summarize section for the tests; `upstream_attempts`: the
     pipeline's own tries per call (1: a failure reaches Summarize's retry at once)."""
     resilience = {} if upstream_attempts is None else {"attempts": upstream_attempts}
@@ -48,7 +50,7 @@ def config(base_url: str, *, upstream_attempts: int | None = None, **summarize):
         resilience=resilience,
         models={
             FAKE_MODEL: {
-                "context_window": WINDOW,
+                "context_window": window,
                 "input_usd_per_million": 0.14,
                 "output_usd_per_million": 0.42,
             }
@@ -240,6 +242,31 @@ async def test_short_document_is_one_call(recorder, start_gateway):
     assert user_text(only.body) == text
     assert system_text(only.body).endswith("In French.")
     assert only.body["max_tokens"] == 64
+
+
+async def test_a_small_model_summarises_with_a_default_target_scaled_to_its_window(
+    recorder, start_gateway
+):
+    """Without target_tokens, a model whose window is under four times the configured
+    default gets a quarter of its window as the target, as Complete's answer reserve does.
+
+    Before, the default (256 here) was refused as over a quarter of a 512-token window."""
+    gateway = await start_gateway(config(recorder.base_url, window=512, default_target_tokens=256))
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(2))
+    )
+    assert (response.summary, response.chunks) == ("WHOLE", 1)
+    (only,) = recorder.requests
+    assert only.body["max_tokens"] == 128
+    # A target asked for that does not fit is still refused, on its field.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(
+            pb.SummarizeRequest(model=FAKE_MODEL, document=document(2), target_tokens=200)
+        )
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == {
+        "target_tokens": "at most a quarter of the model's context window (128), got 200"
+    }
 
 
 async def test_failing_part_is_retried_then_fails_the_call(recorder, start_gateway):
@@ -749,10 +776,12 @@ async def test_document_retried_after_other_calls_raised_the_calibration_is_chun
 @pytest.mark.parametrize(
     ("document_", "instructions", "field"),
     [
-        # pdftotext separates pages with a form feed; here it is in the last part only.
-        (document(60) + "\n\nThe end of page one.\fPage two.", "", "document"),
+        # Here in the last part only: NUL is no text, and an escape no plain text either.
+        (document(60) + "\n\nThe end of page one.\x00Page two.", "", "document"),
+        (document(60) + "\n\nIn \x1b[31mred\x1b[0m.", "", "document"),
         (document(2), "Be brief.\x07", "instructions"),
     ],
+    ids=["nul", "escape", "bell-in-instructions"],
 )
 async def test_control_characters_are_refused_up_front_on_the_field_sent(
     recorder, start_gateway, document_, instructions, field
@@ -767,6 +796,28 @@ async def test_control_characters_are_refused_up_front_on_the_field_sent(
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert recorder.requests == []
     assert field_violations(caught.value) == {field: "must not contain control characters"}
+
+
+@pytest.mark.parametrize("page_break", ["\f", "\n\f"], ids=["form-feed", "line-then-form-feed"])
+async def test_form_feeds_are_page_breaks_where_parts_end(recorder, start_gateway, page_break):
+    """pdftotext separates pages with a form feed (a control character a message may not
+    hold): a Summarize document is summarised with each page break sent as a paragraph
+    break, and parts end at page ends. A vertical tab is sent as a line break.
+
+    Before, any form feed or vertical tab refused the document as INVALID_ARGUMENT."""
+    gateway = await start_gateway(config(recorder.base_url))
+    pages = document(60).split("\n\n")
+    text = page_break.join(pages).replace(" sentence s2", "\vsentence s2")
+    response = await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=text))
+    assert response.summary == "FINAL"
+    parts = [r.body for r in recorder.requests if is_part(r.body)]
+    assert response.chunks == len(parts) >= 3
+    for body in parts:
+        chunk = PART_HEADER.sub("", user_text(body))
+        assert not has_control_characters(chunk)
+        assert chunk.endswith("sentence s4 says something.")  # the end of a page
+    assert "p0\nsentence s2" in user_text(parts[0])
+    assert re.search(r"says something\.\n\n+Paragraph p1 ", user_text(parts[0]))
 
 
 async def test_groups_of_summaries_are_sized_with_their_headers(recorder, start_gateway):

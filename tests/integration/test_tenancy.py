@@ -13,9 +13,11 @@ from google.rpc import error_details_pb2
 import service.caller_gate
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.caller_gate import part_tokens
 from service.errors import RETRY_PUSHBACK_TRAILER
 from service.security import InsecureListen
 from service.server import GatewayServer
+from service.summarize import document_prompt
 from service.tokens import estimate_text_tokens
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import Reply
@@ -595,6 +597,83 @@ async def test_a_summary_of_more_than_a_minutes_tokens_takes_them_call_by_call(
         assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         quota = detail(refused, error_details_pb2.QuotaFailure)
         assert quota.violations[0].subject == "tenant:team-a:tokens_per_minute"
+
+
+def _summary_config(base_url: str, tokens_per_minute: int) -> Any:
+    """team-a under `tokens_per_minute`, a model of a 32K window, parts without overlap."""
+    return secure_config(
+        base_url,
+        tenants={"team-a": {"tokens_per_minute": tokens_per_minute}},
+        models={
+            FAKE_MODEL: {
+                "context_window": 32_768,
+                "input_usd_per_million": 0.14,
+                "output_usd_per_million": 0.42,
+            }
+        },
+        summarize={"default_target_tokens": 64, "chunk_overlap_tokens": 0},
+        batch={"rate_left_to_other_calls": 0},  # the whole minute to the summary
+    )
+
+
+async def test_a_summary_is_split_into_calls_that_fit_its_tenants_tokens_per_minute(
+    start_gateway,
+):
+    """A document that fits the model's window in one call, but not team-a's 20,000
+    tokens a minute, is split into parts that each fit that minute, and runs paced.
+
+    Before, parts were sized to the window only: the one call was refused for good as
+    larger than a minute's allowance ("can never fit", pushback -1)."""
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=lambda body: Reply(content="short")
+    ) as scripted:
+        gw = await start_gateway(_summary_config(scripted.base_url, 20_000))
+        document = "\n\n".join(
+            " ".join(f"Paragraph {p} sentence {s} says something." for s in range(5))
+            for p in range(270)
+        )
+        whole_call = part_tokens(
+            (document_prompt(target_tokens=64, instructions=""), document), max_tokens=64
+        )
+        assert 20_000 < whole_call < 30_000  # over the minute, well within the window
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document)
+        summary = await gw.stub.Summarize(request, metadata=as_tenant("team-a"))
+        assert summary.summary == "short"
+        assert summary.chunks >= 2
+        assert summary.upstream_calls == len(scripted.requests) == summary.chunks + 1
+        for recorded in scripted.requests:
+            texts = [m["content"] for m in recorded.body["messages"]]
+            assert part_tokens(texts, max_tokens=recorded.body["max_tokens"]) <= 20_000
+
+
+@pytest.mark.parametrize(
+    ("tokens_per_minute", "target_tokens"), [(150, 0), (1500, 1400)], ids=["parts", "combine"]
+)
+async def test_a_summary_whose_tenant_minute_holds_no_useful_part_is_refused_up_front(
+    start_gateway, tokens_per_minute: int, target_tokens: int
+):
+    """A tokens_per_minute too small for the prompt, an answer and the smallest part (or
+    for combining the parts' summaries into the target asked for) is refused for good
+    before any part is sent and paid for: RESOURCE_EXHAUSTED on that limit, with
+    pushback -1, saying what one call needs."""
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=lambda body: Reply(content="short")
+    ) as scripted:
+        gw = await start_gateway(_summary_config(scripted.base_url, tokens_per_minute))
+        document = " ".join(f"Sentence {i} says something." for i in range(100))
+        request = pb.SummarizeRequest(
+            model=FAKE_MODEL, document=document, target_tokens=target_tokens
+        )
+        error = await rpc_error(gw.stub.Summarize(request, metadata=as_tenant("team-a")))
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        answer = target_tokens or 64
+        assert f"cannot hold one summarising call: its prompt, a {answer}-token answer" in (
+            error.details() or ""
+        )
+        quota = detail(error, error_details_pb2.QuotaFailure)
+        assert quota.violations[0].subject == "tenant:team-a:tokens_per_minute"
+        assert trailer(error, RETRY_PUSHBACK_TRAILER) == "-1"
+        assert scripted.requests == []
 
 
 async def test_auth_off_serves_the_default_tenant_on_loopback(upstream, start_gateway):

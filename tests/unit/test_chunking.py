@@ -66,6 +66,43 @@ def test_sentence_longer_than_a_chunk_is_split_between_words():
     assert " ".join(chunks).split() == words
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "row {i}, alpha beta gamma, {i}7, delta epsilon",  # CSV, spaces after commas
+        "    value_{i} = compute(alpha, beta_{i}) + other_thing",  # code
+        "- the clause {i} without any punctuation at its end",  # a list
+    ],
+    ids=["csv", "code", "list"],
+)
+@pytest.mark.parametrize("overlap", [0, 20])
+def test_lines_without_sentence_ends_are_split_at_line_breaks(line, overlap):
+    """A paragraph with no sentence end is cut at line breaks, not between the words of
+    a line: each chunk holds whole lines.
+
+    Before, such a paragraph was one long sentence, cut between words mid-line."""
+    lines = [line.format(i=i) for i in range(200)]
+    text = "\n".join(lines)
+    chunks = split_into_chunks(text, max_tokens=100, overlap_tokens=overlap)
+    assert len(chunks) > 5
+    stripped = [entry.strip() for entry in lines]
+    for chunk in chunks:
+        assert estimate_text_tokens(chunk) <= 100
+        assert all(entry.strip() in stripped for entry in chunk.split("\n"))
+    assert "\n".join(chunks).split("\n")[0] == stripped[0]
+    assert chunks[-1].endswith(stripped[-1])
+
+
+def test_a_line_longer_than_a_chunk_is_still_split_between_words():
+    """Lines that fit stay whole; one too long for a chunk is cut between its words."""
+    long_line = " ".join(f"w{i}" for i in range(300))
+    text = "first short line\n" + long_line + "\nlast short line"
+    chunks = split_into_chunks(text, max_tokens=50, overlap_tokens=0)
+    assert chunks[0].startswith("first short line\n")
+    assert chunks[-1].endswith("\nlast short line") or chunks[-1] == "last short line"
+    assert " ".join(chunks).split() == text.split()
+
+
 def test_cjk_without_spaces_is_split_at_full_stops():
     """Chinese sentences end at 。 with no space and are split there."""
     sentence = "网关为每个上游提供商维护一个连接池。"
