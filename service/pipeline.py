@@ -61,6 +61,8 @@ class PreparedRequest:
     request: ChatRequest
     dropped: int  # messages the truncation dropped
     prompt_tokens: int  # the estimate of the messages sent (before calibration)
+    calibration: float  # the model's calibration factor it was fitted with
+    asked: ChatRequest  # the request before fitting, to fit it again
 
 
 @dataclass(slots=True)
@@ -99,7 +101,6 @@ class _Repeatable:
 
     prepared: PreparedRequest
     store_key: str
-    calibration: float  # the model's calibration factor it was fitted with
 
 
 class Pipeline:
@@ -185,6 +186,7 @@ class Pipeline:
         """
         validate_chat_request(request, self._config.defaults)
         self._pool.routes(request.model)
+        calibration = self.calibration.factor(request.model)
         fitted = fit_messages(
             request.messages,
             tools=request.tools,
@@ -192,11 +194,22 @@ class Pipeline:
             context_window=self.context_window(request.model),
             max_tokens=request.params.max_tokens,
             mode=request.truncation or self._config.defaults.truncation,
-            calibration=self.calibration.factor(request.model),
+            calibration=calibration,
         )
+        asked = request
         if fitted.dropped:
             request = dataclasses.replace(request, messages=fitted.messages)
-        return PreparedRequest(request, fitted.dropped, fitted.prompt_tokens)
+        return PreparedRequest(request, fitted.dropped, fitted.prompt_tokens, calibration, asked)
+
+    def _prepared(self, request: ChatRequest | PreparedRequest) -> PreparedRequest:
+        """`request` prepared: again, unless it was prepared with the model's calibration
+        as it is now (the caller gate's check prepares a metered call before it waits for
+        its tenant's limits; nothing else changes what preparing finds)."""
+        if not isinstance(request, PreparedRequest):
+            return self.prepare(request)
+        if request.calibration != self.calibration.factor(request.asked.model):
+            return self.prepare(request.asked)
+        return request
 
     def _usage(self, prepared: PreparedRequest, output: _Output, reported: Usage | None) -> Usage:
         if reported is not None:
@@ -214,7 +227,11 @@ class Pipeline:
         return Usage(input_tokens=prepared.prompt_tokens, output_tokens=estimate, is_estimated=True)
 
     async def complete(
-        self, request: ChatRequest, *, deadline: Deadline, repeat_key: RepeatKey | None = None
+        self,
+        request: ChatRequest | PreparedRequest,
+        *,
+        deadline: Deadline,
+        repeat_key: RepeatKey | None = None,
     ) -> Completion:
         """One unary completion, from the cache when it has it.
 
@@ -222,7 +239,7 @@ class Pipeline:
         reads is remembered so that `repeat` can answer the same bytes again.
         """
         started = time.monotonic()
-        prepared = self.prepare(request)
+        prepared = self._prepared(request)
         request = prepared.request
         # A cache miss reserves its expected cost against the tenant's budget; it is released
         # only after account() (or on failure), so the cost always counts, reserved or spent.
@@ -233,7 +250,6 @@ class Pipeline:
                 if self._cache is None:
                     completion = await fetch()
                 else:
-                    # No await since `prepare`: the calibration remembered is the one it used.
                     key = None if repeat_key is None else self._remember(repeat_key, prepared)
                     completion = await self._cache.complete(
                         request, fetch=fetch, deadline=deadline, key=key
@@ -254,14 +270,22 @@ class Pipeline:
         if cache is None or not cache.mode_for(request).reads:
             return None
         store_key = cache.key_for(request)
-        factor = self.calibration.factor(request.model)
-        self._repeatable.put(repeat_key, _Repeatable(prepared, store_key, factor))
+        self._repeatable.put(repeat_key, _Repeatable(prepared, store_key))
         return store_key
 
     @property
     def takes_repeats(self) -> bool:
         """Whether `repeat` can ever answer: a cache that can recall its recent reads."""
         return self._cache is not None and self._cache.recalls
+
+    def prepared_before(self, repeat_key: RepeatKey) -> bool:
+        """Whether `complete` prepared these very bytes for this tenant lately, with the
+        model's calibration as it is now: preparing them again would find them valid."""
+        known = self._repeatable.get(repeat_key) if self._cache is not None else None
+        if known is None:
+            return False
+        prepared = known.prepared
+        return self.calibration.factor(prepared.request.model) == prepared.calibration
 
     async def repeat(self, repeat_key: RepeatKey) -> Completion | None:
         """A cache hit for a request the same tenant sent moments ago, or None.
@@ -278,7 +302,7 @@ class Pipeline:
         if known is None:
             return None
         request = known.prepared.request
-        if self.calibration.factor(request.model) != known.calibration:
+        if self.calibration.factor(request.model) != known.prepared.calibration:
             return None
         completion = self._cache.recall(known.store_key)
         if completion is None:
@@ -463,11 +487,11 @@ class Pipeline:
                 await self._record_each(entries[1:])
 
     async def stream(
-        self, request: ChatRequest, *, deadline: Deadline
+        self, request: ChatRequest | PreparedRequest, *, deadline: Deadline
     ) -> AsyncGenerator[Delta | Completion, None]:
         """One streamed completion: deltas as they arrive, then the `Completion`."""
         started = time.monotonic()
-        prepared = self.prepare(request)
+        prepared = self._prepared(request)
         request = prepared.request
         async with self._budgets.holding() as hold:  # released after account(), as in complete()
             owed = _Owed()

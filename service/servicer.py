@@ -8,7 +8,9 @@ Errors are raised as `GatewayError`s and mapped to statuses in one place,
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import grpc
@@ -55,7 +57,7 @@ from service.errors import (
     to_rpc_status,
 )
 from service.ledger import UsageFilter, UsageRow, total_of
-from service.pipeline import REPEATABLE_MAX_BYTES, Pipeline, RepeatKey
+from service.pipeline import REPEATABLE_MAX_BYTES, Pipeline, PreparedRequest, RepeatKey
 from service.summarize import Summarizer, SummaryRequest
 from service.validation import (
     MAX_TOOL_CALLS_PER_MESSAGE,
@@ -455,6 +457,19 @@ def _epoch_s(
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """What `CompletionServicer.check` found for the call's message, for its handler."""
+
+    message: object
+    prepared: PreparedRequest | None  # None: bytes prepared lately (`prepared_before`)
+    repeat_key: RepeatKey | None
+
+
+# Set by `check` in the call's own task, read by its handler (each RPC runs in a task).
+_checked: contextvars.ContextVar[_Checked | None] = contextvars.ContextVar("checked", default=None)
+
+
 class CompletionServicer(pb_grpc.CompletionServiceServicer):
     """Implements `llmgateway.v1.CompletionService` on top of a `Pipeline`."""
 
@@ -464,9 +479,25 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
 
     def check(self, message: object) -> None:
         """Raise what a call would be refused with before any upstream call: an invalid
-        field, an unknown model, a prompt over the window (see `CallerGate.admit`)."""
-        if isinstance(message, pb.CompleteRequest | pb.CompleteStreamRequest):
-            self._pipeline.prepare(self._request(message))
+        field, an unknown model, a prompt over the window (see `CallerGate.admit`).
+
+        What it prepares is kept for the call's handler (`_checked`), which would
+        otherwise convert and prepare the same message again; bytes that this tenant sent
+        and the pipeline prepared lately are not checked again (a cache hit, the caller
+        sending the same request again).
+        """
+        pipeline = self._pipeline
+        if isinstance(message, pb.CompleteRequest):
+            repeat_key = (
+                repeat_key_of(message, tenant=current_tenant()) if pipeline.takes_repeats else None
+            )
+            if repeat_key is not None and pipeline.prepared_before(repeat_key):
+                _checked.set(_Checked(message, None, repeat_key))
+            else:
+                prepared = pipeline.prepare(self._request(message))
+                _checked.set(_Checked(message, prepared, repeat_key))
+        elif isinstance(message, pb.CompleteStreamRequest):
+            _checked.set(_Checked(message, pipeline.prepare(self._request(message)), None))
         elif isinstance(message, pb.SummarizeRequest):
             self._summarizer.validate(self._summary_request(message))
 
@@ -496,13 +527,18 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CompleteResponse:
         pipeline = self._pipeline
-        repeat_key = (
-            repeat_key_of(request, tenant=tenant_of(context)) if pipeline.takes_repeats else None
-        )
+        checked = _checked.get()
+        prepared = None
+        if checked is not None and checked.message is request:
+            repeat_key, prepared = checked.repeat_key, checked.prepared
+        elif pipeline.takes_repeats:
+            repeat_key = repeat_key_of(request, tenant=tenant_of(context))
+        else:
+            repeat_key = None
         completion = None if repeat_key is None else await pipeline.repeat(repeat_key)
         if completion is None:
             completion = await pipeline.complete(
-                self._request(request),
+                prepared or self._request(request),
                 deadline=deadline_of(context),
                 repeat_key=repeat_key,
             )
@@ -513,9 +549,12 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         request: pb.CompleteStreamRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pb.CompleteStreamResponse]:
-        chat = self._request(request)
+        checked = _checked.get()
+        prepared = checked.prepared if checked is not None and checked.message is request else None
         # Closed here, not by the garbage collector, however this generator ends.
-        events = self._pipeline.stream(chat, deadline=deadline_of(context))
+        events = self._pipeline.stream(
+            prepared or self._request(request), deadline=deadline_of(context)
+        )
         async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, Completion):
