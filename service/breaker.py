@@ -6,7 +6,9 @@ skip the upstream until the cool-down passes. Then it is half-open and lets exac
 probe through; the probe's success closes it, its failure opens it again.
 
 A rejected key (401/403) or account (402) opens it at once for a longer cool-down:
-retrying a bad key in a loop only burns quota and fills logs.
+retrying a bad key in a loop only burns quota and fills logs. Whether it is open for a
+rejected key follows the probe's answer: a probe that fails otherwise reopens it as any
+failure does.
 """
 
 from __future__ import annotations
@@ -147,6 +149,10 @@ class CircuitBreaker:
         self._consecutive += 1
         self._note(failed=True)
         if self._state is BreakerState.HALF_OPEN:
+            # The latest answer was no rejected key: calls meanwhile are told to come
+            # back, not "do not retry". (A failure while open is from a call sent before
+            # the breaker opened, and says nothing newer.)
+            self.is_key_rejected = False
             self._open(self.settings.cool_down_s, "probe failed: " + reason)
             return
         if self._state is not BreakerState.CLOSED:

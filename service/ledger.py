@@ -219,8 +219,48 @@ def _dims(tenant: str, model: str, upstream: str, labels: Mapping[str, str]) -> 
 
 
 def _parse_dims(raw: str) -> Dims:
-    tenant, model, upstream, labels = json.loads(raw)
-    return _dims(tenant, model, upstream, dict(labels))
+    """The dimensions a row's `dims` JSON names; ValueError if it names none."""
+    try:
+        tenant, model, upstream, labels = json.loads(raw)
+        pairs = dict(labels)
+    except (TypeError, ValueError) as exc:
+        raise ValueError("not [tenant, model, upstream, labels]") from exc
+    if not all(isinstance(v, str) for v in (tenant, model, upstream, *pairs, *pairs.values())):
+        raise ValueError("not [tenant, model, upstream, labels] of strings")
+    return _dims(tenant, model, upstream, pairs)
+
+
+def _read_row(
+    reply: Mapping[str, str] | Exception, old_dims: Dims | None
+) -> tuple[Dims, dict[str, int]] | str | None:
+    """A usage row's dimensions and counters from its HGETALL `reply` (`old_dims`: what
+    the old layout keeps for it); None when it expired; what is wrong with it when it is
+    corrupt (written by hand or a bad migration), to be skipped rather than fail every
+    query that reaches it."""
+    if isinstance(reply, Exception):
+        return "not a hash"
+    counters = dict(reply)
+    raw_dims = counters.pop("dims", None)
+    if not counters:
+        return None
+    if old_dims is not None:
+        dims = old_dims
+    elif raw_dims is None:
+        return "no dims"
+    else:
+        try:
+            dims = _parse_dims(raw_dims)
+        except ValueError:
+            return "dims are not [tenant, model, upstream, labels]"
+    try:
+        # A row from before a counter was kept counts none of it.
+        return dims, {name: int(counters.get(name, 0)) for name in _FIELDS}
+    except ValueError:
+        return "a counter is not an integer"
+
+
+def _row_corrupt(key: str, problem: str) -> None:
+    log.warning("ledger.row_corrupt", extra={"key": key, "problem": problem})
 
 
 def _matches(dims: Dims, query: UsageFilter) -> bool:
@@ -501,7 +541,10 @@ _RESERVE_LUA = _SWEEP_LUA + _RESERVE
 # unconfirmed number, applied numbers' TTL, tenant, old dims' TTL, overflow row id, its
 # dims JSON, max rows per tenant, the counters in _FIELDS order, then the day and month
 # spend's TTLs.
-# Returns 0 (applied before), 1 (applied) or 2 (applied to the overflow row).
+# A row that is not a hash of integers (written by hand or a bad migration) is left as
+# it is, but the rest is applied: HINCRBY on it would stop the script before the spend.
+# Returns 0 (applied before), 1 (applied) or 2 (applied to the overflow row); 3 or 4 for
+# 1 or 2 with that row left alone.
 _RECORD_LUA = """
 if redis.call('ZSCORE', KEYS[7], ARGV[6]) then return 0 end
 redis.call('ZADD', KEYS[7], ARGV[6], ARGV[6])
@@ -512,10 +555,21 @@ if redis.call('SISMEMBER', KEYS[2], row_id) == 0
     and redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[13]) then
   row, row_id, dims, applied = KEYS[9], ARGV[11], ARGV[12], 2
 end
-redis.call('HSETNX', row, 'dims', dims)
 local fields = {FIELDS}
-for i, name in ipairs(fields) do redis.call('HINCRBY', row, name, ARGV[13 + i]) end
-redis.call('EXPIRE', row, ARGV[3])
+local kind = redis.call('TYPE', row).ok
+local sound = kind == 'none' or kind == 'hash'
+if kind == 'hash' then
+  for _, value in ipairs(redis.call('HMGET', row, unpack(fields))) do
+    if value and not (string.match(value, '^%-?%d+$') and #value < 19) then sound = false end
+  end
+end
+if sound then
+  redis.call('HSETNX', row, 'dims', dims)
+  for i, name in ipairs(fields) do redis.call('HINCRBY', row, name, ARGV[13 + i]) end
+  redis.call('EXPIRE', row, ARGV[3])
+else
+  applied = applied + 2
+end
 redis.call('SADD', KEYS[2], row_id)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[9])
@@ -532,6 +586,7 @@ end
 return applied
 """.replace("FIELDS", ", ".join(f"'{name}'" for name in _FIELDS))
 _APPLIED_TO_OVERFLOW = 2
+_ROW_LEFT_CORRUPT = 2  # added to the above when the row was corrupt
 _RESERVED_LUA = _SWEEP_LUA + "return reserved"
 # KEYS: reserved, leases. ARGV: lease, cost. A lease already released or lapsed is not
 # subtracted twice; once no lease is left the total is dropped, so it cannot drift.
@@ -679,6 +734,13 @@ class RedisLedger:
             args[6] = self._records.lowest_unconfirmed()
             applied = await self._record_script(keys=keys, args=args)
             self._records.confirm(number)
+            if applied > _APPLIED_TO_OVERFLOW:
+                applied -= _ROW_LEFT_CORRUPT
+                row = keys[0] if applied != _APPLIED_TO_OVERFLOW else keys[-1]
+                _row_corrupt(row, "not a hash of integers: the call's usage left out")
+                # What an operator needs to add the call by hand (its spend was counted).
+                lost = {"tenant": entry.tenant, "model": entry.model, "cost_usd": entry.cost_usd}
+                log.error("ledger.record_lost", extra=lost)
             if applied == _APPLIED_TO_OVERFLOW:
                 self._capped.add(entry.tenant, bucket)
 
@@ -786,25 +848,25 @@ class RedisLedger:
         pipe = self._redis.pipeline(transaction=False)
         for bucket, row_id in rows:
             pipe.hgetall(self._row_key(bucket, row_id))
-        values: list[dict[str, str]] = await pipe.execute()
+        # A row of the wrong type fails alone: its error is its reply.
+        values: list[dict[str, str] | Exception] = await pipe.execute(raise_on_error=False)
         merged: dict[Dims, UsageRow] = {}
-        for row, counters in zip(rows, values, strict=True):
-            raw_dims = counters.pop("dims", None)
-            if not counters:
-                continue  # expired since its id was read
-            dims = old_dims.get(row)
-            if dims is None:
-                if raw_dims is None:
-                    continue
-                dims = _parse_dims(raw_dims)
-                if not _matches(dims, query):
-                    continue
+        for (bucket, row_id), reply in zip(rows, values, strict=True):
+            if isinstance(reply, Exception) and not refused_for_good(reply):
+                raise reply  # Redis could not answer it now: the query fails as a whole
+            read = _read_row(reply, old_dims.get((bucket, row_id)))
+            if isinstance(read, str):
+                _row_corrupt(self._row_key(bucket, row_id), read)
+                continue
+            if read is None or not _matches(read[0], query):
+                continue  # expired since its id was read, or another's
+            dims, counters = read
             target = merged.get(dims)
             if target is None:
                 target = merged[dims] = UsageRow(
                     tenant=dims[0], model=dims[1], upstream=dims[2], labels=dict(dims[3])
                 )
-            target.add({k: int(v) for k, v in counters.items()})
+            target.add(counters)
         return [merged[d] for d in sorted(merged)]
 
     async def _old_dims(
@@ -821,7 +883,14 @@ class RedisLedger:
         raw_dims = await self._redis.hmget(self._old_dims_key, row_ids)
         dims_of: dict[str, Dims] = {}
         for row_id, raw in zip(row_ids, raw_dims, strict=True):
-            if raw is not None and _matches(dims := _parse_dims(raw), query):
+            if raw is None:
+                continue
+            try:
+                dims = _parse_dims(raw)
+            except ValueError:
+                _row_corrupt(f"{self._old_dims_key} {row_id}", "dims are not [tenant, model, ...]")
+                continue
+            if _matches(dims, query):
                 dims_of[row_id] = dims
         return {(b, row_id): dims_of[row_id] for b, row_id in rows if row_id in dims_of}
 

@@ -78,6 +78,26 @@ def is_deterministic(request: ChatRequest) -> bool:
 
 
 @dataclass(slots=True)
+class _Lookup:
+    """One caller's read that found nothing, counted once as the flight it ended on: a
+    miss if it called upstream itself, else coalesced. A follower whose shared call
+    failed and that tried again counts as its last try alone, so that ratios add up."""
+
+    stats: CacheStats
+    is_leader: bool | None = None  # None: no flight joined yet
+
+    def end(self) -> None:
+        """Count it (once; later calls change nothing)."""
+        if self.is_leader is None:
+            return
+        if self.is_leader:
+            self.stats.misses += 1
+        else:
+            self.stats.coalesced += 1
+        self.is_leader = None
+
+
+@dataclass(slots=True)
 class _StorePlan:
     """Whether (and for how long) a flight's answer is stored; any writer turns it on."""
 
@@ -123,6 +143,11 @@ class ResponseCache:
     def in_flight(self) -> int:
         """Shared upstream calls running now."""
         return len(self._flights)
+
+    @property
+    def following(self) -> int:
+        """Callers waiting on a shared upstream call now, its first caller included."""
+        return self._flights.following
 
     def mode_for(self, request: ChatRequest) -> CacheMode:
         """The cache mode this request gets."""
@@ -221,13 +246,9 @@ class ResponseCache:
                 del self._plans[key]
 
         flight, is_leader = self._flights.join(key, call, after=store, on_end=drop_plan)
-        # A read that found nothing is counted here, once: as a miss if it calls upstream,
-        # else as coalesced (each lookup under one result, so that ratios add up).
         if is_leader:
             self._plans[key] = own_plan
-            self.stats.misses += 1
         else:
-            self.stats.coalesced += 1
             plan = self._plans.get(key)
             if plan is not None and mode.writes and not plan.is_wanted:
                 plan.ttl_s, plan.is_wanted = self.ttl_for(request), True
@@ -270,24 +291,30 @@ class ResponseCache:
         # for as long as its own deadline allows: each failed flight had its own leader.
         # So does one whose leader was a stream cut after sending text: that cannot be
         # retried for the stream's caller, but this caller received none of it.
-        while True:
-            flight, is_leader = self._join(key, request, mode, call)
-            joined = self._clock.now()
-            try:
-                answer = await self._flights.wait(flight)
-            except (DeadlineExceeded, UpstreamError) as exc:
-                is_mendable = _ran_out_of_its_leaders_time(exc) or isinstance(
-                    exc, StreamInterrupted
-                )
-                if is_leader or deadline.has_expired or not is_mendable:
-                    raise
-                continue
-            if is_leader:
-                return answer.completion
-            elapsed = self._elapsed_ms(started)
-            return answer.served_from_cache(
-                total_ms=elapsed, first_token_ms=elapsed, upstream_ms=self._elapsed_ms(joined)
-            )
+        lookup = _Lookup(self.stats)
+        try:
+            while True:
+                flight, is_leader = self._join(key, request, mode, call)
+                lookup.is_leader = is_leader
+                joined = self._clock.now()
+                try:
+                    answer = await self._flights.wait(flight)
+                except (DeadlineExceeded, UpstreamError) as exc:
+                    is_mendable = _ran_out_of_its_leaders_time(exc) or isinstance(
+                        exc, StreamInterrupted
+                    )
+                    if is_leader or deadline.has_expired or not is_mendable:
+                        raise
+                    continue
+                break
+        finally:
+            lookup.end()
+        if is_leader:
+            return answer.completion
+        elapsed = self._elapsed_ms(started)
+        return answer.served_from_cache(
+            total_ms=elapsed, first_token_ms=elapsed, upstream_ms=self._elapsed_ms(joined)
+        )
 
     async def stream(
         self, request: ChatRequest, *, fetch: FetchStream, deadline: Deadline
@@ -335,8 +362,10 @@ class ResponseCache:
                 raise RuntimeError("stream ended without its completion")
             return CachedAnswer(completion, tuple(deltas))
 
+        lookup = _Lookup(self.stats)
         while True:  # retried as in `complete`
             flight, is_leader = self._join(key, request, mode, call)
+            lookup.is_leader = is_leader
             joined = self._clock.now()
             sent = 0
             first_token_ms = None
@@ -354,8 +383,13 @@ class ResponseCache:
             except (DeadlineExceeded, UpstreamError) as exc:
                 is_mendable = _ran_out_of_its_leaders_time(exc)
                 if is_leader or sent or deadline.has_expired or not is_mendable:
+                    lookup.end()
                     raise
                 continue
+            except BaseException:  # cancelled, or closed while yielding a delta
+                lookup.end()
+                raise
+            lookup.end()
             if answer is None:  # follow() always ends with the result or raises
                 raise RuntimeError("flight ended without its answer")
             # A unary flight publishes no deltas: its answer replays whole.

@@ -69,6 +69,11 @@ class SingleFlight(Generic[T]):
     def __len__(self) -> int:
         return len(self._tasks)
 
+    @property
+    def following(self) -> int:
+        """Callers following a flight now."""
+        return sum(flight.followers for flight in self._flights.values())
+
     def join(
         self,
         key: str,

@@ -234,7 +234,7 @@ async def test_a_shared_cache_flight_releases_after_its_first_caller_left(held, 
     first = gateway.stub.Complete(capped("call a", temperature=0.0))
     await held.wait_until(lambda: held.in_flight == 1)
     second = asyncio.create_task(outcome(gateway.stub.Complete(capped("call a", temperature=0.0))))
-    await until(lambda: cache.stats.coalesced == 1)
+    await until(lambda: cache.following == 2)
     await asserting_the_next_call_is_refused(gateway)
     first.cancel()
     await until(lambda: gateway.server.admission.in_flight == 1)  # the gateway let it go
@@ -288,7 +288,7 @@ async def first_caller_leaves_a_shared_flight(
     await held.wait_until(lambda: held.in_flight == 1)
     follower = call()
     second = asyncio.create_task(outcome(follower if is_unary else _final_of(follower)))
-    await until(lambda: gateway.server.pipeline.cache.stats.coalesced == 1)
+    await until(lambda: gateway.server.pipeline.cache.following == 2)
     first.cancel()
     await until(lambda: gateway.server.admission.in_flight == 1)  # the gateway let it go
     held.gate.set()

@@ -430,7 +430,7 @@ async def test_cancelling_one_waiter_does_not_cancel_the_others(
     first = cached.stub.Complete(ask())
     await eventually(lambda: upstream.requests)
     others = [asyncio.ensure_future(cached.stub.Complete(ask())) for _ in range(3)]
-    await eventually(lambda: cache_of(cached).stats.coalesced == 3)
+    await eventually(lambda: cache_of(cached).following == 4)
     first.cancel()
     replies = await asyncio.gather(*others)
     assert [r.content for r in replies] == ["survives"] * 3
@@ -447,7 +447,7 @@ async def test_all_waiters_cancelling_closes_the_upstream_call(
     await eventually(lambda: upstream.requests)
     # All three following the call: one cancelled before its handler started (a busy
     # machine) would still run as a follower that nobody can cancel any more.
-    await eventually(lambda: cache_of(cached).stats.coalesced == 2)
+    await eventually(lambda: cache_of(cached).following == 3)
     for call in calls:
         call.cancel()
     await upstream.wait_for_disconnect(timeout_s=10)
@@ -694,7 +694,8 @@ async def test_a_follower_outliving_the_first_callers_deadline_tries_again(
     with pytest.raises(grpc.aio.AioRpcError, match="DEADLINE_EXCEEDED"):
         await hasty
     assert patient.content == "on time"
-    assert cache_of(cached).stats.coalesced == 1
+    # Each lookup counts once, as its own upstream call: the patient one no longer coalesced.
+    assert (cache_of(cached).stats.misses, cache_of(cached).stats.coalesced) == (2, 0)
     assert len(upstream.requests) == 2
 
 
@@ -708,11 +709,10 @@ async def test_a_follower_outliving_two_shorter_deadlines_still_gets_its_answer(
         Reply(content="too late", delay_s=3.0),
         Reply(content="on time"),
     )
-    stats = cache_of(cached).stats
     first = asyncio.ensure_future(cached.stub.Complete(ask(), timeout=0.5))
     await eventually(lambda: upstream.requests)
     second = asyncio.ensure_future(cached.stub.Complete(ask(), timeout=1.5))
-    await eventually(lambda: stats.coalesced == 1)
+    await eventually(lambda: cache_of(cached).following == 2)
     patient = await cached.stub.Complete(ask(), timeout=20)
     for hasty in (first, second):
         with pytest.raises(grpc.aio.AioRpcError, match="DEADLINE_EXCEEDED"):
@@ -841,7 +841,6 @@ async def test_a_follower_whose_leaders_deadline_cut_the_retries_short_tries_aga
     follower's deadline can: it tries again, rather than take an error its own call
     would not have ended with."""
     upstream.script(Status(503, headers={"Retry-After": "1"}, delay_s=0.3), Reply())
-    stats = cache_of(cached).stats
     hasty = asyncio.ensure_future(cached.stub.Complete(ask(), timeout=1.0))
     await eventually(lambda: upstream.requests)
     if mode == "unary":
@@ -849,7 +848,7 @@ async def test_a_follower_whose_leaders_deadline_cut_the_retries_short_tries_aga
     else:
         call = cached.stub.CompleteStream(chat_stream(params=DETERMINISTIC), timeout=20)
         patient = asyncio.ensure_future(_read_all(call))
-    await eventually(lambda: stats.coalesced == 1)
+    await eventually(lambda: cache_of(cached).following == 2)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await hasty
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -877,7 +876,7 @@ async def test_a_follower_waits_for_the_upstream_slot_its_leaders_deadline_could
     await eventually(lambda: upstream.requests)
     hasty = asyncio.ensure_future(gateway.stub.Complete(ask(), timeout=0.6))
     patient = asyncio.ensure_future(gateway.stub.Complete(ask(), timeout=20))
-    await eventually(lambda: cache_of(gateway).stats.coalesced == 1)
+    await eventually(lambda: cache_of(gateway).following == 2)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await hasty
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -149,7 +149,7 @@ async def test_a_shared_unary_call_every_caller_leaves_is_charged_once(
     calls = [gateway.stub.Complete(request, timeout=10) for _ in range(2)]
     await until_sent(upstream)
     async with asyncio.timeout(_TIMEOUT_S):
-        while gateway.server.pipeline.cache.stats.coalesced < 1:
+        while gateway.server.pipeline.cache.following < 2:
             await asyncio.sleep(0.01)
     for call in calls:
         call.cancel()
@@ -173,7 +173,7 @@ async def test_a_shared_unary_call_its_first_caller_leaves_is_charged_once_as_an
     await until_sent(upstream)
     second = gateway.stub.Complete(request, timeout=10)
     async with asyncio.timeout(_TIMEOUT_S):
-        while gateway.server.pipeline.cache.stats.coalesced < 1:
+        while gateway.server.pipeline.cache.following < 2:
             await asyncio.sleep(0.01)
     first.cancel()
     assert (await second).content == "Hello from fake"

@@ -125,3 +125,37 @@ async def test_each_cache_lookup_counts_under_one_result(upstream, start_gateway
 
     assert [lookups(r) for r in ("hit", "miss", "coalesced")] == [1, 1, 3]
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_follower_that_calls_on_its_own_after_its_leader_failed_counts_once(
+    upstream, start_gateway, is_stream
+):
+    """A caller joins an identical call whose caller's deadline then ends it, and makes
+    its own upstream call: two lookups, two misses. It counted as coalesced and then as
+    a miss too, three lookups for two callers, the coalesced one never served."""
+    captured = captured_telemetry()
+    config = gateway_config(upstream.base_url, cache={"backend": "memory"})
+    gw = await start_gateway(config, telemetry=captured.telemetry)
+    upstream.script(Reply(content="too late", delay_s=3.0), Reply(content="own"))
+    hasty = asyncio.ensure_future(gw.stub.Complete(chat("same", params=DETERMINISTIC), timeout=0.5))
+    cache = gw.server.pipeline.cache
+    async with asyncio.timeout(10):
+        while not upstream.requests:
+            await asyncio.sleep(0.005)
+    if is_stream:
+        request = chat_stream("same", params=DETERMINISTIC)
+        events = [event async for event in gw.stub.CompleteStream(request, timeout=20)]
+        assert events[-1].final.cache_hit is False
+    else:
+        patient = await gw.stub.Complete(chat("same", params=DETERMINISTIC), timeout=20)
+        assert (patient.content, patient.metadata.cache_hit) == ("own", False)
+    with pytest.raises(grpc.aio.AioRpcError, match="DEADLINE_EXCEEDED"):
+        await hasty
+    assert len(upstream.requests) == 2
+
+    def lookups(result: str) -> float:
+        return captured.total("llm_gateway.cache.lookups", llm_gateway__cache__result=result)
+
+    assert [lookups(r) for r in ("hit", "miss", "coalesced")] == [0, 2, 0]
+    assert (cache.stats.misses, cache.stats.coalesced) == (2, 0)

@@ -448,6 +448,44 @@ async def test_a_call_during_a_rejected_keys_probe_is_not_told_to_give_up(start_
         assert [user_text(r.body) for r in fake.requests] == ["bad", "probe"]
 
 
+async def test_a_rejected_keys_probe_answered_5xx_is_unavailable_not_upstream_auth(
+    start_gateway,
+):
+    """The key cool-down passed and the probe got a 5xx: the key was not rejected this
+    time, so the calls while the breaker is open again are UPSTREAM_UNAVAILABLE, pushed
+    back until the next probe (they got UPSTREAM_AUTH and -1, "do not retry", as if the
+    key were still rejected). A 401 on the next probe sets the key aside again."""
+    behaviours = {"bad": Status(401), "probe": Status(500), "probe again": Status(401)}
+    async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "key_rejected_cool_down_s": 0.4,
+            "breaker_cool_down_s": 0.4,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        with pytest.raises(grpc.aio.AioRpcError) as rejected:
+            await gateway.stub.Complete(chat("bad"))
+        assert error_details(rejected.value)[1] == "UPSTREAM_AUTH"
+        await asyncio.sleep(0.45)  # the key cool-down has passed: half-open
+        with pytest.raises(grpc.aio.AioRpcError) as probed:
+            await gateway.stub.Complete(chat("probe"))
+        assert error_details(probed.value)[1] == "UPSTREAM_UNAVAILABLE"
+        with pytest.raises(grpc.aio.AioRpcError) as meanwhile:
+            await gateway.stub.Complete(chat("meanwhile"))
+        assert meanwhile.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(meanwhile.value)[1] == "UPSTREAM_UNAVAILABLE"
+        assert dict(meanwhile.value.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) != "-1"
+        await asyncio.sleep(0.45)  # the 5xx's cool-down has passed: half-open
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("probe again"))
+        with pytest.raises(grpc.aio.AioRpcError) as set_aside:
+            await gateway.stub.Complete(chat("meanwhile"))
+        assert error_details(set_aside.value)[1] == "UPSTREAM_AUTH"
+        assert dict(set_aside.value.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "-1"
+        assert [user_text(r.body) for r in fake.requests] == ["bad", "probe", "probe again"]
+
+
 async def test_a_key_rejected_beside_a_rejected_keys_probe_leaves_the_retry_open(start_gateway):
     """up0 rejected the key earlier; its cool-down has passed and a probe is finding out
     whether the key was mended. A call that up1 now rejects the key of is told to retry

@@ -96,7 +96,7 @@ async def test_a_shared_stream_every_caller_leaves_is_charged_once(
     calls = [gateway.stub.CompleteStream(request, timeout=10) for _ in range(2)]
     for call in calls:
         assert (await call.read()).delta.content
-    assert gateway.server.pipeline.cache.stats.coalesced == 1
+    assert gateway.server.pipeline.cache.following == 2
     for call in calls:
         call.cancel()
     await upstream.wait_for_disconnect(timeout_s=_TIMEOUT_S)

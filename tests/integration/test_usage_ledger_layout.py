@@ -108,3 +108,51 @@ async def test_rows_written_before_the_upgrade_are_still_read(
     assert by_labels(this_hour) == {("team-b", "x"): 2, ("team-b", "y"): 1}
     labelled = await usage(two, "team-a", tenant="*", labels={"team": "x"})
     assert by_labels(labelled) == {("team-a", "x"): 1, ("team-b", "x"): 3}
+
+
+async def test_a_corrupt_row_is_skipped_and_logged_and_the_rest_still_counts(
+    redis_server: RedisServer,
+    upstream: FakeUpstream,
+    start_gateway: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Usage rows under the prefix written by hand or a bad migration: a counter that is
+    not an integer, a row key of the wrong type, dims that are not JSON. GetUsage skips
+    each, logging its key, and sums the others (it failed INTERNAL or UNAVAILABLE for
+    all). A call landing on a corrupt row still adds to its tenant's budget spend and
+    leaves the row as it was (its spend was lost, and the row half incremented)."""
+    prefix = uuid.uuid4().hex
+    one, _ = await replicas(redis_server, upstream, start_gateway, prefix)
+    await one.stub.Complete(chat(labels={"team": "a"}), metadata=as_tenant("team-a"))
+    await one.stub.Complete(chat(labels={"team": "b"}), metadata=as_tenant("team-b"))
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        (b_rows,) = [k async for k in client.scan_iter(match=f"{prefix}:rows:*:team-b")]
+        (b_row_id,) = await client.smembers(b_rows)
+        bucket = b_rows.split(":")[2]
+        b_row = f"{prefix}:row:{bucket}:{b_row_id}"
+        await client.hset(b_row, "requests", "lots")
+        a_rows = f"{prefix}:rows:{bucket}:team-a"
+        await client.sadd(a_rows, "wrongtype", "badjson")
+        await client.set(f"{prefix}:row:{bucket}:wrongtype", "1")
+        await client.hset(f"{prefix}:row:{bucket}:badjson", mapping={"dims": "{", "requests": 1})
+        with caplog.at_level("WARNING", logger="llm_gateway.ledger"):
+            everyone = await usage(one, "team-a", tenant="*")
+            assert by_labels(everyone) == {("team-a", "a"): 1}
+            assert everyone.total.requests == 1
+            own = await usage(one, "team-b")
+            assert (by_labels(own), own.total.requests) == ({}, 0)
+            ledger = one.server.pipeline.ledger
+            spent = await ledger.spent_usd("team-b", "day")
+            await one.stub.Complete(chat(labels={"team": "b"}), metadata=as_tenant("team-b"))
+            assert await ledger.spent_usd("team-b", "day") > spent
+            assert await client.hget(b_row, "requests") == "lots"
+            assert await client.hget(b_row, "input_tokens") == "7"
+        warned = {r.key for r in caplog.records if r.getMessage() == "ledger.row_corrupt"}
+        assert warned == {
+            b_row,
+            f"{prefix}:row:{bucket}:wrongtype",
+            f"{prefix}:row:{bucket}:badjson",
+        }
+    finally:
+        await client.aclose()
