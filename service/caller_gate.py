@@ -20,7 +20,7 @@ import contextvars
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from service.auth import (
     DEFAULT_TENANT,
@@ -32,7 +32,7 @@ from service.clock import Deadline
 from service.config import TenantConfig
 from service.errors import DeadlineExceeded, FieldViolation, InvalidRequest, QuotaExceeded
 from service.tenant_limits import TenantLimiter
-from service.tokens import estimate_text_tokens
+from service.tokens import PER_MESSAGE_OVERHEAD, estimate_text_tokens
 
 log = logging.getLogger("llm_gateway.caller_gate")
 
@@ -42,7 +42,6 @@ _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
 _pacer: contextvars.ContextVar[BatchPacer | None] = contextvars.ContextVar(
     "llm_gateway_batch_pacer", default=None
 )
-_PER_MESSAGE_OVERHEAD = 4
 
 
 def current_pacer() -> BatchPacer | None:
@@ -102,19 +101,24 @@ class Demand:
 
 
 def _text_tokens(texts: Iterable[str]) -> int:
-    return sum(_PER_MESSAGE_OVERHEAD + estimate_text_tokens(t) for t in texts)
+    return sum(PER_MESSAGE_OVERHEAD + estimate_text_tokens(t) for t in texts)
 
 
 def completion_tokens(request: Any) -> int:
     """The tokens a tenant's `tokens_per_minute` counts for one `CompleteRequest`."""
-    tokens = _text_tokens(m.content for m in request.messages)
-    tokens += _text_tokens(
-        f"{call.name} {call.arguments}" for m in request.messages for call in m.tool_calls
-    )
-    tokens += _text_tokens(m.reasoning for m in request.messages if m.reasoning)
-    tokens += _text_tokens(
-        f"{tool.name} {tool.description} {tool.parameters}" for tool in request.tools
-    )
+    # One pass over the messages (each text counted as `_text_tokens` counts it): every
+    # call of a metered tenant estimates its request here.
+    tokens = 0
+    for m in request.messages:
+        tokens += PER_MESSAGE_OVERHEAD + estimate_text_tokens(m.content)
+        if m.reasoning:
+            tokens += PER_MESSAGE_OVERHEAD + estimate_text_tokens(m.reasoning)
+        if m.tool_calls:
+            tokens += _text_tokens(f"{call.name} {call.arguments}" for call in m.tool_calls)
+    if request.tools:
+        tokens += _text_tokens(
+            f"{tool.name} {tool.description} {tool.parameters}" for tool in request.tools
+        )
     params = getattr(request, "params", None)
     if params is not None and params.response_format.json_schema:
         schema = params.response_format  # an answer's schema is prompt, as tools are
@@ -127,9 +131,30 @@ def completion_tokens(request: Any) -> int:
 def _tokens_of(request: Any) -> int:
     """The tokens `tokens_per_minute` counts for a completion (else 0: a Summarize's
     calls take theirs as they start)."""
-    if hasattr(request, "messages"):
+    if _kind_of(request) == "completion":
         return completion_tokens(request)
     return 0
+
+
+RequestKind = Literal["batch", "summary", "completion", "other"]
+_KINDS: dict[type, RequestKind] = {}
+
+
+def _kind_of(request: Any) -> RequestKind:
+    """What kind of call `request` asks for, by the fields its type has; remembered by
+    type, as `hasattr` of a field a message lacks raises and catches an exception."""
+    kind = _KINDS.get(type(request))
+    if kind is None:
+        if hasattr(request, "items"):
+            kind = "batch"
+        elif hasattr(request, "document"):
+            kind = "summary"
+        elif hasattr(request, "messages"):
+            kind = "completion"
+        else:
+            kind = "other"
+        _KINDS[type(request)] = kind
+    return kind
 
 
 def part_tokens(texts: Iterable[str], *, max_tokens: int) -> int:
@@ -154,11 +179,12 @@ def demand_of(request: Any, *, estimate: bool = True) -> Demand:
         raise InvalidRequest(
             [FieldViolation("request", f"not a valid {request.message_type} message")]
         )
-    if hasattr(request, "items"):
+    kind = _kind_of(request)
+    if kind == "batch":
         return Demand(is_paced=True)
-    if hasattr(request, "document"):
+    if kind == "summary":
         return Demand(models=(request.model,), requests=1, paces_tokens=True)
-    if hasattr(request, "messages"):
+    if kind == "completion":
         tokens = completion_tokens(request) if estimate else 0
         return Demand(models=(request.model,), requests=1, tokens=tokens)
     return Demand()
