@@ -194,7 +194,8 @@ async def _grpc_stub(address: str) -> AsyncIterator[pb_grpc.CompletionServiceStu
 
 
 async def _rounds() -> tuple[dict[str, dict[str, Figures]], dict[str, float]]:
-    """Direct, trivial, gateway (miss and hit) and gateway with telemetry, interleaved.
+    """Direct, trivial, gateway (miss and hit), gateway with telemetry and with a metered
+    tenant, interleaved.
 
     Also the mean number of messages in one whole stream, per gRPC server.
     """
@@ -215,6 +216,7 @@ async def _rounds() -> tuple[dict[str, dict[str, Figures]], dict[str, float]]:
         sampled_at = await stack.enter_async_context(
             child_server("gateway-telemetry", upstream_url, env=SAMPLED_TRACES)
         )
+        metered_at = await stack.enter_async_context(child_server("gateway-metered", upstream_url))
         session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
         )
@@ -222,6 +224,7 @@ async def _rounds() -> tuple[dict[str, dict[str, Figures]], dict[str, float]]:
         gateway = await stack.enter_async_context(_grpc_stub(gateway_at))
         telemetry = await stack.enter_async_context(_grpc_stub(telemetry_at))
         sampled = await stack.enter_async_context(_grpc_stub(sampled_at))
+        metered = await stack.enter_async_context(_grpc_stub(metered_at))
         for index in range(ROUNDS):
             print(f"round {index + 1}/{ROUNDS}", flush=True)
             keep("direct", await _figures("direct", _http_calls(session, upstream_url)))
@@ -242,6 +245,16 @@ async def _rounds() -> tuple[dict[str, dict[str, Figures]], dict[str, float]]:
                     )
                 },
             )
+            for request, key in ((MISS, "unary_c64"), (HIT, "hit_c64")):
+                call = _grpc_calls(metered, request).unary
+                keep(
+                    "metered",
+                    {
+                        key: await measure(
+                            f"metered {key}", call, requests=UNARY_C64, concurrency=64
+                        )
+                    },
+                )
             for target, stub in (("telemetry", telemetry), ("telemetry_sampled", sampled)):
                 on = _grpc_calls(stub, MISS).unary
                 keep(
@@ -547,6 +560,17 @@ def _rows(
             None,
         )
     )
+    for key, what in (("unary_c64", "cache miss"), ("hit_c64", "cache hit")):
+        ratio = figures["metered"][key].per_second / gateway[key].per_second
+        rows.append(
+            Row(
+                f"tenant with limits (caller gate's full path): {what} c=64 vs without",
+                f"{figures['metered'][key].per_second:.0f}/s of {gateway[key].per_second:.0f}/s",
+                "(report)",
+                ratio,
+                None,
+            )
+        )
     one, two = scaling["workers_1"].per_second, scaling["workers_2"].per_second
     rows.append(
         Row(

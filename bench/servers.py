@@ -6,6 +6,7 @@ python -m bench.servers trivial          # a grpc.aio server that does nothing (
                                          # BENCH_EVENT_GAP_MS paces its stream messages
 python -m bench.servers gateway URL      # the gateway in front of the upstream at URL
 python -m bench.servers gateway-telemetry URL  # the same, every span and metric recorded
+python -m bench.servers gateway-metered URL  # the same, its callers' tenant with limits
 """
 
 from __future__ import annotations
@@ -151,15 +152,24 @@ def gateway_config_data(
     return data
 
 
-async def run_gateway(upstream_url: str, *, with_telemetry: bool = False) -> None:
-    """The gateway with one upstream serving MODEL; `with_telemetry`: all of it recorded."""
+# Limits on the tenant every caller is without auth, too high to refuse anything: each
+# call takes the caller gate's full path (check, estimate, limiter) as a production
+# tenant's does.
+METERED_TENANTS = {
+    "default": {"requests_per_minute": 100_000_000, "tokens_per_minute": 2_000_000_000}
+}
+
+
+async def run_gateway(
+    upstream_url: str, *, with_telemetry: bool = False, metered: bool = False
+) -> None:
+    """The gateway with one upstream serving MODEL; `with_telemetry`: all of it recorded;
+    `metered`: its callers' tenant has limits."""
     from service.config import parse_config
     from service.server import GatewayServer
 
-    config = parse_config(
-        gateway_config_data(upstream_url),
-        source="<bench>",
-    )
+    sections = {"tenants": METERED_TENANTS} if metered else {}
+    config = parse_config(gateway_config_data(upstream_url, **sections), source="<bench>")
     telemetry = _discarding_telemetry() if with_telemetry else None  # None: as configured
     async with GatewayServer(config, telemetry=telemetry) as server:
         print(f"ready {server.address}", flush=True)
@@ -195,6 +205,8 @@ def main() -> None:
         asyncio.run(run_trivial())
     elif kind == "gateway":
         asyncio.run(run_gateway(sys.argv[2]))
+    elif kind == "gateway-metered":
+        asyncio.run(run_gateway(sys.argv[2], metered=True))
     elif kind == "gateway-telemetry":
         asyncio.run(run_gateway(sys.argv[2], with_telemetry=True))
     else:
