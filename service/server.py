@@ -17,6 +17,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from llmgateway.v1 import gateway_pb2
+from service import early_signals
 from service.cache import CacheStore, ResponseCache
 from service.config import ConfigError, GatewayConfig, ServerConfig, TlsConfig, UpstreamConfig
 from service.ledger import RedisLedger, open_ledger
@@ -494,6 +495,9 @@ async def serve(config: GatewayConfig, *, on_ready: Callable[[str], None] | None
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    if early_signals.received():  # before these handlers, as the process started
+        log.info("server.stopped_while_starting")
+        return
     # A worker starts with SIGINT blocked (`service.workers`): one sent meanwhile comes now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
