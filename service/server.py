@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -123,6 +125,9 @@ class GatewayServer:
         await self._start_telemetry(prices)
         ledger = open_ledger(self.config.ledger)
         self._stack.push_async_callback(ledger.aclose)
+        if self.config.wants_local_model:  # its start can take minutes: say it first
+            for listen in (self.config.server.listen, self.config.server.health_listen):
+                _refuse_taken(listen)
         upstreams = await self._upstream_configs()
         clients = [await self._stack.enter_async_context(UpstreamClient(c)) for c in upstreams]
         cache = await self._stack.enter_async_context(
@@ -426,6 +431,24 @@ def _bind(listen: str, add_port: Callable[[], int]) -> int:
     if port == 0:
         raise ListenError(f"cannot listen on {listen}")
     return port
+
+
+def _refuse_taken(listen: str | None) -> None:
+    """Raise `ListenError`, as the bind would, when something listens on `listen`'s port.
+
+    Only a taken port: any other failure (an address not this host's) is left to the bind.
+    """
+    if listen is None or listen.endswith(":0"):
+        return
+    host, _, port = listen.rpartition(":")
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+        try:
+            probe.bind((host.strip("[]"), int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenError(f"cannot listen on {listen}: the address is taken") from exc
 
 
 TLS_REFUSED = (
