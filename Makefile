@@ -4,7 +4,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-CONFIG ?= config/gateway.yaml
+# `make run CONFIG=...`, else the file $LLM_GATEWAY_CONFIG names, as `serve` reads it.
+CONFIG ?= $(or $(LLM_GATEWAY_CONFIG),config/gateway.yaml)
 STAMP := $(VENV)/.setup-stamp
 # Every installed package's version, pinned (see its header): installs are reproducible.
 CONSTRAINTS := constraints.txt

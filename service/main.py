@@ -8,7 +8,8 @@ import logging
 import os
 import sys
 
-from service.config import ConfigError, load_config
+from service import early_signals
+from service.config import ConfigError, GatewayConfig, load_config
 from service.logs import configure_logging
 from service.workers import worker_count
 
@@ -47,6 +48,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def with_flags(
+    config: GatewayConfig, *, listen: str | None = None, workers: int | None = None
+) -> GatewayConfig:
+    """`config` with `--listen` and `--workers` in place of its own.
+
+    Raises:
+        ValueError: a value the config file would be refused for.
+    """
+    server = config.server  # replace() validates like the file does
+    if listen:
+        server = dataclasses.replace(server, listen=listen)
+        # The flag, not LLM_GATEWAY__SERVER__LISTEN, set it: errors must not name that.
+        overrides = {k: v for k, v in config.overrides.items() if k != "server.listen"}
+        config = dataclasses.replace(config, overrides=overrides)
+    if workers is not None:
+        server = dataclasses.replace(server, workers=workers)
+    return dataclasses.replace(config, server=server)
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Load the config and run the server; a config error exits 2 with file and key."""
     configure_logging(args.log_level)
@@ -55,19 +75,12 @@ def serve_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
         return 2
-    server = config.server
-    try:  # replace() validates like the file does
-        if args.listen:
-            server = dataclasses.replace(server, listen=args.listen)
-            # The flag, not LLM_GATEWAY__SERVER__LISTEN, set it: errors must not name that.
-            overrides = {k: v for k, v in config.overrides.items() if k != "server.listen"}
-            config = dataclasses.replace(config, overrides=overrides)
-        if args.workers is not None:
-            server = dataclasses.replace(server, workers=args.workers)
+    try:
+        config = with_flags(config, listen=args.listen, workers=args.workers)
     except ValueError as exc:
         print(f"llm-gateway: config error: --listen/--workers: {exc}", file=sys.stderr)
         return 2
-    config = dataclasses.replace(config, server=server)
+    server = config.server
     count, why = worker_count(config)
     logging.getLogger("llm_gateway.workers").info(
         "server.workers", extra={"workers": count, "why": why}
@@ -97,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     keys.add_argument("keys_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "keys":
+        early_signals.release()  # held for `serve` alone
         from service.keys_cli import keys_command
 
         return keys_command(args.keys_args)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +19,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from llmgateway.v1 import gateway_pb2
+from service import early_signals
 from service.cache import CacheStore, ResponseCache
 from service.config import ConfigError, GatewayConfig, ServerConfig, TlsConfig, UpstreamConfig
 from service.ledger import RedisLedger, open_ledger
@@ -122,6 +125,9 @@ class GatewayServer:
         await self._start_telemetry(prices)
         ledger = open_ledger(self.config.ledger)
         self._stack.push_async_callback(ledger.aclose)
+        if self.config.wants_local_model:  # its start can take minutes: say it first
+            for listen in (self.config.server.listen, self.config.server.health_listen):
+                _refuse_taken(listen)
         upstreams = await self._upstream_configs()
         clients = [await self._stack.enter_async_context(UpstreamClient(c)) for c in upstreams]
         cache = await self._stack.enter_async_context(
@@ -427,6 +433,24 @@ def _bind(listen: str, add_port: Callable[[], int]) -> int:
     return port
 
 
+def _refuse_taken(listen: str | None) -> None:
+    """Raise `ListenError`, as the bind would, when something listens on `listen`'s port.
+
+    Only a taken port: any other failure (an address not this host's) is left to the bind.
+    """
+    if listen is None or listen.endswith(":0"):
+        return
+    host, _, port = listen.rpartition(":")
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+        try:
+            probe.bind((host.strip("[]"), int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenError(f"cannot listen on {listen}: the address is taken") from exc
+
+
 TLS_REFUSED = (
     "grpc cannot serve TLS with this certificate and key (a key type or curve its TLS "
     "does not take, such as DSA or secp256k1; RSA and P-256 keys work)"
@@ -494,6 +518,9 @@ async def serve(config: GatewayConfig, *, on_ready: Callable[[str], None] | None
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    if early_signals.received():  # before these handlers, as the process started
+        log.info("server.stopped_while_starting")
+        return
     # A worker starts with SIGINT blocked (`service.workers`): one sent meanwhile comes now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:

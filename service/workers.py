@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
+from service import early_signals
 from service.config import ConfigError, GatewayConfig
 from service.cpus import usable_cpus
 from service.local_model import LocalModelServer
@@ -225,6 +226,9 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    if early_signals.received():  # before these handlers, as the process started
+        log.info("workers.stopped_while_starting")
+        return 0
     reserved: list[socket.socket] = []
     async with contextlib.AsyncExitStack() as stack:
         # However this ends; closing twice is harmless.

@@ -460,6 +460,37 @@ async def test_check_exits_2_on_a_config_error_serve_finds_at_start(tmp_path, ca
     assert ": ok" not in captured.out
 
 
+@pytest.mark.parametrize("workers", ["flag", "config"])
+async def test_check_refuses_worker_metrics_ports_past_65535_as_serve_does(
+    tmp_path, capsys, workers
+):
+    """`serve --workers 2` with `telemetry.prometheus_port: 65535` exits 2 at start (the
+    second worker's port would be 65536): `check`, given the same count by the flag or
+    by `server.workers`, exits 2 with the same line.
+
+    Before, `check` printed the config as ok and exited 0.
+    """
+    config = tmp_path / "gateway.yaml"
+    server = "" if workers == "flag" else "server: {workers: 2}\n"
+    config.write_text(
+        server + "telemetry: {prometheus_port: 65535}\nlocal_model: {enabled: never}\n"
+    )
+    flag = ["--workers", "2"] if workers == "flag" else []
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(config), *flag,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, serve_err = await asyncio.wait_for(serve.communicate(), timeout=60)
+    refusal = f"llm-gateway: config error: {config}: telemetry.prometheus_port: 2 workers"
+    assert serve.returncode == 2
+    assert refusal in serve_err.decode()
+    code = await check.check_command(parse(check, "check", "--config", str(config), *flag))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip() == serve_err.decode().strip().splitlines()[-1]
+    assert ": ok" not in captured.out
+
+
 async def test_batch_process_killed_by_ctrl_c_resumes(tmp_path, scripted, address):
     """The real `llm-gateway batch` process, stopped with SIGINT, resumes to each id once."""
     ids = [f"q{i}" for i in range(40)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.server import GatewayServer, ListenError
 from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply
 
@@ -392,3 +394,38 @@ async def test_workers_share_one_port_and_drain_on_sigterm(upstream, tmp_path):
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@pytest.mark.parametrize("taken", ["listen", "health_listen"])
+async def test_a_taken_port_is_refused_before_the_local_model_starts(upstream, monkeypatch, taken):
+    """With the local model to run, a port something else listens on is refused first:
+    llama.cpp's start (minutes on a fresh machine) is not waited out to learn it.
+
+    Before, the port was bound only once the local model had started.
+    """
+    started: list[object] = []
+
+    class LocalModel:
+        def __init__(self, *args: object, **options: object) -> None:
+            started.append(args)
+
+        async def __aenter__(self) -> LocalModel:
+            raise AssertionError("the local model was started")
+
+        async def __aexit__(self, *exc_info: object) -> None:
+            pass
+
+    monkeypatch.setattr("service.server.LocalModelServer", LocalModel)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = f"127.0.0.1:{holder.getsockname()[1]}"
+        config = gateway_config(
+            upstream.base_url,
+            server={"listen": "127.0.0.1:0", taken: held},
+            local_model={"enabled": "always"},
+        )
+        with pytest.raises(ListenError, match=f"cannot listen on {held}: the address is taken"):
+            async with GatewayServer(config):
+                pass
+    assert started == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -179,3 +180,30 @@ def test_a_key_in_the_file_or_a_repeated_key_exits_2(tmp_path: Path, text: str, 
     assert named in done.stderr
     assert done.stderr.count("\n") == 1
     assert "sk-from-the-file" not in done.stderr
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("environment", "config"),
+    [
+        ({}, "config/gateway.yaml"),
+        ({"LLM_GATEWAY_CONFIG": "/etc/llm-gateway/mine.yaml"}, "/etc/llm-gateway/mine.yaml"),
+        ({"LLM_GATEWAY_CONFIG": "/etc/mine.yaml", "CONFIG": "theirs.yaml"}, "theirs.yaml"),
+    ],
+)
+def test_make_run_serves_the_config_the_operator_names(
+    environment: dict[str, str], config: str
+) -> None:
+    """`make run` reads `CONFIG`, else `$LLM_GATEWAY_CONFIG`, else config/gateway.yaml.
+
+    Before, it always passed its own `--config`, so `$LLM_GATEWAY_CONFIG` was ignored.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "LLM_GATEWAY_CONFIG")}
+    dry_run = subprocess.run(
+        ["make", "--dry-run", "--always-make", "run"],
+        cwd=REPO, env={**env, **environment}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    (serve,) = [line for line in dry_run.stdout.splitlines() if " -m service serve" in line]
+    assert serve.endswith(f" -m service serve --config {config}")

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from gateway_client.commands import batch, check, complete, models, serve, summarize, usage
+from service import early_signals
 
 SUBCOMMANDS = [serve, complete, models, batch, summarize, check, usage]
 
@@ -43,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for module in SUBCOMMANDS:
         module.register(subparsers)
     args = parser.parse_args(argv)
+    if args.command != "serve":
+        early_signals.release()  # held by the console script for `serve` alone
     result = args.handler(args)
     if asyncio.iscoroutine(result):
         try:

@@ -1,7 +1,8 @@
 """`llm-gateway check`: validate the config and every upstream's key, all at once.
 
 First the config errors `serve` would find only as it starts (the listen policy, the
-keys file, the `OTEL_*` exporters, a TLS pair grpc cannot serve). Then calls
+keys file, the `OTEL_*` exporters, a TLS pair grpc cannot serve, the workers' Prometheus
+ports past 65535). Then calls
 `GET {base_url}/models` on each enabled upstream (concurrently) and prints a table:
 upstream, reachable, key valid, models listed, latency. Exits 2 on a config error, 1
 when any enabled upstream is unreachable, refuses its key or account, or answers with
@@ -22,12 +23,13 @@ from typing import Any
 
 from service.config import ConfigError, GatewayConfig, UpstreamConfig, load_config
 from service.errors import UpstreamError
-from service.main import DEFAULT_CONFIG
+from service.main import DEFAULT_CONFIG, with_flags
 from service.security import check_start_config
 from service.server import TLS_REFUSED, refuses_tls
 from service.telemetry import TelemetrySetupError
 from service.telemetry.setup import check_environment
 from service.upstream.client import probe_models
+from service.workers import worker_configs, worker_count
 
 
 def register(subparsers: Any) -> None:
@@ -39,6 +41,11 @@ def register(subparsers: Any) -> None:
         "--config",
         default=os.environ.get("LLM_GATEWAY_CONFIG", DEFAULT_CONFIG),
         help="YAML config file (default: $LLM_GATEWAY_CONFIG or config/gateway.yaml)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="the worker processes `serve --workers N` would run (default: as serve decides)",
     )
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="seconds per upstream (default: %(default)s)"
@@ -126,7 +133,13 @@ async def check_command(args: argparse.Namespace) -> int:
     """Run `llm-gateway check`."""
     try:
         config = load_config(args.config)
+        try:
+            config = with_flags(config, workers=args.workers)
+        except ValueError as exc:  # said as `serve` says it
+            print(f"llm-gateway: config error: --listen/--workers: {exc}", file=sys.stderr)
+            return 2
         check_start_config(config)  # what `serve` would refuse only once it starts
+        worker_configs(config, worker_count(config)[0])  # each one's Prometheus port
         try:
             check_environment(config.telemetry, os.environ)
         except TelemetrySetupError as exc:

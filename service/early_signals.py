@@ -1,0 +1,44 @@
+"""SIGTERM and SIGINT held from the first line of `serve` until its loop handles them.
+
+Imports and the config take most of a second; until `serve` installs its own handlers, a
+SIGTERM would kill the process (status 143) and a SIGINT end it with KeyboardInterrupt
+(130): a pod deleted just after it started would end in error. Held, the signal is
+recorded and `serve` (or the `--workers` supervisor) stops as soon as it can look.
+Standard library only: this module is imported before anything slow.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+from typing import Any
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_received: list[int] = []
+_previous: dict[int, Any] = {}
+
+
+def _record(signum: int, _frame: FrameType | None) -> None:
+    _received.append(signum)
+
+
+def hold() -> None:
+    """Record SIGTERM and SIGINT from now on instead of acting on them."""
+    for sig in _SIGNALS:
+        _previous.setdefault(sig, signal.signal(sig, _record))
+
+
+def received() -> bool:
+    """Whether a signal came while held (whatever handles the signals now)."""
+    return bool(_received)
+
+
+def release() -> None:
+    """For commands other than `serve`: the handlers before `hold`, and a signal it
+    recorded acted on now as it would have been then. Nothing when not held."""
+    for sig, handler in _previous.items():
+        signal.signal(sig, handler)
+    _previous.clear()
+    for sig in dict.fromkeys(_received):
+        signal.raise_signal(sig)
+    _received.clear()

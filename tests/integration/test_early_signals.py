@@ -1,0 +1,96 @@
+"""A SIGTERM or SIGINT in the first moments of `serve` (imports, the config being read):
+a clean stop, as the same signal once the gateway has installed its own handlers.
+
+The config file is a FIFO: the test's open for writing returns once `serve` has opened
+it to read, so the signal arrives while `serve` is held there, before it could handle
+signals itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import gateway_config_data
+
+REPO = Path(__file__).resolve().parents[2]
+_HANG_GUARD_S = 30.0
+# `python -m service serve`, and the `llm-gateway` console script (as its wrapper runs it).
+_ENTRY_POINTS = {
+    "python -m service": ["-m", "service"],
+    "llm-gateway": ["-c", "import sys; from service.console import main; sys.exit(main())"],
+}
+
+
+async def _open_once_read(fifo: Path, reader: asyncio.subprocess.Process) -> int:
+    """`fifo` opened to write, once `reader` has opened it to read (an error if it exits)."""
+    while True:
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: nobody has it open to read yet
+                raise
+        else:
+            os.set_blocking(writer, True)
+            return writer
+        assert reader.returncode is None, "serve exited before it read its config"
+        await asyncio.sleep(0.01)
+
+
+async def _serve_with_signal_while_config_is_read(
+    tmp_path: Path, entry: list[str], sig: signal.Signals, *args: str
+) -> tuple[int, str, str]:
+    fifo = tmp_path / "gateway.yaml"
+    os.mkfifo(fifo)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *entry, "serve", "--config", str(fifo), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(_HANG_GUARD_S):
+            writer = await _open_once_read(fifo, process)
+        process.send_signal(sig)
+        with os.fdopen(writer, "w") as config:
+            config.write(yaml.safe_dump(gateway_config_data("http://127.0.0.1:1/v1")))
+        async with asyncio.timeout(_HANG_GUARD_S):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize("entry", _ENTRY_POINTS, ids=str)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+async def test_a_signal_while_the_config_is_read_is_a_clean_stop(tmp_path, entry, sig):
+    """Status 0, no traceback, and the log line of a stop while starting; nothing served.
+
+    Before, SIGTERM killed the process (status -15, 143 in a shell) and SIGINT ended it
+    with KeyboardInterrupt and a traceback.
+    """
+    code, out, err = await _serve_with_signal_while_config_is_read(
+        tmp_path, _ENTRY_POINTS[entry], sig
+    )
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert "listening" not in out
+    assert "server.stopped_while_starting" in err
+
+
+async def test_a_signal_while_the_config_is_read_stops_the_supervisor_cleanly(tmp_path):
+    """With `--workers 2` the supervisor stops before starting any worker, with status 0."""
+    code, out, err = await _serve_with_signal_while_config_is_read(
+        tmp_path, _ENTRY_POINTS["python -m service"], signal.SIGTERM, "--workers", "2"
+    )
+    assert code == 0, err
+    assert "listening" not in out
+    assert "workers.stopped_while_starting" in err
