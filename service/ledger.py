@@ -560,7 +560,9 @@ local kind = redis.call('TYPE', row).ok
 local sound = kind == 'none' or kind == 'hash'
 if kind == 'hash' then
   for _, value in ipairs(redis.call('HMGET', row, unpack(fields))) do
-    if value and not (string.match(value, '^%-?%d+$') and #value < 19) then sound = false end
+    -- As Redis reads an integer: no leading zero, no minus zero.
+    if value and not ((value == '0' or string.match(value, '^%-?[1-9]%d*$')) and #value < 19)
+    then sound = false end
   end
 end
 if sound then

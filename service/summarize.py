@@ -540,8 +540,8 @@ class Summarizer:
         `max_concurrency` caps the configured calls at once (the tenant's own cap).
         """
         started = self._clock.now()
+        target = self.validate(request)  # the document as sent: its size is the caller's
         request = dataclasses.replace(request, document=as_sent(request.document))
-        target = self.validate(request)
         model = request.model
         window = self._pipeline.context_window(model)
         # A part's answer is at most an eighth of what one call may take: the window, and

@@ -994,3 +994,21 @@ async def test_a_document_of_over_999_parts_is_chunked_with_room_for_their_numbe
     assert len(parts) > 999
     assert [header(b) for b in parts if is_piece(b)] == []
     assert response.chunks == len(parts)
+
+
+async def test_a_document_of_the_maximum_size_with_page_breaks_is_taken(recorder, start_gateway):
+    """`max_document_bytes` caps the document the caller sends: its page breaks are sent
+    as paragraph breaks (two characters for one), which must not push a document of
+    exactly the maximum over it.
+
+    Before, the size was measured after that translation: INVALID_ARGUMENT on a
+    document the caller could not have made any smaller to fit."""
+    gateway = await start_gateway(config(recorder.base_url, max_document_bytes=4096))
+    text = "\f".join(document(40).split("\n\n"))
+    text = text[:4095].rstrip() + "."
+    text += "x" * (4096 - len(text.encode()))
+    assert len(text.encode()) == 4096
+    assert "\f" in text
+    response = await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=text))
+    assert response.summary == "FINAL"
+    assert response.chunks >= 2

@@ -156,3 +156,31 @@ async def test_a_corrupt_row_is_skipped_and_logged_and_the_rest_still_counts(
         }
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("counter", ["007", "-0"])
+async def test_a_counter_redis_cannot_increment_leaves_the_row_and_still_counts_the_spend(
+    redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any, counter: str
+) -> None:
+    """Digits that Redis does not take as an integer (a leading zero, a minus zero): the
+    row is left as it is and the call still adds to its tenant's spend.
+
+    Before, the record script passed them as integers; HINCRBY then stopped it after it
+    had marked the record applied, and the call's spend was never added."""
+    prefix = uuid.uuid4().hex
+    one, _ = await replicas(redis_server, upstream, start_gateway, prefix)
+    await one.stub.Complete(chat(labels={"team": "b"}), metadata=as_tenant("team-b"))
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        (b_rows,) = [k async for k in client.scan_iter(match=f"{prefix}:rows:*:team-b")]
+        (b_row_id,) = await client.smembers(b_rows)
+        b_row = f"{prefix}:row:{b_rows.split(':')[2]}:{b_row_id}"
+        await client.hset(b_row, "requests", counter)
+        ledger = one.server.pipeline.ledger
+        spent = await ledger.spent_usd("team-b", "day")
+        await one.stub.Complete(chat(labels={"team": "b"}), metadata=as_tenant("team-b"))
+        assert await ledger.spent_usd("team-b", "day") > spent
+        assert await client.hget(b_row, "requests") == counter
+        assert await client.hget(b_row, "input_tokens") == "7"
+    finally:
+        await client.aclose()
