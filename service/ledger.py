@@ -61,6 +61,7 @@ from service.config import LedgerConfig, redis_password
 from service.domain import Usage
 from service.errors import UpstreamUnavailable
 from service.late_release import LateReleases
+from service.memo import BoundedMemo
 from service.redis_errors import refused_for_good, replacing_closed_connections
 from service.store_cooldown import COOLDOWN_S, StoreCooldown
 
@@ -76,6 +77,8 @@ RECORD_RETRY_S = 3600
 # The old layout's dims hash outlives retention by this much after the first record of
 # this release: old replicas of a rolling upgrade still add rows (and dims) meanwhile.
 _OLD_DIMS_GRACE_S = 86400
+# Row names remembered (a pair for each tenant, model, upstream and label set in use).
+_ROW_NAMES = 1024
 _FIELDS = (
     "requests",
     "estimated_requests",
@@ -674,6 +677,8 @@ class RedisLedger:
         self._max_rows = config.max_rows_per_tenant
         self._capped = _CappedTenants(self._max_rows)
         self._records = _RecordNumbers(f"{self._prefix}:applied:{uuid.uuid4().hex}")
+        # Every call of one tenant, model, upstream and label set writes the same row.
+        self._row_names: BoundedMemo[Dims, tuple[str, str]] = BoundedMemo(_ROW_NAMES)
         # Per tenant, the numbers of its usage rows waiting in `late_releases`.
         self._rows_waiting: dict[str, set[int]] = {}
 
@@ -695,6 +700,14 @@ class RedisLedger:
         encoded = json.dumps(dims, separators=(",", ":"))
         return hashlib.sha256(encoded.encode()).hexdigest()[:24]
 
+    def _row_name(self, dims: Dims) -> tuple[str, str]:
+        """The row's id and its dims JSON, as the record script takes them."""
+        name = self._row_names.get(dims)
+        if name is None:
+            name = (self._row_id(dims), json.dumps(dims))
+            self._row_names.put(dims, name)
+        return name
+
     async def record(self, entry: UsageEntry) -> None:
         """Add one finished call in one round trip, exactly once.
 
@@ -706,9 +719,9 @@ class RedisLedger:
         now = self._buckets.now()
         bucket = self._buckets.start(now)
         dims = _dims(entry.tenant, entry.model, entry.upstream, entry.labels)
-        row_id = self._row_id(dims)
+        row_id, dims_json = self._row_name(dims)
         overflow_dims = _dims(entry.tenant, entry.model, entry.upstream, OVERFLOW_LABELS)
-        overflow_id = self._row_id(overflow_dims)
+        overflow_id, overflow_json = self._row_name(overflow_dims)
         spend = [f"{self._prefix}:spend:{entry.tenant}:{period_key(p, now)}" for p in _PERIODS]
         keys = [
             self._row_key(bucket, row_id),
@@ -723,9 +736,9 @@ class RedisLedger:
         number = self._records.take()
         counters = _entry_counters(entry)
         args: list[str | int | float] = [
-            row_id, json.dumps(dims), self._ttl_s, bucket, now - self._ttl_s, number,
+            row_id, dims_json, self._ttl_s, bucket, now - self._ttl_s, number,
             0, 2 * RECORD_RETRY_S, entry.tenant, self._ttl_s + _OLD_DIMS_GRACE_S,
-            overflow_id, json.dumps(overflow_dims), self._max_rows,
+            overflow_id, overflow_json, self._max_rows,
             *(counters[name] for name in _FIELDS),
             # A budget counts its period's spend to the period's end, however short the
             # retention: a month's spend must not expire after a few days without calls.
