@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -32,6 +33,7 @@ from service.errors import (
 )
 from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply, ToolCallReply
+from tests.integration.pki import Pki, make_pki
 from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.secret_capture import CALLER_KEY_A
 
@@ -65,14 +67,18 @@ def node_scenarios() -> Path:
     return SCENARIOS_JS
 
 
-async def run_program(script: Path, *args: str) -> str:
-    """Run a Node program to completion without blocking the loop the gateway runs on."""
+async def run_process(
+    script: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """Run a Node program to completion without blocking the loop the gateway runs on:
+    (exit status, stdout, stderr). `env` is added to this process's environment."""
     process = await asyncio.create_subprocess_exec(
         "node",
         str(script),
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     try:
         async with asyncio.timeout(NODE_TIMEOUT_S):
@@ -81,13 +87,22 @@ async def run_program(script: Path, *args: str) -> str:
         process.kill()
         await process.wait()
         raise
-    assert process.returncode == 0, stderr.decode()
-    return stdout.decode()
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
 
 
-async def run_node(script: Path, scenario: str, *args: str) -> dict[str, Any]:
+async def run_program(script: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run a Node program that must succeed; its stdout."""
+    returncode, stdout, stderr = await run_process(script, *args, env=env)
+    assert returncode == 0, stderr
+    return stdout
+
+
+async def run_node(
+    script: Path, scenario: str, *args: str, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run one scenario and return the JSON line it prints."""
-    stdout = await run_program(script, scenario, *args)
+    stdout = await run_program(script, scenario, *args, env=env)
     result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     return result
 
@@ -402,3 +417,166 @@ async def test_node_stream_gathers_reasoning_and_tool_calls(
     ]
     assert sum(result["pieces"]) > len(calls)  # the arguments came in several pieces
     assert upstream.requests[-1].body["tools"][0]["function"]["name"] == "get_weather"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, a server certificate for 127.0.0.1, two clients and an untrusted one."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_config(upstream: FakeUpstream, pki: Pki, *, mtls: bool = False) -> Any:
+    """A gateway serving TLS; with `mtls`, only to clients with a certificate from the CA,
+    whose CN names the tenant (team-a may use fake-model)."""
+    tls: dict[str, Any] = {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)}
+    if not mtls:
+        return gateway_config(upstream.base_url, server={"listen": "127.0.0.1:0", "tls": tls})
+    tls |= {
+        "client_ca_file": str(pki.ca),
+        "require_client_cert": True,
+        "tenant_from_cert_subject": True,
+    }
+    return secure_config(
+        upstream.base_url,
+        server={"listen": "127.0.0.1:0", "tls": tls},
+        tenants={"team-a": {"allowed_models": ["fake-model"]}},
+    )
+
+
+def rogue_ca(pki: Pki) -> Path:
+    """The certificate of a CA that signed nothing the gateway serves."""
+    return pki.ca.with_name("rogue-ca.pem")
+
+
+async def test_node_client_completes_over_tls_with_a_ca_file(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway, pki: Pki
+) -> None:
+    """`tls: { caFile }` verifies a TLS gateway against that CA and is served; the
+    plaintext default is refused by the same port."""
+    gateway = await start_gateway(tls_config(upstream, pki))
+    address = gateway.server.address
+    served = await run_node(
+        node_scenarios, "complete", "--address", address, "--ca-file", str(pki.ca)
+    )
+    assert served["content"] == "Hello from fake"
+    plaintext = await run_node(node_scenarios, "try-complete", "--address", address)
+    assert plaintext["code"] == "UNAVAILABLE"
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("pems", ["files", "bytes"])
+async def test_node_client_completes_over_mtls_with_its_certificate(
+    node_scenarios: Path,
+    upstream: FakeUpstream,
+    start_gateway: StartGateway,
+    pki: Pki,
+    pems: str,
+) -> None:
+    """With a client certificate and key (files, or their bytes) the Node client is served
+    by a gateway requiring mTLS, as the certificate's tenant (no key sent); without the
+    certificate the handshake fails."""
+    gateway = await start_gateway(tls_config(upstream, pki, mtls=True))
+    cert, key = pki.client_a
+    trust = ["--address", gateway.server.address, "--ca-file", str(pki.ca)]
+    bytes_flag = ["--pem-bytes"] if pems == "bytes" else []
+    served = await run_node(
+        node_scenarios, "complete", *trust, "--cert-file", str(cert), "--key-file", str(key),
+        *bytes_flag,
+    )  # fmt: skip
+    assert served["content"] == "Hello from fake"
+    anonymous = await run_node(node_scenarios, "try-complete", *trust, *bytes_flag)
+    assert anonymous["code"] == "UNAVAILABLE"
+    assert len(upstream.requests) == 1
+
+
+async def test_node_client_fails_unavailable_when_the_gateways_ca_is_not_the_one_given(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway, pki: Pki
+) -> None:
+    """A gateway certificate the given CA did not sign fails the handshake: UNAVAILABLE
+    saying why once the retry policy's attempts are spent, not the call's 10 s deadline
+    run out (DEADLINE_EXCEEDED), and nothing reaches the upstream."""
+    gateway = await start_gateway(tls_config(upstream, pki))
+    result = await run_node(
+        node_scenarios,
+        "try-complete",
+        "--address",
+        gateway.server.address,
+        "--ca-file",
+        str(rogue_ca(pki)),
+    )
+    assert result["code"] == "UNAVAILABLE"
+    assert "certificate" in result["message"]
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ({"--cert-file": "team-a.pem"}, "a client certificate and its key go together"),
+        ({"--key-file": "team-a.key"}, "a client certificate and its key go together"),
+        ({"--ca-file": "ca.key"}, "no PEM certificate in {ca.key}"),
+    ],
+    ids=["cert-without-key", "key-without-cert", "ca-not-a-certificate"],
+)
+async def test_node_client_refuses_tls_options_it_cannot_use(
+    node_scenarios: Path,
+    upstream: FakeUpstream,
+    gateway: RunningGateway,
+    pki: Pki,
+    case: tuple[dict[str, str], str],
+) -> None:
+    """A client certificate without its key (or a key without its certificate), or a CA
+    file holding no certificate, is refused when the client is made, saying so; no call is
+    made. (Node takes such a CA and trusts nothing: every handshake would fail instead.)"""
+    given, said = case
+    files = {"--ca-file": "ca.pem"} | given
+    options = [arg for flag, name in files.items() for arg in (flag, str(pki.ca.parent / name))]
+    result = await run_node(
+        node_scenarios, "complete", "--address", gateway.server.address, *options
+    )
+    assert result["refused"].startswith(
+        "tls: " + said.replace("{ca.key}", str(pki.ca.parent / "ca.key"))
+    )
+    assert upstream.requests == []
+
+
+async def test_node_tls_verifies_the_gateway_against_the_systems_cas(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway, pki: Pki
+) -> None:
+    """`tls: {}` verifies against the system's CA bundle ($SSL_CERT_FILE names it here),
+    which grpc-js alone does not read (it trusts Node's built-in public roots), plus
+    $NODE_EXTRA_CA_CERTS, which Node drops once the CAs are given."""
+    gateway = await start_gateway(tls_config(upstream, pki))
+    args = ("try-complete", "--address", gateway.server.address, "--tls")
+    trusted = await run_node(node_scenarios, *args, env={"SSL_CERT_FILE": str(pki.ca)})
+    assert trusted["content"] == "Hello from fake"
+    rogue = {"SSL_CERT_FILE": str(rogue_ca(pki))}
+    assert (await run_node(node_scenarios, *args, env=rogue))["code"] == "UNAVAILABLE"
+    extra = await run_node(node_scenarios, *args, env=rogue | {"NODE_EXTRA_CA_CERTS": str(pki.ca)})
+    assert extra["content"] == "Hello from fake"
+    assert len(upstream.requests) == 2
+
+
+async def test_node_example_connects_with_mtls_from_the_python_clis_variables(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway, pki: Pki
+) -> None:
+    """The example program takes the Python CLI's TLS variables (and flags): with
+    LLM_GATEWAY_CA_FILE, _CERT_FILE and _KEY_FILE it is served by an mTLS gateway; a
+    certificate without its key is a bad option, exit status 2."""
+    gateway = await start_gateway(tls_config(upstream, pki, mtls=True))
+    example = node_scenarios.with_name("example.js")
+    cert, key = pki.client_a
+    base = ("--address", gateway.server.address, "--model", "fake-model", "Say hi")
+    env = {
+        "LLM_GATEWAY_CA_FILE": str(pki.ca),
+        "LLM_GATEWAY_CERT_FILE": str(cert),
+        "LLM_GATEWAY_KEY_FILE": str(key),
+    }
+    stdout = await run_program(example, *base, env=env)
+    assert stdout.splitlines()[0] == "complete: Hello from fake"
+    returncode, _, stderr = await run_process(
+        example, *base, "--ca-file", str(pki.ca), "--cert-file", str(cert)
+    )
+    assert returncode == 2
+    assert "--cert-file and --key-file go together" in stderr
+    assert len(upstream.requests) == 2

@@ -198,8 +198,102 @@ export function serviceConfigOptions(serviceConfigJson: string): grpc.ChannelOpt
   return { "grpc.service_config": serviceConfigJson, "grpc.enable_retries": 1 };
 }
 
+/**
+ * TLS to a gateway with `server.tls`. Each PEM is a file, or its bytes (from a secret
+ * store, say): give one or the other. `{}` verifies the gateway against the system's CAs.
+ */
+export interface TlsOptions {
+  /** The CA that signed the gateway's certificate; default: the system's CAs. */
+  caFile?: string;
+  ca?: Buffer;
+  /** The client certificate, for mutual TLS; goes with a key. */
+  certFile?: string;
+  cert?: Buffer;
+  /** The client certificate's private key (unencrypted PEM). */
+  keyFile?: string;
+  key?: Buffer;
+}
+
+/**
+ * Where Linux distributions (and macOS) keep the system's CA bundle: the list Go's
+ * crypto/x509 searches. Node cannot ask OpenSSL, its own being built with other paths.
+ */
+const SYSTEM_CA_BUNDLES = [
+  "/etc/ssl/certs/ca-certificates.crt",
+  "/etc/pki/tls/certs/ca-bundle.crt",
+  "/etc/ssl/ca-bundle.pem",
+  "/etc/pki/tls/cacert.pem",
+  "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+  "/etc/ssl/cert.pem",
+];
+
+function readIfPresent(file: string | undefined): Buffer | null {
+  if (!file) {
+    return null;
+  }
+  try {
+    return fs.readFileSync(file);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The system's CA bundle (`$SSL_CERT_FILE`, else the distribution's), with
+ * `$NODE_EXTRA_CA_CERTS` added; null when there is none.
+ *
+ * grpc-js does not read it: left to itself it trusts Node's built-in copy of Mozilla's
+ * public roots, so a gateway whose private CA is installed on the system would fail. And
+ * once the CAs are given, Node no longer adds `$NODE_EXTRA_CA_CERTS`, so that is added here.
+ */
+export function systemCaCertificates(): Buffer | null {
+  const bundle = [process.env.SSL_CERT_FILE, ...SYSTEM_CA_BUNDLES]
+    .map(readIfPresent)
+    .find((pem) => pem !== null);
+  if (bundle === undefined) {
+    return null;
+  }
+  const extra = readIfPresent(process.env.NODE_EXTRA_CA_CERTS);
+  return extra === null ? bundle : Buffer.concat([bundle, Buffer.from("\n"), extra]);
+}
+
+/** One PEM of `TlsOptions`: its bytes, its file read now, or null when neither is given. */
+function pemOf(bytes: Buffer | undefined, file: string | undefined, name: string): Buffer | null {
+  if (bytes !== undefined && file !== undefined) {
+    throw new Error(`tls: give ${name} or ${name}File, not both`);
+  }
+  if (file === undefined) {
+    return bytes ?? null;
+  }
+  try {
+    return fs.readFileSync(file);
+  } catch (error) {
+    throw new Error(`tls.${name}File: cannot read ${file}: ${(error as Error).message}`);
+  }
+}
+
+/** Channel credentials for TLS, or mutual TLS when a client certificate and key are given. */
+export function tlsCredentials(tls: TlsOptions = {}): grpc.ChannelCredentials {
+  const ca = pemOf(tls.ca, tls.caFile, "ca");
+  if (ca !== null && !ca.includes("-----BEGIN CERTIFICATE-----")) {
+    // Node would take it and trust nothing: every handshake would blame the gateway.
+    throw new Error(`tls: no PEM certificate in ${tls.caFile ?? "ca"}`);
+  }
+  const cert = pemOf(tls.cert, tls.certFile, "cert");
+  const key = pemOf(tls.key, tls.keyFile, "key");
+  if ((cert === null) !== (key === null)) {
+    throw new Error("tls: a client certificate and its key go together");
+  }
+  return grpc.credentials.createSsl(ca ?? systemCaCertificates(), key, cert);
+}
+
 export interface GatewayClientOptions {
-  /** Defaults to insecure (plaintext), for loopback and sidecar use. */
+  /** TLS (mutual with a client certificate); without it or `credentials`, plaintext. */
+  tls?: TlsOptions;
+  /**
+   * Any grpc-js credentials, instead of `tls`. Defaults to insecure (plaintext), for
+   * loopback and sidecar use.
+   */
   credentials?: grpc.ChannelCredentials;
   /** Service config JSON; defaults to the shared clients/service_config.json. */
   serviceConfigJson?: string;
@@ -288,6 +382,16 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
 }
 
 
+function credentialsOf(options: GatewayClientOptions): grpc.ChannelCredentials {
+  if (options.tls !== undefined && options.credentials !== undefined) {
+    throw new Error("give tls or credentials, not both");
+  }
+  if (options.tls !== undefined) {
+    return tlsCredentials(options.tls);
+  }
+  return options.credentials ?? grpc.credentials.createInsecure();
+}
+
 /** The gateway's `CompletionService` with the shared retry policy and decoded errors. */
 export class GatewayClient {
   readonly stub: CompletionServiceClient;
@@ -299,7 +403,7 @@ export class GatewayClient {
       options.serviceConfigJson ?? fs.readFileSync(defaultServiceConfigPath(), "utf8");
     this.stub = new CompletionServiceClient(
       address,
-      options.credentials ?? grpc.credentials.createInsecure(),
+      credentialsOf(options),
       { ...serviceConfigOptions(serviceConfigJson), ...options.channelOptions },
     );
     this.apiKey = options.apiKey;

@@ -1,36 +1,68 @@
 /**
  * Example: call the gateway from Node.js.
  *
- *   node clients/node/dist/clients/node/src/example.js [--address HOST:PORT] [--model NAME] [PROMPT]
+ *   node clients/node/dist/clients/node/src/example.js [--address HOST:PORT] [--model NAME]
+ *     [--tls] [--ca-file PEM] [--cert-file PEM --key-file PEM] [PROMPT]
  *
  * Runs one unary Complete, then the same prompt as a CompleteStream printing deltas as
  * they arrive, then prints usage and cost. A failed call prints its decoded
  * `google.rpc.Status` details (field violations, retry delay, quota violations).
+ *
+ * TLS takes the Python CLI's options and variables: `--tls` ($LLM_GATEWAY_TLS) verifies the
+ * gateway against the system's CAs, `--ca-file` ($LLM_GATEWAY_CA_FILE) against this CA,
+ * and `--cert-file` with `--key-file` ($LLM_GATEWAY_CERT_FILE, $LLM_GATEWAY_KEY_FILE) add a
+ * client certificate (mutual TLS). A bad option exits 2, a failed call 1.
  */
-import { GatewayCallError, GatewayClient, Role } from "./client";
+import { GatewayCallError, GatewayClient, Role, TlsOptions } from "./client";
 
 interface Args {
   address: string;
   model: string;
   prompt: string;
+  tls: TlsOptions | undefined;
 }
 
-function parseArgs(argv: string[]): Args {
-  const args: Args = { address: "127.0.0.1:50051", model: "deepseek-v4", prompt: "Say hi" };
+const YES = new Set(["1", "true", "yes", "on"]);
+
+/** TLS options from the flags, else the environment; undefined for plaintext. */
+function tlsOf(flags: Map<string, string>, env: NodeJS.ProcessEnv): TlsOptions | undefined {
+  const caFile = flags.get("--ca-file") ?? (env.LLM_GATEWAY_CA_FILE || undefined);
+  const certFile = flags.get("--cert-file") ?? (env.LLM_GATEWAY_CERT_FILE || undefined);
+  const keyFile = flags.get("--key-file") ?? (env.LLM_GATEWAY_KEY_FILE || undefined);
+  if ((certFile === undefined) !== (keyFile === undefined)) {
+    throw new Error("--cert-file and --key-file go together");
+  }
+  const tls =
+    flags.has("--tls") || YES.has((env.LLM_GATEWAY_TLS ?? "").trim().toLowerCase());
+  if (!tls && caFile === undefined && certFile === undefined) {
+    return undefined;
+  }
+  return { caFile, certFile, keyFile };
+}
+
+function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Args {
+  const flags = new Map<string, string>();
   const rest: string[] = [];
   for (let i = 0; i < argv.length; i++) {
-    if (argv[i] === "--address") {
-      args.address = argv[++i];
-    } else if (argv[i] === "--model") {
-      args.model = argv[++i];
+    const flag = argv[i];
+    if (flag === "--tls") {
+      flags.set(flag, "");
+    } else if (["--address", "--model", "--ca-file", "--cert-file", "--key-file"].includes(flag)) {
+      const value = argv[++i];
+      if (value === undefined) {
+        throw new Error(`${flag} needs a value`);
+      }
+      flags.set(flag, value);
     } else {
-      rest.push(argv[i]);
+      rest.push(flag);
     }
   }
-  if (rest.length > 0) {
-    args.prompt = rest.join(" ");
-  }
-  return args;
+  return {
+    address: flags.get("--address") ?? "127.0.0.1:50051",
+    model: flags.get("--model") ?? "deepseek-v4",
+    prompt: rest.length > 0 ? rest.join(" ") : "Say hi",
+    tls: tlsOf(flags, env),
+  };
 }
 
 function printError(error: unknown): void {
@@ -52,9 +84,28 @@ function printError(error: unknown): void {
   }
 }
 
+/**
+ * The options and the client they ask for, or null after saying why not: a bad option (an
+ * unreadable PEM file, a certificate without its key) exits 2, as the Python CLI's usage
+ * errors do; 1 is a failed call.
+ */
+function start(argv: string[]): { args: Args; client: GatewayClient } | null {
+  try {
+    const args = parseArgs(argv, process.env);
+    return { args, client: new GatewayClient(args.address, { tls: args.tls }) };
+  } catch (error) {
+    console.error(`example: ${(error as Error).message}`);
+    process.exitCode = 2;
+    return null;
+  }
+}
+
 async function main(): Promise<void> {
-  const args = parseArgs(process.argv.slice(2));
-  const client = new GatewayClient(args.address);
+  const started = start(process.argv.slice(2));
+  if (started === null) {
+    return;
+  }
+  const { args, client } = started;
   const messages = [{ role: Role.ROLE_USER, content: args.prompt }];
   try {
     const { response } = await client.complete(

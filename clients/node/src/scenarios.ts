@@ -2,10 +2,12 @@
  * Scenarios that tests/integration/test_node_client.py runs against a real gateway.
  *
  *   node scenarios.js SCENARIO --address HOST:PORT [--model NAME] [--status-base64 B64]
+ *     [--tls] [--ca-file PEM] [--cert-file PEM] [--key-file PEM] [--pem-bytes]
  *
  * Each scenario uses the typed client exactly as a caller would and prints one JSON line
  * describing what it saw; the Python test decides whether that is right.
  */
+import * as fs from "node:fs";
 import { performance } from "node:perf_hooks";
 
 import {
@@ -16,6 +18,7 @@ import {
   ReasoningEffort,
   Role,
   StreamEvent,
+  TlsOptions,
   decodeStatusDetails,
   finishReasonToJSON,
 } from "./client";
@@ -29,6 +32,15 @@ interface Args {
   statusBase64: string;
   apiKey: string | undefined;
   defaultTimeoutMs: number | undefined;
+  /** Set by `--tls` or any PEM file: the client connects with these TLS options. */
+  tls: TlsOptions | undefined;
+  /** Hand the client the PEM files' bytes rather than their paths. */
+  pemBytes: boolean;
+}
+
+/** Add a TLS option to the ones parsed so far, turning TLS on. */
+function withTls(args: Args, option: Partial<TlsOptions>): void {
+  args.tls = { ...args.tls, ...option };
 }
 
 function parseArgs(argv: string[]): Args {
@@ -39,10 +51,30 @@ function parseArgs(argv: string[]): Args {
     statusBase64: "",
     apiKey: undefined,
     defaultTimeoutMs: undefined,
+    tls: undefined,
+    pemBytes: false,
   };
-  for (let i = 1; i < argv.length; i += 2) {
-    const value = argv[i + 1] ?? "";
-    switch (argv[i]) {
+  for (let i = 1; i < argv.length; i++) {
+    const flag = argv[i];
+    if (flag === "--tls") {
+      withTls(args, {});
+      continue;
+    }
+    if (flag === "--pem-bytes") {
+      args.pemBytes = true;
+      continue;
+    }
+    const value = argv[++i] ?? "";
+    switch (flag) {
+      case "--ca-file":
+        withTls(args, { caFile: value });
+        break;
+      case "--cert-file":
+        withTls(args, { certFile: value });
+        break;
+      case "--key-file":
+        withTls(args, { keyFile: value });
+        break;
       case "--address":
         args.address = value;
         break;
@@ -59,10 +91,19 @@ function parseArgs(argv: string[]): Args {
         args.defaultTimeoutMs = Number(value);
         break;
       default:
-        throw new Error(`unknown argument ${argv[i]}`);
+        throw new Error(`unknown argument ${flag}`);
     }
   }
   return args;
+}
+
+function readPem(file: string | undefined): Buffer | undefined {
+  return file === undefined ? undefined : fs.readFileSync(file);
+}
+
+/** The same TLS options with each PEM file read, as a caller with PEMs in memory has them. */
+function asPemBytes(tls: TlsOptions): TlsOptions {
+  return { ca: readPem(tls.caFile), cert: readPem(tls.certFile), key: readPem(tls.keyFile) };
 }
 
 function metadataJson(metadata: CompletionMetadata): Json {
@@ -103,6 +144,15 @@ async function complete(client: GatewayClient, args: Args): Promise<Json> {
     { timeoutMs: 10_000 },
   );
   return { content: response.content, attempts, metadata: metadataJson(response.metadata!) };
+}
+
+async function tryComplete(client: GatewayClient, args: Args): Promise<Json> {
+  // A call that may fail (a TLS handshake refused): its answer, or how it failed.
+  try {
+    return await complete(client, args);
+  } catch (error) {
+    return errorJson(error);
+  }
 }
 
 async function reasoningEffort(client: GatewayClient, args: Args): Promise<Json> {
@@ -233,6 +283,7 @@ async function decode(args: Args): Promise<Json> {
 
 const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<Json>> = {
   complete,
+  "try-complete": tryComplete,
   "reasoning-effort": reasoningEffort,
   stream,
   "stream-tools": streamTools,
@@ -253,10 +304,18 @@ async function main(): Promise<void> {
   if (run === undefined) {
     throw new Error(`unknown scenario ${args.scenario}`);
   }
-  const client = new GatewayClient(args.address, {
-    apiKey: args.apiKey,
-    defaultTimeoutMs: args.defaultTimeoutMs,
-  });
+  let client: GatewayClient;
+  try {
+    client = new GatewayClient(args.address, {
+      apiKey: args.apiKey,
+      defaultTimeoutMs: args.defaultTimeoutMs,
+      tls: args.pemBytes && args.tls !== undefined ? asPemBytes(args.tls) : args.tls,
+    });
+  } catch (error) {
+    // Options the client refuses (a certificate without its key): what it said.
+    console.log(JSON.stringify({ refused: (error as Error).message }));
+    return;
+  }
   try {
     console.log(JSON.stringify(await run(client, args)));
   } finally {
