@@ -545,4 +545,7 @@ async def serve(config: GatewayConfig, *, on_ready: Callable[[str], None] | None
 def run(config: GatewayConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Blocking entry point for one process."""
     _install_uvloop()
-    asyncio.run(serve(config, on_ready=on_ready))
+    try:
+        asyncio.run(serve(config, on_ready=on_ready))
+    finally:
+        early_signals.ignore()
