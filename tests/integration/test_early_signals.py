@@ -13,6 +13,7 @@ import errno
 import os
 import signal
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,17 @@ from tests.conftest import gateway_config_data
 
 REPO = Path(__file__).resolve().parents[2]
 _HANG_GUARD_S = 30.0
+# The `llm-gateway` console script's entry point, as pyproject.toml installs it.
+_PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+_SCRIPT_MODULE, _SCRIPT_FUNCTION = _PROJECT["scripts"]["llm-gateway"].split(":")
 # `python -m service serve`, and the `llm-gateway` console script (as its wrapper runs it).
 _ENTRY_POINTS = {
     "python -m service": ["-m", "service"],
-    "llm-gateway": ["-c", "import sys; from service.console import main; sys.exit(main())"],
+    "llm-gateway": [
+        "-c",
+        f"import sys; from {_SCRIPT_MODULE} import {_SCRIPT_FUNCTION}; "
+        f"sys.exit({_SCRIPT_FUNCTION}())",
+    ],
 }
 
 
