@@ -434,21 +434,46 @@ def _bind(listen: str, add_port: Callable[[], int]) -> int:
 
 
 def _refuse_taken(listen: str | None) -> None:
-    """Raise `ListenError`, as the bind would, when something listens on `listen`'s port.
+    """Raise `ListenError`, as the bind would, when something listens on `listen`'s port
+    at every address grpc would try: it listens on those it can (`localhost` on [::1]
+    alone when 127.0.0.1 is taken; a wildcard on 0.0.0.0 when [::] is).
 
     Only a taken port: any other failure (an address not this host's) is left to the bind.
     """
     if listen is None or listen.endswith(":0"):
         return
     host, _, port = listen.rpartition(":")
-    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+    host = host.strip("[]")
+    addresses: list[tuple[socket.AddressFamily, tuple[Any, ...]]]
+    if host in ("0.0.0.0", "::"):  # grpc's wildcard: [::] for both stacks, else 0.0.0.0
+        addresses = [(socket.AF_INET6, ("::", int(port))), (socket.AF_INET, ("", int(port)))]
+    elif host == "localhost":  # both loopbacks to grpc's resolver, whatever /etc/hosts says
+        addresses = [
+            (socket.AF_INET6, ("::1", int(port))),
+            (socket.AF_INET, ("127.0.0.1", int(port))),
+        ]
+    else:
         try:
-            probe.bind((host.strip("[]"), int(port)))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ListenError(f"cannot listen on {listen}: the address is taken") from exc
+            found = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError:
+            return
+        addresses = [(family, address) for family, _, _, _, address in found]
+    failures = [_bind_failure(family, address) for family, address in addresses]
+    if errno.EADDRINUSE in failures and None not in failures:
+        raise ListenError(f"cannot listen on {listen}: the address is taken")
+
+
+def _bind_failure(family: socket.AddressFamily, address: tuple[Any, ...]) -> int | None:
+    """The errno of a bind to `address` as grpc binds, or None when it would succeed."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind(address)
+    except OSError as exc:
+        return exc.errno if exc.errno is not None else -1
+    return None
 
 
 TLS_REFUSED = (
@@ -545,4 +570,7 @@ async def serve(config: GatewayConfig, *, on_ready: Callable[[str], None] | None
 def run(config: GatewayConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Blocking entry point for one process."""
     _install_uvloop()
-    asyncio.run(serve(config, on_ready=on_ready))
+    try:
+        asyncio.run(serve(config, on_ready=on_ready))
+    finally:
+        early_signals.ignore()

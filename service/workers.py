@@ -324,4 +324,7 @@ def run_workers(config: GatewayConfig, *, count: int, log_level: str = "INFO") -
     from service.security import check_listen_policy
 
     check_listen_policy(config)
-    return asyncio.run(_supervise(worker_configs(config, count), log_level))
+    try:
+        return asyncio.run(_supervise(worker_configs(config, count), log_level))
+    finally:
+        early_signals.ignore()

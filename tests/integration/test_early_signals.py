@@ -13,6 +13,7 @@ import errno
 import os
 import signal
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,17 @@ from tests.conftest import gateway_config_data
 
 REPO = Path(__file__).resolve().parents[2]
 _HANG_GUARD_S = 30.0
+# The `llm-gateway` console script's entry point, as pyproject.toml installs it.
+_PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+_SCRIPT_MODULE, _SCRIPT_FUNCTION = _PROJECT["scripts"]["llm-gateway"].split(":")
 # `python -m service serve`, and the `llm-gateway` console script (as its wrapper runs it).
 _ENTRY_POINTS = {
     "python -m service": ["-m", "service"],
-    "llm-gateway": ["-c", "import sys; from service.console import main; sys.exit(main())"],
+    "llm-gateway": [
+        "-c",
+        f"import sys; from {_SCRIPT_MODULE} import {_SCRIPT_FUNCTION}; "
+        f"sys.exit({_SCRIPT_FUNCTION}())",
+    ],
 }
 
 
@@ -94,3 +102,50 @@ async def test_a_signal_while_the_config_is_read_stops_the_supervisor_cleanly(tm
     assert code == 0, err
     assert "listening" not in out
     assert "workers.stopped_while_starting" in err
+
+
+# The console script, with the same signal sent again from an object's finalizer: among
+# the last moments of the process, once the gateway has stopped, its event loop has closed
+# and the interpreter has dropped its own signal handlers (grpc's teardown runs then).
+_AGAIN_AT_EXIT = (
+    "import os, signal, sys\n"
+    "class Again:\n"
+    "    def __del__(self):\n"
+    "        os.kill(os.getpid(), signal.{sig})\n"
+    "again = Again()\n"
+    "from service.console import main\n"
+    "sys.exit(main())\n"
+)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+async def test_a_signal_again_as_the_stopped_gateway_exits_keeps_its_status_0(
+    tmp_path, workers, sig
+):
+    """A second SIGTERM or Ctrl-C (an impatient operator) landing after the drain, while the
+    process exits, does not turn the clean stop into status 143 or 130.
+
+    Before, the event loop's close gave the signals back to their defaults, so it did.
+    """
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(gateway_config_data("http://127.0.0.1:1/v1")))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _AGAIN_AT_EXIT.format(sig=sig.name),
+        "serve", "--config", str(path), "--workers", workers,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(_HANG_GUARD_S):
+            line = (await process.stdout.readline()).decode()
+        assert "listening on" in line
+        process.send_signal(sig)
+        async with asyncio.timeout(_HANG_GUARD_S):
+            _, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    assert "Traceback" not in err.decode()

@@ -9,6 +9,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.local_model import LocalModelUnavailable
 from service.server import GatewayServer, ListenError
 from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply
@@ -429,3 +431,70 @@ async def test_a_taken_port_is_refused_before_the_local_model_starts(upstream, m
             async with GatewayServer(config):
                 pass
     assert started == []
+
+
+def _held_port(family: socket.AddressFamily, host: str) -> socket.socket:
+    """A socket listening on `host` at a port free on the other loopback address too."""
+    while True:
+        holder = socket.socket(family, socket.SOCK_STREAM)
+        holder.bind((host, 0))
+        port = holder.getsockname()[1]
+        other = (socket.AF_INET6, "::1") if family == socket.AF_INET else (socket.AF_INET, "")
+        with socket.socket(other[0], socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((other[1], port))
+            except OSError:
+                holder.close()
+                continue
+        holder.listen()
+        return holder
+
+
+@pytest.mark.parametrize(
+    ("family", "held", "listen"),
+    [
+        # grpc listens on [::1] alone, the other address of localhost
+        (socket.AF_INET, "127.0.0.1", "localhost"),
+        # grpc's wildcard falls back to 0.0.0.0 when [::] (both stacks) is refused
+        (socket.AF_INET6, "::1", "[::]"),
+    ],
+)
+async def test_the_port_check_before_the_local_model_refuses_only_what_the_bind_would(
+    upstream, monkeypatch, family, held, listen
+):
+    """The check before the local model's start refuses no address the bind accepts.
+
+    Before, it tried one address of the host and refused `localhost:P` with 127.0.0.1:P
+    taken (or `[::]:P` with [::1]:P taken), which starts without the local model.
+    """
+    try:
+        socket.socket(socket.AF_INET6).close()
+        holder = _held_port(family, held)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    started: list[object] = []
+
+    class LocalModel:
+        def __init__(self, *args: object, **options: object) -> None:
+            pass
+
+        async def __aenter__(self) -> LocalModel:
+            started.append(self)
+            raise LocalModelUnavailable("the local model's start, reached")
+
+        async def __aexit__(self, *exc_info: object) -> None:
+            pass
+
+    monkeypatch.setattr("service.server.LocalModelServer", LocalModel)
+    with holder:
+        sections: dict[str, Any] = {
+            "server": {"listen": f"{listen}:{holder.getsockname()[1]}"},
+            "auth": {"allow_auth_off_on_public_listen": True},  # [::] is public
+        }
+        async with GatewayServer(gateway_config(upstream.base_url, **sections)):
+            pass  # the bind accepts it
+        config = gateway_config(upstream.base_url, **sections, local_model={"enabled": "always"})
+        with pytest.raises(LocalModelUnavailable, match="reached"):
+            async with GatewayServer(config):
+                pass
+    assert len(started) == 1
