@@ -460,14 +460,16 @@ async def test_a_rejected_keys_probe_answered_5xx_is_unavailable_not_upstream_au
         resilience = {
             **FAST_RESILIENCE,
             "attempts": 1,
-            "key_rejected_cool_down_s": 0.4,
-            "breaker_cool_down_s": 0.4,
+            # Long enough that the calls after each probe come while it holds, on a busy
+            # machine too.
+            "key_rejected_cool_down_s": 1.0,
+            "breaker_cool_down_s": 1.0,
         }
         gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
         with pytest.raises(grpc.aio.AioRpcError) as rejected:
             await gateway.stub.Complete(chat("bad"))
         assert error_details(rejected.value)[1] == "UPSTREAM_AUTH"
-        await asyncio.sleep(0.45)  # the key cool-down has passed: half-open
+        await asyncio.sleep(1.05)  # the key cool-down has passed: half-open
         with pytest.raises(grpc.aio.AioRpcError) as probed:
             await gateway.stub.Complete(chat("probe"))
         assert error_details(probed.value)[1] == "UPSTREAM_UNAVAILABLE"
@@ -476,7 +478,7 @@ async def test_a_rejected_keys_probe_answered_5xx_is_unavailable_not_upstream_au
         assert meanwhile.value.code() is grpc.StatusCode.UNAVAILABLE
         assert error_details(meanwhile.value)[1] == "UPSTREAM_UNAVAILABLE"
         assert dict(meanwhile.value.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) != "-1"
-        await asyncio.sleep(0.45)  # the 5xx's cool-down has passed: half-open
+        await asyncio.sleep(1.05)  # the 5xx's cool-down has passed: half-open
         with pytest.raises(grpc.aio.AioRpcError):
             await gateway.stub.Complete(chat("probe again"))
         with pytest.raises(grpc.aio.AioRpcError) as set_aside:
