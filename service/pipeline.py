@@ -207,9 +207,12 @@ class Pipeline:
         its tenant's limits; nothing else changes what preparing finds)."""
         if not isinstance(request, PreparedRequest):
             return self.prepare(request)
-        if request.calibration != self.calibration.factor(request.asked.model):
-            return self.prepare(request.asked)
-        return request
+        return request if self._is_current(request) else self.prepare(request.asked)
+
+    def _is_current(self, prepared: PreparedRequest) -> bool:
+        """Whether preparing `prepared`'s request now would fit it alike: the model's
+        calibration is the one it was fitted with."""
+        return prepared.calibration == self.calibration.factor(prepared.asked.model)
 
     def _usage(self, prepared: PreparedRequest, output: _Output, reported: Usage | None) -> Usage:
         if reported is not None:
@@ -282,10 +285,7 @@ class Pipeline:
         """Whether `complete` prepared these very bytes for this tenant lately, with the
         model's calibration as it is now: preparing them again would find them valid."""
         known = self._repeatable.get(repeat_key) if self._cache is not None else None
-        if known is None:
-            return False
-        prepared = known.prepared
-        return self.calibration.factor(prepared.request.model) == prepared.calibration
+        return known is not None and self._is_current(known.prepared)
 
     async def repeat(self, repeat_key: RepeatKey) -> Completion | None:
         """A cache hit for a request the same tenant sent moments ago, or None.
@@ -299,11 +299,9 @@ class Pipeline:
         if self._cache is None:
             return None
         known = self._repeatable.get(repeat_key)
-        if known is None:
+        if known is None or not self._is_current(known.prepared):
             return None
         request = known.prepared.request
-        if self.calibration.factor(request.model) != known.prepared.calibration:
-            return None
         completion = self._cache.recall(known.store_key)
         if completion is None:
             return None

@@ -470,6 +470,12 @@ class _Checked:
 _checked: contextvars.ContextVar[_Checked | None] = contextvars.ContextVar("checked", default=None)
 
 
+def _checked_for(message: object) -> _Checked | None:
+    """What `check` found for `message`, if it checked this very message in this call."""
+    checked = _checked.get()
+    return checked if checked is not None and checked.message is message else None
+
+
 class CompletionServicer(pb_grpc.CompletionServiceServicer):
     """Implements `llmgateway.v1.CompletionService` on top of a `Pipeline`."""
 
@@ -527,9 +533,9 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CompleteResponse:
         pipeline = self._pipeline
-        checked = _checked.get()
+        checked = _checked_for(request)
         prepared = None
-        if checked is not None and checked.message is request:
+        if checked is not None:
             repeat_key, prepared = checked.repeat_key, checked.prepared
         elif pipeline.takes_repeats:
             repeat_key = repeat_key_of(request, tenant=tenant_of(context))
@@ -549,8 +555,8 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         request: pb.CompleteStreamRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pb.CompleteStreamResponse]:
-        checked = _checked.get()
-        prepared = checked.prepared if checked is not None and checked.message is request else None
+        checked = _checked_for(request)
+        prepared = checked.prepared if checked is not None else None
         # Closed here, not by the garbage collector, however this generator ends.
         events = self._pipeline.stream(
             prepared or self._request(request), deadline=deadline_of(context)
