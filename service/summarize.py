@@ -546,8 +546,8 @@ class Summarizer:
         window = self._pipeline.context_window(model)
         # A part's answer is at most an eighth of what one call may take: the window, and
         # the tenant's tokens_per_minute, else its summaries would barely shrink the text.
-        part_tokens = max(32, min(target, min(window, _tokens_per_minute() or window) // 8))
-        part_system = part_prompt(target_tokens=part_tokens, instructions=request.instructions)
+        part_target = max(32, min(target, min(window, _tokens_per_minute() or window) // 8))
+        part_system = part_prompt(target_tokens=part_target, instructions=request.instructions)
         combine_system = combine_prompt(target_tokens=target, instructions=request.instructions)
         concurrency = self._config.concurrency
         run = _Run(request, deadline, min(concurrency, max_concurrency or concurrency))
@@ -568,7 +568,7 @@ class Summarizer:
                 request,
                 system=part_system,
                 header=_header(_part_name(widest - 1, widest)),
-                answer_tokens=part_tokens,
+                answer_tokens=part_target,
             )
             # Chunking a large document is CPU work: keep the event loop answering meanwhile.
             chunks = await asyncio.to_thread(
@@ -582,13 +582,13 @@ class Summarizer:
             widest = 10 ** len(str(len(chunks))) - 1
         inputs = [(_part_name(i, len(chunks)), c) for i, c in enumerate(chunks)]
         # Levels after the first combine groups of summaries into shorter ones.
-        group_system = combine_prompt(target_tokens=part_tokens, instructions=request.instructions)
+        group_system = combine_prompt(target_tokens=part_target, instructions=request.instructions)
         system = part_system
         overlap_tokens = self._config.chunk_overlap_tokens
         level = 1
         while True:
             summaries = await self._summarise_all(
-                run, system, inputs, part_tokens, overlap_tokens=overlap_tokens, level=level
+                run, system, inputs, part_target, overlap_tokens=overlap_tokens, level=level
             )
             if level == 1:
                 parts_summarised = len(summaries)  # more than the chunks when any was re-split
@@ -611,7 +611,7 @@ class Summarizer:
                 )
                 raise InvalidRequest([violation])
             group_room = self._require_room(
-                request, system=group_system, header="", answer_tokens=part_tokens
+                request, system=group_system, header="", answer_tokens=part_target
             )
             # Each summary with its header as `_summaries_message` writes it, plus 1 for
             # the blank line between two (estimates add up across whitespace).
