@@ -262,10 +262,10 @@ class StalledStreams:
     cancels (the upstream request ends and is charged as cut), and `on_closed` gives
     back the call's server slot; the call itself waits on in gRPC until its caller reads
     or leaves, for only gRPC can end it, and it does so with no status when its task is
-    cancelled. One sweep, a quarter of `timeout_s`
-    apart while any stream runs, looks at the writes in progress, rather than a timer
-    for each message; a timer, not a task, so that a stream starting costs no more than
-    a dict entry on its way to its first token.
+    cancelled. One sweep, a quarter of `timeout_s` apart while any stream runs, looks at
+    the writes in progress, rather than a timer for each message; a timer, not a task,
+    so that a stream starting costs no more than a dict entry on its way to its first
+    token.
     """
 
     def __init__(self, timeout_s: float) -> None:
