@@ -204,7 +204,13 @@ class ServerConfig:
     @property
     def is_loopback(self) -> bool:
         """Whether the listen address is reachable only from this machine."""
-        return _is_loopback_host(self.listen.rpartition(":")[0].strip("[]"))
+        return _is_loopback_host(host_and_port(self.listen)[0])
+
+
+def host_and_port(address: str) -> tuple[str, int]:
+    """A `HOST:PORT` address's host (an IPv6 one without its brackets) and port."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _require_address(address: str, name: str) -> None:

@@ -21,7 +21,14 @@ from grpc_reflection.v1alpha import reflection
 from llmgateway.v1 import gateway_pb2
 from service import early_signals
 from service.cache import CacheStore, ResponseCache
-from service.config import ConfigError, GatewayConfig, ServerConfig, TlsConfig, UpstreamConfig
+from service.config import (
+    ConfigError,
+    GatewayConfig,
+    ServerConfig,
+    TlsConfig,
+    UpstreamConfig,
+    host_and_port,
+)
 from service.ledger import RedisLedger, open_ledger
 from service.local_model import UPSTREAM_NAME as LOCAL_UPSTREAM
 from service.local_model import LocalModelServer, LocalModelUnavailable
@@ -442,19 +449,15 @@ def _refuse_taken(listen: str | None) -> None:
     """
     if listen is None or listen.endswith(":0"):
         return
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
+    host, port = host_and_port(listen)
     addresses: list[tuple[socket.AddressFamily, tuple[Any, ...]]]
     if host in ("0.0.0.0", "::"):  # grpc's wildcard: [::] for both stacks, else 0.0.0.0
-        addresses = [(socket.AF_INET6, ("::", int(port))), (socket.AF_INET, ("", int(port)))]
+        addresses = [(socket.AF_INET6, ("::", port)), (socket.AF_INET, ("", port))]
     elif host == "localhost":  # both loopbacks to grpc's resolver, whatever /etc/hosts says
-        addresses = [
-            (socket.AF_INET6, ("::1", int(port))),
-            (socket.AF_INET, ("127.0.0.1", int(port))),
-        ]
+        addresses = [(socket.AF_INET6, ("::1", port)), (socket.AF_INET, ("127.0.0.1", port))]
     else:
         try:
-            found = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError:
             return
         addresses = [(family, address) for family, _, _, _, address in found]

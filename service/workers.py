@@ -29,7 +29,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
 from service import early_signals
-from service.config import ConfigError, GatewayConfig
+from service.config import ConfigError, GatewayConfig, host_and_port
 from service.cpus import usable_cpus
 from service.local_model import LocalModelServer
 from service.telemetry.setup import DEFAULT_PROMETHEUS_PORT, names_prometheus
@@ -107,9 +107,8 @@ def _close(sockets: list[socket.socket]) -> None:
 
 
 def _bind_shared(listen: str) -> tuple[socket.socket, int]:
-    host, _, port = listen.rpartition(":")
-    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    address = (host.strip("[]"), int(port))
+    address = host_and_port(listen)
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     # With SO_REUSEPORT the bind below would join a port that another process of this
     # user already listens on the same way (another gateway's workers), and the kernel
     # would split the callers between the two: first make sure the port is free.
