@@ -327,6 +327,29 @@ async def test_tenant_from_cert_subject_without_required_certificates_is_a_confi
         secure_config("http://127.0.0.1:9", server={"listen": "127.0.0.1:0", "tls": tls})
 
 
+async def _serve_until_it_exits(
+    tmp_path: Path, tls: dict[str, str], *args: str
+) -> tuple[Path, int | None, bytes, bytes]:
+    """`python -m service serve` with `server.tls` set to `tls` (written to a config file
+    in `tmp_path`), run until it exits: the file, its status, stdout and stderr."""
+    path = tmp_path / "gateway.yaml"
+    config = gateway_config_data(
+        "http://127.0.0.1:9/v1", server={"listen": "127.0.0.1:0", "tls": tls}
+    )
+    path.write_text(yaml.safe_dump(config))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(path), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=_REPO,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout=_TIMEOUT_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return path, process.returncode, out, err
+
+
 @pytest.mark.parametrize(
     ("files", "expected"),
     [
@@ -362,25 +385,11 @@ async def test_certificate_files_grpc_cannot_use_are_a_config_error(pki, tmp_pat
         return str(tmp_path / name if name == "not-pem" else pki.ca.parent / name)
 
     tls = {**_mtls(pki), **{key: path_of(name) for key, name in files.items()}}
-    config = gateway_config_data(
-        "http://127.0.0.1:9/v1", server={"listen": "127.0.0.1:0", "tls": tls}
-    )
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=_REPO,
-    )  # fmt: skip
-    try:
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout=_TIMEOUT_S)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    path, code, _, stderr = await _serve_until_it_exits(tmp_path, tls)
     for name in ("not-pem", "server.key"):
         expected = expected.replace(f"{{{name}}}", path_of(name))
     assert stderr.decode().splitlines()[-1] == f"llm-gateway: config error: {path}: {expected}"
-    assert process.returncode == 2
+    assert code == 2
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -399,28 +408,11 @@ async def test_a_certificate_of_a_curve_grpc_cannot_serve_is_a_config_error(tmp_
              "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
              "-keyout", "k1.key", "-out", "k1.pem", cwd=tmp_path)  # fmt: skip
     tls = {"cert_file": str(tmp_path / "k1.pem"), "key_file": str(tmp_path / "k1.key")}
-    path = tmp_path / "gateway.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            gateway_config_data(
-                "http://127.0.0.1:9/v1", server={"listen": "127.0.0.1:0", "tls": tls}
-            )
-        )
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "serve", "--config", str(path), "--workers", workers,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=_REPO,
-    )  # fmt: skip
-    try:
-        out, stderr = await asyncio.wait_for(process.communicate(), timeout=_TIMEOUT_S)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    path, code, out, stderr = await _serve_until_it_exits(tmp_path, tls, "--workers", workers)
     said = f"llm-gateway: config error: {path}: server.tls.cert_file: grpc cannot serve TLS"
     assert any(line.startswith(said) for line in stderr.decode().splitlines()), stderr
     assert b"listening" not in out
-    assert process.returncode == 2
+    assert code == 2
 
 
 async def test_a_taken_port_with_a_usable_certificate_is_still_the_address(upstream, pki):
