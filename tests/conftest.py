@@ -21,6 +21,17 @@ from tests.secret_capture import capture_emitted_logs, pytest_collection_modifyi
 FAKE_MODEL = "fake-model"
 
 
+def fake_model_window(tokens: int) -> dict[str, Any]:
+    """The `models` section giving the fake model a context window of `tokens`."""
+    return {
+        FAKE_MODEL: {
+            "context_window": tokens,
+            "input_usd_per_million": 0.14,
+            "output_usd_per_million": 0.42,
+        }
+    }
+
+
 def gateway_config(*base_urls: str, **sections: Any) -> GatewayConfig:
     """A config with one upstream per URL (named up0, up1, ...) serving `fake-model`."""
     return parse_config(gateway_config_data(*base_urls, **sections), source="<test>", environ={})
@@ -34,13 +45,7 @@ def gateway_config_data(*base_urls: str, **sections: Any) -> dict[str, Any]:
             {"name": f"up{i}", "base_url": url, "models": [FAKE_MODEL], "timeout_s": 10}
             for i, url in enumerate(base_urls)
         ],
-        "models": {
-            FAKE_MODEL: {
-                "context_window": 4096,
-                "input_usd_per_million": 0.14,
-                "output_usd_per_million": 0.42,
-            }
-        },
+        "models": fake_model_window(4096),
         "local_model": {"enabled": "never"},
     }
     for key, value in sections.items():

@@ -17,7 +17,7 @@ import pytest
 from llmgateway.v1 import gateway_pb2 as pb
 from service.cache import ResponseCache
 from service.pipeline import REPEATABLE_MAX_BYTES
-from tests.conftest import FAKE_MODEL, RunningGateway, chat, gateway_config
+from tests.conftest import FAKE_MODEL, RunningGateway, chat, fake_model_window, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.integration.tenancy_helpers import as_tenant, rpc_error, secure_config
 from tests.redis_server import RedisServer
@@ -41,17 +41,6 @@ def cache_of(gateway: RunningGateway) -> ResponseCache:
     cache = gateway.server.pipeline.cache
     assert cache is not None
     return cache
-
-
-def _window_of(tokens: int) -> dict[str, Any]:
-    """The `models` section giving the fake model a context window of `tokens`."""
-    return {
-        FAKE_MODEL: {
-            "context_window": tokens,
-            "input_usd_per_million": 0.14,
-            "output_usd_per_million": 0.42,
-        }
-    }
 
 
 @pytest.fixture
@@ -106,7 +95,9 @@ async def test_a_repeat_of_a_truncated_request_reports_its_dropped_messages(
 ) -> None:
     """A hit says how many messages its own request dropped, not the stored answer's."""
     gateway: RunningGateway = await start_gateway(
-        gateway_config(upstream.base_url, cache={"backend": "memory"}, models=_window_of(256))
+        gateway_config(
+            upstream.base_url, cache={"backend": "memory"}, models=fake_model_window(256)
+        )
     )
     keep_recent = pb.TruncationPolicy(mode=pb.TRUNCATION_MODE_KEEP_RECENT)
     short = ask(truncation=keep_recent)
@@ -143,7 +134,9 @@ async def test_a_request_too_long_to_remember_still_hits_through_the_store(
 ) -> None:
     """Requests over 16 KiB are not remembered by their bytes; every hit reads the store."""
     gateway: RunningGateway = await start_gateway(
-        gateway_config(upstream.base_url, cache={"backend": "memory"}, models=_window_of(65_536))
+        gateway_config(
+            upstream.base_url, cache={"backend": "memory"}, models=fake_model_window(65_536)
+        )
     )
     request = ask("lorem ipsum " * 1_500)
     assert request.ByteSize() > REPEATABLE_MAX_BYTES

@@ -10,7 +10,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service import tokens
 from service.domain import Message, Role
 from service.tokens import estimate_prompt_tokens
-from tests.conftest import FAKE_MODEL, chat, gateway_config
+from tests.conftest import FAKE_MODEL, chat, fake_model_window, gateway_config
 from tests.fake_upstream import Reply, Status
 from tests.scripted_upstream import ScriptedUpstream
 
@@ -30,13 +30,7 @@ def small_window_config(base_url: str):
     """The test config with a 1024-token window for the fake model."""
     return gateway_config(
         base_url,
-        models={
-            FAKE_MODEL: {
-                "context_window": WINDOW,
-                "input_usd_per_million": 0.14,
-                "output_usd_per_million": 0.42,
-            }
-        },
+        models=fake_model_window(WINDOW),
     )
 
 
@@ -311,13 +305,7 @@ async def test_a_long_prompt_is_estimated_once_a_call(upstream_small, start_gate
     gateway = await start_gateway(
         gateway_config(
             upstream_small.base_url,
-            models={
-                FAKE_MODEL: {
-                    "context_window": 200_000,
-                    "input_usd_per_million": 0.14,
-                    "output_usd_per_million": 0.42,
-                }
-            },
+            models=fake_model_window(200_000),
             defaults={"max_prompt_tokens": 100_000},
         )
     )

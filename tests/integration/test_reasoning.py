@@ -13,7 +13,14 @@ from gateway_client import GatewayClient
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
 from service.tokens import estimate_text_tokens
-from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
+from tests.conftest import (
+    FAKE_MODEL,
+    chat,
+    chat_stream,
+    fake_model_window,
+    gateway_config,
+    gateway_config_data,
+)
 from tests.fake_upstream import Reply, Status, ToolCallReply, split_even
 from tests.integration.helpers import error_info, field_violations
 from tests.redis_server import RedisServer
@@ -405,13 +412,7 @@ async def test_summaries_never_include_reasoning(start_gateway):
         gateway = await start_gateway(
             gateway_config(
                 fake.base_url,
-                models={
-                    FAKE_MODEL: {
-                        "context_window": 1024,
-                        "input_usd_per_million": 0.14,
-                        "output_usd_per_million": 0.42,
-                    }
-                },
+                models=fake_model_window(1024),
             )
         )
         document = "\n\n".join(

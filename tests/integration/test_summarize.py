@@ -15,7 +15,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.calibration import TokenCalibration
 from service.tokens import PER_MESSAGE_OVERHEAD, PER_REQUEST_OVERHEAD, estimate_text_tokens
 from service.validation import has_control_characters
-from tests.conftest import FAKE_MODEL, chat, gateway_config
+from tests.conftest import FAKE_MODEL, chat, fake_model_window, gateway_config
 from tests.fake_upstream import Reply, Status
 from tests.integration.helpers import error_info, field_violations
 from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
@@ -48,13 +48,7 @@ def config(
     return gateway_config(
         base_url,
         resilience=resilience,
-        models={
-            FAKE_MODEL: {
-                "context_window": window,
-                "input_usd_per_million": 0.14,
-                "output_usd_per_million": 0.42,
-            }
-        },
+        models=fake_model_window(window),
         summarize={
             "concurrency": CONCURRENCY,
             "chunk_overlap_tokens": OVERLAP,
@@ -975,13 +969,7 @@ async def test_a_document_of_over_999_parts_is_chunked_with_room_for_their_numbe
     token or two of it no longer fitted with its longer header, and was re-split (here
     an eighth of them, each into two calls)."""
     recorder.respond = lambda body: Reply(content="ok", prompt_tokens=0)  # no calibration
-    small = {
-        FAKE_MODEL: {
-            "context_window": 256,
-            "input_usd_per_million": 0.14,
-            "output_usd_per_million": 0.42,
-        }
-    }
+    small = fake_model_window(256)
     settings = {"concurrency": 16, "chunk_overlap_tokens": 0, "default_target_tokens": 32}
     gateway = await start_gateway(
         gateway_config(recorder.base_url, models=small, summarize=settings)

@@ -19,7 +19,7 @@ from service.security import InsecureListen
 from service.server import GatewayServer
 from service.summarize import document_prompt
 from service.tokens import estimate_text_tokens
-from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.conftest import FAKE_MODEL, chat, chat_stream, fake_model_window, gateway_config
 from tests.fake_upstream import Reply
 from tests.integration.tenancy_helpers import (
     as_tenant,
@@ -534,13 +534,7 @@ async def test_a_summary_runs_no_more_upstream_calls_at_once_than_its_tenant_may
         config = secure_config(
             scripted.base_url,
             tenants={"team-a": {"max_concurrent_calls": 1}, "team-b": {}},
-            models={
-                FAKE_MODEL: {
-                    "context_window": 1024,
-                    "input_usd_per_million": 0.14,
-                    "output_usd_per_million": 0.42,
-                }
-            },
+            models=fake_model_window(1024),
             summarize={"concurrency": 4, "default_target_tokens": 64},
         )
         gw = await start_gateway(config)
@@ -570,13 +564,7 @@ async def test_a_summary_of_more_than_a_minutes_tokens_takes_them_call_by_call(
         config = secure_config(
             scripted.base_url,
             tenants={"team-a": {"tokens_per_minute": 16_000}},
-            models={
-                FAKE_MODEL: {
-                    "context_window": 1024,
-                    "input_usd_per_million": 0.14,
-                    "output_usd_per_million": 0.42,
-                }
-            },
+            models=fake_model_window(1024),
             summarize={"default_target_tokens": 64},
         )
         gw = await start_gateway(config)
@@ -604,13 +592,7 @@ def _summary_config(base_url: str, tokens_per_minute: int) -> Any:
     return secure_config(
         base_url,
         tenants={"team-a": {"tokens_per_minute": tokens_per_minute}},
-        models={
-            FAKE_MODEL: {
-                "context_window": 32_768,
-                "input_usd_per_million": 0.14,
-                "output_usd_per_million": 0.42,
-            }
-        },
+        models=fake_model_window(32_768),
         summarize={"default_target_tokens": 64, "chunk_overlap_tokens": 0},
         batch={"rate_left_to_other_calls": 0},  # the whole minute to the summary
     )
