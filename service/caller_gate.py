@@ -31,7 +31,7 @@ from service.auth import (
 from service.clock import Deadline
 from service.config import TenantConfig
 from service.errors import DeadlineExceeded, FieldViolation, InvalidRequest, QuotaExceeded
-from service.tenant_limits import TenantLimiter
+from service.tenant_limits import NO_SLOT, CallSlot, TenantLimiter
 from service.tokens import PER_MESSAGE_OVERHEAD, estimate_text_tokens
 
 log = logging.getLogger("llm_gateway.caller_gate")
@@ -310,16 +310,17 @@ class CallerGate:
     @contextlib.asynccontextmanager
     async def admit(
         self, request: Any, principal: Principal, *, check: Callable[[Any], None] | None = None
-    ) -> AsyncIterator[Principal]:
+    ) -> AsyncIterator[CallSlot]:
         """Admit the authenticated call for the body of the `async with`, or raise a
-        `GatewayError`.
+        `GatewayError`; the call's slot of its tenant's concurrent calls is handed out,
+        for a stalled stream to give back early.
 
         `check` raises what the call would be refused with before any upstream call (an
         invalid field, an unknown model): asked before the call takes any of its tenant's
         limits, as a batch's items are.
         """
         if _is_unmetered(principal.limits) and not isinstance(request, UndecodableRequest):
-            yield principal  # nothing to check or count: skip estimating the request's tokens
+            yield NO_SLOT  # nothing to check or count: skip estimating the request's tokens
             return
         # Estimated only once `check` passed: a request refused by its count (millions of
         # messages) would otherwise take seconds here, as though never refused at once.
@@ -328,13 +329,13 @@ class CallerGate:
             check_model_allowed(principal, model)
         limits = principal.limits
         if demand.is_paced:
-            async with self._limiter.admit(principal.tenant, limits, tokens=0, requests=0):
+            async with self._limiter.admit(principal.tenant, limits, tokens=0, requests=0) as slot:
                 if limits.requests_per_minute or limits.tokens_per_minute:
                     self._pace(principal)
-                yield principal
+                yield slot
             return
         if not demand.requests:
-            yield principal
+            yield NO_SLOT
             return
         if check is not None:
             # A refused call makes no upstream call, so it takes no quota; and a bad field
@@ -342,9 +343,9 @@ class CallerGate:
             check(request)
         async with self._limiter.admit(
             principal.tenant, limits, tokens=_tokens_of(request), requests=demand.requests
-        ):
+        ) as slot:
             if demand.paces_tokens and limits.tokens_per_minute:
                 # A Summarize's calls take their tokens as they start: a document of more
                 # than a minute's allowance runs at the tenant's rate, as a batch does.
                 self._pace(principal)
-            yield principal
+            yield slot

@@ -194,8 +194,8 @@ class Overloaded(QuotaExceeded):
 
 class CallerStalled(GatewayError):
     """The caller took none of a stream's messages for `server.stalled_stream_timeout_s`:
-    the upstream request the call read from was closed and its server slot given back
-    (its tenant's call slot is let go only as the caller reads on, or leaves)."""
+    the upstream request the call read from was closed, and its server slot and its
+    tenant's call slot given back."""
 
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "CALLER_STALLED"

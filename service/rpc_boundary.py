@@ -42,6 +42,7 @@ from service.errors import (
 )
 from service.telemetry import RpcScope
 from service.telemetry import active as telemetry
+from service.tenant_limits import NO_SLOT, CallSlot
 
 log = logging.getLogger("llm_gateway.rpc")
 
@@ -242,7 +243,7 @@ class _Watched:
     __slots__ = ("closing", "context", "items", "on_closed", "since")
 
     def __init__(
-        self, items: AsyncGenerator[Any, None], on_closed: Callable[[], None] | None
+        self, items: AsyncGenerator[Any, None], on_closed: Callable[[], Awaitable[None]] | None
     ) -> None:
         self.items = items
         self.on_closed = on_closed
@@ -260,12 +261,12 @@ class StalledStreams:
     connection the call reads from: enough of them would take an upstream's every
     connection from all callers. The call's messages are closed as when a caller
     cancels (the upstream request ends and is charged as cut), and `on_closed` gives
-    back the call's server slot; the call itself waits on in gRPC until its caller reads
-    or leaves, for only gRPC can end it, and it does so with no status when its task is
-    cancelled. One sweep, a quarter of `timeout_s` apart while any stream runs, looks at
-    the writes in progress, rather than a timer for each message; a timer, not a task,
-    so that a stream starting costs no more than a dict entry on its way to its first
-    token.
+    back the call's server slot and its tenant's `max_concurrent_calls` slot; the call
+    itself waits on in gRPC until its caller reads or leaves, for only gRPC can end it,
+    and it does so with no status when its task is cancelled. One sweep, a quarter of
+    `timeout_s` apart while any stream runs, looks at the writes in progress, rather
+    than a timer for each message; a timer, not a task, so that a stream starting costs
+    no more than a dict entry on its way to its first token.
     """
 
     def __init__(self, timeout_s: float) -> None:
@@ -280,7 +281,9 @@ class StalledStreams:
             self._sweep_timer = None
 
     async def relay(
-        self, items: AsyncGenerator[Any, None], on_closed: Callable[[], None] | None = None
+        self,
+        items: AsyncGenerator[Any, None],
+        on_closed: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncGenerator[Any, None]:
         """`items`, each handed on to the caller; or `CallerStalled` once they were closed
         (and `on_closed` called) for a caller that took none for `timeout_s`."""
@@ -326,7 +329,9 @@ class StalledStreams:
 
 
 async def _closed(
-    items: AsyncGenerator[Any, None], on_closed: Callable[[], None] | None, timeout_s: float
+    items: AsyncGenerator[Any, None],
+    on_closed: Callable[[], Awaitable[None]] | None,
+    timeout_s: float,
 ) -> None:
     """Close `items`, suspended at a message the caller did not take (in the call's
     context); a failure while closing is logged, as the caller that would hear it is gone."""
@@ -337,7 +342,7 @@ async def _closed(
         log.exception("rpc.stalled_close_failed")
     finally:
         if on_closed is not None:
-            on_closed()
+            await on_closed()
 
 
 async def _enter(
@@ -367,13 +372,14 @@ def _caller(
     principal: Principal | None,
     gate: CallerGate | None,
     check: RequestCheck | None = None,
-) -> contextlib.AbstractAsyncContextManager[object]:
-    """Authorize and meter the authenticated call (see `service.caller_gate`)."""
+) -> contextlib.AbstractAsyncContextManager[CallSlot]:
+    """Authorize and meter the authenticated call (see `service.caller_gate`); the call's
+    slot of its tenant's concurrent calls is handed out."""
     if gate is not None and principal is not None:
         return gate.admit(request, principal, check=check)
     if isinstance(request, UndecodableRequest):
         raise InvalidRequest([FieldViolation("request", "not a valid message")])
-    return contextlib.nullcontext()
+    return contextlib.nullcontext(NO_SLOT)
 
 
 async def _end_if_cut_off(
@@ -430,19 +436,26 @@ def _guard_unary(
 
 class _ServerSlot:
     """A stream's slot of `Admission`, given back once: when the call ends, or earlier,
-    when `StalledStreams` has closed what it held."""
+    with its tenant's slot (`let_go`), when `StalledStreams` has closed what it held."""
 
-    __slots__ = ("admission", "is_held", "ticket")
+    __slots__ = ("admission", "is_held", "tenant_slot", "ticket")
 
     def __init__(self, admission: Admission, ticket: CallTicket) -> None:
         self.admission = admission
         self.ticket = ticket
         self.is_held = True
+        self.tenant_slot = NO_SLOT  # the call's, once the gate admitted it
 
     def leave(self) -> None:
         if self.is_held:
             self.is_held = False
             self.admission.leave(self.ticket)
+
+    async def let_go(self) -> None:
+        """Give back the server's slot and the tenant's, each once: the call holds
+        neither while it waits on for its stalled caller."""
+        self.leave()
+        await self.tenant_slot.give_back()
 
 
 def _guard_stream(
@@ -461,13 +474,14 @@ def _guard_stream(
             principal, ticket = await _enter(context, name, rpc, admission, gate)
             slot = _ServerSlot(admission, ticket)
             try:
-                async with _caller(request, principal, gate, check):
+                async with _caller(request, principal, gate, check) as tenant_slot:
+                    slot.tenant_slot = tenant_slot
                     if principal is None:
                         rpc.set_tenant(current_tenant())
                     # Closed here, not by the garbage collector, however the call ends.
                     messages = method(request, context)
                     if stalls is not None:
-                        messages = stalls.relay(messages, on_closed=slot.leave)
+                        messages = stalls.relay(messages, on_closed=slot.let_go)
                     async with contextlib.aclosing(messages) as items:
                         async for item in items:
                             yield item

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,13 +33,35 @@ _WINDOW_S = 60.0
 _LEASE_TTL_S = 900
 
 
+class CallSlot:
+    """One call's slot of its tenant's concurrent calls, held from `admit` until the end
+    of its body, or given back earlier (`give_back`): once either way."""
+
+    __slots__ = ("_release",)
+
+    def __init__(self, release: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._release = release
+
+    async def give_back(self) -> None:
+        """Give the slot back, if still held (a stalled stream's, once its upstream is
+        let go: its call lasts on until its caller reads or leaves)."""
+        release, self._release = self._release, None
+        if release is not None:
+            await release()
+
+
+# Holds nothing: for a call that takes no slot.
+NO_SLOT = CallSlot()
+
+
 class TenantLimiter(Protocol):
     """Admits one call of a tenant or refuses it with `QuotaExceeded`."""
 
     def admit(
         self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
-    ) -> contextlib.AbstractAsyncContextManager[None]:
-        """Hold one concurrent-call slot for the body; take `requests` and `tokens` now."""
+    ) -> contextlib.AbstractAsyncContextManager[CallSlot]:
+        """Hold one concurrent-call slot for the body, or until the `CallSlot` handed out
+        is given back; take `requests` and `tokens` now."""
         ...
 
     async def take_rate(
@@ -173,17 +195,23 @@ class MemoryTenantLimiter:
     @contextlib.asynccontextmanager
     async def admit(
         self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
-    ) -> AsyncIterator[None]:
-        """Hold one concurrent-call slot for the body; take `requests` and `tokens` now."""
+    ) -> AsyncIterator[CallSlot]:
+        """Hold one concurrent-call slot for the body, or until the `CallSlot` handed out
+        is given back; take `requests` and `tokens` now."""
         cap = limits.max_concurrent_calls
         if cap and self._in_flight.get(tenant, 0) >= cap:
             raise _refusal(tenant, "max_concurrent_calls", cap, 1.0)
         self.take(tenant, limits, tokens=tokens, requests=requests)
         self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
-        try:
-            yield
-        finally:
+
+        async def release() -> None:
             self._in_flight[tenant] -= 1
+
+        slot = CallSlot(release)
+        try:
+            yield slot
+        finally:
+            await slot.give_back()
 
 
 # KEYS: requests bucket, tokens bucket, in-flight sorted set, the lease's released marker.
@@ -363,16 +391,17 @@ class RedisTenantLimiter:
     @contextlib.asynccontextmanager
     async def admit(
         self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
-    ) -> AsyncIterator[None]:
-        """Hold one concurrent-call slot for the body; take `requests` and `tokens` now."""
+    ) -> AsyncIterator[CallSlot]:
+        """Hold one concurrent-call slot for the body, or until the `CallSlot` handed out
+        is given back; take `requests` and `tokens` now."""
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
         cap = limits.max_concurrent_calls
         if not (rpm or tpm or cap):
-            yield
+            yield NO_SLOT
             return
         _too_large(tenant, limits, tokens=tokens, requests=requests)
         if self.cooldown.skips():
-            yield
+            yield NO_SLOT
             return
         lease = uuid.uuid4().hex
         keys = self._keys(tenant, lease)
@@ -398,14 +427,21 @@ class RedisTenantLimiter:
         else:
             self.late_releases.store_answered()
         self._refuse(tenant, limits, int(which), wait)
-        renewing = asyncio.create_task(self._keep_lease(keys[2], lease)) if cap else None
+        if not cap:
+            yield NO_SLOT
+            return
+        renewing = asyncio.create_task(self._keep_lease(keys[2], lease))
+
+        async def release() -> None:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+            await self._give_back(keys, lease, is_confirmed=is_confirmed)
+
+        slot = CallSlot(release)
         try:
-            yield
+            yield slot
         finally:
-            if renewing is not None:
-                renewing.cancel()
-                await asyncio.gather(renewing, return_exceptions=True)
-                await self._give_back(keys, lease, is_confirmed=is_confirmed)
+            await slot.give_back()
 
     async def _keep_lease(self, in_flight_key: str, lease: str) -> None:
         """Renew the lease every third of its TTL while its call runs; one Redis does not

@@ -219,6 +219,22 @@ async def test_node_example_program_completes_and_streams(
     assert len(upstream.requests) == 2
 
 
+async def test_node_example_takes_its_address_from_the_python_clis_variable(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """Without `--address` the example program calls the gateway $LLM_GATEWAY_ADDRESS
+    names, as the Python CLI does; `--address` still wins over the variable."""
+    example = node_scenarios.with_name("example.js")
+    address = gateway.server.address
+    args = ("--model", "fake-model", "Say hi")
+    from_variable = await run_program(example, *args, env={"LLM_GATEWAY_ADDRESS": address})
+    assert from_variable.splitlines()[0] == "complete: Hello from fake"
+    nowhere = {"LLM_GATEWAY_ADDRESS": "127.0.0.1:1"}  # nothing listens on port 1
+    from_flag = await run_program(example, "--address", address, *args, env=nowhere)
+    assert from_flag.splitlines()[0] == "complete: Hello from fake"
+    assert len(upstream.requests) == 4
+
+
 async def test_node_stream_prints_deltas_as_they_arrive(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

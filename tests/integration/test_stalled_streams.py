@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import grpc
 import pytest
+import redis.asyncio as aioredis
+from google.rpc import error_details_pb2
 
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 from tests.conftest import chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply
+from tests.integration.tenancy_helpers import as_tenant, detail, rpc_error, secure_config
 from tests.integration.test_resilience import checked_out_connections, settle
+from tests.redis_server import RedisServer
 
 # Far more than gRPC's flow-control windows and the sockets' buffers hold between them.
 _LONG = Reply(content="x" * (8 * 1024 * 1024), chunks=4096)
@@ -63,3 +70,69 @@ async def test_a_stalled_stream_gives_its_server_slot_to_other_callers(start_gat
         assert error_details(stalled.value).reason == "CALLER_STALLED"
         assert await settle(lambda: gateway.server.admission.is_idle)
         assert gateway.server.admission.in_flight == 0
+
+
+async def _refused_while_one_runs(gateway: Any, upstream: FakeUpstream) -> None:
+    """team-a's one call slot is free: a call takes it (its upstream answers a while
+    after it arrives), and a second call meanwhile is refused for that slot."""
+    upstream.script(Reply(content="served", delay_s=2.0))
+    arrived = len(upstream.requests)
+    running = asyncio.ensure_future(gateway.stub.Complete(chat(), metadata=as_tenant("team-a")))
+    assert await settle(lambda: running.done() or len(upstream.requests) > arrived, timeout_s=10)
+    if running.done():
+        await running  # refused: its error says why
+    refused = await rpc_error(gateway.stub.Complete(chat(), metadata=as_tenant("team-a")))
+    assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    subject = detail(refused, error_details_pb2.QuotaFailure).violations[0].subject
+    assert subject == "tenant:team-a:max_concurrent_calls"
+    assert (await running).content == "served"
+
+
+async def _a_stalled_stream_gives_back_its_tenants_slot(
+    start_gateway: Any, upstream: FakeUpstream, **auth: Any
+) -> None:
+    """team-a may hold one call at a time; its one stream stalls. Once its upstream is
+    let go, team-a's calls run again, one at a time; and the stalled call's end, as its
+    caller reads on, gives nothing back a second time."""
+    config = secure_config(
+        upstream.base_url,
+        auth=auth,
+        tenants={"team-a": {"max_concurrent_calls": 1}},
+        server={"stalled_stream_timeout_s": 0.5},
+    )
+    gateway = await start_gateway(config)
+    stalled = gateway.stub.CompleteStream(chat_stream("long"), metadata=as_tenant("team-a"))
+    await stalled.read()
+    assert await settle(lambda: checked_out_connections(gateway) == 1)
+    assert await settle(lambda: checked_out_connections(gateway) == 0, timeout_s=30)
+    await _refused_while_one_runs(gateway, upstream)
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        while await stalled.read() is not grpc.aio.EOF:
+            pass
+    assert error_details(ended.value).reason == "CALLER_STALLED"
+    assert await settle(lambda: gateway.server.admission.is_idle)
+    await _refused_while_one_runs(gateway, upstream)
+
+
+async def test_a_stalled_stream_gives_back_its_tenants_call_slot(start_gateway):
+    """A tenant whose callers stop reading is not refused its own new calls
+    (`max_concurrent_calls`, counted in this process) for as long as they stay."""
+    async with FakeUpstream(default=_LONG) as upstream:
+        await _a_stalled_stream_gives_back_its_tenants_slot(start_gateway, upstream)
+
+
+@pytest.mark.redis
+async def test_a_stalled_stream_gives_back_its_tenants_lease_in_redis(
+    start_gateway, redis_server: RedisServer
+):
+    """The same with the tenant's limits in Redis: the stalled call's lease is released
+    when its upstream is let go, and no lease is left once every call ended."""
+    async with FakeUpstream(default=_LONG) as upstream:
+        await _a_stalled_stream_gives_back_its_tenants_slot(
+            start_gateway, upstream, redis_url=redis_server.url, redis_key_prefix="t-stall:"
+        )
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await client.zcard("t-stall:tenant:{team-a}:inflight") == 0
+    finally:
+        await client.aclose()

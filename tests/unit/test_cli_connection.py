@@ -23,6 +23,15 @@ def test_plaintext_by_default() -> None:
     assert connection(parse())["credentials"] is None
 
 
+def test_the_address_comes_from_the_flag_then_the_environment_then_loopback() -> None:
+    """An empty $LLM_GATEWAY_ADDRESS counts as unset, as the TLS variables do: before,
+    it was the address, and every call failed with an invalid target."""
+    environ = {"LLM_GATEWAY_ADDRESS": "gw:443"}
+    assert parse("--address", "flag:1", environ=environ).address == "flag:1"
+    assert parse(environ=environ).address == "gw:443"
+    assert parse(environ={"LLM_GATEWAY_ADDRESS": ""}).address == "127.0.0.1:50051"
+
+
 @pytest.mark.parametrize(
     "argv", [("--tls",), ("--ca-file", "{pem}"), ("--cert-file", "{pem}", "--key-file", "{pem}")]
 )

@@ -8,6 +8,8 @@
  * they arrive, then prints usage and cost. A failed call prints its decoded
  * `google.rpc.Status` details (field violations, retry delay, quota violations).
  *
+ * `--address` defaults, as in the Python CLI, to $LLM_GATEWAY_ADDRESS, else 127.0.0.1:50051.
+ *
  * TLS takes the Python CLI's options and variables: `--tls` ($LLM_GATEWAY_TLS) verifies the
  * gateway against the system's CAs, `--ca-file` ($LLM_GATEWAY_CA_FILE) against this CA,
  * and `--cert-file` with `--key-file` ($LLM_GATEWAY_CERT_FILE, $LLM_GATEWAY_KEY_FILE) add a
@@ -58,7 +60,7 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Args {
     }
   }
   return {
-    address: flags.get("--address") ?? "127.0.0.1:50051",
+    address: flags.get("--address") ?? (env.LLM_GATEWAY_ADDRESS || "127.0.0.1:50051"),
     model: flags.get("--model") ?? "deepseek-v4",
     prompt: rest.length > 0 ? rest.join(" ") : "Say hi",
     tls: tlsOf(flags, env),

@@ -53,7 +53,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """--address, --api-key and TLS, shared by every command that calls the gateway."""
     parser.add_argument(
         "--address",
-        default=os.environ.get("LLM_GATEWAY_ADDRESS", "127.0.0.1:50051"),
+        default=os.environ.get("LLM_GATEWAY_ADDRESS") or "127.0.0.1:50051",
         help="gateway HOST:PORT (default: $LLM_GATEWAY_ADDRESS or 127.0.0.1:50051)",
     )
     parser.add_argument(
