@@ -235,6 +235,28 @@ async def test_node_example_takes_its_address_from_the_python_clis_variable(
     assert len(upstream.requests) == 4
 
 
+async def test_node_example_takes_its_api_key_from_the_flag_or_the_python_clis_variable(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """Against a gateway with caller keys the example program authenticates with
+    `--api-key`, else $LLM_GATEWAY_API_KEY, as the Python CLI does; without either it
+    is refused UNAUTHENTICATED and exits 1. Before, it had no way to send a key."""
+    gateway = await start_gateway(secure_config(upstream.base_url))
+    example = node_scenarios.with_name("example.js")
+    args = ("--address", gateway.server.address, "--model", "fake-model", "Say hi")
+    from_variable = await run_program(example, *args, env={"LLM_GATEWAY_API_KEY": CALLER_KEY_A})
+    assert from_variable.splitlines()[0] == "complete: Hello from fake"
+    from_flag = await run_program(
+        example, "--api-key", CALLER_KEY_A, *args, env={"LLM_GATEWAY_API_KEY": ""}
+    )
+    assert from_flag.splitlines()[0] == "complete: Hello from fake"
+    returncode, _, stderr = await run_process(example, *args, env={"LLM_GATEWAY_API_KEY": ""})
+    assert returncode == 1
+    assert "UNAUTHENTICATED" in stderr
+    usage = await gateway.stub.GetUsage(pb.GetUsageRequest(), metadata=as_tenant("team-a"))
+    assert usage.total.requests == 4  # each program's unary call and its stream
+
+
 async def test_node_stream_prints_deltas_as_they_arrive(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

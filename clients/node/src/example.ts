@@ -2,13 +2,14 @@
  * Example: call the gateway from Node.js.
  *
  *   node clients/node/dist/clients/node/src/example.js [--address HOST:PORT] [--model NAME]
- *     [--tls] [--ca-file PEM] [--cert-file PEM --key-file PEM] [PROMPT]
+ *     [--api-key KEY] [--tls] [--ca-file PEM] [--cert-file PEM --key-file PEM] [PROMPT]
  *
  * Runs one unary Complete, then the same prompt as a CompleteStream printing deltas as
  * they arrive, then prints usage and cost. A failed call prints its decoded
  * `google.rpc.Status` details (field violations, retry delay, quota violations).
  *
- * `--address` defaults, as in the Python CLI, to $LLM_GATEWAY_ADDRESS, else 127.0.0.1:50051.
+ * `--address` defaults, as in the Python CLI, to $LLM_GATEWAY_ADDRESS, else 127.0.0.1:50051;
+ * `--api-key` (a gateway with `auth.mode: keys`) to $LLM_GATEWAY_API_KEY.
  *
  * TLS takes the Python CLI's options and variables: `--tls` ($LLM_GATEWAY_TLS) verifies the
  * gateway against the system's CAs, `--ca-file` ($LLM_GATEWAY_CA_FILE) against this CA,
@@ -19,12 +20,14 @@ import { GatewayCallError, GatewayClient, Role, TlsOptions } from "./client";
 
 interface Args {
   address: string;
+  apiKey: string | undefined;
   model: string;
   prompt: string;
   tls: TlsOptions | undefined;
 }
 
 const YES = new Set(["1", "true", "yes", "on"]);
+const TAKES_A_VALUE = ["--address", "--api-key", "--model", "--ca-file", "--cert-file", "--key-file"];
 
 /** TLS options from the flags, else the environment; undefined for plaintext. */
 function tlsOf(flags: Map<string, string>, env: NodeJS.ProcessEnv): TlsOptions | undefined {
@@ -49,7 +52,7 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Args {
     const flag = argv[i];
     if (flag === "--tls") {
       flags.set(flag, "");
-    } else if (["--address", "--model", "--ca-file", "--cert-file", "--key-file"].includes(flag)) {
+    } else if (TAKES_A_VALUE.includes(flag)) {
       const value = argv[++i];
       if (value === undefined) {
         throw new Error(`${flag} needs a value`);
@@ -61,6 +64,7 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Args {
   }
   return {
     address: flags.get("--address") ?? (env.LLM_GATEWAY_ADDRESS || "127.0.0.1:50051"),
+    apiKey: flags.get("--api-key") ?? (env.LLM_GATEWAY_API_KEY || undefined),
     model: flags.get("--model") ?? "deepseek-v4",
     prompt: rest.length > 0 ? rest.join(" ") : "Say hi",
     tls: tlsOf(flags, env),
@@ -94,7 +98,7 @@ function printError(error: unknown): void {
 function start(argv: string[]): { args: Args; client: GatewayClient } | null {
   try {
     const args = parseArgs(argv, process.env);
-    return { args, client: new GatewayClient(args.address, { tls: args.tls }) };
+    return { args, client: new GatewayClient(args.address, { apiKey: args.apiKey, tls: args.tls }) };
   } catch (error) {
     console.error(`example: ${(error as Error).message}`);
     process.exitCode = 2;
