@@ -160,6 +160,16 @@ async def test_node_unary_complete_reads_usage_and_cost(
     assert len(upstream.requests) == 1
 
 
+async def test_node_client_takes_an_answer_over_grpcs_default_message_limit(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A unary answer of over 4 MiB (gRPC's default receive limit) reaches the Node client
+    whole: it takes answers up to 32 MiB, the gateway's 16 MiB upstream bound and more."""
+    upstream.script(Reply(content="word " * (1024 * 1024 + 7)))
+    result = await run_against(node_scenarios, gateway, "long-answer")
+    assert result == {"length": 5 * (1024 * 1024 + 7), "start": "word word "}
+
+
 async def test_node_client_sends_its_api_key_on_every_call(
     node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
 ) -> None:

@@ -118,6 +118,26 @@ async def test_a_stream_still_ends_when_its_task_is_cancelled(
         await upstream.wait_for_disconnect(timeout_s=2.0)
 
 
+# Over gRPC's default 4 MiB message, within the 16 MiB the gateway takes from an upstream.
+LONG_ANSWER = "word " * (1024 * 1024 + 7)
+
+
+async def test_an_answer_over_grpcs_default_message_limit_reaches_the_client(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A unary answer is one message: a channel with gRPC's default receive limit is
+    refused it (RESOURCE_EXHAUSTED, after the upstream was paid), the client's is not."""
+    upstream.script(Reply(content=LONG_ANSWER), Reply(content=LONG_ANSWER))
+    request = build_request("Say it all", model=FAKE_MODEL, temperature=0.7)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await gateway.stub.Complete(request)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    async with GatewayClient(gateway.server.address) as client:
+        response = await client.complete(request)
+    assert response.content == LONG_ANSWER
+    assert len(upstream.requests) == 2
+
+
 async def test_a_stop_string_is_one_stop_sequence(
     upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -312,6 +312,13 @@ export interface GatewayClientOptions {
 /** What a call waits at most when neither it nor its client says otherwise. */
 export const DEFAULT_TIMEOUT_MS = 300_000;
 
+/**
+ * The largest message the client takes. A unary answer, or a batch item's, is one message,
+ * and the gateway takes upstream answers of up to 16 MiB: gRPC's default 4 MiB receive limit
+ * would refuse the larger ones after they were paid for. `channelOptions` may set another.
+ */
+export const MAX_ANSWER_BYTES = 32 * 1024 * 1024;
+
 export interface CallOptions {
   /** Milliseconds the whole call may take, retries and pushback waits included. */
   timeoutMs?: number;
@@ -404,7 +411,11 @@ export class GatewayClient {
     this.stub = new CompletionServiceClient(
       address,
       credentialsOf(options),
-      { ...serviceConfigOptions(serviceConfigJson), ...options.channelOptions },
+      {
+        "grpc.max_receive_message_length": MAX_ANSWER_BYTES,
+        ...serviceConfigOptions(serviceConfigJson),
+        ...options.channelOptions,
+      },
     );
     this.apiKey = options.apiKey;
     this.defaultTimeoutMs =

@@ -146,6 +146,15 @@ async function complete(client: GatewayClient, args: Args): Promise<Json> {
   return { content: response.content, attempts, metadata: metadataJson(response.metadata!) };
 }
 
+async function longAnswer(client: GatewayClient, args: Args): Promise<Json> {
+  // An answer over gRPC's default 4 MiB message: its length, not its text.
+  const { response } = await client.complete(
+    { model: args.model, messages: messages("Say it all") },
+    { timeoutMs: 30_000 },
+  );
+  return { length: response.content.length, start: response.content.slice(0, 10) };
+}
+
 async function tryComplete(client: GatewayClient, args: Args): Promise<Json> {
   // A call that may fail (a TLS handshake refused): its answer, or how it failed.
   try {
@@ -284,6 +293,7 @@ async function decode(args: Args): Promise<Json> {
 const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<Json>> = {
   complete,
   "try-complete": tryComplete,
+  "long-answer": longAnswer,
   "reasoning-effort": reasoningEffort,
   stream,
   "stream-tools": streamTools,

@@ -23,6 +23,10 @@ _ROLES = {
 Turn = tuple[str, str] | pb.Message
 # clients/service_config.json, linked into the package so that a wheel carries it too.
 SERVICE_CONFIG_PATH = Path(__file__).with_name("service_config.json")
+# A unary answer, or a batch item's, is one message, and the gateway takes upstream
+# answers of up to 16 MiB: gRPC's default 4 MiB receive limit would refuse the larger ones
+# after they were paid for.
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
 
 
 def _service_config() -> str:
@@ -258,6 +262,7 @@ class GatewayClient:
         options: list[tuple[str, Any]] = [
             ("grpc.enable_retries", 1),
             ("grpc.service_config", json.dumps(json.loads(_service_config()))),
+            ("grpc.max_receive_message_length", MAX_ANSWER_BYTES),
         ]
         if credentials is not None:
             self._channel = grpc.aio.secure_channel(address, credentials, options=options)
