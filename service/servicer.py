@@ -427,11 +427,15 @@ def usage_filter_from_proto(request: pb.GetUsageRequest, *, tenant: str | None) 
     """The ledger filter of a GetUsage request (`tenant` already authorised).
 
     Raises:
-        InvalidRequest: a window bound is not a valid Timestamp.
+        InvalidRequest: a window bound is not a valid Timestamp, or the window ends
+            before it starts.
     """
     violations: list[FieldViolation] = []
     start_s = _epoch_s(request, "start_time", violations)
     end_s = _epoch_s(request, "end_time", violations)
+    # Swapped bounds match nothing: an OK with no rows would read as "no usage".
+    if start_s is not None and end_s is not None and end_s < start_s:
+        violations.append(FieldViolation("end_time", "must not be before start_time"))
     if violations:
         raise InvalidRequest(violations)
     return UsageFilter(

@@ -192,6 +192,27 @@ async def test_get_usage_refuses_a_timestamp_out_of_range_as_invalid_argument(pr
         assert list(field_violations(refused.value)) == [field]
 
 
+async def test_get_usage_refuses_a_window_that_ends_before_it_starts(priced):
+    """Swapped bounds are the caller's error, on end_time; a window of one instant is not.
+
+    Before, the swapped window matched no row and GetUsage answered OK with a zero total,
+    which reads as "no usage" when there was some.
+    """
+    await priced.stub.Complete(chat())
+    now = dt.datetime.now(dt.UTC)
+    swapped = pb.GetUsageRequest()
+    swapped.start_time.FromDatetime(now + dt.timedelta(hours=1))
+    swapped.end_time.FromDatetime(now - dt.timedelta(hours=1))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await priced.stub.GetUsage(swapped)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert list(field_violations(refused.value)) == ["end_time"]
+    instant = pb.GetUsageRequest()
+    instant.start_time.FromDatetime(now)
+    instant.end_time.FromDatetime(now)
+    await priced.stub.GetUsage(instant)
+
+
 async def test_a_spent_budget_refuses_before_any_upstream_call(upstream, start_gateway):
     """Over budget: RESOURCE_EXHAUSTED, QuotaFailure, RetryInfo and pushback; no upstream call."""
     config = gateway_config(
