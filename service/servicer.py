@@ -165,13 +165,6 @@ def _response_format_from_proto(message: pb.ResponseFormat) -> ResponseFormat | 
     )
 
 
-def _reasoning_effort_of(request: pb.SummarizeRequest) -> ReasoningEffort | None:
-    """A Summarize request's effort; an unknown value is refused on its field."""
-    if request.reasoning_effort not in _REASONING_EFFORTS:
-        raise InvalidRequest([FieldViolation("reasoning_effort", "unknown reasoning effort")])
-    return _REASONING_EFFORTS[request.reasoning_effort]
-
-
 def chat_request_from_proto(
     message: AnyCompleteRequest, *, tenant: str, limits: RequestDefaults | None = None
 ) -> tuple[ChatRequest, list[FieldViolation]]:
@@ -523,6 +516,8 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             self._summarizer.validate(self._summary_request(message))
 
     def _summary_request(self, request: pb.SummarizeRequest) -> SummaryRequest:
+        """The call's domain request; an unknown effort is a violation `validate` reports."""
+        effort = request.reasoning_effort
         return SummaryRequest(
             model=request.model,
             document=request.document,
@@ -530,7 +525,10 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             instructions=request.instructions,
             labels=dict(request.labels),
             tenant=current_tenant(),
-            reasoning_effort=_reasoning_effort_of(request),
+            reasoning_effort=_REASONING_EFFORTS.get(effort),
+            violations=()
+            if effort in _REASONING_EFFORTS
+            else (FieldViolation("reasoning_effort", "unknown reasoning effort"),),
         )
 
     def _request(self, message: AnyCompleteRequest) -> ChatRequest:
