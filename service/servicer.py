@@ -28,7 +28,7 @@ from service.caller_gate import (
     current_tenant,
 )
 from service.clock import Deadline
-from service.config import RequestDefaults
+from service.config import RequestDefaults, is_tenant_name
 from service.domain import (
     CacheMode,
     CachePolicy,
@@ -63,6 +63,8 @@ from service.validation import (
     MAX_TOOL_CALLS_PER_MESSAGE,
     MAX_TOOLS,
     chat_request_violations,
+    label_violations,
+    model_violations,
     too_many_messages,
     too_many_tool_calls,
     too_many_tools,
@@ -161,13 +163,6 @@ def _response_format_from_proto(message: pb.ResponseFormat) -> ResponseFormat | 
         schema_name=message.schema_name,
         is_strict=message.strict,
     )
-
-
-def _reasoning_effort_of(request: pb.SummarizeRequest) -> ReasoningEffort | None:
-    """A Summarize request's effort; an unknown value is refused on its field."""
-    if request.reasoning_effort not in _REASONING_EFFORTS:
-        raise InvalidRequest([FieldViolation("reasoning_effort", "unknown reasoning effort")])
-    return _REASONING_EFFORTS[request.reasoning_effort]
 
 
 def chat_request_from_proto(
@@ -423,15 +418,28 @@ def usage_row_to_proto(row: UsageRow) -> pb.UsageRow:
     )
 
 
-def usage_filter_from_proto(request: pb.GetUsageRequest, *, tenant: str | None) -> UsageFilter:
+def usage_filter_from_proto(
+    request: pb.GetUsageRequest, *, tenant: str | None, limits: RequestDefaults
+) -> UsageFilter:
     """The ledger filter of a GetUsage request (`tenant` already authorised).
 
     Raises:
-        InvalidRequest: a window bound is not a valid Timestamp.
+        InvalidRequest: a tenant, model or label no call could have been recorded with
+            (held to the rules a call's are), a window bound is not a valid Timestamp,
+            or the window ends before it starts.
     """
     violations: list[FieldViolation] = []
+    # Each would match no row: an OK with no rows would read as "no usage".
+    if request.tenant not in ("", ALL_TENANTS) and not is_tenant_name(request.tenant):
+        violations.append(FieldViolation("tenant", "must be *, or 1-128 of A-Z a-z 0-9 _ . - @ :"))
+    if request.model:
+        violations.extend(model_violations(request.model))
+    violations.extend(label_violations(request.labels, limits, is_filter=True))
     start_s = _epoch_s(request, "start_time", violations)
     end_s = _epoch_s(request, "end_time", violations)
+    # Swapped bounds match nothing: an OK with no rows would read as "no usage".
+    if start_s is not None and end_s is not None and end_s < start_s:
+        violations.append(FieldViolation("end_time", "must not be before start_time"))
     if violations:
         raise InvalidRequest(violations)
     return UsageFilter(
@@ -508,6 +516,8 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             self._summarizer.validate(self._summary_request(message))
 
     def _summary_request(self, request: pb.SummarizeRequest) -> SummaryRequest:
+        """The call's domain request; an unknown effort is a violation `validate` reports."""
+        effort = request.reasoning_effort
         return SummaryRequest(
             model=request.model,
             document=request.document,
@@ -515,7 +525,10 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             instructions=request.instructions,
             labels=dict(request.labels),
             tenant=current_tenant(),
-            reasoning_effort=_reasoning_effort_of(request),
+            reasoning_effort=_REASONING_EFFORTS.get(effort),
+            violations=()
+            if effort in _REASONING_EFFORTS
+            else (FieldViolation("reasoning_effort", "unknown reasoning effort"),),
         )
 
     def _request(self, message: AnyCompleteRequest) -> ChatRequest:
@@ -687,7 +700,11 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         wanted = request.tenant or caller
         if wanted != caller and not caller_is_admin(context):
             raise PermissionDenied(f"tenant {caller!r} may only read its own usage")
-        query = usage_filter_from_proto(request, tenant=None if wanted == ALL_TENANTS else wanted)
+        query = usage_filter_from_proto(
+            request,
+            tenant=None if wanted == ALL_TENANTS else wanted,
+            limits=self._pipeline.limits,
+        )
         rows = await self._pipeline.ledger.query(query)
         return pb.GetUsageResponse(
             rows=[usage_row_to_proto(r) for r in rows],

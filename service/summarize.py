@@ -107,6 +107,8 @@ class SummaryRequest:
     labels: Mapping[str, str] = field(default_factory=dict)
     tenant: str = "default"
     reasoning_effort: ReasoningEffort | None = None  # None: the upstream's default
+    # Problems only visible on the wire (an unknown enum value), reported with the rest.
+    violations: tuple[FieldViolation, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,14 +439,21 @@ class Summarizer:
         self._clock = clock
 
     def validate(self, request: SummaryRequest) -> int:
-        """Check the request; return the target length in tokens."""
-        if invalid_model := model_violations(request.model):
-            raise InvalidRequest(invalid_model)  # as Complete refuses it
-        self._pipeline.pool.routes(request.model)  # ModelNotFound first, as Complete does
-        window = self._pipeline.context_window(request.model)
+        """Check the request; return the target length in tokens.
+
+        Every bad field is reported at once, as Complete's are, except that a model no
+        upstream serves is NOT_FOUND first, and the checks against the model's window
+        wait for a valid model name.
+        """
+        invalid_model = model_violations(request.model)
+        violations = [*request.violations, *invalid_model]
+        window = None
+        if not invalid_model:
+            self._pipeline.pool.routes(request.model)  # ModelNotFound first
+            window = self._pipeline.context_window(request.model)
+        default = self._config.default_target_tokens
         # The default scales down for a small model, as Complete's answer reserve does.
-        target = request.target_tokens or min(self._config.default_target_tokens, window // 4)
-        violations: list[FieldViolation] = []
+        target = request.target_tokens or (default if window is None else min(default, window // 4))
         if not request.document.strip():
             violations.append(FieldViolation("document", "must not be empty"))
         else:
@@ -460,7 +469,7 @@ class Summarizer:
                 # Refused here, not by the call that would send it: the parts before that
                 # one would have been sent and paid for by then.
                 violations.append(FieldViolation("document", "must not contain control characters"))
-        if target > window // 4:
+        if window is not None and target > window // 4:
             violations.append(
                 FieldViolation(
                     "target_tokens",
@@ -468,7 +477,7 @@ class Summarizer:
                     f"got {target}",
                 )
             )
-        if estimate_text_tokens(request.instructions) > window // 8:
+        if window is not None and estimate_text_tokens(request.instructions) > window // 8:
             violations.append(FieldViolation("instructions", f"at most about {window // 8} tokens"))
         elif has_control_characters(request.instructions):
             violations.append(FieldViolation("instructions", "must not contain control characters"))

@@ -189,8 +189,14 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     return found
 
 
-def label_violations(labels: Mapping[str, str], limits: RequestDefaults) -> list[FieldViolation]:
-    """What is wrong with a call's labels, whichever RPC they came in (empty: nothing)."""
+def label_violations(
+    labels: Mapping[str, str], limits: RequestDefaults, *, is_filter: bool = False
+) -> list[FieldViolation]:
+    """What is wrong with a call's labels, whichever RPC they came in (empty: nothing).
+
+    With `is_filter` they are GetUsage's filter, which may name the gateway's own keys:
+    its overflow row is labelled so.
+    """
     found = []
     if len(labels) > limits.max_labels:
         found.append(FieldViolation("labels", f"at most {limits.max_labels} labels"))
@@ -199,7 +205,7 @@ def label_violations(labels: Mapping[str, str], limits: RequestDefaults) -> list
             found.append(
                 FieldViolation(f"labels[{key[:64]!r}]", "key must be 1-64 of A-Z a-z 0-9 _ . - /")
             )
-        elif key.startswith(RESERVED_LABEL_PREFIX):
+        elif key.startswith(RESERVED_LABEL_PREFIX) and not is_filter:
             # The ledger's overflow row is labelled so: a caller's own would pass for it.
             found.append(
                 FieldViolation(

@@ -173,6 +173,9 @@ async def test_get_usage_sums_a_tenants_calls_past_its_row_cap_in_one_overflow_r
     ]
     assert usage.total.requests == 5
     assert usage.total.cost_usd == pytest.approx(sum(costs), abs=1e-12)
+    # The gateway's own label is refused on a call, but a filter may name it.
+    overflow = await gw.stub.GetUsage(pb.GetUsageRequest(labels={"llm_gateway.overflow": "true"}))
+    assert overflow.total.requests == 3
 
 
 async def test_get_usage_refuses_a_timestamp_out_of_range_as_invalid_argument(priced):
@@ -190,6 +193,53 @@ async def test_get_usage_refuses_a_timestamp_out_of_range_as_invalid_argument(pr
             await priced.stub.GetUsage(request)
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert list(field_violations(refused.value)) == [field]
+
+
+async def test_get_usage_refuses_a_window_that_ends_before_it_starts(priced):
+    """Swapped bounds are the caller's error, on end_time; a window of one instant is not.
+
+    Before, the swapped window matched no row and GetUsage answered OK with a zero total,
+    which reads as "no usage" when there was some.
+    """
+    await priced.stub.Complete(chat())
+    now = dt.datetime.now(dt.UTC)
+    swapped = pb.GetUsageRequest()
+    swapped.start_time.FromDatetime(now + dt.timedelta(hours=1))
+    swapped.end_time.FromDatetime(now - dt.timedelta(hours=1))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await priced.stub.GetUsage(swapped)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert list(field_violations(refused.value)) == ["end_time"]
+    instant = pb.GetUsageRequest()
+    instant.start_time.FromDatetime(now)
+    instant.end_time.FromDatetime(now)
+    await priced.stub.GetUsage(instant)
+
+
+@pytest.mark.parametrize(
+    ("filters", "field"),
+    [
+        ({"tenant": "team a"}, "tenant"),
+        ({"model": "fake\x00model"}, "model"),
+        ({"model": "m" * 300}, "model"),
+        ({"labels": {"bad key!": "v"}}, "labels['bad key!']"),
+        ({"labels": {"team": "search\n"}}, "labels['team']"),
+        ({"labels": {f"k{n}": "v" for n in range(33)}}, "labels"),
+    ],
+    ids=["tenant", "model-control", "model-long", "label-key", "label-value", "label-count"],
+)
+async def test_get_usage_refuses_a_filter_no_call_could_match(priced, filters, field):
+    """A tenant, model or label no call could have been recorded with is INVALID_ARGUMENT
+    on that field, held to the rules a call's are.
+
+    Before, any string went through as a filter that matched no row, and GetUsage
+    answered OK with a zero total: "no usage" for a typo'd or mangled filter.
+    """
+    await priced.stub.Complete(chat(labels={"team": "search"}))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await priced.stub.GetUsage(pb.GetUsageRequest(**filters))
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field in field_violations(refused.value)
 
 
 async def test_a_spent_budget_refuses_before_any_upstream_call(upstream, start_gateway):

@@ -427,6 +427,28 @@ async def test_an_invalid_model_name_is_refused_as_complete_refuses_it(
     assert recorder.requests == []
 
 
+async def test_every_bad_field_of_a_summary_is_reported_at_once(recorder, start_gateway):
+    """A Summarize with several bad fields names each of them in one BadRequest, as
+    Complete does, so the caller fixes them in one go.
+
+    Before, an unknown reasoning effort, then an invalid model name, were refused alone:
+    the caller heard of the empty document and the bad label only on later tries."""
+    gateway = await start_gateway(config(recorder.base_url))
+    request = pb.SummarizeRequest(
+        model="", document=" ", labels={"bad key": "v"}, reasoning_effort=99
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(request)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(caught.value)) == {
+        "reasoning_effort",
+        "model",
+        "document",
+        "labels['bad key']",
+    }
+    assert recorder.requests == []
+
+
 async def test_a_long_unknown_model_is_not_found_with_a_short_status(recorder, start_gateway):
     """An unknown model name is quoted in part: Summarize looks the model up first."""
     gateway = await start_gateway(config(recorder.base_url))
