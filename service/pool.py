@@ -484,9 +484,13 @@ class UpstreamPool:
         error: BaseException | None,
         deltas_sent: int = 0,
         is_callers_cut: bool = False,
+        waited_s: float | None = None,
     ) -> None:
+        """Record one attempt; `waited_s`, a unary answer's wait on its upstream, is the
+        call's upstream time rather than the whole attempt, which includes the gateway's
+        own encoding and parsing."""
         duration = time.monotonic() - started
-        log_.upstream_s += duration
+        log_.upstream_s += duration if waited_s is None else waited_s
         record = AttemptRecord(
             number=log_.attempts,
             upstream=route.client.name,
@@ -646,6 +650,7 @@ class UpstreamPool:
                         usage=reply.usage,
                         content=reply.content,
                         tool_calls=reply.tool_calls,
+                        waited_s=reply.waited_s,
                     )
             except UpstreamError as exc:
                 is_callers_cut = _hit_callers_deadline(exc, deadline)
@@ -669,7 +674,7 @@ class UpstreamPool:
             finally:
                 state.limiter.release()
             self._after_success(state, reply.rate_limits)
-            record(error=None)
+            record(error=None, waited_s=reply.waited_s)
             return reply
         error = self._give_up(request.model, plan, progress.last_error)
         if isinstance(error, UpstreamError):

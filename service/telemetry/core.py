@@ -66,6 +66,9 @@ class AttemptSpan:
     is_callers_cut: Callable[[BaseException], bool] | None = None
     started: float = field(default_factory=time.perf_counter)
     first_chunk_s: float | None = None
+    # A unary answer's wait on the upstream (`finish`): the RPC's upstream time, which
+    # leaves the attempt's own encoding and parsing to the gateway's overhead.
+    waited_s: float | None = None
     _parts: list[str] | None = None  # with `capture_content`: the text streamed so far
     _tool_call_pieces: list[ToolCallDelta] | None = None  # and the tool-call pieces
 
@@ -94,7 +97,7 @@ class AttemptSpan:
             elapsed = time.perf_counter() - self.started
             scope = CURRENT_RPC.get()
             if scope is not None:
-                scope.upstream_s += elapsed
+                scope.upstream_s += elapsed if self.waited_s is None else self.waited_s
             if telemetry.providers.records_metrics:
                 telemetry.instruments.operation_duration.record(elapsed, self.metric_attributes)
             span.end()
@@ -122,11 +125,13 @@ class AttemptSpan:
         usage: Usage | None,
         content: str | None = None,
         tool_calls: Sequence[ToolCall] = (),
+        waited_s: float | None = None,
     ) -> None:
         """The upstream answered in full: response attributes, tokens and cost.
 
-        `content` and `tool_calls` are a unary answer's; a stream's were gathered by
-        `chunk`."""
+        `content`, `tool_calls` and `waited_s` (how long the answer took to come) are a
+        unary answer's; a stream's were gathered by `chunk`."""
+        self.waited_s = waited_s
         span = self.span
         if response_model:
             self.metric_attributes[attr.GEN_AI_RESPONSE_MODEL] = response_model

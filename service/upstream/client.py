@@ -278,7 +278,7 @@ class UpstreamClient:
                     body = await response.read(max_bytes=_MAX_REPLY_BYTES)
             if response.status >= 400:
                 raise _error_for_status(self.name, response.status, response.headers, body)
-            return _reply(call, body, response.headers)
+            return _reply(call, body, response.headers, waited_s=response.waited_s)
 
     async def stream(
         self,
@@ -322,7 +322,7 @@ class UpstreamClient:
                     # one completion: relay it as one chunk and the end.
                     async with asyncio.timeout_at(deadline):
                         body = await response.read(max_bytes=_MAX_REPLY_BYTES)
-                    reply = _reply(call, body, response.headers)
+                    reply = _reply(call, body, response.headers, waited_s=response.waited_s)
                     if reply.content or reply.tool_calls or reply.reasoning:
                         yield TextChunk(
                             reply.content, whole_tool_calls(reply.tool_calls), reply.reasoning
@@ -392,9 +392,14 @@ class UpstreamClient:
                     response.release()  # half read: closed, so the provider stops generating
 
 
-def _reply(call: UpstreamCall, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
-    """A whole chat completion's answer, as a unary call gets it."""
-    return parse_completion(body, model=call.upstream_model, rate_limits=rate_limit_hints(headers))
+def _reply(
+    call: UpstreamCall, body: bytes, headers: Mapping[str, str], *, waited_s: float
+) -> UpstreamReply:
+    """A whole chat completion's answer, as a unary call gets it, `waited_s` after its
+    request was written."""
+    return parse_completion(
+        body, model=call.upstream_model, rate_limits=rate_limit_hints(headers), waited_s=waited_s
+    )
 
 
 async def _get_once(config: UpstreamConfig, path: str, *, timeout_s: float) -> tuple[int, bytes]:

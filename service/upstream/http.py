@@ -155,6 +155,8 @@ class Response:
         self._unparsed_bytes = 0
         self.received_bytes = 0
         self._end_timer: asyncio.TimerHandle | None = None  # set while waiting for the end
+        self.sent_at = 0.0  # perf_counter when the request was written
+        self._answered_at: float | None = None  # and when the answer's end was read
 
     # httptools callbacks --------------------------------------------------------------
 
@@ -207,6 +209,7 @@ class Response:
             self._is_informational = False
             return
         self._is_complete = True
+        self._answered_at = time.perf_counter()
         self._wake()
 
     # connection events ---------------------------------------------------------------
@@ -282,6 +285,14 @@ class Response:
                 raise BodyTooLarge(f"the answer is larger than {max_bytes} bytes")
             parts.append(data)
         return b"".join(parts)
+
+    @property
+    def waited_s(self) -> float:
+        """Seconds from the request's writing to the answer's end (to now while it is
+        still coming): the wait on the server, without the caller's own work before or
+        after."""
+        end = self._answered_at if self._answered_at is not None else time.perf_counter()
+        return end - self.sent_at
 
     @property
     def is_unanswered(self) -> bool:
@@ -407,6 +418,7 @@ class HttpPool:
             response = Response(self, connection)
             try:
                 connection.send(head, body, response)
+                response.sent_at = time.perf_counter()
                 await response.wait_head()
             except HttpError:
                 response.release()

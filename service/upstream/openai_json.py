@@ -327,10 +327,10 @@ def _refusal(message: dict[str, Any]) -> str:
 
 
 def parse_completion(
-    raw: bytes, *, model: str = "", rate_limits: RateLimitHints = _NO_HINTS
+    raw: bytes, *, model: str = "", rate_limits: RateLimitHints = _NO_HINTS, waited_s: float = 0.0
 ) -> UpstreamReply:
-    """Parse a unary answer; `model` names it when the body does not, and `rate_limits`
-    are what its headers said."""
+    """Parse a unary answer; `model` names it when the body does not, `rate_limits` are
+    what its headers said and `waited_s` how long it took to come."""
     data = _loads(raw)
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
@@ -359,6 +359,7 @@ def parse_completion(
         rate_limits=rate_limits,
         tool_calls=tool_calls,
         reasoning=reasoning,
+        waited_s=waited_s,
     )
 
 

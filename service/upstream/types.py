@@ -73,6 +73,9 @@ class UpstreamReply:
     rate_limits: RateLimitHints = RateLimitHints()
     tool_calls: tuple[ToolCall, ...] = ()
     reasoning: str = ""
+    # From the request's last byte written to the answer's last byte read: the time spent
+    # waiting on the upstream, without the gateway's own encoding and parsing.
+    waited_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,9 @@ import dataclasses
 import gc
 import json
 import logging
+import time
 import urllib.parse
+from typing import Any
 
 import grpc
 import pytest
@@ -17,6 +19,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter
+from service.upstream import client as client_module
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import Hang, Reply, Status, ToolCallReply
 from tests.integration.tenancy_helpers import as_tenant, secure_config
@@ -484,6 +487,28 @@ async def test_overhead_excludes_time_spent_waiting_on_the_upstream(gateway, ups
     overhead = float(dict(await call.trailing_metadata())["llm-gateway-overhead-ms"])
     assert response.metadata.timings.total_ms >= 300
     assert overhead < 0.5 * response.metadata.timings.total_ms
+
+
+async def test_overhead_counts_the_gateways_own_reading_of_the_answer(
+    gateway, upstream, monkeypatch
+):
+    """Parsing the upstream's answer is the gateway's work, not a wait on the upstream:
+    it counts in the overhead trailer and stays out of `upstream_ms`. Before, the whole
+    attempt, its request's encoding and its answer's parsing with it, counted as upstream
+    time, so the trailer understated what the gateway added."""
+    parse = client_module.parse_completion
+
+    def parse_slowly(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.2)  # on the event loop, as parsing a long answer is
+        return parse(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "parse_completion", parse_slowly)
+    call = gateway.stub.Complete(chat())
+    response = await call
+    overhead = float(dict(await call.trailing_metadata())["llm-gateway-overhead-ms"])
+    timings = response.metadata.timings
+    assert overhead >= 200
+    assert timings.upstream_ms <= timings.total_ms - 200
 
 
 async def test_in_flight_counts_calls_in_progress(traced, captured, upstream):
