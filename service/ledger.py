@@ -61,6 +61,7 @@ from service.config import LedgerConfig, redis_password
 from service.domain import Usage
 from service.errors import UpstreamUnavailable
 from service.late_release import LateReleases
+from service.lean_redis import LeanRedis
 from service.memo import BoundedMemo
 from service.redis_errors import refused_for_good, replacing_closed_connections
 from service.store_cooldown import COOLDOWN_S, StoreCooldown
@@ -660,10 +661,12 @@ class RedisLedger:
             socket_connect_timeout=config.operation_timeout_s,
             **replacing_closed_connections(),
         )
-        self._reserve_script = self._redis.register_script(_RESERVE_LUA)
-        self._reserved_script = self._redis.register_script(_RESERVED_LUA)
-        self._release_script = self._redis.register_script(_RELEASE_LUA)
-        self._record_script = self._redis.register_script(_RECORD_LUA)
+        # The scripts every call runs, without redis-py's per-command cost.
+        self._lean = LeanRedis.beside(self._redis)
+        self._reserve_script = self._lean.register_script(_RESERVE_LUA)
+        self._reserved_script = self._lean.register_script(_RESERVED_LUA)
+        self._release_script = self._lean.register_script(_RELEASE_LUA)
+        self._record_script = self._lean.register_script(_RECORD_LUA)
         # Redis left alone for a while after it fails to answer (`StoreCooldown`).
         self.cooldown = StoreCooldown("ledger")
         # Failed reservation releases and usage rows, retried in the order they failed.
@@ -992,8 +995,9 @@ class RedisLedger:
         return f"{reservation.id}:{reservation.cost_pico}"
 
     async def aclose(self) -> None:
-        """Stop retrying releases and close the connection pool."""
+        """Stop retrying releases and close the connection pools."""
         await self.late_releases.aclose()
+        await self._lean.aclose()
         await self._redis.aclose()
 
 

@@ -21,6 +21,7 @@ from service.auth import (
 )
 from service.caller_gate import CallerGate
 from service.config import ConfigError, GatewayConfig
+from service.lean_redis import LeanRedis
 from service.redis_errors import replacing_closed_connections
 from service.store_cooldown import StoreCooldown
 from service.tenant_limits import MemoryTenantLimiter, RedisTenantLimiter, TenantLimiter
@@ -95,11 +96,15 @@ async def build_caller_gate(config: GatewayConfig, stack: contextlib.AsyncExitSt
     if auth.redis_url:
         client = _redis_client(config)
         stack.push_async_callback(client.aclose)
+        lean = LeanRedis.beside(client)
+        stack.push_async_callback(lean.aclose)
         # One cool-down for the one client: a Redis that does not answer the key lookup
         # will not answer the tenant limits either.
         cooldown = StoreCooldown("auth")
         stores.append(RedisKeyStore(client, prefix=auth.redis_key_prefix, cooldown=cooldown))
-        redis_limiter = RedisTenantLimiter(client, prefix=auth.redis_key_prefix, cooldown=cooldown)
+        redis_limiter = RedisTenantLimiter(
+            client, prefix=auth.redis_key_prefix, cooldown=cooldown, commands=lean
+        )
         stack.push_async_callback(redis_limiter.aclose)  # unwound before client.aclose
         limiter = redis_limiter
     authenticator = Authenticator(

@@ -296,11 +296,15 @@ class RedisTenantLimiter:
         prefix: str,
         cooldown: StoreCooldown | None = None,
         lease_ttl_s: int = _LEASE_TTL_S,
+        commands: Any = None,
     ) -> None:
         self._redis = redis
         self._prefix = prefix
-        self._script = redis.register_script(_ADMIT_LUA)
-        self._renew = redis.register_script(_RENEW_LUA)
+        # The per-call scripts and release go through `commands` (a `LeanRedis` beside
+        # `redis`, without redis-py's per-command cost) when given.
+        self._commands = redis if commands is None else commands
+        self._script = self._commands.register_script(_ADMIT_LUA)
+        self._renew = self._commands.register_script(_RENEW_LUA)
         self._lease_ttl_s = lease_ttl_s
         self.cooldown = cooldown if cooldown is not None else StoreCooldown("tenant_limits")
         self.late_releases = LateReleases(
@@ -321,7 +325,9 @@ class RedisTenantLimiter:
         this, so it is marked released as well.
         """
         if is_confirmed:
-            await self.late_releases.release_now(lambda: self._redis.zrem(keys[2], lease))
+            await self.late_releases.release_now(
+                lambda: self._commands.execute_command("ZREM", keys[2], lease)
+            )
         else:
             await self.late_releases.release_now(lambda: self._release_unconfirmed(keys, lease))
 
