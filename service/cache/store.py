@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError
 from service.cache.stats import CacheStats
 from service.clock import SYSTEM_CLOCK, Clock
 from service.config import CacheConfig, redis_password
+from service.lean_redis import LeanRedis
 from service.redis_errors import replacing_closed_connections
 
 __all__ = ["CacheStore"]
@@ -107,6 +108,9 @@ class CacheStore:
         self._cooling_until = float("-inf")
         self.stats = stats if stats is not None else CacheStats()
         self._cache = _backend(config, os.environ if environ is None else environ)
+        # The read every cacheable call makes, without redis-py's (and aiocache's)
+        # per-command cost: as the ledger's and the limiter's per-call commands.
+        self._reads = None if config.backend == "memory" else LeanRedis.beside(self._cache.client)
         # An in-process dict cannot hang: only a networked backend needs a deadline.
         self._timeout_s = None if config.backend == "memory" else config.operation_timeout_s
 
@@ -140,11 +144,11 @@ class CacheStore:
         if self._is_cooling_down():
             return None
         try:
-            if self._timeout_s is None:
+            if self._reads is None:
                 value = await self._cache.get(key)
             else:
                 async with asyncio.timeout(self._timeout_s):
-                    value = await self._cache.get(key)
+                    value = await self._reads.execute_command("GET", key)
         except ResponseError as exc:
             if not str(exc).startswith("WRONGTYPE"):
                 self._failed("get", exc)
@@ -201,7 +205,8 @@ class CacheStore:
     async def aclose(self) -> None:
         """Close the backend's connections."""
         try:
-            if self._config.backend == "redis":
+            if self._reads is not None:
+                await self._reads.aclose()
                 # aiocache's close() calls redis-py's deprecated close(); aclose() is current.
                 await self._cache.client.aclose()
             else:

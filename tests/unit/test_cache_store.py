@@ -5,11 +5,13 @@ from __future__ import annotations
 import socket
 
 import pytest
+import redis.asyncio as aioredis
 
 from service.cache import CacheStore
 from service.cache.store import BoundedMemoryCache
 from service.config import CacheConfig
 from tests.fake_clock import FakeClock
+from tests.redis_server import RedisServer
 
 
 def _closed_port() -> int:
@@ -64,6 +66,33 @@ async def test_password_comes_from_the_environment() -> None:
     store = CacheStore(config, environ={"TEST_REDIS_PW": "s3cret"})
     assert store._cache.password == "s3cret"
     await store.aclose()
+
+
+async def test_a_redis_store_reads_what_it_wrote_with_the_password_and_db_configured() -> None:
+    """Reads go through the lean client, writes through aiocache: both connect with the
+    configured password to the URL's db, so a value written is read back, bytes intact,
+    and is in that db alone."""
+    server = RedisServer(password="cache-pw")
+    await server.start()
+    try:
+        config = CacheConfig(
+            backend="redis",
+            redis_url=f"redis://127.0.0.1:{server.port}/2",
+            redis_password_env="TEST_CACHE_PW",
+        )
+        async with CacheStore(config, environ={"TEST_CACHE_PW": "cache-pw"}) as store:
+            assert await store.get("k") is None
+            assert await store.set("k", b"\x00value\xff", ttl_s=60)
+            assert await store.get("k") == b"\x00value\xff"
+            assert (store.stats.errors, store.stats.bytes_read) == (0, 7)
+        db0 = aioredis.Redis.from_url(server.url, password="cache-pw")
+        db2 = aioredis.Redis.from_url(config.redis_url, password="cache-pw")
+        assert await db0.get("k") is None
+        assert await db2.get("k") == b"\x00value\xff"
+        await db0.aclose()
+        await db2.aclose()
+    finally:
+        await server.stop()
 
 
 async def test_the_memory_store_drops_the_least_recently_used_past_its_bound() -> None:
