@@ -22,7 +22,8 @@ fails the call (`InvalidRequest`).
 Under a tenant's tokens_per_minute each call takes its tokens as it starts, so every call
 is also sized to fit one minute's tokens: a larger one could never be taken, and the
 default target shrinks to a quarter of the minute. A minute too small for any piece
-fails the call (`QuotaExceeded`, for good) before any part is sent.
+fails the call (`QuotaExceeded`, for good) before any part is sent; once parts are paid
+for, a piece split again is not refused for its longer header.
 """
 
 from __future__ import annotations
@@ -521,9 +522,18 @@ class Summarizer:
         return math.floor((window - answer_tokens - _SAFETY_TOKENS) / factor) - frame
 
     def _require_room(
-        self, request: SummaryRequest, *, system: str, header: str, answer_tokens: int
+        self,
+        request: SummaryRequest,
+        *,
+        system: str,
+        header: str,
+        answer_tokens: int,
+        min_rate_room: int = _MIN_CHUNK_TOKENS,
     ) -> int:
         """`_room`, when enough of the document fits one call; else no split can help.
+
+        Enough is `_MIN_CHUNK_TOKENS`, or `min_rate_room` when the tenant's minute is
+        what leaves less.
 
         Raises:
             InvalidRequest: on `instructions` (or `target_tokens` without them), saying
@@ -535,9 +545,14 @@ class Summarizer:
         room = self._room(model, system=system, header=header, answer_tokens=answer_tokens)
         if room >= _MIN_CHUNK_TOKENS:
             return room
-        room = self._window_room(model, system=system, header=header, answer_tokens=answer_tokens)
-        if room >= _MIN_CHUNK_TOKENS:
+        window_room = self._window_room(
+            model, system=system, header=header, answer_tokens=answer_tokens
+        )
+        if window_room >= _MIN_CHUNK_TOKENS:
+            if room >= min_rate_room:
+                return room
             raise _rate_too_small(request.tenant, answer_tokens)
+        room = window_room
         window = self._pipeline.context_window(model)
         factor = self._pipeline.calibration.factor(model)
         field_name = "instructions" if request.instructions else "target_tokens"
@@ -736,8 +751,12 @@ class Summarizer:
             was_refused = True
         # Room for the widest piece number a split can reach (a piece takes a token at least).
         widest = _header(_piece_name(name, tokens))
+        # The minute held `_MIN_CHUNK_TOKENS` of text beside the part's header before any
+        # part was paid for; a piece's longer header takes a few of them (the minute's room
+        # does not move with the calibration, as the window's does), so the pieces are that
+        # much smaller, rather than the run failing half-way.
         max_tokens = self._require_room(
-            run.request, system=system, header=widest, answer_tokens=answer_tokens
+            run.request, system=system, header=widest, answer_tokens=answer_tokens, min_rate_room=1
         )
         if was_refused:
             # Refused although it fitted by the estimate: a refusal leaves a factor of 1 or

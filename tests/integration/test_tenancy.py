@@ -21,7 +21,7 @@ from service.server import GatewayServer
 from service.summarize import document_prompt
 from service.tokens import estimate_text_tokens
 from tests.conftest import FAKE_MODEL, chat, chat_stream, fake_model_window, gateway_config
-from tests.fake_upstream import Reply
+from tests.fake_upstream import Reply, Status
 from tests.integration.tenancy_helpers import (
     as_tenant,
     bearer,
@@ -31,7 +31,7 @@ from tests.integration.tenancy_helpers import (
     stream_error,
     trailer,
 )
-from tests.scripted_upstream import ScriptedUpstream
+from tests.scripted_upstream import ScriptedUpstream, user_text
 from tests.secret_capture import CALLER_KEY_A, PROVIDER_KEY
 
 SERVICE_CONFIG = Path(__file__).resolve().parents[2] / "clients" / "service_config.json"
@@ -693,6 +693,41 @@ async def test_a_summary_without_a_target_takes_one_that_fits_a_small_minute(
         for recorded in scripted.requests:
             texts = [m["content"] for m in recorded.body["messages"]]
             assert part_tokens(texts, max_tokens=recorded.body["max_tokens"]) <= 300
+
+
+async def test_a_part_split_again_under_a_small_minute_is_summarised_in_smaller_pieces(
+    start_gateway, short_minutes
+):
+    """Team-a's 182 tokens a minute leave parts exactly the 64 tokens of text a useful
+    part needs. The upstream refuses part 3 of 10 (63 tokens) as too long: it is split
+    again, and its pieces, whose "Part 3 of 10, piece K" header is longer, take a few
+    tokens less text each. The summary completes, every call within the minute.
+
+    Before, the re-split asked the minute for 64 tokens of text beside the longer header
+    and failed the call RESOURCE_EXHAUSTED for good, after parts 1 and 2 were paid for."""
+
+    def respond(body: dict[str, Any]) -> Reply | Status:
+        if user_text(body).startswith("Part 3 of") and ", piece" not in user_text(body)[:30]:
+            return Status(400, body=_TOO_LONG)
+        return Reply(content="short")
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as scripted:
+        gw = await start_gateway(_summary_config(scripted.base_url, 182))
+        document = " ".join(f"Sentence {i} says something." for i in range(70))
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document, target_tokens=40)
+        summary = await gw.stub.Summarize(request, metadata=as_tenant("team-a"))
+        assert summary.summary == "short"
+        pieces = [r.body for r in scripted.requests if user_text(r.body).startswith("Part 3 of")]
+        assert len(pieces) >= 3  # the refused part, then its pieces
+        for recorded in scripted.requests:
+            texts = [m["content"] for m in recorded.body["messages"]]
+            assert part_tokens(texts, max_tokens=recorded.body["max_tokens"]) <= 182
+
+
+_TOO_LONG = (
+    '{"error": {"message": "This model\'s maximum context length is 1024 tokens.", '
+    '"type": "invalid_request_error", "code": "context_length_exceeded"}}'
+)
 
 
 async def test_auth_off_serves_the_default_tenant_on_loopback(upstream, start_gateway):
