@@ -20,8 +20,10 @@ summarised in its place and in order. Only a window with too little room for any
 fails the call (`InvalidRequest`).
 
 Under a tenant's tokens_per_minute each call takes its tokens as it starts, so every call
-is also sized to fit one minute's tokens: a larger one could never be taken. A minute too
-small for any piece fails the call (`QuotaExceeded`, for good) before any part is sent.
+is also sized to fit one minute's tokens: a larger one could never be taken, and the
+default target shrinks to a quarter of the minute. A minute too small for any piece
+fails the call (`QuotaExceeded`, for good) before any part is sent; once parts are paid
+for, a piece split again is not refused for its longer header.
 """
 
 from __future__ import annotations
@@ -94,6 +96,9 @@ _PAGE_BREAKS = str.maketrans({"\f": "\n\n", "\v": "\n"})
 # Tokens kept free besides the estimate, for what the estimate cannot see.
 _SAFETY_TOKENS = 16
 _MIN_CHUNK_TOKENS = 64
+# The least a default target or a part's answer shrinks to for a small minute: about
+# 24 words, little enough for a summary still to say something.
+_MIN_TARGET_TOKENS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,10 +422,13 @@ def _rate_room(*, system: str, header: str, answer_tokens: int) -> int | None:
 def _rate_too_small(tenant: str, answer_tokens: int) -> QuotaExceeded:
     """The refusal of a Summarize whose tenant's tokens_per_minute holds no useful call."""
     limit = _tokens_per_minute()
+    # An answer at the floor (the default target, a part's) is not the caller's to lower.
+    lower = "lower target_tokens, " if answer_tokens > _MIN_TARGET_TOKENS else ""
     refusal = QuotaExceeded(
         f"tenant {tenant!r}'s tokens_per_minute of {limit} cannot hold one summarising "
         f"call: its prompt, a {answer_tokens}-token answer and at least "
-        f"{_MIN_CHUNK_TOKENS} tokens of text; lower target_tokens or shorten the instructions",
+        f"{_MIN_CHUNK_TOKENS} tokens of text; {lower}shorten the instructions or raise "
+        "the tenant's tokens_per_minute",
         subject=f"tenant:{tenant}:tokens_per_minute",
         retry_after_s=None,
     )
@@ -452,8 +460,14 @@ class Summarizer:
             self._pipeline.pool.routes(request.model)  # ModelNotFound first
             window = self._pipeline.context_window(request.model)
         default = self._config.default_target_tokens
-        # The default scales down for a small model, as Complete's answer reserve does.
-        target = request.target_tokens or (default if window is None else min(default, window // 4))
+        # The default scales down for a small model, as Complete's answer reserve does,
+        # and for a small tokens_per_minute (known once the call is admitted), whose
+        # combine call must hold it beside the summaries.
+        if window is not None:
+            default = min(default, window // 4)
+        if minute := _tokens_per_minute():
+            default = min(default, max(_MIN_TARGET_TOKENS, minute // 4))
+        target = request.target_tokens or default
         if not request.document.strip():
             violations.append(FieldViolation("document", "must not be empty"))
         else:
@@ -508,9 +522,18 @@ class Summarizer:
         return math.floor((window - answer_tokens - _SAFETY_TOKENS) / factor) - frame
 
     def _require_room(
-        self, request: SummaryRequest, *, system: str, header: str, answer_tokens: int
+        self,
+        request: SummaryRequest,
+        *,
+        system: str,
+        header: str,
+        answer_tokens: int,
+        min_rate_room: int = _MIN_CHUNK_TOKENS,
     ) -> int:
         """`_room`, when enough of the document fits one call; else no split can help.
+
+        Enough is `_MIN_CHUNK_TOKENS`, or `min_rate_room` when the tenant's minute is
+        what leaves less.
 
         Raises:
             InvalidRequest: on `instructions` (or `target_tokens` without them), saying
@@ -522,9 +545,14 @@ class Summarizer:
         room = self._room(model, system=system, header=header, answer_tokens=answer_tokens)
         if room >= _MIN_CHUNK_TOKENS:
             return room
-        room = self._window_room(model, system=system, header=header, answer_tokens=answer_tokens)
-        if room >= _MIN_CHUNK_TOKENS:
+        window_room = self._window_room(
+            model, system=system, header=header, answer_tokens=answer_tokens
+        )
+        if window_room >= _MIN_CHUNK_TOKENS:
+            if room >= min_rate_room:
+                return room
             raise _rate_too_small(request.tenant, answer_tokens)
+        room = window_room
         window = self._pipeline.context_window(model)
         factor = self._pipeline.calibration.factor(model)
         field_name = "instructions" if request.instructions else "target_tokens"
@@ -555,7 +583,8 @@ class Summarizer:
         window = self._pipeline.context_window(model)
         # A part's answer is at most an eighth of what one call may take: the window, and
         # the tenant's tokens_per_minute, else its summaries would barely shrink the text.
-        part_target = max(32, min(target, min(window, _tokens_per_minute() or window) // 8))
+        per_call = min(window, _tokens_per_minute() or window)
+        part_target = max(_MIN_TARGET_TOKENS, min(target, per_call // 8))
         part_system = part_prompt(target_tokens=part_target, instructions=request.instructions)
         combine_system = combine_prompt(target_tokens=target, instructions=request.instructions)
         concurrency = self._config.concurrency
@@ -722,8 +751,12 @@ class Summarizer:
             was_refused = True
         # Room for the widest piece number a split can reach (a piece takes a token at least).
         widest = _header(_piece_name(name, tokens))
+        # The minute held `_MIN_CHUNK_TOKENS` of text beside the part's header before any
+        # part was paid for; a piece's longer header takes a few of them (the minute's room
+        # does not move with the calibration, as the window's does), so the pieces are that
+        # much smaller, rather than the run failing half-way.
         max_tokens = self._require_room(
-            run.request, system=system, header=widest, answer_tokens=answer_tokens
+            run.request, system=system, header=widest, answer_tokens=answer_tokens, min_rate_room=1
         )
         if was_refused:
             # Refused although it fitted by the estimate: a refusal leaves a factor of 1 or

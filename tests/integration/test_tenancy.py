@@ -11,6 +11,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 import service.caller_gate
+import service.tenant_limits
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.caller_gate import part_tokens
@@ -20,7 +21,7 @@ from service.server import GatewayServer
 from service.summarize import document_prompt
 from service.tokens import estimate_text_tokens
 from tests.conftest import FAKE_MODEL, chat, chat_stream, fake_model_window, gateway_config
-from tests.fake_upstream import Reply
+from tests.fake_upstream import Reply, Status
 from tests.integration.tenancy_helpers import (
     as_tenant,
     bearer,
@@ -30,7 +31,7 @@ from tests.integration.tenancy_helpers import (
     stream_error,
     trailer,
 )
-from tests.scripted_upstream import ScriptedUpstream
+from tests.scripted_upstream import ScriptedUpstream, user_text
 from tests.secret_capture import CALLER_KEY_A, PROVIDER_KEY
 
 SERVICE_CONFIG = Path(__file__).resolve().parents[2] / "clients" / "service_config.json"
@@ -587,13 +588,13 @@ async def test_a_summary_of_more_than_a_minutes_tokens_takes_them_call_by_call(
         assert quota.violations[0].subject == "tenant:team-a:tokens_per_minute"
 
 
-def _summary_config(base_url: str, tokens_per_minute: int) -> Any:
+def _summary_config(base_url: str, tokens_per_minute: int, *, default_target: int = 64) -> Any:
     """team-a under `tokens_per_minute`, a model of a 32K window, parts without overlap."""
     return secure_config(
         base_url,
         tenants={"team-a": {"tokens_per_minute": tokens_per_minute}},
         models=fake_model_window(32_768),
-        summarize={"default_target_tokens": 64, "chunk_overlap_tokens": 0},
+        summarize={"default_target_tokens": default_target, "chunk_overlap_tokens": 0},
         batch={"rate_left_to_other_calls": 0},  # the whole minute to the summary
     )
 
@@ -629,15 +630,19 @@ async def test_a_summary_is_split_into_calls_that_fit_its_tenants_tokens_per_min
 
 
 @pytest.mark.parametrize(
-    ("tokens_per_minute", "target_tokens"), [(150, 0), (1500, 1400)], ids=["parts", "combine"]
+    ("tokens_per_minute", "target_tokens", "answer"),
+    [(120, 0, 32), (1500, 1400, 1400)],
+    ids=["default target at its floor", "combine"],
 )
 async def test_a_summary_whose_tenant_minute_holds_no_useful_part_is_refused_up_front(
-    start_gateway, tokens_per_minute: int, target_tokens: int
+    start_gateway, tokens_per_minute: int, target_tokens: int, answer: int
 ):
     """A tokens_per_minute too small for the prompt, an answer and the smallest part (or
     for combining the parts' summaries into the target asked for) is refused for good
     before any part is sent and paid for: RESOURCE_EXHAUSTED on that limit, with
-    pushback -1, saying what one call needs."""
+    pushback -1, saying what one call needs. Without a target the default shrinks to a
+    quarter of the minute, but not below 32 tokens: a minute that cannot hold that is
+    refused, and not told to lower a target it never gave."""
     async with ScriptedUpstream(
         models=(FAKE_MODEL,), respond=lambda body: Reply(content="short")
     ) as scripted:
@@ -648,14 +653,81 @@ async def test_a_summary_whose_tenant_minute_holds_no_useful_part_is_refused_up_
         )
         error = await rpc_error(gw.stub.Summarize(request, metadata=as_tenant("team-a")))
         assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        answer = target_tokens or 64
         assert f"cannot hold one summarising call: its prompt, a {answer}-token answer" in (
             error.details() or ""
         )
+        assert ("lower target_tokens" in (error.details() or "")) == bool(target_tokens)
         quota = detail(error, error_details_pb2.QuotaFailure)
         assert quota.violations[0].subject == "tenant:team-a:tokens_per_minute"
         assert trailer(error, RETRY_PUSHBACK_TRAILER) == "-1"
         assert scripted.requests == []
+
+
+@pytest.fixture
+def short_minutes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tenant buckets that refill in half a second: a summary paced by a minute of a few
+    hundred tokens takes one call a "minute", and the test need not wait real minutes."""
+    monkeypatch.setattr(service.tenant_limits, "_WINDOW_S", 0.5)
+
+
+async def test_a_summary_without_a_target_takes_one_that_fits_a_small_minute(
+    start_gateway, short_minutes
+):
+    """Without target_tokens, a tenant of 300 tokens a minute gets a target of a quarter
+    of that (75), as a small model's window gets a quarter of the window: its parts and
+    their combine each fit the minute, and the summary comes back.
+
+    Before, the default stayed at 256 tokens: the combine could not fit the minute, and
+    the call was refused for good and told to lower a target_tokens it never gave."""
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=lambda body: Reply(content="short")
+    ) as scripted:
+        gw = await start_gateway(_summary_config(scripted.base_url, 300, default_target=256))
+        document = " ".join(f"Sentence {i} says something." for i in range(100))
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document)
+        summary = await gw.stub.Summarize(request, metadata=as_tenant("team-a"))
+        assert summary.summary == "short"
+        assert summary.chunks >= 2
+        combine = scripted.requests[-1].body
+        assert combine["max_tokens"] == 300 // 4
+        for recorded in scripted.requests:
+            texts = [m["content"] for m in recorded.body["messages"]]
+            assert part_tokens(texts, max_tokens=recorded.body["max_tokens"]) <= 300
+
+
+async def test_a_part_split_again_under_a_small_minute_is_summarised_in_smaller_pieces(
+    start_gateway, short_minutes
+):
+    """Team-a's 182 tokens a minute leave parts exactly the 64 tokens of text a useful
+    part needs. The upstream refuses part 3 of 10 (63 tokens) as too long: it is split
+    again, and its pieces, whose "Part 3 of 10, piece K" header is longer, take a few
+    tokens less text each. The summary completes, every call within the minute.
+
+    Before, the re-split asked the minute for 64 tokens of text beside the longer header
+    and failed the call RESOURCE_EXHAUSTED for good, after parts 1 and 2 were paid for."""
+
+    def respond(body: dict[str, Any]) -> Reply | Status:
+        if user_text(body).startswith("Part 3 of") and ", piece" not in user_text(body)[:30]:
+            return Status(400, body=_TOO_LONG)
+        return Reply(content="short")
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as scripted:
+        gw = await start_gateway(_summary_config(scripted.base_url, 182))
+        document = " ".join(f"Sentence {i} says something." for i in range(70))
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document, target_tokens=40)
+        summary = await gw.stub.Summarize(request, metadata=as_tenant("team-a"))
+        assert summary.summary == "short"
+        pieces = [r.body for r in scripted.requests if user_text(r.body).startswith("Part 3 of")]
+        assert len(pieces) >= 3  # the refused part, then its pieces
+        for recorded in scripted.requests:
+            texts = [m["content"] for m in recorded.body["messages"]]
+            assert part_tokens(texts, max_tokens=recorded.body["max_tokens"]) <= 182
+
+
+_TOO_LONG = (
+    '{"error": {"message": "This model\'s maximum context length is 1024 tokens.", '
+    '"type": "invalid_request_error", "code": "context_length_exceeded"}}'
+)
 
 
 async def test_auth_off_serves_the_default_tenant_on_loopback(upstream, start_gateway):
