@@ -285,8 +285,9 @@ class RedisTenantLimiter:
     outage does not hold a tenant's slot for the lease's 15 minutes. While `cooldown`
     (shared with the other users of the same Redis client) leaves Redis alone, calls are
     admitted at once, and take no lease to give back. A call held longer than a third of
-    the lease's TTL (a long batch) renews its lease as it goes, so its slot counts for as
-    long as it runs, not 15 minutes.
+    the lease's TTL (a long batch) has its lease renewed as it goes, so its slot counts for
+    as long as it runs, not 15 minutes: one task renews every lease the replica holds,
+    every third of the TTL, rather than a task for each call.
     """
 
     def __init__(
@@ -306,6 +307,10 @@ class RedisTenantLimiter:
         self._script = self._commands.register_script(_ADMIT_LUA)
         self._renew = self._commands.register_script(_RENEW_LUA)
         self._lease_ttl_s = lease_ttl_s
+        # The leases of this replica's calls in progress (lease: its in-flight key), and
+        # the task renewing them while any are held.
+        self._held: dict[str, str] = {}
+        self._renewing: asyncio.Task[None] | None = None
         self.cooldown = cooldown if cooldown is not None else StoreCooldown("tenant_limits")
         self.late_releases = LateReleases(
             "tenant_limits",
@@ -315,7 +320,11 @@ class RedisTenantLimiter:
         )
 
     async def aclose(self) -> None:
-        """Stop retrying releases (before the Redis client closes)."""
+        """Stop renewing leases and retrying releases (before the Redis client closes)."""
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
+            self._renewing = None
         await self.late_releases.aclose()
 
     async def _give_back(self, keys: list[str], lease: str, *, is_confirmed: bool) -> None:
@@ -436,11 +445,10 @@ class RedisTenantLimiter:
         if not cap:
             yield NO_SLOT
             return
-        renewing = asyncio.create_task(self._keep_lease(keys[2], lease))
+        self._hold(keys[2], lease)
 
         async def release() -> None:
-            renewing.cancel()
-            await asyncio.gather(renewing, return_exceptions=True)
+            self._held.pop(lease, None)
             await self._give_back(keys, lease, is_confirmed=is_confirmed)
 
         slot = CallSlot(release)
@@ -449,15 +457,27 @@ class RedisTenantLimiter:
         finally:
             await slot.give_back()
 
-    async def _keep_lease(self, in_flight_key: str, lease: str) -> None:
-        """Renew the lease every third of its TTL while its call runs; one Redis does not
-        take is tried again at the next (the lease still counts meanwhile)."""
-        while True:
+    def _hold(self, in_flight_key: str, lease: str) -> None:
+        """Renew `lease` from now on, until its call gives it back."""
+        self._held[lease] = in_flight_key
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.create_task(self._keep_leases())
+
+    async def _keep_leases(self) -> None:
+        """Renew every lease held, every third of the TTL, until a round finds none held
+        (the task lingers that long, so that calls coming and going do not each start
+        one). A lease Redis does not renew is tried again at the next round (it still
+        counts meanwhile); one taken since the last round is a third of its TTL old at most.
+        """
+        while self._held:
             await asyncio.sleep(self._lease_ttl_s / 3)
-            if self.cooldown.skips():
-                continue
-            try:
-                await self._renew(keys=[in_flight_key], args=[lease, self._lease_ttl_s])
-            except Exception as exc:  # Redis down: the next renewal, or else the TTL
-                self.cooldown.failed(exc)
-                log.warning("tenant_limits.renew_failed", extra={"error": type(exc).__name__})
+            for lease, in_flight_key in list(self._held.items()):
+                if lease not in self._held:
+                    continue  # given back while an earlier one was renewed
+                if self.cooldown.skips():
+                    break
+                try:
+                    await self._renew(keys=[in_flight_key], args=[lease, self._lease_ttl_s])
+                except Exception as exc:  # Redis down: the next round, or else the TTL
+                    self.cooldown.failed(exc)
+                    log.warning("tenant_limits.renew_failed", extra={"error": type(exc).__name__})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -409,6 +410,29 @@ async def test_a_call_held_past_its_lease_ttl_keeps_its_slot(redis_url):
     finally:
         await limiter.aclose()
         await client.aclose()
+
+
+async def test_calls_held_at_once_share_one_lease_renewal_task(redis_url):
+    """Twenty calls held at once have their leases renewed by one task, not a task each
+    (every call of a capped tenant paid for creating and cancelling its own); each lease
+    still outlives its TTL while its call runs, and none is left once they end."""
+    client = aioredis.Redis.from_url(redis_url)
+    limiter = RedisTenantLimiter(client, prefix="t-shared:", lease_ttl_s=1)
+    limits = TenantConfig(max_concurrent_calls=20)
+    in_flight = "t-shared:tenant:{team-a}:inflight"
+    before = asyncio.all_tasks()
+    try:
+        async with contextlib.AsyncExitStack() as calls:
+            for _ in range(20):
+                await calls.enter_async_context(limiter.admit("team-a", limits, tokens=0))
+            assert len(asyncio.all_tasks() - before) == 1
+            await asyncio.sleep(2.5)  # past the 1 s TTL: renewed every third of it
+            assert await client.zcard(in_flight) == 20
+        assert await client.zcard(in_flight) == 0
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+    assert asyncio.all_tasks() == before
 
 
 async def test_a_call_cancelled_while_redis_admits_it_leaves_no_lease(redis_url):
