@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import hiredis
 from redis import exceptions
-from redis._parsers.base import BaseParser
+from redis._parsers.base import NO_AUTH_SET_ERROR, BaseParser
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 
 __all__ = ["LeanRedis", "LeanScript"]
@@ -35,6 +35,8 @@ Arg = str | bytes | int | float
 MAX_CONNECTIONS = 100
 # As redis-py's error for a connection the server closed.
 _CLOSED_BY_SERVER = "Connection closed by server."
+# The reply to AUTH from a Redis that has no password (each version's wording).
+_NO_PASSWORD_SET = tuple(NO_AUTH_SET_ERROR)
 
 
 class _Connection(asyncio.Protocol):
@@ -358,8 +360,11 @@ class LeanRedis:
         except TimeoutError:
             raise exceptions.TimeoutError(f"Timeout reading from {self._where}") from None
         for answer in answers:
-            if isinstance(answer, exceptions.ResponseError):
-                raise answer  # WRONGPASS: AuthenticationError, as redis-py
+            # WRONGPASS and NOAUTH are AuthenticationErrors, ConnectionErrors rather than
+            # ResponseErrors: missed, the connection would serve as the default user.
+            # A password sent to a Redis without one is no error: redis-py's HELLO takes it.
+            if isinstance(answer, Exception) and not str(answer).startswith(_NO_PASSWORD_SET):
+                raise answer
         if self._db and answers[-1] not in ("OK", b"OK"):
             raise exceptions.ConnectionError("Invalid Database")
 

@@ -481,3 +481,7 @@ class RedisTenantLimiter:
                 except Exception as exc:  # Redis down: the next round, or else the TTL
                     self.cooldown.failed(exc)
                     log.warning("tenant_limits.renew_failed", extra={"error": type(exc).__name__})
+                else:
+                    # Answered: the cool-down ends, or the next lease's `skips()` would
+                    # leave it (and the rest) to lapse.
+                    self.late_releases.store_answered()

@@ -24,7 +24,8 @@ from service.auth import hash_key
 from service.config import TenantConfig
 from service.errors import RETRY_PUSHBACK_TRAILER, QuotaExceeded
 from service.keys_cli import keys_command
-from service.store_cooldown import COOLDOWN_S
+from service.lean_redis import LeanRedis
+from service.store_cooldown import COOLDOWN_S, StoreCooldown
 from service.tenant_limits import RedisTenantLimiter
 from tests.conftest import chat, gateway_config
 from tests.integration.tenancy_helpers import (
@@ -36,6 +37,7 @@ from tests.integration.tenancy_helpers import (
     trailer,
 )
 from tests.integration.test_cache import eventually
+from tests.redis_server import RedisServer
 from tests.secret_capture import CALLER_KEY_A, register_secret
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -433,6 +435,45 @@ async def test_calls_held_at_once_share_one_lease_renewal_task(redis_url):
         await limiter.aclose()
         await client.aclose()
     assert asyncio.all_tasks() == before
+
+
+async def test_leases_held_through_a_redis_pause_are_all_renewed_after_it(
+    redis_server: RedisServer,
+) -> None:
+    """A renewal that times out starts the cool-down; once Redis answers the next round's
+    first renewal, the cool-down is over and every other lease is renewed too.
+
+    Before, an answered renewal did not end the cool-down, so each round renewed its one
+    probe and skipped the rest: with nothing else asking that Redis, the other calls'
+    leases lapsed while their calls still ran, and the tenant's cap let more in."""
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=0.1)
+    lean = LeanRedis.beside(client)
+    limiter = RedisTenantLimiter(
+        client,
+        prefix="t-pause:",
+        lease_ttl_s=1,
+        cooldown=StoreCooldown("tenant_limits", cooldown_s=0.1),
+        commands=lean,
+    )
+    limits = TenantConfig(max_concurrent_calls=3)
+    in_flight = "t-pause:tenant:{team-a}:inflight"
+    try:
+        async with contextlib.AsyncExitStack() as calls:
+            for _ in range(3):
+                await calls.enter_async_context(limiter.admit("team-a", limits, tokens=0))
+            redis_server.pause()
+            try:
+                # Past a renewal round (every third of the TTL): it times out.
+                await eventually(lambda: limiter.cooldown.is_cooling_down)
+            finally:
+                redis_server.resume()
+            await asyncio.sleep(2.5)  # past the TTL twice: renewed, or lapsed
+            seconds, _ = await client.time()
+            assert await client.zcount(in_flight, seconds, "+inf") == 3
+    finally:
+        await limiter.aclose()
+        await lean.aclose()
+        await client.aclose()
 
 
 async def test_a_call_cancelled_while_redis_admits_it_leaves_no_lease(redis_url):

@@ -168,6 +168,33 @@ async def test_the_password_user_and_db_come_from_the_url_or_the_configured_pass
         await server.stop()
 
 
+async def test_a_refused_acl_user_is_refused_not_served_as_the_default_user(
+    redis_server: RedisServer,
+) -> None:
+    """AUTH's WRONGPASS is an AuthenticationError, a ConnectionError: a connection whose
+    AUTH failed must fail as redis-py's does, not run its commands as `default` (whose
+    NOPERM the callers would take for a refusal for good). A password sent to a Redis
+    that has none still connects, as redis-py's HELLO does."""
+    admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    await admin.acl_setuser(
+        "gw", enabled=True, passwords=["+gw-pw"], keys=["*"], commands=["+@all"]
+    )
+    await admin.aclose()
+    for url, password, whoami in [
+        (f"redis://gw:wrong@127.0.0.1:{redis_server.port}/0", None, exceptions.AuthenticationError),
+        (f"redis://gw:wrong@127.0.0.1:{redis_server.port}/2", None, exceptions.AuthenticationError),
+        (redis_server.url, "a-password-redis-lacks", "default"),
+    ]:
+        client = aioredis.Redis.from_url(url, password=password, decode_responses=True)
+        lean = LeanRedis.beside(client)
+        try:
+            assert await _answers(lambda lean=lean: lean.execute_command("ACL", "WHOAMI")) == whoami
+            assert await _answers(lambda client=client: client.acl_whoami()) == whoami
+        finally:
+            await lean.aclose()
+            await client.aclose()
+
+
 async def _client_id(lean: LeanRedis) -> int:
     reply = await lean.execute_command("CLIENT", "ID")
     assert isinstance(reply, int)
