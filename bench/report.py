@@ -10,6 +10,11 @@ every span and metric recorded, and
 BENCH_ROUNDS interleaved rounds (so background load hits every server alike) and the
 median of each is reported. Prints one table (figure, target, ratio, pass/fail), writes
 bench/results/report.json and renders bench/results/latency.png.
+
+While it runs it holds the CPUs out of deep idle states (`/dev/cpu_dma_latency` at 0, as
+latency tools such as cyclictest do), when it may (root on Linux): on this VM a vCPU that
+halts between a call's hops takes milliseconds to wake, and the gateway's extra hops paid
+that as though it were its own work. `BENCH_IDLE=deep` leaves idle states as they are.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import contextlib
 import os
 import socket
 import statistics
+import struct
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -639,10 +645,39 @@ def _chart(figures: dict[str, dict[str, Figures]], path: Path) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def shallow_idle(device: str = "/dev/cpu_dma_latency") -> Iterator[bool]:
+    """Hold the CPUs out of deep idle states while in the block (a PM QoS request of 0 µs,
+    dropped when its file closes); True if held, False if it may not be (not root, no
+    such device) or `BENCH_IDLE=deep` says not to."""
+    if os.environ.get("BENCH_IDLE") == "deep":
+        yield False
+        return
+    try:
+        request = os.open(device, os.O_WRONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        os.write(request, struct.pack("i", 0))
+        yield True
+    finally:
+        os.close(request)
+
+
 async def run() -> dict[str, Any]:
     """Measure everything, print the table, write the JSON and the chart."""
+    with shallow_idle() as is_shallow:
+        return await _run(is_shallow=is_shallow)
+
+
+async def _run(*, is_shallow: bool) -> dict[str, Any]:
     started = time.perf_counter()
-    print(f"bench: {ROUNDS} rounds, {os.cpu_count()} cores; per-round figures, then the table")
+    idle = "held shallow" if is_shallow else "as the machine has them"
+    print(
+        f"bench: {ROUNDS} rounds, {os.cpu_count()} cores, idle states {idle}; "
+        "per-round figures, then the table"
+    )
     figures, messages = await _rounds()
     scaling = await _scaling()
     streams = await _open_streams()
@@ -662,6 +697,7 @@ async def run() -> dict[str, Any]:
     result: dict[str, Any] = {
         "rounds": ROUNDS,
         "cores": os.cpu_count(),
+        "shallow_idle": is_shallow,
         "seconds": round(time.perf_counter() - started, 1),
         "table": [asdict(r) for r in rows],
         "figures": figures,
