@@ -194,13 +194,14 @@ def label_violations(
 ) -> list[FieldViolation]:
     """What is wrong with a call's labels, whichever RPC they came in (empty: nothing).
 
-    With `is_filter` they are GetUsage's filter, which may name the gateway's own keys:
-    its overflow row is labelled so.
+    With `is_filter` they are GetUsage's filter, which may name the gateway's own keys
+    (its overflow row is labelled so), and is not held to `limits`: rows recorded under
+    larger ones (before the config lowered them, or by another replica mid-rollout) match.
     """
     found = []
-    if len(labels) > limits.max_labels:
+    if len(labels) > limits.max_labels and not is_filter:
         found.append(FieldViolation("labels", f"at most {limits.max_labels} labels"))
-    for key, value in list(labels.items())[: limits.max_labels]:
+    for key, value in list(labels.items())[: None if is_filter else limits.max_labels]:
         if not _LABEL_KEY.fullmatch(key):
             found.append(
                 FieldViolation(f"labels[{key[:64]!r}]", "key must be 1-64 of A-Z a-z 0-9 _ . - /")
@@ -212,6 +213,9 @@ def label_violations(
                     f"labels[{key!r}]", f"{RESERVED_LABEL_PREFIX}* keys are the gateway's"
                 )
             )
+        elif is_filter:
+            if not value.isprintable():
+                found.append(FieldViolation(f"labels[{key!r}]", "value must be printable"))
         elif len(value) > limits.max_label_length or not value.isprintable():
             found.append(
                 FieldViolation(
