@@ -411,6 +411,9 @@ class UpstreamPool:
             log_.retry_wait_s = wait
             if wait > 0:
                 await self._clock.sleep(wait)
+                # Waited on the failed upstream's account: upstream time, not overhead.
+                log_.upstream_s += wait
+                telemetry().waited_on_upstream(wait)
         left = deadline.remaining_s()
         if left is not None and left < self.settings.min_attempt_s:
             if last_error is not None:

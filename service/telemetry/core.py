@@ -514,6 +514,13 @@ class Telemetry:
                 "llm_gateway.retry", {attr.UPSTREAM: upstream, attr.RETRY_WAIT_MS: wait_s * 1000.0}
             )
 
+    def waited_on_upstream(self, seconds: float) -> None:
+        """The call waited `seconds` before an attempt on an upstream's account (a retry's
+        backoff, its Retry-After): upstream time, not the gateway's overhead."""
+        scope = CURRENT_RPC.get()
+        if scope is not None:
+            scope.upstream_s += seconds
+
     def record_upstream_error(self, upstream: str, error_type: str) -> None:
         """One upstream attempt failed with `error_type`."""
         self.instruments.upstream_errors.add(

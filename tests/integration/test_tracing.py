@@ -511,6 +511,19 @@ async def test_overhead_counts_the_gateways_own_reading_of_the_answer(
     assert timings.upstream_ms <= timings.total_ms - 200
 
 
+async def test_a_retrys_wait_on_the_upstream_is_not_the_gateways_overhead(gateway, upstream):
+    """The wait an upstream's Retry-After imposes before the retry is time spent on the
+    upstream's account: it counts in `upstream_ms`, not in the overhead trailer. Before,
+    a one-second wait read as a second of the gateway's own overhead."""
+    upstream.script(Status(503, headers={"Retry-After": "1"}), Reply())
+    call = gateway.stub.Complete(chat())
+    response = await call
+    overhead = float(dict(await call.trailing_metadata())["llm-gateway-overhead-ms"])
+    assert response.metadata.attempts == 2
+    assert response.metadata.timings.upstream_ms >= 1000
+    assert overhead < 500
+
+
 async def test_in_flight_counts_calls_in_progress(traced, captured, upstream):
     """llm_gateway.rpc.in_flight is 1 while a call waits on a slow upstream, 0 after."""
     upstream.script(Reply(delay_s=0.5))
