@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,6 +34,18 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+def covered_s(intervals: Iterable[tuple[float, float]]) -> float:
+    """The time `intervals` ((start, end) on one clock) cover together, each moment
+    once: a batch's or a summary's calls wait on their upstreams at the same time."""
+    total = 0.0
+    reached = float("-inf")
+    for start, end in sorted(intervals):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
 
 
 @dataclass(frozen=True, slots=True)

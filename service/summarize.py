@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from service.caller_gate import current_pacer, part_tokens
-from service.clock import SYSTEM_CLOCK, Clock, Deadline
+from service.clock import SYSTEM_CLOCK, Clock, Deadline, covered_s
 from service.config import SummarizeConfig
 from service.domain import (
     ChatRequest,
@@ -357,14 +357,16 @@ class _Tally:
     # Summed as the ledger sums them, in integer pico-dollars: a float sum drifts.
     cost_pico: int = 0
     calls: int = 0
-    upstream_s: float = 0.0
+    # The calls' waits on their upstreams, (start, end) on the summary's clock: parts
+    # run side by side, and a moment two of them waited is waited once.
+    upstream_waits: list[tuple[float, float]] = field(default_factory=list)
 
-    def add(self, completion: Completion) -> None:
+    def add(self, completion: Completion, *, now: float) -> None:
         self.usage = self.usage + completion.usage
         self.cost_pico += to_pico(completion.cost_usd)
         if not completion.is_cache_hit:  # a cached part made no upstream call
             self.calls += 1
-            self.upstream_s += completion.timings.upstream_ms / _MS
+            self.upstream_waits.append((now - completion.timings.upstream_ms / _MS, now))
 
 
 @dataclass(frozen=True, slots=True)
@@ -678,7 +680,7 @@ class Summarizer:
             upstream_calls=tally.calls,
             timings=Timings(
                 total_ms=(self._clock.now() - started) * _MS,
-                upstream_ms=tally.upstream_s * _MS,
+                upstream_ms=covered_s(tally.upstream_waits) * _MS,
             ),
         )
 
@@ -844,7 +846,7 @@ class Summarizer:
                     ) from exc
                 await self._clock.sleep(wait_s)
                 continue
-            run.tally.add(completion)
+            run.tally.add(completion, now=self._clock.now())
             return completion.content
         raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
 

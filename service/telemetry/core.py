@@ -97,7 +97,7 @@ class AttemptSpan:
             elapsed = time.perf_counter() - self.started
             scope = CURRENT_RPC.get()
             if scope is not None:
-                scope.upstream_s += elapsed if self.waited_s is None else self.waited_s
+                scope.waited(elapsed if self.waited_s is None else self.waited_s)
             if telemetry.providers.records_metrics:
                 telemetry.instruments.operation_duration.record(elapsed, self.metric_attributes)
             span.end()
@@ -492,7 +492,7 @@ class Telemetry:
                 # is upstream time, not the gateway's overhead.
                 scope = CURRENT_RPC.get()
                 if scope is not None:
-                    scope.upstream_s += completion.timings.upstream_ms / 1000.0
+                    scope.waited(completion.timings.upstream_ms / 1000.0)
 
     def record_lost_attempt(self, request: ChatRequest, cost_usd: float) -> None:
         """The cost of an upstream attempt whose answer was lost (`AttemptLog.lose`): on
@@ -519,7 +519,7 @@ class Telemetry:
         backoff, its Retry-After): upstream time, not the gateway's overhead."""
         scope = CURRENT_RPC.get()
         if scope is not None:
-            scope.upstream_s += seconds
+            scope.waited(seconds)
 
     def record_upstream_error(self, upstream: str, error_type: str) -> None:
         """One upstream attempt failed with `error_type`."""

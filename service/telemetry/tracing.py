@@ -19,6 +19,7 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
+from service.clock import covered_s
 from service.domain import Message, Role, ToolCall
 
 # GenAI semantic conventions.
@@ -160,7 +161,9 @@ class RpcScope:
     span: Span
     method: str
     started: float = field(default_factory=time.perf_counter)
-    upstream_s: float = 0.0
+    # Its waits on upstreams, (start, end) on perf_counter: a batch's or a summary's
+    # calls overlap, and a moment two of them waited is waited once.
+    upstream_waits: list[tuple[float, float]] = field(default_factory=list)
     status_code: int = 0
     error_type: str | None = None
     # Attributes for the span, set in one call when it ends: each `set_attribute(s)`
@@ -176,9 +179,23 @@ class RpcScope:
         """Seconds since the RPC started."""
         return time.perf_counter() - self.started
 
+    def waited(self, seconds: float) -> None:
+        """A wait on an upstream of `seconds` that ended now."""
+        end = time.perf_counter()
+        self.upstream_waits.append((end - seconds, end))
+
+    @property
+    def upstream_s(self) -> float:
+        """Time spent waiting on upstreams, overlapping waits counted once."""
+        waits = self.upstream_waits
+        if len(waits) == 1:
+            start, end = waits[0]
+            return end - start
+        return covered_s(waits)
+
     def overhead_s(self) -> float:
-        """Time not spent waiting on an upstream (never negative: concurrent fan-out
-        attempts can add up to more upstream time than wall time)."""
+        """Time not spent waiting on an upstream (never negative: a wait reported as a
+        duration is placed as ending when it is reported, a little after it ended)."""
         return max(0.0, self.elapsed_s() - self.upstream_s)
 
     def set_tenant(self, tenant: str) -> None:

@@ -86,6 +86,29 @@ async def recorder():
         yield fake
 
 
+async def test_a_summarys_upstream_time_counts_parts_waited_side_by_side_once(
+    recorder, start_gateway
+):
+    """Parts summarised side by side wait on the upstream together: `upstream_ms` is the
+    time they covered, within the call's total, and the overhead trailer is what is left.
+    Before, their waits were summed and passed the call's wall time."""
+
+    def slow_parts(body):
+        reply = default_respond(body)
+        return dataclasses.replace(reply, delay_s=0.3) if is_part(body) else reply
+
+    recorder.respond = slow_parts
+    gateway = await start_gateway(config(recorder.base_url))
+    call = gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(60)))
+    response = await call
+    overhead = float(dict(await call.trailing_metadata())["llm-gateway-overhead-ms"])
+    timings = response.timings
+    assert response.chunks >= 5
+    assert recorder.peak_in_flight >= 2
+    assert 300 <= timings.upstream_ms <= timings.total_ms
+    assert overhead == pytest.approx(timings.total_ms - timings.upstream_ms, abs=50)
+
+
 async def test_long_document_is_chunked_summarised_concurrently_and_combined(
     recorder, start_gateway
 ):

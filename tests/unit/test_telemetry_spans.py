@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
+from service.clock import covered_s
 from service.domain import ChatRequest, Message, Role
 from service.errors import UpstreamUnavailable
 from service.telemetry.tracing import CURRENT_RPC
@@ -67,14 +68,32 @@ def test_a_retried_call_has_one_client_span_per_attempt_under_the_rpc_span():
     assert rpc.upstream_s > 0
 
 
+def test_waits_that_overlap_count_once_in_the_upstream_time():
+    """A batch's or a summary's calls wait on their upstreams side by side: the RPC's
+    upstream time is what their waits cover together, not their sum (which passed the
+    call's wall time, and read as no overhead at all)."""
+    captured = captured_telemetry()
+    with captured.telemetry.rpc(service="svc", method="CompleteBatch", metadata=()) as rpc:
+        rpc.upstream_waits.extend([(10.0, 11.0), (10.5, 11.5), (12.0, 12.25)])
+        assert rpc.upstream_s == pytest.approx(1.75)
+
+
+def test_covered_time_counts_each_moment_once():
+    assert covered_s([]) == 0.0
+    assert covered_s([(0.0, 10.0), (2.0, 5.0)]) == 10.0  # one inside the other
+    assert covered_s([(2.0, 5.0), (0.0, 10.0)]) == 10.0
+    assert covered_s([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == 3.0
+    assert covered_s([(1.0, 1.0), (1.0, 2.0)]) == 1.0
+
+
 def test_overhead_is_wall_time_minus_upstream_time_and_never_negative():
-    """The trailer reports elapsed minus upstream time, clamped at zero for fan-out calls."""
+    """The trailer reports elapsed minus upstream time, clamped at zero: a wait reported
+    as a duration is placed as ending when it is reported."""
     captured = captured_telemetry()
     with captured.telemetry.rpc(service="svc", method="Summarize", metadata=()) as rpc:
-        rpc.upstream_s = 1e6  # concurrent attempts can add up to more than wall time
-        assert rpc.overhead_s() == 0.0
-        rpc.upstream_s = 0.0
         assert rpc.overhead_s() == pytest.approx(rpc.elapsed_s(), abs=0.01)
+        rpc.waited(1e6)  # longer than the call: all of it was waiting
+        assert rpc.overhead_s() == 0.0
         [(name, value)] = rpc.trailers()
     assert name == "llm-gateway-overhead-ms"
     assert float(value) >= 0
