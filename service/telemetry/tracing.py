@@ -187,11 +187,7 @@ class RpcScope:
     @property
     def upstream_s(self) -> float:
         """Time spent waiting on upstreams, overlapping waits counted once."""
-        waits = self.upstream_waits
-        if len(waits) == 1:
-            start, end = waits[0]
-            return end - start
-        return covered_s(waits)
+        return covered_s(self.upstream_waits)
 
     def overhead_s(self) -> float:
         """Time not spent waiting on an upstream (never negative: a wait reported as a
