@@ -378,16 +378,22 @@ class UpstreamPool:
         """
         state = self._states[route.client.name]
         wait = 0.0
+        # Back to an upstream this call has tried (A, B, then A again): a retry, which
+        # waits and is held to that upstream's retry budget. Failing over to one not tried
+        # yet is neither: it is that upstream's first attempt at the call, load it would
+        # have had anyway, so a dead upstream's calls are not refused by a healthy one's
+        # budget.
+        retrying = last_error is not None and any(
+            r.upstream == route.client.name for r in log_.records
+        )
         if last_error is not None and last_route is not None:
-            if not state.budget.can_retry():
-                plan.exclude(route, "retry budget exhausted")
-                log.debug("pool.retry_budget_exhausted", extra={"upstream": state.client.name})
-                return None
-            if any(r.upstream == route.client.name for r in log_.records):
-                # Back to an upstream this call has tried (A, B, then A again): a retry,
-                # which waits; failing over to one not tried yet does not. The failed
-                # attempt's Retry-After is its upstream's, and only its own retry honours it
-                # (an upstream's pause also holds its limiter).
+            if retrying:
+                if not state.budget.can_retry():
+                    plan.exclude(route, "retry budget exhausted")
+                    log.debug("pool.retry_budget_exhausted", extra={"upstream": state.client.name})
+                    return None
+                # The failed attempt's Retry-After is its upstream's, and only its own
+                # retry honours it (an upstream's pause also holds its limiter).
                 wait = backoff_s(
                     log_.attempts - 1,
                     retry_after_s=last_error.retry_after_s if last_route is route else None,
@@ -434,9 +440,10 @@ class UpstreamPool:
             if isinstance(exc, LimitExceeded) and max_wait < self.settings.max_limit_wait_s:
                 exc.is_cut_short_by_deadline = True
             raise
-        # A retry follows an attempt that was sent and failed; a route skipped before any
-        # was sent (the gateway's own limits, an open circuit) leaves this a first attempt.
-        if last_error is not None and last_route is not None:
+        # A retry follows an attempt of this call on this upstream that was sent and
+        # failed; a route skipped before any was sent (the gateway's own limits, an open
+        # circuit) leaves this a first attempt.
+        if retrying:
             if not state.budget.can_retry():  # other calls spent it while this one waited
                 state.limiter.release()
                 state.breaker.release(probe=probe)

@@ -798,6 +798,41 @@ async def test_a_route_skipped_by_our_own_limit_does_not_make_the_next_attempt_a
         assert (len(limited.requests), len(spare.requests)) == (1, 3)
 
 
+async def test_a_failover_is_a_first_attempt_on_the_upstream_it_moves_to(start_gateway):
+    """When one upstream fails every call, the calls it fails over are the other's own
+    first attempts: they are not held to the other's retry budget.
+
+    The budget allows no retry at all (no floor, no ratio), and the breaker never opens,
+    so every call tries up0 first; counted as retries, up1's failovers would be refused
+    and every call would fail while up1 is healthy.
+    """
+    async with FakeUpstream(default=Status(503)) as failing, FakeUpstream() as healthy:
+        resilience = {
+            **FAST_RESILIENCE,
+            "retry_budget_ratio": 0.0,
+            "retry_budget_min_retries": 0,
+            "breaker_consecutive_failures": 1000,
+            "breaker_min_calls": 1000,
+        }
+        config = gateway_config(failing.base_url, healthy.base_url, resilience=resilience)
+        upstreams = (
+            dataclasses.replace(config.upstreams[0], weight=100),
+            dataclasses.replace(config.upstreams[1], weight=1),
+        )
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=upstreams))
+        answers = [await gateway.stub.Complete(chat()) for _ in range(5)]
+        assert [a.metadata.upstream for a in answers] == ["up1"] * 5
+        assert [a.metadata.attempts for a in answers] == [2] * 5
+        assert (len(failing.requests), len(healthy.requests)) == (5, 5)
+        # A retry on up0 itself is still held to its (empty) budget: a call that fails
+        # over and fails on up1 too does not go back to up0.
+        healthy.script(Status(503))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(chat())
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert (len(failing.requests), len(healthy.requests)) == (6, 6)
+
+
 async def test_a_return_to_an_upstream_the_call_tried_waits_its_backoff(start_gateway):
     """Two upstreams both failing: the second attempt fails over at once, the third goes
     back to the first, a retry of it, and waits its backoff as any retry on one does."""
