@@ -34,6 +34,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 ERROR_DOMAIN = "llmgateway.v1"
 INTERNAL_ERROR_REASON = "INTERNAL_ERROR"
 RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+# Sent with a refusal another replica may not give (this one is full, or stopping), so a
+# proxy in front of the replicas (deploy/envoy) retries only those on another one.
+RETRY_ELSEWHERE_TRAILER = "llm-gateway-retry-elsewhere"
 # What clients/service_config.json retries.
 _RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 # The longest wait pushed back to a call without a deadline; a longer one is "do not
@@ -75,6 +78,8 @@ class GatewayError(Exception):
     reason: ClassVar[str] = "INTERNAL"
     # No retry can mend it, however long it waits: only an operator can.
     is_retry_futile: bool = False
+    # Said by this replica alone: another one may well take the call.
+    is_replica_local: ClassVar[bool] = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -185,6 +190,7 @@ class Overloaded(QuotaExceeded):
     """The server has too many calls in flight and queued to take another now."""
 
     reason = "OVERLOADED"
+    is_replica_local = True
 
     def __init__(self, *, retry_after_s: float) -> None:
         super().__init__(
@@ -212,6 +218,7 @@ class ShuttingDown(GatewayError):
 
     grpc_code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"
+    is_replica_local = True
 
     def __init__(self) -> None:
         super().__init__("the gateway is shutting down; retry the call on another replica")
@@ -478,6 +485,16 @@ def internal_error_status() -> status_pb2.Status:
     return status_pb2.Status(
         code=code_pb2.INTERNAL, message="internal error", details=[_pack(info)]
     )
+
+
+def retry_elsewhere_trailer(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """`llm-gateway-retry-elsewhere: true` for a refusal of this replica's own (overloaded,
+    shutting down): the one kind a proxy should retry on another replica. Any other
+    refusal would be the same there (a tenant's quota, a rejected key), or comes after the
+    gateway's own retries and failover, which a proxy's retry would multiply."""
+    if isinstance(exc, GatewayError) and exc.is_replica_local:
+        return ((RETRY_ELSEWHERE_TRAILER, "true"),)
+    return ()
 
 
 def pushback_trailer(

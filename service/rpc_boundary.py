@@ -38,6 +38,7 @@ from service.errors import (
     ShuttingDown,
     internal_error_status,
     pushback_trailer,
+    retry_elsewhere_trailer,
     to_rpc_status,
 )
 from service.telemetry import RpcScope
@@ -216,7 +217,11 @@ async def abort_with(
         log.debug("rpc.failed", extra={"method": method, "reason": exc.reason})
     try:
         status = rpc_status.to_status(to_rpc_status(exc))
-        trailers = tuple(status.trailing_metadata) + pushback_trailer(exc, context.time_remaining())
+        trailers = (
+            tuple(status.trailing_metadata)
+            + pushback_trailer(exc, context.time_remaining())
+            + retry_elsewhere_trailer(exc)
+        )
         error_type = getattr(exc, "reason", "INTERNAL")
     except Exception as mapping_error:
         # A bug in the mapping itself (a detail that cannot be built): left to grpc, the

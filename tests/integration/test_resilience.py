@@ -24,7 +24,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
-from service.errors import RETRY_PUSHBACK_TRAILER
+from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER
 from service.pool_hooks import RetryDecision
 from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import (
@@ -414,6 +414,8 @@ async def test_only_upstream_key_rejected_is_unavailable_upstream_auth(
         assert "rejected the gateway's key or account" in again.value.details()
         assert error_details(again.value)[1] == "UPSTREAM_AUTH"
         assert dict(again.value.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "-1"
+        for error in (info.value, again.value):  # every replica holds the same key
+            assert RETRY_ELSEWHERE_TRAILER not in dict(error.trailing_metadata())
         assert len(bad.requests) == 1  # the open breaker answered, not the upstream
 
 
@@ -653,6 +655,8 @@ async def test_upstream_429_after_retries_is_resource_exhausted_with_pushback(
         assert reason == "UPSTREAM_RATE_LIMITED"
         assert retry_after_s == pytest.approx(retry_s)
         assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == pushback
+        # Another replica would only call the same upstream again after its own retries.
+        assert RETRY_ELSEWHERE_TRAILER not in dict(info.value.trailing_metadata())
         assert len(fake.requests) == 3
 
 
@@ -894,6 +898,8 @@ async def test_admission_sheds_immediately_past_in_flight_and_queue(start_gatewa
         assert reason == "OVERLOADED"
         assert retry_s == pytest.approx(1.0)
         assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "1000"
+        # This replica is full, not the service: a proxy may try the call on another.
+        assert dict(info.value.trailing_metadata())[RETRY_ELSEWHERE_TRAILER] == "true"
         results = await asyncio.gather(*accepted)
         assert [r.content for r in results] == ["Hello from fake"] * 3
 

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import generate_key, hash_key, redis_keys_hash
+from service.errors import RETRY_ELSEWHERE_TRAILER
 from service.ledger import UsageFilter
 from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply
@@ -43,6 +44,7 @@ def assert_shutting_down(error: grpc.aio.AioRpcError) -> None:
     assert reason == "SHUTTING_DOWN"
     assert retry_s == 0.0
     assert "shutting down" in (error.details() or "")
+    assert dict(error.trailing_metadata())[RETRY_ELSEWHERE_TRAILER] == "true"
 
 
 async def stop(gateway: RunningGateway) -> float:

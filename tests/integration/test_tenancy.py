@@ -15,7 +15,7 @@ import service.tenant_limits
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.caller_gate import part_tokens
-from service.errors import RETRY_PUSHBACK_TRAILER
+from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER
 from service.security import InsecureListen
 from service.server import GatewayServer
 from service.summarize import document_prompt
@@ -202,6 +202,8 @@ async def test_tenant_over_its_request_limit_is_refused_while_another_is_served(
     # One request refills in 60 s / 2 = 30 s.
     assert 20 <= retry.seconds + retry.nanos / 1e9 <= 31
     assert 20_000 <= int(trailer(error, RETRY_PUSHBACK_TRAILER) or 0) <= 31_000
+    # A tenant's limit is not this replica's to lift: a proxy must not try another.
+    assert trailer(error, RETRY_ELSEWHERE_TRAILER) is None
     stream = await stream_error(gw.stub.CompleteStream(chat_stream(), metadata=as_tenant("team-a")))
     assert stream.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     for _ in range(5):

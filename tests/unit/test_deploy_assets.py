@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from service.config import GatewayConfig, parse_config
+from service.errors import RETRY_ELSEWHERE_TRAILER
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -318,13 +319,18 @@ def test_envoy_balances_http2_across_the_headless_service_with_health_checks() -
     assert health["grpc_health_check"]["service_name"] == "llmgateway.v1.CompletionService"
 
 
-def test_envoy_retries_unavailable_and_resource_exhausted_within_a_budget() -> None:
-    """Envoy retries UNAVAILABLE and RESOURCE_EXHAUSTED on another replica, capped by a budget."""
+def test_envoy_retries_only_a_replicas_own_refusals_within_a_budget() -> None:
+    """Envoy retries on another replica only what the gateway marks as that replica's own
+    refusal (and connection failures), capped by a budget: not every UNAVAILABLE or
+    RESOURCE_EXHAUSTED, which would multiply upstream calls and lift per-replica quotas."""
     (listener,) = _envoy()["static_resources"]["listeners"]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
     policy = route["route"]["retry_policy"]
-    assert {"unavailable", "resource-exhausted"} <= set(policy["retry_on"].split(","))
+    retry_on = set(policy["retry_on"].split(","))
+    assert retry_on == {"retriable-headers", "connect-failure", "refused-stream"}
+    (header,) = policy["retriable_headers"]
+    assert header == {"name": RETRY_ELSEWHERE_TRAILER, "string_match": {"exact": "true"}}
     assert 1 <= policy["num_retries"] <= 3
     assert policy["retry_host_predicate"][0]["name"].endswith("previous_hosts")
     (cluster,) = _envoy()["static_resources"]["clusters"]
