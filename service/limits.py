@@ -7,6 +7,11 @@ It also learns from the upstream: `X-RateLimit-Remaining` running low spaces req
 out over what is left of the window, zero pauses until `X-RateLimit-Reset`, and a 429's
 `Retry-After` pauses for that long, so the gateway slows down before the provider
 starts refusing.
+
+Calls waiting for a concurrency slot queue by tenant and take turns: a slot that frees goes
+to the next tenant in turn with a call waiting, first come first served within a tenant.
+A tenant with hundreds of calls queued (a big batch) then delays another tenant's call by
+at most one call's turn, not by its whole queue.
 """
 
 from __future__ import annotations
@@ -89,7 +94,8 @@ class UpstreamLimiter:
         self._requests = TokenBucket.full(requests_per_minute, now) if requests_per_minute else None
         self._tokens = TokenBucket.full(tokens_per_minute, now) if tokens_per_minute else None
         self.in_flight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Waiters by tenant, the tenants in turn order (dicts keep insertion order).
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self.paused_until = 0.0  # monotonic
         self.spacing_s = 0.0  # seconds between starts while the upstream runs low
         self._spacing_until = 0.0
@@ -109,10 +115,16 @@ class UpstreamLimiter:
             waits.append((self._tokens.wait_s(tokens, now), "tokens-per-minute"))
         return max(waits)
 
-    async def acquire(self, *, tokens: int, max_wait_s: float) -> None:
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a concurrency slot."""
+        return sum(len(waiters) for waiters in self._waiters.values())
+
+    async def acquire(self, *, tokens: int, max_wait_s: float, tenant: str = "") -> None:
         """Wait for a slot for one call of about `tokens` tokens, or raise `LimitExceeded`.
 
-        Never waits longer than `max_wait_s`: past it the caller is told at once.
+        Never waits longer than `max_wait_s`: past it the caller is told at once. A call
+        that queues for a concurrency slot takes its `tenant`'s turn (module docstring).
         """
         started = self._clock.now()
         while True:
@@ -127,7 +139,8 @@ class UpstreamLimiter:
             if left <= 0:
                 raise LimitExceeded(self.upstream, wait_s=0.1, what="concurrency")
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+            queue = self._waiters.setdefault(tenant, deque())
+            queue.append(waiter)
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), left)
             except TimeoutError:
@@ -144,13 +157,17 @@ class UpstreamLimiter:
                 raise
             finally:
                 with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                    queue.remove(waiter)
+                if not queue and self._waiters.get(tenant) is queue:
+                    del self._waiters[tenant]
             if self.wait_s(tokens)[0] > 0:
                 # While this call queued, a 429 paused the upstream or the calls ahead of
                 # it spent the buckets: give the slot back and wait for the rate again.
                 self.release()
                 await self.acquire(
-                    tokens=tokens, max_wait_s=max_wait_s - (self._clock.now() - started)
+                    tokens=tokens,
+                    max_wait_s=max_wait_s - (self._clock.now() - started),
+                    tenant=tenant,
                 )
                 return
         else:
@@ -163,18 +180,26 @@ class UpstreamLimiter:
             self._tokens.take(tokens, now)
 
     def release(self) -> None:
-        """One call ended: hand its slot to the next waiter, if any."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot passes on; in_flight is unchanged
-                return
+        """One call ended: hand its slot to the next tenant in turn with a call waiting."""
+        for tenant, queue in list(self._waiters.items()):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    # The tenant served goes to the back of the turn order.
+                    del self._waiters[tenant]
+                    if queue:
+                        self._waiters[tenant] = queue
+                    waiter.set_result(None)  # the slot passes on; in_flight is unchanged
+                    return
+            del self._waiters[tenant]
         self.in_flight -= 1
 
     @contextlib.asynccontextmanager
-    async def slot(self, *, tokens: int, max_wait_s: float) -> AsyncIterator[None]:
+    async def slot(
+        self, *, tokens: int, max_wait_s: float, tenant: str = ""
+    ) -> AsyncIterator[None]:
         """`acquire` … `release` around one call."""
-        await self.acquire(tokens=tokens, max_wait_s=max_wait_s)
+        await self.acquire(tokens=tokens, max_wait_s=max_wait_s, tenant=tenant)
         try:
             yield
         finally:

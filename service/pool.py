@@ -434,7 +434,7 @@ class UpstreamPool:
         if left is not None:
             max_wait = min(max_wait, left - self.settings.min_attempt_s)
         try:
-            await state.limiter.acquire(tokens=tokens, max_wait_s=max_wait)
+            await state.limiter.acquire(tokens=tokens, max_wait_s=max_wait, tenant=request.tenant)
         except BaseException as exc:
             state.breaker.release(probe=probe)
             if isinstance(exc, LimitExceeded) and max_wait < self.settings.max_limit_wait_s:

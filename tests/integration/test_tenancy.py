@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from service.server import GatewayServer
 from service.summarize import document_prompt
 from service.tokens import estimate_text_tokens
 from tests.conftest import FAKE_MODEL, chat, chat_stream, fake_model_window, gateway_config
-from tests.fake_upstream import Reply, Status
+from tests.fake_upstream import FakeUpstream, Reply, Status
 from tests.integration.tenancy_helpers import (
     as_tenant,
     bearer,
@@ -31,6 +32,7 @@ from tests.integration.tenancy_helpers import (
     stream_error,
     trailer,
 )
+from tests.integration.test_resilience import settle
 from tests.scripted_upstream import ScriptedUpstream, user_text
 from tests.secret_capture import CALLER_KEY_A, PROVIDER_KEY
 
@@ -767,3 +769,33 @@ async def test_auth_off_on_a_public_address_is_refused_at_startup(listen):
     with pytest.raises(InsecureListen, match=r"auth\.mode: off"):
         async with GatewayServer(config):
             pass
+
+
+async def test_tenants_take_turns_for_a_busy_upstreams_slots(start_gateway):
+    """team-a fills the upstream's one slot and its queue; team-b's call, sent last, is
+    served next but one, not after all of team-a's (first come, first served would put
+    it sixth)."""
+    async with FakeUpstream(default=Reply(delay_s=0.2)) as fake:
+        config = secure_config(fake.base_url, tenants={"team-a": {}, "team-b": {}})
+        config = dataclasses.replace(
+            config,
+            upstreams=tuple(dataclasses.replace(u, max_concurrency=1) for u in config.upstreams),
+        )
+        gw = await start_gateway(config)
+        limiter = gw.server.pipeline.pool.state("up0").limiter
+        calls = [
+            asyncio.ensure_future(gw.stub.Complete(chat(f"a{i}"), metadata=as_tenant("team-a")))
+            for i in range(5)
+        ]
+        assert await settle(lambda: limiter.queued == 4)
+        calls.append(
+            asyncio.ensure_future(gw.stub.Complete(chat("b0"), metadata=as_tenant("team-b")))
+        )
+        assert await settle(lambda: limiter.queued == 5)
+        answers = await asyncio.gather(*calls)
+    assert all(a.content == "Hello from fake" for a in answers)
+    served = [user_text(r.body) for r in fake.requests]
+    assert served[2] == "b0", served
+    assert sorted(served) == ["a0", "a1", "a2", "a3", "a4", "b0"]
+    assert limiter.in_flight == 0
+    assert limiter.queued == 0

@@ -279,6 +279,40 @@ async def test_limiter_concurrency_hands_slots_over_in_order():
     assert limiter.in_flight == 0
 
 
+async def test_limiter_hands_slots_to_tenants_in_turn():
+    """Queued a, a, a, b, b, c (a cancelled b among them): slots go a, b, c, a, b, a, one
+    tenant after another, first come first served within each; the cancelled call is
+    skipped and nothing is left queued."""
+    limiter = UpstreamLimiter("up0", max_concurrency=1)
+    await limiter.acquire(tokens=1, max_wait_s=1.0)
+    served: list[str] = []
+
+    async def call(name: str, tenant: str) -> None:
+        await limiter.acquire(tokens=1, max_wait_s=5.0, tenant=tenant)
+        served.append(name)
+
+    order = [("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b"), ("gone", "b"), ("b2", "b")]
+    waiting = {name: asyncio.ensure_future(call(name, tenant)) for name, tenant in order}
+    waiting["c1"] = asyncio.ensure_future(call("c1", "c"))
+    await asyncio.sleep(0)
+    assert limiter.queued == 7
+    gone = waiting.pop("gone")
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert limiter.queued == 6
+    for _ in range(6):
+        limiter.release()
+        for _ in range(5):  # the woken call's task runs on
+            await asyncio.sleep(0)
+    await asyncio.gather(*waiting.values())
+    assert served == ["a1", "b1", "c1", "a2", "b2", "a3"]
+    assert limiter.queued == 0
+    assert limiter.in_flight == 1
+    limiter.release()
+    assert limiter.in_flight == 0
+
+
 @pytest.mark.parametrize(
     ("hints", "expected_pause", "expected_spacing"),
     [
