@@ -461,15 +461,7 @@ class Summarizer:
         if not invalid_model:
             self._pipeline.pool.routes(request.model)  # ModelNotFound first
             window = self._pipeline.context_window(request.model)
-        default = self._config.default_target_tokens
-        # The default scales down for a small model, as Complete's answer reserve does,
-        # and for a small tokens_per_minute (known once the call is admitted), whose
-        # combine call must hold it beside the summaries.
-        if window is not None:
-            default = min(default, window // 4)
-        if minute := _tokens_per_minute():
-            default = min(default, max(_MIN_TARGET_TOKENS, minute // 4))
-        target = request.target_tokens or default
+        target = self._target(request, window)
         if not request.document.strip():
             violations.append(FieldViolation("document", "must not be empty"))
         else:
@@ -503,6 +495,18 @@ class Summarizer:
         if violations:
             raise InvalidRequest(violations)
         return target
+
+    def _target(self, request: SummaryRequest, window: int | None) -> int:
+        """The summary's length in tokens: as asked, else the default."""
+        default = self._config.default_target_tokens
+        # The default scales down for a small model, as Complete's answer reserve does,
+        # and for a small tokens_per_minute (known once the call is admitted), whose
+        # combine call must hold it beside the summaries.
+        if window is not None:
+            default = min(default, window // 4)
+        if minute := _tokens_per_minute():
+            default = min(default, max(_MIN_TARGET_TOKENS, minute // 4))
+        return request.target_tokens or default
 
     def _room(self, model: str, *, system: str, header: str, answer_tokens: int) -> int:
         """Tokens of text that fit one call beside `system`, `header` and an answer, now,
@@ -572,17 +576,26 @@ class Summarizer:
         )
 
     async def summarize(
-        self, request: SummaryRequest, *, deadline: Deadline, max_concurrency: int | None = None
+        self,
+        request: SummaryRequest,
+        *,
+        deadline: Deadline,
+        max_concurrency: int | None = None,
+        validated: bool = False,
     ) -> Summary:
         """Summarise `request.document`; see the module docstring for how.
 
         `max_concurrency` caps the configured calls at once (the tenant's own cap).
+        `validated`: `validate` passed on this very request (the caller gate's check), so
+        the document is not encoded and scanned again; only the target is read again,
+        now that the tenant's tokens_per_minute is known.
         """
         started = self._clock.now()
-        target = self.validate(request)  # the document as sent: its size is the caller's
-        request = dataclasses.replace(request, document=as_sent(request.document))
         model = request.model
         window = self._pipeline.context_window(model)
+        # Validated as the caller sent it: the document's size is the caller's.
+        target = self._target(request, window) if validated else self.validate(request)
+        request = dataclasses.replace(request, document=as_sent(request.document))
         # A part's answer is at most an eighth of what one call may take: the window, and
         # the tenant's tokens_per_minute, else its summaries would barely shrink the text.
         per_call = min(window, _tokens_per_minute() or window)
