@@ -752,6 +752,49 @@ async def test_a_part_split_again_under_a_small_minute_is_summarised_in_smaller_
             assert part_tokens(texts, max_tokens=recorded.body["max_tokens"]) <= 182
 
 
+def _full_answer(body: dict[str, Any]) -> Reply:
+    """An answer as long as the call's max_tokens allows, by the gateway's estimate."""
+    words = ["summary"]
+    while estimate_text_tokens(" ".join([*words, "summary"])) <= body["max_tokens"]:
+        words.append("summary")
+    return Reply(content=" ".join(words))
+
+
+@pytest.mark.parametrize(("target_tokens", "converges"), [(1300, False), (1230, True)])
+async def test_a_summary_whose_combine_cannot_hold_one_part_summary_is_refused_up_front(
+    start_gateway, short_minutes, target_tokens: int, converges: bool
+):
+    """Under team-a's 1,500 tokens a minute, a 1,300-token target leaves the combine call
+    about 130 tokens of summaries: more than the 64 a part needs, less than one part's
+    summary of up to 187 tokens. However many levels group the summaries, the last one
+    never fits: such a run is refused for good before any upstream call, as a combine
+    with no room at all is. A 1,230-token target leaves room for one whole part summary:
+    the parts' summaries, as long as they may be, are grouped and combined.
+
+    Before, the 1,300-token run paid for its parts and groups, then failed at max_levels."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=_full_answer) as scripted:
+        gw = await start_gateway(_summary_config(scripted.base_url, 1500))
+        document = " ".join(f"Sentence {i} says something." for i in range(500))
+        request = pb.SummarizeRequest(
+            model=FAKE_MODEL, document=document, target_tokens=target_tokens
+        )
+        if converges:
+            summary = await gw.stub.Summarize(request, metadata=as_tenant("team-a"))
+            assert summary.chunks >= 2
+            assert summary.levels == 2
+            assert summary.summary.startswith("summary")
+            return
+        error = await rpc_error(gw.stub.Summarize(request, metadata=as_tenant("team-a")))
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"cannot hold one summarising call: its prompt, a {target_tokens}-token" in (
+            error.details() or ""
+        )
+        quota = detail(error, error_details_pb2.QuotaFailure)
+        assert quota.violations[0].subject == "tenant:team-a:tokens_per_minute"
+        assert trailer(error, RETRY_PUSHBACK_TRAILER) == "-1"
+        assert scripted.requests == []
+
+
 _TOO_LONG = (
     '{"error": {"message": "This model\'s maximum context length is 1024 tokens.", '
     '"type": "invalid_request_error", "code": "context_length_exceeded"}}'
