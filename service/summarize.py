@@ -21,8 +21,9 @@ fails the call (`InvalidRequest`).
 
 Under a tenant's tokens_per_minute each call takes its tokens as it starts, so every call
 is also sized to fit one minute's tokens: a larger one could never be taken, and the
-default target shrinks to a quarter of the minute. A minute too small for any piece, or
-for a combine call holding one part's summary at its longest, fails the call
+default target shrinks to a quarter of the minute. A minute too small for any piece, for
+a combine call holding one part's summary at its longest, or (when they must be grouped)
+for a group of two, fails the call
 (`QuotaExceeded`, for good) before any part is sent; once parts are paid
 for, a piece split again is not refused for its longer header.
 """
@@ -649,6 +650,17 @@ class Summarizer:
         inputs = [(_part_name(i, len(chunks)), c) for i, c in enumerate(chunks)]
         # Levels after the first combine groups of summaries into shorter ones.
         group_system = combine_prompt(target_tokens=part_target, instructions=request.instructions)
+        # A group of one summary shrinks nothing: summaries that may not fit one combine
+        # call need groups of two at least (each counted as `pack_units` is given it).
+        combine_room = self._room(model, system=combine_system, header="", answer_tokens=target)
+        if len(chunks) * (one_summary + 1) > combine_room:
+            self._require_room(
+                request,
+                system=group_system,
+                header="",
+                answer_tokens=part_target,
+                least=2 * (one_summary + 1),
+            )
         system = part_system
         overlap_tokens = self._config.chunk_overlap_tokens
         level = 1

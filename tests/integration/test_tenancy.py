@@ -795,6 +795,40 @@ async def test_a_summary_whose_combine_cannot_hold_one_part_summary_is_refused_u
         assert scripted.requests == []
 
 
+async def test_a_summary_whose_groups_cannot_hold_two_part_summaries_is_refused_up_front(
+    start_gateway, short_minutes
+):
+    """Under team-a's 1,500 tokens a minute, about 870 tokens of instructions and a
+    187-token target leave each call about 370 tokens of text: room for a part, and for
+    one part's summary of up to 187 tokens, but not for two. The parts' summaries do not
+    fit one combine call, and a group of one summary does not shrink them: such a run is
+    refused for good before any upstream call.
+
+    Before, it paid for its parts and for group after group of one summary, then failed
+    at max_levels."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=_full_answer) as scripted:
+        config = secure_config(
+            scripted.base_url,
+            tenants={"team-a": {"tokens_per_minute": 1500}},
+            models=fake_model_window(32_768),
+            summarize={"chunk_overlap_tokens": 0, "max_levels": 2},
+            batch={"rate_left_to_other_calls": 0},
+        )
+        gw = await start_gateway(config)
+        request = pb.SummarizeRequest(
+            model=FAKE_MODEL,
+            document=" ".join(f"Sentence {i} says something." for i in range(300)),
+            target_tokens=187,
+            instructions=" ".join(f"Rule {i} keep it." for i in range(140)),
+        )
+        error = await rpc_error(gw.stub.Summarize(request, metadata=as_tenant("team-a")))
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        quota = detail(error, error_details_pb2.QuotaFailure)
+        assert quota.violations[0].subject == "tenant:team-a:tokens_per_minute"
+        assert trailer(error, RETRY_PUSHBACK_TRAILER) == "-1"
+        assert scripted.requests == []
+
+
 _TOO_LONG = (
     '{"error": {"message": "This model\'s maximum context length is 1024 tokens.", '
     '"type": "invalid_request_error", "code": "context_length_exceeded"}}'
