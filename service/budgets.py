@@ -8,7 +8,8 @@ budget's `reserve_output_tokens` (0 by default: the prompt only, since the outpu
 length is unknown). A call that passes holds
 its expected cost in the ledger until its usage is recorded, or until it fails or is
 cancelled. The check and the reservation are one atomic step, in the process and, with
-a Redis ledger, across replicas, so concurrent calls never pass on the same figure.
+a Redis ledger, across replicas, so concurrent calls never pass on the same figure. Its
+cost is spent in the period it was reserved in, even when it ends in the next one.
 
 The guarantee: calls that set `max_tokens` never take a tenant past its limit together
 (as long as the upstream bills no more prompt tokens than estimated); each call without
@@ -121,12 +122,13 @@ class BudgetHold:
     follow) releases its own reservation.
     """
 
-    __slots__ = ("_budgets", "_is_closed", "_kept")
+    __slots__ = ("_admitted_s", "_budgets", "_is_closed", "_kept")
 
     def __init__(self, budgets: Budgets) -> None:
         self._budgets = budgets
         self._kept: list[Reservation] = []
         self._is_closed = False
+        self._admitted_s: float | None = None
 
     # A class, not a generator context manager: every call, cache hits too, enters one.
     async def __aenter__(self) -> BudgetHold:
@@ -142,6 +144,7 @@ class BudgetHold:
         if reservation is None:
             yield
             return
+        self._admitted_s = reservation.at_s
         try:
             yield
         except BaseException:
@@ -151,6 +154,13 @@ class BudgetHold:
             await self._budgets.release(reservation)
         else:
             self._kept.append(reservation)
+
+    @property
+    def admitted_s(self) -> float | None:
+        """When the budget admitted the call (None: nothing reserved): its usage is
+        recorded with it (`UsageEntry.admitted_s`), so that its cost is spent in the
+        period it was reserved in."""
+        return self._admitted_s
 
     @property
     def caller_has_left(self) -> bool:

@@ -150,6 +150,10 @@ class UsageEntry:
     usage: Usage
     cost_usd: float
     is_request: bool = True
+    # When the call's budget admitted it (`Reservation.at_s`): its cost is spent in that
+    # moment's UTC day and month, which its reservation held it against, even when it
+    # ends in the next. None (no reservation): when it is recorded.
+    admitted_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +300,7 @@ class Reservation:
 
     tenant: str
     period_key: str  # the period it was taken in: released there even once it is over
+    at_s: float  # when it was taken (the ledger's clock): its call is spent in that period
     cost_pico: int
     is_granted: bool
     spent_pico: int = 0
@@ -410,6 +415,7 @@ class MemoryLedger:
     async def record(self, entry: UsageEntry) -> None:
         """Add one finished call."""
         now = self._buckets.now()
+        admitted = now if entry.admitted_s is None else entry.admitted_s
         bucket = self._buckets.start(now)
         if bucket != self._current_bucket:
             self._current_bucket = bucket
@@ -421,7 +427,7 @@ class MemoryLedger:
         if not cost_pico:
             return  # a cache hit or a free model: no spend to add
         for period in _PERIODS:
-            spend_key = (entry.tenant, period_key(period, now))
+            spend_key = (entry.tenant, period_key(period, admitted))
             self._spend[spend_key] = self._spend.get(spend_key, 0) + cost_pico
 
     def _row(self, bucket: int, entry: UsageEntry) -> UsageRow:
@@ -472,12 +478,13 @@ class MemoryLedger:
         self, tenant: str, period: str, *, cost_usd: float, limit_usd: float
     ) -> Reservation:
         """Hold `cost_usd` if it fits; no await, so atomic within the process."""
-        key = (tenant, period_key(period, self._buckets.now()))
+        now = self._buckets.now()
+        key = (tenant, period_key(period, now))
         spent, reserved = self._spend.get(key, 0), self._reserved.get(key, 0)
         cost = to_pico(cost_usd)
         is_granted = _fits(spent=spent, reserved=reserved, cost=cost, limit=to_pico(limit_usd))
         reservation = Reservation(
-            tenant=tenant, period_key=key[1], cost_pico=cost, is_granted=is_granted,
+            tenant=tenant, period_key=key[1], at_s=now, cost_pico=cost, is_granted=is_granted,
             spent_pico=spent, reserved_pico=reserved,
         )  # fmt: skip
         if is_granted:
@@ -725,7 +732,8 @@ class RedisLedger:
         row_id, dims_json = self._row_name(dims)
         overflow_dims = _dims(entry.tenant, entry.model, entry.upstream, OVERFLOW_LABELS)
         overflow_id, overflow_json = self._row_name(overflow_dims)
-        spend = [f"{self._prefix}:spend:{entry.tenant}:{period_key(p, now)}" for p in _PERIODS]
+        admitted = now if entry.admitted_s is None else entry.admitted_s
+        spend = [f"{self._prefix}:spend:{entry.tenant}:{period_key(p, admitted)}" for p in _PERIODS]
         keys = [
             self._row_key(bucket, row_id),
             self._tenant_rows_key(bucket, entry.tenant),
@@ -745,7 +753,7 @@ class RedisLedger:
             *(counters[name] for name in _FIELDS),
             # A budget counts its period's spend to the period's end, however short the
             # retention: a month's spend must not expire after a few days without calls.
-            *(max(self._ttl_s, math.ceil(period_end_s(p, now) - now)) for p in _PERIODS),
+            *(max(self._ttl_s, math.ceil(period_end_s(p, admitted) - now)) for p in _PERIODS),
         ]  # fmt: skip
 
         async def record_now() -> None:
@@ -938,7 +946,9 @@ class RedisLedger:
         now = self._buckets.now()
         key = period_key(period, now)
         cost, limit = to_pico(cost_usd), to_pico(limit_usd)
-        lease = Reservation(tenant=tenant, period_key=key, cost_pico=cost, is_granted=True)
+        lease = Reservation(
+            tenant=tenant, period_key=key, at_s=now, cost_pico=cost, is_granted=True
+        )
         fits_alone = _fits(spent=0, reserved=0, cost=cost, limit=limit)
         if self.cooldown.skips():
             return replace(lease, is_granted=fits_alone, was_sent=False)

@@ -140,11 +140,14 @@ class Pipeline:
         """The model's context window from the catalog (a safe default when unlisted)."""
         return self._prices.context_window(model, _DEFAULT_CONTEXT_WINDOW)
 
-    async def account(self, request: ChatRequest, completion: Completion) -> None:
+    async def account(
+        self, request: ChatRequest, completion: Completion, *, admitted_s: float | None = None
+    ) -> None:
         """Record a finished call on the RPC span, the cost metrics and the usage ledger.
 
         Every path that produces a `Completion` (unary, stream, cache hit, batch) calls
-        this once, so all of them are priced and counted identically.
+        this once, so all of them are priced and counted identically. `admitted_s`: when
+        its budget admitted it (`BudgetHold.admitted_s`), the period it is spent in.
         """
         telemetry().record_completion(request, completion)
         await self.ledger.record(
@@ -155,6 +158,7 @@ class Pipeline:
                 labels=request.labels,
                 usage=completion.usage,
                 cost_usd=completion.cost_usd,
+                admitted_s=admitted_s,
             )
         )
 
@@ -261,9 +265,9 @@ class Pipeline:
                 self._on_answered()
                 # Accounted per caller: a cache hit or a coalesced call records 0 cost.
                 owed.completion = None
-                await self.account(request, completion)
+                await self.account(request, completion, admitted_s=hold.admitted_s)
             finally:
-                await self._account_owed(request, owed)
+                await self._account_owed(request, owed, hold)
         return completion
 
     def _remember(self, repeat_key: RepeatKey, prepared: PreparedRequest) -> str | None:
@@ -364,7 +368,7 @@ class Pipeline:
                     raise
                 except BaseException:
                     if log.is_cut_after_sending:
-                        await self._account_cut(prepared, _NO_OUTPUT, log)
+                        await self._account_cut(prepared, _NO_OUTPUT, log, hold)
                     raise
                 self._on_answered()  # before a cache write, when this runs in the caller's task
                 upstream_ms = log.upstream_s * _MS
@@ -385,16 +389,16 @@ class Pipeline:
                 await self._hand_over(hold, owed, request, completion)
             finally:
                 if log.lost:
-                    await self._account_lost(prepared, log, owed)
+                    await self._account_lost(prepared, log, owed, hold)
         return completion
 
-    async def _account_owed(self, request: ChatRequest, owed: _Owed) -> None:
+    async def _account_owed(self, request: ChatRequest, owed: _Owed, hold: BudgetHold) -> None:
         """Record the answer still owed to a caller that left before it was handed over;
         taken first, so whichever of the caller and the upstream call gets here first
         records it, once."""
         if owed.completion is not None:
             completion, owed.completion = owed.completion, None
-            await self.account(request, completion)
+            await self.account(request, completion, admitted_s=hold.admitted_s)
 
     async def _hand_over(
         self, hold: BudgetHold, owed: _Owed, request: ChatRequest, completion: Completion
@@ -406,12 +410,12 @@ class Pipeline:
         the upstream's charge for the call would be recorded for no one.
         """
         if hold.caller_has_left:
-            await self.account(request, completion)
+            await self.account(request, completion, admitted_s=hold.admitted_s)
         else:
             owed.completion = completion
 
     async def _account_cut(
-        self, prepared: PreparedRequest, output: _Output, log: AttemptLog
+        self, prepared: PreparedRequest, output: _Output, log: AttemptLog, hold: BudgetHold
     ) -> None:
         """Record a call that ended without its `Completion` after the upstream had it:
         a stream after some output, or any call its caller cut once its request was sent.
@@ -433,9 +437,11 @@ class Pipeline:
             reported=None,
             timings=Timings(),  # recorded for its cost only
         )
-        await self.account(request, completion)
+        await self.account(request, completion, admitted_s=hold.admitted_s)
 
-    async def _account_lost(self, prepared: PreparedRequest, log: AttemptLog, owed: _Owed) -> None:
+    async def _account_lost(
+        self, prepared: PreparedRequest, log: AttemptLog, owed: _Owed, hold: BudgetHold
+    ) -> None:
         """Record each attempt the upstream most likely billed but whose answer was lost
         (`AttemptLog.lose`): timed out at the upstream's `timeout_s` once sent, or failed
         after a success status.
@@ -464,6 +470,7 @@ class Pipeline:
                 usage=usage,
                 cost_usd=cost_usd,
                 is_request=False,
+                admitted_s=hold.admitted_s,
             )
             for upstream in lost
         ]
@@ -472,7 +479,7 @@ class Pipeline:
         try:
             await self._record_each(entries)
         except BaseException:
-            await self._account_owed(request, owed)
+            await self._account_owed(request, owed, hold)
             raise
 
     async def _record_each(self, entries: list[UsageEntry]) -> None:
@@ -506,12 +513,12 @@ class Pipeline:
                             self._on_answered()
                             owed.completion = None
                             completion = _with_dropped(event, prepared.dropped)
-                            await self.account(request, completion)
+                            await self.account(request, completion, admitted_s=hold.admitted_s)
                             yield completion
                         else:
                             yield event
             finally:
-                await self._account_owed(request, owed)
+                await self._account_owed(request, owed, hold)
 
     async def _stream(
         self,
@@ -550,7 +557,7 @@ class Pipeline:
                     # Cut by the upstream, the caller or its deadline: the output sent was
                     # billed, and the prompt was once the upstream had it.
                     if relayed or log.is_cut_after_sending:
-                        await self._account_cut(prepared, _relayed_output(relayed), log)
+                        await self._account_cut(prepared, _relayed_output(relayed), log, hold)
                     raise
                 if end is None:  # the pool always ends a stream with StreamEnd or raises
                     raise RuntimeError("stream ended without its end event")
@@ -572,7 +579,7 @@ class Pipeline:
                 await self._hand_over(hold, owed, request, completion)  # inside, as in _complete
             finally:
                 if log.lost:
-                    await self._account_lost(prepared, log, owed)
+                    await self._account_lost(prepared, log, owed, hold)
         yield completion
 
 

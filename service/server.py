@@ -10,6 +10,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ from service.config import (
     UpstreamConfig,
     host_and_port,
 )
-from service.ledger import RedisLedger, open_ledger
+from service.ledger import RedisLedger, WallClock, open_ledger
 from service.local_model import UPSTREAM_NAME as LOCAL_UPSTREAM
 from service.local_model import LocalModelServer, LocalModelUnavailable
 from service.pipeline import Pipeline
@@ -71,9 +72,18 @@ class GatewayServer:
     and closes them in reverse order.
     """
 
-    def __init__(self, config: GatewayConfig, *, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        telemetry: Telemetry | None = None,
+        wall_clock: WallClock = time.time,
+    ) -> None:
+        """`wall_clock`: epoch time for the ledger and budgets (a test's, to cross a
+        period's end)."""
         self.config = config
         self.telemetry = telemetry
+        self._wall_clock = wall_clock
         self.port = 0
         self.health = EndableHealth()
         self.admission = Admission(
@@ -130,7 +140,7 @@ class GatewayServer:
         gate = await build_caller_gate(self.config, self._stack)
         prices = PriceList(self.config.models)
         await self._start_telemetry(prices)
-        ledger = open_ledger(self.config.ledger)
+        ledger = open_ledger(self.config.ledger, wall_clock=self._wall_clock)
         self._stack.push_async_callback(ledger.aclose)
         if self.config.wants_local_model:  # its start can take minutes: say it first
             for listen in (self.config.server.listen, self.config.server.health_listen):
@@ -160,6 +170,7 @@ class GatewayServer:
             pool,
             prices,
             ledger=ledger,
+            wall_clock=self._wall_clock,
             cache=cache,
             on_answered=self.admission.answered,
         )

@@ -472,6 +472,7 @@ class _Checked:
     message: object
     prepared: PreparedRequest | None  # None: bytes prepared lately (`prepared_before`)
     repeat_key: RepeatKey | None
+    summary: SummaryRequest | None = None  # a Summarize's request, validated
 
 
 # Set by `check` in the call's own task, read by its handler (each RPC runs in a task).
@@ -513,7 +514,9 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         elif isinstance(message, pb.CompleteStreamRequest):
             _checked.set(_Checked(message, pipeline.prepare(self._request(message)), None))
         elif isinstance(message, pb.SummarizeRequest):
-            self._summarizer.validate(self._summary_request(message))
+            summary = self._summary_request(message)
+            self._summarizer.validate(summary)
+            _checked.set(_Checked(message, None, None, summary))
 
     def _summary_request(self, request: pb.SummarizeRequest) -> SummaryRequest:
         """The call's domain request; an unknown effort is a violation `validate` reports."""
@@ -676,10 +679,13 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
     async def Summarize(
         self, request: pb.SummarizeRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.SummarizeResponse:
+        checked = _checked_for(request)
+        validated = checked.summary if checked is not None else None
         summary = await self._summarizer.summarize(
-            self._summary_request(request),
+            validated or self._summary_request(request),
             deadline=deadline_of(context),
             max_concurrency=_tenant_concurrency(),
+            validated=validated is not None,
         )
         return pb.SummarizeResponse(
             summary=summary.summary,

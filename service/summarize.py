@@ -21,8 +21,10 @@ fails the call (`InvalidRequest`).
 
 Under a tenant's tokens_per_minute each call takes its tokens as it starts, so every call
 is also sized to fit one minute's tokens: a larger one could never be taken, and the
-default target shrinks to a quarter of the minute. A minute too small for any piece
-fails the call (`QuotaExceeded`, for good) before any part is sent; once parts are paid
+default target shrinks to a quarter of the minute. A minute too small for any piece, for
+a combine call holding one part's summary at its longest, or (when they must be grouped)
+for a group of two, fails the call
+(`QuotaExceeded`, for good) before any part is sent; once parts are paid
 for, a piece split again is not refused for its longer header.
 """
 
@@ -421,15 +423,16 @@ def _rate_room(*, system: str, header: str, answer_tokens: int) -> int | None:
     )
 
 
-def _rate_too_small(tenant: str, answer_tokens: int) -> QuotaExceeded:
-    """The refusal of a Summarize whose tenant's tokens_per_minute holds no useful call."""
+def _rate_too_small(tenant: str, answer_tokens: int, least: int) -> QuotaExceeded:
+    """The refusal of a Summarize whose tenant's tokens_per_minute holds no useful call:
+    none with `least` tokens of text beside its prompt and answer."""
     limit = _tokens_per_minute()
     # An answer at the floor (the default target, a part's) is not the caller's to lower.
     lower = "lower target_tokens, " if answer_tokens > _MIN_TARGET_TOKENS else ""
     refusal = QuotaExceeded(
         f"tenant {tenant!r}'s tokens_per_minute of {limit} cannot hold one summarising "
         f"call: its prompt, a {answer_tokens}-token answer and at least "
-        f"{_MIN_CHUNK_TOKENS} tokens of text; {lower}shorten the instructions or raise "
+        f"{least} tokens of text; {lower}shorten the instructions or raise "
         "the tenant's tokens_per_minute",
         subject=f"tenant:{tenant}:tokens_per_minute",
         retry_after_s=None,
@@ -461,15 +464,7 @@ class Summarizer:
         if not invalid_model:
             self._pipeline.pool.routes(request.model)  # ModelNotFound first
             window = self._pipeline.context_window(request.model)
-        default = self._config.default_target_tokens
-        # The default scales down for a small model, as Complete's answer reserve does,
-        # and for a small tokens_per_minute (known once the call is admitted), whose
-        # combine call must hold it beside the summaries.
-        if window is not None:
-            default = min(default, window // 4)
-        if minute := _tokens_per_minute():
-            default = min(default, max(_MIN_TARGET_TOKENS, minute // 4))
-        target = request.target_tokens or default
+        target = self._target(request, window)
         if not request.document.strip():
             violations.append(FieldViolation("document", "must not be empty"))
         else:
@@ -504,6 +499,18 @@ class Summarizer:
             raise InvalidRequest(violations)
         return target
 
+    def _target(self, request: SummaryRequest, window: int | None) -> int:
+        """The summary's length in tokens: as asked, else the default."""
+        default = self._config.default_target_tokens
+        # The default scales down for a small model, as Complete's answer reserve does,
+        # and for a small tokens_per_minute (known once the call is admitted), whose
+        # combine call must hold it beside the summaries.
+        if window is not None:
+            default = min(default, window // 4)
+        if minute := _tokens_per_minute():
+            default = min(default, max(_MIN_TARGET_TOKENS, minute // 4))
+        return request.target_tokens or default
+
     def _room(self, model: str, *, system: str, header: str, answer_tokens: int) -> int:
         """Tokens of text that fit one call beside `system`, `header` and an answer, now,
         within the model's window and the tenant's tokens_per_minute (if it has one).
@@ -530,12 +537,13 @@ class Summarizer:
         system: str,
         header: str,
         answer_tokens: int,
-        min_rate_room: int = _MIN_CHUNK_TOKENS,
+        least: int = _MIN_CHUNK_TOKENS,
+        min_rate_room: int | None = None,
     ) -> int:
-        """`_room`, when enough of the document fits one call; else no split can help.
+        """`_room`, when enough text fits one call; else no split can help.
 
-        Enough is `_MIN_CHUNK_TOKENS`, or `min_rate_room` when the tenant's minute is
-        what leaves less.
+        Enough is `least`, or `min_rate_room` (if given) when the tenant's minute is what
+        leaves less.
 
         Raises:
             InvalidRequest: on `instructions` (or `target_tokens` without them), saying
@@ -545,15 +553,15 @@ class Summarizer:
         """
         model = request.model
         room = self._room(model, system=system, header=header, answer_tokens=answer_tokens)
-        if room >= _MIN_CHUNK_TOKENS:
+        if room >= least:
             return room
         window_room = self._window_room(
             model, system=system, header=header, answer_tokens=answer_tokens
         )
-        if window_room >= _MIN_CHUNK_TOKENS:
-            if room >= min_rate_room:
+        if window_room >= least:
+            if room >= (least if min_rate_room is None else min_rate_room):
                 return room
-            raise _rate_too_small(request.tenant, answer_tokens)
+            raise _rate_too_small(request.tenant, answer_tokens, least)
         room = window_room
         window = self._pipeline.context_window(model)
         factor = self._pipeline.calibration.factor(model)
@@ -565,24 +573,33 @@ class Summarizer:
                     f"the prompt, instructions and answer leave room for {max(0, room)} "
                     f"tokens of the document in the model's context window of {window} "
                     f"(estimates x{factor:.2f}, as calibrated for this model); at least "
-                    f"{_MIN_CHUNK_TOKENS} are needed: shorten the instructions or lower "
+                    f"{least} are needed: shorten the instructions or lower "
                     "target_tokens",
                 )
             ]
         )
 
     async def summarize(
-        self, request: SummaryRequest, *, deadline: Deadline, max_concurrency: int | None = None
+        self,
+        request: SummaryRequest,
+        *,
+        deadline: Deadline,
+        max_concurrency: int | None = None,
+        validated: bool = False,
     ) -> Summary:
         """Summarise `request.document`; see the module docstring for how.
 
         `max_concurrency` caps the configured calls at once (the tenant's own cap).
+        `validated`: `validate` passed on this very request (the caller gate's check), so
+        the document is not encoded and scanned again; only the target is read again,
+        now that the tenant's tokens_per_minute is known.
         """
         started = self._clock.now()
-        target = self.validate(request)  # the document as sent: its size is the caller's
-        request = dataclasses.replace(request, document=as_sent(request.document))
         model = request.model
         window = self._pipeline.context_window(model)
+        # Validated as the caller sent it: the document's size is the caller's.
+        target = self._target(request, window) if validated else self.validate(request)
+        request = dataclasses.replace(request, document=as_sent(request.document))
         # A part's answer is at most an eighth of what one call may take: the window, and
         # the tenant's tokens_per_minute, else its summaries would barely shrink the text.
         per_call = min(window, _tokens_per_minute() or window)
@@ -598,8 +615,18 @@ class Summarizer:
             if text is not None:
                 return self._result(text, 1, 1, run.tally, started)
         # Before any part is paid for: the summaries must be combinable within the
-        # tenant's tokens_per_minute as well as the window.
-        self._require_room(request, system=combine_system, header="", answer_tokens=target)
+        # tenant's tokens_per_minute as well as the window. Levels of groups end with one
+        # summary, as long as a part's answer may be (estimated as the calibration
+        # expects): a combine call that cannot hold it never ends the run.
+        one_summary = math.ceil(part_target / self._pipeline.calibration.factor(model))
+        one_summary += estimate_text_tokens(_summaries_message([""]))
+        self._require_room(
+            request,
+            system=combine_system,
+            header="",
+            answer_tokens=target,
+            least=max(_MIN_CHUNK_TOKENS, one_summary),
+        )
         # Room for the widest "Part N of M" of as many digits as the parts turn out to
         # number: past 999 they are chunked again, with room for the longer header.
         widest = 999
@@ -623,6 +650,17 @@ class Summarizer:
         inputs = [(_part_name(i, len(chunks)), c) for i, c in enumerate(chunks)]
         # Levels after the first combine groups of summaries into shorter ones.
         group_system = combine_prompt(target_tokens=part_target, instructions=request.instructions)
+        # A group of one summary shrinks nothing: summaries that may not fit one combine
+        # call need groups of two at least (each counted as `pack_units` is given it).
+        combine_room = self._room(model, system=combine_system, header="", answer_tokens=target)
+        if len(chunks) * (one_summary + 1) > combine_room:
+            self._require_room(
+                request,
+                system=group_system,
+                header="",
+                answer_tokens=part_target,
+                least=2 * (one_summary + 1),
+            )
         system = part_system
         overlap_tokens = self._config.chunk_overlap_tokens
         level = 1

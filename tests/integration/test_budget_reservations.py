@@ -8,6 +8,7 @@ Every call here sets `max_tokens`, so its expected cost (prompt as input plus
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -438,3 +439,54 @@ async def test_a_call_reserving_nothing_survives_another_ending_first(start_gate
         assert not isinstance(answer, grpc.aio.AioRpcError), answer
         assert answer.content
         await nothing_reserved(gateway)
+
+
+class SettableClock:
+    """Epoch time that moves only when a test sets it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("kind", ["unary", "stream"])
+async def test_a_call_straddling_midnight_is_spent_in_the_period_it_was_admitted_in(
+    held, start_gateway, ledger, kind
+):
+    """A call admitted a second before midnight UTC on a month's last day, and answered a
+    second after it, reserved against the old day and month: its cost is spent there, and
+    the new day and month start with nothing spent or reserved. Its usage row is the
+    hour it ended in, as GetUsage shows.
+
+    Before, its cost was added to the new day and month, where nothing was reserved for
+    it, while the old period's reservation was released."""
+    midnight = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    clock = SettableClock(midnight.timestamp() - 1)
+    gateway = await start_gateway(
+        gateway_config(held.base_url, ledger=ledger, budgets={"default": budget_for(3)}),
+        wall_clock=clock,
+    )
+    held.gate.clear()
+    if kind == "unary":
+        call = asyncio.create_task(outcome(gateway.stub.Complete(capped("call a"))))
+    else:
+        call = asyncio.create_task(outcome(streamed(gateway, "call a")))
+    await held.wait_until(lambda: held.in_flight == 1)
+    clock.now = midnight.timestamp() + 1
+    held.gate.set()
+    answer = await call
+    assert not isinstance(answer, grpc.aio.AioRpcError), answer
+    cost = (answer.metadata if kind == "unary" else answer[-1].final).cost_usd
+    assert cost > 0
+    ledger_ = gateway.server.pipeline.ledger
+    await nothing_reserved(gateway)
+    for period in ("day", "month"):
+        assert await ledger_.spent_usd("default", period) == 0
+    clock.now = midnight.timestamp() - 1
+    for period in ("day", "month"):
+        assert await ledger_.spent_usd("default", period) == pytest.approx(cost, abs=1e-12)
+    since_midnight = pb.GetUsageRequest()
+    since_midnight.start_time.FromDatetime(midnight)
+    assert (await gateway.stub.GetUsage(since_midnight)).total.requests == 1

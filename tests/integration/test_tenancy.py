@@ -12,6 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 import service.caller_gate
+import service.summarize
 import service.tenant_limits
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -497,6 +498,33 @@ async def test_an_invalid_field_is_invalid_argument_however_small_the_tenants_li
     assert upstream.requests == []
 
 
+async def test_a_metered_summarys_document_is_validated_once(start_gateway, monkeypatch):
+    """For a tenant with limits, the caller gate's check validates a Summarize (encoding
+    its document and scanning it for control characters) and the handler takes that
+    result, as Complete's does: the document is scanned once, and summarised.
+
+    Before, `summarize()` validated it again: twice the scan, a few ms for 2 MiB."""
+    document = " ".join(f"Sentence {i} says something." for i in range(50))
+    scanned: list[str] = []
+    scan = service.summarize.has_control_characters
+
+    def counting(text: str) -> bool:
+        if text == document:
+            scanned.append(text)
+        return scan(text)
+
+    monkeypatch.setattr(service.summarize, "has_control_characters", counting)
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=lambda body: Reply(content="short")
+    ) as scripted:
+        config = secure_config(scripted.base_url, tenants={"team-a": {"requests_per_minute": 10}})
+        gw = await start_gateway(config)
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document)
+        summary = await gw.stub.Summarize(request, metadata=as_tenant("team-a"))
+        assert summary.summary == "short"
+        assert len(scanned) == 1
+
+
 async def test_far_too_many_messages_of_a_metered_tenant_are_refused_before_any_is_estimated(
     upstream, start_gateway, monkeypatch
 ):
@@ -726,6 +754,83 @@ async def test_a_part_split_again_under_a_small_minute_is_summarised_in_smaller_
         for recorded in scripted.requests:
             texts = [m["content"] for m in recorded.body["messages"]]
             assert part_tokens(texts, max_tokens=recorded.body["max_tokens"]) <= 182
+
+
+def _full_answer(body: dict[str, Any]) -> Reply:
+    """An answer as long as the call's max_tokens allows, by the gateway's estimate."""
+    words = ["summary"]
+    while estimate_text_tokens(" ".join([*words, "summary"])) <= body["max_tokens"]:
+        words.append("summary")
+    return Reply(content=" ".join(words))
+
+
+@pytest.mark.parametrize(("target_tokens", "converges"), [(1300, False), (1230, True)])
+async def test_a_summary_whose_combine_cannot_hold_one_part_summary_is_refused_up_front(
+    start_gateway, short_minutes, target_tokens: int, converges: bool
+):
+    """Under team-a's 1,500 tokens a minute, a 1,300-token target leaves the combine call
+    about 130 tokens of summaries: more than the 64 a part needs, less than one part's
+    summary of up to 187 tokens. However many levels group the summaries, the last one
+    never fits: such a run is refused for good before any upstream call, as a combine
+    with no room at all is. A 1,230-token target leaves room for one whole part summary:
+    the parts' summaries, as long as they may be, are grouped and combined.
+
+    Before, the 1,300-token run paid for its parts and groups, then failed at max_levels."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=_full_answer) as scripted:
+        gw = await start_gateway(_summary_config(scripted.base_url, 1500))
+        document = " ".join(f"Sentence {i} says something." for i in range(500))
+        request = pb.SummarizeRequest(
+            model=FAKE_MODEL, document=document, target_tokens=target_tokens
+        )
+        if converges:
+            summary = await gw.stub.Summarize(request, metadata=as_tenant("team-a"))
+            assert summary.chunks >= 2
+            assert summary.levels == 2
+            assert summary.summary.startswith("summary")
+            return
+        error = await rpc_error(gw.stub.Summarize(request, metadata=as_tenant("team-a")))
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"cannot hold one summarising call: its prompt, a {target_tokens}-token" in (
+            error.details() or ""
+        )
+        quota = detail(error, error_details_pb2.QuotaFailure)
+        assert quota.violations[0].subject == "tenant:team-a:tokens_per_minute"
+        assert trailer(error, RETRY_PUSHBACK_TRAILER) == "-1"
+        assert scripted.requests == []
+
+
+async def test_a_summary_whose_groups_cannot_hold_two_part_summaries_is_refused_up_front(
+    start_gateway, short_minutes
+):
+    """Under team-a's 1,500 tokens a minute, about 870 tokens of instructions and a
+    187-token target leave each call about 370 tokens of text: room for a part, and for
+    one part's summary of up to 187 tokens, but not for two. The parts' summaries do not
+    fit one combine call, and a group of one summary does not shrink them: such a run is
+    refused for good before any upstream call.
+
+    Before, it paid for its parts and for group after group of one summary, then failed
+    at max_levels."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=_full_answer) as scripted:
+        config = secure_config(
+            scripted.base_url,
+            tenants={"team-a": {"tokens_per_minute": 1500}},
+            models=fake_model_window(32_768),
+            summarize={"chunk_overlap_tokens": 0, "max_levels": 2},
+            batch={"rate_left_to_other_calls": 0},
+        )
+        gw = await start_gateway(config)
+        request = pb.SummarizeRequest(
+            model=FAKE_MODEL,
+            document=" ".join(f"Sentence {i} says something." for i in range(300)),
+            target_tokens=187,
+            instructions=" ".join(f"Rule {i} keep it." for i in range(140)),
+        )
+        error = await rpc_error(gw.stub.Summarize(request, metadata=as_tenant("team-a")))
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        quota = detail(error, error_details_pb2.QuotaFailure)
+        assert quota.violations[0].subject == "tenant:team-a:tokens_per_minute"
+        assert trailer(error, RETRY_PUSHBACK_TRAILER) == "-1"
+        assert scripted.requests == []
 
 
 _TOO_LONG = (
