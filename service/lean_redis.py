@@ -353,12 +353,13 @@ class LeanRedis:
             commands.append(("SELECT", self._db))
         if not commands:
             return
-        replies = asyncio.gather(*conn.send(commands))
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                answers = await replies
-        except TimeoutError:
-            raise exceptions.TimeoutError(f"Timeout reading from {self._where}") from None
+        answers = await self._answers(conn, commands)
+        if len(self._auth) == 2 and isinstance(
+            answers[0], exceptions.AuthenticationWrongNumberOfArgsError
+        ):
+            # A Redis before 6.0 knows no users: as redis-py, the password alone.
+            commands[0] = ("AUTH", self._auth[1])
+            answers = await self._answers(conn, commands)
         for answer in answers:
             # WRONGPASS and NOAUTH are AuthenticationErrors, ConnectionErrors rather than
             # ResponseErrors: missed, the connection would serve as the default user.
@@ -367,6 +368,15 @@ class LeanRedis:
                 raise answer
         if self._db and answers[-1] not in ("OK", b"OK"):
             raise exceptions.ConnectionError("Invalid Database")
+
+    async def _answers(self, conn: _Connection, commands: list[tuple[Arg, ...]]) -> list[Any]:
+        """The replies to `commands`, sent at once (error replies returned, not raised)."""
+        replies = asyncio.gather(*conn.send(commands))
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await replies
+        except TimeoutError:
+            raise exceptions.TimeoutError(f"Timeout reading from {self._where}") from None
 
     async def aclose(self) -> None:
         """Close every connection, idle or in use; later commands fail."""
