@@ -324,10 +324,11 @@ class RedisTenantLimiter:
 
     async def aclose(self) -> None:
         """Stop renewing leases and retrying releases (before the Redis client closes)."""
-        if self._renewing is not None:
-            self._renewing.cancel()
-            await asyncio.gather(self._renewing, return_exceptions=True)
-            self._renewing = None
+        renewing, self._renewing = self._renewing, None
+        # One of an earlier loop ended with it (and could not be awaited on this one).
+        if renewing is not None and renewing.get_loop() is asyncio.get_running_loop():
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
         await self.late_releases.aclose()
 
     async def _give_back(self, keys: list[str], lease: str, *, is_confirmed: bool) -> None:

@@ -613,6 +613,45 @@ async def test_a_renewal_redis_runs_after_its_lease_was_given_back_does_not_put_
         await client.aclose()
 
 
+def test_a_limiter_used_from_a_new_event_loop_renews_and_releases_there(redis_url):
+    """A limiter outlives the loop it first ran on (a CLI or test harness running one loop
+    after another): on the next loop its calls' leases are renewed past their TTL and
+    given back at their end as on the first, and it closes on a loop after that.
+
+    Before, the second loop's calls waited out the lean client's timeout on connections
+    the first loop had made, and closing awaited tasks of a loop already closed."""
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=2.0)
+    lean = LeanRedis.beside(client)
+    limiter = RedisTenantLimiter(client, prefix="t-loops:", lease_ttl_s=1, commands=lean)
+    limits = TenantConfig(max_concurrent_calls=1)
+    in_flight = "t-loops:tenant:{team-a}:inflight"
+
+    async def hold_past_the_ttl() -> int:
+        async with limiter.admit("team-a", limits, tokens=0):
+            await asyncio.sleep(1.5)  # past the 1 s TTL: renewed every third of it
+            with pytest.raises(QuotaExceeded):
+                async with limiter.admit("team-a", limits, tokens=0):
+                    pass
+        await eventually(lambda: limiter.late_releases.pending == 0)
+        return int(await lean.execute_command("ZCARD", in_flight))
+
+    async def hold_and_close_redis_py() -> int:
+        try:
+            return await hold_past_the_ttl()
+        finally:
+            await client.aclose()  # redis-py's connections close only on their own loop
+
+    async def close() -> None:
+        await limiter.aclose()
+        await lean.aclose()
+
+    try:
+        assert asyncio.run(hold_past_the_ttl()) == 0
+        assert asyncio.run(hold_and_close_redis_py()) == 0
+    finally:
+        asyncio.run(close())
+
+
 async def test_a_call_cancelled_while_redis_admits_it_leaves_no_lease(redis_url):
     """Cancelled between the admission script running and its reply: the slot is given back."""
     client = aioredis.Redis.from_url(redis_url)

@@ -386,6 +386,37 @@ def test_the_same_holds_on_uvloop(request: pytest.FixtureRequest) -> None:
     uvloop.run(scenario())
 
 
+def test_a_client_used_from_a_new_event_loop_connects_again_there(
+    request: pytest.FixtureRequest,
+) -> None:
+    """A client outlives the loop it first ran on (a CLI or test harness running one loop
+    after another, on asyncio or uvloop): the connections made on a loop gone are dropped
+    as they are taken, and new ones opened on the loop now running; closing the client
+    there closes them all.
+
+    Before, a command on the second loop was written to a connection whose loop no longer
+    read it: it waited its whole timeout (for ever without one), then failed with
+    "Event loop is closed" and left its place in the pool taken for good."""
+    url = request.getfixturevalue("redis_url")
+    client = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0)
+    lean = LeanRedis.beside(client, max_connections=2)
+
+    async def echo_twice(word: str) -> list[Any]:
+        return await asyncio.gather(*(lean.execute_command("ECHO", word) for _ in range(2)))
+
+    async def echo_and_close(word: str) -> Any:
+        try:
+            return await lean.execute_command("ECHO", word)
+        finally:
+            await lean.aclose()
+            await client.aclose()
+
+    assert asyncio.run(echo_twice("first")) == ["first", "first"]
+    assert uvloop.run(echo_twice("second")) == ["second", "second"]
+    assert asyncio.run(echo_twice("third")) == ["third", "third"]
+    assert asyncio.run(echo_and_close("last")) == "last"
+
+
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A redis-server answering TLS only, its certificate for 127.0.0.1: (port, CA)."""
