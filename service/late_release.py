@@ -209,7 +209,8 @@ class LateReleases:
         """Stop retrying, after one last try (at most `flush_s`) for what waits; what is
         left then, and any release that fails from now on, expires in the store."""
         self._is_closed = True
-        if self._worker is not None:
+        # One of an earlier loop ended with it (and could not be awaited on this one).
+        if self._worker is not None and self._worker.get_loop() is asyncio.get_running_loop():
             self._worker.cancel()
             # wait, not `await` under suppress(CancelledError): that would also swallow a
             # cancellation of aclose itself.

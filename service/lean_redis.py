@@ -48,7 +48,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._replies: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.is_closed = False
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = self.loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -136,6 +137,8 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self.is_closed = True
         if self._transport is not None:
+            if self.loop.is_closed():
+                return  # nothing can run its closing: the transport's finalizer does
             self._transport.abort()  # nothing unsent is worth waiting for
         elif not self.lost.done():
             self.lost.set_result(None)
@@ -146,7 +149,8 @@ class LeanRedis:
 
     Idle connections are reused (the most recent first); more are opened, up to
     `max_connections`, as concurrent commands need them. A connection Redis closed is
-    dropped as it is taken, never handed out to fail.
+    dropped as it is taken, never handed out to fail, and so is one made on another event
+    loop than the one running (the client outlived it): only that loop reads it.
     """
 
     def __init__(
@@ -256,9 +260,10 @@ class LeanRedis:
         """An idle connection, a new one, or, at `_max`, the next one given back."""
         if self._is_closed:
             raise exceptions.ConnectionError("the lean Redis client is closed")
+        loop = asyncio.get_running_loop()
         while self._idle:
             conn = self._idle.pop()
-            if not conn.is_closed:
+            if not conn.is_closed and conn.loop is loop:
                 return conn
             self._drop(conn, waking=False)
         if self._opened >= self._max:
@@ -353,12 +358,13 @@ class LeanRedis:
             commands.append(("SELECT", self._db))
         if not commands:
             return
-        replies = asyncio.gather(*conn.send(commands))
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                answers = await replies
-        except TimeoutError:
-            raise exceptions.TimeoutError(f"Timeout reading from {self._where}") from None
+        answers = await self._answers(conn, commands)
+        if len(self._auth) == 2 and isinstance(
+            answers[0], exceptions.AuthenticationWrongNumberOfArgsError
+        ):
+            # A Redis before 6.0 knows no users: as redis-py, the password alone.
+            commands[0] = ("AUTH", self._auth[1])
+            answers = await self._answers(conn, commands)
         for answer in answers:
             # WRONGPASS and NOAUTH are AuthenticationErrors, ConnectionErrors rather than
             # ResponseErrors: missed, the connection would serve as the default user.
@@ -367,6 +373,15 @@ class LeanRedis:
                 raise answer
         if self._db and answers[-1] not in ("OK", b"OK"):
             raise exceptions.ConnectionError("Invalid Database")
+
+    async def _answers(self, conn: _Connection, commands: list[tuple[Arg, ...]]) -> list[Any]:
+        """The replies to `commands`, sent at once (error replies returned, not raised)."""
+        replies = asyncio.gather(*conn.send(commands))
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await replies
+        except TimeoutError:
+            raise exceptions.TimeoutError(f"Timeout reading from {self._where}") from None
 
     async def aclose(self) -> None:
         """Close every connection, idle or in use; later commands fail."""
@@ -377,7 +392,8 @@ class LeanRedis:
         self._opened = 0
         for conn in conns:
             conn.close()
-        await asyncio.gather(*(conn.lost for conn in conns))
+        loop = asyncio.get_running_loop()  # another loop's would never tell this one
+        await asyncio.gather(*(conn.lost for conn in conns if conn.loop is loop))
         while self._waiting:
             waiter = self._waiting.popleft()
             if not waiter.done():

@@ -120,13 +120,15 @@ class UpstreamLimiter:
         """Calls waiting for a concurrency slot."""
         return sum(len(waiters) for waiters in self._waiters.values())
 
-    async def acquire(self, *, tokens: int, max_wait_s: float, tenant: str = "") -> None:
-        """Wait for a slot for one call of about `tokens` tokens, or raise `LimitExceeded`.
+    async def acquire(self, *, tokens: int, max_wait_s: float, tenant: str = "") -> float:
+        """Wait for a slot for one call of about `tokens` tokens, or raise `LimitExceeded`;
+        the seconds it waited (0.0: none).
 
         Never waits longer than `max_wait_s`: past it the caller is told at once. A call
         that queues for a concurrency slot takes its `tenant`'s turn (module docstring).
         """
         started = self._clock.now()
+        has_waited = False
         while True:
             wait, what = self.wait_s(tokens)
             if wait <= 0:
@@ -134,6 +136,7 @@ class UpstreamLimiter:
             if wait > max_wait_s - (self._clock.now() - started):
                 raise LimitExceeded(self.upstream, wait_s=wait, what=what)
             await self._clock.sleep(wait)
+            has_waited = True
         if self.in_flight >= self.max_concurrency or self._waiters:
             left = max_wait_s - (self._clock.now() - started)
             if left <= 0:
@@ -169,7 +172,8 @@ class UpstreamLimiter:
                     max_wait_s=max_wait_s - (self._clock.now() - started),
                     tenant=tenant,
                 )
-                return
+                return self._clock.now() - started
+            has_waited = True
         else:
             self.in_flight += 1
         now = self._clock.now()
@@ -178,6 +182,7 @@ class UpstreamLimiter:
             self._requests.take(1, now)
         if self._tokens is not None:
             self._tokens.take(tokens, now)
+        return now - started if has_waited else 0.0
 
     def release(self) -> None:
         """One call ended: hand its slot to the next tenant in turn with a call waiting."""

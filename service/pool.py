@@ -434,12 +434,19 @@ class UpstreamPool:
         if left is not None:
             max_wait = min(max_wait, left - self.settings.min_attempt_s)
         try:
-            await state.limiter.acquire(tokens=tokens, max_wait_s=max_wait, tenant=request.tenant)
+            limit_wait = await state.limiter.acquire(
+                tokens=tokens, max_wait_s=max_wait, tenant=request.tenant
+            )
         except BaseException as exc:
             state.breaker.release(probe=probe)
             if isinstance(exc, LimitExceeded) and max_wait < self.settings.max_limit_wait_s:
                 exc.is_cut_short_by_deadline = True
             raise
+        if limit_wait > 0:
+            # Held back by the upstream's own limits (its rate, its concurrency cap): a
+            # wait on its account, as a retry's is.
+            log_.upstream_s += limit_wait
+            telemetry().waited_on_upstream(limit_wait)
         # A retry follows an attempt of this call on this upstream that was sent and
         # failed; a route skipped before any was sent (the gateway's own limits, an open
         # circuit) leaves this a first attempt.

@@ -263,10 +263,12 @@ return {0, ''}
 
 _WHICH = {1: "requests_per_minute", 2: "tokens_per_minute", 3: "max_concurrent_calls"}
 
-# KEYS: the in-flight sorted set. ARGV: lease id, lease ttl (s). Moves a lease still held
-# to expire a whole ttl from now (on Redis's clock, as the admission script does).
+# KEYS: the in-flight sorted set, the lease's released marker. ARGV: lease id, lease ttl
+# (s). Moves the lease to expire a whole ttl from now (on Redis's clock, as the admission
+# script does), putting it back if it lapsed (Redis unreachable past its ttl, or restarted
+# empty): its call still runs. Not once marked released, as this may run after that.
 _RENEW_LUA = """
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+if redis.call('EXISTS', KEYS[2]) == 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
@@ -307,9 +309,10 @@ class RedisTenantLimiter:
         self._script = self._commands.register_script(_ADMIT_LUA)
         self._renew = self._commands.register_script(_RENEW_LUA)
         self._lease_ttl_s = lease_ttl_s
-        # The leases of this replica's calls in progress (lease: its in-flight key), and
-        # the task renewing them while any are held.
-        self._held: dict[str, str] = {}
+        # The leases of this replica's calls in progress (lease: its keys), those a
+        # renewal was sent for, and the task renewing them while any are held.
+        self._held: dict[str, list[str]] = {}
+        self._renewed: set[str] = set()
         self._renewing: asyncio.Task[None] | None = None
         self.cooldown = cooldown if cooldown is not None else StoreCooldown("tenant_limits")
         self.late_releases = LateReleases(
@@ -321,10 +324,11 @@ class RedisTenantLimiter:
 
     async def aclose(self) -> None:
         """Stop renewing leases and retrying releases (before the Redis client closes)."""
-        if self._renewing is not None:
-            self._renewing.cancel()
-            await asyncio.gather(self._renewing, return_exceptions=True)
-            self._renewing = None
+        renewing, self._renewing = self._renewing, None
+        # One of an earlier loop ended with it (and could not be awaited on this one).
+        if renewing is not None and renewing.get_loop() is asyncio.get_running_loop():
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
         await self.late_releases.aclose()
 
     async def _give_back(self, keys: list[str], lease: str, *, is_confirmed: bool) -> None:
@@ -445,11 +449,15 @@ class RedisTenantLimiter:
         if not cap:
             yield NO_SLOT
             return
-        self._hold(keys[2], lease)
+        self._hold(keys, lease)
 
         async def release() -> None:
             self._held.pop(lease, None)
-            await self._give_back(keys, lease, is_confirmed=is_confirmed)
+            # A renewal Redis runs after a plain ZREM would put the lease back: once one
+            # was sent, the lease is marked released too.
+            is_renewed = lease in self._renewed
+            self._renewed.discard(lease)
+            await self._give_back(keys, lease, is_confirmed=is_confirmed and not is_renewed)
 
         slot = CallSlot(release)
         try:
@@ -457,9 +465,9 @@ class RedisTenantLimiter:
         finally:
             await slot.give_back()
 
-    def _hold(self, in_flight_key: str, lease: str) -> None:
+    def _hold(self, keys: list[str], lease: str) -> None:
         """Renew `lease` from now on, until its call gives it back."""
-        self._held[lease] = in_flight_key
+        self._held[lease] = keys
         if self._renewing is None or self._renewing.done():
             self._renewing = asyncio.create_task(self._keep_leases())
 
@@ -467,17 +475,19 @@ class RedisTenantLimiter:
         """Renew every lease held, every third of the TTL, until a round finds none held
         (the task lingers that long, so that calls coming and going do not each start
         one). A lease Redis does not renew is tried again at the next round (it still
-        counts meanwhile); one taken since the last round is a third of its TTL old at most.
+        counts meanwhile, and one that lapsed is put back); one taken since the last round
+        is a third of its TTL old at most.
         """
         while self._held:
             await asyncio.sleep(self._lease_ttl_s / 3)
-            for lease, in_flight_key in list(self._held.items()):
+            for lease, keys in list(self._held.items()):
                 if lease not in self._held:
                     continue  # given back while an earlier one was renewed
                 if self.cooldown.skips():
                     break
+                self._renewed.add(lease)
                 try:
-                    await self._renew(keys=[in_flight_key], args=[lease, self._lease_ttl_s])
+                    await self._renew(keys=[keys[2], keys[3]], args=[lease, self._lease_ttl_s])
                 except Exception as exc:  # Redis down: the next round, or else the TTL
                     self.cooldown.failed(exc)
                     log.warning("tenant_limits.renew_failed", extra={"error": type(exc).__name__})

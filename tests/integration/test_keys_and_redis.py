@@ -476,6 +476,182 @@ async def test_leases_held_through_a_redis_pause_are_all_renewed_after_it(
         await client.aclose()
 
 
+class _CuttableProxy:
+    """A TCP proxy on loopback in front of `port`: `cut()` drops its connections and
+    refuses new ones (Redis unreachable, as across a partition or a failover), `mend()`
+    takes them again, on the same port."""
+
+    def __init__(self, port: int) -> None:
+        self._target = port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def mend(self) -> None:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        to_reader, to_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        self._writers |= {writer, to_writer}
+
+        async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+            sink.transport.abort()
+
+        await asyncio.gather(copy(reader, to_writer), copy(to_reader, writer))
+        self._writers -= {writer, to_writer}
+
+
+async def test_a_lease_lapsed_while_redis_was_unreachable_is_put_back_once_it_answers(
+    redis_server: RedisServer,
+) -> None:
+    """Redis unreachable past a lease's TTL: the lease lapses while its call runs, and the
+    tenant's cap then counts one call too few (another replica may admit past it). Once
+    Redis answers again, the next renewal puts the lease back, so the cap holds again for
+    the rest of the call; the call's end still gives it back.
+
+    Before, a renewal only moved a lease Redis still had: the call ran uncounted to its end."""
+    proxy = _CuttableProxy(redis_server.port)
+    await proxy.mend()
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=0.5)
+    lean = LeanRedis.beside(client)
+    limiter = RedisTenantLimiter(
+        client,
+        prefix="t-lapse:",
+        lease_ttl_s=1,
+        cooldown=StoreCooldown("tenant_limits", cooldown_s=0.1),
+        commands=lean,
+    )
+    other = aioredis.Redis.from_url(redis_server.url)
+    other_replica = RedisTenantLimiter(other, prefix="t-lapse:")
+    limits = TenantConfig(max_concurrent_calls=1)
+    in_flight = "t-lapse:tenant:{team-a}:inflight"
+    try:
+        async with limiter.admit("team-a", limits, tokens=0):
+            await proxy.cut()
+            await eventually(lambda: limiter.cooldown.is_cooling_down)
+            await asyncio.sleep(1.5)  # past the 1 s TTL: the lease lapsed
+            async with other_replica.admit("team-a", limits, tokens=0):
+                pass  # the cap counts one call too few while Redis is unreachable
+            await proxy.mend()
+            await asyncio.sleep(1.0)  # three renewal rounds (every third of the TTL)
+            with pytest.raises(QuotaExceeded):
+                async with other_replica.admit("team-a", limits, tokens=0):
+                    pass
+        await eventually(lambda: limiter.late_releases.pending == 0)
+        assert await other.zcard(in_flight) == 0
+        async with other_replica.admit("team-a", limits, tokens=0):
+            pass
+    finally:
+        await limiter.aclose()
+        await other_replica.aclose()
+        await lean.aclose()
+        await client.aclose()
+        await other.aclose()
+        await proxy.cut()
+
+
+class _RenewalRunsLate:
+    """A Redis client whose lease renewals reach the server only once `go` is set (as a
+    renewal stuck in a stalled server's input, or on a slow path, does)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.go = asyncio.Event()
+        self.renewed = asyncio.Event()
+
+    def register_script(self, lua: str) -> Callable[..., Awaitable[Any]]:
+        script = self.client.register_script(lua)
+        if "ZREMRANGEBYSCORE" in lua:  # the admission script: at once
+            return script  # type: ignore[no-any-return]
+
+        async def renew_late(*, keys: list[str], args: list[object]) -> Any:
+            await self.go.wait()
+            reply = await script(keys=keys, args=args)
+            self.renewed.set()
+            return reply
+
+        return renew_late
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+async def test_a_renewal_redis_runs_after_its_lease_was_given_back_does_not_put_it_back(
+    redis_url,
+):
+    """A renewal puts back a lease that lapsed; one that reaches Redis after its call gave
+    the lease back must not, or the tenant's slot would count for the lease's TTL with no
+    call behind it: a lease a renewal was sent for is marked released as it is given back."""
+    client = aioredis.Redis.from_url(redis_url)
+    late = _RenewalRunsLate(client)
+    limiter = RedisTenantLimiter(client, prefix="t-late-renew:", lease_ttl_s=1, commands=late)
+    limits = TenantConfig(max_concurrent_calls=1)
+    in_flight = "t-late-renew:tenant:{team-a}:inflight"
+    try:
+        async with limiter.admit("team-a", limits, tokens=0):
+            await asyncio.sleep(0.5)  # past a renewal round: its renewal is on its way
+        assert await client.zcard(in_flight) == 0
+        late.go.set()
+        async with asyncio.timeout(10):
+            await late.renewed.wait()
+        assert await client.zcard(in_flight) == 0
+        async with limiter.admit("team-a", limits, tokens=0):
+            pass
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+
+
+def test_a_limiter_used_from_a_new_event_loop_renews_and_releases_there(redis_url):
+    """A limiter outlives the loop it first ran on (a CLI or test harness running one loop
+    after another): on the next loop its calls' leases are renewed past their TTL and
+    given back at their end as on the first, and it closes on a loop after that.
+
+    Before, the second loop's calls waited out the lean client's timeout on connections
+    the first loop had made, and closing awaited tasks of a loop already closed."""
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=2.0)
+    lean = LeanRedis.beside(client)
+    limiter = RedisTenantLimiter(client, prefix="t-loops:", lease_ttl_s=1, commands=lean)
+    limits = TenantConfig(max_concurrent_calls=1)
+    in_flight = "t-loops:tenant:{team-a}:inflight"
+
+    async def hold_past_the_ttl() -> int:
+        async with limiter.admit("team-a", limits, tokens=0):
+            await asyncio.sleep(1.5)  # past the 1 s TTL: renewed every third of it
+            with pytest.raises(QuotaExceeded):
+                async with limiter.admit("team-a", limits, tokens=0):
+                    pass
+        await eventually(lambda: limiter.late_releases.pending == 0)
+        return int(await lean.execute_command("ZCARD", in_flight))
+
+    async def hold_and_close_redis_py() -> int:
+        try:
+            return await hold_past_the_ttl()
+        finally:
+            await client.aclose()  # redis-py's connections close only on their own loop
+
+    async def close() -> None:
+        await limiter.aclose()
+        await lean.aclose()
+
+    try:
+        assert asyncio.run(hold_past_the_ttl()) == 0
+        assert asyncio.run(hold_and_close_redis_py()) == 0
+    finally:
+        asyncio.run(close())
+
+
 async def test_a_call_cancelled_while_redis_admits_it_leaves_no_lease(redis_url):
     """Cancelled between the admission script running and its reply: the slot is given back."""
     client = aioredis.Redis.from_url(redis_url)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import pytest
 import redis.asyncio as aioredis
 import uvloop
@@ -168,6 +169,87 @@ async def test_the_password_user_and_db_come_from_the_url_or_the_configured_pass
         await server.stop()
 
 
+class _RedisBefore6:
+    """A Redis as those before 6.0 answer AUTH, over a real socket: one argument, the
+    password; two (a user and a password) are a wrong number of arguments. Records the
+    AUTH commands it was sent."""
+
+    def __init__(self, password: str) -> None:
+        self.password = password
+        self.auths: list[tuple[str, ...]] = []
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def __aenter__(self) -> _RedisBefore6:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        parser = hiredis.Reader(encoding="utf-8")
+        is_authenticated = False
+        while data := await reader.read(65536):
+            parser.feed(data)
+            while (command := parser.gets()) is not False:
+                name, args = command[0].upper(), tuple(command[1:])
+                if name == "AUTH":
+                    self.auths.append(args)
+                    if len(args) != 1:
+                        writer.write(b"-ERR wrong number of arguments for 'auth' command\r\n")
+                    elif args[0] == self.password:
+                        is_authenticated = True
+                        writer.write(b"+OK\r\n")
+                    else:
+                        writer.write(b"-ERR invalid password\r\n")
+                elif not is_authenticated:
+                    writer.write(b"-NOAUTH Authentication required.\r\n")
+                elif name == "SELECT":
+                    writer.write(b"+OK\r\n")
+                elif name == "ECHO":
+                    writer.write(f"${len(args[0])}\r\n{args[0]}\r\n".encode())
+                else:
+                    writer.write(f"-ERR unknown command '{command[0]}'\r\n".encode())
+        writer.close()
+
+
+@pytest.mark.parametrize("user", ["", "default"])
+async def test_a_redis_before_6_takes_the_password_alone_as_redis_py_sends_it(
+    user: str,
+) -> None:
+    """Redis before 6.0 knows AUTH with the password alone. Without a user, the lean client
+    sends just that, as redis-py does (on RESP2: on RESP3 it opens with HELLO, which such a
+    Redis lacks); with one, `AUTH user password` is a wrong number of arguments there, and
+    redis-py then sends the password alone: so does the lean client. Before, a URL naming
+    a user failed on such a Redis where redis-py connected."""
+    async with _RedisBefore6("secret") as server:
+        url = f"redis://{user}:secret@127.0.0.1:{server.port}/2?protocol=2"
+        client = aioredis.Redis.from_url(url, decode_responses=True)
+        lean = LeanRedis.beside(client)
+        try:
+            assert await client.echo("py") == "py"
+            sent_by_redis_py = list(server.auths)
+            server.auths.clear()
+            assert await lean.execute_command("ECHO", "lean") == "lean"
+            assert server.auths == sent_by_redis_py
+            assert server.auths[-1] == ("secret",)
+            assert len(server.auths) == (2 if user else 1)
+        finally:
+            await lean.aclose()
+            await client.aclose()
+
+
 async def test_a_refused_acl_user_is_refused_not_served_as_the_default_user(
     redis_server: RedisServer,
 ) -> None:
@@ -302,6 +384,37 @@ def test_the_same_holds_on_uvloop(request: pytest.FixtureRequest) -> None:
             await client.aclose()
 
     uvloop.run(scenario())
+
+
+def test_a_client_used_from_a_new_event_loop_connects_again_there(
+    request: pytest.FixtureRequest,
+) -> None:
+    """A client outlives the loop it first ran on (a CLI or test harness running one loop
+    after another, on asyncio or uvloop): the connections made on a loop gone are dropped
+    as they are taken, and new ones opened on the loop now running; closing the client
+    there closes them all.
+
+    Before, a command on the second loop was written to a connection whose loop no longer
+    read it: it waited its whole timeout (for ever without one), then failed with
+    "Event loop is closed" and left its place in the pool taken for good."""
+    url = request.getfixturevalue("redis_url")
+    client = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0)
+    lean = LeanRedis.beside(client, max_connections=2)
+
+    async def echo_twice(word: str) -> list[Any]:
+        return await asyncio.gather(*(lean.execute_command("ECHO", word) for _ in range(2)))
+
+    async def echo_and_close(word: str) -> Any:
+        try:
+            return await lean.execute_command("ECHO", word)
+        finally:
+            await lean.aclose()
+            await client.aclose()
+
+    assert asyncio.run(echo_twice("first")) == ["first", "first"]
+    assert uvloop.run(echo_twice("second")) == ["second", "second"]
+    assert asyncio.run(echo_twice("third")) == ["third", "third"]
+    assert asyncio.run(echo_and_close("last")) == "last"
 
 
 @pytest.fixture

@@ -18,9 +18,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from llmgateway.v1 import gateway_pb2 as pb
+from service.config import parse_config
 from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter
 from service.upstream import client as client_module
-from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import Hang, Reply, Status, ToolCallReply
 from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.telemetry_support import Captured, attributes_of, captured_telemetry
@@ -522,6 +523,31 @@ async def test_a_retrys_wait_on_the_upstream_is_not_the_gateways_overhead(gatewa
     assert response.metadata.attempts == 2
     assert response.metadata.timings.upstream_ms >= 1000
     assert overhead < 500
+
+
+async def test_a_wait_for_the_upstreams_concurrency_slot_is_not_the_gateways_overhead(
+    upstream, start_gateway
+):
+    """A call queued in the gateway's limiter for an upstream's `max_concurrency` waits on
+    that upstream's account, as a retry's backoff does: it counts in `upstream_ms`, not in
+    the overhead trailer. Before, the second call's wait for the first's slot read as the
+    gateway's own overhead."""
+    config = gateway_config_data(upstream.base_url)
+    config["upstreams"][0]["max_concurrency"] = 1
+    gateway = await start_gateway(parse_config(config, source="<test>", environ={}))
+    upstream.script(Reply(delay_s=0.6), Reply())
+    first = asyncio.ensure_future(gateway.stub.Complete(chat()))
+    async with asyncio.timeout(10):
+        while not upstream.requests:
+            await asyncio.sleep(0.01)
+    second = gateway.stub.Complete(chat("Say hi again"))
+    response = await second
+    await first
+    overhead = float(dict(await second.trailing_metadata())["llm-gateway-overhead-ms"])
+    assert len(upstream.requests) == 2
+    assert response.metadata.timings.total_ms >= 300  # it waited for the first call's slot
+    assert response.metadata.timings.upstream_ms >= 300
+    assert overhead < 0.5 * response.metadata.timings.total_ms
 
 
 async def test_in_flight_counts_calls_in_progress(traced, captured, upstream):

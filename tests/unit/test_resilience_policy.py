@@ -239,13 +239,14 @@ def test_token_bucket_wait(per_minute, level, amount, expected_wait):
 
 
 async def test_limiter_requests_per_minute_waits_then_refuses_past_max_wait():
-    """At 60 RPM the second immediate call waits 1 s; with no room to wait it is refused."""
+    """At 60 RPM the second immediate call waits 1 s (and says so: the pool counts it as
+    upstream time); with no room to wait it is refused."""
     clock = FakeClock()
     limiter = UpstreamLimiter("up0", requests_per_minute=60, clock=clock)
     limiter._requests.level = 1  # type: ignore[union-attr]
-    await limiter.acquire(tokens=1, max_wait_s=5.0)
+    assert await limiter.acquire(tokens=1, max_wait_s=5.0) == 0.0
     limiter.release()
-    await limiter.acquire(tokens=1, max_wait_s=5.0)
+    assert await limiter.acquire(tokens=1, max_wait_s=5.0) == pytest.approx(1.0)
     limiter.release()
     assert clock.slept == [pytest.approx(1.0)]
     with pytest.raises(LimitExceeded) as info:
