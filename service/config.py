@@ -285,6 +285,9 @@ class UpstreamConfig:
     # `{"type": "json_object", "schema": ...}`, the only shape llama-cpp-python's server
     # (the local model) takes; it answers OpenAI's with HTTP 500.
     json_schema_format: Literal["openai", "json_object_schema"] = "openai"
+    # The field an assistant message's reasoning is sent back in: DeepSeek's thinking mode
+    # reads `reasoning_content`; OpenRouter and newer vLLM read `reasoning`.
+    reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
     # Fields added to every request body sent to this upstream: a provider's own switches
     # (DeepSeek's `thinking`, vLLM's `chat_template_kwargs`), never one the gateway sets.
     extra_body: Mapping[str, object] = field(default_factory=dict, repr=False)

@@ -328,6 +328,7 @@ class UpstreamPool:
                 extra=route.client.config.extra_body,
                 max_tokens_field=route.client.config.max_tokens_field,
                 json_schema_format=route.client.config.json_schema_format,
+                reasoning_field=route.client.config.reasoning_field,
             ),
             headers=headers,
         )

@@ -25,7 +25,9 @@ default target shrinks to a quarter of the minute. A minute too small for any pi
 a combine call holding one part's summary at its longest, or (when they must be grouped)
 for a group of two, fails the call
 (`QuotaExceeded`, for good) before any part is sent; once parts are paid
-for, a piece split again is not refused for its longer header.
+for, a piece split again is not refused for its longer header. Summaries that, as long as
+a part may answer, would need more than `max_levels` levels fail the call
+(`InvalidRequest`) before any part is sent too.
 """
 
 from __future__ import annotations
@@ -288,6 +290,26 @@ def split_into_chunks(text: str, *, max_tokens: int, overlap_tokens: int) -> lis
     # A chunk of blanks alone (a long run of them cut by characters) has nothing to
     # summarise: sent, it would be paid for and its summary made up.
     return [chunk for chunk in chunks if chunk]
+
+
+def _levels_needed(
+    parts: int, *, summary_tokens: int, combine_room: int, group_room: int
+) -> int | None:
+    """The levels that combine `parts` part summaries of `summary_tokens` each (header
+    included) into one call of `combine_room` tokens of text, grouping them in calls of
+    `group_room` while they do not fit, as `Summarizer.summarize` does (None: never).
+
+    Summaries joined take 1 token more for each blank line between two; `pack_units`
+    counts that token with each summary.
+    """
+    per_group = group_room // (summary_tokens + 1)
+    levels = 1
+    while parts * (summary_tokens + 1) - 1 > combine_room:
+        if per_group < 2 or parts == 1:
+            return None  # a group of one summary shrinks nothing
+        parts = math.ceil(parts / per_group)
+        levels += 1
+    return levels
 
 
 # --- prompts -------------------------------------------------------------------------
@@ -654,13 +676,34 @@ class Summarizer:
         # call need groups of two at least (each counted as `pack_units` is given it).
         combine_room = self._room(model, system=combine_system, header="", answer_tokens=target)
         if len(chunks) * (one_summary + 1) > combine_room:
-            self._require_room(
+            group_room = self._require_room(
                 request,
                 system=group_system,
                 header="",
                 answer_tokens=part_target,
                 least=2 * (one_summary + 1),
             )
+            # Nor may the levels those summaries need, as long as they may be (and their
+            # headers as wide as the parts' numbers), run past max_levels.
+            longest = one_summary - estimate_text_tokens(_summaries_message([""]))
+            longest += estimate_text_tokens(_summaries_message([""], first=len(chunks) - 1))
+            needed = _levels_needed(
+                len(chunks),
+                summary_tokens=longest,
+                combine_room=combine_room,
+                group_room=group_room,
+            )
+            max_levels = self._config.max_levels
+            if needed is None or needed > max_levels:
+                levels = f"more than {max_levels}" if needed is None else str(needed)
+                violation = FieldViolation(
+                    "document",
+                    f"too long to summarise in {max_levels} levels (summarize.max_levels): the "
+                    f"summaries of its {len(chunks)} parts, as long as a part may answer, "
+                    f"would need {levels} levels to fit one call with a {target}-token answer; "
+                    "shorten the document or lower target_tokens",
+                )
+                raise InvalidRequest([violation])
         system = part_system
         overlap_tokens = self._config.chunk_overlap_tokens
         level = 1

@@ -82,15 +82,17 @@ def request_body(
     extra: Mapping[str, object] | None = None,
     max_tokens_field: str = "max_tokens",
     json_schema_format: str = "openai",
+    reasoning_field: str = "reasoning_content",
 ) -> bytes:
     """Serialise `request` as an OpenAI chat-completions body for one upstream, with the
     upstream's `extra` fields (none of which the request's own fields use, but for a
     `reasoning_effort` the request's own replaces) and `params.max_tokens` in the
-    upstream's `max_tokens_field`; a JSON Schema format in its `json_schema_format`."""
+    upstream's `max_tokens_field`; a JSON Schema format in its `json_schema_format`, and
+    an assistant message's reasoning in its `reasoning_field`."""
     body: dict[str, Any] = {
         "model": upstream_model,
         "messages": [
-            _message_json(m)
+            _message_json(m, reasoning_field)
             if m.tool_calls or m.tool_call_id or m.reasoning
             else {"role": m.role.value, "content": m.content}
             for m in request.messages
@@ -128,8 +130,8 @@ def request_body(
     return orjson.dumps(body)
 
 
-def _message_json(message: Message) -> dict[str, Any]:
-    """A message with tool calls (content null when empty) or answering one."""
+def _message_json(message: Message, reasoning_field: str) -> dict[str, Any]:
+    """A message with tool calls (content null when empty), answering one, or with reasoning."""
     data: dict[str, Any] = {"role": message.role.value, "content": message.content}
     if message.tool_calls:
         data["content"] = message.content or None
@@ -144,7 +146,7 @@ def _message_json(message: Message) -> dict[str, Any]:
     if message.tool_call_id:
         data["tool_call_id"] = message.tool_call_id
     if message.reasoning:
-        data["reasoning_content"] = message.reasoning
+        data[reasoning_field] = message.reasoning
     return data
 
 

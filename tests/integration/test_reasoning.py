@@ -118,6 +118,43 @@ async def test_a_thinking_tool_loop_sends_the_reasoning_back(stub, upstream):
     assert "reasoning" not in sent
 
 
+async def test_reasoning_is_sent_back_in_each_upstreams_reasoning_field(upstream, start_gateway):
+    """OpenRouter and newer vLLM read reasoning sent back as `reasoning`, DeepSeek as
+    `reasoning_content`: an upstream set to `reasoning_field: reasoning` gets an assistant
+    turn's reasoning in that field, unary and streamed, and an upstream left at the
+    default gets it as `reasoning_content`; neither gets the other field.
+
+    Before, every upstream got `reasoning_content`."""
+    data = gateway_config_data(upstream.base_url)
+    data["upstreams"][0]["reasoning_field"] = "reasoning"
+    data["upstreams"].append(
+        {"name": "deepseek", "base_url": upstream.base_url, "models": {"ds-model": FAKE_MODEL}}
+    )
+    data["models"]["ds-model"] = data["models"][FAKE_MODEL]
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    weather = pb.Tool(name="get_weather", parameters='{"type": "object"}')
+    call = pb.ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}')
+    messages = [
+        pb.Message(role=pb.ROLE_USER, content="Weather in Paris?"),
+        pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call], reasoning=THOUGHT),
+        pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="sunny"),
+    ]
+    for model in (FAKE_MODEL, "ds-model"):
+        await gateway.stub.Complete(
+            pb.CompleteRequest(model=model, messages=messages, tools=[weather])
+        )
+    await _collect(
+        gateway.stub,
+        pb.CompleteStreamRequest(model=FAKE_MODEL, messages=messages, tools=[weather]),
+    )
+    unary, deepseek, streamed = (request.body["messages"][1] for request in upstream.requests)
+    for sent in (unary, streamed):
+        assert sent["reasoning"] == THOUGHT
+        assert "reasoning_content" not in sent
+    assert deepseek["reasoning_content"] == THOUGHT
+    assert "reasoning" not in deepseek
+
+
 @pytest.mark.parametrize("role", [pb.ROLE_USER, pb.ROLE_SYSTEM, pb.ROLE_TOOL])
 async def test_reasoning_only_on_assistant_messages(stub, upstream, role):
     """Reasoning sent back on any but an assistant message is refused, naming the field."""

@@ -246,6 +246,43 @@ async def test_summaries_that_never_fit_one_call_fail_on_the_document(recorder, 
     assert not any(is_combine(r.body) for r in recorder.requests)  # gave up before combining
 
 
+def full_answer(body) -> Reply:
+    """An answer as long as the call's max_tokens allows, by the gateway's estimate (and
+    no usage that would calibrate it)."""
+    words = ["summary"]
+    while estimate_text_tokens(" ".join([*words, "summary"])) <= body["max_tokens"]:
+        words.append("summary")
+    return Reply(content=" ".join(words), prompt_tokens=0)
+
+
+@pytest.mark.parametrize("max_levels", [2, 3])
+async def test_a_document_needing_more_levels_than_max_levels_is_refused_up_front(
+    recorder, start_gateway, max_levels
+):
+    """Parts that answer as long as they may: the summaries of this document's parts fit
+    one combine call only after two levels of groups (three levels in all). Under
+    max_levels 2 the run is refused before any upstream call, on `document`, saying the
+    levels it would need; under 3 it runs its three levels and returns the summary.
+
+    Before, the run under max_levels 2 paid for every part and group, then failed."""
+    recorder.respond = full_answer
+    gateway = await start_gateway(config(recorder.base_url, max_levels=max_levels))
+    request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(300), target_tokens=200)
+    if max_levels == 3:
+        response = await gateway.stub.Summarize(request)
+        assert response.levels == 3
+        assert response.summary.startswith("summary")
+        return
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(request)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    violations = field_violations(caught.value)
+    assert list(violations) == ["document"]
+    assert "in 2 levels (summarize.max_levels)" in violations["document"]
+    assert "would need 3 levels" in violations["document"]
+    assert recorder.requests == []
+
+
 async def test_short_document_is_one_call(recorder, start_gateway):
     """A document that fits is summarised in one call, sent as it is."""
     gateway = await start_gateway(config(recorder.base_url))
@@ -1015,7 +1052,13 @@ async def test_a_document_of_over_999_parts_is_chunked_with_room_for_their_numbe
     an eighth of them, each into two calls)."""
     recorder.respond = lambda body: Reply(content="ok", prompt_tokens=0)  # no calibration
     small = fake_model_window(256)
-    settings = {"concurrency": 16, "chunk_overlap_tokens": 0, "default_target_tokens": 32}
+    # max_levels: its parts' summaries, as long as a part may answer, would need 7.
+    settings = {
+        "concurrency": 16,
+        "chunk_overlap_tokens": 0,
+        "default_target_tokens": 32,
+        "max_levels": 7,
+    }
     gateway = await start_gateway(
         gateway_config(recorder.base_url, models=small, summarize=settings)
     )

@@ -157,6 +157,17 @@ def test_an_upstream_taking_json_object_schemas_gets_the_schema_in_that_shape() 
     assert local.json_schema_format == "json_object_schema"
 
 
+def test_an_upstreams_reasoning_field_is_one_of_the_two_spellings() -> None:
+    """`reasoning_field` is `reasoning_content` (DeepSeek's, the default) or `reasoning`
+    (OpenRouter's, newer vLLM's); any other is refused at start, naming the option."""
+    assert parse({"upstreams": [upstream()]}).upstreams[0].reasoning_field == "reasoning_content"
+    config = parse({"upstreams": [upstream(reasoning_field="reasoning")]})
+    assert config.upstreams[0].reasoning_field == "reasoning"
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [upstream(reasoning_field="thinking")]})
+    assert caught.value.key == "upstreams[0].reasoning_field"
+
+
 def test_extra_body_is_not_in_the_upstreams_repr() -> None:
     """Whatever an operator put there stays out of anything that prints the config."""
     config = parse({"upstreams": [upstream(extra_body={"x_org": "internal-team-7"})]})
