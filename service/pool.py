@@ -252,6 +252,14 @@ class _CallPlan:
         return None
 
 
+def _waited_on_limiter(log_: AttemptLog, seconds: float) -> None:
+    """The call was held back `seconds` by an upstream's own limits (its rate, its
+    concurrency cap): a wait on its account, as a retry's is, not the gateway's overhead."""
+    if seconds > 0:
+        log_.upstream_s += seconds
+        telemetry().waited_on_upstream(seconds)
+
+
 class UpstreamPool:
     """Routes each model to the upstreams that serve it, with retries and failover."""
 
@@ -434,20 +442,21 @@ class UpstreamPool:
         max_wait = self.settings.max_limit_wait_s
         if left is not None:
             max_wait = min(max_wait, left - self.settings.min_attempt_s)
+        acquiring = self._clock.now()
         try:
             limit_wait = await state.limiter.acquire(
                 tokens=tokens, max_wait_s=max_wait, tenant=request.tenant
             )
         except BaseException as exc:
             state.breaker.release(probe=probe)
-            if isinstance(exc, LimitExceeded) and max_wait < self.settings.max_limit_wait_s:
-                exc.is_cut_short_by_deadline = True
+            if isinstance(exc, LimitExceeded):
+                if max_wait < self.settings.max_limit_wait_s:
+                    exc.is_cut_short_by_deadline = True
+                # A wait that ran out (the call fails over, or is refused) was on the
+                # upstream's account as much as one that got the slot.
+                _waited_on_limiter(log_, self._clock.now() - acquiring)
             raise
-        if limit_wait > 0:
-            # Held back by the upstream's own limits (its rate, its concurrency cap): a
-            # wait on its account, as a retry's is.
-            log_.upstream_s += limit_wait
-            telemetry().waited_on_upstream(limit_wait)
+        _waited_on_limiter(log_, limit_wait)
         # A retry follows an attempt of this call on this upstream that was sent and
         # failed; a route skipped before any was sent (the gateway's own limits, an open
         # circuit) leaves this a first attempt.

@@ -22,7 +22,7 @@ from service.config import parse_config
 from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter
 from service.upstream import client as client_module
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
-from tests.fake_upstream import Hang, Reply, Status, ToolCallReply
+from tests.fake_upstream import FakeUpstream, Hang, Reply, Status, ToolCallReply
 from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.telemetry_support import Captured, attributes_of, captured_telemetry
 
@@ -547,6 +547,37 @@ async def test_a_wait_for_the_upstreams_concurrency_slot_is_not_the_gateways_ove
     assert len(upstream.requests) == 2
     assert response.metadata.timings.total_ms >= 300  # it waited for the first call's slot
     assert response.metadata.timings.upstream_ms >= 300
+    assert overhead < 0.5 * response.metadata.timings.total_ms
+
+
+async def test_a_wait_for_a_concurrency_slot_that_runs_out_is_not_the_gateways_overhead(
+    start_gateway,
+):
+    """A call that queues for an upstream's `max_concurrency` slot until its
+    `max_limit_wait_s` runs out, and then fails over, waited on that upstream's account
+    all the same: the wait counts in `upstream_ms`, not in the overhead trailer. Before,
+    only a wait that ended with the slot counted; one that ended in failover read as the
+    gateway's own overhead."""
+    async with FakeUpstream() as busy, FakeUpstream() as spare:
+        config = gateway_config_data(
+            busy.base_url, spare.base_url, resilience={"max_limit_wait_s": 0.5}
+        )
+        config["upstreams"][0].update(max_concurrency=1, weight=100)
+        config["upstreams"][1]["weight"] = 1
+        gateway = await start_gateway(parse_config(config, source="<test>", environ={}))
+        busy.script(Reply(delay_s=1.5))
+        first = asyncio.ensure_future(gateway.stub.Complete(chat()))
+        async with asyncio.timeout(10):
+            while not busy.requests:
+                await asyncio.sleep(0.01)
+        second = gateway.stub.Complete(chat("Say hi again"))  # up0 by weight: its slot is taken
+        response = await second
+        await first
+    overhead = float(dict(await second.trailing_metadata())["llm-gateway-overhead-ms"])
+    assert response.metadata.upstream == "up1"
+    assert (len(busy.requests), len(spare.requests)) == (1, 1)
+    assert response.metadata.timings.total_ms >= 400  # it queued for up0's slot
+    assert response.metadata.timings.upstream_ms >= 400
     assert overhead < 0.5 * response.metadata.timings.total_ms
 
 
