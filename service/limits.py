@@ -8,10 +8,17 @@ out over what is left of the window, zero pauses until `X-RateLimit-Reset`, and 
 `Retry-After` pauses for that long, so the gateway slows down before the provider
 starts refusing.
 
-Calls waiting for a concurrency slot queue by tenant and take turns: a slot that frees goes
-to the next tenant in turn with a call waiting, first come first served within a tenant.
-A tenant with hundreds of calls queued (a big batch) then delays another tenant's call by
-at most one call's turn, not by its whole queue.
+A call that cannot start at once, for the rate or for a slot, queues by tenant, and the
+calls take turns: each start goes to the next tenant in turn with a call waiting, its
+oldest call (first come first served within a tenant). A tenant with hundreds of calls
+queued (a big batch) then delays another tenant's call by about one start, not by its
+whole queue. One dispatcher hands the starts out (`_dispatch`): it starts the
+call whose turn it is as soon as the limits allow, and runs when a slot frees, when a
+waiter leaves, and on one timer armed for when the rate lets that call start. Only that
+call is looked at: a call that needs more tokens than the bucket holds waits for them
+and nobody skips it, so big calls are not starved by small ones (a call larger than the
+bucket waits for a full bucket and overdraws it). A pause or learned spacing that comes
+while calls wait holds them all, as the dispatcher reads the limits afresh each time.
 """
 
 from __future__ import annotations
@@ -74,6 +81,19 @@ class TokenBucket:
         self._refill(now)
         self.level -= amount
 
+    def give_back(self, amount: float) -> None:
+        """Return `amount` units spent for a call that was never sent."""
+        self.level = min(self.per_minute, self.level + amount)
+
+
+@dataclass(slots=True)
+class _Waiter:
+    """A call queued to start: resolved when it starts, or with its refusal."""
+
+    future: asyncio.Future[None]
+    tokens: int
+    deadline: float  # on the limiter's clock: refused rather than started after it
+
 
 class UpstreamLimiter:
     """Concurrency, rate and learned limits of one upstream."""
@@ -95,7 +115,10 @@ class UpstreamLimiter:
         self._tokens = TokenBucket.full(tokens_per_minute, now) if tokens_per_minute else None
         self.in_flight = 0
         # Waiters by tenant, the tenants in turn order (dicts keep insertion order).
-        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, deque[_Waiter]] = {}
+        self._timer: asyncio.Task[None] | None = None
+        self._timer_due = 0.0
+        self._is_dispatch_due = False
         self.paused_until = 0.0  # monotonic
         self.spacing_s = 0.0  # seconds between starts while the upstream runs low
         self._spacing_until = 0.0
@@ -117,7 +140,7 @@ class UpstreamLimiter:
 
     @property
     def queued(self) -> int:
-        """Calls waiting for a concurrency slot."""
+        """Calls waiting to start, for a slot or for the rate."""
         return sum(len(waiters) for waiters in self._waiters.values())
 
     async def acquire(self, *, tokens: int, max_wait_s: float, tenant: str = "") -> float:
@@ -125,79 +148,127 @@ class UpstreamLimiter:
         the seconds it waited (0.0: none).
 
         Never waits longer than `max_wait_s`: past it the caller is told at once. A call
-        that queues for a concurrency slot takes its `tenant`'s turn (module docstring).
+        that cannot start at once takes its `tenant`'s turn (module docstring).
         """
-        started = self._clock.now()
-        has_waited = False
-        while True:
+        if not self._waiters and self.in_flight < self.max_concurrency:
             wait, what = self.wait_s(tokens)
             if wait <= 0:
-                break
-            if wait > max_wait_s - (self._clock.now() - started):
-                raise LimitExceeded(self.upstream, wait_s=wait, what=what)
-            await self._clock.sleep(wait)
-            has_waited = True
-        if self.in_flight >= self.max_concurrency or self._waiters:
-            left = max_wait_s - (self._clock.now() - started)
-            if left <= 0:
-                raise LimitExceeded(self.upstream, wait_s=0.1, what="concurrency")
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            queue = self._waiters.setdefault(tenant, deque())
-            queue.append(waiter)
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), left)
-            except TimeoutError:
-                if waiter.done():  # the slot was handed over just as we gave up
-                    self.release()
-                else:
-                    waiter.cancel()
-                raise LimitExceeded(self.upstream, wait_s=0.1, what="concurrency") from None
-            except BaseException:
-                if waiter.done() and not waiter.cancelled():
-                    self.release()
-                else:
-                    waiter.cancel()
-                raise
-            finally:
-                with contextlib.suppress(ValueError):
-                    queue.remove(waiter)
-                if not queue and self._waiters.get(tenant) is queue:
-                    del self._waiters[tenant]
-            if self.wait_s(tokens)[0] > 0:
-                # While this call queued, a 429 paused the upstream or the calls ahead of
-                # it spent the buckets: give the slot back and wait for the rate again.
-                self.release()
-                await self.acquire(
-                    tokens=tokens,
-                    max_wait_s=max_wait_s - (self._clock.now() - started),
-                    tenant=tenant,
-                )
-                return self._clock.now() - started
-            has_waited = True
+                self._start(tokens)
+                return 0.0
         else:
-            self.in_flight += 1
+            wait, what = self._wait_in_line(tokens)
+        if wait > max_wait_s or max_wait_s <= 0:
+            raise LimitExceeded(self.upstream, wait_s=max(0.1, wait), what=what)
+        started = self._clock.now()
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), tokens, started + max_wait_s)
+        self._waiters.setdefault(tenant, deque()).append(waiter)
+        self._dispatch()  # first in line: arm the timer for when the rate allows it
+        granted = waiter.future
+        try:
+            await asyncio.wait_for(asyncio.shield(granted), max_wait_s)
+        except TimeoutError:
+            if not granted.done():
+                wait, what = self._wait_in_line(tokens)
+                self._withdraw(tenant, waiter)
+                raise LimitExceeded(self.upstream, wait_s=max(0.1, wait), what=what) from None
+            # Started (or refused) by the dispatcher just as the wait ran out: take that.
+        except BaseException:
+            if not granted.done():
+                self._withdraw(tenant, waiter)
+            elif not granted.cancelled() and granted.exception() is None:
+                self._unstart(tokens)
+            raise
+        granted.result()  # the dispatcher's refusal, when the call's turn came too late
+        return self._clock.now() - started
+
+    def _start(self, tokens: int) -> None:
+        self.in_flight += 1
         now = self._clock.now()
         self._last_start = now
         if self._requests is not None:
             self._requests.take(1, now)
         if self._tokens is not None:
             self._tokens.take(tokens, now)
-        return now - started if has_waited else 0.0
+
+    def _unstart(self, tokens: int) -> None:
+        """A call started for a waiter that had gone: give its units and slot back."""
+        if self._requests is not None:
+            self._requests.give_back(1)
+        if self._tokens is not None:
+            self._tokens.give_back(tokens)
+        self.release()
+
+    def _wait_in_line(self, tokens: int) -> tuple[float, str]:
+        """At least how long a call of `tokens` queued now waits (0.0: for a slot only),
+        and the limit that holds it: its own rate wait, or the first in line's."""
+        wait = self.wait_s(tokens)
+        if self._waiters and self.in_flight < self.max_concurrency:
+            first = next(iter(self._waiters.values()))[0]
+            wait = max(wait, self.wait_s(first.tokens), key=lambda w: w[0])
+        return wait if wait[0] > 0 else (0.0, "concurrency")
+
+    def _withdraw(self, tenant: str, waiter: _Waiter) -> None:
+        """A waiter gave up (timed out, cancelled): it leaves, and its turn passes on."""
+        waiter.future.cancel()
+        queue = self._waiters.get(tenant)
+        if queue is not None:
+            with contextlib.suppress(ValueError):
+                queue.remove(waiter)
+            if not queue:
+                del self._waiters[tenant]
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Start the calls whose turn it is while the limits allow; when the rate holds
+        the next one, arm the timer for when it may start."""
+        self._is_dispatch_due = False
+        while self._waiters:
+            if self.in_flight >= self.max_concurrency:
+                break  # a release dispatches again
+            tenant, queue = next(iter(self._waiters.items()))
+            waiter = queue[0]
+            wait, what = self.wait_s(waiter.tokens)
+            if wait > 0 and self._clock.now() + wait <= waiter.deadline:
+                self._arm_timer(wait)
+                return
+            queue.popleft()
+            if wait > 0:
+                # Its turn comes too late for it: refused, and its tenant keeps the turn.
+                if not queue:
+                    del self._waiters[tenant]
+                waiter.future.set_exception(LimitExceeded(self.upstream, wait_s=wait, what=what))
+                continue
+            del self._waiters[tenant]
+            if queue:  # the tenant served goes to the back of the turn order
+                self._waiters[tenant] = queue
+            self._start(waiter.tokens)
+            waiter.future.set_result(None)
+        if self._timer is not None and not self._waiters:
+            self._timer.cancel()  # nobody left to wake
+            self._timer = None
+
+    def _arm_timer(self, wait: float) -> None:
+        due = self._clock.now() + wait
+        if self._timer is not None:
+            if self._timer_due <= due:
+                return  # it wakes first, and the dispatcher re-arms it
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = asyncio.get_running_loop().create_task(self._wake_after(wait))
+
+    async def _wake_after(self, wait: float) -> None:
+        await self._clock.sleep(wait)
+        self._timer = None
+        self._dispatch()
 
     def release(self) -> None:
-        """One call ended: hand its slot to the next tenant in turn with a call waiting."""
-        for tenant, queue in list(self._waiters.items()):
-            while queue:
-                waiter = queue.popleft()
-                if not waiter.done():
-                    # The tenant served goes to the back of the turn order.
-                    del self._waiters[tenant]
-                    if queue:
-                        self._waiters[tenant] = queue
-                    waiter.set_result(None)  # the slot passes on; in_flight is unchanged
-                    return
-            del self._waiters[tenant]
+        """One call ended: its slot goes to the next call in turn."""
         self.in_flight -= 1
+        if self._waiters and not self._is_dispatch_due:
+            # Soon, not now: the caller may still be reading the limits the call's answer
+            # set (a 429's pause, rate-limit headers), which the next start must honour.
+            self._is_dispatch_due = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
 
     @contextlib.asynccontextmanager
     async def slot(

@@ -904,3 +904,36 @@ async def test_tenants_take_turns_for_a_busy_upstreams_slots(start_gateway):
     assert sorted(served) == ["a0", "a1", "a2", "a3", "a4", "b0"]
     assert limiter.in_flight == 0
     assert limiter.queued == 0
+
+
+async def test_tenants_take_turns_for_an_upstreams_request_rate(start_gateway):
+    """An upstream allowed 120 requests a minute (one each half second) whose bucket is
+    spent: team-a's burst of five queues for the rate, and team-b's call, sent last, is
+    the next to start after team-a's first, not after all five (each waking sleeper
+    racing for the bucket would leave it last)."""
+    async with FakeUpstream() as fake:
+        config = secure_config(fake.base_url, tenants={"team-a": {}, "team-b": {}})
+        config = dataclasses.replace(
+            config,
+            upstreams=tuple(
+                dataclasses.replace(u, requests_per_minute=120) for u in config.upstreams
+            ),
+        )
+        gw = await start_gateway(config)
+        limiter = gw.server.pipeline.pool.state("up0").limiter
+        limiter._requests.level = 0.0
+        calls = [
+            asyncio.ensure_future(gw.stub.Complete(chat(f"a{i}"), metadata=as_tenant("team-a")))
+            for i in range(5)
+        ]
+        assert await settle(lambda: limiter.queued == 5)
+        calls.append(
+            asyncio.ensure_future(gw.stub.Complete(chat("b0"), metadata=as_tenant("team-b")))
+        )
+        answers = await asyncio.gather(*calls)
+    assert all(a.content == "Hello from fake" for a in answers)
+    served = [user_text(r.body) for r in fake.requests]
+    # team-a's five were sent at once and queued in whatever order they arrived.
+    assert served[1] == "b0", served
+    assert sorted(served) == ["a0", "a1", "a2", "a3", "a4", "b0"]
+    assert limiter.queued == 0

@@ -29,7 +29,7 @@ from service.retry import (
 )
 from service.rpc_boundary import Admission
 from service.upstream.types import RateLimitHints
-from tests.fake_clock import FakeClock
+from tests.fake_clock import FakeClock, SteppedClock
 
 
 def _status_error(status: int) -> Exception:
@@ -312,6 +312,144 @@ async def test_limiter_hands_slots_to_tenants_in_turn():
     assert limiter.in_flight == 1
     limiter.release()
     assert limiter.in_flight == 0
+
+
+async def _run_ready() -> None:
+    """Let the woken calls' tasks run on (a start takes a few loop turns to reach them)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def _rate_limited(clock: FakeClock, **limits: int) -> UpstreamLimiter:
+    """A limiter of 60 requests a minute (one a second) whose bucket is empty."""
+    limiter = UpstreamLimiter("up0", requests_per_minute=60, clock=clock, **limits)
+    limiter._requests.level = 0  # type: ignore[union-attr]
+    return limiter
+
+
+async def test_limiter_hands_rate_limited_starts_to_tenants_in_turn():
+    """Queued for the rate a, a, a, b, b, c: each second's one start goes to the next
+    tenant in turn, a, b, c, a, b, a (not to whichever sleeper wakes first: a, with three
+    calls, would get most), and each call is told how long it waited."""
+    clock = SteppedClock()
+    limiter = _rate_limited(clock)
+    served: list[tuple[str, float]] = []
+
+    async def call(name: str, tenant: str) -> None:
+        waited = await limiter.acquire(tokens=1, max_wait_s=30.0, tenant=tenant)
+        served.append((name, waited))
+
+    order = [("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b"), ("b2", "b"), ("c1", "c")]
+    waiting = [asyncio.ensure_future(call(name, tenant)) for name, tenant in order]
+    await _run_ready()
+    assert limiter.queued == 6
+    for started in range(1, 7):
+        clock.advance(1.0)
+        await _run_ready()
+        assert len(served) == started  # one a second, as the bucket allows
+    await asyncio.gather(*waiting)
+    assert [name for name, _ in served] == ["a1", "b1", "c1", "a2", "b2", "a3"]
+    assert [waited for _, waited in served] == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    assert (limiter.queued, limiter.in_flight) == (0, 6)
+
+
+async def test_limiter_keeps_a_big_call_its_turn_until_the_tokens_refill():
+    """A call needing more tokens than are left is first in line: a smaller call behind it
+    that the bucket could take now waits its turn, so big calls are never starved."""
+    clock = FakeClock()
+    limiter = UpstreamLimiter("up0", tokens_per_minute=600, clock=clock)
+    limiter._tokens.level = 100  # type: ignore[union-attr]
+    served: list[str] = []
+
+    async def call(name: str, tokens: int, tenant: str) -> None:
+        await limiter.acquire(tokens=tokens, max_wait_s=120.0, tenant=tenant)
+        served.append(name)
+
+    big = asyncio.ensure_future(call("big", 600, "a"))
+    small = asyncio.ensure_future(call("small", 10, "b"))
+    await asyncio.gather(big, small)
+    assert served == ["big", "small"]
+    # 50 s for the 500 tokens the big call lacked, then 1 s for the small one's 10.
+    assert clock.slept == [pytest.approx(50.0), pytest.approx(1.0)]
+
+
+async def test_limiter_turn_of_a_cancelled_rate_waiter_passes_on():
+    """A call cancelled while it waits for the rate leaves nothing queued, not even its
+    tenant's place in the turns, and spends nothing: the next tenant's call takes the
+    start it would have had."""
+    clock = SteppedClock()
+    limiter = _rate_limited(clock)
+    served: list[str] = []
+
+    async def call(name: str, tenant: str) -> None:
+        await limiter.acquire(tokens=1, max_wait_s=30.0, tenant=tenant)
+        served.append(name)
+
+    order = [("a1", "a"), ("b1", "b"), ("b2", "b"), ("c1", "c")]
+    waiting = {name: asyncio.ensure_future(call(name, tenant)) for name, tenant in order}
+    await _run_ready()
+    for name in ("a1", "b2"):  # first in line, and one queued behind another
+        gone = waiting.pop(name)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+    assert limiter.queued == 2
+    assert list(limiter._waiters) == ["b", "c"]
+    clock.advance(1.0)
+    await _run_ready()
+    assert served == ["b1"]
+    clock.advance(1.0)
+    await _run_ready()
+    await asyncio.gather(*waiting.values())
+    assert served == ["b1", "c1"]
+    assert (limiter.queued, limiter.in_flight) == (0, 2)
+    assert limiter._waiters == {}
+    assert limiter._requests.level == pytest.approx(0.0)  # type: ignore[union-attr]
+
+
+async def test_limiter_never_starts_a_rate_waiter_past_its_max_wait():
+    """A call whose own wait is longer than it may wait is refused at once; one that may
+    wait 1.5 s but whose turn comes after another's second is refused when the other
+    starts, with the wait left and the limit that holds it, not started late."""
+    clock = SteppedClock()
+    limiter = _rate_limited(clock)
+    with pytest.raises(LimitExceeded) as at_once:
+        await limiter.acquire(tokens=1, max_wait_s=0.5, tenant="c")
+    assert at_once.value.retry_after_s == pytest.approx(1.0)
+    assert limiter.queued == 0
+    first = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=30.0, tenant="a"))
+    behind = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=1.5, tenant="b"))
+    await _run_ready()
+    assert limiter.queued == 2
+    clock.advance(1.0)
+    await _run_ready()
+    assert await first == pytest.approx(1.0)
+    with pytest.raises(LimitExceeded) as too_late:
+        await behind
+    assert too_late.value.retry_after_s == pytest.approx(1.0)
+    assert too_late.value.what == "requests-per-minute"
+    assert (limiter.queued, limiter.in_flight) == (0, 1)
+    assert limiter._requests.level == pytest.approx(0.0)  # type: ignore[union-attr]
+
+
+async def test_limiter_pause_given_while_calls_wait_for_the_rate_holds_them_all():
+    """A 429's pause that comes while calls queue for the rate holds the whole line: the
+    start the bucket allows after a second waits for the pause to end (by when the bucket
+    holds both calls' requests)."""
+    clock = SteppedClock()
+    limiter = _rate_limited(clock)
+    waiting = [
+        asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=30.0, tenant=tenant))
+        for tenant in ("a", "b")
+    ]
+    await _run_ready()
+    limiter.pause(3.0)
+    clock.advance(1.0)
+    await _run_ready()
+    assert limiter.in_flight == 0
+    clock.advance(2.0)
+    await _run_ready()
+    assert await asyncio.gather(*waiting) == pytest.approx([3.0, 3.0])
 
 
 @pytest.mark.parametrize(
