@@ -165,7 +165,10 @@ class UpstreamLimiter:
         self._dispatch()  # first in line: arm the timer for when the rate allows it
         granted = waiter.future
         try:
-            await asyncio.wait_for(asyncio.shield(granted), max_wait_s)
+            # Not `wait_for`: in Python 3.11 it returns a result that lands as the call is
+            # cancelled, swallowing the cancellation, and the call would go on upstream.
+            async with asyncio.timeout(max_wait_s):
+                await asyncio.shield(granted)
         except TimeoutError:
             if not granted.done():
                 wait, what = self._wait_in_line(tokens)

@@ -280,6 +280,24 @@ async def test_limiter_concurrency_hands_slots_over_in_order():
     assert limiter.in_flight == 0
 
 
+async def test_a_call_cancelled_as_its_slot_is_handed_over_stays_cancelled():
+    """The slot reaches a queued call and the call is cancelled before it runs on: it
+    must end cancelled and give the slot back. Python 3.11's `asyncio.wait_for` returned
+    the slot instead, swallowing the cancellation, and the call went on upstream."""
+    limiter = UpstreamLimiter("up0", max_concurrency=1)
+    await limiter.acquire(tokens=1, max_wait_s=1.0)
+    queued = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=5.0))
+    await asyncio.sleep(0)
+    assert limiter.queued == 1
+    limiter.release()
+    await asyncio.sleep(0)  # the slot is handed over; the queued call has not run on yet
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert limiter.in_flight == 0
+    assert limiter.queued == 0
+
+
 async def test_limiter_hands_slots_to_tenants_in_turn():
     """Queued a, a, a, b, b, c (a cancelled b among them): slots go a, b, c, a, b, a, one
     tenant after another, first come first served within each; the cancelled call is
