@@ -2,7 +2,10 @@
 
 The parent reserves the port, starts the local model once (if it is used) and hands its
 address to the workers as an ordinary upstream, then supervises the workers: SIGTERM or
-SIGINT is forwarded to each, which drains its own calls within the grace period. State
+SIGINT is forwarded to each, which drains its own calls within the grace period. A worker
+that dies once the gateway serves is started again in its place while the others go on
+serving (see _RESTART_DELAY_S); one that fails during the first start stops the gateway,
+since that is a bad config or a broken install, which restarting cannot mend. State
 kept in memory (cache, usage ledger, limits) is per worker unless Redis is configured.
 
 Each worker has its own metrics, so each serves its own Prometheus endpoint: worker `i`
@@ -13,6 +16,7 @@ Each worker has its own metrics, so each serves its own Prometheus endpoint: wor
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -39,6 +43,19 @@ T = TypeVar("T")
 log = logging.getLogger("llm_gateway.workers")
 
 _WORKER_START_TIMEOUT_S = 120.0
+
+# A worker that dies while the gateway serves is started again after 1 s, 2 s, 4 s, 8 s
+# for its 1st to 4th death within _CRASH_LOOP_WINDOW_S: at once would spin on a worker
+# that dies as it starts, while the others serve meanwhile. Deaths older than the window
+# are forgotten, so a worker that lived a minute is restarted after 1 s again.
+_RESTART_DELAY_S = 1.0
+# Its 5th death within the window stops the gateway (exit 1): a worker that keeps dying
+# (a file it needs gone, memory it cannot get) is for the orchestrator to see and report,
+# not for the supervisor to retry forever. The test of it waits out 1+2+4+8 s.
+_CRASH_LOOP_DEATHS = 5
+_CRASH_LOOP_WINDOW_S = 60.0
+
+_SPAWN = multiprocessing.get_context("spawn")
 
 
 def worker_count(config: GatewayConfig) -> tuple[int, str]:
@@ -217,6 +234,102 @@ async def _unless_stopped(start: Awaitable[T], stopping: asyncio.Event) -> T | N
     return None
 
 
+@dataclasses.dataclass
+class _Run:
+    """One process of a worker, its ready pipe, and the watch on its exit."""
+
+    process: BaseProcess
+    ready: Connection
+    exited: asyncio.Future[None]
+
+
+@dataclasses.dataclass
+class _Worker:
+    """One of the N workers: its config, and its process now (None while a replacement
+    waits out its back-off)."""
+
+    index: int
+    config: GatewayConfig
+    run: _Run | None = None
+    # When it died, within the last _CRASH_LOOP_WINDOW_S: sets the back-off.
+    deaths: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
+
+
+def _start(config: GatewayConfig, log_level: str) -> _Run:
+    """A worker process started with `config`, its exit watched on the loop.
+
+    Watched on the loop, not by a thread each: asyncio's thread pool is smaller than a big
+    machine's worker count, and the exits past its size went unwatched.
+    """
+    ready, ready_sender = _SPAWN.Pipe(duplex=False)
+    process: BaseProcess = _SPAWN.Process(
+        target=_worker_main, args=(config, log_level, ready_sender, os.getpid())
+    )
+    with _sigint_blocked():
+        process.start()
+    ready_sender.close()  # the worker's copy alone: its exit ends the pipe
+    return _Run(process, ready, asyncio.ensure_future(_exited(process)))
+
+
+def _how_it_ended(exitcode: int | None) -> dict[str, object]:
+    """`exit_code=N`, or `signal=SIGKILL` for a process a signal ended."""
+    if exitcode is None or exitcode >= 0:
+        return {"exit_code": exitcode}
+    try:
+        return {"signal": signal.Signals(-exitcode).name}
+    except ValueError:  # one the enum does not name (a real-time signal)
+        return {"signal": -exitcode}
+
+
+async def _keep(worker: _Worker, run: _Run, log_level: str) -> None:
+    """Start `worker` again each time it dies, after a back-off; return once it dies
+    _CRASH_LOOP_DEATHS times within _CRASH_LOOP_WINDOW_S (a crash loop).
+
+    Cancelled (a stop) during the back-off, it starts no replacement; one already started
+    is in `worker.run`, for the caller to stop as any worker.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        # Shielded: the watch goes on when a stop cancels this task, for the caller to await.
+        await asyncio.shield(run.exited)
+        worker.run = None
+        run.ready.close()
+        now = loop.time()
+        worker.deaths.append(now)
+        while worker.deaths[0] <= now - _CRASH_LOOP_WINDOW_S:
+            worker.deaths.popleft()
+        ended = _how_it_ended(run.process.exitcode)
+        log.warning(
+            "workers.worker_died", extra={"index": worker.index, "pid": run.process.pid, **ended}
+        )
+        run.process.close()  # its sentinel's descriptor, which each restart would leak
+        if len(worker.deaths) >= _CRASH_LOOP_DEATHS:
+            deaths = {"deaths": len(worker.deaths), "window_s": _CRASH_LOOP_WINDOW_S}
+            log.error("workers.crash_loop", extra={"index": worker.index, **deaths})
+            return
+        await asyncio.sleep(_RESTART_DELAY_S * 2 ** (len(worker.deaths) - 1))
+        try:
+            run = worker.run = _start(worker.config, log_level)
+        except OSError:  # no process to be had (EAGAIN, ENOMEM): as a crash loop would
+            log.exception("workers.restart_failed", extra={"index": worker.index})
+            return
+        log.info("workers.worker_restarted", extra={"index": worker.index, "pid": run.process.pid})
+
+
+async def _keep_serving(workers: list[_Worker], log_level: str, stopping: asyncio.Event) -> None:
+    """Restart the workers that die until a stop, or until one of them crash-loops."""
+    keepers = [
+        asyncio.ensure_future(_keep(w, w.run, log_level)) for w in workers if w.run is not None
+    ]
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([*keepers, stop], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (*keepers, stop):
+            task.cancel()
+        await asyncio.gather(*keepers, stop, return_exceptions=True)
+
+
 async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
     config, count = configs[0], len(configs)
     # From the start: a SIGTERM while the workers start must stop them too, not kill this
@@ -230,7 +343,8 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         return 0
     reserved: list[socket.socket] = []
     async with contextlib.AsyncExitStack() as stack:
-        # However this ends; closing twice is harmless.
+        # Held until the supervisor stops, not only while the workers start: should every
+        # worker be dead at once, the port stays the gateway's for their replacements.
         stack.callback(_close, reserved)
         sock, listen = _reserve_address(config.server.listen)
         reserved.append(sock)
@@ -255,31 +369,19 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
                 upstreams=(*config.upstreams, local.upstream_config()),
                 local_model=dataclasses.replace(config.local_model, enabled="never"),
             )
-        context = multiprocessing.get_context("spawn")
-        workers: list[BaseProcess] = []
-        readies: list[Connection] = []
-        for own in configs:
-            ready, ready_sender = context.Pipe(duplex=False)
-            worker: BaseProcess = context.Process(
-                target=_worker_main,
-                args=(
-                    dataclasses.replace(worker_config, telemetry=own.telemetry),
-                    log_level,
-                    ready_sender,
-                    os.getpid(),
-                ),
-            )
-            with _sigint_blocked():
-                worker.start()
-            ready_sender.close()  # the worker's copy alone: its exit ends the pipe
-            workers.append(worker)
-            readies.append(ready)
-        # Watched on the loop, not by a thread each: asyncio's thread pool is smaller than
-        # a big machine's worker count, and the exits past its size went unwatched.
-        exits = [asyncio.ensure_future(_exited(w)) for w in workers]
-        any_exit = asyncio.ensure_future(asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED))
+        workers = [
+            _Worker(index, dataclasses.replace(worker_config, telemetry=own.telemetry))
+            for index, own in enumerate(configs)
+        ]
+        runs = []
+        for worker in workers:
+            worker.run = _start(worker.config, log_level)
+            runs.append(worker.run)
+        any_exit = asyncio.ensure_future(
+            asyncio.wait([r.exited for r in runs], return_when=asyncio.FIRST_COMPLETED)
+        )
         stop = asyncio.ensure_future(stopping.wait())
-        started = asyncio.ensure_future(asyncio.gather(*(_started(r) for r in readies)))
+        started = asyncio.ensure_future(asyncio.gather(*(_started(r.ready) for r in runs)))
         phases: list[asyncio.Future[Any]] = [started, any_exit, stop]
         await asyncio.wait(
             phases,
@@ -287,27 +389,31 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
             return_when=asyncio.FIRST_COMPLETED,
         )
         is_up = started.done() and all(started.result())
+        crashed = False
         if is_up:
-            _close(reserved)
             health = "" if health_listen is None else f", health on {health_listen}"
             print(f"llm-gateway listening on {listen} ({count} workers){health}", flush=True)
-        if started.done():
-            # Serving until a worker exits or a stop; or, when a worker closed its pipe
-            # without listening, until it has exited (with its own status).
+            await _keep_serving(workers, log_level, stopping)
+            crashed = not stopping.is_set()
+        elif started.done():
+            # A worker closed its pipe without listening: wait for its exit (its status).
             await asyncio.wait([any_exit, stop], return_when=asyncio.FIRST_COMPLETED)
-        if not stopping.is_set():
-            log.error("workers.exited_unexpectedly" if is_up else "workers.start_failed")
-        for worker in workers:
-            if worker.pid is not None and worker.exitcode is None:
-                os.kill(worker.pid, signal.SIGTERM)
-        await asyncio.gather(*exits)
+        if not stopping.is_set() and not is_up:
+            log.error("workers.start_failed")
+        # Those running now, a replacement still starting included; none is started after.
+        runs = [w.run for w in workers if w.run is not None]
+        for run in runs:
+            if run.process.pid is not None and run.process.exitcode is None:
+                os.kill(run.process.pid, signal.SIGTERM)
+        await asyncio.gather(*(r.exited for r in runs))
         for task in (started, stop, any_exit):
             task.cancel()
         # Awaited, not left to asyncio.run's shutdown: a gather whose workers had not said
         # they listen ends with a CancelledError that asyncio logs as never retrieved.
         await asyncio.gather(started, stop, any_exit, return_exceptions=True)
-        _close(reserved)
-    codes = [w.exitcode for w in workers]
+    codes = [r.process.exitcode for r in runs]
+    if crashed:
+        return 1
     if stopping.is_set():  # a worker stopped before it could catch SIGTERM is stopped too
         return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
     return 2 if not is_up and 2 in codes else 1

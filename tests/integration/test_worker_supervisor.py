@@ -1,36 +1,46 @@
-"""`serve --workers N` as an operator meets it: a busy port, signals while starting, failures."""
+"""`serve --workers N` as an operator meets it: a busy port, signals while starting, failures,
+a worker that dies while serving."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
+import grpc
 import pytest
 import yaml
 
-from tests.conftest import gateway_config_data
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from tests.conftest import chat, gateway_config_data
+from tests.fake_upstream import FakeUpstream
 from tests.integration.gateway_process import is_running
 
 REPO = Path(__file__).resolve().parents[2]
 _HANG_GUARD_S = 30.0
 
 
-def _write_config(tmp_path: Path, **sections: object) -> Path:
+def _write_config(
+    tmp_path: Path, base_url: str = "http://127.0.0.1:1/v1", **sections: object
+) -> Path:
     path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(gateway_config_data("http://127.0.0.1:1/v1", **sections)))
+    path.write_text(yaml.safe_dump(gateway_config_data(base_url, **sections)))
     return path
 
 
 @contextlib.asynccontextmanager
-async def _serve(*args: str, own_group: bool = False) -> AsyncIterator[asyncio.subprocess.Process]:
+async def _serve(
+    *args: str, own_group: bool = False, log_level: str = "WARNING"
+) -> AsyncIterator[asyncio.subprocess.Process]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "serve", *args, "--log-level", "WARNING",
+        sys.executable, "-m", "service", "serve", *args, "--log-level", log_level,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
         start_new_session=own_group,
     )  # fmt: skip
@@ -43,6 +53,95 @@ async def _serve(*args: str, own_group: bool = False) -> AsyncIterator[asyncio.s
         # a moment after the supervisor exits, and a pipe left open outlives the test's loop.
         async with asyncio.timeout(_HANG_GUARD_S):
             await process.communicate()
+
+
+class _Log:
+    """The stderr of the supervisor and its workers, read as it comes."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.lines: list[str] = []
+        self._grown = asyncio.Event()
+        self.reader = asyncio.ensure_future(self._read(stream))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        try:
+            async for line in stream:
+                self.lines.append(line.decode())
+                self._grown.set()
+        finally:
+            self._grown.set()
+
+    def events(self, event: str) -> list[str]:
+        """The lines logging `event`, in order."""
+        pattern = re.compile(rf" {re.escape(event)}( |$)")
+        return [line for line in self.lines if pattern.search(line)]
+
+    async def nth(self, event: str, n: int = 1) -> str:
+        """The `n`th line logging `event`, once logged."""
+        async with asyncio.timeout(_HANG_GUARD_S):
+            while len(found := self.events(event)) < n:
+                assert not self.reader.done(), f"no {event} #{n} in:\n{''.join(self.lines)}"
+                self._grown.clear()
+                await self._grown.wait()
+        return found[n - 1]
+
+
+@contextlib.asynccontextmanager
+async def _serve_logged(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, _Log]]:
+    """`_serve` at log level INFO, its stderr read meanwhile (INFO lines would fill the pipe)."""
+    async with _serve(*args, log_level="INFO") as process:
+        assert process.stderr is not None
+        log = _Log(process.stderr)
+        try:
+            yield process, log
+        finally:
+            if process.returncode is None:
+                process.kill()
+            # Before `_serve` reads the rest: one reader at a time.
+            async with asyncio.timeout(_HANG_GUARD_S):
+                await log.reader
+
+
+async def _listening(process: asyncio.subprocess.Process) -> str:
+    """The address from the supervisor's `llm-gateway listening on ADDR (N workers)`."""
+    assert process.stdout is not None
+    async with asyncio.timeout(120):
+        line = (await process.stdout.readline()).decode()
+    assert line.startswith("llm-gateway listening on "), line
+    return line.split()[3]
+
+
+def _pid(line: str) -> int:
+    return int(re.findall(r" pid=(\d+)", line)[0])
+
+
+async def _calls(address: str, count: int) -> None:
+    """`count` calls, each on a connection of its own (so the kernel picks a worker for
+    each), each of which must succeed."""
+    for _ in range(count):
+        # A pool of its own: channels to one address otherwise share one connection.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
+            reply = await pb_grpc.CompletionServiceStub(channel).Complete(chat(), timeout=10)
+        assert reply.content == "Hello from fake"
+
+
+async def _calls_answered(port: int) -> float | None:
+    """Complete calls the worker whose Prometheus endpoint is `port` answered; None when
+    nothing listens there (that worker is dead)."""
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/metrics") as reply,
+        ):
+            text = await reply.text()
+    except aiohttp.ClientConnectorError:
+        return None
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("llm_gateway_requests_total") and 'rpc_method="Complete"' in line
+    )
 
 
 def _worker_pids(supervisor: int) -> list[int]:
@@ -183,9 +282,9 @@ _DEFAULT_POOL_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 
 @pytest.mark.timeout(180)
-async def test_a_worker_dying_while_serving_stops_the_rest_however_many_there_are(tmp_path):
+async def test_any_worker_killed_while_serving_is_restarted_however_many_there_are(tmp_path):
     """Any worker killed while serving, the last one started included: the supervisor
-    stops the others and exits 1.
+    sees the death and starts a replacement.
 
     Before, it waited for each worker's exit on a thread of asyncio's default pool: past
     that pool's size (32 on a machine of 28 cores or more) the last workers' exits were
@@ -193,18 +292,136 @@ async def test_a_worker_dying_while_serving_stops_the_rest_however_many_there_ar
     """
     count = _DEFAULT_POOL_THREADS + 1
     path = _write_config(tmp_path)
-    async with _serve("--config", str(path), "--workers", str(count)) as process:
-        assert process.stdout is not None
-        async with asyncio.timeout(120):
-            assert b"listening on" in await process.stdout.readline()
+    async with _serve_logged("--config", str(path), "--workers", str(count)) as (process, log):
+        await _listening(process)
         workers = sorted(_worker_pids(process.pid))  # in the order they were started
         assert len(workers) == count
         os.kill(workers[-1], signal.SIGKILL)
+        replacements = []
         try:
+            assert _pid(await log.nth("workers.worker_died")) == workers[-1]
+            replacements.append(_pid(await log.nth("workers.worker_restarted")))
+            process.send_signal(signal.SIGTERM)
             async with asyncio.timeout(_HANG_GUARD_S):
                 code = await process.wait()
         finally:
-            alive = [pid for pid in workers if is_running(pid)]
+            alive = [pid for pid in (*workers, *replacements) if is_running(pid)]
             for pid in alive:
                 os.kill(pid, signal.SIGKILL)
-        assert (code, alive) == (1, [])
+        assert (code, alive) == (0, [])
+
+
+async def test_a_worker_killed_while_serving_is_restarted_while_the_others_serve(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """kill -9 of one worker of two: the other goes on answering, the supervisor starts a
+    replacement in its place that answers too, and SIGTERM still stops all with status 0.
+
+    Before, the supervisor stopped the other worker and exited 1: one crashed process
+    took the whole gateway down until its orchestrator restarted it.
+    """
+    # Port 0: each worker's Prometheus endpoint on a port of its own, which it logs.
+    path = _write_config(tmp_path, upstream.base_url, telemetry={"prometheus_port": 0})
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        address = await _listening(process)
+        victim, survivor = sorted(_worker_pids(process.pid))
+        await _calls(address, 5)
+        os.kill(victim, signal.SIGKILL)
+        died = await log.nth("workers.worker_died")
+        assert (_pid(died), "signal=SIGKILL" in died) == (victim, True)
+        await _calls(address, 5)  # the survivor alone, or the replacement too by now
+        replacement = _pid(await log.nth("workers.worker_restarted"))
+        assert sorted(_worker_pids(process.pid)) == sorted([survivor, replacement])
+        await log.nth("server.started", 3)  # the replacement listens
+        ports = [
+            int(re.findall(r" port=(\d+)", line)[0])
+            for line in log.events("telemetry.prometheus_listening")
+        ]
+        before = {port: n for port in ports if (n := await _calls_answered(port)) is not None}
+        assert len(before) == 2  # the survivor's and the replacement's; the victim's is gone
+        assert before[ports[-1]] == 0  # the replacement's, started last
+        for _ in range(20):  # the kernel picks either worker for each new connection
+            await _calls(address, 5)
+            after = {port: await _calls_answered(port) for port in before}
+            if all((after[port] or 0) > n for port, n in before.items()):
+                break
+        assert all((after[port] or 0) > n for port, n in before.items()), (before, after)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(_HANG_GUARD_S):
+            code = await process.wait()
+    alive = [pid for pid in (survivor, replacement) if is_running(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert (code, alive) == (0, [])
+    assert not log.events("workers.crash_loop")
+
+
+async def _kill_each_replacement(log: _Log, victim: int, deaths: int) -> list[int]:
+    """Kill `victim`, then each replacement as soon as it is started, `deaths` in all;
+    the pids killed."""
+    killed = [victim]
+    os.kill(victim, signal.SIGKILL)
+    for n in range(1, deaths):
+        replacement = _pid(await log.nth("workers.worker_restarted", n))
+        os.kill(replacement, signal.SIGKILL)
+        killed.append(replacement)
+    await log.nth("workers.worker_died", deaths)
+    return killed
+
+
+@pytest.mark.timeout(120)
+async def test_a_worker_that_keeps_dying_stops_the_gateway(tmp_path):
+    """A worker killed again each time it is restarted: at its 5th death within a minute
+    the supervisor stops the others and exits 1 (`workers.crash_loop`), for the
+    orchestrator to see, rather than restart it forever."""
+    path = _write_config(tmp_path)
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        await _listening(process)
+        victim, survivor = sorted(_worker_pids(process.pid))
+        killed = await _kill_each_replacement(log, victim, 5)
+        async with asyncio.timeout(_HANG_GUARD_S):
+            code = await process.wait()
+    alive = is_running(survivor)
+    if alive:
+        os.kill(survivor, signal.SIGKILL)
+    assert (code, alive) == (1, False)
+    [crash_loop] = log.events("workers.crash_loop")
+    assert "deaths=5" in crash_loop
+    assert [_pid(line) for line in log.events("workers.worker_died")] == killed
+    assert len(log.events("workers.worker_restarted")) == 4  # none after the 5th death
+
+
+async def test_sigterm_while_a_replacement_waits_stops_without_starting_it(tmp_path):
+    """SIGTERM while a dead worker's replacement waits out its back-off (4 s after a 3rd
+    death): status 0, the other worker stopped, and no replacement started."""
+    path = _write_config(tmp_path)
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        await _listening(process)
+        victim, survivor = sorted(_worker_pids(process.pid))
+        await _kill_each_replacement(log, victim, 3)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(_HANG_GUARD_S):
+            code = await process.wait()
+    alive = is_running(survivor)
+    if alive:
+        os.kill(survivor, signal.SIGKILL)
+    assert (code, alive) == (0, False)
+    assert len(log.events("workers.worker_restarted")) == 2
+
+
+async def test_sigterm_as_a_replacement_starts_stops_it_too(tmp_path):
+    """SIGTERM just after the supervisor started a replacement (it is most likely still
+    importing the gateway): it is stopped with the other worker, status 0."""
+    path = _write_config(tmp_path)
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        await _listening(process)
+        victim, survivor = sorted(_worker_pids(process.pid))
+        os.kill(victim, signal.SIGKILL)
+        replacement = _pid(await log.nth("workers.worker_restarted"))
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(_HANG_GUARD_S):
+            code = await process.wait()
+    alive = [pid for pid in (survivor, replacement) if is_running(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert (code, alive) == (0, [])
