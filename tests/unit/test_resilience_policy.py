@@ -298,6 +298,32 @@ async def test_a_call_cancelled_as_its_slot_is_handed_over_stays_cancelled():
     assert limiter.queued == 0
 
 
+async def test_a_call_cancelled_as_its_slot_is_handed_over_leaves_the_learned_rate_as_it_was():
+    """Under a learned rate (a call every 10 s), the slot reaches a queued call 10 s after
+    the last start and the call is cancelled before it runs on: nothing was sent, so the
+    next call may start at once, as it could have before the handover. Before, the start
+    given back kept its time, and the next call was held (or refused) 10 s more."""
+    clock = SteppedClock()
+    limiter = UpstreamLimiter("up0", max_concurrency=1, clock=clock)
+    await limiter.acquire(tokens=1, max_wait_s=1.0)
+    limiter.learn(
+        RateLimitHints(limit=100, remaining=5, reset_in_s=50.0), now_epoch_s=1_700_000_000.0
+    )
+    assert limiter.spacing_s == pytest.approx(10.0)
+    clock.advance(10.0)
+    queued = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=30.0))
+    await asyncio.sleep(0)
+    assert limiter.queued == 1
+    limiter.release()
+    await asyncio.sleep(0)  # the slot is handed over; the queued call has not run on yet
+    assert limiter.in_flight == 1
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert limiter.in_flight == 0
+    assert await limiter.acquire(tokens=1, max_wait_s=0.0) == 0.0
+
+
 async def test_limiter_hands_slots_to_tenants_in_turn():
     """Queued a, a, a, b, b, c (a cancelled b among them): slots go a, b, c, a, b, a, one
     tenant after another, first come first served within each; the cancelled call is
