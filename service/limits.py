@@ -86,7 +86,9 @@ class TokenBucket:
         self.level = min(self.per_minute, self.level + amount)
 
 
-@dataclass(slots=True)
+# eq=False: a waiter leaving is found in its queue by identity, not by a Python call
+# comparing the fields of each one passed over (thousands queued leave in any order).
+@dataclass(slots=True, eq=False)
 class _Waiter:
     """A call queued to start: resolved when it starts, or with its refusal."""
 
