@@ -86,13 +86,19 @@ class TokenBucket:
         self.level = min(self.per_minute, self.level + amount)
 
 
-@dataclass(slots=True)
+# eq=False: a waiter leaving is found in its queue by identity, not by a Python call
+# comparing the fields of each one passed over (thousands queued leave in any order).
+@dataclass(slots=True, eq=False)
 class _Waiter:
     """A call queued to start: resolved when it starts, or with its refusal."""
 
     future: asyncio.Future[None]
     tokens: int
     deadline: float  # on the limiter's clock: refused rather than started after it
+    # Set as it starts: the start before its own and its own, for the learned rate to go
+    # back to if the call never goes on.
+    previous_start: float = float("-inf")
+    started_at: float = float("-inf")
 
 
 class UpstreamLimiter:
@@ -179,7 +185,7 @@ class UpstreamLimiter:
             if not granted.done():
                 self._withdraw(tenant, waiter)
             elif not granted.cancelled() and granted.exception() is None:
-                self._unstart(tokens)
+                self._unstart(waiter)
             raise
         granted.result()  # the dispatcher's refusal, when the call's turn came too late
         return self._clock.now() - started
@@ -193,12 +199,14 @@ class UpstreamLimiter:
         if self._tokens is not None:
             self._tokens.take(tokens, now)
 
-    def _unstart(self, tokens: int) -> None:
+    def _unstart(self, waiter: _Waiter) -> None:
         """A call started for a waiter that had gone: give its units and slot back."""
         if self._requests is not None:
             self._requests.give_back(1)
         if self._tokens is not None:
-            self._tokens.give_back(tokens)
+            self._tokens.give_back(waiter.tokens)
+        if self._last_start == waiter.started_at:  # no call started after it
+            self._last_start = waiter.previous_start
         self.release()
 
     def _wait_in_line(self, tokens: int) -> tuple[float, str]:
@@ -244,7 +252,9 @@ class UpstreamLimiter:
             del self._waiters[tenant]
             if queue:  # the tenant served goes to the back of the turn order
                 self._waiters[tenant] = queue
+            waiter.previous_start = self._last_start
             self._start(waiter.tokens)
+            waiter.started_at = self._last_start
             waiter.future.set_result(None)
         if self._timer is not None and not self._waiters:
             self._timer.cancel()  # nobody left to wake

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 
 import pytest
 
@@ -296,6 +297,60 @@ async def test_a_call_cancelled_as_its_slot_is_handed_over_stays_cancelled():
         await queued
     assert limiter.in_flight == 0
     assert limiter.queued == 0
+
+
+async def test_a_call_cancelled_as_its_slot_is_handed_over_leaves_the_learned_rate_as_it_was():
+    """Under a learned rate (a call every 10 s), the slot reaches a queued call 10 s after
+    the last start and the call is cancelled before it runs on: nothing was sent, so the
+    next call may start at once, as it could have before the handover. Before, the start
+    given back kept its time, and the next call was held (or refused) 10 s more."""
+    clock = SteppedClock()
+    limiter = UpstreamLimiter("up0", max_concurrency=1, clock=clock)
+    await limiter.acquire(tokens=1, max_wait_s=1.0)
+    limiter.learn(
+        RateLimitHints(limit=100, remaining=5, reset_in_s=50.0), now_epoch_s=1_700_000_000.0
+    )
+    assert limiter.spacing_s == pytest.approx(10.0)
+    clock.advance(10.0)
+    queued = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=30.0))
+    await asyncio.sleep(0)
+    assert limiter.queued == 1
+    limiter.release()
+    await asyncio.sleep(0)  # the slot is handed over; the queued call has not run on yet
+    assert limiter.in_flight == 1
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert limiter.in_flight == 0
+    assert await limiter.acquire(tokens=1, max_wait_s=0.0) == 0.0
+
+
+async def test_calls_leaving_a_long_line_out_of_order_compare_no_waiters_field_by_field():
+    """Calls leave the line in any order (a cut-off or a cancelled batch cancels them in
+    no particular one); each is found among the others by identity. Before, queued calls
+    compared equal field by field, a Python call for every one passed over: 10,000 calls
+    leaving in random order held the event loop 7 s (0.6 s before tenants took turns)."""
+    limiter = UpstreamLimiter("up0", max_concurrency=1)
+    await limiter.acquire(tokens=1, max_wait_s=1.0)
+    queued = [asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=30.0)) for _ in range(50)]
+    await asyncio.sleep(0)
+    assert limiter.queued == 50
+    compared: list[str] = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "__eq__":
+            compared.append(frame.f_code.co_filename)
+
+    sys.setprofile(profile)
+    try:
+        for call in reversed(queued):
+            call.cancel()
+        results = await asyncio.gather(*queued, return_exceptions=True)
+    finally:
+        sys.setprofile(None)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    assert limiter.queued == 0
+    assert compared == []
 
 
 async def test_limiter_hands_slots_to_tenants_in_turn():
