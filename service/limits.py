@@ -201,12 +201,17 @@ class UpstreamLimiter:
 
     def _unstart(self, waiter: _Waiter) -> None:
         """A call started for a waiter that had gone: give its units and slot back."""
+        if self._last_start == waiter.started_at:  # no call started after it
+            self._last_start = waiter.previous_start
+        self.give_back(waiter.tokens)
+
+    def give_back(self, tokens: int) -> None:
+        """A call that `acquire` started but that will not be sent (of `tokens`): its
+        bucket units and its slot go back, as if it had never started."""
         if self._requests is not None:
             self._requests.give_back(1)
         if self._tokens is not None:
-            self._tokens.give_back(waiter.tokens)
-        if self._last_start == waiter.started_at:  # no call started after it
-            self._last_start = waiter.previous_start
+            self._tokens.give_back(tokens)
         self.release()
 
     def _wait_in_line(self, tokens: int) -> tuple[float, str]:

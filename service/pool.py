@@ -462,7 +462,7 @@ class UpstreamPool:
         # circuit) leaves this a first attempt.
         if retrying:
             if not state.budget.can_retry():  # other calls spent it while this one waited
-                state.limiter.release()
+                state.limiter.give_back(tokens)  # never sent: its units are not spent
                 state.breaker.release(probe=probe)
                 plan.exclude(route, "retry budget exhausted")
                 return None

@@ -281,6 +281,21 @@ async def test_limiter_concurrency_hands_slots_over_in_order():
     assert limiter.in_flight == 0
 
 
+async def test_a_start_given_back_returns_its_slot_and_bucket_units():
+    """A call the limiter started but the pool does not send (its retry budget spent while
+    it waited) gives back its request and tokens as well as its slot: the next call is not
+    held for units nothing used."""
+    clock = FakeClock()
+    limiter = UpstreamLimiter(
+        "up0", max_concurrency=1, requests_per_minute=1, tokens_per_minute=100, clock=clock
+    )
+    assert await limiter.acquire(tokens=100, max_wait_s=0.0) == 0.0
+    limiter.give_back(100)
+    assert limiter.in_flight == 0
+    assert limiter.wait_s(100)[0] == 0.0
+    assert await limiter.acquire(tokens=100, max_wait_s=0.0) == 0.0
+
+
 async def test_a_call_cancelled_as_its_slot_is_handed_over_stays_cancelled():
     """The slot reaches a queued call and the call is cancelled before it runs on: it
     must end cancelled and give the slot back. Python 3.11's `asyncio.wait_for` returned
