@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -120,8 +120,10 @@ class UpstreamLimiter:
         self._requests = TokenBucket.full(requests_per_minute, now) if requests_per_minute else None
         self._tokens = TokenBucket.full(tokens_per_minute, now) if tokens_per_minute else None
         self.in_flight = 0
-        # Waiters by tenant, the tenants in turn order (dicts keep insertion order).
-        self._waiters: dict[str, deque[_Waiter]] = {}
+        # Waiters by tenant, the tenants in turn order. An OrderedDict, not a dict: a dict
+        # whose first keys were deleted scans past their holes to find its first, and
+        # thousands of tenants served in turn made each start slower than the last.
+        self._waiters: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self._timer: asyncio.Task[None] | None = None
         self._timer_due = 0.0
         self._is_dispatch_due = False
@@ -254,9 +256,10 @@ class UpstreamLimiter:
                     del self._waiters[tenant]
                 waiter.future.set_exception(LimitExceeded(self.upstream, wait_s=wait, what=what))
                 continue
-            del self._waiters[tenant]
             if queue:  # the tenant served goes to the back of the turn order
-                self._waiters[tenant] = queue
+                self._waiters.move_to_end(tenant)
+            else:
+                del self._waiters[tenant]
             waiter.previous_start = self._last_start
             self._start(waiter.tokens)
             waiter.started_at = self._last_start
