@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from tests.integration.tenancy_helpers import (
     stream_error,
     trailer,
 )
-from tests.integration.test_resilience import settle
+from tests.integration.test_resilience import dataclass_replace_upstream, settle
 from tests.scripted_upstream import ScriptedUpstream, user_text
 from tests.secret_capture import CALLER_KEY_A, PROVIDER_KEY
 
@@ -876,26 +875,25 @@ async def test_auth_off_on_a_public_address_is_refused_at_startup(listen):
             pass
 
 
+def _calls_as(gw: Any, tenant: str, texts: list[str]) -> list[asyncio.Future[Any]]:
+    """One `Complete` call of `tenant` per text, started at once, in order."""
+    return [
+        asyncio.ensure_future(gw.stub.Complete(chat(text), metadata=as_tenant(tenant)))
+        for text in texts
+    ]
+
+
 async def test_tenants_take_turns_for_a_busy_upstreams_slots(start_gateway):
     """team-a fills the upstream's one slot and its queue; team-b's call, sent last, is
     served next but one, not after all of team-a's (first come, first served would put
     it sixth)."""
     async with FakeUpstream(default=Reply(delay_s=0.2)) as fake:
         config = secure_config(fake.base_url, tenants={"team-a": {}, "team-b": {}})
-        config = dataclasses.replace(
-            config,
-            upstreams=tuple(dataclasses.replace(u, max_concurrency=1) for u in config.upstreams),
-        )
-        gw = await start_gateway(config)
+        gw = await start_gateway(dataclass_replace_upstream(config, max_concurrency=1))
         limiter = gw.server.pipeline.pool.state("up0").limiter
-        calls = [
-            asyncio.ensure_future(gw.stub.Complete(chat(f"a{i}"), metadata=as_tenant("team-a")))
-            for i in range(5)
-        ]
+        calls = _calls_as(gw, "team-a", [f"a{i}" for i in range(5)])
         assert await settle(lambda: limiter.queued == 4)
-        calls.append(
-            asyncio.ensure_future(gw.stub.Complete(chat("b0"), metadata=as_tenant("team-b")))
-        )
+        calls += _calls_as(gw, "team-b", ["b0"])
         assert await settle(lambda: limiter.queued == 5)
         answers = await asyncio.gather(*calls)
     assert all(a.content == "Hello from fake" for a in answers)
@@ -913,23 +911,12 @@ async def test_tenants_take_turns_for_an_upstreams_request_rate(start_gateway):
     racing for the bucket would leave it last)."""
     async with FakeUpstream() as fake:
         config = secure_config(fake.base_url, tenants={"team-a": {}, "team-b": {}})
-        config = dataclasses.replace(
-            config,
-            upstreams=tuple(
-                dataclasses.replace(u, requests_per_minute=120) for u in config.upstreams
-            ),
-        )
-        gw = await start_gateway(config)
+        gw = await start_gateway(dataclass_replace_upstream(config, requests_per_minute=120))
         limiter = gw.server.pipeline.pool.state("up0").limiter
         limiter._requests.level = 0.0
-        calls = [
-            asyncio.ensure_future(gw.stub.Complete(chat(f"a{i}"), metadata=as_tenant("team-a")))
-            for i in range(5)
-        ]
+        calls = _calls_as(gw, "team-a", [f"a{i}" for i in range(5)])
         assert await settle(lambda: limiter.queued == 5)
-        calls.append(
-            asyncio.ensure_future(gw.stub.Complete(chat("b0"), metadata=as_tenant("team-b")))
-        )
+        calls += _calls_as(gw, "team-b", ["b0"])
         answers = await asyncio.gather(*calls)
     assert all(a.content == "Hello from fake" for a in answers)
     served = [user_text(r.body) for r in fake.requests]
