@@ -153,27 +153,34 @@ def _bind_shared(listen: str) -> tuple[socket.socket, int]:
 _PR_SET_PDEATHSIG = 1
 
 
-def _stop_with(supervisor: int) -> None:
-    """Have the kernel SIGTERM this worker when the supervisor dies, even by SIGKILL.
+def _stop_with(supervisor: int, sig: signal.Signals) -> None:
+    """Have the kernel send this worker `sig` when the supervisor dies, even by SIGKILL.
 
     Otherwise a supervisor killed outright (not through its process group, as Kubernetes
     and systemd do) leaves its workers serving the port with nobody to stop them. Linux
     only; elsewhere the call is skipped.
     """
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
     if os.getppid() != supervisor:  # it died before the kernel was asked
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
+
+
+def _listening(supervisor: int, ready: Connection) -> None:
+    _stop_with(supervisor, signal.SIGTERM)  # to drain its calls
+    ready.send(os.getpid())
 
 
 def _worker_main(config: GatewayConfig, log_level: str, ready: Connection, supervisor: int) -> None:
     from service.logs import configure_logging
     from service.server import ListenError, report_start_failure, run
 
-    _stop_with(supervisor)
+    # SIGKILL until it listens: a start stuck in a system call never acts on SIGTERM, and
+    # has no calls to drain.
+    _stop_with(supervisor, signal.SIGKILL)
     configure_logging(log_level)
     try:
-        run(config, on_ready=lambda _address: ready.send(os.getpid()))
+        run(config, on_ready=lambda _address: _listening(supervisor, ready))
     except (ConfigError, ListenError) as exc:  # e.g. the keys file, its Prometheus port
         sys.exit(report_start_failure(exc))
 

@@ -536,3 +536,29 @@ async def test_a_replacement_that_hangs_in_its_start_is_killed_and_counted_as_a_
     assert [_pid(line) for line in died] == [victim, *restarted]
     # Deaf to SIGTERM in its start: SIGKILL ends it.
     assert all("signal=SIGKILL" in line for line in died)
+
+
+async def test_a_replacement_stuck_in_its_start_stops_when_the_supervisor_is_killed(tmp_path):
+    """SIGKILL to the supervisor while a replacement is stuck in its start: it ends too.
+
+    Before, the kernel sent it SIGTERM, which a start stuck in a system call never acts
+    on: it stayed, orphaned, holding its Prometheus port.
+    """
+    path, cert = _tls_config_that_will_hang(tmp_path)
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        await _listening(process)
+        victim, survivor = sorted(_worker_pids(process.pid))
+        _hang_the_next_start(cert)
+        os.kill(victim, signal.SIGKILL)
+        replacement = _pid(await log.nth("workers.worker_restarted"))
+        await _stuck_in_open(replacement)
+        process.kill()
+        try:
+            async with asyncio.timeout(_HANG_GUARD_S):
+                while alive := [pid for pid in (survivor, replacement) if is_running(pid)]:
+                    await asyncio.sleep(0.05)
+        finally:
+            for pid in (survivor, replacement):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert alive == []
