@@ -43,6 +43,14 @@ T = TypeVar("T")
 log = logging.getLogger("llm_gateway.workers")
 
 _WORKER_START_TIMEOUT_S = 120.0
+# A replacement that has not listened within this is killed and counted as a death. As
+# long as a first start may take: it starts under the same conditions, and one killed
+# while merely slow (a loaded machine) would only be started again, slow again.
+_RESTART_START_TIMEOUT_S = _WORKER_START_TIMEOUT_S
+# A worker stopped before it listened (a stop, its start timed out) gets SIGTERM, then
+# SIGKILL this long after: a start stuck in a system call (a file on a stuck mount) never
+# acts on SIGTERM, and it has no calls to drain.
+_UNREADY_KILL_AFTER_S = 5.0
 
 # A worker that dies while the gateway serves is started again after 1 s, 2 s, 4 s, 8 s
 # for its 1st to 4th death within _CRASH_LOOP_WINDOW_S: at once would spin on a worker
@@ -51,7 +59,9 @@ _WORKER_START_TIMEOUT_S = 120.0
 _RESTART_DELAY_S = 1.0
 # Its 5th death within the window stops the gateway (exit 1): a worker that keeps dying
 # (a file it needs gone, memory it cannot get) is for the orchestrator to see and report,
-# not for the supervisor to retry forever. The test of it waits out 1+2+4+8 s.
+# not for the supervisor to retry forever. The test of it waits out 1+2+4+8 s. Deaths of
+# replacements that never listened are not forgotten: starts that time out are minutes
+# apart, and a worker that can no longer start would otherwise be retried for ever.
 _CRASH_LOOP_DEATHS = 5
 _CRASH_LOOP_WINDOW_S = 60.0
 
@@ -143,27 +153,34 @@ def _bind_shared(listen: str) -> tuple[socket.socket, int]:
 _PR_SET_PDEATHSIG = 1
 
 
-def _stop_with(supervisor: int) -> None:
-    """Have the kernel SIGTERM this worker when the supervisor dies, even by SIGKILL.
+def _stop_with(supervisor: int, sig: signal.Signals) -> None:
+    """Have the kernel send this worker `sig` when the supervisor dies, even by SIGKILL.
 
     Otherwise a supervisor killed outright (not through its process group, as Kubernetes
     and systemd do) leaves its workers serving the port with nobody to stop them. Linux
     only; elsewhere the call is skipped.
     """
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
     if os.getppid() != supervisor:  # it died before the kernel was asked
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
+
+
+def _listening(supervisor: int, ready: Connection) -> None:
+    _stop_with(supervisor, signal.SIGTERM)  # to drain its calls
+    ready.send(os.getpid())
 
 
 def _worker_main(config: GatewayConfig, log_level: str, ready: Connection, supervisor: int) -> None:
     from service.logs import configure_logging
     from service.server import ListenError, report_start_failure, run
 
-    _stop_with(supervisor)
+    # SIGKILL until it listens: a start stuck in a system call never acts on SIGTERM, and
+    # has no calls to drain.
+    _stop_with(supervisor, signal.SIGKILL)
     configure_logging(log_level)
     try:
-        run(config, on_ready=lambda _address: ready.send(os.getpid()))
+        run(config, on_ready=lambda _address: _listening(supervisor, ready))
     except (ConfigError, ListenError) as exc:  # e.g. the keys file, its Prometheus port
         sys.exit(report_start_failure(exc))
 
@@ -202,13 +219,14 @@ async def _readable(fd: int) -> None:
         loop.remove_reader(fd)
 
 
-async def _started(ready: Connection) -> bool:
-    """Whether the worker at the other end of `ready` said it listens (False: it died)."""
-    await _readable(ready.fileno())
+async def _started(run: _Run) -> bool:
+    """Whether `run`'s worker said it listens (False: it died); `run.listened` says so too."""
+    await _readable(run.ready.fileno())
     try:
-        ready.recv()
+        run.ready.recv()
     except EOFError:
         return False
+    run.listened = True
     return True
 
 
@@ -241,6 +259,9 @@ class _Run:
     process: BaseProcess
     ready: Connection
     exited: asyncio.Future[None]
+    listened: bool = False
+    # Killed with SIGKILL by the supervisor, as one that never listened may be.
+    killed: bool = False
 
 
 @dataclasses.dataclass
@@ -271,6 +292,24 @@ def _start(config: GatewayConfig, log_level: str) -> _Run:
     return _Run(process, ready, asyncio.ensure_future(_exited(process)))
 
 
+async def _stop(run: _Run) -> None:
+    """SIGTERM to `run`'s worker and wait for its exit (it drains its calls first); one
+    that has not listened gets SIGKILL if it has not exited _UNREADY_KILL_AFTER_S later."""
+    pid = run.process.pid
+    assert pid is not None  # started
+    if run.process.exitcode is None:  # its status read (reaped) first: no pid reused
+        os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_UNREADY_KILL_AFTER_S):
+            await asyncio.shield(run.exited)
+    # A ready message unread yet (a stop as the first start ends) counts as listened.
+    listened = run.listened or run.ready.poll()
+    if not listened and not run.exited.done() and run.process.exitcode is None:
+        os.kill(pid, signal.SIGKILL)
+        run.killed = True
+    await asyncio.shield(run.exited)
+
+
 def _how_it_ended(exitcode: int | None) -> dict[str, object]:
     """`exit_code=N`, or `signal=SIGKILL` for a process a signal ended."""
     if exitcode is None or exitcode >= 0:
@@ -296,7 +335,7 @@ async def _keep(worker: _Worker, run: _Run, log_level: str) -> None:
         run.ready.close()
         now = loop.time()
         worker.deaths.append(now)
-        while worker.deaths[0] <= now - _CRASH_LOOP_WINDOW_S:
+        while run.listened and worker.deaths[0] <= now - _CRASH_LOOP_WINDOW_S:
             worker.deaths.popleft()
         ended = _how_it_ended(run.process.exitcode)
         log.warning(
@@ -314,6 +353,16 @@ async def _keep(worker: _Worker, run: _Run, log_level: str) -> None:
             log.exception("workers.restart_failed", extra={"index": worker.index})
             return
         log.info("workers.worker_restarted", extra={"index": worker.index, "pid": run.process.pid})
+        try:
+            async with asyncio.timeout(_RESTART_START_TIMEOUT_S):
+                await _started(run)
+        except TimeoutError:  # it would run the gateway a worker short for ever
+            timeout = {"timeout_s": _RESTART_START_TIMEOUT_S}
+            log.error(
+                "workers.start_timed_out",
+                extra={"index": worker.index, "pid": run.process.pid, **timeout},
+            )
+            await _stop(run)
 
 
 async def _keep_serving(workers: list[_Worker], log_level: str, stopping: asyncio.Event) -> None:
@@ -381,7 +430,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
             asyncio.wait([r.exited for r in runs], return_when=asyncio.FIRST_COMPLETED)
         )
         stop = asyncio.ensure_future(stopping.wait())
-        started = asyncio.ensure_future(asyncio.gather(*(_started(r.ready) for r in runs)))
+        started = asyncio.ensure_future(asyncio.gather(*(_started(r) for r in runs)))
         phases: list[asyncio.Future[Any]] = [started, any_exit, stop]
         await asyncio.wait(
             phases,
@@ -402,10 +451,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
             log.error("workers.start_failed")
         # Those running now, a replacement still starting included; none is started after.
         runs = [w.run for w in workers if w.run is not None]
-        for run in runs:
-            if run.process.pid is not None and run.process.exitcode is None:
-                os.kill(run.process.pid, signal.SIGTERM)
-        await asyncio.gather(*(r.exited for r in runs))
+        await asyncio.gather(*(_stop(r) for r in runs))
         for task in (started, stop, any_exit):
             task.cancel()
         # Awaited, not left to asyncio.run's shutdown: a gather whose workers had not said
@@ -415,7 +461,8 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
     if crashed:
         return 1
     if stopping.is_set():  # a worker stopped before it could catch SIGTERM is stopped too
-        return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
+        stopped = [r.killed or r.process.exitcode in (0, -signal.SIGTERM) for r in runs]
+        return 0 if all(stopped) else 1
     return 2 if not is_up and 2 in codes else 1
 
 

@@ -22,6 +22,7 @@ from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from tests.conftest import chat, gateway_config_data
 from tests.fake_upstream import FakeUpstream
 from tests.integration.gateway_process import is_running
+from tests.integration.pki import make_pki
 
 REPO = Path(__file__).resolve().parents[2]
 _HANG_GUARD_S = 30.0
@@ -35,12 +36,29 @@ def _write_config(
     return path
 
 
+def _entry(constants: dict[str, float]) -> list[str]:
+    """`python -m service` as its arguments, or a program that runs it with some of
+    service.workers' constants (its timings) set first, in the supervisor."""
+    if not constants:
+        return ["-m", "service"]
+    assigned = "".join(f"workers.{name} = {value!r}; " for name, value in constants.items())
+    return [
+        "-c",
+        "import sys; from service import early_signals; early_signals.hold(); "
+        f"from service import workers; {assigned}"
+        "from service.main import main; sys.exit(main())",
+    ]
+
+
 @contextlib.asynccontextmanager
 async def _serve(
-    *args: str, own_group: bool = False, log_level: str = "WARNING"
+    *args: str,
+    own_group: bool = False,
+    log_level: str = "WARNING",
+    constants: dict[str, float] | None = None,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "serve", *args, "--log-level", log_level,
+        sys.executable, *_entry(constants or {}), "serve", *args, "--log-level", log_level,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
         start_new_session=own_group,
     )  # fmt: skip
@@ -87,9 +105,11 @@ class _Log:
 
 
 @contextlib.asynccontextmanager
-async def _serve_logged(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, _Log]]:
+async def _serve_logged(
+    *args: str, constants: dict[str, float] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, _Log]]:
     """`_serve` at log level INFO, its stderr read meanwhile (INFO lines would fill the pipe)."""
-    async with _serve(*args, log_level="INFO") as process:
+    async with _serve(*args, log_level="INFO", constants=constants) as process:
         assert process.stderr is not None
         log = _Log(process.stderr)
         try:
@@ -425,3 +445,120 @@ async def test_sigterm_as_a_replacement_starts_stops_it_too(tmp_path):
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert (code, alive) == (0, [])
+
+
+def _tls_config_that_will_hang(tmp_path: Path) -> tuple[Path, Path]:
+    """A config serving TLS, and its certificate file: a worker reads that file as it
+    starts, and blocks there (a signal does not end the wait) once the test has made it
+    a FIFO nothing writes to, as on a stuck network mount."""
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    tls = {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)}
+    return _write_config(tmp_path, server={"tls": tls}), pki.server_cert
+
+
+def _hang_the_next_start(cert: Path) -> None:
+    cert.unlink()
+    os.mkfifo(cert)
+
+
+async def _stuck_in_open(pid: int) -> None:
+    """Once `pid` waits in its open of the FIFO for a writer (a SIGTERM then is ignored)."""
+    wchan = Path(f"/proc/{pid}/wchan")
+    async with asyncio.timeout(_HANG_GUARD_S):
+        while wchan.read_text() != "wait_for_partner":
+            await asyncio.sleep(0.05)
+
+
+async def test_sigterm_while_a_replacement_hangs_in_its_start_stops_it_too(tmp_path):
+    """SIGTERM while a replacement is stuck in its start, deaf to SIGTERM: it is killed and
+    the supervisor exits 0, with no process left.
+
+    Before, the supervisor waited for its exit for ever.
+    """
+    path, cert = _tls_config_that_will_hang(tmp_path)
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        await _listening(process)
+        victim, survivor = sorted(_worker_pids(process.pid))
+        _hang_the_next_start(cert)
+        os.kill(victim, signal.SIGKILL)
+        replacement = _pid(await log.nth("workers.worker_restarted"))
+        await _stuck_in_open(replacement)
+        process.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(_HANG_GUARD_S):
+                code = await process.wait()
+        finally:
+            alive = [pid for pid in (survivor, replacement) if is_running(pid)]
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+    assert (code, alive) == (0, [])
+    assert not log.events("server.started")[2:]  # the replacement never listened
+
+
+@pytest.mark.timeout(120)
+async def test_a_replacement_that_hangs_in_its_start_is_killed_and_counted_as_a_death(
+    tmp_path: Path,
+) -> None:
+    """A replacement that never listens is killed once the start timeout passes, and that
+    is a death: one that hangs every time ends in the crash loop (status 1).
+
+    Before, the supervisor waited for it for ever, the gateway one worker short.
+    """
+    path, cert = _tls_config_that_will_hang(tmp_path)
+    # Its timings shortened: the start timeout is minutes, the back-off 15 s in all.
+    constants = {
+        "_RESTART_START_TIMEOUT_S": 2.0,
+        "_UNREADY_KILL_AFTER_S": 1.0,
+        "_RESTART_DELAY_S": 0.1,
+    }
+    args = ("--config", str(path), "--workers", "2")
+    async with _serve_logged(*args, constants=constants) as (process, log):
+        await _listening(process)
+        victim, survivor = sorted(_worker_pids(process.pid))
+        _hang_the_next_start(cert)
+        os.kill(victim, signal.SIGKILL)
+        try:
+            await log.nth("workers.crash_loop")
+            async with asyncio.timeout(_HANG_GUARD_S):
+                code = await process.wait()
+        finally:  # a replacement stuck in its start ignores the SIGTERM it gets otherwise
+            restarted = [_pid(line) for line in log.events("workers.worker_restarted")]
+            alive = [pid for pid in (survivor, *restarted) if is_running(pid)]
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+    assert (code, alive) == (1, [])
+    timed_out = log.events("workers.start_timed_out")
+    assert [_pid(line) for line in timed_out] == restarted
+    assert len(restarted) == 4
+    assert all("timeout_s=2.0" in line for line in timed_out)
+    died = log.events("workers.worker_died")
+    assert [_pid(line) for line in died] == [victim, *restarted]
+    # Deaf to SIGTERM in its start: SIGKILL ends it.
+    assert all("signal=SIGKILL" in line for line in died)
+
+
+async def test_a_replacement_stuck_in_its_start_stops_when_the_supervisor_is_killed(tmp_path):
+    """SIGKILL to the supervisor while a replacement is stuck in its start: it ends too.
+
+    Before, the kernel sent it SIGTERM, which a start stuck in a system call never acts
+    on: it stayed, orphaned, holding its Prometheus port.
+    """
+    path, cert = _tls_config_that_will_hang(tmp_path)
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        await _listening(process)
+        victim, survivor = sorted(_worker_pids(process.pid))
+        _hang_the_next_start(cert)
+        os.kill(victim, signal.SIGKILL)
+        replacement = _pid(await log.nth("workers.worker_restarted"))
+        await _stuck_in_open(replacement)
+        process.kill()
+        try:
+            async with asyncio.timeout(_HANG_GUARD_S):
+                while alive := [pid for pid in (survivor, replacement) if is_running(pid)]:
+                    await asyncio.sleep(0.05)
+        finally:
+            for pid in (survivor, replacement):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert alive == []
