@@ -252,9 +252,10 @@ class _CallPlan:
         return None
 
 
-def _waited_on_limiter(log_: AttemptLog, seconds: float) -> None:
-    """The call was held back `seconds` by an upstream's own limits (its rate, its
-    concurrency cap): a wait on its account, as a retry's is, not the gateway's overhead."""
+def _waited_on_upstream(log_: AttemptLog, seconds: float) -> None:
+    """The call was held back `seconds` on an upstream's account (a retry's backoff or its
+    Retry-After; its own limits: its rate, its concurrency cap): upstream time, not the
+    gateway's overhead."""
     if seconds > 0:
         log_.upstream_s += seconds
         telemetry().waited_on_upstream(seconds)
@@ -426,9 +427,7 @@ class UpstreamPool:
             log_.retry_wait_s = wait
             if wait > 0:
                 await self._clock.sleep(wait)
-                # Waited on the failed upstream's account: upstream time, not overhead.
-                log_.upstream_s += wait
-                telemetry().waited_on_upstream(wait)
+                _waited_on_upstream(log_, wait)  # on the failed upstream's account
         left = deadline.remaining_s()
         if left is not None and left < self.settings.min_attempt_s:
             if last_error is not None:
@@ -454,9 +453,9 @@ class UpstreamPool:
                     exc.is_cut_short_by_deadline = True
                 # A wait that ran out (the call fails over, or is refused) was on the
                 # upstream's account as much as one that got the slot.
-                _waited_on_limiter(log_, self._clock.now() - acquiring)
+                _waited_on_upstream(log_, self._clock.now() - acquiring)
             raise
-        _waited_on_limiter(log_, limit_wait)
+        _waited_on_upstream(log_, limit_wait)
         # A retry follows an attempt of this call on this upstream that was sent and
         # failed; a route skipped before any was sent (the gateway's own limits, an open
         # circuit) leaves this a first attempt.
