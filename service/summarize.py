@@ -372,6 +372,12 @@ def _summaries_message(summaries: Sequence[str], *, first: int = 0) -> str:
     )
 
 
+def _summary_tokens(answer_tokens: int, *, number: int = 0) -> int:
+    """One part's summary of `answer_tokens` in a combine call, with its header: that of
+    part `number + 1`, whose digits widen it."""
+    return answer_tokens + estimate_text_tokens(_summaries_message([""], first=number))
+
+
 # --- the call ------------------------------------------------------------------------
 
 
@@ -601,6 +607,57 @@ class Summarizer:
             ]
         )
 
+    def _require_levels(
+        self,
+        request: SummaryRequest,
+        *,
+        parts: int,
+        one_answer: int,
+        combine_system: str,
+        group_system: str,
+        target: int,
+        part_target: int,
+    ) -> None:
+        """Before any part is paid for: the summaries of `parts` parts, each `one_answer`
+        tokens (as long as a part may answer), come down to one combine call within
+        `max_levels` levels of groups.
+
+        Raises:
+            QuotaExceeded, InvalidRequest: as `_require_room`, when summaries that may not
+                fit one combine call cannot be grouped two at least (a group of one
+                shrinks nothing).
+            InvalidRequest: on `document`, when they would need more than `max_levels`.
+        """
+        model = request.model
+        # Each summary counted as `pack_units` is given it: with its blank line.
+        one_summary = _summary_tokens(one_answer)
+        combine_room = self._room(model, system=combine_system, header="", answer_tokens=target)
+        if parts * (one_summary + 1) <= combine_room:
+            return
+        group_room = self._require_room(
+            request,
+            system=group_system,
+            header="",
+            answer_tokens=part_target,
+            least=2 * (one_summary + 1),
+        )
+        # Their headers as wide as the parts' numbers.
+        longest = _summary_tokens(one_answer, number=parts - 1)
+        needed = _levels_needed(
+            parts, summary_tokens=longest, combine_room=combine_room, group_room=group_room
+        )
+        max_levels = self._config.max_levels
+        if needed is None or needed > max_levels:
+            levels = f"more than {max_levels}" if needed is None else str(needed)
+            violation = FieldViolation(
+                "document",
+                f"too long to summarise in {max_levels} levels (summarize.max_levels): the "
+                f"summaries of its {parts} parts, as long as a part may answer, "
+                f"would need {levels} levels to fit one call with a {target}-token answer; "
+                "shorten the document or lower target_tokens",
+            )
+            raise InvalidRequest([violation])
+
     async def summarize(
         self,
         request: SummaryRequest,
@@ -640,8 +697,8 @@ class Summarizer:
         # tenant's tokens_per_minute as well as the window. Levels of groups end with one
         # summary, as long as a part's answer may be (estimated as the calibration
         # expects): a combine call that cannot hold it never ends the run.
-        one_summary = math.ceil(part_target / self._pipeline.calibration.factor(model))
-        one_summary += estimate_text_tokens(_summaries_message([""]))
+        one_answer = math.ceil(part_target / self._pipeline.calibration.factor(model))
+        one_summary = _summary_tokens(one_answer)
         self._require_room(
             request,
             system=combine_system,
@@ -672,38 +729,15 @@ class Summarizer:
         inputs = [(_part_name(i, len(chunks)), c) for i, c in enumerate(chunks)]
         # Levels after the first combine groups of summaries into shorter ones.
         group_system = combine_prompt(target_tokens=part_target, instructions=request.instructions)
-        # A group of one summary shrinks nothing: summaries that may not fit one combine
-        # call need groups of two at least (each counted as `pack_units` is given it).
-        combine_room = self._room(model, system=combine_system, header="", answer_tokens=target)
-        if len(chunks) * (one_summary + 1) > combine_room:
-            group_room = self._require_room(
-                request,
-                system=group_system,
-                header="",
-                answer_tokens=part_target,
-                least=2 * (one_summary + 1),
-            )
-            # Nor may the levels those summaries need, as long as they may be (and their
-            # headers as wide as the parts' numbers), run past max_levels.
-            longest = one_summary - estimate_text_tokens(_summaries_message([""]))
-            longest += estimate_text_tokens(_summaries_message([""], first=len(chunks) - 1))
-            needed = _levels_needed(
-                len(chunks),
-                summary_tokens=longest,
-                combine_room=combine_room,
-                group_room=group_room,
-            )
-            max_levels = self._config.max_levels
-            if needed is None or needed > max_levels:
-                levels = f"more than {max_levels}" if needed is None else str(needed)
-                violation = FieldViolation(
-                    "document",
-                    f"too long to summarise in {max_levels} levels (summarize.max_levels): the "
-                    f"summaries of its {len(chunks)} parts, as long as a part may answer, "
-                    f"would need {levels} levels to fit one call with a {target}-token answer; "
-                    "shorten the document or lower target_tokens",
-                )
-                raise InvalidRequest([violation])
+        self._require_levels(
+            request,
+            parts=len(chunks),
+            one_answer=one_answer,
+            combine_system=combine_system,
+            group_system=group_system,
+            target=target,
+            part_target=part_target,
+        )
         system = part_system
         overlap_tokens = self._config.chunk_overlap_tokens
         level = 1
