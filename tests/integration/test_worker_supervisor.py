@@ -10,7 +10,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import aiohttp
@@ -164,6 +164,15 @@ async def _calls_answered(port: int) -> float | None:
     )
 
 
+def _killed_if_running(pids: Iterable[int]) -> list[int]:
+    """Those of `pids` still running, each killed (SIGKILL): none is left behind, whatever
+    the test finds."""
+    alive = [pid for pid in pids if is_running(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    return alive
+
+
 def _worker_pids(supervisor: int) -> list[int]:
     """The supervisor's children that are gateway workers (not the resource tracker)."""
     path = Path(f"/proc/{supervisor}/task/{supervisor}/children")
@@ -189,9 +198,7 @@ async def test_sigterm_while_workers_start_stops_them_all(tmp_path):
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(_HANG_GUARD_S):
             code = await process.wait()
-        alive = [pid for pid in workers if is_running(pid)]
-        for pid in alive:  # do not leave them running whatever the outcome
-            os.kill(pid, signal.SIGKILL)
+        alive = _killed_if_running(workers)
         assert alive == []
         assert code == 0
 
@@ -211,9 +218,7 @@ async def test_ctrl_c_while_workers_start_is_a_clean_stop(tmp_path):
         os.killpg(process.pid, signal.SIGINT)
         async with asyncio.timeout(_HANG_GUARD_S):
             _, err = await process.communicate()
-        alive = [pid for pid in workers if is_running(pid)]
-        for pid in alive:
-            os.kill(pid, signal.SIGKILL)
+        alive = _killed_if_running(workers)
     assert alive == []
     assert process.returncode == 0, err.decode()
     assert b"Traceback" not in err
@@ -325,9 +330,7 @@ async def test_any_worker_killed_while_serving_is_restarted_however_many_there_a
             async with asyncio.timeout(_HANG_GUARD_S):
                 code = await process.wait()
         finally:
-            alive = [pid for pid in (*workers, *replacements) if is_running(pid)]
-            for pid in alive:
-                os.kill(pid, signal.SIGKILL)
+            alive = _killed_if_running((*workers, *replacements))
         assert (code, alive) == (0, [])
 
 
@@ -369,9 +372,7 @@ async def test_a_worker_killed_while_serving_is_restarted_while_the_others_serve
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(_HANG_GUARD_S):
             code = await process.wait()
-    alive = [pid for pid in (survivor, replacement) if is_running(pid)]
-    for pid in alive:
-        os.kill(pid, signal.SIGKILL)
+    alive = _killed_if_running((survivor, replacement))
     assert (code, alive) == (0, [])
     assert not log.events("workers.crash_loop")
 
@@ -441,9 +442,7 @@ async def test_sigterm_as_a_replacement_starts_stops_it_too(tmp_path):
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(_HANG_GUARD_S):
             code = await process.wait()
-    alive = [pid for pid in (survivor, replacement) if is_running(pid)]
-    for pid in alive:
-        os.kill(pid, signal.SIGKILL)
+    alive = _killed_if_running((survivor, replacement))
     assert (code, alive) == (0, [])
 
 
@@ -470,6 +469,20 @@ async def _stuck_in_open(pid: int) -> None:
             await asyncio.sleep(0.05)
 
 
+async def _a_replacement_stuck_in_its_start(
+    process: asyncio.subprocess.Process, log: _Log, cert: Path
+) -> tuple[int, int]:
+    """Once `process` (two workers) listens: one worker killed, its replacement stuck in
+    its start (`_hang_the_next_start`); the other worker's pid and the replacement's."""
+    await _listening(process)
+    victim, survivor = sorted(_worker_pids(process.pid))
+    _hang_the_next_start(cert)
+    os.kill(victim, signal.SIGKILL)
+    replacement = _pid(await log.nth("workers.worker_restarted"))
+    await _stuck_in_open(replacement)
+    return survivor, replacement
+
+
 async def test_sigterm_while_a_replacement_hangs_in_its_start_stops_it_too(tmp_path):
     """SIGTERM while a replacement is stuck in its start, deaf to SIGTERM: it is killed and
     the supervisor exits 0, with no process left.
@@ -478,20 +491,13 @@ async def test_sigterm_while_a_replacement_hangs_in_its_start_stops_it_too(tmp_p
     """
     path, cert = _tls_config_that_will_hang(tmp_path)
     async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
-        await _listening(process)
-        victim, survivor = sorted(_worker_pids(process.pid))
-        _hang_the_next_start(cert)
-        os.kill(victim, signal.SIGKILL)
-        replacement = _pid(await log.nth("workers.worker_restarted"))
-        await _stuck_in_open(replacement)
+        survivor, replacement = await _a_replacement_stuck_in_its_start(process, log, cert)
         process.send_signal(signal.SIGTERM)
         try:
             async with asyncio.timeout(_HANG_GUARD_S):
                 code = await process.wait()
         finally:
-            alive = [pid for pid in (survivor, replacement) if is_running(pid)]
-            for pid in alive:
-                os.kill(pid, signal.SIGKILL)
+            alive = _killed_if_running((survivor, replacement))
     assert (code, alive) == (0, [])
     assert not log.events("server.started")[2:]  # the replacement never listened
 
@@ -524,9 +530,7 @@ async def test_a_replacement_that_hangs_in_its_start_is_killed_and_counted_as_a_
                 code = await process.wait()
         finally:  # a replacement stuck in its start ignores the SIGTERM it gets otherwise
             restarted = [_pid(line) for line in log.events("workers.worker_restarted")]
-            alive = [pid for pid in (survivor, *restarted) if is_running(pid)]
-            for pid in alive:
-                os.kill(pid, signal.SIGKILL)
+            alive = _killed_if_running((survivor, *restarted))
     assert (code, alive) == (1, [])
     timed_out = log.events("workers.start_timed_out")
     assert [_pid(line) for line in timed_out] == restarted
@@ -546,12 +550,7 @@ async def test_a_replacement_stuck_in_its_start_stops_when_the_supervisor_is_kil
     """
     path, cert = _tls_config_that_will_hang(tmp_path)
     async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
-        await _listening(process)
-        victim, survivor = sorted(_worker_pids(process.pid))
-        _hang_the_next_start(cert)
-        os.kill(victim, signal.SIGKILL)
-        replacement = _pid(await log.nth("workers.worker_restarted"))
-        await _stuck_in_open(replacement)
+        survivor, replacement = await _a_replacement_stuck_in_its_start(process, log, cert)
         process.kill()
         try:
             async with asyncio.timeout(_HANG_GUARD_S):
