@@ -331,28 +331,29 @@ class RedisTenantLimiter:
             await asyncio.gather(renewing, return_exceptions=True)
         await self.late_releases.aclose()
 
-    async def _give_back(self, keys: list[str], lease: str, *, is_confirmed: bool) -> None:
+    async def _give_back(self, keys: list[str], lease: str, *, may_come_back: bool) -> None:
         """Release the call's lease, now or, if Redis does not take it, in the background.
 
-        An unconfirmed lease (its admission script's reply never came) may be taken after
-        this, so it is marked released as well.
+        A lease a command already sent may still put back after this (`may_come_back`: an
+        admission script whose reply never came, a renewal) is marked released as well.
         """
-        if is_confirmed:
+        if may_come_back:
+            await self.late_releases.release_now(lambda: self._release_for_good(keys, lease))
+        else:
             await self.late_releases.release_now(
                 lambda: self._commands.execute_command("ZREM", keys[2], lease)
             )
-        else:
-            await self.late_releases.release_now(lambda: self._release_unconfirmed(keys, lease))
 
     def _keys(self, tenant: str, lease: str) -> list[str]:
         base = f"{self._prefix}tenant:{{{tenant}}}:"
         return [base + "rpm", base + "tpm", base + "inflight", base + "released:" + lease]
 
-    async def _release_unconfirmed(self, keys: list[str], lease: str) -> None:
-        """Give back a lease whose admission script may not have run yet.
+    async def _release_for_good(self, keys: list[str], lease: str) -> None:
+        """Give back a lease that a command sent before may still put back.
 
-        A script Redis did not answer may still sit in a stalled server's input and run
-        after this: the marker stops it from taking the lease then, for the lease's TTL.
+        A script Redis did not answer (the admission, a renewal) may still sit in a stalled
+        server's input and run after this: the marker stops it from taking the lease
+        then, for the lease's TTL.
         """
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zrem(keys[2], lease)
@@ -424,7 +425,7 @@ class RedisTenantLimiter:
             return
         lease = uuid.uuid4().hex
         keys = self._keys(tenant, lease)
-        is_confirmed = True
+        is_confirmed = True  # the admission script's reply came
         try:
             which, wait = await self._script(
                 keys=keys,
@@ -441,7 +442,7 @@ class RedisTenantLimiter:
             # Cancelled awaiting the reply: the script may have taken a lease; give it back
             # now rather than hold the tenant's slot until the lease expires.
             if cap:
-                await self._give_back(keys, lease, is_confirmed=False)
+                await self._give_back(keys, lease, may_come_back=True)
             raise
         else:
             self.late_releases.store_answered()
@@ -457,7 +458,7 @@ class RedisTenantLimiter:
             # was sent, the lease is marked released too.
             is_renewed = lease in self._renewed
             self._renewed.discard(lease)
-            await self._give_back(keys, lease, is_confirmed=is_confirmed and not is_renewed)
+            await self._give_back(keys, lease, may_come_back=not is_confirmed or is_renewed)
 
         slot = CallSlot(release)
         try:
