@@ -354,7 +354,10 @@ async def test_a_worker_killed_while_serving_is_restarted_while_the_others_serve
         assert (_pid(died), "signal=SIGKILL" in died) == (victim, True)
         await _calls(address, 5)  # the survivor alone, or the replacement too by now
         replacement = _pid(await log.nth("workers.worker_restarted"))
-        assert sorted(_worker_pids(process.pid)) == sorted([survivor, replacement])
+        # Logged as it is forked: until its exec, its command line is still the supervisor's.
+        async with asyncio.timeout(_HANG_GUARD_S):
+            while sorted(_worker_pids(process.pid)) != sorted([survivor, replacement]):
+                await asyncio.sleep(0.01)
         await log.nth("server.started", 3)  # the replacement listens
         ports = [
             int(re.findall(r" port=(\d+)", line)[0])
