@@ -173,16 +173,19 @@ class UpstreamLimiter:
         self._dispatch()  # first in line: arm the timer for when the rate allows it
         granted = waiter.future
         try:
-            # Not `wait_for`: in Python 3.11 it returns a result that lands as the call is
-            # cancelled, swallowing the cancellation, and the call would go on upstream.
-            async with asyncio.timeout(max_wait_s):
+            try:
+                # Not `wait_for`: in Python 3.11 it returns a result that lands as the call
+                # is cancelled, swallowing the cancellation, and the call would go on.
+                async with asyncio.timeout(max_wait_s):
+                    await asyncio.shield(granted)
+            except TimeoutError:
+                if not granted.done() and not self._is_timed(waiter):
+                    wait, what = self._wait_in_line(tokens)
+                    self._withdraw(tenant, waiter)
+                    raise LimitExceeded(self.upstream, wait_s=max(0.1, wait), what=what) from None
+                # Its turn is due by its deadline (the timer and this timeout fire about
+                # together): the dispatcher's verdict, start or refusal, stands.
                 await asyncio.shield(granted)
-        except TimeoutError:
-            if not granted.done():
-                wait, what = self._wait_in_line(tokens)
-                self._withdraw(tenant, waiter)
-                raise LimitExceeded(self.upstream, wait_s=max(0.1, wait), what=what) from None
-            # Started (or refused) by the dispatcher just as the wait ran out: take that.
         except BaseException:
             if not granted.done():
                 self._withdraw(tenant, waiter)
@@ -224,6 +227,17 @@ class UpstreamLimiter:
             first = next(iter(self._waiters.values()))[0]
             wait = max(wait, self.wait_s(first.tokens), key=lambda w: w[0])
         return wait if wait[0] > 0 else (0.0, "concurrency")
+
+    def _is_timed(self, waiter: _Waiter) -> bool:
+        """Whether the dispatcher's timer will start or refuse `waiter` by its deadline:
+        it is first in line with a free slot, so the timer is armed for its start."""
+        if not self._waiters or self.in_flight >= self.max_concurrency:
+            return False
+        return (
+            self._timer is not None
+            and self._timer_due <= waiter.deadline
+            and next(iter(self._waiters.values()))[0] is waiter
+        )
 
     def _withdraw(self, tenant: str, waiter: _Waiter) -> None:
         """A waiter gave up (timed out, cancelled): it leaves, and its turn passes on."""

@@ -167,14 +167,18 @@ class MemoryTenantLimiter:
         # A bucket nothing is taken from is not asked: a Summarize's call takes no request.
         requests_bucket = self._bucket(self._requests, tenant, rpm) if rpm and requests else None
         tokens_bucket = self._bucket(self._tokens, tenant, tpm) if tpm and tokens else None
+        # Refused by the limit that holds the call longest: told the shorter wait, a paced
+        # item slept through it only to be refused then (or to sleep again).
+        refusal: tuple[float, str, int] = (0.0, "", 0)
         if requests_bucket is not None:
             wait = requests_bucket.wait_s(requests, rpm, leave_share=leave_share)
-            if wait > 0:
-                raise _refusal(tenant, "requests_per_minute", rpm, wait)
+            refusal = max(refusal, (wait, "requests_per_minute", rpm), key=lambda r: r[0])
         if tokens_bucket is not None:
             wait = tokens_bucket.wait_s(tokens, tpm, leave_share=leave_share)
-            if wait > 0:
-                raise _refusal(tenant, "tokens_per_minute", tpm, wait)
+            refusal = max(refusal, (wait, "tokens_per_minute", tpm), key=lambda r: r[0])
+        if refusal[0] > 0:
+            wait, which, limit = refusal
+            raise _refusal(tenant, which, limit, wait)
         if requests_bucket is not None:
             requests_bucket.level -= requests
         if tokens_bucket is not None:
@@ -217,7 +221,8 @@ class MemoryTenantLimiter:
 # KEYS: requests bucket, tokens bucket, in-flight sorted set, the lease's released marker.
 # ARGV: rpm, tpm, requests, tokens, max concurrent, lease id, lease ttl (s), the share of
 # each bucket to leave to other calls (`take_rate`'s `leave_share`).
-# Returns {0, ""} when admitted, else {1 rpm | 2 tpm | 3 concurrency, wait_s as string}.
+# Returns {0, ""} when admitted, else {1 rpm | 2 tpm | 3 concurrency, wait_s as string}:
+# of rpm and tpm, the one that holds the call longer.
 _ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -235,17 +240,18 @@ if maxc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   if redis.call('ZCARD', KEYS[3]) >= maxc then return {3, '1'} end
 end
-local rl, tl = 0, 0
+local rl, tl, which, wait = 0, 0, 0, 0
 if rpm > 0 then
   rl = level(KEYS[1], rpm)
   local need = math.min(rpm, nreq + leave * rpm)
-  if rl < need then return {1, tostring((need - rl) * 60 / rpm)} end
+  if rl < need then which, wait = 1, (need - rl) * 60 / rpm end
 end
 if tpm > 0 then
   tl = level(KEYS[2], tpm)
   local need = math.min(tpm, ntok + leave * tpm)
-  if tl < need then return {2, tostring((need - tl) * 60 / tpm)} end
+  if tl < need and (need - tl) * 60 / tpm > wait then which, wait = 2, (need - tl) * 60 / tpm end
 end
+if which > 0 then return {which, tostring(wait)} end
 if rpm > 0 then
   redis.call('HSET', KEYS[1], 'level', tostring(rl - nreq), 'at', tostring(now))
   redis.call('EXPIRE', KEYS[1], 120)

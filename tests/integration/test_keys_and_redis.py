@@ -391,6 +391,24 @@ class _ReplyNeverArrives:
         return getattr(self.client, name)
 
 
+async def test_a_refusal_over_both_rates_tells_the_longer_wait(redis_url):
+    """A tenant's requests come back in 1 s and its tokens in 50 s: the shared script
+    refuses with the tokens' 50 s, as the in-process limiter does. Before, it said the
+    requests' 1 s, and a paced item slept that only to be refused again."""
+    client = aioredis.Redis.from_url(redis_url)
+    limiter = RedisTenantLimiter(client, prefix="t-longer:")
+    limits = TenantConfig(requests_per_minute=60, tokens_per_minute=600)
+    try:
+        await limiter.take_rate("team-a", limits, tokens=600, requests=60)
+        with pytest.raises(QuotaExceeded) as refused:
+            await limiter.take_rate("team-a", limits, tokens=500)
+        assert refused.value.subject == "tenant:team-a:tokens_per_minute"
+        assert refused.value.retry_after_s == pytest.approx(50.0, abs=0.5)
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+
+
 async def test_a_call_held_past_its_lease_ttl_keeps_its_slot(redis_url):
     """A call running longer than its lease's TTL (a long paced batch) renews its lease,
     so the tenant's max_concurrent_calls still holds; once it ends, the slot is free.

@@ -520,6 +520,24 @@ async def test_limiter_never_starts_a_rate_waiter_past_its_max_wait():
     assert limiter._requests.level == pytest.approx(0.0)  # type: ignore[union-attr]
 
 
+async def test_a_rate_waiter_whose_start_is_due_by_its_max_wait_is_started_not_refused():
+    """A call that may wait 0.1 s for a start 0.1 s away is first in line: the
+    dispatcher's timer starts it at its deadline. Its own timeout firing first (here on
+    the loop's clock, before the test moves the limiter's) must not refuse it: before,
+    whichever of the two ran first decided, and the call was refused a start it had."""
+    clock = SteppedClock()
+    limiter = UpstreamLimiter("up0", requests_per_minute=600, clock=clock)
+    limiter._requests.level = 0  # type: ignore[union-attr]
+    call = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=0.1, tenant="a"))
+    await asyncio.sleep(0.15)  # its own timeout has fired
+    assert not call.done()
+    clock.advance(0.1)
+    await _run_ready()
+    assert await call == pytest.approx(0.1)
+    assert (limiter.queued, limiter.in_flight) == (0, 1)
+    assert limiter._timer is None
+
+
 async def test_limiter_pause_given_while_calls_wait_for_the_rate_holds_them_all():
     """A 429's pause that comes while calls queue for the rate holds the whole line: the
     start the bucket allows after a second waits for the pause to end (by when the bucket

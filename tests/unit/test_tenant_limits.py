@@ -141,6 +141,23 @@ async def test_a_batch_pacer_refuses_an_item_it_cannot_take_before_the_deadline(
     assert never.value.is_retry_futile
 
 
+async def test_a_batch_pacer_refuses_at_once_an_item_whose_tokens_come_after_the_deadline():
+    """Both buckets empty: the item's request is back in 1 s, its 500 tokens in 50 s,
+    past its 5 s deadline. It is refused at once with the 50 s wait, as the README says
+    ("as soon as it is next in line"). Before, it was told the requests' 1 s, slept it
+    (holding the batch's other items behind it) and only then was refused."""
+    clock = FakeClock()
+    limiter = MemoryTenantLimiter(clock=clock)
+    limits = TenantConfig(requests_per_minute=60, tokens_per_minute=600)
+    limiter.take("a", limits, tokens=600, requests=60)
+    pacer = BatchPacer(limiter, Principal(tenant="a", limits=limits))
+    with pytest.raises(QuotaExceeded) as late:
+        await pacer.take(500, Deadline.after(5.0, clock))
+    assert late.value.retry_after_s == pytest.approx(50.0)
+    assert late.value.subject == "tenant:a:tokens_per_minute"
+    assert clock.slept == []
+
+
 async def test_a_batch_pacer_takes_nothing_once_the_deadline_has_passed():
     """An item that reaches its turn after the call's deadline takes no request: it would
     be paid for under the tenant's limit and never sent."""
