@@ -788,12 +788,14 @@ class GatewayConfig:
     @property
     def secret_variables(self) -> frozenset[str]:
         """The environment variables this config reads secrets from: provider keys and
-        Redis passwords."""
+        Redis passwords, and the overrides that set a Redis URL (`ledger.redis_url` may
+        carry its password)."""
         named = [u.api_key_env for u in self.upstreams] + [
             self.cache.redis_password_env,
             self.auth.redis_password_env,
             self.ledger.redis_password_env,
         ]
+        named += [v for k, v in self.overrides.items() if k.rpartition(".")[2] == "redis_url"]
         return frozenset(name for name in named if name)
 
     @property

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator, Iterator, Sequence
+import itertools
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,7 +66,9 @@ from service.validation import (
     chat_request_violations,
     label_violations,
     model_violations,
+    too_many_labels,
     too_many_messages,
+    too_many_stop_sequences,
     too_many_tool_calls,
     too_many_tools,
 )
@@ -132,15 +135,18 @@ _NO_CACHE_POLICY = CachePolicy()
 _NO_TOOL_CHOICE = ToolChoice()
 
 
-def params_from_proto(params: pb.GenerationParams) -> GenerationParams:
-    """Generation parameters; unset proto3 optionals stay None."""
+def params_from_proto(
+    params: pb.GenerationParams, *, max_stop: int | None = None
+) -> GenerationParams:
+    """Generation parameters; unset proto3 optionals stay None. With `max_stop`, only
+    that many stop sequences are converted (the caller refuses the rest by their count)."""
     if params.ByteSize() == 0:
         return _NO_PARAMS  # nothing set: one shared value instead of seven field reads
     return GenerationParams(
         temperature=params.temperature if params.HasField("temperature") else None,
         top_p=params.top_p if params.HasField("top_p") else None,
         max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
-        stop=tuple(params.stop),
+        stop=tuple(params.stop[:max_stop]),
         seed=params.seed if params.HasField("seed") else None,
         presence_penalty=params.presence_penalty if params.HasField("presence_penalty") else None,
         frequency_penalty=(
@@ -165,14 +171,25 @@ def _response_format_from_proto(message: pb.ResponseFormat) -> ResponseFormat | 
     )
 
 
+def labels_from_proto(
+    wire: Mapping[str, str], limits: RequestDefaults | None, violations: list[FieldViolation]
+) -> dict[str, str]:
+    """A request's labels. With `limits`, labels past the number they allow are refused
+    by their count (added to `violations`) and not converted: 4 MB hold 400,000."""
+    if limits is None or len(wire) <= limits.max_labels:
+        return dict(wire)
+    violations.append(too_many_labels(len(wire), limits))
+    return dict(itertools.islice(wire.items(), limits.max_labels))
+
+
 def chat_request_from_proto(
     message: AnyCompleteRequest, *, tenant: str, limits: RequestDefaults | None = None
 ) -> tuple[ChatRequest, list[FieldViolation]]:
     """The domain request, and violations only visible on the wire (unknown enums).
 
-    With `limits`, messages and tools past the number they allow are refused by their
-    count, and not converted: 4 MB of empty messages are two million, seconds of work
-    for a request that is refused anyway.
+    With `limits`, messages, tools, stop sequences and labels past the number they allow
+    are refused by their count, and not converted: 4 MB of empty messages are two
+    million, seconds of work for a request that is refused anyway.
     """
     violations: list[FieldViolation] = []
     wire_messages: Sequence[pb.Message] = message.messages
@@ -206,7 +223,12 @@ def chat_request_from_proto(
     cache_mode = _CACHE_MODES.get(message.cache.mode)
     if message.cache.mode not in _CACHE_MODES:
         violations.append(FieldViolation("cache.mode", "unknown cache mode"))
+    max_stop = None
     if message.HasField("params"):
+        stop_count = len(message.params.stop)
+        if limits is not None and stop_count > limits.max_stop_sequences:
+            violations.append(too_many_stop_sequences(stop_count, limits))
+            max_stop = limits.max_stop_sequences
         if message.params.response_format.type not in _RESPONSE_FORMATS:
             violations.append(
                 FieldViolation("params.response_format.type", "unknown response format type")
@@ -230,10 +252,10 @@ def chat_request_from_proto(
     request = ChatRequest(
         model=message.model,
         messages=tuple(messages),
-        params=params_from_proto(message.params),
+        params=params_from_proto(message.params, max_stop=max_stop),
         cache=cache,
         truncation=truncation,
-        labels=dict(message.labels),
+        labels=labels_from_proto(message.labels, limits, violations),
         idempotency_key=message.idempotency_key,
         tenant=tenant,
         tools=tuple(Tool(t.name, t.description, t.parameters) for t in wire_tools)
@@ -521,17 +543,19 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
     def _summary_request(self, request: pb.SummarizeRequest) -> SummaryRequest:
         """The call's domain request; an unknown effort is a violation `validate` reports."""
         effort = request.reasoning_effort
+        violations: list[FieldViolation] = []
+        if effort not in _REASONING_EFFORTS:
+            violations.append(FieldViolation("reasoning_effort", "unknown reasoning effort"))
+        labels = labels_from_proto(request.labels, self._pipeline.limits, violations)
         return SummaryRequest(
             model=request.model,
             document=request.document,
             target_tokens=request.target_tokens or None,
             instructions=request.instructions,
-            labels=dict(request.labels),
+            labels=labels,
             tenant=current_tenant(),
             reasoning_effort=_REASONING_EFFORTS.get(effort),
-            violations=()
-            if effort in _REASONING_EFFORTS
-            else (FieldViolation("reasoning_effort", "unknown reasoning effort"),),
+            violations=tuple(violations),
         )
 
     def _request(self, message: AnyCompleteRequest) -> ChatRequest:

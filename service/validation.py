@@ -86,6 +86,18 @@ def too_many_tool_calls(index: int, count: int) -> FieldViolation:
     )
 
 
+def too_many_labels(count: int, limits: RequestDefaults) -> FieldViolation:
+    """The violation of a request of `count` labels, more than `limits` allow."""
+    return FieldViolation("labels", f"at most {limits.max_labels} labels, got {count}")
+
+
+def too_many_stop_sequences(count: int, limits: RequestDefaults) -> FieldViolation:
+    """The violation of a request of `count` stop sequences, more than `limits` allow."""
+    return FieldViolation(
+        "params.stop", f"at most {limits.max_stop_sequences} stop sequences, got {count}"
+    )
+
+
 def too_many_tools(count: int) -> FieldViolation:
     """The violation of a request of `count` tools, more than `MAX_TOOLS`."""
     return FieldViolation("tools", f"at most {MAX_TOOLS} tools, got {count}")
@@ -168,9 +180,7 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     if params.response_format is not None:
         found.extend(_response_format_violations(params.response_format, limits))
     if len(params.stop) > limits.max_stop_sequences:
-        found.append(
-            FieldViolation("params.stop", f"at most {limits.max_stop_sequences} stop sequences")
-        )
+        found.append(too_many_stop_sequences(len(params.stop), limits))
     for index, stop in enumerate(params.stop[: limits.max_stop_sequences]):
         if not stop or len(stop) > limits.max_stop_length or _CONTROL.search(stop):
             found.append(
@@ -200,7 +210,7 @@ def label_violations(
     """
     found = []
     if len(labels) > limits.max_labels and not is_filter:
-        found.append(FieldViolation("labels", f"at most {limits.max_labels} labels"))
+        found.append(too_many_labels(len(labels), limits))
     for key, value in list(labels.items())[: None if is_filter else limits.max_labels]:
         if not _LABEL_KEY.fullmatch(key):
             found.append(

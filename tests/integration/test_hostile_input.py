@@ -198,6 +198,50 @@ async def test_far_too_many_tool_calls_sent_back_are_refused_by_their_count_at_o
     assert upstream.requests == []
 
 
+def _label_entries(count: int) -> bytes:
+    """`count` labels (field 6) with distinct keys and empty values, as on the wire."""
+    entries = []
+    for index in range(count):
+        key = format(index, "x").encode()
+        entry = b"\x0a" + _varint(len(key)) + key
+        entries.append(b"\x32" + _varint(len(entry)) + entry)
+    return b"".join(entries)
+
+
+def _stop_sequences(count: int) -> bytes:
+    """`params` (field 3) holding `count` empty stop sequences, as on the wire."""
+    params = b"\x22\x00" * count
+    return b"\x1a" + _varint(len(params)) + params
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "description"),
+    [
+        (_label_entries(400_000), "labels", "at most 32 labels, got 400000"),
+        (_stop_sequences(1_500_000), "params.stop", "at most 4 stop sequences, got 1500000"),
+    ],
+    ids=["labels", "stop"],
+)
+async def test_far_too_many_labels_or_stop_sequences_are_refused_by_their_count_at_once(
+    upstream, gateway, extra, field, description
+):
+    """400,000 labels or a million and a half stop sequences (3-4 MB, under the receive
+    limit) are refused on their count, the rest never converted.
+
+    Before, every label was copied into a dict and every stop sequence into a tuple (and
+    the labels read again by their check): about 0.6 s on the event loop for the labels,
+    every other call on the gateway stalled meanwhile, for a request refused anyway."""
+    message = b"\x12\x04\x08\x02\x12\x00"  # one user message, empty content
+    payload = b"\x0a" + _varint(len(FAKE_MODEL)) + FAKE_MODEL.encode() + message + extra
+    error = await rpc_error(_raw_complete(gateway.channel)(payload, timeout=60))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    violations = detail(error, error_details_pb2.BadRequest).field_violations
+    assert [(v.field, v.description) for v in violations if v.field == field] == [
+        (field, description)
+    ]
+    assert upstream.requests == []
+
+
 async def test_messages_over_the_grpc_receive_limit_are_refused_by_grpc(upstream, start_gateway):
     """A message over server.max_receive_message_bytes never reaches the gateway's code."""
     gw = await start_gateway(

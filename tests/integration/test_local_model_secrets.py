@@ -21,6 +21,9 @@ SECRETS = {
     "CACHE_REDIS_PASSWORD_T": "cache-CANARY",
     "LLM_GATEWAY_API_KEY": "llmgw_caller-CANARY",
     "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "authorization=Bearer otlp-CANARY",
+    # The one Redis URL that may carry its password (nothing listens there: the ledger
+    # connects only to record a call).
+    "LLM_GATEWAY__LEDGER__REDIS_URL": "redis://:ledger-CANARY@127.0.0.1:1/0",
 }
 
 
@@ -33,11 +36,13 @@ def _environment_of(pid: int) -> dict[str, str]:
 async def test_the_local_model_server_gets_no_secret_of_the_gateway(
     tmp_path, monkeypatch, upstream, start_gateway
 ):
-    """Provider keys and Redis passwords the config names, the CLI's caller key and the
-    OpenTelemetry exporter's headers are withheld from llama.cpp's server, which needs
-    none of them; the rest of the environment (PATH, ...) reaches it.
+    """Provider keys and Redis passwords the config names (in a `ledger.redis_url` set
+    from the environment too), the CLI's caller key and the OpenTelemetry exporter's
+    headers are withheld from llama.cpp's server, which needs none of them; the rest of
+    the environment (PATH, ...) reaches it.
 
-    Before, the server inherited the gateway's whole environment, every key with it."""
+    Before, the server inherited the gateway's whole environment, every key with it; and
+    then, still the override carrying the ledger's Redis URL, password and all."""
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     model, stand_in = stand_in_local_model(tmp_path)
