@@ -17,9 +17,10 @@ _STANDARD_ATTRIBUTES = frozenset(
 class EventFormatter(logging.Formatter):
     """`time level logger event key=value ...`: the extras a call passed, in order."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        """Format the record and append its extras."""
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The record's line with its extras, ahead of any traceback: on the event's line,
+        where a reader (or a search for `event key=value`) finds them."""
+        line = super().formatMessage(record)
         extras = " ".join(
             f"{key}={value}"
             for key, value in record.__dict__.items()

@@ -538,10 +538,16 @@ def _install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(config: GatewayConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
+async def serve(
+    config: GatewayConfig,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+    on_stopping: Callable[[], None] | None = None,
+) -> None:
     """Run the gateway until SIGTERM or SIGINT, then shut down gracefully.
 
-    `on_ready` gets the bound address once the server listens (default: print it).
+    `on_ready` gets the bound address once the server listens (default: print it);
+    `on_stopping` is called once a stop reaches the listening server, before its drain.
     """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -573,6 +579,8 @@ async def serve(config: GatewayConfig, *, on_ready: Callable[[str], None] | None
             else:
                 on_ready(server.address)
             await stopping.wait()
+            if on_stopping is not None:
+                on_stopping()
             log.info("server.stopping", extra={"grace_s": config.server.grace_period_s})
     except asyncio.CancelledError:
         if started or not stopping.is_set() or this is None:
@@ -581,10 +589,15 @@ async def serve(config: GatewayConfig, *, on_ready: Callable[[str], None] | None
         log.info("server.stopped_while_starting")
 
 
-def run(config: GatewayConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
+def run(
+    config: GatewayConfig,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+    on_stopping: Callable[[], None] | None = None,
+) -> None:
     """Blocking entry point for one process."""
     _install_uvloop()
     try:
-        asyncio.run(serve(config, on_ready=on_ready))
+        asyncio.run(serve(config, on_ready=on_ready, on_stopping=on_stopping))
     finally:
         early_signals.ignore()

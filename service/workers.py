@@ -171,6 +171,15 @@ def _listening(supervisor: int, ready: Connection) -> None:
     ready.send(os.getpid())
 
 
+# What a worker sends its supervisor once a stop reaches it, before it drains.
+_DRAINING = "draining"
+
+
+def _draining(ready: Connection) -> None:
+    with contextlib.suppress(OSError):  # a supervisor gone: nobody to tell
+        ready.send(_DRAINING)
+
+
 def _worker_main(config: GatewayConfig, log_level: str, ready: Connection, supervisor: int) -> None:
     from service.logs import configure_logging
     from service.server import ListenError, report_start_failure, run
@@ -180,7 +189,11 @@ def _worker_main(config: GatewayConfig, log_level: str, ready: Connection, super
     _stop_with(supervisor, signal.SIGKILL)
     configure_logging(log_level)
     try:
-        run(config, on_ready=lambda _address: _listening(supervisor, ready))
+        run(
+            config,
+            on_ready=lambda _address: _listening(supervisor, ready),
+            on_stopping=lambda: _draining(ready),
+        )
     except (ConfigError, ListenError) as exc:  # e.g. the keys file, its Prometheus port
         sys.exit(report_start_failure(exc))
 
@@ -310,6 +323,21 @@ async def _stop(run: _Run) -> None:
     await asyncio.shield(run.exited)
 
 
+def _ended_cleanly(run: _Run) -> bool:
+    """Whether `run`'s worker (exited) ended as a stop ends one: its drain done (status
+    0), SIGTERM before it could catch it, or the supervisor's SIGKILL before it listened."""
+    return run.killed or run.process.exitcode in (0, -signal.SIGTERM)
+
+
+def _said_draining(ready: Connection) -> bool:
+    """Whether the worker at the other end of `ready` (exited) said a stop reached it."""
+    with contextlib.suppress(EOFError, OSError):
+        while ready.poll():
+            if ready.recv() == _DRAINING:
+                return True
+    return False
+
+
 def _how_it_ended(exitcode: int | None) -> dict[str, object]:
     """`exit_code=N`, or `signal=SIGKILL` for a process a signal ended."""
     if exitcode is None or exitcode >= 0:
@@ -318,6 +346,19 @@ def _how_it_ended(exitcode: int | None) -> dict[str, object]:
         return {"signal": signal.Signals(-exitcode).name}
     except ValueError:  # one the enum does not name (a real-time signal)
         return {"signal": -exitcode}
+
+
+def _a_crash_loop(worker: _Worker, now: float, *, forget: bool) -> bool:
+    """Count a death of `worker` at `now` (forgetting those older than the window if
+    `forget`); whether it makes a crash loop, logged `workers.crash_loop`."""
+    worker.deaths.append(now)
+    while forget and worker.deaths[0] <= now - _CRASH_LOOP_WINDOW_S:
+        worker.deaths.popleft()
+    if len(worker.deaths) < _CRASH_LOOP_DEATHS:
+        return False
+    deaths = {"deaths": len(worker.deaths), "window_s": _CRASH_LOOP_WINDOW_S}
+    log.error("workers.crash_loop", extra={"index": worker.index, **deaths})
+    return True
 
 
 async def _keep(worker: _Worker, run: _Run, log_level: str) -> None:
@@ -333,25 +374,27 @@ async def _keep(worker: _Worker, run: _Run, log_level: str) -> None:
         await asyncio.shield(run.exited)
         worker.run = None
         run.ready.close()
-        now = loop.time()
-        worker.deaths.append(now)
-        while run.listened and worker.deaths[0] <= now - _CRASH_LOOP_WINDOW_S:
-            worker.deaths.popleft()
         ended = _how_it_ended(run.process.exitcode)
         log.warning(
             "workers.worker_died", extra={"index": worker.index, "pid": run.process.pid, **ended}
         )
         run.process.close()  # its sentinel's descriptor, which each restart would leak
-        if len(worker.deaths) >= _CRASH_LOOP_DEATHS:
-            deaths = {"deaths": len(worker.deaths), "window_s": _CRASH_LOOP_WINDOW_S}
-            log.error("workers.crash_loop", extra={"index": worker.index, **deaths})
-            return
-        await asyncio.sleep(_RESTART_DELAY_S * 2 ** (len(worker.deaths) - 1))
-        try:
-            run = worker.run = _start(worker.config, log_level)
-        except OSError:  # no process to be had (EAGAIN, ENOMEM): as a crash loop would
-            log.exception("workers.restart_failed", extra={"index": worker.index})
-            return
+        forget = run.listened
+        while True:  # until a replacement is started
+            if _a_crash_loop(worker, loop.time(), forget=forget):
+                return
+            await asyncio.sleep(_RESTART_DELAY_S * 2 ** (len(worker.deaths) - 1))
+            try:
+                run = worker.run = _start(worker.config, log_level)
+                break
+            except Exception as exc:  # no process (EAGAIN, ENOMEM), or a bug
+                # A death like any: retried after the back-off, a crash loop if it lasts,
+                # while the other workers serve. Not forgotten: it never listened.
+                log.exception(
+                    "workers.restart_failed",
+                    extra={"index": worker.index, "error": f"{type(exc).__name__}: {exc}"},
+                )
+                forget = False
         log.info("workers.worker_restarted", extra={"index": worker.index, "pid": run.process.pid})
         try:
             async with asyncio.timeout(_RESTART_START_TIMEOUT_S):
@@ -450,8 +493,19 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         if not stopping.is_set() and not is_up:
             log.error("workers.start_failed")
         # Those running now, a replacement still starting included; none is started after.
-        runs = [w.run for w in workers if w.run is not None]
+        stopped = {w.index: w.run for w in workers if w.run is not None}
+        runs = list(stopped.values())
         await asyncio.gather(*(_stop(r) for r in runs))
+        # A worker that ended badly before the stop reached it (killed or crashed as the
+        # stop came, whichever the supervisor saw first) is a death, not a failed stop;
+        # one that ended badly while it drained is a failed stop.
+        unclean = {i: r for i, r in stopped.items() if not _ended_cleanly(r)}
+        failed_drains = [i for i, r in unclean.items() if _said_draining(r.ready)]
+        for index, run in unclean.items():
+            if index not in failed_drains and (is_up or stopping.is_set()):
+                ended = _how_it_ended(run.process.exitcode)
+                pid = run.process.pid
+                log.warning("workers.worker_died", extra={"index": index, "pid": pid, **ended})
         for task in (started, stop, any_exit):
             task.cancel()
         # Awaited, not left to asyncio.run's shutdown: a gather whose workers had not said
@@ -460,9 +514,8 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
     codes = [r.process.exitcode for r in runs]
     if crashed:
         return 1
-    if stopping.is_set():  # a worker stopped before it could catch SIGTERM is stopped too
-        stopped = [r.killed or r.process.exitcode in (0, -signal.SIGTERM) for r in runs]
-        return 0 if all(stopped) else 1
+    if stopping.is_set():
+        return 1 if failed_drains else 0
     return 2 if not is_up and 2 in codes else 1
 
 

@@ -10,7 +10,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import aiohttp
@@ -20,7 +20,7 @@ import yaml
 
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from tests.conftest import chat, gateway_config_data
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeUpstream, Hang
 from tests.integration.gateway_process import is_running
 from tests.integration.pki import make_pki
 
@@ -36,16 +36,17 @@ def _write_config(
     return path
 
 
-def _entry(constants: dict[str, float]) -> list[str]:
+def _entry(constants: dict[str, float], setup: str = "") -> list[str]:
     """`python -m service` as its arguments, or a program that runs it with some of
-    service.workers' constants (its timings) set first, in the supervisor."""
-    if not constants:
+    service.workers' constants (its timings) set first, in the supervisor, and `setup`
+    (code that may replace its functions) run after them."""
+    if not constants and not setup:
         return ["-m", "service"]
-    assigned = "".join(f"workers.{name} = {value!r}; " for name, value in constants.items())
+    assigned = "".join(f"workers.{name} = {value!r}\n" for name, value in constants.items())
     return [
         "-c",
-        "import sys; from service import early_signals; early_signals.hold(); "
-        f"from service import workers; {assigned}"
+        "import sys; from service import early_signals; early_signals.hold()\n"
+        f"from service import workers\n{assigned}{setup}"
         "from service.main import main; sys.exit(main())",
     ]
 
@@ -56,9 +57,10 @@ async def _serve(
     own_group: bool = False,
     log_level: str = "WARNING",
     constants: dict[str, float] | None = None,
+    setup: str = "",
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, *_entry(constants or {}), "serve", *args, "--log-level", log_level,
+        sys.executable, *_entry(constants or {}, setup), "serve", *args, "--log-level", log_level,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
         start_new_session=own_group,
     )  # fmt: skip
@@ -106,10 +108,10 @@ class _Log:
 
 @contextlib.asynccontextmanager
 async def _serve_logged(
-    *args: str, constants: dict[str, float] | None = None
+    *args: str, constants: dict[str, float] | None = None, setup: str = ""
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, _Log]]:
     """`_serve` at log level INFO, its stderr read meanwhile (INFO lines would fill the pipe)."""
-    async with _serve(*args, log_level="INFO", constants=constants) as process:
+    async with _serve(*args, log_level="INFO", constants=constants, setup=setup) as process:
         assert process.stderr is not None
         log = _Log(process.stderr)
         try:
@@ -564,3 +566,131 @@ async def test_a_replacement_stuck_in_its_start_stops_when_the_supervisor_is_kil
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
     assert alive == []
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(_HANG_GUARD_S):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def _stopped(pid: int) -> bool:
+    """Whether every thread of `pid` is stopped (SIGSTOP), so none can take a signal."""
+    states = []
+    for path in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError):  # a thread that has just ended
+            states.append(path.read_text().rpartition(")")[2].split()[0])
+    return all(state == "T" for state in states)
+
+
+def _pending(pid: int, sig: signal.Signals) -> bool:
+    """Whether `sig` was sent to `pid` and waits (a stopped process acts on none)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, mask = line.partition(":")
+        if name in ("SigPnd", "ShdPnd") and int(mask, 16) & (1 << (sig - 1)):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("order", ["stop_seen_first", "sent_together"])
+async def test_a_worker_that_dies_as_a_stop_arrives_leaves_the_stop_clean(tmp_path, order):
+    """A worker killed just as SIGTERM reaches the supervisor: status 0, its death logged,
+    no replacement left, whichever of the two the supervisor sees first.
+
+    Before, the dead worker's status (SIGKILL) was taken for a failed stop: status 1.
+    """
+    path = _write_config(tmp_path)
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        await _listening(process)
+        victim, survivor = sorted(_worker_pids(process.pid))
+        try:
+            if order == "stop_seen_first":
+                # Stopped, it dies only once the supervisor's SIGTERM waits for it.
+                os.kill(victim, signal.SIGSTOP)
+                await _until(lambda: _stopped(victim))
+                process.send_signal(signal.SIGTERM)
+                await _until(lambda: _pending(victim, signal.SIGTERM))
+                os.kill(victim, signal.SIGKILL)
+            else:
+                os.kill(victim, signal.SIGKILL)
+                process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                code = await process.wait()
+        finally:
+            restarted = [_pid(line) for line in log.events("workers.worker_restarted")]
+            alive = _killed_if_running((victim, survivor, *restarted))
+    assert (code, alive) == (0, [])
+    died = log.events("workers.worker_died")
+    assert [(_pid(line), "signal=SIGKILL" in line) for line in died] == [(victim, True)]
+
+
+async def test_a_worker_killed_while_it_drains_fails_the_stop(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """A worker killed while it drains a call after SIGTERM: the stop did not end as asked
+    (its callers lost their calls), status 1, as before; only a death before the stop
+    reached the worker leaves the status 0."""
+    upstream.script(Hang())
+    server = {"grace_period_s": 120.0}
+    path = _write_config(tmp_path, upstream.base_url, server=server)
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        address = await _listening(process)
+        workers = _worker_pids(process.pid)
+        call = asyncio.ensure_future(_calls(address, 1))
+        try:
+            async with asyncio.timeout(_HANG_GUARD_S):
+                while not upstream.requests:
+                    await asyncio.sleep(0.01)
+            process.send_signal(signal.SIGTERM)
+            await log.nth("server.stopping", 2)  # both said it; the one with the call drains
+            killed = _killed_if_running(workers)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                code = await process.wait()
+        finally:
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+            _killed_if_running(workers)
+    assert killed != []
+    assert code == 1
+
+
+def _failing_replacements(error: str) -> str:
+    """Code for the supervisor: every start after the first two raises `error`."""
+    return (
+        "import itertools\n"
+        "starts, start = itertools.count(), workers._start\n"
+        "def failing(*args, **kwargs):\n"
+        f"    if next(starts) >= 2: raise {error}\n"
+        "    return start(*args, **kwargs)\n"
+        "workers._start = failing\n"
+    )
+
+
+@pytest.mark.timeout(120)
+async def test_a_replacement_that_cannot_be_started_is_logged_and_counted_as_a_death(tmp_path):
+    """A replacement whose start fails with an error other than the system's refusal (a
+    bug): `workers.restart_failed` names the error each time, each is a death, and the
+    crash loop stops the gateway (status 1) with the other worker stopped.
+
+    Before, the supervisor exited 1 at the first failure with no line saying why.
+    """
+    path = _write_config(tmp_path)
+    constants = {"_RESTART_DELAY_S": 0.1}  # the back-off 1.5 s in all, not 15 s
+    setup = _failing_replacements("RuntimeError('no replacement today')")
+    args = ("--config", str(path), "--workers", "2")
+    async with _serve_logged(*args, constants=constants, setup=setup) as (process, log):
+        await _listening(process)
+        victim, survivor = sorted(_worker_pids(process.pid))
+        os.kill(victim, signal.SIGKILL)
+        try:
+            crash_loop = await log.nth("workers.crash_loop")
+            async with asyncio.timeout(_HANG_GUARD_S):
+                code = await process.wait()
+        finally:
+            alive = _killed_if_running((victim, survivor))
+    assert (code, alive) == (1, [])
+    assert "deaths=5" in crash_loop
+    failed = log.events("workers.restart_failed")
+    assert len(failed) == 4
+    assert all("error=RuntimeError: no replacement today" in line for line in failed)
+    assert log.events("workers.worker_restarted") == []

@@ -10,7 +10,7 @@ import pytest
 from grpc._cython import cygrpc
 
 from service.errors import DeadlineExceeded, UpstreamUnavailable
-from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter, configure_logging
+from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter, EventFormatter, configure_logging
 
 METHOD = "/llmgateway.v1.CompletionService/Complete"
 
@@ -114,3 +114,18 @@ def test_configure_logging_installs_the_filter_once() -> None:
             logger.removeFilter(found)
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def test_the_extras_stay_on_the_event_line_ahead_of_a_traceback() -> None:
+    """An event logged with its exception: `event key=value` on one line, the traceback
+    after it. Before, the extras came after the traceback, off the event's line."""
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as exc:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "x.failed", (), None)
+        record.exc_info = (type(exc), exc, exc.__traceback__)
+    record.__dict__["error"] = "RuntimeError: boom"
+    first, *rest = EventFormatter("%(levelname)s %(message)s").format(record).splitlines()
+    assert first == "ERROR x.failed error=RuntimeError: boom"
+    assert rest[0] == "Traceback (most recent call last):"
+    assert rest[-1] == "RuntimeError: boom"
