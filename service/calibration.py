@@ -1,9 +1,12 @@
-"""Per-model calibration of the token estimator from the usage upstreams report.
+"""Per-tenant, per-model calibration of the token estimator from the usage upstreams report.
 
 `service.tokens` over-counts on purpose. Every answer that reports its prompt tokens
 tells us by how much for that model: the ratio of reported to estimated prompt tokens.
-`TokenCalibration` keeps an exponentially weighted mean of that ratio per model and
-hands `fit_messages` a factor that stays on the safe side of it:
+`TokenCalibration` keeps an exponentially weighted mean of that ratio per tenant and
+model and hands `fit_messages` a factor that stays on the safe side of it. Per tenant,
+since the ratio depends on the text (emoji, CJK and code count far below the estimate,
+plain-ASCII Swahili above it): one tenant's traffic must not move how another's prompts
+are fitted, truncated or refused.
 
 - no factor until `min_samples` prompts of at least `min_estimated_tokens` were seen
   (short prompts are mostly chat-template overhead and say little about the text);
@@ -14,8 +17,8 @@ hands `fit_messages` a factor that stays on the safe side of it:
 
 Example:
     calibration = TokenCalibration()
-    calibration.observe("deepseek-v4", estimated_tokens=1200, reported_tokens=800)
-    factor = calibration.factor("deepseek-v4")  # 1.0 until enough samples
+    calibration.observe("deepseek-v4", "team-a", estimated_tokens=1200, reported_tokens=800)
+    factor = calibration.factor("deepseek-v4", "team-a")  # 1.0 until enough samples
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class _Ratio:
 
 
 class TokenCalibration:
-    """Learns, per model, reported prompt tokens ÷ estimated prompt tokens."""
+    """Learns, per tenant and model, reported prompt tokens ÷ estimated prompt tokens."""
 
     def __init__(
         self,
@@ -52,41 +55,46 @@ class TokenCalibration:
         self.weight = weight
         self.min_samples = min_samples
         self.min_estimated_tokens = min_estimated_tokens
-        self._ratios: dict[str, _Ratio] = {}
+        # By (tenant, model): tenants are the configured or keyed ones, models the
+        # configured ones (only answered calls are observed), so it stays small.
+        self._ratios: dict[tuple[str, str], _Ratio] = {}
 
-    def observe(self, model: str, *, estimated_tokens: int, reported_tokens: int) -> None:
-        """Learn from one answer whose upstream reported its prompt tokens."""
+    def observe(
+        self, model: str, tenant: str, *, estimated_tokens: int, reported_tokens: int
+    ) -> None:
+        """Learn from one answer to `tenant` whose upstream reported its prompt tokens."""
         if estimated_tokens < self.min_estimated_tokens or reported_tokens <= 0:
             return
         ratio = reported_tokens / estimated_tokens
-        known = self._ratios.get(model)
+        known = self._ratios.get((tenant, model))
         if known is None:
-            self._ratios[model] = _Ratio(ratio, 1)
+            self._ratios[tenant, model] = _Ratio(ratio, 1)
             return
         known.mean += self.weight * (ratio - known.mean)
         known.samples += 1
 
-    def refused_as_too_long(self, model: str) -> None:
-        """An upstream refused as over `model`'s window a prompt fitted with its factor.
+    def refused_as_too_long(self, model: str, tenant: str) -> None:
+        """An upstream refused as over `model`'s window a prompt of `tenant` fitted with
+        its factor.
 
-        The mean is over the model's traffic as a whole; texts the estimator counts low
+        The mean is over the tenant's traffic as a whole; texts the estimator counts low
         (plain-ASCII languages, rare letters) can then run over. The factor goes back
         to at least 1, the estimator's own, and learns down again from there.
         """
-        known = self._ratios.get(model)
+        known = self._ratios.get((tenant, model))
         if known is not None:
             known.mean = max(known.mean, 1 / (1 + self.margin))
 
-    def factor(self, model: str) -> float:
-        """What to multiply `model`'s estimates by (1.0 until enough is known)."""
-        known = self._ratios.get(model)
+    def factor(self, model: str, tenant: str) -> float:
+        """What to multiply `tenant`'s estimates for `model` by (1.0 until enough is known)."""
+        known = self._ratios.get((tenant, model))
         if known is None or known.samples < self.min_samples:
             return 1.0
         return min(self.ceiling, max(self.floor, known.mean * (1 + self.margin)))
 
-    def samples(self, model: str) -> int:
-        """How many answers calibrated `model` so far."""
-        known = self._ratios.get(model)
+    def samples(self, model: str, tenant: str) -> int:
+        """How many answers calibrated `model` for `tenant` so far."""
+        known = self._ratios.get((tenant, model))
         return 0 if known is None else known.samples
 
 

@@ -190,7 +190,7 @@ class Pipeline:
         """
         validate_chat_request(request, self._config.defaults)
         self._pool.routes(request.model)
-        calibration = self.calibration.factor(request.model)
+        calibration = self.calibration.factor(request.model, request.tenant)
         fitted = fit_messages(
             request.messages,
             tools=request.tools,
@@ -216,12 +216,14 @@ class Pipeline:
     def _is_current(self, prepared: PreparedRequest) -> bool:
         """Whether preparing `prepared`'s request now would fit it alike: the model's
         calibration is the one it was fitted with."""
-        return prepared.calibration == self.calibration.factor(prepared.asked.model)
+        asked = prepared.asked
+        return prepared.calibration == self.calibration.factor(asked.model, asked.tenant)
 
     def _usage(self, prepared: PreparedRequest, output: _Output, reported: Usage | None) -> Usage:
         if reported is not None:
             self.calibration.observe(
                 prepared.request.model,
+                prepared.request.tenant,
                 estimated_tokens=prepared.prompt_tokens,
                 reported_tokens=reported.input_tokens,
             )
@@ -364,7 +366,7 @@ class Pipeline:
                         request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
                     )
                 except UpstreamContextExceeded:
-                    self.calibration.refused_as_too_long(request.model)
+                    self.calibration.refused_as_too_long(request.model, request.tenant)
                     raise
                 except BaseException:
                     if log.is_cut_after_sending:
@@ -551,7 +553,7 @@ class Pipeline:
                             else:
                                 end = event
                 except UpstreamContextExceeded:  # before any text
-                    self.calibration.refused_as_too_long(request.model)
+                    self.calibration.refused_as_too_long(request.model, request.tenant)
                     raise
                 except BaseException:
                     # Cut by the upstream, the caller or its deadline: the output sent was

@@ -539,21 +539,29 @@ class Summarizer:
             default = min(default, max(_MIN_TARGET_TOKENS, minute // 4))
         return request.target_tokens or default
 
-    def _room(self, model: str, *, system: str, header: str, answer_tokens: int) -> int:
+    def _factor(self, request: SummaryRequest) -> float:
+        """The calibration its tenant's estimates for its model are multiplied by now."""
+        return self._pipeline.calibration.factor(request.model, request.tenant)
+
+    def _room(
+        self, request: SummaryRequest, *, system: str, header: str, answer_tokens: int
+    ) -> int:
         """Tokens of text that fit one call beside `system`, `header` and an answer, now,
         within the model's window and the tenant's tokens_per_minute (if it has one).
 
         Read again before every call: the calibration factor rises when upstreams report
         more prompt tokens than estimated. May be negative.
         """
-        room = self._window_room(model, system=system, header=header, answer_tokens=answer_tokens)
+        room = self._window_room(request, system=system, header=header, answer_tokens=answer_tokens)
         rate_room = _rate_room(system=system, header=header, answer_tokens=answer_tokens)
         return room if rate_room is None else min(room, rate_room)
 
-    def _window_room(self, model: str, *, system: str, header: str, answer_tokens: int) -> int:
+    def _window_room(
+        self, request: SummaryRequest, *, system: str, header: str, answer_tokens: int
+    ) -> int:
         """`_room`, within the model's window alone."""
-        window = self._pipeline.context_window(model)
-        factor = self._pipeline.calibration.factor(model)
+        window = self._pipeline.context_window(request.model)
+        factor = self._factor(request)
         frame = PER_REQUEST_OVERHEAD + 2 * PER_MESSAGE_OVERHEAD + estimate_text_tokens(system)
         frame += estimate_text_tokens(header)
         return math.floor((window - answer_tokens - _SAFETY_TOKENS) / factor) - frame
@@ -580,11 +588,11 @@ class Summarizer:
                 cannot hold a call of the smallest part (no wait would help).
         """
         model = request.model
-        room = self._room(model, system=system, header=header, answer_tokens=answer_tokens)
+        room = self._room(request, system=system, header=header, answer_tokens=answer_tokens)
         if room >= least:
             return room
         window_room = self._window_room(
-            model, system=system, header=header, answer_tokens=answer_tokens
+            request, system=system, header=header, answer_tokens=answer_tokens
         )
         if window_room >= least:
             if room >= (least if min_rate_room is None else min_rate_room):
@@ -592,7 +600,7 @@ class Summarizer:
             raise _rate_too_small(request.tenant, answer_tokens, least)
         room = window_room
         window = self._pipeline.context_window(model)
-        factor = self._pipeline.calibration.factor(model)
+        factor = self._factor(request)
         field_name = "instructions" if request.instructions else "target_tokens"
         raise InvalidRequest(
             [
@@ -628,10 +636,9 @@ class Summarizer:
                 shrinks nothing).
             InvalidRequest: on `document`, when they would need more than `max_levels`.
         """
-        model = request.model
         # Each summary counted as `pack_units` is given it: with its blank line.
         one_summary = _summary_tokens(one_answer)
-        combine_room = self._room(model, system=combine_system, header="", answer_tokens=target)
+        combine_room = self._room(request, system=combine_system, header="", answer_tokens=target)
         if parts * (one_summary + 1) <= combine_room:
             return
         group_room = self._require_room(
@@ -689,7 +696,7 @@ class Summarizer:
         run = _Run(request, deadline, min(concurrency, max_concurrency or concurrency))
         document_system = document_prompt(target_tokens=target, instructions=request.instructions)
         whole = await asyncio.to_thread(estimate_text_tokens, request.document)
-        if whole <= self._room(model, system=document_system, header="", answer_tokens=target):
+        if whole <= self._room(request, system=document_system, header="", answer_tokens=target):
             text = await self._call_if_fits(run, document_system, request.document, target, _WHOLE)
             if text is not None:
                 return self._result(text, 1, 1, run.tally, started)
@@ -697,7 +704,7 @@ class Summarizer:
         # tenant's tokens_per_minute as well as the window. Levels of groups end with one
         # summary, as long as a part's answer may be (estimated as the calibration
         # expects): a combine call that cannot hold it never ends the run.
-        one_answer = math.ceil(part_target / self._pipeline.calibration.factor(model))
+        one_answer = math.ceil(part_target / self._factor(request))
         one_summary = _summary_tokens(one_answer)
         self._require_room(
             request,
@@ -748,7 +755,9 @@ class Summarizer:
             if level == 1:
                 parts_summarised = len(summaries)  # more than the chunks when any was re-split
             joined = _summaries_message(summaries)
-            combine_room = self._room(model, system=combine_system, header="", answer_tokens=target)
+            combine_room = self._room(
+                request, system=combine_system, header="", answer_tokens=target
+            )
             if estimate_text_tokens(joined) <= combine_room:
                 final = _Slot(part=1, parts=1, level=level + 1)
                 text = await self._call_if_fits(run, combine_system, joined, target, final)
@@ -856,9 +865,8 @@ class Summarizer:
         Returns:
             One summary, or one for each piece, in order.
         """
-        model = run.request.model
         header = _header(name)
-        room = self._room(model, system=system, header=header, answer_tokens=answer_tokens)
+        room = self._room(run.request, system=system, header=header, answer_tokens=answer_tokens)
         tokens = estimate_text_tokens(text)
         was_refused = False
         if tokens <= room:

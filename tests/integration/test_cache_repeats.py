@@ -121,8 +121,10 @@ async def test_a_repeat_is_prepared_again_once_the_models_calibration_moves(
     pipeline = cached.server.pipeline
     assert pipeline is not None
     for _ in range(3):  # the calibration's minimum samples, each 3x the estimate
-        pipeline.calibration.observe(FAKE_MODEL, estimated_tokens=100, reported_tokens=300)
-    assert pipeline.calibration.factor(FAKE_MODEL) != 1.0
+        pipeline.calibration.observe(
+            FAKE_MODEL, "default", estimated_tokens=100, reported_tokens=300
+        )
+    assert pipeline.calibration.factor(FAKE_MODEL, "default") != 1.0
     again = await cached.stub.Complete(ask())
     assert again.metadata.cache_hit
     assert stats.bytes_read > read_before  # prepared and looked up again: a store read

@@ -12,6 +12,7 @@ from service.domain import Message, Role
 from service.tokens import estimate_prompt_tokens
 from tests.conftest import FAKE_MODEL, chat, fake_model_window, gateway_config
 from tests.fake_upstream import Reply, Status
+from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.scripted_upstream import ScriptedUpstream
 
 WINDOW = 1024
@@ -145,7 +146,42 @@ async def test_calibration_from_reported_usage_admits_what_the_estimate_refused(
         await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
     response = await gateway.stub.Complete(big)
     assert response.metadata.dropped_messages == 0
-    assert gateway.server.pipeline.calibration.factor(FAKE_MODEL) == pytest.approx(0.55, abs=0.02)
+    assert gateway.server.pipeline.calibration.factor(FAKE_MODEL, "default") == pytest.approx(
+        0.55, abs=0.02
+    )
+
+
+async def test_one_tenants_calibration_does_not_fit_another_tenants_prompts(
+    upstream_small, start_gateway
+):
+    """team-a's answers report half the estimated prompt tokens (text the estimator
+    over-counts): its own prompt refused before then fits. team-b's same prompt is still
+    refused before it is sent, as with no calibration. Before, the factor was one per
+    model: team-a's traffic had team-b's prompt sent over the window (an upstream
+    counting team-b's text as estimated would refuse it)."""
+
+    def half_of_estimate(body):
+        messages = [Message(Role(m["role"]), m["content"]) for m in body["messages"]]
+        return Reply(prompt_tokens=estimate_prompt_tokens(messages) // 2)
+
+    upstream_small.respond = half_of_estimate
+    config = secure_config(upstream_small.base_url, models=fake_model_window(WINDOW))
+    gateway = await start_gateway(config)
+    big = conversation(9, mode=pb.TRUNCATION_MODE_NONE)  # about 960 tokens + 100 reserved
+    for _ in range(3):
+        await gateway.stub.Complete(
+            conversation(3, mode=pb.TRUNCATION_MODE_NONE), metadata=as_tenant("team-a")
+        )
+    sent = len(upstream_small.requests)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(big, metadata=as_tenant("team-b"))
+    assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert len(upstream_small.requests) == sent
+    response = await gateway.stub.Complete(big, metadata=as_tenant("team-a"))
+    assert response.metadata.dropped_messages == 0
+    calibration = gateway.server.pipeline.calibration
+    assert calibration.factor(FAKE_MODEL, "team-b") == 1.0
+    assert calibration.factor(FAKE_MODEL, "team-a") == pytest.approx(0.55, abs=0.02)
 
 
 async def test_calibration_never_goes_below_its_floor(upstream_small, start_gateway):
@@ -154,7 +190,7 @@ async def test_calibration_never_goes_below_its_floor(upstream_small, start_gate
     gateway = await start_gateway(small_window_config(upstream_small.base_url))
     for _ in range(5):
         await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
-    assert gateway.server.pipeline.calibration.factor(FAKE_MODEL) == 0.5
+    assert gateway.server.pipeline.calibration.factor(FAKE_MODEL, "default") == 0.5
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.stub.Complete(conversation(19, mode=pb.TRUNCATION_MODE_NONE))
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -227,7 +263,7 @@ async def test_an_upstream_refusing_a_prompt_as_too_long_corrects_the_calibratio
     for _ in range(5):
         await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
     calibration = gateway.server.pipeline.calibration
-    assert calibration.factor(FAKE_MODEL) == 0.5
+    assert calibration.factor(FAKE_MODEL, "default") == 0.5
     big = conversation(9, mode=pb.TRUNCATION_MODE_NONE)  # fits only at half the estimate
     upstream_small.default = Status(400, body=body)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -242,7 +278,7 @@ async def test_an_upstream_refusing_a_prompt_as_too_long_corrects_the_calibratio
     details = error_details(caught.value)
     assert details.reason == "CONTEXT_WINDOW_EXCEEDED"
     assert [field for field, _ in details.field_violations] == ["messages"]
-    assert calibration.factor(FAKE_MODEL) >= 1.0
+    assert calibration.factor(FAKE_MODEL, "default") >= 1.0
     sent = len(upstream_small.requests)
     with pytest.raises(grpc.aio.AioRpcError) as again:
         await gateway.stub.Complete(big)

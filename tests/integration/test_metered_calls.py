@@ -116,7 +116,9 @@ async def test_a_request_prepared_before_the_calibration_moved_is_fitted_again(s
         prepared = pipeline.prepare(request)
         assert prepared.dropped > 0
         for _ in range(5):  # answers that report half the prompt tokens estimated
-            pipeline.calibration.observe(FAKE_MODEL, estimated_tokens=1000, reported_tokens=500)
+            pipeline.calibration.observe(
+                FAKE_MODEL, "default", estimated_tokens=1000, reported_tokens=500
+            )
         completion = await pipeline.complete(prepared, deadline=Deadline.after(None))
         assert completion.dropped_messages == 0
         assert len(upstream.requests[-1].body["messages"]) == 10

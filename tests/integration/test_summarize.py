@@ -676,14 +676,15 @@ def assert_each_request_fitted(requests, ratio_of) -> float:
     calibration = TokenCalibration()
     for recorded in requests:
         estimate = estimated_prompt(recorded.body)
-        calibrated = math.ceil(estimate * calibration.factor(FAKE_MODEL))
+        calibrated = math.ceil(estimate * calibration.factor(FAKE_MODEL, "default"))
         assert calibrated + recorded.body["max_tokens"] <= WINDOW
         calibration.observe(
             FAKE_MODEL,
+            "default",
             estimated_tokens=estimate,
             reported_tokens=math.ceil(ratio_of(recorded.body) * estimate),
         )
-    return calibration.factor(FAKE_MODEL)
+    return calibration.factor(FAKE_MODEL, "default")
 
 
 @pytest.mark.parametrize("ratio", [1.3, 2.0])
@@ -944,7 +945,7 @@ async def test_a_document_the_upstream_refuses_as_too_long_is_split_and_summaris
         for _ in range(5):
             await gateway.stub.Complete(question)
         calibration = gateway.server.pipeline.calibration
-        assert calibration.factor(FAKE_MODEL) == 0.5
+        assert calibration.factor(FAKE_MODEL, "default") == 0.5
         text = document(20)  # about 1.5 windows by the plain estimate
         asked = len(fake.requests)
         response = await gateway.stub.Summarize(

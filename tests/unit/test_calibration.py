@@ -5,19 +5,22 @@ import pytest
 from service.calibration import TokenCalibration
 
 
-def feed(calibration: TokenCalibration, ratio: float, times: int, model: str = "m") -> None:
-    """Observe `times` answers whose reported prompt tokens are `ratio` times 1000."""
+def feed(
+    calibration: TokenCalibration, ratio: float, times: int, model: str = "m", tenant: str = "t"
+) -> None:
+    """Observe `times` answers to `tenant` whose reported prompt tokens are `ratio` times 1000."""
     for _ in range(times):
-        calibration.observe(model, estimated_tokens=1000, reported_tokens=round(1000 * ratio))
+        reported = round(1000 * ratio)
+        calibration.observe(model, tenant, estimated_tokens=1000, reported_tokens=reported)
 
 
 def test_no_factor_before_enough_samples():
     """The factor stays 1.0 until min_samples answers were seen."""
     calibration = TokenCalibration(min_samples=3)
     feed(calibration, 0.7, 2)
-    assert calibration.factor("m") == 1.0
+    assert calibration.factor("m", "t") == 1.0
     feed(calibration, 0.7, 1)
-    assert calibration.factor("m") == pytest.approx(0.77)
+    assert calibration.factor("m", "t") == pytest.approx(0.77)
 
 
 @pytest.mark.parametrize(
@@ -28,23 +31,37 @@ def test_factor_has_margin_floor_and_ceiling(ratio, expected):
     """The factor is the mean ratio plus a margin, clamped to [floor, ceiling]."""
     calibration = TokenCalibration(floor=0.5, ceiling=4.0, margin=0.1)
     feed(calibration, ratio, 5)
-    assert calibration.factor("m") == pytest.approx(expected)
+    assert calibration.factor("m", "t") == pytest.approx(expected)
 
 
 def test_models_are_calibrated_separately():
     """What one model teaches does not change another's factor."""
     calibration = TokenCalibration()
     feed(calibration, 0.6, 5, model="a")
-    assert calibration.factor("b") == 1.0
-    assert calibration.samples("a") == 5
+    assert calibration.factor("b", "t") == 1.0
+    assert calibration.samples("a", "t") == 5
+
+
+def test_tenants_are_calibrated_separately():
+    """What one tenant's texts teach (emoji, counted far below the estimate) does not
+    change how another tenant's prompts for the same model are fitted, nor does its
+    refusal as too long."""
+    calibration = TokenCalibration()
+    feed(calibration, 0.3, 5, tenant="emoji")
+    feed(calibration, 0.9, 5, tenant="prose")
+    calibration.refused_as_too_long("m", "emoji")
+    assert calibration.factor("m", "emoji") == pytest.approx(1.0)
+    assert calibration.factor("m", "prose") == pytest.approx(0.99)
+    assert calibration.factor("m", "new") == 1.0
+    assert calibration.samples("m", "prose") == 5
 
 
 def test_short_prompts_are_ignored():
     """Prompts under min_estimated_tokens are mostly overhead and teach nothing."""
     calibration = TokenCalibration(min_estimated_tokens=32)
     for _ in range(10):
-        calibration.observe("m", estimated_tokens=9, reported_tokens=7)
-    assert calibration.samples("m") == 0
+        calibration.observe("m", "t", estimated_tokens=9, reported_tokens=7)
+    assert calibration.samples("m", "t") == 0
 
 
 def test_mean_moves_towards_new_ratios():
@@ -52,7 +69,7 @@ def test_mean_moves_towards_new_ratios():
     calibration = TokenCalibration(weight=0.5, margin=0.0, min_samples=1)
     feed(calibration, 0.6, 1)
     feed(calibration, 1.0, 10)
-    assert calibration.factor("m") == pytest.approx(1.0, abs=0.01)
+    assert calibration.factor("m", "t") == pytest.approx(1.0, abs=0.01)
 
 
 @pytest.mark.parametrize("floor", [0.0, 1.5])
@@ -69,9 +86,9 @@ def test_an_upstream_refusing_a_prompt_as_too_long_resets_a_low_factor():
     feed(calibration, 0.6, 5, model="low")
     feed(calibration, 1.5, 5, model="high")
     for model in ("low", "high", "unknown"):
-        calibration.refused_as_too_long(model)
-    assert calibration.factor("low") == pytest.approx(1.0)
-    assert calibration.factor("high") == pytest.approx(1.65)
-    assert calibration.factor("unknown") == 1.0
+        calibration.refused_as_too_long(model, "t")
+    assert calibration.factor("low", "t") == pytest.approx(1.0)
+    assert calibration.factor("high", "t") == pytest.approx(1.65)
+    assert calibration.factor("unknown", "t") == 1.0
     feed(calibration, 0.6, 1, model="low")
-    assert calibration.factor("low") < 1.0
+    assert calibration.factor("low", "t") < 1.0
