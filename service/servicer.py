@@ -7,6 +7,7 @@ Errors are raised as `GatewayError`s and mapped to statuses in one place,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import itertools
@@ -128,6 +129,9 @@ _HEALTH = {
 }
 
 AnyCompleteRequest = pb.CompleteRequest | pb.CompleteStreamRequest
+# A batch's items are converted this many messages (and tools) to a turn of the event
+# loop, about what one request may hold (`defaults.max_messages`).
+_MESSAGES_A_TURN = 1000
 
 
 _NO_PARAMS = GenerationParams()
@@ -652,7 +656,14 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         # Before any item is read: a batch far over `max_items` would take seconds.
         concurrency = check_batch(request.items, request.concurrency, self._pipeline.config.batch)
         items = []
+        converted = 0  # messages and tools converted since the event loop last turned
         for item in request.items:
+            if converted >= _MESSAGES_A_TURN:
+                # 4 MB of items hold a million messages: seconds of work, every other
+                # call on the gateway stalled, were they converted in one go.
+                converted = 0
+                await asyncio.sleep(0)
+            converted += len(item.request.messages) + len(item.request.tools)
             chat, violations = chat_request_from_proto(
                 item.request, tenant=tenant, limits=self._pipeline.limits
             )

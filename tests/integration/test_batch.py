@@ -184,6 +184,49 @@ async def test_too_many_items(scripted, start_gateway):
     assert "at most 3 items" in error_details(caught.value).field_violations[0][1]
 
 
+async def test_a_batch_of_long_items_is_read_a_turn_of_the_event_loop_at_a_time(
+    batch_gateway, scripted, monkeypatch
+):
+    """Twenty items of 1,000 messages each (each within `defaults.max_messages`) are
+    converted with the event loop turning between every two of them: other calls run.
+
+    Before, every item was converted in one go before the first could start: 900 such
+    items (3.6 MB, under the receive limit) held the event loop for seconds, with every
+    other call on the gateway stalled meanwhile."""
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    turns_at_conversion = []
+    convert = service.servicer.chat_request_from_proto
+
+    def noting(*args, **kwargs):
+        turns_at_conversion.append(turns)
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(service.servicer, "chat_request_from_proto", noting)
+    # Empty messages: each item fails alone, on its content, before any upstream call.
+    long_item = pb.CompleteRequest(
+        model=FAKE_MODEL, messages=[pb.Message(role=pb.ROLE_USER)] * 1000
+    )
+    request = pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id=f"item-{i}", request=long_item) for i in range(20)]
+    )
+    ticker = asyncio.create_task(count_turns())
+    try:
+        results, summary = await collect(batch_gateway.stub.CompleteBatch(request))
+    finally:
+        ticker.cancel()
+    assert (len(results), summary.failed) == (20, 20)
+    assert len(turns_at_conversion) == 20
+    assert len(set(turns_at_conversion)) == 20  # the loop turned between every two
+    assert scripted.requests == []
+
+
 async def test_a_batch_of_far_too_many_items_is_refused_before_any_is_read(
     scripted, start_gateway, monkeypatch
 ):

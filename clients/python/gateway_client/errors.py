@@ -37,8 +37,13 @@ class ErrorDetails:
 def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
     """Unpack BadRequest, ErrorInfo, QuotaFailure and RetryInfo from a failed call."""
     code = error.code()
-    status = rpc_status.from_call(error)
     base = ErrorDetails(code=code.name if code else "UNKNOWN", message=error.details() or "")
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:
+        # The details are of another code than the call's: its deadline passed as the
+        # gateway sent its error, and gRPC's DEADLINE_EXCEEDED won. They do not apply.
+        return base
     if status is None:
         return base
     violations: list[tuple[str, str]] = []
