@@ -419,6 +419,28 @@ async def test_check_passes_a_server_without_a_model_list_and_fails_an_account_o
         assert "account out of credit (HTTP 402)" in out
 
 
+@pytest.mark.parametrize(
+    ("text", "served"),
+    [
+        ("summarize: {concurrency: 2}\n", True),
+        ("local_model: {enabled: never}\n", False),
+    ],
+)
+async def test_check_says_the_local_model_is_served_when_no_upstream_is_configured(
+    tmp_path, capsys, text, served
+):
+    """A config without upstreams (as README's summarize example alone) serves the local
+    model: `check` says so, as it does when the upstreams' keys are unset. Before, it said
+    only "no upstreams configured", as if `serve` would have nothing to call."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(text)
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert ("the gateway will serve the local model" in out) is served
+    assert "no upstreams configured" in out
+
+
 async def test_check_config_error_exits_2(tmp_path, capsys):
     """A broken config is reported with its key and exits 2, before any probe."""
     config = tmp_path / "gateway.yaml"

@@ -133,3 +133,22 @@ def test_an_error_line_says_when_to_retry_and_which_quota():
     assert record["code"] == "RESOURCE_EXHAUSTED"
     assert record["retry_after_s"] == 20.5
     assert record["quota_violations"] == ["tenant:team-a:requests_per_minute"]
+
+
+def test_a_request_line_refuses_options_it_would_leave_out(tmp_path):
+    """A `request` line is sent as given, so a prompt line's option beside it (`tools`,
+    `max_tokens`, `system`, ...) makes a bad line saying where it goes, not an item sent
+    without it; a top-level `model` still fills a request that names none."""
+    path = tmp_path / "in.jsonl"
+    request = {"messages": [{"role": "ROLE_USER", "content": "Weather?"}]}
+    lines = [
+        {"id": "a", "request": request, "tools": [{"name": "get_weather"}]},
+        {"id": "b", "request": request, "max_tokens": 5, "system": "Be brief"},
+        {"id": "c", "request": request, "model": "m2"},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    items, bad = read_input(path, "m")
+    assert [(item.id, item.request.model) for item in items] == [("c", "m2")]
+    assert [b.line for b in bad] == [1, 2]
+    assert bad[0].reason == "'tools' beside 'request' would be left out: put it inside 'request'"
+    assert "'max_tokens', 'system'" in bad[1].reason

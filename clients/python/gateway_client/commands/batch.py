@@ -43,6 +43,16 @@ DEFAULT_ITEMS_PER_CALL = 500
 MAX_CALL_BYTES = 3 * 1024 * 1024
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed", "reasoning_effort")
+# What a prompt or messages line may set; a `request` line carries all of it inside.
+_PROMPT_LINE_KEYS = (
+    "prompt",
+    "messages",
+    "system",
+    "labels",
+    "tools",
+    "tool_choice",
+    *_PARAM_KEYS,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -119,6 +129,11 @@ def _request_from(data: dict[str, Any], default_model: str) -> pb.CompleteReques
     if "request" in data:
         if not isinstance(data["request"], dict):
             raise ValueError("'request' must be an object")
+        beside = sorted(key for key in _PROMPT_LINE_KEYS if key in data)
+        if beside:
+            # The request is sent as given: an option beside it would be silently left out.
+            named = ", ".join(repr(key) for key in beside)
+            raise ValueError(f"{named} beside 'request' would be left out: put it inside 'request'")
         try:
             request = json_format.ParseDict(data["request"], pb.CompleteRequest())
         except json_format.ParseError as exc:

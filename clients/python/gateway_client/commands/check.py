@@ -151,7 +151,8 @@ async def check_command(args: argparse.Namespace) -> int:
         return 2
     print(f"config {config.source}: ok")
     if not config.upstreams:
-        print("no upstreams configured")
+        local = ": the gateway will serve the local model" if config.wants_local_model else ""
+        print(f"no upstreams configured{local}")
         return 0
     checks = await check_all(config, timeout_s=args.timeout)
     print(format_checks(checks))

@@ -1,0 +1,59 @@
+"""README's Python examples run as written: they compile, paste into the asyncio REPL, and
+name models the shipped config serves."""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from service.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+# Fenced blocks, also those indented under a list item.
+PYTHON_BLOCKS = [
+    textwrap.dedent(body)
+    for _, body in re.findall(r"^([ \t]*)```python\n(.*?)^\1```", README, re.S | re.M)
+]
+
+
+def test_readme_has_python_examples() -> None:
+    """The pattern finds the examples, so the tests below check something."""
+    assert len(PYTHON_BLOCKS) >= 5
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS)
+def test_a_python_example_compiles(block: str) -> None:
+    """Each example is Python (top-level `await` and `async with` allowed, as in the
+    `python -m asyncio` REPL the README offers)."""
+    compile(block, "README.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS)
+def test_a_python_example_pastes_into_the_repl(block: str) -> None:
+    """No blank line inside an indented block: pasted into a REPL, the blank line ends the
+    block, and the rest fails with IndentationError (the quick start's example did)."""
+    lines = block.splitlines()
+    inside = [
+        number
+        for number, (blank, following) in enumerate(itertools.pairwise(lines), 1)
+        if not blank.strip() and following[:1] in (" ", "\t")
+    ]
+    assert inside == []
+
+
+def test_python_examples_name_models_the_shipped_config_serves() -> None:
+    """`model="..."` in an example is a model `config/gateway.yaml` serves (a preset's or
+    the local model), so an example run against `make run` is never NOT_FOUND for its
+    name alone (the tool-call example named `deepseek-chat`, which no preset serves)."""
+    config = load_config(ROOT / "config" / "gateway.yaml", environ={})
+    served = {name for upstream in config.upstreams for name in upstream.models}
+    served.add(config.local_model.model)
+    named = {name for block in PYTHON_BLOCKS for name in re.findall(r'model="([^"]+)"', block)}
+    assert named
+    assert named <= served, named - served
