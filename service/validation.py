@@ -33,6 +33,10 @@ MAX_TOOLS = 128  # OpenAI's limit
 # is no conversation, and converting millions of them would hold the event loop.
 MAX_TOOL_CALLS_PER_MESSAGE = 128
 _MAX_TOOL_CALL_FIELD = 256  # a sent-back tool call's id, and its name
+# A message's tool calls whose bad ids and names are each a violation; those after are
+# counted in one: 1,000 messages of 128 empty calls (261 KB) were 256,000 violations,
+# 0.6 s of the event loop to build, of which a caller is shown ten.
+_TOOL_CALLS_TOLD_APART = 8
 
 
 def _range(
@@ -262,6 +266,7 @@ def _tool_message_violations(
         found.append(FieldViolation(f"{path}.tool_calls", "only on ROLE_ASSISTANT messages"))
     if len(message.tool_calls) > MAX_TOOL_CALLS_PER_MESSAGE:
         found.append(too_many_tool_calls(index, len(message.tool_calls)))
+    unnamed = 0  # bad ids and names past the first few, told as one count
     for number, call in enumerate(message.tool_calls[:MAX_TOOL_CALLS_PER_MESSAGE]):
         chars += len(call.id) + len(call.name) + len(call.arguments)
         # Both are the model's own output sent back, so a name need not follow the rule
@@ -269,6 +274,9 @@ def _tool_message_violations(
         # refusing the turn that carries it would leave the caller no way to answer it.
         for name, value in (("id", call.id), ("name", call.name)):
             if not value or len(value) > _MAX_TOOL_CALL_FIELD or not value.isprintable():
+                if number >= _TOOL_CALLS_TOLD_APART:
+                    unnamed += 1
+                    continue
                 found.append(
                     FieldViolation(
                         f"{path}.tool_calls[{number}].{name}",
@@ -276,6 +284,14 @@ def _tool_message_violations(
                     )
                 )
         call_ids.add(call.id)
+    if unnamed:
+        found.append(
+            FieldViolation(
+                f"{path}.tool_calls",
+                f"{unnamed} more ids and names (from tool_calls[{_TOOL_CALLS_TOLD_APART}]) "
+                f"must be 1 to {_MAX_TOOL_CALL_FIELD} printable characters",
+            )
+        )
     if message.role is Role.TOOL:
         if not message.tool_call_id:
             found.append(FieldViolation(f"{path}.tool_call_id", "required on ROLE_TOOL messages"))
