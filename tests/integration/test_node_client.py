@@ -397,6 +397,28 @@ async def test_node_decodes_every_detail_the_gateway_packs(
     )
 
 
+@pytest.mark.parametrize("deadline_won", [False, True], ids=["same-code", "deadline-won"])
+async def test_node_call_error_reads_the_trailers_details_only_for_its_own_code(
+    node_scenarios: Path, deadline_won: bool
+) -> None:
+    """A call whose deadline passed as the gateway sent its error fails
+    DEADLINE_EXCEEDED with the gateway's status still in its trailer. Its details are
+    of that other status (a RetryInfo, an upstream named), not of the deadline: they are
+    left out, as the Python client leaves them out. Before, they were decoded as the
+    call's own."""
+    status = to_rpc_status(
+        UpstreamRateLimited("rate limited", upstream="up0", status=429, retry_after_s=2.0)
+    )
+    encoded = base64.b64encode(status.SerializeToString()).decode()
+    code = grpc.StatusCode.DEADLINE_EXCEEDED.value[0] if deadline_won else status.code
+    decoded = not deadline_won
+    number = str(code)
+    seen = await run_node(node_scenarios, "decode", "--status-base64", encoded, "--code", number)
+    details = seen["details"]
+    assert (details["errorInfo"] is not None) is decoded
+    assert details["retryDelayMs"] == (pytest.approx(2000) if decoded else None)
+
+
 async def test_python_channel_with_service_config_honours_pushback(
     upstream: FakeUpstream, start_gateway: StartGateway
 ) -> None:

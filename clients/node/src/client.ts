@@ -83,8 +83,11 @@ function durationMs(duration: Duration | undefined): number | null {
   return duration.seconds * 1000 + duration.nanos / 1e6;
 }
 
-/** Decode the packed details of a serialized `google.rpc.Status`. */
-export function decodeStatusDetails(statusBytes: Uint8Array): StatusDetails {
+/**
+ * Decode the packed details of a serialized `google.rpc.Status`; with `code`, none when the
+ * status is of another code (the call's own status wins over the trailer's).
+ */
+export function decodeStatusDetails(statusBytes: Uint8Array, code?: grpc.status): StatusDetails {
   const status = Status.decode(statusBytes);
   const details: StatusDetails = {
     fieldViolations: [],
@@ -93,6 +96,11 @@ export function decodeStatusDetails(statusBytes: Uint8Array): StatusDetails {
     errorInfo: null,
     unknownTypeUrls: [],
   };
+  if (code !== undefined && status.code !== code) {
+    // The call's deadline passed as the gateway sent its error, and gRPC's own
+    // DEADLINE_EXCEEDED won: the gateway's details are of another status, not this one.
+    return details;
+  }
   for (const packed of status.details) {
     decodeOne(packed, details);
   }
@@ -152,7 +160,7 @@ export class GatewayCallError extends Error {
     const raw = metadata?.get(STATUS_DETAILS_KEY)[0];
     this.details =
       raw instanceof Buffer
-        ? decodeStatusDetails(raw)
+        ? decodeStatusDetails(raw, error.code)
         : {
             fieldViolations: [],
             quotaViolations: [],

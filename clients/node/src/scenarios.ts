@@ -2,6 +2,7 @@
  * Scenarios that tests/integration/test_node_client.py runs against a real gateway.
  *
  *   node scenarios.js SCENARIO --address HOST:PORT [--model NAME] [--status-base64 B64]
+ *     [--code N]
  *     [--tls] [--ca-file PEM] [--cert-file PEM] [--key-file PEM] [--pem-bytes]
  *
  * Each scenario uses the typed client exactly as a caller would and prints one JSON line
@@ -10,12 +11,15 @@
 import * as fs from "node:fs";
 import { performance } from "node:perf_hooks";
 
+import * as grpc from "@grpc/grpc-js";
+
 import {
   CompletionMetadata,
   CompletionStream,
   GatewayCallError,
   GatewayClient,
   ReasoningEffort,
+  STATUS_DETAILS_KEY,
   Role,
   StreamEvent,
   TlsOptions,
@@ -30,6 +34,8 @@ interface Args {
   address: string;
   model: string;
   statusBase64: string;
+  /** With `decode`: the call's own status code, the trailer's status decoded as a call's. */
+  code: number | undefined;
   apiKey: string | undefined;
   defaultTimeoutMs: number | undefined;
   /** Set by `--tls` or any PEM file: the client connects with these TLS options. */
@@ -49,6 +55,7 @@ function parseArgs(argv: string[]): Args {
     address: "",
     model: "fake-model",
     statusBase64: "",
+    code: undefined,
     apiKey: undefined,
     defaultTimeoutMs: undefined,
     tls: undefined,
@@ -83,6 +90,9 @@ function parseArgs(argv: string[]): Args {
         break;
       case "--status-base64":
         args.statusBase64 = value;
+        break;
+      case "--code":
+        args.code = Number(value);
         break;
       case "--api-key":
         args.apiKey = value;
@@ -287,7 +297,20 @@ async function withoutTimeout(client: GatewayClient, args: Args): Promise<Json> 
 }
 
 async function decode(args: Args): Promise<Json> {
-  return { details: decodeStatusDetails(Buffer.from(args.statusBase64, "base64")) };
+  const status = Buffer.from(args.statusBase64, "base64");
+  if (args.code === undefined) {
+    return { details: decodeStatusDetails(status) };
+  }
+  // A call that failed with `code` and carried that status in its trailer, as grpc-js
+  // hands it over.
+  const metadata = new grpc.Metadata();
+  metadata.set(STATUS_DETAILS_KEY, status);
+  const error = Object.assign(new Error("call failed"), {
+    code: args.code as grpc.status,
+    details: "call failed",
+    metadata,
+  });
+  return { details: new GatewayCallError(error).details };
 }
 
 const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<Json>> = {
