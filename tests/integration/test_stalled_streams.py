@@ -136,3 +136,26 @@ async def test_a_stalled_stream_gives_back_its_tenants_lease_in_redis(
         assert await client.zcard("t-stall:tenant:{team-a}:inflight") == 0
     finally:
         await client.aclose()
+
+
+async def test_a_stalled_callers_deadline_closes_the_upstream_and_frees_its_slots(
+    start_gateway,
+):
+    """The caller reads one message and then nothing until its deadline passes (long
+    before `stalled_stream_timeout_s`): gRPC ends the call with DEADLINE_EXCEEDED while
+    its next message waits on flow control. The upstream request is closed then, and the
+    call's server slot given back, not whenever the garbage collector gets to the
+    abandoned messages (under load, minutes; at shutdown, never)."""
+    async with FakeUpstream(default=_LONG) as upstream:
+        gateway = await start_gateway(
+            gateway_config(upstream.base_url, server={"stalled_stream_timeout_s": 600})
+        )
+        call = gateway.stub.CompleteStream(chat_stream("long"), timeout=1.5)
+        await call.read()
+        assert await settle(lambda: checked_out_connections(gateway) == 1)
+        assert await call.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await settle(lambda: checked_out_connections(gateway) == 0)
+        assert await settle(lambda: gateway.server.admission.is_idle)
+        assert await settle(lambda: upstream.open_connections() == 0)
+        usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+        assert (usage.total.requests, usage.total.estimated_requests) == (1, 1)
