@@ -119,9 +119,7 @@ async def test_redis_down_falls_open_to_the_local_rate_and_says_so_once(
     with caplog.at_level(logging.INFO, logger="llm_gateway"):
         outcomes = await _calls([gateway], 5)
     assert outcomes == ["ok", "ok", "UPSTREAM_LIMIT", "UPSTREAM_LIMIT", "UPSTREAM_LIMIT"]
-    fallbacks = [
-        r for r in caplog.records if r.getMessage() == "upstream_limits.shared_unavailable"
-    ]
+    fallbacks = _logged(caplog, "upstream_limits.shared_unavailable")
     assert len(fallbacks) == 1
     assert getattr(fallbacks[0], "upstream", None) == "up0"
 
@@ -166,3 +164,43 @@ def test_shared_limits_need_auth_redis_url_and_a_rate() -> None:
     with pytest.raises(ConfigError) as no_rate:
         parse_config(data, source="<test>", environ={})
     assert "requests_per_minute" in str(no_rate.value)
+
+
+async def test_a_hung_redis_falls_open_and_sharing_resumes_once_it_answers(
+    upstream: FakeUpstream,
+    redis_server: RedisServer,
+    start_gateway: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis stopped mid-run (answers nothing): the call is served from the local bucket
+    after one timeout. Once Redis answers again the refiller's retry finds it, says so,
+    and the next call takes its request from the shared bucket again."""
+    client = Redis.from_url(redis_server.url)
+    key = bucket_keys(_PREFIX, "up0")[0]
+    seconds, micros = await client.time()  # a third full: no refill reaches the top
+    await client.hset(key, mapping={"level": 10, "at": seconds + micros / 1e6})
+    config = _config(upstream, redis_server.url, max_wait_s=0, requests_per_minute=30)
+    gateway = await start_gateway(config)
+    with caplog.at_level(logging.INFO, logger="llm_gateway"):
+        redis_server.pause()
+        try:
+            assert await _calls([gateway], 2) == ["ok", "ok"]
+        finally:
+            redis_server.resume()
+        async with asyncio.timeout(20):
+            while not _logged(caplog, "upstream_limits.shared_restored"):
+                await asyncio.sleep(0.05)
+        before = await client.hgetall(key)
+        assert await _calls([gateway], 1) == ["ok"]
+    after = await client.hgetall(key)
+    await client.aclose()
+    assert len(_logged(caplog, "upstream_limits.shared_unavailable")) == 1
+    # The retry took a second's worth ahead (half a request at 30 a minute): the call took
+    # the other half of its request from Redis, past what refilled meanwhile.
+    refilled = (float(after[b"at"]) - float(before[b"at"])) * 30 / 60
+    taken = float(before[b"level"]) + refilled - float(after[b"level"])
+    assert taken == pytest.approx(0.5, abs=0.01)
+
+
+def _logged(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == message]
