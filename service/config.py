@@ -275,6 +275,9 @@ class UpstreamConfig:
     max_concurrency: int = 50
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    # Keep the two per-minute buckets in `auth.redis_url`'s Redis, shared by every process
+    # and replica: a provider's limit is per account (`service.shared_limits`).
+    shared_limits: bool = False
     # The body field a request's `max_tokens` is sent in: OpenAI's reasoning models
     # (o-series, gpt-5) refuse `max_tokens` and take only `max_completion_tokens`.
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
@@ -368,6 +371,10 @@ class UpstreamConfig:
         _require(
             (self.requests_per_minute or 1) >= 1 and (self.tokens_per_minute or 1) >= 1,
             "requests_per_minute and tokens_per_minute must be >= 1 when set",
+        )
+        _require(
+            not self.shared_limits or bool(self.requests_per_minute or self.tokens_per_minute),
+            "shared_limits shares requests_per_minute and tokens_per_minute; set either",
         )
 
 
@@ -1058,6 +1065,13 @@ def parse_config(
         bad_tenant = next((t for t in tenants if not (is_tenant_name(t) or t in also)), None)
         if bad_tenant is not None:
             raise config.error(f"{section}.{bad_tenant}", "not a valid tenant name")
+    shared = next((i for i, u in enumerate(config.upstreams) if u.shared_limits), None)
+    if shared is not None and not config.auth.redis_url:
+        # Refused at load, not left to run each process at the whole account's rate.
+        raise config.error(
+            f"upstreams[{shared}].shared_limits",
+            "needs auth.redis_url: the shared buckets are kept in that Redis",
+        )
     _check_redis_password_env(config, env)
     upstreams = tuple(
         dataclasses.replace(u, api_key=env.get(u.api_key_env) or None) if u.api_key_env else u

@@ -28,6 +28,7 @@ import contextlib
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from service.clock import SYSTEM_CLOCK, Clock
 from service.errors import UpstreamRateLimited
@@ -86,6 +87,23 @@ class TokenBucket:
         self.level = min(self.per_minute, self.level + amount)
 
 
+class RateBucket(Protocol):
+    """What the limiter asks of a rate bucket: a `TokenBucket`, or one shared through
+    Redis (`service.shared_limits`)."""
+
+    def wait_s(self, amount: float, now: float) -> float:
+        """Seconds until `amount` units are available (0.0: now)."""
+        ...
+
+    def take(self, amount: float, now: float) -> None:
+        """Spend `amount` units."""
+        ...
+
+    def give_back(self, amount: float) -> None:
+        """Return `amount` units spent for a call that was never sent."""
+        ...
+
+
 # eq=False: a waiter leaving is found in its queue by identity, not by a Python call
 # comparing the fields of each one passed over (thousands queued leave in any order).
 @dataclass(slots=True, eq=False)
@@ -117,8 +135,12 @@ class UpstreamLimiter:
         self.max_concurrency = max_concurrency
         self._clock = clock
         now = clock.now()
-        self._requests = TokenBucket.full(requests_per_minute, now) if requests_per_minute else None
-        self._tokens = TokenBucket.full(tokens_per_minute, now) if tokens_per_minute else None
+        self._requests: RateBucket | None = (
+            TokenBucket.full(requests_per_minute, now) if requests_per_minute else None
+        )
+        self._tokens: RateBucket | None = (
+            TokenBucket.full(tokens_per_minute, now) if tokens_per_minute else None
+        )
         self.in_flight = 0
         # Waiters by tenant, the tenants in turn order. An OrderedDict, not a dict: a dict
         # whose first keys were deleted scans past their holes to find its first, and
@@ -341,6 +363,7 @@ class UpstreamLimiter:
 __all__ = [
     "DEFAULT_MAX_CONCURRENCY",
     "LimitExceeded",
+    "RateBucket",
     "TokenBucket",
     "UpstreamLimiter",
 ]

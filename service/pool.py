@@ -47,6 +47,7 @@ from service.retry import (
     is_failover_only,
     is_retryable,
 )
+from service.shared_limits import SharedLimits
 from service.telemetry import active as telemetry
 from service.telemetry.core import AttemptSpan
 from service.upstream.client import UpstreamClient
@@ -177,7 +178,12 @@ class UpstreamState:
     """Everything the pool keeps about one upstream: breaker, limiter, retry budget."""
 
     def __init__(
-        self, client: UpstreamClient, settings: ResilienceConfig, clock: Clock, hooks: PoolHooks
+        self,
+        client: UpstreamClient,
+        settings: ResilienceConfig,
+        clock: Clock,
+        hooks: PoolHooks,
+        shared_limits: SharedLimits | None = None,
     ) -> None:
         self.client = client
         self.breaker = CircuitBreaker(
@@ -194,13 +200,16 @@ class UpstreamState:
             on_change=hooks.breaker_changed,
         )
         config = client.config
-        self.limiter = UpstreamLimiter(
-            client.name,
-            max_concurrency=config.max_concurrency,
-            requests_per_minute=config.requests_per_minute,
-            tokens_per_minute=config.tokens_per_minute,
-            clock=clock,
-        )
+        if shared_limits is not None and config.shared_limits:
+            self.limiter = shared_limits.limiter(config, clock)
+        else:
+            self.limiter = UpstreamLimiter(
+                client.name,
+                max_concurrency=config.max_concurrency,
+                requests_per_minute=config.requests_per_minute,
+                tokens_per_minute=config.tokens_per_minute,
+                clock=clock,
+            )
         self.budget = RetryBudget(
             ratio=settings.retry_budget_ratio,
             window_s=settings.retry_budget_window_s,
@@ -272,7 +281,9 @@ class UpstreamPool:
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
         hooks: PoolHooks | None = None,
+        shared_limits: SharedLimits | None = None,
     ) -> None:
+        """`shared_limits`: the rates of the upstreams with `shared_limits: true`."""
         self.clients = tuple(clients)
         self.settings = settings or ResilienceConfig()
         self.hooks = hooks or PoolHooks()
@@ -284,7 +295,10 @@ class UpstreamPool:
             cap_s=self.settings.backoff_cap_s,
             max_retry_after_s=self.settings.max_retry_after_s,
         )
-        self._states = {c.name: UpstreamState(c, self.settings, clock, self.hooks) for c in clients}
+        self._states = {
+            c.name: UpstreamState(c, self.settings, clock, self.hooks, shared_limits)
+            for c in clients
+        }
         self._routes: dict[str, list[Route]] = {}
         for client in self.clients:
             for model, upstream_model in client.config.models.items():

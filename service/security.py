@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from service.auth import (
@@ -88,22 +89,45 @@ def _redis_client(config: GatewayConfig) -> Any:
     )
 
 
-async def build_caller_gate(config: GatewayConfig, stack: contextlib.AsyncExitStack) -> CallerGate:
-    """The gate for `config`; a Redis client it opens is closed by `stack`."""
+@dataclass(frozen=True, slots=True)
+class AuthRedis:
+    """The Redis of `auth.redis_url`: its client, the lean client beside it for the
+    per-call scripts, and their one cool-down."""
+
+    client: Any
+    lean: LeanRedis
+    cooldown: StoreCooldown
+
+
+def open_auth_redis(config: GatewayConfig, stack: contextlib.AsyncExitStack) -> AuthRedis | None:
+    """The clients of `auth.redis_url` (None without it), closed by `stack`."""
+    if not config.auth.redis_url:
+        return None
+    client = _redis_client(config)
+    stack.push_async_callback(client.aclose)
+    lean = LeanRedis.beside(client)
+    stack.push_async_callback(lean.aclose)
+    # One cool-down for the one client: a Redis that does not answer the key lookup will
+    # not answer the tenant limits (or the upstreams' shared rates) either.
+    return AuthRedis(client, lean, StoreCooldown("auth"))
+
+
+async def build_caller_gate(
+    config: GatewayConfig, stack: contextlib.AsyncExitStack, redis: AuthRedis | None = None
+) -> CallerGate:
+    """The gate for `config`; a Redis client it opens (unless given `redis`, the clients
+    of `auth.redis_url`) is closed by `stack`."""
     auth = config.auth
     stores = _local_key_stores(config)
     limiter: TenantLimiter = MemoryTenantLimiter()
-    if auth.redis_url:
-        client = _redis_client(config)
-        stack.push_async_callback(client.aclose)
-        lean = LeanRedis.beside(client)
-        stack.push_async_callback(lean.aclose)
-        # One cool-down for the one client: a Redis that does not answer the key lookup
-        # will not answer the tenant limits either.
-        cooldown = StoreCooldown("auth")
-        stores.append(RedisKeyStore(client, prefix=auth.redis_key_prefix, cooldown=cooldown))
+    if redis is None:
+        redis = open_auth_redis(config, stack)
+    if redis is not None:
+        stores.append(
+            RedisKeyStore(redis.client, prefix=auth.redis_key_prefix, cooldown=redis.cooldown)
+        )
         redis_limiter = RedisTenantLimiter(
-            client, prefix=auth.redis_key_prefix, cooldown=cooldown, commands=lean
+            redis.client, prefix=auth.redis_key_prefix, cooldown=redis.cooldown, commands=redis.lean
         )
         stack.push_async_callback(redis_limiter.aclose)  # unwound before client.aclose
         limiter = redis_limiter

@@ -43,8 +43,9 @@ from service.rpc_boundary import (
     guard_servicer,
     pending_call_options,
 )
-from service.security import build_caller_gate, check_listen_policy
+from service.security import AuthRedis, build_caller_gate, check_listen_policy, open_auth_redis
 from service.servicer import CompletionServicer
+from service.shared_limits import SharedLimits
 from service.telemetry import Telemetry, TelemetrySetupError, activate
 from service.telemetry.setup import MetricsListenError
 from service.telemetry.subscribers import observe_cache, observe_store_writes, subscribe_pool
@@ -137,7 +138,8 @@ class GatewayServer:
     async def start(self) -> None:
         """Build everything and start listening."""
         check_listen_policy(self.config)
-        gate = await build_caller_gate(self.config, self._stack)
+        auth_redis = open_auth_redis(self.config, self._stack)
+        gate = await build_caller_gate(self.config, self._stack, auth_redis)
         prices = PriceList(self.config.models)
         await self._start_telemetry(prices)
         ledger = open_ledger(self.config.ledger, wall_clock=self._wall_clock)
@@ -154,7 +156,11 @@ class GatewayServer:
                 default_mode=self.config.defaults.cache_mode,
             )
         )
-        pool = UpstreamPool(clients, settings=self.config.resilience)
+        pool = UpstreamPool(
+            clients,
+            settings=self.config.resilience,
+            shared_limits=self._shared_limits(auth_redis),
+        )
         _warn_of_unpriced_models(pool, prices)
         assert self.telemetry is not None  # installed by _start_telemetry
         subscribe_pool(self.telemetry, pool.hooks, upstreams=[c.name for c in clients])
@@ -227,6 +233,17 @@ class GatewayServer:
         log.info(
             "server.started", extra={"port": self.port, "upstreams": [c.name for c in clients]}
         )
+
+    def _shared_limits(self, redis: AuthRedis | None) -> SharedLimits | None:
+        """The shared rates of the upstreams with `shared_limits` (None: none has it);
+        their reserves are given back as the server stops, before the client closes."""
+        if redis is None or not any(u.shared_limits for u in self.config.upstreams):
+            return None
+        shared = SharedLimits(
+            redis.lean, prefix=self.config.auth.redis_key_prefix, cooldown=redis.cooldown
+        )
+        self._stack.push_async_callback(shared.aclose)
+        return shared
 
     @property
     def _reuse_port_option(self) -> tuple[str, int]:

@@ -1,0 +1,206 @@
+"""An upstream's per-minute rate shared by every gateway on one Redis (`shared_limits`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service.config import ConfigError, parse_config
+from service.shared_limits import SharedRate, bucket_keys
+from tests.conftest import RunningGateway, chat, gateway_config_data
+from tests.fake_upstream import FakeUpstream
+from tests.integration.helpers import error_info
+from tests.redis_server import RedisServer
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+
+_PREFIX = "llm_gateway:"  # auth.redis_key_prefix's default
+
+
+def _config(upstream: FakeUpstream, redis_url: str, *, max_wait_s: float, **limits: Any) -> Any:
+    """One upstream (`up0`) with `limits` shared through `redis_url`; no retries, so a
+    call refused by the limit is refused, not tried again."""
+    data = gateway_config_data(
+        upstream.base_url,
+        auth={"redis_url": redis_url},
+        resilience={"max_limit_wait_s": max_wait_s, "attempts": 1},
+    )
+    data["upstreams"][0].update(limits, shared_limits=True)
+    return parse_config(data, source="<test>", environ={})
+
+
+async def _calls(gateways: list[RunningGateway], count: int, **fields: Any) -> list[str]:
+    """`count` calls, in turn on each gateway: "ok", the ErrorInfo reason of a
+    RESOURCE_EXHAUSTED, or any other error as it is."""
+    outcomes = []
+    for i in range(count):
+        try:
+            await gateways[i % len(gateways)].stub.Complete(chat(f"call {i}", **fields), timeout=20)
+        except grpc.aio.AioRpcError as exc:
+            reason = error_info(exc).reason
+            outcomes.append(
+                reason if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else str(exc)
+            )
+        else:
+            outcomes.append("ok")
+    return outcomes
+
+
+async def test_two_gateways_share_one_requests_per_minute(
+    upstream: FakeUpstream, redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """At 4 a minute (a request per 15 s: none comes back during the test), the two
+    gateways together send the upstream 4 calls, not 4 each, and refuse the rest."""
+    config = _config(upstream, redis_server.url, max_wait_s=0, requests_per_minute=4)
+    gateways = [await start_gateway(config), await start_gateway(config)]
+    outcomes = await _calls(gateways, 10)
+    assert outcomes.count("ok") == 4
+    assert outcomes.count("UPSTREAM_LIMIT") == 6
+    assert len(upstream.requests) == 4
+    # Both took their share from the one bucket: the refusals are not one gateway's.
+    assert "ok" in outcomes[0::2]
+    assert "ok" in outcomes[1::2]
+
+
+async def test_two_gateways_share_one_tokens_per_minute(
+    upstream: FakeUpstream, redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """A call of about 40 tokens (its prompt and max_tokens) against 100 a minute: two
+    fit the shared bucket, whichever gateway takes them, and a third does not (it would
+    need 17 s more of refill)."""
+    config = _config(upstream, redis_server.url, max_wait_s=0, tokens_per_minute=100)
+    gateways = [await start_gateway(config), await start_gateway(config)]
+    outcomes = await _calls(gateways, 6, params=pb.GenerationParams(max_tokens=35))
+    assert outcomes.count("ok") == 2
+    assert outcomes.count("UPSTREAM_LIMIT") == 4
+    assert len(upstream.requests) == 2
+
+
+async def test_a_waiting_call_starts_when_the_shared_bucket_refills(
+    upstream: FakeUpstream, redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """The shared bucket is empty (set so in Redis): a gateway that may not wait refuses
+    the call at once, and one that may wait 8 s starts its call as the bucket refills
+    (a request every 3 s at 20 a minute)."""
+    client = Redis.from_url(redis_server.url)
+    seconds, micros = await client.time()
+    await client.hset(
+        bucket_keys(_PREFIX, "up0")[0], mapping={"level": 0, "at": seconds + micros / 1e6}
+    )
+    await client.aclose()
+    patient = await start_gateway(
+        _config(upstream, redis_server.url, max_wait_s=8, requests_per_minute=20)
+    )
+    hasty = await start_gateway(
+        _config(upstream, redis_server.url, max_wait_s=0, requests_per_minute=20)
+    )
+    assert await _calls([hasty], 1) == ["UPSTREAM_LIMIT"]
+    assert await _calls([patient], 1) == ["ok"]
+    assert len(upstream.requests) == 1
+
+
+async def test_redis_down_falls_open_to_the_local_rate_and_says_so_once(
+    upstream: FakeUpstream, start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With nothing listening at auth.redis_url, the upstream's own per-process bucket
+    applies at the full configured rate (2 a minute: 2 calls go, the rest are refused),
+    and the fallback is logged once, not once a call."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nobody = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"  # closed as the block ends
+    gateway = await start_gateway(_config(upstream, nobody, max_wait_s=0, requests_per_minute=2))
+    with caplog.at_level(logging.INFO, logger="llm_gateway"):
+        outcomes = await _calls([gateway], 5)
+    assert outcomes == ["ok", "ok", "UPSTREAM_LIMIT", "UPSTREAM_LIMIT", "UPSTREAM_LIMIT"]
+    fallbacks = _logged(caplog, "upstream_limits.shared_unavailable")
+    assert len(fallbacks) == 1
+    assert getattr(fallbacks[0], "upstream", None) == "up0"
+
+
+async def test_the_reserve_left_is_given_back_on_stop(
+    upstream: FakeUpstream, redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """After a call the gateway holds a chunk of tokens it took ahead (a second of the
+    rate); stopping gives it back to the shared bucket."""
+    config = _config(upstream, redis_server.url, max_wait_s=0, tokens_per_minute=6000)
+    gateway = await start_gateway(config)
+    assert await _calls([gateway], 1, params=pb.GenerationParams(max_tokens=3000)) == ["ok"]
+    assert gateway.server.pipeline is not None
+    rate: SharedRate = gateway.server.pipeline.pool.state("up0").limiter.rate  # type: ignore[attr-defined]
+    while rate.is_fetching:  # the chunk taken ahead, as the reserve ran low
+        await asyncio.sleep(0.01)
+    assert rate.tokens is not None
+    reserve = rate.tokens.reserve
+    assert reserve > 0
+    client = Redis.from_url(redis_server.url)
+    key = bucket_keys(_PREFIX, "up0")[1]
+    before = await client.hgetall(key)
+    await gateway.server.stop(grace_s=0)
+    after = await client.hgetall(key)
+    await client.aclose()
+    refilled = (float(after[b"at"]) - float(before[b"at"])) * 6000 / 60
+    given_back = float(after[b"level"]) - float(before[b"level"]) - refilled
+    assert given_back == pytest.approx(reserve, abs=0.1)
+
+
+def test_shared_limits_need_auth_redis_url_and_a_rate() -> None:
+    """Refused at load: without Redis there is nothing to share them in, and without a
+    per-minute limit nothing to share."""
+    data = gateway_config_data("http://127.0.0.1:1/v1")
+    data["upstreams"][0].update(requests_per_minute=60, shared_limits=True)
+    with pytest.raises(ConfigError) as no_redis:
+        parse_config(data, source="<test>", environ={})
+    assert "upstreams[0].shared_limits" in str(no_redis.value)
+    assert "auth.redis_url" in str(no_redis.value)
+    data = gateway_config_data("http://127.0.0.1:1/v1", auth={"redis_url": "redis://r:6379/0"})
+    data["upstreams"][0].update(shared_limits=True)
+    with pytest.raises(ConfigError) as no_rate:
+        parse_config(data, source="<test>", environ={})
+    assert "requests_per_minute" in str(no_rate.value)
+
+
+async def test_a_hung_redis_falls_open_and_sharing_resumes_once_it_answers(
+    upstream: FakeUpstream,
+    redis_server: RedisServer,
+    start_gateway: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis stopped mid-run (answers nothing): the call is served from the local bucket
+    after one timeout. Once Redis answers again the refiller's retry finds it, says so,
+    and the next call takes its request from the shared bucket again."""
+    client = Redis.from_url(redis_server.url)
+    key = bucket_keys(_PREFIX, "up0")[0]
+    seconds, micros = await client.time()  # a third full: no refill reaches the top
+    await client.hset(key, mapping={"level": 10, "at": seconds + micros / 1e6})
+    config = _config(upstream, redis_server.url, max_wait_s=0, requests_per_minute=30)
+    gateway = await start_gateway(config)
+    with caplog.at_level(logging.INFO, logger="llm_gateway"):
+        redis_server.pause()
+        try:
+            assert await _calls([gateway], 2) == ["ok", "ok"]
+        finally:
+            redis_server.resume()
+        async with asyncio.timeout(20):
+            while not _logged(caplog, "upstream_limits.shared_restored"):
+                await asyncio.sleep(0.05)
+        before = await client.hgetall(key)
+        assert await _calls([gateway], 1) == ["ok"]
+    after = await client.hgetall(key)
+    await client.aclose()
+    assert len(_logged(caplog, "upstream_limits.shared_unavailable")) == 1
+    # The retry took a second's worth ahead (half a request at 30 a minute): the call took
+    # the other half of its request from Redis, past what refilled meanwhile.
+    refilled = (float(after[b"at"]) - float(before[b"at"])) * 30 / 60
+    taken = float(before[b"level"]) + refilled - float(after[b"level"])
+    assert taken == pytest.approx(0.5, abs=0.01)
+
+
+def _logged(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == message]
