@@ -73,9 +73,10 @@ def worker_count(config: GatewayConfig) -> tuple[int, str]:
 
     `server.workers` when set (0: one per core). Unset, one per core as long as nothing
     that must agree across processes would be kept in each: the usage ledger (GetUsage,
-    budgets) and any tenant's rate limits must then be in Redis; otherwise one process,
-    so that a default setup never answers with a fraction of its usage or lets a tenant
-    through N times its limit. The response cache may be per process: it only hits less.
+    budgets), any tenant's rate limits and any upstream's per-minute rates must then be in
+    Redis; otherwise one process, so that a default setup never answers with a fraction of
+    its usage or lets a tenant, or the gateway at a provider, through N times its limit.
+    The response cache may be per process: it only hits less.
     """
     cores = usable_cpus()
     requested = config.server.workers
@@ -85,6 +86,16 @@ def worker_count(config: GatewayConfig) -> tuple[int, str]:
         return 1, "the usage ledger is in memory (set ledger.redis_url to share it)"
     if not config.auth.redis_url and any(t.has_rate_limits for t in config.tenants.values()):
         return 1, "tenant limits are in memory (set auth.redis_url to share them)"
+    unshared = next(
+        (
+            u.name
+            for u in config.upstreams
+            if (u.requests_per_minute or u.tokens_per_minute) and not u.shared_limits
+        ),
+        None,
+    )
+    if unshared is not None:
+        return 1, f"upstream {unshared!r}'s rates are per process (set its shared_limits: true)"
     return cores, "one per core: shared state is in Redis"
 
 

@@ -40,13 +40,32 @@ def test_unset_with_tenant_limits_in_memory_runs_one_process() -> None:
     assert "auth.redis_url" in why
 
 
+def _upstream(**limits: Any) -> dict[str, Any]:
+    return {"name": "up0", "base_url": "http://127.0.0.1:9/v1", "models": ["m"], **limits}
+
+
+def test_unset_with_an_upstreams_rate_per_process_runs_one_process() -> None:
+    """Per-process buckets would send the provider N times the upstream's rate."""
+    upstreams = [_upstream(requests_per_minute=600)]
+    count, why = worker_count(config(ledger={"redis_url": REDIS}, upstreams=upstreams))
+    assert count == 1
+    assert "'up0'" in why
+    assert "shared_limits" in why
+
+
 @pytest.mark.parametrize(
     "sections",
     [
         {"ledger": {"redis_url": REDIS}},
         {"ledger": {"redis_url": REDIS}, "auth": {"redis_url": REDIS}, "tenants": LIMITED},
+        {
+            "ledger": {"redis_url": REDIS},
+            "auth": {"redis_url": REDIS},
+            "upstreams": [_upstream(tokens_per_minute=10_000, shared_limits=True)],
+        },
+        {"ledger": {"redis_url": REDIS}, "upstreams": [_upstream(max_concurrency=5)]},
     ],
-    ids=["no-limits", "limits-in-redis"],
+    ids=["no-limits", "limits-in-redis", "shared-upstream-rate", "upstream-concurrency-only"],
 )
 def test_unset_with_shared_state_in_redis_runs_one_process_per_core(
     sections: dict[str, Any],
