@@ -49,8 +49,9 @@ _FETCH_WAIT_S = 0.05
 _GIVE_BACK_TIMEOUT_S = 1.0
 
 # KEYS: the requests bucket, the tokens bucket. ARGV: for each bucket its rate per minute
-# (0: no such bucket), the units wanted and the units needed; then 1 to grant what there
-# is short of the need (else nothing is taken unless every bucket has its need), and the
+# (0: no such bucket), the units wanted and the units needed (the smallest call asking's
+# share: what a grant must hold for any of them to start); then 1 to grant what there is
+# short of the need (else nothing is taken unless every bucket has its need), and the
 # keys' TTL. Returns for each bucket the units granted and the level left, as strings.
 _TAKE_LUA = """
 local t = redis.call('TIME')
@@ -126,6 +127,9 @@ class SharedBucket:
         self.chunk = per_minute / 60.0  # a second of the rate: the least taken at once
         self.asked = 0.0  # units asked for by calls about to start, since the last fetch
         self.front = 0.0  # units the call first in line needs
+        # The smallest of those calls: a grant that holds it starts one of them at least,
+        # though not all (a burst gets what the bucket has, as from a local bucket).
+        self.least = math.inf
         # Redis's level after the last fetch, and when it came (inf: not asked yet).
         self.level = math.inf
         self.level_at = 0.0
@@ -152,6 +156,7 @@ class SharedBucket:
         if wait > 0:
             return wait
         self.front = max(self.front, amount)
+        self.least = min(self.least, amount)
         self._rate.fetch()
         return _FETCH_WAIT_S
 
@@ -237,6 +242,7 @@ class SharedRate:
             return
         for bucket, amount in self._amounts(tokens):
             bucket.asked += amount
+            bucket.least = min(bucket.least, amount)
         if self._fetched is None:
             self._fetched = asyncio.get_running_loop().create_future()
         fetched = self._fetched
@@ -280,13 +286,17 @@ class SharedRate:
                 args += [0, 0, 0]
                 needs.append(0.0)
                 continue
-            need = max(0.0, bucket.asked + bucket.front - bucket.reserve)
+            wanted = max(0.0, bucket.asked + bucket.front - bucket.reserve)
+            need = wanted  # no call asking: an overdrawn reserve's debt, all at once
+            if bucket.least < math.inf:
+                need = max(0.0, min(bucket.least, bucket.per_minute) - bucket.reserve)
             is_low = bucket.chunk >= 1 and bucket.reserve < bucket.chunk / 2
             # Failing open, a chunk is asked for all the same: the try of Redis.
-            wants = need > 0 or is_low or self.is_failing_open
-            args += [bucket.per_minute, max(need, bucket.chunk) if wants else 0, need]
+            wants = wanted > 0 or is_low or self.is_failing_open
+            args += [bucket.per_minute, max(wanted, bucket.chunk) if wants else 0, need]
             needs.append(need)
             bucket.asked = bucket.front = 0.0  # asked again by calls still short
+            bucket.least = math.inf
         if not any(args[1::3]):
             return  # met by an earlier fetch since it was asked for
         if self._cooldown.skips():  # Redis just failed to answer another of its users

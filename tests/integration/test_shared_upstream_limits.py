@@ -12,8 +12,12 @@ import pytest
 from redis.asyncio import Redis
 
 from llmgateway.v1 import gateway_pb2 as pb
-from service.config import ConfigError, parse_config
-from service.shared_limits import SharedRate, bucket_keys
+from service.clock import SYSTEM_CLOCK
+from service.config import ConfigError, UpstreamConfig, parse_config
+from service.lean_redis import LeanRedis
+from service.limits import LimitExceeded
+from service.shared_limits import SharedLimits, SharedRate, bucket_keys
+from service.store_cooldown import StoreCooldown
 from tests.conftest import RunningGateway, chat, gateway_config_data
 from tests.fake_upstream import FakeUpstream
 from tests.integration.helpers import error_info
@@ -204,3 +208,37 @@ async def test_a_hung_redis_falls_open_and_sharing_resumes_once_it_answers(
 
 def _logged(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.getMessage() == message]
+
+
+async def test_a_burst_starts_what_the_shared_bucket_holds_not_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """The shared bucket holds 90 of its 100 tokens a minute: of 4 calls of 40 tokens
+    asking at once, by a process that may not wait, the 2 the bucket holds start (as a
+    local bucket's would), not none because the 4 together need more than it holds.
+
+    Before, the one fetch for the 4 asked for all 160 or nothing, and got nothing."""
+    client = Redis.from_url(redis_server.url)
+    key = bucket_keys("burst:", "up0")[1]
+    seconds, micros = await client.time()
+    await client.hset(key, mapping={"level": 90, "at": seconds + micros / 1e6})
+    lean = LeanRedis.beside(client)
+    shared = SharedLimits(lean, prefix="burst:", cooldown=StoreCooldown("auth"))
+    config = UpstreamConfig(
+        name="up0",
+        base_url="http://127.0.0.1:1/v1",
+        models={"m": "m"},
+        tokens_per_minute=100,
+        shared_limits=True,
+    )
+    limiter = shared.limiter(config, SYSTEM_CLOCK)
+    try:
+        outcomes = await asyncio.gather(
+            *(limiter.acquire(tokens=40, max_wait_s=0) for _ in range(4)), return_exceptions=True
+        )
+    finally:
+        await shared.aclose()
+        await lean.aclose()
+        await client.aclose()
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 2
+    assert sum(isinstance(o, LimitExceeded) for o in outcomes) == 2
