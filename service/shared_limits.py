@@ -337,6 +337,9 @@ class SharedRate:
     async def aclose(self) -> None:
         """Stop the refiller and give the reserve back (before the Redis client closes)."""
         self._is_closed = True
+        # Calls still coming (a flight winding down) go on at this process's own rate:
+        # no fetch comes for them now.
+        self.is_failing_open = True
         refiller, self._refiller = self._refiller, None
         # One of an earlier loop ended with it (and could not be awaited on this one).
         if refiller is not None and refiller.get_loop() is asyncio.get_running_loop():

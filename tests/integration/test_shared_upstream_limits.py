@@ -242,3 +242,31 @@ async def test_a_burst_starts_what_the_shared_bucket_holds_not_nothing(
         await client.aclose()
     assert sum(not isinstance(o, BaseException) for o in outcomes) == 2
     assert sum(isinstance(o, LimitExceeded) for o in outcomes) == 2
+
+
+async def test_a_call_after_the_shared_rate_closed_is_answered_not_left_waiting(
+    redis_server: RedisServer,
+) -> None:
+    """A call that reaches the limiter after its shared rate closed (a flight still winding
+    down as the server stops) goes on at the process's own rate, as when Redis does not
+    answer.
+
+    Before, it waited for a fetch that a closed rate never makes: for ever."""
+    client = Redis.from_url(redis_server.url)
+    lean = LeanRedis.beside(client)
+    shared = SharedLimits(lean, prefix="closed:", cooldown=StoreCooldown("auth"))
+    config = UpstreamConfig(
+        name="up0",
+        base_url="http://127.0.0.1:1/v1",
+        models={"m": "m"},
+        requests_per_minute=60,
+        shared_limits=True,
+    )
+    limiter = shared.limiter(config, SYSTEM_CLOCK)
+    try:
+        await shared.aclose()
+        async with asyncio.timeout(5):
+            assert await limiter.acquire(tokens=1, max_wait_s=1) == 0.0
+    finally:
+        await lean.aclose()
+        await client.aclose()
