@@ -62,11 +62,12 @@ for i = 1, 2 do
   local rate, need = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i])
   if rate > 0 then
     local v = redis.call('HMGET', KEYS[i], 'level', 'at')
-    local lvl = tonumber(v[1])
-    if lvl == nil then
+    local lvl, at = tonumber(v[1]), tonumber(v[2])
+    -- Missing, or unreadable (not numbers, a level out of range): full, and rewritten.
+    if lvl == nil or at == nil or not (lvl >= 0 and lvl <= rate) then
       lvl = rate
     else
-      lvl = math.min(rate, lvl + math.max(0, now - tonumber(v[2])) * rate / 60)
+      lvl = math.min(rate, lvl + math.max(0, now - at) * rate / 60)
     end
     levels[i] = lvl
     if lvl < math.min(need, rate) then short = true end

@@ -270,3 +270,36 @@ async def test_a_call_after_the_shared_rate_closed_is_answered_not_left_waiting(
     finally:
         await lean.aclose()
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [{"level": "-1e308", "at": "0"}, {"level": "5", "at": "soon"}, {"level": "5"}],
+    ids=["level-out-of-range", "time-not-a-number", "time-missing"],
+)
+async def test_a_bucket_hash_the_script_cannot_read_counts_as_full_and_is_rewritten(
+    upstream: FakeUpstream,
+    redis_server: RedisServer,
+    start_gateway: Any,
+    corrupt: dict[str, str],
+) -> None:
+    """A requests bucket left unreadable in Redis (written by hand or by another tool)
+    reads as a missing one, full: the call goes, from the shared bucket, which is
+    written afresh.
+
+    Before, an impossible level refused every call for ever (each call renewed the key's
+    expiry), and an unreadable time fell open to the per-process rate for ever."""
+    client = Redis.from_url(redis_server.url)
+    key = bucket_keys(_PREFIX, "up0")[0]
+    await client.hset(key, mapping=corrupt)
+    gateway = await start_gateway(
+        _config(upstream, redis_server.url, max_wait_s=0, requests_per_minute=60)
+    )
+    assert await _calls([gateway], 1) == ["ok"]
+    assert gateway.server.pipeline is not None
+    rate: SharedRate = gateway.server.pipeline.pool.state("up0").limiter.rate  # type: ignore[attr-defined]
+    assert not rate.is_failing_open
+    after = await client.hgetall(key)
+    await client.aclose()
+    assert 0 <= float(after[b"level"]) <= 60
+    assert float(after[b"at"]) > 0
