@@ -333,6 +333,11 @@ class SharedRate:
             "upstream_limits.shared_unavailable",
             extra={"upstream": self.upstream, "error": error, "fallback": "per-process"},
         )
+        # The calls that asked while this fetch was on its way wait for the next, which
+        # comes only with the retry of Redis: they go on now, as the ones it was for.
+        waiting, self._fetched = self._fetched, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
         self.on_refill()  # the calls waiting for a fetch go on at this process's rate
 
     async def aclose(self) -> None:

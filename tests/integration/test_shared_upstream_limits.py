@@ -16,7 +16,7 @@ from service.clock import SYSTEM_CLOCK
 from service.config import ConfigError, UpstreamConfig, parse_config
 from service.lean_redis import LeanRedis
 from service.limits import LimitExceeded
-from service.shared_limits import SharedLimits, SharedRate, bucket_keys
+from service.shared_limits import SharedLimits, SharedRate, SharedUpstreamLimiter, bucket_keys
 from service.store_cooldown import StoreCooldown
 from tests.conftest import RunningGateway, chat, gateway_config_data
 from tests.fake_upstream import FakeUpstream
@@ -303,3 +303,40 @@ async def test_a_bucket_hash_the_script_cannot_read_counts_as_full_and_is_rewrit
     await client.aclose()
     assert 0 <= float(after[b"level"]) <= 60
     assert float(after[b"at"]) > 0
+
+
+async def test_a_call_asking_while_a_fetch_hangs_falls_open_with_it(
+    redis_server: RedisServer,
+) -> None:
+    """Redis hangs while a fetch is on its way: a call that asked meanwhile (for the next
+    fetch) goes on at the process's own rate when that fetch fails, as the call it
+    joined does, not after the refiller's retry of Redis (an hour here).
+
+    Before, it waited for that retry's fetch: a cool-down and a second timeout more."""
+    client = Redis.from_url(redis_server.url, socket_timeout=0.5)
+    lean = LeanRedis.beside(client)
+    rate = SharedRate(
+        "up0",
+        requests_per_minute=30,  # half a request a second: no chunk taken ahead
+        tokens_per_minute=None,
+        commands=lean,
+        prefix="hung:",
+        cooldown=StoreCooldown("auth"),
+        retry_s=3600,
+    )
+    limiter = SharedUpstreamLimiter("up0", rate, max_concurrency=10, clock=SYSTEM_CLOCK)
+    try:
+        await limiter.acquire(tokens=1, max_wait_s=0)  # connected, the script loaded
+        redis_server.pause()
+        first = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=0))
+        while not rate._is_taking:  # its script on its way: the next call asks for the next
+            await asyncio.sleep(0)
+        second = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=0))
+        async with asyncio.timeout(10):
+            assert await asyncio.gather(first, second) == [0.0, 0.0]
+        assert rate.is_failing_open
+    finally:
+        redis_server.resume()
+        await rate.aclose()
+        await lean.aclose()
+        await client.aclose()
