@@ -244,8 +244,9 @@ class SharedRate:
         for bucket, amount in self._amounts(tokens):
             bucket.asked += amount
             bucket.least = min(bucket.least, amount)
-        if self._fetched is None:
-            self._fetched = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._fetched is None or self._fetched.get_loop() is not loop:
+            self._fetched = loop.create_future()
         fetched = self._fetched
         self.fetch()
         await asyncio.shield(fetched)
@@ -254,8 +255,13 @@ class SharedRate:
         """Have the refiller take a chunk (it starts on the running loop, once)."""
         if self._is_closed:
             return
-        if self._refiller is None or self._refiller.done():
-            self._refiller = asyncio.get_running_loop().create_task(self._refill())
+        loop = asyncio.get_running_loop()
+        refiller = self._refiller
+        if refiller is None or refiller.done() or refiller.get_loop() is not loop:
+            # Its event too: one waited on is bound to that loop, and the rate may have
+            # outlived it (a test's, a server's), so the new task would die on its wait.
+            self._wake = asyncio.Event()
+            self._refiller = loop.create_task(self._refill())
         self._wake.set()
 
     async def _refill(self) -> None:
@@ -274,8 +280,7 @@ class SharedRate:
             await self._take_chunk()
         finally:
             self._is_taking = False
-            if fetched is not None and not fetched.done():
-                fetched.set_result(None)
+            _resolve(fetched)
 
     async def _take_chunk(self) -> None:
         buckets = (self.requests, self.tokens)
@@ -336,8 +341,7 @@ class SharedRate:
         # The calls that asked while this fetch was on its way wait for the next, which
         # comes only with the retry of Redis: they go on now, as the ones it was for.
         waiting, self._fetched = self._fetched, None
-        if waiting is not None and not waiting.done():
-            waiting.set_result(None)
+        _resolve(waiting)
         self.on_refill()  # the calls waiting for a fetch go on at this process's rate
 
     async def aclose(self) -> None:
@@ -351,8 +355,8 @@ class SharedRate:
         if refiller is not None and refiller.get_loop() is asyncio.get_running_loop():
             refiller.cancel()
             await asyncio.gather(refiller, return_exceptions=True)
-        if self._fetched is not None and not self._fetched.done():
-            self._fetched.set_result(None)
+        waiting, self._fetched = self._fetched, None
+        _resolve(waiting)
         buckets = (self.requests, self.tokens)
         units = [max(0.0, b.reserve) if b is not None else 0.0 for b in buckets]
         if not any(units):
@@ -376,6 +380,14 @@ class SharedRate:
         for bucket in (self.requests, self.tokens):
             if bucket is not None:
                 bucket.reserve = min(bucket.reserve, 0.0)
+
+
+def _resolve(fetched: asyncio.Future[None] | None) -> None:
+    """End the wait of the calls waiting for `fetched`. One of an ended loop is left: its
+    calls ended with that loop, and resolving it would schedule their wake-up there."""
+    loop = asyncio.get_running_loop()
+    if fetched is not None and not fetched.done() and fetched.get_loop() is loop:
+        fetched.set_result(None)
 
 
 class SharedUpstreamLimiter(UpstreamLimiter):

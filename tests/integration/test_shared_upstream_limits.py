@@ -340,3 +340,42 @@ async def test_a_call_asking_while_a_fetch_hangs_falls_open_with_it(
         await rate.aclose()
         await lean.aclose()
         await client.aclose()
+
+
+def test_a_shared_rate_used_on_a_new_event_loop_keeps_its_refiller() -> None:
+    """A rate whose loop ended (a server's, a test's) and used on another: its refiller
+    starts there and stays, waiting for the next fetch.
+
+    Before, its wake-up event stayed bound to the first loop: the new refiller died
+    with a RuntimeError after each fetch, logged as an exception never retrieved."""
+    server = RedisServer()
+    lean = LeanRedis(host="127.0.0.1", port=server.port, socket_timeout=0.5)
+    rate = SharedRate(
+        "up0",
+        requests_per_minute=30,
+        tokens_per_minute=None,
+        commands=lean,
+        prefix="loops:",
+        cooldown=StoreCooldown("auth"),
+    )
+    limiter = SharedUpstreamLimiter("up0", rate, max_concurrency=10, clock=SYSTEM_CLOCK)
+
+    async def one_call() -> None:
+        await limiter.acquire(tokens=1, max_wait_s=0)
+        limiter.release()
+        while rate.is_fetching:
+            await asyncio.sleep(0.01)
+        assert rate._refiller is not None
+        assert not rate._refiller.done()
+
+    async def close() -> None:
+        await rate.aclose()
+        await lean.aclose()
+
+    asyncio.run(server.start())
+    try:
+        asyncio.run(one_call())
+        asyncio.run(one_call())
+    finally:
+        asyncio.run(close())
+        asyncio.run(server.stop())
