@@ -49,8 +49,9 @@ _FETCH_WAIT_S = 0.05
 _GIVE_BACK_TIMEOUT_S = 1.0
 
 # KEYS: the requests bucket, the tokens bucket. ARGV: for each bucket its rate per minute
-# (0: no such bucket), the units wanted and the units needed; then 1 to grant what there
-# is short of the need (else nothing is taken unless every bucket has its need), and the
+# (0: no such bucket), the units wanted and the units needed (the smallest call asking's
+# share: what a grant must hold for any of them to start); then 1 to grant what there is
+# short of the need (else nothing is taken unless every bucket has its need), and the
 # keys' TTL. Returns for each bucket the units granted and the level left, as strings.
 _TAKE_LUA = """
 local t = redis.call('TIME')
@@ -61,11 +62,12 @@ for i = 1, 2 do
   local rate, need = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i])
   if rate > 0 then
     local v = redis.call('HMGET', KEYS[i], 'level', 'at')
-    local lvl = tonumber(v[1])
-    if lvl == nil then
+    local lvl, at = tonumber(v[1]), tonumber(v[2])
+    -- Missing, or unreadable (not numbers, a level out of range): full, and rewritten.
+    if lvl == nil or at == nil or not (lvl >= 0 and lvl <= rate) then
       lvl = rate
     else
-      lvl = math.min(rate, lvl + math.max(0, now - tonumber(v[2])) * rate / 60)
+      lvl = math.min(rate, lvl + math.max(0, now - at) * rate / 60)
     end
     levels[i] = lvl
     if lvl < math.min(need, rate) then short = true end
@@ -126,6 +128,9 @@ class SharedBucket:
         self.chunk = per_minute / 60.0  # a second of the rate: the least taken at once
         self.asked = 0.0  # units asked for by calls about to start, since the last fetch
         self.front = 0.0  # units the call first in line needs
+        # The smallest of those calls: a grant that holds it starts one of them at least,
+        # though not all (a burst gets what the bucket has, as from a local bucket).
+        self.least = math.inf
         # Redis's level after the last fetch, and when it came (inf: not asked yet).
         self.level = math.inf
         self.level_at = 0.0
@@ -152,6 +157,7 @@ class SharedBucket:
         if wait > 0:
             return wait
         self.front = max(self.front, amount)
+        self.least = min(self.least, amount)
         self._rate.fetch()
         return _FETCH_WAIT_S
 
@@ -237,8 +243,10 @@ class SharedRate:
             return
         for bucket, amount in self._amounts(tokens):
             bucket.asked += amount
-        if self._fetched is None:
-            self._fetched = asyncio.get_running_loop().create_future()
+            bucket.least = min(bucket.least, amount)
+        loop = asyncio.get_running_loop()
+        if self._fetched is None or self._fetched.get_loop() is not loop:
+            self._fetched = loop.create_future()
         fetched = self._fetched
         self.fetch()
         await asyncio.shield(fetched)
@@ -247,8 +255,13 @@ class SharedRate:
         """Have the refiller take a chunk (it starts on the running loop, once)."""
         if self._is_closed:
             return
-        if self._refiller is None or self._refiller.done():
-            self._refiller = asyncio.get_running_loop().create_task(self._refill())
+        loop = asyncio.get_running_loop()
+        refiller = self._refiller
+        if refiller is None or refiller.done() or refiller.get_loop() is not loop:
+            # Its event too: one waited on is bound to that loop, and the rate may have
+            # outlived it (a test's, a server's), so the new task would die on its wait.
+            self._wake = asyncio.Event()
+            self._refiller = loop.create_task(self._refill())
         self._wake.set()
 
     async def _refill(self) -> None:
@@ -267,8 +280,7 @@ class SharedRate:
             await self._take_chunk()
         finally:
             self._is_taking = False
-            if fetched is not None and not fetched.done():
-                fetched.set_result(None)
+            _resolve(fetched)
 
     async def _take_chunk(self) -> None:
         buckets = (self.requests, self.tokens)
@@ -280,13 +292,17 @@ class SharedRate:
                 args += [0, 0, 0]
                 needs.append(0.0)
                 continue
-            need = max(0.0, bucket.asked + bucket.front - bucket.reserve)
+            wanted = max(0.0, bucket.asked + bucket.front - bucket.reserve)
+            need = wanted  # no call asking: an overdrawn reserve's debt, all at once
+            if bucket.least < math.inf:
+                need = max(0.0, min(bucket.least, bucket.per_minute) - bucket.reserve)
             is_low = bucket.chunk >= 1 and bucket.reserve < bucket.chunk / 2
             # Failing open, a chunk is asked for all the same: the try of Redis.
-            wants = need > 0 or is_low or self.is_failing_open
-            args += [bucket.per_minute, max(need, bucket.chunk) if wants else 0, need]
+            wants = wanted > 0 or is_low or self.is_failing_open
+            args += [bucket.per_minute, max(wanted, bucket.chunk) if wants else 0, need]
             needs.append(need)
             bucket.asked = bucket.front = 0.0  # asked again by calls still short
+            bucket.least = math.inf
         if not any(args[1::3]):
             return  # met by an earlier fetch since it was asked for
         if self._cooldown.skips():  # Redis just failed to answer another of its users
@@ -322,18 +338,25 @@ class SharedRate:
             "upstream_limits.shared_unavailable",
             extra={"upstream": self.upstream, "error": error, "fallback": "per-process"},
         )
+        # The calls that asked while this fetch was on its way wait for the next, which
+        # comes only with the retry of Redis: they go on now, as the ones it was for.
+        waiting, self._fetched = self._fetched, None
+        _resolve(waiting)
         self.on_refill()  # the calls waiting for a fetch go on at this process's rate
 
     async def aclose(self) -> None:
         """Stop the refiller and give the reserve back (before the Redis client closes)."""
         self._is_closed = True
+        # Calls still coming (a flight winding down) go on at this process's own rate:
+        # no fetch comes for them now.
+        self.is_failing_open = True
         refiller, self._refiller = self._refiller, None
         # One of an earlier loop ended with it (and could not be awaited on this one).
         if refiller is not None and refiller.get_loop() is asyncio.get_running_loop():
             refiller.cancel()
             await asyncio.gather(refiller, return_exceptions=True)
-        if self._fetched is not None and not self._fetched.done():
-            self._fetched.set_result(None)
+        waiting, self._fetched = self._fetched, None
+        _resolve(waiting)
         buckets = (self.requests, self.tokens)
         units = [max(0.0, b.reserve) if b is not None else 0.0 for b in buckets]
         if not any(units):
@@ -357,6 +380,14 @@ class SharedRate:
         for bucket in (self.requests, self.tokens):
             if bucket is not None:
                 bucket.reserve = min(bucket.reserve, 0.0)
+
+
+def _resolve(fetched: asyncio.Future[None] | None) -> None:
+    """End the wait of the calls waiting for `fetched`. One of an ended loop is left: its
+    calls ended with that loop, and resolving it would schedule their wake-up there."""
+    loop = asyncio.get_running_loop()
+    if fetched is not None and not fetched.done() and fetched.get_loop() is loop:
+        fetched.set_result(None)
 
 
 class SharedUpstreamLimiter(UpstreamLimiter):

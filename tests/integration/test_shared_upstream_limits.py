@@ -12,8 +12,12 @@ import pytest
 from redis.asyncio import Redis
 
 from llmgateway.v1 import gateway_pb2 as pb
-from service.config import ConfigError, parse_config
-from service.shared_limits import SharedRate, bucket_keys
+from service.clock import SYSTEM_CLOCK
+from service.config import ConfigError, UpstreamConfig, parse_config
+from service.lean_redis import LeanRedis
+from service.limits import LimitExceeded
+from service.shared_limits import SharedLimits, SharedRate, SharedUpstreamLimiter, bucket_keys
+from service.store_cooldown import StoreCooldown
 from tests.conftest import RunningGateway, chat, gateway_config_data
 from tests.fake_upstream import FakeUpstream
 from tests.integration.helpers import error_info
@@ -204,3 +208,174 @@ async def test_a_hung_redis_falls_open_and_sharing_resumes_once_it_answers(
 
 def _logged(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.getMessage() == message]
+
+
+async def test_a_burst_starts_what_the_shared_bucket_holds_not_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """The shared bucket holds 90 of its 100 tokens a minute: of 4 calls of 40 tokens
+    asking at once, by a process that may not wait, the 2 the bucket holds start (as a
+    local bucket's would), not none because the 4 together need more than it holds.
+
+    Before, the one fetch for the 4 asked for all 160 or nothing, and got nothing."""
+    client = Redis.from_url(redis_server.url)
+    key = bucket_keys("burst:", "up0")[1]
+    seconds, micros = await client.time()
+    await client.hset(key, mapping={"level": 90, "at": seconds + micros / 1e6})
+    lean = LeanRedis.beside(client)
+    shared = SharedLimits(lean, prefix="burst:", cooldown=StoreCooldown("auth"))
+    config = UpstreamConfig(
+        name="up0",
+        base_url="http://127.0.0.1:1/v1",
+        models={"m": "m"},
+        tokens_per_minute=100,
+        shared_limits=True,
+    )
+    limiter = shared.limiter(config, SYSTEM_CLOCK)
+    try:
+        outcomes = await asyncio.gather(
+            *(limiter.acquire(tokens=40, max_wait_s=0) for _ in range(4)), return_exceptions=True
+        )
+    finally:
+        await shared.aclose()
+        await lean.aclose()
+        await client.aclose()
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 2
+    assert sum(isinstance(o, LimitExceeded) for o in outcomes) == 2
+
+
+async def test_a_call_after_the_shared_rate_closed_is_answered_not_left_waiting(
+    redis_server: RedisServer,
+) -> None:
+    """A call that reaches the limiter after its shared rate closed (a flight still winding
+    down as the server stops) goes on at the process's own rate, as when Redis does not
+    answer.
+
+    Before, it waited for a fetch that a closed rate never makes: for ever."""
+    client = Redis.from_url(redis_server.url)
+    lean = LeanRedis.beside(client)
+    shared = SharedLimits(lean, prefix="closed:", cooldown=StoreCooldown("auth"))
+    config = UpstreamConfig(
+        name="up0",
+        base_url="http://127.0.0.1:1/v1",
+        models={"m": "m"},
+        requests_per_minute=60,
+        shared_limits=True,
+    )
+    limiter = shared.limiter(config, SYSTEM_CLOCK)
+    try:
+        await shared.aclose()
+        async with asyncio.timeout(5):
+            assert await limiter.acquire(tokens=1, max_wait_s=1) == 0.0
+    finally:
+        await lean.aclose()
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [{"level": "-1e308", "at": "0"}, {"level": "5", "at": "soon"}, {"level": "5"}],
+    ids=["level-out-of-range", "time-not-a-number", "time-missing"],
+)
+async def test_a_bucket_hash_the_script_cannot_read_counts_as_full_and_is_rewritten(
+    upstream: FakeUpstream,
+    redis_server: RedisServer,
+    start_gateway: Any,
+    corrupt: dict[str, str],
+) -> None:
+    """A requests bucket left unreadable in Redis (written by hand or by another tool)
+    reads as a missing one, full: the call goes, from the shared bucket, which is
+    written afresh.
+
+    Before, an impossible level refused every call for ever (each call renewed the key's
+    expiry), and an unreadable time fell open to the per-process rate for ever."""
+    client = Redis.from_url(redis_server.url)
+    key = bucket_keys(_PREFIX, "up0")[0]
+    await client.hset(key, mapping=corrupt)
+    gateway = await start_gateway(
+        _config(upstream, redis_server.url, max_wait_s=0, requests_per_minute=60)
+    )
+    assert await _calls([gateway], 1) == ["ok"]
+    assert gateway.server.pipeline is not None
+    rate: SharedRate = gateway.server.pipeline.pool.state("up0").limiter.rate  # type: ignore[attr-defined]
+    assert not rate.is_failing_open
+    after = await client.hgetall(key)
+    await client.aclose()
+    assert 0 <= float(after[b"level"]) <= 60
+    assert float(after[b"at"]) > 0
+
+
+async def test_a_call_asking_while_a_fetch_hangs_falls_open_with_it(
+    redis_server: RedisServer,
+) -> None:
+    """Redis hangs while a fetch is on its way: a call that asked meanwhile (for the next
+    fetch) goes on at the process's own rate when that fetch fails, as the call it
+    joined does, not after the refiller's retry of Redis (an hour here).
+
+    Before, it waited for that retry's fetch: a cool-down and a second timeout more."""
+    client = Redis.from_url(redis_server.url, socket_timeout=0.5)
+    lean = LeanRedis.beside(client)
+    rate = SharedRate(
+        "up0",
+        requests_per_minute=30,  # half a request a second: no chunk taken ahead
+        tokens_per_minute=None,
+        commands=lean,
+        prefix="hung:",
+        cooldown=StoreCooldown("auth"),
+        retry_s=3600,
+    )
+    limiter = SharedUpstreamLimiter("up0", rate, max_concurrency=10, clock=SYSTEM_CLOCK)
+    try:
+        await limiter.acquire(tokens=1, max_wait_s=0)  # connected, the script loaded
+        redis_server.pause()
+        first = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=0))
+        while not rate._is_taking:  # its script on its way: the next call asks for the next
+            await asyncio.sleep(0)
+        second = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=0))
+        async with asyncio.timeout(10):
+            assert await asyncio.gather(first, second) == [0.0, 0.0]
+        assert rate.is_failing_open
+    finally:
+        redis_server.resume()
+        await rate.aclose()
+        await lean.aclose()
+        await client.aclose()
+
+
+def test_a_shared_rate_used_on_a_new_event_loop_keeps_its_refiller() -> None:
+    """A rate whose loop ended (a server's, a test's) and used on another: its refiller
+    starts there and stays, waiting for the next fetch.
+
+    Before, its wake-up event stayed bound to the first loop: the new refiller died
+    with a RuntimeError after each fetch, logged as an exception never retrieved."""
+    server = RedisServer()
+    lean = LeanRedis(host="127.0.0.1", port=server.port, socket_timeout=0.5)
+    rate = SharedRate(
+        "up0",
+        requests_per_minute=30,
+        tokens_per_minute=None,
+        commands=lean,
+        prefix="loops:",
+        cooldown=StoreCooldown("auth"),
+    )
+    limiter = SharedUpstreamLimiter("up0", rate, max_concurrency=10, clock=SYSTEM_CLOCK)
+
+    async def one_call() -> None:
+        await limiter.acquire(tokens=1, max_wait_s=0)
+        limiter.release()
+        while rate.is_fetching:
+            await asyncio.sleep(0.01)
+        assert rate._refiller is not None
+        assert not rate._refiller.done()
+
+    async def close() -> None:
+        await rate.aclose()
+        await lean.aclose()
+
+    asyncio.run(server.start())
+    try:
+        asyncio.run(one_call())
+        asyncio.run(one_call())
+    finally:
+        asyncio.run(close())
+        asyncio.run(server.stop())
