@@ -15,7 +15,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.clock import SYSTEM_CLOCK
 from service.config import ConfigError, UpstreamConfig, parse_config
 from service.lean_redis import LeanRedis
-from service.limits import LimitExceeded
+from service.limits import LimitExceeded, UpstreamLimiter
 from service.shared_limits import SharedLimits, SharedRate, SharedUpstreamLimiter, bucket_keys
 from service.store_cooldown import StoreCooldown
 from tests.conftest import RunningGateway, chat, gateway_config_data
@@ -210,6 +210,18 @@ def _logged(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogR
     return [r for r in caplog.records if r.getMessage() == message]
 
 
+def _shared_limiter(
+    lean: LeanRedis, prefix: str, **rates: int
+) -> tuple[SharedLimits, UpstreamLimiter]:
+    """The shared limits under `prefix` and the limiter of one upstream (`up0`) with
+    `rates` shared through them, with no gateway around it."""
+    shared = SharedLimits(lean, prefix=prefix, cooldown=StoreCooldown("auth"))
+    config = UpstreamConfig(
+        name="up0", base_url="http://127.0.0.1:1/v1", models={"m": "m"}, shared_limits=True, **rates
+    )
+    return shared, shared.limiter(config, SYSTEM_CLOCK)
+
+
 async def test_a_burst_starts_what_the_shared_bucket_holds_not_nothing(
     redis_server: RedisServer,
 ) -> None:
@@ -223,15 +235,7 @@ async def test_a_burst_starts_what_the_shared_bucket_holds_not_nothing(
     seconds, micros = await client.time()
     await client.hset(key, mapping={"level": 90, "at": seconds + micros / 1e6})
     lean = LeanRedis.beside(client)
-    shared = SharedLimits(lean, prefix="burst:", cooldown=StoreCooldown("auth"))
-    config = UpstreamConfig(
-        name="up0",
-        base_url="http://127.0.0.1:1/v1",
-        models={"m": "m"},
-        tokens_per_minute=100,
-        shared_limits=True,
-    )
-    limiter = shared.limiter(config, SYSTEM_CLOCK)
+    shared, limiter = _shared_limiter(lean, "burst:", tokens_per_minute=100)
     try:
         outcomes = await asyncio.gather(
             *(limiter.acquire(tokens=40, max_wait_s=0) for _ in range(4)), return_exceptions=True
@@ -254,15 +258,7 @@ async def test_a_call_after_the_shared_rate_closed_is_answered_not_left_waiting(
     Before, it waited for a fetch that a closed rate never makes: for ever."""
     client = Redis.from_url(redis_server.url)
     lean = LeanRedis.beside(client)
-    shared = SharedLimits(lean, prefix="closed:", cooldown=StoreCooldown("auth"))
-    config = UpstreamConfig(
-        name="up0",
-        base_url="http://127.0.0.1:1/v1",
-        models={"m": "m"},
-        requests_per_minute=60,
-        shared_limits=True,
-    )
-    limiter = shared.limiter(config, SYSTEM_CLOCK)
+    shared, limiter = _shared_limiter(lean, "closed:", requests_per_minute=60)
     try:
         await shared.aclose()
         async with asyncio.timeout(5):
