@@ -301,6 +301,34 @@ async def test_a_bucket_hash_the_script_cannot_read_counts_as_full_and_is_rewrit
     assert float(after[b"at"]) > 0
 
 
+async def test_a_reserve_given_back_to_an_unreadable_bucket_is_dropped_not_an_error(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopping process whose bucket hash was left unreadable meanwhile (its time gone)
+    gives nothing back to it: the take script reads it as full. Before, the give-back
+    script failed on it, logged as `upstream_limits.reserve_kept` as if Redis had not
+    answered."""
+    client = Redis.from_url(redis_server.url)
+    lean = LeanRedis.beside(client)
+    shared, limiter = _shared_limiter(lean, "unreadable:", tokens_per_minute=6000)
+    key = bucket_keys("unreadable:", "up0")[1]
+    try:
+        await limiter.acquire(tokens=3000, max_wait_s=0)
+        assert isinstance(limiter, SharedUpstreamLimiter)
+        while limiter.rate.is_fetching:  # the chunk taken ahead, as the reserve ran low
+            await asyncio.sleep(0.01)
+        assert limiter.rate.tokens is not None
+        assert limiter.rate.tokens.reserve > 0
+        await client.hdel(key, "at")
+        with caplog.at_level(logging.INFO, logger="llm_gateway"):
+            await shared.aclose()
+        assert _logged(caplog, "upstream_limits.reserve_kept") == []
+        assert await client.hget(key, "at") is None  # left for the take script to rewrite
+    finally:
+        await lean.aclose()
+        await client.aclose()
+
+
 async def test_a_call_asking_while_a_fetch_hangs_falls_open_with_it(
     redis_server: RedisServer,
 ) -> None:
