@@ -24,8 +24,8 @@ class FittedPrompt:
     """The messages to send, how many were dropped, and their estimate.
 
     `prompt_tokens` is the plain estimate of what is sent (what limits, budgets and
-    calibration work with); `estimated_tokens` is it times the model's calibration
-    factor, the figure checked against the context window.
+    calibration work with); `estimated_tokens` is it times the calibration factor (the
+    tenant's, for the model), the figure checked against the context window.
     """
 
     messages: tuple[Message, ...]

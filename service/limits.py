@@ -3,10 +3,11 @@
 Each upstream has one `UpstreamLimiter`. Before an attempt the pool asks it for a slot;
 the limiter waits (never longer than the caller can afford) for a free connection slot,
 for its request and token buckets to refill, and for any pause the upstream asked for.
-It also learns from the upstream: `X-RateLimit-Remaining` running low spaces requests
-out over what is left of the window, zero pauses until `X-RateLimit-Reset`, and a 429's
-`Retry-After` pauses for that long, so the gateway slows down before the provider
-starts refusing.
+The buckets are this process's own, unless the upstream has `shared_limits`: then they
+are kept in Redis for every process (`service.shared_limits`). It also learns from the
+upstream: `X-RateLimit-Remaining` running low spaces requests out over what is left of
+the window, zero pauses until `X-RateLimit-Reset`, and a 429's `Retry-After` pauses for
+that long, so the gateway slows down before the provider starts refusing.
 
 A call that cannot start at once, for the rate or for a slot, queues by tenant, and the
 calls take turns: each start goes to the next tenant in turn with a call waiting, its

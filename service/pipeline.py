@@ -61,7 +61,7 @@ class PreparedRequest:
     request: ChatRequest
     dropped: int  # messages the truncation dropped
     prompt_tokens: int  # the estimate of the messages sent (before calibration)
-    calibration: float  # the model's calibration factor it was fitted with
+    calibration: float  # its tenant's calibration factor for its model, fitted with
     asked: ChatRequest  # the request before fitting, to fit it again
 
 
@@ -206,16 +206,16 @@ class Pipeline:
         return PreparedRequest(request, fitted.dropped, fitted.prompt_tokens, calibration, asked)
 
     def _prepared(self, request: ChatRequest | PreparedRequest) -> PreparedRequest:
-        """`request` prepared: again, unless it was prepared with the model's calibration
-        as it is now (the caller gate's check prepares a metered call before it waits for
-        its tenant's limits; nothing else changes what preparing finds)."""
+        """`request` prepared: again, unless it was prepared with its tenant's calibration
+        for its model as it is now (the caller gate's check prepares a metered call before
+        it waits for its tenant's limits; nothing else changes what preparing finds)."""
         if not isinstance(request, PreparedRequest):
             return self.prepare(request)
         return request if self._is_current(request) else self.prepare(request.asked)
 
     def _is_current(self, prepared: PreparedRequest) -> bool:
-        """Whether preparing `prepared`'s request now would fit it alike: the model's
-        calibration is the one it was fitted with."""
+        """Whether preparing `prepared`'s request now would fit it alike: its tenant's
+        calibration for its model is the one it was fitted with."""
         asked = prepared.asked
         return prepared.calibration == self.calibration.factor(asked.model, asked.tenant)
 
@@ -289,7 +289,8 @@ class Pipeline:
 
     def prepared_before(self, repeat_key: RepeatKey) -> bool:
         """Whether `complete` prepared these very bytes for this tenant lately, with the
-        model's calibration as it is now: preparing them again would find them valid."""
+        tenant's calibration for the model as it is now: preparing them again would find
+        them valid."""
         known = self._repeatable.get(repeat_key) if self._cache is not None else None
         return known is not None and self._is_current(known.prepared)
 
@@ -298,9 +299,9 @@ class Pipeline:
 
         Callers hit a hot entry by sending the very same request again, and converting,
         validating, fitting and keying it again was a third of a hit's CPU. Here the same
-        bytes find the request `complete` prepared (if the model's calibration has not
-        moved since), and `ResponseCache.recall` its answer, if a store read returned it
-        in the last second. Otherwise None, and the caller takes `complete`.
+        bytes find the request `complete` prepared (if the tenant's calibration for the
+        model has not moved since), and `ResponseCache.recall` its answer, if a store read
+        returned it in the last second. Otherwise None, and the caller takes `complete`.
         """
         if self._cache is None:
             return None

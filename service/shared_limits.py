@@ -90,7 +90,8 @@ return out
 """
 
 # KEYS: the requests bucket, the tokens bucket. ARGV: for each bucket its rate per minute
-# and the units given back; then the keys' TTL. A bucket whose key is gone is full.
+# and the units given back; then the keys' TTL. A bucket whose key is gone, or that the
+# take script cannot read, is full (as that script reads it): nothing is given back to it.
 _GIVE_BACK_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -98,8 +99,9 @@ for i = 1, 2 do
   local rate, units = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
   if rate > 0 and units > 0 then
     local v = redis.call('HMGET', KEYS[i], 'level', 'at')
-    if v[1] then
-      local lvl = tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate / 60
+    local lvl, at = tonumber(v[1]), tonumber(v[2])
+    if lvl ~= nil and at ~= nil and lvl >= 0 and lvl <= rate then
+      lvl = lvl + math.max(0, now - at) * rate / 60
       lvl = math.min(rate, lvl + units)
       redis.call('HSET', KEYS[i], 'level', tostring(lvl), 'at', tostring(now))
       redis.call('EXPIRE', KEYS[i], tonumber(ARGV[5]))

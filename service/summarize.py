@@ -12,12 +12,12 @@
 3. The part summaries are combined in one call when they fit together; when they do not,
    they are grouped into chunks and summarised again, level by level.
 
-Chunks and groups are sized with the model's token calibration as it stands when they
-are made. Upstream usage can raise it while they wait (a model whose answers report more
-tokens than estimated), so each text is checked again just before it is sent; one that
-no longer fits is split, with the calibration as it is then, into smaller pieces that are
-summarised in its place and in order. Only a window with too little room for any piece
-fails the call (`InvalidRequest`).
+Chunks and groups are sized with the tenant's token calibration for the model as it
+stands when they are made. Upstream usage can raise it while they wait (a model whose
+answers report more tokens than estimated), so each text is checked again just before it
+is sent; one that no longer fits is split, with the calibration as it is then, into
+smaller pieces that are summarised in its place and in order. Only a window with too
+little room for any piece fails the call (`InvalidRequest`).
 
 Under a tenant's tokens_per_minute each call takes its tokens as it starts, so every call
 is also sized to fit one minute's tokens: a larger one could never be taken, and the
@@ -913,9 +913,9 @@ class Summarizer:
         refuses it before sending, or the upstream refuses it as too long.
 
         Callers check the room first, so the pipeline refuses only on a retry: during its
-        backoff other calls raised the model's calibration. An upstream counts its own
-        tokens, and its refusal raises the calibration too. The caller then splits the
-        text as if it had not fitted to begin with.
+        backoff other calls raised the tenant's calibration for the model. An upstream
+        counts its own tokens, and its refusal raises the calibration too. The caller then
+        splits the text as if it had not fitted to begin with.
         """
         try:
             return await self._call(run, system, user, answer_tokens, slot)

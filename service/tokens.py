@@ -1,8 +1,8 @@
 """Token estimates without a tokenizer download.
 
 Conservative by design: it over-counts rather than under-counts, so that a prompt the
-estimator accepts fits the real window; `service.calibration` then learns, per model, how
-far below the estimate the upstream's own counts run.
+estimator accepts fits the real window; `service.calibration` then learns, per tenant and
+model, how far below the estimate the upstream's own counts run.
 
 The estimate follows how byte-level BPE tokenizers (tiktoken's cl100k/o200k, DeepSeek,
 Llama, Gemma) pre-split text: a word, a digit, a punctuation mark or a whitespace run

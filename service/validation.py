@@ -266,7 +266,7 @@ def _tool_message_violations(
         found.append(FieldViolation(f"{path}.tool_calls", "only on ROLE_ASSISTANT messages"))
     if len(message.tool_calls) > MAX_TOOL_CALLS_PER_MESSAGE:
         found.append(too_many_tool_calls(index, len(message.tool_calls)))
-    unnamed = 0  # bad ids and names past the first few, told as one count
+    more_bad_fields = 0  # bad ids and names past the first few, told as one count
     for number, call in enumerate(message.tool_calls[:MAX_TOOL_CALLS_PER_MESSAGE]):
         chars += len(call.id) + len(call.name) + len(call.arguments)
         # Both are the model's own output sent back, so a name need not follow the rule
@@ -275,7 +275,7 @@ def _tool_message_violations(
         for name, value in (("id", call.id), ("name", call.name)):
             if not value or len(value) > _MAX_TOOL_CALL_FIELD or not value.isprintable():
                 if number >= _TOOL_CALLS_TOLD_APART:
-                    unnamed += 1
+                    more_bad_fields += 1
                     continue
                 found.append(
                     FieldViolation(
@@ -284,11 +284,11 @@ def _tool_message_violations(
                     )
                 )
         call_ids.add(call.id)
-    if unnamed:
+    if more_bad_fields:
         found.append(
             FieldViolation(
                 f"{path}.tool_calls",
-                f"{unnamed} more ids and names (from tool_calls[{_TOOL_CALLS_TOLD_APART}]) "
+                f"{more_bad_fields} more ids and names (from tool_calls[{_TOOL_CALLS_TOLD_APART}]) "
                 f"must be 1 to {_MAX_TOOL_CALL_FIELD} printable characters",
             )
         )

@@ -14,6 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import service.summarize
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import GatewayConfig
@@ -239,6 +240,32 @@ async def test_far_too_many_labels_or_stop_sequences_are_refused_by_their_count_
     assert [(v.field, v.description) for v in violations if v.field == field] == [
         (field, description)
     ]
+    assert upstream.requests == []
+
+
+async def test_a_summarize_over_its_label_limit_is_refused_by_the_count(
+    upstream, start_gateway, monkeypatch
+):
+    """Summarize's labels are counted on the wire as Complete's are: one violation saying
+    how many came, and only as many as the limit allows converted and checked."""
+    checked = []
+    check_labels = service.summarize.label_violations
+
+    def noting(labels, *args, **kwargs):
+        checked.append(len(labels))
+        return check_labels(labels, *args, **kwargs)
+
+    monkeypatch.setattr(service.summarize, "label_violations", noting)
+    gw = await start_gateway(gateway_config(upstream.base_url, defaults=LIMITS))
+    labels = {f"k{i}": "v" for i in range(40)}
+    request = pb.SummarizeRequest(model=FAKE_MODEL, document="A short text.", labels=labels)
+    error = await rpc_error(gw.stub.Summarize(request))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    violations = detail(error, error_details_pb2.BadRequest).field_violations
+    assert [(v.field, v.description) for v in violations if v.field.startswith("labels")] == [
+        ("labels", "at most 4 labels, got 40")
+    ]
+    assert checked == [LIMITS["max_labels"]]
     assert upstream.requests == []
 
 

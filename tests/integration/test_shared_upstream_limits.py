@@ -15,7 +15,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.clock import SYSTEM_CLOCK
 from service.config import ConfigError, UpstreamConfig, parse_config
 from service.lean_redis import LeanRedis
-from service.limits import LimitExceeded
+from service.limits import LimitExceeded, UpstreamLimiter
 from service.shared_limits import SharedLimits, SharedRate, SharedUpstreamLimiter, bucket_keys
 from service.store_cooldown import StoreCooldown
 from tests.conftest import RunningGateway, chat, gateway_config_data
@@ -210,6 +210,18 @@ def _logged(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogR
     return [r for r in caplog.records if r.getMessage() == message]
 
 
+def _shared_limiter(
+    lean: LeanRedis, prefix: str, **rates: int
+) -> tuple[SharedLimits, UpstreamLimiter]:
+    """The shared limits under `prefix` and the limiter of one upstream (`up0`) with
+    `rates` shared through them, with no gateway around it."""
+    shared = SharedLimits(lean, prefix=prefix, cooldown=StoreCooldown("auth"))
+    config = UpstreamConfig(
+        name="up0", base_url="http://127.0.0.1:1/v1", models={"m": "m"}, shared_limits=True, **rates
+    )
+    return shared, shared.limiter(config, SYSTEM_CLOCK)
+
+
 async def test_a_burst_starts_what_the_shared_bucket_holds_not_nothing(
     redis_server: RedisServer,
 ) -> None:
@@ -223,15 +235,7 @@ async def test_a_burst_starts_what_the_shared_bucket_holds_not_nothing(
     seconds, micros = await client.time()
     await client.hset(key, mapping={"level": 90, "at": seconds + micros / 1e6})
     lean = LeanRedis.beside(client)
-    shared = SharedLimits(lean, prefix="burst:", cooldown=StoreCooldown("auth"))
-    config = UpstreamConfig(
-        name="up0",
-        base_url="http://127.0.0.1:1/v1",
-        models={"m": "m"},
-        tokens_per_minute=100,
-        shared_limits=True,
-    )
-    limiter = shared.limiter(config, SYSTEM_CLOCK)
+    shared, limiter = _shared_limiter(lean, "burst:", tokens_per_minute=100)
     try:
         outcomes = await asyncio.gather(
             *(limiter.acquire(tokens=40, max_wait_s=0) for _ in range(4)), return_exceptions=True
@@ -254,15 +258,7 @@ async def test_a_call_after_the_shared_rate_closed_is_answered_not_left_waiting(
     Before, it waited for a fetch that a closed rate never makes: for ever."""
     client = Redis.from_url(redis_server.url)
     lean = LeanRedis.beside(client)
-    shared = SharedLimits(lean, prefix="closed:", cooldown=StoreCooldown("auth"))
-    config = UpstreamConfig(
-        name="up0",
-        base_url="http://127.0.0.1:1/v1",
-        models={"m": "m"},
-        requests_per_minute=60,
-        shared_limits=True,
-    )
-    limiter = shared.limiter(config, SYSTEM_CLOCK)
+    shared, limiter = _shared_limiter(lean, "closed:", requests_per_minute=60)
     try:
         await shared.aclose()
         async with asyncio.timeout(5):
@@ -303,6 +299,34 @@ async def test_a_bucket_hash_the_script_cannot_read_counts_as_full_and_is_rewrit
     await client.aclose()
     assert 0 <= float(after[b"level"]) <= 60
     assert float(after[b"at"]) > 0
+
+
+async def test_a_reserve_given_back_to_an_unreadable_bucket_is_dropped_not_an_error(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopping process whose bucket hash was left unreadable meanwhile (its time gone)
+    gives nothing back to it: the take script reads it as full. Before, the give-back
+    script failed on it, logged as `upstream_limits.reserve_kept` as if Redis had not
+    answered."""
+    client = Redis.from_url(redis_server.url)
+    lean = LeanRedis.beside(client)
+    shared, limiter = _shared_limiter(lean, "unreadable:", tokens_per_minute=6000)
+    key = bucket_keys("unreadable:", "up0")[1]
+    try:
+        await limiter.acquire(tokens=3000, max_wait_s=0)
+        assert isinstance(limiter, SharedUpstreamLimiter)
+        while limiter.rate.is_fetching:  # the chunk taken ahead, as the reserve ran low
+            await asyncio.sleep(0.01)
+        assert limiter.rate.tokens is not None
+        assert limiter.rate.tokens.reserve > 0
+        await client.hdel(key, "at")
+        with caplog.at_level(logging.INFO, logger="llm_gateway"):
+            await shared.aclose()
+        assert _logged(caplog, "upstream_limits.reserve_kept") == []
+        assert await client.hget(key, "at") is None  # left for the take script to rewrite
+    finally:
+        await lean.aclose()
+        await client.aclose()
 
 
 async def test_a_call_asking_while_a_fetch_hangs_falls_open_with_it(
