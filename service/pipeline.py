@@ -228,11 +228,16 @@ class Pipeline:
                 reported_tokens=reported.input_tokens,
             )
             return reported
-        estimate = estimate_output_tokens(output.content, output.tool_calls, output.reasoning)
-        max_tokens = prepared.request.params.max_tokens
-        if max_tokens is not None:
-            # The model wrote at most that many, whatever the characters suggest.
-            estimate = min(estimate, max_tokens)
+        # The model wrote at most `max_tokens`, and never more than its window, whatever
+        # the characters suggest. The cap also bounds how much of a long answer is read:
+        # estimating holds the event loop (about 0.1 s a MB), and streams cut together
+        # by their deadlines would hold it for all their text.
+        limit = prepared.request.params.max_tokens
+        if limit is None:
+            limit = self.context_window(prepared.request.model)
+        estimate = estimate_output_tokens(
+            output.content, output.tool_calls, output.reasoning, limit=limit
+        )
         return Usage(input_tokens=prepared.prompt_tokens, output_tokens=estimate, is_estimated=True)
 
     async def complete(

@@ -186,6 +186,72 @@ def estimate_text_tokens(text: str) -> int:
     return _estimate(text)
 
 
+# Texts up to this long are estimated whole against a limit, as without one.
+_WHOLE_MAX_CHARS = 512 * 1024
+# Longer ones are read in pieces of about this many characters.
+_PIECE_CHARS = 256 * 1024
+# A piece ends, where it can, after a lone space or a lone newline that is followed by
+# another character. No match of the estimator's regexes holds it and a character beside
+# it (a space run needs two spaces, a newline run two newlines), their lookarounds see
+# in it what they see at the start or the end of a text, and as ASCII it ends any
+# non-ASCII run: the estimate of a text joined there is exactly the sum of its pieces'.
+_CLEAN_JOIN = re.compile(r"(?<! ) (?=[^ ])|(?<!\n)\n(?=[^\n])")
+# Sought first this near a piece's end, for a piece of about `_PIECE_CHARS`.
+_CLEAN_JOIN_REACH = 4096
+# Elsewhere (text with no such space or newline: CJK, a key, a run of one character), a
+# join can take at most this much off the sum of the two pieces' estimates, with a
+# margin: only matches and runs that touch the join change. Joined letters merge a word
+# (1 token) and drop at most 2 case flips whose lookahead ended with the first piece;
+# joined whitespace merges a run (1); joined marks of one kind merge two rule runs (4:
+# "====" and "====" cost 8, "========" 4); joined non-ASCII runs drop the second run's
+# extra token and share one rounded-up quarter (2). A join is one of these kinds: 4 at
+# most, counted as 16.
+_JOIN_LOSS = 16
+
+
+def estimate_text_tokens_up_to(text: str, limit: int) -> int:
+    """`min(estimate_text_tokens(text), limit)`, reading no more of a long text than
+    the limit needs: a long answer whose output is capped costs the event loop a few
+    hundred KB of estimating rather than all of it.
+
+    Read in pieces, the text's estimate is at least the sum of the pieces' read so far,
+    less `_JOIN_LOSS` for each of their joins (the last one's with the rest of the text
+    included) that is not clean (`_CLEAN_JOIN`): the rest costs 0 or more, and a join
+    takes off no more than that. Once that reaches `limit`, so does the whole text's
+    estimate, and `limit` is exact. Pieces that never reach it sum to the whole text's
+    estimate when all their joins were clean; else the text is estimated whole.
+    """
+    if limit <= 0:
+        return limit
+    if len(text) <= _WHOLE_MAX_CHARS:
+        return min(estimate_text_tokens(text), limit)
+    counted = unclean = start = 0
+    while start < len(text):
+        end, clean = _piece_end(text, start)
+        counted += _estimate(text[start:end])
+        start = end
+        unclean += not clean
+        if counted - unclean * _JOIN_LOSS >= limit:
+            return limit
+    return min(counted if not unclean else estimate_text_tokens(text), limit)
+
+
+def _piece_end(text: str, start: int) -> tuple[int, bool]:
+    """Where the piece of `text` from `start` ends (about `_PIECE_CHARS` on, at a clean
+    join where one is found in its second half), and whether the join there is clean.
+    The last piece ends with the text, and has no join."""
+    end = start + _PIECE_CHARS
+    if end >= len(text):
+        return len(text), True
+    middle = start + _PIECE_CHARS // 2
+    for lowest in (max(end - _CLEAN_JOIN_REACH, middle), middle):
+        # `end + 1`: a join at `end` needs the character after it to tell it is clean.
+        join = _CLEAN_JOIN.search(text, lowest, end + 1)
+        if join is not None:
+            return join.end(), True
+    return end, False
+
+
 def _rule_run_tokens(length: int) -> int:
     """Tokens of a run of `length` (5 or more) of one line-drawing mark."""
     return -(-length // 8) + 3
@@ -291,11 +357,28 @@ def estimate_prompt_tokens(
 
 
 def estimate_output_tokens(
-    content: str, tool_calls: Iterable[ToolCall] = (), reasoning: str = ""
+    content: str,
+    tool_calls: Iterable[ToolCall] = (),
+    reasoning: str = "",
+    *,
+    limit: int | None = None,
 ) -> int:
-    """Estimated tokens of an answer: its text, its tool calls and its reasoning."""
-    return (
-        estimate_text_tokens(content)
-        + estimate_tool_call_tokens(tool_calls)
-        + estimate_text_tokens(reasoning)
-    )
+    """Estimated tokens of an answer: its text, its tool calls and its reasoning; with
+    `limit`, no more than it (`estimate_text_tokens_up_to`: what is past it is not read)."""
+    if limit is None:
+        return (
+            estimate_text_tokens(content)
+            + estimate_tool_call_tokens(tool_calls)
+            + estimate_text_tokens(reasoning)
+        )
+    # Each part up to what the parts before it left: the sum is min(estimate, limit).
+    total = 0
+    for text in (content, reasoning):
+        total += estimate_text_tokens_up_to(text, limit - total)
+    for call in tool_calls:
+        if total >= limit:
+            break
+        total += PER_TOOL_CALL_OVERHEAD
+        for text in (call.id, call.name, call.arguments):
+            total += estimate_text_tokens_up_to(text, max(limit - total, 0))
+    return min(total, limit)

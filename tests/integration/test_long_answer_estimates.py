@@ -1,0 +1,69 @@
+"""A long answer without usage is estimated up to its cap, not read whole.
+
+Estimating holds the event loop (about 0.1 s a MB), so the output estimate of an answer
+its upstream reported no usage for reads no more of it than `max_tokens`, or else the
+model's window, needs: the model wrote at most that many tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service import tokens
+from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
+from tests.fake_upstream import FakeUpstream, Reply
+from tests.integration.test_stream_charges import recorded
+
+WINDOW = 4096  # the fake model's, in `gateway_config`
+TEXT = "word " * 600_000  # 3 MB, 600,000 tokens as estimated whole
+
+
+@pytest.fixture
+def read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of each text the estimator reads from now on."""
+    lengths: list[int] = []
+    estimate = tokens._estimate
+
+    def counting(text: str) -> int:
+        lengths.append(len(text))
+        return estimate(text)
+
+    monkeypatch.setattr(tokens, "_estimate", counting)
+    return lengths
+
+
+async def _call(gateway: RunningGateway, mode: str, params: pb.GenerationParams) -> None:
+    if mode == "unary":
+        response = await gateway.stub.Complete(chat(params=params), timeout=30)
+        assert response.content == TEXT
+        assert response.metadata.usage.estimated
+        return
+    text = ""
+    status = grpc.StatusCode.OK
+    try:
+        async for event in gateway.stub.CompleteStream(chat_stream(params=params), timeout=30):
+            text += event.delta.content
+    except grpc.aio.AioRpcError as error:
+        status = error.code()
+    assert status is (grpc.StatusCode.UNAVAILABLE if mode == "cut" else grpc.StatusCode.OK)
+    assert len(text) > 1_000_000
+    assert (text == TEXT) is (mode == "stream")
+
+
+@pytest.mark.parametrize("max_tokens", [None, 100], ids=["window", "max_tokens"])
+@pytest.mark.parametrize("mode", ["unary", "stream", "cut"])
+async def test_a_long_answer_without_usage_is_estimated_up_to_its_cap(
+    upstream: FakeUpstream, start_gateway: Any, read: list[int], mode: str, max_tokens: int | None
+) -> None:
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    cut_after = 5 if mode == "cut" else None  # the role event and 4 of 8 chunks
+    upstream.script(Reply(content=TEXT, chunks=8, include_usage=False, cut_after_events=cut_after))
+    await _call(gateway, mode, pb.GenerationParams(max_tokens=max_tokens))
+    total = await recorded(gateway, requests=1)
+    assert total.usage.estimated
+    assert total.usage.output_tokens == (max_tokens or WINDOW)
+    assert sum(read) <= len(TEXT) // 8
