@@ -15,13 +15,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import service.summarize
+import service.validation
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import GatewayConfig
 from service.server import GatewayServer
-from tests.conftest import FAKE_MODEL, chat, gateway_config
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream
-from tests.integration.tenancy_helpers import detail, rpc_error, secure_config
+from tests.integration.tenancy_helpers import detail, rpc_error, secure_config, stream_error
 from tests.secret_capture import CALLER_KEY_A, record_emitted
 
 LIMITS = {
@@ -240,6 +241,37 @@ async def test_far_too_many_labels_or_stop_sequences_are_refused_by_their_count_
     assert [(v.field, v.description) for v in violations if v.field == field] == [
         (field, description)
     ]
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("rpc", ["Complete", "CompleteStream", "CompleteBatch"])
+async def test_a_completion_over_its_label_limit_converts_only_the_labels_allowed(
+    upstream, start_gateway, monkeypatch, rpc
+):
+    """A request's labels past `max_labels` are counted on the wire and never converted:
+    the check sees as many as the limit allows. (Its violation's text cannot tell: the
+    check of converted labels says the same count.)"""
+    checked = []
+    check_labels = service.validation.label_violations
+
+    def noting(labels, *args, **kwargs):
+        checked.append(len(labels))
+        return check_labels(labels, *args, **kwargs)
+
+    monkeypatch.setattr(service.validation, "label_violations", noting)
+    gw = await start_gateway(gateway_config(upstream.base_url, defaults=LIMITS))
+    labels = {f"k{i}": "v" for i in range(40)}
+    if rpc == "CompleteBatch":
+        item = pb.BatchItem(id="a", request=chat(labels=labels))
+        events = [e async for e in gw.stub.CompleteBatch(pb.CompleteBatchRequest(items=[item]))]
+        assert events[0].result.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    elif rpc == "CompleteStream":
+        error = await stream_error(gw.stub.CompleteStream(chat_stream(labels=labels)))
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    else:
+        error = await rpc_error(gw.stub.Complete(chat(labels=labels)))
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert checked == [LIMITS["max_labels"]]
     assert upstream.requests == []
 
 
