@@ -12,6 +12,7 @@ import pytest_asyncio
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service import tokens
 from service.config import GatewayConfig, parse_config
 from service.server import GatewayServer
 from tests.fake_upstream import FakeUpstream
@@ -114,6 +115,21 @@ async def gateway(
     """The gateway in front of one fake upstream."""
     result: RunningGateway = await start_gateway(gateway_config(upstream.base_url))
     return result
+
+
+@pytest.fixture
+def estimator_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of each text the token estimator (`service.tokens._estimate`) reads
+    from now on: how far into a long text an estimate went."""
+    lengths: list[int] = []
+    estimate = tokens._estimate
+
+    def counting(text: str) -> int:
+        lengths.append(len(text))
+        return estimate(text)
+
+    monkeypatch.setattr(tokens, "_estimate", counting)
+    return lengths
 
 
 @pytest.fixture

@@ -244,6 +244,19 @@ async def test_far_too_many_labels_or_stop_sequences_are_refused_by_their_count_
     assert upstream.requests == []
 
 
+def _labels_checked(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[int]:
+    """How many labels each call of `module`'s `label_violations` is given, from now on."""
+    checked: list[int] = []
+    check_labels = module.label_violations
+
+    def noting(labels: Any, *args: Any, **kwargs: Any) -> Any:
+        checked.append(len(labels))
+        return check_labels(labels, *args, **kwargs)
+
+    monkeypatch.setattr(module, "label_violations", noting)
+    return checked
+
+
 @pytest.mark.parametrize("rpc", ["Complete", "CompleteStream", "CompleteBatch"])
 async def test_a_completion_over_its_label_limit_converts_only_the_labels_allowed(
     upstream, start_gateway, monkeypatch, rpc
@@ -251,14 +264,7 @@ async def test_a_completion_over_its_label_limit_converts_only_the_labels_allowe
     """A request's labels past `max_labels` are counted on the wire and never converted:
     the check sees as many as the limit allows. (Its violation's text cannot tell: the
     check of converted labels says the same count.)"""
-    checked = []
-    check_labels = service.validation.label_violations
-
-    def noting(labels, *args, **kwargs):
-        checked.append(len(labels))
-        return check_labels(labels, *args, **kwargs)
-
-    monkeypatch.setattr(service.validation, "label_violations", noting)
+    checked = _labels_checked(monkeypatch, service.validation)
     gw = await start_gateway(gateway_config(upstream.base_url, defaults=LIMITS))
     labels = {f"k{i}": "v" for i in range(40)}
     if rpc == "CompleteBatch":
@@ -280,14 +286,7 @@ async def test_a_summarize_over_its_label_limit_is_refused_by_the_count(
 ):
     """Summarize's labels are counted on the wire as Complete's are: one violation saying
     how many came, and only as many as the limit allows converted and checked."""
-    checked = []
-    check_labels = service.summarize.label_violations
-
-    def noting(labels, *args, **kwargs):
-        checked.append(len(labels))
-        return check_labels(labels, *args, **kwargs)
-
-    monkeypatch.setattr(service.summarize, "label_violations", noting)
+    checked = _labels_checked(monkeypatch, service.summarize)
     gw = await start_gateway(gateway_config(upstream.base_url, defaults=LIMITS))
     labels = {f"k{i}": "v" for i in range(40)}
     request = pb.SummarizeRequest(model=FAKE_MODEL, document="A short text.", labels=labels)

@@ -13,27 +13,12 @@ import grpc
 import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
-from service import tokens
 from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.integration.test_stream_charges import recorded
 
 WINDOW = 4096  # the fake model's, in `gateway_config`
 TEXT = "word " * 600_000  # 3 MB, 600,000 tokens as estimated whole
-
-
-@pytest.fixture
-def read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The length of each text the estimator reads from now on."""
-    lengths: list[int] = []
-    estimate = tokens._estimate
-
-    def counting(text: str) -> int:
-        lengths.append(len(text))
-        return estimate(text)
-
-    monkeypatch.setattr(tokens, "_estimate", counting)
-    return lengths
 
 
 async def _call(gateway: RunningGateway, mode: str, params: pb.GenerationParams) -> None:
@@ -57,7 +42,11 @@ async def _call(gateway: RunningGateway, mode: str, params: pb.GenerationParams)
 @pytest.mark.parametrize("max_tokens", [None, 100], ids=["window", "max_tokens"])
 @pytest.mark.parametrize("mode", ["unary", "stream", "cut"])
 async def test_a_long_answer_without_usage_is_estimated_up_to_its_cap(
-    upstream: FakeUpstream, start_gateway: Any, read: list[int], mode: str, max_tokens: int | None
+    upstream: FakeUpstream,
+    start_gateway: Any,
+    estimator_reads: list[int],
+    mode: str,
+    max_tokens: int | None,
 ) -> None:
     gateway = await start_gateway(gateway_config(upstream.base_url))
     cut_after = 5 if mode == "cut" else None  # the role event and 4 of 8 chunks
@@ -66,4 +55,4 @@ async def test_a_long_answer_without_usage_is_estimated_up_to_its_cap(
     total = await recorded(gateway, requests=1)
     assert total.usage.estimated
     assert total.usage.output_tokens == (max_tokens or WINDOW)
-    assert sum(read) <= len(TEXT) // 8
+    assert sum(estimator_reads) <= len(TEXT) // 8

@@ -52,39 +52,27 @@ def _texts() -> Iterator[tuple[str, str]]:
 TEXTS = dict(_texts())
 
 
-@pytest.fixture
-def read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The length of each text `_estimate` reads from now on."""
-    lengths: list[int] = []
-    estimate = tokens._estimate
-
-    def counting(text: str) -> int:
-        lengths.append(len(text))
-        return estimate(text)
-
-    monkeypatch.setattr(tokens, "_estimate", counting)
-    return lengths
-
-
 @pytest.mark.usefixtures("small_pieces")
 @pytest.mark.parametrize("name", TEXTS)
-def test_the_capped_estimate_is_the_whole_estimate_capped(name: str, read: list[int]) -> None:
+def test_the_capped_estimate_is_the_whole_estimate_capped(
+    name: str, estimator_reads: list[int]
+) -> None:
     text = TEXTS[name]
     whole = estimate_text_tokens(text)
     for limit in (0, 1, whole // 10, whole // 2, whole - 17, whole - 1, whole, whole + 1):
         capped = estimate_text_tokens_up_to(text, limit)
         assert capped == min(whole, limit), (name, limit)
         assert capped <= whole
-    read.clear()
+    estimator_reads.clear()
     estimate_text_tokens_up_to(text, whole // 2)
-    assert sum(read) < len(text)  # stopped early, not estimated whole
+    assert sum(estimator_reads) < len(text)  # stopped early, not estimated whole
 
 
 @pytest.mark.usefixtures("small_pieces")
-def test_a_low_limit_stops_reading_a_long_text(read: list[int]) -> None:
+def test_a_low_limit_stops_reading_a_long_text(estimator_reads: list[int]) -> None:
     text = TEXTS["mixed-spaced"]
     assert estimate_text_tokens_up_to(text, 500) == 500
-    assert 0 < sum(read) <= 2 * tokens._PIECE_CHARS < len(text)
+    assert 0 < sum(estimator_reads) <= 2 * tokens._PIECE_CHARS < len(text)
 
 
 def test_joining_two_texts_takes_off_no_more_than_the_margin() -> None:
@@ -136,16 +124,16 @@ def test_pieces_end_at_a_clean_join_when_there_is_one() -> None:
 
 @pytest.mark.parametrize("name", ["words", "mixed-spaced", "newlines-and-words"])
 def test_a_long_text_under_its_limit_is_read_once_when_its_joins_are_clean(
-    name: str, read: list[int], monkeypatch: pytest.MonkeyPatch
+    name: str, estimator_reads: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tokens, "_WHOLE_MAX_CHARS", 4000)
     monkeypatch.setattr(tokens, "_PIECE_CHARS", 2000)
     monkeypatch.setattr(tokens, "_CLEAN_JOIN_REACH", 100)
     text = TEXTS[name]
     whole = tokens._estimate(text)
-    read.clear()
+    estimator_reads.clear()
     assert estimate_text_tokens_up_to(text, whole + 1) == whole
-    assert sum(read) == len(text)
+    assert sum(estimator_reads) == len(text)
 
 
 @pytest.mark.usefixtures("small_pieces")
