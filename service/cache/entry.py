@@ -51,6 +51,8 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "float": (int, float),
     "bool": (bool,),
 }
+# The proto's integers are int64: a JSON integer past them is as unreadable as a string.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Decoded entries remembered by their bytes: at most this many, each at most this long.
 _REMEMBERED_ENTRIES = 256
 REMEMBERED_MAX_BYTES = 16 * 1024
@@ -83,6 +85,8 @@ def _typed(cls: type[T], values: dict[str, Any]) -> T:
         value = values[name]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise EntryDecodeError(f"{cls.__name__}.{name} is a {type(value).__name__}")
+        if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX:
+            raise EntryDecodeError(f"{cls.__name__}.{name} is past int64")
     return cls(**values)
 
 

@@ -563,8 +563,9 @@ async def _cache_one_answer_and_rewrite_it(
         {"cost_usd": "0.1"},
         {"usage": {"input_tokens": "7"}},
         {"id": None},
+        {"usage": {"input_tokens": 2**64 - 1}},
     ],
-    ids=["content", "cost", "usage", "id"],
+    ids=["content", "cost", "usage", "id", "usage-past-int64"],
 )
 async def test_a_corrupt_redis_entry_is_a_miss_not_an_error(
     upstream: FakeUpstream,
