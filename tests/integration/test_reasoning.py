@@ -23,6 +23,7 @@ from tests.conftest import (
 )
 from tests.fake_upstream import Reply, Status, ToolCallReply, split_even
 from tests.integration.helpers import error_info, field_violations
+from tests.integration.test_cache import settled
 from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
 
@@ -384,6 +385,9 @@ async def test_stream_cache_replay_sends_the_reasoning_first_whole(
     gateway = await start_gateway(gateway_config(upstream.base_url, cache=cache_section))
     upstream.script(dataclasses.replace(THINKING, reasoning_pieces=4, chunks=2))
     live = await _collect(gateway.stub, chat_stream(cache=CACHED))
+    # Until its answer is stored, the call is a flight a new caller joins, getting the
+    # pieces as they streamed (README: "live, or the whole reasoning"): wait for the store.
+    await settled(gateway)
     replayed = await _collect(gateway.stub, chat_stream(cache=CACHED))
     assert (live[-1].final.cache_hit, replayed[-1].final.cache_hit) == (False, True)
     assert len(upstream.requests) == 1
