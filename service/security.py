@@ -113,15 +113,13 @@ def open_auth_redis(config: GatewayConfig, stack: contextlib.AsyncExitStack) -> 
 
 
 async def build_caller_gate(
-    config: GatewayConfig, stack: contextlib.AsyncExitStack, redis: AuthRedis | None = None
+    config: GatewayConfig, stack: contextlib.AsyncExitStack, redis: AuthRedis | None
 ) -> CallerGate:
-    """The gate for `config`; a Redis client it opens (unless given `redis`, the clients
-    of `auth.redis_url`) is closed by `stack`."""
+    """The gate for `config`, its keys and tenant limits in `redis` (`open_auth_redis`:
+    the clients of `auth.redis_url`, None without it); what it opens is closed by `stack`."""
     auth = config.auth
     stores = _local_key_stores(config)
     limiter: TenantLimiter = MemoryTenantLimiter()
-    if redis is None:
-        redis = open_auth_redis(config, stack)
     if redis is not None:
         stores.append(
             RedisKeyStore(redis.client, prefix=auth.redis_key_prefix, cooldown=redis.cooldown)

@@ -379,7 +379,7 @@ class SharedRate:
                 extra={"upstream": self.upstream, "error": type(exc).__name__},
             )
             return
-        for bucket in (self.requests, self.tokens):
+        for bucket in buckets:
             if bucket is not None:
                 bucket.reserve = min(bucket.reserve, 0.0)
 

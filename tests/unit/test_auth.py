@@ -21,7 +21,12 @@ from service.auth import (
 from service.caller_gate import CallerGate
 from service.config import AuthConfig, CallerKey, TenantConfig
 from service.errors import PermissionDenied, Unauthenticated
-from service.security import InsecureListen, build_caller_gate, check_listen_policy
+from service.security import (
+    InsecureListen,
+    build_caller_gate,
+    check_listen_policy,
+    open_auth_redis,
+)
 from service.tenant_limits import MemoryTenantLimiter
 from tests.conftest import gateway_config
 
@@ -300,7 +305,8 @@ def test_the_gate_is_skipped_only_when_it_would_admit_everyone_unlimited(
 async def test_the_gate_built_for_a_config_is_skipped_only_without_auth(sections, checks_nothing):
     """The default config builds a gate that checks nothing (so the boundary skips it)."""
     async with contextlib.AsyncExitStack() as stack:
-        gate = await build_caller_gate(gateway_config("http://127.0.0.1:1/v1", **sections), stack)
+        config = gateway_config("http://127.0.0.1:1/v1", **sections)
+        gate = await build_caller_gate(config, stack, open_auth_redis(config, stack))
         assert gate.checks_nothing is checks_nothing
 
 
