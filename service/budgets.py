@@ -20,8 +20,7 @@ beyond `reserve_output_tokens`. A reservation its replica never released lapses 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 from service.config import BudgetConfig
 from service.domain import ChatRequest, Usage
@@ -137,20 +136,20 @@ class BudgetHold:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    @contextlib.asynccontextmanager
-    async def reserving(self, request: ChatRequest, *, prompt_tokens: int) -> AsyncIterator[None]:
+    def reserving(self, request: ChatRequest, *, prompt_tokens: int) -> _Reserving:
         """Reserve before the body (or raise `QuotaExceeded`); hand over or release after."""
+        return _Reserving(self, request, prompt_tokens)
+
+    async def _reserve(self, request: ChatRequest, prompt_tokens: int) -> Reservation | None:
         reservation = await self._budgets.reserve(request, prompt_tokens=prompt_tokens)
-        if reservation is None:
-            yield
-            return
-        self._admitted_s = reservation.at_s
-        try:
-            yield
-        except BaseException:
-            await self._budgets.release(reservation)
-            raise
-        if self._is_closed:
+        if reservation is not None:
+            self._admitted_s = reservation.at_s
+        return reservation
+
+    async def _settle(self, reservation: Reservation, *, has_failed: bool) -> None:
+        """After the body: release a failed call's reservation, or one whose caller left;
+        else keep it until the caller leaves."""
+        if has_failed or self._is_closed:
             await self._budgets.release(reservation)
         else:
             self._kept.append(reservation)
@@ -173,3 +172,23 @@ class BudgetHold:
         kept, self._kept = self._kept, []
         for reservation in kept:
             await self._budgets.release(reservation)
+
+
+class _Reserving:
+    """`BudgetHold.reserving`'s block. A class, not a generator context manager: every
+    cache miss enters one, and an async generator costs its machinery on each."""
+
+    __slots__ = ("_hold", "_prompt_tokens", "_request", "_reservation")
+
+    def __init__(self, hold: BudgetHold, request: ChatRequest, prompt_tokens: int) -> None:
+        self._hold = hold
+        self._request = request
+        self._prompt_tokens = prompt_tokens
+        self._reservation: Reservation | None = None
+
+    async def __aenter__(self) -> None:
+        self._reservation = await self._hold._reserve(self._request, self._prompt_tokens)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if self._reservation is not None:
+            await self._hold._settle(self._reservation, has_failed=exc_type is not None)

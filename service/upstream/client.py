@@ -1,15 +1,14 @@
 """One OpenAI-compatible upstream over a pooled HTTP/1.1 connection pool (`http.py`).
 
 Foreign errors are translated to `UpstreamError` subclasses at one seam,
-`_translate_errors`.
+`_TranslatedErrors`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import orjson
 
@@ -124,31 +123,42 @@ def _headers(config: UpstreamConfig, *, accept: str) -> dict[str, str]:
     return headers
 
 
-@contextlib.contextmanager
-def _translate_errors(upstream: str) -> Iterator[None]:
+class _TranslatedErrors:
     """Turn connection, HTTP and timeout errors into `UpstreamError` subclasses.
 
     We map to the most specific class we can; the original goes in `__cause__` for
-    logs, never into the message a caller sees.
+    logs, never into the message a caller sees. A class rather than
+    `contextlib.contextmanager`: every attempt enters one.
     """
-    try:
-        yield
-    except UpstreamError:
-        raise
-    except TimeoutError as exc:
-        raise UpstreamTimeout(f"upstream {upstream!r} timed out", upstream=upstream) from exc
-    except ConnectFailed as exc:
-        raise UpstreamUnavailable(
-            f"upstream {upstream!r} refused or could not be reached", upstream=upstream
-        ) from exc
-    except (HttpError, ConnectionError) as exc:
-        raise UpstreamUnavailable(
-            f"upstream {upstream!r} dropped the connection", upstream=upstream
-        ) from exc
-    except (MalformedReply, BodyTooLarge) as exc:
-        raise UpstreamUnavailable(
-            f"upstream {upstream!r} sent a malformed answer: {exc}", upstream=upstream
-        ) from exc
+
+    __slots__ = ("_upstream",)
+
+    def __init__(self, upstream: str) -> None:
+        self._upstream = upstream
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is None or isinstance(exc, UpstreamError):
+            return
+        upstream = self._upstream
+        if isinstance(exc, TimeoutError):
+            raise UpstreamTimeout(f"upstream {upstream!r} timed out", upstream=upstream) from exc
+        if isinstance(exc, ConnectFailed):
+            raise UpstreamUnavailable(
+                f"upstream {upstream!r} refused or could not be reached", upstream=upstream
+            ) from exc
+        if isinstance(exc, HttpError | ConnectionError):
+            raise UpstreamUnavailable(
+                f"upstream {upstream!r} dropped the connection", upstream=upstream
+            ) from exc
+        if isinstance(exc, MalformedReply | BodyTooLarge):
+            raise UpstreamUnavailable(
+                f"upstream {upstream!r} sent a malformed answer: {exc}", upstream=upstream
+            ) from exc
 
 
 def _output_of_events(
@@ -271,7 +281,7 @@ class UpstreamClient:
     ) -> UpstreamReply:
         """Send one unary completion and parse the answer; `on_sent` as `HttpPool.request`,
         `on_status` with the answer's status, before its body is read."""
-        with _translate_errors(self.name):
+        with _TranslatedErrors(self.name):
             async with asyncio.timeout_at(self._deadline(timeout_s)):
                 response = await self._post(call, on_sent, on_status)
                 async with response:
@@ -306,7 +316,7 @@ class UpstreamClient:
         """
         deadline = self._deadline(timeout_s)
         whole_stream_deadline = self._deadline(self.config.timeout_s)
-        with _translate_errors(self.name):
+        with _TranslatedErrors(self.name):
             async with asyncio.timeout_at(deadline):
                 response = await self._post(call, on_sent, on_status)
             headers_at = time.monotonic()
@@ -407,7 +417,7 @@ async def _get_once(config: UpstreamConfig, path: str, *, timeout_s: float) -> t
     headers = _headers(config, accept="application/json")
     pool = HttpPool(config.base_url, max_connections=1, connect_timeout_s=timeout_s)
     try:
-        with _translate_errors(config.name):
+        with _TranslatedErrors(config.name):
             async with asyncio.timeout(timeout_s):
                 async with await pool.request("GET", path, headers) as response:
                     return response.status, await response.read()
@@ -423,7 +433,7 @@ async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int
     status, body = await _get_once(config, "/models", timeout_s=timeout_s)
     if status != 200:
         return status, []
-    with _translate_errors(config.name):
+    with _TranslatedErrors(config.name):
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
