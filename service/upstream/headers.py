@@ -88,6 +88,21 @@ def _count(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
+# Every header `rate_limit_hints` can read a hint from without another one alongside.
+_HINT_HEADERS = frozenset(
+    {
+        "x-ratelimit-limit",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-remaining-tokens",
+    }
+)
+_NO_HINTS = RateLimitHints()
+
+
 def rate_limit_hints(headers: Mapping[str, str]) -> RateLimitHints:
     """The upstream's rate-limit headers, as the limiter reads them.
 
@@ -97,6 +112,8 @@ def rate_limit_hints(headers: Mapping[str, str]) -> RateLimitHints:
     the hints describe the tokens window when it is exhausted and the requests window is
     not (or resets sooner), else the requests window.
     """
+    if _HINT_HEADERS.isdisjoint(headers):  # most answers: skip reading each one
+        return _NO_HINTS
     limit = _number(headers, "x-ratelimit-limit") or _number(headers, "x-ratelimit-limit-requests")
     remaining = _number(headers, "x-ratelimit-remaining")
     reset_epoch_s = _number(headers, "x-ratelimit-reset")

@@ -300,3 +300,27 @@ def test_rate_limit_hints_of_openai_windows(
 ) -> None:
     """OpenAI's requests and tokens windows: the exhausted one's reset is the one used."""
     assert rate_limit_hints({**_OPENAI_WINDOWS, **changes}) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("x-ratelimit-limit", "60"),
+        ("x-ratelimit-limit-requests", "60"),
+        ("x-ratelimit-remaining", "0"),
+        ("x-ratelimit-reset", "30"),
+        ("x-ratelimit-remaining-requests", "0"),
+        ("x-ratelimit-reset-requests", "1s"),
+        ("x-ratelimit-remaining-tokens", "0"),
+    ],
+)
+def test_each_hint_header_is_read_on_its_own(name: str, value: str) -> None:
+    """An answer with only one of these headers (and others that are no hint) still gives
+    a hint: none is skipped by the check that spares answers without any."""
+    assert rate_limit_hints({"content-type": "application/json", name: value}) != RateLimitHints()
+
+
+def test_a_tokens_window_without_its_remaining_gives_no_hint() -> None:
+    """The tokens window's limit and reset say nothing without its remaining count."""
+    headers = {"x-ratelimit-limit-tokens": "1000", "x-ratelimit-reset-tokens": "6m0s"}
+    assert rate_limit_hints(headers) == RateLimitHints()
