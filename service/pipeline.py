@@ -21,6 +21,7 @@ from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
 from service.context_window import fit_messages
 from service.domain import (
+    CacheMode,
     ChatRequest,
     Completion,
     Delta,
@@ -261,11 +262,14 @@ class Pipeline:
             owed = _Owed()
             fetch = functools.partial(self._complete, prepared, hold, owed, deadline, started)
             try:
-                if self._cache is None:
+                cache = self._cache
+                if cache is None or (mode := cache.mode_for(request)) is CacheMode.BYPASS:
                     completion = await fetch()
                 else:
-                    key = None if repeat_key is None else self._remember(repeat_key, prepared)
-                    completion = await self._cache.complete(
+                    key = None
+                    if repeat_key is not None:
+                        key = self._remember(repeat_key, prepared, mode)
+                    completion = await cache.complete(
                         request, fetch=fetch, deadline=deadline, key=key
                     )
                     completion = _with_dropped(completion, prepared.dropped)
@@ -277,11 +281,14 @@ class Pipeline:
                 await self._account_owed(request, owed, hold)
         return completion
 
-    def _remember(self, repeat_key: RepeatKey, prepared: PreparedRequest) -> str | None:
-        """Remember a request the cache reads for `repeat`; its store key, else None."""
+    def _remember(
+        self, repeat_key: RepeatKey, prepared: PreparedRequest, mode: CacheMode
+    ) -> str | None:
+        """Remember a request the cache reads (in `mode`) for `repeat`; its store key,
+        else None."""
         cache = self._cache
         request = prepared.request
-        if cache is None or not cache.mode_for(request).reads:
+        if cache is None or not mode.reads:
             return None
         store_key = cache.key_for(request)
         self._repeatable.put(repeat_key, _Repeatable(prepared, store_key))

@@ -382,9 +382,14 @@ def _caller(
     slot of its tenant's concurrent calls is handed out."""
     if gate is not None and principal is not None:
         return gate.admit(request, principal, check=check)
+    _refuse_undecodable(request)
+    return contextlib.nullcontext(NO_SLOT)
+
+
+def _refuse_undecodable(request: Any) -> None:
+    """`InvalidRequest` for bytes that did not decode as the method's message."""
     if isinstance(request, UndecodableRequest):
         raise InvalidRequest([FieldViolation("request", "not a valid message")])
-    return contextlib.nullcontext(NO_SLOT)
 
 
 async def _end_if_cut_off(
@@ -420,10 +425,15 @@ def _guard_unary(
         with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
             principal, ticket = await _enter(context, name, rpc, admission, gate)
             try:
-                async with _caller(request, principal, gate, check):
-                    if principal is None:
-                        rpc.set_tenant(current_tenant())
+                if gate is None:  # nothing to admit (see `guard_servicer`): no `async with`
+                    _refuse_undecodable(request)
+                    rpc.set_tenant(current_tenant())
                     response = await method(request, context)
+                else:
+                    async with _caller(request, principal, gate, check):
+                        if principal is None:
+                            rpc.set_tenant(current_tenant())
+                        response = await method(request, context)
             except asyncio.CancelledError:
                 await _end_if_cut_off(context, name, rpc, admission)
                 raise
