@@ -131,6 +131,8 @@ class Pipeline:
             config.budgets, ledger=self.ledger, prices=prices, wall_clock=wall_clock
         )
         self._repeatable: BoundedMemo[RepeatKey, _Repeatable] = BoundedMemo(REPEATABLE_REQUESTS)
+        # Whether `repeat` can ever answer: a cache that can recall its recent reads.
+        self.takes_repeats = cache is not None and cache.recalls
 
     @property
     def config(self) -> GatewayConfig:
@@ -264,7 +266,7 @@ class Pipeline:
             try:
                 cache = self._cache
                 if cache is None or (mode := cache.mode_for(request)) is CacheMode.BYPASS:
-                    completion = await fetch()
+                    completion = await fetch()  # it told `on_answered`, in this task
                 else:
                     key = None
                     if repeat_key is not None:
@@ -273,7 +275,7 @@ class Pipeline:
                         request, fetch=fetch, deadline=deadline, key=key
                     )
                     completion = _with_dropped(completion, prepared.dropped)
-                self._on_answered()
+                    self._on_answered()
                 # Accounted per caller: a cache hit or a coalesced call records 0 cost.
                 owed.completion = None
                 await self.account(request, completion, admitted_s=hold.admitted_s)
@@ -294,10 +296,6 @@ class Pipeline:
         self._repeatable.put(repeat_key, _Repeatable(prepared, store_key))
         return store_key
 
-    @property
-    def takes_repeats(self) -> bool:
-        """Whether `repeat` can ever answer: a cache that can recall its recent reads."""
-        return self._cache is not None and self._cache.recalls
 
     def prepared_before(self, repeat_key: RepeatKey) -> bool:
         """Whether `complete` prepared these very bytes for this tenant lately, with the
