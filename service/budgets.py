@@ -20,6 +20,7 @@ beyond `reserve_output_tokens`. A reservation its replica never released lapses 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 from service.config import BudgetConfig
@@ -47,6 +48,11 @@ class Budgets:
         self._ledger = ledger
         self._prices = prices
         self._now = wall_clock
+
+    @property
+    def has_any(self) -> bool:
+        """Whether any tenant has a budget: without one, no call reserves anything."""
+        return bool(self._budgets)
 
     def budget_of(self, tenant: str) -> BudgetConfig | None:
         """The budget that applies to `tenant`, if any."""
@@ -136,8 +142,12 @@ class BudgetHold:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def reserving(self, request: ChatRequest, *, prompt_tokens: int) -> _Reserving:
+    def reserving(
+        self, request: ChatRequest, *, prompt_tokens: int
+    ) -> contextlib.AbstractAsyncContextManager[None]:
         """Reserve before the body (or raise `QuotaExceeded`); hand over or release after."""
+        if not self._budgets.has_any:
+            return _NOTHING_TO_RESERVE
         return _Reserving(self, request, prompt_tokens)
 
     async def _reserve(self, request: ChatRequest, prompt_tokens: int) -> Reservation | None:
@@ -172,6 +182,9 @@ class BudgetHold:
         kept, self._kept = self._kept, []
         for reservation in kept:
             await self._budgets.release(reservation)
+
+
+_NOTHING_TO_RESERVE: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 class _Reserving:
