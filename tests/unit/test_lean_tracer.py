@@ -209,3 +209,88 @@ def test_start_as_current_span_is_current_inside_and_records_an_escaping_error()
     assert event.attributes["exception.type"] == "ValueError"
     assert event.attributes["exception.message"] == "bad input"
     assert "Traceback" in str(event.attributes["exception.stacktrace"])
+
+
+def test_a_span_encodes_for_otlp_as_the_sdks_span_does():
+    """What an OTLP exporter sends of the same calls, ids and times aside: every field
+    the encoder reads from a `ReadableSpan` (flags, scope, resource, dropped counts)."""
+    lean_tracer, lean_spans = lean()
+    sdk_tracer, sdk_spans = sdk()
+    exercise(lean_tracer)
+    exercise(sdk_tracer)
+
+    def encoded(span: ReadableSpan) -> Any:
+        request = encode_spans([span])
+        [sent] = request.resource_spans[0].scope_spans[0].spans
+        sent.trace_id = sent.span_id = b""
+        sent.start_time_unix_nano = sent.end_time_unix_nano = 0
+        for event in sent.events:
+            event.time_unix_nano = 0
+        return request
+
+    [ours] = lean_spans.get_finished_spans()
+    [theirs] = sdk_spans.get_finished_spans()
+    assert encoded(ours) == encoded(theirs)
+
+
+def test_a_span_sets_every_field_readable_spans_constructor_sets():
+    """`LeanSpan` sets `ReadableSpan`'s fields itself: a field a new SDK release adds to
+    the constructor, which its exporters would read, must not be missing."""
+    tracer, _ = lean()
+    span = tracer.start_span("s")
+    assert set(vars(ReadableSpan("s"))) <= set(vars(span))
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        None,
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-02",
+    ],
+)
+@pytest.mark.parametrize("is_local_parent", [False, True])
+def test_a_spans_context_is_the_sdks_under_any_parent(
+    traceparent: str | None, is_local_parent: bool
+):
+    """Trace id, flags (sampled, random trace id), trace state and parent as the SDK's
+    tracer gives them, under no parent, a remote one or a local one under either."""
+    carrier = {"tracestate": "vendor=a,other=b"}
+    if traceparent is not None:
+        carrier["traceparent"] = traceparent
+    remote = PROPAGATOR.extract(carrier)
+
+    def contexts(tracer: trace.Tracer) -> tuple[Any, ...]:
+        context = remote
+        if is_local_parent:
+            context = trace.set_span_in_context(tracer.start_span("local", context=remote))
+        span = tracer.start_span("s", context=context, kind=SpanKind.CLIENT)
+        parent = trace.get_current_span(context).get_span_context()
+        made = span.get_span_context()
+        return (
+            made.trace_id == parent.trace_id,
+            made.trace_flags,
+            made.trace_state,
+            made.is_remote,
+            span.is_recording(),
+            getattr(span, "parent", None) == (parent if parent.is_valid else None),
+        )
+
+    lean_tracer, _ = lean()
+    sdk_tracer, _ = sdk()
+    assert contexts(lean_tracer) == contexts(sdk_tracer)
+
+
+def test_a_span_keeps_no_reference_to_the_attributes_it_was_given():
+    tracer, spans = lean()
+    given: dict[str, Any] = {"a": 1}
+    span = tracer.start_span("s", attributes=given)
+    given["b"] = 2
+    later: dict[str, Any] = {"c": 3}
+    span.set_attributes(later)
+    later["d"] = 4
+    span.end()
+    [ended] = spans.get_finished_spans()
+    assert dict(ended.attributes or {}) == {"a": 1, "c": 3}
