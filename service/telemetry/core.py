@@ -20,8 +20,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -39,6 +39,7 @@ from service.ledger import PICO, to_pico
 from service.pricing import PriceList
 from service.telemetry import tracing as attr
 from service.telemetry.metrics import BREAKER_STATES, Instruments, StoreWrites
+from service.telemetry.propagation import inject_trace_context, is_default
 from service.telemetry.setup import Providers, build_providers
 from service.telemetry.tracing import CURRENT_RPC, RpcScope
 
@@ -232,6 +233,7 @@ class Telemetry:
         self.forward_baggage = forward_baggage
         self.prices = prices if prices is not None else PriceList({})
         self._propagator = propagate.get_global_textmap()
+        self._injects_defaults = is_default(self._propagator)
         # The metadata keys the configured propagators read (OTEL_PROPAGATORS).
         self._trace_keys = frozenset(key.lower() for key in self._propagator.fields)
         self._is_closed = False
@@ -432,7 +434,11 @@ class Telemetry:
             )
             if self.capture_content and span.is_recording():
                 span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, attr.messages_json(request.messages))
-            self._propagator.inject(headers, context=trace.set_span_in_context(span))
+            # Baggage the default propagator would write is dropped below unless forwarded.
+            if self._injects_defaults and not (self.forward_baggage and baggage.get_all()):
+                inject_trace_context(headers, span.get_span_context())
+            else:
+                self._propagator.inject(headers, context=trace.set_span_in_context(span))
         else:
             span = trace.INVALID_SPAN
             if otel_context.get_current():  # the caller's context, passed on unchanged
