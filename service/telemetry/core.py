@@ -38,6 +38,8 @@ from service.domain import (
 from service.ledger import PICO, to_pico
 from service.pricing import PriceList
 from service.telemetry import tracing as attr
+from service.telemetry.histograms import AttributeSet
+from service.telemetry.lean_tracer import current_span
 from service.telemetry.metrics import BREAKER_STATES, Instruments, StoreWrites
 from service.telemetry.propagation import inject_trace_context, is_default
 from service.telemetry.setup import Providers, build_providers
@@ -48,6 +50,7 @@ log = logging.getLogger("llm_gateway.telemetry")
 _SHUTDOWN_TIMEOUT_S = 5.0
 _BAGGAGE_HEADER = "baggage"  # what W3CBaggagePropagator writes
 _NO_CONTEXT = otel_context.Context()  # immutable: what a carrier without trace keys gives
+_MOST_RPC_LABELS = 1024  # (method, status code) pairs: far more than the gateway has
 
 
 @dataclass(slots=True)
@@ -234,6 +237,7 @@ class Telemetry:
         self.prices = prices if prices is not None else PriceList({})
         self._propagator = propagate.get_global_textmap()
         self._injects_defaults = is_default(self._propagator)
+        self._rpc_labels: dict[tuple[str, int], tuple[AttributeSet, AttributeSet]] = {}
         # The metadata keys the configured propagators read (OTEL_PROPAGATORS).
         self._trace_keys = frozenset(key.lower() for key in self._propagator.fields)
         self._is_closed = False
@@ -335,11 +339,16 @@ class Telemetry:
 
     def _has_trace_context(self, metadata: Sequence[tuple[str, Any]]) -> bool:
         """Whether the caller sent anything the propagators read (gRPC keys are lowercase)."""
-        return any(key in self._trace_keys for key, _ in metadata)
+        trace_keys = self._trace_keys
+        # A loop, not `any` over a generator (a frame more): every RPC asks.
+        for key, _ in metadata:  # noqa: SIM110
+            if key in trace_keys:
+                return True
+        return False
 
     def _end_rpc(self, scope: RpcScope) -> None:
         elapsed = scope.elapsed_s()
-        overhead = scope.overhead_s()
+        overhead = scope.overhead_s(elapsed)
         span = scope.span
         if span.is_recording():
             attributes = scope.attributes
@@ -355,12 +364,23 @@ class Telemetry:
         self.instruments.requests.add(1, scope.method, scope.status_code)
         if not self.providers.records_metrics:
             return  # the histograms are no-ops: skip building their attributes
-        labels: dict[str, Any] = {
-            attr.RPC_METHOD: scope.method,
-            attr.RPC_GRPC_STATUS_CODE: scope.status_code,
-        }
-        self.instruments.rpc_duration.record(elapsed, labels)
-        self.instruments.overhead.record(overhead, {attr.RPC_METHOD: scope.method})
+        labels = self._rpc_labels.get((scope.method, scope.status_code))
+        if labels is None:
+            labels = self._rpc_labels_of(scope.method, scope.status_code)
+        by_status, by_method = labels
+        self.instruments.rpc_duration.record(elapsed, by_status)
+        self.instruments.overhead.record(overhead, by_method)
+
+    def _rpc_labels_of(self, method: str, status_code: int) -> tuple[AttributeSet, AttributeSet]:
+        """The RPC histograms' attributes for `method` ending with `status_code`, kept
+        for the next RPC: the gateway's methods and gRPC's codes are few."""
+        labels = (
+            AttributeSet({attr.RPC_METHOD: method, attr.RPC_GRPC_STATUS_CODE: status_code}),
+            AttributeSet({attr.RPC_METHOD: method}),
+        )
+        if len(self._rpc_labels) < _MOST_RPC_LABELS:
+            self._rpc_labels[method, status_code] = labels
+        return labels
 
     def _leave_rpc(self, context: RpcContext, exc_type: type[BaseException] | None) -> None:
         scope = context.scope
@@ -464,7 +484,7 @@ class Telemetry:
         """Put usage, cost and cache outcome on the RPC span and the cost metrics."""
         usage = completion.usage
         # Only this gateway's tracer records spans: without a provider, skip the lookup.
-        span = trace.get_current_span() if self.providers.records_spans else trace.INVALID_SPAN
+        span = current_span() if self.providers.records_spans else trace.INVALID_SPAN
         if span.is_recording():
             attributes: dict[str, Any] = {
                 attr.GEN_AI_OPERATION_NAME: operation,
@@ -514,7 +534,7 @@ class Telemetry:
     def record_retry(self, upstream: str, *, wait_s: float | None = None) -> None:
         """One upstream attempt is being retried after `wait_s`."""
         self.instruments.retries.add(1, {attr.UPSTREAM: upstream})
-        span = trace.get_current_span()
+        span = current_span()
         if wait_s is not None and span.is_recording():
             span.add_event(
                 "llm_gateway.retry", {attr.UPSTREAM: upstream, attr.RETRY_WAIT_MS: wait_s * 1000.0}

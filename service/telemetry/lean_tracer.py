@@ -90,15 +90,7 @@ class LeanTracer(trace.Tracer):
         set_status_on_exception: bool = True,
     ) -> trace.Span:
         """A span under `context`'s (else the current) span, sampled by the provider's sampler."""
-        current = (context if context is not None else get_current()).get(_SPAN_KEY)
-        # `trace.get_current_span(context).get_span_context()`, without its calls and
-        # their ABC check for the gateway's own spans.
-        if type(current) is LeanSpan:
-            parent: SpanContext = current._context  # type: ignore[assignment]
-        elif isinstance(current, trace.Span):
-            parent = current.get_span_context()
-        else:
-            parent = trace.INVALID_SPAN_CONTEXT
+        parent = current_span(context).get_span_context()
         # A SpanContext is a tuple: one unpacking instead of a property call per field.
         parent_trace_id, _, _, parent_flags, parent_state, has_parent = parent
         if has_parent:
@@ -299,6 +291,15 @@ class LeanSpan(trace.Span, ReadableSpan):
             )
         for processor in tracer.processors:
             processor.on_end(self)
+
+
+def current_span(context: Context | None = None) -> trace.Span:
+    """`trace.get_current_span`, in one call rather than four, and without its ABC
+    check when the span is one of the gateway's own."""
+    span = (context if context is not None else get_current()).get(_SPAN_KEY)
+    if type(span) is LeanSpan or isinstance(span, trace.Span):
+        return span
+    return trace.INVALID_SPAN
 
 
 def _without_none(attributes: Mapping[str, types.AnyValue]) -> dict[str, types.AttributeValue]:

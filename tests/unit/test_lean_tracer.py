@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from opentelemetry import context as context_api
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import (
@@ -16,9 +18,10 @@ from opentelemetry.sdk.trace import (
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from service.telemetry.lean_tracer import LeanTracer
+from service.telemetry.lean_tracer import LeanTracer, current_span
 
 RESOURCE = Resource.create({"service.name": "llm-gateway-test"})
 PROPAGATOR = TraceContextTextMapPropagator()
@@ -294,3 +297,26 @@ def test_a_span_keeps_no_reference_to_the_attributes_it_was_given():
     span.end()
     [ended] = spans.get_finished_spans()
     assert dict(ended.attributes or {}) == {"a": 1, "c": 3}
+
+
+def test_current_span_is_the_apis_current_span():
+    tracer, _ = lean()
+    own = tracer.start_span("own")
+    remote = PROPAGATOR.extract(
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    )
+    contexts = [
+        None,
+        Context(),
+        trace.set_span_in_context(own),
+        remote,
+        context_api.set_value(_SPAN_KEY, "not a span"),
+    ]
+    for context in contexts:
+        assert current_span(context) is trace.get_current_span(context)
+    token = context_api.attach(trace.set_span_in_context(own))
+    try:
+        assert current_span() is trace.get_current_span() is own
+    finally:
+        context_api.detach(token)
+    assert current_span() is trace.get_current_span() is trace.INVALID_SPAN
