@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from time import time_ns
 from typing import cast
 
@@ -37,6 +37,7 @@ from opentelemetry.sdk.trace import (
     TracerProvider,
     sampling,
 )
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -77,6 +78,7 @@ class LeanTracer(trace.Tracer):
         self._random_trace_ids = self._ids.is_trace_id_random()
         self.scope = InstrumentationScope(scope_name)
         self.limits = SpanLimits()  # read from OTEL_SPAN_* and OTEL_ATTRIBUTE_* as the SDK does
+        self._ends = tuple(_ender(processor) for processor in self.processors)
 
     def start_span(  # noqa: PLR0917  # the API's signature
         self,
@@ -289,8 +291,21 @@ class LeanSpan(trace.Span, ReadableSpan):
             self._attributes = BoundedAttributes(
                 most, self._attributes, immutable=True, max_value_len=longest
             )
-        for processor in tracer.processors:
-            processor.on_end(self)
+        for on_end in tracer._ends:
+            on_end(self)
+
+
+def _ender(processor: SpanProcessor) -> Callable[[ReadableSpan], None]:
+    """What ends a span into `processor`: its `on_end`, or for the SDK's batch processor
+    the queue's `emit` its `on_end` calls once it has checked the span is sampled, as
+    every `LeanSpan` is (an unsampled span is a `NonRecordingSpan`, never ended into a
+    processor). Two spans a call, each saving four calls. An SDK whose batch processor
+    moved its queue keeps `on_end`."""
+    if type(processor) is BatchSpanProcessor:
+        emit = getattr(getattr(processor, "_batch_processor", None), "emit", None)
+        if callable(emit):
+            return cast(Callable[[ReadableSpan], None], emit)
+    return processor.on_end
 
 
 def current_span(context: Context | None = None) -> trace.Span:

@@ -19,6 +19,7 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 _TRACEPARENT = "traceparent"
 _TRACESTATE = "tracestate"
@@ -42,5 +43,6 @@ def inject_trace_context(headers: MutableMapping[str, str], span_context: SpanCo
         return
     trace_id, span_id, _, trace_flags, trace_state, _ = span_context
     headers[_TRACEPARENT] = f"00-{trace_id:032x}-{span_id:016x}-{trace_flags:02x}"
-    if trace_state:
+    # The default (empty) state, which most contexts carry, tested without its __len__.
+    if trace_state is not DEFAULT_TRACE_STATE and trace_state:
         headers[_TRACESTATE] = trace_state.to_header()

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import (
     TracerProvider,
     sampling,
 )
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation import _SPAN_KEY
@@ -320,3 +320,52 @@ def test_current_span_is_the_apis_current_span():
     finally:
         context_api.detach(token)
     assert current_span() is trace.get_current_span() is trace.INVALID_SPAN
+
+
+def test_spans_end_through_a_batch_processor_as_through_its_on_end():
+    """The batch processor's queue takes the sampled spans its `on_end` would have
+    queued, flushes them on `force_flush` and takes none once shut down."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=RESOURCE, shutdown_on_exit=False)
+    processor = BatchSpanProcessor(exporter, schedule_delay_millis=60_000)
+    provider.add_span_processor(processor)
+    tracer = LeanTracer(provider, [processor], scope_name="llm_gateway")
+    unsampled = PROPAGATOR.extract(
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}
+    )
+    kept = [tracer.start_span("one"), tracer.start_span("two")]
+    dropped = tracer.start_span("unsampled", context=unsampled)
+    for span in [*kept, dropped]:
+        span.end()
+    assert exporter.get_finished_spans() == ()  # queued, not exported on the spot
+    assert provider.force_flush()
+    assert list(exporter.get_finished_spans()) == kept
+    provider.shutdown()
+    late = tracer.start_span("late")
+    late.end()
+    assert list(exporter.get_finished_spans()) == kept
+
+
+def test_a_processor_other_than_the_sdks_batch_one_is_told_through_on_end(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A subclass of the batch processor, any other processor, and a batch processor
+    whose queue an SDK release moved, all get `on_end`."""
+
+    class Counting(BatchSpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            ended.append(span)
+            super().on_end(span)
+
+    ended: list[ReadableSpan] = []
+    exporter = InMemorySpanExporter()
+    moved = BatchSpanProcessor(exporter)
+    monkeypatch.delattr(moved, "_batch_processor")
+    monkeypatch.setattr(moved, "on_end", ended.append)
+    processors = [Counting(InMemorySpanExporter()), SimpleSpanProcessor(exporter), moved]
+    provider = TracerProvider(resource=RESOURCE, shutdown_on_exit=False)
+    tracer = LeanTracer(provider, processors, scope_name="llm_gateway")
+    span = tracer.start_span("s")
+    span.end()
+    assert ended == [span, span]
+    assert list(exporter.get_finished_spans()) == [span]
