@@ -102,7 +102,7 @@ class AttemptSpan:
             scope = CURRENT_RPC.get()
             if scope is not None:
                 scope.waited(elapsed if self.waited_s is None else self.waited_s)
-            if telemetry.providers.records_metrics:
+            if telemetry.records_metrics:
                 telemetry.instruments.operation_duration.record(elapsed, self.metric_attributes)
             span.end()
 
@@ -111,7 +111,7 @@ class AttemptSpan:
         if self.first_chunk_s is None:
             self.first_chunk_s = time.perf_counter() - self.started
             self.span.set_attribute(attr.TIME_TO_FIRST_TOKEN_MS, self.first_chunk_s * 1000.0)
-            if self.telemetry.providers.records_metrics:
+            if self.telemetry.records_metrics:
                 self.telemetry.instruments.time_to_first_chunk.record(
                     self.first_chunk_s, self.metric_attributes
                 )
@@ -139,7 +139,7 @@ class AttemptSpan:
         span = self.span
         if response_model:
             self.metric_attributes[attr.GEN_AI_RESPONSE_MODEL] = response_model
-        if usage is not None and self.telemetry.providers.records_metrics:
+        if usage is not None and self.telemetry.records_metrics:
             token_usage = self.telemetry.instruments.token_usage
             token_usage.record(
                 usage.input_tokens, {**self.metric_attributes, attr.GEN_AI_TOKEN_TYPE: "input"}
@@ -220,6 +220,9 @@ class Telemetry:
     ) -> None:
         self.providers = providers
         self.tracer = providers.tracer
+        # Asked on every call, and fixed once the providers are built: read once.
+        self.records_spans = providers.records_spans
+        self.records_metrics = providers.records_metrics
         self.in_flight = 0
         # Set by `subscribers.observe_cache`: the response cache's counters by name.
         self.cache_counters: Callable[[], Mapping[str, int]] | None = None
@@ -311,7 +314,7 @@ class Telemetry:
         """
         token = None
         has_trace_context = self._has_trace_context(metadata)
-        if not self.providers.records_spans and not has_trace_context:
+        if not self.records_spans and not has_trace_context:
             # Nothing to record and nothing to pass on: skip reading the metadata.
             span: Span = trace.INVALID_SPAN
         else:
@@ -362,7 +365,7 @@ class Telemetry:
         span.end()
         self.in_flight -= 1
         self.instruments.requests.add(1, scope.method, scope.status_code)
-        if not self.providers.records_metrics:
+        if not self.records_metrics:
             return  # the histograms are no-ops: skip building their attributes
         labels = self._rpc_labels.get((scope.method, scope.status_code))
         if labels is None:
@@ -433,7 +436,7 @@ class Telemetry:
             metric_attributes[attr.SERVER_PORT] = port
         attributes: dict[str, Any] | None = None
         # With no tracer provider every span is a no-op: skip describing it.
-        if self.providers.records_spans:
+        if self.records_spans:
             attributes = {**metric_attributes, attr.UPSTREAM: upstream, attr.ATTEMPT: attempt}
             params = request.params
             if params.temperature is not None:
@@ -484,7 +487,7 @@ class Telemetry:
         """Put usage, cost and cache outcome on the RPC span and the cost metrics."""
         usage = completion.usage
         # Only this gateway's tracer records spans: without a provider, skip the lookup.
-        span = current_span() if self.providers.records_spans else trace.INVALID_SPAN
+        span = current_span() if self.records_spans else trace.INVALID_SPAN
         if span.is_recording():
             attributes: dict[str, Any] = {
                 attr.GEN_AI_OPERATION_NAME: operation,
