@@ -75,7 +75,7 @@ class LeanTracer(trace.Tracer):
         # ParentBased(ALWAYS_ON): sample what the parent sampled, and every root.
         self._samples_as_parent = self._sampler is sampling.DEFAULT_ON
         self._ids = provider.id_generator
-        self._random_trace_ids = self._ids.is_trace_id_random()
+        self._random_trace_ids = bool(self._ids.is_trace_id_random())  # a key of `_FLAGS`
         self.scope = InstrumentationScope(scope_name)
         self.limits = SpanLimits()  # read from OTEL_SPAN_* and OTEL_ATTRIBUTE_* as the SDK does
         self._ends = tuple(_ender(processor) for processor in self.processors)

@@ -17,7 +17,8 @@ from opentelemetry.sdk.trace import (
 )
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -369,3 +370,30 @@ def test_a_processor_other_than_the_sdks_batch_one_is_told_through_on_end(
     span.end()
     assert ended == [span, span]
     assert list(exporter.get_finished_spans()) == [span]
+
+
+def test_ids_not_said_to_be_random_leave_the_random_trace_id_flag_unset_as_in_the_sdk():
+    class Counting(IdGenerator):
+        """Ids from a counter: not random, as `is_trace_id_random` (False) says."""
+
+        def __init__(self) -> None:
+            self.last = 0
+
+        def generate_span_id(self) -> int:
+            self.last += 1
+            return self.last
+
+        def generate_trace_id(self) -> int:
+            self.last += 1
+            return self.last
+
+    def root_flags(tracer: trace.Tracer) -> tuple[int, int]:
+        span = tracer.start_span("root")
+        child = tracer.start_span("child", context=trace.set_span_in_context(span))
+        return span.get_span_context().trace_flags, child.get_span_context().trace_flags
+
+    lean_provider = TracerProvider(id_generator=Counting(), shutdown_on_exit=False)
+    sdk_provider = TracerProvider(id_generator=Counting(), shutdown_on_exit=False)
+    ours = root_flags(LeanTracer(lean_provider, [], scope_name="llm_gateway"))
+    theirs = root_flags(sdk_provider.get_tracer("llm_gateway"))
+    assert ours == theirs == (TraceFlags.SAMPLED, TraceFlags.SAMPLED)
