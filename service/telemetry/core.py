@@ -20,8 +20,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -38,7 +38,10 @@ from service.domain import (
 from service.ledger import PICO, to_pico
 from service.pricing import PriceList
 from service.telemetry import tracing as attr
+from service.telemetry.histograms import AttributeSet
+from service.telemetry.lean_tracer import current_span
 from service.telemetry.metrics import BREAKER_STATES, Instruments, StoreWrites
+from service.telemetry.propagation import inject_trace_context, is_default
 from service.telemetry.setup import Providers, build_providers
 from service.telemetry.tracing import CURRENT_RPC, RpcScope
 
@@ -47,6 +50,7 @@ log = logging.getLogger("llm_gateway.telemetry")
 _SHUTDOWN_TIMEOUT_S = 5.0
 _BAGGAGE_HEADER = "baggage"  # what W3CBaggagePropagator writes
 _NO_CONTEXT = otel_context.Context()  # immutable: what a carrier without trace keys gives
+_MOST_RPC_LABELS = 1024  # (method, status code) pairs: far more than the gateway has
 
 
 @dataclass(slots=True)
@@ -98,7 +102,7 @@ class AttemptSpan:
             scope = CURRENT_RPC.get()
             if scope is not None:
                 scope.waited(elapsed if self.waited_s is None else self.waited_s)
-            if telemetry.providers.records_metrics:
+            if telemetry.records_metrics:
                 telemetry.instruments.operation_duration.record(elapsed, self.metric_attributes)
             span.end()
 
@@ -107,7 +111,7 @@ class AttemptSpan:
         if self.first_chunk_s is None:
             self.first_chunk_s = time.perf_counter() - self.started
             self.span.set_attribute(attr.TIME_TO_FIRST_TOKEN_MS, self.first_chunk_s * 1000.0)
-            if self.telemetry.providers.records_metrics:
+            if self.telemetry.records_metrics:
                 self.telemetry.instruments.time_to_first_chunk.record(
                     self.first_chunk_s, self.metric_attributes
                 )
@@ -135,7 +139,7 @@ class AttemptSpan:
         span = self.span
         if response_model:
             self.metric_attributes[attr.GEN_AI_RESPONSE_MODEL] = response_model
-        if usage is not None and self.telemetry.providers.records_metrics:
+        if usage is not None and self.telemetry.records_metrics:
             token_usage = self.telemetry.instruments.token_usage
             token_usage.record(
                 usage.input_tokens, {**self.metric_attributes, attr.GEN_AI_TOKEN_TYPE: "input"}
@@ -216,6 +220,9 @@ class Telemetry:
     ) -> None:
         self.providers = providers
         self.tracer = providers.tracer
+        # Asked on every call, and fixed once the providers are built: read once.
+        self.records_spans = providers.records_spans
+        self.records_metrics = providers.records_metrics
         self.in_flight = 0
         # Set by `subscribers.observe_cache`: the response cache's counters by name.
         self.cache_counters: Callable[[], Mapping[str, int]] | None = None
@@ -232,6 +239,8 @@ class Telemetry:
         self.forward_baggage = forward_baggage
         self.prices = prices if prices is not None else PriceList({})
         self._propagator = propagate.get_global_textmap()
+        self._injects_defaults = is_default(self._propagator)
+        self._rpc_labels: dict[tuple[str, int], tuple[AttributeSet, AttributeSet]] = {}
         # The metadata keys the configured propagators read (OTEL_PROPAGATORS).
         self._trace_keys = frozenset(key.lower() for key in self._propagator.fields)
         self._is_closed = False
@@ -305,7 +314,7 @@ class Telemetry:
         """
         token = None
         has_trace_context = self._has_trace_context(metadata)
-        if not self.providers.records_spans and not has_trace_context:
+        if not self.records_spans and not has_trace_context:
             # Nothing to record and nothing to pass on: skip reading the metadata.
             span: Span = trace.INVALID_SPAN
         else:
@@ -333,11 +342,16 @@ class Telemetry:
 
     def _has_trace_context(self, metadata: Sequence[tuple[str, Any]]) -> bool:
         """Whether the caller sent anything the propagators read (gRPC keys are lowercase)."""
-        return any(key in self._trace_keys for key, _ in metadata)
+        trace_keys = self._trace_keys
+        # A loop, not `any` over a generator (a frame more): every RPC asks.
+        for key, _ in metadata:  # noqa: SIM110
+            if key in trace_keys:
+                return True
+        return False
 
     def _end_rpc(self, scope: RpcScope) -> None:
         elapsed = scope.elapsed_s()
-        overhead = scope.overhead_s()
+        overhead = scope.overhead_s(elapsed)
         span = scope.span
         if span.is_recording():
             attributes = scope.attributes
@@ -351,14 +365,25 @@ class Telemetry:
         span.end()
         self.in_flight -= 1
         self.instruments.requests.add(1, scope.method, scope.status_code)
-        if not self.providers.records_metrics:
+        if not self.records_metrics:
             return  # the histograms are no-ops: skip building their attributes
-        labels: dict[str, Any] = {
-            attr.RPC_METHOD: scope.method,
-            attr.RPC_GRPC_STATUS_CODE: scope.status_code,
-        }
-        self.instruments.rpc_duration.record(elapsed, labels)
-        self.instruments.overhead.record(overhead, {attr.RPC_METHOD: scope.method})
+        labels = self._rpc_labels.get((scope.method, scope.status_code))
+        if labels is None:
+            labels = self._rpc_labels_of(scope.method, scope.status_code)
+        by_status, by_method = labels
+        self.instruments.rpc_duration.record(elapsed, by_status)
+        self.instruments.overhead.record(overhead, by_method)
+
+    def _rpc_labels_of(self, method: str, status_code: int) -> tuple[AttributeSet, AttributeSet]:
+        """The RPC histograms' attributes for `method` ending with `status_code`, kept
+        for the next RPC: the gateway's methods and gRPC's codes are few."""
+        labels = (
+            AttributeSet({attr.RPC_METHOD: method, attr.RPC_GRPC_STATUS_CODE: status_code}),
+            AttributeSet({attr.RPC_METHOD: method}),
+        )
+        if len(self._rpc_labels) < _MOST_RPC_LABELS:
+            self._rpc_labels[method, status_code] = labels
+        return labels
 
     def _leave_rpc(self, context: RpcContext, exc_type: type[BaseException] | None) -> None:
         scope = context.scope
@@ -411,7 +436,7 @@ class Telemetry:
             metric_attributes[attr.SERVER_PORT] = port
         attributes: dict[str, Any] | None = None
         # With no tracer provider every span is a no-op: skip describing it.
-        if self.providers.records_spans:
+        if self.records_spans:
             attributes = {**metric_attributes, attr.UPSTREAM: upstream, attr.ATTEMPT: attempt}
             params = request.params
             if params.temperature is not None:
@@ -432,7 +457,11 @@ class Telemetry:
             )
             if self.capture_content and span.is_recording():
                 span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, attr.messages_json(request.messages))
-            self._propagator.inject(headers, context=trace.set_span_in_context(span))
+            # Baggage the default propagator would write is dropped below unless forwarded.
+            if self._injects_defaults and not (self.forward_baggage and baggage.get_all()):
+                inject_trace_context(headers, span.get_span_context())
+            else:
+                self._propagator.inject(headers, context=trace.set_span_in_context(span))
         else:
             span = trace.INVALID_SPAN
             if otel_context.get_current():  # the caller's context, passed on unchanged
@@ -458,7 +487,7 @@ class Telemetry:
         """Put usage, cost and cache outcome on the RPC span and the cost metrics."""
         usage = completion.usage
         # Only this gateway's tracer records spans: without a provider, skip the lookup.
-        span = trace.get_current_span() if self.providers.records_spans else trace.INVALID_SPAN
+        span = current_span() if self.records_spans else trace.INVALID_SPAN
         if span.is_recording():
             attributes: dict[str, Any] = {
                 attr.GEN_AI_OPERATION_NAME: operation,
@@ -508,7 +537,7 @@ class Telemetry:
     def record_retry(self, upstream: str, *, wait_s: float | None = None) -> None:
         """One upstream attempt is being retried after `wait_s`."""
         self.instruments.retries.add(1, {attr.UPSTREAM: upstream})
-        span = trace.get_current_span()
+        span = current_span()
         if wait_s is not None and span.is_recording():
             span.add_event(
                 "llm_gateway.retry", {attr.UPSTREAM: upstream, attr.RETRY_WAIT_MS: wait_s * 1000.0}

@@ -50,6 +50,19 @@ MOST_ATTRIBUTE_SETS = 2000
 _OVERFLOW_KEY: frozenset[tuple[str, AttributeValue]] = frozenset({("otel.metric.overflow", True)})
 
 
+class AttributeSet(dict[str, AttributeValue]):
+    """Attributes a call records often, with the key `CumulativeHistogram.record` would
+    build from them built once: a dict, so the SDK's histograms take it as well.
+
+    Not to be changed once made (the key would no longer match)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, attributes: Mapping[str, AttributeValue]) -> None:
+        super().__init__(attributes)
+        self.key = frozenset(self.items())
+
+
 @dataclass(slots=True)
 class _Point:
     """One attribute set's running figures."""
@@ -79,7 +92,10 @@ class CumulativeHistogram:
         as the SDK drops them."""
         if not 0 <= amount < math.inf:
             return
-        key = frozenset(attributes.items()) if attributes else _NO_ATTRIBUTES
+        if type(attributes) is AttributeSet:
+            key = attributes.key
+        else:
+            key = frozenset(attributes.items()) if attributes else _NO_ATTRIBUTES
         with self._lock:
             point = self._points.get(key)
             if point is None and len(self._points) >= MOST_ATTRIBUTE_SETS:

@@ -189,10 +189,12 @@ class RpcScope:
         """Time spent waiting on upstreams, overlapping waits counted once."""
         return covered_s(self.upstream_waits)
 
-    def overhead_s(self) -> float:
+    def overhead_s(self, elapsed_s: float | None = None) -> float:
         """Time not spent waiting on an upstream (never negative: a wait reported as a
-        duration is placed as ending when it is reported, a little after it ended)."""
-        return max(0.0, self.elapsed_s() - self.upstream_s)
+        duration is placed as ending when it is reported, a little after it ended), of
+        `elapsed_s` when given (the RPC's `elapsed_s()` just read), else of now."""
+        elapsed = self.elapsed_s() if elapsed_s is None else elapsed_s
+        return max(0.0, elapsed - self.upstream_s)
 
     def set_tenant(self, tenant: str) -> None:
         """Name the tenant the caller was authenticated as (the tenant id, never a key)."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from opentelemetry import context as context_api
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import (
@@ -13,12 +15,14 @@ from opentelemetry.sdk.trace import (
     TracerProvider,
     sampling,
 )
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from service.telemetry.lean_tracer import LeanTracer
+from service.telemetry.lean_tracer import LeanTracer, current_span
 
 RESOURCE = Resource.create({"service.name": "llm-gateway-test"})
 PROPAGATOR = TraceContextTextMapPropagator()
@@ -209,3 +213,187 @@ def test_start_as_current_span_is_current_inside_and_records_an_escaping_error()
     assert event.attributes["exception.type"] == "ValueError"
     assert event.attributes["exception.message"] == "bad input"
     assert "Traceback" in str(event.attributes["exception.stacktrace"])
+
+
+def test_a_span_encodes_for_otlp_as_the_sdks_span_does():
+    """What an OTLP exporter sends of the same calls, ids and times aside: every field
+    the encoder reads from a `ReadableSpan` (flags, scope, resource, dropped counts)."""
+    lean_tracer, lean_spans = lean()
+    sdk_tracer, sdk_spans = sdk()
+    exercise(lean_tracer)
+    exercise(sdk_tracer)
+
+    def encoded(span: ReadableSpan) -> Any:
+        request = encode_spans([span])
+        [sent] = request.resource_spans[0].scope_spans[0].spans
+        sent.trace_id = sent.span_id = b""
+        sent.start_time_unix_nano = sent.end_time_unix_nano = 0
+        for event in sent.events:
+            event.time_unix_nano = 0
+        return request
+
+    [ours] = lean_spans.get_finished_spans()
+    [theirs] = sdk_spans.get_finished_spans()
+    assert encoded(ours) == encoded(theirs)
+
+
+def test_a_span_sets_every_field_readable_spans_constructor_sets():
+    """`LeanSpan` sets `ReadableSpan`'s fields itself: a field a new SDK release adds to
+    the constructor, which its exporters would read, must not be missing."""
+    tracer, _ = lean()
+    span = tracer.start_span("s")
+    assert set(vars(ReadableSpan("s"))) <= set(vars(span))
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        None,
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-02",
+    ],
+)
+@pytest.mark.parametrize("is_local_parent", [False, True])
+def test_a_spans_context_is_the_sdks_under_any_parent(
+    traceparent: str | None, is_local_parent: bool
+):
+    """Trace id, flags (sampled, random trace id), trace state and parent as the SDK's
+    tracer gives them, under no parent, a remote one or a local one under either."""
+    carrier = {"tracestate": "vendor=a,other=b"}
+    if traceparent is not None:
+        carrier["traceparent"] = traceparent
+    remote = PROPAGATOR.extract(carrier)
+
+    def contexts(tracer: trace.Tracer) -> tuple[Any, ...]:
+        context = remote
+        if is_local_parent:
+            context = trace.set_span_in_context(tracer.start_span("local", context=remote))
+        span = tracer.start_span("s", context=context, kind=SpanKind.CLIENT)
+        parent = trace.get_current_span(context).get_span_context()
+        made = span.get_span_context()
+        return (
+            made.trace_id == parent.trace_id,
+            made.trace_flags,
+            made.trace_state,
+            made.is_remote,
+            span.is_recording(),
+            getattr(span, "parent", None) == (parent if parent.is_valid else None),
+        )
+
+    lean_tracer, _ = lean()
+    sdk_tracer, _ = sdk()
+    assert contexts(lean_tracer) == contexts(sdk_tracer)
+
+
+def test_a_span_keeps_no_reference_to_the_attributes_it_was_given():
+    tracer, spans = lean()
+    given: dict[str, Any] = {"a": 1}
+    span = tracer.start_span("s", attributes=given)
+    given["b"] = 2
+    later: dict[str, Any] = {"c": 3}
+    span.set_attributes(later)
+    later["d"] = 4
+    span.end()
+    [ended] = spans.get_finished_spans()
+    assert dict(ended.attributes or {}) == {"a": 1, "c": 3}
+
+
+def test_current_span_is_the_apis_current_span():
+    tracer, _ = lean()
+    own = tracer.start_span("own")
+    remote = PROPAGATOR.extract(
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    )
+    contexts = [
+        None,
+        Context(),
+        trace.set_span_in_context(own),
+        remote,
+        context_api.set_value(_SPAN_KEY, "not a span"),
+    ]
+    for context in contexts:
+        assert current_span(context) is trace.get_current_span(context)
+    token = context_api.attach(trace.set_span_in_context(own))
+    try:
+        assert current_span() is trace.get_current_span() is own
+    finally:
+        context_api.detach(token)
+    assert current_span() is trace.get_current_span() is trace.INVALID_SPAN
+
+
+def test_spans_end_through_a_batch_processor_as_through_its_on_end():
+    """The batch processor's queue takes the sampled spans its `on_end` would have
+    queued, flushes them on `force_flush` and takes none once shut down."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=RESOURCE, shutdown_on_exit=False)
+    processor = BatchSpanProcessor(exporter, schedule_delay_millis=60_000)
+    provider.add_span_processor(processor)
+    tracer = LeanTracer(provider, [processor], scope_name="llm_gateway")
+    unsampled = PROPAGATOR.extract(
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}
+    )
+    kept = [tracer.start_span("one"), tracer.start_span("two")]
+    dropped = tracer.start_span("unsampled", context=unsampled)
+    for span in [*kept, dropped]:
+        span.end()
+    assert exporter.get_finished_spans() == ()  # queued, not exported on the spot
+    assert provider.force_flush()
+    assert list(exporter.get_finished_spans()) == kept
+    provider.shutdown()
+    late = tracer.start_span("late")
+    late.end()
+    assert list(exporter.get_finished_spans()) == kept
+
+
+def test_a_processor_other_than_the_sdks_batch_one_is_told_through_on_end(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A subclass of the batch processor, any other processor, and a batch processor
+    whose queue an SDK release moved, all get `on_end`."""
+
+    class Counting(BatchSpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            ended.append(span)
+            super().on_end(span)
+
+    ended: list[ReadableSpan] = []
+    exporter = InMemorySpanExporter()
+    moved = BatchSpanProcessor(exporter)
+    monkeypatch.delattr(moved, "_batch_processor")
+    monkeypatch.setattr(moved, "on_end", ended.append)
+    processors = [Counting(InMemorySpanExporter()), SimpleSpanProcessor(exporter), moved]
+    provider = TracerProvider(resource=RESOURCE, shutdown_on_exit=False)
+    tracer = LeanTracer(provider, processors, scope_name="llm_gateway")
+    span = tracer.start_span("s")
+    span.end()
+    assert ended == [span, span]
+    assert list(exporter.get_finished_spans()) == [span]
+
+
+def test_ids_not_said_to_be_random_leave_the_random_trace_id_flag_unset_as_in_the_sdk():
+    class Counting(IdGenerator):
+        """Ids from a counter: not random, as `is_trace_id_random` (False) says."""
+
+        def __init__(self) -> None:
+            self.last = 0
+
+        def generate_span_id(self) -> int:
+            self.last += 1
+            return self.last
+
+        def generate_trace_id(self) -> int:
+            self.last += 1
+            return self.last
+
+    def root_flags(tracer: trace.Tracer) -> tuple[int, int]:
+        span = tracer.start_span("root")
+        child = tracer.start_span("child", context=trace.set_span_in_context(span))
+        return span.get_span_context().trace_flags, child.get_span_context().trace_flags
+
+    lean_provider = TracerProvider(id_generator=Counting(), shutdown_on_exit=False)
+    sdk_provider = TracerProvider(id_generator=Counting(), shutdown_on_exit=False)
+    ours = root_flags(LeanTracer(lean_provider, [], scope_name="llm_gateway"))
+    theirs = root_flags(sdk_provider.get_tracer("llm_gateway"))
+    assert ours == theirs == (TraceFlags.SAMPLED, TraceFlags.SAMPLED)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping
 from typing import Any
 
+import pytest
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -18,7 +20,12 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from service.config import TelemetryConfig
 from service.telemetry import Telemetry
-from service.telemetry.histograms import MOST_ATTRIBUTE_SETS, HistogramExport, suits
+from service.telemetry.histograms import (
+    MOST_ATTRIBUTE_SETS,
+    AttributeSet,
+    HistogramExport,
+    suits,
+)
 
 RESOURCE = Resource.create({"service.name": "llm-gateway-test"})
 BOUNDS = (0.01, 0.1, 1.0, 10.0)
@@ -45,7 +52,10 @@ def points(data: MetricsData | None, name: str) -> dict[frozenset[Any], Any]:
     return found
 
 
-def test_the_points_are_those_the_sdks_cumulative_histogram_exports():
+@pytest.mark.parametrize("prepared", ["no", "all", "every other"])
+def test_the_points_are_those_the_sdks_cumulative_histogram_exports(prepared: str):
+    """Attributes given as a dict or as an `AttributeSet` (its key built once) count in
+    the same point, as the SDK counts them."""
     sdk_reader = InMemoryMetricReader()
     sdk_meter = MeterProvider([sdk_reader], resource=RESOURCE).get_meter("llm_gateway")
     sdk_histogram = sdk_meter.create_histogram(
@@ -57,9 +67,12 @@ def test_the_points_are_those_the_sdks_cumulative_histogram_exports():
     export.install(reader)
     ours = export.create("d", unit="s", description="a duration", bounds=BOUNDS)
     for attributes in ATTRIBUTE_SETS:
-        for amount in AMOUNTS:
-            sdk_histogram.record(amount, attributes)
-            ours.record(amount, attributes)
+        for position, amount in enumerate(AMOUNTS):
+            given: Mapping[str, Any] = attributes
+            if prepared == "all" or (prepared == "every other" and position % 2):
+                given = AttributeSet(attributes)
+            sdk_histogram.record(amount, given)
+            ours.record(amount, given)
     expected = points(sdk_reader.get_metrics_data(), "d")
     collected = reader.get_metrics_data()
     got = points(collected, "d")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
@@ -10,6 +11,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from service.clock import covered_s
 from service.domain import ChatRequest, Message, Role
 from service.errors import UpstreamUnavailable
+from service.telemetry import setup
 from service.telemetry.tracing import CURRENT_RPC
 from tests.telemetry_support import attributes_of, captured_telemetry
 
@@ -152,3 +154,48 @@ def test_an_upstream_url_without_a_port_is_named_by_its_schemes_port():
     assert ports == {"api.openai.com": 443, "vllm": 80}
     points = captured.points("gen_ai.client.operation.duration")
     assert {p.attributes["server.address"]: p.attributes["server.port"] for p in points} == ports
+
+
+def rpc_points(monkeypatch: pytest.MonkeyPatch, *, sdks: bool) -> dict[str, set[Any]]:
+    """The RPC histograms' (attributes, count) after RPCs of two methods and statuses,
+    recorded by the gateway's histograms or, with `sdks`, by the SDK's."""
+    if sdks:
+        monkeypatch.setattr(setup, "suits", lambda reader: False)
+    captured = captured_telemetry()
+    telemetry = captured.telemetry
+    assert (telemetry.providers.histograms is None) is sdks
+    for method, status in [
+        ("Complete", 0),
+        ("Complete", 5),
+        ("Complete", 0),
+        ("Complete", 5),
+        ("Stream", 0),
+    ]:
+        with telemetry.rpc(service="svc", method=method, metadata=()) as scope:
+            if status:
+                scope.fail(status_code=status, error_type="NOT_FOUND")
+    return {
+        name: {
+            (frozenset(point.attributes.items()), point.count) for point in captured.points(name)
+        }
+        for name in ("llm_gateway.rpc.duration", "llm_gateway.overhead.duration")
+    }
+
+
+def test_the_rpc_histograms_count_by_method_and_status_as_the_sdks_do(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Their attribute sets are built once per method and status, and kept."""
+    ours = rpc_points(monkeypatch, sdks=False)
+    assert ours == rpc_points(monkeypatch, sdks=True)
+    assert ours == {
+        "llm_gateway.rpc.duration": {
+            (frozenset({("rpc.method", "Complete"), ("rpc.grpc.status_code", 0)}), 2),
+            (frozenset({("rpc.method", "Complete"), ("rpc.grpc.status_code", 5)}), 2),
+            (frozenset({("rpc.method", "Stream"), ("rpc.grpc.status_code", 0)}), 1),
+        },
+        "llm_gateway.overhead.duration": {
+            (frozenset({("rpc.method", "Complete")}), 4),
+            (frozenset({("rpc.method", "Stream")}), 1),
+        },
+    }
