@@ -180,8 +180,6 @@ def labels_from_proto(
 ) -> dict[str, str]:
     """A request's labels. With `limits`, labels past the number they allow are refused
     by their count (added to `violations`) and not converted: 4 MB hold 400,000."""
-    if not wire:
-        return {}  # `dict` of a map field runs Mapping's Python methods, even when empty
     if limits is None or len(wire) <= limits.max_labels:
         return dict(wire)
     violations.append(too_many_labels(len(wire), limits))
@@ -264,13 +262,17 @@ def chat_request_from_proto(
         if wire_choice.mode not in _TOOL_CHOICE_MODES:
             violations.append(FieldViolation("tool_choice.mode", "unknown tool choice mode"))
         tool_choice = ToolChoice(mode, wire_choice.function_name)
+    # Most requests have no labels: `dict` of an empty map field still runs Mapping's
+    # Python methods, a microsecond.
+    wire_labels = message.labels
+    labels = labels_from_proto(wire_labels, limits, violations) if wire_labels else {}
     request = ChatRequest(
         model=message.model,
         messages=tuple(messages),
         params=params,
         cache=cache,
         truncation=truncation,
-        labels=labels_from_proto(message.labels, limits, violations),
+        labels=labels,
         idempotency_key=message.idempotency_key,
         tenant=tenant,
         tools=tuple(Tool(t.name, t.description, t.parameters) for t in wire_tools)
