@@ -86,27 +86,30 @@ def fit_messages(
     """
     reserve = answer_reserve(context_window, max_tokens)
     budget = context_window - reserve
-    costs = [estimate_message_tokens(m) for m in messages]
-
-    def calibrated(raw: int) -> int:
-        return math.ceil(raw * calibration)
-
-    fixed = PER_REQUEST_OVERHEAD + estimate_format_tokens(response_format)
+    costs = list(map(estimate_message_tokens, messages))
+    fixed = PER_REQUEST_OVERHEAD
+    if response_format is not None:
+        fixed += estimate_format_tokens(response_format)
     if tools:
         fixed += estimate_tools_tokens(tools)
     total = fixed + sum(costs)
-    if calibrated(total) <= budget:
-        return FittedPrompt(tuple(messages), 0, calibrated(total), total)
+    estimated = math.ceil(total * calibration)
+    if estimated <= budget:
+        return FittedPrompt(tuple(messages), 0, estimated, total)
     if reserve >= context_window:  # only a max_tokens can: no prompt, however short, fits
         raise ContextWindowExceeded(
-            estimated_tokens=calibrated(total) + reserve,
+            estimated_tokens=estimated + reserve,
             limit_tokens=context_window,
             max_tokens=max_tokens,
         )
     if mode is TruncationMode.NONE:
         raise ContextWindowExceeded(
-            estimated_tokens=calibrated(total) + reserve, limit_tokens=context_window
+            estimated_tokens=estimated + reserve, limit_tokens=context_window
         )
+
+    def calibrated(raw: int) -> int:
+        return math.ceil(raw * calibration)
+
     turns = _turns(messages)
     last_user = max((i for i, m in enumerate(messages) if m.role is Role.USER), default=-1)
     keep = [m.role is Role.SYSTEM for m in messages]

@@ -191,16 +191,18 @@ class Pipeline:
         The one place a call's prompt is estimated: budgets, the upstream's token limiter
         and usage all take the figure from here.
         """
-        validate_chat_request(request, self._config.defaults)
-        self._pool.routes(request.model)
-        calibration = self.calibration.factor(request.model, request.tenant)
+        defaults = self._config.defaults
+        validate_chat_request(request, defaults)
+        model, params = request.model, request.params
+        self._pool.routes(model)
+        calibration = self.calibration.factor(model, request.tenant)
         fitted = fit_messages(
             request.messages,
             tools=request.tools,
-            response_format=request.params.response_format,
-            context_window=self.context_window(request.model),
-            max_tokens=request.params.max_tokens,
-            mode=request.truncation or self._config.defaults.truncation,
+            response_format=params.response_format,
+            context_window=self.context_window(model),
+            max_tokens=params.max_tokens,
+            mode=request.truncation or defaults.truncation,
             calibration=calibration,
         )
         asked = request

@@ -224,42 +224,55 @@ def chat_request_from_proto(
             messages.append(Message(role, item.content, calls, item.tool_call_id, item.reasoning))
         else:
             messages.append(Message(role, item.content))
-    cache_mode = _CACHE_MODES.get(message.cache.mode)
-    if message.cache.mode not in _CACHE_MODES:
-        violations.append(FieldViolation("cache.mode", "unknown cache mode"))
-    max_stop = None
+    # A sub-message the caller did not set holds only defaults: most calls set none, and
+    # each one read costs a wrapper object.
+    cache = _NO_CACHE_POLICY
+    if message.HasField("cache"):
+        wire_cache = message.cache
+        cache_mode = _CACHE_MODES.get(wire_cache.mode)
+        if wire_cache.mode not in _CACHE_MODES:
+            violations.append(FieldViolation("cache.mode", "unknown cache mode"))
+        if cache_mode is not None or wire_cache.ttl_seconds:
+            cache = CachePolicy(mode=cache_mode, ttl_s=wire_cache.ttl_seconds or None)
+    params = _NO_PARAMS
     if message.HasField("params"):
-        stop_count = len(message.params.stop)
+        wire_params = message.params
+        max_stop = None
+        stop_count = len(wire_params.stop)
         if limits is not None and stop_count > limits.max_stop_sequences:
             violations.append(too_many_stop_sequences(stop_count, limits))
             max_stop = limits.max_stop_sequences
-        if message.params.response_format.type not in _RESPONSE_FORMATS:
+        if wire_params.response_format.type not in _RESPONSE_FORMATS:
             violations.append(
                 FieldViolation("params.response_format.type", "unknown response format type")
             )
-        if message.params.reasoning_effort not in _REASONING_EFFORTS:
+        if wire_params.reasoning_effort not in _REASONING_EFFORTS:
             violations.append(FieldViolation("params.reasoning_effort", "unknown reasoning effort"))
-    truncation = _TRUNCATION.get(message.truncation.mode)
-    if message.truncation.mode not in _TRUNCATION:
-        violations.append(FieldViolation("truncation.mode", "unknown truncation mode"))
-    cache = (
-        CachePolicy(mode=cache_mode, ttl_s=message.cache.ttl_seconds or None)
-        if cache_mode is not None or message.cache.ttl_seconds
-        else _NO_CACHE_POLICY
-    )
+        params = params_from_proto(wire_params, max_stop=max_stop)
+    truncation = None
+    if message.HasField("truncation"):
+        truncation_mode = message.truncation.mode
+        truncation = _TRUNCATION.get(truncation_mode)
+        if truncation_mode not in _TRUNCATION:
+            violations.append(FieldViolation("truncation.mode", "unknown truncation mode"))
     tool_choice = _NO_TOOL_CHOICE
     if message.HasField("tool_choice"):
-        mode = _TOOL_CHOICE_MODES.get(message.tool_choice.mode)
-        if message.tool_choice.mode not in _TOOL_CHOICE_MODES:
+        wire_choice = message.tool_choice
+        mode = _TOOL_CHOICE_MODES.get(wire_choice.mode)
+        if wire_choice.mode not in _TOOL_CHOICE_MODES:
             violations.append(FieldViolation("tool_choice.mode", "unknown tool choice mode"))
-        tool_choice = ToolChoice(mode, message.tool_choice.function_name)
+        tool_choice = ToolChoice(mode, wire_choice.function_name)
+    # Most requests have no labels: `dict` of an empty map field still runs Mapping's
+    # Python methods, a microsecond.
+    wire_labels = message.labels
+    labels = labels_from_proto(wire_labels, limits, violations) if wire_labels else {}
     request = ChatRequest(
         model=message.model,
         messages=tuple(messages),
-        params=params_from_proto(message.params, max_stop=max_stop),
+        params=params,
         cache=cache,
         truncation=truncation,
-        labels=labels_from_proto(message.labels, limits, violations),
+        labels=labels,
         idempotency_key=message.idempotency_key,
         tenant=tenant,
         tools=tuple(Tool(t.name, t.description, t.parameters) for t in wire_tools)
@@ -395,9 +408,14 @@ def deadline_of(context: grpc.aio.ServicerContext[object, object]) -> Deadline:
 def repeat_key_of(message: pb.CompleteRequest, *, tenant: str) -> RepeatKey | None:
     """The tenant and the request's exact bytes, by which `Pipeline.repeat` knows a
     request sent again; None for a message too long to be worth remembering."""
-    if message.ByteSize() > REPEATABLE_MAX_BYTES:
-        return None
-    return (tenant, message.SerializeToString(deterministic=True))
+    # `ByteSize` encodes the message as serializing does: encode once and measure that.
+    # Only a map's order can differ between two encodings of one message, so only a
+    # request with labels pays for the deterministic (sorted) one.
+    if message.labels:
+        data = message.SerializeToString(deterministic=True)
+    else:
+        data = message.SerializeToString()
+    return (tenant, data) if len(data) <= REPEATABLE_MAX_BYTES else None
 
 
 def tenant_of(context: grpc.aio.ServicerContext[object, object]) -> str:
@@ -516,6 +534,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
 
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
+        self._limits = pipeline.limits  # read for every call's request; fixed with the config
         self._summarizer = Summarizer(pipeline, pipeline.config.summarize)
 
     def check(self, message: object) -> None:
@@ -564,13 +583,12 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
 
     def _request(self, message: AnyCompleteRequest) -> ChatRequest:
         """The call's domain request, or `InvalidRequest` with every violation."""
+        limits = self._limits
         request, violations = chat_request_from_proto(
-            message, tenant=current_tenant(), limits=self._pipeline.limits
+            message, tenant=current_tenant(), limits=limits
         )
         if violations:
-            raise InvalidRequest(
-                violations + chat_request_violations(request, self._pipeline.limits)
-            )
+            raise InvalidRequest(violations + chat_request_violations(request, limits))
         return request
 
     async def Complete(

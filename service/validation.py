@@ -42,14 +42,12 @@ _TOOL_CALLS_TOLD_APART = 8
 def _range(
     violations: list[FieldViolation],
     name: str,
-    value: float | None,
+    value: float,
     low: float,
     high: float,
     *,
     low_open: bool = False,
 ) -> None:
-    if value is None:
-        return
     ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
     if not ok:
         bracket = "(" if low_open else "["
@@ -134,7 +132,7 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
             # A tool-call turn may have no text, and a tool may return none.
             if not message.tool_calls and message.role is not Role.TOOL:
                 found.append(FieldViolation(f"messages[{index}].content", "must not be empty"))
-        elif message.role in _CALLERS_ROLES and has_control_characters(message.content):
+        elif message.role in _CALLERS_ROLES and _CONTROL.search(message.content):
             found.append(
                 FieldViolation(f"messages[{index}].content", "must not contain control characters")
             )
@@ -171,10 +169,15 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
                 )
             )
     params = request.params
-    _range(found, "params.temperature", params.temperature, 0.0, 2.0)
-    _range(found, "params.top_p", params.top_p, 0.0, 1.0, low_open=True)
-    _range(found, "params.presence_penalty", params.presence_penalty, -2.0, 2.0)
-    _range(found, "params.frequency_penalty", params.frequency_penalty, -2.0, 2.0)
+    # Each checked only when set: most requests set none.
+    if params.temperature is not None:
+        _range(found, "params.temperature", params.temperature, 0.0, 2.0)
+    if params.top_p is not None:
+        _range(found, "params.top_p", params.top_p, 0.0, 1.0, low_open=True)
+    if params.presence_penalty is not None:
+        _range(found, "params.presence_penalty", params.presence_penalty, -2.0, 2.0)
+    if params.frequency_penalty is not None:
+        _range(found, "params.frequency_penalty", params.frequency_penalty, -2.0, 2.0)
     if params.max_tokens is not None and not 1 <= params.max_tokens <= _MAX_TOKENS_CAP:
         found.append(
             FieldViolation(
@@ -193,7 +196,8 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
                     f"must be 1 to {limits.max_stop_length} printable characters",
                 )
             )
-    found.extend(label_violations(request.labels, limits))
+    if request.labels:
+        found.extend(label_violations(request.labels, limits))
     key = request.idempotency_key
     if key and (len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable()):
         found.append(FieldViolation("idempotency_key", "must be printable, at most 256 characters"))
@@ -350,7 +354,9 @@ def validate_chat_request(
     request: ChatRequest, limits: RequestDefaults, *, prior: list[FieldViolation] | None = None
 ) -> None:
     """Raise `InvalidRequest` listing `prior` and every invalid field of `request`."""
-    found = list(prior or ()) + chat_request_violations(request, limits)
+    found = chat_request_violations(request, limits)
+    if prior:
+        found = prior + found
     if found:
         raise InvalidRequest(found)
 

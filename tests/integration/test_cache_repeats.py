@@ -76,6 +76,24 @@ async def test_a_repeated_request_is_a_hit_without_reading_the_store(
     assert usage.total.cost_usd == pytest.approx(REPLY_COST_USD)
 
 
+async def test_the_same_labels_in_another_order_are_the_same_repeat(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """Labels are a map, whose order on the wire means nothing: the same labels sent in
+    another order are the same request, repeated without a store read."""
+    labels = {f"key-{n}": "value" for n in range(8)}
+    reordered = ask(labels=dict(reversed(labels.items())))
+    assert reordered.SerializeToString() != ask(labels=labels).SerializeToString()
+    await cached.stub.Complete(ask(labels=labels))
+    await cached.stub.Complete(ask(labels=labels))  # a store read: now recent
+    stats = cache_of(cached).stats
+    read_before = stats.bytes_read
+    again = await cached.stub.Complete(reordered)
+    assert again.metadata.cache_hit
+    assert stats.bytes_read == read_before
+    assert len(upstream.requests) == 1
+
+
 async def test_a_repeat_after_a_refresh_gets_the_new_answer(
     cached: RunningGateway, upstream: FakeUpstream
 ) -> None:
