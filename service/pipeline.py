@@ -298,7 +298,6 @@ class Pipeline:
         self._repeatable.put(repeat_key, _Repeatable(prepared, store_key))
         return store_key
 
-
     def prepared_before(self, repeat_key: RepeatKey) -> bool:
         """Whether `complete` prepared these very bytes for this tenant lately, with the
         tenant's calibration for the model as it is now: preparing them again would find
