@@ -81,14 +81,27 @@ async def test_the_same_labels_in_another_order_are_the_same_repeat(
 ) -> None:
     """Labels are a map, whose order on the wire means nothing: the same labels sent in
     another order are the same request, repeated without a store read."""
-    labels = {f"key-{n}": "value" for n in range(8)}
-    reordered = ask(labels=dict(reversed(labels.items())))
-    assert reordered.SerializeToString() != ask(labels=labels).SerializeToString()
-    await cached.stub.Complete(ask(labels=labels))
-    await cached.stub.Complete(ask(labels=labels))  # a store read: now recent
+    keys = [f"key-{n}" for n in range(16)]
+    head = ask().SerializeToString()
+
+    def in_order(order: list[str]) -> bytes:  # map entries concatenated in this order
+        return head + b"".join(ask(labels={k: "value"}).SerializeToString() for k in order)
+
+    forward, backward = in_order(keys), in_order(keys[::-1])
+    # Parsed and encoded again as it arrived, the two differ (upb's map order follows
+    # the wire's): a key of those bytes would not know the second for a repeat.
+    parse = pb.CompleteRequest.FromString
+    assert parse(forward).SerializeToString() != parse(backward).SerializeToString()
+    raw = cached.channel.unary_unary(
+        "/llmgateway.v1.CompletionService/Complete",
+        request_serializer=lambda data: data,
+        response_deserializer=pb.CompleteResponse.FromString,
+    )
+    await raw(forward)
+    await raw(forward)  # a store read: now recent
     stats = cache_of(cached).stats
     read_before = stats.bytes_read
-    again = await cached.stub.Complete(reordered)
+    again = await raw(backward)
     assert again.metadata.cache_hit
     assert stats.bytes_read == read_before
     assert len(upstream.requests) == 1
