@@ -206,6 +206,7 @@ class UpstreamClient:
         self.config = config
         self.name = config.name
         self._pool: HttpPool | None = None
+        self._translated_errors = _TranslatedErrors(self.name)  # holds no state of a call
         self._headers = {
             **_headers(config, accept="application/json, text/event-stream"),
             "Content-Type": "application/json",
@@ -281,11 +282,13 @@ class UpstreamClient:
     ) -> UpstreamReply:
         """Send one unary completion and parse the answer; `on_sent` as `HttpPool.request`,
         `on_status` with the answer's status, before its body is read."""
-        with _TranslatedErrors(self.name):
+        with self._translated_errors:
             async with asyncio.timeout_at(self._deadline(timeout_s)):
                 response = await self._post(call, on_sent, on_status)
-                async with response:
+                try:
                     body = await response.read(max_bytes=_MAX_REPLY_BYTES)
+                finally:
+                    response.release()
             if response.status >= 400:
                 raise _error_for_status(self.name, response.status, response.headers, body)
             return _reply(call, body, response.headers, waited_s=response.waited_s)
@@ -316,7 +319,7 @@ class UpstreamClient:
         """
         deadline = self._deadline(timeout_s)
         whole_stream_deadline = self._deadline(self.config.timeout_s)
-        with _TranslatedErrors(self.name):
+        with self._translated_errors:
             async with asyncio.timeout_at(deadline):
                 response = await self._post(call, on_sent, on_status)
             headers_at = time.monotonic()

@@ -253,9 +253,6 @@ class Response:
 
     # what the client calls -------------------------------------------------------------
 
-    async def wait_head(self) -> None:
-        await self._head_ready
-
     async def next_chunk(self) -> bytes | None:
         """The body bytes that arrived since the last call; None at the end."""
         while not self._chunks:
@@ -277,6 +274,17 @@ class Response:
 
     async def read(self, *, max_bytes: int | None = None) -> bytes:
         """The whole body; `BodyTooLarge` once it passes `max_bytes`."""
+        if self._is_complete and self._error is None:
+            # All of it is here already (a short answer comes with its head): take it
+            # without `next_chunk`'s coroutines.
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            if self._buffered > _HIGH_WATER_BYTES:
+                self._connection.resume()
+            self._buffered = 0
+            if max_bytes is not None and len(data) > max_bytes:
+                raise BodyTooLarge(f"the answer is larger than {max_bytes} bytes")
+            return data
         parts = []
         size = 0
         while (data := await self.next_chunk()) is not None:
@@ -419,7 +427,7 @@ class HttpPool:
             try:
                 connection.send(head, body, response)
                 response.sent_at = time.perf_counter()
-                await response.wait_head()
+                await response._head_ready
             except HttpError:
                 response.release()
                 if is_reused and response.is_unanswered:
