@@ -462,6 +462,44 @@ async def test_max_connections_queues_requests_beyond_it(serve):
     await pool.aclose()
 
 
+@pytest.mark.parametrize(
+    "order",
+    [
+        "cancelled, then the connection freed",
+        "cancelled, the connection freed before the request ran",
+        "the connection freed, then the request cancelled before it ran",
+    ],
+)
+async def test_a_request_cancelled_while_waiting_for_a_connection_hands_it_on(serve, order):
+    """With one connection allowed, a request cancelled while it waits in line never keeps
+    the connection: however the cancel and the hand-over meet, the next request gets it."""
+    raw = await serve(answer_forever)
+    pool = pool_for(raw, max_connections=1)
+    first = await pool.request("POST", "/", {}, b"a")
+    assert await first.read() == b"a"
+    second = asyncio.create_task(pool.request("POST", "/", {}, b"b"))
+    third = asyncio.create_task(pool.request("POST", "/", {}, b"c"))
+    await asyncio.sleep(0)  # both wait in line for the one connection
+    if order == "cancelled, then the connection freed":
+        second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second
+        first.release()
+    elif order == "cancelled, the connection freed before the request ran":
+        second.cancel()
+        first.release()
+    else:
+        first.release()
+        second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    async with asyncio.timeout(10):  # not a measure: a lost connection would wait for ever
+        async with await third as response:
+            assert await response.read() == b"c"
+    assert pool.checked_out == 0
+    await pool.aclose()
+
+
 async def test_a_large_body_read_late_is_paused_then_delivered_whole(serve):
     """Past the high-water mark reading pauses; reading the body resumes it to the end."""
     size = 1024 * 1024
