@@ -342,16 +342,17 @@ class UpstreamPool:
             headers["Idempotency-Key"] = upstream_idempotency_key(
                 request.tenant, request.idempotency_key
             )
+        config = route.client.config
         return UpstreamCall(
             upstream_model=route.upstream_model,
             body=request_body(
                 request,
                 upstream_model=route.upstream_model,
                 stream=stream,
-                extra=route.client.config.extra_body,
-                max_tokens_field=route.client.config.max_tokens_field,
-                json_schema_format=route.client.config.json_schema_format,
-                reasoning_field=route.client.config.reasoning_field,
+                extra=config.extra_body,
+                max_tokens_field=config.max_tokens_field,
+                json_schema_format=config.json_schema_format,
+                reasoning_field=config.reasoning_field,
             ),
             headers=headers,
         )

@@ -246,11 +246,6 @@ class UpstreamClient:
         total = max(0.001, min(timeout_s, self.config.timeout_s))
         return asyncio.get_running_loop().time() + total
 
-    def _request_headers(self, call: UpstreamCall) -> Mapping[str, str]:
-        if not call.headers:
-            return self._headers
-        return {**self._headers, **call.headers}
-
     @property
     def pool(self) -> HttpPool:
         """The connection pool; raises when the client is not open."""
@@ -265,8 +260,9 @@ class UpstreamClient:
         on_status: Callable[[int], None] | None,
     ) -> Response:
         """Send the call; the response once its status and headers are in."""
+        headers = {**self._headers, **call.headers} if call.headers else self._headers
         response = await self.pool.request(
-            "POST", "/chat/completions", self._request_headers(call), call.body, on_sent=on_sent
+            "POST", "/chat/completions", headers, call.body, on_sent=on_sent
         )
         if on_status is not None:
             on_status(response.status)

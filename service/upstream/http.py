@@ -252,7 +252,8 @@ class Response:
         self._buffered += len(body) + _PIECE_OVERHEAD_BYTES
         if self._buffered > _HIGH_WATER_BYTES:
             self._connection.pause()
-        self._wake()
+        if self._wakeup is not None:  # a reader waits (a stream's); a short answer has none yet
+            self._wake()
 
     def on_message_complete(self) -> None:
         self.parsed += 1
@@ -261,7 +262,8 @@ class Response:
             return
         self._is_complete = True
         self._answered_at = time.perf_counter()
-        self._wake()
+        if self._wakeup is not None:
+            self._wake()
 
     # connection events ---------------------------------------------------------------
 
@@ -531,7 +533,8 @@ class HttpPool:
                 connection.resume()
             connection.idle_since = time.monotonic()
             self._idle.append(connection)
-            self._schedule_expiry()
+            if self._expiry is None:  # else its timer is already set
+                self._schedule_expiry()
         else:
             connection.close()
         self._slots.give()
