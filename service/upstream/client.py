@@ -219,6 +219,7 @@ class UpstreamClient:
                 max_connections=self.config.max_connections,
                 connect_timeout_s=self.config.connect_timeout_s,
                 keepalive_s=_KEEPALIVE_S,
+                headers=self._headers,
             )
         return self
 
@@ -260,9 +261,9 @@ class UpstreamClient:
         on_status: Callable[[int], None] | None,
     ) -> Response:
         """Send the call; the response once its status and headers are in."""
-        headers = {**self._headers, **call.headers} if call.headers else self._headers
+        # The client's own headers are the pool's: it sends them first.
         response = await self.pool.request(
-            "POST", "/chat/completions", headers, call.body, on_sent=on_sent
+            "POST", "/chat/completions", call.headers, call.body, on_sent=on_sent
         )
         if on_status is not None:
             on_status(response.status)

@@ -413,7 +413,9 @@ class HttpPool:
         max_connections: int,
         connect_timeout_s: float,
         keepalive_s: float = 30.0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
+        """`headers`: sent with every request, before its own."""
         parts = urlsplit(base_url)
         self._is_tls = parts.scheme == "https"
         self._host = parts.hostname or ""
@@ -426,6 +428,14 @@ class HttpPool:
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._ssl = ssl.create_default_context() if self._is_tls else None
+        self._headers = dict(headers or {})
+        # Checked and written out once rather than for every request; None when one is
+        # refused, as every request carrying it then is.
+        self._header_lines: str | None
+        try:
+            self._header_lines = _header_lines(self._headers)
+        except ValueError:
+            self._header_lines = None
         self._slots = _Slots(max_connections)
         self._idle: list[_Connection] = []  # oldest first: released in this order
         self._busy: set[_Connection] = set()
@@ -464,7 +474,13 @@ class HttpPool:
             HttpError: the connection failed or the answer was not HTTP.
         """
         target = self.path_prefix + path + self.query
-        head = _head(method, target, self.host_header, headers, len(body))
+        checked = self._header_lines
+        if checked is None or (headers and not self._headers.keys().isdisjoint(headers)):
+            # A request's header of a pool header's name takes its value, in its place.
+            merged = {**self._headers, **headers}
+            head = _head(method, target, self.host_header, merged, len(body))
+        else:
+            head = _head(method, target, self.host_header, headers, len(body), checked=checked)
         may_reuse = True
         while True:
             if not self._slots.try_take():
@@ -571,12 +587,30 @@ class HttpPool:
         await asyncio.sleep(0)  # let the transports' close callbacks run
 
 
-def _head(method: str, path: str, host: str, headers: Mapping[str, str], length: int) -> bytes:
-    """The request line and headers; a CR or LF in any of them is refused (no injection)."""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+def _head(
+    method: str,
+    path: str,
+    host: str,
+    headers: Mapping[str, str],
+    length: int,
+    *,
+    checked: str = "",
+) -> bytes:
+    """The request line and headers: `checked` (lines `_header_lines` wrote), then
+    `headers`, whose lines are refused as `_header_lines` refuses them."""
+    lines = _header_lines(headers) if headers else ""
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{checked}{lines}"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def _header_lines(headers: Mapping[str, str]) -> str:
+    """`headers` as lines, each ending in CRLF; a CR or LF in any of them, or a colon in a
+    name, is refused (no injection)."""
+    lines = []
     for name, value in headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
             raise ValueError(f"request header {name!r} holds a line break or colon")
-        lines.append(f"{name}: {value}")
-    lines.append(f"Content-Length: {length}\r\n\r\n")
-    return "\r\n".join(lines).encode("utf-8")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines)

@@ -147,6 +147,51 @@ async def test_the_request_line_carries_the_base_path_host_and_length(serve):
     await pool.aclose()
 
 
+async def test_the_pools_headers_lead_and_a_request_header_of_their_name_replaces_one(serve):
+    """Headers given to the pool go first on every request, then the request's own; a
+    request header named as one of the pool's is sent once, with its value, in its place."""
+    heads: list[list[str]] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            heads.append(head.decode().split("\r\n")[2:-2])  # the lines after Host
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+
+    raw = await serve(record)
+    pool = HttpPool(
+        raw.url,
+        max_connections=1,
+        connect_timeout_s=2.0,
+        headers={"Accept": "application/json", "User-Agent": "gateway"},
+    )
+    for own in ({"X-Own": "1"}, {"User-Agent": "caller", "X-Own": "2"}, {}):
+        async with await pool.request("POST", "/chat/completions", own, b"{}") as response:
+            assert response.status == 204
+    assert heads == [
+        ["Accept: application/json", "User-Agent: gateway", "X-Own: 1", "Content-Length: 2"],
+        ["Accept: application/json", "User-Agent: caller", "X-Own: 2", "Content-Length: 2"],
+        ["Accept: application/json", "User-Agent: gateway", "Content-Length: 2"],
+    ]
+    await pool.aclose()
+
+
+async def test_a_pool_header_with_a_line_break_refuses_every_request():
+    """A pool's header is checked as a request's is: each request that would carry it is
+    refused, none sent."""
+    pool = HttpPool(
+        "http://127.0.0.1:1/v1",
+        max_connections=1,
+        connect_timeout_s=2.0,
+        headers={"Authorization": "Bearer key\r\nInjected: yes"},
+    )
+    for _ in range(2):
+        with pytest.raises(ValueError, match="line break"):
+            await pool.request("POST", "/chat/completions", {"X-Own": "1"}, b"{}")
+    await pool.aclose()
+
+
 async def test_a_query_in_the_base_url_is_sent_after_the_path(serve):
     """`?api-version=...` in the base URL (as Azure OpenAI needs) follows every path."""
     lines: list[bytes] = []
