@@ -39,11 +39,11 @@ SYSTEM_CLOCK = SystemClock()
 def covered_s(intervals: Iterable[tuple[float, float]]) -> float:
     """The time `intervals` ((start, end) on one clock) cover together, each moment
     once: a batch's or a summary's calls wait on their upstreams at the same time."""
+    if isinstance(intervals, list) and len(intervals) == 1:  # a call's one wait, usually
+        only: tuple[float, float] = intervals[0]
+        return only[1] - only[0]
     total = 0.0
     reached = float("-inf")
-    if isinstance(intervals, list) and len(intervals) == 1:  # a call's one wait, usually
-        start, end = intervals[0]
-        return end - start
     for start, end in sorted(intervals):
         if end > reached:
             total += end - max(start, reached)

@@ -241,7 +241,7 @@ class _CallPlan:
     """The routes of one call in the order to try them, and those ruled out for it."""
 
     def __init__(self, routes: Sequence[Route], first: int) -> None:
-        self.order = list(routes[first:]) + list(routes[:first])
+        self.order = [*routes[first:], *routes[:first]]
         self.excluded: dict[str, str] = {}  # upstream name -> why
 
     def exclude(self, route: Route, why: str) -> None:

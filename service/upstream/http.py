@@ -330,14 +330,14 @@ class Response:
         if self._is_complete and self._error is None:
             # All of it is here already (a short answer comes with its head): take it
             # without `next_chunk`'s coroutines.
-            data = b"".join(self._chunks)
+            body = b"".join(self._chunks)
             self._chunks.clear()
             if self._buffered > _HIGH_WATER_BYTES:
                 self._connection.resume()
             self._buffered = 0
-            if max_bytes is not None and len(data) > max_bytes:
+            if max_bytes is not None and len(body) > max_bytes:
                 raise BodyTooLarge(f"the answer is larger than {max_bytes} bytes")
-            return data
+            return body
         parts = []
         size = 0
         while (data := await self.next_chunk()) is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from service.upstream.http import ConnectFailed, HttpError, HttpPool, _head
+from service.upstream.http import BodyTooLarge, ConnectFailed, HttpError, HttpPool, _head
 from tests.integration.pki import make_pki
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -542,6 +542,26 @@ async def test_a_request_cancelled_while_waiting_for_a_connection_hands_it_on(se
         async with await third as response:
             assert await response.read() == b"c"
     assert pool.checked_out == 0
+    await pool.aclose()
+
+
+@pytest.mark.parametrize("is_whole", [False, True], ids=["read_at_once", "read_once_whole"])
+async def test_a_body_past_the_readers_limit_is_refused(serve, is_whole):
+    """`read(max_bytes=...)` refuses a longer body and takes one of exactly that length,
+    whether it is called at once or once the body is whole (read without waiting)."""
+    raw = await serve(answer_forever)
+    pool = pool_for(raw, max_connections=1)
+    for sent, max_bytes in ((b"x" * 100, 99), (b"y" * 100, 100)):
+        response = await pool.request("POST", "/", {}, sent)
+        async with asyncio.timeout(10):  # not a measure: a bound on a wait for the body
+            while is_whole and not response.is_complete:
+                await asyncio.sleep(0.01)
+        if len(sent) > max_bytes:
+            with pytest.raises(BodyTooLarge, match="larger than 99 bytes"):
+                await response.read(max_bytes=max_bytes)
+        else:
+            assert await response.read(max_bytes=max_bytes) == sent
+        response.release()
     await pool.aclose()
 
 
