@@ -497,7 +497,7 @@ class HttpPool:
             try:
                 connection.send(head, body, response)
                 response.sent_at = time.perf_counter()
-                await response._head_ready
+                await response._head_ready  # the future itself: no coroutine around it
             except HttpError:
                 response.release()
                 if is_reused and response.is_unanswered:

@@ -218,7 +218,8 @@ def usage(data: object) -> Usage | None:
     """Parse an OpenAI `usage` object, or None when absent or not to be believed."""
     if not isinstance(data, dict):
         return None
-    if data.get("prompt_tokens") is None and data.get("completion_tokens") is None:
+    prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
+    if prompt is None and completion is None:
         return None  # `{}`: no counts at all, so estimated (and flagged), not free
     details = data.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
@@ -231,8 +232,8 @@ def usage(data: object) -> Usage | None:
     # billed twice.
     try:
         counts = Usage(
-            input_tokens=_count(data.get("prompt_tokens")),
-            output_tokens=_count(data.get("completion_tokens")),
+            input_tokens=_count(prompt),
+            output_tokens=_count(completion),
             cached_input_tokens=_count(cached),
         )
     except (TypeError, ValueError, OverflowError):
@@ -341,9 +342,10 @@ def parse_completion(
     what its headers said and `waited_s` how long it took to come."""
     data = _loads(raw)
     choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    if not isinstance(choice, dict):
         raise MalformedReply("no choices")
-    message = choices[0].get("message")
+    message = choice.get("message")
     if not isinstance(message, dict):
         message = {}
     content = message.get("content")
@@ -352,7 +354,7 @@ def parse_completion(
     raw_tool_calls = message.get("tool_calls")
     tool_calls = () if raw_tool_calls is None else _tool_calls(raw_tool_calls)
     reasoning = _reasoning(message)
-    reason = finish_reason(choices[0].get("finish_reason"))
+    reason = finish_reason(choice.get("finish_reason"))
     if reason is None:
         raise MalformedReply("no finish reason")
     reason = _with_tool_calls(reason, has_tool_calls=bool(tool_calls))
