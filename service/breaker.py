@@ -104,6 +104,8 @@ class CircuitBreaker:
 
     def allows(self) -> bool:
         """Whether a call may be sent now (without claiming the half-open probe)."""
+        if self._state is BreakerState.CLOSED:  # the usual answer; only OPEN changes as read
+            return True
         state = self.state
         if state is BreakerState.CLOSED:
             return True
@@ -111,6 +113,8 @@ class CircuitBreaker:
 
     def acquire(self) -> bool:
         """Claim permission for one call; in half-open, only one probe at a time."""
+        if self._state is BreakerState.CLOSED:
+            return True
         if not self.allows():
             return False
         if self._state is BreakerState.HALF_OPEN:

@@ -182,6 +182,16 @@ class UpstreamLimiter:
         that cannot start at once takes its `tenant`'s turn (module docstring).
         """
         if not self._waiters and self.in_flight < self.max_concurrency:
+            # The usual upstream has no per-minute limits, pause or learned spacing: nothing
+            # `wait_s` would find, so the call starts without asking it.
+            if (
+                self._requests is None
+                and self._tokens is None
+                and self.spacing_s <= 0
+                and self.paused_until <= self._clock.now()
+            ):
+                self._start(tokens)
+                return 0.0
             wait, what = self.wait_s(tokens)
             if wait <= 0:
                 self._start(tokens)

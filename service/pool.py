@@ -241,7 +241,7 @@ class _CallPlan:
     """The routes of one call in the order to try them, and those ruled out for it."""
 
     def __init__(self, routes: Sequence[Route], first: int) -> None:
-        self.order = list(routes[first:]) + list(routes[:first])
+        self.order = [*routes[first:], *routes[:first]]
         self.excluded: dict[str, str] = {}  # upstream name -> why
 
     def exclude(self, route: Route, why: str) -> None:
@@ -342,16 +342,17 @@ class UpstreamPool:
             headers["Idempotency-Key"] = upstream_idempotency_key(
                 request.tenant, request.idempotency_key
             )
+        config = route.client.config
         return UpstreamCall(
             upstream_model=route.upstream_model,
             body=request_body(
                 request,
                 upstream_model=route.upstream_model,
                 stream=stream,
-                extra=route.client.config.extra_body,
-                max_tokens_field=route.client.config.max_tokens_field,
-                json_schema_format=route.client.config.json_schema_format,
-                reasoning_field=route.client.config.reasoning_field,
+                extra=config.extra_body,
+                max_tokens_field=config.max_tokens_field,
+                json_schema_format=config.json_schema_format,
+                reasoning_field=config.reasoning_field,
             ),
             headers=headers,
         )
@@ -448,10 +449,11 @@ class UpstreamPool:
                 last_error.is_cut_short_by_deadline = True
                 raise self._final(last_error, deadline, log_.attempts)
             raise DeadlineExceeded("the caller's deadline passed before the upstream call")
-        if not state.breaker.acquire():
+        breaker = state.breaker
+        if not breaker.acquire():
             plan.exclude(route, "circuit open")
             return None
-        probe = state.breaker.episode if state.breaker.state is BreakerState.HALF_OPEN else None
+        probe = breaker.episode if breaker.state is BreakerState.HALF_OPEN else None
         max_wait = self.settings.max_limit_wait_s
         if left is not None:
             max_wait = min(max_wait, left - self.settings.min_attempt_s)
@@ -469,7 +471,8 @@ class UpstreamPool:
                 # upstream's account as much as one that got the slot.
                 _waited_on_upstream(log_, self._clock.now() - acquiring)
             raise
-        _waited_on_upstream(log_, limit_wait)
+        if limit_wait > 0:  # most calls start at once
+            _waited_on_upstream(log_, limit_wait)
         # A retry follows an attempt of this call on this upstream that was sent and
         # failed; a route skipped before any was sent (the gateway's own limits, an open
         # circuit) leaves this a first attempt.
@@ -511,7 +514,8 @@ class UpstreamPool:
 
     def _after_success(self, state: UpstreamState, hints: RateLimitHints) -> None:
         state.breaker.record_success()
-        state.limiter.learn(hints, now_epoch_s=time.time())
+        if hints.remaining is not None:  # without rate-limit headers there is nothing to learn
+            state.limiter.learn(hints, now_epoch_s=time.time())
 
     def _record(
         self,

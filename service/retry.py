@@ -126,8 +126,12 @@ class RetryBudget:
     def record_request(self) -> None:
         """A first attempt was sent to the upstream."""
         now = self._clock.now()
-        self._prune(now)
-        self._requests.append(now)
+        # Only the requests' stamps, without `_prune`'s call: every call's first attempt
+        # comes here; the retries' are pruned where they are counted or added.
+        requests, horizon = self._requests, now - self.window_s
+        while requests and requests[0] <= horizon:
+            requests.popleft()
+        requests.append(now)
 
     def can_retry(self) -> bool:
         """Whether one more retry fits in the budget now."""

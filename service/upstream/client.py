@@ -206,6 +206,7 @@ class UpstreamClient:
         self.config = config
         self.name = config.name
         self._pool: HttpPool | None = None
+        self._translated_errors = _TranslatedErrors(self.name)  # holds no state of a call
         self._headers = {
             **_headers(config, accept="application/json, text/event-stream"),
             "Content-Type": "application/json",
@@ -218,6 +219,7 @@ class UpstreamClient:
                 max_connections=self.config.max_connections,
                 connect_timeout_s=self.config.connect_timeout_s,
                 keepalive_s=_KEEPALIVE_S,
+                headers=self._headers,
             )
         return self
 
@@ -245,11 +247,6 @@ class UpstreamClient:
         total = max(0.001, min(timeout_s, self.config.timeout_s))
         return asyncio.get_running_loop().time() + total
 
-    def _request_headers(self, call: UpstreamCall) -> Mapping[str, str]:
-        if not call.headers:
-            return self._headers
-        return {**self._headers, **call.headers}
-
     @property
     def pool(self) -> HttpPool:
         """The connection pool; raises when the client is not open."""
@@ -264,8 +261,9 @@ class UpstreamClient:
         on_status: Callable[[int], None] | None,
     ) -> Response:
         """Send the call; the response once its status and headers are in."""
+        # The client's own headers are the pool's: it sends them first.
         response = await self.pool.request(
-            "POST", "/chat/completions", self._request_headers(call), call.body, on_sent=on_sent
+            "POST", "/chat/completions", call.headers, call.body, on_sent=on_sent
         )
         if on_status is not None:
             on_status(response.status)
@@ -281,11 +279,13 @@ class UpstreamClient:
     ) -> UpstreamReply:
         """Send one unary completion and parse the answer; `on_sent` as `HttpPool.request`,
         `on_status` with the answer's status, before its body is read."""
-        with _TranslatedErrors(self.name):
+        with self._translated_errors:
             async with asyncio.timeout_at(self._deadline(timeout_s)):
                 response = await self._post(call, on_sent, on_status)
-                async with response:
+                try:
                     body = await response.read(max_bytes=_MAX_REPLY_BYTES)
+                finally:
+                    response.release()
             if response.status >= 400:
                 raise _error_for_status(self.name, response.status, response.headers, body)
             return _reply(call, body, response.headers, waited_s=response.waited_s)
@@ -316,7 +316,7 @@ class UpstreamClient:
         """
         deadline = self._deadline(timeout_s)
         whole_stream_deadline = self._deadline(self.config.timeout_s)
-        with _TranslatedErrors(self.name):
+        with self._translated_errors:
             async with asyncio.timeout_at(deadline):
                 response = await self._post(call, on_sent, on_status)
             headers_at = time.monotonic()

@@ -19,8 +19,10 @@ the connect fails after `upstreams[].connect_timeout_s`, all addresses counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
@@ -46,6 +48,55 @@ class ConnectFailed(HttpError):
 
 class BodyTooLarge(Exception):
     """A body longer than its reader takes (`Response.read(max_bytes=...)`)."""
+
+
+class _Slots:
+    """At most `count` holders at a time; the others wait in turn.
+
+    `asyncio.Semaphore`'s work without its cost on every request: its `acquire` is a
+    coroutine that asks `locked()`, which runs a generator over the waiters, and its
+    `release` calls `_wake_up_next`. Here a free slot is one test, and a slot given back
+    while calls wait goes straight to the first of them.
+    """
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, count: int) -> None:
+        self._free = count
+        # Each waiter's future, first in line first; one cancelled before its turn is
+        # skipped when a slot is handed over, so none is held while a slot is free.
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def try_take(self) -> bool:
+        """Take a slot if one is free now (none is while calls wait: each is handed on)."""
+        if self._free > 0:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Wait in line for a slot."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # handed a slot as it was cancelled: the next in line has it
+            else:
+                with contextlib.suppress(ValueError):  # skipped by a hand-over already
+                    self._waiters.remove(waiter)
+            raise
+
+    def give(self) -> None:
+        """Give a slot back: to the first call still waiting, else to the free ones."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
 
 
 class _Connection(asyncio.Protocol):
@@ -201,7 +252,8 @@ class Response:
         self._buffered += len(body) + _PIECE_OVERHEAD_BYTES
         if self._buffered > _HIGH_WATER_BYTES:
             self._connection.pause()
-        self._wake()
+        if self._wakeup is not None:  # a reader waits (a stream's); a short answer has none yet
+            self._wake()
 
     def on_message_complete(self) -> None:
         self.parsed += 1
@@ -210,7 +262,8 @@ class Response:
             return
         self._is_complete = True
         self._answered_at = time.perf_counter()
-        self._wake()
+        if self._wakeup is not None:
+            self._wake()
 
     # connection events ---------------------------------------------------------------
 
@@ -253,9 +306,6 @@ class Response:
 
     # what the client calls -------------------------------------------------------------
 
-    async def wait_head(self) -> None:
-        await self._head_ready
-
     async def next_chunk(self) -> bytes | None:
         """The body bytes that arrived since the last call; None at the end."""
         while not self._chunks:
@@ -277,6 +327,17 @@ class Response:
 
     async def read(self, *, max_bytes: int | None = None) -> bytes:
         """The whole body; `BodyTooLarge` once it passes `max_bytes`."""
+        if self._is_complete and self._error is None:
+            # All of it is here already (a short answer comes with its head): take it
+            # without `next_chunk`'s coroutines.
+            body = b"".join(self._chunks)
+            self._chunks.clear()
+            if self._buffered > _HIGH_WATER_BYTES:
+                self._connection.resume()
+            self._buffered = 0
+            if max_bytes is not None and len(body) > max_bytes:
+                raise BodyTooLarge(f"the answer is larger than {max_bytes} bytes")
+            return body
         parts = []
         size = 0
         while (data := await self.next_chunk()) is not None:
@@ -352,7 +413,9 @@ class HttpPool:
         max_connections: int,
         connect_timeout_s: float,
         keepalive_s: float = 30.0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
+        """`headers`: sent with every request, before its own."""
         parts = urlsplit(base_url)
         self._is_tls = parts.scheme == "https"
         self._host = parts.hostname or ""
@@ -365,7 +428,15 @@ class HttpPool:
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._ssl = ssl.create_default_context() if self._is_tls else None
-        self._slots = asyncio.Semaphore(max_connections)
+        self._headers = dict(headers or {})
+        # Checked and written out once rather than for every request; None when one is
+        # refused, as every request carrying it then is.
+        self._header_lines: str | None
+        try:
+            self._header_lines = _header_lines(self._headers)
+        except ValueError:
+            self._header_lines = None
+        self._slots = _Slots(max_connections)
         self._idle: list[_Connection] = []  # oldest first: released in this order
         self._busy: set[_Connection] = set()
         self._is_closed = False
@@ -403,23 +474,30 @@ class HttpPool:
             HttpError: the connection failed or the answer was not HTTP.
         """
         target = self.path_prefix + path + self.query
-        head = _head(method, target, self.host_header, headers, len(body))
+        checked = self._header_lines
+        if checked is None or (headers and not self._headers.keys().isdisjoint(headers)):
+            # A request's header of a pool header's name takes its value, in its place.
+            merged = {**self._headers, **headers}
+            head = _head(method, target, self.host_header, merged, len(body))
+        else:
+            head = _head(method, target, self.host_header, headers, len(body), checked=checked)
         may_reuse = True
         while True:
-            await self._slots.acquire()
+            if not self._slots.try_take():
+                await self._slots.take()
             try:
                 connection = self._idle_connection() if may_reuse else None
                 is_reused = connection is not None
                 connection = connection or await self._connect()
             except BaseException:
-                self._slots.release()
+                self._slots.give()
                 raise
             self._busy.add(connection)
             response = Response(self, connection)
             try:
                 connection.send(head, body, response)
                 response.sent_at = time.perf_counter()
-                await response.wait_head()
+                await response._head_ready  # the future itself: no coroutine around it
             except HttpError:
                 response.release()
                 if is_reused and response.is_unanswered:
@@ -471,10 +549,11 @@ class HttpPool:
                 connection.resume()
             connection.idle_since = time.monotonic()
             self._idle.append(connection)
-            self._schedule_expiry()
+            if self._expiry is None:  # else its timer is already set
+                self._schedule_expiry()
         else:
             connection.close()
-        self._slots.release()
+        self._slots.give()
 
     def _schedule_expiry(self) -> None:
         """Wake when the oldest idle connection passes keep-alive (`_idle_connection` pops
@@ -508,12 +587,30 @@ class HttpPool:
         await asyncio.sleep(0)  # let the transports' close callbacks run
 
 
-def _head(method: str, path: str, host: str, headers: Mapping[str, str], length: int) -> bytes:
-    """The request line and headers; a CR or LF in any of them is refused (no injection)."""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+def _head(
+    method: str,
+    path: str,
+    host: str,
+    headers: Mapping[str, str],
+    length: int,
+    *,
+    checked: str = "",
+) -> bytes:
+    """The request line and headers: `checked` (lines `_header_lines` wrote), then
+    `headers`, whose lines are refused as `_header_lines` refuses them."""
+    lines = _header_lines(headers) if headers else ""
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{checked}{lines}"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def _header_lines(headers: Mapping[str, str]) -> str:
+    """`headers` as lines, each ending in CRLF; a CR or LF in any of them, or a colon in a
+    name, is refused (no injection)."""
+    lines = []
     for name, value in headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
             raise ValueError(f"request header {name!r} holds a line break or colon")
-        lines.append(f"{name}: {value}")
-    lines.append(f"Content-Length: {length}\r\n\r\n")
-    return "\r\n".join(lines).encode("utf-8")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines)

@@ -94,7 +94,8 @@ def request_body(
         "messages": [
             _message_json(m, reasoning_field)
             if m.tool_calls or m.tool_call_id or m.reasoning
-            else {"role": m.role.value, "content": m.content}
+            # The role as is: orjson writes an enum's value, without `.value`'s Python call.
+            else {"role": m.role, "content": m.content}
             for m in request.messages
         ],
     }
@@ -217,7 +218,8 @@ def usage(data: object) -> Usage | None:
     """Parse an OpenAI `usage` object, or None when absent or not to be believed."""
     if not isinstance(data, dict):
         return None
-    if data.get("prompt_tokens") is None and data.get("completion_tokens") is None:
+    prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
+    if prompt is None and completion is None:
         return None  # `{}`: no counts at all, so estimated (and flagged), not free
     details = data.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
@@ -230,23 +232,26 @@ def usage(data: object) -> Usage | None:
     # billed twice.
     try:
         counts = Usage(
-            input_tokens=_count(data.get("prompt_tokens")),
-            output_tokens=_count(data.get("completion_tokens")),
+            input_tokens=_count(prompt),
+            output_tokens=_count(completion),
             cached_input_tokens=_count(cached),
         )
     except (TypeError, ValueError, OverflowError):
         return None
-    if not all(
-        0 <= n <= _MAX_TOKEN_COUNT
-        for n in (counts.input_tokens, counts.output_tokens, counts.cached_input_tokens)
+    if not (
+        0 <= counts.input_tokens <= _MAX_TOKEN_COUNT
+        and 0 <= counts.output_tokens <= _MAX_TOKEN_COUNT
+        and 0 <= counts.cached_input_tokens <= _MAX_TOKEN_COUNT
     ):
         return None
     if counts.cached_input_tokens > counts.input_tokens:
         # Cached input is part of the input: reported as priced (`pricing.cost_usd`).
         counts = replace(counts, cached_input_tokens=counts.input_tokens)
-    reasoning = _reasoning_tokens(data.get("completion_tokens_details"), counts.output_tokens)
-    if reasoning:
-        counts = replace(counts, reasoning_tokens=reasoning)
+    details = data.get("completion_tokens_details")
+    if isinstance(details, dict):  # else no reasoning count: many servers send no details
+        reasoning = _reasoning_tokens(details, counts.output_tokens)
+        if reasoning:
+            counts = replace(counts, reasoning_tokens=reasoning)
     return counts
 
 
@@ -255,6 +260,8 @@ def _count(value: object) -> int:
 
     `int()` alone would take 7.9 as 7, "7" as 7 and `true` as 1.
     """
+    if type(value) is int:  # what JSON's counts are, in one test
+        return value
     if value is None:
         return 0
     if isinstance(value, float) and value.is_integer():
@@ -335,17 +342,19 @@ def parse_completion(
     what its headers said and `waited_s` how long it took to come."""
     data = _loads(raw)
     choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    if not isinstance(choice, dict):
         raise MalformedReply("no choices")
-    message = choices[0].get("message")
+    message = choice.get("message")
     if not isinstance(message, dict):
         message = {}
     content = message.get("content")
     if content is not None and not isinstance(content, str):
         raise MalformedReply("message content is not a string")
-    tool_calls = _tool_calls(message.get("tool_calls"))
+    raw_tool_calls = message.get("tool_calls")
+    tool_calls = () if raw_tool_calls is None else _tool_calls(raw_tool_calls)
     reasoning = _reasoning(message)
-    reason = finish_reason(choices[0].get("finish_reason"))
+    reason = finish_reason(choice.get("finish_reason"))
     if reason is None:
         raise MalformedReply("no finish reason")
     reason = _with_tool_calls(reason, has_tool_calls=bool(tool_calls))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from service.upstream.http import ConnectFailed, HttpError, HttpPool, _head
+from service.upstream.http import BodyTooLarge, ConnectFailed, HttpError, HttpPool, _head
 from tests.integration.pki import make_pki
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -144,6 +144,51 @@ async def test_the_request_line_carries_the_base_path_host_and_length(serve):
     assert f"Host: 127.0.0.1:{port}\r\n" in head
     assert "Content-Length: 2\r\n" in head
     assert "X-Test: 1\r\n" in head
+    await pool.aclose()
+
+
+async def test_the_pools_headers_lead_and_a_request_header_of_their_name_replaces_one(serve):
+    """Headers given to the pool go first on every request, then the request's own; a
+    request header named as one of the pool's is sent once, with its value, in its place."""
+    heads: list[list[str]] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            heads.append(head.decode().split("\r\n")[2:-2])  # the lines after Host
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+
+    raw = await serve(record)
+    pool = HttpPool(
+        raw.url,
+        max_connections=1,
+        connect_timeout_s=2.0,
+        headers={"Accept": "application/json", "User-Agent": "gateway"},
+    )
+    for own in ({"X-Own": "1"}, {"User-Agent": "caller", "X-Own": "2"}, {}):
+        async with await pool.request("POST", "/chat/completions", own, b"{}") as response:
+            assert response.status == 204
+    assert heads == [
+        ["Accept: application/json", "User-Agent: gateway", "X-Own: 1", "Content-Length: 2"],
+        ["Accept: application/json", "User-Agent: caller", "X-Own: 2", "Content-Length: 2"],
+        ["Accept: application/json", "User-Agent: gateway", "Content-Length: 2"],
+    ]
+    await pool.aclose()
+
+
+async def test_a_pool_header_with_a_line_break_refuses_every_request():
+    """A pool's header is checked as a request's is: each request that would carry it is
+    refused, none sent."""
+    pool = HttpPool(
+        "http://127.0.0.1:1/v1",
+        max_connections=1,
+        connect_timeout_s=2.0,
+        headers={"Authorization": "Bearer key\r\nInjected: yes"},
+    )
+    for _ in range(2):
+        with pytest.raises(ValueError, match="line break"):
+            await pool.request("POST", "/chat/completions", {"X-Own": "1"}, b"{}")
     await pool.aclose()
 
 
@@ -459,6 +504,64 @@ async def test_max_connections_queues_requests_beyond_it(serve):
 
     assert await asyncio.gather(*(one() for _ in range(4))) == [b"ok"] * 4
     assert (raw.connections, most) == (1, 1)
+    await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        "cancelled, then the connection freed",
+        "cancelled, the connection freed before the request ran",
+        "the connection freed, then the request cancelled before it ran",
+    ],
+)
+async def test_a_request_cancelled_while_waiting_for_a_connection_hands_it_on(serve, order):
+    """With one connection allowed, a request cancelled while it waits in line never keeps
+    the connection: however the cancel and the hand-over meet, the next request gets it."""
+    raw = await serve(answer_forever)
+    pool = pool_for(raw, max_connections=1)
+    first = await pool.request("POST", "/", {}, b"a")
+    assert await first.read() == b"a"
+    second = asyncio.create_task(pool.request("POST", "/", {}, b"b"))
+    third = asyncio.create_task(pool.request("POST", "/", {}, b"c"))
+    await asyncio.sleep(0)  # both wait in line for the one connection
+    if order == "cancelled, then the connection freed":
+        second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second
+        first.release()
+    elif order == "cancelled, the connection freed before the request ran":
+        second.cancel()
+        first.release()
+    else:
+        first.release()
+        second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    async with asyncio.timeout(10):  # not a measure: a lost connection would wait for ever
+        async with await third as response:
+            assert await response.read() == b"c"
+    assert pool.checked_out == 0
+    await pool.aclose()
+
+
+@pytest.mark.parametrize("is_whole", [False, True], ids=["read_at_once", "read_once_whole"])
+async def test_a_body_past_the_readers_limit_is_refused(serve, is_whole):
+    """`read(max_bytes=...)` refuses a longer body and takes one of exactly that length,
+    whether it is called at once or once the body is whole (read without waiting)."""
+    raw = await serve(answer_forever)
+    pool = pool_for(raw, max_connections=1)
+    for sent, max_bytes in ((b"x" * 100, 99), (b"y" * 100, 100)):
+        response = await pool.request("POST", "/", {}, sent)
+        async with asyncio.timeout(10):  # not a measure: a bound on a wait for the body
+            while is_whole and not response.is_complete:
+                await asyncio.sleep(0.01)
+        if len(sent) > max_bytes:
+            with pytest.raises(BodyTooLarge, match="larger than 99 bytes"):
+                await response.read(max_bytes=max_bytes)
+        else:
+            assert await response.read(max_bytes=max_bytes) == sent
+        response.release()
     await pool.aclose()
 
 

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from service.clock import SYSTEM_CLOCK, Clock, Deadline, SystemClock
+from service.clock import SYSTEM_CLOCK, Clock, Deadline, SystemClock, covered_s
 from tests.fake_clock import FakeClock
 
 
@@ -116,3 +116,11 @@ async def test_system_clock_is_monotonic_and_sleeps() -> None:
     before = clock.now()
     await asyncio.wait_for(clock.sleep(0), timeout=5)
     assert clock.now() >= before
+
+
+@pytest.mark.parametrize("as_list", [True, False], ids=["list", "iterator"])
+def test_one_wait_covers_its_own_length(as_list: bool) -> None:
+    """A call's one upstream wait (a list of one, read without sorting) covers its length,
+    as the same wait given any other way does."""
+    waits = [(2.0, 5.5)]
+    assert covered_s(waits if as_list else iter(waits)) == 3.5

@@ -308,6 +308,18 @@ def test_parse_completion_missing_id_and_model() -> None:
             "reported an error",
             id="finish-reason-vllm-abort",
         ),
+        *(
+            pytest.param(
+                completion_json(
+                    choices=[
+                        {"message": {"content": "x", "tool_calls": calls}, "finish_reason": "stop"}
+                    ]
+                ),
+                "tool_calls is not a list",
+                id=f"tool-calls-{name}",
+            )
+            for name, calls in (("empty-string", ""), ("false", False), ("empty-object", {}))
+        ),
         pytest.param(b"not json", "not valid JSON", id="not-json"),
         pytest.param(b"[1, 2]", "not a JSON object", id="json-array"),
         pytest.param(b"", "not valid JSON", id="empty"),
