@@ -13,7 +13,7 @@ import contextvars
 import itertools
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import grpc
 
@@ -134,6 +134,9 @@ AnyCompleteRequest = pb.CompleteRequest | pb.CompleteStreamRequest
 _MESSAGES_A_TURN = 1000
 
 
+_Key = TypeVar("_Key")
+_Value = TypeVar("_Value")
+
 _NO_PARAMS = GenerationParams()
 _NO_CACHE_POLICY = CachePolicy()
 _NO_TOOL_CHOICE = ToolChoice()
@@ -186,6 +189,21 @@ def labels_from_proto(
     return dict(itertools.islice(wire.items(), limits.max_labels))
 
 
+def _known(
+    table: Mapping[_Key, _Value],
+    value: _Key,
+    violations: list[FieldViolation],
+    field: str,
+    what: str,
+) -> _Value | None:
+    """`table`'s entry for an enum's wire `value`; a value it lacks (proto3 enums are
+    open: any number arrives) is a violation of `field` ("unknown `what`"), and None."""
+    if value not in table:
+        violations.append(FieldViolation(field, f"unknown {what}"))
+        return None
+    return table[value]
+
+
 def chat_request_from_proto(
     message: AnyCompleteRequest, *, tenant: str, limits: RequestDefaults | None = None
 ) -> tuple[ChatRequest, list[FieldViolation]]:
@@ -229,9 +247,7 @@ def chat_request_from_proto(
     cache = _NO_CACHE_POLICY
     if message.HasField("cache"):
         wire_cache = message.cache
-        cache_mode = _CACHE_MODES.get(wire_cache.mode)
-        if wire_cache.mode not in _CACHE_MODES:
-            violations.append(FieldViolation("cache.mode", "unknown cache mode"))
+        cache_mode = _known(_CACHE_MODES, wire_cache.mode, violations, "cache.mode", "cache mode")
         if cache_mode is not None or wire_cache.ttl_seconds:
             cache = CachePolicy(mode=cache_mode, ttl_s=wire_cache.ttl_seconds or None)
     params = _NO_PARAMS
@@ -242,25 +258,29 @@ def chat_request_from_proto(
         if limits is not None and stop_count > limits.max_stop_sequences:
             violations.append(too_many_stop_sequences(stop_count, limits))
             max_stop = limits.max_stop_sequences
-        if wire_params.response_format.type not in _RESPONSE_FORMATS:
-            violations.append(
-                FieldViolation("params.response_format.type", "unknown response format type")
-            )
-        if wire_params.reasoning_effort not in _REASONING_EFFORTS:
-            violations.append(FieldViolation("params.reasoning_effort", "unknown reasoning effort"))
+        format_type, effort = wire_params.response_format.type, wire_params.reasoning_effort
+        _known(
+            _RESPONSE_FORMATS,
+            format_type,
+            violations,
+            "params.response_format.type",
+            "response format type",
+        )
+        _known(
+            _REASONING_EFFORTS, effort, violations, "params.reasoning_effort", "reasoning effort"
+        )
         params = params_from_proto(wire_params, max_stop=max_stop)
     truncation = None
     if message.HasField("truncation"):
-        truncation_mode = message.truncation.mode
-        truncation = _TRUNCATION.get(truncation_mode)
-        if truncation_mode not in _TRUNCATION:
-            violations.append(FieldViolation("truncation.mode", "unknown truncation mode"))
+        truncation = _known(
+            _TRUNCATION, message.truncation.mode, violations, "truncation.mode", "truncation mode"
+        )
     tool_choice = _NO_TOOL_CHOICE
     if message.HasField("tool_choice"):
         wire_choice = message.tool_choice
-        mode = _TOOL_CHOICE_MODES.get(wire_choice.mode)
-        if wire_choice.mode not in _TOOL_CHOICE_MODES:
-            violations.append(FieldViolation("tool_choice.mode", "unknown tool choice mode"))
+        mode = _known(
+            _TOOL_CHOICE_MODES, wire_choice.mode, violations, "tool_choice.mode", "tool choice mode"
+        )
         tool_choice = ToolChoice(mode, wire_choice.function_name)
     # Most requests have no labels: `dict` of an empty map field still runs Mapping's
     # Python methods, a microsecond.
