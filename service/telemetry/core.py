@@ -398,11 +398,14 @@ class Telemetry:
         finally:
             # A stream's generator closed after grpc's handler ended (its caller left while
             # a write waited) is closed in another context than the RPC began in: there is
-            # nothing to reset there. (OpenTelemetry's `detach` would log an ERROR.)
-            with contextlib.suppress(ValueError):
+            # nothing to reset there. (OpenTelemetry's `detach` would log an ERROR.) A `try`,
+            # not `contextlib.suppress`: three calls fewer on every RPC.
+            try:
                 CURRENT_RPC.reset(context.rpc_token)
                 if context.otel_token is not None:
                     context.otel_token.var.reset(context.otel_token)
+            except ValueError:
+                pass
 
     # --- one CLIENT span per upstream attempt -----------------------------------------
 

@@ -187,7 +187,7 @@ class RpcScope:
     @property
     def upstream_s(self) -> float:
         """Time spent waiting on upstreams, overlapping waits counted once."""
-        return covered_s(self.upstream_waits)
+        return covered_s(self.upstream_waits) if self.upstream_waits else 0.0  # a hit: none
 
     def overhead_s(self, elapsed_s: float | None = None) -> float:
         """Time not spent waiting on an upstream (never negative: a wait reported as a
