@@ -105,6 +105,10 @@ class RateBucket(Protocol):
         ...
 
 
+# What `wait_s` finds with nothing to wait for, as its list of waits would give it.
+_NO_WAIT = (0.0, "upstream-requested pause")
+
+
 # eq=False: a waiter leaving is found in its queue by identity, not by a Python call
 # comparing the fields of each one passed over (thousands queued leave in any order).
 @dataclass(slots=True, eq=False)
@@ -158,6 +162,13 @@ class UpstreamLimiter:
     def wait_s(self, tokens: int) -> tuple[float, str]:
         """Seconds before a call of `tokens` may start by rate, and which limit says so."""
         now = self._clock.now()
+        if (
+            self._requests is None
+            and self._tokens is None
+            and self.spacing_s <= 0
+            and self.paused_until <= now
+        ):
+            return _NO_WAIT  # the usual upstream: no per-minute limits, pause or spacing
         waits = [(max(0.0, self.paused_until - now), "upstream-requested pause")]
         if self.spacing_s > 0 and now < self._spacing_until:
             # The learned rate ends with its window: no wait outlasts that.
@@ -182,16 +193,6 @@ class UpstreamLimiter:
         that cannot start at once takes its `tenant`'s turn (module docstring).
         """
         if not self._waiters and self.in_flight < self.max_concurrency:
-            # The usual upstream has no per-minute limits, pause or learned spacing: nothing
-            # `wait_s` would find, so the call starts without asking it.
-            if (
-                self._requests is None
-                and self._tokens is None
-                and self.spacing_s <= 0
-                and self.paused_until <= self._clock.now()
-            ):
-                self._start(tokens)
-                return 0.0
             wait, what = self.wait_s(tokens)
             if wait <= 0:
                 self._start(tokens)

@@ -119,19 +119,16 @@ class RetryBudget:
 
     def _prune(self, now: float) -> None:
         horizon = now - self.window_s
-        for stamps in (self._requests, self._retries):
-            while stamps and stamps[0] <= horizon:
-                stamps.popleft()
+        _drop_until(self._requests, horizon)
+        _drop_until(self._retries, horizon)
 
     def record_request(self) -> None:
         """A first attempt was sent to the upstream."""
         now = self._clock.now()
-        # Only the requests' stamps, without `_prune`'s call: every call's first attempt
-        # comes here; the retries' are pruned where they are counted or added.
-        requests, horizon = self._requests, now - self.window_s
-        while requests and requests[0] <= horizon:
-            requests.popleft()
-        requests.append(now)
+        # Only the requests' stamps: every call's first attempt comes here; the retries'
+        # are pruned where they are counted or added.
+        _drop_until(self._requests, now - self.window_s)
+        self._requests.append(now)
 
     def can_retry(self) -> bool:
         """Whether one more retry fits in the budget now."""
@@ -144,6 +141,12 @@ class RetryBudget:
         now = self._clock.now()
         self._prune(now)
         self._retries.append(now)
+
+
+def _drop_until(stamps: deque[float], horizon: float) -> None:
+    """Drop the stamps (oldest first) at or before `horizon`."""
+    while stamps and stamps[0] <= horizon:
+        stamps.popleft()
 
 
 def describe(error: BaseException) -> str:
