@@ -318,8 +318,13 @@ class Response:
                 await self._wakeup
             finally:
                 self._wakeup = None
-        data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
-        self._chunks.clear()
+        return self._take_chunks()
+
+    def _take_chunks(self) -> bytes:
+        """The body bytes buffered so far, handed over; reading resumes if it paused for them."""
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
         if self._buffered > _HIGH_WATER_BYTES:
             self._connection.resume()
         self._buffered = 0
@@ -330,11 +335,7 @@ class Response:
         if self._is_complete and self._error is None:
             # All of it is here already (a short answer comes with its head): take it
             # without `next_chunk`'s coroutines.
-            body = b"".join(self._chunks)
-            self._chunks.clear()
-            if self._buffered > _HIGH_WATER_BYTES:
-                self._connection.resume()
-            self._buffered = 0
+            body = self._take_chunks()
             if max_bytes is not None and len(body) > max_bytes:
                 raise BodyTooLarge(f"the answer is larger than {max_bytes} bytes")
             return body
