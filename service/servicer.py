@@ -183,6 +183,8 @@ def labels_from_proto(
 ) -> dict[str, str]:
     """A request's labels. With `limits`, labels past the number they allow are refused
     by their count (added to `violations`) and not converted: 4 MB hold 400,000."""
+    if not wire:  # most requests: `dict` of an empty map field still runs Mapping's methods
+        return {}
     if limits is None or len(wire) <= limits.max_labels:
         return dict(wire)
     violations.append(too_many_labels(len(wire), limits))
@@ -282,10 +284,7 @@ def chat_request_from_proto(
             _TOOL_CHOICE_MODES, wire_choice.mode, violations, "tool_choice.mode", "tool choice mode"
         )
         tool_choice = ToolChoice(mode, wire_choice.function_name)
-    # Most requests have no labels: `dict` of an empty map field still runs Mapping's
-    # Python methods, a microsecond.
-    wire_labels = message.labels
-    labels = labels_from_proto(wire_labels, limits, violations) if wire_labels else {}
+    labels = labels_from_proto(message.labels, limits, violations)
     request = ChatRequest(
         model=message.model,
         messages=tuple(messages),

@@ -247,9 +247,10 @@ def usage(data: object) -> Usage | None:
     if counts.cached_input_tokens > counts.input_tokens:
         # Cached input is part of the input: reported as priced (`pricing.cost_usd`).
         counts = replace(counts, cached_input_tokens=counts.input_tokens)
-    details = data.get("completion_tokens_details")
-    if isinstance(details, dict):  # else no reasoning count: many servers send no details
-        reasoning = _reasoning_tokens(details, counts.output_tokens)
+    completion_details = data.get("completion_tokens_details")
+    # Else no reasoning count: many servers send no details.
+    if isinstance(completion_details, dict):
+        reasoning = _reasoning_tokens(completion_details, counts.output_tokens)
         if reasoning:
             counts = replace(counts, reasoning_tokens=reasoning)
     return counts
