@@ -312,6 +312,12 @@ def _levels_needed(
     return levels
 
 
+def _utf8_size(text: str) -> int:
+    # ASCII text is as many bytes as characters: encoding a long part only to count it
+    # would copy it.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 # --- prompts -------------------------------------------------------------------------
 
 
@@ -564,7 +570,10 @@ class Summarizer:
         factor = self._factor(request)
         frame = PER_REQUEST_OVERHEAD + 2 * PER_MESSAGE_OVERHEAD + estimate_text_tokens(system)
         frame += estimate_text_tokens(header)
-        return math.floor((window - answer_tokens - _SAFETY_TOKENS) / factor) - frame
+        room = math.floor((window - answer_tokens - _SAFETY_TOKENS) / factor) - frame
+        # Each call is a completion, held to `max_prompt_tokens` (uncalibrated) however
+        # large the model's window: a part over it would be refused on `messages`.
+        return min(room, self._pipeline.limits.max_prompt_tokens - frame)
 
     def _require_room(
         self,
@@ -910,13 +919,19 @@ class Summarizer:
         self, run: _Run, system: str, user: str, answer_tokens: int, slot: _Slot
     ) -> str | None:
         """`_call`, or None when `user` does not fit the window after all: the pipeline
-        refuses it before sending, or the upstream refuses it as too long.
+        refuses it before sending, or the upstream refuses it as too long; or when it
+        is more bytes than `max_request_bytes` lets one call hold.
 
         Callers check the room first, so the pipeline refuses only on a retry: during its
         backoff other calls raised the tenant's calibration for the model. An upstream
         counts its own tokens, and its refusal raises the calibration too. The caller then
         splits the text as if it had not fitted to begin with.
         """
+        if _utf8_size(system) + _utf8_size(user) > self._pipeline.limits.max_request_bytes:
+            # A document near `max_document_bytes` fits a large window by its tokens, but
+            # not `max_request_bytes` beside its prompt: refused on `messages`, a field the
+            # caller never sent. Split, as though it had not fitted the window.
+            return None
         try:
             return await self._call(run, system, user, answer_tokens, slot)
         except (ContextWindowExceeded, UpstreamContextExceeded):

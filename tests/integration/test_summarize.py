@@ -1089,3 +1089,34 @@ async def test_a_document_of_the_maximum_size_with_page_breaks_is_taken(recorder
     response = await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=text))
     assert response.summary == "FINAL"
     assert response.chunks >= 2
+
+
+@pytest.mark.parametrize("limit", [{"max_request_bytes": 8000}, {"max_prompt_tokens": 2000}])
+async def test_a_document_over_one_calls_request_limits_is_split_within_them(
+    recorder, start_gateway, limit
+):
+    """A document that fits a large window in one call can still be more than one
+    completion may hold (`defaults.max_request_bytes` or `max_prompt_tokens`: a document
+    of `max_document_bytes`, both 2 MiB by default, beside its prompt, on a model of a
+    million tokens): it is split into parts that each keep within them.
+
+    Before, it was sent whole (or as one part as large), and the call was refused with
+    INVALID_ARGUMENT on `messages`, a field a SummarizeRequest does not have."""
+    settings = config(recorder.base_url, window=100_000)
+    settings = dataclasses.replace(
+        settings, defaults=dataclasses.replace(settings.defaults, **limit)
+    )
+    gateway = await start_gateway(settings)
+    text = document(40)
+    response = await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=text))
+    assert response.summary == "FINAL"
+    parts = [r.body for r in recorder.requests if is_part(r.body)]
+    assert len(parts) >= 2
+    assert set(sentences(text)) == {s for body in parts for s in sentences(user_text(body))}
+    for body in (r.body for r in recorder.requests):
+        texts = [m["content"] for m in body["messages"]]
+        assert len("".join(texts).encode()) <= limit.get("max_request_bytes", 8000)
+        prompt = PER_REQUEST_OVERHEAD + sum(
+            PER_MESSAGE_OVERHEAD + estimate_text_tokens(t) for t in texts
+        )
+        assert prompt <= limit.get("max_prompt_tokens", 2000)
