@@ -45,6 +45,7 @@ from service.config import SummarizeConfig
 from service.domain import (
     ChatRequest,
     Completion,
+    FinishReason,
     GenerationParams,
     Message,
     ReasoningEffort,
@@ -63,6 +64,7 @@ from service.errors import (
     UpstreamContextExceeded,
     UpstreamError,
     UpstreamRejected,
+    UpstreamUnavailable,
 )
 from service.ledger import PICO, to_pico
 from service.pipeline import Pipeline
@@ -985,8 +987,38 @@ class Summarizer:
                 await self._clock.sleep(wait_s)
                 continue
             run.tally.add(completion, now=self._clock.now())
+            _check_summary(completion, slot, attempts=attempt)
             return completion.content
         raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
+
+
+def _check_summary(completion: Completion, slot: _Slot, *, attempts: int) -> None:
+    """Fail the call on an answer that summarises nothing: used as it is, it would leave
+    its part out of the summary, or make an empty summary, answered OK.
+
+    No part is retried for it: at temperature 0 (and cached) it would answer the same.
+    """
+    if completion.finish_reason is FinishReason.CONTENT_FILTER:  # its moderation
+        refused = UpstreamRejected(
+            "its content filter stopped the answer", upstream=completion.upstream
+        )
+        raise SummarizePartRejected(refused, part=slot.part, parts=slot.parts, level=slot.level)
+    if not completion.content.strip():
+        why = "the answer had no text"
+        if completion.finish_reason is FinishReason.LENGTH:
+            why += (
+                ": its max_tokens ran out first (reasoning took them; a lower "
+                "reasoning_effort or a higher target_tokens leaves room for the text)"
+            )
+        failed = SummarizePartFailed(
+            UpstreamUnavailable(why, upstream=completion.upstream),
+            part=slot.part,
+            parts=slot.parts,
+            level=slot.level,
+            attempts=attempts,
+        )
+        failed.is_retry_futile = True
+        raise failed
 
 
 __all__ = [

@@ -1120,3 +1120,72 @@ async def test_a_document_over_one_calls_request_limits_is_split_within_them(
             PER_MESSAGE_OVERHEAD + estimate_text_tokens(t) for t in texts
         )
         assert prompt <= limit.get("max_prompt_tokens", 2000)
+
+
+async def test_a_part_answered_without_text_fails_the_call_and_is_not_retried(
+    recorder, start_gateway
+):
+    """A part whose answer has no text (a reasoning model that spent its `max_tokens`
+    thinking) fails the call with SUMMARIZE_PART_FAILED, saying why, and the pushback
+    `-1`: at temperature 0 a retry would answer the same. Nothing is combined.
+
+    Before, the empty text stood as the part's summary: the call answered OK with a
+    summary that left the part out."""
+    empty = "Paragraph p30 sentence s2"
+
+    def respond(body):
+        if is_part(body) and empty in user_text(body):
+            return Reply(content="", reasoning="thinking " * 50, finish_reason="length")
+        return default_respond(body)
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url, chunk_attempts=3))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(60)))
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    details = error_details(caught.value)
+    assert details.reason == "SUMMARIZE_PART_FAILED"
+    assert "no text" in details.message
+    assert "reasoning_effort" in details.message
+    assert dict(caught.value.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"
+    assert len([r for r in recorder.requests if empty in user_text(r.body)]) == 1
+    assert not any(is_combine(r.body) for r in recorder.requests)
+
+
+async def test_a_whole_document_answered_without_text_is_no_empty_summary(recorder, start_gateway):
+    """A document summarised in one call whose answer is blank fails the call, rather
+    than answering OK with an empty summary."""
+    recorder.respond = lambda body: Reply(content="  \n")
+    gateway = await start_gateway(config(recorder.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(2)))
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert error_details(caught.value).reason == "SUMMARIZE_PART_FAILED"
+    assert len(recorder.requests) == 1
+
+
+async def test_a_part_its_upstream_refused_to_summarise_fails_the_call_as_rejected(
+    recorder, start_gateway
+):
+    """A part answered with a refusal (its content filter) fails the call as a part the
+    upstream refused: INVALID_ARGUMENT, UPSTREAM_REJECTED_REQUEST, the part named.
+
+    Before, the refusal's text stood as the part's summary and was combined with the
+    others."""
+    refused = "Paragraph p30 sentence s2"
+
+    def respond(body):
+        if is_part(body) and refused in user_text(body):
+            return Reply(refusal="I can't help with that.", finish_reason="content_filter")
+        return default_respond(body)
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(60)))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    details = error_details(caught.value)
+    assert details.reason == "UPSTREAM_REJECTED_REQUEST"
+    assert "content filter" in details.message
+    assert "part" in details.metadata
+    assert not any(is_combine(r.body) for r in recorder.requests)
