@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from aiocache import RedisCache
 from aiocache.serializers import NullSerializer
@@ -65,6 +65,13 @@ class BoundedMemoryCache:
         self._entries.clear()
 
 
+def _database(parts: SplitResult) -> int:
+    """The URL's db as redis-py reads it, and so auth and the ledger given the same URL:
+    its `db` query parameter over its path."""
+    query = parse_qs(parts.query).get("db")
+    return int(query[0] if query else parts.path.strip("/") or 0)
+
+
 def _backend(config: CacheConfig, environ: Mapping[str, str]) -> Any:
     if config.backend == "memory":
         return BoundedMemoryCache(config.memory_max_bytes)
@@ -78,7 +85,7 @@ def _backend(config: CacheConfig, environ: Mapping[str, str]) -> Any:
         timeout=None,
         endpoint=parts.hostname,
         port=parts.port or 6379,
-        db=int(parts.path.strip("/") or 0),
+        db=_database(parts),
         password=password,
         ssl=parts.scheme == "rediss",
         create_connection_timeout=config.operation_timeout_s,
