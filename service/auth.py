@@ -357,7 +357,11 @@ class Authenticator:
                 )
             return self.principal(DEFAULT_TENANT, is_authenticated=False)
         if len(key) > _MAX_KEY_LENGTH:
-            raise Unauthenticated("unknown caller key")
+            # No key is this long: unknown, without hashing or looking it up. With keys
+            # optional its caller is `default`, as any other unknown key's.
+            if self._is_required:
+                raise Unauthenticated("unknown caller key")
+            return self.principal(DEFAULT_TENANT, is_authenticated=False)
         digest = hash_key(key)
         for store in self._stores:
             tenant = await store.tenant_for(digest)

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from aiocache import RedisCache
 from aiocache.serializers import NullSerializer
 from cachetools import TLRUCache
+from redis.asyncio.connection import parse_url
 from redis.exceptions import ResponseError
 
 from service.cache.stats import CacheStats
@@ -65,6 +66,22 @@ class BoundedMemoryCache:
         self._entries.clear()
 
 
+# Set by the backend below (credentials are refused in the URL), never by the URL's query.
+_SET_HERE = frozenset(
+    {"host", "port", "db", "username", "password", "connection_class", "decode_responses"}
+    | {"socket_timeout", "socket_connect_timeout", "max_connections"}
+)
+
+
+def _url_options(url: str) -> tuple[int, dict[str, Any]]:
+    """The db and the connection options redis-py reads from `url`, and so auth and the
+    ledger given the same URL: a `db` query parameter over the path, a rediss:// URL's
+    `ssl_ca_certs` or `ssl_cert_reqs`."""
+    options: dict[str, Any] = dict(parse_url(url))
+    db = int(options.get("db", 0))
+    return db, {name: value for name, value in options.items() if name not in _SET_HERE}
+
+
 def _backend(config: CacheConfig, environ: Mapping[str, str]) -> Any:
     if config.backend == "memory":
         return BoundedMemoryCache(config.memory_max_bytes)
@@ -72,17 +89,19 @@ def _backend(config: CacheConfig, environ: Mapping[str, str]) -> Any:
     serializer = NullSerializer(encoding=None)
     # Our own asyncio.timeout bounds each call; aiocache's would only duplicate it.
     parts = urlsplit(config.redis_url)
+    db, url_options = _url_options(config.redis_url)
     password = redis_password(config.redis_password_env, environ)
     return RedisCache(
         serializer=serializer,
         timeout=None,
         endpoint=parts.hostname,
         port=parts.port or 6379,
-        db=int(parts.path.strip("/") or 0),
+        db=db,
         password=password,
         ssl=parts.scheme == "rediss",
         create_connection_timeout=config.operation_timeout_s,
         connection_pool_kwargs={
+            **url_options,
             "socket_timeout": config.operation_timeout_s,
             **replacing_closed_connections(),
         },

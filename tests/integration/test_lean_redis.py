@@ -22,8 +22,9 @@ import redis.asyncio as aioredis
 import uvloop
 from redis import exceptions
 
+from llmgateway.v1 import gateway_pb2 as pb
 from service.lean_redis import LeanRedis
-from tests.conftest import chat
+from tests.conftest import chat, gateway_config
 from tests.fake_upstream import FakeUpstream
 from tests.integration.pki import make_pki
 from tests.integration.tenancy_helpers import as_tenant, secure_config
@@ -470,6 +471,25 @@ async def test_rediss_urls_verify_the_server_as_redis_py_does(
             await client.aclose()
         assert got == expected, name
         assert (got == b"tls") == (name == "trusted")
+
+
+async def test_a_rediss_cache_trusts_the_ca_its_url_names(
+    tls_redis: tuple[int, Path], upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """The cache reads the URL as redis-py does for auth and the ledger: a rediss:// URL
+    whose `ssl_ca_certs` names a private CA stores and serves answers, rather than
+    failing every cache operation on the server's certificate."""
+    port, ca = tls_redis
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+    gateway = await start_gateway(
+        gateway_config(upstream.base_url, cache={"backend": "redis", "redis_url": url})
+    )
+    params = pb.GenerationParams(temperature=0.0)
+    first = await gateway.stub.Complete(chat(params=params), timeout=10)
+    again = await gateway.stub.Complete(chat(params=params), timeout=10)
+    assert (first.metadata.cache_hit, again.metadata.cache_hit) == (False, True)
+    assert len(upstream.requests) == 1
+    assert gateway.server.pipeline.cache.stats.errors == 0
 
 
 async def test_a_stopped_gateway_leaves_no_redis_connection_open(

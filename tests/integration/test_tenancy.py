@@ -866,6 +866,23 @@ async def test_auth_off_with_keys_serves_a_valid_key_as_its_tenant_and_others_as
     assert theirs.total.requests == 1
 
 
+async def test_auth_off_serves_a_bearer_token_longer_than_any_key_as_default(
+    upstream, start_gateway
+):
+    """A token no key could be (a 1 KB JWT an ingress or client library attaches) is an
+    unknown key like any other: with keys optional, its caller is `default`, served, not
+    UNAUTHENTICATED; with keys required it is refused as unknown."""
+    jwt_like = "eyJhbGciOiJSUzI1NiJ9." + "x" * 1000
+    optional = await start_gateway(secure_config(upstream.base_url, auth={"mode": "off"}))
+    served = await optional.stub.Complete(chat(), metadata=bearer(jwt_like))
+    assert served.content == "Hello from fake"
+    rows = await optional.stub.GetUsage(pb.GetUsageRequest(tenant="default"))
+    assert rows.total.requests == 1
+    required = await start_gateway(secure_config(upstream.base_url))
+    refused = await rpc_error(required.stub.Complete(chat(), metadata=bearer(jwt_like)))
+    assert refused.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
 @pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0", "10.1.2.3:50051"])
 async def test_auth_off_on_a_public_address_is_refused_at_startup(listen):
     """The server will not start unauthenticated on a non-loopback address unless forced."""

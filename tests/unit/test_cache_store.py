@@ -95,6 +95,26 @@ async def test_a_redis_store_reads_what_it_wrote_with_the_password_and_db_config
         await server.stop()
 
 
+async def test_a_db_named_by_the_urls_query_is_the_one_the_cache_uses() -> None:
+    """`?db=N` (which the config takes, and redis-py, so auth and the ledger, reads over
+    the path) picks the cache's db too: one URL for all three keeps them in one db."""
+    server = RedisServer()
+    await server.start()
+    try:
+        config = CacheConfig(backend="redis", redis_url=f"redis://127.0.0.1:{server.port}?db=2")
+        async with CacheStore(config) as store:
+            assert await store.set("k", b"value", ttl_s=60)
+            assert await store.get("k") == b"value"
+        db0 = aioredis.Redis.from_url(server.url)
+        db2 = aioredis.Redis.from_url(config.redis_url)
+        assert await db0.get("k") is None
+        assert await db2.get("k") == b"value"
+        await db0.aclose()
+        await db2.aclose()
+    finally:
+        await server.stop()
+
+
 async def test_the_memory_store_drops_the_least_recently_used_past_its_bound() -> None:
     """Entries of 2,000 bytes in a 5,000-byte store: the one least recently used goes
     first, then the next; what is held never passes the bound."""
