@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import ipaddress
 import math
 import os
@@ -24,6 +25,12 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import yaml
+from redis.asyncio.connection import (
+    URL_QUERY_ARGUMENT_PARSERS,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 
 from service.domain import CacheMode, TruncationMode
 
@@ -94,6 +101,35 @@ def _require_redis_address(url: str) -> None:
         all(re.fullmatch(r"[0-9]+", db) for db in parse_qs(parts.query).get("db", [])),
         "redis_url's db query parameter must be a number, as in unix:///PATH?db=0",
     )
+    names = set(parse_qs(parts.query, keep_blank_values=True)) - {"username", "password"}
+    unknown = sorted(names - _redis_url_options(parts.scheme))
+    _require(
+        not unknown,
+        f"redis_url's query names options a {parts.scheme}:// connection does not take: "
+        f"{', '.join(unknown)}",
+    )
+
+
+# Options redis-py takes as text from a URL's query besides those it converts
+# (`URL_QUERY_ARGUMENT_PARSERS`): a client name, and TLS files and modes.
+_REDIS_TEXT_OPTIONS = frozenset(
+    {"client_name", "ssl_ca_certs", "ssl_ca_path", "ssl_cert_reqs", "ssl_certfile"}
+    | {"ssl_keyfile", "ssl_ciphers"}
+)
+
+
+def _redis_url_options(scheme: str) -> frozenset[str]:
+    """The query options a Redis URL of `scheme` may carry: any other reaches redis-py's
+    connection as an unknown argument and fails the start with a TypeError (an `ssl_`
+    option on a redis:// URL too)."""
+    connection = {"rediss": SSLConnection, "unix": UnixDomainSocketConnection}.get(
+        scheme, Connection
+    )
+    accepted = {"max_connections"}  # the pool's own
+    for cls in connection.__mro__:
+        if "__init__" in vars(cls):
+            accepted.update(inspect.signature(vars(cls)["__init__"]).parameters)
+    return frozenset((set(URL_QUERY_ARGUMENT_PARSERS) | _REDIS_TEXT_OPTIONS) & accepted)
 
 
 @dataclass(frozen=True, slots=True)

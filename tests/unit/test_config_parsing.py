@@ -1103,12 +1103,37 @@ def test_a_redis_url_whose_port_or_database_is_not_a_number_is_a_config_error(
     assert "redis_url" in caught.value.problem
 
 
+@pytest.mark.parametrize(
+    ("section", "url", "unknown"),
+    [
+        ("cache", "redis://127.0.0.1:6379/0?sockettimeout=2", "sockettimeout"),
+        ("ledger", "redis://127.0.0.1:6379/0?ssl_ca_certs=/etc/ca.pem", "ssl_ca_certs"),
+        ("auth", "unix:///run/redis.sock?db=1&socket_keepalive=true", "socket_keepalive"),
+    ],
+)
+def test_a_redis_url_option_its_connection_does_not_take_is_a_config_error(
+    section: str, url: str, unknown: str
+) -> None:
+    """redis-py passes a URL's query options to the connection it makes at start: one it
+    does not know (a typo, a TLS option on a plain redis:// URL, a TCP one on a socket)
+    failed the start with a TypeError traceback; a config error naming it instead."""
+    data: dict[str, Any] = {section: {"redis_url": url}}
+    if section == "cache":
+        data["cache"]["backend"] = "redis"
+    with pytest.raises(ConfigError) as caught:
+        parse(data)
+    assert caught.value.key == section
+    assert unknown in caught.value.problem
+
+
 def test_a_redis_url_without_a_port_or_database_or_over_a_socket_is_fine() -> None:
     config = parse(
         {
             "cache": {"backend": "redis", "redis_url": "redis://redis"},
             "ledger": {"redis_url": "unix:///run/redis/redis.sock?db=2"},
-            "auth": {"redis_url": "rediss://redis:6380/15"},
+            "auth": {
+                "redis_url": "rediss://redis:6380/15?ssl_ca_certs=/etc/ca.pem&socket_timeout=2"
+            },
         }
     )
     assert config.cache.redis_url == "redis://redis"
