@@ -31,6 +31,9 @@ from service.pricing import PriceList
 
 ANY_TENANT = "*"
 _ADJECTIVE = {"day": "daily", "month": "monthly"}
+# The retry a call refused only for what the tenant's calls in flight hold is told to
+# wait: most calls end within seconds, and a retry then sees what they spent.
+CALLS_IN_FLIGHT_RETRY_S = 1.0
 
 
 class Budgets:
@@ -96,14 +99,19 @@ class Budgets:
             return reservation
         spent, reserved = reservation.spent_pico / PICO, reservation.reserved_pico / PICO
         held = f" and reserved ${reserved:.6f} for calls in flight" if reserved else ""
-        # The end of the period the ledger refused in: past midnight by now, the new
-        # day's budget may already have room.
-        ends_in_s = period_key_end_s(reservation.period_key) - self._now()
+        if reservation.fits_without_calls_in_flight(budget.usd):
+            # Refused only for what calls in flight hold: released as they end (or turned
+            # into what they spent, most often less), seconds from now, not at the reset.
+            retry_after_s = CALLS_IN_FLIGHT_RETRY_S
+        else:
+            # The end of the period the ledger refused in: past midnight by now, the new
+            # day's budget may already have room.
+            retry_after_s = max(0.0, period_key_end_s(reservation.period_key) - self._now())
         raise QuotaExceeded(
             f"tenant {request.tenant!r} has spent ${spent:.6f}{held} of its "
             f"${budget.usd:.6f} {_ADJECTIVE[budget.period]} budget",
             subject=f"tenant:{request.tenant}",
-            retry_after_s=max(0.0, ends_in_s),
+            retry_after_s=retry_after_s,
         )
 
     async def release(self, reservation: Reservation) -> None:

@@ -308,6 +308,13 @@ class Reservation:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     was_sent: bool = True
 
+    def fits_without_calls_in_flight(self, limit_usd: float) -> bool:
+        """Whether this refused call would fit but for what calls in flight hold: then it
+        was refused for now, until they end, not until the period resets."""
+        return _fits(
+            spent=self.spent_pico, reserved=0, cost=self.cost_pico, limit=to_pico(limit_usd)
+        )
+
 
 def _fits(*, spent: int, reserved: int, cost: int, limit: int) -> bool:
     committed = spent + reserved

@@ -143,6 +143,32 @@ async def test_concurrent_calls_past_the_budget_never_reach_the_upstream(
     assert (await gateway.stub.Complete(capped("call z"))).content
 
 
+async def test_a_call_refused_for_what_calls_in_flight_hold_is_told_to_retry_in_a_second(
+    held, start_gateway, ledger
+):
+    """Room for one call and a half: a second call, refused while the first holds the
+    room, is told to retry in a second (`RetryInfo` and the pushback), not when the
+    budget resets; once the first has ended, having spent less than it held, the retry
+    passes.
+
+    Before, it was told to wait until midnight UTC, with the pushback -1 (a wait past
+    five minutes): a client obeying it gave up on a budget with room."""
+    gateway = await start_gateway(
+        gateway_config(held.base_url, ledger=ledger, budgets={"default": budget_for(1.5)})
+    )
+    held.gate.clear()
+    first = asyncio.ensure_future(gateway.stub.Complete(capped("call a")))
+    await held.wait_until(lambda: held.in_flight == 1)
+    refused = await outcome(gateway.stub.Complete(capped("call b")))
+    assert_budget_refused(refused)
+    assert retry_delay_s(refused) == 1.0
+    assert dict(refused.trailing_metadata())["grpc-retry-pushback-ms"] == "1000"
+    held.gate.set()
+    assert (await first).content
+    await nothing_reserved(gateway)
+    assert (await gateway.stub.Complete(capped("call b"))).content
+
+
 async def test_calls_without_max_tokens_hold_the_budgets_output_reserve(held, start_gateway):
     """With `reserve_output_tokens`, calls that set no max_tokens reserve that much output
     while they run: past the room for three, the next is refused before the upstream."""
