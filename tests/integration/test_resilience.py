@@ -1127,3 +1127,33 @@ async def test_a_probe_from_an_earlier_half_open_does_not_free_the_current_probe
         models = await gateway.stub.ListModels(pb.ListModelsRequest())
         assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
         assert models.models[0].upstreams[0].in_flight == 0
+
+
+async def test_a_call_sent_before_the_breaker_opened_does_not_close_it_by_succeeding(
+    start_gateway,
+):
+    """A long call sent while the upstream was healthy succeeds after failures opened the
+    breaker: its answer is older news than they are, so the breaker stays open for its
+    cool-down and the next call is kept off the failing upstream (it closed the breaker at
+    once, and the calls went back to the upstream as if nothing had failed)."""
+    behaviours = {"old": Reply(delay_s=1.0), "fail": Status(500), "after": Status(500)}
+    async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 30.0,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        old = asyncio.ensure_future(gateway.stub.Complete(chat("old")))
+        assert await settle(lambda: fake.in_flight == 1)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("fail"))  # opens the breaker
+        assert (await old).content == "Hello from fake"
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_UNHEALTHY
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat("after"))
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(info.value)[2] == pytest.approx(30.0, abs=3.0)
+        assert [user_text(r.body) for r in fake.requests] == ["old", "fail"]
