@@ -575,13 +575,12 @@ class UpstreamPool:
                 "account; an operator must mend it",
                 upstream=names,
             )
-        # The caller's retry is for the others: a rejected key's cool-down is not its wait.
+        # The caller's retry is for the others: a rejected key's cool-down is not its wait,
+        # and one whose probe is running may be back by the first backoff.
         cool_downs = [
-            wait
+            self._retry_delay_s(r.client.name)
             for r in plan.order
-            if r.client.name not in plan.excluded
-            and r.client.name not in set_aside
-            and (wait := self._states[r.client.name].breaker.retry_after_s()) is not None
+            if r.client.name not in plan.excluded and r.client.name not in set_aside
         ]
         return UpstreamUnavailable(
             f"no upstream for model {model!r} is available" + (f": {reasons}" if reasons else ""),

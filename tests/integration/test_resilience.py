@@ -1157,3 +1157,36 @@ async def test_a_call_sent_before_the_breaker_opened_does_not_close_it_by_succee
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
         assert error_details(info.value)[2] == pytest.approx(30.0, abs=3.0)
         assert [user_text(r.body) for r in fake.requests] == ["old", "fail"]
+
+
+async def test_a_call_finding_one_upstream_open_and_the_other_probing_waits_the_backoff(
+    start_gateway,
+):
+    """up0's breaker is half-open with its probe running, up1's is open for a while yet:
+    the call that finds neither usable is told to come back after the retry backoff, when
+    the probe may have closed up0 (as with up0 alone), not after up1's cool-down."""
+    behaviours = {"probe": Reply(delay_s=1.5)}
+    async with ScriptedUpstream(
+        respond=lambda body: behaviours.get(user_text(body)), default=Status(500)
+    ) as flaky:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 2.0,
+        }
+        gateway = await start_gateway(
+            gateway_config(flaky.base_url, flaky.base_url, resilience=resilience)
+        )
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("fail"))  # opens up0
+        await asyncio.sleep(1.0)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("fail"))  # opens up1, a second after up0
+        await asyncio.sleep(1.05)  # up0 half-open; up1 open for about a second more
+        error = await _refused_during_probe(gateway, flaky)
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
+        assert error_details(error)[2] == pytest.approx(FAST_RESILIENCE["backoff_base_s"])
+        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
+        assert [user_text(r.body) for r in flaky.requests] == ["fail", "fail", "probe"]
