@@ -1054,6 +1054,26 @@ async def test_retry_budget_holds_for_calls_failing_at_once(start_gateway):
         assert len(fake.requests) <= calls * 1.5
 
 
+async def test_retries_refused_by_the_budget_after_their_wait_are_not_counted(start_gateway):
+    """Calls that decide to retry together, then find the budget spent by the others once
+    their wait is over, send no retry: `llm_gateway.retries` (the pool's counters) counts
+    the retries sent, not the decisions (it counted both, twice what reached the upstream
+    in the very storm the budget holds back)."""
+    failing = Status(503, headers={"Retry-After": "0.3"}, delay_s=0.2)
+    async with FakeUpstream(default=failing) as fake:
+        resilience = {**HALF_RETRY_BUDGET, "attempts": 2}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        calls = 10
+        results = await asyncio.gather(
+            *(gateway.stub.Complete(chat()) for _ in range(calls)), return_exceptions=True
+        )
+        assert all(isinstance(r, grpc.aio.AioRpcError) for r in results)
+        counters = gateway.server.pipeline.pool.counters
+        assert len(fake.requests) < 2 * calls  # the budget refused some retries
+        assert counters.retries == len(fake.requests) - calls
+        assert counters.attempts == len(fake.requests)
+
+
 async def _half_open_beside_an_old_call(start_gateway, fake, *, cool_down_s: float):
     """A gateway in front of `fake` (one attempt a call, a breaker opened by one failure)
     whose call "old" is in flight at the upstream when the call "fail" opens the breaker,
