@@ -134,6 +134,10 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         """The upstream answered."""
+        if self.state is BreakerState.OPEN:
+            # A call sent before the breaker opened: its answer is older news than the
+            # failures that opened it, and the cool-down stands.
+            return
         self._probe_in_flight = False
         self._consecutive = 0
         self._note(failed=False)

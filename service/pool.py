@@ -403,6 +403,7 @@ class UpstreamPool:
         """
         state = self._states[route.client.name]
         wait = 0.0
+        decision: RetryDecision | None = None
         # Back to an upstream this call has tried (A, B, then A again): a retry, which
         # waits and is held to that upstream's retry budget. Failing over to one not tried
         # yet is neither: it is that upstream's first attempt at the call, load it would
@@ -430,14 +431,12 @@ class UpstreamPool:
                 # Never sleep into the caller's deadline: tell them now what went wrong.
                 last_error.is_cut_short_by_deadline = True
                 raise self._final(last_error, deadline, log_.attempts)
-            self.hooks.retry(
-                RetryDecision(
-                    upstream=route.client.name,
-                    failed_upstream=last_route.client.name,
-                    attempt=log_.attempts + 1,
-                    wait_s=wait,
-                    reason=describe(last_error),
-                )
+            decision = RetryDecision(
+                upstream=route.client.name,
+                failed_upstream=last_route.client.name,
+                attempt=log_.attempts + 1,
+                wait_s=wait,
+                reason=describe(last_error),
             )
             log_.retry_wait_s = wait
             if wait > 0:
@@ -485,6 +484,10 @@ class UpstreamPool:
             state.budget.record_retry()
         else:
             state.budget.record_request()
+        if decision is not None:
+            # Told once the retry (or failover) is certain to be sent: one its breaker,
+            # limiter or budget still refused after the wait is no retry.
+            self.hooks.retry(decision)
         return deadline.bound(route.client.config.timeout_s), probe
 
     def _after_failure(
@@ -575,13 +578,12 @@ class UpstreamPool:
                 "account; an operator must mend it",
                 upstream=names,
             )
-        # The caller's retry is for the others: a rejected key's cool-down is not its wait.
+        # The caller's retry is for the others: a rejected key's cool-down is not its wait,
+        # and one whose probe is running may be back by the first backoff.
         cool_downs = [
-            wait
+            self._retry_delay_s(r.client.name)
             for r in plan.order
-            if r.client.name not in plan.excluded
-            and r.client.name not in set_aside
-            and (wait := self._states[r.client.name].breaker.retry_after_s()) is not None
+            if r.client.name not in plan.excluded and r.client.name not in set_aside
         ]
         return UpstreamUnavailable(
             f"no upstream for model {model!r} is available" + (f": {reasons}" if reasons else ""),

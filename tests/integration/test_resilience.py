@@ -1054,6 +1054,26 @@ async def test_retry_budget_holds_for_calls_failing_at_once(start_gateway):
         assert len(fake.requests) <= calls * 1.5
 
 
+async def test_retries_refused_by_the_budget_after_their_wait_are_not_counted(start_gateway):
+    """Calls that decide to retry together, then find the budget spent by the others once
+    their wait is over, send no retry: `llm_gateway.retries` (the pool's counters) counts
+    the retries sent, not the decisions (it counted both, twice what reached the upstream
+    in the very storm the budget holds back)."""
+    failing = Status(503, headers={"Retry-After": "0.3"}, delay_s=0.2)
+    async with FakeUpstream(default=failing) as fake:
+        resilience = {**HALF_RETRY_BUDGET, "attempts": 2}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        calls = 10
+        results = await asyncio.gather(
+            *(gateway.stub.Complete(chat()) for _ in range(calls)), return_exceptions=True
+        )
+        assert all(isinstance(r, grpc.aio.AioRpcError) for r in results)
+        counters = gateway.server.pipeline.pool.counters
+        assert len(fake.requests) < 2 * calls  # the budget refused some retries
+        assert counters.retries == len(fake.requests) - calls
+        assert counters.attempts == len(fake.requests)
+
+
 async def _half_open_beside_an_old_call(start_gateway, fake, *, cool_down_s: float):
     """A gateway in front of `fake` (one attempt a call, a breaker opened by one failure)
     whose call "old" is in flight at the upstream when the call "fail" opens the breaker,
@@ -1127,3 +1147,66 @@ async def test_a_probe_from_an_earlier_half_open_does_not_free_the_current_probe
         models = await gateway.stub.ListModels(pb.ListModelsRequest())
         assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
         assert models.models[0].upstreams[0].in_flight == 0
+
+
+async def test_a_call_sent_before_the_breaker_opened_does_not_close_it_by_succeeding(
+    start_gateway,
+):
+    """A long call sent while the upstream was healthy succeeds after failures opened the
+    breaker: its answer is older news than they are, so the breaker stays open for its
+    cool-down and the next call is kept off the failing upstream (it closed the breaker at
+    once, and the calls went back to the upstream as if nothing had failed)."""
+    behaviours = {"old": Reply(delay_s=1.0), "fail": Status(500), "after": Status(500)}
+    async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 30.0,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        old = asyncio.ensure_future(gateway.stub.Complete(chat("old")))
+        assert await settle(lambda: fake.in_flight == 1)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("fail"))  # opens the breaker
+        assert (await old).content == "Hello from fake"
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_UNHEALTHY
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat("after"))
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(info.value)[2] == pytest.approx(30.0, abs=3.0)
+        assert [user_text(r.body) for r in fake.requests] == ["old", "fail"]
+
+
+async def test_a_call_finding_one_upstream_open_and_the_other_probing_waits_the_backoff(
+    start_gateway,
+):
+    """up0's breaker is half-open with its probe running, up1's is open for a while yet:
+    the call that finds neither usable is told to come back after the retry backoff, when
+    the probe may have closed up0 (as with up0 alone), not after up1's cool-down."""
+    behaviours = {"probe": Reply(delay_s=1.5)}
+    async with ScriptedUpstream(
+        respond=lambda body: behaviours.get(user_text(body)), default=Status(500)
+    ) as flaky:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 2.0,
+        }
+        gateway = await start_gateway(
+            gateway_config(flaky.base_url, flaky.base_url, resilience=resilience)
+        )
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("fail"))  # opens up0
+        await asyncio.sleep(1.0)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("fail"))  # opens up1, a second after up0
+        await asyncio.sleep(1.05)  # up0 half-open; up1 open for about a second more
+        error = await _refused_during_probe(gateway, flaky)
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
+        assert error_details(error)[2] == pytest.approx(FAST_RESILIENCE["backoff_base_s"])
+        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
+        assert [user_text(r.body) for r in flaky.requests] == ["fail", "fail", "probe"]
