@@ -31,6 +31,7 @@ from service.upstream.openai_json import (
     parse_completion,
     says_content_flagged,
     says_context_exceeded,
+    says_out_of_credit,
 )
 from service.upstream.sse import SSEDecoder
 from service.upstream.types import (
@@ -60,6 +61,14 @@ def _error_for_status(
     `UpstreamError`."""
     now_epoch_s = time.time()
     wait = retry_after_s(headers, now_epoch_s=now_epoch_s)
+    if status == 429 and says_out_of_credit(body):
+        # OpenAI's account out of quota: no wait mends it, as a 402 (below) does not.
+        return UpstreamAuthRejected(
+            f"upstream {upstream!r} refused the gateway's account for lack of credit "
+            f"(HTTP 429, insufficient_quota)",
+            upstream=upstream,
+            status=status,
+        )
     if status == 429:
         if wait is None:
             # No Retry-After, but a window with nothing left (OpenAI sends its

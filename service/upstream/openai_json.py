@@ -570,6 +570,15 @@ def says_content_flagged(body: bytes) -> bool:
     return isinstance(metadata, dict) and ("flagged_input" in metadata or "reasons" in metadata)
 
 
+def says_out_of_credit(body: bytes) -> bool:
+    """Whether an error body says the gateway's account has no quota left (OpenAI's 429
+    with the code or type `insufficient_quota`), rather than that it is sending too fast."""
+    error = _error_of(body)
+    return isinstance(error, dict) and any(
+        error.get(key) == "insufficient_quota" for key in ("code", "type")
+    )
+
+
 def says_context_exceeded(body: bytes) -> bool:
     """Whether an error body says the prompt (with max_tokens) is over the context window."""
     error = _error_of(body)

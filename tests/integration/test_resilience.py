@@ -387,19 +387,34 @@ async def test_a_prompt_flagged_by_moderation_fails_alone_and_leaves_the_upstrea
         assert served == {"up0", "up1"}  # round robin goes on reaching the moderated one
 
 
+# OpenAI's answer to an account with no quota left: a 429 no wait mends.
+OUT_OF_QUOTA = Status(
+    429,
+    '{"error": {"message": "You exceeded your current quota, please check your plan and '
+    'billing details.", "type": "insufficient_quota", "param": null, '
+    '"code": "insufficient_quota"}}',
+)
+
+
 @pytest.mark.parametrize(
-    ("status", "problem"),
-    [(403, "rejected the gateway's key"), (402, "account for lack of credit")],
+    ("reply", "problem"),
+    [
+        pytest.param(Status(403), "rejected the gateway's key", id="403"),
+        pytest.param(Status(402), "account for lack of credit", id="402"),
+        pytest.param(OUT_OF_QUOTA, "account for lack of credit", id="429-insufficient-quota"),
+    ],
 )
 async def test_only_upstream_key_rejected_is_unavailable_upstream_auth(
-    start_gateway, status, problem
+    start_gateway, reply, problem
 ):
-    """With its only upstream's key rejected, or its account out of credit (402), the
-    caller gets UNAVAILABLE/UPSTREAM_AUTH: not INVALID_ARGUMENT, as if its request were at
-    fault (a 402 was, before). So do the calls while its breaker is open, without reaching
-    it, and with the same "do not retry" pushback: they got UPSTREAM_UNAVAILABLE, pushed
-    back for the rest of the key cool-down, as if time would mend it."""
-    async with FakeUpstream(default=Status(status)) as bad:
+    """With its only upstream's key rejected, or its account out of credit (402, or
+    OpenAI's 429 `insufficient_quota`), the caller gets UNAVAILABLE/UPSTREAM_AUTH: not
+    INVALID_ARGUMENT, as if its request were at fault (a 402 was, before), nor a rate
+    limit to wait out (the 429 was, retried and with the breaker never opened). So do the
+    calls while its breaker is open, without reaching it, and with the same "do not
+    retry" pushback: they got UPSTREAM_UNAVAILABLE, pushed back for the rest of the key
+    cool-down, as if time would mend it."""
+    async with FakeUpstream(default=reply) as bad:
         gateway = await start_gateway(gateway_config(bad.base_url, resilience=FAST_RESILIENCE))
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await gateway.stub.Complete(chat())

@@ -15,6 +15,7 @@ from service.upstream.openai_json import (
     parse_completion,
     request_body,
     says_context_exceeded,
+    says_out_of_credit,
     usage,
 )
 from service.upstream.types import StreamEnd, TextChunk, UpstreamReply
@@ -591,6 +592,26 @@ def test_says_context_exceeded(body: Any, expected: bool) -> None:
     assert says_context_exceeded(json.dumps(body).encode()) is expected
 
 
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # OpenAI's account with no quota left: its code and its type say so.
+        (
+            {"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}},
+            True,
+        ),
+        ({"error": {"message": "...", "type": "insufficient_quota", "code": None}}, True),
+        # A rate limit proper: wait and retry.
+        ({"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}}, False),
+        ({"error": "insufficient_quota"}, False),  # no object to name a code
+        ([], False),
+    ],
+)
+def test_says_out_of_credit(body: Any, expected: bool) -> None:
+    assert says_out_of_credit(json.dumps(body).encode()) is expected
+
+
 @pytest.mark.parametrize("body", [b"", b"<html>Bad Request</html>", b"\xff\xfe"])
 def test_a_body_that_is_not_json_says_nothing(body: bytes) -> None:
     assert not says_context_exceeded(body)
+    assert not says_out_of_credit(body)
