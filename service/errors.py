@@ -261,7 +261,9 @@ class UpstreamError(GatewayError):
         self.upstream = upstream
         self.status = status
         self._retry_after_s = retry_after_s
-        self.attempts = 0  # upstream attempts made for the call, set by the pool
+        # Upstream attempts made for the call, set by the pool (0: refused before any was
+        # sent); None for an error that did not come through it.
+        self.attempts: int | None = None
         # The caller's deadline left no room for the retry (or the wait for an upstream's
         # limit) that might have mended it: a caller sharing the call (single flight) with
         # a later deadline may still try.
@@ -435,7 +437,7 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
         metadata["upstream"] = exc.upstream
         if exc.status is not None:
             metadata["http_status"] = str(exc.status)
-        if exc.attempts:
+        if exc.attempts is not None:
             metadata["attempts"] = str(exc.attempts)
     if isinstance(exc, ContextWindowExceeded):
         metadata["estimated_tokens"] = str(exc.estimated_tokens)

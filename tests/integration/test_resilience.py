@@ -420,14 +420,17 @@ async def test_only_upstream_key_rejected_is_unavailable_upstream_auth(
             await gateway.stub.Complete(chat())
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
         assert problem in info.value.details()
-        _, reason, _ = error_details(info.value)
+        metadata, reason, _ = error_details(info.value)
         assert reason == "UPSTREAM_AUTH"
+        assert metadata["attempts"] == "1"
         assert len(bad.requests) == 1
         with pytest.raises(grpc.aio.AioRpcError) as again:
             await gateway.stub.Complete(chat())
         assert again.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "rejected the gateway's key or account" in again.value.details()
         assert error_details(again.value)[1] == "UPSTREAM_AUTH"
+        # Refused without an attempt, and saying so (it said nothing of attempts before).
+        assert error_details(again.value)[0]["attempts"] == "0"
         assert dict(again.value.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "-1"
         for error in (info.value, again.value):  # every replica holds the same key
             assert RETRY_ELSEWHERE_TRAILER not in dict(error.trailing_metadata())
