@@ -267,6 +267,25 @@ async def test_node_example_takes_its_api_key_from_the_flag_or_the_python_clis_v
     assert usage.total.requests == 4  # each program's unary call and its stream
 
 
+async def test_node_example_refuses_a_key_with_a_stray_newline_without_printing_it(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A caller key gRPC metadata cannot carry (a newline a secret file left on it) is a
+    bad option, exit status 2, as in the Python client: refused when the client is made,
+    saying why but never the key. Before, grpc-js refused it at the first call with an
+    error quoting the key, which the example printed with its stack."""
+    example = node_scenarios.with_name("example.js")
+    key = CALLER_KEY_A + "\n"
+    args = ("--address", gateway.server.address, "--model", "fake-model", "Say hi")
+    for env in ({"LLM_GATEWAY_API_KEY": key}, {}):
+        flags = () if env else ("--api-key", key)
+        returncode, stdout, stderr = await run_process(example, *flags, *args, env=env)
+        assert returncode == 2
+        assert "characters gRPC metadata cannot carry" in stderr
+        assert CALLER_KEY_A not in stdout + stderr
+    assert upstream.requests == []
+
+
 async def test_node_stream_prints_deltas_as_they_arrive(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -307,7 +307,10 @@ export interface GatewayClientOptions {
   serviceConfigJson?: string;
   /** Extra channel options, merged over the service config ones. */
   channelOptions?: grpc.ChannelOptions;
-  /** The caller key (`llmgw_...`), sent as `authorization: Bearer <key>` on every call. */
+  /**
+   * The caller key (`llmgw_...`), sent as `authorization: Bearer <key>` on every call; one
+   * with anything but printable ASCII (a stray newline) throws when the client is made.
+   */
   apiKey?: string;
   /**
    * Milliseconds a call may take when its own `timeoutMs` is not given; `null`: no
@@ -414,6 +417,10 @@ export class GatewayClient {
   private readonly defaultTimeoutMs: number | null;
 
   constructor(address: string, options: GatewayClientOptions = {}) {
+    if (options.apiKey !== undefined && !/^[ -~]*$/.test(options.apiKey)) {
+      // grpc-js would refuse it at each call with an error that repeats the key.
+      throw new Error("apiKey has characters gRPC metadata cannot carry (a stray newline?)");
+    }
     const serviceConfigJson =
       options.serviceConfigJson ?? fs.readFileSync(defaultServiceConfigPath(), "utf8");
     this.stub = new CompletionServiceClient(
