@@ -286,6 +286,19 @@ async def test_node_example_refuses_a_key_with_a_stray_newline_without_printing_
     assert upstream.requests == []
 
 
+async def test_node_stream_read_after_its_call_failed_throws_the_failure(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A stream whose call fails before the caller starts reading it (a model no upstream
+    serves) throws the failure, decoded, when it is read. Before, grpc-js's 'error' event
+    found no listener and crashed the caller's process."""
+    result = await run_against(node_scenarios, gateway, "late-stream")
+    assert result["code"] == "NOT_FOUND"
+    assert result["details"]["errorInfo"]["reason"] == "MODEL_NOT_FOUND"
+    assert result["kinds"] == []
+    assert upstream.requests == []
+
+
 async def test_node_stream_prints_deltas_as_they_arrive(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

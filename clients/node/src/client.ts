@@ -359,7 +359,17 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
   reasoning = "";
   readonly toolCalls: ToolCall[] = [];
 
-  constructor(private readonly call: grpc.ClientReadableStream<CompleteStreamResponse>) {}
+  /** The call's failure when it came before the loop read it: rethrown once the loop ends. */
+  private failure: unknown = null;
+
+  constructor(private readonly call: grpc.ClientReadableStream<CompleteStreamResponse>) {
+    // grpc-js emits a failed status as an 'error' event: with no listener yet (a stream not
+    // iterated at once) that would crash the process, and the loop read later would then
+    // end as though the stream had succeeded.
+    call.on("error", (error: unknown) => {
+      this.failure = error;
+    });
+  }
 
   private gather(delta: Delta): void {
     this.reasoning += delta.reasoning;
@@ -389,6 +399,9 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
         } else if (event?.$case === "final") {
           yield { kind: "final", metadata: event.final };
         }
+      }
+      if (this.failure !== null) {
+        throw this.failure;
       }
     } catch (error) {
       throw asGatewayError(error);

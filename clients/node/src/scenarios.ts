@@ -285,6 +285,26 @@ async function cancel(client: GatewayClient, args: Args): Promise<Json> {
   return { firstEvent: first?.kind, afterCancel: "no error" };
 }
 
+async function lateStream(client: GatewayClient, args: Args): Promise<Json> {
+  // A stream read only after its call has failed (here: a model no upstream serves).
+  const stream = client.completeStream(
+    { model: `${args.model}-unknown`, messages: messages("Say hi") },
+    { timeoutMs: 10_000 },
+  );
+  const call = (stream as unknown as { call: grpc.ClientReadableStream<unknown> }).call;
+  // Not events.once: it would take the call's 'error' event for itself.
+  await new Promise((resolve) => call.on("status", resolve));
+  const kinds: string[] = [];
+  try {
+    for await (const event of stream) {
+      kinds.push(event.kind);
+    }
+  } catch (error) {
+    return { ...errorJson(error), kinds };
+  }
+  return { unexpected: "the stream ended without its error", kinds };
+}
+
 async function withoutTimeout(client: GatewayClient, args: Args): Promise<Json> {
   // No per-call timeout: the client's default deadline must end a call the upstream hangs.
   const started = performance.now();
@@ -324,6 +344,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "overload-recovers": overloadRecovers,
   "overload-exhausted": overloadExhausted,
   cancel,
+  "late-stream": lateStream,
   "without-timeout": withoutTimeout,
 };
 
