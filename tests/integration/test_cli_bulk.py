@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import io
 import json
 import signal
 import socket
@@ -209,6 +210,24 @@ async def test_summarize_command_prints_summary_and_stats(tmp_path, scripted, ad
     assert captured.out.strip() == "FINAL"
     assert "chunks=" in captured.err
     assert "levels=1" in captured.err
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+async def test_summarize_reads_a_document_that_is_not_utf8_from_stdin(
+    scripted, address, capsys, monkeypatch, errors
+):
+    """`summarize -` takes standard input as `summarize FILE` takes a file: bytes that are
+    not UTF-8 become U+FFFD. Before, it ended with a UnicodeDecodeError traceback (or, in
+    the C locale, a UnicodeEncodeError building the request)."""
+    data = b"Caf\xe9 ol\xe9. The document goes on."
+    stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors=errors)
+    monkeypatch.setattr(sys, "stdin", stdin)
+    code = await summarize.summarize_command(
+        parse(summarize, "summarize", "-", "--model", FAKE_MODEL, "--address", address)
+    )
+    assert code == 0
+    assert capsys.readouterr().out.strip() == "answer on."
+    assert "Caf\ufffd ol\ufffd" in user_text(scripted.requests[0].body)
 
 
 def closed_port() -> int:

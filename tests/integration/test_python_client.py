@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import shutil
 import subprocess
@@ -500,3 +501,29 @@ async def test_the_complete_command_takes_a_cache_mode_and_ttl(
     assert len(upstream.requests) == 3
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--cache", "skip"])
+
+
+def stdin_of(data: bytes, errors: str) -> io.TextIOWrapper:
+    """Standard input holding `data`, decoded as Python decodes it in a UTF-8 locale
+    ("strict") or in the C locale ("surrogateescape")."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors=errors)
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+async def test_the_complete_command_reads_a_prompt_that_is_not_utf8_from_stdin(
+    upstream: FakeUpstream,
+    gateway: RunningGateway,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    errors: str,
+) -> None:
+    """`complete -` takes standard input as `summarize FILE` and `batch` take their files:
+    bytes that are not UTF-8 become U+FFFD. Before, it ended with a UnicodeDecodeError
+    traceback (or, in the C locale, a UnicodeEncodeError building the request)."""
+    monkeypatch.setattr(sys, "stdin", stdin_of(b"Caf\xe9 ol\xe9", errors))
+    parser = argparse.ArgumentParser()
+    complete.register(parser.add_subparsers())
+    argv = ["complete", "-", "--model", FAKE_MODEL, "--address", gateway.server.address]
+    assert await complete.complete_command(parser.parse_args(argv)) == 0
+    assert capsys.readouterr().out == "Hello from fake\n"
+    assert upstream.requests[0].body["messages"][-1]["content"] == "Caf\ufffd ol\ufffd"
