@@ -146,6 +146,22 @@ async def test_malformed_lines_are_reported_and_skipped(tmp_path, scripted, addr
     assert "done: 2 succeeded, 0 failed, 6 bad lines" in err
 
 
+async def test_a_byte_order_mark_does_not_make_the_first_line_unusable(
+    tmp_path, scripted, address, capsys
+):
+    """An input file saved with a UTF-8 byte order mark (as Windows editors and PowerShell
+    write one) runs every line. Before, the mark made line 1 "not JSON": skipped, exit 1."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(source, ["a", "b"])
+    source.write_bytes(b"\xef\xbb\xbf" + source.read_bytes())
+    argv = ("batch", str(source), "-o", str(output), "--address", address, "--no-progress")
+    code = await batch.batch_command(parse(batch, *argv, "--model", FAKE_MODEL))
+    assert "skipped" not in capsys.readouterr().err
+    assert code == 0
+    assert sorted(r["id"] for r in output_records(output)) == ["a", "b"]
+    assert sorted(asked_ids(scripted)) == ["a", "b"]
+
+
 async def test_a_line_too_large_for_any_call_is_skipped_and_the_rest_still_run(
     tmp_path, scripted, address, capsys
 ):
