@@ -527,3 +527,35 @@ async def test_the_complete_command_reads_a_prompt_that_is_not_utf8_from_stdin(
     assert await complete.complete_command(parser.parse_args(argv)) == 0
     assert capsys.readouterr().out == "Hello from fake\n"
     assert upstream.requests[0].body["messages"][-1]["content"] == "Caf\ufffd ol\ufffd"
+
+
+async def test_a_streamed_answer_piped_into_a_reader_that_leaves_ends_quietly(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`llm-gateway complete --stream ... | head -c 5`: when the reader of stdout goes
+    away, the command stops the call (the gateway closes the upstream request) and exits
+    141, as a process SIGPIPE ends, with no traceback. Before, it died of an uncaught
+    BrokenPipeError, printing its traceback."""
+    upstream.script(Reply(content="word " * 40, chunks=40, chunk_delay_s=0.1))
+    command = [sys.executable, "-m", "gateway_client.cli", "complete", "Say hi", "--stream"]
+    command += ["--address", gateway.server.address, "--model", FAKE_MODEL]
+    reader, writer = os.pipe()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=writer, stderr=asyncio.subprocess.PIPE
+        )
+    finally:
+        os.close(writer)
+    try:
+        assert await asyncio.to_thread(os.read, reader, 4) == b"word"
+    finally:
+        os.close(reader)  # the reader leaves, as `head` does
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert b"Traceback" not in stderr
+    assert process.returncode == 141
+    await upstream.wait_for_disconnect(timeout_s=10)
