@@ -31,7 +31,13 @@ from service.errors import (
     UpstreamRateLimited,
     to_rpc_status,
 )
-from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
+from tests.conftest import (
+    RunningGateway,
+    chat,
+    chat_stream,
+    fake_model_window,
+    gateway_config,
+)
 from tests.fake_upstream import FakeUpstream, Hang, Reply, ToolCallReply
 from tests.integration.pki import Pki, make_pki
 from tests.integration.tenancy_helpers import as_tenant, secure_config
@@ -347,6 +353,29 @@ async def test_node_retry_policy_waits_out_overload_pushback(
     # Each retry waited the server's pushback, not the policy's shorter backoff.
     assert result["elapsedMs"] >= (result["attempts"] - 1) * pushback_s * 1000
     # Refused attempts never reached the upstream: only the hold and the success did.
+    assert len(upstream.requests) == 2
+
+
+async def test_node_retry_policy_waits_out_overload_pushback_for_a_long_prompt(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A prompt of 1.5 MB (300k tokens, within a million-token model's window and the
+    gateway's 2 MiB request limit) is retried after the overload pushback as a short one
+    is. Before, it got the first RESOURCE_EXHAUSTED as its answer: grpc-js retries only a
+    call whose request fits its retry buffer, 1 MiB unless the channel says otherwise."""
+    config = gateway_config(
+        upstream.base_url,
+        server={"max_in_flight_calls": 1, "overload_retry_after_s": 0.5},
+        models=fake_model_window(1_000_000),
+    )
+    gateway = await start_gateway(config)
+    upstream.script(Reply(content="hold the slot", chunks=2, chunk_delay_s=0.15))
+    address = gateway.server.address
+    result = await run_node(
+        node_scenarios, "overload-recovers", "--address", address, "--prompt-words", "300000"
+    )
+    assert result["content"] == "Hello from fake"
+    assert 2 <= result["attempts"] <= max_attempts()
     assert len(upstream.requests) == 2
 
 

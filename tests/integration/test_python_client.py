@@ -22,7 +22,13 @@ from gateway_client import GatewayClient, build_request, error_details
 from gateway_client.commands import complete
 from llmgateway.v1 import gateway_pb2 as pb
 from service.pool import upstream_idempotency_key
-from tests.conftest import FAKE_MODEL, RunningGateway, chat_stream, gateway_config
+from tests.conftest import (
+    FAKE_MODEL,
+    RunningGateway,
+    chat_stream,
+    fake_model_window,
+    gateway_config,
+)
 from tests.fake_upstream import FakeUpstream, Reply, Status
 
 REPO = Path(__file__).resolve().parents[2]
@@ -238,6 +244,31 @@ async def test_installed_client_waits_out_the_overload_pushback(
     content, elapsed_s = out.decode().rsplit(" ", 1)
     assert content == "Hello from fake"
     assert float(elapsed_s) >= pushback_s
+
+
+async def test_a_long_prompt_still_waits_out_the_overload_pushback(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A prompt of 400 kB (100k tokens, well within a long-context model's window) is
+    retried after the overload pushback as a short one is. Before, it was refused at the
+    first RESOURCE_EXHAUSTED: gRPC retries only a call whose request fits its retry
+    buffer, 256 KiB unless the channel says otherwise."""
+    gateway = await start_gateway(
+        gateway_config(
+            upstream.base_url,
+            server={"max_in_flight_calls": 1, "overload_retry_after_s": 0.3},
+            models=fake_model_window(1_000_000),
+        )
+    )
+    upstream.script(Reply(content="hold the slot", chunks=2, chunk_delay_s=0.3))
+    hold = gateway.stub.CompleteStream(chat_stream("hold the slot"))
+    assert (await hold.read()).WhichOneof("event") == "delta"
+    async with GatewayClient(gateway.server.address, timeout_s=15) as client:
+        answer = await client.complete("word " * 80_000, model=FAKE_MODEL)
+    while await hold.read() is not grpc.aio.EOF:
+        pass
+    assert answer.content == "Hello from fake"
+    assert len(upstream.requests) == 2
 
 
 @pytest.mark.parametrize(

@@ -330,6 +330,14 @@ export const DEFAULT_TIMEOUT_MS = 300_000;
  */
 export const MAX_ANSWER_BYTES = 32 * 1024 * 1024;
 
+/**
+ * grpc-js retries a call only while its request fits the call's retry buffer, 1 MiB by
+ * default: a longer prompt (a 300k-token document) would get the first pushback as its
+ * answer. The gateway takes requests of up to 4 MiB (`server.max_receive_message_bytes`);
+ * grpc-js's buffer for all calls together stays at its default, 16 MiB.
+ */
+export const MAX_RETRIED_REQUEST_BYTES = 16 * 1024 * 1024;
+
 export interface CallOptions {
   /** Milliseconds the whole call may take, retries and pushback waits included. */
   timeoutMs?: number;
@@ -441,6 +449,7 @@ export class GatewayClient {
       credentialsOf(options),
       {
         "grpc.max_receive_message_length": MAX_ANSWER_BYTES,
+        "grpc.per_rpc_retry_buffer_size": MAX_RETRIED_REQUEST_BYTES,
         ...serviceConfigOptions(serviceConfigJson),
         ...options.channelOptions,
       },
