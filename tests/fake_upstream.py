@@ -270,7 +270,8 @@ class FakeUpstream:
 
     async def start(self) -> None:
         """Bind to an ephemeral port on 127.0.0.1 and start serving."""
-        app = web.Application()
+        # aiohttp refuses bodies over 1 MiB (413); providers take prompts of megabytes.
+        app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         runner = web.AppRunner(

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import io
 import json
 import signal
 import socket
@@ -145,6 +146,22 @@ async def test_malformed_lines_are_reported_and_skipped(tmp_path, scripted, addr
     assert "done: 2 succeeded, 0 failed, 6 bad lines" in err
 
 
+async def test_a_byte_order_mark_does_not_make_the_first_line_unusable(
+    tmp_path, scripted, address, capsys
+):
+    """An input file saved with a UTF-8 byte order mark (as Windows editors and PowerShell
+    write one) runs every line. Before, the mark made line 1 "not JSON": skipped, exit 1."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(source, ["a", "b"])
+    source.write_bytes(b"\xef\xbb\xbf" + source.read_bytes())
+    argv = ("batch", str(source), "-o", str(output), "--address", address, "--no-progress")
+    code = await batch.batch_command(parse(batch, *argv, "--model", FAKE_MODEL))
+    assert "skipped" not in capsys.readouterr().err
+    assert code == 0
+    assert sorted(r["id"] for r in output_records(output)) == ["a", "b"]
+    assert sorted(asked_ids(scripted)) == ["a", "b"]
+
+
 async def test_a_line_too_large_for_any_call_is_skipped_and_the_rest_still_run(
     tmp_path, scripted, address, capsys
 ):
@@ -209,6 +226,24 @@ async def test_summarize_command_prints_summary_and_stats(tmp_path, scripted, ad
     assert captured.out.strip() == "FINAL"
     assert "chunks=" in captured.err
     assert "levels=1" in captured.err
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+async def test_summarize_reads_a_document_that_is_not_utf8_from_stdin(
+    scripted, address, capsys, monkeypatch, errors
+):
+    """`summarize -` takes standard input as `summarize FILE` takes a file: bytes that are
+    not UTF-8 become U+FFFD. Before, it ended with a UnicodeDecodeError traceback (or, in
+    the C locale, a UnicodeEncodeError building the request)."""
+    data = b"Caf\xe9 ol\xe9. The document goes on."
+    stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors=errors)
+    monkeypatch.setattr(sys, "stdin", stdin)
+    code = await summarize.summarize_command(
+        parse(summarize, "summarize", "-", "--model", FAKE_MODEL, "--address", address)
+    )
+    assert code == 0
+    assert capsys.readouterr().out.strip() == "answer on."
+    assert "Caf\ufffd ol\ufffd" in user_text(scripted.requests[0].body)
 
 
 def closed_port() -> int:

@@ -31,7 +31,13 @@ from service.errors import (
     UpstreamRateLimited,
     to_rpc_status,
 )
-from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
+from tests.conftest import (
+    RunningGateway,
+    chat,
+    chat_stream,
+    fake_model_window,
+    gateway_config,
+)
 from tests.fake_upstream import FakeUpstream, Hang, Reply, ToolCallReply
 from tests.integration.pki import Pki, make_pki
 from tests.integration.tenancy_helpers import as_tenant, secure_config
@@ -267,6 +273,38 @@ async def test_node_example_takes_its_api_key_from_the_flag_or_the_python_clis_v
     assert usage.total.requests == 4  # each program's unary call and its stream
 
 
+async def test_node_example_refuses_a_key_with_a_stray_newline_without_printing_it(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A caller key gRPC metadata cannot carry (a newline a secret file left on it) is a
+    bad option, exit status 2, as in the Python client: refused when the client is made,
+    saying why but never the key. Before, grpc-js refused it at the first call with an
+    error quoting the key, which the example printed with its stack."""
+    example = node_scenarios.with_name("example.js")
+    key = CALLER_KEY_A + "\n"
+    args = ("--address", gateway.server.address, "--model", "fake-model", "Say hi")
+    for env in ({"LLM_GATEWAY_API_KEY": key}, {}):
+        flags = () if env else ("--api-key", key)
+        returncode, stdout, stderr = await run_process(example, *flags, *args, env=env)
+        assert returncode == 2
+        assert "characters gRPC metadata cannot carry" in stderr
+        assert CALLER_KEY_A not in stdout + stderr
+    assert upstream.requests == []
+
+
+async def test_node_stream_read_after_its_call_failed_throws_the_failure(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A stream whose call fails before the caller starts reading it (a model no upstream
+    serves) throws the failure, decoded, when it is read. Before, grpc-js's 'error' event
+    found no listener and crashed the caller's process."""
+    result = await run_against(node_scenarios, gateway, "late-stream")
+    assert result["code"] == "NOT_FOUND"
+    assert result["details"]["errorInfo"]["reason"] == "MODEL_NOT_FOUND"
+    assert result["kinds"] == []
+    assert upstream.requests == []
+
+
 async def test_node_stream_prints_deltas_as_they_arrive(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:
@@ -315,6 +353,29 @@ async def test_node_retry_policy_waits_out_overload_pushback(
     # Each retry waited the server's pushback, not the policy's shorter backoff.
     assert result["elapsedMs"] >= (result["attempts"] - 1) * pushback_s * 1000
     # Refused attempts never reached the upstream: only the hold and the success did.
+    assert len(upstream.requests) == 2
+
+
+async def test_node_retry_policy_waits_out_overload_pushback_for_a_long_prompt(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A prompt of 1.5 MB (300k tokens, within a million-token model's window and the
+    gateway's 2 MiB request limit) is retried after the overload pushback as a short one
+    is. Before, it got the first RESOURCE_EXHAUSTED as its answer: grpc-js retries only a
+    call whose request fits its retry buffer, 1 MiB unless the channel says otherwise."""
+    config = gateway_config(
+        upstream.base_url,
+        server={"max_in_flight_calls": 1, "overload_retry_after_s": 0.5},
+        models=fake_model_window(1_000_000),
+    )
+    gateway = await start_gateway(config)
+    upstream.script(Reply(content="hold the slot", chunks=2, chunk_delay_s=0.15))
+    address = gateway.server.address
+    result = await run_node(
+        node_scenarios, "overload-recovers", "--address", address, "--prompt-words", "300000"
+    )
+    assert result["content"] == "Hello from fake"
+    assert 2 <= result["attempts"] <= max_attempts()
     assert len(upstream.requests) == 2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import shutil
 import subprocess
@@ -21,7 +22,13 @@ from gateway_client import GatewayClient, build_request, error_details
 from gateway_client.commands import complete
 from llmgateway.v1 import gateway_pb2 as pb
 from service.pool import upstream_idempotency_key
-from tests.conftest import FAKE_MODEL, RunningGateway, chat_stream, gateway_config
+from tests.conftest import (
+    FAKE_MODEL,
+    RunningGateway,
+    chat_stream,
+    fake_model_window,
+    gateway_config,
+)
 from tests.fake_upstream import FakeUpstream, Reply, Status
 
 REPO = Path(__file__).resolve().parents[2]
@@ -237,6 +244,31 @@ async def test_installed_client_waits_out_the_overload_pushback(
     content, elapsed_s = out.decode().rsplit(" ", 1)
     assert content == "Hello from fake"
     assert float(elapsed_s) >= pushback_s
+
+
+async def test_a_long_prompt_still_waits_out_the_overload_pushback(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A prompt of 400 kB (100k tokens, well within a long-context model's window) is
+    retried after the overload pushback as a short one is. Before, it was refused at the
+    first RESOURCE_EXHAUSTED: gRPC retries only a call whose request fits its retry
+    buffer, 256 KiB unless the channel says otherwise."""
+    gateway = await start_gateway(
+        gateway_config(
+            upstream.base_url,
+            server={"max_in_flight_calls": 1, "overload_retry_after_s": 0.3},
+            models=fake_model_window(1_000_000),
+        )
+    )
+    upstream.script(Reply(content="hold the slot", chunks=2, chunk_delay_s=0.3))
+    hold = gateway.stub.CompleteStream(chat_stream("hold the slot"))
+    assert (await hold.read()).WhichOneof("event") == "delta"
+    async with GatewayClient(gateway.server.address, timeout_s=15) as client:
+        answer = await client.complete("word " * 80_000, model=FAKE_MODEL)
+    while await hold.read() is not grpc.aio.EOF:
+        pass
+    assert answer.content == "Hello from fake"
+    assert len(upstream.requests) == 2
 
 
 @pytest.mark.parametrize(
@@ -500,3 +532,61 @@ async def test_the_complete_command_takes_a_cache_mode_and_ttl(
     assert len(upstream.requests) == 3
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--cache", "skip"])
+
+
+def stdin_of(data: bytes, errors: str) -> io.TextIOWrapper:
+    """Standard input holding `data`, decoded as Python decodes it in a UTF-8 locale
+    ("strict") or in the C locale ("surrogateescape")."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors=errors)
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+async def test_the_complete_command_reads_a_prompt_that_is_not_utf8_from_stdin(
+    upstream: FakeUpstream,
+    gateway: RunningGateway,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    errors: str,
+) -> None:
+    """`complete -` takes standard input as `summarize FILE` and `batch` take their files:
+    bytes that are not UTF-8 become U+FFFD. Before, it ended with a UnicodeDecodeError
+    traceback (or, in the C locale, a UnicodeEncodeError building the request)."""
+    monkeypatch.setattr(sys, "stdin", stdin_of(b"Caf\xe9 ol\xe9", errors))
+    parser = argparse.ArgumentParser()
+    complete.register(parser.add_subparsers())
+    argv = ["complete", "-", "--model", FAKE_MODEL, "--address", gateway.server.address]
+    assert await complete.complete_command(parser.parse_args(argv)) == 0
+    assert capsys.readouterr().out == "Hello from fake\n"
+    assert upstream.requests[0].body["messages"][-1]["content"] == "Caf\ufffd ol\ufffd"
+
+
+async def test_a_streamed_answer_piped_into_a_reader_that_leaves_ends_quietly(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`llm-gateway complete --stream ... | head -c 5`: when the reader of stdout goes
+    away, the command stops the call (the gateway closes the upstream request) and exits
+    141, as a process SIGPIPE ends, with no traceback. Before, it died of an uncaught
+    BrokenPipeError, printing its traceback."""
+    upstream.script(Reply(content="word " * 40, chunks=40, chunk_delay_s=0.1))
+    command = [sys.executable, "-m", "gateway_client.cli", "complete", "Say hi", "--stream"]
+    command += ["--address", gateway.server.address, "--model", FAKE_MODEL]
+    reader, writer = os.pipe()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=writer, stderr=asyncio.subprocess.PIPE
+        )
+    finally:
+        os.close(writer)
+    try:
+        assert await asyncio.to_thread(os.read, reader, 4) == b"word"
+    finally:
+        os.close(reader)  # the reader leaves, as `head` does
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert b"Traceback" not in stderr
+    assert process.returncode == 141
+    await upstream.wait_for_disconnect(timeout_s=10)

@@ -307,7 +307,10 @@ export interface GatewayClientOptions {
   serviceConfigJson?: string;
   /** Extra channel options, merged over the service config ones. */
   channelOptions?: grpc.ChannelOptions;
-  /** The caller key (`llmgw_...`), sent as `authorization: Bearer <key>` on every call. */
+  /**
+   * The caller key (`llmgw_...`), sent as `authorization: Bearer <key>` on every call; one
+   * with anything but printable ASCII (a stray newline) throws when the client is made.
+   */
   apiKey?: string;
   /**
    * Milliseconds a call may take when its own `timeoutMs` is not given; `null`: no
@@ -326,6 +329,14 @@ export const DEFAULT_TIMEOUT_MS = 300_000;
  * would refuse the larger ones after they were paid for. `channelOptions` may set another.
  */
 export const MAX_ANSWER_BYTES = 32 * 1024 * 1024;
+
+/**
+ * grpc-js retries a call only while its request fits the call's retry buffer, 1 MiB by
+ * default: a longer prompt (a 300k-token document) would get the first pushback as its
+ * answer. The gateway takes requests of up to 4 MiB (`server.max_receive_message_bytes`);
+ * grpc-js's buffer for all calls together stays at its default, 16 MiB.
+ */
+export const MAX_RETRIED_REQUEST_BYTES = 16 * 1024 * 1024;
 
 export interface CallOptions {
   /** Milliseconds the whole call may take, retries and pushback waits included. */
@@ -356,7 +367,17 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
   reasoning = "";
   readonly toolCalls: ToolCall[] = [];
 
-  constructor(private readonly call: grpc.ClientReadableStream<CompleteStreamResponse>) {}
+  /** The call's failure when it came before the loop read it: rethrown once the loop ends. */
+  private failure: unknown = null;
+
+  constructor(private readonly call: grpc.ClientReadableStream<CompleteStreamResponse>) {
+    // grpc-js emits a failed status as an 'error' event: with no listener yet (a stream not
+    // iterated at once) that would crash the process, and the loop read later would then
+    // end as though the stream had succeeded.
+    call.on("error", (error: unknown) => {
+      this.failure = error;
+    });
+  }
 
   private gather(delta: Delta): void {
     this.reasoning += delta.reasoning;
@@ -387,6 +408,9 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
           yield { kind: "final", metadata: event.final };
         }
       }
+      if (this.failure !== null) {
+        throw this.failure;
+      }
     } catch (error) {
       throw asGatewayError(error);
     } finally {
@@ -414,6 +438,10 @@ export class GatewayClient {
   private readonly defaultTimeoutMs: number | null;
 
   constructor(address: string, options: GatewayClientOptions = {}) {
+    if (options.apiKey !== undefined && !/^[ -~]*$/.test(options.apiKey)) {
+      // grpc-js would refuse it at each call with an error that repeats the key.
+      throw new Error("apiKey has characters gRPC metadata cannot carry (a stray newline?)");
+    }
     const serviceConfigJson =
       options.serviceConfigJson ?? fs.readFileSync(defaultServiceConfigPath(), "utf8");
     this.stub = new CompletionServiceClient(
@@ -421,6 +449,7 @@ export class GatewayClient {
       credentialsOf(options),
       {
         "grpc.max_receive_message_length": MAX_ANSWER_BYTES,
+        "grpc.per_rpc_retry_buffer_size": MAX_RETRIED_REQUEST_BYTES,
         ...serviceConfigOptions(serviceConfigJson),
         ...options.channelOptions,
       },

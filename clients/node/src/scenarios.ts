@@ -42,6 +42,8 @@ interface Args {
   tls: TlsOptions | undefined;
   /** Hand the client the PEM files' bytes rather than their paths. */
   pemBytes: boolean;
+  /** With `overload-recovers`: the refused call's prompt is this many words, not "Say hi". */
+  promptWords: number;
 }
 
 /** Add a TLS option to the ones parsed so far, turning TLS on. */
@@ -60,6 +62,7 @@ function parseArgs(argv: string[]): Args {
     defaultTimeoutMs: undefined,
     tls: undefined,
     pemBytes: false,
+    promptWords: 0,
   };
   for (let i = 1; i < argv.length; i++) {
     const flag = argv[i];
@@ -99,6 +102,9 @@ function parseArgs(argv: string[]): Args {
         break;
       case "--default-timeout-ms":
         args.defaultTimeoutMs = Number(value);
+        break;
+      case "--prompt-words":
+        args.promptWords = Number(value);
         break;
       default:
         throw new Error(`unknown argument ${flag}`);
@@ -247,8 +253,9 @@ async function overloadRecovers(client: GatewayClient, args: Args): Promise<Json
   const holdEvents = hold[Symbol.asyncIterator]();
   const first = await next(holdEvents);
   const started = performance.now();
+  const prompt = args.promptWords > 0 ? "word ".repeat(args.promptWords) : "Say hi";
   const { response, attempts } = await client.complete(
-    { model: args.model, messages: messages("Say hi") },
+    { model: args.model, messages: messages(prompt) },
     { timeoutMs: 15_000 },
   );
   const elapsedMs = performance.now() - started;
@@ -283,6 +290,26 @@ async function cancel(client: GatewayClient, args: Args): Promise<Json> {
     return { firstEvent: first?.kind, afterCancel: errorJson(error).code };
   }
   return { firstEvent: first?.kind, afterCancel: "no error" };
+}
+
+async function lateStream(client: GatewayClient, args: Args): Promise<Json> {
+  // A stream read only after its call has failed (here: a model no upstream serves).
+  const stream = client.completeStream(
+    { model: `${args.model}-unknown`, messages: messages("Say hi") },
+    { timeoutMs: 10_000 },
+  );
+  const call = (stream as unknown as { call: grpc.ClientReadableStream<unknown> }).call;
+  // Not events.once: it would take the call's 'error' event for itself.
+  await new Promise((resolve) => call.on("status", resolve));
+  const kinds: string[] = [];
+  try {
+    for await (const event of stream) {
+      kinds.push(event.kind);
+    }
+  } catch (error) {
+    return { ...errorJson(error), kinds };
+  }
+  return { unexpected: "the stream ended without its error", kinds };
 }
 
 async function withoutTimeout(client: GatewayClient, args: Args): Promise<Json> {
@@ -324,6 +351,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "overload-recovers": overloadRecovers,
   "overload-exhausted": overloadExhausted,
   cancel,
+  "late-stream": lateStream,
   "without-timeout": withoutTimeout,
 };
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -52,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = asyncio.run(result)
         except KeyboardInterrupt:
             return 130
+        except BrokenPipeError:
+            # The reader of stdout left (`| head`): the call is stopped by now. Python would
+            # flush stdout again at exit and fail there too, so it goes to /dev/null.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE: what a shell reports for a process SIGPIPE ended
     return int(result)
 
 

@@ -27,6 +27,10 @@ SERVICE_CONFIG_PATH = Path(__file__).with_name("service_config.json")
 # answers of up to 16 MiB: gRPC's default 4 MiB receive limit would refuse the larger ones
 # after they were paid for.
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
+# gRPC retries a call only while its request fits the call's retry buffer, 256 KiB by
+# default: a longer prompt (a 100k-token document) would get the first pushback as its
+# answer. The gateway takes requests of up to 4 MiB (server.max_receive_message_bytes).
+MAX_RETRIED_REQUEST_BYTES = 16 * 1024 * 1024
 
 
 def _service_config() -> str:
@@ -263,6 +267,7 @@ class GatewayClient:
             ("grpc.enable_retries", 1),
             ("grpc.service_config", json.dumps(json.loads(_service_config()))),
             ("grpc.max_receive_message_length", MAX_ANSWER_BYTES),
+            ("grpc.per_rpc_retry_buffer_size", MAX_RETRIED_REQUEST_BYTES),
         ]
         if credentials is not None:
             self._channel = grpc.aio.secure_channel(address, credentials, options=options)

@@ -185,7 +185,8 @@ def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[Ba
     items: list[InputItem] = []
     bad: list[BadLine] = []
     first_line_of: dict[str, int] = {}
-    with path.open(encoding="utf-8", errors="replace") as lines:
+    # utf-8-sig: a byte order mark (Windows tools write one) is not part of line 1.
+    with path.open(encoding="utf-8-sig", errors="replace") as lines:
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
                 continue

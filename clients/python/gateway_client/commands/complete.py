@@ -56,6 +56,12 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=complete_command)
 
 
+def stdin_text() -> str:
+    """Standard input as text, bytes that are not UTF-8 replaced (as a file argument is
+    read): strict decoding would end the command with a traceback."""
+    return sys.stdin.buffer.read().decode("utf-8", errors="replace")
+
+
 def usage_line(meta: pb.CompletionMetadata, elapsed_s: float) -> str:
     """One line of usage, cost and latency for stderr."""
     usage = meta.usage
@@ -72,7 +78,7 @@ def usage_line(meta: pb.CompletionMetadata, elapsed_s: float) -> str:
 
 async def complete_command(args: argparse.Namespace) -> int:
     """Run `llm-gateway complete`."""
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = stdin_text() if args.prompt == "-" else args.prompt
     params: dict[str, Any] = {}
     if args.max_tokens is not None:
         params["max_tokens"] = args.max_tokens

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from gateway_client.client import REASONING_EFFORTS, GatewayClient
+from gateway_client.commands.complete import stdin_text
 from gateway_client.connection import add_connection_arguments, connection
 from gateway_client.errors import error_details
 
@@ -47,7 +48,7 @@ async def summarize_command(args: argparse.Namespace) -> int:
     """Run `llm-gateway summarize`."""
     try:
         document = (
-            sys.stdin.read()
+            stdin_text()
             if args.file == "-"
             else await asyncio.to_thread(
                 Path(args.file).read_text, encoding="utf-8", errors="replace"
