@@ -134,9 +134,10 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         """The upstream answered."""
-        if self.state is BreakerState.OPEN:
+        if self._state is not BreakerState.CLOSED and self.state is BreakerState.OPEN:
             # A call sent before the breaker opened: its answer is older news than the
-            # failures that opened it, and the cool-down stands.
+            # failures that opened it, and the cool-down stands. (Closed, the usual case,
+            # is known without the state property.)
             return
         self._probe_in_flight = False
         self._consecutive = 0
