@@ -61,15 +61,11 @@ def _error_for_status(
     `UpstreamError`."""
     now_epoch_s = time.time()
     wait = retry_after_s(headers, now_epoch_s=now_epoch_s)
-    if status == 429 and says_out_of_credit(body):
-        # OpenAI's account out of quota: no wait mends it, as a 402 (below) does not.
-        return UpstreamAuthRejected(
-            f"upstream {upstream!r} refused the gateway's account for lack of credit "
-            f"(HTTP 429, insufficient_quota)",
-            upstream=upstream,
-            status=status,
-        )
-    if status == 429:
+    # 402: the gateway's account there is out of credit (DeepSeek's "Insufficient Balance"),
+    # and so is OpenAI's 429 `insufficient_quota`, which no wait mends: as much the
+    # operator's to fix, and another upstream's to serve, as a rejected key.
+    is_out_of_credit = status == 402 or (status == 429 and says_out_of_credit(body))
+    if status == 429 and not is_out_of_credit:
         if wait is None:
             # No Retry-After, but a window with nothing left (OpenAI sends its
             # `x-ratelimit-*` on a 429 too): its reset is when to try again.
@@ -88,11 +84,9 @@ def _error_for_status(
             upstream=upstream,
             status=status,
         )
-    if status in (401, 402, 403):
-        # 402: the gateway's account there is out of credit (DeepSeek's "Insufficient
-        # Balance"), as much the operator's to fix, and another upstream's to serve, as a key.
+    if status in (401, 403) or is_out_of_credit:
         problem = "rejected the gateway's key"
-        if status == 402:
+        if is_out_of_credit:
             problem = "refused the gateway's account for lack of credit"
         return UpstreamAuthRejected(
             f"upstream {upstream!r} {problem} (HTTP {status})",
