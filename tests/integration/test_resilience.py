@@ -1058,7 +1058,10 @@ async def test_retry_budget_holds_for_calls_failing_at_once(start_gateway):
     """Calls that fail together share one budget: with ratio 0.5, 10 calls retry at most 5.
 
     Each call waits (Retry-After) between deciding to retry and sending the retry; the
-    budget must count the retries already decided, not only those already sent.
+    budget must count the retries already decided, not only those already sent. And
+    `llm_gateway.retries` (the pool's counters) counts the retries sent, not the
+    decisions: it counted both, twice what reached the upstream in the very storm the
+    budget holds back.
     """
     failing = Status(503, headers={"Retry-After": "0.3"}, delay_s=0.2)
     async with FakeUpstream(default=failing) as fake:
@@ -1070,24 +1073,7 @@ async def test_retry_budget_holds_for_calls_failing_at_once(start_gateway):
         )
         assert all(isinstance(r, grpc.aio.AioRpcError) for r in results)
         assert len(fake.requests) <= calls * 1.5
-
-
-async def test_retries_refused_by_the_budget_after_their_wait_are_not_counted(start_gateway):
-    """Calls that decide to retry together, then find the budget spent by the others once
-    their wait is over, send no retry: `llm_gateway.retries` (the pool's counters) counts
-    the retries sent, not the decisions (it counted both, twice what reached the upstream
-    in the very storm the budget holds back)."""
-    failing = Status(503, headers={"Retry-After": "0.3"}, delay_s=0.2)
-    async with FakeUpstream(default=failing) as fake:
-        resilience = {**HALF_RETRY_BUDGET, "attempts": 2}
-        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
-        calls = 10
-        results = await asyncio.gather(
-            *(gateway.stub.Complete(chat()) for _ in range(calls)), return_exceptions=True
-        )
-        assert all(isinstance(r, grpc.aio.AioRpcError) for r in results)
         counters = gateway.server.pipeline.pool.counters
-        assert len(fake.requests) < 2 * calls  # the budget refused some retries
         assert counters.retries == len(fake.requests) - calls
         assert counters.attempts == len(fake.requests)
 

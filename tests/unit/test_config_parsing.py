@@ -1094,13 +1094,19 @@ def test_a_redis_url_whose_port_or_database_is_not_a_number_is_a_config_error(
     """The Redis clients read the port and database only when the server starts, and fail
     it with a traceback (exit 1) or take database 0 for a mistyped one: a config error
     naming the key (exit 2) instead, as the README promises for a config that is wrong."""
+    assert "redis_url" in refused_redis_url(section, url).problem
+
+
+def refused_redis_url(section: str, url: str) -> ConfigError:
+    """The config error for `url` as `section`'s `redis_url` (the cache's with the Redis
+    backend), checked to name the section."""
     data: dict[str, Any] = {section: {"redis_url": url}}
     if section == "cache":
         data["cache"]["backend"] = "redis"
     with pytest.raises(ConfigError) as caught:
         parse(data)
     assert caught.value.key == section
-    assert "redis_url" in caught.value.problem
+    return caught.value
 
 
 @pytest.mark.parametrize(
@@ -1117,13 +1123,7 @@ def test_a_redis_url_option_its_connection_does_not_take_is_a_config_error(
     """redis-py passes a URL's query options to the connection it makes at start: one it
     does not know (a typo, a TLS option on a plain redis:// URL, a TCP one on a socket)
     failed the start with a TypeError traceback; a config error naming it instead."""
-    data: dict[str, Any] = {section: {"redis_url": url}}
-    if section == "cache":
-        data["cache"]["backend"] = "redis"
-    with pytest.raises(ConfigError) as caught:
-        parse(data)
-    assert caught.value.key == section
-    assert unknown in caught.value.problem
+    assert unknown in refused_redis_url(section, url).problem
 
 
 def test_a_redis_url_without_a_port_or_database_or_over_a_socket_is_fine() -> None:
