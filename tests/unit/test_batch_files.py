@@ -7,6 +7,8 @@ import json
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway_client.commands.batch import InputItem, read_done, read_input, result_record, slices
+from gateway_client.commands.complete import usage_line
+from gateway_client.commands.models import format_models
 from gateway_client.progress import Progress
 from llmgateway.v1 import gateway_pb2 as pb
 
@@ -152,3 +154,22 @@ def test_a_request_line_refuses_options_it_would_leave_out(tmp_path):
     assert [b.line for b in bad] == [1, 2]
     assert bad[0].reason == "'tools' beside 'request' would be left out: put it inside 'request'"
     assert "'max_tokens', 'system'" in bad[1].reason
+
+
+def test_a_value_this_client_does_not_know_is_written_as_its_number():
+    """A finish reason or health a newer gateway adds is printed as its number: the
+    generated `Name` raised on it, ending `batch` after the item was paid for (a re-run
+    paid again) and `complete` and `models` with a traceback."""
+    response = pb.CompleteResponse(content="hi")
+    response.metadata.finish_reason = 99  # proto3 enums are open: it decodes as 99
+    record = result_record(pb.BatchItemResult(id="q1", response=response), line=1)
+    assert record["finish_reason"] == "99"
+    assert "finish=99" in usage_line(response.metadata, elapsed_s=0.1)
+    known = pb.CompleteResponse(content="hi")
+    known.metadata.finish_reason = pb.FINISH_REASON_LENGTH
+    assert result_record(pb.BatchItemResult(id="q2", response=known), 1)["finish_reason"] == (
+        "length"
+    )
+    catalog = pb.ListModelsResponse()
+    catalog.models.add(name="m").upstreams.add(name="up0", health=42)
+    assert "up0(42)" in format_models(catalog)

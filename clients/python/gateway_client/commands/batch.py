@@ -34,6 +34,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from gateway_client.client import GatewayClient, build_request
 from gateway_client.connection import add_connection_arguments, connection
+from gateway_client.enums import enum_name
 from gateway_client.errors import error_details
 from gateway_client.progress import Progress
 from llmgateway.v1 import gateway_pb2 as pb
@@ -313,9 +314,9 @@ def result_record(result: pb.BatchItemResult, line: int) -> dict[str, Any]:
         "line": line,
         "content": response.content,
         "model": meta.model,
-        "finish_reason": pb.FinishReason.Name(meta.finish_reason)
-        .removeprefix("FINISH_REASON_")
-        .lower(),
+        "finish_reason": enum_name(
+            pb.FinishReason, meta.finish_reason, prefix="FINISH_REASON_"
+        ).lower(),
         "usage": {
             "input_tokens": meta.usage.input_tokens,
             "output_tokens": meta.usage.output_tokens,

@@ -12,6 +12,7 @@ import grpc
 from gateway_client.client import CACHE_MODES, REASONING_EFFORTS, GatewayClient, build_request
 from gateway_client.commands.usage import parse_label
 from gateway_client.connection import add_connection_arguments, connection
+from gateway_client.enums import enum_name
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 
@@ -72,7 +73,7 @@ def usage_line(meta: pb.CompletionMetadata, elapsed_s: float) -> str:
         f"tokens in={usage.input_tokens} out={usage.output_tokens}{estimated} "
         f"cost=${meta.cost_usd:.6f} attempts={meta.attempts} "
         f"ttft={meta.timings.time_to_first_token_ms:.0f}ms total={elapsed_s * 1000:.0f}ms "
-        f"finish={pb.FinishReason.Name(meta.finish_reason)}"
+        f"finish={enum_name(pb.FinishReason, meta.finish_reason)}"
     )
 
 

@@ -10,6 +10,7 @@ import grpc
 
 from gateway_client.client import GatewayClient
 from gateway_client.connection import add_connection_arguments, connection
+from gateway_client.enums import enum_name
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 
@@ -29,7 +30,7 @@ def format_models(response: pb.ListModelsResponse) -> str:
     rows = [("MODEL", "CONTEXT", "IN $/1M", "OUT $/1M", "UPSTREAMS")]
     for model in response.models:
         upstreams = ", ".join(
-            f"{u.name}({pb.UpstreamHealth.Name(u.health).removeprefix('UPSTREAM_HEALTH_').lower()})"
+            f"{u.name}({enum_name(pb.UpstreamHealth, u.health, prefix='UPSTREAM_HEALTH_').lower()})"
             for u in model.upstreams
         )
         rows.append(
