@@ -14,3 +14,17 @@ def test_a_window_start_before_any_date_is_a_usage_error(since: str, capsys) -> 
         main(["usage", "--since", since, "--address", "127.0.0.1:1"])
     assert caught.value.code == 2
     assert "argument --since: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "1e10", "soon"])
+@pytest.mark.parametrize("command", [["summarize", "doc.txt"], ["check"]])
+def test_a_timeout_no_call_could_keep_is_a_usage_error(
+    command: list[str], timeout: str, capsys
+) -> None:
+    """A timeout of 0 or less, not a number, or past what gRPC's clock holds: exit 2
+    naming the option. Before, `summarize` sent the call, which ended at once with
+    DEADLINE_EXCEEDED (exit 1), looking like a slow gateway."""
+    with pytest.raises(SystemExit) as caught:
+        main([*command, "--timeout", timeout])
+    assert caught.value.code == 2
+    assert "argument --timeout: " in capsys.readouterr().err

@@ -38,6 +38,23 @@ def int_in(bounds: tuple[int, int]) -> Callable[[str], int]:
     return parse
 
 
+# Past this a deadline's nanoseconds overflow gRPC's clock (about 9.2e9 s): the call
+# would fail at once with DEADLINE_EXCEEDED, as a 0 or negative one does.
+MAX_TIMEOUT_S = 1_000_000.0
+
+
+def timeout_seconds(value: str) -> float:
+    """An argparse type: a call's timeout, a number of seconds above 0 and at most
+    `MAX_TIMEOUT_S` (a usage error, exit 2, rather than a call that ends at once)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # nan fails both
+        raise argparse.ArgumentTypeError(f"{value} is not above 0 and at most {MAX_TIMEOUT_S:g}")
+    return seconds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `llm-gateway` console script."""
     parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)

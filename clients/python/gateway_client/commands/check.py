@@ -34,6 +34,8 @@ from service.workers import worker_configs, worker_count
 
 def register(subparsers: Any) -> None:
     """Add the `check` subcommand."""
+    from gateway_client.cli import timeout_seconds  # cli imports this module
+
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "check", help="validate the config and every upstream's key", description=__doc__
     )
@@ -48,7 +50,10 @@ def register(subparsers: Any) -> None:
         help="the worker processes `serve --workers N` would run (default: as serve decides)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds per upstream (default: %(default)s)"
+        "--timeout",
+        type=timeout_seconds,
+        default=10.0,
+        help="seconds per upstream (default: %(default)s)",
     )
     parser.set_defaults(handler=check_command)
 

@@ -18,7 +18,7 @@ from gateway_client.errors import error_details
 
 def register(subparsers: Any) -> None:
     """Add the `summarize` subcommand."""
-    from gateway_client.cli import UINT32, int_in
+    from gateway_client.cli import UINT32, int_in, timeout_seconds
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "summarize", help="summarise a document longer than the context window"
@@ -38,7 +38,10 @@ def register(subparsers: Any) -> None:
         help="how much a reasoning model thinks in each call (default: the upstream's)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=600.0, help="seconds to wait (default: %(default)s)"
+        "--timeout",
+        type=timeout_seconds,
+        default=600.0,
+        help="seconds to wait (default: %(default)s)",
     )
     add_connection_arguments(parser)
     parser.set_defaults(handler=summarize_command)
