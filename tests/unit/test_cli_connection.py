@@ -44,9 +44,9 @@ def test_any_tls_option_makes_the_channel_secure(tmp_path: Path, argv: tuple[str
 
 def test_the_ca_file_comes_from_the_environment(tmp_path: Path) -> None:
     pem = tmp_path / "ca.pem"
-    pem.write_bytes(b"ca bytes")
+    pem.write_bytes(b"-----BEGIN CERTIFICATE-----\nca bytes\n")
     args = parse(environ={"LLM_GATEWAY_CA_FILE": str(pem)})
-    assert args.ca_file == b"ca bytes"
+    assert args.ca_file == b"-----BEGIN CERTIFICATE-----\nca bytes\n"
     assert connection(args)["credentials"] is not None
 
 
@@ -57,11 +57,24 @@ def test_an_unreadable_pem_file_is_a_usage_error(tmp_path: Path, capsys) -> None
     assert "cannot read" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--ca-file", "--cert-file", "--key-file"])
+def test_a_file_that_is_not_pem_is_a_usage_error(tmp_path: Path, capsys, flag: str) -> None:
+    """A DER certificate (or the wrong file) named as a PEM one: exit 2 naming it. Before,
+    gRPC logged its parse error and every call failed UNAVAILABLE, as if the gateway
+    were down."""
+    der = tmp_path / "ca.der"
+    der.write_bytes(b"\x30\x82\x03\x0a\x30\x82\x01\xf2")
+    with pytest.raises(SystemExit) as caught:
+        parse(flag, str(der))
+    assert caught.value.code == 2
+    assert "is not a PEM file" in capsys.readouterr().err
+
+
 def test_a_certificate_without_its_key_is_a_usage_error(tmp_path: Path, capsys) -> None:
     """A bad option exits 2 (README), as argparse's own usage errors do, not 1 (a failed
     call)."""
     pem = tmp_path / "client.pem"
-    pem.write_bytes(b"cert")
+    pem.write_bytes(b"-----BEGIN CERTIFICATE-----\ncert\n")
     for argv in (("--cert-file", str(pem)), ("--key-file", str(pem))):
         with pytest.raises(SystemExit) as caught:
             connection(parse(*argv))

@@ -29,9 +29,14 @@ _YES = frozenset({"1", "true", "yes", "on"})
 def pem_file(value: str) -> bytes:
     """--ca-file, --cert-file, --key-file: a PEM file's bytes, read before any call."""
     try:
-        return Path(value).expanduser().read_bytes()
+        data = Path(value).expanduser().read_bytes()
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot read {value}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data:
+        # gRPC would only log its parse error and fail each call UNAVAILABLE: a DER file,
+        # or the wrong file, is named here instead.
+        raise argparse.ArgumentTypeError(f"{value} is not a PEM file (no -----BEGIN line)")
+    return data
 
 
 def system_ca_certificates() -> bytes | None:
