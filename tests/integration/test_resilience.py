@@ -1079,9 +1079,16 @@ async def test_retry_budget_holds_for_calls_failing_at_once(start_gateway):
 
 
 async def _half_open_beside_an_old_call(start_gateway, fake, *, cool_down_s: float):
-    """A gateway in front of `fake` (one attempt a call, a breaker opened by one failure)
-    whose call "old" is in flight at the upstream when the call "fail" opens the breaker,
-    left `cool_down_s` and a little to go half-open: (gateway, the old call)."""
+    """`_open_beside_an_old_call`, left `cool_down_s` and a little to go half-open."""
+    gateway, old = await _open_beside_an_old_call(start_gateway, fake, cool_down_s=cool_down_s)
+    await asyncio.sleep(cool_down_s + 0.05)  # the cool-down: the breaker is half-open
+    return gateway, old
+
+
+async def _open_beside_an_old_call(start_gateway, fake, *, cool_down_s: float):
+    """A gateway in front of `fake` (one attempt a call, a breaker opened by one failure
+    for `cool_down_s`) whose call "old" is in flight at the upstream when the call "fail"
+    opens the breaker: (gateway, the old call)."""
     resilience = {
         **FAST_RESILIENCE,
         "attempts": 1,
@@ -1093,7 +1100,6 @@ async def _half_open_beside_an_old_call(start_gateway, fake, *, cool_down_s: flo
     assert await settle(lambda: fake.in_flight == 1)
     with pytest.raises(grpc.aio.AioRpcError):
         await gateway.stub.Complete(chat("fail"))  # opens the breaker
-    await asyncio.sleep(cool_down_s + 0.05)  # the cool-down: the breaker is half-open
     return gateway, old
 
 
@@ -1162,17 +1168,7 @@ async def test_a_call_sent_before_the_breaker_opened_does_not_close_it_by_succee
     once, and the calls went back to the upstream as if nothing had failed)."""
     behaviours = {"old": Reply(delay_s=1.0), "fail": Status(500), "after": Status(500)}
     async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
-        resilience = {
-            **FAST_RESILIENCE,
-            "attempts": 1,
-            "breaker_consecutive_failures": 1,
-            "breaker_cool_down_s": 30.0,
-        }
-        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
-        old = asyncio.ensure_future(gateway.stub.Complete(chat("old")))
-        assert await settle(lambda: fake.in_flight == 1)
-        with pytest.raises(grpc.aio.AioRpcError):
-            await gateway.stub.Complete(chat("fail"))  # opens the breaker
+        gateway, old = await _open_beside_an_old_call(start_gateway, fake, cool_down_s=30.0)
         assert (await old).content == "Hello from fake"
         models = await gateway.stub.ListModels(pb.ListModelsRequest())
         assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_UNHEALTHY
