@@ -580,7 +580,7 @@ class UpstreamPool:
             )
         # The caller's retry is for the others: a rejected key's cool-down is not its wait,
         # and one whose probe is running may be back by the first backoff.
-        cool_downs = [
+        retry_delays = [
             self._retry_delay_s(r.client.name)
             for r in plan.order
             if r.client.name not in plan.excluded and r.client.name not in set_aside
@@ -588,7 +588,7 @@ class UpstreamPool:
         return UpstreamUnavailable(
             f"no upstream for model {model!r} is available" + (f": {reasons}" if reasons else ""),
             upstream=names,
-            retry_after_s=min(cool_downs) if cool_downs else None,
+            retry_after_s=min(retry_delays) if retry_delays else None,
         )
 
     def _is_set_aside_for_key(self, route: Route) -> bool:
