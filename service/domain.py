@@ -27,7 +27,8 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"
     CONTENT_FILTER = "content_filter"
     TOOL_CALLS = "tool_calls"
-    # A reason the gateway does not know: callers see STOP, and the answer is never cached.
+    # A reason the gateway does not know: callers see STOP (TOOL_CALLS for an answer that
+    # called tools), and the answer is never cached.
     UNKNOWN = "unknown"
 
 

@@ -320,6 +320,14 @@ def metadata_to_proto(completion: Completion) -> pb.CompletionMetadata:
     return metadata
 
 
+def _finish_reason_to_proto(completion: Completion) -> pb.FinishReason.ValueType:
+    """The finish reason a caller sees. One the gateway does not know says STOP, but
+    TOOL_CALLS when the answer called tools: an agent loop waits for that to run them."""
+    if completion.finish_reason is FinishReason.UNKNOWN and completion.tool_calls:
+        return pb.FINISH_REASON_TOOL_CALLS
+    return _FINISH[completion.finish_reason]
+
+
 def _fill_metadata(target: pb.CompletionMetadata, completion: Completion) -> None:
     """Write a completion's metadata into `target`, the message a response already holds.
 
@@ -329,7 +337,7 @@ def _fill_metadata(target: pb.CompletionMetadata, completion: Completion) -> Non
     """
     target.id = completion.id
     target.model = completion.model
-    target.finish_reason = _FINISH[completion.finish_reason]
+    target.finish_reason = _finish_reason_to_proto(completion)
     usage = completion.usage
     target.usage.input_tokens = usage.input_tokens
     target.usage.output_tokens = usage.output_tokens

@@ -237,6 +237,26 @@ async def test_an_answer_with_tool_calls_finished_stop_is_finished_tool_calls(
 
 
 @pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_an_answer_with_tool_calls_and_an_unknown_finish_reason_is_finished_tool_calls(
+    stub, upstream, is_stream
+):
+    """A finish reason the gateway does not know reaches callers as STOP, but an answer
+    that calls tools still says TOOL_CALLS, whatever the upstream said: an agent loop
+    would otherwise take the calls for a final answer."""
+    upstream.script(
+        Reply(content="", finish_reason="function_call_requested", tool_calls=(WEATHER_CALL,))
+    )
+    if is_stream:
+        events = await _collect(stub, _request(stream=True))
+        calls, reason = _assembled(events), events[-1].final.finish_reason
+    else:
+        response = await stub.Complete(_request())
+        calls, reason = _calls(response.tool_calls), response.metadata.finish_reason
+    assert calls == [("call_1", "get_weather", WEATHER_CALL.arguments)]
+    assert reason == pb.FINISH_REASON_TOOL_CALLS
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
 async def test_an_answer_finished_tool_calls_without_any_call_is_finished_stop(
     stub, upstream, is_stream
 ):
