@@ -156,7 +156,9 @@ class FileKeyStore:
         if signature == self._signature:
             return
         try:
-            keys = parse_keys_file(self._path.read_text(encoding="utf-8"), source=str(self._path))
+            # utf-8-sig: a byte order mark (Windows editors save one) is not part of line 1.
+            text = self._path.read_text(encoding="utf-8-sig")
+            keys = parse_keys_file(text, source=str(self._path))
         except (OSError, ValueError) as exc:
             if is_strict:
                 raise

@@ -329,6 +329,10 @@ class CallerGate:
             check_model_allowed(principal, model)
         limits = principal.limits
         if demand.is_paced:
+            if check is not None:
+                # A batch refused as a whole (too many items, a duplicate id) is that
+                # refusal, not max_concurrent_calls' RESOURCE_EXHAUSTED, as a completion's is.
+                check(request)
             async with self._limiter.admit(principal.tenant, limits, tokens=0, requests=0) as slot:
                 if limits.requests_per_minute or limits.tokens_per_minute:
                     self._pace(principal)

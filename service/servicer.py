@@ -589,6 +589,9 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             summary = self._summary_request(message)
             self._summarizer.validate(summary)
             _checked.set(_Checked(message, None, None, summary))
+        elif isinstance(message, pb.CompleteBatchRequest):
+            # The batch as a whole only: each item's own problems fail that item alone.
+            check_batch(message.items, message.concurrency, pipeline.config.batch)
 
     def _summary_request(self, request: pb.SummarizeRequest) -> SummaryRequest:
         """The call's domain request; an unknown effort is a violation `validate` reports."""

@@ -38,7 +38,7 @@ from tests.integration.tenancy_helpers import (
 )
 from tests.integration.test_cache import eventually
 from tests.redis_server import RedisServer
-from tests.secret_capture import CALLER_KEY_A, register_secret
+from tests.secret_capture import CALLER_KEY_A, CALLER_KEY_B, register_secret
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -307,6 +307,29 @@ async def test_a_keys_file_that_turns_unreachable_keeps_the_last_keys(
     assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
     error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer("llmgw_unknown-to-all")))
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_key_whose_line_an_editor_saving_a_bom_deleted_is_revoked(
+    upstream, start_gateway, tmp_path
+):
+    """A keys file saved with a byte order mark (as Windows editors and PowerShell write
+    UTF-8), one key's line deleted, revokes that key on the running gateway and serves the
+    others; and a gateway starts with such a file.
+
+    Before, the mark made line 1 malformed: the running gateway kept its last keys, the
+    deleted one included, and a restart failed on a config error."""
+    keys = tmp_path / "keys"
+    lines = [f"{hash_key(CALLER_KEY_A)} team-a\n", f"{hash_key(CALLER_KEY_B)} team-b\n"]
+    keys.write_text("".join(lines), encoding="utf-8")
+    auth = {"mode": "keys", "keys_file": str(keys), "keys_file_check_s": 0}
+    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_B))).content
+    keys.write_text(lines[0], encoding="utf-8-sig")
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_B)))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    restarted = await start_gateway(gateway_config(upstream.base_url, auth=auth))
+    assert (await restarted.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
 
 
 async def test_an_unreachable_redis_fails_closed_for_keys_and_open_for_limits(

@@ -497,6 +497,30 @@ async def test_an_invalid_field_is_invalid_argument_however_small_the_tenants_li
     assert upstream.requests == []
 
 
+async def test_an_invalid_batch_is_invalid_argument_while_its_tenant_is_at_its_call_cap(
+    upstream, start_gateway
+):
+    """A batch refused as a whole (a duplicate item id, a concurrency past the maximum),
+    sent while its tenant's only concurrent call is taken, is INVALID_ARGUMENT naming the
+    fields, as an invalid Complete is then: not RESOURCE_EXHAUSTED with a RetryInfo,
+    which a retry policy would follow only to be refused for the fields once the slot
+    was free.
+
+    Before, a batch took its slot before it was checked."""
+    config = secure_config(upstream.base_url, tenants={"team-a": {"max_concurrent_calls": 1}})
+    gw = await start_gateway(config)
+    held = await _call_in_progress(gw, upstream, "team-a", answer_after_s=2.0)
+    item = pb.BatchItem(id="same", request=chat())
+    batch = pb.CompleteBatchRequest(items=[item, item], concurrency=10**6)
+    error = await stream_error(gw.stub.CompleteBatch(batch, metadata=as_tenant("team-a")))
+    assert not held.done()  # refused while the tenant's only slot was taken
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    violations = detail(error, error_details_pb2.BadRequest).field_violations
+    assert [v.field for v in violations] == ["concurrency", "items[1].id"]
+    assert (await held).content
+    assert len(upstream.requests) == 1
+
+
 async def test_a_metered_summarys_document_is_validated_once(start_gateway, monkeypatch):
     """For a tenant with limits, the caller gate's check validates a Summarize (encoding
     its document and scanning it for control characters) and the handler takes that
