@@ -491,9 +491,10 @@ class UpstreamPool:
         return deadline.bound(route.client.config.timeout_s), probe
 
     def _after_failure(
-        self, state: UpstreamState, exc: UpstreamError, deadline: Deadline, *, probe: int | None
+        self, state: UpstreamState, exc: UpstreamError, *, is_callers_cut: bool, probe: int | None
     ) -> None:
-        """Tell the breaker and limiter what the failure says about the upstream."""
+        """Tell the breaker and limiter what the failure says about the upstream;
+        `is_callers_cut`: the caller's deadline caused it."""
         if isinstance(exc, UpstreamAuthRejected):
             if not state.breaker.is_key_rejected:
                 # Once per episode, loudly: an operator must fix the key.
@@ -502,7 +503,7 @@ class UpstreamPool:
                     extra={"upstream": state.client.name, "http_status": exc.status},
                 )
             state.breaker.record_key_rejected()
-        elif _hit_callers_deadline(exc, deadline):
+        elif is_callers_cut:
             # The caller's deadline, not the upstream's fault.
             state.breaker.release(probe=probe)
         elif counts_against_health(exc):
@@ -704,7 +705,7 @@ class UpstreamPool:
                     log.cut()
                 else:
                     log.lose(route.client.name, exc)
-                self._after_failure(state, exc, deadline, probe=probe)
+                self._after_failure(state, exc, is_callers_cut=is_callers_cut, probe=probe)
                 record(error=exc, is_callers_cut=is_callers_cut)
                 if is_failover_only(exc):
                     plan.exclude(route, "key rejected")
@@ -792,12 +793,14 @@ class UpstreamPool:
                             yield event
                 return
             except UpstreamError as exc:
-                is_callers_cut = _hit_callers_deadline(exc, deadline)
+                # Once text flows the caller's deadline bounds no read of the stream (a
+                # shared one outlives its first caller's): a timeout then is the upstream's.
+                is_callers_cut = deltas_sent == 0 and _hit_callers_deadline(exc, deadline)
                 if is_callers_cut:
                     log.cut()
                 elif deltas_sent == 0:  # after text, the pipeline records the cut stream
                     log.lose(route.client.name, exc)
-                self._after_failure(state, exc, deadline, probe=probe)
+                self._after_failure(state, exc, is_callers_cut=is_callers_cut, probe=probe)
                 self._record(
                     log,
                     route,

@@ -92,10 +92,14 @@ class AttemptSpan:
                 self.metric_attributes[attr.ERROR_TYPE] = kind
                 span.set_attribute(attr.ERROR_TYPE, kind)
                 span.set_status(Status(StatusCode.ERROR, kind))
-                # A cut by the caller's own deadline is no fault of the upstream's.
-                if isinstance(exc, Exception) and not (
-                    self.is_callers_cut and self.is_callers_cut(exc)
-                ):
+                # A cut by the caller's own deadline is no fault of the upstream's; once
+                # a stream's text flows, that deadline bounds none of its reads.
+                is_callers_cut = (
+                    self.first_chunk_s is None
+                    and self.is_callers_cut is not None
+                    and self.is_callers_cut(exc)
+                )
+                if isinstance(exc, Exception) and not is_callers_cut:
                     telemetry.record_upstream_error(self.upstream, kind)
         finally:
             elapsed = time.perf_counter() - self.started

@@ -18,6 +18,7 @@ from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gatewa
 from tests.fake_upstream import CutStream, EndWithoutDone, FakeUpstream, Reply, Status
 from tests.integration.test_resilience import error_details
 from tests.redis_server import RedisServer
+from tests.telemetry_support import captured_telemetry
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -776,6 +777,43 @@ async def test_a_shared_stream_stalling_after_its_first_callers_deadline_is_inte
         await hasty
     assert hasty_caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert cache_of(gateway).stats.coalesced == 1
+
+
+async def test_a_shared_stream_stalling_after_its_first_callers_deadline_fails_its_upstream(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any]
+) -> None:
+    """That stall is a failure of the upstream's, as it is for a stream with one caller:
+    its breaker opens, ListModels shows it unhealthy, and its metrics count an error."""
+    captured = captured_telemetry()
+    stalling = {
+        "name": "up0",
+        "base_url": upstream.base_url,
+        "models": [FAKE_MODEL],
+        "stream_idle_timeout_s": 0.6,
+    }
+    gateway = await start_gateway(
+        gateway_config(
+            upstream.base_url,
+            cache={"backend": "memory"},
+            upstreams=[stalling],
+            resilience={"breaker_consecutive_failures": 1},
+        ),
+        telemetry=captured.telemetry,
+    )
+    upstream.script(Reply(content="a b", chunks=2, chunk_delay_s=1.0))
+    request = chat_stream(params=DETERMINISTIC)
+    hasty = asyncio.ensure_future(_read_all(gateway.stub.CompleteStream(request, timeout=1.3)))
+    await eventually(lambda: upstream.requests)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _read_all(gateway.stub.CompleteStream(request, timeout=10))
+    assert error_details(caught.value)[1] == "STREAM_INTERRUPTED"
+    with pytest.raises(grpc.aio.AioRpcError):
+        await hasty
+    models = await gateway.stub.ListModels(pb.ListModelsRequest())
+    assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_UNHEALTHY
+    assert captured.total("llm_gateway.upstream.errors", llm_gateway__upstream="up0") == 1
+    attempts = "llm_gateway.upstream.attempts"
+    assert captured.total(attempts, llm_gateway__outcome="failure") == 1
 
 
 async def test_the_memory_cache_keeps_what_fits_its_bound_and_drops_the_oldest(
