@@ -135,7 +135,7 @@ def gateway_config_data(
                 "base_url": upstream_url,
                 "models": [MODEL],
                 "max_connections": 10_000,
-                "max_concurrency": 100_000,
+                "max_concurrency": 10_000,
             }
         ],
         "models": {

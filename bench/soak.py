@@ -162,7 +162,7 @@ def gateway_config(upstream_url: str, listen: str, metrics_port: int) -> dict[st
                 "base_url": upstream_url,
                 "models": [MODEL],
                 "timeout_s": 4,
-                "max_connections": 64,
+                "max_connections": 200,
                 "max_concurrency": 200,
             }
         ],

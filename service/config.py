@@ -404,6 +404,13 @@ class UpstreamConfig:
         _require(self.max_connections >= 1, "max_connections must be >= 1")
         _require(self.weight >= 1, "weight must be >= 1")
         _require(self.max_concurrency >= 1, "max_concurrency must be >= 1")
+        # Past its connections a call would wait for one on the upstream's `timeout_s`, and
+        # a timeout there would count against an upstream that answered everything in time.
+        _require(
+            self.max_connections >= self.max_concurrency,
+            f"max_connections ({self.max_connections}) must be >= max_concurrency "
+            f"({self.max_concurrency}): each call in flight needs a connection of its own",
+        )
         _require(
             (self.requests_per_minute or 1) >= 1 and (self.tokens_per_minute or 1) >= 1,
             "requests_per_minute and tokens_per_minute must be >= 1 when set",

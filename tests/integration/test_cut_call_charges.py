@@ -93,14 +93,14 @@ async def test_a_stream_cut_before_its_first_text_is_charged_its_prompt(
     assert_prompt_charge(await recorded(gateway, requests=1))
 
 
-@pytest.mark.parametrize("waiting_for", ["max_concurrency", "max_connections"])
 async def test_a_call_cut_before_its_request_was_sent_records_nothing(
-    upstream: FakeUpstream, start_gateway: Any, waiting_for: str
+    upstream: FakeUpstream, start_gateway: Any
 ) -> None:
-    """Queued behind a call holding the upstream's only slot (its limiter's, or its only
-    connection): the queued call never reached the upstream, and is not charged."""
+    """Queued behind a call holding the upstream's only slot (and only connection): the
+    queued call never reached the upstream, and is not charged."""
     config = gateway_config(upstream.base_url, models=PRICED_MODELS)
-    gateway = await start_gateway(dataclass_replace_upstream(config, **{waiting_for: 1}))
+    one_at_a_time = dataclass_replace_upstream(config, max_concurrency=1, max_connections=1)
+    gateway = await start_gateway(one_at_a_time)
     upstream.script(Hang(), Hang())
     first = gateway.stub.Complete(chat(), timeout=10)
     await until_sent(upstream)

@@ -623,6 +623,13 @@ def test_env_override_on_real_file() -> None:
             id="zero-timeout",
         ),
         pytest.param(
+            {"upstreams": [upstream(max_connections=10, max_concurrency=11)]},
+            {},
+            "upstreams[0]",
+            "max_connections (10) must be >= max_concurrency (11)",
+            id="fewer-connections-than-calls-in-flight",
+        ),
+        pytest.param(
             {"defaults": {"truncation": "sometimes"}},
             {},
             "defaults.truncation",
