@@ -143,7 +143,6 @@ class LocalModelServer:
             base_url=self.base_url,
             models={self.config.model: self.config.model},
             timeout_s=300.0,
-            max_connections=16,
             json_schema_format="json_object_schema",
         )
 
