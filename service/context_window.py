@@ -101,10 +101,13 @@ def fit_messages(
             estimated_tokens=estimated + reserve,
             limit_tokens=context_window,
             max_tokens=max_tokens,
+            is_answer_alone=True,
         )
     if mode is TruncationMode.NONE:
         raise ContextWindowExceeded(
-            estimated_tokens=estimated + reserve, limit_tokens=context_window
+            estimated_tokens=estimated + reserve,
+            limit_tokens=context_window,
+            max_tokens=max_tokens,
         )
 
     def calibrated(raw: int) -> int:
@@ -121,6 +124,7 @@ def fit_messages(
         raise ContextWindowExceeded(
             estimated_tokens=calibrated(kept) + reserve,
             limit_tokens=context_window,
+            max_tokens=max_tokens,
             is_truncated=True,
         )
     # Walk back from the newest turn; stop at the first that does not fit, so what is

@@ -118,27 +118,32 @@ class ContextWindowExceeded(InvalidRequest):
         estimated_tokens: int,
         limit_tokens: int,
         max_tokens: int | None = None,
+        is_answer_alone: bool = False,
         is_truncated: bool = False,
     ) -> None:
-        if is_truncated:  # KEEP_RECENT dropped all it may: the rest must shrink
-            violation = FieldViolation(
-                "messages",
-                f"the system messages, tools and the last turn alone need about "
-                f"{estimated_tokens} tokens (with max_tokens reserved), over the model's "
-                f"context window of {limit_tokens}; shorten them",
-            )
-        elif max_tokens is None:
-            violation = FieldViolation(
-                "messages",
-                f"prompt needs about {estimated_tokens} tokens (with max_tokens reserved), "
-                f"over the model's context window of {limit_tokens}; shorten it or use "
-                "TRUNCATION_MODE_KEEP_RECENT",
-            )
-        else:
+        """`max_tokens`: the caller's, when it set one; `is_answer_alone`: that alone
+        fills the window; `is_truncated`: KEEP_RECENT dropped all it may."""
+        # The caller's max_tokens takes its share of the window: lowering it is a remedy.
+        or_lower = "" if max_tokens is None else f", or lower params.max_tokens ({max_tokens})"
+        if is_answer_alone:
             violation = FieldViolation(
                 "params.max_tokens",
                 f"{max_tokens} tokens reserved for the answer leave no room for the prompt "
                 f"in the model's context window of {limit_tokens}; lower it",
+            )
+        elif is_truncated:
+            violation = FieldViolation(
+                "messages",
+                f"the system messages, tools and the last turn alone need about "
+                f"{estimated_tokens} tokens (room for the answer included), over the model's "
+                f"context window of {limit_tokens}; shorten them{or_lower}",
+            )
+        else:
+            violation = FieldViolation(
+                "messages",
+                f"prompt needs about {estimated_tokens} tokens (room for the answer included), "
+                f"over the model's context window of {limit_tokens}; shorten it, use "
+                f"TRUNCATION_MODE_KEEP_RECENT{or_lower}",
             )
         super().__init__([violation])
         self.estimated_tokens = estimated_tokens

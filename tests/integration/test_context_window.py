@@ -222,6 +222,31 @@ async def test_max_tokens_that_fill_the_window_are_the_violation(
     assert upstream_small.requests == []
 
 
+@pytest.mark.parametrize("mode", [pb.TRUNCATION_MODE_NONE, pb.TRUNCATION_MODE_KEEP_RECENT])
+async def test_a_prompt_over_the_window_only_with_max_tokens_names_lowering_it(
+    upstream_small, start_gateway, mode
+):
+    """A short prompt that would fit but for a large max_tokens is refused on `messages`
+    (a lower max_tokens and a shorter prompt would both do), and the description names
+    lowering max_tokens as well as shortening the prompt."""
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    request = pb.CompleteRequest(
+        model=FAKE_MODEL,
+        messages=[pb.Message(role=pb.ROLE_USER, content=TURN)],
+        params=pb.GenerationParams(max_tokens=WINDOW - 50),
+        truncation=pb.TruncationPolicy(mode=mode),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(request)
+    details = error_details(caught.value)
+    assert details.reason == "CONTEXT_WINDOW_EXCEEDED"
+    ((field, description),) = details.field_violations
+    assert field == "messages"
+    assert "shorten" in description
+    assert f"lower params.max_tokens ({WINDOW - 50})" in description
+    assert upstream_small.requests == []
+
+
 # What OpenAI, vLLM and DeepSeek answer (400) to a prompt over the window, and llama.cpp.
 OPENAI_TOO_LONG = (
     '{"error": {"message": "This model\'s maximum context length is 1024 tokens. However, '
