@@ -129,8 +129,9 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
                     )
                 )
         if not message.content.strip():
-            # A tool-call turn may have no text, and a tool may return none.
-            if not message.tool_calls and message.role is not Role.TOOL:
+            # A tool-call turn may have no text, a tool may return none, and a reasoning
+            # model's turn that spent its max_tokens thinking has only its reasoning.
+            if not (message.tool_calls or message.reasoning or message.role is Role.TOOL):
                 found.append(FieldViolation(f"messages[{index}].content", "must not be empty"))
         elif message.role in _CALLERS_ROLES and _CONTROL.search(message.content):
             found.append(

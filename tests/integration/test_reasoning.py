@@ -119,6 +119,39 @@ async def test_a_thinking_tool_loop_sends_the_reasoning_back(stub, upstream):
     assert "reasoning" not in sent
 
 
+async def test_a_turn_that_spent_its_max_tokens_thinking_can_be_sent_back(stub, upstream):
+    """An answer whose max_tokens went on reasoning has empty content: sent back as the
+    next turn's history with its reasoning, it is accepted, and goes upstream with both."""
+    upstream.script(
+        Reply(content="", reasoning=THOUGHT, finish_reason="length"), Reply(content="Paris.")
+    )
+    question = pb.Message(role=pb.ROLE_USER, content="Capital of France?")
+    first = await stub.Complete(pb.CompleteRequest(model=FAKE_MODEL, messages=[question]))
+    assert (first.content, first.metadata.finish_reason) == ("", pb.FINISH_REASON_LENGTH)
+    turn = pb.Message(role=pb.ROLE_ASSISTANT, content=first.content, reasoning=first.reasoning)
+    go_on = pb.Message(role=pb.ROLE_USER, content="Answer in one word.")
+    second = await stub.Complete(
+        pb.CompleteRequest(model=FAKE_MODEL, messages=[question, turn, go_on])
+    )
+    assert second.content == "Paris."
+    sent = upstream.requests[-1].body["messages"][1]
+    assert sent == {"role": "assistant", "content": "", "reasoning_content": THOUGHT}
+
+
+async def test_an_assistant_turn_with_neither_text_nor_reasoning_is_refused(stub, upstream):
+    """Without tool calls or reasoning, an empty assistant turn is still refused."""
+    messages = [
+        pb.Message(role=pb.ROLE_USER, content="Capital of France?"),
+        pb.Message(role=pb.ROLE_ASSISTANT, content=" "),
+        pb.Message(role=pb.ROLE_USER, content="Answer in one word."),
+    ]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(pb.CompleteRequest(model=FAKE_MODEL, messages=messages))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == {"messages[1].content": "must not be empty"}
+    assert upstream.requests == []
+
+
 async def test_reasoning_is_sent_back_in_each_upstreams_reasoning_field(upstream, start_gateway):
     """OpenRouter and newer vLLM read reasoning sent back as `reasoning`, DeepSeek as
     `reasoning_content`: an upstream set to `reasoning_field: reasoning` gets an assistant
