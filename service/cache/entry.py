@@ -6,7 +6,9 @@ same chunking it had live; its reasoning replays whole, as one delta before the 
 its tool calls whole, one piece each, after the text.
 
 Version 2 added `tool_calls` to the completion, version 3 `reasoning` and the usage's
-`reasoning_tokens`; entries written before still decode, with none.
+`reasoning_tokens`; entries written before still decode, with none. Version 4 writes the
+text once, as the deltas, leaving the completion's `content` empty (it is the deltas
+joined), so that an entry is about as long as its answer (`max_entry_bytes` bounds it).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ CACHEABLE_FINISH_REASONS = frozenset(
     {FinishReason.STOP, FinishReason.LENGTH, FinishReason.TOOL_CALLS}
 )
 
-_ENTRY_VERSION = 3
-_READABLE_VERSIONS = frozenset({1, 2, 3})
+_ENTRY_VERSION = 4
+_READABLE_VERSIONS = frozenset({1, 2, 3, 4})
 # The JSON types each scalar field may hold, by its annotation (a string here, under
 # `from __future__ import annotations`).
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
@@ -120,7 +122,10 @@ class CachedAnswer:
 
     def encode(self) -> bytes:
         """The entry as compact JSON; floats round-trip exactly (shortest repr)."""
-        return orjson.dumps({"v": _ENTRY_VERSION, "c": self.completion, "d": self.deltas})
+        completion = self.completion
+        if completion.content and completion.content == "".join(self.deltas):
+            completion = dataclasses.replace(completion, content="")
+        return orjson.dumps({"v": _ENTRY_VERSION, "c": completion, "d": self.deltas})
 
     @classmethod
     def decode(cls, data: bytes) -> CachedAnswer:
@@ -133,16 +138,18 @@ class CachedAnswer:
                 # its length; a version number is.
                 shown = version if type(version) is int else type(version).__name__
                 raise EntryDecodeError(f"entry version {shown}")
+            deltas = raw["d"]
+            if not isinstance(deltas, list) or not all(isinstance(d, str) for d in deltas):
+                raise EntryDecodeError("deltas are not a list of strings")
             fields: dict[str, Any] = dict(raw["c"])
+            if version == _ENTRY_VERSION and fields.get("content") == "":
+                fields["content"] = "".join(deltas)
             fields["finish_reason"] = FinishReason(fields["finish_reason"])
             fields["usage"] = _typed(Usage, dict(fields["usage"]))
             fields["timings"] = _typed(Timings, dict(fields["timings"]))
             fields["tool_calls"] = tuple(
                 _typed(ToolCall, dict(call)) for call in fields.get("tool_calls", ())
             )
-            deltas = raw["d"]
-            if not isinstance(deltas, list) or not all(isinstance(d, str) for d in deltas):
-                raise EntryDecodeError("deltas are not a list of strings")
             return cls(_typed(Completion, fields), tuple(deltas))
         except EntryDecodeError:
             raise

@@ -824,7 +824,7 @@ async def test_the_memory_cache_keeps_what_fits_its_bound_and_drops_the_oldest(
     process never holds more than the bound, however many distinct requests come."""
     cache = {"backend": "memory", "max_entry_bytes": 4096, "memory_max_bytes": 5000}
     gateway = await start_gateway(gateway_config(upstream.base_url, cache=cache))
-    upstream.script(*(Reply(content=f"answer {i} " + "x" * 800) for i in range(4)))
+    upstream.script(*(Reply(content=f"answer {i} " + "x" * 1900) for i in range(4)))
     for question in ("q1", "q2", "q3"):
         assert not (await gateway.stub.Complete(ask(question))).metadata.cache_hit
         await settled(gateway)
@@ -837,6 +837,34 @@ async def test_the_memory_cache_keeps_what_fits_its_bound_and_drops_the_oldest(
     assert len(upstream.requests) == 4
     store = cache_of(gateway).store
     assert 0 < store._cache.size_bytes <= 5000
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_an_answer_shorter_than_max_entry_bytes_is_stored(
+    upstream: FakeUpstream,
+    start_gateway: Callable[..., Any],
+    cache_section: dict[str, Any],
+    is_stream: bool,
+) -> None:
+    """An answer of 3,000 characters under a `max_entry_bytes` of 4,096 is stored and
+    served again, unary or streamed: its text is stored once, not whole and as deltas."""
+    cache = {**cache_section, "max_entry_bytes": 4096}
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache=cache))
+    text = "word " * 600
+    upstream.script(Reply(content=text, chunks=30))
+
+    async def answer() -> tuple[str, bool]:
+        if is_stream:
+            events = await _stream(gateway)
+            return "".join(e.delta.content for e in events[:-1]), events[-1].final.cache_hit
+        response = await gateway.stub.Complete(ask())
+        return response.content, response.metadata.cache_hit
+
+    assert await answer() == (text, False)
+    await settled(gateway)
+    assert await answer() == (text, True)
+    assert len(upstream.requests) == 1
+    assert cache_of(gateway).stats.bytes_written < 4096
 
 
 async def test_a_unary_follower_of_a_cut_stream_gets_its_own_answer(

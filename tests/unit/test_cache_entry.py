@@ -33,6 +33,15 @@ def test_entry_round_trips_exactly() -> None:
     assert CachedAnswer.decode(answer.encode()) == answer
 
 
+def test_the_text_is_stored_once_and_entries_of_version_3_still_read() -> None:
+    """An entry holds its text once, as the deltas; one written by version 3 (its text
+    whole as well) decodes to the same answer."""
+    answer = CachedAnswer(COMPLETION, ("hé", "llo 👋\n", '"quoted"'))
+    assert orjson.loads(answer.encode())["c"]["content"] == ""
+    older = orjson.dumps({"v": 3, "c": COMPLETION, "d": answer.deltas})
+    assert CachedAnswer.decode(older) == answer
+
+
 def test_unary_answer_replays_as_one_delta() -> None:
     """A unary answer's content becomes its single delta."""
     assert CachedAnswer.of_unary(COMPLETION).deltas == (COMPLETION.content,)
