@@ -520,29 +520,33 @@ class MemoryLedger:
         """Nothing to release."""
 
 
-# KEYS: spend, reserved, leases of one tenant and period. ARGV[1]: now (epoch s).
+# KEYS: spend, reserved, leases of one tenant and period.
 # Forgets leases that lapsed (their replica never released them), then reads both totals.
+# Leases expire on Redis's clock, as tenant leases do: on each replica's own, one whose
+# clock ran a TTL ahead would sweep every other replica's calls in flight at once.
 # Lua numbers are doubles: exact up to 2^53 pico-dollars ($9,007), a few pico-dollars off above.
 _SWEEP_LUA = """
-local lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
 if #lapsed > 0 then
   local total = 0
   for _, lease in ipairs(lapsed) do total = total + tonumber(string.match(lease, ':(%d+)$')) end
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   redis.call('DECRBY', KEYS[2], string.format('%.0f', total))
 end
 local spent = redis.call('GET', KEYS[1]) or '0'
 local reserved = redis.call('GET', KEYS[2]) or '0'
 """
-# ARGV: now, cost, limit, lease ("{id}:{cost}"), ttl (s). Returns {granted 0|1, spent, reserved}.
+# ARGV: cost, limit, lease ("{id}:{cost}"), ttl (s). Returns {granted 0|1, spent, reserved}.
 _RESERVE = """
 local committed = tonumber(spent) + tonumber(reserved)
-local cost, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+local cost, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 if committed >= limit or committed + cost > limit then return {0, spent, reserved} end
-redis.call('INCRBY', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], tonumber(ARGV[1]) + tonumber(ARGV[5]), ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call('INCRBY', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
 return {1, spent, reserved}
 """
 _RESERVE_LUA = _SWEEP_LUA + _RESERVE
@@ -655,6 +659,7 @@ class RedisLedger:
         *,
         wall_clock: WallClock = time.time,
         environ: Mapping[str, str] | None = None,
+        reservation_ttl_s: int = RESERVATION_TTL_S,
     ) -> None:
         import redis.asyncio as aioredis
 
@@ -667,6 +672,8 @@ class RedisLedger:
         self._buckets = _Buckets(config, wall_clock)
         self._prefix = config.key_prefix
         self._ttl_s = config.retention_days * 86400
+        # Counted on Redis's clock, not `wall_clock`: a test lapses leases with a short one.
+        self._reservation_ttl_s = reservation_ttl_s
         self._redis: Any = aioredis.Redis.from_url(
             config.redis_url,
             password=password,
@@ -686,7 +693,7 @@ class RedisLedger:
         # Failed reservation releases and usage rows, retried in the order they failed.
         self.late_releases = LateReleases(
             "ledger",
-            lease_ttl_s=RESERVATION_TTL_S,
+            lease_ttl_s=reservation_ttl_s,
             refused_for_good=refused_for_good,
             cooldown=self.cooldown,
         )
@@ -962,7 +969,7 @@ class RedisLedger:
         try:
             is_granted, spent, reserved = await self._reserve_script(
                 keys=self._budget_keys(tenant, key),
-                args=[now, cost, limit, self._lease(lease), RESERVATION_TTL_S],
+                args=[cost, limit, self._lease(lease), self._reservation_ttl_s],
             )
         except (RedisError, OSError) as exc:
             self.cooldown.failed(exc)
@@ -983,7 +990,7 @@ class RedisLedger:
         now = self._buckets.now()
         keys = self._budget_keys(tenant, period_key(period, now))
         raw = await self._read(
-            lambda: self._reserved_script(keys=keys, args=[now]), failure="ledger.spend_unavailable"
+            lambda: self._reserved_script(keys=keys), failure="ledger.spend_unavailable"
         )
         return int(raw or 0) / PICO
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -23,6 +24,7 @@ from google.rpc import error_details_pb2
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import ModelConfig
 from service.domain import Message, Role, Usage
+from service.ledger import RESERVATION_TTL_S
 from service.pricing import cost_usd
 from service.tokens import estimate_prompt_tokens
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
@@ -349,6 +351,31 @@ async def test_replicas_on_one_redis_see_each_others_reservations(
     assert (await call).content
     assert (await second.stub.Complete(capped("call c"))).content
     assert len(held.requests) == 2
+
+
+@pytest.mark.redis
+async def test_a_replica_whose_clock_runs_ahead_still_sees_the_others_reservations(
+    held,
+    start_gateway,
+    redis_url,  # noqa: F811
+):
+    """A replica whose clock runs a lease's TTL ahead of another's still counts that one's
+    call in flight: leases expire on Redis's clock, not on the reserving replica's.
+
+    Before, each replica swept the leases older than its own "now" minus the TTL, so the
+    fast one dropped the slow one's reservation and let a second call past the budget."""
+    ledger = {"redis_url": redis_url, "key_prefix": uuid.uuid4().hex}
+    config = gateway_config(held.base_url, ledger=ledger, budgets={"default": budget_for(1.5)})
+    ahead_s = RESERVATION_TTL_S + 60
+    first = await start_gateway(config)
+    second = await start_gateway(config, wall_clock=lambda: time.time() + ahead_s)
+    held.gate.clear()
+    call = asyncio.create_task(outcome(first.stub.Complete(capped("call a"))))
+    await held.wait_until(lambda: held.in_flight == 1)
+    assert_budget_refused(await outcome(second.stub.Complete(capped("call b"))))
+    held.gate.set()
+    assert (await call).content
+    assert len(held.requests) == 1
 
 
 async def test_one_tenants_reservations_never_limit_another(held, start_gateway, ledger):
