@@ -7,8 +7,9 @@ its tool calls whole, one piece each, after the text.
 
 Version 2 added `tool_calls` to the completion, version 3 `reasoning` and the usage's
 `reasoning_tokens`; entries written before still decode, with none. Version 4 writes the
-text once, as the deltas, leaving the completion's `content` empty (it is the deltas
-joined), so that an entry is about as long as its answer (`max_entry_bytes` bounds it).
+text once, as the deltas, leaving the completion's `content` empty and saying so (`"j"`:
+it is the deltas joined), so that an entry is about as long as its answer
+(`max_entry_bytes` bounds it).
 """
 
 from __future__ import annotations
@@ -124,7 +125,9 @@ class CachedAnswer:
         """The entry as compact JSON; floats round-trip exactly (shortest repr)."""
         completion = self.completion
         if completion.content and completion.content == "".join(self.deltas):
+            # "j": the content is the deltas joined, written once (`max_entry_bytes`).
             completion = dataclasses.replace(completion, content="")
+            return orjson.dumps({"v": _ENTRY_VERSION, "c": completion, "d": self.deltas, "j": 1})
         return orjson.dumps({"v": _ENTRY_VERSION, "c": completion, "d": self.deltas})
 
     @classmethod
@@ -142,7 +145,9 @@ class CachedAnswer:
             if not isinstance(deltas, list) or not all(isinstance(d, str) for d in deltas):
                 raise EntryDecodeError("deltas are not a list of strings")
             fields: dict[str, Any] = dict(raw["c"])
-            if version == _ENTRY_VERSION and fields.get("content") == "":
+            if raw.get("j") == 1:
+                if fields.get("content") != "":
+                    raise EntryDecodeError("content written beside the deltas it joins")
                 fields["content"] = "".join(deltas)
             fields["finish_reason"] = FinishReason(fields["finish_reason"])
             fields["usage"] = _typed(Usage, dict(fields["usage"]))

@@ -38,6 +38,9 @@ def test_the_text_is_stored_once_and_entries_of_version_3_still_read() -> None:
     whole as well) decodes to the same answer."""
     answer = CachedAnswer(COMPLETION, ("hé", "llo 👋\n", '"quoted"'))
     assert orjson.loads(answer.encode())["c"]["content"] == ""
+    # An answer whose content is not its deltas joined keeps it as it is.
+    apart = CachedAnswer(dataclasses.replace(COMPLETION, content=""), ("hello",))
+    assert CachedAnswer.decode(apart.encode()) == apart
     older = orjson.dumps({"v": 3, "c": COMPLETION, "d": answer.deltas})
     assert CachedAnswer.decode(older) == answer
 
