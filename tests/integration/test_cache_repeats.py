@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
-from service.cache import ResponseCache
+from service.cache import ResponseCache, response_cache
 from service.pipeline import REPEATABLE_MAX_BYTES
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, fake_model_window, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply
@@ -44,8 +44,13 @@ def cache_of(gateway: RunningGateway) -> ResponseCache:
 
 
 @pytest.fixture
-async def cached(upstream: FakeUpstream, start_gateway: Callable[..., Any]) -> RunningGateway:
-    """A gateway with the in-process memory cache, in front of one fake upstream."""
+async def cached(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> RunningGateway:
+    """A gateway with the in-process memory cache, in front of one fake upstream. A read
+    stays recent for an hour, not a second: on a loaded machine two calls can be further
+    apart than that, and the repeat would read the store (test_cache_recall times it)."""
+    monkeypatch.setattr(response_cache, "RECENT_READ_S", 3600.0)
     gateway: RunningGateway = await start_gateway(
         gateway_config(upstream.base_url, cache={"backend": "memory"})
     )
