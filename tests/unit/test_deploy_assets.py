@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -178,22 +179,51 @@ def test_production_config_is_valid_and_listens_on_every_interface() -> None:
     assert {u.name for u in config.upstreams} == {"holysheep", "deepseek", "openai"}
 
 
+STATE_REDIS_URL = "redis://llm-gateway-redis:6379/0"
+CACHE_REDIS_URL = "redis://llm-gateway-redis:6380/0"
+
+
 def test_production_config_shares_state_through_redis() -> None:
-    """Cache, ledger and caller keys (with tenant limits) all use the Deployment's Redis."""
+    """Cache, ledger and caller keys (with tenant limits) all use the Deployment's Redis:
+    the cache its own server, the rest the state server."""
     config = _production_config()
     assert config.cache.backend == "redis"
-    for section in (config.cache, config.ledger, config.auth):
-        assert section.redis_url == "redis://llm-gateway-redis:6379/0"
+    assert config.cache.redis_url == CACHE_REDIS_URL
+    for section in (config.ledger, config.auth):
+        assert section.redis_url == STATE_REDIS_URL
 
 
-def test_shared_state_uses_one_redis_url() -> None:
-    """Every section's redis_url override expands from the single REDIS_URL variable."""
+def test_each_redis_url_is_set_in_one_place() -> None:
+    """Every section's redis_url override expands from REDIS_URL (state) or, the cache's,
+    from CACHE_REDIS_URL."""
     env = _plain_env(_gateway_container(_gateway_deployments()[0]))
-    redis_url = env["REDIS_URL"]
-    assert redis_url.startswith("redis://llm-gateway-redis:6379")
     overrides = {k: v for k, v in env.items() if k.endswith("__REDIS_URL")}
     assert set(overrides) == {f"LLM_GATEWAY__{s.upper()}__REDIS_URL" for s in REDIS_SECTIONS}
-    assert set(overrides.values()) == {redis_url}
+    assert overrides.pop("LLM_GATEWAY__CACHE__REDIS_URL") == env["CACHE_REDIS_URL"]
+    assert set(overrides.values()) == {env["REDIS_URL"]}
+    assert env["REDIS_URL"] != env["CACHE_REDIS_URL"]
+
+
+def _redis_policies() -> dict[int, str]:
+    """The demo Redis servers' eviction policies, by port."""
+    policies: dict[int, str] = {}
+    for deployment in _of_kind("Deployment"):
+        for container in _containers(deployment):
+            if container["image"].startswith("redis"):
+                args = [str(a) for a in container["args"]]
+                port = int(args[args.index("--port") + 1])
+                policies[port] = args[args.index("--maxmemory-policy") + 1]
+    return policies
+
+
+def test_the_demo_redis_never_evicts_state_and_evicts_only_the_cache() -> None:
+    """Cache entries outlive the gateway's state keys (hours against minutes), so one
+    server's volatile-ttl evicted tenant limits and budget holds first, and an LRU
+    policy a long call's: state runs noeviction, the cache alone evicts."""
+    env = _plain_env(_gateway_container(_gateway_deployments()[0]))
+    policies = _redis_policies()
+    assert policies[urlsplit(env["REDIS_URL"]).port or 6379] == "noeviction"
+    assert policies[urlsplit(env["CACHE_REDIS_URL"]).port or 6379] == "allkeys-lru"
 
 
 def test_workers_follow_the_cpu_limit() -> None:
