@@ -917,13 +917,12 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         # Infinity too: no wait, timeout, price or bound here means "forever" (a grace period
         # of `.inf` would hold a shutdown for ever).
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
+        number = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = _finite(value)
+        if number is None:
             raise ValueError(f"{key}: must be a number")
-        return float(value)
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{key}: must be an integer")
@@ -937,6 +936,16 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ValueError(f"{key}: must be a string")
         return str(value)
     raise ValueError(f"{key}: unsupported type {tp}")
+
+
+def _finite(value: int | float) -> float | None:
+    """`value` as a float, or None when it is not finite: an integer past a float's range
+    (about 1.8e308) is none either, where `math.isfinite` would raise OverflowError."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _json_value(value: Any, key: str) -> object:

@@ -260,6 +260,8 @@ async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, sour
             "server: {max_in_flight_calls: 2000000000}",
             "server: max_in_flight_calls + max_queued_calls must be <= 1073741823",
         ),
+        # An integer past a float's range: the load died with an OverflowError traceback.
+        (f"server: {{grace_period_s: {'9' * 400}}}", "server.grace_period_s: must be a number"),
     ],
 )
 async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, content, expected):
