@@ -251,7 +251,13 @@ def host_and_port(address: str) -> tuple[str, int]:
 
 def _require_address(address: str, name: str) -> None:
     host, sep, port = address.rpartition(":")
-    _require(bool(sep and host and port.isdigit()), f"{name} must be HOST:PORT")
+    # ASCII digits: int() takes other scripts' digits (fullwidth ones) too; grpc does not.
+    _require(bool(sep and host and port.isascii() and port.isdigit()), f"{name} must be HOST:PORT")
+    # grpc reads `::1:50051` as one IPv6 address on its default port 443.
+    _require(
+        ":" not in host or (host.startswith("[") and host.endswith("]")),
+        f"{name}'s IPv6 host goes in brackets, as in [::1]:50051",
+    )
     # gRPC takes the port modulo 65536: 70000 would quietly listen on 4464.
     _require(int(port) <= 65535, f"{name}'s port must be 0..65535")
 

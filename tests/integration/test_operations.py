@@ -262,6 +262,16 @@ async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, sour
         ),
         # An integer past a float's range: the load died with an OverflowError traceback.
         (f"server: {{grace_period_s: {'9' * 400}}}", "server.grace_period_s: must be a number"),
+        # grpc read these as other addresses (`[::0.1.0.0]:443`, no port) and the start
+        # failed with status 1, blaming a taken port.
+        (
+            "server: {listen: '::1:50051'}\nlocal_model: {enabled: never}",
+            "server: listen's IPv6 host goes in brackets, as in [::1]:50051",
+        ),
+        (
+            "server: {listen: '127.0.0.1:\uff15\uff10'}\nlocal_model: {enabled: never}",
+            "server: listen must be HOST:PORT",
+        ),
     ],
 )
 async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, content, expected):
