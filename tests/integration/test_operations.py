@@ -338,6 +338,23 @@ async def test_an_unknown_log_level_is_a_usage_error(upstream, tmp_path, source)
     assert "Traceback" not in text
 
 
+async def test_an_empty_listen_flag_is_a_config_error(upstream, tmp_path):
+    """`--listen ""` (a script's unset variable) exits 2. Before, it was ignored without a
+    word and the gateway served the file's address."""
+    config = _write_config(tmp_path, upstream.base_url)
+    process = await _spawn("serve", "--config", str(config), "--listen", "")
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
+    finally:
+        if process.returncode is None:  # it started: the flag was ignored
+            process.kill()
+            await process.wait()
+    assert process.returncode == 2
+    assert stderr.decode().splitlines()[-1] == (
+        "llm-gateway: config error: --listen/--workers: listen must be HOST:PORT"
+    )
+
+
 @pytest.mark.parametrize(
     ("section", "value", "state"),
     [
