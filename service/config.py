@@ -1018,19 +1018,25 @@ def _build(cls: type[T], data: Any, key: str) -> T:
         raise _SectionCheckError(f"{key or '(top level)'}: {exc}") from None
 
 
-def _key_in(node: dict[str, Any], part: str, variable: str, path: list[str]) -> str:
+def _key_in(node: dict[Any, Any], part: str, variable: str, path: list[str]) -> str:
     """The key of `node` that the lower-cased `part` of a variable's name means.
 
     Environment variable names are upper case by convention, so keys are matched without
     case: `LLM_GATEWAY__TENANTS__SEARCH__...` reaches a tenant the file names `Search`.
     """
     # Not a shortcut for an exact match: `search` beside `Search` is ambiguous all the same.
-    matches = [key for key in node if isinstance(key, str) and key.lower() == part]
+    # Any key as text, as the config will name it: YAML reads a tenant `4711:` as a number,
+    # and a new "4711" beside it would replace its whole entry.
+    matches = [key for key in node if str(key).lower() == part]
     if len(matches) > 1:
-        raise ConfigError(
-            variable, ".".join(path), f"matches more than one key: {', '.join(sorted(matches))}"
-        )
-    return matches[0] if matches else part
+        names = ", ".join(sorted(map(str, matches)))
+        raise ConfigError(variable, ".".join(path), f"matches more than one key: {names}")
+    if not matches:
+        return part
+    key = matches[0]
+    if not isinstance(key, str):  # the key as text, as the rest of the path names it
+        node[str(key)] = node.pop(key)
+    return str(key)
 
 
 def _override_value(raw: str) -> Any:
