@@ -919,7 +919,15 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ValueError(f"{key}: must be a mapping")
         if args[1] is object:  # free-form data sent on as JSON (`extra_body`): keys kept
             return _json_value(value, key)
-        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+        converted: dict[str, Any] = {}
+        for name, item in value.items():
+            # `4711:` and `"4711":` are two keys to YAML's loader, one name here.
+            if str(name) in converted:
+                raise ValueError(
+                    f"{key}.{name}: duplicate key (written once as a number, once as text)"
+                )
+            converted[str(name)] = _convert(args[1], item, f"{key}.{name}")
+        return converted
     if tp is float:
         # Infinity too: no wait, timeout, price or bound here means "forever" (a grace period
         # of `.inf` would hold a shutdown for ever).

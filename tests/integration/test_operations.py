@@ -272,6 +272,11 @@ async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, sour
             "server: {listen: '127.0.0.1:\uff15\uff10'}\nlocal_model: {enabled: never}",
             "server: listen must be HOST:PORT",
         ),
+        # One tenant to the gateway, two keys to YAML: the last entry silently won.
+        (
+            "tenants:\n  4711: {allowed_models: [m]}\n  '4711': {}",
+            "tenants.4711: duplicate key (written once as a number, once as text)",
+        ),
     ],
 )
 async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, content, expected):
