@@ -274,6 +274,7 @@ async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, sour
         ),
         # One tenant to the gateway, two keys to YAML: the last entry silently won.
         (
+            "server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n"
             "tenants:\n  4711: {allowed_models: [m]}\n  '4711': {}",
             "tenants.4711: duplicate key (written once as a number, once as text)",
         ),
