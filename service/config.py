@@ -251,7 +251,13 @@ def host_and_port(address: str) -> tuple[str, int]:
 
 def _require_address(address: str, name: str) -> None:
     host, sep, port = address.rpartition(":")
-    _require(bool(sep and host and port.isdigit()), f"{name} must be HOST:PORT")
+    # ASCII digits: int() takes other scripts' digits (fullwidth ones) too; grpc does not.
+    _require(bool(sep and host and port.isascii() and port.isdigit()), f"{name} must be HOST:PORT")
+    # grpc reads `::1:50051` as one IPv6 address on its default port 443.
+    _require(
+        ":" not in host or (host.startswith("[") and host.endswith("]")),
+        f"{name}'s IPv6 host goes in brackets, as in [::1]:50051",
+    )
     # gRPC takes the port modulo 65536: 70000 would quietly listen on 4464.
     _require(int(port) <= 65535, f"{name}'s port must be 0..65535")
 
@@ -920,17 +926,24 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ValueError(f"{key}: must be a mapping")
         if args[1] is object:  # free-form data sent on as JSON (`extra_body`): keys kept
             return _json_value(value, key)
-        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+        converted: dict[str, Any] = {}
+        for name, item in value.items():
+            # `4711:` and `"4711":` are two keys to YAML's loader, one name here.
+            if str(name) in converted:
+                raise ValueError(
+                    f"{key}.{name}: duplicate key (written once as a number, once as text)"
+                )
+            converted[str(name)] = _convert(args[1], item, f"{key}.{name}")
+        return converted
     if tp is float:
         # Infinity too: no wait, timeout, price or bound here means "forever" (a grace period
         # of `.inf` would hold a shutdown for ever).
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
+        number = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = _finite(value)
+        if number is None:
             raise ValueError(f"{key}: must be a number")
-        return float(value)
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{key}: must be an integer")
@@ -944,6 +957,16 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ValueError(f"{key}: must be a string")
         return str(value)
     raise ValueError(f"{key}: unsupported type {tp}")
+
+
+def _finite(value: int | float) -> float | None:
+    """`value` as a float, or None when it is not finite: an integer past a float's range
+    (about 1.8e308) is none either, where `math.isfinite` would raise OverflowError."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _json_value(value: Any, key: str) -> object:
@@ -1010,19 +1033,25 @@ def _build(cls: type[T], data: Any, key: str) -> T:
         raise _SectionCheckError(f"{key or '(top level)'}: {exc}") from None
 
 
-def _key_in(node: dict[str, Any], part: str, variable: str, path: list[str]) -> str:
+def _key_in(node: dict[Any, Any], part: str, variable: str, path: list[str]) -> str:
     """The key of `node` that the lower-cased `part` of a variable's name means.
 
     Environment variable names are upper case by convention, so keys are matched without
     case: `LLM_GATEWAY__TENANTS__SEARCH__...` reaches a tenant the file names `Search`.
     """
     # Not a shortcut for an exact match: `search` beside `Search` is ambiguous all the same.
-    matches = [key for key in node if isinstance(key, str) and key.lower() == part]
+    # Any key as text, as the config will name it: YAML reads a tenant `4711:` as a number,
+    # and a new "4711" beside it would replace its whole entry.
+    matches = [key for key in node if str(key).lower() == part]
     if len(matches) > 1:
-        raise ConfigError(
-            variable, ".".join(path), f"matches more than one key: {', '.join(sorted(matches))}"
-        )
-    return matches[0] if matches else part
+        names = ", ".join(sorted(map(str, matches)))
+        raise ConfigError(variable, ".".join(path), f"matches more than one key: {names}")
+    if not matches:
+        return part
+    key = matches[0]
+    if not isinstance(key, str):  # the key as text, as the rest of the path names it
+        node[str(key)] = node.pop(key)
+    return str(key)
 
 
 def _override_value(raw: str) -> Any:

@@ -57,7 +57,7 @@ def with_flags(
         ValueError: a value the config file would be refused for.
     """
     server = config.server  # replace() validates like the file does
-    if listen:
+    if listen is not None:  # "" too (a script's unset variable): refused, not ignored
         server = dataclasses.replace(server, listen=listen)
         # The flag, not LLM_GATEWAY__SERVER__LISTEN, set it: errors must not name that.
         overrides = {k: v for k, v in config.overrides.items() if k != "server.listen"}

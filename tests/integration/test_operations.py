@@ -260,6 +260,24 @@ async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, sour
             "server: {max_in_flight_calls: 2000000000}",
             "server: max_in_flight_calls + max_queued_calls must be <= 1073741823",
         ),
+        # An integer past a float's range: the load died with an OverflowError traceback.
+        (f"server: {{grace_period_s: {'9' * 400}}}", "server.grace_period_s: must be a number"),
+        # grpc read these as other addresses (`[::0.1.0.0]:443`, no port) and the start
+        # failed with status 1, blaming a taken port.
+        (
+            "server: {listen: '::1:50051'}\nlocal_model: {enabled: never}",
+            "server: listen's IPv6 host goes in brackets, as in [::1]:50051",
+        ),
+        (
+            "server: {listen: '127.0.0.1:\uff15\uff10'}\nlocal_model: {enabled: never}",
+            "server: listen must be HOST:PORT",
+        ),
+        # One tenant to the gateway, two keys to YAML: the last entry silently won.
+        (
+            "server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n"
+            "tenants:\n  4711: {allowed_models: [m]}\n  '4711': {}",
+            "tenants.4711: duplicate key (written once as a number, once as text)",
+        ),
     ],
 )
 async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, content, expected):
@@ -324,6 +342,23 @@ async def test_an_unknown_log_level_is_a_usage_error(upstream, tmp_path, source)
         "argument --log-level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
     )
     assert "Traceback" not in text
+
+
+async def test_an_empty_listen_flag_is_a_config_error(upstream, tmp_path):
+    """`--listen ""` (a script's unset variable) exits 2. Before, it was ignored without a
+    word and the gateway served the file's address."""
+    config = _write_config(tmp_path, upstream.base_url)
+    process = await _spawn("serve", "--config", str(config), "--listen", "")
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
+    finally:
+        if process.returncode is None:  # it started: the flag was ignored
+            process.kill()
+            await process.wait()
+    assert process.returncode == 2
+    assert stderr.decode().splitlines()[-1] == (
+        "llm-gateway: config error: --listen/--workers: listen must be HOST:PORT"
+    )
 
 
 @pytest.mark.parametrize(

@@ -15,13 +15,22 @@ import service.summarize
 import service.tenant_limits
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.auth import hash_key
 from service.caller_gate import part_tokens
+from service.config import parse_config
 from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER
 from service.security import InsecureListen
 from service.server import GatewayServer
 from service.summarize import document_prompt
 from service.tokens import estimate_text_tokens
-from tests.conftest import FAKE_MODEL, chat, chat_stream, fake_model_window, gateway_config
+from tests.conftest import (
+    FAKE_MODEL,
+    chat,
+    chat_stream,
+    fake_model_window,
+    gateway_config,
+    gateway_config_data,
+)
 from tests.fake_upstream import FakeUpstream, Reply, Status
 from tests.integration.tenancy_helpers import (
     as_tenant,
@@ -113,6 +122,24 @@ async def test_valid_key_is_served_with_the_provider_key_not_the_callers(upstrea
     (sent,) = upstream.requests
     assert sent.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
     assert CALLER_KEY_A not in repr(sent.headers) + repr(sent.body)
+
+
+async def test_an_override_on_a_tenant_named_by_a_number_keeps_its_file_entry(
+    upstream, start_gateway
+):
+    """`LLM_GATEWAY__TENANTS__4711__...` adds to the entry of tenant 4711, which YAML reads
+    as a number. Before, the override made a second entry "4711" that replaced the file's:
+    the tenant lost its model list (and its other limits) without a word."""
+    data = gateway_config_data(
+        upstream.base_url,
+        auth={"mode": "keys", "keys": [{"sha256": hash_key(CALLER_KEY_A), "tenant": "4711"}]},
+        tenants={4711: {"allowed_models": ["another-model"]}},
+    )
+    environ = {"LLM_GATEWAY__TENANTS__4711__TOKENS_PER_MINUTE": "100000"}
+    gw = await start_gateway(parse_config(data, source="<test>", environ=environ))
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A)))
+    assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert upstream.requests == []
 
 
 async def test_model_outside_the_tenants_list_is_permission_denied(upstream, start_gateway):
