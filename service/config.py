@@ -271,6 +271,7 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
+_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 # Query parameters that carry a credential: one in `base_url` would sit in the config
 # file (a ConfigMap) in clear, where `api_key_env` keeps the key out of it.
 _CREDENTIAL_PARAMETERS = frozenset(
@@ -358,8 +359,13 @@ class UpstreamConfig:
         )
         parts = urlsplit(self.base_url)
         _require(
-            parts.scheme in ("http", "https") and bool(parts.netloc),
+            parts.scheme in ("http", "https") and bool(parts.hostname),
             "base_url must be an http(s) URL",
+        )
+        # Written into each request line and Host header as it is: a space would break them.
+        _require(
+            _SPACE_OR_CONTROL.search(self.base_url) is None,
+            "base_url must not contain spaces or control characters",
         )
         _require_port(parts, "base_url")
         _require(

@@ -629,6 +629,21 @@ def test_env_override_on_real_file() -> None:
             "max_connections (10) must be >= max_concurrency (11)",
             id="fewer-connections-than-calls-in-flight",
         ),
+        *(
+            pytest.param(
+                {"upstreams": [upstream(base_url=url)]},
+                {},
+                "upstreams[0]",
+                problem,
+                id=name,
+            )
+            for name, url, problem in [
+                ("space-in-host", "http://exa mple.com/v1", "spaces or control characters"),
+                ("space-in-path", "https://example.com/v1 x", "spaces or control characters"),
+                ("tab-in-path", "https://example.com/v\t1", "spaces or control characters"),
+                ("no-host", "http://:8080/v1", "must be an http(s) URL"),
+            ]
+        ),
         pytest.param(
             {"defaults": {"truncation": "sometimes"}},
             {},
