@@ -30,7 +30,13 @@ from service.auth import (
 )
 from service.clock import Deadline
 from service.config import TenantConfig
-from service.errors import DeadlineExceeded, FieldViolation, InvalidRequest, QuotaExceeded
+from service.errors import (
+    DeadlineExceeded,
+    FieldViolation,
+    InvalidRequest,
+    QuotaExceeded,
+    Unauthenticated,
+)
 from service.tenant_limits import NO_SLOT, CallSlot, TenantLimiter
 from service.tokens import PER_MESSAGE_OVERHEAD, estimate_text_tokens
 
@@ -244,16 +250,49 @@ class BatchPacer:
 
 
 def cert_common_name(context: CallContext) -> str | None:
-    """The subject common name of the caller's verified TLS certificate, if any."""
+    """The subject common name of the caller's verified TLS certificate, if any.
+
+    Raises:
+        Unauthenticated: the subject names more than one: grpc reports the first, other
+            tools the last, so which tenant it means is not the gateway's to choose.
+    """
     try:
-        values = context.auth_context().get("x509_common_name") or []
+        auth_context = context.auth_context()
+        values = auth_context.get("x509_common_name") or []
+        subjects = auth_context.get("x509_subject") or []
     except (AttributeError, TypeError, ValueError):
         return None
+    if any(_common_names_in(_text(subject)) > 1 for subject in subjects):
+        raise Unauthenticated(
+            "the client certificate's subject names more than one common name (CN)"
+        )
     for value in values:
-        name = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        name = _text(value)
         if name:
             return name
     return None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _common_names_in(subject: str) -> int:
+    """How many CN attributes an RFC 2253 subject (grpc's `x509_subject`, such as
+    `CN=a,O=b` or `CN=a+CN=b`) holds; a `,` or `+` after a backslash is in a value.
+    By hand: the runtime has no X.509 library, and this is the one question asked."""
+    count, start, index = 0, 0, 0
+    while index <= len(subject):
+        char = subject[index] if index < len(subject) else ","
+        if char == "\\":
+            index += 2
+            continue
+        if char in ",+":
+            kind = subject[start:index].partition("=")[0].strip().upper()
+            count += kind in ("CN", "2.5.4.3")
+            start = index + 1
+        index += 1
+    return count
 
 
 def _is_unmetered(limits: TenantConfig) -> bool:

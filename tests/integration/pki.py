@@ -26,16 +26,23 @@ def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
 
 
 def issue(
-    directory: Path, name: str, *, ca: tuple[Path, Path], common_name: str, extensions: str
+    directory: Path,
+    name: str,
+    *,
+    ca: tuple[Path, Path],
+    common_name: str = "",
+    extensions: str,
+    subject: str = "",
 ) -> tuple[Path, Path]:
-    """A certificate for `common_name` signed by `ca`: (certificate, key)."""
+    """A certificate for `common_name` (or the whole `subject`, openssl's `/CN=a/O=b`, `+`
+    between attributes of one RDN) signed by `ca`: (certificate, key)."""
     cert, key, csr = (directory / f"{name}{s}" for s in (".pem", ".key", ".csr"))
     ext = directory / f"{name}.ext"
     ext.write_text(extensions + "\n", encoding="ascii")
-    _openssl("req", *_KEY, "-subj", f"/CN={common_name}", "-keyout", key.name, "-out", csr.name,
-             cwd=directory)  # fmt: skip
+    _openssl("req", *_KEY, "-multivalue-rdn", "-subj", subject or f"/CN={common_name}",
+             "-keyout", key.name, "-out", csr.name, cwd=directory)  # fmt: skip
     _openssl(
-        "x509", "-req", "-in", csr.name, "-CA", ca[0].name, "-CAkey", ca[1].name,
+        "x509", "-req", "-in", csr.name, "-CA", str(ca[0]), "-CAkey", str(ca[1]),
         "-CAcreateserial", "-days", "2", "-extfile", ext.name, "-out", cert.name, cwd=directory,
     )  # fmt: skip
     return cert, key
@@ -46,6 +53,7 @@ class Pki:
     """A CA, a server certificate for 127.0.0.1, clients it signed, and a rogue client."""
 
     ca: Path
+    ca_key: Path
     server_cert: Path
     server_key: Path
     client_a: tuple[Path, Path]
@@ -64,6 +72,7 @@ def make_pki(directory: Path) -> Pki:
     rogue_ca = make_ca(directory, "rogue-ca")
     return Pki(
         ca=ca[0],
+        ca_key=ca[1],
         server_cert=server[0],
         server_key=server[1],
         client_a=issue(directory, "team-a", ca=ca, common_name="team-a", extensions=client),

@@ -25,7 +25,7 @@ from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import ConfigError, parse_config
 from service.server import GatewayServer, ListenError
 from tests.conftest import chat, gateway_config, gateway_config_data
-from tests.integration.pki import Pki, make_pki
+from tests.integration.pki import Pki, issue, make_pki
 from tests.integration.tenancy_helpers import as_tenant, detail, rpc_error, secure_config
 
 _TIMEOUT_S = 20.0
@@ -256,6 +256,34 @@ async def test_the_cli_calls_a_mtls_gateway_with_its_certificate(upstream, tls_s
     assert caught.value.code == 2
     assert "go together" in capsys.readouterr().err
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "subject", ["/CN=team-a/CN=ops", "/CN=ops/CN=team-a", "/O=x/CN=team-a+CN=ops"]
+)
+async def test_a_certificate_naming_two_common_names_is_unauthenticated(
+    upstream, tls_server, pki, tmp_path, subject
+):
+    """grpc reports a subject's first CN, other tools its last: a certificate naming two
+    (an admin's and a team's) is refused rather than served as either tenant."""
+    config = secure_config(
+        upstream.base_url,
+        server={"listen": "127.0.0.1:0", "tls": _mtls(pki, tenant_from_cert_subject=True)},
+        tenants={"ops": {"is_admin": True}},
+    )
+    server = await tls_server(config)
+    two = issue(
+        tmp_path, "two", ca=(pki.ca, pki.ca_key), subject=subject,
+        extensions="extendedKeyUsage=clientAuth",
+    )  # fmt: skip
+    async with _channel(server, pki, two) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        refused = await rpc_error(stub.Complete(chat(), timeout=_TIMEOUT_S))
+        assert refused.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert "more than one common name" in (refused.details() or "")
+        usage = await rpc_error(stub.GetUsage(pb.GetUsageRequest(tenant="*"), timeout=_TIMEOUT_S))
+        assert usage.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert upstream.requests == []
 
 
 async def test_mtls_refuses_an_untrusted_client_certificate(upstream, tls_server, pki):

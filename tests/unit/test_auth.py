@@ -18,7 +18,7 @@ from service.auth import (
     parse_keys_file,
     redis_connection_options,
 )
-from service.caller_gate import CallerGate
+from service.caller_gate import CallerGate, _common_names_in
 from service.config import AuthConfig, CallerKey, TenantConfig
 from service.errors import PermissionDenied, Unauthenticated
 from service.security import (
@@ -327,3 +327,25 @@ def test_keys_in_clear_text_on_a_public_address_are_warned_about(
     with caplog.at_level("WARNING", logger="llm_gateway"):
         check_listen_policy(config)
     assert ("security.keys_without_tls" in caplog.messages) is warns
+
+
+@pytest.mark.parametrize(
+    ("subject", "count"),
+    [
+        ("CN=team-a", 1),
+        ("CN=ops,CN=team-a", 2),
+        ("CN=team-a+CN=ops,O=x", 2),
+        ("cn=team-a,O=x", 1),
+        ("CN=team-a\\,CN=ops", 1),  # an escaped comma is in the value
+        ("CN=team-a\\\\,CN=ops", 2),  # an escaped backslash, then a separator
+        ("2.5.4.3=team-a,CN=ops", 2),  # the CN's OID, as RFC 2253 writes an unknown type
+        ("O=x", 0),
+        ("", 0),
+    ],
+)
+def test_common_names_in_a_subject_are_counted_as_rfc_2253_writes_them(
+    subject: str, count: int
+) -> None:
+    """grpc's `x509_subject` is RFC 2253 text: `,` and `+` separate attributes unless
+    escaped."""
+    assert _common_names_in(subject) == count
