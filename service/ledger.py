@@ -52,7 +52,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import RedisError
@@ -65,6 +64,7 @@ from service.lean_redis import LeanRedis
 from service.memo import BoundedMemo
 from service.redis_errors import refused_for_good, replacing_closed_connections
 from service.store_cooldown import COOLDOWN_S, StoreCooldown
+from service.validation import OVERFLOW_LABELS
 
 log = logging.getLogger("llm_gateway.ledger")
 T = TypeVar("T")
@@ -93,9 +93,6 @@ _FIELDS = (
 WallClock = Callable[[], float]
 # The budget periods whose spend each recorded call adds to.
 _PERIODS = ("day", "month")
-# The labels of a tenant's calls past `max_rows_per_tenant` new rows in one bucket: labels
-# with a new value on every call (a request id) would otherwise grow the ledger unbounded.
-OVERFLOW_LABELS: Mapping[str, str] = MappingProxyType({"llm_gateway.overflow": "true"})
 
 
 def to_pico(usd: float) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from types import MappingProxyType
 
 import orjson
 
@@ -15,6 +16,9 @@ from service.tokens import estimate_prompt_tokens
 
 # Label keys the gateway sets itself (the ledger's overflow row).
 RESERVED_LABEL_PREFIX = "llm_gateway."
+# The labels of a tenant's calls past `ledger.max_rows_per_tenant` new rows in one bucket
+# (`service.ledger`): the only label of the gateway's own that a usage row can carry.
+OVERFLOW_LABELS: Mapping[str, str] = MappingProxyType({"llm_gateway.overflow": "true"})
 _LABEL_KEY = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")  # fullmatch: `$` passes a final newline
 # C0 controls other than tab, LF and CR, DEL, and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -213,8 +217,8 @@ def label_violations(
 ) -> list[FieldViolation]:
     """What is wrong with a call's labels, whichever RPC they came in (empty: nothing).
 
-    With `is_filter` they are GetUsage's filter, which may name the gateway's own keys
-    (its overflow row is labelled so), and is not held to `limits`: rows recorded under
+    With `is_filter` they are GetUsage's filter, which may name the gateway's own label
+    (`OVERFLOW_LABELS`, its overflow row's), and is not held to `limits`: rows recorded under
     larger ones (before the config lowered them, or by another replica mid-rollout) match.
     """
     found = []
@@ -230,6 +234,14 @@ def label_violations(
             found.append(
                 FieldViolation(
                     f"labels[{key!r}]", f"{RESERVED_LABEL_PREFIX}* keys are the gateway's"
+                )
+            )
+        elif key.startswith(RESERVED_LABEL_PREFIX) and OVERFLOW_LABELS.get(key) != value:
+            # No row carries any other: the filter would match nothing, read as "no usage".
+            overflow = ", ".join(f"{k}: {v!r}" for k, v in OVERFLOW_LABELS.items())
+            found.append(
+                FieldViolation(
+                    f"labels[{key!r}]", f"the only {RESERVED_LABEL_PREFIX}* label is {overflow}"
                 )
             )
         elif is_filter:

@@ -225,15 +225,21 @@ async def test_get_usage_refuses_a_window_that_ends_before_it_starts(priced):
         ({"model": "m" * 300}, "model"),
         ({"labels": {"bad key!": "v"}}, "labels['bad key!']"),
         ({"labels": {"team": "search\n"}}, "labels['team']"),
+        ({"labels": {"llm_gateway.team": "search"}}, "labels['llm_gateway.team']"),
+        ({"labels": {"llm_gateway.overflow": "false"}}, "labels['llm_gateway.overflow']"),
     ],
-    ids=["tenant", "model-control", "model-long", "label-key", "label-value"],
-)
+    ids=[
+        "tenant", "model-control", "model-long", "label-key", "label-value",
+        "gateway-label", "overflow-value",
+    ],
+)  # fmt: skip
 async def test_get_usage_refuses_a_filter_no_call_could_match(priced, filters, field):
     """A tenant, model or label no call could have been recorded with is INVALID_ARGUMENT
     on that field, held to the rules a call's are.
 
     Before, any string went through as a filter that matched no row, and GetUsage
-    answered OK with a zero total: "no usage" for a typo'd or mangled filter.
+    answered OK with a zero total: "no usage" for a typo'd or mangled filter. And any
+    `llm_gateway.*` label did, though the only one a row carries is the overflow row's.
     """
     await priced.stub.Complete(chat(labels={"team": "search"}))
     with pytest.raises(grpc.aio.AioRpcError) as refused:

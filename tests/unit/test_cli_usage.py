@@ -7,9 +7,19 @@ import pytest
 from gateway_client.cli import main
 
 
-@pytest.mark.parametrize("since", ["999999999d", "99999999999999999999m"])
+@pytest.mark.parametrize(
+    "since",
+    [
+        "999999999d",
+        "99999999999999999999m",
+        "0001-01-01T00:00:00+01:00",  # 31 December of year 0 in UTC
+        "9999-12-31T23:00:00-01:00",  # year 10000 in UTC
+    ],
+)
 def test_a_window_start_before_any_date_is_a_usage_error(since: str, capsys) -> None:
-    """Further back than a datetime reaches: exit 2 naming the option, not a traceback."""
+    """Further back than a datetime reaches (or, in UTC, past year 9999): exit 2 naming
+    the option, not a traceback. Before, an ISO time whose offset took it out of range
+    crashed with OverflowError as the request's Timestamp was built."""
     with pytest.raises(SystemExit) as caught:
         main(["usage", "--since", since, "--address", "127.0.0.1:1"])
     assert caught.value.code == 2

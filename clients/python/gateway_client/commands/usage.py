@@ -33,7 +33,13 @@ def parse_since(value: str, *, now: dt.datetime | None = None) -> dt.datetime:
         raise argparse.ArgumentTypeError(
             f"{value!r} is neither a duration (30m, 24h, 7d) nor an ISO 8601 time"
         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    if not when.tzinfo:
+        return when.replace(tzinfo=dt.UTC)
+    try:
+        # The request's Timestamp is in UTC: an offset can take it past a datetime's years.
+        return when.astimezone(dt.UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{value!r} is outside years 1 to 9999 in UTC") from None
 
 
 def parse_label(value: str) -> tuple[str, str]:
