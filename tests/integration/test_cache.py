@@ -747,43 +747,13 @@ async def _read_all(call: Any) -> list[pb.CompleteStreamResponse]:
     return [e async for e in call]
 
 
-async def test_a_shared_stream_stalling_after_its_first_callers_deadline_is_interrupted(
+async def test_a_shared_stream_stalling_after_its_first_callers_deadline_is_the_upstreams_failure(
     upstream: FakeUpstream, start_gateway: Callable[..., Any]
 ) -> None:
     """A stall after the text, once the first caller's deadline has passed, is the upstream's
     fault: the patient follower gets UNAVAILABLE `STREAM_INTERRUPTED`, not DEADLINE_EXCEEDED
-    long before its own deadline."""
-    stalling = {
-        "name": "up0",
-        "base_url": upstream.base_url,
-        "models": [FAKE_MODEL],
-        "stream_idle_timeout_s": 0.6,
-    }
-    gateway = await start_gateway(
-        gateway_config(upstream.base_url, cache={"backend": "memory"}, upstreams=[stalling])
-    )
-    # The first word at 1 s, the next 1 s later: past the idle timeout.
-    upstream.script(Reply(content="a b", chunks=2, chunk_delay_s=1.0))
-    request = chat_stream(params=DETERMINISTIC)
-    hasty = asyncio.ensure_future(_read_all(gateway.stub.CompleteStream(request, timeout=1.3)))
-    await eventually(lambda: upstream.requests)
-    patient = gateway.stub.CompleteStream(request, timeout=10)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for event in patient:
-            assert event.delta.content == "a "
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert error_details(caught.value)[1] == "STREAM_INTERRUPTED"
-    with pytest.raises(grpc.aio.AioRpcError) as hasty_caught:
-        await hasty
-    assert hasty_caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert cache_of(gateway).stats.coalesced == 1
-
-
-async def test_a_shared_stream_stalling_after_its_first_callers_deadline_fails_its_upstream(
-    upstream: FakeUpstream, start_gateway: Callable[..., Any]
-) -> None:
-    """That stall is a failure of the upstream's, as it is for a stream with one caller:
-    its breaker opens, ListModels shows it unhealthy, and its metrics count an error."""
+    long before its own deadline; and as for a stream with one caller, the upstream's
+    breaker opens, ListModels shows it unhealthy, and its metrics count an error."""
     captured = captured_telemetry()
     stalling = {
         "name": "up0",
@@ -800,15 +770,21 @@ async def test_a_shared_stream_stalling_after_its_first_callers_deadline_fails_i
         ),
         telemetry=captured.telemetry,
     )
+    # The first word at 1 s, the next 1 s later: past the idle timeout.
     upstream.script(Reply(content="a b", chunks=2, chunk_delay_s=1.0))
     request = chat_stream(params=DETERMINISTIC)
     hasty = asyncio.ensure_future(_read_all(gateway.stub.CompleteStream(request, timeout=1.3)))
     await eventually(lambda: upstream.requests)
+    patient = gateway.stub.CompleteStream(request, timeout=10)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await _read_all(gateway.stub.CompleteStream(request, timeout=10))
+        async for event in patient:
+            assert event.delta.content == "a "
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_details(caught.value)[1] == "STREAM_INTERRUPTED"
-    with pytest.raises(grpc.aio.AioRpcError):
+    with pytest.raises(grpc.aio.AioRpcError) as hasty_caught:
         await hasty
+    assert hasty_caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert cache_of(gateway).stats.coalesced == 1
     models = await gateway.stub.ListModels(pb.ListModelsRequest())
     assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_UNHEALTHY
     assert captured.total("llm_gateway.upstream.errors", llm_gateway__upstream="up0") == 1

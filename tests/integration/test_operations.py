@@ -111,6 +111,20 @@ async def _spawn(*args: str, env: Mapping[str, str] = os.environ) -> asyncio.sub
     )
 
 
+async def _refused_start(*args: str, env: Mapping[str, str] = os.environ) -> tuple[int, str]:
+    """Run `llm-gateway ARGS`, expected to refuse to start: its exit code and stderr. One
+    that starts instead (its input ignored) is killed after 10 s, and fails the test."""
+    process = await _spawn(*args, env=env)
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
+    finally:
+        if process.returncode is None:  # it started: what it was given was ignored
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
 async def _run_cli(address: str, *args: str) -> tuple[int, str, str]:
     """Run `llm-gateway complete ARGS` against `address`: exit code, stdout, stderr."""
     cli = await asyncio.create_subprocess_exec(
@@ -313,15 +327,10 @@ async def test_an_override_variable_misnamed_is_a_config_error(upstream, tmp_pat
     """An override one underscore short exits 2 naming the variable. Before, it was
     ignored without a word and the gateway served the file's address."""
     config = _write_config(tmp_path, upstream.base_url)
-    process = await _spawn("serve", "--config", str(config), env={**os.environ, variable: "x"})
-    try:
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
-    finally:
-        if process.returncode is None:  # it started: the variable was ignored
-            process.kill()
-            await process.wait()
-    assert process.returncode == 2
-    assert stderr.decode().splitlines()[-1] == (
+    env = {**os.environ, variable: "x"}
+    code, stderr = await _refused_start("serve", "--config", str(config), env=env)
+    assert code == 2
+    assert stderr.splitlines()[-1] == (
         f"llm-gateway: config error: {variable}: (top level): "
         "not an override: those start with LLM_GATEWAY__"
     )
@@ -348,15 +357,9 @@ async def test_an_empty_listen_flag_is_a_config_error(upstream, tmp_path):
     """`--listen ""` (a script's unset variable) exits 2. Before, it was ignored without a
     word and the gateway served the file's address."""
     config = _write_config(tmp_path, upstream.base_url)
-    process = await _spawn("serve", "--config", str(config), "--listen", "")
-    try:
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
-    finally:
-        if process.returncode is None:  # it started: the flag was ignored
-            process.kill()
-            await process.wait()
-    assert process.returncode == 2
-    assert stderr.decode().splitlines()[-1] == (
+    code, stderr = await _refused_start("serve", "--config", str(config), "--listen", "")
+    assert code == 2
+    assert stderr.splitlines()[-1] == (
         "llm-gateway: config error: --listen/--workers: listen must be HOST:PORT"
     )
 
