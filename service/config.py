@@ -296,7 +296,7 @@ def proxy_url_problem(url: str, *, key: str, credentials_go: str | None) -> str 
         return f"{key} must be {PROXY_URL_FORM}: its host or port cannot be read"
     if parts.scheme == "https":
         return (
-            f"{key}: TLS to the proxy (https://) is not supported; use {PROXY_URL_FORM} "
+            f"{key} must be {PROXY_URL_FORM}: TLS to the proxy (https://) is not supported "
             "(the tunnel to an https upstream is TLS end to end)"
         )
     if parts.scheme != "http":

@@ -486,10 +486,14 @@ def _reply(
     )
 
 
-async def _get_once(config: UpstreamConfig, path: str, *, timeout_s: float) -> tuple[int, bytes]:
-    """GET `{base_url}{path}` on a short-lived connection: the status and the body."""
+async def _get_once(
+    config: UpstreamConfig, path: str, *, timeout_s: float, environ: Mapping[str, str] | None
+) -> tuple[int, bytes]:
+    """GET `{base_url}{path}` on a short-lived connection, through the proxy the upstream's
+    calls would take (`environ`: the process's by default): the status and the body."""
     headers = _headers(config, accept="application/json")
-    pool = HttpPool(config.base_url, max_connections=1, connect_timeout_s=timeout_s)
+    proxy = choose_proxy(config, os.environ if environ is None else environ)
+    pool = HttpPool(config.base_url, max_connections=1, connect_timeout_s=timeout_s, proxy=proxy)
     try:
         with _TranslatedErrors(config.name):
             async with asyncio.timeout(timeout_s):
@@ -499,12 +503,15 @@ async def _get_once(config: UpstreamConfig, path: str, *, timeout_s: float) -> t
         await pool.aclose()
 
 
-async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int, list[str]]:
+async def probe_models(
+    config: UpstreamConfig, *, timeout_s: float, environ: Mapping[str, str] | None = None
+) -> tuple[int, list[str]]:
     """GET `{base_url}/models`: the status and model ids listed.
 
     The old client's key check: 200 lists the models, 401 means a bad or expired key.
+    Through the upstream's proxy, as its calls go (`environ` as `UpstreamClient`'s).
     """
-    status, body = await _get_once(config, "/models", timeout_s=timeout_s)
+    status, body = await _get_once(config, "/models", timeout_s=timeout_s, environ=environ)
     if status != 200:
         return status, []
     with _TranslatedErrors(config.name):
@@ -518,14 +525,17 @@ async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int
     return 200, [str(m.get("id")) for m in items if isinstance(m, dict)]
 
 
-async def answers_http(config: UpstreamConfig, *, timeout_s: float) -> bool:
-    """Whether the upstream answers an HTTP request at all, whatever the status.
+async def answers_http(
+    config: UpstreamConfig, *, timeout_s: float, environ: Mapping[str, str] | None = None
+) -> bool:
+    """Whether the upstream answers an HTTP request at all, whatever the status (through
+    its proxy, as its calls go).
 
     A path no server routes (a 404 is an answer): llama-cpp-python's `/v1/models` waits
     for the model's lock, so a server busy generating would look hung.
     """
     try:
-        await _get_once(config, "/llm-gateway-liveness", timeout_s=timeout_s)
+        await _get_once(config, "/llm-gateway-liveness", timeout_s=timeout_s, environ=environ)
     except UpstreamError:
         return False
     return True

@@ -93,7 +93,7 @@ def choose_proxy(config: UpstreamConfig, environ: Mapping[str, str]) -> Proxy | 
         return None
     if "://" not in url:  # `proxy.corp:3128`: curl and requests read it as http://
         url = "http://" + url
-    problem = proxy_url_problem(url, key=variable, credentials_go=None)
+    problem = proxy_url_problem(url, key="its URL", credentials_go=None)
     if problem is not None:
         raise ConfigError("environment", variable, problem)
     parts = urlsplit(url)

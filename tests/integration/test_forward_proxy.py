@@ -7,6 +7,7 @@ it. A call answered by that name went through the tunnel.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import logging
 import ssl
@@ -18,8 +19,11 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from gateway_client.commands import check
+from gateway_client.commands.check import check_upstream
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
+from service.upstream.client import answers_http, probe_models
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config_data
 from tests.fake_upstream import FakeUpstream
 from tests.forward_proxy import ForwardProxy
@@ -222,6 +226,34 @@ async def test_a_hanging_proxy_fails_over_within_the_connect_timeout(
     assert (reply.metadata.upstream, reply.metadata.attempts) == ("up1", 2)
 
 
+async def test_health_probes_go_through_the_upstreams_proxy(upstream, proxy, monkeypatch):
+    """`probe_models`, `answers_http` and `llm-gateway check` reach the upstream through
+    its proxy, `proxy_url` or the environment's; a refusal is a failed check that says
+    so without the credentials."""
+    data = config_data(
+        through(upstream), proxy_url=proxy.url, proxy_authorization_env="GW_PROXY_CREDS"
+    )
+    environ = {"GW_PROXY_CREDS": f"gw:{PROXY_PASSWORD}"}
+    config = parse_config(data, source="<test>", environ=environ).upstreams[0]
+    assert await probe_models(config, timeout_s=5) == (200, [FAKE_MODEL])
+    assert await answers_http(config, timeout_s=5) is True
+    assert (await check_upstream(config, timeout_s=5)).is_ok
+    assert len(proxy.requests) == 3
+    assert {r.proxy_authorization for r in proxy.requests} == {f"Basic {PROXY_BASIC}"}
+    proxy.mode = "refuse"
+    check = await check_upstream(config, timeout_s=5)
+    assert (check.is_reachable, check.problem) == (
+        False,
+        "upstream 'up0' could not be reached: its proxy refused the tunnel (HTTP 407)",
+    )
+    assert await answers_http(config, timeout_s=5) is False
+    proxy.mode = "tunnel"
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)  # from the environment, as the calls
+    plain = parse_config(config_data(through(upstream)), source="<test>", environ={})
+    assert await probe_models(plain.upstreams[0], timeout_s=5) == (200, [FAKE_MODEL])
+    assert len(proxy.requests) == 6
+
+
 async def test_an_unusable_environment_proxy_refuses_the_start(upstream, monkeypatch):
     """An `HTTPS_PROXY` the gateway cannot use (a SOCKS one here) stops the start with a
     config error naming the variable, never its value, rather than going around it."""
@@ -235,6 +267,29 @@ async def test_an_unusable_environment_proxy_refuses_the_start(upstream, monkeyp
             pass
     assert caught.value.key == "HTTPS_PROXY"
     assert ENV_PROXY_PASSWORD not in str(caught.value)
+
+
+async def test_check_refuses_an_unusable_environment_proxy_as_serve_does(
+    tmp_path, monkeypatch, capsys
+):
+    """`llm-gateway check` exits 2 on an `HTTPS_PROXY` `serve` would refuse, naming the
+    variable and never its value."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "upstreams: [{name: up0, base_url: 'https://api.example.com/v1', models: [m]}]\n"
+        "local_model: {enabled: never}\n"
+    )
+    monkeypatch.setenv("HTTPS_PROXY", f"https://gw:{ENV_PROXY_PASSWORD}@proxy.corp:3128")
+    parser = argparse.ArgumentParser()
+    check.register(parser.add_subparsers())
+    code = await check.check_command(parser.parse_args(["check", "--config", str(config)]))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert (
+        "config error: environment: HTTPS_PROXY: its URL must be http://HOST:PORT: TLS to the proxy"
+        in captured.err
+    )
+    assert ENV_PROXY_PASSWORD not in captured.out + captured.err
 
 
 def _https_context(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
