@@ -240,7 +240,7 @@ class ServerConfig:
     @property
     def is_loopback(self) -> bool:
         """Whether the listen address is reachable only from this machine."""
-        return _is_loopback_host(host_and_port(self.listen)[0])
+        return is_loopback_host(host_and_port(self.listen)[0])
 
 
 def host_and_port(address: str) -> tuple[str, int]:
@@ -262,16 +262,60 @@ def _require_address(address: str, name: str) -> None:
     _require(int(port) <= 65535, f"{name}'s port must be 0..65535")
 
 
-def _is_loopback_host(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (a name or an IP address) is this machine: `localhost`, 127.0.0.0/8
+    or ::1. A DNS name such as 127.corp.example may resolve anywhere: not loopback."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a DNS name such as 127.corp.example may resolve anywhere
+    except ValueError:
         return False
 
 
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
+# What a forward proxy's URL may be: `http://HOST:PORT`, the tunnel being CONNECT.
+PROXY_URL_FORM = "http://HOST:PORT"
+
+
+def proxy_url_problem(url: str, *, key: str, credentials_go: str | None) -> str | None:
+    """What is wrong with a forward proxy's URL, in words that never repeat it (it may
+    hold a password); None when it is a usable `http://HOST:PORT`.
+
+    `credentials_go`: where a user or password must go instead (None: the URL may carry
+    them, as `HTTPS_PROXY` conventionally does). A URL without a scheme is refused here;
+    the environment's are read as `http://` first, as curl reads them.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+    except ValueError:
+        return f"{key} must be {PROXY_URL_FORM}: its host or port cannot be read"
+    if parts.scheme == "https":
+        return (
+            f"{key} must be {PROXY_URL_FORM}: TLS to the proxy (https://) is not supported "
+            "(the tunnel to an https upstream is TLS end to end)"
+        )
+    if parts.scheme != "http":
+        return (
+            f"{key} must be {PROXY_URL_FORM}: only HTTP forward proxies (CONNECT) are "
+            "supported, not SOCKS or other schemes"
+        )
+    if credentials_go is not None and (parts.username is not None or parts.password is not None):
+        return f"{key} must not carry a user or password; put user:password in {credentials_go}"
+    if not host:
+        return f"{key} must be {PROXY_URL_FORM}: it names no host"
+    if port is None or port == 0:
+        # Tools disagree on the default (curl takes 1080, others 80): say it.
+        return f"{key} must be {PROXY_URL_FORM}: it names no port"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return f"{key} must be {PROXY_URL_FORM}, without a path, query or fragment"
+    return None
+
+
 # Query parameters that carry a credential: one in `base_url` would sit in the config
 # file (a ConfigMap) in clear, where `api_key_env` keeps the key out of it.
 _CREDENTIAL_PARAMETERS = frozenset(
@@ -337,9 +381,23 @@ class UpstreamConfig:
     # Fields added to every request body sent to this upstream: a provider's own switches
     # (DeepSeek's `thinking`, vLLM's `chat_template_kwargs`), never one the gateway sets.
     extra_body: Mapping[str, object] = field(default_factory=dict, repr=False)
+    # An HTTP forward proxy (`http://HOST:PORT`) every connection to this upstream goes
+    # through as a CONNECT tunnel. Unset: `HTTPS_PROXY`/`HTTP_PROXY` and `NO_PROXY` decide
+    # when the client opens (`service.upstream.proxy`).
+    proxy_url: str | None = None
+    # The environment variable holding the proxy's `user:password` (sent as
+    # `Proxy-Authorization: Basic ...`): never in `proxy_url`, which sits in the file.
+    proxy_authorization_env: str | None = None
     # Filled from `api_key_env` by `parse_config`; a file that sets it is refused.
     api_key: str | None = field(
         default=None, repr=False, compare=False, metadata={"from_environment": "api_key_env"}
+    )
+    # Filled from `proxy_authorization_env` by `parse_config`, as `api_key` is.
+    proxy_authorization: str | None = field(
+        default=None,
+        repr=False,
+        compare=False,
+        metadata={"from_environment": "proxy_authorization_env"},
     )
 
     @property
@@ -349,7 +407,7 @@ class UpstreamConfig:
         return (
             bool(self.api_key)
             and parts.scheme == "http"
-            and not _is_loopback_host(parts.hostname or "")
+            and not is_loopback_host(parts.hostname or "")
         )
 
     def __post_init__(self) -> None:
@@ -385,6 +443,16 @@ class UpstreamConfig:
             self.api_key_env is None or _is_variable_name(self.api_key_env),
             f"api_key_env must name an environment variable ({_VARIABLE_NAME_RULE}), "
             "not hold the key itself",
+        )
+        if self.proxy_url is not None:
+            problem = proxy_url_problem(
+                self.proxy_url, key="proxy_url", credentials_go="proxy_authorization_env"
+            )
+            _require(problem is None, problem or "")
+        _require(
+            self.proxy_authorization_env is None or _is_variable_name(self.proxy_authorization_env),
+            f"proxy_authorization_env must name an environment variable "
+            f"({_VARIABLE_NAME_RULE}), not hold the credentials themselves",
         )
         _require(len(self.models) > 0, "models must list at least one model")
 
@@ -852,7 +920,9 @@ class GatewayConfig:
         """The environment variables this config reads secrets from: provider keys and
         Redis passwords, and the overrides that set a Redis URL (`ledger.redis_url` may
         carry its password)."""
-        named = [u.api_key_env for u in self.upstreams] + [
+        named = [u.api_key_env for u in self.upstreams]
+        named += [u.proxy_authorization_env for u in self.upstreams]
+        named += [
             self.cache.redis_password_env,
             self.auth.redis_password_env,
             self.ledger.redis_password_env,
@@ -1155,8 +1225,38 @@ def parse_config(
         dataclasses.replace(u, api_key=env.get(u.api_key_env) or None) if u.api_key_env else u
         for u in config.upstreams
     )
+    upstreams = tuple(_with_proxy_authorization(config, i, u, env) for i, u in enumerate(upstreams))
     config = dataclasses.replace(config, upstreams=upstreams)
     return _with_local_model_in_catalog(config)
+
+
+def _with_proxy_authorization(
+    config: GatewayConfig, index: int, upstream: UpstreamConfig, env: Mapping[str, str]
+) -> UpstreamConfig:
+    """`upstream` with the proxy credentials its `proxy_authorization_env` holds.
+
+    A named variable that is unset or empty is refused, as a Redis password's is: going
+    through the proxy without them would fail every connection far from the cause. Only
+    an enabled upstream's is read (a disabled one, its key unset, opens no connection).
+    """
+    variable = upstream.proxy_authorization_env
+    if variable is None or (upstream.api_key_env is not None and not upstream.api_key):
+        return upstream
+    value = env.get(variable)
+    key = f"upstreams[{index}].proxy_authorization_env"
+    if not value:
+        state = "empty" if variable in env else "not set"
+        raise config.error(
+            key,
+            f"the environment variable {variable} is {state}; set it to the proxy's "
+            "user:password, or remove proxy_authorization_env to send none",
+        )
+    if ":" not in value or any(c in value for c in "\r\n"):
+        # Said without the value: it is a password, or part of one.
+        raise config.error(
+            key, f"the environment variable {variable} must hold user:password on one line"
+        )
+    return dataclasses.replace(upstream, proxy_authorization=value)
 
 
 def _with_local_model_in_catalog(config: GatewayConfig) -> GatewayConfig:

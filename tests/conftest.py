@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,6 +21,13 @@ from tests.redis_server import redis_server  # noqa: F401  (fixture)
 from tests.secret_capture import capture_emitted_logs, pytest_collection_modifyitems  # noqa: F401
 
 FAKE_MODEL = "fake-model"
+
+# The machine's proxy is not the tests': with it, an upstream a test names by a host other
+# than loopback would be tunnelled through the CI's proxy (or refused, for one the gateway
+# cannot use). Gone before any gateway starts, for this process and those it spawns; the
+# proxy tests set their own.
+for _variable in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+    os.environ.pop(_variable, None)
 
 
 def fake_model_window(tokens: int) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -226,8 +227,11 @@ class FakeUpstream:
         models: Sequence[str] = ("fake-model",),
         api_key: str | None = None,
         default: Behaviour | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """Configure the fake; the server starts on `start()` or `async with`."""
+        """Configure the fake; the server starts on `start()` or `async with`.
+        `ssl_context`: serve HTTPS with it (`base_url` stays `http://`: build your own)."""
+        self._ssl_context = ssl_context
         self.port: int = 0
         self.requests: list[RecordedRequest] = []
         self.disconnects: int = 0
@@ -281,7 +285,7 @@ class FakeUpstream:
             shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
         )
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self._ssl_context)
         await site.start()
         self._runner = runner
         self.port = int(runner.addresses[0][1])

@@ -7,6 +7,8 @@ Foreign errors are translated to `UpstreamError` subclasses at one seam,
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
@@ -24,7 +26,15 @@ from service.errors import (
     UpstreamUnavailable,
 )
 from service.upstream.headers import rate_limit_hints, retry_after_s
-from service.upstream.http import BodyTooLarge, ConnectFailed, HttpError, HttpPool, Response
+from service.upstream.http import (
+    BodyTooLarge,
+    ConnectFailed,
+    HttpError,
+    HttpPool,
+    ProxyFailed,
+    ProxyRefused,
+    Response,
+)
 from service.upstream.openai_json import (
     MalformedReply,
     StreamParser,
@@ -33,6 +43,7 @@ from service.upstream.openai_json import (
     says_context_exceeded,
     says_out_of_credit,
 )
+from service.upstream.proxy import Proxy, choose_proxy
 from service.upstream.sse import SSEDecoder
 from service.upstream.types import (
     StreamEnd,
@@ -43,6 +54,8 @@ from service.upstream.types import (
     joined_chunks,
 )
 
+log = logging.getLogger("llm_gateway.upstream")
+
 _USER_AGENT = "llm-gateway"
 # Idle connections older than this are not reused (providers close theirs after a while).
 _KEEPALIVE_S = 30.0
@@ -52,6 +65,13 @@ _STREAM_END_GRACE_S = 0.25
 # The largest answer (or stream event) read: far past any real completion, and a bound
 # on what a broken or hostile upstream can make the gateway hold in memory.
 _MAX_REPLY_BYTES = 16 * 1024 * 1024
+# A proxy that keeps failing the same way is logged once in this long, not per connection.
+_PROXY_LOG_INTERVAL_S = 60.0
+# What an operator does about a 407 from the proxy: no retry or wait mends it.
+_PROXY_AUTH_FIX = (
+    "the proxy refused the gateway's credentials: set user:password in the variable "
+    "proxy_authorization_env names (or in the environment proxy URL), then restart"
+)
 
 
 def _error_for_status(
@@ -134,10 +154,12 @@ class _TranslatedErrors:
     `contextlib.contextmanager`: every attempt enters one.
     """
 
-    __slots__ = ("_upstream",)
+    __slots__ = ("_proxy_said_at", "_upstream")
 
     def __init__(self, upstream: str) -> None:
         self._upstream = upstream
+        # When each proxy failure was last logged, by its problem: once a minute at most.
+        self._proxy_said_at: dict[str, float] = {}
 
     def __enter__(self) -> None:
         return None
@@ -148,6 +170,18 @@ class _TranslatedErrors:
         if exc is None or isinstance(exc, UpstreamError):
             return
         upstream = self._upstream
+        if isinstance(exc, ProxyFailed):
+            self._say_proxy_failed(exc)
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(
+                    f"upstream {upstream!r} timed out: its proxy did not open the tunnel",
+                    upstream=upstream,
+                ) from exc
+            problem = f"refused the tunnel (HTTP {exc.status})" if exc.status else "failed"
+            raise UpstreamUnavailable(
+                f"upstream {upstream!r} could not be reached: its proxy {problem}",
+                upstream=upstream,
+            ) from exc
         if isinstance(exc, TimeoutError):
             raise UpstreamTimeout(f"upstream {upstream!r} timed out", upstream=upstream) from exc
         if isinstance(exc, ConnectFailed):
@@ -162,6 +196,26 @@ class _TranslatedErrors:
             raise UpstreamUnavailable(
                 f"upstream {upstream!r} sent a malformed answer: {exc}", upstream=upstream
             ) from exc
+
+    def _say_proxy_failed(self, exc: ProxyFailed) -> None:
+        """Log a proxy's failure to open a tunnel (its address and status, never its
+        credentials), once a minute at most for the same problem."""
+        now = time.monotonic()
+        said_at = self._proxy_said_at.get(exc.problem)
+        if said_at is not None and now - said_at < _PROXY_LOG_INTERVAL_S:
+            return
+        self._proxy_said_at[exc.problem] = now
+        extra: dict[str, object] = {"upstream": self._upstream, "proxy": exc.proxy}
+        if isinstance(exc, ProxyRefused) and exc.status == 407:
+            # The operator's to fix, like a rejected key: said as loudly.
+            log.error(
+                "upstream.proxy_auth_rejected",
+                extra={**extra, "http_status": 407, "fix": _PROXY_AUTH_FIX},
+            )
+        elif isinstance(exc, ProxyRefused):
+            log.warning("upstream.proxy_refused", extra={**extra, "http_status": exc.status})
+        else:
+            log.warning("upstream.proxy_failed", extra={**extra, "problem": exc.problem})
 
 
 def _output_of_events(
@@ -202,12 +256,16 @@ def _output_of_events(
 class UpstreamClient:
     """Sends chat completions to one upstream; owns its connection pool.
 
-    Use as `async with UpstreamClient(config) as client:`.
+    Use as `async with UpstreamClient(config) as client:`. `environ` (the process's by
+    default) is where `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` are read when the client
+    opens, for an upstream without `proxy_url`.
     """
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, *, environ: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.name = config.name
+        self._environ = os.environ if environ is None else environ
+        self.proxy: Proxy | None = None  # chosen when the client opens
         self._pool: HttpPool | None = None
         self._translated_errors = _TranslatedErrors(self.name)  # holds no state of a call
         self._headers = {
@@ -217,12 +275,25 @@ class UpstreamClient:
 
     async def __aenter__(self) -> UpstreamClient:
         if self._pool is None:
+            # Decided once: every connection the pool opens goes the same way.
+            self.proxy = choose_proxy(self.config, self._environ)
+            if self.proxy is not None:
+                log.info(
+                    "upstream.proxy",
+                    extra={
+                        "upstream": self.name,
+                        "proxy": self.proxy.address,
+                        "source": self.proxy.source,
+                        "authenticated": self.proxy.authorization is not None,
+                    },
+                )
             self._pool = HttpPool(
                 self.config.base_url,
                 max_connections=self.config.max_connections,
                 connect_timeout_s=self.config.connect_timeout_s,
                 keepalive_s=_KEEPALIVE_S,
                 headers=self._headers,
+                proxy=self.proxy,
             )
         return self
 
@@ -415,10 +486,14 @@ def _reply(
     )
 
 
-async def _get_once(config: UpstreamConfig, path: str, *, timeout_s: float) -> tuple[int, bytes]:
-    """GET `{base_url}{path}` on a short-lived connection: the status and the body."""
+async def _get_once(
+    config: UpstreamConfig, path: str, *, timeout_s: float, environ: Mapping[str, str] | None
+) -> tuple[int, bytes]:
+    """GET `{base_url}{path}` on a short-lived connection, through the proxy the upstream's
+    calls would take (`environ`: the process's by default): the status and the body."""
     headers = _headers(config, accept="application/json")
-    pool = HttpPool(config.base_url, max_connections=1, connect_timeout_s=timeout_s)
+    proxy = choose_proxy(config, os.environ if environ is None else environ)
+    pool = HttpPool(config.base_url, max_connections=1, connect_timeout_s=timeout_s, proxy=proxy)
     try:
         with _TranslatedErrors(config.name):
             async with asyncio.timeout(timeout_s):
@@ -428,12 +503,15 @@ async def _get_once(config: UpstreamConfig, path: str, *, timeout_s: float) -> t
         await pool.aclose()
 
 
-async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int, list[str]]:
+async def probe_models(
+    config: UpstreamConfig, *, timeout_s: float, environ: Mapping[str, str] | None = None
+) -> tuple[int, list[str]]:
     """GET `{base_url}/models`: the status and model ids listed.
 
     The old client's key check: 200 lists the models, 401 means a bad or expired key.
+    Through the upstream's proxy, as its calls go (`environ` as `UpstreamClient`'s).
     """
-    status, body = await _get_once(config, "/models", timeout_s=timeout_s)
+    status, body = await _get_once(config, "/models", timeout_s=timeout_s, environ=environ)
     if status != 200:
         return status, []
     with _TranslatedErrors(config.name):
@@ -447,14 +525,17 @@ async def probe_models(config: UpstreamConfig, *, timeout_s: float) -> tuple[int
     return 200, [str(m.get("id")) for m in items if isinstance(m, dict)]
 
 
-async def answers_http(config: UpstreamConfig, *, timeout_s: float) -> bool:
-    """Whether the upstream answers an HTTP request at all, whatever the status.
+async def answers_http(
+    config: UpstreamConfig, *, timeout_s: float, environ: Mapping[str, str] | None = None
+) -> bool:
+    """Whether the upstream answers an HTTP request at all, whatever the status (through
+    its proxy, as its calls go).
 
     A path no server routes (a 404 is an answer): llama-cpp-python's `/v1/models` waits
     for the model's lock, so a server busy generating would look hung.
     """
     try:
-        await _get_once(config, "/llm-gateway-liveness", timeout_s=timeout_s)
+        await _get_once(config, "/llm-gateway-liveness", timeout_s=timeout_s, environ=environ)
     except UpstreamError:
         return False
     return True

@@ -10,7 +10,8 @@ handing the body over as it arrives.
 
 Only what an OpenAI-compatible API needs: POST and GET with a body in one write,
 responses with Content-Length, chunked or read-until-close bodies, keep-alive reuse,
-TLS (https), and a connect timeout. The caller bounds the whole exchange (its deadline).
+TLS (https), a connect timeout, and an HTTP forward proxy (a CONNECT tunnel, opened
+with each new connection, `_tunnel`). The caller bounds the whole exchange (its deadline).
 Addresses are tried in turn, without Happy Eyeballs: uvloop's `create_connection` does
 not take `happy_eyeballs_delay`, so when a host's first address silently drops packets
 the connect fails after `upstreams[].connect_timeout_s`, all addresses counted.
@@ -24,9 +25,13 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httptools
+
+if TYPE_CHECKING:
+    from service.upstream.proxy import Proxy
 
 # A body the consumer has not read yet beyond this pauses reading from the socket.
 _HIGH_WATER_BYTES = 256 * 1024
@@ -36,6 +41,8 @@ _PIECE_OVERHEAD_BYTES = 48
 _MAX_HEADER_BYTES = 64 * 1024
 # What a response released with `release_at_end` may still send before its end.
 _MAX_TRAILING_BODY_BYTES = 64 * 1024
+# A proxy's answer to CONNECT is a status line and a few headers.
+_MAX_PROXY_HEAD_BYTES = 16 * 1024
 
 
 class HttpError(Exception):
@@ -44,6 +51,34 @@ class HttpError(Exception):
 
 class ConnectFailed(HttpError):
     """No connection could be made (refused, unreachable, DNS, TLS handshake)."""
+
+
+class ProxyFailed(ConnectFailed):
+    """The forward proxy did not open the tunnel: it dropped the connection, answered
+    CONNECT with something that is not HTTP, or did not answer in time.
+
+    `proxy` is its `HOST:PORT`, never its credentials; `problem` says what it did.
+    """
+
+    def __init__(self, problem: str, *, proxy: str, status: int | None = None) -> None:
+        super().__init__(f"the proxy {proxy} {problem}")
+        self.problem = problem
+        self.proxy = proxy
+        self.status = status
+
+
+class ProxyRefused(ProxyFailed):
+    """The forward proxy answered CONNECT with a status other than 2xx (`status`): 407
+    for missing or wrong credentials, 403 for a destination it does not allow, 502/503
+    when it cannot reach the upstream."""
+
+    def __init__(self, status: int, *, proxy: str) -> None:
+        super().__init__(f"refused the tunnel (HTTP {status})", proxy=proxy, status=status)
+
+
+class ProxyTimeout(ProxyFailed, TimeoutError):
+    """The forward proxy did not answer CONNECT within the connect timeout: a timeout,
+    as a direct connect's is, that says whose."""
 
 
 class BodyTooLarge(Exception):
@@ -172,6 +207,73 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.is_closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Tunnel(asyncio.Protocol):
+    """A connection to a forward proxy until it answers CONNECT (RFC 9110 §9.3.6).
+
+    Writes the request on connect, then reads the answer's head, bounded, and parses it
+    with llhttp. `opened` is set once the head is in: with None for a 2xx (the bytes that
+    follow are the upstream's), else with the error. Reading pauses there, for the pool's
+    own protocol (or TLS) to take the transport over.
+    """
+
+    def __init__(self, request: bytes, proxy: str) -> None:
+        self._request = request
+        self._proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.is_lost = False
+        self._head = bytearray()
+        self._parser: httptools.HttpResponseParser | None = None
+        self._status = 0  # stays 0 unless a whole, well-formed head is parsed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self._request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self.opened.done():  # bytes before the pool spoke: nobody asked for them
+            self._fail(ProxyFailed("sent bytes the tunnel did not ask for", proxy=self._proxy))
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > _MAX_PROXY_HEAD_BYTES:
+                self._fail(ProxyFailed("answered CONNECT with too long a head", proxy=self._proxy))
+            return
+        head, rest = bytes(self._head[: end + 4]), bytes(self._head[end + 4 :])
+        self._parser = httptools.HttpResponseParser(self)
+        with contextlib.suppress(httptools.HttpParserError):  # no status read: said below
+            self._parser.feed_data(head)
+        status = self._status
+        if not 100 <= status <= 599:
+            self._fail(ProxyFailed("answered CONNECT with malformed HTTP", proxy=self._proxy))
+        elif not 200 <= status < 300:
+            self._fail(ProxyRefused(status, proxy=self._proxy))
+        elif rest:
+            self._fail(ProxyFailed("sent bytes the tunnel did not ask for", proxy=self._proxy))
+        else:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self.opened.set_result(None)
+
+    def on_headers_complete(self) -> None:  # httptools: the status line and headers are in
+        assert self._parser is not None
+        self._status = self._parser.get_status_code()
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes, and connection_lost says it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_lost = True
+        self._fail(ProxyFailed("closed the connection before answering CONNECT", proxy=self._proxy))
+
+    def _fail(self, error: ProxyFailed) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(error)
         if self.transport is not None:
             self.transport.close()
 
@@ -415,8 +517,10 @@ class HttpPool:
         connect_timeout_s: float,
         keepalive_s: float = 30.0,
         headers: Mapping[str, str] | None = None,
+        proxy: Proxy | None = None,
     ) -> None:
-        """`headers`: sent with every request, before its own."""
+        """`headers`: sent with every request, before its own; `proxy`: the forward proxy
+        every connection is tunnelled through (`service.upstream.proxy.choose_proxy`)."""
         parts = urlsplit(base_url)
         self._is_tls = parts.scheme == "https"
         self._host = parts.hostname or ""
@@ -429,6 +533,7 @@ class HttpPool:
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._ssl = ssl.create_default_context() if self._is_tls else None
+        self._proxy = proxy
         self._headers = dict(headers or {})
         # Checked and written out once rather than for every request; None when one is
         # refused, as every request carrying it then is.
@@ -526,6 +631,8 @@ class HttpPool:
         return None
 
     async def _connect(self) -> _Connection:
+        if self._proxy is not None:
+            return await self._tunnel(self._proxy)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
@@ -541,6 +648,71 @@ class HttpPool:
         except OSError as exc:  # refused, unreachable, DNS, TLS handshake (SSLError)
             raise ConnectFailed(f"cannot connect: {exc}") from exc
         return connection  # asyncio and uvloop set TCP_NODELAY on their own
+
+    async def _tunnel(self, proxy: Proxy) -> _Connection:
+        """A connection to the upstream through `proxy`: TCP to the proxy, `CONNECT
+        host:port`, its 2xx, then TLS with the upstream (its name for SNI and for the
+        certificate check) for an https one, all within the connect timeout. The pool's
+        own protocol then takes the transport over: nothing after this differs."""
+        loop = asyncio.get_running_loop()
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        target = f"{host}:{self._port}"  # the port always, even the scheme's default
+        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+        if proxy.authorization is not None:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        transport: asyncio.BaseTransport | None = None
+        connected = is_answered = False
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                transport, tunnel = await loop.create_connection(
+                    lambda: _Tunnel(request, proxy.address), proxy.host, proxy.port
+                )
+                connected = True
+                await tunnel.opened
+                is_answered = True
+                connection = _Connection()
+                if self._ssl is None:
+                    tunnel_transport = tunnel.transport
+                    assert tunnel_transport is not None
+                    tunnel_transport.set_protocol(connection)
+                    connection.connection_made(tunnel_transport)
+                    tunnel_transport.resume_reading()
+                else:
+                    tls = await loop.start_tls(
+                        transport,
+                        connection,
+                        self._ssl,
+                        server_hostname=self._host,
+                    )
+                    if tls is None:  # the proxy closed the tunnel during the handshake
+                        raise ProxyFailed("closed the tunnel during TLS", proxy=proxy.address)
+                    transport = tls
+                    connection.connection_made(tls)
+                if tunnel.is_lost:
+                    raise ProxyFailed("closed the tunnel as it opened", proxy=proxy.address)
+        except TimeoutError as exc:
+            if transport is not None:
+                transport.close()
+            if is_answered:
+                raise  # the upstream's TLS handshake, through the tunnel, took too long
+            problem = "did not answer CONNECT in time" if connected else "was not reached in time"
+            raise ProxyTimeout(problem, proxy=proxy.address) from exc
+        except ProxyFailed:
+            if transport is not None:
+                transport.close()
+            raise
+        except OSError as exc:  # the proxy refused or unreachable, or the upstream's TLS
+            if transport is not None:
+                transport.close()
+            if not is_answered:
+                raise ProxyFailed(f"cannot be reached: {exc}", proxy=proxy.address) from exc
+            raise ConnectFailed(f"cannot connect through the proxy: {exc}") from exc
+        except BaseException:
+            if transport is not None:
+                transport.close()
+            raise
+        return connection
 
     def _release(self, connection: _Connection, *, reusable: bool) -> None:
         self._busy.discard(connection)

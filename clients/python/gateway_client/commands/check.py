@@ -29,6 +29,7 @@ from service.server import TLS_REFUSED, refuses_tls
 from service.telemetry import TelemetrySetupError
 from service.telemetry.setup import check_environment
 from service.upstream.client import probe_models
+from service.upstream.proxy import choose_proxy
 from service.workers import worker_configs, worker_count
 
 
@@ -149,6 +150,8 @@ async def check_command(args: argparse.Namespace) -> int:
             check_environment(config.telemetry, os.environ)
         except TelemetrySetupError as exc:
             raise ConfigError("environment", exc.variable, exc.problem) from None
+        for upstream in config.enabled_upstreams:  # an HTTPS_PROXY serve would refuse
+            choose_proxy(upstream, os.environ)
         if config.server.tls.is_enabled and await refuses_tls(config.server):
             raise config.error("server.tls.cert_file", TLS_REFUSED)
     except ConfigError as exc:

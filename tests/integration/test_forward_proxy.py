@@ -1,0 +1,307 @@
+"""Upstreams reached through an HTTP forward proxy, through the real gRPC server.
+
+The upstream is named `upstream.test`, which resolves nowhere: only the test proxy
+(`tests/forward_proxy.py`), mapping it to the fake upstream's loopback port, can reach
+it. A call answered by that name went through the tunnel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from gateway_client.commands import check
+from gateway_client.commands.check import check_upstream
+from llmgateway.v1 import gateway_pb2 as pb
+from service.config import parse_config
+from service.upstream.client import answers_http, probe_models
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config_data
+from tests.fake_upstream import FakeUpstream
+from tests.forward_proxy import ForwardProxy
+from tests.integration.pki import issue, make_ca
+from tests.integration.tenancy_helpers import rpc_error
+from tests.integration.test_resilience import FAST_RESILIENCE, error_details
+from tests.secret_capture import record_emitted, register_secret
+
+NAME = "upstream.test"
+# Distinctive, so that the session's secret grep (tests/test_zz_secret_grep.py) finds
+# any leak of them anywhere the run emitted.
+PROXY_PASSWORD = register_secret("FAKEPROXYPASS-3e7a9c1b5d")
+ENV_PROXY_PASSWORD = register_secret("FAKEENVPROXYPASS-8b2d4f6a0c")
+PROXY_BASIC = register_secret(
+    base64.b64encode(f"gw:{PROXY_PASSWORD}".encode()).decode()
+)  # what goes on the wire
+
+
+@pytest_asyncio.fixture
+async def proxy(upstream: FakeUpstream) -> AsyncIterator[ForwardProxy]:
+    """A CONNECT proxy that maps `upstream.test` to the fake upstream."""
+    async with ForwardProxy(hosts={NAME: ("127.0.0.1", upstream.port)}) as running:
+        yield running
+
+
+def through(upstream: FakeUpstream, scheme: str = "http") -> str:
+    """The fake upstream's base URL by the name only the proxy can reach."""
+    return f"{scheme}://{NAME}:{upstream.port}/v1"
+
+
+def config_data(*base_urls: str, **upstream_fields: Any) -> dict[str, Any]:
+    """Upstreams up0, up1, ...; `upstream_fields` set on up0."""
+    data = gateway_config_data(*base_urls, resilience=FAST_RESILIENCE)
+    data["upstreams"][0].update(upstream_fields)
+    return data
+
+
+async def test_unary_and_streaming_calls_go_through_proxy_url(
+    upstream, proxy, start_gateway, caplog
+):
+    """With `proxy_url`, calls reach the upstream through one CONNECT tunnel, reused; the
+    start logs which proxy the upstream uses, once."""
+    data = config_data(through(upstream), proxy_url=proxy.url)
+    with caplog.at_level(logging.INFO, logger="llm_gateway"):
+        gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    reply = await gateway.stub.Complete(chat())
+    assert reply.content == "Hello from fake"
+    deltas = [m async for m in gateway.stub.CompleteStream(chat_stream("again"))]
+    assert "".join(m.delta.content for m in deltas) == "Hello from fake"
+    assert len(upstream.requests) == 2
+    assert upstream.requests[0].headers["host"] == f"{NAME}:{upstream.port}"
+    assert proxy.targets == [f"{NAME}:{upstream.port}"]  # one connection, reused
+    said = [r for r in caplog.records if r.getMessage() == "upstream.proxy"]
+    assert [(r.upstream, r.proxy, r.source) for r in said] == [
+        ("up0", f"127.0.0.1:{proxy.port}", "proxy_url")
+    ]
+
+
+async def test_proxy_authorization_is_sent_and_never_emitted(
+    upstream, proxy, start_gateway, caplog
+):
+    """`proxy_authorization_env`'s `user:password` goes to the proxy as Basic credentials,
+    and appears in no log, error or answer, whether the proxy accepts or refuses it."""
+    data = config_data(
+        through(upstream), proxy_url=proxy.url, proxy_authorization_env="GW_PROXY_CREDS"
+    )
+    environ = {"GW_PROXY_CREDS": f"gw:{PROXY_PASSWORD}"}
+    with caplog.at_level(logging.DEBUG):
+        gateway = await start_gateway(parse_config(data, source="<test>", environ=environ))
+        record_emitted(await gateway.stub.Complete(chat()))
+        proxy.mode = "refuse"  # a new gateway: a new connection (the first is reused)
+        proxy.status = 407
+        refused = await start_gateway(parse_config(config_data(
+            through(upstream), proxy_url=proxy.url, proxy_authorization_env="GW_PROXY_CREDS"
+        ), source="<test>", environ=environ))  # fmt: skip
+        error = await rpc_error(refused.stub.Complete(chat("refused")))
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert {r.proxy_authorization for r in proxy.requests} == {f"Basic {PROXY_BASIC}"}
+    assert "proxy-authorization" not in {h.lower() for h in upstream.requests[0].headers}
+    for text in (caplog.text, repr([r.__dict__ for r in caplog.records]), error.details()):
+        assert PROXY_PASSWORD not in text
+        assert PROXY_BASIC not in text
+
+
+async def test_an_https_upstream_through_https_proxy_is_verified_for_its_name(
+    tmp_path, monkeypatch, start_gateway, caplog
+):
+    """`HTTPS_PROXY` from the environment takes an https upstream's calls: TLS runs end to
+    end through the tunnel and checks the certificate for `upstream.test`. Credentials in
+    the variable's URL reach the proxy and nothing else."""
+    context, ca = _https_context(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    async with FakeUpstream(models=(FAKE_MODEL,), ssl_context=context) as tls_upstream:
+        hosts = {NAME: ("127.0.0.1", tls_upstream.port)}
+        async with ForwardProxy(hosts=hosts) as env_proxy:
+            monkeypatch.setenv("HTTPS_PROXY", f"http://gw:{ENV_PROXY_PASSWORD}@{env_proxy.url[7:]}")
+            data = config_data(through(tls_upstream, "https"))
+            with caplog.at_level(logging.DEBUG):
+                gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+                reply = await gateway.stub.Complete(chat())
+                deltas = [m async for m in gateway.stub.CompleteStream(chat_stream("s"))]
+            assert reply.content == "Hello from fake"
+            assert "".join(m.delta.content for m in deltas) == "Hello from fake"
+            assert env_proxy.targets == [f"{NAME}:{tls_upstream.port}"]
+            expected = base64.b64encode(f"gw:{ENV_PROXY_PASSWORD}".encode()).decode()
+            assert env_proxy.requests[0].proxy_authorization == f"Basic {expected}"
+            said = [r for r in caplog.records if r.getMessage() == "upstream.proxy"]
+            assert [(r.upstream, r.source) for r in said] == [("up0", "HTTPS_PROXY")]
+            assert ENV_PROXY_PASSWORD not in caplog.text
+            assert ENV_PROXY_PASSWORD not in repr([r.__dict__ for r in caplog.records])
+
+
+@pytest.mark.parametrize("no_proxy", [NAME, ".test", "*", f"other.example, {NAME}:{{port}}"])
+async def test_no_proxy_excludes_an_upstream_from_the_environments_proxy(
+    no_proxy, upstream, proxy, monkeypatch, start_gateway
+):
+    """An upstream `NO_PROXY` names is connected to directly: the proxy sees nothing (and
+    `upstream.test`, resolving nowhere, cannot be reached without it)."""
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", no_proxy.format(port=upstream.port))
+    data = config_data(through(upstream))
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    error = await rpc_error(gateway.stub.Complete(chat()))
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert proxy.requests == []
+    monkeypatch.delenv("NO_PROXY")  # the same upstream, not excluded: through the proxy
+    data = config_data(through(upstream))
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    assert (await gateway.stub.Complete(chat())).content == "Hello from fake"
+    assert proxy.targets == [f"{NAME}:{upstream.port}"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "event", "reason"),
+    [
+        ("refuse", 407, "upstream.proxy_auth_rejected", "UPSTREAM_UNAVAILABLE"),
+        ("refuse", 502, "upstream.proxy_refused", "UPSTREAM_UNAVAILABLE"),
+        ("drop", 0, "upstream.proxy_failed", "UPSTREAM_UNAVAILABLE"),
+        ("garbage", 0, "upstream.proxy_failed", "UPSTREAM_UNAVAILABLE"),
+        ("hang", 0, "upstream.proxy_failed", "UPSTREAM_TIMEOUT"),
+    ],
+)
+async def test_a_failing_proxy_is_a_connect_failure_of_its_upstream(  # noqa: PLR0917
+    mode, status, event, reason, upstream, proxy, start_gateway, caplog
+):
+    """A proxy that refuses the tunnel, drops the connection, answers garbage or never
+    answers (within `connect_timeout_s`) fails its upstream's attempts like a failed
+    connect: retried, then `UNAVAILABLE` with the upstream named. One log line says what
+    the proxy did, with its status; a 407 says the operator must fix the credentials."""
+    proxy.mode = mode
+    proxy.status = status
+    data = config_data(through(upstream), proxy_url=proxy.url, connect_timeout_s=0.3)
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    with caplog.at_level(logging.WARNING, logger="llm_gateway"):
+        error = await rpc_error(gateway.stub.Complete(chat(), timeout=20))
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    metadata, got_reason, _ = error_details(error)
+    assert (got_reason, metadata["upstream"], metadata["attempts"]) == (reason, "up0", "3")
+    assert "through its proxy" in error.details() or "its proxy" in error.details()
+    assert upstream.requests == []
+    assert len(proxy.requests) == 3
+    said = [r for r in caplog.records if r.getMessage().startswith("upstream.proxy_")]
+    assert [(r.getMessage(), r.upstream, r.proxy) for r in said] == [
+        (event, "up0", f"127.0.0.1:{proxy.port}")
+    ]  # once, not once an attempt
+    if status:
+        assert said[0].http_status == status
+        assert f"HTTP {status}" in error.details()
+    if status == 407:
+        assert said[0].levelno == logging.ERROR
+        assert "proxy_authorization_env" in said[0].fix
+
+
+@pytest.mark.parametrize("status", [407, 502])
+async def test_a_refusing_proxy_fails_over_to_the_next_upstream(
+    status, upstream, proxy, start_gateway
+):
+    """A call whose first upstream's proxy refuses is served by the next upstream."""
+    proxy.mode = "refuse"
+    proxy.status = status
+    data = config_data(through(upstream), upstream.base_url, proxy_url=proxy.url)
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    replies = [await gateway.stub.Complete(chat(f"call {i}")) for i in range(2)]
+    assert {r.metadata.upstream for r in replies} == {"up1"}
+    assert len(upstream.requests) == 2
+    assert len(proxy.requests) >= 1
+
+
+async def test_a_hanging_proxy_fails_over_within_the_connect_timeout(
+    upstream, proxy, start_gateway
+):
+    """A proxy that never answers CONNECT costs one `connect_timeout_s`, then the call
+    moves on to the next upstream."""
+    proxy.mode = "hang"
+    data = config_data(
+        through(upstream), upstream.base_url, proxy_url=proxy.url, connect_timeout_s=0.3
+    )
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    reply = await gateway.stub.Complete(chat(), timeout=20)
+    assert (reply.metadata.upstream, reply.metadata.attempts) == ("up1", 2)
+
+
+async def test_health_probes_go_through_the_upstreams_proxy(upstream, proxy, monkeypatch):
+    """`probe_models`, `answers_http` and `llm-gateway check` reach the upstream through
+    its proxy, `proxy_url` or the environment's; a refusal is a failed check that says
+    so without the credentials."""
+    data = config_data(
+        through(upstream), proxy_url=proxy.url, proxy_authorization_env="GW_PROXY_CREDS"
+    )
+    environ = {"GW_PROXY_CREDS": f"gw:{PROXY_PASSWORD}"}
+    config = parse_config(data, source="<test>", environ=environ).upstreams[0]
+    assert await probe_models(config, timeout_s=5) == (200, [FAKE_MODEL])
+    assert await answers_http(config, timeout_s=5) is True
+    assert (await check_upstream(config, timeout_s=5)).is_ok
+    assert len(proxy.requests) == 3
+    assert {r.proxy_authorization for r in proxy.requests} == {f"Basic {PROXY_BASIC}"}
+    proxy.mode = "refuse"
+    check = await check_upstream(config, timeout_s=5)
+    assert (check.is_reachable, check.problem) == (
+        False,
+        "upstream 'up0' could not be reached: its proxy refused the tunnel (HTTP 407)",
+    )
+    assert await answers_http(config, timeout_s=5) is False
+    proxy.mode = "tunnel"
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)  # from the environment, as the calls
+    plain = parse_config(config_data(through(upstream)), source="<test>", environ={})
+    assert await probe_models(plain.upstreams[0], timeout_s=5) == (200, [FAKE_MODEL])
+    assert len(proxy.requests) == 6
+
+
+async def test_an_unusable_environment_proxy_refuses_the_start(upstream, monkeypatch):
+    """An `HTTPS_PROXY` the gateway cannot use (a SOCKS one here) stops the start with a
+    config error naming the variable, never its value, rather than going around it."""
+    from service.config import ConfigError
+    from service.server import GatewayServer
+
+    monkeypatch.setenv("HTTPS_PROXY", f"socks5://gw:{ENV_PROXY_PASSWORD}@127.0.0.1:1080")
+    data = config_data(through(upstream, "https"))
+    with pytest.raises(ConfigError) as caught:
+        async with GatewayServer(parse_config(data, source="<test>", environ={})):
+            pass
+    assert caught.value.key == "HTTPS_PROXY"
+    assert ENV_PROXY_PASSWORD not in str(caught.value)
+
+
+async def test_check_refuses_an_unusable_environment_proxy_as_serve_does(
+    tmp_path, monkeypatch, capsys
+):
+    """`llm-gateway check` exits 2 on an `HTTPS_PROXY` `serve` would refuse, naming the
+    variable and never its value."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "upstreams: [{name: up0, base_url: 'https://api.example.com/v1', models: [m]}]\n"
+        "local_model: {enabled: never}\n"
+    )
+    monkeypatch.setenv("HTTPS_PROXY", f"https://gw:{ENV_PROXY_PASSWORD}@proxy.corp:3128")
+    parser = argparse.ArgumentParser()
+    check.register(parser.add_subparsers())
+    code = await check.check_command(parser.parse_args(["check", "--config", str(config)]))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert (
+        "config error: environment: HTTPS_PROXY: its URL must be http://HOST:PORT: TLS to the proxy"
+        in captured.err
+    )
+    assert ENV_PROXY_PASSWORD not in captured.out + captured.err
+
+
+def _https_context(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a certificate for `upstream.test`, and its CA."""
+    ca = make_ca(tmp_path, "ca")
+    cert, key = issue(
+        tmp_path, "upstream", ca=ca, common_name=NAME,
+        extensions=f"subjectAltName=DNS:{NAME}\nextendedKeyUsage=serverAuth",
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context, ca[0]
+
+
+__all__ = ["pb"]

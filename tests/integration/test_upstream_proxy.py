@@ -1,0 +1,254 @@
+"""The upstream HTTP pool through a real CONNECT proxy (`tests/forward_proxy.py`).
+
+The upstream is named `upstream.test`, which resolves nowhere: only the proxy, mapping it
+to a loopback port, can reach it, so a call that got an answer went through the tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from service.upstream.http import (
+    ConnectFailed,
+    HttpPool,
+    ProxyFailed,
+    ProxyRefused,
+    ProxyTimeout,
+)
+from service.upstream.proxy import Proxy, basic_authorization
+from tests.forward_proxy import ForwardProxy
+from tests.integration.pki import issue, make_ca
+from tests.integration.test_upstream_http import answer_forever
+
+NAME = "upstream.test"
+
+
+def via(proxy: ForwardProxy, *, authorization: str | None = None) -> Proxy:
+    return Proxy("127.0.0.1", proxy.port, source="proxy_url", authorization=authorization)
+
+
+async def _echo_server(context: ssl.SSLContext | None = None) -> tuple[asyncio.Server, int]:
+    server = await asyncio.start_server(answer_forever, "127.0.0.1", 0, ssl=context)
+    return server, int(server.sockets[0].getsockname()[1])
+
+
+async def test_an_http_upstream_is_reached_through_one_reused_tunnel() -> None:
+    """CONNECT names the upstream's host and port (with Host), the answer comes through
+    the tunnel, and a second request reuses the tunnelled connection."""
+    server, port = await _echo_server()
+    async with ForwardProxy(hosts={NAME: ("127.0.0.1", port)}) as proxy:
+        pool = HttpPool(
+            f"http://{NAME}:{port}/v1", max_connections=2, connect_timeout_s=5, proxy=via(proxy)
+        )
+        try:
+            for body in (b"one", b"two"):
+                async with await pool.request("POST", "/chat", {}, body) as response:
+                    assert response.status == 200
+                    assert await response.read() == body
+            assert proxy.targets == [f"{NAME}:{port}"]
+            assert proxy.requests[0].host_header == f"{NAME}:{port}"
+            assert proxy.requests[0].proxy_authorization is None
+            assert pool.open_connections == 1
+        finally:
+            await pool.aclose()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_the_proxy_authorization_goes_to_the_proxy_alone() -> None:
+    """`Proxy-Authorization` is in the CONNECT, never in the request the upstream gets."""
+    seen: list[bytes] = []
+
+    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    server = await asyncio.start_server(recording, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    authorization = basic_authorization("gw:proxy-pass")
+    async with ForwardProxy(hosts={NAME: ("127.0.0.1", port)}) as proxy:
+        pool = HttpPool(
+            f"http://{NAME}:{port}/v1",
+            max_connections=1,
+            connect_timeout_s=5,
+            proxy=via(proxy, authorization=authorization),
+        )
+        try:
+            async with await pool.request("GET", "/models", {}) as response:
+                assert await response.read() == b"ok"
+        finally:
+            await pool.aclose()
+        assert [r.proxy_authorization for r in proxy.requests] == [authorization]
+    assert b"proxy-authorization" not in seen[0].lower()
+    server.close()
+    await server.wait_closed()
+
+
+def _https_context(tmp_path: Path, name: str) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a certificate for `name`, and the CA that signed it."""
+    ca = make_ca(tmp_path, "proxy-ca")
+    cert, key = issue(
+        tmp_path, "upstream", ca=ca, common_name=name,
+        extensions=f"subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth",
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context, ca[0]
+
+
+async def https_through_tunnel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, certified_name: str
+) -> None:
+    """Calls to an https upstream through the tunnel, its certificate made for
+    `certified_name`: TLS runs end to end with the upstream, checked for `upstream.test`."""
+    context, ca = _https_context(tmp_path, certified_name)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the default trust store, as OpenSSL reads it
+    server, port = await _echo_server(context)
+    async with ForwardProxy(hosts={NAME: ("127.0.0.1", port)}) as proxy:
+        pool = HttpPool(
+            f"https://{NAME}:{port}/v1", max_connections=2, connect_timeout_s=5, proxy=via(proxy)
+        )
+        try:
+            if certified_name != NAME:
+                with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+                    await pool.request("POST", "/", {}, b"secret")
+                assert pool.open_connections == 0
+                return
+            for body in (b"over", b"tls"):
+                async with await pool.request("POST", "/", {}, body) as response:
+                    assert await response.read() == body
+            assert pool.open_connections == 1
+            assert proxy.targets == [f"{NAME}:{port}"]
+        finally:
+            await pool.aclose()
+            server.close()
+            await server.wait_closed()
+
+
+async def test_an_https_upstream_is_verified_for_its_name_through_the_tunnel(tmp_path, monkeypatch):
+    """TLS over the tunnel checks the upstream's certificate for its own host name."""
+    await https_through_tunnel(tmp_path, monkeypatch, certified_name=NAME)
+
+
+async def test_an_https_upstream_certified_for_another_name_is_refused(tmp_path, monkeypatch):
+    """A certificate for another name fails the connect through the tunnel too."""
+    await https_through_tunnel(tmp_path, monkeypatch, certified_name="other.test")
+
+
+async def refused(mode: str, status: int = 407) -> BaseException:
+    """What a request fails with through a proxy in `mode`; nothing is left open."""
+    server, port = await _echo_server()
+    async with ForwardProxy(hosts={NAME: ("127.0.0.1", port)}, mode=mode, status=status) as proxy:  # type: ignore[arg-type]
+        pool = HttpPool(
+            f"http://{NAME}:{port}/v1", max_connections=1, connect_timeout_s=0.5, proxy=via(proxy)
+        )
+        try:
+            with pytest.raises(ConnectFailed) as caught:
+                await pool.request("GET", "/models", {})
+            assert pool.open_connections == 0
+            # The slot was given back: a second try fails the same way, not by waiting.
+            with pytest.raises(type(caught.value)):
+                await pool.request("GET", "/models", {})
+        finally:
+            await pool.aclose()
+        assert proxy.targets == [f"{NAME}:{port}"] * 2
+    server.close()
+    await server.wait_closed()
+    return caught.value
+
+
+@pytest.mark.parametrize("status", [403, 407, 502, 503])
+async def test_a_refusal_is_a_connect_failure_with_the_proxys_status(status):
+    """A non-2xx answer to CONNECT is `ProxyRefused` carrying its status and the proxy's
+    address, never a credential."""
+    error = await refused("refuse", status)
+    assert isinstance(error, ProxyRefused)
+    assert error.status == status
+    assert f"HTTP {status}" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("mode", "problem"),
+    [("drop", "closed the connection"), ("garbage", "malformed HTTP")],
+)
+async def test_a_proxy_that_drops_or_answers_garbage_fails_the_connect(mode, problem):
+    """A proxy that closes without answering, or answers what is not HTTP, fails the
+    connect as `ProxyFailed`."""
+    error = await refused(mode)
+    assert type(error) is ProxyFailed
+    assert problem in error.problem
+
+
+async def test_a_proxy_that_never_answers_times_out_at_the_connect_timeout():
+    """A proxy that takes the CONNECT and never answers is a connect timeout."""
+    error = await refused("hang")
+    assert isinstance(error, ProxyTimeout)
+    assert isinstance(error, TimeoutError)
+
+
+async def test_an_unreachable_proxy_is_a_proxy_failure():
+    """Nothing listening at the proxy's address: `ProxyFailed`, naming the proxy."""
+    pool = HttpPool(
+        "http://upstream.test/v1",
+        max_connections=1,
+        connect_timeout_s=2,
+        proxy=Proxy("127.0.0.1", 1, source="proxy_url"),
+    )
+    with pytest.raises(ProxyFailed, match=r"127\.0\.0\.1:1 cannot be reached"):
+        await pool.request("GET", "/models", {})
+    await pool.aclose()
+
+
+async def test_an_overlong_answer_to_connect_is_refused_not_buffered():
+    """A proxy whose answer's head never ends fails once past the bound."""
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(100):
+            writer.write(b"X-Filler: " + b"a" * 1000 + b"\r\n")
+            await writer.drain()
+        await asyncio.sleep(5)
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = HttpPool(
+        "http://upstream.test/v1",
+        max_connections=1,
+        connect_timeout_s=5,
+        proxy=Proxy("127.0.0.1", port, source="proxy_url"),
+    )
+    with pytest.raises(ProxyFailed, match="too long"):
+        await pool.request("GET", "/models", {})
+    await pool.aclose()
+    server.close()
+    await server.wait_closed()
+
+
+# The gateway serves on uvloop, whose transports and TLS differ from asyncio's.
+def _on_uvloop(case: Callable[[], Awaitable[object]]) -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(case())  # type: ignore[arg-type]
+
+
+def test_tunnels_on_uvloop() -> None:
+    """The plain tunnel, a refusal and a hang on the loop the gateway serves on."""
+    _on_uvloop(test_an_http_upstream_is_reached_through_one_reused_tunnel)
+    _on_uvloop(lambda: test_a_refusal_is_a_connect_failure_with_the_proxys_status(407))
+    _on_uvloop(test_a_proxy_that_never_answers_times_out_at_the_connect_timeout)
+    _on_uvloop(lambda: test_a_proxy_that_drops_or_answers_garbage_fails_the_connect(
+        "garbage", "malformed HTTP"))  # fmt: skip
+
+
+@pytest.mark.parametrize("certified_name", [NAME, "other.test"])
+def test_https_through_the_tunnel_on_uvloop(certified_name, tmp_path, monkeypatch) -> None:
+    """TLS over the tunnel through uvloop's own `start_tls`."""
+    _on_uvloop(lambda: https_through_tunnel(tmp_path, monkeypatch, certified_name=certified_name))
