@@ -558,15 +558,16 @@ class UpstreamPool:
     def _give_up(self, model: str, plan: _CallPlan, last_error: UpstreamError | None) -> Exception:
         """The error to raise when no attempt is left: the last failure, or why none ran."""
         if last_error is not None:
-            if last_error.is_retry_futile:
-                open_routes = [
-                    r.client.name for r in plan.order if not self._is_set_aside_for_key(r)
-                ]
-                if open_routes:
-                    # Another upstream failed in a way time mends (a 5xx, its own limits,
-                    # an open breaker): the caller's retry can reach it, once it may.
-                    last_error.is_retry_futile = False
-                    last_error.suggest_retry_after(min(map(self._retry_delay_s, open_routes)))
+            open_routes = [r.client.name for r in plan.order if not self._is_set_aside_for_key(r)]
+            if open_routes:
+                # Another upstream failed in a way time mends (a 5xx, its own limits, an
+                # open breaker): the caller's retry can reach it, once it may.
+                last_error.is_retry_futile = False
+                # The retry goes to whichever upstream lets it through first, not
+                # necessarily the one that failed last (its breaker may have just opened);
+                # one left out of this call (its limits, its retry budget) says not when.
+                usable = [name for name in open_routes if name not in plan.excluded]
+                last_error.suggest_retry_after(min(map(self._retry_delay_s, usable or open_routes)))
             return last_error
         reasons = ", ".join(f"{name} ({why})" for name, why in sorted(plan.excluded.items()))
         names = ",".join(r.client.name for r in plan.order)

@@ -1210,3 +1210,47 @@ async def test_a_call_finding_one_upstream_open_and_the_other_probing_waits_the_
         assert error_details(error)[2] == pytest.approx(FAST_RESILIENCE["backoff_base_s"])
         assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
         assert [user_text(r.body) for r in flaky.requests] == ["fail", "fail", "probe"]
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_call_that_opens_the_last_usable_breaker_waits_the_earliest_probe(
+    start_gateway, mode
+):
+    """up1 is half-open with its probe running; a call's 5xx on up0 opens up0's breaker
+    too, leaving no upstream for the call: it is told to come back after the retry
+    backoff, when up1's probe may have closed it, as the next call finding both unusable
+    is, not after up0's cool-down (which it was, as the upstream it tried)."""
+    behaviours = {"fail": Status(500), "probe": Reply(delay_s=1.5)}
+    async with (
+        FakeUpstream() as steady,
+        ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as flaky,
+    ):
+        resilience = {
+            **FAST_RESILIENCE,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 0.4,
+        }
+        gateway = await start_gateway(
+            gateway_config(steady.base_url, flaky.base_url, resilience=resilience)
+        )
+        # Round robin: up0, then up1 (whose 500 opens it; the call fails over to up0).
+        assert (await gateway.stub.Complete(chat("first"))).metadata.upstream == "up0"
+        assert (await gateway.stub.Complete(chat("fail"))).metadata.upstream == "up0"
+        await asyncio.sleep(0.45)  # up1's cool-down has passed: half-open
+        # Round robin again: up0, then up1, whose call is its probe.
+        assert (await gateway.stub.Complete(chat("third"))).metadata.upstream == "up0"
+        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
+        assert await settle(lambda: flaky.in_flight == 1)
+        steady.script(Status(503))
+        error, _ = await call(gateway, mode, timeout_s=10)
+        assert isinstance(error, grpc.aio.AioRpcError)
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+        metadata, reason, retry_s = error_details(error)
+        assert (reason, metadata["upstream"], metadata["attempts"]) == (
+            "UPSTREAM_UNAVAILABLE",
+            "up0",
+            "1",
+        )
+        assert retry_s == pytest.approx(FAST_RESILIENCE["backoff_base_s"])
+        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
+        assert (await probe).metadata.upstream == "up1"
