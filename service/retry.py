@@ -36,7 +36,8 @@ RETRYABLE_STATUSES = frozenset({408, 409, 429})
 def is_retryable(error: BaseException) -> bool:
     """Whether another attempt (here or on another upstream) may succeed.
 
-    Retries 408, 409, 429, 5xx, connection errors and timeouts. A rejected key (401/403)
+    Retries 408, 409, 429, 5xx, a redirect (3xx: that upstream is misconfigured, and the
+    retry may go to another), connection errors and timeouts. A rejected key (401/403)
     or account (402) is not retried on the same upstream but is failed over (see
     `is_failover_only`). A stream that already sent deltas to the caller is never retried.
     """
@@ -46,7 +47,8 @@ def is_retryable(error: BaseException) -> bool:
         return True
     if isinstance(error, UpstreamUnavailable):
         # No status: a connection error, reset, or malformed answer.
-        return error.status is None or error.status in RETRYABLE_STATUSES or error.status >= 500
+        status = error.status
+        return status is None or status in RETRYABLE_STATUSES or not 400 <= status < 500
     return False
 
 

@@ -77,8 +77,18 @@ _PROXY_AUTH_FIX = (
 def _error_for_status(
     upstream: str, status: int, headers: Mapping[str, str], body: bytes = b""
 ) -> UpstreamError:
-    """Map an HTTP error status (and, for a 400, its body) to the most specific
-    `UpstreamError`."""
+    """Map an HTTP error or redirect status (and, for a 400, its body) to the most
+    specific `UpstreamError`."""
+    if status < 400:
+        # Not followed: a POST carrying the key is not sent on to another address. The
+        # upstream is unusable as configured, as a failing one is (failed over, its
+        # breaker opened), and the message says what mends it.
+        return UpstreamUnavailable(
+            f"upstream {upstream!r} answered a redirect (HTTP {status}), which the gateway "
+            "does not follow: set its base_url to the address it redirects to",
+            upstream=upstream,
+            status=status,
+        )
     now_epoch_s = time.time()
     wait = retry_after_s(headers, now_epoch_s=now_epoch_s)
     # 402: the gateway's account there is out of credit (DeepSeek's "Insufficient Balance"),
@@ -360,7 +370,7 @@ class UpstreamClient:
                     body = await response.read(max_bytes=_MAX_REPLY_BYTES)
                 finally:
                     response.release()
-            if response.status >= 400:
+            if response.status >= 300:  # a redirect, a refusal or a failure
                 raise _error_for_status(self.name, response.status, response.headers, body)
             return _reply(call, body, response.headers, waited_s=response.waited_s)
 
@@ -396,7 +406,7 @@ class UpstreamClient:
             headers_at = time.monotonic()
             parser = StreamParser()
             try:
-                if response.status >= 400:
+                if response.status >= 300:  # a redirect, a refusal or a failure
                     async with asyncio.timeout_at(deadline):
                         body = await response.read(max_bytes=_MAX_REPLY_BYTES)
                     raise _error_for_status(self.name, response.status, response.headers, body)

@@ -8,7 +8,15 @@ import pytest
 from llmgateway.v1 import gateway_pb2 as pb
 from service.errors import RETRY_PUSHBACK_TRAILER
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
-from tests.fake_upstream import CutStream, EndWithoutDone, MalformedSSE, Reply, Reset, Status
+from tests.fake_upstream import (
+    CutStream,
+    EndWithoutDone,
+    FakeUpstream,
+    MalformedSSE,
+    Reply,
+    Reset,
+    Status,
+)
 from tests.integration.helpers import error_info, field_violations, retry_delay_s
 
 # Single attempt, so each fault shows as itself rather than after retries.
@@ -218,6 +226,33 @@ async def test_broken_stream_after_deltas_is_unavailable_never_ok(
             received.append(event.delta.content)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert len(received) >= 1
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_redirect_is_unavailable_saying_so_and_fails_over(
+    upstream, start_gateway, is_stream
+):
+    """A 301 (`http://` moved to `https://`, say) is not followed, for the key would go
+    with it: UNAVAILABLE with its status and what mends it, not a malformed answer, and
+    the call fails over to the next upstream."""
+    redirect = Status(301, body="<html>moved</html>", headers={"Location": "https://x.test/v1"})
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    upstream.script(redirect)
+    call = gateway.stub.CompleteStream(chat_stream()) if is_stream else None
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if call is not None:
+            [event async for event in call]
+        else:
+            await gateway.stub.Complete(chat())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(caught.value)
+    assert (info.reason, info.metadata["http_status"]) == ("UPSTREAM_UNAVAILABLE", "301")
+    assert "redirect" in (caught.value.details() or "")
+    async with FakeUpstream(models=(FAKE_MODEL,)) as second:
+        both = await start_gateway(gateway_config(upstream.base_url, second.base_url))
+        upstream.script(redirect, redirect, redirect)
+        answered = await both.stub.Complete(chat())
+        assert answered.metadata.upstream == "up1"
 
 
 async def test_malformed_body_is_unavailable_without_details_leak(upstream, start_gateway):
