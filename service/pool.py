@@ -516,8 +516,12 @@ class UpstreamPool:
             exc.cap_retry_after(self.settings.max_retry_after_s)
             state.limiter.pause(exc.retry_after_s or 0.0)
 
-    def _after_success(self, state: UpstreamState, hints: RateLimitHints) -> None:
-        state.breaker.record_success()
+    def _after_success(
+        self, state: UpstreamState, hints: RateLimitHints, *, is_breaker_told: bool = False
+    ) -> None:
+        """Tell the breaker (unless a probe's first output already did) and the limiter."""
+        if not is_breaker_told:
+            state.breaker.record_success()
         if hints.remaining is not None:  # without rate-limit headers there is nothing to learn
             state.limiter.learn(hints, now_epoch_s=time.time())
 
@@ -748,7 +752,7 @@ class UpstreamPool:
             state = self._states[route.client.name]
             started = time.monotonic()
             deltas_sent = chars_sent = 0
-            is_finished = False
+            is_finished = is_breaker_told = False
             headers: dict[str, str] = {}
             try:
                 with self._attempt_span(request, route, log, headers, deadline) as span:
@@ -765,6 +769,12 @@ class UpstreamPool:
                     async with contextlib.aclosing(events):
                         async for event in events:
                             if isinstance(event, TextChunk):
+                                if probe is not None:
+                                    # A probe streaming its answer has shown the upstream
+                                    # back: a long stream (a reasoning model's, minutes)
+                                    # must not hold off every other call till its end.
+                                    state.breaker.record_success()
+                                    probe, is_breaker_told = None, True
                                 if log.first_token_s is None:
                                     # From the start of the call: retries delay the first token.
                                     log.first_token_s = time.monotonic() - call_started
@@ -781,7 +791,9 @@ class UpstreamPool:
                                     finish_reason=str(event.finish_reason),
                                     usage=event.usage,
                                 )
-                                self._after_success(state, event.rate_limits)
+                                self._after_success(
+                                    state, event.rate_limits, is_breaker_told=is_breaker_told
+                                )
                                 self._record(
                                     log,
                                     route,

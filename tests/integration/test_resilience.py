@@ -649,6 +649,36 @@ async def test_breaker_opens_after_failures_then_probe_closes_it(start_gateway):
         assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
 
 
+async def test_a_streamed_probe_closes_the_breaker_with_its_first_output(start_gateway):
+    """A stream sent as the half-open probe closes the breaker once its first output comes:
+    other calls are served while it streams on, rather than refused until its end (a
+    reasoning model's can take minutes)."""
+    async with FakeUpstream() as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 0.3,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        fake.script(Status(503), Reply(content="one two three four", chunks=4, chunk_delay_s=0.5))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat())
+        await asyncio.sleep(0.4)  # the configured cool-down, not a speed assertion
+        probe = gateway.stub.CompleteStream(chat_stream())
+        first = await probe.read()
+        assert first.delta.content
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
+        served = await gateway.stub.Complete(chat("while the probe streams"))
+        assert served.content == "Hello from fake"
+        last = first
+        while (event := await probe.read()) is not grpc.aio.EOF:
+            last = event
+        assert last.final.finish_reason == pb.FINISH_REASON_STOP
+        assert len(fake.requests) == 3
+
+
 @pytest.mark.parametrize(
     ("headers", "retry_s", "pushback"),
     [
