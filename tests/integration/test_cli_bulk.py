@@ -146,6 +146,39 @@ async def test_malformed_lines_are_reported_and_skipped(tmp_path, scripted, addr
     assert "done: 2 succeeded, 0 failed, 6 bad lines" in err
 
 
+async def test_a_line_nested_too_deeply_is_skipped_and_the_rest_still_run(
+    tmp_path, scripted, address, capsys
+):
+    """A line of thousands of nested arrays, in the input or in the output of an earlier
+    run, is one more unusable line: the others still run.
+
+    Before, json's decoder ran out of recursion on it, and the command ended with a
+    RecursionError traceback before any item ran."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    nested = "[" * 100_000
+    source.write_text(
+        "\n".join(
+            [
+                json.dumps({"id": "a", "prompt": "ok a"}),
+                nested,
+                json.dumps({"id": "b", "prompt": "ok b"}),
+            ]
+        )
+        + "\n"
+    )
+    output.write_text(nested + "\n")
+    argv = (str(source), "-o", str(output), "--address", address, "--model", FAKE_MODEL)
+
+    code = await batch.batch_command(parse(batch, "batch", *argv))
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "in.jsonl:2: skipped: not JSON (nested too deeply)" in err
+    lines = output.read_text().splitlines()
+    assert lines[0] == nested  # not ours to remove
+    assert sorted(json.loads(line)["id"] for line in lines[1:]) == ["a", "b"]
+
+
 async def test_a_byte_order_mark_does_not_make_the_first_line_unusable(
     tmp_path, scripted, address, capsys
 ):

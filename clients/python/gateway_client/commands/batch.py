@@ -181,6 +181,16 @@ def _call_bytes(item_id: str, request: pb.CompleteRequest) -> int:
     return request.ByteSize() + len(item_id) + 16
 
 
+def _json_line(raw: str | bytes) -> Any:
+    """One line's JSON value; ValueError when it is not JSON, nested too deeply included."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        # json's decoder recurses once a level: a line of thousands of `[` would end the
+        # whole command with a traceback, where any other unusable line is skipped.
+        raise ValueError("nested too deeply") from None
+
+
 def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[BadLine]]:
     """Every usable line of `path`, and every line that is not (with line numbers)."""
     items: list[InputItem] = []
@@ -192,7 +202,7 @@ def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[Ba
             if not raw.strip():
                 continue
             try:
-                data = json.loads(raw)
+                data = _json_line(raw)
             except ValueError as exc:
                 bad.append(BadLine(number, f"not JSON ({exc.args[0]})"))
                 continue
@@ -257,7 +267,7 @@ def read_done(path: Path, *, retry_failed: bool) -> Done:
     kept: list[bytes] = []
     for raw in data.splitlines(keepends=True):
         try:
-            record = json.loads(raw)
+            record = _json_line(raw)
         except ValueError:
             kept.append(raw)
             continue
