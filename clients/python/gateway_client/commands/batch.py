@@ -191,6 +191,16 @@ def _json_line(raw: str | bytes) -> Any:
         raise ValueError("nested too deeply") from None
 
 
+def _is_utf8(text: str) -> bool:
+    """Whether `text` can be sent: JSON's `\\ud800` escapes decode to unpaired surrogates,
+    which Protobuf (and the UTF-8 output) cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[BadLine]]:
     """Every usable line of `path`, and every line that is not (with line numbers)."""
     items: list[InputItem] = []
@@ -214,6 +224,11 @@ def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[Ba
                 bad.append(BadLine(number, "needs an 'id' (a non-empty string)"))
                 continue
             item_id = str(item_id)
+            if not _is_utf8(item_id):
+                bad.append(
+                    BadLine(number, "'id' is not UTF-8 text (an unpaired \\ud800-\\udfff escape)")
+                )
+                continue
             if item_id in first_line_of:
                 bad.append(
                     BadLine(
