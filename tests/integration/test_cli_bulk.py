@@ -146,6 +146,65 @@ async def test_malformed_lines_are_reported_and_skipped(tmp_path, scripted, addr
     assert "done: 2 succeeded, 0 failed, 6 bad lines" in err
 
 
+async def test_a_line_nested_too_deeply_is_skipped_and_the_rest_still_run(
+    tmp_path, scripted, address, capsys
+):
+    """A line of thousands of nested arrays, in the input or in the output of an earlier
+    run, is one more unusable line: the others still run.
+
+    Before, json's decoder ran out of recursion on it, and the command ended with a
+    RecursionError traceback before any item ran."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    nested = "[" * 100_000
+    source.write_text(
+        "\n".join(
+            [
+                json.dumps({"id": "a", "prompt": "ok a"}),
+                nested,
+                json.dumps({"id": "b", "prompt": "ok b"}),
+            ]
+        )
+        + "\n"
+    )
+    output.write_text(nested + "\n")
+    argv = (str(source), "-o", str(output), "--address", address, "--model", FAKE_MODEL)
+
+    code = await batch.batch_command(parse(batch, "batch", *argv))
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "in.jsonl:2: skipped: not JSON (nested too deeply)" in err
+    lines = output.read_text().splitlines()
+    assert lines[0] == nested  # not ours to remove
+    assert sorted(json.loads(line)["id"] for line in lines[1:]) == ["a", "b"]
+
+
+async def test_an_id_with_an_unpaired_surrogate_escape_is_skipped_and_the_rest_still_run(
+    tmp_path, scripted, address, capsys
+):
+    """An id JSON spells with an unpaired surrogate escape (`"\\ud800"`), which no
+    Protobuf string can carry, makes its line unusable: the others still run.
+
+    Before, it passed as an id, and building the first call failed with a
+    UnicodeEncodeError traceback, so no item of the file ever ran."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(
+        json.dumps({"id": "a", "prompt": "ok a"})
+        + "\n"
+        + '{"id": "b\\ud800", "prompt": "ok b"}\n'
+        + json.dumps({"id": "c", "prompt": "ok c"})
+        + "\n"
+    )
+    argv = (str(source), "-o", str(output), "--address", address, "--model", FAKE_MODEL)
+
+    code = await batch.batch_command(parse(batch, "batch", *argv))
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "in.jsonl:2: skipped: 'id' is not UTF-8 text" in err
+    assert sorted(r["id"] for r in output_records(output)) == ["a", "c"]
+
+
 async def test_a_byte_order_mark_does_not_make_the_first_line_unusable(
     tmp_path, scripted, address, capsys
 ):

@@ -181,6 +181,26 @@ def _call_bytes(item_id: str, request: pb.CompleteRequest) -> int:
     return request.ByteSize() + len(item_id) + 16
 
 
+def _json_line(raw: str | bytes) -> Any:
+    """One line's JSON value; ValueError when it is not JSON, nested too deeply included."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        # json's decoder recurses once a level: a line of thousands of `[` would end the
+        # whole command with a traceback, where any other unusable line is skipped.
+        raise ValueError("nested too deeply") from None
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether `text` can be sent: JSON's `\\ud800` escapes decode to unpaired surrogates,
+    which Protobuf (and the UTF-8 output) cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[BadLine]]:
     """Every usable line of `path`, and every line that is not (with line numbers)."""
     items: list[InputItem] = []
@@ -192,7 +212,7 @@ def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[Ba
             if not raw.strip():
                 continue
             try:
-                data = json.loads(raw)
+                data = _json_line(raw)
             except ValueError as exc:
                 bad.append(BadLine(number, f"not JSON ({exc.args[0]})"))
                 continue
@@ -204,6 +224,11 @@ def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[Ba
                 bad.append(BadLine(number, "needs an 'id' (a non-empty string)"))
                 continue
             item_id = str(item_id)
+            if not _is_utf8(item_id):
+                bad.append(
+                    BadLine(number, "'id' is not UTF-8 text (an unpaired \\ud800-\\udfff escape)")
+                )
+                continue
             if item_id in first_line_of:
                 bad.append(
                     BadLine(
@@ -257,7 +282,7 @@ def read_done(path: Path, *, retry_failed: bool) -> Done:
     kept: list[bytes] = []
     for raw in data.splitlines(keepends=True):
         try:
-            record = json.loads(raw)
+            record = _json_line(raw)
         except ValueError:
             kept.append(raw)
             continue
