@@ -395,8 +395,9 @@ class UpstreamClient:
         that bring none (keep-alive comments, events without text) do not restart it. Once text
         flows its consumers end the stream by leaving when their deadlines pass (gRPC
         cancels each call), and a stream the cache shares among callers must not end at its
-        first caller's deadline. The bounds apply to the gateway's own waits, never to the
-        consumer's time between chunks.
+        first caller's deadline. The idle timeout counts the gateway's own waits, never
+        the consumer's time between chunks; the upstream's `timeout_s` is the whole
+        stream's, from its start, the consumer's time included.
         """
         deadline = self._deadline(timeout_s)
         whole_stream_deadline = self._deadline(self.config.timeout_s)
