@@ -121,7 +121,10 @@ class ForwardProxy:
             return
         if self.mode == "refuse":
             body = b"<html>refused</html>"
-            extra = b'Proxy-Authenticate: Basic realm="test"\r\n' if self.status == 407 else b""
+            extra = {
+                407: b'Proxy-Authenticate: Basic realm="test"\r\n',
+                101: b"Upgrade: h2c\r\nConnection: Upgrade\r\n",
+            }.get(self.status, b"")
             writer.write(
                 b"HTTP/1.1 %d Refused\r\n%sContent-Length: %d\r\n\r\n%s"
                 % (self.status, extra, len(body), body)

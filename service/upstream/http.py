@@ -246,7 +246,9 @@ class _Tunnel(asyncio.Protocol):
             return
         head, rest = bytes(self._head[: end + 4]), bytes(self._head[end + 4 :])
         self._parser = httptools.HttpResponseParser(self)
-        with contextlib.suppress(httptools.HttpParserError):  # no status read: said below
+        # Not HTTP: no status is read, said below. An upgrade (a 101 with `Upgrade`) stops
+        # llhttp after its head is read: a status like any other refusal's.
+        with contextlib.suppress(httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._parser.feed_data(head)
         status = self._status
         if not 100 <= status <= 599:

@@ -161,6 +161,7 @@ async def test_no_proxy_excludes_an_upstream_from_the_environments_proxy(
     [
         ("refuse", 407, "upstream.proxy_auth_rejected", "UPSTREAM_UNAVAILABLE"),
         ("refuse", 502, "upstream.proxy_refused", "UPSTREAM_UNAVAILABLE"),
+        ("refuse", 101, "upstream.proxy_refused", "UPSTREAM_UNAVAILABLE"),  # an upgrade
         ("drop", 0, "upstream.proxy_failed", "UPSTREAM_UNAVAILABLE"),
         ("garbage", 0, "upstream.proxy_failed", "UPSTREAM_UNAVAILABLE"),
         ("hang", 0, "upstream.proxy_failed", "UPSTREAM_TIMEOUT"),
@@ -189,6 +190,7 @@ async def test_a_failing_proxy_is_a_connect_failure_of_its_upstream(  # noqa: PL
     assert [(r.getMessage(), r.upstream, r.proxy) for r in said] == [
         (event, "up0", f"127.0.0.1:{proxy.port}")
     ]  # once, not once an attempt
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
     if status:
         assert said[0].http_status == status
         assert f"HTTP {status}" in error.details()
