@@ -199,6 +199,17 @@ async def test_a_failing_proxy_is_a_connect_failure_of_its_upstream(  # noqa: PL
         assert "proxy_authorization_env" in said[0].fix
 
 
+async def test_interim_answers_to_connect_are_read_past(upstream, proxy, start_gateway):
+    """1xx heads before the proxy's 200 (RFC 9110 §15.2: a client reads and drops them)
+    do not refuse the tunnel: the call is answered through it."""
+    proxy.interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\nX-A: b\r\n\r\n"
+    data = config_data(through(upstream), proxy_url=proxy.url)
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    reply = await gateway.stub.Complete(chat())
+    assert (reply.content, reply.metadata.attempts) == ("Hello from fake", 1)
+    assert proxy.targets == [f"{NAME}:{upstream.port}"]
+
+
 @pytest.mark.parametrize("status", [407, 502])
 async def test_a_refusing_proxy_fails_over_to_the_next_upstream(
     status, upstream, proxy, start_gateway
