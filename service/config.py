@@ -273,6 +273,18 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def ascii_host(host: str) -> str | None:
+    """`host` as it goes on the wire (a `Host` header, `CONNECT`, SNI) and is matched: an
+    internationalised name in its IDNA (`xn--`) form, as curl sends it; None when it is
+    not a valid one (an empty label, one over 63 characters)."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+
+
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
 
@@ -426,6 +438,11 @@ class UpstreamConfig:
             "base_url must not contain spaces or control characters",
         )
         _require_port(parts, "base_url")
+        _require(
+            ascii_host(parts.hostname or "") is not None,
+            "base_url's host must be a valid host name (an empty label, or one over 63 "
+            "characters, has no IDNA form)",
+        )
         _require(
             parts.username is None and parts.password is None,
             "base_url must not carry credentials; use api_key_env",

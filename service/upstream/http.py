@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from service.config import ascii_host
+
 if TYPE_CHECKING:
     from service.upstream.proxy import Proxy
 
@@ -536,7 +538,8 @@ class HttpPool:
         every connection is tunnelled through (`service.upstream.proxy.choose_proxy`)."""
         parts = urlsplit(base_url)
         self._is_tls = parts.scheme == "https"
-        self._host = parts.hostname or ""
+        hostname = parts.hostname or ""
+        self._host = ascii_host(hostname) or hostname
         default_port = 443 if self._is_tls else 80
         self._port = parts.port or default_port
         host = f"[{self._host}]" if ":" in self._host else self._host

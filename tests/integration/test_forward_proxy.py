@@ -210,6 +210,22 @@ async def test_interim_answers_to_connect_are_read_past(upstream, proxy, start_g
     assert proxy.targets == [f"{NAME}:{upstream.port}"]
 
 
+@pytest.mark.parametrize("name", ["\u4f8b\u3048.test", "b\u00fccher.test"])
+async def test_an_internationalised_host_goes_through_the_proxy_in_its_idna_form(
+    name, upstream, start_gateway
+):
+    """`CONNECT` and `Host` name an upstream's internationalised host by its IDNA
+    (`xn--`) form, as curl does: a request line or header is ASCII."""
+    idna = name.encode("idna").decode("ascii")
+    async with ForwardProxy(hosts={idna: ("127.0.0.1", upstream.port)}) as proxy:
+        data = config_data(f"http://{name}:{upstream.port}/v1", proxy_url=proxy.url)
+        gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+        reply = await gateway.stub.Complete(chat())
+        assert reply.content == "Hello from fake"
+        assert proxy.targets == [f"{idna}:{upstream.port}"]
+        assert upstream.requests[0].headers["host"] == f"{idna}:{upstream.port}"
+
+
 @pytest.mark.parametrize("status", [407, 502])
 async def test_a_refusing_proxy_fails_over_to_the_next_upstream(
     status, upstream, proxy, start_gateway

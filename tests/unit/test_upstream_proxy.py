@@ -123,6 +123,8 @@ def test_an_environment_proxy_the_gateway_cannot_use_is_an_error_naming_the_vari
         ("fd00::5", 80, "[fd00::5]:81", False),
         ("fd00::5", 80, "fd00::/16", True),
         ("api.example.com", 443, "*.example.com", False),
+        ("api.b\u00fccher.example", 443, "xn--bcher-kva.example", True),
+        ("xn--bcher-kva.example", 443, "B\u00dcCHER.example", True),
     ],
 )
 def test_no_proxy_matches_hosts_suffixes_addresses_and_ports(host, port, no_proxy, excluded):
