@@ -85,6 +85,7 @@ def test_proxy_authorization_env_replaces_the_environment_urls_credentials():
         (f"socks5h://gw:{PASSWORD}@p:1080", "not SOCKS"),
         (f"http://gw:{PASSWORD}@p", "names no port"),
         (f"http://gw:{PASSWORD}@p:3128/proxy.pac", "without a path"),
+        (f"http://gw:{PASSWORD}@p..corp:3128", "not a valid host name"),
     ],
 )
 def test_an_environment_proxy_the_gateway_cannot_use_is_an_error_naming_the_variable(
