@@ -273,6 +273,17 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def ascii_host(host: str) -> str | None:
+    """`host` as it goes on the wire (a `Host` header, `CONNECT`, SNI) and is matched: an
+    internationalised name in its IDNA (`xn--`) form, as curl sends it; None when it is
+    not a valid one (an empty label, one over 63 characters), which the resolver would
+    refuse with a UnicodeError rather than an OSError, ASCII or not."""
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+
+
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
 
@@ -308,6 +319,8 @@ def proxy_url_problem(url: str, *, key: str, credentials_go: str | None) -> str 
         return f"{key} must not carry a user or password; put user:password in {credentials_go}"
     if not host:
         return f"{key} must be {PROXY_URL_FORM}: it names no host"
+    if ascii_host(host) is None:
+        return f"{key} must be {PROXY_URL_FORM}: its host is not a valid host name"
     if port is None or port == 0:
         # Tools disagree on the default (curl takes 1080, others 80): say it.
         return f"{key} must be {PROXY_URL_FORM}: it names no port"
@@ -426,6 +439,10 @@ class UpstreamConfig:
             "base_url must not contain spaces or control characters",
         )
         _require_port(parts, "base_url")
+        _require(
+            ascii_host(parts.hostname or "") is not None,
+            "base_url's host must be a valid host name (no empty label, none over 63 characters)",
+        )
         _require(
             parts.username is None and parts.password is None,
             "base_url must not carry credentials; use api_key_env",

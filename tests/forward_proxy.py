@@ -35,12 +35,13 @@ class ForwardProxy:
 
     `mode`: `tunnel` (the default), `refuse` with `status`, `drop` (close without a
     word), `hang` (read the CONNECT, never answer) or `garbage` (answer what is not
-    HTTP). It can be changed between calls.
+    HTTP). It can be changed between calls. `interim`: heads (1xx) a tunnel's 200 follows.
     """
 
     hosts: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     mode: Mode = "tunnel"
     status: int = 407
+    interim: bytes = b""
     requests: list[ConnectRecord] = field(default_factory=list)
     port: int = 0
     tunnels_open: int = 0
@@ -121,7 +122,10 @@ class ForwardProxy:
             return
         if self.mode == "refuse":
             body = b"<html>refused</html>"
-            extra = b'Proxy-Authenticate: Basic realm="test"\r\n' if self.status == 407 else b""
+            extra = {
+                407: b'Proxy-Authenticate: Basic realm="test"\r\n',
+                101: b"Upgrade: h2c\r\nConnection: Upgrade\r\n",
+            }.get(self.status, b"")
             writer.write(
                 b"HTTP/1.1 %d Refused\r\n%sContent-Length: %d\r\n\r\n%s"
                 % (self.status, extra, len(body), body)
@@ -137,6 +141,9 @@ class ForwardProxy:
             await writer.drain()
             return
         self._writers.add(up_writer)
+        if self.interim:
+            writer.write(self.interim)
+            await writer.drain()
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await writer.drain()
         self.tunnels_open += 1

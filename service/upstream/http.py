@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from service.config import ascii_host
+
 if TYPE_CHECKING:
     from service.upstream.proxy import Proxy
 
@@ -227,6 +229,7 @@ class _Tunnel(asyncio.Protocol):
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.is_lost = False
         self._head = bytearray()
+        self._start = 0  # where the head not parsed yet begins: past any interim ones
         self._parser: httptools.HttpResponseParser | None = None
         self._status = 0  # stays 0 unless a whole, well-formed head is parsed
 
@@ -239,26 +242,38 @@ class _Tunnel(asyncio.Protocol):
             self._fail(ProxyFailed("sent bytes the tunnel did not ask for", proxy=self._proxy))
             return
         self._head += data
-        end = self._head.find(b"\r\n\r\n")
-        if end < 0:
+        status = self._final_status()
+        if status is None:  # the head is not all in yet
             if len(self._head) > _MAX_PROXY_HEAD_BYTES:
                 self._fail(ProxyFailed("answered CONNECT with too long a head", proxy=self._proxy))
             return
-        head, rest = bytes(self._head[: end + 4]), bytes(self._head[end + 4 :])
-        self._parser = httptools.HttpResponseParser(self)
-        with contextlib.suppress(httptools.HttpParserError):  # no status read: said below
-            self._parser.feed_data(head)
-        status = self._status
         if not 100 <= status <= 599:
             self._fail(ProxyFailed("answered CONNECT with malformed HTTP", proxy=self._proxy))
         elif not 200 <= status < 300:
             self._fail(ProxyRefused(status, proxy=self._proxy))
-        elif rest:
+        elif len(self._head) > self._start:
             self._fail(ProxyFailed("sent bytes the tunnel did not ask for", proxy=self._proxy))
         else:
             assert self.transport is not None
             self.transport.pause_reading()
             self.opened.set_result(None)
+
+    def _final_status(self) -> int | None:
+        """The final answer's status once its whole head is in (0: not HTTP), past the
+        interim (1xx) heads before it, which a client must read and drop (RFC 9110 §15.2);
+        None while it is still to come."""
+        while (end := self._head.find(b"\r\n\r\n", self._start)) >= 0:
+            head = bytes(self._head[self._start : end + 4])
+            self._start = end + 4
+            self._status = 0
+            self._parser = httptools.HttpResponseParser(self)
+            # Not HTTP: no status is read. An upgrade (a 101 with `Upgrade`) stops llhttp
+            # after its head is read: a status like any other refusal's.
+            with contextlib.suppress(httptools.HttpParserError, httptools.HttpParserUpgrade):
+                self._parser.feed_data(head)
+            if not (100 <= self._status < 200 and self._status != 101):
+                return self._status
+        return None
 
     def on_headers_complete(self) -> None:  # httptools: the status line and headers are in
         assert self._parser is not None
@@ -523,7 +538,8 @@ class HttpPool:
         every connection is tunnelled through (`service.upstream.proxy.choose_proxy`)."""
         parts = urlsplit(base_url)
         self._is_tls = parts.scheme == "https"
-        self._host = parts.hostname or ""
+        hostname = parts.hostname or ""
+        self._host = ascii_host(hostname) or hostname
         default_port = 443 if self._is_tls else 80
         self._port = parts.port or default_port
         host = f"[{self._host}]" if ":" in self._host else self._host

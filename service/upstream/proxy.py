@@ -27,7 +27,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from service.config import ConfigError, UpstreamConfig, is_loopback_host, proxy_url_problem
+from service.config import (
+    ConfigError,
+    UpstreamConfig,
+    ascii_host,
+    is_loopback_host,
+    proxy_url_problem,
+)
 
 # Where the environment's proxy for each upstream scheme is read, first found first.
 _PROXY_VARIABLES = {
@@ -126,9 +132,10 @@ def is_excluded(host: str, port: int, no_proxy: str) -> bool:
     Entries are comma-separated: `*` (everything), a host name, which also excludes its
     subdomains (`example.com` and `.example.com` both exclude `api.example.com`), an IP
     address or CIDR range (`10.0.0.0/8`), each optionally with `:PORT` (an IPv6 address
-    then in brackets) to exclude that port alone. Names match without case.
+    then in brackets) to exclude that port alone. Names match without case, and an
+    internationalised one in either form (`bücher.example`, `xn--bcher-kva.example`).
     """
-    host = host.lower().strip("[]").rstrip(".")
+    host = _name(host.strip("[]"))
     address = _ip(host)
     for raw in no_proxy.split(","):
         entry = raw.strip().lower()
@@ -147,10 +154,16 @@ def is_excluded(host: str, port: int, no_proxy: str) -> bool:
             except ValueError:
                 pass
             continue
-        pattern = pattern.lstrip(".").rstrip(".")
+        pattern = _name(pattern.lstrip("."))
         if pattern and (host == pattern or host.endswith("." + pattern)):
             return True
     return False
+
+
+def _name(host: str) -> str:
+    """A host name as it is matched: lower case, in its IDNA form, no trailing dot."""
+    host = host.lower().rstrip(".")
+    return ascii_host(host) or host
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

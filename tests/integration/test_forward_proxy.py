@@ -161,6 +161,7 @@ async def test_no_proxy_excludes_an_upstream_from_the_environments_proxy(
     [
         ("refuse", 407, "upstream.proxy_auth_rejected", "UPSTREAM_UNAVAILABLE"),
         ("refuse", 502, "upstream.proxy_refused", "UPSTREAM_UNAVAILABLE"),
+        ("refuse", 101, "upstream.proxy_refused", "UPSTREAM_UNAVAILABLE"),  # an upgrade
         ("drop", 0, "upstream.proxy_failed", "UPSTREAM_UNAVAILABLE"),
         ("garbage", 0, "upstream.proxy_failed", "UPSTREAM_UNAVAILABLE"),
         ("hang", 0, "upstream.proxy_failed", "UPSTREAM_TIMEOUT"),
@@ -189,12 +190,40 @@ async def test_a_failing_proxy_is_a_connect_failure_of_its_upstream(  # noqa: PL
     assert [(r.getMessage(), r.upstream, r.proxy) for r in said] == [
         (event, "up0", f"127.0.0.1:{proxy.port}")
     ]  # once, not once an attempt
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
     if status:
         assert said[0].http_status == status
         assert f"HTTP {status}" in error.details()
     if status == 407:
         assert said[0].levelno == logging.ERROR
         assert "proxy_authorization_env" in said[0].fix
+
+
+async def test_interim_answers_to_connect_are_read_past(upstream, proxy, start_gateway):
+    """1xx heads before the proxy's 200 (RFC 9110 §15.2: a client reads and drops them)
+    do not refuse the tunnel: the call is answered through it."""
+    proxy.interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\nX-A: b\r\n\r\n"
+    data = config_data(through(upstream), proxy_url=proxy.url)
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    reply = await gateway.stub.Complete(chat())
+    assert (reply.content, reply.metadata.attempts) == ("Hello from fake", 1)
+    assert proxy.targets == [f"{NAME}:{upstream.port}"]
+
+
+@pytest.mark.parametrize("name", ["\u4f8b\u3048.test", "b\u00fccher.test"])
+async def test_an_internationalised_host_goes_through_the_proxy_in_its_idna_form(
+    name, upstream, start_gateway
+):
+    """`CONNECT` and `Host` name an upstream's internationalised host by its IDNA
+    (`xn--`) form, as curl does: a request line or header is ASCII."""
+    idna = name.encode("idna").decode("ascii")
+    async with ForwardProxy(hosts={idna: ("127.0.0.1", upstream.port)}) as proxy:
+        data = config_data(f"http://{name}:{upstream.port}/v1", proxy_url=proxy.url)
+        gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+        reply = await gateway.stub.Complete(chat())
+        assert reply.content == "Hello from fake"
+        assert proxy.targets == [f"{idna}:{upstream.port}"]
+        assert upstream.requests[0].headers["host"] == f"{idna}:{upstream.port}"
 
 
 @pytest.mark.parametrize("status", [407, 502])

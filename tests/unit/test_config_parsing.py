@@ -642,6 +642,8 @@ def test_env_override_on_real_file() -> None:
                 ("space-in-path", "https://example.com/v1 x", "spaces or control characters"),
                 ("tab-in-path", "https://example.com/v\t1", "spaces or control characters"),
                 ("no-host", "http://:8080/v1", "must be an http(s) URL"),
+                ("empty-idn-label", "https://a..\u4f8b.test/v1", "must be a valid host name"),
+                ("empty-label", "https://api..example.test/v1", "must be a valid host name"),
             ]
         ),
         pytest.param(

@@ -85,6 +85,7 @@ def test_proxy_authorization_env_replaces_the_environment_urls_credentials():
         (f"socks5h://gw:{PASSWORD}@p:1080", "not SOCKS"),
         (f"http://gw:{PASSWORD}@p", "names no port"),
         (f"http://gw:{PASSWORD}@p:3128/proxy.pac", "without a path"),
+        (f"http://gw:{PASSWORD}@p..corp:3128", "not a valid host name"),
     ],
 )
 def test_an_environment_proxy_the_gateway_cannot_use_is_an_error_naming_the_variable(
@@ -123,6 +124,8 @@ def test_an_environment_proxy_the_gateway_cannot_use_is_an_error_naming_the_vari
         ("fd00::5", 80, "[fd00::5]:81", False),
         ("fd00::5", 80, "fd00::/16", True),
         ("api.example.com", 443, "*.example.com", False),
+        ("api.b\u00fccher.example", 443, "xn--bcher-kva.example", True),
+        ("xn--bcher-kva.example", 443, "B\u00dcCHER.example", True),
     ],
 )
 def test_no_proxy_matches_hosts_suffixes_addresses_and_ports(host, port, no_proxy, excluded):
