@@ -263,14 +263,19 @@ def _require_address(address: str, name: str) -> None:
 
 
 def is_loopback_host(host: str) -> bool:
-    """Whether `host` (a name or an IP address) is this machine: `localhost`, 127.0.0.0/8
-    or ::1. A DNS name such as 127.corp.example may resolve anywhere: not loopback."""
-    if host == "localhost":
+    """Whether `host` (a name or an IP address) is this machine: `localhost` (any case, or
+    the absolute `localhost.`), 127.0.0.0/8, ::1 or the IPv4-mapped ::ffff:127.x.y.z. A
+    DNS name such as 127.corp.example may resolve anywhere: not loopback."""
+    host = host.strip("[]")
+    if host.lower() in ("localhost", "localhost."):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback  # not so on Python before 3.13
+    return address.is_loopback
 
 
 def ascii_host(host: str) -> str | None:

@@ -46,6 +46,8 @@ def test_proxy_url_decides_whatever_the_environment_says():
         ("http://127.8.9.1:8000/v1", {"HTTP_PROXY": "http://p:3128"}, None),
         ("http://localhost:8000/v1", {"HTTP_PROXY": "http://p:3128"}, None),
         ("http://[::1]:8000/v1", {"HTTP_PROXY": "http://p:3128"}, None),
+        ("http://localhost.:8000/v1", {"HTTP_PROXY": "http://p:3128"}, None),
+        ("http://[::ffff:127.0.0.1]:8000/v1", {"HTTP_PROXY": "http://p:3128"}, None),
         ("https://api.example.com/v1", {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "example.com"},
          None),
         ("https://api.example.com/v1", {"HTTPS_PROXY": "http://p:3128", "no_proxy": "other.com"},
