@@ -569,6 +569,27 @@ async def test_the_complete_command_takes_a_cache_mode_and_ttl(
         parser.parse_args([*base, "--cache", "skip"])
 
 
+async def test_a_long_retry_delay_is_described_in_plain_seconds(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A budget spent until midnight UTC, hours away, is described (as `llm-gateway
+    complete` prints it) with the `RetryInfo` delay to the millisecond, in plain seconds.
+    Before, `.3g` printed three digits in scientific notation: `retry after 5.46e+03s`."""
+    budgets = {"*": {"usd": 0.000001, "period": "day"}}
+    gateway = await start_gateway(gateway_config(upstream.base_url, budgets=budgets))
+    async with GatewayClient(gateway.server.address) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.complete("Say hi " * 20, model=FAKE_MODEL)
+    details = error_details(refused.value)
+    assert details.reason == "QUOTA_EXCEEDED"
+    assert details.retry_after_s is not None
+    (line,) = [line for line in details.describe().splitlines() if "retry after" in line]
+    assert "e+" not in line
+    seconds = float(line.removeprefix("  retry after ").removesuffix("s"))
+    assert seconds == pytest.approx(details.retry_after_s, abs=0.001)
+    assert upstream.requests == []
+
+
 def stdin_of(data: bytes, errors: str) -> io.TextIOWrapper:
     """Standard input holding `data`, decoded as Python decodes it in a UTF-8 locale
     ("strict") or in the C locale ("surrogateescape")."""
