@@ -193,6 +193,22 @@ async def test_node_client_sends_its_api_key_on_every_call(
     assert usage.total.requests == 1
 
 
+async def test_node_client_never_shows_its_api_key_when_logged(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A keyed client passed to console.log, util.inspect or JSON.stringify (a log line, an
+    error reporter) shows no caller key, while its calls still carry it. Before, the key
+    was an ordinary property, printed with the rest."""
+    gateway = await start_gateway(secure_config(upstream.base_url))
+    result = await run_node(
+        node_scenarios, "shown", "--address", gateway.server.address, "--api-key", CALLER_KEY_A
+    )
+    assert result["content"] == "Hello from fake"
+    assert "GatewayClient" in result["inspected"]
+    assert CALLER_KEY_A not in result["inspected"]
+    assert CALLER_KEY_A not in result["json"]
+
+
 async def test_node_client_gives_a_call_without_a_timeout_its_default_deadline(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

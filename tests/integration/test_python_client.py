@@ -82,6 +82,41 @@ async def test_leaving_a_batch_early_closes_its_upstream_requests(
                 await asyncio.sleep(0.01)
 
 
+async def test_a_stream_read_on_by_a_loop_after_a_peeked_first_text_is_not_cut(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A first text read with `anext(aiter(stream))`, then the rest with `async for`: the
+    peeking reader, collected once dropped, does not cancel the call the loop reads on.
+    Before, its close cancelled the call and the loop ended with a CancelledError in a
+    task nobody had cancelled."""
+    upstream.script(Reply(content="word " * 10, chunks=10))
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream("Tell a story", model=FAKE_MODEL)
+        first = await anext(aiter(stream))
+        rest = [text async for text in stream]
+    assert first + "".join(rest) == "word " * 10
+    assert stream.final is not None
+    assert upstream.disconnects == 0
+
+
+async def test_a_batch_read_on_by_a_loop_after_a_peeked_first_event_is_not_cut(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """As for a stream: the reader that took the batch's first event does not cancel the
+    call once collected, and the loop gets every other result and the summary."""
+    upstream.script(Reply(content="a"), Reply(content="b"), Reply(content="c"))
+    items = [
+        pb.BatchItem(id=str(i), request=build_request(f"x{i}", model=FAKE_MODEL)) for i in range(3)
+    ]
+    async with GatewayClient(gateway.server.address) as client:
+        results = client.complete_batch(items, concurrency=1)
+        first = await anext(aiter(results))
+        rest = [event async for event in results]
+    events = [first, *rest]
+    assert [event.WhichOneof("event") for event in events] == ["result"] * 3 + ["summary"]
+    assert sorted(event.result.response.content for event in events[:3]) == ["a", "b", "c"]
+
+
 async def test_cancelling_a_stream_inside_its_loop_ends_the_loop(
     upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:
@@ -532,6 +567,27 @@ async def test_the_complete_command_takes_a_cache_mode_and_ttl(
     assert len(upstream.requests) == 3
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--cache", "skip"])
+
+
+async def test_a_long_retry_delay_is_described_in_plain_seconds(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A budget spent until midnight UTC, hours away, is described (as `llm-gateway
+    complete` prints it) with the `RetryInfo` delay to the millisecond, in plain seconds.
+    Before, `.3g` printed three digits in scientific notation: `retry after 5.46e+03s`."""
+    budgets = {"*": {"usd": 0.000001, "period": "day"}}
+    gateway = await start_gateway(gateway_config(upstream.base_url, budgets=budgets))
+    async with GatewayClient(gateway.server.address) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.complete("Say hi " * 20, model=FAKE_MODEL)
+    details = error_details(refused.value)
+    assert details.reason == "QUOTA_EXCEEDED"
+    assert details.retry_after_s is not None
+    (line,) = [line for line in details.describe().splitlines() if "retry after" in line]
+    assert "e+" not in line
+    seconds = float(line.removeprefix("  retry after ").removesuffix("s"))
+    assert seconds == pytest.approx(details.retry_after_s, abs=0.001)
+    assert upstream.requests == []
 
 
 def stdin_of(data: bytes, errors: str) -> io.TextIOWrapper:

@@ -434,7 +434,9 @@ function credentialsOf(options: GatewayClientOptions): grpc.ChannelCredentials {
 /** The gateway's `CompletionService` with the shared retry policy and decoded errors. */
 export class GatewayClient {
   readonly stub: CompletionServiceClient;
-  private readonly apiKey: string | undefined;
+  // A `#` field, not a TypeScript `private` one: util.inspect, console.log and
+  // JSON.stringify show every ordinary property, and would print the caller key.
+  readonly #apiKey: string | undefined;
   private readonly defaultTimeoutMs: number | null;
 
   constructor(address: string, options: GatewayClientOptions = {}) {
@@ -454,7 +456,7 @@ export class GatewayClient {
         ...options.channelOptions,
       },
     );
-    this.apiKey = options.apiKey;
+    this.#apiKey = options.apiKey;
     this.defaultTimeoutMs =
       options.defaultTimeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.defaultTimeoutMs;
   }
@@ -462,8 +464,8 @@ export class GatewayClient {
   /** The call's metadata: its own, with the client's key unless it sets one itself. */
   private metadataOf(options: CallOptions): grpc.Metadata {
     const metadata = options.metadata?.clone() ?? new grpc.Metadata();
-    if (this.apiKey !== undefined && metadata.get("authorization").length === 0) {
-      metadata.set("authorization", `Bearer ${this.apiKey}`);
+    if (this.#apiKey !== undefined && metadata.get("authorization").length === 0) {
+      metadata.set("authorization", `Bearer ${this.#apiKey}`);
     }
     return metadata;
   }

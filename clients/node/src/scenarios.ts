@@ -10,6 +10,7 @@
  */
 import * as fs from "node:fs";
 import { performance } from "node:perf_hooks";
+import * as util from "node:util";
 
 import * as grpc from "@grpc/grpc-js";
 
@@ -323,6 +324,16 @@ async function withoutTimeout(client: GatewayClient, args: Args): Promise<Json> 
   return { unexpected: "the call succeeded" };
 }
 
+async function shown(client: GatewayClient, args: Args): Promise<Json> {
+  // A keyed client as a log line or an error reporter would show it, after a call.
+  const answer = await complete(client, args);
+  return {
+    content: answer.content,
+    inspected: util.inspect(client, { depth: null, showHidden: true }),
+    json: JSON.stringify(client),
+  };
+}
+
 async function decode(args: Args): Promise<Json> {
   const status = Buffer.from(args.statusBase64, "base64");
   if (args.code === undefined) {
@@ -353,6 +364,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   cancel,
   "late-stream": lateStream,
   "without-timeout": withoutTimeout,
+  shown,
 };
 
 async function main(): Promise<void> {

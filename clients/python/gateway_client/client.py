@@ -153,17 +153,6 @@ def authorization_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),)
 
 
-async def _cancel_when_left(
-    call: grpc.aio.UnaryStreamCall[pb.CompleteBatchRequest, pb.CompleteBatchResponse],
-) -> AsyncIterator[pb.CompleteBatchResponse]:
-    """The call's messages; leaving the loop early cancels the call."""
-    try:
-        async for event in call:
-            yield event
-    finally:
-        call.cancel()  # a no-op once the call has ended
-
-
 def _request_of(
     prompt: str | Sequence[Turn] | pb.CompleteRequest, options: Mapping[str, Any]
 ) -> pb.CompleteRequest:
@@ -182,15 +171,30 @@ def _request_of(
 class BatchResults:
     """A batch's events; each `async for` reads them through a generator of its own, so
     that leaving the loop closes it, and cancels the call, even while this object is
-    still referenced (an iterator kept in a variable would outlive the loop)."""
+    still referenced (an iterator kept in a variable would outlive the loop).
+
+    Only the latest reader's leaving cancels: a first event read with
+    `anext(aiter(results))` leaves a reader behind, closed whenever it is collected, and
+    its close must not cut the `async for` that took over from it.
+    """
 
     def __init__(
         self, call: grpc.aio.UnaryStreamCall[pb.CompleteBatchRequest, pb.CompleteBatchResponse]
     ) -> None:
         self._call = call
+        self._readers = 0
 
     def __aiter__(self) -> AsyncIterator[pb.CompleteBatchResponse]:
-        return _cancel_when_left(self._call)
+        self._readers += 1
+        return self._events(self._readers)
+
+    async def _events(self, reader: int) -> AsyncIterator[pb.CompleteBatchResponse]:
+        try:
+            async for event in self._call:
+                yield event
+        finally:
+            if reader == self._readers:
+                self._call.cancel()  # a no-op once the call has ended
 
 
 class CompletionStream:
@@ -202,7 +206,9 @@ class CompletionStream:
     stream has ended.
 
     Leaving the loop early (break, an exception) cancels the call, and with it the
-    upstream request, even while the stream object is still referenced.
+    upstream request, even while the stream object is still referenced; as with
+    `BatchResults`, only the latest loop's leaving does (a first text peeked with
+    `anext(aiter(stream))` before the loop is read on by it).
     """
 
     def __init__(
@@ -213,6 +219,7 @@ class CompletionStream:
         self.tool_calls: list[pb.ToolCall] = []
         self._reasoning: list[str] = []
         self._is_cancelled = False
+        self._readers = 0
 
     @property
     def reasoning(self) -> str:
@@ -220,7 +227,8 @@ class CompletionStream:
         return "".join(self._reasoning)
 
     def __aiter__(self) -> AsyncIterator[str]:
-        return self._texts()
+        self._readers += 1
+        return self._texts(self._readers)
 
     def cancel(self) -> None:
         """Stop the call, and the loop reading it; the gateway closes the upstream request
@@ -228,7 +236,7 @@ class CompletionStream:
         self._is_cancelled = True
         self._call.cancel()
 
-    async def _texts(self) -> AsyncIterator[str]:
+    async def _texts(self, reader: int) -> AsyncIterator[str]:
         try:
             async for event in self._call:
                 if event.HasField("final"):
@@ -249,7 +257,8 @@ class CompletionStream:
             if not self._is_cancelled or (task is not None and task.cancelling()):
                 raise
         finally:
-            self._call.cancel()  # a no-op once the call has ended
+            if reader == self._readers:
+                self._call.cancel()  # a no-op once the call has ended
 
 
 class GatewayClient:

@@ -30,8 +30,14 @@ class ErrorDetails:
             facts = ", ".join(f"{key}={value}" for key, value in sorted(self.metadata.items()))
             lines.append(f"  reason {self.reason}" + (f": {facts}" if facts else ""))
         if self.retry_after_s is not None:
-            lines.append(f"  retry after {self.retry_after_s:.3g}s")
+            lines.append(f"  retry after {_seconds(self.retry_after_s)}s")
         return "\n".join(lines)
+
+
+def _seconds(value: float) -> str:
+    """Seconds to the millisecond, without trailing zeros: `.3g` wrote an hour's wait as
+    3.6e+03."""
+    return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
 def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
