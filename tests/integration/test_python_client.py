@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from gateway_client import GatewayClient, build_request, error_details
+from gateway_client.client import is_loopback_address
 from gateway_client.commands import complete
 from llmgateway.v1 import gateway_pb2 as pb
 from service.pool import upstream_idempotency_key
@@ -33,6 +34,38 @@ from tests.fake_upstream import FakeUpstream, Reply, Status
 
 REPO = Path(__file__).resolve().parents[2]
 StartGateway = Callable[..., Any]
+
+
+@pytest.mark.parametrize("variable", ["http_proxy", "https_proxy"])
+async def test_a_gateway_on_loopback_is_called_past_the_machines_proxy(
+    upstream: FakeUpstream, gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch, variable
+) -> None:
+    """gRPC reads the proxy variables itself; a gateway on this machine is called directly,
+    not through a proxy (here one that answers nothing) that cannot reach its loopback."""
+    monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    async with GatewayClient(gateway.server.address, timeout_s=10) as client:
+        answer = await client.complete("Say hi", model=FAKE_MODEL)
+    assert answer.content == "Hello from fake"
+
+
+@pytest.mark.parametrize(
+    ("address", "is_loopback"),
+    [
+        ("127.0.0.1:50051", True),
+        ("localhost:50051", True),
+        ("LOCALHOST", True),
+        ("[::1]:50051", True),
+        ("dns:///localhost:50051", True),
+        ("[::ffff:127.0.0.1]:50051", True),
+        ("llm-gateway:50051", False),
+        ("10.0.0.5:50051", False),
+        ("127.corp.example:50051", False),
+    ],
+)
+def test_loopback_gateway_addresses_are_told_apart(address: str, is_loopback: bool) -> None:
+    """Only an address naming this machine skips the proxy; a name merely starting like
+    one may resolve anywhere."""
+    assert is_loopback_address(address) is is_loopback
 
 
 async def test_leaving_a_stream_early_closes_the_upstream_request(

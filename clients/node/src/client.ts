@@ -431,6 +431,30 @@ function credentialsOf(options: GatewayClientOptions): grpc.ChannelCredentials {
   return options.credentials ?? grpc.credentials.createInsecure();
 }
 
+/**
+ * Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`) names this machine:
+ * `localhost`, 127.0.0.0/8 or ::1 (or its IPv4-mapped form).
+ */
+export function isLoopbackAddress(address: string): boolean {
+  const target = address.replace(/^(dns:\/\/\/|ipv4:|ipv6:)/, "");
+  let host: string;
+  if (target.startsWith("[")) {
+    host = target.slice(1).split("]")[0];
+  } else if (target.split(":").length === 2) {
+    host = target.split(":")[0];
+  } else {
+    host = target;
+  }
+  host = host.toLowerCase();
+  if (host === "localhost" || host === "localhost.") {
+    return true;
+  }
+  if (/^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host)) {
+    return true;
+  }
+  return host === "::1" || /^::ffff:127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
+}
+
 /** The gateway's `CompletionService` with the shared retry policy and decoded errors. */
 export class GatewayClient {
   readonly stub: CompletionServiceClient;
@@ -452,6 +476,9 @@ export class GatewayClient {
       {
         "grpc.max_receive_message_length": MAX_ANSWER_BYTES,
         "grpc.per_rpc_retry_buffer_size": MAX_RETRIED_REQUEST_BYTES,
+        // grpc-js reads `http_proxy`/`https_proxy` itself, and would send the calls to a
+        // gateway on this machine through a proxy that cannot reach its loopback.
+        ...(isLoopbackAddress(address) ? { "grpc.enable_http_proxy": 0 } : {}),
         ...serviceConfigOptions(serviceConfigJson),
         ...options.channelOptions,
       },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -261,6 +262,27 @@ class CompletionStream:
                 self._call.cancel()  # a no-op once the call has ended
 
 
+def is_loopback_address(address: str) -> bool:
+    """Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`) names this
+    machine: `localhost`, 127.0.0.0/8, ::1 (or its IPv4-mapped form)."""
+    target = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    if target.startswith("["):
+        host = target[1:].partition("]")[0]
+    elif target.count(":") == 1:
+        host = target.partition(":")[0]
+    else:
+        host = target
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 class GatewayClient:
     """Calls one gateway; `async with GatewayClient("127.0.0.1:50051") as client:`."""
 
@@ -278,6 +300,10 @@ class GatewayClient:
             ("grpc.max_receive_message_length", MAX_ANSWER_BYTES),
             ("grpc.per_rpc_retry_buffer_size", MAX_RETRIED_REQUEST_BYTES),
         ]
+        if is_loopback_address(address):
+            # gRPC reads `http_proxy`/`https_proxy` itself, and would send the calls to a
+            # gateway on this machine through a proxy that cannot reach its loopback.
+            options.append(("grpc.enable_http_proxy", 0))
         if credentials is not None:
             self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         else:
