@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,3 +82,16 @@ def make_pki(directory: Path) -> Pki:
             directory, "rogue", ca=rogue_ca, common_name="team-a", extensions=client
         ),
     )
+
+
+def https_server_context(directory: Path, name: str) -> tuple[ssl.SSLContext, Path]:
+    """A server TLS context with a certificate for the host `name`, and the CA that
+    signed it (for a client to trust)."""
+    ca = make_ca(directory, "server-ca")
+    cert, key = issue(
+        directory, "server-for-name", ca=ca, common_name=name,
+        extensions=f"subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth",
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context, ca[0]

@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
-import ssl
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,7 +25,7 @@ from service.upstream.client import answers_http, probe_models
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config_data
 from tests.fake_upstream import FakeUpstream
 from tests.forward_proxy import ForwardProxy
-from tests.integration.pki import issue, make_ca
+from tests.integration.pki import https_server_context
 from tests.integration.tenancy_helpers import rpc_error
 from tests.integration.test_resilience import FAST_RESILIENCE, error_details
 from tests.secret_capture import record_emitted, register_secret
@@ -114,7 +112,7 @@ async def test_an_https_upstream_through_https_proxy_is_verified_for_its_name(
     """`HTTPS_PROXY` from the environment takes an https upstream's calls: TLS runs end to
     end through the tunnel and checks the certificate for `upstream.test`. Credentials in
     the variable's URL reach the proxy and nothing else."""
-    context, ca = _https_context(tmp_path)
+    context, ca = https_server_context(tmp_path, NAME)
     monkeypatch.setenv("SSL_CERT_FILE", str(ca))
     async with FakeUpstream(models=(FAKE_MODEL,), ssl_context=context) as tls_upstream:
         hosts = {NAME: ("127.0.0.1", tls_upstream.port)}
@@ -319,18 +317,6 @@ async def test_check_refuses_an_unusable_environment_proxy_as_serve_does(
         in captured.err
     )
     assert ENV_PROXY_PASSWORD not in captured.out + captured.err
-
-
-def _https_context(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
-    """A server context with a certificate for `upstream.test`, and its CA."""
-    ca = make_ca(tmp_path, "ca")
-    cert, key = issue(
-        tmp_path, "upstream", ca=ca, common_name=NAME,
-        extensions=f"subjectAltName=DNS:{NAME}\nextendedKeyUsage=serverAuth",
-    )  # fmt: skip
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    return context, ca[0]
 
 
 __all__ = ["pb"]

@@ -23,7 +23,7 @@ from service.upstream.http import (
 )
 from service.upstream.proxy import Proxy, basic_authorization
 from tests.forward_proxy import ForwardProxy
-from tests.integration.pki import issue, make_ca
+from tests.integration.pki import https_server_context
 from tests.integration.test_upstream_http import answer_forever
 
 NAME = "upstream.test"
@@ -92,24 +92,12 @@ async def test_the_proxy_authorization_goes_to_the_proxy_alone() -> None:
     await server.wait_closed()
 
 
-def _https_context(tmp_path: Path, name: str) -> tuple[ssl.SSLContext, Path]:
-    """A server context with a certificate for `name`, and the CA that signed it."""
-    ca = make_ca(tmp_path, "proxy-ca")
-    cert, key = issue(
-        tmp_path, "upstream", ca=ca, common_name=name,
-        extensions=f"subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth",
-    )  # fmt: skip
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    return context, ca[0]
-
-
 async def https_through_tunnel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, certified_name: str
 ) -> None:
     """Calls to an https upstream through the tunnel, its certificate made for
     `certified_name`: TLS runs end to end with the upstream, checked for `upstream.test`."""
-    context, ca = _https_context(tmp_path, certified_name)
+    context, ca = https_server_context(tmp_path, certified_name)
     monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the default trust store, as OpenSSL reads it
     server, port = await _echo_server(context)
     async with ForwardProxy(hosts={NAME: ("127.0.0.1", port)}) as proxy:
