@@ -175,6 +175,10 @@ class LocalModelServer:
             str(self.config.context_window),
             "--n_threads",
             str(threads),
+            # Prompt processing: its default is every core of the node, not the CPUs the
+            # gateway may use, and a container's CPU quota then throttles them.
+            "--n_threads_batch",
+            str(threads),
         ]
 
     async def __aenter__(self) -> LocalModelServer:
