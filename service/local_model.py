@@ -94,7 +94,9 @@ def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> 
 
     The model server needs none of them; withheld, they cannot leak through its logs, a
     crash dump or a bug in it. Besides `withheld` (the config's provider keys and Redis
-    passwords): the CLI's caller key and OpenTelemetry exporter headers (tokens).
+    passwords): the CLI's caller key, OpenTelemetry exporter headers (tokens) and the
+    proxy variables (`HTTPS_PROXY`, ...), whose URL may carry the proxy's password; the
+    server answers on loopback alone and needs no proxy.
     """
     return {
         name: value
@@ -102,7 +104,14 @@ def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> 
         if name not in withheld
         and name != "LLM_GATEWAY_API_KEY"
         and not (name.startswith("OTEL_EXPORTER_OTLP") and name.endswith("HEADERS"))
+        and not _is_proxy_variable(name)
     }
+
+
+def _is_proxy_variable(name: str) -> bool:
+    """`http_proxy`, `HTTPS_PROXY`, `all_proxy`, ...: not `no_proxy`, which holds no secret."""
+    lowered = name.lower()
+    return lowered.endswith("_proxy") and lowered != "no_proxy"
 
 
 class LocalModelServer:

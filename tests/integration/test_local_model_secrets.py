@@ -26,6 +26,10 @@ SECRETS = {
     # The one Redis URL that may carry its password (nothing listens there: the ledger
     # connects only to record a call).
     "LLM_GATEWAY__LEDGER__REDIS_URL": "redis://:ledger-CANARY@127.0.0.1:1/0",
+    # Proxies' URLs carry their passwords (the fake upstream, on loopback, takes none).
+    "HTTPS_PROXY": "http://alice:proxy-CANARY@127.0.0.1:1",
+    "http_proxy": "http://bob:proxy-CANARY@127.0.0.1:1",
+    "ALL_PROXY": "http://carol:proxy-CANARY@127.0.0.1:1",
 }
 
 
@@ -39,12 +43,13 @@ async def test_the_local_model_server_gets_no_secret_of_the_gateway(
     tmp_path, monkeypatch, upstream, start_gateway
 ):
     """Provider keys and Redis passwords the config names (in a `ledger.redis_url` set
-    from the environment too), the CLI's caller key and the OpenTelemetry exporter's
-    headers are withheld from llama.cpp's server, which needs none of them; the rest of
-    the environment (PATH, ...) reaches it.
+    from the environment too), the CLI's caller key, the OpenTelemetry exporter's
+    headers and the proxy variables are withheld from llama.cpp's server, which needs
+    none of them; the rest of the environment (PATH, ...) reaches it.
 
     Before, the server inherited the gateway's whole environment, every key with it; and
-    then, still the override carrying the ledger's Redis URL, password and all."""
+    then, still the override carrying the ledger's Redis URL, password and all; and then
+    still `HTTPS_PROXY` and the like, with the proxy's password in their URL."""
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     model, stand_in = stand_in_local_model(tmp_path)
