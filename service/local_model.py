@@ -153,6 +153,7 @@ class LocalModelServer:
             models={self.config.model: self.config.model},
             timeout_s=300.0,
             json_schema_format="json_object_schema",
+            empty_stream_is_refusal=True,
         )
 
     def _command(self, model_path: Path) -> list[str]:
