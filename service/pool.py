@@ -304,6 +304,8 @@ class UpstreamPool:
             for model, upstream_model in client.config.models.items():
                 self._routes.setdefault(model, []).append(Route(client, upstream_model))
         self._balancers = {m: _WeightedRoundRobin(len(r)) for m, r in self._routes.items()}
+        # Upstreams known to be down whatever their breakers say (`set_down`).
+        self._down: set[str] = set()
 
     @property
     def models(self) -> Mapping[str, Sequence[Route]]:
@@ -321,10 +323,20 @@ class UpstreamPool:
         """The breaker, limiter and budget of one upstream, by name."""
         return self._states[upstream]
 
+    def set_down(self, upstream: str, *, is_down: bool) -> None:
+        """Say whether `upstream` is known to be down (the local model's server, from its
+        exit until a restart answers): its breaker, closed until calls fail, cannot tell."""
+        if is_down:
+            self._down.add(upstream)
+        else:
+            self._down.discard(upstream)
+
     def health(self, upstream: str) -> tuple[BreakerState, int]:
-        """An upstream's breaker state and calls in flight to it (for ListModels)."""
+        """An upstream's breaker state (open while it is known to be down) and calls in
+        flight to it (for ListModels)."""
         state = self._states[upstream]
-        return state.breaker.state, state.limiter.in_flight
+        breaker = BreakerState.OPEN if upstream in self._down else state.breaker.state
+        return breaker, state.limiter.in_flight
 
     def _plan(self, model: str) -> _CallPlan:
         routes = self.routes(model)

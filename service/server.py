@@ -288,10 +288,13 @@ class GatewayServer:
             await self.health.set(LOCAL_MODEL_HEALTH, serving if local_is_up else not_serving)
 
     async def _local_model_availability(self) -> None:
-        if self.local_model is not None and self.local_model.is_up and self.pipeline is not None:
-            # Calls refused while it was down opened its breaker: without this, health says
-            # SERVING again while every call is refused until the cool-down ends.
-            self.pipeline.pool.state(LOCAL_UPSTREAM).breaker.reset("local model restarted")
+        if self.local_model is not None and self.pipeline is not None:
+            is_up = self.local_model.is_up
+            self.pipeline.pool.set_down(LOCAL_UPSTREAM, is_down=not is_up)
+            if is_up:
+                # Calls refused while it was down opened its breaker: without this, health
+                # says SERVING again while every call is refused until the cool-down ends.
+                self.pipeline.pool.state(LOCAL_UPSTREAM).breaker.reset("local model restarted")
         if self._server is not None:  # before start() ends, it sets health itself
             await self._set_health()
 

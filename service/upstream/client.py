@@ -338,6 +338,18 @@ class UpstreamClient:
             raise RuntimeError(f"upstream client {self.name!r} is not open")
         return self._pool
 
+    def _refuse_empty_stream(self) -> None:
+        """Raise `UpstreamRejected` for a stream that ended before its first event, from an
+        upstream that ends so the streams it refuses (`empty_stream_is_refusal`); else let
+        the end be read as malformed (no finish reason), as from any other."""
+        if self.config.empty_stream_is_refusal:
+            raise UpstreamRejected(
+                f"upstream {self.name!r} refused the request: it ended the stream before its "
+                "first event, as llama-cpp-python's server does for a prompt over its "
+                "context window (its tokens, not the gateway's estimate); shorten it",
+                upstream=self.name,
+            )
+
     async def _post(
         self,
         call: UpstreamCall,
@@ -431,7 +443,7 @@ class UpstreamClient:
                     )
                     return
                 decoder = SSEDecoder()
-                has_output = False
+                has_events = has_output = False
                 idle_s = self.config.stream_idle_timeout_s
                 loop = asyncio.get_running_loop()
                 # When the idle timeout ends the stream: set after each output is passed on,
@@ -445,6 +457,7 @@ class UpstreamClient:
                         parser.end_of_body(decoder.data_at_end())
                         break
                     events = decoder.feed(raw)
+                    has_events = has_events or bool(events)
                     while events:
                         chunk, parsed, error = _output_of_events(
                             events, parser, stop_at_output=not has_output
@@ -466,6 +479,8 @@ class UpstreamClient:
                         raise MalformedReply(
                             f"a stream event is larger than {_MAX_REPLY_BYTES} bytes"
                         )
+                if not has_events and not decoder.has_pending:
+                    self._refuse_empty_stream()
                 end = parser.end()
                 if not parser.is_done and decoder.has_pending:
                     raise MalformedReply("the stream was cut in the middle of an event")

@@ -7,6 +7,8 @@ these tests assert shape, usage and finish reason, never the text.
 from __future__ import annotations
 
 import json
+import random
+import string
 
 import grpc
 import pytest
@@ -90,6 +92,47 @@ async def test_local_model_rejects_invalid_request_before_calling_it(local_gatew
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Complete(pb.CompleteRequest(model=LOCAL_MODEL), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# Random lowercase "words": the gateway's estimate of them fits the 2048-token window,
+# Gemma's tokenizer counts about 1.6 times as many, more than the window holds.
+_OVER_THE_REAL_WINDOW = " ".join(
+    "".join(random.Random(index).choices(string.ascii_lowercase, k=3 + index % 7))
+    for index in range(700)
+)
+
+
+async def test_a_stream_over_the_models_real_window_is_refused_and_the_model_stays_in_use(
+    local_gateway,
+):
+    """A streamed prompt the estimate fits but llama.cpp's tokenizer does not is refused
+    with INVALID_ARGUMENT after one attempt, as the same call unary is, and the local
+    model stays in use for the next call, however many such streams came before.
+
+    Before, llama.cpp's empty answer to it was a malformed stream: retried, and each
+    attempt held against the breaker, so four such streams opened it and every caller
+    was refused for its cool-down."""
+    async with grpc.aio.insecure_channel(local_gateway) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        request = pb.CompleteStreamRequest(
+            model=LOCAL_MODEL,
+            messages=_messages(_OVER_THE_REAL_WINDOW),
+            params=pb.GenerationParams(max_tokens=8),
+        )
+        for _ in range(4):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _event in stub.CompleteStream(request, timeout=120):
+                    pass
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        response = await stub.Complete(
+            pb.CompleteRequest(
+                model=LOCAL_MODEL,
+                messages=_messages("Hello"),
+                params=pb.GenerationParams(max_tokens=4),
+            ),
+            timeout=120,
+        )
+    assert response.metadata.upstream == "local"
 
 
 async def test_local_model_answers_a_json_schema_with_json_that_follows_it(local_gateway):

@@ -7,17 +7,24 @@ gateway's real supervisor (service.local_model) as its Python.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
+import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import service.server
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.config import parse_config
+from service.local_model import LocalModelServer
 from service.server import LOCAL_MODEL_HEALTH
 from tests.integration.gateway_process import is_running
 
@@ -122,6 +129,7 @@ async def test_calls_refused_while_it_restarts_do_not_keep_it_out_once_serving(
                 while (await health.Check(check)).status != health_pb2.HealthCheckResponse.SERVING:
                     await asyncio.sleep(0.05)
             children += _children(gateway.pid)
+            assert await _local_health(stub) == [pb.UPSTREAM_HEALTH_HEALTHY]
             assert await _call(stub) == grpc.StatusCode.OK
     finally:
         gateway.send_signal(signal.SIGTERM)
@@ -130,3 +138,41 @@ async def test_calls_refused_while_it_restarts_do_not_keep_it_out_once_serving(
         for pid in children:  # the stand-in runs no PR_SET_PDEATHSIG: do not leave it behind
             if is_running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_list_models_shows_the_local_model_unhealthy_while_it_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """From llama.cpp's exit until a restart answers, ListModels shows the `local`
+    upstream UNHEALTHY, as health says NOT_SERVING (HEALTHY again once it answers: the
+    test above).
+
+    Before, ListModels showed its breaker alone, still closed while no call had failed:
+    `llm-gateway models` said `local(healthy)` with the process dead."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    monkeypatch.setattr(
+        service.server,
+        "LocalModelServer",
+        functools.partial(LocalModelServer, python=str(stand_in)),
+    )
+    # A long back-off: the restart cannot come while the test looks.
+    local = {"enabled": "always", "model_path": str(model), "restart_backoff_s": 3600}
+    config = parse_config(
+        {"server": {"listen": "127.0.0.1:0"}, "local_model": local}, source="<test>", environ={}
+    )
+    gateway = await start_gateway(config)
+    assert await _local_health(gateway.stub) == [pb.UPSTREAM_HEALTH_HEALTHY]
+    os.kill(gateway.server.local_model.pid, signal.SIGKILL)
+    health = health_pb2_grpc.HealthStub(gateway.channel)
+    check = health_pb2.HealthCheckRequest(service=LOCAL_MODEL_HEALTH)
+    async with asyncio.timeout(20):
+        while (await health.Check(check)).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            await asyncio.sleep(0.05)
+    assert await _local_health(gateway.stub) == [pb.UPSTREAM_HEALTH_UNHEALTHY]
+
+
+async def _local_health(stub: pb_grpc.CompletionServiceStub) -> list[int]:
+    """The health ListModels shows for the local model's upstreams."""
+    response = await stub.ListModels(pb.ListModelsRequest(), timeout=5)
+    [served] = [m for m in response.models if m.name == MODEL]
+    return [u.health for u in served.upstreams]

@@ -1,4 +1,5 @@
-"""The llama.cpp server runs without the gateway's secrets in its environment.
+"""The llama.cpp server runs without the gateway's secrets in its environment, and on
+the threads the config gives it.
 
 llama.cpp's server is stood in for by the small OpenAI-compatible server of
 test_local_model_restart, started by the real gateway; its environment is read from /proc.
@@ -7,6 +8,7 @@ test_local_model_restart, started by the real gateway; its environment is read f
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from pathlib import Path
 
@@ -24,6 +26,10 @@ SECRETS = {
     # The one Redis URL that may carry its password (nothing listens there: the ledger
     # connects only to record a call).
     "LLM_GATEWAY__LEDGER__REDIS_URL": "redis://:ledger-CANARY@127.0.0.1:1/0",
+    # Proxies' URLs carry their passwords (the fake upstream, on loopback, takes none).
+    "HTTPS_PROXY": "http://alice:proxy-CANARY@127.0.0.1:1",
+    "http_proxy": "http://bob:proxy-CANARY@127.0.0.1:1",
+    "ALL_PROXY": "http://carol:proxy-CANARY@127.0.0.1:1",
 }
 
 
@@ -37,12 +43,13 @@ async def test_the_local_model_server_gets_no_secret_of_the_gateway(
     tmp_path, monkeypatch, upstream, start_gateway
 ):
     """Provider keys and Redis passwords the config names (in a `ledger.redis_url` set
-    from the environment too), the CLI's caller key and the OpenTelemetry exporter's
-    headers are withheld from llama.cpp's server, which needs none of them; the rest of
-    the environment (PATH, ...) reaches it.
+    from the environment too), the CLI's caller key, the OpenTelemetry exporter's
+    headers and the proxy variables are withheld from llama.cpp's server, which needs
+    none of them; the rest of the environment (PATH, ...) reaches it.
 
     Before, the server inherited the gateway's whole environment, every key with it; and
-    then, still the override carrying the ledger's Redis URL, password and all."""
+    then, still the override carrying the ledger's Redis URL, password and all; and then
+    still `HTTPS_PROXY` and the like, with the proxy's password in their URL."""
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     model, stand_in = stand_in_local_model(tmp_path)
@@ -65,3 +72,34 @@ async def test_the_local_model_server_gets_no_secret_of_the_gateway(
     assert sorted(set(SECRETS) & set(seen)) == []
     assert not any("CANARY" in value for value in seen.values())
     assert seen["PATH"] == os.environ["PATH"]
+
+
+def _options_of(pid: int) -> dict[str, str]:
+    """The `--name value` pairs of the process's command line."""
+    words = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return {word: value for word, value in itertools.pairwise(words) if word[:2] == "--"}
+
+
+async def test_the_local_model_server_processes_prompts_on_the_configured_threads(
+    tmp_path, monkeypatch, upstream, start_gateway
+):
+    """`local_model.threads` bounds all of llama.cpp's work: generating (`--n_threads`)
+    and reading the prompt (`--n_threads_batch`).
+
+    Before, only the first was set: llama.cpp read every prompt on as many threads as the
+    node has cores, whatever the setting, the gateway's CPU affinity or its container's
+    CPU quota (which then throttled them)."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    monkeypatch.setattr(
+        service.server,
+        "LocalModelServer",
+        functools.partial(LocalModelServer, python=str(stand_in)),
+    )
+    local = {"enabled": "always", "model": MODEL, "model_path": str(model), "threads": 1}
+    data = gateway_config_data(upstream.base_url, local_model=local)
+    gw = await start_gateway(parse_config(data, source="<test>", environ={}))
+    assert gw.server.local_model is not None
+    pid = gw.server.local_model.pid
+    assert pid is not None
+    options = _options_of(pid)
+    assert (options["--n_threads"], options.get("--n_threads_batch")) == ("1", "1")

@@ -91,8 +91,10 @@ def test_no_cgroup_files_at_all_leaves_the_affinity(tmp_path: Path) -> None:
 
 
 def test_the_local_model_runs_one_thread_per_usable_cpu_unless_configured() -> None:
-    """llama.cpp's `--n_threads`: the usable CPUs by default, `local_model.threads` when set."""
+    """llama.cpp's `--n_threads` and `--n_threads_batch`: the usable CPUs by default,
+    `local_model.threads` when set."""
     default = LocalModelServer(LocalModelConfig())._command(Path("m.gguf"))
-    assert default[default.index("--n_threads") + 1] == str(usable_cpus())
     pinned = LocalModelServer(LocalModelConfig(threads=3))._command(Path("m.gguf"))
-    assert pinned[pinned.index("--n_threads") + 1] == "3"
+    for option in ("--n_threads", "--n_threads_batch"):
+        assert default[default.index(option) + 1] == str(usable_cpus())
+        assert pinned[pinned.index(option) + 1] == "3"

