@@ -17,14 +17,14 @@ def retry_after_s(headers: Mapping[str, str], *, now_epoch_s: float) -> float | 
     `Retry-After` may be delta-seconds or an HTTP date (RFC 9110 section 10.2.3); a date
     in the past means no wait. Unparseable values are ignored rather than trusted.
     """
-    wait_ms = _number(headers, "retry-after-ms")
+    wait_ms = _longest(headers, "retry-after-ms")
     if wait_ms is not None:
         return max(0.0, wait_ms / 1000.0)
     raw = headers.get("retry-after")
     if raw is None:
         return None
     raw = raw.strip()
-    wait = _number(headers, "retry-after")
+    wait = _longest(headers, "retry-after")
     if wait is not None:
         return max(0.0, wait)
     try:
@@ -34,6 +34,17 @@ def retry_after_s(headers: Mapping[str, str], *, now_epoch_s: float) -> float | 
     if when.tzinfo is None:  # asctime names no zone; every HTTP date is UTC
         when = when.replace(tzinfo=dt.UTC)
     return max(0.0, when.timestamp() - now_epoch_s)
+
+
+def _longest(headers: Mapping[str, str], name: str) -> float | None:
+    """A wait header's number; sent twice (a proxy adding its own), the two arrive joined
+    as `1, 1`: the longest, rather than none and retries at once into the rate limit."""
+    raw = headers.get(name)
+    if raw is None or "," not in raw:
+        return _number(headers, name)
+    waits = [_number({name: part}, name) for part in raw.split(",")]
+    numbers = [wait for wait in waits if wait is not None]
+    return max(numbers) if numbers and len(numbers) == len(waits) else None
 
 
 def _number(headers: Mapping[str, str], name: str) -> float | None:

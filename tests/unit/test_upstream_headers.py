@@ -54,6 +54,12 @@ def http_date(epoch_s: float) -> str:
         pytest.param({"retry-after": "nan"}, None, id="nan"),
         pytest.param({"retry-after-ms": "Infinity"}, None, id="ms-infinite"),
         pytest.param({"retry-after-ms": "nan", "retry-after": "2"}, 2.0, id="ms-nan-falls-back"),
+        # Sent twice (a proxy adding its own), a header arrives joined: the longest wait.
+        pytest.param({"retry-after": "1, 1"}, 1.0, id="seconds-twice"),
+        pytest.param({"retry-after": "2, 30"}, 30.0, id="seconds-twice-the-longest"),
+        pytest.param({"retry-after-ms": "500,200"}, 0.5, id="ms-twice"),
+        pytest.param({"retry-after": "2, soon"}, None, id="seconds-and-garbage"),
+        pytest.param({"retry-after": http_date(NOW + 30)}, 30.0, id="date-has-a-comma-too"),
     ],
 )
 def test_retry_after_s(headers: dict[str, str], expected: float | None) -> None:
