@@ -367,11 +367,13 @@ class CallerGate:
         for model in demand.models:
             check_model_allowed(principal, model)
         limits = principal.limits
+        if check is not None and (demand.is_paced or demand.requests):
+            # Before any of its tenant's limits is taken: a refused call makes no upstream
+            # call, so it takes no quota, and a bad field (or a batch refused as a whole) is
+            # the caller's to fix, not a RESOURCE_EXHAUSTED for max_concurrent_calls or a
+            # tokens_per_minute "never fits" to give up on.
+            check(request)
         if demand.is_paced:
-            if check is not None:
-                # A batch refused as a whole (too many items, a duplicate id) is that
-                # refusal, not max_concurrent_calls' RESOURCE_EXHAUSTED, as a completion's is.
-                check(request)
             async with self._limiter.admit(principal.tenant, limits, tokens=0, requests=0) as slot:
                 if limits.requests_per_minute or limits.tokens_per_minute:
                     self._pace(principal)
@@ -380,10 +382,6 @@ class CallerGate:
         if not demand.requests:
             yield NO_SLOT
             return
-        if check is not None:
-            # A refused call makes no upstream call, so it takes no quota; and a bad field
-            # is the caller's to fix, not a tokens_per_minute "never fits" to give up on.
-            check(request)
         async with self._limiter.admit(
             principal.tenant, limits, tokens=_tokens_of(request), requests=demand.requests
         ) as slot:
