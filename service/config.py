@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
-import ipaddress
 import math
 import os
 import re
@@ -33,6 +32,7 @@ from redis.asyncio.connection import (
 )
 
 from service.domain import CacheMode, TruncationMode
+from service.hosts import ascii_host, is_loopback_host
 
 ENV_PREFIX = "LLM_GATEWAY__"
 T = TypeVar("T")
@@ -260,33 +260,6 @@ def _require_address(address: str, name: str) -> None:
     )
     # gRPC takes the port modulo 65536: 70000 would quietly listen on 4464.
     _require(int(port) <= 65535, f"{name}'s port must be 0..65535")
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether `host` (a name or an IP address) is this machine: `localhost` (any case, or
-    the absolute `localhost.`), 127.0.0.0/8, ::1 or the IPv4-mapped ::ffff:127.x.y.z. A
-    DNS name such as 127.corp.example may resolve anywhere: not loopback."""
-    host = host.strip("[]")
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback  # not so on Python before 3.13
-    return address.is_loopback
-
-
-def ascii_host(host: str) -> str | None:
-    """`host` as it goes on the wire (a `Host` header, `CONNECT`, SNI) and is matched: an
-    internationalised name in its IDNA (`xn--`) form, as curl sends it; None when it is
-    not a valid one (an empty label, one over 63 characters), which the resolver would
-    refuse with a UnicodeError rather than an OSError, ASCII or not."""
-    try:
-        return host.encode("idna").decode("ascii")
-    except UnicodeError:
-        return None
 
 
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")

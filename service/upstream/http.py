@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from service.config import ascii_host
+from service.hosts import ascii_host
 
 if TYPE_CHECKING:
     from service.upstream.proxy import Proxy

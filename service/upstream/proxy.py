@@ -27,13 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from service.config import (
-    ConfigError,
-    UpstreamConfig,
-    ascii_host,
-    is_loopback_host,
-    proxy_url_problem,
-)
+from service.config import ConfigError, UpstreamConfig, proxy_url_problem
+from service.hosts import ascii_host, is_loopback_host
 
 # Where the environment's proxy for each upstream scheme is read, first found first.
 _PROXY_VARIABLES = {

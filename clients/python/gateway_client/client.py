@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import ipaddress
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ import grpc
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.hosts import is_loopback_host
 
 _ROLES = {
     "system": pb.ROLE_SYSTEM,
@@ -264,7 +264,7 @@ class CompletionStream:
 
 def is_loopback_address(address: str) -> bool:
     """Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`) names this
-    machine: `localhost`, 127.0.0.0/8, ::1 (or its IPv4-mapped form)."""
+    machine (`service.hosts.is_loopback_host`)."""
     target = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
     if target.startswith("["):
         host = target[1:].partition("]")[0]
@@ -272,15 +272,7 @@ def is_loopback_address(address: str) -> bool:
         host = target.partition(":")[0]
     else:
         host = target
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    return is_loopback_host(host)
 
 
 class GatewayClient:
