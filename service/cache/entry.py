@@ -123,12 +123,12 @@ class CachedAnswer:
 
     def encode(self) -> bytes:
         """The entry as compact JSON; floats round-trip exactly (shortest repr)."""
-        completion = self.completion
-        if completion.content and completion.content == "".join(self.deltas):
+        entry: dict[str, object] = {"v": _ENTRY_VERSION, "c": self.completion, "d": self.deltas}
+        content = self.completion.content
+        if content and content == "".join(self.deltas):
             # "j": the content is the deltas joined, written once (`max_entry_bytes`).
-            completion = dataclasses.replace(completion, content="")
-            return orjson.dumps({"v": _ENTRY_VERSION, "c": completion, "d": self.deltas, "j": 1})
-        return orjson.dumps({"v": _ENTRY_VERSION, "c": completion, "d": self.deltas})
+            entry.update(c=dataclasses.replace(self.completion, content=""), j=1)
+        return orjson.dumps(entry)
 
     @classmethod
     def decode(cls, data: bytes) -> CachedAnswer:

@@ -40,19 +40,21 @@ def _longest(headers: Mapping[str, str], name: str) -> float | None:
     """A wait header's number; sent twice (a proxy adding its own), the two arrive joined
     as `1, 1`: the longest, rather than none and retries at once into the rate limit."""
     raw = headers.get(name)
-    if raw is None or "," not in raw:
-        return _number(headers, name)
-    waits = [_number({name: part}, name) for part in raw.split(",")]
-    numbers = [wait for wait in waits if wait is not None]
-    return max(numbers) if numbers and len(numbers) == len(waits) else None
+    if raw is None:
+        return None
+    waits = [_finite(part) for part in raw.split(",")]
+    return None if None in waits else max(w for w in waits if w is not None)
 
 
 def _number(headers: Mapping[str, str], name: str) -> float | None:
     raw = headers.get(name)
-    if raw is None:
-        return None
+    return None if raw is None else _finite(raw)
+
+
+def _finite(text: str) -> float | None:
+    """`text` as a finite number, or None."""
     try:
-        value = float(raw)
+        value = float(text)
     except ValueError:
         return None
     # "inf" and "nan" parse as floats but are no wait or count to act on (int(inf) raises).
