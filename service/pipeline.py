@@ -225,6 +225,9 @@ class Pipeline:
         return prepared.calibration == self.calibration.factor(asked.model, asked.tenant)
 
     def _usage(self, prepared: PreparedRequest, output: _Output, reported: Usage | None) -> Usage:
+        """The usage as reported; else estimated, or, where the upstream reported one
+        count and not the other (`is_estimated` then, the missing one 0), the other
+        estimated beside it."""
         if reported is not None:
             self.calibration.observe(
                 prepared.request.model,
@@ -232,7 +235,22 @@ class Pipeline:
                 estimated_tokens=prepared.prompt_tokens,
                 reported_tokens=reported.input_tokens,
             )
-            return reported
+            if not reported.is_estimated:
+                return reported
+            input_tokens = reported.input_tokens or prepared.prompt_tokens
+            return dataclasses.replace(
+                reported,
+                input_tokens=input_tokens,
+                output_tokens=reported.output_tokens or self._output_estimate(prepared, output),
+                cached_input_tokens=min(reported.cached_input_tokens, input_tokens),
+            )
+        return Usage(
+            input_tokens=prepared.prompt_tokens,
+            output_tokens=self._output_estimate(prepared, output),
+            is_estimated=True,
+        )
+
+    def _output_estimate(self, prepared: PreparedRequest, output: _Output) -> int:
         # The model wrote at most `max_tokens`, and never more than its window, whatever
         # the characters suggest. The cap also bounds how much of a long answer is read:
         # estimating holds the event loop (about 0.1 s a MB), and streams cut together
@@ -240,10 +258,9 @@ class Pipeline:
         limit = prepared.request.params.max_tokens
         if limit is None:
             limit = self.context_window(prepared.request.model)
-        estimate = estimate_output_tokens(
+        return estimate_output_tokens(
             output.content, output.tool_calls, output.reasoning, limit=limit
         )
-        return Usage(input_tokens=prepared.prompt_tokens, output_tokens=estimate, is_estimated=True)
 
     async def complete(
         self,

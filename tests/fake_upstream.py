@@ -86,6 +86,8 @@ class Reply:
     or OpenRouter's `reasoning`), and streamed in `reasoning_pieces` pieces before the
     content; `raw_reasoning` is sent as is instead (the message's, or one delta's).
     `reasoning_tokens`, when set, is sent as is in `usage.completion_tokens_details`.
+    `raw_usages` are sent as is instead of the counts' usage object: a stream sends each
+    in a usage-only chunk of its own, in order, and a unary answer the last.
     """
 
     content: str = "Hello from fake"
@@ -119,6 +121,7 @@ class Reply:
     reasoning_pieces: int = 3
     raw_reasoning: Any = None
     reasoning_tokens: Any = None
+    raw_usages: tuple[Any, ...] = ()
     # OpenAI's `refusal`: sent with `content: null` (unary), or as `refusal` deltas in
     # `chunks` pieces in place of the content's (stream).
     refusal: str = ""
@@ -423,7 +426,7 @@ class FakeUpstream:
                 events += [self._chunk(cid, model, {"content": p}) for p in pieces[k:]]
                 events.append(self._chunk(cid, model, {}, "stop"))
                 if usage_requested:
-                    events.append(self._usage_chunk(cid, model, Reply()))
+                    events.append(self._usage_chunk(cid, model, _usage(Reply())))
                 events.append("[DONE]")
                 await _send(resp, events, _Framing(coalesce=behaviour.coalesce))
                 await resp.write_eof()
@@ -451,7 +454,7 @@ class FakeUpstream:
             ],
         }
         if reply.include_usage:
-            out["usage"] = _usage(reply)
+            out["usage"] = reply.raw_usages[-1] if reply.raw_usages else _usage(reply)
         return out
 
     @staticmethod
@@ -470,8 +473,8 @@ class FakeUpstream:
         )
 
     @staticmethod
-    def _usage_chunk(cid: str, model: str, reply: Reply) -> str:
-        """Serialise the trailing usage-only chunk."""
+    def _usage_chunk(cid: str, model: str, usage: Any) -> str:
+        """Serialise a trailing usage-only chunk."""
         return json.dumps(
             {
                 "id": cid,
@@ -479,7 +482,7 @@ class FakeUpstream:
                 "created": int(time.time()),
                 "model": model,
                 "choices": [],
-                "usage": _usage(reply),
+                "usage": usage,
             }
         )
 
@@ -531,7 +534,8 @@ class FakeUpstream:
         if reply.finish_reason is not None:
             events.append(self._chunk(cid, model, {}, reply.finish_reason))
         if reply.include_usage and usage_requested:
-            events.append(self._usage_chunk(cid, model, reply))
+            usages = reply.raw_usages or (_usage(reply),)
+            events += [self._usage_chunk(cid, model, counts) for counts in usages]
         events.append("[DONE]")
         framing = _Framing(
             crlf=reply.crlf,

@@ -221,6 +221,11 @@ def usage(data: object) -> Usage | None:
     prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
     if prompt is None and completion is None:
         return None  # `{}`: no counts at all, so estimated (and flagged), not free
+    if prompt is None or completion is None:
+        prompt, completion = _with_total(prompt, completion, data.get("total_tokens"))
+    # A count still left out is 0 here and flagged: `Pipeline` estimates it, as it
+    # estimates a call with no usage. Billing it as 0 would make the answer free.
+    is_partial = prompt is None or completion is None
     details = data.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     if not cached:
@@ -235,6 +240,7 @@ def usage(data: object) -> Usage | None:
             input_tokens=_count(prompt),
             output_tokens=_count(completion),
             cached_input_tokens=_count(cached),
+            is_estimated=is_partial,
         )
     except (TypeError, ValueError, OverflowError):
         return None
@@ -244,7 +250,7 @@ def usage(data: object) -> Usage | None:
         and 0 <= counts.cached_input_tokens <= _MAX_TOKEN_COUNT
     ):
         return None
-    if counts.cached_input_tokens > counts.input_tokens:
+    if counts.cached_input_tokens > counts.input_tokens and prompt is not None:
         # Cached input is part of the input: reported as priced (`pricing.cost_usd`).
         counts = replace(counts, cached_input_tokens=counts.input_tokens)
     completion_details = data.get("completion_tokens_details")
@@ -254,6 +260,19 @@ def usage(data: object) -> Usage | None:
         if reasoning:
             counts = replace(counts, reasoning_tokens=reasoning)
     return counts
+
+
+def _with_total(prompt: object, completion: object, total: object) -> tuple[object, object]:
+    """The count left out as `total_tokens` less the other, where both are counts and
+    the total holds the other; else the counts as they came."""
+    known = completion if prompt is None else prompt
+    try:
+        whole, part = _count(total), _count(known)
+    except TypeError:
+        return prompt, completion
+    if total is None or part > whole:
+        return prompt, completion
+    return (whole - part, completion) if prompt is None else (prompt, whole - part)
 
 
 def _count(value: object) -> int:
@@ -425,6 +444,13 @@ class StreamParser:
         self._tool_calls: dict[int, _StreamedCall] = {}  # by the upstream's index
         self._calls = 0  # tool calls begun
 
+    def _take_usage(self, counts: Usage | None) -> None:
+        """A later usage event replaces an earlier one (servers that send it on each
+        chunk count up), unless it is worse: unbelievable, or partial after a whole one."""
+        if counts is None or (counts.is_estimated and self.usage and not self.usage.is_estimated):
+            return
+        self.usage = counts
+
     def _tool_call_pieces(self, data: object) -> tuple[ToolCallDelta, ...]:
         if not isinstance(data, list):
             raise MalformedReply("delta tool_calls is not a list")
@@ -485,7 +511,7 @@ class StreamParser:
             self.id = str(event.get("id") or "")
             self.model = str(event.get("model") or "")
         if event.get("usage"):
-            self.usage = usage(event["usage"])
+            self._take_usage(usage(event["usage"]))
         choices = event.get("choices")
         if not choices:
             return None

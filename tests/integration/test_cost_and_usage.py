@@ -118,6 +118,58 @@ async def test_usage_counts_that_are_not_integers_are_estimated_on_both_paths(pr
         assert streamed.usage.estimated, reply
 
 
+async def answered(gateway, stream: bool) -> pb.CallMetadata:
+    """One call's final metadata, unary or streamed."""
+    if stream:
+        return metadata_of([e async for e in gateway.stub.CompleteStream(chat_stream())])
+    return (await gateway.stub.Complete(chat())).metadata
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_a_count_left_out_is_estimated_beside_the_one_reported(priced, upstream, stream):
+    """Usage with the prompt's count and no output's (or the other way round) bills the
+    reported count as reported and estimates the other, flagged: never output at $0."""
+    upstream.script(
+        Reply(content="one two three four", raw_usages=({"prompt_tokens": 1234},)),
+        Reply(content="one two three four", raw_usages=({"completion_tokens": 567},)),
+    )
+    input_only, output_only = [await answered(priced, stream) for _ in range(2)]
+    assert (input_only.usage.input_tokens, input_only.usage.estimated) == (1234, True)
+    assert input_only.usage.output_tokens > 0
+    assert (output_only.usage.output_tokens, output_only.usage.estimated) == (567, True)
+    assert output_only.usage.input_tokens > 0
+    for metadata in (input_only, output_only):
+        expected = (metadata.usage.input_tokens * 0.27 + metadata.usage.output_tokens * 1.10) / 1e6
+        assert metadata.cost_usd == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_total_tokens_gives_the_count_left_out(priced, upstream, stream):
+    """`total_tokens` less the reported count is the other count, reported, not estimated."""
+    upstream.script(Reply(raw_usages=({"prompt_tokens": 1234, "total_tokens": 1801},)))
+    metadata = await answered(priced, stream)
+    assert (metadata.usage.input_tokens, metadata.usage.output_tokens) == (1234, 567)
+    assert not metadata.usage.estimated
+
+
+@pytest.mark.parametrize(
+    "later",
+    [{"prompt_tokens": -3, "completion_tokens": 1}, {"prompt_tokens": 5}],
+    ids=["unbelievable", "partial"],
+)
+async def test_a_worse_usage_event_later_in_a_stream_leaves_the_earlier_one(
+    priced, upstream, later
+):
+    """A stream's usage events each replace the last (servers that count up send one a
+    chunk), but an unbelievable or partial one never replaces a whole one."""
+    whole = {"prompt_tokens": 1234, "completion_tokens": 567}
+    upstream.script(Reply(raw_usages=(whole, later)), Reply(raw_usages=(later, whole)))
+    for _ in range(2):
+        metadata = await answered(priced, stream=True)
+        assert (metadata.usage.input_tokens, metadata.usage.output_tokens) == (1234, 567)
+        assert not metadata.usage.estimated
+
+
 async def test_get_usage_sums_every_path_exactly(priced, upstream):
     """GetUsage totals the unary and streamed calls to exactly the sum of their costs."""
     upstream.script(USAGE, USAGE, USAGE)

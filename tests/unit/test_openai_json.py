@@ -338,17 +338,50 @@ def test_parse_completion_malformed(raw: bytes, problem: str) -> None:
         ({"prompt_tokens": 1, "completion_tokens": 2}, Usage(1, 2, 0)),
         ({}, None),
         ({"prompt_tokens": None, "completion_tokens": None}, None),
-        ({"completion_tokens": 2}, Usage(0, 2, 0)),
-        ({"prompt_tokens": 9, "prompt_tokens_details": None}, Usage(9, 0, 0)),
-        ({"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": None}}, Usage(9, 0, 0)),
-        ({"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 4}}, Usage(9, 0, 4)),
+        ({"prompt_tokens": 9, "completion_tokens": 0, "prompt_tokens_details": None}, Usage(9)),
+        (
+            {"prompt_tokens": 9, "completion_tokens": 2, "prompt_tokens_details": {}},
+            Usage(9, 2, 0),
+        ),
+        (
+            {
+                "prompt_tokens": 9,
+                "completion_tokens": 2,
+                "prompt_tokens_details": {"cached_tokens": 4},
+            },
+            Usage(9, 2, 4),
+        ),
         (None, None),
         ([], None),
     ],
 )
 def test_usage_parsing(data: object, expected: Usage | None) -> None:
-    """Usage objects parse with an absent count as zero; an object with no count at all,
-    or a non-object, is no usage (the gateway then estimates it)."""
+    """Usage objects parse their counts; an object with no count at all, or a
+    non-object, is no usage (the gateway then estimates it)."""
+    assert usage(data) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"completion_tokens": 2}, Usage(0, 2, 0, is_estimated=True)),
+        ({"prompt_tokens": 9, "completion_tokens": None}, Usage(9, 0, 0, is_estimated=True)),
+        (
+            {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 40}},
+            Usage(9, 0, 9, is_estimated=True),
+        ),
+        ({"completion_tokens": 2, "prompt_cache_hit_tokens": 4}, Usage(0, 2, 4, is_estimated=True)),
+        ({"prompt_tokens": 9, "total_tokens": "12"}, Usage(9, 0, 0, is_estimated=True)),
+        ({"prompt_tokens": 9, "total_tokens": 5}, Usage(9, 0, 0, is_estimated=True)),
+        ({"prompt_tokens": 9, "total_tokens": 12}, Usage(9, 3, 0)),
+        ({"completion_tokens": 3, "total_tokens": 12.0}, Usage(9, 3, 0)),
+    ],
+)
+def test_usage_missing_one_count_is_partial_unless_the_total_gives_it(
+    data: object, expected: Usage
+) -> None:
+    """One count left out is flagged, its 0 for the pipeline to estimate, not to bill;
+    `total_tokens` less the other count gives it where the total holds that count."""
     assert usage(data) == expected
 
 
