@@ -907,7 +907,7 @@ async def test_a_follower_waits_for_the_upstream_slot_its_leaders_deadline_could
     """With the upstream's one slot busy, the first caller's deadline ends its wait for it
     (RESOURCE_EXHAUSTED, `UPSTREAM_LIMIT`); the follower's deadline allows the wait, which
     it makes on its own rather than share the refusal."""
-    upstream.script(Reply(content="slow", delay_s=1.5), Reply(content="shared"))
+    upstream.script(Reply(content="slow", delay_s=3.0), Reply(content="shared"))
     config = gateway_config(upstream.base_url, cache={"backend": "memory"})
     gateway: RunningGateway = await start_gateway(
         dataclasses.replace(
@@ -917,7 +917,7 @@ async def test_a_follower_waits_for_the_upstream_slot_its_leaders_deadline_could
     )
     busy = asyncio.ensure_future(gateway.stub.Complete(chat("Hold the slot"), timeout=20))
     await eventually(lambda: upstream.requests)
-    hasty = asyncio.ensure_future(gateway.stub.Complete(ask(), timeout=0.6))
+    hasty = asyncio.ensure_future(gateway.stub.Complete(ask(), timeout=1.5))
     patient = asyncio.ensure_future(gateway.stub.Complete(ask(), timeout=20))
     await eventually(lambda: cache_of(gateway).following == 2)
     with pytest.raises(grpc.aio.AioRpcError) as caught:

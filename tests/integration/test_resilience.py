@@ -1161,10 +1161,10 @@ async def test_a_probe_from_an_earlier_half_open_does_not_free_the_current_probe
     the upstream while it runs.
     """
     behaviours = {
-        "old": Status(500, delay_s=0.5),  # sent closed; fails while the first probe runs
+        "old": Status(500, delay_s=1.0),  # sent closed; fails while the first probe runs
         "fail": Status(500),
-        "probe1": Status(429, delay_s=1.6),
-        "probe2": Reply(delay_s=2.0),
+        "probe1": Status(429, delay_s=2.0),
+        "probe2": Reply(delay_s=2.5),
     }
     async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
         gateway, old = await _half_open_beside_an_old_call(start_gateway, fake, cool_down_s=0.4)
