@@ -206,6 +206,22 @@ async def test_the_images_healthcheck_passes_on_the_health_port_of_a_tls_gateway
     assert await _exit_status(healthcheck, LLM_GATEWAY_HEALTHCHECK_ADDRESS=server.address) != 0
 
 
+@pytest.mark.parametrize("variable", ["https_proxy", "http_proxy"])
+async def test_the_images_healthcheck_passes_with_an_egress_proxy_in_the_environment(
+    gateway, variable
+):
+    """The Dockerfile's HEALTHCHECK calls the gateway in its own container directly, not
+    through the proxy an operator sets for upstream egress (gRPC would tunnel a loopback
+    call through it, and the proxy cannot reach the container's loopback)."""
+    dead_proxy = f"http://127.0.0.1:{_free_port()}"
+    status = await _exit_status(
+        _dockerfile_healthcheck(),
+        LLM_GATEWAY_HEALTHCHECK_ADDRESS=gateway.server.address,
+        **{variable: dead_proxy},
+    )
+    assert status == 0
+
+
 async def test_mtls_names_the_tenant_from_a_valid_client_certificate(upstream, tls_server, pki):
     """A certificate signed by the CA is accepted and its CN is the tenant, without a key."""
     config = secure_config(
