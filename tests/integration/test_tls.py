@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
-from service.config import ConfigError, parse_config
+from service.config import ConfigError, load_config, parse_config
 from service.server import GatewayServer, ListenError
 from tests.conftest import chat, gateway_config, gateway_config_data
 from tests.integration.pki import Pki, issue, make_pki
@@ -204,6 +204,50 @@ async def test_the_images_healthcheck_passes_on_the_health_port_of_a_tls_gateway
     health_port = f"127.0.0.1:{server.health_port}"
     assert await _exit_status(healthcheck, LLM_GATEWAY_HEALTHCHECK_ADDRESS=health_port) == 0
     assert await _exit_status(healthcheck, LLM_GATEWAY_HEALTHCHECK_ADDRESS=server.address) != 0
+
+
+@pytest.mark.parametrize("variable", ["https_proxy", "http_proxy"])
+async def test_the_images_healthcheck_passes_with_an_egress_proxy_in_the_environment(
+    gateway, variable
+):
+    """The Dockerfile's HEALTHCHECK calls the gateway in its own container directly, not
+    through the proxy an operator sets for upstream egress (gRPC would tunnel a loopback
+    call through it, and the proxy cannot reach the container's loopback)."""
+    dead_proxy = f"http://127.0.0.1:{_free_port()}"
+    status = await _exit_status(
+        _dockerfile_healthcheck(),
+        LLM_GATEWAY_HEALTHCHECK_ADDRESS=gateway.server.address,
+        **{variable: dead_proxy},
+    )
+    assert status == 0
+
+
+def _readme_tls_example() -> tuple[str, str]:
+    """The README's worked TLS example: its shell steps and its server config."""
+    text = (_REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### TLS and mTLS: a worked example") :]
+    shell, config = re.findall(r"```(?:sh|yaml)\n(.*?)```", section, flags=re.DOTALL)[:2]
+    return shell, config
+
+
+async def test_the_readmes_tls_example_loads_where_its_steps_leave_the_shell(tmp_path, monkeypatch):
+    """The README's openssl steps, run as written in one shell, leave it where the
+    config's `pki/...` paths name the files they made, so the config loads there."""
+    shell, config = _readme_tls_example()
+    steps = await asyncio.create_subprocess_exec(
+        "bash",
+        "-ec",
+        f"{shell}\npwd",
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    output, _ = await asyncio.wait_for(steps.communicate(), _TIMEOUT_S)
+    assert steps.returncode == 0
+    monkeypatch.chdir(output.decode().splitlines()[-1])
+    Path("gateway.yaml").write_text(config, encoding="utf-8")
+    loaded = load_config("gateway.yaml")
+    assert loaded.server.tls.tenant_from_cert_subject
 
 
 async def test_mtls_names_the_tenant_from_a_valid_client_certificate(upstream, tls_server, pki):
