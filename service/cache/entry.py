@@ -118,8 +118,13 @@ class CachedAnswer:
 
     @property
     def is_cacheable(self) -> bool:
-        """Whether the answer may be stored: a clean stop or length finish only."""
-        return self.completion.finish_reason in CACHEABLE_FINISH_REASONS
+        """Whether the answer may be stored: a stop, length or tool-call finish with
+        something in it. An empty one is most often a provider's glitch (a null message),
+        which a stored entry would serve for its whole TTL."""
+        answer = self.completion
+        return answer.finish_reason in CACHEABLE_FINISH_REASONS and bool(
+            answer.content or answer.tool_calls or answer.reasoning
+        )
 
     def encode(self) -> bytes:
         """The entry as compact JSON; floats round-trip exactly (shortest repr)."""

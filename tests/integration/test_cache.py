@@ -331,6 +331,25 @@ async def test_errors_and_odd_finishes_are_not_cached(
 
 
 @pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_an_empty_answer_is_relayed_but_not_cached(
+    cached: RunningGateway, upstream: FakeUpstream, is_stream: bool
+) -> None:
+    """An answer with no text, reasoning or tool call, finished `stop` (a provider's null
+    message), reaches its caller but is not stored: the next call asks again."""
+    upstream.script(Reply(content=""), Reply(content="again"))
+    request = chat_stream("empty?", params=DETERMINISTIC) if is_stream else ask("empty?")
+    if is_stream:
+        first = [e async for e in cached.stub.CompleteStream(request)][-1].final
+    else:
+        first = (await cached.stub.Complete(request)).metadata
+    assert first.finish_reason == pb.FINISH_REASON_STOP
+    await settled(cached)
+    after = await cached.stub.Complete(ask("empty?"))
+    assert (after.content, after.metadata.cache_hit) == ("again", False)
+    assert len(upstream.requests) == 2
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
 async def test_an_unknown_finish_reason_is_relayed_as_stop_but_not_cached(
     cached: RunningGateway, upstream: FakeUpstream, is_stream: bool
 ) -> None:
