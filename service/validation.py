@@ -342,10 +342,12 @@ def _tools_violations(found: list[FieldViolation], request: ChatRequest) -> int:
             found.append(
                 FieldViolation(f"tools[{index}].description", "must not contain control characters")
             )
-        if tool.parameters.strip() and not _is_json_object(tool.parameters):
+        problem = _json_object_problem(tool.parameters) if tool.parameters.strip() else None
+        if problem:
             found.append(
                 FieldViolation(
-                    f"tools[{index}].parameters", "must be a JSON object (a JSON Schema)"
+                    f"tools[{index}].parameters",
+                    f"must be a JSON object (a JSON Schema); {problem}",
                 )
             )
     choice = request.tool_choice
@@ -397,17 +399,32 @@ def _response_format_violations(
         found.append(
             FieldViolation(f"{field}.json_schema", f"at most {limits.max_request_bytes} bytes")
         )
-    elif not _is_json_object(schema):
+    elif problem := _json_object_problem(schema):
         found.append(
-            FieldViolation(f"{field}.json_schema", "must be a JSON Schema object as JSON text")
+            FieldViolation(
+                f"{field}.json_schema", f"must be a JSON Schema object as JSON text; {problem}"
+            )
         )
     if response_format.schema_name and not _FUNCTION_NAME.fullmatch(response_format.schema_name):
         found.append(FieldViolation(f"{field}.schema_name", "must be 1-64 of A-Z a-z 0-9 _ -"))
     return found
 
 
-def _is_json_object(text: str) -> bool:
+def _json_object_problem(text: str) -> str | None:
+    """Why `text` is no JSON object the gateway can read and send on, or None. JSON it
+    cannot read names its reason: `1e400` is valid JSON but no number a parser keeps."""
     try:
-        return isinstance(orjson.loads(text), dict)
-    except orjson.JSONDecodeError:
-        return False
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return f"not read as JSON: {exc}"
+    return None if isinstance(value, dict) else f"got a JSON {_JSON_TYPES[type(value)]}"
+
+
+_JSON_TYPES = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}

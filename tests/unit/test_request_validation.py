@@ -8,7 +8,17 @@ from typing import Any
 import pytest
 
 from service.config import RequestDefaults
-from service.domain import CachePolicy, ChatRequest, GenerationParams, Message, Role, ToolCall
+from service.domain import (
+    CachePolicy,
+    ChatRequest,
+    GenerationParams,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+    Tool,
+    ToolCall,
+)
 from service.errors import FieldViolation, InvalidRequest
 from service.ledger import OVERFLOW_LABELS
 from service.validation import (
@@ -209,6 +219,28 @@ def test_violation_description_says_what_is_wrong() -> None:
     assert violation == FieldViolation("params.temperature", "must be in [0, 2], got 3.0")
     (violation,) = chat_request_violations(with_params(top_p=0.0), LIMITS)
     assert violation.description == "must be in (0, 1], got 0.0"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"maximum": 1e400}', "not read as JSON: number is infinity"),
+        ('{"type": "object"', "not read as JSON: unexpected end of data"),
+        ('["type", "object"]', "got a JSON array"),
+        ("null", "got a JSON null"),
+    ],
+)
+def test_a_schema_that_is_no_json_object_says_why(text: str, reason: str) -> None:
+    """A tool's parameters or a response schema the gateway cannot send says what is
+    wrong with it: `1e400` is valid JSON, but no number a parser keeps."""
+    tool = dataclasses.replace(BASE, tools=(Tool("f", parameters=text),))
+    (violation,) = chat_request_violations(tool, LIMITS)
+    assert violation.field == "tools[0].parameters"
+    assert reason in violation.description
+    schema = ResponseFormat(ResponseFormatType.JSON_SCHEMA, json_schema=text, schema_name="s")
+    (violation,) = chat_request_violations(with_params(response_format=schema), LIMITS)
+    assert violation.field == "params.response_format.json_schema"
+    assert reason in violation.description
 
 
 def test_several_violations_reported_at_once_in_field_order() -> None:
