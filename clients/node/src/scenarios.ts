@@ -293,6 +293,62 @@ async function cancel(client: GatewayClient, args: Args): Promise<Json> {
   return { firstEvent: first?.kind, afterCancel: "no error" };
 }
 
+/** Resolves with the first line this process reads on stdin: the test's go-ahead. */
+function lineFromTest(): Promise<void> {
+  return new Promise((resolve) => process.stdin.once("data", () => resolve()));
+}
+
+async function abortComplete(client: GatewayClient, args: Args): Promise<Json> {
+  // A unary call aborted by its signal once the test says the upstream has the request.
+  const controller = new AbortController();
+  const answer = client.complete(
+    { model: args.model, messages: messages("Say hi") },
+    { timeoutMs: 20_000, signal: controller.signal },
+  );
+  void lineFromTest().then(() => controller.abort());
+  try {
+    await answer;
+  } catch (error) {
+    return errorJson(error);
+  } finally {
+    process.stdin.destroy();
+  }
+  return { unexpected: "the aborted call succeeded" };
+}
+
+async function abortedBeforeComplete(client: GatewayClient, args: Args): Promise<Json> {
+  // A signal aborted before the call: it fails at once, the gateway never called.
+  const controller = new AbortController();
+  controller.abort();
+  try {
+    await client.complete(
+      { model: args.model, messages: messages("Say hi") },
+      { timeoutMs: 10_000, signal: controller.signal },
+    );
+  } catch (error) {
+    return errorJson(error);
+  }
+  return { unexpected: "the aborted call succeeded" };
+}
+
+async function abortStream(client: GatewayClient, args: Args): Promise<Json> {
+  // As `cancel`, by the stream's signal.
+  const controller = new AbortController();
+  const call = client.completeStream(
+    { model: args.model, messages: messages("Say hi") },
+    { signal: controller.signal },
+  );
+  const events = call[Symbol.asyncIterator]();
+  const first = await next(events);
+  controller.abort();
+  try {
+    await next(events);
+  } catch (error) {
+    return { firstEvent: first?.kind, afterCancel: errorJson(error).code };
+  }
+  return { firstEvent: first?.kind, afterCancel: "no error" };
+}
+
 async function lateStream(client: GatewayClient, args: Args): Promise<Json> {
   // A stream read only after its call has failed (here: a model no upstream serves).
   const stream = client.completeStream(
@@ -362,6 +418,9 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "overload-recovers": overloadRecovers,
   "overload-exhausted": overloadExhausted,
   cancel,
+  "abort-stream": abortStream,
+  "abort-complete": abortComplete,
+  "aborted-before-complete": abortedBeforeComplete,
   "late-stream": lateStream,
   "without-timeout": withoutTimeout,
   shown,
