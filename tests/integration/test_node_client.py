@@ -248,6 +248,27 @@ async def test_node_client_never_shows_its_api_key_when_logged(
     assert CALLER_KEY_A not in result["json"]
 
 
+async def test_node_stream_never_shows_the_clients_api_key_when_logged(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A keyed client's stream passed to util.inspect (an error reporter logging what it
+    holds), while it runs or once it ended, shows no caller key. Before, its gRPC call was
+    an ordinary property, and with it the call's metadata, the key included."""
+    gateway = await start_gateway(secure_config(upstream.base_url))
+    result = await run_node(
+        node_scenarios,
+        "shown-stream",
+        "--address",
+        gateway.server.address,
+        "--api-key",
+        CALLER_KEY_A,
+    )
+    assert result["content"] == "Hello from fake"
+    assert "CompletionStream" in result["before"]
+    assert CALLER_KEY_A not in result["before"]
+    assert CALLER_KEY_A not in result["after"]
+
+
 async def test_node_client_gives_a_call_without_a_timeout_its_default_deadline(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -396,11 +396,12 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
 
   /** The call's failure when it came before the loop read it: rethrown once the loop ends. */
   private failure: unknown = null;
+  // A `#` field, as the client's key: util.inspect of the stream would otherwise show the
+  // call, and in it the metadata the call was sent with, the caller key included.
+  readonly #call: grpc.ClientReadableStream<CompleteStreamResponse>;
 
-  constructor(
-    private readonly call: grpc.ClientReadableStream<CompleteStreamResponse>,
-    signal?: AbortSignal,
-  ) {
+  constructor(call: grpc.ClientReadableStream<CompleteStreamResponse>, signal?: AbortSignal) {
+    this.#call = call;
     // grpc-js emits a failed status as an 'error' event: with no listener yet (a stream not
     // iterated at once) that would crash the process, and the loop read later would then
     // end as though the stream had succeeded.
@@ -429,12 +430,12 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
 
   /** Stop the call; the gateway closes the upstream request at once. */
   cancel(): void {
-    this.call.cancel();
+    this.#call.cancel();
   }
 
   async *[Symbol.asyncIterator](): AsyncIterator<StreamEvent> {
     try {
-      for await (const message of this.call as AsyncIterable<CompleteStreamResponse>) {
+      for await (const message of this.#call as AsyncIterable<CompleteStreamResponse>) {
         const event = message.event;
         if (event?.$case === "delta") {
           this.gather(event.delta);
@@ -451,7 +452,7 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
       throw asGatewayError(error);
     } finally {
       // Leaving the loop early (break, throw in the body) must not leave the call running.
-      this.call.cancel();
+      this.#call.cancel();
     }
   }
 }

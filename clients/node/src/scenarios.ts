@@ -15,6 +15,7 @@ import * as util from "node:util";
 import * as grpc from "@grpc/grpc-js";
 
 import {
+  CompleteStreamRequest,
   CompletionMetadata,
   CompletionStream,
   GatewayCallError,
@@ -351,11 +352,16 @@ async function abortStream(client: GatewayClient, args: Args): Promise<Json> {
 
 async function lateStream(client: GatewayClient, args: Args): Promise<Json> {
   // A stream read only after its call has failed (here: a model no upstream serves).
-  const stream = client.completeStream(
-    { model: `${args.model}-unknown`, messages: messages("Say hi") },
-    { timeoutMs: 10_000 },
+  // The call made as completeStream makes it, kept here to wait for its status.
+  const call = client.stub.completeStream(
+    CompleteStreamRequest.fromPartial({
+      model: `${args.model}-unknown`,
+      messages: messages("Say hi"),
+    }),
+    new grpc.Metadata(),
+    { deadline: Date.now() + 10_000 },
   );
-  const call = (stream as unknown as { call: grpc.ClientReadableStream<unknown> }).call;
+  const stream = new CompletionStream(call);
   // Not events.once: it would take the call's 'error' event for itself.
   await new Promise((resolve) => call.on("status", resolve));
   const kinds: string[] = [];
@@ -388,6 +394,22 @@ async function shown(client: GatewayClient, args: Args): Promise<Json> {
     inspected: util.inspect(client, { depth: null, showHidden: true }),
     json: JSON.stringify(client),
   };
+}
+
+async function shownStream(client: GatewayClient, args: Args): Promise<Json> {
+  // A keyed client's stream as an error reporter would show it, before and after its loop.
+  const events = client.completeStream(
+    { model: args.model, messages: messages("Say hi") },
+    { timeoutMs: 10_000 },
+  );
+  const before = util.inspect(events, { depth: null, showHidden: true });
+  let content = "";
+  for await (const event of events) {
+    if (event.kind === "delta") {
+      content += event.content;
+    }
+  }
+  return { content, before, after: util.inspect(events, { depth: null, showHidden: true }) };
 }
 
 async function decode(args: Args): Promise<Json> {
@@ -424,6 +446,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "late-stream": lateStream,
   "without-timeout": withoutTimeout,
   shown,
+  "shown-stream": shownStream,
 };
 
 async function main(): Promise<void> {
