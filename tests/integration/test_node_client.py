@@ -39,6 +39,7 @@ from tests.conftest import (
     gateway_config,
 )
 from tests.fake_upstream import FakeUpstream, Hang, Reply, ToolCallReply
+from tests.forward_proxy import ForwardProxy
 from tests.integration.pki import Pki, make_pki
 from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.secret_capture import CALLER_KEY_A
@@ -95,6 +96,32 @@ async def run_process(
         raise
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def run_after_go_ahead(script: Path, *args: str, ready: Callable[[], bool]) -> dict[str, Any]:
+    """Run one scenario that waits for a line on its stdin, sent once `ready()` holds; the
+    JSON line it prints."""
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(script),
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_until(ready)
+        assert process.stdin is not None
+        process.stdin.write(b"go\n")
+        async with asyncio.timeout(NODE_TIMEOUT_S):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()
+    result: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
+    return result
 
 
 async def run_program(script: Path, *args: str, env: dict[str, str] | None = None) -> str:
@@ -219,6 +246,27 @@ async def test_node_client_never_shows_its_api_key_when_logged(
     assert "GatewayClient" in result["inspected"]
     assert CALLER_KEY_A not in result["inspected"]
     assert CALLER_KEY_A not in result["json"]
+
+
+async def test_node_stream_never_shows_the_clients_api_key_when_logged(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A keyed client's stream passed to util.inspect (an error reporter logging what it
+    holds), while it runs or once it ended, shows no caller key. Before, its gRPC call was
+    an ordinary property, and with it the call's metadata, the key included."""
+    gateway = await start_gateway(secure_config(upstream.base_url))
+    result = await run_node(
+        node_scenarios,
+        "shown-stream",
+        "--address",
+        gateway.server.address,
+        "--api-key",
+        CALLER_KEY_A,
+    )
+    assert result["content"] == "Hello from fake"
+    assert "CompletionStream" in result["before"]
+    assert CALLER_KEY_A not in result["before"]
+    assert CALLER_KEY_A not in result["after"]
 
 
 async def test_node_client_gives_a_call_without_a_timeout_its_default_deadline(
@@ -432,18 +480,59 @@ async def test_node_overload_exhausts_attempts_and_decodes_retry_info(
     assert len(upstream.requests) == 1
 
 
+@pytest.mark.parametrize("scenario", ["cancel", "abort-stream"])
 async def test_node_cancelled_stream_closes_the_upstream_request(
-    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway, scenario: str
 ) -> None:
-    """Node cancelling a stream after its first delta closes the upstream request early."""
+    """Node cancelling a stream after its first delta (`cancel()`, or the signal in its
+    options) closes the upstream request early."""
     upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=0.25))
     started = time.monotonic()
-    result = await run_against(node_scenarios, gateway, "cancel")
+    result = await run_against(node_scenarios, gateway, scenario)
     assert result == {"firstEvent": "delta", "afterCancel": "CANCELLED"}
     await upstream.wait_for_disconnect(timeout_s=4.0)
     # The upstream would have streamed for about 5 s; it saw the close long before.
     assert time.monotonic() - started < 20 * 0.25
     await wait_until(lambda: gateway.server.admission.in_flight == 0)
+
+
+async def test_node_unary_call_aborted_by_its_signal_closes_the_upstream_request(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`complete(request, { signal })`: aborting once the upstream has the request rejects
+    with the error a cancelled stream throws, and the gateway closes the upstream request."""
+    upstream.script(Hang())
+    result = await run_after_go_ahead(
+        node_scenarios,
+        "abort-complete",
+        "--address",
+        gateway.server.address,
+        ready=lambda: len(upstream.requests) == 1,
+    )
+    assert (result["code"], result["message"]) == ("CANCELLED", "Cancelled on client")
+    assert result["attempts"] == 1
+    await upstream.wait_for_disconnect()
+    await wait_until(lambda: gateway.server.admission.in_flight == 0)
+
+
+async def test_node_unary_call_with_an_aborted_signal_never_reaches_the_gateway(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A signal aborted before `complete` rejects it as cancelled without a connection to
+    the gateway: the only way to it, a proxy, sees none until a call really goes out."""
+    name = "gateway.test"
+    port = int(gateway.server.address.rpartition(":")[2])
+    async with ForwardProxy(hosts={name: ("127.0.0.1", port)}) as proxy:
+        env = {"http_proxy": proxy.url, "https_proxy": proxy.url, "no_proxy": ""}
+        address = f"{name}:{port}"
+        args = ("--address", address)
+        aborted = await run_node(node_scenarios, "aborted-before-complete", *args, env=env)
+        assert (aborted["code"], aborted["message"]) == ("CANCELLED", "Cancelled on client")
+        assert proxy.targets == []
+        sent = await run_node(node_scenarios, "complete", *args, env=env)
+        assert sent["content"] == "Hello from fake"
+        assert proxy.targets == [address]
+    assert len(upstream.requests) == 1
 
 
 @pytest.mark.parametrize(

@@ -342,6 +342,33 @@ export interface CallOptions {
   /** Milliseconds the whole call may take, retries and pushback waits included. */
   timeoutMs?: number;
   metadata?: grpc.Metadata;
+  /**
+   * Cancels the call when it fires, as `CompletionStream.cancel()` does: the call fails
+   * `CANCELLED` and the gateway closes the upstream request. One already aborted fails the
+   * call at once (`complete` without sending it; a stream from its loop).
+   */
+  signal?: AbortSignal;
+}
+
+/** The error of a call whose signal was aborted before it began: a cancelled call's. */
+function cancelledBeforeSending(): GatewayCallError {
+  const error = Object.assign(new Error("1 CANCELLED: Cancelled on client"), {
+    code: grpc.status.CANCELLED,
+    details: "Cancelled on client",
+    metadata: new grpc.Metadata(),
+  });
+  return new GatewayCallError(error);
+}
+
+/** Cancel `call` when `signal` fires; the returned function stops listening. */
+function cancelOnAbort(call: grpc.Call, signal: AbortSignal | undefined): () => void {
+  if (signal === undefined) {
+    return () => {};
+  }
+  const cancel = (): void => call.cancel();
+  signal.addEventListener("abort", cancel, { once: true });
+  // A long-lived signal (a request's, a server's) must not keep every finished call.
+  return () => signal.removeEventListener("abort", cancel);
 }
 
 /** A unary answer and how many attempts the retry policy needed for it. */
@@ -369,14 +396,24 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
 
   /** The call's failure when it came before the loop read it: rethrown once the loop ends. */
   private failure: unknown = null;
+  // A `#` field, as the client's key: util.inspect of the stream would otherwise show the
+  // call, and in it the metadata the call was sent with, the caller key included.
+  readonly #call: grpc.ClientReadableStream<CompleteStreamResponse>;
 
-  constructor(private readonly call: grpc.ClientReadableStream<CompleteStreamResponse>) {
+  constructor(call: grpc.ClientReadableStream<CompleteStreamResponse>, signal?: AbortSignal) {
+    this.#call = call;
     // grpc-js emits a failed status as an 'error' event: with no listener yet (a stream not
     // iterated at once) that would crash the process, and the loop read later would then
     // end as though the stream had succeeded.
     call.on("error", (error: unknown) => {
       this.failure = error;
     });
+    if (signal?.aborted) {
+      // An 'abort' listener added now would never run.
+      call.cancel();
+    }
+    const stopListening = cancelOnAbort(call, signal);
+    call.on("status", stopListening);
   }
 
   private gather(delta: Delta): void {
@@ -393,12 +430,12 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
 
   /** Stop the call; the gateway closes the upstream request at once. */
   cancel(): void {
-    this.call.cancel();
+    this.#call.cancel();
   }
 
   async *[Symbol.asyncIterator](): AsyncIterator<StreamEvent> {
     try {
-      for await (const message of this.call as AsyncIterable<CompleteStreamResponse>) {
+      for await (const message of this.#call as AsyncIterable<CompleteStreamResponse>) {
         const event = message.event;
         if (event?.$case === "delta") {
           this.gather(event.delta);
@@ -415,7 +452,7 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
       throw asGatewayError(error);
     } finally {
       // Leaving the loop early (break, throw in the body) must not leave the call running.
-      this.call.cancel();
+      this.#call.cancel();
     }
   }
 }
@@ -506,12 +543,18 @@ export class GatewayClient {
   /** One chat completion; rejects with `GatewayCallError`. */
   complete(request: DeepPartial<CompleteRequest>, options: CallOptions = {}): Promise<CompleteResult> {
     return new Promise((resolve, reject) => {
+      if (options.signal?.aborted) {
+        reject(cancelledBeforeSending());
+        return;
+      }
       let attempts = 1;
+      let stopListening = (): void => {};
       const call = this.stub.complete(
         CompleteRequest.fromPartial(request),
         this.metadataOf(options),
         this.deadlineOf(options),
         (error, response) => {
+          stopListening();
           if (error) {
             reject(asGatewayError(error));
           } else {
@@ -522,6 +565,7 @@ export class GatewayClient {
       call.on("metadata", (metadata: grpc.Metadata) => {
         attempts = attemptsOf(metadata);
       });
+      stopListening = cancelOnAbort(call, options.signal);
     });
   }
 
@@ -535,7 +579,7 @@ export class GatewayClient {
       this.metadataOf(options),
       this.deadlineOf(options),
     );
-    return new CompletionStream(call);
+    return new CompletionStream(call, options.signal);
   }
 
   close(): void {

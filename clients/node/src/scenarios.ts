@@ -15,6 +15,7 @@ import * as util from "node:util";
 import * as grpc from "@grpc/grpc-js";
 
 import {
+  CompleteStreamRequest,
   CompletionMetadata,
   CompletionStream,
   GatewayCallError,
@@ -293,13 +294,74 @@ async function cancel(client: GatewayClient, args: Args): Promise<Json> {
   return { firstEvent: first?.kind, afterCancel: "no error" };
 }
 
+/** Resolves with the first line this process reads on stdin: the test's go-ahead. */
+function lineFromTest(): Promise<void> {
+  return new Promise((resolve) => process.stdin.once("data", () => resolve()));
+}
+
+async function abortComplete(client: GatewayClient, args: Args): Promise<Json> {
+  // A unary call aborted by its signal once the test says the upstream has the request.
+  const controller = new AbortController();
+  const answer = client.complete(
+    { model: args.model, messages: messages("Say hi") },
+    { timeoutMs: 20_000, signal: controller.signal },
+  );
+  void lineFromTest().then(() => controller.abort());
+  try {
+    await answer;
+  } catch (error) {
+    return errorJson(error);
+  } finally {
+    process.stdin.destroy();
+  }
+  return { unexpected: "the aborted call succeeded" };
+}
+
+async function abortedBeforeComplete(client: GatewayClient, args: Args): Promise<Json> {
+  // A signal aborted before the call: it fails at once, the gateway never called.
+  const controller = new AbortController();
+  controller.abort();
+  try {
+    await client.complete(
+      { model: args.model, messages: messages("Say hi") },
+      { timeoutMs: 10_000, signal: controller.signal },
+    );
+  } catch (error) {
+    return errorJson(error);
+  }
+  return { unexpected: "the aborted call succeeded" };
+}
+
+async function abortStream(client: GatewayClient, args: Args): Promise<Json> {
+  // As `cancel`, by the stream's signal.
+  const controller = new AbortController();
+  const call = client.completeStream(
+    { model: args.model, messages: messages("Say hi") },
+    { signal: controller.signal },
+  );
+  const events = call[Symbol.asyncIterator]();
+  const first = await next(events);
+  controller.abort();
+  try {
+    await next(events);
+  } catch (error) {
+    return { firstEvent: first?.kind, afterCancel: errorJson(error).code };
+  }
+  return { firstEvent: first?.kind, afterCancel: "no error" };
+}
+
 async function lateStream(client: GatewayClient, args: Args): Promise<Json> {
   // A stream read only after its call has failed (here: a model no upstream serves).
-  const stream = client.completeStream(
-    { model: `${args.model}-unknown`, messages: messages("Say hi") },
-    { timeoutMs: 10_000 },
+  // The call made as completeStream makes it, kept here to wait for its status.
+  const call = client.stub.completeStream(
+    CompleteStreamRequest.fromPartial({
+      model: `${args.model}-unknown`,
+      messages: messages("Say hi"),
+    }),
+    new grpc.Metadata(),
+    { deadline: Date.now() + 10_000 },
   );
-  const call = (stream as unknown as { call: grpc.ClientReadableStream<unknown> }).call;
+  const stream = new CompletionStream(call);
   // Not events.once: it would take the call's 'error' event for itself.
   await new Promise((resolve) => call.on("status", resolve));
   const kinds: string[] = [];
@@ -334,6 +396,22 @@ async function shown(client: GatewayClient, args: Args): Promise<Json> {
   };
 }
 
+async function shownStream(client: GatewayClient, args: Args): Promise<Json> {
+  // A keyed client's stream as an error reporter would show it, before and after its loop.
+  const events = client.completeStream(
+    { model: args.model, messages: messages("Say hi") },
+    { timeoutMs: 10_000 },
+  );
+  const before = util.inspect(events, { depth: null, showHidden: true });
+  let content = "";
+  for await (const event of events) {
+    if (event.kind === "delta") {
+      content += event.content;
+    }
+  }
+  return { content, before, after: util.inspect(events, { depth: null, showHidden: true }) };
+}
+
 async function decode(args: Args): Promise<Json> {
   const status = Buffer.from(args.statusBase64, "base64");
   if (args.code === undefined) {
@@ -362,9 +440,13 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "overload-recovers": overloadRecovers,
   "overload-exhausted": overloadExhausted,
   cancel,
+  "abort-stream": abortStream,
+  "abort-complete": abortComplete,
+  "aborted-before-complete": abortedBeforeComplete,
   "late-stream": lateStream,
   "without-timeout": withoutTimeout,
   shown,
+  "shown-stream": shownStream,
 };
 
 async function main(): Promise<void> {
