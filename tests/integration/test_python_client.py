@@ -224,6 +224,31 @@ async def test_a_stop_string_is_one_stop_sequence(
     assert [r.body["stop"] for r in upstream.requests] == [["END"], ["a", "b"]]
 
 
+async def test_a_calls_own_timeout_replaces_the_clients(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`timeout_s` on a call is its deadline, unary and streamed, in place of the
+    client's; `timeout_s=None` is none, past a client deadline the answer outlasts."""
+    upstream.script(*[Reply(delay_s=1.0)] * 3)
+    async with GatewayClient(gateway.server.address, timeout_s=0.5) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await client.complete("Say hi", model=FAKE_MODEL, timeout_s=0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            async for _ in client.stream("Say hi", model=FAKE_MODEL, timeout_s=0.2):
+                pass
+        answer = await client.complete("Say hi", model=FAKE_MODEL, timeout_s=None)
+    assert unary.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert streamed.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert answer.content == "Hello from fake"
+    assert "timeout_s" not in upstream.requests[-1].body
+
+
+def test_a_turn_with_an_unknown_role_names_the_roles() -> None:
+    """A misspelt role is a ValueError listing the roles, as a misspelt cache mode is."""
+    with pytest.raises(ValueError, match="role must be one of system, user, assistant, tool"):
+        build_request([("developer", "Be brief")], model=FAKE_MODEL)
+
+
 async def test_options_beside_a_ready_request_are_refused_not_dropped(
     upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import enum
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 import grpc
 
@@ -22,6 +23,15 @@ _ROLES = {
     "tool": pb.ROLE_TOOL,
 }
 Turn = tuple[str, str] | pb.Message
+
+
+class _Default(enum.Enum):
+    TIMEOUT = "the client's timeout_s"
+
+
+# A call's `timeout_s` left out: the client's own (`GatewayClient(timeout_s=...)`).
+CLIENT_TIMEOUT: Final = _Default.TIMEOUT
+Timeout = float | None | Literal[_Default.TIMEOUT]
 # clients/service_config.json, linked into the package so that a wheel carries it too.
 SERVICE_CONFIG_PATH = Path(__file__).with_name("service_config.json")
 # A unary answer, or a batch item's, is one message, and the gateway takes upstream
@@ -51,6 +61,12 @@ def reasoning_effort_value(name: str) -> pb.ReasoningEffort.ValueType:
 
 CACHE_MODES = ("default", "bypass", "refresh", "no_store")
 TRUNCATION_MODES = ("none", "keep_recent")
+
+
+def _role_value(name: str) -> pb.Role.ValueType:
+    if name not in _ROLES:
+        raise ValueError(f"a turn's role must be one of {', '.join(_ROLES)}, got {name!r}")
+    return _ROLES[name]
 
 
 def cache_mode_value(name: str) -> pb.CacheMode.ValueType:
@@ -125,7 +141,7 @@ def build_request(
         messages=[
             turn
             if isinstance(turn, pb.Message)
-            else pb.Message(role=_ROLES[turn[0]], content=turn[1])
+            else pb.Message(role=_role_value(turn[0]), content=turn[1])
             for turn in turns
         ],
         params=pb.GenerationParams(**params),
@@ -304,6 +320,9 @@ class GatewayClient:
         self._metadata = authorization_metadata(api_key)
         self._timeout_s = timeout_s
 
+    def _deadline(self, timeout_s: Timeout) -> float | None:
+        return self._timeout_s if timeout_s is CLIENT_TIMEOUT else timeout_s
+
     async def __aenter__(self) -> GatewayClient:
         return self
 
@@ -315,28 +334,43 @@ class GatewayClient:
         await self._channel.close()
 
     async def complete(
-        self, prompt: str | Sequence[Turn] | pb.CompleteRequest, **kwargs: Any
+        self,
+        prompt: str | Sequence[Turn] | pb.CompleteRequest,
+        *,
+        timeout_s: Timeout = CLIENT_TIMEOUT,
+        **kwargs: Any,
     ) -> pb.CompleteResponse:
         """One completion; `prompt` may be turns (as `build_request`) or a ready
-        CompleteRequest."""
+        CompleteRequest. Every method takes `timeout_s`, this call's deadline in seconds
+        (None: none), else the client's."""
         request = _request_of(prompt, kwargs)
         response: pb.CompleteResponse = await self.stub.Complete(
-            request, timeout=self._timeout_s, metadata=self._metadata
+            request, timeout=self._deadline(timeout_s), metadata=self._metadata
         )
         return response
 
     def stream(
-        self, prompt: str | Sequence[Turn] | pb.CompleteRequest, **kwargs: Any
+        self,
+        prompt: str | Sequence[Turn] | pb.CompleteRequest,
+        *,
+        timeout_s: Timeout = CLIENT_TIMEOUT,
+        **kwargs: Any,
     ) -> CompletionStream:
         """A streamed completion: iterate for text, then read `.final`."""
         unary = _request_of(prompt, kwargs)
         request = pb.CompleteStreamRequest()
         request.ParseFromString(unary.SerializeToString())  # same fields, same numbers
-        call = self.stub.CompleteStream(request, timeout=self._timeout_s, metadata=self._metadata)
+        call = self.stub.CompleteStream(
+            request, timeout=self._deadline(timeout_s), metadata=self._metadata
+        )
         return CompletionStream(call)
 
     def complete_batch(
-        self, items: Sequence[pb.BatchItem], *, concurrency: int = 0
+        self,
+        items: Sequence[pb.BatchItem],
+        *,
+        concurrency: int = 0,
+        timeout_s: Timeout = CLIENT_TIMEOUT,
     ) -> BatchResults:
         """Run a batch: each item's result as it finishes, then the summary.
 
@@ -345,7 +379,7 @@ class GatewayClient:
         """
         call = self.stub.CompleteBatch(
             pb.CompleteBatchRequest(items=items, concurrency=concurrency),
-            timeout=self._timeout_s,
+            timeout=self._deadline(timeout_s),
             metadata=self._metadata,
         )
         return BatchResults(call)
@@ -359,6 +393,7 @@ class GatewayClient:
         instructions: str = "",
         labels: Mapping[str, str] | None = None,
         reasoning_effort: str | None = None,
+        timeout_s: Timeout = CLIENT_TIMEOUT,
     ) -> pb.SummarizeResponse:
         """Summarise a document of any length; `reasoning_effort` by name ("low")."""
         response: pb.SummarizeResponse = await self.stub.Summarize(
@@ -374,15 +409,15 @@ class GatewayClient:
                     else pb.REASONING_EFFORT_UNSPECIFIED
                 ),
             ),
-            timeout=self._timeout_s,
+            timeout=self._deadline(timeout_s),
             metadata=self._metadata,
         )
         return response
 
-    async def list_models(self) -> pb.ListModelsResponse:
+    async def list_models(self, *, timeout_s: Timeout = CLIENT_TIMEOUT) -> pb.ListModelsResponse:
         """The model catalog with upstream health."""
         response: pb.ListModelsResponse = await self.stub.ListModels(
-            pb.ListModelsRequest(), timeout=self._timeout_s, metadata=self._metadata
+            pb.ListModelsRequest(), timeout=self._deadline(timeout_s), metadata=self._metadata
         )
         return response
 
@@ -399,6 +434,7 @@ class GatewayClient:
         labels: Mapping[str, str] | None = None,
         since: datetime.datetime | None = None,
         until: datetime.datetime | None = None,
+        timeout_s: Timeout = CLIENT_TIMEOUT,
     ) -> pb.GetUsageResponse:
         """Requests, tokens and cost recorded by the gateway, filtered."""
         request = pb.GetUsageRequest(tenant=tenant, model=model, labels=dict(labels or {}))
@@ -407,6 +443,6 @@ class GatewayClient:
         if until is not None:
             request.end_time.FromDatetime(until)
         response: pb.GetUsageResponse = await self.stub.GetUsage(
-            request, timeout=self._timeout_s, metadata=self._metadata
+            request, timeout=self._deadline(timeout_s), metadata=self._metadata
         )
         return response
