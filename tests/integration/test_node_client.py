@@ -42,6 +42,7 @@ from tests.fake_upstream import FakeUpstream, Hang, Reply, ToolCallReply
 from tests.forward_proxy import ForwardProxy
 from tests.integration.pki import Pki, make_pki
 from tests.integration.tenancy_helpers import as_tenant, secure_config
+from tests.integration.test_python_client import LOOPBACK_ADDRESSES
 from tests.secret_capture import CALLER_KEY_A
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,6 +204,16 @@ async def test_node_client_calls_a_gateway_on_loopback_past_the_machines_proxy(
     env = {variable: "http://127.0.0.1:9"}
     result = await run_node(node_scenarios, "complete", "--address", address, env=env)
     assert result["content"] == "Hello from fake"
+
+
+async def test_node_client_tells_loopback_addresses_apart_as_the_python_client(
+    node_scenarios: Path,
+) -> None:
+    """Which gateway addresses each client calls past the machine's proxy: the same in
+    Node as in Python, for IPv6 written out in full or IPv4-mapped too."""
+    addresses = [address for address, _ in LOOPBACK_ADDRESSES]
+    told = await run_node(node_scenarios, "loopback", *addresses)
+    assert told == dict(LOOPBACK_ADDRESSES)
 
 
 async def test_node_client_takes_an_answer_over_grpcs_default_message_limit(

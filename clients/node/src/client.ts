@@ -16,6 +16,7 @@
  *   client.close();
  */
 import * as fs from "node:fs";
+import * as net from "node:net";
 import * as path from "node:path";
 
 import * as grpc from "@grpc/grpc-js";
@@ -489,7 +490,13 @@ export function isLoopbackAddress(address: string): boolean {
   if (/^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host)) {
     return true;
   }
-  return host === "::1" || /^::ffff:127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
+  if (!net.isIPv6(host)) {
+    return false;
+  }
+  // The URL parser writes an IPv6 address one way: "0:0:0:0:0:0:0:1" as "[::1]", and
+  // "::ffff:127.0.0.1" as "[::ffff:7f00:1]".
+  const canonical = new URL(`http://[${host}]/`).hostname;
+  return canonical === "[::1]" || /^\[::ffff:7f[0-9a-f]{2}:[0-9a-f]{1,4}\]$/.test(canonical);
 }
 
 /** The gateway's `CompletionService` with the shared retry policy and decoded errors. */

@@ -27,6 +27,7 @@ import {
   TlsOptions,
   decodeStatusDetails,
   finishReasonToJSON,
+  isLoopbackAddress,
 } from "./client";
 
 type Json = Record<string, unknown>;
@@ -450,7 +451,14 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
 };
 
 async function main(): Promise<void> {
-  const args = parseArgs(process.argv.slice(2));
+  const argv = process.argv.slice(2);
+  if (argv[0] === "loopback") {
+    // Each address given: whether the client calls it past the machine's proxy.
+    const told = argv.slice(1).map((address) => [address, isLoopbackAddress(address)]);
+    console.log(JSON.stringify(Object.fromEntries(told)));
+    return;
+  }
+  const args = parseArgs(argv);
   if (args.scenario === "decode") {
     console.log(JSON.stringify(await decode(args)));
     return;
