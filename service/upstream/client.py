@@ -38,6 +38,7 @@ from service.upstream.http import (
 from service.upstream.openai_json import (
     MalformedReply,
     StreamParser,
+    error_status,
     parse_completion,
     says_content_flagged,
     says_context_exceeded,
@@ -350,6 +351,26 @@ class UpstreamClient:
                 upstream=self.name,
             )
 
+    def _reply(
+        self,
+        call: UpstreamCall,
+        response: Response,
+        body: bytes,
+        on_status: Callable[[int], None] | None,
+    ) -> UpstreamReply:
+        """A success answer's body as a chat completion, or, where it holds an error in
+        place of one, the error its status would have been (`on_status` told that
+        status: the upstream refused the call, and bills nothing for it)."""
+        try:
+            return _reply(call, body, response.headers, waited_s=response.waited_s)
+        except MalformedReply:
+            status = error_status(body)
+            if status is None:
+                raise
+            if on_status is not None:
+                on_status(status)
+            raise _error_for_status(self.name, status, response.headers, body) from None
+
     async def _post(
         self,
         call: UpstreamCall,
@@ -384,7 +405,7 @@ class UpstreamClient:
                     response.release()
             if response.status >= 300:  # a redirect, a refusal or a failure
                 raise _error_for_status(self.name, response.status, response.headers, body)
-            return _reply(call, body, response.headers, waited_s=response.waited_s)
+            return self._reply(call, response, body, on_status)
 
     async def stream(
         self,
@@ -429,7 +450,7 @@ class UpstreamClient:
                     # one completion: relay it as one chunk and the end.
                     async with asyncio.timeout_at(deadline):
                         body = await response.read(max_bytes=_MAX_REPLY_BYTES)
-                    reply = _reply(call, body, response.headers, waited_s=response.waited_s)
+                    reply = self._reply(call, response, body, on_status)
                     if reply.content or reply.tool_calls or reply.reasoning:
                         yield TextChunk(
                             reply.content, whole_tool_calls(reply.tool_calls), reply.reasoning

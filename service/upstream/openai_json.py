@@ -587,6 +587,41 @@ def _error_of(body: bytes) -> object:
     return data.get("error", data if data.get("object") == "error" else None)
 
 
+# The status an error object's `code` or `type` stands for, when it names no status.
+_ERROR_STATUS_BY_NAME = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "invalid_api_key": 401,
+    "permission_error": 403,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+}
+
+
+def error_status(body: bytes) -> int | None:
+    """The HTTP status a success answer's body stands for when it holds an error in place
+    of an answer (OpenRouter's `{"error": {"code": 429, ...}}` with a 200, a reseller
+    relaying a provider's refusal), or None when it holds none: its `code` when that is
+    an error status, else the status its `code` or `type` names, else 502."""
+    error = _error_of(body)
+    if not error:
+        return None
+    if not isinstance(error, dict):
+        return 400 if says_context_exceeded(body) else 502
+    code = error.get("code")
+    if isinstance(code, str) and code.isascii() and code.isdigit():
+        code = int(code)
+    if type(code) is int and 400 <= code <= 599:
+        return code
+    if says_context_exceeded(body):
+        return 400
+    for name in (error.get("code"), error.get("type")):
+        if isinstance(name, str) and name in _ERROR_STATUS_BY_NAME:
+            return _ERROR_STATUS_BY_NAME[name]
+    return 502
+
+
 def says_content_flagged(body: bytes) -> bool:
     """Whether an error body says the request's content was flagged by moderation
     (OpenRouter's 403: `error.metadata` naming the `reasons` and the `flagged_input`),

@@ -255,6 +255,44 @@ async def test_a_redirect_is_unavailable_saying_so_and_fails_over(
         assert answered.metadata.upstream == "up1"
 
 
+# Errors sent in place of an answer, with a 200: OpenRouter's (its `code` the status it
+# stands for), and an OpenAI-shaped one a reseller relays.
+OPENROUTER_RATE_LIMITED = '{"error": {"code": 429, "message": "Rate limit exceeded"}}'
+RELAYED_TOO_LONG = (
+    '{"error": {"message": "This model\'s maximum context length is 8192 tokens.", '
+    '"type": "invalid_request_error", "code": "context_length_exceeded"}}'
+)
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (OPENROUTER_RATE_LIMITED, grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", 3),
+        (RELAYED_TOO_LONG, grpc.StatusCode.INVALID_ARGUMENT, "CONTEXT_WINDOW_EXCEEDED", 1),
+    ],
+    ids=["rate-limited", "context-exceeded"],
+)
+async def test_an_error_sent_with_a_success_status_is_the_error_it_names(
+    upstream, start_gateway, case, is_stream
+):
+    """A 200 whose body is an error says what failed as an error status would: a rate
+    limit is retried as one, a prompt over the window is the caller's to shorten (not
+    retried as a malformed answer). Each case: the body, then the status, the ErrorInfo
+    reason and the attempts the caller gets."""
+    body, code, reason, attempts = case
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    upstream.default = Status(200, body=body)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if is_stream:
+            [_ async for _ in gateway.stub.CompleteStream(chat_stream())]
+        else:
+            await gateway.stub.Complete(chat())
+    assert caught.value.code() is code
+    assert error_info(caught.value).reason == reason
+    assert len(upstream.requests) == attempts
+
+
 async def test_malformed_body_is_unavailable_without_details_leak(upstream, start_gateway):
     """A non-JSON 200 body is a malformed answer (UNAVAILABLE), never a stack trace."""
     gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))

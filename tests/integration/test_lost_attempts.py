@@ -199,6 +199,22 @@ async def test_an_attempt_that_fails_before_a_success_status_is_not_charged(
 
 
 @pytest.mark.parametrize("mode", MODES)
+async def test_an_error_sent_with_a_success_status_is_not_charged(
+    fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: Any, mode: str
+) -> None:
+    """A 200 whose body is an error in place of an answer (a reseller relaying a
+    provider's failure) is a refusal, billed nothing: retried on up1 with no row lost."""
+    gateway = await start_gateway(config_for(fakes, timeouts_s=(10, 10)))
+    failed = '{"error": {"message": "The server had an error", "type": "server_error"}}'
+    fakes[0].script(Status(200, body=failed))
+    fakes[1].script(ANSWER)
+    assert_the_answers_own(await call(gateway, mode), attempts=2)
+    response = await usage(gateway)
+    assert sorted(by_upstream(response)) == ["up1"]
+    assert_answered(by_upstream(response)["up1"])
+
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_an_error_status_whose_body_times_out_is_not_charged(
     fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: Any, mode: str
 ) -> None:

@@ -11,6 +11,7 @@ from service.domain import ChatRequest, FinishReason, GenerationParams, Message,
 from service.upstream.openai_json import (
     MalformedReply,
     StreamParser,
+    error_status,
     finish_reason,
     parse_completion,
     request_body,
@@ -648,3 +649,29 @@ def test_says_out_of_credit(body: Any, expected: bool) -> None:
 def test_a_body_that_is_not_json_says_nothing(body: bytes) -> None:
     assert not says_context_exceeded(body)
     assert not says_out_of_credit(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b'{"error": {"code": 429, "message": "slow down"}}', 429),
+        (b'{"error": {"code": "503", "message": "overloaded"}}', 503),
+        (b'{"error": {"code": 200, "message": "odd"}}', 502),
+        (b'{"error": {"type": "invalid_request_error", "message": "bad"}}', 400),
+        (b'{"error": {"code": "invalid_api_key"}}', 401),
+        (b'{"error": {"code": "context_length_exceeded"}}', 400),
+        (b'{"error": "maximum context length is 8192 tokens"}', 400),
+        (b'{"error": "something broke"}', 502),
+        (b'{"object": "error", "message": "bare vLLM", "code": 500}', 500),
+        (b'{"error": {"message": "The server had an error", "type": "server_error"}}', 502),
+        (b'{"error": null}', None),
+        (b'{"choices": []}', None),
+        (b"not json", None),
+    ],
+)
+def test_error_status_reads_an_error_sent_in_place_of_an_answer(
+    body: bytes, status: int | None
+) -> None:
+    """The status an error body stands for: its code when that is one, else what its
+    code or type names, else 502; None when the body holds no error."""
+    assert error_status(body) == status
