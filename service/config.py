@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import importlib
 import inspect
 import math
 import os
@@ -1221,6 +1223,7 @@ def parse_config(
             "needs auth.redis_url: the shared buckets are kept in that Redis",
         )
     _check_redis_password_env(config, env)
+    _check_chat_format(config)
     upstreams = tuple(
         dataclasses.replace(u, api_key=env.get(u.api_key_env) or None) if u.api_key_env else u
         for u in config.upstreams
@@ -1270,6 +1273,35 @@ def _with_local_model_in_catalog(config: GatewayConfig) -> GatewayConfig:
         context_window=local.context_window, input_usd_per_million=0.0, output_usd_per_million=0.0
     )
     return dataclasses.replace(config, models={**config.models, local.model: entry})
+
+
+# `--chat_format` names llama.cpp reads from the model file itself (its GGUF's chat
+# templates, `chat_template.default` and any named one), beside the registered formats.
+_GGUF_TEMPLATE_FORMAT = "chat_template."
+
+
+@functools.cache
+def llama_chat_formats() -> frozenset[str] | None:
+    """The chat formats llama-cpp-python registers; None without the `local` extra."""
+    try:  # by name: mypy then needs no `local` extra either
+        chat_format = importlib.import_module("llama_cpp.llama_chat_format")
+    except (ImportError, OSError, RuntimeError):  # absent, or its library cannot load
+        return None
+    return frozenset(chat_format.LlamaChatCompletionHandlerRegistry()._chat_handlers)
+
+
+def _check_chat_format(config: GatewayConfig) -> None:
+    """Refuse a `local_model.chat_format` llama.cpp does not know: its server starts with
+    one and then answers every completion with HTTP 500. Unchecked without llama.cpp."""
+    chat_format = config.local_model.chat_format
+    formats = llama_chat_formats()
+    if formats is None or chat_format in formats or chat_format.startswith(_GGUF_TEMPLATE_FORMAT):
+        return
+    raise config.error(
+        "local_model.chat_format",
+        f"{chat_format!r} is not a chat format llama.cpp knows; one of {', '.join(sorted(formats))}"
+        f", or {_GGUF_TEMPLATE_FORMAT}NAME for a template in the model file",
+    )
 
 
 def redis_password(variable: str | None, environ: Mapping[str, str]) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from service.config import (
     GatewayConfig,
     RequestDefaults,
     ServerConfig,
+    llama_chat_formats,
     load_config,
     parse_config,
 )
@@ -1177,3 +1179,34 @@ def test_a_base_url_whose_port_is_not_a_number_is_a_config_error(base_url: str) 
         parse({"upstreams": [upstream(base_url=base_url)]})
     assert caught.value.key == "upstreams[0]"
     assert "base_url" in caught.value.problem
+
+
+def test_an_unknown_local_chat_format_is_refused_naming_the_valid_ones() -> None:
+    """A misspelt `local_model.chat_format` is a config error listing llama.cpp's formats:
+    its server would start with it and answer every completion with HTTP 500."""
+    with pytest.raises(ConfigError) as refused:
+        parse({"local_model": {"chat_format": "gemmma"}})
+    assert refused.value.key == "local_model.chat_format"
+    assert "'gemmma' is not a chat format" in refused.value.problem
+    assert "gemma, " in refused.value.problem
+    assert "chatml" in refused.value.problem
+
+
+@pytest.mark.parametrize("chat_format", ["gemma", "chatml", "llama-3", "chat_template.default"])
+def test_a_known_local_chat_format_is_taken(chat_format: str) -> None:
+    """A registered format, or a template the model file carries, is taken as written."""
+    config = parse({"local_model": {"chat_format": chat_format}})
+    assert config.local_model.chat_format == chat_format
+
+
+def test_the_local_chat_format_is_unchecked_without_llama_cpp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the `local` extra the format cannot be checked, and the gateway still starts."""
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_chat_format", None)
+    llama_chat_formats.cache_clear()
+    try:
+        config = parse({"local_model": {"chat_format": "gemmma"}})
+    finally:
+        llama_chat_formats.cache_clear()
+    assert config.local_model.chat_format == "gemmma"
