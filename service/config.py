@@ -1224,13 +1224,32 @@ def parse_config(
         )
     _check_redis_password_env(config, env)
     _check_chat_format(config)
-    upstreams = tuple(
-        dataclasses.replace(u, api_key=env.get(u.api_key_env) or None) if u.api_key_env else u
-        for u in config.upstreams
-    )
+    upstreams = tuple(_with_api_key(config, i, u, env) for i, u in enumerate(config.upstreams))
     upstreams = tuple(_with_proxy_authorization(config, i, u, env) for i, u in enumerate(upstreams))
     config = dataclasses.replace(config, upstreams=upstreams)
     return _with_local_model_in_catalog(config)
+
+
+def _with_api_key(
+    config: GatewayConfig, index: int, upstream: UpstreamConfig, env: Mapping[str, str]
+) -> UpstreamConfig:
+    """`upstream` with the key its `api_key_env` holds (unset or empty: none, disabled).
+
+    A key with a line break (a Secret's file with its trailing newline) is refused: no
+    header can carry it, and every call would fail inside the gateway, INTERNAL.
+    """
+    variable = upstream.api_key_env
+    if variable is None:
+        return upstream
+    key = env.get(variable) or None
+    if key is not None and ("\r" in key or "\n" in key):
+        # Said without the value: it is the key.
+        raise config.error(
+            f"upstreams[{index}].api_key_env",
+            f"the environment variable {variable} holds a line break (a file's trailing "
+            "newline?); a key is one line",
+        )
+    return dataclasses.replace(upstream, api_key=key)
 
 
 def _with_proxy_authorization(

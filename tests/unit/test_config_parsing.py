@@ -1210,3 +1210,15 @@ def test_the_local_chat_format_is_unchecked_without_llama_cpp(
     finally:
         llama_chat_formats.cache_clear()
     assert config.local_model.chat_format == "gemmma"
+
+
+@pytest.mark.parametrize("key", [f"{SECRET}\n", f"{SECRET}\r\n", f"sk-\n{SECRET}"])
+def test_a_key_with_a_line_break_is_refused_without_repeating_it(key: str) -> None:
+    """A provider key holding a line break (a Secret file's trailing newline) is a config
+    error naming its variable. Before, `check` crashed with a traceback and every call of
+    a gateway that started failed INTERNAL: no header can carry it."""
+    with pytest.raises(ConfigError) as refused:
+        parse({"upstreams": [upstream(api_key_env="GW_UNIT_TEST_KEY")]}, GW_UNIT_TEST_KEY=key)
+    assert refused.value.key == "upstreams[0].api_key_env"
+    assert "GW_UNIT_TEST_KEY holds a line break" in refused.value.problem
+    assert SECRET not in str(refused.value)
