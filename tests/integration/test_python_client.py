@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway_client import GatewayClient, build_request, error_details
+from gateway_client import GatewayClient, build_request, cli, error_details
 from gateway_client.client import is_loopback_address
 from gateway_client.commands import complete
 from llmgateway.v1 import gateway_pb2 as pb
@@ -66,6 +66,23 @@ def test_loopback_gateway_addresses_are_told_apart(address: str, is_loopback: bo
     """Only an address naming this machine skips the proxy; a name merely starting like
     one may resolve anywhere."""
     assert is_loopback_address(address) is is_loopback
+
+
+@pytest.mark.parametrize("form", ["{host}:{port}", "dns:///{host}:{port}"])
+async def test_a_port_past_65535_is_refused_not_wrapped_onto_another_port(
+    gateway: RunningGateway, capsys: pytest.CaptureFixture[str], form: str
+) -> None:
+    """gRPC takes a port past 65535 modulo 65536: before, `PORT + 65536` called whatever
+    listened on PORT (here this gateway), caller key and all. Now the client refuses it
+    when made (ValueError), and the CLI as a usage error (exit 2), before any call."""
+    host, _, port = gateway.server.address.rpartition(":")
+    wrapped = form.format(host=host, port=int(port) + 65536)
+    with pytest.raises(ValueError, match=r"the port must be 0\.\.65535"):
+        GatewayClient(wrapped, api_key="llmgw_not_for_that_port")
+    with pytest.raises(SystemExit) as usage_error:
+        cli.main(["models", "--address", wrapped])
+    assert usage_error.value.code == 2
+    assert "the port must be 0..65535" in capsys.readouterr().err
 
 
 async def test_leaving_a_stream_early_closes_the_upstream_request(
