@@ -666,6 +666,23 @@ async def test_the_complete_command_reads_a_prompt_that_is_not_utf8_from_stdin(
     assert upstream.requests[0].body["messages"][-1]["content"] == "Caf\ufffd ol\ufffd"
 
 
+async def test_the_complete_command_takes_arguments_that_are_not_utf8(
+    upstream: FakeUpstream, gateway: RunningGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A prompt, system message or label given as an argument in Latin-1 (which Python
+    holds as lone surrogates) is sent with U+FFFD in place, as standard input is.
+    Before, building the request ended the command with a UnicodeEncodeError traceback."""
+    latin1 = b"Caf\xe9".decode("utf-8", "surrogateescape")  # as Python reads argv
+    parser = argparse.ArgumentParser()
+    complete.register(parser.add_subparsers())
+    argv = ["complete", latin1, "--system", latin1, "--label", f"team={latin1}"]
+    argv += ["--model", FAKE_MODEL, "--address", gateway.server.address]
+    assert await complete.complete_command(parser.parse_args(argv)) == 0
+    assert capsys.readouterr().out == "Hello from fake\n"
+    messages = upstream.requests[0].body["messages"]
+    assert [m["content"] for m in messages] == ["Caf\ufffd", "Caf\ufffd"]
+
+
 async def test_a_streamed_answer_piped_into_a_reader_that_leaves_ends_quietly(
     upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

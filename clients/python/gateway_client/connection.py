@@ -14,6 +14,16 @@ import grpc
 from gateway_client.client import authorization_metadata, check_address
 
 
+def text_argument(value: str) -> str:
+    """An argparse type for text sent in a request (a prompt, a model, a label).
+
+    Python holds an argument's bytes that are not UTF-8 as lone surrogates, which no
+    request can carry (protobuf raised a traceback): they are replaced, as those of
+    standard input and of files are.
+    """
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", errors="replace")
+
+
 def caller_key(value: str) -> str:
     """--api-key: a key gRPC can send, checked before any call."""
     try:
