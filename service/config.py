@@ -550,6 +550,11 @@ class LocalModelConfig:
     hang_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        # A file's path: the model is assembled beside it, under a name made from its own.
+        _require(
+            Path(self.model_path).expanduser().name != "",
+            "model_path must name a file, such as ~/.cache/llm-gateway/model.gguf",
+        )
         _require(self.context_window >= 256, "context_window must be >= 256")
         _require(self.hang_timeout_s > 0, "hang_timeout_s must be > 0")
         _require(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")

@@ -1222,3 +1222,13 @@ def test_a_key_with_a_line_break_is_refused_without_repeating_it(key: str) -> No
     assert refused.value.key == "upstreams[0].api_key_env"
     assert "GW_UNIT_TEST_KEY holds a line break" in refused.value.problem
     assert SECRET not in str(refused.value)
+
+
+@pytest.mark.parametrize("model_path", ["", ".", "/", "./"])
+def test_a_local_model_path_that_names_no_file_is_refused(model_path: str) -> None:
+    """A `local_model.model_path` naming no file is a config error. Before, the start
+    assembling the model ended with a ValueError traceback (`'.' has an empty name`)."""
+    with pytest.raises(ConfigError) as refused:
+        parse({"local_model": {"model_path": model_path}})
+    assert refused.value.key == "local_model"
+    assert "model_path must name a file" in refused.value.problem
