@@ -1088,6 +1088,15 @@ class _SectionCheckError(ValueError):
     """A section's `__post_init__` refused it: the problem names the keys it is about."""
 
 
+def _required_fields(cls: type[Any]) -> list[str]:
+    """The fields of a config section that have no default, in their order."""
+    return [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+
+
 def _build(cls: type[T], data: Any, key: str) -> T:
     if data is None:
         data = {}
@@ -1103,6 +1112,9 @@ def _build(cls: type[T], data: Any, key: str) -> T:
     unknown = sorted(set(data) - names, key=str)  # YAML keys may be bools or numbers
     if unknown:
         raise ValueError(f"{key + '.' if key else ''}{_shown_name(unknown[0])}: unknown key")
+    missing = [name for name in _required_fields(cls) if name not in data]
+    if missing:
+        raise ValueError(f"{key or '(top level)'}: missing required key(s): {', '.join(missing)}")
     kwargs = {
         name: _convert(hints[name], data[name], f"{key + '.' if key else ''}{name}")
         for name in names

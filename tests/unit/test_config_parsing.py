@@ -1232,3 +1232,27 @@ def test_a_local_model_path_that_names_no_file_is_refused(model_path: str) -> No
         parse({"local_model": {"model_path": model_path}})
     assert refused.value.key == "local_model"
     assert "model_path must name a file" in refused.value.problem
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "missing"),
+    [
+        ({"upstreams": [{"name": "a"}]}, "upstreams[0]", "base_url, models"),
+        (
+            {"models": {"x": {"context_window": 1000}}},
+            "models.x",
+            "input_usd_per_million, output_usd_per_million",
+        ),
+        ({"budgets": {"t": {}}}, "budgets.t", "usd"),
+        ({"auth": {"keys": [{"tenant": "t"}]}}, "auth.keys[0]", "sha256"),
+    ],
+)
+def test_a_missing_required_key_is_named_in_the_configs_words(
+    data: dict[str, Any], key: str, missing: str
+) -> None:
+    """A section without a required key names the keys it lacks. Before, the error was
+    Python's: `UpstreamConfig.__init__() missing 2 required positional arguments`."""
+    with pytest.raises(ConfigError) as refused:
+        parse(data)
+    assert refused.value.key == key
+    assert refused.value.problem == f"missing required key(s): {missing}"
