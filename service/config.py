@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import importlib
 import inspect
 import math
 import os
@@ -548,6 +550,11 @@ class LocalModelConfig:
     hang_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        # A file's path: the model is assembled beside it, under a name made from its own.
+        _require(
+            Path(self.model_path).expanduser().name != "",
+            "model_path must name a file, such as ~/.cache/llm-gateway/model.gguf",
+        )
         _require(self.context_window >= 256, "context_window must be >= 256")
         _require(self.hang_timeout_s > 0, "hang_timeout_s must be > 0")
         _require(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
@@ -1081,6 +1088,15 @@ class _SectionCheckError(ValueError):
     """A section's `__post_init__` refused it: the problem names the keys it is about."""
 
 
+def _required_fields(cls: type[Any]) -> list[str]:
+    """The fields of a config section that have no default, in their order."""
+    return [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+
+
 def _build(cls: type[T], data: Any, key: str) -> T:
     if data is None:
         data = {}
@@ -1096,6 +1112,9 @@ def _build(cls: type[T], data: Any, key: str) -> T:
     unknown = sorted(set(data) - names, key=str)  # YAML keys may be bools or numbers
     if unknown:
         raise ValueError(f"{key + '.' if key else ''}{_shown_name(unknown[0])}: unknown key")
+    missing = [name for name in _required_fields(cls) if name not in data]
+    if missing:
+        raise ValueError(f"{key or '(top level)'}: missing required key(s): {', '.join(missing)}")
     kwargs = {
         name: _convert(hints[name], data[name], f"{key + '.' if key else ''}{name}")
         for name in names
@@ -1221,13 +1240,33 @@ def parse_config(
             "needs auth.redis_url: the shared buckets are kept in that Redis",
         )
     _check_redis_password_env(config, env)
-    upstreams = tuple(
-        dataclasses.replace(u, api_key=env.get(u.api_key_env) or None) if u.api_key_env else u
-        for u in config.upstreams
-    )
+    _check_chat_format(config)
+    upstreams = tuple(_with_api_key(config, i, u, env) for i, u in enumerate(config.upstreams))
     upstreams = tuple(_with_proxy_authorization(config, i, u, env) for i, u in enumerate(upstreams))
     config = dataclasses.replace(config, upstreams=upstreams)
     return _with_local_model_in_catalog(config)
+
+
+def _with_api_key(
+    config: GatewayConfig, index: int, upstream: UpstreamConfig, env: Mapping[str, str]
+) -> UpstreamConfig:
+    """`upstream` with the key its `api_key_env` holds (unset or empty: none, disabled).
+
+    A key with a line break (a Secret's file with its trailing newline) is refused: no
+    header can carry it, and every call would fail inside the gateway, INTERNAL.
+    """
+    variable = upstream.api_key_env
+    if variable is None:
+        return upstream
+    key = env.get(variable) or None
+    if key is not None and ("\r" in key or "\n" in key):
+        # Said without the value: it is the key.
+        raise config.error(
+            f"upstreams[{index}].api_key_env",
+            f"the environment variable {variable} holds a line break (a file's trailing "
+            "newline?); a key is one line",
+        )
+    return dataclasses.replace(upstream, api_key=key)
 
 
 def _with_proxy_authorization(
@@ -1270,6 +1309,35 @@ def _with_local_model_in_catalog(config: GatewayConfig) -> GatewayConfig:
         context_window=local.context_window, input_usd_per_million=0.0, output_usd_per_million=0.0
     )
     return dataclasses.replace(config, models={**config.models, local.model: entry})
+
+
+# `--chat_format` names llama.cpp reads from the model file itself (its GGUF's chat
+# templates, `chat_template.default` and any named one), beside the registered formats.
+_GGUF_TEMPLATE_FORMAT = "chat_template."
+
+
+@functools.cache
+def llama_chat_formats() -> frozenset[str] | None:
+    """The chat formats llama-cpp-python registers; None without the `local` extra."""
+    try:  # by name: mypy then needs no `local` extra either
+        chat_format = importlib.import_module("llama_cpp.llama_chat_format")
+    except (ImportError, OSError, RuntimeError):  # absent, or its library cannot load
+        return None
+    return frozenset(chat_format.LlamaChatCompletionHandlerRegistry()._chat_handlers)
+
+
+def _check_chat_format(config: GatewayConfig) -> None:
+    """Refuse a `local_model.chat_format` llama.cpp does not know: its server starts with
+    one and then answers every completion with HTTP 500. Unchecked without llama.cpp."""
+    chat_format = config.local_model.chat_format
+    formats = llama_chat_formats()
+    if formats is None or chat_format in formats or chat_format.startswith(_GGUF_TEMPLATE_FORMAT):
+        return
+    raise config.error(
+        "local_model.chat_format",
+        f"{chat_format!r} is not a chat format llama.cpp knows; one of {', '.join(sorted(formats))}"
+        f", or {_GGUF_TEMPLATE_FORMAT}NAME for a template in the model file",
+    )
 
 
 def redis_password(variable: str | None, environ: Mapping[str, str]) -> str | None:

@@ -363,6 +363,30 @@ local_model: {{enabled: never}}
     assert "PASTEDKEY" not in captured.out + captured.err
 
 
+async def test_check_refuses_a_key_with_a_trailing_newline(tmp_path, monkeypatch, capsys):
+    """A provider key read with its file's trailing newline is a config error (exit 2)
+    naming its variable, never printing the key. Before, `check` crashed with a
+    traceback, and `serve` started and failed every call INTERNAL."""
+    async with FakeUpstream(models=(FAKE_MODEL,), api_key="sk-right") as fake:
+        config = tmp_path / "gateway.yaml"
+        config.write_text(
+            f"""
+upstreams:
+  - {{name: good, base_url: "{fake.base_url}", api_key_env: GOOD_KEY, models: [{FAKE_MODEL}]}}
+local_model: {{enabled: never}}
+"""
+        )
+        monkeypatch.setenv("GOOD_KEY", "sk-right\n")
+        code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "upstreams[0].api_key_env: the environment variable GOOD_KEY holds a line break" in (
+        captured.err
+    )
+    assert "sk-right" not in captured.out + captured.err
+    assert fake.requests == []
+
+
 @pytest.mark.parametrize(
     ("environment", "said"),
     [

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway_client import GatewayClient, build_request, error_details
+from gateway_client import GatewayClient, build_request, cli, error_details
 from gateway_client.client import is_loopback_address
 from gateway_client.commands import complete
 from llmgateway.v1 import gateway_pb2 as pb
@@ -71,6 +71,23 @@ def test_loopback_gateway_addresses_are_told_apart(address: str, is_loopback: bo
     """Only an address naming this machine skips the proxy; a name merely starting like
     one may resolve anywhere."""
     assert is_loopback_address(address) is is_loopback
+
+
+@pytest.mark.parametrize("form", ["{host}:{port}", "dns:///{host}:{port}"])
+async def test_a_port_past_65535_is_refused_not_wrapped_onto_another_port(
+    gateway: RunningGateway, capsys: pytest.CaptureFixture[str], form: str
+) -> None:
+    """gRPC takes a port past 65535 modulo 65536: before, `PORT + 65536` called whatever
+    listened on PORT (here this gateway), caller key and all. Now the client refuses it
+    when made (ValueError), and the CLI as a usage error (exit 2), before any call."""
+    host, _, port = gateway.server.address.rpartition(":")
+    wrapped = form.format(host=host, port=int(port) + 65536)
+    with pytest.raises(ValueError, match=r"the port must be 0\.\.65535"):
+        GatewayClient(wrapped, api_key="llmgw_not_for_that_port")
+    with pytest.raises(SystemExit) as usage_error:
+        cli.main(["models", "--address", wrapped])
+    assert usage_error.value.code == 2
+    assert "the port must be 0..65535" in capsys.readouterr().err
 
 
 async def test_leaving_a_stream_early_closes_the_upstream_request(
@@ -677,6 +694,23 @@ async def test_the_complete_command_reads_a_prompt_that_is_not_utf8_from_stdin(
     assert await complete.complete_command(parser.parse_args(argv)) == 0
     assert capsys.readouterr().out == "Hello from fake\n"
     assert upstream.requests[0].body["messages"][-1]["content"] == "Caf\ufffd ol\ufffd"
+
+
+async def test_the_complete_command_takes_arguments_that_are_not_utf8(
+    upstream: FakeUpstream, gateway: RunningGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A prompt, system message or label given as an argument in Latin-1 (which Python
+    holds as lone surrogates) is sent with U+FFFD in place, as standard input is.
+    Before, building the request ended the command with a UnicodeEncodeError traceback."""
+    latin1 = b"Caf\xe9".decode("utf-8", "surrogateescape")  # as Python reads argv
+    parser = argparse.ArgumentParser()
+    complete.register(parser.add_subparsers())
+    argv = ["complete", latin1, "--system", latin1, "--label", f"team={latin1}"]
+    argv += ["--model", FAKE_MODEL, "--address", gateway.server.address]
+    assert await complete.complete_command(parser.parse_args(argv)) == 0
+    assert capsys.readouterr().out == "Hello from fake\n"
+    messages = upstream.requests[0].body["messages"]
+    assert [m["content"] for m in messages] == ["Caf\ufffd", "Caf\ufffd"]
 
 
 async def test_a_streamed_answer_piped_into_a_reader_that_leaves_ends_quietly(

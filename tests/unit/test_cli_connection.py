@@ -33,6 +33,31 @@ def test_the_address_comes_from_the_flag_then_the_environment_then_loopback() ->
 
 
 @pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1:50051",
+        "[::1]:50051",
+        "::1",
+        "localhost",
+        "dns:///gw.example:65535",
+        "unix:/run/gw",
+    ],
+)
+def test_a_target_grpc_reads_as_written_is_taken(address: str) -> None:
+    assert parse("--address", address).address == address
+
+
+@pytest.mark.parametrize("address", ["", "127.0.0.1:115587", "[::1]:65536", "dns:///gw:70000"])
+def test_an_address_grpc_would_misread_is_a_usage_error(address: str, capsys) -> None:
+    """gRPC takes a port past 65535 modulo 65536 (another port, maybe another service's),
+    and an empty target fails every call: both are refused before any call."""
+    with pytest.raises(SystemExit) as caught:
+        parse("--address", address)
+    assert caught.value.code == 2
+    assert "argument --address" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     "argv", [("--tls",), ("--ca-file", "{pem}"), ("--cert-file", "{pem}", "--key-file", "{pem}")]
 )
 def test_any_tls_option_makes_the_channel_secure(tmp_path: Path, argv: tuple[str, ...]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from service.config import (
     GatewayConfig,
     RequestDefaults,
     ServerConfig,
+    llama_chat_formats,
     load_config,
     parse_config,
 )
@@ -1177,3 +1179,80 @@ def test_a_base_url_whose_port_is_not_a_number_is_a_config_error(base_url: str) 
         parse({"upstreams": [upstream(base_url=base_url)]})
     assert caught.value.key == "upstreams[0]"
     assert "base_url" in caught.value.problem
+
+
+def test_an_unknown_local_chat_format_is_refused_naming_the_valid_ones() -> None:
+    """A misspelt `local_model.chat_format` is a config error listing llama.cpp's formats:
+    its server would start with it and answer every completion with HTTP 500."""
+    with pytest.raises(ConfigError) as refused:
+        parse({"local_model": {"chat_format": "gemmma"}})
+    assert refused.value.key == "local_model.chat_format"
+    assert "'gemmma' is not a chat format" in refused.value.problem
+    assert "gemma, " in refused.value.problem
+    assert "chatml" in refused.value.problem
+
+
+@pytest.mark.parametrize("chat_format", ["gemma", "chatml", "llama-3", "chat_template.default"])
+def test_a_known_local_chat_format_is_taken(chat_format: str) -> None:
+    """A registered format, or a template the model file carries, is taken as written."""
+    config = parse({"local_model": {"chat_format": chat_format}})
+    assert config.local_model.chat_format == chat_format
+
+
+def test_the_local_chat_format_is_unchecked_without_llama_cpp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the `local` extra the format cannot be checked, and the gateway still starts."""
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_chat_format", None)
+    llama_chat_formats.cache_clear()
+    try:
+        config = parse({"local_model": {"chat_format": "gemmma"}})
+    finally:
+        llama_chat_formats.cache_clear()
+    assert config.local_model.chat_format == "gemmma"
+
+
+@pytest.mark.parametrize("key", [f"{SECRET}\n", f"{SECRET}\r\n", f"sk-\n{SECRET}"])
+def test_a_key_with_a_line_break_is_refused_without_repeating_it(key: str) -> None:
+    """A provider key holding a line break (a Secret file's trailing newline) is a config
+    error naming its variable. Before, `check` crashed with a traceback and every call of
+    a gateway that started failed INTERNAL: no header can carry it."""
+    with pytest.raises(ConfigError) as refused:
+        parse({"upstreams": [upstream(api_key_env="GW_UNIT_TEST_KEY")]}, GW_UNIT_TEST_KEY=key)
+    assert refused.value.key == "upstreams[0].api_key_env"
+    assert "GW_UNIT_TEST_KEY holds a line break" in refused.value.problem
+    assert SECRET not in str(refused.value)
+
+
+@pytest.mark.parametrize("model_path", ["", ".", "/", "./"])
+def test_a_local_model_path_that_names_no_file_is_refused(model_path: str) -> None:
+    """A `local_model.model_path` naming no file is a config error. Before, the start
+    assembling the model ended with a ValueError traceback (`'.' has an empty name`)."""
+    with pytest.raises(ConfigError) as refused:
+        parse({"local_model": {"model_path": model_path}})
+    assert refused.value.key == "local_model"
+    assert "model_path must name a file" in refused.value.problem
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "missing"),
+    [
+        ({"upstreams": [{"name": "a"}]}, "upstreams[0]", "base_url, models"),
+        (
+            {"models": {"x": {"context_window": 1000}}},
+            "models.x",
+            "input_usd_per_million, output_usd_per_million",
+        ),
+        ({"budgets": {"t": {}}}, "budgets.t", "usd"),
+        ({"auth": {"keys": [{"tenant": "t"}]}}, "auth.keys[0]", "sha256"),
+    ],
+)
+def test_a_missing_required_key_is_named_in_the_configs_words(
+    data: dict[str, Any], key: str, missing: str
+) -> None:
+    """A section without a required key names the keys it lacks. Before, the error was
+    Python's: `UpstreamConfig.__init__() missing 2 required positional arguments`."""
+    with pytest.raises(ConfigError) as refused:
+        parse(data)
+    assert refused.value.key == key
+    assert refused.value.problem == f"missing required key(s): {missing}"

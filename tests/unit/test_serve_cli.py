@@ -207,3 +207,15 @@ def test_make_run_serves_the_config_the_operator_names(
     )  # fmt: skip
     (serve,) = [line for line in dry_run.stdout.splitlines() if " -m service serve" in line]
     assert serve.endswith(f" -m service serve --config {config}")
+
+
+def test_a_local_model_path_naming_no_file_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`model_path: ""` is a one-line config error, not the start's ValueError traceback."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text('local_model: {enabled: always, model_path: ""}\n')
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llm-gateway: config error: ")
+    assert "local_model: model_path must name a file" in err

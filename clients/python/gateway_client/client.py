@@ -291,6 +291,27 @@ def is_loopback_address(address: str) -> bool:
     return is_loopback_host(host)
 
 
+def check_address(address: str) -> None:
+    """Refuse a gRPC target gRPC would misread: an empty one, or a `HOST:PORT` (also as
+    `dns:///HOST:PORT`) whose port is past 65535.
+
+    gRPC takes such a port modulo 65536 (`:115587` is `:50051`), and would send the calls,
+    and the caller key with them, to whatever listens there.
+
+    Raises:
+        ValueError: the address, and what is wrong with it.
+    """
+    if not address:
+        raise ValueError("the gateway's address is empty: give HOST:PORT")
+    target = address.removeprefix("dns:///")
+    host, sep, port = target.rpartition(":")
+    # A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
+    names_port = bool(sep and host) and "/" not in target
+    names_port = names_port and (host.startswith("[") or ":" not in host)
+    if names_port and port.isascii() and port.isdigit() and int(port) > 65535:
+        raise ValueError(f"{address!r}: the port must be 0..65535")
+
+
 class GatewayClient:
     """Calls one gateway; `async with GatewayClient("127.0.0.1:50051") as client:`."""
 
@@ -308,6 +329,7 @@ class GatewayClient:
             ("grpc.max_receive_message_length", MAX_ANSWER_BYTES),
             ("grpc.per_rpc_retry_buffer_size", MAX_RETRIED_REQUEST_BYTES),
         ]
+        check_address(address)
         if is_loopback_address(address):
             # gRPC reads `http_proxy`/`https_proxy` itself, and would send the calls to a
             # gateway on this machine through a proxy that cannot reach its loopback.

@@ -11,13 +11,32 @@ from typing import Any
 
 import grpc
 
-from gateway_client.client import authorization_metadata
+from gateway_client.client import authorization_metadata, check_address
+
+
+def text_argument(value: str) -> str:
+    """An argparse type for text sent in a request (a prompt, a model, a label).
+
+    Python holds an argument's bytes that are not UTF-8 as lone surrogates, which no
+    request can carry (protobuf raised a traceback): they are replaced, as those of
+    standard input and of files are.
+    """
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", errors="replace")
 
 
 def caller_key(value: str) -> str:
     """--api-key: a key gRPC can send, checked before any call."""
     try:
         authorization_metadata(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def gateway_address(value: str) -> str:
+    """--address: a target gRPC reads as it is written, checked before any call."""
+    try:
+        check_address(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return value
@@ -59,6 +78,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
         default=os.environ.get("LLM_GATEWAY_ADDRESS") or "127.0.0.1:50051",
+        type=gateway_address,
         help="gateway HOST:PORT (default: $LLM_GATEWAY_ADDRESS or 127.0.0.1:50051)",
     )
     parser.add_argument(

@@ -33,7 +33,7 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway_client.client import GatewayClient, build_request
-from gateway_client.connection import add_connection_arguments, connection
+from gateway_client.connection import add_connection_arguments, connection, text_argument
 from gateway_client.enums import enum_name
 from gateway_client.errors import error_details
 from gateway_client.progress import Progress
@@ -74,7 +74,9 @@ def register(subparsers: Any) -> None:
         default=0,
         help="items in flight (default: the gateway's)",
     )
-    parser.add_argument("--model", default="gemma-3-270m", help="model for items without one")
+    parser.add_argument(
+        "--model", type=text_argument, default="gemma-3-270m", help="model for items without one"
+    )
     parser.add_argument(
         "--retry-failed", action="store_true", help="run again the items that failed before"
     )

@@ -11,7 +11,7 @@ import grpc
 
 from gateway_client.client import CACHE_MODES, REASONING_EFFORTS, GatewayClient, build_request
 from gateway_client.commands.usage import parse_label
-from gateway_client.connection import add_connection_arguments, connection
+from gateway_client.connection import add_connection_arguments, connection, text_argument
 from gateway_client.enums import enum_name
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
@@ -24,9 +24,16 @@ def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "complete", help="ask for one completion and print it"
     )
-    parser.add_argument("prompt", help="the user message ('-' reads standard input)")
-    parser.add_argument("--model", default="gemma-3-270m", help="model name (default: %(default)s)")
-    parser.add_argument("--system", help="a system message to put first")
+    parser.add_argument(
+        "prompt", type=text_argument, help="the user message ('-' reads standard input)"
+    )
+    parser.add_argument(
+        "--model",
+        type=text_argument,
+        default="gemma-3-270m",
+        help="model name (default: %(default)s)",
+    )
+    parser.add_argument("--system", type=text_argument, help="a system message to put first")
     parser.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     parser.add_argument("--max-tokens", type=int_in(INT32), help="upper bound on generated tokens")
     parser.add_argument("--temperature", type=float, help="sampling temperature, 0 to 2")

@@ -12,7 +12,7 @@ import grpc
 
 from gateway_client.client import REASONING_EFFORTS, GatewayClient
 from gateway_client.commands.complete import stdin_text
-from gateway_client.connection import add_connection_arguments, connection
+from gateway_client.connection import add_connection_arguments, connection, text_argument
 from gateway_client.errors import error_details
 
 
@@ -24,14 +24,21 @@ def register(subparsers: Any) -> None:
         "summarize", help="summarise a document longer than the context window"
     )
     parser.add_argument("file", help="text file to summarise ('-' reads standard input)")
-    parser.add_argument("--model", default="gemma-3-270m", help="model name (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        type=text_argument,
+        default="gemma-3-270m",
+        help="model name (default: %(default)s)",
+    )
     parser.add_argument(
         "--target-tokens",
         type=int_in(UINT32),
         default=0,
         help="summary length (default: the gateway's)",
     )
-    parser.add_argument("--instructions", default="", help="tone, focus or language")
+    parser.add_argument(
+        "--instructions", type=text_argument, default="", help="tone, focus or language"
+    )
     parser.add_argument(
         "--reasoning-effort",
         choices=REASONING_EFFORTS,

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from gateway_client.client import GatewayClient
-from gateway_client.connection import add_connection_arguments, connection
+from gateway_client.connection import add_connection_arguments, connection, text_argument
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 
@@ -44,7 +44,7 @@ def parse_since(value: str, *, now: dt.datetime | None = None) -> dt.datetime:
 
 def parse_label(value: str) -> tuple[str, str]:
     """`key=value`."""
-    key, sep, label = value.partition("=")
+    key, sep, label = text_argument(value).partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE")
     return key, label
@@ -57,8 +57,10 @@ def register(subparsers: Any) -> None:
         "usage", help="requests, tokens and cost by tenant, model, upstream and label"
     )
     add_connection_arguments(parser)
-    parser.add_argument("--tenant", default="", help="tenant ('*': all, admins only)")
-    parser.add_argument("--model", default="", help="only this model")
+    parser.add_argument(
+        "--tenant", type=text_argument, default="", help="tenant ('*': all, admins only)"
+    )
+    parser.add_argument("--model", type=text_argument, default="", help="only this model")
     parser.add_argument(
         "--label",
         action="append",
