@@ -1199,6 +1199,14 @@ def test_a_known_local_chat_format_is_taken(chat_format: str) -> None:
     assert config.local_model.chat_format == chat_format
 
 
+def test_the_local_chat_format_is_unchecked_when_the_local_model_does_not_run() -> None:
+    """With another upstream enabled (`enabled: auto`) the local model never starts, and
+    its format is not read: reading llama.cpp's formats loads its library."""
+    config = parse({"upstreams": [upstream()], "local_model": {"chat_format": "gemmma"}})
+    assert not config.wants_local_model
+    assert config.local_model.chat_format == "gemmma"
+
+
 def test_the_local_chat_format_is_unchecked_without_llama_cpp(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
