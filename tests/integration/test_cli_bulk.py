@@ -692,6 +692,7 @@ async def test_batch_output_that_cannot_be_written_is_one_line_and_exit_1(
     [
         ("complete", "--max-tokens=99999999999"),
         ("batch", "--concurrency=-5"),
+        ("batch", "--items-per-call=0"),
         ("summarize", "--target-tokens=-1"),
     ],
 )

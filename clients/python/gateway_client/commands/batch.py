@@ -82,7 +82,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--items-per-call",
-        type=int,
+        type=int_in((1, UINT32[1])),
         default=DEFAULT_ITEMS_PER_CALL,
         help="items per CompleteBatch call (default: %(default)s)",
     )
