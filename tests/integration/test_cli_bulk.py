@@ -363,28 +363,34 @@ local_model: {{enabled: never}}
     assert "PASTEDKEY" not in captured.out + captured.err
 
 
-async def test_check_refuses_a_key_with_a_trailing_newline(tmp_path, monkeypatch, capsys):
-    """A provider key read with its file's trailing newline is a config error (exit 2)
-    naming its variable, never printing the key. Before, `check` crashed with a
-    traceback, and `serve` started and failed every call INTERNAL."""
+async def _check_one_upstream_keyed(tmp_path, monkeypatch, key: str) -> tuple[int, int]:
+    """`check`'s exit code for one upstream (which takes `sk-right`) keyed with `key`, and
+    how many requests the upstream got."""
     async with FakeUpstream(models=(FAKE_MODEL,), api_key="sk-right") as fake:
         config = tmp_path / "gateway.yaml"
         config.write_text(
             f"""
 upstreams:
   - {{name: good, base_url: "{fake.base_url}", api_key_env: GOOD_KEY, models: [{FAKE_MODEL}]}}
-local_model: {{enabled: never}}
 """
         )
-        monkeypatch.setenv("GOOD_KEY", "sk-right\n")
+        monkeypatch.setenv("GOOD_KEY", key)
         code = await check.check_command(parse(check, "check", "--config", str(config)))
+        return code, len(fake.requests)
+
+
+async def test_check_refuses_a_key_with_a_trailing_newline(tmp_path, monkeypatch, capsys):
+    """A provider key read with its file's trailing newline is a config error (exit 2)
+    naming its variable, never printing the key. Before, `check` crashed with a
+    traceback, and `serve` started and failed every call INTERNAL."""
+    code, requests = await _check_one_upstream_keyed(tmp_path, monkeypatch, "sk-right\n")
     captured = capsys.readouterr()
     assert code == 2
     assert "upstreams[0].api_key_env: the environment variable GOOD_KEY holds a line break" in (
         captured.err
     )
     assert "sk-right" not in captured.out + captured.err
-    assert fake.requests == []
+    assert requests == 0
 
 
 @pytest.mark.parametrize(
@@ -465,16 +471,7 @@ async def test_check_refuses_a_certificate_grpc_cannot_serve(tmp_path, capsys):
 
 async def test_check_passes_when_all_upstreams_answer(tmp_path, monkeypatch, capsys):
     """`check` exits 0 when every enabled upstream is reachable with a valid key."""
-    async with FakeUpstream(models=(FAKE_MODEL,), api_key="sk-right") as fake:
-        config = tmp_path / "gateway.yaml"
-        config.write_text(
-            f"""
-upstreams:
-  - {{name: good, base_url: "{fake.base_url}", api_key_env: GOOD_KEY, models: [{FAKE_MODEL}]}}
-"""
-        )
-        monkeypatch.setenv("GOOD_KEY", "sk-right")
-        code = await check.check_command(parse(check, "check", "--config", str(config)))
+    code, _ = await _check_one_upstream_keyed(tmp_path, monkeypatch, "sk-right")
     assert code == 0
     assert "good" in capsys.readouterr().out
 
