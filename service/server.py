@@ -58,6 +58,10 @@ log = logging.getLogger("llm_gateway.server")
 _DRAIN_POLL_S = 0.02
 # How long before the end of the shutdown grace the calls still running are cut off.
 _CUT_OFF_MARGIN_S = 0.5
+_NO_UPSTREAM_FIX = (
+    "no upstream serves any model: set an upstream's api_key_env variable, or "
+    "local_model.enabled to auto or always"
+)
 
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["CompletionService"]
 SERVICE_NAME = SERVICE.full_name
@@ -133,6 +137,10 @@ class GatewayServer:
             elif upstream.sends_key_in_clear:
                 # Legitimate inside a cluster's own network, so said, not refused.
                 log.warning("upstream.key_over_plain_http", extra={"upstream": upstream.name})
+        if not configs:
+            # It starts (its keys may come with the next rollout), but every call would be
+            # NOT_FOUND: said at start, with what mends it.
+            log.warning("gateway.no_upstream", extra={"fix": _NO_UPSTREAM_FIX})
         return configs
 
     async def start(self) -> None:

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.config import parse_config
 from service.local_model import LocalModelUnavailable
 from service.server import GatewayServer, ListenError
 from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
@@ -536,3 +537,30 @@ async def test_the_port_check_before_the_local_model_refuses_only_what_the_bind_
             async with GatewayServer(config):
                 pass
     assert len(started) == 1
+
+
+async def test_a_gateway_with_no_upstream_says_so_at_start(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every upstream disabled for want of its key, and no local model: the gateway starts
+    (the keys may come later) but warns once, saying what mends it; calls are NOT_FOUND."""
+    data = gateway_config_data("http://127.0.0.1:9")
+    data["upstreams"][0]["api_key_env"] = "UNSET_PROVIDER_KEY"
+    config = parse_config(data, source="<test>", environ={})
+    with caplog.at_level("WARNING", logger="llm_gateway"):
+        gateway = await start_gateway(config)
+    said = [r for r in caplog.records if r.getMessage() == "gateway.no_upstream"]
+    assert len(said) == 1
+    assert "api_key_env" in said[0].fix
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat())
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_gateway_with_an_upstream_says_nothing_of_none(
+    start_gateway: Any, upstream: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning is for a gateway that can serve nothing only."""
+    with caplog.at_level("WARNING", logger="llm_gateway"):
+        await start_gateway(gateway_config(upstream.base_url))
+    assert "gateway.no_upstream" not in [r.getMessage() for r in caplog.records]
