@@ -367,8 +367,11 @@ async def test_a_replica_whose_clock_runs_ahead_still_sees_the_others_reservatio
     ledger = {"redis_url": redis_url, "key_prefix": uuid.uuid4().hex}
     config = gateway_config(held.base_url, ledger=ledger, budgets={"default": budget_for(1.5)})
     ahead_s = RESERVATION_TTL_S + 60
-    first = await start_gateway(config)
-    second = await start_gateway(config, wall_clock=lambda: time.time() + ahead_s)
+    # Both clocks run from noon of the 15th, so that the fast one's day and month are the
+    # slow one's at any real time (near midnight it would budget the next day's).
+    started, noon = time.time(), dt.datetime.now(dt.UTC).replace(day=15, hour=12).timestamp()
+    first = await start_gateway(config, wall_clock=lambda: noon + time.time() - started)
+    second = await start_gateway(config, wall_clock=lambda: noon + time.time() - started + ahead_s)
     held.gate.clear()
     call = asyncio.create_task(outcome(first.stub.Complete(capped("call a"))))
     await held.wait_until(lambda: held.in_flight == 1)
