@@ -1038,7 +1038,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise ValueError(f"{key}: must be a string")
-        return str(value)
+        return value.written if isinstance(value, _WrittenInt) else str(value)
     raise ValueError(f"{key}: unsupported type {tp}")
 
 
@@ -1156,7 +1156,7 @@ def _override_value(raw: str) -> Any:
     mapping without braces (the prefix "llm_gateway:") is the string it looks like.
     """
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_UniqueKeyLoader)  # names as written, as in the file
     except yaml.YAMLError:
         return raw
     if isinstance(value, dict) and not raw.lstrip().startswith("{"):
@@ -1384,8 +1384,36 @@ def _check_redis_password_env(config: GatewayConfig, env: Mapping[str, str]) -> 
             raise config.error(key, problem)
 
 
+class _WrittenInt(int):
+    """An integer YAML 1.1 reads from a plain text that does not read back as it (`007`
+    as 7, `0x1F` as 31), with that text: a number where the config wants one, the text
+    where it wants a string (`tenant: 007`, the tenant a `007:` key names)."""
+
+    written: str
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    value: int = loader.construct_yaml_int(node)
+    if node.style is None and str(value) != node.value:
+        written = _WrittenInt(value)
+        written.written = node.value
+        return written
+    return value
+
+
+def _key_as_written(node: yaml.ScalarNode, key: Any) -> Any:
+    """A plain key YAML 1.1 reads as a value that does not read back as its text (`007`
+    as 7, `no` as false, `null` as None), as written: keys here are names, and a tenant
+    `007:` must be the tenant its keys file, `keys create` and certificates name `007`,
+    not a tenant "7". One that reads back (`4711`) is named as text later."""
+    if node.style is None and not isinstance(key, str) and str(key) != node.value:
+        return node.value
+    return key
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """The safe loader, refusing a key given twice in one mapping.
+    """The safe loader, refusing a key given twice in one mapping, and keeping keys as
+    written (`_key_as_written`).
 
     PyYAML keeps the last value of a repeated key, so a second `server:` section (or
     `timeout_s:` line) would silently drop the first.
@@ -1396,13 +1424,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
                 continue  # `<<: *base` merges are meant to be overridden
-            key = self.construct_object(key_node, deep=deep)
+            key = _key_as_written(key_node, self.construct_object(key_node, deep=deep))
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        mapping = super().construct_mapping(node, deep=deep)
+        written: dict[Any, Any] = {}
+        for key_node, _ in node.value:  # merged keys included now, all constructed
+            if isinstance(key_node, yaml.ScalarNode):
+                key = self.construct_object(key_node)
+                written[key] = _key_as_written(key_node, key)
+        return {written.get(key, key): value for key, value in mapping.items()}
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:

@@ -17,7 +17,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.auth import hash_key
 from service.caller_gate import part_tokens
-from service.config import parse_config
+from service.config import load_config, parse_config
 from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER
 from service.security import InsecureListen
 from service.server import GatewayServer
@@ -139,6 +139,52 @@ async def test_an_override_on_a_tenant_named_by_a_number_keeps_its_file_entry(
     gw = await start_gateway(parse_config(data, source="<test>", environ=environ))
     error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A)))
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("tenant", ["007", "no", "0x1F", "null"])
+async def test_a_tenant_whose_name_yaml_reads_as_another_value_keeps_its_limits(
+    upstream, start_gateway, tmp_path, tenant
+):
+    """A tenant written `007:` (or `no:`, `0x1F:`, `null:`) in the config file is the
+    tenant `keys create --tenant 007` issues keys for. Before, YAML 1.1 read the name as
+    7 (false, 31, None): the limits went to a tenant "7" no key names, and the key's
+    tenant could use every model without a word."""
+    (tmp_path / "keys").write_text(f"{hash_key(CALLER_KEY_A)} {tenant}\n")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        f"server: {{listen: '127.0.0.1:0'}}\nlocal_model: {{enabled: never}}\n"
+        f"upstreams: [{{name: up0, base_url: '{upstream.base_url}', models: [{FAKE_MODEL}]}}]\n"
+        f"auth: {{mode: keys, keys_file: '{tmp_path / 'keys'}'}}\n"
+        f"tenants:\n  {tenant}: {{allowed_models: [another-model]}}\n"
+    )
+    gw = await start_gateway(load_config(path))
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A)))
+    assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("tenant", ["007", "0x1F"])
+@pytest.mark.parametrize("is_in_environment", [False, True], ids=["file", "variable"])
+async def test_a_config_key_of_a_tenant_yaml_reads_as_a_number_names_it_as_written(
+    upstream, start_gateway, tmp_path, tenant, is_in_environment
+):
+    """`auth.keys`' `tenant: 007`, in the file or an `LLM_GATEWAY__AUTH__KEYS` variable,
+    names the tenant `007`, whose `007:` entry holds its limits, as a keys file's line
+    would: not a tenant "7"."""
+    keys = f"[{{sha256: {hash_key(CALLER_KEY_A)}, tenant: {tenant}}}]"
+    environ = {"LLM_GATEWAY__AUTH__KEYS": keys} if is_in_environment else {}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        f"server: {{listen: '127.0.0.1:0'}}\nlocal_model: {{enabled: never}}\n"
+        f"upstreams: [{{name: up0, base_url: '{upstream.base_url}', models: [{FAKE_MODEL}]}}]\n"
+        f"auth: {{mode: keys, keys: {'[]' if is_in_environment else keys}}}\n"
+        f"tenants:\n  {tenant}: {{allowed_models: [another-model]}}\n"
+    )
+    gw = await start_gateway(load_config(path, environ=environ))
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A)))
+    assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert f"tenant '{tenant}'" in (error.details() or "")
     assert upstream.requests == []
 
 
