@@ -1030,7 +1030,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{key}: must be an integer")
-        return value
+        return int(value)  # not a `_WrittenInt`: the number alone
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{key}: must be true or false")

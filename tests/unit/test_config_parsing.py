@@ -1264,3 +1264,13 @@ def test_a_missing_required_key_is_named_in_the_configs_words(
         parse(data)
     assert refused.value.key == key
     assert refused.value.problem == f"missing required key(s): {missing}"
+
+
+def test_a_number_written_in_hex_is_a_plain_integer(tmp_path: Path) -> None:
+    """`0x10` is 16 where the config wants a number: a plain `int`, the text YAML read it
+    from left behind (a name written so keeps its text)."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text("server:\n  max_in_flight_calls: 0x10\n", encoding="utf-8")
+    config = load_config(path, environ={})
+    assert type(config.server.max_in_flight_calls) is int
+    assert config.server.max_in_flight_calls == 16
