@@ -103,13 +103,38 @@ def _require_redis_address(url: str) -> None:
         all(re.fullmatch(r"[0-9]+", db) for db in parse_qs(parts.query).get("db", [])),
         "redis_url's db query parameter must be a number, as in unix:///PATH?db=0",
     )
-    names = set(parse_qs(parts.query, keep_blank_values=True)) - {"username", "password"}
-    unknown = sorted(names - _redis_url_options(parts.scheme))
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - {"username", "password"} - _redis_url_options(parts.scheme))
     _require(
         not unknown,
         f"redis_url's query names options a {parts.scheme}:// connection does not take: "
         f"{', '.join(unknown)}",
     )
+    _require_redis_option_values(query)
+
+
+# TLS files a Redis URL's query names: read when the first connection opens.
+_REDIS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def _require_redis_option_values(query: Mapping[str, list[str]]) -> None:
+    """Refuse an option value redis-py cannot read (`socket_timeout=abc`), or a TLS file
+    that cannot be read: both fail the start with a traceback. Said by the option's name
+    alone: a value could be anything, a secret pasted in the wrong place among them."""
+    for name, values in query.items():
+        value = values[0]
+        if not value:
+            continue  # redis-py reads an empty option as none
+        parser = URL_QUERY_ARGUMENT_PARSERS.get(name)
+        try:
+            if parser is not None:
+                parser(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"redis_url's {name} option has a value it does not take") from None
+        _require(
+            name not in _REDIS_FILE_OPTIONS or os.access(value, os.R_OK),
+            f"redis_url's {name} names a file that cannot be read",
+        )
 
 
 # Options redis-py takes as text from a URL's query besides those it converts

@@ -1156,17 +1156,35 @@ def test_a_redis_url_option_its_connection_does_not_take_is_a_config_error(
     assert unknown in refused_redis_url(section, url).problem
 
 
-def test_a_redis_url_without_a_port_or_database_or_over_a_socket_is_fine() -> None:
+def test_a_redis_url_without_a_port_or_database_or_over_a_socket_is_fine(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("a CA bundle")
     config = parse(
         {
-            "cache": {"backend": "redis", "redis_url": "redis://redis"},
+            "cache": {"backend": "redis", "redis_url": "redis://redis?socket_timeout="},
             "ledger": {"redis_url": "unix:///run/redis/redis.sock?db=2"},
-            "auth": {
-                "redis_url": "rediss://redis:6380/15?ssl_ca_certs=/etc/ca.pem&socket_timeout=2"
-            },
+            "auth": {"redis_url": f"rediss://redis:6380/15?ssl_ca_certs={ca}&socket_timeout=2"},
         }
     )
-    assert config.cache.redis_url == "redis://redis"
+    assert config.cache.redis_url == "redis://redis?socket_timeout="
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://redis/0?socket_timeout=abc", "socket_timeout option has a value it does not"),
+        ("redis://redis/0?max_connections=1.5", "max_connections option has a value it does not"),
+        ("rediss://redis/0?ssl_certfile=/absent/client.pem", "ssl_certfile names a file that"),
+    ],
+)
+def test_a_redis_url_option_value_the_client_cannot_use_is_a_config_error(
+    url: str, problem: str
+) -> None:
+    """An option value redis-py cannot read, or a TLS file that cannot be read, failed the
+    start with a traceback: a config error naming the option (never its value) instead."""
+    refused = refused_redis_url("ledger", url)
+    assert problem in refused.problem
+    assert "abc" not in refused.problem
 
 
 @pytest.mark.parametrize(
