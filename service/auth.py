@@ -75,6 +75,7 @@ def parse_keys_file(text: str, *, source: str) -> tuple[CallerKey, ...]:
         ValueError: naming the file and line of a malformed entry.
     """
     keys = []
+    first_given: dict[str, tuple[int, str]] = {}  # each digest's first line and tenant
     for number, raw in enumerate(text.splitlines(), start=1):
         parts = raw.split("#", 1)[0].split()
         if not parts:
@@ -82,7 +83,12 @@ def parse_keys_file(text: str, *, source: str) -> tuple[CallerKey, ...]:
         try:
             if len(parts) != 2:
                 raise ValueError("expected 'SHA256HEX TENANT'")
-            keys.append(CallerKey(sha256=parts[0], tenant=parts[1]))
+            key = CallerKey(sha256=parts[0], tenant=parts[1])
+            # One key for two tenants: which one its caller is cannot be told.
+            line, tenant = first_given.setdefault(key.sha256, (number, key.tenant))
+            if tenant != key.tenant:
+                raise ValueError(f"the key of line {line} again, for another tenant")
+            keys.append(key)
         except ValueError as exc:
             raise ValueError(f"{source}:{number}: {exc}") from None
     return tuple(keys)

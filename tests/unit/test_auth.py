@@ -79,6 +79,16 @@ def test_malformed_keys_file_names_the_line(line):
         parse_keys_file(f"# header\n{line}\n", source="keys")
 
 
+def test_a_key_given_for_two_tenants_is_a_malformed_keys_file():
+    """The same key on two lines for two tenants names both lines: which tenant its
+    caller is cannot be told (the last line won, silently). Twice for one tenant is fine."""
+    digest = hash_key(KEY)
+    with pytest.raises(ValueError, match=r"^keys:3: the key of line 1 again, for another tenant"):
+        parse_keys_file(f"{digest} team-a\n\n{digest} team-b\n", source="keys")
+    twice = parse_keys_file(f"{digest} team-a\n{digest} team-a\n", source="keys")
+    assert {key.tenant for key in twice} == {"team-a"}
+
+
 def test_config_refuses_a_plain_key_in_place_of_a_hash():
     """`auth.keys` takes digests only: a raw key there is a config error."""
     with pytest.raises(ValueError, match="sha256"):
