@@ -61,6 +61,15 @@ _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VARIABLE_NAME_RULE = "letters, digits and _, not starting with a digit"
 
 
+# As long as a request's model name may be (`validation.model_violations`).
+MAX_MODEL_NAME = 256
+
+
+def is_model_name(name: str) -> bool:
+    """Whether `name` is a model name a request can carry: 1-256 printable characters."""
+    return 0 < len(name) <= MAX_MODEL_NAME and name.isprintable()
+
+
 def _is_variable_name(name: str) -> bool:
     return _VARIABLE_NAME.fullmatch(name) is not None
 
@@ -482,6 +491,10 @@ class UpstreamConfig:
             f"({_VARIABLE_NAME_RULE}), not hold the credentials themselves",
         )
         _require(len(self.models) > 0, "models must list at least one model")
+        _require(
+            all(is_model_name(name) for pair in self.models.items() for name in pair),
+            "models must be named with 1-256 printable characters, as requests name them",
+        )
 
         def named_in(fields: frozenset[str]) -> list[str]:
             # In any case: servers written in Go match JSON fields without it ("Model").
@@ -575,6 +588,10 @@ class LocalModelConfig:
     hang_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        _require(
+            is_model_name(self.model),
+            "model must be named with 1-256 printable characters, as requests name it",
+        )
         # A file's path: the model is assembled beside it, under a name made from its own.
         _require(
             Path(self.model_path).expanduser().name != "",

@@ -9,7 +9,7 @@ from types import MappingProxyType
 
 import orjson
 
-from service.config import RequestDefaults
+from service.config import MAX_MODEL_NAME, RequestDefaults, is_model_name
 from service.domain import ChatRequest, Message, ResponseFormat, ResponseFormatType, Role
 from service.errors import FieldViolation, InvalidRequest
 from service.tokens import estimate_prompt_tokens
@@ -27,7 +27,6 @@ _CONTROL_RUN = re.compile(_CONTROL.pattern + "+")
 # and a tool's output (a shell's ANSI colours) come back as they came: refusing them would
 # stall a conversation or an agent loop on text the caller did not write.
 _CALLERS_ROLES = frozenset({Role.SYSTEM, Role.USER})
-_MAX_MODEL_NAME = 256
 _MAX_IDEMPOTENCY_KEY = 256
 _MAX_TOKENS_CAP = 1_000_000
 # OpenAI's rule for a tool's and a JSON schema's name (fullmatch, as _LABEL_KEY).
@@ -74,8 +73,12 @@ def model_violations(model: str) -> list[FieldViolation]:
     """What is wrong with a model name, whichever RPC it came in (empty list: nothing)."""
     if not model:
         return [FieldViolation("model", "must not be empty")]
-    if len(model) > _MAX_MODEL_NAME or not model.isprintable():
-        return [FieldViolation("model", "must be a printable name of at most 256 characters")]
+    if not is_model_name(model):
+        return [
+            FieldViolation(
+                "model", f"must be a printable name of at most {MAX_MODEL_NAME} characters"
+            )
+        ]
     return []
 
 

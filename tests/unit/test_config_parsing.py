@@ -1292,3 +1292,25 @@ def test_a_number_written_in_hex_is_a_plain_integer(tmp_path: Path) -> None:
     config = load_config(path, environ={})
     assert type(config.server.max_in_flight_calls) is int
     assert config.server.max_in_flight_calls == 16
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"upstreams": [upstream(models=[""])]}, "upstreams[0]"),
+        ({"upstreams": [upstream(models={"m": ""})]}, "upstreams[0]"),
+        ({"upstreams": [upstream(models=["tab\tname"])]}, "upstreams[0]"),
+        ({"upstreams": [upstream(models=["m" * 257])]}, "upstreams[0]"),
+        ({"local_model": {"model": ""}}, "local_model"),
+    ],
+)
+def test_a_model_name_no_request_could_carry_is_a_config_error(
+    data: dict[str, Any], key: str
+) -> None:
+    """A model named "" (or with a tab, or past 256 characters) could never be asked for:
+    requests refuse such names. Before, the config took it, and its upstream served
+    nothing."""
+    with pytest.raises(ConfigError) as refused:
+        parse(data)
+    assert refused.value.key == key
+    assert "1-256 printable characters" in refused.value.problem
