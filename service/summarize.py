@@ -99,6 +99,11 @@ _WORD_BREAK = re.compile(r"(?<=\s)(?=\S)")
 # PDF text extraction writes) is sent as a paragraph break, where a part may end, and a
 # vertical tab (a word processor's line break) as a line break.
 _PAGE_BREAKS = str.maketrans({"\f": "\n\n", "\v": "\n"})
+# A character a reader sees: neither whitespace nor an invisible format character (a soft
+# hyphen, a zero-width space or joiner, a direction mark, a byte order mark).
+_VISIBLE = re.compile(
+    r"[^\s\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]"
+)
 # Tokens kept free besides the estimate, for what the estimate cannot see.
 _SAFETY_TOKENS = 16
 _MIN_CHUNK_TOKENS = 64
@@ -136,6 +141,12 @@ class Summary:
 
 
 # --- chunking (pure) -----------------------------------------------------------------
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether `text` holds anything to summarise: a text of blanks and invisible format
+    characters alone, sent, would be paid for and its summary made up."""
+    return _VISIBLE.search(text) is not None
 
 
 def as_sent(document: str) -> str:
@@ -290,8 +301,8 @@ def split_into_chunks(text: str, *, max_tokens: int, overlap_tokens: int) -> lis
     )
     chunks = ("".join(units[i][0] for i in chunk).strip() for chunk in ranges)
     # A chunk of blanks alone (a long run of them cut by characters) has nothing to
-    # summarise: sent, it would be paid for and its summary made up.
-    return [chunk for chunk in chunks if chunk]
+    # summarise.
+    return [chunk for chunk in chunks if has_visible_text(chunk)]
 
 
 def _levels_needed(
@@ -501,7 +512,7 @@ class Summarizer:
             self._pipeline.pool.routes(request.model)  # ModelNotFound first
             window = self._pipeline.context_window(request.model)
         target = self._target(request, window)
-        if not request.document.strip():
+        if not has_visible_text(request.document):
             violations.append(FieldViolation("document", "must not be empty"))
         else:
             size = len(request.document.encode("utf-8"))

@@ -546,11 +546,32 @@ async def test_one_giant_word_with_a_diacritic_is_split_into_parts_that_fit(
         assert estimate_text_tokens(user_text(body)) + body["max_tokens"] < WINDOW
 
 
-@pytest.mark.parametrize("blank", [" ", "\t"])
+@pytest.mark.parametrize(
+    "invisible",
+    ["\ufeff", "\u200b \u200b\n\n\u2060", "\u00ad", "\u200e\u200f"],
+    ids=["byte-order-mark", "zero-width-spaces", "soft-hyphen", "direction-marks"],
+)
+async def test_a_document_of_invisible_characters_alone_is_empty(
+    recorder, start_gateway, invisible
+):
+    """A document with nothing a reader sees (format characters, such as a byte order
+    mark or zero-width spaces, between blanks) is refused as empty, as blanks alone are.
+
+    Before, it was sent, paid for, and the model's made-up summary returned OK."""
+    gateway = await start_gateway(config(recorder.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=invisible))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == {"document": "must not be empty"}
+    assert recorder.requests == []
+
+
+@pytest.mark.parametrize("blank", [" ", "\t", "\u200b"])
 async def test_a_long_run_of_blanks_makes_no_part_without_text(recorder, start_gateway, blank):
-    """A sentence split inside a long run of spaces or tabs (padding, a broken export)
-    leaves pieces of blanks alone; a chunk of nothing else is not sent as a part: a call
-    with only its header would be paid for and its made-up summary combined.
+    """A sentence split inside a long run of spaces, tabs or zero-width spaces (padding, a
+    broken export) leaves pieces of blanks alone; a chunk of nothing else is not sent as
+    a part: a call with only its header would be paid for and its made-up summary
+    combined.
 
     Before, 50,000 spaces between two words made about 10 parts with only a header."""
 
@@ -567,7 +588,7 @@ async def test_a_long_run_of_blanks_makes_no_part_without_text(recorder, start_g
     for body in parts:
         header = PART_HEADER.match(user_text(body))
         assert header is not None
-        assert user_text(body)[header.end() :].strip()
+        assert user_text(body)[header.end() :].replace("\u200b", "").strip()
 
 
 @pytest.mark.parametrize("character", ["\U0001f600", "\U0001d400", "\U00020000"])
