@@ -1,6 +1,7 @@
 """CompleteBatch through the real server: streaming results, isolation, bounds, cancellation."""
 
 import asyncio
+import dataclasses
 import gc
 import logging
 
@@ -12,7 +13,7 @@ import service.servicer
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 from tests.conftest import FAKE_MODEL, chat, gateway_config
-from tests.fake_upstream import Hang, Reply, Status
+from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
 from tests.scripted_upstream import ScriptedUpstream, user_text
 
 
@@ -111,6 +112,46 @@ async def test_concurrency_is_bounded(batch_gateway, scripted):
     )
     assert summary.succeeded == 24
     assert 2 <= scripted.peak_in_flight <= 4
+
+
+def limited_gateway_config(base_url: str, **resilience: object):
+    """A gateway whose one upstream takes 2 calls at a time, waited for at most 0.2 s."""
+    config = gateway_config(base_url, resilience={"max_limit_wait_s": 0.2, **resilience})
+    upstream = dataclasses.replace(config.upstreams[0], max_concurrency=2, max_connections=2)
+    return dataclasses.replace(config, upstreams=(upstream,))
+
+
+async def test_items_past_an_upstreams_concurrency_wait_their_turn(scripted, start_gateway):
+    """Six slow items at concurrency 6 against an upstream that takes 2 at a time: each
+    waits its turn (its deadline allowing), as under a tenant's limits, rather than fail
+    RESOURCE_EXHAUSTED once `max_limit_wait_s` passed, as a unary call would."""
+    gateway = await start_gateway(limited_gateway_config(scripted.base_url))
+    results, summary = await collect(
+        gateway.stub.CompleteBatch(batch(*(f"slow {i}" for i in range(6)), concurrency=6))
+    )
+    assert (summary.succeeded, summary.failed) == (6, 0)
+    assert sorted(r.response.content for r in results) == [f"answer to slow {i}" for i in range(6)]
+    assert scripted.peak_in_flight == 2
+    with pytest.raises(grpc.aio.AioRpcError) as unary:
+        await asyncio.gather(*(gateway.stub.Complete(chat(f"slow {i}")) for i in range(3)))
+    assert unary.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_an_item_whose_turn_comes_after_the_deadline_is_refused_at_once(start_gateway):
+    """An upstream paused for longer than the batch's deadline (its 429's Retry-After):
+    each item is refused with the limit's RESOURCE_EXHAUSTED and its wait, not held until
+    the deadline cuts the whole call."""
+    async with FakeUpstream(models=(FAKE_MODEL,)) as fake:
+        gateway = await start_gateway(limited_gateway_config(fake.base_url, attempts=1))
+        fake.script(Status(429, headers={"Retry-After": "30"}))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("paused"))
+        results, summary = await collect(
+            gateway.stub.CompleteBatch(batch("ok a", "ok b"), timeout=10)
+        )
+    assert (summary.succeeded, summary.failed) == (0, 2)
+    assert {r.error.code for r in results} == {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
+    assert len(fake.requests) == 1
 
 
 async def test_cancelling_the_call_cancels_outstanding_upstream_requests(batch_gateway, scripted):
