@@ -915,6 +915,11 @@ class LedgerConfig:
         _require(self.retention_days >= 1, "retention_days must be >= 1")
 
 
+# The largest budget: far past any spend, and in pico-dollars (1e27) still a number the
+# ledger's float and Lua arithmetic hold.
+MAX_BUDGET_USD = 1e15
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetConfig:
     """A tenant's spending limit in USD per calendar period (UTC)."""
@@ -927,6 +932,12 @@ class BudgetConfig:
 
     def __post_init__(self) -> None:
         _require(self.usd >= 0, "usd must be >= 0")
+        # The ledger counts in pico-dollars: past about 1e296 USD a limit is no float
+        # there, and every call the budget checks failed INTERNAL.
+        _require(
+            self.usd <= MAX_BUDGET_USD,
+            f"usd must be at most {MAX_BUDGET_USD:.1e} (as good as no limit)",
+        )
         _require(self.reserve_output_tokens >= 0, "reserve_output_tokens must be >= 0")
 
 

@@ -143,14 +143,13 @@ class AttemptSpan:
         span = self.span
         if response_model:
             self.metric_attributes[attr.GEN_AI_RESPONSE_MODEL] = response_model
-        if usage is not None and self.telemetry.records_metrics:
+        counts = _reported_counts(usage)
+        if counts and self.telemetry.records_metrics:
             token_usage = self.telemetry.instruments.token_usage
-            token_usage.record(
-                usage.input_tokens, {**self.metric_attributes, attr.GEN_AI_TOKEN_TYPE: "input"}
-            )
-            token_usage.record(
-                usage.output_tokens, {**self.metric_attributes, attr.GEN_AI_TOKEN_TYPE: "output"}
-            )
+            for token_type, tokens in counts.items():
+                token_usage.record(
+                    tokens, {**self.metric_attributes, attr.GEN_AI_TOKEN_TYPE: token_type}
+                )
         if not span.is_recording():
             return
         # One call: each set_attribute takes the span's lock and validates on its own.
@@ -159,11 +158,16 @@ class AttemptSpan:
             attr.GEN_AI_RESPONSE_MODEL: response_model,
             attr.GEN_AI_RESPONSE_FINISH_REASONS: (finish_reason,),
         }
+        if "input" in counts:
+            attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] = counts["input"]
+        if "output" in counts:
+            attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] = counts["output"]
         if usage is not None:
-            attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] = usage.input_tokens
-            attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] = usage.output_tokens
             attributes[attr.CACHED_INPUT_TOKENS] = usage.cached_input_tokens
             attributes[attr.REASONING_TOKENS] = usage.reasoning_tokens
+        if usage is not None and not usage.is_estimated:
+            # Priced from a count left out, it would say less than the call is billed:
+            # its cost is the call's, on the RPC span, with the count estimated.
             attributes[attr.COST_USD] = self.telemetry.prices.cost_usd(self.request.model, usage)
         if self.telemetry.capture_content:
             if content is None:
@@ -583,6 +587,20 @@ _SUMMED = (
     attr.REASONING_TOKENS,
     attr.ATTEMPTS,
 )
+
+
+def _reported_counts(usage: Usage | None) -> dict[str, int]:
+    """The token counts an upstream reported, by `gen_ai.token.type`.
+
+    A usage with one count left out (`is_estimated`) holds 0 in its place, which the
+    pipeline estimates: that is no count of 0 tokens, so it is left out here.
+    """
+    if usage is None:
+        return {}
+    counts = {"input": usage.input_tokens, "output": usage.output_tokens}
+    if usage.is_estimated:
+        return {token_type: tokens for token_type, tokens in counts.items() if tokens}
+    return counts
 
 
 def _add_usage(attributes: dict[str, Any], earlier: Mapping[str, Any]) -> None:

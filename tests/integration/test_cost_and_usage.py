@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
-from service.config import parse_config
+from service.config import MAX_BUDGET_USD, parse_config
 from service.errors import RETRY_PUSHBACK_TRAILER
 from service.pricing import cost_usd
 from service.store_cooldown import COOLDOWN_S
@@ -354,6 +354,27 @@ async def test_a_spent_budget_refuses_before_any_upstream_call(upstream, start_g
     with pytest.raises(grpc.aio.AioRpcError):
         _ = [e async for e in gw.stub.CompleteStream(chat_stream())]
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("ledger", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_the_largest_budget_lets_calls_through_and_counts_them(
+    upstream, start_gateway, request: pytest.FixtureRequest, ledger: str
+) -> None:
+    """A budget of `MAX_BUDGET_USD`, as good as none, passes calls and records their cost,
+    in the process and in Redis; a larger one is a config error (`test_config_parsing`).
+
+    Before, `usd: 1e300` was a valid config on which every call failed INTERNAL: its
+    pico-dollars are past a float's range."""
+    section = {}
+    if ledger == "redis":
+        section = {"redis_url": request.getfixturevalue("redis_url"), "key_prefix": "big-budget"}
+    budgets = {"*": {"usd": MAX_BUDGET_USD, "period": "day"}}
+    gw = await start_gateway(gateway_config(upstream.base_url, ledger=section, budgets=budgets))
+    unary = (await gw.stub.Complete(chat())).metadata
+    streamed = metadata_of([e async for e in gw.stub.CompleteStream(chat_stream())])
+    total = (await gw.stub.GetUsage(pb.GetUsageRequest())).total
+    assert total.requests == 2
+    assert total.cost_usd == pytest.approx(unary.cost_usd + streamed.cost_usd, abs=1e-12)
 
 
 async def test_a_spent_budget_still_lets_calls_that_cost_nothing_through(upstream, start_gateway):

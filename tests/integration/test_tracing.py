@@ -196,6 +196,36 @@ async def test_stream_spans_carry_time_to_first_token_and_usage(traced, captured
     assert captured.total("gen_ai.client.operation.time_to_first_chunk") > 0
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_an_attempt_whose_usage_left_out_a_count_records_no_zero_for_it(
+    traced, captured, upstream, stream
+):
+    """Usage with the prompt's count and no output's: the attempt's span and the token
+    metric carry the 1,234 input tokens and nothing for the output, and the span no cost,
+    while the call's answer and RPC span have the output estimated and priced.
+
+    Before, the attempt said 0 output tokens and the cost of the input alone, less than
+    the call's, and the token histogram counted an answer of 0 tokens."""
+    upstream.script(Reply(content="one two three four", raw_usages=({"prompt_tokens": 1234},)))
+    if stream:
+        items = [e async for e in traced.stub.CompleteStream(chat_stream())]
+        answer, rpc_span = items[-1].final, STREAM_SPAN
+    else:
+        answer, rpc_span = (await traced.stub.Complete(chat())).metadata, UNARY_SPAN
+    attempt = attributes_of(captured.span(ATTEMPT_SPAN))
+    assert attempt["gen_ai.usage.input_tokens"] == 1234
+    assert "gen_ai.usage.output_tokens" not in attempt
+    assert "llm_gateway.cost.usd" not in attempt
+    token_types = [
+        p.attributes["gen_ai.token.type"] for p in captured.points("gen_ai.client.token.usage")
+    ]
+    assert token_types == ["input"]
+    rpc = attributes_of(await captured.ended(rpc_span))
+    assert answer.usage.output_tokens > 0
+    assert rpc["gen_ai.usage.output_tokens"] == answer.usage.output_tokens
+    assert rpc["llm_gateway.cost.usd"] == answer.cost_usd
+
+
 async def test_upstream_failure_marks_both_spans_and_counts_the_error(traced, captured, upstream):
     """A 500 gives the attempt error.type 500, the RPC UNAVAILABLE, and an upstream error count."""
     upstream.script(Status(500))

@@ -431,6 +431,13 @@ def test_env_override_on_real_file() -> None:
             id="budget-tenant-name",
         ),
         pytest.param(
+            {"budgets": {"*": {"usd": 1e300}}},
+            {},
+            "budgets.*",
+            "usd must be at most 1.0e+15 (as good as no limit)",
+            id="budget-past-the-ledgers-figures",
+        ),
+        pytest.param(
             {"server": {"overload_retry_after_s": float("nan")}},
             {},
             "server.overload_retry_after_s",
