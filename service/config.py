@@ -541,6 +541,11 @@ class UpstreamConfig:
         )
 
 
+# A cent a token, ten times today's dearest model. A price far past it (1e300)
+# overflowed the ledger's pico-dollar arithmetic: every call of the model failed INTERNAL.
+MAX_PRICE_USD_PER_MILLION = 1e4
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """A model's context window and price in USD per million tokens."""
@@ -561,6 +566,11 @@ class ModelConfig:
             all(p >= 0 for p in prices),
             "prices must be >= 0 (input_usd_per_million, output_usd_per_million, "
             "cached_input_usd_per_million)",
+        )
+        _require(
+            all(p <= MAX_PRICE_USD_PER_MILLION for p in prices),
+            f"prices must be at most {MAX_PRICE_USD_PER_MILLION:.1e} USD per million tokens "
+            "(a cent a token)",
         )
 
 

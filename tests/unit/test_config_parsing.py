@@ -438,6 +438,21 @@ def test_env_override_on_real_file() -> None:
             id="budget-past-the-ledgers-figures",
         ),
         pytest.param(
+            {
+                "models": {
+                    "m": {
+                        "context_window": 1000,
+                        "input_usd_per_million": 1,
+                        "output_usd_per_million": 1e300,
+                    }
+                }
+            },
+            {},
+            "models.m",
+            "prices must be at most 1.0e+04 USD per million tokens (a cent a token)",
+            id="price-past-the-ledgers-figures",
+        ),
+        pytest.param(
             {"server": {"overload_retry_after_s": float("nan")}},
             {},
             "server.overload_retry_after_s",
