@@ -239,7 +239,7 @@ def usage(data: object) -> Usage | None:
         counts = Usage(
             input_tokens=_count(prompt),
             output_tokens=_count(completion),
-            cached_input_tokens=_count(cached),
+            cached_input_tokens=_detail_count(cached),
             is_estimated=is_partial,
         )
     except (TypeError, ValueError, OverflowError):
@@ -247,7 +247,6 @@ def usage(data: object) -> Usage | None:
     if not (
         0 <= counts.input_tokens <= _MAX_TOKEN_COUNT
         and 0 <= counts.output_tokens <= _MAX_TOKEN_COUNT
-        and 0 <= counts.cached_input_tokens <= _MAX_TOKEN_COUNT
     ):
         return None
     if counts.cached_input_tokens > counts.input_tokens and prompt is not None:
@@ -291,15 +290,23 @@ def _count(value: object) -> int:
     raise TypeError(f"not a token count: {type(value).__name__}")
 
 
+def _detail_count(value: object) -> int:
+    """A count that details another (cached input), as reported when it can be one, else
+    0: only a detail, so a bad one never costs the answer its usage (the input is then
+    priced whole, never below the bill)."""
+    try:
+        count = _count(value)
+    except TypeError:
+        return 0
+    return count if 0 <= count <= _MAX_TOKEN_COUNT else 0
+
+
 def _reasoning_tokens(details: object, output_tokens: int) -> int:
     """`completion_tokens_details.reasoning_tokens` when it is a count that can be part of
     the output, else 0: only a detail, so a bad one never costs the answer its usage."""
     value = details.get("reasoning_tokens") if isinstance(details, dict) else None
-    try:
-        count = _count(value)  # 25.0 is 25, as for the other counts
-    except TypeError:
-        return 0
-    return count if 0 <= count <= output_tokens else 0
+    count = _detail_count(value)  # 25.0 is 25, as for the other counts
+    return count if count <= output_tokens else 0
 
 
 def _loads(raw: bytes | str) -> dict[str, Any]:

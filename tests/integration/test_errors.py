@@ -304,10 +304,29 @@ async def test_malformed_body_is_unavailable_without_details_leak(upstream, star
     assert "oops" not in caught.value.details()
 
 
+@pytest.mark.parametrize("cached", [-1, 10**20, "many"], ids=["negative", "over-int64", "text"])
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_cached_count_no_call_can_have_leaves_the_reported_counts(
+    upstream, start_gateway, cached, is_stream
+):
+    """A cached-input count that is no count (a detail of the input) is dropped, as a bad
+    reasoning count is: the input and output stand as reported, the input priced whole
+    (never below the bill), not the whole usage thrown away for an estimate."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    upstream.script(Reply(prompt_tokens=1234, completion_tokens=10, cached_tokens=cached))
+    if is_stream:
+        metadata = [e async for e in gateway.stub.CompleteStream(chat_stream())][-1].final
+    else:
+        metadata = (await gateway.stub.Complete(chat())).metadata
+    usage = metadata.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens) == (1234, 10, 0)
+    assert not usage.estimated
+
+
 @pytest.mark.parametrize(
     "reply",
-    [Reply(prompt_tokens=10**20), Reply(completion_tokens=-5), Reply(cached_tokens=-1)],
-    ids=["over-int64", "negative-output", "negative-cached"],
+    [Reply(prompt_tokens=10**20), Reply(completion_tokens=-5)],
+    ids=["over-int64", "negative-output"],
 )
 @pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
 async def test_impossible_usage_counts_are_estimated_not_billed(
