@@ -233,7 +233,9 @@ local leave = tonumber(ARGV[8])
 local function level(key, cap)
   local v = redis.call('HMGET', key, 'level', 'at')
   local lvl, at = tonumber(v[1]), tonumber(v[2])
-  if lvl == nil then return cap end
+  -- Missing, or unreadable (not numbers, a level below 0 no take leaves): full, and
+  -- rewritten by the take, rather than refusing or falling open for as long as it stays.
+  if lvl == nil or at == nil or not (lvl >= 0) then return cap end
   return math.min(cap, lvl + math.max(0, now - at) * cap / 60)
 end
 if maxc > 0 then

@@ -197,6 +197,41 @@ async def test_tenant_limits_in_redis_are_shared_by_replicas(upstream, start_gat
     assert len(upstream.requests) == 4
 
 
+@pytest.mark.parametrize(
+    "corrupt",
+    [{"level": "-1e308", "at": "0"}, {"level": "1", "at": "soon"}, {"level": "1"}],
+    ids=["level-below-zero", "time-not-a-number", "time-missing"],
+)
+async def test_a_tenant_bucket_hash_the_script_cannot_read_counts_as_full_and_is_rewritten(
+    upstream, start_gateway, redis_url, corrupt
+):
+    """A tenant's requests bucket left unreadable in Redis (written by hand or by another
+    tool) reads as a missing one, full: the minute's calls go, the bucket is written
+    afresh, and the next call is refused as usual.
+
+    Before, an impossible level refused every call of the tenant for ever, and an
+    unreadable time let every call through, unlimited, for as long as the key stayed."""
+    prefix = f"t-unreadable-{len(corrupt)}-{corrupt.get('at', '')}:"
+    client = aioredis.Redis.from_url(redis_url)
+    key = prefix + "tenant:{team-a}:rpm"
+    await client.hset(key, mapping=corrupt)
+    config = secure_config(
+        upstream.base_url,
+        auth={"redis_url": redis_url, "redis_key_prefix": prefix},
+        tenants={"team-a": {"requests_per_minute": 2}},
+    )
+    gateway = await start_gateway(config)
+    for _ in range(2):
+        assert (await gateway.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+    error = await rpc_error(gateway.stub.Complete(chat(), metadata=as_tenant("team-a")))
+    after = await client.hgetall(key)
+    await client.aclose()
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "requests_per_minute" in (error.details() or "")
+    assert 0 <= float(after[b"level"]) < 1
+    assert float(after[b"at"]) > 0
+
+
 @pytest.mark.redis
 async def test_a_batch_paced_by_redis_limits_takes_one_request_an_item_and_no_lease(
     upstream, start_gateway, redis_url
