@@ -37,6 +37,7 @@ from service.upstream.http import (
 )
 from service.upstream.openai_json import (
     MalformedReply,
+    ReportedError,
     StreamParser,
     error_status,
     parse_completion,
@@ -367,9 +368,20 @@ class UpstreamClient:
             status = error_status(body)
             if status is None:
                 raise
-            if on_status is not None:
-                on_status(status)
-            raise _error_for_status(self.name, status, response.headers, body) from None
+            raise self._refusal(response, body, status, on_status) from None
+
+    def _refusal(
+        self,
+        response: Response,
+        body: bytes,
+        status: int,
+        on_status: Callable[[int], None] | None,
+    ) -> UpstreamError:
+        """The error a success answer's error `body` stands for, as if sent with `status`
+        (`on_status` told it: the upstream refused the call, and bills nothing for it)."""
+        if on_status is not None:
+            on_status(status)
+        return _error_for_status(self.name, status, response.headers, body)
 
     async def _post(
         self,
@@ -490,6 +502,12 @@ class UpstreamClient:
                             yield chunk
                             if idle_s is not None:
                                 idle_until = loop.time() + idle_s
+                        if isinstance(error, ReportedError) and not has_output:
+                            # In place of the answer, as a 200 whose body is an error: what
+                            # OpenRouter sends once its stream began (its 200 and comments).
+                            body = error.data.encode()
+                            status = error_status(body) or 502
+                            raise self._refusal(response, body, status, on_status) from None
                         if error is not None:
                             raise error
                         if parser.is_done:

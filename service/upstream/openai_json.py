@@ -74,6 +74,14 @@ class MalformedReply(ValueError):
     """The upstream's JSON is not a chat completion."""
 
 
+class ReportedError(MalformedReply):
+    """A stream event that is an `error` object in place of a chunk; `data` is the event's."""
+
+    def __init__(self, data: str) -> None:
+        super().__init__("the upstream reported an error mid-stream")
+        self.data = data
+
+
 def request_body(
     request: ChatRequest,
     *,
@@ -513,7 +521,7 @@ class StreamParser:
             return None
         event = _loads(data)
         if event.get("error"):  # also beside choices (OpenRouter); `"error": null` is none
-            raise MalformedReply("the upstream reported an error mid-stream")
+            raise ReportedError(data)
         if not self.id:
             self.id = str(event.get("id") or "")
             self.model = str(event.get("model") or "")

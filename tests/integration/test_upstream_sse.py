@@ -210,6 +210,48 @@ async def test_an_upstream_error_after_the_first_token_is_an_interrupted_stream(
     assert error_details(error)[1] == "STREAM_INTERRUPTED"
 
 
+# OpenRouter's failure before any output: its 200 and its keep-alive comments went out
+# while a provider was still being tried, so the error the provider gave comes as an event.
+PROCESSING = b": OPENROUTER PROCESSING\n\n"
+RATE_LIMITED_EVENT = event({"error": {"code": 429, "message": "Rate limit exceeded"}})
+TOO_LONG_EVENT = event(
+    {"error": {"code": 400, "message": "This model's maximum context length is 8192 tokens"}}
+)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (RATE_LIMITED_EVENT, grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", 3),
+        (TOO_LONG_EVENT, grpc.StatusCode.INVALID_ARGUMENT, "CONTEXT_WINDOW_EXCEEDED", 1),
+    ],
+    ids=["rate-limited", "context-exceeded"],
+)
+async def test_an_error_event_before_any_output_is_the_error_it_names(
+    start_gateway: Callable[..., Any], case: tuple[bytes, grpc.StatusCode, str, int]
+) -> None:
+    """A stream whose first event is an error object, in place of the answer, fails as a
+    200 whose body is that error does: a rate limit is retried as one, a prompt over the
+    window is the caller's to shorten; neither is billed nor counts against the
+    upstream's health (not a malformed answer, retried, charged and failing its breaker).
+    Each case: the event, then the status, the ErrorInfo reason and the attempts."""
+    failure, code, reason, attempts = case
+    upstream = SSEUpstream(PROCESSING + failure + DONE)
+    async with upstream as url:
+        gateway = await start_gateway(gateway_config(url))
+        text, final, error = await relay(gateway, chat_stream("hi"))
+        usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+    assert (text, final) == ("", None)
+    assert error is not None
+    assert error.code() is code
+    assert error_details(error)[1] == reason
+    assert upstream.requests == attempts
+    assert (usage.total.requests, usage.total.cost_usd, len(usage.rows)) == (0, 0.0, 0)
+    health = {status.health for model in models.models for status in model.upstreams}
+    assert health == {pb.UPSTREAM_HEALTH_HEALTHY}
+
+
 async def test_a_null_error_field_is_no_error(start_gateway: Callable[..., Any]) -> None:
     """`"error": null` beside the usage says there was none: the stream ends cleanly."""
     usage = event(
