@@ -19,7 +19,6 @@ from service.config import BatchConfig
 from service.domain import ChatRequest, Completion, Usage
 from service.errors import FieldViolation, GatewayError, InvalidRequest, quoted
 from service.ledger import PICO, to_pico
-from service.limits import LimitExceeded
 from service.pipeline import Pipeline
 from service.validation import chat_request_violations
 
@@ -94,28 +93,6 @@ def check_batch(items: Sequence[_Identified], concurrency: int, limits: BatchCon
     return concurrency or limits.default_concurrency
 
 
-# Between an item's turns in its upstream's line: a limit that refuses at once
-# (`max_limit_wait_s: 0`) must not have it spin.
-_REQUEUE_PAUSE_S = 0.1
-
-
-async def _complete_in_turn(
-    pipeline: Pipeline, request: ChatRequest, deadline: Deadline
-) -> Completion:
-    """An item's completion. One its upstreams' own limits (concurrency, per-minute
-    rates) kept waiting past `resilience.max_limit_wait_s` goes back in line rather than
-    fail: that bound is for a caller who would rather be told at once, and a batch is its
-    caller's own queue, whose items wait their turn until its deadline."""
-    while True:
-        try:
-            return await pipeline.complete(request, deadline=deadline)
-        except LimitExceeded as exc:
-            left = deadline.remaining_s()
-            if left is not None and left <= (exc.retry_after_s or 0.0):
-                raise  # its turn would come after the deadline: said now, with when
-        await asyncio.sleep(_REQUEUE_PAUSE_S)
-
-
 async def run_batch(
     pipeline: Pipeline,
     items: Sequence[BatchItem],
@@ -149,7 +126,7 @@ async def run_batch(
                     # it takes any of the tenant's limits: it makes no upstream call.
                     pipeline.prepare(item.request)
                     await pace(item.tokens, deadline)
-                completion = await _complete_in_turn(pipeline, item.request, deadline)
+                completion = await pipeline.complete_in_turn(item.request, deadline=deadline)
             except Exception as exc:  # this item's outcome, not the batch's
                 if not isinstance(exc, GatewayError):
                     log.error("batch.item_unexpected_error", exc_info=exc, extra={"index": index})

@@ -6,6 +6,7 @@ Knows neither Protobuf nor HTTP: it takes a `ChatRequest` and returns a `Complet
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -33,6 +34,7 @@ from service.domain import (
 )
 from service.errors import UpstreamContextExceeded
 from service.ledger import Ledger, MemoryLedger, UsageEntry
+from service.limits import LimitExceeded
 from service.memo import BoundedMemo
 from service.pool import AttemptLog, UpstreamPool
 from service.pricing import PriceList
@@ -53,6 +55,9 @@ made only for messages up to REPEATABLE_MAX_BYTES."""
 # Requests remembered for `Pipeline.repeat`: at most this many, each at most this long.
 REPEATABLE_REQUESTS = 256
 REPEATABLE_MAX_BYTES = 16 * 1024
+# Between a call's turns in its upstream's line (`complete_in_turn`): a limit that refuses
+# at once (`max_limit_wait_s: 0`) must not have it spin.
+_REQUEUE_PAUSE_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +306,21 @@ class Pipeline:
             finally:
                 await self._account_owed(request, owed, hold)
         return completion
+
+    async def complete_in_turn(self, request: ChatRequest, *, deadline: Deadline) -> Completion:
+        """`complete`, for a call the gateway queued itself (a batch's item, a Summarize's
+        part): one its upstreams' own limits (concurrency, per-minute rates) kept waiting
+        past `resilience.max_limit_wait_s` goes back in line rather than fail. That bound
+        is for a caller who would rather be told at once; these calls are their caller's
+        queue, and wait their turn until its deadline."""
+        while True:
+            try:
+                return await self.complete(request, deadline=deadline)
+            except LimitExceeded as exc:
+                left = deadline.remaining_s()
+                if left is not None and left <= (exc.retry_after_s or 0.0):
+                    raise  # its turn would come after the deadline: said now, with when
+            await asyncio.sleep(_REQUEUE_PAUSE_S)
 
     def _remember(
         self, repeat_key: RepeatKey, prepared: PreparedRequest, mode: CacheMode

@@ -978,7 +978,8 @@ class Summarizer:
         attempts = self._config.chunk_attempts
         for attempt in range(1, attempts + 1):
             try:
-                completion = await self._pipeline.complete(chat, deadline=deadline)
+                # A part waits its turn at its upstream's limits, as a batch's item does.
+                completion = await self._pipeline.complete_in_turn(chat, deadline=deadline)
             except UpstreamContextExceeded:
                 raise  # the text is split again (`_call_if_fits`)
             except UpstreamRejected as exc:

@@ -411,6 +411,32 @@ async def test_a_part_retried_after_a_429_waits_its_retry_after(recorder, start_
     assert poisoned[1].received_at - poisoned[0].received_at >= 0.9
 
 
+async def test_parts_past_an_upstreams_concurrency_wait_their_turn(recorder, start_gateway):
+    """Parts summarised 3 at a time against an upstream that takes 1 call at a time, each
+    slower than `max_limit_wait_s`: the parts wait their turn, as a batch's items do. They
+    are the gateway's own queue; before, the parts behind failed RESOURCE_EXHAUSTED on
+    each try, and the call UNAVAILABLE, with the upstream well and the deadline far off."""
+
+    def slow_parts(body):
+        reply = default_respond(body)
+        return dataclasses.replace(reply, delay_s=0.3) if is_part(body) else reply
+
+    recorder.respond = slow_parts
+    settings = config(recorder.base_url, chunk_attempts=2)
+    resilience = dataclasses.replace(settings.resilience, max_limit_wait_s=0.1)
+    upstream = dataclasses.replace(settings.upstreams[0], max_concurrency=1)
+    gateway = await start_gateway(
+        dataclasses.replace(settings, resilience=resilience, upstreams=(upstream,))
+    )
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(30)), timeout=60
+    )
+    parts = [r.body for r in recorder.requests if is_part(r.body)]
+    assert response.summary == "FINAL"
+    assert response.chunks == len(parts) >= CONCURRENCY
+    assert recorder.peak_in_flight == 1
+
+
 async def test_part_that_fails_once_is_retried(recorder, start_gateway):
     """A transient failure of one part is retried and the summary completes."""
     failures = []
