@@ -615,6 +615,12 @@ class LocalModelConfig:
         _require(self.restart_backoff_s > 0, "restart_backoff_s must be > 0")
 
 
+# The longest TTL: the most a request's `ttl_seconds` (uint32) can ask. Redis refuses a
+# SET whose expiry overflows its milliseconds (past about 9e15 s): with such a TTL every
+# write failed, each one turning the store off for `error_cooldown_s`, reads included.
+MAX_TTL_S = 2**32 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     """The response cache: in-process memory by default, Redis to share across replicas.
@@ -658,6 +664,7 @@ class CacheConfig:
             )
             _require_redis_address(self.redis_url)
         _require(1 <= self.default_ttl_s <= self.max_ttl_s, "need 1 <= default_ttl_s <= max_ttl_s")
+        _require(self.max_ttl_s <= MAX_TTL_S, f"max_ttl_s must be at most {MAX_TTL_S}")
         _require(
             self.memory_max_bytes >= self.max_entry_bytes,
             "memory_max_bytes must be >= max_entry_bytes (an entry must fit)",

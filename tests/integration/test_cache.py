@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.cache import ResponseCache
+from service.config import MAX_TTL_S
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import CutStream, EndWithoutDone, FakeUpstream, Reply, Status
 from tests.integration.test_resilience import error_details
@@ -216,6 +217,23 @@ async def test_ttl_expiry(cached: RunningGateway, upstream: FakeUpstream) -> Non
 
     await eventually(expired)
     assert len(upstream.requests) >= 2
+
+
+async def test_the_longest_ttl_the_config_takes_is_one_redis_stores(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any], cache_section: dict[str, Any]
+) -> None:
+    """A request asking the most `ttl_seconds` can, under the longest `max_ttl_s` the config
+    takes, is stored and hit, on Redis too (a TTL past what Redis takes failed every write)."""
+    longest = {"default_ttl_s": MAX_TTL_S, "max_ttl_s": MAX_TTL_S}
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(upstream.base_url, cache={**cache_section, **longest})
+    )
+    for content, policy in [("Say hi", None), ("Say hello", pb.CachePolicy(ttl_seconds=2**32 - 1))]:
+        await gateway.stub.Complete(ask(content, cache=policy))
+        await settled(gateway)
+        assert (await gateway.stub.Complete(ask(content, cache=policy))).metadata.cache_hit
+    stats = cache_of(gateway).stats
+    assert (stats.stores, stats.errors) == (2, 0)
 
 
 async def test_bypass_neither_reads_nor_writes(

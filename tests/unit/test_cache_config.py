@@ -29,6 +29,9 @@ def test_defaults_are_memory_and_deterministic_only() -> None:
         ({"backend": "memcached"}, "backend"),
         ({"default_ttl_s": 0}, "default_ttl_s"),
         ({"default_ttl_s": 100, "max_ttl_s": 10}, "default_ttl_s"),
+        # Past what Redis takes as an expiry: every write would fail (`MAX_TTL_S`).
+        ({"default_ttl_s": 10**16, "max_ttl_s": 10**16}, "max_ttl_s"),
+        ({"max_ttl_s": 2**32}, "max_ttl_s"),
         ({"operation_timeout_s": 0}, "operation_timeout_s"),
         ({"cacheable_by_default": "sometimes"}, "cacheable_by_default"),
         ({"ttl": 5}, "unknown key"),
