@@ -209,7 +209,7 @@ class LocalModelServer:
         model_path = await asyncio.to_thread(ensure_model_file, self.config)
         self.port = _free_port()
         await self._spawn(model_path)
-        self._watchdog = asyncio.create_task(self._supervise(model_path), name="local-model")
+        self._watchdog = asyncio.create_task(self._supervise(), name="local-model")
 
     async def _spawn(self, model_path: Path) -> None:
         # A restart keeps the port: the upstream client's base URL points at it.
@@ -266,11 +266,13 @@ class LocalModelServer:
         last = f": {lines[-1].strip()}" if lines else ""
         return f" (exit code {code}){last}"
 
-    async def _supervise(self, model_path: Path) -> None:
+    async def _supervise(self) -> None:
         """Restart the server whenever it exits, until `aclose`.
 
         Exits in a row back off (`restart_delay_s`): a child that cannot start again (its
         model file replaced, say) is retried ever less often, not every second forever.
+        Each restart assembles the model file again if it is gone (a cleaned ~/.cache):
+        else no restart could ever load it, for the rest of the gateway's life.
         """
         loop = asyncio.get_running_loop()
         in_a_row = 0
@@ -290,7 +292,7 @@ class LocalModelServer:
                 await self._announce()
             await asyncio.sleep(restart_delay_s(self.config.restart_backoff_s, in_a_row))
             try:
-                await self._spawn(model_path)
+                await self._spawn(await asyncio.to_thread(ensure_model_file, self.config))
             except Exception:  # LocalModelUnavailable, or an OSError spawning: try again
                 log.exception("local_model.restart_failed")
             else:
