@@ -20,6 +20,7 @@ from pathlib import Path
 from service.config import LOCAL_MODEL_UPSTREAM, LocalModelConfig, UpstreamConfig
 from service.cpus import usable_cpus
 from service.errors import UpstreamError
+from service.gguf import chat_templates
 from service.upstream.client import answers_http, probe_models
 
 log = logging.getLogger("llm_gateway.local_model")
@@ -88,6 +89,23 @@ def ensure_model_file(config: LocalModelConfig) -> Path:
             f"cannot write the model file {path} (local_model.model_path): {reason}"
         ) from exc
     return path
+
+
+def check_chat_template(config: LocalModelConfig, model_path: Path) -> None:
+    """Refuse a `chat_template.NAME` chat format the model file has no template for:
+    llama.cpp would start with it and answer every completion with HTTP 500."""
+    name = config.chat_format
+    if not name.startswith("chat_template."):
+        return  # a registered format, checked with the config
+    templates = chat_templates(model_path)
+    if templates is None or name in templates:
+        return
+    held = ", ".join(sorted(templates)) or "none"
+    raise LocalModelUnavailable(
+        f"local_model.chat_format {name!r} names no chat template of the model file "
+        f"{model_path} (templates it holds: {held}); name one of those, or a format "
+        "llama.cpp registers, such as gemma"
+    )
 
 
 def restart_delay_s(base_s: float, in_a_row: int) -> float:
@@ -207,6 +225,7 @@ class LocalModelServer:
     async def start(self) -> None:
         """Install the model file if needed, start the server and wait until it answers."""
         model_path = await asyncio.to_thread(ensure_model_file, self.config)
+        await asyncio.to_thread(check_chat_template, self.config, model_path)
         self.port = _free_port()
         await self._spawn(model_path)
         self._watchdog = asyncio.create_task(self._supervise(), name="local-model")
