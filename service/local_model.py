@@ -113,10 +113,20 @@ def restart_delay_s(base_s: float, in_a_row: int) -> float:
     return max(base_s, min(_MAX_RESTART_BACKOFF_S, base_s * 2.0 ** min(in_a_row - 1, 32)))
 
 
-def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> dict[str, str]:
-    """The llama.cpp server's environment: the gateway's, less its secrets.
+# What llama-cpp-python's server reads from its environment over the command line the
+# gateway gives it: `HOST` and `PORT` (its address: `HOST=0.0.0.0`, set in many images,
+# opened the model to the network unauthenticated; a platform's `PORT` moved it off the
+# port the gateway probes) and `CONFIG_FILE` (in place of every argument); and, in any
+# case, settings that make it refuse the gateway's plain, keyless probes.
+_SERVER_VARIABLES = frozenset({"HOST", "PORT", "CONFIG_FILE"})
+_SERVER_SETTINGS = frozenset({"api_key", "ssl_keyfile", "ssl_certfile"})
 
-    The model server needs none of them; withheld, they cannot leak through its logs, a
+
+def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> dict[str, str]:
+    """The llama.cpp server's environment: the gateway's, less its secrets and the
+    variables that would override the address and options the gateway starts it with.
+
+    The model server needs no secret; withheld, they cannot leak through its logs, a
     crash dump or a bug in it. Besides `withheld` (the config's provider keys and Redis
     passwords): the CLI's caller key, OpenTelemetry exporter headers (tokens) and the
     proxy variables (`HTTPS_PROXY`, ...), whose URL may carry the proxy's password; the
@@ -129,6 +139,8 @@ def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> 
         and name != "LLM_GATEWAY_API_KEY"
         and not (name.startswith("OTEL_EXPORTER_OTLP") and name.endswith("HEADERS"))
         and not _is_proxy_variable(name)
+        and name not in _SERVER_VARIABLES
+        and name.lower() not in _SERVER_SETTINGS
     }
 
 
