@@ -20,6 +20,7 @@ from pathlib import Path
 from service.config import LOCAL_MODEL_UPSTREAM, LocalModelConfig, UpstreamConfig
 from service.cpus import usable_cpus
 from service.errors import UpstreamError
+from service.gguf import chat_templates
 from service.upstream.client import answers_http, probe_models
 
 log = logging.getLogger("llm_gateway.local_model")
@@ -90,15 +91,42 @@ def ensure_model_file(config: LocalModelConfig) -> Path:
     return path
 
 
+def check_chat_template(config: LocalModelConfig, model_path: Path) -> None:
+    """Refuse a `chat_template.NAME` chat format the model file has no template for:
+    llama.cpp would start with it and answer every completion with HTTP 500."""
+    name = config.chat_format
+    if not name.startswith("chat_template."):
+        return  # a registered format, checked with the config
+    templates = chat_templates(model_path)
+    if templates is None or name in templates:
+        return
+    held = ", ".join(sorted(templates)) or "none"
+    raise LocalModelUnavailable(
+        f"local_model.chat_format {name!r} names no chat template of the model file "
+        f"{model_path} (templates it holds: {held}); name one of those, or a format "
+        "llama.cpp registers, such as gemma"
+    )
+
+
 def restart_delay_s(base_s: float, in_a_row: int) -> float:
     """Seconds before restarting after the `in_a_row`-th exit in a row (1, 2, ...)."""
     return max(base_s, min(_MAX_RESTART_BACKOFF_S, base_s * 2.0 ** min(in_a_row - 1, 32)))
 
 
-def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> dict[str, str]:
-    """The llama.cpp server's environment: the gateway's, less its secrets.
+# What llama-cpp-python's server reads from its environment over the command line the
+# gateway gives it: `HOST` and `PORT` (its address: `HOST=0.0.0.0`, set in many images,
+# opened the model to the network unauthenticated; a platform's `PORT` moved it off the
+# port the gateway probes) and `CONFIG_FILE` (in place of every argument); and, in any
+# case, settings that make it refuse the gateway's plain, keyless probes.
+_SERVER_VARIABLES = frozenset({"HOST", "PORT", "CONFIG_FILE"})
+_SERVER_SETTINGS = frozenset({"api_key", "ssl_keyfile", "ssl_certfile"})
 
-    The model server needs none of them; withheld, they cannot leak through its logs, a
+
+def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> dict[str, str]:
+    """The llama.cpp server's environment: the gateway's, less its secrets and the
+    variables that would override the address and options the gateway starts it with.
+
+    The model server needs no secret; withheld, they cannot leak through its logs, a
     crash dump or a bug in it. Besides `withheld` (the config's provider keys and Redis
     passwords): the CLI's caller key, OpenTelemetry exporter headers (tokens) and the
     proxy variables (`HTTPS_PROXY`, ...), whose URL may carry the proxy's password; the
@@ -111,6 +139,8 @@ def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> 
         and name != "LLM_GATEWAY_API_KEY"
         and not (name.startswith("OTEL_EXPORTER_OTLP") and name.endswith("HEADERS"))
         and not _is_proxy_variable(name)
+        and name not in _SERVER_VARIABLES
+        and name.lower() not in _SERVER_SETTINGS
     }
 
 
@@ -207,9 +237,10 @@ class LocalModelServer:
     async def start(self) -> None:
         """Install the model file if needed, start the server and wait until it answers."""
         model_path = await asyncio.to_thread(ensure_model_file, self.config)
+        await asyncio.to_thread(check_chat_template, self.config, model_path)
         self.port = _free_port()
         await self._spawn(model_path)
-        self._watchdog = asyncio.create_task(self._supervise(model_path), name="local-model")
+        self._watchdog = asyncio.create_task(self._supervise(), name="local-model")
 
     async def _spawn(self, model_path: Path) -> None:
         # A restart keeps the port: the upstream client's base URL points at it.
@@ -266,11 +297,13 @@ class LocalModelServer:
         last = f": {lines[-1].strip()}" if lines else ""
         return f" (exit code {code}){last}"
 
-    async def _supervise(self, model_path: Path) -> None:
+    async def _supervise(self) -> None:
         """Restart the server whenever it exits, until `aclose`.
 
         Exits in a row back off (`restart_delay_s`): a child that cannot start again (its
         model file replaced, say) is retried ever less often, not every second forever.
+        Each restart assembles the model file again if it is gone (a cleaned ~/.cache):
+        else no restart could ever load it, for the rest of the gateway's life.
         """
         loop = asyncio.get_running_loop()
         in_a_row = 0
@@ -290,7 +323,7 @@ class LocalModelServer:
                 await self._announce()
             await asyncio.sleep(restart_delay_s(self.config.restart_backoff_s, in_a_row))
             try:
-                await self._spawn(model_path)
+                await self._spawn(await asyncio.to_thread(ensure_model_file, self.config))
             except Exception:  # LocalModelUnavailable, or an OSError spawning: try again
                 log.exception("local_model.restart_failed")
             else:

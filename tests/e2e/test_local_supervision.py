@@ -93,6 +93,51 @@ async def test_killed_local_server_is_restarted_and_stopped_on_shutdown(start_ga
     assert not is_running(second_pid)
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp writes them) listening on `port`."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return {
+        address
+        for address, state in ((row[1], row[3]) for row in rows)
+        if state == "0A" and int(address.split(":")[1], 16) == port
+    }
+
+
+async def test_the_environment_cannot_move_or_open_the_local_server(
+    start_gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`HOST`, `PORT`, `CONFIG_FILE` and `API_KEY` in the gateway's environment (set by
+    many images and platforms) do not reach llama.cpp's server: it listens on loopback, on
+    the port the gateway chose, with the gateway's options, and answers calls.
+
+    Before, llama-cpp-python's server read them over its command line: `HOST=0.0.0.0`
+    opened the model to the network with no caller key; `PORT`, `API_KEY` or a
+    `CONFIG_FILE` failed the start once `startup_timeout_s` had passed."""
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    local = {"enabled": "always", "startup_timeout_s": 30}
+    config = parse_config({"server": {"listen": "127.0.0.1:0"}, "local_model": local}, environ={})
+    gateway = await start_gateway(config)
+    assert _listening_addresses(gateway.server.local_model.port) == {
+        f"0100007F:{gateway.server.local_model.port:04X}"
+    }
+    for name, value in {"PORT": "1", "CONFIG_FILE": "/nonexistent.yaml", "API_KEY": "k"}.items():
+        monkeypatch.setenv(name, value)
+    os.kill(gateway.server.local_model.pid, signal.SIGKILL)  # restarted with them set
+    health = health_pb2_grpc.HealthStub(gateway.channel)
+    check = health_pb2.HealthCheckRequest(service=LOCAL_MODEL_HEALTH)
+    async with asyncio.timeout(60):
+        while gateway.server.local_model.restarts == 0 or (
+            (await health.Check(check)).status != SERVING
+        ):
+            await asyncio.sleep(0.05)
+    request = pb.CompleteRequest(
+        model=LOCAL_MODEL,
+        messages=[pb.Message(role=pb.ROLE_USER, content="Hi")],
+        params=pb.GenerationParams(max_tokens=2),
+    )
+    assert (await gateway.stub.Complete(request, timeout=60)).metadata.upstream == "local"
+
+
 def test_a_model_file_llama_cpp_cannot_load_exits_1_with_its_reason(tmp_path: Path) -> None:
     """A corrupt GGUF: one line naming llama.cpp's own reason, exit 1, no traceback."""
     model = tmp_path / "corrupt.gguf"

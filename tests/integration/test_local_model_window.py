@@ -1,0 +1,58 @@
+"""The shipped config fits prompts to the local model's real window.
+
+llama.cpp's server is stood in for by the small OpenAI-compatible server of
+test_local_model_restart, started by the real gateway with config/gateway.yaml.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import service.server
+from llmgateway.v1 import gateway_pb2 as pb
+from service.config import load_config
+from service.local_model import LocalModelServer
+from tests.integration.test_local_model_restart import MODEL, stand_in_local_model
+
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "gateway.yaml"
+
+
+async def test_the_shipped_config_uses_the_local_models_context_window_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """With `local_model.context_window` set to 1024 (llama.cpp's n_ctx), ListModels says
+    1024 and KEEP_RECENT fits the prompt to 1024 tokens.
+
+    Before, config/gateway.yaml listed gemma-3-270m in its catalog at 2048, which wins
+    over `local_model.context_window`: ListModels said 2048, and a conversation fitted to
+    2048 was refused by llama.cpp as over its window, though truncation was asked for."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    monkeypatch.setattr(
+        service.server,
+        "LocalModelServer",
+        functools.partial(LocalModelServer, python=str(stand_in)),
+    )
+    environ = {
+        "LLM_GATEWAY__SERVER__LISTEN": "127.0.0.1:0",
+        "LLM_GATEWAY__LOCAL_MODEL__MODEL_PATH": str(model),
+        "LLM_GATEWAY__LOCAL_MODEL__CONTEXT_WINDOW": "1024",
+    }
+    gateway = await start_gateway(load_config(REPO_CONFIG, environ=environ))
+    listed = await gateway.stub.ListModels(pb.ListModelsRequest(), timeout=5)
+    assert [(m.name, m.context_window) for m in listed.models] == [(MODEL, 1024)]
+    turn = "The harbour town woke slowly while fishermen mended their nets. " * 20
+    turns = [pb.Message(role=r, content=turn) for r in [pb.ROLE_USER, pb.ROLE_ASSISTANT] * 3]
+    request = pb.CompleteRequest(
+        model=MODEL,
+        messages=[*turns, pb.Message(role=pb.ROLE_USER, content="Go on.")],
+        params=pb.GenerationParams(max_tokens=16),
+        truncation=pb.TruncationPolicy(mode=pb.TRUNCATION_MODE_KEEP_RECENT),
+    )
+    answer = await gateway.stub.Complete(request, timeout=10)
+    # About 300 tokens a turn: the last two fit in 1024 (five would in 2048).
+    assert answer.metadata.dropped_messages == 4
