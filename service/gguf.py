@@ -3,6 +3,10 @@
 llama-cpp-python offers each as the chat format `chat_template.NAME`: the file's
 `tokenizer.chat_template` as `chat_template.default`, and `tokenizer.chat_template.NAME`
 as `chat_template.NAME`. It only finds out at a completion that one is missing.
+
+Read by hand: llama-cpp-python reads metadata only by loading the whole model, and the
+`gguf` package is not among the gateway's dependencies; the header is a simple
+length-prefixed list.
 """
 
 from __future__ import annotations
