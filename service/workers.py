@@ -36,7 +36,7 @@ from service import early_signals
 from service.config import ConfigError, GatewayConfig, host_and_port
 from service.cpus import usable_cpus
 from service.local_model import LocalModelServer
-from service.telemetry.setup import DEFAULT_PROMETHEUS_PORT, names_prometheus
+from service.telemetry.setup import DEFAULT_PROMETHEUS_PORT, is_off, names_prometheus
 
 T = TypeVar("T")
 
@@ -109,8 +109,10 @@ def worker_configs(
     """
     env = os.environ if environ is None else environ
     telemetry = config.telemetry
+    if is_off(telemetry, env):  # no worker opens an endpoint: no port to give or check
+        return [config] * count
     base = telemetry.prometheus_port
-    if base is None and telemetry.enabled and names_prometheus(env):
+    if base is None and names_prometheus(env):
         base = DEFAULT_PROMETHEUS_PORT
     if base is None or base == 0:
         return [config] * count

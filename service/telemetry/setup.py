@@ -116,13 +116,13 @@ def check_environment(config: TelemetryConfig, environ: Mapping[str, str]) -> No
     """Raise the `TelemetrySetupError` a start with `config` and `environ` would end with
     (an unknown exporter or OTLP protocol), building nothing (`llm-gateway check` asks).
     With telemetry off, a start reads no exporter, so none is an error."""
-    if _is_off(config, environ):
+    if is_off(config, environ):
         return
     for signal in _EXPORTERS:
         _exporter_names(environ, signal)
 
 
-def _is_off(config: TelemetryConfig, environ: Mapping[str, str]) -> bool:
+def is_off(config: TelemetryConfig, environ: Mapping[str, str]) -> bool:
     """Whether the config or `OTEL_SDK_DISABLED` turns all telemetry off."""
     return not config.enabled or environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
@@ -232,7 +232,7 @@ def build_providers(
     used, so telemetry that goes nowhere costs next to nothing.
     """
     env = os.environ if environ is None else environ
-    if _is_off(config, env):
+    if is_off(config, env):
         return Providers(trace.NoOpTracer(), metrics.NoOpMeter(_SCOPE))
     resource = Resource.create({"service.name": _service_name_from(env) or config.service_name})
     processors: list[SpanProcessor] = [BatchSpanProcessor(e) for e in span_exporters(env)]

@@ -247,6 +247,22 @@ async def test_a_config_error_found_at_start_exits_2_at_once(tmp_path, workers):
     assert b"Traceback" not in err
 
 
+async def test_prometheus_ports_past_65535_are_no_error_with_telemetry_off(tmp_path):
+    """`telemetry.enabled: false` opens no Prometheus endpoint, so a `prometheus_port` whose
+    range for the workers would pass 65535 is no reason to refuse: `serve --workers 2`
+    serves, as one process does. Before, it exited 2 over ports it would never open."""
+    async with FakeUpstream() as fake:
+        path = _write_config(
+            tmp_path, fake.base_url, telemetry={"enabled": False, "prometheus_port": 65535}
+        )
+        async with _serve("--config", str(path), "--workers", "2") as process:
+            await _calls(await _listening(process), 2)
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_port_another_gateway_serves_is_refused(tmp_path, workers):
     """Workers bind with SO_REUSEPORT; that must not let a second gateway join a busy port.

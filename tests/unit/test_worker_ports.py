@@ -26,6 +26,8 @@ def ports(count: int, environ: dict[str, str] | None = None, **telemetry: object
         (2, {}, {}, [None, None]),
         (2, {"prometheus_port": 0}, {}, [0, 0]),
         (2, {"enabled": False}, {"OTEL_METRICS_EXPORTER": "prometheus"}, [None, None]),
+        (2, {"enabled": False, "prometheus_port": 65535}, {}, [65535, 65535]),
+        (2, {"prometheus_port": 65535}, {"OTEL_SDK_DISABLED": "true"}, [65535, 65535]),
     ],
 )
 def test_worker_port_is_base_plus_index(count, telemetry, environ, expected):
