@@ -8,17 +8,14 @@ GGUF headers holding metadata alone, as the check reads nothing else.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import struct
-import sys
 from pathlib import Path
 
 import yaml
 
-from tests.integration.test_local_model_restart import stand_in_local_model
+from tests.integration.test_local_model_restart import serve_with_stand_in, stand_in_local_model
 
-ROOT = Path(__file__).resolve().parents[2]
 _STRING = 8
 
 
@@ -41,16 +38,7 @@ async def _serve(
     config = tmp_path / "gateway.yaml"
     local = {"enabled": "always", "model_path": str(model), "chat_format": chat_format}
     config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"}, "local_model": local}))
-    driver = (
-        f"import sys; sys.executable = {str(stand_in)!r}\n"
-        "from service.main import main\n"
-        f"raise SystemExit(main(['serve', '--config', {str(config)!r}, '--workers', '1']))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    gateway = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", driver, cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    gateway = await serve_with_stand_in(stand_in, config, stderr=asyncio.subprocess.PIPE)
     assert gateway.stdout is not None
     assert gateway.stderr is not None
     async with asyncio.timeout(60):

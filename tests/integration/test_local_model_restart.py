@@ -86,6 +86,24 @@ async def _call(stub: pb_grpc.CompletionServiceStub) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+async def serve_with_stand_in(
+    stand_in: Path, config: Path, *, stderr: int
+) -> asyncio.subprocess.Process:
+    """`llm-gateway serve --config CONFIG` in a process of its own, one worker, with no
+    provider key, whose supervisor runs the stand-in as llama.cpp's Python (it runs
+    `sys.executable`); its stdout piped."""
+    driver = (
+        f"import sys; sys.executable = {str(stand_in)!r}\n"
+        "from service.main import main\n"
+        f"raise SystemExit(main(['serve', '--config', {str(config)!r}, '--workers', '1']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", driver, cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=stderr,
+    )  # fmt: skip
+
+
 async def test_calls_refused_while_it_restarts_do_not_keep_it_out_once_serving(
     tmp_path: Path,
 ) -> None:
@@ -100,17 +118,7 @@ async def test_calls_refused_while_it_restarts_do_not_keep_it_out_once_serving(
             {"server": {"listen": "127.0.0.1:0"}, "local_model": local, "resilience": resilience}
         )
     )
-    # The supervisor runs `sys.executable` as llama.cpp's Python: the stand-in.
-    driver = (
-        f"import sys; sys.executable = {str(stand_in)!r}\n"
-        "from service.main import main\n"
-        f"raise SystemExit(main(['serve', '--config', {str(config)!r}, '--workers', '1']))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    gateway = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", driver, cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    gateway = await serve_with_stand_in(stand_in, config, stderr=asyncio.subprocess.DEVNULL)
     children: list[int] = []
     try:
         assert gateway.stdout is not None
