@@ -1383,7 +1383,7 @@ def _with_local_model_in_catalog(config: GatewayConfig) -> GatewayConfig:
 
 # `--chat_format` names llama.cpp reads from the model file itself (its GGUF's chat
 # templates, `chat_template.default` and any named one), beside the registered formats.
-_GGUF_TEMPLATE_FORMAT = "chat_template."
+GGUF_TEMPLATE_FORMAT = "chat_template."
 
 
 @functools.cache
@@ -1405,12 +1405,12 @@ def _check_chat_format(config: GatewayConfig) -> None:
         return
     chat_format = config.local_model.chat_format
     formats = llama_chat_formats()
-    if formats is None or chat_format in formats or chat_format.startswith(_GGUF_TEMPLATE_FORMAT):
+    if formats is None or chat_format in formats or chat_format.startswith(GGUF_TEMPLATE_FORMAT):
         return
     raise config.error(
         "local_model.chat_format",
         f"{chat_format!r} is not a chat format llama.cpp knows; one of {', '.join(sorted(formats))}"
-        f", or {_GGUF_TEMPLATE_FORMAT}NAME for a template in the model file",
+        f", or {GGUF_TEMPLATE_FORMAT}NAME for a template in the model file",
     )
 
 

@@ -17,7 +17,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 
-from service.config import LOCAL_MODEL_UPSTREAM, LocalModelConfig, UpstreamConfig
+from service.config import (
+    GGUF_TEMPLATE_FORMAT,
+    LOCAL_MODEL_UPSTREAM,
+    LocalModelConfig,
+    UpstreamConfig,
+)
 from service.cpus import usable_cpus
 from service.errors import UpstreamError
 from service.gguf import chat_templates
@@ -95,7 +100,7 @@ def check_chat_template(config: LocalModelConfig, model_path: Path) -> None:
     """Refuse a `chat_template.NAME` chat format the model file has no template for:
     llama.cpp would start with it and answer every completion with HTTP 500."""
     name = config.chat_format
-    if not name.startswith("chat_template."):
+    if not name.startswith(GGUF_TEMPLATE_FORMAT):
         return  # a registered format, checked with the config
     templates = chat_templates(model_path)
     if templates is None or name in templates:
