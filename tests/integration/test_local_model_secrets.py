@@ -7,16 +7,17 @@ test_local_model_restart, started by the real gateway; its environment is read f
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 from pathlib import Path
 
-import service.server
 from service.config import parse_config
-from service.local_model import LocalModelServer
 from tests.conftest import gateway_config_data
-from tests.integration.test_local_model_restart import MODEL, stand_in_local_model
+from tests.integration.test_local_model_restart import (
+    MODEL,
+    run_stand_in_as_llama,
+    stand_in_local_model,
+)
 
 SECRETS = {
     "PROVIDER_KEY_T": "sk-provider-CANARY",
@@ -53,11 +54,7 @@ async def test_the_local_model_server_gets_no_secret_of_the_gateway(
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     model, stand_in = stand_in_local_model(tmp_path)
-    monkeypatch.setattr(
-        service.server,
-        "LocalModelServer",
-        functools.partial(LocalModelServer, python=str(stand_in)),
-    )
+    run_stand_in_as_llama(monkeypatch, stand_in)
     data = gateway_config_data(
         upstream.base_url,
         local_model={"enabled": "always", "model": MODEL, "model_path": str(model)},
@@ -92,11 +89,7 @@ async def test_the_local_model_server_gets_none_of_the_variables_that_override_i
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("HOSTNAME", "kept")
     model, stand_in = stand_in_local_model(tmp_path)
-    monkeypatch.setattr(
-        service.server,
-        "LocalModelServer",
-        functools.partial(LocalModelServer, python=str(stand_in)),
-    )
+    run_stand_in_as_llama(monkeypatch, stand_in)
     local = {"enabled": "always", "model": MODEL, "model_path": str(model)}
     data = gateway_config_data(upstream.base_url, local_model=local)
     gw = await start_gateway(parse_config(data, source="<test>", environ={}))
@@ -124,11 +117,7 @@ async def test_the_local_model_server_processes_prompts_on_the_configured_thread
     node has cores, whatever the setting, the gateway's CPU affinity or its container's
     CPU quota (which then throttled them)."""
     model, stand_in = stand_in_local_model(tmp_path)
-    monkeypatch.setattr(
-        service.server,
-        "LocalModelServer",
-        functools.partial(LocalModelServer, python=str(stand_in)),
-    )
+    run_stand_in_as_llama(monkeypatch, stand_in)
     local = {"enabled": "always", "model": MODEL, "model_path": str(model), "threads": 1}
     data = gateway_config_data(upstream.base_url, local_model=local)
     gw = await start_gateway(parse_config(data, source="<test>", environ={}))

