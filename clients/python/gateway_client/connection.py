@@ -6,6 +6,7 @@ import argparse
 import os
 import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +25,23 @@ def text_argument(value: str) -> str:
     return value.encode("utf-8", "surrogateescape").decode("utf-8", errors="replace")
 
 
-def caller_key(value: str) -> str:
-    """--api-key: a key gRPC can send, checked before any call."""
+def _checked(check: Callable[[str], object], value: str) -> str:
+    """`value`, which `check` took: its `ValueError` is a usage error (exit 2)."""
     try:
-        authorization_metadata(value)
+        check(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return value
+
+
+def caller_key(value: str) -> str:
+    """--api-key: a key gRPC can send, checked before any call."""
+    return _checked(authorization_metadata, value)
 
 
 def gateway_address(value: str) -> str:
     """--address: a target gRPC reads as it is written, checked before any call."""
-    try:
-        check_address(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
+    return _checked(check_address, value)
 
 
 _YES = frozenset({"1", "true", "yes", "on"})
