@@ -173,3 +173,25 @@ def test_a_value_this_client_does_not_know_is_written_as_its_number():
     catalog = pb.ListModelsResponse()
     catalog.models.add(name="m").upstreams.add(name="up0", health=42)
     assert "up0(42)" in format_models(catalog)
+
+
+def test_models_table_prints_each_price_whole_and_the_cached_input_price():
+    """Prices were printed to two decimals, so DeepSeek's cache-hit price of 0.028 read
+    0.03, and the cached-input price was not printed at all."""
+    catalog = pb.ListModelsResponse()
+    catalog.models.add(
+        name="deepseek-v4",
+        context_window=128000,
+        pricing=pb.Pricing(
+            input_usd_per_million=0.14,
+            output_usd_per_million=0.275,
+            cached_input_usd_per_million=0.028,
+        ),
+    )
+    catalog.models.add(
+        name="gpt-4", pricing=pb.Pricing(input_usd_per_million=2.5, output_usd_per_million=10)
+    )
+    header, deepseek, gpt = (line.split() for line in format_models(catalog).splitlines())
+    assert header[:7] == ["MODEL", "CONTEXT", "IN", "$/1M", "CACHED", "IN", "$/1M"]
+    assert deepseek[:5] == ["deepseek-v4", "128000", "0.14", "0.028", "0.275"]
+    assert gpt[:5] == ["gpt-4", "0", "2.50", "-", "10.00"]

@@ -25,10 +25,26 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=models_command)
 
 
+def price_text(usd_per_million: float) -> str:
+    """A price as the catalog holds it: cents always shown, and every digit past them
+    (DeepSeek's cache-hit input is 0.028, which two decimals would print as 0.03)."""
+    cents = f"{usd_per_million:.2f}"
+    return cents if float(cents) == usd_per_million else repr(usd_per_million)
+
+
+def cached_price_text(pricing: pb.Pricing) -> str:
+    """The cached-input price, or `-` where the catalog sets none (cached input is then
+    priced as input)."""
+    if not pricing.HasField("cached_input_usd_per_million"):
+        return "-"
+    return price_text(pricing.cached_input_usd_per_million)
+
+
 def format_models(response: pb.ListModelsResponse) -> str:
     """The catalog as an aligned text table."""
-    rows = [("MODEL", "CONTEXT", "IN $/1M", "OUT $/1M", "UPSTREAMS")]
+    rows = [("MODEL", "CONTEXT", "IN $/1M", "CACHED IN $/1M", "OUT $/1M", "UPSTREAMS")]
     for model in response.models:
+        pricing = model.pricing
         upstreams = ", ".join(
             f"{u.name}({enum_name(pb.UpstreamHealth, u.health, prefix='UPSTREAM_HEALTH_').lower()})"
             for u in model.upstreams
@@ -37,8 +53,9 @@ def format_models(response: pb.ListModelsResponse) -> str:
             (
                 model.name,
                 str(model.context_window),
-                f"{model.pricing.input_usd_per_million:.2f}",
-                f"{model.pricing.output_usd_per_million:.2f}",
+                price_text(pricing.input_usd_per_million),
+                cached_price_text(pricing),
+                price_text(pricing.output_usd_per_million),
                 upstreams,
             )
         )
