@@ -19,7 +19,7 @@ import re
 import ssl
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -1500,13 +1500,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
             seen.add(key)
-        mapping = super().construct_mapping(node, deep=deep)
-        written: dict[Any, Any] = {}
-        for key_node, _ in node.value:  # merged keys included now, all constructed
+        # Built here with the keys as written, not by PyYAML's loader: it keys by value,
+        # and of `007:` and `7:` (two tenants) it kept the later one alone.
+        self.flatten_mapping(node)  # `<<: *base`: its keys first, the mapping's own after
+        mapping: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
             if isinstance(key_node, yaml.ScalarNode):
-                key = self.construct_object(key_node)
-                written[key] = _key_as_written(key_node, key)
-        return {written.get(key, key): value for key, value in mapping.items()}
+                key = _key_as_written(key_node, key)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    "found unhashable key",
+                    key_node.start_mark,
+                )
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
 
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
