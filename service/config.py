@@ -19,7 +19,7 @@ import re
 import ssl
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -1078,6 +1078,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{key}: must be a mapping")
         if args[1] is object:  # free-form data sent on as JSON (`extra_body`): keys kept
+            if _json_depth(value) > MAX_JSON_DEPTH:
+                raise ValueError(f"{key}: must nest at most {MAX_JSON_DEPTH} lists and mappings")
             return _json_value(value, key)
         converted: dict[str, Any] = {}
         for name, item in value.items():
@@ -1120,6 +1122,20 @@ def _finite(value: int | float) -> float | None:
     except OverflowError:
         return None
     return number if math.isfinite(number) else None
+
+
+# Levels of lists and mappings free-form JSON data may nest: orjson writes a request body
+# of at most 254, and refused every call's (INTERNAL) past it.
+MAX_JSON_DEPTH = 200
+
+
+def _json_depth(value: object) -> int:
+    """How many levels of lists and mappings `value` nests (a scalar: 0)."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return 1 + max(map(_json_depth, value), default=0)
+    return 0
 
 
 def _json_value(value: Any, key: str) -> object:
@@ -1227,7 +1243,7 @@ def _override_value(raw: str) -> Any:
     """
     try:
         value = yaml.load(raw, Loader=_UniqueKeyLoader)  # names as written, as in the file
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return raw
     if isinstance(value, dict) and not raw.lstrip().startswith("{"):
         return raw
@@ -1500,13 +1516,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
             seen.add(key)
-        mapping = super().construct_mapping(node, deep=deep)
-        written: dict[Any, Any] = {}
-        for key_node, _ in node.value:  # merged keys included now, all constructed
+        # Built here with the keys as written, not by PyYAML's loader: it keys by value,
+        # and of `007:` and `7:` (two tenants) it kept the later one alone.
+        self.flatten_mapping(node)  # `<<: *base`: its keys first, the mapping's own after
+        mapping: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
             if isinstance(key_node, yaml.ScalarNode):
-                key = self.construct_object(key_node)
-                written[key] = _key_as_written(key_node, key)
-        return {written.get(key, key): value for key, value in mapping.items()}
+                key = _key_as_written(key_node, key)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    "found unhashable key",
+                    key_node.start_mark,
+                )
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
 
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
@@ -1543,6 +1569,8 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
         raise ConfigError(source, "", f"not valid YAML: {_yaml_problem(exc)}") from None
     except yaml.YAMLError:
         raise ConfigError(source, "", "not valid YAML") from None
+    except RecursionError:  # PyYAML reads each level of nesting in a call of its own
+        raise ConfigError(source, "", "not valid YAML: nested too deeply") from None
     config = parse_config(data, source=source, environ=environ)
     _check_tls_files(config)
     return config

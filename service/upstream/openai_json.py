@@ -271,13 +271,14 @@ def usage(data: object) -> Usage | None:
 
 def _with_total(prompt: object, completion: object, total: object) -> tuple[object, object]:
     """The count left out as `total_tokens` less the other, where both are counts and
-    the total holds the other; else the counts as they came."""
+    the total holds more than the other; else the counts as they came. A total no larger
+    says nothing of the count left out: no call has no prompt, nor an answer no output."""
     known = completion if prompt is None else prompt
     try:
         whole, part = _count(total), _count(known)
     except TypeError:
         return prompt, completion
-    if total is None or part > whole:
+    if total is None or part >= whole:
         return prompt, completion
     return (whole - part, completion) if prompt is None else (prompt, whole - part)
 

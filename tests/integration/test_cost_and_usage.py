@@ -152,6 +152,35 @@ async def test_total_tokens_gives_the_count_left_out(priced, upstream, stream):
     assert not metadata.usage.estimated
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize(
+    "counts",
+    [
+        {"prompt_tokens": 1234, "total_tokens": 1234},
+        {"completion_tokens": 567, "total_tokens": 567},
+    ],
+    ids=["no-output", "no-input"],
+)
+async def test_a_total_no_larger_than_the_reported_count_leaves_the_other_estimated(
+    priced, upstream, stream, counts
+):
+    """`total_tokens` equal to the one count reported says nothing of the other: no call
+    has no prompt, and this one wrote text. Before, the other count was taken as 0, not
+    flagged, and the answer's output (or input) cost nothing, in the response and the
+    ledger alike."""
+    upstream.script(Reply(content="one two three four", raw_usages=(counts,)))
+    metadata = await answered(priced, stream)
+    assert metadata.usage.estimated
+    assert metadata.usage.input_tokens > 0
+    assert metadata.usage.output_tokens > 0
+    total = (await priced.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.usage.input_tokens, total.usage.output_tokens) == (
+        metadata.usage.input_tokens,
+        metadata.usage.output_tokens,
+    )
+    assert total.cost_usd == pytest.approx(metadata.cost_usd, abs=1e-12)
+
+
 @pytest.mark.parametrize(
     "later",
     [{"prompt_tokens": -3, "completion_tokens": 1}, {"prompt_tokens": 5}],

@@ -293,6 +293,14 @@ async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, sour
             "tenants:\n  4711: {allowed_models: [m]}\n  '4711': {}",
             "tenants.4711: duplicate key (written once as a number, once as text)",
         ),
+        # Nested past Python's recursion limit: the load died with a RecursionError traceback.
+        ("tenants: " + "[" * 5000 + "]" * 5000, "not valid YAML: nested too deeply"),
+        # Past what orjson writes: the gateway started, and every call failed INTERNAL.
+        (
+            "local_model: {enabled: never}\nupstreams: [{name: u, base_url: 'http://h/v1', "
+            f"models: [m], extra_body: {{x: {'[' * 300}{']' * 300}}}}}]",
+            "upstreams[0].extra_body: must nest at most 200 lists and mappings",
+        ),
     ],
 )
 async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, content, expected):

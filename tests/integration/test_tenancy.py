@@ -43,7 +43,7 @@ from tests.integration.tenancy_helpers import (
 )
 from tests.integration.test_resilience import dataclass_replace_upstream, settle
 from tests.scripted_upstream import ScriptedUpstream, user_text
-from tests.secret_capture import CALLER_KEY_A, PROVIDER_KEY
+from tests.secret_capture import CALLER_KEY_A, CALLER_KEY_B, PROVIDER_KEY
 
 SERVICE_CONFIG = Path(__file__).resolve().parents[2] / "clients" / "service_config.json"
 
@@ -161,6 +161,32 @@ async def test_a_tenant_whose_name_yaml_reads_as_another_value_keeps_its_limits(
     gw = await start_gateway(load_config(path))
     error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A)))
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("names", [("007", "7"), ("7", "007"), ("no", "false")])
+async def test_two_tenants_yaml_reads_as_one_value_each_keep_their_limits(
+    upstream, start_gateway, tmp_path, names
+):
+    """Tenants `007:` and `7:` in one file are two tenants, each with its own limits.
+    Before, YAML read both names as 7 and kept the later entry alone: the other tenant
+    lost its model list (and limits, budget) without a word."""
+    first, second = names
+    (tmp_path / "keys").write_text(
+        f"{hash_key(CALLER_KEY_A)} {first}\n{hash_key(CALLER_KEY_B)} {second}\n"
+    )
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        f"server: {{listen: '127.0.0.1:0'}}\nlocal_model: {{enabled: never}}\n"
+        f"upstreams: [{{name: up0, base_url: '{upstream.base_url}', models: [{FAKE_MODEL}]}}]\n"
+        f"auth: {{mode: keys, keys_file: '{tmp_path / 'keys'}'}}\n"
+        f"tenants:\n  {first}: {{allowed_models: [another-model]}}\n"
+        f"  {second}: {{allowed_models: [another-model]}}\n"
+    )
+    gw = await start_gateway(load_config(path))
+    for key in (CALLER_KEY_A, CALLER_KEY_B):
+        error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(key)))
+        assert error.code() is grpc.StatusCode.PERMISSION_DENIED
     assert upstream.requests == []
 
 

@@ -47,7 +47,10 @@ def test_a_target_grpc_reads_as_written_is_taken(address: str) -> None:
     assert parse("--address", address).address == address
 
 
-@pytest.mark.parametrize("address", ["", "127.0.0.1:115587", "[::1]:65536", "dns:///gw:70000"])
+@pytest.mark.parametrize(
+    "address",
+    ["", "127.0.0.1:115587", "[::1]:65536", "dns:///gw:70000", "dns:gw:70000", "dns://ns/gw:70000"],
+)
 def test_an_address_grpc_would_misread_is_a_usage_error(address: str, capsys) -> None:
     """gRPC takes a port past 65535 modulo 65536 (another port, maybe another service's),
     and an empty target fails every call: both are refused before any call."""

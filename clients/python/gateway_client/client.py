@@ -293,7 +293,8 @@ def is_loopback_address(address: str) -> bool:
 
 def check_address(address: str) -> None:
     """Refuse a gRPC target gRPC would misread: an empty one, or a `HOST:PORT` (also as
-    `dns:///HOST:PORT`) whose port is past 65535.
+    `dns:///HOST:PORT`, `dns:HOST:PORT` or `dns://DNS-SERVER/HOST:PORT`) whose port is
+    past 65535.
 
     gRPC takes such a port modulo 65536 (`:115587` is `:50051`), and would send the calls,
     and the caller key with them, to whatever listens there.
@@ -303,7 +304,9 @@ def check_address(address: str) -> None:
     """
     if not address:
         raise ValueError("the gateway's address is empty: give HOST:PORT")
-    target = address.removeprefix("dns:///")
+    target = address.removeprefix("dns:")
+    if target != address and target.startswith("//"):
+        target = target[2:].partition("/")[2]  # past the DNS server to ask, if any
     host, sep, port = target.rpartition(":")
     # A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
     names_port = bool(sep and host) and "/" not in target
