@@ -269,6 +269,20 @@ def usage(data: object) -> Usage | None:
     return counts
 
 
+def _joined(earlier: Usage, later: Usage) -> Usage:
+    """Two partial usages as one: each count (0: left out) from the later where it has
+    one, else from the earlier; estimated while a count is still left out."""
+    prompt = later if later.input_tokens else earlier
+    output = later if later.output_tokens else earlier
+    return Usage(
+        input_tokens=prompt.input_tokens,
+        output_tokens=output.output_tokens,
+        cached_input_tokens=prompt.cached_input_tokens,
+        is_estimated=not (prompt.input_tokens and output.output_tokens),
+        reasoning_tokens=output.reasoning_tokens,
+    )
+
+
 def _with_total(prompt: object, completion: object, total: object) -> tuple[object, object]:
     """The count left out as `total_tokens` less the other, where both are counts and
     the total holds more than the other; else the counts as they came. A total no larger
@@ -462,10 +476,13 @@ class StreamParser:
 
     def _take_usage(self, counts: Usage | None) -> None:
         """A later usage event replaces an earlier one (servers that send it on each
-        chunk count up), unless it is worse: unbelievable, or partial after a whole one."""
-        if counts is None or (counts.is_estimated and self.usage and not self.usage.is_estimated):
+        chunk count up), unless it is worse: unbelievable, or partial after a whole one.
+        Two partial ones add up: adapters of Anthropic's stream report the prompt's count
+        as it starts and the output's as it ends."""
+        known = self.usage
+        if counts is None or (counts.is_estimated and known and not known.is_estimated):
             return
-        self.usage = counts
+        self.usage = counts if known is None or not counts.is_estimated else _joined(known, counts)
 
     def _tool_call_pieces(self, data: object) -> tuple[ToolCallDelta, ...]:
         if not isinstance(data, list):

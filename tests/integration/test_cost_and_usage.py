@@ -199,6 +199,28 @@ async def test_a_worse_usage_event_later_in_a_stream_leaves_the_earlier_one(
         assert not metadata.usage.estimated
 
 
+async def test_partial_usage_events_in_a_stream_add_up(priced, upstream):
+    """The prompt's count in one usage event and the output's in a later one (adapters of
+    Anthropic's stream send them so) are both reported counts: before, the later event
+    replaced the earlier, and the prompt was estimated instead of billed as reported."""
+    upstream.script(
+        Reply(
+            content="one two three four",
+            raw_usages=(
+                {"prompt_tokens": 1234, "prompt_tokens_details": {"cached_tokens": 1000}},
+                {"completion_tokens": 567},
+            ),
+        )
+    )
+    metadata = await answered(priced, stream=True)
+    usage = metadata.usage
+    assert (usage.input_tokens, usage.cached_input_tokens, usage.output_tokens) == (1234, 1000, 567)
+    assert not usage.estimated
+    total = (await priced.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.usage.input_tokens, total.usage.output_tokens) == (1234, 567)
+    assert total.cost_usd == pytest.approx(metadata.cost_usd, abs=1e-12)
+
+
 async def test_get_usage_sums_every_path_exactly(priced, upstream):
     """GetUsage totals the unary and streamed calls to exactly the sum of their costs."""
     upstream.script(USAGE, USAGE, USAGE)
