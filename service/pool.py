@@ -341,19 +341,21 @@ class UpstreamPool:
 
     def _plan(self, model: str) -> _CallPlan:
         routes = self.routes(model)
+        down = self._down
         if len(routes) == 1:
             plan = _CallPlan(routes, 0)  # nothing to choose between
         else:
             allowed = [
-                self._states[r.client.name].breaker.allows() and r.client.name not in self._down
+                self._states[r.client.name].breaker.allows() and r.client.name not in down
                 for r in routes
             ]
             weights = [r.client.config.weight for r in routes]
             plan = _CallPlan(routes, self._balancers[model].pick(weights, allowed))
-        for route in plan.order:
-            if route.client.name in self._down:
-                # Sent nothing: whatever answers its old address now is not its server.
-                plan.exclude(route, "down")
+        if down:
+            for route in plan.order:
+                if route.client.name in down:
+                    # Sent nothing: whatever answers its old address now is not its server.
+                    plan.exclude(route, "down")
         return plan
 
     def _call(
