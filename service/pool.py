@@ -325,7 +325,8 @@ class UpstreamPool:
 
     def set_down(self, upstream: str, *, is_down: bool) -> None:
         """Say whether `upstream` is known to be down (the local model's server, from its
-        exit until a restart answers): its breaker, closed until calls fail, cannot tell."""
+        exit until a restart answers): its breaker, closed until calls fail, cannot tell.
+        No call is sent to it meanwhile."""
         if is_down:
             self._down.add(upstream)
         else:
@@ -340,11 +341,22 @@ class UpstreamPool:
 
     def _plan(self, model: str) -> _CallPlan:
         routes = self.routes(model)
+        down = self._down
         if len(routes) == 1:
-            return _CallPlan(routes, 0)  # nothing to choose between
-        allowed = [self._states[r.client.name].breaker.allows() for r in routes]
-        weights = [r.client.config.weight for r in routes]
-        return _CallPlan(routes, self._balancers[model].pick(weights, allowed))
+            plan = _CallPlan(routes, 0)  # nothing to choose between
+        else:
+            allowed = [
+                self._states[r.client.name].breaker.allows() and r.client.name not in down
+                for r in routes
+            ]
+            weights = [r.client.config.weight for r in routes]
+            plan = _CallPlan(routes, self._balancers[model].pick(weights, allowed))
+        if down:
+            for route in plan.order:
+                if route.client.name in down:
+                    # Sent nothing: whatever answers its old address now is not its server.
+                    plan.exclude(route, "down")
+        return plan
 
     def _call(
         self, request: ChatRequest, route: Route, *, stream: bool, headers: dict[str, str]

@@ -298,6 +298,10 @@ class GatewayServer:
     async def _local_model_availability(self) -> None:
         if self.local_model is not None and self.pipeline is not None:
             is_up = self.local_model.is_up
+            if is_up:  # a restart, on a port and with a key of its own: before any call
+                local = self.local_model.upstream_config()
+                client = self.pipeline.pool.state(LOCAL_UPSTREAM).client
+                await client.retarget(base_url=local.base_url, api_key=local.api_key)
             self.pipeline.pool.set_down(LOCAL_UPSTREAM, is_down=not is_up)
             if is_up:
                 # Calls refused while it was down opened its breaker: without this, health

@@ -463,7 +463,9 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         worker_config = dataclasses.replace(config, server=server)
         if config.wants_local_model:
             starting = stack.enter_async_context(
-                LocalModelServer(config.local_model, withheld_env=config.secret_variables)
+                LocalModelServer(
+                    config.local_model, withheld_env=config.secret_variables, keeps_address=True
+                )
             )
             local = await _unless_stopped(starting, stopping)
             if local is None:  # it can take local_model.startup_timeout_s to answer

@@ -7,6 +7,7 @@ Foreign errors are translated to `UpstreamError` subclasses at one seam,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -280,34 +281,51 @@ class UpstreamClient:
         self.proxy: Proxy | None = None  # chosen when the client opens
         self._pool: HttpPool | None = None
         self._translated_errors = _TranslatedErrors(self.name)  # holds no state of a call
-        self._headers = {
-            **_headers(config, accept="application/json, text/event-stream"),
-            "Content-Type": "application/json",
-        }
 
     async def __aenter__(self) -> UpstreamClient:
         if self._pool is None:
-            # Decided once: every connection the pool opens goes the same way.
-            self.proxy = choose_proxy(self.config, self._environ)
-            if self.proxy is not None:
-                log.info(
-                    "upstream.proxy",
-                    extra={
-                        "upstream": self.name,
-                        "proxy": self.proxy.address,
-                        "source": self.proxy.source,
-                        "authenticated": self.proxy.authorization is not None,
-                    },
-                )
-            self._pool = HttpPool(
-                self.config.base_url,
-                max_connections=self.config.max_connections,
-                connect_timeout_s=self.config.connect_timeout_s,
-                keepalive_s=_KEEPALIVE_S,
-                headers=self._headers,
-                proxy=self.proxy,
-            )
+            self._pool = self._new_pool()
         return self
+
+    def _new_pool(self) -> HttpPool:
+        """A connection pool to the configured address, sending the configured key."""
+        # Decided once a pool: every connection it opens goes the same way.
+        self.proxy = choose_proxy(self.config, self._environ)
+        if self.proxy is not None:
+            log.info(
+                "upstream.proxy",
+                extra={
+                    "upstream": self.name,
+                    "proxy": self.proxy.address,
+                    "source": self.proxy.source,
+                    "authenticated": self.proxy.authorization is not None,
+                },
+            )
+        headers = {
+            **_headers(self.config, accept="application/json, text/event-stream"),
+            "Content-Type": "application/json",
+        }
+        return HttpPool(
+            self.config.base_url,
+            max_connections=self.config.max_connections,
+            connect_timeout_s=self.config.connect_timeout_s,
+            keepalive_s=_KEEPALIVE_S,
+            headers=headers,
+            proxy=self.proxy,
+        )
+
+    async def retarget(self, *, base_url: str, api_key: str | None) -> None:
+        """Send calls from now on to `base_url`, with `api_key`: the local model's server
+        takes a new port and key at each start.
+
+        Connections to the old address are closed (a call still on one fails, as it would
+        have with that server gone); the upstream's limits and routes stay as they are.
+        """
+        self.config = dataclasses.replace(self.config, base_url=base_url, api_key=api_key)
+        if self._pool is None:  # not open: it opens on the new address
+            return
+        old, self._pool = self._pool, self._new_pool()
+        await old.aclose()
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()

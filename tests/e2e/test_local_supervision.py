@@ -27,7 +27,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def test_killed_local_server_is_restarted_and_stopped_on_shutdown(start_gateway):
-    """Killing llama.cpp's server brings a new one up on the same port; stop() ends it.
+    """Killing llama.cpp's server brings a new one up (on a new port); stop() ends it.
 
     Meanwhile health says NOT_SERVING: it is the gateway's only upstream.
     """

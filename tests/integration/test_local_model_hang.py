@@ -49,7 +49,7 @@ async def test_a_hung_server_is_killed_and_restarted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A server that answers no probe for `hang_timeout_s` is killed (health follows it
-    down) and restarted on the same port, answering again."""
+    down) and restarted (on a new port, with a new key), answering again."""
     model = tmp_path / "model.gguf"
     model.write_bytes(b"not really a model")
     config = LocalModelConfig(

@@ -7,46 +7,62 @@ gateway's real supervisor (service.local_model) as its Python.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import signal
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import yaml
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import service.server
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
-from service.config import parse_config
-from service.local_model import LocalModelServer
+from service.config import LocalModelConfig, parse_config
+from service.local_model import LocalModelServer, LocalModelUnavailable
 from service.server import LOCAL_MODEL_HEALTH
+from service.upstream.client import probe_models
 from tests.integration.gateway_process import is_running
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "gemma-3-270m"
 
+# As llama-cpp-python's server, it takes the key in `API_KEY` (its pydantic settings read
+# the environment) and then answers its OpenAI routes only to `Authorization: Bearer KEY`:
+# 401 `{{"detail": "Invalid API key"}}` otherwise (`llama_cpp/server/app.py::authenticate`).
 _STAND_IN = """#!{python}
-import http.server, json, sys
+import http.server, json, os, sys
 port = int(sys.argv[sys.argv.index("--port") + 1])
+key = os.environ.get("API_KEY")
 class OpenAI(http.server.BaseHTTPRequestHandler):
-    def _send(self, reply):
+    def _send(self, reply, status=200):
         body = json.dumps(reply).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+    def _refuses(self):
+        if key is None or self.headers.get("Authorization") == "Bearer " + key:
+            return False
+        self._send({{"detail": "Invalid API key"}}, status=401)
+        return True
     def do_GET(self):
+        if self._refuses():
+            return
         self._send({{"object": "list", "data": [{{"id": {model!r}, "object": "model"}}]}})
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
+        if self._refuses():
+            return
         message = {{"role": "assistant", "content": "hi"}}
         self._send({{
             "id": "x", "object": "chat.completion", "created": 0, "model": {model!r},
@@ -117,7 +133,7 @@ async def serve_with_stand_in(
 async def test_calls_refused_while_it_restarts_do_not_keep_it_out_once_serving(
     tmp_path: Path,
 ) -> None:
-    """Calls refused while llama.cpp was down opened the breaker; once the restart answers
+    """Calls refused while llama.cpp was down do not keep it out: once the restart answers
     (health SERVING) calls go through at once, not only after the breaker's cool-down."""
     model, stand_in = stand_in_local_model(tmp_path)
     config = tmp_path / "gateway.yaml"
@@ -241,3 +257,116 @@ async def _local_health(stub: pb_grpc.CompletionServiceStub) -> list[int]:
     response = await stub.ListModels(pb.ListModelsRequest(), timeout=5)
     [served] = [m for m in response.models if m.name == MODEL]
     return [u.health for u in served.upstreams]
+
+
+@contextlib.asynccontextmanager
+async def _squatting(port: int) -> AsyncIterator[list[tuple[str, str, str]]]:
+    """An HTTP server on loopback `port` (bound as soon as it is free) that answers every
+    request with 200 and a model list, as any process may; the requests it got, as
+    (method, path, Authorization)."""
+    seen: list[tuple[str, str, str]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path, request.headers.get("Authorization", "")))
+        return web.json_response({"object": "list", "data": [{"id": MODEL}]})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        async with asyncio.timeout(5):
+            while True:
+                try:
+                    await web.TCPSite(runner, "127.0.0.1", port).start()
+                    break
+                except OSError:  # the dead server's socket is not closed yet
+                    await asyncio.sleep(0.01)
+        yield seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_process_that_takes_a_dead_servers_port_is_never_sent_a_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """Another process that binds the local model's port once llama.cpp died gets no call:
+    meanwhile calls are UNAVAILABLE, and the restart listens on a new port, with a new key,
+    where calls go.
+
+    Before, the restart took the same port, found it answered (any 200 from /v1/models was
+    "ready"), and the gateway sent every caller's prompts to that process."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    local = {"enabled": "always", "model_path": str(model), "restart_backoff_s": 1.0}
+    config = parse_config(
+        {"server": {"listen": "127.0.0.1:0"}, "local_model": local}, source="<test>", environ={}
+    )
+    gateway = await start_gateway(config)
+    server = gateway.server.local_model
+    assert await _call(gateway.stub) == grpc.StatusCode.OK
+    first, port, key = server.pid, server.port, server.upstream_config().api_key
+    os.kill(first, signal.SIGKILL)
+    health = health_pb2_grpc.HealthStub(gateway.channel)
+    check = health_pb2.HealthCheckRequest(service=LOCAL_MODEL_HEALTH)
+    async with _squatting(port) as seen:
+        async with asyncio.timeout(5):
+            while (await health.Check(check)).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                await asyncio.sleep(0.02)
+        assert await _call(gateway.stub) == grpc.StatusCode.UNAVAILABLE
+        async with asyncio.timeout(20):
+            while server.pid in (None, first) or (
+                (await health.Check(check)).status != health_pb2.HealthCheckResponse.SERVING
+            ):
+                await asyncio.sleep(0.05)
+        request = pb.CompleteRequest(
+            model=MODEL, messages=[pb.Message(role=pb.ROLE_USER, content="Hello")]
+        )
+        reply = await gateway.stub.Complete(request, timeout=5)
+    assert (reply.content, reply.metadata.upstream) == ("hi", "local")
+    assert server.port != port
+    assert server.upstream_config().api_key not in (None, key)
+    assert [r for r in seen if r[0] == "POST"] == []
+    assert not any(server.upstream_config().api_key in authorization for *_, authorization in seen)
+
+
+async def test_a_server_that_takes_any_key_or_none_is_not_ready(tmp_path: Path) -> None:
+    """What answers the port without checking the key (not llama.cpp's server started
+    with it: another process, there first) never counts as started, and is never sent the
+    key: the start fails after `startup_timeout_s`.
+
+    Before, any 200 from /v1/models was "ready"."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    sent = tmp_path / "authorizations"
+    checks = "    def _refuses(self):\n"
+    authorization = "self.headers.get('Authorization', '-')"
+    logs = f"        open({str(sent)!r}, 'a').write({authorization} + '\\n')\n"
+    script = stand_in.read_text().replace(checks, checks + logs, 1)
+    keyed = 'key = os.environ.get("API_KEY")\n'
+    stand_in.write_text(script.replace(keyed, "key = None\n", 1))
+    config = LocalModelConfig(model=MODEL, model_path=str(model), startup_timeout_s=1.0)
+    with pytest.raises(LocalModelUnavailable, match="did not answer within 1s"):
+        async with LocalModelServer(config, python=str(stand_in)):
+            pass
+    assert set(sent.read_text().splitlines()) == {"-"}
+
+
+async def test_a_server_kept_at_its_address_restarts_on_its_port_with_its_key(
+    tmp_path: Path,
+) -> None:
+    """With `keeps_address` (the `--workers` supervisor's: its workers were given the
+    address and key at their start) a restart listens on the first start's port and takes
+    its key, so the workers' calls reach it still."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    config = LocalModelConfig(model=MODEL, model_path=str(model), restart_backoff_s=0.1)
+    async with LocalModelServer(config, python=str(stand_in), keeps_address=True) as server:
+        first, before = server.pid, server.upstream_config()
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        async with asyncio.timeout(20):
+            while server.pid in (None, first) or not server.is_up:
+                await asyncio.sleep(0.05)
+        after = server.upstream_config()
+        assert (after.base_url, after.api_key) == (before.base_url, before.api_key)
+        status, models = await probe_models(after, timeout_s=2.0)
+        assert (status, models) == (200, [MODEL])

@@ -1,5 +1,5 @@
-"""The llama.cpp server runs without the gateway's secrets in its environment, and on
-the threads the config gives it.
+"""The llama.cpp server runs without the gateway's secrets in its environment, answers
+the gateway's key alone, and runs on the threads the config gives it.
 
 llama.cpp's server is stood in for by the small OpenAI-compatible server of
 test_local_model_restart, started by the real gateway; its environment is read from /proc.
@@ -8,16 +8,21 @@ test_local_model_restart, started by the real gateway; its environment is read f
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from pathlib import Path
 
+import aiohttp
+
+from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
-from tests.conftest import gateway_config_data
+from tests.conftest import chat, gateway_config_data
 from tests.integration.test_local_model_restart import (
     MODEL,
     run_stand_in_as_llama,
     stand_in_local_model,
 )
+from tests.secret_capture import record_emitted, register_secret
 
 SECRETS = {
     "PROVIDER_KEY_T": "sk-provider-CANARY",
@@ -97,8 +102,55 @@ async def test_the_local_model_server_gets_none_of_the_variables_that_override_i
     pid = gw.server.local_model.pid
     assert pid is not None
     seen = _environment_of(pid)
-    assert sorted(set(overriding) & set(seen)) == []
+    # API_KEY holds the gateway's own key for it (the next test), never the environment's.
+    assert sorted(set(overriding) & set(seen)) == ["API_KEY"]
+    assert seen["API_KEY"] != overriding["API_KEY"]
     assert seen["HOSTNAME"] == "kept"
+
+
+async def _status_of(port: int, path: str, headers: dict[str, str]) -> int:
+    """The status the server on loopback `port` answers a request to `path` with."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}]}
+    async with aiohttp.ClientSession() as session:
+        method = "POST" if path.endswith("completions") else "GET"
+        url = f"http://127.0.0.1:{port}{path}"
+        async with session.request(method, url, json=body, headers=headers) as response:
+            return response.status
+
+
+async def test_the_local_model_server_answers_the_gateway_alone(
+    tmp_path, monkeypatch, upstream, start_gateway, caplog
+):
+    """llama.cpp's server takes a key of its own, new at each start, from its environment:
+    calls through the gateway are answered; a request to its port without that key, from
+    any other process on the machine, is refused (401). The key is in none of its command
+    line, the gateway's logs, or ListModels.
+
+    Before, the server took no key: any local user could call the model on its port, with
+    no tenant, limits or accounting."""
+    caplog.set_level(logging.DEBUG)
+    model, stand_in = stand_in_local_model(tmp_path)
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    local = {"enabled": "always", "model": MODEL, "model_path": str(model)}
+    data = gateway_config_data(upstream.base_url, local_model=local)
+    gw = await start_gateway(parse_config(data, source="<test>", environ={}))
+    assert gw.server.local_model is not None
+    pid, port = gw.server.local_model.pid, gw.server.local_model.port
+    assert pid is not None
+    key = register_secret(_environment_of(pid)["API_KEY"])
+    assert len(key) >= 32
+    reply = await gw.stub.Complete(chat(model=MODEL), timeout=5)
+    assert (reply.content, reply.metadata.upstream) == ("hi", "local")
+    listed = await gw.stub.ListModels(pb.ListModelsRequest(), timeout=5)
+    record_emitted(reply, listed)
+    for path in ("/v1/chat/completions", "/v1/models"):
+        for headers in ({}, {"Authorization": "Bearer guess"}, {"Authorization": key}):
+            assert await _status_of(port, path, headers) == 401, (path, headers)
+    assert key not in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    assert key not in str(listed)
+    logged = "\n".join(f"{r.getMessage()} {r.__dict__!r}" for r in caplog.records)
+    assert "local_model.ready" in logged
+    assert key not in logged
 
 
 def _options_of(pid: int) -> dict[str, str]:

@@ -140,9 +140,9 @@ def _children(pid: int) -> list[int]:
 
 _ONCE_THEN_CRASH = """#!{python}
 # A stand-in for llama.cpp's Python: each run notes when it started; the first answers
-# /v1/models on --port for a moment and exits, every later one exits at once, as a
-# server that cannot start again.
-import http.server, pathlib, sys, threading, time
+# /v1/models on --port for a moment (to its key alone, as llama.cpp's does) and exits,
+# every later one exits at once, as a server that cannot start again.
+import http.server, os, pathlib, sys, threading, time
 runs = pathlib.Path({runs!r})
 first = not runs.exists()
 with runs.open("a") as log:
@@ -152,8 +152,9 @@ if not first:
 port = int(sys.argv[sys.argv.index("--port") + 1])
 class Models(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = b'{{"data": []}}'
-        self.send_response(200)
+        is_ours = self.headers.get("Authorization") == "Bearer " + os.environ["API_KEY"]
+        body = b'{{"data": []}}' if is_ours else b'{{"detail": "Invalid API key"}}'
+        self.send_response(200 if is_ours else 401)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
