@@ -407,6 +407,10 @@ class UpstreamConfig:
     # Set, such a stream is the request refused, not retried nor held against the
     # upstream's breaker; unset, it is a malformed answer, as from a provider.
     empty_stream_is_refusal: bool = False
+    # Send unary calls as streams and read each whole, answering the caller as before:
+    # llama-cpp-python's server looks for a gone client only between streamed chunks, so
+    # a unary call's cancel stops its generation only this way.
+    stream_unary_calls: bool = False
     # The field an assistant message's reasoning is sent back in: DeepSeek's thinking mode
     # reads `reasoning_content`; OpenRouter and newer vLLM read `reasoning`.
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"

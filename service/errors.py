@@ -324,6 +324,11 @@ class UpstreamContextExceeded(UpstreamRejected):
     reason = "CONTEXT_WINDOW_EXCEEDED"
 
 
+class UpstreamRefusedSilently(UpstreamRejected):
+    """The upstream refused the request by ending its stream before the first event,
+    saying not why (`empty_stream_is_refusal`): the same request unary says it."""
+
+
 class UpstreamTimeout(UpstreamError):
     """The upstream did not answer within its timeout."""
 

@@ -214,6 +214,7 @@ class LocalModelServer:
             timeout_s=300.0,
             json_schema_format="json_object_schema",
             empty_stream_is_refusal=True,
+            stream_unary_calls=True,
         )
 
     def _command(self, model_path: Path) -> list[str]:

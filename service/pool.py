@@ -713,8 +713,11 @@ class UpstreamPool:
             headers: dict[str, str] = {}
             try:
                 with self._attempt_span(request, route, log, headers, deadline) as span:
+                    # Sent as a stream to an upstream that stops generating only when
+                    # a stream's connection closes; the client reads it whole.
+                    is_streamed = route.client.config.stream_unary_calls
                     reply = await route.client.complete(
-                        self._call(request, route, stream=False, headers=headers),
+                        self._call(request, route, stream=is_streamed, headers=headers),
                         timeout_s=timeout_s,
                         on_sent=log.sent,
                         on_status=log.answered,

@@ -7,21 +7,24 @@ Foreign errors are translated to `UpstreamError` subclasses at one seam,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from typing import cast
 
 import orjson
 
 from service.config import UpstreamConfig
-from service.domain import whole_tool_calls
+from service.domain import assemble_tool_calls, whole_tool_calls
 from service.errors import (
     UpstreamAuthRejected,
     UpstreamContextExceeded,
     UpstreamError,
     UpstreamRateLimited,
+    UpstreamRefusedSilently,
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -45,6 +48,7 @@ from service.upstream.openai_json import (
     says_content_flagged,
     says_context_exceeded,
     says_out_of_credit,
+    unary_body,
 )
 from service.upstream.proxy import Proxy, choose_proxy
 from service.upstream.sse import SSEDecoder
@@ -363,7 +367,7 @@ class UpstreamClient:
         upstream that ends so the streams it refuses (`empty_stream_is_refusal`); else let
         the end be read as malformed (no finish reason), as from any other."""
         if self.config.empty_stream_is_refusal:
-            raise UpstreamRejected(
+            raise UpstreamRefusedSilently(
                 f"upstream {self.name!r} refused the request: it ended the stream before its "
                 "first event, as llama-cpp-python's server does for a prompt over its "
                 "context window (its tokens, not the gateway's estimate); shorten it",
@@ -425,7 +429,82 @@ class UpstreamClient:
         on_status: Callable[[int], None] | None = None,
     ) -> UpstreamReply:
         """Send one unary completion and parse the answer; `on_sent` as `HttpPool.request`,
-        `on_status` with the answer's status, before its body is read."""
+        `on_status` with the answer's status, before its body is read.
+
+        To an upstream with `stream_unary_calls` the call is a stream (its body built so),
+        read whole: `_complete_streamed`.
+        """
+        if self.config.stream_unary_calls:
+            return await self._complete_streamed(
+                call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status
+            )
+        return await self._complete_unary(
+            call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status
+        )
+
+    async def _complete_streamed(
+        self,
+        call: UpstreamCall,
+        *,
+        timeout_s: float,
+        on_sent: Callable[[], None] | None = None,
+        on_status: Callable[[int], None] | None = None,
+    ) -> UpstreamReply:
+        """A unary completion sent as the stream `call` is, its events read whole into the
+        answer `complete` gives; `timeout_s` bounds all of it, as a unary call's.
+
+        llama-cpp-python's server (0.3.x, `server/app.py`) asks `request.is_disconnected()`
+        once before a unary completion starts (`create_chat_completion`), and in a stream
+        after each chunk (`get_event_publisher`): a unary call cut by its caller would
+        generate to its `max_tokens`, every later call queued behind it, where a stream
+        stops once its connection closes, as `stream` closes it on any exit.
+        A stream it refused without a word is asked again unary, whose error says why (a
+        prompt over its context window: `UpstreamContextExceeded`, as before).
+        """
+        chunks: list[TextChunk] = []
+        end: StreamEnd | None = None
+        with self._translated_errors:
+            async with asyncio.timeout_at(self._deadline(timeout_s)):
+                events = cast(
+                    AsyncGenerator[StreamEvent, None],
+                    self.stream(call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status),
+                )
+                try:
+                    async with contextlib.aclosing(events):
+                        async for event in events:
+                            if isinstance(event, TextChunk):
+                                chunks.append(event)
+                            else:
+                                end = event
+                except UpstreamRefusedSilently:
+                    unary = dataclasses.replace(call, body=unary_body(call.body))
+                    return await self._complete_unary(
+                        unary, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status
+                    )
+        if end is None:  # `stream` always ends with StreamEnd or raises
+            raise RuntimeError("stream ended without its end event")
+        whole = joined_chunks(chunks)
+        return UpstreamReply(
+            id=end.id,
+            model=end.model,
+            content=whole.content,
+            finish_reason=end.finish_reason,
+            usage=end.usage,
+            rate_limits=end.rate_limits,
+            tool_calls=assemble_tool_calls(whole.tool_calls),
+            reasoning=whole.reasoning,
+            waited_s=end.waited_s,
+        )
+
+    async def _complete_unary(
+        self,
+        call: UpstreamCall,
+        *,
+        timeout_s: float,
+        on_sent: Callable[[], None] | None,
+        on_status: Callable[[int], None] | None,
+    ) -> UpstreamReply:
+        """`complete`, as one unary HTTP exchange."""
         with self._translated_errors:
             async with asyncio.timeout_at(self._deadline(timeout_s)):
                 response = await self._post(call, on_sent, on_status)
@@ -491,6 +570,7 @@ class UpstreamClient:
                         finish_reason=reply.finish_reason,
                         usage=reply.usage,
                         rate_limits=reply.rate_limits,
+                        waited_s=reply.waited_s,
                     )
                     return
                 decoder = SSEDecoder()
@@ -550,6 +630,7 @@ class UpstreamClient:
                     rate_limits=rate_limit_hints(response.headers).aged(
                         time.monotonic() - headers_at
                     ),
+                    waited_s=response.waited_s,
                 )
             finally:
                 if parser.is_done:

@@ -139,6 +139,13 @@ def request_body(
     return orjson.dumps(body)
 
 
+def unary_body(stream_body: bytes) -> bytes:
+    """A streamed request's body (`request_body(stream=True)`) as the same request unary."""
+    body = orjson.loads(stream_body)
+    del body["stream"], body["stream_options"]
+    return orjson.dumps(body)
+
+
 def _message_json(message: Message, reasoning_field: str) -> dict[str, Any]:
     """A message with tool calls (content null when empty), answering one, or with reasoning."""
     data: dict[str, Any] = {"role": message.role.value, "content": message.content}

@@ -108,6 +108,8 @@ class StreamEnd:
     finish_reason: FinishReason
     usage: Usage | None
     rate_limits: RateLimitHints = RateLimitHints()
+    # From the request's last byte written to the stream's end, as `UpstreamReply`'s.
+    waited_s: float = 0.0
 
 
 StreamEvent = TextChunk | StreamEnd

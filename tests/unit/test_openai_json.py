@@ -17,6 +17,7 @@ from service.upstream.openai_json import (
     request_body,
     says_context_exceeded,
     says_out_of_credit,
+    unary_body,
     usage,
 )
 from service.upstream.types import StreamEnd, TextChunk, UpstreamReply
@@ -115,6 +116,19 @@ def test_request_body_stream_flag(stream: bool) -> None:
     else:
         assert "stream" not in body
         assert "stream_options" not in body
+
+
+def test_a_streamed_body_made_unary_is_the_unary_body() -> None:
+    """`unary_body` of a stream's body is, byte for byte, the body the same request unary
+    is sent with (how a stream refused without a word is asked again)."""
+    request = ChatRequest(
+        model="m",
+        messages=(Message(Role.USER, "hi"),),
+        params=GenerationParams(temperature=0.3, max_tokens=10, stop=("x",)),
+    )
+    streamed = request_body(request, upstream_model="u", stream=True, extra={"x_org": 1})
+    unary = request_body(request, upstream_model="u", stream=False, extra={"x_org": 1})
+    assert unary_body(streamed) == unary
 
 
 @pytest.mark.parametrize(

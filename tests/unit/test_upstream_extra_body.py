@@ -157,6 +157,15 @@ def test_an_upstream_taking_json_object_schemas_gets_the_schema_in_that_shape() 
     assert local.json_schema_format == "json_object_schema"
 
 
+def test_the_local_model_is_sent_unary_calls_as_streams() -> None:
+    """`stream_unary_calls` is off for an upstream unless set, and on for the local model:
+    llama-cpp-python stops a generation whose caller left only in a stream."""
+    assert not parse({"upstreams": [upstream()]}).upstreams[0].stream_unary_calls
+    assert parse({"upstreams": [upstream(stream_unary_calls=True)]}).upstreams[0].stream_unary_calls
+    local = LocalModelServer(LocalModelConfig(), python="python").upstream_config()
+    assert local.stream_unary_calls
+
+
 def test_an_upstreams_reasoning_field_is_one_of_the_two_spellings() -> None:
     """`reasoning_field` is `reasoning_content` (DeepSeek's, the default) or `reasoning`
     (OpenRouter's, newer vLLM's); any other is refused at start, naming the option."""
