@@ -14,8 +14,9 @@ cost is spent in the period it was reserved in, even when it ends in the next on
 The guarantee: calls that set `max_tokens` never take a tenant past its limit together
 (as long as the upstream bills no more prompt tokens than estimated); each call without
 it that is in flight when the limit is reached may overrun it by at most its own output
-beyond `reserve_output_tokens`. A reservation its replica never released lapses after
-`ledger.RESERVATION_TTL_S`. The `"*"` entry applies to every tenant without its own.
+beyond `reserve_output_tokens`. A reservation is renewed while its call runs; one its
+replica never released (it died mid-call) lapses within `ledger.RESERVATION_TTL_S`, a
+minute. The `"*"` entry applies to every tenant without its own.
 """
 
 from __future__ import annotations
