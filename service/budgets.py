@@ -21,6 +21,7 @@ minute. The `"*"` entry applies to every tenant without its own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Mapping
 
@@ -186,9 +187,17 @@ class BudgetHold:
         return self._is_closed
 
     async def close(self) -> None:
-        """Release what was kept; anything reserved from now on releases itself."""
+        """Release what was kept; anything reserved from now on releases itself.
+
+        Shielded from the caller's cancellation: a reservation left unreleased would be
+        renewed for as long as the replica runs (`LeaseRenewals`), not lapse.
+        """
         self._is_closed = True
         kept, self._kept = self._kept, []
+        if kept:
+            await asyncio.shield(self._release_all(kept))
+
+    async def _release_all(self, kept: list[Reservation]) -> None:
         for reservation in kept:
             await self._budgets.release(reservation)
 

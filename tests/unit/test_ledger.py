@@ -504,6 +504,41 @@ async def test_a_renewal_redis_runs_after_its_reservation_was_released_does_not_
         await ledger.aclose()
 
 
+@pytest.mark.redis
+async def test_a_hold_cancelled_as_it_closes_still_releases_every_reservation(
+    redis_url,  # noqa: F811
+):
+    """A caller cancelled while its hold released what it kept (a batch's items, a
+    Summarize's parts) left the rest unreleased: renewed while the replica runs, they
+    would hold the tenant's budget for good. The releases run to their end."""
+    config = LedgerConfig(redis_url=redis_url, key_prefix=f"t{next(_prefixes)}")
+    ledger = RedisLedger(config, wall_clock=WallClock(NOON), reservation_ttl_s=1)
+    budgets = Budgets(
+        {"acme": BudgetConfig(usd=1.0, period="day")},
+        ledger=ledger,
+        prices=PRICES,
+        wall_clock=WallClock(NOON),
+    )
+    try:
+        hold = budgets.holding()
+        for _ in range(3):
+            async with hold.reserving(request_of("acme"), prompt_tokens=1000):
+                pass
+        assert await ledger.reserved_usd("acme", "day") > 0
+        closing = asyncio.create_task(hold.close())
+        await asyncio.sleep(0)  # into the first release's round trip
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        async with asyncio.timeout(10):  # past the TTL, renewed or not
+            while await ledger.reserved_usd("acme", "day"):
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)  # a lease still held would be renewed, and counted, by now
+        assert await ledger.reserved_usd("acme", "day") == 0
+    finally:
+        await ledger.aclose()
+
+
 def test_record_numbers_track_the_lowest_unconfirmed_whatever_the_order() -> None:
     """Redis forgets the numbers below the lowest unconfirmed one, so that number must
     not move past a record still in flight, however the others are confirmed."""
