@@ -14,12 +14,14 @@ cost is spent in the period it was reserved in, even when it ends in the next on
 The guarantee: calls that set `max_tokens` never take a tenant past its limit together
 (as long as the upstream bills no more prompt tokens than estimated); each call without
 it that is in flight when the limit is reached may overrun it by at most its own output
-beyond `reserve_output_tokens`. A reservation its replica never released lapses after
-`ledger.RESERVATION_TTL_S`. The `"*"` entry applies to every tenant without its own.
+beyond `reserve_output_tokens`. A reservation is renewed while its call runs; one its
+replica never released (it died mid-call) lapses within `ledger.RESERVATION_TTL_S`, a
+minute. The `"*"` entry applies to every tenant without its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Mapping
 
@@ -185,9 +187,17 @@ class BudgetHold:
         return self._is_closed
 
     async def close(self) -> None:
-        """Release what was kept; anything reserved from now on releases itself."""
+        """Release what was kept; anything reserved from now on releases itself.
+
+        Shielded from the caller's cancellation: a reservation left unreleased would be
+        renewed for as long as the replica runs (`LeaseRenewals`), not lapse.
+        """
         self._is_closed = True
         kept, self._kept = self._kept, []
+        if kept:
+            await asyncio.shield(self._release_all(kept))
+
+    async def _release_all(self, kept: list[Reservation]) -> None:
         for reservation in kept:
             await self._budgets.release(reservation)
 

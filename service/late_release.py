@@ -1,20 +1,21 @@
 """Releases a shared store refused, retried in the background until they land.
 
 A lease in Redis (a tenant's in-flight slot, a budget reservation) that a call could not
-give back when it ended keeps counting until it expires, 15 minutes later: a Redis
-failover of a few seconds at the wrong moment would hold a tenant at its
-`max_concurrent_calls` (or its budget) for that long. Each release that fails is kept
-here and retried, oldest first, with capped exponential backoff while the store stays
-unreachable, until it succeeds or its lease has expired anyway. One task does the
-retrying, however many releases wait; at most `max_pending` wait (past that the oldest
-is left to expire), so an outage under full load cannot grow memory without bound.
-Releases must be idempotent: a release that timed out may still have happened. A write
-that is not idempotent by nature (the usage ledger's rows) is made so by its store, and
-says through `on_give_up` when it is abandoned. A release the store refuses for what it
-is (`refused_for_good`), rather than for being unavailable, is given up at once: sent
-again it would fail again, and hold back every release queued behind it. With a
-`StoreCooldown`, a release made while the store is left alone (it just failed to answer)
-is queued untried, and each try tells the cool-down whether the store answered.
+give back when it ended keeps counting until it expires, up to a minute later
+(`lease_renewals.LEASE_TTL_S`): a Redis failover of a few seconds at the wrong moment
+would hold a tenant at its `max_concurrent_calls` (or its budget) for that long. Each
+release that fails is kept here and retried, oldest first, with capped exponential
+backoff while the store stays unreachable, until it succeeds or its lease has expired
+anyway. One task does the retrying, however many releases wait; at most `max_pending`
+wait (past that the oldest is left to expire), so an outage under full load cannot grow
+memory without bound. Releases must be idempotent: a release that timed out may still
+have happened. A write that is not idempotent by nature (the usage ledger's rows) is
+made so by its store, and says through `on_give_up` when it is abandoned. A release the
+store refuses for what it is (`refused_for_good`), rather than for being unavailable, is
+given up at once: sent again it would fail again, and hold back every release queued
+behind it. With a `StoreCooldown`, a release made while the store is left alone (it just
+failed to answer) is queued untried, and each try tells the cool-down whether the store
+answered.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ process for `MemoryLedger` and in Redis, for every replica, for `RedisLedger`.
     {prefix}:spend:{tenant}:{period} integer pico-dollars (INCRBY)
     {prefix}:reserved:{tenant}:{period}  pico-dollars held by calls in flight
     {prefix}:leases:{tenant}:{period}    sorted set "{id}:{pico}" -> when it lapses
+    {prefix}:released:{id}           a released lease a renewal sent before must not put back
     {prefix}:applied:{replica}       sorted set: a replica's record numbers (`_RecordNumbers`)
 
 A tenant name is the last part of its keys but for budget keys, whose period is a fixed
@@ -28,8 +29,9 @@ reads each bucket's tenants first.
 Every key expires: usage and spend `retention_days` after their last write (a period's
 spend no sooner than its period ends, for its budget), record
 numbers after `2 * RECORD_RETRY_S`; the reservation keys expire `RESERVATION_TTL_S`
-after the tenant's last reservation, and each lease lapses that long after it was
-taken, so a replica that crashed mid-call cannot hold a budget forever.
+after the tenant's last reservation or renewal, and each lease lapses that long after it
+was taken or last renewed (`LeaseRenewals`, while its call runs), so a replica that
+crashed mid-call holds a budget for a minute at most.
 
 Releases before this layout kept every bucket's row ids in one `{prefix}:bucket:{bucket}`
 set and the dimensions in one `{prefix}:dims` hash that never expired. Queries still read
@@ -61,6 +63,7 @@ from service.domain import Usage
 from service.errors import UpstreamUnavailable
 from service.late_release import LateReleases
 from service.lean_redis import LeanRedis
+from service.lease_renewals import LEASE_TTL_S, LeaseRenewals
 from service.memo import BoundedMemo
 from service.redis_errors import refused_for_good, replacing_closed_connections
 from service.store_cooldown import COOLDOWN_S, StoreCooldown
@@ -70,9 +73,9 @@ log = logging.getLogger("llm_gateway.ledger")
 T = TypeVar("T")
 
 PICO = 10**12
-# A reservation its replica never released (it crashed mid-call) stops counting after
-# this long; longer than any call is expected to run.
-RESERVATION_TTL_S = 900
+# A reservation stops counting this long after it was last renewed (every third of it,
+# while its call runs): a replica that crashed mid-call holds its tenants' budgets no longer.
+RESERVATION_TTL_S = LEASE_TTL_S
 # A usage row Redis did not take is retried for this long, then given up (and logged).
 RECORD_RETRY_S = 3600
 # The old layout's dims hash outlives retention by this much after the first record of
@@ -523,6 +526,10 @@ class MemoryLedger:
 # clock ran a TTL ahead would sweep every other replica's calls in flight at once.
 # Lua numbers are doubles: exact up to 2^53 pico-dollars ($9,007), a few pico-dollars off above.
 _SWEEP_LUA = """
+-- Never shortened: a replica of an older release (a rolling upgrade) may hold longer leases.
+local function keep_for(key, ttl)
+  if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
@@ -542,8 +549,8 @@ local cost, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 if committed >= limit or committed + cost > limit then return {0, spent, reserved} end
 redis.call('INCRBY', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
+keep_for(KEYS[2], tonumber(ARGV[4]))
+keep_for(KEYS[3], tonumber(ARGV[4]))
 return {1, spent, reserved}
 """
 _RESERVE_LUA = _SWEEP_LUA + _RESERVE
@@ -609,11 +616,34 @@ return applied
 _APPLIED_TO_OVERFLOW = 2
 _ROW_LEFT_CORRUPT = 2  # added to the above when the row was corrupt
 _RESERVED_LUA = _SWEEP_LUA + "return reserved"
-# KEYS: reserved, leases. ARGV: lease, cost. A lease already released or lapsed is not
-# subtracted twice; once no lease is left the total is dropped, so it cannot drift.
+# KEYS: reserved, leases, and the lease's released marker if a renewal was sent for it.
+# ARGV: lease, cost, ttl (s). A lease already released or lapsed is not subtracted twice;
+# once no lease is left the total is dropped, so it cannot drift.
 _RELEASE_LUA = """
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then redis.call('DECRBY', KEYS[1], ARGV[2]) end
 if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
+if KEYS[3] then redis.call('SET', KEYS[3], 1, 'EX', ARGV[3]) end
+return 0
+"""
+# Every reservation of a round. KEYS: for each, its reserved total, leases and released
+# marker. ARGV: ttl (s), then each one's lease and cost. Moves each lease to lapse a
+# whole ttl from now, putting it back (and its cost in the total) if it lapsed: its call
+# still runs. Not once marked released, as this may run after that.
+_RENEW_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[1])
+for i = 0, #KEYS / 3 - 1 do
+  local reserved, leases = KEYS[3 * i + 1], KEYS[3 * i + 2]
+  if redis.call('EXISTS', KEYS[3 * i + 3]) == 0 then
+    if redis.call('ZADD', leases, now + ttl, ARGV[2 * i + 2]) == 1 then
+      redis.call('INCRBY', reserved, ARGV[2 * i + 3])
+    end
+    for _, key in ipairs({reserved, leases}) do
+      if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
+    end
+  end
+end
 return 0
 """
 
@@ -684,6 +714,7 @@ class RedisLedger:
         self._reserve_script = self._lean.register_script(_RESERVE_LUA)
         self._reserved_script = self._lean.register_script(_RESERVED_LUA)
         self._release_script = self._lean.register_script(_RELEASE_LUA)
+        self._renew_script = self._lean.register_script(_RENEW_LUA)
         self._record_script = self._lean.register_script(_RECORD_LUA)
         # Redis left alone for a while after it fails to answer (`StoreCooldown`).
         self.cooldown = StoreCooldown("ledger")
@@ -693,6 +724,13 @@ class RedisLedger:
             lease_ttl_s=reservation_ttl_s,
             refused_for_good=refused_for_good,
             cooldown=self.cooldown,
+        )
+        self._renewals: LeaseRenewals[Reservation] = LeaseRenewals(
+            "ledger",
+            ttl_s=reservation_ttl_s,
+            renew=self._renew_reservations,
+            cooldown=self.cooldown,
+            on_answered=self.late_releases.store_answered,
         )
         self._old_dims_key = f"{self._prefix}:dims"
         self._max_rows = config.max_rows_per_tenant
@@ -978,9 +1016,13 @@ class RedisLedger:
                 await self.release(lease)
             raise
         self.late_releases.store_answered()
-        return replace(
+        reservation = replace(
             lease, is_granted=bool(is_granted), spent_pico=int(spent), reserved_pico=int(reserved)
         )
+        if reservation.is_granted:
+            # Renewed while its call runs: held longer than the TTL, it still counts.
+            self._renewals.hold(reservation.id, reservation)
+        return reservation
 
     async def reserved_usd(self, tenant: str, period: str) -> float:
         """What `tenant`'s calls in flight hold in the current `period` (0 while Redis is down)."""
@@ -997,11 +1039,17 @@ class RedisLedger:
         lease lapses."""
         if not (reservation.is_granted and reservation.was_sent):
             return
+        _, reserved, leases = self._budget_keys(reservation.tenant, reservation.period_key)
+        keys = [reserved, leases]
+        # A renewal Redis runs after the release would put the lease back: once one was
+        # sent, the lease is marked released too.
+        if self._renewals.let_go(reservation.id):
+            keys.append(self._released_key(reservation))
 
         async def release_now() -> None:
-            _, reserved, leases = self._budget_keys(reservation.tenant, reservation.period_key)
             await self._release_script(
-                keys=[reserved, leases], args=[self._lease(reservation), reservation.cost_pico]
+                keys=keys,
+                args=[self._lease(reservation), reservation.cost_pico, self._reservation_ttl_s],
             )
 
         if reservation.tenant in self._rows_waiting:
@@ -1015,8 +1063,22 @@ class RedisLedger:
     def _lease(reservation: Reservation) -> str:
         return f"{reservation.id}:{reservation.cost_pico}"
 
+    def _released_key(self, reservation: Reservation) -> str:
+        return f"{self._prefix}:released:{reservation.id}"
+
+    async def _renew_reservations(self, reservations: list[Reservation]) -> None:
+        """Renew `reservations` in one script (`_RENEW_LUA`)."""
+        keys: list[str] = []
+        args: list[str | int] = [self._reservation_ttl_s]
+        for reservation in reservations:
+            _, reserved, leases = self._budget_keys(reservation.tenant, reservation.period_key)
+            keys += [reserved, leases, self._released_key(reservation)]
+            args += [self._lease(reservation), reservation.cost_pico]
+        await self._renew_script(keys=keys, args=args)
+
     async def aclose(self) -> None:
-        """Stop retrying releases and close the connection pools."""
+        """Stop renewing reservations and retrying releases, and close the connection pools."""
+        await self._renewals.aclose()
         await self.late_releases.aclose()
         await self._lean.aclose()
         await self._redis.aclose()

@@ -11,7 +11,6 @@ them. Tokens counted are the prompt's estimate plus the `max_tokens` reserved fo
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import uuid
@@ -23,14 +22,13 @@ from service.clock import SYSTEM_CLOCK, Clock
 from service.config import TenantConfig
 from service.errors import QuotaExceeded
 from service.late_release import LateReleases
+from service.lease_renewals import LEASE_TTL_S, LeaseRenewals
 from service.redis_errors import refused_for_good
 from service.store_cooldown import StoreCooldown
 
 log = logging.getLogger("llm_gateway.tenant_limits")
 
 _WINDOW_S = 60.0
-# A lease a crashed replica never released stops counting after this long.
-_LEASE_TTL_S = 900
 
 
 class CallSlot:
@@ -264,26 +262,34 @@ if tpm > 0 then
 end
 if maxc > 0 and redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('ZADD', KEYS[3], now + ttl, ARGV[6])
-  redis.call('EXPIRE', KEYS[3], ttl)
+  -- Never shortened: a replica of an older release (a rolling upgrade) may hold longer leases.
+  if redis.call('TTL', KEYS[3]) < ttl then redis.call('EXPIRE', KEYS[3], ttl) end
 end
 return {0, ''}
 """
 
 _WHICH = {1: "requests_per_minute", 2: "tokens_per_minute", 3: "max_concurrent_calls"}
 
-# KEYS: the in-flight sorted set, the lease's released marker. ARGV: lease id, lease ttl
-# (s). Moves the lease to expire a whole ttl from now (on Redis's clock, as the admission
-# script does), putting it back if it lapsed (Redis unreachable past its ttl, or restarted
-# empty): its call still runs. Not once marked released, as this may run after that.
+# Every lease of a round. KEYS: for each lease, its in-flight sorted set and its released
+# marker. ARGV: lease ttl (s), then each lease's id. Moves each lease to expire a whole
+# ttl from now (on Redis's clock, as the admission script does), putting it back if it
+# lapsed (Redis unreachable past its ttl, or restarted empty): its call still runs. Not
+# once marked released, as this may run after that.
 _RENEW_LUA = """
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[1])
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    redis.call('ZADD', KEYS[i], now + ttl, ARGV[(i + 1) / 2 + 1])
+    if redis.call('TTL', KEYS[i]) < ttl then redis.call('EXPIRE', KEYS[i], ttl) end
+  end
 end
 return 0
 """
+
+# A held lease: its id and its keys (`RedisTenantLimiter._keys`).
+_Lease = tuple[str, list[str]]
 
 
 class RedisTenantLimiter:
@@ -292,12 +298,12 @@ class RedisTenantLimiter:
     If Redis cannot be reached the call is admitted and a warning logged: an outage of
     the limit store should not take the whole gateway down with it. A lease Redis does
     not take back when its call ends is given back later (`LateReleases`), so a short
-    outage does not hold a tenant's slot for the lease's 15 minutes. While `cooldown`
+    outage does not hold a tenant's slot until the lease lapses. While `cooldown`
     (shared with the other users of the same Redis client) leaves Redis alone, calls are
-    admitted at once, and take no lease to give back. A call held longer than a third of
-    the lease's TTL (a long batch) has its lease renewed as it goes, so its slot counts for
-    as long as it runs, not 15 minutes: one task renews every lease the replica holds,
-    every third of the TTL, rather than a task for each call.
+    admitted at once, and take no lease to give back. Each call's lease is renewed while
+    it runs (`LeaseRenewals`: one task and one script a round for all of them), so a long
+    call (a paced batch) keeps its slot to its end, and a dead replica's leases lapse
+    within their TTL (`LEASE_TTL_S`, a minute).
     """
 
     def __init__(
@@ -306,7 +312,7 @@ class RedisTenantLimiter:
         *,
         prefix: str,
         cooldown: StoreCooldown | None = None,
-        lease_ttl_s: int = _LEASE_TTL_S,
+        lease_ttl_s: int = LEASE_TTL_S,
         commands: Any = None,
     ) -> None:
         self._redis = redis
@@ -317,11 +323,6 @@ class RedisTenantLimiter:
         self._script = self._commands.register_script(_ADMIT_LUA)
         self._renew = self._commands.register_script(_RENEW_LUA)
         self._lease_ttl_s = lease_ttl_s
-        # The leases of this replica's calls in progress (lease: its keys), those a
-        # renewal was sent for, and the task renewing them while any are held.
-        self._held: dict[str, list[str]] = {}
-        self._renewed: set[str] = set()
-        self._renewing: asyncio.Task[None] | None = None
         self.cooldown = cooldown if cooldown is not None else StoreCooldown("tenant_limits")
         self.late_releases = LateReleases(
             "tenant_limits",
@@ -329,14 +330,17 @@ class RedisTenantLimiter:
             refused_for_good=refused_for_good,
             cooldown=self.cooldown,
         )
+        self._renewals: LeaseRenewals[_Lease] = LeaseRenewals(
+            "tenant_limits",
+            ttl_s=lease_ttl_s,
+            renew=self._renew_leases,
+            cooldown=self.cooldown,
+            on_answered=self.late_releases.store_answered,
+        )
 
     async def aclose(self) -> None:
         """Stop renewing leases and retrying releases (before the Redis client closes)."""
-        renewing, self._renewing = self._renewing, None
-        # One of an earlier loop ended with it (and could not be awaited on this one).
-        if renewing is not None and renewing.get_loop() is asyncio.get_running_loop():
-            renewing.cancel()
-            await asyncio.gather(renewing, return_exceptions=True)
+        await self._renewals.aclose()
         await self.late_releases.aclose()
 
     async def _give_back(self, keys: list[str], lease: str, *, may_come_back: bool) -> None:
@@ -458,14 +462,12 @@ class RedisTenantLimiter:
         if not cap:
             yield NO_SLOT
             return
-        self._hold(keys, lease)
+        self._renewals.hold(lease, (lease, keys))
 
         async def release() -> None:
-            self._held.pop(lease, None)
             # A renewal Redis runs after a plain ZREM would put the lease back: once one
             # was sent, the lease is marked released too.
-            is_renewed = lease in self._renewed
-            self._renewed.discard(lease)
+            is_renewed = self._renewals.let_go(lease)
             await self._give_back(keys, lease, may_come_back=not is_confirmed or is_renewed)
 
         slot = CallSlot(release)
@@ -474,33 +476,7 @@ class RedisTenantLimiter:
         finally:
             await slot.give_back()
 
-    def _hold(self, keys: list[str], lease: str) -> None:
-        """Renew `lease` from now on, until its call gives it back."""
-        self._held[lease] = keys
-        if self._renewing is None or self._renewing.done():
-            self._renewing = asyncio.create_task(self._keep_leases())
-
-    async def _keep_leases(self) -> None:
-        """Renew every lease held, every third of the TTL, until a round finds none held
-        (the task lingers that long, so that calls coming and going do not each start
-        one). A lease Redis does not renew is tried again at the next round (it still
-        counts meanwhile, and one that lapsed is put back); one taken since the last round
-        is a third of its TTL old at most.
-        """
-        while self._held:
-            await asyncio.sleep(self._lease_ttl_s / 3)
-            for lease, keys in list(self._held.items()):
-                if lease not in self._held:
-                    continue  # given back while an earlier one was renewed
-                if self.cooldown.skips():
-                    break
-                self._renewed.add(lease)
-                try:
-                    await self._renew(keys=[keys[2], keys[3]], args=[lease, self._lease_ttl_s])
-                except Exception as exc:  # Redis down: the next round, or else the TTL
-                    self.cooldown.failed(exc)
-                    log.warning("tenant_limits.renew_failed", extra={"error": type(exc).__name__})
-                else:
-                    # Answered: the cool-down ends, or the next lease's `skips()` would
-                    # leave it (and the rest) to lapse.
-                    self.late_releases.store_answered()
+    async def _renew_leases(self, leases: list[_Lease]) -> None:
+        """Renew `leases` in one script (`_RENEW_LUA`)."""
+        keys = [key for _, lease_keys in leases for key in (lease_keys[2], lease_keys[3])]
+        await self._renew(keys=keys, args=[self._lease_ttl_s, *(lease for lease, _ in leases)])

@@ -10,6 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from service.ledger import RedisLedger
+from service.tenant_limits import RedisTenantLimiter
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -48,3 +51,22 @@ def redis_url() -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def use_short_leases(monkeypatch: pytest.MonkeyPatch, ttl_s: int) -> None:
+    """Gateways started in this process from now on take tenant slots and budget
+    reservations in Redis that lapse `ttl_s` after their last renewal (not a minute): the
+    default of the constructors' TTL argument, which the gateway leaves unset."""
+    monkeypatch.setitem(RedisTenantLimiter.__init__.__kwdefaults__, "lease_ttl_s", ttl_s)
+    monkeypatch.setitem(RedisLedger.__init__.__kwdefaults__, "reservation_ttl_s", ttl_s)
+
+
+def short_leases_setup(ttl_s: int) -> str:
+    """`use_short_leases` as code a gateway process runs before it starts
+    (`started_gateway_process`'s `setup`)."""
+    return (
+        "from service.ledger import RedisLedger\n"
+        "from service.tenant_limits import RedisTenantLimiter\n"
+        f"RedisTenantLimiter.__init__.__kwdefaults__['lease_ttl_s'] = {ttl_s}\n"
+        f"RedisLedger.__init__.__kwdefaults__['reservation_ttl_s'] = {ttl_s}"
+    )

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,40 @@ _STOP_TIMEOUT_S = 10.0
 _LISTENING = "llm-gateway listening on "
 
 
+@dataclass(frozen=True, slots=True)
+class GatewayProcess:
+    """A gateway serving in a child process, and a stub to it."""
+
+    stub: pb_grpc.CompletionServiceStub
+    process: asyncio.subprocess.Process
+
+
 @contextlib.asynccontextmanager
 async def gateway_process(
     config: Mapping[str, Any], directory: Path
 ) -> AsyncIterator[pb_grpc.CompletionServiceStub]:
-    """`config` written as YAML under `directory`, served by one child process; a stub to it.
+    """`config` written as YAML under `directory`, served by one child process; a stub to it."""
+    async with started_gateway_process(config, directory) as gateway:
+        yield gateway.stub
+
+
+def _entry(setup: str) -> list[str]:
+    """`python -m service` as its arguments, or a program that runs `setup` (code that may
+    replace the service's names, as a test's monkeypatch would) and then it."""
+    if not setup:
+        return ["-m", "service"]
+    return [
+        "-c",
+        "import sys; from service import early_signals; early_signals.hold()\n"
+        f"{setup}\nfrom service.main import main; sys.exit(main())",
+    ]
+
+
+@contextlib.asynccontextmanager
+async def started_gateway_process(
+    config: Mapping[str, Any], directory: Path, *, setup: str = ""
+) -> AsyncIterator[GatewayProcess]:
+    """`gateway_process`, with its process (a test may kill it), `setup` run first in it.
 
     `--workers 1`: with its state in Redis the gateway would otherwise run one process per
     core, and these tests are about separate replicas. SIGTERM on exit, SIGKILL if it hangs.
@@ -34,7 +64,7 @@ async def gateway_process(
     path.write_text(yaml.safe_dump(dict(config)), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_GATEWAY")}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "serve", "--config", str(path),
+        sys.executable, *_entry(setup), "serve", "--config", str(path),
         "--workers", "1", "--log-level", "WARNING",
         stdout=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
@@ -44,7 +74,7 @@ async def gateway_process(
             line = (await process.stdout.readline()).decode()
         assert line.startswith(_LISTENING), f"gateway process did not start: {line!r}"
         async with grpc.aio.insecure_channel(line[len(_LISTENING) :].strip()) as channel:
-            yield pb_grpc.CompletionServiceStub(channel)
+            yield GatewayProcess(pb_grpc.CompletionServiceStub(channel), process)
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)

@@ -31,7 +31,7 @@ from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gatewa
 from tests.fake_upstream import Status
 from tests.integration.helpers import retry_delay_s, rich_status
 from tests.integration.tenancy_helpers import as_tenant, secure_config
-from tests.redis_support import redis_url  # noqa: F401 - fixture
+from tests.redis_support import redis_url, use_short_leases  # noqa: F401 - fixture
 from tests.scripted_upstream import ScriptedUpstream, user_text
 
 MAX_TOKENS = 1000
@@ -349,6 +349,39 @@ async def test_replicas_on_one_redis_see_each_others_reservations(
     assert_budget_refused(await outcome(streamed(second, "call b")))
     held.gate.set()
     assert (await call).content
+    assert (await second.stub.Complete(capped("call c"))).content
+    assert len(held.requests) == 2
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("kind", ["unary", "stream"])
+async def test_a_call_running_past_its_reservations_ttl_still_holds_it(
+    held,
+    start_gateway,
+    redis_url,  # noqa: F811
+    monkeypatch,
+    kind,
+):
+    """A call that runs longer than its reservation's TTL (a long stream, a paced batch)
+    has it renewed as it goes: the budget still counts it, on any replica, until it ends.
+
+    Before, a reservation was never renewed: it stopped counting after its TTL (15
+    minutes) while its call still ran, and other calls could pass the budget."""
+    use_short_leases(monkeypatch, 1)
+    ledger = {"redis_url": redis_url, "key_prefix": uuid.uuid4().hex}
+    config = gateway_config(held.base_url, ledger=ledger, budgets={"default": budget_for(1.5)})
+    first, second = await start_gateway(config), await start_gateway(config)
+    held.gate.clear()
+    if kind == "unary":
+        call = asyncio.create_task(outcome(first.stub.Complete(capped("call a"))))
+    else:
+        call = asyncio.create_task(outcome(streamed(first, "call a")))
+    await held.wait_until(lambda: held.in_flight == 1)
+    await asyncio.sleep(2.5)  # past the 1 s TTL: renewed every third of it
+    assert_budget_refused(await outcome(second.stub.Complete(capped("call b"))))
+    held.gate.set()
+    assert not isinstance(await call, grpc.aio.AioRpcError)
+    await nothing_reserved(first)
     assert (await second.stub.Complete(capped("call c"))).content
     assert len(held.requests) == 2
 

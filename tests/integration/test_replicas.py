@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import secrets
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,15 @@ from redis.asyncio import Redis
 from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import hash_key
 from service.config import parse_config
-from tests.conftest import chat, gateway_config_data
-from tests.fake_upstream import FakeUpstream
-from tests.integration.gateway_process import gateway_process
+from tests.conftest import FAKE_MODEL, chat, gateway_config_data
+from tests.fake_upstream import Behaviour, FakeUpstream, Hang
+from tests.integration.gateway_process import gateway_process, started_gateway_process
+from tests.integration.helpers import retry_delay_s
+from tests.integration.tenancy_helpers import TENANT_KEYS, as_tenant
+from tests.integration.test_budget_reservations import budget_for, capped, outcome
 from tests.redis_server import RedisServer
+from tests.redis_support import short_leases_setup
+from tests.scripted_upstream import ScriptedUpstream, user_text
 from tests.secret_capture import register_secret
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(90)]
@@ -122,3 +129,120 @@ async def test_cache_ledger_and_keys_share_one_password_protected_redis(
     assert (first.metadata.cache_hit, second.metadata.cache_hit) == (False, True)
     assert usage.total.requests == 2
     assert len(upstream.requests) == 1
+
+
+# The lease TTL of the replica killed below: its calls' leases lapse this long after their
+# last renewal (every third of it) instead of a minute.
+_KILLED_LEASE_TTL_S = 2
+
+
+async def test_a_replica_killed_mid_call_frees_its_tenant_slot_and_budget_within_the_ttl(
+    redis_server: RedisServer, start_gateway: Any, tmp_path: Path
+) -> None:
+    """A replica holds team-a's one concurrent-call slot and most of team-b's budget, its
+    upstream hanging, past their leases' TTL (shortened here): the other replica refuses
+    both tenants, telling them to retry in a second. Once the first is SIGKILLed (OOM kill,
+    node lost) mid-call, its leases lapse, renewed no more, and the other admits both.
+
+    Before, leases lapsed 15 minutes after they were taken, whatever became of their
+    replica: both tenants were refused, with a 1 s RetryInfo, for 15 minutes (and a
+    budget reservation stopped counting after its TTL while its call still ran)."""
+
+    def hang_the_doomed_replicas(body: dict[str, Any]) -> Behaviour | None:
+        return Hang() if user_text(body) == "call a" else None
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=hang_the_doomed_replicas) as held:
+        data = gateway_config_data(
+            held.base_url,
+            server={"grace_period_s": 1},
+            auth={
+                "mode": "keys",
+                "keys": [{"sha256": hash_key(k), "tenant": t} for t, k in TENANT_KEYS.items()],
+                "redis_url": redis_server.url,
+            },
+            ledger={"redis_url": redis_server.url},
+            tenants={"team-a": {"max_concurrent_calls": 1}, "team-b": {}},
+            budgets={"team-b": budget_for(1.5)},
+        )
+        # A copy: parse_config adds the config's source to the data it is given.
+        survivor = await start_gateway(parse_config(copy.deepcopy(data), source="<test>"))
+        setup = short_leases_setup(_KILLED_LEASE_TTL_S)
+        async with started_gateway_process(data, tmp_path, setup=setup) as doomed:
+            calls = [
+                doomed.stub.Complete(capped("call a"), metadata=as_tenant(tenant))
+                for tenant in ("team-a", "team-b")
+            ]
+            await held.wait_until(lambda: held.in_flight == 2)
+            await asyncio.sleep(1.5 * _KILLED_LEASE_TTL_S)  # renewed every third of the TTL
+            for tenant, held_by_the_call in (
+                ("team-a", "max_concurrent_calls"),
+                ("team-b", "reserved"),
+            ):
+                refused = await outcome(
+                    survivor.stub.Complete(capped("call b"), metadata=as_tenant(tenant))
+                )
+                assert isinstance(refused, grpc.aio.AioRpcError), refused
+                assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert held_by_the_call in (refused.details() or "")
+                assert retry_delay_s(refused) == 1.0
+            doomed.process.send_signal(signal.SIGKILL)
+            await doomed.process.wait()
+            for call in calls:
+                assert (await outcome(call)).code() is grpc.StatusCode.UNAVAILABLE
+        for tenant in ("team-a", "team-b"):
+            answer = await _admitted_again(survivor.stub, tenant)
+            assert answer.content
+
+
+async def _admitted_again(stub: Any, tenant: str) -> pb.CompleteResponse:
+    """`tenant`'s call, retried every second (as its RetryInfo says) until it passes."""
+    async with asyncio.timeout(10 * _KILLED_LEASE_TTL_S):
+        while True:
+            answer = await outcome(stub.Complete(capped("call c"), metadata=as_tenant(tenant)))
+            if not isinstance(answer, grpc.aio.AioRpcError):
+                return answer
+            assert answer.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, answer
+            await asyncio.sleep(retry_delay_s(answer) or 1.0)
+
+
+async def test_a_calls_tenant_slot_and_budget_reservation_lapse_a_minute_after_renewal(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """The leases a call holds in Redis (its tenant slot, its budget reservation) lapse at
+    most a minute after they were taken or last renewed, on Redis's clock: that is how
+    long a replica killed mid-call holds its tenants' slots and budgets.
+
+    Before, both lapsed 15 minutes after they were taken."""
+
+    def hang(body: dict[str, Any]) -> Behaviour:
+        return Hang()
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=hang) as held:
+        data = gateway_config_data(
+            held.base_url,
+            auth={
+                "mode": "keys",
+                "keys": [{"sha256": hash_key(TENANT_KEYS["team-a"]), "tenant": "team-a"}],
+                "redis_url": redis_server.url,
+            },
+            ledger={"redis_url": redis_server.url},
+            tenants={"team-a": {"max_concurrent_calls": 1}},
+            budgets={"team-a": budget_for(1.5)},
+        )
+        gateway = await start_gateway(parse_config(data, source="<test>"))
+        call = gateway.stub.Complete(capped("call a"), metadata=as_tenant("team-a"))
+        await held.wait_until(lambda: held.in_flight == 1)
+        client = Redis.from_url(redis_server.url)
+        try:
+            seconds, micros = await client.time()
+            lapse_at = [
+                score
+                for key in await client.keys("*")
+                if await client.type(key) == b"zset"
+                for _, score in await client.zrange(key, 0, -1, withscores=True)
+            ]
+        finally:
+            await client.aclose()
+        call.cancel()
+    assert len(lapse_at) == 2  # the tenant slot and the budget reservation
+    assert all(0 < at - (seconds + micros / 1e6) <= 60 for at in lapse_at), lapse_at

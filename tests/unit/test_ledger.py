@@ -8,6 +8,7 @@ import datetime as dt
 import itertools
 
 import pytest
+import redis.asyncio as aioredis
 
 from service.budgets import Budgets
 from service.config import BudgetConfig, ConfigError, LedgerConfig, ModelConfig, parse_config
@@ -434,8 +435,9 @@ async def test_reservations_are_per_tenant_and_period(make_ledger):
 
 @pytest.mark.redis
 async def test_redis_reservations_are_shared_and_lapse_when_never_released(redis_url):  # noqa: F811
-    """Replicas on one Redis see each other's reservations; an unreleased one lapses
-    (after its TTL on Redis's clock: a second here)."""
+    """Replicas on one Redis see each other's reservations; one whose replica stopped
+    without releasing it (it crashed, and renews it no more) lapses (after its TTL on
+    Redis's clock: a second here)."""
     clock = WallClock(NOON)
     config = LedgerConfig(redis_url=redis_url, key_prefix=f"t{next(_prefixes)}")
     first, second = (
@@ -444,6 +446,7 @@ async def test_redis_reservations_are_shared_and_lapse_when_never_released(redis
     )
     try:
         crashed = await first.reserve("acme", "day", cost_usd=0.75, limit_usd=1.0)
+        await first.aclose()
         refused = await second.reserve("acme", "day", cost_usd=0.5, limit_usd=1.0)
         assert crashed.is_granted
         assert not refused.is_granted
@@ -452,12 +455,88 @@ async def test_redis_reservations_are_shared_and_lapse_when_never_released(redis
             while await second.reserved_usd("acme", "day"):
                 await asyncio.sleep(0.05)
         later = await second.reserve("acme", "day", cost_usd=0.5, limit_usd=1.0)
-        await first.release(crashed)  # lapsed already: must not free the later one's cost
+        await second.release(crashed)  # lapsed already: must not free the later one's cost
         assert later.is_granted
-        assert await first.reserved_usd("acme", "day") == 0.5
+        assert await second.reserved_usd("acme", "day") == 0.5
     finally:
-        await first.aclose()
         await second.aclose()
+
+
+@pytest.mark.redis
+async def test_a_reservation_redis_lost_is_put_back_while_its_call_runs(redis_url):  # noqa: F811
+    """Redis lost a live call's reservation (restarted empty, or unreachable past its TTL):
+    the next renewal puts it back, its cost with it, so the budget counts the call again
+    until it is released."""
+    config = LedgerConfig(redis_url=redis_url, key_prefix=f"t{next(_prefixes)}")
+    ledger = RedisLedger(config, wall_clock=WallClock(NOON), reservation_ttl_s=1)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        held = await ledger.reserve("acme", "day", cost_usd=0.75, limit_usd=1.0)
+        await client.delete(*await client.keys(f"{config.key_prefix}:*"))
+        assert await ledger.reserved_usd("acme", "day") == 0
+        async with asyncio.timeout(10):  # the next round, a third of the TTL from the last
+            while await ledger.reserved_usd("acme", "day") != 0.75:
+                await asyncio.sleep(0.05)
+        await ledger.release(held)
+        assert await ledger.reserved_usd("acme", "day") == 0
+    finally:
+        await ledger.aclose()
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_renewal_redis_runs_after_its_reservation_was_released_does_not_put_it_back(
+    redis_url,  # noqa: F811
+):
+    """A renewal puts back a reservation that lapsed; one that Redis runs only after the
+    call released it (it timed out, or sat in a stalled server's input) must not, or the
+    budget would count the call for a TTL after it ended: a reservation a renewal was sent
+    for is marked released as it is released."""
+    config = LedgerConfig(redis_url=redis_url, key_prefix=f"t{next(_prefixes)}")
+    ledger = RedisLedger(config, wall_clock=WallClock(NOON), reservation_ttl_s=1)
+    try:
+        held = await ledger.reserve("acme", "day", cost_usd=0.75, limit_usd=1.0)
+        await asyncio.sleep(0.5)  # past a renewal round (every third of the TTL)
+        await ledger.release(held)
+        await ledger._renew_reservations([held])  # that round's renewal, run only now
+        assert await ledger.reserved_usd("acme", "day") == 0
+    finally:
+        await ledger.aclose()
+
+
+@pytest.mark.redis
+async def test_a_hold_cancelled_as_it_closes_still_releases_every_reservation(
+    redis_url,  # noqa: F811
+):
+    """A caller cancelled while its hold released what it kept (a batch's items, a
+    Summarize's parts) left the rest unreleased: renewed while the replica runs, they
+    would hold the tenant's budget for good. The releases run to their end."""
+    config = LedgerConfig(redis_url=redis_url, key_prefix=f"t{next(_prefixes)}")
+    ledger = RedisLedger(config, wall_clock=WallClock(NOON), reservation_ttl_s=1)
+    budgets = Budgets(
+        {"acme": BudgetConfig(usd=1.0, period="day")},
+        ledger=ledger,
+        prices=PRICES,
+        wall_clock=WallClock(NOON),
+    )
+    try:
+        hold = budgets.holding()
+        for _ in range(3):
+            async with hold.reserving(request_of("acme"), prompt_tokens=1000):
+                pass
+        assert await ledger.reserved_usd("acme", "day") > 0
+        closing = asyncio.create_task(hold.close())
+        await asyncio.sleep(0)  # into the first release's round trip
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        async with asyncio.timeout(10):  # past the TTL, renewed or not
+            while await ledger.reserved_usd("acme", "day"):
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)  # a lease still held would be renewed, and counted, by now
+        assert await ledger.reserved_usd("acme", "day") == 0
+    finally:
+        await ledger.aclose()
 
 
 def test_record_numbers_track_the_lowest_unconfirmed_whatever_the_order() -> None:
