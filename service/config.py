@@ -8,6 +8,7 @@ error names the file, the key and what is wrong. Environment variables of the fo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import functools
@@ -1291,6 +1292,8 @@ def parse_config(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, "", "must be a YAML mapping")
+    # The caller's data stays as it was: overrides and `source` are written into a copy.
+    data = copy.deepcopy(data)
     overrides = _apply_env_overrides(data, env)
     for name in ("source", "overrides"):  # fields of GatewayConfig set here, never by the file
         if name in data:

@@ -1336,3 +1336,15 @@ def test_a_model_name_no_request_could_carry_is_a_config_error(
         parse(data)
     assert refused.value.key == key
     assert "1-256 printable characters" in refused.value.problem
+
+
+def test_parse_config_leaves_the_data_it_is_given_as_it_was():
+    """It wrote `source` and the environment's overrides into the caller's dict, so the
+    same data parsed twice failed (`source: unknown key`) or kept the first overrides."""
+    data = {"server": {"listen": "127.0.0.1:7000"}, "upstreams": []}
+    before = copy.deepcopy(data)
+    environ = {"LLM_GATEWAY__SERVER__LISTEN": "127.0.0.1:7001"}
+    first = parse_config(data, environ=environ)
+    assert data == before
+    second = parse_config(data, environ={})
+    assert (first.server.listen, second.server.listen) == ("127.0.0.1:7001", "127.0.0.1:7000")
