@@ -28,6 +28,7 @@ from cachetools import TTLCache
 
 from service.clock import SYSTEM_CLOCK, Clock
 from service.config import (
+    ANY_TENANT,
     CALLER_KEY_PREFIX,
     AuthConfig,
     CallerKey,
@@ -323,6 +324,8 @@ class Authenticator:
             tenant_from_cert_subject and requires_client_cert
         )
         self._tenants = tenants
+        # Looked up once here, so that each call's lookup stays one dict get.
+        self._unlisted = tenants.get(ANY_TENANT) or _NO_LIMITS
         self._stores = tuple(stores)
         self._tenant_from_cert = tenant_from_cert_subject
 
@@ -338,8 +341,10 @@ class Authenticator:
         return not (self._is_required or self._stores or self._tenant_from_cert)
 
     def principal(self, tenant: str, *, is_authenticated: bool = True) -> Principal:
-        """The principal of `tenant`; tenants not configured get no limits."""
-        limits = self._tenants.get(tenant) or _NO_LIMITS
+        """The principal of `tenant`; a tenant without its own entry gets the `"*"`
+        entry's limits (its own buckets and count of them, as the limiters key by
+        tenant), or none without that entry."""
+        limits = self._tenants.get(tenant) or self._unlisted
         return Principal(tenant, limits, is_authenticated=is_authenticated)
 
     async def authenticate(

@@ -25,13 +25,12 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 
-from service.config import BudgetConfig
+from service.config import ANY_TENANT, BudgetConfig
 from service.domain import ChatRequest, Usage
 from service.errors import QuotaExceeded
 from service.ledger import PICO, Ledger, Reservation, WallClock, period_key_end_s
 from service.pricing import PriceList
 
-ANY_TENANT = "*"
 _ADJECTIVE = {"day": "daily", "month": "monthly"}
 # The retry a call refused only for what the tenant's calls in flight hold is told to
 # wait: most calls end within seconds, and a retry then sees what they spent.

@@ -709,6 +709,9 @@ class RequestDefaults:
 
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9_.\-@:]{1,128}")
+# The entry under `tenants` or `budgets` for every tenant without its own (never a
+# tenant's name: `*` is not one).
+ANY_TENANT = "*"
 
 
 def is_tenant_name(name: str) -> bool:
@@ -772,6 +775,7 @@ class TenantConfig:
     """What one tenant may use; 0 means unlimited, an empty `allowed_models` all models.
 
     `is_admin`: the tenant may read every tenant's usage (GetUsage), not only its own.
+    The entry `ANY_TENANT` is what each tenant without its own entry may use.
     """
 
     allowed_models: tuple[str, ...] = ()
@@ -1319,12 +1323,18 @@ def parse_config(
             f"the local model's upstream is {LOCAL_MODEL_UPSTREAM!r} "
             "(local_model.enabled: always); choose another name",
         )
-    # A budget's "*" is every tenant without its own entry (`budgets.ANY_TENANT`).
-    for section, also in (("tenants", ()), ("budgets", ("*",))):
+    for section in ("tenants", "budgets"):
         tenants = getattr(config, section)
-        bad_tenant = next((t for t in tenants if not (is_tenant_name(t) or t in also)), None)
+        bad_tenant = next((t for t in tenants if not (is_tenant_name(t) or t == ANY_TENANT)), None)
         if bad_tenant is not None:
             raise config.error(f"{section}.{bad_tenant}", "not a valid tenant name")
+    if config.tenants.get(ANY_TENANT, TenantConfig()).is_admin:
+        # Every unlisted tenant, a mistyped key's included, would read all tenants' usage.
+        raise config.error(
+            f"tenants.{ANY_TENANT}.is_admin",
+            "cannot be true: it would make every tenant without its own entry an admin; "
+            "list admin tenants by name",
+        )
     shared = next((i for i, u in enumerate(config.upstreams) if u.shared_limits), None)
     if shared is not None and not config.auth.redis_url:
         # Refused at load, not left to run each process at the whole account's rate.

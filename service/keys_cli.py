@@ -20,7 +20,14 @@ from service.auth import (
     redis_connection_options,
     redis_keys_hash,
 )
-from service.config import AuthConfig, CallerKey, ConfigError, load_config
+from service.config import (
+    ANY_TENANT,
+    AuthConfig,
+    CallerKey,
+    ConfigError,
+    GatewayConfig,
+    load_config,
+)
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 
@@ -97,10 +104,19 @@ def keys_command(argv: list[str]) -> int:
     )
     if config.tenants and args.tenant not in config.tenants:
         # Allowed (tenants need an entry only for limits), but a typo would look the same.
-        print(
-            f"note: tenant {args.tenant!r} has no entry under tenants: in {args.config}, "
-            f"so it has no limits and may use every model (tenants there: "
-            f"{', '.join(sorted(config.tenants))})",
-            file=sys.stderr,
-        )
+        print(_unlisted_note(config, args.tenant, args.config), file=sys.stderr)
     return 0
+
+
+def _unlisted_note(config: GatewayConfig, tenant: str, path: str) -> str:
+    """The note that `tenant` has no entry under `tenants:`, and what it gets instead."""
+    gets = (
+        f'so it gets the limits and models of the "{ANY_TENANT}" entry'
+        if ANY_TENANT in config.tenants
+        else "so it has no limits and may use every model"
+    )
+    listed = ", ".join(sorted(t for t in config.tenants if t != ANY_TENANT)) or "none by name"
+    return (
+        f"note: tenant {tenant!r} has no entry under tenants: in {path}, {gets} "
+        f"(tenants there: {listed})"
+    )

@@ -116,6 +116,28 @@ def test_keys_create_for_a_tenant_the_config_does_not_list_says_so(tmp_path, cap
     assert "team-a" in printed.err.split("tenants there:")[1]
 
 
+def test_keys_create_for_an_unlisted_tenant_names_the_any_tenant_entry(tmp_path, capsys):
+    """With a `"*"` entry, a key for a tenant missing from `tenants:` is issued with a note
+    that it gets "*"'s limits, not that it has none (and "*" is no tenant to list)."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "auth": {"mode": "keys", "keys_file": str(tmp_path / "keys.txt")},
+                "tenants": {"team-a": {}, "*": {"requests_per_minute": 60}},
+                "local_model": {"enabled": "never"},
+            }
+        )
+    )
+    assert keys_command(["create", "--tenant", "taem-a", "--config", str(config)]) == 0
+    printed = capsys.readouterr()
+    register_secret(printed.out.strip())
+    assert "note: tenant 'taem-a' has no entry under tenants:" in printed.err
+    assert 'gets the limits and models of the "*" entry' in printed.err
+    assert "no limits" not in printed.err
+    assert printed.err.split("tenants there:")[1].strip() == "team-a)"
+
+
 def test_keys_create_refuses_bad_tenants_and_configs_without_a_store(tmp_path, capsys):
     """Invalid tenant names and configs naming no key store exit 2 and print no key."""
     no_store = _write_config(tmp_path / "a.yaml", {"mode": "keys"})
@@ -194,6 +216,36 @@ async def test_tenant_limits_in_redis_are_shared_by_replicas(upstream, start_gat
     in_flight = client.zcard("t-limits:tenant:{team-a}:inflight")
     client.close()
     assert in_flight == 0  # every lease was released
+    assert len(upstream.requests) == 4
+
+
+@pytest.mark.redis
+async def test_unlisted_tenants_each_get_the_any_tenant_limits_across_replicas(
+    upstream, start_gateway, redis_url
+):
+    """Two replicas sharing Redis hold each tenant without its own entry to "*"'s
+    requests_per_minute, in a bucket of its own: team-a's third call is refused on either
+    replica, naming team-a, while team-b still has its two."""
+    config = secure_config(
+        upstream.base_url,
+        auth={"redis_url": redis_url, "redis_key_prefix": "t-any:"},
+        tenants={"*": {"requests_per_minute": 2, "max_concurrent_calls": 1}},
+    )
+    first, second = [await start_gateway(config) for _ in range(2)]
+    for tenant in ("team-a", "team-b"):
+        for gw in (first, second):
+            assert (await gw.stub.Complete(chat(), metadata=as_tenant(tenant))).content
+        for gw in (first, second):
+            error = await rpc_error(gw.stub.Complete(chat(), metadata=as_tenant(tenant)))
+            assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            quota = detail(error, error_details_pb2.QuotaFailure)
+            assert quota.violations[0].subject == f"tenant:{tenant}:requests_per_minute"
+    client = redis.Redis.from_url(redis_url)
+    buckets = sorted(client.scan_iter("t-any:tenant:*:rpm"))
+    in_flight = [client.zcard(f"t-any:tenant:{{{t}}}:inflight") for t in ("team-a", "team-b")]
+    client.close()
+    assert buckets == [b"t-any:tenant:{team-a}:rpm", b"t-any:tenant:{team-b}:rpm"]
+    assert in_flight == [0, 0]  # every lease was released
     assert len(upstream.requests) == 4
 
 

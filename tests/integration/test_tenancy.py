@@ -234,6 +234,55 @@ async def test_model_outside_the_tenants_list_is_permission_denied(upstream, sta
     assert [m.name for m in seen_a.models] == ["fake-model"]
 
 
+async def test_tenants_without_an_entry_each_get_the_any_tenant_limits_on_their_own(
+    upstream, start_gateway
+):
+    """`tenants: {"*": ...}` gives each tenant without its own entry those limits, with
+    its own bucket: two unlisted tenants each pass "*"'s requests_per_minute, and each is
+    refused past it, the refusal naming it. Before, "*" was not a tenant name (a config
+    error), and an unlisted tenant had no limits at all."""
+    gw = await start_gateway(
+        secure_config(upstream.base_url, tenants={"*": {"requests_per_minute": 2}})
+    )
+    for tenant in ("team-a", "team-b"):
+        for _ in range(2):
+            assert (await gw.stub.Complete(chat(), metadata=as_tenant(tenant))).content
+        error = await rpc_error(gw.stub.Complete(chat(), metadata=as_tenant(tenant)))
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        quota = detail(error, error_details_pb2.QuotaFailure)
+        assert quota.violations[0].subject == f"tenant:{tenant}:requests_per_minute"
+        assert detail(error, error_details_pb2.RetryInfo).retry_delay.seconds > 0
+    assert len(upstream.requests) == 4
+
+
+async def test_a_listed_tenant_keeps_its_entry_and_the_others_get_the_any_tenant_models(
+    upstream, start_gateway
+):
+    """A tenant with its own entry is held to it alone, never to "*"'s; an unlisted one
+    may use only "*"'s models: another is PERMISSION_DENIED, in calls and streams, and
+    ListModels shows it only those."""
+    config = secure_config(
+        upstream.base_url,
+        tenants={
+            "*": {"allowed_models": ["another-model"], "requests_per_minute": 1},
+            "team-b": {},
+        },
+    )
+    gw = await start_gateway(config)
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))
+    assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert detail(error, error_details_pb2.ErrorInfo).reason == "PERMISSION_DENIED"
+    stream = await stream_error(gw.stub.CompleteStream(chat_stream(), metadata=as_tenant("team-a")))
+    assert stream.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert upstream.requests == []
+    for _ in range(3):
+        assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-b"))).content
+    seen_a = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=as_tenant("team-a"))
+    seen_b = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=as_tenant("team-b"))
+    assert [m.name for m in seen_a.models] == []
+    assert [m.name for m in seen_b.models] == [FAKE_MODEL]
+
+
 async def test_a_batch_item_naming_a_model_the_tenant_may_not_use_fails_alone(
     upstream, start_gateway
 ):
@@ -987,6 +1036,20 @@ async def test_auth_off_with_keys_serves_a_valid_key_as_its_tenant_and_others_as
     assert own.total.requests == 2
     theirs = await gw.stub.GetUsage(pb.GetUsageRequest(tenant="team-a"))  # default sees all
     assert theirs.total.requests == 1
+
+
+async def test_auth_off_holds_the_default_tenant_to_the_any_tenant_limits(upstream, start_gateway):
+    """With auth off every caller is tenant `default`, which has no entry of its own: it
+    gets "*"'s limits. Before, "*" was a config error and `default` had no limits."""
+    gw = await start_gateway(
+        gateway_config(upstream.base_url, tenants={"*": {"requests_per_minute": 1}})
+    )
+    assert (await gw.stub.Complete(chat())).content
+    error = await rpc_error(gw.stub.Complete(chat()))
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    quota = detail(error, error_details_pb2.QuotaFailure)
+    assert quota.violations[0].subject == "tenant:default:requests_per_minute"
+    assert len(upstream.requests) == 1
 
 
 async def test_auth_off_serves_a_bearer_token_longer_than_any_key_as_default(

@@ -201,6 +201,19 @@ async def test_only_admins_and_unauthenticated_local_callers_read_all_usage():
     assert not (await local.authenticate([("authorization", f"Bearer {KEY}")])).may_read_all_usage
 
 
+async def test_a_tenant_without_its_own_entry_gets_the_any_tenant_entry():
+    """An unlisted tenant (a key's, or auth off's `default`) gets the `"*"` entry; a
+    listed one its own, however empty."""
+    keys = [CallerKey(hash_key(KEY), "team-a"), CallerKey(hash_key("b-key"), "team-b")]
+    unlisted = TenantConfig(allowed_models=("m",), requests_per_minute=5)
+    tenants = {"*": unlisted, "team-b": TenantConfig()}
+    keyed = Authenticator(AuthConfig(mode="off"), tenants, [StaticKeyStore(keys)])
+    assert (await keyed.authenticate([("authorization", f"Bearer {KEY}")])).limits is unlisted
+    assert (await keyed.authenticate([])).limits is unlisted
+    listed = await keyed.authenticate([("authorization", "Bearer b-key")])
+    assert listed.limits == TenantConfig()
+
+
 class _Clock:
     """A clock that moves only when told to."""
 

@@ -431,6 +431,20 @@ def test_env_override_on_real_file() -> None:
             id="budget-tenant-name",
         ),
         pytest.param(
+            {"tenants": {"*": {"is_admin": True}}},
+            {},
+            "tenants.*.is_admin",
+            "every tenant without its own entry an admin",
+            id="any-tenant-admin",
+        ),
+        pytest.param(
+            {"tenants": {"*": {"requests_per_minute": 10}}},
+            {"LLM_GATEWAY__TENANTS__*__IS_ADMIN": "true"},
+            "tenants.*.is_admin",
+            "(set from the environment: LLM_GATEWAY__TENANTS__*__IS_ADMIN)",
+            id="any-tenant-admin-from-the-environment",
+        ),
+        pytest.param(
             {"budgets": {"*": {"usd": 1e300}}},
             {},
             "budgets.*",

@@ -219,3 +219,16 @@ def test_a_local_model_path_naming_no_file_exits_2_naming_it(
     err = capsys.readouterr().err
     assert err.startswith("llm-gateway: config error: ")
     assert "local_model: model_path must name a file" in err
+
+
+def test_an_admin_entry_for_every_unlisted_tenant_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tenants: {"*": {is_admin: true}}` would let every tenant without its own entry
+    (a mistyped key's tenant included) read all tenants' usage: serve refuses it."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("tenants: {'*': {is_admin: true}}\nlocal_model: {enabled: never}\n")
+    assert main(["serve", "--config", str(config), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"llm-gateway: config error: {config}: tenants.*.is_admin: ")
+    assert "Traceback" not in err
