@@ -235,7 +235,8 @@ class ServerConfig:
     tls: TlsConfig = TlsConfig()
     # Connections older than this get a GOAWAY, so clients balancing over DNS
     # (dns:///headless) reconnect and discover new replicas. Grace: how long calls on
-    # such a connection may still run; None means max(upstream timeouts, 300 s).
+    # such a connection may still run; None means the longest call with no deadline of
+    # its own, at least 300 s (`server.connection_age_options`).
     max_connection_age_s: float = 300.0
     max_connection_age_grace_s: float | None = None
     # A stream whose caller takes none of its messages this long is ended (0: never).
