@@ -236,7 +236,8 @@ class ServerConfig:
     tls: TlsConfig = TlsConfig()
     # Connections older than this get a GOAWAY, so clients balancing over DNS
     # (dns:///headless) reconnect and discover new replicas. Grace: how long calls on
-    # such a connection may still run; None means max(upstream timeouts, 300 s).
+    # such a connection may still run; None means the longest call with no deadline of
+    # its own, at least 300 s (`server.connection_age_options`).
     max_connection_age_s: float = 300.0
     max_connection_age_grace_s: float | None = None
     # A stream whose caller takes none of its messages this long is ended (0: never).
@@ -300,6 +301,8 @@ def _require_address(address: str, name: str) -> None:
 
 
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+# What no HTTP header value may hold (RFC 9110: a tab may), so no key either.
+_HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 # What a forward proxy's URL may be: `http://HOST:PORT`, the tunnel being CONNECT.
@@ -1356,18 +1359,26 @@ def _with_api_key(
     """`upstream` with the key its `api_key_env` holds (unset or empty: none, disabled).
 
     A key with a line break (a Secret's file with its trailing newline) is refused: no
-    header can carry it, and every call would fail inside the gateway, INTERNAL.
+    header can carry it, and every call would fail inside the gateway, INTERNAL. So is
+    one with another control character (a terminal's escape pasted with it): sent as it
+    is, the upstream refused every request with 400, which callers were told was theirs.
     """
     variable = upstream.api_key_env
     if variable is None:
         return upstream
     key = env.get(variable) or None
+    # Said without the value: it is the key.
     if key is not None and ("\r" in key or "\n" in key):
-        # Said without the value: it is the key.
         raise config.error(
             f"upstreams[{index}].api_key_env",
             f"the environment variable {variable} holds a line break (a file's trailing "
             "newline?); a key is one line",
+        )
+    if key is not None and _HEADER_CONTROL.search(key):
+        raise config.error(
+            f"upstreams[{index}].api_key_env",
+            f"the environment variable {variable} holds a control character; a key is "
+            "printable text",
         )
     return dataclasses.replace(upstream, api_key=key)
 

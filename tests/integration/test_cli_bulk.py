@@ -393,6 +393,21 @@ async def test_check_refuses_a_key_with_a_trailing_newline(tmp_path, monkeypatch
     assert requests == 0
 
 
+async def test_check_refuses_a_key_with_a_control_character(tmp_path, monkeypatch, capsys):
+    """A provider key holding a control character (a terminal's escape pasted with it) is
+    a config error (exit 2) naming its variable, never printing the key. Before, it was
+    sent as it was: the upstream refused every call with 400, which `serve`'s callers got
+    as INVALID_ARGUMENT (UPSTREAM_REJECTED_REQUEST), as if their request were at fault."""
+    code, requests = await _check_one_upstream_keyed(tmp_path, monkeypatch, "sk-right\x7f")
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "upstreams[0].api_key_env: the environment variable GOOD_KEY holds a control" in (
+        captured.err
+    )
+    assert "sk-right" not in captured.out + captured.err
+    assert requests == 0
+
+
 @pytest.mark.parametrize(
     ("environment", "said"),
     [

@@ -1286,6 +1286,26 @@ def test_a_key_with_a_line_break_is_refused_without_repeating_it(key: str) -> No
     assert SECRET not in str(refused.value)
 
 
+@pytest.mark.parametrize("key", [f"{SECRET}\x7f", f"\x1b[0m{SECRET}", f"sk-\x01{SECRET}"])
+def test_a_key_with_a_control_character_is_refused_without_repeating_it(key: str) -> None:
+    """A provider key holding a control character no header may carry is a config error
+    naming its variable. Before, it was sent as it was: the upstream answered 400 to every
+    call, which callers got as INVALID_ARGUMENT, their request refused."""
+    with pytest.raises(ConfigError) as refused:
+        parse({"upstreams": [upstream(api_key_env="GW_UNIT_TEST_KEY")]}, GW_UNIT_TEST_KEY=key)
+    assert refused.value.key == "upstreams[0].api_key_env"
+    assert "GW_UNIT_TEST_KEY holds a control character" in refused.value.problem
+    assert SECRET not in str(refused.value)
+
+
+def test_a_key_with_a_tab_or_non_ascii_letters_is_taken() -> None:
+    """A tab and letters past ASCII go in a header as they are; the upstream judges them."""
+    config = parse(
+        {"upstreams": [upstream(api_key_env="GW_UNIT_TEST_KEY")]}, GW_UNIT_TEST_KEY="sk-\tkey-é"
+    )
+    assert config.upstreams[0].api_key == "sk-\tkey-é"
+
+
 @pytest.mark.parametrize("model_path", ["", ".", "/", "./"])
 def test_a_local_model_path_that_names_no_file_is_refused(model_path: str) -> None:
     """A `local_model.model_path` naming no file is a config error. Before, the start

@@ -57,3 +57,14 @@ def test_python_examples_name_models_the_shipped_config_serves() -> None:
     named = {name for block in PYTHON_BLOCKS for name in re.findall(r'model="([^"]+)"', block)}
     assert named
     assert named <= served, named - served
+
+
+def test_the_node_examples_tls_files_are_the_worked_examples() -> None:
+    """The Node example runs in clients/node (after `cd clients/node`), so its PEM paths,
+    read from there, name the worked TLS example's files in pki/ at the repository's root.
+    They said `pki/ca.pem`, which the example could not open (ENOENT) from clients/node."""
+    lines = re.findall(r"^node dist/clients/node/src/example\.js .*(?:\n  .*)*", README, re.M)
+    paths = [path for line in lines for path in re.findall(r"--(?:ca|cert|key)-file (\S+)", line)]
+    assert paths
+    for path in paths:
+        assert (ROOT / "clients" / "node" / path).resolve().parent == ROOT / "pki", path
