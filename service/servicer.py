@@ -61,6 +61,7 @@ from service.errors import (
 from service.ledger import UsageFilter, UsageRow, total_of
 from service.pipeline import REPEATABLE_MAX_BYTES, Pipeline, PreparedRequest, RepeatKey
 from service.summarize import Summarizer, SummaryRequest
+from service.telemetry import ms_since_rpc_start
 from service.validation import (
     MAX_TOOL_CALLS_PER_MESSAGE,
     MAX_TOOLS,
@@ -356,6 +357,20 @@ def _fill_metadata(target: pb.CompletionMetadata, completion: Completion) -> Non
     target.dropped_messages = completion.dropped_messages
 
 
+def timed_from_arrival(timings: pb.Timings) -> None:
+    """Count `timings` from the call's arrival at the gateway, not from where the
+    pipeline took it up: a call queued for admission (`server.max_queued_calls`) waited
+    before, and its caller waited with it."""
+    elapsed_ms = ms_since_rpc_start()
+    if elapsed_ms is None:
+        return
+    before_ms = elapsed_ms - timings.total_ms
+    if before_ms > 0:
+        timings.total_ms = elapsed_ms
+        if timings.time_to_first_token_ms:
+            timings.time_to_first_token_ms += before_ms
+
+
 def response_to_proto(completion: Completion) -> pb.CompleteResponse:
     """A unary response."""
     response = pb.CompleteResponse(content=completion.content)
@@ -640,7 +655,9 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                 deadline=deadline_of(context),
                 repeat_key=repeat_key,
             )
-        return response_to_proto(completion)
+        response = response_to_proto(completion)
+        timed_from_arrival(response.metadata.timings)
+        return response
 
     async def CompleteStream(
         self,
@@ -656,7 +673,9 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, Completion):
-                    yield stream_final_to_proto(event)
+                    final = stream_final_to_proto(event)
+                    timed_from_arrival(final.final.timings)
+                    yield final
                 elif delta_chars(event) <= DELTA_PIECE_CHARS:
                     yield stream_delta_to_proto(event.content, event.tool_calls, event.reasoning)
                 else:
@@ -770,7 +789,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             max_concurrency=_tenant_concurrency(),
             validated=validated is not None,
         )
-        return pb.SummarizeResponse(
+        response = pb.SummarizeResponse(
             summary=summary.summary,
             chunks=summary.chunks,
             levels=summary.levels,
@@ -781,6 +800,8 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                 total_ms=summary.timings.total_ms, upstream_ms=summary.timings.upstream_ms
             ),
         )
+        timed_from_arrival(response.timings)
+        return response
 
     async def GetUsage(
         self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[object, object]

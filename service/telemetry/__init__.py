@@ -17,7 +17,7 @@ from service.telemetry.core import (
     set_breaker_state,
 )
 from service.telemetry.setup import TelemetrySetupError
-from service.telemetry.tracing import OVERHEAD_TRAILER, RpcScope
+from service.telemetry.tracing import OVERHEAD_TRAILER, RpcScope, ms_since_rpc_start
 
 __all__ = [
     "OVERHEAD_TRAILER",
@@ -27,6 +27,7 @@ __all__ = [
     "TelemetrySetupError",
     "activate",
     "active",
+    "ms_since_rpc_start",
     "record_cache_hit",
     "record_retry",
     "record_upstream_error",

@@ -209,3 +209,9 @@ class RpcScope:
 CURRENT_RPC: contextvars.ContextVar[RpcScope | None] = contextvars.ContextVar(
     "llm_gateway_rpc", default=None
 )
+
+
+def ms_since_rpc_start() -> float | None:
+    """Milliseconds since the current RPC reached the gateway (None outside one)."""
+    scope = CURRENT_RPC.get()
+    return None if scope is None else scope.elapsed_s() * 1000.0

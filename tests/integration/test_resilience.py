@@ -968,6 +968,34 @@ async def test_graceful_shutdown_finishes_accepted_calls(start_gateway):
         assert [r.content for r in results] == ["Hello from fake"] * 6
 
 
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_call_queued_for_admission_counts_its_wait_in_its_timings(start_gateway, is_stream):
+    """A call that waited in line for admission (`server.max_queued_calls`) reported only
+    the time after it: `total_ms` a fraction of what its caller waited (the CLI printed
+    `total=1003ms` for a call of 1.8 s), and a stream's first token as early."""
+    delay_s = 0.4
+    async with FakeUpstream(default=Reply(delay_s=delay_s)) as fake:
+        config = gateway_config(
+            fake.base_url,
+            server={"max_in_flight_calls": 1, "max_queued_calls": 1},
+            resilience=FAST_RESILIENCE,
+        )
+        gateway = await start_gateway(config)
+        first = asyncio.ensure_future(gateway.stub.Complete(chat()))
+        assert await settle(lambda: len(fake.requests) == 1)
+        if is_stream:
+            events = [e async for e in gateway.stub.CompleteStream(chat_stream())]
+            timings = events[-1].final.timings
+            # Its own upstream's delay, and most of the first call's before it.
+            assert timings.time_to_first_token_ms >= delay_s * 1500
+        else:
+            timings = (await gateway.stub.Complete(chat())).metadata.timings
+        await first
+        # It waited in line for most of the first call's upstream wait, then its own.
+        assert timings.upstream_ms >= delay_s * 1000
+        assert timings.total_ms >= timings.upstream_ms + delay_s * 500
+
+
 async def test_weighted_pick_spreads_calls_by_weight(start_gateway):
     """Weights 3:1 send three calls to the first upstream for each one to the second."""
     async with FakeUpstream() as heavy, FakeUpstream() as light:
