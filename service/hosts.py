@@ -28,8 +28,11 @@ def is_loopback_host(host: str) -> bool:
 def ascii_host(host: str) -> str | None:
     """`host` as it goes on the wire (a `Host` header, `CONNECT`, SNI) and is matched: an
     internationalised name in its IDNA (`xn--`) form, as curl sends it; None when it is
-    not a valid one (an empty label, one over 63 characters), which the resolver would
-    refuse with a UnicodeError rather than an OSError, ASCII or not."""
+    not a valid one: an empty label or one over 63 characters (which the resolver would
+    refuse with a UnicodeError rather than an OSError, ASCII or not), a space or a
+    control character."""
+    if any(c.isspace() or not c.isprintable() for c in host):
+        return None  # the idna codec passes them: `pro xy` failed only at the first call
     try:
         return host.encode("idna").decode("ascii")
     except UnicodeError:

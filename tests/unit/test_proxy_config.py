@@ -37,6 +37,8 @@ def configured(environ: dict[str, str] | None = None, **fields: Any) -> Upstream
         ("http://:3128", "it names no host"),
         ("http://cache..proxy.corp:3128", "its host is not a valid host name"),
         (f"http://{'x' * 64}.proxy.corp:3128", "its host is not a valid host name"),
+        ("http://pro xy.corp:3128", "its host is not a valid host name"),
+        ("http://proxy\x01.corp:3128", "its host is not a valid host name"),
         ("http://proxy.corp:3128/path", "without a path, query or fragment"),
         ("http://proxy.corp:3128/?a=b", "without a path, query or fragment"),
         (f"http://gw:{PASSWORD}@proxy.corp:3128", "put user:password in proxy_authorization_env"),
