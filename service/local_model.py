@@ -162,11 +162,22 @@ def _is_proxy_variable(name: str) -> bool:
     return lowered.endswith("_proxy") and lowered != "no_proxy"
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class LocalModelState:
+    """The local model's server as calls reach it: an ordinary upstream named `local` (its
+    address and key now) and whether it answers. The `--workers` supervisor sends it to
+    its workers (`service.workers`); its repr leaves out the key."""
+
+    upstream: UpstreamConfig
+    is_up: bool
+
+
 class LocalModelServer:
     """Supervises `python -m llama_cpp.server`; use as an async context manager.
 
-    Each start listens on a new free loopback port and takes a new key; `upstream_config`
-    says the current ones (`keeps_address`: the first start's, kept by every restart).
+    Each start listens on a new free loopback port and takes a new key; `state` says the
+    current ones (`keeps_address`: the first start's, kept by every restart), and
+    `on_availability` gets it whenever the server exits or a restart answers.
     """
 
     def __init__(
@@ -174,7 +185,7 @@ class LocalModelServer:
         config: LocalModelConfig,
         *,
         python: str = sys.executable,
-        on_availability: Callable[[], Awaitable[None]] | None = None,
+        on_availability: Callable[[LocalModelState], Awaitable[None]] | None = None,
         withheld_env: Collection[str] = (),
         keeps_address: bool = False,
     ) -> None:
@@ -185,7 +196,7 @@ class LocalModelServer:
         self._python = python
         # Variables holding the gateway's secrets (`GatewayConfig.secret_variables`).
         self._withheld_env = frozenset(withheld_env)
-        # Called when `is_up` changes: the server exited, or a restart answers again.
+        # Called with `state()` when `is_up` changes: the server exited, or a restart answers.
         self._on_availability = on_availability
         self.is_up = False
         self.port = 0
@@ -216,6 +227,10 @@ class LocalModelServer:
             empty_stream_is_refusal=True,
             stream_unary_calls=True,
         )
+
+    def state(self) -> LocalModelState:
+        """Where the server listens now, with its key, and whether it answers."""
+        return LocalModelState(self.upstream_config(), is_up=self.is_up)
 
     def _command(self, model_path: Path) -> list[str]:
         threads = self.config.threads or usable_cpus()
@@ -393,7 +408,7 @@ class LocalModelServer:
         if self._on_availability is None:
             return
         try:
-            await self._on_availability()
+            await self._on_availability(self.state())
         except Exception:  # a listener's failure must not end supervision
             log.exception("local_model.availability_listener_failed")
 
