@@ -176,8 +176,8 @@ class LocalModelServer:
     """Supervises `python -m llama_cpp.server`; use as an async context manager.
 
     Each start listens on a new free loopback port and takes a new key; `state` says the
-    current ones (`keeps_address`: the first start's, kept by every restart), and
-    `on_availability` gets it whenever the server exits or a restart answers.
+    current ones, and `on_availability` gets it whenever the server exits or a restart
+    answers.
     """
 
     def __init__(
@@ -187,12 +187,8 @@ class LocalModelServer:
         python: str = sys.executable,
         on_availability: Callable[[LocalModelState], Awaitable[None]] | None = None,
         withheld_env: Collection[str] = (),
-        keeps_address: bool = False,
     ) -> None:
         self.config = config
-        # Restarts keep the first start's port and key: `--workers`' processes were given
-        # them when they started and cannot follow a change.
-        self._keeps_address = keeps_address
         self._python = python
         # Variables holding the gateway's secrets (`GatewayConfig.secret_variables`).
         self._withheld_env = frozenset(withheld_env)
@@ -284,9 +280,8 @@ class LocalModelServer:
     async def _spawn(self, model_path: Path) -> None:
         # A new port each start: any local user may have taken the last one once the child
         # let it go. A new key: one the last child's port saw is worth nothing to its taker.
-        if not (self._keeps_address and self.port):
-            self.port = _free_port()
-            self._api_key = secrets.token_urlsafe(32)
+        self.port = _free_port()
+        self._api_key = secrets.token_urlsafe(32)
         log.info("local_model.starting", extra={"port": self.port})
         environment = child_environment(os.environ, self._withheld_env)
         self._process = await asyncio.create_subprocess_exec(
