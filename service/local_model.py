@@ -162,11 +162,22 @@ def _is_proxy_variable(name: str) -> bool:
     return lowered.endswith("_proxy") and lowered != "no_proxy"
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class LocalModelState:
+    """The local model's server as calls reach it: an ordinary upstream named `local` (its
+    address and key now) and whether it answers. The `--workers` supervisor sends it to
+    its workers (`service.workers`); its repr leaves out the key."""
+
+    upstream: UpstreamConfig
+    is_up: bool
+
+
 class LocalModelServer:
     """Supervises `python -m llama_cpp.server`; use as an async context manager.
 
-    Each start listens on a new free loopback port and takes a new key; `upstream_config`
-    says the current ones (`keeps_address`: the first start's, kept by every restart).
+    Each start listens on a new free loopback port and takes a new key; `state` says the
+    current ones, and `on_availability` gets it whenever the server exits or a restart
+    answers.
     """
 
     def __init__(
@@ -174,18 +185,14 @@ class LocalModelServer:
         config: LocalModelConfig,
         *,
         python: str = sys.executable,
-        on_availability: Callable[[], Awaitable[None]] | None = None,
+        on_availability: Callable[[LocalModelState], Awaitable[None]] | None = None,
         withheld_env: Collection[str] = (),
-        keeps_address: bool = False,
     ) -> None:
         self.config = config
-        # Restarts keep the first start's port and key: `--workers`' processes were given
-        # them when they started and cannot follow a change.
-        self._keeps_address = keeps_address
         self._python = python
         # Variables holding the gateway's secrets (`GatewayConfig.secret_variables`).
         self._withheld_env = frozenset(withheld_env)
-        # Called when `is_up` changes: the server exited, or a restart answers again.
+        # Called with `state()` when `is_up` changes: the server exited, or a restart answers.
         self._on_availability = on_availability
         self.is_up = False
         self.port = 0
@@ -216,6 +223,10 @@ class LocalModelServer:
             empty_stream_is_refusal=True,
             stream_unary_calls=True,
         )
+
+    def state(self) -> LocalModelState:
+        """Where the server listens now, with its key, and whether it answers."""
+        return LocalModelState(self.upstream_config(), is_up=self.is_up)
 
     def _command(self, model_path: Path) -> list[str]:
         threads = self.config.threads or usable_cpus()
@@ -269,9 +280,8 @@ class LocalModelServer:
     async def _spawn(self, model_path: Path) -> None:
         # A new port each start: any local user may have taken the last one once the child
         # let it go. A new key: one the last child's port saw is worth nothing to its taker.
-        if not (self._keeps_address and self.port):
-            self.port = _free_port()
-            self._api_key = secrets.token_urlsafe(32)
+        self.port = _free_port()
+        self._api_key = secrets.token_urlsafe(32)
         log.info("local_model.starting", extra={"port": self.port})
         environment = child_environment(os.environ, self._withheld_env)
         self._process = await asyncio.create_subprocess_exec(
@@ -393,7 +403,7 @@ class LocalModelServer:
         if self._on_availability is None:
             return
         try:
-            await self._on_availability()
+            await self._on_availability(self.state())
         except Exception:  # a listener's failure must not end supervision
             log.exception("local_model.availability_listener_failed")
 

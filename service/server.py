@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -32,7 +32,7 @@ from service.config import (
 )
 from service.ledger import RedisLedger, WallClock, open_ledger
 from service.local_model import UPSTREAM_NAME as LOCAL_UPSTREAM
-from service.local_model import LocalModelServer, LocalModelUnavailable
+from service.local_model import LocalModelServer, LocalModelState, LocalModelUnavailable
 from service.pipeline import Pipeline
 from service.pool import UpstreamPool
 from service.pricing import PriceList
@@ -83,9 +83,12 @@ class GatewayServer:
         *,
         telemetry: Telemetry | None = None,
         wall_clock: WallClock = time.time,
+        local_model_states: AsyncIterator[LocalModelState] | None = None,
     ) -> None:
         """`wall_clock`: epoch time for the ledger and budgets (a test's, to cross a
-        period's end)."""
+        period's end). `local_model_states`: the local model another process runs (a
+        `--workers` worker's supervisor), its state now and then each change; this server
+        then runs none of its own."""
         self.config = config
         self.telemetry = telemetry
         self._wall_clock = wall_clock
@@ -103,6 +106,11 @@ class GatewayServer:
         self._is_health_started = False
         self.pipeline: Pipeline | None = None
         self.local_model: LocalModelServer | None = None
+        self._local_model_states = local_model_states
+        # The local model's latest state (None: there is none), which its calls follow.
+        self._local_model_state: LocalModelState | None = None
+        # One change routed at a time: a retarget awaits, and a later state must win.
+        self._local_model_routing = asyncio.Lock()
         self._only_local_model = False
 
     async def __aenter__(self) -> GatewayServer:
@@ -118,16 +126,10 @@ class GatewayServer:
 
     async def _upstream_configs(self) -> list[UpstreamConfig]:
         configs = list(self.config.enabled_upstreams)
-        if self.config.wants_local_model:
+        self._local_model_state = await self._start_local_model()
+        if self._local_model_state is not None:
             self._only_local_model = not configs
-            self.local_model = await self._stack.enter_async_context(
-                LocalModelServer(
-                    self.config.local_model,
-                    on_availability=self._local_model_availability,
-                    withheld_env=self.config.secret_variables,
-                )
-            )
-            configs.append(self.local_model.upstream_config())
+            configs.append(self._local_model_state.upstream)
         for upstream in self.config.upstreams:
             if upstream not in configs and upstream.api_key_env:
                 log.info(
@@ -142,6 +144,22 @@ class GatewayServer:
             # NOT_FOUND: said at start, with what mends it.
             log.warning("gateway.no_upstream", extra={"fix": _NO_UPSTREAM_FIX})
         return configs
+
+    async def _start_local_model(self) -> LocalModelState | None:
+        """The local model's state as this server starts: the one it runs, or the one its
+        supervisor runs (the first of `local_model_states`); None without one."""
+        if self._local_model_states is not None:
+            return await anext(self._local_model_states, None)
+        if not self.config.wants_local_model:
+            return None
+        self.local_model = await self._stack.enter_async_context(
+            LocalModelServer(
+                self.config.local_model,
+                on_availability=self.follow_local_model,
+                withheld_env=self.config.secret_variables,
+            )
+        )
+        return self.local_model.state()
 
     async def start(self) -> None:
         """Build everything and start listening."""
@@ -188,6 +206,9 @@ class GatewayServer:
             cache=cache,
             on_answered=self.admission.answered,
         )
+        if self._local_model_state is not None:  # it may have changed while the pool was built
+            await self._route_local_model()
+        self._follow_supervisors_local_model()
         servicer = CompletionServicer(self.pipeline)
         stalls = None
         if self.config.server.stalled_stream_timeout_s:
@@ -288,27 +309,54 @@ class GatewayServer:
             health_pb2.HealthCheckResponse.SERVING,
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )
-        local_is_up = self.local_model is None or self.local_model.is_up
+        local = self._local_model_state
+        local_is_up = local is None or local.is_up
         overall = serving if local_is_up or not self._only_local_model else not_serving
         await self.health.set("", overall)
         await self.health.set(SERVICE_NAME, overall)
-        if self.local_model is not None:
+        if local is not None:
             await self.health.set(LOCAL_MODEL_HEALTH, serving if local_is_up else not_serving)
 
-    async def _local_model_availability(self) -> None:
-        if self.local_model is not None and self.pipeline is not None:
-            is_up = self.local_model.is_up
-            if is_up:  # a restart, on a port and with a key of its own: before any call
-                local = self.local_model.upstream_config()
-                client = self.pipeline.pool.state(LOCAL_UPSTREAM).client
-                await client.retarget(base_url=local.base_url, api_key=local.api_key)
-            self.pipeline.pool.set_down(LOCAL_UPSTREAM, is_down=not is_up)
-            if is_up:
-                # Calls refused while it was down opened its breaker: without this, health
-                # says SERVING again while every call is refused until the cool-down ends.
-                self.pipeline.pool.state(LOCAL_UPSTREAM).breaker.reset("local model restarted")
+    async def follow_local_model(self, state: LocalModelState) -> None:
+        """Send the local model's calls where `state` says, and none while it is down;
+        health and ListModels follow it. Called with each change by the local model this
+        server runs, or by the `--workers` supervisor's messages to a worker."""
+        self._local_model_state = state
+        if self.pipeline is not None:  # before, start() routes the latest state itself
+            await self._route_local_model()
         if self._server is not None:  # before start() ends, it sets health itself
             await self._set_health()
+
+    async def _route_local_model(self) -> None:
+        assert self.pipeline is not None
+        pool = self.pipeline.pool
+        async with self._local_model_routing:
+            state = self._local_model_state  # the latest, should another have come meanwhile
+            assert state is not None
+            local, client = state.upstream, pool.state(LOCAL_UPSTREAM).client
+            target = (client.config.base_url, client.config.api_key)
+            if state.is_up and (local.base_url, local.api_key) != target:
+                # A restart, on a port and with a key of its own: before any call.
+                await client.retarget(base_url=local.base_url, api_key=local.api_key)
+            pool.set_down(LOCAL_UPSTREAM, is_down=not state.is_up)
+            if state.is_up:
+                # Calls refused while it was down opened its breaker: without this, health
+                # says SERVING again while every call is refused until the cool-down ends.
+                pool.state(LOCAL_UPSTREAM).breaker.reset("local model restarted")
+
+    def _follow_supervisors_local_model(self) -> None:
+        """Apply each state the supervisor sends from now on, until the server closes."""
+        if self._local_model_states is None:
+            return
+        task = asyncio.create_task(self._follow(self._local_model_states), name="local-model")
+        self._stack.push_async_callback(_cancelled, task)
+
+    async def _follow(self, states: AsyncIterator[LocalModelState]) -> None:
+        async for state in states:
+            try:
+                await self.follow_local_model(state)
+            except Exception:  # the next state must still be followed
+                log.exception("local_model.follow_failed")
 
     async def _start_telemetry(self, prices: PriceList) -> None:
         """Install this server's telemetry; restored and flushed when the server closes."""
@@ -374,6 +422,11 @@ class GatewayServer:
         while idle_polls < 2:  # twice: a call grpc had just handed over is counted by then
             await asyncio.sleep(_DRAIN_POLL_S)
             idle_polls = idle_polls + 1 if self.admission.is_idle else 0
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _warn_of_unpriced_models(pool: UpstreamPool, prices: PriceList) -> None:
@@ -575,11 +628,13 @@ async def serve(
     *,
     on_ready: Callable[[str], None] | None = None,
     on_stopping: Callable[[], None] | None = None,
+    local_model_states: AsyncIterator[LocalModelState] | None = None,
 ) -> None:
     """Run the gateway until SIGTERM or SIGINT, then shut down gracefully.
 
     `on_ready` gets the bound address once the server listens (default: print it);
-    `on_stopping` is called once a stop reaches the listening server, before its drain.
+    `on_stopping` is called once a stop reaches the listening server, before its drain;
+    `local_model_states`: as `GatewayServer` takes them.
     """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -601,7 +656,7 @@ async def serve(
     # A worker starts with SIGINT blocked (`service.workers`): one sent meanwhile comes now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
-        async with GatewayServer(config) as server:
+        async with GatewayServer(config, local_model_states=local_model_states) as server:
             started = True
             if on_ready is None:
                 health = (
@@ -626,10 +681,18 @@ def run(
     *,
     on_ready: Callable[[str], None] | None = None,
     on_stopping: Callable[[], None] | None = None,
+    local_model_states: AsyncIterator[LocalModelState] | None = None,
 ) -> None:
     """Blocking entry point for one process."""
     _install_uvloop()
     try:
-        asyncio.run(serve(config, on_ready=on_ready, on_stopping=on_stopping))
+        asyncio.run(
+            serve(
+                config,
+                on_ready=on_ready,
+                on_stopping=on_stopping,
+                local_model_states=local_model_states,
+            )
+        )
     finally:
         early_signals.ignore()

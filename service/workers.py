@@ -1,7 +1,9 @@
 """Several gateway processes on one port (SO_REUSEPORT), so one machine uses every core.
 
-The parent reserves the port, starts the local model once (if it is used) and hands its
-address to the workers as an ordinary upstream, then supervises the workers: SIGTERM or
+The parent reserves the port, starts the local model once (if it is used) and tells each
+worker its state (address and key while it answers, or that it is down) at the worker's
+start and at each change, through a pipe of its own; the workers route to it as an
+ordinary upstream, as one process does. It then supervises the workers: SIGTERM or
 SIGINT is forwarded to each, which drains its own calls within the grace period. A worker
 that dies once the gateway serves is started again in its place while the others go on
 serving (see _RESTART_DELAY_S); one that fails during the first start stops the gateway,
@@ -20,13 +22,14 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -35,7 +38,7 @@ from typing import Any, TypeVar
 from service import early_signals
 from service.config import ConfigError, GatewayConfig, host_and_port
 from service.cpus import usable_cpus
-from service.local_model import LocalModelServer
+from service.local_model import LocalModelServer, LocalModelState
 from service.telemetry.setup import DEFAULT_PROMETHEUS_PORT, is_off, names_prometheus
 
 T = TypeVar("T")
@@ -193,7 +196,13 @@ def _draining(ready: Connection) -> None:
         ready.send(_DRAINING)
 
 
-def _worker_main(config: GatewayConfig, log_level: str, ready: Connection, supervisor: int) -> None:
+def _worker_main(
+    config: GatewayConfig,
+    log_level: str,
+    ready: Connection,
+    supervisor: int,
+    local_model: tuple[LocalModelState, Connection] | None = None,
+) -> None:
     from service.logs import configure_logging
     from service.server import ListenError, report_start_failure, run
 
@@ -201,14 +210,74 @@ def _worker_main(config: GatewayConfig, log_level: str, ready: Connection, super
     # has no calls to drain.
     _stop_with(supervisor, signal.SIGKILL)
     configure_logging(log_level)
+    states = None if local_model is None else _local_model_states(*local_model)
     try:
         run(
             config,
             on_ready=lambda _address: _listening(supervisor, ready),
             on_stopping=lambda: _draining(ready),
+            local_model_states=states,
         )
     except (ConfigError, ListenError) as exc:  # e.g. the keys file, its Prometheus port
         sys.exit(report_start_failure(exc))
+
+
+async def _local_model_states(
+    first: LocalModelState, updates: Connection
+) -> AsyncIterator[LocalModelState]:
+    """`first` (the local model's state as the worker started), then each state the
+    supervisor sends, read as they come; they end once the supervisor is gone (the kernel
+    then stops the worker too)."""
+    yield first
+    while True:
+        await _readable(updates.fileno())
+        try:
+            state = updates.recv()
+        except (EOFError, OSError):
+            return
+        yield state
+
+
+class _LocalModelPipe:
+    """The supervisor's end of the pipe telling one worker the local model's state.
+
+    Never blocks the supervisor: a state waits until the pipe can take it, and a worker
+    that does not read meanwhile (stopped, or stuck in its start) is sent only the latest.
+    A state is far under PIPE_BUF, so a pipe that can be written takes it whole at once.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._latest: LocalModelState | None = None
+
+    def send(self, state: LocalModelState) -> None:
+        """Send `state` as soon as the pipe takes it, in place of any still waiting."""
+        if self._connection.closed:  # its worker has exited
+            return
+        if self._latest is None:
+            asyncio.get_running_loop().add_writer(self._connection.fileno(), self._flush)
+        self._latest = state
+
+    def _flush(self) -> None:
+        asyncio.get_running_loop().remove_writer(self._connection.fileno())
+        state, self._latest = self._latest, None
+        with contextlib.suppress(OSError):  # a worker gone: its replacement is told at start
+            self._connection.send(state)
+
+    def close(self) -> None:
+        """Close the pipe, dropping a state still waiting."""
+        if self._latest is not None:
+            asyncio.get_running_loop().remove_writer(self._connection.fileno())
+            self._latest = None
+        self._connection.close()
+
+
+async def _tell_workers(workers: list[_Worker], state: LocalModelState) -> None:
+    """Send the local model's new `state` to every worker running; one started later is
+    given the state of then at its start."""
+    for worker in workers:
+        if worker.run is not None and worker.run.local_model is not None:
+            worker.run.local_model.send(state)
 
 
 @contextlib.contextmanager
@@ -288,6 +357,13 @@ class _Run:
     listened: bool = False
     # Killed with SIGKILL by the supervisor, as one that never listened may be.
     killed: bool = False
+    # Where the local model's changes are sent, when the supervisor runs one.
+    local_model: _LocalModelPipe | None = None
+
+    def close_local_model(self) -> None:
+        """Close the pipe telling the worker (exited) the local model's state."""
+        if self.local_model is not None:
+            self.local_model.close()
 
 
 @dataclasses.dataclass
@@ -302,20 +378,29 @@ class _Worker:
     deaths: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
 
 
-def _start(config: GatewayConfig, log_level: str) -> _Run:
-    """A worker process started with `config`, its exit watched on the loop.
+def _start(config: GatewayConfig, log_level: str, local_model: LocalModelServer | None) -> _Run:
+    """A worker process started with `config` (and `local_model`'s state now, then a pipe
+    for its changes), its exit watched on the loop.
 
     Watched on the loop, not by a thread each: asyncio's thread pool is smaller than a big
     machine's worker count, and the exits past its size went unwatched.
     """
     ready, ready_sender = _SPAWN.Pipe(duplex=False)
-    process: BaseProcess = _SPAWN.Process(
-        target=_worker_main, args=(config, log_level, ready_sender, os.getpid())
-    )
+    args: tuple[object, ...] = (config, log_level, ready_sender, os.getpid())
+    updates = sender = None
+    if local_model is not None:
+        # In the arguments, not on the command line: they carry the local model's key.
+        updates, sender = _SPAWN.Pipe(duplex=False)
+        args = (*args, (local_model.state(), updates))
+    process: BaseProcess = _SPAWN.Process(target=_worker_main, args=args)
     with _sigint_blocked():
         process.start()
     ready_sender.close()  # the worker's copy alone: its exit ends the pipe
-    return _Run(process, ready, asyncio.ensure_future(_exited(process)))
+    run = _Run(process, ready, asyncio.ensure_future(_exited(process)))
+    if updates is not None and sender is not None:
+        updates.close()
+        run.local_model = _LocalModelPipe(sender)
+    return run
 
 
 async def _stop(run: _Run) -> None:
@@ -374,7 +459,9 @@ def _a_crash_loop(worker: _Worker, now: float, *, forget: bool) -> bool:
     return True
 
 
-async def _keep(worker: _Worker, run: _Run, log_level: str) -> None:
+async def _keep(
+    worker: _Worker, run: _Run, log_level: str, local_model: LocalModelServer | None
+) -> None:
     """Start `worker` again each time it dies, after a back-off; return once it dies
     _CRASH_LOOP_DEATHS times within _CRASH_LOOP_WINDOW_S (a crash loop).
 
@@ -387,6 +474,7 @@ async def _keep(worker: _Worker, run: _Run, log_level: str) -> None:
         await asyncio.shield(run.exited)
         worker.run = None
         run.ready.close()
+        run.close_local_model()
         ended = _how_it_ended(run.process.exitcode)
         log.warning(
             "workers.worker_died", extra={"index": worker.index, "pid": run.process.pid, **ended}
@@ -398,7 +486,7 @@ async def _keep(worker: _Worker, run: _Run, log_level: str) -> None:
                 return
             await asyncio.sleep(_RESTART_DELAY_S * 2 ** (len(worker.deaths) - 1))
             try:
-                run = worker.run = _start(worker.config, log_level)
+                run = worker.run = _start(worker.config, log_level, local_model)
                 break
             except Exception as exc:  # no process (EAGAIN, ENOMEM), or a bug
                 # A death like any: retried after the back-off, a crash loop if it lasts,
@@ -421,10 +509,17 @@ async def _keep(worker: _Worker, run: _Run, log_level: str) -> None:
             await _stop(run)
 
 
-async def _keep_serving(workers: list[_Worker], log_level: str, stopping: asyncio.Event) -> None:
+async def _keep_serving(
+    workers: list[_Worker],
+    log_level: str,
+    stopping: asyncio.Event,
+    local_model: LocalModelServer | None,
+) -> None:
     """Restart the workers that die until a stop, or until one of them crash-loops."""
     keepers = [
-        asyncio.ensure_future(_keep(w, w.run, log_level)) for w in workers if w.run is not None
+        asyncio.ensure_future(_keep(w, w.run, log_level, local_model))
+        for w in workers
+        if w.run is not None
     ]
     stop = asyncio.ensure_future(stopping.wait())
     try:
@@ -461,28 +556,30 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
             config.server, listen=listen, health_listen=health_listen, workers=count
         )
         worker_config = dataclasses.replace(config, server=server)
+        workers = [
+            _Worker(index, dataclasses.replace(worker_config, telemetry=own.telemetry))
+            for index, own in enumerate(configs)
+        ]
+        local = None
         if config.wants_local_model:
             starting = stack.enter_async_context(
                 LocalModelServer(
-                    config.local_model, withheld_env=config.secret_variables, keeps_address=True
+                    config.local_model,
+                    on_availability=functools.partial(_tell_workers, workers),
+                    withheld_env=config.secret_variables,
                 )
             )
             local = await _unless_stopped(starting, stopping)
             if local is None:  # it can take local_model.startup_timeout_s to answer
                 log.info("workers.stopped_while_starting")
                 return 0
-            worker_config = dataclasses.replace(
-                worker_config,
-                upstreams=(*config.upstreams, local.upstream_config()),
-                local_model=dataclasses.replace(config.local_model, enabled="never"),
-            )
-        workers = [
-            _Worker(index, dataclasses.replace(worker_config, telemetry=own.telemetry))
-            for index, own in enumerate(configs)
-        ]
+            # It runs here, and the workers follow it (`_tell_workers`): none runs its own.
+            not_theirs = dataclasses.replace(config.local_model, enabled="never")
+            for worker in workers:
+                worker.config = dataclasses.replace(worker.config, local_model=not_theirs)
         runs = []
         for worker in workers:
-            worker.run = _start(worker.config, log_level)
+            worker.run = _start(worker.config, log_level, local)
             runs.append(worker.run)
         any_exit = asyncio.ensure_future(
             asyncio.wait([r.exited for r in runs], return_when=asyncio.FIRST_COMPLETED)
@@ -500,7 +597,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         if is_up:
             health = "" if health_listen is None else f", health on {health_listen}"
             print(f"llm-gateway listening on {listen} ({count} workers){health}", flush=True)
-            await _keep_serving(workers, log_level, stopping)
+            await _keep_serving(workers, log_level, stopping, local)
             crashed = not stopping.is_set()
         elif started.done():
             # A worker closed its pipe without listening: wait for its exit (its status).
@@ -511,6 +608,8 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         stopped = {w.index: w.run for w in workers if w.run is not None}
         runs = list(stopped.values())
         await asyncio.gather(*(_stop(r) for r in runs))
+        for run in runs:
+            run.close_local_model()
         # A worker that ended badly before the stop reached it (killed or crashed as the
         # stop came, whichever the supervisor saw first) is a death, not a failed stop;
         # one that ended badly while it drained is a failed stop.

@@ -18,7 +18,7 @@ import pytest
 
 from service.config import LocalModelConfig
 from service.errors import UpstreamTimeout
-from service.local_model import LocalModelServer
+from service.local_model import LocalModelServer, LocalModelState
 from service.upstream.client import probe_models
 from tests.integration.test_local_model_restart import _STAND_IN, MODEL
 
@@ -56,12 +56,13 @@ async def test_a_hung_server_is_killed_and_restarted(
         model=MODEL, model_path=str(model), hang_timeout_s=0.6, restart_backoff_s=0.1
     )
     changes: list[bool] = []
-    server = LocalModelServer(config, python=str(_stand_in(tmp_path)))
 
-    async def on_availability() -> None:
-        changes.append(server.is_up)
+    async def on_availability(state: LocalModelState) -> None:
+        changes.append(state.is_up)
 
-    server._on_availability = on_availability
+    server = LocalModelServer(
+        config, python=str(_stand_in(tmp_path)), on_availability=on_availability
+    )
     caplog.set_level(logging.ERROR, logger="llm_gateway.local_model")
     async with server:
         hung = server.pid

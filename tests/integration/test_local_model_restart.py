@@ -29,7 +29,6 @@ from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import LocalModelConfig, parse_config
 from service.local_model import LocalModelServer, LocalModelUnavailable
 from service.server import LOCAL_MODEL_HEALTH
-from service.upstream.client import probe_models
 from tests.integration.gateway_process import is_running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -349,24 +348,3 @@ async def test_a_server_that_takes_any_key_or_none_is_not_ready(tmp_path: Path) 
         async with LocalModelServer(config, python=str(stand_in)):
             pass
     assert set(sent.read_text().splitlines()) == {"-"}
-
-
-async def test_a_server_kept_at_its_address_restarts_on_its_port_with_its_key(
-    tmp_path: Path,
-) -> None:
-    """With `keeps_address` (the `--workers` supervisor's: its workers were given the
-    address and key at their start) a restart listens on the first start's port and takes
-    its key, so the workers' calls reach it still."""
-    model, stand_in = stand_in_local_model(tmp_path)
-    config = LocalModelConfig(model=MODEL, model_path=str(model), restart_backoff_s=0.1)
-    async with LocalModelServer(config, python=str(stand_in), keeps_address=True) as server:
-        first, before = server.pid, server.upstream_config()
-        assert first is not None
-        os.kill(first, signal.SIGKILL)
-        async with asyncio.timeout(20):
-            while server.pid in (None, first) or not server.is_up:
-                await asyncio.sleep(0.05)
-        after = server.upstream_config()
-        assert (after.base_url, after.api_key) == (before.base_url, before.api_key)
-        status, models = await probe_models(after, timeout_s=2.0)
-        assert (status, models) == (200, [MODEL])

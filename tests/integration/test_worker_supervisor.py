@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -17,12 +18,16 @@ import aiohttp
 import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.server import LOCAL_MODEL_HEALTH
 from tests.conftest import chat, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Hang
 from tests.integration.gateway_process import is_running
 from tests.integration.pki import make_pki
+from tests.integration.test_local_model_restart import MODEL, _squatting, stand_in_local_model
 
 REPO = Path(__file__).resolve().parents[2]
 _HANG_GUARD_S = 30.0
@@ -706,3 +711,210 @@ async def test_a_replacement_that_cannot_be_started_is_logged_and_counted_as_a_d
     assert len(failed) == 4
     assert all("error=RuntimeError: no replacement today" in line for line in failed)
     assert log.events("workers.worker_restarted") == []
+
+
+# Run first by the stand-in llama.cpp: each start records its pid, port and key, then waits
+# while the file `held` exists, so the test says when a restart may answer.
+_RECORDED_AND_HELD = """
+import time
+with open({starts!r}, "a") as starts:
+    starts.write(f"{{os.getpid()}} {{port}} {{key}}\\n")
+while os.path.exists({held!r}):
+    time.sleep(0.02)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class _LocalModelStart:
+    pid: int
+    port: int
+    key: str
+
+
+class _HeldLocalModel:
+    """The stand-in llama.cpp for `serve --workers N`: its starts, and a hold on the next."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.model, stand_in = stand_in_local_model(tmp_path)
+        self._starts, self._held = tmp_path / "starts", tmp_path / "held"
+        serve = "http.server.ThreadingHTTPServer"
+        recorded = _RECORDED_AND_HELD.format(starts=str(self._starts), held=str(self._held))
+        stand_in.write_text(stand_in.read_text().replace(serve, recorded + serve, 1))
+        # Code for the supervisor: its local model runs the stand-in as llama.cpp's Python.
+        self.setup = (
+            "import functools\n"
+            "workers.LocalModelServer = functools.partial("
+            f"workers.LocalModelServer, python={str(stand_in)!r})\n"
+        )
+
+    @property
+    def starts(self) -> list[_LocalModelStart]:
+        """Its starts so far, in order."""
+        if not self._starts.exists():
+            return []
+        lines = self._starts.read_text().splitlines()
+        return [_LocalModelStart(int(p), int(port), k) for p, port, k in map(str.split, lines)]
+
+    def hold(self) -> None:
+        """Hold its next start: the local model stays down until `release`."""
+        self._held.touch()
+
+    def release(self) -> None:
+        self._held.unlink()
+
+    def config(self, tmp_path: Path) -> Path:
+        """A config serving it alone, with a Prometheus endpoint per worker (which tells
+        the workers apart)."""
+        local = {"enabled": "always", "model_path": str(self.model), "restart_backoff_s": 0.1}
+        data = {
+            "server": {"listen": "127.0.0.1:0"},
+            "local_model": local,
+            "telemetry": {"prometheus_port": 0},
+        }
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+
+def _local_call() -> pb.CompleteRequest:
+    return pb.CompleteRequest(model=MODEL, messages=[pb.Message(role=pb.ROLE_USER, content="Hi")])
+
+
+async def _local_model_seen_by(channel: grpc.aio.Channel, expected: int) -> tuple[object, ...]:
+    """On `channel`'s one connection (one worker), once its `llm_gateway.local_model`
+    health is `expected`: what a call to the local model gets (its code, and its content
+    and upstream when answered) and the health ListModels shows for it."""
+    health = health_pb2_grpc.HealthStub(channel)
+    check = health_pb2.HealthCheckRequest(service=LOCAL_MODEL_HEALTH)
+    while (await health.Check(check, timeout=10)).status != expected:
+        await asyncio.sleep(0.02)
+    stub = pb_grpc.CompletionServiceStub(channel)
+    try:
+        reply = await stub.Complete(_local_call(), timeout=10)
+        answer: tuple[object, ...] = (grpc.StatusCode.OK, reply.content, reply.metadata.upstream)
+    except grpc.aio.AioRpcError as exc:
+        answer = (exc.code(),)
+    models = await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+    [served] = [m for m in models.models if m.name == MODEL]
+    return (*answer, [u.health for u in served.upstreams])
+
+
+async def _what_each_worker_says(
+    address: str, metrics_ports: list[int], expected: int
+) -> dict[int, tuple[object, ...]]:
+    """`_local_model_seen_by` on new connections until each worker (by its Prometheus
+    port) has answered one: the last answer of each."""
+    answers: dict[int, tuple[object, ...]] = {}
+    async with asyncio.timeout(_HANG_GUARD_S):
+        while answers.keys() != set(metrics_ports):
+            before = {port: await _calls_answered(port) or 0 for port in metrics_ports}
+            options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+            async with grpc.aio.insecure_channel(address, options=options) as channel:
+                answer = await _local_model_seen_by(channel, expected)
+            # The worker whose count of calls grew, once it has counted this one.
+            while not (grown := [p for p, n in before.items() if await _calls_answered(p) != n]):
+                await asyncio.sleep(0.01)
+            [port] = grown
+            answers[port] = answer
+    return answers
+
+
+async def _metrics_ports(log: _Log, workers: int) -> list[int]:
+    """The Prometheus ports of the first `workers` workers to listen, in order."""
+    await log.nth("telemetry.prometheus_listening", workers)
+    lines = log.events("telemetry.prometheus_listening")
+    return [int(re.findall(r" port=(\d+)", line)[0]) for line in lines]
+
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_every_worker_follows_the_local_models_restart_on_a_new_port_and_key(
+    tmp_path: Path,
+) -> None:
+    """With `--workers 2`, llama.cpp killed: while it is down every worker's health says
+    NOT_SERVING, ListModels UNHEALTHY, and its calls are UNAVAILABLE without being sent (a
+    process that takes the dead server's port gets nothing); once the restart answers, on
+    a new port with a new key, every worker sends its calls there.
+
+    Before, the workers were given the local model's address once, at their start: the
+    restart kept its port and key, the workers' health never named the local model, and
+    their calls went to its port while it was down, to whatever listened there."""
+    local = _HeldLocalModel(tmp_path)
+    path = local.config(tmp_path)
+    args = ("--config", str(path), "--workers", "2")
+    async with _serve_logged(*args, setup=local.setup) as (process, log):
+        try:
+            address = await _listening(process)
+            ports = await _metrics_ports(log, 2)
+            [first] = local.starts
+            local.hold()
+            os.kill(first.pid, signal.SIGKILL)
+            async with _squatting(first.port) as seen:
+                down = await _what_each_worker_says(address, ports, _NOT_SERVING)
+                local.release()
+                up = await _what_each_worker_says(address, ports, _SERVING)
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                code = await process.wait()
+        finally:
+            alive = _killed_if_running(start.pid for start in local.starts)
+    unhealthy, healthy = [pb.UPSTREAM_HEALTH_UNHEALTHY], [pb.UPSTREAM_HEALTH_HEALTHY]
+    assert down == dict.fromkeys(ports, (grpc.StatusCode.UNAVAILABLE, unhealthy))
+    assert up == dict.fromkeys(ports, (grpc.StatusCode.OK, "hi", "local", healthy))
+    [_, second] = local.starts
+    assert second.port != first.port
+    assert second.key != first.key
+    assert seen == []
+    assert (code, alive) == (0, [])
+
+
+@pytest.mark.parametrize("order", ["model_dies_first", "worker_restarts_first"])
+async def test_a_replacement_worker_follows_the_local_model_from_its_start(
+    tmp_path: Path, order: str
+) -> None:
+    """A worker started in a dead one's place is told the local model's state: down when
+    the model died before (at its start), or as it starts; then back up on its new port,
+    as the other worker is.
+
+    Before, a replacement was given the address the model had at the gateway's start."""
+    local = _HeldLocalModel(tmp_path)
+    path = local.config(tmp_path)
+    args = ("--config", str(path), "--workers", "2")
+    constants = {"_RESTART_DELAY_S": 0.1}
+    async with _serve_logged(*args, constants=constants, setup=local.setup) as (process, log):
+        workers: list[int] = []
+        try:
+            address = await _listening(process)
+            await _metrics_ports(log, 2)
+            workers = sorted(_worker_pids(process.pid))
+            [first] = local.starts
+            local.hold()
+            if order == "model_dies_first":
+                os.kill(first.pid, signal.SIGKILL)
+                await log.nth("local_model.exited")
+                os.kill(workers[0], signal.SIGKILL)
+            else:
+                os.kill(workers[0], signal.SIGKILL)
+                await log.nth("workers.worker_restarted")
+                os.kill(first.pid, signal.SIGKILL)
+            await log.nth("workers.worker_died")
+            ports = await _metrics_ports(log, 3)
+            serving = [p for p in ports[:2] if await _calls_answered(p) is not None]
+            ports = [*serving, ports[2]]  # the survivor's, the replacement's
+            down = await _what_each_worker_says(address, ports, _NOT_SERVING)
+            local.release()
+            up = await _what_each_worker_says(address, ports, _SERVING)
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                code = await process.wait()
+        finally:
+            started = [start.pid for start in local.starts]
+            restarted = [_pid(line) for line in log.events("workers.worker_restarted")]
+            alive = _killed_if_running((*started, *workers, *restarted))
+    unhealthy, healthy = [pb.UPSTREAM_HEALTH_UNHEALTHY], [pb.UPSTREAM_HEALTH_HEALTHY]
+    assert len(ports) == 2
+    assert down == dict.fromkeys(ports, (grpc.StatusCode.UNAVAILABLE, unhealthy))
+    assert up == dict.fromkeys(ports, (grpc.StatusCode.OK, "hi", "local", healthy))
+    assert (code, alive) == (0, [])
