@@ -166,6 +166,7 @@ def test_public_surface():
         "TelemetrySetupError",
         "activate",
         "active",
+        "ms_since_rpc_start",
         "record_cache_hit",
         "record_retry",
         "record_upstream_error",
