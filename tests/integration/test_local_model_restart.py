@@ -30,6 +30,7 @@ from service.config import LocalModelConfig, parse_config
 from service.local_model import LocalModelServer, LocalModelUnavailable
 from service.server import LOCAL_MODEL_HEALTH
 from tests.integration.gateway_process import is_running
+from tests.integration.helpers import error_info
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "gemma-3-270m"
@@ -327,6 +328,62 @@ async def test_a_process_that_takes_a_dead_servers_port_is_never_sent_a_call(
     assert server.upstream_config().api_key not in (None, key)
     assert [r for r in seen if r[0] == "POST"] == []
     assert not any(server.upstream_config().api_key in authorization for *_, authorization in seen)
+
+
+# As llama.cpp generating a long answer: the stand-in says it has the request, then holds it.
+_GENERATES_SLOWLY = """        open({received!r}, "w").close()
+        import time; time.sleep(60)
+"""
+
+
+async def _answer(stub: pb_grpc.CompletionServiceStub, content: str, *, is_stream: bool) -> None:
+    """A call to the local model, unary or streamed, read to its end."""
+    messages = [pb.Message(role=pb.ROLE_USER, content=content)]
+    if is_stream:
+        streamed = pb.CompleteStreamRequest(model=MODEL, messages=messages)
+        async for _event in stub.CompleteStream(streamed, timeout=30):
+            pass
+    else:
+        await stub.Complete(pb.CompleteRequest(model=MODEL, messages=messages), timeout=30)
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_call_in_flight_as_the_server_dies_is_not_retried_to_its_old_port(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    start_gateway: Callable[..., Any],
+    is_stream: bool,
+) -> None:
+    """A call llama.cpp had when it died (unary or streamed, before its first text) is not
+    retried to its old port, which another process may have taken: it ends UNAVAILABLE
+    after its one attempt.
+
+    Before, only a call's plan looked for the server down: the retries of a call in flight
+    (its connection dropped) went to the old address, with the prompt."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    received = tmp_path / "received"
+    keyed = "        if self._refuses():\n            return\n        message"
+    holds = keyed.replace("        message", _GENERATES_SLOWLY.format(received=str(received)))
+    stand_in.write_text(stand_in.read_text().replace(keyed, holds + "        message", 1))
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    local = {"enabled": "always", "model_path": str(model), "restart_backoff_s": 3600}
+    config = parse_config(
+        {"server": {"listen": "127.0.0.1:0"}, "local_model": local}, source="<test>", environ={}
+    )
+    gateway = await start_gateway(config)
+    server = gateway.server.local_model
+    call = asyncio.ensure_future(_answer(gateway.stub, "Hello", is_stream=is_stream))
+    async with asyncio.timeout(10):
+        while not received.exists():
+            await asyncio.sleep(0.02)
+    port = server.port
+    os.kill(server.pid, signal.SIGKILL)
+    async with _squatting(port) as seen:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).metadata["attempts"] == "1"
+    assert [r for r in seen if r[0] == "POST"] == []
 
 
 async def test_a_server_that_takes_any_key_or_none_is_not_ready(tmp_path: Path) -> None:
