@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -317,7 +318,9 @@ class LocalModelServer:
                     f"llama.cpp server exited during start-up{await self._exit_reason()}"
                 )
             with contextlib.suppress(UpstreamError):
-                if await _is_ours(probe):
+                # /proc/net/tcp lists every connection of the network namespace: off the loop.
+                pid = self._process.pid
+                if await asyncio.to_thread(_listens_on, pid, self.port) and await _is_ours(probe):
                     return
             await asyncio.sleep(_PROBE_INTERVAL_S)
         await self._stop_process()
@@ -438,13 +441,46 @@ class LocalModelServer:
             self._stderr_reader = None
 
 
+def _listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the socket listening on 127.0.0.1:`port` (Linux's /proc;
+    True where there is none, or it may not be read, to tell).
+
+    The port is on the child's command line, which any local user can read: one may bind
+    it while llama.cpp loads its model, refuse requests without a key and take any key.
+    Only the socket's owner tells them apart, before any request is sent to it.
+    """
+    table = Path("/proc/net/tcp")
+    if not table.exists():
+        return True
+    # The kernel writes the address as the 32-bit value it stores, in the host's order.
+    (address,) = struct.unpack("=I", socket.inet_aton("127.0.0.1"))
+    local, listening = f"{address:08X}:{port:04X}", "0A"
+    sockets = {
+        f"socket:[{fields[9]}]"
+        for fields in map(str.split, table.read_text().splitlines()[1:])
+        if fields[1] == local and fields[3] == listening
+    }
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except PermissionError:
+        return True
+    except OSError:  # the child gone: not listening
+        return False
+    for fd in descriptors:
+        with contextlib.suppress(OSError):  # a descriptor closed meanwhile
+            if os.readlink(fd) in sockets:
+                return True
+    return False
+
+
 async def _is_ours(probe: UpstreamConfig) -> bool:
     """Whether `probe`'s port is answered by the server started with its key: one that
     refuses a request without the key (401/403) and lists its models to the key.
 
     Anything else there, such as a process that took the port first, is not ready: the
-    gateway would send it every caller's prompts. The keyless request goes first, so that
-    a server which checks no key is never sent it.
+    gateway would send it every caller's prompts (one that takes any key passes this:
+    `_listens_on` is asked first). The keyless request goes first, so that a server which
+    checks no key is never sent it.
     """
     status, _ = await probe_models(dataclasses.replace(probe, api_key=None), timeout_s=2.0)
     if status not in (401, 403):

@@ -496,6 +496,13 @@ class UpstreamPool:
             raise
         if limit_wait > 0:  # most calls start at once
             _waited_on_upstream(log_, limit_wait)
+        if route.client.name in self._down:
+            # Down since this call's plan (it died under the call, which backs off or waited
+            # its turn): whatever answers its old address now is not its server.
+            state.limiter.give_back(tokens)
+            state.breaker.release(probe=probe)
+            plan.exclude(route, "down")
+            return None
         # A retry follows an attempt of this call on this upstream that was sent and
         # failed; a route skipped before any was sent (the gateway's own limits, an open
         # circuit) leaves this a first attempt.

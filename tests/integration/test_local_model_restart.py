@@ -30,6 +30,7 @@ from service.config import LocalModelConfig, parse_config
 from service.local_model import LocalModelServer, LocalModelUnavailable
 from service.server import LOCAL_MODEL_HEALTH
 from tests.integration.gateway_process import is_running
+from tests.integration.helpers import error_info
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "gemma-3-270m"
@@ -327,6 +328,151 @@ async def test_a_process_that_takes_a_dead_servers_port_is_never_sent_a_call(
     assert server.upstream_config().api_key not in (None, key)
     assert [r for r in seen if r[0] == "POST"] == []
     assert not any(server.upstream_config().api_key in authorization for *_, authorization in seen)
+
+
+# The stand-in's second start loads its model for ever: it never listens.
+_SECOND_START_NEVER_LISTENS = """starts = os.path.join(os.path.dirname(sys.argv[0]), "starts")
+with open(starts, "a") as file:
+    file.write("start\\n")
+if len(open(starts).read().splitlines()) == 2:
+    import time
+    while True:
+        time.sleep(1)
+"""
+
+
+def _port_on_command_line(program: Path, besides: int) -> int | None:
+    """The `--port` of a running `program` other than `besides`, read from its command line
+    in /proc as any local user can."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            if str(program).encode() in args and b"--port" in args:
+                port = int(args[args.index(b"--port") + 1])
+                if port != besides:
+                    return port
+    return None
+
+
+async def test_a_process_that_takes_a_starting_servers_port_is_never_taken_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """A process that reads a restarting llama.cpp's port from its command line and binds
+    it while the model loads, refusing requests without a key and taking any key, is sent
+    nothing: that start fails, and the next, on another port, answers the calls.
+
+    Before, it counted as started (a 401 without the key, a 200 with it) and was sent the
+    key and every caller's prompt."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    port_line = 'port = int(sys.argv[sys.argv.index("--port") + 1])\n'
+    script = stand_in.read_text().replace(port_line, port_line + _SECOND_START_NEVER_LISTENS, 1)
+    stand_in.write_text(script)
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    local = {
+        "enabled": "always",
+        "model_path": str(model),
+        "restart_backoff_s": 0.1,
+        "startup_timeout_s": 2.0,
+    }
+    config = parse_config(
+        {"server": {"listen": "127.0.0.1:0"}, "local_model": local}, source="<test>", environ={}
+    )
+    gateway = await start_gateway(config)
+    server = gateway.server.local_model
+    first = server.port
+    os.kill(server.pid, signal.SIGKILL)
+    health = health_pb2_grpc.HealthStub(gateway.channel)
+    check = health_pb2.HealthCheckRequest(service=LOCAL_MODEL_HEALTH)
+    async with asyncio.timeout(10):
+        while (await health.Check(check)).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            await asyncio.sleep(0.02)
+        while (port := _port_on_command_line(stand_in, besides=first)) is None:
+            await asyncio.sleep(0.01)
+    seen: list[tuple[str, str]] = []
+
+    async def take_any_key(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path))
+        if "Authorization" not in request.headers:
+            return web.json_response({"detail": "Invalid API key"}, status=401)
+        if request.method == "GET":
+            return web.json_response({"object": "list", "data": [{"id": MODEL}]})
+        message = {"role": "assistant", "content": "taken"}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return web.json_response({"id": "x", "model": MODEL, "choices": [choice]})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", take_any_key)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        async with asyncio.timeout(20):
+            while (await health.Check(check)).status != health_pb2.HealthCheckResponse.SERVING:
+                await asyncio.sleep(0.05)
+        reply = await gateway.stub.Complete(
+            pb.CompleteRequest(model=MODEL, messages=[pb.Message(role=pb.ROLE_USER, content="Hi")]),
+            timeout=5,
+        )
+    finally:
+        await runner.cleanup()
+    assert (reply.content, reply.metadata.upstream) == ("hi", "local")
+    assert seen == []
+
+
+# As llama.cpp generating a long answer: the stand-in says it has the request, then holds it.
+_GENERATES_SLOWLY = """        open({received!r}, "w").close()
+        import time; time.sleep(60)
+"""
+
+
+async def _answer(stub: pb_grpc.CompletionServiceStub, content: str, *, is_stream: bool) -> None:
+    """A call to the local model, unary or streamed, read to its end."""
+    messages = [pb.Message(role=pb.ROLE_USER, content=content)]
+    if is_stream:
+        streamed = pb.CompleteStreamRequest(model=MODEL, messages=messages)
+        async for _event in stub.CompleteStream(streamed, timeout=30):
+            pass
+    else:
+        await stub.Complete(pb.CompleteRequest(model=MODEL, messages=messages), timeout=30)
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_call_in_flight_as_the_server_dies_is_not_retried_to_its_old_port(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    start_gateway: Callable[..., Any],
+    is_stream: bool,
+) -> None:
+    """A call llama.cpp had when it died (unary or streamed, before its first text) is not
+    retried to its old port, which another process may have taken: it ends UNAVAILABLE
+    after its one attempt.
+
+    Before, only a call's plan looked for the server down: the retries of a call in flight
+    (its connection dropped) went to the old address, with the prompt."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    received = tmp_path / "received"
+    keyed = "        if self._refuses():\n            return\n        message"
+    holds = keyed.replace("        message", _GENERATES_SLOWLY.format(received=str(received)))
+    stand_in.write_text(stand_in.read_text().replace(keyed, holds + "        message", 1))
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    local = {"enabled": "always", "model_path": str(model), "restart_backoff_s": 3600}
+    config = parse_config(
+        {"server": {"listen": "127.0.0.1:0"}, "local_model": local}, source="<test>", environ={}
+    )
+    gateway = await start_gateway(config)
+    server = gateway.server.local_model
+    call = asyncio.ensure_future(_answer(gateway.stub, "Hello", is_stream=is_stream))
+    async with asyncio.timeout(10):
+        while not received.exists():
+            await asyncio.sleep(0.02)
+    port = server.port
+    os.kill(server.pid, signal.SIGKILL)
+    async with _squatting(port) as seen:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).metadata["attempts"] == "1"
+    assert [r for r in seen if r[0] == "POST"] == []
 
 
 async def test_a_server_that_takes_any_key_or_none_is_not_ready(tmp_path: Path) -> None:
