@@ -62,6 +62,12 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
 
 
+# How often the first start tries a new port when the last was taken before llama.cpp's
+# server bound it, and how that server's (uvicorn's) last error line says so.
+_START_PORT_TRIES = 3
+_PORT_TAKEN = "address already in use"
+
+
 class LocalModelUnavailable(RuntimeError):
     """The local model could not be installed or started."""
 
@@ -275,7 +281,17 @@ class LocalModelServer:
         """Install the model file if needed, start the server and wait until it answers."""
         model_path = await asyncio.to_thread(ensure_model_file, self.config)
         await asyncio.to_thread(check_chat_template, self.config, model_path)
-        await self._spawn(model_path)
+        for tries_left in reversed(range(_START_PORT_TRIES)):
+            try:
+                await self._spawn(model_path)
+                break
+            except LocalModelUnavailable as exc:
+                # Its port is on its command line: a local process may bind it first. The
+                # restarts take a new one each; the first start must too, or any local user
+                # could keep the gateway from starting.
+                if not tries_left or _PORT_TAKEN not in str(exc).lower():
+                    raise
+                log.warning("local_model.port_taken", extra={"port": self.port})
         self._watchdog = asyncio.create_task(self._supervise(), name="local-model")
 
     async def _spawn(self, model_path: Path) -> None:

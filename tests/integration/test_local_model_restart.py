@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 import sys
 import types
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ import yaml
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import service.local_model
 import service.server
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -494,3 +496,38 @@ async def test_a_server_that_takes_any_key_or_none_is_not_ready(tmp_path: Path) 
         async with LocalModelServer(config, python=str(stand_in)):
             pass
     assert set(sent.read_text().splitlines()) == {"-"}
+
+
+async def test_a_first_start_whose_port_was_taken_starts_on_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """A local process that binds the port on llama.cpp's command line before its server
+    does made that server exit, and the gateway with it (exit 1): any local user could
+    keep it from starting. The first start now tries a new port, as restarts do, and the
+    process on the first one is sent nothing."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    ports = iter([taken])
+    free_port = service.local_model._free_port
+    monkeypatch.setattr(service.local_model, "_free_port", lambda: next(ports, None) or free_port())
+    local = {"enabled": "always", "model_path": str(model), "startup_timeout_s": 10.0}
+    config = parse_config(
+        {"server": {"listen": "127.0.0.1:0"}, "local_model": local}, source="<test>", environ={}
+    )
+    try:
+        gateway = await start_gateway(config)
+        assert gateway.server.local_model.port != taken
+        reply = await gateway.stub.Complete(
+            pb.CompleteRequest(model=MODEL, messages=[pb.Message(role=pb.ROLE_USER, content="Hi")]),
+            timeout=5,
+        )
+        assert (reply.content, reply.metadata.upstream) == ("hi", "local")
+        squatter.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            squatter.accept()  # nobody connected to it
+    finally:
+        squatter.close()
