@@ -61,7 +61,7 @@ from service.errors import (
 from service.ledger import UsageFilter, UsageRow, total_of
 from service.pipeline import REPEATABLE_MAX_BYTES, Pipeline, PreparedRequest, RepeatKey
 from service.summarize import Summarizer, SummaryRequest
-from service.telemetry import ms_since_rpc_start
+from service.telemetry import ms_since_rpc_start, set_rpc_time_to_first_token
 from service.validation import (
     MAX_TOOL_CALLS_PER_MESSAGE,
     MAX_TOOLS,
@@ -360,7 +360,8 @@ def _fill_metadata(target: pb.CompletionMetadata, completion: Completion) -> Non
 def timed_from_arrival(timings: pb.Timings) -> None:
     """Count `timings` from the call's arrival at the gateway, not from where the
     pipeline took it up: a call queued for admission (`server.max_queued_calls`) waited
-    before, and its caller waited with it."""
+    before, and its caller waited with it. The RPC span's time to first token says the
+    same."""
     elapsed_ms = ms_since_rpc_start()
     if elapsed_ms is None:
         return
@@ -369,6 +370,7 @@ def timed_from_arrival(timings: pb.Timings) -> None:
         timings.total_ms = elapsed_ms
         if timings.time_to_first_token_ms:
             timings.time_to_first_token_ms += before_ms
+            set_rpc_time_to_first_token(timings.time_to_first_token_ms)
 
 
 def response_to_proto(completion: Completion) -> pb.CompleteResponse:

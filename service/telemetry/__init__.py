@@ -17,7 +17,12 @@ from service.telemetry.core import (
     set_breaker_state,
 )
 from service.telemetry.setup import TelemetrySetupError
-from service.telemetry.tracing import OVERHEAD_TRAILER, RpcScope, ms_since_rpc_start
+from service.telemetry.tracing import (
+    OVERHEAD_TRAILER,
+    RpcScope,
+    ms_since_rpc_start,
+    set_rpc_time_to_first_token,
+)
 
 __all__ = [
     "OVERHEAD_TRAILER",
@@ -32,4 +37,5 @@ __all__ = [
     "record_retry",
     "record_upstream_error",
     "set_breaker_state",
+    "set_rpc_time_to_first_token",
 ]

@@ -215,3 +215,11 @@ def ms_since_rpc_start() -> float | None:
     """Milliseconds since the current RPC reached the gateway (None outside one)."""
     scope = CURRENT_RPC.get()
     return None if scope is None else scope.elapsed_s() * 1000.0
+
+
+def set_rpc_time_to_first_token(ms: float) -> None:
+    """Put `ms` on the current RPC's span as its time to first token, where its completion
+    set one: the response's figure, which counts from the call's arrival."""
+    scope = CURRENT_RPC.get()
+    if scope is not None and TIME_TO_FIRST_TOKEN_MS in scope.attributes:
+        scope.attributes[TIME_TO_FIRST_TOKEN_MS] = ms

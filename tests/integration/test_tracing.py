@@ -197,6 +197,40 @@ async def test_stream_spans_carry_time_to_first_token_and_usage(traced, captured
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_a_queued_calls_span_says_the_time_to_first_token_its_response_does(
+    upstream, start_gateway, captured, stream
+):
+    """A call queued for admission counts its time to first token from its arrival, on
+    its RPC span as in its response.
+
+    Before, the response counted its wait in line and the span did not: a call that
+    waited 400 ms for admission had 793 ms in its response and 402 ms on its span."""
+    config = gateway_config(
+        upstream.base_url, server={"max_in_flight_calls": 1, "max_queued_calls": 1}
+    )
+    gateway = await start_gateway(config, telemetry=captured.telemetry)
+    upstream.default = Reply(delay_s=0.3)
+    held = asyncio.ensure_future(gateway.stub.Complete(chat()))
+    for _ in range(1000):  # up to 10 s for the held call to reach the upstream
+        if upstream.requests:
+            break
+        await asyncio.sleep(0.01)
+    if stream:
+        timings = [e async for e in gateway.stub.CompleteStream(chat_stream())][-1].final.timings
+        span = await captured.ended(STREAM_SPAN)
+    else:
+        timings = (await gateway.stub.Complete(chat())).metadata.timings
+    await held
+    if not stream:
+        async with asyncio.timeout(5):  # the queued call's span ends just after its answer
+            while len(unary := [s for s in captured.spans() if s.name == UNARY_SPAN]) < 2:
+                await asyncio.sleep(0.005)
+        span = max(unary, key=lambda s: s.end_time or 0)
+    spans_first_token_ms = attributes_of(span)["llm_gateway.time_to_first_token_ms"]
+    assert spans_first_token_ms == pytest.approx(timings.time_to_first_token_ms)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 async def test_an_attempt_whose_usage_left_out_a_count_records_no_zero_for_it(
     traced, captured, upstream, stream
 ):

@@ -171,5 +171,6 @@ def test_public_surface():
         "record_retry",
         "record_upstream_error",
         "set_breaker_state",
+        "set_rpc_time_to_first_token",
     ]
     assert all(hasattr(service.telemetry, name) for name in service.telemetry.__all__)
