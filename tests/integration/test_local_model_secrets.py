@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -43,6 +44,22 @@ def _environment_of(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     pairs = (item.decode().split("=", 1) for item in raw.split(b"\0") if item)
     return dict(pairs)
+
+
+async def _gateway_with_stand_in(
+    tmp_path, monkeypatch, upstream, start_gateway, **local: object
+) -> tuple[Any, int]:
+    """A gateway running the stand-in llama.cpp as its local model (`local` beside the
+    model settings), and the stand-in's pid."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    settings = {"enabled": "always", "model": MODEL, "model_path": str(model), **local}
+    data = gateway_config_data(upstream.base_url, local_model=settings)
+    gw = await start_gateway(parse_config(data, source="<test>", environ={}))
+    assert gw.server.local_model is not None
+    pid = gw.server.local_model.pid
+    assert pid is not None
+    return gw, pid
 
 
 async def test_the_local_model_server_gets_no_secret_of_the_gateway(
@@ -93,14 +110,7 @@ async def test_the_local_model_server_gets_none_of_the_variables_that_override_i
     for name, value in overriding.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("HOSTNAME", "kept")
-    model, stand_in = stand_in_local_model(tmp_path)
-    run_stand_in_as_llama(monkeypatch, stand_in)
-    local = {"enabled": "always", "model": MODEL, "model_path": str(model)}
-    data = gateway_config_data(upstream.base_url, local_model=local)
-    gw = await start_gateway(parse_config(data, source="<test>", environ={}))
-    assert gw.server.local_model is not None
-    pid = gw.server.local_model.pid
-    assert pid is not None
+    _, pid = await _gateway_with_stand_in(tmp_path, monkeypatch, upstream, start_gateway)
     seen = _environment_of(pid)
     # API_KEY holds the gateway's own key for it (the next test), never the environment's.
     assert sorted(set(overriding) & set(seen)) == ["API_KEY"]
@@ -129,14 +139,8 @@ async def test_the_local_model_server_answers_the_gateway_alone(
     Before, the server took no key: any local user could call the model on its port, with
     no tenant, limits or accounting."""
     caplog.set_level(logging.DEBUG)
-    model, stand_in = stand_in_local_model(tmp_path)
-    run_stand_in_as_llama(monkeypatch, stand_in)
-    local = {"enabled": "always", "model": MODEL, "model_path": str(model)}
-    data = gateway_config_data(upstream.base_url, local_model=local)
-    gw = await start_gateway(parse_config(data, source="<test>", environ={}))
-    assert gw.server.local_model is not None
-    pid, port = gw.server.local_model.pid, gw.server.local_model.port
-    assert pid is not None
+    gw, pid = await _gateway_with_stand_in(tmp_path, monkeypatch, upstream, start_gateway)
+    port = gw.server.local_model.port
     key = register_secret(_environment_of(pid)["API_KEY"])
     assert len(key) >= 32
     reply = await gw.stub.Complete(chat(model=MODEL), timeout=5)
@@ -168,13 +172,6 @@ async def test_the_local_model_server_processes_prompts_on_the_configured_thread
     Before, only the first was set: llama.cpp read every prompt on as many threads as the
     node has cores, whatever the setting, the gateway's CPU affinity or its container's
     CPU quota (which then throttled them)."""
-    model, stand_in = stand_in_local_model(tmp_path)
-    run_stand_in_as_llama(monkeypatch, stand_in)
-    local = {"enabled": "always", "model": MODEL, "model_path": str(model), "threads": 1}
-    data = gateway_config_data(upstream.base_url, local_model=local)
-    gw = await start_gateway(parse_config(data, source="<test>", environ={}))
-    assert gw.server.local_model is not None
-    pid = gw.server.local_model.pid
-    assert pid is not None
+    _, pid = await _gateway_with_stand_in(tmp_path, monkeypatch, upstream, start_gateway, threads=1)
     options = _options_of(pid)
     assert (options["--n_threads"], options.get("--n_threads_batch")) == ("1", "1")
