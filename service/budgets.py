@@ -37,6 +37,11 @@ _ADJECTIVE = {"day": "daily", "month": "monthly"}
 CALLS_IN_FLIGHT_RETRY_S = 1.0
 
 
+class HeldByCallsInFlight(QuotaExceeded):
+    """A budget refusal only for what the tenant's calls in flight hold: it passes once
+    they end (most often spending less), not at the period's reset."""
+
+
 class Budgets:
     """Refuses calls that would take a tenant past its budget; reserves the others."""
 
@@ -100,20 +105,21 @@ class Budgets:
             return reservation
         spent, reserved = reservation.spent_pico / PICO, reservation.reserved_pico / PICO
         held = f" and reserved ${reserved:.6f} for calls in flight" if reserved else ""
+        message = (
+            f"tenant {request.tenant!r} has spent ${spent:.6f}{held} of its "
+            f"${budget.usd:.6f} {_ADJECTIVE[budget.period]} budget"
+        )
+        subject = f"tenant:{request.tenant}"
         if reservation.fits_without_calls_in_flight(budget.usd):
             # Refused only for what calls in flight hold: released as they end (or turned
             # into what they spent, most often less), seconds from now, not at the reset.
-            retry_after_s = CALLS_IN_FLIGHT_RETRY_S
-        else:
-            # The end of the period the ledger refused in: past midnight by now, the new
-            # day's budget may already have room.
-            retry_after_s = max(0.0, period_key_end_s(reservation.period_key) - self._now())
-        raise QuotaExceeded(
-            f"tenant {request.tenant!r} has spent ${spent:.6f}{held} of its "
-            f"${budget.usd:.6f} {_ADJECTIVE[budget.period]} budget",
-            subject=f"tenant:{request.tenant}",
-            retry_after_s=retry_after_s,
-        )
+            raise HeldByCallsInFlight(
+                message, subject=subject, retry_after_s=CALLS_IN_FLIGHT_RETRY_S
+            )
+        # The end of the period the ledger refused in: past midnight by now, the new
+        # day's budget may already have room.
+        retry_after_s = max(0.0, period_key_end_s(reservation.period_key) - self._now())
+        raise QuotaExceeded(message, subject=subject, retry_after_s=retry_after_s)
 
     async def release(self, reservation: Reservation) -> None:
         """Stop holding a reservation (its call's usage is recorded, or it never ran)."""

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from service.budgets import BudgetHold, Budgets
+from service.budgets import BudgetHold, Budgets, HeldByCallsInFlight
 from service.calibration import TokenCalibration
 from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
@@ -310,13 +310,15 @@ class Pipeline:
     async def complete_in_turn(self, request: ChatRequest, *, deadline: Deadline) -> Completion:
         """`complete`, for a call the gateway queued itself (a batch's item, a Summarize's
         part): one its upstreams' own limits (concurrency, per-minute rates) kept waiting
-        past `resilience.max_limit_wait_s` goes back in line rather than fail. That bound
-        is for a caller who would rather be told at once; these calls are their caller's
-        queue, and wait their turn until its deadline."""
+        past `resilience.max_limit_wait_s` goes back in line rather than fail, and so does
+        one its tenant's budget refused only for what calls in flight hold: most often
+        its own batch's or summary's other calls, which would otherwise refuse it on every
+        run. That bound is for a caller who would rather be told at once; these calls are
+        their caller's queue, and wait their turn until its deadline."""
         while True:
             try:
                 return await self.complete(request, deadline=deadline)
-            except LimitExceeded as exc:
+            except (LimitExceeded, HeldByCallsInFlight) as exc:
                 left = deadline.remaining_s()
                 if left is not None and left <= (exc.retry_after_s or 0.0):
                     raise  # its turn would come after the deadline: said now, with when

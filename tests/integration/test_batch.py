@@ -154,6 +154,34 @@ async def test_an_item_whose_turn_comes_after_the_deadline_is_refused_at_once(st
     assert len(fake.requests) == 1
 
 
+async def test_items_a_budget_refuses_for_their_siblings_holds_wait_their_turn(
+    scripted, start_gateway
+):
+    """Six items whose `max_tokens` each reserve almost half the tenant's budget, though
+    they spend a tiny part of it: an item refused only for what the items running beside
+    it hold waits for them to end, as under an upstream's limits. Before, four of the six
+    failed RESOURCE_EXHAUSTED with a 1 s retry, on every run of the batch."""
+    gateway = await start_gateway(
+        gateway_config(scripted.base_url, budgets={"default": {"usd": 0.001, "period": "day"}})
+    )
+    request = pb.CompleteBatchRequest(
+        items=[
+            pb.BatchItem(
+                id=f"item-{i}",
+                request=chat(f"ok {i}", params=pb.GenerationParams(max_tokens=1000)),
+            )
+            for i in range(6)
+        ],
+        concurrency=6,
+    )
+    results, summary = await collect(gateway.stub.CompleteBatch(request, timeout=30))
+    assert [r.WhichOneof("outcome") for r in results] == ["response"] * 6
+    assert (summary.succeeded, summary.failed) == (6, 0)
+    usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+    assert usage.total.requests == 6
+    assert usage.total.cost_usd == pytest.approx(summary.cost_usd)
+
+
 async def test_cancelling_the_call_cancels_outstanding_upstream_requests(batch_gateway, scripted):
     """Cancelling a batch closes every upstream request in flight and starts no new one."""
     call = batch_gateway.stub.CompleteBatch(batch(*(f"hang {i}" for i in range(20)), concurrency=5))

@@ -13,6 +13,7 @@ from gateway_client import GatewayClient
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 from service.calibration import TokenCalibration
+from service.config import BudgetConfig
 from service.tokens import PER_MESSAGE_OVERHEAD, PER_REQUEST_OVERHEAD, estimate_text_tokens
 from service.validation import has_control_characters
 from tests.conftest import FAKE_MODEL, chat, fake_model_window, gateway_config
@@ -386,6 +387,25 @@ async def test_a_summary_run_again_after_a_part_failed_pays_only_for_what_was_mi
     assert (third.summary, third.upstream_calls, third.cost_usd) == ("FINAL", 0, 0.0)
     assert third.usage.output_tokens == response.usage.output_tokens  # the same summary
     assert len(recorder.requests) == first_run + 2
+
+
+async def test_parts_a_budget_refuses_for_their_siblings_holds_wait_their_turn(
+    recorder, start_gateway
+):
+    """A budget with room for one part's expected cost at a time (its prompt and its
+    answer's max_tokens), and for far more than the summary spends: a part refused only
+    for what the parts running beside it hold waits for them to end. Before, the call
+    failed RESOURCE_EXHAUSTED with a 1 s retry, its other parts cancelled, and so on every
+    retry: the summary could never be made."""
+    budgets = {"default": BudgetConfig(usd=0.00025, period="day")}
+    gateway = await start_gateway(dataclasses.replace(config(recorder.base_url), budgets=budgets))
+    request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
+    response = await gateway.stub.Summarize(request, timeout=30)
+    assert response.summary == "FINAL"
+    assert response.chunks >= 2 * CONCURRENCY
+    usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+    assert usage.total.requests == response.upstream_calls
+    assert usage.total.cost_usd == pytest.approx(response.cost_usd)
 
 
 async def test_a_part_retried_after_a_429_waits_its_retry_after(recorder, start_gateway):
