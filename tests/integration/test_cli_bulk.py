@@ -593,6 +593,12 @@ async def test_check_config_error_exits_2(tmp_path, capsys):
             "auth.keys_file: ",
             id="malformed-keys-file",
         ),
+        pytest.param(
+            "server: {listen: '127.0.0.1:50051', health_listen: 'localhost:50051'}\n",
+            "server: health_listen localhost:50051 and listen 127.0.0.1:50051 would listen "
+            "on the same port",
+            id="health-listen-at-the-gateways-address",
+        ),
     ],
 )
 async def test_check_exits_2_on_a_config_error_serve_finds_at_start(tmp_path, capsys, text, named):
@@ -610,6 +616,20 @@ async def test_check_exits_2_on_a_config_error_serve_finds_at_start(tmp_path, ca
     assert code == 2
     assert f"llm-gateway: config error: {config}: {named}" in captured.err
     assert ": ok" not in captured.out
+
+
+async def test_check_names_a_bad_workers_flag(tmp_path, capsys):
+    """`check --workers -1` is refused naming `--workers` alone, as `serve` refuses it.
+
+    Before, the error named `--listen/--workers`, a flag `check` does not have.
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text("local_model: {enabled: never}\n")
+    args = parse(check, "check", "--config", str(config), "--workers", "-1")
+    assert await check.check_command(args) == 2
+    err = capsys.readouterr().err
+    problem = "workers must be >= 0 (0: one per core)"
+    assert err == f"llm-gateway: config error: command line: --workers: {problem}\n"
 
 
 @pytest.mark.parametrize("workers", ["flag", "config"])
