@@ -143,6 +143,9 @@ def test_auth_off_on_a_public_address_exits_2_naming_the_key(
     assert main(["serve", "--config", str(config), "--workers", workers]) == 2
     err = capsys.readouterr().err
     assert f"llm-gateway: config error: {config}: server.listen: refusing to listen" in err
+    # It says how to listen publicly safely, as README's Security does.
+    assert "auth.mode: keys" in err
+    assert "mTLS (server.tls.client_ca_file, require_client_cert: true" in err
     assert "Traceback" not in err
 
 
