@@ -20,7 +20,7 @@ from service.domain import ChatRequest, Completion, Usage
 from service.errors import FieldViolation, GatewayError, InvalidRequest, quoted
 from service.ledger import PICO, to_pico
 from service.pipeline import Pipeline
-from service.validation import chat_request_violations
+from service.validation import CALLER_ID_RULE, chat_request_violations, is_caller_id
 
 _MS = 1000.0
 log = logging.getLogger("llm_gateway.batch")
@@ -83,7 +83,10 @@ def check_batch(items: Sequence[_Identified], concurrency: int, limits: BatchCon
     seen: set[str] = set()
     # Over the limit, 4 MB of empty items are two million: the first are enough to read.
     for index, item in enumerate(items[: limits.max_items + 1]):
-        if item.id and item.id in seen:
+        # Sent back with the item's result, for the caller's tools to match: one line.
+        if not is_caller_id(item.id):
+            violations.append(FieldViolation(f"items[{index}].id", CALLER_ID_RULE))
+        elif item.id and item.id in seen:
             violations.append(
                 FieldViolation(f"items[{index}].id", f"duplicate id {quoted(item.id)}")
             )

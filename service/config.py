@@ -35,9 +35,11 @@ from redis.asyncio.connection import (
 )
 
 from service.domain import CacheMode, TruncationMode
-from service.hosts import ascii_host, is_loopback_host
+from service.hosts import ascii_host, is_loopback_host, listen_hosts_overlap
 
 ENV_PREFIX = "LLM_GATEWAY__"
+# The source of a config error in a value a command-line flag gave.
+COMMAND_LINE = "command line"
 T = TypeVar("T")
 
 
@@ -251,8 +253,11 @@ class ServerConfig:
         if self.health_listen is not None:
             _require_address(self.health_listen, "health_listen")
             _require(
-                self.health_listen != self.listen or self.listen.endswith(":0"),
-                "health_listen must differ from listen",
+                not _listens_overlap(self.health_listen, self.listen),
+                f"health_listen {self.health_listen} and listen {self.listen} would listen "
+                "on the same port at a shared address (0.0.0.0 and [::] take the port at "
+                "every address, localhost at 127.0.0.1 and [::1]): give health_listen "
+                "another port",
             )
         _require(self.grace_period_s >= 0, "grace_period_s must be >= 0")
         _require(
@@ -285,6 +290,13 @@ def host_and_port(address: str) -> tuple[str, int]:
     """A `HOST:PORT` address's host (an IPv6 one without its brackets) and port."""
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def _listens_overlap(first: str, second: str) -> bool:
+    """Whether two valid `HOST:PORT` addresses would bind a shared address and port (a
+    port 0 is chosen free at each bind: never shared)."""
+    (first_host, first_port), (second_host, second_port) = map(host_and_port, (first, second))
+    return first_port == second_port != 0 and listen_hosts_overlap(first_host, second_host)
 
 
 def _require_address(address: str, name: str) -> None:
@@ -992,11 +1004,17 @@ class GatewayConfig:
     # {key path: the LLM_GATEWAY__... variable that set it}, so that errors found after
     # parsing (TLS files, the listen policy) can name the variable too.
     overrides: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # {key path: the command-line flag that set it (`serve --listen`)}: the file and the
+    # environment are then not to blame for its value.
+    flags: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def error(
         self, key: str, problem: str, *, kind: type[ConfigError] = ConfigError
     ) -> ConfigError:
-        """A config error on `key`, naming the variables that set it or a key under it."""
+        """A config error on `key`, naming the flag that set it, or the variables that set
+        it or a key under it."""
+        if key in self.flags:
+            return kind(COMMAND_LINE, self.flags[key], problem)
         return kind(self.source, key, _with_variables(problem, key, self.overrides))
 
     @property

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["ascii_host", "is_loopback_host"]
+__all__ = ["ascii_host", "is_loopback_host", "listen_hosts_overlap"]
 
 
 def is_loopback_host(host: str) -> bool:
@@ -37,3 +37,37 @@ def ascii_host(host: str) -> str | None:
         return host.encode("idna").decode("ascii")
     except UnicodeError:
         return None
+
+
+# grpc listens on a wildcard host, either spelling, as [::] with IPv4 mapped in (0.0.0.0
+# where the machine has no IPv6), and on `localhost` at both loopbacks whatever
+# /etc/hosts says: a server on [::1] or 127.0.0.1 and one on `localhost` share a port.
+_LOCALHOST_ADDRESSES = frozenset({"127.0.0.1", "::1"})
+
+
+def listen_hosts_overlap(first: str, second: str) -> bool:
+    """Whether grpc servers listening on hosts `first` and `second`, on one port, would
+    bind a shared address (the second's start failing "address in use"): a wildcard
+    (`0.0.0.0`, `[::]`) overlaps every host, `localhost` both loopbacks.
+
+    Decided without a resolver: a host name other than `localhost` overlaps only the
+    same name (and a wildcard), as what it resolves to is for the bind to find.
+    """
+    first_bound, second_bound = _bound_addresses(first), _bound_addresses(second)
+    if first_bound is None or second_bound is None:  # a wildcard
+        return True
+    return not first_bound.isdisjoint(second_bound)
+
+
+def _bound_addresses(host: str) -> frozenset[str] | None:
+    """The addresses grpc binds for `host`; None for every address (a wildcard)."""
+    host = host.strip("[]").lower()
+    if host in ("localhost", "localhost."):
+        return _LOCALHOST_ADDRESSES
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return frozenset({host.rstrip(".")})
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # the same socket address to the kernel
+    return None if address.is_unspecified else frozenset({str(address)})

@@ -7,9 +7,10 @@ import dataclasses
 import logging
 import os
 import sys
+from typing import Any
 
 from service import early_signals
-from service.config import ConfigError, GatewayConfig, load_config
+from service.config import COMMAND_LINE, ConfigError, GatewayConfig, load_config
 from service.logs import configure_logging
 from service.workers import worker_count
 
@@ -51,34 +52,40 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def with_flags(
     config: GatewayConfig, *, listen: str | None = None, workers: int | None = None
 ) -> GatewayConfig:
-    """`config` with `--listen` and `--workers` in place of its own.
+    """`config` with `--listen` and `--workers` in place of its own; a later error in
+    either key names the flag, not the file or a variable.
 
     Raises:
-        ValueError: a value the config file would be refused for.
+        ConfigError: a value the config file would be refused for, naming the flag.
     """
-    server = config.server  # replace() validates like the file does
     if listen is not None:  # "" too (a script's unset variable): refused, not ignored
-        server = dataclasses.replace(server, listen=listen)
-        # The flag, not LLM_GATEWAY__SERVER__LISTEN, set it: errors must not name that.
-        overrides = {k: v for k, v in config.overrides.items() if k != "server.listen"}
-        config = dataclasses.replace(config, overrides=overrides)
+        config = _with_flag(config, "--listen", "listen", listen)
     if workers is not None:
-        server = dataclasses.replace(server, workers=workers)
-    return dataclasses.replace(config, server=server)
+        config = _with_flag(config, "--workers", "workers", workers)
+    return config
+
+
+def _with_flag(config: GatewayConfig, flag: str, name: str, value: Any) -> GatewayConfig:
+    """`config` with the flag `flag`'s `value` as `server.<name>`."""
+    try:
+        server = dataclasses.replace(config.server, **{name: value})  # validated as in a file
+    except ValueError as exc:
+        raise ConfigError(COMMAND_LINE, flag, str(exc)) from None
+    key = f"server.{name}"
+    # The flag, not an LLM_GATEWAY__SERVER__... variable, set it: errors must not name that.
+    overrides = {k: v for k, v in config.overrides.items() if k != key}
+    return dataclasses.replace(
+        config, server=server, overrides=overrides, flags={**config.flags, key: flag}
+    )
 
 
 def serve_command(args: argparse.Namespace) -> int:
     """Load the config and run the server; a config error exits 2 with file and key."""
     configure_logging(args.log_level)
     try:
-        config = load_config(args.config)
+        config = with_flags(load_config(args.config), listen=args.listen, workers=args.workers)
     except ConfigError as exc:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        config = with_flags(config, listen=args.listen, workers=args.workers)
-    except ValueError as exc:
-        print(f"llm-gateway: config error: --listen/--workers: {exc}", file=sys.stderr)
         return 2
     server = config.server
     count, why = worker_count(config)

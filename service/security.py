@@ -59,8 +59,11 @@ def check_listen_policy(config: GatewayConfig) -> None:
     if not forced:
         raise config.error(
             "server.listen",
-            f"refusing to listen on {config.server.listen} with auth.mode: off; set "
-            "auth.mode: keys, or auth.allow_auth_off_on_public_listen: true to force it",
+            f"refusing to listen on {config.server.listen} with auth.mode: off (callers "
+            "need no key); have callers prove who they are with auth.mode: keys "
+            "(over server.tls), or with mTLS (server.tls.client_ca_file, "
+            "require_client_cert: true and tenant_from_cert_subject: true), or set "
+            "auth.allow_auth_off_on_public_listen: true to force it",
             kind=InsecureListen,
         )
     log.warning("security.auth_off_on_public_listen", extra={"listen": config.server.listen})

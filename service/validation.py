@@ -27,7 +27,11 @@ _CONTROL_RUN = re.compile(_CONTROL.pattern + "+")
 # and a tool's output (a shell's ANSI colours) come back as they came: refusing them would
 # stall a conversation or an agent loop on text the caller did not write.
 _CALLERS_ROLES = frozenset({Role.SYSTEM, Role.USER})
-_MAX_IDEMPOTENCY_KEY = 256
+# A caller's own key for a call or an item (an idempotency key, sent upstream; a batch
+# item's id, sent back with its result to be matched by the caller's tools): one line of
+# printable text, no longer than a model's name or, by default, a label's value.
+MAX_CALLER_ID = 256
+CALLER_ID_RULE = f"must be printable, at most {MAX_CALLER_ID} characters"
 _MAX_TOKENS_CAP = 1_000_000
 # OpenAI's rule for a tool's and a JSON schema's name (fullmatch, as _LABEL_KEY).
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -67,6 +71,12 @@ def has_control_characters(text: str) -> bool:
 def without_control_characters(text: str) -> str:
     """`text` with each run of characters no message may contain as one space."""
     return _CONTROL_RUN.sub(" ", text)
+
+
+def is_caller_id(text: str) -> bool:
+    """Whether `text` may be a caller's key for a call or an item (`MAX_CALLER_ID`):
+    printable, so no control, line-break or zero-width characters."""
+    return len(text) <= MAX_CALLER_ID and text.isprintable()
 
 
 def model_violations(model: str) -> list[FieldViolation]:
@@ -207,8 +217,8 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     if request.labels:
         found.extend(label_violations(request.labels, limits))
     key = request.idempotency_key
-    if key and (len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable()):
-        found.append(FieldViolation("idempotency_key", "must be printable, at most 256 characters"))
+    if key and not is_caller_id(key):
+        found.append(FieldViolation("idempotency_key", CALLER_ID_RULE))
     # No upper bound here: the cache caps a TTL at its configured `max_ttl_s`.
     if request.cache.ttl_s is not None and request.cache.ttl_s < 1:
         found.append(FieldViolation("cache.ttl_seconds", "must be >= 1"))

@@ -244,6 +244,45 @@ async def test_whole_batch_problems_are_invalid_argument(batch_gateway, scripted
     assert scripted.requests == []
 
 
+@pytest.mark.parametrize(
+    "bad_id",
+    [
+        pytest.param("line\nbreak", id="newline"),
+        pytest.param("nul\x00", id="control"),
+        pytest.param("zero\u200bwidth", id="zero-width"),
+        pytest.param("x" * 257, id="too-long"),
+        pytest.param("x" * 1_000_000, id="a-megabyte"),
+    ],
+)
+async def test_an_item_id_that_is_not_one_printable_line_refuses_the_batch(
+    batch_gateway, scripted, bad_id
+):
+    """An item id is held to an idempotency key's rule (printable, at most 256
+    characters): the call is INVALID_ARGUMENT naming `items[i].id`, before any item runs.
+
+    Before, any text was taken and sent back in the item's result.
+    """
+    request = batch("ok a", "ok b", "ok c")
+    request.items[1].id = bad_id
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(batch_gateway.stub.CompleteBatch(request))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert list(error_details(caught.value).field_violations) == [
+        ("items[1].id", "must be printable, at most 256 characters")
+    ]
+    assert scripted.requests == []
+
+
+async def test_an_item_id_of_256_printable_characters_is_taken(batch_gateway):
+    """Any printable text up to the limit is an id, in any script, spaces included."""
+    item_id = ("ünïcödé id 名前 " * 20)[:256]
+    request = batch("ok a")
+    request.items[0].id = item_id
+    results, summary = await collect(batch_gateway.stub.CompleteBatch(request))
+    assert [r.id for r in results] == [item_id]
+    assert summary.succeeded == 1
+
+
 async def test_too_many_items(scripted, start_gateway):
     """More items than batch.max_items is refused."""
     gateway = await start_gateway(gateway_config(scripted.base_url, batch={"max_items": 3}))

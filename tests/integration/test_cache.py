@@ -322,6 +322,31 @@ async def test_sampled_requests_are_not_cached_by_default(
     assert len(upstream.requests) == 3
 
 
+async def test_a_ttl_alone_does_not_opt_a_sampled_request_in(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """`ttl_seconds` says how long an answer that is stored stays, not whether it is: a
+    sampled request setting only a TTL is not cached (README "Per request"), one that also
+    sets `CACHE_MODE_DEFAULT` is, and a deterministic one is with the TTL alone."""
+    ttl_only = pb.CachePolicy(ttl_seconds=600)
+    opted_in = pb.CachePolicy(mode=pb.CACHE_MODE_DEFAULT, ttl_seconds=600)
+    outcomes = {}
+    for name, request in [
+        ("sampled, ttl only", chat("sampled", cache=ttl_only)),
+        ("sampled, ttl and mode", chat("opted in", cache=opted_in)),
+        ("deterministic, ttl only", ask("deterministic", cache=ttl_only)),
+    ]:
+        await cached.stub.Complete(request)
+        await settled(cached)
+        outcomes[name] = (await cached.stub.Complete(request)).metadata.cache_hit
+    assert outcomes == {
+        "sampled, ttl only": False,
+        "sampled, ttl and mode": True,
+        "deterministic, ttl only": True,
+    }
+    assert len(upstream.requests) == 4
+
+
 @pytest.mark.parametrize(
     "behaviour",
     # 400: an error no retry policy retries, so the upstream sees exactly one call for it.

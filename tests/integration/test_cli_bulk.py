@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from gateway_client.commands import batch, check, summarize
+from service.validation import MAX_CALLER_ID
 from tests.conftest import FAKE_MODEL, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply, Status
 from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
@@ -144,6 +145,37 @@ async def test_malformed_lines_are_reported_and_skipped(tmp_path, scripted, addr
         assert f"in.jsonl:{line}: skipped: {reason}" in err
     assert sorted(r["id"] for r in output_records(output)) == ["a", "c"]
     assert "done: 2 succeeded, 0 failed, 6 bad lines" in err
+
+
+async def test_a_line_whose_id_the_gateway_refuses_is_skipped(tmp_path, address, capsys):
+    """An id the gateway would refuse (not printable, over 256 characters) makes a bad
+    line, as a duplicate does: the other lines still run.
+
+    Otherwise the gateway refuses the whole call, and every resume stops at it again.
+    """
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [
+        {"id": "a", "prompt": "ok a"},
+        {"id": "tab\there", "prompt": "ok tab"},
+        {"id": "x" * 257, "prompt": "ok long"},
+        {"id": "x" * 256, "prompt": "ok b"},
+    ]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = (str(source), "-o", str(output), "--address", address, "--model", FAKE_MODEL)
+
+    code = await batch.batch_command(parse(batch, "batch", *argv))
+
+    err = capsys.readouterr().err
+    assert code == 1
+    for line in (2, 3):
+        assert f"in.jsonl:{line}: skipped: 'id' must be printable, at most 256 characters" in err
+    assert sorted(r["id"] for r in output_records(output)) == ["a", "x" * 256]
+    assert "done: 2 succeeded, 0 failed, 2 bad lines" in err
+
+
+def test_the_clis_id_rule_is_the_gateways() -> None:
+    """The CLI skips exactly the ids the gateway refuses."""
+    assert batch.MAX_ID_CHARS == MAX_CALLER_ID
 
 
 async def test_a_line_nested_too_deeply_is_skipped_and_the_rest_still_run(
@@ -593,6 +625,12 @@ async def test_check_config_error_exits_2(tmp_path, capsys):
             "auth.keys_file: ",
             id="malformed-keys-file",
         ),
+        pytest.param(
+            "server: {listen: '127.0.0.1:50051', health_listen: 'localhost:50051'}\n",
+            "server: health_listen localhost:50051 and listen 127.0.0.1:50051 would listen "
+            "on the same port",
+            id="health-listen-at-the-gateways-address",
+        ),
     ],
 )
 async def test_check_exits_2_on_a_config_error_serve_finds_at_start(tmp_path, capsys, text, named):
@@ -610,6 +648,20 @@ async def test_check_exits_2_on_a_config_error_serve_finds_at_start(tmp_path, ca
     assert code == 2
     assert f"llm-gateway: config error: {config}: {named}" in captured.err
     assert ": ok" not in captured.out
+
+
+async def test_check_names_a_bad_workers_flag(tmp_path, capsys):
+    """`check --workers -1` is refused naming `--workers` alone, as `serve` refuses it.
+
+    Before, the error named `--listen/--workers`, a flag `check` does not have.
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text("local_model: {enabled: never}\n")
+    args = parse(check, "check", "--config", str(config), "--workers", "-1")
+    assert await check.check_command(args) == 2
+    err = capsys.readouterr().err
+    problem = "workers must be >= 0 (0: one per core)"
+    assert err == f"llm-gateway: config error: command line: --workers: {problem}\n"
 
 
 @pytest.mark.parametrize("workers", ["flag", "config"])

@@ -369,7 +369,7 @@ async def test_an_empty_listen_flag_is_a_config_error(upstream, tmp_path):
     code, stderr = await _refused_start("serve", "--config", str(config), "--listen", "")
     assert code == 2
     assert stderr.splitlines()[-1] == (
-        "llm-gateway: config error: --listen/--workers: listen must be HOST:PORT"
+        "llm-gateway: config error: command line: --listen: listen must be HOST:PORT"
     )
 
 

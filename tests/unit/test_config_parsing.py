@@ -758,7 +758,7 @@ def test_env_override_on_real_file() -> None:
             {"server": {"listen": "0.0.0.0:50051", "health_listen": "0.0.0.0:50051"}},
             {},
             "server",
-            "health_listen must differ from listen",
+            "health_listen 0.0.0.0:50051 and listen 0.0.0.0:50051 would listen on the same port",
             id="health-listen-on-the-gateways-port",
         ),
         pytest.param(
@@ -836,6 +836,54 @@ def test_config_errors_name_the_key(
     assert problem in caught.value.problem
     if key:
         assert key in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("listen", "health_listen"),
+    [
+        ("127.0.0.1:50051", "localhost:50051"),
+        ("127.0.0.1:50051", "LOCALHOST.:50051"),
+        ("[::1]:50051", "localhost:50051"),
+        ("127.0.0.1:50051", "0.0.0.0:50051"),
+        ("[::1]:50051", "0.0.0.0:50051"),
+        ("10.1.2.3:50051", "[::]:50051"),
+        ("gateway.internal:50051", "[::]:50051"),
+        ("[::ffff:127.0.0.1]:50051", "127.0.0.1:50051"),
+        ("gateway.internal:50051", "Gateway.Internal.:50051"),
+    ],
+)
+def test_health_listen_sharing_the_gateways_address_is_refused_naming_both(
+    listen: str, health_listen: str
+) -> None:
+    """Two spellings that grpc binds at a shared address and port are refused at load,
+    naming both keys, whichever of the two holds which.
+
+    Before, only the same text was refused: `localhost:P` beside `127.0.0.1:P` passed
+    `check`, and the start failed "the address is taken".
+    """
+    for first, second in ((listen, health_listen), (health_listen, listen)):
+        with pytest.raises(ConfigError) as caught:
+            parse({"server": {"listen": first, "health_listen": second}})
+        assert caught.value.key == "server"
+        assert f"health_listen {second} and listen {first} would listen" in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    ("listen", "health_listen"),
+    [
+        ("127.0.0.1:50051", "127.0.0.2:50051"),
+        ("127.0.0.1:50051", "[::1]:50051"),
+        ("127.0.0.1:50051", "localhost:50052"),
+        ("0.0.0.0:50051", "0.0.0.0:50052"),
+        ("0.0.0.0:0", "0.0.0.0:0"),
+        ("127.0.0.1:0", "localhost:0"),
+    ],
+)
+def test_health_listen_on_its_own_address_or_port_is_taken(listen: str, health_listen: str) -> None:
+    """Distinct addresses on one port, distinct ports, and port 0 (a free port chosen at
+    each bind) all load."""
+    config = parse({"server": {"listen": listen, "health_listen": health_listen}})
+    assert config.server.health_listen == health_listen
 
 
 def test_config_error_names_the_source() -> None:
@@ -1084,7 +1132,11 @@ def config_keys(cls: type[Any], prefix: str = "") -> list[str]:
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.init or f.name in ("source", "overrides") or "from_environment" in f.metadata:
+        if (
+            not f.init
+            or f.name in ("source", "overrides", "flags")
+            or "from_environment" in f.metadata
+        ):
             continue
         args = typing.get_args(hints[f.name])
         inner = next((a for a in (hints[f.name], *args) if dataclasses.is_dataclass(a)), None)

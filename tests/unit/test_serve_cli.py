@@ -24,14 +24,58 @@ from service.main import main
 def test_a_bad_override_exits_2_naming_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], problem: str
 ) -> None:
-    """A bad --listen or --workers exits 2 with a one-line config error, not a traceback."""
+    """A bad --listen or --workers exits 2 with a one-line config error naming the flag
+    typed, not a traceback.
+
+    Before, it named both flags (`--listen/--workers: ...`), whichever was wrong.
+    """
     config = tmp_path / "gateway.yaml"
     config.write_text("local_model: {enabled: never}\n")
     assert main(["serve", "--config", str(config), *flags]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("llm-gateway: config error: ")
-    assert flags[0] in err
+    assert err.startswith(f"llm-gateway: config error: command line: {flags[0]}: ")
+    assert ({"--listen", "--workers"} - {flags[0]}).pop() not in err
+    assert str(config) not in err
     assert problem in err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_auth_off_on_a_public_address_from_listen_names_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str
+) -> None:
+    """`serve --listen 0.0.0.0:0` with auth off is refused naming `--listen`: the file
+    says 127.0.0.1, and the operator is told how to allow it.
+
+    Before, the error blamed `server.listen` in a file that does not hold 0.0.0.0.
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text("server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n")
+    flags = ["--listen", "0.0.0.0:0", "--workers", workers]
+    assert main(["serve", "--config", str(config), *flags]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "llm-gateway: config error: command line: --listen: refusing to listen on 0.0.0.0:0" in err
+    )
+    assert "server.listen" not in err
+    assert "auth.mode: keys" in err
+    assert "mTLS" in err
+    assert "auth.allow_auth_off_on_public_listen: true" in err
+
+
+def test_listen_sharing_the_files_health_listen_names_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--listen 127.0.0.1:P` beside the file's `health_listen: localhost:P` is refused
+    before the start, naming the flag and both addresses."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "server: {listen: '127.0.0.1:0', health_listen: 'localhost:50599'}\n"
+        "local_model: {enabled: never}\n"
+    )
+    assert main(["serve", "--config", str(config), "--listen", "127.0.0.1:50599"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llm-gateway: config error: command line: --listen: ")
+    assert "health_listen localhost:50599 and listen 127.0.0.1:50599 would listen" in err
 
 
 @pytest.mark.parametrize("key", ["cert_file", "key_file", "client_ca_file"])
@@ -99,6 +143,9 @@ def test_auth_off_on_a_public_address_exits_2_naming_the_key(
     assert main(["serve", "--config", str(config), "--workers", workers]) == 2
     err = capsys.readouterr().err
     assert f"llm-gateway: config error: {config}: server.listen: refusing to listen" in err
+    # It says how to listen publicly safely, as README's Security does.
+    assert "auth.mode: keys" in err
+    assert "mTLS (server.tls.client_ca_file, require_client_cert: true" in err
     assert "Traceback" not in err
 
 
@@ -123,7 +170,9 @@ def test_auth_off_on_a_public_address_from_the_environment_names_the_variable(
     assert "(set from the environment: LLM_GATEWAY__SERVER__LISTEN)" in err
     # --listen replaces what the variable said: then the variable is not to blame.
     assert main(["serve", "--config", str(config), "--listen", "0.0.0.0:0"]) == 2
-    assert "LLM_GATEWAY__SERVER__LISTEN" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "LLM_GATEWAY__SERVER__LISTEN" not in err
+    assert "command line: --listen: refusing to listen on 0.0.0.0:0" in err
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -42,6 +42,9 @@ from llmgateway.v1 import gateway_pb2 as pb
 # One call carries at most this many items and bytes; the rest wait for the next call.
 DEFAULT_ITEMS_PER_CALL = 500
 MAX_CALL_BYTES = 3 * 1024 * 1024
+# The gateway refuses a whole call for one id past this or not printable (a tab, a
+# line break): such a line is skipped instead (`service.validation.MAX_CALLER_ID`).
+MAX_ID_CHARS = 256
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed", "reasoning_effort")
 # What a prompt or messages line may set; a `request` line carries all of it inside.
@@ -229,6 +232,11 @@ def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[Ba
             if not _is_utf8(item_id):
                 bad.append(
                     BadLine(number, "'id' is not UTF-8 text (an unpaired \\ud800-\\udfff escape)")
+                )
+                continue
+            if len(item_id) > MAX_ID_CHARS or not item_id.isprintable():
+                bad.append(
+                    BadLine(number, f"'id' must be printable, at most {MAX_ID_CHARS} characters")
                 )
                 continue
             if item_id in first_line_of:

@@ -139,11 +139,7 @@ async def check_command(args: argparse.Namespace) -> int:
     """Run `llm-gateway check`."""
     try:
         config = load_config(args.config)
-        try:
-            config = with_flags(config, workers=args.workers)
-        except ValueError as exc:  # said as `serve` says it
-            print(f"llm-gateway: config error: --listen/--workers: {exc}", file=sys.stderr)
-            return 2
+        config = with_flags(config, workers=args.workers)
         check_start_config(config)  # what `serve` would refuse only once it starts
         worker_configs(config, worker_count(config)[0])  # each one's Prometheus port
         try:
