@@ -92,7 +92,14 @@ class _Output:
     reasoning: str = ""
 
 
-_NO_OUTPUT = _Output()
+def _believed(reported: Usage, output: _Output) -> Usage:
+    """`reported`, flagged estimated where a count of 0 cannot be true, so that it is
+    estimated as a count left out is: a prompt is never read in 0 tokens (every call sends
+    one, in a chat template), nor is any output written in 0. A 0 for no output stands."""
+    has_output = bool(output.content or output.tool_calls or output.reasoning)
+    if reported.input_tokens and (reported.output_tokens or not has_output):
+        return reported
+    return dataclasses.replace(reported, is_estimated=True)
 
 
 def _relayed_output(chunks: Sequence[TextChunk]) -> _Output:
@@ -231,8 +238,8 @@ class Pipeline:
 
     def _usage(self, prepared: PreparedRequest, output: _Output, reported: Usage | None) -> Usage:
         """The usage as reported; else estimated, or, where the upstream reported one
-        count and not the other (`is_estimated` then, the missing one 0), the other
-        estimated beside it."""
+        count and not the other (`is_estimated` then, the missing one 0), or a count no
+        call can have (`_believed`), the other estimated beside it."""
         if reported is not None:
             self.calibration.observe(
                 prepared.request.model,
@@ -240,6 +247,7 @@ class Pipeline:
                 estimated_tokens=prepared.prompt_tokens,
                 reported_tokens=reported.input_tokens,
             )
+            reported = _believed(reported, output)
             if not reported.is_estimated:
                 return reported
             input_tokens = reported.input_tokens or prepared.prompt_tokens
@@ -380,8 +388,10 @@ class Pipeline:
         timings: Timings,
     ) -> Completion:
         """An upstream call's answer with its usage (as reported, else estimated), its
-        cost and where it ran: one place for unary calls, streams and cut streams."""
+        cost and where it ran: one place for unary calls, streams and cut streams, which
+        puts the usage on the token metric too, once for each upstream call."""
         usage = self._usage(prepared, output, reported)
+        telemetry().record_token_usage(log.metric_attributes, usage)
         return Completion(
             id=completion_id,
             model=model,
@@ -421,7 +431,8 @@ class Pipeline:
                     raise
                 except BaseException:
                     if log.is_cut_after_sending:
-                        await self._account_cut(prepared, _NO_OUTPUT, log, hold)
+                        # What a unary call read as a stream generated before the cut.
+                        await self._account_cut(prepared, _relayed_output(log.output), log, hold)
                     raise
                 self._on_answered()  # before a cache write, when this runs in the caller's task
                 upstream_ms = log.upstream_s * _MS
@@ -500,7 +511,8 @@ class Pipeline:
         after a success status.
 
         One row each, for the caller's tenant and the attempt's upstream: the prompt's
-        estimate as input, no output, estimated. Not a request: `requests` stays the number
+        estimate as input, as output the estimate of what it streamed (a unary call read
+        as a stream; else none), estimated. Not a request: `requests` stays the number
         of calls, and the call's answer (if any) keeps its own usage and cost. Called
         inside `hold.reserving`, once the call's answer (if any) is handed over, in the
         upstream call's task, so once per upstream call even when a shared flight serves
@@ -511,24 +523,25 @@ class Pipeline:
         here too, before the reservation is released: the upstream billed it all.
         """
         request = prepared.request
-        usage = Usage(input_tokens=prepared.prompt_tokens, output_tokens=0, is_estimated=True)
-        cost_usd = self._prices.cost_usd(request.model, usage)
         lost, log.lost = log.lost, ()
-        entries = [
-            UsageEntry(
-                tenant=request.tenant,
-                model=request.model,
-                upstream=upstream,
-                labels=request.labels,
-                usage=usage,
-                cost_usd=cost_usd,
-                is_request=False,
-                admitted_s=hold.admitted_s,
-            )
-            for upstream in lost
-        ]
-        for _ in entries:
+        entries = []
+        for attempt in lost:
+            usage = self._usage(prepared, _relayed_output(attempt.output), reported=None)
+            cost_usd = self._prices.cost_usd(request.model, usage)
+            telemetry().record_token_usage(attempt.metric_attributes, usage)
             telemetry().record_lost_attempt(request, cost_usd)
+            entries.append(
+                UsageEntry(
+                    tenant=request.tenant,
+                    model=request.model,
+                    upstream=attempt.upstream,
+                    labels=request.labels,
+                    usage=usage,
+                    cost_usd=cost_usd,
+                    is_request=False,
+                    admitted_s=hold.admitted_s,
+                )
+            )
         try:
             await self._record_each(entries)
         except BaseException:

@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from service.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from service.clock import SYSTEM_CLOCK, Clock, Deadline
@@ -88,6 +88,17 @@ def _hit_callers_deadline(exc: BaseException, deadline: Deadline) -> bool:
     return isinstance(exc, UpstreamTimeout) and left is not None and left < _DEADLINE_SLACK_S
 
 
+@dataclass(frozen=True, slots=True)
+class LostAttempt:
+    """An attempt the upstream most likely billed though its answer was never used."""
+
+    upstream: str
+    # Its attributes on the GenAI client metrics (`AttemptSpan.metric_attributes`).
+    metric_attributes: Mapping[str, Any]
+    # What it streamed before it was lost (a unary call read as a stream), else nothing.
+    output: tuple[TextChunk, ...] = ()
+
+
 @dataclass(slots=True)
 class AttemptLog:
     """What the pool did for one call: filled in as it goes, read by the pipeline."""
@@ -106,9 +117,15 @@ class AttemptLog:
     # Whether the caller (cancelled, or its deadline) cut the last attempt after it was sent
     # and before its answer: the upstream has the prompt, and may bill it.
     is_cut_after_sending: bool = False
-    # The upstream of each attempt the gateway gave up on after the upstream most likely
-    # billed it (`lose`), whatever came of the call: its answer was never used.
-    lost: tuple[str, ...] = ()
+    # Each attempt the gateway gave up on after the upstream most likely billed it
+    # (`lose`), whatever came of the call: its answer was never used.
+    lost: tuple[LostAttempt, ...] = ()
+    # The last attempt's attributes on the GenAI client metrics: the pipeline records the
+    # call's tokens under them once it knows its usage, reported or estimated.
+    metric_attributes: Mapping[str, Any] = field(default_factory=dict)
+    # What the last attempt generated so far, when a unary call is read as a stream
+    # (`stream_unary_calls`): billed with its prompt should the attempt be cut.
+    output: list[TextChunk] = field(default_factory=list)
 
     def begin(self, upstream: str) -> None:
         """Another attempt starts, to `upstream`: nothing of it is sent or answered yet."""
@@ -116,6 +133,12 @@ class AttemptLog:
         self.upstream = upstream
         self.is_sent = self.is_cut_after_sending = False
         self.status = None
+        self.metric_attributes = {}
+        self.output = []
+
+    def streamed(self, chunk: TextChunk) -> None:
+        """The last attempt, a unary call read as a stream, generated `chunk`."""
+        self.output.append(chunk)
 
     def sent(self) -> None:
         """The last attempt's request reached the upstream whole."""
@@ -155,7 +178,8 @@ class AttemptLog:
         """
         timed_out = self.is_sent and not self.is_refused and isinstance(exc, UpstreamTimeout)
         if self.is_accepted or timed_out:
-            self.lost = (*self.lost, upstream)
+            lost = LostAttempt(upstream, self.metric_attributes, tuple(self.output))
+            self.lost = (*self.lost, lost)
 
 
 @dataclass(slots=True)
@@ -389,8 +413,9 @@ class UpstreamPool:
         headers: dict[str, str],
         deadline: Deadline,
     ) -> contextlib.AbstractContextManager[AttemptSpan]:
-        """The CLIENT span of this attempt; it puts `traceparent` into `headers`."""
-        return telemetry().upstream_attempt(
+        """The CLIENT span of this attempt; it puts `traceparent` into `headers`, and its
+        metric attributes into `log`."""
+        span = telemetry().upstream_attempt(
             request,
             upstream=route.client.name,
             base_url=route.client.config.base_url,
@@ -400,6 +425,8 @@ class UpstreamPool:
             retry_wait_s=log.retry_wait_s if log.attempts > 1 else None,
             is_callers_cut=functools.partial(_hit_callers_deadline, deadline=deadline),
         )
+        log.metric_attributes = span.metric_attributes
+        return span
 
     @staticmethod
     def _tokens(request: ChatRequest, prompt_tokens: int) -> int:
@@ -728,6 +755,7 @@ class UpstreamPool:
                         timeout_s=timeout_s,
                         on_sent=log.sent,
                         on_status=log.answered,
+                        on_output=log.streamed,
                     )
                     span.finish(
                         response_id=reply.id,
@@ -894,4 +922,4 @@ class UpstreamPool:
         raise error
 
 
-__all__ = ["AttemptLog", "Route", "UpstreamPool", "UpstreamState"]
+__all__ = ["AttemptLog", "LostAttempt", "Route", "UpstreamPool", "UpstreamState"]

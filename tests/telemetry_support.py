@@ -112,6 +112,15 @@ class Captured:
                         found.extend(item.data.data_points)
         return found
 
+    def tokens(self) -> dict[tuple[str, bool], int]:
+        """`gen_ai.client.token.usage` summed by token type and `llm_gateway.usage.estimated`."""
+        sums: dict[tuple[str, bool], int] = {}
+        for point in self.points("gen_ai.client.token.usage"):
+            attributes = point.attributes
+            key = (attributes["gen_ai.token.type"], attributes["llm_gateway.usage.estimated"])
+            sums[key] = sums.get(key, 0) + int(point.sum)
+        return sums
+
     def total(self, metric: str, **attributes: Any) -> float:
         """Sum (counters) or sum of values (histograms) of points matching `attributes`."""
         value = 0.0

@@ -135,7 +135,8 @@ class AttemptSpan:
         tool_calls: Sequence[ToolCall] = (),
         waited_s: float | None = None,
     ) -> None:
-        """The upstream answered in full: response attributes, tokens and cost.
+        """The upstream answered in full: response attributes, tokens and cost. (The
+        tokens' metric waits for the call's usage: `Telemetry.record_token_usage`.)
 
         `content`, `tool_calls` and `waited_s` (how long the answer took to come) are a
         unary answer's; a stream's were gathered by `chunk`."""
@@ -144,12 +145,6 @@ class AttemptSpan:
         if response_model:
             self.metric_attributes[attr.GEN_AI_RESPONSE_MODEL] = response_model
         counts = _reported_counts(usage)
-        if counts and self.telemetry.records_metrics:
-            token_usage = self.telemetry.instruments.token_usage
-            for token_type, tokens in counts.items():
-                token_usage.record(
-                    tokens, {**self.metric_attributes, attr.GEN_AI_TOKEN_TYPE: token_type}
-                )
         if not span.is_recording():
             return
         # One call: each set_attribute takes the span's lock and validates on its own.
@@ -533,6 +528,24 @@ class Telemetry:
                 scope = CURRENT_RPC.get()
                 if scope is not None:
                     scope.waited(completion.timings.upstream_ms / 1000.0)
+
+    def record_token_usage(self, attributes: Mapping[str, Any], usage: Usage) -> None:
+        """One upstream call's (or lost attempt's) tokens as billed, on
+        `gen_ai.client.token.usage` under its attempt's metric `attributes`.
+
+        The usage is the one its response and ledger row have: as reported, else
+        estimated, which the GenAI conventions allow as offline counting. Leaving
+        estimates out had a sum of the metric miss every call whose upstream reports no
+        usage; `llm_gateway.usage.estimated` (true or false) tells them apart.
+        """
+        if not self.records_metrics:
+            return
+        # `error.type` is the attempt's duration's: no attribute of token usage.
+        point = {key: value for key, value in attributes.items() if key != attr.ERROR_TYPE}
+        point[attr.USAGE_ESTIMATED] = usage.is_estimated
+        token_usage = self.instruments.token_usage
+        for token_type, tokens in (("input", usage.input_tokens), ("output", usage.output_tokens)):
+            token_usage.record(tokens, {**point, attr.GEN_AI_TOKEN_TYPE: token_type})
 
     def record_lost_attempt(self, request: ChatRequest, cost_usd: float) -> None:
         """The cost of an upstream attempt whose answer was lost (`AttemptLog.lose`): on

@@ -427,16 +427,22 @@ class UpstreamClient:
         timeout_s: float,
         on_sent: Callable[[], None] | None = None,
         on_status: Callable[[int], None] | None = None,
+        on_output: Callable[[TextChunk], None] | None = None,
     ) -> UpstreamReply:
         """Send one unary completion and parse the answer; `on_sent` as `HttpPool.request`,
         `on_status` with the answer's status, before its body is read.
 
         To an upstream with `stream_unary_calls` the call is a stream (its body built so),
-        read whole: `_complete_streamed`.
+        read whole: `_complete_streamed`, which passes each piece of output to `on_output`
+        as it arrives (what the upstream generated, should the stream be cut).
         """
         if self.config.stream_unary_calls:
             return await self._complete_streamed(
-                call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status
+                call,
+                timeout_s=timeout_s,
+                on_sent=on_sent,
+                on_status=on_status,
+                on_output=on_output,
             )
         return await self._complete_unary(
             call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status
@@ -449,9 +455,11 @@ class UpstreamClient:
         timeout_s: float,
         on_sent: Callable[[], None] | None = None,
         on_status: Callable[[int], None] | None = None,
+        on_output: Callable[[TextChunk], None] | None = None,
     ) -> UpstreamReply:
         """A unary completion sent as the stream `call` is, its events read whole into the
-        answer `complete` gives; `timeout_s` bounds all of it, as a unary call's.
+        answer `complete` gives; `timeout_s` bounds all of it, as a unary call's. Each
+        piece of output goes to `on_output` too, as it arrives.
 
         llama-cpp-python's server (0.3.x, `server/app.py`) asks `request.is_disconnected()`
         once before a unary completion starts (`create_chat_completion`), and in a stream
@@ -474,6 +482,8 @@ class UpstreamClient:
                         async for event in events:
                             if isinstance(event, TextChunk):
                                 chunks.append(event)
+                                if on_output is not None:
+                                    on_output(event)
                             else:
                                 end = event
                 except UpstreamRefusedSilently:

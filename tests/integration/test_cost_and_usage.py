@@ -13,13 +13,21 @@ from google.rpc import error_details_pb2, status_pb2
 from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import MAX_BUDGET_USD, parse_config
+from service.domain import ToolCall
 from service.errors import RETRY_PUSHBACK_TRAILER
 from service.pricing import cost_usd
 from service.store_cooldown import COOLDOWN_S
+from service.tokens import (
+    PER_MESSAGE_OVERHEAD,
+    PER_REQUEST_OVERHEAD,
+    estimate_text_tokens,
+    estimate_tool_call_tokens,
+)
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
-from tests.fake_upstream import Reply
+from tests.fake_upstream import Reply, ToolCallReply
 from tests.integration.helpers import error_info, field_violations
 from tests.redis_support import redis_url  # noqa: F401 - fixture
+from tests.telemetry_support import captured_telemetry
 
 # DeepSeek-like prices in USD per million tokens, with a cached-input price.
 PRICED_MODELS = {
@@ -179,6 +187,92 @@ async def test_a_total_no_larger_than_the_reported_count_leaves_the_other_estima
         metadata.usage.output_tokens,
     )
     assert total.cost_usd == pytest.approx(metadata.cost_usd, abs=1e-12)
+
+
+_WORDS = "one two three four five six seven eight"
+_CALL = ToolCallReply("call_1", "get_weather", '{"city": "Paris"}')
+# The gateway's estimates of `chat()`'s prompt, of `_WORDS` and of `_CALL`.
+_PROMPT_ESTIMATE = PER_REQUEST_OVERHEAD + PER_MESSAGE_OVERHEAD + estimate_text_tokens("Say hi")
+_WORDS_ESTIMATE = estimate_text_tokens(_WORDS)
+_CALL_ESTIMATE = estimate_tool_call_tokens([ToolCall(_CALL.id, _CALL.name, _CALL.arguments)])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize(
+    ("reply", "billed"),
+    [
+        (
+            Reply(_WORDS, raw_usages=({"prompt_tokens": 0, "completion_tokens": 3},)),
+            (_PROMPT_ESTIMATE, 3),
+        ),
+        (
+            Reply(_WORDS, raw_usages=({"prompt_tokens": 1234, "completion_tokens": 0},)),
+            (1234, _WORDS_ESTIMATE),
+        ),
+        (
+            Reply("", "tool_calls", prompt_tokens=1234, completion_tokens=0, tool_calls=(_CALL,)),
+            (1234, _CALL_ESTIMATE),
+        ),
+        (Reply(_WORDS, prompt_tokens=0, completion_tokens=0), (_PROMPT_ESTIMATE, _WORDS_ESTIMATE)),
+    ],
+    ids=["no-prompt", "no-output", "no-output-beside-tool-calls", "neither"],
+)  # fmt: skip
+async def test_a_count_of_0_no_call_can_have_is_estimated_everywhere_it_is_counted(
+    upstream, start_gateway, stream, reply, billed
+):
+    """An upstream that reports 0 prompt tokens (every call sends a prompt) or 0 output
+    tokens beside text or tool calls is believed no more than one that leaves the count
+    out: the count is estimated, flagged and billed, the other kept as reported, and the
+    response, the `GetUsage` row and `gen_ai.client.token.usage` agree.
+
+    Before, the 0 was billed as reported: unflagged, and the answer free of it."""
+    captured = captured_telemetry()
+    gateway = await start_gateway(
+        gateway_config(upstream.base_url, models=PRICED_MODELS), telemetry=captured.telemetry
+    )
+    upstream.script(reply)
+    usage = (await answered(gateway, stream)).usage
+    assert (usage.input_tokens, usage.output_tokens, usage.estimated) == (*billed, True)
+    total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.usage.input_tokens, total.usage.output_tokens) == billed
+    assert (total.estimated_requests, total.usage.estimated) == (1, True)
+    assert total.cost_usd == pytest.approx((billed[0] * 0.27 + billed[1] * 1.10) / 1e6, abs=1e-12)
+    assert captured.tokens() == {("input", True): billed[0], ("output", True): billed[1]}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_0_output_tokens_for_an_answer_with_no_output_stay_reported(
+    upstream, start_gateway, stream
+):
+    """An answer with no text, reasoning or tool call (its `max_tokens` spent before any)
+    wrote 0 tokens for all the gateway can tell: 0 stands, reported, not estimated."""
+    captured = captured_telemetry()
+    gateway = await start_gateway(
+        gateway_config(upstream.base_url, models=PRICED_MODELS), telemetry=captured.telemetry
+    )
+    upstream.script(Reply("", "length", prompt_tokens=1234, completion_tokens=0))
+    usage = (await answered(gateway, stream)).usage
+    assert (usage.input_tokens, usage.output_tokens, usage.estimated) == (1234, 0, False)
+    total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.usage.input_tokens, total.usage.output_tokens) == (1234, 0)
+    assert total.estimated_requests == 0
+    assert captured.tokens() == {("input", False): 1234, ("output", False): 0}
+
+
+async def test_a_count_of_0_no_call_can_have_counts_against_the_budget(upstream, start_gateway):
+    """Answers reported as 0 tokens in and out are billed their estimate against their
+    tenant's budget, which they spend. Before, they cost $0 and passed a spent budget
+    forever."""
+    config = gateway_config(
+        upstream.base_url, budgets={"default": {"usd": 0.000002, "period": "day"}}
+    )
+    gateway = await start_gateway(config)
+    upstream.default = Reply(_WORDS, prompt_tokens=0, completion_tokens=0)
+    assert (await gateway.stub.Complete(chat())).metadata.cost_usd > 0.000002  # spent
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await gateway.stub.Complete(chat())
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(upstream.requests) == 1
 
 
 @pytest.mark.parametrize(
@@ -645,21 +739,22 @@ async def test_usage_says_how_many_requests_were_estimated(
 
 
 async def test_a_batch_summary_costs_exactly_what_its_items_cost(upstream, start_gateway):
-    """Three items of 990,436,117 output tokens at $1.10 a million cost $1,089.4797287 each:
-    the summary says $3,268.4391861, as GetUsage does, not the float sum 3268.439186099999.
+    """Three items of 2 input tokens at $0.27 a million and 990,436,117 output tokens at
+    $1.10 cost $1,089.47972924 each: the summary says $3,268.43918772, as GetUsage does,
+    not the float sum 3268.4391877200005.
 
     Before, the summary added the items' costs as floats, and at hundreds of dollars the
     sum drifted past the pico-dollar that rounding hides."""
     gw = await start_gateway(gateway_config(upstream.base_url, models=PRICED_MODELS))
-    big = Reply(prompt_tokens=0, completion_tokens=990_436_117)
+    big = Reply(prompt_tokens=2, completion_tokens=990_436_117)
     upstream.script(big, big, big)
     request = pb.CompleteBatchRequest(
         items=[pb.BatchItem(id=f"item-{i}", request=chat(f"item {i}")) for i in range(3)]
     )
     events = [e async for e in gw.stub.CompleteBatch(request)]
     items = [e.result.response.metadata.cost_usd for e in events if e.HasField("result")]
-    assert items == [1089.4797287] * 3
+    assert items == [1089.47972924] * 3
     summary = events[-1].summary
     total = (await gw.stub.GetUsage(pb.GetUsageRequest())).total
-    assert total.cost_usd == 3268.4391861
+    assert total.cost_usd == 3268.43918772
     assert summary.cost_usd == total.cost_usd

@@ -19,11 +19,22 @@ from aiohttp import web
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
-from tests.conftest import RunningGateway, chat, chat_stream, gateway_config_data
-from tests.fake_upstream import Behaviour, CutStream, FakeUpstream, Reply, Status, ToolCallReply
+from service.tokens import PER_MESSAGE_OVERHEAD, PER_REQUEST_OVERHEAD, estimate_text_tokens
+from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config_data
+from tests.fake_upstream import (
+    Behaviour,
+    CutStream,
+    FakeUpstream,
+    Hang,
+    Reply,
+    Status,
+    ToolCallReply,
+    split_words,
+)
 from tests.integration.test_cache import cache_section, settled  # noqa: F401  (fixture)
 from tests.integration.test_resilience import error_details
 from tests.scripted_upstream import ScriptedUpstream, user_text
+from tests.telemetry_support import captured_telemetry
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -209,3 +220,95 @@ async def test_a_prompt_refused_by_an_empty_stream_is_asked_again_unary_which_sa
         assert [r.body.get("stream", False) for r in upstream.requests] == [True, False]
         answered = await gateway.stub.Complete(chat("short"))
     assert answered.content == "Hello from fake"
+
+
+_WORDS = "alpha beta gamma delta epsilon zeta"
+_SENT = "".join(split_words(_WORDS)[:3])  # what is streamed before the cut
+# The gateway's estimates of `chat()`'s prompt and of the text streamed.
+_CHARGED = (
+    PER_REQUEST_OVERHEAD + PER_MESSAGE_OVERHEAD + estimate_text_tokens("Say hi"),
+    estimate_text_tokens(_SENT),
+)
+
+
+class StallingUpstream(ScriptedUpstream):
+    """Streams the first three words of its answer, then nothing more until its client
+    leaves: a model that stalls mid-answer."""
+
+    async def _play(
+        self, request: web.Request, body: dict[str, Any], behaviour: Behaviour
+    ) -> web.StreamResponse:
+        await self._partial_stream(request, FAKE_MODEL, _WORDS, after_chunks=3)
+        return await super()._play(request, body, Hang())
+
+
+async def _charged(gateway: RunningGateway) -> pb.UsageRow:
+    """The ledger's total once it has recorded a charge."""
+    async with asyncio.timeout(5):
+        while not (total := (await gateway.stub.GetUsage(pb.GetUsageRequest())).total).cost_usd:
+            await asyncio.sleep(0.02)
+    return total
+
+
+@pytest.mark.parametrize("leave", ["cancel", "deadline"])
+async def test_a_streamed_unary_call_its_caller_leaves_after_text_is_charged_that_text(
+    start_gateway: Callable[..., Any], leave: str
+) -> None:
+    """A unary call read as a stream that its caller cancels, or whose deadline passes,
+    once the upstream streamed some text is charged its prompt and that text, estimated,
+    as a stream cut so is: in the ledger and on `gen_ai.client.token.usage` alike.
+
+    Before, it was charged its prompt alone, as a unary call whose text never came."""
+    captured = captured_telemetry()
+    async with StallingUpstream(models=(FAKE_MODEL,)) as upstream:
+        gateway: RunningGateway = await start_gateway(
+            _config(upstream.base_url, is_streamed=True), telemetry=captured.telemetry
+        )
+        call = gateway.stub.Complete(chat(), timeout=1 if leave == "deadline" else None)
+        if leave == "cancel":
+            await upstream.wait_until(lambda: upstream.in_flight == 1)
+            await asyncio.sleep(0.2)  # the gateway reads what was streamed
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await upstream.wait_for_disconnect()
+        total = await _charged(gateway)
+    assert (total.usage.input_tokens, total.usage.output_tokens) == _CHARGED
+    assert (total.requests, total.estimated_requests, total.usage.estimated) == (1, 1, True)
+    assert captured.tokens() == {("input", True): _CHARGED[0], ("output", True): _CHARGED[1]}
+
+
+async def test_a_streamed_unary_attempt_the_upstream_cuts_after_text_is_charged_that_text(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any]
+) -> None:
+    """An attempt whose stream the upstream resets after some text is charged its prompt
+    and that text, estimated, as the same stream cut in a `CompleteStream` is (a lost
+    attempt rather than a request: its caller had nothing yet, and it could be retried),
+    in the ledger and on `gen_ai.client.token.usage` alike.
+
+    Before, it was charged its prompt alone."""
+    captured = captured_telemetry()
+    config = _config(upstream.base_url, is_streamed=True, resilience={"attempts": 1})
+    gateway = await start_gateway(config, telemetry=captured.telemetry)
+    upstream.script(*[CutStream(after_chunks=3, content=_WORDS)] * 2)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat(labels={"call": "unary"}))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    lost = await _charged(gateway)
+    expected_tokens = {("input", True): _CHARGED[0], ("output", True): _CHARGED[1]}
+    assert captured.tokens() == expected_tokens
+    with pytest.raises(grpc.aio.AioRpcError):
+        _ = [e async for e in gateway.stub.CompleteStream(chat_stream(labels={"call": "stream"}))]
+    rows = {
+        row.labels["call"]: row for row in (await gateway.stub.GetUsage(pb.GetUsageRequest())).rows
+    }
+    cut = rows["stream"]
+    assert (lost.usage.input_tokens, lost.usage.output_tokens) == _CHARGED
+    assert (cut.usage.input_tokens, cut.usage.output_tokens) == _CHARGED
+    assert (lost.requests, lost.estimated_requests, lost.usage.estimated) == (0, 1, True)
+    assert lost.cost_usd == cut.cost_usd
+    assert captured.tokens() == {key: 2 * tokens for key, tokens in expected_tokens.items()}

@@ -1055,16 +1055,16 @@ async def test_a_part_summary_with_control_characters_is_still_combined(recorder
 
 
 async def test_a_summary_costs_exactly_what_its_calls_cost(start_gateway):
-    """Two parts and their combine, each 2,522,627,994 output tokens at $0.42 a million
-    ($1,059.50375748): the response says $3,178.51127244, as GetUsage does, not the float
-    sum 3178.511272440001.
+    """Two parts and their combine, each 43 input tokens at $0.14 a million and 2,522,627,994
+    output tokens at $0.42 ($1,059.5037635): the response says $3,178.5112905, as GetUsage
+    does, not the float sum 3178.511290500001.
 
     Before, the calls' costs were added as floats, and at thousands of dollars the sum
     drifted past the pico-dollar that rounding hides."""
 
     def respond(body):
         content = "FINAL" if is_combine(body) else "part"
-        return Reply(content=content, prompt_tokens=0, completion_tokens=2_522_627_994)
+        return Reply(content=content, prompt_tokens=43, completion_tokens=2_522_627_994)
 
     async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
         gateway = await start_gateway(config(upstream.base_url))
@@ -1073,7 +1073,7 @@ async def test_a_summary_costs_exactly_what_its_calls_cost(start_gateway):
         )
         assert (response.chunks, response.upstream_calls) == (2, 3)
         total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
-    assert total.cost_usd == 3178.51127244
+    assert total.cost_usd == 3178.5112905
     assert response.cost_usd == total.cost_usd
 
 

@@ -234,9 +234,9 @@ async def test_a_queued_calls_span_says_the_time_to_first_token_its_response_doe
 async def test_an_attempt_whose_usage_left_out_a_count_records_no_zero_for_it(
     traced, captured, upstream, stream
 ):
-    """Usage with the prompt's count and no output's: the attempt's span and the token
-    metric carry the 1,234 input tokens and nothing for the output, and the span no cost,
-    while the call's answer and RPC span have the output estimated and priced.
+    """Usage with the prompt's count and no output's: the attempt's span carries the
+    1,234 input tokens and nothing for the output, and no cost, while the call's answer,
+    RPC span and token metric have the output estimated and priced.
 
     Before, the attempt said 0 output tokens and the cost of the input alone, less than
     the call's, and the token histogram counted an answer of 0 tokens."""
@@ -250,14 +250,48 @@ async def test_an_attempt_whose_usage_left_out_a_count_records_no_zero_for_it(
     assert attempt["gen_ai.usage.input_tokens"] == 1234
     assert "gen_ai.usage.output_tokens" not in attempt
     assert "llm_gateway.cost.usd" not in attempt
-    token_types = [
-        p.attributes["gen_ai.token.type"] for p in captured.points("gen_ai.client.token.usage")
-    ]
-    assert token_types == ["input"]
     rpc = attributes_of(await captured.ended(rpc_span))
     assert answer.usage.output_tokens > 0
     assert rpc["gen_ai.usage.output_tokens"] == answer.usage.output_tokens
     assert rpc["llm_gateway.cost.usd"] == answer.cost_usd
+    assert captured.tokens() == {
+        ("input", True): 1234,
+        ("output", True): answer.usage.output_tokens,
+    }
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_the_token_metric_counts_estimated_usage_flagged_as_such(
+    traced, captured, upstream, stream
+):
+    """A call whose upstream reported no usage is on `gen_ai.client.token.usage` with its
+    estimated counts, flagged `llm_gateway.usage.estimated: true`, beside a reported one
+    flagged false: the metric sums to what the responses and `GetUsage` bill.
+
+    Before, estimated calls were missing from it, and a sum of it under-counted."""
+    upstream.script(Reply(), Reply(content="one two three four", include_usage=False))
+    answers = [await answered(traced, stream) for _ in range(2)]
+    reported, estimated = (answer.usage for answer in answers)
+    assert (reported.estimated, estimated.estimated) == (False, True)
+    assert captured.tokens() == {
+        ("input", False): reported.input_tokens,
+        ("output", False): reported.output_tokens,
+        ("input", True): estimated.input_tokens,
+        ("output", True): estimated.output_tokens,
+    }
+    total = (await traced.stub.GetUsage(pb.GetUsageRequest())).total
+    assert total.usage.input_tokens == reported.input_tokens + estimated.input_tokens
+    assert total.usage.output_tokens == reported.output_tokens + estimated.output_tokens
+    for point in captured.points("gen_ai.client.token.usage"):
+        assert point.attributes["gen_ai.provider.name"] == "up0"
+        assert "error.type" not in point.attributes
+
+
+async def answered(gateway, stream: bool) -> pb.CallMetadata:
+    """One call's final metadata, unary or streamed."""
+    if stream:
+        return [e async for e in gateway.stub.CompleteStream(chat_stream())][-1].final
+    return (await gateway.stub.Complete(chat())).metadata
 
 
 async def test_upstream_failure_marks_both_spans_and_counts_the_error(traced, captured, upstream):
@@ -323,18 +357,18 @@ async def test_a_batch_span_carries_the_usage_and_cost_of_all_its_items(traced, 
 
 
 async def test_a_batch_spans_cost_is_the_exact_sum_of_its_items(traced, captured, upstream):
-    """Three items of $1,059.50375748 each (2,522,627,994 output tokens at $0.42 a million):
-    the span says $3,178.51127244, as the summary and GetUsage do.
+    """Three items of $1,059.5037635 each (43 input tokens at $0.14 a million, 2,522,627,994
+    output tokens at $0.42): the span says $3,178.5112905, as the summary and GetUsage do.
 
     Before, the span added each item's cost to the sum so far as floats, rounded to 12
-    places, which at thousands of dollars drifts: 3178.511272440001."""
-    big = Reply(prompt_tokens=0, completion_tokens=2_522_627_994)
+    places, which at thousands of dollars drifts: 3178.511290500001."""
+    big = Reply(prompt_tokens=43, completion_tokens=2_522_627_994)
     upstream.script(big, big, big)
     items = [pb.BatchItem(id=str(i), request=chat(f"question {i}")) for i in range(3)]
     events = [e async for e in traced.stub.CompleteBatch(pb.CompleteBatchRequest(items=items))]
     summary = events[-1].summary
     rpc = attributes_of(await captured.ended("llmgateway.v1.CompletionService/CompleteBatch"))
-    assert summary.cost_usd == 3178.51127244
+    assert summary.cost_usd == 3178.5112905
     assert rpc["llm_gateway.cost.usd"] == summary.cost_usd
 
 
