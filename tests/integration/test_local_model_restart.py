@@ -177,6 +177,39 @@ async def test_calls_refused_while_it_restarts_do_not_keep_it_out_once_serving(
                 os.kill(pid, signal.SIGKILL)
 
 
+async def test_sighup_stops_the_gateway_and_its_local_model(tmp_path: Path) -> None:
+    """SIGHUP (a closed terminal) stops the gateway as SIGTERM does: status 0, and the
+    llama.cpp server it started is stopped with it.
+
+    Before, SIGHUP killed the gateway outright (status -1); llama.cpp's server, in a
+    session of its own, was left to the kernel's SIGKILL (`_DIE_WITH_PARENT`), and the
+    stand-in, which runs no such code, ran on as an orphan."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    config = tmp_path / "gateway.yaml"
+    local = {"enabled": "always", "model_path": str(model)}
+    config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"}, "local_model": local}))
+    gateway = await serve_with_stand_in(stand_in, config, stderr=asyncio.subprocess.DEVNULL)
+    children: list[int] = []
+    try:
+        assert gateway.stdout is not None
+        async with asyncio.timeout(30):
+            line = (await gateway.stdout.readline()).decode()
+        assert line.startswith("llm-gateway listening on "), line
+        children = _children(gateway.pid)
+        gateway.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(20):
+            code = await gateway.wait()
+    finally:
+        if gateway.returncode is None:
+            gateway.kill()
+            await gateway.wait()
+        alive = [pid for pid in children if is_running(pid)]
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+    assert len(children) == 1
+    assert (code, alive) == (0, [])
+
+
 async def test_list_models_shows_the_local_model_unhealthy_while_it_is_down(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
 ) -> None:

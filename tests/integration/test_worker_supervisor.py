@@ -210,25 +210,30 @@ async def test_sigterm_while_workers_start_stops_them_all(tmp_path):
         assert code == 0
 
 
-async def test_ctrl_c_while_workers_start_is_a_clean_stop(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+async def test_ctrl_c_or_a_closed_terminal_while_workers_start_is_a_clean_stop(tmp_path, sig):
     """Ctrl-C in a terminal sends SIGINT to the whole process group, the workers too, as
-    they start: a clean stop (status 0, no traceback) as with SIGTERM to the supervisor.
+    they start, and its closing SIGHUP: a clean stop (status 0, no traceback) as with
+    SIGTERM to the supervisor.
 
     Before, a worker still importing the gateway got KeyboardInterrupt: a traceback on
-    stderr and an exit by SIGINT, which the supervisor took for a failure (status 1).
+    stderr and an exit by SIGINT, which the supervisor took for a failure (status 1); and
+    SIGHUP killed the supervisor and the workers outright (a worker still importing, with
+    SIGHUP not held back, died of it: `workers.worker_died`).
     """
     path = _write_config(tmp_path)
     async with _serve("--config", str(path), "--workers", "2", own_group=True) as process:
         async with asyncio.timeout(_HANG_GUARD_S):
             while len(workers := _worker_pids(process.pid)) < 2:
                 await asyncio.sleep(0.01)
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, sig)
         async with asyncio.timeout(_HANG_GUARD_S):
             _, err = await process.communicate()
         alive = _killed_if_running(workers)
     assert alive == []
     assert process.returncode == 0, err.decode()
     assert b"Traceback" not in err
+    assert b"workers.worker_died" not in err
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
