@@ -338,7 +338,7 @@ class GatewayServer:
             if state.is_up and (local.base_url, local.api_key) != target:
                 # A restart, on a port and with a key of its own: before any call.
                 await client.retarget(base_url=local.base_url, api_key=local.api_key)
-            pool.set_down(LOCAL_UPSTREAM, is_down=not state.is_up)
+            pool.set_down(LOCAL_UPSTREAM, is_down=not state.is_up, retry_at=state.retry_at)
             if state.is_up:
                 # Calls refused while it was down opened its breaker: without this, health
                 # says SERVING again while every call is refused until the cool-down ends.
