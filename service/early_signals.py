@@ -1,10 +1,10 @@
-"""SIGTERM and SIGINT held from the first line of `serve` until its loop handles them.
+"""SIGTERM, SIGINT and SIGHUP held from the first line of `serve` until its loop handles them.
 
 Imports and the config take most of a second; until `serve` installs its own handlers, a
-SIGTERM would kill the process (status 143) and a SIGINT end it with KeyboardInterrupt
-(130): a pod deleted just after it started would end in error. Held, the signal is
-recorded and `serve` (or the `--workers` supervisor) stops as soon as it can look.
-Standard library only: this module is imported before anything slow.
+SIGTERM would kill the process (status 143), a SIGHUP too (129) and a SIGINT end it with
+KeyboardInterrupt (130): a pod deleted just after it started would end in error. Held,
+the signal is recorded and `serve` (or the `--workers` supervisor) stops as soon as it can
+look. Standard library only: this module is imported before anything slow.
 """
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ import signal
 from types import FrameType
 from typing import Any
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP (a closed terminal, some process managers) stops the gateway as SIGTERM does,
+# unless the process started with it ignored: `nohup` asks for exactly that.
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# What a terminal sends its whole process group: Ctrl-C, and SIGHUP when it closes.
+GROUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGHUP})
 _received: list[int] = []
 _previous: dict[int, Any] = {}
 
@@ -22,9 +26,19 @@ def _record(signum: int, _frame: FrameType | None) -> None:
     _received.append(signum)
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop the gateway gracefully: SIGTERM, SIGINT and SIGHUP, less
+    SIGHUP while it is ignored (`nohup`; a `--workers` worker inherits that at its start)."""
+    return tuple(
+        sig
+        for sig in _SIGNALS
+        if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN
+    )
+
+
 def hold() -> None:
-    """Record SIGTERM and SIGINT from now on instead of acting on them."""
-    for sig in _SIGNALS:
+    """Record the stop signals from now on instead of acting on them."""
+    for sig in stop_signals():
         _previous.setdefault(sig, signal.signal(sig, _record))
 
 
@@ -34,11 +48,11 @@ def received() -> bool:
 
 
 def ignore() -> None:
-    """For once the gateway has stopped: SIGTERM and SIGINT ignored while the process exits.
+    """For once the gateway has stopped: the stop signals ignored while the process exits.
 
     Its event loop's close (or the interpreter's own exit, for a handler written in Python)
     gives them back their defaults, and a second signal then (an impatient operator, a
-    supervisor's reminder) would turn a clean stop's status 0 into 143 or 130.
+    supervisor's reminder) would turn a clean stop's status 0 into 143, 130 or 129.
     """
     for sig in _SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

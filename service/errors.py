@@ -273,6 +273,9 @@ class UpstreamError(GatewayError):
         # limit) that might have mended it: a caller sharing the call (single flight) with
         # a later deadline may still try.
         self.is_cut_short_by_deadline = False
+        # The upstreams (comma-separated) the call skipped for being down until a restart
+        # answers (the local model's): the caller's retry waits for that restart.
+        self.restarting = ""
 
     @property
     def retry_after_s(self) -> float | None:
@@ -449,6 +452,8 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
             metadata["http_status"] = str(exc.status)
         if exc.attempts is not None:
             metadata["attempts"] = str(exc.attempts)
+        if exc.restarting:
+            metadata["restarting"] = exc.restarting
     if isinstance(exc, ContextWindowExceeded):
         metadata["estimated_tokens"] = str(exc.estimated_tokens)
         metadata["limit_tokens"] = str(exc.limit_tokens)

@@ -17,6 +17,7 @@ import secrets
 import socket
 import struct
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
@@ -173,10 +174,16 @@ def _is_proxy_variable(name: str) -> bool:
 class LocalModelState:
     """The local model's server as calls reach it: an ordinary upstream named `local` (its
     address and key now) and whether it answers. The `--workers` supervisor sends it to
-    its workers (`service.workers`); its repr leaves out the key."""
+    its workers (`service.workers`); its repr leaves out the key.
+
+    `retry_at`, while it is down: when its restart should answer (the restart's back-off,
+    then as long as the last start took to answer), in `time.monotonic()` seconds: one
+    clock for every process of the machine, the workers' included.
+    """
 
     upstream: UpstreamConfig
     is_up: bool
+    retry_at: float | None = None
 
 
 class LocalModelServer:
@@ -199,10 +206,15 @@ class LocalModelServer:
         self._python = python
         # Variables holding the gateway's secrets (`GatewayConfig.secret_variables`).
         self._withheld_env = frozenset(withheld_env)
-        # Called with `state()` when `is_up` changes: the server exited, or a restart answers.
+        # Called with `state()` when the server exits (and again as each restart that failed
+        # backs off further), and when a restart answers.
         self._on_availability = on_availability
         self.is_up = False
         self.port = 0
+        # While down: when the restart should answer (`LocalModelState.retry_at`).
+        self._retry_at: float | None = None
+        # How long the last start took to answer: the next one likely takes as long.
+        self._start_s = 0.0
         # The key this start's server takes (`secrets.token_urlsafe`, new at each start).
         self._api_key = ""
         self._process: asyncio.subprocess.Process | None = None
@@ -233,7 +245,8 @@ class LocalModelServer:
 
     def state(self) -> LocalModelState:
         """Where the server listens now, with its key, and whether it answers."""
-        return LocalModelState(self.upstream_config(), is_up=self.is_up)
+        retry_at = None if self.is_up else self._retry_at
+        return LocalModelState(self.upstream_config(), is_up=self.is_up, retry_at=retry_at)
 
     def _command(self, model_path: Path) -> list[str]:
         threads = self.config.threads or usable_cpus()
@@ -300,6 +313,7 @@ class LocalModelServer:
         self.port = _free_port()
         self._api_key = secrets.token_urlsafe(32)
         log.info("local_model.starting", extra={"port": self.port})
+        spawned = time.monotonic()
         environment = child_environment(os.environ, self._withheld_env)
         self._process = await asyncio.create_subprocess_exec(
             *self._command(model_path),
@@ -321,6 +335,7 @@ class LocalModelServer:
             # otherwise outlive the gateway.
             await self._stop_process()
             raise
+        self._start_s = time.monotonic() - spawned
         self.is_up = True
         log.info("local_model.ready", extra={"port": self.port, "model": self.config.model})
 
@@ -375,10 +390,12 @@ class LocalModelServer:
             in_a_row = 1 if loop.time() - up_since >= _STABLE_S else in_a_row + 1
             self.restarts += 1
             log.warning("local_model.exited", extra={"code": code, "restarts": self.restarts})
-            if self.is_up:
-                self.is_up = False
-                await self._announce()
-            await asyncio.sleep(restart_delay_s(self.config.restart_backoff_s, in_a_row))
+            delay_s = restart_delay_s(self.config.restart_backoff_s, in_a_row)
+            # Said at each exit, a failed restart's too: its calls are refused until then.
+            self.is_up = False
+            self._retry_at = time.monotonic() + delay_s + self._start_s
+            await self._announce()
+            await asyncio.sleep(delay_s)
             try:
                 await self._spawn(await asyncio.to_thread(ensure_model_file, self.config))
             except Exception:  # LocalModelUnavailable, or an OSError spawning: try again

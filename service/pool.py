@@ -64,6 +64,8 @@ from service.upstream.types import (
 log = logging.getLogger("llm_gateway.pool")
 
 _DEFAULT_MAX_TOKENS = 256  # tokens reserved for the answer when the request sets none
+# Why a call skips an upstream that is down with a restart due (`UpstreamPool.set_down`).
+RESTARTING = "restarting"
 
 
 # An upstream timeout this close to the caller's deadline was the deadline's doing: both
@@ -328,8 +330,9 @@ class UpstreamPool:
             for model, upstream_model in client.config.models.items():
                 self._routes.setdefault(model, []).append(Route(client, upstream_model))
         self._balancers = {m: _WeightedRoundRobin(len(r)) for m, r in self._routes.items()}
-        # Upstreams known to be down whatever their breakers say (`set_down`).
-        self._down: set[str] = set()
+        # Upstreams known to be down whatever their breakers say, with when a restart is
+        # due to answer, if one is (`set_down`).
+        self._down: dict[str, float | None] = {}
 
     @property
     def models(self) -> Mapping[str, Sequence[Route]]:
@@ -347,14 +350,18 @@ class UpstreamPool:
         """The breaker, limiter and budget of one upstream, by name."""
         return self._states[upstream]
 
-    def set_down(self, upstream: str, *, is_down: bool) -> None:
+    def set_down(self, upstream: str, *, is_down: bool, retry_at: float | None = None) -> None:
         """Say whether `upstream` is known to be down (the local model's server, from its
         exit until a restart answers): its breaker, closed until calls fail, cannot tell.
-        No call is sent to it meanwhile."""
+        No call is sent to it meanwhile; `retry_at` (on this pool's clock): when its
+        restart is due to answer, which the calls refused meanwhile are told to wait for."""
         if is_down:
-            self._down.add(upstream)
+            self._down[upstream] = retry_at
         else:
-            self._down.discard(upstream)
+            self._down.pop(upstream, None)
+
+    def _why_down(self, upstream: str) -> str:
+        return RESTARTING if self._down.get(upstream) is not None else "down"
 
     def health(self, upstream: str) -> tuple[BreakerState, int]:
         """An upstream's breaker state (open while it is known to be down) and calls in
@@ -379,7 +386,7 @@ class UpstreamPool:
             for route in plan.order:
                 if route.client.name in down:
                     # Sent nothing: whatever answers its old address now is not its server.
-                    plan.exclude(route, "down")
+                    plan.exclude(route, self._why_down(route.client.name))
         return plan
 
     def _call(
@@ -528,7 +535,7 @@ class UpstreamPool:
             # its turn): whatever answers its old address now is not its server.
             state.limiter.give_back(tokens)
             state.breaker.release(probe=probe)
-            plan.exclude(route, "down")
+            plan.exclude(route, self._why_down(route.client.name))
             return None
         # A retry follows an attempt of this call on this upstream that was sent and
         # failed; a route skipped before any was sent (the gateway's own limits, an open
@@ -649,11 +656,13 @@ class UpstreamPool:
             for r in plan.order
             if r.client.name not in plan.excluded and r.client.name not in set_aside
         ]
-        return UpstreamUnavailable(
+        error = UpstreamUnavailable(
             f"no upstream for model {model!r} is available" + (f": {reasons}" if reasons else ""),
             upstream=names,
             retry_after_s=min(retry_delays) if retry_delays else None,
         )
+        error.restarting = ",".join(n for n, why in plan.excluded.items() if why == RESTARTING)
+        return error
 
     def _is_set_aside_for_key(self, route: Route) -> bool:
         """Whether `route`'s breaker is open for a rejected key: once its cool-down has
@@ -675,10 +684,15 @@ class UpstreamPool:
 
     def _retry_delay_s(self, upstream: str) -> float:
         """When a caller may try again after the gateway's own retries failed, if the
-        upstream did not say: once its breaker lets a probe through, else the first backoff."""
+        upstream did not say: once its breaker lets a probe through, else the first backoff;
+        and not before its restart is due to answer, while it is down for one."""
         state = self._states.get(upstream)
         cool_down = state.breaker.retry_after_s() if state is not None else None
-        return cool_down if cool_down is not None else self.settings.backoff_base_s
+        delay_s = cool_down if cool_down is not None else self.settings.backoff_base_s
+        retry_at = self._down.get(upstream)
+        if retry_at is not None:
+            delay_s = max(delay_s, retry_at - self._clock.now())
+        return delay_s
 
     async def _next_attempt(
         self,

@@ -338,7 +338,7 @@ class GatewayServer:
             if state.is_up and (local.base_url, local.api_key) != target:
                 # A restart, on a port and with a key of its own: before any call.
                 await client.retarget(base_url=local.base_url, api_key=local.api_key)
-            pool.set_down(LOCAL_UPSTREAM, is_down=not state.is_up)
+            pool.set_down(LOCAL_UPSTREAM, is_down=not state.is_up, retry_at=state.retry_at)
             if state.is_up:
                 # Calls refused while it was down opened its breaker: without this, health
                 # says SERVING again while every call is refused until the cool-down ends.
@@ -630,7 +630,7 @@ async def serve(
     on_stopping: Callable[[], None] | None = None,
     local_model_states: AsyncIterator[LocalModelState] | None = None,
 ) -> None:
-    """Run the gateway until SIGTERM or SIGINT, then shut down gracefully.
+    """Run the gateway until SIGTERM, SIGINT or SIGHUP, then shut down gracefully.
 
     `on_ready` gets the bound address once the server listens (default: print it);
     `on_stopping` is called once a stop reaches the listening server, before its drain;
@@ -648,13 +648,14 @@ async def serve(
             this.cancel()
         stopping.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in early_signals.stop_signals():
         loop.add_signal_handler(sig, on_signal)
     if early_signals.received():  # before these handlers, as the process started
         log.info("server.stopped_while_starting")
         return
-    # A worker starts with SIGINT blocked (`service.workers`): one sent meanwhile comes now.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    # A worker starts with SIGINT and SIGHUP blocked (`service.workers`): one sent
+    # meanwhile comes now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, early_signals.GROUP_SIGNALS)
     try:
         async with GatewayServer(config, local_model_states=local_model_states) as server:
             started = True

@@ -3,12 +3,13 @@
 The parent reserves the port, starts the local model once (if it is used) and tells each
 worker its state (address and key while it answers, or that it is down) at the worker's
 start and at each change, through a pipe of its own; the workers route to it as an
-ordinary upstream, as one process does. It then supervises the workers: SIGTERM or
-SIGINT is forwarded to each, which drains its own calls within the grace period. A worker
-that dies once the gateway serves is started again in its place while the others go on
-serving (see _RESTART_DELAY_S); one that fails during the first start stops the gateway,
-since that is a bad config or a broken install, which restarting cannot mend. State
-kept in memory (cache, usage ledger, limits) is per worker unless Redis is configured.
+ordinary upstream, as one process does. It then supervises the workers: SIGTERM, SIGINT
+or SIGHUP is forwarded to each (as SIGTERM), which drains its own calls within the grace
+period. A worker that dies once the gateway serves is started again in its place while
+the others go on serving (see _RESTART_DELAY_S); one that fails during the first start
+stops the gateway, since that is a bad config or a broken install, which restarting
+cannot mend. State kept in memory (cache, usage ledger, limits) is per worker unless
+Redis is configured.
 
 Each worker has its own metrics, so each serves its own Prometheus endpoint: worker `i`
 (from 0) listens on `telemetry.prometheus_port + i` (9464 + i when only
@@ -281,17 +282,18 @@ async def _tell_workers(workers: list[_Worker], state: LocalModelState) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_blocked() -> Iterator[None]:
-    """SIGINT blocked in this thread meanwhile, and so in a process started meanwhile.
+def _group_signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGHUP blocked in this thread meanwhile, and so in a process started
+    meanwhile.
 
-    Ctrl-C in a terminal sends SIGINT to the whole process group: a worker still importing
-    the gateway would end with KeyboardInterrupt (a traceback, and a status the supervisor
-    takes for a failure). Blocked, it waits for the worker's own handler (`serve` unblocks
-    it), and the supervisor's SIGTERM stops the worker meanwhile.
+    A terminal sends them to the whole process group: a worker still importing the gateway
+    would end with KeyboardInterrupt or be killed by SIGHUP (a status the supervisor takes
+    for a failure). Blocked, they wait for the worker's own handler (`serve` unblocks
+    them), and the supervisor's SIGTERM stops the worker meanwhile.
     """
-    # Started with the first worker otherwise, unblocking SIGINT (not restoring the mask).
+    # Started with the first worker otherwise, unblocking them (not restoring the mask).
     resource_tracker.ensure_running()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, early_signals.GROUP_SIGNALS)
     try:
         yield
     finally:
@@ -393,7 +395,7 @@ def _start(config: GatewayConfig, log_level: str, local_model: LocalModelServer 
         updates, sender = _SPAWN.Pipe(duplex=False)
         args = (*args, (local_model.state(), updates))
     process: BaseProcess = _SPAWN.Process(target=_worker_main, args=args)
-    with _sigint_blocked():
+    with _group_signals_blocked():
         process.start()
     ready_sender.close()  # the worker's copy alone: its exit ends the pipe
     run = _Run(process, ready, asyncio.ensure_future(_exited(process)))
@@ -536,7 +538,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
     # process alone and leave them serving the port.
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in early_signals.stop_signals():
         loop.add_signal_handler(sig, stopping.set)
     if early_signals.received():  # before these handlers, as the process started
         log.info("workers.stopped_while_starting")
@@ -634,7 +636,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
 
 
 def run_workers(config: GatewayConfig, *, count: int, log_level: str = "INFO") -> int:
-    """Run `count` worker processes on the configured port until SIGTERM/SIGINT.
+    """Run `count` worker processes on the configured port until SIGTERM/SIGINT/SIGHUP.
 
     Raises:
         ConfigError: the workers' Prometheus ports do not fit, or the listen policy

@@ -1,4 +1,4 @@
-"""A SIGTERM or SIGINT in the first moments of `serve` (imports, the config being read):
+"""A SIGTERM, SIGINT or SIGHUP in the first moments of `serve` (imports, the config read):
 a clean stop, as the same signal once the gateway has installed its own handlers.
 
 The config file is a FIFO: the test's open for writing returns once `serve` has opened
@@ -23,6 +23,7 @@ from tests.conftest import gateway_config_data
 
 REPO = Path(__file__).resolve().parents[2]
 _HANG_GUARD_S = 30.0
+_STOP_SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
 # The `llm-gateway` console script's entry point, as pyproject.toml installs it.
 _PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 _SCRIPT_MODULE, _SCRIPT_FUNCTION = _PROJECT["scripts"]["llm-gateway"].split(":")
@@ -78,12 +79,12 @@ async def _serve_with_signal_while_config_is_read(
 
 
 @pytest.mark.parametrize("entry", _ENTRY_POINTS, ids=str)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", _STOP_SIGNALS, ids=lambda s: s.name)
 async def test_a_signal_while_the_config_is_read_is_a_clean_stop(tmp_path, entry, sig):
     """Status 0, no traceback, and the log line of a stop while starting; nothing served.
 
     Before, SIGTERM killed the process (status -15, 143 in a shell) and SIGINT ended it
-    with KeyboardInterrupt and a traceback.
+    with KeyboardInterrupt and a traceback; later, SIGHUP killed it (status -1).
     """
     code, out, err = await _serve_with_signal_while_config_is_read(
         tmp_path, _ENTRY_POINTS[entry], sig
@@ -119,7 +120,7 @@ _AGAIN_AT_EXIT = (
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", _STOP_SIGNALS, ids=lambda s: s.name)
 async def test_a_signal_again_as_the_stopped_gateway_exits_keeps_its_status_0(
     tmp_path, workers, sig
 ):

@@ -32,7 +32,7 @@ from service.config import LocalModelConfig, parse_config
 from service.local_model import LocalModelServer, LocalModelUnavailable
 from service.server import LOCAL_MODEL_HEALTH
 from tests.integration.gateway_process import is_running
-from tests.integration.helpers import error_info
+from tests.integration.helpers import error_info, retry_delay_s
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "gemma-3-270m"
@@ -177,6 +177,39 @@ async def test_calls_refused_while_it_restarts_do_not_keep_it_out_once_serving(
                 os.kill(pid, signal.SIGKILL)
 
 
+async def test_sighup_stops_the_gateway_and_its_local_model(tmp_path: Path) -> None:
+    """SIGHUP (a closed terminal) stops the gateway as SIGTERM does: status 0, and the
+    llama.cpp server it started is stopped with it.
+
+    Before, SIGHUP killed the gateway outright (status -1); llama.cpp's server, in a
+    session of its own, was left to the kernel's SIGKILL (`_DIE_WITH_PARENT`), and the
+    stand-in, which runs no such code, ran on as an orphan."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    config = tmp_path / "gateway.yaml"
+    local = {"enabled": "always", "model_path": str(model)}
+    config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"}, "local_model": local}))
+    gateway = await serve_with_stand_in(stand_in, config, stderr=asyncio.subprocess.DEVNULL)
+    children: list[int] = []
+    try:
+        assert gateway.stdout is not None
+        async with asyncio.timeout(30):
+            line = (await gateway.stdout.readline()).decode()
+        assert line.startswith("llm-gateway listening on "), line
+        children = _children(gateway.pid)
+        gateway.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(20):
+            code = await gateway.wait()
+    finally:
+        if gateway.returncode is None:
+            gateway.kill()
+            await gateway.wait()
+        alive = [pid for pid in children if is_running(pid)]
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+    assert len(children) == 1
+    assert (code, alive) == (0, [])
+
+
 async def test_list_models_shows_the_local_model_unhealthy_while_it_is_down(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
 ) -> None:
@@ -202,6 +235,45 @@ async def test_list_models_shows_the_local_model_unhealthy_while_it_is_down(
         while (await health.Check(check)).status != health_pb2.HealthCheckResponse.NOT_SERVING:
             await asyncio.sleep(0.05)
     assert await _local_health(gateway.stub) == [pb.UPSTREAM_HEALTH_UNHEALTHY]
+
+
+async def test_a_call_while_it_restarts_is_told_to_come_back_when_the_restart_is_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """A call refused while llama.cpp is down waits, as its RetryInfo says, for the
+    restart's back-off (and the start's own time), and its ErrorInfo says the local model
+    is restarting.
+
+    Before, the refusal said 0.5 s (`resilience.backoff_base_s`) whatever the back-off, and
+    nothing of a restart: a caller honouring it came back to the same refusal."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    local = {"enabled": "always", "model_path": str(model), "restart_backoff_s": 600}
+    config = parse_config(
+        {"server": {"listen": "127.0.0.1:0"}, "local_model": local}, source="<test>", environ={}
+    )
+    gateway = await start_gateway(config)
+    os.kill(gateway.server.local_model.pid, signal.SIGKILL)
+    await _until_local_model_health(gateway.channel, health_pb2.HealthCheckResponse.NOT_SERVING)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(_hello(), timeout=5)
+    refusal = caught.value
+    assert refusal.code() == grpc.StatusCode.UNAVAILABLE
+    assert 500 < (retry_delay_s(refusal) or 0) < 700
+    assert error_info(refusal).metadata["restarting"] == "local"
+    assert "local (restarting)" in (refusal.details() or "")
+
+
+async def _until_local_model_health(channel: grpc.aio.Channel, status: int) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    check = health_pb2.HealthCheckRequest(service=LOCAL_MODEL_HEALTH)
+    async with asyncio.timeout(20):
+        while (await health.Check(check)).status != status:
+            await asyncio.sleep(0.05)
+
+
+def _hello() -> pb.CompleteRequest:
+    return pb.CompleteRequest(model=MODEL, messages=[pb.Message(role=pb.ROLE_USER, content="Hi")])
 
 
 # As llama.cpp does, the stand-in exits at once when its model file is missing.

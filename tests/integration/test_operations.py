@@ -99,7 +99,9 @@ def _write_config(tmp_path: Path, base_url: str, **server: object) -> Path:
     return path
 
 
-async def _spawn(*args: str, env: Mapping[str, str] = os.environ) -> asyncio.subprocess.Process:
+async def _spawn(
+    *args: str, env: Mapping[str, str] = os.environ, own_group: bool = False
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -109,6 +111,7 @@ async def _spawn(*args: str, env: Mapping[str, str] = os.environ) -> asyncio.sub
         stderr=asyncio.subprocess.PIPE,
         env={**env, "PYTHONUNBUFFERED": "1"},
         cwd=REPO,
+        start_new_session=own_group,
     )
 
 
@@ -154,8 +157,14 @@ async def gateway_process(
         await process.wait()
 
 
-async def test_sigterm_finishes_in_flight_call_then_exits_cleanly(gateway_process, upstream):
-    """On SIGTERM an in-flight call completes, new calls are refused, and the process exits 0."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+async def test_a_stop_signal_finishes_in_flight_call_then_exits_cleanly(
+    gateway_process, upstream, sig
+):
+    """On SIGTERM or SIGHUP (a closed terminal) an in-flight call completes, new calls are
+    refused, and the process exits 0.
+
+    Before, SIGHUP killed the process at once: the call cut, status -1 (129 in a shell)."""
     process, address = gateway_process
     upstream.script(Reply(content="slow but whole", delay_s=1.0))
     async with grpc.aio.insecure_channel(address) as channel:
@@ -163,7 +172,7 @@ async def test_sigterm_finishes_in_flight_call_then_exits_cleanly(gateway_proces
         in_flight = asyncio.ensure_future(stub.Complete(chat(), timeout=20))
         while not upstream.requests:
             await asyncio.sleep(0.01)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         response = await in_flight
         assert response.content == "slow but whole"
     assert await asyncio.wait_for(process.wait(), timeout=20) == 0
@@ -442,6 +451,62 @@ async def test_workers_share_one_port_and_drain_on_sigterm(upstream, tmp_path):
     finally:
         if process.returncode is None:
             process.kill()
+            await process.wait()
+
+
+async def test_workers_drain_when_the_terminal_closes(upstream, tmp_path):
+    """SIGHUP to the whole process group (its terminal closed), `--workers 2`: the call in
+    flight completes and the supervisor exits 0.
+
+    Before, SIGHUP killed the supervisor and every worker at once: the call cut."""
+    path = _write_config(tmp_path, upstream.base_url)
+    process = await _spawn("serve", "--config", str(path), "--workers", "2", own_group=True)
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
+        address = line.split(" on ", 1)[1].split(" ", 1)[0]
+        upstream.script(Reply(content="slow but whole", delay_s=1.0))
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.CompletionServiceStub(channel)
+            in_flight = asyncio.ensure_future(stub.Complete(chat(), timeout=20))
+            while not upstream.requests:
+                await asyncio.sleep(0.01)
+            os.killpg(process.pid, signal.SIGHUP)
+            response = await in_flight
+        assert response.content == "slow but whole"
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+
+
+async def test_sighup_ignored_at_start_stays_ignored(upstream, tmp_path):
+    """Started with SIGHUP ignored (`nohup llm-gateway serve`), the gateway goes on serving
+    after a SIGHUP, as `nohup` asks, and SIGTERM still stops it with status 0."""
+    path = _write_config(tmp_path, upstream.base_url)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])",
+        "-m", "service", "serve", "--config", str(path), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
+        address = line.split(" on ", 1)[1].split(" ", 1)[0]
+        os.killpg(process.pid, signal.SIGHUP)
+        for _ in range(4):  # fresh channels land on either worker; each still answers
+            async with grpc.aio.insecure_channel(address) as channel:
+                response = await pb_grpc.CompletionServiceStub(channel).Complete(chat(), timeout=10)
+            assert response.content == "Hello from fake"
+        assert process.returncode is None
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
 
 

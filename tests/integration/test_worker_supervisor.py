@@ -11,7 +11,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 
 import aiohttp
@@ -26,6 +26,7 @@ from service.server import LOCAL_MODEL_HEALTH
 from tests.conftest import chat, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Hang
 from tests.integration.gateway_process import is_running
+from tests.integration.helpers import error_info, retry_delay_s
 from tests.integration.pki import make_pki
 from tests.integration.test_local_model_restart import MODEL, _squatting, stand_in_local_model
 
@@ -210,25 +211,30 @@ async def test_sigterm_while_workers_start_stops_them_all(tmp_path):
         assert code == 0
 
 
-async def test_ctrl_c_while_workers_start_is_a_clean_stop(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+async def test_ctrl_c_or_a_closed_terminal_while_workers_start_is_a_clean_stop(tmp_path, sig):
     """Ctrl-C in a terminal sends SIGINT to the whole process group, the workers too, as
-    they start: a clean stop (status 0, no traceback) as with SIGTERM to the supervisor.
+    they start, and its closing SIGHUP: a clean stop (status 0, no traceback) as with
+    SIGTERM to the supervisor.
 
     Before, a worker still importing the gateway got KeyboardInterrupt: a traceback on
-    stderr and an exit by SIGINT, which the supervisor took for a failure (status 1).
+    stderr and an exit by SIGINT, which the supervisor took for a failure (status 1); and
+    SIGHUP killed the supervisor and the workers outright (a worker still importing, with
+    SIGHUP not held back, died of it: `workers.worker_died`).
     """
     path = _write_config(tmp_path)
     async with _serve("--config", str(path), "--workers", "2", own_group=True) as process:
         async with asyncio.timeout(_HANG_GUARD_S):
             while len(workers := _worker_pids(process.pid)) < 2:
                 await asyncio.sleep(0.01)
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, sig)
         async with asyncio.timeout(_HANG_GUARD_S):
             _, err = await process.communicate()
         alive = _killed_if_running(workers)
     assert alive == []
     assert process.returncode == 0, err.decode()
     assert b"Traceback" not in err
+    assert b"workers.worker_died" not in err
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -762,10 +768,14 @@ class _HeldLocalModel:
     def release(self) -> None:
         self._held.unlink()
 
-    def config(self, tmp_path: Path) -> Path:
+    def config(self, tmp_path: Path, *, restart_backoff_s: float = 0.1) -> Path:
         """A config serving it alone, with a Prometheus endpoint per worker (which tells
         the workers apart)."""
-        local = {"enabled": "always", "model_path": str(self.model), "restart_backoff_s": 0.1}
+        local = {
+            "enabled": "always",
+            "model_path": str(self.model),
+            "restart_backoff_s": restart_backoff_s,
+        }
         data = {
             "server": {"listen": "127.0.0.1:0"},
             "local_model": local,
@@ -800,17 +810,21 @@ async def _local_model_seen_by(channel: grpc.aio.Channel, expected: int) -> tupl
 
 
 async def _what_each_worker_says(
-    address: str, metrics_ports: list[int], expected: int
+    address: str,
+    metrics_ports: list[int],
+    expected: int,
+    seen_by: Callable[[grpc.aio.Channel, int], Awaitable[tuple[object, ...]]] | None = None,
 ) -> dict[int, tuple[object, ...]]:
-    """`_local_model_seen_by` on new connections until each worker (by its Prometheus
-    port) has answered one: the last answer of each."""
+    """`seen_by` (`_local_model_seen_by`) on new connections until each worker (by its
+    Prometheus port) has answered one: the last answer of each."""
+    seen_by = seen_by or _local_model_seen_by
     answers: dict[int, tuple[object, ...]] = {}
     async with asyncio.timeout(_HANG_GUARD_S):
         while answers.keys() != set(metrics_ports):
             before = {port: await _calls_answered(port) or 0 for port in metrics_ports}
             options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
             async with grpc.aio.insecure_channel(address, options=options) as channel:
-                answer = await _local_model_seen_by(channel, expected)
+                answer = await seen_by(channel, expected)
             # The worker whose count of calls grew, once it has counted this one.
             while not (grown := [p for p, n in before.items() if await _calls_answered(p) != n]):
                 await asyncio.sleep(0.01)
@@ -867,6 +881,48 @@ async def test_every_worker_follows_the_local_models_restart_on_a_new_port_and_k
     assert second.port != first.port
     assert second.key != first.key
     assert seen == []
+    assert (code, alive) == (0, [])
+
+
+async def _refusal_seen_by(channel: grpc.aio.Channel, expected: int) -> tuple[object, ...]:
+    """On `channel`'s one connection (one worker), once its `llm_gateway.local_model`
+    health is `expected`: how a call to the local model is refused (its code, the
+    upstream its ErrorInfo says is restarting, its RetryInfo delay in whole minutes)."""
+    health = health_pb2_grpc.HealthStub(channel)
+    check = health_pb2.HealthCheckRequest(service=LOCAL_MODEL_HEALTH)
+    while (await health.Check(check, timeout=10)).status != expected:
+        await asyncio.sleep(0.02)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pb_grpc.CompletionServiceStub(channel).Complete(_local_call(), timeout=10)
+    refusal = caught.value
+    restarting = error_info(refusal).metadata.get("restarting")
+    return refusal.code(), restarting, round((retry_delay_s(refusal) or 0) / 60)
+
+
+async def test_every_worker_tells_a_refused_call_when_the_local_models_restart_is_due(
+    tmp_path: Path,
+) -> None:
+    """With `--workers 2` and llama.cpp down for a 10-minute back-off, each worker refuses
+    its calls with the RetryInfo of that restart and says the local model is restarting:
+    the supervisor sends the due time with the down state.
+
+    Before, each worker said 0.5 s (`resilience.backoff_base_s`)."""
+    local = _HeldLocalModel(tmp_path)
+    path = local.config(tmp_path, restart_backoff_s=600)
+    args = ("--config", str(path), "--workers", "2")
+    async with _serve_logged(*args, setup=local.setup) as (process, log):
+        try:
+            address = await _listening(process)
+            ports = await _metrics_ports(log, 2)
+            [first] = local.starts
+            os.kill(first.pid, signal.SIGKILL)
+            down = await _what_each_worker_says(address, ports, _NOT_SERVING, _refusal_seen_by)
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                code = await process.wait()
+        finally:
+            alive = _killed_if_running(start.pid for start in local.starts)
+    assert down == dict.fromkeys(ports, (grpc.StatusCode.UNAVAILABLE, "local", 10))
     assert (code, alive) == (0, [])
 
 
