@@ -85,7 +85,9 @@ def worker_count(config: GatewayConfig) -> tuple[int, str]:
     cores = usable_cpus()
     requested = config.server.workers
     if requested is not None:
-        return (requested or cores), "server.workers" if requested else "one per core"
+        # Named as the operator set it: `--workers` or the config's key.
+        source = config.flags.get("server.workers", "server.workers")
+        return (requested or cores), source if requested else "one per core"
     if not config.ledger.redis_url:
         return 1, "the usage ledger is in memory (set ledger.redis_url to share it)"
     if not config.auth.redis_url and any(t.has_rate_limits for t in config.tenants.values()):
@@ -101,6 +103,12 @@ def worker_count(config: GatewayConfig) -> tuple[int, str]:
     if unshared is not None:
         return 1, f"upstream {unshared!r}'s rates are per process (set its shared_limits: true)"
     return cores, "one per core: shared state is in Redis"
+
+
+def _set_by(config: GatewayConfig) -> str:
+    """` (--workers)` when the command line set the worker count, else nothing."""
+    flag = config.flags.get("server.workers")
+    return f" ({flag})" if flag else ""
 
 
 def worker_configs(
@@ -123,7 +131,8 @@ def worker_configs(
     if base + count - 1 > 65535:
         raise config.error(
             "telemetry.prometheus_port",
-            f"{count} workers need ports {base}..{base + count - 1}; the last is past 65535",
+            f"{count} workers{_set_by(config)} need ports {base}..{base + count - 1}; the "
+            "last is past 65535",
         )
     return [
         dataclasses.replace(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from service.config import ConfigError
-from service.workers import worker_configs
+from service.main import with_flags
+from service.workers import worker_configs, worker_count
 from tests.conftest import gateway_config
 
 
@@ -52,3 +53,15 @@ def test_everything_but_the_port_is_shared():
     assert first.server == second.server == config.server
     assert first.upstreams == second.upstreams
     assert first.telemetry.service_name == second.telemetry.service_name
+
+
+def test_a_worker_count_from_the_command_line_is_named_as_the_flag():
+    """`serve --workers 2` past the last port says the flag set the count: the file's
+    `telemetry.prometheus_port` alone does not make the range."""
+    config = with_flags(
+        gateway_config("http://127.0.0.1:1", telemetry={"prometheus_port": 65535}), workers=2
+    )
+    with pytest.raises(ConfigError) as error:
+        worker_configs(config, 2, environ={})
+    assert "2 workers (--workers) need ports 65535..65536" in str(error.value)
+    assert worker_count(config) == (2, "--workers")
