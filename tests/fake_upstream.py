@@ -145,7 +145,10 @@ class Hang:
 
 @dataclass(frozen=True, slots=True)
 class Reset:
-    """Reset the TCP connection before any response header is sent."""
+    """Reset the TCP connection before any response header is sent, `delay_s` after the
+    request arrived."""
+
+    delay_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +405,8 @@ class FakeUpstream:
             case Hang():
                 await _wait_forever()
             case Reset():
+                if behaviour.delay_s > 0:
+                    await asyncio.sleep(behaviour.delay_s)
                 _abort(request)
             case CutStream():
                 await self._partial_stream(

@@ -45,6 +45,11 @@ _MAX_HEADER_BYTES = 64 * 1024
 _MAX_TRAILING_BODY_BYTES = 64 * 1024
 # A proxy's answer to CONNECT is a status line and a few headers.
 _MAX_PROXY_HEAD_BYTES = 16 * 1024
+# A reused connection the server closes unanswered within this long of a request going
+# out crossed its idle timeout: the close was on its way (a round trip at most) before the
+# request arrived. One closed later was held: the server had the request, and may have
+# worked on it, so it is not sent again behind the caller's attempts.
+_IDLE_CLOSE_RACE_S = 1.0
 
 
 class HttpError(Exception):
@@ -622,7 +627,7 @@ class HttpPool:
                 await response._head_ready  # the future itself: no coroutine around it
             except HttpError:
                 response.release()
-                if is_reused and response.is_unanswered:
+                if is_reused and response.is_unanswered and response.waited_s < _IDLE_CLOSE_RACE_S:
                     # The server closed the idle connection as the request went out (its
                     # keep-alive timeout): it never answered, so send it on a new one.
                     may_reuse = False

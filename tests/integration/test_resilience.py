@@ -767,6 +767,28 @@ async def test_a_keep_alive_connection_dropped_as_it_is_reused_is_sent_on_a_new_
 
 
 @pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_request_held_then_dropped_on_a_reused_connection_is_not_sent_again(
+    mode, start_gateway
+):
+    """A reused connection the server closes unanswered long after the request went out
+    crossed no idle timeout: the server had the request, and may have worked on it. It
+    fails its attempt as a reset does, seen by the breaker, and is not sent again unseen
+    (one attempt allowed: the upstream gets it once, and not twice while it was failing)."""
+    async with FakeUpstream() as fake:
+        resilience = {**FAST_RESILIENCE, "attempts": 1, "breaker_consecutive_failures": 1}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        await gateway.stub.Complete(chat("one"))  # leaves its connection idle in the pool
+        fake.script(Reset(delay_s=2.0))  # held, then dropped with no answer
+        result, _ = await call(gateway, mode, timeout_s=10.0)
+        assert isinstance(result, grpc.aio.AioRpcError)
+        assert result.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(result)[0]["attempts"] == "1"
+        assert len(fake.requests) == 2
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_UNHEALTHY
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
 async def test_an_answer_larger_than_any_completion_is_refused_not_buffered(mode, start_gateway):
     """A 17 MiB answer (or one stream event that size) is a malformed answer: the gateway
     stops reading at 16 MiB, closes the connection and says UNAVAILABLE, rather than hold
