@@ -42,6 +42,20 @@ class HeldByCallsInFlight(QuotaExceeded):
     they end (most often spending less), not at the period's reset."""
 
 
+def _never_fits(tenant: str, cost_usd: float, budget: BudgetConfig) -> QuotaExceeded:
+    """The refusal of a call expected to cost more than the tenant's whole budget."""
+    refusal = QuotaExceeded(
+        f"a call expected to cost ${cost_usd:.6f} (its prompt, and its max_tokens or the "
+        f"budget's reserve_output_tokens) can never fit tenant {tenant!r}'s "
+        f"${budget.usd:.6f} {_ADJECTIVE[budget.period]} budget",
+        subject=f"tenant:{tenant}",
+        retry_after_s=None,
+    )
+    # Pushback -1 and no RetryInfo: the next period's budget would refuse it again.
+    refusal.is_retry_futile = True
+    return refusal
+
+
 class Budgets:
     """Refuses calls that would take a tenant past its budget; reserves the others."""
 
@@ -82,7 +96,8 @@ class Budgets:
 
     async def reserve(self, request: ChatRequest, *, prompt_tokens: int) -> Reservation | None:
         """Reserve the call's expected cost, or raise `QuotaExceeded` (retry when the period
-        resets) if it would overrun; None when no budget applies.
+        resets; never, for a call over the whole budget) if it would overrun; None when no
+        budget applies.
 
         `prompt_tokens`: the request's prompt estimate. A call to a model that costs
         nothing (no price, or every price 0) is never refused: None.
@@ -103,6 +118,8 @@ class Budgets:
         )
         if reservation.is_granted:
             return reservation
+        if not reservation.fits_an_unspent_period(budget.usd):
+            raise _never_fits(request.tenant, cost_usd, budget)
         spent, reserved = reservation.spent_pico / PICO, reservation.reserved_pico / PICO
         held = f" and reserved ${reserved:.6f} for calls in flight" if reserved else ""
         message = (

@@ -17,6 +17,7 @@ from service.auth import (
     generate_key,
     hash_key,
     keys_file_line,
+    parse_keys_file,
     redis_connection_options,
     redis_keys_hash,
 )
@@ -37,14 +38,26 @@ def _append_to_keys_file(path: Path, caller_key: CallerKey) -> None:
     # Digests are not secrets, but the file says who may call: keep it private anyway.
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(descriptor, "a+b") as file:
+        file.seek(0)
+        existing = file.read()
+        _check_keys_file(existing, path)
         line = keys_file_line(caller_key).encode("utf-8")
         # A hand edit can leave the last line without its newline: the new line must not
         # join it (a malformed file, which running gateways ignore and a restart refuses).
-        if file.seek(0, os.SEEK_END) > 0:
-            file.seek(-1, os.SEEK_END)
-            if file.read(1) != b"\n":
-                line = b"\n" + line
+        if existing and not existing.endswith(b"\n"):
+            line = b"\n" + line
         file.write(line)
+
+
+def _check_keys_file(existing: bytes, path: Path) -> None:
+    """Raise `ValueError` for a keys file running gateways would not take: they keep the
+    keys they read last, so a key added to it would be refused, and a restart fails."""
+    try:
+        parse_keys_file(existing.decode("utf-8-sig"), source=str(path))
+    except ValueError as exc:  # a malformed line, or bytes that are not UTF-8
+        raise ValueError(
+            f"{exc}; running gateways ignore {path} until it is fixed, so no key was added"
+        ) from None
 
 
 def _store_in_redis(auth: AuthConfig, caller_key: CallerKey) -> None:

@@ -315,6 +315,11 @@ class Reservation:
             spent=self.spent_pico, reserved=0, cost=self.cost_pico, limit=to_pico(limit_usd)
         )
 
+    def fits_an_unspent_period(self, limit_usd: float) -> bool:
+        """Whether this refused call would fit a period with nothing spent or held: if
+        not, it can never pass, whatever it waits for."""
+        return _fits(spent=0, reserved=0, cost=self.cost_pico, limit=to_pico(limit_usd))
+
 
 def _fits(*, spent: int, reserved: int, cost: int, limit: int) -> bool:
     committed = spent + reserved

@@ -25,7 +25,8 @@ from service.tokens import (
 )
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import Reply, ToolCallReply
-from tests.integration.helpers import error_info, field_violations
+from tests.integration.helpers import error_info, field_violations, retry_delay_s
+from tests.integration.tenancy_helpers import trailer
 from tests.redis_support import redis_url  # noqa: F401 - fixture
 from tests.telemetry_support import captured_telemetry
 
@@ -499,6 +500,32 @@ async def test_a_spent_budget_refuses_before_any_upstream_call(upstream, start_g
     with pytest.raises(grpc.aio.AioRpcError):
         _ = [e async for e in gw.stub.CompleteStream(chat_stream())]
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("ledger", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_a_call_over_the_whole_budget_is_told_never_to_retry(
+    upstream, start_gateway, request: pytest.FixtureRequest, ledger: str
+) -> None:
+    """A call whose expected cost alone passes the budget is refused as one that can never
+    fit: no RetryInfo, pushback -1, no upstream call; a smaller call still passes.
+
+    Before, it was told its tenant had spent $0 and to retry when the period resets,
+    where the next period's budget refused it again."""
+    section = {}
+    if ledger == "redis":
+        section = {"redis_url": request.getfixturevalue("redis_url"), "key_prefix": "never-fits"}
+    budgets = {"default": {"usd": 0.001, "period": "day"}}
+    gw = await start_gateway(gateway_config(upstream.base_url, ledger=section, budgets=budgets))
+    # 4,000 output tokens at $0.42 a million: $0.00168 expected, over the $0.001 budget.
+    large = chat(params=pb.GenerationParams(max_tokens=4000))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await gw.stub.Complete(large)
+    error = refused.value
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "can never fit" in (error.details() or "")
+    assert (retry_delay_s(error), trailer(error, RETRY_PUSHBACK_TRAILER)) == (None, "-1")
+    assert upstream.requests == []
+    assert (await gw.stub.Complete(chat(params=pb.GenerationParams(max_tokens=100)))).content
 
 
 @pytest.mark.parametrize("ledger", ["memory", pytest.param("redis", marks=pytest.mark.redis)])

@@ -376,6 +376,29 @@ async def test_a_key_created_after_a_hand_edit_left_no_final_newline_still_works
     assert keys_file.read_text(encoding="utf-8").splitlines()[1] == f"{hash_key(key)} late"
 
 
+async def test_keys_create_adds_no_key_to_a_file_running_gateways_ignore(
+    upstream, start_gateway, tmp_path, capsys
+):
+    """A keys file a hand edit left malformed is kept at its last good keys by running
+    gateways: `keys create` exits 2 naming the bad line, prints no key and leaves the file
+    as it was, and the gateway goes on serving the keys it has.
+
+    Before, it appended a key, exit 0, that the running gateway refused."""
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"{hash_key(CALLER_KEY_A)} team-a\n", encoding="utf-8")
+    auth = {"mode": "keys", "keys_file": str(keys_file), "keys_file_check_s": 0}
+    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
+    broken = f"{hash_key(CALLER_KEY_A)} team-a\nnot-a-digest team-b\n"
+    keys_file.write_text(broken, encoding="utf-8")
+    config_file = _write_config(tmp_path / "gw.yaml", {"keys_file": str(keys_file)})
+    assert keys_command(["create", "--tenant", "late", "--config", str(config_file)]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert f"{keys_file}:2:" in printed.err
+    assert keys_file.read_text(encoding="utf-8") == broken
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+
+
 async def test_a_keys_file_that_turns_unreachable_keeps_the_last_keys(
     upstream, start_gateway, tmp_path
 ):
