@@ -73,7 +73,20 @@ def test_loopback_gateway_addresses_are_told_apart(address: str, is_loopback: bo
     assert is_loopback_address(address) is is_loopback
 
 
-@pytest.mark.parametrize("form", ["{host}:{port}", "dns:///{host}:{port}", "dns:{host}:{port}"])
+@pytest.mark.parametrize(
+    "form",
+    [
+        "{host}:{port}",
+        "dns:///{host}:{port}",
+        "dns:{host}:{port}",
+        # Read by gRPC as a URI, each of these too called PORT - 65536.
+        "{host}:{port} ",
+        "{host}:{port}?x",
+        "dns:///{host}:{port}#x",
+        "DNS:///{host}:{port}",
+        "dns:///{host}%3A{port}",
+    ],
+)
 async def test_a_port_past_65535_is_refused_not_wrapped_onto_another_port(
     gateway: RunningGateway, capsys: pytest.CaptureFixture[str], form: str
 ) -> None:

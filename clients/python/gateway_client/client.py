@@ -9,6 +9,7 @@ import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import unquote
 
 import grpc
 
@@ -308,9 +309,14 @@ def check_address(address: str) -> None:
     """
     if not address:
         raise ValueError("the gateway's address is empty: give HOST:PORT")
-    target = address.removeprefix("dns:")
-    if target != address and target.startswith("//"):
-        target = target[2:].partition("/")[2]  # past the DNS server to ask, if any
+    target = address
+    if target[:4].lower() == "dns:":  # a URI scheme is read in any case
+        target = target[4:]
+        if target.startswith("//"):
+            target = target[2:].partition("/")[2]  # past the DNS server to ask, if any
+    # gRPC reads the target as a URI: it decodes escapes (`%3A`), leaves out a query or
+    # fragment (`?x`, `#x`), and takes a port with trailing blanks (`:115587 `).
+    target = unquote(target.partition("?")[0].partition("#")[0]).rstrip()
     host, sep, port = target.rpartition(":")
     # A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
     names_port = bool(sep and host) and "/" not in target
