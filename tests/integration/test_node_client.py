@@ -298,6 +298,31 @@ async def test_node_client_gives_a_call_without_a_timeout_its_default_deadline(
     assert result["code"] == "DEADLINE_EXCEEDED"
 
 
+@pytest.mark.parametrize("timeout_ms", ["9007199254740991", "NaN", "Infinity"])
+async def test_node_client_refuses_a_timeout_a_call_cannot_keep(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway, timeout_ms: str
+) -> None:
+    """A `timeoutMs` or `defaultTimeoutMs` past 1e9 ms, or NaN, throws a RangeError before
+    any call, while one within it is kept. Before, `Number.MAX_SAFE_INTEGER` (a common
+    "no deadline") made grpc-js throw from inside the call, out of the caller's reach, and
+    the process died; NaN failed the call at once with DEADLINE_EXCEEDED."""
+    address = gateway.server.address
+    refused = f"must be at most 1000000000 ms, or null for no deadline; got {timeout_ms}"
+    calls = await run_node(
+        node_scenarios, "timed-calls", "--address", address, "--timeout-ms", timeout_ms
+    )
+    assert calls == {"complete": f"RangeError: timeoutMs {refused}", "stream": calls["complete"]}
+    client = await run_node(
+        node_scenarios, "timed-calls", "--address", address, "--default-timeout-ms", timeout_ms
+    )
+    assert client == {"refused": f"defaultTimeoutMs {refused}"}
+    assert upstream.requests == []
+    kept = await run_node(
+        node_scenarios, "timed-calls", "--address", address, "--timeout-ms", "1000000000"
+    )
+    assert kept == {"complete": "answered", "stream": "answered"}
+
+
 async def test_node_sends_a_typed_reasoning_effort(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from gateway_client import GatewayClient, build_request, cli, error_details
-from gateway_client.client import is_loopback_address
+from gateway_client.client import MAX_TIMEOUT_S, is_loopback_address
 from gateway_client.commands import complete
 from llmgateway.v1 import gateway_pb2 as pb
 from service.pool import upstream_idempotency_key
@@ -73,7 +73,20 @@ def test_loopback_gateway_addresses_are_told_apart(address: str, is_loopback: bo
     assert is_loopback_address(address) is is_loopback
 
 
-@pytest.mark.parametrize("form", ["{host}:{port}", "dns:///{host}:{port}", "dns:{host}:{port}"])
+@pytest.mark.parametrize(
+    "form",
+    [
+        "{host}:{port}",
+        "dns:///{host}:{port}",
+        "dns:{host}:{port}",
+        # Read by gRPC as a URI, each of these too called PORT - 65536.
+        "{host}:{port} ",
+        "{host}:{port}?x",
+        "dns:///{host}:{port}#x",
+        "DNS:///{host}:{port}",
+        "dns:///{host}%3A{port}",
+    ],
+)
 async def test_a_port_past_65535_is_refused_not_wrapped_onto_another_port(
     gateway: RunningGateway, capsys: pytest.CaptureFixture[str], form: str
 ) -> None:
@@ -263,6 +276,28 @@ async def test_a_calls_own_timeout_replaces_the_clients(
     assert streamed.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert answer.content == "Hello from fake"
     assert "timeout_s" not in upstream.requests[-1].body
+
+
+@pytest.mark.parametrize("timeout_s", [float("nan"), float("inf"), 1e10])
+async def test_a_timeout_grpc_cannot_keep_is_refused_before_any_call(
+    upstream: FakeUpstream, gateway: RunningGateway, timeout_s: float
+) -> None:
+    """A deadline past what gRPC's clock holds (infinity, meant as none) or nan failed the
+    call at once with DEADLINE_EXCEEDED, as though the gateway were slow: it is a
+    ValueError before any call, for the client and for each kind of call, which a long
+    deadline within the limit still answers."""
+    with pytest.raises(ValueError, match="or None for no deadline"):
+        GatewayClient(gateway.server.address, timeout_s=timeout_s)
+    async with GatewayClient(gateway.server.address) as client:
+        with pytest.raises(ValueError, match="or None for no deadline"):
+            await client.complete("Say hi", model=FAKE_MODEL, timeout_s=timeout_s)
+        with pytest.raises(ValueError, match="or None for no deadline"):
+            client.stream("Say hi", model=FAKE_MODEL, timeout_s=timeout_s)
+        with pytest.raises(ValueError, match="or None for no deadline"):
+            await client.list_models(timeout_s=timeout_s)
+        answer = await client.complete("Say hi", model=FAKE_MODEL, timeout_s=MAX_TIMEOUT_S)
+    assert answer.content == "Hello from fake"
+    assert len(upstream.requests) == 1
 
 
 def test_a_turn_with_an_unknown_role_names_the_roles() -> None:

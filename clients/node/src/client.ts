@@ -325,6 +325,24 @@ export interface GatewayClientOptions {
 export const DEFAULT_TIMEOUT_MS = 300_000;
 
 /**
+ * The longest timeout a call takes: 1e9 ms (11.5 days), as the Python client's 1e6 s.
+ * Past about 3.6e14 ms (`Number.MAX_SAFE_INTEGER`, say) grpc-js throws from inside the
+ * call, where no caller can catch it, and the process ends; nan failed the call at once.
+ */
+export const MAX_TIMEOUT_MS = 1_000_000_000;
+
+/** `timeoutMs` (`name` the option's), when a call can keep it; null is no deadline. */
+function checkedTimeoutMs(timeoutMs: number | null, name: string): number | null {
+  if (timeoutMs !== null && !(timeoutMs <= MAX_TIMEOUT_MS)) {
+    // NaN fails the comparison too.
+    throw new RangeError(
+      `${name} must be at most ${MAX_TIMEOUT_MS} ms, or null for no deadline; got ${timeoutMs}`,
+    );
+  }
+  return timeoutMs;
+}
+
+/**
  * The largest message the client takes. A unary answer, or a batch item's, is one message,
  * and the gateway takes upstream answers of up to 16 MiB: gRPC's default 4 MiB receive limit
  * would refuse the larger ones after they were paid for. `channelOptions` may set another.
@@ -528,8 +546,10 @@ export class GatewayClient {
       },
     );
     this.#apiKey = options.apiKey;
-    this.defaultTimeoutMs =
-      options.defaultTimeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.defaultTimeoutMs;
+    this.defaultTimeoutMs = checkedTimeoutMs(
+      options.defaultTimeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.defaultTimeoutMs,
+      "defaultTimeoutMs",
+    );
   }
 
   /** The call's metadata: its own, with the client's key unless it sets one itself. */
@@ -543,7 +563,7 @@ export class GatewayClient {
 
   /** The call's deadline: its own timeout, else the client's default, else none. */
   private deadlineOf(options: CallOptions): Partial<grpc.CallOptions> {
-    const timeoutMs = options.timeoutMs ?? this.defaultTimeoutMs;
+    const timeoutMs = checkedTimeoutMs(options.timeoutMs ?? this.defaultTimeoutMs, "timeoutMs");
     return timeoutMs === null ? {} : { deadline: Date.now() + timeoutMs };
   }
 

@@ -47,6 +47,8 @@ interface Args {
   pemBytes: boolean;
   /** With `overload-recovers`: the refused call's prompt is this many words, not "Say hi". */
   promptWords: number;
+  /** With `timed-calls`: each call's own `timeoutMs`. */
+  timeoutMs: number | undefined;
 }
 
 /** Add a TLS option to the ones parsed so far, turning TLS on. */
@@ -66,6 +68,7 @@ function parseArgs(argv: string[]): Args {
     tls: undefined,
     pemBytes: false,
     promptWords: 0,
+    timeoutMs: undefined,
   };
   for (let i = 1; i < argv.length; i++) {
     const flag = argv[i];
@@ -108,6 +111,9 @@ function parseArgs(argv: string[]): Args {
         break;
       case "--prompt-words":
         args.promptWords = Number(value);
+        break;
+      case "--timeout-ms":
+        args.timeoutMs = Number(value);
         break;
       default:
         throw new Error(`unknown argument ${flag}`);
@@ -387,6 +393,34 @@ async function withoutTimeout(client: GatewayClient, args: Args): Promise<Json> 
   return { unexpected: "the call succeeded" };
 }
 
+/** How a call ended: "answered", a refused call's status name, or what else it threw. */
+async function outcomeOf(call: () => Promise<unknown>): Promise<string> {
+  try {
+    await call();
+    return "answered";
+  } catch (error) {
+    return error instanceof GatewayCallError
+      ? error.codeName
+      : `${(error as Error).name}: ${(error as Error).message}`;
+  }
+}
+
+async function timedCalls(client: GatewayClient, args: Args): Promise<Json> {
+  // A unary and a streamed call, each with its own timeoutMs (--timeout-ms).
+  const request = { model: args.model, messages: messages("Say hi") };
+  const options = { timeoutMs: args.timeoutMs };
+  return {
+    complete: await outcomeOf(() => client.complete(request, options)),
+    stream: await outcomeOf(async () => {
+      let events = 0;
+      for await (const event of client.completeStream(request, options)) {
+        events += event.kind === "final" ? 1 : 0;
+      }
+      return events;
+    }),
+  };
+}
+
 async function shown(client: GatewayClient, args: Args): Promise<Json> {
   // A keyed client as a log line or an error reporter would show it, after a call.
   const answer = await complete(client, args);
@@ -446,6 +480,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "aborted-before-complete": abortedBeforeComplete,
   "late-stream": lateStream,
   "without-timeout": withoutTimeout,
+  "timed-calls": timedCalls,
   shown,
   "shown-stream": shownStream,
 };

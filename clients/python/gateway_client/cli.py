@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from gateway_client.client import MAX_TIMEOUT_S
 from gateway_client.commands import batch, check, complete, models, serve, summarize, usage
 from service import early_signals
 
@@ -36,11 +37,6 @@ def int_in(bounds: tuple[int, int]) -> Callable[[str], int]:
         return number
 
     return parse
-
-
-# Past this a deadline's nanoseconds overflow gRPC's clock (about 9.2e9 s): the call
-# would fail at once with DEADLINE_EXCEEDED, as a 0 or negative one does.
-MAX_TIMEOUT_S = 1_000_000.0
 
 
 def timeout_seconds(value: str) -> float:

@@ -9,6 +9,7 @@ import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import unquote
 
 import grpc
 
@@ -42,6 +43,10 @@ MAX_ANSWER_BYTES = 32 * 1024 * 1024
 # default: a longer prompt (a 100k-token document) would get the first pushback as its
 # answer. The gateway takes requests of up to 4 MiB (server.max_receive_message_bytes).
 MAX_RETRIED_REQUEST_BYTES = 16 * 1024 * 1024
+# The longest deadline a call takes (11.5 days). Past about 7e9 s a deadline's nanoseconds
+# overflow gRPC's clock, and the call fails at once with DEADLINE_EXCEEDED, as though the
+# gateway were slow; `None` is the way to ask for no deadline.
+MAX_TIMEOUT_S = 1_000_000.0
 
 
 def _service_config() -> str:
@@ -304,15 +309,34 @@ def check_address(address: str) -> None:
     """
     if not address:
         raise ValueError("the gateway's address is empty: give HOST:PORT")
-    target = address.removeprefix("dns:")
-    if target != address and target.startswith("//"):
-        target = target[2:].partition("/")[2]  # past the DNS server to ask, if any
+    target = address
+    if target[:4].lower() == "dns:":  # a URI scheme is read in any case
+        target = target[4:]
+        if target.startswith("//"):
+            target = target[2:].partition("/")[2]  # past the DNS server to ask, if any
+    # gRPC reads the target as a URI: it decodes escapes (`%3A`), leaves out a query or
+    # fragment (`?x`, `#x`), and takes a port with trailing blanks (`:115587 `).
+    target = unquote(target.partition("?")[0].partition("#")[0]).rstrip()
     host, sep, port = target.rpartition(":")
     # A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
     names_port = bool(sep and host) and "/" not in target
     names_port = names_port and (host.startswith("[") or ":" not in host)
     if names_port and port.isascii() and port.isdigit() and int(port) > 65535:
         raise ValueError(f"{address!r}: the port must be 0..65535")
+
+
+def check_timeout(timeout_s: float | None) -> float | None:
+    """`timeout_s`, a call's deadline in seconds (None: none), when gRPC can keep it.
+
+    Raises:
+        ValueError: nan, or past `MAX_TIMEOUT_S` (infinity included).
+    """
+    if timeout_s is not None and not timeout_s <= MAX_TIMEOUT_S:  # nan fails it too
+        raise ValueError(
+            f"timeout_s must be at most {MAX_TIMEOUT_S:g} seconds, or None for no deadline; "
+            f"got {timeout_s}"
+        )
+    return timeout_s
 
 
 class GatewayClient:
@@ -333,6 +357,9 @@ class GatewayClient:
             ("grpc.per_rpc_retry_buffer_size", MAX_RETRIED_REQUEST_BYTES),
         ]
         check_address(address)
+        # Checked before the channel is made, which a refused option would leave open.
+        self._metadata = authorization_metadata(api_key)
+        self._timeout_s = check_timeout(timeout_s)
         if is_loopback_address(address):
             # gRPC reads `http_proxy`/`https_proxy` itself, and would send the calls to a
             # gateway on this machine through a proxy that cannot reach its loopback.
@@ -342,11 +369,9 @@ class GatewayClient:
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = pb_grpc.CompletionServiceStub(self._channel)
-        self._metadata = authorization_metadata(api_key)
-        self._timeout_s = timeout_s
 
     def _deadline(self, timeout_s: Timeout) -> float | None:
-        return self._timeout_s if timeout_s is CLIENT_TIMEOUT else timeout_s
+        return self._timeout_s if timeout_s is CLIENT_TIMEOUT else check_timeout(timeout_s)
 
     async def __aenter__(self) -> GatewayClient:
         return self
