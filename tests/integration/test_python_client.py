@@ -690,11 +690,14 @@ async def test_a_long_retry_delay_is_described_in_plain_seconds(
     """A budget spent until midnight UTC, hours away, is described (as `llm-gateway
     complete` prints it) with the `RetryInfo` delay to the millisecond, in plain seconds.
     Before, `.3g` printed three digits in scientific notation: `retry after 5.46e+03s`."""
-    budgets = {"*": {"usd": 0.000001, "period": "day"}}
+    budgets = {"*": {"usd": 0.000003, "period": "day"}}
     gateway = await start_gateway(gateway_config(upstream.base_url, budgets=budgets))
     async with GatewayClient(gateway.server.address) as client:
+        # The first call fits; what it spent leaves too little for a second, until the
+        # period resets (a call over the whole budget would be told it can never fit).
+        await client.complete("Say hi", model=FAKE_MODEL)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await client.complete("Say hi " * 20, model=FAKE_MODEL)
+            await client.complete("Say hi", model=FAKE_MODEL)
     details = error_details(refused.value)
     assert details.reason == "QUOTA_EXCEEDED"
     assert details.retry_after_s is not None
@@ -702,7 +705,7 @@ async def test_a_long_retry_delay_is_described_in_plain_seconds(
     assert "e+" not in line
     seconds = float(line.removeprefix("  retry after ").removesuffix("s"))
     assert seconds == pytest.approx(details.retry_after_s, abs=0.001)
-    assert upstream.requests == []
+    assert len(upstream.requests) == 1
 
 
 def stdin_of(data: bytes, errors: str) -> io.TextIOWrapper:
