@@ -399,9 +399,13 @@ def parse_completion(
     what its headers said and `waited_s` how long it took to come."""
     data = _loads(raw)
     choices = data.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices else None
-    if not isinstance(choice, dict):
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise MalformedReply("no choices")
+    choice = choices[0]
+    if choice.get("index"):
+        # Another completion's (`n` is never sent), listed first: the answer is the one at
+        # index 0, as a stream's events are read, so that both relay the same answer.
+        choice = next((c for c in choices if isinstance(c, dict) and not c.get("index")), choice)
     message = choice.get("message")
     if not isinstance(message, dict):
         message = {}

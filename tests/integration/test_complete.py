@@ -210,6 +210,23 @@ async def test_a_usage_object_without_counts_is_estimated_not_free(start_gateway
     assert metadata.cost_usd > 0
 
 
+async def test_a_unary_answer_is_the_choice_at_index_0_as_a_streams_is(start_gateway):
+    """A second completion the gateway never asked for, listed before the answer, is not
+    relayed as the answer: unary calls and streams relay the same choice, index 0."""
+    other = {"index": 1, "message": {"role": "assistant", "content": "other"}}
+    completion = plain_completion({"prompt_tokens": 3, "completion_tokens": 1})
+    completion["choices"] = [{**other, "finish_reason": "length"}, *completion["choices"]]
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(completion)
+
+    async with serving(answer) as base_url:
+        gw = await start_gateway(gateway_config(base_url))
+        response = await gw.stub.Complete(chat(), timeout=10)
+    assert response.content == "plain"
+    assert response.metadata.finish_reason == pb.FINISH_REASON_STOP
+
+
 async def test_stream_without_upstream_usage_is_estimated_and_flagged(stub, upstream):
     """When the upstream streams no usage the gateway estimates it and says so."""
     upstream.script(Reply(content="some words here", include_usage=False))
