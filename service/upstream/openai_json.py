@@ -236,8 +236,11 @@ def usage(data: object) -> Usage | None:
     prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
     if prompt is None and completion is None:
         return None  # `{}`: no counts at all, so estimated (and flagged), not free
+    total = data.get("total_tokens")
     if prompt is None or completion is None:
-        prompt, completion = _with_total(prompt, completion, data.get("total_tokens"))
+        prompt, completion = _with_total(prompt, completion, total)
+    elif _is_zero(prompt) != _is_zero(completion):
+        prompt, completion = _zero_from_total(prompt, completion, total)
     # A count still left out is 0 here and flagged: `Pipeline` estimates it, as it
     # estimates a call with no usage. Billing it as 0 would make the answer free.
     is_partial = prompt is None or completion is None
@@ -302,6 +305,22 @@ def _with_total(prompt: object, completion: object, total: object) -> tuple[obje
     if total is None or part >= whole:
         return prompt, completion
     return (whole - part, completion) if prompt is None else (prompt, whole - part)
+
+
+def _is_zero(count: object) -> bool:
+    """Whether a reported count is 0 (`false` is no count)."""
+    return count == 0 and not isinstance(count, bool)
+
+
+def _zero_from_total(prompt: object, completion: object, total: object) -> tuple[object, object]:
+    """One count 0 beside the other: as good as none (`Pipeline` estimates it), so the
+    total gives it as it gives one left out (`_with_total`); else the counts as they came.
+    Without this, a provider sending `prompt_tokens: 0` and its total was billed the
+    gateway's estimate, where one leaving the key out was billed its own count."""
+    given = _with_total(
+        None if _is_zero(prompt) else prompt, None if _is_zero(completion) else completion, total
+    )
+    return (prompt if given[0] is None else given[0], completion if given[1] is None else given[1])
 
 
 def _count(value: object) -> int:

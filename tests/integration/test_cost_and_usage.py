@@ -165,6 +165,28 @@ async def test_total_tokens_gives_the_count_left_out(priced, upstream, stream):
 @pytest.mark.parametrize(
     "counts",
     [
+        {"prompt_tokens": 0, "completion_tokens": 567, "total_tokens": 1801},
+        {"prompt_tokens": 1234, "completion_tokens": 0, "total_tokens": 1801},
+    ],
+    ids=["input-0", "output-0"],
+)
+async def test_total_tokens_gives_a_count_of_0_no_call_can_have(priced, upstream, stream, counts):
+    """A 0 beside the other count is as good as none, so `total_tokens` gives it as it
+    gives one left out: the provider's own count, reported, in the response and the
+    ledger. Before, the gateway's estimate (9 input tokens for 1,234) was billed instead,
+    flagged, while the same provider leaving the key out was billed its count."""
+    upstream.script(Reply(content="one two three four", raw_usages=(counts,)))
+    metadata = await answered(priced, stream)
+    assert (metadata.usage.input_tokens, metadata.usage.output_tokens) == (1234, 567)
+    assert not metadata.usage.estimated
+    total = (await priced.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.usage.input_tokens, total.usage.output_tokens) == (1234, 567)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize(
+    "counts",
+    [
         {"prompt_tokens": 1234, "total_tokens": 1234},
         {"completion_tokens": 567, "total_tokens": 567},
     ],
