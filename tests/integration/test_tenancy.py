@@ -75,6 +75,32 @@ async def test_missing_key_is_unauthenticated_before_any_upstream_call(upstream,
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize(
+    "value",
+    [CALLER_KEY_A, f"Token {CALLER_KEY_A}", f" Bearer {CALLER_KEY_A}", f"Bearer:{CALLER_KEY_A}"],
+    ids=["no-scheme", "another-scheme", "leading-space", "no-space"],
+)
+async def test_a_key_not_sent_as_bearer_is_told_apart_from_a_missing_one(
+    upstream, start_gateway, value
+):
+    """`authorization` metadata not of the form `Bearer <key>` is UNAUTHENTICATED with
+    ErrorInfo, saying it was sent but not as `Bearer <key>` (before, "missing caller
+    key") and how to send it, without repeating any of it; with no metadata at all, the
+    key is still called missing."""
+    gw = await start_gateway(secure_config(upstream.base_url))
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=(("authorization", value),)))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert detail(error, error_details_pb2.ErrorInfo).reason == "UNAUTHENTICATED"
+    details = error.details() or ""
+    assert "metadata was sent, but not as 'Bearer <key>'" in details
+    assert details.endswith("send metadata 'authorization: Bearer <key>'")
+    assert "missing" not in details
+    assert CALLER_KEY_A.removeprefix("llmgw_")[:8] not in details
+    missing = await rpc_error(gw.stub.Complete(chat()))
+    assert missing.details() == "missing caller key: send metadata 'authorization: Bearer <key>'"
+    assert upstream.requests == []
+
+
 async def test_callers_without_a_valid_key_take_no_server_slot(upstream, start_gateway):
     """With the server's only slot taken and one place to wait, calls without a key or
     with a wrong one are refused at once, and never hold that place: a valid caller
