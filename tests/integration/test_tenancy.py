@@ -260,6 +260,36 @@ async def test_model_outside_the_tenants_list_is_permission_denied(upstream, sta
     assert [m.name for m in seen_a.models] == ["fake-model"]
 
 
+async def test_list_models_shows_the_calls_in_flight_only_to_those_who_may_see_every_tenant(
+    upstream, start_gateway
+):
+    """An upstream's `in_flight` counts every tenant's calls, so ListModels shows it to an
+    admin tenant, and with auth off, and as 0 to other tenants, who would otherwise watch
+    each other's load; its health is shown to all."""
+    tenants = {"team-a": {}, "team-b": {"is_admin": True}}
+    gw = await start_gateway(secure_config(upstream.base_url, tenants=tenants))
+    call = await _call_in_progress(gw, upstream, "team-b")
+    seen = {}
+    for tenant in ("team-a", "team-b"):
+        listed = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=as_tenant(tenant))
+        seen[tenant] = [(u.health, u.in_flight) for m in listed.models for u in m.upstreams]
+    assert seen == {
+        "team-a": [(pb.UPSTREAM_HEALTH_HEALTHY, 0)],
+        "team-b": [(pb.UPSTREAM_HEALTH_HEALTHY, 1)],
+    }
+    assert (await call).content
+    open_gateway = await start_gateway(gateway_config(upstream.base_url))
+    upstream.script(Reply(delay_s=1.0))
+    call = asyncio.ensure_future(open_gateway.stub.Complete(chat()))
+    for _ in range(1000):  # up to 10 s for the call to reach the upstream
+        if len(upstream.requests) == 2:
+            break
+        await asyncio.sleep(0.01)
+    listed = await open_gateway.stub.ListModels(pb.ListModelsRequest())
+    assert [u.in_flight for m in listed.models for u in m.upstreams] == [1]
+    assert (await call).content
+
+
 async def test_tenants_without_an_entry_each_get_the_any_tenant_limits_on_their_own(
     upstream, start_gateway
 ):
