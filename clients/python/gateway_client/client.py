@@ -339,6 +339,23 @@ def check_timeout(timeout_s: float | None) -> float | None:
     return timeout_s
 
 
+def aware(when: datetime.datetime, *, name: str) -> datetime.datetime:
+    """`when`, which says its time zone.
+
+    A naive datetime is refused rather than guessed at: protobuf reads it as UTC,
+    `datetime.timestamp()` as local time, and either guess shifts a window by the
+    machine's UTC offset without a word.
+
+    Raises:
+        ValueError: `when` is naive; the message names the fix.
+    """
+    if when.utcoffset() is None:
+        raise ValueError(
+            f"{name} has no time zone: give an aware datetime, such as datetime.now(timezone.utc)"
+        )
+    return when
+
+
 class GatewayClient:
     """Calls one gateway; `async with GatewayClient("127.0.0.1:50051") as client:`."""
 
@@ -486,12 +503,17 @@ class GatewayClient:
         until: datetime.datetime | None = None,
         timeout_s: Timeout = CLIENT_TIMEOUT,
     ) -> pb.GetUsageResponse:
-        """Requests, tokens and cost recorded by the gateway, filtered."""
+        """Requests, tokens and cost recorded by the gateway, filtered; `since` and `until`
+        are aware datetimes (`datetime.now(timezone.utc)`, any zone).
+
+        Raises:
+            ValueError: `since` or `until` is naive, before any call.
+        """
         request = pb.GetUsageRequest(tenant=tenant, model=model, labels=dict(labels or {}))
         if since is not None:
-            request.start_time.FromDatetime(since)
+            request.start_time.FromDatetime(aware(since, name="since"))
         if until is not None:
-            request.end_time.FromDatetime(until)
+            request.end_time.FromDatetime(aware(until, name="until"))
         response: pb.GetUsageResponse = await self.stub.GetUsage(
             request, timeout=self._deadline(timeout_s), metadata=self._metadata
         )
