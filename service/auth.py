@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,6 +67,17 @@ def bearer_key(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
             key = value[len(_BEARER) :].strip()
             return key or None
     return None
+
+
+_SEND_BEARER = "send metadata 'authorization: Bearer <key>'"
+
+
+def _no_key_problem(metadata: Iterable[tuple[str, str | bytes]]) -> str:
+    """Why no key was read: none sent, or one sent in a form the gateway does not take
+    (never repeating any of it, which may be the key itself)."""
+    if any(name.lower() == "authorization" for name, _ in metadata):
+        return f"the 'authorization' metadata was sent, but not as 'Bearer <key>': {_SEND_BEARER}"
+    return f"missing caller key: {_SEND_BEARER}"
 
 
 def parse_keys_file(text: str, *, source: str) -> tuple[CallerKey, ...]:
@@ -349,14 +360,15 @@ class Authenticator:
 
     async def authenticate(
         self,
-        metadata: Iterable[tuple[str, str | bytes]],
+        metadata: Sequence[tuple[str, str | bytes]],
         *,
         cert_common_name: str | None = None,
     ) -> Principal:
         """The caller's principal.
 
         Raises:
-            Unauthenticated: keys are required and none, or an unknown one, was sent.
+            Unauthenticated: keys are required and none was sent, or one not as
+                `Bearer <key>`, or an unknown one.
         """
         if self._tenant_from_cert and cert_common_name:
             if not is_tenant_name(cert_common_name):
@@ -365,9 +377,7 @@ class Authenticator:
         key = bearer_key(metadata)
         if key is None:
             if self._is_required:
-                raise Unauthenticated(
-                    "missing caller key: send metadata 'authorization: Bearer <key>'"
-                )
+                raise Unauthenticated(_no_key_problem(metadata))
             return self.principal(DEFAULT_TENANT, is_authenticated=False)
         if len(key) > _MAX_KEY_LENGTH:
             # No key is this long: unknown, without hashing or looking it up. With keys

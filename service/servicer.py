@@ -438,10 +438,14 @@ def stream_delta_to_proto(
     return message
 
 
-def upstream_status_to_proto(pipeline: Pipeline, upstream: str) -> pb.UpstreamStatus:
-    """An upstream's circuit-breaker health and calls in flight."""
+def upstream_status_to_proto(
+    pipeline: Pipeline, upstream: str, *, shows_load: bool
+) -> pb.UpstreamStatus:
+    """An upstream's circuit-breaker health and, if `shows_load`, its calls in flight."""
     state, in_flight = pipeline.pool.health(upstream)
-    return pb.UpstreamStatus(name=upstream, health=_HEALTH[state], in_flight=in_flight)
+    return pb.UpstreamStatus(
+        name=upstream, health=_HEALTH[state], in_flight=in_flight if shows_load else 0
+    )
 
 
 def deadline_of(context: grpc.aio.ServicerContext[object, object]) -> Deadline:
@@ -690,6 +694,10 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         models = []
         prices = self._pipeline.prices
         caller = current_principal()
+        # Calls in flight are every tenant's together: a tenant that may not read the
+        # others' usage must not watch their load either. Health is everyone's to see,
+        # since callers choose by it.
+        shows_load = caller_may_read_all_usage()
         for name, routes in sorted(self._pipeline.pool.models.items()):
             if caller is not None and not caller.limits.allows_model(name):
                 continue  # a tenant sees only the models it may use
@@ -708,7 +716,10 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                     context_window=self._pipeline.context_window(name),
                     pricing=pricing,
                     upstreams=[
-                        upstream_status_to_proto(self._pipeline, r.client.name) for r in routes
+                        upstream_status_to_proto(
+                            self._pipeline, r.client.name, shows_load=shows_load
+                        )
+                        for r in routes
                     ],
                 )
             )

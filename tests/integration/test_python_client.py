@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import io
 import os
 import shutil
@@ -298,6 +299,24 @@ async def test_a_timeout_grpc_cannot_keep_is_refused_before_any_call(
         answer = await client.complete("Say hi", model=FAKE_MODEL, timeout_s=MAX_TIMEOUT_S)
     assert answer.content == "Hello from fake"
     assert len(upstream.requests) == 1
+
+
+async def test_usage_reads_aware_times_in_any_zone_and_refuses_naive_ones(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`usage(since=..., until=...)` takes an aware datetime in any zone as the moment it
+    names; a naive one (`datetime.now()`), which protobuf read as UTC and so shifted the
+    window by the machine's UTC offset, is a ValueError naming the fix."""
+    east = datetime.timezone(datetime.timedelta(hours=5))
+    async with GatewayClient(gateway.server.address, timeout_s=10) as client:
+        await client.complete("Say hi", model=FAKE_MODEL)
+        an_hour_ago = datetime.datetime.now(east) - datetime.timedelta(hours=1)
+        window = {"since": an_hour_ago, "until": an_hour_ago + datetime.timedelta(hours=2)}
+        assert (await client.usage(**window)).total.requests == 1
+        for bound in ("since", "until"):
+            naive = {**window, bound: window[bound].replace(tzinfo=None)}
+            with pytest.raises(ValueError, match=rf"^{bound} has no time zone: .*timezone\.utc"):
+                await client.usage(**naive)
 
 
 def test_a_turn_with_an_unknown_role_names_the_roles() -> None:

@@ -75,6 +75,32 @@ async def test_missing_key_is_unauthenticated_before_any_upstream_call(upstream,
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize(
+    "value",
+    [CALLER_KEY_A, f"Token {CALLER_KEY_A}", f" Bearer {CALLER_KEY_A}", f"Bearer:{CALLER_KEY_A}"],
+    ids=["no-scheme", "another-scheme", "leading-space", "no-space"],
+)
+async def test_a_key_not_sent_as_bearer_is_told_apart_from_a_missing_one(
+    upstream, start_gateway, value
+):
+    """`authorization` metadata not of the form `Bearer <key>` is UNAUTHENTICATED with
+    ErrorInfo, saying it was sent but not as `Bearer <key>` (before, "missing caller
+    key") and how to send it, without repeating any of it; with no metadata at all, the
+    key is still called missing."""
+    gw = await start_gateway(secure_config(upstream.base_url))
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=(("authorization", value),)))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert detail(error, error_details_pb2.ErrorInfo).reason == "UNAUTHENTICATED"
+    details = error.details() or ""
+    assert "metadata was sent, but not as 'Bearer <key>'" in details
+    assert details.endswith("send metadata 'authorization: Bearer <key>'")
+    assert "missing" not in details
+    assert CALLER_KEY_A.removeprefix("llmgw_")[:8] not in details
+    missing = await rpc_error(gw.stub.Complete(chat()))
+    assert missing.details() == "missing caller key: send metadata 'authorization: Bearer <key>'"
+    assert upstream.requests == []
+
+
 async def test_callers_without_a_valid_key_take_no_server_slot(upstream, start_gateway):
     """With the server's only slot taken and one place to wait, calls without a key or
     with a wrong one are refused at once, and never hold that place: a valid caller
@@ -232,6 +258,36 @@ async def test_model_outside_the_tenants_list_is_permission_denied(upstream, sta
     seen_a = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=as_tenant("team-a"))
     assert [m.name for m in seen_b.models] == []
     assert [m.name for m in seen_a.models] == ["fake-model"]
+
+
+async def test_list_models_shows_the_calls_in_flight_only_to_those_who_may_see_every_tenant(
+    upstream, start_gateway
+):
+    """An upstream's `in_flight` counts every tenant's calls, so ListModels shows it to an
+    admin tenant, and with auth off, and as 0 to other tenants, who would otherwise watch
+    each other's load; its health is shown to all."""
+    tenants = {"team-a": {}, "team-b": {"is_admin": True}}
+    gw = await start_gateway(secure_config(upstream.base_url, tenants=tenants))
+    call = await _call_in_progress(gw, upstream, "team-b")
+    seen = {}
+    for tenant in ("team-a", "team-b"):
+        listed = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=as_tenant(tenant))
+        seen[tenant] = [(u.health, u.in_flight) for m in listed.models for u in m.upstreams]
+    assert seen == {
+        "team-a": [(pb.UPSTREAM_HEALTH_HEALTHY, 0)],
+        "team-b": [(pb.UPSTREAM_HEALTH_HEALTHY, 1)],
+    }
+    assert (await call).content
+    open_gateway = await start_gateway(gateway_config(upstream.base_url))
+    upstream.script(Reply(delay_s=1.0))
+    call = asyncio.ensure_future(open_gateway.stub.Complete(chat()))
+    for _ in range(1000):  # up to 10 s for the call to reach the upstream
+        if len(upstream.requests) == 2:
+            break
+        await asyncio.sleep(0.01)
+    listed = await open_gateway.stub.ListModels(pb.ListModelsRequest())
+    assert [u.in_flight for m in listed.models for u in m.upstreams] == [1]
+    assert (await call).content
 
 
 async def test_tenants_without_an_entry_each_get_the_any_tenant_limits_on_their_own(

@@ -19,6 +19,7 @@ import yaml
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway_client import GatewayClient, tls_credentials
 from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -300,6 +301,52 @@ async def test_the_cli_calls_a_mtls_gateway_with_its_certificate(upstream, tls_s
     assert caught.value.code == 2
     assert "go together" in capsys.readouterr().err
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        (lambda pki: pki.client_b[1], "the private key is not the client certificate's"),
+        (lambda pki: pki.client_a[0], "unencrypted PEM private key"),
+    ],
+    ids=["another-certificates-key", "a-certificate-as-key"],
+)
+async def test_a_client_key_that_is_not_the_certificates_is_refused_before_any_call(
+    upstream, tls_server, pki, capsys, wrong
+):
+    """`tls_credentials`, and with it the CLI, refuses a client certificate with a key
+    that is not its own when made (ValueError; exit 2), as the server refuses such a pair
+    at start; before, every call was retried for seconds and failed UNAVAILABLE
+    ("Failed to create security handshaker"). The certificate's own key is served."""
+    config = secure_config(
+        upstream.base_url,
+        server={"listen": "127.0.0.1:0", "tls": _mtls(pki, tenant_from_cert_subject=True)},
+    )
+    server = await tls_server(config)
+    cert, key = pki.client_a
+    wrong_key, problem = wrong
+    with pytest.raises(ValueError, match=problem):
+        tls_credentials(
+            root_certificates=pki.ca.read_bytes(),
+            certificate_chain=cert.read_bytes(),
+            private_key=wrong_key(pki).read_bytes(),
+        )
+    files = ["--ca-file", str(pki.ca), "--cert-file", str(cert)]
+    with pytest.raises(SystemExit) as caught:
+        await asyncio.to_thread(
+            cli_main,
+            ["models", "--address", server.address, *files, "--key-file", str(wrong_key(pki))],
+        )
+    assert caught.value.code == 2
+    assert problem in capsys.readouterr().err
+    credentials = tls_credentials(
+        root_certificates=pki.ca.read_bytes(),
+        certificate_chain=cert.read_bytes(),
+        private_key=key.read_bytes(),
+    )
+    async with GatewayClient(server.address, credentials=credentials) as client:
+        assert [m.name for m in (await client.list_models(timeout_s=_TIMEOUT_S)).models]
+    assert upstream.requests == []
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway_client.connection import add_connection_arguments, connection
+from tests.integration.pki import make_ca
 
 
 def parse(*argv: str, environ: dict[str, str] | None = None) -> argparse.Namespace:
@@ -61,12 +62,11 @@ def test_an_address_grpc_would_misread_is_a_usage_error(address: str, capsys) ->
 
 
 @pytest.mark.parametrize(
-    "argv", [("--tls",), ("--ca-file", "{pem}"), ("--cert-file", "{pem}", "--key-file", "{pem}")]
+    "argv", [("--tls",), ("--ca-file", "{pem}"), ("--cert-file", "{pem}", "--key-file", "{key}")]
 )
 def test_any_tls_option_makes_the_channel_secure(tmp_path: Path, argv: tuple[str, ...]) -> None:
-    pem = tmp_path / "x.pem"
-    pem.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
-    args = parse(*(a.format(pem=pem) for a in argv))
+    pem, key = make_ca(tmp_path, "client")  # a certificate and its own key
+    args = parse(*(a.format(pem=pem, key=key) for a in argv))
     assert connection(args)["credentials"] is not None
 
 

@@ -9,7 +9,14 @@ async with GatewayClient("127.0.0.1:50051") as client:
     print(stream.final.usage.output_tokens)
 """
 
-from gateway_client.client import CompletionStream, GatewayClient, build_request
+from gateway_client.client import CompletionStream, GatewayClient, build_request, tls_credentials
 from gateway_client.errors import ErrorDetails, error_details
 
-__all__ = ["CompletionStream", "ErrorDetails", "GatewayClient", "build_request", "error_details"]
+__all__ = [
+    "CompletionStream",
+    "ErrorDetails",
+    "GatewayClient",
+    "build_request",
+    "error_details",
+    "tls_credentials",
+]

@@ -6,6 +6,8 @@ import asyncio
 import datetime
 import enum
 import json
+import ssl
+import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -339,6 +341,79 @@ def check_timeout(timeout_s: float | None) -> float | None:
     return timeout_s
 
 
+def tls_credentials(
+    *,
+    root_certificates: bytes | None = None,
+    certificate_chain: bytes | None = None,
+    private_key: bytes | None = None,
+) -> grpc.ChannelCredentials:
+    """`grpc.ssl_channel_credentials` (PEM bytes; no root certificates: gRPC's own), with
+    a client certificate and key checked to be a pair before any call.
+
+    gRPC checks the pair only when it connects, and then fails every call `UNAVAILABLE`
+    ("Failed to create security handshaker") once its retries are spent.
+
+    Raises:
+        ValueError: a certificate without its key (or a key without its certificate), or
+            a key that is not the certificate's, or either of them not PEM gRPC can use
+            (an encrypted key).
+    """
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("a client certificate and its private key go together")
+    if certificate_chain is not None and private_key is not None:
+        check_key_pair(certificate_chain, private_key)
+    return grpc.ssl_channel_credentials(
+        root_certificates=root_certificates,
+        private_key=private_key,
+        certificate_chain=certificate_chain,
+    )
+
+
+def check_key_pair(certificate_chain: bytes, private_key: bytes) -> None:
+    """Refuse a client certificate and key that are not a pair, as OpenSSL judges them.
+
+    Raises:
+        ValueError: saying which, never repeating the key.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # judge the pair, not the key sizes gRPC takes
+    # `load_cert_chain` reads files only: the PEM goes into a directory only this user
+    # may enter (mode 0700), removed as soon as it is read.
+    with tempfile.TemporaryDirectory(prefix="gateway-client-") as directory:
+        cert_file, key_file = Path(directory, "cert.pem"), Path(directory, "key.pem")
+        cert_file.write_bytes(certificate_chain)
+        key_file.write_bytes(private_key)
+        try:
+            # A password callback, so that an encrypted key fails here rather than prompting.
+            context.load_cert_chain(cert_file, key_file, password=lambda: b"")
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise ValueError(
+                    "the private key is not the client certificate's (the key of another one?)"
+                ) from None
+            raise ValueError(
+                "the client certificate and key must be a PEM certificate and its "
+                "unencrypted PEM private key"
+            ) from None
+
+
+def aware(when: datetime.datetime, *, name: str) -> datetime.datetime:
+    """`when`, which says its time zone.
+
+    A naive datetime is refused rather than guessed at: protobuf reads it as UTC,
+    `datetime.timestamp()` as local time, and either guess shifts a window by the
+    machine's UTC offset without a word.
+
+    Raises:
+        ValueError: `when` is naive; the message names the fix.
+    """
+    if when.utcoffset() is None:
+        raise ValueError(
+            f"{name} has no time zone: give an aware datetime, such as datetime.now(timezone.utc)"
+        )
+    return when
+
+
 class GatewayClient:
     """Calls one gateway; `async with GatewayClient("127.0.0.1:50051") as client:`."""
 
@@ -486,12 +561,17 @@ class GatewayClient:
         until: datetime.datetime | None = None,
         timeout_s: Timeout = CLIENT_TIMEOUT,
     ) -> pb.GetUsageResponse:
-        """Requests, tokens and cost recorded by the gateway, filtered."""
+        """Requests, tokens and cost recorded by the gateway, filtered; `since` and `until`
+        are aware datetimes (`datetime.now(timezone.utc)`, any zone).
+
+        Raises:
+            ValueError: `since` or `until` is naive, before any call.
+        """
         request = pb.GetUsageRequest(tenant=tenant, model=model, labels=dict(labels or {}))
         if since is not None:
-            request.start_time.FromDatetime(since)
+            request.start_time.FromDatetime(aware(since, name="since"))
         if until is not None:
-            request.end_time.FromDatetime(until)
+            request.end_time.FromDatetime(aware(until, name="until"))
         response: pb.GetUsageResponse = await self.stub.GetUsage(
             request, timeout=self._deadline(timeout_s), metadata=self._metadata
         )

@@ -10,9 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from gateway_client.client import authorization_metadata, check_address
+from gateway_client.client import authorization_metadata, check_address, tls_credentials
 
 
 def text_argument(value: str) -> str:
@@ -124,13 +122,15 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
         print("llm-gateway: --cert-file and --key-file go together", file=sys.stderr)
         raise SystemExit(2)
     is_tls = args.tls or args.ca_file is not None or args.cert_file is not None
-    credentials = (
-        grpc.ssl_channel_credentials(
+    if not is_tls:
+        return {"api_key": args.api_key, "credentials": None}
+    try:
+        credentials = tls_credentials(
             root_certificates=args.ca_file or system_ca_certificates(),
             private_key=args.key_file,
             certificate_chain=args.cert_file,
         )
-        if is_tls
-        else None
-    )
+    except ValueError as exc:  # a key of another certificate: a bad option, as above
+        print(f"llm-gateway: --cert-file and --key-file: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     return {"api_key": args.api_key, "credentials": credentials}

@@ -1266,6 +1266,9 @@ class UpstreamStatus(_message.Message):
     name: _builtins.str
     health: Global___UpstreamHealth.ValueType
     in_flight: _builtins.int
+    """Calls in flight on the upstream, every tenant's together: shown only to an
+    admin tenant, or with auth off; 0 for any other caller.
+    """
     def __init__(
         self,
         *,

@@ -795,6 +795,10 @@ export interface Pricing {
 export interface UpstreamStatus {
   name: string;
   health: UpstreamHealth;
+  /**
+   * Calls in flight on the upstream, every tenant's together: shown only to an
+   * admin tenant, or with auth off; 0 for any other caller.
+   */
   inFlight: number;
 }
 
