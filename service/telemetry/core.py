@@ -108,17 +108,25 @@ class AttemptSpan:
                 scope.waited(elapsed if self.waited_s is None else self.waited_s)
             if telemetry.records_metrics:
                 telemetry.instruments.operation_duration.record(elapsed, self.metric_attributes)
+                self._record_first_chunk()
             span.end()
+
+    def _record_first_chunk(self) -> None:
+        """Time to first chunk, recorded as the attempt ends: only then do its attributes
+        hold `gen_ai.response.model`, which the stream says at its end. (`error.type` is
+        the duration's.)"""
+        if self.first_chunk_s is None:
+            return
+        attributes = self.metric_attributes
+        if attr.ERROR_TYPE in attributes:
+            attributes = {k: v for k, v in attributes.items() if k != attr.ERROR_TYPE}
+        self.telemetry.instruments.time_to_first_chunk.record(self.first_chunk_s, attributes)
 
     def chunk(self, text: str, tool_calls: Sequence[ToolCallDelta] = ()) -> None:
         """A streamed chunk arrived; the first one marks time to first token."""
         if self.first_chunk_s is None:
             self.first_chunk_s = time.perf_counter() - self.started
             self.span.set_attribute(attr.TIME_TO_FIRST_TOKEN_MS, self.first_chunk_s * 1000.0)
-            if self.telemetry.records_metrics:
-                self.telemetry.instruments.time_to_first_chunk.record(
-                    self.first_chunk_s, self.metric_attributes
-                )
         if self._parts is not None:
             self._parts.append(text)
         if self._tool_call_pieces is not None:

@@ -562,6 +562,21 @@ async def test_genai_metrics_name_the_upstreams_port(traced, captured, upstream)
             assert point.attributes["server.port"] == port, name
 
 
+async def test_time_to_first_chunk_names_the_response_model(traced, captured, upstream):
+    """`gen_ai.client.operation.time_to_first_chunk` carries `gen_ai.response.model`, as
+    the README lists it for the GenAI metrics and the duration beside it has it.
+
+    Before, it was recorded at the first chunk, before the stream said its model: no
+    series of it had the attribute, so it could not be grouped by the model that answered.
+    """
+    upstream.script(Reply(model="fake-model-0613"))
+    _ = [e async for e in traced.stub.CompleteStream(chat_stream())]
+    [first_chunk] = captured.points("gen_ai.client.operation.time_to_first_chunk")
+    [duration] = captured.points("gen_ai.client.operation.duration")
+    assert first_chunk.attributes["gen_ai.response.model"] == "fake-model-0613"
+    assert dict(first_chunk.attributes) == dict(duration.attributes)
+
+
 async def test_every_response_carries_the_overhead_trailer(gateway, upstream):
     """Unary, stream and failed calls all end with llm-gateway-overhead-ms, within the total."""
     call = gateway.stub.Complete(chat())
