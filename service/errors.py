@@ -12,6 +12,7 @@
     └── UpstreamError             UNAVAILABLE       (ErrorInfo naming upstream, RetryInfo, pushback)
         ├── UpstreamRateLimited   RESOURCE_EXHAUSTED (RetryInfo from Retry-After)
         ├── UpstreamUnavailable   5xx, reset, refused, malformed or cut stream
+        │   └── UpstreamNotOpenAI a 200 that is no OpenAI answer at all: a wrong base_url
         ├── UpstreamAuthRejected  401/402/403: the upstream's key or account, not the caller's
         ├── UpstreamRejected      INVALID_ARGUMENT: 400/404/422, the request itself
         ├── UpstreamTimeout       the upstream took longer than its timeout
@@ -305,6 +306,16 @@ class UpstreamUnavailable(UpstreamError):
     reason = "UPSTREAM_UNAVAILABLE"
 
 
+class UpstreamNotOpenAI(UpstreamUnavailable):
+    """A success status whose answer is no OpenAI answer at all (a login page, a captive
+    portal, a proxy's error page): some other server than the provider answered, which
+    bills nothing. `content_type` is the answer's media type ("" when it sent none)."""
+
+    def __init__(self, message: str, *, upstream: str, status: int, content_type: str) -> None:
+        super().__init__(message, upstream=upstream, status=status)
+        self.content_type = content_type
+
+
 class UpstreamAuthRejected(UpstreamError):
     """The upstream rejected the gateway's key (401/403) or account (402: out of credit);
     the caller did nothing wrong."""
@@ -454,6 +465,8 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
             metadata["attempts"] = str(exc.attempts)
         if exc.restarting:
             metadata["restarting"] = exc.restarting
+    if isinstance(exc, UpstreamNotOpenAI):
+        metadata["content_type"] = exc.content_type
     if isinstance(exc, ContextWindowExceeded):
         metadata["estimated_tokens"] = str(exc.estimated_tokens)
         metadata["limit_tokens"] = str(exc.limit_tokens)

@@ -32,6 +32,7 @@ from service.errors import (
     StreamInterrupted,
     UpstreamAuthRejected,
     UpstreamError,
+    UpstreamNotOpenAI,
     UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -176,10 +177,11 @@ class AttemptLog:
         reset): a provider sends that status for a call it took, and for a non-streamed
         answer only once it has generated all of it. An error status is not billed, even
         when its body times out, and a call refused or reset before any answer most likely
-        never ran.
+        never ran; nor is a success status whose answer is no OpenAI answer at all
+        (`UpstreamNotOpenAI`: some other server, a login page, took the call).
         """
         timed_out = self.is_sent and not self.is_refused and isinstance(exc, UpstreamTimeout)
-        if self.is_accepted or timed_out:
+        if (self.is_accepted and not isinstance(exc, UpstreamNotOpenAI)) or timed_out:
             lost = LostAttempt(upstream, self.metric_attributes, tuple(self.output))
             self.lost = (*self.lost, lost)
 
@@ -285,6 +287,11 @@ class _CallPlan:
             if name not in self.excluded and states[name].breaker.allows():
                 return route
         return None
+
+
+def _why_ruled_out(exc: UpstreamError) -> str:
+    """Why a failover-only error (`is_failover_only`) rules its upstream out of the call."""
+    return "not an OpenAI server" if isinstance(exc, UpstreamNotOpenAI) else "key rejected"
 
 
 def _waited_on_upstream(log_: AttemptLog, seconds: float) -> None:
@@ -789,7 +796,7 @@ class UpstreamPool:
                 self._after_failure(state, exc, is_callers_cut=is_callers_cut, probe=probe)
                 record(error=exc, is_callers_cut=is_callers_cut)
                 if is_failover_only(exc):
-                    plan.exclude(route, "key rejected")
+                    plan.exclude(route, _why_ruled_out(exc))
                 elif not is_retryable(exc) or deadline.has_expired:
                     raise self._final(exc, deadline, log.attempts) from None
                 progress.last_error, progress.last_route = exc, route
@@ -908,7 +915,7 @@ class UpstreamPool:
                     interrupted.__cause__ = exc
                     raise self._final(interrupted, deadline, log.attempts) from exc
                 if is_failover_only(exc):
-                    plan.exclude(route, "key rejected")
+                    plan.exclude(route, _why_ruled_out(exc))
                 elif not is_retryable(exc) or deadline.has_expired:
                     raise self._final(exc, deadline, log.attempts) from None
                 progress.last_error, progress.last_route = exc, route

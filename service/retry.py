@@ -15,6 +15,7 @@ from service.errors import (
     GatewayError,
     StreamInterrupted,
     UpstreamAuthRejected,
+    UpstreamNotOpenAI,
     UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -53,8 +54,10 @@ def is_retryable(error: BaseException) -> bool:
 
 
 def is_failover_only(error: BaseException) -> bool:
-    """Whether the error rules out this upstream but another one may still serve the call."""
-    return isinstance(error, UpstreamAuthRejected)
+    """Whether the error rules out this upstream but another one may still serve the call:
+    its key rejected, or an answer from some other server than an OpenAI one (a wrong
+    base_url's login page will not have changed by the next backoff)."""
+    return isinstance(error, UpstreamAuthRejected | UpstreamNotOpenAI)
 
 
 def counts_against_health(error: BaseException) -> bool:

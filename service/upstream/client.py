@@ -23,13 +23,15 @@ from service.errors import (
     UpstreamAuthRejected,
     UpstreamContextExceeded,
     UpstreamError,
+    UpstreamNotOpenAI,
     UpstreamRateLimited,
     UpstreamRefusedSilently,
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
+    clipped,
 )
-from service.upstream.headers import rate_limit_hints, retry_after_s
+from service.upstream.headers import media_type, rate_limit_hints, retry_after_s
 from service.upstream.http import (
     BodyTooLarge,
     ConnectFailed,
@@ -44,6 +46,7 @@ from service.upstream.openai_json import (
     ReportedError,
     StreamParser,
     error_status,
+    is_json_or_cut,
     parse_completion,
     says_content_flagged,
     says_context_exceeded,
@@ -74,6 +77,9 @@ _STREAM_END_GRACE_S = 0.25
 _MAX_REPLY_BYTES = 16 * 1024 * 1024
 # A proxy that keeps failing the same way is logged once in this long, not per connection.
 _PROXY_LOG_INTERVAL_S = 60.0
+# What an answer may come as, besides its own media type, and still be the provider's
+# when it parses so: some proxies send an answer, or a stream, as text/plain or untyped.
+_UNTYPED_MEDIA = frozenset({"", "text/plain"})
 # What an operator does about a 407 from the proxy: no retry or wait mends it.
 _PROXY_AUTH_FIX = (
     "the proxy refused the gateway's credentials: set user:password in the variable "
@@ -161,6 +167,42 @@ def _headers(config: UpstreamConfig, *, accept: str) -> dict[str, str]:
         else:
             headers["Authorization"] = f"Bearer {config.api_key}"
     return headers
+
+
+def _is_json_media(media: str) -> bool:
+    """Whether `media` is JSON: `application/json`, or a JSON-based type (`+json`)."""
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def _may_be_providers_answer(media: str, body: bytes) -> bool:
+    """Whether a whole success answer that is no chat completion may still be the
+    provider's (billed): JSON, or JSON cut short, sent as JSON or untyped; or an event
+    stream (a server that streams what was asked for whole)."""
+    if media == "text/event-stream":
+        return True
+    return (_is_json_media(media) or media in _UNTYPED_MEDIA) and is_json_or_cut(body)
+
+
+def _may_be_providers_stream(media: str, *, has_events: bool) -> bool:
+    """Whether a success answer read as an event stream, failed before its first output,
+    may still be the provider's (billed): sent as one, or untyped with an event in it."""
+    return media == "text/event-stream" or (media in _UNTYPED_MEDIA and has_events)
+
+
+def _not_openai(upstream: str, response: Response) -> UpstreamNotOpenAI:
+    """The error for a success answer that is no OpenAI answer at all, saying what came."""
+    media = clipped(media_type(response.headers))
+    what = f"Content-Type {media}" if media else "no Content-Type"
+    return UpstreamNotOpenAI(
+        f"upstream {upstream!r} answered HTTP {response.status} ({what}) with no OpenAI "
+        "chat completion: check its base_url (a login page, a captive portal or a proxy's "
+        "error page answers so)",
+        upstream=upstream,
+        status=response.status,
+        content_type=media,
+    )
 
 
 class _TranslatedErrors:
@@ -386,11 +428,13 @@ class UpstreamClient:
         status: the upstream refused the call, and bills nothing for it)."""
         try:
             return _reply(call, body, response.headers, waited_s=response.waited_s)
-        except MalformedReply:
+        except MalformedReply as exc:
             status = error_status(body)
-            if status is None:
-                raise
-            raise self._refusal(response, body, status, on_status) from None
+            if status is not None:
+                raise self._refusal(response, body, status, on_status) from None
+            if not _may_be_providers_answer(media_type(response.headers), body):
+                raise _not_openai(self.name, response) from exc
+            raise
 
     def _refusal(
         self,
@@ -558,13 +602,14 @@ class UpstreamClient:
                 response = await self._post(call, on_sent, on_status)
             headers_at = time.monotonic()
             parser = StreamParser()
+            media = media_type(response.headers)
+            has_events = has_output = False
             try:
                 if response.status >= 300:  # a redirect, a refusal or a failure
                     async with asyncio.timeout_at(deadline):
                         body = await response.read(max_bytes=_MAX_REPLY_BYTES)
                     raise _error_for_status(self.name, response.status, response.headers, body)
-                content_type = response.headers.get("content-type", "").lower()
-                if content_type.startswith("application/json"):
+                if _is_json_media(media):
                     # Some OpenAI-compatible servers ignore `stream: true` and answer with
                     # one completion: relay it as one chunk and the end.
                     async with asyncio.timeout_at(deadline):
@@ -584,7 +629,6 @@ class UpstreamClient:
                     )
                     return
                 decoder = SSEDecoder()
-                has_events = has_output = False
                 idle_s = self.config.stream_idle_timeout_s
                 loop = asyncio.get_running_loop()
                 # When the idle timeout ends the stream: set after each output is passed on,
@@ -642,6 +686,13 @@ class UpstreamClient:
                     ),
                     waited_s=response.waited_s,
                 )
+            except MalformedReply as exc:
+                # `_reply` judged a JSON answer, and output shows the stream the provider's.
+                if has_output or _is_json_media(media):
+                    raise
+                if not _may_be_providers_stream(media, has_events=has_events):
+                    raise _not_openai(self.name, response) from exc
+                raise
             finally:
                 if parser.is_done:
                     # Only the body's framing can be left: reuse the connection once it ends.

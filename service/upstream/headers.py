@@ -36,6 +36,12 @@ def retry_after_s(headers: Mapping[str, str], *, now_epoch_s: float) -> float | 
     return max(0.0, when.timestamp() - now_epoch_s)
 
 
+def media_type(headers: Mapping[str, str]) -> str:
+    """The answer's media type as `Content-Type` names it, without its parameters and in
+    lower case (media types are case-insensitive, RFC 9110 section 8.3.1); "" when none."""
+    return headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
 def _longest(headers: Mapping[str, str], name: str) -> float | None:
     """A wait header's number; sent twice (a proxy adding its own), the two arrive joined
     as `1, 1`: the longest, rather than none and retries at once into the rate limit."""

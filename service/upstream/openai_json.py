@@ -368,6 +368,19 @@ def _loads(raw: bytes | str) -> dict[str, Any]:
     return data
 
 
+def is_json_or_cut(body: bytes) -> bool:
+    """Whether `body` is JSON, or JSON cut short (it fails only where it ends): what a
+    provider sent, if not a chat completion, rather than some other server's page."""
+    # Decoded leniently: a body cut in the middle of a character is still cut JSON. The
+    # error's position counts characters.
+    text = body.decode("utf-8", errors="replace")
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return exc.pos >= len(text.rstrip())
+    return True
+
+
 def _tool_calls(data: object) -> tuple[ToolCall, ...]:
     """A unary answer's `message.tool_calls`; absent or null is none."""
     if data is None:

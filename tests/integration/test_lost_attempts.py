@@ -6,7 +6,9 @@ or reset before any text reached the caller); the provider took both calls and b
 least their prompts. Each is recorded, whatever came of the call, for the caller's
 tenant and that attempt's upstream: the prompt's estimate as input, no output,
 estimated, and not as a request (`requests` stays the number of calls). An attempt that
-ended in an error status, or a reset before any answer, is not billed and records nothing.
+ended in an error status, or a reset before any answer, is not billed and records nothing;
+nor is a success status whose answer is no OpenAI answer at all (a wrong base_url's login
+page), which some other server sent.
 """
 
 from __future__ import annotations
@@ -65,9 +67,7 @@ def config_for(
     """A gateway over `fakes` (up0, up1, ...) with each upstream's `timeout_s`."""
     data = gateway_config_data(
         *(fake.base_url for fake in fakes),
-        models=PRICED_MODELS,
-        resilience=FAST_RESILIENCE,
-        **sections,
+        **{"models": PRICED_MODELS, "resilience": FAST_RESILIENCE, **sections},
     )
     for upstream, timeout_s in zip(data["upstreams"], timeouts_s, strict=True):
         upstream["timeout_s"] = timeout_s
@@ -159,8 +159,13 @@ async def test_an_attempt_past_its_upstreams_timeout_is_charged_its_prompt(
     assert captured.total("llm_gateway.requests", rpc__method=method) == 1
 
 
+# A provider's answer cut short: JSON that ends too soon.
+TRUNCATED_JSON = (
+    '{"id": "chatcmpl-cut", "object": "chat.completion", "choices": [{"index": 0, '
+    '"message": {"role": "assistant", "content": "Hel'
+)
 AFTER_SUCCESS_STATUS: dict[str, Behaviour] = {
-    "malformed-json": Status(200, body="{not json"),
+    "truncated-json": Status(200, body=TRUNCATED_JSON),
     "cut-body": CutStream(after_chunks=0),
     "malformed-sse": MalformedSSE(after_chunks=0),
     "end-without-done": EndWithoutDone(after_chunks=0),
@@ -179,6 +184,102 @@ async def test_an_answer_that_fails_after_a_success_status_is_charged_its_prompt
     fakes[1].script(ANSWER)
     assert_the_answers_own(await call(gateway, mode), attempts=2)
     assert_answer_and_one_lost(await usage(gateway), lost_on="up0")
+
+
+@pytest.mark.parametrize(
+    ("mode", "fault"),
+    [
+        ("unary", Status(200, body=TRUNCATED_JSON, headers={"Content-Type": "text/plain"})),
+        ("stream", Reply(content="", finish_reason=None, headers={"Content-Type": "text/plain"})),
+    ],
+    ids=["json-cut", "stream-without-finish"],
+)
+async def test_an_untyped_answer_that_fails_as_openais_would_is_charged_its_prompt(
+    fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: Any, mode: str, fault: Behaviour
+) -> None:
+    """A proxy that sends the provider's answer as text/plain: JSON cut short, or a stream
+    whose events end without a finish reason, is still the provider's, billed as lost."""
+    gateway = await start_gateway(config_for(fakes, timeouts_s=(10, 10)))
+    fakes[0].script(fault)
+    fakes[1].script(ANSWER)
+    assert_the_answers_own(await call(gateway, mode), attempts=2)
+    assert_answer_and_one_lost(await usage(gateway), lost_on="up0")
+
+
+LOGIN_PAGE = "<html><body><form action=/login>Sign in</form></body></html>"
+# A 200 that is no OpenAI answer at all: what a wrong base_url answers.
+NOT_OPENAI: dict[str, Behaviour] = {
+    "html": Status(200, body=LOGIN_PAGE, headers={"Content-Type": "text/html; charset=utf-8"}),
+    "html-sent-as-json": Status(200, body=LOGIN_PAGE),  # the fake's Content-Type: JSON
+    "html-sent-as-text": Status(200, body=LOGIN_PAGE, headers={"Content-Type": "text/plain"}),
+    "json-sent-as-html": Status(200, body=TRUNCATED_JSON, headers={"Content-Type": "text/html"}),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fault", list(NOT_OPENAI))
+async def test_a_success_status_from_some_other_server_is_not_charged(
+    fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: Any, fault: str, mode: str
+) -> None:
+    """A 200 that is no OpenAI answer (a login page, or anything sent as HTML) is no
+    provider taking the call: failed over to up1, with nothing recorded on up0 (before,
+    its prompt was charged as a lost attempt)."""
+    gateway = await start_gateway(config_for(fakes, timeouts_s=(10, 10)))
+    fakes[0].script(NOT_OPENAI[fault])
+    fakes[1].script(ANSWER)
+    assert_the_answers_own(await call(gateway, mode), attempts=2)
+    response = await usage(gateway)
+    assert sorted(by_upstream(response)) == ["up1"]
+    assert_answered(response.total)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_wrong_base_url_is_reported_after_one_attempt(
+    start_gateway: Any, mode: str
+) -> None:
+    """An upstream whose base_url answers a login page: the caller gets UNAVAILABLE saying
+    what came back (status, Content-Type, the base_url to check) after one attempt (no
+    backoff mends a login page), the breaker counts it, and the ledger has no row (before:
+    "malformed answer" after three attempts, their three prompts charged)."""
+    resilience = {**FAST_RESILIENCE, "breaker_consecutive_failures": 1}
+    async with FakeUpstream(default=NOT_OPENAI["html"]) as fake:
+        gateway = await start_gateway(config_for((fake,), timeouts_s=(10,), resilience=resilience))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(gateway, mode)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "HTTP 200 (Content-Type text/html)" in caught.value.details()
+        assert "check its base_url" in caught.value.details()
+        info = error_info(caught.value)
+        assert info.reason == "UPSTREAM_UNAVAILABLE"
+        assert dict(info.metadata) == {
+            "upstream": "up0",
+            "http_status": "200",
+            "content_type": "text/html",
+            "attempts": "1",
+        }
+        assert len(fake.requests) == 1
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_UNHEALTHY
+        assert not (await usage(gateway)).rows
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_wrong_base_url_spends_none_of_the_tenants_budget(
+    start_gateway: Any, mode: str
+) -> None:
+    """With room for two prompts, a call a login page answered leaves the budget whole: the
+    next call, once the upstream answers, is admitted (before, the three prompts charged
+    for the login page had spent it, and the call was refused)."""
+    budgets = {"default": {"usd": 2 * PROMPT_USD, "period": "day"}}
+    async with FakeUpstream() as fake:
+        gateway = await start_gateway(config_for((fake,), timeouts_s=(10,), budgets=budgets))
+        fake.script(NOT_OPENAI["html"], ANSWER)
+        params = pb.GenerationParams(max_tokens=1)  # room for its prompt and one token
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(gateway, mode, params=params)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        metadata = await call(gateway, mode, params=params)
+        assert (metadata.upstream, metadata.attempts) == ("up0", 1)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -28,6 +28,7 @@ from service.errors import (
     Unauthenticated,
     UpstreamAuthRejected,
     UpstreamError,
+    UpstreamNotOpenAI,
     UpstreamRateLimited,
     UpstreamRejected,
     UpstreamTimeout,
@@ -218,6 +219,14 @@ STREAM_CAUSE = UpstreamUnavailable(
             "UPSTREAM_UNAVAILABLE",
             {"upstream": "deepseek"},
             id="upstream-reset-no-status",
+        ),
+        pytest.param(
+            UpstreamNotOpenAI("x", upstream="deepseek", status=200, content_type="text/html"),
+            code_pb2.UNAVAILABLE,
+            {"ErrorInfo"},
+            "UPSTREAM_UNAVAILABLE",
+            {"upstream": "deepseek", "http_status": "200", "content_type": "text/html"},
+            id="upstream-not-openai",
         ),
         pytest.param(
             upstream(UpstreamAuthRejected, status=401),

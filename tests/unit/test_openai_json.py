@@ -13,6 +13,7 @@ from service.upstream.openai_json import (
     StreamParser,
     error_status,
     finish_reason,
+    is_json_or_cut,
     parse_completion,
     request_body,
     says_context_exceeded,
@@ -688,3 +689,34 @@ def test_error_status_reads_an_error_sent_in_place_of_an_answer(
     """The status an error body stands for: its code when that is one, else what its
     code or type names, else 502; None when the body holds no error."""
     assert error_status(body) == status
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"id": "chatcmpl-1", "choices": []}', True),
+        (b'{"id": "chatcmpl-1", "choices": [{"ind', True),
+        (b'{"id": "chatcmpl-1", "choices": [{"index": 0, ', True),
+        ('{"choices": [{"message": {"content": "你好'.encode()[:-1], True),
+        (b"", True),
+        (b"{not json", False),
+        (b"<html>login</html>", False),
+        (b"  <!DOCTYPE html>", False),
+        (b'{"id": "chatcmpl-1"} and then some', False),
+    ],
+    ids=[
+        "json",
+        "cut-in-a-key",
+        "cut-after-a-comma",
+        "cut-in-a-character",
+        "empty",
+        "not-json",
+        "html",
+        "html-after-spaces",
+        "json-then-text",
+    ],
+)
+def test_is_json_or_cut(body: bytes, expected: bool) -> None:
+    """JSON, or JSON that only ends too soon (even within a UTF-8 character), is what a
+    provider sent; anything that goes wrong before its end is some other server's."""
+    assert is_json_or_cut(body) is expected

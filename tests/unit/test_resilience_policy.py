@@ -14,6 +14,7 @@ from service.errors import (
     Overloaded,
     StreamInterrupted,
     UpstreamAuthRejected,
+    UpstreamNotOpenAI,
     UpstreamRateLimited,
     UpstreamRejected,
     UpstreamTimeout,
@@ -67,6 +68,14 @@ def test_status_policy(status, retryable, failover_only, unhealthy):
     assert is_retryable(error) is retryable
     assert is_failover_only(error) is failover_only
     assert counts_against_health(error) is unhealthy
+
+
+def test_an_answer_from_some_other_server_is_failed_over_and_unhealthy():
+    """A 200 that is no OpenAI answer (a wrong base_url's login page) is not retried on its
+    upstream, which a backoff will not mend, but failed over, and opens its breaker."""
+    error = UpstreamNotOpenAI("x", upstream="u", status=200, content_type="text/html")
+    assert is_failover_only(error)
+    assert counts_against_health(error)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.upstream.headers import go_duration_s, rate_limit_hints, retry_after_s
+from service.upstream.headers import go_duration_s, media_type, rate_limit_hints, retry_after_s
 from service.upstream.types import RateLimitHints
 
 # 2026-01-01T00:00:00Z: a fixed "now", so HTTP dates are checked without the real clock.
@@ -330,3 +330,18 @@ def test_a_tokens_window_without_its_remaining_gives_no_hint() -> None:
     """The tokens window's limit and reset say nothing without its remaining count."""
     headers = {"x-ratelimit-limit-tokens": "1000", "x-ratelimit-reset-tokens": "6m0s"}
     assert rate_limit_hints(headers) == RateLimitHints()
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"content-type": "application/json"}, "application/json"),
+        ({"content-type": "Application/JSON; charset=UTF-8"}, "application/json"),
+        ({"content-type": " text/event-stream ;charset=utf-8"}, "text/event-stream"),
+        ({}, ""),
+    ],
+    ids=["bare", "case-and-charset", "spaces", "none"],
+)
+def test_media_type(headers: dict[str, str], expected: str) -> None:
+    """The media type alone, in lower case: "" when the answer names none."""
+    assert media_type(headers) == expected
