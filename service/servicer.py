@@ -753,7 +753,11 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                     check_model_allowed(principal, item.request.model)
                 except PermissionDenied as exc:
                     refusal = exc
-            tokens = completion_tokens(item.request) if pacer is not None else 0
+            # Estimated only for an item that may run: one refused on the wire (a million
+            # messages past `max_messages`) takes no tokens, and estimating it whole would
+            # hold the event loop for a second.
+            may_run = not violations and refusal is None
+            tokens = completion_tokens(item.request) if pacer is not None and may_run else 0
             items.append(BatchItem(item.id, chat, tuple(violations), refusal, tokens))
         results = run_batch(
             self._pipeline,

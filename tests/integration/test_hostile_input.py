@@ -14,6 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import service.servicer
 import service.summarize
 import service.validation
 from llmgateway.v1 import gateway_pb2 as pb
@@ -22,7 +23,13 @@ from service.config import GatewayConfig
 from service.server import GatewayServer
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream
-from tests.integration.tenancy_helpers import detail, rpc_error, secure_config, stream_error
+from tests.integration.tenancy_helpers import (
+    as_tenant,
+    detail,
+    rpc_error,
+    secure_config,
+    stream_error,
+)
 from tests.secret_capture import CALLER_KEY_A, record_emitted
 
 LIMITS = {
@@ -198,6 +205,40 @@ async def test_far_too_many_tool_calls_sent_back_are_refused_by_their_count_at_o
         "at most 128 tool calls, got 1500000",
     )
     assert upstream.requests == []
+
+
+async def test_a_metered_batch_item_refused_by_its_counts_is_not_estimated(
+    upstream, start_gateway, monkeypatch
+):
+    """A metered tenant's batch item refused on the wire (more messages than
+    `max_messages`) is not estimated for its tenant's tokens_per_minute: it makes no call.
+
+    Before, every item was estimated whole first: an item of a million and a half empty
+    messages (3 MB) held the event loop for about a second, every other call stalled,
+    for an item refused anyway."""
+    estimated: list[int] = []
+    estimate = service.servicer.completion_tokens
+
+    def noting(request: Any) -> int:
+        estimated.append(len(request.messages))
+        return estimate(request)
+
+    monkeypatch.setattr(service.servicer, "completion_tokens", noting)
+    config = secure_config(
+        upstream.base_url,
+        tenants={"team-a": {"tokens_per_minute": 1_000_000}},
+        defaults=LIMITS,
+    )
+    gw = await start_gateway(config)
+    too_many = pb.CompleteRequest(model=FAKE_MODEL, messages=[_message("hi")] * 9)
+    items = [pb.BatchItem(id="over", request=too_many), pb.BatchItem(id="ok", request=chat())]
+    batch = pb.CompleteBatchRequest(items=items)
+    events = [e async for e in gw.stub.CompleteBatch(batch, metadata=as_tenant("team-a"))]
+    results = {e.result.id: e.result for e in events if e.HasField("result")}
+    assert results["over"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert results["ok"].HasField("response")
+    assert estimated == [1]  # the item that ran; none for the refused one
+    assert len(upstream.requests) == 1
 
 
 def _label_entries(count: int) -> bytes:
