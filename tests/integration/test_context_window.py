@@ -196,6 +196,32 @@ async def test_calibration_never_goes_below_its_floor(upstream_small, start_gate
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_one_absurd_usage_report_does_not_pin_the_calibration(upstream_small, start_gateway):
+    """One answer reporting 10⁹ prompt tokens among honest ones moves the calibration
+    only as far as a ratio at its ceiling would: a prompt that fits the plain estimate
+    with room to spare is still served. Before, the ratio joined the mean as it was, and
+    the factor stayed at its ceiling (4x) for a hundred answers and more: prompts a
+    quarter of the window long were refused, or truncated under KEEP_RECENT."""
+
+    def as_estimated(body):
+        messages = [Message(Role(m["role"]), m["content"]) for m in body["messages"]]
+        return Reply(prompt_tokens=estimate_prompt_tokens(messages))
+
+    upstream_small.respond = as_estimated
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    for _ in range(3):
+        await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
+    upstream_small.respond = lambda body: Reply(prompt_tokens=1_000_000_000)
+    await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
+    upstream_small.respond = as_estimated
+    for _ in range(3):
+        await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
+    # About 550 tokens and 100 reserved: it fits a window of 1024 unless the factor is
+    # past 1.7.
+    response = await gateway.stub.Complete(conversation(5, mode=pb.TRUNCATION_MODE_KEEP_RECENT))
+    assert response.metadata.dropped_messages == 0
+
+
 @pytest.mark.parametrize("mode", [pb.TRUNCATION_MODE_NONE, pb.TRUNCATION_MODE_KEEP_RECENT])
 async def test_max_tokens_that_fill_the_window_are_the_violation(
     upstream_small, start_gateway, mode
