@@ -184,6 +184,38 @@ async def test_one_tenants_calibration_does_not_fit_another_tenants_prompts(
     assert calibration.factor(FAKE_MODEL, "team-a") == pytest.approx(0.55, abs=0.02)
 
 
+async def test_a_tenants_tokens_per_minute_counts_what_keep_recent_sends(
+    upstream_small, start_gateway
+):
+    """A chat whose history (about 2,700 tokens) is past its tenant's minute of tokens
+    (2,000) is served under KEEP_RECENT, unary, again (the same bytes, a repeat the cache
+    answers) and streamed: each call takes the tokens of the turns sent, at most the
+    window of 512. Before, it took the whole history, and was refused "can never fit"
+    (RESOURCE_EXHAUSTED, pushback -1) however little of it the window would send."""
+    config = secure_config(
+        upstream_small.base_url,
+        models=fake_model_window(512),
+        tenants={"team-a": {"tokens_per_minute": 2000}},
+        cache={"backend": "memory"},
+    )
+    gateway = await start_gateway(config)
+    request = conversation(25, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
+    request.params.temperature = 0  # cached: the same bytes again are a repeat
+    for _ in range(2):
+        response = await gateway.stub.Complete(request, metadata=as_tenant("team-a"))
+        assert response.metadata.dropped_messages > 0
+    assert len(upstream_small.requests) == 1
+    stream = pb.CompleteStreamRequest(
+        model=request.model,
+        messages=request.messages,
+        params=request.params,
+        truncation=request.truncation,
+        cache=pb.CachePolicy(mode=pb.CACHE_MODE_BYPASS),
+    )
+    events = [e async for e in gateway.stub.CompleteStream(stream, metadata=as_tenant("team-a"))]
+    assert events[-1].final.dropped_messages > 0
+
+
 async def test_calibration_never_goes_below_its_floor(upstream_small, start_gateway):
     """An upstream that reports absurdly few tokens cannot push prompts far over the window."""
     upstream_small.default = Reply(prompt_tokens=1)
