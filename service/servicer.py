@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import itertools
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -779,7 +780,8 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                 except PermissionDenied as exc:
                     refusal = exc
             tokens = completion_tokens(item.request) if pacer is not None else 0
-            items.append(BatchItem(item.id, chat, tuple(violations), refusal, tokens))
+            sent_tokens = functools.partial(_sent_tokens, item.request)
+            items.append(BatchItem(item.id, chat, tuple(violations), refusal, tokens, sent_tokens))
         results = run_batch(
             self._pipeline,
             items,

@@ -216,6 +216,24 @@ async def test_a_tenants_tokens_per_minute_counts_what_keep_recent_sends(
     assert events[-1].final.dropped_messages > 0
 
 
+async def test_a_batch_item_takes_the_tokens_keep_recent_sends(upstream_small, start_gateway):
+    """A batch item whose history is past its tenant's minute of tokens is served under
+    KEEP_RECENT, taking the tokens of the turns sent. Before, it took the whole history:
+    the item failed "can never fit" (RESOURCE_EXHAUSTED)."""
+    config = secure_config(
+        upstream_small.base_url,
+        models=fake_model_window(512),
+        tenants={"team-a": {"tokens_per_minute": 2000}},
+    )
+    gateway = await start_gateway(config)
+    item = pb.BatchItem(id="a", request=conversation(25, mode=pb.TRUNCATION_MODE_KEEP_RECENT))
+    request = pb.CompleteBatchRequest(items=[item])
+    events = [e async for e in gateway.stub.CompleteBatch(request, metadata=as_tenant("team-a"))]
+    (result,) = [e.result for e in events if e.HasField("result")]
+    assert result.WhichOneof("outcome") == "response", result.error.message
+    assert result.response.metadata.dropped_messages > 0
+
+
 async def test_calibration_never_goes_below_its_floor(upstream_small, start_gateway):
     """An upstream that reports absurdly few tokens cannot push prompts far over the window."""
     upstream_small.default = Reply(prompt_tokens=1)
