@@ -19,7 +19,7 @@ from service.config import BatchConfig
 from service.domain import ChatRequest, Completion, Usage
 from service.errors import FieldViolation, GatewayError, InvalidRequest, quoted
 from service.ledger import PICO, to_pico
-from service.pipeline import Pipeline
+from service.pipeline import Pipeline, PreparedRequest
 from service.validation import CALLER_ID_RULE, chat_request_violations, is_caller_id
 
 _MS = 1000.0
@@ -29,14 +29,17 @@ log = logging.getLogger("llm_gateway.batch")
 @dataclass(frozen=True, slots=True)
 class BatchItem:
     """One item of a batch; `violations` are problems only visible on the wire,
-    `refusal` why its caller may not run it (a model its tenant may not use), and
-    `tokens` what its tenant's `tokens_per_minute` counts for it."""
+    `refusal` why its caller may not run it (a model its tenant may not use),
+    `tokens` what its tenant's `tokens_per_minute` counts for it, and `sent_tokens` what
+    it counts instead for the messages the request was prepared to send, when truncation
+    dropped some (None: `tokens`)."""
 
     id: str
     request: ChatRequest
     violations: tuple[FieldViolation, ...] = ()
     refusal: GatewayError | None = None
     tokens: int = 0
+    sent_tokens: Callable[[PreparedRequest], int | None] = lambda prepared: None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +130,8 @@ async def run_batch(
                 if pace is not None:
                     # Refuse an invalid item, or one for a model no upstream serves, before
                     # it takes any of the tenant's limits: it makes no upstream call.
-                    pipeline.prepare(item.request)
-                    await pace(item.tokens, deadline)
+                    sent = item.sent_tokens(pipeline.prepare(item.request))
+                    await pace(item.tokens if sent is None else sent, deadline)
                 completion = await pipeline.complete_in_turn(item.request, deadline=deadline)
             except Exception as exc:  # this item's outcome, not the batch's
                 if not isinstance(exc, GatewayError):

@@ -13,7 +13,10 @@ are fitted, truncated or refused.
 - a `margin` on top of the mean, because single prompts vary around it;
 - never below `floor`, so a misreporting upstream (one that says 7 tokens whatever the
   prompt) cannot talk the gateway into sending prompts far over the window;
-- never above `ceiling`: an estimate that is too low is corrected, within reason.
+- never above `ceiling`: an estimate that is too low is corrected, within reason;
+- each ratio is held to what the factor can follow (floor and ceiling less the margin)
+  before it joins the mean: one absurd report (10⁹ tokens) would otherwise keep the
+  mean, and the factor at its ceiling, far up for hundreds of answers.
 
 Example:
     calibration = TokenCalibration()
@@ -55,6 +58,10 @@ class TokenCalibration:
         self.weight = weight
         self.min_samples = min_samples
         self.min_estimated_tokens = min_estimated_tokens
+        # The ratios whose factor is the floor and the ceiling: past them a ratio moves
+        # the factor no further, only how long the mean takes to come back.
+        self._lowest = floor / (1 + margin)
+        self._highest = ceiling / (1 + margin)
         # By (tenant, model): tenants are the configured or keyed ones, models the
         # configured ones (only answered calls are observed), so it stays small.
         self._ratios: dict[tuple[str, str], _Ratio] = {}
@@ -65,7 +72,7 @@ class TokenCalibration:
         """Learn from one answer to `tenant` whose upstream reported its prompt tokens."""
         if estimated_tokens < self.min_estimated_tokens or reported_tokens <= 0:
             return
-        ratio = reported_tokens / estimated_tokens
+        ratio = min(max(reported_tokens / estimated_tokens, self._lowest), self._highest)
         known = self._ratios.get((tenant, model))
         if known is None:
             self._ratios[tenant, model] = _Ratio(ratio, 1)

@@ -110,12 +110,13 @@ def _text_tokens(texts: Iterable[str]) -> int:
     return sum(PER_MESSAGE_OVERHEAD + estimate_text_tokens(t) for t in texts)
 
 
-def completion_tokens(request: Any) -> int:
-    """The tokens a tenant's `tokens_per_minute` counts for one `CompleteRequest`."""
+def completion_tokens(request: Any, messages: Iterable[Any] | None = None) -> int:
+    """The tokens a tenant's `tokens_per_minute` counts for one `CompleteRequest`; with
+    `messages`, for those of its messages alone (what truncation left to send)."""
     # One pass over the messages (each text counted as `_text_tokens` counts it): every
     # call of a metered tenant estimates its request here.
     tokens = 0
-    for m in request.messages:
+    for m in request.messages if messages is None else messages:
         tokens += PER_MESSAGE_OVERHEAD + estimate_text_tokens(m.content)
         if m.reasoning:
             tokens += PER_MESSAGE_OVERHEAD + estimate_text_tokens(m.reasoning)
@@ -348,7 +349,11 @@ class CallerGate:
 
     @contextlib.asynccontextmanager
     async def admit(
-        self, request: Any, principal: Principal, *, check: Callable[[Any], None] | None = None
+        self,
+        request: Any,
+        principal: Principal,
+        *,
+        check: Callable[[Any], int | None] | None = None,
     ) -> AsyncIterator[CallSlot]:
         """Admit the authenticated call for the body of the `async with`, or raise a
         `GatewayError`; the call's slot of its tenant's concurrent calls is handed out,
@@ -356,7 +361,9 @@ class CallerGate:
 
         `check` raises what the call would be refused with before any upstream call (an
         invalid field, an unknown model): asked before the call takes any of its tenant's
-        limits, as a batch's items are.
+        limits, as a batch's items are. It returns the tokens `tokens_per_minute` counts
+        when the call sends less than its request holds (truncation dropped turns), else
+        None.
         """
         if _is_unmetered(principal.limits) and not isinstance(request, UndecodableRequest):
             yield NO_SLOT  # nothing to check or count: skip estimating the request's tokens
@@ -367,12 +374,13 @@ class CallerGate:
         for model in demand.models:
             check_model_allowed(principal, model)
         limits = principal.limits
+        sent_tokens = None
         if check is not None and (demand.is_paced or demand.requests):
             # Before any of its tenant's limits is taken: a refused call makes no upstream
             # call, so it takes no quota, and a bad field (or a batch refused as a whole) is
             # the caller's to fix, not a RESOURCE_EXHAUSTED for max_concurrent_calls or a
             # tokens_per_minute "never fits" to give up on.
-            check(request)
+            sent_tokens = check(request)
         if demand.is_paced:
             async with self._limiter.admit(principal.tenant, limits, tokens=0, requests=0) as slot:
                 if limits.requests_per_minute or limits.tokens_per_minute:
@@ -382,8 +390,11 @@ class CallerGate:
         if not demand.requests:
             yield NO_SLOT
             return
+        # KEEP_RECENT sends what fits the window: a long history the caller keeps sending
+        # would otherwise count in full, and once past a minute's tokens "never fit".
+        tokens = _tokens_of(request) if sent_tokens is None else sent_tokens
         async with self._limiter.admit(
-            principal.tenant, limits, tokens=_tokens_of(request), requests=demand.requests
+            principal.tenant, limits, tokens=tokens, requests=demand.requests
         ) as slot:
             if demand.paces_tokens and limits.tokens_per_minute:
                 # A Summarize's calls take their tokens as they start: a document of more

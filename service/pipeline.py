@@ -345,12 +345,12 @@ class Pipeline:
         self._repeatable.put(repeat_key, _Repeatable(prepared, store_key))
         return store_key
 
-    def prepared_before(self, repeat_key: RepeatKey) -> bool:
-        """Whether `complete` prepared these very bytes for this tenant lately, with the
-        tenant's calibration for the model as it is now: preparing them again would find
-        them valid."""
+    def prepared_before(self, repeat_key: RepeatKey) -> PreparedRequest | None:
+        """What `complete` prepared of these very bytes for this tenant lately, with the
+        tenant's calibration for the model as it is now (preparing them again would find
+        them valid, and fit them alike), else None."""
         known = self._repeatable.get(repeat_key) if self._cache is not None else None
-        return known is not None and self._is_current(known.prepared)
+        return known.prepared if known is not None and self._is_current(known.prepared) else None
 
     async def repeat(self, repeat_key: RepeatKey) -> Completion | None:
         """A cache hit for a request the same tenant sent moments ago, or None.

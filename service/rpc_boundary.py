@@ -50,8 +50,10 @@ log = logging.getLogger("llm_gateway.rpc")
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 UnaryHandler: TypeAlias = Callable[[Any, Context], Awaitable[Any]]
 StreamHandler: TypeAlias = Callable[[Any, Context], AsyncGenerator[Any, None]]
-# Raises what a request would be refused with before any upstream call.
-RequestCheck: TypeAlias = Callable[[Any], None]
+# Raises what a request would be refused with before any upstream call; returns the
+# tokens the tenant's tokens_per_minute counts when the call sends less than its request
+# holds, else None (`CallerGate.admit`).
+RequestCheck: TypeAlias = Callable[[Any], int | None]
 
 
 # What `Admission.enter` hands out and `leave` takes back: the call's task (None only

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import itertools
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -577,6 +578,24 @@ def _checked_for(message: object) -> _Checked | None:
     return checked if checked is not None and checked.message is message else None
 
 
+def _sent_tokens(
+    message: pb.CompleteRequest | pb.CompleteStreamRequest, prepared: PreparedRequest
+) -> int | None:
+    """The tokens `tokens_per_minute` counts for the messages of `message` that `prepared`
+    kept, when truncation dropped some; else None (the request's own count stands)."""
+    if not prepared.dropped:
+        return None
+    # The kept messages are the very objects converted from `message`'s, in order.
+    kept = iter(prepared.request.messages)
+    next_kept = next(kept, None)
+    sent = []
+    for proto, converted in zip(message.messages, prepared.asked.messages, strict=True):
+        if converted is next_kept:
+            sent.append(proto)
+            next_kept = next(kept, None)
+    return completion_tokens(message, sent)
+
+
 class CompletionServicer(pb_grpc.CompletionServiceServicer):
     """Implements `llmgateway.v1.CompletionService` on top of a `Pipeline`."""
 
@@ -585,9 +604,11 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         self._limits = pipeline.limits  # read for every call's request; fixed with the config
         self._summarizer = Summarizer(pipeline, pipeline.config.summarize)
 
-    def check(self, message: object) -> None:
+    def check(self, message: object) -> int | None:
         """Raise what a call would be refused with before any upstream call: an invalid
-        field, an unknown model, a prompt over the window (see `CallerGate.admit`).
+        field, an unknown model, a prompt over the window (see `CallerGate.admit`); return
+        the tokens its tenant's `tokens_per_minute` counts when truncation dropped turns
+        (what is sent), else None.
 
         What it prepares is kept for the call's handler (`_checked`), which would
         otherwise convert and prepare the same message again; bytes that this tenant sent
@@ -599,20 +620,25 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             repeat_key = (
                 repeat_key_of(message, tenant=current_tenant()) if pipeline.takes_repeats else None
             )
-            if repeat_key is not None and pipeline.prepared_before(repeat_key):
+            known = None if repeat_key is None else pipeline.prepared_before(repeat_key)
+            if known is not None:
                 _checked.set(_Checked(message, None, repeat_key))
-            else:
-                prepared = pipeline.prepare(self._request(message))
-                _checked.set(_Checked(message, prepared, repeat_key))
-        elif isinstance(message, pb.CompleteStreamRequest):
-            _checked.set(_Checked(message, pipeline.prepare(self._request(message)), None))
-        elif isinstance(message, pb.SummarizeRequest):
+                return _sent_tokens(message, known)
+            prepared = pipeline.prepare(self._request(message))
+            _checked.set(_Checked(message, prepared, repeat_key))
+            return _sent_tokens(message, prepared)
+        if isinstance(message, pb.CompleteStreamRequest):
+            prepared = pipeline.prepare(self._request(message))
+            _checked.set(_Checked(message, prepared, None))
+            return _sent_tokens(message, prepared)
+        if isinstance(message, pb.SummarizeRequest):
             summary = self._summary_request(message)
             self._summarizer.validate(summary)
             _checked.set(_Checked(message, None, None, summary))
         elif isinstance(message, pb.CompleteBatchRequest):
             # The batch as a whole only: each item's own problems fail that item alone.
             check_batch(message.items, message.concurrency, pipeline.config.batch)
+        return None
 
     def _summary_request(self, request: pb.SummarizeRequest) -> SummaryRequest:
         """The call's domain request; an unknown effort is a violation `validate` reports."""
@@ -758,7 +784,8 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             # hold the event loop for a second.
             may_run = not violations and refusal is None
             tokens = completion_tokens(item.request) if pacer is not None and may_run else 0
-            items.append(BatchItem(item.id, chat, tuple(violations), refusal, tokens))
+            sent_tokens = functools.partial(_sent_tokens, item.request)
+            items.append(BatchItem(item.id, chat, tuple(violations), refusal, tokens, sent_tokens))
         results = run_batch(
             self._pipeline,
             items,

@@ -184,6 +184,56 @@ async def test_one_tenants_calibration_does_not_fit_another_tenants_prompts(
     assert calibration.factor(FAKE_MODEL, "team-a") == pytest.approx(0.55, abs=0.02)
 
 
+async def test_a_tenants_tokens_per_minute_counts_what_keep_recent_sends(
+    upstream_small, start_gateway
+):
+    """A chat whose history (about 2,700 tokens) is past its tenant's minute of tokens
+    (2,000) is served under KEEP_RECENT, unary, again (the same bytes, a repeat the cache
+    answers) and streamed: each call takes the tokens of the turns sent, at most the
+    window of 512. Before, it took the whole history, and was refused "can never fit"
+    (RESOURCE_EXHAUSTED, pushback -1) however little of it the window would send."""
+    config = secure_config(
+        upstream_small.base_url,
+        models=fake_model_window(512),
+        tenants={"team-a": {"tokens_per_minute": 2000}},
+        cache={"backend": "memory"},
+    )
+    gateway = await start_gateway(config)
+    request = conversation(25, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
+    request.params.temperature = 0  # cached: the same bytes again are a repeat
+    for _ in range(2):
+        response = await gateway.stub.Complete(request, metadata=as_tenant("team-a"))
+        assert response.metadata.dropped_messages > 0
+    assert len(upstream_small.requests) == 1
+    stream = pb.CompleteStreamRequest(
+        model=request.model,
+        messages=request.messages,
+        params=request.params,
+        truncation=request.truncation,
+        cache=pb.CachePolicy(mode=pb.CACHE_MODE_BYPASS),
+    )
+    events = [e async for e in gateway.stub.CompleteStream(stream, metadata=as_tenant("team-a"))]
+    assert events[-1].final.dropped_messages > 0
+
+
+async def test_a_batch_item_takes_the_tokens_keep_recent_sends(upstream_small, start_gateway):
+    """A batch item whose history is past its tenant's minute of tokens is served under
+    KEEP_RECENT, taking the tokens of the turns sent. Before, it took the whole history:
+    the item failed "can never fit" (RESOURCE_EXHAUSTED)."""
+    config = secure_config(
+        upstream_small.base_url,
+        models=fake_model_window(512),
+        tenants={"team-a": {"tokens_per_minute": 2000}},
+    )
+    gateway = await start_gateway(config)
+    item = pb.BatchItem(id="a", request=conversation(25, mode=pb.TRUNCATION_MODE_KEEP_RECENT))
+    request = pb.CompleteBatchRequest(items=[item])
+    events = [e async for e in gateway.stub.CompleteBatch(request, metadata=as_tenant("team-a"))]
+    (result,) = [e.result for e in events if e.HasField("result")]
+    assert result.WhichOneof("outcome") == "response", result.error.message
+    assert result.response.metadata.dropped_messages > 0
+
+
 async def test_calibration_never_goes_below_its_floor(upstream_small, start_gateway):
     """An upstream that reports absurdly few tokens cannot push prompts far over the window."""
     upstream_small.default = Reply(prompt_tokens=1)
@@ -194,6 +244,32 @@ async def test_calibration_never_goes_below_its_floor(upstream_small, start_gate
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.stub.Complete(conversation(19, mode=pb.TRUNCATION_MODE_NONE))
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_one_absurd_usage_report_does_not_pin_the_calibration(upstream_small, start_gateway):
+    """One answer reporting 10⁹ prompt tokens among honest ones moves the calibration
+    only as far as a ratio at its ceiling would: a prompt that fits the plain estimate
+    with room to spare is still served. Before, the ratio joined the mean as it was, and
+    the factor stayed at its ceiling (4x) for a hundred answers and more: prompts a
+    quarter of the window long were refused, or truncated under KEEP_RECENT."""
+
+    def as_estimated(body):
+        messages = [Message(Role(m["role"]), m["content"]) for m in body["messages"]]
+        return Reply(prompt_tokens=estimate_prompt_tokens(messages))
+
+    upstream_small.respond = as_estimated
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    for _ in range(3):
+        await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
+    upstream_small.respond = lambda body: Reply(prompt_tokens=1_000_000_000)
+    await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
+    upstream_small.respond = as_estimated
+    for _ in range(3):
+        await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
+    # About 550 tokens and 100 reserved: it fits a window of 1024 unless the factor is
+    # past 1.7.
+    response = await gateway.stub.Complete(conversation(5, mode=pb.TRUNCATION_MODE_KEEP_RECENT))
+    assert response.metadata.dropped_messages == 0
 
 
 @pytest.mark.parametrize("mode", [pb.TRUNCATION_MODE_NONE, pb.TRUNCATION_MODE_KEEP_RECENT])

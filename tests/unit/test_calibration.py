@@ -92,3 +92,14 @@ def test_an_upstream_refusing_a_prompt_as_too_long_resets_a_low_factor():
     assert calibration.factor("unknown", "t") == 1.0
     feed(calibration, 0.6, 1, model="low")
     assert calibration.factor("low", "t") < 1.0
+
+
+def test_a_ratio_past_the_bounds_counts_as_at_them():
+    """One absurd report (10⁹ tokens) moves the mean as a ratio at the ceiling would: the
+    factor is back under it after the next honest answer, not hundreds later."""
+    calibration = TokenCalibration(ceiling=4.0, margin=0.1, weight=0.1)
+    feed(calibration, 1.0, 3)
+    calibration.observe("m", "t", estimated_tokens=1000, reported_tokens=10**9)
+    assert calibration.factor("m", "t") == pytest.approx(1.1 * (1.0 + 0.1 * (4.0 / 1.1 - 1.0)))
+    feed(calibration, 1.0, 1)
+    assert calibration.factor("m", "t") < 1.5
