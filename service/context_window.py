@@ -77,7 +77,8 @@ def fit_messages(
     turns that fit, never splitting a message or a tool-call turn (an assistant message
     with tool calls and their results). It always keeps the last user message and every
     message after it: the turn in progress, whose tool results the model needs to go on
-    (dropping them would have it call the same tools again). Each message is estimated
+    (dropping them would have it call the same tools again), and what it keeps of the
+    older turns starts with a user message (`_drop_leading_replies`). Each message is estimated
     once: estimates add up, so trying one more turn costs an addition.
 
     Raises:
@@ -116,9 +117,11 @@ def fit_messages(
     turns = _turns(messages)
     last_user = max((i for i, m in enumerate(messages) if m.role is Role.USER), default=-1)
     keep = [m.role is Role.SYSTEM for m in messages]
+    required: set[int] = set()
     for current in range(last_user if last_user >= 0 else len(messages) - 1, len(messages)):
-        for index in turns[current]:
-            keep[index] = True
+        required.update(turns[current])
+    for index in required:
+        keep[index] = True
     kept = fixed + sum(c for c, k in zip(costs, keep, strict=True) if k)
     if calibrated(kept) > budget:
         raise ContextWindowExceeded(
@@ -139,5 +142,35 @@ def fit_messages(
         for i in turn:
             keep[i] = True
         kept += cost
+    if last_user >= 0:
+        kept -= _drop_leading_replies(messages, turns, keep, costs, required)
     fitted = tuple(m for m, k in zip(messages, keep, strict=True) if k)
     return FittedPrompt(fitted, len(messages) - len(fitted), calibrated(kept), kept)
+
+
+def _drop_leading_replies(
+    messages: Sequence[Message],
+    turns: Sequence[tuple[int, ...]],
+    keep: list[bool],
+    costs: Sequence[int],
+    required: set[int],
+) -> int:
+    """Un-keep the kept replies (assistant and tool messages) older than the first kept
+    user message, so that the conversation sent starts, after its system messages, with
+    a user's turn; the tokens they held.
+
+    Chat templates that want user and assistant to alternate (Mistral's, Gemma's, Llama
+    2's, as vLLM serves them) refuse a conversation that opens with the assistant, and a
+    reply whose question was dropped tells the model little.
+    """
+    freed = 0
+    for index, message in enumerate(messages):
+        if not keep[index] or message.role is Role.SYSTEM:
+            continue
+        if message.role is Role.USER or required.intersection(turns[index]):
+            break
+        for i in turns[index]:
+            if keep[i]:
+                keep[i] = False
+                freed += costs[i]
+    return freed

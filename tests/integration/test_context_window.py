@@ -64,15 +64,16 @@ async def test_keep_recent_keeps_system_and_newest_and_reports_drops(upstream_sm
     sent = upstream_small.requests[-1].body["messages"]
     assert sent[0] == {"role": "system", "content": "You are terse."}
     kept_turns = [m["content"].split()[0] for m in sent[1:]]
-    # The newest turns, unbroken, ending with the last user turn.
+    # The newest turns, unbroken, from a user's turn (no reply whose question went: chat
+    # templates that want roles to alternate refuse it) to the last user turn.
     assert kept_turns == [f"turn{i}" for i in range(15 - len(kept_turns), 15)]
-    assert sent[-1]["role"] == "user"
+    assert sent[1]["role"] == sent[-1]["role"] == "user"
     assert response.metadata.dropped_messages == 15 - len(kept_turns)
     assert 1 <= len(kept_turns) < 15
     kept = [Message(Role(m["role"]), m["content"]) for m in sent]
     assert estimate_prompt_tokens(kept) + 100 <= WINDOW
-    # One more turn would not have fitted.
-    assert estimate_prompt_tokens(kept) + 105 + 100 > WINDOW
+    # One more exchange (a question and its answer) would not have fitted.
+    assert estimate_prompt_tokens(kept) + 2 * 105 + 100 > WINDOW
 
 
 async def test_none_mode_rejects_with_estimate_and_limit(upstream_small, start_gateway):

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from service.context_window import DEFAULT_ANSWER_RESERVE, answer_reserve, fit_messages
-from service.domain import Message, Role, TruncationMode
+from service.domain import Message, Role, ToolCall, TruncationMode
 from service.errors import ContextWindowExceeded
 from service.tokens import estimate_prompt_tokens
 
@@ -40,16 +40,19 @@ def test_none_mode_rejects_with_estimate_and_limit():
 @pytest.mark.parametrize(
     ("roles", "window", "kept"),
     [
-        # system + the last two turns fit; the older turns go.
-        ((S, U, A, U, A, U), 450, [0, 4, 5]),
+        # system + the last two messages fit, but the reply whose question went goes
+        # too: what is sent starts with a user's turn.
+        ((S, U, A, U, A, U), 450, [0, 5]),
+        # system + the last three fit: a whole exchange and the question.
+        ((S, U, A, U, A, U), 560, [0, 3, 4, 5]),
         # the system message in the middle is kept too.
-        ((U, S, U, A, U), 450, [1, 3, 4]),
+        ((U, S, U, A, U), 450, [1, 4]),
         # only system + last user fit.
         ((S, U, A, U), 320, [0, 3]),
         # trailing assistant turn (a prefill) is newest; it is kept when it fits.
         ((S, U, A, U, A), 450, [0, 3, 4]),
-        # a big window keeps all but the oldest.
-        ((U, A, U, A, U), 500, [1, 2, 3, 4]),
+        # a window for all but the oldest keeps from the next user message on.
+        ((U, A, U, A, U), 500, [2, 3, 4]),
     ],
 )
 def test_keep_recent_keeps_system_and_newest(roles, window, kept):
@@ -63,6 +66,28 @@ def test_keep_recent_keeps_system_and_newest(roles, window, kept):
     assert fitted.estimated_tokens == estimate_prompt_tokens(fitted.messages)
     assert fitted.prompt_tokens == fitted.estimated_tokens  # no calibration
     assert fitted.estimated_tokens + 40 <= window
+
+
+def test_keep_recent_drops_a_tool_call_turn_whose_question_went():
+    """A kept run that would open with an assistant's tool calls and their results (its
+    user message dropped) loses them too: the conversation sent opens with a user's turn,
+    which chat templates that want roles to alternate require."""
+    call = ToolCall(id="c1", name="lookup", arguments="{}")
+    messages = (
+        Message(S, "system"),
+        Message(U, f"old question {LONG}"),
+        Message(A, "", tool_calls=(call,)),
+        Message(Role.TOOL, "result", tool_call_id="c1"),
+        Message(A, "old answer"),
+        Message(U, "new question"),
+    )
+    window = estimate_prompt_tokens(messages[2:]) + 50
+    fitted = fit_messages(
+        messages, context_window=window, max_tokens=40, mode=TruncationMode.KEEP_RECENT
+    )
+    assert fitted.messages == (messages[0], messages[5])
+    assert fitted.dropped == 4
+    assert fitted.estimated_tokens == estimate_prompt_tokens(fitted.messages)
 
 
 def test_keep_recent_stops_at_first_turn_that_does_not_fit():
