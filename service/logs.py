@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Final, Literal
 
 from service.errors import DeadlineExceeded
 
@@ -14,8 +15,21 @@ _STANDARD_ATTRIBUTES = frozenset(
 )
 
 
+# The `worker=` of the lines `serve --workers N`'s supervisor writes itself.
+SUPERVISOR: Final = "supervisor"
+
+# Which process of `serve --workers N` writes: a worker's index (from 0), or SUPERVISOR.
+Writer = int | Literal["supervisor"]
+
+
 class EventFormatter(logging.Formatter):
-    """`time level logger event key=value ...`: the extras a call passed, in order."""
+    """`time level logger event key=value ...`: the extras a call passed, in order, then
+    `worker=W` when the process is one of `serve --workers N`'s (`writer`)."""
+
+    def __init__(self, fmt: str, *, writer: Writer | None = None) -> None:
+        super().__init__(fmt)
+        # Made once, at the process's start: each line only appends it.
+        self._writer = "" if writer is None else f" worker={writer}"
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         """The record's line with its extras, ahead of any traceback: on the event's line,
@@ -26,7 +40,7 @@ class EventFormatter(logging.Formatter):
             for key, value in record.__dict__.items()
             if key not in _STANDARD_ATTRIBUTES and not key.startswith("_")
         )
-        return f"{line} {extras}" if extras else line
+        return (f"{line} {extras}" if extras else line) + self._writer
 
 
 class DeadlineRaceFilter(logging.Filter):
@@ -63,10 +77,13 @@ class DeadlineRaceFilter(logging.Filter):
         return logging.getLogger().isEnabledFor(logging.INFO)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Send the gateway's logs to stderr with the event formatter."""
+def configure_logging(level: str = "INFO", *, writer: Writer | None = None) -> None:
+    """Send the gateway's logs to stderr with the event formatter; with several processes
+    (`serve --workers N`), each line names its `writer`: a worker's index, or SUPERVISOR."""
     handler = logging.StreamHandler()
-    handler.setFormatter(EventFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(
+        EventFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", writer=writer)
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -11,7 +11,7 @@ from typing import Any
 
 from service import early_signals
 from service.config import COMMAND_LINE, ConfigError, GatewayConfig, load_config
-from service.logs import configure_logging
+from service.logs import SUPERVISOR, configure_logging
 from service.workers import worker_count
 
 DEFAULT_CONFIG = "config/gateway.yaml"
@@ -89,6 +89,8 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     server = config.server
     count, why = worker_count(config)
+    if count > 1:  # this process supervises the workers, whose lines name their index
+        configure_logging(args.log_level, writer=SUPERVISOR)
     logging.getLogger("llm_gateway.workers").info(
         "server.workers", extra={"workers": count, "why": why}
     )

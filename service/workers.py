@@ -212,6 +212,8 @@ def _worker_main(
     ready: Connection,
     supervisor: int,
     local_model: tuple[LocalModelState, Connection] | None = None,
+    *,
+    index: int,
 ) -> None:
     from service.logs import configure_logging
     from service.server import ListenError, report_start_failure, run
@@ -219,7 +221,7 @@ def _worker_main(
     # SIGKILL until it listens: a start stuck in a system call never acts on SIGTERM, and
     # has no calls to drain.
     _stop_with(supervisor, signal.SIGKILL)
-    configure_logging(log_level)
+    configure_logging(log_level, writer=index)
     states = None if local_model is None else _local_model_states(*local_model)
     try:
         run(
@@ -389,21 +391,23 @@ class _Worker:
     deaths: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
 
 
-def _start(config: GatewayConfig, log_level: str, local_model: LocalModelServer | None) -> _Run:
-    """A worker process started with `config` (and `local_model`'s state now, then a pipe
-    for its changes), its exit watched on the loop.
+def _start(worker: _Worker, log_level: str, local_model: LocalModelServer | None) -> _Run:
+    """A process of `worker` started with its config and index (and `local_model`'s state
+    now, then a pipe for its changes), its exit watched on the loop.
 
     Watched on the loop, not by a thread each: asyncio's thread pool is smaller than a big
     machine's worker count, and the exits past its size went unwatched.
     """
     ready, ready_sender = _SPAWN.Pipe(duplex=False)
-    args: tuple[object, ...] = (config, log_level, ready_sender, os.getpid())
+    args: tuple[object, ...] = (worker.config, log_level, ready_sender, os.getpid())
     updates = sender = None
     if local_model is not None:
         # In the arguments, not on the command line: they carry the local model's key.
         updates, sender = _SPAWN.Pipe(duplex=False)
         args = (*args, (local_model.state(), updates))
-    process: BaseProcess = _SPAWN.Process(target=_worker_main, args=args)
+    process: BaseProcess = _SPAWN.Process(
+        target=_worker_main, args=args, kwargs={"index": worker.index}
+    )
     with _group_signals_blocked():
         process.start()
     ready_sender.close()  # the worker's copy alone: its exit ends the pipe
@@ -497,7 +501,7 @@ async def _keep(
                 return
             await asyncio.sleep(_RESTART_DELAY_S * 2 ** (len(worker.deaths) - 1))
             try:
-                run = worker.run = _start(worker.config, log_level, local_model)
+                run = worker.run = _start(worker, log_level, local_model)
                 break
             except Exception as exc:  # no process (EAGAIN, ENOMEM), or a bug
                 # A death like any: retried after the back-off, a crash loop if it lasts,
@@ -590,7 +594,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
                 worker.config = dataclasses.replace(worker.config, local_model=not_theirs)
         runs = []
         for worker in workers:
-            worker.run = _start(worker.config, log_level, local)
+            worker.run = _start(worker, log_level, local)
             runs.append(worker.run)
         any_exit = asyncio.ensure_future(
             asyncio.wait([r.exited for r in runs], return_when=asyncio.FIRST_COMPLETED)

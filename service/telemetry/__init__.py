@@ -1,6 +1,7 @@
 """Traces, metrics and the per-call overhead figure, behind a small hook interface.
 
 setup.py    providers and exporters from `OTEL_*` variables
+outages.py  a collector outage logged as a few lines, not one per retry
 metrics.py  the instruments
 tracing.py  attribute names, the per-RPC scope
 core.py     `Telemetry` and the hooks other modules call

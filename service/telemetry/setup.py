@@ -8,7 +8,7 @@ leaves the process unless the operator asks. The OTLP protocol comes from
 (`OTEL_EXPORTER_OTLP_*`, `OTEL_BSP_*`, `OTEL_METRIC_EXPORT_INTERVAL`) are read by the
 OpenTelemetry exporters themselves. Spans leave through a `BatchSpanProcessor`, whose
 background thread does every export, so a slow or unreachable collector never delays
-a call: it costs a log line from the exporter and dropped spans, nothing more.
+a call: it costs dropped spans and a few log lines (`outages`), nothing more.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
+    MetricExporter,
     MetricReader,
     PeriodicExportingMetricReader,
 )
@@ -35,6 +36,12 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from service.config import TelemetryConfig
 from service.telemetry.histograms import HistogramExport, suits
 from service.telemetry.lean_tracer import LeanTracer
+from service.telemetry.outages import (
+    ExportWatch,
+    WatchedMetricExporter,
+    WatchedSpanExporter,
+    install_exporter_log_filter,
+)
 
 log = logging.getLogger("llm_gateway.telemetry")
 
@@ -102,14 +109,26 @@ def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
                 OTLPSpanExporter as GrpcSpanExporter,
             )
 
-            exporters.append(GrpcSpanExporter())
+            exporters.append(_watched_spans(GrpcSpanExporter()))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
                 OTLPSpanExporter as HttpSpanExporter,
             )
 
-            exporters.append(HttpSpanExporter())
+            exporters.append(_watched_spans(HttpSpanExporter()))
     return exporters
+
+
+def _watched_spans(exporter: SpanExporter) -> SpanExporter:
+    """An OTLP span exporter whose failures the gateway logs, as a few lines (`outages`)."""
+    install_exporter_log_filter()
+    return WatchedSpanExporter(exporter, ExportWatch("traces"))
+
+
+def _watched_metrics(exporter: MetricExporter) -> MetricReader:
+    """A periodic reader for an OTLP metric exporter whose failures the gateway logs."""
+    install_exporter_log_filter()
+    return PeriodicExportingMetricReader(WatchedMetricExporter(exporter, ExportWatch("metrics")))
 
 
 def check_environment(config: TelemetryConfig, environ: Mapping[str, str]) -> None:
@@ -146,13 +165,13 @@ def metric_readers(environ: Mapping[str, str]) -> tuple[list[MetricReader], bool
                 OTLPMetricExporter as GrpcMetricExporter,
             )
 
-            readers.append(PeriodicExportingMetricReader(GrpcMetricExporter()))
+            readers.append(_watched_metrics(GrpcMetricExporter()))
         else:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
                 OTLPMetricExporter as HttpMetricExporter,
             )
 
-            readers.append(PeriodicExportingMetricReader(HttpMetricExporter()))
+            readers.append(_watched_metrics(HttpMetricExporter()))
     return readers, wants_prometheus
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -210,6 +211,65 @@ async def test_an_unreachable_collector_costs_calls_nothing(upstream, start_gate
     started = time.monotonic()
     await telemetry.aclose()
     assert time.monotonic() - started < 8.0  # bounded by Telemetry's shutdown limit
+
+
+async def test_a_collector_outage_is_a_line_as_it_starts_and_one_as_it_ends(
+    upstream, start_gateway, otel_environ, caplog
+):
+    """The collector down for several exports of spans and metrics: one
+    `telemetry.export_failed` per signal and none of the exporters' own lines; back up,
+    one `telemetry.export_recovered` per signal with the exports lost.
+
+    Before, the OTLP exporter logged a WARNING for each retry and an ERROR for each
+    lost batch, for as long as the collector was down.
+    """
+    port = free_port()
+    otel_environ(
+        OTEL_TRACES_EXPORTER="otlp",
+        OTEL_METRICS_EXPORTER="otlp",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+        OTEL_EXPORTER_OTLP_INSECURE="true",
+        OTEL_EXPORTER_OTLP_TIMEOUT="0.3",  # below the first backoff: one try per export
+    )
+    caplog.set_level(logging.INFO)
+    telemetry = Telemetry.from_config(TelemetryConfig())
+    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+
+    def logged(event: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == event]
+
+    async def call_and_flush() -> None:
+        await gw.stub.Complete(chat())
+        await asyncio.to_thread(telemetry.providers.force_flush)
+
+    for _ in range(3):  # each flush an export of spans and one of metrics, all failed
+        await call_and_flush()
+    assert sorted(r.signal for r in logged("telemetry.export_failed")) == ["metrics", "traces"]
+    assert all(f"127.0.0.1:{port}" in r.error for r in logged("telemetry.export_failed"))
+    assert [
+        r
+        for r in caplog.records
+        if r.name.startswith("opentelemetry") and r.levelno >= logging.WARNING
+    ] == []
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsCollector(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    try:
+        for _ in range(20):  # the exporters reconnect within an export or two
+            await call_and_flush()
+            if len(logged("telemetry.export_recovered")) == 2:
+                break
+        recovered = {r.signal: r.failed_exports for r in logged("telemetry.export_recovered")}
+        assert recovered.keys() == {"traces", "metrics"}
+        assert all(failed >= 3 for failed in recovered.values()), recovered
+        await call_and_flush()
+        assert len(logged("telemetry.export_failed")) == 2  # no new outage
+        assert len(logged("telemetry.export_recovered")) == 2
+        await telemetry.aclose()  # while the collector still listens
+    finally:
+        await server.stop(0)
 
 
 async def test_metrics_are_served_on_the_prometheus_endpoint(upstream, start_gateway, otel_environ):

@@ -258,6 +258,27 @@ async def test_a_config_error_found_at_start_exits_2_at_once(tmp_path, workers):
     assert b"Traceback" not in err
 
 
+async def test_each_line_names_the_worker_or_the_supervisor_that_wrote_it(tmp_path):
+    """`serve --workers 2`: each worker's lines end `worker=0` or `worker=1`, the
+    supervisor's `worker=supervisor`.
+
+    Before, the two workers' `server.started port=...` lines were identical, and no line
+    said which process wrote it.
+    """
+    path = _write_config(tmp_path)
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        await _listening(process)
+        await log.nth("server.started", 2)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(_HANG_GUARD_S):
+            assert await process.wait() == 0
+    started = sorted(line.rsplit(" ", 1)[1] for line in log.events("server.started"))
+    assert started == ["worker=0\n", "worker=1\n"]
+    assert log.events("server.workers")[0].endswith(" worker=supervisor\n")
+    lines = [line for line in log.lines if line[:1].isdigit()]  # not a traceback's
+    assert all(len(re.findall(r" worker=(?:\d+|supervisor)$", line)) == 1 for line in lines)
+
+
 async def test_prometheus_ports_past_65535_are_no_error_with_telemetry_off(tmp_path):
     """`telemetry.enabled: false` opens no Prometheus endpoint, so a `prometheus_port` whose
     range for the workers would pass 65535 is no reason to refuse: `serve --workers 2`

@@ -9,6 +9,7 @@ Secret references against upstream key names).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 
 from service.config import GatewayConfig, parse_config
 from service.errors import RETRY_ELSEWHERE_TRAILER
+from service.workers import worker_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -47,11 +49,19 @@ def _documents(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
 
 
-def _manifests() -> Iterator[dict[str, Any]]:
-    """Every Kubernetes object in deploy/ (documents with apiVersion and kind)."""
+# Objects of a custom resource (the Prometheus Operator's): no schema of the Kubernetes API
+# covers them, so they are checked by their own tests.
+CUSTOM_API_GROUPS = frozenset({"monitoring.coreos.com"})
+
+
+def _manifests(*, custom: bool = False) -> Iterator[dict[str, Any]]:
+    """Every Kubernetes object in deploy/ (documents with apiVersion and kind), those of
+    a custom resource only if `custom`."""
     for path in _yaml_files():
         for doc in _documents(path):
-            if "apiVersion" in doc and "kind" in doc and doc["kind"] != "Kustomization":
+            if "apiVersion" not in doc or doc.get("kind", "Kustomization") == "Kustomization":
+                continue
+            if custom or doc["apiVersion"].partition("/")[0] not in CUSTOM_API_GROUPS:
                 yield doc
 
 
@@ -143,7 +153,7 @@ def test_the_schema_check_catches_a_misspelt_field() -> None:
 
 def test_every_kubernetes_object_has_a_name_and_no_namespace() -> None:
     """Every manifest names itself and leaves the namespace to the operator."""
-    manifests = list(_manifests())
+    manifests = list(_manifests(custom=True))
     assert len(manifests) >= 7
     for manifest in manifests:
         assert manifest["metadata"]["name"]
@@ -233,6 +243,53 @@ def test_workers_follow_the_cpu_limit() -> None:
     assert workers["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
 
 
+def _cpus(quantity: str) -> int:
+    """A CPU quantity rounded up, as the downward API gives it with divisor 1."""
+    if quantity.endswith("m"):
+        return math.ceil(int(quantity[:-1]) / 1000)
+    return math.ceil(float(quantity))
+
+
+def _metrics_ports(container: dict[str, Any]) -> dict[str, int]:
+    return {
+        p["name"]: p["containerPort"]
+        for p in container["ports"]
+        if p["name"].startswith("metrics-")
+    }
+
+
+def test_each_worker_serves_metrics_on_a_port_the_pod_declares() -> None:
+    """The config opens a Prometheus endpoint per worker (prometheus_port + index) on the
+    pod's address, and the Deployment declares each of those ports as metrics-<index>, for
+    the limit's worker count. Before, no port was opened, and the dashboard had nothing."""
+    container = _gateway_container(_gateway_deployments()[0])
+    config = _production_config()
+    assert config.telemetry.enabled
+    assert config.telemetry.prometheus_host == "0.0.0.0"  # not loopback: scraped from outside
+    count = _cpus(container["resources"]["limits"]["cpu"])
+    opened = [c.telemetry.prometheus_port for c in worker_configs(config, count, environ={})]
+    assert _metrics_ports(container) == {f"metrics-{i}": port for i, port in enumerate(opened)}
+    assert all(p["protocol"] == "TCP" for p in container["ports"])
+
+
+def test_the_podmonitor_scrapes_every_workers_port_and_only_those() -> None:
+    """podmonitor.yaml selects the gateway pods and keeps, of their ports, exactly those
+    named metrics-<index>: every worker's, never the gRPC port."""
+    (monitor,) = _documents(KUBE / "podmonitor.yaml")
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= _pod_labels("server").items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert "port" not in endpoint  # one endpoint for however many ports there are
+    keep = next(r for r in endpoint["relabelings"] if r["action"] == "keep")
+    assert keep["sourceLabels"] == ["__meta_kubernetes_pod_container_port_name"]
+    container = _gateway_container(_gateway_deployments()[0])
+    kept = {p["name"] for p in container["ports"] if re.fullmatch(keep["regex"], p["name"])}
+    assert kept == set(_metrics_ports(container))
+    assert len(kept) >= 2
+    assert "grpc" not in kept
+
+
 def test_every_upstream_key_comes_from_the_secret() -> None:
     """Each upstream's api_key_env is filled from the provider-key Secret, never a literal."""
     config = _production_config()
@@ -309,7 +366,8 @@ def test_kustomization_lists_every_manifest_but_the_secret_example() -> None:
     kustomization = _kustomization(KUBE)
     resources = set(kustomization["resources"])
     manifests = {p.name for p in KUBE.glob("*.yaml")} - {"kustomization.yaml", "gateway.yaml"}
-    assert resources == (manifests - {"secret.example.yaml"}) | {"../envoy"}
+    # Neither applied by `kubectl apply -k`: fake keys, and a CRD a cluster may lack.
+    assert resources == (manifests - {"secret.example.yaml", "podmonitor.yaml"}) | {"../envoy"}
     (generator,) = kustomization["configMapGenerator"]
     assert generator["files"] == ["gateway.yaml"]
     volumes = _gateway_deployments()[0]["spec"]["template"]["spec"]["volumes"]

@@ -129,3 +129,27 @@ def test_the_extras_stay_on_the_event_line_ahead_of_a_traceback() -> None:
     assert first == "ERROR x.failed error=RuntimeError: boom"
     assert rest[0] == "Traceback (most recent call last):"
     assert rest[-1] == "RuntimeError: boom"
+
+
+@pytest.mark.parametrize(
+    ("writer", "suffix"), [(1, " worker=1"), ("supervisor", " worker=supervisor")]
+)
+def test_each_line_of_several_processes_names_its_writer_on_the_event_line(writer, suffix) -> None:
+    """With `serve --workers N` every line ends with the worker's index (or `supervisor`),
+    after the extras and ahead of a traceback. Before, the N workers' lines were identical."""
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as exc:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "x.failed", (), None)
+        record.exc_info = (type(exc), exc, exc.__traceback__)
+    record.__dict__["port"] = 50051
+    formatter = EventFormatter("%(levelname)s %(message)s", writer=writer)
+    first, *rest = formatter.format(record).splitlines()
+    assert first == f"ERROR x.failed port=50051{suffix}"
+    assert rest[0] == "Traceback (most recent call last):"
+
+
+def test_a_single_process_names_no_writer() -> None:
+    """One process (no --workers N): no `worker=` field, there is nothing to tell apart."""
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "server.started", (), None)
+    assert EventFormatter("%(message)s").format(record) == "server.started"

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export import (
 import service.telemetry
 from service.config import TelemetryConfig
 from service.telemetry import Telemetry, TelemetrySetupError, activate, active
+from service.telemetry.outages import WatchedSpanExporter
 from service.telemetry.setup import build_providers, metric_readers, span_exporters
 from tests.telemetry_support import captured_telemetry
 
@@ -49,7 +50,12 @@ from tests.telemetry_support import captured_telemetry
 def test_span_exporters_follow_otel_traces_exporter(environ, expected):
     """Each OTEL_TRACES_EXPORTER value builds its exporter; the default exports nothing."""
     exporters = span_exporters(environ)
-    assert [type(e) for e in exporters] == expected
+    built = [e.exporter if isinstance(e, WatchedSpanExporter) else e for e in exporters]
+    assert [type(e) for e in built] == expected
+    # Each OTLP exporter is watched: its failures logged as a few lines (test_telemetry_outages).
+    assert [isinstance(e, WatchedSpanExporter) for e in exporters] == [
+        t is not ConsoleSpanExporter for t in expected
+    ]
     for exporter in exporters:
         exporter.shutdown()
 

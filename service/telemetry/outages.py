@@ -1,0 +1,185 @@
+"""A collector outage in a few log lines, not one for each retry and each lost batch.
+
+The OTLP exporters log a WARNING for each retry and an ERROR for each batch they give up:
+with the collector down, about 30 lines in 20 s, for as long as it is down. The gateway
+wraps each OTLP exporter in a watch of its signal (`WatchedSpanExporter`,
+`WatchedMetricExporter`), which logs instead, from the exports' own results:
+
+- `telemetry.export_failed` (ERROR) as an export fails after one that succeeded (or the
+  first), with the exporter's first complaint about it as `error`;
+- `telemetry.export_still_failing` (WARNING) at most once every _REPEAT_AFTER_S while
+  exports keep failing, with `failed_exports` so far;
+- `telemetry.export_recovered` (INFO) as one succeeds again, with `failed_exports` in all.
+
+What the exporters log during a watched export (WARNING and above) is dropped by the
+filter `install_exporter_log_filter` puts on their loggers; what they log at any other
+time (a misconfiguration at start, a call after shutdown) is left as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+log = logging.getLogger("llm_gateway.telemetry")
+
+# The loggers the OTLP exporters (opentelemetry-exporter-otlp 1.45) report retries and
+# failed exports on: gRPC's is shared by traces and metrics; over HTTP each has its own.
+EXPORTER_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+)
+
+# While exports keep failing, a reminder at most this often (seconds).
+_REPEAT_AFTER_S = 60.0
+
+Signal = Literal["traces", "metrics"]
+
+
+@dataclass(slots=True)
+class _Export:
+    """One watched export running on a thread: the first complaint its exporter logged."""
+
+    first_complaint: str | None = None
+
+
+# The watched export this thread runs now, if any. Exporters log from the thread that
+# exports (a processor's or reader's own, or a flush's caller), so a record logged on a
+# thread during one is that export's, whichever signal shares the logger.
+_running = threading.local()
+
+
+class _ExporterLogFilter(logging.Filter):
+    """Drops the WARNING and ERROR records an exporter logs during a watched export,
+    keeping the first one's message for the watch."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a complaint logged during a watched export on this thread."""
+        export: _Export | None = getattr(_running, "export", None)
+        if export is None or record.levelno < logging.WARNING:
+            return True
+        if export.first_complaint is None:
+            export.first_complaint = record.getMessage()
+        return False
+
+
+def install_exporter_log_filter() -> None:
+    """Put the filter on each exporter logger, once."""
+    for name in EXPORTER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ExporterLogFilter) for f in logger.filters):
+            # Ahead of the SDK's own DuplicateFilter, which drops a message repeated within
+            # 20 s (the other signal's, over gRPC) before a later filter would see it.
+            logger.filters.insert(0, _ExporterLogFilter())
+
+
+@dataclass(slots=True)
+class ExportWatch:
+    """Whether one signal's exports fail, and the lines that say so when that changes."""
+
+    signal: Signal
+    clock: Callable[[], float] = time.monotonic
+    # Exports failed since the last that succeeded.
+    _failed: int = 0
+    _logged_at: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextlib.contextmanager
+    def exporting(self) -> Iterator[_Export]:
+        """Mark this thread as running one of this signal's exports meanwhile."""
+        previous = getattr(_running, "export", None)
+        _running.export = export = _Export()
+        try:
+            yield export
+        finally:
+            _running.export = previous
+
+    def ended(self, *, is_success: bool, complaint: str | None) -> None:
+        """Count an export's result, logging an outage's start, reminders and end."""
+        with self._lock:
+            extra: dict[str, object] = {"signal": self.signal}
+            if is_success:
+                failed, self._failed = self._failed, 0
+                if failed:
+                    log.info(
+                        "telemetry.export_recovered", extra={**extra, "failed_exports": failed}
+                    )
+                return
+            self._failed += 1
+            now = self.clock()
+            extra["error"] = complaint or "the exporter said nothing"
+            if self._failed == 1:
+                self._logged_at = now
+                log.error("telemetry.export_failed", extra=extra)
+            elif now - self._logged_at >= _REPEAT_AFTER_S:
+                self._logged_at = now
+                extra["failed_exports"] = self._failed
+                log.warning("telemetry.export_still_failing", extra=extra)
+
+
+class WatchedSpanExporter(SpanExporter):
+    """`exporter` (kept as `.exporter`), its failures logged by `watch` alone."""
+
+    def __init__(self, exporter: SpanExporter, watch: ExportWatch) -> None:
+        self.exporter = exporter
+        self._watch = watch
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Export `spans` with the wrapped exporter and count the result."""
+        with self._watch.exporting() as export:
+            result = self.exporter.export(spans)
+        self._watch.ended(
+            is_success=result is SpanExportResult.SUCCESS, complaint=export.first_complaint
+        )
+        return result
+
+    def shutdown(self) -> None:
+        """Shut the wrapped exporter down."""
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Flush the wrapped exporter."""
+        return self.exporter.force_flush(timeout_millis)
+
+
+class WatchedMetricExporter(MetricExporter):
+    """`exporter` (kept as `.exporter`), its failures logged by `watch` alone (its reader
+    ignores the results)."""
+
+    def __init__(self, exporter: MetricExporter, watch: ExportWatch) -> None:
+        # The reader reads the exporter's preferences from these; the SDK keeps them private.
+        super().__init__(
+            preferred_temporality=exporter._preferred_temporality,
+            preferred_aggregation=exporter._preferred_aggregation,
+        )
+        self.exporter = exporter
+        self._watch = watch
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        """Export `metrics_data` with the wrapped exporter and count the result."""
+        with self._watch.exporting() as export:
+            result = self.exporter.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        self._watch.ended(
+            is_success=result is MetricExportResult.SUCCESS, complaint=export.first_complaint
+        )
+        return result
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        """Flush the wrapped exporter."""
+        return self.exporter.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        """Shut the wrapped exporter down."""
+        self.exporter.shutdown(timeout_millis, **kwargs)
