@@ -31,10 +31,13 @@ __all__ = ["LeanRedis", "LeanScript"]
 
 Arg = str | bytes | int | float
 
-# As redis-py's connection pool: beyond this many connections, a command waits for one.
+# As redis-py's blocking pool: beyond this many connections, a command waits for one
+# (at most its timeout).
 MAX_CONNECTIONS = 100
 # As redis-py's error for a connection the server closed.
 _CLOSED_BY_SERVER = "Connection closed by server."
+# As redis-py's blocking pool words a wait for a connection that timed out.
+_NO_CONNECTION = "No connection available."
 # The reply to AUTH from a Redis that has no password (each version's wording).
 _NO_PASSWORD_SET = tuple(NO_AUTH_SET_ERROR)
 
@@ -267,17 +270,7 @@ class LeanRedis:
                 return conn
             self._drop(conn, waking=False)
         if self._opened >= self._max:
-            waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
-            self._waiting.append(waiter)
-            try:
-                given = await waiter
-            except BaseException:
-                if waiter.done() and not waiter.cancelled():  # given one, then cancelled
-                    given = waiter.result()
-                    if given is None:
-                        self._opened -= 1
-                    self._pass_on(given)
-                raise
+            given = await self._wait_for_turn()
             if given is not None:
                 return given
             # None: a connection was dropped, and its place kept for this command.
@@ -288,6 +281,29 @@ class LeanRedis:
         except BaseException:
             self._opened -= 1
             self._pass_on(None)
+            raise
+
+    async def _wait_for_turn(self) -> _Connection | None:
+        """The next connection given back, or None: a place kept to open one in.
+
+        Waited for at most the command timeout, as redis-py's blocking pool waits its own:
+        on a hung Redis every connection is held until its command times out, and a
+        command queued behind them would then open a connection to that Redis and wait
+        out a timeout of its own, wave after wave, past the cool-down its users started.
+        """
+        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():  # given one, then cancelled
+                given = waiter.result()
+                if given is None:
+                    self._opened -= 1
+                self._pass_on(given)
+            if isinstance(exc, TimeoutError):
+                raise exceptions.ConnectionError(_NO_CONNECTION) from None
             raise
 
     def _give_back(self, conn: _Connection) -> None:

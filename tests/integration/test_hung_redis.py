@@ -10,6 +10,7 @@ when Redis fails, and their writes wait in the background queue until Redis answ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -24,6 +25,7 @@ import redis.asyncio as aioredis
 from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import RedisKeyStore, generate_key, hash_key, redis_keys_hash
 from service.errors import UpstreamUnavailable
+from service.lean_redis import LeanRedis
 from service.ledger import period_key
 from service.store_cooldown import StoreCooldown
 from tests.conftest import chat
@@ -311,3 +313,51 @@ async def test_connections_redis_closed_are_replaced_without_a_cool_down(
         assert writes_waiting(captured) == 0  # nothing waited for a Redis in a cool-down
         usage = await gateway.stub.GetUsage(pb.GetUsageRequest(), metadata=bearer(new))
         assert usage.total.requests == 4
+
+
+async def _connections_received(client: aioredis.Redis) -> int:
+    """How many connections Redis has accepted since it started."""
+    return int((await client.info("stats"))["total_connections_received"])
+
+
+async def test_calls_queued_for_a_connection_to_a_hung_redis_open_no_more_of_them(
+    redis_server: RedisServer, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More calls at once than the lean client has connections (here 2), as Redis hangs:
+    the calls past the cap wait for a connection at most the operation timeout, then do
+    what they do without Redis (team-a's rate falls open), as the calls holding them do.
+
+    Before, each queued call was handed the place of a connection dropped on its
+    timeout, opened a new connection to the hung Redis and waited out a timeout of its
+    own, past the cool-down its users had started: the calls went through in waves of
+    the cap, 12 calls meeting 12 connection timeouts one after the other.
+    """
+    beside = LeanRedis.beside.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        LeanRedis, "beside", classmethod(lambda cls, client: beside(cls, client, max_connections=2))
+    )
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    async with FakeUpstream() as fake, _redis_client(redis_server) as client:
+        # Keys in the config, no budget, no slot: only the rate's script goes to Redis.
+        config = secure_config(
+            fake.base_url,
+            auth={"redis_url": redis_server.url, "redis_key_prefix": prefix},
+            tenants={"team-a": {"requests_per_minute": 1000}},
+        )
+        gateway = await start_gateway(config)
+
+        async def call() -> None:
+            reply = await gateway.stub.Complete(chat(), metadata=as_tenant("team-a"), timeout=30)
+            assert reply.content
+
+        await call()  # connected while Redis answers
+        before = await _connections_received(client)
+        redis_server.pause()
+        try:
+            await asyncio.gather(*(call() for _ in range(12)))
+        finally:
+            redis_server.resume()
+        # The two connections' commands time out, and the calls queued behind them with
+        # them; at most those two calls are handed a place, since their wait outlasts the
+        # first ones' sending. The client's own connection here is one more.
+        assert await _connections_received(client) - before <= 2 * 2 + 1
