@@ -132,6 +132,15 @@ async def serve_with_stand_in(
     )  # fmt: skip
 
 
+async def _listening(gateway: asyncio.subprocess.Process) -> str:
+    """The address `serve` says it listens on, once it does."""
+    assert gateway.stdout is not None
+    async with asyncio.timeout(30):
+        line = (await gateway.stdout.readline()).decode()
+    assert line.startswith("llm-gateway listening on "), line
+    return line.split()[-1]
+
+
 async def test_calls_refused_while_it_restarts_do_not_keep_it_out_once_serving(
     tmp_path: Path,
 ) -> None:
@@ -149,12 +158,9 @@ async def test_calls_refused_while_it_restarts_do_not_keep_it_out_once_serving(
     gateway = await serve_with_stand_in(stand_in, config, stderr=asyncio.subprocess.DEVNULL)
     children: list[int] = []
     try:
-        assert gateway.stdout is not None
-        async with asyncio.timeout(30):
-            line = (await gateway.stdout.readline()).decode()
-        assert line.startswith("llm-gateway listening on "), line
+        address = await _listening(gateway)
         children = _children(gateway.pid)
-        async with grpc.aio.insecure_channel(line.split()[-1]) as channel:
+        async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.CompletionServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
             assert await _call(stub) == grpc.StatusCode.OK
@@ -191,10 +197,7 @@ async def test_sighup_stops_the_gateway_and_its_local_model(tmp_path: Path) -> N
     gateway = await serve_with_stand_in(stand_in, config, stderr=asyncio.subprocess.DEVNULL)
     children: list[int] = []
     try:
-        assert gateway.stdout is not None
-        async with asyncio.timeout(30):
-            line = (await gateway.stdout.readline()).decode()
-        assert line.startswith("llm-gateway listening on "), line
+        await _listening(gateway)
         children = _children(gateway.pid)
         gateway.send_signal(signal.SIGHUP)
         async with asyncio.timeout(20):

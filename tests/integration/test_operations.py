@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,19 @@ async def gateway_process(
         await process.wait()
 
 
+async def _completes_across(stop: Callable[[], None], upstream, address: str) -> None:
+    """A slow call in flight as `stop()` runs is answered whole."""
+    upstream.script(Reply(content="slow but whole", delay_s=1.0))
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        in_flight = asyncio.ensure_future(stub.Complete(chat(), timeout=20))
+        while not upstream.requests:
+            await asyncio.sleep(0.01)
+        stop()
+        response = await in_flight
+    assert response.content == "slow but whole"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 async def test_a_stop_signal_finishes_in_flight_call_then_exits_cleanly(
     gateway_process, upstream, sig
@@ -166,15 +179,7 @@ async def test_a_stop_signal_finishes_in_flight_call_then_exits_cleanly(
 
     Before, SIGHUP killed the process at once: the call cut, status -1 (129 in a shell)."""
     process, address = gateway_process
-    upstream.script(Reply(content="slow but whole", delay_s=1.0))
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.CompletionServiceStub(channel)
-        in_flight = asyncio.ensure_future(stub.Complete(chat(), timeout=20))
-        while not upstream.requests:
-            await asyncio.sleep(0.01)
-        process.send_signal(sig)
-        response = await in_flight
-        assert response.content == "slow but whole"
+    await _completes_across(lambda: process.send_signal(sig), upstream, address)
     assert await asyncio.wait_for(process.wait(), timeout=20) == 0
     async with grpc.aio.insecure_channel(address) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -465,15 +470,7 @@ async def test_workers_drain_when_the_terminal_closes(upstream, tmp_path):
         assert process.stdout is not None
         line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
         address = line.split(" on ", 1)[1].split(" ", 1)[0]
-        upstream.script(Reply(content="slow but whole", delay_s=1.0))
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = pb_grpc.CompletionServiceStub(channel)
-            in_flight = asyncio.ensure_future(stub.Complete(chat(), timeout=20))
-            while not upstream.requests:
-                await asyncio.sleep(0.01)
-            os.killpg(process.pid, signal.SIGHUP)
-            response = await in_flight
-        assert response.content == "slow but whole"
+        await _completes_across(lambda: os.killpg(process.pid, signal.SIGHUP), upstream, address)
         assert await asyncio.wait_for(process.wait(), timeout=30) == 0
     finally:
         if process.returncode is None:
