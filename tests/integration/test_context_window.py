@@ -91,6 +91,36 @@ async def test_none_mode_rejects_with_estimate_and_limit(upstream_small, start_g
     assert field == "messages"
     assert str(estimate) in description
     assert str(WINDOW) in description
+    assert "use TRUNCATION_MODE_KEEP_RECENT" in description  # the last turn would fit
+    assert upstream_small.requests == []
+
+
+async def test_none_mode_suggests_no_truncation_that_could_not_fit(upstream_small, start_gateway):
+    """A last user message too long for the window by itself, with truncation off: the
+    refusal says what KEEP_RECENT would still need and suggests what would help (a
+    shorter message, a lower max_tokens, Summarize), not KEEP_RECENT. Before, it always
+    suggested KEEP_RECENT, which refuses the same prompt."""
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    request = pb.CompleteRequest(
+        model=FAKE_MODEL,
+        messages=[
+            pb.Message(role=pb.ROLE_SYSTEM, content="You are terse."),
+            pb.Message(role=pb.ROLE_USER, content=TURN * 12),
+        ],
+        params=pb.GenerationParams(max_tokens=100),
+        truncation=pb.TruncationPolicy(mode=pb.TRUNCATION_MODE_NONE),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(request)
+    details = error_details(caught.value)
+    assert details.reason == "CONTEXT_WINDOW_EXCEEDED"
+    ((field, description),) = details.field_violations
+    assert field == "messages"
+    assert "use TRUNCATION_MODE_KEEP_RECENT" not in description
+    assert "TRUNCATION_MODE_KEEP_RECENT would still need" in description
+    assert "shorten the last message" in description
+    assert "lower params.max_tokens (100)" in description
+    assert "Summarize" in description
     assert upstream_small.requests == []
 
 
