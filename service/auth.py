@@ -255,8 +255,8 @@ class RedisKeyStore:
         try:
             tenant = await self._redis.hget(self._hash, digest)
         except Exception as exc:  # redis-py errors, timeouts: fail closed, retryable
-            self._cooldown.failed(exc)
-            log.warning("auth.key_store_unavailable", extra={"error": type(exc).__name__})
+            if self._cooldown.failed(exc):
+                log.warning("auth.key_store_unavailable", extra={"error": type(exc).__name__})
             if not is_unanswered(exc):  # an error reply: Redis is up, and did not vouch
                 raise _key_store_unavailable() from None
             return self._known_tenant(digest)

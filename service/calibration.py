@@ -16,7 +16,11 @@ are fitted, truncated or refused.
 - never above `ceiling`: an estimate that is too low is corrected, within reason;
 - each ratio is held to what the factor can follow (floor and ceiling less the margin)
   before it joins the mean: one absurd report (10⁹ tokens) would otherwise keep the
-  mean, and the factor at its ceiling, far up for hundreds of answers.
+  mean, and the factor at its ceiling, far up for hundreds of answers;
+- an upstream refusing a prompt as over the window says its own count was over the room
+  the gateway fitted it in (`refused_as_too_long`): a lower bound of the ratio, which the
+  mean is raised to at once, so the same prompt is truncated or refused before it is sent
+  again, rather than sent, and refused, on every call.
 
 Example:
     calibration = TokenCalibration()
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 class _Ratio:
     mean: float
     samples: int
+    is_refused: bool = False  # an upstream refused a prompt as too long: the mean counts now
 
 
 class TokenCalibration:
@@ -80,22 +85,32 @@ class TokenCalibration:
         known.mean += self.weight * (ratio - known.mean)
         known.samples += 1
 
-    def refused_as_too_long(self, model: str, tenant: str) -> None:
-        """An upstream refused as over `model`'s window a prompt of `tenant` fitted with
-        its factor.
+    def refused_as_too_long(
+        self, model: str, tenant: str, *, estimated_tokens: int, room_tokens: int
+    ) -> None:
+        """An upstream refused as over `model`'s window a prompt of `tenant` that the
+        gateway fitted into `room_tokens` (the window less the answer's reserve) with its
+        factor; `estimated_tokens` is its plain estimate.
 
-        The mean is over the tenant's traffic as a whole; texts the estimator counts low
-        (plain-ASCII languages, rare letters) can then run over. The factor goes back
-        to at least 1, the estimator's own, and learns down again from there.
+        The upstream counted more than `room_tokens`, so this prompt's ratio is above
+        `room_tokens / estimated_tokens`: the mean is raised to that bound (held to the
+        factor's bounds like any ratio) at once, without waiting for `min_samples`, and the
+        margin puts the same prompt over the room. The mean is also raised to at least the
+        estimator's own 1: it is over the tenant's traffic as a whole, and texts the
+        estimator counts low (plain-ASCII languages, rare letters) can then run over.
+        Answers reporting their prompt tokens learn it down again from there.
         """
-        known = self._ratios.get((tenant, model))
-        if known is not None:
-            known.mean = max(known.mean, 1 / (1 + self.margin))
+        at_least = 1 / (1 + self.margin)
+        if estimated_tokens > 0:
+            at_least = max(at_least, min((room_tokens + 1) / estimated_tokens, self._highest))
+        known = self._ratios.setdefault((tenant, model), _Ratio(at_least, 0))
+        known.mean = max(known.mean, at_least)
+        known.is_refused = True
 
     def factor(self, model: str, tenant: str) -> float:
         """What to multiply `tenant`'s estimates for `model` by (1.0 until enough is known)."""
         known = self._ratios.get((tenant, model))
-        if known is None or known.samples < self.min_samples:
+        if known is None or (known.samples < self.min_samples and not known.is_refused):
             return 1.0
         return min(self.ceiling, max(self.floor, known.mean * (1 + self.margin)))
 

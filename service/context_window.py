@@ -104,12 +104,6 @@ def fit_messages(
             max_tokens=max_tokens,
             is_answer_alone=True,
         )
-    if mode is TruncationMode.NONE:
-        raise ContextWindowExceeded(
-            estimated_tokens=estimated + reserve,
-            limit_tokens=context_window,
-            max_tokens=max_tokens,
-        )
 
     def calibrated(raw: int) -> int:
         return math.ceil(raw * calibration)
@@ -123,9 +117,18 @@ def fit_messages(
     for index in required:
         keep[index] = True
     kept = fixed + sum(c for c, k in zip(costs, keep, strict=True) if k)
-    if calibrated(kept) > budget:
+    # What KEEP_RECENT keeps at least, answer reserve included, when even that is over.
+    minimum = calibrated(kept) + reserve if calibrated(kept) > budget else None
+    if mode is TruncationMode.NONE:
         raise ContextWindowExceeded(
-            estimated_tokens=calibrated(kept) + reserve,
+            estimated_tokens=estimated + reserve,
+            limit_tokens=context_window,
+            max_tokens=max_tokens,
+            kept_minimum_tokens=minimum,
+        )
+    if minimum is not None:
+        raise ContextWindowExceeded(
+            estimated_tokens=minimum,
             limit_tokens=context_window,
             max_tokens=max_tokens,
             is_truncated=True,

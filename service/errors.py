@@ -121,9 +121,12 @@ class ContextWindowExceeded(InvalidRequest):
         max_tokens: int | None = None,
         is_answer_alone: bool = False,
         is_truncated: bool = False,
+        kept_minimum_tokens: int | None = None,
     ) -> None:
         """`max_tokens`: the caller's, when it set one; `is_answer_alone`: that alone
-        fills the window; `is_truncated`: KEEP_RECENT dropped all it may."""
+        fills the window; `is_truncated`: KEEP_RECENT dropped all it may;
+        `kept_minimum_tokens`: with truncation off, what KEEP_RECENT would keep at least
+        (answer reserve included) when that is over the window too, so not a remedy."""
         # The caller's max_tokens takes its share of the window: lowering it is a remedy.
         or_lower = "" if max_tokens is None else f", or lower params.max_tokens ({max_tokens})"
         if is_answer_alone:
@@ -138,6 +141,14 @@ class ContextWindowExceeded(InvalidRequest):
                 f"the system messages, tools and the last turn alone need about "
                 f"{estimated_tokens} tokens (room for the answer included), over the model's "
                 f"context window of {limit_tokens}; shorten them{or_lower}",
+            )
+        elif kept_minimum_tokens is not None:
+            violation = FieldViolation(
+                "messages",
+                f"prompt needs about {estimated_tokens} tokens (room for the answer included), "
+                f"over the model's context window of {limit_tokens}; TRUNCATION_MODE_KEEP_RECENT "
+                f"would still need {kept_minimum_tokens}: shorten the last message or system "
+                f"messages{or_lower}, or use Summarize for a long document",
             )
         else:
             violation = FieldViolation(

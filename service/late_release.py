@@ -45,6 +45,14 @@ class _Pending:
     on_give_up: Callable[[], None] | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """A failed try of what waits, and whether to log it (`StoreCooldown.failed`)."""
+
+    error: Exception
+    is_logged: bool
+
+
 class LateReleases:
     """Retries failed releases of one store (`store` names it in the logs)."""
 
@@ -122,14 +130,17 @@ class LateReleases:
         try:
             await release()
         except Exception as exc:
-            self._answered(exc)
+            is_logged = self._answered(exc)
             if self._refused_for_good(exc):
-                self._log_refusal(exc)
+                if is_logged:
+                    self._log_refusal(exc)
                 self._give_up(None)
                 return
-            log.warning(
-                "late_release.deferred", extra={"store": self._store, "error": type(exc).__name__}
-            )
+            if is_logged:
+                log.warning(
+                    "late_release.deferred",
+                    extra={"store": self._store, "error": type(exc).__name__},
+                )
             self.retry(release)
         except BaseException:
             self.retry(release)
@@ -164,17 +175,19 @@ class LateReleases:
                 delay = self._first_delay_s
                 continue
             delay = min(delay * 2, self._max_delay_s)
+            if not refusal.is_logged:
+                continue
             log.warning(
                 "late_release.store_unavailable",
                 extra={
                     "store": self._store,
                     "pending": len(self._pending),
-                    "error": type(refusal).__name__,
+                    "error": type(refusal.error).__name__,
                     "retry_in_s": delay,
                 },
             )
 
-    async def _release_in_order(self) -> Exception | None:
+    async def _release_in_order(self) -> _Refusal | None:
         """Send what waits, oldest first, until the store refuses one (returned)."""
         loop = asyncio.get_running_loop()
         released = 0
@@ -186,11 +199,12 @@ class LateReleases:
                 try:
                     await item.release()
                 except Exception as exc:
-                    self._answered(exc)
+                    is_logged = self._answered(exc)
                     if not self._refused_for_good(exc):
-                        refusal = exc
+                        refusal = _Refusal(exc, is_logged=is_logged)
                         break
-                    self._log_refusal(exc)
+                    if is_logged:
+                        self._log_refusal(exc)
                     self._give_up(item.on_give_up)
                 else:
                     self._answered(None)
@@ -228,14 +242,15 @@ class LateReleases:
                 self._give_up(item.on_give_up)
             self._pending.clear()
 
-    def _answered(self, exc: Exception | None) -> None:
-        """Tell the cool-down, if any, how the store answered a try (`exc`: it failed)."""
+    def _answered(self, exc: Exception | None) -> bool:
+        """Tell the cool-down, if any, how the store answered a try (`exc`: it failed);
+        whether to log the failure (`StoreCooldown.failed`)."""
         if self._cooldown is None:
-            return
+            return True
         if exc is None:
             self._cooldown.answered()
-        else:
-            self._cooldown.failed(exc)
+            return True
+        return self._cooldown.failed(exc)
 
     def _log_refusal(self, exc: Exception) -> None:
         log.error("late_release.refused", extra={"store": self._store, "error": str(exc)})

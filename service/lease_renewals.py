@@ -98,11 +98,11 @@ class LeaseRenewals(Generic[L]):
             try:
                 await self._renew(list(self._held.values()))
             except Exception as exc:  # Redis down: the next round, or else the TTL
-                self._cooldown.failed(exc)
-                log.warning(
-                    "lease_renewals.failed",
-                    extra={"store": self._store, "error": type(exc).__name__},
-                )
+                if self._cooldown.failed(exc):
+                    log.warning(
+                        "lease_renewals.failed",
+                        extra={"store": self._store, "error": type(exc).__name__},
+                    )
             else:
                 # Answered: the cool-down ends, or the next round's `skips()` would leave
                 # the leases to lapse with nothing else asking that Redis.

@@ -847,9 +847,9 @@ class RedisLedger:
         try:
             await record_now()
         except (RedisError, OSError) as exc:
-            self.cooldown.failed(exc)
             # A call the upstream already served is not failed for its ledger line.
-            log.warning("ledger.record_failed", extra={"error": str(exc) or type(exc).__name__})
+            if self.cooldown.failed(exc):
+                log.warning("ledger.record_failed", extra={"error": str(exc) or type(exc).__name__})
             if refused_for_good(exc):
                 self.late_releases.abandon(give_up)  # sent again it would fail again
             else:
@@ -891,8 +891,8 @@ class RedisLedger:
         try:
             value = await read()
         except (RedisError, OSError) as exc:
-            self.cooldown.failed(exc)
-            log.warning(failure, extra={"error": type(exc).__name__})
+            if self.cooldown.failed(exc):
+                log.warning(failure, extra={"error": type(exc).__name__})
             return None
         self.cooldown.answered()
         return value
@@ -1012,8 +1012,8 @@ class RedisLedger:
                 args=[cost, limit, self._lease(lease), self._reservation_ttl_s],
             )
         except (RedisError, OSError) as exc:
-            self.cooldown.failed(exc)
-            log.warning("ledger.reserve_unavailable", extra={"error": type(exc).__name__})
+            if self.cooldown.failed(exc):
+                log.warning("ledger.reserve_unavailable", extra={"error": type(exc).__name__})
             return replace(lease, is_granted=fits_alone)
         except BaseException:
             # Cancelled awaiting the reply: the script may have held it; give it back now.

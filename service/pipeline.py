@@ -20,7 +20,7 @@ from service.budgets import BudgetHold, Budgets, HeldByCallsInFlight
 from service.calibration import TokenCalibration
 from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
-from service.context_window import fit_messages
+from service.context_window import answer_reserve, fit_messages
 from service.domain import (
     CacheMode,
     ChatRequest,
@@ -236,6 +236,18 @@ class Pipeline:
         asked = prepared.asked
         return prepared.calibration == self.calibration.factor(asked.model, asked.tenant)
 
+    def _learn_refusal(self, prepared: PreparedRequest) -> None:
+        """Teach the calibration that an upstream refused `prepared`'s prompt as over its
+        model's window: its own count was over the room the prompt was fitted into."""
+        request = prepared.request
+        window = self.context_window(request.model)
+        self.calibration.refused_as_too_long(
+            request.model,
+            request.tenant,
+            estimated_tokens=prepared.prompt_tokens,
+            room_tokens=window - answer_reserve(window, request.params.max_tokens),
+        )
+
     def _usage(self, prepared: PreparedRequest, output: _Output, reported: Usage | None) -> Usage:
         """The usage as reported; else estimated, or, where the upstream reported one
         count and not the other (`is_estimated` then, the missing one 0), or a count no
@@ -427,7 +439,7 @@ class Pipeline:
                         request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
                     )
                 except UpstreamContextExceeded:
-                    self.calibration.refused_as_too_long(request.model, request.tenant)
+                    self._learn_refusal(prepared)
                     raise
                 except BaseException:
                     if log.is_cut_after_sending:
@@ -617,7 +629,7 @@ class Pipeline:
                             else:
                                 end = event
                 except UpstreamContextExceeded:  # before any text
-                    self.calibration.refused_as_too_long(request.model, request.tenant)
+                    self._learn_refusal(prepared)
                     raise
                 except BaseException:
                     # Cut by the upstream, the caller or its deadline: the output sent was

@@ -374,8 +374,8 @@ class RedisTenantLimiter:
 
     def _store_failed(self, exc: Exception) -> None:
         """The limit store did not answer: the call is admitted; say so once per call."""
-        self.cooldown.failed(exc)
-        log.warning("tenant_limits.store_unavailable", extra={"error": type(exc).__name__})
+        if self.cooldown.failed(exc):
+            log.warning("tenant_limits.store_unavailable", extra={"error": type(exc).__name__})
 
     @staticmethod
     def _refuse(tenant: str, limits: TenantConfig, which: int, wait: Any) -> None:

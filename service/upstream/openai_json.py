@@ -293,6 +293,14 @@ def _joined(earlier: Usage, later: Usage) -> Usage:
     )
 
 
+def _drops_a_count(earlier: Usage, later: Usage) -> bool:
+    """Whether `later` has a 0 where `earlier` has a count."""
+    return bool(
+        (earlier.input_tokens and not later.input_tokens)
+        or (earlier.output_tokens and not later.output_tokens)
+    )
+
+
 def _with_total(prompt: object, completion: object, total: object) -> tuple[object, object]:
     """The count left out as `total_tokens` less the other, where both are counts and
     the total holds more than the other; else the counts as they came. A total no larger
@@ -521,11 +529,16 @@ class StreamParser:
         """A later usage event replaces an earlier one (servers that send it on each
         chunk count up), unless it is worse: unbelievable, or partial after a whole one.
         Two partial ones add up: adapters of Anthropic's stream report the prompt's count
-        as it starts and the output's as it ends."""
+        as it starts and the output's as it ends. A count of 0 after one that was not
+        is no count (a count never goes down): the earlier stands for it, so an all-zero
+        usage after whole counts costs none of them."""
         known = self.usage
         if counts is None or (counts.is_estimated and known and not known.is_estimated):
             return
-        self.usage = counts if known is None or not counts.is_estimated else _joined(known, counts)
+        if known is None or not (counts.is_estimated or _drops_a_count(known, counts)):
+            self.usage = counts
+        else:
+            self.usage = _joined(known, counts)
 
     def _tool_call_pieces(self, data: object) -> tuple[ToolCallDelta, ...]:
         if not isinstance(data, list):

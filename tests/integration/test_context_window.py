@@ -91,6 +91,36 @@ async def test_none_mode_rejects_with_estimate_and_limit(upstream_small, start_g
     assert field == "messages"
     assert str(estimate) in description
     assert str(WINDOW) in description
+    assert "use TRUNCATION_MODE_KEEP_RECENT" in description  # the last turn would fit
+    assert upstream_small.requests == []
+
+
+async def test_none_mode_suggests_no_truncation_that_could_not_fit(upstream_small, start_gateway):
+    """A last user message too long for the window by itself, with truncation off: the
+    refusal says what KEEP_RECENT would still need and suggests what would help (a
+    shorter message, a lower max_tokens, Summarize), not KEEP_RECENT. Before, it always
+    suggested KEEP_RECENT, which refuses the same prompt."""
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    request = pb.CompleteRequest(
+        model=FAKE_MODEL,
+        messages=[
+            pb.Message(role=pb.ROLE_SYSTEM, content="You are terse."),
+            pb.Message(role=pb.ROLE_USER, content=TURN * 12),
+        ],
+        params=pb.GenerationParams(max_tokens=100),
+        truncation=pb.TruncationPolicy(mode=pb.TRUNCATION_MODE_NONE),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(request)
+    details = error_details(caught.value)
+    assert details.reason == "CONTEXT_WINDOW_EXCEEDED"
+    ((field, description),) = details.field_violations
+    assert field == "messages"
+    assert "use TRUNCATION_MODE_KEEP_RECENT" not in description
+    assert "TRUNCATION_MODE_KEEP_RECENT would still need" in description
+    assert "shorten the last message" in description
+    assert "lower params.max_tokens (100)" in description
+    assert "Summarize" in description
     assert upstream_small.requests == []
 
 
@@ -386,6 +416,69 @@ async def test_an_upstream_refusing_a_prompt_as_too_long_corrects_the_calibratio
         await gateway.stub.Complete(big)
     assert error_details(again.value).reason == "CONTEXT_WINDOW_EXCEEDED"
     assert len(upstream_small.requests) == sent  # refused by the gateway this time
+
+
+def counting_more_than_estimated(body):
+    """An upstream whose tokenizer counts 1.3 times the estimate (plain-ASCII Swahili, say):
+    it refuses a prompt that, with the max_tokens asked, is over the window, with its
+    context-length 400, and reports its count on an answer."""
+    messages = [Message(Role(m["role"]), m["content"]) for m in body["messages"]]
+    counted = round(1.3 * estimate_prompt_tokens(messages))
+    if counted + body.get("max_tokens", 0) > WINDOW:
+        return Status(400, body=OPENAI_TOO_LONG)
+    return Reply(prompt_tokens=counted)
+
+
+async def complete_or_stream(gateway, request: pb.CompleteRequest, *, stream: bool):
+    """`request` through Complete, or CompleteStream: its metadata (the final's)."""
+    if not stream:
+        return (await gateway.stub.Complete(request)).metadata
+    streamed = pb.CompleteStreamRequest(
+        model=request.model,
+        messages=request.messages,
+        params=request.params,
+        truncation=request.truncation,
+    )
+    return [event async for event in gateway.stub.CompleteStream(streamed)][-1].final
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_an_upstream_refusal_teaches_a_factor_already_at_the_estimate(
+    upstream_small, start_gateway, stream
+):
+    """Text the estimator counts low (the upstream counts 1.3 times it) with no factor
+    learned, 1.0: the upstream refuses the prompt as too long once, and the same
+    KEEP_RECENT call is then truncated before it is sent, and answered. Before, only a
+    factor under 1 was corrected: the same prompt was sent, and refused, on every call."""
+    upstream_small.respond = counting_more_than_estimated
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    request = conversation(7, mode=pb.TRUNCATION_MODE_KEEP_RECENT)  # about 750 + 100
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await complete_or_stream(gateway, request, stream=stream)
+    assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert len(upstream_small.requests) == 1
+    metadata = await complete_or_stream(gateway, request, stream=stream)
+    assert metadata.dropped_messages > 0
+    assert len(upstream_small.requests) == 2
+
+
+async def test_an_upstream_refusal_has_the_same_prompt_refused_before_it_is_sent(
+    upstream_small, start_gateway
+):
+    """With truncation off, the prompt an upstream refused as too long (counting more
+    than the estimate, at a factor of 1.0) is refused by the gateway the next time,
+    without an upstream call; a prompt that fits with room to spare is still sent."""
+    upstream_small.respond = counting_more_than_estimated
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    request = conversation(7, mode=pb.TRUNCATION_MODE_NONE)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.Complete(request)
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await gateway.stub.Complete(request)
+    assert error_details(again.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert len(upstream_small.requests) == 1
+    await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
+    assert len(upstream_small.requests) == 2
 
 
 async def test_another_400_is_still_the_upstream_rejecting_the_request(

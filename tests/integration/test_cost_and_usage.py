@@ -300,14 +300,21 @@ async def test_a_count_of_0_no_call_can_have_counts_against_the_budget(upstream,
 
 @pytest.mark.parametrize(
     "later",
-    [{"prompt_tokens": -3, "completion_tokens": 1}, {"prompt_tokens": 5}],
-    ids=["unbelievable", "partial"],
+    [
+        {"prompt_tokens": -3, "completion_tokens": 1},
+        {"prompt_tokens": 5},
+        {"prompt_tokens": 0, "completion_tokens": 0},
+        {"prompt_tokens": 1234, "completion_tokens": 0},
+    ],
+    ids=["unbelievable", "partial", "all-zero", "zero-output"],
 )
 async def test_a_worse_usage_event_later_in_a_stream_leaves_the_earlier_one(
     priced, upstream, later
 ):
     """A stream's usage events each replace the last (servers that count up send one a
-    chunk), but an unbelievable or partial one never replaces a whole one."""
+    chunk), but an unbelievable or partial one never replaces a whole one, nor do counts
+    of 0 the counts before them (a count never goes down). Before, an all-zero usage after
+    whole counts replaced them: the call ended estimated, the counts reported thrown away."""
     whole = {"prompt_tokens": 1234, "completion_tokens": 567}
     upstream.script(Reply(raw_usages=(whole, later)), Reply(raw_usages=(later, whole)))
     for _ in range(2):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -213,3 +214,73 @@ async def test_an_unconfirmed_slot_redis_refuses_for_want_of_replicas_is_given_b
             await client.aclose()
         abandoned = "llm_gateway.store.writes_abandoned"
         assert captured.total(abandoned, llm_gateway__store="tenant_limits") == 0
+
+
+@contextlib.asynccontextmanager
+async def out_of_memory(client: Any) -> AsyncIterator[None]:
+    """The server refuses writes (OOM, under `noeviction`) inside the block."""
+    await client.config_set("maxmemory-policy", "noeviction")
+    await client.config_set("maxmemory", 1)
+    try:
+        yield
+    finally:
+        await client.config_set("maxmemory", 0)
+
+
+@pytest.mark.parametrize("refusing", [read_only, out_of_memory], ids=["readonly", "oom"])
+async def test_redis_error_replies_are_logged_once_an_episode_not_once_a_call(
+    redis_server: RedisServer, start_gateway: Any, caplog: Any, monkeypatch: Any, refusing: Any
+) -> None:
+    """While Redis answers writes with errors, calls go on as before (served, their
+    limits and budget failing open), and each store logs the first error reply with its
+    error (and the operation that met it), then a reminder with a count at most every
+    `ERROR_REPORT_S`, then a line once Redis answers again. Before, every call logged
+    each operation that failed: 5 calls, 10 lines and more."""
+    monkeypatch.setattr("service.store_cooldown.ERROR_REPORT_S", 1.0)
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    async with FakeUpstream() as fake:
+        config = secure_config(
+            fake.base_url,
+            auth={"redis_url": redis_server.url, "redis_key_prefix": prefix},
+            tenants={"team-a": {"max_concurrent_calls": 1}},
+            ledger={"redis_url": redis_server.url, "key_prefix": f"{prefix}usage"},
+            budgets={"team-a": {"usd": 1.0, "period": "day"}},
+        )
+        gateway = await start_gateway(config)
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            assert (await gateway.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+            with caplog.at_level(logging.INFO, logger="llm_gateway"):
+                async with refusing(client):
+                    for _ in range(5):
+                        reply = await gateway.stub.Complete(chat(), metadata=as_tenant("team-a"))
+                        assert reply.content
+                    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+                    stores = {
+                        r.__dict__["store"] for r in warned if r.message == "store.error_replies"
+                    }
+                    assert stores  # the ledger's, and the tenant limits' too for READONLY
+                    # Each store's first error reply, and the operation that met it.
+                    lines = [r.message for r in warned if r.message != "store.error_replies"]
+                    assert len(lines) == len(set(lines)) == len(stores), lines
+                    assert all(r.__dict__["error"] for r in warned)
+                    await asyncio.sleep(1.0)
+                    await gateway.stub.Complete(chat(), metadata=as_tenant("team-a"))
+                    (reminder, *_) = [
+                        r for r in caplog.records if r.message == "store.error_replies_continuing"
+                    ]
+                    assert reminder.__dict__["error_replies"] > 5
+                await asyncio.sleep(1.0)  # none for ERROR_REPORT_S
+                assert (await gateway.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
+                await eventually(
+                    lambda: (
+                        stores
+                        <= {
+                            r.__dict__["store"]
+                            for r in caplog.records
+                            if r.message == "store.error_replies_ended"
+                        }
+                    )
+                )
+        finally:
+            await client.aclose()

@@ -49,7 +49,7 @@ def test_tenants_are_calibrated_separately():
     calibration = TokenCalibration()
     feed(calibration, 0.3, 5, tenant="emoji")
     feed(calibration, 0.9, 5, tenant="prose")
-    calibration.refused_as_too_long("m", "emoji")
+    calibration.refused_as_too_long("m", "emoji", estimated_tokens=1000, room_tokens=500)
     assert calibration.factor("m", "emoji") == pytest.approx(1.0)
     assert calibration.factor("m", "prose") == pytest.approx(0.99)
     assert calibration.factor("m", "new") == 1.0
@@ -81,17 +81,40 @@ def test_floor_must_be_sane(floor):
 
 def test_an_upstream_refusing_a_prompt_as_too_long_resets_a_low_factor():
     """A factor learned low goes back to 1.0 (learning down again from there); one
-    learned high, or a model with no factor yet, is left as it is."""
+    learned high is left as it is, when the refused prompt says no more (its estimate
+    already far over the room)."""
     calibration = TokenCalibration(margin=0.1)
     feed(calibration, 0.6, 5, model="low")
     feed(calibration, 1.5, 5, model="high")
-    for model in ("low", "high", "unknown"):
-        calibration.refused_as_too_long(model, "t")
+    for model in ("low", "high"):
+        calibration.refused_as_too_long(model, "t", estimated_tokens=1000, room_tokens=500)
     assert calibration.factor("low", "t") == pytest.approx(1.0)
     assert calibration.factor("high", "t") == pytest.approx(1.65)
-    assert calibration.factor("unknown", "t") == 1.0
     feed(calibration, 0.6, 1, model="low")
     assert calibration.factor("low", "t") < 1.0
+
+
+@pytest.mark.parametrize("samples", [0, 1, 5])
+def test_a_refused_prompt_is_over_its_room_with_the_factor_it_teaches(samples):
+    """The upstream counted more than the room the prompt was fitted into: the factor
+    rises past room / estimate at once (however few answers were seen), so the same
+    prompt's calibrated estimate is over the room; answers learn it down again."""
+    calibration = TokenCalibration(margin=0.1, min_samples=3)
+    feed(calibration, 1.1, samples)
+    calibration.refused_as_too_long("m", "t", estimated_tokens=800, room_tokens=1000)
+    assert 800 * calibration.factor("m", "t") > 1000
+    assert calibration.factor("m", "t") == pytest.approx(1001 / 800 * 1.1)
+    feed(calibration, 1.0, 20)
+    assert calibration.factor("m", "t") < 1.2
+
+
+def test_a_refusal_teaches_at_most_the_ceiling():
+    """A prompt refused far under its room (a catalog window larger than the upstream's)
+    moves the factor to its ceiling, no further, and only for its tenant."""
+    calibration = TokenCalibration(ceiling=4.0, margin=0.1)
+    calibration.refused_as_too_long("m", "t", estimated_tokens=100, room_tokens=100_000)
+    assert calibration.factor("m", "t") == pytest.approx(4.0)
+    assert calibration.factor("m", "other") == 1.0
 
 
 def test_a_ratio_past_the_bounds_counts_as_at_them():

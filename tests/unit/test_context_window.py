@@ -38,6 +38,30 @@ def test_none_mode_rejects_with_estimate_and_limit():
 
 
 @pytest.mark.parametrize(
+    ("window", "is_truncation_a_remedy"),
+    [(300, True), (200, False)],
+    ids=["keep-recent-fits", "last-turn-alone-too-long"],
+)
+def test_none_mode_suggests_keep_recent_only_where_it_would_fit(window, is_truncation_a_remedy):
+    """Truncation off: the refusal names TRUNCATION_MODE_KEEP_RECENT as a remedy only when
+    the system messages and the last turn fit with the answer's room; otherwise it says
+    what they alone need, and what would help instead."""
+    messages = conversation(S, U, A, U)
+    with pytest.raises(ContextWindowExceeded) as caught:
+        fit_messages(messages, context_window=window, max_tokens=50, mode=TruncationMode.NONE)
+    assert caught.value.estimated_tokens == estimate_prompt_tokens(messages) + 50
+    (violation,) = caught.value.violations
+    minimum = estimate_prompt_tokens([messages[0], messages[3]]) + 50
+    if is_truncation_a_remedy:
+        assert "use TRUNCATION_MODE_KEEP_RECENT" in violation.description
+    else:
+        assert f"TRUNCATION_MODE_KEEP_RECENT would still need {minimum}" in violation.description
+        assert "shorten the last message" in violation.description
+        assert "lower params.max_tokens (50)" in violation.description
+        assert "Summarize" in violation.description
+
+
+@pytest.mark.parametrize(
     ("roles", "window", "kept"),
     [
         # system + the last two messages fit, but the reply whose question went goes

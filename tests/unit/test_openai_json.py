@@ -481,6 +481,30 @@ def test_stream_parser_full_stream() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        ([(1234, 567), (1300, 600)], Usage(input_tokens=1300, output_tokens=600)),
+        ([(1234, 567), (0, 0)], Usage(input_tokens=1234, output_tokens=567)),
+        ([(1234, 567), (1300, 0)], Usage(input_tokens=1300, output_tokens=567)),
+        ([(0, 0), (1234, 567)], Usage(input_tokens=1234, output_tokens=567)),
+        ([(1234, 0), (1234, 0)], Usage(input_tokens=1234, output_tokens=0)),
+        ([(1234, 0), (0, 0)], Usage(input_tokens=1234, output_tokens=0, is_estimated=True)),
+    ],
+    ids=["count-up", "all-zero", "zero-output", "zero-first", "no-output", "zero-prompt"],
+)
+def test_stream_parser_later_usage_counts_of_zero_leave_the_earlier(
+    counts: list[tuple[int, int]], expected: Usage
+) -> None:
+    """A later usage event replaces the earlier one, but its counts of 0 where the earlier
+    had counts leave those (a count never goes down); a 0 both report stands."""
+    parser = StreamParser()
+    parser.parse(chunk(finish="stop"))
+    for prompt, completion in counts:
+        parser.parse(usage_chunk(prompt, completion))
+    assert parser.end().usage == expected
+
+
 def test_stream_parser_role_chunk_yields_nothing() -> None:
     """A role-only first chunk yields no text but records the id and model."""
     parser = StreamParser()

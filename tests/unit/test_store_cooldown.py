@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
-from redis.exceptions import ReadOnlyError
+import pytest
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.late_release import LateReleases
@@ -58,3 +60,45 @@ async def test_a_cool_down_another_user_of_the_store_ends_wakes_the_writes_waiti
         await released.wait()
     await releases.aclose()
     assert releases.pending == 0
+
+
+def test_error_replies_are_logged_once_an_episode(caplog: pytest.LogCaptureFixture) -> None:
+    """The first error reply is logged, with its error, and its user logs it too; later
+    ones are counted, a reminder at most every `error_report_s`; an answer between them
+    (a read, while writes are refused) ends nothing, and the first answer after none for
+    `error_report_s` ends the episode."""
+    clock = FakeClock()
+    cooldown = StoreCooldown("test", clock=clock, error_report_s=60.0)
+    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    with caplog.at_level(logging.INFO, logger="llm_gateway.store"):
+        assert cooldown.failed(oom)
+        logged: list[bool] = []
+        for _ in range(10):
+            clock.advance(10.0)
+            cooldown.answered()  # a read Redis answers
+            logged.append(cooldown.failed(oom))
+        assert not any(logged)
+        clock.advance(59.0)
+        cooldown.answered()
+        clock.advance(1.0)
+        cooldown.answered()
+        cooldown.answered()
+    lines = [(r.message, r.__dict__.get("error_replies")) for r in caplog.records]
+    assert lines == [
+        ("store.error_replies", None),
+        ("store.error_replies_continuing", 7),
+        ("store.error_replies_ended", 11),
+    ]
+    assert caplog.records[0].__dict__["error"] == "OutOfMemoryError"
+    assert "maxmemory" in caplog.records[0].__dict__["reply"]
+    assert not cooldown.skips()
+
+
+def test_timeouts_are_still_logged_by_their_users() -> None:
+    """A failure Redis did not answer is its user's to log, as before, during an
+    episode of error replies too."""
+    cooldown = StoreCooldown("test", cooldown_s=1.0, clock=FakeClock())
+    assert cooldown.failed(ReadOnlyError("READONLY You can't write against a read only replica."))
+    assert cooldown.failed(RedisTimeoutError("Timeout reading from socket"))
+    assert cooldown.failed(RedisTimeoutError("Timeout reading from socket"))
+    assert not cooldown.failed(ReadOnlyError("READONLY"))
