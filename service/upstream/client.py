@@ -146,7 +146,9 @@ def _error_for_status(
     if status == 400 and says_context_exceeded(body):
         return UpstreamContextExceeded(
             f"upstream {upstream!r} says the prompt with max_tokens is over the model's "
-            f"context window (HTTP {status}); shorten it or use TRUNCATION_MODE_KEEP_RECENT",
+            f"context window (HTTP {status}); shorten it, or send it again under "
+            "TRUNCATION_MODE_KEEP_RECENT, which fits it to the count this refusal taught "
+            "the gateway",
             upstream=upstream,
             status=status,
         )

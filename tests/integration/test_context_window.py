@@ -456,6 +456,8 @@ async def test_an_upstream_refusal_teaches_a_factor_already_at_the_estimate(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await complete_or_stream(gateway, request, stream=stream)
     assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    # The advice fits a caller who already asked for KEEP_RECENT: send it again.
+    assert "send it again under TRUNCATION_MODE_KEEP_RECENT" in (caught.value.details() or "")
     assert len(upstream_small.requests) == 1
     metadata = await complete_or_stream(gateway, request, stream=stream)
     assert metadata.dropped_messages > 0
