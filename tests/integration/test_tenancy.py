@@ -290,6 +290,26 @@ async def test_list_models_shows_the_calls_in_flight_only_to_those_who_may_see_e
     assert (await call).content
 
 
+async def test_with_keys_optional_a_keyed_tenant_sees_no_load_where_a_keyless_caller_does(
+    upstream, start_gateway
+):
+    """`auth.mode: off` with keys configured: a caller with a valid key is its tenant and
+    sees `in_flight` as 0; one without a key, or with an unknown one, is served as
+    `default`, who may read every tenant's usage, and sees the load (as the README says)."""
+    gw = await start_gateway(secure_config(upstream.base_url, auth={"mode": "off"}))
+    call = await _call_in_progress(gw, upstream, "team-a")
+    seen = {}
+    for who, metadata in (
+        ("team-b", as_tenant("team-b")),
+        ("no key", ()),
+        ("unknown key", (("authorization", "Bearer not-a-key-of-anyone"),)),
+    ):
+        listed = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
+        seen[who] = [u.in_flight for m in listed.models for u in m.upstreams]
+    assert seen == {"team-b": [0], "no key": [1], "unknown key": [1]}
+    assert (await call).content
+
+
 async def test_tenants_without_an_entry_each_get_the_any_tenant_limits_on_their_own(
     upstream, start_gateway
 ):
