@@ -890,3 +890,21 @@ async def test_batch_lines_whose_labels_or_model_are_not_text_are_skipped_with_w
     assert skipped == [f"{source}:1: skipped: {reason}"]
     assert output.read_text() == ""
     assert upstream.requests == []
+
+
+async def test_a_batch_line_with_both_prompt_and_messages_is_skipped_with_why(
+    tmp_path, upstream, gateway, capsys
+):
+    """A line giving both a prompt and messages is unusable, as an option beside
+    `request` is: before, the prompt was left out without a word and the call ran on the
+    messages alone."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    line = {"id": "a", "prompt": "the question", "messages": [{"content": "another one"}]}
+    source.write_text(json.dumps(line) + "\n")
+    argv = (str(source), "-o", str(output), "--address", gateway.server.address)
+    code = await batch.batch_command(parse(batch, "batch", *argv, "--model", FAKE_MODEL))
+    assert code == 1
+    skipped = [text for text in capsys.readouterr().err.splitlines() if "skipped" in text]
+    assert skipped == [f"{source}:1: skipped: give 'prompt' or 'messages', not both"]
+    assert output.read_text() == ""
+    assert upstream.requests == []

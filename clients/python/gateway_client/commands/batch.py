@@ -164,6 +164,9 @@ def _request_from(data: dict[str, Any], default_model: str) -> pb.CompleteReques
         raise ValueError("'labels' must be an object of strings")
     model = _model_from(data, default_model)
     tools, tool_choice = _tools_from(data)
+    if "messages" in data and "prompt" in data:
+        # One of them would be left out, as an option beside 'request' would be.
+        raise ValueError("give 'prompt' or 'messages', not both")
     if "messages" in data:
         messages = data["messages"]
         if not isinstance(messages, list) or not all(
