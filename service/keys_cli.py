@@ -92,7 +92,8 @@ def create_key(auth: AuthConfig, tenant: str) -> tuple[str, str]:
 
 
 def keys_command(argv: list[str]) -> int:
-    """Run `keys create --tenant T [--config PATH]`; exit status 0, or 2 on a usage error."""
+    """Run `keys create --tenant T [--config PATH]`; exit status 0, 2 on a usage error, or 1
+    when the key, stored, cannot be written to standard output."""
     parser = argparse.ArgumentParser(prog="python -m service keys")
     commands = parser.add_subparsers(dest="action", required=True)
     create = commands.add_parser("create", help="issue a new caller key for a tenant")
@@ -109,7 +110,17 @@ def keys_command(argv: list[str]) -> int:
     except (ConfigError, ValueError, OSError) as exc:
         print(f"llm-gateway keys: {exc}", file=sys.stderr)
         return 2
-    print(key)
+    try:
+        print(key, flush=True)
+    except OSError as exc:  # a full disk, a reader that left: the key is stored all the same
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else exit flushes again
+        print(
+            f"llm-gateway keys: cannot write the key to standard output ({exc.strerror}); "
+            f"its SHA-256 {hash_key(key)} is stored for tenant {args.tenant!r} in {where}, "
+            "a key nobody has: remove it there",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"stored the key's SHA-256 for tenant {args.tenant!r} in {where}; "
         "the key itself is shown only this once",

@@ -860,3 +860,51 @@ async def test_batch_lines_with_unusable_tools_are_skipped_with_why(
     assert f"{source}:1: skipped: " in skipped[0]
     assert reason in skipped[0]
     assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"labels": {"team": None}}, "'labels' must be an object of strings"),
+        ({"labels": {"team": {"name": "ads"}}}, "'labels' must be an object of strings"),
+        ({"labels": {"team": 7}}, "'labels' must be an object of strings"),
+        ({"model": [FAKE_MODEL]}, "'model' must be a string"),
+        ({"model": 7}, "'model' must be a string"),
+    ],
+    ids=["label-null", "label-object", "label-number", "model-list", "model-number"],
+)
+async def test_batch_lines_whose_labels_or_model_are_not_text_are_skipped_with_why(
+    tmp_path, upstream, gateway, capsys, *, extra, reason
+):
+    """A prompt line's label values and model are text, as a `request` line's must be.
+
+    Before, each was sent as Python's `str()` of it: a null label as the label value
+    "None", an object as its Python repr, so the call ran and its cost was recorded
+    under a label nobody wrote."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"id": "a", "prompt": "hi", **extra}) + "\n")
+    argv = (str(source), "-o", str(output), "--address", gateway.server.address)
+    code = await batch.batch_command(parse(batch, "batch", *argv, "--model", FAKE_MODEL))
+    assert code == 1
+    skipped = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert skipped == [f"{source}:1: skipped: {reason}"]
+    assert output.read_text() == ""
+    assert upstream.requests == []
+
+
+async def test_a_batch_line_with_both_prompt_and_messages_is_skipped_with_why(
+    tmp_path, upstream, gateway, capsys
+):
+    """A line giving both a prompt and messages is unusable, as an option beside
+    `request` is: before, the prompt was left out without a word and the call ran on the
+    messages alone."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    line = {"id": "a", "prompt": "the question", "messages": [{"content": "another one"}]}
+    source.write_text(json.dumps(line) + "\n")
+    argv = (str(source), "-o", str(output), "--address", gateway.server.address)
+    code = await batch.batch_command(parse(batch, "batch", *argv, "--model", FAKE_MODEL))
+    assert code == 1
+    skipped = [text for text in capsys.readouterr().err.splitlines() if "skipped" in text]
+    assert skipped == [f"{source}:1: skipped: give 'prompt' or 'messages', not both"]
+    assert output.read_text() == ""
+    assert upstream.requests == []

@@ -908,3 +908,24 @@ async def test_an_admission_script_run_after_its_call_ended_takes_no_lease(redis
             pass
     finally:
         await client.aclose()
+
+
+def test_keys_create_whose_key_cannot_be_written_says_which_digest_to_remove(tmp_path):
+    """A standard output that cannot take the key (a full disk, a reader that left) is one
+    line naming the digest stored, exit status 1. Before, a traceback, and nothing said a
+    key nobody has was stored."""
+    keys_file = tmp_path / "keys.txt"
+    config = _write_config(tmp_path / "gw.yaml", {"keys_file": str(keys_file)})
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "keys", "create", "--tenant", "ops", "--config",
+             str(config)],
+            cwd=_REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    digest = keys_file.read_text().split()[0]
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "llm-gateway keys: cannot write the key to standard output (No space left on device); "
+        f"its SHA-256 {digest} is stored for tenant 'ops' in {keys_file}, "
+        "a key nobody has: remove it there"
+    ]

@@ -800,3 +800,26 @@ async def test_a_streamed_answer_piped_into_a_reader_that_leaves_ends_quietly(
     assert b"Traceback" not in stderr
     assert process.returncode == 141
     await upstream.wait_for_disconnect(timeout_s=10)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_an_answer_stdout_cannot_take_is_one_line_and_exit_1(
+    upstream: FakeUpstream, gateway: RunningGateway, stream: bool
+) -> None:
+    """`llm-gateway complete ... > file` on a full disk: one line saying so, exit status 1.
+    Before, the command died of an uncaught OSError, printing its traceback."""
+    command = [sys.executable, "-m", "gateway_client.cli", "complete", "Say hi"]
+    command += ["--address", gateway.server.address, "--model", FAKE_MODEL]
+    command += ["--stream"] if stream else []
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=full, stderr=asyncio.subprocess.PIPE
+        )
+    finally:
+        os.close(full)
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert stderr.decode().splitlines() == [
+        "llm-gateway complete: cannot write: No space left on device"
+    ]
+    assert process.returncode == 1

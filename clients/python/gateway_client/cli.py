@@ -67,11 +67,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
         except BrokenPipeError:
-            # The reader of stdout left (`| head`): the call is stopped by now. Python would
-            # flush stdout again at exit and fail there too, so it goes to /dev/null.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            # The reader of stdout left (`| head`): the call is stopped by now.
+            _discard_stdout()
             return 141  # 128 + SIGPIPE: what a shell reports for a process SIGPIPE ended
+        except OSError as exc:  # a full disk under stdout (or a batch's output): no traceback
+            _discard_unwritten_stdout()
+            print(f"llm-gateway {args.command}: cannot write: {exc.strerror}", file=sys.stderr)
+            return 1
     return int(result)
+
+
+def _discard_stdout() -> None:
+    """Send stdout to /dev/null: Python would flush it again at exit, and fail there too."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _discard_unwritten_stdout() -> None:
+    """`_discard_stdout` when stdout still holds what it could not write."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        _discard_stdout()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Each input line is a JSON object with an `id` and either a `prompt` (plus optional
 `system`), `messages` (a list of {"role", "content"}), or `request` (a CompleteRequest
 in proto3 JSON). Optional: `model` (else --model), `max_tokens`, `temperature`,
-`top_p`, `seed`, `reasoning_effort` ("low", "max", ...), `labels`, and `tools` and
+`top_p`, `seed`, `reasoning_effort` ("low", "max", ...), `labels` (string values), and `tools` and
 `tool_choice` as a `request` gives them (proto3 JSON: [{"name", "description",
 "parameters": "<JSON Schema as text>"}], {"mode": "TOOL_CHOICE_MODE_REQUIRED"} or
 {"function_name": "..."}). Lines that cannot be used are reported with their line
@@ -130,6 +130,16 @@ def _tools_from(data: dict[str, Any]) -> tuple[list[pb.Tool], pb.ToolChoice | No
         raise ValueError(f"'tool_choice' is not a ToolChoice: {exc}") from None
 
 
+def _model_from(data: dict[str, Any], default_model: str) -> str:
+    """A line's `model`, else `default_model`; raises ValueError when it is not text."""
+    model = data.get("model")
+    if model is None or model == "":
+        return default_model
+    if not isinstance(model, str):
+        raise ValueError("'model' must be a string")
+    return model
+
+
 def _request_from(data: dict[str, Any], default_model: str) -> pb.CompleteRequest:
     """The CompleteRequest a line describes; raises ValueError saying what is wrong."""
     if "request" in data:
@@ -145,14 +155,18 @@ def _request_from(data: dict[str, Any], default_model: str) -> pb.CompleteReques
         except json_format.ParseError as exc:
             raise ValueError(f"'request' is not a CompleteRequest: {exc}") from None
         if not request.model:
-            request.model = str(data.get("model") or default_model)
+            request.model = _model_from(data, default_model)
         return request
     params = {key: data[key] for key in _PARAM_KEYS if key in data}
     labels = data.get("labels") or {}
-    if not isinstance(labels, dict):
-        raise ValueError("'labels' must be an object")
-    model = str(data.get("model") or default_model)
+    # Text only, as a `request` line's labels: `str()` made null the label "None".
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        raise ValueError("'labels' must be an object of strings")
+    model = _model_from(data, default_model)
     tools, tool_choice = _tools_from(data)
+    if "messages" in data and "prompt" in data:
+        # One of them would be left out, as an option beside 'request' would be.
+        raise ValueError("give 'prompt' or 'messages', not both")
     if "messages" in data:
         messages = data["messages"]
         if not isinstance(messages, list) or not all(
@@ -172,7 +186,7 @@ def _request_from(data: dict[str, Any], default_model: str) -> pb.CompleteReques
             prompt,
             model=model,
             system=data.get("system"),
-            labels={str(k): str(v) for k, v in labels.items()},
+            labels=labels,
             tools=tools,
             tool_choice=tool_choice,
             **params,
