@@ -58,6 +58,17 @@ log = logging.getLogger("llm_gateway.server")
 _DRAIN_POLL_S = 0.02
 # How long before the end of the shutdown grace the calls still running are cut off.
 _CUT_OFF_MARGIN_S = 0.5
+# Client keepalive pings taken on a connection sending nothing (a unary call waiting for
+# its upstream, an idle channel, a quiet health Watch): grpc's own default is one per 5
+# minutes, and the third ping sooner ends the connection, its calls included, with GOAWAY
+# `too_many_pings`, so a client keeping alive every 10 s (gRPC-Go's and Java's shortest)
+# lost any call that ran past about 40 s. Half a second: below grpc's own clients' floor of
+# one a second, with room for a ping that arrives late and the next on time.
+_KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),
+]
 _NO_UPSTREAM_FIX = (
     "no upstream serves any model: set an upstream's api_key_env variable, or "
     "local_model.enabled to auto or always"
@@ -228,8 +239,7 @@ class GatewayServer:
                 *pending_call_options(self.admission.max_in_flight, self.admission.max_queued),
                 ("grpc.max_receive_message_length", self.config.server.max_receive_message_bytes),
                 self._reuse_port_option,
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.max_pings_without_data", 0),
+                *_KEEPALIVE_OPTIONS,
                 *connection_age_options(self.config, upstreams),
             ],
         )
@@ -285,7 +295,7 @@ class GatewayServer:
         with the rest); None without `listen`."""
         if listen is None:
             return None
-        server = grpc.aio.server(options=[self._reuse_port_option])
+        server = grpc.aio.server(options=[self._reuse_port_option, *_KEEPALIVE_OPTIONS])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.health_port = _bind(listen, lambda: int(server.add_insecure_port(listen)))
         self._health_server = server
