@@ -11,13 +11,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from llmgateway.v1 import gateway_pb2
 from service import early_signals
@@ -245,13 +246,13 @@ class GatewayServer:
         )
         add_service(server, servicer, SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
+        reflected = [
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            EndableReflection(reflected, ended=self.health.ended), server
         )
         listen = self.config.server.listen
         # The health port first: a grpc server lets its port go only once started, and the
@@ -434,7 +435,7 @@ class GatewayServer:
             idle_polls = idle_polls + 1 if self.admission.is_idle else 0
 
 
-async def _cancelled(task: asyncio.Task[None]) -> None:
+async def _cancelled(task: asyncio.Future[Any]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
 
@@ -496,13 +497,13 @@ class EndableHealth(HealthServicer):  # type: ignore[misc]  # grpc_health is unt
 
     def __init__(self) -> None:
         super().__init__()
-        self._ended = asyncio.Event()
+        self.ended = asyncio.Event()  # set by `end_watches`
 
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         watching = asyncio.ensure_future(super().Watch(request, context))
-        ended = asyncio.ensure_future(self._ended.wait())
+        ended = asyncio.ensure_future(self.ended.wait())
         try:
             await asyncio.wait([watching, ended], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -514,8 +515,51 @@ class EndableHealth(HealthServicer):  # type: ignore[misc]  # grpc_health is unt
             raise failure
 
     def end_watches(self) -> None:
-        """End every Watch stream, open or to come (with OK: the server is going away)."""
-        self._ended.set()
+        """End every Watch stream, open or to come, and every reflection stream
+        (`EndableReflection`), with OK: the server is going away."""
+        self.ended.set()
+
+
+class EndableReflection(ReflectionServicer):  # type: ignore[misc]  # grpc_reflection is untyped
+    """grpc's reflection service, whose streams end once `ended` is set: a tool's session
+    may hold one open, and the server's stop would wait its whole grace for it."""
+
+    def __init__(self, service_names: list[str], *, ended: asyncio.Event) -> None:
+        super().__init__(service_names)
+        self._ended = ended
+
+    async def ServerReflectionInfo(
+        self,
+        requests: AsyncIterable[reflection_pb2.ServerReflectionRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
+        async for response in super().ServerReflectionInfo(_until(self._ended, requests), context):
+            yield response
+
+
+_Item = TypeVar("_Item")
+
+
+async def _until(ended: asyncio.Event, items: AsyncIterable[_Item]) -> AsyncIterator[_Item]:
+    """`items` until they end or `ended` is set, whichever comes first."""
+    iterator = aiter(items)
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(ended.wait())]
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(iterator))
+            waits.append(following)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                return
+            waits.remove(following)
+            try:
+                item = following.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        for waiting in waits:  # the caller's next request, should it come, is not read
+            await _cancelled(waiting)
 
 
 class ListenError(OSError):
