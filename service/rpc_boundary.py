@@ -193,15 +193,20 @@ class Admission:
 SERVICE = "llmgateway.v1.CompletionService"
 _DEADLINE_EXCEEDED_CODE: int = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 
-# grpc core's own default: beyond this many calls waiting for the application, it cancels
-# new ones (CANCELLED, before any handler sees them): about 10% of 2,000 streams opened
-# at once on 2 cores. The gateway's admission decides instead, with RESOURCE_EXHAUSTED.
-_GRPC_DEFAULT_MAX_PENDING = 1000
+# Beyond its pending limit (calls waiting for the application; 1000 by default) grpc core
+# cancels new calls: a bare CANCELLED, before any handler sees them, that no retry policy
+# or proxy retries. The gateway's admission decides instead, with OVERLOADED: the limit
+# holds every call it would take and room for a burst past them to reach it and be shed
+# (3,000 calls opened at once on 2 cores outran the handlers by over 1,000).
+_BURST_ROOM = 10_000
+# gRPC channel arguments are C ints, and the hard limit is twice the soft one.
+_GRPC_MAX_PENDING = (2**31 - 1) // 2
 
 
 def pending_call_options(max_in_flight: int, max_queued: int) -> list[tuple[str, int]]:
-    """gRPC server options that let every call admission would take reach it."""
-    pending = max(_GRPC_DEFAULT_MAX_PENDING, max_in_flight + max_queued)
+    """gRPC server options that let every call reach admission: the calls it takes, and
+    a burst of those it sheds."""
+    pending = min(max_in_flight + max_queued + _BURST_ROOM, _GRPC_MAX_PENDING)
     return [
         ("grpc.server.max_pending_requests", pending),
         ("grpc.server.max_pending_requests_hard_limit", 2 * pending),

@@ -11,13 +11,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from llmgateway.v1 import gateway_pb2
 from service import early_signals
@@ -58,6 +59,17 @@ log = logging.getLogger("llm_gateway.server")
 _DRAIN_POLL_S = 0.02
 # How long before the end of the shutdown grace the calls still running are cut off.
 _CUT_OFF_MARGIN_S = 0.5
+# Client keepalive pings taken on a connection sending nothing (a unary call waiting for
+# its upstream, an idle channel, a quiet health Watch): grpc's own default is one per 5
+# minutes, and the third ping sooner ends the connection, its calls included, with GOAWAY
+# `too_many_pings`, so a client keeping alive every 10 s (gRPC-Go's and Java's shortest)
+# lost any call that ran past about 40 s. Half a second: below grpc's own clients' floor of
+# one a second, with room for a ping that arrives late and the next on time.
+_KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),
+]
 _NO_UPSTREAM_FIX = (
     "no upstream serves any model: set an upstream's api_key_env variable, or "
     "local_model.enabled to auto or always"
@@ -228,20 +240,19 @@ class GatewayServer:
                 *pending_call_options(self.admission.max_in_flight, self.admission.max_queued),
                 ("grpc.max_receive_message_length", self.config.server.max_receive_message_bytes),
                 self._reuse_port_option,
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.max_pings_without_data", 0),
+                *_KEEPALIVE_OPTIONS,
                 *connection_age_options(self.config, upstreams),
             ],
         )
         add_service(server, servicer, SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
+        reflected = [
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            EndableReflection(reflected, ended=self.health.ended), server
         )
         listen = self.config.server.listen
         # The health port first: a grpc server lets its port go only once started, and the
@@ -285,7 +296,7 @@ class GatewayServer:
         with the rest); None without `listen`."""
         if listen is None:
             return None
-        server = grpc.aio.server(options=[self._reuse_port_option])
+        server = grpc.aio.server(options=[self._reuse_port_option, *_KEEPALIVE_OPTIONS])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.health_port = _bind(listen, lambda: int(server.add_insecure_port(listen)))
         self._health_server = server
@@ -424,7 +435,7 @@ class GatewayServer:
             idle_polls = idle_polls + 1 if self.admission.is_idle else 0
 
 
-async def _cancelled(task: asyncio.Task[None]) -> None:
+async def _cancelled(task: asyncio.Future[Any]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
 
@@ -486,13 +497,13 @@ class EndableHealth(HealthServicer):  # type: ignore[misc]  # grpc_health is unt
 
     def __init__(self) -> None:
         super().__init__()
-        self._ended = asyncio.Event()
+        self.ended = asyncio.Event()  # set by `end_watches`
 
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         watching = asyncio.ensure_future(super().Watch(request, context))
-        ended = asyncio.ensure_future(self._ended.wait())
+        ended = asyncio.ensure_future(self.ended.wait())
         try:
             await asyncio.wait([watching, ended], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -504,8 +515,51 @@ class EndableHealth(HealthServicer):  # type: ignore[misc]  # grpc_health is unt
             raise failure
 
     def end_watches(self) -> None:
-        """End every Watch stream, open or to come (with OK: the server is going away)."""
-        self._ended.set()
+        """End every Watch stream, open or to come, and every reflection stream
+        (`EndableReflection`), with OK: the server is going away."""
+        self.ended.set()
+
+
+class EndableReflection(ReflectionServicer):  # type: ignore[misc]  # grpc_reflection is untyped
+    """grpc's reflection service, whose streams end once `ended` is set: a tool's session
+    may hold one open, and the server's stop would wait its whole grace for it."""
+
+    def __init__(self, service_names: list[str], *, ended: asyncio.Event) -> None:
+        super().__init__(service_names)
+        self._ended = ended
+
+    async def ServerReflectionInfo(
+        self,
+        requests: AsyncIterable[reflection_pb2.ServerReflectionRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
+        async for response in super().ServerReflectionInfo(_until(self._ended, requests), context):
+            yield response
+
+
+_Item = TypeVar("_Item")
+
+
+async def _until(ended: asyncio.Event, items: AsyncIterable[_Item]) -> AsyncIterator[_Item]:
+    """`items` until they end or `ended` is set, whichever comes first."""
+    iterator = aiter(items)
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(ended.wait())]
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(iterator))
+            waits.append(following)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                return
+            waits.remove(following)
+            try:
+                item = following.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        for waiting in waits:  # the caller's next request, should it come, is not read
+            await _cancelled(waiting)
 
 
 class ListenError(OSError):

@@ -7,10 +7,12 @@ import dataclasses
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.server import connection_age_options
 from tests.conftest import chat, gateway_config
+from tests.fake_upstream import FakeUpstream, Reply
 from tests.integration.test_local_model_restart import (
     MODEL,
     run_stand_in_as_llama,
@@ -39,6 +41,33 @@ async def test_a_connection_past_its_age_is_closed_and_the_next_call_reconnects(
                 await channel.wait_for_state_change(grpc.ChannelConnectivity.READY)
         assert (await stub.Complete(chat())).content == "Hello from fake"
     assert len(upstream.requests) == 2
+
+
+async def test_a_client_pinging_every_second_keeps_its_silent_calls(start_gateway):
+    """A unary call sends nothing until it ends, nor a health Watch while health holds:
+    grpc's own ping limit (one per 5 minutes without data) ended the connection after
+    three keepalive pings, the calls with it (UNAVAILABLE "Too many pings"), for any
+    client keeping alive more often; on `server.health_listen` too."""
+    keepalive = [
+        ("grpc.keepalive_time_ms", 1000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    # Long enough for five pings: grpc's default ends the connection at the fourth.
+    async with FakeUpstream(default=Reply(delay_s=6)) as slow:
+        config = gateway_config(slow.base_url, server={"health_listen": "127.0.0.1:0"})
+        gw = await start_gateway(config)
+        async with (
+            grpc.aio.insecure_channel(gw.server.address, options=keepalive) as channel,
+            grpc.aio.insecure_channel(gw.server.health_address, options=keepalive) as probe,
+        ):
+            watch = health_pb2_grpc.HealthStub(probe).Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            response = await pb_grpc.CompletionServiceStub(channel).Complete(chat())
+            assert not watch.done()
+            watch.cancel()
+    assert response.content == "Hello from fake"
+    assert len(slow.requests) == 1
 
 
 def test_the_grace_defaults_to_the_longest_call_with_its_retries_or_five_minutes():

@@ -17,6 +17,7 @@ import pytest_asyncio
 import yaml
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -60,6 +61,26 @@ async def test_stopping_ends_health_watches_once_the_last_call_is_done(start_gat
                 statuses.append(update.status)
         assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
         assert await watch.code() == grpc.StatusCode.OK
+
+
+async def test_stopping_ends_reflection_streams_once_the_last_call_is_done(start_gateway):
+    """A reflection stream (a tool's session, such as evans', holds one open) did not end
+    with the gateway's last call, as health Watch streams do: stop() waited out the whole
+    grace for it, and the stream then ended UNAVAILABLE rather than OK."""
+    async with FakeUpstream(default=Reply(delay_s=0.5)) as fake:
+        gateway = await start_gateway(gateway_config(fake.base_url))
+        session = reflection_pb2_grpc.ServerReflectionStub(gateway.channel).ServerReflectionInfo()
+        await session.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        listed = (await session.read()).list_services_response.service
+        assert "llmgateway.v1.CompletionService" in [s.name for s in listed]
+        call = asyncio.ensure_future(gateway.stub.Complete(chat()))
+        while not fake.requests:
+            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):  # a hang guard, far inside the grace
+            await gateway.server.stop(grace_s=30)
+        assert (await call).content == "Hello from fake"
+        assert await session.read() is grpc.aio.EOF
+        assert await session.code() == grpc.StatusCode.OK
 
 
 def _call_through_reflection(address: str) -> tuple[list[str], str]:

@@ -24,6 +24,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER
 from service.pool_hooks import RetryDecision
 from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
@@ -972,6 +973,35 @@ async def test_admission_sheds_immediately_past_in_flight_and_queue(start_gatewa
         assert dict(info.value.trailing_metadata())[RETRY_ELSEWHERE_TRAILER] == "true"
         results = await asyncio.gather(*accepted)
         assert [r.content for r in results] == ["Hello from fake"] * 3
+
+
+async def test_a_burst_past_admission_is_shed_overloaded_never_cancelled(start_gateway):
+    """3,000 calls opened at once against one slot outran the handlers: grpc core's pending
+    limit (1000) cancelled over a thousand of them (a bare CANCELLED, no RetryInfo, no
+    trailer a proxy retries on) before admission could shed them with OVERLOADED."""
+    async with ScriptedUpstream() as fake:
+        config = gateway_config(fake.base_url, server={"max_in_flight_calls": 1})
+        gateway = await start_gateway(config)
+        fake.gate.clear()  # the admitted call holds the slot until the burst is answered
+        admitted = asyncio.ensure_future(gateway.stub.Complete(chat()))
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection each
+        address = gateway.server.address
+        channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(2)]
+        stubs = [pb_grpc.CompletionServiceStub(channel) for channel in channels]
+        try:
+            outcomes = await asyncio.gather(
+                *(stubs[i % len(stubs)].Complete(chat()) for i in range(3000)),
+                return_exceptions=True,
+            )
+        finally:
+            for channel in channels:
+                await channel.close()
+        codes = [o.code() if isinstance(o, grpc.aio.AioRpcError) else o for o in outcomes]
+        assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert {error_details(o)[1] for o in outcomes} == {"OVERLOADED"}
+        fake.gate.set()
+        assert (await admitted).content == "Hello from fake"
 
 
 async def test_graceful_shutdown_finishes_accepted_calls(start_gateway):
