@@ -53,6 +53,14 @@ _NO_CONTEXT = otel_context.Context()  # immutable: what a carrier without trace 
 _MOST_RPC_LABELS = 1024  # (method, status code) pairs: far more than the gateway has
 
 
+def _without_error_type(attributes: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An attempt's metric attributes without `error.type`, which is its duration's alone
+    (no attribute of its tokens or its time to first chunk): as they are when it has none."""
+    if attr.ERROR_TYPE not in attributes:
+        return attributes
+    return {key: value for key, value in attributes.items() if key != attr.ERROR_TYPE}
+
+
 @dataclass(slots=True)
 class AttemptSpan:
     """One upstream attempt in progress: the CLIENT span and what it measures.
@@ -117,10 +125,9 @@ class AttemptSpan:
         the duration's.)"""
         if self.first_chunk_s is None:
             return
-        attributes = self.metric_attributes
-        if attr.ERROR_TYPE in attributes:
-            attributes = {k: v for k, v in attributes.items() if k != attr.ERROR_TYPE}
-        self.telemetry.instruments.time_to_first_chunk.record(self.first_chunk_s, attributes)
+        self.telemetry.instruments.time_to_first_chunk.record(
+            self.first_chunk_s, _without_error_type(self.metric_attributes)
+        )
 
     def chunk(self, text: str, tool_calls: Sequence[ToolCallDelta] = ()) -> None:
         """A streamed chunk arrived; the first one marks time to first token."""
@@ -548,12 +555,17 @@ class Telemetry:
         """
         if not self.records_metrics:
             return
-        # `error.type` is the attempt's duration's: no attribute of token usage.
-        point = {key: value for key, value in attributes.items() if key != attr.ERROR_TYPE}
-        point[attr.USAGE_ESTIMATED] = usage.is_estimated
+        point = _without_error_type(attributes)
         token_usage = self.instruments.token_usage
         for token_type, tokens in (("input", usage.input_tokens), ("output", usage.output_tokens)):
-            token_usage.record(tokens, {**point, attr.GEN_AI_TOKEN_TYPE: token_type})
+            token_usage.record(
+                tokens,
+                {
+                    **point,
+                    attr.USAGE_ESTIMATED: usage.is_estimated,
+                    attr.GEN_AI_TOKEN_TYPE: token_type,
+                },
+            )
 
     def record_lost_attempt(self, request: ChatRequest, cost_usd: float) -> None:
         """The cost of an upstream attempt whose answer was lost (`AttemptLog.lose`): on
