@@ -193,9 +193,10 @@ def _may_be_providers_stream(media: str, *, has_events: bool) -> bool:
     return media == "text/event-stream" or (media in _UNTYPED_MEDIA and has_events)
 
 
-def _not_openai(upstream: str, response: Response) -> UpstreamNotOpenAI:
-    """The error for a success answer that is no OpenAI answer at all, saying what came."""
-    media = clipped(media_type(response.headers))
+def _not_openai(upstream: str, response: Response, media: str) -> UpstreamNotOpenAI:
+    """The error for a success answer that is no OpenAI answer at all, saying what came
+    (`media`, its media type)."""
+    media = clipped(media)
     what = f"Content-Type {media}" if media else "no Content-Type"
     return UpstreamNotOpenAI(
         f"upstream {upstream!r} answered HTTP {response.status} ({what}) with no OpenAI "
@@ -434,8 +435,9 @@ class UpstreamClient:
             status = error_status(body)
             if status is not None:
                 raise self._refusal(response, body, status, on_status) from None
-            if not _may_be_providers_answer(media_type(response.headers), body):
-                raise _not_openai(self.name, response) from exc
+            media = media_type(response.headers)
+            if not _may_be_providers_answer(media, body):
+                raise _not_openai(self.name, response, media) from exc
             raise
 
     def _refusal(
@@ -693,7 +695,7 @@ class UpstreamClient:
                 if has_output or _is_json_media(media):
                     raise
                 if not _may_be_providers_stream(media, has_events=has_events):
-                    raise _not_openai(self.name, response) from exc
+                    raise _not_openai(self.name, response, media) from exc
                 raise
             finally:
                 if parser.is_done:
