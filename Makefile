@@ -7,6 +7,11 @@ PY := $(VENV)/bin/python
 # `make run CONFIG=...`, else the file $LLM_GATEWAY_CONFIG names, as `serve` reads it.
 CONFIG ?= $(or $(LLM_GATEWAY_CONFIG),config/gateway.yaml)
 STAMP := $(VENV)/.setup-stamp
+# The suite mostly waits on sockets and subprocesses: test processes side by side (xdist),
+# the local model's tests in one of them (they share one llama.cpp server). `TEST_WORKERS=0`
+# runs it in this process.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
 # Every installed package's version, pinned (see its header): installs are reproducible.
 CONSTRAINTS := constraints.txt
 PROTOS := $(shell find protos/llmgateway -name '*.proto')
@@ -51,10 +56,10 @@ redis-server:
 		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 
 test: $(STAMP) redis-server node-setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_PARALLEL)
 
 test-fast: $(STAMP) redis-server node-setup
-	$(PY) -m pytest -m 'not local_model'
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m 'not local_model'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -18,7 +18,12 @@ from service.config import GatewayConfig, parse_config
 from service.server import GatewayServer
 from tests.fake_upstream import FakeUpstream
 from tests.redis_server import redis_server  # noqa: F401  (fixture)
-from tests.secret_capture import capture_emitted_logs, pytest_collection_modifyitems  # noqa: F401
+from tests.secret_capture import (  # noqa: F401  (the secret grep's fixture and hooks)
+    capture_emitted_logs,
+    pytest_collection_modifyitems,
+    pytest_sessionfinish,
+    pytest_testnodedown,
+)
 
 FAKE_MODEL = "fake-model"
 

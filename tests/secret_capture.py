@@ -1,9 +1,12 @@
 """Everything the gateway emits during a test session, kept for the secret grep.
 
 A logging handler installed at session start writes every log record (message, extras
-and traceback) to one file; tests add the gRPC error messages, details and trailers
-they receive with `record_emitted`. `tests/test_zz_secret_grep.py`, run last, asserts
-that no key in `SECRETS` (and none added with `register_secret`) appears in that file.
+and traceback) to one file per test process; tests add the gRPC error messages, details
+and trailers they receive with `record_emitted`. When a process's tests are done it greps
+its file for every key in `SECRETS` (and those added with `register_secret`); the run
+fails if any process found one. Under pytest-xdist each worker greps its own file and
+hands what it found to the controller, which reports and fails the run.
+`tests/test_zz_secret_grep.py` exercises every path a key takes and checks the capture.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,6 +54,20 @@ class _EverythingFormatter(logging.Formatter):
         return text
 
 
+def leaked_secrets(emitted: str) -> list[str]:
+    """The keys (shown by their first 8 characters) any 16 characters of which are in
+    `emitted`: that also catches near-miss keys tests sent on purpose (a character
+    dropped or added)."""
+    return sorted(
+        {
+            secret[:8] + "…"
+            for secret in SECRETS
+            for start in range(max(1, len(secret) - 15))
+            if secret[start : start + 16] in emitted
+        }
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the secret grep after every other test."""
     items.sort(key=lambda item: "test_zz_secret_grep" in item.nodeid)
@@ -72,4 +90,30 @@ def capture_emitted_logs() -> Iterator[Path]:
         root.removeHandler(handler)
         handler.close()
         gateway.setLevel(previous)
-        EMITTED_PATH.unlink(missing_ok=True)
+
+
+_WORKER_LEAKS = pytest.StashKey[list[str]]()
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures' teardown and its log records
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Grep this process's capture; fail the run (or tell the controller) on a leak."""
+    leaked = leaked_secrets(EMITTED_PATH.read_text(encoding="utf-8", errors="replace"))
+    EMITTED_PATH.unlink(missing_ok=True)
+    worker_output = getattr(session.config, "workeroutput", None)
+    if worker_output is not None:
+        worker_output["leaked_secrets"] = leaked
+        return
+    leaked = sorted({*leaked, *session.config.stash.get(_WORKER_LEAKS, [])})
+    if leaked:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"SECRET GREP FAILED: keys found in emitted output: {leaked}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """An xdist worker finished: keep what its grep found for the controller's report."""
+    found = list(getattr(node, "workeroutput", {}).get("leaked_secrets", []))
+    node.config.stash[_WORKER_LEAKS] = [*node.config.stash.get(_WORKER_LEAKS, []), *found]

@@ -17,7 +17,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from tests.e2e.conftest import LOCAL_MODEL
 
-pytestmark = pytest.mark.local_model
+pytestmark = [pytest.mark.local_model, pytest.mark.xdist_group("local_model")]
 
 FINISHED = (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
 

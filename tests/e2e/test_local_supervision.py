@@ -20,7 +20,7 @@ from service.server import LOCAL_MODEL_HEALTH, GatewayServer
 from tests.e2e.conftest import LOCAL_MODEL, REPO
 from tests.integration.gateway_process import is_running
 
-pytestmark = pytest.mark.local_model
+pytestmark = [pytest.mark.local_model, pytest.mark.xdist_group("local_model")]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -20,7 +20,11 @@ from service.server import GatewayServer
 from service.summarize import document_prompt
 from service.tokens import estimate_prompt_tokens
 
-pytestmark = [pytest.mark.local_model, pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.local_model,
+    pytest.mark.xdist_group("local_model"),
+    pytest.mark.timeout(600),
+]
 
 LOCAL_MODEL = "gemma-3-270m"
 TARGET_TOKENS = 64

@@ -48,6 +48,11 @@ from tests.secret_capture import CALLER_KEY_A
 ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "clients" / "node"
 SCENARIOS_JS = NODE_DIR / "dist" / "clients" / "node" / "src" / "scenarios.js"
+
+# One test process compiles the client (`node_scenarios`) and runs these: another's `tsc`
+# rewriting dist/ under a running scenario would break it.
+pytestmark = pytest.mark.xdist_group("node_client")
+
 SERVICE_CONFIG = ROOT / "clients" / "service_config.json"
 NODE_TIMEOUT_S = 30.0
 # Price of fake-model in gateway_config(): USD per million input / output tokens.
