@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Mapping
@@ -9,7 +10,7 @@ from types import MappingProxyType
 
 import orjson
 
-from service.config import MAX_MODEL_NAME, RequestDefaults, is_model_name
+from service.config import MAX_LABELS, MAX_MODEL_NAME, RequestDefaults, is_model_name
 from service.domain import ChatRequest, Message, ResponseFormat, ResponseFormatType, Role
 from service.errors import FieldViolation, InvalidRequest
 from service.tokens import estimate_prompt_tokens
@@ -233,11 +234,14 @@ def label_violations(
     With `is_filter` they are GetUsage's filter, which may name the gateway's own label
     (`OVERFLOW_LABELS`, its overflow row's), and is not held to `limits`: rows recorded under
     larger ones (before the config lowered them, or by another replica mid-rollout) match.
+    It is held to `MAX_LABELS` instead, the most labels any config lets a call carry, so
+    no row carries more. Labels past the number allowed are counted, never read.
     """
     found = []
-    if len(labels) > limits.max_labels and not is_filter:
-        found.append(too_many_labels(len(labels), limits))
-    for key, value in list(labels.items())[: None if is_filter else limits.max_labels]:
+    allowed = MAX_LABELS if is_filter else limits.max_labels
+    if len(labels) > allowed:
+        found.append(FieldViolation("labels", f"at most {allowed} labels, got {len(labels)}"))
+    for key, value in itertools.islice(labels.items(), allowed):
         if not _LABEL_KEY.fullmatch(key):
             found.append(
                 FieldViolation(f"labels[{key[:64]!r}]", "key must be 1-64 of A-Z a-z 0-9 _ . - /")

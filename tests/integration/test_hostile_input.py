@@ -241,13 +241,15 @@ async def test_a_metered_batch_item_refused_by_its_counts_is_not_estimated(
     assert len(upstream.requests) == 1
 
 
-def _label_entries(count: int) -> bytes:
-    """`count` labels (field 6) with distinct keys and empty values, as on the wire."""
+def _label_entries(count: int, *, field: int = 6) -> bytes:
+    """`count` labels (a CompleteRequest's field 6, else `field`) with distinct keys and
+    empty values, as on the wire."""
+    tag = bytes([field << 3 | 2])
     entries = []
     for index in range(count):
         key = format(index, "x").encode()
         entry = b"\x0a" + _varint(len(key)) + key
-        entries.append(b"\x32" + _varint(len(entry)) + entry)
+        entries.append(tag + _varint(len(entry)) + entry)
     return b"".join(entries)
 
 
@@ -283,6 +285,28 @@ async def test_far_too_many_labels_or_stop_sequences_are_refused_by_their_count_
         (field, description)
     ]
     assert upstream.requests == []
+
+
+async def test_a_usage_filter_of_far_too_many_labels_is_refused_by_its_count(gateway):
+    """A GetUsage filter of 400,000 labels (3 MB, under the receive limit) is
+    INVALID_ARGUMENT on `labels` by its count: no row carries more labels than any
+    config lets a call carry (256).
+
+    Before, a filter was held to no count: every entry was checked and matched against
+    the rows (about 0.9 s of the event loop, every other call stalled), for an OK with
+    no rows, read as "no usage"."""
+    get_usage = gateway.channel.unary_unary(
+        "/llmgateway.v1.CompletionService/GetUsage",
+        request_serializer=lambda data: data,
+        response_deserializer=pb.GetUsageResponse.FromString,
+    )
+    payload = _label_entries(400_000, field=3)
+    error = await rpc_error(get_usage(payload, timeout=60))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    violations = detail(error, error_details_pb2.BadRequest).field_violations
+    assert [(v.field, v.description) for v in violations] == [
+        ("labels", "at most 256 labels, got 400000")
+    ]
 
 
 def _labels_checked(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[int]:
