@@ -158,26 +158,30 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     if request.tools or request.tool_choice.is_set:
         total_chars += _tools_violations(found, request)
     # UTF-8 takes at most 4 bytes a character, so only long texts need encoding.
+    is_over_bytes = False
     if total_chars * 4 > limits.max_request_bytes:
         size = len("".join(_texts_of(request)).encode("utf-8"))
-        if size > limits.max_request_bytes:
+        is_over_bytes = size > limits.max_request_bytes
+        if is_over_bytes:
             found.append(
                 FieldViolation(
                     "messages", f"at most {limits.max_request_bytes} bytes of text, got {size}"
                 )
             )
+    response_format = request.params.response_format
+    schema_chars = 0
+    if response_format is not None:
+        schema_chars = len(response_format.json_schema) + len(response_format.schema_name)
+        is_over_bytes |= _is_over_bytes(response_format.json_schema, limits)
     # Only worth estimating when the text could be over: no character costs more than
     # 5 tokens (an emoji alone: its 4 UTF-8 bytes, 1 more for starting a run), plus a
-    # few tokens of overhead a message, tool and tool call.
-    response_format = request.params.response_format
-    schema_chars = (
-        len(response_format.json_schema) + len(response_format.schema_name)
-        if response_format is not None
-        else 0
-    )
+    # few tokens of overhead a message, tool and tool call. Not past a count or a byte
+    # limit, which refuses the request already: a 4 MiB prompt is a quarter second of
+    # the event loop to estimate, and cheap to measure.
     overheads = len(request.messages) + len(request.tools) + tool_calls + 1
     bound = (total_chars + schema_chars) * 5 + 8 * overheads
-    if len(request.messages) <= limits.max_messages and bound > limits.max_prompt_tokens:
+    is_refused = is_over_bytes or len(request.messages) > limits.max_messages
+    if not is_refused and bound > limits.max_prompt_tokens:
         estimate = estimate_prompt_tokens(request.messages, request.tools, response_format)
         if estimate > limits.max_prompt_tokens:
             found.append(
@@ -410,9 +414,7 @@ def _response_format_violations(
         ]
     found = []
     schema = response_format.json_schema
-    if len(schema) * 4 > limits.max_request_bytes and (
-        len(schema.encode("utf-8")) > limits.max_request_bytes
-    ):
+    if _is_over_bytes(schema, limits):
         found.append(
             FieldViolation(f"{field}.json_schema", f"at most {limits.max_request_bytes} bytes")
         )
@@ -425,6 +427,13 @@ def _response_format_violations(
     if response_format.schema_name and not _FUNCTION_NAME.fullmatch(response_format.schema_name):
         found.append(FieldViolation(f"{field}.schema_name", "must be 1-64 of A-Z a-z 0-9 _ -"))
     return found
+
+
+def _is_over_bytes(text: str, limits: RequestDefaults) -> bool:
+    """Whether `text` is more UTF-8 bytes than `limits.max_request_bytes`; encoded only
+    when it could be (UTF-8 takes at most 4 bytes a character)."""
+    limit = limits.max_request_bytes
+    return len(text) * 4 > limit and len(text.encode("utf-8")) > limit
 
 
 def _json_object_problem(text: str) -> str | None:
