@@ -29,17 +29,16 @@ log = logging.getLogger("llm_gateway.batch")
 @dataclass(frozen=True, slots=True)
 class BatchItem:
     """One item of a batch; `violations` are problems only visible on the wire,
-    `refusal` why its caller may not run it (a model its tenant may not use),
-    `tokens` what its tenant's `tokens_per_minute` counts for it, and `sent_tokens` what
-    it counts instead for the messages the request was prepared to send, when truncation
-    dropped some (None: `tokens`)."""
+    `refusal` why its caller may not run it (a model its tenant may not use), and
+    `tokens` what its tenant's `tokens_per_minute` counts for it as prepared (the
+    messages sent, when truncation dropped some): estimated only for an item that
+    passed every check, as a refused one takes no tokens."""
 
     id: str
     request: ChatRequest
     violations: tuple[FieldViolation, ...] = ()
     refusal: GatewayError | None = None
-    tokens: int = 0
-    sent_tokens: Callable[[PreparedRequest], int | None] = lambda prepared: None
+    tokens: Callable[[PreparedRequest], int] = lambda prepared: 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +129,7 @@ async def run_batch(
                 if pace is not None:
                     # Refuse an invalid item, or one for a model no upstream serves, before
                     # it takes any of the tenant's limits: it makes no upstream call.
-                    sent = item.sent_tokens(pipeline.prepare(item.request))
-                    await pace(item.tokens if sent is None else sent, deadline)
+                    await pace(item.tokens(pipeline.prepare(item.request)), deadline)
                 completion = await pipeline.complete_in_turn(item.request, deadline=deadline)
             except Exception as exc:  # this item's outcome, not the batch's
                 if not isinstance(exc, GatewayError):

@@ -695,6 +695,12 @@ class CacheConfig:
         _require(bool(self.key_prefix), "key_prefix must not be empty")
 
 
+# The most labels `defaults.max_labels` may allow a call, so the most a usage row can
+# carry: a GetUsage filter of more matches nothing under any config, and is refused by
+# its count before its entries are read (4 MiB hold 400,000).
+MAX_LABELS = 256
+
+
 @dataclass(frozen=True, slots=True)
 class RequestDefaults:
     """What a request gets for fields it leaves unset."""
@@ -712,10 +718,8 @@ class RequestDefaults:
     def __post_init__(self) -> None:
         _require(self.max_messages >= 1, "max_messages must be >= 1")
         _require(self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1")
-        _require(
-            min(self.max_stop_sequences, self.max_labels) >= 0,
-            "max_stop_sequences and max_labels must be >= 0",
-        )
+        _require(self.max_stop_sequences >= 0, "max_stop_sequences must be >= 0")
+        _require(0 <= self.max_labels <= MAX_LABELS, f"max_labels must be 0..{MAX_LABELS}")
         # 0 is no "unlimited" here: it would refuse every request, label or stop sequence.
         _require(
             min(self.max_request_bytes, self.max_label_length, self.max_stop_length) >= 1,

@@ -596,6 +596,12 @@ def _sent_tokens(
     return completion_tokens(message, sent)
 
 
+def _paced_tokens(message: pb.CompleteRequest, prepared: PreparedRequest) -> int:
+    """The tokens `tokens_per_minute` counts for a batch item's `message` as `prepared`."""
+    sent = _sent_tokens(message, prepared)
+    return completion_tokens(message) if sent is None else sent
+
+
 class CompletionServicer(pb_grpc.CompletionServiceServicer):
     """Implements `llmgateway.v1.CompletionService` on top of a `Pipeline`."""
 
@@ -779,13 +785,12 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                     check_model_allowed(principal, item.request.model)
                 except PermissionDenied as exc:
                     refusal = exc
-            # Estimated only for an item that may run: one refused on the wire (a million
-            # messages past `max_messages`) takes no tokens, and estimating it whole would
-            # hold the event loop for a second.
-            may_run = not violations and refusal is None
-            tokens = completion_tokens(item.request) if pacer is not None and may_run else 0
-            sent_tokens = functools.partial(_sent_tokens, item.request)
-            items.append(BatchItem(item.id, chat, tuple(violations), refusal, tokens, sent_tokens))
+            # Estimated as it starts, once prepared: an item refused on the wire (a million
+            # messages past `max_messages`) or by its checks (a prompt past
+            # `max_request_bytes`) takes no tokens, and estimating it whole would hold the
+            # event loop for up to a second.
+            tokens = functools.partial(_paced_tokens, item.request)
+            items.append(BatchItem(item.id, chat, tuple(violations), refusal, tokens))
         results = run_batch(
             self._pipeline,
             items,

@@ -72,6 +72,7 @@ from service.tokens import (
     PER_MESSAGE_OVERHEAD,
     PER_REQUEST_OVERHEAD,
     estimate_text_tokens,
+    estimate_text_tokens_up_to,
 )
 from service.validation import (
     has_control_characters,
@@ -107,8 +108,9 @@ _VISIBLE = re.compile(
 # Tokens kept free besides the estimate, for what the estimate cannot see.
 _SAFETY_TOKENS = 16
 _MIN_CHUNK_TOKENS = 64
-# The least a default target or a part's answer shrinks to for a small minute: about
-# 24 words, little enough for a summary still to say something.
+# The least a default target or a part's answer shrinks to for a small minute, and the
+# least target a caller may ask for: about 24 words, little enough for a summary still to
+# say something. Fewer would be cut off mid-sentence by the answer's `max_tokens`.
 _MIN_TARGET_TOKENS = 32
 
 
@@ -527,7 +529,15 @@ class Summarizer:
                 # Refused here, not by the call that would send it: the parts before that
                 # one would have been sent and paid for by then.
                 violations.append(FieldViolation("document", "must not contain control characters"))
-        if window is not None and target > window // 4:
+        if request.target_tokens is not None and request.target_tokens < _MIN_TARGET_TOKENS:
+            violations.append(
+                FieldViolation(
+                    "target_tokens",
+                    f"at least {_MIN_TARGET_TOKENS} (or 0: the default), "
+                    f"got {request.target_tokens}",
+                )
+            )
+        elif window is not None and target > window // 4:
             violations.append(
                 FieldViolation(
                     "target_tokens",
@@ -535,8 +545,11 @@ class Summarizer:
                     f"got {target}",
                 )
             )
-        if window is not None and estimate_text_tokens(request.instructions) > window // 8:
-            violations.append(FieldViolation("instructions", f"at most about {window // 8} tokens"))
+        # Read no further than the limit needs: 4 MiB of instructions are a quarter second
+        # of the event loop to estimate whole.
+        room = None if window is None else window // 8
+        if room is not None and estimate_text_tokens_up_to(request.instructions, room + 1) > room:
+            violations.append(FieldViolation("instructions", f"at most about {room} tokens"))
         elif has_control_characters(request.instructions):
             violations.append(FieldViolation("instructions", "must not contain control characters"))
         # Checked here as well as by each part's call: so before the call takes its

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Mapping
@@ -9,7 +10,7 @@ from types import MappingProxyType
 
 import orjson
 
-from service.config import MAX_MODEL_NAME, RequestDefaults, is_model_name
+from service.config import MAX_LABELS, MAX_MODEL_NAME, RequestDefaults, is_model_name
 from service.domain import ChatRequest, Message, ResponseFormat, ResponseFormatType, Role
 from service.errors import FieldViolation, InvalidRequest
 from service.tokens import estimate_prompt_tokens
@@ -157,26 +158,30 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     if request.tools or request.tool_choice.is_set:
         total_chars += _tools_violations(found, request)
     # UTF-8 takes at most 4 bytes a character, so only long texts need encoding.
+    is_over_bytes = False
     if total_chars * 4 > limits.max_request_bytes:
         size = len("".join(_texts_of(request)).encode("utf-8"))
-        if size > limits.max_request_bytes:
+        is_over_bytes = size > limits.max_request_bytes
+        if is_over_bytes:
             found.append(
                 FieldViolation(
                     "messages", f"at most {limits.max_request_bytes} bytes of text, got {size}"
                 )
             )
+    response_format = request.params.response_format
+    schema_chars = 0
+    if response_format is not None:
+        schema_chars = len(response_format.json_schema) + len(response_format.schema_name)
+        is_over_bytes |= _is_over_bytes(response_format.json_schema, limits)
     # Only worth estimating when the text could be over: no character costs more than
     # 5 tokens (an emoji alone: its 4 UTF-8 bytes, 1 more for starting a run), plus a
-    # few tokens of overhead a message, tool and tool call.
-    response_format = request.params.response_format
-    schema_chars = (
-        len(response_format.json_schema) + len(response_format.schema_name)
-        if response_format is not None
-        else 0
-    )
+    # few tokens of overhead a message, tool and tool call. Not past a count or a byte
+    # limit, which refuses the request already: a 4 MiB prompt is a quarter second of
+    # the event loop to estimate, and cheap to measure.
     overheads = len(request.messages) + len(request.tools) + tool_calls + 1
     bound = (total_chars + schema_chars) * 5 + 8 * overheads
-    if len(request.messages) <= limits.max_messages and bound > limits.max_prompt_tokens:
+    is_refused = is_over_bytes or len(request.messages) > limits.max_messages
+    if not is_refused and bound > limits.max_prompt_tokens:
         estimate = estimate_prompt_tokens(request.messages, request.tools, response_format)
         if estimate > limits.max_prompt_tokens:
             found.append(
@@ -233,11 +238,14 @@ def label_violations(
     With `is_filter` they are GetUsage's filter, which may name the gateway's own label
     (`OVERFLOW_LABELS`, its overflow row's), and is not held to `limits`: rows recorded under
     larger ones (before the config lowered them, or by another replica mid-rollout) match.
+    It is held to `MAX_LABELS` instead, the most labels any config lets a call carry, so
+    no row carries more. Labels past the number allowed are counted, never read.
     """
     found = []
-    if len(labels) > limits.max_labels and not is_filter:
-        found.append(too_many_labels(len(labels), limits))
-    for key, value in list(labels.items())[: None if is_filter else limits.max_labels]:
+    allowed = MAX_LABELS if is_filter else limits.max_labels
+    if len(labels) > allowed:
+        found.append(FieldViolation("labels", f"at most {allowed} labels, got {len(labels)}"))
+    for key, value in itertools.islice(labels.items(), allowed):
         if not _LABEL_KEY.fullmatch(key):
             found.append(
                 FieldViolation(f"labels[{key[:64]!r}]", "key must be 1-64 of A-Z a-z 0-9 _ . - /")
@@ -406,9 +414,7 @@ def _response_format_violations(
         ]
     found = []
     schema = response_format.json_schema
-    if len(schema) * 4 > limits.max_request_bytes and (
-        len(schema.encode("utf-8")) > limits.max_request_bytes
-    ):
+    if _is_over_bytes(schema, limits):
         found.append(
             FieldViolation(f"{field}.json_schema", f"at most {limits.max_request_bytes} bytes")
         )
@@ -421,6 +427,13 @@ def _response_format_violations(
     if response_format.schema_name and not _FUNCTION_NAME.fullmatch(response_format.schema_name):
         found.append(FieldViolation(f"{field}.schema_name", "must be 1-64 of A-Z a-z 0-9 _ -"))
     return found
+
+
+def _is_over_bytes(text: str, limits: RequestDefaults) -> bool:
+    """Whether `text` is more UTF-8 bytes than `limits.max_request_bytes`; encoded only
+    when it could be (UTF-8 takes at most 4 bytes a character)."""
+    limit = limits.max_request_bytes
+    return len(text) * 4 > limit and len(text.encode("utf-8")) > limit
 
 
 def _json_object_problem(text: str) -> str | None:

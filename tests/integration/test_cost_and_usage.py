@@ -502,6 +502,23 @@ async def test_get_usage_finds_labels_recorded_under_larger_label_limits(
     assert [dict(row.labels) for row in usage.rows] == [labels]
 
 
+async def test_a_usage_filter_holds_as_many_labels_as_a_call_may_carry(upstream, start_gateway):
+    """A filter of 256 labels, the most any config lets a call carry, finds the row of a
+    call that carried them; one more is INVALID_ARGUMENT on `labels`, as no row holds it.
+
+    Before, a filter of any size went through, and one no row could match answered OK
+    with a zero total: "no usage"."""
+    gw = await start_gateway(gateway_config(upstream.base_url, defaults={"max_labels": 256}))
+    labels = {f"k{i}": "v" for i in range(256)}
+    await gw.stub.Complete(chat(labels=labels))
+    usage = await gw.stub.GetUsage(pb.GetUsageRequest(labels=labels))
+    assert usage.total.requests == 1
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await gw.stub.GetUsage(pb.GetUsageRequest(labels={**labels, "k256": "v"}))
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(refused.value) == {"labels": "at most 256 labels, got 257"}
+
+
 async def test_a_spent_budget_refuses_before_any_upstream_call(upstream, start_gateway):
     """Over budget: RESOURCE_EXHAUSTED, QuotaFailure, RetryInfo and pushback; no upstream call."""
     config = gateway_config(

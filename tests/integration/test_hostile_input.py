@@ -241,13 +241,15 @@ async def test_a_metered_batch_item_refused_by_its_counts_is_not_estimated(
     assert len(upstream.requests) == 1
 
 
-def _label_entries(count: int) -> bytes:
-    """`count` labels (field 6) with distinct keys and empty values, as on the wire."""
+def _label_entries(count: int, *, field: int = 6) -> bytes:
+    """`count` labels (a CompleteRequest's field 6, else `field`) with distinct keys and
+    empty values, as on the wire."""
+    tag = bytes([field << 3 | 2])
     entries = []
     for index in range(count):
         key = format(index, "x").encode()
         entry = b"\x0a" + _varint(len(key)) + key
-        entries.append(b"\x32" + _varint(len(entry)) + entry)
+        entries.append(tag + _varint(len(entry)) + entry)
     return b"".join(entries)
 
 
@@ -282,6 +284,88 @@ async def test_far_too_many_labels_or_stop_sequences_are_refused_by_their_count_
     assert [(v.field, v.description) for v in violations if v.field == field] == [
         (field, description)
     ]
+    assert upstream.requests == []
+
+
+async def test_a_usage_filter_of_far_too_many_labels_is_refused_by_its_count(gateway):
+    """A GetUsage filter of 400,000 labels (3 MB, under the receive limit) is
+    INVALID_ARGUMENT on `labels` by its count: no row carries more labels than any
+    config lets a call carry (256).
+
+    Before, a filter was held to no count: every entry was checked and matched against
+    the rows (about 0.9 s of the event loop, every other call stalled), for an OK with
+    no rows, read as "no usage"."""
+    get_usage = gateway.channel.unary_unary(
+        "/llmgateway.v1.CompletionService/GetUsage",
+        request_serializer=lambda data: data,
+        response_deserializer=pb.GetUsageResponse.FromString,
+    )
+    payload = _label_entries(400_000, field=3)
+    error = await rpc_error(get_usage(payload, timeout=60))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    violations = detail(error, error_details_pb2.BadRequest).field_violations
+    assert [(v.field, v.description) for v in violations] == [
+        ("labels", "at most 256 labels, got 400000")
+    ]
+
+
+@pytest.mark.parametrize("rpc", ["Complete", "CompleteStream", "CompleteBatch"])
+@pytest.mark.parametrize(
+    ("fields", "over"),
+    [
+        ({"messages": [_message("word " * 8_000)]}, "messages"),
+        (
+            {
+                "messages": [_message("hi")],
+                "params": pb.GenerationParams(
+                    response_format=pb.ResponseFormat(
+                        type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+                        json_schema='{"description": "%s"}' % ("word " * 8_000),
+                    )
+                ),
+            },
+            "params.response_format.json_schema",
+        ),
+    ],
+    ids=["prompt", "schema"],
+)
+async def test_a_request_over_its_byte_limit_is_refused_by_it_before_any_estimate(
+    upstream, start_gateway, estimator_reads, *, rpc, fields, over
+):
+    """A metered tenant's request whose text (40,000 bytes) is over `max_request_bytes`
+    is refused by that limit alone, its tokens never estimated: not for the request's
+    `max_prompt_tokens`, nor, as a batch item, for its tenant's tokens_per_minute.
+
+    Before, it was estimated whole as well (a quarter second of the event loop for a
+    4 MiB prompt, every other call stalled), and refused on both limits."""
+    config = secure_config(
+        upstream.base_url,
+        tenants={"team-a": {"tokens_per_minute": 1_000_000}},
+        defaults=LIMITS,
+    )
+    gw = await start_gateway(config)
+    request = pb.CompleteRequest(model=FAKE_MODEL, **fields)
+    metadata = as_tenant("team-a")
+    if rpc == "CompleteBatch":
+        batch = pb.CompleteBatchRequest(items=[pb.BatchItem(id="over", request=request)])
+        events = [e async for e in gw.stub.CompleteBatch(batch, metadata=metadata)]
+        status = status_pb2.Status()
+        status.CopyFrom(events[0].result.error)
+        assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        bad_request = error_details_pb2.BadRequest()
+        assert status.details[0].Unpack(bad_request)
+        violations = bad_request.field_violations
+    else:
+        if rpc == "CompleteStream":
+            stream = pb.CompleteStreamRequest(model=FAKE_MODEL, **fields)
+            error = await stream_error(gw.stub.CompleteStream(stream, metadata=metadata))
+        else:
+            error = await rpc_error(gw.stub.Complete(request, metadata=metadata))
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        violations = detail(error, error_details_pb2.BadRequest).field_violations
+    assert [v.field for v in violations] == [over]
+    assert violations[0].description.startswith(f"at most {LIMITS['max_request_bytes']} bytes")
+    assert estimator_reads == []
     assert upstream.requests == []
 
 

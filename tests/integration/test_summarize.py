@@ -510,6 +510,56 @@ async def test_invalid_requests(recorder, start_gateway, request_, code, field):
     assert recorder.requests == []
 
 
+@pytest.mark.parametrize("target_tokens", [1, 5, 31])
+async def test_a_target_under_the_least_summary_is_refused(
+    recorder, start_gateway, target_tokens: int
+):
+    """An explicit target_tokens under 32 (about 24 words) is INVALID_ARGUMENT on it,
+    naming the least one, before any part is sent.
+
+    Before, it went through: the model was asked for "at most about 10 words" with
+    `max_tokens` of the target itself, an answer cut off within a word or two."""
+    gateway = await start_gateway(config(recorder.base_url))
+    request = pb.SummarizeRequest(
+        model=FAKE_MODEL, document=document(2), target_tokens=target_tokens
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(request)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == {
+        "target_tokens": f"at least 32 (or 0: the default), got {target_tokens}"
+    }
+    assert recorder.requests == []
+
+
+async def test_the_least_target_is_summarised(recorder, start_gateway):
+    """A target_tokens of exactly 32 is accepted and asked of the model."""
+    gateway = await start_gateway(config(recorder.base_url))
+    request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(2), target_tokens=32)
+    response = await gateway.stub.Summarize(request)
+    assert response.summary == "WHOLE"
+    assert [body["max_tokens"] for body in (r.body for r in recorder.requests)] == [32]
+
+
+async def test_long_instructions_are_refused_having_read_only_what_the_limit_needs(
+    recorder, start_gateway, estimator_reads: list[int]
+):
+    """Instructions of 600,000 characters, far over an eighth of the window, are refused
+    on `instructions` with no more of them estimated than the limit needs.
+
+    Before, they were estimated whole first: a quarter second of the event loop for
+    4 MiB, every other call on the gateway stalled, for a request refused anyway."""
+    gateway = await start_gateway(config(recorder.base_url))
+    instructions = "Be brief. " * 60_000
+    request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(2), instructions=instructions)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(request)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == {"instructions": f"at most about {WINDOW // 8} tokens"}
+    assert sum(estimator_reads) < len(instructions)
+    assert recorder.requests == []
+
+
 @pytest.mark.parametrize(
     ("model", "problem"),
     [

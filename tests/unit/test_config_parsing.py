@@ -505,14 +505,21 @@ def test_env_override_on_real_file() -> None:
             {"defaults": {"max_labels": -1}},
             {},
             "defaults",
-            "max_stop_sequences and max_labels must be >= 0",
+            "max_labels must be 0..256",
             id="negative-max-labels",
+        ),
+        pytest.param(
+            {"defaults": {"max_labels": 257}},
+            {},
+            "defaults",
+            "max_labels must be 0..256",
+            id="max-labels-past-what-a-filter-may-name",
         ),
         pytest.param(
             {"defaults": {"max_stop_sequences": -1}},
             {},
             "defaults",
-            "max_stop_sequences and max_labels must be >= 0",
+            "max_stop_sequences must be >= 0",
             id="negative-max-stop-sequences",
         ),
         pytest.param(
