@@ -24,6 +24,7 @@ from service.auth import (
 from service.config import (
     ANY_TENANT,
     AuthConfig,
+    BudgetConfig,
     CallerKey,
     ConfigError,
     GatewayConfig,
@@ -133,14 +134,31 @@ def keys_command(argv: list[str]) -> int:
 
 
 def _unlisted_note(config: GatewayConfig, tenant: str, path: str) -> str:
-    """The note that `tenant` has no entry under `tenants:`, and what it gets instead."""
-    gets = (
-        f'so it gets the limits and models of the "{ANY_TENANT}" entry'
+    """The note that `tenant` has no entry under `tenants:`, and what it gets instead: the
+    `"*"` entry's limits or none, and its budget (`budgets:` is read apart from `tenants:`,
+    so a tenant without limits may still have one)."""
+    limits = (
+        f'it gets the limits and models of the "{ANY_TENANT}" entry'
         if ANY_TENANT in config.tenants
-        else "so it has no limits and may use every model"
+        else "it has no rate limits and may use every model"
     )
     listed = ", ".join(sorted(t for t in config.tenants if t != ANY_TENANT)) or "none by name"
     return (
-        f"note: tenant {tenant!r} has no entry under tenants: in {path}, {gets} "
-        f"(tenants there: {listed})"
+        f"note: tenant {tenant!r} has no entry under tenants: in {path}, so {limits}, "
+        f"and {_budget_of(config, tenant)} (tenants there: {listed})"
     )
+
+
+def _budget_of(config: GatewayConfig, tenant: str) -> str:
+    """Which budget applies to `tenant` (as `Budgets.budget_of` picks it), in words."""
+    if tenant in config.budgets:
+        return f"its own budget under budgets: ({_spend(config.budgets[tenant])})"
+    if ANY_TENANT in config.budgets:
+        return f'the budget of the "{ANY_TENANT}" entry under budgets: ' + (
+            f"({_spend(config.budgets[ANY_TENANT])}, spent by it alone)"
+        )
+    return "no budget"
+
+
+def _spend(budget: BudgetConfig) -> str:
+    return f"${budget.usd:g} a {budget.period}"

@@ -39,6 +39,7 @@ from service.errors import (
 )
 from service.limits import LimitExceeded, UpstreamLimiter
 from service.pool_hooks import AttemptRecord, PoolCounters, PoolHooks, RetryDecision
+from service.rejected_keys import RejectedKeyWatch
 from service.retry import (
     BackoffPolicy,
     RetryBudget,
@@ -227,6 +228,7 @@ class UpstreamState:
             clock=clock,
             on_change=hooks.breaker_changed,
         )
+        self.key_watch = RejectedKeyWatch(client.name, clock)
         config = client.config
         if shared_limits is not None and config.shared_limits:
             self.limiter = shared_limits.limiter(config, clock)
@@ -244,6 +246,14 @@ class UpstreamState:
             min_retries=settings.retry_budget_min_retries,
             clock=clock,
         )
+
+    def record_success(self) -> None:
+        """The upstream answered: tell its breaker, and its key watch unless the breaker
+        took the answer for older news than its opening (a call sent before the key was
+        rejected, ending after)."""
+        self.breaker.record_success()
+        if self.breaker.state is BreakerState.CLOSED:
+            self.key_watch.accepted()
 
 
 class _WeightedRoundRobin:
@@ -568,12 +578,7 @@ class UpstreamPool:
         """Tell the breaker and limiter what the failure says about the upstream;
         `is_callers_cut`: the caller's deadline caused it."""
         if isinstance(exc, UpstreamAuthRejected):
-            if not state.breaker.is_key_rejected:
-                # Once per episode, loudly: an operator must fix the key.
-                log.error(
-                    "upstream.key_rejected",
-                    extra={"upstream": state.client.name, "http_status": exc.status},
-                )
+            state.key_watch.rejected(http_status=exc.status)
             state.breaker.record_key_rejected()
         elif is_callers_cut:
             # The caller's deadline, not the upstream's fault.
@@ -593,7 +598,7 @@ class UpstreamPool:
     ) -> None:
         """Tell the breaker (unless a probe's first output already did) and the limiter."""
         if not is_breaker_told:
-            state.breaker.record_success()
+            state.record_success()
         if hints.remaining is not None:  # without rate-limit headers there is nothing to learn
             state.limiter.learn(hints, now_epoch_s=time.time())
 
@@ -856,7 +861,7 @@ class UpstreamPool:
                                     # A probe streaming its answer has shown the upstream
                                     # back: a long stream (a reasoning model's, minutes)
                                     # must not hold off every other call till its end.
-                                    state.breaker.record_success()
+                                    state.record_success()
                                     probe, is_breaker_told = None, True
                                 if log.first_token_s is None:
                                     # From the start of the call: retries delay the first token.

@@ -728,6 +728,41 @@ async def test_batch_process_killed_by_ctrl_c_resumes(tmp_path, scripted, addres
     assert sorted(r["id"] for r in output_records(output)) == sorted(ids)
 
 
+async def test_a_second_batch_run_on_the_same_output_exits_1_and_calls_nothing(
+    tmp_path, scripted, address
+):
+    """Two real `llm-gateway batch` processes on one output (a retried cron job while the
+    first still runs): the second exits 1 at once naming the file, and each item is asked
+    for once. Before, both ran the pending items: asked and billed twice, lines mixed."""
+    ids = [f"q{i}" for i in range(3)]
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(source, ids)
+    command = [sys.executable, "-m", "gateway_client.cli", "batch", str(source), "-o", str(output)]
+    command += ["--concurrency", "1", "--address", address, "--model", FAKE_MODEL, "--no-progress"]
+    scripted.gate.clear()  # the upstream holds every answer: the first run is still going
+    first = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await scripted.wait_until(lambda: scripted.in_flight == 1)
+        second = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(30):
+            _, err = await second.communicate()
+        assert second.returncode == 1
+        assert err.decode().splitlines() == [
+            f"llm-gateway batch: {output} is held by another batch run; nothing was run"
+        ]
+        assert len(scripted.requests) == 1
+        scripted.gate.set()
+        async with asyncio.timeout(30):
+            assert await first.wait() == 0
+    finally:
+        scripted.gate.set()
+        if first.returncode is None:
+            first.kill()
+            await first.wait()
+    assert sorted(asked_ids(scripted)) == ids
+    assert sorted(r["id"] for r in output_records(output)) == ids
+
+
 @pytest.mark.parametrize("where", ["missing directory", "a directory"])
 async def test_batch_output_that_cannot_be_written_is_one_line_and_exit_1(
     tmp_path, scripted, address, where

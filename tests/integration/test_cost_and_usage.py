@@ -652,6 +652,22 @@ async def test_usage_command_prints_a_table(priced, capsys):
     assert out[-1].split()[1] == "2"
 
 
+async def test_usage_command_ends_the_window_at_until(priced, capsys):
+    """`--until` is sent as the window's end: an hour ago ends before this hour's bucket,
+    so today's calls drop out, and a time after them keeps them. Before, `usage` had
+    `--since` alone, and `--until` was an unrecognized argument (exit 2)."""
+    await priced.stub.Complete(chat())
+    address = priced.server.address
+    totals = []
+    for until in ("1h", "9999-01-01T00:00:00Z"):
+        code = await asyncio.to_thread(
+            cli_main, ["usage", "--address", address, "--since", "1h", "--until", until]
+        )
+        assert code == 0
+        totals.append(capsys.readouterr().out.splitlines()[-1].split()[:2])
+    assert totals == [["TOTAL", "0"], ["TOTAL", "1"]]
+
+
 @pytest.mark.redis
 async def test_replicas_share_one_redis_ledger(upstream, start_gateway, redis_url):  # noqa: F811
     """Two gateways on one Redis ledger: usage from both shows in either's GetUsage."""

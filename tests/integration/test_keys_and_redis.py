@@ -95,7 +95,7 @@ def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path, caps
 
 def test_keys_create_for_a_tenant_the_config_does_not_list_says_so(tmp_path, capsys):
     """A key for a tenant missing from `tenants:` (a typo, say) is issued with a note that
-    it has no limits; a listed tenant gets no note."""
+    it has no rate limits and no budget; a listed tenant gets no note."""
     config = tmp_path / "gw.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -112,8 +112,40 @@ def test_keys_create_for_a_tenant_the_config_does_not_list_says_so(tmp_path, cap
     printed = capsys.readouterr()
     register_secret(printed.out.strip())
     assert "note: tenant 'taem-a' has no entry under tenants:" in printed.err
-    assert "no limits" in printed.err
+    assert "it has no rate limits and may use every model, and no budget" in printed.err
     assert "team-a" in printed.err.split("tenants there:")[1]
+
+
+@pytest.mark.parametrize(
+    ("budgets", "said"),
+    [
+        ({"taem-a": {"usd": 250}}, "its own budget under budgets: ($250 a month)"),
+        (
+            {"team-a": {"usd": 5}, "*": {"usd": 20, "period": "day"}},
+            'the budget of the "*" entry under budgets: ($20 a day, spent by it alone)',
+        ),
+    ],
+)
+def test_keys_create_for_an_unlisted_tenant_with_a_budget_names_it(tmp_path, capsys, budgets, said):
+    """A tenant missing from `tenants:` but given a budget (its own or the `"*"` one) is
+    told which, with no rate limits beside it. Before, `budgets:` was not read and the
+    note said the tenant had no limits, where its spending was limited."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "auth": {"mode": "keys", "keys_file": str(tmp_path / "keys.txt")},
+                "tenants": {"team-a": {"requests_per_minute": 60}},
+                "budgets": budgets,
+                "local_model": {"enabled": "never"},
+            }
+        )
+    )
+    assert keys_command(["create", "--tenant", "taem-a", "--config", str(config)]) == 0
+    printed = capsys.readouterr()
+    register_secret(printed.out.strip())
+    assert f"it has no rate limits and may use every model, and {said}" in printed.err
+    assert "no limits" not in printed.err
 
 
 def test_keys_create_for_an_unlisted_tenant_names_the_any_tenant_entry(tmp_path, capsys):

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,9 +26,16 @@ from google.rpc import error_details_pb2, status_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
-from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER
+from service.clock import Deadline
+from service.domain import ChatRequest, Message, Role
+from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER, UpstreamAuthRejected
+from service.pipeline import Pipeline
+from service.pool import UpstreamPool
 from service.pool_hooks import RetryDecision
-from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
+from service.pricing import PriceList
+from service.upstream.client import UpstreamClient
+from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
+from tests.fake_clock import FakeClock
 from tests.fake_upstream import (
     Behaviour,
     CutStream,
@@ -436,6 +444,74 @@ async def test_only_upstream_key_rejected_is_unavailable_upstream_auth(
         for error in (info.value, again.value):  # every replica holds the same key
             assert RETRY_ELSEWHERE_TRAILER not in dict(error.trailing_metadata())
         assert len(bad.requests) == 1  # the open breaker answered, not the upstream
+
+
+def _key_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, int]]:
+    """The rejected-key lines logged: (level, event, rejections so far or 0)."""
+    return [
+        (r.levelname, r.getMessage(), getattr(r, "rejections", 0))
+        for r in caplog.records
+        if r.getMessage().startswith("upstream.key_")
+    ]
+
+
+async def test_a_key_still_rejected_is_recalled_once_a_minute_until_it_is_accepted(caplog):
+    """While an upstream's key stays rejected, its probes keep the operator told: the first
+    rejection (ERROR), a reminder at most once a minute with the count (WARNING), and the
+    answer that shows it mended (INFO). Before, one line was logged and then nothing, for
+    as long as the key stayed bad. (A fake clock moves the pool's time; the HTTP is real.)"""
+    caplog.set_level(logging.INFO, logger="llm_gateway.pool")
+    clock = FakeClock()
+    async with FakeUpstream(default=Status(401)) as bad:
+        resilience = {**FAST_RESILIENCE, "attempts": 1, "key_rejected_cool_down_s": 20.0}
+        config = gateway_config(bad.base_url, resilience=resilience)
+        async with UpstreamClient(config.upstreams[0]) as client:
+            pool = UpstreamPool([client], settings=config.resilience, clock=clock)
+            pipeline = Pipeline(config, pool, PriceList(config.models))
+
+            async def call(number: int) -> None:
+                request = ChatRequest(FAKE_MODEL, (Message(Role.USER, f"call {number}"),))
+                await pipeline.complete(request, deadline=Deadline.after(None, clock))
+
+            for number in range(8):  # a probe every 20 s for 140 s, each rejected
+                with pytest.raises(UpstreamAuthRejected):
+                    await call(number)
+                clock.advance(20.0)
+            bad.default = Reply()
+            await call(8)
+            await call(9)
+    assert len(bad.requests) == 10  # each rejected call a probe after its cool-down
+    assert _key_lines(caplog) == [
+        ("ERROR", "upstream.key_rejected", 0),
+        ("WARNING", "upstream.key_still_rejected", 4),  # 60 s after the first
+        ("WARNING", "upstream.key_still_rejected", 7),  # 120 s
+        ("INFO", "upstream.key_accepted", 8),
+    ]
+    assert all(r.upstream == "up0" for r in caplog.records if hasattr(r, "rejections"))
+
+
+async def test_a_rejected_key_mended_is_logged_through_the_gateway(start_gateway, caplog):
+    """Through the real server: the first 401 logs `upstream.key_rejected` with the
+    upstream and status, a probe rejected within the minute adds nothing, and the probe
+    that is answered logs `upstream.key_accepted` with the rejections in all."""
+    caplog.set_level(logging.INFO, logger="llm_gateway.pool")
+    async with FakeUpstream(default=Status(401)) as bad:
+        resilience = {**FAST_RESILIENCE, "attempts": 1, "key_rejected_cool_down_s": 0.2}
+        gateway = await start_gateway(gateway_config(bad.base_url, resilience=resilience))
+        breaker = gateway.server.pipeline.pool.state("up0").breaker
+        for number in range(2):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await gateway.stub.Complete(chat(f"call {number}"))
+            assert await settle(breaker.allows)  # the cool-down passed: half-open
+        bad.default = Reply()
+        await gateway.stub.Complete(chat("mended"))
+        await gateway.stub.Complete(chat("again"))
+    assert _key_lines(caplog) == [
+        ("ERROR", "upstream.key_rejected", 0),
+        ("INFO", "upstream.key_accepted", 2),
+    ]
+    [rejected] = [r for r in caplog.records if r.getMessage() == "upstream.key_rejected"]
+    assert (rejected.upstream, rejected.http_status) == ("up0", 401)
 
 
 async def _refused_during_probe(gateway: RunningGateway, probed: Any) -> grpc.aio.AioRpcError:

@@ -4,9 +4,19 @@ import datetime as dt
 import io
 import json
 
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from gateway_client.commands.batch import InputItem, read_done, read_input, result_record, slices
+from gateway_client.commands.batch import (
+    InputItem,
+    OutputHeld,
+    lock_output,
+    open_output,
+    read_done,
+    read_input,
+    result_record,
+    slices,
+)
 from gateway_client.commands.complete import usage_line
 from gateway_client.commands.models import format_models
 from gateway_client.progress import Progress
@@ -32,6 +42,22 @@ def test_read_done_counts_errors_as_done_unless_retrying(tmp_path):
     retried = read_done(output, retry_failed=True)
     assert (retried.ids, retried.failed) == ({"a"}, set())
     assert output.read_text() == ok
+
+
+@pytest.mark.parametrize("retry_failed", [False, True])
+def test_an_open_output_stays_locked_until_closed(tmp_path, retry_failed):
+    """While one run has the output open, another cannot lock it, even after
+    `--retry-failed` replaced the file with one without its error lines; closing it lets
+    the next run in. Before the relock, the replacing run held the lock of the file it
+    replaced, and a second run locked the new one and ran the same items."""
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps({"id": "b", "error": {"code": "UNAVAILABLE"}}) + "\n")
+    output, done = open_output(path, retry_failed=retry_failed)
+    with output:
+        assert done.ids == (set() if retry_failed else {"b"})
+        with pytest.raises(OutputHeld):
+            lock_output(path)
+    lock_output(path).close()
 
 
 def test_read_done_without_output(tmp_path):

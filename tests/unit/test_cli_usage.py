@@ -16,14 +16,34 @@ from gateway_client.cli import main
         "9999-12-31T23:00:00-01:00",  # year 10000 in UTC
     ],
 )
-def test_a_window_start_before_any_date_is_a_usage_error(since: str, capsys) -> None:
+@pytest.mark.parametrize("option", ["--since", "--until"])
+def test_a_window_bound_before_any_date_is_a_usage_error(option: str, since: str, capsys) -> None:
     """Further back than a datetime reaches (or, in UTC, past year 9999): exit 2 naming
     the option, not a traceback. Before, an ISO time whose offset took it out of range
     crashed with OverflowError as the request's Timestamp was built."""
     with pytest.raises(SystemExit) as caught:
-        main(["usage", "--since", since, "--address", "127.0.0.1:1"])
+        main(["usage", option, since, "--address", "127.0.0.1:1"])
     assert caught.value.code == 2
-    assert "argument --since: " in capsys.readouterr().err
+    assert f"argument {option}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("since", "until"),
+    [
+        ("1h", "2h"),  # durations count back: 2h ago is before 1h ago
+        ("2026-01-02", "2026-01-01T23:00:00Z"),
+        ("2026-01-01T12:00:00Z", "2026-01-01T13:00:00+02:00"),  # 11:00 in UTC
+    ],
+)
+def test_a_window_ending_before_it_starts_is_a_usage_error(since: str, until: str, capsys) -> None:
+    """`--until` before `--since`: exit 2 naming both times in UTC, before any call (the
+    address answers nothing, so a call would end in UNAVAILABLE and exit 1)."""
+    with pytest.raises(SystemExit) as caught:
+        main(["usage", "--since", since, "--until", until, "--address", "127.0.0.1:1"])
+    assert caught.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert "argument --until: " in error
+    assert "is before --since " in error
 
 
 @pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "1e10", "soon"])

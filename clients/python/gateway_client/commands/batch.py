@@ -12,7 +12,9 @@ numbers and skipped.
 Each result is appended to OUTPUT as one JSON line the moment it arrives, with either
 `content` (plus usage and cost) or `error`. Re-running skips every id already in OUTPUT,
 so an interrupted run loses nothing and pays nothing twice; `--retry-failed` first
-removes the error lines so those items run again.
+removes the error lines so those items run again. A run holds an exclusive lock on
+OUTPUT (advisory, on this machine only): a second run on the same OUTPUT exits 1 at
+once rather than run the same items again.
 
 Exit status: 0 when every line was valid and every item succeeded, 1 otherwise.
 """
@@ -20,6 +22,7 @@ Exit status: 0 when every line was valid and every item succeeded, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -326,6 +329,59 @@ def read_done(path: Path, *, retry_failed: bool) -> Done:
     return Done(frozenset(done), frozenset(failed))
 
 
+class OutputHeld(Exception):
+    """Another batch run holds the output's lock."""
+
+
+def lock_output(path: Path) -> TextIO:
+    """`path` opened for appending, under an exclusive lock for as long as it is open.
+
+    The lock is `flock`'s: advisory (only batch runs take it) and local to this machine
+    (an NFS mount's other clients do not see it).
+
+    Raises:
+        OutputHeld: another open file holds the lock, at once rather than waiting.
+        OSError: `path` cannot be opened for appending.
+    """
+    while True:
+        output = path.open("a", encoding="utf-8")
+        try:
+            fcntl.flock(output, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            output.close()
+            raise OutputHeld(path) from None
+        if is_current(output, path):
+            return output
+        # `--retry-failed` replaced the file after this one opened it: its lock on the
+        # file it replaced guards nothing, so take the lock of the file there now.
+        output.close()
+
+
+def is_current(output: TextIO, path: Path) -> bool:
+    """Whether `output` is still the file at `path` (not replaced or removed since)."""
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(output.fileno())
+    return (opened.st_dev, opened.st_ino) == (now.st_dev, now.st_ino)
+
+
+def open_output(path: Path, *, retry_failed: bool) -> tuple[TextIO, Done]:
+    """`path` locked for appending (`lock_output`), and what it holds (`read_done`)."""
+    output = lock_output(path)
+    try:
+        done = read_done(path, retry_failed=retry_failed)
+        if not is_current(output, path):  # --retry-failed replaced it
+            # The new file is locked before the old one is let go: no run starts in between.
+            replaced, output = output, lock_output(path)
+            replaced.close()
+    except BaseException:
+        output.close()
+        raise
+    return output, done
+
+
 def _status_record(status: status_pb2.Status) -> dict[str, Any]:
     record: dict[str, Any] = {
         "code": _CODE_NAMES.get(status.code, str(status.code)),
@@ -444,8 +500,13 @@ async def batch_command(args: argparse.Namespace) -> int:
     for line in bad:
         print(f"{args.input}:{line.line}: skipped: {line.reason}", file=sys.stderr)
     try:
-        done = read_done(args.output, retry_failed=args.retry_failed)
-        output = args.output.open("a", encoding="utf-8")
+        output, done = open_output(args.output, retry_failed=args.retry_failed)
+    except OutputHeld:
+        print(
+            f"llm-gateway batch: {args.output} is held by another batch run; nothing was run",
+            file=sys.stderr,
+        )
+        return 1
     except OSError as exc:
         print(f"llm-gateway batch: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
         return 1

@@ -18,7 +18,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 _UNITS = {"m": 60, "h": 3600, "d": 86400}
 
 
-def parse_since(value: str, *, now: dt.datetime | None = None) -> dt.datetime:
+def parse_time(value: str, *, now: dt.datetime | None = None) -> dt.datetime:
     """`30m`, `24h`, `7d` (ago) or an ISO 8601 time (UTC unless it says otherwise)."""
     match = re.fullmatch(r"(\d+)([mhd])", value.strip())
     if match:
@@ -69,9 +69,26 @@ def register(subparsers: Any) -> None:
         help="KEY=VALUE; only rows carrying it (repeatable)",
     )
     parser.add_argument(
-        "--since", type=parse_since, help="window start: 30m, 24h, 7d or an ISO 8601 time"
+        "--since", type=parse_time, help="window start: 30m, 24h, 7d (ago) or an ISO 8601 time"
     )
-    parser.set_defaults(handler=usage_command)
+    parser.add_argument(
+        "--until", type=parse_time, help="window end: 30m, 24h, 7d (ago) or an ISO 8601 time"
+    )
+    parser.set_defaults(handler=usage_command, usage_error=parser.error)
+
+
+def window_error(since: dt.datetime | None, until: dt.datetime | None) -> str | None:
+    """Why `--since` and `--until` make no window, or None.
+
+    The gateway would refuse the call too (INVALID_ARGUMENT on `end_time`); saying so
+    here names the options the user typed rather than the request's fields.
+    """
+    if since is None or until is None or until >= since:
+        return None
+    return (
+        f"argument --until: {until.isoformat(timespec='seconds')} is before"
+        f" --since {since.isoformat(timespec='seconds')}"
+    )
 
 
 # The row dimensions, then the counters (right-aligned).
@@ -116,10 +133,16 @@ def format_usage(response: pb.GetUsageResponse) -> str:
 
 async def usage_command(args: argparse.Namespace) -> int:
     """Run `llm-gateway usage`."""
+    if error := window_error(args.since, args.until):
+        args.usage_error(error)  # exits 2, before any call
     async with GatewayClient(args.address, **connection(args)) as client:
         try:
             response = await client.usage(
-                tenant=args.tenant, model=args.model, labels=dict(args.label), since=args.since
+                tenant=args.tenant,
+                model=args.model,
+                labels=dict(args.label),
+                since=args.since,
+                until=args.until,
             )
         except grpc.aio.AioRpcError as error:
             print(error_details(error).describe(), file=sys.stderr)
