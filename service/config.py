@@ -874,7 +874,8 @@ class SummarizeConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_document_bytes >= 1, "max_document_bytes must be >= 1")
-        _require(self.default_target_tokens >= 16, "default_target_tokens must be >= 16")
+        # A caller may ask for no less (`summarize._MIN_TARGET_TOKENS`): a summary cut off.
+        _require(self.default_target_tokens >= 32, "default_target_tokens must be >= 32")
         _require(self.chunk_overlap_tokens >= 0, "chunk_overlap_tokens must be >= 0")
         _require(self.concurrency >= 1, "concurrency must be >= 1")
         _require(self.chunk_attempts >= 1, "chunk_attempts must be >= 1")

@@ -516,6 +516,13 @@ def test_env_override_on_real_file() -> None:
             id="max-labels-past-what-a-filter-may-name",
         ),
         pytest.param(
+            {"summarize": {"default_target_tokens": 31}},
+            {},
+            "summarize",
+            "default_target_tokens must be >= 32",
+            id="default-target-under-what-a-caller-may-ask",
+        ),
+        pytest.param(
             {"defaults": {"max_stop_sequences": -1}},
             {},
             "defaults",
