@@ -130,7 +130,11 @@ async def run_batch(
                     # Refuse an invalid item, or one for a model no upstream serves, before
                     # it takes any of the tenant's limits: it makes no upstream call.
                     await pace(item.tokens(pipeline.prepare(item.request)), deadline)
-                completion = await pipeline.complete_in_turn(item.request, deadline=deadline)
+                # Its timings count from the batch's start: its wait for its turn (the
+                # batch's concurrency, its tenant's limits) is queued time.
+                completion = await pipeline.complete_in_turn(
+                    item.request, deadline=deadline, waiting_since=started
+                )
             except Exception as exc:  # this item's outcome, not the batch's
                 if not isinstance(exc, GatewayError):
                     log.error("batch.item_unexpected_error", exc_info=exc, extra={"index": index})

@@ -222,11 +222,13 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Timings:
-    """Milliseconds spent on one call."""
+    """Milliseconds spent on one call; `queued_ms` is its wait on the gateway's own limits
+    and queues, within `total_ms` and apart from `upstream_ms` (the proto says which)."""
 
     total_ms: float = 0.0
     upstream_ms: float = 0.0
     time_to_first_token_ms: float = 0.0
+    queued_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -293,11 +293,14 @@ class Pipeline:
         *,
         deadline: Deadline,
         repeat_key: RepeatKey | None = None,
+        waiting_since: float | None = None,
     ) -> Completion:
         """One unary completion, from the cache when it has it.
 
         With `repeat_key` (the caller's tenant and request bytes), a request the cache
         reads is remembered so that `repeat` can answer the same bytes again.
+        `waiting_since`: when (`time.monotonic()`) a call the gateway queued itself began
+        waiting for its turn; its timings count from then, the wait as queued time.
         """
         started = time.monotonic()
         prepared = self._prepared(request)
@@ -322,22 +325,29 @@ class Pipeline:
                     self._on_answered()
                 # Accounted per caller: a cache hit or a coalesced call records 0 cost.
                 owed.completion = None
+                if waiting_since is not None:
+                    completion = _queued_before(completion, (started - waiting_since) * _MS)
                 await self.account(request, completion, admitted_s=hold.admitted_s)
             finally:
                 await self._account_owed(request, owed, hold)
         return completion
 
-    async def complete_in_turn(self, request: ChatRequest, *, deadline: Deadline) -> Completion:
+    async def complete_in_turn(
+        self, request: ChatRequest, *, deadline: Deadline, waiting_since: float | None = None
+    ) -> Completion:
         """`complete`, for a call the gateway queued itself (a batch's item, a Summarize's
         part): one its upstreams' own limits (concurrency, per-minute rates) kept waiting
         past `resilience.max_limit_wait_s` goes back in line rather than fail, and so does
         one its tenant's budget refused only for what calls in flight hold: most often
         its own batch's or summary's other calls, which would otherwise refuse it on every
         run. That bound is for a caller who would rather be told at once; these calls are
-        their caller's queue, and wait their turn until its deadline."""
+        their caller's queue, and wait their turn until its deadline: their timings count
+        from `waiting_since` (else now), every turn they waited as queued time."""
+        if waiting_since is None:
+            waiting_since = time.monotonic()
         while True:
             try:
-                return await self.complete(request, deadline=deadline)
+                return await self.complete(request, deadline=deadline, waiting_since=waiting_since)
             except (LimitExceeded, HeldByCallsInFlight) as exc:
                 left = deadline.remaining_s()
                 if left is not None and left <= (exc.retry_after_s or 0.0):
@@ -447,7 +457,7 @@ class Pipeline:
                         await self._account_cut(prepared, _relayed_output(log.output), log, hold)
                     raise
                 self._on_answered()  # before a cache write, when this runs in the caller's task
-                upstream_ms = log.upstream_s * _MS
+                upstream_ms, queued_ms = log.upstream_s * _MS, log.queued_s * _MS
                 completion = self._completion(
                     prepared,
                     log,
@@ -459,7 +469,9 @@ class Pipeline:
                     timings=Timings(
                         total_ms=(time.monotonic() - started) * _MS,
                         upstream_ms=upstream_ms,
-                        time_to_first_token_ms=upstream_ms,
+                        # As a stream's: from the call's start, its waits included.
+                        time_to_first_token_ms=upstream_ms + queued_ms,
+                        queued_ms=queued_ms,
                     ),
                 )
                 await self._hand_over(hold, owed, request, completion)
@@ -640,6 +652,7 @@ class Pipeline:
                 if end is None:  # the pool always ends a stream with StreamEnd or raises
                     raise RuntimeError("stream ended without its end event")
                 self._on_answered()
+                first_token_s = log.first_token_s or log.upstream_s + log.queued_s
                 completion = self._completion(
                     prepared,
                     log,
@@ -651,7 +664,8 @@ class Pipeline:
                     timings=Timings(
                         total_ms=(time.monotonic() - started) * _MS,
                         upstream_ms=log.upstream_s * _MS,
-                        time_to_first_token_ms=(log.first_token_s or log.upstream_s) * _MS,
+                        time_to_first_token_ms=first_token_s * _MS,
+                        queued_ms=log.queued_s * _MS,
                     ),
                 )
                 await self._hand_over(hold, owed, request, completion)  # inside, as in _complete
@@ -659,6 +673,22 @@ class Pipeline:
                 if log.lost:
                     await self._account_lost(prepared, log, owed, hold)
         yield completion
+
+
+def _queued_before(completion: Completion, waited_ms: float) -> Completion:
+    """`completion` as its caller saw it: after `waited_ms` queued before the pipeline
+    took it up (a batch item's turn), in its total, its time to first token and its
+    queued time."""
+    timings = completion.timings
+    return dataclasses.replace(
+        completion,
+        timings=Timings(
+            total_ms=timings.total_ms + waited_ms,
+            upstream_ms=timings.upstream_ms,
+            time_to_first_token_ms=timings.time_to_first_token_ms + waited_ms,
+            queued_ms=timings.queued_ms + waited_ms,
+        ),
+    )
 
 
 def _with_dropped(completion: Completion, dropped: int) -> Completion:

@@ -110,6 +110,8 @@ class AttemptLog:
     attempts: int = 0
     upstream: str = ""
     upstream_s: float = 0.0
+    # Its waits in upstreams' limiters: the gateway's own queue, apart from `upstream_s`.
+    queued_s: float = 0.0
     first_token_s: float | None = None
     retry_wait_s: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -305,11 +307,19 @@ def _why_ruled_out(exc: UpstreamError) -> str:
 
 
 def _waited_on_upstream(log_: AttemptLog, seconds: float) -> None:
-    """The call was held back `seconds` on an upstream's account (a retry's backoff or its
-    Retry-After; its own limits: its rate, its concurrency cap): upstream time, not the
-    gateway's overhead."""
+    """The call was held back `seconds` by an upstream (a retry's backoff or its
+    Retry-After): upstream time, not the gateway's overhead."""
     if seconds > 0:
         log_.upstream_s += seconds
+        telemetry().waited_on_upstream(seconds)
+
+
+def _queued_for_upstream(log_: AttemptLog, seconds: float) -> None:
+    """The call waited `seconds` in an upstream's limiter (its rate, its concurrency cap,
+    a pause it asked for): the gateway's queue, so `queued_s`, not `upstream_s`; but on
+    the upstream's account, so not the gateway's overhead either."""
+    if seconds > 0:
+        log_.queued_s += seconds
         telemetry().waited_on_upstream(seconds)
 
 
@@ -543,10 +553,10 @@ class UpstreamPool:
                     exc.is_cut_short_by_deadline = True
                 # A wait that ran out (the call fails over, or is refused) was on the
                 # upstream's account as much as one that got the slot.
-                _waited_on_upstream(log_, self._clock.now() - acquiring)
+                _queued_for_upstream(log_, self._clock.now() - acquiring)
             raise
         if limit_wait > 0:  # most calls start at once
-            _waited_on_upstream(log_, limit_wait)
+            _queued_for_upstream(log_, limit_wait)
         if route.client.name in self._down:
             # Down since this call's plan (it died under the call, which backs off or waited
             # its turn): whatever answers its old address now is not its server.

@@ -91,6 +91,11 @@ class Admission:
         return len(self._queue)
 
     @property
+    def is_full(self) -> bool:
+        """Whether a call entering now would queue (or be shed): every slot is taken."""
+        return self.in_flight >= self.max_in_flight or bool(self._queue)
+
+    @property
     def is_idle(self) -> bool:
         """Whether no call is arriving, running or queued."""
         return not (self.in_flight or self.queued or self.arriving)
@@ -371,12 +376,23 @@ async def _enter(
             with admission.arriving_call():
                 principal = await gate.authenticate(context)
             rpc.set_tenant(principal.tenant)  # on the span even if the call is then shed
-        return principal, await admission.enter()
+        return principal, await _admitted(admission, rpc)
     except asyncio.CancelledError:
         await _end_if_cut_off(context, method, rpc, admission)
         raise
     except Exception as exc:  # Unauthenticated, Overloaded, the key store down, a bug
         await abort_with(context, exc, method, rpc)
+
+
+async def _admitted(admission: Admission, rpc: RpcScope) -> CallTicket:
+    """A slot of `admission`; a wait for one in its queue is the call's queued time
+    (`Timings.queued_ms`), timed only when it queues."""
+    if not admission.is_full:  # most calls: a slot at once
+        return await admission.enter()
+    queued_from = time.perf_counter()  # the clock `RpcScope` reads
+    ticket = await admission.enter()
+    rpc.queued_s += time.perf_counter() - queued_from
+    return ticket
 
 
 def _caller(

@@ -62,7 +62,12 @@ from service.errors import (
 from service.ledger import UsageFilter, UsageRow, total_of
 from service.pipeline import REPEATABLE_MAX_BYTES, Pipeline, PreparedRequest, RepeatKey
 from service.summarize import Summarizer, SummaryRequest
-from service.telemetry import ms_since_rpc_start, set_rpc_time_to_first_token
+from service.telemetry import (
+    ms_since_rpc_start,
+    rpc_queued_ms,
+    set_rpc_queued_ms,
+    set_rpc_time_to_first_token,
+)
 from service.validation import (
     MAX_TOOL_CALLS_PER_MESSAGE,
     MAX_TOOLS,
@@ -355,14 +360,15 @@ def _fill_metadata(target: pb.CompletionMetadata, completion: Completion) -> Non
     target.timings.total_ms = timings.total_ms
     target.timings.upstream_ms = timings.upstream_ms
     target.timings.time_to_first_token_ms = timings.time_to_first_token_ms
+    target.timings.queued_ms = timings.queued_ms
     target.dropped_messages = completion.dropped_messages
 
 
 def timed_from_arrival(timings: pb.Timings) -> None:
     """Count `timings` from the call's arrival at the gateway, not from where the
     pipeline took it up: a call queued for admission (`server.max_queued_calls`) waited
-    before, and its caller waited with it. The RPC span's time to first token says the
-    same."""
+    before, and its caller waited with it, that wait counted as queued too. The RPC span's
+    time to first token and queued time say the same."""
     elapsed_ms = ms_since_rpc_start()
     if elapsed_ms is None:
         return
@@ -372,6 +378,10 @@ def timed_from_arrival(timings: pb.Timings) -> None:
         if timings.time_to_first_token_ms:
             timings.time_to_first_token_ms += before_ms
             set_rpc_time_to_first_token(timings.time_to_first_token_ms)
+        admission_ms = min(rpc_queued_ms(), before_ms)  # 0 for most calls: none queued
+        if admission_ms > 0:
+            timings.queued_ms += admission_ms
+            set_rpc_queued_ms(timings.queued_ms)
 
 
 def response_to_proto(completion: Completion) -> pb.CompleteResponse:
@@ -846,7 +856,9 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             cost_usd=summary.cost_usd,
             upstream_calls=summary.upstream_calls,
             timings=pb.Timings(
-                total_ms=summary.timings.total_ms, upstream_ms=summary.timings.upstream_ms
+                total_ms=summary.timings.total_ms,
+                upstream_ms=summary.timings.upstream_ms,
+                queued_ms=summary.timings.queued_ms,
             ),
         )
         timed_from_arrival(response.timings)

@@ -36,6 +36,7 @@ import asyncio
 import dataclasses
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -411,13 +412,26 @@ class _Tally:
     # The calls' waits on their upstreams, (start, end) on the summary's clock: parts
     # run side by side, and a moment two of them waited is waited once.
     upstream_waits: list[tuple[float, float]] = field(default_factory=list)
+    # Their waits on the gateway's limits, each placed just before its upstream wait.
+    queued_waits: list[tuple[float, float]] = field(default_factory=list)
 
     def add(self, completion: Completion, *, now: float) -> None:
         self.usage = self.usage + completion.usage
         self.cost_pico += to_pico(completion.cost_usd)
+        timings = completion.timings
+        upstream_from = now - timings.upstream_ms / _MS
+        if timings.queued_ms:
+            self.queued_waits.append((upstream_from - timings.queued_ms / _MS, upstream_from))
         if not completion.is_cache_hit:  # a cached part made no upstream call
             self.calls += 1
-            self.upstream_waits.append((now - completion.timings.upstream_ms / _MS, now))
+            self.upstream_waits.append((upstream_from, now))
+
+    def queued_s(self) -> float:
+        """The moments some call waited on the gateway's limits while none waited on an
+        upstream: the summary's own queued time, apart from its upstream time."""
+        if not self.queued_waits:
+            return 0.0
+        return covered_s(self.upstream_waits + self.queued_waits) - covered_s(self.upstream_waits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -840,6 +854,7 @@ class Summarizer:
             timings=Timings(
                 total_ms=(self._clock.now() - started) * _MS,
                 upstream_ms=covered_s(tally.upstream_waits) * _MS,
+                queued_ms=tally.queued_s() * _MS,
             ),
         )
 
@@ -983,6 +998,7 @@ class Summarizer:
             labels=request.labels,
             tenant=request.tenant,
         )
+        waiting_since: float | None = time.monotonic()  # a wait for the pacer is queued time
         pacer = current_pacer()
         if pacer is not None:  # the tenant's tokens_per_minute, taken as the call starts
             await pacer.take(
@@ -992,7 +1008,9 @@ class Summarizer:
         for attempt in range(1, attempts + 1):
             try:
                 # A part waits its turn at its upstream's limits, as a batch's item does.
-                completion = await self._pipeline.complete_in_turn(chat, deadline=deadline)
+                completion = await self._pipeline.complete_in_turn(
+                    chat, deadline=deadline, waiting_since=waiting_since
+                )
             except UpstreamContextExceeded:
                 raise  # the text is split again (`_call_if_fits`)
             except UpstreamRejected as exc:
@@ -1010,6 +1028,7 @@ class Summarizer:
                         exc, part=slot.part, parts=slot.parts, level=slot.level, attempts=attempt
                     ) from exc
                 await self._clock.sleep(wait_s)
+                waiting_since = None  # a retry's backoff is not queued time
                 continue
             run.tally.add(completion, now=self._clock.now())
             _check_summary(completion, slot, attempts=attempt)

@@ -44,8 +44,9 @@ CACHEABLE_FINISH_REASONS = frozenset(
     {FinishReason.STOP, FinishReason.LENGTH, FinishReason.TOOL_CALLS}
 )
 
-_ENTRY_VERSION = 4
-_READABLE_VERSIONS = frozenset({1, 2, 3, 4})
+# 5: timings hold `queued_ms` (a gateway before it reads none of these entries).
+_ENTRY_VERSION = 5
+_READABLE_VERSIONS = frozenset({1, 2, 3, 4, 5})
 # The JSON types each scalar field may hold, by its annotation (a string here, under
 # `from __future__ import annotations`).
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {

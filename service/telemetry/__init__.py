@@ -22,6 +22,8 @@ from service.telemetry.tracing import (
     OVERHEAD_TRAILER,
     RpcScope,
     ms_since_rpc_start,
+    rpc_queued_ms,
+    set_rpc_queued_ms,
     set_rpc_time_to_first_token,
 )
 
@@ -37,6 +39,8 @@ __all__ = [
     "record_cache_hit",
     "record_retry",
     "record_upstream_error",
+    "rpc_queued_ms",
     "set_breaker_state",
+    "set_rpc_queued_ms",
     "set_rpc_time_to_first_token",
 ]

@@ -524,6 +524,7 @@ class Telemetry:
                 attr.UPSTREAM: completion.upstream,
                 attr.ATTEMPTS: completion.attempts,
                 attr.TIME_TO_FIRST_TOKEN_MS: completion.timings.time_to_first_token_ms,
+                attr.QUEUED_MS: completion.timings.queued_ms,
                 attr.TENANT: request.tenant,
             }
             scope = CURRENT_RPC.get()

@@ -55,6 +55,7 @@ ATTEMPTS = "llm_gateway.attempts"
 UPSTREAM = "llm_gateway.upstream"
 UPSTREAM_MODEL = "llm_gateway.upstream.model"
 TIME_TO_FIRST_TOKEN_MS = "llm_gateway.time_to_first_token_ms"
+QUEUED_MS = "llm_gateway.queued_ms"
 RETRY_WAIT_MS = "llm_gateway.retry.wait_ms"
 CACHED_INPUT_TOKENS = "llm_gateway.usage.cached_input_tokens"
 REASONING_TOKENS = "llm_gateway.usage.reasoning_tokens"
@@ -164,6 +165,8 @@ class RpcScope:
     # Its waits on upstreams, (start, end) on perf_counter: a batch's or a summary's
     # calls overlap, and a moment two of them waited is waited once.
     upstream_waits: list[tuple[float, float]] = field(default_factory=list)
+    # Its wait in the server's admission queue (`server.max_queued_calls`), if it queued.
+    queued_s: float = 0.0
     status_code: int = 0
     error_type: str | None = None
     # Attributes for the span, set in one call when it ends: each `set_attribute(s)`
@@ -215,6 +218,20 @@ def ms_since_rpc_start() -> float | None:
     """Milliseconds since the current RPC reached the gateway (None outside one)."""
     scope = CURRENT_RPC.get()
     return None if scope is None else scope.elapsed_s() * 1000.0
+
+
+def rpc_queued_ms() -> float:
+    """Milliseconds the current RPC waited in the server's admission queue (0 outside one)."""
+    scope = CURRENT_RPC.get()
+    return 0.0 if scope is None else scope.queued_s * 1000.0
+
+
+def set_rpc_queued_ms(ms: float) -> None:
+    """Put `ms` on the current RPC's span as its queued time, where its completion set one:
+    the response's figure, its wait for admission included."""
+    scope = CURRENT_RPC.get()
+    if scope is not None and QUEUED_MS in scope.attributes:
+        scope.attributes[QUEUED_MS] = ms
 
 
 def set_rpc_time_to_first_token(ms: float) -> None:

@@ -59,6 +59,24 @@ async def collect(call) -> tuple[list[pb.BatchItemResult], pb.BatchSummary]:
     return [event.result for event in events[:-1]], events[-1].summary
 
 
+async def test_an_item_that_waited_for_its_tenants_slot_says_so(start_gateway):
+    """A batch holds one of its tenant's `max_concurrent_calls` (here 1): its second item
+    waits for the first to finish, and reports that wait as `queued_ms`, within its
+    `total_ms` and apart from its `upstream_ms`. Before, its timings began when its turn
+    came: the wait showed nowhere."""
+    async with FakeUpstream() as fake:
+        fake.script(Reply(delay_s=0.5), Reply())
+        config = gateway_config(fake.base_url, tenants={"*": {"max_concurrent_calls": 1}})
+        gateway = await start_gateway(config)
+        results, summary = await collect(gateway.stub.CompleteBatch(batch("a", "b", concurrency=2)))
+    assert summary.succeeded == 2
+    first, second = (r.response.metadata.timings for r in sorted(results, key=lambda r: r.index))
+    assert first.queued_ms < second.queued_ms
+    assert second.queued_ms > second.upstream_ms  # the first's 0.5 s against its own answer
+    assert second.total_ms >= second.queued_ms + second.upstream_ms
+    assert second.time_to_first_token_ms >= second.queued_ms
+
+
 async def test_mixed_successes_and_failures(batch_gateway):
     """Failures are per item with their own status; the others succeed; the summary adds up."""
     prompts = ["ok a", "fail b", "ok c", "reject d", "ok e", "fail f", "ok g"]

@@ -102,6 +102,30 @@ async def test_second_identical_request_is_a_free_hit(
     assert stats.bytes_read == stats.bytes_written > 0
 
 
+async def test_a_hit_waits_on_no_limit_though_its_answer_did(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """A hit, unary or replayed as a stream, reports `queued_ms` 0, as it does
+    `upstream_ms`: the answer it replays waited in its upstream's limiter, the hit did
+    not."""
+    paused = {
+        "X-RateLimit-Limit": "100",
+        "X-RateLimit-Remaining": "0",
+        "X-RateLimit-Reset": "300ms",
+    }
+    upstream.script(Reply(headers=paused))
+    await cached.stub.Complete(ask("Warm up"))  # its answer pauses the upstream
+    miss = (await cached.stub.Complete(ask())).metadata
+    await settled(cached)
+    hit = (await cached.stub.Complete(ask())).metadata
+    stream = cached.stub.CompleteStream(chat_stream(params=DETERMINISTIC))
+    replay = [event async for event in stream][-1].final
+    assert len(upstream.requests) == 2
+    assert (miss.cache_hit, hit.cache_hit, replay.cache_hit) == (False, True, True)
+    assert miss.timings.queued_ms > miss.timings.upstream_ms  # the pause held it
+    assert hit.timings.queued_ms == replay.timings.queued_ms == 0.0
+
+
 def _variant(name: str) -> pb.CompleteRequest:
     base = ask()
     match name:

@@ -1100,7 +1100,8 @@ async def test_graceful_shutdown_finishes_accepted_calls(start_gateway):
 async def test_a_call_queued_for_admission_counts_its_wait_in_its_timings(start_gateway, is_stream):
     """A call that waited in line for admission (`server.max_queued_calls`) reported only
     the time after it: `total_ms` a fraction of what its caller waited (the CLI printed
-    `total=1003ms` for a call of 1.8 s), and a stream's first token as early."""
+    `total=1003ms` for a call of 1.8 s), and a stream's first token as early. The wait in
+    line is its `queued_ms`, apart from `upstream_ms`."""
     delay_s = 0.4
     async with FakeUpstream(default=Reply(delay_s=delay_s)) as fake:
         config = gateway_config(
@@ -1122,6 +1123,8 @@ async def test_a_call_queued_for_admission_counts_its_wait_in_its_timings(start_
         # It waited in line for most of the first call's upstream wait, then its own.
         assert timings.upstream_ms >= delay_s * 1000
         assert timings.total_ms >= timings.upstream_ms + delay_s * 500
+        assert timings.queued_ms > 0
+        assert timings.total_ms >= timings.upstream_ms + timings.queued_ms
 
 
 async def test_weighted_pick_spreads_calls_by_weight(start_gateway):
@@ -1153,6 +1156,33 @@ async def test_limiter_slows_down_when_the_upstream_says_none_remain(start_gatew
         assert 0.9 <= elapsed < 3.0
         gap = fake.requests[1].received_at - fake.requests[0].received_at
         assert gap >= 0.9  # the upstream never saw the call it would have refused
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_calls_wait_in_its_upstreams_limiter_is_queued_time(start_gateway, is_stream):
+    """A call held by its upstream's pause (`X-RateLimit-Remaining: 0`) says so in its
+    timings, unary and streamed alike: the wait is `queued_ms`, within `total_ms` and its
+    time to first token, and apart from `upstream_ms`. Before, the response had no such
+    field and counted the wait in `upstream_ms`, as though the upstream had been slow."""
+    exhausted = {
+        "X-RateLimit-Limit": "100",
+        "X-RateLimit-Remaining": "0",
+        "X-RateLimit-Reset": "500ms",
+    }
+    async with FakeUpstream() as fake:
+        fake.script(Reply(headers=exhausted))
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=FAST_RESILIENCE))
+        await gateway.stub.Complete(chat())  # its answer pauses the upstream
+        if is_stream:
+            events = [e async for e in gateway.stub.CompleteStream(chat_stream("Say hi again"))]
+            metadata = events[-1].final
+        else:
+            metadata = (await gateway.stub.Complete(chat("Say hi again"))).metadata
+    timings = metadata.timings
+    assert (metadata.attempts, len(fake.requests)) == (1, 2)
+    assert timings.queued_ms > timings.upstream_ms  # the pause held it longer than its answer
+    assert timings.time_to_first_token_ms >= timings.queued_ms
+    assert timings.total_ms >= timings.queued_ms + timings.upstream_ms
 
 
 _OPENAI_WINDOWS = {

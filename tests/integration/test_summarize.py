@@ -1306,3 +1306,30 @@ async def test_a_part_its_upstream_refused_to_summarise_fails_the_call_as_reject
     assert "content filter" in details.message
     assert "part" in details.metadata
     assert not any(is_combine(r.body) for r in recorder.requests)
+
+
+async def test_a_summarys_wait_in_its_upstreams_limiter_is_its_queued_time(recorder, start_gateway):
+    """A summary whose call waited out its upstream's pause reports that wait as
+    `queued_ms`, within `total_ms` and apart from `upstream_ms`, as a completion does."""
+    paused = {
+        "X-RateLimit-Limit": "100",
+        "X-RateLimit-Remaining": "0",
+        "X-RateLimit-Reset": "300ms",
+    }
+
+    answered = itertools.count()
+
+    def pausing_once(body):
+        reply = default_respond(body)
+        return dataclasses.replace(reply, headers=paused) if next(answered) == 0 else reply
+
+    recorder.respond = pausing_once
+    gateway = await start_gateway(config(recorder.base_url))
+    await gateway.stub.Complete(chat("Warm up"))  # its answer pauses the upstream
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(2))
+    )
+    timings = response.timings
+    assert response.upstream_calls == 1
+    assert timings.queued_ms > timings.upstream_ms
+    assert timings.total_ms >= timings.queued_ms + timings.upstream_ms

@@ -201,7 +201,8 @@ async def test_a_queued_calls_span_says_the_time_to_first_token_its_response_doe
     upstream, start_gateway, captured, stream
 ):
     """A call queued for admission counts its time to first token from its arrival, on
-    its RPC span as in its response.
+    its RPC span as in its response, and its span's `llm_gateway.queued_ms` is its
+    response's `queued_ms`, the wait in line.
 
     Before, the response counted its wait in line and the span did not: a call that
     waited 400 ms for admission had 793 ms in its response and 402 ms on its span."""
@@ -228,6 +229,8 @@ async def test_a_queued_calls_span_says_the_time_to_first_token_its_response_doe
         span = max(unary, key=lambda s: s.end_time or 0)
     spans_first_token_ms = attributes_of(span)["llm_gateway.time_to_first_token_ms"]
     assert spans_first_token_ms == pytest.approx(timings.time_to_first_token_ms)
+    assert timings.queued_ms > 0
+    assert attributes_of(span)["llm_gateway.queued_ms"] == pytest.approx(timings.queued_ms)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
@@ -642,9 +645,10 @@ async def test_a_wait_for_the_upstreams_concurrency_slot_is_not_the_gateways_ove
     upstream, start_gateway
 ):
     """A call queued in the gateway's limiter for an upstream's `max_concurrency` waits on
-    that upstream's account, as a retry's backoff does: it counts in `upstream_ms`, not in
-    the overhead trailer. Before, the second call's wait for the first's slot read as the
-    gateway's own overhead."""
+    that upstream's account, as a retry's backoff does: not in the overhead trailer. It is
+    the gateway's queue all the same: in `queued_ms`, not `upstream_ms`. Before, the second
+    call's wait for the first's slot read as the gateway's own overhead, and then as
+    upstream time, as though the upstream had been slow."""
     config = gateway_config_data(upstream.base_url)
     config["upstreams"][0]["max_concurrency"] = 1
     gateway = await start_gateway(parse_config(config, source="<test>", environ={}))
@@ -658,9 +662,12 @@ async def test_a_wait_for_the_upstreams_concurrency_slot_is_not_the_gateways_ove
     await first
     overhead = float(dict(await second.trailing_metadata())["llm-gateway-overhead-ms"])
     assert len(upstream.requests) == 2
-    assert response.metadata.timings.total_ms >= 300  # it waited for the first call's slot
-    assert response.metadata.timings.upstream_ms >= 300
-    assert overhead < 0.5 * response.metadata.timings.total_ms
+    timings = response.metadata.timings
+    assert timings.total_ms >= 300  # it waited for the first call's slot
+    assert timings.queued_ms >= 300
+    assert timings.upstream_ms < timings.queued_ms  # its own upstream call answered at once
+    assert timings.total_ms >= timings.queued_ms + timings.upstream_ms
+    assert overhead < 0.5 * timings.total_ms
 
 
 async def test_a_wait_for_a_concurrency_slot_that_runs_out_is_not_the_gateways_overhead(
@@ -668,7 +675,7 @@ async def test_a_wait_for_a_concurrency_slot_that_runs_out_is_not_the_gateways_o
 ):
     """A call that queues for an upstream's `max_concurrency` slot until its
     `max_limit_wait_s` runs out, and then fails over, waited on that upstream's account
-    all the same: the wait counts in `upstream_ms`, not in the overhead trailer. Before,
+    all the same: the wait counts in `queued_ms`, not in the overhead trailer. Before,
     only a wait that ended with the slot counted; one that ended in failover read as the
     gateway's own overhead."""
     async with FakeUpstream() as busy, FakeUpstream() as spare:
@@ -689,9 +696,11 @@ async def test_a_wait_for_a_concurrency_slot_that_runs_out_is_not_the_gateways_o
     overhead = float(dict(await second.trailing_metadata())["llm-gateway-overhead-ms"])
     assert response.metadata.upstream == "up1"
     assert (len(busy.requests), len(spare.requests)) == (1, 1)
-    assert response.metadata.timings.total_ms >= 400  # it queued for up0's slot
-    assert response.metadata.timings.upstream_ms >= 400
-    assert overhead < 0.5 * response.metadata.timings.total_ms
+    timings = response.metadata.timings
+    assert timings.total_ms >= 400  # it queued for up0's slot
+    assert timings.queued_ms >= 400
+    assert timings.total_ms >= timings.queued_ms + timings.upstream_ms
+    assert overhead < 0.5 * timings.total_ms
 
 
 async def test_in_flight_counts_calls_in_progress(traced, captured, upstream):

@@ -214,7 +214,7 @@ def test_version_2_entries_still_decode_without_reasoning() -> None:
     assert decoded.completion.tool_calls == (ToolCall("call_1", "f", "{}"),)
     assert [d.content for d in decoded.replay()] == ["Par", "is.", ""]
     current = orjson.loads(CachedAnswer(_answer(reasoning=THOUGHT), ("x",)).encode())
-    assert current["v"] == 4
+    assert current["v"] == 5
     current["c"]["reasoning"] = 5
     with pytest.raises(EntryDecodeError):
         CachedAnswer.decode(orjson.dumps(current))

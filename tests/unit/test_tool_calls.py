@@ -303,7 +303,7 @@ def test_version_1_entries_still_decode_without_tool_calls() -> None:
     encoded["v"] = 1
     decoded = CachedAnswer.decode(orjson.dumps(encoded))
     assert decoded.completion.tool_calls == ()
-    encoded["v"] = 5  # a version no code has written yet
+    encoded["v"] = 6  # a version no code has written yet
     with pytest.raises(EntryDecodeError):
         CachedAnswer.decode(orjson.dumps(encoded))
 

@@ -584,19 +584,33 @@ class Timings(_message.Message):
     TOTAL_MS_FIELD_NUMBER: _builtins.int
     UPSTREAM_MS_FIELD_NUMBER: _builtins.int
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _builtins.int
+    QUEUED_MS_FIELD_NUMBER: _builtins.int
     total_ms: _builtins.float
     upstream_ms: _builtins.float
     time_to_first_token_ms: _builtins.float
+    queued_ms: _builtins.float
+    """Time the call waited on the gateway's own limits and queues before (and between) its
+    upstream attempts: a place in the server's admission queue (server.max_queued_calls);
+    a batch item's turn (the batch's concurrency, its tenant's max_concurrent_calls and
+    per-minute rates); its tenant's budget held by calls in flight (a batch's or a
+    summary's calls wait for it); an upstream's limiter (its max_concurrency, its
+    configured or learned rate, a pause its 429 asked for). It is in total_ms and never
+    in upstream_ms: total_ms - upstream_ms - queued_ms is the gateway's own work.
+    A retry's backoff (or the upstream's Retry-After) before its next attempt is not
+    queued time: the upstream caused it, and it counts in upstream_ms. 0 on a cache hit
+    (unless the hit itself waited for admission or its turn in a batch).
+    """
     def __init__(
         self,
         *,
         total_ms: _builtins.float = ...,
         upstream_ms: _builtins.float = ...,
         time_to_first_token_ms: _builtins.float = ...,
+        queued_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["time_to_first_token_ms", b"time_to_first_token_ms", "total_ms", b"total_ms", "upstream_ms", b"upstream_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queued_ms", b"queued_ms", "time_to_first_token_ms", b"time_to_first_token_ms", "total_ms", b"total_ms", "upstream_ms", b"upstream_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -79,7 +79,8 @@ def usage_line(meta: pb.CompletionMetadata, elapsed_s: float) -> str:
         f"[{meta.model or '?'} via {meta.upstream or '?'}{cached}] "
         f"tokens in={usage.input_tokens} out={usage.output_tokens}{estimated} "
         f"cost=${meta.cost_usd:.6f} attempts={meta.attempts} "
-        f"ttft={meta.timings.time_to_first_token_ms:.0f}ms total={elapsed_s * 1000:.0f}ms "
+        f"ttft={meta.timings.time_to_first_token_ms:.0f}ms "
+        f"queued={meta.timings.queued_ms:.0f}ms total={elapsed_s * 1000:.0f}ms "
         f"finish={enum_name(pb.FinishReason, meta.finish_reason)}"
     )
 

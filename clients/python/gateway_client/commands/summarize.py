@@ -85,7 +85,7 @@ async def summarize_command(args: argparse.Namespace) -> int:
         f"[{args.model}] chunks={response.chunks} levels={response.levels} "
         f"calls={response.upstream_calls} tokens in={usage.input_tokens} "
         f"out={usage.output_tokens} cost=${response.cost_usd:.6f} "
-        f"total={response.timings.total_ms:.0f}ms",
+        f"queued={response.timings.queued_ms:.0f}ms total={response.timings.total_ms:.0f}ms",
         file=sys.stderr,
     )
     return 0

@@ -585,6 +585,19 @@ export interface Timings {
   totalMs: number;
   upstreamMs: number;
   timeToFirstTokenMs: number;
+  /**
+   * Time the call waited on the gateway's own limits and queues before (and between) its
+   * upstream attempts: a place in the server's admission queue (server.max_queued_calls);
+   * a batch item's turn (the batch's concurrency, its tenant's max_concurrent_calls and
+   * per-minute rates); its tenant's budget held by calls in flight (a batch's or a
+   * summary's calls wait for it); an upstream's limiter (its max_concurrency, its
+   * configured or learned rate, a pause its 429 asked for). It is in total_ms and never
+   * in upstream_ms: total_ms - upstream_ms - queued_ms is the gateway's own work.
+   * A retry's backoff (or the upstream's Retry-After) before its next attempt is not
+   * queued time: the upstream caused it, and it counts in upstream_ms. 0 on a cache hit
+   * (unless the hit itself waited for admission or its turn in a batch).
+   */
+  queuedMs: number;
 }
 
 /** CompletionMetadata is everything about a completion except its text. */
@@ -1961,7 +1974,7 @@ export const Usage: MessageFns<Usage> = {
 };
 
 function createBaseTimings(): Timings {
-  return { totalMs: 0, upstreamMs: 0, timeToFirstTokenMs: 0 };
+  return { totalMs: 0, upstreamMs: 0, timeToFirstTokenMs: 0, queuedMs: 0 };
 }
 
 export const Timings: MessageFns<Timings> = {
@@ -1974,6 +1987,9 @@ export const Timings: MessageFns<Timings> = {
     }
     if (message.timeToFirstTokenMs !== 0) {
       writer.uint32(25).double(message.timeToFirstTokenMs);
+    }
+    if (message.queuedMs !== 0) {
+      writer.uint32(33).double(message.queuedMs);
     }
     return writer;
   },
@@ -2015,6 +2031,14 @@ export const Timings: MessageFns<Timings> = {
             message.timeToFirstTokenMs = reader.double();
             continue;
           }
+          case 4: {
+            if (tag !== 33) {
+              break;
+            }
+
+            message.queuedMs = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2044,6 +2068,11 @@ export const Timings: MessageFns<Timings> = {
         : isSet(object.time_to_first_token_ms)
         ? globalThis.Number(object.time_to_first_token_ms)
         : 0,
+      queuedMs: isSet(object.queuedMs)
+        ? globalThis.Number(object.queuedMs)
+        : isSet(object.queued_ms)
+        ? globalThis.Number(object.queued_ms)
+        : 0,
     };
   },
 
@@ -2058,6 +2087,9 @@ export const Timings: MessageFns<Timings> = {
     if (message.timeToFirstTokenMs !== 0) {
       obj.timeToFirstTokenMs = floatToJson(message.timeToFirstTokenMs);
     }
+    if (message.queuedMs !== 0) {
+      obj.queuedMs = floatToJson(message.queuedMs);
+    }
     return obj;
   },
 
@@ -2069,6 +2101,7 @@ export const Timings: MessageFns<Timings> = {
     message.totalMs = object.totalMs ?? 0;
     message.upstreamMs = object.upstreamMs ?? 0;
     message.timeToFirstTokenMs = object.timeToFirstTokenMs ?? 0;
+    message.queuedMs = object.queuedMs ?? 0;
     return message;
   },
 };
