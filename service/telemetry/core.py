@@ -442,6 +442,8 @@ class Telemetry:
         """The CLIENT span of one upstream attempt, to `with`; injects `traceparent` into
         `headers` (and the caller's `baggage` only with `forward_baggage`).
 
+        `upstream_model` is the model's name at this upstream, which the request is sent
+        under: `llm_gateway.upstream.model`, beside the caller's `gen_ai.request.model`.
         An attempt that fails counts in `llm_gateway.upstream.errors`, unless
         `is_callers_cut` says its caller's deadline cut it: the upstream did nothing wrong.
         """
@@ -449,7 +451,10 @@ class Telemetry:
         metric_attributes: dict[str, Any] = {
             attr.GEN_AI_OPERATION_NAME: attr.OPERATION_CHAT,
             attr.GEN_AI_PROVIDER_NAME: provider,
-            attr.GEN_AI_REQUEST_MODEL: upstream_model,
+            # The caller's name, as on the cost, the cache hits and the RPC span: one
+            # series per model offered, whatever each upstream calls it.
+            attr.GEN_AI_REQUEST_MODEL: request.model,
+            attr.UPSTREAM_MODEL: upstream_model,
             attr.SERVER_ADDRESS: host,
         }
         if port is not None:
@@ -472,7 +477,7 @@ class Telemetry:
                 attributes[attr.RETRY_WAIT_MS] = retry_wait_s * 1000.0
         if attributes is not None:
             span = self.tracer.start_span(
-                f"{attr.OPERATION_CHAT} {upstream_model}",
+                f"{attr.OPERATION_CHAT} {request.model}",
                 kind=SpanKind.CLIENT,
                 attributes=attributes,
             )

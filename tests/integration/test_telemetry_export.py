@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -300,6 +301,10 @@ METRIC_NAME = re.compile(
 )
 
 
+UPSTREAM_MODEL = "provider-model-v1"
+MODEL_LABEL = re.compile(r'\bgen_ai_request_model="([^"]*)"')
+
+
 def dashboard_metric_names() -> set[str]:
     """The Prometheus metric names the Grafana dashboard's queries use."""
     dashboard = json.loads((DEPLOY / "grafana" / "llm-gateway-dashboard.json").read_text())
@@ -314,13 +319,16 @@ def dashboard_metric_names() -> set[str]:
 async def start_dashboard_gateway(start_gateway, upstream, redis_server, telemetry):
     """A gateway with the cache, retries and the usage ledger in Redis (whose late writes
     the dashboard also plots), after the calls that make every series it plots: a
-    retried 503, a cache miss then a hit, a stream."""
+    retried 503, a cache miss then a hit, a stream. Its model is sent upstream under
+    another name, `UPSTREAM_MODEL`, as a provider's own name for it would be."""
     config = gateway_config(
         upstream.base_url,
         cache={"backend": "memory"},
         resilience={"backoff_base_s": 0.01, "backoff_cap_s": 0.05},
         ledger={"redis_url": redis_server.url, "key_prefix": uuid.uuid4().hex},
     )
+    aliased = dataclasses.replace(config.upstreams[0], models={FAKE_MODEL: UPSTREAM_MODEL})
+    config = dataclasses.replace(config, upstreams=(aliased,))
     gw = await start_gateway(config, telemetry=telemetry)
     upstream.script(Status(503), Reply())
     deterministic = chat(params=pb.GenerationParams(temperature=0.0))
@@ -352,6 +360,43 @@ async def test_the_dashboard_queries_only_metrics_the_gateway_exports(
     exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()}
     assert len(wanted) >= 16
     assert wanted <= exported, wanted - exported
+
+
+@pytest.mark.redis
+async def test_the_dashboards_panels_by_model_name_one_call_alike(
+    upstream, start_gateway, redis_server
+):
+    """Every series a panel groups `by gen_ai_request_model` (time to first token,
+    tokens, cost) names the model as the caller did, with the model sent upstream under
+    another name.
+
+    Before, tokens and time to first token said the upstream's name where cost said the
+    caller's: one call showed as two models on the dashboard."""
+    telemetry = Telemetry.from_config(TelemetryConfig(prometheus_port=0), environ={})
+    await start_dashboard_gateway(start_gateway, upstream, redis_server, telemetry)
+    port = telemetry.providers.prometheus_port
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as reply,
+    ):
+        lines = (await reply.text()).splitlines()
+    dashboard = json.loads((DEPLOY / "grafana" / "llm-gateway-dashboard.json").read_text())
+    by_model = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        if "gen_ai_request_model" in target["expr"]
+        for name in METRIC_NAME.findall(target["expr"])
+    }
+    assert len(by_model) >= 3
+    for name in by_model:
+        models = {
+            model
+            for line in lines
+            if line.startswith(f"{name}{{")
+            for model in MODEL_LABEL.findall(line)
+        }
+        assert models == {FAKE_MODEL}, name
 
 
 # The units the gateway's metrics use, as the collector's Prometheus exporter suffixes them

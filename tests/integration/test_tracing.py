@@ -580,6 +580,56 @@ async def test_time_to_first_chunk_names_the_response_model(traced, captured, up
     assert dict(first_chunk.attributes) == dict(duration.attributes)
 
 
+# Every metric that names a model, and whether an upstream attempt records it.
+MODEL_METRICS = {
+    "gen_ai.client.operation.duration": True,
+    "gen_ai.client.token.usage": True,
+    "gen_ai.client.operation.time_to_first_chunk": True,
+    "llm_gateway.cost.usd": False,
+    "llm_gateway.cache.hits": False,
+}
+
+
+async def test_every_metric_names_a_mapped_model_as_its_caller_did(
+    upstream, start_gateway, captured
+):
+    """With `fake-model` sent to its upstream as `provider-model-v1`, every metric says
+    `gen_ai.request.model: fake-model`; an attempt's also say the name sent,
+    `llm_gateway.upstream.model`, and the one that answered, `gen_ai.response.model`.
+
+    Before, tokens, durations and time to first chunk said `provider-model-v1` where cost
+    and cache hits said `fake-model`: the dashboard's panels named one call two ways."""
+    config = gateway_config(upstream.base_url, resilience={"attempts": 1})
+    aliased = dataclasses.replace(config.upstreams[0], models={FAKE_MODEL: "provider-model-v1"})
+    gateway = await start_gateway(
+        dataclasses.replace(config, upstreams=(aliased,)), telemetry=captured.telemetry
+    )
+    upstream.script(*[Reply(model="provider-model-v1-0613")] * 2)
+    deterministic = chat(params=pb.GenerationParams(temperature=0.0))
+    await gateway.stub.Complete(deterministic)
+    async with asyncio.timeout(5):
+        while gateway.server.pipeline.cache.in_flight:
+            await asyncio.sleep(0.005)
+    assert (await gateway.stub.Complete(deterministic)).metadata.cache_hit
+    _ = [e async for e in gateway.stub.CompleteStream(chat_stream())]
+    for name, is_attempts in MODEL_METRICS.items():
+        points = captured.points(name)
+        assert points, name
+        for point in points:
+            attributes = dict(point.attributes)
+            assert attributes["gen_ai.request.model"] == FAKE_MODEL, (name, attributes)
+            if is_attempts:
+                assert attributes["llm_gateway.upstream.model"] == "provider-model-v1", name
+                assert attributes["gen_ai.response.model"] == "provider-model-v1-0613", name
+            else:
+                assert "llm_gateway.upstream.model" not in attributes, name
+    attempts = [s for s in captured.spans() if s.kind is SpanKind.CLIENT]
+    assert [s.name for s in attempts] == [f"chat {FAKE_MODEL}"] * 2
+    for span in attempts:
+        assert attributes_of(span)["gen_ai.request.model"] == FAKE_MODEL
+        assert attributes_of(span)["llm_gateway.upstream.model"] == "provider-model-v1"
+
+
 async def test_every_response_carries_the_overhead_trailer(gateway, upstream):
     """Unary, stream and failed calls all end with llm-gateway-overhead-ms, within the total."""
     call = gateway.stub.Complete(chat())

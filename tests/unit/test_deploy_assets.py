@@ -137,6 +137,7 @@ def test_every_kubernetes_object_matches_the_api_schema(version: str) -> None:
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
         "Secret",
+        "NetworkPolicy",
     }
     for manifest in manifests:
         kubernetes_validate.validate(manifest, version, strict=True)
@@ -288,6 +289,109 @@ def test_the_podmonitor_scrapes_every_workers_port_and_only_those() -> None:
     assert kept == set(_metrics_ports(container))
     assert len(kept) >= 2
     assert "grpc" not in kept
+
+
+# Who may reach each kind of port of the gateway pods: every source, or only Prometheus in
+# the monitoring namespace (the selectors networkpolicy.yaml and the README name).
+OPEN_TO_ALL = "open to all"
+PROMETHEUS = "prometheus in monitoring"
+PROMETHEUS_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+}
+
+
+def _network_policy() -> dict[str, Any]:
+    """The NetworkPolicy that selects the gateway pods."""
+    (policy,) = [
+        p
+        for p in _of_kind("NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"].items() <= _pod_labels("server").items()
+    ]
+    return policy
+
+
+def _admits(rule: dict[str, Any], port: dict[str, Any]) -> bool:
+    """Whether an ingress rule covers a container port (a rule without ports covers all)."""
+    ports = rule.get("ports")
+    if not ports:
+        return True
+    return any(
+        p.get("protocol", "TCP") == port["protocol"]
+        and (p.get("port") in (port["name"], port["containerPort"]) or "port" not in p)
+        for p in ports
+    )
+
+
+def _who(rule: dict[str, Any]) -> str:
+    """Which sources an ingress rule admits: `OPEN_TO_ALL`, `PROMETHEUS`, or its peers."""
+    peers = rule.get("from")
+    if not peers:
+        return OPEN_TO_ALL
+    if peers == [PROMETHEUS_PEER]:
+        return PROMETHEUS
+    return repr(peers)
+
+
+def _policy_problems(policy: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """How the policy differs from its intent: each port the container names is admitted
+    by exactly one rule, grpc's open to all, each metrics-<index> only to Prometheus."""
+    problems: list[str] = []
+    for port in container["ports"]:
+        wanted = PROMETHEUS if port["name"].startswith("metrics-") else OPEN_TO_ALL
+        rules = [r for r in policy["spec"].get("ingress", []) if _admits(r, port)]
+        if [_who(r) for r in rules] != [wanted]:
+            problems.append(f"{port['name']}: {[_who(r) for r in rules]}, not [{wanted}]")
+    named = {p["name"] for p in container["ports"]}
+    for rule in policy["spec"].get("ingress", []):
+        for port in rule.get("ports", []):
+            if isinstance(port.get("port"), str) and port["port"] not in named:
+                problems.append(f"{port['port']}: names no port of the container")
+    return problems
+
+
+def test_the_network_policy_admits_each_port_as_meant() -> None:
+    """networkpolicy.yaml selects the gateway pods and admits the gRPC port from anywhere
+    and each worker's metrics port only from Prometheus in the monitoring namespace,
+    every port by exactly one rule; egress is left open (upstreams, Redis, DNS).
+
+    Before, no policy shipped: the per-tenant metrics were open to the whole cluster."""
+    policy = _network_policy()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert "egress" not in policy["spec"]
+    container = _gateway_container(_gateway_deployments()[0])
+    assert len(_metrics_ports(container)) >= 2
+    assert _policy_problems(policy, container) == []
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda rules: rules[0]["ports"].append({"port": "metrics-1", "protocol": "TCP"}),
+        lambda rules: rules[1].pop("from"),
+        lambda rules: rules[1]["from"][0].pop("podSelector"),
+        lambda rules: rules[1]["from"][0].update(namespaceSelector={}),
+        lambda rules: rules[1]["ports"].pop(),
+        lambda rules: rules[1]["ports"].append({"port": "metrics-9", "protocol": "TCP"}),
+        lambda rules: rules.append({}),
+    ],
+    ids=[
+        "metrics-open-to-all",
+        "metrics-from-anyone",
+        "any-pod-in-monitoring",
+        "prometheus-in-any-namespace",
+        "a-worker-left-out",
+        "a-port-not-declared",
+        "a-rule-for-every-port",
+    ],
+)
+def test_the_network_policy_check_catches_a_port_admitted_wrongly(mutate: Any) -> None:
+    """The check above fails on a policy that opens a metrics port to more than
+    Prometheus in monitoring, leaves one out, or names a port the pods lack."""
+    policy = _network_policy()
+    mutate(policy["spec"]["ingress"])
+    container = _gateway_container(_gateway_deployments()[0])
+    assert _policy_problems(policy, container)
 
 
 def test_every_upstream_key_comes_from_the_secret() -> None:
