@@ -1325,7 +1325,9 @@ def parse_config(
     # The caller's data stays as it was: overrides and `source` are written into a copy.
     data = copy.deepcopy(data)
     overrides = _apply_env_overrides(data, env)
-    for name in ("source", "overrides"):  # fields of GatewayConfig set here, never by the file
+    # Fields of GatewayConfig set here or by `serve`'s flags, never by the file: a `flags:`
+    # there was taken, and blamed the command line for the file's own values.
+    for name in ("source", "overrides", "flags"):
         if name in data:
             raise ConfigError(source, name, "unknown key")
     data["source"] = source

@@ -212,13 +212,19 @@ def test_a_taken_prometheus_port_exits_1_naming_it(
             "server: {grace_period_s: 1}\nserver: {listen: '127.0.0.1:0'}\n",
             "duplicate key 'server'",
         ),
+        (
+            "flags: {server.listen: --listen}\nserver: {listen: '127.0.0.1:0'}\n",
+            "flags: unknown key",
+        ),
     ],
 )
 def test_a_key_in_the_file_or_a_repeated_key_exits_2(tmp_path: Path, text: str, named: str) -> None:
-    """`serve` refuses a provider key written in the file, or a key given twice, in one line.
+    """`serve` refuses a provider key written in the file, a key given twice, or `flags:`
+    (which only the command line sets), in one line.
 
-    Before, both started the gateway: the first sending the file's key upstream, the
-    second with the first `server` section silently dropped.
+    Before, all three started the gateway: the first sending the file's key upstream, the
+    second with the first `server` section silently dropped, the third blaming `--listen`
+    for errors in the file's `server.listen`.
     """
     config = tmp_path / "gateway.yaml"
     config.write_text(text + "local_model: {enabled: never}\n")
