@@ -287,3 +287,26 @@ def test_an_admin_entry_for_every_unlisted_tenant_exits_2_naming_it(
     err = capsys.readouterr().err
     assert err.startswith(f"llm-gateway: config error: {config}: tenants.*.is_admin: ")
     assert "Traceback" not in err
+
+
+def test_empty_variables_are_unset_and_an_empty_config_flag_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty `$LLM_GATEWAY_CONFIG` (or `$LLM_GATEWAY_LOG_LEVEL`) is unset, as for
+    `make run`: `serve` reads config/gateway.yaml. `--config ""` is a usage error.
+
+    Before, both variables were taken as given: the config error named no file
+    (`: (top level): cannot read: Is a directory`), the log level was refused.
+    """
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "gateway.yaml").write_text("bogus: 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLM_GATEWAY_CONFIG", "")
+    monkeypatch.setenv("LLM_GATEWAY_LOG_LEVEL", "")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err == "llm-gateway: config error: config/gateway.yaml: bogus: unknown key\n"
+    with pytest.raises(SystemExit) as usage:
+        main(["serve", "--config", ""])
+    assert usage.value.code == 2
+    assert "argument --config: names no file" in capsys.readouterr().err
