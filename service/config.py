@@ -1145,7 +1145,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise ValueError(f"{key}: must be a string")
-        return value.written if isinstance(value, _WrittenInt) else str(value)
+        return value.written if isinstance(value, _WrittenInt | _WrittenFloat) else str(value)
     raise ValueError(f"{key}: unsupported type {tp}")
 
 
@@ -1185,7 +1185,7 @@ def _json_value(value: Any, key: str) -> object:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"{key}: must be a finite number")
-        return value
+        return float(value)  # not a `_WrittenFloat`: orjson writes no subclass of float
     if isinstance(value, list):
         return [_json_value(v, f"{key}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
@@ -1325,7 +1325,9 @@ def parse_config(
     # The caller's data stays as it was: overrides and `source` are written into a copy.
     data = copy.deepcopy(data)
     overrides = _apply_env_overrides(data, env)
-    for name in ("source", "overrides"):  # fields of GatewayConfig set here, never by the file
+    # Fields of GatewayConfig set here or by `serve`'s flags, never by the file: a `flags:`
+    # there was taken, and blamed the command line for the file's own values.
+    for name in ("source", "overrides", "flags"):
         if name in data:
             raise ConfigError(source, name, "unknown key")
     data["source"] = source
@@ -1538,6 +1540,23 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     return value
 
 
+class _WrittenFloat(float):
+    """A float YAML 1.1 reads from a plain text that does not read back as it (`1.10` as
+    1.1, `.inf` as inf), with that text, as `_WrittenInt`: `tenant: 1.10` names the tenant
+    a `1.10:` key does, not a tenant "1.1"."""
+
+    written: str
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    value: float = loader.construct_yaml_float(node)
+    if node.style is None and str(value) != node.value:
+        written = _WrittenFloat(value)
+        written.written = node.value
+        return written
+    return value
+
+
 def _key_as_written(node: yaml.ScalarNode, key: Any) -> Any:
     """A plain key YAML 1.1 reads as a value that does not read back as its text (`007`
     as 7, `no` as false, `null` as None), as written: keys here are names, and a tenant
@@ -1587,6 +1606,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:

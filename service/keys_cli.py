@@ -30,8 +30,7 @@ from service.config import (
     GatewayConfig,
     load_config,
 )
-
-DEFAULT_CONFIG = "config/gateway.yaml"
+from service.main import config_path, default_config
 
 
 def _append_to_keys_file(path: Path, caller_key: CallerKey) -> None:
@@ -101,7 +100,8 @@ def keys_command(argv: list[str]) -> int:
     create.add_argument("--tenant", required=True, help="the tenant the key acts for")
     create.add_argument(
         "--config",
-        default=os.environ.get("LLM_GATEWAY_CONFIG", DEFAULT_CONFIG),
+        type=config_path,
+        default=default_config(),
         help="YAML config file naming auth.keys_file or auth.redis_url",
     )
     args = parser.parse_args(argv)

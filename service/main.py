@@ -17,6 +17,19 @@ from service.workers import worker_count
 DEFAULT_CONFIG = "config/gateway.yaml"
 
 
+def default_config() -> str:
+    """The file `$LLM_GATEWAY_CONFIG` names, else `DEFAULT_CONFIG`: an empty variable (a
+    script's unset one passed on) is unset, as for `make run` and the CLI's variables."""
+    return os.environ.get("LLM_GATEWAY_CONFIG") or DEFAULT_CONFIG
+
+
+def config_path(value: str) -> str:
+    """--config: a path; an empty one would be read as the current directory."""
+    if not value:
+        raise argparse.ArgumentTypeError("names no file")
+    return value
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -31,7 +44,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` subcommand's options."""
     parser.add_argument(
         "--config",
-        default=os.environ.get("LLM_GATEWAY_CONFIG", DEFAULT_CONFIG),
+        type=config_path,
+        default=default_config(),
         help="YAML config file (default: $LLM_GATEWAY_CONFIG or config/gateway.yaml)",
     )
     parser.add_argument("--listen", help="HOST:PORT to listen on, overriding the config")
@@ -44,7 +58,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level",
         type=log_level,
-        default=os.environ.get("LLM_GATEWAY_LOG_LEVEL", "INFO"),
+        default=os.environ.get("LLM_GATEWAY_LOG_LEVEL") or "INFO",
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: $LLM_GATEWAY_LOG_LEVEL or INFO)",
     )
 

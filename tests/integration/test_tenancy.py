@@ -216,14 +216,15 @@ async def test_two_tenants_yaml_reads_as_one_value_each_keep_their_limits(
     assert upstream.requests == []
 
 
-@pytest.mark.parametrize("tenant", ["007", "0x1F"])
+@pytest.mark.parametrize("tenant", ["007", "0x1F", "1.10", ".inf"])
 @pytest.mark.parametrize("is_in_environment", [False, True], ids=["file", "variable"])
 async def test_a_config_key_of_a_tenant_yaml_reads_as_a_number_names_it_as_written(
     upstream, start_gateway, tmp_path, tenant, is_in_environment
 ):
     """`auth.keys`' `tenant: 007`, in the file or an `LLM_GATEWAY__AUTH__KEYS` variable,
     names the tenant `007`, whose `007:` entry holds its limits, as a keys file's line
-    would: not a tenant "7"."""
+    would: not a tenant "7". So does `tenant: 1.10`: before, it named a tenant "1.1",
+    whose key could use every model its `1.10:` entry left out."""
     keys = f"[{{sha256: {hash_key(CALLER_KEY_A)}, tenant: {tenant}}}]"
     environ = {"LLM_GATEWAY__AUTH__KEYS": keys} if is_in_environment else {}
     path = tmp_path / "gateway.yaml"

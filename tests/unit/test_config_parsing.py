@@ -1420,6 +1420,23 @@ def test_a_number_written_in_hex_is_a_plain_integer(tmp_path: Path) -> None:
     assert config.server.max_in_flight_calls == 16
 
 
+def test_a_name_written_as_a_decimal_keeps_its_text_and_a_number_is_a_plain_float(
+    tmp_path: Path,
+) -> None:
+    """A model written `1.10` is the model "1.10" callers name (YAML alone: 1.1); where a
+    number goes (a timeout, `extra_body` sent as JSON) it is a plain `float`."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "server: {grace_period_s: 1.50}\nupstreams:\n  - {name: up, base_url: 'http://h/v1',"
+        " models: [1.10], extra_body: {bias: 1.50}}\n",
+        encoding="utf-8",
+    )
+    config = load_config(path, environ={})
+    assert list(config.upstreams[0].models) == ["1.10"]
+    assert type(config.server.grace_period_s) is float
+    assert type(config.upstreams[0].extra_body["bias"]) is float
+
+
 @pytest.mark.parametrize(
     ("data", "key"),
     [

@@ -212,13 +212,19 @@ def test_a_taken_prometheus_port_exits_1_naming_it(
             "server: {grace_period_s: 1}\nserver: {listen: '127.0.0.1:0'}\n",
             "duplicate key 'server'",
         ),
+        (
+            "flags: {server.listen: --listen}\nserver: {listen: '127.0.0.1:0'}\n",
+            "flags: unknown key",
+        ),
     ],
 )
 def test_a_key_in_the_file_or_a_repeated_key_exits_2(tmp_path: Path, text: str, named: str) -> None:
-    """`serve` refuses a provider key written in the file, or a key given twice, in one line.
+    """`serve` refuses a provider key written in the file, a key given twice, or `flags:`
+    (which only the command line sets), in one line.
 
-    Before, both started the gateway: the first sending the file's key upstream, the
-    second with the first `server` section silently dropped.
+    Before, all three started the gateway: the first sending the file's key upstream, the
+    second with the first `server` section silently dropped, the third blaming `--listen`
+    for errors in the file's `server.listen`.
     """
     config = tmp_path / "gateway.yaml"
     config.write_text(text + "local_model: {enabled: never}\n")
@@ -281,3 +287,26 @@ def test_an_admin_entry_for_every_unlisted_tenant_exits_2_naming_it(
     err = capsys.readouterr().err
     assert err.startswith(f"llm-gateway: config error: {config}: tenants.*.is_admin: ")
     assert "Traceback" not in err
+
+
+def test_empty_variables_are_unset_and_an_empty_config_flag_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty `$LLM_GATEWAY_CONFIG` (or `$LLM_GATEWAY_LOG_LEVEL`) is unset, as for
+    `make run`: `serve` reads config/gateway.yaml. `--config ""` is a usage error.
+
+    Before, both variables were taken as given: the config error named no file
+    (`: (top level): cannot read: Is a directory`), the log level was refused.
+    """
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "gateway.yaml").write_text("bogus: 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLM_GATEWAY_CONFIG", "")
+    monkeypatch.setenv("LLM_GATEWAY_LOG_LEVEL", "")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err == "llm-gateway: config error: config/gateway.yaml: bogus: unknown key\n"
+    with pytest.raises(SystemExit) as usage:
+        main(["serve", "--config", ""])
+    assert usage.value.code == 2
+    assert "argument --config: names no file" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from typing import Any
 
 from service.config import ConfigError, GatewayConfig, UpstreamConfig, load_config
 from service.errors import UpstreamError
-from service.main import DEFAULT_CONFIG, with_flags
+from service.main import config_path, default_config, with_flags
 from service.security import check_start_config
 from service.server import TLS_REFUSED, refuses_tls
 from service.telemetry import TelemetrySetupError
@@ -42,7 +42,8 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--config",
-        default=os.environ.get("LLM_GATEWAY_CONFIG", DEFAULT_CONFIG),
+        type=config_path,
+        default=default_config(),
         help="YAML config file (default: $LLM_GATEWAY_CONFIG or config/gateway.yaml)",
     )
     parser.add_argument(
