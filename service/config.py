@@ -220,6 +220,11 @@ CALLER_KEY_PREFIX = "llmgw_"
 _GRPC_MAX_INT = 2**31 - 1
 
 
+# The most worker processes `server.workers` (or `--workers`) may ask for: more than any
+# machine's cores, and few enough that a typo (100000) is refused rather than forked.
+MAX_WORKERS = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The gRPC listener and its lifecycle."""
@@ -273,7 +278,8 @@ class ServerConfig:
         )
         _require(self.overload_retry_after_s >= 0, "overload_retry_after_s must be >= 0")
         _require(
-            self.workers is None or self.workers >= 0, "workers must be >= 0 (0: one per core)"
+            self.workers is None or 0 <= self.workers <= MAX_WORKERS,
+            f"workers must be 0..{MAX_WORKERS} (0: one per core)",
         )
         _require(self.max_connection_age_s > 0, "max_connection_age_s must be > 0")
         _require(self.stalled_stream_timeout_s >= 0, "stalled_stream_timeout_s must be >= 0")

@@ -650,17 +650,20 @@ async def test_check_exits_2_on_a_config_error_serve_finds_at_start(tmp_path, ca
     assert ": ok" not in captured.out
 
 
-async def test_check_names_a_bad_workers_flag(tmp_path, capsys):
-    """`check --workers -1` is refused naming `--workers` alone, as `serve` refuses it.
+@pytest.mark.parametrize("workers", ["-1", "100000"])
+async def test_check_names_a_bad_workers_flag(tmp_path, capsys, workers):
+    """`check --workers -1` is refused naming `--workers` alone, as `serve` refuses it;
+    so is a count no machine has cores for (a typo `serve` would fork).
 
-    Before, the error named `--listen/--workers`, a flag `check` does not have.
+    Before, the error named `--listen/--workers`, a flag `check` does not have, and
+    100000 was taken.
     """
     config = tmp_path / "gateway.yaml"
     config.write_text("local_model: {enabled: never}\n")
-    args = parse(check, "check", "--config", str(config), "--workers", "-1")
+    args = parse(check, "check", "--config", str(config), "--workers", workers)
     assert await check.check_command(args) == 2
     err = capsys.readouterr().err
-    problem = "workers must be >= 0 (0: one per core)"
+    problem = "workers must be 0..1024 (0: one per core)"
     assert err == f"llm-gateway: config error: command line: --workers: {problem}\n"
 
 

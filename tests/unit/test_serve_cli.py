@@ -18,7 +18,7 @@ from service.main import main
     [
         (["--listen", "nowhere"], "listen must be HOST:PORT"),
         (["--listen", "127.0.0.1:70000"], "port must be 0..65535"),
-        (["--workers", "-1"], "workers must be >= 0"),
+        (["--workers", "-1"], "workers must be 0..1024"),
     ],
 )
 def test_a_bad_override_exits_2_naming_it(
