@@ -378,10 +378,10 @@ def timed_from_arrival(timings: pb.Timings) -> None:
         if timings.time_to_first_token_ms:
             timings.time_to_first_token_ms += before_ms
             set_rpc_time_to_first_token(timings.time_to_first_token_ms)
-        admission_ms = min(rpc_queued_ms(), before_ms)  # 0 for most calls: none queued
-        if admission_ms > 0:
-            timings.queued_ms += admission_ms
-            set_rpc_queued_ms(timings.queued_ms)
+        timings.queued_ms += min(rpc_queued_ms(), before_ms)  # 0 for most calls: none queued
+    # Even when it did not queue for admission: a summary's span held its last call's
+    # figure, not the summary's.
+    set_rpc_queued_ms(timings.queued_ms)
 
 
 def response_to_proto(completion: Completion) -> pb.CompleteResponse:
