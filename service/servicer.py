@@ -378,10 +378,23 @@ def timed_from_arrival(timings: pb.Timings) -> None:
         if timings.time_to_first_token_ms:
             timings.time_to_first_token_ms += before_ms
             set_rpc_time_to_first_token(timings.time_to_first_token_ms)
-        admission_ms = min(rpc_queued_ms(), before_ms)  # 0 for most calls: none queued
-        if admission_ms > 0:
-            timings.queued_ms += admission_ms
-            set_rpc_queued_ms(timings.queued_ms)
+        timings.queued_ms += min(rpc_queued_ms(), before_ms)  # 0 for most calls: none queued
+    # Even when it did not queue for admission: a summary's span held its last call's
+    # figure, not the summary's.
+    set_rpc_queued_ms(timings.queued_ms)
+
+
+def item_timed_from_arrival(timings: pb.Timings) -> None:
+    """Count a batch item's `timings` (from the batch's start) from the call's arrival: a
+    batch queued for admission (`server.max_queued_calls`) kept each item waiting with it,
+    in its total, its time to first token and its queued time, as `timed_from_arrival`
+    counts a single call's."""
+    admission_ms = rpc_queued_ms()  # 0 for most calls: none queued
+    if admission_ms > 0:
+        timings.total_ms += admission_ms
+        if timings.time_to_first_token_ms:
+            timings.time_to_first_token_ms += admission_ms
+        timings.queued_ms += admission_ms
 
 
 def response_to_proto(completion: Completion) -> pb.CompleteResponse:
@@ -821,12 +834,10 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                         )
                     )
                 elif event.completion is not None:
+                    response = response_to_proto(event.completion)
+                    item_timed_from_arrival(response.metadata.timings)
                     yield pb.CompleteBatchResponse(
-                        result=pb.BatchItemResult(
-                            id=event.id,
-                            index=event.index,
-                            response=response_to_proto(event.completion),
-                        )
+                        result=pb.BatchItemResult(id=event.id, index=event.index, response=response)
                     )
                 else:
                     yield pb.CompleteBatchResponse(

@@ -77,6 +77,30 @@ async def test_an_item_that_waited_for_its_tenants_slot_says_so(start_gateway):
     assert second.time_to_first_token_ms >= second.queued_ms
 
 
+async def test_an_item_of_a_batch_queued_for_admission_counts_that_wait(start_gateway):
+    """A batch that waited in line for admission (`server.max_queued_calls`) kept its
+    items waiting with it: each counts that wait in its `total_ms` and `queued_ms`, as a
+    single call does. Before, an item's timings began when the batch was admitted and
+    its `queued_ms` was 0 however long the batch stood in line."""
+    delay_s = 0.4
+    async with FakeUpstream(default=Reply(delay_s=delay_s)) as fake:
+        config = gateway_config(
+            fake.base_url, server={"max_in_flight_calls": 1, "max_queued_calls": 1}
+        )
+        gateway = await start_gateway(config)
+        first = asyncio.ensure_future(gateway.stub.Complete(chat("first")))
+        async with asyncio.timeout(5):  # the first call holds the only slot
+            while not fake.requests:
+                await asyncio.sleep(0.01)
+        results, summary = await collect(gateway.stub.CompleteBatch(batch("queued")))
+        await first
+    assert summary.succeeded == 1
+    timings = results[0].response.metadata.timings
+    # It stood in line for most of the first call's upstream wait (its own is a few µs).
+    assert timings.queued_ms >= delay_s * 500
+    assert timings.total_ms >= timings.upstream_ms + timings.queued_ms
+
+
 async def test_mixed_successes_and_failures(batch_gateway):
     """Failures are per item with their own status; the others succeed; the summary adds up."""
     prompts = ["ok a", "fail b", "ok c", "reject d", "ok e", "fail f", "ok g"]

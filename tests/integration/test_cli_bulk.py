@@ -305,6 +305,28 @@ async def test_failures_are_recorded_and_retried_only_when_asked(
     assert asked_ids(scripted)[asked:] == ["flaky"]
 
 
+async def test_retry_failed_on_a_symlinked_output_rewrites_the_file_it_links_to(
+    tmp_path, scripted, address
+):
+    """`--retry-failed` through a symlink rewrites the file it points to, and the rerun's
+    results land there. Before, the symlink was replaced by a new file: the linked output
+    kept its error lines and the rerun's answers went to the new file beside it."""
+    source, results = tmp_path / "in.jsonl", tmp_path / "results"
+    results.mkdir()
+    target, link = results / "out.jsonl", tmp_path / "out.jsonl"
+    link.symlink_to(target)
+    source.write_text(json.dumps({"id": "flaky", "prompt": "fail flaky"}) + "\n")
+    argv = ("batch", str(source), "-o", str(link), "--address", address, "--no-progress")
+    argv += ("--model", FAKE_MODEL)
+    assert await batch.batch_command(parse(batch, *argv)) == 1
+    source.write_text(source.read_text().replace("fail flaky", "ok flaky"))
+    assert await batch.batch_command(parse(batch, *argv, "--retry-failed")) == 0
+    assert link.is_symlink()
+    assert [(r["id"], r.get("content")) for r in output_records(target)] == [
+        ("flaky", "answer flaky")
+    ]
+
+
 async def test_summarize_command_prints_summary_and_stats(tmp_path, scripted, address, capsys):
     """`summarize FILE` prints the summary on stdout and chunks and cost on stderr."""
     document = tmp_path / "doc.txt"

@@ -20,6 +20,7 @@ from tests.conftest import FAKE_MODEL, chat, fake_model_window, gateway_config
 from tests.fake_upstream import Reply, Status
 from tests.integration.helpers import error_info, field_violations
 from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
+from tests.telemetry_support import attributes_of, captured_telemetry
 
 WINDOW = 1024
 CONCURRENCY = 3
@@ -1333,3 +1334,32 @@ async def test_a_summarys_wait_in_its_upstreams_limiter_is_its_queued_time(recor
     assert response.upstream_calls == 1
     assert timings.queued_ms > timings.upstream_ms
     assert timings.total_ms >= timings.queued_ms + timings.upstream_ms
+
+
+async def test_a_summarys_span_carries_its_queued_time_not_its_last_calls(recorder, start_gateway):
+    """The Summarize span's `llm_gateway.queued_ms` is the response's `timings.queued_ms`.
+
+    Before, it was the last call's (the combine's, which waited on nothing): a summary
+    whose parts waited out their upstream's pause showed about 0 there."""
+    paused = {
+        "X-RateLimit-Limit": "100",
+        "X-RateLimit-Remaining": "0",
+        "X-RateLimit-Reset": "300ms",
+    }
+    answered = itertools.count()
+
+    def pausing_once(body):
+        reply = default_respond(body)
+        return dataclasses.replace(reply, headers=paused) if next(answered) == 0 else reply
+
+    recorder.respond = pausing_once
+    captured = captured_telemetry()
+    gateway = await start_gateway(config(recorder.base_url), telemetry=captured.telemetry)
+    await gateway.stub.Complete(chat("Warm up"))  # its answer pauses the upstream
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
+    )
+    span = await captured.ended("llmgateway.v1.CompletionService/Summarize")
+    assert response.upstream_calls > 1
+    assert response.timings.queued_ms > 0
+    assert attributes_of(span)["llm_gateway.queued_ms"] == response.timings.queued_ms

@@ -323,9 +323,12 @@ def read_done(path: Path, *, retry_failed: bool) -> Done:
         kept.append(raw)
         done.add(str(record["id"]))
     if retry_failed:
-        temporary = path.with_name(path.name + ".tmp")
+        # The file itself, beside it: replacing a symlink to the output would leave the
+        # output (and its error lines) where it was, and this run's results elsewhere.
+        real = path.resolve()
+        temporary = real.with_name(real.name + ".tmp")
         temporary.write_bytes(b"".join(kept))
-        os.replace(temporary, path)
+        os.replace(temporary, real)
     return Done(frozenset(done), frozenset(failed))
 
 
