@@ -533,6 +533,7 @@ class StreamParser:
 
     __slots__ = (
         "_calls",
+        "_has_relayed",
         "_index",
         "_tool_calls",
         "finish_reason",
@@ -553,6 +554,7 @@ class StreamParser:
         self._tool_calls: dict[int, _StreamedCall] = {}  # by the upstream's index
         self._calls = 0  # tool calls begun
         self._index: int | None = None  # the answer's choice, once an event named one
+        self._has_relayed = False  # text or reasoning of it came out
 
     def _take_usage(self, counts: Usage | None) -> None:
         """A later usage event replaces an earlier one (servers that send it on each
@@ -572,16 +574,24 @@ class StreamParser:
     def _answer_choice(self, choices: list[Any]) -> dict[str, Any] | None:
         """The answer's choice in an event: the first event with choices picks it as a unary
         answer's is picked; None in an event with only other completions' beside index 0's.
-        A stream whose answer is at another index may name no other choice."""
+        A stream whose answer is at another index may name no other choice after it, but
+        index 0 before anything of the other was taken: then index 0's is the answer."""
         by_index = _choices_by_index(choices)
         if self._index is None:
             self._index = _answer_index(by_index)
+        elif self._index and 0 in by_index and not self._has_taken_any:
+            self._index = 0  # another completion's role came first: nothing of it relayed
         elif self._index and by_index.keys() != {self._index}:
             others = _listed(by_index.keys() - {self._index})
             raise MalformedReply(
                 f"the stream's answer, at index {self._index}, was followed by choices at {others}"
             )
         return by_index.get(self._index)
+
+    @property
+    def _has_taken_any(self) -> bool:
+        """Whether anything of the answer's choice was taken: text, a call, its finish."""
+        return self._has_relayed or bool(self._tool_calls) or self.finish_reason is not None
 
     def _tool_call_pieces(self, data: object) -> tuple[ToolCallDelta, ...]:
         if not isinstance(data, list):
@@ -668,6 +678,7 @@ class StreamParser:
         tool_calls = delta.get("tool_calls")
         pieces = () if tool_calls is None else self._tool_call_pieces(tool_calls)
         if content or pieces or reasoning:
+            self._has_relayed = True
             return TextChunk(content or "", pieces, reasoning)
         return None
 

@@ -660,6 +660,8 @@ _INDEXED_STREAMS = [
     pytest.param([[(1, "a")], [(2, "x")], [(1, ".")]], None, id="1-then-2"),
     pytest.param([[(1, "a"), (2, "x")], [(1, ".")]], None, id="1-and-2-together"),
     pytest.param([[(1, "a")], [(0, "x")], [(1, ".")]], None, id="1-then-0"),
+    pytest.param([[(1, "")], [(0, "a")], [(0, ".")]], "a.", id="1s-role-then-0"),
+    pytest.param([[(1, "")], [(2, "a")], [(2, ".")]], None, id="1s-role-then-2"),
 ]
 
 
@@ -668,7 +670,8 @@ def test_stream_parser_relays_the_choice_a_unary_answer_would(
     events: list[list[tuple[int | None, str]]], text: str | None
 ) -> None:
     """Index 0's choice, or, in a stream naming only one other index, that one's; a stream
-    naming two others (or another, then 0) is malformed, never a splice of both."""
+    naming two others (or 0 after some of another's answer) is malformed, never a splice
+    of both."""
     parser = StreamParser()
 
     def relayed() -> str:
