@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import socket
@@ -125,6 +126,8 @@ class Reply:
     # OpenAI's `refusal`: sent with `content: null` (unary), or as `refusal` deltas in
     # `chunks` pieces in place of the content's (stream).
     refusal: str = ""
+    # The index the answer's choice is numbered with (some proxies number from 1).
+    choice_index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,7 +454,7 @@ class FakeUpstream:
             "model": model,
             "choices": [
                 {
-                    "index": 0,
+                    "index": reply.choice_index,
                     "message": _message(reply),
                     "logprobs": None,
                     "finish_reason": reply.finish_reason,
@@ -464,16 +467,21 @@ class FakeUpstream:
 
     @staticmethod
     def _chunk(
-        cid: str, model: str, delta: dict[str, Any], finish_reason: str | None = None
+        cid: str,
+        model: str,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        *,
+        index: int = 0,
     ) -> str:
-        """Serialise one `chat.completion.chunk` with a single choice."""
+        """Serialise one `chat.completion.chunk` with a single choice, at `index`."""
         return json.dumps(
             {
                 "id": cid,
                 "object": "chat.completion.chunk",
                 "created": int(time.time()),
                 "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}],
             }
         )
 
@@ -521,23 +529,24 @@ class FakeUpstream:
         """Stream a Reply as SSE chunks ending in [DONE]."""
         resp = await self._open_sse(request, reply.headers)
         cid = self._new_id()
-        events = [self._chunk(cid, model, {"role": "assistant"})]
-        events += [self._chunk(cid, model, delta) for delta in _reasoning_deltas(reply)]
+        chunk = functools.partial(self._chunk, cid, model, index=reply.choice_index)
+        events = [chunk({"role": "assistant"})]
+        events += [chunk(delta) for delta in _reasoning_deltas(reply)]
         events += [
-            self._chunk(cid, model, {"content": piece})
+            chunk({"content": piece})
             for piece in split_even("" if reply.refusal else reply.content, reply.chunks)
         ]
         events += [
-            self._chunk(cid, model, {"content": None, "refusal": piece})
+            chunk({"content": None, "refusal": piece})
             for piece in split_even(reply.refusal, reply.chunks)
         ]
-        events += [self._chunk(cid, model, delta) for delta in _tool_call_deltas(reply)]
+        events += [chunk(delta) for delta in _tool_call_deltas(reply)]
         if reply.cut_after_events is not None:
             await _send(resp, events[: reply.cut_after_events], _Framing())
             await asyncio.sleep(_FLUSH_PAUSE_S)
             _abort(request)
         if reply.finish_reason is not None:
-            events.append(self._chunk(cid, model, {}, reply.finish_reason))
+            events.append(chunk({}, reply.finish_reason))
         if reply.include_usage and usage_requested:
             usages = reply.raw_usages or (_usage(reply),)
             events += [self._usage_chunk(cid, model, counts) for counts in usages]

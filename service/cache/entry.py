@@ -10,6 +10,9 @@ Version 2 added `tool_calls` to the completion, version 3 `reasoning` and the us
 text once, as the deltas, leaving the completion's `content` empty and saying so (`"j"`:
 it is the deltas joined), so that an entry is about as long as its answer
 (`max_entry_bytes` bounds it).
+
+An entry of a newer version than this gateway writes is a newer gateway's, read during a
+rolling upgrade: `NewerEntryError`, which the cache takes as a quiet miss.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = [
     "REMEMBERED_MAX_BYTES",
     "CachedAnswer",
     "EntryDecodeError",
+    "NewerEntryError",
     "decode_entry",
 ]
 
@@ -64,6 +68,15 @@ REMEMBERED_MAX_BYTES = 16 * 1024
 
 class EntryDecodeError(ValueError):
     """Stored bytes that are not a valid entry (corrupt, or written by another version)."""
+
+
+class NewerEntryError(EntryDecodeError):
+    """An entry of a newer version than this gateway writes: a newer gateway's, during a
+    rolling upgrade across an entry-format change, and no sign of corruption."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"entry version {version}")
+        self.version = version
 
 
 T = TypeVar("T")
@@ -142,6 +155,8 @@ class CachedAnswer:
         try:
             raw = orjson.loads(data)
             version = raw["v"]
+            if type(version) is int and version > _ENTRY_VERSION:
+                raise NewerEntryError(version)
             if version not in _READABLE_VERSIONS:
                 # Written by something else, maybe: its value is not for the log, whatever
                 # its length; a version number is.

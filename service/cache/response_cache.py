@@ -35,6 +35,7 @@ from service.cache.entry import (
     REMEMBERED_MAX_BYTES,
     CachedAnswer,
     EntryDecodeError,
+    NewerEntryError,
     decode_entry,
 )
 from service.cache.keys import cache_key
@@ -128,6 +129,7 @@ class ResponseCache:
         self._recent: BoundedMemo[str, tuple[CachedAnswer, float]] = BoundedMemo(_RECENT_READS)
         self._recalls = config.enabled and store.backend == "memory"
         self._writes = 0  # writes begun, so that a read overlapping one is not remembered
+        self._has_skipped_newer = False  # logged at INFO once: a rollout is under way
 
     @property
     def stats(self) -> CacheStats:
@@ -176,6 +178,10 @@ class ResponseCache:
             return None
         try:
             answer = decode_entry(data)
+        except NewerEntryError as exc:
+            self._recent.pop(key)
+            self._skip_newer(exc.version)
+            return None
         except EntryDecodeError as exc:
             self.stats.errors += 1
             self._recent.pop(key)
@@ -187,6 +193,17 @@ class ResponseCache:
         if self._recalls and len(data) <= REMEMBERED_MAX_BYTES and self._writes == writes_before:
             self._recent.put(key, (answer, self._clock.now()))
         return answer
+
+    def _skip_newer(self, version: int) -> None:
+        """Note a newer gateway's entry, read as a miss. A rolling upgrade has every old
+        replica read these for its whole duration: not an error, nor a warning on each
+        read, but said once, so that the dip in hits it causes has an explanation."""
+        extra = {"entry_version": version}
+        if self._has_skipped_newer:
+            log.debug("cache.newer_entry_skipped", extra=extra)
+            return
+        self._has_skipped_newer = True
+        log.info("cache.newer_entries_skipped", extra=extra)
 
     @property
     def recalls(self) -> bool:

@@ -5,7 +5,7 @@ https://platform.openai.com/docs/api-reference/chat — the only module that kno
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -432,6 +432,34 @@ def _refusal(message: dict[str, Any]) -> str:
     return value or ""
 
 
+def _choices_by_index(choices: list[Any]) -> dict[int, dict[str, Any]]:
+    """An answer's or an event's choices by index (absent or null is 0), the first of each."""
+    by_index: dict[int, dict[str, Any]] = {}
+    for choice in choices:
+        if not isinstance(choice, dict):
+            raise MalformedReply("choices is not a list of objects")
+        index = choice.get("index") or 0
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise MalformedReply("a choice has a bad index")
+        by_index.setdefault(index, choice)
+    return by_index
+
+
+def _answer_index(indexes: Collection[int]) -> int:
+    """Which of an answer's choices is the answer: the one at index 0, else the only one
+    (some proxies and batch backends number from 1); several, none at 0, are no answer."""
+    if 0 in indexes:
+        return 0
+    if len(indexes) == 1:
+        return next(iter(indexes))
+    raise MalformedReply(f"choices at indexes {_listed(indexes)} and none at 0")
+
+
+def _listed(indexes: Collection[int]) -> str:
+    """Indexes as an error message lists them: "1, 2"."""
+    return ", ".join(str(index) for index in sorted(indexes))
+
+
 def parse_completion(
     raw: bytes, *, model: str = "", rate_limits: RateLimitHints = _NO_HINTS, waited_s: float = 0.0
 ) -> UpstreamReply:
@@ -439,13 +467,12 @@ def parse_completion(
     what its headers said and `waited_s` how long it took to come."""
     data = _loads(raw)
     choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+    if not isinstance(choices, list) or not choices:
         raise MalformedReply("no choices")
-    choice = choices[0]
-    if choice.get("index"):
-        # Another completion's (`n` is never sent), listed first: the answer is the one at
-        # index 0, as a stream's events are read, so that both relay the same answer.
-        choice = next((c for c in choices if isinstance(c, dict) and not c.get("index")), choice)
+    # Others are other completions' (`n` is never sent), whatever order they are listed in:
+    # the answer is picked as a stream's is, so that both relay the same one.
+    by_index = _choices_by_index(choices)
+    choice = by_index[_answer_index(by_index)]
     message = choice.get("message")
     if not isinstance(message, dict):
         message = {}
@@ -506,6 +533,8 @@ class StreamParser:
 
     __slots__ = (
         "_calls",
+        "_has_relayed",
+        "_index",
         "_tool_calls",
         "finish_reason",
         "id",
@@ -524,6 +553,8 @@ class StreamParser:
         self.is_refused = False  # a `refusal` came: the stream ends as a content filter's
         self._tool_calls: dict[int, _StreamedCall] = {}  # by the upstream's index
         self._calls = 0  # tool calls begun
+        self._index: int | None = None  # the answer's choice, once an event named one
+        self._has_relayed = False  # text or reasoning of it came out
 
     def _take_usage(self, counts: Usage | None) -> None:
         """A later usage event replaces an earlier one (servers that send it on each
@@ -539,6 +570,28 @@ class StreamParser:
             self.usage = counts
         else:
             self.usage = _joined(known, counts)
+
+    def _answer_choice(self, choices: list[Any]) -> dict[str, Any] | None:
+        """The answer's choice in an event: the first event with choices picks it as a unary
+        answer's is picked; None in an event with only other completions' beside index 0's.
+        A stream whose answer is at another index may name no other choice after it, but
+        index 0 before anything of the other was taken: then index 0's is the answer."""
+        by_index = _choices_by_index(choices)
+        if self._index is None:
+            self._index = _answer_index(by_index)
+        elif self._index and 0 in by_index and not self._has_taken_any:
+            self._index = 0  # another completion's role came first: nothing of it relayed
+        elif self._index and by_index.keys() != {self._index}:
+            others = _listed(by_index.keys() - {self._index})
+            raise MalformedReply(
+                f"the stream's answer, at index {self._index}, was followed by choices at {others}"
+            )
+        return by_index.get(self._index)
+
+    @property
+    def _has_taken_any(self) -> bool:
+        """Whether anything of the answer's choice was taken: text, a call, its finish."""
+        return self._has_relayed or bool(self._tool_calls) or self.finish_reason is not None
 
     def _tool_call_pieces(self, data: object) -> tuple[ToolCallDelta, ...]:
         if not isinstance(data, list):
@@ -604,14 +657,11 @@ class StreamParser:
         choices = event.get("choices")
         if not choices:
             return None
-        if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        if not isinstance(choices, list):
             raise MalformedReply("choices is not a list of objects")
-        choice = choices[0]
-        if choice.get("index"):  # another completion's (`n` is never sent): find the answer's
-            firsts = [c for c in choices if isinstance(c, dict) and not c.get("index")]
-            if not firsts:
-                return None
-            choice = firsts[0]
+        choice = self._answer_choice(choices)
+        if choice is None:
+            return None
         reason = finish_reason(choice.get("finish_reason"))
         if reason is not None:
             self.finish_reason = reason
@@ -628,6 +678,7 @@ class StreamParser:
         tool_calls = delta.get("tool_calls")
         pieces = () if tool_calls is None else self._tool_call_pieces(tool_calls)
         if content or pieces or reasoning:
+            self._has_relayed = True
             return TextChunk(content or "", pieces, reasoning)
         return None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import redis.asyncio as aioredis
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.cache import ResponseCache
+from service.cache.entry import _ENTRY_VERSION
 from service.config import MAX_TTL_S
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import CutStream, EndWithoutDone, FakeUpstream, Reply, Status
@@ -633,6 +635,13 @@ async def _cache_one_answer_and_rewrite_it(
     """Cache one answer in Redis, then `change` its stored entry in place (as JSON)."""
     await gateway.stub.Complete(ask())
     await settled(gateway)
+    await _rewrite_the_entry(redis_server, change)
+
+
+async def _rewrite_the_entry(
+    redis_server: RedisServer, change: Callable[[dict[str, Any]], None]
+) -> None:
+    """`change` the one entry stored in Redis in place (as JSON)."""
     client = aioredis.from_url(redis_server.url)
     try:
         [key] = await client.keys("*")
@@ -673,6 +682,83 @@ async def test_a_corrupt_redis_entry_is_a_miss_not_an_error(
     assert (again.content, again.metadata.cache_hit) == ("Hello from fake", True)
     assert len(upstream.requests) == 2
     assert cache_of(gateway).stats.errors == 1
+
+
+def _as_a_newer_gateway_writes(version: int) -> Callable[[dict[str, Any]], None]:
+    """An entry's change into one of a format this gateway does not know, at `version`."""
+
+    def change(entry: dict[str, Any]) -> None:
+        entry.update(v=version, d=None, future=["a field this gateway has never seen"])
+
+    return change
+
+
+@pytest.mark.parametrize("version", [_ENTRY_VERSION + 1, 99])
+async def test_a_newer_gateways_entry_is_a_quiet_miss_during_a_rolling_upgrade(
+    upstream: FakeUpstream,
+    start_gateway: Callable[..., Any],
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    version: int,
+) -> None:
+    """An entry of a newer version than this gateway writes (a newer replica's, mid-rollout)
+    is answered from upstream, as a miss: no cache error counted or exported, no warning,
+    and one INFO line for the process however often it is read. Before, every read was
+    a `cache.bad_entry` warning and a cache error."""
+    captured = captured_telemetry()
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(
+            upstream.base_url, cache={"backend": "redis", "redis_url": redis_server.url}
+        ),
+        telemetry=captured.telemetry,
+    )
+    await _cache_one_answer_and_rewrite_it(
+        gateway, redis_server, _as_a_newer_gateway_writes(version)
+    )
+    with caplog.at_level(logging.DEBUG, logger="llm_gateway.cache"):
+        for _ in range(2):
+            reply = await gateway.stub.Complete(ask())
+            await settled(gateway)
+            await _rewrite_the_entry(redis_server, _as_a_newer_gateway_writes(version))
+    assert (reply.content, reply.metadata.cache_hit) == ("Hello from fake", False)
+    assert len(upstream.requests) == 3
+    stats = cache_of(gateway).stats
+    assert (stats.hits, stats.misses, stats.errors) == (0, 3, 0)
+    assert captured.total("llm_gateway.cache.errors") == 0
+    assert captured.total("llm_gateway.cache.lookups", llm_gateway__cache__result="miss") == 3
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    said = [
+        (r.levelno, r.message, r.__dict__["entry_version"])
+        for r in caplog.records
+        if r.name == "llm_gateway.cache"
+    ]
+    assert said == [
+        (logging.INFO, "cache.newer_entries_skipped", version),
+        (logging.DEBUG, "cache.newer_entry_skipped", version),
+    ]
+
+
+@pytest.mark.parametrize("version", [0, -1, str(_ENTRY_VERSION), None])
+async def test_an_entry_of_a_version_no_gateway_writes_now_stays_a_warning(
+    upstream: FakeUpstream,
+    start_gateway: Callable[..., Any],
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    version: object,
+) -> None:
+    """An older version no longer read, or a version that is no version number, is not a
+    rollout's: it is logged `cache.bad_entry` and counted as a cache error (and a miss)."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(upstream.base_url, cache={"backend": "redis", "redis_url": redis_server.url})
+    )
+    await _cache_one_answer_and_rewrite_it(gateway, redis_server, lambda e: e.update(v=version))
+    with caplog.at_level(logging.DEBUG, logger="llm_gateway.cache"):
+        reply = await gateway.stub.Complete(ask())
+    assert (reply.content, reply.metadata.cache_hit) == ("Hello from fake", False)
+    assert len(upstream.requests) == 2
+    assert cache_of(gateway).stats.errors == 1
+    said = [(r.levelno, r.message) for r in caplog.records if r.name == "llm_gateway.cache"]
+    assert said == [(logging.WARNING, "cache.bad_entry")]
 
 
 @pytest.mark.parametrize("deltas", [[5], "Hello", {"Hello": 1}], ids=["number", "text", "map"])

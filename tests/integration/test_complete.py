@@ -227,6 +227,24 @@ async def test_a_unary_answer_is_the_choice_at_index_0_as_a_streams_is(start_gat
     assert response.metadata.finish_reason == pb.FINISH_REASON_STOP
 
 
+async def test_an_answer_whose_only_choice_is_numbered_1_is_relayed_unary_and_streamed(
+    stub, upstream
+):
+    """One choice at index 1 (some proxies number from 1): both calls relay it, with the
+    same text, finish reason and usage. Before, the stream failed without a finish reason."""
+    answer = Reply(content="one two three", finish_reason="length", choice_index=1)
+    upstream.script(answer, answer)
+    unary = await stub.Complete(chat("numbered from 1"))
+    events = [e async for e in stub.CompleteStream(chat_stream("numbered from 1, streamed"))]
+    final = events[-1].final
+    streamed = "".join(e.delta.content for e in events if e.HasField("delta"))
+    assert (streamed, final.finish_reason) == (unary.content, unary.metadata.finish_reason)
+    assert (unary.content, final.usage) == ("one two three", unary.metadata.usage)
+    assert final.finish_reason == pb.FINISH_REASON_LENGTH
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (7, 3)
+    assert [r.body.get("stream", False) for r in upstream.requests] == [False, True]
+
+
 async def test_stream_without_upstream_usage_is_estimated_and_flagged(stub, upstream):
     """When the upstream streams no usage the gateway estimates it and says so."""
     upstream.script(Reply(content="some words here", include_usage=False))

@@ -376,6 +376,26 @@ async def test_only_the_first_choice_is_relayed_when_an_event_carries_others(
     await relayed_cleanly(start_gateway, body, "Hello")
 
 
+async def test_a_stream_naming_two_choices_none_at_0_fails_saying_so(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """Chunks of choices 1 and 2 and none at 0: which is the answer is unknown, so the
+    stream fails as a malformed answer does, naming the indexes, rather than splicing them."""
+
+    def at(index: int, content: str, finish: str | None = None) -> bytes:
+        choice = {"index": index, "delta": {"content": content}, "finish_reason": finish}
+        return event({"id": "c1", "model": FAKE_MODEL, "choices": [choice]})
+
+    body = at(1, "He") + at(2, "ZZ") + at(1, "llo", "stop") + USAGE + DONE
+    async with SSEUpstream(body) as url:
+        gateway = await start_gateway(gateway_config(url))
+        text, final, error = await relay(gateway, chat_stream("hi"))
+    assert (text, final) == ("He", None)
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "answer, at index 1, was followed by choices at 2" in (error.details() or "")
+
+
 def assert_failed_before_any_text(
     text: str, final: pb.CompleteStreamResponse | None, error: grpc.aio.AioRpcError | None
 ) -> None:

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from service.cache import CachedAnswer
-from service.cache.entry import EntryDecodeError, decode_entry
+from service.cache.entry import _ENTRY_VERSION, EntryDecodeError, NewerEntryError, decode_entry
 from service.domain import Completion, FinishReason, Timings, Usage
 
 COMPLETION = Completion(
@@ -123,3 +123,26 @@ def test_an_unknown_version_is_named_briefly(version: object, said: str) -> None
     with pytest.raises(EntryDecodeError) as caught:
         decode_entry(orjson.dumps({"v": version, "c": {}, "d": []}))
     assert str(caught.value) == said
+
+
+@pytest.mark.parametrize(
+    ("version", "is_newer"),
+    [
+        (_ENTRY_VERSION + 1, True),
+        (2**62, True),
+        (0, False),
+        (-1, False),
+        (float(_ENTRY_VERSION + 1), False),
+        (str(_ENTRY_VERSION + 1), False),
+    ],
+)
+def test_only_a_higher_version_number_is_a_newer_gateways_entry(
+    version: object, is_newer: bool
+) -> None:
+    """A version number above the one this gateway writes is a newer gateway's entry (a
+    rolling upgrade's, read as a quiet miss); any other unreadable one is a bad entry."""
+    entry = orjson.loads(CachedAnswer.of_unary(COMPLETION).encode())
+    entry["v"] = version
+    with pytest.raises(EntryDecodeError) as caught:
+        decode_entry(orjson.dumps(entry))
+    assert isinstance(caught.value, NewerEntryError) is is_newer

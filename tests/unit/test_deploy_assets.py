@@ -394,6 +394,105 @@ def test_the_network_policy_check_catches_a_port_admitted_wrongly(mutate: Any) -
     assert _policy_problems(policy, container)
 
 
+# The demo Redis's ports: only from the gateway's pods, by the labels its Deployment's pods
+# carry, in its own namespace (a podSelector alone).
+GATEWAY_PODS = "the gateway's pods"
+
+
+def _gateway_peer() -> dict[str, Any]:
+    selector: dict[str, Any] = _gateway_deployments()[0]["spec"]["selector"]
+    return {"podSelector": {"matchLabels": selector["matchLabels"]}}
+
+
+def _redis_network_policy() -> dict[str, Any]:
+    """The NetworkPolicy that selects the demo Redis's pods."""
+    (policy,) = [
+        p
+        for p in _of_kind("NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"].items() <= _pod_labels("redis").items()
+    ]
+    return policy
+
+
+def _redis_ports() -> list[dict[str, Any]]:
+    """Every port the demo Redis's pod declares (one per server)."""
+    (deployment,) = [
+        d
+        for d in _of_kind("Deployment")
+        if d["spec"]["template"]["metadata"]["labels"] == _pod_labels("redis")
+    ]
+    return [port for container in _containers(deployment) for port in container["ports"]]
+
+
+def _redis_policy_problems(policy: dict[str, Any]) -> list[str]:
+    """How the Redis policy differs from its intent: each Redis port admitted by exactly one
+    rule, from the gateway's pods only, and no rule naming a port the pods lack."""
+    problems: list[str] = []
+    if policy["spec"].get("policyTypes") != ["Ingress"]:
+        problems.append(f"policyTypes {policy['spec'].get('policyTypes')}: ingress unguarded")
+    rules = policy["spec"].get("ingress", [])
+    for port in _redis_ports():
+        who = [
+            GATEWAY_PODS if r.get("from") == [_gateway_peer()] else _who(r)
+            for r in rules
+            if _admits(r, port)
+        ]
+        if who != [GATEWAY_PODS]:
+            problems.append(f"{port['name']}: {who}, not [{GATEWAY_PODS}]")
+    named = {p["name"] for p in _redis_ports()}
+    for rule in rules:
+        for port in rule.get("ports", []):
+            if isinstance(port.get("port"), str) and port["port"] not in named:
+                problems.append(f"{port['port']}: names no port of the Redis pods")
+    return problems
+
+
+def test_the_redis_network_policy_admits_only_the_gateway() -> None:
+    """redis.yaml's policy selects the demo Redis's pods and admits both servers' ports
+    (state and cache) only from the pods of the gateway's Deployment, in its namespace.
+
+    Before, Redis (no password, the ledger and caller keys in it) was open to every pod."""
+    policy = _redis_network_policy()
+    assert [p["name"] for p in _redis_ports()] == ["redis", "redis-cache"]
+    assert _gateway_peer()["podSelector"]["matchLabels"].items() <= _pod_labels("server").items()
+    assert _redis_policy_problems(policy) == []
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda spec: spec["ingress"][0].pop("from"),
+        lambda spec: spec["ingress"][0]["from"][0].update(podSelector={}),
+        lambda spec: spec["ingress"][0]["from"][0].update(namespaceSelector={}),
+        lambda spec: spec["ingress"][0]["from"][0]["podSelector"]["matchLabels"].pop(
+            "app.kubernetes.io/component"
+        ),
+        lambda spec: spec["ingress"][0]["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}}),
+        lambda spec: spec["ingress"][0]["ports"].pop(),
+        lambda spec: spec["ingress"].append({"ports": [{"port": "redis", "protocol": "TCP"}]}),
+        lambda spec: spec["ingress"].append({}),
+        lambda spec: spec.update(policyTypes=["Egress"]),
+    ],
+    ids=[
+        "open-to-all",
+        "any-pod-in-the-namespace",
+        "gateway-labels-in-any-namespace",
+        "every-llm-gateway-pod-envoy-too",
+        "and-any-address",
+        "the-cache-port-left-out",
+        "state-port-open-to-all",
+        "a-rule-for-every-port",
+        "ingress-not-guarded",
+    ],
+)
+def test_the_redis_network_policy_check_catches_a_port_opened_wider(mutate: Any) -> None:
+    """The check above fails on a copy of the Redis policy opened to more than the gateway's
+    pods, or leaving one of its servers out."""
+    policy = _redis_network_policy()
+    mutate(policy["spec"])
+    assert _redis_policy_problems(policy)
+
+
 def test_every_upstream_key_comes_from_the_secret() -> None:
     """Each upstream's api_key_env is filled from the provider-key Secret, never a literal."""
     config = _production_config()

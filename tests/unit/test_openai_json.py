@@ -283,7 +283,9 @@ def test_parse_completion_missing_id_and_model() -> None:
         pytest.param(completion_json(choices=[]), "no choices", id="empty-choices"),
         pytest.param(completion_json(choices=None), "no choices", id="null-choices"),
         pytest.param(completion_json(choices="x"), "no choices", id="choices-not-list"),
-        pytest.param(completion_json(choices=["x"]), "no choices", id="choice-not-object"),
+        pytest.param(
+            completion_json(choices=["x"]), "not a list of objects", id="choice-not-object"
+        ),
         pytest.param(
             completion_json(choices=[{"message": {"content": "hi"}}]),
             "no finish reason",
@@ -624,6 +626,84 @@ def test_stream_parser_chunk_without_delta() -> None:
     """A choice without a delta yields nothing rather than failing."""
     parser = StreamParser()
     assert parser.parse(json.dumps({"choices": [{"index": 0}]})) is None
+
+
+def indexed_event(*choices: tuple[int | None, str]) -> str:
+    """A stream event with a choice for each (index, text) pair; a "." text finishes it."""
+    return json.dumps(
+        {
+            "choices": [
+                {"index": i, "delta": {"content": t}, "finish_reason": "stop" if t == "." else None}
+                for i, t in choices
+            ]
+        }
+    )
+
+
+def indexed_answer(*choices: tuple[int | None, str]) -> bytes:
+    """A unary answer with a choice for each (index, text) pair."""
+    return completion_json(
+        choices=[
+            {"index": i, "message": {"content": t}, "finish_reason": "stop"} for i, t in choices
+        ]
+    )
+
+
+# Each stream's events as (index, text) choices, and the answer's text (None: malformed).
+_INDEXED_STREAMS = [
+    pytest.param([[(0, "a")], [(0, ".")]], "a.", id="index-0"),
+    pytest.param([[(None, "a")], [(None, ".")]], "a.", id="no-index"),
+    pytest.param([[(1, "a")], [(1, ".")]], "a.", id="only-index-1"),
+    pytest.param([[(3, "a")], [(3, ".")]], "a.", id="only-index-3"),
+    pytest.param([[(0, "a")], [(1, "x")], [(1, "y"), (0, ".")]], "a.", id="0-then-another"),
+    pytest.param([[(1, "x"), (0, "a")], [(0, ".")]], "a.", id="another-listed-first"),
+    pytest.param([[(1, "a")], [(2, "x")], [(1, ".")]], None, id="1-then-2"),
+    pytest.param([[(1, "a"), (2, "x")], [(1, ".")]], None, id="1-and-2-together"),
+    pytest.param([[(1, "a")], [(0, "x")], [(1, ".")]], None, id="1-then-0"),
+    pytest.param([[(1, "")], [(0, "a")], [(0, ".")]], "a.", id="1s-role-then-0"),
+    pytest.param([[(1, "")], [(2, "a")], [(2, ".")]], None, id="1s-role-then-2"),
+]
+
+
+@pytest.mark.parametrize(("events", "text"), _INDEXED_STREAMS)
+def test_stream_parser_relays_the_choice_a_unary_answer_would(
+    events: list[list[tuple[int | None, str]]], text: str | None
+) -> None:
+    """Index 0's choice, or, in a stream naming only one other index, that one's; a stream
+    naming two others (or 0 after some of another's answer) is malformed, never a splice
+    of both."""
+    parser = StreamParser()
+
+    def relayed() -> str:
+        chunks = [parser.parse(indexed_event(*choices)) for choices in events]
+        parser.end()
+        return "".join(c.content for c in chunks if c is not None)
+
+    if text is None:
+        with pytest.raises(MalformedReply, match="choices at"):
+            relayed()
+    else:
+        assert relayed() == text
+
+
+@pytest.mark.parametrize(
+    ("choices", "text"),
+    [
+        pytest.param([(0, "a")], "a", id="index-0"),
+        pytest.param([(1, "a")], "a", id="only-index-1"),
+        pytest.param([(1, "x"), (0, "a")], "a", id="another-listed-first"),
+        pytest.param([(1, "a"), (2, "x")], None, id="1-and-2"),
+    ],
+)
+def test_parse_completion_takes_the_choice_a_stream_would(
+    choices: list[tuple[int | None, str]], text: str | None
+) -> None:
+    """Index 0's choice, else the only one; several, none at 0, are malformed."""
+    if text is None:
+        with pytest.raises(MalformedReply, match="choices at indexes 1, 2 and none at 0"):
+            parse_completion(indexed_answer(*choices))
+    else:
+        assert parse_completion(indexed_answer(*choices)).content == text
 
 
 @pytest.mark.parametrize(
