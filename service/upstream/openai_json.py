@@ -576,6 +576,12 @@ class StreamParser:
         answer's is picked; None in an event with only other completions' beside index 0's.
         A stream whose answer is at another index may name no other choice after it, but
         index 0 before anything of the other was taken: then index 0's is the answer."""
+        if len(choices) == 1 and self._index is not None:  # nearly every event: one choice
+            first = choices[0]
+            if isinstance(first, dict):
+                index = first.get("index") or 0
+                if type(index) is int and index == self._index:
+                    return first
         by_index = _choices_by_index(choices)
         if self._index is None:
             self._index = _answer_index(by_index)
