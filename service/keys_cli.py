@@ -161,4 +161,5 @@ def _budget_of(config: GatewayConfig, tenant: str) -> str:
 
 
 def _spend(budget: BudgetConfig) -> str:
-    return f"${budget.usd:g} a {budget.period}"
+    """`$1,500,000 a month`, `$12.50 a day`: dollars as people write them, not `1.5e+06`."""
+    return f"${budget.usd:,.2f}".removesuffix(".00") + f" a {budget.period}"

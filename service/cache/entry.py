@@ -157,7 +157,8 @@ class CachedAnswer:
             version = raw["v"]
             if type(version) is int and version > _ENTRY_VERSION:
                 raise NewerEntryError(version)
-            if version not in _READABLE_VERSIONS:
+            # `True` and `5.0` are equal to versions, and no version.
+            if type(version) is not int or version not in _READABLE_VERSIONS:
                 # Written by something else, maybe: its value is not for the log, whatever
                 # its length; a version number is.
                 shown = version if type(version) is int else type(version).__name__

@@ -120,6 +120,8 @@ def test_keys_create_for_a_tenant_the_config_does_not_list_says_so(tmp_path, cap
     ("budgets", "said"),
     [
         ({"taem-a": {"usd": 250}}, "its own budget under budgets: ($250 a month)"),
+        ({"taem-a": {"usd": 1500000}}, "its own budget under budgets: ($1,500,000 a month)"),
+        ({"taem-a": {"usd": 1234.5}}, "its own budget under budgets: ($1,234.50 a month)"),
         (
             {"team-a": {"usd": 5}, "*": {"usd": 20, "period": "day"}},
             'the budget of the "*" entry under budgets: ($20 a day, spent by it alone)',

@@ -134,6 +134,9 @@ def test_an_unknown_version_is_named_briefly(version: object, said: str) -> None
         (-1, False),
         (float(_ENTRY_VERSION + 1), False),
         (str(_ENTRY_VERSION + 1), False),
+        # Equal to readable versions (`True == 1`), and none: no entry this gateway wrote.
+        (float(_ENTRY_VERSION), False),
+        (True, False),
     ],
 )
 def test_only_a_higher_version_number_is_a_newer_gateways_entry(
