@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 from service.auth import (
@@ -161,5 +162,10 @@ def _budget_of(config: GatewayConfig, tenant: str) -> str:
 
 
 def _spend(budget: BudgetConfig) -> str:
-    """`$1,500,000 a month`, `$12.50 a day`: dollars as people write them, not `1.5e+06`."""
-    return f"${budget.usd:,.2f}".removesuffix(".00") + f" a {budget.period}"
+    """`$1,500,000 a month`, `$12.50 a day`: dollars as people write them, not `1.5e+06`.
+    An amount of no whole number of cents keeps its digits: `$0.004`, never `$0`."""
+    usd = budget.usd
+    cents = f"{usd:,.2f}"
+    if float(cents.replace(",", "")) != usd:
+        cents = format(Decimal(repr(usd)), ",f")
+    return f"${cents.removesuffix('.00')} a {budget.period}"

@@ -122,6 +122,9 @@ def test_keys_create_for_a_tenant_the_config_does_not_list_says_so(tmp_path, cap
         ({"taem-a": {"usd": 250}}, "its own budget under budgets: ($250 a month)"),
         ({"taem-a": {"usd": 1500000}}, "its own budget under budgets: ($1,500,000 a month)"),
         ({"taem-a": {"usd": 1234.5}}, "its own budget under budgets: ($1,234.50 a month)"),
+        # No whole number of cents: its digits, not rounded to $0 (no spending) or $3.
+        ({"taem-a": {"usd": 0.004}}, "its own budget under budgets: ($0.004 a month)"),
+        ({"taem-a": {"usd": 2.999}}, "its own budget under budgets: ($2.999 a month)"),
         (
             {"team-a": {"usd": 5}, "*": {"usd": 20, "period": "day"}},
             'the budget of the "*" entry under budgets: ($20 a day, spent by it alone)',
