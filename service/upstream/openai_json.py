@@ -585,19 +585,15 @@ class StreamParser:
         by_index = _choices_by_index(choices)
         if self._index is None:
             self._index = _answer_index(by_index)
-        elif self._index and 0 in by_index and not self._has_taken_any:
-            self._index = 0  # another completion's role came first: nothing of it relayed
+        elif self._index and 0 in by_index and not self._has_relayed and not self._tool_calls:
+            # Another completion's role (or bare finish) came first: nothing of it relayed.
+            self._index, self.finish_reason = 0, None
         elif self._index and by_index.keys() != {self._index}:
             others = _listed(by_index.keys() - {self._index})
             raise MalformedReply(
                 f"the stream's answer, at index {self._index}, was followed by choices at {others}"
             )
         return by_index.get(self._index)
-
-    @property
-    def _has_taken_any(self) -> bool:
-        """Whether anything of the answer's choice was taken: text, a call, its finish."""
-        return self._has_relayed or bool(self._tool_calls) or self.finish_reason is not None
 
     def _tool_call_pieces(self, data: object) -> tuple[ToolCallDelta, ...]:
         if not isinstance(data, list):

@@ -686,6 +686,19 @@ def test_stream_parser_relays_the_choice_a_unary_answer_would(
         assert relayed() == text
 
 
+def test_stream_parser_takes_index_0_after_another_finished_with_nothing_relayed() -> None:
+    """Another completion's first event, a role and a finish with no text, relays nothing:
+    index 0's answer, coming next, is the stream's (with its own finish), as a unary
+    answer's would be. Before, the bare finish held index 0 out and failed the stream."""
+    parser = StreamParser()
+    bare = {"index": 1, "delta": {"role": "assistant"}, "finish_reason": "length"}
+    assert parser.parse(json.dumps({"choices": [bare]})) is None
+    chunks = [parser.parse(indexed_event(*choices)) for choices in [[(0, "a")], [(0, ".")]]]
+    parser.end()
+    assert "".join(c.content for c in chunks if c is not None) == "a."
+    assert parser.finish_reason is FinishReason.STOP
+
+
 @pytest.mark.parametrize(
     ("choices", "text"),
     [
