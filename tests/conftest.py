@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import AsyncIterator, Callable
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -84,6 +85,19 @@ def chat_stream(content: str = "Say hi", **fields: Any) -> pb.CompleteStreamRequ
         messages=[pb.Message(role=pb.ROLE_USER, content=content)],
         **fields,
     )
+
+
+@pytest.fixture(autouse=True)
+def _stop_signals_restored() -> Iterator[None]:
+    """This process's handlers of the stop signals, put back after each test: a `serve`
+    run in-process ends by ignoring them (`early_signals.ignore`, as its process exits),
+    and every gateway a later test spawned then inherited SIGHUP ignored, as under `nohup`
+    (its SIGHUP test hung), and this process SIGINT ignored."""
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    saved = {sig: signal.getsignal(sig) for sig in stop_signals}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest_asyncio.fixture
