@@ -43,8 +43,10 @@ def is_caller_auth_on(config: GatewayConfig) -> bool:
     return config.auth.mode == "keys" or (tls.require_client_cert and tls.tenant_from_cert_subject)
 
 
-def check_listen_policy(config: GatewayConfig) -> None:
-    """Raise `InsecureListen` when auth is off on a public address and that is not forced."""
+def check_caller_security(config: GatewayConfig) -> None:
+    """Raise `InsecureListen` when auth is off on a public address and that is not forced,
+    and a `ConfigError` when `auth.mode: keys` has nowhere to find a key."""
+    _check_keys_have_a_source(config)
     forced = (
         config.auth.allow_auth_off_on_public_listen or config.server.allow_insecure_public_listen
     )
@@ -69,10 +71,26 @@ def check_listen_policy(config: GatewayConfig) -> None:
     log.warning("security.auth_off_on_public_listen", extra={"listen": config.server.listen})
 
 
+def _check_keys_have_a_source(config: GatewayConfig) -> None:
+    """`auth.mode: keys` with no key listed, no keys file, no Redis and no certificate
+    tenants would refuse every call UNAUTHENTICATED: a config mistake, said at start."""
+    auth, tls = config.auth, config.server.tls
+    if auth.mode != "keys" or auth.keys or auth.keys_file or auth.redis_url:
+        return
+    if tls.tenant_from_cert_subject:
+        return  # callers prove who they are by their certificates
+    raise config.error(
+        "auth.mode",
+        "keys, but no key can be found: every call would be refused UNAUTHENTICATED; "
+        "set auth.keys_file (and create keys with `llm-gateway keys create`), auth.keys "
+        "or auth.redis_url",
+    )
+
+
 def check_start_config(config: GatewayConfig) -> None:
     """Raise the `ConfigError` a start with `config` would end with: the listen policy,
     or a keys file that cannot be read or parsed (`llm-gateway check` asks)."""
-    check_listen_policy(config)
+    check_caller_security(config)
     _local_key_stores(config)
 
 

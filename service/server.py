@@ -44,7 +44,7 @@ from service.rpc_boundary import (
     guard_servicer,
     pending_call_options,
 )
-from service.security import AuthRedis, build_caller_gate, check_listen_policy, open_auth_redis
+from service.security import AuthRedis, build_caller_gate, check_caller_security, open_auth_redis
 from service.servicer import CompletionServicer
 from service.shared_limits import SharedLimits
 from service.telemetry import Telemetry, TelemetrySetupError, activate
@@ -175,7 +175,7 @@ class GatewayServer:
 
     async def start(self) -> None:
         """Build everything and start listening."""
-        check_listen_policy(self.config)
+        check_caller_security(self.config)
         auth_redis = open_auth_redis(self.config, self._stack)
         gate = await build_caller_gate(self.config, self._stack, auth_redis)
         prices = PriceList(self.config.models)

@@ -655,9 +655,9 @@ def run_workers(config: GatewayConfig, *, count: int, log_level: str = "INFO") -
         ConfigError: the workers' Prometheus ports do not fit, or the listen policy
             refuses the address (said once by `serve`, not by every worker).
     """
-    from service.security import check_listen_policy
+    from service.security import check_caller_security
 
-    check_listen_policy(config)
+    check_caller_security(config)
     try:
         return asyncio.run(_supervise(worker_configs(config, count), log_level))
     finally:

@@ -19,12 +19,12 @@ from service.auth import (
     redis_connection_options,
 )
 from service.caller_gate import CallerGate, _common_names_in
-from service.config import AuthConfig, CallerKey, TenantConfig
+from service.config import AuthConfig, CallerKey, ConfigError, TenantConfig
 from service.errors import PermissionDenied, Unauthenticated
 from service.security import (
     InsecureListen,
     build_caller_gate,
-    check_listen_policy,
+    check_caller_security,
     open_auth_redis,
 )
 from service.tenant_limits import MemoryTenantLimiter
@@ -147,7 +147,7 @@ async def test_allowed_models():
         ({"server": {"listen": "127.0.0.1:1"}}, False),
         ({"server": {"listen": "localhost:1"}}, False),
         ({"server": {"listen": "0.0.0.0:1"}}, True),
-        ({"server": {"listen": "0.0.0.0:1"}, "auth": {"mode": "keys"}}, False),
+        ({"server": {"listen": "0.0.0.0:1"}, "auth": {"mode": "keys", "keys_file": "k"}}, False),
         (
             {"server": {"listen": "0.0.0.0:1"}, "auth": {"allow_auth_off_on_public_listen": True}},
             False,
@@ -176,9 +176,44 @@ def test_listen_policy(sections, is_refused):
     config = gateway_config("http://127.0.0.1:9", **sections)
     if is_refused:
         with pytest.raises(InsecureListen):
-            check_listen_policy(config)
+            check_caller_security(config)
     else:
-        check_listen_policy(config)
+        check_caller_security(config)
+
+
+_MTLS_TENANTS = {
+    "tls": {
+        "cert_file": "c",
+        "key_file": "k",
+        "client_ca_file": "ca",
+        "require_client_cert": True,
+        "tenant_from_cert_subject": True,
+    }
+}
+
+
+@pytest.mark.parametrize(
+    ("sections", "is_refused"),
+    [
+        ({"auth": {"mode": "keys"}}, True),
+        ({"auth": {"mode": "keys", "keys_file": "keys"}}, False),
+        ({"auth": {"mode": "keys", "redis_url": "redis://127.0.0.1:6379/0"}}, False),
+        ({"auth": {"mode": "keys", "keys": [{"sha256": "ab" * 32, "tenant": "t"}]}}, False),
+        ({"auth": {"mode": "keys"}, "server": _MTLS_TENANTS}, False),
+        ({"auth": {"mode": "off"}}, False),
+    ],
+    ids=["nowhere", "keys-file", "redis", "listed", "mtls-tenants", "off"],
+)
+def test_keys_mode_with_no_key_anywhere_is_a_config_error(sections, is_refused):
+    """`auth.mode: keys` with no key listed, no keys file, no Redis and no certificate
+    tenants would refuse every call: refused at start, naming `auth.mode` and where keys
+    go. Before, the gateway started and answered every call UNAUTHENTICATED."""
+    config = gateway_config("http://127.0.0.1:9", **sections)
+    if is_refused:
+        with pytest.raises(ConfigError, match=r"auth\.mode: keys, but no key can be found"):
+            check_caller_security(config)
+    else:
+        check_caller_security(config)
 
 
 @pytest.mark.parametrize(("raw", "mode"), [(False, "off"), ("off", "off"), ("keys", "keys")])
@@ -346,9 +381,10 @@ def test_keys_in_clear_text_on_a_public_address_are_warned_about(
     server: dict[str, Any], warns: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Keys over a public port without TLS start (a proxy may terminate TLS) but warn."""
-    config = gateway_config("http://127.0.0.1:9", server=server, auth={"mode": "keys"})
+    auth = {"mode": "keys", "keys_file": "k"}
+    config = gateway_config("http://127.0.0.1:9", server=server, auth=auth)
     with caplog.at_level("WARNING", logger="llm_gateway"):
-        check_listen_policy(config)
+        check_caller_security(config)
     assert ("security.keys_without_tls" in caplog.messages) is warns
 
 
