@@ -788,6 +788,34 @@ async def test_a_second_batch_run_on_the_same_output_exits_1_and_calls_nothing(
     assert sorted(r["id"] for r in output_records(output)) == ids
 
 
+async def test_batch_output_to_a_pipe_writes_each_result_there(tmp_path, scripted, address):
+    """`-o /dev/stdout` piped into a reader gets each result as a JSON line, and the run
+    ends; nothing there to resume from. Before, the run read the pipe for earlier results,
+    waiting on its own writer: it hung before any call (and `-o /dev/zero` filled memory)."""
+    ids = ["q1", "q2"]
+    source = tmp_path / "in.jsonl"
+    write_items(source, ids)
+    command = [sys.executable, "-m", "gateway_client.cli", "batch", str(source)]
+    command += ["-o", "/dev/stdout", "--address", address, "--model", FAKE_MODEL, "--no-progress"]
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(60):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    records = [json.loads(line) for line in out.decode().splitlines()]
+    assert sorted((r["id"], r["content"]) for r in records) == [
+        ("q1", "answer q1"),
+        ("q2", "answer q2"),
+    ]
+    assert sorted(asked_ids(scripted)) == ids
+
+
 @pytest.mark.parametrize("where", ["missing directory", "a directory"])
 async def test_batch_output_that_cannot_be_written_is_one_line_and_exit_1(
     tmp_path, scripted, address, where

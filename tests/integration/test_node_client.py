@@ -409,6 +409,26 @@ async def test_node_example_refuses_a_key_with_a_stray_newline_without_printing_
     assert upstream.requests == []
 
 
+async def test_node_example_refuses_an_unknown_option_before_any_call(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A mistyped option is a bad option, exit status 2 before any call, as in the Python
+    CLI; a prompt that begins with `--` goes after `--`. Before, `--modle fake-model` went
+    out as the prompt "--modle fake-model Say hi", to the default model, and was billed."""
+    example = node_scenarios.with_name("example.js")
+    address = ("--address", gateway.server.address)
+    returncode, stdout, stderr = await run_process(example, *address, "--modle", "x", "Say hi")
+    assert returncode == 2
+    assert "unknown option --modle" in stderr
+    assert stdout == ""
+    assert upstream.requests == []
+    await run_program(example, *address, "--model", "fake-model", "--", "--modle", "hi")
+    assert [request.body["messages"][0]["content"] for request in upstream.requests] == [
+        "--modle hi",
+        "--modle hi",
+    ]
+
+
 async def test_node_stream_read_after_its_call_failed_throws_the_failure(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -133,6 +133,21 @@ def test_a_stale_pem_variable_does_not_stop_commands_that_take_no_tls(
     assert "usage" in capsys.readouterr().out
 
 
+def test_llm_gateway_help_speaks_to_its_user(capsys: pytest.CaptureFixture[str]) -> None:
+    """`llm-gateway --help` says what the tool does, not how its source is laid out:
+    it printed the module docstring, `gateway_client/commands/` and `register(subparsers)`
+    included."""
+    from gateway_client.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--help"])
+    assert caught.value.code == 0
+    out = capsys.readouterr().out
+    assert "run the gateway, or call it from a shell" in out
+    assert "register(subparsers)" not in out
+    assert "gateway_client/" not in out
+
+
 @pytest.mark.parametrize(
     ("value", "is_tls"), [("1", True), ("true", True), ("0", False), ("", False)]
 )

@@ -68,3 +68,17 @@ def test_the_node_examples_tls_files_are_the_worked_examples() -> None:
     assert paths
     for path in paths:
         assert (ROOT / "clients" / "node" / path).resolve().parent == ROOT / "pki", path
+
+
+def test_python_examples_await_every_unary_stub_call() -> None:
+    """Every stub the README makes is a `grpc.aio` one (`GatewayClient.stub` too), whose
+    unary call must be awaited: the JSON-answers example called `stub.Complete(...)` bare
+    and read `.content` of the call object (AttributeError: 'UnaryUnaryCall')."""
+    unawaited = [
+        call.group(0)
+        for block in PYTHON_BLOCKS
+        for call in re.finditer(
+            r"(?<!await )\bstub\.(?:Complete|Summarize|ListModels|GetUsage)\(", block
+        )
+    ]
+    assert unawaited == []

@@ -14,7 +14,7 @@
  * TLS takes the Python CLI's options and variables: `--tls` ($LLM_GATEWAY_TLS) verifies the
  * gateway against the system's CAs, `--ca-file` ($LLM_GATEWAY_CA_FILE) against this CA,
  * and `--cert-file` with `--key-file` ($LLM_GATEWAY_CERT_FILE, $LLM_GATEWAY_KEY_FILE) add a
- * client certificate (mutual TLS). A bad option exits 2, a failed call 1.
+ * client certificate (mutual TLS). A bad option (an unknown one too) exits 2, a failed call 1.
  */
 import { GatewayCallError, GatewayClient, Role, TlsOptions } from "./client";
 
@@ -58,6 +58,12 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Args {
         throw new Error(`${flag} needs a value`);
       }
       flags.set(flag, value);
+    } else if (flag === "--") {
+      rest.push(...argv.slice(i + 1));
+      break;
+    } else if (/^--\S+$/.test(flag)) {
+      // A mistyped option (--modle) would otherwise go out, and be paid for, as the prompt.
+      throw new Error(`unknown option ${flag} (a prompt that begins with -- goes after --)`);
     } else {
       rest.push(flag);
     }

@@ -17,6 +17,8 @@ from gateway_client.commands import batch, check, complete, models, serve, summa
 from service import early_signals
 
 SUBCOMMANDS = [serve, complete, models, batch, summarize, check, usage]
+# What `llm-gateway --help` says: the docstring's first line, not its notes for developers.
+DESCRIPTION = "run the gateway, or call it from a shell ('llm-gateway COMMAND --help' for each)"
 
 
 INT32 = (-(2**31), 2**31 - 1)
@@ -53,7 +55,7 @@ def timeout_seconds(value: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `llm-gateway` console script."""
-    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)
+    parser = argparse.ArgumentParser(prog="llm-gateway", description=DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.register(subparsers)

@@ -296,7 +296,9 @@ def read_done(path: Path, *, retry_failed: bool) -> Done:
     With `retry_failed`, error lines are removed (the file is rewritten atomically) and
     their ids are not counted as done.
     """
-    if not path.exists():
+    # Only a file holds earlier results. Reading anything else would never end: a pipe
+    # (`-o /dev/stdout | jq`) waits for its own writer, /dev/zero fills the memory.
+    if not path.is_file():
         return Done()
     data = path.read_bytes()
     good_end = data.rfind(b"\n") + 1
