@@ -92,10 +92,10 @@ def create_key(auth: AuthConfig, tenant: str) -> tuple[str, str]:
     raise ValueError("the config names no auth.keys_file or auth.redis_url to store keys in")
 
 
-def keys_command(argv: list[str]) -> int:
+def keys_command(argv: list[str], *, prog: str = "python -m service keys") -> int:
     """Run `keys create --tenant T [--config PATH]`; exit status 0, 2 on a usage error, or 1
     when the key, stored, cannot be written to standard output."""
-    parser = argparse.ArgumentParser(prog="python -m service keys")
+    parser = argparse.ArgumentParser(prog=prog)
     commands = parser.add_subparsers(dest="action", required=True)
     create = commands.add_parser("create", help="issue a new caller key for a tenant")
     create.add_argument("--tenant", required=True, help="the tenant the key acts for")

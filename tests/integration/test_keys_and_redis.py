@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 import yaml
 from google.rpc import error_details_pb2
 
+from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import hash_key
 from service.config import TenantConfig
@@ -91,6 +92,29 @@ def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path, caps
     stored = keys_file.read_text()
     assert stored == f"{hash_key(key_a)} team-a\n{hash_key(key_b)} team-b\n"
     assert keys_file.stat().st_mode & 0o077 == 0
+
+
+def test_llm_gateway_keys_create_issues_a_key_as_python_m_service_does(tmp_path, capsys):
+    """`llm-gateway keys create` (the console script every other command is under) issues
+    a key whose digest lands in the keys file, and names itself in its usage errors.
+    Before, `keys` was no `llm-gateway` command: exit 2, "invalid choice"."""
+    keys_file = tmp_path / "keys.txt"
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "auth": {"mode": "keys", "keys_file": str(keys_file)},
+                "local_model": {"enabled": "never"},
+            }
+        )
+    )
+    assert cli_main(["keys", "create", "--tenant", "team-a", "--config", str(config)]) == 0
+    key = register_secret(capsys.readouterr().out.strip())
+    assert keys_file.read_text().split() == [hash_key(key), "team-a"]
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["keys", "create"])
+    assert exited.value.code == 2
+    assert "usage: llm-gateway keys create" in capsys.readouterr().err
 
 
 def test_keys_create_for_a_tenant_the_config_does_not_list_says_so(tmp_path, capsys):

@@ -13,10 +13,19 @@ import sys
 from collections.abc import Callable, Sequence
 
 from gateway_client.client import MAX_TIMEOUT_S
-from gateway_client.commands import batch, check, complete, models, serve, summarize, usage
+from gateway_client.commands import (
+    batch,
+    check,
+    complete,
+    keys,
+    models,
+    serve,
+    summarize,
+    usage,
+)
 from service import early_signals
 
-SUBCOMMANDS = [serve, complete, models, batch, summarize, check, usage]
+SUBCOMMANDS = [serve, complete, models, batch, summarize, check, usage, keys]
 # What `llm-gateway --help` says: the docstring's first line, not its notes for developers.
 DESCRIPTION = "run the gateway, or call it from a shell ('llm-gateway COMMAND --help' for each)"
 
