@@ -1539,11 +1539,7 @@ class _WrittenInt(int):
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     value: int = loader.construct_yaml_int(node)
-    if node.style is None and str(value) != node.value:
-        written = _WrittenInt(value)
-        written.written = node.value
-        return written
-    return value
+    return value if _reads_back(value, node) else _with_text(_WrittenInt(value), node)
 
 
 class _WrittenFloat(float):
@@ -1556,11 +1552,20 @@ class _WrittenFloat(float):
 
 def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
     value: float = loader.construct_yaml_float(node)
-    if node.style is None and str(value) != node.value:
-        written = _WrittenFloat(value)
-        written.written = node.value
-        return written
-    return value
+    return value if _reads_back(value, node) else _with_text(_WrittenFloat(value), node)
+
+
+def _reads_back(value: float, node: yaml.ScalarNode) -> bool:
+    """Whether the number YAML read from `node` prints as its text (or it was quoted)."""
+    return node.style is not None or str(value) == node.value
+
+
+_Written = TypeVar("_Written", _WrittenInt, _WrittenFloat)
+
+
+def _with_text(number: _Written, node: yaml.ScalarNode) -> _Written:
+    number.written = node.value
+    return number
 
 
 def _key_as_written(node: yaml.ScalarNode, key: Any) -> Any:

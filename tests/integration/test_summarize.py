@@ -1309,15 +1309,14 @@ async def test_a_part_its_upstream_refused_to_summarise_fails_the_call_as_reject
     assert not any(is_combine(r.body) for r in recorder.requests)
 
 
-async def test_a_summarys_wait_in_its_upstreams_limiter_is_its_queued_time(recorder, start_gateway):
-    """A summary whose call waited out its upstream's pause reports that wait as
-    `queued_ms`, within `total_ms` and apart from `upstream_ms`, as a completion does."""
+def _pause_after_the_first_answer(recorder) -> None:
+    """`recorder`'s first answer says its rate window is spent for 300 ms: the gateway's
+    limiter then holds the next call that long."""
     paused = {
         "X-RateLimit-Limit": "100",
         "X-RateLimit-Remaining": "0",
         "X-RateLimit-Reset": "300ms",
     }
-
     answered = itertools.count()
 
     def pausing_once(body):
@@ -1325,6 +1324,12 @@ async def test_a_summarys_wait_in_its_upstreams_limiter_is_its_queued_time(recor
         return dataclasses.replace(reply, headers=paused) if next(answered) == 0 else reply
 
     recorder.respond = pausing_once
+
+
+async def test_a_summarys_wait_in_its_upstreams_limiter_is_its_queued_time(recorder, start_gateway):
+    """A summary whose call waited out its upstream's pause reports that wait as
+    `queued_ms`, within `total_ms` and apart from `upstream_ms`, as a completion does."""
+    _pause_after_the_first_answer(recorder)
     gateway = await start_gateway(config(recorder.base_url))
     await gateway.stub.Complete(chat("Warm up"))  # its answer pauses the upstream
     response = await gateway.stub.Summarize(
@@ -1341,18 +1346,7 @@ async def test_a_summarys_span_carries_its_queued_time_not_its_last_calls(record
 
     Before, it was the last call's (the combine's, which waited on nothing): a summary
     whose parts waited out their upstream's pause showed about 0 there."""
-    paused = {
-        "X-RateLimit-Limit": "100",
-        "X-RateLimit-Remaining": "0",
-        "X-RateLimit-Reset": "300ms",
-    }
-    answered = itertools.count()
-
-    def pausing_once(body):
-        reply = default_respond(body)
-        return dataclasses.replace(reply, headers=paused) if next(answered) == 0 else reply
-
-    recorder.respond = pausing_once
+    _pause_after_the_first_answer(recorder)
     captured = captured_telemetry()
     gateway = await start_gateway(config(recorder.base_url), telemetry=captured.telemetry)
     await gateway.stub.Complete(chat("Warm up"))  # its answer pauses the upstream
