@@ -342,13 +342,8 @@ async def start_dashboard_gateway(start_gateway, upstream, redis_server, telemet
     return gw
 
 
-@pytest.mark.redis
-async def test_the_dashboard_queries_only_metrics_the_gateway_exports(
-    upstream, start_gateway, redis_server
-):
-    """Every metric the Grafana dashboard plots appears on the gateway's Prometheus
-    endpoint."""
-    wanted = dashboard_metric_names()
+async def dashboard_gateway_metrics(start_gateway, upstream, redis_server) -> str:
+    """What `start_dashboard_gateway`'s gateway shows on its Prometheus endpoint."""
     telemetry = Telemetry.from_config(TelemetryConfig(prometheus_port=0), environ={})
     await start_dashboard_gateway(start_gateway, upstream, redis_server, telemetry)
     port = telemetry.providers.prometheus_port
@@ -356,7 +351,17 @@ async def test_the_dashboard_queries_only_metrics_the_gateway_exports(
         aiohttp.ClientSession() as session,
         session.get(f"http://127.0.0.1:{port}/metrics") as reply,
     ):
-        text = await reply.text()
+        return await reply.text()
+
+
+@pytest.mark.redis
+async def test_the_dashboard_queries_only_metrics_the_gateway_exports(
+    upstream, start_gateway, redis_server
+):
+    """Every metric the Grafana dashboard plots appears on the gateway's Prometheus
+    endpoint."""
+    wanted = dashboard_metric_names()
+    text = await dashboard_gateway_metrics(start_gateway, upstream, redis_server)
     exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()}
     assert len(wanted) >= 16
     assert wanted <= exported, wanted - exported
@@ -372,14 +377,7 @@ async def test_the_dashboards_panels_by_model_name_one_call_alike(
 
     Before, tokens and time to first token said the upstream's name where cost said the
     caller's: one call showed as two models on the dashboard."""
-    telemetry = Telemetry.from_config(TelemetryConfig(prometheus_port=0), environ={})
-    await start_dashboard_gateway(start_gateway, upstream, redis_server, telemetry)
-    port = telemetry.providers.prometheus_port
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}/metrics") as reply,
-    ):
-        lines = (await reply.text()).splitlines()
+    lines = (await dashboard_gateway_metrics(start_gateway, upstream, redis_server)).splitlines()
     dashboard = json.loads((DEPLOY / "grafana" / "llm-gateway-dashboard.json").read_text())
     by_model = {
         name

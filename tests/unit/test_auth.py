@@ -141,6 +141,18 @@ async def test_allowed_models():
         check_model_allowed(limited.principal("t"), "b")
 
 
+# Server settings under which client certificates name the tenants.
+_MTLS_TENANTS = {
+    "tls": {
+        "cert_file": "c",
+        "key_file": "k",
+        "client_ca_file": "ca",
+        "require_client_cert": True,
+        "tenant_from_cert_subject": True,
+    }
+}
+
+
 @pytest.mark.parametrize(
     ("sections", "is_refused"),
     [
@@ -153,21 +165,7 @@ async def test_allowed_models():
             False,
         ),
         ({"server": {"listen": "0.0.0.0:1", "allow_insecure_public_listen": True}}, False),
-        (
-            {
-                "server": {
-                    "listen": "0.0.0.0:1",
-                    "tls": {
-                        "cert_file": "c",
-                        "key_file": "k",
-                        "client_ca_file": "ca",
-                        "require_client_cert": True,
-                        "tenant_from_cert_subject": True,
-                    },
-                }
-            },
-            False,
-        ),
+        ({"server": {"listen": "0.0.0.0:1", **_MTLS_TENANTS}}, False),
     ],
     ids=["loopback", "localhost", "public", "keys", "forced", "forced-legacy", "mtls-tenants"],
 )
@@ -179,17 +177,6 @@ def test_listen_policy(sections, is_refused):
             check_caller_security(config)
     else:
         check_caller_security(config)
-
-
-_MTLS_TENANTS = {
-    "tls": {
-        "cert_file": "c",
-        "key_file": "k",
-        "client_ca_file": "ca",
-        "require_client_cert": True,
-        "tenant_from_cert_subject": True,
-    }
-}
 
 
 @pytest.mark.parametrize(
