@@ -816,6 +816,75 @@ async def test_batch_output_to_a_pipe_writes_each_result_there(tmp_path, scripte
     assert sorted(asked_ids(scripted)) == ids
 
 
+async def run_batch_reading_stdin(lines: list[str], output, address) -> tuple[int, str]:
+    """The real `llm-gateway batch - -o OUTPUT` process, `lines` piped into it: its exit
+    status and stderr."""
+    command = [sys.executable, "-m", "gateway_client.cli", "batch", "-", "-o", str(output)]
+    command += ["--address", address, "--model", FAKE_MODEL, "--no-progress"]
+    process = await asyncio.create_subprocess_exec(
+        *command, stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(60):
+            _, err = await process.communicate("".join(lines).encode())
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+async def test_batch_reads_its_input_from_stdin_and_resumes_from_the_output(
+    tmp_path, scripted, address
+):
+    """`cat in.jsonl | llm-gateway batch - -o out.jsonl` runs each line, and piping the
+    grown input in again runs only the new ids, its unusable lines named as from <stdin>,
+    as `complete -` and `summarize -` read stdin. Before, it was "cannot read -"."""
+    output = tmp_path / "out.jsonl"
+    lines = [json.dumps({"id": i, "prompt": f"ok {i}"}) + "\n" for i in ("q1", "q2")]
+    code, err = await run_batch_reading_stdin(lines, output, address)
+    assert code == 0, err
+    assert sorted((r["id"], r["content"]) for r in output_records(output)) == [
+        ("q1", "answer q1"),
+        ("q2", "answer q2"),
+    ]
+    lines += [json.dumps({"id": "q3", "prompt": "ok q3"}) + "\n", "{not json\n"]
+    code, err = await run_batch_reading_stdin(lines, output, address)
+    assert code == 1  # the unusable line
+    assert err.splitlines()[:2] == [
+        "<stdin>:4: skipped: not JSON (Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1))",
+        f"resuming: 2 items already in {output}",
+    ]
+    assert sorted(asked_ids(scripted)) == ["q1", "q2", "q3"]
+    assert sorted(r["id"] for r in output_records(output)) == ["q1", "q2", "q3"]
+
+
+async def test_a_field_a_misspelling_away_from_a_known_one_is_named_once_and_the_line_runs(
+    tmp_path, scripted, address, capsys
+):
+    """`max_token` (for `max_tokens`) is named on stderr once, on the first line with it,
+    and its lines still run, without it; a dataset's own field is left out without a word.
+    Before, the misspelt field was left out silently."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [
+        {"id": "q1", "prompt": "ok q1", "source": "wiki"},
+        {"id": "q2", "prompt": "ok q2", "max_token": 5},
+        {"id": "q3", "prompt": "ok q3", "max_token": 5},
+    ]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = (str(source), "-o", str(output), "--address", address, "--model", FAKE_MODEL)
+    code = await batch.batch_command(parse(batch, "batch", *argv, "--no-progress"))
+    err = capsys.readouterr().err
+    assert code == 0
+    assert [line for line in err.splitlines() if "unknown field" in line] == [
+        f'{source}:2: unknown field "max_token" ignored (did you mean "max_tokens"?)'
+    ]
+    assert sorted(asked_ids(scripted)) == ["q1", "q2", "q3"]
+    assert not any("max_tokens" in request.body for request in scripted.requests)
+
+
 @pytest.mark.parametrize("where", ["missing directory", "a directory"])
 async def test_batch_output_that_cannot_be_written_is_one_line_and_exit_1(
     tmp_path, scripted, address, where

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
+from gateway_client.connection import DEFAULT_MODEL
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.errors import (
@@ -350,6 +351,23 @@ async def test_node_example_program_completes_and_streams(
     assert lines[1] == "stream:   Hello from fake"
     assert lines[2].startswith("usage:    7 in, 3 out; cost $0.000002 via up0")
     assert len(upstream.requests) == 2
+
+
+async def test_node_example_asks_for_the_python_clis_default_model(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """Without `--model` the example program asks for the model the Python CLI asks for,
+    the quick start's local model. Before, it asked for deepseek-v4, and against the
+    quick-start gateway every call was NOT_FOUND."""
+    config = gateway_config(
+        upstream.base_url,
+        upstreams=[{"name": "up0", "base_url": upstream.base_url, "models": [DEFAULT_MODEL]}],
+    )
+    gateway = await start_gateway(config)
+    example = node_scenarios.with_name("example.js")
+    stdout = await run_program(example, "--address", gateway.server.address, "Say hi")
+    assert stdout.splitlines()[0] == "complete: Hello from fake"
+    assert [request.body["model"] for request in upstream.requests] == [DEFAULT_MODEL] * 2
 
 
 async def test_node_example_takes_its_address_from_the_python_clis_variable(

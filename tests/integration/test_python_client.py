@@ -325,6 +325,47 @@ def test_a_turn_with_an_unknown_role_names_the_roles() -> None:
         build_request([("developer", "Be brief")], model=FAKE_MODEL)
 
 
+PAIR = "expected (role, content) or a Message, got"
+ROLES = "a turn's role must be one of system, user, assistant, tool"
+# (prompt, options, the error raised, how its message begins)
+MALFORMED_CALLS: list[tuple[Any, dict[str, Any], type[Exception], str]] = [
+    (["just a string"], {}, TypeError, f"prompt[0]: {PAIR} str"),
+    ([("user", "hi"), ("user",)], {}, TypeError, f"prompt[1]: {PAIR} a tuple of length 1"),
+    ([{"role": "user", "content": "hi"}], {}, TypeError, f"prompt[0]: {PAIR} dict"),
+    ([("user", 5)], {}, TypeError, "prompt[0]: the content must be a str, got int"),
+    ([("developer", "hi")], {}, ValueError, f"prompt[0]: {ROLES}, got 'developer'"),
+    ("hi", {"system": 5}, TypeError, "system: the content must be a str, got int"),
+    (None, {}, TypeError, "prompt: expected a str, a sequence of turns or a CompleteRequest"),
+    ("hi", {"max_tokens": "5"}, TypeError, "max_tokens: expected an int, got str"),
+    ("hi", {"temperature": "0.5"}, TypeError, "temperature: expected a float, got str"),
+    ("hi", {"stop": [1]}, TypeError, "stop: expected a str or a list of str, got list"),
+    ("hi", {"max_tokens": 2**40}, ValueError, "max_tokens: Value out of range: 1099511627776"),
+    ("hi", {"max_token": 5}, TypeError, "unexpected keyword argument 'max_token' (generation"),
+]
+
+
+@pytest.mark.parametrize("case", MALFORMED_CALLS)
+async def test_a_malformed_turn_or_parameter_is_named_before_any_call(
+    upstream: FakeUpstream,
+    gateway: RunningGateway,
+    case: tuple[Any, dict[str, Any], type[Exception], str],
+) -> None:
+    """A turn that is no (role, content) pair nor a Message, or a parameter of the wrong
+    type, is a TypeError (a ValueError for a value out of range) naming the argument, the
+    turn's index and what it takes, before any call, unary and streamed. Before, a string
+    was unpacked as a pair (role 'j'), a 1-tuple raised IndexError, a dict KeyError, and
+    `max_tokens="5"` a TypeError from protobuf naming neither."""
+    prompt, options, error, message = case
+    async with GatewayClient(gateway.server.address) as client:
+        with pytest.raises(error) as unary:
+            await client.complete(prompt, model=FAKE_MODEL, **options)
+        with pytest.raises(error) as streamed:
+            client.stream(prompt, model=FAKE_MODEL, **options)
+    assert str(unary.value).startswith(message)
+    assert str(streamed.value) == str(unary.value)
+    assert upstream.requests == []
+
+
 async def test_options_beside_a_ready_request_are_refused_not_dropped(
     upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

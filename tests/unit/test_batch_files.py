@@ -10,6 +10,9 @@ from google.rpc import error_details_pb2, status_pb2
 from gateway_client.commands.batch import (
     InputItem,
     OutputHeld,
+    UnknownField,
+    edit_distance,
+    known_field_like,
     lock_output,
     open_output,
     read_done,
@@ -120,7 +123,8 @@ def test_input_lines_may_set_the_reasoning_effort_by_name(tmp_path):
         {"id": "b", "prompt": "p", "reasoning_effort": "extreme"},
     ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    items, bad = read_input(path, "m")
+    batch_input = read_input(path, "m")
+    items, bad = batch_input.items, batch_input.bad
     assert [item.request.params.reasoning_effort for item in items] == [pb.REASONING_EFFORT_LOW]
     assert [b.line for b in bad] == [2]
     assert "reasoning effort must be one of" in bad[0].reason
@@ -175,7 +179,8 @@ def test_a_request_line_refuses_options_it_would_leave_out(tmp_path):
         {"id": "c", "request": request, "model": "m2"},
     ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    items, bad = read_input(path, "m")
+    batch_input = read_input(path, "m")
+    items, bad = batch_input.items, batch_input.bad
     assert [(item.id, item.request.model) for item in items] == [("c", "m2")]
     assert [b.line for b in bad] == [1, 2]
     assert bad[0].reason == "'tools' beside 'request' would be left out: put it inside 'request'"
@@ -221,3 +226,61 @@ def test_models_table_prints_each_price_whole_and_the_cached_input_price():
     assert header[:7] == ["MODEL", "CONTEXT", "IN", "$/1M", "CACHED", "IN", "$/1M"]
     assert deepseek[:5] == ["deepseek-v4", "128000", "0.14", "0.028", "0.275"]
     assert gpt[:5] == ["gpt-4", "0", "2.50", "-", "10.00"]
+
+
+@pytest.mark.parametrize(
+    ("name", "known"),
+    [
+        ("max_token", "max_tokens"),
+        ("Max_Tokens", "max_tokens"),
+        ("promt", "prompt"),
+        ("label", "labels"),
+        ("sytem", "system"),
+        ("ID", "id"),
+        ("ids", "id"),
+        ("x", None),  # as far from `id` as any two letters: no misspelling of it
+        ("source", None),
+        ("answer", None),
+        ("category", None),
+        ("temp", None),
+    ],
+)
+def test_a_field_a_misspelling_away_from_a_known_one_is_taken_for_it(name, known):
+    """Within two edits of a known field, letter case aside, a field is taken for its
+    misspelling; a dataset's own fields, and one- or two-letter ones, are not."""
+    assert known_field_like(name) == known
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "distance"),
+    [
+        ("", "", 0),
+        ("id", "", 2),
+        ("max_token", "max_tokens", 1),
+        ("top_k", "top_p", 1),
+        ("kitten", "sitting", 3),
+    ],
+)
+def test_edit_distance_counts_insertions_deletions_and_substitutions(a, b, distance):
+    """Levenshtein distance, either way round."""
+    assert edit_distance(a, b) == edit_distance(b, a) == distance
+
+
+def test_input_names_each_misspelt_looking_field_once_and_still_uses_the_line(tmp_path):
+    """`max_token` is named once, on the first line it is on, and its lines run without
+    it; a field that looks like no known one is left out without a word."""
+    path = tmp_path / "in.jsonl"
+    lines = [
+        {"id": "a", "prompt": "p", "source": "wiki"},
+        {"id": "b", "prompt": "p", "max_token": 5, "promt": "x"},
+        {"id": "c", "prompt": "p", "max_token": 5},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    batch_input = read_input(path, "m")
+    assert [item.id for item in batch_input.items] == ["a", "b", "c"]
+    assert not any(item.request.params.HasField("max_tokens") for item in batch_input.items)
+    assert batch_input.bad == []
+    assert batch_input.unknown_fields == [
+        UnknownField(2, "max_token", "max_tokens"),
+        UnknownField(2, "promt", "prompt"),
+    ]

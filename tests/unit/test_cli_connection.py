@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway_client.connection import add_connection_arguments, connection
+from gateway_client.commands import batch, complete, summarize
+from gateway_client.connection import DEFAULT_MODEL, add_connection_arguments, connection
+from service.config import LocalModelConfig
 from tests.integration.pki import make_ca
 
 
@@ -153,3 +155,19 @@ def test_llm_gateway_help_speaks_to_its_user(capsys: pytest.CaptureFixture[str])
 )
 def test_llm_gateway_tls_reads_as_a_yes_or_no(value: str, is_tls: bool) -> None:
     assert parse(environ={"LLM_GATEWAY_TLS": value}).tls is is_tls
+
+
+@pytest.mark.parametrize(
+    ("command", "argv"),
+    [
+        (complete, ["complete", "hi"]),
+        (batch, ["batch", "in", "-o", "out"]),
+        (summarize, ["summarize", "doc"]),
+    ],
+)
+def test_the_default_model_is_the_quick_starts_local_model(command, argv) -> None:
+    """`--model` left out asks for the model a gateway serves with no provider key set,
+    the one the quick start calls."""
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    assert parser.parse_args(argv).model == DEFAULT_MODEL == LocalModelConfig().model

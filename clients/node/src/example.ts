@@ -8,6 +8,7 @@
  * they arrive, then prints usage and cost. A failed call prints its decoded
  * `google.rpc.Status` details (field violations, retry delay, quota violations).
  *
+ * `--model` defaults, as in the Python CLI, to gemma-3-270m (the quick start's local model).
  * `--address` defaults, as in the Python CLI, to $LLM_GATEWAY_ADDRESS, else 127.0.0.1:50051;
  * `--api-key` (a gateway with `auth.mode: keys`) to $LLM_GATEWAY_API_KEY.
  *
@@ -26,6 +27,11 @@ interface Args {
   tls: TlsOptions | undefined;
 }
 
+/**
+ * `--model` left out: the Python CLI's default (DEFAULT_MODEL in
+ * clients/python/gateway_client/connection.py), the quick start's local model.
+ */
+const DEFAULT_MODEL = "gemma-3-270m";
 const YES = new Set(["1", "true", "yes", "on"]);
 const TAKES_A_VALUE = ["--address", "--api-key", "--model", "--ca-file", "--cert-file", "--key-file"];
 
@@ -71,7 +77,7 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Args {
   return {
     address: flags.get("--address") ?? (env.LLM_GATEWAY_ADDRESS || "127.0.0.1:50051"),
     apiKey: flags.get("--api-key") ?? (env.LLM_GATEWAY_API_KEY || undefined),
-    model: flags.get("--model") ?? "deepseek-v4",
+    model: flags.get("--model") ?? DEFAULT_MODEL,
     prompt: rest.length > 0 ? rest.join(" ") : "Say hi",
     tls: tlsOf(flags, env),
   };

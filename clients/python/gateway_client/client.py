@@ -8,12 +8,13 @@ import enum
 import json
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import unquote
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -70,10 +71,92 @@ CACHE_MODES = ("default", "bypass", "refresh", "no_store")
 TRUNCATION_MODES = ("none", "keep_recent")
 
 
-def _role_value(name: str) -> pb.Role.ValueType:
-    if name not in _ROLES:
-        raise ValueError(f"a turn's role must be one of {', '.join(_ROLES)}, got {name!r}")
-    return _ROLES[name]
+def _message_of(turn: object, where: str) -> pb.Message:
+    """`turn`, a (role, content) pair or a `pb.Message`, as a Message; `where` names it
+    in errors ("prompt[2]").
+
+    Raises:
+        TypeError: `turn` is not a pair of strings or a Message.
+        ValueError: its role is not one of `_ROLES`.
+    """
+    if isinstance(turn, pb.Message):
+        return turn
+    expected = f"{where}: expected (role, content) or a Message"
+    # A str is a sequence too: unpacked as a pair, "hi" became role "h" and content "i".
+    if not isinstance(turn, tuple | list):
+        raise TypeError(f"{expected}, got {type(turn).__name__}")
+    if len(turn) != 2:
+        raise TypeError(f"{expected}, got a {type(turn).__name__} of length {len(turn)}")
+    role, content = turn
+    if not isinstance(role, str) or not isinstance(content, str):
+        wrong, name = (role, "role") if not isinstance(role, str) else (content, "content")
+        raise TypeError(f"{where}: the {name} must be a str, got {type(wrong).__name__}")
+    if role not in _ROLES:
+        raise ValueError(f"{where}: a turn's role must be one of {', '.join(_ROLES)}, got {role!r}")
+    return pb.Message(role=_ROLES[role], content=content)
+
+
+def _messages_of(prompt: str | Sequence[Turn], system: str | None) -> list[pb.Message]:
+    """The request's messages: `system` first, then `prompt`'s turns (a str: one user turn).
+
+    Raises:
+        TypeError, ValueError: naming the argument, and the turn by its index in `prompt`.
+    """
+    if isinstance(prompt, str):
+        turns: list[object] = [("user", prompt)]
+        names = ["prompt"]
+    elif isinstance(prompt, Iterable):
+        turns = list(prompt)
+        names = [f"prompt[{index}]" for index in range(len(turns))]
+    else:
+        raise TypeError(
+            "prompt: expected a str, a sequence of turns or a CompleteRequest, "
+            f"got {type(prompt).__name__}"
+        )
+    if system:
+        turns.insert(0, ("system", system))
+        names.insert(0, "system")
+    return [_message_of(turn, where) for turn, where in zip(turns, names, strict=True)]
+
+
+def _kind_of(field: FieldDescriptor) -> str:
+    """What a GenerationParams field takes, for errors: "an int", "a float", ..."""
+    if field.message_type is not None:
+        return f"a pb.{field.message_type.name}"
+    if field.enum_type is not None:
+        return f"a name or a pb.{field.enum_type.name}"
+    if field.cpp_type in (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT):
+        kind = "float"
+    elif field.cpp_type == FieldDescriptor.CPPTYPE_STRING:
+        kind = "str"
+    else:
+        kind = "int"
+    article = "an" if kind == "int" else "a"
+    return f"{article} {kind} or a list of {kind}" if field.is_repeated else f"{article} {kind}"
+
+
+def _generation_params(params: Mapping[str, Any]) -> pb.GenerationParams:
+    """`params` as GenerationParams, each checked on its own so that an error names it.
+
+    Raises:
+        TypeError: a name GenerationParams has no field for, or a value of the wrong type.
+        ValueError: a value out of its field's range.
+    """
+    fields = pb.GenerationParams.DESCRIPTOR.fields_by_name
+    for name, value in params.items():
+        if name not in fields:
+            raise TypeError(
+                f"unexpected keyword argument {name!r} (generation parameters: {', '.join(fields)})"
+            )
+        try:
+            pb.GenerationParams(**{name: value})
+        except TypeError:
+            raise TypeError(
+                f"{name}: expected {_kind_of(fields[name])}, got {type(value).__name__}"
+            ) from None
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return pb.GenerationParams(**params)
 
 
 def cache_mode_value(name: str) -> pb.CacheMode.ValueType:
@@ -140,18 +223,10 @@ def build_request(
     if isinstance(params.get("stop"), str):
         # Protobuf would take the string as a sequence: each character a stop sequence.
         params["stop"] = [params["stop"]]
-    turns: list[Turn] = [("user", prompt)] if isinstance(prompt, str) else list(prompt)
-    if system:
-        turns.insert(0, ("system", system))
     return pb.CompleteRequest(
         model=model,
-        messages=[
-            turn
-            if isinstance(turn, pb.Message)
-            else pb.Message(role=_role_value(turn[0]), content=turn[1])
-            for turn in turns
-        ],
-        params=pb.GenerationParams(**params),
+        messages=_messages_of(prompt, system),
+        params=_generation_params(params),
         labels=dict(labels or {}),
         tools=list(tools),
         tool_choice=tool_choice,

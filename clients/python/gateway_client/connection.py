@@ -12,6 +12,10 @@ from typing import Any
 
 from gateway_client.client import authorization_metadata, check_address, tls_credentials
 
+# `--model` left out: the model the quick start's gateway serves with no provider key set
+# (`local_model.model`). clients/node/src/example.ts defaults to the same.
+DEFAULT_MODEL = "gemma-3-270m"
+
 
 def text_argument(value: str) -> str:
     """An argparse type for text sent in a request (a prompt, a model, a label).

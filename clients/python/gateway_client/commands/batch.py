@@ -1,13 +1,15 @@
 """`llm-gateway batch INPUT.jsonl -o OUTPUT.jsonl`: many completions, resumable.
 
-Each input line is a JSON object with an `id` and either a `prompt` (plus optional
-`system`), `messages` (a list of {"role", "content"}), or `request` (a CompleteRequest
-in proto3 JSON). Optional: `model` (else --model), `max_tokens`, `temperature`,
-`top_p`, `seed`, `reasoning_effort` ("low", "max", ...), `labels` (string values), and `tools` and
-`tool_choice` as a `request` gives them (proto3 JSON: [{"name", "description",
-"parameters": "<JSON Schema as text>"}], {"mode": "TOOL_CHOICE_MODE_REQUIRED"} or
-{"function_name": "..."}). Lines that cannot be used are reported with their line
-numbers and skipped.
+INPUT `-` reads the lines from standard input. Each input line is a JSON object with an
+`id` and either a `prompt` (plus optional `system`), `messages` (a list of {"role",
+"content"}), or `request` (a CompleteRequest in proto3 JSON). Optional: `model` (else
+--model), `max_tokens`, `temperature`, `top_p`, `seed`, `reasoning_effort` ("low", "max",
+...), `labels` (string values), and `tools` and `tool_choice` as a `request` gives them
+(proto3 JSON: [{"name", "description", "parameters": "<JSON Schema as text>"}], {"mode":
+"TOOL_CHOICE_MODE_REQUIRED"} or {"function_name": "..."}). Lines that cannot be used are
+reported with their line numbers and skipped. Other fields are left out without a word
+(datasets carry their own), but one a misspelling away from a known one (`max_token`) is
+named on stderr, once a run.
 
 Each result is appended to OUTPUT as one JSON line the moment it arrives, with either
 `content` (plus usage and cost) or `error`. Re-running skips every id already in OUTPUT,
@@ -22,11 +24,13 @@ Exit status: 0 when every line was valid and every item succeeded, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
+import io
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,7 +40,12 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway_client.client import GatewayClient, build_request
-from gateway_client.connection import add_connection_arguments, connection, text_argument
+from gateway_client.connection import (
+    DEFAULT_MODEL,
+    add_connection_arguments,
+    connection,
+    text_argument,
+)
 from gateway_client.enums import enum_name
 from gateway_client.errors import error_details
 from gateway_client.progress import Progress
@@ -60,6 +69,11 @@ _PROMPT_LINE_KEYS = (
     "tool_choice",
     *_PARAM_KEYS,
 )
+_LINE_KEYS = ("id", "model", "request", *_PROMPT_LINE_KEYS)
+# A field this close to a known one (edits, letter case aside) is taken for its misspelling.
+MAX_TYPO_EDITS = 2
+# INPUT that names standard input, as for `complete -` and `summarize -`.
+STDIN = "-"
 
 
 def register(subparsers: Any) -> None:
@@ -72,7 +86,7 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("input", type=Path, help="JSONL file of items")
+    parser.add_argument("input", help="JSONL file of items ('-' reads standard input)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="JSONL results file")
     parser.add_argument(
         "--concurrency",
@@ -81,7 +95,10 @@ def register(subparsers: Any) -> None:
         help="items in flight (default: the gateway's)",
     )
     parser.add_argument(
-        "--model", type=text_argument, default="gemma-3-270m", help="model for items without one"
+        "--model",
+        type=text_argument,
+        default=DEFAULT_MODEL,
+        help="model for items without one (default: %(default)s)",
     )
     parser.add_argument(
         "--retry-failed", action="store_true", help="run again the items that failed before"
@@ -223,63 +240,135 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def read_input(path: Path, default_model: str) -> tuple[list[InputItem], list[BadLine]]:
-    """Every usable line of `path`, and every line that is not (with line numbers)."""
-    items: list[InputItem] = []
-    bad: list[BadLine] = []
-    first_line_of: dict[str, int] = {}
+@dataclass(frozen=True, slots=True)
+class UnknownField:
+    """A field no line uses, on the first line it appears, that looks like a misspelling
+    of `known` (`max_token` for `max_tokens`)."""
+
+    line: int
+    name: str
+    known: str
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInput:
+    """An input's usable lines, its skipped ones, and its misspelt-looking fields."""
+
+    items: list[InputItem]
+    bad: list[BadLine]
+    unknown_fields: list[UnknownField]
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest one-character insertions, deletions and
+    substitutions that turn `a` into `b`."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(
+                min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b))
+            )
+        previous = current
+    return previous[-1]
+
+
+def known_field_like(name: str) -> str | None:
+    """The known line field `name` (not one) looks like a misspelling of, if any.
+
+    Within MAX_TYPO_EDITS, letter case aside, and short of rewriting the whole known name:
+    else any one- or two-letter field of a dataset would be taken for `id`.
+    """
+    folded = name.casefold()
+    close = [
+        (distance, known)
+        for known in _LINE_KEYS
+        if abs(len(folded) - len(known)) <= MAX_TYPO_EDITS
+        and (distance := edit_distance(folded, known)) <= min(MAX_TYPO_EDITS, len(known) - 1)
+    ]
+    return min(close)[1] if close else None
+
+
+def read_input(path: Path, default_model: str) -> BatchInput:
+    """`read_lines` of the file at `path`."""
     # utf-8-sig: a byte order mark (Windows tools write one) is not part of line 1.
     with path.open(encoding="utf-8-sig", errors="replace") as lines:
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                data = _json_line(raw)
-            except ValueError as exc:
-                bad.append(BadLine(number, f"not JSON ({exc.args[0]})"))
-                continue
-            if not isinstance(data, dict):
-                bad.append(BadLine(number, "not a JSON object"))
-                continue
-            item_id = data.get("id")
-            if isinstance(item_id, bool) or not isinstance(item_id, str | int) or item_id == "":
-                bad.append(BadLine(number, "needs an 'id' (a non-empty string)"))
-                continue
-            item_id = str(item_id)
-            if not _is_utf8(item_id):
-                bad.append(
-                    BadLine(number, "'id' is not UTF-8 text (an unpaired \\ud800-\\udfff escape)")
+        return read_lines(lines, default_model)
+
+
+def read_stdin(default_model: str) -> BatchInput:
+    """`read_lines` of standard input, decoded as a file is."""
+    if sys.stdin is None:  # closed (`<&-`)
+        raise OSError(errno.EBADF, "standard input is closed")
+    # Read through to its end here, once: a pipe cannot be read again.
+    lines = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="replace")
+    try:
+        return read_lines(lines, default_model)
+    finally:
+        lines.detach()  # stdin stays open: closing the wrapper would close it
+
+
+def read_lines(lines: Iterable[str], default_model: str) -> BatchInput:
+    """Every usable line, every line that is not (with line numbers), and the first line
+    of each field that looks like a misspelt known one."""
+    items: list[InputItem] = []
+    bad: list[BadLine] = []
+    unknown_fields: list[UnknownField] = []
+    checked_fields = set(_LINE_KEYS)
+    first_line_of: dict[str, int] = {}
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            data = _json_line(raw)
+        except ValueError as exc:
+            bad.append(BadLine(number, f"not JSON ({exc.args[0]})"))
+            continue
+        if not isinstance(data, dict):
+            bad.append(BadLine(number, "not a JSON object"))
+            continue
+        for name in sorted(data.keys() - checked_fields):
+            checked_fields.add(name)
+            known = known_field_like(name)
+            if known is not None:
+                unknown_fields.append(UnknownField(number, name, known))
+        item_id = data.get("id")
+        if isinstance(item_id, bool) or not isinstance(item_id, str | int) or item_id == "":
+            bad.append(BadLine(number, "needs an 'id' (a non-empty string)"))
+            continue
+        item_id = str(item_id)
+        if not _is_utf8(item_id):
+            bad.append(
+                BadLine(number, "'id' is not UTF-8 text (an unpaired \\ud800-\\udfff escape)")
+            )
+            continue
+        if len(item_id) > MAX_ID_CHARS or not item_id.isprintable():
+            bad.append(
+                BadLine(number, f"'id' must be printable, at most {MAX_ID_CHARS} characters")
+            )
+            continue
+        if item_id in first_line_of:
+            bad.append(
+                BadLine(
+                    number, f"duplicate id {item_id!r} (first on line {first_line_of[item_id]})"
                 )
-                continue
-            if len(item_id) > MAX_ID_CHARS or not item_id.isprintable():
-                bad.append(
-                    BadLine(number, f"'id' must be printable, at most {MAX_ID_CHARS} characters")
-                )
-                continue
-            if item_id in first_line_of:
-                bad.append(
-                    BadLine(
-                        number, f"duplicate id {item_id!r} (first on line {first_line_of[item_id]})"
-                    )
-                )
-                continue
-            try:
-                request = _request_from(data, default_model)
-            except ValueError as exc:
-                bad.append(BadLine(number, str(exc)))
-                continue
-            size = _call_bytes(item_id, request)
-            if size > MAX_CALL_BYTES:
-                # Alone in its call it would still fail the call, and stop every resume there.
-                bad.append(
-                    BadLine(
-                        number, f"too large for one call ({size} bytes, at most {MAX_CALL_BYTES})"
-                    )
-                )
-                continue
-            first_line_of[item_id] = number
-            items.append(InputItem(number, item_id, request))
-    return items, bad
+            )
+            continue
+        try:
+            request = _request_from(data, default_model)
+        except ValueError as exc:
+            bad.append(BadLine(number, str(exc)))
+            continue
+        size = _call_bytes(item_id, request)
+        if size > MAX_CALL_BYTES:
+            # Alone in its call it would still fail the call, and stop every resume there.
+            bad.append(
+                BadLine(number, f"too large for one call ({size} bytes, at most {MAX_CALL_BYTES})")
+            )
+            continue
+        first_line_of[item_id] = number
+        items.append(InputItem(number, item_id, request))
+    return BatchInput(items, bad, unknown_fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,13 +586,22 @@ async def run_items(
 
 async def batch_command(args: argparse.Namespace) -> int:
     """Run `llm-gateway batch`."""
+    is_stdin = args.input == STDIN
     try:
-        items, bad = read_input(args.input, args.model)
+        batch_input = (
+            read_stdin(args.model) if is_stdin else read_input(Path(args.input), args.model)
+        )
     except OSError as exc:
         print(f"llm-gateway batch: cannot read {args.input}: {exc.strerror}", file=sys.stderr)
         return 1
-    for line in bad:
-        print(f"{args.input}:{line.line}: skipped: {line.reason}", file=sys.stderr)
+    items, bad = batch_input.items, batch_input.bad
+    source = "<stdin>" if is_stdin else args.input
+    notes = [(line.line, f"skipped: {line.reason}") for line in bad] + [
+        (field.line, f'unknown field "{field.name}" ignored (did you mean "{field.known}"?)')
+        for field in batch_input.unknown_fields
+    ]
+    for line_number, note in sorted(notes, key=lambda pair: pair[0]):
+        print(f"{source}:{line_number}: {note}", file=sys.stderr)
     try:
         output, done = open_output(args.output, retry_failed=args.retry_failed)
     except OutputHeld:

@@ -11,7 +11,12 @@ import grpc
 
 from gateway_client.client import CACHE_MODES, REASONING_EFFORTS, GatewayClient, build_request
 from gateway_client.commands.usage import parse_label
-from gateway_client.connection import add_connection_arguments, connection, text_argument
+from gateway_client.connection import (
+    DEFAULT_MODEL,
+    add_connection_arguments,
+    connection,
+    text_argument,
+)
 from gateway_client.enums import enum_name
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
@@ -30,7 +35,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--model",
         type=text_argument,
-        default="gemma-3-270m",
+        default=DEFAULT_MODEL,
         help="model name (default: %(default)s)",
     )
     parser.add_argument("--system", type=text_argument, help="a system message to put first")

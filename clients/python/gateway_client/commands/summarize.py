@@ -12,7 +12,12 @@ import grpc
 
 from gateway_client.client import REASONING_EFFORTS, GatewayClient
 from gateway_client.commands.complete import stdin_text
-from gateway_client.connection import add_connection_arguments, connection, text_argument
+from gateway_client.connection import (
+    DEFAULT_MODEL,
+    add_connection_arguments,
+    connection,
+    text_argument,
+)
 from gateway_client.errors import error_details
 
 
@@ -27,7 +32,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--model",
         type=text_argument,
-        default="gemma-3-270m",
+        default=DEFAULT_MODEL,
         help="model name (default: %(default)s)",
     )
     parser.add_argument(
