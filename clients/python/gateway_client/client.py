@@ -142,6 +142,10 @@ def _generation_params(params: Mapping[str, Any]) -> pb.GenerationParams:
         TypeError: a name GenerationParams has no field for, or a value of the wrong type.
         ValueError: a value out of its field's range.
     """
+    try:
+        return pb.GenerationParams(**params)
+    except (TypeError, ValueError):
+        pass  # which one, and why: checked one by one below
     fields = pb.GenerationParams.DESCRIPTOR.fields_by_name
     for name, value in params.items():
         if name not in fields:
