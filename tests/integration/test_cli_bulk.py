@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import signal
 import socket
 import sys
@@ -1065,3 +1066,20 @@ async def test_a_batch_line_with_both_prompt_and_messages_is_skipped_with_why(
     assert skipped == [f"{source}:1: skipped: give 'prompt' or 'messages', not both"]
     assert output.read_text() == ""
     assert upstream.requests == []
+
+
+@pytest.mark.parametrize("command", ["complete", "summarize"])
+async def test_reading_a_closed_standard_input_is_one_line_and_status_1(command):
+    """`llm-gateway complete -` (or `summarize -`) with standard input closed (`<&-`)
+    says it cannot read it, exit status 1, as `batch -` does.
+
+    Before, it ended in a traceback (`'NoneType' object has no attribute 'buffer'`)."""
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "gateway_client.cli", command, "-"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=lambda: os.close(0),
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert (process.returncode, out) == (1, b"")
+    assert err.decode() == f"llm-gateway {command}: cannot read -: standard input is closed\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from typing import Any
@@ -71,7 +72,13 @@ def register(subparsers: Any) -> None:
 
 def stdin_text() -> str:
     """Standard input as text, bytes that are not UTF-8 replaced (as a file argument is
-    read): strict decoding would end the command with a traceback."""
+    read): strict decoding would end the command with a traceback.
+
+    Raises:
+        OSError: standard input is closed (`<&-`), or cannot be read.
+    """
+    if sys.stdin is None:  # closed: Python sets none up
+        raise OSError(errno.EBADF, "standard input is closed")
     return sys.stdin.buffer.read().decode("utf-8", errors="replace")
 
 
@@ -92,7 +99,11 @@ def usage_line(meta: pb.CompletionMetadata, elapsed_s: float) -> str:
 
 async def complete_command(args: argparse.Namespace) -> int:
     """Run `llm-gateway complete`."""
-    prompt = stdin_text() if args.prompt == "-" else args.prompt
+    try:
+        prompt = stdin_text() if args.prompt == "-" else args.prompt
+    except OSError as exc:
+        print(f"llm-gateway complete: cannot read -: {exc.strerror}", file=sys.stderr)
+        return 1
     params: dict[str, Any] = {}
     if args.max_tokens is not None:
         params["max_tokens"] = args.max_tokens
