@@ -789,6 +789,38 @@ async def test_a_second_batch_run_on_the_same_output_exits_1_and_calls_nothing(
     assert sorted(r["id"] for r in output_records(output)) == ids
 
 
+async def test_two_batch_runs_to_dev_null_both_run(tmp_path, scripted, address):
+    """Two unrelated `llm-gateway batch` processes with `-o /dev/null` (smoke tests, cache
+    warmers) both run: an output that is no file is not locked. Before, the second exited 1
+    "held by another batch run", as every run on the machine locked the one /dev/null."""
+    source = tmp_path / "in.jsonl"
+    write_items(source, ["q1"])
+    command = [sys.executable, "-m", "gateway_client.cli", "batch", str(source), "-o", "/dev/null"]
+    command += ["--address", address, "--model", FAKE_MODEL, "--no-progress"]
+    scripted.gate.clear()  # the first run's call is held: it still runs when the second starts
+    first = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.DEVNULL)
+    second = None
+    try:
+        await scripted.wait_until(lambda: scripted.in_flight == 1)
+        second = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
+        second_asked = asyncio.ensure_future(scripted.wait_until(lambda: scripted.in_flight == 2))
+        second_ended = asyncio.ensure_future(second.wait())
+        await asyncio.wait([second_asked, second_ended], return_when=asyncio.FIRST_COMPLETED)
+        second_asked.cancel()
+        scripted.gate.set()
+        async with asyncio.timeout(30):
+            _, err = await second.communicate()
+            assert second.returncode == 0, err.decode()
+            assert await first.wait() == 0
+    finally:
+        scripted.gate.set()
+        for process in (first, second):
+            if process is not None and process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert asked_ids(scripted) == ["q1", "q1"]
+
+
 async def test_batch_output_to_a_pipe_writes_each_result_there(tmp_path, scripted, address):
     """`-o /dev/stdout` piped into a reader gets each result as a JSON line, and the run
     ends; nothing there to resume from. Before, the run read the pipe for earlier results,

@@ -29,6 +29,7 @@ import fcntl
 import io
 import json
 import os
+import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -428,7 +429,8 @@ class OutputHeld(Exception):
 
 
 def lock_output(path: Path) -> TextIO:
-    """`path` opened for appending, under an exclusive lock for as long as it is open.
+    """`path` opened for appending, under an exclusive lock for as long as it is open
+    when it is a file (`is_lockable`).
 
     The lock is `flock`'s: advisory (only batch runs take it) and local to this machine
     (an NFS mount's other clients do not see it).
@@ -439,6 +441,8 @@ def lock_output(path: Path) -> TextIO:
     """
     while True:
         output = path.open("a", encoding="utf-8")
+        if not is_lockable(output):
+            return output
         try:
             fcntl.flock(output, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -449,6 +453,13 @@ def lock_output(path: Path) -> TextIO:
         # `--retry-failed` replaced the file after this one opened it: its lock on the
         # file it replaced guards nothing, so take the lock of the file there now.
         output.close()
+
+
+def is_lockable(output: TextIO) -> bool:
+    """Whether `output` is a regular file, the only output a run resumes from: the lock of
+    anything else (/dev/null, a terminal, a pipe) is one every run there shares, and
+    would refuse unrelated runs as holding it."""
+    return stat.S_ISREG(os.fstat(output.fileno()).st_mode)
 
 
 def is_current(output: TextIO, path: Path) -> bool:
