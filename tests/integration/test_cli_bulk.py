@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -1098,6 +1099,46 @@ async def test_a_batch_line_with_both_prompt_and_messages_is_skipped_with_why(
     assert skipped == [f"{source}:1: skipped: give 'prompt' or 'messages', not both"]
     assert output.read_text() == ""
     assert upstream.requests == []
+
+
+async def wait_until_reading_stdin(pid: int) -> None:
+    """Wait until the process's main thread is blocked in read(2) of its standard input."""
+    for _ in range(3000):
+        if Path(f"/proc/{pid}/syscall").read_text().startswith("0 0x0 "):
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("the process never read its standard input")
+
+
+@pytest.mark.skipif(not Path("/proc/self/syscall").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize(
+    "command", [("complete", "-"), ("summarize", "-"), ("batch", "-", "-o", "out.jsonl")]
+)
+async def test_one_ctrl_c_stops_a_command_waiting_on_standard_input(tmp_path, command):
+    """`llm-gateway batch -` (or `complete -`, `summarize -`) waiting on a terminal that
+    sends nothing stops at the first Ctrl-C, status 130. Before, it took a second one:
+    asyncio's SIGINT handler only asked the loop, blocked by the read, to cancel it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a shell's
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "gateway_client.cli", *command),
+            stdin=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=tmp_path,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert process.stdin is not None
+    try:
+        await wait_until_reading_stdin(process.pid)
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 130, err.decode()
+    assert err == b""
 
 
 @pytest.mark.parametrize("command", ["complete", "summarize"])

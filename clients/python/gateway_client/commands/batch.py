@@ -41,6 +41,7 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway_client.client import GatewayClient, build_request
+from gateway_client.commands.complete import ctrl_c_interrupts
 from gateway_client.connection import (
     DEFAULT_MODEL,
     add_connection_arguments,
@@ -304,7 +305,8 @@ def read_stdin(default_model: str) -> BatchInput:
     # Read through to its end here, once: a pipe cannot be read again.
     lines = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="replace")
     try:
-        return read_lines(lines, default_model)
+        with ctrl_c_interrupts():
+            return read_lines(lines, default_model)
     finally:
         lines.detach()  # stdin stays open: closing the wrapper would close it
 
