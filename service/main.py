@@ -130,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(commands.add_parser("serve", help="run the gateway"))
     keys = commands.add_parser("keys", help="issue caller keys: keys create --tenant T")
-    keys.add_argument("keys_args", nargs=argparse.REMAINDER)
+    keys.add_argument(
+        "keys_args",
+        nargs=argparse.REMAINDER,
+        metavar="create --tenant T [--config PATH]",
+        help="issue a new caller key for tenant T ('python -m service keys create --help')",
+    )
     args = parser.parse_args(argv)
     if args.command == "keys":
         early_signals.release()  # held for `serve` alone

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -789,6 +790,38 @@ async def test_a_second_batch_run_on_the_same_output_exits_1_and_calls_nothing(
     assert sorted(r["id"] for r in output_records(output)) == ids
 
 
+async def test_two_batch_runs_to_dev_null_both_run(tmp_path, scripted, address):
+    """Two unrelated `llm-gateway batch` processes with `-o /dev/null` (smoke tests, cache
+    warmers) both run: an output that is no file is not locked. Before, the second exited 1
+    "held by another batch run", as every run on the machine locked the one /dev/null."""
+    source = tmp_path / "in.jsonl"
+    write_items(source, ["q1"])
+    command = [sys.executable, "-m", "gateway_client.cli", "batch", str(source), "-o", "/dev/null"]
+    command += ["--address", address, "--model", FAKE_MODEL, "--no-progress"]
+    scripted.gate.clear()  # the first run's call is held: it still runs when the second starts
+    first = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.DEVNULL)
+    second = None
+    try:
+        await scripted.wait_until(lambda: scripted.in_flight == 1)
+        second = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
+        second_asked = asyncio.ensure_future(scripted.wait_until(lambda: scripted.in_flight == 2))
+        second_ended = asyncio.ensure_future(second.wait())
+        await asyncio.wait([second_asked, second_ended], return_when=asyncio.FIRST_COMPLETED)
+        second_asked.cancel()
+        scripted.gate.set()
+        async with asyncio.timeout(30):
+            _, err = await second.communicate()
+            assert second.returncode == 0, err.decode()
+            assert await first.wait() == 0
+    finally:
+        scripted.gate.set()
+        for process in (first, second):
+            if process is not None and process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert asked_ids(scripted) == ["q1", "q1"]
+
+
 async def test_batch_output_to_a_pipe_writes_each_result_there(tmp_path, scripted, address):
     """`-o /dev/stdout` piped into a reader gets each result as a JSON line, and the run
     ends; nothing there to resume from. Before, the run read the pipe for earlier results,
@@ -1066,6 +1099,46 @@ async def test_a_batch_line_with_both_prompt_and_messages_is_skipped_with_why(
     assert skipped == [f"{source}:1: skipped: give 'prompt' or 'messages', not both"]
     assert output.read_text() == ""
     assert upstream.requests == []
+
+
+async def wait_until_reading_stdin(pid: int) -> None:
+    """Wait until the process's main thread is blocked in read(2) of its standard input."""
+    for _ in range(3000):
+        if Path(f"/proc/{pid}/syscall").read_text().startswith("0 0x0 "):
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("the process never read its standard input")
+
+
+@pytest.mark.skipif(not Path("/proc/self/syscall").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize(
+    "command", [("complete", "-"), ("summarize", "-"), ("batch", "-", "-o", "out.jsonl")]
+)
+async def test_one_ctrl_c_stops_a_command_waiting_on_standard_input(tmp_path, command):
+    """`llm-gateway batch -` (or `complete -`, `summarize -`) waiting on a terminal that
+    sends nothing stops at the first Ctrl-C, status 130. Before, it took a second one:
+    asyncio's SIGINT handler only asked the loop, blocked by the read, to cancel it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a shell's
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "gateway_client.cli", *command),
+            stdin=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=tmp_path,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert process.stdin is not None
+    try:
+        await wait_until_reading_stdin(process.pid)
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 130, err.decode()
+    assert err == b""
 
 
 @pytest.mark.parametrize("command", ["complete", "summarize"])

@@ -117,6 +117,15 @@ def test_llm_gateway_keys_create_issues_a_key_as_python_m_service_does(tmp_path,
     assert "usage: llm-gateway keys create" in capsys.readouterr().err
 
 
+def test_keys_help_names_the_create_action(capsys):
+    """`llm-gateway keys --help` (as `llm-gateway --help` says to ask each command) names
+    `create` and its options. Before, it listed only a bare `keys_args`."""
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["keys", "--help"])
+    assert exited.value.code == 0
+    assert "create --tenant T [--config PATH]" in capsys.readouterr().out
+
+
 def test_keys_create_for_a_tenant_the_config_does_not_list_says_so(tmp_path, capsys):
     """A key for a tenant missing from `tenants:` (a typo, say) is issued with a note that
     it has no rate limits and no budget; a listed tenant gets no note."""

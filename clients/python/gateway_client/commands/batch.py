@@ -29,6 +29,7 @@ import fcntl
 import io
 import json
 import os
+import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway_client.client import GatewayClient, build_request
+from gateway_client.commands.complete import ctrl_c_interrupts
 from gateway_client.connection import (
     DEFAULT_MODEL,
     add_connection_arguments,
@@ -303,7 +305,8 @@ def read_stdin(default_model: str) -> BatchInput:
     # Read through to its end here, once: a pipe cannot be read again.
     lines = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="replace")
     try:
-        return read_lines(lines, default_model)
+        with ctrl_c_interrupts():
+            return read_lines(lines, default_model)
     finally:
         lines.detach()  # stdin stays open: closing the wrapper would close it
 
@@ -428,7 +431,8 @@ class OutputHeld(Exception):
 
 
 def lock_output(path: Path) -> TextIO:
-    """`path` opened for appending, under an exclusive lock for as long as it is open.
+    """`path` opened for appending, under an exclusive lock for as long as it is open
+    when it is a file (`is_lockable`).
 
     The lock is `flock`'s: advisory (only batch runs take it) and local to this machine
     (an NFS mount's other clients do not see it).
@@ -439,6 +443,8 @@ def lock_output(path: Path) -> TextIO:
     """
     while True:
         output = path.open("a", encoding="utf-8")
+        if not is_lockable(output):
+            return output
         try:
             fcntl.flock(output, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -449,6 +455,13 @@ def lock_output(path: Path) -> TextIO:
         # `--retry-failed` replaced the file after this one opened it: its lock on the
         # file it replaced guards nothing, so take the lock of the file there now.
         output.close()
+
+
+def is_lockable(output: TextIO) -> bool:
+    """Whether `output` is a regular file, the only output a run resumes from: the lock of
+    anything else (/dev/null, a terminal, a pipe) is one every run there shares, and
+    would refuse unrelated runs as holding it."""
+    return stat.S_ISREG(os.fstat(output.fileno()).st_mode)
 
 
 def is_current(output: TextIO, path: Path) -> bool:

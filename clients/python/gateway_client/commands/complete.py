@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -70,6 +73,22 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=complete_command)
 
 
+@contextlib.contextmanager
+def ctrl_c_interrupts() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt within, as outside asyncio: asyncio.run's own SIGINT
+    handler only asks the event loop to cancel the command, and a read of standard input
+    blocks that loop, so the first Ctrl-C at a terminal was lost."""
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # ignored (`nohup`, `&` in a script): it stays so
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def stdin_text() -> str:
     """Standard input as text, bytes that are not UTF-8 replaced (as a file argument is
     read): strict decoding would end the command with a traceback.
@@ -79,7 +98,9 @@ def stdin_text() -> str:
     """
     if sys.stdin is None:  # closed: Python sets none up
         raise OSError(errno.EBADF, "standard input is closed")
-    return sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    with ctrl_c_interrupts():
+        data = sys.stdin.buffer.read()
+    return data.decode("utf-8", errors="replace")
 
 
 def usage_line(meta: pb.CompletionMetadata, elapsed_s: float) -> str:

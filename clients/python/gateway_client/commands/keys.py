@@ -11,7 +11,13 @@ def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "keys", help="issue caller keys: keys create --tenant T"
     )
-    parser.add_argument("keys_args", nargs=argparse.REMAINDER)
+    # What `keys --help` says (argparse passes no leading --help on to keys_cli's parser).
+    parser.add_argument(
+        "keys_args",
+        nargs=argparse.REMAINDER,
+        metavar="create --tenant T [--config PATH]",
+        help="issue a new caller key for tenant T ('llm-gateway keys create --help')",
+    )
     parser.set_defaults(handler=keys_command)
 
 
