@@ -899,11 +899,13 @@ async def test_a_field_a_misspelling_away_from_a_known_one_is_named_once_and_the
     tmp_path, scripted, address, capsys
 ):
     """`max_token` (for `max_tokens`) is named on stderr once, on the first line with it,
-    and its lines still run, without it; a dataset's own field is left out without a word.
+    and its lines still run, without it; a dataset's own fields are left out without a
+    word: `uid`, `topic`, and `prompts` beside the `prompt` it would misspell.
     Before, the misspelt field was left out silently."""
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    own = {"source": "wiki", "uid": "u1", "topic": "t", "prompts": ["a", "b"]}
     lines = [
-        {"id": "q1", "prompt": "ok q1", "source": "wiki"},
+        {"id": "q1", "prompt": "ok q1", **own},
         {"id": "q2", "prompt": "ok q2", "max_token": 5},
         {"id": "q3", "prompt": "ok q3", "max_token": 5},
     ]

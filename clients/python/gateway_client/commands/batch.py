@@ -72,8 +72,19 @@ _PROMPT_LINE_KEYS = (
     *_PARAM_KEYS,
 )
 _LINE_KEYS = ("id", "model", "request", *_PROMPT_LINE_KEYS)
-# A field this close to a known one (edits, letter case aside) is taken for its misspelling.
+# A field this close to a known one (edits, letter case aside) is taken for its misspelling:
+# none but letter case for a name of 4 letters or fewer (`need`, `step`, `uid` are a
+# dataset's own, not `seed`, `stop`, `id`), one for one shorter than 8, two for longer.
 MAX_TYPO_EDITS = 2
+
+
+def _typo_edits(known: str) -> int:
+    """How many edits from `known` a field may be and still be taken for its misspelling."""
+    if len(known) <= 4:
+        return 0
+    return 1 if len(known) < 8 else MAX_TYPO_EDITS
+
+
 # INPUT that names standard input, as for `complete -` and `summarize -`.
 STDIN = "-"
 
@@ -276,17 +287,14 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def known_field_like(name: str) -> str | None:
-    """The known line field `name` (not one) looks like a misspelling of, if any.
-
-    Within MAX_TYPO_EDITS, letter case aside, and short of rewriting the whole known name:
-    else any one- or two-letter field of a dataset would be taken for `id`.
-    """
+    """The known line field `name` (not one) looks like a misspelling of, if any: within
+    `_typo_edits` of it, letter case aside (`topic` is no `top_p`, `code` no `model`)."""
     folded = name.casefold()
     close = [
         (distance, known)
         for known in _LINE_KEYS
         if abs(len(folded) - len(known)) <= MAX_TYPO_EDITS
-        and (distance := edit_distance(folded, known)) <= min(MAX_TYPO_EDITS, len(known) - 1)
+        and (distance := edit_distance(folded, known)) <= _typo_edits(known)
     ]
     return min(close)[1] if close else None
 
@@ -333,7 +341,9 @@ def read_lines(lines: Iterable[str], default_model: str) -> BatchInput:
         for name in sorted(data.keys() - checked_fields):
             checked_fields.add(name)
             known = known_field_like(name)
-            if known is not None:
+            # Not beside the field it would misspell: `prompts` next to `prompt` is the
+            # dataset's own.
+            if known is not None and known not in data:
                 unknown_fields.append(UnknownField(number, name, known))
         item_id = data.get("id")
         if isinstance(item_id, bool) or not isinstance(item_id, str | int) or item_id == "":
