@@ -447,6 +447,17 @@ async def test_node_example_refuses_an_unknown_option_before_any_call(
     ]
 
 
+async def test_node_example_takes_an_option_joined_to_its_value(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`--model=NAME` (and `--address=HOST:PORT`) is the option and its value, as the
+    Python CLI takes them. Before, it was refused as an unknown option, told to go after
+    `--` as a prompt."""
+    example = node_scenarios.with_name("example.js")
+    await run_program(example, f"--address={gateway.server.address}", "--model=fake-model", "hi")
+    assert {request.body["messages"][0]["content"] for request in upstream.requests} == {"hi"}
+
+
 async def test_node_stream_read_after_its_call_failed_throws_the_failure(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -15,7 +15,8 @@
  * TLS takes the Python CLI's options and variables: `--tls` ($LLM_GATEWAY_TLS) verifies the
  * gateway against the system's CAs, `--ca-file` ($LLM_GATEWAY_CA_FILE) against this CA,
  * and `--cert-file` with `--key-file` ($LLM_GATEWAY_CERT_FILE, $LLM_GATEWAY_KEY_FILE) add a
- * client certificate (mutual TLS). A bad option (an unknown one too) exits 2, a failed call 1.
+ * client certificate (mutual TLS). An option's value follows it or an `=` (`--model=NAME`).
+ * A bad option (an unknown one too) exits 2, a failed call 1.
  */
 import { GatewayCallError, GatewayClient, Role, TlsOptions } from "./client";
 
@@ -56,7 +57,10 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Args {
   const rest: string[] = [];
   for (let i = 0; i < argv.length; i++) {
     const flag = argv[i];
-    if (flag === "--tls") {
+    const joined = /^(--[^=\s]+)=(.*)$/s.exec(flag); // --model=NAME, as the Python CLI takes
+    if (joined !== null && TAKES_A_VALUE.includes(joined[1])) {
+      flags.set(joined[1], joined[2]);
+    } else if (flag === "--tls") {
       flags.set(flag, "");
     } else if (TAKES_A_VALUE.includes(flag)) {
       const value = argv[++i];
