@@ -21,6 +21,9 @@ def local_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config = yaml.safe_load((REPO / "config" / "gateway.yaml").read_text())
     config["server"]["listen"] = "127.0.0.1:0"
     config["local_model"]["enabled"] = "always"
+    # One core for llama.cpp: `make test` runs the other test process beside this one, and
+    # its tests wait on sub-second timeouts (a cache write over TLS, 250 ms).
+    config["local_model"]["threads"] = 1
     path = tmp_path_factory.mktemp("local") / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}

@@ -50,7 +50,7 @@ async def summarize_gateway(request: pytest.FixtureRequest) -> AsyncIterator[str
     config = parse_config(
         {
             "server": {"listen": "127.0.0.1:0", "grace_period_s": 1},
-            "local_model": {"enabled": "always", "context_window": 2048},
+            "local_model": {"enabled": "always", "context_window": 2048, "threads": 1},
             "models": {
                 LOCAL_MODEL: {
                     "context_window": 2048,

@@ -28,6 +28,7 @@ from tests.conftest import chat, gateway_config
 from tests.fake_upstream import FakeUpstream
 from tests.integration.pki import make_pki
 from tests.integration.tenancy_helpers import as_tenant, secure_config
+from tests.integration.test_cache import settled
 from tests.redis_server import RedisServer
 from tests.redis_support import _free_port, _wait_until_listening, redis_url  # noqa: F401 - fixture
 
@@ -481,11 +482,13 @@ async def test_a_rediss_cache_trusts_the_ca_its_url_names(
     failing every cache operation on the server's certificate."""
     port, ca = tls_redis
     url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}"
-    gateway = await start_gateway(
-        gateway_config(upstream.base_url, cache={"backend": "redis", "redis_url": url})
-    )
+    # What is checked is the CA, not the speed: a busy machine's TLS write may take more
+    # than the default 250 ms, which would count as a failed write and a miss.
+    cache = {"backend": "redis", "redis_url": url, "operation_timeout_s": 5}
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache=cache))
     params = pb.GenerationParams(temperature=0.0)
     first = await gateway.stub.Complete(chat(params=params), timeout=10)
+    await settled(gateway)  # its answer stored: the write may end after the response
     again = await gateway.stub.Complete(chat(params=params), timeout=10)
     assert (first.metadata.cache_hit, again.metadata.cache_hit) == (False, True)
     assert len(upstream.requests) == 1
