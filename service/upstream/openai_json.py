@@ -438,11 +438,16 @@ def _choices_by_index(choices: list[Any]) -> dict[int, dict[str, Any]]:
     for choice in choices:
         if not isinstance(choice, dict):
             raise MalformedReply("choices is not a list of objects")
-        index = choice.get("index") or 0
-        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-            raise MalformedReply("a choice has a bad index")
-        by_index.setdefault(index, choice)
+        by_index.setdefault(_index_of(choice), choice)
     return by_index
+
+
+def _index_of(choice: dict[str, Any]) -> int:
+    """A choice's index: absent or null is 0."""
+    index = choice.get("index") or 0
+    if type(index) is not int or index < 0:  # a bool is no index
+        raise MalformedReply("a choice has a bad index")
+    return index
 
 
 def _answer_index(indexes: Collection[int]) -> int:
@@ -578,10 +583,8 @@ class StreamParser:
         index 0 before anything of the other was taken: then index 0's is the answer."""
         if len(choices) == 1 and self._index is not None:  # nearly every event: one choice
             first = choices[0]
-            if isinstance(first, dict):
-                index = first.get("index") or 0
-                if type(index) is int and index == self._index:
-                    return first
+            if isinstance(first, dict) and _index_of(first) == self._index:
+                return first
         by_index = _choices_by_index(choices)
         if self._index is None:
             self._index = _answer_index(by_index)
