@@ -7,7 +7,7 @@ wraps each OTLP exporter in a watch of its signal (`WatchedSpanExporter`,
 
 - `telemetry.export_failed` (ERROR) as an export fails after one that succeeded (or the
   first), with the exporter's first complaint about it as `error`;
-- `telemetry.export_still_failing` (WARNING) at most once every _REPEAT_AFTER_S while
+- `telemetry.export_still_failing` (WARNING) at most once every REPEAT_AFTER_S while
   exports keep failing, with `failed_exports` so far;
 - `telemetry.export_recovered` (INFO) as one succeeds again, with `failed_exports` in all.
 
@@ -30,6 +30,8 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult,
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from service.episodes import FailureEpisode
+
 log = logging.getLogger("llm_gateway.telemetry")
 
 # The loggers the OTLP exporters (opentelemetry-exporter-otlp 1.45) report retries and
@@ -40,8 +42,6 @@ EXPORTER_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.http.metric_exporter",
 )
 
-# While exports keep failing, a reminder at most this often (seconds).
-_REPEAT_AFTER_S = 60.0
 
 Signal = Literal["traces", "metrics"]
 
@@ -89,10 +89,18 @@ class ExportWatch:
 
     signal: Signal
     clock: Callable[[], float] = time.monotonic
-    # Exports failed since the last that succeeded.
-    _failed: int = 0
-    _logged_at: float = 0.0
+    _episode: FailureEpisode = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._episode = FailureEpisode(
+            log,
+            "telemetry.export_failed",
+            "telemetry.export_still_failing",
+            "telemetry.export_recovered",
+            count_key="failed_exports",
+            now=self.clock,
+        )
 
     @contextlib.contextmanager
     def exporting(self) -> Iterator[_Export]:
@@ -106,25 +114,12 @@ class ExportWatch:
 
     def ended(self, *, is_success: bool, complaint: str | None) -> None:
         """Count an export's result, logging an outage's start, reminders and end."""
-        with self._lock:
-            extra: dict[str, object] = {"signal": self.signal}
+        with self._lock:  # exports run on each signal's own thread, and on flushes'
             if is_success:
-                failed, self._failed = self._failed, 0
-                if failed:
-                    log.info(
-                        "telemetry.export_recovered", extra={**extra, "failed_exports": failed}
-                    )
-                return
-            self._failed += 1
-            now = self.clock()
-            extra["error"] = complaint or "the exporter said nothing"
-            if self._failed == 1:
-                self._logged_at = now
-                log.error("telemetry.export_failed", extra=extra)
-            elif now - self._logged_at >= _REPEAT_AFTER_S:
-                self._logged_at = now
-                extra["failed_exports"] = self._failed
-                log.warning("telemetry.export_still_failing", extra=extra)
+                self._episode.succeeded({"signal": self.signal})
+            else:
+                error = complaint or "the exporter said nothing"
+                self._episode.failed({"signal": self.signal, "error": error})
 
 
 class WatchedSpanExporter(SpanExporter):
