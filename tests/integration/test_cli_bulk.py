@@ -1044,15 +1044,23 @@ async def test_batch_lines_with_unusable_tools_are_skipped_with_why(
 ):
     """A line whose tools cannot be read is reported and skipped, not run without them."""
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    source.write_text(json.dumps({"id": "a", "prompt": "hi", **extra}) + "\n")
-    argv = (str(source), "-o", str(output), "--address", gateway.server.address)
-    code = await batch.batch_command(parse(batch, "batch", *argv, "--model", FAKE_MODEL))
+    code, skipped = await _batch_of_one_line(
+        source, output, gateway, capsys, {"id": "a", "prompt": "hi", **extra}
+    )
     assert code == 1
-    skipped = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
     assert len(skipped) == 1
     assert f"{source}:1: skipped: " in skipped[0]
     assert reason in skipped[0]
     assert upstream.requests == []
+
+
+async def _batch_of_one_line(source, output, gateway, capsys, line) -> tuple[int, list[str]]:
+    """`llm-gateway batch` of `line` alone, written to `source`, into `output`: its exit
+    status and the lines it printed about lines it skipped."""
+    source.write_text(json.dumps(line) + "\n")
+    argv = (str(source), "-o", str(output), "--address", gateway.server.address)
+    code = await batch.batch_command(parse(batch, "batch", *argv, "--model", FAKE_MODEL))
+    return code, [text for text in capsys.readouterr().err.splitlines() if "skipped" in text]
 
 
 @pytest.mark.parametrize(
@@ -1075,11 +1083,10 @@ async def test_batch_lines_whose_labels_or_model_are_not_text_are_skipped_with_w
     "None", an object as its Python repr, so the call ran and its cost was recorded
     under a label nobody wrote."""
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    source.write_text(json.dumps({"id": "a", "prompt": "hi", **extra}) + "\n")
-    argv = (str(source), "-o", str(output), "--address", gateway.server.address)
-    code = await batch.batch_command(parse(batch, "batch", *argv, "--model", FAKE_MODEL))
+    code, skipped = await _batch_of_one_line(
+        source, output, gateway, capsys, {"id": "a", "prompt": "hi", **extra}
+    )
     assert code == 1
-    skipped = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
     assert skipped == [f"{source}:1: skipped: {reason}"]
     assert output.read_text() == ""
     assert upstream.requests == []
@@ -1093,11 +1100,8 @@ async def test_a_batch_line_with_both_prompt_and_messages_is_skipped_with_why(
     messages alone."""
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     line = {"id": "a", "prompt": "the question", "messages": [{"content": "another one"}]}
-    source.write_text(json.dumps(line) + "\n")
-    argv = (str(source), "-o", str(output), "--address", gateway.server.address)
-    code = await batch.batch_command(parse(batch, "batch", *argv, "--model", FAKE_MODEL))
+    code, skipped = await _batch_of_one_line(source, output, gateway, capsys, line)
     assert code == 1
-    skipped = [text for text in capsys.readouterr().err.splitlines() if "skipped" in text]
     assert skipped == [f"{source}:1: skipped: give 'prompt' or 'messages', not both"]
     assert output.read_text() == ""
     assert upstream.requests == []

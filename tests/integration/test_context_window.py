@@ -95,6 +95,16 @@ async def test_none_mode_rejects_with_estimate_and_limit(upstream_small, start_g
     assert upstream_small.requests == []
 
 
+async def _refused_over_the_window(gateway, request: pb.CompleteRequest) -> tuple[str, str]:
+    """The field and description of `request`'s refusal as over its model's window."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(request)
+    details = error_details(caught.value)
+    assert details.reason == "CONTEXT_WINDOW_EXCEEDED"
+    ((field, description),) = details.field_violations
+    return field, description
+
+
 async def test_none_mode_suggests_no_truncation_that_could_not_fit(upstream_small, start_gateway):
     """A last user message too long for the window by itself, with truncation off: the
     refusal says what KEEP_RECENT would still need and suggests what would help (a
@@ -110,11 +120,7 @@ async def test_none_mode_suggests_no_truncation_that_could_not_fit(upstream_smal
         params=pb.GenerationParams(max_tokens=100),
         truncation=pb.TruncationPolicy(mode=pb.TRUNCATION_MODE_NONE),
     )
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await gateway.stub.Complete(request)
-    details = error_details(caught.value)
-    assert details.reason == "CONTEXT_WINDOW_EXCEEDED"
-    ((field, description),) = details.field_violations
+    field, description = await _refused_over_the_window(gateway, request)
     assert field == "messages"
     assert "use TRUNCATION_MODE_KEEP_RECENT" not in description
     assert "TRUNCATION_MODE_KEEP_RECENT would still need" in description
@@ -343,11 +349,7 @@ async def test_a_prompt_over_the_window_only_with_max_tokens_names_lowering_it(
         params=pb.GenerationParams(max_tokens=WINDOW - 50),
         truncation=pb.TruncationPolicy(mode=mode),
     )
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await gateway.stub.Complete(request)
-    details = error_details(caught.value)
-    assert details.reason == "CONTEXT_WINDOW_EXCEEDED"
-    ((field, description),) = details.field_violations
+    field, description = await _refused_over_the_window(gateway, request)
     assert field == "messages"
     assert "shorten" in description
     assert f"lower params.max_tokens ({WINDOW - 50})" in description

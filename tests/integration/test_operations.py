@@ -40,6 +40,17 @@ async def test_health_reports_serving_for_server_and_service(gateway):
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def _stop_with_a_call_in_flight(gateway, fake: FakeUpstream) -> None:
+    """Stop `gateway` (a 30 s grace) while a call to `fake`, a slow upstream, is in
+    flight; the call is answered whole and the stop ends long before the grace."""
+    call = asyncio.ensure_future(gateway.stub.Complete(chat()))
+    while not fake.requests:
+        await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):  # a hang guard, far inside the grace
+        await gateway.server.stop(grace_s=30)
+    assert (await call).content == "Hello from fake"
+
+
 async def test_stopping_ends_health_watches_once_the_last_call_is_done(start_gateway):
     """A health Watch stream (one per connection for clients balancing with health checks)
     does not hold the server for the whole grace: the call in flight finishes, the watch
@@ -49,12 +60,7 @@ async def test_stopping_ends_health_watches_once_the_last_call_is_done(start_gat
         health = health_pb2_grpc.HealthStub(gateway.channel)
         watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-        call = asyncio.ensure_future(gateway.stub.Complete(chat()))
-        while not fake.requests:
-            await asyncio.sleep(0.01)
-        async with asyncio.timeout(10):  # a hang guard, far inside the grace
-            await gateway.server.stop(grace_s=30)
-        assert (await call).content == "Hello from fake"
+        await _stop_with_a_call_in_flight(gateway, fake)
         statuses = []
         async with asyncio.timeout(10):
             while (update := await watch.read()) is not grpc.aio.EOF:
@@ -73,12 +79,7 @@ async def test_stopping_ends_reflection_streams_once_the_last_call_is_done(start
         await session.write(reflection_pb2.ServerReflectionRequest(list_services=""))
         listed = (await session.read()).list_services_response.service
         assert "llmgateway.v1.CompletionService" in [s.name for s in listed]
-        call = asyncio.ensure_future(gateway.stub.Complete(chat()))
-        while not fake.requests:
-            await asyncio.sleep(0.01)
-        async with asyncio.timeout(10):  # a hang guard, far inside the grace
-            await gateway.server.stop(grace_s=30)
-        assert (await call).content == "Hello from fake"
+        await _stop_with_a_call_in_flight(gateway, fake)
         assert await session.read() is grpc.aio.EOF
         assert await session.code() == grpc.StatusCode.OK
 
