@@ -24,7 +24,6 @@ Exit status: 0 when every line was valid and every item succeeded, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import io
 import json
@@ -41,7 +40,7 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway_client.client import GatewayClient, build_request
-from gateway_client.commands.complete import ctrl_c_interrupts
+from gateway_client.commands.complete import ctrl_c_interrupts, stdin_bytes
 from gateway_client.connection import (
     DEFAULT_MODEL,
     add_connection_arguments,
@@ -308,10 +307,8 @@ def read_input(path: Path, default_model: str) -> BatchInput:
 
 def read_stdin(default_model: str) -> BatchInput:
     """`read_lines` of standard input, decoded as a file is."""
-    if sys.stdin is None:  # closed (`<&-`)
-        raise OSError(errno.EBADF, "standard input is closed")
     # Read through to its end here, once: a pipe cannot be read again.
-    lines = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="replace")
+    lines = io.TextIOWrapper(stdin_bytes(), encoding="utf-8-sig", errors="replace")
     try:
         with ctrl_c_interrupts():
             return read_lines(lines, default_model)

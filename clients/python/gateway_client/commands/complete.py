@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 
@@ -89,6 +89,17 @@ def ctrl_c_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def stdin_bytes() -> BinaryIO:
+    """Standard input's bytes, to read.
+
+    Raises:
+        OSError: standard input is closed (`<&-`): Python sets none up.
+    """
+    if sys.stdin is None:
+        raise OSError(errno.EBADF, "standard input is closed")
+    return sys.stdin.buffer
+
+
 def stdin_text() -> str:
     """Standard input as text, bytes that are not UTF-8 replaced (as a file argument is
     read): strict decoding would end the command with a traceback.
@@ -96,10 +107,9 @@ def stdin_text() -> str:
     Raises:
         OSError: standard input is closed (`<&-`), or cannot be read.
     """
-    if sys.stdin is None:  # closed: Python sets none up
-        raise OSError(errno.EBADF, "standard input is closed")
+    source = stdin_bytes()
     with ctrl_c_interrupts():
-        data = sys.stdin.buffer.read()
+        data = source.read()
     return data.decode("utf-8", errors="replace")
 
 
