@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -301,14 +303,21 @@ PROMETHEUS_PEER = {
 }
 
 
+def _selects(policy: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a NetworkPolicy's podSelector matches pods carrying `labels`."""
+    selector: dict[str, str] = policy["spec"]["podSelector"]["matchLabels"]
+    return selector.items() <= labels.items()
+
+
+def _policy_for(component: str) -> dict[str, Any]:
+    """The one NetworkPolicy that selects the pods of a component's Deployment."""
+    (policy,) = [p for p in _of_kind("NetworkPolicy") if _selects(p, _pod_labels(component))]
+    return policy
+
+
 def _network_policy() -> dict[str, Any]:
     """The NetworkPolicy that selects the gateway pods."""
-    (policy,) = [
-        p
-        for p in _of_kind("NetworkPolicy")
-        if p["spec"]["podSelector"]["matchLabels"].items() <= _pod_labels("server").items()
-    ]
-    return policy
+    return _policy_for("server")
 
 
 def _admits(rule: dict[str, Any], port: dict[str, Any]) -> bool:
@@ -353,7 +362,8 @@ def _policy_problems(policy: dict[str, Any], container: dict[str, Any]) -> list[
 def test_the_network_policy_admits_each_port_as_meant() -> None:
     """networkpolicy.yaml selects the gateway pods and admits the gRPC port from anywhere
     and each worker's metrics port only from Prometheus in the monitoring namespace,
-    every port by exactly one rule; egress is left open (upstreams, Redis, DNS).
+    every port by exactly one rule; egress is left open on purpose (internet upstreams,
+    and a Redis, collector or upstream wherever the config points: README, Network policy).
 
     Before, no policy shipped: the per-tenant metrics were open to the whole cluster."""
     policy = _network_policy()
@@ -406,30 +416,24 @@ def _gateway_peer() -> dict[str, Any]:
 
 def _redis_network_policy() -> dict[str, Any]:
     """The NetworkPolicy that selects the demo Redis's pods."""
-    (policy,) = [
-        p
-        for p in _of_kind("NetworkPolicy")
-        if p["spec"]["podSelector"]["matchLabels"].items() <= _pod_labels("redis").items()
-    ]
-    return policy
+    return _policy_for("redis")
 
 
 def _redis_ports() -> list[dict[str, Any]]:
     """Every port the demo Redis's pod declares (one per server)."""
-    (deployment,) = [
-        d
-        for d in _of_kind("Deployment")
-        if d["spec"]["template"]["metadata"]["labels"] == _pod_labels("redis")
-    ]
-    return [port for container in _containers(deployment) for port in container["ports"]]
+    containers = _containers(_deployment_of("redis"))
+    return [port for container in containers for port in container["ports"]]
 
 
 def _redis_policy_problems(policy: dict[str, Any]) -> list[str]:
     """How the Redis policy differs from its intent: each Redis port admitted by exactly one
-    rule, from the gateway's pods only, and no rule naming a port the pods lack."""
+    rule, from the gateway's pods only, no rule naming a port the pods lack, and no
+    connection out at all (Egress guarded, no egress rule)."""
     problems: list[str] = []
-    if policy["spec"].get("policyTypes") != ["Ingress"]:
-        problems.append(f"policyTypes {policy['spec'].get('policyTypes')}: ingress unguarded")
+    if policy["spec"].get("policyTypes") != ["Ingress", "Egress"]:
+        problems.append(f"policyTypes {policy['spec'].get('policyTypes')}: a direction unguarded")
+    if policy["spec"].get("egress"):
+        problems.append(f"egress {policy['spec']['egress']}: Redis needs no connection out")
     rules = policy["spec"].get("ingress", [])
     for port in _redis_ports():
         who = [
@@ -447,11 +451,13 @@ def _redis_policy_problems(policy: dict[str, Any]) -> list[str]:
     return problems
 
 
-def test_the_redis_network_policy_admits_only_the_gateway() -> None:
-    """redis.yaml's policy selects the demo Redis's pods and admits both servers' ports
-    (state and cache) only from the pods of the gateway's Deployment, in its namespace.
+def test_the_redis_network_policy_admits_only_the_gateway_and_lets_nothing_out() -> None:
+    """redis.yaml's policy selects the demo Redis's pods, admits both servers' ports
+    (state and cache) only from the pods of the gateway's Deployment, in its namespace,
+    and denies the pod every connection out.
 
-    Before, Redis (no password, the ledger and caller keys in it) was open to every pod."""
+    Before, Redis (no password, the ledger and caller keys in it) was open to every pod;
+    then its egress stayed open, so a Redis taken over could reach anything."""
     policy = _redis_network_policy()
     assert [p["name"] for p in _redis_ports()] == ["redis", "redis-cache"]
     assert _gateway_peer()["podSelector"]["matchLabels"].items() <= _pod_labels("server").items()
@@ -472,6 +478,9 @@ def test_the_redis_network_policy_admits_only_the_gateway() -> None:
         lambda spec: spec["ingress"].append({"ports": [{"port": "redis", "protocol": "TCP"}]}),
         lambda spec: spec["ingress"].append({}),
         lambda spec: spec.update(policyTypes=["Egress"]),
+        lambda spec: spec.update(policyTypes=["Ingress"]),
+        lambda spec: spec.update(egress=[{}]),
+        lambda spec: spec.update(egress=[{"ports": [{"port": 53, "protocol": "UDP"}]}]),
     ],
     ids=[
         "open-to-all",
@@ -483,14 +492,187 @@ def test_the_redis_network_policy_admits_only_the_gateway() -> None:
         "state-port-open-to-all",
         "a-rule-for-every-port",
         "ingress-not-guarded",
+        "egress-not-guarded",
+        "egress-to-anywhere",
+        "egress-to-dns",
     ],
 )
 def test_the_redis_network_policy_check_catches_a_port_opened_wider(mutate: Any) -> None:
     """The check above fails on a copy of the Redis policy opened to more than the gateway's
-    pods, or leaving one of its servers out."""
+    pods, leaving one of its servers out, or letting the pod connect anywhere."""
     policy = _redis_network_policy()
     mutate(policy["spec"])
     assert _redis_policy_problems(policy)
+
+
+# Envoy's pods: the gRPC listener open to every source, as the gateway's own gRPC port is
+# (narrowing one alone protects nothing), and nothing else in; out, only the gateway pods'
+# gRPC port and the cluster DNS (kube-dns in kube-system, UDP and TCP).
+DNS_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+}
+DNS_PORTS = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+
+
+def _envoy_ports() -> list[dict[str, Any]]:
+    """Every port the Envoy pods declare."""
+    containers = _containers(_deployment_of("envoy"))
+    return [port for container in containers for port in container["ports"]]
+
+
+def _envoy_admin_port() -> dict[str, Any]:
+    """envoy.yaml's admin API, as a port an ingress rule might admit."""
+    address = _envoy()["admin"]["address"]["socket_address"]
+    return {"name": "admin", "containerPort": address["port_value"], "protocol": "TCP"}
+
+
+def _gateway_grpc_port() -> int:
+    """The gateway pods' port that the headless Service (Envoy's cluster) targets."""
+    (service_port,) = _service("llm-gateway-headless")["spec"]["ports"]
+    container = _gateway_container(_gateway_deployments()[0])
+    (port,) = [p for p in container["ports"] if p["name"] == service_port["targetPort"]]
+    return int(port["containerPort"])
+
+
+def _envoy_egress() -> list[dict[str, Any]]:
+    """The egress rules Envoy's pods need, and no more."""
+    return [
+        {"to": [_gateway_peer()], "ports": [{"port": _gateway_grpc_port(), "protocol": "TCP"}]},
+        {"to": [DNS_PEER], "ports": DNS_PORTS},
+    ]
+
+
+def _envoy_policy_problems(policy: dict[str, Any]) -> list[str]:
+    """How the Envoy policy differs from its intent: each declared port admitted by exactly
+    one rule, open to all; the admin port by none; no rule naming a port the pods lack;
+    egress exactly the gateway pods' gRPC port and DNS."""
+    spec = policy["spec"]
+    problems: list[str] = []
+    if spec.get("policyTypes") != ["Ingress", "Egress"]:
+        problems.append(f"policyTypes {spec.get('policyTypes')}: a direction unguarded")
+    rules = spec.get("ingress", [])
+    for port in _envoy_ports():
+        who = [_who(r) for r in rules if _admits(r, port)]
+        if who != [OPEN_TO_ALL]:
+            problems.append(f"{port['name']}: {who}, not [{OPEN_TO_ALL}]")
+    if any(_admits(r, _envoy_admin_port()) for r in rules):
+        problems.append("the admin port is admitted from outside the pod")
+    named = {p["name"] for p in _envoy_ports()}
+    for rule in rules:
+        for port in rule.get("ports", []):
+            if isinstance(port.get("port"), str) and port["port"] not in named:
+                problems.append(f"{port['port']}: names no port of the Envoy pods")
+    if spec.get("egress") != _envoy_egress():
+        problems.append(f"egress {spec.get('egress')}, not {_envoy_egress()}")
+    return problems
+
+
+def test_the_envoy_network_policy_admits_grpc_and_lets_out_only_the_gateway_and_dns() -> None:
+    """deploy/envoy's policy selects the Envoy pods, admits their gRPC port from every
+    source and no other (the admin API on loopback), and lets them reach only the port
+    envoy.yaml's cluster calls on the gateway pods, and the cluster DNS that resolves it.
+
+    Before, no policy selected Envoy's pods: every port in and every connection out open."""
+    policy = _policy_for("envoy")
+    assert not _selects(policy, _pod_labels("server"))
+    assert _envoy_policy_problems(policy) == []
+    (listener,) = _envoy()["static_resources"]["listeners"]
+    (envoy_grpc,) = [p for p in _envoy_ports() if p["name"] == "grpc"]
+    assert listener["address"]["socket_address"]["port_value"] == envoy_grpc["containerPort"]
+    assert _envoy()["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    assert {p["containerPort"] for p in _envoy_ports()} == {envoy_grpc["containerPort"]}
+    (cluster,) = _envoy()["static_resources"]["clusters"]
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"]["socket_address"]["port_value"] == _gateway_grpc_port()
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda spec: spec["ingress"][0].update({"from": [{"podSelector": {}}]}),
+        lambda spec: spec["ingress"][0]["ports"].append({"port": 9901, "protocol": "TCP"}),
+        lambda spec: spec["ingress"].append({}),
+        lambda spec: spec["ingress"][0]["ports"].append({"port": "admin", "protocol": "TCP"}),
+        lambda spec: spec.update(policyTypes=["Ingress"]),
+        lambda spec: spec["egress"].append({}),
+        lambda spec: spec["egress"][0].pop("to"),
+        lambda spec: spec["egress"][0]["to"][0]["podSelector"]["matchLabels"].pop(
+            "app.kubernetes.io/component"
+        ),
+        lambda spec: spec["egress"][0]["ports"][0].update(port=6379),
+        lambda spec: spec["egress"][1]["to"][0].pop("namespaceSelector"),
+        lambda spec: spec["egress"][1]["ports"].pop(),
+    ],
+    ids=[
+        "grpc-from-the-namespace-only",
+        "admin-port-admitted",
+        "a-rule-for-every-port",
+        "a-port-not-declared",
+        "egress-not-guarded",
+        "egress-to-anywhere",
+        "gateway-port-to-anyone",
+        "every-llm-gateway-pod-redis-too",
+        "redis-port-not-grpc",
+        "dns-in-this-namespace",
+        "dns-over-udp-only",
+    ],
+)
+def test_the_envoy_network_policy_check_catches_a_rule_gone_wrong(mutate: Any) -> None:
+    """The check above fails on a copy of the Envoy policy that narrows gRPC, admits the
+    admin port or another, or lets the pods reach more (or less) than the gateway and DNS."""
+    policy = _policy_for("envoy")
+    mutate(policy["spec"])
+    assert _envoy_policy_problems(policy)
+
+
+# Which directions each component's policy guards: the gateway's egress is left open on
+# purpose (README, Network policy); Envoy's and the demo Redis's are held both ways.
+GUARDED = {"server": ["Ingress"], "envoy": ["Ingress", "Egress"], "redis": ["Ingress", "Egress"]}
+
+
+def _policies_by_component(manifests: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """For each Deployment among `manifests`, by its pods' component label: the names of
+    the NetworkPolicies among them that select its pods."""
+    policies = [m for m in manifests if m["kind"] == "NetworkPolicy"]
+    selected: dict[str, list[str]] = {}
+    for deployment in (m for m in manifests if m["kind"] == "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        names = [p["metadata"]["name"] for p in policies if _selects(p, labels)]
+        selected[labels["app.kubernetes.io/component"]] = names
+    return selected
+
+
+def test_every_pod_is_selected_by_one_network_policy_guarding_what_it_should() -> None:
+    """Each Deployment's pods (by the labels its template puts on them) are selected by
+    exactly one NetworkPolicy, which guards the directions GUARDED names, and no policy
+    selects pods no Deployment makes."""
+    manifests = list(_manifests())
+    selected = _policies_by_component(manifests)
+    assert set(selected) == set(GUARDED)
+    for component, names in selected.items():
+        assert len(names) == 1, (component, names)
+        assert _policy_for(component)["spec"]["policyTypes"] == GUARDED[component]
+    policies = {m["metadata"]["name"] for m in manifests if m["kind"] == "NetworkPolicy"}
+    assert policies == {name for names in selected.values() for name in names}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (its kustomize)")
+@pytest.mark.parametrize("directory", [KUBE, ENVOY], ids=["kubernetes", "envoy"])
+def test_each_kustomization_builds_valid_objects_with_every_pod_under_a_policy(
+    directory: Path,
+) -> None:
+    """`kubectl kustomize` of each kustomization gives objects valid for the API, and each
+    Deployment it makes has its pods selected by exactly one of the policies it makes."""
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(directory)], check=True, capture_output=True, text=True
+    ).stdout
+    manifests = [m for m in yaml.safe_load_all(built) if m is not None]
+    for manifest in manifests:
+        kubernetes_validate.validate(manifest, KUBERNETES_VERSIONS[-1], strict=True)
+    selected = _policies_by_component(manifests)
+    assert selected
+    assert all(len(names) == 1 for names in selected.values()), selected
 
 
 def test_every_upstream_key_comes_from_the_secret() -> None:
@@ -524,12 +706,18 @@ def test_every_container_is_non_root_with_resources() -> None:
             assert security["capabilities"]["drop"] == ["ALL"]
 
 
-def _pod_labels(component: str) -> dict[str, str]:
+def _deployment_of(component: str) -> dict[str, Any]:
+    """The Deployment whose pods carry app.kubernetes.io/component: `component`."""
     for deployment in _of_kind("Deployment"):
-        labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
         if labels.get("app.kubernetes.io/component") == component:
-            return labels
+            return deployment
     raise AssertionError(f"no Deployment for component {component}")
+
+
+def _pod_labels(component: str) -> dict[str, str]:
+    labels: dict[str, str] = _deployment_of(component)["spec"]["template"]["metadata"]["labels"]
+    return labels
 
 
 def _service(name: str) -> dict[str, Any]:
@@ -577,6 +765,8 @@ def test_kustomization_lists_every_manifest_but_the_secret_example() -> None:
     assert {"name": "config", "configMap": {"name": generator["name"]}} in volumes
     envoy_kustomization = _kustomization(ENVOY)
     assert envoy_kustomization["configMapGenerator"][0]["files"] == ["envoy.yaml"]
+    envoy_manifests = {p.name for p in ENVOY.glob("*.yaml")} - {"kustomization.yaml", "envoy.yaml"}
+    assert set(envoy_kustomization["resources"]) == envoy_manifests
 
 
 def test_secret_example_holds_only_placeholders() -> None:
