@@ -60,6 +60,8 @@ _NO_PARAMETERS = orjson.Fragment(b'{"type":"object","properties":{}}')
 
 
 _NO_HINTS = RateLimitHints()
+# The text a choice's message or delta may carry of an answer (besides its tool calls).
+_TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
 # The index of tool-call pieces sent without one (Gemini's OpenAI-compatible streams send
 # each call whole, with no index): a piece with a new id begins the next call.
 _NO_INDEX = -1
@@ -432,14 +434,31 @@ def _refusal(message: dict[str, Any]) -> str:
     return value or ""
 
 
-def _choices_by_index(choices: list[Any]) -> dict[int, dict[str, Any]]:
-    """An answer's or an event's choices by index (absent or null is 0), the first of each."""
+def _choices_by_index(choices: list[Any], part: str) -> dict[int, dict[str, Any]]:
+    """An answer's or an event's choices by index (absent or null is 0), the first of each,
+    but for those that carry nothing in their `part` (`message`, or a stream's `delta`)."""
     by_index: dict[int, dict[str, Any]] = {}
     for choice in choices:
         if not isinstance(choice, dict):
             raise MalformedReply("choices is not a list of objects")
-        by_index.setdefault(_index_of(choice), choice)
+        if _carries_something(choice, part):
+            by_index.setdefault(_index_of(choice), choice)
     return by_index
+
+
+def _carries_something(choice: dict[str, Any], part: str) -> bool:
+    """Whether a choice has a finish reason, or text, tool calls, a refusal or reasoning in
+    its `part`. One with none is no choice: some proxies send an empty `delta` at index 0
+    beside an answer numbered from 1, which counted as a second choice and failed it. A
+    field of the wrong type counts, to fail as malformed where it is read."""
+    if choice.get("finish_reason"):
+        return True
+    fields = choice.get(part)
+    if not isinstance(fields, dict):
+        return False
+    return fields.get("tool_calls") not in (None, []) or any(
+        fields.get(name) not in (None, "") for name in _TEXT_FIELDS
+    )
 
 
 def _index_of(choice: dict[str, Any]) -> int:
@@ -476,7 +495,9 @@ def parse_completion(
         raise MalformedReply("no choices")
     # Others are other completions' (`n` is never sent), whatever order they are listed in:
     # the answer is picked as a stream's is, so that both relay the same one.
-    by_index = _choices_by_index(choices)
+    by_index = _choices_by_index(choices, "message")
+    if not by_index:  # only empty choices: none says why it finished
+        raise MalformedReply("no finish reason")
     choice = by_index[_answer_index(by_index)]
     message = choice.get("message")
     if not isinstance(message, dict):
@@ -580,12 +601,15 @@ class StreamParser:
         """The answer's choice in an event: the first event with choices picks it as a unary
         answer's is picked; None in an event with only other completions' beside index 0's.
         A stream whose answer is at another index may name no other choice after it, but
-        index 0 before anything of the other was taken: then index 0's is the answer."""
+        index 0 before anything of the other was taken: then index 0's is the answer.
+        Choices that carry nothing (`_carries_something`) neither pick nor name an index."""
         if len(choices) == 1 and self._index is not None:  # nearly every event: one choice
             first = choices[0]
             if isinstance(first, dict) and _index_of(first) == self._index:
                 return first
-        by_index = _choices_by_index(choices)
+        by_index = _choices_by_index(choices, "delta")
+        if not by_index:  # only empty choices, at whatever index: nothing of any answer
+            return None
         if self._index is None:
             self._index = _answer_index(by_index)
         elif self._index and 0 in by_index and not self._has_relayed and not self._tool_calls:

@@ -227,6 +227,28 @@ async def test_a_unary_answer_is_the_choice_at_index_0_as_a_streams_is(start_gat
     assert response.metadata.finish_reason == pb.FINISH_REASON_STOP
 
 
+@pytest.mark.parametrize("empty_first", [True, False], ids=["empty-0-first", "empty-0-last"])
+async def test_a_unary_answer_numbered_1_beside_an_empty_choice_at_0_is_relayed(
+    start_gateway, empty_first
+):
+    """A choice at index 0 that carries nothing (no text, no finish reason) beside the
+    answer at index 1 is no choice, as in a stream: the answer at 1 is relayed. Before,
+    the empty one was taken for the answer and the call failed without a finish reason."""
+    completion = plain_completion({"prompt_tokens": 3, "completion_tokens": 1})
+    empty = {"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": None}
+    answer = {**completion["choices"][0], "index": 1}
+    completion["choices"] = [empty, answer] if empty_first else [answer, empty]
+
+    async def answer_with(request: web.Request) -> web.Response:
+        return web.json_response(completion)
+
+    async with serving(answer_with) as base_url:
+        gw = await start_gateway(gateway_config(base_url))
+        response = await gw.stub.Complete(chat(), timeout=10)
+    assert response.content == "plain"
+    assert response.metadata.finish_reason == pb.FINISH_REASON_STOP
+
+
 async def test_an_answer_whose_only_choice_is_numbered_1_is_relayed_unary_and_streamed(
     stub, upstream
 ):

@@ -458,6 +458,27 @@ async def test_node_example_takes_an_option_joined_to_its_value(
     assert {request.body["messages"][0]["content"] for request in upstream.requests} == {"hi"}
 
 
+async def test_node_example_refuses_an_option_whose_value_is_the_next_option(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`--api-key --model gemma` is an option without its value, exit status 2 before any
+    call, naming it but never the word after it (it may be a key); a value that begins
+    with `--` goes as `--api-key=VALUE`. Before, "--model" went out as the caller key, and
+    "gemma Say hi" as the prompt, to the default model."""
+    example = node_scenarios.with_name("example.js")
+    address = ("--address", gateway.server.address)
+    for flag, after in [("--api-key", "--model"), ("--model", "--tls"), ("--api-key", "--sk-a")]:
+        returncode, stdout, stderr = await run_process(example, *address, flag, after, "hi")
+        assert returncode == 2
+        assert f"example: {flag} needs a value, not an option" in stderr
+        assert f"goes as {flag}=VALUE" in stderr
+        assert "sk-a" not in stderr
+        assert stdout == ""
+    assert upstream.requests == []
+    await run_program(example, *address, "--model=fake-model", "--api-key=--not-an-option", "hi")
+    assert [request.body["model"] for request in upstream.requests] == ["fake-model"] * 2
+
+
 async def test_node_stream_read_after_its_call_failed_throws_the_failure(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -341,6 +341,9 @@ MALFORMED_CALLS: list[tuple[Any, dict[str, Any], type[Exception], str]] = [
     ("hi", {"stop": [1]}, TypeError, "stop: expected a str or a list of str, got list"),
     ("hi", {"max_tokens": 2**40}, ValueError, "max_tokens: Value out of range: 1099511627776"),
     ("hi", {"max_token": 5}, TypeError, "unexpected keyword argument 'max_token' (generation"),
+    ("hi", {"model": 5}, TypeError, "model: expected a str, got int"),
+    ("hi", {"labels": {"team": 5}}, TypeError, "labels['team']: expected a str, got int"),
+    ("hi", {"labels": {5: "x"}}, TypeError, "labels[5]: the key must be a str, got int"),
 ]
 
 
@@ -350,17 +353,19 @@ async def test_a_malformed_turn_or_parameter_is_named_before_any_call(
     gateway: RunningGateway,
     case: tuple[Any, dict[str, Any], type[Exception], str],
 ) -> None:
-    """A turn that is no (role, content) pair nor a Message, or a parameter of the wrong
-    type, is a TypeError (a ValueError for a value out of range) naming the argument, the
-    turn's index and what it takes, before any call, unary and streamed. Before, a string
-    was unpacked as a pair (role 'j'), a 1-tuple raised IndexError, a dict KeyError, and
-    `max_tokens="5"` a TypeError from protobuf naming neither."""
+    """A turn that is no (role, content) pair nor a Message, or a parameter, model or label
+    of the wrong type, is a TypeError (a ValueError for a value out of range) naming the
+    argument, the turn's index or the label and what it takes, before any call, unary and
+    streamed. Before, a string was unpacked as a pair (role 'j'), a 1-tuple raised
+    IndexError, a dict KeyError, and `max_tokens="5"`, `model=5` or a label of 5 a
+    TypeError from protobuf naming neither."""
     prompt, options, error, message = case
+    options = {"model": FAKE_MODEL, **options}
     async with GatewayClient(gateway.server.address) as client:
         with pytest.raises(error) as unary:
-            await client.complete(prompt, model=FAKE_MODEL, **options)
+            await client.complete(prompt, **options)
         with pytest.raises(error) as streamed:
-            client.stream(prompt, model=FAKE_MODEL, **options)
+            client.stream(prompt, **options)
     assert str(unary.value).startswith(message)
     assert str(streamed.value) == str(unary.value)
     assert upstream.requests == []

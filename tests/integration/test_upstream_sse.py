@@ -376,17 +376,39 @@ async def test_only_the_first_choice_is_relayed_when_an_event_carries_others(
     await relayed_cleanly(start_gateway, body, "Hello")
 
 
+def at(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    """An event with one choice, at `index`."""
+    choice = {"index": index, "delta": delta, "finish_reason": finish}
+    return event({"id": "c1", "model": FAKE_MODEL, "choices": [choice]})
+
+
+@pytest.mark.parametrize(
+    "empty", [pytest.param({}, id="empty-delta"), pytest.param({"content": ""}, id="no-text")]
+)
+async def test_an_empty_index_0_chunk_after_an_answer_numbered_1_is_no_second_choice(
+    start_gateway: Callable[..., Any], empty: dict[str, Any]
+) -> None:
+    """A stream answered at index 1, then a chunk at index 0 carrying nothing (some proxies
+    send one): the answer is relayed whole, with its finish and usage. Before, the empty
+    chunk counted as a second choice and the stream failed as malformed after its text."""
+    answer = at(1, {"role": "assistant"}) + at(1, {"content": "Hel"}) + at(1, {"content": "lo"})
+    body = answer + at(1, {}, "stop") + at(0, empty) + USAGE + DONE
+    final = await relayed_cleanly(start_gateway, body, "Hello")
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    "between", [pytest.param(b"", id="alone"), pytest.param(at(0, {}), id="empty-0-between")]
+)
 async def test_a_stream_naming_two_choices_none_at_0_fails_saying_so(
-    start_gateway: Callable[..., Any],
+    start_gateway: Callable[..., Any], between: bytes
 ) -> None:
     """Chunks of choices 1 and 2 and none at 0: which is the answer is unknown, so the
-    stream fails as a malformed answer does, naming the indexes, rather than splicing them."""
-
-    def at(index: int, content: str, finish: str | None = None) -> bytes:
-        choice = {"index": index, "delta": {"content": content}, "finish_reason": finish}
-        return event({"id": "c1", "model": FAKE_MODEL, "choices": [choice]})
-
-    body = at(1, "He") + at(2, "ZZ") + at(1, "llo", "stop") + USAGE + DONE
+    stream fails as a malformed answer does, naming the indexes, rather than splicing them;
+    an empty chunk at index 0 between them changes nothing."""
+    second = at(2, {"content": "ZZ"})
+    body = at(1, {"content": "He"}) + between + second + at(1, {"content": "llo"}, "stop")
+    body += USAGE + DONE
     async with SSEUpstream(body) as url:
         gateway = await start_gateway(gateway_config(url))
         text, final, error = await relay(gateway, chat_stream("hi"))

@@ -641,10 +641,12 @@ def indexed_event(*choices: tuple[int | None, str]) -> str:
 
 
 def indexed_answer(*choices: tuple[int | None, str]) -> bytes:
-    """A unary answer with a choice for each (index, text) pair."""
+    """A unary answer with a choice for each (index, text) pair; an empty text is a choice
+    that carries nothing (no finish reason either)."""
     return completion_json(
         choices=[
-            {"index": i, "message": {"content": t}, "finish_reason": "stop"} for i, t in choices
+            {"index": i, "message": {"content": t}, "finish_reason": "stop" if t else None}
+            for i, t in choices
         ]
     )
 
@@ -661,7 +663,14 @@ _INDEXED_STREAMS = [
     pytest.param([[(1, "a"), (2, "x")], [(1, ".")]], None, id="1-and-2-together"),
     pytest.param([[(1, "a")], [(0, "x")], [(1, ".")]], None, id="1-then-0"),
     pytest.param([[(1, "")], [(0, "a")], [(0, ".")]], "a.", id="1s-role-then-0"),
-    pytest.param([[(1, "")], [(2, "a")], [(2, ".")]], None, id="1s-role-then-2"),
+    # A choice that carries nothing (an empty role event here) names no index.
+    pytest.param([[(1, "")], [(2, "a")], [(2, ".")]], "a.", id="1s-role-then-2"),
+    pytest.param([[(1, "a")], [(1, ".")], [(0, "")]], "a.", id="1-then-empty-0"),
+    pytest.param([[(1, "a")], [(0, "")], [(1, ".")]], "a.", id="1-empty-0-then-1"),
+    pytest.param([[(0, "")], [(1, "a")], [(1, ".")]], "a.", id="empty-0-then-1"),
+    pytest.param([[(1, "a"), (0, "")], [(1, ".")]], "a.", id="1-beside-empty-0"),
+    pytest.param([[(0, ""), (1, "a"), (2, "x")], [(1, ".")]], None, id="empty-0-1-and-2"),
+    pytest.param([[(1, "a")], [(0, "")], [(2, "x")], [(1, ".")]], None, id="1-empty-0-then-2"),
 ]
 
 
@@ -706,6 +715,9 @@ def test_stream_parser_takes_index_0_after_another_finished_with_nothing_relayed
         pytest.param([(1, "a")], "a", id="only-index-1"),
         pytest.param([(1, "x"), (0, "a")], "a", id="another-listed-first"),
         pytest.param([(1, "a"), (2, "x")], None, id="1-and-2"),
+        pytest.param([(0, ""), (1, "a")], "a", id="empty-0-then-1"),
+        pytest.param([(1, "a"), (0, "")], "a", id="1-then-empty-0"),
+        pytest.param([(0, ""), (1, "a"), (2, "x")], None, id="empty-0-1-and-2"),
     ],
 )
 def test_parse_completion_takes_the_choice_a_stream_would(
@@ -717,6 +729,69 @@ def test_parse_completion_takes_the_choice_a_stream_would(
             parse_completion(indexed_answer(*choices))
     else:
         assert parse_completion(indexed_answer(*choices)).content == text
+
+
+def test_parse_completion_with_only_empty_choices_has_no_finish_reason() -> None:
+    """Choices that carry nothing are no answer: malformed, as one without a finish is."""
+    with pytest.raises(MalformedReply, match="no finish reason"):
+        parse_completion(indexed_answer((0, ""), (1, "")))
+
+
+def index_0_after_index_1(choice: dict[str, Any]) -> list[str]:
+    """A stream answered at index 1, with `choice` (at index 0) after its text."""
+    return [indexed_event((1, "a")), json.dumps({"choices": [choice]}), indexed_event((1, "."))]
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        pytest.param({"index": 0, "delta": {}}, id="empty-delta"),
+        pytest.param({"index": 0, "delta": {"content": ""}}, id="empty-content"),
+        pytest.param({"index": 0, "delta": {"content": None}}, id="null-content"),
+        pytest.param({"index": 0, "delta": {"role": "assistant"}}, id="role-only"),
+        pytest.param({"index": 0, "delta": {"tool_calls": []}}, id="no-tool-calls"),
+        pytest.param(
+            {"index": 0, "delta": {"refusal": None, "reasoning_content": "", "reasoning": None}},
+            id="no-refusal-nor-reasoning",
+        ),
+        pytest.param({"index": 0, "delta": None, "finish_reason": None}, id="null-delta"),
+        pytest.param({"index": 0, "finish_reason": ""}, id="no-delta"),
+    ],
+)
+def test_stream_parser_ignores_an_index_0_choice_that_carries_nothing(
+    choice: dict[str, Any],
+) -> None:
+    """An empty index-0 choice after an answer at index 1 (some proxies send one) is no
+    second choice: the answer is relayed whole. Before, it failed the stream."""
+    parser = StreamParser()
+    chunks = [parser.parse(data) for data in index_0_after_index_1(choice)]
+    parser.end()
+    assert "".join(c.content for c in chunks if c is not None) == "a."
+    assert parser.finish_reason is FinishReason.STOP
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        pytest.param({"index": 0, "delta": {}, "finish_reason": "stop"}, id="finish"),
+        pytest.param({"index": 0, "delta": {"refusal": "no"}}, id="refusal"),
+        pytest.param({"index": 0, "delta": {"reasoning_content": "hm"}}, id="reasoning"),
+        pytest.param({"index": 0, "delta": {"reasoning": "hm"}}, id="openrouter-reasoning"),
+        pytest.param(
+            {"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "t"}]}}, id="tool-call"
+        ),
+        pytest.param({"index": 0, "delta": {"content": 0}}, id="content-not-a-string"),
+    ],
+)
+def test_stream_parser_fails_on_an_index_0_choice_that_carries_something(
+    choice: dict[str, Any],
+) -> None:
+    """An index-0 choice with a finish, a refusal, reasoning, a tool call (or a field not
+    of its type) after some of index 1's answer is a second choice: malformed, not spliced."""
+    parser = StreamParser()
+    with pytest.raises(MalformedReply, match="followed by choices at 0"):
+        for data in index_0_after_index_1(choice):
+            parser.parse(data)
 
 
 @pytest.mark.parametrize(

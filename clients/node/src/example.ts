@@ -15,8 +15,10 @@
  * TLS takes the Python CLI's options and variables: `--tls` ($LLM_GATEWAY_TLS) verifies the
  * gateway against the system's CAs, `--ca-file` ($LLM_GATEWAY_CA_FILE) against this CA,
  * and `--cert-file` with `--key-file` ($LLM_GATEWAY_CERT_FILE, $LLM_GATEWAY_KEY_FILE) add a
- * client certificate (mutual TLS). An option's value follows it or an `=` (`--model=NAME`).
- * A bad option (an unknown one too) exits 2, a failed call 1.
+ * client certificate (mutual TLS). An option's value follows it or an `=` (`--model=NAME`);
+ * a value that begins with `--` only after an `=` (`--api-key=--KEY`): after a space it is
+ * taken for the next option, and the one before it lacks its value.
+ * A bad option (an unknown one too, or one without its value) exits 2, a failed call 1.
  */
 import { GatewayCallError, GatewayClient, Role, TlsOptions } from "./client";
 
@@ -66,6 +68,13 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Args {
       const value = argv[++i];
       if (value === undefined) {
         throw new Error(`${flag} needs a value`);
+      }
+      // `--api-key --model gemma` would send "--model" as the key, and gemma as the prompt.
+      // The word is not repeated: it may be a key that does begin with --.
+      if (value.startsWith("--")) {
+        throw new Error(
+          `${flag} needs a value, not an option (a value that begins with -- goes as ${flag}=VALUE)`,
+        );
       }
       flags.set(flag, value);
     } else if (flag === "--") {

@@ -163,6 +163,36 @@ def _generation_params(params: Mapping[str, Any]) -> pb.GenerationParams:
     return pb.GenerationParams(**params)
 
 
+def _text_of(value: object, where: str) -> str:
+    """`value`, which a string field takes; `where` names it in errors ("model").
+
+    Raises:
+        TypeError: `value` is not a str (protobuf's own error names neither field nor type).
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{where}: expected a str, got {type(value).__name__}")
+    return value
+
+
+def _labels_of(labels: Mapping[str, str] | None) -> dict[str, str]:
+    """`labels` as a request's label map, each key and value checked to be a str.
+
+    Raises:
+        TypeError: naming the label (`labels['team']`) and the type its key or value got.
+    """
+    try:
+        pairs = dict(labels or {})
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"labels: expected a mapping of str to str, got {type(labels).__name__}"
+        ) from None
+    for key, value in pairs.items():
+        if not isinstance(key, str):
+            raise TypeError(f"labels[{key!r}]: the key must be a str, got {type(key).__name__}")
+        _text_of(value, f"labels[{key!r}]")
+    return pairs
+
+
 def cache_mode_value(name: str) -> pb.CacheMode.ValueType:
     """The `CacheMode` sent as `name` ("bypass", "no_store", ...)."""
     if name not in CACHE_MODES:
@@ -228,10 +258,10 @@ def build_request(
         # Protobuf would take the string as a sequence: each character a stop sequence.
         params["stop"] = [params["stop"]]
     return pb.CompleteRequest(
-        model=model,
+        model=_text_of(model, "model"),
         messages=_messages_of(prompt, system),
         params=_generation_params(params),
-        labels=dict(labels or {}),
+        labels=_labels_of(labels),
         tools=list(tools),
         tool_choice=tool_choice,
         cache=_cache_policy(cache, cache_ttl_s),
@@ -602,11 +632,11 @@ class GatewayClient:
         """Summarise a document of any length; `reasoning_effort` by name ("low")."""
         response: pb.SummarizeResponse = await self.stub.Summarize(
             pb.SummarizeRequest(
-                model=model,
+                model=_text_of(model, "model"),
                 document=document,
                 target_tokens=target_tokens,
                 instructions=instructions,
-                labels=dict(labels or {}),
+                labels=_labels_of(labels),
                 reasoning_effort=(
                     reasoning_effort_value(reasoning_effort)
                     if reasoning_effort
@@ -646,7 +676,9 @@ class GatewayClient:
         Raises:
             ValueError: `since` or `until` is naive, before any call.
         """
-        request = pb.GetUsageRequest(tenant=tenant, model=model, labels=dict(labels or {}))
+        request = pb.GetUsageRequest(
+            tenant=tenant, model=_text_of(model, "model"), labels=_labels_of(labels)
+        )
         if since is not None:
             request.start_time.FromDatetime(aware(since, name="since"))
         if until is not None:
