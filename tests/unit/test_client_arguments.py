@@ -51,3 +51,17 @@ async def test_summarize_and_usage_name_a_non_text_model_or_label(
         with pytest.raises(TypeError) as read:
             await client.usage(**arguments)
     assert str(summarized.value) == str(read.value) == message
+
+
+async def test_every_other_text_argument_is_named_when_not_a_str() -> None:
+    """The idempotency key, a summary's document and instructions, and the usage filter's
+    tenant are checked alike (protobuf's error named none of them)."""
+    with pytest.raises(TypeError, match=r"^idempotency_key: expected a str, got int$"):
+        build_request("hi", model="m", idempotency_key=5)  # type: ignore[arg-type]
+    async with GatewayClient("127.0.0.1:9", timeout_s=1) as client:
+        with pytest.raises(TypeError, match=r"^document: expected a str, got bytes$"):
+            await client.summarize(b"A document.", model="m")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"^instructions: expected a str, got NoneType$"):
+            await client.summarize("A document.", model="m", instructions=None)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"^tenant: expected a str, got int$"):
+            await client.usage(tenant=7)  # type: ignore[arg-type]

@@ -266,7 +266,7 @@ def build_request(
         tool_choice=tool_choice,
         cache=_cache_policy(cache, cache_ttl_s),
         truncation=_truncation_policy(truncation),
-        idempotency_key=idempotency_key,
+        idempotency_key=_text_of(idempotency_key, "idempotency_key"),
     )
 
 
@@ -633,9 +633,9 @@ class GatewayClient:
         response: pb.SummarizeResponse = await self.stub.Summarize(
             pb.SummarizeRequest(
                 model=_text_of(model, "model"),
-                document=document,
+                document=_text_of(document, "document"),
                 target_tokens=target_tokens,
-                instructions=instructions,
+                instructions=_text_of(instructions, "instructions"),
                 labels=_labels_of(labels),
                 reasoning_effort=(
                     reasoning_effort_value(reasoning_effort)
@@ -677,7 +677,9 @@ class GatewayClient:
             ValueError: `since` or `until` is naive, before any call.
         """
         request = pb.GetUsageRequest(
-            tenant=tenant, model=_text_of(model, "model"), labels=_labels_of(labels)
+            tenant=_text_of(tenant, "tenant"),
+            model=_text_of(model, "model"),
+            labels=_labels_of(labels),
         )
         if since is not None:
             request.start_time.FromDatetime(aware(since, name="since"))
