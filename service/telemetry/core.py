@@ -546,12 +546,6 @@ class Telemetry:
         self.instruments.cost.add(completion.cost_usd, request.tenant, request.model)
         if completion.is_cache_hit:
             self.record_cache_hit(model=request.model)
-            if completion.timings.upstream_ms:
-                # A coalesced follower waited on another caller's upstream call: that wait
-                # is upstream time, not the gateway's overhead.
-                scope = CURRENT_RPC.get()
-                if scope is not None:
-                    scope.waited(completion.timings.upstream_ms / 1000.0)
 
     def record_token_usage(self, attributes: Mapping[str, Any], usage: Usage) -> None:
         """One upstream call's (or lost attempt's) tokens as billed, on
