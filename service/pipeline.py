@@ -321,6 +321,7 @@ class Pipeline:
                     completion = await cache.complete(
                         request, fetch=fetch, deadline=deadline, key=key
                     )
+                    _count_shared_wait(completion)
                     completion = _with_dropped(completion, prepared.dropped)
                     self._on_answered()
                 # Accounted per caller: a cache hit or a coalesced call records 0 cost.
@@ -601,6 +602,7 @@ class Pipeline:
                     async for event in events:
                         if isinstance(event, Completion):
                             self._on_answered()
+                            _count_shared_wait(event)
                             owed.completion = None
                             completion = _with_dropped(event, prepared.dropped)
                             await self.account(request, completion, admitted_s=hold.admitted_s)
@@ -673,6 +675,16 @@ class Pipeline:
                 if log.lost:
                     await self._account_lost(prepared, log, owed, hold)
         yield completion
+
+
+def _count_shared_wait(completion: Completion) -> None:
+    """Leave a coalesced follower's wait on another caller's upstream call out of its
+    overhead, as that caller's own is: its `upstream_ms` and the `queued_ms` its shared
+    call spent in its upstream's limiter (read before a batch item's turn is added)."""
+    if completion.is_cache_hit:
+        waited_ms = completion.timings.upstream_ms + completion.timings.queued_ms
+        if waited_ms:  # 0 for an answer read from the store
+            telemetry().waited_on_upstream(waited_ms / _MS)
 
 
 def _queued_before(completion: Completion, waited_ms: float) -> Completion:

@@ -63,6 +63,8 @@ from service.ledger import UsageFilter, UsageRow, total_of
 from service.pipeline import REPEATABLE_MAX_BYTES, Pipeline, PreparedRequest, RepeatKey
 from service.summarize import Summarizer, SummaryRequest
 from service.telemetry import (
+    add_rpc_queued_ms,
+    mark_multi_call_rpc,
     ms_since_rpc_start,
     rpc_queued_ms,
     set_rpc_queued_ms,
@@ -379,8 +381,7 @@ def timed_from_arrival(timings: pb.Timings) -> None:
             timings.time_to_first_token_ms += before_ms
             set_rpc_time_to_first_token(timings.time_to_first_token_ms)
         timings.queued_ms += min(rpc_queued_ms(), before_ms)  # 0 for most calls: none queued
-    # Even when it did not queue for admission: a summary's span held its last call's
-    # figure, not the summary's.
+    # Even when it did not queue for admission: a summary's span has none of its calls'.
     set_rpc_queued_ms(timings.queued_ms)
 
 
@@ -785,6 +786,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
         request: pb.CompleteBatchRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pb.CompleteBatchResponse]:
+        mark_multi_call_rpc()
         tenant = tenant_of(context)
         principal = current_principal()
         pacer = current_pacer()
@@ -836,6 +838,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                 elif event.completion is not None:
                     response = response_to_proto(event.completion)
                     item_timed_from_arrival(response.metadata.timings)
+                    add_rpc_queued_ms(response.metadata.timings.queued_ms)
                     yield pb.CompleteBatchResponse(
                         result=pb.BatchItemResult(id=event.id, index=event.index, response=response)
                     )
@@ -851,6 +854,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
     async def Summarize(
         self, request: pb.SummarizeRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.SummarizeResponse:
+        mark_multi_call_rpc()
         checked = _checked_for(request)
         validated = checked.summary if checked is not None else None
         summary = await self._summarizer.summarize(

@@ -184,14 +184,20 @@ class CachedAnswer:
             raise EntryDecodeError(type(exc).__name__) from exc
 
     def served_from_cache(
-        self, *, total_ms: float, first_token_ms: float, upstream_ms: float = 0.0
+        self, *, total_ms: float, first_token_ms: float, waited_ms: float = 0.0
     ) -> Completion:
         """The completion as a cache hit reports it: nothing charged, the cost saved.
 
-        `upstream_ms`: how long the caller waited on an upstream call another caller
-        made (a coalesced follower), 0 for an answer read from the store.
+        `waited_ms`: how long the caller waited on an upstream call another caller made
+        (a coalesced follower), 0 for an answer read from the store. It is split as that
+        call's own timings split it: its `upstream_ms` taken as the last of the wait,
+        ending as the answer came, and its `queued_ms` (its wait in its upstream's
+        limiter) just before, as the leader queued before it went upstream. Any rest
+        (the leader's own work) is the gateway's, as it is the leader's.
         """
         completion = self.completion
+        upstream_ms = min(waited_ms, completion.timings.upstream_ms)
+        queued_ms = min(waited_ms - upstream_ms, completion.timings.queued_ms)
         # Built field by field: `dataclasses.replace` costs twice as much on every hit.
         return Completion(
             id=completion.id,
@@ -203,7 +209,10 @@ class CachedAnswer:
             upstream=completion.upstream,
             attempts=0,
             timings=Timings(
-                total_ms=total_ms, upstream_ms=upstream_ms, time_to_first_token_ms=first_token_ms
+                total_ms=total_ms,
+                upstream_ms=upstream_ms,
+                time_to_first_token_ms=first_token_ms,
+                queued_ms=queued_ms,
             ),
             saved_cost_usd=completion.cost_usd,
             is_cache_hit=True,

@@ -330,7 +330,7 @@ class ResponseCache:
             return answer.completion
         elapsed = self._elapsed_ms(started)
         return answer.served_from_cache(
-            total_ms=elapsed, first_token_ms=elapsed, upstream_ms=self._elapsed_ms(joined)
+            total_ms=elapsed, first_token_ms=elapsed, waited_ms=self._elapsed_ms(joined)
         )
 
     async def stream(
@@ -421,7 +421,7 @@ class ResponseCache:
                 yield answer.served_from_cache(
                     total_ms=elapsed,
                     first_token_ms=elapsed if first_token_ms is None else first_token_ms,
-                    upstream_ms=self._elapsed_ms(joined),
+                    waited_ms=self._elapsed_ms(joined),
                 )
             return
 

@@ -21,6 +21,8 @@ from service.telemetry.setup import TelemetrySetupError
 from service.telemetry.tracing import (
     OVERHEAD_TRAILER,
     RpcScope,
+    add_rpc_queued_ms,
+    mark_multi_call_rpc,
     ms_since_rpc_start,
     rpc_queued_ms,
     set_rpc_queued_ms,
@@ -35,6 +37,8 @@ __all__ = [
     "TelemetrySetupError",
     "activate",
     "active",
+    "add_rpc_queued_ms",
+    "mark_multi_call_rpc",
     "ms_since_rpc_start",
     "record_cache_hit",
     "record_retry",

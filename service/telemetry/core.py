@@ -528,11 +528,14 @@ class Telemetry:
                 attr.CACHE_HIT: completion.is_cache_hit,
                 attr.UPSTREAM: completion.upstream,
                 attr.ATTEMPTS: completion.attempts,
-                attr.TIME_TO_FIRST_TOKEN_MS: completion.timings.time_to_first_token_ms,
-                attr.QUEUED_MS: completion.timings.queued_ms,
                 attr.TENANT: request.tenant,
             }
             scope = CURRENT_RPC.get()
+            if scope is None or scope.span is not span or not scope.is_multi_call:
+                # One call's figures: a batch's or a summary's span has the RPC's queued
+                # time instead (set by the servicer), and each call has its attempt span.
+                attributes[attr.TIME_TO_FIRST_TOKEN_MS] = completion.timings.time_to_first_token_ms
+                attributes[attr.QUEUED_MS] = completion.timings.queued_ms
             if scope is not None and scope.span is span:
                 # The RPC's own span: set with the rest of its attributes when it ends.
                 # A batch or a summary makes several calls in one RPC: they add up.
@@ -543,12 +546,6 @@ class Telemetry:
         self.instruments.cost.add(completion.cost_usd, request.tenant, request.model)
         if completion.is_cache_hit:
             self.record_cache_hit(model=request.model)
-            if completion.timings.upstream_ms:
-                # A coalesced follower waited on another caller's upstream call: that wait
-                # is upstream time, not the gateway's overhead.
-                scope = CURRENT_RPC.get()
-                if scope is not None:
-                    scope.waited(completion.timings.upstream_ms / 1000.0)
 
     def record_token_usage(self, attributes: Mapping[str, Any], usage: Usage) -> None:
         """One upstream call's (or lost attempt's) tokens as billed, on

@@ -167,6 +167,9 @@ class RpcScope:
     upstream_waits: list[tuple[float, float]] = field(default_factory=list)
     # Its wait in the server's admission queue (`server.max_queued_calls`), if it queued.
     queued_s: float = 0.0
+    # Whether it makes several upstream calls (a batch, a summary): its span sums their
+    # usage, and one call's time to first token or queued time would mis-state it.
+    is_multi_call: bool = False
     status_code: int = 0
     error_type: str | None = None
     # Attributes for the span, set in one call when it ends: each `set_attribute(s)`
@@ -226,12 +229,30 @@ def rpc_queued_ms() -> float:
     return 0.0 if scope is None else scope.queued_s * 1000.0
 
 
-def set_rpc_queued_ms(ms: float) -> None:
-    """Put `ms` on the current RPC's span as its queued time, where its completion set one:
-    the response's figure, its wait for admission included."""
+def mark_multi_call_rpc() -> None:
+    """Mark the current RPC as one that makes several upstream calls (`CompleteBatch`,
+    `Summarize`): its span gets the RPC's queued time (`set_rpc_queued_ms`,
+    `add_rpc_queued_ms`) and no time to first token: one call's would say nothing of it,
+    and each call has its own attempt span."""
     scope = CURRENT_RPC.get()
-    if scope is not None and QUEUED_MS in scope.attributes:
+    if scope is not None:
+        scope.is_multi_call = True
+
+
+def set_rpc_queued_ms(ms: float) -> None:
+    """Put `ms` on the current RPC's span as its queued time: the response's figure, its
+    wait for admission included."""
+    scope = CURRENT_RPC.get()
+    if scope is not None and scope.span.is_recording():
         scope.attributes[QUEUED_MS] = ms
+
+
+def add_rpc_queued_ms(ms: float) -> None:
+    """Add `ms` to the current RPC's queued time on its span: a batch's is the sum of its
+    items' (each as its result reports it), as its tokens and cost are."""
+    scope = CURRENT_RPC.get()
+    if scope is not None and scope.span.is_recording():
+        scope.attributes[QUEUED_MS] = scope.attributes.get(QUEUED_MS, 0.0) + ms
 
 
 def set_rpc_time_to_first_token(ms: float) -> None:

@@ -16,12 +16,20 @@ import redis.asyncio as aioredis
 from llmgateway.v1 import gateway_pb2 as pb
 from service.cache import ResponseCache
 from service.cache.entry import _ENTRY_VERSION
-from service.config import MAX_TTL_S
-from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
+from service.config import MAX_TTL_S, parse_config
+from tests.conftest import (
+    FAKE_MODEL,
+    RunningGateway,
+    chat,
+    chat_stream,
+    gateway_config,
+    gateway_config_data,
+)
 from tests.fake_upstream import CutStream, EndWithoutDone, FakeUpstream, Reply, Status
 from tests.integration.test_resilience import error_details
 from tests.redis_server import RedisServer
-from tests.telemetry_support import captured_telemetry
+from tests.scripted_upstream import ScriptedUpstream, user_text
+from tests.telemetry_support import attributes_of, captured_telemetry
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -495,6 +503,76 @@ async def test_a_caller_following_anothers_upstream_call_counts_the_wait_as_upst
     assert follower.timings.upstream_ms >= 250
     assert follower.timings.total_ms >= 300
     assert overhead < 0.5 * follower.timings.total_ms
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_follower_counts_its_leaders_wait_in_the_limiter_as_queued(
+    start_gateway: Callable[..., Any], is_stream: bool
+) -> None:
+    """A follower that joins while its leader waits in the upstream's limiter (its
+    `max_concurrency` of 1 held by another call) splits its wait as the leader's timings
+    split the call: the limiter's part is its `queued_ms`, its `upstream_ms` no more than
+    the leader's; its span says the same, and its overhead trailer leaves both out.
+
+    Before, its whole wait was `upstream_ms` and its `queued_ms` 0: behind a leader queued
+    314 ms and upstream 201 ms, a follower reported 512 ms upstream."""
+
+    def respond(body: dict[str, Any]) -> Reply | None:
+        return Reply(content="shared", delay_s=0.1) if user_text(body) == "shared" else None
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
+        data = gateway_config_data(upstream.base_url, cache={"backend": "memory"})
+        data["upstreams"][0].update(max_concurrency=1, max_connections=1)
+        captured = captured_telemetry()
+        gateway = await start_gateway(
+            parse_config(data, source="<test>", environ={}), telemetry=captured.telemetry
+        )
+        cache = cache_of(gateway)
+
+        async def call() -> tuple[pb.CompletionMetadata, float]:
+            if is_stream:
+                stream = gateway.stub.CompleteStream(chat_stream("shared", params=DETERMINISTIC))
+                metadata = [e async for e in stream][-1].final
+                trailers = await stream.trailing_metadata()
+            else:
+                unary = gateway.stub.Complete(ask("shared"))
+                metadata = (await unary).metadata
+                trailers = await unary.trailing_metadata()
+            return metadata, float(dict(trailers)["llm-gateway-overhead-ms"])
+
+        upstream.gate.clear()  # the other call holds the upstream's one slot
+        holder = asyncio.ensure_future(gateway.stub.Complete(chat("hold the upstream")))
+        await upstream.wait_until(lambda: upstream.in_flight == 1)
+        leading = asyncio.ensure_future(call())
+        await eventually(lambda: cache.following == 1)
+        following = asyncio.ensure_future(call())
+        await eventually(lambda: cache.following == 2)
+        await asyncio.sleep(0.1)  # both wait, the leader in the limiter
+        upstream.gate.set()
+        await holder
+        (leader, _), (follower, overhead) = await leading, await following
+        rpc_span = "llmgateway.v1.CompletionService/" + (
+            "CompleteStream" if is_stream else "Complete"
+        )
+
+        def follower_span() -> dict[str, Any] | None:
+            for span in captured.spans():
+                attributes = attributes_of(span)
+                if span.name == rpc_span and attributes.get("llm_gateway.cache.hit"):
+                    return attributes
+            return None
+
+        await eventually(lambda: follower_span() is not None)
+    assert (leader.cache_hit, follower.cache_hit) == (False, True)
+    assert len(upstream.requests) == 2
+    timings = follower.timings
+    assert 0 < timings.queued_ms <= leader.timings.queued_ms
+    assert timings.upstream_ms <= leader.timings.upstream_ms
+    assert timings.upstream_ms + timings.queued_ms <= timings.total_ms
+    assert follower_span()["llm_gateway.queued_ms"] == pytest.approx(timings.queued_ms)
+    assert overhead == pytest.approx(
+        timings.total_ms - timings.upstream_ms - timings.queued_ms, abs=50
+    )
 
 
 async def test_identical_requests_share_the_same_error(

@@ -1357,3 +1357,22 @@ async def test_a_summarys_span_carries_its_queued_time_not_its_last_calls(record
     assert response.upstream_calls > 1
     assert response.timings.queued_ms > 0
     assert attributes_of(span)["llm_gateway.queued_ms"] == response.timings.queued_ms
+
+
+async def test_a_summarys_span_has_no_time_to_first_token_of_one_call(recorder, start_gateway):
+    """A Summarize span carries no `llm_gateway.time_to_first_token_ms`: each of its
+    calls has its own attempt span, and its response no time to first token.
+
+    Before, it had the last call's (the combine's): a figure of one call among many, which
+    said nothing of when the summary's first token came (its response has none)."""
+    captured = captured_telemetry()
+    gateway = await start_gateway(config(recorder.base_url), telemetry=captured.telemetry)
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
+    )
+    rpc = attributes_of(await captured.ended("llmgateway.v1.CompletionService/Summarize"))
+    attempts = [attributes_of(s) for s in captured.spans() if s.name.startswith("chat ")]
+    assert response.upstream_calls > 1
+    assert "llm_gateway.time_to_first_token_ms" not in rpc
+    assert rpc["llm_gateway.queued_ms"] == response.timings.queued_ms
+    assert len(attempts) == response.upstream_calls

@@ -359,6 +359,28 @@ async def test_a_batch_span_carries_the_usage_and_cost_of_all_its_items(traced, 
     assert rpc["llm_gateway.attempts"] == 3
 
 
+async def test_a_batch_span_carries_its_items_queued_time_and_no_ones_first_token(
+    traced, captured, upstream
+):
+    """A batch's span has as `llm_gateway.queued_ms` its items' queued times summed, each
+    as its result reports it, and no `llm_gateway.time_to_first_token_ms`: each item's
+    upstream call has its own attempt span.
+
+    Before, both were the last item's: one item's wait for its turn and its first token,
+    a figure of no call the dashboard could tell apart from the batch's."""
+    upstream.script(*(Reply(delay_s=0.05) for _ in range(3)))
+    items = [pb.BatchItem(id=str(i), request=chat(f"question {i}")) for i in range(3)]
+    request = pb.CompleteBatchRequest(items=items, concurrency=1)  # each waits for the last
+    events = [e async for e in traced.stub.CompleteBatch(request)]
+    queued = sorted(e.result.response.metadata.timings.queued_ms for e in events[:-1])
+    rpc = attributes_of(await captured.ended("llmgateway.v1.CompletionService/CompleteBatch"))
+    attempts = [attributes_of(s) for s in captured.spans() if s.kind is SpanKind.CLIENT]
+    assert queued[0] < queued[1] < queued[2]
+    assert rpc["llm_gateway.queued_ms"] == pytest.approx(sum(queued))
+    assert "llm_gateway.time_to_first_token_ms" not in rpc
+    assert len(attempts) == 3
+
+
 async def test_a_batch_spans_cost_is_the_exact_sum_of_its_items(traced, captured, upstream):
     """Three items of $1,059.5037635 each (43 input tokens at $0.14 a million, 2,522,627,994
     output tokens at $0.42): the span says $3,178.5112905, as the summary and GetUsage do.

@@ -87,6 +87,30 @@ def test_served_from_cache_charges_nothing_and_reports_savings() -> None:
     assert (hit.content, hit.usage, hit.id) == (COMPLETION.content, COMPLETION.usage, "chatcmpl-1")
 
 
+@pytest.mark.parametrize(
+    ("waited_ms", "expected"),
+    [
+        (0.0, (0.0, 0.0)),  # read from the store: it waited on no call
+        (150.0, (150.0, 0.0)),  # joined while the leader was upstream
+        (350.0, (200.0, 150.0)),  # joined while the leader waited in the limiter
+        (600.0, (200.0, 300.0)),  # joined before: the rest was the leader's own work
+    ],
+)
+def test_a_followers_wait_splits_as_its_leaders_call(
+    waited_ms: float, expected: tuple[float, float]
+) -> None:
+    """A follower's wait on a leader that queued 300 ms in its upstream's limiter, then
+    was upstream 200 ms, is `(upstream_ms, queued_ms)` as the leader's, counted back from
+    the answer: the upstream part last, the limiter's before it."""
+    leader = dataclasses.replace(
+        COMPLETION, timings=Timings(total_ms=520.0, upstream_ms=200.0, queued_ms=300.0)
+    )
+    hit = CachedAnswer.of_unary(leader).served_from_cache(
+        total_ms=700.0, first_token_ms=700.0, waited_ms=waited_ms
+    )
+    assert (hit.timings.upstream_ms, hit.timings.queued_ms) == expected
+
+
 def test_served_from_cache_keeps_every_other_field() -> None:
     """Every field a hit does not override is the stored completion's (new fields too)."""
     hit = CachedAnswer.of_unary(COMPLETION).served_from_cache(total_ms=1.0, first_token_ms=0.5)

@@ -172,6 +172,8 @@ def test_public_surface():
         "TelemetrySetupError",
         "activate",
         "active",
+        "add_rpc_queued_ms",
+        "mark_multi_call_rpc",
         "ms_since_rpc_start",
         "record_cache_hit",
         "record_retry",
