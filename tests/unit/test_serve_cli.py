@@ -310,3 +310,15 @@ def test_empty_variables_are_unset_and_an_empty_config_flag_is_refused(
         main(["serve", "--config", ""])
     assert usage.value.code == 2
     assert "argument --config: names no file" in capsys.readouterr().err
+
+
+def test_a_log_level_flag_leaves_a_bad_variable_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--log-level` wins over `$LLM_GATEWAY_LOG_LEVEL`: a bad variable beside it is not
+    refused (the start goes on, here to the config's own error)."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("bogus: 1\n")
+    monkeypatch.setenv("LLM_GATEWAY_LOG_LEVEL", "verbose")
+    assert main(["serve", "--config", str(config), "--log-level", "warning"]) == 2
+    assert capsys.readouterr().err == f"llm-gateway: config error: {config}: bogus: unknown key\n"
