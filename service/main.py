@@ -12,6 +12,7 @@ from typing import Any
 from service import early_signals
 from service.config import COMMAND_LINE, ConfigError, GatewayConfig, load_config
 from service.logs import SUPERVISOR, configure_logging
+from service.option_variables import naming_variable, variable_default
 from service.workers import worker_count
 
 DEFAULT_CONFIG = "config/gateway.yaml"
@@ -57,8 +58,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log-level",
-        type=log_level,
-        default=os.environ.get("LLM_GATEWAY_LOG_LEVEL") or "INFO",
+        type=naming_variable(log_level),
+        default=variable_default("LLM_GATEWAY_LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: $LLM_GATEWAY_LOG_LEVEL or INFO)",
     )
 

@@ -48,7 +48,7 @@ from service.security import AuthRedis, build_caller_gate, check_caller_security
 from service.servicer import CompletionServicer
 from service.shared_limits import SharedLimits
 from service.telemetry import Telemetry, TelemetrySetupError, activate
-from service.telemetry.setup import MetricsListenError
+from service.telemetry.setup import MetricsHostError, MetricsListenError
 from service.telemetry.subscribers import observe_cache, observe_store_writes, subscribe_pool
 from service.tenant_limits import RedisTenantLimiter
 from service.upstream.client import UpstreamClient
@@ -376,6 +376,9 @@ class GatewayServer:
                 self.telemetry = Telemetry.from_config(self.config.telemetry, prices=prices)
             except TelemetrySetupError as exc:
                 raise ConfigError("environment", exc.variable, exc.problem) from None
+            except MetricsHostError as exc:
+                # `check` resolves no listen host: found here, still said as the config's.
+                raise self.config.error("telemetry.prometheus_host", str(exc)) from None
             except MetricsListenError as exc:
                 raise ListenError(str(exc)) from exc
         else:

@@ -13,8 +13,10 @@ a call: it costs dropped spans and a few log lines (`outages`), nothing more.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +64,16 @@ class TelemetrySetupError(Exception):
 
 class MetricsListenError(OSError):
     """The Prometheus endpoint cannot listen on its address (taken, not this host's)."""
+
+
+class MetricsHostError(MetricsListenError):
+    """`prometheus_host` is no address of this machine: no name resolves it, or it is
+    another host's. The config's fault, where a taken port is the machine's."""
+
+
+def _is_host_problem(exc: OSError) -> bool:
+    """Whether a listen failed for its host rather than its port."""
+    return isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
 
 
 def _names(environ: Mapping[str, str], key: str) -> list[str]:
@@ -272,7 +284,8 @@ def build_providers(
                 port, addr=config.prometheus_host, registry=registry
             )
         except OSError as exc:
-            raise MetricsListenError(
+            kind = MetricsHostError if _is_host_problem(exc) else MetricsListenError
+            raise kind(
                 f"cannot listen on {config.prometheus_host}:{port} for Prometheus metrics: "
                 f"{exc.strerror or exc}"
             ) from exc

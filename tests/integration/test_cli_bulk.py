@@ -15,7 +15,7 @@ import pytest
 from gateway_client.commands import batch, check, summarize
 from service.validation import MAX_CALLER_ID
 from tests.conftest import FAKE_MODEL, gateway_config
-from tests.fake_upstream import FakeUpstream, Reply, Status
+from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
 from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
 
 
@@ -848,6 +848,80 @@ async def test_batch_output_to_a_pipe_writes_each_result_there(tmp_path, scripte
         ("q2", "answer q2"),
     ]
     assert sorted(asked_ids(scripted)) == ids
+
+
+def batch_to_stdout(source, address, *options: str) -> list[str]:
+    """The real `llm-gateway batch SOURCE -o -` command line, with `options`."""
+    command = [sys.executable, "-m", "gateway_client.cli", "batch", str(source), "-o", "-"]
+    return [*command, "--address", address, "--model", FAKE_MODEL, *options]
+
+
+async def test_batch_output_dash_writes_the_results_to_stdout_and_all_else_to_stderr(
+    tmp_path, scripted, address
+):
+    """`-o -` writes each result line to standard output and nothing else there: the
+    progress bar and the summary go to stderr. Before, the results went to a file named
+    `-` in the current directory, and standard output stayed empty."""
+    source = tmp_path / "in.jsonl"
+    write_items(source, ["q1", "q2"])
+    process = await asyncio.create_subprocess_exec(
+        *batch_to_stdout(source, address), cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    records = [json.loads(line) for line in out.decode().splitlines()]
+    assert sorted((r["id"], r["content"]) for r in records) == [
+        ("q1", "answer q1"),
+        ("q2", "answer q2"),
+    ]
+    assert "done: 2 succeeded, 0 failed" in err.decode()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+async def test_batch_output_dash_writes_each_result_as_it_completes(tmp_path, scripted, address):
+    """With `-o -`, an answered item's line reaches standard output while another item is
+    still waiting on the upstream, not when the run ends."""
+    answer = scripted.respond
+    scripted.respond = lambda body: Hang() if user_text(body) == "ok q2" else answer(body)
+    source = tmp_path / "in.jsonl"
+    write_items(source, ["q1", "q2"])
+    process = await asyncio.create_subprocess_exec(
+        *batch_to_stdout(source, address, "--concurrency", "2", "--no-progress"), cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            first = await process.stdout.readline()
+        assert json.loads(first)["content"] == "answer q1"
+        assert scripted.in_flight == 1  # q2, held
+    finally:
+        process.kill()
+        await process.wait()
+
+
+async def test_retry_failed_with_output_to_stdout_is_a_usage_error(tmp_path, scripted, address):
+    """`--retry-failed` reads the earlier run's errors back from the output file, and
+    standard output keeps none: with `-o -` it is refused, exit 2 naming both options,
+    before any call. Before, it ran every item into a file named `-`."""
+    source = tmp_path / "in.jsonl"
+    write_items(source, ["q1"])
+    process = await asyncio.create_subprocess_exec(
+        *batch_to_stdout(source, address, "--retry-failed"), cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert process.returncode == 2
+    assert out == b""
+    assert err.decode().splitlines()[-1] == (
+        "llm-gateway batch: error: argument --retry-failed: not allowed with -o -: standard "
+        "output holds no earlier results to read back (give -o FILE)"
+    )
+    assert scripted.requests == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]
 
 
 async def run_batch_reading_stdin(lines: list[str], output, address) -> tuple[int, str]:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as dt
+import itertools
 import uuid
+from collections.abc import Callable
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway_client.cli import main as cli_main
+from gateway_client.commands import usage
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import MAX_BUDGET_USD, parse_config
 from service.domain import ToolCall
 from service.errors import RETRY_PUSHBACK_TRAILER
+from service.ledger import UsageFilter, UsageRow
 from service.pricing import cost_usd
 from service.store_cooldown import COOLDOWN_S
 from service.tokens import (
@@ -666,6 +671,58 @@ async def test_usage_command_ends_the_window_at_until(priced, capsys):
         assert code == 0
         totals.append(capsys.readouterr().out.splitlines()[-1].split()[:2])
     assert totals == [["TOTAL", "0"], ["TOTAL", "1"]]
+
+
+async def test_usage_command_takes_an_equal_relative_window_in_either_order(priced, capsys):
+    """`--until 1h --since 1h` is the same empty window as `--since 1h --until 1h`: both
+    are measured from one reading of the clock. Before, each option read the clock, so
+    with `--until` first the window ended a moment before it started: exit 2."""
+    await priced.stub.Complete(chat())
+    address = priced.server.address
+    tables = []
+    for window in (["--since", "1h", "--until", "1h"], ["--until", "1h", "--since", "1h"]):
+        code = await asyncio.to_thread(cli_main, ["usage", "--address", address, *window])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        tables.append(captured.out)
+    assert tables[0] == tables[1]
+    assert tables[0].splitlines()[-1].split()[:2] == ["TOTAL", "0"]
+
+
+def ticking_clock(start: dt.datetime) -> Callable[[], dt.datetime]:
+    """A wall clock a second later at each reading, from `start`."""
+    readings = itertools.count()
+    return lambda: start + dt.timedelta(seconds=next(readings))
+
+
+@pytest.mark.parametrize(
+    "window", [["--since", "2h", "--until", "1h"], ["--until", "1h", "--since", "2h"]]
+)
+async def test_usage_command_measures_relative_times_from_one_reading_of_the_clock(
+    priced, monkeypatch, window
+):
+    """`--since 2h --until 1h` asks the gateway for the hour from two hours to one hour
+    before the clock's one reading, in either order, however the clock moves meanwhile."""
+    asked: list[UsageFilter] = []
+    ledger = priced.server.pipeline.ledger
+    query = ledger.query
+
+    async def recording(usage_filter: UsageFilter) -> list[UsageRow]:
+        asked.append(usage_filter)
+        return await query(usage_filter)
+
+    monkeypatch.setattr(ledger, "query", recording)
+    now = dt.datetime(2026, 1, 1, 12, tzinfo=dt.UTC)
+    parser = argparse.ArgumentParser()
+    usage.register(parser.add_subparsers(), clock=ticking_clock(now))
+    args = parser.parse_args(["usage", "--address", priced.server.address, *window])
+
+    assert await usage.usage_command(args) == 0
+
+    hour_s = 3600
+    assert [(f.start_s, f.end_s) for f in asked] == [
+        (now.timestamp() - 2 * hour_s, now.timestamp() - hour_s)
+    ]
 
 
 @pytest.mark.redis

@@ -288,7 +288,9 @@ async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, sour
     _, err = await asyncio.wait_for(cli.communicate(), timeout=30)
     text = err.decode()
     assert cli.returncode == 2
-    assert "argument --api-key: the caller key has characters" in text.splitlines()[-1]
+    # The variable, when it gave the key: the user never typed --api-key.
+    named = "argument --api-key" if args else "environment variable LLM_GATEWAY_API_KEY"
+    assert f"{named}: the caller key has characters" in text.splitlines()[-1]
     assert "Traceback" not in text
     assert "do-not-print-me" not in text
     assert upstream.requests == []
@@ -383,7 +385,9 @@ async def test_an_override_variable_misnamed_is_a_config_error(upstream, tmp_pat
 
 @pytest.mark.parametrize("source", ["--log-level", "LLM_GATEWAY_LOG_LEVEL"])
 async def test_an_unknown_log_level_is_a_usage_error(upstream, tmp_path, source):
-    """`--log-level LOUD` (or the variable) exits 2 with one line, before anything starts."""
+    """`--log-level LOUD` (or the variable) exits 2 with one line naming the flag (or the
+    variable) and the levels, before anything starts. Before, the variable's value was
+    blamed on `--log-level`, an option the user never typed."""
     config = _write_config(tmp_path, upstream.base_url)
     if source == "--log-level":
         process = await _spawn("serve", "--config", str(config), "--log-level", "LOUD")
@@ -392,8 +396,9 @@ async def test_an_unknown_log_level_is_a_usage_error(upstream, tmp_path, source)
     _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
     text = stderr.decode()
     assert process.returncode == 2
+    named = "argument --log-level" if source == "--log-level" else f"environment variable {source}"
     assert text.splitlines()[-1].endswith(
-        "argument --log-level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+        f"{named}: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
     )
     assert "Traceback" not in text
 

@@ -112,13 +112,49 @@ def test_a_certificate_without_its_key_is_a_usage_error(tmp_path: Path, capsys) 
         assert "--cert-file and --key-file go together" in capsys.readouterr().err
 
 
-def test_an_unreadable_pem_file_from_the_environment_is_a_usage_error(
-    tmp_path: Path, capsys
+@pytest.mark.parametrize("flag", ["--ca-file", "--cert-file", "--key-file"])
+def test_an_unreadable_pem_file_from_the_environment_is_a_usage_error_naming_it(
+    tmp_path: Path, capsys, flag: str
 ) -> None:
+    """The variable is named, not the flag the user never typed."""
+    variable = "LLM_GATEWAY_" + flag.removeprefix("--").replace("-", "_").upper()
+    gone = tmp_path / "gone.pem"
     with pytest.raises(SystemExit) as caught:
-        parse(environ={"LLM_GATEWAY_CA_FILE": str(tmp_path / "gone.pem")})
+        parse(environ={variable: str(gone)})
     assert caught.value.code == 2
-    assert "cannot read" in capsys.readouterr().err
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(
+            f"error: environment variable {variable}: cannot read {gone}: No such file or directory"
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        ((), "environment variable LLM_GATEWAY_ADDRESS"),
+        (("--address", "gw:70000"), "argument --address"),
+    ],
+)
+def test_a_refused_address_names_where_it_came_from(argv, named: str, capsys) -> None:
+    """An address refused from $LLM_GATEWAY_ADDRESS names the variable; from --address
+    (which wins over the variable), the flag. Before, both named --address."""
+    with pytest.raises(SystemExit) as caught:
+        parse(*argv, environ={"LLM_GATEWAY_ADDRESS": "gw:70000"})
+    assert caught.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(f"error: {named}: 'gw:70000': the port must be 0..65535")
+    )
+
+
+def test_a_flag_given_leaves_its_variable_unread() -> None:
+    """A bad variable is no error when its flag is given: the flag wins."""
+    args = parse("--address", "gw:1", environ={"LLM_GATEWAY_ADDRESS": "gw:70000"})
+    assert args.address == "gw:1"
 
 
 def test_a_stale_pem_variable_does_not_stop_commands_that_take_no_tls(

@@ -200,6 +200,31 @@ def test_a_taken_prometheus_port_exits_1_naming_it(
     assert "Traceback" not in err
 
 
+# No name resolves the first (RFC 6761); the second is another host's (TEST-NET-1).
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "192.0.2.7"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_prometheus_host_of_no_address_here_is_a_config_error_naming_it(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], host: str, workers: str
+) -> None:
+    """A `telemetry.prometheus_host` the endpoint cannot listen on (unresolvable, or not
+    this machine's) exits 2 naming the file and the key, from `serve` or its workers.
+
+    `check` resolves no listen host, so only the start finds it. Before, it was a
+    listen failure (status 1) naming neither file nor key, as a taken port is."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n"
+        f"telemetry: {{prometheus_port: 0, prometheus_host: '{host}'}}\n"
+    )
+    assert main(["serve", "--config", str(config), "--workers", workers]) == 2
+    err = capfd.readouterr().err
+    assert (
+        f"llm-gateway: config error: {config}: telemetry.prometheus_host: "
+        f"cannot listen on {host}:0 for Prometheus metrics: "
+    ) in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("text", "named"),
     [
@@ -310,3 +335,15 @@ def test_empty_variables_are_unset_and_an_empty_config_flag_is_refused(
         main(["serve", "--config", ""])
     assert usage.value.code == 2
     assert "argument --config: names no file" in capsys.readouterr().err
+
+
+def test_a_log_level_flag_leaves_a_bad_variable_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--log-level` wins over `$LLM_GATEWAY_LOG_LEVEL`: a bad variable beside it is not
+    refused (the start goes on, here to the config's own error)."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("bogus: 1\n")
+    monkeypatch.setenv("LLM_GATEWAY_LOG_LEVEL", "verbose")
+    assert main(["serve", "--config", str(config), "--log-level", "warning"]) == 2
+    assert capsys.readouterr().err == f"llm-gateway: config error: {config}: bogus: unknown key\n"

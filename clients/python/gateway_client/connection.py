@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway_client.client import authorization_metadata, check_address, tls_credentials
+from service.option_variables import naming_variable, variable_default
 
 # `--model` left out: the model the quick start's gateway serves with no provider key set
 # (`local_model.model`). clients/node/src/example.ts defaults to the same.
@@ -81,14 +82,14 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """--address, --api-key and TLS, shared by every command that calls the gateway."""
     parser.add_argument(
         "--address",
-        default=os.environ.get("LLM_GATEWAY_ADDRESS") or "127.0.0.1:50051",
-        type=gateway_address,
+        default=variable_default("LLM_GATEWAY_ADDRESS", "127.0.0.1:50051"),
+        type=naming_variable(gateway_address),
         help="gateway HOST:PORT (default: $LLM_GATEWAY_ADDRESS or 127.0.0.1:50051)",
     )
     parser.add_argument(
         "--api-key",
-        default=os.environ.get("LLM_GATEWAY_API_KEY"),
-        type=caller_key,
+        default=variable_default("LLM_GATEWAY_API_KEY"),
+        type=naming_variable(caller_key),
         help="caller key (default: $LLM_GATEWAY_API_KEY)",
     )
     tls = parser.add_argument_group("TLS (a gateway with server.tls)")
@@ -112,8 +113,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         # run: a stale variable is then a usage error there, not a crash of every command.
         tls.add_argument(
             flag,
-            type=pem_file,
-            default=os.environ.get(variable) or None,
+            type=naming_variable(pem_file),
+            default=variable_default(variable),
             metavar="PEM",
             help=f"{what} (default: ${variable})",
         )

@@ -1,15 +1,17 @@
 """`llm-gateway batch INPUT.jsonl -o OUTPUT.jsonl`: many completions, resumable.
 
-INPUT `-` reads the lines from standard input. Each input line is a JSON object with an
-`id` and either a `prompt` (plus optional `system`), `messages` (a list of {"role",
-"content"}), or `request` (a CompleteRequest in proto3 JSON). Optional: `model` (else
---model), `max_tokens`, `temperature`, `top_p`, `seed`, `reasoning_effort` ("low", "max",
-...), `labels` (string values), and `tools` and `tool_choice` as a `request` gives them
-(proto3 JSON: [{"name", "description", "parameters": "<JSON Schema as text>"}], {"mode":
-"TOOL_CHOICE_MODE_REQUIRED"} or {"function_name": "..."}). Lines that cannot be used are
-reported with their line numbers and skipped. Other fields are left out without a word
-(datasets carry their own), but one a misspelling away from a known one (`max_token`) is
-named on stderr, once a run.
+INPUT `-` reads the lines from standard input, and OUTPUT `-` writes the results to
+standard output (nothing to resume from there, so not with `--retry-failed`). Each input
+line is a JSON object with an `id` and either a `prompt` (plus optional `system`),
+`messages` (a list of {"role", "content"}), or `request` (a CompleteRequest in proto3
+JSON). Optional: `model` (else --model), `max_tokens`, `temperature`, `top_p`, `seed`,
+`reasoning_effort` ("low", "max", ...), `labels` (string values), and `tools` and
+`tool_choice` as a `request` gives them (proto3 JSON: [{"name", "description",
+"parameters": "<JSON Schema as text>"}], {"mode": "TOOL_CHOICE_MODE_REQUIRED"} or
+{"function_name": "..."}). Lines that cannot be used are reported with their line
+numbers and skipped. Other fields are left out without a word (datasets carry their
+own), but one a misspelling away from a known one (`max_token`) is named on stderr, once
+a run.
 
 Each result is appended to OUTPUT as one JSON line the moment it arrives, with either
 `content` (plus usage and cost) or `error`. Re-running skips every id already in OUTPUT,
@@ -24,6 +26,7 @@ Exit status: 0 when every line was valid and every item succeeded, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import io
 import json
@@ -84,8 +87,10 @@ def _typo_edits(known: str) -> int:
     return 1 if len(known) < 8 else MAX_TYPO_EDITS
 
 
-# INPUT that names standard input, as for `complete -` and `summarize -`.
+# INPUT that names standard input, as for `complete -` and `summarize -`; OUTPUT that
+# names standard output.
 STDIN = "-"
+STDOUT = "-"
 
 
 def register(subparsers: Any) -> None:
@@ -99,7 +104,9 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", help="JSONL file of items ('-' reads standard input)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="JSONL results file")
+    parser.add_argument(
+        "-o", "--output", required=True, help="JSONL results file ('-' writes standard output)"
+    )
     parser.add_argument(
         "--concurrency",
         type=int_in(UINT32),
@@ -123,7 +130,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_connection_arguments(parser)
-    parser.set_defaults(handler=batch_command)
+    parser.set_defaults(handler=batch_command, usage_error=parser.error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,6 +503,17 @@ def open_output(path: Path, *, retry_failed: bool) -> tuple[TextIO, Done]:
     return output, done
 
 
+def open_results(
+    output: str, *, retry_failed: bool
+) -> tuple[contextlib.AbstractContextManager[TextIO], Done]:
+    """Where this run's results go, and what an earlier run left there: `open_output` of
+    the file `output`, or standard output (`STDOUT`), which holds nothing to resume from
+    and is left open at the end."""
+    if output == STDOUT:
+        return contextlib.nullcontext(sys.stdout), Done()
+    return open_output(Path(output), retry_failed=retry_failed)
+
+
 def _status_record(status: status_pb2.Status) -> dict[str, Any]:
     record: dict[str, Any] = {
         "code": _CODE_NAMES.get(status.code, str(status.code)),
@@ -606,6 +624,13 @@ async def run_items(
 
 async def batch_command(args: argparse.Namespace) -> int:
     """Run `llm-gateway batch`."""
+    is_stdout = args.output == STDOUT
+    if is_stdout and args.retry_failed:
+        # It reads the earlier run's error lines back from the output: a pipe keeps none.
+        args.usage_error(
+            "argument --retry-failed: not allowed with -o -: standard output holds no "
+            "earlier results to read back (give -o FILE)"
+        )  # exits 2, before any call and before reading standard input
     is_stdin = args.input == STDIN
     try:
         batch_input = (
@@ -623,7 +648,7 @@ async def batch_command(args: argparse.Namespace) -> int:
     for line_number, note in sorted(notes, key=lambda pair: pair[0]):
         print(f"{source}:{line_number}: {note}", file=sys.stderr)
     try:
-        output, done = open_output(args.output, retry_failed=args.retry_failed)
+        opened, done = open_results(args.output, retry_failed=args.retry_failed)
     except OutputHeld:
         print(
             f"llm-gateway batch: {args.output} is held by another batch run; nothing was run",
@@ -641,7 +666,7 @@ async def batch_command(args: argparse.Namespace) -> int:
     progress = Progress(len(pending), stream=sys.stderr, is_enabled=not args.no_progress)
     failed = 0
     async with GatewayClient(args.address, **connection(args), timeout_s=None) as client:
-        with output:
+        with opened as output:
             try:
                 failed = await run_items(
                     client,
@@ -654,7 +679,8 @@ async def batch_command(args: argparse.Namespace) -> int:
             except grpc.aio.AioRpcError as error:
                 progress.close()
                 print(error_details(error).describe(), file=sys.stderr)
-                print("re-run the same command to resume", file=sys.stderr)
+                if not is_stdout:  # standard output keeps nothing to resume from
+                    print("re-run the same command to resume", file=sys.stderr)
                 return 1
     progress.close()
     print(

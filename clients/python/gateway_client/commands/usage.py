@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -18,11 +20,16 @@ from llmgateway.v1 import gateway_pb2 as pb
 _UNITS = {"m": 60, "h": 3600, "d": 86400}
 
 
+def utc_now() -> dt.datetime:
+    """The wall clock, in UTC."""
+    return dt.datetime.now(dt.UTC)
+
+
 def parse_time(value: str, *, now: dt.datetime | None = None) -> dt.datetime:
     """`30m`, `24h`, `7d` (ago) or an ISO 8601 time (UTC unless it says otherwise)."""
     match = re.fullmatch(r"(\d+)([mhd])", value.strip())
     if match:
-        current = now or dt.datetime.now(dt.UTC)
+        current = now or utc_now()
         try:
             return current - dt.timedelta(seconds=int(match[1]) * _UNITS[match[2]])
         except OverflowError:  # argparse turns only ValueError and TypeError into usage
@@ -50,9 +57,11 @@ def parse_label(value: str) -> tuple[str, str]:
     return key, label
 
 
-def register(subparsers: Any) -> None:
-    """Add the `usage` subcommand."""
-
+def register(subparsers: Any, *, clock: Callable[[], dt.datetime] = utc_now) -> None:
+    """Add the `usage` subcommand; `clock` is read once, for every relative time."""
+    # One reading for both bounds, whatever their order: a reading each made
+    # `--until 1h --since 1h` a window ending before it starts.
+    window_bound = functools.partial(parse_time, now=clock())
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "usage", help="requests, tokens and cost by tenant, model, upstream and label"
     )
@@ -69,10 +78,10 @@ def register(subparsers: Any) -> None:
         help="KEY=VALUE; only rows carrying it (repeatable)",
     )
     parser.add_argument(
-        "--since", type=parse_time, help="window start: 30m, 24h, 7d (ago) or an ISO 8601 time"
+        "--since", type=window_bound, help="window start: 30m, 24h, 7d (ago) or an ISO 8601 time"
     )
     parser.add_argument(
-        "--until", type=parse_time, help="window end: 30m, 24h, 7d (ago) or an ISO 8601 time"
+        "--until", type=window_bound, help="window end: 30m, 24h, 7d (ago) or an ISO 8601 time"
     )
     parser.set_defaults(handler=usage_command, usage_error=parser.error)
 
