@@ -479,6 +479,26 @@ async def test_node_example_refuses_an_option_whose_value_is_the_next_option(
     assert [request.body["model"] for request in upstream.requests] == ["fake-model"] * 2
 
 
+async def test_node_example_refuses_an_llm_gateway_tls_neither_on_nor_off(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """$LLM_GATEWAY_TLS that is neither on nor off (`maybe`) exits 2 naming it, before any
+    call, as the Python CLI does. Before, it connected in plaintext, sending the caller
+    key unencrypted to a gateway the user meant to reach over TLS."""
+    example = node_scenarios.with_name("example.js")
+    address = ("--address", gateway.server.address, "--model", "fake-model")
+    returncode, stdout, stderr = await run_process(
+        example, *address, "hi", env={"LLM_GATEWAY_TLS": "maybe"}
+    )
+    assert returncode == 2
+    assert "environment variable LLM_GATEWAY_TLS: 'maybe' is neither on" in stderr
+    assert stdout == ""
+    assert upstream.requests == []
+    returncode, _, _ = await run_process(example, *address, "hi", env={"LLM_GATEWAY_TLS": "off"})
+    assert returncode == 0
+    assert len(upstream.requests) == 2  # the example completes, then streams
+
+
 async def test_node_stream_read_after_its_call_failed_throws_the_failure(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:
@@ -588,7 +608,7 @@ async def test_node_overload_exhausts_attempts_and_decodes_retry_info(
     assert details["errorInfo"]["reason"] == "OVERLOADED"
     assert details["errorInfo"]["domain"] == "llmgateway.v1"
     await upstream.wait_for_disconnect()
-    assert len(upstream.requests) == 1
+    assert len(upstream.requests) == 2  # the example completes, then streams
 
 
 @pytest.mark.parametrize("scenario", ["cancel", "abort-stream"])
@@ -643,7 +663,7 @@ async def test_node_unary_call_with_an_aborted_signal_never_reaches_the_gateway(
         sent = await run_node(node_scenarios, "complete", *args, env=env)
         assert sent["content"] == "Hello from fake"
         assert proxy.targets == [address]
-    assert len(upstream.requests) == 1
+    assert len(upstream.requests) == 2  # the example completes, then streams
 
 
 @pytest.mark.parametrize(
@@ -820,7 +840,7 @@ async def test_node_client_completes_over_tls_with_a_ca_file(
     assert served["content"] == "Hello from fake"
     plaintext = await run_node(node_scenarios, "try-complete", "--address", address)
     assert plaintext["code"] == "UNAVAILABLE"
-    assert len(upstream.requests) == 1
+    assert len(upstream.requests) == 2  # the example completes, then streams
 
 
 @pytest.mark.parametrize("pems", ["files", "bytes"])
@@ -845,7 +865,7 @@ async def test_node_client_completes_over_mtls_with_its_certificate(
     assert served["content"] == "Hello from fake"
     anonymous = await run_node(node_scenarios, "try-complete", *trust, *bytes_flag)
     assert anonymous["code"] == "UNAVAILABLE"
-    assert len(upstream.requests) == 1
+    assert len(upstream.requests) == 2  # the example completes, then streams
 
 
 async def test_node_client_fails_unavailable_when_the_gateways_ca_is_not_the_one_given(

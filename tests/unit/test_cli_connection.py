@@ -193,6 +193,21 @@ def test_llm_gateway_tls_reads_as_a_yes_or_no(value: str, is_tls: bool) -> None:
     assert parse(environ={"LLM_GATEWAY_TLS": value}).tls is is_tls
 
 
+@pytest.mark.parametrize("value", ["maybe", "tls", "2"])
+def test_an_llm_gateway_tls_neither_on_nor_off_is_a_usage_error(value: str, capsys) -> None:
+    """Before, any value but 1, true, yes or on connected in plaintext: a typo of "on"
+    sent the caller key unencrypted. Now the calling command exits 2 naming the variable;
+    a flag that says TLS still wins, and parsing alone (a command that calls nothing) is
+    not failed by it."""
+    args = parse(environ={"LLM_GATEWAY_TLS": value})
+    with pytest.raises(SystemExit) as caught:
+        connection(args)
+    assert caught.value.code == 2
+    error = capsys.readouterr().err
+    assert f"environment variable LLM_GATEWAY_TLS: {value!r} is neither on" in error
+    assert parse("--tls", environ={"LLM_GATEWAY_TLS": value}).tls is True
+
+
 @pytest.mark.parametrize(
     ("command", "argv"),
     [

@@ -36,7 +36,21 @@ interface Args {
  */
 const DEFAULT_MODEL = "gemma-3-270m";
 const YES = new Set(["1", "true", "yes", "on"]);
+const NO = new Set(["", "0", "false", "no", "off"]);
 const TAKES_A_VALUE = ["--address", "--api-key", "--model", "--ca-file", "--cert-file", "--key-file"];
+
+/** $LLM_GATEWAY_TLS on or off; neither is an error, as plaintext would be a guess. */
+function tlsFromEnv(env: NodeJS.ProcessEnv): boolean {
+  const value = env.LLM_GATEWAY_TLS ?? "";
+  const word = value.trim().toLowerCase();
+  if (!YES.has(word) && !NO.has(word)) {
+    throw new Error(
+      `environment variable LLM_GATEWAY_TLS: '${value}' is neither on (1, true, yes, on) ` +
+        "nor off (0, false, no, off)",
+    );
+  }
+  return YES.has(word);
+}
 
 /** TLS options from the flags, else the environment; undefined for plaintext. */
 function tlsOf(flags: Map<string, string>, env: NodeJS.ProcessEnv): TlsOptions | undefined {
@@ -46,8 +60,7 @@ function tlsOf(flags: Map<string, string>, env: NodeJS.ProcessEnv): TlsOptions |
   if ((certFile === undefined) !== (keyFile === undefined)) {
     throw new Error("--cert-file and --key-file go together");
   }
-  const tls =
-    flags.has("--tls") || YES.has((env.LLM_GATEWAY_TLS ?? "").trim().toLowerCase());
+  const tls = flags.has("--tls") || tlsFromEnv(env);
   if (!tls && caFile === undefined && certFile === undefined) {
     return undefined;
   }

@@ -6,7 +6,7 @@ import argparse
 import os
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,17 @@ def gateway_address(value: str) -> str:
 
 
 _YES = frozenset({"1", "true", "yes", "on"})
+_NO = frozenset({"", "0", "false", "no", "off"})
+
+
+def _tls_default(environ: Mapping[str, str]) -> bool | str:
+    """`--tls`'s default from `$LLM_GATEWAY_TLS`: on or off, or the value itself when it is
+    neither, refused by `connection` (a command that makes no call is not failed by it)."""
+    value = environ.get("LLM_GATEWAY_TLS", "")
+    word = value.strip().lower()
+    if word in _YES or word in _NO:
+        return word in _YES
+    return value
 
 
 def pem_file(value: str) -> bytes:
@@ -96,7 +107,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     tls.add_argument(
         "--tls",
         action="store_true",
-        default=os.environ.get("LLM_GATEWAY_TLS", "").strip().lower() in _YES,
+        default=_tls_default(os.environ),
         help="connect with TLS, verifying the gateway against the system's CAs "
         "(default: on when $LLM_GATEWAY_TLS is 1, true or yes, or with --ca-file)",
     )
@@ -125,6 +136,13 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
     if (args.cert_file is None) != (args.key_file is None):
         # A bad option: exit status 2, as argparse's own usage errors (1 is a failed call).
         print("llm-gateway: --cert-file and --key-file go together", file=sys.stderr)
+        raise SystemExit(2)
+    if isinstance(args.tls, str):  # neither on nor off: plaintext would be a guess
+        print(
+            f"llm-gateway: environment variable LLM_GATEWAY_TLS: {args.tls!r} is neither on "
+            f"(1, true, yes, on) nor off (0, false, no, off)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     is_tls = args.tls or args.ca_file is not None or args.cert_file is not None
     if not is_tls:
