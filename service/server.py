@@ -260,6 +260,8 @@ class GatewayServer:
         health_server = self._health_server_on(self.config.server.health_listen)
         try:
             self.port = _bind(listen, lambda: _add_port(server, self.config.server))
+        except ListenHostError as exc:
+            raise self.config.error("server.listen", str(exc)) from None
         except ListenError:
             if self.config.server.tls.is_enabled and await refuses_tls(self.config.server):
                 raise self.config.error("server.tls.cert_file", TLS_REFUSED) from None
@@ -298,7 +300,10 @@ class GatewayServer:
             return None
         server = grpc.aio.server(options=[self._reuse_port_option, *_KEEPALIVE_OPTIONS])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.health_port = _bind(listen, lambda: int(server.add_insecure_port(listen)))
+        try:
+            self.health_port = _bind(listen, lambda: int(server.add_insecure_port(listen)))
+        except ListenHostError as exc:
+            raise self.config.error("server.health_listen", str(exc)) from None
         self._health_server = server
         self._stack.push_async_callback(self._stop_health_server)
         return server
@@ -582,15 +587,43 @@ def report_start_failure(exc: ConfigError | ListenError | LocalModelUnavailable)
     return status
 
 
+class ListenHostError(ListenError):
+    """The configured address's host is none of this machine's: the config's fault (exit
+    2, naming its key), where a taken port is the machine's."""
+
+
 def _bind(listen: str, add_port: Callable[[], int]) -> int:
-    """The port `add_port` bound for `listen`, or `ListenError`."""
+    """The port `add_port` bound for `listen`, or `ListenError` (`ListenHostError` when
+    its host is none of this machine's)."""
     try:
         port = add_port()
-    except RuntimeError as exc:  # grpc's "Failed to bind to address"
+    except RuntimeError as exc:  # grpc's "Failed to bind to address", which says no more
+        problem = listen_host_problem(listen)
+        if problem is not None:
+            raise ListenHostError(f"cannot listen on {listen}: {problem}") from exc
         raise ListenError(f"cannot listen on {listen}: the address is taken or not local") from exc
     if port == 0:
         raise ListenError(f"cannot listen on {listen}")
     return port
+
+
+def listen_host_problem(listen: str) -> str | None:
+    """Why `listen`'s host is none of this machine's (no name resolves it, or each address
+    it resolves to is another machine's), else None. `check` resolves no listen host (it
+    needs the network), so a failed bind is where this is found."""
+    host, _ = host_and_port(listen)
+    if host in ("", "0.0.0.0", "::", "localhost"):
+        return None
+    try:
+        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return f"no name resolves {host!r}"
+    failures = [
+        _bind_failure(family, (address[0], 0, *address[2:])) for family, _, _, _, address in found
+    ]
+    if failures and all(failure == errno.EADDRNOTAVAIL for failure in failures):
+        return f"{host} is no address of this machine"
+    return None
 
 
 def _refuse_taken(listen: str | None) -> None:

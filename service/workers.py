@@ -142,14 +142,19 @@ def worker_configs(
     ]
 
 
-def _reserve_address(listen: str) -> tuple[socket.socket, str]:
+def _reserve_address(listen: str, key: str, config: GatewayConfig) -> tuple[socket.socket, str]:
     """A socket holding `listen`'s port for the workers, and `listen` with that port
-    (the one chosen when `listen` asks for port 0)."""
+    (the one chosen when `listen` asks for port 0). A host of no address here is the
+    config's error, naming `key` (`server.listen`), as a worker's own bind says it."""
     try:
         sock, port = _bind_shared(listen)
     except OSError as exc:
-        from service.server import ListenError  # here: the supervisor never serves itself
+        # Here: the supervisor never serves itself.
+        from service.server import ListenError, listen_host_problem
 
+        problem = listen_host_problem(listen)
+        if problem is not None:
+            raise config.error(key, f"cannot listen on {listen}: {problem}") from None
         raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
     return sock, f"{listen.rpartition(':')[0]}:{port}"
 
@@ -561,11 +566,13 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         # Held until the supervisor stops, not only while the workers start: should every
         # worker be dead at once, the port stays the gateway's for their replacements.
         stack.callback(_close, reserved)
-        sock, listen = _reserve_address(config.server.listen)
+        sock, listen = _reserve_address(config.server.listen, "server.listen", config)
         reserved.append(sock)
         health_listen = None
         if config.server.health_listen is not None:
-            sock, health_listen = _reserve_address(config.server.health_listen)
+            sock, health_listen = _reserve_address(
+                config.server.health_listen, "server.health_listen", config
+            )
             reserved.append(sock)
         server = dataclasses.replace(
             config.server, listen=listen, health_listen=health_listen, workers=count

@@ -226,6 +226,41 @@ def test_a_prometheus_host_of_no_address_here_is_a_config_error_naming_it(
 
 
 @pytest.mark.parametrize(
+    "bad_host",
+    [
+        ("no-such-host.invalid", "no name resolves 'no-such-host.invalid'"),  # RFC 6761
+        ("192.0.2.7", "192.0.2.7 is no address of this machine"),  # TEST-NET-1
+    ],
+)
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("key", ["listen", "health_listen"])
+def test_a_listen_host_of_no_address_here_is_a_config_error_naming_it(
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    bad_host: tuple[str, str],
+    workers: str,
+    key: str,
+) -> None:
+    """A `server.listen` or `server.health_listen` whose host no name resolves, or that is
+    another machine's, exits 2 naming the file, the key and why, from `serve` or its
+    supervisor. Before, it exited 1 as "the address is taken or not local" (the
+    supervisor: "Cannot assign requested address"), naming no key, where a
+    `telemetry.prometheus_host` alike is a config error."""
+    host, why = bad_host
+    addresses = {"listen": "127.0.0.1:0", key: f"{host}:0"}
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"server: {{listen: '{addresses['listen']}', allow_insecure_public_listen: true"
+        + (f", health_listen: '{host}:0'" if key == "health_listen" else "")
+        + "}\nlocal_model: {enabled: never}\n"
+    )
+    assert main(["serve", "--config", str(config), "--workers", workers]) == 2
+    err = capfd.readouterr().err
+    assert f"config error: {config}: server.{key}: cannot listen on {host}:0: {why}\n" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
     ("text", "named"),
     [
         (
