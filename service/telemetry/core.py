@@ -539,6 +539,8 @@ class Telemetry:
             if scope is not None and scope.span is span:
                 # The RPC's own span: set with the rest of its attributes when it ends.
                 # A batch or a summary makes several calls in one RPC: they add up.
+                if scope.is_multi_call:
+                    _merge_calls(attributes, scope.attributes)
                 _add_usage(attributes, scope.attributes)
                 scope.attributes.update(attributes)
             else:
@@ -637,6 +639,24 @@ def _reported_counts(usage: Usage | None) -> dict[str, int]:
     if usage.is_estimated:
         return {token_type: tokens for token_type, tokens in counts.items() if tokens}
     return counts
+
+
+# What a batch's or a summary's span names only when every one of its calls had the same.
+_SHARED_BY_CALLS = (attr.GEN_AI_REQUEST_MODEL, attr.GEN_AI_RESPONSE_MODEL, attr.UPSTREAM)
+
+
+def _merge_calls(attributes: dict[str, Any], earlier: dict[str, Any]) -> None:
+    """A call of a multi-call RPC (`RpcScope.is_multi_call`) after its earlier ones: the
+    span names a model or an upstream only while every call had the same (a batch's items
+    may each name their own; the last one's named none of the others), and is a cache hit
+    only if each call was one."""
+    if attr.COST_USD not in earlier:  # the first call
+        return
+    attributes[attr.CACHE_HIT] = attributes[attr.CACHE_HIT] and earlier[attr.CACHE_HIT]
+    for key in _SHARED_BY_CALLS:
+        if earlier.get(key) != attributes[key]:  # absent: an earlier pair already differed
+            del attributes[key]
+            earlier.pop(key, None)
 
 
 def _add_usage(attributes: dict[str, Any], earlier: Mapping[str, Any]) -> None:

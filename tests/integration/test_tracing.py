@@ -381,6 +381,43 @@ async def test_a_batch_span_carries_its_items_queued_time_and_no_ones_first_toke
     assert len(attempts) == 3
 
 
+async def test_a_batch_span_names_a_model_or_upstream_only_when_its_items_share_it(
+    upstream, start_gateway, captured
+):
+    """A batch's span names the model (asked and answered) and the upstream only when all
+    its items had the same, and is a cache hit only when each item was one.
+
+    Before, each was the last item's: a batch over two models and two upstreams named one
+    of each, and a batch of one hit and one miss was a hit or not by the order."""
+    data = gateway_config_data(upstream.base_url, upstream.base_url)
+    data["upstreams"][1]["models"] = ["other-model"]
+    data["models"]["other-model"] = data["models"][FAKE_MODEL]
+    gateway = await start_gateway(parse_config(data, source="<test>"), telemetry=captured.telemetry)
+    cached = chat("cached", params=pb.GenerationParams(temperature=0))
+    await gateway.stub.Complete(cached)
+    batches = {
+        "mixed": [chat("one"), chat("two", model="other-model")],
+        "shared": [cached, chat("three")],
+        "hits": [cached, cached],
+    }
+    spans = {}
+    for name, requests in batches.items():
+        items = [pb.BatchItem(id=str(i), request=r) for i, r in enumerate(requests)]
+        request = pb.CompleteBatchRequest(items=items, concurrency=1)
+        assert len([e async for e in gateway.stub.CompleteBatch(request)]) == 3
+        spans[name] = attributes_of(
+            await captured.ended("llmgateway.v1.CompletionService/CompleteBatch")
+        )
+        captured.exporter.clear()
+    for key in ("gen_ai.request.model", "gen_ai.response.model", "llm_gateway.upstream"):
+        assert key not in spans["mixed"]
+    assert spans["shared"]["gen_ai.request.model"] == FAKE_MODEL
+    assert spans["shared"]["llm_gateway.upstream"] == "up0"
+    assert spans["shared"]["llm_gateway.cache.hit"] is False  # one hit, one miss
+    assert spans["hits"]["llm_gateway.cache.hit"] is True
+    assert spans["hits"]["llm_gateway.upstream"] == "up0"
+
+
 async def test_a_batch_spans_cost_is_the_exact_sum_of_its_items(traced, captured, upstream):
     """Three items of $1,059.5037635 each (43 input tokens at $0.14 a million, 2,522,627,994
     output tokens at $0.42): the span says $3,178.5112905, as the summary and GetUsage do.
