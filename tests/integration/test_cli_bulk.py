@@ -605,6 +605,41 @@ async def test_check_passes_a_server_without_a_model_list_and_fails_an_account_o
         assert "account out of credit (HTTP 402)" in out
 
 
+async def test_check_stops_reading_a_model_list_past_the_answer_limit(tmp_path, capsys):
+    """A `/models` answer that does not end is read up to the 16 MiB any answer may take,
+    and reported as malformed.
+
+    Before, `check` held all of it until its timeout: 4.9 GB in 8 seconds on loopback,
+    then said the upstream timed out."""
+    piece = b"x" * (1024 * 1024)
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(20):  # past the limit, then held open (no end) until the reader goes
+            writer.write(chunk)
+            await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f'upstreams:\n  - {{name: up, base_url: "http://127.0.0.1:{port}/v1", '
+        f"models: [{FAKE_MODEL}]}}\n"
+    )
+    async with server:
+        code = await check.check_command(
+            parse(check, "check", "--config", str(config), "--timeout", "10")
+        )
+    assert code == 1
+    assert f"malformed answer: the answer is larger than {16 * 1024 * 1024} bytes" in (
+        capsys.readouterr().out
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "served"),
     [
