@@ -727,7 +727,7 @@ async def _get_once(
         with _TranslatedErrors(config.name):
             async with asyncio.timeout(timeout_s):
                 async with await pool.request("GET", path, headers) as response:
-                    return response.status, await response.read()
+                    return response.status, await response.read(max_bytes=_MAX_REPLY_BYTES)
     finally:
         await pool.aclose()
 

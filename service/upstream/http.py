@@ -190,7 +190,7 @@ class _Connection(asyncio.Protocol):
         """Write one request; `response` receives what comes back."""
         assert self.transport is not None
         self._response = response
-        self._parser = httptools.HttpResponseParser(response)
+        self._parser = _response_parser(response)
         self.transport.writelines((head, body))  # one call, no copy of a long body
 
     @property
@@ -216,6 +216,26 @@ class _Connection(asyncio.Protocol):
         self.is_closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+def _response_parser(response: Response) -> httptools.HttpResponseParser:
+    """llhttp's parser for one response, as tolerant as the aiohttp client it replaced.
+
+    Strict llhttp refuses what RFC 9112 has a client accept: a folded header line
+    (section 5.2: a user agent MUST read the fold as a space), bare LF line ends (section
+    2.2: MAY) and blanks between a chunk's size and its extension (section 7.1.1, `BWS`).
+    Refused, each was an attempt the server answered (and billed) reported as a dropped
+    connection and sent again. aiohttp's response parser enables these three leniencies
+    outside its debug mode (`_http_parser.pyx`); nothing downstream parses these bytes
+    again, so no request smuggling comes of them.
+    """
+    parser = httptools.HttpResponseParser(response)
+    parser.set_dangerous_leniencies(
+        lenient_headers=True,
+        lenient_optional_cr_before_lf=True,
+        lenient_spaces_after_chunk_size=True,
+    )
+    return parser
 
 
 class _Tunnel(asyncio.Protocol):

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from gateway_client.commands import batch, check, summarize
 from service.validation import MAX_CALLER_ID
 from tests.conftest import FAKE_MODEL, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
+from tests.integration.pki import make_pki
 from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
 
 
@@ -603,6 +605,77 @@ async def test_check_passes_a_server_without_a_model_list_and_fails_an_account_o
     assert result == code
     if status == 402:
         assert "account out of credit (HTTP 402)" in out
+
+
+async def test_check_stops_reading_a_model_list_past_the_answer_limit(tmp_path, capsys):
+    """A `/models` answer that does not end is read up to the 16 MiB any answer may take,
+    and reported as malformed.
+
+    Before, `check` held all of it until its timeout: 4.9 GB in 8 seconds on loopback,
+    then said the upstream timed out."""
+    piece = b"x" * (1024 * 1024)
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(20):  # past the limit, then held open (no end) until the reader goes
+            writer.write(chunk)
+            await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f'upstreams:\n  - {{name: up, base_url: "http://127.0.0.1:{port}/v1", '
+        f"models: [{FAKE_MODEL}]}}\n"
+    )
+    async with server:
+        code = await check.check_command(
+            parse(check, "check", "--config", str(config), "--timeout", "10")
+        )
+    assert code == 1
+    assert f"malformed answer: the answer is larger than {16 * 1024 * 1024} bytes" in (
+        capsys.readouterr().out
+    )
+
+
+async def test_check_says_what_failed_below_http(tmp_path, capsys):
+    """An upstream whose certificate is not trusted, whose name does not resolve or which
+    does not speak HTTP/1.1 is a failed check that says which.
+
+    Before, the first two read "refused or could not be reached", as a refused port does,
+    and the last "dropped the connection": nothing to tell an operator what to mend."""
+    pki = make_pki(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00")  # an HTTP/2 SETTINGS frame
+        await writer.drain()
+        writer.close()
+
+    tls = await asyncio.start_server(not_http, "127.0.0.1", 0, ssl=context)
+    plain = await asyncio.start_server(not_http, "127.0.0.1", 0)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "upstreams:\n"
+        f'  - {{name: untrusted, base_url: "https://127.0.0.1:{tls.sockets[0].getsockname()[1]}"'
+        f", models: [{FAKE_MODEL}]}}\n"
+        f'  - {{name: unnamed, base_url: "http://no-such-host.invalid", models: [{FAKE_MODEL}]}}\n'
+        f'  - {{name: h2, base_url: "http://127.0.0.1:{plain.sockets[0].getsockname()[1]}"'
+        f", models: [{FAKE_MODEL}]}}\n"
+    )
+    async with tls, plain:
+        code = await check.check_command(parse(check, "check", "--config", str(config)))
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert code == 1
+    assert "certificate verify failed" in rows["untrusted"]
+    assert "cannot connect: [Errno" in rows["unnamed"]  # the resolver's words vary by libc
+    assert "malformed HTTP response" in rows["h2"]
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,12 @@ import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import orjson
 import pytest
 import uvloop
 
 from service.upstream.http import BodyTooLarge, ConnectFailed, HttpError, HttpPool, _head
+from tests.conftest import FAKE_MODEL, chat, gateway_config
 from tests.integration.pki import make_pki
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -801,6 +803,42 @@ async def test_an_informational_response_is_skipped_for_the_real_one(serve):
         assert "link" not in response.headers
         assert await response.read() == b"real"
     await pool.aclose()
+
+
+_COMPLETION = orjson.dumps(
+    {
+        "id": "c1",
+        "model": FAKE_MODEL,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1},
+    }
+)
+_JSON_TYPE = b"Content-Type: application/json"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\n%s\nContent-Length: %d\n\n" % (_JSON_TYPE, len(_COMPLETION)),
+        b"HTTP/1.1 200 OK\r\n%s\r\nX-Note: folded\r\n on\r\nContent-Length: %d\r\n\r\n"
+        % (_JSON_TYPE, len(_COMPLETION)),
+        b"HTTP/1.1 200 OK\r\n%s\r\nTransfer-Encoding: chunked\r\n\r\n%x ;x=1\r\n"
+        % (_JSON_TYPE, len(_COMPLETION)),
+    ],
+    ids=["bare-lf", "folded-header", "blank-before-chunk-extension"],
+)
+async def test_what_rfc_9112_has_a_client_accept_is_an_answer(serve, start_gateway, head):
+    """Bare LF line ends, a folded header and blanks before a chunk extension are read
+    as the answer they frame, once, not refused as a dropped connection and sent again."""
+    tail = b"\r\n0\r\n\r\n" if b"chunked" in head else b""
+    raw = await serve(replying(head + _COMPLETION + tail, linger_s=0.5))
+    gateway = await start_gateway(gateway_config(raw.url))
+
+    reply = await gateway.stub.Complete(chat(), timeout=10)
+
+    assert (reply.content, reply.metadata.attempts, raw.connections) == ("hi", 1, 1)
 
 
 async def _https_server(tmp_path: Path) -> tuple[asyncio.Server, Path]:

@@ -29,6 +29,7 @@ from service.server import TLS_REFUSED, refuses_tls
 from service.telemetry import TelemetrySetupError
 from service.telemetry.setup import check_environment
 from service.upstream.client import probe_models
+from service.upstream.http import HttpError, ProxyRefused
 from service.upstream.proxy import choose_proxy
 from service.workers import worker_configs, worker_count
 
@@ -83,7 +84,7 @@ async def check_upstream(config: UpstreamConfig, *, timeout_s: float) -> Upstrea
     try:
         status, listed = await probe_models(config, timeout_s=timeout_s)
     except UpstreamError as exc:
-        return UpstreamCheck(config.name, False, "unknown", "-", None, exc.message)
+        return UpstreamCheck(config.name, False, "unknown", "-", None, _problem(exc))
     latency_ms = (time.monotonic() - started) * 1000
     if status in (401, 403):
         return UpstreamCheck(
@@ -101,6 +102,21 @@ async def check_upstream(config: UpstreamConfig, *, timeout_s: float) -> Upstrea
     missing = sorted(set(config.models.values()) - set(listed))
     models = str(len(listed)) + (f" (not listed: {', '.join(missing)})" if missing else "")
     return UpstreamCheck(config.name, True, key, models, latency_ms)
+
+
+def _problem(exc: UpstreamError) -> str:
+    """`exc`'s message and, for a connection that failed below HTTP, what failed there.
+
+    A caller is told only that the upstream could not be reached or dropped the
+    connection; the operator running `check` needs to tell a certificate not trusted from
+    a name that does not resolve, a port that refuses or a server that does not speak
+    HTTP/1.1. Those texts (the connect's, the TLS library's, llhttp's, a proxy's address)
+    hold no key. A proxy's refusal is said already, with its status.
+    """
+    cause = exc.__cause__
+    if isinstance(cause, HttpError) and not isinstance(cause, ProxyRefused):
+        return f"{exc.message}: {cause}"
+    return exc.message
 
 
 async def check_all(config: GatewayConfig, *, timeout_s: float) -> list[UpstreamCheck]:
