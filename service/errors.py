@@ -14,7 +14,8 @@
         ├── UpstreamUnavailable   5xx, reset, refused, malformed or cut stream
         │   └── UpstreamNotOpenAI a 200 that is no OpenAI answer at all: a wrong base_url
         ├── UpstreamAuthRejected  401/402/403: the upstream's key or account, not the caller's
-        ├── UpstreamRejected      INVALID_ARGUMENT: 400/404/422, the request itself
+        ├── UpstreamRejected      INVALID_ARGUMENT: 400/404/422, the request itself, with
+        │                         what the upstream said of it (`RelayedError`)
         ├── UpstreamTimeout       the upstream took longer than its timeout
         └── SummarizePartFailed   one part of a Summarize still failed after its retries
 
@@ -335,11 +336,40 @@ class UpstreamAuthRejected(UpstreamError):
     is_retry_futile = True  # the key stays rejected until an operator changes it
 
 
+@dataclass(frozen=True, slots=True)
+class RelayedError:
+    """What an upstream's refusal of the request said of it, made safe to relay to the
+    caller (`service/upstream/relay.py`): its error's message, and its `param` and `code`
+    ("" when it named none)."""
+
+    message: str
+    param: str = ""
+    code: str = ""
+
+
 class UpstreamRejected(UpstreamError):
-    """The upstream refused the request itself (400, 404, 422): retrying will not help."""
+    """The upstream refused the request itself (400, 404, 422): retrying will not help.
+
+    `relayed`, what the upstream said of it, ends the message: the caller cannot mend its
+    request without it.
+    """
 
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "UPSTREAM_REJECTED_REQUEST"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream: str,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+        relayed: RelayedError | None = None,
+    ) -> None:
+        if relayed is not None:
+            message = f"{message}: {relayed.message}"
+        super().__init__(message, upstream=upstream, status=status, retry_after_s=retry_after_s)
+        self.relayed = relayed
 
 
 class UpstreamContextExceeded(UpstreamRejected):
@@ -412,6 +442,7 @@ class SummarizePartRejected(UpstreamRejected):
             upstream=cause.upstream,
             status=cause.status,
         )
+        self.relayed = cause.relayed  # already in the cause's message
         self.part = part
         self.parts = parts
         self.level = level
@@ -436,6 +467,16 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     seconds = _retry_delay_s(seconds)
     whole = math.floor(seconds)
     return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+
+
+def _relayed_metadata(relayed: RelayedError) -> dict[str, str]:
+    """`ErrorInfo` metadata for what an upstream said of a request it refused."""
+    metadata = {"upstream_message": relayed.message}
+    if relayed.param:
+        metadata["upstream_param"] = relayed.param
+    if relayed.code:
+        metadata["upstream_code"] = relayed.code
+    return metadata
 
 
 def to_rpc_status(exc: BaseException) -> status_pb2.Status:
@@ -478,6 +519,8 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
             metadata["restarting"] = exc.restarting
     if isinstance(exc, UpstreamNotOpenAI):
         metadata["content_type"] = exc.content_type
+    if isinstance(exc, UpstreamRejected) and exc.relayed is not None:
+        metadata.update(_relayed_metadata(exc.relayed))
     if isinstance(exc, ContextWindowExceeded):
         metadata["estimated_tokens"] = str(exc.estimated_tokens)
         metadata["limit_tokens"] = str(exc.limit_tokens)

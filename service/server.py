@@ -52,6 +52,7 @@ from service.telemetry.setup import MetricsHostError, MetricsListenError
 from service.telemetry.subscribers import observe_cache, observe_store_writes, subscribe_pool
 from service.tenant_limits import RedisTenantLimiter
 from service.upstream.client import UpstreamClient
+from service.upstream.relay import secrets_of
 
 log = logging.getLogger("llm_gateway.server")
 
@@ -186,7 +187,12 @@ class GatewayServer:
             for listen in (self.config.server.listen, self.config.server.health_listen):
                 _refuse_taken(listen)
         upstreams = await self._upstream_configs()
-        clients = [await self._stack.enter_async_context(UpstreamClient(c)) for c in upstreams]
+        # A refusal one upstream relays shows no upstream's secret, its own or another's.
+        secrets = [s for c in upstreams for s in secrets_of(c)]
+        clients = [
+            await self._stack.enter_async_context(UpstreamClient(c, redacted=secrets))
+            for c in upstreams
+        ]
         cache = await self._stack.enter_async_context(
             ResponseCache(
                 self.config.cache,

@@ -11,6 +11,8 @@ covers the other workers' tests too.
 
 from __future__ import annotations
 
+import json
+
 import grpc
 
 from llmgateway.v1 import gateway_pb2 as pb
@@ -43,6 +45,13 @@ async def _exercise_every_key_path(start_gateway, captured: Captured) -> None:
         await rpc_error(gw.stub.Complete(chat(model="nope"), metadata=as_tenant("team-a")))
         accepting.script(Status(500), Status(500), Status(500), Status(500))
         await rpc_error(gw.stub.Complete(chat("x"), metadata=as_tenant("team-a")))
+        # A refusal quoting the key relays it redacted; a 401 quoting it, nothing at all.
+        echoed = json.dumps({"error": {"message": f"bad request, key {PROVIDER_KEY}"}})
+        accepting.script(Status(400, body=echoed))
+        refused = await rpc_error(gw.stub.Complete(chat("y"), metadata=as_tenant("team-a")))
+        assert refused.details().endswith("key [redacted]")
+        accepting.script(Status(401, body=echoed))
+        await rpc_error(gw.stub.Complete(chat("z"), metadata=as_tenant("team-a")))
     async with FakeUpstream(models=("fake-model",), api_key="sk-some-other-key") as rejecting:
         gw = await start_gateway(secure_config(rejecting.base_url))
         rejected = await rpc_error(gw.stub.Complete(chat(), metadata=as_tenant("team-a")))

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterable, Mapping
 from typing import cast
 
 import orjson
@@ -54,6 +54,7 @@ from service.upstream.openai_json import (
     unary_body,
 )
 from service.upstream.proxy import Proxy, choose_proxy
+from service.upstream.relay import relayed_error, secrets_of
 from service.upstream.sse import SSEDecoder
 from service.upstream.types import (
     StreamEnd,
@@ -88,10 +89,16 @@ _PROXY_AUTH_FIX = (
 
 
 def _error_for_status(
-    upstream: str, status: int, headers: Mapping[str, str], body: bytes = b""
+    upstream: str,
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes = b"",
+    *,
+    secrets: Iterable[str] = (),
 ) -> UpstreamError:
     """Map an HTTP error or redirect status (and, for a 400, its body) to the most
-    specific `UpstreamError`."""
+    specific `UpstreamError`; a refusal of the request itself relays what its body says
+    of it, `secrets` redacted (`relay.relayed_error`)."""
     if status < 400:
         # Not followed: a POST carrying the key is not sent on to another address. The
         # upstream is unusable as configured, as a failing one is (failed over, its
@@ -126,6 +133,7 @@ def _error_for_status(
             f"moderation (HTTP {status})",
             upstream=upstream,
             status=status,
+            relayed=relayed_error(body, secrets=secrets),
         )
     if status in (401, 403) or is_out_of_credit:
         problem = "rejected the gateway's key"
@@ -151,11 +159,13 @@ def _error_for_status(
             "the gateway",
             upstream=upstream,
             status=status,
+            relayed=relayed_error(body, secrets=secrets),
         )
     return UpstreamRejected(
         f"upstream {upstream!r} rejected the request (HTTP {status})",
         upstream=upstream,
         status=status,
+        relayed=relayed_error(body, secrets=secrets),
     )
 
 
@@ -320,13 +330,21 @@ class UpstreamClient:
 
     Use as `async with UpstreamClient(config) as client:`. `environ` (the process's by
     default) is where `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` are read when the client
-    opens, for an upstream without `proxy_url`.
+    opens, for an upstream without `proxy_url`. `redacted`: the other upstreams' secrets,
+    redacted with this one's own from what its refusals relay to a caller.
     """
 
-    def __init__(self, config: UpstreamConfig, *, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        *,
+        environ: Mapping[str, str] | None = None,
+        redacted: Collection[str] = (),
+    ) -> None:
         self.config = config
         self.name = config.name
         self._environ = os.environ if environ is None else environ
+        self._redacted = tuple(redacted)
         self.proxy: Proxy | None = None  # chosen when the client opens
         self._pool: HttpPool | None = None
         self._translated_errors = _TranslatedErrors(self.name)  # holds no state of a call
@@ -407,6 +425,17 @@ class UpstreamClient:
             raise RuntimeError(f"upstream client {self.name!r} is not open")
         return self._pool
 
+    def _secrets(self) -> tuple[str, ...]:
+        """Every secret a refusal relayed to a caller must not show: this upstream's own
+        (its key as now retargeted, its proxy's credentials) and the others'."""
+        return (*secrets_of(self.config, self.proxy), *self._redacted)
+
+    def _error_for_status(self, response: Response, body: bytes) -> UpstreamError:
+        """The error an answer's error status and `body` stand for."""
+        return _error_for_status(
+            self.name, response.status, response.headers, body, secrets=self._secrets()
+        )
+
     def _refuse_empty_stream(self) -> None:
         """Raise `UpstreamRejected` for a stream that ended before its first event, from an
         upstream that ends so the streams it refuses (`empty_stream_is_refusal`); else let
@@ -451,7 +480,7 @@ class UpstreamClient:
         (`on_status` told it: the upstream refused the call, and bills nothing for it)."""
         if on_status is not None:
             on_status(status)
-        return _error_for_status(self.name, status, response.headers, body)
+        return _error_for_status(self.name, status, response.headers, body, secrets=self._secrets())
 
     async def _post(
         self,
@@ -571,7 +600,7 @@ class UpstreamClient:
                 finally:
                     response.release()
             if response.status >= 300:  # a redirect, a refusal or a failure
-                raise _error_for_status(self.name, response.status, response.headers, body)
+                raise self._error_for_status(response, body)
             return self._reply(call, response, body, on_status)
 
     async def stream(
@@ -612,7 +641,7 @@ class UpstreamClient:
                 if response.status >= 300:  # a redirect, a refusal or a failure
                     async with asyncio.timeout_at(deadline):
                         body = await response.read(max_bytes=_MAX_REPLY_BYTES)
-                    raise _error_for_status(self.name, response.status, response.headers, body)
+                    raise self._error_for_status(response, body)
                 if _is_json_media(media):
                     # Some OpenAI-compatible servers ignore `stream: true` and answer with
                     # one completion: relay it as one chunk and the end.

@@ -756,6 +756,26 @@ def _error_of(body: bytes) -> object:
     return data.get("error", data if data.get("object") == "error" else None)
 
 
+def error_explanation(body: bytes) -> tuple[str, str, str] | None:
+    """What an error body says of the refusal: its error's `message`, `param` and `code`,
+    each "" where absent or not a string (llama.cpp's `code` is the status, a number);
+    None when it holds no message: not JSON (a proxy's HTML page), or no error in it."""
+    error = _error_of(body)
+    if isinstance(error, str):  # some servers send the message alone: {"error": "..."}
+        return (error, "", "") if error else None
+    if not isinstance(error, dict):
+        return None
+    message, param, code = (error.get(key) for key in ("message", "param", "code"))
+    if not isinstance(message, str) or not message:
+        return None
+    return message, _text(param), _text(code)
+
+
+def _text(value: object) -> str:
+    """`value` when it is a string, else ""."""
+    return value if isinstance(value, str) else ""
+
+
 # The status an error object's `code` or `type` stands for, when it names no status.
 _ERROR_STATUS_BY_NAME = {
     "invalid_request_error": 400,

@@ -16,15 +16,21 @@ from tests.conftest import FAKE_MODEL, chat, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
 from tests.scripted_upstream import ScriptedUpstream, user_text
 
+# An OpenAI-style 400 saying why.
+REFUSAL = '{"error": {"message": "Unsupported value: \'seed\'", "param": "seed", "code": "x"}}'
+
 
 @pytest.fixture
 async def scripted():
-    """An upstream that answers by the prompt: 'fail' → 500, 'reject' → 400, 'slow' → 0.3 s."""
+    """An upstream that answers by the prompt: 'fail' → 500, 'reject' → 400, 'refuse' → 400
+    saying why, 'slow' → 0.3 s."""
 
     def respond(body):
         text = user_text(body)
         if text.startswith("fail"):
             return Status(500)
+        if text.startswith("refuse"):
+            return Status(400, body=REFUSAL)
         if text.startswith("reject"):
             return Status(400)
         if text.startswith("slow"):
@@ -99,6 +105,24 @@ async def test_an_item_of_a_batch_queued_for_admission_counts_that_wait(start_ga
     # It stood in line for most of the first call's upstream wait (its own is a few µs).
     assert timings.queued_ms >= delay_s * 500
     assert timings.total_ms >= timings.upstream_ms + timings.queued_ms
+
+
+async def test_an_item_the_upstream_refuses_says_why(batch_gateway):
+    """An item the upstream refuses carries what it said, as a refused Complete does."""
+    results, summary = await collect(batch_gateway.stub.CompleteBatch(batch("ok", "refuse")))
+    refused = {r.id: r for r in results}["item-1"].error
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert (
+        refused.message
+        == "upstream 'up0' rejected the request (HTTP 400): Unsupported value: 'seed'"
+    )
+    info = error_details_pb2.ErrorInfo()
+    assert any(detail.Unpack(info) for detail in refused.details)
+    assert (info.metadata["upstream_message"], info.metadata["upstream_param"]) == (
+        "Unsupported value: 'seed'",
+        "seed",
+    )
+    assert (summary.succeeded, summary.failed) == (1, 1)
 
 
 async def test_mixed_successes_and_failures(batch_gateway):

@@ -1,5 +1,6 @@
 """Context-window handling through the real server: truncation, rejection, calibration."""
 
+import json
 import unicodedata
 
 import grpc
@@ -412,6 +413,11 @@ async def test_an_upstream_refusing_a_prompt_as_too_long_corrects_the_calibratio
     details = error_details(caught.value)
     assert details.reason == "CONTEXT_WINDOW_EXCEEDED"
     assert [field for field, _ in details.field_violations] == ["messages"]
+    # What the upstream said of it, too: its count and limit, which the gateway's lacks.
+    said = json.loads(body)
+    said = said.get("error", said)["message"]
+    assert details.metadata["upstream_message"] == said
+    assert details.message.endswith(f"the gateway: {said}")
     assert calibration.factor(FAKE_MODEL, "default") >= 1.0
     sent = len(upstream_small.requests)
     with pytest.raises(grpc.aio.AioRpcError) as again:

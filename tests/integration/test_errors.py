@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
+from service.config import parse_config
 from service.errors import RETRY_PUSHBACK_TRAILER
-from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import (
     CutStream,
     EndWithoutDone,
@@ -18,6 +21,8 @@ from tests.fake_upstream import (
     Status,
 )
 from tests.integration.helpers import error_info, field_violations, retry_delay_s
+from tests.integration.tenancy_helpers import rpc_error, stream_error
+from tests.secret_capture import PROVIDER_KEY
 
 # Single attempt, so each fault shows as itself rather than after retries.
 ONE_ATTEMPT: dict[str, object] = {"resilience": {"attempts": 1}}
@@ -346,3 +351,195 @@ async def test_impossible_usage_counts_are_estimated_not_billed(
     assert 0 < metadata.usage.input_tokens < 1000
     assert 0 < metadata.cost_usd < 0.001
     assert len(upstream.requests) == 1
+
+
+# How providers say why they refuse a request (400): OpenAI's error object, vLLM's bare
+# one (before 0.10) and llama.cpp's, whose `code` is the status, a number.
+OPENAI_REFUSAL = json.dumps(
+    {
+        "error": {
+            "message": "Invalid 'tools[0].function.name': string does not match pattern.",
+            "type": "invalid_request_error",
+            "param": "tools[0].function.name",
+            "code": "invalid_value",
+        }
+    }
+)
+VLLM_REFUSAL = json.dumps(
+    {
+        "object": "error",
+        "message": "temperature must be non-negative, got -1.0.",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
+)
+LLAMA_CPP_REFUSAL = json.dumps(
+    {
+        "error": {
+            "code": 400,
+            "message": "Unsupported param: logprobs",
+            "type": "invalid_request_error",
+        }
+    }
+)
+MODEL_NOT_FOUND = json.dumps(
+    {
+        "error": {
+            "message": "The model `fake-model` does not exist or you do not have access to it.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "model_not_found",
+        }
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "metadata"),
+    [
+        (
+            OPENAI_REFUSAL,
+            "Invalid 'tools[0].function.name': string does not match pattern.",
+            {"upstream_param": "tools[0].function.name", "upstream_code": "invalid_value"},
+        ),
+        (VLLM_REFUSAL, "temperature must be non-negative, got -1.0.", {}),
+        (LLAMA_CPP_REFUSAL, "Unsupported param: logprobs", {}),
+    ],
+    ids=["openai", "vllm", "llama.cpp"],
+)
+async def test_an_upstreams_refusal_says_why(upstream, start_gateway, body, message, metadata):
+    """A 400 relays the upstream's own message after the gateway's sentence, and in the
+    ErrorInfo with its `param` and `code` when they are strings: the caller can mend its
+    request. It used to say only `rejected the request (HTTP 400)`."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    upstream.script(Status(400, body=body))
+    refused = await rpc_error(gateway.stub.Complete(chat()))
+    assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.details() == f"upstream 'up0' rejected the request (HTTP 400): {message}"
+    info = error_info(refused)
+    assert info.reason == "UPSTREAM_REJECTED_REQUEST"
+    relayed = {k: v for k, v in info.metadata.items() if k.startswith("upstream_")}
+    assert relayed == {"upstream_message": message, **metadata}
+
+
+async def test_a_model_the_upstream_does_not_have_says_so(upstream, start_gateway):
+    """A 404 for a model the upstream does not serve relays its message and code."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    upstream.script(Status(404, body=MODEL_NOT_FOUND))
+    refused = await rpc_error(gateway.stub.Complete(chat()))
+    assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.details().endswith(
+        "(HTTP 404): The model `fake-model` does not exist or you do not have access to it."
+    )
+    info = error_info(refused)
+    assert (info.metadata["http_status"], info.metadata["upstream_code"]) == (
+        "404",
+        "model_not_found",
+    )
+
+
+async def test_a_streams_refusal_says_why(upstream, start_gateway):
+    """A stream the upstream refuses before its first event relays the same as a unary call."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    upstream.script(Status(422, body=OPENAI_REFUSAL))
+    refused = await stream_error(gateway.stub.CompleteStream(chat_stream()))
+    assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.details() == (
+        "upstream 'up0' rejected the request (HTTP 422): "
+        "Invalid 'tools[0].function.name': string does not match pattern."
+    )
+    assert error_info(refused).metadata["upstream_param"] == "tools[0].function.name"
+
+
+def _body_saying(message: str) -> str:
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error"}})
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        Status(401, body=_body_saying("Incorrect API key provided: sk-proj-****1234. CANARY")),
+        Status(402, body=_body_saying("Insufficient Balance on account acct-42 CANARY")),
+        Status(403, body=_body_saying("Project proj_abc does not have access CANARY")),
+        Status(429, body=_body_saying("Rate limit reached for org-xyz CANARY")),
+        Status(500, body=_body_saying("Internal error at db-7 CANARY")),
+    ],
+    ids=["401", "402", "403-key", "429", "500"],
+)
+async def test_a_refusal_of_the_gateways_key_account_or_health_relays_nothing(
+    upstream, start_gateway, status
+):
+    """A 401/402/403/429/5xx body is the operator's (it can quote the gateway's key or the
+    account's state): none of it reaches the caller, who gets the gateway's sentence."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    upstream.script(status)
+    refused = await rpc_error(gateway.stub.Complete(chat()))
+    assert "CANARY" not in refused.details()
+    assert "sk-proj" not in refused.details()
+    info = error_info(refused)
+    assert info.reason != "UPSTREAM_REJECTED_REQUEST"
+    assert not [key for key in info.metadata if key.startswith("upstream_")]
+
+
+OTHER_UPSTREAM_KEY = "other-upstream-key-3c1f9a7e"
+PROXY_PASSWORD = "proxy-password-8b2d4e6f"
+
+
+async def test_a_refusal_quoting_a_secret_relays_it_redacted(upstream, start_gateway):
+    """A 400 whose message quotes the upstream's key, another upstream's, a proxy
+    credential, a bearer token or an `sk-` key relays each as `[redacted]`."""
+    data = gateway_config_data(upstream.base_url, "http://127.0.0.1:9/v1", **ONE_ATTEMPT)
+    data["upstreams"][0] |= {"api_key_env": "KEY_0", "proxy_authorization_env": "PROXY_0"}
+    data["upstreams"][1] |= {"api_key_env": "KEY_1", "models": ["other-model"]}
+    environ = {
+        "KEY_0": PROVIDER_KEY,
+        "KEY_1": OTHER_UPSTREAM_KEY,
+        "PROXY_0": f"gateway:{PROXY_PASSWORD}",
+    }
+    gateway = await start_gateway(parse_config(data, source="<test>", environ=environ))
+    message = (
+        f"key {PROVIDER_KEY} and {OTHER_UPSTREAM_KEY}, proxy {PROXY_PASSWORD}, "
+        "header Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.abc, masked sk-proj-****1234"
+    )
+    upstream.script(Status(400, body=_body_saying(message)))
+    refused = await rpc_error(gateway.stub.Complete(chat()))
+    relayed = error_info(refused).metadata["upstream_message"]
+    assert relayed == (
+        "key [redacted] and [redacted], proxy [redacted], "
+        "header Authorization: [redacted], masked [redacted]"
+    )
+    assert refused.details().endswith(relayed)
+    assert upstream.requests[0].headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+
+
+async def test_a_huge_message_is_relayed_cut_and_without_control_characters(
+    upstream, start_gateway
+):
+    """A 1 MB message is cut to its first 500 characters (the status must fit a trailer);
+    its control characters (a forged log line, terminal escapes) become spaces."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    message = "bad\n\x1b[31mvalue\t\x00 " + "x" * 1_000_000
+    upstream.script(Status(400, body=_body_saying(message)))
+    refused = await rpc_error(gateway.stub.Complete(chat()))
+    assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
+    relayed = error_info(refused).metadata["upstream_message"]
+    assert len(relayed) == 500
+    assert relayed.startswith("bad [31mvalue xxx")
+    assert relayed.endswith("x...")
+    assert refused.details().endswith(relayed)
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["<html><body><h1>400 Bad Request</h1>nginx</body></html>", '{"detail": "no"}', ""],
+    ids=["html", "no-error", "empty"],
+)
+async def test_a_refusal_that_says_nothing_readable_relays_nothing(upstream, start_gateway, body):
+    """A 400 whose body is no OpenAI error (a proxy's HTML page) relays nothing: the
+    caller gets the gateway's sentence alone, as before."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    upstream.script(Status(400, body=body))
+    refused = await rpc_error(gateway.stub.Complete(chat()))
+    assert refused.details() == "upstream 'up0' rejected the request (HTTP 400)"
+    assert not [key for key in error_info(refused).metadata if key.startswith("upstream_")]

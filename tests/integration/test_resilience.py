@@ -386,6 +386,9 @@ async def test_a_prompt_flagged_by_moderation_fails_alone_and_leaves_the_upstrea
             await gateway.stub.Complete(chat())
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "flagged by its moderation" in refused.value.details()
+        assert refused.value.details().endswith(
+            "(HTTP 403): Your chosen model requires moderation and your input was flagged"
+        )
         _, reason, _ = error_details(refused.value)
         assert reason == "UPSTREAM_REJECTED_REQUEST"
         assert other.requests == []

@@ -229,6 +229,8 @@ async def test_a_part_the_upstream_refuses_fails_the_call_at_once_naming_the_par
     assert (info.metadata["part"], info.metadata["level"]) == ("2", "1")
     assert int(info.metadata["parts"]) > 2
     assert "part 2 of" in caught.value.details()
+    assert caught.value.details().endswith("(HTTP 400): Input flagged")
+    assert info.metadata["upstream_message"] == "Input flagged"
     refused = [r for r in recorder.requests if header(r.body).startswith("Part 2 of")]
     assert len(refused) == 1  # not retried
 

@@ -23,6 +23,7 @@ from service.errors import (
     Overloaded,
     PermissionDenied,
     QuotaExceeded,
+    RelayedError,
     ShuttingDown,
     StreamInterrupted,
     Unauthenticated,
@@ -243,6 +244,24 @@ STREAM_CAUSE = UpstreamUnavailable(
             "UPSTREAM_REJECTED_REQUEST",
             {"upstream": "deepseek", "http_status": "422"},
             id="upstream-rejected",
+        ),
+        pytest.param(
+            upstream(
+                UpstreamRejected,
+                status=400,
+                relayed=RelayedError("Invalid 'tools[0]'", param="tools[0]", code="invalid_value"),
+            ),
+            code_pb2.INVALID_ARGUMENT,
+            {"ErrorInfo"},
+            "UPSTREAM_REJECTED_REQUEST",
+            {
+                "upstream": "deepseek",
+                "http_status": "400",
+                "upstream_message": "Invalid 'tools[0]'",
+                "upstream_param": "tools[0]",
+                "upstream_code": "invalid_value",
+            },
+            id="upstream-rejected-saying-why",
         ),
         pytest.param(
             upstream(UpstreamTimeout),
