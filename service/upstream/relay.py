@@ -25,8 +25,12 @@ from service.upstream.proxy import Proxy
 
 REDACTED = "[redacted]"
 # The most of an upstream's message relayed: a sentence or two says why it refused, and
-# the status travels in trailers, which clients refuse past 8-16 KiB.
-MAX_RELAYED_CHARS = 500
+# the status travels in trailers, which clients refuse past 8-16 KiB. Counted in UTF-8
+# bytes, not characters: the message goes out three times (the status's text,
+# percent-encoded, each byte past ASCII as three; in the details, base64, as itself and
+# as `upstream_message`), so 500 four-byte characters made trailers of over 11 KiB, past
+# the 8 KiB a gRPC client takes by default (Java's always, C-core's at random).
+MAX_RELAYED_BYTES = 500
 # A `param` or `code` longer than this names no field or error code: it is not relayed.
 _MAX_NAME_CHARS = 100
 # A secret shorter than this is no credential worth the name, and replacing it would
@@ -69,7 +73,7 @@ def _credentials(user_password: str) -> list[str]:
 
 def scrubbed(text: str, secrets: Iterable[str]) -> str:
     """`text` with its control characters replaced by spaces, each of `secrets` and
-    anything key-like replaced by `[redacted]`, cut to `MAX_RELAYED_CHARS`."""
+    anything key-like replaced by `[redacted]`, cut to `MAX_RELAYED_BYTES`."""
     # The whole text, then the cut: a cut first could leave half a key that no longer
     # matches the whole.
     text = _CONTROLS.sub(" ", text).strip()
@@ -77,10 +81,16 @@ def scrubbed(text: str, secrets: Iterable[str]) -> str:
     for secret in sorted(set(secrets), key=len, reverse=True):
         if len(secret) >= _MIN_SECRET_CHARS:
             text = text.replace(secret, REDACTED)
-    text = _KEY_LIKE.sub(REDACTED, text)
-    if len(text) > MAX_RELAYED_CHARS:
-        text = text[: MAX_RELAYED_CHARS - 3] + "..."
-    return text
+    return _cut(_KEY_LIKE.sub(REDACTED, text))
+
+
+def _cut(text: str) -> str:
+    """`text` cut to its first `MAX_RELAYED_BYTES` of UTF-8, `...` included, at a
+    character's end."""
+    encoded = text.encode()
+    if len(encoded) <= MAX_RELAYED_BYTES:
+        return text
+    return encoded[: MAX_RELAYED_BYTES - 3].decode(errors="ignore") + "..."
 
 
 def relayed_error(body: bytes, *, secrets: Iterable[str]) -> RelayedError | None:
@@ -102,4 +112,4 @@ def _name(value: str) -> str:
     return value if len(value) <= _MAX_NAME_CHARS else ""
 
 
-__all__ = ["MAX_RELAYED_CHARS", "REDACTED", "relayed_error", "scrubbed", "secrets_of"]
+__all__ = ["MAX_RELAYED_BYTES", "REDACTED", "relayed_error", "scrubbed", "secrets_of"]

@@ -9,7 +9,7 @@ import pytest
 from service.config import UpstreamConfig
 from service.errors import RelayedError
 from service.upstream.proxy import Proxy, basic_authorization
-from service.upstream.relay import MAX_RELAYED_CHARS, relayed_error, scrubbed, secrets_of
+from service.upstream.relay import MAX_RELAYED_BYTES, relayed_error, scrubbed, secrets_of
 
 
 def _error(**fields: object) -> bytes:
@@ -90,11 +90,17 @@ def test_scrubbed(text: str, secrets: tuple[str, ...], scrubbed_text: str | None
 def test_a_long_message_is_cut_after_its_secrets_are_redacted() -> None:
     """A key straddling the cut is redacted whole, not relayed in part."""
     secret = "configured-secret-123456"
-    text = "x" * (MAX_RELAYED_CHARS - 20) + secret + "y" * 100
+    text = "x" * (MAX_RELAYED_BYTES - 20) + secret + "y" * 100
     relayed = scrubbed(text, (secret,))
-    assert len(relayed) == MAX_RELAYED_CHARS
+    assert len(relayed) == MAX_RELAYED_BYTES
     assert relayed.endswith("x[redacted]yyyyyyy...")
     assert "configured" not in relayed
+
+
+def test_a_long_message_is_cut_to_its_bytes_at_a_characters_end() -> None:
+    """The cut counts UTF-8 bytes (the trailers' size), never splitting a character."""
+    relayed = scrubbed("😀" * 200, ())
+    assert relayed == "😀" * ((MAX_RELAYED_BYTES - 3) // 4) + "..."
 
 
 def test_an_upstreams_secrets_are_its_key_and_its_proxys_credentials() -> None:
