@@ -103,6 +103,16 @@ def test_a_long_message_is_cut_to_its_bytes_at_a_characters_end() -> None:
     assert relayed == "😀" * ((MAX_RELAYED_BYTES - 3) // 4) + "..."
 
 
+@pytest.mark.parametrize("gap", [0, 1_000, 5_000, 2_000_000])
+def test_a_secret_after_a_long_run_of_whitespace_is_redacted_whole(gap: int) -> None:
+    """A message is scrubbed only as far as it can be relayed, but as far as its
+    collapsed text goes: a run of whitespace (one space) never pushes a secret past it."""
+    secret = "configured-secret-123456"
+    relayed = scrubbed("x " * 240 + "\n" * gap + secret + "y" * 2_000, (secret,))
+    assert relayed.startswith("x " * 240 + "[redacted]yyy")
+    assert "configured" not in relayed
+
+
 def test_an_upstreams_secrets_are_its_key_and_its_proxys_credentials() -> None:
     """The key, and the proxy's credentials as configured and as sent."""
     config = UpstreamConfig(
