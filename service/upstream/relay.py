@@ -25,8 +25,16 @@ from service.upstream.proxy import Proxy
 
 REDACTED = "[redacted]"
 # The most of an upstream's message relayed: a sentence or two says why it refused, and
-# the status travels in trailers, which clients refuse past 8-16 KiB.
-MAX_RELAYED_CHARS = 500
+# the status travels in trailers, which clients refuse past 8-16 KiB. Counted in UTF-8
+# bytes, not characters: the message goes out three times (the status's text,
+# percent-encoded, each byte past ASCII as three; in the details, base64, as itself and
+# as `upstream_message`), so 500 four-byte characters made trailers of over 11 KiB, past
+# the 8 KiB a gRPC client takes by default (Java's always, C-core's at random).
+MAX_RELAYED_BYTES = 500
+# How far past the cut a message is read, so that a key or secret beginning before the
+# cut is seen whole (and redacted whole): the rest of a message of megabytes is never
+# scrubbed, which took a second of the event loop's time for each 16 MiB refusal.
+_READ_PAST_CUT_CHARS = 1024
 # A `param` or `code` longer than this names no field or error code: it is not relayed.
 _MAX_NAME_CHARS = 100
 # A secret shorter than this is no credential worth the name, and replacing it would
@@ -69,18 +77,39 @@ def _credentials(user_password: str) -> list[str]:
 
 def scrubbed(text: str, secrets: Iterable[str]) -> str:
     """`text` with its control characters replaced by spaces, each of `secrets` and
-    anything key-like replaced by `[redacted]`, cut to `MAX_RELAYED_CHARS`."""
-    # The whole text, then the cut: a cut first could leave half a key that no longer
-    # matches the whole.
-    text = _CONTROLS.sub(" ", text).strip()
+    anything key-like replaced by `[redacted]`, cut to `MAX_RELAYED_BYTES`."""
     # Longest first: a secret that holds another is replaced whole.
-    for secret in sorted(set(secrets), key=len, reverse=True):
-        if len(secret) >= _MIN_SECRET_CHARS:
-            text = text.replace(secret, REDACTED)
-    text = _KEY_LIKE.sub(REDACTED, text)
-    if len(text) > MAX_RELAYED_CHARS:
-        text = text[: MAX_RELAYED_CHARS - 3] + "..."
-    return text
+    secrets = sorted({s for s in secrets if len(s) >= _MIN_SECRET_CHARS}, key=len, reverse=True)
+    # Past the cut, then the cut: a cut first could leave half a key that no longer
+    # matches the whole.
+    longest = len(secrets[0]) if secrets else 0
+    text = _collapsed_head(text, MAX_RELAYED_BYTES + max(longest, _READ_PAST_CUT_CHARS))
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return _cut(_KEY_LIKE.sub(REDACTED, text))
+
+
+def _collapsed_head(text: str, chars: int) -> str:
+    """`text` with each whitespace or control run one space, stripped, as far as its
+    first `chars` characters: its raw text is read in growing lengths until that many
+    remain once its runs are collapsed (a run of megabytes is one space), or it ends."""
+    read = chars
+    while True:
+        head = _CONTROLS.sub(" ", text[:read]).lstrip()
+        if read >= len(text):
+            return head.rstrip()
+        if len(head) >= chars:
+            return head[:chars]
+        read *= 4
+
+
+def _cut(text: str) -> str:
+    """`text` cut to its first `MAX_RELAYED_BYTES` of UTF-8, `...` included, at a
+    character's end."""
+    encoded = text.encode()
+    if len(encoded) <= MAX_RELAYED_BYTES:
+        return text
+    return encoded[: MAX_RELAYED_BYTES - 3].decode(errors="ignore") + "..."
 
 
 def relayed_error(body: bytes, *, secrets: Iterable[str]) -> RelayedError | None:
@@ -102,4 +131,4 @@ def _name(value: str) -> str:
     return value if len(value) <= _MAX_NAME_CHARS else ""
 
 
-__all__ = ["MAX_RELAYED_CHARS", "REDACTED", "relayed_error", "scrubbed", "secrets_of"]
+__all__ = ["MAX_RELAYED_BYTES", "REDACTED", "relayed_error", "scrubbed", "secrets_of"]

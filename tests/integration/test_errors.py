@@ -8,8 +8,10 @@ import grpc
 import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import parse_config
 from service.errors import RETRY_PUSHBACK_TRAILER
+from service.upstream import relay
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import (
     CutStream,
@@ -528,6 +530,55 @@ async def test_a_huge_message_is_relayed_cut_and_without_control_characters(
     assert relayed.startswith("bad [31mvalue xxx")
     assert relayed.endswith("x...")
     assert refused.details().endswith(relayed)
+
+
+async def test_a_16_mib_message_is_scrubbed_only_as_far_as_is_relayed(
+    upstream, start_gateway, monkeypatch
+):
+    """Of a refusal's 16 MiB message, only what the relayed 500 bytes and a key straddling
+    their cut can come from is scrubbed: the whole was, a second of the event loop's time
+    for each such refusal, every other call waiting."""
+    scrubbed_lengths: list[int] = []
+    controls = relay._CONTROLS
+
+    class CountingControls:
+        def sub(self, replacement: str, text: str) -> str:
+            scrubbed_lengths.append(len(text))
+            return controls.sub(replacement, text)
+
+    monkeypatch.setattr(relay, "_CONTROLS", CountingControls())
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    message = "bad value " * (1_600_000)
+    upstream.script(Status(400, body=_body_saying(message)))
+    refused = await rpc_error(gateway.stub.Complete(chat()))
+    relayed = error_info(refused).metadata["upstream_message"]
+    assert relayed == message[:497] + "..."
+    assert max(scrubbed_lengths) < 100_000
+
+
+async def test_a_long_message_of_wide_characters_fits_a_default_clients_trailers(
+    upstream, start_gateway
+):
+    """A message in Chinese (three bytes a character) or emoji is cut to 500 bytes of
+    UTF-8, not 500 characters: it goes out three times in the trailers, percent-encoded in
+    one, and 500 characters made over 8 KiB, which a client with gRPC's default metadata
+    limit (Java's; C-core's at random) refused as RESOURCE_EXHAUSTED, losing the status."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    message = "请求参数无效" * 100
+    body = json.dumps({"error": {"message": message, "param": "参数" * 50, "code": "无效" * 50}})
+    limit = [("grpc.max_metadata_size", 8192), ("grpc.absolute_max_metadata_size", 8192)]
+    async with grpc.aio.insecure_channel(gateway.server.address, options=limit) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        upstream.script(Status(400, body=body))
+        unary = await rpc_error(stub.Complete(chat()))
+        upstream.script(Status(400, body=body))
+        streamed = await stream_error(stub.CompleteStream(chat_stream()))
+    for refused in (unary, streamed):
+        assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
+        relayed = error_info(refused).metadata["upstream_message"]
+        assert len(relayed.encode()) <= 500
+        assert relayed.endswith("...")
+        assert message.startswith(relayed.removesuffix("..."))
 
 
 @pytest.mark.parametrize(

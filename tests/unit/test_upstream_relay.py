@@ -9,7 +9,7 @@ import pytest
 from service.config import UpstreamConfig
 from service.errors import RelayedError
 from service.upstream.proxy import Proxy, basic_authorization
-from service.upstream.relay import MAX_RELAYED_CHARS, relayed_error, scrubbed, secrets_of
+from service.upstream.relay import MAX_RELAYED_BYTES, relayed_error, scrubbed, secrets_of
 
 
 def _error(**fields: object) -> bytes:
@@ -90,10 +90,26 @@ def test_scrubbed(text: str, secrets: tuple[str, ...], scrubbed_text: str | None
 def test_a_long_message_is_cut_after_its_secrets_are_redacted() -> None:
     """A key straddling the cut is redacted whole, not relayed in part."""
     secret = "configured-secret-123456"
-    text = "x" * (MAX_RELAYED_CHARS - 20) + secret + "y" * 100
+    text = "x" * (MAX_RELAYED_BYTES - 20) + secret + "y" * 100
     relayed = scrubbed(text, (secret,))
-    assert len(relayed) == MAX_RELAYED_CHARS
+    assert len(relayed) == MAX_RELAYED_BYTES
     assert relayed.endswith("x[redacted]yyyyyyy...")
+    assert "configured" not in relayed
+
+
+def test_a_long_message_is_cut_to_its_bytes_at_a_characters_end() -> None:
+    """The cut counts UTF-8 bytes (the trailers' size), never splitting a character."""
+    relayed = scrubbed("😀" * 200, ())
+    assert relayed == "😀" * ((MAX_RELAYED_BYTES - 3) // 4) + "..."
+
+
+@pytest.mark.parametrize("gap", [0, 1_000, 5_000, 2_000_000])
+def test_a_secret_after_a_long_run_of_whitespace_is_redacted_whole(gap: int) -> None:
+    """A message is scrubbed only as far as it can be relayed, but as far as its
+    collapsed text goes: a run of whitespace (one space) never pushes a secret past it."""
+    secret = "configured-secret-123456"
+    relayed = scrubbed("x " * 240 + "\n" * gap + secret + "y" * 2_000, (secret,))
+    assert relayed.startswith("x " * 240 + "[redacted]yyy")
     assert "configured" not in relayed
 
 
