@@ -31,6 +31,7 @@ from service.errors import (
     UpstreamUnavailable,
     clipped,
 )
+from service.upstream.codings import UndecodableBody
 from service.upstream.headers import media_type, rate_limit_hints, retry_after_s
 from service.upstream.http import (
     BodyTooLarge,
@@ -171,7 +172,8 @@ def _error_for_status(
 
 def _headers(config: UpstreamConfig, *, accept: str) -> dict[str, str]:
     """What every request to the upstream carries: who we are, what we take, the key."""
-    # identity: without Accept-Encoding a server may compress, and nothing here decodes.
+    # identity: without Accept-Encoding a server may compress, at a cost in CPU (and, for
+    # a stream, latency) on both ends; one that compresses anyway is decoded (`codings`).
     headers = {"Accept": accept, "Accept-Encoding": "identity", "User-Agent": _USER_AGENT}
     if config.api_key:
         if config.api_key_header == "api-key":
@@ -179,6 +181,18 @@ def _headers(config: UpstreamConfig, *, accept: str) -> dict[str, str]:
         else:
             headers["Authorization"] = f"Bearer {config.api_key}"
     return headers
+
+
+async def _read_answer(response: Response) -> bytes:
+    """The whole answer, up to `_MAX_REPLY_BYTES` decoded. A refusal's (an error status)
+    in a coding the gateway cannot decode reads as empty: its status says what happened,
+    as it did before bodies were decoded; its text only refines it."""
+    try:
+        return await response.read(max_bytes=_MAX_REPLY_BYTES)
+    except UndecodableBody:
+        if response.status < 300:
+            raise
+        return b""
 
 
 def _is_json_media(media: str) -> bool:
@@ -264,7 +278,7 @@ class _TranslatedErrors:
             raise UpstreamUnavailable(
                 f"upstream {upstream!r} dropped the connection", upstream=upstream
             ) from exc
-        if isinstance(exc, MalformedReply | BodyTooLarge):
+        if isinstance(exc, MalformedReply | BodyTooLarge | UndecodableBody):
             raise UpstreamUnavailable(
                 f"upstream {upstream!r} sent a malformed answer: {exc}", upstream=upstream
             ) from exc
@@ -596,7 +610,7 @@ class UpstreamClient:
             async with asyncio.timeout_at(self._deadline(timeout_s)):
                 response = await self._post(call, on_sent, on_status)
                 try:
-                    body = await response.read(max_bytes=_MAX_REPLY_BYTES)
+                    body = await _read_answer(response)
                 finally:
                     response.release()
             if response.status >= 300:  # a redirect, a refusal or a failure
@@ -640,13 +654,13 @@ class UpstreamClient:
             try:
                 if response.status >= 300:  # a redirect, a refusal or a failure
                     async with asyncio.timeout_at(deadline):
-                        body = await response.read(max_bytes=_MAX_REPLY_BYTES)
+                        body = await _read_answer(response)
                     raise self._error_for_status(response, body)
                 if _is_json_media(media):
                     # Some OpenAI-compatible servers ignore `stream: true` and answer with
                     # one completion: relay it as one chunk and the end.
                     async with asyncio.timeout_at(deadline):
-                        body = await response.read(max_bytes=_MAX_REPLY_BYTES)
+                        body = await _read_answer(response)
                     reply = self._reply(call, response, body, on_status)
                     if reply.content or reply.tool_calls or reply.reasoning:
                         yield TextChunk(
@@ -756,7 +770,7 @@ async def _get_once(
         with _TranslatedErrors(config.name):
             async with asyncio.timeout(timeout_s):
                 async with await pool.request("GET", path, headers) as response:
-                    return response.status, await response.read(max_bytes=_MAX_REPLY_BYTES)
+                    return response.status, await _read_answer(response)
     finally:
         await pool.aclose()
 

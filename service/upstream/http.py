@@ -9,7 +9,8 @@ behind Node.js) through httptools; what is left is the pool, writing one request
 handing the body over as it arrives.
 
 Only what an OpenAI-compatible API needs: POST and GET with a body in one write,
-responses with Content-Length, chunked or read-until-close bodies, keep-alive reuse,
+responses with Content-Length, chunked or read-until-close bodies (decoded from gzip or
+deflate when a server compresses though asked not to: `codings`), keep-alive reuse,
 TLS (https), a connect timeout, and an HTTP forward proxy (a CONNECT tunnel, opened
 with each new connection, `_tunnel`). The caller bounds the whole exchange (its deadline).
 Addresses are tried in turn, without Happy Eyeballs: uvloop's `create_connection` does
@@ -31,6 +32,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from service.hosts import ascii_host
+from service.upstream.codings import BodyDecoder, decoder_for
 
 if TYPE_CHECKING:
     from service.upstream.proxy import Proxy
@@ -338,6 +340,9 @@ class Response:
         self._keep_alive = True
         self._until_close = False
         self._error: HttpError | None = None
+        # Set once the head is in, for a body in a content coding (`codings`): what the
+        # reader gets is decoded; None (the usual case) hands the bytes over as they came.
+        self._decoder: BodyDecoder | None = None
         self._head_ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._wakeup: asyncio.Future[None] | None = None
         self._is_released = False
@@ -380,6 +385,8 @@ class Response:
             "content-length" not in self.headers
             and "chunked" not in self.headers.get("transfer-encoding", "").lower()
         )
+        if "content-encoding" in self.headers:
+            self._decoder = decoder_for(self.headers["content-encoding"])
         if not self._head_ready.done():
             self._head_ready.set_result(None)
 
@@ -449,7 +456,31 @@ class Response:
     # what the client calls -------------------------------------------------------------
 
     async def next_chunk(self) -> bytes | None:
-        """The body bytes that arrived since the last call; None at the end."""
+        """The body bytes that arrived since the last call, decoded from their content
+        coding (in pieces of at most `codings.DECODED_PIECE_BYTES`); None at the end.
+
+        Raises:
+            UndecodableBody: the body is in a coding the gateway cannot decode.
+        """
+        if self._decoder is not None:
+            return await self._next_decoded(self._decoder)
+        return await self._next_received()
+
+    async def _next_decoded(self, decoder: BodyDecoder) -> bytes | None:
+        """`next_chunk` for a body in a content coding: decoded as it arrives."""
+        while True:
+            if decoder.has_more:
+                data = decoder.decode(b"")
+            else:
+                received = await self._next_received()
+                if received is None:
+                    return None
+                data = decoder.decode(received)
+            if data:  # else a header, or a piece that decoded to nothing yet
+                return data
+
+    async def _next_received(self) -> bytes | None:
+        """The body bytes that arrived since the last call, as they came; None at the end."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
@@ -473,8 +504,9 @@ class Response:
         return data
 
     async def read(self, *, max_bytes: int | None = None) -> bytes:
-        """The whole body; `BodyTooLarge` once it passes `max_bytes`."""
-        if self._is_complete and self._error is None:
+        """The whole body, decoded as `next_chunk`; `BodyTooLarge` once it passes
+        `max_bytes` (decoded: a compressed body is held to its decoded size)."""
+        if self._is_complete and self._error is None and self._decoder is None:
             # All of it is here already (a short answer comes with its head): take it
             # without `next_chunk`'s coroutines.
             body = self._take_chunks()

@@ -8,15 +8,19 @@ import socket
 import ssl
 import struct
 import tracemalloc
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import grpc
 import orjson
 import pytest
 import uvloop
 
+from llmgateway.v1 import gateway_pb2 as pb
 from service.upstream.http import BodyTooLarge, ConnectFailed, HttpError, HttpPool, _head
-from tests.conftest import FAKE_MODEL, chat, gateway_config
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.integration.helpers import error_info
 from tests.integration.pki import make_pki
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -839,6 +843,158 @@ async def test_what_rfc_9112_has_a_client_accept_is_an_answer(serve, start_gatew
     reply = await gateway.stub.Complete(chat(), timeout=10)
 
     assert (reply.content, reply.metadata.attempts, raw.connections) == ("hi", 1, 1)
+
+
+def _deflated(data: bytes, wbits: int) -> bytes:
+    """`data` compressed by zlib with `wbits` (31: gzip, 15: zlib-wrapped, -15: raw)."""
+    compressor = zlib.compressobj(wbits=wbits)
+    return compressor.compress(data) + compressor.flush()
+
+
+def _encoded_answer(coding: bytes, body: bytes, *, status: bytes = b"200 OK") -> bytes:
+    """A whole answer with `Content-Encoding: coding` and `body` (compressed already)."""
+    return b"HTTP/1.1 %s\r\n%s\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+        status,
+        _JSON_TYPE,
+        coding,
+        len(body),
+        body,
+    )
+
+
+@pytest.mark.parametrize(
+    ("coding", "wbits"),
+    [(b"gzip", 31), (b"x-gzip", 31), (b"deflate", 15), (b"deflate", -15), (b"GZIP, identity", 31)],
+    ids=["gzip", "x-gzip", "deflate-zlib-wrapped", "deflate-raw", "gzip-then-identity"],
+)
+async def test_a_compressed_answer_is_decoded(serve, start_gateway, coding, wbits):
+    """A server that compresses though asked for identity is answered once, decoded: not
+    refused as no chat completion."""
+    answer = _encoded_answer(coding, _deflated(_COMPLETION, wbits))
+    raw = await serve(replying(answer, linger_s=0.5))
+    gateway = await start_gateway(gateway_config(raw.url))
+
+    reply = await gateway.stub.Complete(chat(), timeout=10)
+
+    assert (reply.content, reply.metadata.attempts, raw.connections) == ("hi", 1, 1)
+
+
+def _sse_event(data: dict[str, object]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+async def test_a_compressed_stream_is_relayed_as_it_arrives(serve, start_gateway):
+    """A gzip stream's events are decoded as their bytes come: the first delta reaches
+    the caller before the server sends the rest of the compressed body."""
+    first_relayed = asyncio.Event()
+    compressor = zlib.compressobj(wbits=31)
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    def delta(text: str) -> bytes:
+        choice = {"index": 0, "delta": {"content": text}}
+        event = {"id": "c1", "model": FAKE_MODEL, "choices": [choice]}
+        return compressor.compress(_sse_event(event)) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+    async def dribble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        first = delta("hel")
+        for i in range(0, len(first), 5):  # over several reads: a header, then pieces
+            writer.write(chunk(first[i : i + 5]))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        await first_relayed.wait()
+        end = {
+            "id": "c1",
+            "model": FAKE_MODEL,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2},
+        }
+        rest = delta("lo") + compressor.compress(_sse_event(end) + b"data: [DONE]\n\n")
+        writer.write(chunk(rest + compressor.flush()) + b"0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    raw = await serve(dribble)
+    gateway = await start_gateway(gateway_config(raw.url))
+
+    texts = []
+    async with asyncio.timeout(10):  # not a measure: a delta held back would wait for ever
+        async for message in gateway.stub.CompleteStream(chat_stream()):
+            if message.HasField("delta"):
+                texts.append(message.delta.content)
+                first_relayed.set()
+            else:
+                final = message.final
+    assert (texts, final.finish_reason, final.attempts) == (["hel", "lo"], pb.FINISH_REASON_STOP, 1)
+
+
+def _gzip_bomb(decoded_mib: int) -> bytes:
+    """A gzip body of about `decoded_mib` MiB of spaces in about 1/1000 of that: one
+    compressed MiB repeated (each flushed whole, so every copy decodes alone); no trailer,
+    as nobody should read that far."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    mib = b" " * (1024 * 1024)
+    first = compressor.compress(mib) + compressor.flush(zlib.Z_FULL_FLUSH)
+    again = compressor.compress(mib) + compressor.flush(zlib.Z_FULL_FLUSH)
+    return first + again * (decoded_mib - 1)
+
+
+async def test_a_decompression_bomb_is_refused_at_the_answer_limit(serve, start_gateway):
+    """A small gzip answer that decodes to a GiB fails at the 16 MiB any answer may take,
+    without the gateway holding its decoded bytes: as malformed, as an answer too large
+    is, not as a dropped connection and not by running out of memory."""
+    raw = await serve(replying(_encoded_answer(b"gzip", _gzip_bomb(1024)), linger_s=1.0))
+    gateway = await start_gateway(
+        gateway_config(raw.url, resilience={"attempts": 1}),
+    )
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(chat(), timeout=20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "malformed answer: the answer is larger than 16777216 bytes" in caught.value.details()
+    assert peak < 64 * 1024 * 1024  # the limit, its join and a piece: far from the GiB
+
+
+@pytest.mark.parametrize("coding", [b"br", b"zstd", b"gzip, br"])
+async def test_a_coding_the_gateway_cannot_decode_is_named(serve, start_gateway, coding):
+    """`br`, `zstd` or any coding but gzip and deflate fails the attempt as a malformed
+    answer (sent again, as one is) whose message names the coding: the operator's to mend."""
+    raw = await serve(replying(_encoded_answer(coding, b"\x1b\x03\x00garbage"), linger_s=0.5))
+    gateway = await start_gateway(gateway_config(raw.url, resilience={"attempts": 1}))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat(), timeout=10)
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "UPSTREAM_UNAVAILABLE"
+    assert f"sent a malformed answer: the answer came in content coding '{coding.decode()}'" in (
+        caught.value.details()
+    )
+
+
+async def test_a_refusal_in_a_coding_the_gateway_cannot_decode_keeps_its_status(
+    serve, start_gateway
+):
+    """A 401 whose body is in `br` is still a rejected key: its status says so."""
+    raw = await serve(replying(_encoded_answer(b"br", b"\x1b\x03", status=b"401 Unauthorized")))
+    gateway = await start_gateway(gateway_config(raw.url))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat(), timeout=10)
+
+    assert error_info(caught.value).reason == "UPSTREAM_AUTH"
 
 
 async def _https_server(tmp_path: Path) -> tuple[asyncio.Server, Path]:
