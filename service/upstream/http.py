@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 import time
 from collections import deque
@@ -47,6 +48,9 @@ _MAX_HEADER_BYTES = 64 * 1024
 _MAX_TRAILING_BODY_BYTES = 64 * 1024
 # A proxy's answer to CONNECT is a status line and a few headers.
 _MAX_PROXY_HEAD_BYTES = 16 * 1024
+# Where a head ends: the empty line after its last, each line ending in CRLF or a bare LF
+# (RFC 9112 §2.2), as `_response_parser` reads them.
+_HEAD_END = re.compile(rb"\n\r?\n")
 # A reused connection the server closes unanswered within this long of a request going
 # out crossed its idle timeout: the close was on its way (a round trip at most) before the
 # request arrived. One closed later was held: the server had the request, and may have
@@ -220,8 +224,9 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-def _response_parser(response: Response) -> httptools.HttpResponseParser:
-    """llhttp's parser for one response, as tolerant as the aiohttp client it replaced.
+def _response_parser(response: Response | _Tunnel) -> httptools.HttpResponseParser:
+    """llhttp's parser for one response (or a proxy's answer to CONNECT), as tolerant as
+    the aiohttp client it replaced.
 
     Strict llhttp refuses what RFC 9112 has a client accept: a folded header line
     (section 5.2: a user agent MUST read the fold as a space), bare LF line ends (section
@@ -289,11 +294,11 @@ class _Tunnel(asyncio.Protocol):
         """The final answer's status once its whole head is in (0: not HTTP), past the
         interim (1xx) heads before it, which a client must read and drop (RFC 9110 §15.2);
         None while it is still to come."""
-        while (end := self._head.find(b"\r\n\r\n", self._start)) >= 0:
-            head = bytes(self._head[self._start : end + 4])
-            self._start = end + 4
+        while (blank := _HEAD_END.search(self._head, self._start)) is not None:
+            head = bytes(self._head[self._start : blank.end()])
+            self._start = blank.end()
             self._status = 0
-            self._parser = httptools.HttpResponseParser(self)
+            self._parser = _response_parser(self)
             # Not HTTP: no status is read. An upgrade (a 101 with `Upgrade`) stops llhttp
             # after its head is read: a status like any other refusal's.
             with contextlib.suppress(httptools.HttpParserError, httptools.HttpParserUpgrade):

@@ -208,6 +208,21 @@ async def test_interim_answers_to_connect_are_read_past(upstream, proxy, start_g
     assert proxy.targets == [f"{NAME}:{upstream.port}"]
 
 
+async def test_an_answer_to_connect_in_bare_lf_lines_opens_the_tunnel(
+    upstream, proxy, start_gateway
+):
+    """A proxy whose answer's lines end in LF alone (RFC 9112 §2.2: a client MAY read
+    them) opens the tunnel, past an interim head so written too: not a hang until the
+    connect timeout."""
+    proxy.interim = b"HTTP/1.1 100 Continue\n\n"
+    proxy.established = b"HTTP/1.1 200 Connection established\nProxy-Agent: t\n\n"
+    data = config_data(through(upstream), proxy_url=proxy.url)
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    reply = await gateway.stub.Complete(chat())
+    assert (reply.content, reply.metadata.attempts) == ("Hello from fake", 1)
+    assert proxy.targets == [f"{NAME}:{upstream.port}"]
+
+
 @pytest.mark.parametrize("name", ["\u4f8b\u3048.test", "b\u00fccher.test"])
 async def test_an_internationalised_host_goes_through_the_proxy_in_its_idna_form(
     name, upstream, start_gateway
