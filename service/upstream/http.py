@@ -62,6 +62,12 @@ class HttpError(Exception):
     """The exchange failed below HTTP semantics: connect, reset, malformed, cut short."""
 
 
+class NotHttp(HttpError):
+    """The answer is not HTTP/1.1 as a client may read it: another protocol (an HTTP/2-only
+    server's frames, a switch of protocols) or HTTP broken past what RFC 9112 lets a
+    client accept. llhttp's reason is in the message."""
+
+
 class ConnectFailed(HttpError):
     """No connection could be made (refused, unreachable, DNS, TLS handshake)."""
 
@@ -173,9 +179,9 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            response.fail(HttpError("the upstream switched protocols"))
+            response.fail(NotHttp("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
-            response.fail(HttpError(f"malformed HTTP response: {exc}"))
+            response.fail(NotHttp(f"malformed HTTP response: {exc}"))
         else:
             response.fed(len(data), made_progress=response.parsed != parsed)
 

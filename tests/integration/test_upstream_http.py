@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import struct
@@ -1004,6 +1005,63 @@ async def _https_server(tmp_path: Path) -> tuple[asyncio.Server, Path]:
     context.load_cert_chain(pki.server_cert, pki.server_key)
     server = await asyncio.start_server(answer_forever, "127.0.0.1", 0, ssl=context)
     return server, pki.ca
+
+
+async def _not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers as an HTTP/2-only server does: a SETTINGS frame, not HTTP/1.1."""
+    await read_request(reader)
+    writer.write(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00")
+    await writer.drain()
+    await asyncio.sleep(0.5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "event", "cause", "told"),
+    [
+        (
+            "untrusted",
+            "upstream.connect_failed",
+            "CERTIFICATE_VERIFY_FAILED",
+            "refused or could not be reached",
+        ),
+        ("unresolved", "upstream.connect_failed", "cannot connect: [Errno", "could not be reached"),
+        ("not-http", "upstream.exchange_failed", "malformed HTTP response", "other than HTTP/1.1"),
+    ],
+)
+async def test_what_failed_below_http_is_logged_for_the_operator(  # noqa: PLR0917
+    serve, start_gateway, tmp_path, caplog, kind, event, cause, told
+):
+    """A certificate not trusted, a name that does not resolve and an answer that is not
+    HTTP/1.1 are logged with their cause (the TLS library's, the resolver's, llhttp's
+    words), once for a run of attempts failing alike, not once an attempt; the caller is
+    told that the upstream failed, never why below HTTP."""
+    if kind == "untrusted":
+        server, _ = await _https_server(tmp_path)  # its CA trusted by nobody
+        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    elif kind == "unresolved":
+        url = "http://no-such-host.invalid/v1"  # RFC 6761: never resolves
+    else:
+        url = (await serve(_not_http)).url
+    gateway = await start_gateway(gateway_config(url))
+
+    with caplog.at_level(logging.WARNING, logger="llm_gateway"):
+        errors = []
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gateway.stub.Complete(chat(), timeout=10)
+            errors.append(caught.value)
+    if kind == "untrusted":
+        server.close()
+
+    for error in errors:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(error).reason == "UPSTREAM_UNAVAILABLE"
+        assert told in error.details()
+        assert cause not in error.details()
+    assert int(error_info(errors[0]).metadata["attempts"]) > 1
+    said = [r for r in caplog.records if r.name.startswith("llm_gateway.upstream")]
+    assert [(r.getMessage(), r.upstream) for r in said] == [(event, "up0")]
+    assert cause in said[0].cause
 
 
 async def https_call(tmp_path: Path, trust: pytest.MonkeyPatch | None) -> None:
