@@ -35,13 +35,15 @@ class ForwardProxy:
 
     `mode`: `tunnel` (the default), `refuse` with `status`, `drop` (close without a
     word), `hang` (read the CONNECT, never answer) or `garbage` (answer what is not
-    HTTP). It can be changed between calls. `interim`: heads (1xx) a tunnel's 200 follows.
+    HTTP). It can be changed between calls. `interim`: heads (1xx) a tunnel's 200 follows;
+    `established`: that 200's head (and whatever else the proxy sends with it).
     """
 
     hosts: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     mode: Mode = "tunnel"
     status: int = 407
     interim: bytes = b""
+    established: bytes = b"HTTP/1.1 200 Connection established\r\n\r\n"
     requests: list[ConnectRecord] = field(default_factory=list)
     port: int = 0
     tunnels_open: int = 0
@@ -144,7 +146,7 @@ class ForwardProxy:
         if self.interim:
             writer.write(self.interim)
             await writer.drain()
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        writer.write(self.established)
         await writer.drain()
         self.tunnels_open += 1
         try:

@@ -31,12 +31,14 @@ from service.errors import (
     UpstreamUnavailable,
     clipped,
 )
+from service.upstream.codings import UndecodableBody
 from service.upstream.headers import media_type, rate_limit_hints, retry_after_s
 from service.upstream.http import (
     BodyTooLarge,
     ConnectFailed,
     HttpError,
     HttpPool,
+    NotHttp,
     ProxyFailed,
     ProxyRefused,
     Response,
@@ -76,8 +78,11 @@ _STREAM_END_GRACE_S = 0.25
 # The largest answer (or stream event) read: far past any real completion, and a bound
 # on what a broken or hostile upstream can make the gateway hold in memory.
 _MAX_REPLY_BYTES = 16 * 1024 * 1024
-# A proxy that keeps failing the same way is logged once in this long, not per connection.
-_PROXY_LOG_INTERVAL_S = 60.0
+# A proxy, or a connection below HTTP, that keeps failing the same way is logged once in
+# this long, not per connection.
+_FAILURE_LOG_INTERVAL_S = 60.0
+# The most kinds of failure remembered for that at once: causes name addresses, which vary.
+_MAX_FAILURES_REMEMBERED = 64
 # What an answer may come as, besides its own media type, and still be the provider's
 # when it parses so: some proxies send an answer, or a stream, as text/plain or untyped.
 _UNTYPED_MEDIA = frozenset({"", "text/plain"})
@@ -171,7 +176,8 @@ def _error_for_status(
 
 def _headers(config: UpstreamConfig, *, accept: str) -> dict[str, str]:
     """What every request to the upstream carries: who we are, what we take, the key."""
-    # identity: without Accept-Encoding a server may compress, and nothing here decodes.
+    # identity: without Accept-Encoding a server may compress, at a cost in CPU (and, for
+    # a stream, latency) on both ends; one that compresses anyway is decoded (`codings`).
     headers = {"Accept": accept, "Accept-Encoding": "identity", "User-Agent": _USER_AGENT}
     if config.api_key:
         if config.api_key_header == "api-key":
@@ -179,6 +185,18 @@ def _headers(config: UpstreamConfig, *, accept: str) -> dict[str, str]:
         else:
             headers["Authorization"] = f"Bearer {config.api_key}"
     return headers
+
+
+async def _read_answer(response: Response) -> bytes:
+    """The whole answer, up to `_MAX_REPLY_BYTES` decoded. A refusal's (an error status)
+    in a coding the gateway cannot decode reads as empty: its status says what happened,
+    as it did before bodies were decoded; its text only refines it."""
+    try:
+        return await response.read(max_bytes=_MAX_REPLY_BYTES)
+    except UndecodableBody:
+        if response.status < 300:
+            raise
+        return b""
 
 
 def _is_json_media(media: str) -> bool:
@@ -224,14 +242,23 @@ class _TranslatedErrors:
     We map to the most specific class we can; the original goes in `__cause__` for
     logs, never into the message a caller sees. A class rather than
     `contextlib.contextmanager`: every attempt enters one.
+
+    With `logs_causes` (the serving client's), a failure below HTTP is logged for the
+    operator with its `cause` (the connect's OSError, the TLS library's reason, llhttp's),
+    which the caller's message leaves out: `upstream.connect_failed` (refused, a name that
+    does not resolve, a certificate not trusted) and `upstream.exchange_failed` (an answer
+    that is not HTTP/1.1, a connection reset or closed mid-answer), each once a minute at
+    most per cause. Those texts hold no key and no proxy credentials: neither is ever in
+    an address, a TLS alert or a parser's reason.
     """
 
-    __slots__ = ("_proxy_said_at", "_upstream")
+    __slots__ = ("_logs_causes", "_said_at", "_upstream")
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, logs_causes: bool = False) -> None:
         self._upstream = upstream
-        # When each proxy failure was last logged, by its problem: once a minute at most.
-        self._proxy_said_at: dict[str, float] = {}
+        self._logs_causes = logs_causes
+        # When each kind of failure was last logged: once a minute at most.
+        self._said_at: dict[str, float] = {}
 
     def __enter__(self) -> None:
         return None
@@ -257,26 +284,52 @@ class _TranslatedErrors:
         if isinstance(exc, TimeoutError):
             raise UpstreamTimeout(f"upstream {upstream!r} timed out", upstream=upstream) from exc
         if isinstance(exc, ConnectFailed):
+            self._say_cause("upstream.connect_failed", exc)
             raise UpstreamUnavailable(
                 f"upstream {upstream!r} refused or could not be reached", upstream=upstream
             ) from exc
+        if isinstance(exc, NotHttp):
+            self._say_cause("upstream.exchange_failed", exc)
+            raise UpstreamUnavailable(
+                f"upstream {upstream!r} answered with something other than HTTP/1.1",
+                upstream=upstream,
+            ) from exc
         if isinstance(exc, HttpError | ConnectionError):
+            self._say_cause("upstream.exchange_failed", exc)
             raise UpstreamUnavailable(
                 f"upstream {upstream!r} dropped the connection", upstream=upstream
             ) from exc
-        if isinstance(exc, MalformedReply | BodyTooLarge):
+        if isinstance(exc, MalformedReply | BodyTooLarge | UndecodableBody):
             raise UpstreamUnavailable(
                 f"upstream {upstream!r} sent a malformed answer: {exc}", upstream=upstream
             ) from exc
 
+    def _is_due(self, kind: str) -> bool:
+        """Whether a failure of `kind` may be logged now: once a minute at most."""
+        now = time.monotonic()
+        said_at = self._said_at.get(kind)
+        if said_at is not None and now - said_at < _FAILURE_LOG_INTERVAL_S:
+            return False
+        if len(self._said_at) >= _MAX_FAILURES_REMEMBERED:
+            self._said_at = {
+                k: t for k, t in self._said_at.items() if now - t < _FAILURE_LOG_INTERVAL_S
+            }
+        self._said_at[kind] = now
+        return True
+
+    def _say_cause(self, event: str, exc: BaseException) -> None:
+        """Log `event` with what failed below HTTP (`exc`'s text), when this logs causes."""
+        if not self._logs_causes:
+            return
+        cause = str(exc) or type(exc).__name__
+        if self._is_due(f"{event} {cause}"):
+            log.warning(event, extra={"upstream": self._upstream, "cause": cause})
+
     def _say_proxy_failed(self, exc: ProxyFailed) -> None:
         """Log a proxy's failure to open a tunnel (its address and status, never its
         credentials), once a minute at most for the same problem."""
-        now = time.monotonic()
-        said_at = self._proxy_said_at.get(exc.problem)
-        if said_at is not None and now - said_at < _PROXY_LOG_INTERVAL_S:
+        if not self._is_due(f"proxy {exc.problem}"):
             return
-        self._proxy_said_at[exc.problem] = now
         extra: dict[str, object] = {"upstream": self._upstream, "proxy": exc.proxy}
         if isinstance(exc, ProxyRefused) and exc.status == 407:
             # The operator's to fix, like a rejected key: said as loudly.
@@ -347,7 +400,8 @@ class UpstreamClient:
         self._redacted = tuple(redacted)
         self.proxy: Proxy | None = None  # chosen when the client opens
         self._pool: HttpPool | None = None
-        self._translated_errors = _TranslatedErrors(self.name)  # holds no state of a call
+        # Holds no state of a call; logs causes once a minute, so it lives as long as we do.
+        self._translated_errors = _TranslatedErrors(self.name, logs_causes=True)
 
     async def __aenter__(self) -> UpstreamClient:
         if self._pool is None:
@@ -596,7 +650,7 @@ class UpstreamClient:
             async with asyncio.timeout_at(self._deadline(timeout_s)):
                 response = await self._post(call, on_sent, on_status)
                 try:
-                    body = await response.read(max_bytes=_MAX_REPLY_BYTES)
+                    body = await _read_answer(response)
                 finally:
                     response.release()
             if response.status >= 300:  # a redirect, a refusal or a failure
@@ -640,13 +694,13 @@ class UpstreamClient:
             try:
                 if response.status >= 300:  # a redirect, a refusal or a failure
                     async with asyncio.timeout_at(deadline):
-                        body = await response.read(max_bytes=_MAX_REPLY_BYTES)
+                        body = await _read_answer(response)
                     raise self._error_for_status(response, body)
                 if _is_json_media(media):
                     # Some OpenAI-compatible servers ignore `stream: true` and answer with
                     # one completion: relay it as one chunk and the end.
                     async with asyncio.timeout_at(deadline):
-                        body = await response.read(max_bytes=_MAX_REPLY_BYTES)
+                        body = await _read_answer(response)
                     reply = self._reply(call, response, body, on_status)
                     if reply.content or reply.tool_calls or reply.reasoning:
                         yield TextChunk(
@@ -756,7 +810,7 @@ async def _get_once(
         with _TranslatedErrors(config.name):
             async with asyncio.timeout(timeout_s):
                 async with await pool.request("GET", path, headers) as response:
-                    return response.status, await response.read(max_bytes=_MAX_REPLY_BYTES)
+                    return response.status, await _read_answer(response)
     finally:
         await pool.aclose()
 

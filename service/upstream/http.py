@@ -9,7 +9,8 @@ behind Node.js) through httptools; what is left is the pool, writing one request
 handing the body over as it arrives.
 
 Only what an OpenAI-compatible API needs: POST and GET with a body in one write,
-responses with Content-Length, chunked or read-until-close bodies, keep-alive reuse,
+responses with Content-Length, chunked or read-until-close bodies (decoded from gzip or
+deflate when a server compresses though asked not to: `codings`), keep-alive reuse,
 TLS (https), a connect timeout, and an HTTP forward proxy (a CONNECT tunnel, opened
 with each new connection, `_tunnel`). The caller bounds the whole exchange (its deadline).
 Addresses are tried in turn, without Happy Eyeballs: uvloop's `create_connection` does
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 import time
 from collections import deque
@@ -31,6 +33,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from service.hosts import ascii_host
+from service.upstream.codings import BodyDecoder, decoder_for
 
 if TYPE_CHECKING:
     from service.upstream.proxy import Proxy
@@ -45,6 +48,9 @@ _MAX_HEADER_BYTES = 64 * 1024
 _MAX_TRAILING_BODY_BYTES = 64 * 1024
 # A proxy's answer to CONNECT is a status line and a few headers.
 _MAX_PROXY_HEAD_BYTES = 16 * 1024
+# Where a head ends: the empty line after its last, each line ending in CRLF or a bare LF
+# (RFC 9112 §2.2), as `_response_parser` reads them.
+_HEAD_END = re.compile(rb"\n\r?\n")
 # A reused connection the server closes unanswered within this long of a request going
 # out crossed its idle timeout: the close was on its way (a round trip at most) before the
 # request arrived. One closed later was held: the server had the request, and may have
@@ -54,6 +60,12 @@ _IDLE_CLOSE_RACE_S = 1.0
 
 class HttpError(Exception):
     """The exchange failed below HTTP semantics: connect, reset, malformed, cut short."""
+
+
+class NotHttp(HttpError):
+    """The answer is not HTTP/1.1 as a client may read it: another protocol (an HTTP/2-only
+    server's frames, a switch of protocols) or HTTP broken past what RFC 9112 lets a
+    client accept. llhttp's reason is in the message."""
 
 
 class ConnectFailed(HttpError):
@@ -167,9 +179,9 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            response.fail(HttpError("the upstream switched protocols"))
+            response.fail(NotHttp("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
-            response.fail(HttpError(f"malformed HTTP response: {exc}"))
+            response.fail(NotHttp(f"malformed HTTP response: {exc}"))
         else:
             response.fed(len(data), made_progress=response.parsed != parsed)
 
@@ -218,8 +230,9 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-def _response_parser(response: Response) -> httptools.HttpResponseParser:
-    """llhttp's parser for one response, as tolerant as the aiohttp client it replaced.
+def _response_parser(response: Response | _Tunnel) -> httptools.HttpResponseParser:
+    """llhttp's parser for one response (or a proxy's answer to CONNECT), as tolerant as
+    the aiohttp client it replaced.
 
     Strict llhttp refuses what RFC 9112 has a client accept: a folded header line
     (section 5.2: a user agent MUST read the fold as a space), bare LF line ends (section
@@ -287,11 +300,11 @@ class _Tunnel(asyncio.Protocol):
         """The final answer's status once its whole head is in (0: not HTTP), past the
         interim (1xx) heads before it, which a client must read and drop (RFC 9110 §15.2);
         None while it is still to come."""
-        while (end := self._head.find(b"\r\n\r\n", self._start)) >= 0:
-            head = bytes(self._head[self._start : end + 4])
-            self._start = end + 4
+        while (blank := _HEAD_END.search(self._head, self._start)) is not None:
+            head = bytes(self._head[self._start : blank.end()])
+            self._start = blank.end()
             self._status = 0
-            self._parser = httptools.HttpResponseParser(self)
+            self._parser = _response_parser(self)
             # Not HTTP: no status is read. An upgrade (a 101 with `Upgrade`) stops llhttp
             # after its head is read: a status like any other refusal's.
             with contextlib.suppress(httptools.HttpParserError, httptools.HttpParserUpgrade):
@@ -338,6 +351,9 @@ class Response:
         self._keep_alive = True
         self._until_close = False
         self._error: HttpError | None = None
+        # Set once the head is in, for a body in a content coding (`codings`): what the
+        # reader gets is decoded; None (the usual case) hands the bytes over as they came.
+        self._decoder: BodyDecoder | None = None
         self._head_ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._wakeup: asyncio.Future[None] | None = None
         self._is_released = False
@@ -380,6 +396,8 @@ class Response:
             "content-length" not in self.headers
             and "chunked" not in self.headers.get("transfer-encoding", "").lower()
         )
+        if "content-encoding" in self.headers:
+            self._decoder = decoder_for(self.headers["content-encoding"])
         if not self._head_ready.done():
             self._head_ready.set_result(None)
 
@@ -449,7 +467,31 @@ class Response:
     # what the client calls -------------------------------------------------------------
 
     async def next_chunk(self) -> bytes | None:
-        """The body bytes that arrived since the last call; None at the end."""
+        """The body bytes that arrived since the last call, decoded from their content
+        coding (in pieces of at most `codings.DECODED_PIECE_BYTES`); None at the end.
+
+        Raises:
+            UndecodableBody: the body is in a coding the gateway cannot decode.
+        """
+        if self._decoder is not None:
+            return await self._next_decoded(self._decoder)
+        return await self._next_received()
+
+    async def _next_decoded(self, decoder: BodyDecoder) -> bytes | None:
+        """`next_chunk` for a body in a content coding: decoded as it arrives."""
+        while True:
+            if decoder.has_more:
+                data = decoder.decode(b"")
+            else:
+                received = await self._next_received()
+                if received is None:
+                    return None
+                data = decoder.decode(received)
+            if data:  # else a header, or a piece that decoded to nothing yet
+                return data
+
+    async def _next_received(self) -> bytes | None:
+        """The body bytes that arrived since the last call, as they came; None at the end."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
@@ -473,8 +515,9 @@ class Response:
         return data
 
     async def read(self, *, max_bytes: int | None = None) -> bytes:
-        """The whole body; `BodyTooLarge` once it passes `max_bytes`."""
-        if self._is_complete and self._error is None:
+        """The whole body, decoded as `next_chunk`; `BodyTooLarge` once it passes
+        `max_bytes` (decoded: a compressed body is held to its decoded size)."""
+        if self._is_complete and self._error is None and self._decoder is None:
             # All of it is here already (a short answer comes with its head): take it
             # without `next_chunk`'s coroutines.
             body = self._take_chunks()

@@ -134,6 +134,33 @@ async def test_an_https_upstream_through_https_proxy_is_verified_for_its_name(
             assert ENV_PROXY_PASSWORD not in repr([r.__dict__ for r in caplog.records])
 
 
+async def test_a_certificate_not_trusted_through_the_proxy_is_logged_without_credentials(
+    tmp_path, monkeypatch, start_gateway, caplog
+):
+    """An https upstream whose certificate is not trusted, reached through a proxy whose
+    URL carries `user:password`: the TLS library's reason is logged for the operator, and
+    the password is nowhere in the logs or the caller's error."""
+    context, _ = https_server_context(tmp_path, NAME)  # its CA left out of the trust store
+    async with FakeUpstream(models=(FAKE_MODEL,), ssl_context=context) as tls_upstream:
+        hosts = {NAME: ("127.0.0.1", tls_upstream.port)}
+        async with ForwardProxy(hosts=hosts) as env_proxy:
+            monkeypatch.setenv("HTTPS_PROXY", f"http://gw:{ENV_PROXY_PASSWORD}@{env_proxy.url[7:]}")
+            data = config_data(through(tls_upstream, "https"))
+            with caplog.at_level(logging.DEBUG):
+                gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+                error = await rpc_error(gateway.stub.Complete(chat()))
+            record_emitted(error.details())
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert "refused or could not be reached" in error.details()
+    said = [r for r in caplog.records if r.getMessage() == "upstream.connect_failed"]
+    assert [r.upstream for r in said] == ["up0"]
+    assert "through the proxy" in said[0].cause
+    assert "CERTIFICATE_VERIFY_FAILED" in said[0].cause
+    for text in (caplog.text, repr([r.__dict__ for r in caplog.records]), error.details()):
+        assert ENV_PROXY_PASSWORD not in text
+        assert "gw:" not in text
+
+
 @pytest.mark.parametrize("no_proxy", [NAME, ".test", "*", f"other.example, {NAME}:{{port}}"])
 async def test_no_proxy_excludes_an_upstream_from_the_environments_proxy(
     no_proxy, upstream, proxy, monkeypatch, start_gateway
@@ -201,6 +228,21 @@ async def test_interim_answers_to_connect_are_read_past(upstream, proxy, start_g
     """1xx heads before the proxy's 200 (RFC 9110 §15.2: a client reads and drops them)
     do not refuse the tunnel: the call is answered through it."""
     proxy.interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\nX-A: b\r\n\r\n"
+    data = config_data(through(upstream), proxy_url=proxy.url)
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    reply = await gateway.stub.Complete(chat())
+    assert (reply.content, reply.metadata.attempts) == ("Hello from fake", 1)
+    assert proxy.targets == [f"{NAME}:{upstream.port}"]
+
+
+async def test_an_answer_to_connect_in_bare_lf_lines_opens_the_tunnel(
+    upstream, proxy, start_gateway
+):
+    """A proxy whose answer's lines end in LF alone (RFC 9112 §2.2: a client MAY read
+    them) opens the tunnel, past an interim head so written too: not a hang until the
+    connect timeout."""
+    proxy.interim = b"HTTP/1.1 100 Continue\n\n"
+    proxy.established = b"HTTP/1.1 200 Connection established\nProxy-Agent: t\n\n"
     data = config_data(through(upstream), proxy_url=proxy.url)
     gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
     reply = await gateway.stub.Complete(chat())

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import struct
 import tracemalloc
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import grpc
 import orjson
 import pytest
 import uvloop
 
+from llmgateway.v1 import gateway_pb2 as pb
 from service.upstream.http import BodyTooLarge, ConnectFailed, HttpError, HttpPool, _head
-from tests.conftest import FAKE_MODEL, chat, gateway_config
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
+from tests.integration.helpers import error_info
 from tests.integration.pki import make_pki
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -841,6 +846,158 @@ async def test_what_rfc_9112_has_a_client_accept_is_an_answer(serve, start_gatew
     assert (reply.content, reply.metadata.attempts, raw.connections) == ("hi", 1, 1)
 
 
+def _deflated(data: bytes, wbits: int) -> bytes:
+    """`data` compressed by zlib with `wbits` (31: gzip, 15: zlib-wrapped, -15: raw)."""
+    compressor = zlib.compressobj(wbits=wbits)
+    return compressor.compress(data) + compressor.flush()
+
+
+def _encoded_answer(coding: bytes, body: bytes, *, status: bytes = b"200 OK") -> bytes:
+    """A whole answer with `Content-Encoding: coding` and `body` (compressed already)."""
+    return b"HTTP/1.1 %s\r\n%s\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+        status,
+        _JSON_TYPE,
+        coding,
+        len(body),
+        body,
+    )
+
+
+@pytest.mark.parametrize(
+    ("coding", "wbits"),
+    [(b"gzip", 31), (b"x-gzip", 31), (b"deflate", 15), (b"deflate", -15), (b"GZIP, identity", 31)],
+    ids=["gzip", "x-gzip", "deflate-zlib-wrapped", "deflate-raw", "gzip-then-identity"],
+)
+async def test_a_compressed_answer_is_decoded(serve, start_gateway, coding, wbits):
+    """A server that compresses though asked for identity is answered once, decoded: not
+    refused as no chat completion."""
+    answer = _encoded_answer(coding, _deflated(_COMPLETION, wbits))
+    raw = await serve(replying(answer, linger_s=0.5))
+    gateway = await start_gateway(gateway_config(raw.url))
+
+    reply = await gateway.stub.Complete(chat(), timeout=10)
+
+    assert (reply.content, reply.metadata.attempts, raw.connections) == ("hi", 1, 1)
+
+
+def _sse_event(data: dict[str, object]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+async def test_a_compressed_stream_is_relayed_as_it_arrives(serve, start_gateway):
+    """A gzip stream's events are decoded as their bytes come: the first delta reaches
+    the caller before the server sends the rest of the compressed body."""
+    first_relayed = asyncio.Event()
+    compressor = zlib.compressobj(wbits=31)
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    def delta(text: str) -> bytes:
+        choice = {"index": 0, "delta": {"content": text}}
+        event = {"id": "c1", "model": FAKE_MODEL, "choices": [choice]}
+        return compressor.compress(_sse_event(event)) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+    async def dribble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        first = delta("hel")
+        for i in range(0, len(first), 5):  # over several reads: a header, then pieces
+            writer.write(chunk(first[i : i + 5]))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        await first_relayed.wait()
+        end = {
+            "id": "c1",
+            "model": FAKE_MODEL,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2},
+        }
+        rest = delta("lo") + compressor.compress(_sse_event(end) + b"data: [DONE]\n\n")
+        writer.write(chunk(rest + compressor.flush()) + b"0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    raw = await serve(dribble)
+    gateway = await start_gateway(gateway_config(raw.url))
+
+    texts = []
+    async with asyncio.timeout(10):  # not a measure: a delta held back would wait for ever
+        async for message in gateway.stub.CompleteStream(chat_stream()):
+            if message.HasField("delta"):
+                texts.append(message.delta.content)
+                first_relayed.set()
+            else:
+                final = message.final
+    assert (texts, final.finish_reason, final.attempts) == (["hel", "lo"], pb.FINISH_REASON_STOP, 1)
+
+
+def _gzip_bomb(decoded_mib: int) -> bytes:
+    """A gzip body of about `decoded_mib` MiB of spaces in about 1/1000 of that: one
+    compressed MiB repeated (each flushed whole, so every copy decodes alone); no trailer,
+    as nobody should read that far."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    mib = b" " * (1024 * 1024)
+    first = compressor.compress(mib) + compressor.flush(zlib.Z_FULL_FLUSH)
+    again = compressor.compress(mib) + compressor.flush(zlib.Z_FULL_FLUSH)
+    return first + again * (decoded_mib - 1)
+
+
+async def test_a_decompression_bomb_is_refused_at_the_answer_limit(serve, start_gateway):
+    """A small gzip answer that decodes to a GiB fails at the 16 MiB any answer may take,
+    without the gateway holding its decoded bytes: as malformed, as an answer too large
+    is, not as a dropped connection and not by running out of memory."""
+    raw = await serve(replying(_encoded_answer(b"gzip", _gzip_bomb(1024)), linger_s=1.0))
+    gateway = await start_gateway(
+        gateway_config(raw.url, resilience={"attempts": 1}),
+    )
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(chat(), timeout=20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "malformed answer: the answer is larger than 16777216 bytes" in caught.value.details()
+    assert peak < 64 * 1024 * 1024  # the limit, its join and a piece: far from the GiB
+
+
+@pytest.mark.parametrize("coding", [b"br", b"zstd", b"gzip, br"])
+async def test_a_coding_the_gateway_cannot_decode_is_named(serve, start_gateway, coding):
+    """`br`, `zstd` or any coding but gzip and deflate fails the attempt as a malformed
+    answer (sent again, as one is) whose message names the coding: the operator's to mend."""
+    raw = await serve(replying(_encoded_answer(coding, b"\x1b\x03\x00garbage"), linger_s=0.5))
+    gateway = await start_gateway(gateway_config(raw.url, resilience={"attempts": 1}))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat(), timeout=10)
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "UPSTREAM_UNAVAILABLE"
+    assert f"sent a malformed answer: the answer came in content coding '{coding.decode()}'" in (
+        caught.value.details()
+    )
+
+
+async def test_a_refusal_in_a_coding_the_gateway_cannot_decode_keeps_its_status(
+    serve, start_gateway
+):
+    """A 401 whose body is in `br` is still a rejected key: its status says so."""
+    raw = await serve(replying(_encoded_answer(b"br", b"\x1b\x03", status=b"401 Unauthorized")))
+    gateway = await start_gateway(gateway_config(raw.url))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat(), timeout=10)
+
+    assert error_info(caught.value).reason == "UPSTREAM_AUTH"
+
+
 async def _https_server(tmp_path: Path) -> tuple[asyncio.Server, Path]:
     """An HTTPS echo server with a certificate for 127.0.0.1, and the CA that signed it."""
     pki = make_pki(tmp_path)
@@ -848,6 +1005,63 @@ async def _https_server(tmp_path: Path) -> tuple[asyncio.Server, Path]:
     context.load_cert_chain(pki.server_cert, pki.server_key)
     server = await asyncio.start_server(answer_forever, "127.0.0.1", 0, ssl=context)
     return server, pki.ca
+
+
+async def _not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers as an HTTP/2-only server does: a SETTINGS frame, not HTTP/1.1."""
+    await read_request(reader)
+    writer.write(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00")
+    await writer.drain()
+    await asyncio.sleep(0.5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "event", "cause", "told"),
+    [
+        (
+            "untrusted",
+            "upstream.connect_failed",
+            "CERTIFICATE_VERIFY_FAILED",
+            "refused or could not be reached",
+        ),
+        ("unresolved", "upstream.connect_failed", "cannot connect: [Errno", "could not be reached"),
+        ("not-http", "upstream.exchange_failed", "malformed HTTP response", "other than HTTP/1.1"),
+    ],
+)
+async def test_what_failed_below_http_is_logged_for_the_operator(  # noqa: PLR0917
+    serve, start_gateway, tmp_path, caplog, kind, event, cause, told
+):
+    """A certificate not trusted, a name that does not resolve and an answer that is not
+    HTTP/1.1 are logged with their cause (the TLS library's, the resolver's, llhttp's
+    words), once for a run of attempts failing alike, not once an attempt; the caller is
+    told that the upstream failed, never why below HTTP."""
+    if kind == "untrusted":
+        server, _ = await _https_server(tmp_path)  # its CA trusted by nobody
+        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    elif kind == "unresolved":
+        url = "http://no-such-host.invalid/v1"  # RFC 6761: never resolves
+    else:
+        url = (await serve(_not_http)).url
+    gateway = await start_gateway(gateway_config(url))
+
+    with caplog.at_level(logging.WARNING, logger="llm_gateway"):
+        errors = []
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gateway.stub.Complete(chat(), timeout=10)
+            errors.append(caught.value)
+    if kind == "untrusted":
+        server.close()
+
+    for error in errors:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(error).reason == "UPSTREAM_UNAVAILABLE"
+        assert told in error.details()
+        assert cause not in error.details()
+    assert int(error_info(errors[0]).metadata["attempts"]) > 1
+    said = [r for r in caplog.records if r.name.startswith("llm_gateway.upstream")]
+    assert [(r.getMessage(), r.upstream) for r in said] == [(event, "up0")]
+    assert cause in said[0].cause
 
 
 async def https_call(tmp_path: Path, trust: pytest.MonkeyPatch | None) -> None:

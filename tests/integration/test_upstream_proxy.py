@@ -131,10 +131,12 @@ async def test_an_https_upstream_certified_for_another_name_is_refused(tmp_path,
     await https_through_tunnel(tmp_path, monkeypatch, certified_name="other.test")
 
 
-async def refused(mode: str, status: int = 407) -> BaseException:
-    """What a request fails with through a proxy in `mode`; nothing is left open."""
+async def refused(mode: str, status: int = 407, **options: bytes) -> BaseException:
+    """What a request fails with through a proxy in `mode` (`options`: the proxy's
+    others); nothing is left open."""
     server, port = await _echo_server()
-    async with ForwardProxy(hosts={NAME: ("127.0.0.1", port)}, mode=mode, status=status) as proxy:  # type: ignore[arg-type]
+    hosts = {NAME: ("127.0.0.1", port)}
+    async with ForwardProxy(hosts, mode=mode, status=status, **options) as proxy:  # type: ignore[arg-type]
         pool = HttpPool(
             f"http://{NAME}:{port}/v1", max_connections=1, connect_timeout_s=0.5, proxy=via(proxy)
         )
@@ -173,6 +175,45 @@ async def test_a_proxy_that_drops_or_answers_garbage_fails_the_connect(mode, pro
     error = await refused(mode)
     assert type(error) is ProxyFailed
     assert problem in error.problem
+
+
+@pytest.mark.parametrize(
+    "established",
+    [
+        b"HTTP/1.1 200 OK\n\n",
+        b"HTTP/1.1 200 OK\nProxy-Agent: t\n\n",
+        b"HTTP/1.1 200 OK\r\nProxy-Agent: t\n\r\n",
+        b"HTTP/1.1 200 OK\nProxy-Agent: t\r\n\n",
+    ],
+    ids=["lf", "lf-header", "crlf-then-lf", "crlf-header-lf-end"],
+)
+async def test_an_answer_with_bare_lf_line_ends_opens_the_tunnel(established):
+    """The head's end is its first empty line, each line ending in CRLF or LF alone."""
+    server, port = await _echo_server()
+    async with ForwardProxy(hosts={NAME: ("127.0.0.1", port)}, established=established) as proxy:
+        pool = HttpPool(
+            f"http://{NAME}:{port}/v1", max_connections=1, connect_timeout_s=5, proxy=via(proxy)
+        )
+        try:
+            async with await pool.request("POST", "/chat", {}, b"through") as response:
+                assert await response.read() == b"through"
+        finally:
+            await pool.aclose()
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "established",
+    [b"HTTP/1.1 200 OK\n\nHTTP/1.1 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\n\n\n"],
+    ids=["a-second-head", "a-blank-line"],
+)
+async def test_bytes_after_a_bare_lf_answers_end_are_no_part_of_it(established):
+    """What follows the first empty line is not the answer's: sent before the tunnel
+    is used, it fails the connect as bytes nobody asked for."""
+    error = await refused("tunnel", established=established)
+    assert type(error) is ProxyFailed
+    assert "did not ask for" in error.problem
 
 
 async def test_a_proxy_that_never_answers_times_out_at_the_connect_timeout():
