@@ -475,7 +475,11 @@ class Response:
         """
         if self._decoder is not None:
             return await self._next_decoded(self._decoder)
-        return await self._next_received()
+        # No coroutine of its own while bytes are buffered: a stream's burst is read so.
+        while not self._chunks:
+            if not await self._arrival():
+                return None
+        return self._take_chunks()
 
     async def _next_decoded(self, decoder: BodyDecoder) -> bytes | None:
         """`next_chunk` for a body in a content coding: decoded as it arrives."""
@@ -483,26 +487,29 @@ class Response:
             if decoder.has_more:
                 data = decoder.decode(b"")
             else:
-                received = await self._next_received()
-                if received is None:
-                    return None
-                data = decoder.decode(received)
+                while not self._chunks:
+                    if not await self._arrival():
+                        return None
+                data = decoder.decode(self._take_chunks())
             if data:  # else a header, or a piece that decoded to nothing yet
                 return data
 
-    async def _next_received(self) -> bytes | None:
-        """The body bytes that arrived since the last call, as they came; None at the end."""
-        while not self._chunks:
-            if self._error is not None:
-                raise self._error
-            if self._is_complete:
-                return None
-            self._wakeup = asyncio.get_running_loop().create_future()
-            try:
-                await self._wakeup
-            finally:
-                self._wakeup = None
-        return self._take_chunks()
+    async def _arrival(self) -> bool:
+        """Wait for more of the body: False once it is all in, with none left to read.
+
+        Raises:
+            HttpError: the exchange failed.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._is_complete:
+            return False
+        self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+        return True
 
     def _take_chunks(self) -> bytes:
         """The body bytes buffered so far, handed over; reading resumes if it paused for them."""
