@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-__all__ = ["naming_variable", "variable_default"]
+__all__ = ["naming_variable", "variable_default", "variable_of"]
 
 T = TypeVar("T")
 
@@ -40,6 +40,12 @@ def variable_default(
     return _FromVariable(value, variable)
 
 
+def variable_of(value: str) -> str | None:
+    """The environment variable a `variable_default` was read from; None for a value the
+    user typed."""
+    return value.variable if isinstance(value, _FromVariable) else None
+
+
 def naming_variable(parse: Callable[[str], T]) -> Callable[[str], T]:
     """`parse` as an option's argparse type that, refusing a `variable_default`, names
     the variable: `environment variable LLM_GATEWAY_LOG_LEVEL: 'verbose' is not one of ...`.
@@ -54,8 +60,9 @@ def naming_variable(parse: Callable[[str], T]) -> Callable[[str], T]:
         try:
             return parse(str(value))  # a plain str onwards: the variable is known here
         except argparse.ArgumentTypeError as exc:
-            if isinstance(value, _FromVariable):
-                message = f"environment variable {value.variable}: {exc}"
+            variable = variable_of(value)
+            if variable is not None:
+                message = f"environment variable {variable}: {exc}"
                 raise argparse.ArgumentError(None, message) from None
             raise
 

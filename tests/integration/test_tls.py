@@ -349,6 +349,45 @@ async def test_a_client_key_that_is_not_the_certificates_is_refused_before_any_c
     assert upstream.requests == []
 
 
+async def test_a_client_certificate_or_key_from_the_environment_is_named_when_refused(
+    upstream, tls_server, pki, capsys, monkeypatch
+):
+    """A certificate from $LLM_GATEWAY_CERT_FILE without a key, or with another
+    certificate's key from $LLM_GATEWAY_KEY_FILE, is a usage error naming the variables
+    (README: not the options they stand in for), before any call; before, it named
+    --cert-file and --key-file, which the user never typed. The right pair is served."""
+    config = secure_config(
+        upstream.base_url,
+        server={"listen": "127.0.0.1:0", "tls": _mtls(pki, tenant_from_cert_subject=True)},
+        tenants={"team-a": {"allowed_models": ["fake-model"]}},
+    )
+    server = await tls_server(config)
+    cert, key = pki.client_a
+    argv = ["complete", "--address", server.address, "--model", "fake-model", "hi"]
+    monkeypatch.setenv("LLM_GATEWAY_CA_FILE", str(pki.ca))
+    monkeypatch.setenv("LLM_GATEWAY_CERT_FILE", str(cert))
+    with pytest.raises(SystemExit) as alone:
+        await asyncio.to_thread(cli_main, argv)
+    assert alone.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "llm-gateway: environment variable LLM_GATEWAY_CERT_FILE: "
+        "--cert-file and --key-file go together"
+    )
+    monkeypatch.setenv("LLM_GATEWAY_KEY_FILE", str(pki.client_b[1]))
+    with pytest.raises(SystemExit) as mismatched:
+        await asyncio.to_thread(cli_main, argv)
+    assert mismatched.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "llm-gateway: environment variable LLM_GATEWAY_CERT_FILE and environment variable "
+        "LLM_GATEWAY_KEY_FILE: the private key is not the client certificate's "
+        "(the key of another one?)"
+    )
+    assert upstream.requests == []
+    monkeypatch.setenv("LLM_GATEWAY_KEY_FILE", str(key))
+    assert await asyncio.to_thread(cli_main, argv) == 0
+    assert "Hello from fake" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "subject", ["/CN=team-a/CN=ops", "/CN=ops/CN=team-a", "/O=x/CN=team-a+CN=ops"]
 )

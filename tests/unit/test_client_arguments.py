@@ -65,3 +65,28 @@ async def test_every_other_text_argument_is_named_when_not_a_str() -> None:
             await client.summarize("A document.", model="m", instructions=None)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match=r"^tenant: expected a str, got int$"):
             await client.usage(tenant=7)  # type: ignore[arg-type]
+
+
+async def test_number_and_time_arguments_are_named_when_malformed() -> None:
+    """A summary's `target_tokens`, `cache_ttl_s`, a batch's `concurrency`, `usage`'s
+    `since` and `until`, and `timeout_s` are named in their TypeError (or, out of their
+    field's range, ValueError) before any call, as `max_tokens` is. Before, protobuf's
+    "'str' object cannot be interpreted as an integer", a bare "Value out of range", or
+    an AttributeError ('str' object has no attribute 'utcoffset') named none of them."""
+    with pytest.raises(TypeError, match=r"^cache_ttl_s: expected an int, got str$"):
+        build_request("hi", model="m", cache_ttl_s="60")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^cache_ttl_s: Value out of range: -1$"):
+        build_request("hi", model="m", cache_ttl_s=-1)
+    assert build_request("hi", model="m", cache_ttl_s=60).cache.ttl_seconds == 60
+    async with GatewayClient("127.0.0.1:9", timeout_s=1) as client:
+        with pytest.raises(TypeError, match=r"^target_tokens: expected an int, got float$"):
+            await client.summarize("A document.", model="m", target_tokens=300.0)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"^target_tokens: Value out of range: -1$"):
+            await client.summarize("A document.", model="m", target_tokens=-1)
+        with pytest.raises(TypeError, match=r"^concurrency: expected an int, got str$"):
+            client.complete_batch([], concurrency="8")  # type: ignore[arg-type]
+        for name in ("since", "until"):
+            with pytest.raises(TypeError, match=rf"^{name}: expected a datetime, got str$"):
+                await client.usage(**{name: "2026-03-01T00:00:00Z"})
+        with pytest.raises(TypeError, match=r"^timeout_s: expected seconds or None, got str$"):
+            await client.list_models(timeout_s="5")  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from urllib.parse import unquote
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -174,6 +175,24 @@ def _text_of(value: object, where: str) -> str:
     return value
 
 
+def _set_int(message: Message, field: str, value: object, *, where: str = "") -> None:
+    """Set the integer field `field` of `message` to `value`; errors name `where`, the
+    argument that gave it (the field's own name by default).
+
+    Raises:
+        TypeError: `value` is not an int (protobuf's own error named neither field nor
+            argument: "'str' object cannot be interpreted as an integer").
+        ValueError: `value` is out of the field's range.
+    """
+    where = where or field
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: expected an int, got {type(value).__name__}")
+    try:
+        setattr(message, field, value)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
 def _labels_of(labels: Mapping[str, str] | None) -> dict[str, str]:
     """`labels` as a request's label map, each key and value checked to be a str.
 
@@ -214,10 +233,12 @@ def _cache_policy(cache: str | pb.CachePolicy | None, ttl_s: int | None) -> pb.C
         return cache
     if cache is None and ttl_s is None:
         return None
-    return pb.CachePolicy(
-        mode=cache_mode_value(cache) if cache is not None else pb.CACHE_MODE_UNSPECIFIED,
-        ttl_seconds=ttl_s or 0,
+    policy = pb.CachePolicy(
+        mode=cache_mode_value(cache) if cache is not None else pb.CACHE_MODE_UNSPECIFIED
     )
+    if ttl_s is not None:
+        _set_int(policy, "ttl_seconds", ttl_s, where="cache_ttl_s")
+    return policy
 
 
 def _truncation_policy(
@@ -440,8 +461,11 @@ def check_timeout(timeout_s: float | None) -> float | None:
     """`timeout_s`, a call's deadline in seconds (None: none), when gRPC can keep it.
 
     Raises:
+        TypeError: not a number (a str of seconds is not read as one).
         ValueError: nan, or past `MAX_TIMEOUT_S` (infinity included).
     """
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float | None):
+        raise TypeError(f"timeout_s: expected seconds or None, got {type(timeout_s).__name__}")
     if timeout_s is not None and not timeout_s <= MAX_TIMEOUT_S:  # nan fails it too
         raise ValueError(
             f"timeout_s must be at most {MAX_TIMEOUT_S:g} seconds, or None for no deadline; "
@@ -514,8 +538,11 @@ def aware(when: datetime.datetime, *, name: str) -> datetime.datetime:
     machine's UTC offset without a word.
 
     Raises:
+        TypeError: `when` is not a datetime (an ISO string), naming it.
         ValueError: `when` is naive; the message names the fix.
     """
+    if not isinstance(when, datetime.datetime):
+        raise TypeError(f"{name}: expected a datetime, got {type(when).__name__}")
     if when.utcoffset() is None:
         raise ValueError(
             f"{name} has no time zone: give an aware datetime, such as datetime.now(timezone.utc)"
@@ -611,8 +638,10 @@ class GatewayClient:
         Leaving the loop early, or cancelling the task, cancels the call and, on the
         gateway, every upstream request still in flight.
         """
+        request = pb.CompleteBatchRequest(items=items)
+        _set_int(request, "concurrency", concurrency)
         call = self.stub.CompleteBatch(
-            pb.CompleteBatchRequest(items=items, concurrency=concurrency),
+            request,
             timeout=self._deadline(timeout_s),
             metadata=self._metadata,
         )
@@ -630,19 +659,20 @@ class GatewayClient:
         timeout_s: Timeout = CLIENT_TIMEOUT,
     ) -> pb.SummarizeResponse:
         """Summarise a document of any length; `reasoning_effort` by name ("low")."""
-        response: pb.SummarizeResponse = await self.stub.Summarize(
-            pb.SummarizeRequest(
-                model=_text_of(model, "model"),
-                document=_text_of(document, "document"),
-                target_tokens=target_tokens,
-                instructions=_text_of(instructions, "instructions"),
-                labels=_labels_of(labels),
-                reasoning_effort=(
-                    reasoning_effort_value(reasoning_effort)
-                    if reasoning_effort
-                    else pb.REASONING_EFFORT_UNSPECIFIED
-                ),
+        request = pb.SummarizeRequest(
+            model=_text_of(model, "model"),
+            document=_text_of(document, "document"),
+            instructions=_text_of(instructions, "instructions"),
+            labels=_labels_of(labels),
+            reasoning_effort=(
+                reasoning_effort_value(reasoning_effort)
+                if reasoning_effort
+                else pb.REASONING_EFFORT_UNSPECIFIED
             ),
+        )
+        _set_int(request, "target_tokens", target_tokens)
+        response: pb.SummarizeResponse = await self.stub.Summarize(
+            request,
             timeout=self._deadline(timeout_s),
             metadata=self._metadata,
         )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway_client.client import authorization_metadata, check_address, tls_credentials
-from service.option_variables import naming_variable, variable_default
+from service.option_variables import naming_variable, variable_default, variable_of
 
 # `--model` left out: the model the quick start's gateway serves with no provider key set
 # (`local_model.model`). clients/node/src/example.ts defaults to the same.
@@ -74,6 +74,30 @@ def pem_file(value: str) -> bytes:
     return data
 
 
+class PemFile(bytes):
+    """A PEM file's bytes, and where its path was given: the option, or the environment
+    variable standing in for it, which errors name (the user never typed the option)."""
+
+    source: str
+
+    def __new__(cls, data: bytes, source: str) -> PemFile:
+        pem = super().__new__(cls, data)
+        pem.source = source
+        return pem
+
+
+def _pem_option(flag: str) -> Callable[[str], PemFile]:
+    """The argparse type of the PEM option `flag`: `pem_file`, remembering its source."""
+    read = naming_variable(pem_file)
+
+    def parse(value: str) -> PemFile:
+        variable = variable_of(value)
+        source = flag if variable is None else f"environment variable {variable}"
+        return PemFile(read(value), source)
+
+    return parse
+
+
 def system_ca_certificates() -> bytes | None:
     """The system's CA bundle (`$SSL_CERT_FILE`, else OpenSSL's default file), or None.
 
@@ -109,7 +133,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=_tls_default(os.environ),
         help="connect with TLS, verifying the gateway against the system's CAs "
-        "(default: on when $LLM_GATEWAY_TLS is 1, true or yes, or with --ca-file)",
+        "(default: on when $LLM_GATEWAY_TLS is 1, true, yes or on, or with --ca-file)",
     )
     for flag, variable, what in (
         (
@@ -124,18 +148,26 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         # run: a stale variable is then a usage error there, not a crash of every command.
         tls.add_argument(
             flag,
-            type=naming_variable(pem_file),
+            type=_pem_option(flag),
             default=variable_default(variable),
             metavar="PEM",
             help=f"{what} (default: ${variable})",
         )
 
 
+def _source(pem: PemFile | None, flag: str) -> str:
+    return flag if pem is None else pem.source
+
+
 def connection(args: argparse.Namespace) -> dict[str, Any]:
     """`GatewayClient`'s keyword arguments for the connection options in `args`."""
-    if (args.cert_file is None) != (args.key_file is None):
+    cert_file: PemFile | None = args.cert_file
+    key_file: PemFile | None = args.key_file
+    if (cert_file is None) != (key_file is None):
+        given = cert_file or key_file
+        where = "" if given is None or given.source.startswith("--") else f"{given.source}: "
         # A bad option: exit status 2, as argparse's own usage errors (1 is a failed call).
-        print("llm-gateway: --cert-file and --key-file go together", file=sys.stderr)
+        print(f"llm-gateway: {where}--cert-file and --key-file go together", file=sys.stderr)
         raise SystemExit(2)
     if isinstance(args.tls, str):  # neither on nor off: plaintext would be a guess
         print(
@@ -154,6 +186,7 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
             certificate_chain=args.cert_file,
         )
     except ValueError as exc:  # a key of another certificate: a bad option, as above
-        print(f"llm-gateway: --cert-file and --key-file: {exc}", file=sys.stderr)
+        sources = f"{_source(cert_file, '--cert-file')} and {_source(key_file, '--key-file')}"
+        print(f"llm-gateway: {sources}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return {"api_key": args.api_key, "credentials": credentials}
