@@ -997,6 +997,29 @@ async def test_retry_failed_with_output_to_stdout_is_a_usage_error(tmp_path, scr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+async def test_retry_failed_into_a_pipe_or_device_is_a_usage_error(tmp_path, scripted, address):
+    """`--retry-failed -o /dev/stdout` into a pipe (or any output that is no regular file)
+    is refused as `-o -` is, exit 2 before any call. Before, it read nothing back from the
+    pipe and ran (and paid for) every item again, exit 0."""
+    source = tmp_path / "in.jsonl"
+    write_items(source, ["q1"])
+    command = [sys.executable, "-m", "gateway_client.cli", "batch", str(source)]
+    command += ["-o", "/dev/stdout", "--address", address, "--model", FAKE_MODEL]
+    process = await asyncio.create_subprocess_exec(
+        *command, "--retry-failed", cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert process.returncode == 2
+    assert out == b""
+    assert err.decode().splitlines()[-1] == (
+        "llm-gateway batch: error: argument --retry-failed: /dev/stdout is no regular file: "
+        "it holds no earlier results to read back (give -o FILE)"
+    )
+    assert scripted.requests == []
+
+
 async def run_batch_reading_stdin(lines: list[str], output, address) -> tuple[int, str]:
     """The real `llm-gateway batch - -o OUTPUT` process, `lines` piped into it: its exit
     status and stderr."""

@@ -622,6 +622,15 @@ async def run_items(
     return failed
 
 
+def _is_no_regular_file(output: str) -> bool:
+    """Whether `output` exists and is something other than a regular file (through any
+    symlink): a pipe, a device, a directory."""
+    try:
+        return not stat.S_ISREG(os.stat(output).st_mode)
+    except OSError:  # not there yet: a first run writes it
+        return False
+
+
 async def batch_command(args: argparse.Namespace) -> int:
     """Run `llm-gateway batch`."""
     is_stdout = args.output == STDOUT
@@ -631,6 +640,11 @@ async def batch_command(args: argparse.Namespace) -> int:
             "argument --retry-failed: not allowed with -o -: standard output holds no "
             "earlier results to read back (give -o FILE)"
         )  # exits 2, before any call and before reading standard input
+    if args.retry_failed and not is_stdout and _is_no_regular_file(args.output):
+        args.usage_error(
+            f"argument --retry-failed: {args.output} is no regular file: it holds no "
+            "earlier results to read back (give -o FILE)"
+        )  # exits 2, as for -o -: a pipe or a device (/dev/stdout) keeps nothing
     is_stdin = args.input == STDIN
     try:
         batch_input = (
