@@ -83,7 +83,8 @@ def _check_keys_have_a_source(config: GatewayConfig) -> None:
         "auth.mode",
         "keys, but no key can be found: every call would be refused UNAUTHENTICATED; "
         "set auth.keys_file (and create keys with `llm-gateway keys create`), auth.keys "
-        "or auth.redis_url",
+        "or auth.redis_url, or name callers by their client certificates "
+        "(server.tls.tenant_from_cert_subject: true, with client_ca_file)",
     )
 
 

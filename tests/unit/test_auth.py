@@ -197,8 +197,9 @@ def test_keys_mode_with_no_key_anywhere_is_a_config_error(sections, is_refused):
     go. Before, the gateway started and answered every call UNAUTHENTICATED."""
     config = gateway_config("http://127.0.0.1:9", **sections)
     if is_refused:
-        with pytest.raises(ConfigError, match=r"auth\.mode: keys, but no key can be found"):
+        with pytest.raises(ConfigError, match=r"auth\.mode: keys, but no key can be found") as e:
             check_caller_security(config)
+        assert "server.tls.tenant_from_cert_subject: true" in str(e.value)  # the fourth way
     else:
         check_caller_security(config)
 
