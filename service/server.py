@@ -601,12 +601,14 @@ class ListenHostError(ListenError):
 def _bind(listen: str, add_port: Callable[[], int]) -> int:
     """The port `add_port` bound for `listen`, or `ListenError` (`ListenHostError` when
     its host is none of this machine's)."""
+    # Before grpc's own try, which would print its own error line first and say only
+    # "Failed to bind to address".
+    problem = listen_host_problem(listen)
+    if problem is not None:
+        raise ListenHostError(f"cannot listen on {listen}: {problem}")
     try:
         port = add_port()
-    except RuntimeError as exc:  # grpc's "Failed to bind to address", which says no more
-        problem = listen_host_problem(listen)
-        if problem is not None:
-            raise ListenHostError(f"cannot listen on {listen}: {problem}") from exc
+    except RuntimeError as exc:
         raise ListenError(f"cannot listen on {listen}: the address is taken or not local") from exc
     if port == 0:
         raise ListenError(f"cannot listen on {listen}")
@@ -616,7 +618,7 @@ def _bind(listen: str, add_port: Callable[[], int]) -> int:
 def listen_host_problem(listen: str) -> str | None:
     """Why `listen`'s host is none of this machine's (no name resolves it, or each address
     it resolves to is another machine's), else None. `check` resolves no listen host (it
-    needs the network), so a failed bind is where this is found."""
+    needs the network), so the start is where this is found, just before the bind."""
     host, _ = host_and_port(listen)
     if host in ("", "0.0.0.0", "::", "localhost"):
         return None
