@@ -424,6 +424,8 @@ class _Tally:
             self.queued_waits.append((upstream_from - timings.queued_ms / _MS, upstream_from))
         if not completion.is_cache_hit:  # a cached part made no upstream call
             self.calls += 1
+        if timings.upstream_ms or not completion.is_cache_hit:
+            # Its own call's, or one it shared (single flight), whose wait it waited.
             self.upstream_waits.append((upstream_from, now))
 
     def queued_s(self) -> float:

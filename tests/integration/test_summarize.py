@@ -111,6 +111,35 @@ async def test_a_summarys_upstream_time_counts_parts_waited_side_by_side_once(
     assert overhead == pytest.approx(timings.total_ms - timings.upstream_ms, abs=50)
 
 
+async def test_a_summary_whose_parts_share_anothers_calls_counts_that_wait_upstream(
+    recorder, start_gateway
+):
+    """Two identical summaries at once: the second's parts join the first's upstream calls
+    (single flight), and its `upstream_ms` is the time it waited on them, as a coalesced
+    `Complete`'s is, with its overhead trailer what is left. Before, a shared part counted
+    as no wait at all: `upstream_ms` 0, while the trailer left the wait out, so
+    `total_ms - upstream_ms` passed the gateway's own work by the whole wait."""
+
+    def slow_parts(body):
+        reply = default_respond(body)
+        return dataclasses.replace(reply, delay_s=0.3) if is_part(body) else reply
+
+    recorder.respond = slow_parts
+    gateway = await start_gateway(config(recorder.base_url))
+    request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
+    first = gateway.stub.Summarize(request)
+    async with asyncio.timeout(10):
+        while not recorder.requests:  # the first's parts are upstream: the second joins them
+            await asyncio.sleep(0.01)
+    second = gateway.stub.Summarize(request)
+    answers = await asyncio.gather(first, second)
+    overhead = float(dict(await second.trailing_metadata())["llm-gateway-overhead-ms"])
+    shared = answers[1].timings
+    assert answers[1].summary == answers[0].summary
+    assert 100 <= shared.upstream_ms <= shared.total_ms
+    assert overhead == pytest.approx(shared.total_ms - shared.upstream_ms, abs=50)
+
+
 async def test_long_document_is_chunked_summarised_concurrently_and_combined(
     recorder, start_gateway
 ):
