@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -1063,6 +1064,29 @@ async def test_the_memory_cache_keeps_what_fits_its_bound_and_drops_the_oldest(
     assert len(upstream.requests) == 4
     store = cache_of(gateway).store
     assert 0 < store._cache.size_bytes <= 5000
+
+
+async def test_the_memory_cache_holds_about_the_bytes_it_counts_against_its_bound(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any]
+) -> None:
+    """Short answers in the memory cache take about the memory `memory_max_bytes` counts
+    them as: each entry held its encoder's whole buffer (8 KiB for a 500-byte answer), so
+    a cache full to its 256 MiB bound held several GiB."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache={"backend": "memory"}))
+    entries = cache_of(gateway).store._cache
+    tracemalloc.start()
+    try:
+        for question in range(20):
+            await gateway.stub.Complete(ask(f"question {question}"))
+        await settled(gateway)
+        counted = entries.size_bytes
+        held_with_entries = tracemalloc.get_traced_memory()[0]
+        await entries.close()  # drops every entry
+        held = held_with_entries - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert counted > 20 * 300
+    assert held < 2 * counted  # the values, and each entry's few small objects
 
 
 @pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
