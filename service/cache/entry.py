@@ -196,8 +196,10 @@ class CachedAnswer:
         (the leader's own work) is the gateway's, as it is the leader's.
         """
         completion = self.completion
-        upstream_ms = min(waited_ms, completion.timings.upstream_ms)
-        queued_ms = min(waited_ms - upstream_ms, completion.timings.queued_ms)
+        upstream_ms = queued_ms = 0.0
+        if waited_ms:  # a follower; a store hit (nearly every one) waited on no call
+            upstream_ms = min(waited_ms, completion.timings.upstream_ms)
+            queued_ms = min(waited_ms - upstream_ms, completion.timings.queued_ms)
         # Built field by field: `dataclasses.replace` costs twice as much on every hit.
         return Completion(
             id=completion.id,

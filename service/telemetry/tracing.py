@@ -243,7 +243,8 @@ def set_rpc_queued_ms(ms: float) -> None:
     """Put `ms` on the current RPC's span as its queued time: the response's figure, its
     wait for admission included."""
     scope = CURRENT_RPC.get()
-    if scope is not None and scope.span.is_recording():
+    # Where a completion set one, or on a batch's or summary's span, which none sets.
+    if scope is not None and (QUEUED_MS in scope.attributes or scope.is_multi_call):
         scope.attributes[QUEUED_MS] = ms
 
 
