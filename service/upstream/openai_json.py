@@ -493,12 +493,18 @@ def parse_completion(
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices:
         raise MalformedReply("no choices")
-    # Others are other completions' (`n` is never sent), whatever order they are listed in:
-    # the answer is picked as a stream's is, so that both relay the same one.
-    by_index = _choices_by_index(choices, "message")
-    if not by_index:  # only empty choices: none says why it finished
-        raise MalformedReply("no finish reason")
-    choice = by_index[_answer_index(by_index)]
+    if len(choices) == 1:  # nearly every answer: the answer, at whatever index
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise MalformedReply("choices is not a list of objects")
+        _index_of(choice)  # a bad one refused, as among several
+    else:
+        # Others are other completions' (`n` is never sent), whatever order they are
+        # listed in: the answer is picked as a stream's is, so that both relay the same one.
+        by_index = _choices_by_index(choices, "message")
+        if not by_index:  # only empty choices: none says why it finished
+            raise MalformedReply("no finish reason")
+        choice = by_index[_answer_index(by_index)]
     message = choice.get("message")
     if not isinstance(message, dict):
         message = {}

@@ -339,6 +339,18 @@ def test_parse_completion_missing_id_and_model() -> None:
             )
             for name, calls in (("empty-string", ""), ("false", False), ("empty-object", {}))
         ),
+        *(
+            pytest.param(
+                completion_json(
+                    choices=[
+                        {"index": index, "message": {"content": "hi"}, "finish_reason": "stop"}
+                    ]
+                ),
+                "a choice has a bad index",
+                id=f"sole-choice-index-{name}",
+            )
+            for name, index in (("string", "0"), ("negative", -1), ("true", True))
+        ),
         pytest.param(b"not json", "not valid JSON", id="not-json"),
         pytest.param(b"[1, 2]", "not a JSON object", id="json-array"),
         pytest.param(b"", "not valid JSON", id="empty"),
