@@ -975,38 +975,27 @@ async def test_batch_output_dash_writes_each_result_as_it_completes(tmp_path, sc
         await process.wait()
 
 
-async def test_retry_failed_with_output_to_stdout_is_a_usage_error(tmp_path, scripted, address):
+@pytest.mark.parametrize(
+    ("output", "why"),
+    [
+        ("-", "not allowed with -o -: standard output holds no earlier results"),
+        ("/dev/stdout", "/dev/stdout is no regular file: it holds no earlier results"),
+    ],
+    ids=["dash", "dev-stdout"],
+)
+async def test_retry_failed_into_no_regular_file_is_a_usage_error(
+    tmp_path, scripted, address, output, why
+):
     """`--retry-failed` reads the earlier run's errors back from the output file, and
-    standard output keeps none: with `-o -` it is refused, exit 2 naming both options,
-    before any call. Before, it ran every item into a file named `-`."""
-    source = tmp_path / "in.jsonl"
-    write_items(source, ["q1"])
-    process = await asyncio.create_subprocess_exec(
-        *batch_to_stdout(source, address, "--retry-failed"), cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    async with asyncio.timeout(30):
-        out, err = await process.communicate()
-    assert process.returncode == 2
-    assert out == b""
-    assert err.decode().splitlines()[-1] == (
-        "llm-gateway batch: error: argument --retry-failed: not allowed with -o -: standard "
-        "output holds no earlier results to read back (give -o FILE)"
-    )
-    assert scripted.requests == []
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]
-
-
-async def test_retry_failed_into_a_pipe_or_device_is_a_usage_error(tmp_path, scripted, address):
-    """`--retry-failed -o /dev/stdout` into a pipe (or any output that is no regular file)
-    is refused as `-o -` is, exit 2 before any call. Before, it read nothing back from the
+    standard output (`-o -`, or `/dev/stdout` into a pipe, or any output that is no
+    regular file) keeps none: refused, exit 2 naming both, before any call. Before, `-o -`
+    ran every item into a file named `-`, and `/dev/stdout` read nothing back from the
     pipe and ran (and paid for) every item again, exit 0."""
     source = tmp_path / "in.jsonl"
     write_items(source, ["q1"])
-    command = [sys.executable, "-m", "gateway_client.cli", "batch", str(source)]
-    command += ["-o", "/dev/stdout", "--address", address, "--model", FAKE_MODEL]
+    command = [sys.executable, "-m", "gateway_client.cli", "batch", str(source), "-o", output]
     process = await asyncio.create_subprocess_exec(
-        *command, "--retry-failed", cwd=tmp_path,
+        *command, "--address", address, "--model", FAKE_MODEL, "--retry-failed", cwd=tmp_path,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     async with asyncio.timeout(30):
@@ -1014,10 +1003,10 @@ async def test_retry_failed_into_a_pipe_or_device_is_a_usage_error(tmp_path, scr
     assert process.returncode == 2
     assert out == b""
     assert err.decode().splitlines()[-1] == (
-        "llm-gateway batch: error: argument --retry-failed: /dev/stdout is no regular file: "
-        "it holds no earlier results to read back (give -o FILE)"
+        f"llm-gateway batch: error: argument --retry-failed: {why} to read back (give -o FILE)"
     )
     assert scripted.requests == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]
 
 
 async def run_batch_reading_stdin(lines: list[str], output, address) -> tuple[int, str]:

@@ -251,6 +251,16 @@ async def test_the_readmes_tls_example_loads_where_its_steps_leave_the_shell(tmp
     assert loaded.server.tls.tenant_from_cert_subject
 
 
+async def _serving_cert_tenants(upstream: Any, tls_server: Any, pki: Any, **sections: Any) -> Any:
+    """A gateway over mutual TLS whose callers are the tenants their certificates name."""
+    config = secure_config(
+        upstream.base_url,
+        server={"listen": "127.0.0.1:0", "tls": _mtls(pki, tenant_from_cert_subject=True)},
+        **sections,
+    )
+    return await tls_server(config)
+
+
 async def test_mtls_names_the_tenant_from_a_valid_client_certificate(upstream, tls_server, pki):
     """A certificate signed by the CA is accepted and its CN is the tenant, without a key."""
     config = secure_config(
@@ -279,12 +289,9 @@ async def test_mtls_names_the_tenant_from_a_valid_client_certificate(upstream, t
 async def test_the_cli_calls_a_mtls_gateway_with_its_certificate(upstream, tls_server, pki, capsys):
     """`llm-gateway complete` with `--ca-file`, `--cert-file` and `--key-file` is served
     as the certificate's tenant; without the client certificate the handshake fails."""
-    config = secure_config(
-        upstream.base_url,
-        server={"listen": "127.0.0.1:0", "tls": _mtls(pki, tenant_from_cert_subject=True)},
-        tenants={"team-a": {"allowed_models": ["fake-model"]}},
+    server = await _serving_cert_tenants(
+        upstream, tls_server, pki, tenants={"team-a": {"allowed_models": ["fake-model"]}}
     )
-    server = await tls_server(config)
     cert, key = pki.client_a
     base = ["complete", "--address", server.address, "--model", "fake-model", "hi"]
     served = await asyncio.to_thread(
@@ -318,11 +325,7 @@ async def test_a_client_key_that_is_not_the_certificates_is_refused_before_any_c
     that is not its own when made (ValueError; exit 2), as the server refuses such a pair
     at start; before, every call was retried for seconds and failed UNAVAILABLE
     ("Failed to create security handshaker"). The certificate's own key is served."""
-    config = secure_config(
-        upstream.base_url,
-        server={"listen": "127.0.0.1:0", "tls": _mtls(pki, tenant_from_cert_subject=True)},
-    )
-    server = await tls_server(config)
+    server = await _serving_cert_tenants(upstream, tls_server, pki)
     cert, key = pki.client_a
     wrong_key, problem = wrong
     with pytest.raises(ValueError, match=problem):
@@ -356,12 +359,9 @@ async def test_a_client_certificate_or_key_from_the_environment_is_named_when_re
     certificate's key from $LLM_GATEWAY_KEY_FILE, is a usage error naming the variables
     (README: not the options they stand in for), before any call; before, it named
     --cert-file and --key-file, which the user never typed. The right pair is served."""
-    config = secure_config(
-        upstream.base_url,
-        server={"listen": "127.0.0.1:0", "tls": _mtls(pki, tenant_from_cert_subject=True)},
-        tenants={"team-a": {"allowed_models": ["fake-model"]}},
+    server = await _serving_cert_tenants(
+        upstream, tls_server, pki, tenants={"team-a": {"allowed_models": ["fake-model"]}}
     )
-    server = await tls_server(config)
     cert, key = pki.client_a
     argv = ["complete", "--address", server.address, "--model", "fake-model", "hi"]
     monkeypatch.setenv("LLM_GATEWAY_CA_FILE", str(pki.ca))
@@ -396,12 +396,9 @@ async def test_a_certificate_naming_two_common_names_is_unauthenticated(
 ):
     """grpc reports a subject's first CN, other tools its last: a certificate naming two
     (an admin's and a team's) is refused rather than served as either tenant."""
-    config = secure_config(
-        upstream.base_url,
-        server={"listen": "127.0.0.1:0", "tls": _mtls(pki, tenant_from_cert_subject=True)},
-        tenants={"ops": {"is_admin": True}},
+    server = await _serving_cert_tenants(
+        upstream, tls_server, pki, tenants={"ops": {"is_admin": True}}
     )
-    server = await tls_server(config)
     two = issue(
         tmp_path, "two", ca=(pki.ca, pki.ca_key), subject=subject,
         extensions="extendedKeyUsage=clientAuth",
@@ -418,11 +415,7 @@ async def test_a_certificate_naming_two_common_names_is_unauthenticated(
 
 async def test_mtls_refuses_an_untrusted_client_certificate(upstream, tls_server, pki):
     """A client certificate from another CA (even with a known CN) fails the handshake."""
-    config = secure_config(
-        upstream.base_url,
-        server={"listen": "127.0.0.1:0", "tls": _mtls(pki, tenant_from_cert_subject=True)},
-    )
-    server = await tls_server(config)
+    server = await _serving_cert_tenants(upstream, tls_server, pki)
     for client in (pki.rogue_client, None):
         async with _channel(server, pki, client) as channel:
             stub = pb_grpc.CompletionServiceStub(channel)
