@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -106,32 +107,47 @@ async def test_proxy_authorization_is_sent_and_never_emitted(
         assert PROXY_BASIC not in text
 
 
+@contextlib.asynccontextmanager
+async def _tls_upstream_behind_env_proxy(
+    tmp_path: Any, monkeypatch: Any, *, trusted: bool
+) -> AsyncIterator[tuple[FakeUpstream, ForwardProxy, dict[str, Any]]]:
+    """An https upstream for `upstream.test` (its CA trusted, or left out of the trust
+    store), reached through the proxy `HTTPS_PROXY` names with `user:password`; and the
+    config data of a gateway calling it."""
+    context, ca = https_server_context(tmp_path, NAME)
+    if trusted:
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    async with FakeUpstream(models=(FAKE_MODEL,), ssl_context=context) as tls_upstream:
+        hosts = {NAME: ("127.0.0.1", tls_upstream.port)}
+        async with ForwardProxy(hosts=hosts) as env_proxy:
+            monkeypatch.setenv("HTTPS_PROXY", f"http://gw:{ENV_PROXY_PASSWORD}@{env_proxy.url[7:]}")
+            yield tls_upstream, env_proxy, config_data(through(tls_upstream, "https"))
+
+
 async def test_an_https_upstream_through_https_proxy_is_verified_for_its_name(
     tmp_path, monkeypatch, start_gateway, caplog
 ):
     """`HTTPS_PROXY` from the environment takes an https upstream's calls: TLS runs end to
     end through the tunnel and checks the certificate for `upstream.test`. Credentials in
     the variable's URL reach the proxy and nothing else."""
-    context, ca = https_server_context(tmp_path, NAME)
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
-    async with FakeUpstream(models=(FAKE_MODEL,), ssl_context=context) as tls_upstream:
-        hosts = {NAME: ("127.0.0.1", tls_upstream.port)}
-        async with ForwardProxy(hosts=hosts) as env_proxy:
-            monkeypatch.setenv("HTTPS_PROXY", f"http://gw:{ENV_PROXY_PASSWORD}@{env_proxy.url[7:]}")
-            data = config_data(through(tls_upstream, "https"))
-            with caplog.at_level(logging.DEBUG):
-                gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
-                reply = await gateway.stub.Complete(chat())
-                deltas = [m async for m in gateway.stub.CompleteStream(chat_stream("s"))]
-            assert reply.content == "Hello from fake"
-            assert "".join(m.delta.content for m in deltas) == "Hello from fake"
-            assert env_proxy.targets == [f"{NAME}:{tls_upstream.port}"]
-            expected = base64.b64encode(f"gw:{ENV_PROXY_PASSWORD}".encode()).decode()
-            assert env_proxy.requests[0].proxy_authorization == f"Basic {expected}"
-            said = [r for r in caplog.records if r.getMessage() == "upstream.proxy"]
-            assert [(r.upstream, r.source) for r in said] == [("up0", "HTTPS_PROXY")]
-            assert ENV_PROXY_PASSWORD not in caplog.text
-            assert ENV_PROXY_PASSWORD not in repr([r.__dict__ for r in caplog.records])
+    async with _tls_upstream_behind_env_proxy(tmp_path, monkeypatch, trusted=True) as (
+        tls_upstream,
+        env_proxy,
+        data,
+    ):
+        with caplog.at_level(logging.DEBUG):
+            gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+            reply = await gateway.stub.Complete(chat())
+            deltas = [m async for m in gateway.stub.CompleteStream(chat_stream("s"))]
+        assert reply.content == "Hello from fake"
+        assert "".join(m.delta.content for m in deltas) == "Hello from fake"
+        assert env_proxy.targets == [f"{NAME}:{tls_upstream.port}"]
+        expected = base64.b64encode(f"gw:{ENV_PROXY_PASSWORD}".encode()).decode()
+        assert env_proxy.requests[0].proxy_authorization == f"Basic {expected}"
+        said = [r for r in caplog.records if r.getMessage() == "upstream.proxy"]
+        assert [(r.upstream, r.source) for r in said] == [("up0", "HTTPS_PROXY")]
+        assert ENV_PROXY_PASSWORD not in caplog.text
+        assert ENV_PROXY_PASSWORD not in repr([r.__dict__ for r in caplog.records])
 
 
 async def test_a_certificate_not_trusted_through_the_proxy_is_logged_without_credentials(
@@ -140,16 +156,15 @@ async def test_a_certificate_not_trusted_through_the_proxy_is_logged_without_cre
     """An https upstream whose certificate is not trusted, reached through a proxy whose
     URL carries `user:password`: the TLS library's reason is logged for the operator, and
     the password is nowhere in the logs or the caller's error."""
-    context, _ = https_server_context(tmp_path, NAME)  # its CA left out of the trust store
-    async with FakeUpstream(models=(FAKE_MODEL,), ssl_context=context) as tls_upstream:
-        hosts = {NAME: ("127.0.0.1", tls_upstream.port)}
-        async with ForwardProxy(hosts=hosts) as env_proxy:
-            monkeypatch.setenv("HTTPS_PROXY", f"http://gw:{ENV_PROXY_PASSWORD}@{env_proxy.url[7:]}")
-            data = config_data(through(tls_upstream, "https"))
-            with caplog.at_level(logging.DEBUG):
-                gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
-                error = await rpc_error(gateway.stub.Complete(chat()))
-            record_emitted(error.details())
+    async with _tls_upstream_behind_env_proxy(tmp_path, monkeypatch, trusted=False) as (
+        _,
+        _,
+        data,
+    ):
+        with caplog.at_level(logging.DEBUG):
+            gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+            error = await rpc_error(gateway.stub.Complete(chat()))
+        record_emitted(error.details())
     assert error.code() is grpc.StatusCode.UNAVAILABLE
     assert "refused or could not be reached" in error.details()
     said = [r for r in caplog.records if r.getMessage() == "upstream.connect_failed"]
