@@ -239,25 +239,24 @@ async def test_a_failing_proxy_is_a_connect_failure_of_its_upstream(  # noqa: PL
         assert "proxy_authorization_env" in said[0].fix
 
 
-async def test_interim_answers_to_connect_are_read_past(upstream, proxy, start_gateway):
-    """1xx heads before the proxy's 200 (RFC 9110 §15.2: a client reads and drops them)
-    do not refuse the tunnel: the call is answered through it."""
-    proxy.interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\nX-A: b\r\n\r\n"
-    data = config_data(through(upstream), proxy_url=proxy.url)
-    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
-    reply = await gateway.stub.Complete(chat())
-    assert (reply.content, reply.metadata.attempts) == ("Hello from fake", 1)
-    assert proxy.targets == [f"{NAME}:{upstream.port}"]
-
-
-async def test_an_answer_to_connect_in_bare_lf_lines_opens_the_tunnel(
-    upstream, proxy, start_gateway
+@pytest.mark.parametrize(
+    ("interim", "established"),
+    [
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\nX-A: b\r\n\r\n", None),
+        (b"HTTP/1.1 100 Continue\n\n", b"HTTP/1.1 200 Connection established\nProxy-Agent: t\n\n"),
+    ],
+    ids=["interim-heads", "bare-lf-lines"],
+)
+async def test_an_answer_to_connect_a_client_may_read_opens_the_tunnel(
+    interim, established, upstream, proxy, start_gateway
 ):
-    """A proxy whose answer's lines end in LF alone (RFC 9112 §2.2: a client MAY read
-    them) opens the tunnel, past an interim head so written too: not a hang until the
-    connect timeout."""
-    proxy.interim = b"HTTP/1.1 100 Continue\n\n"
-    proxy.established = b"HTTP/1.1 200 Connection established\nProxy-Agent: t\n\n"
+    """1xx heads before the proxy's 200 (RFC 9110 §15.2: a client reads and drops them),
+    and lines ending in LF alone (RFC 9112 §2.2: a client MAY read them), open the tunnel:
+    the call is answered through it, not refused, nor waited on until the connect
+    timeout as a hang."""
+    proxy.interim = interim
+    if established is not None:
+        proxy.established = established
     data = config_data(through(upstream), proxy_url=proxy.url)
     gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
     reply = await gateway.stub.Complete(chat())
