@@ -165,15 +165,18 @@ def _close(sockets: list[socket.socket]) -> None:
 
 
 def _bind_shared(listen: str) -> tuple[socket.socket, int]:
-    address = host_and_port(listen)
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    host, port = host_and_port(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # As resolved rather than (host, port): an IPv6 link-local host's zone (`%eth0`) is
+    # a field of its own, and a bind to the text alone fails "Invalid argument".
+    address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0][4]
     # With SO_REUSEPORT the bind below would join a port that another process of this
     # user already listens on the same way (another gateway's workers), and the kernel
     # would split the callers between the two: first make sure the port is free.
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(address)
-        address = (address[0], int(probe.getsockname()[1]))
+        address = (address[0], int(probe.getsockname()[1]), *address[2:])
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(address)

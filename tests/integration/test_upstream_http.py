@@ -968,6 +968,56 @@ async def test_a_decompression_bomb_is_refused_at_the_answer_limit(serve, start_
     assert peak < 64 * 1024 * 1024  # the limit, its join and a piece: far from the GiB
 
 
+async def test_a_stream_decoding_to_much_more_lets_other_calls_run(serve, start_gateway):
+    """A gzip stream whose small body decodes to 64 MiB of blank lines (no output, no
+    event) lets the gateway answer another call while it is decoded: the other call is
+    answered before the stream's last delta, not held until the stream's bytes are done."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+
+    def event(text: str, **fields: object) -> bytes:
+        choice = {"index": 0, "delta": {"content": text}, **fields}
+        return _sse_event({"id": "c1", "model": FAKE_MODEL, "choices": [choice]})
+
+    blanks = b"\n" * (1024 * 1024)
+    body = b"".join(
+        [
+            compressor.compress(event("hi")) + compressor.flush(zlib.Z_SYNC_FLUSH),
+            *(compressor.compress(blanks) for _ in range(64)),
+            compressor.compress(event("end", finish_reason="stop") + b"data: [DONE]\n\n"),
+            compressor.flush(),
+        ]
+    )
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, request = await read_request(reader)
+        if b"blank lines" in request:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        else:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\n%s\r\nContent-Length: %d\r\n\r\n%s"
+                % (_JSON_TYPE, len(_COMPLETION), _COMPLETION)
+            )
+        await writer.drain()
+
+    raw = await serve(answer)
+    gateway = await start_gateway(gateway_config(raw.url))
+
+    other: asyncio.Future[pb.CompleteResponse] | None = None
+    texts = []
+    async for message in gateway.stub.CompleteStream(chat_stream("blank lines"), timeout=60):
+        if message.HasField("delta"):
+            texts.append(message.delta.content)
+            if other is None:  # the stream's first text: its blank lines are next
+                other = asyncio.ensure_future(gateway.stub.Complete(chat("other"), timeout=60))
+            else:
+                answered_first = other.done()
+    assert other is not None
+    assert (texts, answered_first, (await other).content) == (["hi", "end"], True, "hi")
+
+
 @pytest.mark.parametrize("coding", [b"br", b"zstd", b"gzip, br"])
 async def test_a_coding_the_gateway_cannot_decode_is_named(serve, start_gateway, coding):
     """`br`, `zstd` or any coding but gzip and deflate fails the attempt as a malformed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import re
 import signal
@@ -325,6 +326,40 @@ async def test_a_port_another_gateway_serves_is_refused(tmp_path, workers):
         first.send_signal(signal.SIGTERM)
         async with asyncio.timeout(_HANG_GUARD_S):
             assert await first.wait() == 0
+
+
+def _link_local_host() -> str | None:
+    """An IPv6 link-local address of this machine with its zone (`fe80::1%eth0`), if any."""
+    try:
+        lines = Path("/proc/net/if_inet6").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hex_address, _, _, scope, _, interface = line.split()
+        if scope == "20":  # the link's
+            return f"{ipaddress.IPv6Address(bytes.fromhex(hex_address))}%{interface}"
+    return None
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_link_local_host_with_its_zone_is_served(tmp_path, workers):
+    """`server.listen: "[fe80::...%eth0]:PORT"` serves with workers as with one process.
+
+    Before, the supervisor bound the host's text, whose zone a bind does not read: it
+    exited 1 with "Invalid argument" where one process served.
+    """
+    host = _link_local_host()
+    if host is None:
+        pytest.skip("no IPv6 link-local address here")
+    async with FakeUpstream() as fake:
+        server = {"listen": f"[{host}]:0", "allow_insecure_public_listen": True}
+        path = _write_config(tmp_path, fake.base_url, server=server)
+        async with _serve("--config", str(path), "--workers", workers) as process:
+            await _calls(await _listening(process), 2)
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
 
 
 async def test_workers_stop_when_the_supervisor_is_killed_outright(tmp_path):
