@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fractions
 from typing import Any
 
 import pytest
 
 from gateway_client import GatewayClient, build_request
+from gateway_client.client import check_timeout
 
 # (the arguments, how the TypeError's message reads)
 NON_TEXT_ARGUMENTS: list[tuple[dict[str, Any], str]] = [
@@ -90,3 +92,26 @@ async def test_number_and_time_arguments_are_named_when_malformed() -> None:
                 await client.usage(**{name: "2026-03-01T00:00:00Z"})
         with pytest.raises(TypeError, match=r"^timeout_s: expected seconds or None, got str$"):
             await client.list_models(timeout_s="5")  # type: ignore[arg-type]
+
+
+class _Count:
+    """An integer of another type, as numpy's are: an int to whatever reads `__index__`."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def test_integers_and_seconds_of_other_numeric_types_are_taken() -> None:
+    """What protobuf takes as an integer (numpy's `int64`, any `__index__`) is taken, and a
+    timeout of any real number (a `Fraction`, numpy's numbers), as before the checks were
+    added; a bool is no count."""
+    request = build_request("hi", model="m", cache_ttl_s=_Count(60))  # type: ignore[arg-type]
+    assert request.cache.ttl_seconds == 60
+    with pytest.raises(TypeError, match=r"^cache_ttl_s: expected an int, got bool$"):
+        build_request("hi", model="m", cache_ttl_s=True)
+    assert check_timeout(fractions.Fraction(3, 2)) == 1.5
+    with pytest.raises(TypeError, match=r"^timeout_s: expected seconds or None, got bool$"):
+        check_timeout(True)

@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import enum
 import json
+import numbers
 import ssl
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -185,10 +186,12 @@ def _set_int(message: Message, field: str, value: object, *, where: str = "") ->
         ValueError: `value` is out of the field's range.
     """
     where = where or field
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: expected an int, got {type(value).__name__}")
+    if isinstance(value, bool):  # protobuf would take True as 1
+        raise TypeError(f"{where}: expected an int, got bool")
     try:
-        setattr(message, field, value)
+        setattr(message, field, value)  # any integer protobuf takes (numpy's too)
+    except TypeError:
+        raise TypeError(f"{where}: expected an int, got {type(value).__name__}") from None
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
 
@@ -464,14 +467,15 @@ def check_timeout(timeout_s: float | None) -> float | None:
         TypeError: not a number (a str of seconds is not read as one).
         ValueError: nan, or past `MAX_TIMEOUT_S` (infinity included).
     """
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float | None):
+    # Any real number (numpy's too), but not a bool, nor a str of seconds.
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real | None):
         raise TypeError(f"timeout_s: expected seconds or None, got {type(timeout_s).__name__}")
     if timeout_s is not None and not timeout_s <= MAX_TIMEOUT_S:  # nan fails it too
         raise ValueError(
             f"timeout_s must be at most {MAX_TIMEOUT_S:g} seconds, or None for no deadline; "
             f"got {timeout_s}"
         )
-    return timeout_s
+    return None if timeout_s is None else float(timeout_s)
 
 
 def tls_credentials(
