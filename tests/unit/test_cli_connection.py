@@ -208,6 +208,14 @@ def test_an_llm_gateway_tls_neither_on_nor_off_is_a_usage_error(value: str, caps
     assert parse("--tls", environ={"LLM_GATEWAY_TLS": value}).tls is True
 
 
+def test_an_llm_gateway_tls_neither_on_nor_off_is_moot_beside_a_ca_file(tmp_path: Path) -> None:
+    """`--ca-file` (or `$LLM_GATEWAY_CA_FILE`) means TLS whatever the variable says, as
+    `--tls` does: a malformed one beside it decides nothing and is not refused."""
+    ca, _ = make_ca(tmp_path, "ca")
+    args = parse("--ca-file", str(ca), environ={"LLM_GATEWAY_TLS": "maybe"})
+    assert connection(args)["credentials"] is not None
+
+
 @pytest.mark.parametrize(
     ("command", "argv"),
     [

@@ -60,8 +60,10 @@ function tlsOf(flags: Map<string, string>, env: NodeJS.ProcessEnv): TlsOptions |
   if ((certFile === undefined) !== (keyFile === undefined)) {
     throw new Error("--cert-file and --key-file go together");
   }
-  const tls = flags.has("--tls") || tlsFromEnv(env);
-  if (!tls && caFile === undefined && certFile === undefined) {
+  // A CA or a certificate means TLS whatever $LLM_GATEWAY_TLS says: it is read only when
+  // it decides.
+  const impliesTls = flags.has("--tls") || caFile !== undefined || certFile !== undefined;
+  if (!impliesTls && !tlsFromEnv(env)) {
     return undefined;
   }
   return { caFile, certFile, keyFile };

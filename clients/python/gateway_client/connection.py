@@ -169,14 +169,15 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
         # A bad option: exit status 2, as argparse's own usage errors (1 is a failed call).
         print(f"llm-gateway: {where}--cert-file and --key-file go together", file=sys.stderr)
         raise SystemExit(2)
-    if isinstance(args.tls, str):  # neither on nor off: plaintext would be a guess
+    implies_tls = args.ca_file is not None or args.cert_file is not None
+    if isinstance(args.tls, str) and not implies_tls:  # neither on nor off: a guess either way
         print(
             f"llm-gateway: environment variable LLM_GATEWAY_TLS: {args.tls!r} is neither on "
             f"(1, true, yes, on) nor off (0, false, no, off)",
             file=sys.stderr,
         )
         raise SystemExit(2)
-    is_tls = args.tls or args.ca_file is not None or args.cert_file is not None
+    is_tls = args.tls is True or implies_tls
     if not is_tls:
         return {"api_key": args.api_key, "credentials": None}
     try:
