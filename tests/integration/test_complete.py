@@ -178,12 +178,15 @@ async def serving(handler: Callable[[web.Request], Awaitable[web.Response]]) -> 
 
 
 async def test_the_upstream_is_asked_for_an_answer_with_no_content_coding(start_gateway):
-    """Without `Accept-Encoding` a server may use any content coding (RFC 9110, 12.5.3),
-    and the gateway decodes none: it asks for `identity`, so a server that compresses
-    whenever it may still answers plainly (here: gzip unless `identity` is asked for)."""
+    """Without `Accept-Encoding` a server may use any content coding (RFC 9110, 12.5.3);
+    the gateway asks for `identity`, so a server that compresses whenever it may answers
+    plainly (here: gzip unless `identity` is asked for), sparing both ends the work. (One
+    that compresses anyway is decoded: test_upstream_http.py.)"""
     body = json.dumps(plain_completion({"prompt_tokens": 3, "completion_tokens": 1})).encode()
+    asked: list[str | None] = []
 
     async def compressing(request: web.Request) -> web.Response:
+        asked.append(request.headers.get("Accept-Encoding"))
         if request.headers.get("Accept-Encoding", "*").strip() == "identity":
             return web.Response(body=body, content_type="application/json")
         headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
@@ -192,6 +195,7 @@ async def test_the_upstream_is_asked_for_an_answer_with_no_content_coding(start_
     async with serving(compressing) as base_url:
         gw = await start_gateway(gateway_config(base_url))
         assert (await gw.stub.Complete(chat(), timeout=10)).content == "plain"
+    assert asked == ["identity"]
 
 
 async def test_a_usage_object_without_counts_is_estimated_not_free(start_gateway):
