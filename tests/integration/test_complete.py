@@ -7,6 +7,7 @@ import dataclasses
 import gzip
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -177,6 +178,18 @@ async def serving(handler: Callable[[web.Request], Awaitable[web.Response]]) -> 
         await runner.cleanup()
 
 
+async def _answered_with(completion: dict[str, Any], start_gateway: Any) -> pb.CompleteResponse:
+    """A `Complete` through the gateway to an upstream answering with `completion`."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(completion)
+
+    async with serving(answer) as base_url:
+        gw = await start_gateway(gateway_config(base_url))
+        response: pb.CompleteResponse = await gw.stub.Complete(chat(), timeout=10)
+    return response
+
+
 async def test_the_upstream_is_asked_for_an_answer_with_no_content_coding(start_gateway):
     """Without `Accept-Encoding` a server may use any content coding (RFC 9110, 12.5.3);
     the gateway asks for `identity`, so a server that compresses whenever it may answers
@@ -220,13 +233,7 @@ async def test_a_unary_answer_is_the_choice_at_index_0_as_a_streams_is(start_gat
     other = {"index": 1, "message": {"role": "assistant", "content": "other"}}
     completion = plain_completion({"prompt_tokens": 3, "completion_tokens": 1})
     completion["choices"] = [{**other, "finish_reason": "length"}, *completion["choices"]]
-
-    async def answer(request: web.Request) -> web.Response:
-        return web.json_response(completion)
-
-    async with serving(answer) as base_url:
-        gw = await start_gateway(gateway_config(base_url))
-        response = await gw.stub.Complete(chat(), timeout=10)
+    response = await _answered_with(completion, start_gateway)
     assert response.content == "plain"
     assert response.metadata.finish_reason == pb.FINISH_REASON_STOP
 
@@ -242,13 +249,7 @@ async def test_a_unary_answer_numbered_1_beside_an_empty_choice_at_0_is_relayed(
     empty = {"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": None}
     answer = {**completion["choices"][0], "index": 1}
     completion["choices"] = [empty, answer] if empty_first else [answer, empty]
-
-    async def answer_with(request: web.Request) -> web.Response:
-        return web.json_response(completion)
-
-    async with serving(answer_with) as base_url:
-        gw = await start_gateway(gateway_config(base_url))
-        response = await gw.stub.Complete(chat(), timeout=10)
+    response = await _answered_with(completion, start_gateway)
     assert response.content == "plain"
     assert response.metadata.finish_reason == pb.FINISH_REASON_STOP
 
