@@ -80,14 +80,19 @@ def _no_key_problem(metadata: Iterable[tuple[str, str | bytes]]) -> str:
     return f"missing caller key: {_SEND_BEARER}"
 
 
-def parse_keys_file(text: str, *, source: str) -> tuple[CallerKey, ...]:
+def parse_keys_file(
+    text: str, *, source: str, listed: Sequence[CallerKey] = ()
+) -> tuple[CallerKey, ...]:
     """Entries of a keys file: one `SHA256HEX TENANT` a line, `#` starts a comment.
+    `listed`: the config's own `auth.keys`, which no line may give to another tenant.
 
     Raises:
         ValueError: naming the file and line of a malformed entry.
     """
     keys = []
-    first_given: dict[str, tuple[int, str]] = {}  # each digest's first line and tenant
+    # Each digest's first place and tenant. The config's keys are looked up first, so a
+    # line giving one to another tenant would be served silently as the config's.
+    first_given = {k.sha256: (f"auth.keys[{i}]", k.tenant) for i, k in enumerate(listed)}
     for number, raw in enumerate(text.splitlines(), start=1):
         parts = raw.split("#", 1)[0].split()
         if not parts:
@@ -97,9 +102,9 @@ def parse_keys_file(text: str, *, source: str) -> tuple[CallerKey, ...]:
                 raise ValueError("expected 'SHA256HEX TENANT'")
             key = CallerKey(sha256=parts[0], tenant=parts[1])
             # One key for two tenants: which one its caller is cannot be told.
-            line, tenant = first_given.setdefault(key.sha256, (number, key.tenant))
+            place, tenant = first_given.setdefault(key.sha256, (f"line {number}", key.tenant))
             if tenant != key.tenant:
-                raise ValueError(f"the key of line {line} again, for another tenant")
+                raise ValueError(f"the key of {place} again, for another tenant")
             keys.append(key)
         except ValueError as exc:
             raise ValueError(f"{source}:{number}: {exc}") from None
@@ -146,8 +151,16 @@ class FileKeyStore:
     startup it is an error.
     """
 
-    def __init__(self, path: Path, *, check_s: float, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        check_s: float,
+        listed: Sequence[CallerKey] = (),
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._path = path
+        self._listed = tuple(listed)
         self._check_s = check_s
         self._clock = clock
         self._checked_at = -math.inf
@@ -176,7 +189,7 @@ class FileKeyStore:
         try:
             # utf-8-sig: a byte order mark (Windows editors save one) is not part of line 1.
             text = self._path.read_text(encoding="utf-8-sig")
-            keys = parse_keys_file(text, source=str(self._path))
+            keys = parse_keys_file(text, source=str(self._path), listed=self._listed)
         except (OSError, ValueError) as exc:
             if is_strict:
                 raise
@@ -293,7 +306,7 @@ def local_key_stores(config: AuthConfig) -> list[KeyStore]:
     stores: list[KeyStore] = [StaticKeyStore(config.keys)] if config.keys else []
     if config.keys_file:
         path = Path(config.keys_file).expanduser()
-        stores.append(FileKeyStore(path, check_s=config.keys_file_check_s))
+        stores.append(FileKeyStore(path, check_s=config.keys_file_check_s, listed=config.keys))
     return stores
 
 

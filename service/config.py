@@ -20,7 +20,7 @@ import re
 import ssl
 import types
 import typing
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -793,6 +793,19 @@ class AuthConfig:
             _require_redis_address(self.redis_url)
         _require(self.redis_timeout_s > 0, "redis_timeout_s must be > 0")
         _require(self.keys_file_check_s >= 0, "keys_file_check_s must be >= 0")
+        _require_one_tenant_a_key(self.keys)
+
+
+def _require_one_tenant_a_key(keys: Sequence[CallerKey]) -> None:
+    """Refuse a key listed again for another tenant, as a keys file does: its callers
+    could not be told apart (the last entry would name them, silently)."""
+    first: dict[str, int] = {}
+    for index, key in enumerate(keys):
+        at = first.setdefault(key.sha256, index)
+        _require(
+            keys[at].tenant == key.tenant,
+            f"keys[{index}]: the key of keys[{at}] again, for another tenant",
+        )
 
 
 @dataclass(frozen=True, slots=True)

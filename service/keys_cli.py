@@ -34,14 +34,14 @@ from service.config import (
 from service.main import config_path, default_config
 
 
-def _append_to_keys_file(path: Path, caller_key: CallerKey) -> None:
+def _append_to_keys_file(path: Path, caller_key: CallerKey, auth: AuthConfig) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Digests are not secrets, but the file says who may call: keep it private anyway.
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(descriptor, "a+b") as file:
         file.seek(0)
         existing = file.read()
-        _check_keys_file(existing, path)
+        _check_keys_file(existing, path, auth)
         line = keys_file_line(caller_key).encode("utf-8")
         # A hand edit can leave the last line without its newline: the new line must not
         # join it (a malformed file, which running gateways ignore and a restart refuses).
@@ -50,11 +50,11 @@ def _append_to_keys_file(path: Path, caller_key: CallerKey) -> None:
         file.write(line)
 
 
-def _check_keys_file(existing: bytes, path: Path) -> None:
+def _check_keys_file(existing: bytes, path: Path, auth: AuthConfig) -> None:
     """Raise `ValueError` for a keys file running gateways would not take: they keep the
     keys they read last, so a key added to it would be refused, and a restart fails."""
     try:
-        parse_keys_file(existing.decode("utf-8-sig"), source=str(path))
+        parse_keys_file(existing.decode("utf-8-sig"), source=str(path), listed=auth.keys)
     except ValueError as exc:  # a malformed line, or bytes that are not UTF-8
         raise ValueError(
             f"{exc}; running gateways ignore {path} until it is fixed, so no key was added"
@@ -87,7 +87,7 @@ def create_key(auth: AuthConfig, tenant: str) -> tuple[str, str]:
         return key, "redis"
     if auth.keys_file:
         path = Path(auth.keys_file).expanduser()
-        _append_to_keys_file(path, caller_key)
+        _append_to_keys_file(path, caller_key, auth)
         return key, str(path)
     raise ValueError("the config names no auth.keys_file or auth.redis_url to store keys in")
 

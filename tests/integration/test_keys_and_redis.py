@@ -22,7 +22,7 @@ from google.rpc import error_details_pb2
 from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import hash_key
-from service.config import TenantConfig
+from service.config import ConfigError, TenantConfig
 from service.errors import RETRY_PUSHBACK_TRAILER, QuotaExceeded
 from service.keys_cli import keys_command
 from service.lean_redis import LeanRedis
@@ -510,6 +510,37 @@ async def test_a_key_whose_line_an_editor_saving_a_bom_deleted_is_revoked(
     assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
     restarted = await start_gateway(gateway_config(upstream.base_url, auth=auth))
     assert (await restarted.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+
+
+async def test_a_key_given_to_two_tenants_is_refused_wherever_it_is_listed(
+    upstream, start_gateway, tmp_path, capsys
+):
+    """One digest for an admin and another tenant, both in `auth.keys` or one there and
+    one in the keys file, is a config error, as it is within a keys file: its callers
+    could not be told apart, and `keys create` adds no key beside it.
+
+    Before, the gateway started and served the key as one of them, silently (the last in
+    `auth.keys`, the config's over the file's): here, as the admin."""
+    admin = {"sha256": hash_key(CALLER_KEY_A), "tenant": "ops"}
+    tenants = {"ops": {"is_admin": True}, "team-a": {}}
+    with pytest.raises(ConfigError, match=r"auth: keys\[1\]: the key of keys\[0\] again"):
+        gateway_config(
+            upstream.base_url,
+            auth={"mode": "keys", "keys": [admin, {**admin, "tenant": "team-a"}]},
+            tenants=tenants,
+        )
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"{hash_key(CALLER_KEY_A)} team-a\n", encoding="utf-8")
+    auth = {"mode": "keys", "keys": [admin], "keys_file": str(keys_file)}
+    with pytest.raises(ConfigError, match=r":1: the key of auth\.keys\[0\] again"):
+        await start_gateway(gateway_config(upstream.base_url, auth=auth, tenants=tenants))
+    config_file = _write_config(tmp_path / "gw.yaml", auth)
+    assert keys_command(["create", "--tenant", "late", "--config", str(config_file)]) == 2
+    assert capsys.readouterr().out == ""
+    keys_file.write_text(f"{hash_key(CALLER_KEY_B)} team-b\n", encoding="utf-8")
+    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth, tenants=tenants))
+    own = await gw.stub.GetUsage(pb.GetUsageRequest(), metadata=bearer(CALLER_KEY_B))
+    assert own.total.requests == 0
 
 
 async def test_an_unreachable_redis_fails_closed_for_keys_and_open_for_limits(
