@@ -398,6 +398,14 @@ def item_timed_from_arrival(timings: pb.Timings) -> None:
         timings.queued_ms += admission_ms
 
 
+def wall_ms_from_arrival(wall_ms: float) -> float:
+    """A batch's `wall_ms` (from when its items started) counted from the call's arrival,
+    as its items' timings are (`item_timed_from_arrival`): a batch queued for admission
+    kept its caller waiting too, and its wall time is never less than one item's total."""
+    elapsed_ms = ms_since_rpc_start()
+    return wall_ms if elapsed_ms is None else max(wall_ms, elapsed_ms)
+
+
 def response_to_proto(completion: Completion) -> pb.CompleteResponse:
     """A unary response."""
     response = pb.CompleteResponse(content=completion.content)
@@ -832,7 +840,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                             failed=event.failed,
                             usage=usage_to_proto(event.usage),
                             cost_usd=event.cost_usd,
-                            wall_ms=event.wall_ms,
+                            wall_ms=wall_ms_from_arrival(event.wall_ms),
                         )
                     )
                 elif event.completion is not None:

@@ -944,7 +944,10 @@ class Summarizer:
         if len(pieces) == 1:
             # One piece: splitting it again could loop if the estimate and the pipeline
             # disagreed. Send it; a refusal from the pipeline then stands.
-            return [await self._call(run, system, header + pieces[0], answer_tokens, slot)]
+            try:
+                return [await self._call(run, system, header + pieces[0], answer_tokens, slot)]
+            except UpstreamContextExceeded as exc:
+                raise _smallest_piece_refused(exc, slot) from exc
         summaries: list[str] = []
         for number, piece in enumerate(pieces, start=1):
             summaries += await self._summarise_fitting(
@@ -1036,6 +1039,23 @@ class Summarizer:
             _check_summary(completion, slot, attempts=attempt)
             return completion.content
         raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
+
+
+def _smallest_piece_refused(exc: UpstreamContextExceeded, slot: _Slot) -> SummarizePartRejected:
+    """The refusal of a part whose upstream finds even a piece too small to split again
+    over its window: that upstream's window is smaller than the catalog says. Told as a
+    part's, not as a Complete's (a violation on `messages` and advice to send it under
+    KEEP_RECENT, neither of which a Summarize has)."""
+    refused = UpstreamRejected(
+        f"upstream {exc.upstream!r} says even a piece too small to split again, with the "
+        f"prompt and the answer, is over the model's context window (HTTP {exc.status}): "
+        "its window is smaller than the gateway's catalog says; lower target_tokens or "
+        "shorten the instructions",
+        upstream=exc.upstream,
+        status=exc.status,
+        relayed=exc.relayed,
+    )
+    return SummarizePartRejected(refused, part=slot.part, parts=slot.parts, level=slot.level)
 
 
 def _check_summary(completion: Completion, slot: _Slot, *, attempts: int) -> None:

@@ -107,6 +107,27 @@ async def test_an_item_of_a_batch_queued_for_admission_counts_that_wait(start_ga
     assert timings.total_ms >= timings.upstream_ms + timings.queued_ms
 
 
+async def test_a_batch_queued_for_admission_counts_that_wait_in_its_wall_time(start_gateway):
+    """A batch that stood in line for admission: its summary's `wall_ms` counts from the
+    call's arrival, as its items' timings do, so it is never less than its one item's
+    `total_ms`. Before, it began when the items started: the batch took less time than
+    its only item, which counted the wait."""
+    async with FakeUpstream(default=Reply(delay_s=0.4)) as fake:
+        config = gateway_config(
+            fake.base_url, server={"max_in_flight_calls": 1, "max_queued_calls": 1}
+        )
+        gateway = await start_gateway(config)
+        first = asyncio.ensure_future(gateway.stub.Complete(chat("first")))
+        async with asyncio.timeout(5):  # the first call holds the only slot
+            while not fake.requests:
+                await asyncio.sleep(0.01)
+        results, summary = await collect(gateway.stub.CompleteBatch(batch("queued")))
+        await first
+    timings = results[0].response.metadata.timings
+    assert timings.queued_ms > 0  # it stood in line behind the first call
+    assert summary.wall_ms >= timings.total_ms
+
+
 async def test_an_item_the_upstream_refuses_says_why(batch_gateway):
     """An item the upstream refuses carries what it said, as a refused Complete does."""
     results, summary = await collect(batch_gateway.stub.CompleteBatch(batch("ok", "refuse")))

@@ -8,6 +8,7 @@ import re
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 
 from gateway_client import GatewayClient
 from gateway_client.errors import error_details
@@ -18,7 +19,7 @@ from service.tokens import PER_MESSAGE_OVERHEAD, PER_REQUEST_OVERHEAD, estimate_
 from service.validation import has_control_characters
 from tests.conftest import FAKE_MODEL, chat, fake_model_window, gateway_config
 from tests.fake_upstream import Reply, Status
-from tests.integration.helpers import error_info, field_violations
+from tests.integration.helpers import error_info, field_violations, rich_status
 from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
 from tests.telemetry_support import attributes_of, captured_telemetry
 
@@ -1188,6 +1189,42 @@ async def test_parts_the_upstream_refuses_before_any_calibration_are_split_until
     covered = {s for body in answered for s in sentences(user_text(body))}
     assert covered == set(sentences(text))
     assert response.chunks == len(answered)
+
+
+async def test_a_piece_too_small_to_split_its_upstream_still_refuses_fails_as_the_parts(
+    recorder, start_gateway
+):
+    """An upstream whose real window is far smaller than the catalog's (here 150 tokens
+    against 1,024) refuses even the smallest piece a part is split into: the call fails
+    as that part's refusal, INVALID_ARGUMENT with the part, parts, level and what the
+    upstream said, saying what the caller can change.
+
+    Before, the piece's refusal reached the caller as a Complete's: a violation on
+    `messages`, a field Summarize does not have, advising to send it again under
+    TRUNCATION_MODE_KEEP_RECENT, which it cannot, and no word of which part."""
+
+    def respond(body):
+        if estimated_prompt(body) + body["max_tokens"] > 150:
+            return Status(400, body=TOO_LONG)
+        return default_respond(body)
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url, concurrency=1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(8)))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(caught.value)
+    assert info.reason == "UPSTREAM_REJECTED_REQUEST"
+    assert (info.metadata["part"], info.metadata["level"]) == ("1", "1")
+    assert (
+        info.metadata["upstream_message"] == "This model's maximum context length is 1024 tokens."
+    )
+    details = caught.value.details()
+    assert "lower target_tokens or shorten the instructions" in details
+    assert "KEEP_RECENT" not in details
+    assert not any(
+        d.Is(error_details_pb2.BadRequest.DESCRIPTOR) for d in rich_status(caught.value).details
+    )
 
 
 async def test_a_document_of_over_999_parts_is_chunked_with_room_for_their_numbers(
