@@ -405,6 +405,11 @@ class UpstreamConfig:
     # `timeout_s` bounds the stream). Lets `timeout_s` be long enough for long answers
     # while a stream that stalls still ends soon.
     stream_idle_timeout_s: float | None = None
+    # The longest an attempt whose answer is streamed waits, from its start, for the
+    # stream's first output (None: only `timeout_s` and the caller's deadline bound it).
+    # Lets an upstream that takes the request and never answers fail over in seconds
+    # while `timeout_s` stays long enough for long answers.
+    first_output_timeout_s: float | None = None
     connect_timeout_s: float = 10.0
     max_connections: int = 100
     weight: int = 1
@@ -546,6 +551,10 @@ class UpstreamConfig:
         _require(
             self.stream_idle_timeout_s is None or self.stream_idle_timeout_s > 0,
             "stream_idle_timeout_s must be > 0 when set",
+        )
+        _require(
+            self.first_output_timeout_s is None or self.first_output_timeout_s > 0,
+            "first_output_timeout_s must be > 0 when set",
         )
         _require(self.max_connections >= 1, "max_connections must be >= 1")
         _require(self.weight >= 1, "weight must be >= 1")

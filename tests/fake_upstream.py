@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, NoReturn, TypeAlias, assert_never
+from typing import Any, Literal, NoReturn, TypeAlias, assert_never
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -143,7 +143,14 @@ class Status:
 
 @dataclass(frozen=True, slots=True)
 class Hang:
-    """Accept the request and never answer until the client goes away."""
+    """Accept the request and never answer until the client goes away.
+
+    `after` is what goes out before the hang: nothing (`request`), an event stream's
+    status and headers (`headers`), or those, a role-only chunk and a keep-alive comment
+    (`role_chunk`), as a provider's overloaded queue or a wedged vLLM sends.
+    """
+
+    after: Literal["request", "headers", "role_chunk"] = "request"
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +413,12 @@ class FakeUpstream:
                     return await self._slow_status(request, behaviour)
                 return self._status(behaviour)
             case Hang():
+                if behaviour.after != "request":
+                    resp = await self._open_sse(request, {})  # sends the headers at once
+                    if behaviour.after == "role_chunk":
+                        role = self._chunk(self._new_id(), model, {"role": "assistant"})
+                        await _send(resp, [role], _Framing())
+                        await resp.write(_comment(_Framing()))
                 await _wait_forever()
             case Reset():
                 if behaviour.delay_s > 0:

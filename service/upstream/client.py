@@ -472,6 +472,24 @@ class UpstreamClient:
         total = max(0.001, min(timeout_s, self.config.timeout_s))
         return asyncio.get_running_loop().time() + total
 
+    def _first_output_deadline(self, deadline: float) -> float | None:
+        """The loop time by which a stream's first output must come, when
+        `first_output_timeout_s` ends its wait before `deadline` does; else None."""
+        first_output_s = self.config.first_output_timeout_s
+        if first_output_s is None:
+            return None
+        first_output_by = asyncio.get_running_loop().time() + first_output_s
+        return first_output_by if first_output_by < deadline else None
+
+    def _no_first_output(self) -> UpstreamTimeout:
+        """The timeout of an attempt whose stream sent no output within its
+        `first_output_timeout_s`: an upstream that took the request and hangs."""
+        return UpstreamTimeout(
+            f"upstream {self.name!r} timed out: no output within its first_output_timeout_s "
+            f"({self.config.first_output_timeout_s:g} s)",
+            upstream=self.name,
+        )
+
     @property
     def pool(self) -> HttpPool:
         """The connection pool; raises when the client is not open."""
@@ -673,8 +691,10 @@ class UpstreamClient:
         stream read to `[DONE]` leaves its connection for the next call.
 
         `timeout_s` (the caller's deadline, within the upstream's `timeout_s`) bounds the
-        gateway's own waits until the first text; after it, only the upstream's `timeout_s`
-        does, and `stream_idle_timeout_s` (when set) each wait for the next output: reads
+        gateway's own waits until the first text, and so does `first_output_timeout_s`
+        (when set, from the attempt's start: `UpstreamTimeout`, failed over as any
+        timeout); after it, only the upstream's `timeout_s` does, and
+        `stream_idle_timeout_s` (when set) each wait for the next output: reads
         that bring none (keep-alive comments, events without text) do not restart it. Once text
         flows its consumers end the stream by leaving when their deadlines pass (gRPC
         cancels each call), and a stream the cache shares among callers must not end at its
@@ -684,9 +704,17 @@ class UpstreamClient:
         """
         deadline = self._deadline(timeout_s)
         whole_stream_deadline = self._deadline(self.config.timeout_s)
+        first_output_by = self._first_output_deadline(deadline)
+        if first_output_by is not None:
+            deadline = first_output_by
         with self._translated_errors:
-            async with asyncio.timeout_at(deadline):
-                response = await self._post(call, on_sent, on_status)
+            try:
+                async with asyncio.timeout_at(deadline) as waiting:
+                    response = await self._post(call, on_sent, on_status)
+            except TimeoutError as exc:
+                if first_output_by is None or not waiting.expired():  # a connect's own
+                    raise
+                raise self._no_first_output() from exc
             headers_at = time.monotonic()
             parser = StreamParser()
             media = media_type(response.headers)
@@ -773,6 +801,11 @@ class UpstreamClient:
                     ),
                     waited_s=response.waited_s,
                 )
+            except TimeoutError as exc:
+                # Before the first output every wait here ends at `deadline`, now its bound.
+                if has_output or first_output_by is None:
+                    raise
+                raise self._no_first_output() from exc
             except MalformedReply as exc:
                 # `_reply` judged a JSON answer, and output shows the stream the provider's.
                 if has_output or _is_json_media(media):

@@ -56,6 +56,15 @@ def test_repo_config_has_the_presets() -> None:
     assert config.source == str(REPO_CONFIG)
 
 
+def test_first_output_timeout_is_unset_unless_given() -> None:
+    """`first_output_timeout_s` is off by default (today's bounds alone), and a number
+    given is the bound, whole seconds or not."""
+    config = parse({"upstreams": [upstream("a"), upstream("b", first_output_timeout_s=15)]})
+    assert [u.first_output_timeout_s for u in config.upstreams] == [None, 15.0]
+    config = parse({"upstreams": [upstream(first_output_timeout_s=0.25)]})
+    assert config.upstreams[0].first_output_timeout_s == 0.25
+
+
 def test_repo_config_catalog_and_server() -> None:
     """The shipped config has the pricing catalog and a loopback listener."""
     config = load_config(REPO_CONFIG, environ={})
@@ -673,6 +682,21 @@ def test_env_override_on_real_file() -> None:
             "upstreams[0]",
             "timeouts must be > 0",
             id="zero-timeout",
+        ),
+        *(
+            pytest.param(
+                {"upstreams": [upstream(first_output_timeout_s=value)]},
+                {},
+                key,
+                problem,
+                id=f"first-output-timeout-{name}",
+            )
+            for name, value, key, problem in [
+                ("zero", 0, "upstreams[0]", "first_output_timeout_s must be > 0 when set"),
+                ("negative", -1.5, "upstreams[0]", "first_output_timeout_s must be > 0 when set"),
+                ("string", "10s", "upstreams[0].first_output_timeout_s", "must be a number"),
+                ("bool", True, "upstreams[0].first_output_timeout_s", "must be a number"),
+            ]
         ),
         pytest.param(
             {"upstreams": [upstream(max_connections=10, max_concurrency=11)]},
