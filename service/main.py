@@ -110,8 +110,9 @@ def serve_command(args: argparse.Namespace) -> int:
         "server.workers", extra={"workers": count, "why": why}
     )
     config = dataclasses.replace(config, server=dataclasses.replace(server, workers=count))
+    from service.hosts import ListenError
     from service.local_model import LocalModelUnavailable
-    from service.server import ListenError, report_start_failure, run
+    from service.server import report_start_failure, run
 
     try:
         if count > 1:

@@ -1,8 +1,9 @@
 """Startup of the gateway's caller security: the listen policy and the caller gate.
 
-Refuses to serve without caller authentication on an address other machines can reach
-(unless forced), and assembles the `CallerGate` from the config: key stores (config,
-keys file, Redis) and tenant limits (in memory, or Redis shared by replicas).
+Refuses a listen host this machine cannot listen on, and to serve without caller
+authentication on an address other machines can reach (unless forced), and assembles
+the `CallerGate` from the config: key stores (config, keys file, Redis) and tenant
+limits (in memory, or Redis shared by replicas).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from service.auth import (
     redis_connection_options,
 )
 from service.caller_gate import CallerGate
-from service.config import ConfigError, GatewayConfig
+from service.config import ConfigError, GatewayConfig, host_and_port
+from service.hosts import listen_host_problem
 from service.lean_redis import LeanRedis
 from service.redis_errors import replacing_closed_connections
 from service.store_cooldown import StoreCooldown
@@ -41,6 +43,22 @@ def is_caller_auth_on(config: GatewayConfig) -> bool:
     """Whether every call must prove who it is (bearer key or client certificate)."""
     tls = config.server.tls
     return config.auth.mode == "keys" or (tls.require_client_cert and tls.tenant_from_cert_subject)
+
+
+def check_listen_hosts(config: GatewayConfig) -> None:
+    """Raise the `ConfigError` a bind would end with for a host of `server.listen` or
+    `server.health_listen` this machine cannot listen on (`listen_host_problem`): the
+    config's fault, naming its key, where a taken port is the machine's. Before the
+    listen policy, which would call `127.1` public and ask for caller auth."""
+    for key, listen in (
+        ("server.listen", config.server.listen),
+        ("server.health_listen", config.server.health_listen),
+    ):
+        if listen is None:
+            continue
+        problem = listen_host_problem(host_and_port(listen)[0])
+        if problem is not None:
+            raise config.error(key, f"cannot listen on {listen}: {problem}")
 
 
 def check_caller_security(config: GatewayConfig) -> None:
@@ -89,8 +107,10 @@ def _check_keys_have_a_source(config: GatewayConfig) -> None:
 
 
 def check_start_config(config: GatewayConfig) -> None:
-    """Raise the `ConfigError` a start with `config` would end with: the listen policy,
-    or a keys file that cannot be read or parsed (`llm-gateway check` asks)."""
+    """Raise the `ConfigError` a start with `config` would end with: a listen host,
+    the listen policy, or a keys file that cannot be read or parsed (`llm-gateway check`
+    asks)."""
+    check_listen_hosts(config)
     check_caller_security(config)
     _local_key_stores(config)
 

@@ -31,6 +31,7 @@ from service.config import (
     UpstreamConfig,
     host_and_port,
 )
+from service.hosts import ListenError, bind_failure
 from service.ledger import RedisLedger, WallClock, open_ledger
 from service.local_model import UPSTREAM_NAME as LOCAL_UPSTREAM
 from service.local_model import LocalModelServer, LocalModelState, LocalModelUnavailable
@@ -44,7 +45,13 @@ from service.rpc_boundary import (
     guard_servicer,
     pending_call_options,
 )
-from service.security import AuthRedis, build_caller_gate, check_caller_security, open_auth_redis
+from service.security import (
+    AuthRedis,
+    build_caller_gate,
+    check_caller_security,
+    check_listen_hosts,
+    open_auth_redis,
+)
 from service.servicer import CompletionServicer
 from service.shared_limits import SharedLimits
 from service.telemetry import Telemetry, TelemetrySetupError, activate
@@ -176,6 +183,7 @@ class GatewayServer:
 
     async def start(self) -> None:
         """Build everything and start listening."""
+        check_listen_hosts(self.config)  # before the policy, which would call 127.1 public
         check_caller_security(self.config)
         auth_redis = open_auth_redis(self.config, self._stack)
         gate = await build_caller_gate(self.config, self._stack, auth_redis)
@@ -266,8 +274,6 @@ class GatewayServer:
         health_server = self._health_server_on(self.config.server.health_listen)
         try:
             self.port = _bind(listen, lambda: _add_port(server, self.config.server))
-        except ListenHostError as exc:
-            raise self.config.error("server.listen", str(exc)) from None
         except ListenError:
             if self.config.server.tls.is_enabled and await refuses_tls(self.config.server):
                 raise self.config.error("server.tls.cert_file", TLS_REFUSED) from None
@@ -306,10 +312,7 @@ class GatewayServer:
             return None
         server = grpc.aio.server(options=[self._reuse_port_option, *_KEEPALIVE_OPTIONS])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        try:
-            self.health_port = _bind(listen, lambda: int(server.add_insecure_port(listen)))
-        except ListenHostError as exc:
-            raise self.config.error("server.health_listen", str(exc)) from None
+        self.health_port = _bind(listen, lambda: int(server.add_insecure_port(listen)))
         self._health_server = server
         self._stack.push_async_callback(self._stop_health_server)
         return server
@@ -388,7 +391,6 @@ class GatewayServer:
             except TelemetrySetupError as exc:
                 raise ConfigError("environment", exc.variable, exc.problem) from None
             except MetricsHostError as exc:
-                # `check` resolves no listen host: found here, still said as the config's.
                 raise self.config.error("telemetry.prometheus_host", str(exc)) from None
             except MetricsListenError as exc:
                 raise ListenError(str(exc)) from exc
@@ -576,10 +578,6 @@ async def _until(ended: asyncio.Event, items: AsyncIterable[_Item]) -> AsyncIter
             await _cancelled(waiting)
 
 
-class ListenError(OSError):
-    """The configured address cannot be listened on (taken, not this host's, no permission)."""
-
-
 def report_start_failure(exc: ConfigError | ListenError | LocalModelUnavailable) -> int:
     """Say on stderr, in one line, why `serve` (or one of its workers) could not start;
     return the exit status the README documents: 2 for the config, else 1."""
@@ -593,19 +591,10 @@ def report_start_failure(exc: ConfigError | ListenError | LocalModelUnavailable)
     return status
 
 
-class ListenHostError(ListenError):
-    """The configured address's host is none of this machine's: the config's fault (exit
-    2, naming its key), where a taken port is the machine's."""
-
-
 def _bind(listen: str, add_port: Callable[[], int]) -> int:
-    """The port `add_port` bound for `listen`, or `ListenError` (`ListenHostError` when
-    its host is none of this machine's)."""
-    # Before grpc's own try, which would print its own error line first and say only
-    # "Failed to bind to address".
-    problem = listen_host_problem(listen)
-    if problem is not None:
-        raise ListenHostError(f"cannot listen on {listen}: {problem}")
+    """The port `add_port` bound for `listen`, or `ListenError`. Its host was judged as
+    the start began (`check_listen_hosts`): grpc's own failure prints its own error line
+    first and says only "Failed to bind to address"."""
     try:
         port = add_port()
     except RuntimeError as exc:
@@ -613,25 +602,6 @@ def _bind(listen: str, add_port: Callable[[], int]) -> int:
     if port == 0:
         raise ListenError(f"cannot listen on {listen}")
     return port
-
-
-def listen_host_problem(listen: str) -> str | None:
-    """Why `listen`'s host is none of this machine's (no name resolves it, or each address
-    it resolves to is another machine's), else None. `check` resolves no listen host (it
-    needs the network), so the start is where this is found, just before the bind."""
-    host, _ = host_and_port(listen)
-    if host in ("", "0.0.0.0", "::", "localhost"):
-        return None
-    try:
-        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return f"no name resolves {host!r}"
-    failures = [
-        _bind_failure(family, (address[0], 0, *address[2:])) for family, _, _, _, address in found
-    ]
-    if failures and all(failure == errno.EADDRNOTAVAIL for failure in failures):
-        return f"{host} is no address of this machine"
-    return None
 
 
 def _refuse_taken(listen: str | None) -> None:
@@ -655,22 +625,9 @@ def _refuse_taken(listen: str | None) -> None:
         except OSError:
             return
         addresses = [(family, address) for family, _, _, _, address in found]
-    failures = [_bind_failure(family, address) for family, address in addresses]
+    failures = [bind_failure(family, address) for family, address in addresses]
     if errno.EADDRINUSE in failures and None not in failures:
         raise ListenError(f"cannot listen on {listen}: the address is taken")
-
-
-def _bind_failure(family: socket.AddressFamily, address: tuple[Any, ...]) -> int | None:
-    """The errno of a bind to `address` as grpc binds, or None when it would succeed."""
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            probe.bind(address)
-    except OSError as exc:
-        return exc.errno if exc.errno is not None else -1
-    return None
 
 
 TLS_REFUSED = (

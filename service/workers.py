@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 from service import early_signals
 from service.config import ConfigError, GatewayConfig, host_and_port
 from service.cpus import usable_cpus
+from service.hosts import ListenError
 from service.local_model import LocalModelServer, LocalModelState
 from service.telemetry.setup import DEFAULT_PROMETHEUS_PORT, is_off, names_prometheus
 
@@ -142,19 +143,13 @@ def worker_configs(
     ]
 
 
-def _reserve_address(listen: str, key: str, config: GatewayConfig) -> tuple[socket.socket, str]:
+def _reserve_address(listen: str) -> tuple[socket.socket, str]:
     """A socket holding `listen`'s port for the workers, and `listen` with that port
-    (the one chosen when `listen` asks for port 0). A host of no address here is the
-    config's error, naming `key` (`server.listen`), as a worker's own bind says it."""
+    (the one chosen when `listen` asks for port 0). Its host was judged before
+    (`check_listen_hosts`): what fails here is the port."""
     try:
         sock, port = _bind_shared(listen)
     except OSError as exc:
-        # Here: the supervisor never serves itself.
-        from service.server import ListenError, listen_host_problem
-
-        problem = listen_host_problem(listen)
-        if problem is not None:
-            raise config.error(key, f"cannot listen on {listen}: {problem}") from None
         raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
     return sock, f"{listen.rpartition(':')[0]}:{port}"
 
@@ -224,7 +219,7 @@ def _worker_main(
     index: int,
 ) -> None:
     from service.logs import configure_logging
-    from service.server import ListenError, report_start_failure, run
+    from service.server import report_start_failure, run
 
     # SIGKILL until it listens: a start stuck in a system call never acts on SIGTERM, and
     # has no calls to drain.
@@ -569,13 +564,11 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         # Held until the supervisor stops, not only while the workers start: should every
         # worker be dead at once, the port stays the gateway's for their replacements.
         stack.callback(_close, reserved)
-        sock, listen = _reserve_address(config.server.listen, "server.listen", config)
+        sock, listen = _reserve_address(config.server.listen)
         reserved.append(sock)
         health_listen = None
         if config.server.health_listen is not None:
-            sock, health_listen = _reserve_address(
-                config.server.health_listen, "server.health_listen", config
-            )
+            sock, health_listen = _reserve_address(config.server.health_listen)
             reserved.append(sock)
         server = dataclasses.replace(
             config.server, listen=listen, health_listen=health_listen, workers=count
@@ -662,11 +655,13 @@ def run_workers(config: GatewayConfig, *, count: int, log_level: str = "INFO") -
     """Run `count` worker processes on the configured port until SIGTERM/SIGINT/SIGHUP.
 
     Raises:
-        ConfigError: the workers' Prometheus ports do not fit, or the listen policy
-            refuses the address (said once by `serve`, not by every worker).
+        ConfigError: the workers' Prometheus ports do not fit, a listen host is none
+            this machine can listen on, or the listen policy refuses the address (said
+            once by `serve`, not by every worker).
     """
-    from service.security import check_caller_security
+    from service.security import check_caller_security, check_listen_hosts
 
+    check_listen_hosts(config)  # said once by the supervisor, which binds them first
     check_caller_security(config)
     try:
         return asyncio.run(_supervise(worker_configs(config, count), log_level))

@@ -13,10 +13,8 @@ a call: it costs dropped spans and a few log lines (`outages`), nothing more.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import socket
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from service.config import TelemetryConfig
+from service.hosts import listen_host_problem
 from service.telemetry.histograms import HistogramExport, suits
 from service.telemetry.lean_tracer import LeanTracer
 from service.telemetry.outages import (
@@ -67,13 +66,27 @@ class MetricsListenError(OSError):
 
 
 class MetricsHostError(MetricsListenError):
-    """`prometheus_host` is no address of this machine: no name resolves it, or it is
-    another host's. The config's fault, where a taken port is the machine's."""
+    """`prometheus_host` is none this machine can listen on (`listen_host_problem`). The
+    config's fault, where a taken port is the machine's."""
 
 
-def _is_host_problem(exc: OSError) -> bool:
-    """Whether a listen failed for its host rather than its port."""
-    return isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+def check_prometheus_host(config: TelemetryConfig, port: int) -> None:
+    """Raise `MetricsHostError` when the endpoint cannot listen on `prometheus_host`,
+    said as a listen on `port` (the start's, and `llm-gateway check`'s)."""
+    problem = listen_host_problem(config.prometheus_host)
+    if problem is not None:
+        raise MetricsHostError(
+            f"cannot listen on {config.prometheus_host}:{port} for Prometheus metrics: {problem}"
+        )
+
+
+def prometheus_endpoint_port(config: TelemetryConfig, environ: Mapping[str, str]) -> int | None:
+    """The port a start opens the Prometheus endpoint on (0: a free one); None for none."""
+    if is_off(config, environ):
+        return None
+    if config.prometheus_port is not None:
+        return config.prometheus_port
+    return DEFAULT_PROMETHEUS_PORT if names_prometheus(environ) else None
 
 
 def _names(environ: Mapping[str, str], key: str) -> list[str]:
@@ -279,13 +292,13 @@ def build_providers(
         registry = CollectorRegistry()
         readers.append(PrometheusMetricReader(registry=registry))
         port = prometheus_port if prometheus_port is not None else DEFAULT_PROMETHEUS_PORT
+        check_prometheus_host(config, port)
         try:
             prometheus_server, _ = start_http_server(
                 port, addr=config.prometheus_host, registry=registry
             )
         except OSError as exc:
-            kind = MetricsHostError if _is_host_problem(exc) else MetricsListenError
-            raise kind(
+            raise MetricsListenError(
                 f"cannot listen on {config.prometheus_host}:{port} for Prometheus metrics: "
                 f"{exc.strerror or exc}"
             ) from exc

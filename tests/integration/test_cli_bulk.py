@@ -795,6 +795,51 @@ async def test_check_refuses_worker_metrics_ports_past_65535_as_serve_does(
     assert ": ok" not in captured.out
 
 
+@pytest.mark.parametrize(
+    ("key", "host", "problem"),
+    [
+        (
+            "server.listen",
+            "127.1",
+            "127.1 is IPv4 shorthand, which grpc and the C library read differently: "
+            "write 127.0.0.1",
+        ),
+        ("server.health_listen", "no-such-host.invalid", "no name resolves 'no-such-host.invalid'"),
+        ("telemetry.prometheus_host", "192.0.2.7", "192.0.2.7 is no address of this machine"),
+    ],
+)
+async def test_check_refuses_a_listen_host_as_serve_does(tmp_path, capsys, key, host, problem):
+    """A listen host the gateway cannot listen on (shorthand, unresolvable, another
+    machine's): `serve` exits 2 naming the key, and `check` with the same line.
+
+    Before, `check` resolved no listen host: it printed the config as ok and exited 0.
+    """
+    text = {
+        "server.listen": f"server: {{listen: '{host}:0', allow_insecure_public_listen: true}}\n",
+        "server.health_listen": f"server: {{listen: '127.0.0.1:0', health_listen: '{host}:0'}}\n",
+        "telemetry.prometheus_host": (
+            f"server: {{listen: '127.0.0.1:0'}}\n"
+            f"telemetry: {{prometheus_port: 0, prometheus_host: '{host}'}}\n"
+        ),
+    }[key]
+    config = tmp_path / "gateway.yaml"
+    config.write_text(text + "local_model: {enabled: never}\n")
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, serve_err = await asyncio.wait_for(serve.communicate(), timeout=60)
+    assert serve.returncode == 2
+    refusal = serve_err.decode().strip().splitlines()[-1]
+    assert refusal.startswith(f"llm-gateway: config error: {config}: {key}: cannot listen on ")
+    assert refusal.endswith(f": {problem}")
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip() == refusal
+    assert ": ok" not in captured.out
+
+
 async def test_batch_process_killed_by_ctrl_c_resumes(tmp_path, scripted, address):
     """The real `llm-gateway batch` process, stopped with SIGINT, resumes to each id once."""
     ids = [f"q{i}" for i in range(40)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import signal
 import socket
@@ -24,8 +25,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import parse_config
+from service.hosts import ListenError
 from service.local_model import LocalModelUnavailable
-from service.server import GatewayServer, ListenError
+from service.server import GatewayServer
 from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply
 
@@ -661,3 +663,125 @@ async def test_a_gateway_with_an_upstream_says_nothing_of_none(
     with caplog.at_level("WARNING", logger="llm_gateway"):
         await start_gateway(gateway_config(upstream.base_url))
     assert "gateway.no_upstream" not in [r.getMessage() for r in caplog.records]
+
+
+# The C library (Python's probe, curl, ping) reads each as 127.0.0.1; grpc reads none.
+_SHORTHANDS = {"listen": "127.1", "health_listen": "0x7f.1", "prometheus_host": "2130706433"}
+_SHORTHAND = "is IPv4 shorthand, which grpc and the C library read differently: write"
+
+
+def _config_listening_on(tmp_path: Path, base_url: str, key: str, host: str) -> Path:
+    """A config whose `key` (`listen`, `health_listen` or `prometheus_host`) names `host`,
+    at port 0, the other listens on 127.0.0.1."""
+    server: dict[str, Any] = {"listen": "127.0.0.1:0", "allow_insecure_public_listen": True}
+    telemetry: dict[str, Any] = {}
+    if key == "prometheus_host":
+        telemetry = {"prometheus_port": 0, "prometheus_host": host}
+    else:
+        server[key] = f"{host}:0"
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        yaml.safe_dump(gateway_config_data(base_url, server=server, telemetry=telemetry))
+    )
+    return path
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("key", list(_SHORTHANDS))
+async def test_a_listen_host_in_ipv4_shorthand_exits_2_naming_the_key(
+    upstream, tmp_path, key, workers
+):
+    """`127.1`, `0x7f.1` or `2130706433` as a listen host exits 2, one line naming the
+    key and the address to write, from one process or the workers' supervisor.
+
+    Before, Python's probe read them as 127.0.0.1 and passed them, and grpc's resolver
+    did not: `serve` exited 1 with grpc's own error line and "the address is taken or not
+    local" (the workers: each one's), naming no key.
+    """
+    host = _SHORTHANDS[key]
+    path = _config_listening_on(tmp_path, upstream.base_url, key, host)
+    code, stderr = await _refused_start("serve", "--config", str(path), "--workers", workers)
+    named = f"telemetry.{key}" if key == "prometheus_host" else f"server.{key}"
+    purpose = " for Prometheus metrics" if key == "prometheus_host" else ""
+    assert code == 2
+    assert (
+        f"llm-gateway: config error: {path}: {named}: cannot listen on {host}:0{purpose}: "
+        f"{host} {_SHORTHAND} 127.0.0.1\n"
+    ) in stderr
+    assert "Traceback" not in stderr
+    assert "Failed to add port" not in stderr  # grpc's own line
+
+
+def _link_local_address() -> tuple[str, str] | None:
+    """An IPv6 link-local address of this machine and its interface, if any."""
+    try:
+        lines = Path("/proc/net/if_inet6").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hex_address, _, _, scope, _, interface = line.split()
+        if scope == "20":  # the link's
+            return str(ipaddress.IPv6Address(bytes.fromhex(hex_address))), interface
+    return None
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_link_local_listen_host_without_its_zone_exits_2_naming_it(
+    upstream, tmp_path, workers
+):
+    """This machine's link-local address without its zone (`%eth0`) exits 2 naming the
+    key and the zone to add.
+
+    Before, the probe passed it and grpc's bind failed "Invalid argument": exit 1, with
+    grpc's own error line (the workers: the supervisor's bind, "Invalid argument").
+    """
+    found = _link_local_address()
+    if found is None:
+        pytest.skip("no IPv6 link-local address here")
+    address, interface = found
+    path = _config_listening_on(tmp_path, upstream.base_url, "listen", f"[{address}]")
+    code, stderr = await _refused_start("serve", "--config", str(path), "--workers", workers)
+    assert code == 2
+    assert (
+        f"llm-gateway: config error: {path}: server.listen: cannot listen on [{address}]:0: "
+        f"{address} is link-local, on {interface}: add its zone: [{address}%{interface}]\n"
+    ) in stderr
+    assert "Failed to add port" not in stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]", "localhost", "0.0.0.0"])
+async def test_a_host_of_this_machine_serves_on_every_listen_key(upstream, tmp_path, host):
+    """The gRPC port, the health port and the Prometheus endpoint all on `host`: the
+    gateway starts, answers on both ports and exits 0 on SIGTERM (`0.0.0.0` with auth off
+    allowed)."""
+    if host == "[::1]" and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    server = {
+        "listen": f"{host}:0",
+        "health_listen": f"{host}:0",
+        "allow_insecure_public_listen": True,
+    }
+    telemetry = {"prometheus_port": 0, "prometheus_host": host.strip("[]")}
+    path = tmp_path / "gateway.yaml"
+    data = gateway_config_data(upstream.base_url, server=server, telemetry=telemetry)
+    path.write_text(yaml.safe_dump(data))
+    process = await _spawn("serve", "--config", str(path), "--workers", "1")
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
+        assert f", health on {host}:" in line
+        address = line.split(" on ", 1)[1].split(",", 1)[0]
+        async with grpc.aio.insecure_channel(address) as channel:
+            response = await pb_grpc.CompletionServiceStub(channel).Complete(chat(), timeout=10)
+        assert response.content == "Hello from fake"
+        async with grpc.aio.insecure_channel(line.rsplit(" on ", 1)[1].strip()) as channel:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -24,7 +24,8 @@ from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import ConfigError, load_config, parse_config
-from service.server import GatewayServer, ListenError
+from service.hosts import ListenError
+from service.server import GatewayServer
 from tests.conftest import chat, gateway_config, gateway_config_data
 from tests.integration.pki import Pki, issue, make_pki
 from tests.integration.tenancy_helpers import as_tenant, detail, rpc_error, secure_config

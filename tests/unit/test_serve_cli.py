@@ -200,17 +200,25 @@ def test_a_taken_prometheus_port_exits_1_naming_it(
     assert "Traceback" not in err
 
 
-# No name resolves the first (RFC 6761); the second is another host's (TEST-NET-1).
-@pytest.mark.parametrize("host", ["no-such-host.invalid", "192.0.2.7"])
+@pytest.mark.parametrize(
+    "bad_host",
+    [
+        ("no-such-host.invalid", "no name resolves 'no-such-host.invalid'"),  # RFC 6761
+        ("192.0.2.7", "192.0.2.7 is no address of this machine"),  # TEST-NET-1
+    ],
+)
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_prometheus_host_of_no_address_here_is_a_config_error_naming_it(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], host: str, workers: str
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], bad_host: tuple[str, str], workers: str
 ) -> None:
     """A `telemetry.prometheus_host` the endpoint cannot listen on (unresolvable, or not
-    this machine's) exits 2 naming the file and the key, from `serve` or its workers.
+    this machine's) exits 2 naming the file and the key, from `serve` or its workers, in
+    the words a `server.listen` alike gets.
 
-    `check` resolves no listen host, so only the start finds it. Before, it was a
-    listen failure (status 1) naming neither file nor key, as a taken port is."""
+    Before, it was a listen failure (status 1) naming neither file nor key, as a taken
+    port is; then a config error in the resolver's words ("Name or service not known").
+    """
+    host, why = bad_host
     config = tmp_path / "gateway.yaml"
     config.write_text(
         "server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n"
@@ -220,7 +228,7 @@ def test_a_prometheus_host_of_no_address_here_is_a_config_error_naming_it(
     err = capfd.readouterr().err
     assert (
         f"llm-gateway: config error: {config}: telemetry.prometheus_host: "
-        f"cannot listen on {host}:0 for Prometheus metrics: "
+        f"cannot listen on {host}:0 for Prometheus metrics: {why}\n"
     ) in err
     assert "Traceback" not in err
 

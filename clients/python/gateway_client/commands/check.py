@@ -1,8 +1,8 @@
 """`llm-gateway check`: validate the config and every upstream's key, all at once.
 
-First the config errors `serve` would find only as it starts (the listen policy, the
-keys file, the `OTEL_*` exporters, a TLS pair grpc cannot serve, the workers' Prometheus
-ports past 65535). Then calls
+First the config errors `serve` would find only as it starts (a listen host this
+machine cannot listen on, the listen policy, the keys file, the `OTEL_*` exporters, a
+TLS pair grpc cannot serve, the workers' Prometheus ports past 65535). Then calls
 `GET {base_url}/models` on each enabled upstream (concurrently) and prints a table:
 upstream, reachable, key valid, models listed, latency. Exits 2 on a config error, 1
 when any enabled upstream is unreachable, refuses its key or account, or answers with
@@ -27,7 +27,12 @@ from service.main import config_path, default_config, with_flags
 from service.security import check_start_config
 from service.server import TLS_REFUSED, refuses_tls
 from service.telemetry import TelemetrySetupError
-from service.telemetry.setup import check_environment
+from service.telemetry.setup import (
+    MetricsHostError,
+    check_environment,
+    check_prometheus_host,
+    prometheus_endpoint_port,
+)
 from service.upstream.client import probe_models
 from service.upstream.http import HttpError, ProxyRefused
 from service.upstream.proxy import choose_proxy
@@ -131,6 +136,18 @@ async def check_all(config: GatewayConfig, *, timeout_s: float) -> list[Upstream
     ]
 
 
+def _check_prometheus_host(config: GatewayConfig) -> None:
+    """The config error a start would end with for `telemetry.prometheus_host`, should
+    the start open the endpoint."""
+    port = prometheus_endpoint_port(config.telemetry, os.environ)
+    if port is None:
+        return
+    try:
+        check_prometheus_host(config.telemetry, port)
+    except MetricsHostError as exc:
+        raise config.error("telemetry.prometheus_host", str(exc)) from None
+
+
 def format_checks(checks: list[UpstreamCheck]) -> str:
     """The checks as an aligned text table."""
     rows = [("UPSTREAM", "REACHABLE", "KEY", "MODELS", "LATENCY", "PROBLEM")]
@@ -163,6 +180,7 @@ async def check_command(args: argparse.Namespace) -> int:
             check_environment(config.telemetry, os.environ)
         except TelemetrySetupError as exc:
             raise ConfigError("environment", exc.variable, exc.problem) from None
+        _check_prometheus_host(config)
         for upstream in config.enabled_upstreams:  # an HTTPS_PROXY serve would refuse
             choose_proxy(upstream, os.environ)
         if config.server.tls.is_enabled and await refuses_tls(config.server):
