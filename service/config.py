@@ -954,6 +954,12 @@ class TelemetryConfig:
     def __post_init__(self) -> None:
         port = self.prometheus_port
         _require(port is None or 0 <= port <= 65535, "prometheus_port must be 0..65535")
+        host = self.prometheus_host
+        # The endpoint takes a bare host, as `server.listen`'s brackets are for its port.
+        _require(
+            not (host.startswith("[") and host.endswith("]")),
+            f"prometheus_host must be a host without brackets: write {host[1:-1]}",
+        )
 
 
 @dataclass(frozen=True, slots=True)

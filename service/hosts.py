@@ -101,7 +101,24 @@ def listen_host_problem(host: str) -> str | None:
     """
     if host in ("", "0.0.0.0", "::") or host.lower() == "localhost":
         return None  # grpc's wildcards, and both loopbacks whatever /etc/hosts says
-    return _ipv4_form_problem(host) or _zone_problem(host) or _resolution_problem(host)
+    return (
+        _ipv4_form_problem(host)
+        or _multicast_problem(host)
+        or _zone_problem(host)
+        or _resolution_problem(host)
+    )
+
+
+def _multicast_problem(host: str) -> str | None:
+    """A multicast group's address, which no server listens on: the kernel refuses a
+    stream socket's bind to it, and grpc said only "Invalid argument"."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not address.is_multicast:
+        return None
+    return f"{host} is a multicast address; listen on an address of this machine"
 
 
 def _ipv4_form_problem(host: str) -> str | None:

@@ -862,6 +862,14 @@ def test_env_override_on_real_file() -> None:
             "backend: redis",
             id="cache-redis-url-with-the-memory-backend",
         ),
+        pytest.param(
+            # Bracketed as in `server.listen`: refused at start as "no name resolves".
+            {"telemetry": {"prometheus_host": "[::1]"}},
+            {},
+            "telemetry",
+            "prometheus_host must be a host without brackets: write ::1",
+            id="bracketed-prometheus-host",
+        ),
     ],
 )
 def test_config_errors_name_the_key(

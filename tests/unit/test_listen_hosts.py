@@ -94,3 +94,12 @@ def test_a_link_local_address_of_this_machine_without_its_zone_names_its_interfa
         f"{address} is link-local, on {interface}: add its zone: [{address}%{interface}]"
     )
     assert listen_host_problem(f"{address}%{interface}") is None
+
+
+@pytest.mark.parametrize("host", ["ff02::1", "224.0.0.1", "239.1.2.3", "ff02::1%lo"])
+def test_a_multicast_address_is_refused_as_no_listen_host(host: str) -> None:
+    """A multicast group's address: grpc's bind failed with only "Invalid argument",
+    exit 1, as a taken port; refused as the config's fault, naming what to listen on."""
+    assert listen_host_problem(host) == (
+        f"{host} is a multicast address; listen on an address of this machine"
+    )
