@@ -883,6 +883,8 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                 upstream_ms=summary.timings.upstream_ms,
                 queued_ms=summary.timings.queued_ms,
             ),
+            finish_reason=_FINISH[summary.finish_reason],
+            parts_cut=summary.parts_cut,
         )
         timed_from_arrival(response.timings)
         return response

@@ -11,6 +11,8 @@
    returned as if it were the whole.
 3. The part summaries are combined in one call when they fit together; when they do not,
    they are grouped into chunks and summarised again, level by level.
+4. A summary cut off by its length limit (`finish_reason` LENGTH) is still a summary: it is
+   answered OK, saying so, and a part's cut off is combined and counted (`parts_cut`).
 
 Chunks and groups are sized with the tenant's token calibration for the model as it
 stands when they are made. Upstream usage can raise it while they wait (a model whose
@@ -141,6 +143,9 @@ class Summary:
     cost_usd: float
     upstream_calls: int
     timings: Timings
+    # The final call's: LENGTH when its max_tokens (the target) cut the summary off.
+    finish_reason: FinishReason
+    parts_cut: int  # part (or group) summaries combined although their max_tokens cut them
 
 
 # --- chunking (pure) -----------------------------------------------------------------
@@ -414,6 +419,7 @@ class _Tally:
     upstream_waits: list[tuple[float, float]] = field(default_factory=list)
     # Their waits on the gateway's limits, each placed just before its upstream wait.
     queued_waits: list[tuple[float, float]] = field(default_factory=list)
+    parts_cut: int = 0  # summaries to combine that their max_tokens cut off
 
     def add(self, completion: Completion, *, now: float) -> None:
         self.usage = self.usage + completion.usage
@@ -748,9 +754,11 @@ class Summarizer:
         document_system = document_prompt(target_tokens=target, instructions=request.instructions)
         whole = await asyncio.to_thread(estimate_text_tokens, request.document)
         if whole <= self._room(request, system=document_system, header="", answer_tokens=target):
-            text = await self._call_if_fits(run, document_system, request.document, target, _WHOLE)
-            if text is not None:
-                return self._result(text, 1, 1, run.tally, started)
+            answer = await self._call_if_fits(
+                run, document_system, request.document, target, _WHOLE
+            )
+            if answer is not None:
+                return self._result(answer, 1, 1, run.tally, started)
         # Before any part is paid for: the summaries must be combinable within the
         # tenant's tokens_per_minute as well as the window. Levels of groups end with one
         # summary, as long as a part's answer may be (estimated as the calibration
@@ -811,9 +819,9 @@ class Summarizer:
             )
             if estimate_text_tokens(joined) <= combine_room:
                 final = _Slot(part=1, parts=1, level=level + 1)
-                text = await self._call_if_fits(run, combine_system, joined, target, final)
-                if text is not None:
-                    return self._result(text, parts_summarised, level, run.tally, started)
+                answer = await self._call_if_fits(run, combine_system, joined, target, final)
+                if answer is not None:
+                    return self._result(answer, parts_summarised, level, run.tally, started)
             # Too long to combine in one call: group the summaries and summarise them again.
             self._require_room(request, system=combine_system, header="", answer_tokens=target)
             if level >= self._config.max_levels:
@@ -844,10 +852,10 @@ class Summarizer:
             level += 1
 
     def _result(
-        self, text: str, chunks: int, levels: int, tally: _Tally, started: float
+        self, answer: Completion, chunks: int, levels: int, tally: _Tally, started: float
     ) -> Summary:
         return Summary(
-            summary=text.strip(),
+            summary=answer.content.strip(),
             chunks=chunks,
             levels=levels,
             usage=tally.usage,
@@ -858,6 +866,8 @@ class Summarizer:
                 upstream_ms=covered_s(tally.upstream_waits) * _MS,
                 queued_ms=tally.queued_s() * _MS,
             ),
+            finish_reason=answer.finish_reason,
+            parts_cut=tally.parts_cut,
         )
 
     async def _summarise_all(
@@ -922,9 +932,9 @@ class Summarizer:
         tokens = estimate_text_tokens(text)
         was_refused = False
         if tokens <= room:
-            summary = await self._call_if_fits(run, system, header + text, answer_tokens, slot)
-            if summary is not None:
-                return [summary]
+            answer = await self._call_if_fits(run, system, header + text, answer_tokens, slot)
+            if answer is not None:
+                return [_part_summary(answer, run.tally)]
             was_refused = True
         # Room for the widest piece number a split can reach (a piece takes a token at least).
         widest = _header(_piece_name(name, tokens))
@@ -945,9 +955,10 @@ class Summarizer:
             # One piece: splitting it again could loop if the estimate and the pipeline
             # disagreed. Send it; a refusal from the pipeline then stands.
             try:
-                return [await self._call(run, system, header + pieces[0], answer_tokens, slot)]
+                answer = await self._call(run, system, header + pieces[0], answer_tokens, slot)
             except UpstreamContextExceeded as exc:
                 raise _smallest_piece_refused(exc, slot) from exc
+            return [_part_summary(answer, run.tally)]
         summaries: list[str] = []
         for number, piece in enumerate(pieces, start=1):
             summaries += await self._summarise_fitting(
@@ -963,7 +974,7 @@ class Summarizer:
 
     async def _call_if_fits(
         self, run: _Run, system: str, user: str, answer_tokens: int, slot: _Slot
-    ) -> str | None:
+    ) -> Completion | None:
         """`_call`, or None when `user` does not fit the window after all: the pipeline
         refuses it before sending, or the upstream refuses it as too long; or when it
         is more bytes than `max_request_bytes` lets one call hold.
@@ -985,7 +996,7 @@ class Summarizer:
 
     async def _call(
         self, run: _Run, system: str, user: str, answer_tokens: int, slot: _Slot
-    ) -> str:
+    ) -> Completion:
         """One summarising call, retried on upstream failures that may pass."""
         request, deadline = run.request, run.deadline
         chat = ChatRequest(
@@ -1037,7 +1048,7 @@ class Summarizer:
                 continue
             run.tally.add(completion, now=self._clock.now())
             _check_summary(completion, slot, attempts=attempt)
-            return completion.content
+            return completion
         raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
 
 
@@ -1056,6 +1067,15 @@ def _smallest_piece_refused(exc: UpstreamContextExceeded, slot: _Slot) -> Summar
         relayed=exc.relayed,
     )
     return SummarizePartRejected(refused, part=slot.part, parts=slot.parts, level=slot.level)
+
+
+def _part_summary(answer: Completion, tally: _Tally) -> str:
+    """The text of a summary to combine, counted in `tally.parts_cut` when its max_tokens
+    cut it off: the combined summary then misses its part's end, and still answers OK
+    (the caller decides), so the response says how many were."""
+    if answer.finish_reason is FinishReason.LENGTH:
+        tally.parts_cut += 1
+    return answer.content
 
 
 def _check_summary(completion: Completion, slot: _Slot, *, attempts: int) -> None:

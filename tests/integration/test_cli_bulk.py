@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway_client.commands import batch, check, summarize
+from llmgateway.v1 import gateway_pb2 as pb
 from service.validation import MAX_CALLER_ID
 from tests.conftest import FAKE_MODEL, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
@@ -343,6 +344,55 @@ async def test_summarize_command_prints_summary_and_stats(tmp_path, scripted, ad
     assert captured.out.strip() == "FINAL"
     assert "chunks=" in captured.err
     assert "levels=1" in captured.err
+
+
+async def test_summarize_command_warns_when_the_summary_was_cut_off(
+    tmp_path, scripted, address, capsys
+):
+    """A summary cut off by its length limit is printed and exits 0, as the gateway
+    answered it OK, with a one-line warning on stderr saying what to raise. Before,
+    nothing told a summary ending mid-sentence from a whole one."""
+    scripted.respond = lambda body: Reply(
+        content="The report says that the", finish_reason="length"
+    )
+    document = tmp_path / "doc.txt"
+    document.write_text("A short report. It says little.")
+    code = await summarize.summarize_command(
+        parse(summarize, "summarize", str(document), "--model", FAKE_MODEL, "--address", address)
+    )
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out == "The report says that the\n"
+    assert [line for line in captured.err.splitlines() if "warning" in line] == [
+        "llm-gateway summarize: warning: the summary was cut off by its length limit "
+        "(finish LENGTH); raise --target-tokens for a whole summary"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("finish_reason", "parts_cut", "warning"),
+    [
+        (pb.FINISH_REASON_STOP, 0, None),
+        (
+            pb.FINISH_REASON_STOP,
+            1,
+            "1 part summary was cut off by the length limit before combining; "
+            "raise --target-tokens for a whole summary",
+        ),
+        (
+            pb.FINISH_REASON_LENGTH,
+            2,
+            "the summary was cut off by its length limit (finish LENGTH), and 2 part "
+            "summaries were cut off before combining; raise --target-tokens for a whole summary",
+        ),
+    ],
+    ids=["nothing", "a-part", "the-summary-and-parts"],
+)
+def test_summarize_warns_of_each_cut(finish_reason, parts_cut, warning):
+    """The warning names the summary cut off, the parts cut off before combining, or
+    both; none for a summary nothing cut."""
+    response = pb.SummarizeResponse(finish_reason=finish_reason, parts_cut=parts_cut)
+    assert summarize.cut_warning(response) == warning
 
 
 @pytest.mark.parametrize("errors", ["strict", "surrogateescape"])

@@ -1350,6 +1350,98 @@ async def test_a_whole_document_answered_without_text_is_no_empty_summary(record
     assert len(recorder.requests) == 1
 
 
+CUT = "The document says that the"
+
+
+def is_first_part(body) -> bool:
+    """Whether a recorded request summarises the document's first part."""
+    header = PART_HEADER.match(user_text(body))
+    return is_part(body) and header is not None and header.group(1) == "1"
+
+
+def cutting(is_cut):
+    """`default_respond`, but a request `is_cut` picks is answered `CUT`, its max_tokens
+    run out mid-sentence."""
+
+    def respond(body):
+        if is_cut(body):
+            return Reply(content=CUT, finish_reason="length")
+        return default_respond(body)
+
+    return respond
+
+
+@pytest.mark.parametrize(
+    ("is_cut", "finish_reason", "parts_cut"),
+    [
+        (lambda body: False, pb.FINISH_REASON_STOP, 0),
+        (is_combine, pb.FINISH_REASON_LENGTH, 0),
+        (is_first_part, pb.FINISH_REASON_STOP, 1),
+        (lambda body: is_combine(body) or is_first_part(body), pb.FINISH_REASON_LENGTH, 1),
+    ],
+    ids=["nothing", "the-summary", "a-part", "both"],
+)
+async def test_a_summary_cut_off_by_a_length_limit_says_so(
+    recorder, start_gateway, is_cut, finish_reason, parts_cut
+):
+    """A summary whose final call ran out of its max_tokens (the target) is answered OK,
+    `finish_reason` LENGTH; a part's summary cut off is combined as it came, and counted
+    in `parts_cut`; a summary nothing cut is STOP, 0.
+
+    Before, the response had neither: a summary ending mid-sentence looked whole."""
+    recorder.respond = cutting(is_cut)
+    gateway = await start_gateway(config(recorder.base_url))
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(30))
+    )
+    (combine,) = [r.body for r in recorder.requests if is_combine(r.body)]
+    assert response.chunks >= 2
+    assert (response.finish_reason, response.parts_cut) == (finish_reason, parts_cut)
+    assert response.summary == (CUT if finish_reason == pb.FINISH_REASON_LENGTH else "FINAL")
+    assert (CUT in user_text(combine)) == (parts_cut == 1)
+
+
+async def test_group_summaries_cut_off_by_their_length_limit_count_as_parts_cut(
+    recorder, start_gateway
+):
+    """Summaries of groups of summaries (a second level) cut off by their max_tokens are
+    counted in `parts_cut` too: their parts' ends are as missing from the summary."""
+    long_summary = " ".join(["summary"] * 150)
+
+    def respond(body):
+        if is_part(body):
+            return Reply(content=long_summary)
+        if is_combine(body) and body["max_tokens"] < 200:
+            return Reply(content="MID " + long_summary, finish_reason="length")
+        return Reply(content="FINAL")
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url))
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(60), target_tokens=200)
+    )
+    middles = [r for r in recorder.requests if is_combine(r.body) and r.body["max_tokens"] < 200]
+    assert response.levels == 2
+    assert len(middles) >= 2
+    assert (response.finish_reason, response.parts_cut) == (pb.FINISH_REASON_STOP, len(middles))
+
+
+async def test_a_one_call_summary_cut_off_says_so_when_answered_from_the_cache_too(
+    recorder, start_gateway
+):
+    """A document summarised in one call that ran out of its max_tokens is LENGTH, with
+    no part cut; asked again, the cached answer says the same."""
+    recorder.respond = lambda body: Reply(content=CUT, finish_reason="length")
+    gateway = await start_gateway(config(recorder.base_url))
+    request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(2))
+    first = await gateway.stub.Summarize(request)
+    again = await gateway.stub.Summarize(request)
+    assert (first.summary, first.upstream_calls, first.parts_cut) == (CUT, 1, 0)
+    assert (again.summary, again.upstream_calls, again.parts_cut) == (CUT, 0, 0)
+    assert first.finish_reason == again.finish_reason == pb.FINISH_REASON_LENGTH
+    assert len(recorder.requests) == 1
+
+
 async def test_a_part_its_upstream_refused_to_summarise_fails_the_call_as_rejected(
     recorder, start_gateway
 ):

@@ -662,7 +662,11 @@ class GatewayClient:
         reasoning_effort: str | None = None,
         timeout_s: Timeout = CLIENT_TIMEOUT,
     ) -> pb.SummarizeResponse:
-        """Summarise a document of any length; `reasoning_effort` by name ("low")."""
+        """Summarise a document of any length; `reasoning_effort` by name ("low").
+
+        The response's `finish_reason` is `FINISH_REASON_LENGTH` when `target_tokens` cut
+        the summary off, and `parts_cut` counts part summaries cut before combining.
+        """
         request = pb.SummarizeRequest(
             model=_text_of(model, "model"),
             document=_text_of(document, "document"),

@@ -1193,12 +1193,24 @@ class SummarizeResponse(_message.Message):
     COST_USD_FIELD_NUMBER: _builtins.int
     UPSTREAM_CALLS_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    PARTS_CUT_FIELD_NUMBER: _builtins.int
     summary: _builtins.str
     chunks: _builtins.int
     levels: _builtins.int
     """Rounds of summarising; 1 when the chunk summaries fitted at once."""
     cost_usd: _builtins.float
     upstream_calls: _builtins.int
+    finish_reason: Global___FinishReason.ValueType
+    """Why the final summarising call stopped: FINISH_REASON_STOP, or
+    FINISH_REASON_LENGTH when the summary itself was cut off by its length
+    limit (target_tokens) and may end mid-sentence; raise target_tokens for a
+    whole one. A summary answered from the cache carries the cached call's.
+    """
+    parts_cut: _builtins.int
+    """Part summaries, at any level, cut off by their length limit before they
+    were combined (their ends are missing from the summary); 0 when none was.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     @_builtins.property
@@ -1213,10 +1225,12 @@ class SummarizeResponse(_message.Message):
         cost_usd: _builtins.float = ...,
         upstream_calls: _builtins.int = ...,
         timings: Global___Timings | None = ...,
+        finish_reason: Global___FinishReason.ValueType = ...,
+        parts_cut: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "cost_usd", b"cost_usd", "levels", b"levels", "summary", b"summary", "timings", b"timings", "upstream_calls", b"upstream_calls", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "cost_usd", b"cost_usd", "finish_reason", b"finish_reason", "levels", b"levels", "parts_cut", b"parts_cut", "summary", b"summary", "timings", b"timings", "upstream_calls", b"upstream_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

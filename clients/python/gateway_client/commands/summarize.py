@@ -19,6 +19,7 @@ from gateway_client.connection import (
     text_argument,
 )
 from gateway_client.errors import error_details
+from llmgateway.v1 import gateway_pb2 as pb
 
 
 def register(subparsers: Any) -> None:
@@ -93,4 +94,25 @@ async def summarize_command(args: argparse.Namespace) -> int:
         f"queued={response.timings.queued_ms:.0f}ms total={response.timings.total_ms:.0f}ms",
         file=sys.stderr,
     )
+    if warning := cut_warning(response):
+        print(f"llm-gateway summarize: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def cut_warning(response: pb.SummarizeResponse) -> str | None:
+    """What a length limit cut off the summary, in one line (None: nothing).
+
+    The gateway answers such a summary OK, its text still useful; a script reading stdout
+    would not know that it may end mid-sentence, or miss a part's end.
+    """
+    parts = response.parts_cut
+    were = f"{parts} part summar{'y was' if parts == 1 else 'ies were'} cut off"
+    if response.finish_reason == pb.FINISH_REASON_LENGTH:
+        cut = "the summary was cut off by its length limit (finish LENGTH)"
+        if parts:
+            cut += f", and {were} before combining"
+    elif parts:
+        cut = f"{were} by the length limit before combining"
+    else:
+        return None
+    return f"{cut}; raise --target-tokens for a whole summary"

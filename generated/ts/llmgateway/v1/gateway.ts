@@ -790,7 +790,21 @@ export interface SummarizeResponse {
   usage: Usage | undefined;
   costUsd: number;
   upstreamCalls: number;
-  timings: Timings | undefined;
+  timings:
+    | Timings
+    | undefined;
+  /**
+   * Why the final summarising call stopped: FINISH_REASON_STOP, or
+   * FINISH_REASON_LENGTH when the summary itself was cut off by its length
+   * limit (target_tokens) and may end mid-sentence; raise target_tokens for a
+   * whole one. A summary answered from the cache carries the cached call's.
+   */
+  finishReason: FinishReason;
+  /**
+   * Part summaries, at any level, cut off by their length limit before they
+   * were combined (their ends are missing from the summary); 0 when none was.
+   */
+  partsCut: number;
 }
 
 /** ListModelsRequest takes no arguments. */
@@ -4315,7 +4329,17 @@ export const SummarizeRequest_LabelsEntry: MessageFns<SummarizeRequest_LabelsEnt
 };
 
 function createBaseSummarizeResponse(): SummarizeResponse {
-  return { summary: "", chunks: 0, levels: 0, usage: undefined, costUsd: 0, upstreamCalls: 0, timings: undefined };
+  return {
+    summary: "",
+    chunks: 0,
+    levels: 0,
+    usage: undefined,
+    costUsd: 0,
+    upstreamCalls: 0,
+    timings: undefined,
+    finishReason: 0,
+    partsCut: 0,
+  };
 }
 
 export const SummarizeResponse: MessageFns<SummarizeResponse> = {
@@ -4340,6 +4364,12 @@ export const SummarizeResponse: MessageFns<SummarizeResponse> = {
     }
     if (message.timings !== undefined) {
       Timings.encode(message.timings, writer.uint32(58).fork()).join();
+    }
+    if (message.finishReason !== 0) {
+      writer.uint32(64).int32(message.finishReason);
+    }
+    if (message.partsCut !== 0) {
+      writer.uint32(72).uint32(message.partsCut);
     }
     return writer;
   },
@@ -4413,6 +4443,22 @@ export const SummarizeResponse: MessageFns<SummarizeResponse> = {
             message.timings = Timings.decode(reader, reader.uint32());
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.finishReason = reader.int32() as any;
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.partsCut = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4442,6 +4488,16 @@ export const SummarizeResponse: MessageFns<SummarizeResponse> = {
         ? globalThis.Number(object.upstream_calls)
         : 0,
       timings: isSet(object.timings) ? Timings.fromJSON(object.timings) : undefined,
+      finishReason: isSet(object.finishReason)
+        ? finishReasonFromJSON(object.finishReason)
+        : isSet(object.finish_reason)
+        ? finishReasonFromJSON(object.finish_reason)
+        : 0,
+      partsCut: isSet(object.partsCut)
+        ? globalThis.Number(object.partsCut)
+        : isSet(object.parts_cut)
+        ? globalThis.Number(object.parts_cut)
+        : 0,
     };
   },
 
@@ -4468,6 +4524,12 @@ export const SummarizeResponse: MessageFns<SummarizeResponse> = {
     if (message.timings !== undefined) {
       obj.timings = Timings.toJSON(message.timings);
     }
+    if (message.finishReason !== 0) {
+      obj.finishReason = finishReasonToJSON(message.finishReason);
+    }
+    if (message.partsCut !== 0) {
+      obj.partsCut = Math.round(message.partsCut);
+    }
     return obj;
   },
 
@@ -4485,6 +4547,8 @@ export const SummarizeResponse: MessageFns<SummarizeResponse> = {
     message.timings = (object.timings !== undefined && object.timings !== null)
       ? Timings.fromPartial(object.timings)
       : undefined;
+    message.finishReason = object.finishReason ?? 0;
+    message.partsCut = object.partsCut ?? 0;
     return message;
   },
 };
