@@ -564,6 +564,15 @@ class UpstreamPool:
             state.breaker.release(probe=probe)
             plan.exclude(route, self._why_down(route.client.name))
             return None
+        if probe is None and breaker.state is not BreakerState.CLOSED:
+            # Opened while this call waited its turn (the failures of the calls ahead of it):
+            # kept off the upstream as a call planned now would be, or its probe once
+            # half-open, else the calls queued behind a dead upstream's slots all go on.
+            if not breaker.acquire():
+                state.limiter.give_back(tokens)
+                plan.exclude(route, "circuit open")
+                return None
+            probe = breaker.episode
         # A retry follows an attempt of this call on this upstream that was sent and
         # failed; a route skipped before any was sent (the gateway's own limits, an open
         # circuit) leaves this a first attempt.

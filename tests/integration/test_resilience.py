@@ -1297,6 +1297,41 @@ async def test_retry_budget_holds_for_calls_failing_at_once(start_gateway):
         assert counters.attempts == len(fake.requests)
 
 
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_call_queued_for_a_slot_is_not_sent_once_the_breaker_opened(mode, start_gateway):
+    """A call waiting for the upstream's one slot when the call holding it fails and
+    opens the breaker is kept off the upstream, as a call arriving then is: it ends
+    UNAVAILABLE naming the open circuit, and the dead upstream sees one request, not one
+    for every call that was queued behind it."""
+    async with ScriptedUpstream(default=Status(503)) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 60.0,
+        }
+        config = gateway_config(fake.base_url, resilience=resilience)
+        upstreams = (dataclasses.replace(config.upstreams[0], max_concurrency=1),)
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=upstreams))
+        limiter = gateway.server.pipeline.pool.state("up0").limiter
+        fake.gate.clear()
+        first = asyncio.ensure_future(call(gateway, mode, timeout_s=10.0))
+        assert await settle(lambda: fake.in_flight == 1)
+        queued = asyncio.ensure_future(call(gateway, mode, timeout_s=10.0))
+        assert await settle(lambda: limiter.queued == 1)
+        fake.gate.set()  # the first call's 503 opens the breaker
+        failed, _ = await first
+        assert error_details(failed)[0]["http_status"] == "503"
+        refused, deltas = await queued
+        assert isinstance(refused, grpc.aio.AioRpcError), type(refused)
+        assert refused.code() is grpc.StatusCode.UNAVAILABLE
+        assert "circuit open" in refused.details()
+        assert error_details(refused)[2] == pytest.approx(60.0, abs=5.0)
+        assert deltas == []
+        assert len(fake.requests) == 1
+        assert limiter.in_flight == 0
+
+
 async def _half_open_beside_an_old_call(start_gateway, fake, *, cool_down_s: float):
     """`_open_beside_an_old_call`, left `cool_down_s` and a little to go half-open."""
     gateway, old = await _open_beside_an_old_call(start_gateway, fake, cool_down_s=cool_down_s)
