@@ -15,18 +15,20 @@ def retry_after_s(headers: Mapping[str, str], *, now_epoch_s: float) -> float | 
     """Seconds the upstream asked us to wait: `retry-after-ms`, then `Retry-After`.
 
     `Retry-After` may be delta-seconds or an HTTP date (RFC 9110 section 10.2.3); a date
-    in the past means no wait. Unparseable values are ignored rather than trusted.
+    in the past means no wait. Unparseable values are ignored rather than trusted, a
+    negative number among them: no delay-seconds, and read as 0 it sent the retry at
+    once, where the backoff would have waited.
     """
     wait_ms = _longest(headers, "retry-after-ms")
     if wait_ms is not None:
-        return max(0.0, wait_ms / 1000.0)
+        return wait_ms / 1000.0
     raw = headers.get("retry-after")
     if raw is None:
         return None
     raw = raw.strip()
     wait = _longest(headers, "retry-after")
     if wait is not None:
-        return max(0.0, wait)
+        return wait
     try:
         when = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError, OverflowError):  # a field past any C int
@@ -49,7 +51,9 @@ def _longest(headers: Mapping[str, str], name: str) -> float | None:
     if raw is None:
         return None
     waits = [_finite(part) for part in raw.split(",")]
-    return None if None in waits else max(w for w in waits if w is not None)
+    if None in waits or any(w is not None and w < 0 for w in waits):
+        return None
+    return max(w for w in waits if w is not None)
 
 
 def _number(headers: Mapping[str, str], name: str) -> float | None:

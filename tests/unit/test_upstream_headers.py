@@ -26,12 +26,18 @@ def http_date(epoch_s: float) -> str:
         pytest.param({"retry-after-ms": "1500"}, 1.5, id="ms"),
         pytest.param({"retry-after-ms": "250.5"}, 0.2505, id="ms-fractional"),
         pytest.param({"retry-after-ms": "0"}, 0.0, id="ms-zero"),
-        pytest.param({"retry-after-ms": "-20"}, 0.0, id="ms-negative-clamped"),
+        # No delay-seconds: ignored, so that the backoff waits, not a retry sent at once.
+        pytest.param({"retry-after-ms": "-20"}, None, id="ms-negative-ignored"),
+        pytest.param(
+            {"retry-after-ms": "-20", "retry-after": "2"}, 2.0, id="ms-negative-falls-back"
+        ),
         pytest.param({"retry-after": "3"}, 3.0, id="seconds"),
         pytest.param({"retry-after": " 7 "}, 7.0, id="seconds-padded"),
         pytest.param({"retry-after": "0.25"}, 0.25, id="seconds-fractional"),
         pytest.param({"retry-after": "0"}, 0.0, id="seconds-zero"),
-        pytest.param({"retry-after": "-5"}, 0.0, id="seconds-negative-clamped"),
+        pytest.param({"retry-after": "-5"}, None, id="seconds-negative-ignored"),
+        pytest.param({"retry-after": "-0"}, 0.0, id="seconds-negative-zero"),
+        pytest.param({"retry-after": "3, -1"}, None, id="seconds-twice-one-negative"),
         pytest.param({"retry-after": http_date(NOW + 30)}, 30.0, id="date-future"),
         pytest.param({"retry-after": http_date(NOW - 30)}, 0.0, id="date-past"),
         pytest.param({"retry-after": http_date(NOW)}, 0.0, id="date-now"),
@@ -63,7 +69,7 @@ def http_date(epoch_s: float) -> str:
     ],
 )
 def test_retry_after_s(headers: dict[str, str], expected: float | None) -> None:
-    """Each Retry-After form gives the wait in seconds, clamped at zero, or None."""
+    """Each Retry-After form gives the wait in seconds, or None for one not to trust."""
     wait = retry_after_s(headers, now_epoch_s=NOW)
     if expected is None:
         assert wait is None
