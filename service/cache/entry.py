@@ -134,10 +134,12 @@ class CachedAnswer:
     def is_cacheable(self) -> bool:
         """Whether the answer may be stored: a stop, length or tool-call finish with
         something in it. An empty one is most often a provider's glitch (a null message),
-        which a stored entry would serve for its whole TTL."""
+        which a stored entry would serve for its whole TTL. Text of whitespace alone is
+        none, as validation and Summarize read it: sent back, it is refused as empty."""
         answer = self.completion
-        return answer.finish_reason in CACHEABLE_FINISH_REASONS and bool(
-            answer.content or answer.tool_calls or answer.reasoning
+        has_text = bool(answer.content) and not answer.content.isspace()
+        return answer.finish_reason in CACHEABLE_FINISH_REASONS and (
+            has_text or bool(answer.tool_calls or answer.reasoning)
         )
 
     def encode(self) -> bytes:

@@ -408,18 +408,24 @@ async def test_errors_and_odd_finishes_are_not_cached(
     assert cache_of(cached).stats.stores == 1
 
 
+@pytest.mark.parametrize("content", ["", " \n\n"], ids=["none", "whitespace"])
 @pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
 async def test_an_empty_answer_is_relayed_but_not_cached(
-    cached: RunningGateway, upstream: FakeUpstream, is_stream: bool
+    cached: RunningGateway, upstream: FakeUpstream, is_stream: bool, content: str
 ) -> None:
-    """An answer with no text, reasoning or tool call, finished `stop` (a provider's null
-    message), reaches its caller but is not stored: the next call asks again."""
-    upstream.script(Reply(content=""), Reply(content="again"))
+    """An answer with no text (or whitespace alone, which the gateway refuses as an empty
+    turn when it is sent back), reasoning or tool call, finished `stop` (a provider's
+    null message), reaches its caller but is not stored: the next call asks again."""
+    upstream.script(Reply(content=content, chunks=2), Reply(content="again"))
     request = chat_stream("empty?", params=DETERMINISTIC) if is_stream else ask("empty?")
     if is_stream:
-        first = [e async for e in cached.stub.CompleteStream(request)][-1].final
+        events = [e async for e in cached.stub.CompleteStream(request)]
+        first = events[-1].final
+        assert "".join(e.delta.content for e in events[:-1]) == content
     else:
-        first = (await cached.stub.Complete(request)).metadata
+        response = await cached.stub.Complete(request)
+        first = response.metadata
+        assert response.content == content
     assert first.finish_reason == pb.FINISH_REASON_STOP
     await settled(cached)
     after = await cached.stub.Complete(ask("empty?"))

@@ -78,6 +78,25 @@ def test_only_stop_length_and_tool_calls_are_cacheable(
     assert answer.is_cacheable is cacheable
 
 
+@pytest.mark.parametrize(
+    ("content", "reasoning", "cacheable"),
+    [
+        ("x", "", True),
+        (" x\n", "", True),
+        ("", "", False),
+        (" \n\t", "", False),
+        ("\u3000", "", False),
+        (" \n", "thought", True),
+    ],
+)
+def test_text_of_whitespace_alone_is_no_text(content: str, reasoning: str, cacheable: bool) -> None:
+    """An answer whose text is whitespace alone is empty, as an empty one is, unless it
+    has reasoning (or tool calls)."""
+    completion = Completion("i", "m", content, FinishReason.STOP, Usage(), 0.0, "u")
+    answer = CachedAnswer.of_unary(dataclasses.replace(completion, reasoning=reasoning))
+    assert answer.is_cacheable is cacheable
+
+
 def test_served_from_cache_charges_nothing_and_reports_savings() -> None:
     """A hit costs 0, saves the original cost, and made no upstream attempt."""
     hit = CachedAnswer.of_unary(COMPLETION).served_from_cache(total_ms=1.0, first_token_ms=0.5)
