@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -1146,9 +1147,24 @@ async def test_auth_off_serves_a_bearer_token_longer_than_any_key_as_default(
     assert refused.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
-@pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0", "10.1.2.3:50051"])
+def _own_public_address() -> str:
+    """An address of this machine other than loopback (the one its default route leaves
+    from: a UDP connect sends nothing); the wildcard where it has none."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routed, never reached
+        except OSError:
+            return "0.0.0.0"
+        return str(probe.getsockname()[0])
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0", "own-address"])
 async def test_auth_off_on_a_public_address_is_refused_at_startup(listen):
-    """The server will not start unauthenticated on a non-loopback address unless forced."""
+    """The server will not start unauthenticated on a non-loopback address unless forced:
+    the wildcards, and one of this machine's own (another machine's is refused before, as
+    no address to listen on)."""
+    if listen == "own-address":
+        listen = f"{_own_public_address()}:0"
     config = gateway_config("http://127.0.0.1:9", server={"listen": listen})
     with pytest.raises(InsecureListen, match=r"auth\.mode: off"):
         async with GatewayServer(config):
