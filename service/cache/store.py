@@ -4,7 +4,10 @@ Every operation is bounded by `operation_timeout_s`. A failure or timeout is log
 counted in `CacheStats.errors`, and reported as a miss (read) or a skipped write, so a
 slow or stopped Redis costs at most that timeout and never fails the caller. After a
 failure the store is left alone for `error_cooldown_s` (counted in `unavailable`), so a
-hung Redis does not add its timeout to every request while it is down.
+hung Redis does not add its timeout to every request while it is down. Past it one
+operation tries Redis while the others go on skipping it, until that one is answered (the
+store is back) or fails (left alone again): a hung Redis costs one call its timeout each
+cool-down, not every call in flight at its end.
 """
 
 from __future__ import annotations
@@ -110,6 +113,10 @@ def _backend(config: CacheConfig, environ: Mapping[str, str]) -> Any:
     )
 
 
+# `_cooling_until` while the store answers: no cool-down to wait out.
+_ANSWERING = float("-inf")
+
+
 class CacheStore:
     """Get and set encoded entries by key with a TTL; errors become misses.
 
@@ -126,7 +133,7 @@ class CacheStore:
     ) -> None:
         self._config = config
         self._clock = clock
-        self._cooling_until = float("-inf")
+        self._cooling_until = _ANSWERING
         self.stats = stats if stats is not None else CacheStats()
         self._cache = _backend(config, os.environ if environ is None else environ)
         # The read every cacheable call makes, without redis-py's (and aiocache's)
@@ -141,10 +148,19 @@ class CacheStore:
         return self._config.backend
 
     def _is_cooling_down(self) -> bool:
-        if self._clock.now() < self._cooling_until:
+        if self._cooling_until == _ANSWERING:
+            return False
+        now = self._clock.now()
+        if now < self._cooling_until:
             self.stats.unavailable += 1
             return True
+        # Past it: this operation tries the store, and the others skip it meanwhile.
+        self._cooling_until = now + self._config.error_cooldown_s
         return False
+
+    def _answered(self) -> None:
+        """The store answered: it is back, for every operation."""
+        self._cooling_until = _ANSWERING
 
     def _failed(self, operation: str, exc: Exception) -> None:
         self.stats.errors += 1
@@ -176,10 +192,13 @@ class CacheStore:
                 return None
             # A hash or a list under the key is an unreadable entry, which the fresh
             # answer's SET replaces, not a failing store to leave alone for a while.
+            self._answered()
             return b""
         except Exception as exc:  # any store failure degrades to a miss
             self._failed("get", exc)
             return None
+        if self._cooling_until != _ANSWERING:
+            self._answered()
         if value is None:
             return None
         data = bytes(value)
@@ -206,6 +225,7 @@ class CacheStore:
                 # takes the DEL, which the cool-down just started would skip.
                 await self._delete(key)
             return False
+        self._answered()
         self.stats.stores += 1
         self.stats.bytes_written += len(value)
         return True
@@ -222,6 +242,8 @@ class CacheStore:
                 await self._cache.delete(key)
         except Exception as exc:  # the entry then lives out its TTL
             self._failed("delete", exc)
+        else:
+            self._answered()
 
     async def aclose(self) -> None:
         """Close the backend's connections."""

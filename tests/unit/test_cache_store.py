@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
@@ -56,6 +57,44 @@ async def test_unreachable_redis_degrades_and_cools_down() -> None:
         clock.t += 5.0
         assert await store.get("k") is None
         assert (store.stats.errors, store.stats.unavailable) == (2, 2)
+
+
+async def test_past_the_cool_down_one_operation_tries_a_hung_redis_while_the_rest_skip_it() -> None:
+    """A Redis that stops answering (paused) costs one operation its timeout each
+    cool-down, not every operation in flight as the cool-down ends; once that one is
+    answered, every operation uses the store again.
+
+    Before, each operation past the cool-down tried the hung Redis and waited out its
+    timeout: five at once, five timeouts."""
+    clock = FakeClock()
+    server = RedisServer()
+    await server.start()
+    config = CacheConfig(
+        backend="redis",
+        redis_url=f"redis://127.0.0.1:{server.port}/0",
+        operation_timeout_s=0.2,
+        error_cooldown_s=5.0,
+    )
+    try:
+        async with CacheStore(config, clock=clock) as store:
+            assert await store.set("k", b"v", ttl_s=60)
+            server.pause()
+            assert await store.get("k") is None  # its timeout: the cool-down starts
+            assert (store.stats.errors, store.stats.unavailable) == (1, 0)
+            clock.t += 5.0
+            tries = [store.get("k") for _ in range(5)]
+            assert await asyncio.gather(*tries) == [None] * 5
+            assert (store.stats.errors, store.stats.unavailable) == (2, 4)
+            server.resume()
+            clock.t += 5.0
+            tries = [store.get("k") for _ in range(3)]
+            assert await asyncio.gather(*tries) == [b"v", None, None]  # one tried it
+            assert (store.stats.errors, store.stats.unavailable) == (2, 6)
+            assert await store.get("k") == b"v"  # answered: back for every operation
+            assert await store.set("k", b"w", ttl_s=60)
+            assert (store.stats.errors, store.stats.unavailable) == (2, 6)
+    finally:
+        await server.stop()
 
 
 async def test_password_comes_from_the_environment() -> None:
