@@ -564,6 +564,10 @@ class UpstreamPool:
             state.breaker.release(probe=probe)
             plan.exclude(route, self._why_down(route.client.name))
             return None
+        if probe is not None and probe != breaker.episode:
+            # The half-open it was to probe ended while it waited (an older call's failure
+            # opened the breaker again, freeing the slot): no probe now, judged as any call.
+            probe = None
         if probe is None and breaker.state is not BreakerState.CLOSED:
             # Opened while this call waited its turn (the failures of the calls ahead of it):
             # kept off the upstream as a call planned now would be, or its probe once

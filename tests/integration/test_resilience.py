@@ -1332,22 +1332,64 @@ async def test_a_call_queued_for_a_slot_is_not_sent_once_the_breaker_opened(mode
         assert limiter.in_flight == 0
 
 
-async def _half_open_beside_an_old_call(start_gateway, fake, *, cool_down_s: float):
+async def test_a_probe_queued_past_its_half_open_is_not_sent_once_the_breaker_opened_again(
+    start_gateway,
+):
+    """A call that took the half-open's probe slot and waits in line (the limiter paused
+    by the 503's Retry-After) is kept off the upstream when an older call's 401 opens the
+    breaker again meanwhile, as any call queued then is: it ends UNAVAILABLE, and the
+    upstream whose key was refused sees no request from it.
+
+    Before, the call went on as the earlier half-open's probe, into an open breaker (and
+    beside the next half-open's own probe: two at once).
+    """
+    behaviours = {
+        "old": Status(401, delay_s=1.0),  # sent closed; answers while the probe waits
+        "fail": Status(503, headers={"Retry-After": "3"}),  # opens, and pauses the limiter
+        "probe": Reply(),
+    }
+    async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        gateway, old = await _half_open_beside_an_old_call(
+            start_gateway,
+            fake,
+            cool_down_s=0.3,
+            max_retry_after_s=10.0,
+            max_limit_wait_s=10.0,
+        )
+        limiter = gateway.server.pipeline.pool.state("up0").limiter
+        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
+        assert await settle(lambda: limiter.queued == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as rejected:
+            await old  # the key rejected: open again, for key_rejected_cool_down_s
+        assert rejected.value.code() is grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await probe
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert [user_text(r.body) for r in fake.requests] == ["old", "fail"]
+        assert limiter.in_flight == 0
+
+
+async def _half_open_beside_an_old_call(
+    start_gateway, fake, *, cool_down_s: float, **resilience: float
+):
     """`_open_beside_an_old_call`, left `cool_down_s` and a little to go half-open."""
-    gateway, old = await _open_beside_an_old_call(start_gateway, fake, cool_down_s=cool_down_s)
+    gateway, old = await _open_beside_an_old_call(
+        start_gateway, fake, cool_down_s=cool_down_s, **resilience
+    )
     await asyncio.sleep(cool_down_s + 0.05)  # the cool-down: the breaker is half-open
     return gateway, old
 
 
-async def _open_beside_an_old_call(start_gateway, fake, *, cool_down_s: float):
+async def _open_beside_an_old_call(start_gateway, fake, *, cool_down_s: float, **resilience: float):
     """A gateway in front of `fake` (one attempt a call, a breaker opened by one failure
-    for `cool_down_s`) whose call "old" is in flight at the upstream when the call "fail"
-    opens the breaker: (gateway, the old call)."""
+    for `cool_down_s`, and `resilience`) whose call "old" is in flight at the upstream
+    when the call "fail" opens the breaker: (gateway, the old call)."""
     resilience = {
         **FAST_RESILIENCE,
         "attempts": 1,
         "breaker_consecutive_failures": 1,
         "breaker_cool_down_s": cool_down_s,
+        **resilience,
     }
     gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
     old = asyncio.ensure_future(gateway.stub.Complete(chat("old")))
