@@ -2,7 +2,8 @@
 
 A call is refused when what the tenant has spent this period, plus what its calls still
 in flight have reserved, plus this call's expected cost would pass the limit. The
-expected cost is the prompt estimate (the estimator errs high) priced as input plus,
+expected cost is the prompt estimate (the estimator errs high), raised by the tenant's
+calibration for the model where it says the upstream counts more, priced as input plus,
 when the request sets `max_tokens`, that many tokens priced as output; without it the
 budget's `reserve_output_tokens` (0 by default: the prompt only, since the output's
 length is unknown). A call that passes holds
@@ -12,7 +13,7 @@ a Redis ledger, across replicas, so concurrent calls never pass on the same figu
 cost is spent in the period it was reserved in, even when it ends in the next one.
 
 The guarantee: calls that set `max_tokens` never take a tenant past its limit together
-(as long as the upstream bills no more prompt tokens than estimated); each call without
+(as long as the upstream bills no more prompt tokens than so estimated); each call without
 it that is in flight when the limit is reached may overrun it by at most its own output
 beyond `reserve_output_tokens`. A reservation is renewed while its call runs; one its
 replica never released (it died mid-call) lapses within `ledger.RESERVATION_TTL_S`, a
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 
+from service.calibration import at_least_estimate
 from service.config import ANY_TENANT, BudgetConfig
 from service.domain import ChatRequest, Usage
 from service.errors import QuotaExceeded
@@ -99,7 +101,8 @@ class Budgets:
         resets; never, for a call over the whole budget) if it would overrun; None when no
         budget applies.
 
-        `prompt_tokens`: the request's prompt estimate. A call to a model that costs
+        `prompt_tokens`: the tokens its prompt is reserved at (its estimate, raised by
+        its tenant's calibration: `BudgetHold.reserving`). A call to a model that costs
         nothing (no price, or every price 0) is never refused: None.
         """
         budget = self.budget_of(request.tenant)
@@ -175,12 +178,17 @@ class BudgetHold:
         await self.close()
 
     def reserving(
-        self, request: ChatRequest, *, prompt_tokens: int
+        self, request: ChatRequest, *, prompt_tokens: int, calibration: float
     ) -> contextlib.AbstractAsyncContextManager[None]:
-        """Reserve before the body (or raise `QuotaExceeded`); hand over or release after."""
+        """Reserve before the body (or raise `QuotaExceeded`); hand over or release after.
+
+        `prompt_tokens`: the prompt's estimate; `calibration`: its tenant's factor for
+        the model, which the prompt is reserved at (`at_least_estimate`), as it is billed
+        when the upstream reports no count.
+        """
         if not self._budgets.has_any:
             return _NOTHING_TO_RESERVE
-        return _Reserving(self, request, prompt_tokens)
+        return _Reserving(self, request, at_least_estimate(prompt_tokens, calibration))
 
     async def _reserve(self, request: ChatRequest, prompt_tokens: int) -> Reservation | None:
         reservation = await self._budgets.reserve(request, prompt_tokens=prompt_tokens)

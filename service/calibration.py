@@ -30,7 +30,16 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+
+def at_least_estimate(estimated_tokens: int, factor: float) -> int:
+    """The prompt tokens a call is billed or budgeted at when no upstream count is known:
+    `estimated_tokens` times `factor` (rounded up, as the window check counts it), never
+    fewer than `estimated_tokens`: a factor below 1 says the upstream counts the tenant's
+    text lower, but this prompt may be one the estimator counts low (errs high)."""
+    return max(estimated_tokens, math.ceil(estimated_tokens * factor))
 
 
 @dataclass(slots=True)
@@ -114,10 +123,14 @@ class TokenCalibration:
             return 1.0
         return min(self.ceiling, max(self.floor, known.mean * (1 + self.margin)))
 
+    def billed_tokens(self, model: str, tenant: str, *, estimated_tokens: int) -> int:
+        """`at_least_estimate` of a prompt of `tenant` for `model`, with the factor now."""
+        return at_least_estimate(estimated_tokens, self.factor(model, tenant))
+
     def samples(self, model: str, tenant: str) -> int:
         """How many answers calibrated `model` for `tenant` so far."""
         known = self._ratios.get((tenant, model))
         return 0 if known is None else known.samples
 
 
-__all__ = ["TokenCalibration"]
+__all__ = ["TokenCalibration", "at_least_estimate"]

@@ -262,7 +262,7 @@ class Pipeline:
             reported = _believed(reported, output)
             if not reported.is_estimated:
                 return reported
-            input_tokens = reported.input_tokens or prepared.prompt_tokens
+            input_tokens = reported.input_tokens or self._billed_prompt_tokens(prepared)
             return dataclasses.replace(
                 reported,
                 input_tokens=input_tokens,
@@ -270,9 +270,18 @@ class Pipeline:
                 cached_input_tokens=min(reported.cached_input_tokens, input_tokens),
             )
         return Usage(
-            input_tokens=prepared.prompt_tokens,
+            input_tokens=self._billed_prompt_tokens(prepared),
             output_tokens=self._output_estimate(prepared, output),
             is_estimated=True,
+        )
+
+    def _billed_prompt_tokens(self, prepared: PreparedRequest) -> int:
+        """The prompt tokens billed where the upstream reported none: the estimate as
+        the tenant's calibration for the model counts it now (answers since the call was
+        prepared may have moved it), never below the plain estimate."""
+        request = prepared.request
+        return self.calibration.billed_tokens(
+            request.model, request.tenant, estimated_tokens=prepared.prompt_tokens
         )
 
     def _output_estimate(self, prepared: PreparedRequest, output: _Output) -> int:
@@ -443,7 +452,9 @@ class Pipeline:
         log = AttemptLog()
         # Handed over inside: a call whose caller left is recorded before its reservation
         # is released, so its cost counts all along, reserved or spent.
-        async with hold.reserving(request, prompt_tokens=prepared.prompt_tokens):
+        async with hold.reserving(
+            request, prompt_tokens=prepared.prompt_tokens, calibration=prepared.calibration
+        ):
             try:
                 try:
                     reply = await self._pool.complete(
@@ -511,9 +522,9 @@ class Pipeline:
 
         The upstream bills the prompt it received and what it generated, even when the
         answer never came back, so the call is recorded once, for its caller's tenant,
-        with estimated usage: the prompt as input, the `output` sent (text, reasoning and
-        partial tool calls) as output. Called inside `hold.reserving`, so that its cost
-        counts all along, reserved or spent.
+        with estimated usage: the prompt as input (`_billed_prompt_tokens`), the `output`
+        sent (text, reasoning and partial tool calls) as output. Called inside
+        `hold.reserving`, so that its cost counts all along, reserved or spent.
         """
         request = prepared.request
         completion = self._completion(
@@ -536,12 +547,12 @@ class Pipeline:
         after a success status.
 
         One row each, for the caller's tenant and the attempt's upstream: the prompt's
-        estimate as input, as output the estimate of what it streamed (a unary call read
-        as a stream; else none), estimated. Not a request: `requests` stays the number
-        of calls, and the call's answer (if any) keeps its own usage and cost. Called
-        inside `hold.reserving`, once the call's answer (if any) is handed over, in the
-        upstream call's task, so once per upstream call even when a shared flight serves
-        several callers.
+        estimate as input (`_billed_prompt_tokens`), as output the estimate of what it
+        streamed (a unary call read as a stream; else none), estimated. Not a request:
+        `requests` stays the number of calls, and the call's answer (if any) keeps its own
+        usage and cost. Called inside `hold.reserving`, once the call's answer (if any) is
+        handed over, in the upstream call's task, so once per upstream call even when a
+        shared flight serves several callers.
 
         A cancel while they are recorded (the caller's, or every caller of a shared call
         leaving) stops none of them, and the answer still `owed` to a caller is recorded
@@ -625,7 +636,9 @@ class Pipeline:
         log = AttemptLog()
         relayed: list[TextChunk] = []
         end: StreamEnd | None = None
-        async with hold.reserving(request, prompt_tokens=prepared.prompt_tokens):
+        async with hold.reserving(
+            request, prompt_tokens=prepared.prompt_tokens, calibration=prepared.calibration
+        ):
             # Closed here, at once, when this stream is: not later by a GC hook's own task.
             upstream = cast(
                 AsyncGenerator[StreamEvent, None],

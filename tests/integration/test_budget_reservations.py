@@ -28,9 +28,10 @@ from service.ledger import RESERVATION_TTL_S
 from service.pricing import cost_usd
 from service.tokens import estimate_prompt_tokens
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
-from tests.fake_upstream import Status
+from tests.fake_upstream import FakeUpstream, Status
 from tests.integration.helpers import retry_delay_s, rich_status
 from tests.integration.tenancy_helpers import as_tenant, secure_config
+from tests.integration.test_stream_charges import CALIBRATED, calibrate, plain_estimate
 from tests.redis_support import redis_url, use_short_leases  # noqa: F401 - fixture
 from tests.scripted_upstream import ScriptedUpstream, user_text
 
@@ -579,3 +580,29 @@ async def test_a_call_straddling_midnight_is_spent_in_the_period_it_was_admitted
     since_midnight = pb.GetUsageRequest()
     since_midnight.start_time.FromDatetime(midnight)
     assert (await gateway.stub.GetUsage(since_midnight)).total.requests == 1
+
+
+@pytest.mark.parametrize(("room", "is_admitted"), [(1.2, False), (1.5, True)])
+async def test_a_call_reserves_its_prompt_as_its_tenants_calibration_counts_it(
+    upstream: FakeUpstream, start_gateway: Any, room: float, is_admitted: bool
+) -> None:
+    """The tenant's answers report 1.3 times the estimated prompt tokens, and its budget
+    has room left for `room` prompts at the plain estimate (no max_tokens: the prompt
+    is all a call reserves). Room for 1.2 is refused before any upstream call, as the
+    upstream would bill about 1.3 (before, it passed, and its bill took the tenant past
+    its budget); room for 1.5 passes."""
+    reported = round(1.3 * plain_estimate())
+    spent_usd = 3 * cost_usd(Usage(input_tokens=reported, output_tokens=3), PRICE)
+    room_usd = room * cost_usd(Usage(input_tokens=plain_estimate(), output_tokens=0), PRICE)
+    budgets = {"default": {"usd": spent_usd + room_usd, "period": "day"}}
+    gateway = await start_gateway(gateway_config(upstream.base_url, budgets=budgets))
+    await calibrate(gateway, upstream, ratio=1.3)
+    result = await outcome(gateway.stub.Complete(chat(CALIBRATED), timeout=_TIMEOUT_S))
+    if is_admitted:
+        assert isinstance(result, pb.CompleteResponse), result
+        assert len(upstream.requests) == 4
+        return
+    assert isinstance(result, grpc.aio.AioRpcError), f"expected a refusal, got {result!r}"
+    assert result.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert result.details().startswith("tenant 'default' has spent")
+    assert len(upstream.requests) == 3

@@ -32,6 +32,14 @@ from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gatewa
 from tests.fake_upstream import Reply, ToolCallReply
 from tests.integration.helpers import error_info, field_violations, retry_delay_s
 from tests.integration.tenancy_helpers import trailer
+from tests.integration.test_stream_charges import (
+    CALIBRATED,
+    CUT,
+    calibrate,
+    calibrated_estimate,
+    labelled,
+    plain_estimate,
+)
 from tests.redis_support import redis_url  # noqa: F401 - fixture
 from tests.telemetry_support import captured_telemetry
 
@@ -117,6 +125,42 @@ async def test_a_stream_without_usage_is_priced_from_an_estimate_flagged_as_such
     assert final.usage.output_tokens > 0
     expected = (final.usage.input_tokens * 0.27 + final.usage.output_tokens * 1.10) / 1e6
     assert final.cost_usd == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_an_answer_without_usage_is_charged_its_prompt_as_its_tenant_is_calibrated(
+    priced, upstream, stream
+):
+    """The tenant's answers report 1.3 times the estimated prompt tokens; one answer then
+    reports no usage: its response says, and the ledger records, the prompt's estimate
+    times the calibration, not below what the provider counts (before, the plain
+    estimate, under the provider's bill)."""
+    reported = await calibrate(priced, upstream, ratio=1.3)
+    billed = calibrated_estimate(priced)
+    upstream.script(Reply(content="one two three four", include_usage=False))
+    if stream:
+        request = chat_stream(CALIBRATED, labels=CUT)
+        metadata = metadata_of([e async for e in priced.stub.CompleteStream(request)])
+    else:
+        metadata = (await priced.stub.Complete(chat(CALIBRATED, labels=CUT))).metadata
+    assert metadata.usage.estimated
+    assert metadata.usage.input_tokens == billed >= reported
+    expected = (billed * 0.27 + metadata.usage.output_tokens * 1.10) / 1e6
+    assert metadata.cost_usd == pytest.approx(expected, abs=1e-12)
+    row = await labelled(priced, CUT)
+    assert (row.usage.input_tokens, row.cost_usd) == (billed, metadata.cost_usd)
+
+
+async def test_an_answer_without_usage_of_a_tenant_counted_low_is_charged_the_plain_estimate(
+    priced, upstream
+):
+    """The tenant's answers report 0.7 times the estimated prompt tokens: one without
+    usage is charged the plain estimate, never less."""
+    await calibrate(priced, upstream, ratio=0.7)
+    upstream.script(Reply(include_usage=False))
+    metadata = (await priced.stub.Complete(chat(CALIBRATED))).metadata
+    assert metadata.usage.estimated
+    assert metadata.usage.input_tokens == plain_estimate()
 
 
 async def test_usage_counts_that_are_not_integers_are_estimated_on_both_paths(priced, upstream):

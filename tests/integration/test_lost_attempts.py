@@ -14,6 +14,7 @@ page), which some other server sent.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,9 +41,16 @@ from tests.integration.helpers import error_info, rich_status
 from tests.integration.test_cache import eventually
 from tests.integration.test_cut_call_charges import prompt_tokens
 from tests.integration.test_resilience import FAST_RESILIENCE
-from tests.integration.test_stream_charges import PRICED_MODELS
+from tests.integration.test_stream_charges import (
+    CALIBRATED,
+    CUT,
+    PRICED_MODELS,
+    calibrated_estimate,
+    plain_estimate,
+)
 from tests.redis_server import RedisServer
 from tests.redis_support import redis_url  # noqa: F401 - fixture
+from tests.scripted_upstream import ScriptedUpstream, user_text
 from tests.telemetry_support import captured_telemetry
 
 # An upstream that gives up this soon times out well within the caller's deadline.
@@ -157,6 +165,45 @@ async def test_an_attempt_past_its_upstreams_timeout_is_charged_its_prompt(
     assert cost == pytest.approx(ANSWER_USD + PROMPT_USD, abs=1e-12)
     method = "Complete" if mode == "unary" else "CompleteStream"
     assert captured.total("llm_gateway.requests", rpc__method=method) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_lost_attempt_is_charged_its_prompt_as_its_tenants_calibration_counts_it(
+    start_gateway: Any, mode: str
+) -> None:
+    """The tenant's answers report 1.3 times the estimated prompt tokens: an attempt lost
+    past its upstream's timeout is charged the prompt's estimate times the calibration,
+    not below what the provider counts, in GetUsage and the cost metric (before, the
+    plain estimate)."""
+    reported = round(1.3 * plain_estimate())
+    answer = Reply(prompt_tokens=reported, completion_tokens=5)
+    lost_prompt = CALIBRATED + "Once more."
+    attempts = itertools.count()
+
+    def respond(body: dict[str, Any]) -> Behaviour:
+        # Whichever upstream the call starts on hangs; the other answers.
+        if user_text(body) != lost_prompt or next(attempts):
+            return answer
+        return Hang()
+
+    captured = captured_telemetry()
+    async with ScriptedUpstream(respond=respond) as up0, ScriptedUpstream(respond=respond) as up1:
+        config = config_for((up0, up1), timeouts_s=(SHORT_TIMEOUT_S, SHORT_TIMEOUT_S))
+        gateway = await start_gateway(config, telemetry=captured.telemetry)
+        for _ in range(3):
+            await call(gateway, "unary", content=CALIBRATED)
+        billed = calibrated_estimate(gateway, lost_prompt)
+        metadata = await call(gateway, mode, content=lost_prompt, labels=CUT)
+        assert (metadata.attempts, metadata.usage.input_tokens) == (2, reported)
+        rows = [row for row in (await usage(gateway)).rows if dict(row.labels) == CUT]
+    lost = next(row for row in rows if row.upstream != metadata.upstream)
+    assert (lost.requests, lost.estimated_requests) == (0, 1)
+    assert lost.usage.input_tokens == billed >= reported
+    assert lost.usage.output_tokens == 0
+    assert lost.cost_usd == pytest.approx(billed * 0.27 / 1e6, abs=1e-12)
+    answer_usd = (reported * 0.27 + 5 * 1.10) / 1e6
+    cost = captured.total("llm_gateway.cost.usd", llm_gateway__tenant="default")
+    assert cost == pytest.approx(4 * answer_usd + lost.cost_usd, abs=1e-12)
 
 
 # A provider's answer cut short: JSON that ends too soon.

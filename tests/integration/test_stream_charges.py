@@ -8,15 +8,19 @@ recorded once, for its caller's tenant, priced from estimated tokens.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import grpc
 import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
-from tests.conftest import FAKE_MODEL, RunningGateway, chat_stream, gateway_config
+from service.domain import Message, Role
+from service.tokens import estimate_prompt_tokens
+from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import CutStream, FakeUpstream, Reply
 from tests.integration.test_resilience import error_details
+from tests.telemetry_support import captured_telemetry
 
 PRICED_MODELS = {
     FAKE_MODEL: {
@@ -37,6 +41,43 @@ async def recorded(gateway: RunningGateway, *, requests: int) -> pb.UsageRow:
             await asyncio.sleep(0.02)
     await asyncio.sleep(0.2)  # a second record for the same call would land by now
     return (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+
+
+# A prompt long enough (32 estimated tokens or more) for answers to calibrate with.
+CALIBRATED = "Please summarise these notes on the gateway's rollout to every team. " * 3
+CALIBRATING = {"call": "calibrating"}  # the labels of the answers that calibrate
+CUT = {"call": "cut"}  # the labels of the call under test
+
+
+def plain_estimate(content: str = CALIBRATED) -> int:
+    """The gateway's estimate of a one-message prompt, before any calibration."""
+    return estimate_prompt_tokens((Message(Role.USER, content),))
+
+
+async def calibrate(
+    gateway: RunningGateway, upstream: FakeUpstream, *, ratio: float, output_tokens: int = 3
+) -> int:
+    """Teach the default tenant's calibration for the model that `upstream` counts
+    `ratio` times the estimate of `CALIBRATED`: three answers (labelled `CALIBRATING`)
+    report so. Returns the prompt tokens they reported."""
+    reported = round(ratio * plain_estimate())
+    upstream.script(*[Reply(prompt_tokens=reported, completion_tokens=output_tokens)] * 3)
+    for _ in range(3):
+        await gateway.stub.Complete(chat(CALIBRATED, labels=CALIBRATING), timeout=_TIMEOUT_S)
+    return reported
+
+
+def calibrated_estimate(gateway: RunningGateway, content: str = CALIBRATED) -> int:
+    """The estimate of `content` times the default tenant's calibration factor for the
+    model now, rounded up as the context-window check rounds it."""
+    factor = gateway.server.pipeline.calibration.factor(FAKE_MODEL, "default")
+    assert factor > 1.3  # calibrated: what the upstream counts, and the margin
+    return math.ceil(plain_estimate(content) * factor)
+
+
+async def labelled(gateway: RunningGateway, labels: dict[str, str]) -> pb.UsageRow:
+    """The ledger's total of the calls carrying `labels`."""
+    return (await gateway.stub.GetUsage(pb.GetUsageRequest(labels=labels))).total
 
 
 def assert_estimated_charge(total: pb.UsageRow) -> None:
@@ -143,3 +184,64 @@ async def test_a_shared_stream_its_caller_leaves_after_the_upstream_finished_is_
     assert (total.usage.input_tokens, total.usage.output_tokens) == (11, 5000)
     assert not total.usage.estimated
     assert total.cost_usd == pytest.approx((11 * 0.27 + 5000 * 1.10) / 1e6, abs=1e-12)
+
+
+async def cut_after_text(gateway: RunningGateway, upstream: FakeUpstream, leave: str) -> None:
+    """A stream of `CALIBRATED` (labelled `CUT`) cut after its first text: by the
+    upstream, or by its caller cancelling."""
+    if leave == "upstream":
+        upstream.script(CutStream(after_chunks=2))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in gateway.stub.CompleteStream(
+                chat_stream(CALIBRATED, labels=CUT), timeout=_TIMEOUT_S
+            ):
+                pass
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        return
+    upstream.script(SLOW)
+    call = gateway.stub.CompleteStream(chat_stream(CALIBRATED, labels=CUT), timeout=_TIMEOUT_S)
+    assert (await call.read()).delta.content
+    call.cancel()
+    await upstream.wait_for_disconnect(timeout_s=_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("leave", ["upstream", "cancel"])
+async def test_a_cut_stream_is_charged_its_prompt_as_its_tenants_calibration_counts_it(
+    upstream: FakeUpstream, start_gateway: Any, leave: str
+) -> None:
+    """The tenant's answers report 1.3 times the estimated prompt tokens: a stream of it
+    cut after text is charged its prompt's estimate times the calibration, not below
+    what the provider counts, in GetUsage and the cost metric (before, the plain
+    estimate: about 77 % of the provider's bill)."""
+    captured = captured_telemetry()
+    config = gateway_config(upstream.base_url, models=PRICED_MODELS)
+    gateway = await start_gateway(config, telemetry=captured.telemetry)
+    reported = await calibrate(gateway, upstream, ratio=1.3)
+    billed = calibrated_estimate(gateway)
+    await cut_after_text(gateway, upstream, leave)
+    await recorded(gateway, requests=4)
+    row = await labelled(gateway, CUT)
+    assert (row.requests, row.estimated_requests) == (1, 1)
+    assert row.usage.input_tokens == billed >= reported
+    assert row.usage.estimated
+    assert_estimated_charge(row)
+    calibrating_usd = 3 * (reported * 0.27 + 3 * 1.10) / 1e6
+    cost = captured.total("llm_gateway.cost.usd", llm_gateway__tenant="default")
+    assert cost == pytest.approx(calibrating_usd + row.cost_usd, abs=1e-12)
+
+
+async def test_a_cut_stream_of_a_tenant_counted_low_is_charged_the_plain_estimate(
+    upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """The tenant's answers report 0.7 times the estimated prompt tokens: a stream of it
+    cut after text is charged the plain estimate, never less (the estimate errs high,
+    and this prompt may be one the estimator counts low)."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, models=PRICED_MODELS))
+    await calibrate(gateway, upstream, ratio=0.7)
+    assert gateway.server.pipeline.calibration.factor(FAKE_MODEL, "default") < 1
+    await cut_after_text(gateway, upstream, "upstream")
+    await recorded(gateway, requests=4)
+    row = await labelled(gateway, CUT)
+    assert row.usage.input_tokens == plain_estimate()
+    assert row.usage.estimated
+    assert_estimated_charge(row)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.calibration import TokenCalibration
+from service.calibration import TokenCalibration, at_least_estimate
 
 
 def feed(
@@ -126,3 +126,26 @@ def test_a_ratio_past_the_bounds_counts_as_at_them():
     assert calibration.factor("m", "t") == pytest.approx(1.1 * (1.0 + 0.1 * (4.0 / 1.1 - 1.0)))
     feed(calibration, 1.0, 1)
     assert calibration.factor("m", "t") < 1.5
+
+
+@pytest.mark.parametrize(
+    ("ratio", "times", "billed"),
+    [(1.3, 3, 1432), (1.3, 2, 1001), (0.6, 5, 1001), (0.95, 5, 1047), (10.0, 5, 4004)],
+)
+def test_a_prompt_is_billed_at_its_calibrated_estimate_never_below_the_plain_one(
+    ratio, times, billed
+):
+    """Billed at the estimate times the factor, with its margin (none until enough
+    answers), rounded up, never below the plain estimate; per tenant."""
+    calibration = TokenCalibration()
+    feed(calibration, ratio, times)
+    assert calibration.billed_tokens("m", "t", estimated_tokens=1001) == billed
+    assert calibration.billed_tokens("m", "other", estimated_tokens=1001) == 1001
+
+
+@pytest.mark.parametrize(
+    ("estimated", "factor", "expected"), [(0, 1.43, 0), (7, 1.43, 11), (7, 0.5, 7), (10, 1.0, 10)]
+)
+def test_at_least_estimate_rounds_up_and_never_goes_below_the_estimate(estimated, factor, expected):
+    """`at_least_estimate` is the estimate times the factor, rounded up, or the estimate."""
+    assert at_least_estimate(estimated, factor) == expected

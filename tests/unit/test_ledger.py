@@ -522,7 +522,7 @@ async def test_a_hold_cancelled_as_it_closes_still_releases_every_reservation(
     try:
         hold = budgets.holding()
         for _ in range(3):
-            async with hold.reserving(request_of("acme"), prompt_tokens=1000):
+            async with hold.reserving(request_of("acme"), prompt_tokens=1000, calibration=1.0):
                 pass
         assert await ledger.reserved_usd("acme", "day") > 0
         closing = asyncio.create_task(hold.close())
