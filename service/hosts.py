@@ -151,11 +151,15 @@ def _ipv4_form_problem(host: str) -> str | None:
 
 def _zone_problem(host: str) -> str | None:
     """What to write for a link-local IPv6 address without its zone (`%eth0`): grpc
-    cannot bind one, as the link is not named."""
+    cannot bind one, as the link is not named; or for a zone on any other address, where
+    it names nothing (the resolver finds no such name)."""
     try:
         address = ipaddress.IPv6Address(host)
     except ValueError:
         return None
+    if address.scope_id is not None and not address.is_link_local:
+        bare = host.partition("%")[0]
+        return f"{host}: a zone names a link-local address's interface; write {bare}"
     if not address.is_link_local or address.scope_id is not None:
         return None
     for index, interface in socket.if_nameindex():

@@ -103,3 +103,14 @@ def test_a_multicast_address_is_refused_as_no_listen_host(host: str) -> None:
     assert listen_host_problem(host) == (
         f"{host} is a multicast address; listen on an address of this machine"
     )
+
+
+@pytest.mark.parametrize(("host", "bare"), [("::1%lo", "::1"), ("2001:db8::7%eth0", "2001:db8::7")])
+def test_a_zone_on_an_address_not_link_local_names_the_address_to_write(
+    host: str, bare: str
+) -> None:
+    """A zone only names a link-local address's interface: on another it was refused as
+    "no name resolves '::1%lo'", which sent the operator looking at DNS."""
+    assert listen_host_problem(host) == (
+        f"{host}: a zone names a link-local address's interface; write {bare}"
+    )
