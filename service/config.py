@@ -995,8 +995,8 @@ class LedgerConfig:
         _require(self.retention_days >= 1, "retention_days must be >= 1")
 
 
-# The largest budget: far past any spend, and in pico-dollars (1e27) still a number the
-# ledger's float and Lua arithmetic hold.
+# The largest budget: far past any spend, and still a number the ledger's arithmetic
+# holds exactly (Redis's Lua compares whole dollars, exact in a double below 2^53).
 MAX_BUDGET_USD = 1e15
 
 

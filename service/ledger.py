@@ -3,20 +3,24 @@
 Usage is summed into time buckets (`ledger.bucket_s`, an hour by default), so a
 `GetUsage` time window is as fine as one bucket. Cost is kept as integer pico-dollars
 (the precision `pricing.cost_usd` rounds to), so sums are exact whatever the order of
-additions. Spend per tenant per UTC day and month is kept apart for budget checks,
-which then cost one lookup, together with what calls still in flight have reserved
+additions, in Redis past a 64-bit integer too (`_WIDE_LUA`). Spend per tenant per UTC
+day and month is kept apart for budget checks, which then cost one lookup, together
+with what calls still in flight have reserved
 (`reserve`/`release`): a budget check and its reservation are one atomic step, in the
 process for `MemoryLedger` and in Redis, for every replica, for `RedisLedger`.
 
 `MemoryLedger` lives in the process; `RedisLedger` is shared by every replica:
 
-    {prefix}:row:{bucket}:{row_id}   hash: requests, input_tokens, ... (HINCRBY), and
+    {prefix}:row:{bucket}:{row_id}   hash: requests, input_tokens, ..., cost_pico and
+                                     cost_usd_millions (HINCRBY), and
                                      `dims`: JSON of tenant, model, upstream, labels
     {prefix}:rows:{bucket}:{tenant}  set of the tenant's row ids seen in that bucket
     {prefix}:tenants:{bucket}        set of the tenants seen in that bucket
     {prefix}:buckets                 sorted set of bucket starts (score = start)
-    {prefix}:spend:{tenant}:{period} integer pico-dollars (INCRBY)
-    {prefix}:reserved:{tenant}:{period}  pico-dollars held by calls in flight
+    {prefix}:spend:{tenant}:{period} integer pico-dollars (INCRBY) below $1M, and
+    {prefix}:spend_usd_millions:{tenant}:{period}  its whole millions of USD (`_WIDE_LUA`)
+    {prefix}:reserved:{tenant}:{period}  pico-dollars held by calls in flight, and
+    {prefix}:reserved_usd_millions:{tenant}:{period}  their whole millions
     {prefix}:leases:{tenant}:{period}    sorted set "{id}:{pico}" -> when it lapses
     {prefix}:released:{id}           a released lease a renewal sent before must not put back
     {prefix}:applied:{replica}       sorted set: a replica's record numbers (`_RecordNumbers`)
@@ -73,6 +77,8 @@ log = logging.getLogger("llm_gateway.ledger")
 T = TypeVar("T")
 
 PICO = 10**12
+# The unit of a sum's high counter (`_WIDE_LUA`): $1,000,000 in pico-dollars.
+MILLION_USD_PICO = 10**18
 # A reservation stops counting this long after it was last renewed (every third of it,
 # while its call runs): a replica that crashed mid-call holds its tenants' budgets no longer.
 RESERVATION_TTL_S = LEASE_TTL_S
@@ -92,8 +98,12 @@ _FIELDS = (
     "reasoning_tokens",
     "cost_pico",  # last: the record script reads it by position
 )
+# A row's whole millions of USD beside `cost_pico`, once its cost reaches them.
+_COST_MILLIONS = "cost_usd_millions"
 
 WallClock = Callable[[], float]
+# A tenant's budget keys for one period, in the order `_SWEEP_LUA` takes them.
+_BUDGET_KINDS = ("spend", "spend_usd_millions", "reserved", "reserved_usd_millions", "leases")
 # The budget periods whose spend each recorded call adds to.
 _PERIODS = ("day", "month")
 
@@ -262,7 +272,9 @@ def _read_row(
             return "dims are not [tenant, model, upstream, labels]"
     try:
         # A row from before a counter was kept counts none of it.
-        return dims, {name: int(counters.get(name, 0)) for name in _FIELDS}
+        values = {name: int(counters.get(name, 0)) for name in _FIELDS}
+        values["cost_pico"] += int(counters.get(_COST_MILLIONS, 0)) * MILLION_USD_PICO
+        return dims, values
     except ValueError:
         return "a counter is not an integer"
 
@@ -525,38 +537,107 @@ class MemoryLedger:
         """Nothing to release."""
 
 
-# KEYS: spend, reserved, leases of one tenant and period.
-# Forgets leases that lapsed (their replica never released them), then reads both totals.
-# Leases expire on Redis's clock, as tenant leases do: on each replica's own, one whose
-# clock ran a TTL ahead would sweep every other replica's calls in flight at once.
-# Lua numbers are doubles: exact up to 2^53 pico-dollars ($9,007), a few pico-dollars off above.
-_SWEEP_LUA = """
+# Pico-dollar sums past 2^63 (about $9.2 million: one row in a bucket, one tenant's spend
+# in a period, what its calls in flight hold) are kept in two integer counters: the low
+# one in pico-dollars, below 10^18 once carried, and the high one in whole 10^18s ($1
+# million each), created only once a sum reaches it. Below $1 million the low counter is
+# all there is, as the releases before wrote it. Lua numbers are doubles, so amounts
+# travel as decimal strings, split by their digits, and are compared as whole dollars
+# and pico-dollars below 10^12, exact up to 2^53 dollars (past any budget).
+_WIDE_LUA = """
+local E18 = '000000000000000000'
+-- `amount` (decimal digits, any length) as Redis integers: its whole 10^18s and the rest.
+local function split(amount)
+  if #amount <= 18 then return '0', amount end
+  local low = string.gsub(string.sub(amount, -18), '^0+(%d)', '%1')
+  return string.sub(amount, 1, -19), low
+end
+local function strings(low, high)
+  return {low = low, high = high,
+          read = function(key) return redis.call('GET', key) end,
+          incr = function(key, by) return redis.call('INCRBY', key, by) end}
+end
+local function fields(hash, low, high)
+  return {low = low, high = high,
+          read = function(field) return redis.call('HGET', hash, field) end,
+          incr = function(field, by) return redis.call('HINCRBY', hash, field, by) end}
+end
+-- Keeps the low counter in [0, 10^18) while the high one can give: an older release's
+-- may hold up to 2^63 - 1, and a subtraction may take it below 0.
+local function carry(c)
+  local low = c.read(c.low)
+  if not low then return end
+  if #low == 19 and string.sub(low, 1, 1) ~= '-' then
+    local millions = string.sub(low, 1, 1)
+    c.incr(c.low, '-' .. millions .. E18)
+    c.incr(c.high, millions)
+  elseif string.sub(low, 1, 1) == '-' and tonumber(c.read(c.high) or '0') > 0 then
+    c.incr(c.low, '1' .. E18)
+    c.incr(c.high, -1)
+  end
+end
+-- Adds (`sign` '') or subtracts (`sign` '-') `amount` pico-dollars.
+local function add(c, amount, sign)
+  carry(c)
+  local high, low = split(amount)
+  if low ~= '0' then c.incr(c.low, sign .. low) end
+  if high ~= '0' then c.incr(c.high, sign .. high) end
+  carry(c)
+end
+-- An amount (low and high counters' values, or digits and '0') as exact doubles: whole
+-- dollars, and pico-dollars of the same sign below 10^12.
+local function dollars(low, high)
+  local sign = 1
+  if string.sub(low, 1, 1) == '-' then sign, low = -1, string.sub(low, 2) end
+  local whole = #low > 12 and tonumber(string.sub(low, 1, -13)) or 0
+  return sign * whole + tonumber(high) * 1000000, sign * tonumber(string.sub(low, -12))
+end
+-- Whether `d` dollars and `p` pico-dollars (|p| < 5 * 10^12) are more than nothing.
+local function positive(d, p)
+  if d >= 5 or d <= -5 then return d > 0 end
+  return d * 1000000000000 + p > 0
+end
+"""
+# KEYS: spend, spend's millions, reserved, reserved's millions, leases of one tenant and
+# period. Forgets leases that lapsed (their replica never released them), then reads
+# both totals. Leases expire on Redis's clock, as tenant leases do: on each replica's
+# own, one whose clock ran a TTL ahead would sweep every other replica's calls in
+# flight at once.
+_SWEEP_LUA = (
+    _WIDE_LUA
+    + """
 -- Never shortened: a replica of an older release (a rolling upgrade) may hold longer leases.
 local function keep_for(key, ttl)
   if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+local reserved = strings(KEYS[3], KEYS[4])
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)
 if #lapsed > 0 then
-  local total = 0
-  for _, lease in ipairs(lapsed) do total = total + tonumber(string.match(lease, ':(%d+)$')) end
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  redis.call('DECRBY', KEYS[2], string.format('%.0f', total))
+  for _, lease in ipairs(lapsed) do add(reserved, string.match(lease, ':(%d+)$'), '-') end
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 end
-local spent = redis.call('GET', KEYS[1]) or '0'
-local reserved = redis.call('GET', KEYS[2]) or '0'
+local spent = {redis.call('GET', KEYS[1]) or '0', redis.call('GET', KEYS[2]) or '0'}
+local held = {redis.call('GET', KEYS[3]) or '0', redis.call('GET', KEYS[4]) or '0'}
 """
-# ARGV: cost, limit, lease ("{id}:{cost}"), ttl (s). Returns {granted 0|1, spent, reserved}.
+)
+# ARGV: cost, limit (pico-dollar digits), lease ("{id}:{cost}"), ttl (s). Returns
+# {granted 0|1, spent, spent's millions, reserved, reserved's millions}.
 _RESERVE = """
-local committed = tonumber(spent) + tonumber(reserved)
-local cost, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
-if committed >= limit or committed + cost > limit then return {0, spent, reserved} end
-redis.call('INCRBY', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
-keep_for(KEYS[2], tonumber(ARGV[4]))
-keep_for(KEYS[3], tonumber(ARGV[4]))
-return {1, spent, reserved}
+local sd, sp = dollars(spent[1], spent[2])
+local rd, rp = dollars(held[1], held[2])
+local cd, cp = dollars(ARGV[1], '0')
+local ld, lp = dollars(ARGV[2], '0')
+local answer = {0, spent[1], spent[2], held[1], held[2]}
+-- Refused when spent + reserved >= limit, or spent + reserved + cost > limit.
+if not positive(ld - sd - rd, lp - sp - rp) or positive(sd + rd + cd - ld, sp + rp + cp - lp)
+then return answer end
+add(reserved, ARGV[1], '')
+redis.call('ZADD', KEYS[5], now + tonumber(ARGV[4]), ARGV[3])
+for k = 3, 5 do keep_for(KEYS[k], tonumber(ARGV[4])) end
+answer[1] = 1
+return answer
 """
 _RESERVE_LUA = _SWEEP_LUA + _RESERVE
 # One finished call, applied at most once however often it is sent: each replica numbers
@@ -567,16 +648,20 @@ _RESERVE_LUA = _SWEEP_LUA + _RESERVE
 # the writes before that failure a second time. (A "not now" refusal, READONLY or OOM,
 # stops a script at its first write, before anything is applied.)
 # KEYS: row, the tenant's row ids in the bucket, the bucket's tenants, buckets, day spend,
-# month spend, applied numbers, the old layout's dims hash, the overflow row.
+# month spend, applied numbers, the old layout's dims hash, the overflow row, day and
+# month spend's millions.
 # ARGV: row id, dims JSON, row TTL, bucket, drop buckets before, record number, lowest
 # unconfirmed number, applied numbers' TTL, tenant, old dims' TTL, overflow row id, its
-# dims JSON, max rows per tenant, the counters in _FIELDS order, then the day and month
-# spend's TTLs.
-# A row that is not a hash of integers (written by hand or a bad migration) is left as
-# it is, but the rest is applied: HINCRBY on it would stop the script before the spend.
+# dims JSON, max rows per tenant, the counters in _FIELDS order (the cost in pico-dollar
+# digits), then the day and month spend's TTLs.
+# A row that is not a hash of integers (written by hand or a bad migration), or that has
+# a count too near 2^63 to take one more call's, is left as it is, but the rest is
+# applied: HINCRBY on it would stop the script before the spend.
 # Returns 0 (applied before), 1 (applied) or 2 (applied to the overflow row); 3 or 4 for
 # 1 or 2 with that row left alone.
-_RECORD_LUA = """
+_RECORD_LUA = (
+    _WIDE_LUA
+    + """
 if redis.call('ZSCORE', KEYS[7], ARGV[6]) then return 0 end
 redis.call('ZADD', KEYS[7], ARGV[6], ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. ARGV[7])
@@ -586,19 +671,27 @@ if redis.call('SISMEMBER', KEYS[2], row_id) == 0
     and redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[13]) then
   row, row_id, dims, applied = KEYS[9], ARGV[11], ARGV[12], 2
 end
-local fields = {FIELDS}
+local counts = {COUNTS}
+-- As Redis reads an integer (no leading zero, no minus zero), at most `most`.
+local function integer(value, most)
+  if value == '0' then return true end
+  local digits = string.match(value, '^%-?([1-9]%d*)$')
+  return digits ~= nil and (#digits < #most or (#digits == #most and digits <= most))
+end
 local kind = redis.call('TYPE', row).ok
 local sound = kind == 'none' or kind == 'hash'
 if kind == 'hash' then
-  for _, value in ipairs(redis.call('HMGET', row, unpack(fields))) do
-    -- As Redis reads an integer: no leading zero, no minus zero.
-    if value and not ((value == '0' or string.match(value, '^%-?[1-9]%d*$')) and #value < 19)
-    then sound = false end
+  -- A count takes at most 2^32 a call (the most tokens an upstream may report).
+  for _, value in ipairs(redis.call('HMGET', row, unpack(counts))) do
+    if value and not integer(value, '9223372032559808511') then sound = false end
   end
+  local cost = redis.call('HGET', row, 'cost_pico')
+  if cost and not integer(cost, '9223372036854775807') then sound = false end
 end
 if sound then
   redis.call('HSETNX', row, 'dims', dims)
-  for i, name in ipairs(fields) do redis.call('HINCRBY', row, name, ARGV[13 + i]) end
+  for i, name in ipairs(counts) do redis.call('HINCRBY', row, name, ARGV[13 + i]) end
+  add(fields(row, 'cost_pico', 'cost_usd_millions'), ARGV[14 + #counts], '')
   redis.call('EXPIRE', row, ARGV[3])
 else
   applied = applied + 2
@@ -611,46 +704,59 @@ redis.call('ZADD', KEYS[4], ARGV[4], ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[5])
 redis.call('EXPIRE', KEYS[4], ARGV[3])
 if redis.call('TTL', KEYS[8]) == -1 then redis.call('EXPIRE', KEYS[8], ARGV[10]) end
-local cost = ARGV[13 + #fields]
 for k = 5, 6 do
-  redis.call('INCRBY', KEYS[k], cost)
-  redis.call('EXPIRE', KEYS[k], ARGV[9 + #fields + k])
+  add(strings(KEYS[k], KEYS[k + 5]), ARGV[14 + #counts], '')
+  redis.call('EXPIRE', KEYS[k], ARGV[10 + #counts + k])
+  redis.call('EXPIRE', KEYS[k + 5], ARGV[10 + #counts + k])
 end
 return applied
-""".replace("FIELDS", ", ".join(f"'{name}'" for name in _FIELDS))
+""".replace("COUNTS", ", ".join(f"'{name}'" for name in _FIELDS[:-1]))
+)
 _APPLIED_TO_OVERFLOW = 2
+_ROW_LEFT_ALONE = "not a hash of integers, or a count near 2^63: the call's usage left out"
 _ROW_LEFT_CORRUPT = 2  # added to the above when the row was corrupt
-_RESERVED_LUA = _SWEEP_LUA + "return reserved"
-# KEYS: reserved, leases, and the lease's released marker if a renewal was sent for it.
-# ARGV: lease, cost, ttl (s). A lease already released or lapsed is not subtracted twice;
-# once no lease is left the total is dropped, so it cannot drift.
-_RELEASE_LUA = """
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then redis.call('DECRBY', KEYS[1], ARGV[2]) end
-if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
-if KEYS[3] then redis.call('SET', KEYS[3], 1, 'EX', ARGV[3]) end
+_RESERVED_LUA = _SWEEP_LUA + "return held"
+# KEYS: reserved, its millions, leases, and the lease's released marker if a renewal was
+# sent for it. ARGV: lease, cost, ttl (s). A lease already released or lapsed is not
+# subtracted twice; once no lease is left the total is dropped, so it cannot drift.
+_RELEASE_LUA = (
+    _WIDE_LUA
+    + """
+if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then add(strings(KEYS[1], KEYS[2]), ARGV[2], '-') end
+if redis.call('ZCARD', KEYS[3]) == 0 then redis.call('DEL', KEYS[1], KEYS[2]) end
+if KEYS[4] then redis.call('SET', KEYS[4], 1, 'EX', ARGV[3]) end
 return 0
 """
-# Every reservation of a round. KEYS: for each, its reserved total, leases and released
-# marker. ARGV: ttl (s), then each one's lease and cost. Moves each lease to lapse a
-# whole ttl from now, putting it back (and its cost in the total) if it lapsed: its call
-# still runs. Not once marked released, as this may run after that.
-_RENEW_LUA = """
+)
+# Every reservation of a round. KEYS: for each, its reserved total and its millions,
+# leases and released marker. ARGV: ttl (s), then each one's lease and cost. Moves each
+# lease to lapse a whole ttl from now, putting it back (and its cost in the total) if it
+# lapsed: its call still runs. Not once marked released, as this may run after that.
+_RENEW_LUA = (
+    _WIDE_LUA
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ttl = tonumber(ARGV[1])
-for i = 0, #KEYS / 3 - 1 do
-  local reserved, leases = KEYS[3 * i + 1], KEYS[3 * i + 2]
-  if redis.call('EXISTS', KEYS[3 * i + 3]) == 0 then
+for i = 0, #KEYS / 4 - 1 do
+  local reserved, millions, leases = KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3]
+  if redis.call('EXISTS', KEYS[4 * i + 4]) == 0 then
     if redis.call('ZADD', leases, now + ttl, ARGV[2 * i + 2]) == 1 then
-      redis.call('INCRBY', reserved, ARGV[2 * i + 3])
+      add(strings(reserved, millions), ARGV[2 * i + 3], '')
     end
-    for _, key in ipairs({reserved, leases}) do
+    for _, key in ipairs({reserved, millions, leases}) do
       if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
     end
   end
 end
 return 0
 """
+)
+
+
+def _wide_pico(low: str | None = None, high: str | None = None) -> int:
+    """A sum of pico-dollars from its low counter and its high one (`_WIDE_LUA`)."""
+    return int(low or 0) + int(high or 0) * MILLION_USD_PICO
 
 
 class _RecordNumbers:
@@ -787,16 +893,18 @@ class RedisLedger:
         overflow_dims = _dims(entry.tenant, entry.model, entry.upstream, OVERFLOW_LABELS)
         overflow_id, overflow_json = self._row_name(overflow_dims)
         admitted = now if entry.admitted_s is None else entry.admitted_s
-        spend = [f"{self._prefix}:spend:{entry.tenant}:{period_key(p, admitted)}" for p in _PERIODS]
+        periods = [period_key(p, admitted) for p in _PERIODS]
+        overflow_row = self._row_key(bucket, overflow_id)
         keys = [
             self._row_key(bucket, row_id),
             self._tenant_rows_key(bucket, entry.tenant),
             self._tenants_key(bucket),
             f"{self._prefix}:buckets",
-            *spend,
+            *(self._spend_keys(entry.tenant, p)[0] for p in periods),
             self._records.key,
             self._old_dims_key,
-            self._row_key(bucket, overflow_id),
+            overflow_row,
+            *(self._spend_keys(entry.tenant, p)[1] for p in periods),
         ]
         number = self._records.take()
         counters = _entry_counters(entry)
@@ -816,11 +924,13 @@ class RedisLedger:
             self._records.confirm(number)
             if applied > _APPLIED_TO_OVERFLOW:
                 applied -= _ROW_LEFT_CORRUPT
-                row = keys[0] if applied != _APPLIED_TO_OVERFLOW else keys[-1]
-                _row_corrupt(row, "not a hash of integers: the call's usage left out")
-                # What an operator needs to add the call by hand (its spend was counted).
-                lost = {"tenant": entry.tenant, "model": entry.model, "cost_usd": entry.cost_usd}
-                log.error("ledger.record_lost", extra=lost)
+                row = keys[0] if applied != _APPLIED_TO_OVERFLOW else overflow_row
+                _row_corrupt(row, _ROW_LEFT_ALONE)
+                # Its spend was counted; its row is a write given up, logged with what an
+                # operator needs to add the call by hand.
+                self.late_releases.abandon(
+                    lambda: log.error("ledger.record_lost", extra=self._lost(entry))
+                )
             if applied == _APPLIED_TO_OVERFLOW:
                 self._capped.add(entry.tenant, bucket)
 
@@ -832,8 +942,7 @@ class RedisLedger:
             self._records.confirm(number)  # never sent again
             self._row_settled(entry.tenant, number)
             # What an operator needs to add the call by hand, if it did not land.
-            lost = {"tenant": entry.tenant, "model": entry.model, "cost_usd": entry.cost_usd}
-            log.error("ledger.record_lost", extra=lost)
+            log.error("ledger.record_lost", extra=self._lost(entry))
 
         def retry_late() -> None:
             self._rows_waiting.setdefault(entry.tenant, set()).add(number)
@@ -859,6 +968,10 @@ class RedisLedger:
             raise
         else:
             self.late_releases.store_answered()
+
+    @staticmethod
+    def _lost(entry: UsageEntry) -> dict[str, object]:
+        return {"tenant": entry.tenant, "model": entry.model, "cost_usd": entry.cost_usd}
 
     def _row_settled(self, tenant: str, number: int) -> None:
         """Row `number` of `tenant` landed or was given up (either, or both, may say so)."""
@@ -979,15 +1092,20 @@ class RedisLedger:
 
         Budgets fail open: an unreachable ledger must not refuse every call.
         """
-        key = f"{self._prefix}:spend:{tenant}:{period_key(period, self._buckets.now())}"
-        raw = await self._read(lambda: self._redis.get(key), failure="ledger.spend_unavailable")
-        return int(raw or 0) / PICO  # None: no spend yet, or Redis unavailable
+        keys = self._spend_keys(tenant, period_key(period, self._buckets.now()))
+        raw = await self._read(lambda: self._redis.mget(keys), failure="ledger.spend_unavailable")
+        return _wide_pico(*(raw or [])) / PICO  # None: Redis unavailable
+
+    def _spend_keys(self, tenant: str, period_key: str) -> tuple[str, str]:
+        """A tenant's spend in a period: pico-dollars, and whole millions of USD."""
+        return (
+            f"{self._prefix}:spend:{tenant}:{period_key}",
+            f"{self._prefix}:spend_usd_millions:{tenant}:{period_key}",
+        )
 
     def _budget_keys(self, tenant: str, period_key: str) -> list[str]:
-        return [
-            f"{self._prefix}:{kind}:{tenant}:{period_key}"
-            for kind in ("spend", "reserved", "leases")
-        ]
+        """Spend, its millions, reserved, its millions, leases (`_SWEEP_LUA`'s KEYS)."""
+        return [f"{self._prefix}:{kind}:{tenant}:{period_key}" for kind in _BUDGET_KINDS]
 
     async def reserve(
         self, tenant: str, period: str, *, cost_usd: float, limit_usd: float
@@ -1007,7 +1125,7 @@ class RedisLedger:
         if self.cooldown.skips():
             return replace(lease, is_granted=fits_alone, was_sent=False)
         try:
-            is_granted, spent, reserved = await self._reserve_script(
+            is_granted, *spent_and_reserved = await self._reserve_script(
                 keys=self._budget_keys(tenant, key),
                 args=[cost, limit, self._lease(lease), self._reservation_ttl_s],
             )
@@ -1021,8 +1139,9 @@ class RedisLedger:
                 await self.release(lease)
             raise
         self.late_releases.store_answered()
+        spent, reserved = _wide_pico(*spent_and_reserved[:2]), _wide_pico(*spent_and_reserved[2:])
         reservation = replace(
-            lease, is_granted=bool(is_granted), spent_pico=int(spent), reserved_pico=int(reserved)
+            lease, is_granted=bool(is_granted), spent_pico=spent, reserved_pico=reserved
         )
         if reservation.is_granted:
             # Renewed while its call runs: held longer than the TTL, it still counts.
@@ -1036,7 +1155,7 @@ class RedisLedger:
         raw = await self._read(
             lambda: self._reserved_script(keys=keys), failure="ledger.spend_unavailable"
         )
-        return int(raw or 0) / PICO
+        return _wide_pico(*(raw or [])) / PICO
 
     async def release(self, reservation: Reservation) -> None:
         """Stop holding `reservation` (idempotent). If Redis does not take the release
@@ -1044,8 +1163,7 @@ class RedisLedger:
         lease lapses."""
         if not (reservation.is_granted and reservation.was_sent):
             return
-        _, reserved, leases = self._budget_keys(reservation.tenant, reservation.period_key)
-        keys = [reserved, leases]
+        _, _, *keys = self._budget_keys(reservation.tenant, reservation.period_key)
         # A renewal Redis runs after the release would put the lease back: once one was
         # sent, the lease is marked released too.
         if self._renewals.let_go(reservation.id):
@@ -1076,8 +1194,10 @@ class RedisLedger:
         keys: list[str] = []
         args: list[str | int] = [self._reservation_ttl_s]
         for reservation in reservations:
-            _, reserved, leases = self._budget_keys(reservation.tenant, reservation.period_key)
-            keys += [reserved, leases, self._released_key(reservation)]
+            _, _, *reserved_and_leases = self._budget_keys(
+                reservation.tenant, reservation.period_key
+            )
+            keys += [*reserved_and_leases, self._released_key(reservation)]
             args += [self._lease(reservation), reservation.cost_pico]
         await self._renew_script(keys=keys, args=args)
 

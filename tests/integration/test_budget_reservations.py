@@ -467,7 +467,7 @@ async def test_a_shared_flight_whose_first_caller_left_is_recorded_before_it_is_
                     continue
                 if words[3].startswith(f"{ledger['key_prefix']}:row:"):  # KEYS[1]: the row
                     seen.append("record")
-                elif words[2] == "2":  # KEYS: reserved, leases
+                elif words[2] == "3":  # KEYS: reserved, its millions, leases
                     seen.append("release")
 
     watching = asyncio.create_task(watch())
@@ -606,3 +606,34 @@ async def test_a_call_reserves_its_prompt_as_its_tenants_calibration_counts_it(
     assert result.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert result.details().startswith("tenant 'default' has spent")
     assert len(upstream.requests) == 3
+
+
+async def test_reservations_past_2_63_pico_dollars_are_held_and_released(
+    held, start_gateway, ledger
+):
+    """A budget of $25 billion and calls without max_tokens reserving 10^12 output tokens
+    at $10,000 a million, $10 billion each: two are held at once, the third is refused
+    for what they hold, and once they end nothing is held.
+
+    Before, Redis could not add $10 billion (10^22 pico-dollars) to its 64-bit total of
+    reservations: the script failed, the budget failed open, and every call passed with
+    nothing held."""
+    price = {"input_usd_per_million": 0.14, "output_usd_per_million": 10_000.0}
+    models = {FAKE_MODEL: {"context_window": 4096, **price}}
+    budgets = {"default": {"usd": 25e9, "period": "day", "reserve_output_tokens": 10**12}}
+    gateway = await start_gateway(
+        gateway_config(held.base_url, models=models, ledger=ledger, budgets=budgets)
+    )
+    held.gate.clear()
+    first = [asyncio.ensure_future(gateway.stub.Complete(chat(f"call {i}"))) for i in "ab"]
+    await held.wait_until(lambda: held.in_flight == 2)
+    ledger_of = gateway.server.pipeline.ledger
+    reserved = await ledger_of.reserved_usd("default", "day")
+    assert round(reserved / 1e10, 6) == 2.0  # and their prompts' few pico-dollars
+    refused = await outcome(gateway.stub.Complete(chat("call c")))
+    assert_budget_refused(refused)
+    assert retry_delay_s(refused) == 1.0  # held by calls in flight, not spent
+    held.gate.set()
+    for call in first:
+        assert (await call).content
+    await nothing_reserved(gateway)

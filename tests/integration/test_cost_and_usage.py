@@ -8,6 +8,7 @@ import datetime as dt
 import itertools
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -948,3 +949,97 @@ async def test_a_batch_summary_costs_exactly_what_its_items_cost(upstream, start
     total = (await gw.stub.GetUsage(pb.GetUsageRequest())).total
     assert total.cost_usd == 3268.43918772
     assert summary.cost_usd == total.cost_usd
+
+
+# The most tokens an upstream may report for a count (more is taken for no count at all).
+MOST_TOKENS = 2**32 - 1
+
+
+def output_priced(usd_per_million: float) -> dict[str, Any]:
+    """The `models` section pricing the fake model's output only."""
+    return {
+        FAKE_MODEL: {
+            "context_window": 8192,
+            "input_usd_per_million": 0.0,
+            "output_usd_per_million": usd_per_million,
+        }
+    }
+
+
+LARGE_SUMS = {
+    # $1,073,741.82375 a call into one row: the second takes it past 10^18 pico-dollars.
+    "a row past $1M": (250.0, 3, False),
+    # $4,294,967.295 a call, a row each: the third takes the day's spend past 2^63 pico.
+    "spend past $9.22M": (1000.0, 3, True),
+    # $42,949,672.95 in one call: past 2^63 pico-dollars alone.
+    "one call past $9.22M": (10_000.0, 2, True),
+}
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("case", list(LARGE_SUMS))
+async def test_sums_past_2_63_pico_dollars_are_counted_as_the_memory_ledger_counts_them(
+    upstream,
+    start_gateway,
+    redis_url,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+) -> None:
+    """Calls reporting the most output tokens an upstream may, at prices the config
+    allows, counted in a memory ledger and a Redis one: GetUsage (rows and total) and
+    the day's spend are the same in both, and are the sum of the answers' costs; nothing
+    is logged lost.
+
+    Before, Redis kept each sum in one 64-bit counter: a row past $1M was taken for
+    corrupt and the calls after it left out of GetUsage, a spend past $9.22M stopped
+    counting, and a call past $9.22M was missing from GetUsage and the spend alike."""
+    price, calls, is_row_each = LARGE_SUMS[case]
+    seen = []
+    for ledger in ({}, {"redis_url": redis_url, "key_prefix": uuid.uuid4().hex}):
+        config = gateway_config(upstream.base_url, models=output_priced(price), ledger=ledger)
+        gw = await start_gateway(config)
+        upstream.script(*[Reply(prompt_tokens=1, completion_tokens=MOST_TOKENS)] * calls)
+        costs = []
+        for call in range(calls):
+            labels = {"call": str(call)} if is_row_each else {}
+            costs.append((await gw.stub.Complete(chat(labels=labels))).metadata.cost_usd)
+        usage = await gw.stub.GetUsage(pb.GetUsageRequest())
+        spent = await gw.server.pipeline.ledger.spent_usd("default", "day")
+        seen.append((usage, spent))
+        assert usage.total.requests == calls
+        assert usage.total.usage.output_tokens == calls * MOST_TOKENS
+        assert usage.total.cost_usd == spent == sum(round(c * 1e12) for c in costs) / 1e12
+    (in_memory, memory_spent), (in_redis, redis_spent) = seen
+    assert in_redis == in_memory
+    assert redis_spent == memory_spent
+    assert not [r for r in caplog.records if r.getMessage() == "ledger.record_lost"]
+
+
+@pytest.mark.parametrize("ledger", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_a_budget_past_9_million_dollars_refuses_once_spent(
+    upstream, start_gateway, request: pytest.FixtureRequest, ledger: str
+) -> None:
+    """A daily budget of $12M and calls of $4,294,967.295 each: three pass, the fourth
+    is refused, the tenant having spent $12,884,901.885.
+
+    Before, a Redis ledger's spend stopped at $8,589,934.59 (2^63 pico-dollars is about
+    $9.22M): the third call was lost from it, and the tenant spent on past its budget."""
+    section = {}
+    if ledger == "redis":
+        section = {"redis_url": request.getfixturevalue("redis_url"), "key_prefix": "9m-budget"}
+    budgets = {"default": {"usd": 12_000_000, "period": "day"}}
+    config = gateway_config(
+        upstream.base_url, models=output_priced(1000.0), ledger=section, budgets=budgets
+    )
+    gw = await start_gateway(config)
+    upstream.script(*[Reply(prompt_tokens=1, completion_tokens=MOST_TOKENS)] * 4)
+    small = chat(params=pb.GenerationParams(max_tokens=1))  # reserves a thousandth of a cent
+    for _ in range(3):
+        await gw.stub.Complete(small)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await gw.stub.Complete(small)
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "has spent $12884901.885000 of its $12000000.000000 daily budget" in (
+        refused.value.details() or ""
+    )
+    assert len(upstream.requests) == 3

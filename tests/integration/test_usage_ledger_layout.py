@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from llmgateway.v1 import gateway_pb2 as pb
+from service.ledger import period_key
 from tests.conftest import FAKE_MODEL, RunningGateway, chat
 from tests.fake_upstream import FakeUpstream
 from tests.integration.tenancy_helpers import as_tenant, secure_config
@@ -158,15 +159,18 @@ async def test_a_corrupt_row_is_skipped_and_logged_and_the_rest_still_counts(
         await client.aclose()
 
 
-@pytest.mark.parametrize("counter", ["007", "-0"])
+@pytest.mark.parametrize("counter", ["007", "-0", "9223372036854775000"])
 async def test_a_counter_redis_cannot_increment_leaves_the_row_and_still_counts_the_spend(
     redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any, counter: str
 ) -> None:
-    """Digits that Redis does not take as an integer (a leading zero, a minus zero): the
-    row is left as it is and the call still adds to its tenant's spend.
+    """Digits that Redis does not take as an integer (a leading zero, a minus zero), or
+    a count with no room left below 2^63 for a call's: the row is left as it is, the
+    call still adds to its tenant's spend, and its usage counts among the writes given
+    up (`llm_gateway.store.writes_abandoned`) besides the log.
 
     Before, the record script passed them as integers; HINCRBY then stopped it after it
-    had marked the record applied, and the call's spend was never added."""
+    had marked the record applied, and the call's spend was never added. And a row left
+    alone was logged only, not counted."""
     prefix = uuid.uuid4().hex
     one, _ = await replicas(redis_server, upstream, start_gateway, prefix)
     await one.stub.Complete(chat(labels={"team": "b"}), metadata=as_tenant("team-b"))
@@ -182,5 +186,51 @@ async def test_a_counter_redis_cannot_increment_leaves_the_row_and_still_counts_
         assert await ledger.spent_usd("team-b", "day") > spent
         assert await client.hget(b_row, "requests") == counter
         assert await client.hget(b_row, "input_tokens") == "7"
+        assert ledger.late_releases.abandoned == 1
+    finally:
+        await client.aclose()
+
+
+async def test_a_row_and_spend_an_older_release_left_past_a_million_dollars_still_count(
+    redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """A row whose `cost_pico` an older release took to 19 digits ($1,073,741.82...) and
+    a day's spend it took to $9,000,000, each one counter: GetUsage and the spend read
+    them exactly, a new call adds to both, and its write carries their whole millions
+    into `cost_usd_millions` and `spend_usd_millions`, so neither nears 2^63 again.
+
+    Before, the record script took such a row for corrupt: every later call in its
+    bucket was left out of GetUsage."""
+    prefix = uuid.uuid4().hex
+    one, _ = await replicas(redis_server, upstream, start_gateway, prefix)
+    await one.stub.Complete(chat(labels={"team": "b"}), metadata=as_tenant("team-b"))
+    old_row, old_spend = 1_073_741_823_750_000_007, 9_000_000_000_000_000_000
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        (b_rows,) = [k async for k in client.scan_iter(match=f"{prefix}:rows:*:team-b")]
+        (b_row_id,) = await client.smembers(b_rows)
+        b_row = f"{prefix}:row:{b_rows.split(':')[2]}:{b_row_id}"
+        day = period_key("day", time.time())
+        await client.hset(b_row, "cost_pico", str(old_row))
+        await client.set(f"{prefix}:spend:team-b:{day}", str(old_spend))
+        ledger = one.server.pipeline.ledger
+        before = await usage(one, "team-b")
+        assert before.total.cost_usd == old_row / 1e12
+        assert await ledger.spent_usd("team-b", "day") == old_spend / 1e12
+
+        call = await one.stub.Complete(chat(labels={"team": "b"}), metadata=as_tenant("team-b"))
+        call_pico = round(call.metadata.cost_usd * 1e12)
+        after = await usage(one, "team-b")
+        assert (after.total.requests, after.total.usage.input_tokens) == (2, 14)
+        assert after.total.cost_usd == (old_row + call_pico) / 1e12
+        assert await ledger.spent_usd("team-b", "day") == (old_spend + call_pico) / 1e12
+        row = await client.hgetall(b_row)
+        assert (int(row["cost_usd_millions"]), int(row["cost_pico"])) == divmod(
+            old_row + call_pico, 10**18
+        )
+        millions = await client.get(f"{prefix}:spend_usd_millions:team-b:{day}")
+        low = await client.get(f"{prefix}:spend:team-b:{day}")
+        assert (int(millions), int(low)) == divmod(old_spend + call_pico, 10**18)
+        assert await client.ttl(f"{prefix}:spend_usd_millions:team-b:{day}") > 0
     finally:
         await client.aclose()
