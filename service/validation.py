@@ -12,7 +12,7 @@ import orjson
 
 from service.config import MAX_LABELS, MAX_MODEL_NAME, RequestDefaults, is_model_name
 from service.domain import ChatRequest, Message, ResponseFormat, ResponseFormatType, Role
-from service.errors import FieldViolation, InvalidRequest
+from service.errors import FieldViolation, InvalidRequest, clipped
 from service.tokens import estimate_prompt_tokens
 
 # Label keys the gateway sets itself (the ledger's overflow row).
@@ -230,6 +230,13 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     return found
 
 
+def _label_field(key: str) -> str:
+    """The path of label `key` in a violation: escaped to ASCII and clipped, as a bad key
+    may hold anything (64 invisible tag characters are 640 escaped, 768 bytes as an emoji
+    in a status message) and ten such paths overflowed the trailers a client accepts."""
+    return f"labels[{clipped(ascii(key[:64]))}]"
+
+
 def label_violations(
     labels: Mapping[str, str], limits: RequestDefaults, *, is_filter: bool = False
 ) -> list[FieldViolation]:
@@ -248,13 +255,13 @@ def label_violations(
     for key, value in itertools.islice(labels.items(), allowed):
         if not _LABEL_KEY.fullmatch(key):
             found.append(
-                FieldViolation(f"labels[{key[:64]!r}]", "key must be 1-64 of A-Z a-z 0-9 _ . - /")
+                FieldViolation(_label_field(key), "key must be 1-64 of A-Z a-z 0-9 _ . - /")
             )
         elif key.startswith(RESERVED_LABEL_PREFIX) and not is_filter:
             # The ledger's overflow row is labelled so: a caller's own would pass for it.
             found.append(
                 FieldViolation(
-                    f"labels[{key!r}]", f"{RESERVED_LABEL_PREFIX}* keys are the gateway's"
+                    _label_field(key), f"{RESERVED_LABEL_PREFIX}* keys are the gateway's"
                 )
             )
         elif key.startswith(RESERVED_LABEL_PREFIX) and OVERFLOW_LABELS.get(key) != value:
@@ -262,16 +269,16 @@ def label_violations(
             overflow = ", ".join(f"{k}: {v!r}" for k, v in OVERFLOW_LABELS.items())
             found.append(
                 FieldViolation(
-                    f"labels[{key!r}]", f"the only {RESERVED_LABEL_PREFIX}* label is {overflow}"
+                    _label_field(key), f"the only {RESERVED_LABEL_PREFIX}* label is {overflow}"
                 )
             )
         elif is_filter:
             if not value.isprintable():
-                found.append(FieldViolation(f"labels[{key!r}]", "value must be printable"))
+                found.append(FieldViolation(_label_field(key), "value must be printable"))
         elif len(value) > limits.max_label_length or not value.isprintable():
             found.append(
                 FieldViolation(
-                    f"labels[{key!r}]",
+                    _label_field(key),
                     f"value must be printable and at most {limits.max_label_length} characters",
                 )
             )

@@ -425,6 +425,44 @@ async def test_a_summarize_over_its_label_limit_is_refused_by_the_count(
     assert upstream.requests == []
 
 
+def _invisible_key(number: int) -> str:
+    """A label key of 64 Unicode tag characters (invisible), one of many told apart."""
+    return chr(0xE0020 + number) * 64
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda stub, labels: stub.Complete(chat(labels=labels)),
+        lambda stub, labels: stub.Summarize(
+            pb.SummarizeRequest(model=FAKE_MODEL, document="A short text.", labels=labels)
+        ),
+        lambda stub, labels: stub.GetUsage(pb.GetUsageRequest(labels=labels)),
+    ],
+    ids=["Complete", "Summarize", "GetUsage"],
+)
+async def test_ten_bad_label_keys_of_invisible_characters_fit_in_the_trailers(
+    upstream, gateway, call
+):
+    """Ten label keys of 64 invisible characters each are INVALID_ARGUMENT with a
+    BadRequest naming ten `labels[...]` fields, each key escaped to ASCII and clipped.
+
+    Before, each key was named by its `repr`, 64 escapes of 10 characters: the status
+    message and its details came to 20 KB of trailers, past the 16 KiB any gRPC client
+    takes, and the caller got RESOURCE_EXHAUSTED "received metadata size exceeds hard
+    limit" with no details in place of its bad request."""
+    labels = {_invisible_key(number): "v" for number in range(10)}
+    error = await rpc_error(call(gateway.stub, labels))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    violations = detail(error, error_details_pb2.BadRequest).field_violations
+    assert len(violations) == 10
+    for violation in violations:
+        assert violation.field.startswith("labels['\\U000e00")
+        assert violation.field.endswith("...]")
+        assert violation.field.isascii()
+    assert upstream.requests == []
+
+
 async def test_messages_over_the_grpc_receive_limit_are_refused_by_grpc(upstream, start_gateway):
     """A message over server.max_receive_message_bytes never reaches the gateway's code."""
     gw = await start_gateway(
