@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 import orjson
@@ -123,9 +123,12 @@ def too_many_tools(count: int) -> FieldViolation:
     return FieldViolation("tools", f"at most {MAX_TOOLS} tools, got {count}")
 
 
-def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> list[FieldViolation]:
-    """Every invalid field of `request`, in field order."""
-    found = model_violations(request.model)
+def chat_request_violations(
+    request: ChatRequest, limits: RequestDefaults, *, prior: Sequence[FieldViolation] = ()
+) -> list[FieldViolation]:
+    """`prior` (found on the wire: unknown enums, counts over their limits), then every
+    invalid field of `request`, in field order."""
+    found = [*prior, *model_violations(request.model)]
     if not request.messages:
         found.append(FieldViolation("messages", "must contain at least one message"))
     elif len(request.messages) > limits.max_messages:
@@ -180,7 +183,9 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     # the event loop to estimate, and cheap to measure.
     overheads = len(request.messages) + len(request.tools) + tool_calls + 1
     bound = (total_chars + schema_chars) * 5 + 8 * overheads
-    is_refused = is_over_bytes or len(request.messages) > limits.max_messages
+    is_refused = (
+        is_over_bytes or len(request.messages) > limits.max_messages or _is_counted_out(prior)
+    )
     if not is_refused and bound > limits.max_prompt_tokens:
         estimate = estimate_prompt_tokens(request.messages, request.tools, response_format)
         if estimate > limits.max_prompt_tokens:
@@ -228,6 +233,12 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     if request.cache.ttl_s is not None and request.cache.ttl_s < 1:
         found.append(FieldViolation("cache.ttl_seconds", "must be >= 1"))
     return found
+
+
+def _is_counted_out(prior: Sequence[FieldViolation]) -> bool:
+    """Whether the wire held more messages, tools or tool calls of a message than allowed:
+    only those allowed were converted, and the estimate of them is not the request's."""
+    return any(v.field in ("messages", "tools") or v.field.endswith(".tool_calls") for v in prior)
 
 
 def _label_field(key: str) -> str:
@@ -397,9 +408,7 @@ def validate_chat_request(
     request: ChatRequest, limits: RequestDefaults, *, prior: list[FieldViolation] | None = None
 ) -> None:
     """Raise `InvalidRequest` listing `prior` and every invalid field of `request`."""
-    found = chat_request_violations(request, limits)
-    if prior:
-        found = prior + found
+    found = chat_request_violations(request, limits, prior=prior or ())
     if found:
         raise InvalidRequest(found)
 
