@@ -124,7 +124,7 @@ async def run_batch(
                     raise item.refusal
                 if item.violations:
                     raise InvalidRequest(
-                        list(item.violations) + chat_request_violations(item.request, limits)
+                        chat_request_violations(item.request, limits, prior=item.violations)
                     )
                 if pace is not None:
                     # Refuse an invalid item, or one for a model no upstream serves, before

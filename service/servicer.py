@@ -703,7 +703,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             message, tenant=current_tenant(), limits=limits
         )
         if violations:
-            raise InvalidRequest(violations + chat_request_violations(request, limits))
+            raise InvalidRequest(chat_request_violations(request, limits, prior=violations))
         return request
 
     async def Complete(

@@ -5,14 +5,14 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 import orjson
 
 from service.config import MAX_LABELS, MAX_MODEL_NAME, RequestDefaults, is_model_name
 from service.domain import ChatRequest, Message, ResponseFormat, ResponseFormatType, Role
-from service.errors import FieldViolation, InvalidRequest
+from service.errors import FieldViolation, InvalidRequest, clipped
 from service.tokens import estimate_prompt_tokens
 
 # Label keys the gateway sets itself (the ledger's overflow row).
@@ -123,9 +123,12 @@ def too_many_tools(count: int) -> FieldViolation:
     return FieldViolation("tools", f"at most {MAX_TOOLS} tools, got {count}")
 
 
-def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> list[FieldViolation]:
-    """Every invalid field of `request`, in field order."""
-    found = model_violations(request.model)
+def chat_request_violations(
+    request: ChatRequest, limits: RequestDefaults, *, prior: Sequence[FieldViolation] = ()
+) -> list[FieldViolation]:
+    """`prior` (found on the wire: unknown enums, counts over their limits), then every
+    invalid field of `request`, in field order."""
+    found = [*prior, *model_violations(request.model)]
     if not request.messages:
         found.append(FieldViolation("messages", "must contain at least one message"))
     elif len(request.messages) > limits.max_messages:
@@ -180,7 +183,9 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     # the event loop to estimate, and cheap to measure.
     overheads = len(request.messages) + len(request.tools) + tool_calls + 1
     bound = (total_chars + schema_chars) * 5 + 8 * overheads
-    is_refused = is_over_bytes or len(request.messages) > limits.max_messages
+    is_refused = (
+        is_over_bytes or len(request.messages) > limits.max_messages or _is_counted_out(prior)
+    )
     if not is_refused and bound > limits.max_prompt_tokens:
         estimate = estimate_prompt_tokens(request.messages, request.tools, response_format)
         if estimate > limits.max_prompt_tokens:
@@ -230,6 +235,19 @@ def chat_request_violations(request: ChatRequest, limits: RequestDefaults) -> li
     return found
 
 
+def _is_counted_out(prior: Sequence[FieldViolation]) -> bool:
+    """Whether the wire held more messages, tools or tool calls of a message than allowed:
+    only those allowed were converted, and the estimate of them is not the request's."""
+    return any(v.field in ("messages", "tools") or v.field.endswith(".tool_calls") for v in prior)
+
+
+def _label_field(key: str) -> str:
+    """The path of label `key` in a violation: escaped to ASCII and clipped, as a bad key
+    may hold anything (64 invisible tag characters are 640 escaped, 768 bytes as an emoji
+    in a status message) and ten such paths overflowed the trailers a client accepts."""
+    return f"labels[{clipped(ascii(key[:64]))}]"
+
+
 def label_violations(
     labels: Mapping[str, str], limits: RequestDefaults, *, is_filter: bool = False
 ) -> list[FieldViolation]:
@@ -248,13 +266,13 @@ def label_violations(
     for key, value in itertools.islice(labels.items(), allowed):
         if not _LABEL_KEY.fullmatch(key):
             found.append(
-                FieldViolation(f"labels[{key[:64]!r}]", "key must be 1-64 of A-Z a-z 0-9 _ . - /")
+                FieldViolation(_label_field(key), "key must be 1-64 of A-Z a-z 0-9 _ . - /")
             )
         elif key.startswith(RESERVED_LABEL_PREFIX) and not is_filter:
             # The ledger's overflow row is labelled so: a caller's own would pass for it.
             found.append(
                 FieldViolation(
-                    f"labels[{key!r}]", f"{RESERVED_LABEL_PREFIX}* keys are the gateway's"
+                    _label_field(key), f"{RESERVED_LABEL_PREFIX}* keys are the gateway's"
                 )
             )
         elif key.startswith(RESERVED_LABEL_PREFIX) and OVERFLOW_LABELS.get(key) != value:
@@ -262,16 +280,16 @@ def label_violations(
             overflow = ", ".join(f"{k}: {v!r}" for k, v in OVERFLOW_LABELS.items())
             found.append(
                 FieldViolation(
-                    f"labels[{key!r}]", f"the only {RESERVED_LABEL_PREFIX}* label is {overflow}"
+                    _label_field(key), f"the only {RESERVED_LABEL_PREFIX}* label is {overflow}"
                 )
             )
         elif is_filter:
             if not value.isprintable():
-                found.append(FieldViolation(f"labels[{key!r}]", "value must be printable"))
+                found.append(FieldViolation(_label_field(key), "value must be printable"))
         elif len(value) > limits.max_label_length or not value.isprintable():
             found.append(
                 FieldViolation(
-                    f"labels[{key!r}]",
+                    _label_field(key),
                     f"value must be printable and at most {limits.max_label_length} characters",
                 )
             )
@@ -390,9 +408,7 @@ def validate_chat_request(
     request: ChatRequest, limits: RequestDefaults, *, prior: list[FieldViolation] | None = None
 ) -> None:
     """Raise `InvalidRequest` listing `prior` and every invalid field of `request`."""
-    found = chat_request_violations(request, limits)
-    if prior:
-        found = prior + found
+    found = chat_request_violations(request, limits, prior=prior or ())
     if found:
         raise InvalidRequest(found)
 

@@ -241,6 +241,50 @@ async def test_a_metered_batch_item_refused_by_its_counts_is_not_estimated(
     assert len(upstream.requests) == 1
 
 
+@pytest.mark.parametrize("rpc", ["Complete", "CompleteStream", "CompleteBatch"])
+@pytest.mark.parametrize(
+    ("fields", "violation"),
+    [
+        ({"messages": [_message("hello " * 100)] * 9}, ("messages", "at most 8 messages, got 9")),
+        (
+            {"tools": [pb.Tool(name=f"tool_{number}") for number in range(129)]},
+            ("tools", "at most 128 tools, got 129"),
+        ),
+    ],
+    ids=["messages", "tools"],
+)
+async def test_a_request_over_a_count_is_refused_by_it_not_by_an_estimate_of_a_part(
+    upstream, start_gateway, rpc, fields, violation
+):
+    """A request of more messages (or tools) than allowed is refused by their count
+    alone: only as many as allowed are converted, and they are not estimated.
+
+    Before, the ones converted were estimated against `max_prompt_tokens` as though
+    they were the request: a second violation on `messages`, "about 1635 tokens", gave
+    a count of part of the prompt as the request's (and the README says a request over
+    `max_messages` is not estimated)."""
+    gw = await start_gateway(gateway_config(upstream.base_url, defaults=LIMITS))
+    wire = {"model": FAKE_MODEL, "messages": [_message("hi")], **fields}
+    if rpc == "Complete":
+        error = await rpc_error(gw.stub.Complete(pb.CompleteRequest(**wire)))
+        status = (error.code().value[0], detail(error, error_details_pb2.BadRequest))
+    elif rpc == "CompleteStream":
+        error = await stream_error(gw.stub.CompleteStream(pb.CompleteStreamRequest(**wire)))
+        status = (error.code().value[0], detail(error, error_details_pb2.BadRequest))
+    else:
+        item = pb.BatchItem(id="over", request=pb.CompleteRequest(**wire))
+        batch = pb.CompleteBatchRequest(items=[item])
+        events = [e async for e in gw.stub.CompleteBatch(batch)]
+        (error_status,) = [e.result.error for e in events if e.HasField("result")]
+        bad_request = error_details_pb2.BadRequest()
+        assert error_status.details[0].Unpack(bad_request)
+        status = (error_status.code, bad_request)
+    code, bad_request = status
+    assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert [(v.field, v.description) for v in bad_request.field_violations] == [violation]
+    assert upstream.requests == []
+
+
 def _label_entries(count: int, *, field: int = 6) -> bytes:
     """`count` labels (a CompleteRequest's field 6, else `field`) with distinct keys and
     empty values, as on the wire."""
@@ -422,6 +466,44 @@ async def test_a_summarize_over_its_label_limit_is_refused_by_the_count(
         ("labels", "at most 4 labels, got 40")
     ]
     assert checked == [LIMITS["max_labels"]]
+    assert upstream.requests == []
+
+
+def _invisible_key(number: int) -> str:
+    """A label key of 64 Unicode tag characters (invisible), one of many told apart."""
+    return chr(0xE0020 + number) * 64
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda stub, labels: stub.Complete(chat(labels=labels)),
+        lambda stub, labels: stub.Summarize(
+            pb.SummarizeRequest(model=FAKE_MODEL, document="A short text.", labels=labels)
+        ),
+        lambda stub, labels: stub.GetUsage(pb.GetUsageRequest(labels=labels)),
+    ],
+    ids=["Complete", "Summarize", "GetUsage"],
+)
+async def test_ten_bad_label_keys_of_invisible_characters_fit_in_the_trailers(
+    upstream, gateway, call
+):
+    """Ten label keys of 64 invisible characters each are INVALID_ARGUMENT with a
+    BadRequest naming ten `labels[...]` fields, each key escaped to ASCII and clipped.
+
+    Before, each key was named by its `repr`, 64 escapes of 10 characters: the status
+    message and its details came to 20 KB of trailers, past the 16 KiB any gRPC client
+    takes, and the caller got RESOURCE_EXHAUSTED "received metadata size exceeds hard
+    limit" with no details in place of its bad request."""
+    labels = {_invisible_key(number): "v" for number in range(10)}
+    error = await rpc_error(call(gateway.stub, labels))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    violations = detail(error, error_details_pb2.BadRequest).field_violations
+    assert len(violations) == 10
+    for violation in violations:
+        assert violation.field.startswith("labels['\\U000e00")
+        assert violation.field.endswith("...]")
+        assert violation.field.isascii()
     assert upstream.requests == []
 
 
