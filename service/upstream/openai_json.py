@@ -52,8 +52,9 @@ _FAILED_FINISH_REASONS = frozenset(
     }
 )
 _DONE = "[DONE]"  # the data of a stream's last event
-# Far beyond any real call (no model takes a billion-token prompt); priced even at
-# $2,000 a million tokens, one call stays within the ledgers' int64 pico-dollar counters.
+# Far beyond any real call (no model takes a billion-token prompt), and the most one call
+# adds to a Redis usage row's 64-bit token counts (`service.ledger` leaves a row alone
+# within this of 2^63). Its cost may pass 2^63 pico-dollars: the ledgers count it exactly.
 _MAX_TOKEN_COUNT = 2**32
 # What a tool without parameters sends: some servers refuse a function without them.
 _NO_PARAMETERS = orjson.Fragment(b'{"type":"object","properties":{}}')
