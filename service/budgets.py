@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 
-from service.calibration import at_least_estimate
+from service.calibration import TokenCalibration
 from service.config import ANY_TENANT, BudgetConfig
 from service.domain import ChatRequest, Usage
 from service.errors import QuotaExceeded
@@ -178,17 +178,20 @@ class BudgetHold:
         await self.close()
 
     def reserving(
-        self, request: ChatRequest, *, prompt_tokens: int, calibration: float
+        self, request: ChatRequest, *, prompt_tokens: int, calibration: TokenCalibration
     ) -> contextlib.AbstractAsyncContextManager[None]:
         """Reserve before the body (or raise `QuotaExceeded`); hand over or release after.
 
-        `prompt_tokens`: the prompt's estimate; `calibration`: its tenant's factor for
-        the model, which the prompt is reserved at (`at_least_estimate`), as it is billed
-        when the upstream reports no count.
+        `prompt_tokens`: the prompt's estimate, reserved as `calibration` bills it when
+        the upstream reports no count (`TokenCalibration.billed_tokens`), looked up only
+        where a budget applies.
         """
         if not self._budgets.has_any:
             return _NOTHING_TO_RESERVE
-        return _Reserving(self, request, at_least_estimate(prompt_tokens, calibration))
+        billed = calibration.billed_tokens(
+            request.model, request.tenant, estimated_tokens=prompt_tokens
+        )
+        return _Reserving(self, request, billed)
 
     async def _reserve(self, request: ChatRequest, prompt_tokens: int) -> Reservation | None:
         reservation = await self._budgets.reserve(request, prompt_tokens=prompt_tokens)

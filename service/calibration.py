@@ -47,6 +47,9 @@ class _Ratio:
     mean: float
     samples: int
     is_refused: bool = False  # an upstream refused a prompt as too long: the mean counts now
+    # The mean of reported ratios alone (`observe`'s), for billing: a refusal's bound says
+    # the upstream's window is smaller, perhaps, not that it counts the text higher.
+    reported: float = 0.0
 
 
 class TokenCalibration:
@@ -89,9 +92,11 @@ class TokenCalibration:
         ratio = min(max(reported_tokens / estimated_tokens, self._lowest), self._highest)
         known = self._ratios.get((tenant, model))
         if known is None:
-            self._ratios[tenant, model] = _Ratio(ratio, 1)
+            self._ratios[tenant, model] = _Ratio(ratio, 1, reported=ratio)
             return
         known.mean += self.weight * (ratio - known.mean)
+        # The first report after a refusal (which made the entry) starts its own mean.
+        known.reported += self.weight * (ratio - known.reported) if known.samples else ratio
         known.samples += 1
 
     def refused_as_too_long(
@@ -124,8 +129,15 @@ class TokenCalibration:
         return min(self.ceiling, max(self.floor, known.mean * (1 + self.margin)))
 
     def billed_tokens(self, model: str, tenant: str, *, estimated_tokens: int) -> int:
-        """`at_least_estimate` of a prompt of `tenant` for `model`, with the factor now."""
-        return at_least_estimate(estimated_tokens, self.factor(model, tenant))
+        """`at_least_estimate` of a prompt of `tenant` for `model`, with the factor its
+        reported prompt counts alone teach (as `factor`, once `min_samples` reported):
+        a refusal as too long raises `factor` to fit prompts into a window that may be
+        smaller than the catalog's, which says nothing of what the upstream bills."""
+        known = self._ratios.get((tenant, model))
+        if known is None or known.samples < self.min_samples:
+            return estimated_tokens
+        factor = min(self.ceiling, max(self.floor, known.reported * (1 + self.margin)))
+        return at_least_estimate(estimated_tokens, factor)
 
     def samples(self, model: str, tenant: str) -> int:
         """How many answers calibrated `model` for `tenant` so far."""

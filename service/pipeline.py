@@ -453,7 +453,7 @@ class Pipeline:
         # Handed over inside: a call whose caller left is recorded before its reservation
         # is released, so its cost counts all along, reserved or spent.
         async with hold.reserving(
-            request, prompt_tokens=prepared.prompt_tokens, calibration=prepared.calibration
+            request, prompt_tokens=prepared.prompt_tokens, calibration=self.calibration
         ):
             try:
                 try:
@@ -637,7 +637,7 @@ class Pipeline:
         relayed: list[TextChunk] = []
         end: StreamEnd | None = None
         async with hold.reserving(
-            request, prompt_tokens=prepared.prompt_tokens, calibration=prepared.calibration
+            request, prompt_tokens=prepared.prompt_tokens, calibration=self.calibration
         ):
             # Closed here, at once, when this stream is: not later by a GC hook's own task.
             upstream = cast(

@@ -426,6 +426,30 @@ async def test_an_upstream_refusing_a_prompt_as_too_long_corrects_the_calibratio
     assert len(upstream_small.requests) == sent  # refused by the gateway this time
 
 
+async def test_a_refusal_as_too_long_moves_no_bill_of_an_estimated_prompt(
+    upstream_small, start_gateway
+):
+    """An upstream refuses a prompt far inside the catalog's window as too long (its own
+    window is smaller): the calibration fitting prompts rises at once, but an answer
+    without usage is still billed its prompt's plain estimate, as before the refusal.
+    Refusals say where the window is, not what the upstream bills: before, the factor
+    the refusal set (up to four) multiplied every estimated bill while the process ran."""
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    small = conversation(1, mode=pb.TRUNCATION_MODE_NONE)
+    small.cache.mode = pb.CACHE_MODE_BYPASS
+    upstream_small.default = Reply(include_usage=False)
+    before = (await gateway.stub.Complete(small)).metadata.usage
+    upstream_small.default = Status(400, body=OPENAI_TOO_LONG)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.Complete(small)
+    assert gateway.server.pipeline.calibration.factor(FAKE_MODEL, "default") > 1.0
+    upstream_small.default = Reply(include_usage=False)
+    after = (await gateway.stub.Complete(small)).metadata.usage
+    assert before.estimated
+    assert after.estimated
+    assert after.input_tokens == before.input_tokens
+
+
 def counting_more_than_estimated(body):
     """An upstream whose tokenizer counts 1.3 times the estimate (plain-ASCII Swahili, say):
     it refuses a prompt that, with the max_tokens asked, is over the window, with its

@@ -149,3 +149,15 @@ def test_a_prompt_is_billed_at_its_calibrated_estimate_never_below_the_plain_one
 def test_at_least_estimate_rounds_up_and_never_goes_below_the_estimate(estimated, factor, expected):
     """`at_least_estimate` is the estimate times the factor, rounded up, or the estimate."""
     assert at_least_estimate(estimated, factor) == expected
+
+
+def test_a_refusal_raises_the_fitting_factor_but_not_the_billed_estimate():
+    """`refused_as_too_long` raises `factor` at once (prompts are fitted lower), while
+    `billed_tokens` learns from reported counts alone: the refusal's bound may be a
+    smaller window than the catalog's, which says nothing of what the upstream bills."""
+    calibration = TokenCalibration()
+    calibration.refused_as_too_long("m", "t", estimated_tokens=100, room_tokens=3000)
+    assert calibration.factor("m", "t") == 4.0
+    assert calibration.billed_tokens("m", "t", estimated_tokens=1001) == 1001
+    feed(calibration, 1.3, 3)  # then three answers report 1.3 times the estimate
+    assert calibration.billed_tokens("m", "t", estimated_tokens=1001) == 1432
