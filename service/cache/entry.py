@@ -93,6 +93,11 @@ _SCALAR_FIELDS: dict[type, tuple[tuple[str, tuple[type, ...]], ...]] = {
 }
 
 
+def _has_text(text: str) -> bool:
+    """Whether `text` holds more than whitespace."""
+    return bool(text) and not text.isspace()
+
+
 def _typed(cls: type[T], values: dict[str, Any]) -> T:
     """`cls(**values)`, refusing a scalar of the wrong type: JSON that parses but would
     fail only when the hit is turned into a response."""
@@ -134,12 +139,12 @@ class CachedAnswer:
     def is_cacheable(self) -> bool:
         """Whether the answer may be stored: a stop, length or tool-call finish with
         something in it. An empty one is most often a provider's glitch (a null message),
-        which a stored entry would serve for its whole TTL. Text of whitespace alone is
-        none, as validation and Summarize read it: sent back, it is refused as empty."""
+        which a stored entry would serve for its whole TTL. Text (or reasoning) of
+        whitespace alone is none, as validation and Summarize read it: sent back, it is
+        refused as empty."""
         answer = self.completion
-        has_text = bool(answer.content) and not answer.content.isspace()
         return answer.finish_reason in CACHEABLE_FINISH_REASONS and (
-            has_text or bool(answer.tool_calls or answer.reasoning)
+            _has_text(answer.content) or _has_text(answer.reasoning) or bool(answer.tool_calls)
         )
 
     def encode(self) -> bytes:

@@ -154,8 +154,9 @@ class CacheStore:
         if now < self._cooling_until:
             self.stats.unavailable += 1
             return True
-        # Past it: this operation tries the store, and the others skip it meanwhile.
-        self._cooling_until = now + self._config.error_cooldown_s
+        # Past it: this operation tries the store, and the others skip it meanwhile, for
+        # as long as it may take too (a timeout longer than the cool-down: one at a time).
+        self._cooling_until = now + self._config.error_cooldown_s + (self._timeout_s or 0.0)
         return False
 
     def _answered(self) -> None:

@@ -87,11 +87,14 @@ def test_only_stop_length_and_tool_calls_are_cacheable(
         (" \n\t", "", False),
         ("\u3000", "", False),
         (" \n", "thought", True),
+        ("", "\n\n", False),  # reasoning of whitespace alone is none either
+        (" ", " \n", False),
+        ("x", "\n", True),
     ],
 )
 def test_text_of_whitespace_alone_is_no_text(content: str, reasoning: str, cacheable: bool) -> None:
-    """An answer whose text is whitespace alone is empty, as an empty one is, unless it
-    has reasoning (or tool calls)."""
+    """An answer whose text and reasoning are whitespace alone is empty, as an empty one
+    is, unless it has tool calls: a provider's blank reply, served for its whole TTL."""
     completion = Completion("i", "m", content, FinishReason.STOP, Usage(), 0.0, "u")
     answer = CachedAnswer.of_unary(dataclasses.replace(completion, reasoning=reasoning))
     assert answer.is_cacheable is cacheable
