@@ -634,10 +634,12 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         unclean = {i: r for i, r in stopped.items() if not _ended_cleanly(r)}
         failed_drains = [i for i, r in unclean.items() if _said_draining(r.ready)]
         for index, run in unclean.items():
-            if index not in failed_drains and (is_up or stopping.is_set()):
-                ended = _how_it_ended(run.process.exitcode)
-                pid = run.process.pid
-                log.warning("workers.worker_died", extra={"index": index, "pid": pid, **ended})
+            ended = {"index": index, "pid": run.process.pid, **_how_it_ended(run.process.exitcode)}
+            if index in failed_drains:
+                # The status 1 alone would leave the operator to guess which worker, and how.
+                log.error("workers.drain_failed", extra=ended)
+            elif is_up or stopping.is_set():
+                log.warning("workers.worker_died", extra=ended)
         for task in (started, stop, any_exit):
             task.cancel()
         # Awaited, not left to asyncio.run's shutdown: a gather whose workers had not said

@@ -717,7 +717,10 @@ async def test_a_worker_killed_while_it_drains_fails_the_stop(
 ) -> None:
     """A worker killed while it drains a call after SIGTERM: the stop did not end as asked
     (its callers lost their calls), status 1, as before; only a death before the stop
-    reached the worker leaves the status 0."""
+    reached the worker leaves the status 0. The supervisor says which worker and how.
+
+    Before, the status 1 came with no line saying why: a drain cut by the OOM killer
+    looked like a clean stop in the log."""
     upstream.script(Hang())
     server = {"grace_period_s": 120.0}
     path = _write_config(tmp_path, upstream.base_url, server=server)
@@ -740,6 +743,9 @@ async def test_a_worker_killed_while_it_drains_fails_the_stop(
             _killed_if_running(workers)
     assert killed != []
     assert code == 1
+    failed = log.events("workers.drain_failed")  # the idle one may have been killed too
+    assert failed != []
+    assert all(_pid(line) in killed and "signal=SIGKILL" in line for line in failed)
 
 
 def _failing_replacements(error: str) -> str:
