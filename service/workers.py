@@ -464,6 +464,21 @@ def _how_it_ended(exitcode: int | None) -> dict[str, object]:
         return {"signal": -exitcode}
 
 
+def _why_the_start_failed(runs: list[_Run]) -> dict[str, object]:
+    """What `workers.start_failed` says of the first start's `runs` (one per worker, in
+    order): the first that exited (`index`, `pid`, and `exit_code` or `signal`), else
+    those that had not listened in time (`not_listening`, `timeout_s`).
+
+    A worker killed as it starts (the OOM killer, as every worker imports at once) prints
+    nothing of its own: without this the status 1 would be all there is to go on.
+    """
+    for index, run in enumerate(runs):
+        if run.exited.done():
+            return {"index": index, "pid": run.process.pid, **_how_it_ended(run.process.exitcode)}
+    late = [index for index, run in enumerate(runs) if not run.listened]
+    return {"not_listening": late, "timeout_s": _WORKER_START_TIMEOUT_S}
+
+
 def _a_crash_loop(worker: _Worker, now: float, *, forget: bool) -> bool:
     """Count a death of `worker` at `now` (forgetting those older than the window if
     `forget`); whether it makes a crash loop, logged `workers.crash_loop`."""
@@ -621,7 +636,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
             # A worker closed its pipe without listening: wait for its exit (its status).
             await asyncio.wait([any_exit, stop], return_when=asyncio.FIRST_COMPLETED)
         if not stopping.is_set() and not is_up:
-            log.error("workers.start_failed")
+            log.error("workers.start_failed", extra=_why_the_start_failed(runs))
         # Those running now, a replacement still starting included; none is started after.
         stopped = {w.index: w.run for w in workers if w.run is not None}
         runs = list(stopped.values())
@@ -634,10 +649,12 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         unclean = {i: r for i, r in stopped.items() if not _ended_cleanly(r)}
         failed_drains = [i for i, r in unclean.items() if _said_draining(r.ready)]
         for index, run in unclean.items():
-            if index not in failed_drains and (is_up or stopping.is_set()):
-                ended = _how_it_ended(run.process.exitcode)
-                pid = run.process.pid
-                log.warning("workers.worker_died", extra={"index": index, "pid": pid, **ended})
+            ended = {"index": index, "pid": run.process.pid, **_how_it_ended(run.process.exitcode)}
+            if index in failed_drains:
+                # The status 1 alone would leave the operator to guess which worker, and how.
+                log.error("workers.drain_failed", extra=ended)
+            elif is_up or stopping.is_set():
+                log.warning("workers.worker_died", extra=ended)
         for task in (started, stop, any_exit):
             task.cancel()
         # Awaited, not left to asyncio.run's shutdown: a gather whose workers had not said

@@ -259,6 +259,51 @@ async def test_a_config_error_found_at_start_exits_2_at_once(tmp_path, workers):
     assert b"Traceback" not in err
 
 
+def _signalled_at_start(sig: signal.Signals) -> str:
+    """Code for the supervisor: worker 0's first process gets `sig` as soon as it is
+    started, before it can listen."""
+    return (
+        "import os, signal\n"
+        "start = workers._start\n"
+        "def signalled(worker, *args, **kwargs):\n"
+        "    run = start(worker, *args, **kwargs)\n"
+        f"    if worker.index == 0: os.kill(run.process.pid, {int(sig)})\n"
+        "    return run\n"
+        "workers._start = signalled\n"
+    )
+
+
+async def test_a_worker_killed_before_it_listens_is_named_in_the_start_failure(tmp_path):
+    """A worker killed during the first start (the OOM killer, as every worker imports at
+    once): status 1, and `workers.start_failed` says which worker died and how.
+
+    Before, the line said nothing more, and a killed worker prints nothing of its own.
+    """
+    setup = _signalled_at_start(signal.SIGKILL)
+    args = ("--config", str(_write_config(tmp_path)), "--workers", "2")
+    async with _serve_logged(*args, setup=setup) as (process, log):
+        async with asyncio.timeout(_HANG_GUARD_S):
+            code = await process.wait()
+        failed = await log.nth("workers.start_failed")
+    assert code == 1
+    assert " index=0 " in failed
+    assert "signal=SIGKILL" in failed
+
+
+async def test_a_worker_that_never_listens_is_named_in_the_start_failure(tmp_path):
+    """A worker that has not listened when the first start's time is up: status 1, and
+    `workers.start_failed` names it among those that had not listened."""
+    setup = _signalled_at_start(signal.SIGSTOP)  # stopped: it never listens
+    constants = {"_WORKER_START_TIMEOUT_S": 2.0, "_UNREADY_KILL_AFTER_S": 0.1}
+    args = ("--config", str(_write_config(tmp_path)), "--workers", "2")
+    async with _serve_logged(*args, constants=constants, setup=setup) as (process, log):
+        async with asyncio.timeout(_HANG_GUARD_S):
+            code = await process.wait()
+        failed = await log.nth("workers.start_failed")
+    assert code == 1
+    assert re.search(r" not_listening=\[0(, 1)?\] timeout_s=2.0", failed), failed
+
+
 async def test_each_line_names_the_worker_or_the_supervisor_that_wrote_it(tmp_path):
     """`serve --workers 2`: each worker's lines end `worker=0` or `worker=1`, the
     supervisor's `worker=supervisor`.
@@ -717,7 +762,10 @@ async def test_a_worker_killed_while_it_drains_fails_the_stop(
 ) -> None:
     """A worker killed while it drains a call after SIGTERM: the stop did not end as asked
     (its callers lost their calls), status 1, as before; only a death before the stop
-    reached the worker leaves the status 0."""
+    reached the worker leaves the status 0. The supervisor says which worker and how.
+
+    Before, the status 1 came with no line saying why: a drain cut by the OOM killer
+    looked like a clean stop in the log."""
     upstream.script(Hang())
     server = {"grace_period_s": 120.0}
     path = _write_config(tmp_path, upstream.base_url, server=server)
@@ -740,6 +788,9 @@ async def test_a_worker_killed_while_it_drains_fails_the_stop(
             _killed_if_running(workers)
     assert killed != []
     assert code == 1
+    failed = log.events("workers.drain_failed")  # the idle one may have been killed too
+    assert failed != []
+    assert all(_pid(line) in killed and "signal=SIGKILL" in line for line in failed)
 
 
 def _failing_replacements(error: str) -> str:
