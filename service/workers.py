@@ -56,6 +56,11 @@ _RESTART_START_TIMEOUT_S = _WORKER_START_TIMEOUT_S
 # SIGKILL this long after: a start stuck in a system call (a file on a stuck mount) never
 # acts on SIGTERM, and it has no calls to drain.
 _UNREADY_KILL_AFTER_S = 5.0
+# A worker that listened gets SIGKILL this long past its grace period after SIGTERM if it
+# has not exited: its drain takes the grace, then its telemetry's flush (an OTLP export's
+# own 30 s at most). One that hangs (a loop blocked for good, SIGSTOP) kept the
+# supervisor, and the port, for ever, where only an orchestrator would kill it.
+_DRAIN_KILL_MARGIN_S = 60.0
 
 # A worker that dies while the gateway serves is started again after 1 s, 2 s, 4 s, 8 s
 # for its 1st to 4th death within _CRASH_LOOP_WINDOW_S: at once would spin on a worker
@@ -373,6 +378,8 @@ class _Run:
     listened: bool = False
     # Killed with SIGKILL by the supervisor, as one that never listened may be.
     killed: bool = False
+    # Killed with SIGKILL by the supervisor past its grace period and margin, draining.
+    drain_killed: bool = False
     # Where the local model's changes are sent, when the supervisor runs one.
     local_model: _LocalModelPipe | None = None
 
@@ -421,11 +428,13 @@ def _start(worker: _Worker, log_level: str, local_model: LocalModelServer | None
     return run
 
 
-async def _stop(run: _Run) -> None:
-    """SIGTERM to `run`'s worker and wait for its exit (it drains its calls first); one
-    that has not listened gets SIGKILL if it has not exited _UNREADY_KILL_AFTER_S later."""
+async def _stop(run: _Run, *, grace_s: float) -> None:
+    """SIGTERM to `run`'s worker and wait for its exit (it drains its calls first, within
+    `grace_s`); one that has not listened gets SIGKILL if it has not exited
+    _UNREADY_KILL_AFTER_S later, one that has, _DRAIN_KILL_MARGIN_S past `grace_s`."""
     pid = run.process.pid
     assert pid is not None  # started
+    drained_by = asyncio.get_running_loop().time() + grace_s + _DRAIN_KILL_MARGIN_S
     if run.process.exitcode is None:  # its status read (reaped) first: no pid reused
         os.kill(pid, signal.SIGTERM)
     with contextlib.suppress(TimeoutError):
@@ -436,6 +445,12 @@ async def _stop(run: _Run) -> None:
     if not listened and not run.exited.done() and run.process.exitcode is None:
         os.kill(pid, signal.SIGKILL)
         run.killed = True
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout_at(drained_by):
+            await asyncio.shield(run.exited)
+    if not run.exited.done() and run.process.exitcode is None:
+        os.kill(pid, signal.SIGKILL)
+        run.drain_killed = True
     await asyncio.shield(run.exited)
 
 
@@ -539,7 +554,7 @@ async def _keep(
                 "workers.start_timed_out",
                 extra={"index": worker.index, "pid": run.process.pid, **timeout},
             )
-            await _stop(run)
+            await _stop(run, grace_s=worker.config.server.grace_period_s)
 
 
 async def _keep_serving(
@@ -640,17 +655,21 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         # Those running now, a replacement still starting included; none is started after.
         stopped = {w.index: w.run for w in workers if w.run is not None}
         runs = list(stopped.values())
-        await asyncio.gather(*(_stop(r) for r in runs))
+        grace_s = config.server.grace_period_s
+        await asyncio.gather(*(_stop(r, grace_s=grace_s) for r in runs))
         for run in runs:
             run.close_local_model()
         # A worker that ended badly before the stop reached it (killed or crashed as the
         # stop came, whichever the supervisor saw first) is a death, not a failed stop;
         # one that ended badly while it drained is a failed stop.
         unclean = {i: r for i, r in stopped.items() if not _ended_cleanly(r)}
-        failed_drains = [i for i, r in unclean.items() if _said_draining(r.ready)]
+        failed_drains = [i for i, r in unclean.items() if r.drain_killed or _said_draining(r.ready)]
         for index, run in unclean.items():
             ended = {"index": index, "pid": run.process.pid, **_how_it_ended(run.process.exitcode)}
-            if index in failed_drains:
+            if run.drain_killed:
+                hung = {"after_s": grace_s + _DRAIN_KILL_MARGIN_S}
+                log.error("workers.drain_killed", extra={**ended, **hung})
+            elif index in failed_drains:
                 # The status 1 alone would leave the operator to guess which worker, and how.
                 log.error("workers.drain_failed", extra=ended)
             elif is_up or stopping.is_set():

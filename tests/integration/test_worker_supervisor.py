@@ -793,6 +793,37 @@ async def test_a_worker_killed_while_it_drains_fails_the_stop(
     assert all(_pid(line) in killed and "signal=SIGKILL" in line for line in failed)
 
 
+async def test_a_worker_hung_while_it_drains_is_killed_past_its_grace(tmp_path: Path) -> None:
+    """A worker that listened and then hangs (SIGSTOP here; a loop blocked for good)
+    does not exit on SIGTERM: the supervisor kills it its margin past the grace period,
+    logs `workers.drain_killed` naming it, and exits 1, a stop that did not end as asked.
+
+    Before, the supervisor waited for it for ever, holding the port."""
+    server = {"grace_period_s": 0.2}
+    path = _write_config(tmp_path, server=server)
+    constants = {"_DRAIN_KILL_MARGIN_S": 0.3}
+    async with _serve_logged("--config", str(path), "--workers", "2", constants=constants) as (
+        process,
+        log,
+    ):
+        await _listening(process)
+        workers = _worker_pids(process.pid)
+        hung = workers[0]
+        try:
+            os.kill(hung, signal.SIGSTOP)
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                code = await process.wait()
+        finally:
+            _killed_if_running(workers)
+    assert code == 1
+    killed = log.events("workers.drain_killed")
+    assert len(killed) == 1
+    assert _pid(killed[0]) == hung
+    assert "signal=SIGKILL" in killed[0]
+    assert " after_s=0.5" in killed[0]
+
+
 def _failing_replacements(error: str) -> str:
     """Code for the supervisor: every start after the first two raises `error`."""
     return (
