@@ -47,12 +47,14 @@ from service.upstream.openai_json import (
     MalformedReply,
     ReportedError,
     StreamParser,
+    body_without_stream_options,
     error_status,
     is_json_or_cut,
     parse_completion,
     says_content_flagged,
     says_context_exceeded,
     says_out_of_credit,
+    says_stream_options_unknown,
     unary_body,
 )
 from service.upstream.proxy import Proxy, choose_proxy
@@ -402,6 +404,7 @@ class UpstreamClient:
         self._pool: HttpPool | None = None
         # Holds no state of a call; logs causes once a minute, so it lives as long as we do.
         self._translated_errors = _TranslatedErrors(self.name, logs_causes=True)
+        self._omits_stream_options = False  # the upstream refused them once
 
     async def __aenter__(self) -> UpstreamClient:
         if self._pool is None:
@@ -569,6 +572,35 @@ class UpstreamClient:
             on_status(response.status)
         return response
 
+    async def _post_stream(
+        self,
+        call: UpstreamCall,
+        on_sent: Callable[[], None] | None,
+        on_status: Callable[[int], None] | None,
+    ) -> Response:
+        """`_post` for a stream. The body asks for the stream's usage in `stream_options`;
+        an upstream that refuses the field (a 400 naming it: Azure OpenAI before API
+        version 2024-09-01-preview) is asked again at once without it, and never sent it
+        again, rather than every stream failing as the caller's bad request."""
+        if self._omits_stream_options:
+            return await self._post(self._without_stream_options(call), on_sent, on_status)
+        response = await self._post(call, on_sent, on_status)
+        if response.status != 400:
+            return response
+        try:
+            body = await _read_answer(response)
+        finally:
+            response.release()
+        if not says_stream_options_unknown(body):
+            raise self._error_for_status(response, body)
+        self._omits_stream_options = True
+        log.warning("upstream.stream_options_refused", extra={"upstream": self.name})
+        return await self._post(self._without_stream_options(call), on_sent, on_status)
+
+    @staticmethod
+    def _without_stream_options(call: UpstreamCall) -> UpstreamCall:
+        return dataclasses.replace(call, body=body_without_stream_options(call.body))
+
     async def complete(
         self,
         call: UpstreamCall,
@@ -710,7 +742,7 @@ class UpstreamClient:
         with self._translated_errors:
             try:
                 async with asyncio.timeout_at(deadline) as waiting:
-                    response = await self._post(call, on_sent, on_status)
+                    response = await self._post_stream(call, on_sent, on_status)
             except TimeoutError as exc:
                 if first_output_by is None or not waiting.expired():  # a connect's own
                     raise

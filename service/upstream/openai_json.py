@@ -149,6 +149,13 @@ def unary_body(stream_body: bytes) -> bytes:
     return orjson.dumps(body)
 
 
+def body_without_stream_options(stream_body: bytes) -> bytes:
+    """A streamed request's body (`request_body(stream=True)`) without its `stream_options`."""
+    body = orjson.loads(stream_body)
+    body.pop("stream_options", None)
+    return orjson.dumps(body)
+
+
 def _message_json(message: Message, reasoning_field: str) -> dict[str, Any]:
     """A message with tool calls (content null when empty), answering one, or with reasoning."""
     data: dict[str, Any] = {"role": message.role.value, "content": message.content}
@@ -834,6 +841,17 @@ def says_out_of_credit(body: bytes) -> bool:
     return isinstance(error, dict) and any(
         error.get(key) == "insufficient_quota" for key in ("code", "type")
     )
+
+
+def says_stream_options_unknown(body: bytes) -> bool:
+    """Whether an error body refuses the request's `stream_options` as a field it does not
+    know: Azure OpenAI before API version 2024-09-01-preview answers "Unrecognized request
+    argument supplied: stream_options", others "Unknown parameter: 'stream_options'"."""
+    explanation = error_explanation(body)
+    if explanation is None:
+        return False
+    message, param, _ = explanation
+    return param == "stream_options" or "stream_options" in message
 
 
 def says_context_exceeded(body: bytes) -> bool:

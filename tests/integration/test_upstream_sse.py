@@ -18,7 +18,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
 from tests.conftest import FAKE_MODEL, chat_stream, gateway_config, gateway_config_data
 from tests.integration.test_resilience import error_details
-from tests.integration.test_upstream_http import read_request, settled
+from tests.integration.test_upstream_http import read_request, serving, settled
 
 DETERMINISTIC = pb.GenerationParams(temperature=0.0)
 
@@ -588,3 +588,56 @@ async def test_a_provider_stream_ended_before_any_event_is_a_malformed_answer(
         gateway = await start_gateway(gateway_config(url))
         text, final, error = await relay(gateway, chat_stream("hi"))
     assert_failed_before_any_text(text, final, error)
+
+
+# Azure OpenAI's answer, before API version 2024-09-01-preview, to a field it does not know.
+UNKNOWN_STREAM_OPTIONS = orjson.dumps(
+    {
+        "error": {
+            "message": "Unrecognized request argument supplied: stream_options",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+)
+
+
+async def test_an_upstream_that_refuses_stream_options_streams_without_them(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """An upstream that answers 400 to `stream_options` (which asks for the stream's usage)
+    is asked again at once without it, and not sent it again: the streams are served.
+
+    Before, every stream failed INVALID_ARGUMENT, the caller told its request was bad for
+    a field the gateway adds, while unary calls to the same upstream were served."""
+    bodies: list[dict[str, Any]] = []
+
+    async def azure_2024_06(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, raw = await read_request(reader)
+            bodies.append(orjson.loads(raw))
+            status, media, answer = (
+                b"200 OK",
+                b"text/event-stream",
+                chunk("Hel") + chunk("lo", "stop") + DONE,
+            )
+            if "stream_options" in bodies[-1]:
+                status, media, answer = (
+                    b"400 Bad Request",
+                    b"application/json",
+                    UNKNOWN_STREAM_OPTIONS,
+                )
+            head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+            writer.write(head % (status, media, len(answer)) + answer)
+            await writer.drain()
+
+    async with serving() as serve:
+        raw = await serve(azure_2024_06)
+        gateway = await start_gateway(gateway_config(raw.url))
+        for _ in range(2):
+            text, final, error = await relay(gateway, chat_stream("hi"))
+            assert (text, error) == ("Hello", None)
+            assert final is not None
+            assert final.final.usage.estimated  # none reported without stream_options
+    assert ["stream_options" in body for body in bodies] == [True, False, False]
