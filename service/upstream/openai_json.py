@@ -41,6 +41,12 @@ _FINISH_REASONS = {
     "max_tokens": FinishReason.LENGTH,
     "model_length": FinishReason.LENGTH,
     "tool_use": FinishReason.TOOL_CALLS,
+    # Gemini's, relayed by proxies (in upper case: read without case): its filters.
+    "safety": FinishReason.CONTENT_FILTER,
+    "recitation": FinishReason.CONTENT_FILTER,
+    "blocklist": FinishReason.CONTENT_FILTER,
+    "prohibited_content": FinishReason.CONTENT_FILTER,
+    "spii": FinishReason.CONTENT_FILTER,
 }
 # Finish reasons that say the generation failed part-way: the text is no answer (never
 # cached; retried before any text reached the caller, an interrupted stream after).
@@ -219,6 +225,10 @@ def finish_reason(value: object) -> FinishReason | None:
     if not value:
         return None
     if isinstance(value, str):
+        known = _FINISH_REASONS.get(value)
+        if known is not None:
+            return known
+        value = value.lower()  # Gemini's through a proxy: MAX_TOKENS, SAFETY, STOP
         known = _FINISH_REASONS.get(value)
         if known is not None:
             return known

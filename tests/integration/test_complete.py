@@ -445,3 +445,19 @@ async def test_an_azure_upstream_gets_its_key_in_the_api_key_header(upstream, st
     seen = [(r.headers.get("api-key"), r.headers.get("authorization")) for r in upstream.requests]
     assert len(seen) == 3
     assert set(seen) == {("azure-key-1234", None), (None, "Bearer azure-key-1234")}
+
+
+@pytest.mark.parametrize(
+    ("said", "expected"),
+    [("MAX_TOKENS", pb.FINISH_REASON_LENGTH), ("SAFETY", pb.FINISH_REASON_CONTENT_FILTER)],
+)
+async def test_a_finish_reason_in_upper_case_means_what_it_says(stub, upstream, said, expected):
+    """Gemini's finish reasons, passed on by a proxy in its own upper case: an answer its
+    length limit cut is LENGTH, one its filter stopped CONTENT_FILTER, unary and streamed.
+    Before, each was an unknown reason, told as STOP: a cut answer looked whole."""
+    upstream.script(Reply(content="one two", finish_reason=said))
+    upstream.script(Reply(content="one two", finish_reason=said))
+    unary = await stub.Complete(chat("upper case one"))
+    streamed = [e async for e in stub.CompleteStream(chat_stream("upper case two"))]
+    assert unary.metadata.finish_reason == expected
+    assert streamed[-1].final.finish_reason == expected
