@@ -482,6 +482,28 @@ async def test_a_call_that_can_never_fit_a_tenant_limit_tells_retry_policies_not
     assert upstream.requests == []
 
 
+async def test_a_call_that_can_never_fit_is_told_so_while_its_tenant_is_at_its_call_cap(
+    upstream, start_gateway
+):
+    """A call larger than a whole minute's tokens, sent while its tenant's calls fill its
+    `max_concurrent_calls`, is told "do not retry" (pushback -1) at once, as the Redis
+    limiter tells it: waiting for a slot would not make it fit.
+
+    Before, the in-memory limiter refused it for the cap, with a retry in 1 s, and the
+    shipped retry policy sent it again to be refused for good."""
+    tenants = {"team-a": {"max_concurrent_calls": 1, "tokens_per_minute": 200}}
+    gw = await start_gateway(secure_config(upstream.base_url, tenants=tenants))
+    first = await _call_in_progress(gw, upstream, "team-a")
+    huge = chat("hello", params=pb.GenerationParams(max_tokens=500))
+    never = await rpc_error(gw.stub.Complete(huge, metadata=as_tenant("team-a")))
+    assert never.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    subject = detail(never, error_details_pb2.QuotaFailure).violations[0].subject
+    assert subject == "tenant:team-a:tokens_per_minute"
+    assert trailer(never, RETRY_PUSHBACK_TRAILER) == "-1"
+    assert (await first).content
+    assert len(upstream.requests) == 1
+
+
 async def test_tenant_concurrency_limit_refuses_extra_calls_and_frees_slots(
     upstream, start_gateway
 ):
