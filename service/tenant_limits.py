@@ -201,11 +201,11 @@ class MemoryTenantLimiter:
         """Hold one concurrent-call slot for the body, or until the `CallSlot` handed out
         is given back; take `requests` and `tokens` now."""
         cap = limits.max_concurrent_calls
-        # Before the cap, as in Redis: a call no minute can hold is told not to retry, not
-        # to retry in a second (to the same refusal, or the cap again, until its attempts
-        # run out).
-        _too_large(tenant, limits, tokens=tokens, requests=requests)
         if cap and self._in_flight.get(tenant, 0) >= cap:
+            # As in Redis, before the cap's: a call no minute can hold is told not to
+            # retry, not to retry in a second (to the same refusal, or the cap again, until
+            # its attempts run out). `take` refuses it when under the cap.
+            _too_large(tenant, limits, tokens=tokens, requests=requests)
             raise _refusal(tenant, "max_concurrent_calls", cap, 1.0)
         self.take(tenant, limits, tokens=tokens, requests=requests)
         self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
