@@ -535,7 +535,7 @@ class Pipeline:
             output=output,
             finish_reason=FinishReason.UNKNOWN,
             reported=None,
-            timings=Timings(),  # recorded for its cost only
+            timings=_cut_timings(log),
         )
         await self.account(request, completion, admitted_s=hold.admitted_s)
 
@@ -688,6 +688,14 @@ class Pipeline:
                 if log.lost:
                     await self._account_lost(prepared, log, owed, hold)
         yield completion
+
+
+def _cut_timings(log: AttemptLog) -> Timings:
+    """What a cut call's RPC span can say of its timings: its first token, if any came
+    (else 0, none, as a response says it), and its wait in upstreams' limiters."""
+    return Timings(
+        time_to_first_token_ms=(log.first_token_s or 0.0) * _MS, queued_ms=log.queued_s * _MS
+    )
 
 
 def _count_shared_wait(completion: Completion) -> None:

@@ -534,8 +534,10 @@ class Telemetry:
             if scope is None or scope.span is not span or not scope.is_multi_call:
                 # One call's figures: a batch's or a summary's span has the RPC's queued
                 # time instead (set by the servicer), and each call has its attempt span.
-                attributes[attr.TIME_TO_FIRST_TOKEN_MS] = completion.timings.time_to_first_token_ms
-                attributes[attr.QUEUED_MS] = completion.timings.queued_ms
+                timings = completion.timings
+                if timings.time_to_first_token_ms:  # 0: a call cut before its first token
+                    attributes[attr.TIME_TO_FIRST_TOKEN_MS] = timings.time_to_first_token_ms
+                attributes[attr.QUEUED_MS] = timings.queued_ms
             if scope is not None and scope.span is span:
                 # The RPC's own span: set with the rest of its attributes when it ends.
                 # A batch or a summary makes several calls in one RPC: they add up.

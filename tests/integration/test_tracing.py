@@ -884,6 +884,28 @@ async def test_a_stream_past_its_deadline_is_recorded_as_deadline_exceeded(
     assert attributes_of(server)["gen_ai.usage.output_tokens"] > 0, "its text is still charged"
 
 
+async def test_a_cut_calls_span_says_the_first_token_it_had_or_none(traced, captured, upstream):
+    """A call cut after the upstream had it is still charged on its RPC span, and that
+    span's `llm_gateway.time_to_first_token_ms` is the one its caller saw: a stream cut
+    after its first deltas had one, a unary call cut by its deadline had none.
+
+    Before, both spans said 0.0 ms, the fastest first token a dashboard of spans would
+    ever see, for calls that were slower than any other or never had one."""
+    upstream.script(Reply(chunks=4, chunk_delay_s=0.05, cut_after_events=3))
+    with pytest.raises(grpc.aio.AioRpcError):
+        _ = [e async for e in traced.stub.CompleteStream(chat_stream())]
+    stream = attributes_of(await captured.ended(STREAM_SPAN))
+    assert stream["gen_ai.usage.output_tokens"] > 0, "its text is charged"
+    assert stream["llm_gateway.time_to_first_token_ms"] > 0
+    upstream.script(Hang())
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await traced.stub.Complete(chat(), timeout=0.4)
+    assert failure.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    unary = attributes_of(await captured.ended(UNARY_SPAN))
+    assert unary["gen_ai.usage.input_tokens"] > 0, "its prompt is charged"
+    assert "llm_gateway.time_to_first_token_ms" not in unary
+
+
 def assert_recorded_as_deadline_exceeded(server: ReadableSpan, captured: Captured) -> None:
     """The RPC span and `llm_gateway.requests` say DEADLINE_EXCEEDED, as the caller was
     told, never CANCELLED (1)."""
