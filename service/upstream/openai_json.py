@@ -293,10 +293,28 @@ def usage(data: object) -> Usage | None:
     completion_details = data.get("completion_tokens_details")
     # Else no reasoning count: many servers send no details.
     if isinstance(completion_details, dict):
-        reasoning = _reasoning_tokens(completion_details, counts.output_tokens)
-        if reasoning:
+        reasoning = _detail_count(completion_details.get("reasoning_tokens"))
+        if _is_left_out_of_completion(counts, reasoning, total):
+            counts = replace(counts, output_tokens=counts.output_tokens + reasoning)
+        if 0 < reasoning <= counts.output_tokens:  # else no count that can be part of it
             counts = replace(counts, reasoning_tokens=reasoning)
     return counts
+
+
+def _is_left_out_of_completion(counts: Usage, reasoning: int, total: object) -> bool:
+    """Whether `completion_tokens` leaves out the `reasoning` tokens, which OpenAI's usage
+    counts in it: some relays of Gemini (whose own counts keep thoughts apart) do, and
+    their `total_tokens` is then the prompt, the completion and the reasoning. The
+    provider bills the reasoning as output: billed from `completion_tokens` alone, a
+    thinking answer cost a fraction of its price."""
+    if not reasoning or counts.is_estimated:
+        return False
+    try:
+        whole = _count(total)
+    except TypeError:
+        return False
+    output = counts.output_tokens + reasoning
+    return whole == counts.input_tokens + output and output <= _MAX_TOKEN_COUNT
 
 
 def _joined(earlier: Usage, later: Usage) -> Usage:
@@ -376,14 +394,6 @@ def _detail_count(value: object) -> int:
     except TypeError:
         return 0
     return count if 0 <= count <= _MAX_TOKEN_COUNT else 0
-
-
-def _reasoning_tokens(details: object, output_tokens: int) -> int:
-    """`completion_tokens_details.reasoning_tokens` when it is a count that can be part of
-    the output, else 0: only a detail, so a bad one never costs the answer its usage."""
-    value = details.get("reasoning_tokens") if isinstance(details, dict) else None
-    count = _detail_count(value)  # 25.0 is 25, as for the other counts
-    return count if count <= output_tokens else 0
 
 
 def _loads(raw: bytes | str) -> dict[str, Any]:
