@@ -62,6 +62,9 @@ _DONE = "[DONE]"  # the data of a stream's last event
 # adds to a Redis usage row's 64-bit token counts (`service.ledger` leaves a row alone
 # within this of 2^63). Its cost may pass 2^63 pico-dollars: the ledgers count it exactly.
 _MAX_TOKEN_COUNT = 2**32
+# A streamed request's last fields, as `request_body` writes them (after `messages`,
+# never the first).
+_STREAM_FIELDS = b',"stream":true,"stream_options":{"include_usage":true}}'
 # What a tool without parameters sends: some servers refuse a function without them.
 _NO_PARAMETERS = orjson.Fragment(b'{"type":"object","properties":{}}')
 
@@ -137,29 +140,34 @@ def request_body(
         body["frequency_penalty"] = params.frequency_penalty
     if params.response_format is not None:
         body["response_format"] = _response_format(params.response_format, json_schema_format)
-    if stream:
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
     if extra:
         body.update(extra)
     if params.reasoning_effort is not None:
         # After `extra`: an upstream's `extra_body` may set a default the caller overrides.
         body["reasoning_effort"] = params.reasoning_effort.value
-    return orjson.dumps(body)
+    if not stream:
+        return orjson.dumps(body)
+    # Last, so that `unary_body` and `body_without_stream_options` cut them off.
+    return orjson.dumps(body)[:-1] + _STREAM_FIELDS
 
 
 def unary_body(stream_body: bytes) -> bytes:
     """A streamed request's body (`request_body(stream=True)`) as the same request unary."""
-    body = orjson.loads(stream_body)
-    del body["stream"], body["stream_options"]
-    return orjson.dumps(body)
+    return _without_stream_fields(stream_body) + b"}"
 
 
 def body_without_stream_options(stream_body: bytes) -> bytes:
     """A streamed request's body (`request_body(stream=True)`) without its `stream_options`."""
-    body = orjson.loads(stream_body)
-    body.pop("stream_options", None)
-    return orjson.dumps(body)
+    return _without_stream_fields(stream_body) + b',"stream":true}'
+
+
+def _without_stream_fields(stream_body: bytes) -> bytes:
+    """`stream_body` without its stream fields and the object's end, the rest byte for byte:
+    decoded and encoded again, a tool's parameters or a JSON schema had its integers past
+    64 bits sent as floats, where `request_body` sends them as the caller wrote them."""
+    if not stream_body.endswith(_STREAM_FIELDS):
+        raise ValueError("not a body of request_body(stream=True)")
+    return stream_body[: -len(_STREAM_FIELDS)]
 
 
 def _message_json(message: Message, reasoning_field: str) -> dict[str, Any]:
@@ -293,10 +301,28 @@ def usage(data: object) -> Usage | None:
     completion_details = data.get("completion_tokens_details")
     # Else no reasoning count: many servers send no details.
     if isinstance(completion_details, dict):
-        reasoning = _reasoning_tokens(completion_details, counts.output_tokens)
-        if reasoning:
+        reasoning = _detail_count(completion_details.get("reasoning_tokens"))
+        if _is_left_out_of_completion(counts, reasoning, total):
+            counts = replace(counts, output_tokens=counts.output_tokens + reasoning)
+        if 0 < reasoning <= counts.output_tokens:  # else no count that can be part of it
             counts = replace(counts, reasoning_tokens=reasoning)
     return counts
+
+
+def _is_left_out_of_completion(counts: Usage, reasoning: int, total: object) -> bool:
+    """Whether `completion_tokens` leaves out the `reasoning` tokens, which OpenAI's usage
+    counts in it: some relays of Gemini (whose own counts keep thoughts apart) do, and
+    their `total_tokens` is then the prompt, the completion and the reasoning. The
+    provider bills the reasoning as output: billed from `completion_tokens` alone, a
+    thinking answer cost a fraction of its price."""
+    if not reasoning or counts.is_estimated:
+        return False
+    try:
+        whole = _count(total)
+    except TypeError:
+        return False
+    output = counts.output_tokens + reasoning
+    return whole == counts.input_tokens + output and output <= _MAX_TOKEN_COUNT
 
 
 def _joined(earlier: Usage, later: Usage) -> Usage:
@@ -376,14 +402,6 @@ def _detail_count(value: object) -> int:
     except TypeError:
         return 0
     return count if 0 <= count <= _MAX_TOKEN_COUNT else 0
-
-
-def _reasoning_tokens(details: object, output_tokens: int) -> int:
-    """`completion_tokens_details.reasoning_tokens` when it is a count that can be part of
-    the output, else 0: only a detail, so a bad one never costs the answer its usage."""
-    value = details.get("reasoning_tokens") if isinstance(details, dict) else None
-    count = _detail_count(value)  # 25.0 is 25, as for the other counts
-    return count if count <= output_tokens else 0
 
 
 def _loads(raw: bytes | str) -> dict[str, Any]:

@@ -376,6 +376,38 @@ async def test_a_reasoning_token_count_written_as_a_whole_float_is_kept(stub, up
     assert (usage.output_tokens, usage.reasoning_tokens, usage.estimated) == (30, 25, False)
 
 
+@pytest.mark.parametrize("completion", [5, 30], ids=["fewer-than-the-reasoning", "more"])
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_reasoning_left_out_of_the_completion_count_is_billed_as_output(
+    stub, upstream, is_stream, completion
+):
+    """A relay of Gemini that counts the reasoning apart from `completion_tokens`, its
+    `total_tokens` holding both, has its answer's output counted and billed as both, as
+    the provider bills it, not as the completion count alone.
+
+    Before, the output was the completion alone (a fraction of the bill) and the reasoning
+    count, more than it, was dropped."""
+    counts = {
+        "prompt_tokens": 7,
+        "completion_tokens": completion,
+        "total_tokens": 7 + completion + 25,
+        "completion_tokens_details": {"reasoning_tokens": 25},
+    }
+    upstream.script(dataclasses.replace(THINKING, raw_usages=(counts,)))
+    if is_stream:
+        meta = (await _collect(stub, chat_stream()))[-1].final
+    else:
+        meta = (await stub.Complete(chat())).metadata
+    usage = meta.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.reasoning_tokens) == (
+        7,
+        completion + 25,
+        25,
+    )
+    assert not usage.estimated
+    assert meta.cost_usd == pytest.approx((7 * 0.14 + (completion + 25) * 0.42) / 1e6)
+
+
 async def test_unreported_usage_is_estimated_with_the_reasoning(stub, upstream):
     """With no usage reported, the output estimate counts the reasoning, which the
     provider bills as output; reasoning tokens are then 0 (none reported)."""

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import grpc
@@ -603,26 +603,22 @@ UNKNOWN_STREAM_OPTIONS = orjson.dumps(
 )
 
 
-async def test_an_upstream_that_refuses_stream_options_streams_without_them(
-    start_gateway: Callable[..., Any],
-) -> None:
-    """An upstream that answers 400 to `stream_options` (which asks for the stream's usage)
-    is asked again at once without it, and not sent it again: the streams are served.
+def azure_2024_06(
+    bodies: list[bytes],
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """An upstream answering "Hello" to each stream, but 400 to one with `stream_options`,
+    as Azure OpenAI before 2024-09-01-preview does; each request's body added to `bodies`."""
 
-    Before, every stream failed INVALID_ARGUMENT, the caller told its request was bad for
-    a field the gateway adds, while unary calls to the same upstream were served."""
-    bodies: list[dict[str, Any]] = []
-
-    async def azure_2024_06(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             _, raw = await read_request(reader)
-            bodies.append(orjson.loads(raw))
+            bodies.append(raw)
             status, media, answer = (
                 b"200 OK",
                 b"text/event-stream",
                 chunk("Hel") + chunk("lo", "stop") + DONE,
             )
-            if "stream_options" in bodies[-1]:
+            if "stream_options" in orjson.loads(raw):
                 status, media, answer = (
                     b"400 Bad Request",
                     b"application/json",
@@ -632,12 +628,54 @@ async def test_an_upstream_that_refuses_stream_options_streams_without_them(
             writer.write(head % (status, media, len(answer)) + answer)
             await writer.drain()
 
+    return serve
+
+
+async def test_an_upstream_that_refuses_stream_options_streams_without_them(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """An upstream that answers 400 to `stream_options` (which asks for the stream's usage)
+    is asked again at once without it, and not sent it again: the streams are served.
+
+    Before, every stream failed INVALID_ARGUMENT, the caller told its request was bad for
+    a field the gateway adds, while unary calls to the same upstream were served."""
+    bodies: list[bytes] = []
     async with serving() as serve:
-        raw = await serve(azure_2024_06)
+        raw = await serve(azure_2024_06(bodies))
         gateway = await start_gateway(gateway_config(raw.url))
         for _ in range(2):
             text, final, error = await relay(gateway, chat_stream("hi"))
             assert (text, error) == ("Hello", None)
             assert final is not None
             assert final.final.usage.estimated  # none reported without stream_options
-    assert ["stream_options" in body for body in bodies] == [True, False, False]
+    assert [b"stream_options" in body for body in bodies] == [True, False, False]
+
+
+async def test_streams_asked_again_without_stream_options_keep_the_schemas_as_written(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """A tool's parameters and an answer's JSON schema reach an upstream that refused
+    `stream_options` as the caller wrote them, in the stream asked again and every later
+    one: an integer past 64 bits stays that integer.
+
+    Before, those bodies were decoded and encoded again, and such an integer was sent as
+    a float (123456789012345678901234567890 as 1.2345678901234568e+29)."""
+    schema = '{"type": "object", "properties": {"n": {"maximum": 123456789012345678901234567890}}}'
+    request = chat_stream(
+        "hi",
+        tools=[pb.Tool(name="count", parameters=schema)],
+        params=pb.GenerationParams(
+            response_format=pb.ResponseFormat(
+                type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=schema
+            )
+        ),
+    )
+    bodies: list[bytes] = []
+    async with serving() as serve:
+        raw = await serve(azure_2024_06(bodies))
+        gateway = await start_gateway(gateway_config(raw.url))
+        for _ in range(2):
+            text, _, error = await relay(gateway, request)
+            assert (text, error) == ("Hello", None)
+    assert len(bodies) == 3
+    assert [body.count(schema.encode()) for body in bodies] == [2, 2, 2]

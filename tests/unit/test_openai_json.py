@@ -5,12 +5,24 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import pytest
 
-from service.domain import ChatRequest, FinishReason, GenerationParams, Message, Role, Usage
+from service.domain import (
+    ChatRequest,
+    FinishReason,
+    GenerationParams,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+    Tool,
+    Usage,
+)
 from service.upstream.openai_json import (
     MalformedReply,
     StreamParser,
+    body_without_stream_options,
     error_status,
     finish_reason,
     is_json_or_cut,
@@ -130,6 +142,24 @@ def test_a_streamed_body_made_unary_is_the_unary_body() -> None:
     streamed = request_body(request, upstream_model="u", stream=True, extra={"x_org": 1})
     unary = request_body(request, upstream_model="u", stream=False, extra={"x_org": 1})
     assert unary_body(streamed) == unary
+
+
+def test_a_streamed_body_asked_again_keeps_a_schema_byte_for_byte() -> None:
+    """A stream's body made unary, or without its `stream_options`, keeps a tool's
+    parameters and an answer's schema as written: integers past 64 bits stay integers."""
+    schema = '{"type": "object", "properties": {"n": {"maximum": 123456789012345678901234567890}}}'
+    request = ChatRequest(
+        model="m",
+        messages=(Message(Role.USER, "hi"),),
+        params=GenerationParams(
+            response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, json_schema=schema)
+        ),
+        tools=(Tool("count", parameters=schema),),
+    )
+    streamed = request_body(request, upstream_model="u", stream=True)
+    for body in (unary_body(streamed), body_without_stream_options(streamed)):
+        assert body.count(schema.encode()) == 2
+    assert orjson.loads(body_without_stream_options(streamed))["stream"] is True
 
 
 @pytest.mark.parametrize(

@@ -143,6 +143,41 @@ def test_reasoning_tokens_are_taken_only_when_they_can_be_part_of_the_output(
     assert parsed == Usage(input_tokens=10, output_tokens=30, reasoning_tokens=expected)
 
 
+@pytest.mark.parametrize(
+    ("completion", "reasoning", "total", "expected"),
+    [
+        (198, 405, 623, Usage(20, 603, reasoning_tokens=405)),
+        (500, 100, 620, Usage(20, 600, reasoning_tokens=100)),
+        (500, 100, 520, Usage(20, 500, reasoning_tokens=100)),
+        (500, 100, None, Usage(20, 500, reasoning_tokens=100)),
+        (198, 405, 624, Usage(20, 198)),
+        (198, 405, "623", Usage(20, 198)),
+        (None, 60, 81, Usage(20, 61, reasoning_tokens=60)),
+    ],
+    ids=[
+        "more-than-the-completion",
+        "fewer",
+        "within-the-completion",
+        "no-total",
+        "total-says-otherwise",
+        "total-string",
+        "completion-from-the-total",
+    ],
+)
+def test_reasoning_the_total_puts_outside_the_completion_is_output(
+    completion: object, reasoning: int, total: object, expected: Usage
+) -> None:
+    """Reasoning counted apart from `completion_tokens` (the total is the prompt, the
+    completion and the reasoning) is added to the output; else the completion holds it."""
+    data = {
+        "prompt_tokens": 20,
+        "completion_tokens": completion,
+        "total_tokens": total,
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
+    assert usage(data) == expected
+
+
 def test_usage_sums_add_reasoning_tokens() -> None:
     """Batch and summary totals add the reasoning tokens like the others."""
     total = Usage(1, 10, reasoning_tokens=4) + Usage(2, 20, reasoning_tokens=5)
