@@ -58,6 +58,7 @@ from service.upstream.types import (
     RateLimitHints,
     StreamEnd,
     StreamEvent,
+    StreamTally,
     TextChunk,
     UpstreamCall,
     UpstreamReply,
@@ -862,7 +863,8 @@ class UpstreamPool:
             route, timeout_s, probe = attempt
             state = self._states[route.client.name]
             started = time.monotonic()
-            deltas_sent = chars_sent = 0
+            deltas_sent = 0
+            sent = StreamTally()  # counted by the client, which bounds it
             is_finished = is_breaker_told = False
             headers: dict[str, str] = {}
             try:
@@ -875,6 +877,7 @@ class UpstreamPool:
                             timeout_s=timeout_s,
                             on_sent=log.sent,
                             on_status=log.answered,
+                            tally=sent,
                         ),
                     )
                     async with contextlib.aclosing(events):
@@ -890,9 +893,6 @@ class UpstreamPool:
                                     # From the start of the call: retries delay the first token.
                                     log.first_token_s = time.monotonic() - call_started
                                 deltas_sent += 1
-                                chars_sent += len(event.content) + len(event.reasoning)
-                                for piece in event.tool_calls:
-                                    chars_sent += len(piece.arguments)
                                 span.chunk(event.content, event.tool_calls)
                             elif isinstance(event, StreamEnd):
                                 is_finished = True
@@ -938,7 +938,7 @@ class UpstreamPool:
                 if deltas_sent > 0:
                     # The caller already has part of the answer: a retry would repeat it.
                     interrupted = StreamInterrupted(
-                        exc, deltas_sent=deltas_sent, chars_sent=chars_sent
+                        exc, deltas_sent=deltas_sent, chars_sent=sent.chars
                     )
                     interrupted.__cause__ = exc
                     raise self._final(interrupted, deadline, log.attempts) from exc

@@ -63,6 +63,7 @@ from service.upstream.sse import SSEDecoder
 from service.upstream.types import (
     StreamEnd,
     StreamEvent,
+    StreamTally,
     TextChunk,
     UpstreamCall,
     UpstreamReply,
@@ -77,9 +78,12 @@ _KEEPALIVE_S = 30.0
 # How long a stream's connection waits after `[DONE]` for its last chunk before it is
 # closed rather than reused: a server sends that chunk right after its last event.
 _STREAM_END_GRACE_S = 0.25
-# The largest answer (or stream event) read: far past any real completion, and a bound
-# on what a broken or hostile upstream can make the gateway hold in memory.
-_MAX_REPLY_BYTES = 16 * 1024 * 1024
+# The largest answer read, whole (decoded bytes of a body, or of one stream event) or
+# streamed (characters of a stream's output: text, reasoning and tool-call arguments,
+# never more than the bytes of the events they came in): far past any real completion,
+# and a bound on what a broken or hostile upstream (a model looping with no max_tokens)
+# can make the gateway hold in memory, as the relayed stream is kept till its end.
+_MAX_ANSWER_SIZE = 16 * 1024 * 1024
 # A proxy, or a connection below HTTP, that keeps failing the same way is logged once in
 # this long, not per connection.
 _FAILURE_LOG_INTERVAL_S = 60.0
@@ -190,11 +194,11 @@ def _headers(config: UpstreamConfig, *, accept: str) -> dict[str, str]:
 
 
 async def _read_answer(response: Response) -> bytes:
-    """The whole answer, up to `_MAX_REPLY_BYTES` decoded. A refusal's (an error status)
+    """The whole answer, up to `_MAX_ANSWER_SIZE` decoded. A refusal's (an error status)
     in a coding the gateway cannot decode reads as empty: its status says what happened,
     as it did before bodies were decoded; its text only refines it."""
     try:
-        return await response.read(max_bytes=_MAX_REPLY_BYTES)
+        return await response.read(max_bytes=_MAX_ANSWER_SIZE)
     except UndecodableBody:
         if response.status < 300:
             raise
@@ -364,10 +368,10 @@ def _output_of_events(
     try:
         for data in events:
             parsed += 1
-            if len(data) > _MAX_REPLY_BYTES:
+            if len(data) > _MAX_ANSWER_SIZE:
                 # `pending_bytes` sees only events a read left unfinished: not one whose
                 # last read both passed the limit and completed it.
-                raise MalformedReply(f"a stream event is larger than {_MAX_REPLY_BYTES} bytes")
+                raise MalformedReply(f"a stream event is larger than {_MAX_ANSWER_SIZE} bytes")
             chunk = parser.parse(data)
             if chunk is not None:
                 chunks.append(chunk)
@@ -714,9 +718,16 @@ class UpstreamClient:
         timeout_s: float,
         on_sent: Callable[[], None] | None = None,
         on_status: Callable[[int], None] | None = None,
+        tally: StreamTally | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """Yield text chunks as they arrive, then one `StreamEnd`; `on_sent` and
-        `on_status` as in `complete`.
+        `on_status` as in `complete`; `tally` counts the output yielded.
+
+        Output past `_MAX_ANSWER_SIZE` characters is a malformed answer, as a unary one
+        past as many bytes is: the chunk that would pass it is not yielded, and the
+        connection is closed. Every stream is held whole by someone till its end (the
+        pipeline's relayed output, a shared call's deltas, a streamed unary call's answer),
+        so a stream that never ends would otherwise grow the gateway's memory without limit.
 
         The response is released on every exit path: when the consumer stops early or is
         cancelled the connection is closed at once, so the provider stops generating; a
@@ -736,6 +747,8 @@ class UpstreamClient:
         """
         deadline = self._deadline(timeout_s)
         whole_stream_deadline = self._deadline(self.config.timeout_s)
+        if tally is None:
+            tally = StreamTally()
         first_output_by = self._first_output_deadline(deadline)
         if first_output_by is not None:
             deadline = first_output_by
@@ -763,6 +776,9 @@ class UpstreamClient:
                         body = await _read_answer(response)
                     reply = self._reply(call, response, body, on_status)
                     if reply.content or reply.tool_calls or reply.reasoning:
+                        # Within the bound, as the body it came in was (`_read_answer`).
+                        arguments = sum(len(tool_call.arguments) for tool_call in reply.tool_calls)
+                        tally.chars = len(reply.content) + len(reply.reasoning) + arguments
                         yield TextChunk(
                             reply.content, whole_tool_calls(reply.tool_calls), reply.reasoning
                         )
@@ -796,6 +812,15 @@ class UpstreamClient:
                         )
                         del events[:parsed]
                         if chunk is not None:
+                            chars = tally.chars + len(chunk.content) + len(chunk.reasoning)
+                            for piece in chunk.tool_calls:
+                                chars += len(piece.arguments)
+                            if chars > _MAX_ANSWER_SIZE:
+                                raise MalformedReply(
+                                    f"the stream's output is longer than {_MAX_ANSWER_SIZE} "
+                                    "characters (text, reasoning and tool-call arguments)"
+                                )
+                            tally.chars = chars
                             has_output = True
                             deadline = whole_stream_deadline
                             yield chunk
@@ -813,9 +838,9 @@ class UpstreamClient:
                             break
                     if parser.is_done:
                         break
-                    if decoder.pending_bytes > _MAX_REPLY_BYTES:
+                    if decoder.pending_bytes > _MAX_ANSWER_SIZE:
                         raise MalformedReply(
-                            f"a stream event is larger than {_MAX_REPLY_BYTES} bytes"
+                            f"a stream event is larger than {_MAX_ANSWER_SIZE} bytes"
                         )
                 if not has_events and not decoder.has_pending:
                     self._refuse_empty_stream()

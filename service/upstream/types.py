@@ -88,6 +88,15 @@ class TextChunk:
     reasoning: str = ""
 
 
+@dataclass(slots=True)
+class StreamTally:
+    """How much output a stream has passed on so far, counted once where its events
+    become chunks (`UpstreamClient.stream`): characters of text, reasoning and tool-call
+    arguments, what its bound and a cut stream's `chars_sent` count."""
+
+    chars: int = 0
+
+
 def joined_chunks(chunks: Sequence[TextChunk]) -> TextChunk:
     """`chunks` as one, in order: their text, tool-call pieces and reasoning joined."""
     if len(chunks) == 1:

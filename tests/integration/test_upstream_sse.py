@@ -490,7 +490,7 @@ async def test_an_unfinished_event_of_empty_data_lines_is_bounded_too(
     made 64 KiB here so that passing it takes 600 KB, not 100 MB.
     """
     limit = 64 * 1024
-    monkeypatch.setattr("service.upstream.client._MAX_REPLY_BYTES", limit)
+    monkeypatch.setattr("service.upstream.client._MAX_ANSWER_SIZE", limit)
     finished = asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
