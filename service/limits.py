@@ -78,6 +78,12 @@ class TokenBucket:
         missing = min(amount, self.per_minute) - self.level
         return 0.0 if missing <= 0 else missing * 60.0 / self.per_minute
 
+    def peek_wait_s(self, amount: float, now: float) -> float:
+        """`wait_s`, changing nothing."""
+        refilled = self.level + max(0.0, now - self.updated_at) * self.per_minute / 60.0
+        missing = min(amount, self.per_minute) - min(self.per_minute, refilled)
+        return 0.0 if missing <= 0 else missing * 60.0 / self.per_minute
+
     def take(self, amount: float, now: float) -> None:
         """Spend `amount` units (the level may go negative for oversize requests)."""
         self._refill(now)
@@ -96,6 +102,10 @@ class RateBucket(Protocol):
         """Seconds until `amount` units are available (0.0: now)."""
         ...
 
+    def peek_wait_s(self, amount: float, now: float) -> float:
+        """`wait_s` by what this process holds, changing nothing (no fetch asked for)."""
+        ...
+
     def take(self, amount: float, now: float) -> None:
         """Spend `amount` units."""
         ...
@@ -103,6 +113,10 @@ class RateBucket(Protocol):
     def give_back(self, amount: float) -> None:
         """Return `amount` units spent for a call that was never sent."""
         ...
+
+
+def _bucket_wait_s(bucket: RateBucket, amount: float, now: float, is_peek: bool) -> float:
+    return bucket.peek_wait_s(amount, now) if is_peek else bucket.wait_s(amount, now)
 
 
 # What `wait_s` finds with nothing to wait for, as its list of waits would give it.
@@ -159,8 +173,9 @@ class UpstreamLimiter:
         self._spacing_until = 0.0
         self._last_start = float("-inf")
 
-    def wait_s(self, tokens: int) -> tuple[float, str]:
-        """Seconds before a call of `tokens` may start by rate, and which limit says so."""
+    def wait_s(self, tokens: int, *, is_peek: bool = False) -> tuple[float, str]:
+        """Seconds before a call of `tokens` may start by rate, and which limit says so;
+        `is_peek`: by what this process holds, changing nothing (`RateBucket.peek_wait_s`)."""
         now = self._clock.now()
         if (
             self._requests is None
@@ -175,10 +190,22 @@ class UpstreamLimiter:
             next_start = min(self._last_start + self.spacing_s, self._spacing_until)
             waits.append((max(0.0, next_start - now), "learned rate"))
         if self._requests is not None:
-            waits.append((self._requests.wait_s(1, now), "requests-per-minute"))
+            waits.append((_bucket_wait_s(self._requests, 1, now, is_peek), "requests-per-minute"))
         if self._tokens is not None:
-            waits.append((self._tokens.wait_s(tokens, now), "tokens-per-minute"))
+            waits.append((_bucket_wait_s(self._tokens, tokens, now, is_peek), "tokens-per-minute"))
         return max(waits)
+
+    def starts_now(self, tokens: int) -> bool:
+        """Whether a call of `tokens` would start at once: nobody in line, a free slot,
+        its units at hand and no pause. Changes nothing, so a pool may ask of each route."""
+        if self._waiters or self.in_flight >= self.max_concurrency:
+            return False
+        return self.wait_s(tokens, is_peek=True)[0] <= 0
+
+    def expected_wait_s(self, tokens: int) -> float:
+        """At least how long a call of `tokens` would wait here (0.0: for a slot only, or
+        not at all), as `starts_now` reads it: changing nothing."""
+        return self._wait_in_line(tokens, is_peek=True)[0]
 
     @property
     def queued(self) -> int:
@@ -253,13 +280,13 @@ class UpstreamLimiter:
             self._tokens.give_back(tokens)
         self.release()
 
-    def _wait_in_line(self, tokens: int) -> tuple[float, str]:
+    def _wait_in_line(self, tokens: int, *, is_peek: bool = False) -> tuple[float, str]:
         """At least how long a call of `tokens` queued now waits (0.0: for a slot only),
         and the limit that holds it: its own rate wait, or the first in line's."""
-        wait = self.wait_s(tokens)
+        wait = self.wait_s(tokens, is_peek=is_peek)
         if self._waiters and self.in_flight < self.max_concurrency:
             first = next(iter(self._waiters.values()))[0]
-            wait = max(wait, self.wait_s(first.tokens), key=lambda w: w[0])
+            wait = max(wait, self.wait_s(first.tokens, is_peek=is_peek), key=lambda w: w[0])
         return wait if wait[0] > 0 else (0.0, "concurrency")
 
     def _is_timed(self, waiter: _Waiter) -> bool:

@@ -1,7 +1,8 @@
 """The upstreams that serve each model, and the retry/failover loop that calls them.
 
 For each call the pool orders the model's routes (smooth weighted round-robin over the
-upstreams whose circuit breaker lets calls through), then runs a visible loop: take the
+upstreams whose circuit breaker lets calls through and whose limiter starts the call now,
+else those it would wait in least), then runs a visible loop: take the
 next route, wait as the retry policy says, pass the breaker, the retry budget and the
 upstream's limiter, make one attempt. A retryable failure moves on to the next upstream
 (failover) or, with one upstream, waits and tries it again; a rejected key rules that
@@ -15,6 +16,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -307,6 +309,16 @@ def _why_ruled_out(exc: UpstreamError) -> str:
     return "not an OpenAI server" if isinstance(exc, UpstreamNotOpenAI) else "key rejected"
 
 
+def _sooner_limit(last_error: UpstreamError | None, exc: LimitExceeded) -> UpstreamError:
+    """What a call skipping a route for the gateway's own limit (`exc`) ends with, should
+    no attempt follow: an upstream's own failure, else the limit that frees first, so that
+    the caller's RetryInfo is the shortest wait of the upstreams all at their limits."""
+    if isinstance(last_error, LimitExceeded):
+        is_sooner = (exc.retry_after_s or 0.0) < (last_error.retry_after_s or 0.0)
+        return exc if is_sooner else last_error
+    return last_error or exc
+
+
 def _waited_on_upstream(log_: AttemptLog, seconds: float) -> None:
     """The call was held back `seconds` by an upstream (a retry's backoff or its
     Retry-After): upstream time, not the gateway's overhead."""
@@ -398,24 +410,42 @@ class UpstreamPool:
         breaker = BreakerState.OPEN if upstream in self._down else state.breaker.state
         return breaker, state.limiter.in_flight
 
-    def _plan(self, model: str) -> _CallPlan:
+    def _plan(self, model: str, tokens: int) -> _CallPlan:
         routes = self.routes(model)
         down = self._down
         if len(routes) == 1:
             plan = _CallPlan(routes, 0)  # nothing to choose between
         else:
-            allowed = [
-                self._states[r.client.name].breaker.allows() and r.client.name not in down
-                for r in routes
-            ]
-            weights = [r.client.config.weight for r in routes]
-            plan = _CallPlan(routes, self._balancers[model].pick(weights, allowed))
+            plan = _CallPlan(routes, self._first_route(model, routes, tokens))
         if down:
             for route in plan.order:
                 if route.client.name in down:
                     # Sent nothing: whatever answers its old address now is not its server.
                     plan.exclude(route, self._why_down(route.client.name))
         return plan
+
+    def _first_route(self, model: str, routes: Sequence[Route], tokens: int) -> int:
+        """The index of the route a call of `tokens` tries first: the weighted round-robin's
+        pick among the usable routes whose limiter starts it now; when none does, among
+        those it would wait in least (most often one)."""
+        states = [self._states[r.client.name] for r in routes]
+        allowed = [
+            state.breaker.allows() and state.client.name not in self._down for state in states
+        ]
+        ready = [
+            ok and state.limiter.starts_now(tokens)
+            for ok, state in zip(allowed, states, strict=True)
+        ]
+        if not any(ready) and any(allowed):
+            waits = [
+                state.limiter.expected_wait_s(tokens) if ok else math.inf
+                for ok, state in zip(allowed, states, strict=True)
+            ]
+            shortest = min(waits)
+            ready = [wait == shortest for wait in waits]
+        # A route left out of a pick keeps its turn: back in, it is picked as it was due.
+        weights = [r.client.config.weight for r in routes]
+        return self._balancers[model].pick(weights, ready)
 
     def _call(
         self, request: ChatRequest, route: Route, *, stream: bool, headers: dict[str, str]
@@ -763,7 +793,7 @@ class UpstreamPool:
                 )
             except LimitExceeded as exc:
                 plan.exclude(route, exc.what + " limit")
-                progress.last_error = progress.last_error or exc
+                progress.last_error = _sooner_limit(progress.last_error, exc)
                 continue
             except UpstreamError as exc:
                 raise self._final(exc, deadline, log.attempts) from None
@@ -782,9 +812,9 @@ class UpstreamPool:
 
         `prompt_tokens`: the prompt's estimate, for the upstreams' token limits.
         """
-        plan = self._plan(request.model)
-        progress = _Progress()
         tokens = self._tokens(request, prompt_tokens)
+        plan = self._plan(request.model, tokens)
+        progress = _Progress()
         while attempt := await self._next_attempt(
             plan, request, deadline, log, progress, tokens=tokens
         ):
@@ -854,9 +884,9 @@ class UpstreamPool:
         `StreamInterrupted` (UNAVAILABLE), saying how many deltas were sent.
         """
         call_started = time.monotonic()
-        plan = self._plan(request.model)
-        progress = _Progress()
         tokens = self._tokens(request, prompt_tokens)
+        plan = self._plan(request.model, tokens)
+        progress = _Progress()
         while attempt := await self._next_attempt(
             plan, request, deadline, log, progress, tokens=tokens
         ):

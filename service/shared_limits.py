@@ -163,6 +163,16 @@ class SharedBucket:
         self._rate.fetch()
         return _FETCH_WAIT_S
 
+    def peek_wait_s(self, amount: float, now: float) -> float:
+        """`wait_s` by the reserve and Redis's last answer, asking no fetch: a reserve
+        short of `amount` waits at least one fetch."""
+        if self._rate.is_failing_open:
+            return self.local.peek_wait_s(amount, now)
+        missing = self.missing(amount)
+        if missing <= 0:
+            return 0.0
+        return max(self.estimate_s(missing, now), _FETCH_WAIT_S)
+
     def take(self, amount: float, now: float) -> None:
         """Spend `amount` units (a call larger than the bucket overdraws the reserve)."""
         if self._rate.is_failing_open:

@@ -1145,6 +1145,147 @@ async def test_weighted_pick_spreads_calls_by_weight(start_gateway):
         assert (len(heavy.requests), len(light.requests)) == (6, 2)
 
 
+async def test_calls_start_on_the_idle_upstream_while_the_other_is_paused_by_a_429(
+    start_gateway,
+):
+    """After up0's 429 asks for a pause, the calls its turn would send there start on idle
+    up1 at once instead of waiting out the pause; once it is over, the two take turns again.
+
+    Before, every other call was planned on up0 and waited its Retry-After in its limiter.
+    """
+    async with FakeUpstream() as paused, FakeUpstream() as idle:
+        paused.script(Status(429, headers={"Retry-After": "1"}))
+        config = gateway_config(paused.base_url, idle.base_url, resilience=FAST_RESILIENCE)
+        gateway = await start_gateway(config)
+        first = await gateway.stub.Complete(chat())
+        assert (first.metadata.upstream, first.metadata.attempts) == ("up1", 2)
+        during = [(await gateway.stub.Complete(chat())).metadata for _ in range(4)]
+        assert [(m.upstream, m.timings.queued_ms) for m in during] == [("up1", 0.0)] * 4
+        limiter = gateway.server.pipeline.pool.state("up0").limiter
+        assert await settle(lambda: limiter.starts_now(1))  # the pause is over
+        after = [(await gateway.stub.Complete(chat())).metadata.upstream for _ in range(4)]
+        # up0 kept its turn while it was left out: the round-robin goes on where it was.
+        assert after == ["up1", "up0", "up1", "up0"]
+        assert (len(paused.requests), len(idle.requests)) == (3, 7)
+
+
+async def test_an_upstream_at_max_concurrency_is_skipped_for_one_with_a_free_slot(start_gateway):
+    """With up0's one slot held, the calls its turn would queue there start on up1 at once.
+
+    Before, every other call waited in up0's line for the held call to end (here, for
+    `max_limit_wait_s`, then failed over).
+    """
+    async with ScriptedUpstream() as full, FakeUpstream() as free:
+        resilience = {**FAST_RESILIENCE, "max_limit_wait_s": 1.0}
+        config = gateway_config(full.base_url, free.base_url, resilience=resilience)
+        one_slot = dataclasses.replace(config.upstreams[0], max_concurrency=1)
+        upstreams = (one_slot, config.upstreams[1])
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=upstreams))
+        full.gate.clear()
+        held = asyncio.ensure_future(gateway.stub.Complete(chat("held")))
+        await full.wait_until(lambda: full.in_flight == 1)
+        answers = [(await gateway.stub.Complete(chat())).metadata for _ in range(3)]
+        assert [(m.upstream, m.timings.queued_ms, m.attempts) for m in answers] == [
+            ("up1", 0.0, 1)
+        ] * 3
+        full.gate.set()
+        assert (await held).metadata.upstream == "up0"
+        assert (len(full.requests), len(free.requests)) == (1, 3)
+
+
+async def test_weights_hold_over_many_calls_and_after_an_upstream_is_left_out_a_while(
+    start_gateway,
+):
+    """Weights 3:1 give exactly 3:1 over many calls, and again once up0, paused a while
+    (`X-RateLimit-Remaining: 0`), is back: no burst to up0 to make up for the calls it
+    missed, nor a share lost."""
+    exhausted = {"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1"}
+    async with FakeUpstream() as heavy, FakeUpstream() as light:
+        config = gateway_config(heavy.base_url, light.base_url, resilience=FAST_RESILIENCE)
+        weighted = (
+            dataclasses.replace(config.upstreams[0], weight=3),
+            dataclasses.replace(config.upstreams[1], weight=1),
+        )
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=weighted))
+
+        async def served(calls: int) -> list[str]:
+            return [(await gateway.stub.Complete(chat())).metadata.upstream for _ in range(calls)]
+
+        before = await served(40)
+        assert (before.count("up0"), before.count("up1")) == (30, 10)
+        heavy.script(Reply(headers=exhausted))
+        assert await served(1) == ["up0"]  # its answer pauses up0 for a second
+        assert await served(5) == ["up1"] * 5
+        limiter = gateway.server.pipeline.pool.state("up0").limiter
+        assert await settle(lambda: limiter.starts_now(1))
+        after = await served(40)
+        assert (after.count("up0"), after.count("up1")) == (30, 10)
+        assert "up0" * 4 not in "".join(after)  # never more than three in a row
+
+
+async def test_every_upstream_at_its_limit_is_refused_with_the_shortest_wait(start_gateway):
+    """Both upstreams paused (`X-RateLimit-Remaining: 0`, up0 for 30 s, up1 for 2 s) past
+    `max_limit_wait_s`: the call is refused at once, and its RetryInfo is up1's wait, the
+    soonest either can take it. Before, it was the wait of the upstream the round-robin
+    picked (up0's 30 s)."""
+
+    def exhausted(reset: str) -> Reply:
+        return Reply(headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": reset})
+
+    async with FakeUpstream() as slow, FakeUpstream() as soon:
+        slow.script(exhausted("30"))
+        soon.script(exhausted("2"))
+        resilience = {**FAST_RESILIENCE, "max_limit_wait_s": 0.2}
+        config = gateway_config(slow.base_url, soon.base_url, resilience=resilience)
+        gateway = await start_gateway(config)
+        served = [(await gateway.stub.Complete(chat())).metadata.upstream for _ in range(2)]
+        assert served == ["up0", "up1"]  # each answer pauses its upstream
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(chat())
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        _, reason, retry_after_s = error_details(caught.value)
+        assert reason == "UPSTREAM_LIMIT"
+        assert retry_after_s is not None
+        assert 0 < retry_after_s <= 2.0
+        assert (len(slow.requests), len(soon.requests)) == (1, 1)
+
+
+async def test_a_call_refused_by_every_limit_is_told_the_shortest_wait_not_the_first(
+    start_gateway,
+):
+    """A call waits in line for up0's one slot (up1 is paused 2 s); the call holding the
+    slot gets a 429 that pauses up0, so the waiting call is refused there, then by up1: its
+    RetryInfo is up1's wait, the shorter, not up0's pause, which came first. (Weights 2:1
+    put the round-robin's turn on up0 as well, so it failed before the change too.)"""
+    exhausted = {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "2"}
+    async with ScriptedUpstream() as full, FakeUpstream() as paused:
+        resilience = {**FAST_RESILIENCE, "max_limit_wait_s": 1.0}
+        config = gateway_config(full.base_url, paused.base_url, resilience=resilience)
+        one_slot = dataclasses.replace(config.upstreams[0], max_concurrency=1, weight=2)
+        gateway = await start_gateway(
+            dataclasses.replace(config, upstreams=(one_slot, *config.upstreams[1:]))
+        )
+        paused.script(Reply(headers=exhausted))
+        served = [(await gateway.stub.Complete(chat())).metadata.upstream for _ in range(2)]
+        assert served == ["up0", "up1"]  # up1's answer pauses it
+        full.gate.clear()
+        full.script(Status(429, headers={"Retry-After": "30"}))
+        # A deadline short of the retry's wait: it gives up rather than wait for up0 again.
+        held = asyncio.ensure_future(gateway.stub.Complete(chat("held"), timeout=3))
+        await full.wait_until(lambda: full.in_flight == 1)
+        waiting = asyncio.ensure_future(gateway.stub.Complete(chat("waiting")))
+        limiter = gateway.server.pipeline.pool.state("up0").limiter
+        assert await settle(lambda: limiter.queued == 1)
+        full.gate.set()
+        outcomes = await asyncio.gather(held, waiting, return_exceptions=True)
+        assert all(isinstance(o, grpc.aio.AioRpcError) for o in outcomes)
+        _, reason, retry_after_s = error_details(outcomes[1])
+        assert reason == "UPSTREAM_LIMIT"
+        assert retry_after_s is not None
+        assert 0 < retry_after_s <= 2.0
+        assert (len(full.requests), len(paused.requests)) == (2, 1)
+
+
 async def test_limiter_slows_down_when_the_upstream_says_none_remain(start_gateway):
     """`X-RateLimit-Remaining: 0` with a 1 s reset holds the next call about a second."""
     exhausted = {"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1"}

@@ -31,6 +31,8 @@ from service.retry import (
     is_retryable,
 )
 from service.rpc_boundary import Admission
+from service.shared_limits import SharedRate, SharedUpstreamLimiter
+from service.store_cooldown import StoreCooldown
 from service.upstream.types import RateLimitHints
 from tests.fake_clock import FakeClock, SteppedClock
 
@@ -614,6 +616,56 @@ async def test_limiter_pause_after_429_delays_the_next_call():
     limiter.pause(2.0)
     await limiter.acquire(tokens=1, max_wait_s=5.0)
     assert clock.slept == [pytest.approx(2.0)]
+
+
+async def test_limiter_starts_now_says_whether_a_call_would_wait_and_spends_nothing():
+    """`starts_now` is true only with a free slot, the units at hand and no pause, and
+    `expected_wait_s` gives the rate's wait; asking either, however often, takes nothing
+    (the pool asks of every route of a call it plans)."""
+    clock = FakeClock()
+    limiter = UpstreamLimiter("up0", max_concurrency=1, requests_per_minute=60, clock=clock)
+    limiter._requests.level = 1  # type: ignore[union-attr]
+    for _ in range(3):
+        assert limiter.starts_now(1)
+        assert limiter.expected_wait_s(1) == 0.0
+    assert await limiter.acquire(tokens=1, max_wait_s=0.0) == 0.0  # its one unit was there
+    assert not limiter.starts_now(1)  # no slot, and no request left
+    limiter.release()
+    assert not limiter.starts_now(1)
+    assert limiter.expected_wait_s(1) == pytest.approx(1.0)
+    clock.advance(1.0)
+    assert limiter.starts_now(1)
+    limiter.pause(2.0)
+    assert not limiter.starts_now(1)
+    assert limiter.expected_wait_s(1) == pytest.approx(2.0)
+
+
+async def test_a_shared_limiters_starts_now_asks_redis_nothing():
+    """A shared upstream whose reserve is empty does not start a call now, and saying so
+    asks no fetch of Redis: the plan reads only what the process holds."""
+
+    class _NoRedis:
+        def register_script(self, script: str) -> object:
+            async def run(**_: object) -> list[str]:
+                raise AssertionError("the plan asked Redis")
+
+            return run
+
+    rate = SharedRate(
+        "up0",
+        requests_per_minute=60,
+        tokens_per_minute=None,
+        commands=_NoRedis(),
+        prefix="t:",
+        cooldown=StoreCooldown("auth"),
+        clock=FakeClock(),
+    )
+    limiter = SharedUpstreamLimiter("up0", rate, max_concurrency=10, clock=FakeClock())
+    assert not limiter.starts_now(1)
+    assert limiter.expected_wait_s(1) > 0
+    assert not rate.is_fetching
+    rate.requests.reserve = 5  # type: ignore[union-attr]
+    assert limiter.starts_now(1)
 
 
 async def test_admission_queues_then_sheds_immediately():
