@@ -77,6 +77,8 @@ class CircuitBreaker:
         self._clock = clock
         self._on_change = on_change
         self._state = BreakerState.CLOSED
+        # Whether it is closed, read without a call: the pool asks on every attempt.
+        self.is_closed = True
         self._opened_at = 0.0
         self._cool_down_s = settings.cool_down_s
         self._consecutive = 0
@@ -198,6 +200,7 @@ class CircuitBreaker:
     def _move(self, new: BreakerState, reason: str) -> None:
         old = self._state
         self._state = new
+        self.is_closed = new is BreakerState.CLOSED
         if new is BreakerState.CLOSED:
             self._outcomes.clear()
             self._consecutive = 0

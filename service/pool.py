@@ -599,7 +599,7 @@ class UpstreamPool:
             # The half-open it was to probe ended while it waited (an older call's failure
             # opened the breaker again, freeing the slot): no probe now, judged as any call.
             probe = None
-        if probe is None and breaker.state is not BreakerState.CLOSED:
+        if probe is None and not breaker.is_closed:
             # Opened while this call waited its turn (the failures of the calls ahead of it):
             # kept off the upstream as a call planned now would be, or its probe once
             # half-open, else the calls queued behind a dead upstream's slots all go on.

@@ -183,10 +183,8 @@ def chat_request_violations(
     # the event loop to estimate, and cheap to measure.
     overheads = len(request.messages) + len(request.tools) + tool_calls + 1
     bound = (total_chars + schema_chars) * 5 + 8 * overheads
-    is_refused = (
-        is_over_bytes or len(request.messages) > limits.max_messages or _is_counted_out(prior)
-    )
-    if not is_refused and bound > limits.max_prompt_tokens:
+    is_refused = is_over_bytes or len(request.messages) > limits.max_messages
+    if not is_refused and bound > limits.max_prompt_tokens and not _is_counted_out(prior):
         estimate = estimate_prompt_tokens(request.messages, request.tools, response_format)
         if estimate > limits.max_prompt_tokens:
             found.append(
