@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import signal
 import socket
@@ -30,6 +29,7 @@ from service.local_model import LocalModelUnavailable
 from service.server import GatewayServer
 from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply
+from tests.host_addresses import link_local_address
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -712,19 +712,6 @@ async def test_a_listen_host_in_ipv4_shorthand_exits_2_naming_the_key(
     assert "Failed to add port" not in stderr  # grpc's own line
 
 
-def _link_local_address() -> tuple[str, str] | None:
-    """An IPv6 link-local address of this machine and its interface, if any."""
-    try:
-        lines = Path("/proc/net/if_inet6").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        hex_address, _, _, scope, _, interface = line.split()
-        if scope == "20":  # the link's
-            return str(ipaddress.IPv6Address(bytes.fromhex(hex_address))), interface
-    return None
-
-
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_link_local_listen_host_without_its_zone_exits_2_naming_it(
     upstream, tmp_path, workers
@@ -735,7 +722,7 @@ async def test_a_link_local_listen_host_without_its_zone_exits_2_naming_it(
     Before, the probe passed it and grpc's bind failed "Invalid argument": exit 1, with
     grpc's own error line (the workers: the supervisor's bind, "Invalid argument").
     """
-    found = _link_local_address()
+    found = link_local_address()
     if found is None:
         pytest.skip("no IPv6 link-local address here")
     address, interface = found

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import os
 import re
 import signal
@@ -26,6 +25,7 @@ from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.server import LOCAL_MODEL_HEALTH
 from tests.conftest import chat, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Hang
+from tests.host_addresses import link_local_address
 from tests.integration.gateway_process import is_running
 from tests.integration.helpers import error_info, retry_delay_s
 from tests.integration.pki import make_pki
@@ -375,15 +375,8 @@ async def test_a_port_another_gateway_serves_is_refused(tmp_path, workers):
 
 def _link_local_host() -> str | None:
     """An IPv6 link-local address of this machine with its zone (`fe80::1%eth0`), if any."""
-    try:
-        lines = Path("/proc/net/if_inet6").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        hex_address, _, _, scope, _, interface = line.split()
-        if scope == "20":  # the link's
-            return f"{ipaddress.IPv6Address(bytes.fromhex(hex_address))}%{interface}"
-    return None
+    found = link_local_address()
+    return None if found is None else f"{found[0]}%{found[1]}"
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

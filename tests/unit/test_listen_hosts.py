@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
-from pathlib import Path
-
 import pytest
 
 from service.hosts import listen_host_problem
+from tests.host_addresses import link_local_address
 
 _SHORTHAND = "is IPv4 shorthand, which grpc and the C library read differently: write"
 
@@ -70,23 +68,10 @@ def test_a_link_local_address_of_no_interface_here_says_it_needs_a_zone_too() ->
     )
 
 
-def _link_local_address() -> tuple[str, str] | None:
-    """An IPv6 link-local address of this machine and its interface, if any."""
-    try:
-        lines = Path("/proc/net/if_inet6").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        hex_address, _, _, scope, _, interface = line.split()
-        if scope == "20":  # the link's
-            return str(ipaddress.IPv6Address(bytes.fromhex(hex_address))), interface
-    return None
-
-
 def test_a_link_local_address_of_this_machine_without_its_zone_names_its_interface() -> None:
     """This machine's own link-local address without `%eth0`: grpc cannot bind it (the
     link is not named), so it is refused naming the zone to add."""
-    found = _link_local_address()
+    found = link_local_address()
     if found is None:
         pytest.skip("no IPv6 link-local address here")
     address, interface = found
