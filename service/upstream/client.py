@@ -12,8 +12,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterable, Mapping
-from typing import cast
+from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
 
 import orjson
 
@@ -60,6 +59,7 @@ from service.upstream.openai_json import (
 from service.upstream.proxy import Proxy, choose_proxy
 from service.upstream.relay import relayed_error, secrets_of
 from service.upstream.sse import SSEDecoder
+from service.upstream.think_tags import split_reply, split_stream
 from service.upstream.types import (
     StreamEnd,
     StreamEvent,
@@ -654,9 +654,8 @@ class UpstreamClient:
         end: StreamEnd | None = None
         with self._translated_errors:
             async with asyncio.timeout_at(self._deadline(timeout_s)):
-                events = cast(
-                    AsyncGenerator[StreamEvent, None],
-                    self.stream(call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status),
+                events = self.stream(
+                    call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status
                 )
                 try:
                     async with contextlib.aclosing(events):
@@ -705,18 +704,20 @@ class UpstreamClient:
                     response.release()
             if response.status >= 300:  # a redirect, a refusal or a failure
                 raise self._error_for_status(response, body)
-            return self._reply(call, response, body, on_status)
+            reply = self._reply(call, response, body, on_status)
+            return split_reply(reply) if self.config.think_tags else reply
 
-    async def stream(
+    def stream(
         self,
         call: UpstreamCall,
         *,
         timeout_s: float,
         on_sent: Callable[[], None] | None = None,
         on_status: Callable[[int], None] | None = None,
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """Yield text chunks as they arrive, then one `StreamEnd`; `on_sent` and
-        `on_status` as in `complete`.
+        `on_status` as in `complete`. From an upstream with `think_tags`, a `<think>` block
+        opening the text comes as reasoning (decided here, once: no work per chunk without).
 
         The response is released on every exit path: when the consumer stops early or is
         cancelled the connection is closed at once, so the provider stops generating; a
@@ -734,6 +735,18 @@ class UpstreamClient:
         the consumer's time between chunks; the upstream's `timeout_s` is the whole
         stream's, from its start, the consumer's time included.
         """
+        events = self._stream(call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status)
+        return split_stream(events) if self.config.think_tags else events
+
+    async def _stream(
+        self,
+        call: UpstreamCall,
+        *,
+        timeout_s: float,
+        on_sent: Callable[[], None] | None,
+        on_status: Callable[[int], None] | None,
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """`stream`, the upstream's text as it sent it."""
         deadline = self._deadline(timeout_s)
         whole_stream_deadline = self._deadline(self.config.timeout_s)
         first_output_by = self._first_output_deadline(deadline)
