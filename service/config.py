@@ -441,6 +441,10 @@ class UpstreamConfig:
     # The field an assistant message's reasoning is sent back in: DeepSeek's thinking mode
     # reads `reasoning_content`; OpenRouter and newer vLLM read `reasoning`.
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
+    # Relay a `<think>...</think>` block opening the answer's text as reasoning: what
+    # servers without a reasoning parser send (vLLM without `--reasoning-parser`, llama.cpp
+    # without `--reasoning-format`). Off by default, as some models write such tags as text.
+    think_tags: bool = False
     # Fields added to every request body sent to this upstream: a provider's own switches
     # (DeepSeek's `thinking`, vLLM's `chat_template_kwargs`), never one the gateway sets.
     extra_body: Mapping[str, object] = field(default_factory=dict, repr=False)

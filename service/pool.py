@@ -19,9 +19,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from service.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from service.clock import SYSTEM_CLOCK, Clock, Deadline
@@ -900,15 +900,12 @@ class UpstreamPool:
             try:
                 with self._attempt_span(request, route, log, headers, deadline) as span:
                     # The client's stream is an async generator: close it on every exit path.
-                    events = cast(
-                        AsyncGenerator[StreamEvent, None],
-                        route.client.stream(
-                            self._call(request, route, stream=True, headers=headers),
-                            timeout_s=timeout_s,
-                            on_sent=log.sent,
-                            on_status=log.answered,
-                            tally=sent,
-                        ),
+                    events = route.client.stream(
+                        self._call(request, route, stream=True, headers=headers),
+                        timeout_s=timeout_s,
+                        on_sent=log.sent,
+                        on_status=log.answered,
+                        tally=sent,
                     )
                     async with contextlib.aclosing(events):
                         async for event in events:

@@ -12,8 +12,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterable, Mapping
-from typing import cast
+from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
 
 import orjson
 
@@ -60,6 +59,7 @@ from service.upstream.openai_json import (
 from service.upstream.proxy import Proxy, choose_proxy
 from service.upstream.relay import relayed_error, secrets_of
 from service.upstream.sse import SSEDecoder
+from service.upstream.think_tags import split_reply, split_stream
 from service.upstream.types import (
     StreamEnd,
     StreamEvent,
@@ -658,9 +658,8 @@ class UpstreamClient:
         end: StreamEnd | None = None
         with self._translated_errors:
             async with asyncio.timeout_at(self._deadline(timeout_s)):
-                events = cast(
-                    AsyncGenerator[StreamEvent, None],
-                    self.stream(call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status),
+                events = self.stream(
+                    call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status
                 )
                 try:
                     async with contextlib.aclosing(events):
@@ -709,9 +708,10 @@ class UpstreamClient:
                     response.release()
             if response.status >= 300:  # a redirect, a refusal or a failure
                 raise self._error_for_status(response, body)
-            return self._reply(call, response, body, on_status)
+            reply = self._reply(call, response, body, on_status)
+            return split_reply(reply) if self.config.think_tags else reply
 
-    async def stream(
+    def stream(
         self,
         call: UpstreamCall,
         *,
@@ -719,9 +719,11 @@ class UpstreamClient:
         on_sent: Callable[[], None] | None = None,
         on_status: Callable[[int], None] | None = None,
         tally: StreamTally | None = None,
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """Yield text chunks as they arrive, then one `StreamEnd`; `on_sent` and
-        `on_status` as in `complete`; `tally` counts the output yielded.
+        `on_status` as in `complete`; `tally` counts the output yielded. From an upstream
+        with `think_tags`, a `<think>` block opening the text comes as reasoning (decided
+        here, once: no work per chunk without).
 
         Output past `_MAX_ANSWER_SIZE` characters is a malformed answer, as a unary one
         past as many bytes is: the chunk that would pass it is not yielded, and the
@@ -745,10 +747,27 @@ class UpstreamClient:
         the consumer's time between chunks; the upstream's `timeout_s` is the whole
         stream's, from its start, the consumer's time included.
         """
+        events = self._stream(
+            call,
+            timeout_s=timeout_s,
+            on_sent=on_sent,
+            on_status=on_status,
+            tally=StreamTally() if tally is None else tally,
+        )
+        return split_stream(events) if self.config.think_tags else events
+
+    async def _stream(
+        self,
+        call: UpstreamCall,
+        *,
+        timeout_s: float,
+        on_sent: Callable[[], None] | None,
+        on_status: Callable[[int], None] | None,
+        tally: StreamTally,
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """`stream`, the upstream's text as it sent it."""
         deadline = self._deadline(timeout_s)
         whole_stream_deadline = self._deadline(self.config.timeout_s)
-        if tally is None:
-            tally = StreamTally()
         first_output_by = self._first_output_deadline(deadline)
         if first_output_by is not None:
             deadline = first_output_by

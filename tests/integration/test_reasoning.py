@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -24,6 +25,8 @@ from tests.conftest import (
 from tests.fake_upstream import Reply, Status, ToolCallReply, split_even
 from tests.integration.helpers import error_info, field_violations
 from tests.integration.test_cache import settled
+from tests.integration.test_upstream_http import read_request
+from tests.integration.test_upstream_sse import _HEAD, DONE, USAGE, chunk
 from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream, system_text
 
@@ -676,3 +679,185 @@ async def test_get_usage_keeps_reasoning_tokens_apart(stub, upstream):
     [row] = usage.rows
     assert (row.requests, row.usage.output_tokens, row.usage.reasoning_tokens) == (2, 60, 50)
     assert usage.total.usage.reasoning_tokens == 50
+
+
+# A reasoning model served without a reasoning parser (vLLM without `--reasoning-parser`,
+# llama.cpp without `--reasoning-format`) writes its thinking into the answer's text.
+TAGGED = f"<think>{THOUGHT}</think>\n\nParis."
+
+
+def _think_tags_config(base_url: str, *, think_tags: bool = True, **sections: Any) -> Any:
+    """A gateway config whose one upstream has `think_tags` set as given."""
+    data = gateway_config_data(base_url, **sections)
+    data["upstreams"][0]["think_tags"] = think_tags
+    return parse_config(data, source="<test>", environ={})
+
+
+# How the answer reaches the gateway: unary, streamed, a stream answered with one JSON
+# completion, and a unary call sent as a stream (`stream_unary_calls`).
+HOW = ["unary", "stream", "stream-answered-unary", "unary-sent-as-stream"]
+
+
+async def _answer(
+    upstream: Any, start_gateway: Any, how: str, reply: Reply, *, think_tags: bool = True
+) -> tuple[str, str, pb.CompletionMetadata]:
+    """`reply` through a gateway whose upstream has `think_tags`: reasoning, text, metadata."""
+    config = _think_tags_config(upstream.base_url, think_tags=think_tags)
+    if how == "unary-sent-as-stream":
+        streamed = dataclasses.replace(config.upstreams[0], stream_unary_calls=True)
+        config = dataclasses.replace(config, upstreams=(streamed,))
+    gateway = await start_gateway(config)
+    upstream.script(dataclasses.replace(reply, ignore_stream=how == "stream-answered-unary"))
+    if how.startswith("stream"):
+        events = await _collect(gateway.stub, chat_stream())
+        return _reasoning(events), _text(events), events[-1].final
+    response = await gateway.stub.Complete(chat())
+    return response.reasoning, response.content, response.metadata
+
+
+@pytest.mark.parametrize("how", HOW)
+async def test_a_leading_think_block_is_relayed_as_reasoning(upstream, start_gateway, how):
+    """With `think_tags`, the block opening the answer's text is its reasoning and the text
+    after it, its leading newlines trimmed, the answer; the usage stands as reported, its
+    reasoning tokens none (the upstream counted none apart).
+
+    Before, the caller got `<think>...</think>` in the answer's text."""
+    reply = Reply(content=TAGGED, completion_tokens=30, chunks=5)
+    reasoning, content, meta = await _answer(upstream, start_gateway, how, reply)
+    assert (reasoning, content) == (THOUGHT, "Paris.")
+    assert meta.finish_reason == pb.FINISH_REASON_STOP
+    usage = meta.usage
+    assert (usage.output_tokens, usage.reasoning_tokens, usage.estimated) == (30, 0, False)
+
+
+@pytest.mark.parametrize("how", ["unary", "stream"])
+async def test_a_think_block_follows_the_reasoning_a_server_sent_in_its_field(
+    upstream, start_gateway, how
+):
+    """A server that sends `reasoning_content` and a block in the text too: the block's
+    reasoning is appended to the field's."""
+    reply = Reply(content="<think>second</think>Paris.", reasoning="first. ")
+    reasoning, content, _ = await _answer(upstream, start_gateway, how, reply)
+    assert (reasoning, content) == ("first. second", "Paris.")
+
+
+async def test_think_tags_cut_across_chunks_are_still_tags(upstream, start_gateway):
+    """One event a character (each tag cut across many events and reads): the reasoning
+    comes in pieces before the text, and no piece of a tag reaches the caller."""
+    gateway = await start_gateway(_think_tags_config(upstream.base_url))
+    text = "<think>hmm</think>\n\nParis."
+    upstream.script(Reply(content=text, chunks=len(text), chunk_delay_s=0.002))
+    deltas = _deltas(await _collect(gateway.stub, chat_stream()))
+    assert "".join(d.reasoning for d in deltas) == "hmm"
+    assert "".join(d.content for d in deltas) == "Paris."
+    with_reasoning = [i for i, d in enumerate(deltas) if d.reasoning]
+    assert len(with_reasoning) > 1, "reasoning is relayed as it arrives"
+    assert max(with_reasoning) < min(i for i, d in enumerate(deltas) if d.content)
+    assert not any("<" in d.content or "<" in d.reasoning for d in deltas)
+
+
+async def test_reasoning_goes_out_as_it_arrives_while_only_a_cut_tag_is_held(start_gateway):
+    """A raw socket upstream writes each piece only once the caller got the last output:
+    tags cut across reads (`<th` + `ink>`, `</thi` + `nk>`) are held until whole, and the
+    reasoning before a close tag's beginning is relayed before the rest of it comes."""
+    writes: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(_HEAD + b"\r\n")  # the body ends at the close
+        with contextlib.suppress(ConnectionError):
+            while (piece := await writes.get()) is not None:
+                writer.write(piece)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        gateway = await start_gateway(_think_tags_config(url))
+        call = gateway.stub.CompleteStream(chat_stream(), timeout=10)
+
+        async def relayed(*pieces: str) -> tuple[str, str]:
+            """Write each piece in a read of its own; the next message the caller gets."""
+            for piece in pieces[:-1]:
+                await writes.put(chunk(piece))
+                await asyncio.sleep(0.05)  # read alone: it brings no output to wait for
+            await writes.put(chunk(pieces[-1]))
+            async with asyncio.timeout(5):  # held back, it never comes: the upstream waits
+                message = await call.read()
+            return message.delta.reasoning, message.delta.content
+
+        assert await relayed("<th", "ink>hm") == ("hm", "")
+        assert await relayed("m</thi") == ("m", "")
+        assert await relayed("nk>\n", "\nPar") == ("", "Par")
+        assert await relayed("is.") == ("", "is.")
+        await writes.put(chunk(finish="stop") + USAGE + DONE)
+        await writes.put(None)
+        final = await call.read()
+    assert final.final.finish_reason == pb.FINISH_REASON_STOP
+
+
+@pytest.mark.parametrize("how", ["unary", "stream"])
+async def test_an_unclosed_think_block_is_all_reasoning(upstream, start_gateway, how):
+    """An answer cut by max_tokens before its close tag: all of it is reasoning (the tag's
+    cut beginning too), the answer empty, finished LENGTH."""
+    reply = Reply(content="<think>hmm, the capital is</thi", finish_reason="length")
+    reasoning, content, meta = await _answer(upstream, start_gateway, how, reply)
+    assert (reasoning, content) == ("hmm, the capital is</thi", "")
+    assert meta.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+@pytest.mark.parametrize("how", ["unary", "stream"])
+@pytest.mark.parametrize(
+    "text",
+    ["Paris.", "Paris. <think>not reasoning</think>", "<th"],
+    ids=["no-tag", "tag-not-at-the-start", "only-the-tags-beginning"],
+)
+async def test_text_not_opening_with_a_think_block_is_the_answer(
+    upstream, start_gateway, how, text
+):
+    """With `think_tags`, only a leading block is reasoning: other text, a block later on,
+    and text that only begins like the tag are the answer, as sent."""
+    reasoning, content, _ = await _answer(upstream, start_gateway, how, Reply(content=text))
+    assert (reasoning, content) == ("", text)
+
+
+@pytest.mark.parametrize("how", ["unary", "stream"])
+async def test_without_think_tags_a_think_block_is_text(upstream, start_gateway, how):
+    """`think_tags: false` (the default) relays such a block as the answer's text, as some
+    models write these tags as text."""
+    reply = Reply(content=TAGGED)
+    reasoning, content, _ = await _answer(upstream, start_gateway, how, reply, think_tags=False)
+    assert (reasoning, content) == ("", TAGGED)
+
+
+@pytest.mark.parametrize("first", ["unary", "stream"])
+async def test_a_cache_hit_replays_the_split_answer(upstream, start_gateway, cache_section, first):
+    """The cache stores the answer split: a unary hit and a replayed stream give the
+    reasoning apart, the text without the block (memory and Redis)."""
+    gateway = await start_gateway(_think_tags_config(upstream.base_url, cache=cache_section))
+    upstream.script(Reply(content=TAGGED, chunks=5))
+    if first == "stream":
+        await _collect(gateway.stub, chat_stream(cache=CACHED))
+        await settled(gateway)
+    else:
+        await gateway.stub.Complete(chat(cache=CACHED))
+    hit = await gateway.stub.Complete(chat(cache=CACHED))
+    assert (hit.metadata.cache_hit, hit.reasoning, hit.content) == (True, THOUGHT, "Paris.")
+    replayed = await _collect(gateway.stub, chat_stream(cache=CACHED))
+    assert replayed[-1].final.cache_hit
+    assert (_reasoning(replayed), _text(replayed)) == (THOUGHT, "Paris.")
+    assert len(upstream.requests) == 1
+
+
+async def test_python_client_shows_the_think_block_as_reasoning(upstream, start_gateway):
+    """`complete` answers with the reasoning apart; `stream` yields only the answer's text,
+    with the reasoning in `stream.reasoning`."""
+    gateway = await start_gateway(_think_tags_config(upstream.base_url))
+    upstream.script(Reply(content=TAGGED), Reply(content=TAGGED, chunks=5))
+    async with GatewayClient(gateway.server.address) as client:
+        response = await client.complete("Capital of France?", model=FAKE_MODEL)
+        stream = client.stream("Capital of France?", model=FAKE_MODEL)
+        texts = [text async for text in stream]
+    assert (response.reasoning, response.content) == (THOUGHT, "Paris.")
+    assert ("".join(texts), stream.reasoning) == ("Paris.", THOUGHT)

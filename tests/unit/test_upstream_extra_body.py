@@ -177,6 +177,16 @@ def test_an_upstreams_reasoning_field_is_one_of_the_two_spellings() -> None:
     assert caught.value.key == "upstreams[0].reasoning_field"
 
 
+def test_think_tags_is_off_unless_set_true() -> None:
+    """`think_tags` is off by default (some models write such tags as text), and on only
+    for `true`; any other value is refused at start, naming the option."""
+    assert not parse({"upstreams": [upstream()]}).upstreams[0].think_tags
+    assert parse({"upstreams": [upstream(think_tags=True)]}).upstreams[0].think_tags
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [upstream(think_tags="yes please")]})
+    assert caught.value.key == "upstreams[0].think_tags"
+
+
 def test_extra_body_is_not_in_the_upstreams_repr() -> None:
     """Whatever an operator put there stays out of anything that prints the config."""
     config = parse({"upstreams": [upstream(extra_body={"x_org": "internal-team-7"})]})

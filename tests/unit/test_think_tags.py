@@ -1,0 +1,112 @@
+"""Splitting a leading `<think>...</think>` block off an answer's text, whole or in pieces."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+import pytest
+
+from service.domain import FinishReason, ToolCallDelta
+from service.upstream.think_tags import ThinkTagSplitter, split_reply, split_stream
+from service.upstream.types import StreamEnd, StreamEvent, TextChunk, UpstreamReply
+
+# (answer's text, reasoning, answer)
+CASES = [
+    pytest.param("<think>hmm</think>Paris.", "hmm", "Paris.", id="tagged"),
+    pytest.param(" \n<think>\nhmm\n</think>\n\n Paris.", "\nhmm\n", "Paris.", id="whitespace"),
+    pytest.param("<think></think>Paris.", "", "Paris.", id="empty-block"),
+    pytest.param("<think>a</think>b</think>c", "a", "b</think>c", id="first-close-ends-it"),
+    pytest.param("<think>hmm, so the answer is", "hmm, so the answer is", "", id="unclosed"),
+    pytest.param("<think>hmm</thi", "hmm</thi", "", id="unclosed-in-the-tag"),
+    pytest.param("<think>", "", "", id="tag-alone"),
+    pytest.param("Paris.", "", "Paris.", id="no-tag"),
+    pytest.param("Paris. <think>hmm</think>", "", "Paris. <think>hmm</think>", id="not-leading"),
+    pytest.param("<thinking>hmm</thinking>x", "", "<thinking>hmm</thinking>x", id="other-tag"),
+    pytest.param("<th", "", "<th", id="tags-beginning-alone"),
+    pytest.param("  \n", "", "  \n", id="whitespace-alone"),
+    pytest.param("<b>Paris</b>", "", "<b>Paris</b>", id="html"),
+    pytest.param("", "", "", id="empty"),
+]
+
+
+def _split_in_pieces(pieces: list[str]) -> tuple[str, str]:
+    splitter = ThinkTagSplitter()
+    reasoning, answer = [], []
+    for piece in [*pieces, None]:
+        thought, text = splitter.end() if piece is None else splitter.feed(piece)
+        reasoning.append(thought)
+        answer.append(text)
+    return "".join(reasoning), "".join(answer)
+
+
+@pytest.mark.parametrize(("text", "reasoning", "answer"), CASES)
+def test_a_whole_text_is_split_at_its_leading_block(text: str, reasoning: str, answer: str) -> None:
+    """Only a block opening the text (after whitespace) is reasoning, up to the first close
+    tag; the answer after it loses its leading whitespace; unclosed, all of it is reasoning."""
+    assert _split_in_pieces([text]) == (reasoning, answer)
+
+
+@pytest.mark.parametrize(("text", "reasoning", "answer"), CASES)
+def test_any_cut_into_pieces_splits_as_the_whole_does(
+    text: str, reasoning: str, answer: str
+) -> None:
+    """Tags cut anywhere across pieces (`<th` + `ink>`, `</thi` + `nk>`), in two or in
+    three, give the same reasoning and answer as the whole text."""
+    for first in range(len(text) + 1):
+        assert _split_in_pieces([text[:first], text[first:]]) == (reasoning, answer)
+        for second in range(first, len(text) + 1):
+            pieces = [text[:first], text[first:second], text[second:]]
+            assert _split_in_pieces(pieces) == (reasoning, answer)
+
+
+def test_one_character_at_a_time_holds_back_only_what_may_be_a_tag() -> None:
+    """Each character goes out as soon as it cannot be part of a tag: reasoning as it
+    comes, never more held than the tag's own length."""
+    splitter = ThinkTagSplitter()
+    text = "<think>a<b</think>\n Paris <think>"
+    out = [splitter.feed(c) for c in text]
+    assert out[:7] == [("", "")] * 7  # the open tag
+    assert out[7:11] == [("a", ""), ("", ""), ("<b", ""), ("", "")]  # `<` may begin `</think>`
+    assert out[11:20] == [("", "")] * 9  # `/think>`, then the whitespace after it
+    assert "".join(a for _, a in out[20:]) == "Paris <think>"
+    assert all(len(a) == 1 for _, a in out[20:]), "the answer is passed on as it comes"
+    assert splitter.end() == ("", "")
+
+
+def _reply(content: str, reasoning: str = "") -> UpstreamReply:
+    return UpstreamReply("c1", "m", content, FinishReason.STOP, None, reasoning=reasoning)
+
+
+def test_a_unary_answers_block_is_appended_to_the_reasoning_it_sent() -> None:
+    """Reasoning sent in a field of its own comes first, the block's after it."""
+    split = split_reply(_reply("<think>b</think>Paris.", reasoning="a"))
+    assert (split.reasoning, split.content) == ("ab", "Paris.")
+    assert split_reply(_reply("Paris.", reasoning="a")) == _reply("Paris.", reasoning="a")
+
+
+async def _events(*events: StreamEvent) -> AsyncGenerator[StreamEvent, None]:
+    for event in events:
+        yield event
+
+
+async def test_a_stream_relays_each_pieces_reasoning_and_flushes_what_is_held_at_its_end() -> None:
+    """Chunks that bring only a tag's beginning are not passed on; reasoning the server sent
+    in its field and tool-call pieces go on beside; text held when the stream ends (a tag's
+    beginning that was not one) comes before the end."""
+    end = StreamEnd(id="c1", model="m", finish_reason=FinishReason.STOP, usage=None)
+    call = ToolCallDelta(0, "call_1", "f", "{}")
+    events = _events(
+        TextChunk("", (), "r"),
+        TextChunk("<th"),
+        TextChunk("ink>hm"),
+        TextChunk("m</think>", (call,)),
+        TextChunk("<th"),
+        end,
+    )
+    assert [event async for event in split_stream(events)] == [
+        TextChunk("", (), "r"),
+        TextChunk("", (), "hm"),
+        TextChunk("", (call,), "m"),
+        TextChunk("<th"),
+        end,
+    ]
