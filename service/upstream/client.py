@@ -585,7 +585,8 @@ class UpstreamClient:
         """`_post` for a stream. The body asks for the stream's usage in `stream_options`;
         an upstream that refuses the field (a 400 naming it: Azure OpenAI before API
         version 2024-09-01-preview) is asked again at once without it, and never sent it
-        again, rather than every stream failing as the caller's bad request."""
+        again once that is taken, rather than every stream failing as the caller's bad
+        request."""
         if self._omits_stream_options:
             return await self._post(self._without_stream_options(call), on_sent, on_status)
         response = await self._post(call, on_sent, on_status)
@@ -597,9 +598,13 @@ class UpstreamClient:
             response.release()
         if not says_stream_options_unknown(body):
             raise self._error_for_status(response, body)
-        self._omits_stream_options = True
-        log.warning("upstream.stream_options_refused", extra={"upstream": self.name})
-        return await self._post(self._without_stream_options(call), on_sent, on_status)
+        response = await self._post(self._without_stream_options(call), on_sent, on_status)
+        # Remembered only once taken without them: a refusal for another cause may quote
+        # the request whole (vLLM's validation errors), `stream_options` and all.
+        if response.status < 400:
+            self._omits_stream_options = True
+            log.warning("upstream.stream_options_refused", extra={"upstream": self.name})
+        return response
 
     @staticmethod
     def _without_stream_options(call: UpstreamCall) -> UpstreamCall:
