@@ -164,14 +164,16 @@ class SharedBucket:
         return _FETCH_WAIT_S
 
     def peek_wait_s(self, amount: float, now: float) -> float:
-        """`wait_s` by the reserve and Redis's last answer, asking no fetch: a reserve
-        short of `amount` waits at least one fetch."""
+        """`wait_s` by the reserve and Redis's last answer, asking no fetch. A reserve short
+        of `amount` that Redis may fill (or was never asked to) waits no more than the one
+        fetch `SharedRate.ready` makes: counted as none, or an upstream not used yet, whose
+        reserve is empty, would be passed over for ever while another is free."""
         if self._rate.is_failing_open:
             return self.local.peek_wait_s(amount, now)
         missing = self.missing(amount)
         if missing <= 0:
             return 0.0
-        return max(self.estimate_s(missing, now), _FETCH_WAIT_S)
+        return max(self.estimate_s(missing, now), 0.0)
 
     def take(self, amount: float, now: float) -> None:
         """Spend `amount` units (a call larger than the bucket overdraws the reserve)."""

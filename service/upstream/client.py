@@ -193,6 +193,10 @@ def _headers(config: UpstreamConfig, *, accept: str) -> dict[str, str]:
     return headers
 
 
+def _ignore_status(status: int) -> None:
+    """An `on_status` that wants nothing."""
+
+
 async def _read_answer(response: Response) -> bytes:
     """The whole answer, up to `_MAX_ANSWER_SIZE` decoded. A refusal's (an error status)
     in a coding the gateway cannot decode reads as empty: its status says what happened,
@@ -585,21 +589,34 @@ class UpstreamClient:
         """`_post` for a stream. The body asks for the stream's usage in `stream_options`;
         an upstream that refuses the field (a 400 naming it: Azure OpenAI before API
         version 2024-09-01-preview) is asked again at once without it, and never sent it
-        again, rather than every stream failing as the caller's bad request."""
+        again once that is taken, rather than every stream failing as the caller's bad
+        request."""
         if self._omits_stream_options:
             return await self._post(self._without_stream_options(call), on_sent, on_status)
-        response = await self._post(call, on_sent, on_status)
+        # Its status told `on_status` only as the answer: a refusal asked again stands for
+        # nothing, and the attempt would count as refused, billing none of what follows.
+        response = await self._post(call, on_sent, None)
+        told = on_status or _ignore_status
         if response.status != 400:
+            told(response.status)
             return response
         try:
             body = await _read_answer(response)
+        except BaseException:
+            told(response.status)  # refused all the same, whatever became of its body
+            raise
         finally:
             response.release()
         if not says_stream_options_unknown(body):
+            told(response.status)
             raise self._error_for_status(response, body)
-        self._omits_stream_options = True
-        log.warning("upstream.stream_options_refused", extra={"upstream": self.name})
-        return await self._post(self._without_stream_options(call), on_sent, on_status)
+        response = await self._post(self._without_stream_options(call), on_sent, on_status)
+        # Remembered only once taken without them: a refusal for another cause may quote
+        # the request whole (vLLM's validation errors), `stream_options` and all.
+        if response.status < 400:
+            self._omits_stream_options = True
+            log.warning("upstream.stream_options_refused", extra={"upstream": self.name})
+        return response
 
     @staticmethod
     def _without_stream_options(call: UpstreamCall) -> UpstreamCall:

@@ -17,11 +17,12 @@ import pytest
 from llmgateway.v1 import gateway_pb2 as pb
 from service.domain import Message, Role
 from service.tokens import estimate_prompt_tokens
-from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
+from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
 from tests.integration.helpers import rich_status
 from tests.integration.test_resilience import dataclass_replace_upstream
 from tests.integration.test_stream_charges import PRICED_MODELS, recorded
+from tests.scripted_upstream import ScriptedUpstream
 
 _TIMEOUT_S = 10.0
 
@@ -206,3 +207,26 @@ async def test_a_cut_call_counts_against_its_tenants_budget(
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert rich_status(caught.value).message.startswith("tenant 'default' has spent")
     assert len(upstream.requests) == 1
+
+
+async def test_a_stream_asked_again_without_stream_options_and_cut_is_charged_its_prompt(
+    start_gateway: Any,
+) -> None:
+    """An upstream refuses `stream_options` (a 400), the stream is asked again without
+    them, and the caller cuts it while the upstream works on it: one estimated row, as
+    for any stream cut once sent.
+
+    Before, the refusal's status stood for the request asked again: the call counted as
+    refused, which bills nothing, and no row was recorded for the prompt it had."""
+    refusal = '{"error": {"message": "Unrecognized request argument supplied: stream_options"}}'
+
+    def respond(body: dict[str, Any]) -> Status | Hang:
+        return Status(400, body=refusal) if "stream_options" in body else Hang()
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
+        gateway = await start_gateway(gateway_config(upstream.base_url, models=PRICED_MODELS))
+        call = gateway.stub.CompleteStream(chat_stream(), timeout=10)
+        await until_sent(upstream, requests=2)
+        call.cancel()
+        await upstream.wait_for_disconnect(timeout_s=_TIMEOUT_S)
+        assert_prompt_charge(await recorded(gateway, requests=1))

@@ -18,7 +18,7 @@ from service.lean_redis import LeanRedis
 from service.limits import LimitExceeded, UpstreamLimiter
 from service.shared_limits import SharedLimits, SharedRate, SharedUpstreamLimiter, bucket_keys
 from service.store_cooldown import StoreCooldown
-from tests.conftest import RunningGateway, chat, gateway_config_data
+from tests.conftest import FAKE_MODEL, RunningGateway, chat, gateway_config_data
 from tests.fake_upstream import FakeUpstream
 from tests.integration.helpers import error_info
 from tests.redis_server import RedisServer
@@ -403,3 +403,22 @@ def test_a_shared_rate_used_on_a_new_event_loop_keeps_its_refiller() -> None:
     finally:
         asyncio.run(close())
         asyncio.run(server.stop())
+
+
+async def test_a_shared_upstream_takes_its_turns_beside_one_with_its_own_rate(
+    upstream: FakeUpstream, redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """Two upstreams of equal weight serve the model, the first with a shared rate far
+    from its limit: calls one after another go to both in turn.
+
+    Before, the shared one, whose reserve is empty until it is asked for a call, was
+    never judged able to start one while the other was free: every call went to the
+    other, whatever the weights, and the shared one's reserve was never filled."""
+    async with FakeUpstream(models=(FAKE_MODEL,)) as other:
+        data = gateway_config_data(
+            upstream.base_url, other.base_url, auth={"redis_url": redis_server.url}
+        )
+        data["upstreams"][0].update(requests_per_minute=600, shared_limits=True)
+        gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+        assert await _calls([gateway], 6) == ["ok"] * 6
+        assert (len(upstream.requests), len(other.requests)) == (3, 3)

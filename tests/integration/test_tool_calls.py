@@ -747,3 +747,17 @@ async def test_python_client_sends_tools_and_assembles_streamed_calls(gateway, u
         "content": "21 C",
         "tool_call_id": "call_1",
     }
+
+
+async def test_python_client_tool_calls_taken_before_the_loop_are_whole_after_it(gateway, upstream):
+    """`CompletionStream.tool_calls` read before the stream is read is the list the calls
+    are assembled in: once the stream has ended, each holds all its arguments.
+
+    Before, the pieces were joined only as `tool_calls` was read again: a list (or a call)
+    kept from earlier had its arguments empty, or cut where it was last read."""
+    upstream.script(TOOL_REPLY)
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream("Weather in Paris?", model=FAKE_MODEL, tools=[WEATHER])
+        calls = stream.tool_calls
+        assert [text async for text in stream] == []
+    assert _calls(calls) == [("call_1", "get_weather", WEATHER_CALL.arguments)]

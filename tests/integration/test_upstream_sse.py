@@ -679,3 +679,60 @@ async def test_streams_asked_again_without_stream_options_keep_the_schemas_as_wr
             assert (text, error) == ("Hello", None)
     assert len(bodies) == 3
     assert [body.count(schema.encode()) for body in bodies] == [2, 2, 2]
+
+
+def vllm_echoing(
+    bodies: list[bytes],
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """An upstream that takes `stream_options` and streams "Hello" (with its usage when
+    they ask for it), but
+    answers a request whose user text is "bad" 400 with a message quoting the request
+    whole, as vLLM's validation errors do (its `input`), `stream_options` and all."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, raw = await read_request(reader)
+            bodies.append(raw)
+            body = orjson.loads(raw)
+            usage = USAGE if "stream_options" in body else b""
+            status, media, answer = (
+                b"200 OK",
+                b"text/event-stream",
+                chunk("Hel") + chunk("lo", "stop") + usage + DONE,
+            )
+            if body["messages"][-1]["content"] == "bad":
+                error = {"message": f"Value error, bad [input={body!r}]", "type": "BadRequestError"}
+                status, media, answer = (
+                    b"400 Bad Request",
+                    b"application/json",
+                    orjson.dumps({"object": "error", **error, "param": None, "code": 400}),
+                )
+            head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+            writer.write(head % (status, media, len(answer)) + answer)
+            await writer.drain()
+
+    return serve
+
+
+async def test_a_refusal_quoting_stream_options_keeps_them_for_later_streams(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """A 400 for another cause whose message quotes the request, `stream_options` in it,
+    leaves later streams asking for their usage: the upstream took the field all along.
+
+    Before, that one caller's bad request made the gateway drop `stream_options` for every
+    later stream to the upstream, for the life of the process: every caller's usage was
+    estimated and billed by the estimate, never by the upstream's counts."""
+    bodies: list[bytes] = []
+    async with serving() as serve:
+        raw = await serve(vllm_echoing(bodies))
+        gateway = await start_gateway(gateway_config(raw.url))
+        _, _, error = await relay(gateway, chat_stream("bad"))
+        assert error is not None
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        text, final, error = await relay(gateway, chat_stream("hi"))
+    assert (text, error) == ("Hello", None)
+    assert final is not None
+    assert not final.final.usage.estimated
+    assert (final.final.usage.input_tokens, final.final.usage.output_tokens) == (3, 2)
+    assert b"stream_options" in bodies[-1]

@@ -641,8 +641,9 @@ async def test_limiter_starts_now_says_whether_a_call_would_wait_and_spends_noth
 
 
 async def test_a_shared_limiters_starts_now_asks_redis_nothing():
-    """A shared upstream whose reserve is empty does not start a call now, and saying so
-    asks no fetch of Redis: the plan reads only what the process holds."""
+    """A shared upstream whose reserve is empty starts a call now while Redis may hold
+    its units (never asked yet, or its last answer says so), not once Redis said it is
+    short; saying so asks no fetch of Redis: the plan reads only what the process holds."""
 
     class _NoRedis:
         def register_script(self, script: str) -> object:
@@ -660,11 +661,16 @@ async def test_a_shared_limiters_starts_now_asks_redis_nothing():
         cooldown=StoreCooldown("auth"),
         clock=FakeClock(),
     )
-    limiter = SharedUpstreamLimiter("up0", rate, max_concurrency=10, clock=FakeClock())
+    clock = FakeClock()
+    limiter = SharedUpstreamLimiter("up0", rate, max_concurrency=10, clock=clock)
+    assert limiter.starts_now(1)  # never asked: one fetch away
+    assert not rate.is_fetching
+    assert rate.requests is not None
+    rate.requests.level, rate.requests.level_at = 0.0, clock.now()  # Redis said: empty
     assert not limiter.starts_now(1)
     assert limiter.expected_wait_s(1) > 0
     assert not rate.is_fetching
-    rate.requests.reserve = 5  # type: ignore[union-attr]
+    rate.requests.reserve = 5
     assert limiter.starts_now(1)
 
 

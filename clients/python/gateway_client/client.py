@@ -389,11 +389,15 @@ class CompletionStream:
     @property
     def tool_calls(self) -> list[pb.ToolCall]:
         """The tool calls received so far, each with its argument pieces joined."""
+        self._join_arguments()
+        return self._tool_calls
+
+    def _join_arguments(self) -> None:
+        """Join each call's argument pieces received so far into it."""
         for call, pieces in zip(self._tool_calls, self._arguments, strict=True):
             if pieces:
                 call.arguments = "".join([call.arguments, *pieces])
                 pieces.clear()
-        return self._tool_calls
 
     def __aiter__(self) -> AsyncIterator[str]:
         self._readers += 1
@@ -427,6 +431,8 @@ class CompletionStream:
             if not self._is_cancelled or (task is not None and task.cancelling()):
                 raise
         finally:
+            # Whole at the end, for a list (or a call) of `tool_calls` kept from earlier.
+            self._join_arguments()
             if reader == self._readers:
                 self._call.cancel()  # a no-op once the call has ended
 
