@@ -764,14 +764,17 @@ class UpstreamClient:
         the consumer's time between chunks; the upstream's `timeout_s` is the whole
         stream's, from its start, the consumer's time included.
         """
+        tally = StreamTally() if tally is None else tally
+        if not self.config.think_tags:
+            return self._stream(
+                call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status, tally=tally
+            )
+        # The bound counts what the upstream sent; `tally`, what is passed on: the tags and
+        # text still held never reach the caller, whose `chars_sent` it becomes.
         events = self._stream(
-            call,
-            timeout_s=timeout_s,
-            on_sent=on_sent,
-            on_status=on_status,
-            tally=StreamTally() if tally is None else tally,
+            call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status, tally=StreamTally()
         )
-        return split_stream(events) if self.config.think_tags else events
+        return split_stream(events, tally)
 
     async def _stream(
         self,

@@ -14,7 +14,7 @@ import enum
 from collections.abc import AsyncGenerator
 from dataclasses import replace
 
-from service.upstream.types import StreamEvent, TextChunk, UpstreamReply
+from service.upstream.types import StreamEvent, StreamTally, TextChunk, UpstreamReply
 
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
@@ -108,10 +108,17 @@ def split_reply(reply: UpstreamReply) -> UpstreamReply:
     )
 
 
+def _output_chars(chunk: TextChunk) -> int:
+    """The characters `chunk` passes on, as `StreamTally` counts them."""
+    arguments = sum(len(piece.arguments) for piece in chunk.tool_calls)
+    return len(chunk.content) + len(chunk.reasoning) + arguments
+
+
 async def split_stream(
-    events: AsyncGenerator[StreamEvent, None],
+    events: AsyncGenerator[StreamEvent, None], tally: StreamTally
 ) -> AsyncGenerator[StreamEvent, None]:
-    """`events` with a leading `<think>` block's text relayed as reasoning, as it comes.
+    """`events` with a leading `<think>` block's text relayed as reasoning, as it comes;
+    `tally` counts the output passed on.
 
     A chunk left with nothing (the tag alone, or its beginning) is not passed on; what is
     held at the end goes out before the `StreamEnd`.
@@ -123,10 +130,13 @@ async def split_stream(
             if isinstance(event, TextChunk):
                 reasoning, answer = splitter.feed(event.content)
                 if reasoning or answer or event.tool_calls or event.reasoning:
-                    yield TextChunk(answer, event.tool_calls, event.reasoning + reasoning)
+                    chunk = TextChunk(answer, event.tool_calls, event.reasoning + reasoning)
+                    tally.chars += _output_chars(chunk)
+                    yield chunk
                 continue
             reasoning, answer = splitter.end()
             if reasoning or answer:
+                tally.chars += len(reasoning) + len(answer)
                 yield TextChunk(answer, (), reasoning)
             yield event
 

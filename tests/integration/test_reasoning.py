@@ -861,3 +861,23 @@ async def test_python_client_shows_the_think_block_as_reasoning(upstream, start_
         texts = [text async for text in stream]
     assert (response.reasoning, response.content) == (THOUGHT, "Paris.")
     assert ("".join(texts), stream.reasoning) == ("Paris.", THOUGHT)
+
+
+async def test_a_stream_cut_in_its_close_tag_counts_only_what_the_caller_got(
+    upstream, start_gateway
+):
+    """A think block's stream cut in its close tag: `chars_sent` counts the reasoning the
+    caller got, not the open tag nor the close tag's beginning, which never reached it.
+
+    Before, it counted the upstream's text as sent (84 for the 72 relayed)."""
+    gateway = await start_gateway(_think_tags_config(upstream.base_url))
+    # The 7th of 8 pieces ends `...word.</thi`: the stream is cut there.
+    upstream.script(Reply(content=TAGGED, chunks=8, cut_after_events=8, chunk_delay_s=0.01))
+    received: list[pb.CompleteStreamResponse] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for event in gateway.stub.CompleteStream(chat_stream()):
+            received.append(event)
+    info = error_info(caught.value)
+    assert info.reason == "STREAM_INTERRUPTED"
+    assert (_reasoning(received), _text(received)) == (THOUGHT, "")
+    assert info.metadata["chars_sent"] == str(len(THOUGHT))

@@ -8,7 +8,7 @@ import pytest
 
 from service.domain import FinishReason, ToolCallDelta
 from service.upstream.think_tags import ThinkTagSplitter, split_reply, split_stream
-from service.upstream.types import StreamEnd, StreamEvent, TextChunk, UpstreamReply
+from service.upstream.types import StreamEnd, StreamEvent, StreamTally, TextChunk, UpstreamReply
 
 # (answer's text, reasoning, answer)
 CASES = [
@@ -103,10 +103,12 @@ async def test_a_stream_relays_each_pieces_reasoning_and_flushes_what_is_held_at
         TextChunk("<th"),
         end,
     )
-    assert [event async for event in split_stream(events)] == [
+    tally = StreamTally()
+    assert [event async for event in split_stream(events, tally)] == [
         TextChunk("", (), "r"),
         TextChunk("", (), "hm"),
         TextChunk("", (call,), "m"),
         TextChunk("<th"),
         end,
     ]
+    assert tally.chars == len("r" + "hm" + "{}" + "m" + "<th")  # what was passed on
