@@ -786,25 +786,33 @@ async def test_a_wait_for_a_concurrency_slot_that_runs_out_is_not_the_gateways_o
     `max_limit_wait_s` runs out, and then fails over, waited on that upstream's account
     all the same: the wait counts in `queued_ms`, not in the overhead trailer. Before,
     only a wait that ended with the slot counted; one that ended in failover read as the
-    gateway's own overhead."""
+    gateway's own overhead. Both upstreams' one slot is taken (a free one would be
+    chosen at once), up1's for less time: the call queues for up0's by weight, its wait
+    runs out, and up1's slot, free by then, serves it."""
     async with FakeUpstream() as busy, FakeUpstream() as spare:
         config = gateway_config_data(
             busy.base_url, spare.base_url, resilience={"max_limit_wait_s": 0.5}
         )
         config["upstreams"][0].update(max_concurrency=1, weight=100)
-        config["upstreams"][1]["weight"] = 1
+        config["upstreams"][1].update(max_concurrency=1, weight=1)
         gateway = await start_gateway(parse_config(config, source="<test>", environ={}))
         busy.script(Reply(delay_s=1.5))
+        spare.script(Reply(delay_s=0.7))
         first = asyncio.ensure_future(gateway.stub.Complete(chat()))
         async with asyncio.timeout(10):
             while not busy.requests:
                 await asyncio.sleep(0.01)
-        second = gateway.stub.Complete(chat("Say hi again"))  # up0 by weight: its slot is taken
+        held = asyncio.ensure_future(gateway.stub.Complete(chat("Hold up1")))  # up1: free
+        async with asyncio.timeout(10):
+            while not spare.requests:
+                await asyncio.sleep(0.01)
+        second = gateway.stub.Complete(chat("Say hi again"))  # up0 by weight: both taken
         response = await second
         await first
+        await held
     overhead = float(dict(await second.trailing_metadata())["llm-gateway-overhead-ms"])
     assert response.metadata.upstream == "up1"
-    assert (len(busy.requests), len(spare.requests)) == (1, 1)
+    assert (len(busy.requests), len(spare.requests)) == (1, 2)
     timings = response.metadata.timings
     assert timings.total_ms >= 400  # it queued for up0's slot
     assert timings.queued_ms >= 400
