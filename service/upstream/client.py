@@ -613,7 +613,8 @@ class UpstreamClient:
         response = await self._post(self._without_stream_options(call), on_sent, on_status)
         # Remembered only once taken without them: a refusal for another cause may quote
         # the request whole (vLLM's validation errors), `stream_options` and all.
-        if response.status < 400:
+        if response.status < 400 and not self._omits_stream_options:
+            # Once, by the first taken: streams sent meanwhile were refused and asked again too.
             self._omits_stream_options = True
             log.warning("upstream.stream_options_refused", extra={"upstream": self.name})
         return response

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -604,10 +605,13 @@ UNKNOWN_STREAM_OPTIONS = orjson.dumps(
 
 
 def azure_2024_06(
-    bodies: list[bytes],
+    bodies: list[bytes], *, refused_together: int = 1
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """An upstream answering "Hello" to each stream, but 400 to one with `stream_options`,
-    as Azure OpenAI before 2024-09-01-preview does; each request's body added to `bodies`."""
+    as Azure OpenAI before 2024-09-01-preview does; each request's body added to `bodies`.
+    The first `refused_together` refusals wait until all of them have come."""
+    refusals: list[bytes] = []
+    all_come = asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -619,6 +623,10 @@ def azure_2024_06(
                 chunk("Hel") + chunk("lo", "stop") + DONE,
             )
             if "stream_options" in orjson.loads(raw):
+                refusals.append(raw)
+                if len(refusals) >= refused_together:
+                    all_come.set()
+                await all_come.wait()
                 status, media, answer = (
                     b"400 Bad Request",
                     b"application/json",
@@ -649,6 +657,26 @@ async def test_an_upstream_that_refuses_stream_options_streams_without_them(
             assert final is not None
             assert final.final.usage.estimated  # none reported without stream_options
     assert [b"stream_options" in body for body in bodies] == [True, False, False]
+
+
+async def test_streams_refused_stream_options_together_log_it_once(
+    start_gateway: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Streams sent together to an upstream that refuses `stream_options`, each refused
+    before any is taken without them: `upstream.stream_options_refused` is logged once.
+
+    Before, each stream asked again logged it: three lines for three streams."""
+    bodies: list[bytes] = []
+    async with serving() as serve:
+        raw = await serve(azure_2024_06(bodies, refused_together=3))
+        gateway = await start_gateway(gateway_config(raw.url))
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.upstream"):
+            relayed = await asyncio.gather(
+                *(relay(gateway, chat_stream(f"hi {i}")) for i in range(3))
+            )
+    assert [(text, error) for text, _, error in relayed] == [("Hello", None)] * 3
+    logged = [r for r in caplog.records if r.getMessage() == "upstream.stream_options_refused"]
+    assert len(logged) == 1
 
 
 async def test_streams_asked_again_without_stream_options_keep_the_schemas_as_written(

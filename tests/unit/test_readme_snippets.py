@@ -4,14 +4,16 @@ name models the shipped config serves."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import itertools
 import re
 import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
-from service.config import load_config
+from service.config import GatewayConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -19,6 +21,14 @@ README = (ROOT / "README.md").read_text()
 PYTHON_BLOCKS = [
     textwrap.dedent(body)
     for _, body in re.findall(r"^([ \t]*)```python\n(.*?)^\1```", README, re.S | re.M)
+]
+# The YAML blocks that are gateway configs (all their keys its sections), not a
+# Kubernetes patch or a Prometheus job.
+_SECTIONS = {field.name for field in dataclasses.fields(GatewayConfig)}
+CONFIG_BLOCKS = [
+    data
+    for _, body in re.findall(r"^([ \t]*)```yaml\n(.*?)^\1```", README, re.S | re.M)
+    if isinstance(data := yaml.safe_load(textwrap.dedent(body)), dict) and set(data) <= _SECTIONS
 ]
 
 
@@ -82,3 +92,15 @@ def test_python_examples_await_every_unary_stub_call() -> None:
         )
     ]
     assert unawaited == []
+
+
+def test_readme_has_config_examples() -> None:
+    """The pattern finds the config examples, so the test below checks something."""
+    assert len(CONFIG_BLOCKS) >= 5
+
+
+@pytest.mark.parametrize("data", CONFIG_BLOCKS)
+def test_a_config_example_is_a_valid_config(data: dict[str, object]) -> None:
+    """Each config example is one the gateway starts with as written (the password its
+    `redis_password_env` names set): no key of an older release, no value out of range."""
+    parse_config(data, source="README.md", environ={"REDIS_PASSWORD": "secret"})
