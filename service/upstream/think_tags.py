@@ -47,11 +47,15 @@ class ThinkTagSplitter:
     (('hmm', ''), ('', 'Paris.'), ('', ''))
     """
 
-    __slots__ = ("_held", "_phase")
+    __slots__ = ("_has_reasoning", "_held", "_phase")
 
     def __init__(self) -> None:
         self._phase = _Phase.OPENING
         self._held = ""
+        # Whether reasoning was passed on yet: whitespace that opens the block is dropped,
+        # as is whitespace that ends it (Qwen3 without thinking sends "<think>\n\n</think>"
+        # on every answer, which is no reasoning).
+        self._has_reasoning = False
 
     def feed(self, text: str) -> tuple[str, str]:
         """The reasoning and the answer's text that `text` adds."""
@@ -77,16 +81,22 @@ class ThinkTagSplitter:
         """The reasoning and answer text still held when the answer ends: reasoning whose
         close tag never came (cut by `max_tokens`), or text that only began like the tag."""
         held, self._held = self._held, ""
-        return (held, "") if self._phase is _Phase.THINKING else ("", held)
+        return (held.rstrip(), "") if self._phase is _Phase.THINKING else ("", held)
 
     def _thinking(self, text: str) -> tuple[str, str]:
+        if not self._has_reasoning:
+            text = text.lstrip()
         close = text.find(CLOSE_TAG)
         if close < 0:
-            kept = _tag_start_at_end(text, CLOSE_TAG)
-            self._held = text[len(text) - kept :]
-            return text[: len(text) - kept], ""
+            # Held: the close tag's beginning, and the whitespace before it, which may end
+            # the block.
+            body = text[: len(text) - _tag_start_at_end(text, CLOSE_TAG)]
+            reasoning = body.rstrip()
+            self._held = text[len(reasoning) :]
+            self._has_reasoning = self._has_reasoning or bool(reasoning)
+            return reasoning, ""
         self._phase = _Phase.CLOSED
-        return text[:close], self._answer_after_close(text[close + len(CLOSE_TAG) :])
+        return text[:close].rstrip(), self._answer_after_close(text[close + len(CLOSE_TAG) :])
 
     def _answer_after_close(self, text: str) -> str:
         answer = text.lstrip()

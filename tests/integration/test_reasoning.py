@@ -797,6 +797,17 @@ async def test_reasoning_goes_out_as_it_arrives_while_only_a_cut_tag_is_held(sta
     assert final.final.finish_reason == pb.FINISH_REASON_STOP
 
 
+@pytest.mark.parametrize("how", HOW)
+async def test_a_blank_think_block_is_no_reasoning(upstream, start_gateway, how):
+    """Qwen3 with thinking off opens every answer with an empty block, `<think>` and
+    `</think>` around blank lines: no reasoning, and the whitespace around a block's
+    thought is none of it either. Before, the caller got reasoning "\n\n", sent back on
+    the next turn."""
+    reply = Reply(content="<think>\n\n</think>\n\nParis.", chunks=3)
+    reasoning, content, _ = await _answer(upstream, start_gateway, how, reply)
+    assert (reasoning, content) == ("", "Paris.")
+
+
 @pytest.mark.parametrize("how", ["unary", "stream"])
 async def test_an_unclosed_think_block_is_all_reasoning(upstream, start_gateway, how):
     """An answer cut by max_tokens before its close tag: all of it is reasoning (the tag's

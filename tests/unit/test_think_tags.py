@@ -13,7 +13,11 @@ from service.upstream.types import StreamEnd, StreamEvent, StreamTally, TextChun
 # (answer's text, reasoning, answer)
 CASES = [
     pytest.param("<think>hmm</think>Paris.", "hmm", "Paris.", id="tagged"),
-    pytest.param(" \n<think>\nhmm\n</think>\n\n Paris.", "\nhmm\n", "Paris.", id="whitespace"),
+    pytest.param(" \n<think>\nhmm\n</think>\n\n Paris.", "hmm", "Paris.", id="whitespace"),
+    # Qwen3 without thinking: an empty block on every answer, which is no reasoning.
+    pytest.param("<think>\n\n</think>\n\nParis.", "", "Paris.", id="blank-block"),
+    pytest.param("<think>\nhm\n\n so\n</think>x", "hm\n\n so", "x", id="inner-whitespace"),
+    pytest.param("<think>hm \n", "hm", "", id="unclosed-blank-end"),
     pytest.param("<think></think>Paris.", "", "Paris.", id="empty-block"),
     pytest.param("<think>a</think>b</think>c", "a", "b</think>c", id="first-close-ends-it"),
     pytest.param("<think>hmm, so the answer is", "hmm, so the answer is", "", id="unclosed"),
