@@ -13,6 +13,8 @@ failure does.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 from collections import deque
@@ -87,6 +89,10 @@ class CircuitBreaker:
         self.is_key_rejected = False
         # Times opened: a probe belongs to the half-open that follows one of them.
         self.episode = 0
+        # Reads the state when the cool-down ends, so that it turns half-open then (and
+        # its hook tells the gauge) rather than at the next call: an idle upstream's
+        # breaker read "open" on dashboards long after it would let a probe through.
+        self._cool_down_timer: asyncio.TimerHandle | None = None
 
     @property
     def state(self) -> BreakerState:
@@ -196,6 +202,15 @@ class CircuitBreaker:
         self._opened_at = self._clock.now()
         self._cool_down_s = cool_down_s
         self._move(BreakerState.OPEN, reason)
+        if self._cool_down_timer is not None:
+            self._cool_down_timer.cancel()
+        with contextlib.suppress(RuntimeError):  # no loop running: read when asked, as ever
+            loop = asyncio.get_running_loop()
+            self._cool_down_timer = loop.call_later(cool_down_s, self._cool_down_passed)
+
+    def _cool_down_passed(self) -> None:
+        self._cool_down_timer = None
+        self.state  # noqa: B018  # turns half-open if due (a reset or a reopening aside)
 
     def _move(self, new: BreakerState, reason: str) -> None:
         old = self._state

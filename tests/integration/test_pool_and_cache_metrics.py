@@ -64,6 +64,34 @@ async def test_an_opening_breaker_shows_in_the_breaker_state_gauge(start_gateway
         assert state() == BREAKER_STATES["open"]
 
 
+async def test_a_breaker_reads_half_open_once_its_cool_down_passes_with_no_call(start_gateway):
+    """An upstream whose breaker opened and then got no call: the gauge reads half-open
+    once the cool-down has passed, as a probe would be let through. Before, it read open
+    until the next call or ListModels read the breaker: an idle upstream looked down on
+    a dashboard long after it could be tried."""
+    captured = captured_telemetry()
+    async with FakeUpstream(models=("fake-model",), default=Status(500)) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 0.2,
+        }
+        config = gateway_config(fake.base_url, resilience=resilience)
+        gw = await start_gateway(config, telemetry=captured.telemetry)
+
+        def state() -> float:
+            return captured.total("llm_gateway.upstream.breaker.state", **{UPSTREAM: "up0"})
+
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gw.stub.Complete(chat())
+        assert state() == BREAKER_STATES["open"]
+        async with asyncio.timeout(10):
+            while state() != BREAKER_STATES["half_open"]:
+                await asyncio.sleep(0.05)
+        assert len(fake.requests) == 1  # no call read it
+
+
 async def test_cache_hits_misses_coalesced_and_bytes_are_exported(upstream, start_gateway):
     """A miss, a hit and requests joining an in-flight call appear in the cache metrics."""
     captured = captured_telemetry()
