@@ -469,14 +469,17 @@ def _said_draining(ready: Connection) -> bool:
     return False
 
 
-def _how_it_ended(exitcode: int | None) -> dict[str, object]:
-    """`exit_code=N`, or `signal=SIGKILL` for a process a signal ended."""
+def _how_it_ended(index: int, run: _Run) -> dict[str, object]:
+    """Worker `index`'s process `run`, ended, as its log lines say it: `index`, `pid`, and
+    `exit_code=N`, or `signal=SIGKILL` for a process a signal ended."""
+    said: dict[str, object] = {"index": index, "pid": run.process.pid}
+    exitcode = run.process.exitcode
     if exitcode is None or exitcode >= 0:
-        return {"exit_code": exitcode}
+        return {**said, "exit_code": exitcode}
     try:
-        return {"signal": signal.Signals(-exitcode).name}
+        return {**said, "signal": signal.Signals(-exitcode).name}
     except ValueError:  # one the enum does not name (a real-time signal)
-        return {"signal": -exitcode}
+        return {**said, "signal": -exitcode}
 
 
 def _why_the_start_failed(runs: list[_Run]) -> dict[str, object]:
@@ -489,7 +492,7 @@ def _why_the_start_failed(runs: list[_Run]) -> dict[str, object]:
     """
     for index, run in enumerate(runs):
         if run.exited.done():
-            return {"index": index, "pid": run.process.pid, **_how_it_ended(run.process.exitcode)}
+            return _how_it_ended(index, run)
     late = [index for index, run in enumerate(runs) if not run.listened]
     return {"not_listening": late, "timeout_s": _WORKER_START_TIMEOUT_S}
 
@@ -523,10 +526,7 @@ async def _keep(
         worker.run = None
         run.ready.close()
         run.close_local_model()
-        ended = _how_it_ended(run.process.exitcode)
-        log.warning(
-            "workers.worker_died", extra={"index": worker.index, "pid": run.process.pid, **ended}
-        )
+        log.warning("workers.worker_died", extra=_how_it_ended(worker.index, run))
         run.process.close()  # its sentinel's descriptor, which each restart would leak
         forget = run.listened
         while True:  # until a replacement is started
@@ -665,7 +665,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         unclean = {i: r for i, r in stopped.items() if not _ended_cleanly(r)}
         failed_drains = [i for i, r in unclean.items() if r.drain_killed or _said_draining(r.ready)]
         for index, run in unclean.items():
-            ended = {"index": index, "pid": run.process.pid, **_how_it_ended(run.process.exitcode)}
+            ended = _how_it_ended(index, run)
             if run.drain_killed:
                 hung = {"after_s": grace_s + _DRAIN_KILL_MARGIN_S}
                 log.error("workers.drain_killed", extra={**ended, **hung})
