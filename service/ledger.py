@@ -893,18 +893,18 @@ class RedisLedger:
         overflow_dims = _dims(entry.tenant, entry.model, entry.upstream, OVERFLOW_LABELS)
         overflow_id, overflow_json = self._row_name(overflow_dims)
         admitted = now if entry.admitted_s is None else entry.admitted_s
-        periods = [period_key(p, admitted) for p in _PERIODS]
+        spends = [self._spend_keys(entry.tenant, period_key(p, admitted)) for p in _PERIODS]
         overflow_row = self._row_key(bucket, overflow_id)
         keys = [
             self._row_key(bucket, row_id),
             self._tenant_rows_key(bucket, entry.tenant),
             self._tenants_key(bucket),
             f"{self._prefix}:buckets",
-            *(self._spend_keys(entry.tenant, p)[0] for p in periods),
+            *(low for low, _ in spends),
             self._records.key,
             self._old_dims_key,
             overflow_row,
-            *(self._spend_keys(entry.tenant, p)[1] for p in periods),
+            *(high for _, high in spends),
         ]
         number = self._records.take()
         counters = _entry_counters(entry)
@@ -1098,14 +1098,15 @@ class RedisLedger:
 
     def _spend_keys(self, tenant: str, period_key: str) -> tuple[str, str]:
         """A tenant's spend in a period: pico-dollars, and whole millions of USD."""
-        return (
-            f"{self._prefix}:spend:{tenant}:{period_key}",
-            f"{self._prefix}:spend_usd_millions:{tenant}:{period_key}",
-        )
+        low = self._budget_key("spend", tenant, period_key)
+        return low, self._budget_key("spend_usd_millions", tenant, period_key)
 
     def _budget_keys(self, tenant: str, period_key: str) -> list[str]:
         """Spend, its millions, reserved, its millions, leases (`_SWEEP_LUA`'s KEYS)."""
-        return [f"{self._prefix}:{kind}:{tenant}:{period_key}" for kind in _BUDGET_KINDS]
+        return [self._budget_key(kind, tenant, period_key) for kind in _BUDGET_KINDS]
+
+    def _budget_key(self, kind: str, tenant: str, period_key: str) -> str:
+        return f"{self._prefix}:{kind}:{tenant}:{period_key}"
 
     async def reserve(
         self, tenant: str, period: str, *, cost_usd: float, limit_usd: float
