@@ -75,8 +75,7 @@ class TokenBucket:
     def wait_s(self, amount: float, now: float) -> float:
         """Seconds until `amount` units are available (amount is capped at capacity)."""
         self._refill(now)
-        missing = min(amount, self.per_minute) - self.level
-        return 0.0 if missing <= 0 else missing * 60.0 / self.per_minute
+        return self.peek_wait_s(amount, now)
 
     def peek_wait_s(self, amount: float, now: float) -> float:
         """`wait_s`, changing nothing."""

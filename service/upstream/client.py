@@ -68,6 +68,7 @@ from service.upstream.types import (
     UpstreamCall,
     UpstreamReply,
     joined_chunks,
+    output_chars,
 )
 
 log = logging.getLogger("llm_gateway.upstream")
@@ -816,12 +817,12 @@ class UpstreamClient:
                         body = await _read_answer(response)
                     reply = self._reply(call, response, body, on_status)
                     if reply.content or reply.tool_calls or reply.reasoning:
-                        # Within the bound, as the body it came in was (`_read_answer`).
-                        arguments = sum(len(tool_call.arguments) for tool_call in reply.tool_calls)
-                        tally.chars = len(reply.content) + len(reply.reasoning) + arguments
-                        yield TextChunk(
+                        whole = TextChunk(
                             reply.content, whole_tool_calls(reply.tool_calls), reply.reasoning
                         )
+                        # Within the bound, as the body it came in was (`_read_answer`).
+                        tally.chars = output_chars(whole)
+                        yield whole
                     yield StreamEnd(
                         id=reply.id,
                         model=reply.model,
@@ -852,6 +853,7 @@ class UpstreamClient:
                         )
                         del events[:parsed]
                         if chunk is not None:
+                            # `output_chars`, inline: a Python call less for every chunk.
                             chars = tally.chars + len(chunk.content) + len(chunk.reasoning)
                             for piece in chunk.tool_calls:
                                 chars += len(piece.arguments)

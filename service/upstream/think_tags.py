@@ -14,7 +14,13 @@ import enum
 from collections.abc import AsyncGenerator
 from dataclasses import replace
 
-from service.upstream.types import StreamEvent, StreamTally, TextChunk, UpstreamReply
+from service.upstream.types import (
+    StreamEvent,
+    StreamTally,
+    TextChunk,
+    UpstreamReply,
+    output_chars,
+)
 
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
@@ -118,12 +124,6 @@ def split_reply(reply: UpstreamReply) -> UpstreamReply:
     )
 
 
-def _output_chars(chunk: TextChunk) -> int:
-    """The characters `chunk` passes on, as `StreamTally` counts them."""
-    arguments = sum(len(piece.arguments) for piece in chunk.tool_calls)
-    return len(chunk.content) + len(chunk.reasoning) + arguments
-
-
 async def split_stream(
     events: AsyncGenerator[StreamEvent, None], tally: StreamTally
 ) -> AsyncGenerator[StreamEvent, None]:
@@ -141,7 +141,7 @@ async def split_stream(
                 reasoning, answer = splitter.feed(event.content)
                 if reasoning or answer or event.tool_calls or event.reasoning:
                     chunk = TextChunk(answer, event.tool_calls, event.reasoning + reasoning)
-                    tally.chars += _output_chars(chunk)
+                    tally.chars += output_chars(chunk)
                     yield chunk
                 continue
             reasoning, answer = splitter.end()

@@ -97,6 +97,13 @@ class StreamTally:
     chars: int = 0
 
 
+def output_chars(chunk: TextChunk) -> int:
+    """The characters of output `chunk` passes on, as `StreamTally` counts them: its text,
+    reasoning and tool-call arguments."""
+    arguments = sum(len(piece.arguments) for piece in chunk.tool_calls)
+    return len(chunk.content) + len(chunk.reasoning) + arguments
+
+
 def joined_chunks(chunks: Sequence[TextChunk]) -> TextChunk:
     """`chunks` as one, in order: their text, tool-call pieces and reasoning joined."""
     if len(chunks) == 1:
