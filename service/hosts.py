@@ -157,10 +157,12 @@ def _zone_problem(host: str) -> str | None:
         address = ipaddress.IPv6Address(host)
     except ValueError:
         return None
-    if address.scope_id is not None and not address.is_link_local:
+    if not address.is_link_local:
+        if address.scope_id is None:
+            return None
         bare = host.partition("%")[0]
         return f"{host}: a zone names a link-local address's interface; write {bare}"
-    if not address.is_link_local or address.scope_id is not None:
+    if address.scope_id is not None:
         return None
     for index, interface in socket.if_nameindex():
         if bind_failure(socket.AF_INET6, (host, 0, 0, index)) is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -41,22 +43,31 @@ async def test_a_retried_call_counts_a_retry_and_each_attempt_for_its_upstream(s
     assert 0 <= event.attributes["llm_gateway.retry.wait_ms"] <= 1000
 
 
+async def _breaker_gauge(
+    start_gateway: Any, fake: FakeUpstream, *, failures: int, cool_down_s: float
+) -> tuple[Any, Callable[[], float]]:
+    """A gateway in front of `fake` whose breaker opens after `failures` calls in a row
+    fail (one attempt each), and a reading of up0's breaker state gauge."""
+    captured = captured_telemetry()
+    resilience = {
+        **FAST_RESILIENCE,
+        "attempts": 1,
+        "breaker_consecutive_failures": failures,
+        "breaker_cool_down_s": cool_down_s,
+    }
+    config = gateway_config(fake.base_url, resilience=resilience)
+    gw = await start_gateway(config, telemetry=captured.telemetry)
+
+    def state() -> float:
+        return captured.total("llm_gateway.upstream.breaker.state", **{UPSTREAM: "up0"})
+
+    return gw, state
+
+
 async def test_an_opening_breaker_shows_in_the_breaker_state_gauge(start_gateway):
     """The gauge reads closed at start and open after the breaker trips on failures."""
-    captured = captured_telemetry()
     async with FakeUpstream(models=("fake-model",), default=Status(500)) as fake:
-        resilience = {
-            **FAST_RESILIENCE,
-            "attempts": 1,
-            "breaker_consecutive_failures": 2,
-            "breaker_cool_down_s": 30,
-        }
-        config = gateway_config(fake.base_url, resilience=resilience)
-        gw = await start_gateway(config, telemetry=captured.telemetry)
-
-        def state() -> float:
-            return captured.total("llm_gateway.upstream.breaker.state", **{UPSTREAM: "up0"})
-
+        gw, state = await _breaker_gauge(start_gateway, fake, failures=2, cool_down_s=30)
         assert state() == BREAKER_STATES["closed"]
         for _ in range(2):
             with pytest.raises(grpc.aio.AioRpcError):
@@ -69,20 +80,8 @@ async def test_a_breaker_reads_half_open_once_its_cool_down_passes_with_no_call(
     once the cool-down has passed, as a probe would be let through. Before, it read open
     until the next call or ListModels read the breaker: an idle upstream looked down on
     a dashboard long after it could be tried."""
-    captured = captured_telemetry()
     async with FakeUpstream(models=("fake-model",), default=Status(500)) as fake:
-        resilience = {
-            **FAST_RESILIENCE,
-            "attempts": 1,
-            "breaker_consecutive_failures": 1,
-            "breaker_cool_down_s": 0.2,
-        }
-        config = gateway_config(fake.base_url, resilience=resilience)
-        gw = await start_gateway(config, telemetry=captured.telemetry)
-
-        def state() -> float:
-            return captured.total("llm_gateway.upstream.breaker.state", **{UPSTREAM: "up0"})
-
+        gw, state = await _breaker_gauge(start_gateway, fake, failures=1, cool_down_s=0.2)
         with pytest.raises(grpc.aio.AioRpcError):
             await gw.stub.Complete(chat())
         assert state() == BREAKER_STATES["open"]
