@@ -1130,15 +1130,22 @@ async def test_a_call_queued_for_admission_counts_its_wait_in_its_timings(start_
         assert timings.total_ms >= timings.upstream_ms + timings.queued_ms
 
 
+async def _weighted_3_to_1(
+    start_gateway: Any, heavy: FakeUpstream, light: FakeUpstream
+) -> RunningGateway:
+    """A gateway serving the model from `heavy` (up0, weight 3) and `light` (up1, 1)."""
+    config = gateway_config(heavy.base_url, light.base_url, resilience=FAST_RESILIENCE)
+    weighted = (
+        dataclasses.replace(config.upstreams[0], weight=3),
+        dataclasses.replace(config.upstreams[1], weight=1),
+    )
+    return await start_gateway(dataclasses.replace(config, upstreams=weighted))
+
+
 async def test_weighted_pick_spreads_calls_by_weight(start_gateway):
     """Weights 3:1 send three calls to the first upstream for each one to the second."""
     async with FakeUpstream() as heavy, FakeUpstream() as light:
-        config = gateway_config(heavy.base_url, light.base_url, resilience=FAST_RESILIENCE)
-        weighted = (
-            dataclasses.replace(config.upstreams[0], weight=3),
-            dataclasses.replace(config.upstreams[1], weight=1),
-        )
-        gateway = await start_gateway(dataclasses.replace(config, upstreams=weighted))
+        gateway = await _weighted_3_to_1(start_gateway, heavy, light)
         served = [(await gateway.stub.Complete(chat())).metadata.upstream for _ in range(8)]
         assert served.count("up0") == 6
         assert served.count("up1") == 2
@@ -1201,12 +1208,7 @@ async def test_weights_hold_over_many_calls_and_after_an_upstream_is_left_out_a_
     missed, nor a share lost."""
     exhausted = {"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1"}
     async with FakeUpstream() as heavy, FakeUpstream() as light:
-        config = gateway_config(heavy.base_url, light.base_url, resilience=FAST_RESILIENCE)
-        weighted = (
-            dataclasses.replace(config.upstreams[0], weight=3),
-            dataclasses.replace(config.upstreams[1], weight=1),
-        )
-        gateway = await start_gateway(dataclasses.replace(config, upstreams=weighted))
+        gateway = await _weighted_3_to_1(start_gateway, heavy, light)
 
         async def served(calls: int) -> list[str]:
             return [(await gateway.stub.Complete(chat())).metadata.upstream for _ in range(calls)]
