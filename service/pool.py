@@ -2,10 +2,11 @@
 
 For each call the pool orders the model's routes (smooth weighted round-robin over the
 upstreams whose circuit breaker lets calls through and whose limiter starts the call now,
-else those it would wait in least), then runs a visible loop: take the
-next route, wait as the retry policy says, pass the breaker, the retry budget and the
-upstream's limiter, make one attempt. A retryable failure moves on to the next upstream
-(failover) or, with one upstream, waits and tries it again; a rejected key rules that
+else those it would wait in least), then runs a visible loop: take the next route, wait
+as the retry policy says, pass the breaker, the retry budget and the upstream's limiter,
+make one attempt. A retryable failure fails over to an upstream the call has not tried
+(the first in the plan's order that starts it now, else the one it would wait in least)
+or, once it has tried them all, waits and tries one again; a rejected key rules that
 upstream out for the call and opens its breaker. Policy lives in `service.retry`,
 `service.breaker` and `service.limits`; this module only sequences it.
 """
@@ -19,7 +20,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -290,16 +291,32 @@ class _CallPlan:
     def exclude(self, route: Route, why: str) -> None:
         self.excluded[route.client.name] = why
 
-    def next_route(self, after: Route | None, states: Mapping[str, UpstreamState]) -> Route | None:
-        """The first usable route after `after` (failover), `after` itself last."""
-        if after is None:
-            ordered = self.order
-        else:
-            at = self.order.index(after)
-            ordered = self.order[at + 1 :] + self.order[: at + 1]
-        for route in ordered:
+    def first_route(self, states: Mapping[str, UpstreamState]) -> Route | None:
+        """The first usable route: where the call's first attempt goes."""
+        for route in self.order:  # `is_usable` written out: every call runs this
             name = route.client.name
             if name not in self.excluded and states[name].breaker.allows():
+                return route
+        return None
+
+    def is_usable(self, route: Route, states: Mapping[str, UpstreamState]) -> bool:
+        """Whether `route` may take an attempt: not ruled out, and its breaker allows."""
+        name = route.client.name
+        return name not in self.excluded and states[name].breaker.allows()
+
+    def usable_routes(
+        self, states: Mapping[str, UpstreamState], *, skipping: Container[str]
+    ) -> list[Route]:
+        """The usable routes in the plan's order, but those whose upstream is in `skipping`."""
+        return [
+            r for r in self.order if r.client.name not in skipping and self.is_usable(r, states)
+        ]
+
+    def route_after(self, after: Route, states: Mapping[str, UpstreamState]) -> Route | None:
+        """The first usable route after `after`, `after` itself last."""
+        at = self.order.index(after)
+        for route in self.order[at + 1 :] + self.order[: at + 1]:
+            if self.is_usable(route, states):
                 return route
         return None
 
@@ -446,6 +463,26 @@ class UpstreamPool:
         # A route left out of a pick keeps its turn: back in, it is picked as it was due.
         weights = [r.client.config.weight for r in routes]
         return self._balancers[model].pick(weights, ready)
+
+    def _failover_route(
+        self, plan: _CallPlan, after: Route, log_: AttemptLog, *, tokens: int
+    ) -> Route | None:
+        """Where a call of `tokens` goes after its attempt on `after` failed: among the usable
+        routes it has not tried (not down), the first in the plan's order whose limiter
+        starts it now, else the one it would wait in least; once it has tried every usable
+        one, the next after `after`, a retry (`_prepare_attempt`)."""
+        tried = {record.upstream for record in log_.records}
+        untried = plan.usable_routes(self._states, skipping=tried.union(self._down))
+        if len(untried) <= 1:
+            # Nothing to choose between: an untried upstream, however busy, goes before
+            # trying a failed one again.
+            return untried[0] if untried else plan.route_after(after, self._states)
+        limiters = [self._states[r.client.name].limiter for r in untried]
+        for route, limiter in zip(untried, limiters, strict=True):
+            if limiter.starts_now(tokens):
+                return route
+        waits = [limiter.expected_wait_s(tokens) for limiter in limiters]
+        return untried[waits.index(min(waits))]
 
     def _call(
         self, request: ChatRequest, route: Route, *, stream: bool, headers: dict[str, str]
@@ -777,7 +814,11 @@ class UpstreamPool:
         deadline leaves no room for another attempt.
         """
         while log.attempts < self.settings.attempts:
-            route = plan.next_route(progress.last_route, self._states)
+            after = progress.last_route
+            if after is None:
+                route = plan.first_route(self._states)
+            else:
+                route = self._failover_route(plan, after, log, tokens=tokens)
             if route is None:
                 return None
             try:

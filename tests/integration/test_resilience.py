@@ -30,7 +30,7 @@ from service.clock import Deadline
 from service.domain import ChatRequest, Message, Role
 from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER, UpstreamAuthRejected
 from service.pipeline import Pipeline
-from service.pool import UpstreamPool
+from service.pool import AttemptLog, UpstreamPool
 from service.pool_hooks import RetryDecision
 from service.pricing import PriceList
 from service.upstream.client import UpstreamClient
@@ -1286,6 +1286,136 @@ async def test_a_call_refused_by_every_limit_is_told_the_shortest_wait_not_the_f
         assert retry_after_s is not None
         assert 0 < retry_after_s <= 2.0
         assert (len(full.requests), len(paused.requests)) == (2, 1)
+
+
+# A model only up1 serves: a call to it loads up1 (its tokens, its one slot) without
+# moving the round-robin of the model the failover tests call.
+SIDE_MODEL = "side-model"
+# Tokens up1 allows a minute in the failover tests; the load call spends all of them, so
+# a call there waits about a second for its tokens.
+BUSY_TOKENS_PER_MINUTE = 2400
+
+
+async def _with_a_busy_second_upstream(
+    start_gateway: Any, *upstreams: FakeUpstream, **limits: Any
+) -> RunningGateway:
+    """A gateway serving the model from `upstreams` (up0, up1, ...), up1 with `limits` and
+    serving `SIDE_MODEL` too."""
+    config = gateway_config(*(u.base_url for u in upstreams), resilience=FAST_RESILIENCE)
+    second = config.upstreams[1]
+    busy = dataclasses.replace(second, models={**second.models, SIDE_MODEL: SIDE_MODEL}, **limits)
+    routes = (config.upstreams[0], busy, *config.upstreams[2:])
+    return await start_gateway(dataclasses.replace(config, upstreams=routes))
+
+
+async def _spend_the_busy_upstreams_tokens(gateway: RunningGateway) -> None:
+    """One call on `SIDE_MODEL` takes every token of up1's minute."""
+    params = pb.GenerationParams(max_tokens=BUSY_TOKENS_PER_MINUTE)
+    await gateway.stub.Complete(chat(model=SIDE_MODEL, params=params))
+    assert not gateway.server.pipeline.pool.state("up1").limiter.starts_now(1)
+
+
+async def _served(gateway: RunningGateway, *, is_stream: bool) -> pb.CompletionMetadata:
+    """The metadata of one call of the model, unary or streamed."""
+    params = pb.GenerationParams(max_tokens=20)
+    if is_stream:
+        events = [e async for e in gateway.stub.CompleteStream(chat_stream(params=params))]
+        return events[-1].final
+    return (await gateway.stub.Complete(chat(params=params))).metadata
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_failover_skips_an_upstream_waiting_for_its_tokens_for_an_idle_one(
+    start_gateway, is_stream
+):
+    """up0 fails with a 500; up1, next in line, is out of tokens for about a second; up2
+    is idle: the call fails over to up2 at once, and up1 sees nothing of it.
+
+    Before, failover took the next upstream in line: the call waited in up1's limiter for
+    its tokens (`queued_ms` about 1000) and was answered there while up2 sat idle.
+    """
+    async with FakeUpstream() as failing, FakeUpstream() as busy, FakeUpstream() as idle:
+        gateway = await _with_a_busy_second_upstream(
+            start_gateway, failing, busy, idle, tokens_per_minute=BUSY_TOKENS_PER_MINUTE
+        )
+        decisions: list[RetryDecision] = []
+        gateway.server.pipeline.pool.hooks.on_retry.append(decisions.append)
+        await _spend_the_busy_upstreams_tokens(gateway)
+        failing.script(Status(500))
+        metadata = await _served(gateway, is_stream=is_stream)
+    assert (metadata.upstream, metadata.attempts, metadata.timings.queued_ms) == ("up2", 2, 0.0)
+    assert [(d.failed_upstream, d.upstream, d.wait_s) for d in decisions] == [("up0", "up2", 0.0)]
+    assert gateway.server.pipeline.pool.counters.failovers == 1
+    assert (len(failing.requests), len(busy.requests), len(idle.requests)) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_failover_skips_an_upstream_at_max_concurrency_for_an_idle_one(
+    start_gateway, is_stream
+):
+    """up0 fails with a 500; up1, next in line, has its one slot held by a hanging call;
+    up2 is idle: the call fails over to up2 at once, and up1 sees nothing of it.
+
+    Before, the call queued in up1's line for `max_limit_wait_s` (5 s), was refused there,
+    and only then went on to up2.
+    """
+    async with FakeUpstream() as failing, ScriptedUpstream() as busy, FakeUpstream() as idle:
+        gateway = await _with_a_busy_second_upstream(
+            start_gateway, failing, busy, idle, max_concurrency=1
+        )
+        busy.gate.clear()
+        held = asyncio.ensure_future(gateway.stub.Complete(chat("held", model=SIDE_MODEL)))
+        await busy.wait_until(lambda: busy.in_flight == 1)
+        failing.script(Status(500))
+        metadata = await _served(gateway, is_stream=is_stream)
+        served = (metadata.upstream, metadata.attempts, metadata.timings.queued_ms)
+        assert served == ("up2", 2, 0.0)
+        assert (len(failing.requests), len(busy.requests), len(idle.requests)) == (1, 1, 1)
+        busy.gate.set()
+        assert (await held).metadata.upstream == "up1"
+    assert gateway.server.pipeline.pool.counters.failovers == 1
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_failover_to_the_only_untried_upstream_waits_there_when_it_is_busy(
+    start_gateway, is_stream
+):
+    """up0 fails with a 500; up1, the only upstream the call has not tried, is out of
+    tokens for about a second: the call fails over there all the same and waits its turn
+    (a wait in up1's limiter, `queued_ms`), rather than retry up0."""
+    async with FakeUpstream() as failing, FakeUpstream() as busy:
+        gateway = await _with_a_busy_second_upstream(
+            start_gateway, failing, busy, tokens_per_minute=BUSY_TOKENS_PER_MINUTE
+        )
+        await _spend_the_busy_upstreams_tokens(gateway)
+        failing.script(Status(500))
+        metadata = await _served(gateway, is_stream=is_stream)
+    assert (metadata.upstream, metadata.attempts) == ("up1", 2)
+    assert metadata.timings.queued_ms > 0
+    assert (len(failing.requests), len(busy.requests)) == (1, 2)
+
+
+async def test_failover_with_every_untried_upstream_waiting_goes_where_the_wait_is_least():
+    """up0 fails with a 500 while up1 is paused 3 s and up2 1 s: the call fails over to
+    up2, the shorter wait, not to up1, next in line (before, it waited out up1's 3 s)."""
+    clock = FakeClock()
+    async with contextlib.AsyncExitStack() as stack:
+        fakes = [await stack.enter_async_context(FakeUpstream()) for _ in range(3)]
+        fakes[0].script(Status(500))
+        config = gateway_config(*(f.base_url for f in fakes), resilience=FAST_RESILIENCE)
+        clients = [
+            await stack.enter_async_context(UpstreamClient(upstream))
+            for upstream in config.upstreams
+        ]
+        pool = UpstreamPool(clients, settings=config.resilience, clock=clock)
+        pool.state("up1").limiter.pause(3.0)
+        pool.state("up2").limiter.pause(1.0)
+        log = AttemptLog()
+        request = ChatRequest(FAKE_MODEL, (Message(Role.USER, "Say hi"),))
+        await pool.complete(request, prompt_tokens=8, deadline=Deadline.after(None, clock), log=log)
+    assert [(r.upstream, r.error is None) for r in log.records] == [("up0", False), ("up2", True)]
+    assert clock.slept == [pytest.approx(1.0)]
+    assert [len(f.requests) for f in fakes] == [1, 0, 1]
 
 
 async def test_limiter_slows_down_when_the_upstream_says_none_remain(start_gateway):
