@@ -521,10 +521,12 @@ class Pipeline:
         a stream after some output, or any call its caller cut once its request was sent.
 
         The upstream bills the prompt it received and what it generated, even when the
-        answer never came back, so the call is recorded once, for its caller's tenant,
-        with estimated usage: the prompt as input (`_billed_prompt_tokens`), the `output`
-        sent (text, reasoning and partial tool calls) as output. Called inside
-        `hold.reserving`, so that its cost counts all along, reserved or spent.
+        answer never came back, so the call is recorded once, for its caller's tenant:
+        with the usage its stream reported before the cut (`AttemptLog.usage`), as the
+        same usage is billed uncut; else estimated, the prompt as input
+        (`_billed_prompt_tokens`), the `output` sent (text, reasoning and partial tool
+        calls) as output. Called inside `hold.reserving`, so that its cost counts all
+        along, reserved or spent.
         """
         request = prepared.request
         completion = self._completion(
@@ -534,7 +536,7 @@ class Pipeline:
             model=request.model,
             output=output,
             finish_reason=FinishReason.UNKNOWN,
-            reported=None,
+            reported=log.usage,
             timings=_cut_timings(log),
         )
         await self.account(request, completion, admitted_s=hold.admitted_s)
