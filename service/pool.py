@@ -818,7 +818,8 @@ class UpstreamPool:
     ) -> UpstreamReply:
         """Send a unary completion, retrying and failing over as the policy allows.
 
-        `prompt_tokens`: the prompt's estimate, for the upstreams' token limits.
+        `prompt_tokens`: the prompt's estimate as its tenant's calibration counts it
+        (never below the plain one), for the upstreams' token limits.
         """
         tokens = self._tokens(request, prompt_tokens)
         plan = self._plan(request.model, tokens)
