@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 
-from service.calibration import TokenCalibration
 from service.config import ANY_TENANT, BudgetConfig
 from service.domain import ChatRequest, Usage
 from service.errors import QuotaExceeded
@@ -178,20 +177,16 @@ class BudgetHold:
         await self.close()
 
     def reserving(
-        self, request: ChatRequest, *, prompt_tokens: int, calibration: TokenCalibration
+        self, request: ChatRequest, *, prompt_tokens: int
     ) -> contextlib.AbstractAsyncContextManager[None]:
         """Reserve before the body (or raise `QuotaExceeded`); hand over or release after.
 
-        `prompt_tokens`: the prompt's estimate, reserved as `calibration` bills it when
-        the upstream reports no count (`TokenCalibration.billed_tokens`), looked up only
-        where a budget applies.
+        `prompt_tokens`: the prompt's estimate as its tenant's calibration bills it when
+        the upstream reports no count (`TokenCalibration.billed_tokens`).
         """
         if not self._budgets.has_any:
             return _NOTHING_TO_RESERVE
-        billed = calibration.billed_tokens(
-            request.model, request.tenant, estimated_tokens=prompt_tokens
-        )
-        return _Reserving(self, request, billed)
+        return _Reserving(self, request, prompt_tokens)
 
     async def _reserve(self, request: ChatRequest, prompt_tokens: int) -> Reservation | None:
         reservation = await self._budgets.reserve(request, prompt_tokens=prompt_tokens)

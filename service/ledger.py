@@ -419,6 +419,9 @@ class MemoryLedger:
     def __init__(self, config: LedgerConfig | None = None, *, wall_clock: WallClock = time.time):
         self._buckets = _Buckets(config or LedgerConfig(), wall_clock)
         self._rows: dict[tuple[int, Dims], UsageRow] = {}
+        # When each row's last call was recorded: it is kept `retention_days` from then,
+        # as Redis keeps a row's key (its TTL set anew by each call).
+        self._last_call_s: dict[tuple[int, Dims], float] = {}
         self._spend: dict[tuple[str, str], int] = {}
         self._reserved: dict[tuple[str, str], int] = {}
         self._held: dict[str, Reservation] = {}
@@ -431,8 +434,11 @@ class MemoryLedger:
     def _prune(self, now: float) -> None:
         """Drop rows past retention and spend of finished periods (once per new bucket)."""
         oldest = now - self._retention_s
-        self._rows = {k: r for k, r in self._rows.items() if k[0] >= oldest}
-        self._rows_started = {k: n for k, n in self._rows_started.items() if k[0] >= oldest}
+        self._last_call_s = {k: at for k, at in self._last_call_s.items() if at > oldest}
+        self._rows = {k: r for k, r in self._rows.items() if k in self._last_call_s}
+        # A bucket's count of rows started lasts as long as any row of it may.
+        ended = oldest - self._buckets.config.bucket_s
+        self._rows_started = {k: n for k, n in self._rows_started.items() if k[0] > ended}
         current = {period_key("day", now), period_key("month", now)}
         self._spend = {k: v for k, v in self._spend.items() if k[1] in current}
 
@@ -444,9 +450,10 @@ class MemoryLedger:
         if bucket != self._current_bucket:
             self._current_bucket = bucket
             self._prune(now)
-        row = self._row(bucket, entry)
+        key = self._row_key(bucket, entry)
         counters = _entry_counters(entry)
-        row.add(counters)
+        self._rows[key].add(counters)
+        self._last_call_s[key] = now
         cost_pico = counters["cost_pico"]
         if not cost_pico:
             return  # a cache hit or a free model: no spend to add
@@ -454,36 +461,38 @@ class MemoryLedger:
             spend_key = (entry.tenant, period_key(period, admitted))
             self._spend[spend_key] = self._spend.get(spend_key, 0) + cost_pico
 
-    def _row(self, bucket: int, entry: UsageEntry) -> UsageRow:
-        """The row `entry` adds to: its own, or past the tenant's cap the overflow row."""
+    def _row_key(self, bucket: int, entry: UsageEntry) -> tuple[int, Dims]:
+        """The key of the row `entry` adds to (made if new): its own, or past the tenant's
+        cap the overflow row."""
         dims = _dims(entry.tenant, entry.model, entry.upstream, entry.labels)
-        row = self._rows.get((bucket, dims))
-        if row is not None:
-            return row
+        if (bucket, dims) in self._rows:
+            return bucket, dims
         started = (bucket, entry.tenant)
         if self._rows_started.get(started, 0) >= self._max_rows:
             self._capped.add(entry.tenant, bucket)
             dims = _dims(entry.tenant, entry.model, entry.upstream, OVERFLOW_LABELS)
-            row = self._rows.get((bucket, dims))
-            if row is not None:
-                return row
+            if (bucket, dims) in self._rows:
+                return bucket, dims
         else:
             self._rows_started[started] = self._rows_started.get(started, 0) + 1
-        row = self._rows[(bucket, dims)] = UsageRow(
+        self._rows[bucket, dims] = UsageRow(
             tenant=entry.tenant, model=entry.model, upstream=entry.upstream,
             labels=dict(dims[3]),
         )  # fmt: skip
-        return row
+        return bucket, dims
 
     async def query(self, query: UsageFilter) -> list[UsageRow]:
         """Rows matching `query`, summed over its time window."""
         low, high = self._buckets.window(query)
         # Rows past retention are dropped only when a call starts a new bucket: an idle
         # gateway still holds them, but must not show them (Redis has expired its own).
-        low = max(low, self._buckets.now() - self._retention_s)
+        oldest = self._buckets.now() - self._retention_s
         merged: dict[Dims, UsageRow] = {}
-        for (bucket, dims), row in self._rows.items():
-            if not (low <= bucket < high) or not _matches(dims, query):
+        for key, row in self._rows.items():
+            bucket, dims = key
+            if not (low <= bucket < high) or self._last_call_s[key] <= oldest:
+                continue
+            if not _matches(dims, query):
                 continue
             target = merged.get(dims)
             if target is None:
@@ -855,6 +864,13 @@ class RedisLedger:
     def _row_key(self, bucket: int | str, row_id: str) -> str:
         return f"{self._prefix}:row:{bucket}:{row_id}"
 
+    def _oldest_bucket(self, now: float) -> float:
+        """The start of the oldest bucket a row may still be kept in at `now`: one whose
+        last call came at its end, `retention_days` ago. Older buckets leave the index of
+        buckets; a newer one's rows go as their keys expire, each `retention_days` after
+        its last call."""
+        return now - self._ttl_s - self._buckets.config.bucket_s
+
     def _tenant_rows_key(self, bucket: int | str, tenant: str) -> str:
         return f"{self._prefix}:rows:{bucket}:{tenant}"
 
@@ -909,7 +925,7 @@ class RedisLedger:
         number = self._records.take()
         counters = _entry_counters(entry)
         args: list[str | int | float] = [
-            row_id, dims_json, self._ttl_s, bucket, now - self._ttl_s, number,
+            row_id, dims_json, self._ttl_s, bucket, self._oldest_bucket(now), number,
             0, 2 * RECORD_RETRY_S, entry.tenant, self._ttl_s + _OLD_DIMS_GRACE_S,
             overflow_id, overflow_json, self._max_rows,
             *(counters[name] for name in _FIELDS),

@@ -278,7 +278,9 @@ class Pipeline:
     def _billed_prompt_tokens(self, prepared: PreparedRequest) -> int:
         """The prompt tokens billed where the upstream reported none: the estimate as
         the tenant's calibration for the model counts it now (answers since the call was
-        prepared may have moved it), never below the plain estimate."""
+        prepared may have moved it), never below the plain estimate. What an upstream
+        call's budget reservation and its upstream's tokens-per-minute limit count too,
+        looked up once for both: the limit models the provider's own count."""
         request = prepared.request
         return self.calibration.billed_tokens(
             request.model, request.tenant, estimated_tokens=prepared.prompt_tokens
@@ -450,15 +452,14 @@ class Pipeline:
         """The upstream call behind a cache miss; budgets are checked and reserved only here."""
         request = prepared.request
         log = AttemptLog()
+        prompt_tokens = self._billed_prompt_tokens(prepared)
         # Handed over inside: a call whose caller left is recorded before its reservation
         # is released, so its cost counts all along, reserved or spent.
-        async with hold.reserving(
-            request, prompt_tokens=prepared.prompt_tokens, calibration=self.calibration
-        ):
+        async with hold.reserving(request, prompt_tokens=prompt_tokens):
             try:
                 try:
                     reply = await self._pool.complete(
-                        request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
+                        request, prompt_tokens=prompt_tokens, deadline=deadline, log=log
                     )
                 except UpstreamContextExceeded:
                     self._learn_refusal(prepared)
@@ -521,10 +522,12 @@ class Pipeline:
         a stream after some output, or any call its caller cut once its request was sent.
 
         The upstream bills the prompt it received and what it generated, even when the
-        answer never came back, so the call is recorded once, for its caller's tenant,
-        with estimated usage: the prompt as input (`_billed_prompt_tokens`), the `output`
-        sent (text, reasoning and partial tool calls) as output. Called inside
-        `hold.reserving`, so that its cost counts all along, reserved or spent.
+        answer never came back, so the call is recorded once, for its caller's tenant:
+        with the usage its stream reported before the cut (`AttemptLog.usage`), as the
+        same usage is billed uncut; else estimated, the prompt as input
+        (`_billed_prompt_tokens`), the `output` sent (text, reasoning and partial tool
+        calls) as output. Called inside `hold.reserving`, so that its cost counts all
+        along, reserved or spent.
         """
         request = prepared.request
         completion = self._completion(
@@ -534,7 +537,7 @@ class Pipeline:
             model=request.model,
             output=output,
             finish_reason=FinishReason.UNKNOWN,
-            reported=None,
+            reported=log.usage,
             timings=_cut_timings(log),
         )
         await self.account(request, completion, admitted_s=hold.admitted_s)
@@ -636,15 +639,12 @@ class Pipeline:
         log = AttemptLog()
         relayed: list[TextChunk] = []
         end: StreamEnd | None = None
-        async with hold.reserving(
-            request, prompt_tokens=prepared.prompt_tokens, calibration=self.calibration
-        ):
+        prompt_tokens = self._billed_prompt_tokens(prepared)
+        async with hold.reserving(request, prompt_tokens=prompt_tokens):
             # Closed here, at once, when this stream is: not later by a GC hook's own task.
             upstream = cast(
                 AsyncGenerator[StreamEvent, None],
-                self._pool.stream(
-                    request, prompt_tokens=prepared.prompt_tokens, deadline=deadline, log=log
-                ),
+                self._pool.stream(request, prompt_tokens=prompt_tokens, deadline=deadline, log=log),
             )
             try:
                 try:

@@ -27,7 +27,7 @@ from typing import Any
 from service.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from service.clock import SYSTEM_CLOCK, Clock, Deadline
 from service.config import ResilienceConfig
-from service.domain import ChatRequest
+from service.domain import ChatRequest, Usage
 from service.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -136,6 +136,9 @@ class AttemptLog:
     # What the last attempt generated so far, when a unary call is read as a stream
     # (`stream_unary_calls`): billed with its prompt should the attempt be cut.
     output: list[TextChunk] = field(default_factory=list)
+    # The usage the last attempt's stream reported, once it ended: a stream cut after its
+    # usage event (before `[DONE]`) is billed as reported, not estimated.
+    usage: Usage | None = None
 
     def begin(self, upstream: str) -> None:
         """Another attempt starts, to `upstream`: nothing of it is sent or answered yet."""
@@ -145,6 +148,11 @@ class AttemptLog:
         self.status = None
         self.metric_attributes = {}
         self.output = []
+        self.usage = None
+
+    def reported(self, usage: Usage) -> None:
+        """The last attempt's stream ended having reported `usage`."""
+        self.usage = usage
 
     def streamed(self, chunk: TextChunk) -> None:
         """The last attempt, a unary call read as a stream, generated `chunk`."""
@@ -851,7 +859,8 @@ class UpstreamPool:
     ) -> UpstreamReply:
         """Send a unary completion, retrying and failing over as the policy allows.
 
-        `prompt_tokens`: the prompt's estimate, for the upstreams' token limits.
+        `prompt_tokens`: the prompt's estimate as its tenant's calibration counts it
+        (never below the plain one), for the upstreams' token limits.
         """
         tokens = self._tokens(request, prompt_tokens)
         plan = self._plan(request.model, tokens)
@@ -877,6 +886,7 @@ class UpstreamPool:
                         on_sent=log.sent,
                         on_status=log.answered,
                         on_output=log.streamed,
+                        on_usage=log.reported,
                     )
                     span.finish(
                         response_id=reply.id,
@@ -947,6 +957,7 @@ class UpstreamPool:
                         on_sent=log.sent,
                         on_status=log.answered,
                         tally=sent,
+                        on_usage=log.reported,
                     )
                     async with contextlib.aclosing(events):
                         async for event in events:

@@ -81,7 +81,8 @@ class Reply:
     every call). `raw_tool_calls` is sent as is instead (the message's
     `tool_calls`, or one delta's); a stream sends `raw_tool_call_deltas` instead of the
     calls' pieces, each as one delta's `tool_calls`. `cut_after_events` resets the
-    connection after that many events of a stream (the role event included).
+    connection after that many events of a stream (the role event included), and
+    `cut_before_done` once every event but `[DONE]` went out (its usage included).
 
     `reasoning` is sent as the message's `reasoning_field` (DeepSeek's `reasoning_content`,
     or OpenRouter's `reasoning`), and streamed in `reasoning_pieces` pieces before the
@@ -117,6 +118,7 @@ class Reply:
     raw_tool_calls: Any = None
     raw_tool_call_deltas: tuple[Any, ...] = ()
     cut_after_events: int | None = None
+    cut_before_done: bool = False
     reasoning: str = ""
     reasoning_field: str = "reasoning_content"
     reasoning_pieces: int = 3
@@ -563,6 +565,10 @@ class FakeUpstream:
         if reply.include_usage and usage_requested:
             usages = reply.raw_usages or (_usage(reply),)
             events += [self._usage_chunk(cid, model, counts) for counts in usages]
+        if reply.cut_before_done:
+            await _send(resp, events, _Framing())
+            await asyncio.sleep(_FLUSH_PAUSE_S)
+            _abort(request)
         events.append("[DONE]")
         framing = _Framing(
             crlf=reply.crlf,

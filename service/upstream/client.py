@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapp
 import orjson
 
 from service.config import UpstreamConfig
-from service.domain import assemble_tool_calls, whole_tool_calls
+from service.domain import Usage, assemble_tool_calls, whole_tool_calls
 from service.errors import (
     UpstreamAuthRejected,
     UpstreamContextExceeded,
@@ -632,13 +632,15 @@ class UpstreamClient:
         on_sent: Callable[[], None] | None = None,
         on_status: Callable[[int], None] | None = None,
         on_output: Callable[[TextChunk], None] | None = None,
+        on_usage: Callable[[Usage], None] | None = None,
     ) -> UpstreamReply:
         """Send one unary completion and parse the answer; `on_sent` as `HttpPool.request`,
         `on_status` with the answer's status, before its body is read.
 
         To an upstream with `stream_unary_calls` the call is a stream (its body built so),
         read whole: `_complete_streamed`, which passes each piece of output to `on_output`
-        as it arrives (what the upstream generated, should the stream be cut).
+        as it arrives, and its usage to `on_usage` as `stream` does (what the upstream
+        generated, and billed, should the stream be cut).
         """
         if self.config.stream_unary_calls:
             return await self._complete_streamed(
@@ -647,6 +649,7 @@ class UpstreamClient:
                 on_sent=on_sent,
                 on_status=on_status,
                 on_output=on_output,
+                on_usage=on_usage,
             )
         return await self._complete_unary(
             call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status
@@ -660,10 +663,12 @@ class UpstreamClient:
         on_sent: Callable[[], None] | None = None,
         on_status: Callable[[int], None] | None = None,
         on_output: Callable[[TextChunk], None] | None = None,
+        on_usage: Callable[[Usage], None] | None = None,
     ) -> UpstreamReply:
         """A unary completion sent as the stream `call` is, its events read whole into the
         answer `complete` gives; `timeout_s` bounds all of it, as a unary call's. Each
-        piece of output goes to `on_output` too, as it arrives.
+        piece of output goes to `on_output` too, as it arrives, and its usage to
+        `on_usage` (as `stream`'s).
 
         llama-cpp-python's server (0.3.x, `server/app.py`) asks `request.is_disconnected()`
         once before a unary completion starts (`create_chat_completion`), and in a stream
@@ -678,7 +683,11 @@ class UpstreamClient:
         with self._translated_errors:
             async with asyncio.timeout_at(self._deadline(timeout_s)):
                 events = self.stream(
-                    call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status
+                    call,
+                    timeout_s=timeout_s,
+                    on_sent=on_sent,
+                    on_status=on_status,
+                    on_usage=on_usage,
                 )
                 try:
                     async with contextlib.aclosing(events):
@@ -738,9 +747,12 @@ class UpstreamClient:
         on_sent: Callable[[], None] | None = None,
         on_status: Callable[[int], None] | None = None,
         tally: StreamTally | None = None,
+        on_usage: Callable[[Usage], None] | None = None,
     ) -> AsyncGenerator[StreamEvent, None]:
         """Yield text chunks as they arrive, then one `StreamEnd`; `on_sent` and
-        `on_status` as in `complete`; `tally` counts the output yielded. From an upstream
+        `on_status` as in `complete`; `tally` counts the output yielded; `on_usage` is
+        told the usage the upstream reported, if any, once the stream ends, however it
+        ends: a stream cut after its usage event (before `[DONE]`) was billed so. From an upstream
         with `think_tags`, a `<think>` block opening the text comes as reasoning (decided
         here, once: no work per chunk without).
 
@@ -769,12 +781,22 @@ class UpstreamClient:
         tally = StreamTally() if tally is None else tally
         if not self.config.think_tags:
             return self._stream(
-                call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status, tally=tally
+                call,
+                timeout_s=timeout_s,
+                on_sent=on_sent,
+                on_status=on_status,
+                tally=tally,
+                on_usage=on_usage,
             )
         # The bound counts what the upstream sent; `tally`, what is passed on: the tags and
         # text still held never reach the caller, whose `chars_sent` it becomes.
         events = self._stream(
-            call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status, tally=StreamTally()
+            call,
+            timeout_s=timeout_s,
+            on_sent=on_sent,
+            on_status=on_status,
+            tally=StreamTally(),
+            on_usage=on_usage,
         )
         return split_stream(events, tally)
 
@@ -786,6 +808,7 @@ class UpstreamClient:
         on_sent: Callable[[], None] | None,
         on_status: Callable[[int], None] | None,
         tally: StreamTally,
+        on_usage: Callable[[Usage], None] | None,
     ) -> AsyncGenerator[StreamEvent, None]:
         """`stream`, the upstream's text as it sent it."""
         deadline = self._deadline(timeout_s)
@@ -913,6 +936,10 @@ class UpstreamClient:
                     raise _not_openai(self.name, response, media) from exc
                 raise
             finally:
+                # Told once, here, rather than on each usage event (some servers send one
+                # with every chunk): a cut stream's consumer reads it once it is closed.
+                if on_usage is not None and parser.usage is not None:
+                    on_usage(parser.usage)
                 if parser.is_done:
                     # Only the body's framing can be left: reuse the connection once it ends.
                     response.release_at_end(within_s=_STREAM_END_GRACE_S)

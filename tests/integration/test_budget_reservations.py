@@ -28,10 +28,16 @@ from service.ledger import RESERVATION_TTL_S
 from service.pricing import cost_usd
 from service.tokens import estimate_prompt_tokens
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
-from tests.fake_upstream import FakeUpstream, Status
+from tests.fake_upstream import FakeUpstream, Reply, Status
 from tests.integration.helpers import retry_delay_s, rich_status
 from tests.integration.tenancy_helpers import as_tenant, secure_config
-from tests.integration.test_stream_charges import CALIBRATED, calibrate, plain_estimate
+from tests.integration.test_resilience import dataclass_replace_upstream
+from tests.integration.test_stream_charges import (
+    CALIBRATED,
+    calibrate,
+    calibrated_estimate,
+    plain_estimate,
+)
 from tests.redis_support import redis_url, use_short_leases  # noqa: F401 - fixture
 from tests.scripted_upstream import ScriptedUpstream, user_text
 
@@ -605,6 +611,32 @@ async def test_a_call_reserves_its_prompt_as_its_tenants_calibration_counts_it(
     assert isinstance(result, grpc.aio.AioRpcError), f"expected a refusal, got {result!r}"
     assert result.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert result.details().startswith("tenant 'default' has spent")
+    assert len(upstream.requests) == 3
+
+
+async def test_an_upstreams_token_limit_counts_a_prompt_as_its_tenants_calibration_does(
+    upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """The tenant's answers report 1.3 times the estimated prompt tokens, and the
+    upstream's `tokens_per_minute` has room left for its next prompt at the plain
+    estimate, not at the calibrated one: the call is refused before it is sent, as the
+    provider would count about 1.3 times (before, it was sent on the plain estimate, and
+    the tenant took about 30 % more of the provider's tokens than configured)."""
+    one_token = pb.GenerationParams(max_tokens=1)  # so a call takes its prompt and 1
+    plain = plain_estimate() + 1
+    # Three calibrating calls at the plain estimate, then room for one more and 4 to spare
+    # (the bucket refills about 5 tokens a second): the calibrated one takes 31 more.
+    config = gateway_config(upstream.base_url, resilience={"max_limit_wait_s": 0})
+    config = dataclass_replace_upstream(config, tokens_per_minute=4 * plain + 4)
+    gateway = await start_gateway(config)
+    reported = round(1.3 * plain_estimate())
+    upstream.script(*[Reply(prompt_tokens=reported, completion_tokens=1)] * 3)
+    for _ in range(3):
+        await gateway.stub.Complete(chat(CALIBRATED, params=one_token), timeout=_TIMEOUT_S)
+    assert calibrated_estimate(gateway) + 1 > plain + 4 + 5 * 5  # over 5 s of refill too
+    result = await outcome(gateway.stub.Complete(chat(CALIBRATED, params=one_token)))
+    assert isinstance(result, grpc.aio.AioRpcError)
+    assert result.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert len(upstream.requests) == 3
 
 

@@ -30,6 +30,7 @@ from service.tokens import (
     estimate_tool_call_tokens,
 )
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
+from tests.fake_clock import FakeClock
 from tests.fake_upstream import Reply, ToolCallReply
 from tests.integration.helpers import error_info, field_violations, retry_delay_s
 from tests.integration.tenancy_helpers import trailer
@@ -1043,3 +1044,38 @@ async def test_a_budget_past_9_million_dollars_refuses_once_spent(
         refused.value.details() or ""
     )
     assert len(upstream.requests) == 3
+
+
+@pytest.mark.redis
+async def test_both_ledgers_keep_a_row_retention_days_after_its_last_call(
+    upstream,
+    start_gateway,
+    redis_url,  # noqa: F811
+):
+    """A gateway with the memory ledger and one with Redis, on one clock: a row whose last
+    call came late in its hour is shown by both a day (`retention_days: 1`) after its
+    hour began, past it only once a day after its last call. Before, both dropped it with
+    its hour's start (the memory ledger at once, Redis once a call came), while its key
+    in Redis still lived; a call recorded each time makes both prune what they drop."""
+    hour = 3600
+    clock = FakeClock(start=1_800_000_000 // hour * hour + hour - 60)  # late in its hour
+    retention = {"retention_days": 1, "bucket_s": hour}
+    redis_ledger = {**retention, "redis_url": redis_url, "key_prefix": uuid.uuid4().hex}
+    gateways = [
+        await start_gateway(gateway_config(upstream.base_url, ledger=section), wall_clock=clock.now)
+        for section in (retention, redis_ledger)
+    ]
+
+    async def call_then_rows(call: str) -> list[list[str]]:
+        rows = []
+        for gateway in gateways:
+            await gateway.stub.Complete(chat(labels={"call": call}))
+            response = await gateway.stub.GetUsage(pb.GetUsageRequest())
+            rows.append(sorted(row.labels["call"] for row in response.rows))
+        return rows
+
+    assert await call_then_rows("old") == [["old"]] * 2
+    clock.advance(86400 - 60)  # a day after its hour began, and before its last call was
+    assert await call_then_rows("new") == [["new", "old"]] * 2
+    clock.advance(hour)  # a day after the end of its hour: after its last call too
+    assert await call_then_rows("newer") == [["new", "newer"]] * 2

@@ -8,6 +8,7 @@ recorded once, for its caller's tenant, priced from estimated tokens.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from typing import Any
 
@@ -47,6 +48,7 @@ async def recorded(gateway: RunningGateway, *, requests: int) -> pb.UsageRow:
 CALIBRATED = "Please summarise these notes on the gateway's rollout to every team. " * 3
 CALIBRATING = {"call": "calibrating"}  # the labels of the answers that calibrate
 CUT = {"call": "cut"}  # the labels of the call under test
+WHOLE = {"call": "whole"}  # the labels of a call answered whole, to compare with
 
 
 def plain_estimate(content: str = CALIBRATED) -> int:
@@ -246,3 +248,32 @@ async def test_a_cut_stream_of_a_tenant_counted_low_is_charged_the_plain_estimat
     assert row.usage.input_tokens == plain_estimate()
     assert row.usage.estimated
     assert_estimated_charge(row)
+
+
+# A price for cached input: a cut stream billed without its reported counts pays it full.
+CACHE_PRICED_MODELS = {
+    FAKE_MODEL: {**PRICED_MODELS[FAKE_MODEL], "cached_input_usd_per_million": 0.07}
+}
+# An answer whose usage reports most of its prompt read from the provider's cache.
+CACHED_PROMPT = Reply(content="one two three", prompt_tokens=1000, cached_tokens=800)
+CACHED_PROMPT_USD = (200 * 0.27 + 800 * 0.07 + 3 * 1.10) / 1e6
+
+
+async def test_a_stream_cut_after_its_usage_is_charged_that_usage(
+    upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """The upstream resets a stream after its usage event, before `[DONE]`: the call is
+    charged the usage reported, cached input at its price, as the same answer whole is
+    (before, the prompt's estimate at the full input price, and the text's estimate)."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, models=CACHE_PRICED_MODELS))
+    upstream.script(CACHED_PROMPT, dataclasses.replace(CACHED_PROMPT, cut_before_done=True))
+    await gateway.stub.Complete(chat(labels=WHOLE), timeout=_TIMEOUT_S)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in gateway.stub.CompleteStream(chat_stream(labels=CUT), timeout=_TIMEOUT_S):
+            pass
+    assert error_details(caught.value)[1] == "STREAM_INTERRUPTED"
+    whole, cut = await labelled(gateway, WHOLE), await labelled(gateway, CUT)
+    assert (cut.requests, cut.estimated_requests) == (1, 0)
+    assert cut.usage == whole.usage
+    assert (cut.usage.input_tokens, cut.usage.cached_input_tokens) == (1000, 800)
+    assert cut.cost_usd == whole.cost_usd == pytest.approx(CACHED_PROMPT_USD, abs=1e-12)

@@ -11,7 +11,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.budgets import Budgets
-from service.calibration import TokenCalibration
 from service.config import BudgetConfig, ConfigError, LedgerConfig, ModelConfig, parse_config
 from service.domain import ChatRequest, GenerationParams, Message, Role, Usage
 from service.errors import QuotaExceeded
@@ -523,9 +522,7 @@ async def test_a_hold_cancelled_as_it_closes_still_releases_every_reservation(
     try:
         hold = budgets.holding()
         for _ in range(3):
-            async with hold.reserving(
-                request_of("acme"), prompt_tokens=1000, calibration=TokenCalibration()
-            ):
+            async with hold.reserving(request_of("acme"), prompt_tokens=1000):
                 pass
         assert await ledger.reserved_usd("acme", "day") > 0
         closing = asyncio.create_task(hold.close())
