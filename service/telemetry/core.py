@@ -530,6 +530,11 @@ class Telemetry:
                 attr.ATTEMPTS: completion.attempts,
                 attr.TENANT: request.tenant,
             }
+            if completion.is_coalesced:
+                # It shared another caller's upstream call: a hit to its caller, who paid
+                # nothing, but no answer the cache held, as `cache.lookups` counts it.
+                attributes[attr.CACHE_HIT] = False
+                attributes[attr.CACHE_COALESCED] = True
             scope = CURRENT_RPC.get()
             if scope is None or scope.span is not span or not scope.is_multi_call:
                 # One call's figures: a batch's or a summary's span has the RPC's queued
@@ -548,7 +553,7 @@ class Telemetry:
             else:
                 span.set_attributes(attributes)
         self.instruments.cost.add(completion.cost_usd, request.tenant, request.model)
-        if completion.is_cache_hit:
+        if completion.is_cache_hit and not completion.is_coalesced:
             self.record_cache_hit(model=request.model)
 
     def record_token_usage(self, attributes: Mapping[str, Any], usage: Usage) -> None:
@@ -650,15 +655,29 @@ _SHARED_BY_CALLS = (attr.GEN_AI_REQUEST_MODEL, attr.GEN_AI_RESPONSE_MODEL, attr.
 def _merge_calls(attributes: dict[str, Any], earlier: dict[str, Any]) -> None:
     """A call of a multi-call RPC (`RpcScope.is_multi_call`) after its earlier ones: the
     span names a model or an upstream only while every call had the same (a batch's items
-    may each name their own; the last one's named none of the others), and is a cache hit
-    only if each call was one."""
+    may each name their own; the last one's named none of the others), is a cache hit
+    only if each call was one, and coalesced only if each call was a hit or coalesced,
+    not all hits: the RPC made no upstream call of its own, but shared one."""
     if attr.COST_USD not in earlier:  # the first call
         return
-    attributes[attr.CACHE_HIT] = attributes[attr.CACHE_HIT] and earlier[attr.CACHE_HIT]
+    is_hit = attributes[attr.CACHE_HIT] and earlier[attr.CACHE_HIT]
+    is_served = _is_served_by_cache(attributes) and _is_served_by_cache(earlier)
+    attributes[attr.CACHE_HIT] = is_hit
+    if is_served and not is_hit:
+        attributes[attr.CACHE_COALESCED] = True
+    else:
+        attributes.pop(attr.CACHE_COALESCED, None)
+        earlier.pop(attr.CACHE_COALESCED, None)
     for key in _SHARED_BY_CALLS:
         if earlier.get(key) != attributes[key]:  # absent: an earlier pair already differed
             del attributes[key]
             earlier.pop(key, None)
+
+
+def _is_served_by_cache(attributes: Mapping[str, Any]) -> bool:
+    """Whether the call (or calls) these span attributes describe made no upstream call
+    of their own: a hit, or coalesced."""
+    return bool(attributes[attr.CACHE_HIT] or attributes.get(attr.CACHE_COALESCED, False))
 
 
 def _add_usage(attributes: dict[str, Any], earlier: Mapping[str, Any]) -> None:

@@ -416,6 +416,35 @@ async def test_a_batch_span_names_a_model_or_upstream_only_when_its_items_share_
     assert spans["shared"]["llm_gateway.cache.hit"] is False  # one hit, one miss
     assert spans["hits"]["llm_gateway.cache.hit"] is True
     assert spans["hits"]["llm_gateway.upstream"] == "up0"
+    for name in batches:
+        assert "llm_gateway.cache.coalesced" not in spans[name], name
+
+
+async def test_a_batch_whose_items_shared_calls_in_flight_is_coalesced_not_a_hit(
+    upstream, start_gateway, captured
+):
+    """A batch of two items, one identical to a call in flight (it shares that call) and
+    one read from the cache: its span says `llm_gateway.cache.coalesced`, not
+    `llm_gateway.cache.hit`: the RPC made no upstream call of its own, but was not
+    answered from the cache alone."""
+    config = gateway_config(upstream.base_url, cache={"backend": "memory"})
+    gateway = await start_gateway(config, telemetry=captured.telemetry)
+    deterministic = pb.GenerationParams(temperature=0)
+    stored, in_flight = chat("stored", params=deterministic), chat("slow", params=deterministic)
+    await gateway.stub.Complete(stored)
+    upstream.script(Reply(delay_s=0.5))
+    first = asyncio.ensure_future(gateway.stub.Complete(in_flight))
+    async with asyncio.timeout(10):
+        while len(upstream.requests) < 2:
+            await asyncio.sleep(0.005)
+    items = [pb.BatchItem(id=str(i), request=r) for i, r in enumerate((in_flight, stored))]
+    events = [e async for e in gateway.stub.CompleteBatch(pb.CompleteBatchRequest(items=items))]
+    await first
+    assert [e.result.response.metadata.cache_hit for e in events[:-1]] == [True, True]
+    rpc = attributes_of(await captured.ended("llmgateway.v1.CompletionService/CompleteBatch"))
+    assert rpc["llm_gateway.cache.hit"] is False
+    assert rpc["llm_gateway.cache.coalesced"] is True
+    assert len(upstream.requests) == 2
 
 
 async def test_a_batch_spans_cost_is_the_exact_sum_of_its_items(traced, captured, upstream):
