@@ -55,7 +55,8 @@ _MOST_RPC_LABELS = 1024  # (method, status code) pairs: far more than the gatewa
 
 def _without_error_type(attributes: Mapping[str, Any]) -> Mapping[str, Any]:
     """An attempt's metric attributes without `error.type`, which is its duration's alone
-    (no attribute of its tokens or its time to first chunk): as they are when it has none."""
+    (no attribute of its tokens): as they are when it has none. (A failed attempt records
+    no time to first chunk at all.)"""
     if attr.ERROR_TYPE not in attributes:
         return attributes
     return {key: value for key, value in attributes.items() if key != attr.ERROR_TYPE}
@@ -114,26 +115,31 @@ class AttemptSpan:
             scope = CURRENT_RPC.get()
             if scope is not None:
                 scope.waited(elapsed if self.waited_s is None else self.waited_s)
+            if exc is None and self.first_chunk_s is not None:
+                self._record_first_chunk(self.first_chunk_s)
             if telemetry.records_metrics:
                 telemetry.instruments.operation_duration.record(elapsed, self.metric_attributes)
-                self._record_first_chunk()
             span.end()
 
-    def _record_first_chunk(self) -> None:
-        """Time to first chunk, recorded as the attempt ends: only then do its attributes
-        hold `gen_ai.response.model`, which the stream says at its end. (`error.type` is
-        the duration's.)"""
-        if self.first_chunk_s is None:
-            return
-        self.telemetry.instruments.time_to_first_chunk.record(
-            self.first_chunk_s, _without_error_type(self.metric_attributes)
-        )
+    def _record_first_chunk(self, first_chunk_s: float) -> None:
+        """Time to first chunk of a stream that answered, on the span and the metric, as
+        the attempt ends: only then do its attributes hold `gen_ai.response.model`, which
+        the stream says at its end.
+
+        An attempt that failed (or was cut) has none: the GenAI conventions give
+        `gen_ai.client.operation.time_to_first_chunk` no `error.type`, so its points
+        could not be told from those of the answers.
+        """
+        self.span.set_attribute(attr.TIME_TO_FIRST_TOKEN_MS, first_chunk_s * 1000.0)
+        if self.telemetry.records_metrics:
+            self.telemetry.instruments.time_to_first_chunk.record(
+                first_chunk_s, self.metric_attributes
+            )
 
     def chunk(self, text: str, tool_calls: Sequence[ToolCallDelta] = ()) -> None:
         """A streamed chunk arrived; the first one marks time to first token."""
         if self.first_chunk_s is None:
             self.first_chunk_s = time.perf_counter() - self.started
-            self.span.set_attribute(attr.TIME_TO_FIRST_TOKEN_MS, self.first_chunk_s * 1000.0)
         if self._parts is not None:
             self._parts.append(text)
         if self._tool_call_pieces is not None:

@@ -653,6 +653,47 @@ async def test_genai_metrics_name_the_upstreams_port(traced, captured, upstream)
             assert point.attributes["server.port"] == port, name
 
 
+async def test_a_failed_stream_attempt_records_no_time_to_first_chunk(traced, captured, upstream):
+    """A stream its upstream cut after its first chunks: the attempt's duration says the
+    error, and neither `gen_ai.client.operation.time_to_first_chunk` nor the attempt's
+    span has a time to first chunk (the GenAI conventions give that metric no
+    `error.type`: a failed attempt's point could not be told from an answer's). The next
+    stream, answered, has both, and they agree.
+
+    Before, the failed attempt recorded its first chunk as an answered one does."""
+    upstream.script(Reply(chunks=4, chunk_delay_s=0.05, cut_after_events=3), Reply(chunks=3))
+    with pytest.raises(grpc.aio.AioRpcError):
+        _ = [e async for e in traced.stub.CompleteStream(chat_stream())]
+    failed = attributes_of(await captured.ended(ATTEMPT_SPAN))
+    assert failed["error.type"]
+    assert "llm_gateway.time_to_first_token_ms" not in failed
+    [duration] = captured.points("gen_ai.client.operation.duration")
+    assert duration.attributes["error.type"] == failed["error.type"]
+    assert captured.points("gen_ai.client.operation.time_to_first_chunk") == []
+    captured.exporter.clear()
+    _ = [e async for e in traced.stub.CompleteStream(chat_stream("again"))]
+    answered = attributes_of(await captured.ended(ATTEMPT_SPAN))
+    [first_chunk] = captured.points("gen_ai.client.operation.time_to_first_chunk")
+    assert first_chunk.count == 1
+    assert "error.type" not in first_chunk.attributes
+    assert answered["llm_gateway.time_to_first_token_ms"] == pytest.approx(first_chunk.sum * 1000)
+
+
+async def test_a_stream_cancelled_after_its_first_chunk_records_no_time_to_first_chunk(
+    traced, captured, upstream
+):
+    """A stream its caller cancels after its first delta ends its attempt as `cancelled`
+    (its duration says so): like a failed attempt, it records no time to first chunk."""
+    upstream.script(Reply(chunks=20, chunk_delay_s=0.05))
+    call = traced.stub.CompleteStream(chat_stream())
+    await call.read()
+    call.cancel()
+    attempt = attributes_of(await captured.ended(ATTEMPT_SPAN))
+    assert attempt["error.type"] == "cancelled"
+    assert "llm_gateway.time_to_first_token_ms" not in attempt
+    assert captured.points("gen_ai.client.operation.time_to_first_chunk") == []
+
+
 async def test_time_to_first_chunk_names_the_response_model(traced, captured, upstream):
     """`gen_ai.client.operation.time_to_first_chunk` carries `gen_ai.response.model`, as
     the README lists it for the GenAI metrics and the duration beside it has it.
