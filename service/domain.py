@@ -237,6 +237,10 @@ class Completion:
 
     `reasoning` is the model's reasoning ("thinking") before its answer, when the upstream
     sent any; it is output, never part of `content`, and never sent back upstream.
+
+    `is_cache_hit`: answered without an upstream call of the caller's own, as its response
+    says; `is_coalesced` tells the hits that shared another caller's identical call
+    (single flight) from those read from the store, which telemetry counts apart.
     """
 
     id: str
@@ -250,6 +254,7 @@ class Completion:
     timings: Timings = Timings()
     saved_cost_usd: float = 0.0
     is_cache_hit: bool = False
+    is_coalesced: bool = False
     dropped_messages: int = 0
     tool_calls: tuple[ToolCall, ...] = ()
     reasoning: str = ""

@@ -93,6 +93,14 @@ _SCALAR_FIELDS: dict[type, tuple[tuple[str, tuple[type, ...]], ...]] = {
 }
 
 
+# What an entry holds of its completion: every field but `is_coalesced`, which says how
+# one caller got the answer, not what it is. A field no older gateway knows would make
+# its every read of the entry fail, while replicas of two releases share one Redis.
+_STORED_FIELDS = tuple(
+    spec.name for spec in dataclasses.fields(Completion) if spec.name != "is_coalesced"
+)
+
+
 def _has_text(text: str) -> bool:
     """Whether `text` holds more than whitespace."""
     return bool(text) and not text.isspace()
@@ -149,11 +157,14 @@ class CachedAnswer:
 
     def encode(self) -> bytes:
         """The entry as compact JSON; floats round-trip exactly (shortest repr)."""
-        entry: dict[str, object] = {"v": _ENTRY_VERSION, "c": self.completion, "d": self.deltas}
-        content = self.completion.content
+        completion = self.completion
+        stored = {name: getattr(completion, name) for name in _STORED_FIELDS}
+        entry: dict[str, object] = {"v": _ENTRY_VERSION, "c": stored, "d": self.deltas}
+        content = completion.content
         if content and content == "".join(self.deltas):
             # "j": the content is the deltas joined, written once (`max_entry_bytes`).
-            entry.update(c=dataclasses.replace(self.completion, content=""), j=1)
+            stored["content"] = ""
+            entry["j"] = 1
         return orjson.dumps(entry)
 
     @classmethod
@@ -191,12 +202,12 @@ class CachedAnswer:
             raise EntryDecodeError(type(exc).__name__) from exc
 
     def served_from_cache(
-        self, *, total_ms: float, first_token_ms: float, waited_ms: float = 0.0
+        self, *, total_ms: float, first_token_ms: float, waited_ms: float | None = None
     ) -> Completion:
         """The completion as a cache hit reports it: nothing charged, the cost saved.
 
         `waited_ms`: how long the caller waited on an upstream call another caller made
-        (a coalesced follower), 0 for an answer read from the store. It is split as that
+        (a coalesced follower), None for an answer read from the store. It is split as that
         call's own timings split it: its `upstream_ms` taken as the last of the wait,
         ending as the answer came, and its `queued_ms` (its wait in its upstream's
         limiter) just before, as the leader queued before it went upstream. Any rest
@@ -204,7 +215,7 @@ class CachedAnswer:
         """
         completion = self.completion
         upstream_ms = queued_ms = 0.0
-        if waited_ms:  # a follower; a store hit (nearly every one) waited on no call
+        if waited_ms is not None:  # a follower: a store hit waited on no call
             upstream_ms = min(waited_ms, completion.timings.upstream_ms)
             queued_ms = min(waited_ms - upstream_ms, completion.timings.queued_ms)
         # Built field by field: `dataclasses.replace` costs twice as much on every hit.
@@ -225,6 +236,7 @@ class CachedAnswer:
             ),
             saved_cost_usd=completion.cost_usd,
             is_cache_hit=True,
+            is_coalesced=waited_ms is not None,
             dropped_messages=completion.dropped_messages,
             tool_calls=completion.tool_calls,
             reasoning=completion.reasoning,

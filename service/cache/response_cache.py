@@ -10,7 +10,8 @@
    whole, the stored deltas one by one, then each tool call whole, then the final message.
 3. On a miss the request joins the single flight for its key: the first caller starts
    the upstream call, later identical callers share it and are reported as cache hits
-   (they cost nothing upstream). Streams follow the flight's deltas live, from the first.
+   (they cost nothing upstream), marked `is_coalesced` for telemetry, which counts them
+   apart from the store's hits. Streams follow the flight's deltas live, from the first.
 4. A finished answer is stored (when any of the flight's callers may write) only if it
    finished with stop, length or tool calls; errors and broken streams are never stored.
 

@@ -55,7 +55,8 @@ _MOST_RPC_LABELS = 1024  # (method, status code) pairs: far more than the gatewa
 
 def _without_error_type(attributes: Mapping[str, Any]) -> Mapping[str, Any]:
     """An attempt's metric attributes without `error.type`, which is its duration's alone
-    (no attribute of its tokens or its time to first chunk): as they are when it has none."""
+    (no attribute of its tokens): as they are when it has none. (A failed attempt records
+    no time to first chunk at all.)"""
     if attr.ERROR_TYPE not in attributes:
         return attributes
     return {key: value for key, value in attributes.items() if key != attr.ERROR_TYPE}
@@ -114,26 +115,31 @@ class AttemptSpan:
             scope = CURRENT_RPC.get()
             if scope is not None:
                 scope.waited(elapsed if self.waited_s is None else self.waited_s)
+            if exc is None and self.first_chunk_s is not None:
+                self._record_first_chunk(self.first_chunk_s)
             if telemetry.records_metrics:
                 telemetry.instruments.operation_duration.record(elapsed, self.metric_attributes)
-                self._record_first_chunk()
             span.end()
 
-    def _record_first_chunk(self) -> None:
-        """Time to first chunk, recorded as the attempt ends: only then do its attributes
-        hold `gen_ai.response.model`, which the stream says at its end. (`error.type` is
-        the duration's.)"""
-        if self.first_chunk_s is None:
-            return
-        self.telemetry.instruments.time_to_first_chunk.record(
-            self.first_chunk_s, _without_error_type(self.metric_attributes)
-        )
+    def _record_first_chunk(self, first_chunk_s: float) -> None:
+        """Time to first chunk of a stream that answered, on the span and the metric, as
+        the attempt ends: only then do its attributes hold `gen_ai.response.model`, which
+        the stream says at its end.
+
+        An attempt that failed (or was cut) has none: the GenAI conventions give
+        `gen_ai.client.operation.time_to_first_chunk` no `error.type`, so its points
+        could not be told from those of the answers.
+        """
+        self.span.set_attribute(attr.TIME_TO_FIRST_TOKEN_MS, first_chunk_s * 1000.0)
+        if self.telemetry.records_metrics:
+            self.telemetry.instruments.time_to_first_chunk.record(
+                first_chunk_s, self.metric_attributes
+            )
 
     def chunk(self, text: str, tool_calls: Sequence[ToolCallDelta] = ()) -> None:
         """A streamed chunk arrived; the first one marks time to first token."""
         if self.first_chunk_s is None:
             self.first_chunk_s = time.perf_counter() - self.started
-            self.span.set_attribute(attr.TIME_TO_FIRST_TOKEN_MS, self.first_chunk_s * 1000.0)
         if self._parts is not None:
             self._parts.append(text)
         if self._tool_call_pieces is not None:
@@ -530,6 +536,11 @@ class Telemetry:
                 attr.ATTEMPTS: completion.attempts,
                 attr.TENANT: request.tenant,
             }
+            if completion.is_coalesced:
+                # It shared another caller's upstream call: a hit to its caller, who paid
+                # nothing, but no answer the cache held, as `cache.lookups` counts it.
+                attributes[attr.CACHE_HIT] = False
+                attributes[attr.CACHE_COALESCED] = True
             scope = CURRENT_RPC.get()
             if scope is None or scope.span is not span or not scope.is_multi_call:
                 # One call's figures: a batch's or a summary's span has the RPC's queued
@@ -548,7 +559,7 @@ class Telemetry:
             else:
                 span.set_attributes(attributes)
         self.instruments.cost.add(completion.cost_usd, request.tenant, request.model)
-        if completion.is_cache_hit:
+        if completion.is_cache_hit and not completion.is_coalesced:
             self.record_cache_hit(model=request.model)
 
     def record_token_usage(self, attributes: Mapping[str, Any], usage: Usage) -> None:
@@ -650,15 +661,29 @@ _SHARED_BY_CALLS = (attr.GEN_AI_REQUEST_MODEL, attr.GEN_AI_RESPONSE_MODEL, attr.
 def _merge_calls(attributes: dict[str, Any], earlier: dict[str, Any]) -> None:
     """A call of a multi-call RPC (`RpcScope.is_multi_call`) after its earlier ones: the
     span names a model or an upstream only while every call had the same (a batch's items
-    may each name their own; the last one's named none of the others), and is a cache hit
-    only if each call was one."""
+    may each name their own; the last one's named none of the others), is a cache hit
+    only if each call was one, and coalesced only if each call was a hit or coalesced,
+    not all hits: the RPC made no upstream call of its own, but shared one."""
     if attr.COST_USD not in earlier:  # the first call
         return
-    attributes[attr.CACHE_HIT] = attributes[attr.CACHE_HIT] and earlier[attr.CACHE_HIT]
+    is_hit = attributes[attr.CACHE_HIT] and earlier[attr.CACHE_HIT]
+    is_served = _is_served_by_cache(attributes) and _is_served_by_cache(earlier)
+    attributes[attr.CACHE_HIT] = is_hit
+    if is_served and not is_hit:
+        attributes[attr.CACHE_COALESCED] = True
+    else:
+        attributes.pop(attr.CACHE_COALESCED, None)
+        earlier.pop(attr.CACHE_COALESCED, None)
     for key in _SHARED_BY_CALLS:
         if earlier.get(key) != attributes[key]:  # absent: an earlier pair already differed
             del attributes[key]
             earlier.pop(key, None)
+
+
+def _is_served_by_cache(attributes: Mapping[str, Any]) -> bool:
+    """Whether the call (or calls) these span attributes describe made no upstream call
+    of their own: a hit, or coalesced."""
+    return bool(attributes[attr.CACHE_HIT] or attributes.get(attr.CACHE_COALESCED, False))
 
 
 def _add_usage(attributes: dict[str, Any], earlier: Mapping[str, Any]) -> None:

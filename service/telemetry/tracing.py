@@ -50,6 +50,7 @@ RPC_GRPC_STATUS_CODE = "rpc.grpc.status_code"
 # The gateway's own.
 COST_USD = "llm_gateway.cost.usd"
 CACHE_HIT = "llm_gateway.cache.hit"
+CACHE_COALESCED = "llm_gateway.cache.coalesced"
 ATTEMPT = "llm_gateway.attempt"
 ATTEMPTS = "llm_gateway.attempts"
 UPSTREAM = "llm_gateway.upstream"

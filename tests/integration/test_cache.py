@@ -565,7 +565,7 @@ async def test_a_follower_counts_its_leaders_wait_in_the_limiter_as_queued(
         def follower_span() -> dict[str, Any] | None:
             for span in captured.spans():
                 attributes = attributes_of(span)
-                if span.name == rpc_span and attributes.get("llm_gateway.cache.hit"):
+                if span.name == rpc_span and attributes.get("llm_gateway.cache.coalesced"):
                     return attributes
             return None
 

@@ -13,7 +13,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.telemetry.metrics import BREAKER_STATES
 from tests.conftest import chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply, Status
-from tests.telemetry_support import captured_telemetry
+from tests.telemetry_support import attributes_of, captured_telemetry
 
 FAST_RESILIENCE = {"attempts": 3, "backoff_base_s": 0.01, "backoff_cap_s": 0.05}
 DETERMINISTIC = pb.GenerationParams(temperature=0.0)
@@ -186,3 +186,51 @@ async def test_a_follower_that_calls_on_its_own_after_its_leader_failed_counts_o
 
     assert [lookups(r) for r in ("hit", "miss", "coalesced")] == [0, 2, 0]
     assert (cache.stats.misses, cache.stats.coalesced) == (2, 0)
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_followers_are_coalesced_on_their_spans_and_not_counted_as_cache_hits(
+    upstream, start_gateway, is_stream
+):
+    """Four identical calls at once, then one more: the three that shared the first's
+    upstream call are hits to their callers (they paid nothing), but their spans say
+    `llm_gateway.cache.coalesced`, not `llm_gateway.cache.hit`, and `llm_gateway.cache.hits`
+    counts only the answer read from the cache, as the lookups' `hit` does.
+
+    Before, each follower's span said hit and the hits metric counted four where the
+    lookups counted one hit: a hit rate no cache had."""
+    captured = captured_telemetry()
+    config = gateway_config(upstream.base_url, cache={"backend": "memory"})
+    gw = await start_gateway(config, telemetry=captured.telemetry)
+    upstream.script(Reply(content="slow", delay_s=0.3))
+
+    async def call() -> bool:
+        if is_stream:
+            request = chat_stream("same", params=DETERMINISTIC)
+            return [event async for event in gw.stub.CompleteStream(request)][-1].final.cache_hit
+        return (await gw.stub.Complete(chat("same", params=DETERMINISTIC))).metadata.cache_hit
+
+    shared = await asyncio.gather(*(call() for _ in range(4)))
+    cache = gw.server.pipeline.cache
+    async with asyncio.timeout(10):
+        while cache.in_flight:
+            await asyncio.sleep(0.005)
+    assert await call()  # read from the cache
+    method = "CompleteStream" if is_stream else "Complete"
+    async with asyncio.timeout(5):  # each RPC's span ends just after its answer
+        while len(spans := [s for s in captured.spans() if s.name.endswith(f"/{method}")]) < 5:
+            await asyncio.sleep(0.005)
+    outcomes = sorted(
+        (attrs["llm_gateway.cache.hit"], attrs.get("llm_gateway.cache.coalesced", False))
+        for attrs in map(attributes_of, spans)
+    )
+
+    def lookups(result: str) -> float:
+        return captured.total("llm_gateway.cache.lookups", llm_gateway__cache__result=result)
+
+    assert sorted(shared) == [False, True, True, True]  # as the README says to callers
+    assert outcomes == [(False, False), (False, True), (False, True), (False, True), (True, False)]
+    assert captured.total("llm_gateway.cache.hits", gen_ai__request__model="fake-model") == 1
+    assert captured.total("llm_gateway.cache.hits") == lookups("hit") == 1
+    assert lookups("coalesced") == 3
+    assert len(upstream.requests) == 1

@@ -416,6 +416,35 @@ async def test_a_batch_span_names_a_model_or_upstream_only_when_its_items_share_
     assert spans["shared"]["llm_gateway.cache.hit"] is False  # one hit, one miss
     assert spans["hits"]["llm_gateway.cache.hit"] is True
     assert spans["hits"]["llm_gateway.upstream"] == "up0"
+    for name in batches:
+        assert "llm_gateway.cache.coalesced" not in spans[name], name
+
+
+async def test_a_batch_whose_items_shared_calls_in_flight_is_coalesced_not_a_hit(
+    upstream, start_gateway, captured
+):
+    """A batch of two items, one identical to a call in flight (it shares that call) and
+    one read from the cache: its span says `llm_gateway.cache.coalesced`, not
+    `llm_gateway.cache.hit`: the RPC made no upstream call of its own, but was not
+    answered from the cache alone."""
+    config = gateway_config(upstream.base_url, cache={"backend": "memory"})
+    gateway = await start_gateway(config, telemetry=captured.telemetry)
+    deterministic = pb.GenerationParams(temperature=0)
+    stored, in_flight = chat("stored", params=deterministic), chat("slow", params=deterministic)
+    await gateway.stub.Complete(stored)
+    upstream.script(Reply(delay_s=0.5))
+    first = asyncio.ensure_future(gateway.stub.Complete(in_flight))
+    async with asyncio.timeout(10):
+        while len(upstream.requests) < 2:
+            await asyncio.sleep(0.005)
+    items = [pb.BatchItem(id=str(i), request=r) for i, r in enumerate((in_flight, stored))]
+    events = [e async for e in gateway.stub.CompleteBatch(pb.CompleteBatchRequest(items=items))]
+    await first
+    assert [e.result.response.metadata.cache_hit for e in events[:-1]] == [True, True]
+    rpc = attributes_of(await captured.ended("llmgateway.v1.CompletionService/CompleteBatch"))
+    assert rpc["llm_gateway.cache.hit"] is False
+    assert rpc["llm_gateway.cache.coalesced"] is True
+    assert len(upstream.requests) == 2
 
 
 async def test_a_batch_spans_cost_is_the_exact_sum_of_its_items(traced, captured, upstream):
@@ -622,6 +651,47 @@ async def test_genai_metrics_name_the_upstreams_port(traced, captured, upstream)
         for point in points:
             assert point.attributes["server.address"] == "127.0.0.1", name
             assert point.attributes["server.port"] == port, name
+
+
+async def test_a_failed_stream_attempt_records_no_time_to_first_chunk(traced, captured, upstream):
+    """A stream its upstream cut after its first chunks: the attempt's duration says the
+    error, and neither `gen_ai.client.operation.time_to_first_chunk` nor the attempt's
+    span has a time to first chunk (the GenAI conventions give that metric no
+    `error.type`: a failed attempt's point could not be told from an answer's). The next
+    stream, answered, has both, and they agree.
+
+    Before, the failed attempt recorded its first chunk as an answered one does."""
+    upstream.script(Reply(chunks=4, chunk_delay_s=0.05, cut_after_events=3), Reply(chunks=3))
+    with pytest.raises(grpc.aio.AioRpcError):
+        _ = [e async for e in traced.stub.CompleteStream(chat_stream())]
+    failed = attributes_of(await captured.ended(ATTEMPT_SPAN))
+    assert failed["error.type"]
+    assert "llm_gateway.time_to_first_token_ms" not in failed
+    [duration] = captured.points("gen_ai.client.operation.duration")
+    assert duration.attributes["error.type"] == failed["error.type"]
+    assert captured.points("gen_ai.client.operation.time_to_first_chunk") == []
+    captured.exporter.clear()
+    _ = [e async for e in traced.stub.CompleteStream(chat_stream("again"))]
+    answered = attributes_of(await captured.ended(ATTEMPT_SPAN))
+    [first_chunk] = captured.points("gen_ai.client.operation.time_to_first_chunk")
+    assert first_chunk.count == 1
+    assert "error.type" not in first_chunk.attributes
+    assert answered["llm_gateway.time_to_first_token_ms"] == pytest.approx(first_chunk.sum * 1000)
+
+
+async def test_a_stream_cancelled_after_its_first_chunk_records_no_time_to_first_chunk(
+    traced, captured, upstream
+):
+    """A stream its caller cancels after its first delta ends its attempt as `cancelled`
+    (its duration says so): like a failed attempt, it records no time to first chunk."""
+    upstream.script(Reply(chunks=20, chunk_delay_s=0.05))
+    call = traced.stub.CompleteStream(chat_stream())
+    await call.read()
+    call.cancel()
+    attempt = attributes_of(await captured.ended(ATTEMPT_SPAN))
+    assert attempt["error.type"] == "cancelled"
+    assert "llm_gateway.time_to_first_token_ms" not in attempt
+    assert captured.points("gen_ai.client.operation.time_to_first_chunk") == []
 
 
 async def test_time_to_first_chunk_names_the_response_model(traced, captured, upstream):

@@ -112,14 +112,15 @@ def test_served_from_cache_charges_nothing_and_reports_savings() -> None:
 @pytest.mark.parametrize(
     ("waited_ms", "expected"),
     [
-        (0.0, (0.0, 0.0)),  # read from the store: it waited on no call
+        (None, (0.0, 0.0)),  # read from the store: it waited on no call
+        (0.0, (0.0, 0.0)),  # joined as the answer came
         (150.0, (150.0, 0.0)),  # joined while the leader was upstream
         (350.0, (200.0, 150.0)),  # joined while the leader waited in the limiter
         (600.0, (200.0, 300.0)),  # joined before: the rest was the leader's own work
     ],
 )
 def test_a_followers_wait_splits_as_its_leaders_call(
-    waited_ms: float, expected: tuple[float, float]
+    waited_ms: float | None, expected: tuple[float, float]
 ) -> None:
     """A follower's wait on a leader that queued 300 ms in its upstream's limiter, then
     was upstream 200 ms, is `(upstream_ms, queued_ms)` as the leader's, counted back from
@@ -131,12 +132,32 @@ def test_a_followers_wait_splits_as_its_leaders_call(
         total_ms=700.0, first_token_ms=700.0, waited_ms=waited_ms
     )
     assert (hit.timings.upstream_ms, hit.timings.queued_ms) == expected
+    assert (hit.is_cache_hit, hit.is_coalesced) == (True, waited_ms is not None)
+
+
+def test_an_entry_stores_no_coalesced_flag() -> None:
+    """`is_coalesced` says how one caller was answered, not what the answer is: an entry
+    leaves it out, so that a gateway of a release without it (sharing Redis during a
+    rolling upgrade) reads the entry, and it decodes as the answer it was."""
+    follower = CachedAnswer.of_unary(COMPLETION).served_from_cache(
+        total_ms=1.0, first_token_ms=1.0, waited_ms=1.0
+    )
+    answer = CachedAnswer.of_unary(follower)
+    assert "is_coalesced" not in orjson.loads(answer.encode())["c"]
+    assert decode_entry(answer.encode()).completion.is_coalesced is False
 
 
 def test_served_from_cache_keeps_every_other_field() -> None:
     """Every field a hit does not override is the stored completion's (new fields too)."""
     hit = CachedAnswer.of_unary(COMPLETION).served_from_cache(total_ms=1.0, first_token_ms=0.5)
-    overridden = {"cost_usd", "saved_cost_usd", "is_cache_hit", "attempts", "timings"}
+    overridden = {
+        "cost_usd",
+        "saved_cost_usd",
+        "is_cache_hit",
+        "is_coalesced",
+        "attempts",
+        "timings",
+    }
     for field in dataclasses.fields(Completion):
         if field.name not in overridden:
             assert getattr(hit, field.name) == getattr(COMPLETION, field.name), field.name

@@ -292,11 +292,12 @@ WIRE_FINISH = {
 
 
 def test_metadata_round_trips_every_completion_field() -> None:
-    """Every Completion field but the answer (text, tool calls, reasoning) survives
-    metadata_to_proto and the wire."""
+    """Every Completion field but the answer (text, tool calls, reasoning) and
+    `is_coalesced` survives metadata_to_proto and the wire: a call that shared another's
+    is a hit to its caller, as `cache_hit` says; only telemetry tells it from the store's."""
     wire = pb.CompletionMetadata.FromString(metadata_to_proto(COMPLETION).SerializeToString())
     answer = {"content", "tool_calls", "reasoning"}
-    fields = {f.name for f in dataclasses.fields(Completion)} - answer
+    fields = {f.name for f in dataclasses.fields(Completion)} - answer - {"is_coalesced"}
     assert set(READ_BACK) == fields, "update READ_BACK for new Completion fields"
     for name, read in READ_BACK.items():
         expected = getattr(COMPLETION, name)
