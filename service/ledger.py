@@ -655,7 +655,9 @@ _RESERVE_LUA = _SWEEP_LUA + _RESERVE
 # The number is written first: Redis does not undo a script's writes when a later
 # command in it fails (a key of the wrong type), and a record sent again must not add
 # the writes before that failure a second time. (A "not now" refusal, READONLY or OOM,
-# stops a script at its first write, before anything is applied.)
+# stops a script at its first write, before anything is applied.) The spend comes next,
+# so that a bucket's index of rows written as another type (by hand or a bad migration)
+# loses the call's row, not its budget's spend.
 # KEYS: row, the tenant's row ids in the bucket, the bucket's tenants, buckets, day spend,
 # month spend, applied numbers, the old layout's dims hash, the overflow row, day and
 # month spend's millions.
@@ -675,12 +677,17 @@ if redis.call('ZSCORE', KEYS[7], ARGV[6]) then return 0 end
 redis.call('ZADD', KEYS[7], ARGV[6], ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. ARGV[7])
 redis.call('EXPIRE', KEYS[7], ARGV[8])
+local counts = {COUNTS}
+for k = 5, 6 do
+  add(strings(KEYS[k], KEYS[k + 5]), ARGV[14 + #counts], '')
+  redis.call('EXPIRE', KEYS[k], ARGV[10 + #counts + k])
+  redis.call('EXPIRE', KEYS[k + 5], ARGV[10 + #counts + k])
+end
 local row, row_id, dims, applied = KEYS[1], ARGV[1], ARGV[2], 1
 if redis.call('SISMEMBER', KEYS[2], row_id) == 0
     and redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[13]) then
   row, row_id, dims, applied = KEYS[9], ARGV[11], ARGV[12], 2
 end
-local counts = {COUNTS}
 -- As Redis reads an integer (no leading zero, no minus zero), at most `most`.
 local function integer(value, most)
   if value == '0' then return true end
@@ -713,11 +720,6 @@ redis.call('ZADD', KEYS[4], ARGV[4], ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[5])
 redis.call('EXPIRE', KEYS[4], ARGV[3])
 if redis.call('TTL', KEYS[8]) == -1 then redis.call('EXPIRE', KEYS[8], ARGV[10]) end
-for k = 5, 6 do
-  add(strings(KEYS[k], KEYS[k + 5]), ARGV[14 + #counts], '')
-  redis.call('EXPIRE', KEYS[k], ARGV[10 + #counts + k])
-  redis.call('EXPIRE', KEYS[k + 5], ARGV[10 + #counts + k])
-end
 return applied
 """.replace("COUNTS", ", ".join(f"'{name}'" for name in _FIELDS[:-1]))
 )

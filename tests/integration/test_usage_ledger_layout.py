@@ -11,6 +11,7 @@ import time
 import uuid
 from typing import Any
 
+import grpc
 import pytest
 import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -19,7 +20,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.ledger import period_key
 from tests.conftest import FAKE_MODEL, RunningGateway, chat
 from tests.fake_upstream import FakeUpstream
-from tests.integration.tenancy_helpers import as_tenant, secure_config
+from tests.integration.tenancy_helpers import as_tenant, rpc_error, secure_config
 from tests.old_ledger_layout import record_in_old_layout
 from tests.redis_server import RedisServer
 
@@ -155,6 +156,40 @@ async def test_a_corrupt_row_is_skipped_and_logged_and_the_rest_still_counts(
             f"{prefix}:row:{bucket}:wrongtype",
             f"{prefix}:row:{bucket}:badjson",
         }
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("index", ["rows:{bucket}:team-b", "tenants:{bucket}"])
+async def test_a_bucket_index_of_another_type_still_counts_the_spend_against_the_budget(
+    redis_server: RedisServer, upstream: FakeUpstream, start_gateway: Any, index: str
+) -> None:
+    """The set of a bucket's row ids for team-b, or of its tenants, written as a string
+    (by hand or a bad migration): each call's row is given up, but its spend still adds
+    to team-b's budget, which refuses the third call: two of the fake's (2.24e-6 USD
+    each) leave less than its expected cost.
+
+    Before, the record script stopped at that set before it added the spend: team-b's
+    budget saw none of its calls, and every call passed it."""
+    prefix = uuid.uuid4().hex
+    ledger = {"redis_url": redis_server.url, "key_prefix": prefix}
+    budgets = {"team-b": {"usd": 0.000005, "period": "day"}}
+    config = secure_config(upstream.base_url, tenants=TENANTS, ledger=ledger, budgets=budgets)
+    gateway = await start_gateway(config)
+    await gateway.stub.Complete(chat(), metadata=as_tenant("team-b"))
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        (rows,) = [k async for k in client.scan_iter(match=f"{prefix}:rows:*:team-b")]
+        key = f"{prefix}:" + index.format(bucket=rows.split(":")[2])
+        await client.delete(key)
+        await client.set(key, "written by hand")
+        ledger_of = gateway.server.pipeline.ledger
+        spent = await ledger_of.spent_usd("team-b", "day")
+        await gateway.stub.Complete(chat(), metadata=as_tenant("team-b"))
+        assert await ledger_of.spent_usd("team-b", "day") > spent
+        refused = await rpc_error(gateway.stub.Complete(chat(), metadata=as_tenant("team-b")))
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await client.get(key) == "written by hand"
     finally:
         await client.aclose()
 

@@ -118,22 +118,26 @@ async def test_a_row_redis_refuses_for_good_is_given_up_at_once_not_sent_again(
     start_gateway: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The tenant's day spend key holds a list (another program's key, say), so the
-    row's script fails half way with WRONGTYPE, after adding the row's counters. Sent
-    again it would fail again, for an hour, adding the counters each time and holding
-    back the rows queued behind it; instead it is given up at once, the counters stay
-    added once, and the log says what was lost, for an operator to add by hand."""
+    """The tenant's month spend key holds a list (another program's key, say), so the
+    row's script fails half way with WRONGTYPE, after adding the call's day spend. Sent
+    again it would fail again, for an hour, adding the day spend each time and holding
+    back the rows queued behind it; instead it is given up at once, the day spend stays
+    added once, and the log says what was lost (the row, which comes after the spend),
+    for an operator to add by hand."""
     gateway, prefix = await ledger_gateway(redis_server, upstream, start_gateway)
-    day = period_key("day", time.time())
+    now = time.time()
+    day, month = period_key("day", now), period_key("month", now)
     client = aioredis.Redis.from_url(redis_server.url)
     try:
-        await client.rpush(f"{prefix}:spend:{DEFAULT_TENANT}:{day}", "not a number")
+        await client.rpush(f"{prefix}:spend:{DEFAULT_TENANT}:{month}", "not a number")
         with caplog.at_level(logging.WARNING, logger="llm_gateway.ledger"):
             assert (await gateway.stub.Complete(chat(), timeout=10)).content
         assert gateway.server.pipeline.ledger.late_releases.pending == 0
         await asyncio.sleep(1.0)  # a retry would have come after 0.5 s
-        assert (await total(gateway)).requests == 1
-        assert await client.lrange(f"{prefix}:spend:{DEFAULT_TENANT}:{day}", 0, -1) == [
+        spent_pico = await client.get(f"{prefix}:spend:{DEFAULT_TENANT}:{day}")
+        assert int(spent_pico) == round(CALL_COST_USD * 1e12)
+        assert (await total(gateway)).requests == 0
+        assert await client.lrange(f"{prefix}:spend:{DEFAULT_TENANT}:{month}", 0, -1) == [
             b"not a number"
         ]
     finally:
