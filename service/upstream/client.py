@@ -59,7 +59,7 @@ from service.upstream.openai_json import (
 from service.upstream.proxy import Proxy, choose_proxy
 from service.upstream.relay import relayed_error, secrets_of
 from service.upstream.sse import SSEDecoder
-from service.upstream.think_tags import split_reply, split_stream
+from service.upstream.think_tags import ThinkTagSplitter, split_reply
 from service.upstream.types import (
     StreamEnd,
     StreamEvent,
@@ -741,8 +741,9 @@ class UpstreamClient:
     ) -> AsyncGenerator[StreamEvent, None]:
         """Yield text chunks as they arrive, then one `StreamEnd`; `on_sent` and
         `on_status` as in `complete`; `tally` counts the output yielded. From an upstream
-        with `think_tags`, a `<think>` block opening the text comes as reasoning (decided
-        here, once: no work per chunk without).
+        with `think_tags`, a `<think>` block opening the text comes as reasoning, and what
+        the splitter holds back (a tag's beginning, whitespace) is no output yet: it neither
+        ends the wait for the first output nor restarts the idle timeout.
 
         Output past `_MAX_ANSWER_SIZE` characters is a malformed answer, as a unary one
         past as many bytes is: the chunk that would pass it is not yielded, and the
@@ -766,17 +767,14 @@ class UpstreamClient:
         the consumer's time between chunks; the upstream's `timeout_s` is the whole
         stream's, from its start, the consumer's time included.
         """
-        tally = StreamTally() if tally is None else tally
-        if not self.config.think_tags:
-            return self._stream(
-                call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status, tally=tally
-            )
-        # The bound counts what the upstream sent; `tally`, what is passed on: the tags and
-        # text still held never reach the caller, whose `chars_sent` it becomes.
-        events = self._stream(
-            call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status, tally=StreamTally()
+        return self._stream(
+            call,
+            timeout_s=timeout_s,
+            on_sent=on_sent,
+            on_status=on_status,
+            tally=StreamTally() if tally is None else tally,
+            splitter=ThinkTagSplitter() if self.config.think_tags else None,
         )
-        return split_stream(events, tally)
 
     async def _stream(
         self,
@@ -786,8 +784,13 @@ class UpstreamClient:
         on_sent: Callable[[], None] | None,
         on_status: Callable[[int], None] | None,
         tally: StreamTally,
+        splitter: ThinkTagSplitter | None,
     ) -> AsyncGenerator[StreamEvent, None]:
-        """`stream`, the upstream's text as it sent it."""
+        """`stream`, each chunk's text split by `splitter` when given.
+
+        The bound counts the output as the upstream sent it (tags and text held included);
+        `tally`, what is passed on, the `chars_sent` of a cut stream.
+        """
         deadline = self._deadline(timeout_s)
         whole_stream_deadline = self._deadline(self.config.timeout_s)
         first_output_by = self._first_output_deadline(deadline)
@@ -816,6 +819,8 @@ class UpstreamClient:
                     async with asyncio.timeout_at(deadline):
                         body = await _read_answer(response)
                     reply = self._reply(call, response, body, on_status)
+                    if splitter is not None:
+                        reply = split_reply(reply)
                     if reply.content or reply.tool_calls or reply.reasoning:
                         whole = TextChunk(
                             reply.content, whole_tool_calls(reply.tool_calls), reply.reasoning
@@ -838,6 +843,7 @@ class UpstreamClient:
                 # When the idle timeout ends the stream: set after each output is passed on,
                 # so the consumer's time does not count and comments do not put it off.
                 idle_until: float | None = None
+                read_chars = 0  # the output as the upstream sent it, which the bound counts
                 while True:
                     wait_until = deadline if idle_until is None else min(deadline, idle_until)
                     async with asyncio.timeout_at(wait_until):
@@ -848,13 +854,15 @@ class UpstreamClient:
                     events = decoder.feed(raw)
                     has_events = has_events or bool(events)
                     while events:
+                        # Until output is read, not until it is passed on: a `<think>`
+                        # block's beginning, held, is split with the rest of its read.
                         chunk, parsed, error = _output_of_events(
-                            events, parser, stop_at_output=not has_output
+                            events, parser, stop_at_output=not read_chars
                         )
                         del events[:parsed]
                         if chunk is not None:
                             # `output_chars`, inline: a Python call less for every chunk.
-                            chars = tally.chars + len(chunk.content) + len(chunk.reasoning)
+                            chars = read_chars + len(chunk.content) + len(chunk.reasoning)
                             for piece in chunk.tool_calls:
                                 chars += len(piece.arguments)
                             if chars > _MAX_ANSWER_SIZE:
@@ -862,7 +870,12 @@ class UpstreamClient:
                                     f"the stream's output is longer than {_MAX_ANSWER_SIZE} "
                                     "characters (text, reasoning and tool-call arguments)"
                                 )
-                            tally.chars = chars
+                            read_chars = chars
+                            if splitter is None:
+                                tally.chars = chars
+                            elif (chunk := splitter.split(chunk)) is not None:
+                                tally.chars += output_chars(chunk)
+                        if chunk is not None:
                             has_output = True
                             deadline = whole_stream_deadline
                             yield chunk
@@ -889,6 +902,9 @@ class UpstreamClient:
                 end = parser.end()
                 if not parser.is_done and decoder.has_pending:
                     raise MalformedReply("the stream was cut in the middle of an event")
+                if splitter is not None and (last := splitter.rest()) is not None:
+                    tally.chars += output_chars(last)
+                    yield last
                 yield StreamEnd(
                     id=end.id,
                     model=end.model or call.upstream_model,

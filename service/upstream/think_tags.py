@@ -9,19 +9,11 @@ answer; only a leading tag counts, as some models write such tags in their answe
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import re
-from collections.abc import AsyncGenerator
 from dataclasses import replace
 
-from service.upstream.types import (
-    StreamEvent,
-    StreamTally,
-    TextChunk,
-    UpstreamReply,
-    output_chars,
-)
+from service.upstream.types import TextChunk, UpstreamReply
 
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
@@ -174,28 +166,4 @@ def split_reply(reply: UpstreamReply) -> UpstreamReply:
     )
 
 
-async def split_stream(
-    events: AsyncGenerator[StreamEvent, None], tally: StreamTally
-) -> AsyncGenerator[StreamEvent, None]:
-    """`events` with a leading `<think>` block's text relayed as reasoning, as it comes;
-    `tally` counts the output passed on.
-
-    A chunk left with nothing (the tag alone, or its beginning) is not passed on; what is
-    held at the end goes out before the `StreamEnd`.
-    """
-    splitter = ThinkTagSplitter()
-    # Closed on every exit, so that a caller leaving closes the upstream's stream at once.
-    async with contextlib.aclosing(events):
-        async for event in events:
-            if isinstance(event, TextChunk):
-                if (chunk := splitter.split(event)) is not None:
-                    tally.chars += output_chars(chunk)
-                    yield chunk
-                continue
-            if (rest := splitter.rest()) is not None:
-                tally.chars += output_chars(rest)
-                yield rest
-            yield event
-
-
-__all__ = ["CLOSE_TAG", "OPEN_TAG", "ThinkTagSplitter", "split_reply", "split_stream"]
+__all__ = ["CLOSE_TAG", "OPEN_TAG", "ThinkTagSplitter", "split_reply"]
