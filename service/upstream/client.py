@@ -389,6 +389,17 @@ def _output_of_events(
     return (joined_chunks(chunks) if chunks else None), parsed, error
 
 
+def _last_output(parser: StreamParser, splitter: ThinkTagSplitter | None) -> TextChunk | None:
+    """What a stream's end releases, as one chunk: each UTF-16 half still held back, as
+    U+FFFD, and what `splitter` held (that text split first, as the chunks before it)."""
+    halves = parser.lone_halves()
+    if splitter is None:
+        return halves
+    chunks = [splitter.split(halves) if halves is not None else None, splitter.rest()]
+    held = [chunk for chunk in chunks if chunk is not None]
+    return joined_chunks(held) if held else None
+
+
 class UpstreamClient:
     """Sends chat completions to one upstream; owns its connection pool.
 
@@ -902,7 +913,7 @@ class UpstreamClient:
                 end = parser.end()
                 if not parser.is_done and decoder.has_pending:
                     raise MalformedReply("the stream was cut in the middle of an event")
-                if splitter is not None and (last := splitter.rest()) is not None:
+                if (last := _last_output(parser, splitter)) is not None:
                     tally.chars += output_chars(last)
                     yield last
                 yield StreamEnd(
