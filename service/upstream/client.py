@@ -59,7 +59,7 @@ from service.upstream.openai_json import (
 from service.upstream.proxy import Proxy, choose_proxy
 from service.upstream.relay import relayed_error, secrets_of
 from service.upstream.sse import SSEDecoder
-from service.upstream.think_tags import split_reply, split_stream
+from service.upstream.think_tags import ThinkTagSplitter, split_reply
 from service.upstream.types import (
     StreamEnd,
     StreamEvent,
@@ -387,6 +387,17 @@ def _output_of_events(
     except MalformedReply as exc:
         error = exc
     return (joined_chunks(chunks) if chunks else None), parsed, error
+
+
+def _last_output(parser: StreamParser, splitter: ThinkTagSplitter | None) -> TextChunk | None:
+    """What a stream's end releases, as one chunk: each UTF-16 half still held back, as
+    U+FFFD, and what `splitter` held (that text split first, as the chunks before it)."""
+    halves = parser.lone_halves()
+    if splitter is None:
+        return halves
+    chunks = [splitter.split(halves) if halves is not None else None, splitter.rest()]
+    held = [chunk for chunk in chunks if chunk is not None]
+    return joined_chunks(held) if held else None
 
 
 class UpstreamClient:
@@ -752,9 +763,10 @@ class UpstreamClient:
         """Yield text chunks as they arrive, then one `StreamEnd`; `on_sent` and
         `on_status` as in `complete`; `tally` counts the output yielded; `on_usage` is
         told the usage the upstream reported, if any, once the stream ends, however it
-        ends: a stream cut after its usage event (before `[DONE]`) was billed so. From an upstream
-        with `think_tags`, a `<think>` block opening the text comes as reasoning (decided
-        here, once: no work per chunk without).
+        ends: a stream cut after its usage event (before `[DONE]`) was billed so. From an
+        upstream with `think_tags`, a `<think>` block opening the text comes as reasoning,
+        and what the splitter holds back (a tag's beginning, whitespace) is no output yet:
+        it neither ends the wait for the first output nor restarts the idle timeout.
 
         Output past `_MAX_ANSWER_SIZE` characters is a malformed answer, as a unary one
         past as many bytes is: the chunk that would pass it is not yielded, and the
@@ -778,27 +790,15 @@ class UpstreamClient:
         the consumer's time between chunks; the upstream's `timeout_s` is the whole
         stream's, from its start, the consumer's time included.
         """
-        tally = StreamTally() if tally is None else tally
-        if not self.config.think_tags:
-            return self._stream(
-                call,
-                timeout_s=timeout_s,
-                on_sent=on_sent,
-                on_status=on_status,
-                tally=tally,
-                on_usage=on_usage,
-            )
-        # The bound counts what the upstream sent; `tally`, what is passed on: the tags and
-        # text still held never reach the caller, whose `chars_sent` it becomes.
-        events = self._stream(
+        return self._stream(
             call,
             timeout_s=timeout_s,
             on_sent=on_sent,
             on_status=on_status,
-            tally=StreamTally(),
+            tally=StreamTally() if tally is None else tally,
             on_usage=on_usage,
+            splitter=ThinkTagSplitter() if self.config.think_tags else None,
         )
-        return split_stream(events, tally)
 
     async def _stream(
         self,
@@ -809,8 +809,13 @@ class UpstreamClient:
         on_status: Callable[[int], None] | None,
         tally: StreamTally,
         on_usage: Callable[[Usage], None] | None,
+        splitter: ThinkTagSplitter | None,
     ) -> AsyncGenerator[StreamEvent, None]:
-        """`stream`, the upstream's text as it sent it."""
+        """`stream`, each chunk's text split by `splitter` when given.
+
+        The bound counts the output as the upstream sent it (tags and text held included);
+        `tally`, what is passed on, the `chars_sent` of a cut stream.
+        """
         deadline = self._deadline(timeout_s)
         whole_stream_deadline = self._deadline(self.config.timeout_s)
         first_output_by = self._first_output_deadline(deadline)
@@ -839,6 +844,8 @@ class UpstreamClient:
                     async with asyncio.timeout_at(deadline):
                         body = await _read_answer(response)
                     reply = self._reply(call, response, body, on_status)
+                    if splitter is not None:
+                        reply = split_reply(reply)
                     if reply.content or reply.tool_calls or reply.reasoning:
                         whole = TextChunk(
                             reply.content, whole_tool_calls(reply.tool_calls), reply.reasoning
@@ -861,6 +868,7 @@ class UpstreamClient:
                 # When the idle timeout ends the stream: set after each output is passed on,
                 # so the consumer's time does not count and comments do not put it off.
                 idle_until: float | None = None
+                read_chars = 0  # the output as the upstream sent it, which the bound counts
                 while True:
                     wait_until = deadline if idle_until is None else min(deadline, idle_until)
                     async with asyncio.timeout_at(wait_until):
@@ -871,13 +879,15 @@ class UpstreamClient:
                     events = decoder.feed(raw)
                     has_events = has_events or bool(events)
                     while events:
+                        # Until output is read, not until it is passed on: a `<think>`
+                        # block's beginning, held, is split with the rest of its read.
                         chunk, parsed, error = _output_of_events(
-                            events, parser, stop_at_output=not has_output
+                            events, parser, stop_at_output=not read_chars
                         )
                         del events[:parsed]
                         if chunk is not None:
                             # `output_chars`, inline: a Python call less for every chunk.
-                            chars = tally.chars + len(chunk.content) + len(chunk.reasoning)
+                            chars = read_chars + len(chunk.content) + len(chunk.reasoning)
                             for piece in chunk.tool_calls:
                                 chars += len(piece.arguments)
                             if chars > _MAX_ANSWER_SIZE:
@@ -885,7 +895,12 @@ class UpstreamClient:
                                     f"the stream's output is longer than {_MAX_ANSWER_SIZE} "
                                     "characters (text, reasoning and tool-call arguments)"
                                 )
-                            tally.chars = chars
+                            read_chars = chars
+                            if splitter is None:
+                                tally.chars = chars
+                            elif (chunk := splitter.split(chunk)) is not None:
+                                tally.chars += output_chars(chunk)
+                        if chunk is not None:
                             has_output = True
                             deadline = whole_stream_deadline
                             yield chunk
@@ -912,6 +927,9 @@ class UpstreamClient:
                 end = parser.end()
                 if not parser.is_done and decoder.has_pending:
                     raise MalformedReply("the stream was cut in the middle of an event")
+                if (last := _last_output(parser, splitter)) is not None:
+                    tally.chars += output_chars(last)
+                    yield last
                 yield StreamEnd(
                     id=end.id,
                     model=end.model or call.upstream_model,

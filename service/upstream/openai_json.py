@@ -5,9 +5,11 @@ https://platform.openai.com/docs/api-reference/chat — the only module that kno
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -80,6 +82,17 @@ _NO_INDEX = -1
 _MAX_HELD_CHARS = 16 * 1024 * 1024
 # OpenAI requires a schema's name; callers may leave it out.
 DEFAULT_SCHEMA_NAME = "response"
+# A `\u` escape of a UTF-16 surrogate (U+D800 to U+DFFF), which orjson refuses unpaired.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# A UTF-16 surrogate in a string: what the standard library's json makes of one unpaired.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# What a character cut in two and never made whole becomes, as in invalid UTF-8 (`sse.py`).
+_REPLACEMENT = "\ufffd"
+# A stream's fields whose text goes on piece by piece: a piece may end with the first half
+# of a character the next piece ends (`_paired_ends`).
+_STREAMED_TEXT_KEYS = frozenset(
+    {"content", "refusal", "reasoning_content", "reasoning", "arguments"}
+)
 
 
 class MalformedReply(ValueError):
@@ -405,13 +418,98 @@ def _detail_count(value: object) -> int:
 
 
 def _loads(raw: bytes | str) -> dict[str, Any]:
+    """A whole answer's JSON object, each lone UTF-16 half in its strings U+FFFD."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise MalformedReply("not valid JSON") from exc
+        data = _halves_replaced(_loads_with_halves(raw, exc))
+    return _json_object(data)
+
+
+def _json_object(data: object) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MalformedReply("not a JSON object")
     return data
+
+
+def _loads_with_halves(raw: bytes | str, refusal: orjson.JSONDecodeError) -> Any:
+    """`raw`, which orjson refused (`refusal`), parsed by the standard library's json when it
+    escapes a UTF-16 surrogate; else it is not valid JSON.
+
+    A relay that cuts text by UTF-16 code units (JavaScript's strings: Node proxies) sends an
+    emoji, U+1F600, as `"\\ud83d"` at the end of one event and `"\\ude00"` at the start of
+    the next: each a lone half, which orjson refuses and json keeps, to be paired again.
+    Only such events pay for the slower parser.
+    """
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        if _SURROGATE_ESCAPE.search(text):
+            return json.loads(text, parse_constant=_refuse_constant)
+    except ValueError:  # not UTF-8, not JSON, or `_refuse_constant`'s
+        pass
+    raise MalformedReply("not valid JSON") from refusal
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    """Refuse `NaN` and `Infinity`, which json takes and orjson (and JSON) does not."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def _halves_replaced(value: Any, kept_at_ends: Collection[str] = (), key: str = "") -> Any:
+    """Parsed JSON `value` with each lone UTF-16 half in its strings U+FFFD, and each pair of
+    halves one character, but for the halves at the ends of a string under a key in
+    `kept_at_ends` (`_ends_kept`)."""
+    if isinstance(value, str):
+        if not _SURROGATE.search(value):
+            return value
+        return _ends_kept(value) if key in kept_at_ends else _paired(value)
+    if isinstance(value, dict):
+        return {k: _halves_replaced(v, kept_at_ends, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_halves_replaced(v, kept_at_ends, key) for v in value]
+    return value
+
+
+def _paired(text: str) -> str:
+    """`text` with each pair of UTF-16 halves one character, a half left lone U+FFFD."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _is_high_half(char: str) -> bool:
+    """Whether `char` is a UTF-16 high surrogate: the first half of a character past U+FFFF."""
+    return "\ud800" <= char <= "\udbff"
+
+
+def _is_low_half(char: str) -> bool:
+    """Whether `char` is a UTF-16 low surrogate: the second half of such a character."""
+    return "\udc00" <= char <= "\udfff"
+
+
+def _ends_kept(text: str) -> str:
+    """`_paired(text)`, but for a low half opening it and a high half ending it: kept as they
+    are, for a stream to pair with the pieces around it (`_paired_ends`)."""
+    start = 1 if _is_low_half(text[0]) else 0
+    end = len(text) - 1 if len(text) > start and _is_high_half(text[-1]) else len(text)
+    return text[:start] + _paired(text[start:end]) + text[end:]
+
+
+def _paired_ends(half: str, text: str) -> tuple[str, str]:
+    """`text`, a stream field's next piece, after `half`: the high UTF-16 half the field's
+    last piece ended with, held back, or "". The pair they make is one character, and
+    either half left lone is U+FFFD; the high half `text` ends with is returned apart, to be
+    held back for the field's next piece.
+
+    Only the piece's first and last code units are looked at: halves elsewhere were made
+    whole or U+FFFD as it was parsed (`_ends_kept`).
+    """
+    if not text:
+        return "", half
+    if half or _is_low_half(text[0]):
+        first = text[0] if _is_low_half(text[0]) else ""
+        text = _paired(half + first) + text[len(first) :]
+    if _is_high_half(text[-1]):
+        return text[:-1], text[-1]
+    return text, ""
 
 
 def is_json_or_cut(body: bytes) -> bool:
@@ -580,6 +678,7 @@ class _StreamedCall:
     position: int | None = None
     held: list[str] = field(default_factory=list)  # arguments before it began
     held_chars: int = 0
+    half: str = ""  # the high UTF-16 half its arguments' last piece ended with (`_paired_ends`)
 
 
 def _check_begun(call: _StreamedCall) -> None:
@@ -601,8 +700,11 @@ class StreamParser:
 
     __slots__ = (
         "_calls",
+        "_content_half",
         "_has_relayed",
         "_index",
+        "_is_pairing",
+        "_reasoning_half",
         "_tool_calls",
         "finish_reason",
         "id",
@@ -623,6 +725,11 @@ class StreamParser:
         self._calls = 0  # tool calls begun
         self._index: int | None = None  # the answer's choice, once an event named one
         self._has_relayed = False  # text or reasoning of it came out
+        # Once an event came with a lone UTF-16 half, each text piece's ends are paired
+        # (`_paired_ends`), and the high half a field's piece ends with held for its next.
+        self._is_pairing = False
+        self._content_half = ""
+        self._reasoning_half = ""
 
     def _take_usage(self, counts: Usage | None) -> None:
         """A later usage event replaces an earlier one (servers that send it on each
@@ -688,7 +795,12 @@ class StreamParser:
             if known is None or (call_id and known.id and call_id != known.id):
                 if known is not None and known.position is None:
                     _check_begun(known)  # its index is taken: it can never begin
+                if known is not None and known.half and known.position is not None:
+                    # Its arguments' last piece ended with half a character.
+                    pieces.append(ToolCallDelta(known.position, arguments=_REPLACEMENT))
                 known = self._tool_calls[index] = _StreamedCall()
+            if arguments and self._is_pairing:
+                arguments, known.half = _paired_ends(known.half, arguments)
             if known.position is not None:
                 if arguments:  # some servers repeat the id and name: sent once
                     pieces.append(ToolCallDelta(known.position, arguments=arguments))
@@ -717,7 +829,12 @@ class StreamParser:
             # `data:` alone: the SSE spec dispatches it with empty data, but it carries no
             # chunk (no JSON is blank), and failing the stream on it would cut an answer.
             return None
-        event = _loads(data)
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            event = _halves_replaced(_loads_with_halves(data, exc), _STREAMED_TEXT_KEYS)
+            self._is_pairing = True
+        event = _json_object(event)
         if event.get("error"):  # also beside choices (OpenRouter); `"error": null` is none
             raise ReportedError(data)
         if not self.id:
@@ -745,7 +862,12 @@ class StreamParser:
         refusal = _refusal(delta)
         if refusal:
             content, self.is_refused = (content or "") + refusal, True
+            if self._is_pairing:  # a half each side of where the two meet
+                content = _ends_kept(content)
         reasoning = _reasoning(delta)
+        if self._is_pairing:
+            content, self._content_half = _paired_ends(self._content_half, content or "")
+            reasoning, self._reasoning_half = _paired_ends(self._reasoning_half, reasoning)
         tool_calls = delta.get("tool_calls")
         pieces = () if tool_calls is None else self._tool_call_pieces(tool_calls)
         if content or pieces or reasoning:
@@ -762,6 +884,25 @@ class StreamParser:
         """
         if data_at_end == _DONE:
             self.is_done = True
+
+    def lone_halves(self) -> TextChunk | None:
+        """What the stream's end leaves of characters cut in two: each high UTF-16 half still
+        held back, no low half having followed it, as U+FFFD (what a broken UTF-8 sequence
+        becomes, `SSEDecoder`), in one chunk; None when none is held."""
+        if not self._is_pairing:
+            return None
+        content, reasoning = self._content_half, self._reasoning_half
+        pieces = tuple(
+            ToolCallDelta(call.position, arguments=_REPLACEMENT)
+            for call in self._tool_calls.values()
+            if call.half and call.position is not None
+        )
+        self._content_half = self._reasoning_half = ""
+        for call in self._tool_calls.values():
+            call.half = ""
+        if not (content or reasoning or pieces):
+            return None
+        return TextChunk(content and _REPLACEMENT, pieces, reasoning and _REPLACEMENT)
 
     def end(self) -> StreamEnd:
         """The stream's end; raises when it never said why it finished."""

@@ -9,21 +9,19 @@ answer; only a leading tag counts, as some models write such tags in their answe
 
 from __future__ import annotations
 
-import contextlib
 import enum
-from collections.abc import AsyncGenerator
+import re
 from dataclasses import replace
 
-from service.upstream.types import (
-    StreamEvent,
-    StreamTally,
-    TextChunk,
-    UpstreamReply,
-    output_chars,
-)
+from service.upstream.types import TextChunk, UpstreamReply
 
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
+# The tags in any case: the models' own templates write them in lower case, and some relays
+# upper-case them. ASCII letters only: no other letter makes one (the Kelvin sign's lower
+# case is `k`).
+_OPEN = re.compile(re.escape(OPEN_TAG), re.IGNORECASE | re.ASCII)
+_CLOSE = re.compile(re.escape(CLOSE_TAG), re.IGNORECASE | re.ASCII)
 
 
 class _Phase(enum.Enum):
@@ -33,31 +31,41 @@ class _Phase(enum.Enum):
     ANSWERING = enum.auto()  # the answer's text, passed on as it comes
 
 
+def _is_tag_beginning(text: str, tag: str) -> bool:
+    """Whether `text`, shorter than `tag`, is its beginning, in any case."""
+    return text.isascii() and tag.startswith(text.lower())
+
+
 def _tag_start_at_end(text: str, tag: str) -> int:
     """How many characters at the end of `text` may begin `tag`, cut across pieces.
 
     The tag has its `<` only at its start, so only the last `<` can begin it.
     """
     start = text.rfind("<", max(0, len(text) - len(tag) + 1))
-    return len(text) - start if start >= 0 and tag.startswith(text[start:]) else 0
+    return len(text) - start if start >= 0 and _is_tag_beginning(text[start:], tag) else 0
 
 
 class ThinkTagSplitter:
     """Splits an answer's text, given piece by piece, into reasoning and answer.
 
     Text is held back only while it may still be a tag cut across pieces: the open tag's
-    beginning (after any leading whitespace) or the close tag's, never more than the tag.
+    beginning (after any leading whitespace) or the close tag's (after any whitespace ending
+    the reasoning so far), never more of it than the tag. Each piece is read once: held
+    whitespace is kept in its pieces, and joined once, when the text after it comes.
 
     >>> splitter = ThinkTagSplitter()
     >>> splitter.feed("<think>hmm</th"), splitter.feed("ink>\\nParis."), splitter.end()
     (('hmm', ''), ('', 'Paris.'), ('', ''))
     """
 
-    __slots__ = ("_has_reasoning", "_held", "_phase")
+    __slots__ = ("_blank", "_has_reasoning", "_held", "_phase")
 
     def __init__(self) -> None:
         self._phase = _Phase.OPENING
-        self._held = ""
+        # Whitespace held back, in the pieces it came in: before the open tag, or ending
+        # the reasoning so far (which a close tag would drop).
+        self._blank: list[str] = []
+        self._held = ""  # a tag's beginning, after `_blank`
         # Whether reasoning was passed on yet: whitespace that opens the block is dropped,
         # as is whitespace that ends it (Qwen3 without thinking sends "<think>\n\n</think>"
         # on every answer, which is no reasoning).
@@ -73,36 +81,70 @@ class ThinkTagSplitter:
         text, self._held = self._held + text, ""
         if phase is _Phase.THINKING:
             return self._thinking(text)
-        start = text.lstrip()
-        if start.startswith(OPEN_TAG):
+        start = text.lstrip()  # `_held` holds no whitespace: only this piece's is read
+        if len(start) < len(text):
+            self._blank.append(text[: len(text) - len(start)])
+        if _OPEN.match(start):
             self._phase = _Phase.THINKING
+            self._blank.clear()
             return self._thinking(start[len(OPEN_TAG) :])
-        if OPEN_TAG.startswith(start):  # whitespace alone, or the tag's beginning
-            self._held = text
+        if len(start) < len(OPEN_TAG) and _is_tag_beginning(start, OPEN_TAG):
+            self._held = start  # nothing yet, or the tag's beginning
             return "", ""
         self._phase = _Phase.ANSWERING  # no tag: the text is the answer, as before
-        return "", text
+        return "", self._taken_blank() + start
 
     def end(self) -> tuple[str, str]:
         """The reasoning and answer text still held when the answer ends: reasoning whose
         close tag never came (cut by `max_tokens`), or text that only began like the tag."""
-        held, self._held = self._held, ""
-        return (held.rstrip(), "") if self._phase is _Phase.THINKING else ("", held)
+        blank, held = self._taken_blank(), self._held
+        self._held = ""
+        if self._phase is not _Phase.THINKING:
+            return "", blank + held
+        if not held:  # whitespace ending the reasoning: none of it
+            return "", ""
+        return (blank if self._has_reasoning else "") + held, ""
+
+    def split(self, chunk: TextChunk) -> TextChunk | None:
+        """`chunk` with its text split: the reasoning that adds after the server's own, and
+        the answer's text; None when all it brought is held back."""
+        reasoning, answer = self.feed(chunk.content)
+        if reasoning or answer or chunk.tool_calls or chunk.reasoning:
+            return TextChunk(answer, chunk.tool_calls, chunk.reasoning + reasoning)
+        return None
+
+    def rest(self) -> TextChunk | None:
+        """What `end` releases, as the answer's last chunk; None when nothing was held."""
+        reasoning, answer = self.end()
+        return TextChunk(answer, (), reasoning) if reasoning or answer else None
+
+    def _taken_blank(self) -> str:
+        blank = "".join(self._blank)
+        self._blank.clear()
+        return blank
 
     def _thinking(self, text: str) -> tuple[str, str]:
-        if not self._has_reasoning:
-            text = text.lstrip()
-        close = text.find(CLOSE_TAG)
-        if close < 0:
-            # Held: the close tag's beginning, and the whitespace before it, which may end
-            # the block.
-            body = text[: len(text) - _tag_start_at_end(text, CLOSE_TAG)]
-            reasoning = body.rstrip()
-            self._held = text[len(reasoning) :]
-            self._has_reasoning = self._has_reasoning or bool(reasoning)
-            return reasoning, ""
-        self._phase = _Phase.CLOSED
-        return text[:close].rstrip(), self._answer_after_close(text[close + len(CLOSE_TAG) :])
+        close = _CLOSE.search(text)
+        if close is None:
+            # Held: the close tag's beginning, and the whitespace before it (`_blank`),
+            # which may end the block.
+            cut = len(text) - _tag_start_at_end(text, CLOSE_TAG)
+            body, self._held = text[:cut], text[cut:]
+        else:
+            body = text[: close.start()]
+        thought = body.rstrip()
+        reasoning = ""
+        if thought:
+            blank = self._taken_blank() if self._blank else ""
+            reasoning = blank + thought if self._has_reasoning else thought.lstrip()
+            self._has_reasoning = True
+        if close is not None:
+            self._blank.clear()
+            self._phase = _Phase.CLOSED
+            return reasoning, self._answer_after_close(text[close.end() :])
+        if len(thought) < len(body):
+            self._blank.append(body[len(thought) :])
+        return reasoning, ""
 
     def _answer_after_close(self, text: str) -> str:
         answer = text.lstrip()
@@ -124,31 +166,4 @@ def split_reply(reply: UpstreamReply) -> UpstreamReply:
     )
 
 
-async def split_stream(
-    events: AsyncGenerator[StreamEvent, None], tally: StreamTally
-) -> AsyncGenerator[StreamEvent, None]:
-    """`events` with a leading `<think>` block's text relayed as reasoning, as it comes;
-    `tally` counts the output passed on.
-
-    A chunk left with nothing (the tag alone, or its beginning) is not passed on; what is
-    held at the end goes out before the `StreamEnd`.
-    """
-    splitter = ThinkTagSplitter()
-    # Closed on every exit, so that a caller leaving closes the upstream's stream at once.
-    async with contextlib.aclosing(events):
-        async for event in events:
-            if isinstance(event, TextChunk):
-                reasoning, answer = splitter.feed(event.content)
-                if reasoning or answer or event.tool_calls or event.reasoning:
-                    chunk = TextChunk(answer, event.tool_calls, event.reasoning + reasoning)
-                    tally.chars += output_chars(chunk)
-                    yield chunk
-                continue
-            reasoning, answer = splitter.end()
-            if reasoning or answer:
-                tally.chars += len(reasoning) + len(answer)
-                yield TextChunk(answer, (), reasoning)
-            yield event
-
-
-__all__ = ["CLOSE_TAG", "OPEN_TAG", "ThinkTagSplitter", "split_reply", "split_stream"]
+__all__ = ["CLOSE_TAG", "OPEN_TAG", "ThinkTagSplitter", "split_reply"]

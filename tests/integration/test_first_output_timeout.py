@@ -159,6 +159,38 @@ async def test_a_stream_whose_first_output_came_in_time_is_not_cut_by_it(start_g
     assert (text, final.attempts, final.finish_reason) == ("Hello there", 1, pb.FINISH_REASON_STOP)
 
 
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        pytest.param(["<th"], id="open-tags-beginning"),
+        pytest.param(["\n", "\n"], id="whitespace-before-the-tag"),
+        pytest.param(["<think>", "\n"], id="open-tag-and-whitespace"),
+    ],
+)
+async def test_text_the_think_tags_hold_back_is_no_first_output(pieces, start_gateway):
+    """With `think_tags`, an upstream that sends only what the gateway holds back (a tag's
+    beginning, whitespace before it, an open tag and no thought yet), then hangs, has sent
+    no output: the next upstream answers at the first-output bound.
+
+    Before, the held text counted as the first output: the attempt hung until the caller's
+    deadline, which ended the call DEADLINE_EXCEEDED."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(_HEAD + b"\r\n" + b"".join(chunk(piece) for piece in pieces))
+        await writer.drain()
+        await reader.read()  # until the gateway closes the connection
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server, FakeUpstream() as healthy:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        config = gateway_config(url, healthy.base_url, resilience=FAST_RESILIENCE)
+        gateway = await start_gateway(bounded(config, think_tags=True))
+        text, final = await streamed(gateway)
+    assert (text, final.upstream, final.attempts) == ("Hello from fake", "up1", 2)
+
+
 async def test_a_plain_unary_call_is_not_bounded_by_it(start_gateway):
     """A unary call to a plain upstream gets its answer whole, when it is ready: the bound
     does not apply, and an answer slower than it is answered, not retried."""

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any
 
 import grpc
+import orjson
 import pytest
 
 from gateway_client import GatewayClient
@@ -25,8 +26,8 @@ from tests.conftest import (
 from tests.fake_upstream import Reply, Status, ToolCallReply, split_even
 from tests.integration.helpers import error_info, field_violations
 from tests.integration.test_cache import settled
-from tests.integration.test_upstream_http import read_request
-from tests.integration.test_upstream_sse import _HEAD, DONE, USAGE, chunk
+from tests.integration.test_upstream_http import read_request, replying, serving
+from tests.integration.test_upstream_sse import _HEAD, DONE, USAGE, SSEUpstream, chunk
 from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream, system_text
 
@@ -795,6 +796,31 @@ async def test_reasoning_goes_out_as_it_arrives_while_only_a_cut_tag_is_held(sta
         await writes.put(None)
         final = await call.read()
     assert final.final.finish_reason == pb.FINISH_REASON_STOP
+
+
+async def test_think_tags_in_any_case_are_tags_in_a_stream(start_gateway):
+    """`<THINK>` and `</Think>`, as some relays upper-case the model's tags, split a stream
+    as the lower-case tags do, each cut across events.
+
+    Before, they were the answer's text."""
+    pieces = [chunk(piece) for piece in ("<TH", "INK>hm</Th", "ink>Paris.")]
+    async with SSEUpstream(b"".join(pieces) + chunk(finish="stop") + USAGE + DONE) as url:
+        gateway = await start_gateway(_think_tags_config(url))
+        events = await _collect(gateway.stub, chat_stream())
+    assert (_reasoning(events), _text(events)) == ("hm", "Paris.")
+
+
+async def test_think_tags_in_any_case_are_tags_in_a_unary_answer(start_gateway):
+    """A unary answer opening with `<Think>` has its block split off as with `<think>`."""
+    message = {"role": "assistant", "content": "<Think>hm</THINK>Paris."}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    answer = orjson.dumps({"id": "c1", "model": FAKE_MODEL, "choices": [choice]})
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    async with serving() as serve:
+        raw = await serve(replying(head % len(answer) + answer))
+        gateway = await start_gateway(_think_tags_config(raw.url))
+        response = await gateway.stub.Complete(chat())
+    assert (response.reasoning, response.content) == ("hm", "Paris.")
 
 
 @pytest.mark.parametrize("how", HOW)

@@ -961,3 +961,120 @@ def test_is_json_or_cut(body: bytes, expected: bool) -> None:
     """JSON, or JSON that only ends too soon (even within a UTF-8 character), is what a
     provider sent; anything that goes wrong before its end is some other server's."""
     assert is_json_or_cut(body) is expected
+
+
+EMOJI = "\U0001f600"
+
+
+def delta_event(delta: dict[str, Any]) -> str:
+    """A streamed chunk with `delta`, as SSE data; json writes a lone half as its escape."""
+    return json.dumps({"id": "c1", "model": "m1", "choices": [{"index": 0, "delta": delta}]})
+
+
+def call_piece(arguments: str, *, call_id: str = "", name: str = "") -> dict[str, Any]:
+    """A delta of one tool-call piece at index 0."""
+    function = {"arguments": arguments, **({"name": name} if name else {})}
+    return {
+        "tool_calls": [{"index": 0, **({"id": call_id} if call_id else {}), "function": function}]
+    }
+
+
+def relayed(events: list[str]) -> tuple[str, str, str]:
+    """The text, reasoning and tool-call arguments a stream of `events` relays, with what
+    its end releases."""
+    parser = StreamParser()
+    chunks = [chunk for chunk in map(parser.parse, events) if chunk is not None]
+    if (last := parser.lone_halves()) is not None:
+        chunks.append(last)
+    return (
+        "".join(chunk.content for chunk in chunks),
+        "".join(chunk.reasoning for chunk in chunks),
+        "".join(piece.arguments for chunk in chunks for piece in chunk.tool_calls),
+    )
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        pytest.param([chunk("a\ud83d"), chunk("\ude00b")], (f"a{EMOJI}b", "", ""), id="text"),
+        pytest.param([chunk("a\ud83d"), chunk("b")], ("a\ufffdb", "", ""), id="then-text"),
+        pytest.param([chunk("a\ud83d"), chunk(finish="stop")], ("a\ufffd", "", ""), id="at-end"),
+        pytest.param([chunk("\ude00a")], ("\ufffda", "", ""), id="second-half-alone"),
+        pytest.param([chunk("a\ud83d\ud83db")], ("a\ufffd\ufffdb", "", ""), id="inside"),
+        pytest.param(
+            [chunk("\ud83d"), chunk(f"{EMOJI}")], (f"\ufffd{EMOJI}", "", ""), id="then-a-pair"
+        ),
+        pytest.param(
+            [delta_event({"reasoning_content": "a\ud83d"}), delta_event({"reasoning": "\ude00"})],
+            ("", f"a{EMOJI}", ""),
+            id="reasoning",
+        ),
+        pytest.param(
+            [delta_event({"content": "a\ud83d", "refusal": "\ude00"})],
+            (f"a{EMOJI}", "", ""),
+            id="text-and-refusal",
+        ),
+        pytest.param(
+            [
+                delta_event(call_piece('{"q":"\ud83d', call_id="call_1", name="f")),
+                delta_event(call_piece('\ude00"}')),
+            ],
+            ("", "", f'{{"q":"{EMOJI}"}}'),
+            id="arguments",
+        ),
+        pytest.param(
+            [
+                delta_event(call_piece('{"q":"\ud83d')),
+                delta_event(call_piece('\ude00"}', call_id="call_1", name="f")),
+            ],
+            ("", "", f'{{"q":"{EMOJI}"}}'),
+            id="arguments-held-till-the-name",
+        ),
+        pytest.param(
+            [
+                delta_event(call_piece("\ud83d", call_id="call_1", name="f")),
+                delta_event(call_piece("{}", call_id="call_2", name="g")),
+            ],
+            ("", "", "\ufffd{}"),
+            id="arguments-of-a-call-that-ended",
+        ),
+    ],
+)
+def test_stream_parser_pairs_utf16_halves_across_events(
+    events: list[str], expected: tuple[str, str, str]
+) -> None:
+    """A character cut into its UTF-16 halves across events, in any text field, comes out
+    whole; a half that no other half completes comes out as U+FFFD."""
+    assert relayed(events) == expected
+
+
+def test_stream_parser_holds_nothing_back_from_events_without_halves() -> None:
+    """Text of events without a lone half passes as it came, the emoji whole."""
+    parser = StreamParser()
+    assert parser.parse(chunk(f"a{EMOJI}")) == TextChunk(f"a{EMOJI}")
+    assert parser.lone_halves() is None
+
+
+def test_parse_completion_makes_each_lone_half_a_replacement_character() -> None:
+    """A unary answer with lone halves in its fields is read, each half U+FFFD."""
+    message = {"role": "assistant", "content": "a\ud83db", "reasoning_content": "\ude00"}
+    body = completion_json(
+        model="m\ud83d",
+        choices=[{"index": 0, "message": message, "finish_reason": "stop"}],
+    )
+    reply = parse_completion(body)
+    assert (reply.content, reply.reasoning, reply.model) == ("a\ufffdb", "\ufffd", "m\ufffd")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"x": "\\ud83d", "y": NaN}', id="nan"),
+        pytest.param(b'{"x": "\\ud83d"', id="cut"),
+        pytest.param(b'{"x": "\xff\\ud83d"}', id="not-utf-8"),
+    ],
+)
+def test_parse_completion_with_a_lone_half_is_still_refused_when_no_json(body: bytes) -> None:
+    """The slower parser that takes lone halves takes nothing else orjson refuses."""
+    with pytest.raises(MalformedReply, match="not valid JSON"):
+        parse_completion(body)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-
 import pytest
 
 from service.domain import FinishReason, ToolCallDelta
-from service.upstream.think_tags import ThinkTagSplitter, split_reply, split_stream
-from service.upstream.types import StreamEnd, StreamEvent, StreamTally, TextChunk, UpstreamReply
+from service.upstream.think_tags import ThinkTagSplitter, split_reply
+from service.upstream.types import TextChunk, UpstreamReply
 
 # (answer's text, reasoning, answer)
 CASES = [
@@ -29,6 +27,10 @@ CASES = [
     pytest.param("<th", "", "<th", id="tags-beginning-alone"),
     pytest.param("  \n", "", "  \n", id="whitespace-alone"),
     pytest.param("<b>Paris</b>", "", "<b>Paris</b>", id="html"),
+    # Tags in any case: some relays upper-case them. Only ASCII letters make one.
+    pytest.param("<THINK>hm</THINK>Paris.", "hm", "Paris.", id="upper-case"),
+    pytest.param("<Think>hm</tHiNk>Paris.", "hm", "Paris.", id="mixed-case"),
+    pytest.param("<thin\u212a>hm", "", "<thin\u212a>hm", id="kelvin-sign-is-no-k"),
     pytest.param("", "", "", id="empty"),
 ]
 
@@ -88,31 +90,44 @@ def test_a_unary_answers_block_is_appended_to_the_reasoning_it_sent() -> None:
     assert split_reply(_reply("Paris.", reasoning="a")) == _reply("Paris.", reasoning="a")
 
 
-async def _events(*events: StreamEvent) -> AsyncGenerator[StreamEvent, None]:
-    for event in events:
-        yield event
-
-
-async def test_a_stream_relays_each_pieces_reasoning_and_flushes_what_is_held_at_its_end() -> None:
-    """Chunks that bring only a tag's beginning are not passed on; reasoning the server sent
+def test_chunks_relay_each_pieces_reasoning_and_the_rest_comes_at_the_end() -> None:
+    """Chunks that bring only a tag's beginning split to nothing; reasoning the server sent
     in its field and tool-call pieces go on beside; text held when the stream ends (a tag's
-    beginning that was not one) comes before the end."""
-    end = StreamEnd(id="c1", model="m", finish_reason=FinishReason.STOP, usage=None)
+    beginning that was not one) is the rest."""
     call = ToolCallDelta(0, "call_1", "f", "{}")
-    events = _events(
+    splitter = ThinkTagSplitter()
+    chunks = [
         TextChunk("", (), "r"),
         TextChunk("<th"),
         TextChunk("ink>hm"),
-        TextChunk("m</think>", (call,)),
-        TextChunk("<th"),
-        end,
-    )
-    tally = StreamTally()
-    assert [event async for event in split_stream(events, tally)] == [
-        TextChunk("", (), "r"),
-        TextChunk("", (), "hm"),
-        TextChunk("", (call,), "m"),
-        TextChunk("<th"),
-        end,
+        TextChunk("m</thi"),
+        TextChunk("nk>", (call,)),
     ]
-    assert tally.chars == len("r" + "hm" + "{}" + "m" + "<th")  # what was passed on
+    assert [splitter.split(chunk) for chunk in chunks] == [
+        TextChunk("", (), "r"),
+        None,
+        TextChunk("", (), "hm"),
+        TextChunk("", (), "m"),
+        TextChunk("", (call,)),
+    ]
+    assert splitter.rest() is None
+    cut = ThinkTagSplitter()
+    assert (cut.split(TextChunk("<th")), cut.rest()) == (None, TextChunk("<th"))
+
+
+@pytest.mark.parametrize(
+    ("pieces", "reasoning", "answer"),
+    [
+        pytest.param([*[" "] * 1000, "<think>hm</think>ok"], "hm", "ok", id="before-the-tag"),
+        pytest.param(["<think>hm", *[" "] * 1000, "</think>ok"], "hm", "ok", id="before-close"),
+        pytest.param(["<think>hm", *[" "] * 3, "so</think>"], "hm   so", "", id="inside"),
+        pytest.param([*["\n"] * 1000, "Paris."], "", "\n" * 1000 + "Paris.", id="no-tag"),
+    ],
+)
+def test_whitespace_in_many_pieces_splits_as_the_whole_does(
+    pieces: list[str], reasoning: str, answer: str
+) -> None:
+    """Whitespace held piece by piece (before the open tag, or ending the reasoning so far)
+    goes where the text after it says: dropped before a tag, kept inside the reasoning, the
+    answer's when no tag comes."""
+    assert _split_in_pieces(pieces) == (reasoning, answer)
