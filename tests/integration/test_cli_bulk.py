@@ -332,6 +332,29 @@ async def test_retry_failed_on_a_symlinked_output_rewrites_the_file_it_links_to(
     ]
 
 
+async def test_retry_failed_keeps_a_private_outputs_permissions(tmp_path, scripted, address):
+    """`--retry-failed` rewrites the output with its own permission bits. Before, the
+    rewritten file took the umask's: a results file made private (0600) became readable
+    by every user of the machine (0644)."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"id": "flaky", "prompt": "fail flaky"}) + "\n")
+    output.touch(mode=0o600)
+    output.chmod(0o600)  # whatever the umask
+    argv = ("batch", str(source), "-o", str(output), "--address", address, "--no-progress")
+    argv += ("--model", FAKE_MODEL)
+    assert await batch.batch_command(parse(batch, *argv)) == 1
+    source.write_text(source.read_text().replace("fail flaky", "ok flaky"))
+    previous = os.umask(0o022)
+    try:
+        assert await batch.batch_command(parse(batch, *argv, "--retry-failed")) == 0
+    finally:
+        os.umask(previous)
+    assert [(r["id"], r.get("content")) for r in output_records(output)] == [
+        ("flaky", "answer flaky")
+    ]
+    assert output.stat().st_mode & 0o777 == 0o600
+
+
 async def test_summarize_command_prints_summary_and_stats(tmp_path, scripted, address, capsys):
     """`summarize FILE` prints the summary on stdout and chunks and cost on stderr."""
     document = tmp_path / "doc.txt"

@@ -435,9 +435,20 @@ def read_done(path: Path, *, retry_failed: bool) -> Done:
         # output (and its error lines) where it was, and this run's results elsewhere.
         real = path.resolve()
         temporary = real.with_name(real.name + ".tmp")
-        temporary.write_bytes(b"".join(kept))
+        _write_with_mode_of(real, temporary, b"".join(kept))
         os.replace(temporary, real)
     return Done(frozenset(done), frozenset(failed))
+
+
+def _write_with_mode_of(original: Path, path: Path, data: bytes) -> None:
+    """Write `data` to `path` with `original`'s permission bits: the results of an output
+    made private (0600) must not become readable by all (the umask's 0644) when the file
+    replacing it is written."""
+    mode = stat.S_IMODE(original.stat().st_mode)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        os.fchmod(file.fileno(), mode)  # a file left there before keeps its own mode
+        file.write(data)
 
 
 class OutputHeld(Exception):
