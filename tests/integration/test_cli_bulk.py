@@ -1127,6 +1127,41 @@ async def test_retry_failed_into_no_regular_file_is_a_usage_error(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+@pytest.mark.parametrize("through", ["path", "symlink", "stdin"])
+async def test_an_output_that_is_the_input_file_is_a_usage_error(
+    tmp_path, scripted, address, through
+):
+    """`batch in.jsonl -o in.jsonl` (by any name, or with the input on standard input) is
+    refused, exit 2, before any call, the input left as it was. Before, every input line
+    (an id, no error) was read back as a result: nothing ran, and it exited 0, as if every
+    item had been answered."""
+    source = tmp_path / "in.jsonl"
+    write_items(source, ["q1", "q2"])
+    before = source.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(source)
+    input_arg, output = {
+        "path": ("in.jsonl", "in.jsonl"),
+        "symlink": ("in.jsonl", "link.jsonl"),
+        "stdin": ("-", "in.jsonl"),
+    }[through]
+    command = [sys.executable, "-m", "gateway_client.cli", "batch", input_arg, "-o", output]
+    with source.open("rb") as stdin:
+        process = await asyncio.create_subprocess_exec(
+            *command, "--address", address, "--model", FAKE_MODEL, cwd=tmp_path, stdin=stdin,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(30):
+            out, err = await process.communicate()
+    assert process.returncode == 2
+    assert out == b""
+    assert err.decode().splitlines()[-1] == (
+        f"llm-gateway batch: error: argument -o/--output: {output} is the input file: its "
+        "lines would be taken for results and nothing run (give another -o FILE)"
+    )
+    assert scripted.requests == []
+    assert source.read_bytes() == before
+
+
 async def run_batch_reading_stdin(lines: list[str], output, address) -> tuple[int, str]:
     """The real `llm-gateway batch - -o OUTPUT` process, `lines` piped into it: its exit
     status and stderr."""
