@@ -884,6 +884,37 @@ async def test_a_closed_stdout_is_one_line_and_exit_1_before_any_call(
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["complete", "Say hi"], "Hello from fake\n"),
+        (["complete", "Say hi", "--stream"], "Hello from fake\n"),
+        (["batch", "-", "-o", "-", "--no-progress"], '{"id": "q1", "line": 1, "content": "Hello'),
+    ],
+    ids=["complete", "stream", "batch"],
+)
+async def test_a_closed_stderr_leaves_stdout_the_result_alone(
+    upstream: FakeUpstream, gateway: RunningGateway, arguments: list[str], expected: str
+) -> None:
+    """`answer=$(llm-gateway complete ... 2>&-)`: stdout holds the answer alone, exit 0.
+    Before, Python set up no stderr and print(file=sys.stderr) wrote to stdout: the usage
+    line joined the answer, and `batch -o -` died on its progress bar, exit 1, no result."""
+    command = [sys.executable, "-m", "gateway_client.cli", *arguments]
+    command += ["--address", gateway.server.address, "--model", FAKE_MODEL]
+    process = await asyncio.create_subprocess_exec(
+        "sh", "-c", 'exec "$@" 2>&-', "sh", *command,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    item = json.dumps({"id": "q1", "prompt": "Say hi"}) + "\n"
+    stdout, _ = await asyncio.wait_for(process.communicate(item.encode()), timeout=30)
+    assert process.returncode == 0
+    if arguments[0] == "batch":
+        assert stdout.decode().startswith(expected)
+        assert stdout.decode().count("\n") == 1
+    else:
+        assert stdout.decode() == expected
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 async def test_an_answer_stdout_cannot_take_is_one_line_and_exit_1(
     upstream: FakeUpstream, gateway: RunningGateway, stream: bool

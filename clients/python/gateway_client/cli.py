@@ -24,6 +24,7 @@ from gateway_client.commands import (
     usage,
 )
 from service import early_signals
+from service.main import null_closed_stderr
 
 SUBCOMMANDS = [serve, complete, models, batch, summarize, check, usage, keys]
 # What `llm-gateway --help` says: the docstring's first line, not its notes for developers.
@@ -64,6 +65,7 @@ def timeout_seconds(value: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `llm-gateway` console script."""
+    null_closed_stderr()
     parser = argparse.ArgumentParser(prog="llm-gateway", description=DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
