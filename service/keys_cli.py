@@ -106,6 +106,12 @@ def keys_command(argv: list[str], *, prog: str = "python -m service keys") -> in
         help="YAML config file naming auth.keys_file or auth.redis_url",
     )
     args = parser.parse_args(argv)
+    if sys.stdout is None:  # `>&-`: the key would be stored and shown to nobody, exit 0
+        print(
+            "llm-gateway keys: cannot write the key: standard output is closed; no key was added",
+            file=sys.stderr,
+        )
+        return 1
     try:
         config = load_config(args.config)
         key, where = create_key(config.auth, args.tenant)

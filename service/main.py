@@ -126,8 +126,17 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def null_closed_stderr() -> None:
+    """Send standard error to /dev/null when it is closed (`2>&-`): Python then sets up no
+    `sys.stderr`, and `print(..., file=sys.stderr)` writes to stdout, into the answer, the
+    key printed or `batch -o -`'s results."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (kept open)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m service serve ...`."""
+    null_closed_stderr()
     parser = argparse.ArgumentParser(prog="python -m service")
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(commands.add_parser("serve", help="run the gateway"))

@@ -332,6 +332,29 @@ async def test_retry_failed_on_a_symlinked_output_rewrites_the_file_it_links_to(
     ]
 
 
+async def test_retry_failed_keeps_a_private_outputs_permissions(tmp_path, scripted, address):
+    """`--retry-failed` rewrites the output with its own permission bits. Before, the
+    rewritten file took the umask's: a results file made private (0600) became readable
+    by every user of the machine (0644)."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"id": "flaky", "prompt": "fail flaky"}) + "\n")
+    output.touch(mode=0o600)
+    output.chmod(0o600)  # whatever the umask
+    argv = ("batch", str(source), "-o", str(output), "--address", address, "--no-progress")
+    argv += ("--model", FAKE_MODEL)
+    assert await batch.batch_command(parse(batch, *argv)) == 1
+    source.write_text(source.read_text().replace("fail flaky", "ok flaky"))
+    previous = os.umask(0o022)
+    try:
+        assert await batch.batch_command(parse(batch, *argv, "--retry-failed")) == 0
+    finally:
+        os.umask(previous)
+    assert [(r["id"], r.get("content")) for r in output_records(output)] == [
+        ("flaky", "answer flaky")
+    ]
+    assert output.stat().st_mode & 0o777 == 0o600
+
+
 async def test_summarize_command_prints_summary_and_stats(tmp_path, scripted, address, capsys):
     """`summarize FILE` prints the summary on stdout and chunks and cost on stderr."""
     document = tmp_path / "doc.txt"
@@ -1102,6 +1125,41 @@ async def test_retry_failed_into_no_regular_file_is_a_usage_error(
     )
     assert scripted.requests == []
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("through", ["path", "symlink", "stdin"])
+async def test_an_output_that_is_the_input_file_is_a_usage_error(
+    tmp_path, scripted, address, through
+):
+    """`batch in.jsonl -o in.jsonl` (by any name, or with the input on standard input) is
+    refused, exit 2, before any call, the input left as it was. Before, every input line
+    (an id, no error) was read back as a result: nothing ran, and it exited 0, as if every
+    item had been answered."""
+    source = tmp_path / "in.jsonl"
+    write_items(source, ["q1", "q2"])
+    before = source.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(source)
+    input_arg, output = {
+        "path": ("in.jsonl", "in.jsonl"),
+        "symlink": ("in.jsonl", "link.jsonl"),
+        "stdin": ("-", "in.jsonl"),
+    }[through]
+    command = [sys.executable, "-m", "gateway_client.cli", "batch", input_arg, "-o", output]
+    with source.open("rb") as stdin:
+        process = await asyncio.create_subprocess_exec(
+            *command, "--address", address, "--model", FAKE_MODEL, cwd=tmp_path, stdin=stdin,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(30):
+            out, err = await process.communicate()
+    assert process.returncode == 2
+    assert out == b""
+    assert err.decode().splitlines()[-1] == (
+        f"llm-gateway batch: error: argument -o/--output: {output} is the input file: its "
+        "lines would be taken for results and nothing run (give another -o FILE)"
+    )
+    assert scripted.requests == []
+    assert source.read_bytes() == before
 
 
 async def run_batch_reading_stdin(lines: list[str], output, address) -> tuple[int, str]:

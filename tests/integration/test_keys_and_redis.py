@@ -1011,6 +1011,41 @@ async def test_an_admission_script_run_after_its_call_ended_takes_no_lease(redis
         await client.aclose()
 
 
+@pytest.mark.parametrize("entry", [["-m", "service"], ["-m", "gateway_client.cli"]])
+def test_keys_create_with_stderr_closed_prints_the_key_alone(tmp_path, entry):
+    """`key=$(llm-gateway keys create ... 2>&-)` holds the key alone, the one stored. Before,
+    Python set up no stderr and the note meant for it went to stdout after the key: the
+    captured value was two lines, no key at all."""
+    keys_file = tmp_path / "keys.txt"
+    config = _write_config(tmp_path / "gw.yaml", {"keys_file": str(keys_file)})
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" 2>&-', "sh", sys.executable, *entry, "keys", "create",
+         "--tenant", "ops", "--config", str(config)],
+        cwd=_REPO, stdout=subprocess.PIPE, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0
+    (key,) = done.stdout.splitlines()
+    assert keys_file.read_text() == f"{hash_key(key)} ops\n"
+
+
+def test_keys_create_with_stdout_closed_adds_no_key_and_exits_1(tmp_path):
+    """`keys create ... >&-`: one line saying standard output is closed, exit status 1, and
+    no key stored. Before, the key was stored and printed nowhere (Python sets up no
+    stdout), exit 0: a key nobody has, that nothing said to remove."""
+    keys_file = tmp_path / "keys.txt"
+    config = _write_config(tmp_path / "gw.yaml", {"keys_file": str(keys_file)})
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "service", "keys", "create",
+         "--tenant", "ops", "--config", str(config)],
+        cwd=_REPO, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "llm-gateway keys: cannot write the key: standard output is closed; no key was added"
+    ]
+    assert not keys_file.exists()
+
+
 def test_keys_create_whose_key_cannot_be_written_says_which_digest_to_remove(tmp_path):
     """A standard output that cannot take the key (a full disk, a reader that left) is one
     line naming the digest stored, exit status 1. Before, a traceback, and nothing said a

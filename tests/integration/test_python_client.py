@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import datetime
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -846,6 +847,72 @@ async def test_a_streamed_answer_piped_into_a_reader_that_leaves_ends_quietly(
     assert b"Traceback" not in stderr
     assert process.returncode == 141
     await upstream.wait_for_disconnect(timeout_s=10)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["complete", "Say hi"],
+        ["complete", "Say hi", "--stream"],
+        ["batch", "-", "-o", "-"],
+        ["models"],
+        ["usage"],
+    ],
+    ids=["complete", "stream", "batch", "models", "usage"],
+)
+async def test_a_closed_stdout_is_one_line_and_exit_1_before_any_call(
+    upstream: FakeUpstream, gateway: RunningGateway, arguments: list[str]
+) -> None:
+    """`llm-gateway complete ... >&-`: one line saying standard output is closed, exit
+    status 1, and no call. Before, Python set up no stdout and print() wrote nowhere: a
+    unary answer, paid for, was lost with exit 0 (`models` and `usage` alike), and a
+    stream or `batch -o -` ended in a traceback after its call."""
+    command = [sys.executable, "-m", "gateway_client.cli", *arguments]
+    command += ["--address", gateway.server.address]
+    if arguments[0] in ("complete", "batch"):
+        command += ["--model", FAKE_MODEL]
+    process = await asyncio.create_subprocess_exec(
+        "sh", "-c", 'exec "$@" >&-', "sh", *command,
+        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    item = json.dumps({"id": "q1", "prompt": "Say hi"}) + "\n"
+    _, stderr = await asyncio.wait_for(process.communicate(item.encode()), timeout=30)
+    assert stderr.decode().splitlines() == [
+        f"llm-gateway {arguments[0]}: cannot write: standard output is closed"
+    ]
+    assert process.returncode == 1
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["complete", "Say hi"], "Hello from fake\n"),
+        (["complete", "Say hi", "--stream"], "Hello from fake\n"),
+        (["batch", "-", "-o", "-", "--no-progress"], '{"id": "q1", "line": 1, "content": "Hello'),
+    ],
+    ids=["complete", "stream", "batch"],
+)
+async def test_a_closed_stderr_leaves_stdout_the_result_alone(
+    upstream: FakeUpstream, gateway: RunningGateway, arguments: list[str], expected: str
+) -> None:
+    """`answer=$(llm-gateway complete ... 2>&-)`: stdout holds the answer alone, exit 0.
+    Before, Python set up no stderr and print(file=sys.stderr) wrote to stdout: the usage
+    line joined the answer, and `batch -o -` died on its progress bar, exit 1, no result."""
+    command = [sys.executable, "-m", "gateway_client.cli", *arguments]
+    command += ["--address", gateway.server.address, "--model", FAKE_MODEL]
+    process = await asyncio.create_subprocess_exec(
+        "sh", "-c", 'exec "$@" 2>&-', "sh", *command,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    item = json.dumps({"id": "q1", "prompt": "Say hi"}) + "\n"
+    stdout, _ = await asyncio.wait_for(process.communicate(item.encode()), timeout=30)
+    assert process.returncode == 0
+    if arguments[0] == "batch":
+        assert stdout.decode().startswith(expected)
+        assert stdout.decode().count("\n") == 1
+    else:
+        assert stdout.decode() == expected
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])

@@ -24,6 +24,7 @@ from gateway_client.commands import (
     usage,
 )
 from service import early_signals
+from service.main import null_closed_stderr
 
 SUBCOMMANDS = [serve, complete, models, batch, summarize, check, usage, keys]
 # What `llm-gateway --help` says: the docstring's first line, not its notes for developers.
@@ -64,6 +65,7 @@ def timeout_seconds(value: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `llm-gateway` console script."""
+    null_closed_stderr()
     parser = argparse.ArgumentParser(prog="llm-gateway", description=DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
@@ -71,6 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command != "serve":
         early_signals.release()  # held by the console script for `serve` alone
+    if sys.stdout is None and _prints_results(args):
+        # `>&-`: Python sets up no stdout, and print() writes nowhere. An answer paid for
+        # was lost with exit 0, a stream or `batch -o -` ended in a traceback.
+        print(
+            f"llm-gateway {args.command}: cannot write: standard output is closed", file=sys.stderr
+        )
+        return 1
     result = args.handler(args)
     if asyncio.iscoroutine(result):
         try:
@@ -86,6 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"llm-gateway {args.command}: cannot write: {exc.strerror}", file=sys.stderr)
             return 1
     return int(result)
+
+
+def _prints_results(args: argparse.Namespace) -> bool:
+    """Whether the command's result is what it writes to standard output (`check`'s is
+    its exit status; `keys` sees to its own, as `python -m service keys` runs it too)."""
+    if args.command == "batch":
+        return bool(args.output == batch.STDOUT)
+    return args.command in ("complete", "models", "usage", "summarize")
 
 
 def _discard_stdout() -> None:

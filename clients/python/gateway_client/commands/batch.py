@@ -18,7 +18,7 @@ Each result is appended to OUTPUT as one JSON line the moment it arrives, with e
 so an interrupted run loses nothing and pays nothing twice; `--retry-failed` first
 removes the error lines so those items run again. A run holds an exclusive lock on
 OUTPUT (advisory, on this machine only): a second run on the same OUTPUT exits 1 at
-once rather than run the same items again.
+once rather than run the same items again. OUTPUT may not be the input file itself.
 
 Exit status: 0 when every line was valid and every item succeeded, 1 otherwise.
 """
@@ -435,9 +435,20 @@ def read_done(path: Path, *, retry_failed: bool) -> Done:
         # output (and its error lines) where it was, and this run's results elsewhere.
         real = path.resolve()
         temporary = real.with_name(real.name + ".tmp")
-        temporary.write_bytes(b"".join(kept))
+        _write_with_mode_of(real, temporary, b"".join(kept))
         os.replace(temporary, real)
     return Done(frozenset(done), frozenset(failed))
+
+
+def _write_with_mode_of(original: Path, path: Path, data: bytes) -> None:
+    """Write `data` to `path` with `original`'s permission bits: the results of an output
+    made private (0600) must not become readable by all (the umask's 0644) when the file
+    replacing it is written."""
+    mode = stat.S_IMODE(original.stat().st_mode)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        os.fchmod(file.fileno(), mode)  # a file left there before keeps its own mode
+        file.write(data)
 
 
 class OutputHeld(Exception):
@@ -631,6 +642,17 @@ def _is_no_regular_file(output: str) -> bool:
         return False
 
 
+def _is_the_input(output: str, *, is_stdin: bool, input_path: str) -> bool:
+    """Whether `output` is the regular file the input is read from (`input_path`, or
+    standard input redirected from a file), by any name."""
+    try:
+        written = os.stat(output)
+        read = os.fstat(stdin_bytes().fileno()) if is_stdin else os.stat(input_path)
+    except (OSError, ValueError):  # either one not there (or stdin closed): read errors say so
+        return False
+    return stat.S_ISREG(written.st_mode) and os.path.samestat(written, read)
+
+
 async def batch_command(args: argparse.Namespace) -> int:
     """Run `llm-gateway batch`."""
     is_stdout = args.output == STDOUT
@@ -646,6 +668,13 @@ async def batch_command(args: argparse.Namespace) -> int:
             "earlier results to read back (give -o FILE)"
         )  # exits 2, as for -o -: a pipe or a device (/dev/stdout) keeps nothing
     is_stdin = args.input == STDIN
+    if not is_stdout and _is_the_input(args.output, is_stdin=is_stdin, input_path=args.input):
+        # Every input line has an id and no error: each would be taken for a result, and
+        # the run would call nothing and exit 0, as if every item had been answered.
+        args.usage_error(
+            f"argument -o/--output: {args.output} is the input file: its lines would be "
+            "taken for results and nothing run (give another -o FILE)"
+        )  # exits 2, before any call
     try:
         batch_input = (
             read_stdin(args.model) if is_stdin else read_input(Path(args.input), args.model)
