@@ -105,6 +105,43 @@ async def test_interrupted_batch_resumes_and_runs_each_id_once(tmp_path, scripte
     assert set(resumed) == set(ids) - done_first
 
 
+async def test_a_last_result_without_its_line_break_is_kept_not_paid_for_again(
+    tmp_path, scripted, address
+):
+    """A whole last result whose line break is missing (cut just before it, or an editor
+    that drops the file's last one) is a result: the resumed run adds the break and asks
+    only for the rest. Before, it was dropped as a cut line and its item paid for twice."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(source, ["q0", "q1"])
+    argv = (str(source), "-o", str(output), "--address", address, "--model", FAKE_MODEL)
+    assert await batch.batch_command(parse(batch, "batch", *argv, "--no-progress")) == 0
+    output.write_bytes(output.read_bytes().rstrip(b"\n"))
+    write_items(source, ["q0", "q1", "q2"])
+    asked_before = len(scripted.requests)
+
+    assert await batch.batch_command(parse(batch, "batch", *argv, "--no-progress")) == 0
+
+    assert asked_ids(scripted)[asked_before:] == ["q2"]
+    assert sorted(r["id"] for r in output_records(output)) == ["q0", "q1", "q2"]
+
+
+async def test_a_last_line_cut_in_the_middle_is_run_again(tmp_path, scripted, address):
+    """A last line cut inside its JSON is no result: it is dropped and its item run."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(source, ["q0", "q1"])
+    argv = (str(source), "-o", str(output), "--address", address, "--model", FAKE_MODEL)
+    assert await batch.batch_command(parse(batch, "batch", *argv, "--no-progress")) == 0
+    lines = output.read_bytes().splitlines(keepends=True)
+    cut_id = json.loads(lines[-1])["id"]
+    output.write_bytes(lines[0] + lines[1][:-5])
+    asked_before = len(scripted.requests)
+
+    assert await batch.batch_command(parse(batch, "batch", *argv, "--no-progress")) == 0
+
+    assert asked_ids(scripted)[asked_before:] == [cut_id]
+    assert sorted(r["id"] for r in output_records(output)) == ["q0", "q1"]
+
+
 async def test_malformed_lines_are_reported_and_skipped(tmp_path, scripted, address, capsys):
     """Bad lines are named by line number on stderr; the good ones still run."""
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -416,6 +453,26 @@ def test_summarize_warns_of_each_cut(finish_reason, parts_cut, warning):
     both; none for a summary nothing cut."""
     response = pb.SummarizeResponse(finish_reason=finish_reason, parts_cut=parts_cut)
     assert summarize.cut_warning(response) == warning
+
+
+@pytest.mark.parametrize("from_stdin", [False, True], ids=["file", "stdin"])
+async def test_summarize_leaves_a_byte_order_mark_out_of_the_document(
+    tmp_path, scripted, address, monkeypatch, from_stdin
+):
+    """A document a Windows editor saved with a byte order mark is summarised without it,
+    as `batch` reads its input. Before, U+FEFF went upstream as the document's first
+    character."""
+    data = "\ufeffThe report begins here. It goes on.".encode()
+    document = tmp_path / "doc.txt"
+    document.write_bytes(data)
+    if from_stdin:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+    argv = ("summarize", "-" if from_stdin else str(document), "--model", FAKE_MODEL)
+    code = await summarize.summarize_command(parse(summarize, *argv, "--address", address))
+    assert code == 0
+    sent = user_text(scripted.requests[0].body)
+    assert "The report begins here." in sent
+    assert "\ufeff" not in sent
 
 
 @pytest.mark.parametrize("errors", ["strict", "surrogateescape"])

@@ -388,6 +388,15 @@ def read_lines(lines: Iterable[str], default_model: str) -> BatchInput:
     return BatchInput(items, bad, unknown_fields)
 
 
+def _is_result(raw: bytes) -> bool:
+    """Whether `raw` is a whole result line: a JSON object with an id."""
+    try:
+        record = _json_line(raw)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "id" in record
+
+
 @dataclass(frozen=True, slots=True)
 class Done:
     """What the output already holds: every id in it, and those recorded as errors."""
@@ -408,10 +417,17 @@ def read_done(path: Path, *, retry_failed: bool) -> Done:
         return Done()
     data = path.read_bytes()
     good_end = data.rfind(b"\n") + 1
-    if good_end < len(data):  # a line cut in the middle of writing: drop it
-        with path.open("r+b") as output:
-            output.truncate(good_end)
-        data = data[:good_end]
+    if good_end < len(data):
+        if _is_result(data[good_end:]):
+            # Whole but for its line break (cut just before it, or an editor's last line):
+            # a result paid for, kept rather than run and paid for again.
+            with path.open("ab") as output:
+                output.write(b"\n")
+            data += b"\n"
+        else:  # a line cut in the middle of writing: drop it
+            with path.open("r+b") as output:
+                output.truncate(good_end)
+            data = data[:good_end]
     done: set[str] = set()
     failed: set[str] = set()
     kept: list[bytes] = []

@@ -102,7 +102,8 @@ def stdin_bytes() -> BinaryIO:
 
 def stdin_text() -> str:
     """Standard input as text, bytes that are not UTF-8 replaced (as a file argument is
-    read): strict decoding would end the command with a traceback.
+    read): strict decoding would end the command with a traceback. A byte order mark
+    opening it is no text, as in a file argument.
 
     Raises:
         OSError: standard input is closed (`<&-`), or cannot be read.
@@ -110,7 +111,7 @@ def stdin_text() -> str:
     source = stdin_bytes()
     with ctrl_c_interrupts():
         data = source.read()
-    return data.decode("utf-8", errors="replace")
+    return data.decode("utf-8-sig", errors="replace")
 
 
 def usage_line(meta: pb.CompletionMetadata, elapsed_s: float) -> str:

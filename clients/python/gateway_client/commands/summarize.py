@@ -67,7 +67,10 @@ async def summarize_command(args: argparse.Namespace) -> int:
             stdin_text()
             if args.file == "-"
             else await asyncio.to_thread(
-                Path(args.file).read_text, encoding="utf-8", errors="replace"
+                # utf-8-sig: a byte order mark (Windows editors save one) is no text.
+                Path(args.file).read_text,
+                encoding="utf-8-sig",
+                errors="replace",
             )
         )
     except OSError as exc:
