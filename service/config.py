@@ -77,7 +77,7 @@ def _is_variable_name(name: str) -> bool:
     return _VARIABLE_NAME.fullmatch(name) is not None
 
 
-def _has_redis_credentials(url: str) -> bool:
+def has_redis_credentials(url: str) -> bool:
     """Whether a Redis URL names a user or password: before its host, or as the `username`
     or `password` query parameter, which redis-py reads too (and prefers to its own
     `password` argument, so one there would also override `redis_password_env`)."""
@@ -698,7 +698,7 @@ class CacheConfig:
                 "redis_url must be redis://HOST:PORT/DB when backend is redis",
             )
             _require(
-                not _has_redis_credentials(self.redis_url),
+                not has_redis_credentials(self.redis_url),
                 "redis_url must not carry credentials; use redis_password_env",
             )
             _require_redis_address(self.redis_url)
@@ -800,7 +800,7 @@ class AuthConfig:
                 "redis_url must be redis://, rediss:// or unix://",
             )
             _require(
-                not _has_redis_credentials(self.redis_url),
+                not has_redis_credentials(self.redis_url),
                 "redis_url must not carry credentials; use redis_password_env",
             )
             _require_redis_address(self.redis_url)

@@ -44,6 +44,23 @@ def refused_for_good(exc: BaseException) -> bool:
     return not reply.startswith(_NOT_NOW_CODES)
 
 
+# Redis refusing the gateway's credentials (WRONGPASS; NOAUTH: none sent where it asks for
+# one; AUTH with a user to a Redis before 6, which knows none) or its user the command or
+# key (NOPERM). redis-py maps the first ones to ConnectionErrors, NOPERM to a ResponseError.
+_ACCESS_REFUSED = (
+    exceptions.AuthenticationError,
+    exceptions.AuthenticationWrongNumberOfArgsError,
+    exceptions.AuthorizationError,
+    exceptions.NoPermissionError,
+)
+
+
+def refuses_access(exc: BaseException) -> bool:
+    """Whether Redis refused the gateway's credentials or its user's rights: an operator's
+    mistake (a wrong or missing password, an ACL too narrow), not an outage."""
+    return isinstance(exc, _ACCESS_REFUSED)
+
+
 # LOADING (`BusyLoadingError`) is a ConnectionError too: a Redis that cannot serve yet.
 _UNANSWERED = (exceptions.ConnectionError, exceptions.TimeoutError, TimeoutError, OSError)
 

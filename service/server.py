@@ -38,6 +38,7 @@ from service.local_model import LocalModelServer, LocalModelState, LocalModelUna
 from service.pipeline import Pipeline
 from service.pool import UpstreamPool
 from service.pricing import PriceList
+from service.redis_access import check_redis_access
 from service.rpc_boundary import (
     Admission,
     StalledStreams,
@@ -185,6 +186,7 @@ class GatewayServer:
         """Build everything and start listening."""
         check_listen_hosts(self.config)  # before the policy, which would call 127.1 public
         check_caller_security(self.config)
+        await check_redis_access(self.config)  # before the local model's minutes
         auth_redis = open_auth_redis(self.config, self._stack)
         gate = await build_caller_gate(self.config, self._stack, auth_redis)
         prices = PriceList(self.config.models)

@@ -11,6 +11,12 @@ skipping it until that one is answered or `COOLDOWN_S` has passed again; the fir
 operation Redis answers, a retried write's included, ends the cool-down. An error reply
 (`READONLY`, a script error) is an answer: Redis is up, and is tried as before.
 
+A Redis refusing the gateway's credentials (WRONGPASS, NOAUTH: a password rotated under
+it) fails every connection it opens, so it is left alone as one that does not answer, but
+logged `store.auth_refused` (ERROR) in place of `store.cooldown_started`: an operator must
+mend it, and it will not pass. A NOPERM reply (an ACL too narrow) is an error reply whose
+episode starts with `store.auth_refused` in place of `store.error_replies`.
+
 Error replies start no cool-down, but a Redis refusing every write (out of memory under
 `noeviction`, `READONLY` on a replica, `NOPERM`) would have each call log each failed
 operation. They are logged by episode instead, one for each store:
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 from redis.exceptions import ResponseError
 
 from service.clock import SYSTEM_CLOCK, Clock
-from service.redis_errors import is_unanswered
+from service.redis_errors import is_unanswered, refuses_access
 
 log = logging.getLogger("llm_gateway.store")
 
@@ -112,14 +118,17 @@ class StoreCooldown:
             return True
         if self._until is None:
             self.skipped = 0
-            log.warning(
-                "store.cooldown_started",
-                extra={
-                    "store": self._store,
-                    "error": type(exc).__name__,
-                    "cooldown_s": self._cooldown_s,
-                },
-            )
+            if refuses_access(exc):
+                log.error("store.auth_refused", extra=self._describe(exc))
+            else:
+                log.warning(
+                    "store.cooldown_started",
+                    extra={
+                        "store": self._store,
+                        "error": type(exc).__name__,
+                        "cooldown_s": self._cooldown_s,
+                    },
+                )
         self._until = self._clock.now() + self._cooldown_s
         return True
 
@@ -146,19 +155,26 @@ class StoreCooldown:
             for callback in self._on_end:
                 callback()
 
-    def _error_reply(self, exc: ResponseError) -> bool:
-        """Count an error reply, logging its episode's start and reminders; whether it
-        is the first."""
-        now = self._clock.now()
-        extra = {
+    def _describe(self, exc: BaseException) -> dict[str, str]:
+        """A failure's log fields: Redis's reply, which never holds the password."""
+        return {
             "store": self._store,
             "error": type(exc).__name__,
             "reply": str(exc)[:_MAX_REPLY_CHARS],
         }
+
+    def _error_reply(self, exc: ResponseError) -> bool:
+        """Count an error reply, logging its episode's start and reminders; whether it
+        is the first."""
+        now = self._clock.now()
+        extra = self._describe(exc)
         errors = self._errors
         if errors is None:
             self._errors = _ErrorReplies(replies=1, first_s=now, last_s=now, reported_s=now)
-            log.warning("store.error_replies", extra=extra)
+            if refuses_access(exc):  # NOPERM: an ACL to mend, not a Redis to wait for
+                log.error("store.auth_refused", extra=extra)
+            else:
+                log.warning("store.error_replies", extra=extra)
             return True
         errors.replies += 1
         errors.last_s = now

@@ -30,7 +30,7 @@ from service.cache.stats import CacheStats
 from service.clock import SYSTEM_CLOCK, Clock
 from service.config import CacheConfig, redis_password
 from service.lean_redis import LeanRedis
-from service.redis_errors import replacing_closed_connections
+from service.redis_errors import refuses_access, replacing_closed_connections
 
 __all__ = ["CacheStore"]
 
@@ -134,6 +134,7 @@ class CacheStore:
         self._config = config
         self._clock = clock
         self._cooling_until = _ANSWERING
+        self._is_refusing_access = False  # said `store.auth_refused`, not answered since
         self.stats = stats if stats is not None else CacheStats()
         self._cache = _backend(config, os.environ if environ is None else environ)
         # The read every cacheable call makes, without redis-py's (and aiocache's)
@@ -162,10 +163,21 @@ class CacheStore:
     def _answered(self) -> None:
         """The store answered: it is back, for every operation."""
         self._cooling_until = _ANSWERING
+        self._is_refusing_access = False
 
     def _failed(self, operation: str, exc: Exception) -> None:
         self.stats.errors += 1
         self._cooling_until = self._clock.now() + self._config.error_cooldown_s
+        if refuses_access(exc):
+            # An operator's mistake (a password rotated under the gateway, an ACL too
+            # narrow) that will not pass: said loudly, once until Redis answers again.
+            if not self._is_refusing_access:
+                self._is_refusing_access = True
+                log.error(
+                    "store.auth_refused",
+                    extra={"store": "cache", "error": type(exc).__name__, "reply": str(exc)},
+                )
+            return
         # The exception type only: a Redis error message may echo the URL or key.
         log.warning(
             "cache.error",

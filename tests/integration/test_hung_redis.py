@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,11 +25,12 @@ import redis.asyncio as aioredis
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import RedisKeyStore, generate_key, hash_key, redis_keys_hash
+from service.config import parse_config
 from service.errors import UpstreamUnavailable
 from service.lean_redis import LeanRedis
 from service.ledger import period_key
 from service.store_cooldown import StoreCooldown
-from tests.conftest import chat
+from tests.conftest import chat, gateway_config_data
 from tests.fake_clock import FakeClock
 from tests.fake_upstream import FakeUpstream
 from tests.integration.tenancy_helpers import as_tenant, bearer, rpc_error, secure_config
@@ -361,3 +363,66 @@ async def test_calls_queued_for_a_connection_to_a_hung_redis_open_no_more_of_the
         # them; at most those two calls are handed a place, since their wait outlasts the
         # first ones' sending. The client's own connection here is one more.
         assert await _connections_received(client) - before <= 2 * 2 + 1
+
+
+# The password the gateway is given, and the one Redis is rotated to under it.
+_PASSWORD = "before-rotation-0123456789"
+_ROTATED = "after-rotation-9876543210"
+
+
+async def test_a_password_rotated_under_the_gateway_is_one_error_per_store_and_calls_go_on(
+    start_gateway: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis's password rotated under a running gateway (its connections dropped, as a
+    restart or an idle timeout drops them): many calls later, each store (the cache, the
+    caller keys and tenant limits, the ledger) has said `store.auth_refused` once, at
+    ERROR, without a password; every call is answered, past a spent budget (it fails
+    open, as in an outage), and the refusals are counted (`llm_gateway.cache.errors`,
+    the ledger's rows in `llm_gateway.store.writes_waiting`).
+
+    Before, it read as a brief outage: one `store.cooldown_started` WARNING per store.
+    """
+    monkeypatch.setenv("GW_TEST_REDIS_PW", _PASSWORD)
+    redis = RedisServer(password=_PASSWORD)
+    await redis.start()
+    admin = aioredis.Redis.from_url(redis.url, password=_PASSWORD)
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    shared = {"redis_url": redis.url, "redis_password_env": "GW_TEST_REDIS_PW"}
+    try:
+        async with FakeUpstream() as fake:
+            data = gateway_config_data(
+                fake.base_url,
+                cache={"backend": "redis", "key_prefix": f"{prefix}cache", **shared},
+                auth={"redis_key_prefix": prefix, **shared},
+                ledger={"key_prefix": f"{prefix}usage", **shared},
+                tenants={"*": {"requests_per_minute": 1000}},
+                budgets={"default": {"usd": 0.01, "period": "day"}},
+            )
+            captured = captured_telemetry()
+            config = parse_config(data, source="<test>")
+            gateway = await start_gateway(config, telemetry=captured.telemetry)
+            question = chat(params=pb.GenerationParams(temperature=0.0))  # cacheable
+            # The day's budget already spent: refused while Redis answers.
+            day = period_key("day", time.time())
+            await admin.set(f"{prefix}usage:spend:default:{day}", 10**10)  # $0.01
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await gateway.stub.Complete(question, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            await admin.config_set("requirepass", _ROTATED)
+            await admin.client_kill_filter(_type="normal", skipme=True)
+            replies = [await gateway.stub.Complete(question, timeout=10) for _ in range(CALLS)]
+            cache_errors = captured.total("llm_gateway.cache.errors")
+            rows_waiting = writes_waiting(captured, "ledger")
+    finally:
+        await admin.aclose()
+        await redis.stop()
+    assert all(reply.content for reply in replies)
+    refusals = [r for r in caplog.records if r.getMessage() == "store.auth_refused"]
+    assert sorted(getattr(r, "store", "") for r in refusals) == ["auth", "cache", "ledger"]
+    assert {r.levelno for r in refusals} == {logging.ERROR}
+    assert _PASSWORD not in caplog.text
+    assert _ROTATED not in caplog.text
+    assert not [r for r in caplog.records if r.getMessage() == "store.cooldown_started"]
+    assert cache_errors >= 1
+    assert rows_waiting >= CALLS  # every usage row, kept to retry

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -30,6 +31,7 @@ from service.server import GatewayServer
 from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.host_addresses import link_local_address
+from tests.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -454,6 +456,136 @@ async def test_a_named_redis_password_variable_without_a_password_exits_2(
     assert f"{path}: {section}.redis_password_env: " in message
     assert f"the environment variable GW_TEST_REDIS_PW_MISSING is {state}" in message
     assert secret not in message
+
+
+# The password the tests' own redis-server asks for, and the wrong one they give it.
+_REDIS_PASSWORD = "right-0123456789"
+_WRONG_PASSWORD = "wrong-9876543210"
+
+
+def _redis_config(tmp_path: Path, section: str, redis_url: str, password_env: str | None) -> Path:
+    """A config with `section`'s Redis at `redis_url`, its password in `password_env`."""
+    settings: dict[str, Any] = {"redis_url": redis_url}
+    if password_env is not None:
+        settings["redis_password_env"] = password_env
+    if section == "cache":
+        settings["backend"] = "redis"
+    data = gateway_config_data("http://127.0.0.1:9/v1", **{section: settings})
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(
+    ("section", "password", "problem"),
+    [
+        pytest.param(
+            "ledger",
+            _WRONG_PASSWORD,
+            "Redis refused the password in GW_TEST_REDIS_PW (Redis said: invalid "
+            "username-password pair or user is disabled.); set it to the password Redis "
+            "expects",
+            id="ledger-wrong-password",
+        ),
+        pytest.param(
+            "auth", None, "Redis asks for a password and none is configured", id="auth-none"
+        ),
+        pytest.param(
+            "cache",
+            _WRONG_PASSWORD,
+            "Redis refused the password in GW_TEST_REDIS_PW",
+            id="cache-wrong-password",
+        ),
+    ],
+)
+async def test_a_redis_refusing_the_password_stops_the_start_with_status_2(
+    tmp_path: Path, section: str, password: str | None, problem: str, workers: str
+) -> None:
+    """A Redis that refuses the gateway's password (or asks for one it was not given)
+    stops `serve` with status 2 and one config error naming the key and what Redis said,
+    never a password: from one process, or once from the workers' supervisor.
+
+    Before, the gateway started without a word; budgets and tenant limits failed open,
+    usage rows were lost and the cache never stored, as if Redis were briefly down.
+    """
+    redis = RedisServer(password=_REDIS_PASSWORD)
+    await redis.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_GATEWAY")}
+        if password is not None:
+            env["GW_TEST_REDIS_PW"] = password
+        path = _redis_config(
+            tmp_path, section, redis.url, None if password is None else "GW_TEST_REDIS_PW"
+        )
+        code, stderr = await _refused_start(
+            "serve", "--config", str(path), "--workers", workers, env=env
+        )
+    finally:
+        await redis.stop()
+    assert code == 2
+    assert f"llm-gateway: config error: {path}: {section}.redis_password_env: {problem}" in stderr
+    assert stderr.count("config error") == 1
+    assert _WRONG_PASSWORD not in stderr
+    assert _REDIS_PASSWORD not in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.redis
+async def test_check_says_a_redis_refuses_the_password_as_serve_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`llm-gateway check` exits 2 on a Redis refusing the password, in serve's words.
+
+    Before, it passed the config: only `serve`'s cool-down warnings hinted at it later.
+    """
+    from gateway_client.commands import check
+
+    redis = RedisServer(password=_REDIS_PASSWORD)
+    await redis.start()
+    monkeypatch.setenv("GW_TEST_REDIS_PW", _WRONG_PASSWORD)
+    path = _redis_config(tmp_path, "ledger", redis.url, "GW_TEST_REDIS_PW")
+    parser = argparse.ArgumentParser()
+    check.register(parser.add_subparsers())
+    try:
+        code = await check.check_command(parser.parse_args(["check", "--config", str(path)]))
+    finally:
+        await redis.stop()
+    captured = capsys.readouterr()
+    assert code == 2
+    assert (
+        f"llm-gateway: config error: {path}: ledger.redis_password_env: Redis refused the "
+        "password in GW_TEST_REDIS_PW"
+    ) in captured.err
+    assert _WRONG_PASSWORD not in captured.out + captured.err
+
+
+async def test_a_redis_that_does_not_answer_at_start_is_an_outage_started_through(
+    tmp_path: Path,
+) -> None:
+    """Every Redis at a closed port: the gateway starts and serves as it would through
+    an outage (fail open, as documented), its start check taking it for none."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"
+        data = gateway_config_data(
+            "http://127.0.0.1:9/v1",
+            cache={"backend": "redis", "redis_url": url},
+            auth={"redis_url": url},
+            ledger={"redis_url": url},
+        )
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump(data))
+        process = await _spawn("serve", "--config", str(path), "--workers", "1")
+        try:
+            assert process.stdout is not None
+            line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), timeout=30)
+    assert line.decode().startswith("llm-gateway listening on 127.0.0.1:")
+    assert process.returncode == 0
 
 
 async def test_workers_share_one_port_and_drain_on_sigterm(upstream, tmp_path):

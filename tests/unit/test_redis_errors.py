@@ -10,7 +10,7 @@ import pytest
 from redis._parsers.base import BaseParser
 from redis.exceptions import ConnectionError, TimeoutError
 
-from service.redis_errors import refused_for_good
+from service.redis_errors import refused_for_good, refuses_access
 
 
 @pytest.mark.parametrize(
@@ -52,3 +52,26 @@ def test_a_reply_saying_not_now_may_pass(reply: str) -> None:
 )
 def test_connection_errors_and_timeouts_may_pass(error: Exception) -> None:
     assert not refused_for_good(error)
+
+
+@pytest.mark.parametrize(
+    ("reply", "refuses"),
+    [
+        ("WRONGPASS invalid username-password pair or user is disabled.", True),
+        ("NOAUTH Authentication required.", True),
+        ("NOPERM this user has no permissions to run the 'evalsha' command", True),
+        ("ERR wrong number of arguments for 'auth' command", True),  # a Redis before 6
+        ("READONLY You can't write against a read only replica.", False),
+        ("OOM command not allowed when used memory > 'maxmemory'.", False),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+    ],
+)
+def test_a_refusal_of_the_credentials_or_rights_is_told_apart(reply: str, refuses: bool) -> None:
+    """WRONGPASS, NOAUTH and NOPERM are an operator's to mend; other replies are not."""
+    assert refuses_access(BaseParser.parse_error(reply)) is refuses
+
+
+def test_no_answer_is_no_refusal() -> None:
+    """A Redis down or hung refuses nothing: it is an outage."""
+    assert not refuses_access(ConnectionError("Connection refused"))
+    assert not refuses_access(TimeoutError("Timeout reading"))

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import pytest
+from redis._parsers.base import BaseParser
 from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -102,3 +103,43 @@ def test_timeouts_are_still_logged_by_their_users() -> None:
     assert cooldown.failed(RedisTimeoutError("Timeout reading from socket"))
     assert cooldown.failed(RedisTimeoutError("Timeout reading from socket"))
     assert not cooldown.failed(ReadOnlyError("READONLY"))
+
+
+def test_a_refused_password_is_one_error_until_redis_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """WRONGPASS (a password rotated under the gateway) cools the store down as an outage
+    does, but says `store.auth_refused` at ERROR, once however many operations fail
+    after it, and again only once Redis has answered in between."""
+    clock = FakeClock()
+    cooldown = StoreCooldown("ledger", cooldown_s=1.0, clock=clock)
+    wrongpass = BaseParser.parse_error("WRONGPASS invalid username-password pair")
+    with caplog.at_level(logging.INFO, logger="llm_gateway.store"):
+        for _ in range(5):
+            assert not cooldown.skips()
+            cooldown.failed(wrongpass)
+            assert cooldown.skips()
+            clock.advance(1.0)
+        cooldown.answered()
+        cooldown.failed(wrongpass)
+    lines = [(r.message, r.levelno) for r in caplog.records]
+    assert lines == [
+        ("store.auth_refused", logging.ERROR),
+        ("store.cooldown_ended", logging.INFO),
+        ("store.auth_refused", logging.ERROR),
+    ]
+    assert caplog.records[0].__dict__["store"] == "ledger"
+
+
+def test_a_noperm_reply_starts_its_episode_with_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    """NOPERM (an ACL too narrow) is an error reply, logged by episode, its first line
+    `store.auth_refused` at ERROR rather than `store.error_replies`."""
+    cooldown = StoreCooldown("auth", clock=FakeClock())
+    noperm = BaseParser.parse_error("NOPERM this user has no permissions to run the 'evalsha'")
+    with caplog.at_level(logging.INFO, logger="llm_gateway.store"):
+        assert cooldown.failed(noperm)
+        assert not cooldown.failed(noperm)
+    assert [(r.message, r.levelno) for r in caplog.records] == [
+        ("store.auth_refused", logging.ERROR)
+    ]
+    assert not cooldown.is_cooling_down

@@ -2,8 +2,9 @@
 
 First the config errors `serve` would find only as it starts (a listen host this
 machine cannot listen on, the listen policy, the keys file, the `OTEL_*` exporters, a
-TLS pair grpc cannot serve, the workers' Prometheus ports past 65535). Then calls
-`GET {base_url}/models` on each enabled upstream (concurrently) and prints a table:
+TLS pair grpc cannot serve, the workers' Prometheus ports past 65535, a Redis refusing
+the credentials). Then calls `GET {base_url}/models` on each enabled upstream
+(concurrently) and prints a table:
 upstream, reachable, key valid, models listed, latency. Exits 2 on a config error, 1
 when any enabled upstream is unreachable, refuses its key or account, or answers with
 another error, else 0: a server that has no `/models` (404, 405) passes, its key
@@ -24,6 +25,7 @@ from typing import Any
 from service.config import ConfigError, GatewayConfig, UpstreamConfig, load_config
 from service.errors import UpstreamError
 from service.main import config_path, default_config, with_flags
+from service.redis_access import check_redis_access
 from service.security import check_start_config
 from service.server import TLS_REFUSED, refuses_tls
 from service.telemetry import TelemetrySetupError
@@ -185,6 +187,7 @@ async def check_command(args: argparse.Namespace) -> int:
             choose_proxy(upstream, os.environ)
         if config.server.tls.is_enabled and await refuses_tls(config.server):
             raise config.error("server.tls.cert_file", TLS_REFUSED)
+        await check_redis_access(config)
     except ConfigError as exc:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
         return 2
