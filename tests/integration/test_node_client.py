@@ -512,6 +512,23 @@ async def test_node_stream_read_after_its_call_failed_throws_the_failure(
     assert upstream.requests == []
 
 
+async def test_node_stream_read_after_it_was_cut_gets_the_text_before_the_cut(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A stream cut mid-answer before the caller starts reading it yields the text the
+    gateway sent, then throws the failure, as the Python client's does. Before, grpc-js
+    dropped the messages nobody had read once the failed status came, and the loop got
+    none of the text the gateway said it sent (and billed)."""
+    upstream.script(Reply(content="one two three four five six", chunks=6, cut_after_events=4))
+    result = await run_against(node_scenarios, gateway, "late-cut-stream")
+    assert result["code"] == "UNAVAILABLE"
+    info = result["details"]["errorInfo"]
+    assert info["reason"] == "STREAM_INTERRUPTED"
+    assert result["content"]
+    assert len(result["content"]) == int(info["metadata"]["chars_sent"])
+    assert len(result["kinds"]) == int(info["metadata"]["deltas_sent"])
+
+
 async def test_node_stream_prints_deltas_as_they_arrive(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:
