@@ -498,11 +498,12 @@ function credentialsOf(options: GatewayClientOptions): grpc.ChannelCredentials {
 }
 
 /**
- * Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`) names this machine:
- * `localhost`, 127.0.0.0/8 or ::1 (or its IPv4-mapped form).
+ * Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`, `dns:HOST:PORT`,
+ * `dns://DNS-SERVER/HOST:PORT`) names this machine: `localhost`, 127.0.0.0/8 or ::1 (or its
+ * IPv4-mapped form).
  */
 export function isLoopbackAddress(address: string): boolean {
-  const target = address.replace(/^(dns:\/\/\/|ipv4:|ipv6:)/, "");
+  const target = address.replace(/^(dns:(\/\/[^/]*\/)?|ipv4:|ipv6:)/, "");
   let host: string;
   if (target.startsWith("[")) {
     host = target.slice(1).split("]")[0];

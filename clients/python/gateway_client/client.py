@@ -437,10 +437,25 @@ class CompletionStream:
                 self._call.cancel()  # a no-op once the call has ended
 
 
+def _resolved_target(address: str) -> str:
+    """The `HOST:PORT` that gRPC resolves for the target `address`, read as gRPC reads it:
+    a URI whose `dns:` scheme goes in any case, with or without `//DNS-SERVER/`, whose
+    escapes (`%3A`) are decoded, and whose query or fragment (`?x`, `#x`) and trailing
+    blanks are left out."""
+    target = address
+    if target[:4].lower() == "dns:":
+        target = target[4:]
+        if target.startswith("//"):
+            target = target[2:].partition("/")[2]  # past the DNS server to ask, if any
+    return unquote(target.partition("?")[0].partition("#")[0]).rstrip()
+
+
 def is_loopback_address(address: str) -> bool:
-    """Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`) names this
-    machine (`service.hosts.is_loopback_host`)."""
-    target = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    """Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`, any form
+    `_resolved_target` reads) names this machine (`service.hosts.is_loopback_host`)."""
+    target = _resolved_target(address)
+    if target[:5].lower() in ("ipv4:", "ipv6:"):
+        target = target[5:]
     if target.startswith("["):
         host = target[1:].partition("]")[0]
     elif target.count(":") == 1:
@@ -463,14 +478,9 @@ def check_address(address: str) -> None:
     """
     if not address:
         raise ValueError("the gateway's address is empty: give HOST:PORT")
-    target = address
-    if target[:4].lower() == "dns:":  # a URI scheme is read in any case
-        target = target[4:]
-        if target.startswith("//"):
-            target = target[2:].partition("/")[2]  # past the DNS server to ask, if any
-    # gRPC reads the target as a URI: it decodes escapes (`%3A`), leaves out a query or
-    # fragment (`?x`, `#x`), and takes a port with trailing blanks (`:115587 `).
-    target = unquote(target.partition("?")[0].partition("#")[0]).rstrip()
+    # Read as gRPC reads it: a port with trailing blanks (`:115587 `) or escaped colons
+    # (`%3A115587`) is still that port.
+    target = _resolved_target(address)
     host, sep, port = target.rpartition(":")
     # A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
     names_port = bool(sep and host) and "/" not in target
