@@ -520,10 +520,14 @@ def tls_credentials(
     ("Failed to create security handshaker") once its retries are spent.
 
     Raises:
-        ValueError: a certificate without its key (or a key without its certificate), or
-            a key that is not the certificate's, or either of them not PEM gRPC can use
-            (an encrypted key).
+        ValueError: root certificates holding no PEM certificate (a key, the wrong file),
+            a certificate without its key (or a key without its certificate), or a key
+            that is not the certificate's, or either of them not PEM gRPC can use (an
+            encrypted key).
     """
+    if root_certificates is not None and not holds_certificate(root_certificates):
+        # gRPC would take them, trust nothing, and fail every call `UNAVAILABLE`.
+        raise ValueError("the root certificates hold no PEM certificate")
     if (certificate_chain is None) != (private_key is None):
         raise ValueError("a client certificate and its private key go together")
     if certificate_chain is not None and private_key is not None:
@@ -533,6 +537,11 @@ def tls_credentials(
         private_key=private_key,
         certificate_chain=certificate_chain,
     )
+
+
+def holds_certificate(pem: bytes) -> bool:
+    """Whether `pem` holds a PEM certificate (not only a key or a certificate request)."""
+    return b"-----BEGIN CERTIFICATE-----" in pem
 
 
 def check_key_pair(certificate_chain: bytes, private_key: bytes) -> None:
