@@ -200,13 +200,15 @@ async def test_node_unary_complete_reads_usage_and_cost(
     assert len(upstream.requests) == 1
 
 
+@pytest.mark.parametrize("form", ["{address}", "dns:{address}"])
 @pytest.mark.parametrize("variable", ["http_proxy", "https_proxy"])
 async def test_node_client_calls_a_gateway_on_loopback_past_the_machines_proxy(
-    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway, variable: str
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway, variable: str, form: str
 ) -> None:
     """grpc-js reads the proxy variables itself; a gateway on this machine is called
-    directly, not through a proxy (here one that answers nothing) that cannot reach it."""
-    address = gateway.server.address
+    directly, not through a proxy (here one that answers nothing) that cannot reach it,
+    also as `dns:HOST:PORT` (before, it went to the proxy)."""
+    address = form.format(address=gateway.server.address)
     env = {variable: "http://127.0.0.1:9"}
     result = await run_node(node_scenarios, "complete", "--address", address, env=env)
     assert result["content"] == "Hello from fake"
@@ -510,6 +512,23 @@ async def test_node_stream_read_after_its_call_failed_throws_the_failure(
     assert result["details"]["errorInfo"]["reason"] == "MODEL_NOT_FOUND"
     assert result["kinds"] == []
     assert upstream.requests == []
+
+
+async def test_node_stream_read_after_it_was_cut_gets_the_text_before_the_cut(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A stream cut mid-answer before the caller starts reading it yields the text the
+    gateway sent, then throws the failure, as the Python client's does. Before, grpc-js
+    dropped the messages nobody had read once the failed status came, and the loop got
+    none of the text the gateway said it sent (and billed)."""
+    upstream.script(Reply(content="one two three four five six", chunks=6, cut_after_events=4))
+    result = await run_against(node_scenarios, gateway, "late-cut-stream")
+    assert result["code"] == "UNAVAILABLE"
+    info = result["details"]["errorInfo"]
+    assert info["reason"] == "STREAM_INTERRUPTED"
+    assert result["content"]
+    assert len(result["content"]) == int(info["metadata"]["chars_sent"])
+    assert len(result["kinds"]) == int(info["metadata"]["deltas_sent"])
 
 
 async def test_node_stream_prints_deltas_as_they_arrive(

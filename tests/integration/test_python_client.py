@@ -38,14 +38,31 @@ REPO = Path(__file__).resolve().parents[2]
 StartGateway = Callable[..., Any]
 
 
+# Targets gRPC reads as HOST:PORT (the dns: scheme in any case, with or without slashes,
+# escapes decoded); before, all but the first went to the proxy.
+LOOPBACK_FORMS = [
+    "{host}:{port}",
+    "dns:{host}:{port}",
+    "DNS:///{host}:{port}",
+    "dns:///{host}%3A{port}",
+]
+
+
+@pytest.mark.parametrize("form", LOOPBACK_FORMS)
 @pytest.mark.parametrize("variable", ["http_proxy", "https_proxy"])
 async def test_a_gateway_on_loopback_is_called_past_the_machines_proxy(
-    upstream: FakeUpstream, gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch, variable
+    upstream: FakeUpstream,
+    gateway: RunningGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    form: str,
 ) -> None:
     """gRPC reads the proxy variables itself; a gateway on this machine is called directly,
-    not through a proxy (here one that answers nothing) that cannot reach its loopback."""
+    not through a proxy (here one that answers nothing) that cannot reach its loopback,
+    whichever way its address is written."""
     monkeypatch.setenv(variable, "http://127.0.0.1:9")
-    async with GatewayClient(gateway.server.address, timeout_s=10) as client:
+    host, _, port = gateway.server.address.rpartition(":")
+    async with GatewayClient(form.format(host=host, port=port), timeout_s=10) as client:
         answer = await client.complete("Say hi", model=FAKE_MODEL)
     assert answer.content == "Hello from fake"
 
@@ -65,6 +82,10 @@ LOOPBACK_ADDRESSES = [
     ("[::ffff:7f00:1]:50051", True),
     ("[::2]:50051", False),
     ("[::ffff:10.0.0.1]:50051", False),
+    ("dns:127.0.0.1:50051", True),
+    ("dns://10.0.0.53/localhost:50051", True),
+    ("dns:llm-gateway:50051", False),
+    ("dns://127.0.0.1/llm-gateway:50051", False),
 ]
 
 

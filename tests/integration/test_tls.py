@@ -353,6 +353,44 @@ async def test_a_client_key_that_is_not_the_certificates_is_refused_before_any_c
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize("wrong_ca", ["ca.key", "team-a.csr"], ids=["a-key", "a-request"])
+async def test_a_ca_file_holding_no_certificate_is_refused_before_any_call(
+    upstream, tls_server, pki, capsys, monkeypatch, *, wrong_ca
+):
+    """A CA file that holds no certificate (the CA's key, a certificate request) is a
+    usage error naming it (exit 2), from --ca-file or $LLM_GATEWAY_CA_FILE, and
+    `tls_credentials` refuses such root certificates (ValueError), as the Node client
+    does; before, gRPC took it, trusted nothing, and every call was retried for seconds
+    and failed UNAVAILABLE ("Failed to create security handshaker")."""
+    server = await tls_server(
+        gateway_config(upstream.base_url, server={"listen": "127.0.0.1:0", "tls": _tls(pki)})
+    )
+    wrong = pki.ca.with_name(wrong_ca)
+    with pytest.raises(ValueError, match="the root certificates hold no PEM certificate"):
+        tls_credentials(root_certificates=wrong.read_bytes())
+    argv = ["complete", "--address", server.address, "--model", "fake-model", "hi"]
+    with pytest.raises(SystemExit) as flagged:
+        await asyncio.to_thread(cli_main, [*argv, "--ca-file", str(wrong)])
+    assert flagged.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(
+            f"error: argument --ca-file: {wrong} holds no PEM certificate "
+            "(no -----BEGIN CERTIFICATE----- line)"
+        )
+    )
+    monkeypatch.setenv("LLM_GATEWAY_CA_FILE", str(wrong))
+    with pytest.raises(SystemExit) as from_variable:
+        await asyncio.to_thread(cli_main, argv)
+    assert from_variable.value.code == 2
+    assert "error: environment variable LLM_GATEWAY_CA_FILE: " in capsys.readouterr().err
+    assert upstream.requests == []
+    monkeypatch.setenv("LLM_GATEWAY_CA_FILE", str(pki.ca))
+    assert await asyncio.to_thread(cli_main, argv) == 0
+    assert "Hello from fake" in capsys.readouterr().out
+
+
 async def test_a_client_certificate_or_key_from_the_environment_is_named_when_refused(
     upstream, tls_server, pki, capsys, monkeypatch
 ):

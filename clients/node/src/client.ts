@@ -18,6 +18,7 @@
 import * as fs from "node:fs";
 import * as net from "node:net";
 import * as path from "node:path";
+import { PassThrough } from "node:stream";
 
 import * as grpc from "@grpc/grpc-js";
 
@@ -413,11 +414,13 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
   reasoning = "";
   readonly toolCalls: ToolCall[] = [];
 
-  /** The call's failure when it came before the loop read it: rethrown once the loop ends. */
+  /** The call's failure: rethrown once the loop has read every message before it. */
   private failure: unknown = null;
   // A `#` field, as the client's key: util.inspect of the stream would otherwise show the
   // call, and in it the metadata the call was sent with, the caller key included.
   readonly #call: grpc.ClientReadableStream<CompleteStreamResponse>;
+  /** Every message of the call, read as it arrives, for the loop to take in its own time. */
+  readonly #received: PassThrough;
 
   constructor(call: grpc.ClientReadableStream<CompleteStreamResponse>, signal?: AbortSignal) {
     this.#call = call;
@@ -427,6 +430,13 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
     call.on("error", (error: unknown) => {
       this.failure = error;
     });
+    // grpc-js ends a failed call at once, dropping the messages it received that nobody
+    // had read yet: the text before the failure, for a loop begun after it, was lost. So
+    // each is read as it arrives (an answer is at most 16 Mi characters), and the call
+    // ends this buffer only after the last of them.
+    this.#received = call.pipe(
+      new PassThrough({ objectMode: true, highWaterMark: Number.MAX_SAFE_INTEGER }),
+    );
     if (signal?.aborted) {
       // An 'abort' listener added now would never run.
       call.cancel();
@@ -454,7 +464,7 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
 
   async *[Symbol.asyncIterator](): AsyncIterator<StreamEvent> {
     try {
-      for await (const message of this.#call as AsyncIterable<CompleteStreamResponse>) {
+      for await (const message of this.#received as AsyncIterable<CompleteStreamResponse>) {
         const event = message.event;
         if (event?.$case === "delta") {
           this.gather(event.delta);
@@ -488,11 +498,12 @@ function credentialsOf(options: GatewayClientOptions): grpc.ChannelCredentials {
 }
 
 /**
- * Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`) names this machine:
- * `localhost`, 127.0.0.0/8 or ::1 (or its IPv4-mapped form).
+ * Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`, `dns:HOST:PORT`,
+ * `dns://DNS-SERVER/HOST:PORT`) names this machine: `localhost`, 127.0.0.0/8 or ::1 (or its
+ * IPv4-mapped form).
  */
 export function isLoopbackAddress(address: string): boolean {
-  const target = address.replace(/^(dns:\/\/\/|ipv4:|ipv6:)/, "");
+  const target = address.replace(/^(dns:(\/\/[^/]*\/)?|ipv4:|ipv6:)/, "");
   let host: string;
   if (target.startsWith("[")) {
     host = target.slice(1).split("]")[0];

@@ -359,12 +359,19 @@ async function abortStream(client: GatewayClient, args: Args): Promise<Json> {
 
 async function lateStream(client: GatewayClient, args: Args): Promise<Json> {
   // A stream read only after its call has failed (here: a model no upstream serves).
+  return await readAfterItsStatus(client, `${args.model}-unknown`);
+}
+
+async function lateCutStream(client: GatewayClient, args: Args): Promise<Json> {
+  // A stream read only after its call has failed mid-answer (the test's upstream cuts it).
+  return await readAfterItsStatus(client, args.model);
+}
+
+/** The events and failure of a stream of `model` read only once its call has ended. */
+async function readAfterItsStatus(client: GatewayClient, model: string): Promise<Json> {
   // The call made as completeStream makes it, kept here to wait for its status.
   const call = client.stub.completeStream(
-    CompleteStreamRequest.fromPartial({
-      model: `${args.model}-unknown`,
-      messages: messages("Say hi"),
-    }),
+    CompleteStreamRequest.fromPartial({ model, messages: messages("Say hi") }),
     new grpc.Metadata(),
     { deadline: Date.now() + 10_000 },
   );
@@ -372,14 +379,16 @@ async function lateStream(client: GatewayClient, args: Args): Promise<Json> {
   // Not events.once: it would take the call's 'error' event for itself.
   await new Promise((resolve) => call.on("status", resolve));
   const kinds: string[] = [];
+  let content = "";
   try {
     for await (const event of stream) {
       kinds.push(event.kind);
+      content += event.kind === "delta" ? event.content : "";
     }
   } catch (error) {
-    return { ...errorJson(error), kinds };
+    return { ...errorJson(error), kinds, content };
   }
-  return { unexpected: "the stream ended without its error", kinds };
+  return { unexpected: "the stream ended without its error", kinds, content };
 }
 
 async function withoutTimeout(client: GatewayClient, args: Args): Promise<Json> {
@@ -479,6 +488,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "abort-complete": abortComplete,
   "aborted-before-complete": abortedBeforeComplete,
   "late-stream": lateStream,
+  "late-cut-stream": lateCutStream,
   "without-timeout": withoutTimeout,
   "timed-calls": timedCalls,
   shown,

@@ -437,10 +437,25 @@ class CompletionStream:
                 self._call.cancel()  # a no-op once the call has ended
 
 
+def _resolved_target(address: str) -> str:
+    """The `HOST:PORT` that gRPC resolves for the target `address`, read as gRPC reads it:
+    a URI whose `dns:` scheme goes in any case, with or without `//DNS-SERVER/`, whose
+    escapes (`%3A`) are decoded, and whose query or fragment (`?x`, `#x`) and trailing
+    blanks are left out."""
+    target = address
+    if target[:4].lower() == "dns:":
+        target = target[4:]
+        if target.startswith("//"):
+            target = target[2:].partition("/")[2]  # past the DNS server to ask, if any
+    return unquote(target.partition("?")[0].partition("#")[0]).rstrip()
+
+
 def is_loopback_address(address: str) -> bool:
-    """Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`) names this
-    machine (`service.hosts.is_loopback_host`)."""
-    target = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    """Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`, any form
+    `_resolved_target` reads) names this machine (`service.hosts.is_loopback_host`)."""
+    target = _resolved_target(address)
+    if target[:5].lower() in ("ipv4:", "ipv6:"):
+        target = target[5:]
     if target.startswith("["):
         host = target[1:].partition("]")[0]
     elif target.count(":") == 1:
@@ -463,14 +478,9 @@ def check_address(address: str) -> None:
     """
     if not address:
         raise ValueError("the gateway's address is empty: give HOST:PORT")
-    target = address
-    if target[:4].lower() == "dns:":  # a URI scheme is read in any case
-        target = target[4:]
-        if target.startswith("//"):
-            target = target[2:].partition("/")[2]  # past the DNS server to ask, if any
-    # gRPC reads the target as a URI: it decodes escapes (`%3A`), leaves out a query or
-    # fragment (`?x`, `#x`), and takes a port with trailing blanks (`:115587 `).
-    target = unquote(target.partition("?")[0].partition("#")[0]).rstrip()
+    # Read as gRPC reads it: a port with trailing blanks (`:115587 `) or escaped colons
+    # (`%3A115587`) is still that port.
+    target = _resolved_target(address)
     host, sep, port = target.rpartition(":")
     # A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
     names_port = bool(sep and host) and "/" not in target
@@ -510,10 +520,14 @@ def tls_credentials(
     ("Failed to create security handshaker") once its retries are spent.
 
     Raises:
-        ValueError: a certificate without its key (or a key without its certificate), or
-            a key that is not the certificate's, or either of them not PEM gRPC can use
-            (an encrypted key).
+        ValueError: root certificates holding no PEM certificate (a key, the wrong file),
+            a certificate without its key (or a key without its certificate), or a key
+            that is not the certificate's, or either of them not PEM gRPC can use (an
+            encrypted key).
     """
+    if root_certificates is not None and not holds_certificate(root_certificates):
+        # gRPC would take them, trust nothing, and fail every call `UNAVAILABLE`.
+        raise ValueError("the root certificates hold no PEM certificate")
     if (certificate_chain is None) != (private_key is None):
         raise ValueError("a client certificate and its private key go together")
     if certificate_chain is not None and private_key is not None:
@@ -523,6 +537,11 @@ def tls_credentials(
         private_key=private_key,
         certificate_chain=certificate_chain,
     )
+
+
+def holds_certificate(pem: bytes) -> bool:
+    """Whether `pem` holds a PEM certificate (not only a key or a certificate request)."""
+    return b"-----BEGIN CERTIFICATE-----" in pem
 
 
 def check_key_pair(certificate_chain: bytes, private_key: bytes) -> None:

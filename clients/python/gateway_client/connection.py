@@ -10,7 +10,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from gateway_client.client import authorization_metadata, check_address, tls_credentials
+from gateway_client.client import (
+    authorization_metadata,
+    check_address,
+    holds_certificate,
+    tls_credentials,
+)
 from service.option_variables import naming_variable, variable_default, variable_of
 
 # `--model` left out: the model the quick start's gateway serves with no provider key set
@@ -74,6 +79,18 @@ def pem_file(value: str) -> bytes:
     return data
 
 
+def ca_file(value: str) -> bytes:
+    """--ca-file: a `pem_file` holding a certificate. gRPC takes any PEM as the CA (a key,
+    a certificate request), trusts nothing, and fails each call UNAVAILABLE ("Failed to
+    create security handshaker") once its retries are spent."""
+    data = pem_file(value)
+    if not holds_certificate(data):
+        raise argparse.ArgumentTypeError(
+            f"{value} holds no PEM certificate (no -----BEGIN CERTIFICATE----- line)"
+        )
+    return data
+
+
 class PemFile(bytes):
     """A PEM file's bytes, and where its path was given: the option, or the environment
     variable standing in for it, which errors name (the user never typed the option)."""
@@ -86,9 +103,10 @@ class PemFile(bytes):
         return pem
 
 
-def _pem_option(flag: str) -> Callable[[str], PemFile]:
-    """The argparse type of the PEM option `flag`: `pem_file`, remembering its source."""
-    read = naming_variable(pem_file)
+def _pem_option(flag: str, check: Callable[[str], bytes]) -> Callable[[str], PemFile]:
+    """The argparse type of the PEM option `flag`: `check` (`pem_file`, `ca_file`), which
+    reads it, remembering its source."""
+    read = naming_variable(check)
 
     def parse(value: str) -> PemFile:
         variable = variable_of(value)
@@ -135,20 +153,21 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         help="connect with TLS, verifying the gateway against the system's CAs "
         "(default: on when $LLM_GATEWAY_TLS is 1, true, yes or on, or with --ca-file)",
     )
-    for flag, variable, what in (
+    for flag, variable, what, check in (
         (
             "--ca-file",
             "LLM_GATEWAY_CA_FILE",
             "CA certificate to verify the gateway with; implies --tls",
+            ca_file,
         ),
-        ("--cert-file", "LLM_GATEWAY_CERT_FILE", "client certificate (mutual TLS)"),
-        ("--key-file", "LLM_GATEWAY_KEY_FILE", "the client certificate's private key"),
+        ("--cert-file", "LLM_GATEWAY_CERT_FILE", "client certificate (mutual TLS)", pem_file),
+        ("--key-file", "LLM_GATEWAY_KEY_FILE", "the client certificate's private key", pem_file),
     ):
         # A string default goes through `type` at parse time, and only for the command
         # run: a stale variable is then a usage error there, not a crash of every command.
         tls.add_argument(
             flag,
-            type=_pem_option(flag),
+            type=_pem_option(flag, check),
             default=variable_default(variable),
             metavar="PEM",
             help=f"{what} (default: ${variable})",
