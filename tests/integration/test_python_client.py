@@ -48,6 +48,40 @@ LOOPBACK_FORMS = [
 ]
 
 
+async def test_channel_options_spread_calls_over_every_address_with_round_robin(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """`channel_options` reach the channel: with `round_robin`, a target resolving to two
+    gateways (as a headless Service does) sends calls to both. Before, the client took no
+    channel options, and gRPC's default (pick_first) sent every call to one."""
+    gateways = [await start_gateway(gateway_config(upstream.base_url)) for _ in range(2)]
+    ports = [gateway.server.port for gateway in gateways]
+    target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+    options = [("grpc.lb_policy_name", "round_robin")]
+    async with GatewayClient(target, timeout_s=10, channel_options=options) as client:
+        for index in range(6):
+            await client.complete(f"Say hi {index}", model=FAKE_MODEL)
+    served = []
+    for gateway in gateways:
+        usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+        served.append(sum(row.requests for row in usage.rows))
+    assert sum(served) == 6
+    assert all(served), served
+
+
+async def test_a_channel_option_replaces_the_clients_own(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A channel option the client sets itself (here the largest answer it takes) is
+    replaced by the caller's: the answer is refused as larger than the caller allowed."""
+    upstream.script(Reply(content="word " * 200))
+    options = [("grpc.max_receive_message_length", 100)]
+    async with GatewayClient(gateway.server.address, channel_options=options) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.complete("Say hi", model=FAKE_MODEL)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 @pytest.mark.parametrize("form", LOOPBACK_FORMS)
 @pytest.mark.parametrize("variable", ["http_proxy", "https_proxy"])
 async def test_a_gateway_on_loopback_is_called_past_the_machines_proxy(

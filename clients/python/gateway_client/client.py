@@ -602,7 +602,11 @@ class GatewayClient:
         api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         timeout_s: float | None = 300.0,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        """`channel_options`: gRPC channel arguments, each replacing the client's own of its
+        name, such as `("grpc.lb_policy_name", "round_robin")` to spread calls over
+        every address a headless Service resolves to."""
         options: list[tuple[str, Any]] = [
             ("grpc.enable_retries", 1),
             ("grpc.service_config", json.dumps(json.loads(_service_config()))),
@@ -617,6 +621,10 @@ class GatewayClient:
             # gRPC reads `http_proxy`/`https_proxy` itself, and would send the calls to a
             # gateway on this machine through a proxy that cannot reach its loopback.
             options.append(("grpc.enable_http_proxy", 0))
+        # gRPC takes the first of two arguments with one name: the caller's replace ours.
+        given = {name for name, _ in channel_options}
+        options = [option for option in options if option[0] not in given]
+        options.extend(channel_options)
         if credentials is not None:
             self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         else:
