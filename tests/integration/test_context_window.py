@@ -2,13 +2,16 @@
 
 import json
 import unicodedata
+from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 from service import tokens
+from service.config import parse_config
 from service.domain import Message, Role
 from service.tokens import estimate_prompt_tokens
 from tests.conftest import FAKE_MODEL, chat, fake_model_window, gateway_config
@@ -578,3 +581,56 @@ async def test_a_long_prompt_is_estimated_once_a_call(upstream_small, start_gate
     response = await gateway.stub.Complete(chat(prompt))
     assert response.metadata.usage.input_tokens > 0
     assert [n for n in passes if n > tokens._MEMO_MAX_CHARS] == [len(prompt)]
+
+
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "gateway.yaml"
+# OpenAI's own refusal of a prompt over gpt-4's window (gpt-4-0613: 8,192 tokens).
+GPT_4_WINDOW = 8192
+GPT_4_TOO_LONG = json.dumps(
+    {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens. However, your "
+            "messages resulted in 21102 tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    }
+)
+
+
+def like_openai_gpt_4(body):
+    """OpenAI's gpt-4: a prompt (with max_tokens) over 8,192 tokens is refused."""
+    messages = [Message(Role(m["role"]), m["content"]) for m in body["messages"]]
+    if estimate_prompt_tokens(messages) + body.get("max_tokens", 0) > GPT_4_WINDOW:
+        return Status(400, body=GPT_4_TOO_LONG)
+    return Reply()
+
+
+async def test_the_shipped_gpt_4_preset_fits_prompts_to_gpt_4s_window(
+    upstream_small, start_gateway
+):
+    """With the shipped config, a KEEP_RECENT conversation on `gpt-4` longer than the
+    model's 8,192 tokens is truncated to them and answered. Before, the catalog gave
+    gpt-4 gpt-4o's 128K window (and price): the whole conversation was sent, and OpenAI
+    refused it on every call, as the most a refusal teaches the calibration (four times
+    the estimate) still fitted it into 128K."""
+    upstream_small.respond = like_openai_gpt_4
+    data = yaml.safe_load(REPO_CONFIG.read_text(encoding="utf-8"))
+    (openai,) = [u for u in data["upstreams"] if u["name"] == "openai"]
+    openai["base_url"] = upstream_small.base_url
+    data["server"]["listen"] = "127.0.0.1:0"
+    environ = {"OPENAI_API_KEY": "sk-test-shipped-preset"}
+    gateway = await start_gateway(parse_config(data, source="<test>", environ=environ))
+    listed = await gateway.stub.ListModels(pb.ListModelsRequest())
+    assert [(m.name, m.context_window) for m in listed.models] == [("gpt-4", GPT_4_WINDOW)]
+    turn = " ".join(["word"] * 1000)  # about 1,000 tokens
+    roles = [pb.ROLE_USER, pb.ROLE_ASSISTANT]
+    request = pb.CompleteRequest(
+        model="gpt-4",
+        messages=[pb.Message(role=roles[i % 2], content=f"turn{i} {turn}") for i in range(21)],
+        truncation=pb.TruncationPolicy(mode=pb.TRUNCATION_MODE_KEEP_RECENT),
+    )
+    response = await gateway.stub.Complete(request)
+    assert response.metadata.dropped_messages > 0
+    assert [r.body["model"] for r in upstream_small.requests] == ["gpt-4"]
