@@ -163,7 +163,7 @@ def _error_for_status(
             status=status,
             retry_after_s=wait,
         )
-    if status == 400 and says_context_exceeded(body):
+    if says_context_exceeded(body, status):
         return UpstreamContextExceeded(
             f"upstream {upstream!r} says the prompt with max_tokens is over the model's "
             f"context window (HTTP {status}); shorten it, or send it again under "

@@ -923,7 +923,18 @@ class StreamParser:
 # llama.cpp write ("This model's maximum context length is 8192 tokens. However ...",
 # "the request exceeds the available context size").
 _CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
-_CONTEXT_PHRASES = ("maximum context length", "context size", "context window", "context length")
+_CONTEXT_PHRASES = (
+    "maximum context length",  # OpenAI, vLLM, DeepSeek, Mistral
+    "context size",  # llama.cpp
+    "context window",
+    "context length",
+    "input token count",  # Gemini: "The input token count (N) exceeds the maximum ..."
+    "prompt is too long",  # Anthropic: "prompt is too long: N tokens > M maximum"
+    "input is too long",  # Bedrock: "Input is too long for requested model."
+    "tokens + `max_new_tokens` must be <=",  # TGI (Together, Hugging Face endpoints), a 422
+)
+# The statuses a refusal as too long comes with: TGI's validation errors are 422s.
+_CONTEXT_STATUSES = frozenset({400, 422})
 
 
 def _error_of(body: bytes) -> object:
@@ -933,6 +944,8 @@ def _error_of(body: bytes) -> object:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]  # Gemini's OpenAI endpoint wraps its error in a list
     if not isinstance(data, dict):
         return None
     # vLLM before 0.10 sends its error object bare: {"object": "error", "message": ...}.
@@ -1023,8 +1036,11 @@ def says_stream_options_unknown(body: bytes) -> bool:
     return param == "stream_options" or "stream_options" in message
 
 
-def says_context_exceeded(body: bytes) -> bool:
-    """Whether an error body says the prompt (with max_tokens) is over the context window."""
+def says_context_exceeded(body: bytes, status: int = 400) -> bool:
+    """Whether an error body, with its HTTP `status`, says the prompt (with max_tokens) is
+    over the context window."""
+    if status not in _CONTEXT_STATUSES:
+        return False
     error = _error_of(body)
     if isinstance(error, dict):
         if any(error.get(key) in _CONTEXT_CODES for key in ("code", "type")):

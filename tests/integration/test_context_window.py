@@ -429,6 +429,61 @@ async def test_an_upstream_refusing_a_prompt_as_too_long_corrects_the_calibratio
     assert len(upstream_small.requests) == sent  # refused by the gateway this time
 
 
+# Other providers' refusals as too long: TGI (Together, Hugging Face endpoints) with its
+# 422 and the message alone; Gemini's OpenAI endpoint, its error in a list; Anthropic's.
+TGI_TOO_LONG = (
+    422,
+    "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 1024. Given: "
+    "1000 `inputs` tokens and 100 `max_new_tokens`",
+)
+GEMINI_TOO_LONG = (
+    400,
+    "The input token count (1100) exceeds the maximum number of tokens allowed (1024).",
+)
+ANTHROPIC_TOO_LONG = (400, "prompt is too long: 1100 tokens > 1024 maximum")
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "body"),
+    [
+        (*TGI_TOO_LONG, {"error": TGI_TOO_LONG[1], "error_type": "validation"}),
+        (
+            *GEMINI_TOO_LONG,
+            [{"error": {"code": 400, "message": GEMINI_TOO_LONG[1], "status": "INVALID_ARGUMENT"}}],
+        ),
+        (
+            *ANTHROPIC_TOO_LONG,
+            {"error": {"type": "invalid_request_error", "message": ANTHROPIC_TOO_LONG[1]}},
+        ),
+    ],
+    ids=["tgi", "gemini", "anthropic"],
+)
+async def test_other_providers_refusals_as_too_long_are_context_window_exceeded(
+    upstream_small, start_gateway, status, message, body
+):
+    """TGI's 422, Gemini's listed error and Anthropic's message say the prompt is over the
+    window as OpenAI's 400 does: the caller gets `CONTEXT_WINDOW_EXCEEDED` with what the
+    upstream said, and the calibration learns, so the same prompt is refused before it is
+    sent again. Before, each was an upstream rejection that taught nothing."""
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    big = conversation(9, mode=pb.TRUNCATION_MODE_NONE)
+    upstream_small.default = Reply(prompt_tokens=1)
+    for _ in range(5):  # the calibration, trained low, lets the big prompt through
+        await gateway.stub.Complete(conversation(3, mode=pb.TRUNCATION_MODE_NONE))
+    upstream_small.default = Status(status, body=json.dumps(body))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(big)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    details = error_details(caught.value)
+    assert details.reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert details.metadata["upstream_message"] == message
+    sent = len(upstream_small.requests)
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await gateway.stub.Complete(big)
+    assert error_details(again.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert len(upstream_small.requests) == sent  # refused by the gateway this time
+
+
 async def test_a_refusal_as_too_long_moves_no_bill_of_an_estimated_prompt(
     upstream_small, start_gateway
 ):

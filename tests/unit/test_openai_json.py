@@ -875,6 +875,10 @@ def test_stream_parser_fails_on_an_index_0_choice_that_carries_something(
         ({"error": "prompt over the context window"}, True),  # some send the message alone
         ({"detail": "maximum context length"}, False),
         ([], False),
+        # Gemini's OpenAI endpoint: the error in a list.
+        ([{"error": {"code": 400, "message": "The input token count (9) exceeds ..."}}], True),
+        ([{"error": {"code": 400, "message": "temperature"}}, {}], False),
+        ({"error": {"message": "prompt is too long: 9 tokens > 8 maximum"}}, True),  # Anthropic
     ],
 )
 def test_says_context_exceeded(body: Any, expected: bool) -> None:
@@ -898,6 +902,12 @@ def test_says_context_exceeded(body: Any, expected: bool) -> None:
 )
 def test_says_out_of_credit(body: Any, expected: bool) -> None:
     assert says_out_of_credit(json.dumps(body).encode()) is expected
+
+
+@pytest.mark.parametrize(("status", "expected"), [(400, True), (422, True), (404, False)])
+def test_a_refusal_as_too_long_comes_as_a_400_or_tgis_422(status: int, expected: bool) -> None:
+    body = b'{"error": "`inputs` tokens + `max_new_tokens` must be <= 4096", "error_type": "x"}'
+    assert says_context_exceeded(body, status) is expected
 
 
 @pytest.mark.parametrize("body", [b"", b"<html>Bad Request</html>", b"\xff\xfe"])
