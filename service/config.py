@@ -441,6 +441,10 @@ class UpstreamConfig:
     # The field an assistant message's reasoning is sent back in: DeepSeek's thinking mode
     # reads `reasoning_content`; OpenRouter and newer vLLM read `reasoning`.
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
+    # `fold`: system messages go into the first user message's text, as Gemma's chat
+    # template puts them, for a server whose chat format drops the system role (the local
+    # model's `gemma`: llama-cpp-python's formatter drops such messages, silently).
+    system_messages: Literal["send", "fold"] = "send"
     # Relay a `<think>...</think>` block opening the answer's text as reasoning: what
     # servers without a reasoning parser send (vLLM without `--reasoning-parser`, llama.cpp
     # without `--reasoning-format`). Off by default, as some models write such tags as text.

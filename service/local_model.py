@@ -36,6 +36,13 @@ from service.upstream.client import answers_http, probe_models
 log = logging.getLogger("llm_gateway.local_model")
 
 UPSTREAM_NAME = LOCAL_MODEL_UPSTREAM
+# llama-cpp-python's chat formats whose formatter drops the caller's system messages
+# (`format_gemma` logs "not allowed on Google's Gemma models" at DEBUG; the others write
+# a fixed system text of their own, or none): the local upstream folds them into the
+# first user message for these. A `chat_template.NAME` renders them as its template says.
+FORMATS_WITHOUT_SYSTEM_ROLE = frozenset(
+    {"gemma", "intel", "mistral-instruct", "open-orca", "openbuddy", "phind", "vicuna"}
+)
 # Where llama-cpp-python's server reads its `api_key` setting from (pydantic settings):
 # its environment, which other users cannot read, unlike its command line.
 _API_KEY_VARIABLE = "API_KEY"
@@ -241,6 +248,9 @@ class LocalModelServer:
             json_schema_format="json_object_schema",
             empty_stream_is_refusal=True,
             stream_unary_calls=True,
+            system_messages=(
+                "fold" if self.config.chat_format in FORMATS_WITHOUT_SYSTEM_ROLE else "send"
+            ),
         )
 
     def state(self) -> LocalModelState:

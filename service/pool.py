@@ -511,6 +511,7 @@ class UpstreamPool:
                 max_tokens_field=config.max_tokens_field,
                 json_schema_format=config.json_schema_format,
                 reasoning_field=config.reasoning_field,
+                system_messages=config.system_messages,
             ),
             headers=headers,
         )

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import orjson
 
@@ -19,6 +19,7 @@ from service.domain import (
     Message,
     ResponseFormat,
     ResponseFormatType,
+    Role,
     Tool,
     ToolCall,
     ToolCallDelta,
@@ -69,6 +70,8 @@ _MAX_TOKEN_COUNT = 2**32
 _STREAM_FIELDS = b',"stream":true,"stream_options":{"include_usage":true}}'
 # What a tool without parameters sends: some servers refuse a function without them.
 _NO_PARAMETERS = orjson.Fragment(b'{"type":"object","properties":{}}')
+# What follows system text folded into a user message, as Gemma 3's chat template writes it.
+_AFTER_SYSTEM_TEXT = "\n\n"
 
 
 _NO_HINTS = RateLimitHints()
@@ -116,12 +119,18 @@ def request_body(
     max_tokens_field: str = "max_tokens",
     json_schema_format: str = "openai",
     reasoning_field: str = "reasoning_content",
+    system_messages: Literal["send", "fold"] = "send",
 ) -> bytes:
     """Serialise `request` as an OpenAI chat-completions body for one upstream, with the
     upstream's `extra` fields (none of which the request's own fields use, but for a
     `reasoning_effort` the request's own replaces) and `params.max_tokens` in the
-    upstream's `max_tokens_field`; a JSON Schema format in its `json_schema_format`, and
-    an assistant message's reasoning in its `reasoning_field`."""
+    upstream's `max_tokens_field`; a JSON Schema format in its `json_schema_format`, an
+    assistant message's reasoning in its `reasoning_field`, and its system messages
+    folded into the first user message when `system_messages` is `fold`
+    (`with_system_folded`)."""
+    messages = request.messages
+    if system_messages == "fold":
+        messages = with_system_folded(messages)
     body: dict[str, Any] = {
         "model": upstream_model,
         "messages": [
@@ -129,7 +138,7 @@ def request_body(
             if m.tool_calls or m.tool_call_id or m.reasoning
             # The role as is: orjson writes an enum's value, without `.value`'s Python call.
             else {"role": m.role, "content": m.content}
-            for m in request.messages
+            for m in messages
         ],
     }
     if request.tools:
@@ -162,6 +171,28 @@ def request_body(
         return orjson.dumps(body)
     # Last, so that `unary_body` and `body_without_stream_options` cut them off.
     return orjson.dumps(body)[:-1] + _STREAM_FIELDS
+
+
+def with_system_folded(messages: Sequence[Message]) -> tuple[Message, ...]:
+    """`messages` without system messages, their texts (in order, each then a blank line)
+    put before the first user message's text, as Gemma 3's chat template puts a system
+    message's (`first_user_prefix` of google/gemma-3-4b-it's `chat_template`,
+    https://huggingface.co/google/gemma-3-4b-it/blob/main/tokenizer_config.json): for a
+    server whose chat format has no system role and drops the message.
+
+    With no user message, the system texts become one, first: an instruction the model
+    sees, where dropping it is the silence this exists to end.
+    """
+    texts = [m.content for m in messages if m.role is Role.SYSTEM]
+    if not texts:
+        return tuple(messages)
+    rest = [m for m in messages if m.role is not Role.SYSTEM]
+    for index, message in enumerate(rest):
+        if message.role is Role.USER:
+            prefix = "".join(text + _AFTER_SYSTEM_TEXT for text in texts)
+            rest[index] = replace(message, content=prefix + message.content)
+            return tuple(rest)
+    return (Message(Role.USER, _AFTER_SYSTEM_TEXT.join(texts)), *rest)
 
 
 def unary_body(stream_body: bytes) -> bytes:

@@ -15,7 +15,9 @@ import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from tests.conftest import gateway_config
 from tests.e2e.conftest import LOCAL_MODEL
+from tests.integration.helpers import error_info
 
 pytestmark = [pytest.mark.local_model, pytest.mark.xdist_group("local_model")]
 
@@ -161,3 +163,27 @@ async def test_local_model_answers_a_json_schema_with_json_that_follows_it(local
         )
     assert response.metadata.finish_reason == pb.FINISH_REASON_STOP
     assert isinstance(json.loads(response.content)["ok"], bool)
+
+
+async def test_a_system_message_reaches_the_local_models_prompt(start_gateway):
+    """A system message over the model's real window, beside a short user message, is
+    refused by llama.cpp as over its window (CONTEXT_WINDOW_EXCEEDED), as the same text as
+    a user message is: its `gemma` format has no system role, so the gateway folds the
+    system text into the user message, where llama.cpp's prompt holds it. A gateway of its
+    own: one whose calibration learned from an earlier refusal would refuse the call itself.
+
+    Before, llama-cpp-python's `gemma` formatter dropped the system message without a word:
+    the call was answered from "Hi" alone."""
+    gateway = await start_gateway(gateway_config(local_model={"enabled": "always", "threads": 1}))
+    request = pb.CompleteRequest(
+        model=LOCAL_MODEL,
+        messages=[
+            pb.Message(role=pb.ROLE_SYSTEM, content=_OVER_THE_REAL_WINDOW),
+            pb.Message(role=pb.ROLE_USER, content="Hi"),
+        ],
+        params=pb.GenerationParams(max_tokens=4),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(request, timeout=120)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"

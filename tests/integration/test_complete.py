@@ -19,6 +19,7 @@ from service.pool import upstream_idempotency_key
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.integration.helpers import error_info
+from tests.integration.test_cache import settled
 
 # 7 input and 3 output tokens at 0.14 / 0.42 USD per million.
 FAKE_COST_USD = (7 * 0.14 + 3 * 0.42) / 1_000_000
@@ -461,3 +462,46 @@ async def test_a_finish_reason_in_upper_case_means_what_it_says(stub, upstream, 
     streamed = [e async for e in stub.CompleteStream(chat_stream("upper case two"))]
     assert unary.metadata.finish_reason == expected
     assert streamed[-1].final.finish_reason == expected
+
+
+async def test_an_upstream_set_to_fold_system_messages_gets_them_in_the_first_user_message(
+    upstream, start_gateway
+):
+    """`system_messages: fold` (the local model's, whose Gemma format drops the system role):
+    the upstream gets the system text, a blank line and the user's text in one user message,
+    the later turns as sent, unary and streamed; the cache key is the caller's request, so
+    the same call again is a hit. Before, the system message went as it was, and llama.cpp's
+    `gemma` format dropped it without a word."""
+    data = gateway_config_data(upstream.base_url, cache={"backend": "memory"})
+    data["upstreams"][0]["system_messages"] = "fold"
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    messages = [
+        pb.Message(role=pb.ROLE_SYSTEM, content="Always answer in French."),
+        pb.Message(role=pb.ROLE_USER, content="hi"),
+        pb.Message(role=pb.ROLE_ASSISTANT, content="salut"),
+        pb.Message(role=pb.ROLE_USER, content="how are you?"),
+    ]
+    params = pb.GenerationParams(temperature=0.0)
+    request = pb.CompleteRequest(model=FAKE_MODEL, messages=messages, params=params)
+    first = await gateway.stub.Complete(request)
+    async for _ in gateway.stub.CompleteStream(
+        pb.CompleteStreamRequest(
+            model=FAKE_MODEL,
+            messages=messages,
+            params=params,
+            cache=pb.CachePolicy(mode=pb.CACHE_MODE_BYPASS),
+        )
+    ):
+        pass
+    assert [r.body["messages"] for r in upstream.requests] == 2 * [
+        [
+            {"role": "user", "content": "Always answer in French.\n\nhi"},
+            {"role": "assistant", "content": "salut"},
+            {"role": "user", "content": "how are you?"},
+        ]
+    ]
+    await settled(gateway)
+    second = await gateway.stub.Complete(request)
+    assert (first.metadata.cache_hit, second.metadata.cache_hit) == (False, True)
+    assert second.content == first.content
+    assert len(upstream.requests) == 2
