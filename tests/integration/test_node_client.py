@@ -331,6 +331,57 @@ async def test_node_client_refuses_a_timeout_a_call_cannot_keep(
     assert kept == {"complete": "answered", "stream": "answered"}
 
 
+async def test_node_null_timeout_is_no_deadline_on_a_call_as_on_the_client(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`timeoutMs: null` on a call is no deadline, unary and streamed, as Python's
+    `timeout_s=None`: an answer slower than the client's `defaultTimeoutMs` arrives; so it
+    does on a client made with `defaultTimeoutMs: null`. Before, a call's null fell back
+    to the client's default, and the call failed DEADLINE_EXCEEDED."""
+    upstream.script(*[Reply(delay_s=1.0)] * 4)
+    address = gateway.server.address
+    per_call = await run_node(
+        node_scenarios,
+        "timed-calls",
+        "--address",
+        address,
+        "--default-timeout-ms",
+        "300",
+        "--timeout-ms",
+        "null",
+    )
+    assert per_call == {"complete": "answered", "stream": "answered"}
+    client = await run_node(
+        node_scenarios, "timed-calls", "--address", address, "--default-timeout-ms", "null"
+    )
+    assert client == {"complete": "answered", "stream": "answered"}
+
+
+@pytest.mark.parametrize(("timeout_ms", "kind"), [('"500"', "string"), ("true", "boolean")])
+async def test_node_client_refuses_a_timeout_that_is_not_a_number(
+    node_scenarios: Path,
+    upstream: FakeUpstream,
+    gateway: RunningGateway,
+    timeout_ms: str,
+    kind: str,
+) -> None:
+    """A `timeoutMs` or `defaultTimeoutMs` that is not a number (a string read from the
+    environment, a boolean) throws a TypeError before any call, as Python's `timeout_s`
+    does. Before, grpc-js threw its own "deadline must be a number or Date" for a string,
+    and took `true` for 1 ms: DEADLINE_EXCEEDED at once."""
+    address = gateway.server.address
+    refused = f"expected milliseconds or null, got {kind}"
+    calls = await run_node(
+        node_scenarios, "timed-calls", "--address", address, "--timeout-ms", timeout_ms
+    )
+    assert calls == {"complete": f"TypeError: timeoutMs: {refused}", "stream": calls["complete"]}
+    client = await run_node(
+        node_scenarios, "timed-calls", "--address", address, "--default-timeout-ms", timeout_ms
+    )
+    assert client == {"refused": f"defaultTimeoutMs: {refused}"}
+    assert upstream.requests == []
+
+
 async def test_node_sends_a_typed_reasoning_effort(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -332,8 +332,16 @@ export const DEFAULT_TIMEOUT_MS = 300_000;
  */
 export const MAX_TIMEOUT_MS = 1_000_000_000;
 
-/** `timeoutMs` (`name` the option's), when a call can keep it; null is no deadline. */
-function checkedTimeoutMs(timeoutMs: number | null, name: string): number | null {
+/**
+ * `timeoutMs` (`name` the option's), when a call can keep it; null is no deadline. One
+ * already passed (0, negative) is kept, as in Python: the call fails DEADLINE_EXCEEDED.
+ */
+function checkedTimeoutMs(timeoutMs: unknown, name: string): number | null {
+  if (timeoutMs !== null && typeof timeoutMs !== "number") {
+    // A string ("500", from the environment) would reach grpc-js as "now" + "500", and
+    // `true` as 1 ms: refused, as the Python client refuses all but numbers and None.
+    throw new TypeError(`${name}: expected milliseconds or null, got ${typeof timeoutMs}`);
+  }
   if (timeoutMs !== null && !(timeoutMs <= MAX_TIMEOUT_MS)) {
     // NaN fails the comparison too.
     throw new RangeError(
@@ -359,8 +367,11 @@ export const MAX_ANSWER_BYTES = 32 * 1024 * 1024;
 export const MAX_RETRIED_REQUEST_BYTES = 16 * 1024 * 1024;
 
 export interface CallOptions {
-  /** Milliseconds the whole call may take, retries and pushback waits included. */
-  timeoutMs?: number;
+  /**
+   * Milliseconds the whole call may take, retries and pushback waits included; `null`: no
+   * deadline. Left out, the client's `defaultTimeoutMs`.
+   */
+  timeoutMs?: number | null;
   metadata?: grpc.Metadata;
   /**
    * Cancels the call when it fires, as `CompletionStream.cancel()` does: the call fails
@@ -572,10 +583,15 @@ export class GatewayClient {
     return metadata;
   }
 
-  /** The call's deadline: its own timeout, else the client's default, else none. */
+  /** The call's deadline: its own timeout (null: none), else the client's default. */
   private deadlineOf(options: CallOptions): Partial<grpc.CallOptions> {
-    const timeoutMs = checkedTimeoutMs(options.timeoutMs ?? this.defaultTimeoutMs, "timeoutMs");
-    return timeoutMs === null ? {} : { deadline: Date.now() + timeoutMs };
+    // Not `??`: it took a call's null, "no deadline", for the client's default.
+    const timeoutMs =
+      options.timeoutMs === undefined
+        ? this.defaultTimeoutMs
+        : checkedTimeoutMs(options.timeoutMs, "timeoutMs");
+    // Infinity is grpc-js's own "no deadline".
+    return { deadline: timeoutMs === null ? Infinity : Date.now() + timeoutMs };
   }
 
   /** One chat completion; rejects with `GatewayCallError`. */
