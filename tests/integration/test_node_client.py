@@ -224,6 +224,24 @@ async def test_node_client_tells_loopback_addresses_apart_as_the_python_client(
     assert told == dict(LOOPBACK_ADDRESSES)
 
 
+@pytest.mark.parametrize(
+    "form",
+    ["{host}:{port}", "dns:///{host}:{port}", "ipv4:{host}:{port}", "[::ffff:{host}]:{port}"],
+)
+async def test_node_client_refuses_a_port_past_65535_when_made(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway, form: str
+) -> None:
+    """An address whose port is past 65535 throws a RangeError when the client is made,
+    saying so as the Python client's ValueError does. Before, grpc-js connected nowhere
+    and each call waited out its whole deadline, then failed DEADLINE_EXCEEDED."""
+    host, _, port = gateway.server.address.rpartition(":")
+    wrapped = form.format(host=host, port=int(port) + 65536)
+    result = await run_node(
+        node_scenarios, "without-timeout", "--address", wrapped, "--default-timeout-ms", "1000"
+    )
+    assert result == {"refused": f"{json.dumps(wrapped)}: the port must be 0..65535"}
+
+
 async def test_node_client_takes_an_answer_over_grpcs_default_message_limit(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -508,13 +508,34 @@ function credentialsOf(options: GatewayClientOptions): grpc.ChannelCredentials {
   return options.credentials ?? grpc.credentials.createInsecure();
 }
 
+/** A gRPC target past its scheme (`dns:`, `dns://DNS-SERVER/`, `ipv4:`, `ipv6:`). */
+function targetOf(address: string): string {
+  return address.replace(/^(dns:(\/\/[^/]*\/)?|ipv4:|ipv6:)/, "");
+}
+
+/**
+ * Refuse a gRPC target whose port is past 65535 (`HOST:PORT`, `[V6]:PORT`, behind any
+ * scheme `targetOf` reads), as the Python client does: grpc-js connects nowhere, and each
+ * call waited out its whole deadline (gRPC in Python takes the port modulo 65536).
+ */
+export function checkAddress(address: string): void {
+  const target = targetOf(address);
+  // A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
+  const port = target.startsWith("[")
+    ? /^\[[^\]]*\]:(\d+)$/.exec(target)?.[1]
+    : /^[^:]*:(\d+)$/.exec(target)?.[1];
+  if (port !== undefined && Number(port) > 65535) {
+    throw new RangeError(`${JSON.stringify(address)}: the port must be 0..65535`);
+  }
+}
+
 /**
  * Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`, `dns:HOST:PORT`,
  * `dns://DNS-SERVER/HOST:PORT`) names this machine: `localhost`, 127.0.0.0/8 or ::1 (or its
  * IPv4-mapped form).
  */
 export function isLoopbackAddress(address: string): boolean {
-  const target = address.replace(/^(dns:(\/\/[^/]*\/)?|ipv4:|ipv6:)/, "");
+  const target = targetOf(address);
   let host: string;
   if (target.startsWith("[")) {
     host = target.slice(1).split("]")[0];
@@ -548,6 +569,7 @@ export class GatewayClient {
   private readonly defaultTimeoutMs: number | null;
 
   constructor(address: string, options: GatewayClientOptions = {}) {
+    checkAddress(address);
     if (options.apiKey !== undefined && !/^[ -~]*$/.test(options.apiKey)) {
       // grpc-js would refuse it at each call with an error that repeats the key.
       throw new Error("apiKey has characters gRPC metadata cannot carry (a stray newline?)");
