@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
+from gateway_client import GatewayClient
 from gateway_client.connection import DEFAULT_MODEL
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -33,6 +34,7 @@ from service.errors import (
     to_rpc_status,
 )
 from tests.conftest import (
+    FAKE_MODEL,
     RunningGateway,
     chat,
     chat_stream,
@@ -267,6 +269,23 @@ async def test_node_client_sends_its_api_key_on_every_call(
     assert unkeyed["code"] == "UNAUTHENTICATED"
     usage = await gateway.stub.GetUsage(pb.GetUsageRequest(), metadata=as_tenant("team-a"))
     assert usage.total.requests == 1
+
+
+async def test_node_client_sends_no_key_for_an_empty_one_as_the_python_client(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """`apiKey: ""` (an unset variable's) sends no `authorization` metadata, as Python's
+    `api_key=""`: both calls are refused alike, as calls without a key. Before, Node sent
+    `Bearer ` alone, refused as metadata not of the form `Bearer <key>`."""
+    gateway = await start_gateway(secure_config(upstream.base_url))
+    address = gateway.server.address
+    node = await run_node(node_scenarios, "try-complete", "--address", address, "--api-key", "")
+    async with GatewayClient(address, api_key="") as client:
+        with pytest.raises(grpc.aio.AioRpcError) as python:
+            await client.complete("Say hi", model=FAKE_MODEL)
+    assert python.value.details().startswith("missing caller key")
+    assert (node["code"], node["message"]) == ("UNAUTHENTICATED", python.value.details())
+    assert upstream.requests == []
 
 
 async def test_node_client_never_shows_its_api_key_when_logged(

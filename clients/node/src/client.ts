@@ -311,7 +311,8 @@ export interface GatewayClientOptions {
   channelOptions?: grpc.ChannelOptions;
   /**
    * The caller key (`llmgw_...`), sent as `authorization: Bearer <key>` on every call; one
-   * with anything but printable ASCII (a stray newline) throws when the client is made.
+   * with anything but printable ASCII (a stray newline) throws when the client is made. An
+   * empty one (an unset variable's) is none, as in the Python client: nothing is sent.
    */
   apiKey?: string;
   /**
@@ -589,7 +590,9 @@ export class GatewayClient {
         ...options.channelOptions,
       },
     );
-    this.#apiKey = options.apiKey;
+    // `Bearer ` alone was refused as a malformed header where Python sends none, and
+    // JavaScript's null went as `Bearer null`, an unknown key.
+    this.#apiKey = options.apiKey || undefined;
     this.defaultTimeoutMs = checkedTimeoutMs(
       options.defaultTimeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.defaultTimeoutMs,
       "defaultTimeoutMs",
