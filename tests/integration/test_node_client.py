@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
+from gateway_client import GatewayClient
 from gateway_client.connection import DEFAULT_MODEL
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -33,6 +34,7 @@ from service.errors import (
     to_rpc_status,
 )
 from tests.conftest import (
+    FAKE_MODEL,
     RunningGateway,
     chat,
     chat_stream,
@@ -224,6 +226,24 @@ async def test_node_client_tells_loopback_addresses_apart_as_the_python_client(
     assert told == dict(LOOPBACK_ADDRESSES)
 
 
+@pytest.mark.parametrize(
+    "form",
+    ["{host}:{port}", "dns:///{host}:{port}", "ipv4:{host}:{port}", "[::ffff:{host}]:{port}"],
+)
+async def test_node_client_refuses_a_port_past_65535_when_made(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway, form: str
+) -> None:
+    """An address whose port is past 65535 throws a RangeError when the client is made,
+    saying so as the Python client's ValueError does. Before, grpc-js connected nowhere
+    and each call waited out its whole deadline, then failed DEADLINE_EXCEEDED."""
+    host, _, port = gateway.server.address.rpartition(":")
+    wrapped = form.format(host=host, port=int(port) + 65536)
+    result = await run_node(
+        node_scenarios, "without-timeout", "--address", wrapped, "--default-timeout-ms", "1000"
+    )
+    assert result == {"refused": f"{json.dumps(wrapped)}: the port must be 0..65535"}
+
+
 async def test_node_client_takes_an_answer_over_grpcs_default_message_limit(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:
@@ -249,6 +269,23 @@ async def test_node_client_sends_its_api_key_on_every_call(
     assert unkeyed["code"] == "UNAUTHENTICATED"
     usage = await gateway.stub.GetUsage(pb.GetUsageRequest(), metadata=as_tenant("team-a"))
     assert usage.total.requests == 1
+
+
+async def test_node_client_sends_no_key_for_an_empty_one_as_the_python_client(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """`apiKey: ""` (an unset variable's) sends no `authorization` metadata, as Python's
+    `api_key=""`: both calls are refused alike, as calls without a key. Before, Node sent
+    `Bearer ` alone, refused as metadata not of the form `Bearer <key>`."""
+    gateway = await start_gateway(secure_config(upstream.base_url))
+    address = gateway.server.address
+    node = await run_node(node_scenarios, "try-complete", "--address", address, "--api-key", "")
+    async with GatewayClient(address, api_key="") as client:
+        with pytest.raises(grpc.aio.AioRpcError) as python:
+            await client.complete("Say hi", model=FAKE_MODEL)
+    assert python.value.details().startswith("missing caller key")
+    assert (node["code"], node["message"]) == ("UNAUTHENTICATED", python.value.details())
+    assert upstream.requests == []
 
 
 async def test_node_client_never_shows_its_api_key_when_logged(
@@ -329,6 +366,57 @@ async def test_node_client_refuses_a_timeout_a_call_cannot_keep(
         node_scenarios, "timed-calls", "--address", address, "--timeout-ms", "1000000000"
     )
     assert kept == {"complete": "answered", "stream": "answered"}
+
+
+async def test_node_null_timeout_is_no_deadline_on_a_call_as_on_the_client(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`timeoutMs: null` on a call is no deadline, unary and streamed, as Python's
+    `timeout_s=None`: an answer slower than the client's `defaultTimeoutMs` arrives; so it
+    does on a client made with `defaultTimeoutMs: null`. Before, a call's null fell back
+    to the client's default, and the call failed DEADLINE_EXCEEDED."""
+    upstream.script(*[Reply(delay_s=1.0)] * 4)
+    address = gateway.server.address
+    per_call = await run_node(
+        node_scenarios,
+        "timed-calls",
+        "--address",
+        address,
+        "--default-timeout-ms",
+        "300",
+        "--timeout-ms",
+        "null",
+    )
+    assert per_call == {"complete": "answered", "stream": "answered"}
+    client = await run_node(
+        node_scenarios, "timed-calls", "--address", address, "--default-timeout-ms", "null"
+    )
+    assert client == {"complete": "answered", "stream": "answered"}
+
+
+@pytest.mark.parametrize(("timeout_ms", "kind"), [('"500"', "string"), ("true", "boolean")])
+async def test_node_client_refuses_a_timeout_that_is_not_a_number(
+    node_scenarios: Path,
+    upstream: FakeUpstream,
+    gateway: RunningGateway,
+    timeout_ms: str,
+    kind: str,
+) -> None:
+    """A `timeoutMs` or `defaultTimeoutMs` that is not a number (a string read from the
+    environment, a boolean) throws a TypeError before any call, as Python's `timeout_s`
+    does. Before, grpc-js threw its own "deadline must be a number or Date" for a string,
+    and took `true` for 1 ms: DEADLINE_EXCEEDED at once."""
+    address = gateway.server.address
+    refused = f"expected milliseconds or null, got {kind}"
+    calls = await run_node(
+        node_scenarios, "timed-calls", "--address", address, "--timeout-ms", timeout_ms
+    )
+    assert calls == {"complete": f"TypeError: timeoutMs: {refused}", "stream": calls["complete"]}
+    client = await run_node(
+        node_scenarios, "timed-calls", "--address", address, "--default-timeout-ms", timeout_ms
+    )
+    assert client == {"refused": f"defaultTimeoutMs: {refused}"}
+    assert upstream.requests == []
 
 
 async def test_node_sends_a_typed_reasoning_effort(

@@ -443,6 +443,33 @@ async def test_options_beside_a_ready_request_are_refused_not_dropped(
     assert len(upstream.requests) == 1
 
 
+async def test_complete_and_stream_take_either_request_message(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`stream` takes a ready CompleteStreamRequest, the message its RPC takes, and
+    `complete` and `stream` each take the other's too (the same fields), as Node's
+    `complete` and `completeStream` do; options beside either are refused alike. Before,
+    `stream(pb.CompleteStreamRequest(...))` (and `complete` of one) raised "TypeError:
+    build_request() missing 1 required keyword-only argument: 'model'"."""
+    turn = pb.Message(role=pb.ROLE_USER, content="Say hi")
+    params = pb.GenerationParams(max_tokens=12)
+    requests = [
+        pb.CompleteStreamRequest(model=FAKE_MODEL, messages=[turn], params=params),
+        pb.CompleteRequest(model=FAKE_MODEL, messages=[turn], params=params),
+    ]
+    async with GatewayClient(gateway.server.address) as client:
+        for request in requests:
+            assert "".join([text async for text in client.stream(request)]) == "Hello from fake"
+            assert (await client.complete(request)).content == "Hello from fake"
+            kind = type(request).__name__
+            with pytest.raises(TypeError, match=f"max_tokens go into the {kind} itself"):
+                client.stream(request, max_tokens=5)
+            with pytest.raises(TypeError, match=f"max_tokens go into the {kind} itself"):
+                await client.complete(request, max_tokens=5)
+    assert [r.body["max_tokens"] for r in upstream.requests] == [12] * 4
+    assert [r.body.get("stream", False) for r in upstream.requests] == [True, False] * 2
+
+
 @pytest.fixture(scope="module")
 def installed_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """gateway_client as a wheel installs it: built like deploy/Dockerfile, then unpacked."""

@@ -311,7 +311,8 @@ export interface GatewayClientOptions {
   channelOptions?: grpc.ChannelOptions;
   /**
    * The caller key (`llmgw_...`), sent as `authorization: Bearer <key>` on every call; one
-   * with anything but printable ASCII (a stray newline) throws when the client is made.
+   * with anything but printable ASCII (a stray newline) throws when the client is made. An
+   * empty one (an unset variable's) is none, as in the Python client: nothing is sent.
    */
   apiKey?: string;
   /**
@@ -332,8 +333,16 @@ export const DEFAULT_TIMEOUT_MS = 300_000;
  */
 export const MAX_TIMEOUT_MS = 1_000_000_000;
 
-/** `timeoutMs` (`name` the option's), when a call can keep it; null is no deadline. */
-function checkedTimeoutMs(timeoutMs: number | null, name: string): number | null {
+/**
+ * `timeoutMs` (`name` the option's), when a call can keep it; null is no deadline. One
+ * already passed (0, negative) is kept, as in Python: the call fails DEADLINE_EXCEEDED.
+ */
+function checkedTimeoutMs(timeoutMs: unknown, name: string): number | null {
+  if (timeoutMs !== null && typeof timeoutMs !== "number") {
+    // A string ("500", from the environment) would reach grpc-js as "now" + "500", and
+    // `true` as 1 ms: refused, as the Python client refuses all but numbers and None.
+    throw new TypeError(`${name}: expected milliseconds or null, got ${typeof timeoutMs}`);
+  }
   if (timeoutMs !== null && !(timeoutMs <= MAX_TIMEOUT_MS)) {
     // NaN fails the comparison too.
     throw new RangeError(
@@ -359,8 +368,11 @@ export const MAX_ANSWER_BYTES = 32 * 1024 * 1024;
 export const MAX_RETRIED_REQUEST_BYTES = 16 * 1024 * 1024;
 
 export interface CallOptions {
-  /** Milliseconds the whole call may take, retries and pushback waits included. */
-  timeoutMs?: number;
+  /**
+   * Milliseconds the whole call may take, retries and pushback waits included; `null`: no
+   * deadline. Left out, the client's `defaultTimeoutMs`.
+   */
+  timeoutMs?: number | null;
   metadata?: grpc.Metadata;
   /**
    * Cancels the call when it fires, as `CompletionStream.cancel()` does: the call fails
@@ -497,13 +509,34 @@ function credentialsOf(options: GatewayClientOptions): grpc.ChannelCredentials {
   return options.credentials ?? grpc.credentials.createInsecure();
 }
 
+/** A gRPC target past its scheme (`dns:`, `dns://DNS-SERVER/`, `ipv4:`, `ipv6:`). */
+function targetOf(address: string): string {
+  return address.replace(/^(dns:(\/\/[^/]*\/)?|ipv4:|ipv6:)/, "");
+}
+
+/**
+ * Refuse a gRPC target whose port is past 65535 (`HOST:PORT`, `[V6]:PORT`, behind any
+ * scheme `targetOf` reads), as the Python client does: grpc-js connects nowhere, and each
+ * call waited out its whole deadline (gRPC in Python takes the port modulo 65536).
+ */
+export function checkAddress(address: string): void {
+  const target = targetOf(address);
+  // A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
+  const port = target.startsWith("[")
+    ? /^\[[^\]]*\]:(\d+)$/.exec(target)?.[1]
+    : /^[^:]*:(\d+)$/.exec(target)?.[1];
+  if (port !== undefined && Number(port) > 65535) {
+    throw new RangeError(`${JSON.stringify(address)}: the port must be 0..65535`);
+  }
+}
+
 /**
  * Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`, `dns:HOST:PORT`,
  * `dns://DNS-SERVER/HOST:PORT`) names this machine: `localhost`, 127.0.0.0/8 or ::1 (or its
  * IPv4-mapped form).
  */
 export function isLoopbackAddress(address: string): boolean {
-  const target = address.replace(/^(dns:(\/\/[^/]*\/)?|ipv4:|ipv6:)/, "");
+  const target = targetOf(address);
   let host: string;
   if (target.startsWith("[")) {
     host = target.slice(1).split("]")[0];
@@ -537,6 +570,7 @@ export class GatewayClient {
   private readonly defaultTimeoutMs: number | null;
 
   constructor(address: string, options: GatewayClientOptions = {}) {
+    checkAddress(address);
     if (options.apiKey !== undefined && !/^[ -~]*$/.test(options.apiKey)) {
       // grpc-js would refuse it at each call with an error that repeats the key.
       throw new Error("apiKey has characters gRPC metadata cannot carry (a stray newline?)");
@@ -556,7 +590,9 @@ export class GatewayClient {
         ...options.channelOptions,
       },
     );
-    this.#apiKey = options.apiKey;
+    // `Bearer ` alone was refused as a malformed header where Python sends none, and
+    // JavaScript's null went as `Bearer null`, an unknown key.
+    this.#apiKey = options.apiKey || undefined;
     this.defaultTimeoutMs = checkedTimeoutMs(
       options.defaultTimeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.defaultTimeoutMs,
       "defaultTimeoutMs",
@@ -572,10 +608,15 @@ export class GatewayClient {
     return metadata;
   }
 
-  /** The call's deadline: its own timeout, else the client's default, else none. */
+  /** The call's deadline: its own timeout (null: none), else the client's default. */
   private deadlineOf(options: CallOptions): Partial<grpc.CallOptions> {
-    const timeoutMs = checkedTimeoutMs(options.timeoutMs ?? this.defaultTimeoutMs, "timeoutMs");
-    return timeoutMs === null ? {} : { deadline: Date.now() + timeoutMs };
+    // Not `??`: it took a call's null, "no deadline", for the client's default.
+    const timeoutMs =
+      options.timeoutMs === undefined
+        ? this.defaultTimeoutMs
+        : checkedTimeoutMs(options.timeoutMs, "timeoutMs");
+    // Infinity is grpc-js's own "no deadline".
+    return { deadline: timeoutMs === null ? Infinity : Date.now() + timeoutMs };
   }
 
   /** One chat completion; rejects with `GatewayCallError`. */

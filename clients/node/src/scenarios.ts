@@ -40,15 +40,28 @@ interface Args {
   /** With `decode`: the call's own status code, the trailer's status decoded as a call's. */
   code: number | undefined;
   apiKey: string | undefined;
-  defaultTimeoutMs: number | undefined;
+  /** Any value, as a caller might pass it: `timeoutArg`. */
+  defaultTimeoutMs: unknown;
   /** Set by `--tls` or any PEM file: the client connects with these TLS options. */
   tls: TlsOptions | undefined;
   /** Hand the client the PEM files' bytes rather than their paths. */
   pemBytes: boolean;
   /** With `overload-recovers`: the refused call's prompt is this many words, not "Say hi". */
   promptWords: number;
-  /** With `timed-calls`: each call's own `timeoutMs`. */
-  timeoutMs: number | undefined;
+  /** With `timed-calls`: each call's own `timeoutMs` (`timeoutArg`). */
+  timeoutMs: unknown;
+}
+
+/**
+ * A timeout flag's value as JSON (`null`, `"500"` a string, `true`), else as a number
+ * (`NaN`, `Infinity`): what a caller might hand the client.
+ */
+function timeoutArg(value: string): unknown {
+  try {
+    return JSON.parse(value);
+  } catch {
+    return Number(value);
+  }
 }
 
 /** Add a TLS option to the ones parsed so far, turning TLS on. */
@@ -107,13 +120,13 @@ function parseArgs(argv: string[]): Args {
         args.apiKey = value;
         break;
       case "--default-timeout-ms":
-        args.defaultTimeoutMs = Number(value);
+        args.defaultTimeoutMs = timeoutArg(value);
         break;
       case "--prompt-words":
         args.promptWords = Number(value);
         break;
       case "--timeout-ms":
-        args.timeoutMs = Number(value);
+        args.timeoutMs = timeoutArg(value);
         break;
       default:
         throw new Error(`unknown argument ${flag}`);
@@ -417,7 +430,7 @@ async function outcomeOf(call: () => Promise<unknown>): Promise<string> {
 async function timedCalls(client: GatewayClient, args: Args): Promise<Json> {
   // A unary and a streamed call, each with its own timeoutMs (--timeout-ms).
   const request = { model: args.model, messages: messages("Say hi") };
-  const options = { timeoutMs: args.timeoutMs };
+  const options = { timeoutMs: args.timeoutMs as number };
   return {
     complete: await outcomeOf(() => client.complete(request, options)),
     stream: await outcomeOf(async () => {
@@ -516,7 +529,7 @@ async function main(): Promise<void> {
   try {
     client = new GatewayClient(args.address, {
       apiKey: args.apiKey,
-      defaultTimeoutMs: args.defaultTimeoutMs,
+      defaultTimeoutMs: args.defaultTimeoutMs as number,
       tls: args.pemBytes && args.tls !== undefined ? asPemBytes(args.tls) : args.tls,
     });
   } catch (error) {

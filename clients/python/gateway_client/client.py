@@ -11,7 +11,7 @@ import ssl
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 from urllib.parse import unquote
 
 import grpc
@@ -29,6 +29,9 @@ _ROLES = {
     "tool": pb.ROLE_TOOL,
 }
 Turn = tuple[str, str] | pb.Message
+# A request `complete` and `stream` take as it is: the two messages have the same fields.
+ReadyRequest = pb.CompleteRequest | pb.CompleteStreamRequest
+_Request = TypeVar("_Request", pb.CompleteRequest, pb.CompleteStreamRequest)
 
 
 class _Default(enum.Enum):
@@ -311,18 +314,25 @@ def authorization_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
 
 
 def _request_of(
-    prompt: str | Sequence[Turn] | pb.CompleteRequest, options: Mapping[str, Any]
-) -> pb.CompleteRequest:
-    """`prompt` as a CompleteRequest: built (`build_request`) with `options`, or as given;
-    options beside a ready request are refused rather than silently left out."""
-    if not isinstance(prompt, pb.CompleteRequest):
-        return build_request(prompt, **options)
-    if options:
+    prompt: str | Sequence[Turn] | ReadyRequest,
+    options: Mapping[str, Any],
+    kind: type[_Request],
+) -> _Request:
+    """`prompt` as a `kind` request: built (`build_request`) with `options`, or as given,
+    either message (same fields, same numbers); options beside a ready request are refused
+    rather than silently left out."""
+    if not isinstance(prompt, ReadyRequest):
+        request: ReadyRequest = build_request(prompt, **options)
+    elif options:
         raise TypeError(
-            f"options {', '.join(sorted(options))} go into the CompleteRequest itself "
-            "when one is given"
+            f"options {', '.join(sorted(options))} go into the {type(prompt).__name__} "
+            "itself when one is given"
         )
-    return prompt
+    else:
+        request = prompt
+    if isinstance(request, kind):
+        return request
+    return kind.FromString(request.SerializeToString())
 
 
 class BatchResults:
@@ -646,15 +656,15 @@ class GatewayClient:
 
     async def complete(
         self,
-        prompt: str | Sequence[Turn] | pb.CompleteRequest,
+        prompt: str | Sequence[Turn] | ReadyRequest,
         *,
         timeout_s: Timeout = CLIENT_TIMEOUT,
         **kwargs: Any,
     ) -> pb.CompleteResponse:
         """One completion; `prompt` may be turns (as `build_request`) or a ready
-        CompleteRequest. Every method takes `timeout_s`, this call's deadline in seconds
-        (None: none), else the client's."""
-        request = _request_of(prompt, kwargs)
+        CompleteRequest (or CompleteStreamRequest). Every method takes `timeout_s`, this
+        call's deadline in seconds (None: none), else the client's."""
+        request = _request_of(prompt, kwargs, pb.CompleteRequest)
         response: pb.CompleteResponse = await self.stub.Complete(
             request, timeout=self._deadline(timeout_s), metadata=self._metadata
         )
@@ -662,15 +672,14 @@ class GatewayClient:
 
     def stream(
         self,
-        prompt: str | Sequence[Turn] | pb.CompleteRequest,
+        prompt: str | Sequence[Turn] | ReadyRequest,
         *,
         timeout_s: Timeout = CLIENT_TIMEOUT,
         **kwargs: Any,
     ) -> CompletionStream:
-        """A streamed completion: iterate for text, then read `.final`."""
-        unary = _request_of(prompt, kwargs)
-        request = pb.CompleteStreamRequest()
-        request.ParseFromString(unary.SerializeToString())  # same fields, same numbers
+        """A streamed completion: iterate for text, then read `.final`; `prompt` as
+        `complete` takes it, a ready CompleteStreamRequest or CompleteRequest included."""
+        request = _request_of(prompt, kwargs, pb.CompleteStreamRequest)
         call = self.stub.CompleteStream(
             request, timeout=self._deadline(timeout_s), metadata=self._metadata
         )
