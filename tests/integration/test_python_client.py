@@ -142,6 +142,9 @@ def test_loopback_gateway_addresses_are_told_apart(address: str, is_loopback: bo
         "dns:///{host}:{port}#x",
         "DNS:///{host}:{port}",
         "dns:///{host}%3A{port}",
+        # Address lists: gRPC refused these only as each call failed UNKNOWN.
+        "ipv4:{host}:{port}",
+        "ipv4:{host}:1,{host}:{port}",
     ],
 )
 async def test_a_port_past_65535_is_refused_not_wrapped_onto_another_port(

@@ -477,8 +477,8 @@ def is_loopback_address(address: str) -> bool:
 
 def check_address(address: str) -> None:
     """Refuse a gRPC target gRPC would misread: an empty one, or a `HOST:PORT` (also as
-    `dns:///HOST:PORT`, `dns:HOST:PORT` or `dns://DNS-SERVER/HOST:PORT`) whose port is
-    past 65535.
+    `dns:///HOST:PORT`, `dns:HOST:PORT`, `dns://DNS-SERVER/HOST:PORT`, or in an
+    `ipv4:`/`ipv6:` list) whose port is past 65535.
 
     gRPC takes such a port modulo 65536 (`:115587` is `:50051`), and would send the calls,
     and the caller key with them, to whatever listens there.
@@ -491,12 +491,16 @@ def check_address(address: str) -> None:
     # Read as gRPC reads it: a port with trailing blanks (`:115587 `) or escaped colons
     # (`%3A115587`) is still that port.
     target = _resolved_target(address)
-    host, sep, port = target.rpartition(":")
-    # A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
-    names_port = bool(sep and host) and "/" not in target
-    names_port = names_port and (host.startswith("[") or ":" not in host)
-    if names_port and port.isascii() and port.isdigit() and int(port) > 65535:
-        raise ValueError(f"{address!r}: the port must be 0..65535")
+    # `ipv4:`/`ipv6:` name a list of addresses, each with its port: gRPC refuses a port
+    # past 65535 there only as each call fails UNKNOWN ("the target uri is not valid").
+    is_list = target[:5].lower() in ("ipv4:", "ipv6:")
+    for each in target[5:].split(",") if is_list else (target,):
+        host, sep, port = each.rpartition(":")
+        # A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
+        names_port = bool(sep and host) and "/" not in each
+        names_port = names_port and (host.startswith("[") or ":" not in host)
+        if names_port and port.isascii() and port.isdigit() and int(port) > 65535:
+            raise ValueError(f"{address!r}: the port must be 0..65535")
 
 
 def check_timeout(timeout_s: float | None) -> float | None:
