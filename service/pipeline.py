@@ -549,9 +549,10 @@ class Pipeline:
         (`AttemptLog.lose`): timed out at the upstream's `timeout_s` once sent, or failed
         after a success status.
 
-        One row each, for the caller's tenant and the attempt's upstream: the prompt's
-        estimate as input (`_billed_prompt_tokens`), as output the estimate of what it
-        streamed (a unary call read as a stream; else none), estimated. Not a request:
+        One row each, for the caller's tenant and the attempt's upstream: the usage its
+        stream reported before it was lost (`LostAttempt.usage`), as a cut stream's; else
+        the prompt's estimate as input (`_billed_prompt_tokens`), as output the estimate of
+        what it streamed (a unary call read as a stream; else none), estimated. Not a request:
         `requests` stays the number of calls, and the call's answer (if any) keeps its own
         usage and cost. Called inside `hold.reserving`, once the call's answer (if any) is
         handed over, in the upstream call's task, so once per upstream call even when a
@@ -565,7 +566,7 @@ class Pipeline:
         lost, log.lost = log.lost, ()
         entries = []
         for attempt in lost:
-            usage = self._usage(prepared, _relayed_output(attempt.output), reported=None)
+            usage = self._usage(prepared, _relayed_output(attempt.output), attempt.usage)
             cost_usd = self._prices.cost_usd(request.model, usage)
             telemetry().record_token_usage(attempt.metric_attributes, usage)
             telemetry().record_lost_attempt(request, cost_usd)

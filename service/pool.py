@@ -105,6 +105,8 @@ class LostAttempt:
     metric_attributes: Mapping[str, Any]
     # What it streamed before it was lost (a unary call read as a stream), else nothing.
     output: tuple[TextChunk, ...] = ()
+    # The usage its stream reported before it was lost (`AttemptLog.usage`), if any.
+    usage: Usage | None = None
 
 
 @dataclass(slots=True)
@@ -197,7 +199,7 @@ class AttemptLog:
         """
         timed_out = self.is_sent and not self.is_refused and isinstance(exc, UpstreamTimeout)
         if (self.is_accepted and not isinstance(exc, UpstreamNotOpenAI)) or timed_out:
-            lost = LostAttempt(upstream, self.metric_attributes, tuple(self.output))
+            lost = LostAttempt(upstream, self.metric_attributes, tuple(self.output), self.usage)
             self.lost = (*self.lost, lost)
 
 

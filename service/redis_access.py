@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from redis import exceptions
 
 from service.config import GatewayConfig, has_redis_credentials, redis_password
-from service.redis_errors import refuses_access
+from service.redis_errors import access_refusal
 
 __all__ = ["check_redis_access"]
 
@@ -43,7 +43,7 @@ class _RedisUse:
             return f"{self.section}.redis_url"
         return f"{self.section}.redis_password_env"
 
-    def problem(self, refusal: Exception) -> str:
+    def problem(self, refusal: BaseException) -> str:
         """What the config error says: never the password, only Redis's reply."""
         said = f"Redis said: {refusal}"
         if not isinstance(refusal, _AUTHENTICATION):
@@ -81,7 +81,7 @@ def _redis_uses(config: GatewayConfig) -> list[_RedisUse]:
     ]
 
 
-async def _refusal(use: _RedisUse, environ: Mapping[str, str]) -> Exception | None:
+async def _refusal(use: _RedisUse, environ: Mapping[str, str]) -> BaseException | None:
     """Redis's refusal of one PING, or None: it answered, or gave no answer in time."""
     import redis.asyncio
 
@@ -95,7 +95,7 @@ async def _refusal(use: _RedisUse, environ: Mapping[str, str]) -> Exception | No
         async with asyncio.timeout(use.timeout_s):
             await client.ping()
     except Exception as exc:  # any failure but a refusal is an outage: started through
-        return exc if refuses_access(exc) else None
+        return access_refusal(exc)
     finally:
         await client.aclose()
     return None

@@ -55,10 +55,27 @@ _ACCESS_REFUSED = (
 )
 
 
+def access_refusal(exc: BaseException) -> BaseException | None:
+    """Redis's refusal of the gateway's credentials or its user's rights in `exc`, or None:
+    `exc` itself, or the error it was raised from. redis-py's unix-socket connections
+    authenticate inside their connect, whose failures it raises as a plain ConnectionError
+    from the refusal: missed, a wrong password on `unix://` passed for an outage."""
+    cause: BaseException | None = exc
+    for _ in range(_MOST_CAUSES):
+        if cause is None or isinstance(cause, _ACCESS_REFUSED):
+            return cause
+        cause = cause.__cause__
+    return None
+
+
+# How deep `access_refusal` looks: redis-py wraps a refusal once.
+_MOST_CAUSES = 3
+
+
 def refuses_access(exc: BaseException) -> bool:
     """Whether Redis refused the gateway's credentials or its user's rights: an operator's
     mistake (a wrong or missing password, an ACL too narrow), not an outage."""
-    return isinstance(exc, _ACCESS_REFUSED)
+    return access_refusal(exc) is not None
 
 
 # LOADING (`BusyLoadingError`) is a ConnectionError too: a Redis that cannot serve yet.

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from redis.exceptions import ResponseError
 
 from service.clock import SYSTEM_CLOCK, Clock
-from service.redis_errors import is_unanswered, refuses_access
+from service.redis_errors import access_refusal, is_unanswered, refuses_access
 
 log = logging.getLogger("llm_gateway.store")
 
@@ -118,8 +118,9 @@ class StoreCooldown:
             return True
         if self._until is None:
             self.skipped = 0
-            if refuses_access(exc):
-                log.error("store.auth_refused", extra=self._describe(exc))
+            refusal = access_refusal(exc)
+            if refusal is not None:
+                log.error("store.auth_refused", extra=self._describe(refusal))
             else:
                 log.warning(
                     "store.cooldown_started",

@@ -28,8 +28,10 @@ def _free_port() -> int:
 class RedisServer:
     """One `redis-server` subprocess without persistence, on a free loopback port."""
 
-    def __init__(self, *, password: str | None = None) -> None:
+    def __init__(self, *, password: str | None = None, unix_socket: bool = False) -> None:
+        """`unix_socket`: listen on a socket file too (`socket_url`), beside the port."""
         self.password = password
+        self._is_on_socket = unix_socket
         self.port = _free_port()
         self._dir = tempfile.mkdtemp(prefix="llmgw-redis-")
         self._process: subprocess.Popen[bytes] | None = None
@@ -38,6 +40,11 @@ class RedisServer:
     def url(self) -> str:
         """`redis://127.0.0.1:PORT/0`."""
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def socket_url(self) -> str:
+        """`unix:///PATH?db=0`, with `unix_socket`."""
+        return f"unix://{self._dir}/redis.sock?db=0"
 
     @property
     def is_running(self) -> bool:
@@ -66,6 +73,7 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", self._dir,
                 *(["--requirepass", self.password] if self.password else []),
+                *(["--unixsocket", f"{self._dir}/redis.sock"] if self._is_on_socket else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

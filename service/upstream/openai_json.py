@@ -453,7 +453,7 @@ def _loads(raw: bytes | str) -> dict[str, Any]:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        data = _halves_replaced(_loads_with_halves(raw, exc))
+        data = _loads_with_halves(raw, exc)
     return _json_object(data)
 
 
@@ -463,9 +463,12 @@ def _json_object(data: object) -> dict[str, Any]:
     return data
 
 
-def _loads_with_halves(raw: bytes | str, refusal: orjson.JSONDecodeError) -> Any:
+def _loads_with_halves(
+    raw: bytes | str, refusal: orjson.JSONDecodeError, kept_at_ends: Collection[str] = ()
+) -> Any:
     """`raw`, which orjson refused (`refusal`), parsed by the standard library's json when it
-    escapes a UTF-16 surrogate; else it is not valid JSON.
+    escapes a UTF-16 surrogate, its halves paired or U+FFFD but at the ends of strings under
+    `kept_at_ends` (`_halves_replaced`); else it is not valid JSON.
 
     A relay that cuts text by UTF-16 code units (JavaScript's strings: Node proxies) sends an
     emoji, U+1F600, as `"\\ud83d"` at the end of one event and `"\\ude00"` at the start of
@@ -475,8 +478,12 @@ def _loads_with_halves(raw: bytes | str, refusal: orjson.JSONDecodeError) -> Any
     try:
         text = raw.decode() if isinstance(raw, bytes) else raw
         if _SURROGATE_ESCAPE.search(text):
-            return json.loads(text, parse_constant=_refuse_constant)
-    except ValueError:  # not UTF-8, not JSON, or `_refuse_constant`'s
+            value = json.loads(text, parse_constant=_refuse_constant)
+            return _halves_replaced(value, kept_at_ends)
+    # Not UTF-8, not JSON, `_refuse_constant`'s, or nested deeper than json and
+    # `_halves_replaced` recurse (some hundreds of levels; orjson refuses past 1024): a
+    # malformed answer, retried, as orjson's refusal is, not the gateway's INTERNAL error.
+    except (ValueError, RecursionError):
         pass
     raise MalformedReply("not valid JSON") from refusal
 
@@ -863,7 +870,7 @@ class StreamParser:
         try:
             event = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            event = _halves_replaced(_loads_with_halves(data, exc), _STREAMED_TEXT_KEYS)
+            event = _loads_with_halves(data, exc, _STREAMED_TEXT_KEYS)
             self._is_pairing = True
         event = _json_object(event)
         if event.get("error"):  # also beside choices (OpenRouter); `"error": null` is none

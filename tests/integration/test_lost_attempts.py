@@ -14,6 +14,7 @@ page), which some other server sent.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from collections.abc import AsyncIterator
 from typing import Any
@@ -42,6 +43,9 @@ from tests.integration.test_cache import eventually
 from tests.integration.test_cut_call_charges import prompt_tokens
 from tests.integration.test_resilience import FAST_RESILIENCE
 from tests.integration.test_stream_charges import (
+    CACHE_PRICED_MODELS,
+    CACHED_PROMPT,
+    CACHED_PROMPT_USD,
     CALIBRATED,
     CUT,
     PRICED_MODELS,
@@ -237,7 +241,16 @@ async def test_an_answer_that_fails_after_a_success_status_is_charged_its_prompt
     ("mode", "fault"),
     [
         ("unary", Status(200, body=TRUNCATED_JSON, headers={"Content-Type": "text/plain"})),
-        ("stream", Reply(content="", finish_reason=None, headers={"Content-Type": "text/plain"})),
+        # No usage event: one would be charged as reported, not as the prompt's estimate.
+        (
+            "stream",
+            Reply(
+                content="",
+                finish_reason=None,
+                include_usage=False,
+                headers={"Content-Type": "text/plain"},
+            ),
+        ),
     ],
     ids=["json-cut", "stream-without-finish"],
 )
@@ -527,3 +540,28 @@ async def test_a_call_cut_while_its_lost_attempts_are_recorded_records_them_and_
     assert answer_and_lost.usage.input_tokens == 11 + prompt_tokens()
     assert answer_and_lost.usage.output_tokens == 5
     assert answer_and_lost.cost_usd == pytest.approx(ANSWER_USD + PROMPT_USD, abs=1e-12)
+
+
+async def test_a_streamed_unary_attempt_lost_after_its_usage_is_charged_that_usage(
+    fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: Any
+) -> None:
+    """up0 reads unary calls as streams (`stream_unary_calls`) and resets one after its
+    usage event, before `[DONE]`: the call is answered by up1, and the attempt lost on up0
+    is charged the usage it reported, cached input at its price, as a stream cut there is
+    (before, the prompt's estimate at the full input price, and the text's estimate)."""
+    data = gateway_config_data(
+        *(fake.base_url for fake in fakes),
+        models=CACHE_PRICED_MODELS,
+        resilience=FAST_RESILIENCE,
+    )
+    data["upstreams"][0]["stream_unary_calls"] = True
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    fakes[0].script(dataclasses.replace(CACHED_PROMPT, cut_before_done=True))
+    fakes[1].script(ANSWER)
+    assert_the_answers_own(await call(gateway, "unary"), attempts=2)
+    lost = by_upstream(await usage(gateway))["up0"]
+    assert (lost.requests, lost.estimated_requests) == (0, 0)
+    assert not lost.usage.estimated
+    assert (lost.usage.input_tokens, lost.usage.cached_input_tokens) == (1000, 800)
+    assert lost.usage.output_tokens == 3
+    assert lost.cost_usd == pytest.approx(CACHED_PROMPT_USD, abs=1e-12)

@@ -533,6 +533,39 @@ async def test_a_redis_refusing_the_password_stops_the_start_with_status_2(
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize(
+    ("password", "problem"),
+    [
+        pytest.param(_WRONG_PASSWORD, "Redis refused the password in GW_TEST_REDIS_PW", id="wrong"),
+        pytest.param(None, "Redis asks for a password and none is configured", id="none"),
+    ],
+)
+async def test_a_redis_on_a_unix_socket_refusing_the_password_stops_the_start(
+    tmp_path: Path, password: str | None, problem: str
+) -> None:
+    """`auth.redis_url: unix:///PATH` refusing the password stops `serve` as over TCP.
+
+    Before, the gateway started: redis-py raises a refusal on a unix socket as a plain
+    ConnectionError from it, which the check took for an outage.
+    """
+    redis = RedisServer(password=_REDIS_PASSWORD, unix_socket=True)
+    await redis.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_GATEWAY")}
+        password_env = None if password is None else "GW_TEST_REDIS_PW"
+        if password is not None:
+            env["GW_TEST_REDIS_PW"] = password
+        path = _redis_config(tmp_path, "auth", redis.socket_url, password_env)
+        code, stderr = await _refused_start("serve", "--config", str(path), env=env)
+    finally:
+        await redis.stop()
+    assert code == 2
+    assert f"llm-gateway: config error: {path}: auth.redis_password_env: {problem}" in stderr
+    assert _WRONG_PASSWORD not in stderr
+    assert _REDIS_PASSWORD not in stderr
+
+
+@pytest.mark.redis
 async def test_check_says_a_redis_refuses_the_password_as_serve_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -218,3 +218,28 @@ async def test_a_cached_stream_replays_the_character_whole(
         assert "".join(d.content for d in deltas) == f"Hi {EMOJI}!"
     assert hit.content == f"Hi {EMOJI}!"
     assert upstream.requests == 1
+
+
+# JSON nested deeper than the standard library's parser (and the pairing after it) recurse.
+DEEP = b"[" * 3000 + b"]" * 3000
+
+
+async def test_a_deeply_nested_stream_event_with_a_half_is_a_malformed_answer(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """An event holding a lone half and JSON nested 3000 deep fails as a malformed answer
+    (UNAVAILABLE, retried), as the same event without the half does: orjson refuses it,
+    and so, here, does the parser that reads halves.
+
+    Before, that parser's RecursionError failed the call INTERNAL, with no details and no
+    retry."""
+    event = text_event(r"a\ud83d")[: -len(b"]}\n\n")] + b'],"x":%s}\n\n' % DEEP
+    upstream = SSEUpstream(event + STOP)
+    async with upstream as url:
+        gateway = await start_gateway(gateway_config(url))
+        deltas, final, error = await streamed(gateway, chat_stream())
+    assert (deltas, final) == ([], None)
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "malformed answer: not valid JSON" in (error.details() or "")
+    assert upstream.requests > 1

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import pytest
+from redis import exceptions
 from redis._parsers.base import BaseParser
 from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -129,6 +130,25 @@ def test_a_refused_password_is_one_error_until_redis_answers(
         ("store.auth_refused", logging.ERROR),
     ]
     assert caplog.records[0].__dict__["store"] == "ledger"
+
+
+def test_a_refused_password_on_a_unix_socket_is_an_error_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """redis-py raises a refusal on a unix socket (`unix://`) as a plain ConnectionError
+    from the refusal: `store.auth_refused` all the same, naming the refusal, not a
+    `store.cooldown_started` warning as for an outage."""
+    cooldown = StoreCooldown("auth", clock=FakeClock())
+    wrongpass = BaseParser.parse_error("WRONGPASS invalid username-password pair")
+    try:
+        raise exceptions.ConnectionError(wrongpass) from wrongpass
+    except exceptions.ConnectionError as wrapped:
+        with caplog.at_level(logging.INFO, logger="llm_gateway.store"):
+            cooldown.failed(wrapped)
+    assert [(r.message, r.levelno) for r in caplog.records] == [
+        ("store.auth_refused", logging.ERROR)
+    ]
+    assert caplog.records[0].__dict__["error"] == "AuthenticationError"
 
 
 def test_a_noperm_reply_starts_its_episode_with_an_error(caplog: pytest.LogCaptureFixture) -> None:
