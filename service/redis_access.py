@@ -1,12 +1,13 @@
 """Refusing to start on a Redis that refuses the gateway's credentials.
 
-A wrong password (or none where Redis asks for one, or a user without the rights the
-gateway needs) would otherwise pass for an outage: budgets and tenant limits fail open,
-usage rows wait and are lost, the cache never stores, and the log says only that the
-store is cooling down. So as the gateway starts (and in `llm-gateway check`) each
-configured Redis gets one PING within its section's timeout. A refusal is a config error
-on the key that holds the credentials, with what Redis said; no answer at all (down,
-unreachable, hung) is an outage, which the gateway starts through as it runs through one.
+A wrong password (or none where Redis asks for one) would otherwise pass for an outage:
+budgets and tenant limits fail open, usage rows wait and are lost, the cache never
+stores, and the log says only that the store is cooling down. So as the gateway starts
+(and in `llm-gateway check`) each configured Redis gets one PING within its section's
+timeout. A refusal of the credentials
+is a config error on the key that holds them, with what Redis said; no answer at all
+(down, unreachable, hung) is an outage, which the gateway starts through as it runs
+through one, and a user refused PING itself (NOPERM) was let in.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from service.redis_errors import access_refusal
 
 __all__ = ["check_redis_access"]
 
-# Refusals of the credentials themselves; the others (NOPERM) refuse the user a right.
+# Refusals of the credentials themselves. Not NOPERM: a user refused PING was let in, and
+# the gateway never sends PING otherwise (a least-privilege ACL may well leave it out);
+# one refused a command the gateway does send says so at its first call.
+# (AuthenticationWrongNumberOfArgsError: AUTH with a user name to a Redis before 6.)
 _AUTHENTICATION = (exceptions.AuthenticationError, exceptions.AuthenticationWrongNumberOfArgsError)
 
 
@@ -46,11 +50,6 @@ class _RedisUse:
     def problem(self, refusal: BaseException) -> str:
         """What the config error says: never the password, only Redis's reply."""
         said = f"Redis said: {refusal}"
-        if not isinstance(refusal, _AUTHENTICATION):
-            return (
-                f"Redis refuses the gateway's user a command it needs ({said}); grant it "
-                "the commands and keys the gateway uses"
-            )
         if has_redis_credentials(self.url):
             return f"Redis refused the user or password in the URL ({said})"
         if self.password_env:
@@ -95,7 +94,8 @@ async def _refusal(use: _RedisUse, environ: Mapping[str, str]) -> BaseException 
         async with asyncio.timeout(use.timeout_s):
             await client.ping()
     except Exception as exc:  # any failure but a refusal is an outage: started through
-        return access_refusal(exc)
+        refusal = access_refusal(exc)
+        return refusal if isinstance(refusal, _AUTHENTICATION) else None
     finally:
         await client.aclose()
     return None

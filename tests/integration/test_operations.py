@@ -594,6 +594,37 @@ async def test_check_says_a_redis_refuses_the_password_as_serve_does(
     assert _WRONG_PASSWORD not in captured.out + captured.err
 
 
+@pytest.mark.redis
+async def test_a_redis_user_refused_only_ping_starts(tmp_path: Path) -> None:
+    """A least-privilege ACL user with every command the gateway sends but PING: its
+    credentials were taken, so the gateway starts. Before, the start check's PING got
+    NOPERM and `serve` exited 2, refusing a user that would have worked."""
+    import redis.asyncio
+
+    server = RedisServer(password=_REDIS_PASSWORD)
+    await server.start()
+    try:
+        admin = redis.asyncio.Redis.from_url(server.url, password=_REDIS_PASSWORD)
+        await admin.execute_command("ACL", "SETUSER", "gw", "on", ">gwpass", "~*", "&*", "+@all")
+        await admin.execute_command("ACL", "SETUSER", "gw", "-ping")
+        await admin.aclose()
+        url = f"redis://gw:gwpass@127.0.0.1:{server.port}/0"
+        path = tmp_path / "gateway.yaml"
+        path.write_text(
+            yaml.safe_dump(gateway_config_data("http://127.0.0.1:9/v1", ledger={"redis_url": url}))
+        )
+        process = await _spawn("serve", "--config", str(path), "--workers", "1")
+        try:
+            assert process.stdout is not None
+            line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), timeout=30)
+    finally:
+        await server.stop()
+    assert line.decode().startswith("llm-gateway listening on 127.0.0.1:")
+
+
 async def test_a_redis_that_does_not_answer_at_start_is_an_outage_started_through(
     tmp_path: Path,
 ) -> None:
