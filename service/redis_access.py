@@ -4,10 +4,10 @@ A wrong password (or none where Redis asks for one) would otherwise pass for an 
 budgets and tenant limits fail open, usage rows wait and are lost, the cache never
 stores, and the log says only that the store is cooling down. So as the gateway starts
 (and in `llm-gateway check`) each configured Redis gets one PING within its section's
-timeout. A refusal of the credentials
-is a config error on the key that holds them, with what Redis said; no answer at all
-(down, unreachable, hung) is an outage, which the gateway starts through as it runs
-through one, and a user refused PING itself (NOPERM) was let in.
+timeout. A refusal of the credentials is a config error on the key that holds them, with
+what Redis said; no answer at all (down, unreachable, hung) is an outage, which the
+gateway starts through as it runs through one, and a user refused PING itself (NOPERM)
+was let in.
 """
 
 from __future__ import annotations
