@@ -509,6 +509,15 @@ function credentialsOf(options: GatewayClientOptions): grpc.ChannelCredentials {
   return options.credentials ?? grpc.credentials.createInsecure();
 }
 
+/**
+ * `address` with its gRPC scheme (`DNS:`, `IPv4:`, ...) in lower case: a URI's scheme goes
+ * in any case (RFC 3986), as the Python client reads it, but grpc-js matches it by case,
+ * and connected nowhere for `DNS:///HOST:PORT`, each call waiting out its whole deadline.
+ */
+function withLowerCaseScheme(address: string): string {
+  return address.replace(/^(dns|ipv4|ipv6|unix):/i, (scheme) => scheme.toLowerCase());
+}
+
 /** A gRPC target past its scheme (`dns:`, `dns://DNS-SERVER/`, `ipv4:`, `ipv6:`). */
 function targetOf(address: string): string {
   return address.replace(/^(dns:(\/\/[^/]*\/)?|ipv4:|ipv6:)/, "");
@@ -569,7 +578,8 @@ export class GatewayClient {
   readonly #apiKey: string | undefined;
   private readonly defaultTimeoutMs: number | null;
 
-  constructor(address: string, options: GatewayClientOptions = {}) {
+  constructor(given: string, options: GatewayClientOptions = {}) {
+    const address = withLowerCaseScheme(given);
     checkAddress(address);
     if (options.apiKey !== undefined && !/^[ -~]*$/.test(options.apiKey)) {
       // grpc-js would refuse it at each call with an error that repeats the key.
