@@ -445,6 +445,10 @@ class UpstreamConfig:
     # template puts them, for a server whose chat format drops the system role (the local
     # model's `gemma`: llama-cpp-python's formatter drops such messages, silently).
     system_messages: Literal["send", "fold"] = "send"
+    # Whether the upstream takes tools: `false` for a server that would ignore a request's
+    # tools and drop tool calls and results without a word (llama-cpp-python's plain chat
+    # formats, the local model's `gemma` among them). Calls that use tools avoid it.
+    takes_tools: bool = True
     # Relay a `<think>...</think>` block opening the answer's text as reasoning: what
     # servers without a reasoning parser send (vLLM without `--reasoning-parser`, llama.cpp
     # without `--reasoning-format`). Off by default, as some models write such tags as text.

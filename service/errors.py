@@ -2,7 +2,9 @@
 
     GatewayError
     ├── InvalidRequest            INVALID_ARGUMENT  (BadRequest field violations)
-    │   └── ContextWindowExceeded INVALID_ARGUMENT  (estimate and limit in the violation)
+    │   ├── ContextWindowExceeded INVALID_ARGUMENT  (estimate and limit in the violation)
+    │   └── ToolsUnsupported      INVALID_ARGUMENT  (tools to a model none of whose
+    │                                                upstreams takes them)
     ├── ModelNotFound             NOT_FOUND         (ErrorInfo)
     ├── Unauthenticated           UNAUTHENTICATED   (ErrorInfo)
     ├── PermissionDenied          PERMISSION_DENIED (ErrorInfo)
@@ -161,6 +163,26 @@ class ContextWindowExceeded(InvalidRequest):
         super().__init__([violation])
         self.estimated_tokens = estimated_tokens
         self.limit_tokens = limit_tokens
+
+
+class ToolsUnsupported(InvalidRequest):
+    """The request uses tools (declares them, or sends tool calls or results back) and no
+    upstream of its model takes them (`upstreams[].takes_tools: false`): sent anyway, the
+    model would answer as if it had none, its tool results dropped."""
+
+    reason = "TOOLS_UNSUPPORTED"
+
+    def __init__(self, model: str, field: str) -> None:
+        """`field`: the first one using tools, `tools` or a message's."""
+        description = (
+            f"model {quoted(model)} takes no tools: its upstreams ignore them and drop tool "
+            "calls and results; use a model that takes tools, or send none"
+        )
+        super().__init__([FieldViolation(field, description)])
+        # The status message says why, not only where: most clients show nothing else.
+        self.message = f"invalid request: {field}: {description}"
+        self.args = (self.message,)
+        self.model = model
 
 
 class ModelNotFound(GatewayError):
@@ -507,7 +529,7 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
             )
         )
     metadata: dict[str, str] = {}
-    if isinstance(exc, ModelNotFound):
+    if isinstance(exc, ModelNotFound | ToolsUnsupported):
         metadata["model"] = clipped(exc.model)
     if isinstance(exc, UpstreamError):
         metadata["upstream"] = exc.upstream

@@ -43,6 +43,13 @@ UPSTREAM_NAME = LOCAL_MODEL_UPSTREAM
 FORMATS_WITHOUT_SYSTEM_ROLE = frozenset(
     {"gemma", "intel", "mistral-instruct", "open-orca", "openbuddy", "phind", "vicuna"}
 )
+# llama-cpp-python's chat formats that take tools: the function-calling handlers. Every
+# plain formatter (`gemma` too) ignores a request's tools and drops assistant tool calls
+# and tool results, so the local upstream takes no tools for those (`takes_tools`). A
+# `chat_template.NAME` is given them, to render as its template says.
+FORMATS_WITH_TOOLS = frozenset(
+    {"chatml-function-calling", "functionary", "functionary-v1", "functionary-v2"}
+)
 # Where llama-cpp-python's server reads its `api_key` setting from (pydantic settings):
 # its environment, which other users cannot read, unlike its command line.
 _API_KEY_VARIABLE = "API_KEY"
@@ -132,6 +139,12 @@ def check_chat_template(config: LocalModelConfig, model_path: Path) -> None:
         f"{model_path} (templates it holds: {held}); name one of those, or a format "
         "llama.cpp registers, such as gemma"
     )
+
+
+def _takes_tools(chat_format: str) -> bool:
+    """Whether llama.cpp's server, run with `chat_format`, shows the model a request's tools
+    and its tool calls and results."""
+    return chat_format in FORMATS_WITH_TOOLS or chat_format.startswith(GGUF_TEMPLATE_FORMAT)
 
 
 def restart_delay_s(base_s: float, in_a_row: int) -> float:
@@ -251,6 +264,7 @@ class LocalModelServer:
             system_messages=(
                 "fold" if self.config.chat_format in FORMATS_WITHOUT_SYSTEM_ROLE else "send"
             ),
+            takes_tools=_takes_tools(self.config.chat_format),
         )
 
     def state(self) -> LocalModelState:

@@ -27,12 +27,13 @@ from typing import Any
 from service.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from service.clock import SYSTEM_CLOCK, Clock, Deadline
 from service.config import ResilienceConfig
-from service.domain import ChatRequest, Usage
+from service.domain import ChatRequest, Role, Usage
 from service.errors import (
     DeadlineExceeded,
     GatewayError,
     ModelNotFound,
     StreamInterrupted,
+    ToolsUnsupported,
     UpstreamAuthRejected,
     UpstreamError,
     UpstreamNotOpenAI,
@@ -72,6 +73,8 @@ log = logging.getLogger("llm_gateway.pool")
 _DEFAULT_MAX_TOKENS = 256  # tokens reserved for the answer when the request sets none
 # Why a call skips an upstream that is down with a restart due (`UpstreamPool.set_down`).
 RESTARTING = "restarting"
+# Why a call that uses tools skips an upstream with `takes_tools: false`.
+TAKES_NO_TOOLS = "takes no tools"
 
 
 # An upstream timeout this close to the caller's deadline was the deadline's doing: both
@@ -88,6 +91,19 @@ def upstream_idempotency_key(tenant: str, key: str) -> str:
     de-duplicated and the tenants apart, and tells the provider neither.
     """
     return hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()
+
+
+def _tool_field(request: ChatRequest) -> str | None:
+    """The first field of `request` that uses tools (`tools`, an assistant message's
+    `tool_calls`, a tool result's `tool_call_id`), or None when none does."""
+    if request.tools:
+        return "tools"
+    for i, message in enumerate(request.messages):
+        if message.tool_calls:
+            return f"messages[{i}].tool_calls"
+        if message.role is Role.TOOL:
+            return f"messages[{i}].tool_call_id"
+    return None
 
 
 def _hit_callers_deadline(exc: BaseException, deadline: Deadline) -> bool:
@@ -292,11 +308,22 @@ class _WeightedRoundRobin:
 
 
 class _CallPlan:
-    """The routes of one call in the order to try them, and those ruled out for it."""
+    """The routes of one call in the order to try them, and those ruled out for it.
 
-    def __init__(self, routes: Sequence[Route], first: int) -> None:
+    `toolless`: upstreams that take no tools, left out of a call that uses them: never
+    tried, but named among those ruled out.
+    """
+
+    def __init__(
+        self, routes: Sequence[Route], first: int, *, toolless: Container[str] = ()
+    ) -> None:
         self.order = [*routes[first:], *routes[:first]]
         self.excluded: dict[str, str] = {}  # upstream name -> why
+        if toolless:
+            self.excluded = {
+                r.client.name: TAKES_NO_TOOLS for r in routes if r.client.name in toolless
+            }
+            self.order = [r for r in self.order if r.client.name not in toolless]
 
     def exclude(self, route: Route, why: str) -> None:
         self.excluded[route.client.name] = why
@@ -397,6 +424,13 @@ class UpstreamPool:
             for model, upstream_model in client.config.models.items():
                 self._routes.setdefault(model, []).append(Route(client, upstream_model))
         self._balancers = {m: _WeightedRoundRobin(len(r)) for m, r in self._routes.items()}
+        # The models some of whose upstreams take no tools, with those upstreams: a call to
+        # any other model never looks at its tools.
+        self._toolless: dict[str, frozenset[str]] = {}
+        for model, routes in self._routes.items():
+            toolless = frozenset(r.client.name for r in routes if not r.client.config.takes_tools)
+            if toolless:
+                self._toolless[model] = toolless
         # Upstreams known to be down whatever their breakers say, with when a restart is
         # due to answer, if one is (`set_down`).
         self._down: dict[str, float | None] = {}
@@ -437,13 +471,32 @@ class UpstreamPool:
         breaker = BreakerState.OPEN if upstream in self._down else state.breaker.state
         return breaker, state.limiter.in_flight
 
-    def _plan(self, model: str, tokens: int) -> _CallPlan:
+    def toolless_upstreams(self, request: ChatRequest) -> frozenset[str]:
+        """The upstreams of `request`'s model it must not go to: those that take no tools
+        (`upstreams[].takes_tools: false`), when it uses tools; else none.
+
+        Raises `ToolsUnsupported` when it uses tools and none of them takes any.
+        """
+        toolless = self._toolless.get(request.model)
+        if toolless is None:  # every upstream of the model takes tools: most calls
+            return frozenset()
+        field = _tool_field(request)
+        if field is None:
+            return frozenset()
+        if len(toolless) == len(self._routes[request.model]):
+            raise ToolsUnsupported(request.model, field)
+        return toolless
+
+    def _plan(self, request: ChatRequest, tokens: int) -> _CallPlan:
+        model = request.model
         routes = self.routes(model)
+        toolless = self.toolless_upstreams(request)
         down = self._down
         if len(routes) == 1:
             plan = _CallPlan(routes, 0)  # nothing to choose between
         else:
-            plan = _CallPlan(routes, self._first_route(model, routes, tokens))
+            first = self._first_route(model, routes, tokens, skipping=toolless)
+            plan = _CallPlan(routes, first, toolless=toolless)
         if down:
             for route in plan.order:
                 if route.client.name in down:
@@ -451,13 +504,18 @@ class UpstreamPool:
                     plan.exclude(route, self._why_down(route.client.name))
         return plan
 
-    def _first_route(self, model: str, routes: Sequence[Route], tokens: int) -> int:
+    def _first_route(
+        self, model: str, routes: Sequence[Route], tokens: int, *, skipping: Container[str]
+    ) -> int:
         """The index of the route a call of `tokens` tries first: the weighted round-robin's
-        pick among the usable routes whose limiter starts it now; when none does, among
-        those it would wait in least (most often one)."""
+        pick among the usable routes (not in `skipping`) whose limiter starts it now; when
+        none does, among those it would wait in least (most often one)."""
         states = [self._states[r.client.name] for r in routes]
         allowed = [
-            state.breaker.allows() and state.client.name not in self._down for state in states
+            state.breaker.allows()
+            and state.client.name not in self._down
+            and state.client.name not in skipping
+            for state in states
         ]
         ready = [
             ok and state.limiter.starts_now(tokens)
@@ -866,7 +924,7 @@ class UpstreamPool:
         (never below the plain one), for the upstreams' token limits.
         """
         tokens = self._tokens(request, prompt_tokens)
-        plan = self._plan(request.model, tokens)
+        plan = self._plan(request, tokens)
         progress = _Progress()
         while attempt := await self._next_attempt(
             plan, request, deadline, log, progress, tokens=tokens
@@ -939,7 +997,7 @@ class UpstreamPool:
         """
         call_started = time.monotonic()
         tokens = self._tokens(request, prompt_tokens)
-        plan = self._plan(request.model, tokens)
+        plan = self._plan(request, tokens)
         progress = _Progress()
         while attempt := await self._next_attempt(
             plan, request, deadline, log, progress, tokens=tokens

@@ -12,8 +12,9 @@ import pytest
 
 from gateway_client import GatewayClient
 from llmgateway.v1 import gateway_pb2 as pb
-from tests.conftest import FAKE_MODEL, gateway_config
-from tests.fake_upstream import Reply, ToolCallReply
+from service.config import parse_config
+from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
+from tests.fake_upstream import FakeUpstream, Reply, Status, ToolCallReply
 from tests.integration.helpers import error_info, field_violations
 
 ONE_ATTEMPT: dict[str, object] = {"resilience": {"attempts": 1}}
@@ -761,3 +762,135 @@ async def test_python_client_tool_calls_taken_before_the_loop_are_whole_after_it
         calls = stream.tool_calls
         assert [text async for text in stream] == []
     assert _calls(calls) == [("call_1", "get_weather", WEATHER_CALL.arguments)]
+
+
+# -- upstreams that take no tools (`takes_tools: false`) ------------------------------
+
+TOOL_RESULT_TURNS = (
+    pb.Message(role=pb.ROLE_USER, content="Weather in Paris?"),
+    pb.Message(
+        role=pb.ROLE_ASSISTANT,
+        tool_calls=[pb.ToolCall(id="call_1", name="get_weather", arguments='{"city":"Paris"}')],
+    ),
+    pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content='{"temp_c": 21}'),
+)
+
+
+def _toolless_first(*base_urls: str) -> Any:
+    """A config whose first upstream (up0) takes no tools, the others (up1, ...) do."""
+    data = gateway_config_data(*base_urls)
+    data["upstreams"][0]["takes_tools"] = False
+    return parse_config(data, source="<test>", environ={})
+
+
+@pytest.fixture
+async def second_upstream() -> Any:
+    """Another fake upstream serving the fake model."""
+    async with FakeUpstream(models=(FAKE_MODEL,)) as fake:
+        yield fake
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_call_using_tools_goes_only_to_an_upstream_that_takes_them(
+    upstream, second_upstream, start_gateway, is_stream
+):
+    """Declared tools, or tool calls and results sent back without tools, reach only the
+    upstream that takes tools, call after call; the one that takes none gets nothing."""
+    gateway = await start_gateway(_toolless_first(upstream.base_url, second_upstream.base_url))
+    requests = [
+        _request(stream=is_stream),
+        _request(stream=is_stream),
+        _request(*TOOL_RESULT_TURNS, stream=is_stream, tools=[]),
+    ]
+    for request in requests:
+        if is_stream:
+            events = await _collect(gateway.stub, request)
+            assert events[-1].final.upstream == "up1"
+        else:
+            assert (await gateway.stub.Complete(request)).metadata.upstream == "up1"
+    assert upstream.requests == []
+    assert len(second_upstream.requests) == 3
+    assert "tools" in second_upstream.requests[0].body
+    assert second_upstream.requests[2].body["messages"][2]["role"] == "tool"
+
+
+async def test_a_call_without_tools_still_goes_to_either_upstream(
+    upstream, second_upstream, start_gateway
+):
+    """Calls without tools take turns between both upstreams, as before, the one that
+    takes no tools included, and a call with tools between them leaves that one's turn."""
+    gateway = await start_gateway(_toolless_first(upstream.base_url, second_upstream.base_url))
+    served = [(await gateway.stub.Complete(chat())).metadata.upstream for _ in range(2)]
+    await gateway.stub.Complete(_request())
+    served += [(await gateway.stub.Complete(chat())).metadata.upstream for _ in range(2)]
+    assert sorted(served) == ["up0", "up0", "up1", "up1"]
+    assert len(upstream.requests) == 2
+    assert all("tools" not in r.body for r in upstream.requests)
+
+
+async def test_a_call_failing_on_the_upstream_with_tools_names_the_one_without(
+    upstream, second_upstream, start_gateway
+):
+    """When the only upstream taking tools fails, the call is UNAVAILABLE from it (not
+    sent to the other), and the message says why the other was left out."""
+    data = gateway_config_data(upstream.base_url, second_upstream.base_url, **ONE_ATTEMPT)
+    data["upstreams"][0]["takes_tools"] = False
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    second_upstream.script(Status(500))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(_request())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).metadata["upstream"] == "up1"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (_request(), "tools"),
+        (_request(stream=True), "tools"),
+        # No tools declared: a tool call and its result sent back use them all the same.
+        (_request(*TOOL_RESULT_TURNS, tools=[]), "messages[1].tool_calls"),
+    ],
+    ids=["tools", "stream", "tool-result"],
+)
+async def test_a_model_whose_upstreams_take_no_tools_refuses_a_call_using_them(
+    upstream, start_gateway, request_, field
+):
+    """INVALID_ARGUMENT, a BadRequest on the first field using tools naming the model, an
+    ErrorInfo TOOLS_UNSUPPORTED; never UNAVAILABLE, and the upstream is sent nothing."""
+    gateway = await start_gateway(_toolless_first(upstream.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if isinstance(request_, pb.CompleteStreamRequest):
+            await _collect(gateway.stub, request_)
+        else:
+            await gateway.stub.Complete(request_)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "takes no tools" in caught.value.details()
+    violations = field_violations(caught.value)
+    assert list(violations) == [field]
+    assert f"model {FAKE_MODEL!r} takes no tools" in violations[field]
+    info = error_info(caught.value)
+    assert (info.reason, dict(info.metadata)) == ("TOOLS_UNSUPPORTED", {"model": FAKE_MODEL})
+    assert upstream.requests == []
+    # The same model answers a call without tools.
+    assert (await gateway.stub.Complete(chat())).metadata.upstream == "up0"
+
+
+async def test_a_batch_item_using_tools_fails_alone_on_a_model_taking_none(upstream, start_gateway):
+    """The item with tools fails with the same error; the item without them is answered."""
+    gateway = await start_gateway(_toolless_first(upstream.base_url))
+    batch = pb.CompleteBatchRequest(
+        items=[
+            pb.BatchItem(id="tools", request=_request()),
+            pb.BatchItem(id="plain", request=chat()),
+        ]
+    )
+    events = [event async for event in gateway.stub.CompleteBatch(batch)]
+    by_id = {e.result.id: e.result for e in events if e.HasField("result")}
+    refused = by_id["tools"].error
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "takes no tools" in refused.message
+    assert by_id["plain"].HasField("response")
+    assert len(upstream.requests) == 1
+    assert "tools" not in upstream.requests[0].body
