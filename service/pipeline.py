@@ -207,8 +207,9 @@ class Pipeline:
         validate_chat_request(request, defaults)
         model, params = request.model, request.params
         self._pool.routes(model)
-        # Refused here, before the cache, the budgets and the tenant's limits see it.
-        self._pool.toolless_upstreams(request)
+        if model in self._pool.toolless:
+            # Refused here, before the cache, the budgets and the tenant's limits see it.
+            self._pool.toolless_upstreams(request)
         calibration = self.calibration.factor(model, request.tenant)
         fitted = fit_messages(
             request.messages,

@@ -425,12 +425,12 @@ class UpstreamPool:
                 self._routes.setdefault(model, []).append(Route(client, upstream_model))
         self._balancers = {m: _WeightedRoundRobin(len(r)) for m, r in self._routes.items()}
         # The models some of whose upstreams take no tools, with those upstreams: a call to
-        # any other model never looks at its tools.
-        self._toolless: dict[str, frozenset[str]] = {}
+        # any other model never looks at its tools (nor makes a Python call to decide).
+        self.toolless: dict[str, frozenset[str]] = {}
         for model, routes in self._routes.items():
             toolless = frozenset(r.client.name for r in routes if not r.client.config.takes_tools)
             if toolless:
-                self._toolless[model] = toolless
+                self.toolless[model] = toolless
         # Upstreams known to be down whatever their breakers say, with when a restart is
         # due to answer, if one is (`set_down`).
         self._down: dict[str, float | None] = {}
@@ -477,8 +477,8 @@ class UpstreamPool:
 
         Raises `ToolsUnsupported` when it uses tools and none of them takes any.
         """
-        toolless = self._toolless.get(request.model)
-        if toolless is None:  # every upstream of the model takes tools: most calls
+        toolless = self.toolless.get(request.model)
+        if toolless is None:  # every upstream of the model takes tools
             return frozenset()
         field = _tool_field(request)
         if field is None:
@@ -490,7 +490,7 @@ class UpstreamPool:
     def _plan(self, request: ChatRequest, tokens: int) -> _CallPlan:
         model = request.model
         routes = self.routes(model)
-        toolless = self.toolless_upstreams(request)
+        toolless = self.toolless_upstreams(request) if model in self.toolless else ()
         down = self._down
         if len(routes) == 1:
             plan = _CallPlan(routes, 0)  # nothing to choose between
