@@ -455,7 +455,10 @@ class Pipeline:
         """The upstream call behind a cache miss; budgets are checked and reserved only here."""
         request = prepared.request
         log = AttemptLog()
-        prompt_tokens = self._billed_prompt_tokens(prepared)
+        # `_billed_prompt_tokens` written out: a Python call less on every miss.
+        prompt_tokens = self.calibration.billed_tokens(
+            request.model, request.tenant, estimated_tokens=prepared.prompt_tokens
+        )
         # Handed over inside: a call whose caller left is recorded before its reservation
         # is released, so its cost counts all along, reserved or spent.
         async with hold.reserving(request, prompt_tokens=prompt_tokens):
@@ -643,7 +646,9 @@ class Pipeline:
         log = AttemptLog()
         relayed: list[TextChunk] = []
         end: StreamEnd | None = None
-        prompt_tokens = self._billed_prompt_tokens(prepared)
+        prompt_tokens = self.calibration.billed_tokens(  # `_billed_prompt_tokens`, inline
+            request.model, request.tenant, estimated_tokens=prepared.prompt_tokens
+        )
         async with hold.reserving(request, prompt_tokens=prompt_tokens):
             # Closed here, at once, when this stream is: not later by a GC hook's own task.
             upstream = cast(

@@ -454,10 +454,6 @@ def _loads(raw: bytes | str) -> dict[str, Any]:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         data = _loads_with_halves(raw, exc)
-    return _json_object(data)
-
-
-def _json_object(data: object) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MalformedReply("not a JSON object")
     return data
@@ -872,7 +868,8 @@ class StreamParser:
         except orjson.JSONDecodeError as exc:
             event = _loads_with_halves(data, exc, _STREAMED_TEXT_KEYS)
             self._is_pairing = True
-        event = _json_object(event)
+        if not isinstance(event, dict):  # inline: a Python call less for every event
+            raise MalformedReply("not a JSON object")
         if event.get("error"):  # also beside choices (OpenRouter); `"error": null` is none
             raise ReportedError(data)
         if not self.id:
