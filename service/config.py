@@ -970,6 +970,12 @@ class TelemetryConfig:
         )
 
 
+# The longest `ledger.retention_days`: far past any need, and an expiry Redis takes. Past
+# about 1e11 days its milliseconds overflow: Redis refused every write, and every call's
+# usage and spend were lost (GetUsage empty, budgets never charged) while calls went on.
+MAX_RETENTION_DAYS = 10**9
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerConfig:
     """Where usage is summed: in memory, or in Redis shared by every replica."""
@@ -1000,7 +1006,10 @@ class LedgerConfig:
             60 <= self.bucket_s <= 86400 and 86400 % self.bucket_s == 0,
             "bucket_s must divide a day and be >= 60",
         )
-        _require(self.retention_days >= 1, "retention_days must be >= 1")
+        _require(
+            1 <= self.retention_days <= MAX_RETENTION_DAYS,
+            f"retention_days must be 1..{MAX_RETENTION_DAYS}",
+        )
 
 
 # The largest budget: far past any spend, and still a number the ledger's arithmetic

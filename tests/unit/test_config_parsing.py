@@ -476,6 +476,13 @@ def test_env_override_on_real_file() -> None:
             id="price-past-the-ledgers-figures",
         ),
         pytest.param(
+            {"ledger": {"retention_days": 2 * 10**11}},
+            {},
+            "ledger",
+            "retention_days must be 1..1000000000",
+            id="retention-past-what-redis-expires",
+        ),
+        pytest.param(
             {"server": {"overload_retry_after_s": float("nan")}},
             {},
             "server.overload_retry_after_s",
