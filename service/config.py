@@ -1188,6 +1188,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{key}: must be an integer")
+        # No setting means more past 64 bits, and some overflowed a float past about 1e308:
+        # a rate failed every call INTERNAL, `resilience.attempts` the start.
+        if not -(2**63) <= value < 2**63:
+            raise ValueError(f"{key}: must be an integer of at most 64 bits")
         return int(value)  # not a `_WrittenInt`: the number alone
     if tp is bool:
         if not isinstance(value, bool):
