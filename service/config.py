@@ -974,6 +974,12 @@ class TelemetryConfig:
         )
 
 
+# The longest `ledger.retention_days`: far past any need, and an expiry Redis takes. Past
+# about 1e11 days its milliseconds overflow: Redis refused every write, and every call's
+# usage and spend were lost (GetUsage empty, budgets never charged) while calls went on.
+MAX_RETENTION_DAYS = 10**9
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerConfig:
     """Where usage is summed: in memory, or in Redis shared by every replica."""
@@ -1004,7 +1010,10 @@ class LedgerConfig:
             60 <= self.bucket_s <= 86400 and 86400 % self.bucket_s == 0,
             "bucket_s must divide a day and be >= 60",
         )
-        _require(self.retention_days >= 1, "retention_days must be >= 1")
+        _require(
+            1 <= self.retention_days <= MAX_RETENTION_DAYS,
+            f"retention_days must be 1..{MAX_RETENTION_DAYS}",
+        )
 
 
 # The largest budget: far past any spend, and still a number the ledger's arithmetic
@@ -1183,6 +1192,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{key}: must be an integer")
+        # No setting means more past 64 bits, and some overflowed a float past about 1e308:
+        # a rate failed every call INTERNAL, `resilience.attempts` the start.
+        if not -(2**63) <= value < 2**63:
+            raise ValueError(f"{key}: must be an integer of at most 64 bits")
         return int(value)  # not a `_WrittenInt`: the number alone
     if tp is bool:
         if not isinstance(value, bool):

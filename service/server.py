@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -56,7 +57,12 @@ from service.security import (
 from service.servicer import CompletionServicer
 from service.shared_limits import SharedLimits
 from service.telemetry import Telemetry, TelemetrySetupError, activate
-from service.telemetry.setup import MetricsHostError, MetricsListenError
+from service.telemetry.setup import (
+    MetricsHostError,
+    MetricsListenError,
+    prometheus_endpoint_port,
+    prometheus_port_problem,
+)
 from service.telemetry.subscribers import observe_cache, observe_store_writes, subscribe_pool
 from service.tenant_limits import RedisTenantLimiter
 from service.upstream.client import UpstreamClient
@@ -388,6 +394,7 @@ class GatewayServer:
     async def _start_telemetry(self, prices: PriceList) -> None:
         """Install this server's telemetry; restored and flushed when the server closes."""
         if self.telemetry is None:
+            self._check_prometheus_port()
             try:
                 self.telemetry = Telemetry.from_config(self.config.telemetry, prices=prices)
             except TelemetrySetupError as exc:
@@ -401,6 +408,17 @@ class GatewayServer:
         previous = activate(self.telemetry)
         self._stack.push_async_callback(self.telemetry.aclose)
         self._stack.callback(activate, previous)
+
+    def _check_prometheus_port(self) -> None:
+        """Refuse a Prometheus endpoint on the gateway's own listen port (`check` and the
+        supervisor of workers refuse it by `worker_configs`)."""
+        telemetry = self.config.telemetry
+        port = prometheus_endpoint_port(telemetry, os.environ)
+        if port is None:
+            return
+        problem = prometheus_port_problem(self.config.server, telemetry.prometheus_host, port)
+        if problem is not None:
+            raise self.config.error("telemetry.prometheus_port", problem)
 
     @property
     def address(self) -> str:

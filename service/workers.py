@@ -41,7 +41,12 @@ from service.config import ConfigError, GatewayConfig, host_and_port
 from service.cpus import usable_cpus
 from service.hosts import ListenError
 from service.local_model import LocalModelServer, LocalModelState
-from service.telemetry.setup import DEFAULT_PROMETHEUS_PORT, is_off, names_prometheus
+from service.telemetry.setup import (
+    DEFAULT_PROMETHEUS_PORT,
+    is_off,
+    names_prometheus,
+    prometheus_port_problem,
+)
 
 T = TypeVar("T")
 
@@ -123,7 +128,8 @@ def worker_configs(
     """One config per worker: the same but for each one's Prometheus port (base + index).
 
     Raises:
-        ConfigError: the last worker's port would be past 65535.
+        ConfigError: the last worker's port would be past 65535, or a worker's would be
+            the port `server.listen` or `server.health_listen` listens on.
     """
     env = os.environ if environ is None else environ
     telemetry = config.telemetry
@@ -140,6 +146,14 @@ def worker_configs(
             f"{count} workers{_set_by(config)} need ports {base}..{base + count - 1}; the "
             "last is past 65535",
         )
+    for index in range(count):
+        endpoint = "the Prometheus endpoint"
+        if count > 1:
+            endpoint = f"worker {index}'s Prometheus endpoint (prometheus_port + {index})"
+        host = telemetry.prometheus_host
+        problem = prometheus_port_problem(config.server, host, base + index, endpoint=endpoint)
+        if problem is not None:
+            raise config.error("telemetry.prometheus_port", problem)
     return [
         dataclasses.replace(
             config, telemetry=dataclasses.replace(telemetry, prometheus_port=base + index)

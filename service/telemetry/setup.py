@@ -33,8 +33,8 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from service.config import TelemetryConfig
-from service.hosts import listen_host_problem
+from service.config import ServerConfig, TelemetryConfig, host_and_port
+from service.hosts import listen_host_problem, listen_hosts_overlap
 from service.telemetry.histograms import HistogramExport, suits
 from service.telemetry.lean_tracer import LeanTracer
 from service.telemetry.outages import (
@@ -78,6 +78,28 @@ def check_prometheus_host(config: TelemetryConfig, port: int) -> None:
         raise MetricsHostError(
             f"cannot listen on {config.prometheus_host}:{port} for Prometheus metrics: {problem}"
         )
+
+
+def prometheus_port_problem(
+    server: ServerConfig, host: str, port: int, *, endpoint: str = "the Prometheus endpoint"
+) -> str | None:
+    """Why `endpoint` cannot listen on `host:port` when `server.listen` or
+    `server.health_listen` listens on that port at a shared address; else None. The
+    endpoint opens first and takes the port, and the gateway's own listen then failed as
+    if another program held the address (`check` said ok)."""
+    for key, listen in (
+        ("server.listen", server.listen),
+        ("server.health_listen", server.health_listen),
+    ):
+        if listen is None:
+            continue
+        listen_host, listen_port = host_and_port(listen)
+        if port != 0 and port == listen_port and listen_hosts_overlap(host, listen_host):
+            return (
+                f"{endpoint} would listen on {host}:{port}, the port {key} "
+                f"{listen} listens on: give it another port"
+            )
+    return None
 
 
 def prometheus_endpoint_port(config: TelemetryConfig, environ: Mapping[str, str]) -> int | None:

@@ -926,6 +926,70 @@ async def test_check_refuses_worker_metrics_ports_past_65535_as_serve_does(
 
 
 @pytest.mark.parametrize(
+    ("server", "metrics_port", "problem"),
+    [
+        pytest.param(
+            "{listen: '127.0.0.1:PORT'}",
+            "PORT",
+            "the Prometheus endpoint would listen on 127.0.0.1:PORT, the port server.listen "
+            "127.0.0.1:PORT listens on",
+            id="listen",
+        ),
+        pytest.param(
+            "{listen: '127.0.0.1:0', health_listen: 'localhost:PORT'}",
+            "PORT",
+            "the Prometheus endpoint would listen on 127.0.0.1:PORT, the port "
+            "server.health_listen localhost:PORT listens on",
+            id="health-listen",
+        ),
+        pytest.param(
+            "{listen: '127.0.0.1:PORT', workers: 2}",
+            "PREVIOUS",
+            "worker 1's Prometheus endpoint (prometheus_port + 1) would listen on "
+            "127.0.0.1:PORT, the port server.listen 127.0.0.1:PORT listens on",
+            id="a-workers-port",
+        ),
+    ],
+)
+async def test_a_prometheus_port_on_the_gateways_own_port_is_a_config_error(
+    tmp_path, capsys, server, metrics_port, problem
+):
+    """A Prometheus endpoint (a worker's too) on the port `server.listen` or
+    `server.health_listen` listens on is a config error on `telemetry.prometheus_port`
+    from `serve` (exit 2) and, in the same line, from `check`.
+
+    Before, `check` said ok, and `serve` opened the endpoint first and then exited 1 with
+    "cannot listen on 127.0.0.1:PORT: the address is taken or not local", the gateway
+    having taken its own port.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ports = {"PREVIOUS": str(port - 1), "PORT": str(port)}
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"server: {server.replace('PORT', str(port))}\nlocal_model: {{enabled: never}}\n"
+        f"telemetry: {{prometheus_port: {ports[metrics_port]}}}\n"
+    )
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, serve_err = await asyncio.wait_for(serve.communicate(), timeout=60)
+    refusal = (
+        f"llm-gateway: config error: {config}: telemetry.prometheus_port: "
+        f"{problem.replace('PORT', str(port))}: give it another port"
+    )
+    assert serve.returncode == 2
+    assert serve_err.decode().strip().splitlines()[-1] == refusal
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip() == refusal
+    assert ": ok" not in captured.out
+
+
+@pytest.mark.parametrize(
     ("key", "host", "problem"),
     [
         (

@@ -17,7 +17,7 @@ from google.rpc import error_details_pb2, status_pb2
 from gateway_client.cli import main as cli_main
 from gateway_client.commands import usage
 from llmgateway.v1 import gateway_pb2 as pb
-from service.config import MAX_BUDGET_USD, parse_config
+from service.config import MAX_BUDGET_USD, MAX_RETENTION_DAYS, parse_config
 from service.domain import ToolCall
 from service.errors import RETRY_PUSHBACK_TRAILER
 from service.ledger import UsageFilter, UsageRow
@@ -639,6 +639,31 @@ async def test_the_largest_budget_lets_calls_through_and_counts_them(
         section = {"redis_url": request.getfixturevalue("redis_url"), "key_prefix": "big-budget"}
     budgets = {"*": {"usd": MAX_BUDGET_USD, "period": "day"}}
     gw = await start_gateway(gateway_config(upstream.base_url, ledger=section, budgets=budgets))
+    unary = (await gw.stub.Complete(chat())).metadata
+    streamed = metadata_of([e async for e in gw.stub.CompleteStream(chat_stream())])
+    total = (await gw.stub.GetUsage(pb.GetUsageRequest())).total
+    assert total.requests == 2
+    assert total.cost_usd == pytest.approx(unary.cost_usd + streamed.cost_usd, abs=1e-12)
+
+
+@pytest.mark.parametrize("ledger", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_the_longest_retention_records_every_call(
+    upstream, start_gateway, request: pytest.FixtureRequest, ledger: str
+) -> None:
+    """With `retention_days` at its most (`MAX_RETENTION_DAYS`), calls are recorded and
+    charged, in the process and in Redis; a longer one is a config error
+    (`test_config_parsing`).
+
+    Before, a retention of 2e11 days was a valid config whose expiry Redis refused: every
+    call's usage and spend were lost (`ledger.record_lost`), GetUsage showed none and no
+    budget was ever charged, while the calls themselves succeeded."""
+    section: dict[str, object] = {"retention_days": MAX_RETENTION_DAYS}
+    if ledger == "redis":
+        section |= {
+            "redis_url": request.getfixturevalue("redis_url"),
+            "key_prefix": uuid.uuid4().hex,
+        }
+    gw = await start_gateway(gateway_config(upstream.base_url, ledger=section))
     unary = (await gw.stub.Complete(chat())).metadata
     streamed = metadata_of([e async for e in gw.stub.CompleteStream(chat_stream())])
     total = (await gw.stub.GetUsage(pb.GetUsageRequest())).total

@@ -1008,6 +1008,21 @@ async def test_a_return_to_an_upstream_the_call_tried_waits_its_backoff(start_ga
     assert (len(first.requests), len(second.requests)) == (2, 1)
 
 
+async def test_the_largest_rates_the_config_takes_let_calls_through(upstream, start_gateway):
+    """Upstream and tenant rates at the largest integer the config takes (64 bits) pass
+    calls, unary and streamed; a larger one is a config error (`test_config_parsing`).
+
+    Before, a rate of 10**400 was a valid config on which every call failed INTERNAL: its
+    bucket's refill overflowed a float."""
+    largest = 2**63 - 1
+    rates = {"requests_per_minute": largest, "tokens_per_minute": largest}
+    config = gateway_config(upstream.base_url, tenants={"*": rates})
+    gateway = await start_gateway(dataclass_replace_upstream(config, **rates))
+    assert (await gateway.stub.Complete(chat())).content == "Hello from fake"
+    text = "".join([e.delta.content async for e in gateway.stub.CompleteStream(chat_stream())])
+    assert text == "Hello from fake"
+
+
 async def test_concurrency_limit_queues_on_the_upstream(start_gateway):
     """With max_concurrency 1 concurrent calls reach the upstream one at a time."""
     async with FakeUpstream(default=Reply(delay_s=0.1)) as fake:

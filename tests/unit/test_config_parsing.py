@@ -476,6 +476,27 @@ def test_env_override_on_real_file() -> None:
             id="price-past-the-ledgers-figures",
         ),
         pytest.param(
+            {"tenants": {"*": {"tokens_per_minute": 10**400}}},
+            {},
+            "tenants.*.tokens_per_minute",
+            "must be an integer of at most 64 bits",
+            id="integer-past-a-float",
+        ),
+        pytest.param(
+            {"resilience": {"attempts": 2**63}},
+            {},
+            "resilience.attempts",
+            "must be an integer of at most 64 bits",
+            id="integer-past-64-bits",
+        ),
+        pytest.param(
+            {"ledger": {"retention_days": 2 * 10**11}},
+            {},
+            "ledger",
+            "retention_days must be 1..1000000000",
+            id="retention-past-what-redis-expires",
+        ),
+        pytest.param(
             {"server": {"overload_retry_after_s": float("nan")}},
             {},
             "server.overload_retry_after_s",
