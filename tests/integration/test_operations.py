@@ -613,16 +613,10 @@ async def test_a_redis_user_refused_only_ping_starts(tmp_path: Path) -> None:
         path.write_text(
             yaml.safe_dump(gateway_config_data("http://127.0.0.1:9/v1", ledger={"redis_url": url}))
         )
-        process = await _spawn("serve", "--config", str(path), "--workers", "1")
-        try:
-            assert process.stdout is not None
-            line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), timeout=30)
+        line, _ = await _first_line_then_sigterm(path)
     finally:
         await server.stop()
-    assert line.decode().startswith("llm-gateway listening on 127.0.0.1:")
+    assert line.startswith("llm-gateway listening on 127.0.0.1:")
 
 
 async def test_a_redis_that_does_not_answer_at_start_is_an_outage_started_through(
@@ -641,15 +635,22 @@ async def test_a_redis_that_does_not_answer_at_start_is_an_outage_started_throug
         )
         path = tmp_path / "gateway.yaml"
         path.write_text(yaml.safe_dump(data))
-        process = await _spawn("serve", "--config", str(path), "--workers", "1")
-        try:
-            assert process.stdout is not None
-            line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), timeout=30)
-    assert line.decode().startswith("llm-gateway listening on 127.0.0.1:")
-    assert process.returncode == 0
+        line, returncode = await _first_line_then_sigterm(path)
+    assert line.startswith("llm-gateway listening on 127.0.0.1:")
+    assert returncode == 0
+
+
+async def _first_line_then_sigterm(path: Path) -> tuple[str, int | None]:
+    """`serve --workers 1` on the config at `path`: its first line on stdout, and its exit
+    status once SIGTERM stopped it."""
+    process = await _spawn("serve", "--config", str(path), "--workers", "1")
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), timeout=30)
+    return line.decode(), process.returncode
 
 
 async def test_workers_share_one_port_and_drain_on_sigterm(upstream, tmp_path):
