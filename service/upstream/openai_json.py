@@ -967,6 +967,10 @@ _CONTEXT_PHRASES = (
     "prompt is too long",  # Anthropic: "prompt is too long: N tokens > M maximum"
     "input is too long",  # Bedrock: "Input is too long for requested model."
     "tokens + `max_new_tokens` must be <=",  # TGI (Together, Hugging Face endpoints), a 422
+    # TGI's other refusal as too long, of a prompt over its `--max-input-tokens` (set below
+    # the total on many endpoints) whose answer would still fit: "`inputs` must have less
+    # than N tokens. Given: M".
+    "`inputs` must have less than",
 )
 # The statuses a refusal as too long comes with: TGI's validation errors are 422s.
 _CONTEXT_STATUSES = frozenset({400, 422})

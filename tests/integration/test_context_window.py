@@ -436,6 +436,11 @@ TGI_TOO_LONG = (
     "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 1024. Given: "
     "1000 `inputs` tokens and 100 `max_new_tokens`",
 )
+# TGI's refusal of a prompt over its `--max-input-tokens` whose answer would still fit.
+TGI_INPUT_TOO_LONG = (
+    422,
+    "Input validation error: `inputs` must have less than 1000 tokens. Given: 1100",
+)
 GEMINI_TOO_LONG = (
     400,
     "The input token count (1100) exceeds the maximum number of tokens allowed (1024).",
@@ -447,6 +452,7 @@ ANTHROPIC_TOO_LONG = (400, "prompt is too long: 1100 tokens > 1024 maximum")
     ("status", "message", "body"),
     [
         (*TGI_TOO_LONG, {"error": TGI_TOO_LONG[1], "error_type": "validation"}),
+        (*TGI_INPUT_TOO_LONG, {"error": TGI_INPUT_TOO_LONG[1], "error_type": "validation"}),
         (
             *GEMINI_TOO_LONG,
             [{"error": {"code": 400, "message": GEMINI_TOO_LONG[1], "status": "INVALID_ARGUMENT"}}],
@@ -456,12 +462,12 @@ ANTHROPIC_TOO_LONG = (400, "prompt is too long: 1100 tokens > 1024 maximum")
             {"error": {"type": "invalid_request_error", "message": ANTHROPIC_TOO_LONG[1]}},
         ),
     ],
-    ids=["tgi", "gemini", "anthropic"],
+    ids=["tgi", "tgi-input", "gemini", "anthropic"],
 )
 async def test_other_providers_refusals_as_too_long_are_context_window_exceeded(
     upstream_small, start_gateway, status, message, body
 ):
-    """TGI's 422, Gemini's listed error and Anthropic's message say the prompt is over the
+    """TGI's 422s, Gemini's listed error and Anthropic's message say the prompt is over the
     window as OpenAI's 400 does: the caller gets `CONTEXT_WINDOW_EXCEEDED` with what the
     upstream said, and the calibration learns, so the same prompt is refused before it is
     sent again. Before, each was an upstream rejection that taught nothing."""
