@@ -10,7 +10,9 @@ Secret references against upstream key names).
 from __future__ import annotations
 
 import math
+import os
 import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -818,6 +820,71 @@ def test_dockerfile_is_multi_stage_non_root_and_keyless() -> None:
     assert f"EXPOSE {GRPC_PORT}" in text
     assert f"LLM_GATEWAY__SERVER__LISTEN=0.0.0.0:{GRPC_PORT}" in text
     assert not re.search(r"^\s*(ENV|ARG)\s+\S*API_KEY", text, flags=re.MULTILINE)
+
+
+def _ignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
+    """.dockerignore's patterns in order, each (is an exception `!...`, its regex), with
+    Docker's syntax: `*` and `?` within one path segment, `**` across any number."""
+    patterns = []
+    for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        glob = os.path.normpath(text.removeprefix("!").strip()).lstrip("/")
+        regex = re.escape(glob).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*")
+        regex = regex.replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        patterns.append((text.startswith("!"), re.compile(regex)))
+    return patterns
+
+
+def _in_build_context(path: str, patterns: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Whether `docker build .` sends `path` (relative to the root): the last pattern
+    matching it or a directory above it decides."""
+    paths = [path, *(str(p) for p in Path(path).parents if str(p) != ".")]
+    included = True
+    for exception, pattern in patterns:
+        if any(pattern.fullmatch(p) for p in paths):
+            included = exception
+    return included
+
+
+def _image_needs() -> tuple[set[Path], set[Path]]:
+    """What the image's build reads: the wheel's package directories (pyproject.toml's),
+    and single files: those the wheel is built with, the default config, and the targets
+    of links in the packages."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    tops = {name.split(".")[0] for name in setuptools["packages"]}
+    packages = {ROOT / setuptools["package-dir"].get(top, top) for top in tops}
+    files = {ROOT / f for f in ("pyproject.toml", "README.md", "constraints.txt")}
+    files.add(ROOT / "config" / "gateway.yaml")
+    files.update(p.resolve() for d in packages for p in d.rglob("*") if p.is_symlink())
+    return packages, files
+
+
+# Made by `make setup`, `make test` and builds: never in a checkout's history, and too big
+# to walk, so checked by a sample path each.
+_BUILD_OUTPUTS = frozenset({".git", ".venv", "node_modules", "__pycache__", "build", "dist"})
+
+
+def test_the_build_context_holds_what_the_image_needs_and_nothing_else() -> None:
+    """`docker build` sends the daemon (and copies into the build stage) only the wheel's
+    sources and the files it is built with: not the Node client, whose node_modules
+    (over 150 MB after `make test`) came along whole, nor a venv or a cache."""
+    patterns = _ignore_patterns()
+    packages, files = _image_needs()
+    for directory, subdirectories, names in os.walk(ROOT):
+        subdirectories[:] = [d for d in subdirectories if d not in _BUILD_OUTPUTS]
+        for path in (Path(directory) / name for name in names):
+            needed = path in files or any(p in path.parents for p in packages)
+            relative = str(path.relative_to(ROOT))
+            assert _in_build_context(relative, patterns) == needed, relative
+    for output in (
+        "clients/node/node_modules/typescript/package.json",
+        ".venv/bin/python",
+        "service/__pycache__/server.cpython-311.pyc",
+        "generated/llmgateway/v1/__pycache__/gateway_pb2.cpython-311.pyc",
+    ):
+        assert not _in_build_context(output, patterns), output
 
 
 def _seconds(duration: str) -> float:
