@@ -444,11 +444,11 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
     });
     // grpc-js ends a failed call at once, dropping the messages it received that nobody
     // had read yet: the text before the failure, for a loop begun after it, was lost. So
-    // each is read as it arrives (an answer is at most 16 Mi characters), and the call
-    // ends this buffer only after the last of them.
-    this.#received = call.pipe(
-      new PassThrough({ objectMode: true, highWaterMark: Number.MAX_SAFE_INTEGER }),
-    );
+    // they go through this buffer, which the call ends only after the last of them. Its
+    // default bound keeps gRPC's flow control: a caller that stops reading stalls the
+    // stream, as the gateway's `stalled_stream_timeout_s` needs to close its upstream
+    // request, where an unbounded one read (and had generated) the whole answer.
+    this.#received = call.pipe(new PassThrough({ objectMode: true }));
     if (signal?.aborted) {
       // An 'abort' listener added now would never run.
       call.cancel();
