@@ -230,7 +230,15 @@ async def test_node_client_tells_loopback_addresses_apart_as_the_python_client(
 
 @pytest.mark.parametrize(
     "form",
-    ["{host}:{port}", "dns:///{host}:{port}", "ipv4:{host}:{port}", "[::ffff:{host}]:{port}"],
+    [
+        "{host}:{port}",
+        "dns:///{host}:{port}",
+        "ipv4:{host}:{port}",
+        "[::ffff:{host}]:{port}",
+        # A list with the gateway's own address in it: the call hung past its deadline.
+        "ipv4:{host}:{port},{host}:{good_port}",
+        "ipv6:[::1]:{good_port},[::1]:{port}",
+    ],
 )
 async def test_node_client_refuses_a_port_past_65535_when_made(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway, form: str
@@ -239,7 +247,7 @@ async def test_node_client_refuses_a_port_past_65535_when_made(
     saying so as the Python client's ValueError does. Before, grpc-js connected nowhere
     and each call waited out its whole deadline, then failed DEADLINE_EXCEEDED."""
     host, _, port = gateway.server.address.rpartition(":")
-    wrapped = form.format(host=host, port=int(port) + 65536)
+    wrapped = form.format(host=host, port=int(port) + 65536, good_port=port)
     result = await run_node(
         node_scenarios, "without-timeout", "--address", wrapped, "--default-timeout-ms", "1000"
     )

@@ -525,17 +525,22 @@ function targetOf(address: string): string {
 
 /**
  * Refuse a gRPC target whose port is past 65535 (`HOST:PORT`, `[V6]:PORT`, behind any
- * scheme `targetOf` reads), as the Python client does: grpc-js connects nowhere, and each
- * call waited out its whole deadline (gRPC in Python takes the port modulo 65536).
+ * scheme `targetOf` reads, or in an `ipv4:`/`ipv6:` list), as the Python client does:
+ * grpc-js connects nowhere, and each call waited out its whole deadline (gRPC in Python
+ * takes the port modulo 65536).
  */
 export function checkAddress(address: string): void {
   const target = targetOf(address);
-  // A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
-  const port = target.startsWith("[")
-    ? /^\[[^\]]*\]:(\d+)$/.exec(target)?.[1]
-    : /^[^:]*:(\d+)$/.exec(target)?.[1];
-  if (port !== undefined && Number(port) > 65535) {
-    throw new RangeError(`${JSON.stringify(address)}: the port must be 0..65535`);
+  // `ipv4:`/`ipv6:` name a list of addresses, each with its port: one past 65535 among
+  // them left each call hanging past its deadline.
+  for (const each of /^ipv[46]:/.test(address) ? target.split(",") : [target]) {
+    // A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
+    const port = each.startsWith("[")
+      ? /^\[[^\]]*\]:(\d+)$/.exec(each)?.[1]
+      : /^[^:]*:(\d+)$/.exec(each)?.[1];
+    if (port !== undefined && Number(port) > 65535) {
+      throw new RangeError(`${JSON.stringify(address)}: the port must be 0..65535`);
+    }
   }
 }
 
