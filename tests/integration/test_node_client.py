@@ -46,6 +46,7 @@ from tests.forward_proxy import ForwardProxy
 from tests.integration.pki import Pki, make_pki
 from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.integration.test_python_client import LOOPBACK_ADDRESSES
+from tests.integration.test_resilience import checked_out_connections
 from tests.secret_capture import CALLER_KEY_A
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,7 +230,15 @@ async def test_node_client_tells_loopback_addresses_apart_as_the_python_client(
 
 @pytest.mark.parametrize(
     "form",
-    ["{host}:{port}", "dns:///{host}:{port}", "ipv4:{host}:{port}", "[::ffff:{host}]:{port}"],
+    [
+        "{host}:{port}",
+        "dns:///{host}:{port}",
+        "ipv4:{host}:{port}",
+        "[::ffff:{host}]:{port}",
+        # A list with the gateway's own address in it: the call hung past its deadline.
+        "ipv4:{host}:{port},{host}:{good_port}",
+        "ipv6:[::1]:{good_port},[::1]:{port}",
+    ],
 )
 async def test_node_client_refuses_a_port_past_65535_when_made(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway, form: str
@@ -238,7 +247,7 @@ async def test_node_client_refuses_a_port_past_65535_when_made(
     saying so as the Python client's ValueError does. Before, grpc-js connected nowhere
     and each call waited out its whole deadline, then failed DEADLINE_EXCEEDED."""
     host, _, port = gateway.server.address.rpartition(":")
-    wrapped = form.format(host=host, port=int(port) + 65536)
+    wrapped = form.format(host=host, port=int(port) + 65536, good_port=port)
     result = await run_node(
         node_scenarios, "without-timeout", "--address", wrapped, "--default-timeout-ms", "1000"
     )
@@ -717,6 +726,35 @@ async def test_node_overload_exhausts_attempts_and_decodes_retry_info(
     assert details["errorInfo"]["domain"] == "llmgateway.v1"
     await upstream.wait_for_disconnect()
     assert len(upstream.requests) == 1
+
+
+async def test_node_stream_that_stops_being_read_stalls_and_lets_go_of_the_upstream(
+    node_scenarios: Path, start_gateway: StartGateway
+) -> None:
+    """A Node caller that reads one event and then nothing for longer than
+    `server.stalled_stream_timeout_s` stalls the stream as a Python caller does: the
+    gateway closes the upstream request, and the caller reading on hears CALLER_STALLED.
+    Before, the client read the whole answer into memory unasked, and the upstream
+    generated (and billed) all of it for a caller that was not reading."""
+    # Streamed for seconds: a fast upstream's whole answer waits in the gateway before
+    # any stall, with no upstream request left to close.
+    long_answer = Reply(content="x" * (4000 * 1000), chunks=1000, chunk_delay_s=0.003)
+    async with FakeUpstream(default=long_answer) as upstream:
+        gateway = await start_gateway(
+            gateway_config(upstream.base_url, server={"stalled_stream_timeout_s": 0.5})
+        )
+        result = await run_after_go_ahead(
+            node_scenarios,
+            "stalled-stream",
+            "--address",
+            gateway.server.address,
+            # The upstream request has ended: let go of, or answered whole.
+            ready=lambda: len(upstream.requests) == 1 and checked_out_connections(gateway) == 0,
+        )
+    assert result["code"] == "DEADLINE_EXCEEDED", result
+    assert result["details"]["errorInfo"]["reason"] == "CALLER_STALLED"
+    assert 0 < result["chars"] < len(long_answer.content)
+    assert upstream.disconnects == 1
 
 
 @pytest.mark.parametrize("scenario", ["cancel", "abort-stream"])

@@ -444,11 +444,11 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
     });
     // grpc-js ends a failed call at once, dropping the messages it received that nobody
     // had read yet: the text before the failure, for a loop begun after it, was lost. So
-    // each is read as it arrives (an answer is at most 16 Mi characters), and the call
-    // ends this buffer only after the last of them.
-    this.#received = call.pipe(
-      new PassThrough({ objectMode: true, highWaterMark: Number.MAX_SAFE_INTEGER }),
-    );
+    // they go through this buffer, which the call ends only after the last of them. Its
+    // default bound keeps gRPC's flow control: a caller that stops reading stalls the
+    // stream, as the gateway's `stalled_stream_timeout_s` needs to close its upstream
+    // request, where an unbounded one read (and had generated) the whole answer.
+    this.#received = call.pipe(new PassThrough({ objectMode: true }));
     if (signal?.aborted) {
       // An 'abort' listener added now would never run.
       call.cancel();
@@ -525,17 +525,22 @@ function targetOf(address: string): string {
 
 /**
  * Refuse a gRPC target whose port is past 65535 (`HOST:PORT`, `[V6]:PORT`, behind any
- * scheme `targetOf` reads), as the Python client does: grpc-js connects nowhere, and each
- * call waited out its whole deadline (gRPC in Python takes the port modulo 65536).
+ * scheme `targetOf` reads, or in an `ipv4:`/`ipv6:` list), as the Python client does:
+ * grpc-js connects nowhere, and each call waited out its whole deadline (gRPC in Python
+ * takes the port modulo 65536).
  */
 export function checkAddress(address: string): void {
   const target = targetOf(address);
-  // A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
-  const port = target.startsWith("[")
-    ? /^\[[^\]]*\]:(\d+)$/.exec(target)?.[1]
-    : /^[^:]*:(\d+)$/.exec(target)?.[1];
-  if (port !== undefined && Number(port) > 65535) {
-    throw new RangeError(`${JSON.stringify(address)}: the port must be 0..65535`);
+  // `ipv4:`/`ipv6:` name a list of addresses, each with its port: one past 65535 among
+  // them left each call hanging past its deadline.
+  for (const each of /^ipv[46]:/.test(address) ? target.split(",") : [target]) {
+    // A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
+    const port = each.startsWith("[")
+      ? /^\[[^\]]*\]:(\d+)$/.exec(each)?.[1]
+      : /^[^:]*:(\d+)$/.exec(each)?.[1];
+    if (port !== undefined && Number(port) > 65535) {
+      throw new RangeError(`${JSON.stringify(address)}: the port must be 0..65535`);
+    }
   }
 }
 

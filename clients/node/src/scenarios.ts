@@ -370,6 +370,24 @@ async function abortStream(client: GatewayClient, args: Args): Promise<Json> {
   return { firstEvent: first?.kind, afterCancel: "no error" };
 }
 
+async function stalledStream(client: GatewayClient, args: Args): Promise<Json> {
+  // Reads one event, then nothing until the test's go-ahead, then the rest.
+  const call = client.completeStream({ model: args.model, messages: messages("long") });
+  const events = call[Symbol.asyncIterator]();
+  let chars = 0;
+  let event = await next(events);
+  await lineFromTest();
+  process.stdin.destroy();
+  try {
+    for (; event !== null; event = await next(events)) {
+      chars += event.kind === "delta" ? event.content.length : 0;
+    }
+  } catch (error) {
+    return { ...errorJson(error), chars };
+  }
+  return { code: "OK", chars };
+}
+
 async function lateStream(client: GatewayClient, args: Args): Promise<Json> {
   // A stream read only after its call has failed (here: a model no upstream serves).
   return await readAfterItsStatus(client, `${args.model}-unknown`);
@@ -500,6 +518,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "abort-stream": abortStream,
   "abort-complete": abortComplete,
   "aborted-before-complete": abortedBeforeComplete,
+  "stalled-stream": stalledStream,
   "late-stream": lateStream,
   "late-cut-stream": lateCutStream,
   "without-timeout": withoutTimeout,
