@@ -966,14 +966,16 @@ _CONTEXT_PHRASES = (
     "input token count",  # Gemini: "The input token count (N) exceeds the maximum ..."
     "prompt is too long",  # Anthropic: "prompt is too long: N tokens > M maximum"
     "input is too long",  # Bedrock: "Input is too long for requested model."
-    "tokens + `max_new_tokens` must be <=",  # TGI (Together, Hugging Face endpoints), a 422
-    # TGI's other refusal as too long, of a prompt over its `--max-input-tokens` (set below
-    # the total on many endpoints) whose answer would still fit: "`inputs` must have less
-    # than N tokens. Given: M".
-    "`inputs` must have less than",
 )
-# The statuses a refusal as too long comes with: TGI's validation errors are 422s.
-_CONTEXT_STATUSES = frozenset({400, 422})
+# TGI's (Together, Hugging Face endpoints), in a 422, its status for any invalid input:
+# only these two say too long there. The second refuses a prompt over its
+# `--max-input-tokens` (set below the total on many endpoints) whose answer would still
+# fit: "`inputs` must have less than N tokens. Given: M".
+_TGI_CONTEXT_PHRASES = ("tokens + `max_new_tokens` must be <=", "`inputs` must have less than")
+_CONTEXT_PHRASES_BY_STATUS = {
+    400: (*_CONTEXT_PHRASES, *_TGI_CONTEXT_PHRASES),
+    422: _TGI_CONTEXT_PHRASES,
+}
 
 
 def _error_of(body: bytes) -> object:
@@ -1078,12 +1080,13 @@ def says_stream_options_unknown(body: bytes) -> bool:
 def says_context_exceeded(body: bytes, status: int = 400) -> bool:
     """Whether an error body, with its HTTP `status`, says the prompt (with max_tokens) is
     over the context window."""
-    if status not in _CONTEXT_STATUSES:
+    phrases = _CONTEXT_PHRASES_BY_STATUS.get(status)
+    if phrases is None:
         return False
     error = _error_of(body)
     if isinstance(error, dict):
-        if any(error.get(key) in _CONTEXT_CODES for key in ("code", "type")):
+        if status == 400 and any(error.get(key) in _CONTEXT_CODES for key in ("code", "type")):
             return True
         error = error.get("message")
     # Some servers send the message alone: {"error": "..."}.
-    return isinstance(error, str) and any(p in error.lower() for p in _CONTEXT_PHRASES)
+    return isinstance(error, str) and any(p in error.lower() for p in phrases)

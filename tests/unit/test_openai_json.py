@@ -910,6 +910,15 @@ def test_a_refusal_as_too_long_comes_as_a_400_or_tgis_422(status: int, expected:
     assert says_context_exceeded(body, status) is expected
 
 
+def test_a_422_says_too_long_only_in_tgis_words() -> None:
+    """422 is TGI's status for any invalid input: a message that merely names the context
+    length there is some other field's refusal, not the prompt over the window."""
+    body = b'{"error": {"message": "context length field must be an integer"}}'
+    assert says_context_exceeded(body, 400)
+    assert not says_context_exceeded(body, 422)
+    assert not says_context_exceeded(b'{"error": {"code": "context_length_exceeded"}}', 422)
+
+
 @pytest.mark.parametrize("body", [b"", b"<html>Bad Request</html>", b"\xff\xfe"])
 def test_a_body_that_is_not_json_says_nothing(body: bytes) -> None:
     assert not says_context_exceeded(body)
