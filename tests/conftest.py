@@ -116,6 +116,15 @@ class RunningGateway:
     stub: pb_grpc.CompletionServiceStub
 
 
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def cache_section(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The cache config section for each backend; Redis is a real redis-server."""
+    if request.param == "memory":
+        return {"backend": "memory"}
+    redis = request.getfixturevalue("redis_server")
+    return {"backend": "redis", "redis_url": redis.url, "operation_timeout_s": 1.0}
+
+
 @pytest_asyncio.fixture
 async def start_gateway() -> AsyncIterator[Callable[[GatewayConfig], Any]]:
     """A factory that starts gateways; each is stopped and its channel closed at teardown."""

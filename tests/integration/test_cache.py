@@ -39,15 +39,6 @@ DETERMINISTIC = pb.GenerationParams(temperature=0.0)
 REPLY_COST_USD = (7 * 0.14 + 3 * 0.42) / 1_000_000
 
 
-@pytest.fixture(params=["memory", "redis"])
-def cache_section(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The cache config section for each backend; Redis is a real redis-server."""
-    if request.param == "memory":
-        return {"backend": "memory"}
-    redis: RedisServer = request.getfixturevalue("redis_server")
-    return {"backend": "redis", "redis_url": redis.url, "operation_timeout_s": 1.0}
-
-
 @pytest.fixture
 async def cached(
     upstream: FakeUpstream,

@@ -28,7 +28,6 @@ from tests.integration.helpers import error_info, field_violations
 from tests.integration.test_cache import settled
 from tests.integration.test_upstream_http import read_request, replying, serving
 from tests.integration.test_upstream_sse import _HEAD, DONE, USAGE, SSEUpstream, chunk
-from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream, system_text
 
 ONE_ATTEMPT: dict[str, object] = {"resilience": {"attempts": 1}}
@@ -435,15 +434,6 @@ async def test_unary_cache_hit_returns_the_same_reasoning(upstream, start_gatewa
     assert second.content == "Paris."
     assert second.metadata.usage.reasoning_tokens == 25
     assert len(upstream.requests) == 1
-
-
-@pytest.fixture(params=["memory", "redis"])
-def cache_section(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The cache config section for each backend; Redis is a real redis-server."""
-    if request.param == "memory":
-        return {"backend": "memory"}
-    redis: RedisServer = request.getfixturevalue("redis_server")
-    return {"backend": "redis", "redis_url": redis.url}
 
 
 async def test_stream_cache_replay_sends_the_reasoning_first_whole(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import grpc
 import pytest
@@ -12,22 +11,12 @@ from llmgateway.v1 import gateway_pb2 as pb
 from tests.conftest import RunningGateway, chat
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.integration.tenancy_helpers import as_tenant, rpc_error, secure_config
-from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
 
 SAME_PROMPT = chat("What is the capital of France?", params=pb.GenerationParams(temperature=0.0))
 # team-a may read every tenant's usage; team-b only its own.
 TENANTS = {"team-a": {"is_admin": True}, "team-b": {}}
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def cache_section(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The cache config section for each backend; Redis is a real redis-server."""
-    if request.param == "memory":
-        return {"backend": "memory"}
-    redis: RedisServer = request.getfixturevalue("redis_server")
-    return {"backend": "redis", "redis_url": redis.url, "operation_timeout_s": 1.0}
 
 
 @pytest.fixture

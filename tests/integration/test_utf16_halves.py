@@ -21,7 +21,6 @@ from tests.integration.test_cache import settled
 from tests.integration.test_resilience import error_details
 from tests.integration.test_upstream_http import replying, serving
 from tests.integration.test_upstream_sse import DONE, USAGE, SSEUpstream, chunk
-from tests.redis_server import RedisServer
 
 EMOJI = "\U0001f600"
 CACHED = pb.CachePolicy(mode=pb.CACHE_MODE_DEFAULT)
@@ -187,15 +186,6 @@ async def test_a_lone_half_in_a_unary_answer_is_a_replacement_character(
         gateway = await start_gateway(gateway_config(raw.url))
         response = await gateway.stub.Complete(chat(), timeout=5)
     assert response.content == "Hi \ufffd!"
-
-
-@pytest.fixture(params=["memory", "redis"])
-def cache_section(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The cache config section for each backend; Redis is a real redis-server."""
-    if request.param == "memory":
-        return {"backend": "memory"}
-    redis: RedisServer = request.getfixturevalue("redis_server")
-    return {"backend": "redis", "redis_url": redis.url}
 
 
 async def test_a_cached_stream_replays_the_character_whole(
