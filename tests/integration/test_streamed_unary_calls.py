@@ -31,7 +31,7 @@ from tests.fake_upstream import (
     ToolCallReply,
     split_words,
 )
-from tests.integration.test_cache import cache_section, settled  # noqa: F401  (fixture)
+from tests.integration.test_cache import settled
 from tests.integration.test_resilience import error_details
 from tests.scripted_upstream import ScriptedUpstream, user_text
 from tests.telemetry_support import captured_telemetry
@@ -176,7 +176,7 @@ async def test_a_streamed_unary_call_cut_mid_stream_is_retried(
 async def test_a_streamed_unary_answer_is_cached_and_served_as_a_unary_answer(
     upstream: FakeUpstream,
     start_gateway: Callable[..., Any],
-    cache_section: dict[str, Any],  # noqa: F811
+    cache_section: dict[str, Any],
 ) -> None:
     """A unary answer fetched as a stream is stored once complete, served to the same call
     again as a hit, and replayed to a stream, with no second upstream call."""
