@@ -101,11 +101,14 @@ class InvalidRequest(GatewayError):
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_REQUEST"
 
-    def __init__(self, violations: list[FieldViolation]) -> None:
-        fields = ", ".join(v.field for v in violations[:MAX_REPORTED_VIOLATIONS])
-        if len(violations) > MAX_REPORTED_VIOLATIONS:
-            fields += f" and {len(violations) - MAX_REPORTED_VIOLATIONS} more"
-        super().__init__(f"invalid request: {fields}")
+    def __init__(self, violations: list[FieldViolation], *, message: str | None = None) -> None:
+        """`message`: the status message, in place of the fields' names alone."""
+        if message is None:
+            fields = ", ".join(v.field for v in violations[:MAX_REPORTED_VIOLATIONS])
+            if len(violations) > MAX_REPORTED_VIOLATIONS:
+                fields += f" and {len(violations) - MAX_REPORTED_VIOLATIONS} more"
+            message = f"invalid request: {fields}"
+        super().__init__(message)
         self.violations = violations
 
 
@@ -178,10 +181,11 @@ class ToolsUnsupported(InvalidRequest):
             f"model {quoted(model)} takes no tools: its upstreams ignore them and drop tool "
             "calls and results; use a model that takes tools, or send none"
         )
-        super().__init__([FieldViolation(field, description)])
         # The status message says why, not only where: most clients show nothing else.
-        self.message = f"invalid request: {field}: {description}"
-        self.args = (self.message,)
+        super().__init__(
+            [FieldViolation(field, description)],
+            message=f"invalid request: {field}: {description}",
+        )
         self.model = model
 
 
