@@ -538,8 +538,8 @@ def _paired_ends(half: str, text: str) -> tuple[str, str]:
     """
     if not text:
         return "", half
-    if half or _is_low_half(text[0]):
-        first = text[0] if _is_low_half(text[0]) else ""
+    first = text[0] if _is_low_half(text[0]) else ""
+    if half or first:
         text = _paired(half + first) + text[len(first) :]
     if _is_high_half(text[-1]):
         return text[:-1], text[-1]
