@@ -45,8 +45,10 @@ def refused_for_good(exc: BaseException) -> bool:
 
 
 # Redis refusing the gateway's credentials (WRONGPASS; NOAUTH: none sent where it asks for
-# one; AUTH with a user to a Redis before 6, which knows none) or its user the command or
-# key (NOPERM). redis-py maps the first ones to ConnectionErrors, NOPERM to a ResponseError.
+# one; AUTH with a user to a Redis before 6, which knows none: the wrong-number-of-args
+# error) or its user the command or key (NOPERM); AuthorizationError is redis-py's own
+# refusal of a TLS server whose OCSP status it may not read. redis-py maps the first ones
+# to ConnectionErrors, NOPERM to a ResponseError.
 _ACCESS_REFUSED = (
     exceptions.AuthenticationError,
     exceptions.AuthenticationWrongNumberOfArgsError,
