@@ -107,8 +107,8 @@ async def check_redis_access(
     """Ping every Redis `config` uses, at once, each within its section's timeout.
 
     Raises:
-        ConfigError: a Redis refused the credentials or its user's rights, on the key
-            holding them (the first section in the README's order, if several did).
+        ConfigError: a Redis refused the credentials, on the key holding them (the
+            first section in the README's order, if several did).
     """
     uses = _redis_uses(config)
     env = os.environ if environ is None else environ
