@@ -258,7 +258,7 @@ class ServerConfig:
         if self.health_listen is not None:
             _require_address(self.health_listen, "health_listen")
             _require(
-                not _listens_overlap(self.health_listen, self.listen),
+                not listens_overlap(self.health_listen, self.listen),
                 f"health_listen {self.health_listen} and listen {self.listen} would listen "
                 "on the same port at a shared address (0.0.0.0 and [::] take the port at "
                 "every address, localhost at 127.0.0.1 and [::1]): give health_listen "
@@ -298,7 +298,7 @@ def host_and_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _listens_overlap(first: str, second: str) -> bool:
+def listens_overlap(first: str, second: str) -> bool:
     """Whether two valid `HOST:PORT` addresses would bind a shared address and port (a
     port 0 is chosen free at each bind: never shared)."""
     (first_host, first_port), (second_host, second_port) = map(host_and_port, (first, second))

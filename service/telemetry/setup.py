@@ -33,8 +33,8 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from service.config import ServerConfig, TelemetryConfig, host_and_port
-from service.hosts import listen_host_problem, listen_hosts_overlap
+from service.config import ServerConfig, TelemetryConfig, listens_overlap
+from service.hosts import listen_host_problem
 from service.telemetry.histograms import HistogramExport, suits
 from service.telemetry.lean_tracer import LeanTracer
 from service.telemetry.outages import (
@@ -91,10 +91,7 @@ def prometheus_port_problem(
         ("server.listen", server.listen),
         ("server.health_listen", server.health_listen),
     ):
-        if listen is None:
-            continue
-        listen_host, listen_port = host_and_port(listen)
-        if port != 0 and port == listen_port and listen_hosts_overlap(host, listen_host):
+        if listen is not None and listens_overlap(f"{host}:{port}", listen):
             return (
                 f"{endpoint} would listen on {host}:{port}, the port {key} "
                 f"{listen} listens on: give it another port"
