@@ -810,7 +810,12 @@ class UpstreamPool:
                 usable = [name for name in open_routes if name not in plan.excluded]
                 last_error.suggest_retry_after(min(map(self._retry_delay_s, usable or open_routes)))
             return last_error
-        reasons = ", ".join(f"{name} ({why})" for name, why in sorted(plan.excluded.items()))
+        why_left_out = dict(plan.excluded)
+        for route in plan.order:  # no attempt ran: its breaker turned each of these away
+            why = self._why_breaker_refuses(route.client.name)
+            if why is not None:
+                why_left_out.setdefault(route.client.name, why)
+        reasons = ", ".join(f"{name} ({why})" for name, why in sorted(why_left_out.items()))
         names = ",".join(r.client.name for r in plan.order)
         set_aside = {r.client.name for r in plan.order if self._is_set_aside_for_key(r)}
         if len(set_aside) == len(plan.order):
@@ -835,6 +840,17 @@ class UpstreamPool:
         )
         error.restarting = ",".join(n for n, why in plan.excluded.items() if why == RESTARTING)
         return error
+
+    def _why_breaker_refuses(self, upstream: str) -> str | None:
+        """Why `upstream`'s breaker lets no call through now; None when it lets one."""
+        breaker = self._states[upstream].breaker
+        if breaker.allows():
+            return None
+        if breaker.is_key_rejected:
+            return "rejected the gateway's key"
+        if breaker.state is BreakerState.OPEN:
+            return "circuit open"
+        return "circuit half-open, its probe running"
 
     def _is_set_aside_for_key(self, route: Route) -> bool:
         """Whether `route`'s breaker is open for a rejected key: once its cool-down has

@@ -15,7 +15,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
 from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply, Status, ToolCallReply
-from tests.integration.helpers import error_info, field_violations
+from tests.integration.helpers import error_info, field_violations, retry_delay_s
 
 ONE_ATTEMPT: dict[str, object] = {"resilience": {"attempts": 1}}
 CACHED = pb.CachePolicy(mode=pb.CACHE_MODE_DEFAULT)
@@ -894,3 +894,27 @@ async def test_a_batch_item_using_tools_fails_alone_on_a_model_taking_none(upstr
     assert by_id["plain"].HasField("response")
     assert len(upstream.requests) == 1
     assert "tools" not in upstream.requests[0].body
+
+
+async def test_a_call_whose_tools_upstream_is_cooling_down_names_both_reasons(
+    upstream, second_upstream, start_gateway
+):
+    """With the only upstream taking tools behind an open breaker, a tools call is
+    UNAVAILABLE naming it and why, beside the one that takes none; RetryInfo is that
+    breaker's cool-down, and neither upstream is sent the call."""
+    resilience = {"attempts": 1, "breaker_consecutive_failures": 1, "breaker_cool_down_s": 30}
+    data = gateway_config_data(upstream.base_url, second_upstream.base_url, resilience=resilience)
+    data["upstreams"][0]["takes_tools"] = False
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    second_upstream.script(Status(500))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.Complete(_request())
+    sent = len(second_upstream.requests)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(_request())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "up0 (takes no tools)" in caught.value.details()
+    assert "up1 (circuit open)" in caught.value.details()
+    assert error_info(caught.value).metadata["upstream"] == "up1"
+    assert 20 < retry_delay_s(caught.value) <= 30
+    assert (upstream.requests, len(second_upstream.requests)) == ([], sent)
