@@ -23,6 +23,7 @@ from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter
 from service.upstream import client as client_module
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Status, ToolCallReply
+from tests.forward_proxy import ForwardProxy
 from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.telemetry_support import Captured, attributes_of, captured_telemetry
 
@@ -651,6 +652,36 @@ async def test_genai_metrics_name_the_upstreams_port(traced, captured, upstream)
         for point in points:
             assert point.attributes["server.address"] == "127.0.0.1", name
             assert point.attributes["server.port"] == port, name
+
+
+@pytest.mark.parametrize(
+    ("host", "provider"),
+    [
+        ("my-resource.openai.azure.com", "azure.ai.openai"),
+        ("generativelanguage.googleapis.com", "gcp.gemini"),
+        ("api.perplexity.ai", "perplexity"),
+    ],
+)
+async def test_a_well_known_providers_host_names_it_as_the_genai_conventions_do(
+    upstream, start_gateway, captured, host, provider
+):
+    """An upstream at a provider the GenAI conventions list is named by their value of
+    `gen_ai.provider.name`, on the span and the metrics, whatever the upstream is called.
+
+    Before, Azure OpenAI (each resource its own host), Gemini and Perplexity were named
+    by the upstream's configured name (`azure-east`): one provider under as many names as
+    it had upstreams, and none a stock GenAI dashboard knows.
+    """
+    async with ForwardProxy(hosts={host: ("127.0.0.1", upstream.port)}) as proxy:
+        data = gateway_config_data(f"http://{host}:{upstream.port}/v1")
+        data["upstreams"][0].update(name="azure-east", proxy_url=proxy.url)
+        gateway = await start_gateway(
+            parse_config(data, source="<test>", environ={}), telemetry=captured.telemetry
+        )
+        await gateway.stub.Complete(chat())
+    assert attributes_of(captured.span(ATTEMPT_SPAN))["gen_ai.provider.name"] == provider
+    [point] = captured.points("gen_ai.client.operation.duration")
+    assert point.attributes["gen_ai.provider.name"] == provider
 
 
 async def test_a_failed_stream_attempt_records_no_time_to_first_chunk(traced, captured, upstream):
