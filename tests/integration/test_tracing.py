@@ -1015,6 +1015,40 @@ async def test_a_cut_calls_span_says_the_first_token_it_had_or_none(traced, capt
     assert "llm_gateway.time_to_first_token_ms" not in unary
 
 
+async def test_a_cut_calls_span_names_no_response_model_its_upstream_never_said(
+    upstream, start_gateway, captured
+):
+    """`gen_ai.response.model` is the model an answer says answered: a call cut before
+    its answer (a unary call at its deadline, a stream cut after some text) has none on
+    its RPC span, while an answered call's says the provider's name.
+
+    Before, a cut call's span said the caller's name (`fake-model`), which no upstream
+    ever answered as: every timed-out call showed up as answered by the mapped-away name.
+    """
+    config = gateway_config(upstream.base_url, resilience={"attempts": 1})
+    aliased = dataclasses.replace(config.upstreams[0], models={FAKE_MODEL: "provider-model-v1"})
+    gateway = await start_gateway(
+        dataclasses.replace(config, upstreams=(aliased,)), telemetry=captured.telemetry
+    )
+    upstream.script(Reply(model="provider-model-v1-0613"))
+    await gateway.stub.Complete(chat())
+    answered = attributes_of(await captured.ended(UNARY_SPAN))
+    assert answered["gen_ai.response.model"] == "provider-model-v1-0613"
+    captured.exporter.clear()
+    upstream.script(Hang())
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.Complete(chat("cut"), timeout=0.4)
+    unary = attributes_of(await captured.ended(UNARY_SPAN))
+    assert unary["gen_ai.usage.input_tokens"] > 0, "its prompt is charged"
+    assert "gen_ai.response.model" not in unary
+    upstream.script(Reply(model="provider-model-v1-0613", chunks=4, cut_after_events=3))
+    with pytest.raises(grpc.aio.AioRpcError):
+        _ = [e async for e in gateway.stub.CompleteStream(chat_stream("cut too"))]
+    stream = attributes_of(await captured.ended(STREAM_SPAN))
+    assert stream["gen_ai.usage.output_tokens"] > 0, "its text is charged"
+    assert "gen_ai.response.model" not in stream
+
+
 def assert_recorded_as_deadline_exceeded(server: ReadableSpan, captured: Captured) -> None:
     """The RPC span and `llm_gateway.requests` say DEADLINE_EXCEEDED, as the caller was
     told, never CANCELLED (1)."""
