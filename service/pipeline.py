@@ -540,7 +540,7 @@ class Pipeline:
             prepared,
             log,
             completion_id="",
-            model=request.model,
+            model="",  # no answer said which model answered
             output=output,
             finish_reason=FinishReason.UNKNOWN,
             reported=log.usage,

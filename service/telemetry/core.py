@@ -524,7 +524,8 @@ class Telemetry:
             attributes: dict[str, Any] = {
                 attr.GEN_AI_OPERATION_NAME: operation,
                 attr.GEN_AI_REQUEST_MODEL: request.model,
-                attr.GEN_AI_RESPONSE_MODEL: completion.model,
+                # None (left out): a cut call, whose answer never named its model.
+                attr.GEN_AI_RESPONSE_MODEL: completion.model or None,
                 attr.GEN_AI_USAGE_INPUT_TOKENS: usage.input_tokens,
                 attr.GEN_AI_USAGE_OUTPUT_TOKENS: usage.output_tokens,
                 attr.CACHED_INPUT_TOKENS: usage.cached_input_tokens,

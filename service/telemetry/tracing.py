@@ -83,12 +83,23 @@ _PROVIDERS = {
     "api.mistral.ai": "mistral_ai",
     "api.groq.com": "groq",
     "api.x.ai": "x_ai",
+    "api.perplexity.ai": "perplexity",
+    "generativelanguage.googleapis.com": "gcp.gemini",  # Gemini's OpenAI-compatible API
 }
+# Providers serving each customer under a host of its own: Azure OpenAI's resources
+# (`<resource>.openai.azure.com`), the conventions' `azure.ai.openai` whatever the
+# upstream is called.
+_PROVIDER_DOMAINS = ((".openai.azure.com", "azure.ai.openai"),)
 
 
 def provider_name(host: str, upstream: str) -> str:
     """`gen_ai.provider.name` for an upstream host, falling back to its configured name."""
-    return _PROVIDERS.get(host, upstream)
+    if known := _PROVIDERS.get(host):
+        return known
+    for domain, provider in _PROVIDER_DOMAINS:
+        if host.endswith(domain):
+            return provider
+    return upstream
 
 
 def error_type(exc: BaseException) -> str:

@@ -23,6 +23,7 @@ from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter
 from service.upstream import client as client_module
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Status, ToolCallReply
+from tests.forward_proxy import ForwardProxy
 from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.telemetry_support import Captured, attributes_of, captured_telemetry
 
@@ -653,6 +654,36 @@ async def test_genai_metrics_name_the_upstreams_port(traced, captured, upstream)
             assert point.attributes["server.port"] == port, name
 
 
+@pytest.mark.parametrize(
+    ("host", "provider"),
+    [
+        ("my-resource.openai.azure.com", "azure.ai.openai"),
+        ("generativelanguage.googleapis.com", "gcp.gemini"),
+        ("api.perplexity.ai", "perplexity"),
+    ],
+)
+async def test_a_well_known_providers_host_names_it_as_the_genai_conventions_do(
+    upstream, start_gateway, captured, host, provider
+):
+    """An upstream at a provider the GenAI conventions list is named by their value of
+    `gen_ai.provider.name`, on the span and the metrics, whatever the upstream is called.
+
+    Before, Azure OpenAI (each resource its own host), Gemini and Perplexity were named
+    by the upstream's configured name (`azure-east`): one provider under as many names as
+    it had upstreams, and none a stock GenAI dashboard knows.
+    """
+    async with ForwardProxy(hosts={host: ("127.0.0.1", upstream.port)}) as proxy:
+        data = gateway_config_data(f"http://{host}:{upstream.port}/v1")
+        data["upstreams"][0].update(name="azure-east", proxy_url=proxy.url)
+        gateway = await start_gateway(
+            parse_config(data, source="<test>", environ={}), telemetry=captured.telemetry
+        )
+        await gateway.stub.Complete(chat())
+    assert attributes_of(captured.span(ATTEMPT_SPAN))["gen_ai.provider.name"] == provider
+    [point] = captured.points("gen_ai.client.operation.duration")
+    assert point.attributes["gen_ai.provider.name"] == provider
+
+
 async def test_a_failed_stream_attempt_records_no_time_to_first_chunk(traced, captured, upstream):
     """A stream its upstream cut after its first chunks: the attempt's duration says the
     error, and neither `gen_ai.client.operation.time_to_first_chunk` nor the attempt's
@@ -982,6 +1013,40 @@ async def test_a_cut_calls_span_says_the_first_token_it_had_or_none(traced, capt
     unary = attributes_of(await captured.ended(UNARY_SPAN))
     assert unary["gen_ai.usage.input_tokens"] > 0, "its prompt is charged"
     assert "llm_gateway.time_to_first_token_ms" not in unary
+
+
+async def test_a_cut_calls_span_names_no_response_model_its_upstream_never_said(
+    upstream, start_gateway, captured
+):
+    """`gen_ai.response.model` is the model an answer says answered: a call cut before
+    its answer (a unary call at its deadline, a stream cut after some text) has none on
+    its RPC span, while an answered call's says the provider's name.
+
+    Before, a cut call's span said the caller's name (`fake-model`), which no upstream
+    ever answered as: every timed-out call showed up as answered by the mapped-away name.
+    """
+    config = gateway_config(upstream.base_url, resilience={"attempts": 1})
+    aliased = dataclasses.replace(config.upstreams[0], models={FAKE_MODEL: "provider-model-v1"})
+    gateway = await start_gateway(
+        dataclasses.replace(config, upstreams=(aliased,)), telemetry=captured.telemetry
+    )
+    upstream.script(Reply(model="provider-model-v1-0613"))
+    await gateway.stub.Complete(chat())
+    answered = attributes_of(await captured.ended(UNARY_SPAN))
+    assert answered["gen_ai.response.model"] == "provider-model-v1-0613"
+    captured.exporter.clear()
+    upstream.script(Hang())
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.Complete(chat("cut"), timeout=0.4)
+    unary = attributes_of(await captured.ended(UNARY_SPAN))
+    assert unary["gen_ai.usage.input_tokens"] > 0, "its prompt is charged"
+    assert "gen_ai.response.model" not in unary
+    upstream.script(Reply(model="provider-model-v1-0613", chunks=4, cut_after_events=3))
+    with pytest.raises(grpc.aio.AioRpcError):
+        _ = [e async for e in gateway.stub.CompleteStream(chat_stream("cut too"))]
+    stream = attributes_of(await captured.ended(STREAM_SPAN))
+    assert stream["gen_ai.usage.output_tokens"] > 0, "its text is charged"
+    assert "gen_ai.response.model" not in stream
 
 
 def assert_recorded_as_deadline_exceeded(server: ReadableSpan, captured: Captured) -> None:
