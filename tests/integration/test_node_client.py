@@ -203,15 +203,18 @@ async def test_node_unary_complete_reads_usage_and_cost(
     assert len(upstream.requests) == 1
 
 
-@pytest.mark.parametrize("form", ["{address}", "dns:{address}", "DNS:///{address}"])
+@pytest.mark.parametrize(
+    "form", ["{address}", "dns:{address}", "DNS:///{address}", "ipv4:{address},{address}"]
+)
 @pytest.mark.parametrize("variable", ["http_proxy", "https_proxy"])
 async def test_node_client_calls_a_gateway_on_loopback_past_the_machines_proxy(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway, variable: str, form: str
 ) -> None:
     """grpc-js reads the proxy variables itself; a gateway on this machine is called
     directly, not through a proxy (here one that answers nothing) that cannot reach it,
-    also as `dns:HOST:PORT` (before, it went to the proxy) and with the scheme in capitals,
-    which gRPC reads in any case (before, grpc-js connected nowhere)."""
+    also as `dns:HOST:PORT` or an `ipv4:` list (before, each went to the proxy) and with
+    the scheme in capitals, which gRPC reads in any case (before, grpc-js connected
+    nowhere)."""
     address = form.format(address=gateway.server.address)
     env = {variable: "http://127.0.0.1:9"}
     result = await run_node(node_scenarios, "complete", "--address", address, env=env)

@@ -39,12 +39,13 @@ StartGateway = Callable[..., Any]
 
 
 # Targets gRPC reads as HOST:PORT (the dns: scheme in any case, with or without slashes,
-# escapes decoded); before, all but the first went to the proxy.
+# escapes decoded), or as a list of them; before, all but the first went to the proxy.
 LOOPBACK_FORMS = [
     "{host}:{port}",
     "dns:{host}:{port}",
     "DNS:///{host}:{port}",
     "dns:///{host}%3A{port}",
+    "ipv4:{host}:{port},{host}:{port}",
 ]
 
 
@@ -120,6 +121,14 @@ LOOPBACK_ADDRESSES = [
     ("dns://10.0.0.53/localhost:50051", True),
     ("dns:llm-gateway:50051", False),
     ("dns://127.0.0.1/llm-gateway:50051", False),
+    # A list is this machine when each of its addresses is (before, no list was, and an
+    # `ipv6:` list was whenever its first address was).
+    ("ipv4:127.0.0.1:50051", True),
+    ("ipv4:127.0.0.1:50051,127.0.0.2:50052", True),
+    ("IPv4:127.0.0.1:50051,127.0.0.1:50052", True),
+    ("ipv4:127.0.0.1:50051,10.0.0.5:50051", False),
+    ("ipv6:[::1]:50051,[::ffff:127.0.0.1]:50052", True),
+    ("ipv6:[::1]:50051,[::2]:50051", False),
 ]
 
 

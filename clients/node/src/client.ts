@@ -524,16 +524,25 @@ function targetOf(address: string): string {
 }
 
 /**
+ * The addresses a gRPC target names, past its scheme (in any case): each of an
+ * `ipv4:`/`ipv6:` list's, else the one.
+ */
+function listedAddresses(given: string): string[] {
+  const address = withLowerCaseScheme(given);
+  const target = targetOf(address);
+  return /^ipv[46]:/.test(address) ? target.split(",") : [target];
+}
+
+/**
  * Refuse a gRPC target whose port is past 65535 (`HOST:PORT`, `[V6]:PORT`, behind any
  * scheme `targetOf` reads, or in an `ipv4:`/`ipv6:` list), as the Python client does:
  * grpc-js connects nowhere, and each call waited out its whole deadline (gRPC in Python
  * takes the port modulo 65536).
  */
 export function checkAddress(address: string): void {
-  const target = targetOf(address);
   // `ipv4:`/`ipv6:` name a list of addresses, each with its port: one past 65535 among
   // them left each call hanging past its deadline.
-  for (const each of /^ipv[46]:/.test(address) ? target.split(",") : [target]) {
+  for (const each of listedAddresses(address)) {
     // A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
     const port = each.startsWith("[")
       ? /^\[[^\]]*\]:(\d+)$/.exec(each)?.[1]
@@ -547,10 +556,14 @@ export function checkAddress(address: string): void {
 /**
  * Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`, `dns:HOST:PORT`,
  * `dns://DNS-SERVER/HOST:PORT`) names this machine: `localhost`, 127.0.0.0/8 or ::1 (or its
- * IPv4-mapped form).
+ * IPv4-mapped form); an `ipv4:`/`ipv6:` list does when each of its addresses does.
  */
 export function isLoopbackAddress(address: string): boolean {
-  const target = targetOf(address);
+  return listedAddresses(address).every(isLoopbackHostPort);
+}
+
+/** Whether one `HOST:PORT`, `[V6]:PORT` or bare host names this machine. */
+function isLoopbackHostPort(target: string): boolean {
   let host: string;
   if (target.startsWith("[")) {
     host = target.slice(1).split("]")[0];
