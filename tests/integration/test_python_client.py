@@ -276,6 +276,27 @@ async def test_cancelling_a_stream_inside_its_loop_ends_the_loop(
     assert task.cancelling() == 0
 
 
+async def test_cancelling_a_stream_whose_answer_arrived_unread_yields_none_of_it(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A slow reader's `stream.cancel()` once the gateway has sent the whole answer ends
+    the loop without the texts still unread, nor `final`, as the Node client's loop
+    yields none of them after a cancel (and throws CANCELLED)."""
+    upstream.script(Reply(content="word " * 20, chunks=20))
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream("Tell a story", model=FAKE_MODEL)
+        texts = []
+        async for text in stream:
+            texts.append(text)
+            if len(texts) == 1:
+                async with asyncio.timeout(5):
+                    while gateway.server.admission.in_flight:
+                        await asyncio.sleep(0.01)
+                stream.cancel()
+    assert len(texts) == 1
+    assert stream.final is None
+
+
 async def test_a_stream_still_ends_when_its_task_is_cancelled(
     upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -18,7 +18,7 @@
 import * as fs from "node:fs";
 import * as net from "node:net";
 import * as path from "node:path";
-import { PassThrough } from "node:stream";
+import { PassThrough, Readable } from "node:stream";
 
 import * as grpc from "@grpc/grpc-js";
 
@@ -382,8 +382,11 @@ export interface CallOptions {
   signal?: AbortSignal;
 }
 
-/** The error of a call whose signal was aborted before it began: a cancelled call's. */
-function cancelledBeforeSending(): GatewayCallError {
+/**
+ * The error of a call cancelled on the client, as grpc-js makes it: for a call whose
+ * signal was aborted before it began, and a stream's loop after its cancel.
+ */
+function cancelledOnClient(): GatewayCallError {
   const error = Object.assign(new Error("1 CANCELLED: Cancelled on client"), {
     code: grpc.status.CANCELLED,
     details: "Cancelled on client",
@@ -393,7 +396,7 @@ function cancelledBeforeSending(): GatewayCallError {
 }
 
 /** Cancel `call` when `signal` fires; the returned function stops listening. */
-function cancelOnAbort(call: grpc.Call, signal: AbortSignal | undefined): () => void {
+function cancelOnAbort(call: { cancel(): void }, signal: AbortSignal | undefined): () => void {
   if (signal === undefined) {
     return () => {};
   }
@@ -428,14 +431,18 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
 
   /** The call's failure: rethrown once the loop has read every message before it. */
   private failure: unknown = null;
+  /** Set by `cancel()`, the signal, or a loop left early: the loop reads nothing more. */
+  #isCancelled = false;
   // A `#` field, as the client's key: util.inspect of the stream would otherwise show the
   // call, and in it the metadata the call was sent with, the caller key included.
   readonly #call: grpc.ClientReadableStream<CompleteStreamResponse>;
   /** Every message of the call, read as it arrives, for the loop to take in its own time. */
   readonly #received: PassThrough;
+  readonly #signal: AbortSignal | undefined;
 
   constructor(call: grpc.ClientReadableStream<CompleteStreamResponse>, signal?: AbortSignal) {
     this.#call = call;
+    this.#signal = signal;
     // grpc-js emits a failed status as an 'error' event: with no listener yet (a stream not
     // iterated at once) that would crash the process, and the loop read later would then
     // end as though the stream had succeeded.
@@ -451,9 +458,9 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
     this.#received = call.pipe(new PassThrough({ objectMode: true }));
     if (signal?.aborted) {
       // An 'abort' listener added now would never run.
-      call.cancel();
+      this.cancel();
     }
-    const stopListening = cancelOnAbort(call, signal);
+    const stopListening = cancelOnAbort(this, signal);
     call.on("status", stopListening);
   }
 
@@ -469,14 +476,47 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
     }
   }
 
-  /** Stop the call; the gateway closes the upstream request at once. */
+  /**
+   * Stop the call; the gateway closes the upstream request at once. The loop then reads
+   * nothing more, not even the messages that had already arrived, and throws `CANCELLED`.
+   */
   cancel(): void {
+    this.#isCancelled = true;
     this.#call.cancel();
+    // The messages that arrived unread go now: kept, the loop yielded them after the
+    // cancel, and the stream held them for as long as it was referenced.
+    this.#call.unpipe(this.#received);
+    dropUnread(this.#call);
+    dropUnread(this.#received);
+    this.#received.destroy();
   }
 
-  async *[Symbol.asyncIterator](): AsyncIterator<StreamEvent> {
+  [Symbol.asyncIterator](): AsyncIterableIterator<StreamEvent> {
+    const events = this.events();
+    return {
+      next: () => events.next(),
+      // Leaving the loop early (break, throw in the body, `return()`) cancels the call. Here
+      // rather than in the generator's `finally`, which one left before its first `next()`
+      // never runs: its call went on, for a later loop to read.
+      return: () => {
+        this.cancel();
+        return events.return();
+      },
+      // Iterable itself, as the generator it wraps was.
+      [Symbol.asyncIterator]() {
+        return this;
+      },
+    };
+  }
+
+  private async *events(): AsyncGenerator<StreamEvent, void> {
     try {
       for await (const message of this.#received as AsyncIterable<CompleteStreamResponse>) {
+        if (this.#signal?.aborted) {
+          // Aborted once the call had ended, its listener gone: what is unread goes too.
+          this.cancel();
+          break;
+        }
         const event = message.event;
         if (event?.$case === "delta") {
           this.gather(event.delta);
@@ -486,15 +526,25 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
           yield { kind: "final", metadata: event.final };
         }
       }
-      if (this.failure !== null) {
-        throw this.failure;
-      }
     } catch (error) {
-      throw asGatewayError(error);
-    } finally {
-      // Leaving the loop early (break, throw in the body) must not leave the call running.
-      this.#call.cancel();
+      // A cancel ends the loop by destroying the buffer it reads, an error of its own.
+      if (!this.#isCancelled) {
+        throw asGatewayError(error);
+      }
     }
+    if (this.#isCancelled) {
+      throw cancelledOnClient();
+    }
+    if (this.failure !== null) {
+      throw asGatewayError(this.failure);
+    }
+  }
+}
+
+/** Read and drop every message `stream` holds: destroy() alone keeps them. */
+function dropUnread(stream: Readable): void {
+  while (stream.read() !== null) {
+    // dropped
   }
 }
 
@@ -651,7 +701,7 @@ export class GatewayClient {
   complete(request: DeepPartial<CompleteRequest>, options: CallOptions = {}): Promise<CompleteResult> {
     return new Promise((resolve, reject) => {
       if (options.signal?.aborted) {
-        reject(cancelledBeforeSending());
+        reject(cancelledOnClient());
         return;
       }
       let attempts = 1;
