@@ -41,7 +41,7 @@ from tests.conftest import (
     fake_model_window,
     gateway_config,
 )
-from tests.fake_upstream import FakeUpstream, Hang, Reply, ToolCallReply
+from tests.fake_upstream import CutStream, FakeUpstream, Hang, Reply, ToolCallReply
 from tests.forward_proxy import ForwardProxy
 from tests.integration.pki import Pki, make_pki
 from tests.integration.tenancy_helpers import as_tenant, secure_config
@@ -203,15 +203,18 @@ async def test_node_unary_complete_reads_usage_and_cost(
     assert len(upstream.requests) == 1
 
 
-@pytest.mark.parametrize("form", ["{address}", "dns:{address}", "DNS:///{address}"])
+@pytest.mark.parametrize(
+    "form", ["{address}", "dns:{address}", "DNS:///{address}", "ipv4:{address},{address}"]
+)
 @pytest.mark.parametrize("variable", ["http_proxy", "https_proxy"])
 async def test_node_client_calls_a_gateway_on_loopback_past_the_machines_proxy(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway, variable: str, form: str
 ) -> None:
     """grpc-js reads the proxy variables itself; a gateway on this machine is called
     directly, not through a proxy (here one that answers nothing) that cannot reach it,
-    also as `dns:HOST:PORT` (before, it went to the proxy) and with the scheme in capitals,
-    which gRPC reads in any case (before, grpc-js connected nowhere)."""
+    also as `dns:HOST:PORT` or an `ipv4:` list (before, each went to the proxy) and with
+    the scheme in capitals, which gRPC reads in any case (before, grpc-js connected
+    nowhere)."""
     address = form.format(address=gateway.server.address)
     env = {variable: "http://127.0.0.1:9"}
     result = await run_node(node_scenarios, "complete", "--address", address, env=env)
@@ -771,6 +774,34 @@ async def test_node_cancelled_stream_closes_the_upstream_request(
     # The upstream would have streamed for about 5 s; it saw the close long before.
     assert time.monotonic() - started < 20 * 0.25
     await wait_until(lambda: gateway.server.admission.in_flight == 0)
+
+
+@pytest.mark.parametrize(
+    ("how", "answer"),
+    [
+        pytest.param(how, Reply(content="word " * 20, chunks=20), id=f"{how}-answered")
+        for how in ("cancel", "abort", "return", "return-unstarted", "break")
+    ]
+    + [pytest.param("cancel", CutStream(after_chunks=6, content="a b c d e f g h"), id="cut")],
+)
+async def test_node_stream_left_after_its_messages_arrived_yields_none_of_them(
+    node_scenarios: Path,
+    upstream: FakeUpstream,
+    gateway: RunningGateway,
+    how: str,
+    answer: Reply | CutStream,
+) -> None:
+    """A slow Node reader that leaves a stream whose messages have all arrived, unread
+    (`cancel()`, its signal, `return()` on its iterator or on one never read, `break`),
+    reads none of them after, from that iterator or a new loop: the loop throws CANCELLED,
+    as after a cancel mid-call, also when the call itself had failed. Before, the buffered
+    events were yielded after the cancel (after a `break`, a later loop threw a bare
+    AbortError)."""
+    upstream.script(answer)
+    args = ("--address", gateway.server.address, "--leave", how)
+    result = await run_node(node_scenarios, "leave-buffered", *args)
+    assert result == {"firstEvent": "delta", "after": [], "outcome": "CANCELLED"}
+    assert len(upstream.requests) == 1
 
 
 async def test_node_unary_call_aborted_by_its_signal_closes_the_upstream_request(

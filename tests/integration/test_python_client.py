@@ -39,12 +39,13 @@ StartGateway = Callable[..., Any]
 
 
 # Targets gRPC reads as HOST:PORT (the dns: scheme in any case, with or without slashes,
-# escapes decoded); before, all but the first went to the proxy.
+# escapes decoded), or as a list of them; before, all but the first went to the proxy.
 LOOPBACK_FORMS = [
     "{host}:{port}",
     "dns:{host}:{port}",
     "DNS:///{host}:{port}",
     "dns:///{host}%3A{port}",
+    "ipv4:{host}:{port},{host}:{port}",
 ]
 
 
@@ -120,6 +121,14 @@ LOOPBACK_ADDRESSES = [
     ("dns://10.0.0.53/localhost:50051", True),
     ("dns:llm-gateway:50051", False),
     ("dns://127.0.0.1/llm-gateway:50051", False),
+    # A list is this machine when each of its addresses is (before, no list was, and an
+    # `ipv6:` list was whenever its first address was).
+    ("ipv4:127.0.0.1:50051", True),
+    ("ipv4:127.0.0.1:50051,127.0.0.2:50052", True),
+    ("IPv4:127.0.0.1:50051,127.0.0.1:50052", True),
+    ("ipv4:127.0.0.1:50051,10.0.0.5:50051", False),
+    ("ipv6:[::1]:50051,[::ffff:127.0.0.1]:50052", True),
+    ("ipv6:[::1]:50051,[::2]:50051", False),
 ]
 
 
@@ -265,6 +274,27 @@ async def test_cancelling_a_stream_inside_its_loop_ends_the_loop(
     task = asyncio.current_task()
     assert task is not None
     assert task.cancelling() == 0
+
+
+async def test_cancelling_a_stream_whose_answer_arrived_unread_yields_none_of_it(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A slow reader's `stream.cancel()` once the gateway has sent the whole answer ends
+    the loop without the texts still unread, nor `final`, as the Node client's loop
+    yields none of them after a cancel (and throws CANCELLED)."""
+    upstream.script(Reply(content="word " * 20, chunks=20))
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream("Tell a story", model=FAKE_MODEL)
+        texts = []
+        async for text in stream:
+            texts.append(text)
+            if len(texts) == 1:
+                async with asyncio.timeout(5):
+                    while gateway.server.admission.in_flight:
+                        await asyncio.sleep(0.01)
+                stream.cancel()
+    assert len(texts) == 1
+    assert stream.final is None
 
 
 async def test_a_stream_still_ends_when_its_task_is_cancelled(

@@ -18,7 +18,7 @@
 import * as fs from "node:fs";
 import * as net from "node:net";
 import * as path from "node:path";
-import { PassThrough } from "node:stream";
+import { PassThrough, Readable } from "node:stream";
 
 import * as grpc from "@grpc/grpc-js";
 
@@ -382,8 +382,11 @@ export interface CallOptions {
   signal?: AbortSignal;
 }
 
-/** The error of a call whose signal was aborted before it began: a cancelled call's. */
-function cancelledBeforeSending(): GatewayCallError {
+/**
+ * The error of a call cancelled on the client, as grpc-js makes it: for a call whose
+ * signal was aborted before it began, and a stream's loop after its cancel.
+ */
+function cancelledOnClient(): GatewayCallError {
   const error = Object.assign(new Error("1 CANCELLED: Cancelled on client"), {
     code: grpc.status.CANCELLED,
     details: "Cancelled on client",
@@ -393,7 +396,7 @@ function cancelledBeforeSending(): GatewayCallError {
 }
 
 /** Cancel `call` when `signal` fires; the returned function stops listening. */
-function cancelOnAbort(call: grpc.Call, signal: AbortSignal | undefined): () => void {
+function cancelOnAbort(call: { cancel(): void }, signal: AbortSignal | undefined): () => void {
   if (signal === undefined) {
     return () => {};
   }
@@ -428,14 +431,18 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
 
   /** The call's failure: rethrown once the loop has read every message before it. */
   private failure: unknown = null;
+  /** Set by `cancel()`, the signal, or a loop left early: the loop reads nothing more. */
+  #isCancelled = false;
   // A `#` field, as the client's key: util.inspect of the stream would otherwise show the
   // call, and in it the metadata the call was sent with, the caller key included.
   readonly #call: grpc.ClientReadableStream<CompleteStreamResponse>;
   /** Every message of the call, read as it arrives, for the loop to take in its own time. */
   readonly #received: PassThrough;
+  readonly #signal: AbortSignal | undefined;
 
   constructor(call: grpc.ClientReadableStream<CompleteStreamResponse>, signal?: AbortSignal) {
     this.#call = call;
+    this.#signal = signal;
     // grpc-js emits a failed status as an 'error' event: with no listener yet (a stream not
     // iterated at once) that would crash the process, and the loop read later would then
     // end as though the stream had succeeded.
@@ -451,9 +458,9 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
     this.#received = call.pipe(new PassThrough({ objectMode: true }));
     if (signal?.aborted) {
       // An 'abort' listener added now would never run.
-      call.cancel();
+      this.cancel();
     }
-    const stopListening = cancelOnAbort(call, signal);
+    const stopListening = cancelOnAbort(this, signal);
     call.on("status", stopListening);
   }
 
@@ -469,14 +476,47 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
     }
   }
 
-  /** Stop the call; the gateway closes the upstream request at once. */
+  /**
+   * Stop the call; the gateway closes the upstream request at once. The loop then reads
+   * nothing more, not even the messages that had already arrived, and throws `CANCELLED`.
+   */
   cancel(): void {
+    this.#isCancelled = true;
     this.#call.cancel();
+    // The messages that arrived unread go now: kept, the loop yielded them after the
+    // cancel, and the stream held them for as long as it was referenced.
+    this.#call.unpipe(this.#received);
+    dropUnread(this.#call);
+    dropUnread(this.#received);
+    this.#received.destroy();
   }
 
-  async *[Symbol.asyncIterator](): AsyncIterator<StreamEvent> {
+  [Symbol.asyncIterator](): AsyncIterableIterator<StreamEvent> {
+    const events = this.events();
+    return {
+      next: () => events.next(),
+      // Leaving the loop early (break, throw in the body, `return()`) cancels the call. Here
+      // rather than in the generator's `finally`, which one left before its first `next()`
+      // never runs: its call went on, for a later loop to read.
+      return: () => {
+        this.cancel();
+        return events.return();
+      },
+      // Iterable itself, as the generator it wraps was.
+      [Symbol.asyncIterator]() {
+        return this;
+      },
+    };
+  }
+
+  private async *events(): AsyncGenerator<StreamEvent, void> {
     try {
       for await (const message of this.#received as AsyncIterable<CompleteStreamResponse>) {
+        if (this.#signal?.aborted) {
+          // Aborted once the call had ended, its listener gone: what is unread goes too.
+          this.cancel();
+          break;
+        }
         const event = message.event;
         if (event?.$case === "delta") {
           this.gather(event.delta);
@@ -486,15 +526,25 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
           yield { kind: "final", metadata: event.final };
         }
       }
-      if (this.failure !== null) {
-        throw this.failure;
-      }
     } catch (error) {
-      throw asGatewayError(error);
-    } finally {
-      // Leaving the loop early (break, throw in the body) must not leave the call running.
-      this.#call.cancel();
+      // A cancel ends the loop by destroying the buffer it reads, an error of its own.
+      if (!this.#isCancelled) {
+        throw asGatewayError(error);
+      }
     }
+    if (this.#isCancelled) {
+      throw cancelledOnClient();
+    }
+    if (this.failure !== null) {
+      throw asGatewayError(this.failure);
+    }
+  }
+}
+
+/** Read and drop every message `stream` holds: destroy() alone keeps them. */
+function dropUnread(stream: Readable): void {
+  while (stream.read() !== null) {
+    // dropped
   }
 }
 
@@ -524,16 +574,25 @@ function targetOf(address: string): string {
 }
 
 /**
+ * The addresses a gRPC target names, past its scheme (in any case): each of an
+ * `ipv4:`/`ipv6:` list's, else the one.
+ */
+function listedAddresses(given: string): string[] {
+  const address = withLowerCaseScheme(given);
+  const target = targetOf(address);
+  return /^ipv[46]:/.test(address) ? target.split(",") : [target];
+}
+
+/**
  * Refuse a gRPC target whose port is past 65535 (`HOST:PORT`, `[V6]:PORT`, behind any
  * scheme `targetOf` reads, or in an `ipv4:`/`ipv6:` list), as the Python client does:
  * grpc-js connects nowhere, and each call waited out its whole deadline (gRPC in Python
  * takes the port modulo 65536).
  */
 export function checkAddress(address: string): void {
-  const target = targetOf(address);
   // `ipv4:`/`ipv6:` name a list of addresses, each with its port: one past 65535 among
   // them left each call hanging past its deadline.
-  for (const each of /^ipv[46]:/.test(address) ? target.split(",") : [target]) {
+  for (const each of listedAddresses(address)) {
     // A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
     const port = each.startsWith("[")
       ? /^\[[^\]]*\]:(\d+)$/.exec(each)?.[1]
@@ -547,10 +606,14 @@ export function checkAddress(address: string): void {
 /**
  * Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`, `dns:HOST:PORT`,
  * `dns://DNS-SERVER/HOST:PORT`) names this machine: `localhost`, 127.0.0.0/8 or ::1 (or its
- * IPv4-mapped form).
+ * IPv4-mapped form); an `ipv4:`/`ipv6:` list does when each of its addresses does.
  */
 export function isLoopbackAddress(address: string): boolean {
-  const target = targetOf(address);
+  return listedAddresses(address).every(isLoopbackHostPort);
+}
+
+/** Whether one `HOST:PORT`, `[V6]:PORT` or bare host names this machine. */
+function isLoopbackHostPort(target: string): boolean {
   let host: string;
   if (target.startsWith("[")) {
     host = target.slice(1).split("]")[0];
@@ -638,7 +701,7 @@ export class GatewayClient {
   complete(request: DeepPartial<CompleteRequest>, options: CallOptions = {}): Promise<CompleteResult> {
     return new Promise((resolve, reject) => {
       if (options.signal?.aborted) {
-        reject(cancelledBeforeSending());
+        reject(cancelledOnClient());
         return;
       }
       let attempts = 1;

@@ -2,7 +2,7 @@
  * Scenarios that tests/integration/test_node_client.py runs against a real gateway.
  *
  *   node scenarios.js SCENARIO --address HOST:PORT [--model NAME] [--status-base64 B64]
- *     [--code N]
+ *     [--code N] [--leave HOW]
  *     [--tls] [--ca-file PEM] [--cert-file PEM] [--key-file PEM] [--pem-bytes]
  *
  * Each scenario uses the typed client exactly as a caller would and prints one JSON line
@@ -50,6 +50,8 @@ interface Args {
   promptWords: number;
   /** With `timed-calls`: each call's own `timeoutMs` (`timeoutArg`). */
   timeoutMs: unknown;
+  /** With `leave-buffered`: how the stream is left (`cancel`, `abort`, `return`, ...). */
+  leave: string;
 }
 
 /**
@@ -82,6 +84,7 @@ function parseArgs(argv: string[]): Args {
     pemBytes: false,
     promptWords: 0,
     timeoutMs: undefined,
+    leave: "",
   };
   for (let i = 1; i < argv.length; i++) {
     const flag = argv[i];
@@ -127,6 +130,9 @@ function parseArgs(argv: string[]): Args {
         break;
       case "--timeout-ms":
         args.timeoutMs = timeoutArg(value);
+        break;
+      case "--leave":
+        args.leave = value;
         break;
       default:
         throw new Error(`unknown argument ${flag}`);
@@ -388,6 +394,65 @@ async function stalledStream(client: GatewayClient, args: Args): Promise<Json> {
   return { code: "OK", chars };
 }
 
+/** Leave `stream`, read through `events`, as `how` says. */
+async function leave(
+  how: string,
+  stream: CompletionStream,
+  events: AsyncIterator<StreamEvent>,
+  controller: AbortController,
+): Promise<void> {
+  switch (how) {
+    case "cancel":
+      stream.cancel();
+      break;
+    case "abort":
+      controller.abort();
+      break;
+    case "return":
+      await events.return?.();
+      break;
+    case "return-unstarted":
+      // Another loop's iterator, left before its first event.
+      await stream[Symbol.asyncIterator]().return?.();
+      break;
+    case "break":
+      for await (const _ of stream) {
+        break;
+      }
+      break;
+    default:
+      throw new Error(`unknown --leave ${how}`);
+  }
+}
+
+async function leaveBuffered(client: GatewayClient, args: Args): Promise<Json> {
+  // A slow reader: one event, then none until the call has ended, every message of it
+  // received; then it leaves the stream (--leave) and reads on, with the same iterator
+  // and then a loop of its own.
+  const call = client.stub.completeStream(
+    CompleteStreamRequest.fromPartial({ model: args.model, messages: messages("Say hi") }),
+    new grpc.Metadata(),
+    { deadline: Date.now() + 10_000 },
+  );
+  const ended = new Promise((resolve) => call.on("status", resolve));
+  const controller = new AbortController();
+  const stream = new CompletionStream(call, controller.signal);
+  const events = stream[Symbol.asyncIterator]();
+  const first = await next(events);
+  await ended;
+  await leave(args.leave, stream, events, controller);
+  const after: string[] = [];
+  const outcome = await outcomeOf(async () => {
+    for (let event = await next(events); event !== null; event = await next(events)) {
+      after.push(event.kind);
+    }
+    for await (const event of stream) {
+      after.push(event.kind);
+    }
+  });
+  return { firstEvent: first?.kind, after, outcome: outcome === "answered" ? "ended" : outcome };
+}
+
 async function lateStream(client: GatewayClient, args: Args): Promise<Json> {
   // A stream read only after its call has failed (here: a model no upstream serves).
   return await readAfterItsStatus(client, `${args.model}-unknown`);
@@ -519,6 +584,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "abort-complete": abortComplete,
   "aborted-before-complete": abortedBeforeComplete,
   "stalled-stream": stalledStream,
+  "leave-buffered": leaveBuffered,
   "late-stream": lateStream,
   "late-cut-stream": lateCutStream,
   "without-timeout": withoutTimeout,

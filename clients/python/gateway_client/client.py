@@ -460,12 +460,24 @@ def _resolved_target(address: str) -> str:
     return unquote(target.partition("?")[0].partition("#")[0]).rstrip()
 
 
+def _listed_addresses(target: str) -> list[str]:
+    """The addresses a resolved target names: each of an `ipv4:`/`ipv6:` list's (`ipv4:
+    HOST:PORT,HOST:PORT`), else the target itself."""
+    if target[:5].lower() in ("ipv4:", "ipv6:"):
+        return target[5:].split(",")
+    return [target]
+
+
 def is_loopback_address(address: str) -> bool:
     """Whether a gRPC target (`HOST:PORT`, `[V6]:PORT`, `dns:///HOST:PORT`, any form
-    `_resolved_target` reads) names this machine (`service.hosts.is_loopback_host`)."""
-    target = _resolved_target(address)
-    if target[:5].lower() in ("ipv4:", "ipv6:"):
-        target = target[5:]
+    `_resolved_target` reads) names this machine (`service.hosts.is_loopback_host`); an
+    `ipv4:`/`ipv6:` list does when each of its addresses does."""
+    listed = _listed_addresses(_resolved_target(address))
+    return all(_is_loopback_host_port(each) for each in listed)
+
+
+def _is_loopback_host_port(target: str) -> bool:
+    """Whether one `HOST:PORT`, `[V6]:PORT` or bare host names this machine."""
     if target.startswith("["):
         host = target[1:].partition("]")[0]
     elif target.count(":") == 1:
@@ -493,8 +505,7 @@ def check_address(address: str) -> None:
     target = _resolved_target(address)
     # `ipv4:`/`ipv6:` name a list of addresses, each with its port: gRPC refuses a port
     # past 65535 there only as each call fails UNKNOWN ("the target uri is not valid").
-    is_list = target[:5].lower() in ("ipv4:", "ipv6:")
-    for each in target[5:].split(",") if is_list else (target,):
+    for each in _listed_addresses(target):
         host, sep, port = each.rpartition(":")
         # A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
         names_port = bool(sep and host) and "/" not in each
