@@ -1093,7 +1093,7 @@ def _check_summary(completion: Completion, slot: _Slot, *, attempts: int) -> Non
             "its content filter stopped the answer", upstream=completion.upstream
         )
         raise SummarizePartRejected(refused, part=slot.part, parts=slot.parts, level=slot.level)
-    if not completion.content.strip():
+    if not has_visible_text(completion.content):
         why = "the answer had no text"
         if completion.finish_reason is FinishReason.LENGTH:
             why += (

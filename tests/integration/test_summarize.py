@@ -1359,10 +1359,16 @@ async def test_a_part_answered_without_text_fails_the_call_and_is_not_retried(
     assert not any(is_combine(r.body) for r in recorder.requests)
 
 
-async def test_a_whole_document_answered_without_text_is_no_empty_summary(recorder, start_gateway):
-    """A document summarised in one call whose answer is blank fails the call, rather
-    than answering OK with an empty summary."""
-    recorder.respond = lambda body: Reply(content="  \n")
+@pytest.mark.parametrize("blank", ["  \n", "\ufeff\u200b "], ids=["blanks", "invisible"])
+async def test_a_whole_document_answered_without_text_is_no_empty_summary(
+    recorder, start_gateway, blank
+):
+    """A document summarised in one call whose answer is blank, or holds only characters
+    a reader does not see (a byte order mark, a zero-width space), fails the call, rather
+    than answering OK with an empty summary.
+
+    Before, an answer of invisible characters alone was answered OK as the summary."""
+    recorder.respond = lambda body: Reply(content=blank)
     gateway = await start_gateway(config(recorder.base_url))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(2)))
