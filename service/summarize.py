@@ -103,10 +103,14 @@ _WORD_BREAK = re.compile(r"(?<=\s)(?=\S)")
 # PDF text extraction writes) is sent as a paragraph break, where a part may end, and a
 # vertical tab (a word processor's line break) as a line break.
 _PAGE_BREAKS = str.maketrans({"\f": "\n\n", "\v": "\n"})
-# A character a reader sees: neither whitespace nor an invisible format character (a soft
-# hyphen, a zero-width space or joiner, a direction mark, a byte order mark).
+# A character a reader sees: neither whitespace nor one Unicode has rendered as nothing
+# (Default_Ignorable_Code_Point: a soft hyphen, a zero-width space or joiner, a
+# direction mark, Arabic's among them, a variation selector, a Hangul filler, a tag, a
+# byte order mark).
 _VISIBLE = re.compile(
-    r"[^\s\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]"
+    r"[^\s\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    r"\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+    r"\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
 )
 # Tokens kept free besides the estimate, for what the estimate cannot see.
 _SAFETY_TOKENS = 16
@@ -1089,7 +1093,7 @@ def _check_summary(completion: Completion, slot: _Slot, *, attempts: int) -> Non
             "its content filter stopped the answer", upstream=completion.upstream
         )
         raise SummarizePartRejected(refused, part=slot.part, parts=slot.parts, level=slot.level)
-    if not completion.content.strip():
+    if not has_visible_text(completion.content):
         why = "the answer had no text"
         if completion.finish_reason is FinishReason.LENGTH:
             why += (

@@ -677,16 +677,36 @@ async def test_one_giant_word_with_a_diacritic_is_split_into_parts_that_fit(
 
 @pytest.mark.parametrize(
     "invisible",
-    ["\ufeff", "\u200b \u200b\n\n\u2060", "\u00ad", "\u200e\u200f"],
-    ids=["byte-order-mark", "zero-width-spaces", "soft-hyphen", "direction-marks"],
+    [
+        "\ufeff",
+        "\u200b \u200b\n\n\u2060",
+        "\u00ad",
+        "\u200e\u200f",
+        "\u061c \u061c",
+        "\ufe0f\u034f",
+        "\u3164 \uffa0",
+        "\U000e0020\U000e0001",
+    ],
+    ids=[
+        "byte-order-mark",
+        "zero-width-spaces",
+        "soft-hyphen",
+        "direction-marks",
+        "arabic-letter-mark",
+        "variation-selector-and-grapheme-joiner",
+        "hangul-fillers",
+        "tags",
+    ],
 )
 async def test_a_document_of_invisible_characters_alone_is_empty(
     recorder, start_gateway, invisible
 ):
-    """A document with nothing a reader sees (format characters, such as a byte order
-    mark or zero-width spaces, between blanks) is refused as empty, as blanks alone are.
+    """A document with nothing a reader sees (characters Unicode says to show nothing
+    for, such as a byte order mark, zero-width spaces, Arabic's letter mark or a variation
+    selector, between blanks) is refused as empty, as blanks alone are.
 
-    Before, it was sent, paid for, and the model's made-up summary returned OK."""
+    Before, it was sent, paid for, and the model's made-up summary returned OK; Arabic's
+    direction mark, variation selectors, Hangul fillers and tags still were."""
     gateway = await start_gateway(config(recorder.base_url))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=invisible))
@@ -695,14 +715,15 @@ async def test_a_document_of_invisible_characters_alone_is_empty(
     assert recorder.requests == []
 
 
-@pytest.mark.parametrize("blank", [" ", "\t", "\u200b"])
+@pytest.mark.parametrize("blank", [" ", "\t", "\u200b", "\ufe0f"])
 async def test_a_long_run_of_blanks_makes_no_part_without_text(recorder, start_gateway, blank):
-    """A sentence split inside a long run of spaces, tabs or zero-width spaces (padding, a
-    broken export) leaves pieces of blanks alone; a chunk of nothing else is not sent as
-    a part: a call with only its header would be paid for and its made-up summary
-    combined.
+    """A sentence split inside a long run of spaces, tabs, zero-width spaces or variation
+    selectors (padding, a broken export) leaves pieces of blanks alone; a chunk of nothing
+    else is not sent as a part: a call with only its header would be paid for and its
+    made-up summary combined.
 
-    Before, 50,000 spaces between two words made about 10 parts with only a header."""
+    Before, 50,000 spaces between two words made about 10 parts with only a header, and
+    50,000 variation selectors about 90."""
 
     def respond(body):
         return Reply(content="FINAL" if is_combine(body) else "part")
@@ -717,7 +738,7 @@ async def test_a_long_run_of_blanks_makes_no_part_without_text(recorder, start_g
     for body in parts:
         header = PART_HEADER.match(user_text(body))
         assert header is not None
-        assert user_text(body)[header.end() :].replace("\u200b", "").strip()
+        assert user_text(body)[header.end() :].replace(blank, "").strip()
 
 
 @pytest.mark.parametrize("character", ["\U0001f600", "\U0001d400", "\U00020000"])
@@ -1338,10 +1359,16 @@ async def test_a_part_answered_without_text_fails_the_call_and_is_not_retried(
     assert not any(is_combine(r.body) for r in recorder.requests)
 
 
-async def test_a_whole_document_answered_without_text_is_no_empty_summary(recorder, start_gateway):
-    """A document summarised in one call whose answer is blank fails the call, rather
-    than answering OK with an empty summary."""
-    recorder.respond = lambda body: Reply(content="  \n")
+@pytest.mark.parametrize("blank", ["  \n", "\ufeff\u200b "], ids=["blanks", "invisible"])
+async def test_a_whole_document_answered_without_text_is_no_empty_summary(
+    recorder, start_gateway, blank
+):
+    """A document summarised in one call whose answer is blank, or holds only characters
+    a reader does not see (a byte order mark, a zero-width space), fails the call, rather
+    than answering OK with an empty summary.
+
+    Before, an answer of invisible characters alone was answered OK as the summary."""
+    recorder.respond = lambda body: Reply(content=blank)
     gateway = await start_gateway(config(recorder.base_url))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(2)))
