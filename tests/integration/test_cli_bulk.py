@@ -157,6 +157,8 @@ async def test_malformed_lines_are_reported_and_skipped(tmp_path, scripted, addr
                 "",
                 json.dumps({"id": "c", "messages": [{"role": "user", "content": "ok c"}]}),
                 json.dumps({"id": "d", "request": {"model": FAKE_MODEL, "nope": 1}}),
+                # Protobuf takes true as 1.0 for a float: it would have run at temperature 1.
+                json.dumps({"id": "e", "prompt": "x", "temperature": True}),
             ]
         )
         + "\n"
@@ -183,10 +185,11 @@ async def test_malformed_lines_are_reported_and_skipped(tmp_path, scripted, addr
         (5, "duplicate id 'a' (first on line 1)"),
         (6, "a message role must be system, user or assistant"),
         (9, "'request' is not a CompleteRequest"),
+        (10, "bad parameter: temperature: expected a float, got bool"),
     ]:
         assert f"in.jsonl:{line}: skipped: {reason}" in err
     assert sorted(r["id"] for r in output_records(output)) == ["a", "c"]
-    assert "done: 2 succeeded, 0 failed, 6 bad lines" in err
+    assert "done: 2 succeeded, 0 failed, 7 bad lines" in err
 
 
 async def test_a_line_whose_id_the_gateway_refuses_is_skipped(tmp_path, address, capsys):

@@ -427,6 +427,9 @@ MALFORMED_CALLS: list[tuple[Any, dict[str, Any], type[Exception], str]] = [
     (None, {}, TypeError, "prompt: expected a str, a sequence of turns or a CompleteRequest"),
     ("hi", {"max_tokens": "5"}, TypeError, "max_tokens: expected an int, got str"),
     ("hi", {"temperature": "0.5"}, TypeError, "temperature: expected a float, got str"),
+    # Protobuf takes a bool as a number for floats (True: 1.0) and enums.
+    ("hi", {"temperature": True}, TypeError, "temperature: expected a float, got bool"),
+    ("hi", {"reasoning_effort": False}, TypeError, "reasoning_effort: expected a name or a"),
     ("hi", {"stop": [1]}, TypeError, "stop: expected a str or a list of str, got list"),
     ("hi", {"max_tokens": 2**40}, ValueError, "max_tokens: Value out of range: 1099511627776"),
     ("hi", {"max_token": 5}, TypeError, "unexpected keyword argument 'max_token' (generation"),

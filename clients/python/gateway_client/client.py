@@ -147,16 +147,21 @@ def _generation_params(params: Mapping[str, Any]) -> pb.GenerationParams:
         TypeError: a name GenerationParams has no field for, or a value of the wrong type.
         ValueError: a value out of its field's range.
     """
-    try:
-        return pb.GenerationParams(**params)
-    except (TypeError, ValueError):
-        pass  # which one, and why: checked one by one below
+    # Protobuf takes a bool as a number for a float or an enum (temperature=True is 1.0);
+    # no generation parameter is a bool.
+    if not any(isinstance(value, bool) for value in params.values()):
+        try:
+            return pb.GenerationParams(**params)
+        except (TypeError, ValueError):
+            pass  # which one, and why: checked one by one below
     fields = pb.GenerationParams.DESCRIPTOR.fields_by_name
     for name, value in params.items():
         if name not in fields:
             raise TypeError(
                 f"unexpected keyword argument {name!r} (generation parameters: {', '.join(fields)})"
             )
+        if isinstance(value, bool):
+            raise TypeError(f"{name}: expected {_kind_of(fields[name])}, got bool")
         try:
             pb.GenerationParams(**{name: value})
         except TypeError:
