@@ -86,13 +86,14 @@ class Budgets:
         self, request: ChatRequest, *, prompt_tokens: int, reserve_output_tokens: int = 0
     ) -> float:
         """The most the call can cost: prompt as input, plus `max_tokens` as output if
-        set, else `reserve_output_tokens`."""
+        set, else `reserve_output_tokens`, at most the model's context window."""
         max_tokens = request.params.max_tokens
-        usage = Usage(
-            input_tokens=prompt_tokens,
-            output_tokens=reserve_output_tokens if max_tokens is None else max_tokens,
-            is_estimated=True,
-        )
+        if max_tokens is None:
+            # No answer outgrows its model's window (a max_tokens cannot reach it): a
+            # larger reserve refused calls that fit, as never fitting the budget.
+            window = self._prices.context_window(request.model, reserve_output_tokens)
+            max_tokens = min(reserve_output_tokens, window)
+        usage = Usage(input_tokens=prompt_tokens, output_tokens=max_tokens, is_estimated=True)
         return self._prices.cost_usd(request.model, usage)
 
     async def reserve(self, request: ChatRequest, *, prompt_tokens: int) -> Reservation | None:

@@ -196,6 +196,29 @@ async def test_calls_without_max_tokens_hold_the_budgets_output_reserve(held, st
     await nothing_reserved(gateway)
 
 
+async def test_an_output_reserve_past_the_models_window_reserves_the_window(
+    held, start_gateway, ledger
+):
+    """A `reserve_output_tokens` larger than the model's window (4,096) reserves the
+    window, the longest answer the model can write: a call that fits the budget so passes.
+
+    Before, it reserved the whole 100,000 tokens ($0.042) and was refused as a call that
+    can never fit the $0.01 budget (pushback -1), though it can cost at most ~$0.0017."""
+    budget = {"usd": 0.01, "period": "day", "reserve_output_tokens": 100_000}
+    gateway = await start_gateway(
+        gateway_config(held.base_url, ledger=ledger, budgets={"default": budget})
+    )
+    held.gate.clear()
+    call = asyncio.create_task(outcome(gateway.stub.Complete(chat("call a"))))
+    await held.wait_until(lambda: held.in_flight == 1)
+    window_cost = cost_usd(Usage(input_tokens=0, output_tokens=PRICE.context_window), PRICE)
+    reserved = await gateway.server.pipeline.ledger.reserved_usd("default", "day")
+    assert window_cost < reserved < window_cost + 0.0001  # the window, and the prompt
+    held.gate.set()
+    assert (await call).content
+    await nothing_reserved(gateway)
+
+
 async def cancel_unary(gateway: RunningGateway, held: ScriptedUpstream) -> None:
     """A unary call held upstream, then cancelled by its caller."""
     call = gateway.stub.Complete(capped("call a"))
@@ -651,7 +674,8 @@ async def test_reservations_past_2_63_pico_dollars_are_held_and_released(
     reservations: the script failed, the budget failed open, and every call passed with
     nothing held."""
     price = {"input_usd_per_million": 0.14, "output_usd_per_million": 10_000.0}
-    models = {FAKE_MODEL: {"context_window": 4096, **price}}
+    # A window as large as the reserve: a reserve is held to its model's window.
+    models = {FAKE_MODEL: {"context_window": 2 * 10**12, **price}}
     budgets = {"default": {"usd": 25e9, "period": "day", "reserve_output_tokens": 10**12}}
     gateway = await start_gateway(
         gateway_config(held.base_url, models=models, ledger=ledger, budgets=budgets)
