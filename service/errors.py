@@ -644,4 +644,7 @@ def pushback_trailer(
     limit_s = MAX_PUSHBACK_S if time_remaining_s is None else time_remaining_s
     if delay_s >= limit_s:
         return ((RETRY_PUSHBACK_TRAILER, "-1"),)
-    return ((RETRY_PUSHBACK_TRAILER, str(round(delay_s * 1000))),)
+    # Whole milliseconds, rounded up: a retry let go a fraction of one early finds the
+    # quota still short and is refused again, spending one of the policy's attempts. (The
+    # nanosecond is float noise: 0.1 s is 100.00000000000001 ms.)
+    return ((RETRY_PUSHBACK_TRAILER, str(math.ceil(delay_s * 1000 - 1e-6))),)

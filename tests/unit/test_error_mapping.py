@@ -427,8 +427,10 @@ def test_http_status_error_names_upstream_not_url(
         ),
         pytest.param(Overloaded(retry_after_s=1.0), "1000", id="overloaded"),
         pytest.param(Overloaded(retry_after_s=0.0), "0", id="zero"),
-        pytest.param(Overloaded(retry_after_s=0.0004), "0", id="rounds-down-below-half-ms"),
-        pytest.param(Overloaded(retry_after_s=0.0006), "1", id="rounds-up-above-half-ms"),
+        # Never shorter than the wait: a retry a fraction of a millisecond early is refused.
+        pytest.param(Overloaded(retry_after_s=0.0004), "1", id="a-part-of-a-ms-rounds-up"),
+        pytest.param(Overloaded(retry_after_s=1.0001), "1001", id="rounds-up-past-whole-ms"),
+        pytest.param(Overloaded(retry_after_s=0.1), "100", id="float-noise-is-no-ms"),
         pytest.param(Overloaded(retry_after_s=-3.0), "0", id="negative-clamped"),
         pytest.param(
             upstream(UpstreamRateLimited, status=429, retry_after_s=0.25), "250", id="upstream-429"
