@@ -36,6 +36,7 @@ from service.config import (
     is_tenant_name,
     redis_password,
 )
+from service.episodes import REPEAT_AFTER_S
 from service.errors import PermissionDenied, Unauthenticated, UpstreamUnavailable, quoted
 from service.redis_errors import is_unanswered
 from service.store_cooldown import COOLDOWN_S, StoreCooldown
@@ -330,6 +331,30 @@ class Principal:
 _NO_LIMITS = TenantConfig()
 
 
+class RejectedCallerKeys:
+    """`auth.rejected` (INFO) for unknown caller keys: the first, then at most one line
+    every REPEAT_AFTER_S, with `suppressed`, the rejections left out since the line
+    before. Anyone who can reach the port may send unknown keys, as fast as it likes:
+    a line for each would let it flood the log."""
+
+    __slots__ = ("_clock", "_logged_at", "_suppressed")
+
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
+        self._logged_at = -math.inf
+        self._suppressed = 0
+
+    def rejected(self, digest: str) -> None:
+        """One more unknown key, with SHA-256 `digest`: logged if a line is due."""
+        now = self._clock.now()
+        if now - self._logged_at < REPEAT_AFTER_S:
+            self._suppressed += 1
+            return
+        extra = {"key_sha256_prefix": digest[:8], "suppressed": self._suppressed}
+        self._logged_at, self._suppressed = now, 0
+        log.info("auth.rejected", extra=extra)
+
+
 class Authenticator:
     """Turns a call's metadata (and client certificate) into a `Principal`, or refuses it."""
 
@@ -341,6 +366,7 @@ class Authenticator:
         *,
         tenant_from_cert_subject: bool = False,
         requires_client_cert: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         # Certificates that must name the tenant identify every caller: one that names
         # none (no CN) must not fall back to the anonymous, all-seeing `default` tenant.
@@ -352,6 +378,7 @@ class Authenticator:
         self._unlisted = tenants.get(ANY_TENANT) or _NO_LIMITS
         self._stores = tuple(stores)
         self._tenant_from_cert = tenant_from_cert_subject
+        self._rejected = RejectedCallerKeys(clock)
 
     @property
     def uses_certificates(self) -> bool:
@@ -404,7 +431,7 @@ class Authenticator:
             if tenant is not None:
                 return self.principal(tenant)
         if self._is_required:
-            log.info("auth.rejected", extra={"key_sha256_prefix": digest[:8]})
+            self._rejected.rejected(digest)
             raise Unauthenticated("unknown caller key")
         return self.principal(DEFAULT_TENANT, is_authenticated=False)
 

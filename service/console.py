@@ -4,11 +4,13 @@ from its first line (`service.early_signals`), before the CLI's slow imports."""
 from __future__ import annotations
 
 from service.early_signals import hold
+from service.grpc_core_logs import quiet_grpc_core
 
 
 def main() -> int:
     """Entry point of the `llm-gateway` console script."""
     hold()
+    quiet_grpc_core()  # before the CLI imports grpc, which reads it once
     from gateway_client.cli import main as cli_main
 
     return cli_main()

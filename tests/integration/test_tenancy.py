@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,19 @@ async def test_wrong_key_is_unauthenticated(upstream, start_gateway, metadata):
     error = await rpc_error(gw.stub.Complete(chat(), metadata=metadata))
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED
     assert CALLER_KEY_A[:20] not in (error.details() or "")
+    assert upstream.requests == []
+
+
+async def test_a_flood_of_unknown_keys_logs_one_rejection(upstream, start_gateway, caplog):
+    """Fifty calls with fifty unknown keys are each UNAUTHENTICATED, but log one
+    `auth.rejected` line, not one each: anyone reaching the port could flood the log."""
+    caplog.set_level(logging.INFO, logger="llm_gateway.auth")
+    gw = await start_gateway(secure_config(upstream.base_url))
+    for number in range(50):
+        error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(f"wrong-{number}")))
+        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    rejected = [r for r in caplog.records if r.getMessage() == "auth.rejected"]
+    assert [(r.levelname, getattr(r, "suppressed", None)) for r in rejected] == [("INFO", 0)]
     assert upstream.requests == []
 
 

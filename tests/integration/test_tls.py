@@ -463,6 +463,54 @@ async def test_mtls_refuses_an_untrusted_client_certificate(upstream, tls_server
     assert upstream.requests == []
 
 
+async def test_failed_handshakes_print_no_grpc_line_each_from_the_served_process(
+    upstream, pki, tmp_path
+):
+    """`python -m service serve` on an mTLS port: plaintext connections and a certificate
+    from another CA fail their handshakes, and a trusted client is served, without a
+    line from gRPC core on stderr for each failure. Before, each printed one at INFO,
+    whatever `--log-level` said: anyone reaching the port could flood the log."""
+    data = gateway_config_data(
+        upstream.base_url, server={"tls": _mtls(pki, tenant_from_cert_subject=True)}
+    )
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_GATEWAY", "GRPC_"))}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(path), "--workers", "1",
+        "--log-level", "WARNING", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(_TIMEOUT_S):
+            line = (await process.stdout.readline()).decode()
+        address = line.removeprefix("llm-gateway listening on ").strip()
+        host, port = address.rsplit(":", 1)
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET / HTTP/1.1\r\n\r\n")
+            await reader.read()  # the gateway closes it
+            writer.close()
+        for client in (pki.rogue_client, pki.client_a):
+            credentials = grpc.ssl_channel_credentials(
+                pki.ca.read_bytes(), client[1].read_bytes(), client[0].read_bytes()
+            )
+            async with grpc.aio.secure_channel(address, credentials) as channel:
+                call = pb_grpc.CompletionServiceStub(channel).Complete(chat(), timeout=_TIMEOUT_S)
+                if client is pki.rogue_client:
+                    assert (await rpc_error(call)).code() is grpc.StatusCode.UNAVAILABLE
+                else:
+                    assert (await call).content == "Hello from fake"
+    finally:
+        process.terminate()
+        stderr = (await process.stderr.read()).decode()
+        await process.wait()
+    assert "Handshake failed" not in stderr
+    assert "ssl_transport_security" not in stderr
+
+
 async def test_mtls_with_keys_still_requires_a_key_when_cert_tenant_is_off(
     upstream, tls_server, pki
 ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from service.security import (
 )
 from service.tenant_limits import MemoryTenantLimiter
 from tests.conftest import gateway_config
+from tests.fake_clock import FakeClock
 
 KEY = "llmgw_unit-test-key"
 
@@ -117,6 +119,28 @@ async def test_authenticator_modes():
         await required.authenticate([("authorization", "Bearer nope")])
     assert (await optional.authenticate([])).tenant == "default"
     assert (await optional.authenticate([("authorization", f"Bearer {KEY}")])).tenant == "team-a"
+
+
+async def test_unknown_keys_are_logged_once_a_minute_with_those_left_out(caplog):
+    """The first unknown key logs `auth.rejected`; those within the next minute log
+    nothing, and the first after it logs again with how many were left out."""
+    caplog.set_level(logging.INFO, logger="llm_gateway.auth")
+    clock = FakeClock()
+    authenticator = Authenticator(AuthConfig(mode="keys"), {}, [StaticKeyStore([])], clock=clock)
+    for seconds in (0.0, 1.0, 58.0, 1.0, 30.0, 31.0):  # at 0, 1, 59, 60, 90, 121 s
+        clock.advance(seconds)
+        with pytest.raises(Unauthenticated):
+            await authenticator.authenticate([("authorization", f"Bearer wrong-{clock.t}")])
+    lines = [
+        (r.getMessage(), r.key_sha256_prefix, r.suppressed)
+        for r in caplog.records
+        if r.name == "llm_gateway.auth"
+    ]
+    assert lines == [
+        ("auth.rejected", hash_key("wrong-1000.0")[:8], 0),
+        ("auth.rejected", hash_key("wrong-1060.0")[:8], 2),
+        ("auth.rejected", hash_key("wrong-1121.0")[:8], 1),
+    ]
 
 
 async def test_certificate_subject_names_the_tenant_only_when_enabled():

@@ -4,12 +4,14 @@ becomes one INFO event."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 import pytest
 from grpc._cython import cygrpc
 
 from service.errors import DeadlineExceeded, UpstreamUnavailable
+from service.grpc_core_logs import GRPC_VERBOSITY, quiet_grpc_core
 from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter, EventFormatter, configure_logging
 
 METHOD = "/llmgateway.v1.CompletionService/Complete"
@@ -153,3 +155,14 @@ def test_a_single_process_names_no_writer() -> None:
     """One process (no --workers N): no `worker=` field, there is nothing to tell apart."""
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "server.started", (), None)
     assert EventFormatter("%(message)s").format(record) == "server.started"
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "ERROR"), ("DEBUG", "DEBUG")])
+def test_grpc_core_is_kept_to_its_errors_unless_the_operator_says(monkeypatch, given, expected):
+    """The entry points set GRPC_VERBOSITY to ERROR, keeping an operator's own value."""
+    if given is None:
+        monkeypatch.delenv(GRPC_VERBOSITY, raising=False)
+    else:
+        monkeypatch.setenv(GRPC_VERBOSITY, given)
+    quiet_grpc_core()
+    assert os.environ[GRPC_VERBOSITY] == expected
