@@ -6,9 +6,10 @@
    answer. Consecutive chunks overlap by up to `chunk_overlap_tokens` of whole sentences,
    so nothing that straddles a boundary is lost.
 2. Each chunk is summarised through `Pipeline.complete`, at most `concurrency` at once.
-   A failed part is retried; if it still fails the call fails (`SummarizePartFailed`)
-   and the other parts are cancelled: a summary of part of the document is never
-   returned as if it were the whole.
+   A failed part is retried; if it still fails the call fails (`SummarizePartFailed`):
+   a summary of part of the document is never returned as if it were the whole. No
+   other part starts then, but those already with their upstream run to their end
+   (`_Halt`), so that their answers are paid once and cached for the call run again.
 3. The part summaries are combined in one call when they fit together; when they do not,
    they are grouped into chunks and summarised again, level by level.
 4. A summary cut off by its length limit (`finish_reason` LENGTH) is still a summary: it is
@@ -35,12 +36,14 @@ a part may answer, would need more than `max_levels` levels fail the call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.caller_gate import current_pacer, part_tokens
 from service.clock import SYSTEM_CLOCK, Clock, Deadline, covered_s
@@ -446,14 +449,63 @@ class _Tally:
         return covered_s(self.upstream_waits + self.queued_waits) - covered_s(self.upstream_waits)
 
 
+class _Stopped(Exception):
+    """A part's task ending because another part failed (never reaches the caller)."""
+
+
+@dataclass(slots=True)
+class _Halt:
+    """The first failure among a Summarize's parts, and how it stops the others.
+
+    Once a part failed for good no other call starts: a part waiting for its turn among
+    the parts (`concurrency`), for the tenant's pacer or out a retry's backoff is cut,
+    and one between calls (pieces, retries) stops before the next. A call already handed
+    to the pipeline (sent, or waiting its turn at its upstream's limits) runs to its end,
+    as the caller's deadline and its own timeouts bound it: cut, it would be paid for its
+    prompt and not cached, and paid again when the Summarize is run again.
+    """
+
+    failure: Exception | None = None
+    parts: list[asyncio.Task[None]] = field(default_factory=list)
+    in_calls: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def check(self) -> None:
+        """Raise `_Stopped` once a part has failed."""
+        if self.failure is not None:
+            raise _Stopped
+
+    @contextlib.contextmanager
+    def calling(self) -> Iterator[None]:
+        """Around one upstream call of a part's task, which `fail` then lets run."""
+        self.check()
+        task = asyncio.current_task()
+        if task is not None:
+            self.in_calls.add(task)
+        try:
+            yield
+        finally:
+            self.in_calls.discard(task)
+
+    def fail(self, exc: Exception) -> None:
+        """Keep the first failure; cut every other part not in an upstream call."""
+        if self.failure is None:
+            self.failure = exc
+        current = asyncio.current_task()
+        for part in self.parts:
+            if part is not current and part not in self.in_calls:
+                part.cancel()
+
+
 @dataclass(frozen=True, slots=True)
 class _Run:
-    """What every call of one Summarize shares: the request, its deadline and its tally."""
+    """What every call of one Summarize shares: the request, its deadline, its tally and
+    the halt its parts' first failure sets."""
 
     request: SummaryRequest
     deadline: Deadline
     concurrency: int  # calls at once
     tally: _Tally = field(default_factory=_Tally)
+    halt: _Halt = field(default_factory=_Halt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,15 +518,6 @@ class _Slot:
 
 
 _WHOLE = _Slot(part=1, parts=1, level=1)
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error that ended a task group (the others are cancellations it caused)."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_error(exc)
-        return exc
-    return group  # pragma: no cover - a group always holds an exception
 
 
 def _tokens_per_minute() -> int:
@@ -884,28 +927,40 @@ class Summarizer:
         overlap_tokens: int,
         level: int,
     ) -> list[str]:
-        """Summarise every (name, text), `concurrency` at once; the first failure cancels the rest.
+        """Summarise every (name, text), `concurrency` at once; the first failure fails
+        them all, once the calls it did not cut have ended (`_Halt`).
 
         Returns the summaries in the order of `inputs`, each input's re-split pieces (see
         `_summarise_fitting`) in place of it.
         """
         semaphore = asyncio.Semaphore(run.concurrency)
         results: list[list[str]] = [[] for _ in inputs]
+        halt = run.halt
 
         async def one(index: int) -> None:
             name, text = inputs[index]
             async with semaphore:
                 slot = _Slot(part=index + 1, parts=len(inputs), level=level)
-                results[index] = await self._summarise_fitting(
-                    run, system, text, answer_tokens, slot, name=name, overlap_tokens=overlap_tokens
-                )
+                try:
+                    results[index] = await self._summarise_fitting(
+                        run,
+                        system,
+                        text,
+                        answer_tokens,
+                        slot,
+                        name=name,
+                        overlap_tokens=overlap_tokens,
+                    )
+                except _Stopped:
+                    pass
+                except Exception as exc:  # told to the caller once all have ended
+                    halt.fail(exc)  # before the semaphore lets another part start
 
-        try:
-            async with asyncio.TaskGroup() as group:
-                for index in range(len(inputs)):
-                    group.create_task(one(index))
-        except BaseExceptionGroup as failed:
-            raise _first_error(failed) from None
+        # A cancel (the caller's, its deadline) still cuts every part at once: the group's.
+        async with asyncio.TaskGroup() as group:
+            halt.parts = [group.create_task(one(index)) for index in range(len(inputs))]
+        if halt.failure is not None:
+            raise halt.failure
         return [summary for summaries in results for summary in summaries]
 
     async def _summarise_fitting(
@@ -1019,6 +1074,7 @@ class Summarizer:
             tenant=request.tenant,
         )
         waiting_since: float | None = time.monotonic()  # a wait for the pacer is queued time
+        run.halt.check()  # another part failed: take nothing from the pacer
         pacer = current_pacer()
         if pacer is not None:  # the tenant's tokens_per_minute, taken as the call starts
             await pacer.take(
@@ -1028,9 +1084,10 @@ class Summarizer:
         for attempt in range(1, attempts + 1):
             try:
                 # A part waits its turn at its upstream's limits, as a batch's item does.
-                completion = await self._pipeline.complete_in_turn(
-                    chat, deadline=deadline, waiting_since=waiting_since
-                )
+                with run.halt.calling():
+                    completion = await self._pipeline.complete_in_turn(
+                        chat, deadline=deadline, waiting_since=waiting_since
+                    )
             except UpstreamContextExceeded:
                 raise  # the text is split again (`_call_if_fits`)
             except UpstreamRejected as exc:

@@ -436,3 +436,38 @@ async def test_a_batch_of_far_too_many_items_is_refused_before_any_is_read(
     assert violation[0] == "items"
     assert "at most 3 items, got 500000" in violation[1]
     assert scripted.requests == []
+
+
+async def test_an_item_failing_lets_the_items_in_flight_finish_and_be_cached(start_gateway):
+    """As a Summarize part's siblings now do, a failing item's siblings in flight run to
+    their end: answered in full, billed once as reported and cached, so the batch run
+    again once the item is mended sends only that item."""
+    broken = [True]
+
+    def respond(body):
+        text = user_text(body)
+        if text == "fail" and broken:
+            return Status(500)
+        return Reply(content=f"answer to {text}", delay_s=0.2)
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
+        gateway = await start_gateway(gateway_config(upstream.base_url, resilience={"attempts": 1}))
+        prompts = ("slow a", "fail", "slow b")
+        request = pb.CompleteBatchRequest(
+            items=[
+                pb.BatchItem(id=p, request=chat(p, params=pb.GenerationParams(temperature=0)))
+                for p in prompts
+            ],
+            concurrency=3,
+        )
+        results, summary = await collect(gateway.stub.CompleteBatch(request))
+        assert (summary.succeeded, summary.failed) == (2, 1)
+        assert {r.id: r.WhichOneof("outcome") for r in results}["fail"] == "error"
+        assert (upstream.finished, upstream.disconnects) == (3, 0)
+        total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+        assert (total.requests, total.estimated_requests, total.usage.input_tokens) == (2, 0, 14)
+        sent = len(upstream.requests)
+        broken.clear()
+        _, again = await collect(gateway.stub.CompleteBatch(request))
+        assert again.succeeded == 3
+        assert [user_text(r.body) for r in upstream.requests[sent:]] == ["fail"]

@@ -18,7 +18,7 @@ from service.config import BudgetConfig
 from service.tokens import PER_MESSAGE_OVERHEAD, PER_REQUEST_OVERHEAD, estimate_text_tokens
 from service.validation import has_control_characters
 from tests.conftest import FAKE_MODEL, chat, fake_model_window, gateway_config
-from tests.fake_upstream import Reply, Status
+from tests.fake_upstream import Hang, Reply, Status
 from tests.integration.helpers import error_info, field_violations, rich_status
 from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
 from tests.telemetry_support import attributes_of, captured_telemetry
@@ -420,6 +420,82 @@ async def test_a_summary_run_again_after_a_part_failed_pays_only_for_what_was_mi
     assert (third.summary, third.upstream_calls, third.cost_usd) == ("FINAL", 0, 0.0)
     assert third.usage.output_tokens == response.usage.output_tokens  # the same summary
     assert len(recorder.requests) == first_run + 2
+
+
+def part_number(body) -> int | None:
+    """The number of the part a recorded request summarises (None: not a part)."""
+    found = PART_HEADER.match(user_text(body))
+    return int(found.group(1)) if found is not None and is_part(body) else None
+
+
+async def test_a_failed_part_lets_its_siblings_in_flight_finish_and_be_cached(
+    recorder, start_gateway
+):
+    """Part 3 fails for good while parts 1 and 2 are with the upstream: no other part
+    starts, but those two are answered in full and billed once, as reported; the call
+    fails SUMMARIZE_PART_FAILED as before, and run again once part 3 is mended it sends
+    only the parts not summarised before, and the combine.
+
+    Before, parts 1 and 2 were cut at once: billed their estimated prompt, not cached,
+    and sent (and paid) again on the rerun."""
+    broken = [True]
+
+    def respond(body):
+        if part_number(body) == 3 and broken:
+            return Status(500)
+        reply = default_respond(body)
+        # Still with the upstream when part 3's failure comes back.
+        return dataclasses.replace(reply, delay_s=0.2) if is_part(body) else reply
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url, chunk_attempts=1, upstream_attempts=1))
+    request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(40))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(request)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    details = error_details(caught.value)
+    assert (details.reason, details.metadata["part"]) == ("SUMMARIZE_PART_FAILED", "3")
+    first_run = [part_number(r.body) for r in recorder.requests]
+    assert sorted(first_run) == [1, 2, 3]  # part 4 never started
+    assert (recorder.finished, recorder.disconnects) == (3, 0)
+    total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.requests, total.estimated_requests) == (2, 0)
+    assert (total.usage.input_tokens, total.usage.output_tokens) == (2 * 7, 2 * 3)
+    assert total.cost_usd == pytest.approx(2 * (7 * 0.14 + 3 * 0.42) / 1e6)
+    broken.clear()
+    response = await gateway.stub.Summarize(request)
+    assert (response.summary, response.chunks, response.upstream_calls) == ("FINAL", 4, 3)
+    again = [r.body for r in recorder.requests[len(first_run) :]]
+    assert sorted(map(part_number, again[:-1])) == [3, 4]
+    assert is_combine(again[-1])
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+async def test_a_caller_leaving_after_a_part_failed_cuts_the_parts_in_flight(
+    recorder, start_gateway, how
+):
+    """Parts in flight when another failed run on for the summary, but not past its
+    caller: a cancel, or the deadline, closes their upstream requests at once, and each
+    is billed as a cut call."""
+
+    def respond(body):
+        if part_number(body) == 3:
+            return Status(500)
+        return Hang() if is_part(body) else default_respond(body)
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url, chunk_attempts=1, upstream_attempts=1))
+    request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(40))
+    call = gateway.stub.Summarize(request, timeout=None if how == "cancel" else 1.0)
+    await recorder.wait_until(lambda: recorder.finished == 1 and recorder.in_flight == 2)
+    if how == "cancel":
+        call.cancel()
+    with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
+        await call
+    await recorder.wait_for_disconnect()
+    await recorder.wait_for_disconnect()
+    total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.requests, total.estimated_requests, total.usage.output_tokens) == (2, 2, 0)
 
 
 async def test_parts_a_budget_refuses_for_their_siblings_holds_wait_their_turn(
