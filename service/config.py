@@ -249,6 +249,11 @@ class ServerConfig:
     max_connection_age_grace_s: float | None = None
     # A stream whose caller takes none of its messages this long is ended (0: never).
     stalled_stream_timeout_s: float = 60.0
+    # A caller connection sending nothing this long is pinged; one that does not answer
+    # within the timeout is gone (a crashed host, a dropped network path) and its calls
+    # are cut, as when it cancels: TCP alone would not say so for hours.
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 20.0
     # A second port serving only grpc.health.v1, in plaintext: for probes that cannot
     # speak TLS (Kubernetes' native gRPC probes) when `tls` is on. Unset: none.
     health_listen: str | None = None
@@ -283,6 +288,8 @@ class ServerConfig:
         )
         _require(self.max_connection_age_s > 0, "max_connection_age_s must be > 0")
         _require(self.stalled_stream_timeout_s >= 0, "stalled_stream_timeout_s must be >= 0")
+        _require(self.keepalive_time_s > 0, "keepalive_time_s must be > 0")
+        _require(self.keepalive_timeout_s > 0, "keepalive_timeout_s must be > 0")
         grace = self.max_connection_age_grace_s
         _require(grace is None or grace >= 0, "max_connection_age_grace_s must be >= 0")
 

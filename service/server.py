@@ -263,6 +263,7 @@ class GatewayServer:
                 ("grpc.max_receive_message_length", self.config.server.max_receive_message_bytes),
                 self._reuse_port_option,
                 *_KEEPALIVE_OPTIONS,
+                *caller_keepalive_options(self.config.server),
                 *connection_age_options(self.config, upstreams),
             ],
         )
@@ -486,6 +487,24 @@ def _warn_of_unpriced_models(pool: UpstreamPool, prices: PriceList) -> None:
         paid = [r.client.name for r in routes if r.client.name != LOCAL_UPSTREAM]
         if paid and prices.price(model) is None:
             log.warning("pricing.model_without_price", extra={"model": model, "upstreams": paid})
+
+
+def caller_keepalive_options(server: ServerConfig) -> list[tuple[str, int]]:
+    """Ping each caller's connection after `keepalive_time_s` without a frame from it,
+    and close it, cutting its calls, when no answer comes within `keepalive_timeout_s`.
+
+    A caller that vanishes without closing its connection (its host crashed, a network
+    path or NAT entry dropped) sends no RST: without pings its calls would run on, each
+    upstream request generating and billing to its end, as though still read. grpc's
+    server default is one ping in two hours. grpc takes the ping's answer as late only
+    past `grpc.http2.ping_timeout_ms` (a minute by default), so that is set too.
+    """
+    timeout_ms = _grpc_ms(server.keepalive_timeout_s)
+    return [
+        ("grpc.keepalive_time_ms", _grpc_ms(server.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
+    ]
 
 
 def connection_age_options(

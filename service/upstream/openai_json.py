@@ -866,6 +866,9 @@ class StreamParser:
         try:
             event = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
+            if data.strip() == _DONE:  # blanks around it, as JSON events may have (`data:  {`)
+                self.is_done = True
+                return None
             event = _loads_with_halves(data, exc, _STREAMED_TEXT_KEYS)
             self._is_pairing = True
         if not isinstance(event, dict):  # inline: a Python call less for every event
@@ -917,7 +920,7 @@ class StreamParser:
         the upstream finished and only the blank line after it was lost; anything else left
         open (`[DO`, a chunk) stays unread, and the stream counts as cut.
         """
-        if data_at_end == _DONE:
+        if data_at_end is not None and data_at_end.strip() == _DONE:
             self.is_done = True
 
     def lone_halves(self) -> TextChunk | None:

@@ -12,7 +12,9 @@ from google.rpc import error_details_pb2
 
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
-from tests.conftest import chat, chat_stream, gateway_config
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.config import parse_config
+from tests.conftest import chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.integration.tenancy_helpers import as_tenant, detail, rpc_error, secure_config
 from tests.integration.test_resilience import checked_out_connections, settle
@@ -157,5 +159,75 @@ async def test_a_stalled_callers_deadline_closes_the_upstream_and_frees_its_slot
         assert await settle(lambda: checked_out_connections(gateway) == 0)
         assert await settle(lambda: gateway.server.admission.is_idle)
         assert await settle(lambda: upstream.open_connections() == 0)
+        usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+        assert (usage.total.requests, usage.total.estimated_requests) == (1, 1)
+
+
+class _Vanishing:
+    """A TCP relay to the gateway for one caller, until `vanish()`: then it reads and
+    forwards nothing more and closes nothing, as a caller whose host crashed or whose
+    network path dropped, which sends no FIN or RST."""
+
+    def __init__(self, gateway_address: str) -> None:
+        self._port = int(gateway_address.rpartition(":")[2])
+        self._has_vanished = False
+        self._pipes: list[asyncio.Task[None]] = []
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    def vanish(self) -> None:
+        self._has_vanished = True
+        for pipe in self._pipes:
+            pipe.cancel()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        to_reader, to_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        self._writers += [writer, to_writer]
+        if not self._has_vanished:
+            self._pipes += [
+                asyncio.create_task(self._pipe(reader, to_writer)),
+                asyncio.create_task(self._pipe(to_reader, writer)),
+            ]
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.vanish()
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+
+async def test_a_caller_that_vanishes_without_closing_its_connection_is_cut(start_gateway):
+    """A caller's connection goes silent mid-stream, with no FIN or RST: the gateway's
+    keepalive pings go unanswered, it closes the connection, and the call is cut as if
+    cancelled: the upstream request closed before its answer ends, and charged as cut
+    (estimated: the answer's reported usage never came), rather than generated and
+    billed to its end for no one."""
+    slow = Reply(content=" ".join(["word"] * 600), chunks=600, chunk_delay_s=0.05)
+    async with FakeUpstream(default=slow) as upstream:
+        data = gateway_config_data(
+            upstream.base_url, server={"keepalive_time_s": 0.5, "keepalive_timeout_s": 0.5}
+        )
+        data["upstreams"][0]["timeout_s"] = 60  # past the answer: only the caller can cut it
+        gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+        vanishing = _Vanishing(gateway.server.address)
+        async with vanishing as address:
+            channel = grpc.aio.insecure_channel(address)
+            call = pb_grpc.CompletionServiceStub(channel).CompleteStream(chat_stream("long"))
+            assert (await call.read()).delta.content
+            vanishing.vanish()
+            await upstream.wait_for_disconnect(timeout_s=20)
+            call.cancel()
+            await channel.close(grace=0)
+        assert await settle(lambda: gateway.server.admission.is_idle)
         usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
         assert (usage.total.requests, usage.total.estimated_requests) == (1, 1)

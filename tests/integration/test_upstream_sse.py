@@ -336,6 +336,21 @@ async def test_a_body_that_ends_cleanly_after_a_whole_done_line_has_finished(
 
 
 @pytest.mark.parametrize(
+    "done",
+    [b"data: [DONE] \n\n", b"data:  [DONE]\n\n", b"data: [DONE]\t"],
+    ids=["trailing-space", "two-spaces", "at-the-end-with-a-tab"],
+)
+async def test_a_done_line_with_blanks_around_it_ends_the_stream_cleanly(
+    start_gateway: Callable[..., Any], done: bytes
+) -> None:
+    """`[DONE]` with a blank beside it (as JSON events may have) ends the stream: the
+    whole answer, finished and its usage reported, is no interrupted stream."""
+    body = chunk("Hel") + chunk("lo", "stop") + USAGE + done
+    final = await relayed_cleanly(start_gateway, body, "Hello", framing="close")
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 2)
+
+
+@pytest.mark.parametrize(
     ("done", "framing"),
     [
         pytest.param(b"data: [DO", "chunked", id="partial-done-then-clean-end"),
