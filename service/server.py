@@ -535,8 +535,10 @@ def longest_call_s(
     resilience = config.resilience
     served = config.upstreams if upstreams is None else upstreams
     timeout_s = max((u.timeout_s for u in served), default=0.0)
-    waits_s = (resilience.attempts - 1) * resilience.max_retry_after_s
-    return resilience.attempts * timeout_s + waits_s + resilience.max_limit_wait_s
+    # Each attempt may first wait out its upstream's limits: failing over, a call waits
+    # again at the next upstream's.
+    attempts_s = resilience.attempts * (timeout_s + resilience.max_limit_wait_s)
+    return attempts_s + (resilience.attempts - 1) * resilience.max_retry_after_s
 
 
 # gRPC channel arguments are C ints: a longer time (past 24.8 days) would fail the start.

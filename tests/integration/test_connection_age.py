@@ -72,7 +72,8 @@ async def test_a_client_pinging_every_second_keeps_its_silent_calls(start_gatewa
 
 def test_the_grace_defaults_to_the_longest_call_with_its_retries_or_five_minutes():
     """Default age 300 s; grace: every attempt at the longest upstream timeout, plus the
-    longest Retry-After between attempts and the longest slot wait, at least 300 s."""
+    longest Retry-After between attempts and the longest slot wait before each (a call
+    failing over waits again at the next upstream's limits), at least 300 s."""
     base = gateway_config("http://127.0.0.1:1", resilience={"attempts": 1})
     base = dataclasses.replace(
         base, upstreams=(dataclasses.replace(base.upstreams[0], timeout_s=10.0),)
@@ -82,7 +83,7 @@ def test_the_grace_defaults_to_the_longest_call_with_its_retries_or_five_minutes
         "grpc.max_connection_age_grace_ms": 300_000,
     }
     # The defaults: 3 attempts of 120 s, up to 60 s of Retry-After between them, and up
-    # to 5 s waiting for an upstream slot.
+    # to 5 s waiting for an upstream slot before each.
     retrying = gateway_config(
         "http://127.0.0.1:1",
         resilience={"attempts": 3, "max_retry_after_s": 60.0, "max_limit_wait_s": 5.0},
@@ -95,7 +96,7 @@ def test_the_grace_defaults_to_the_longest_call_with_its_retries_or_five_minutes
         ),
     )
     grace_ms = dict(connection_age_options(slow))["grpc.max_connection_age_grace_ms"]
-    assert grace_ms == (3 * 200 + 2 * 60 + 5) * 1000
+    assert grace_ms == (3 * (200 + 5) + 2 * 60) * 1000
     configured = gateway_config(
         "http://127.0.0.1:1",
         server={"max_connection_age_s": 60, "max_connection_age_grace_s": 5},
@@ -141,5 +142,5 @@ async def test_the_grace_counts_the_local_models_timeout_as_workers_do(
     assert gw.server.local_model is not None
     local = gw.server.local_model.upstream_config()
     assert dict(options)["grpc.max_connection_age_grace_ms"] == round(
-        (3 * local.timeout_s + 2 * 60 + 5) * 1000
+        (3 * (local.timeout_s + 5) + 2 * 60) * 1000
     )
