@@ -175,9 +175,11 @@ def params_from_proto(
 
 def _response_format_from_proto(message: pb.ResponseFormat) -> ResponseFormat | None:
     """The response format; None when unset. A schema given without its type is kept,
-    as TEXT, for validation to refuse (an unknown type is refused on the wire)."""
+    as TEXT, for validation to refuse (an unknown type is refused on the wire). Fields
+    only a newer contract has leave it unset: sent as TEXT, a server that takes no
+    `response_format` would refuse the call."""
     kind = _RESPONSE_FORMATS.get(message.type)
-    if kind is None and not message.ByteSize():
+    if kind is None and not (message.json_schema or message.schema_name or message.strict):
         return None
     return ResponseFormat(
         type=kind or ResponseFormatType.TEXT,

@@ -106,3 +106,15 @@ async def test_a_bad_format_is_refused_before_the_upstream(
 async def _drain(stub, params: pb.GenerationParams) -> None:
     async for _ in stub.CompleteStream(chat_stream(params=params)):
         pass
+
+
+async def test_a_format_of_fields_unknown_here_sends_none(stub, upstream: FakeUpstream) -> None:
+    """A newer client's format field, unknown to this gateway, beside no type is an unset
+    format: nothing is sent upstream, as the README says of an unset one. Before, it went
+    as `{"type": "text"}`, which a server that takes no `response_format` refuses."""
+    newer_field = b"\x78\x01"  # field 15, varint 1: in no ResponseFormat this gateway knows
+    params = pb.GenerationParams(response_format=pb.ResponseFormat.FromString(newer_field))
+    await stub.Complete(chat("Say hi", params=params))
+    async for _ in stub.CompleteStream(chat_stream("Say hi again", params=params)):
+        pass
+    assert [request.body.get("response_format") for request in upstream.requests] == [None, None]
