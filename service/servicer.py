@@ -177,9 +177,9 @@ def _response_format_from_proto(message: pb.ResponseFormat) -> ResponseFormat | 
     """The response format; None when unset. A schema given without its type is kept,
     as TEXT, for validation to refuse (an unknown type is refused on the wire). Fields
     only a newer contract has leave it unset: sent as TEXT, a server that takes no
-    `response_format` would refuse the call."""
+    `response_format` would refuse the call (`ListFields` lists only the known ones)."""
     kind = _RESPONSE_FORMATS.get(message.type)
-    if kind is None and not (message.json_schema or message.schema_name or message.strict):
+    if kind is None and not message.ListFields():
         return None
     return ResponseFormat(
         type=kind or ResponseFormatType.TEXT,
