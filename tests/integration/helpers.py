@@ -24,10 +24,11 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    """The ErrorInfo detail."""
+    """The ErrorInfo detail, whose domain is the gateway's, as the README says of every one."""
     for detail in rich_status(error).details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
+            assert info.domain == "llmgateway.v1", info
             return info
     raise AssertionError("no ErrorInfo detail")
 
