@@ -8,9 +8,10 @@ cancels the task group, and with it every upstream request still in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -104,13 +105,14 @@ async def run_batch(
     *,
     concurrency: int,
     deadline: Deadline,
-    pace: Callable[[int, Deadline], Awaitable[None]] | None = None,
+    pace: Callable[[int, Deadline], contextlib.AbstractAsyncContextManager[None]] | None = None,
 ) -> AsyncGenerator[ItemOutcome | BatchTotals, None]:
     """Yield each item's outcome as it finishes, then the `BatchTotals`.
 
-    At most `concurrency` items are in flight. Each valid item first waits for `pace`
-    (its tokens, the deadline): its tenant's per-minute limits. Closing or cancelling
-    the iterator cancels the items still running (their upstream requests are closed).
+    At most `concurrency` items are in flight. Each valid item runs within `pace` (its
+    tokens, the deadline): its turn under its tenant's per-minute limits and one of its
+    tenant's call slots, held until its upstream call ends. Closing or cancelling the
+    iterator cancels the items still running (their upstream requests are closed).
     """
     started = time.monotonic()
     semaphore = asyncio.Semaphore(max(1, concurrency))
@@ -126,15 +128,17 @@ async def run_batch(
                     raise InvalidRequest(
                         chat_request_violations(item.request, limits, prior=item.violations)
                     )
+                turn: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
                 if pace is not None:
                     # Refuse an invalid item, or one for a model no upstream serves, before
                     # it takes any of the tenant's limits: it makes no upstream call.
-                    await pace(item.tokens(pipeline.prepare(item.request)), deadline)
-                # Its timings count from the batch's start: its wait for its turn (the
-                # batch's concurrency, its tenant's limits) is queued time.
-                completion = await pipeline.complete_in_turn(
-                    item.request, deadline=deadline, waiting_since=started
-                )
+                    turn = pace(item.tokens(pipeline.prepare(item.request)), deadline)
+                async with turn:
+                    # Its timings count from the batch's start: its wait for its turn (the
+                    # batch's concurrency, its tenant's limits) is queued time.
+                    completion = await pipeline.complete_in_turn(
+                        item.request, deadline=deadline, waiting_since=started
+                    )
             except Exception as exc:  # this item's outcome, not the batch's
                 if not isinstance(exc, GatewayError):
                     log.error("batch.item_unexpected_error", exc_info=exc, extra={"index": index})

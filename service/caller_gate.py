@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -37,7 +38,7 @@ from service.errors import (
     QuotaExceeded,
     Unauthenticated,
 )
-from service.tenant_limits import NO_SLOT, CallSlot, TenantLimiter
+from service.tenant_limits import NO_SLOT, CallSlot, TenantLimiter, is_over_call_cap
 from service.tokens import PER_MESSAGE_OVERHEAD, estimate_text_tokens
 
 log = logging.getLogger("llm_gateway.caller_gate")
@@ -99,10 +100,12 @@ class Demand:
     models: tuple[str, ...] = ()
     requests: int = 0
     tokens: int = 0
-    # A batch: it holds a call slot, and each item takes its requests and tokens as it
-    # starts (`BatchPacer`), so a batch larger than a minute's allowance runs at the rate.
+    # A batch: it holds no call slot, and each item takes its requests, tokens and slot
+    # as it starts (`BatchPacer`), so a batch larger than a minute's allowance runs at the
+    # rate, and the tenant's batches together run no more calls at once than its cap.
     is_paced: bool = False
-    # A Summarize: it takes its request now, and each of its calls its tokens as it starts.
+    # A Summarize: it takes its request now, and each of its calls its tokens and slot as
+    # it starts.
     paces_tokens: bool = False
 
 
@@ -198,31 +201,43 @@ def demand_of(request: Any, *, estimate: bool = True) -> Demand:
 
 
 class BatchPacer:
-    """Takes each item of one batch from its tenant's per-minute buckets as it starts,
-    waiting for them to refill: a batch runs at its tenant's rate, however many items
-    it holds, where taking them all up front would refuse any batch larger than a
-    minute's allowance. A Summarize's calls take their tokens through one the same way."""
+    """Takes each upstream call of one batch or summary from its tenant's limits as it
+    starts: a share of the per-minute buckets, waiting for them to refill, and one of the
+    tenant's `max_concurrent_calls`, waiting for one to be given back. A batch then runs
+    at its tenant's rate, however many items it holds, where taking them all up front
+    would refuse any batch larger than a minute's allowance; and the tenant's batches,
+    summaries and calls together never run more upstream calls at once than its cap,
+    where a batch holding one slot for all its items let each batch run that many more.
+    The batch itself holds no slot while it waits: N batches holding the cap's N slots
+    would wait for ever for their items'."""
 
     def __init__(
-        self, limiter: TenantLimiter, principal: Principal, *, leave_share: float = 0.0
+        self,
+        limiter: TenantLimiter,
+        principal: Principal,
+        *,
+        leave_share: float = 0.0,
+        line: asyncio.Lock | None = None,
     ) -> None:
         self._limiter = limiter
         self._principal = principal
         # Left to the tenant's other calls: taking each refill the moment it came, a batch
         # would refuse every unary call of its tenant for as long as it ran.
         self._leave_share = leave_share
-        # Items take their turn in order, rather than every waiting item waking to race
-        # for each refill.
-        self._turn = asyncio.Lock()
+        # Calls take their turn in order (`line`: shared by every batch and summary of the
+        # tenant in this process), rather than every waiting call waking to race for each
+        # refill or freed slot.
+        self._turn = line if line is not None else asyncio.Lock()
 
     @property
     def tokens_per_minute(self) -> int:
         """The tenant's tokens_per_minute (0: none): no one call may take more."""
         return self._principal.limits.tokens_per_minute
 
-    async def take(self, tokens: int, deadline: Deadline, *, requests: int = 1) -> None:
-        """Take `requests` (one item's) and `tokens`, waiting as long as the buckets ask
-        if `deadline` leaves the time.
+    async def take(self, tokens: int, deadline: Deadline, *, requests: int = 1) -> CallSlot:
+        """Take `requests` (one item's), `tokens` and a call slot, waiting as long as the
+        buckets ask if `deadline` leaves the time, and for a slot until the deadline;
+        the slot is held until given back.
 
         Raises:
             QuotaExceeded: the item cannot be taken before the deadline, or ever (more
@@ -235,19 +250,37 @@ class BatchPacer:
                 if deadline.has_expired:  # taken now, it would be paid for and never sent
                     raise DeadlineExceeded("the caller's deadline passed before the item's turn")
                 try:
-                    await self._limiter.take_rate(
+                    return await self._limiter.take_turn(
                         tenant,
                         limits,
                         tokens=tokens,
                         requests=requests,
                         leave_share=self._leave_share,
                     )
-                    return
                 except QuotaExceeded as refusal:
-                    wait_s, left_s = refusal.retry_after_s, deadline.remaining_s()
+                    left_s = deadline.remaining_s()
+                    if is_over_call_cap(refusal):
+                        # When a slot is given back is not known: wait for one until the
+                        # deadline, then be refused for the cap.
+                        await self._limiter.await_slot(tenant, timeout_s=left_s)
+                        if deadline.has_expired:
+                            raise
+                        continue
+                    wait_s = refusal.retry_after_s
                     if wait_s is None or (left_s is not None and wait_s >= left_s):
                         raise
                     await deadline.clock.sleep(wait_s)
+
+    @contextlib.asynccontextmanager
+    async def turn(
+        self, tokens: int, deadline: Deadline, *, requests: int = 1
+    ) -> AsyncIterator[None]:
+        """`take`, and hold the call slot for the body (the upstream call)."""
+        slot = await self.take(tokens, deadline, requests=requests)
+        try:
+            yield
+        finally:
+            await slot.give_back()
 
 
 def cert_common_name(context: CallContext) -> str | None:
@@ -314,6 +347,9 @@ class CallerGate:
         self._authenticator = authenticator
         self._limiter = limiter
         self._batch_leave_share = batch_leave_share
+        # Each tenant's line of batch items and summary calls waiting for its limits
+        # (`BatchPacer`), kept while a call of the tenant paces its calls.
+        self._lines: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     @property
     def limiter(self) -> TenantLimiter:
@@ -342,10 +378,15 @@ class CallerGate:
         return principal
 
     def _pace(self, principal: Principal) -> None:
-        """Have this call's upstream calls take `principal`'s per-minute limits as they
-        start (`current_pacer`); for this call only, as `_principal` (each RPC runs in a
-        task of its own)."""
-        _pacer.set(BatchPacer(self._limiter, principal, leave_share=self._batch_leave_share))
+        """Have this call's upstream calls take `principal`'s per-minute limits and call
+        slots as they start (`current_pacer`), in the tenant's line; for this call only,
+        as `_principal` (each RPC runs in a task of its own)."""
+        line = self._lines.get(principal.tenant)
+        if line is None:
+            line = self._lines[principal.tenant] = asyncio.Lock()
+        _pacer.set(
+            BatchPacer(self._limiter, principal, leave_share=self._batch_leave_share, line=line)
+        )
 
     @contextlib.asynccontextmanager
     async def admit(
@@ -382,12 +423,21 @@ class CallerGate:
             # tokens_per_minute "never fits" to give up on.
             sent_tokens = check(request)
         if demand.is_paced:
-            async with self._limiter.admit(principal.tenant, limits, tokens=0, requests=0) as slot:
-                if limits.requests_per_minute or limits.tokens_per_minute:
-                    self._pace(principal)
-                yield slot
+            # No slot for the batch itself: each item takes its own (`BatchPacer`).
+            if limits.has_rate_limits:
+                self._pace(principal)
+            yield NO_SLOT
             return
         if not demand.requests:
+            yield NO_SLOT
+            return
+        if demand.paces_tokens:
+            # A Summarize takes its request now, and no slot: each of its calls takes its
+            # tokens and a slot as it starts, as a batch's items do; a document of more
+            # than a minute's allowance then runs at the tenant's rate.
+            await self._limiter.take_rate(principal.tenant, limits, tokens=0, requests=1)
+            if limits.tokens_per_minute or limits.max_concurrent_calls:
+                self._pace(principal)
             yield NO_SLOT
             return
         # KEEP_RECENT sends what fits the window: a long history the caller keeps sending
@@ -396,8 +446,4 @@ class CallerGate:
         async with self._limiter.admit(
             principal.tenant, limits, tokens=tokens, requests=demand.requests
         ) as slot:
-            if demand.paces_tokens and limits.tokens_per_minute:
-                # A Summarize's calls take their tokens as they start: a document of more
-                # than a minute's allowance runs at the tenant's rate, as a batch does.
-                self._pace(principal)
             yield slot

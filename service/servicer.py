@@ -514,9 +514,8 @@ def caller_is_admin(context: grpc.aio.ServicerContext[object, object]) -> bool:
 def _tenant_concurrency() -> int | None:
     """The caller's tenant's `max_concurrent_calls`, if it has one.
 
-    A batch or a summary holds one of the tenant's call slots but makes many upstream
-    calls: they run at most this many at once, so one batch cannot take the upstream
-    capacity the limit is there to share.
+    Each upstream call of a batch or a summary takes one of the tenant's call slots as
+    it starts (`BatchPacer`): more at once than the cap would only wait in line.
     """
     principal = current_principal()
     return (principal.limits.max_concurrent_calls or None) if principal is not None else None
@@ -831,7 +830,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             items,
             concurrency=min(concurrency, _tenant_concurrency() or concurrency),
             deadline=deadline_of(context),
-            pace=None if pacer is None else pacer.take,
+            pace=None if pacer is None else pacer.turn,
         )
         async with contextlib.aclosing(results):
             async for event in results:

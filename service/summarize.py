@@ -1076,41 +1076,49 @@ class Summarizer:
         waiting_since: float | None = time.monotonic()  # a wait for the pacer is queued time
         run.halt.check()  # another part failed: take nothing from the pacer
         pacer = current_pacer()
-        if pacer is not None:  # the tenant's tokens_per_minute, taken as the call starts
-            await pacer.take(
+        # The tenant's tokens_per_minute, taken as the call starts, and one of its call
+        # slots, held until the call (with its retries) ends.
+        turn: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+        if pacer is not None:
+            turn = pacer.turn(
                 part_tokens((system, user), max_tokens=answer_tokens), deadline, requests=0
             )
-        attempts = self._config.chunk_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                # A part waits its turn at its upstream's limits, as a batch's item does.
-                with run.halt.calling():
-                    completion = await self._pipeline.complete_in_turn(
-                        chat, deadline=deadline, waiting_since=waiting_since
-                    )
-            except UpstreamContextExceeded:
-                raise  # the text is split again (`_call_if_fits`)
-            except UpstreamRejected as exc:
-                raise SummarizePartRejected(
-                    exc, part=slot.part, parts=slot.parts, level=slot.level
-                ) from exc
-            except UpstreamError as exc:
-                wait_s = self._config.retry_backoff_s * 2 ** (attempt - 1)
-                left = deadline.remaining_s()
-                # A rejected key stays rejected: a retry would only find the upstream set
-                # aside, and say that instead.
-                is_final = attempt == attempts or exc.is_retry_futile
-                if is_final or (left is not None and left <= wait_s):
-                    raise SummarizePartFailed(
-                        exc, part=slot.part, parts=slot.parts, level=slot.level, attempts=attempt
+        async with turn:
+            attempts = self._config.chunk_attempts
+            for attempt in range(1, attempts + 1):
+                try:
+                    # A part waits its turn at its upstream's limits, as a batch's item does.
+                    with run.halt.calling():
+                        completion = await self._pipeline.complete_in_turn(
+                            chat, deadline=deadline, waiting_since=waiting_since
+                        )
+                except UpstreamContextExceeded:
+                    raise  # the text is split again (`_call_if_fits`)
+                except UpstreamRejected as exc:
+                    raise SummarizePartRejected(
+                        exc, part=slot.part, parts=slot.parts, level=slot.level
                     ) from exc
-                await self._clock.sleep(wait_s)
-                waiting_since = None  # a retry's backoff is not queued time
-                continue
-            run.tally.add(completion, now=self._clock.now())
-            _check_summary(completion, slot, attempts=attempt)
-            return completion
-        raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
+                except UpstreamError as exc:
+                    wait_s = self._config.retry_backoff_s * 2 ** (attempt - 1)
+                    left = deadline.remaining_s()
+                    # A rejected key stays rejected: a retry would only find the upstream set
+                    # aside, and say that instead.
+                    is_final = attempt == attempts or exc.is_retry_futile
+                    if is_final or (left is not None and left <= wait_s):
+                        raise SummarizePartFailed(
+                            exc,
+                            part=slot.part,
+                            parts=slot.parts,
+                            level=slot.level,
+                            attempts=attempt,
+                        ) from exc
+                    await self._clock.sleep(wait_s)
+                    waiting_since = None  # a retry's backoff is not queued time
+                    continue
+                run.tally.add(completion, now=self._clock.now())
+                _check_summary(completion, slot, attempts=attempt)
+                return completion
+            raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
 
 
 def _smallest_piece_refused(exc: UpstreamContextExceeded, slot: _Slot) -> SummarizePartRejected:

@@ -7,10 +7,15 @@ proceeds at the limit's rate. A refusal says which limit and when a retry can pa
 `MemoryTenantLimiter` keeps the buckets in this process (one replica); `RedisTenantLimiter`
 keeps them in Redis, updated atomically by one Lua script, so that every replica shares
 them. Tokens counted are the prompt's estimate plus the `max_tokens` reserved for output.
+
+A plain call holds a slot for its whole call (`admit`, refused at once at the cap); each
+upstream call of a batch or a summary takes one as it starts (`take_turn`), and waits for
+one given back (`await_slot`) rather than being refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -29,6 +34,10 @@ from service.store_cooldown import StoreCooldown
 log = logging.getLogger("llm_gateway.tenant_limits")
 
 _WINDOW_S = 60.0
+# How often a batch's or a summary's call waiting for its tenant's slot asks Redis again
+# (one script), for a slot given back by another replica or a lease that lapsed; a slot
+# given back by this replica wakes it at once.
+SLOT_POLL_S = 0.25
 
 
 class CallSlot:
@@ -80,6 +89,32 @@ class TenantLimiter(Protocol):
         """
         ...
 
+    async def take_turn(
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int = 1,
+        leave_share: float = 0.0,
+    ) -> CallSlot:
+        """`take_rate`, and one concurrent-call slot (under a `max_concurrent_calls`) for
+        one upstream call of a batch or a summary, held until the `CallSlot` is given
+        back; or refuse (`is_over_call_cap` when the slots are all held) and take nothing.
+        """
+        ...
+
+    async def await_slot(self, tenant: str, *, timeout_s: float | None) -> None:
+        """Return once one of `tenant`'s slots may be free again (given back in this
+        process; in Redis, also after a short poll interval, for other replicas' and
+        lapsed leases), or after `timeout_s` (None: no limit)."""
+        ...
+
+
+def is_over_call_cap(refusal: QuotaExceeded) -> bool:
+    """Whether `refusal` is for the tenant's `max_concurrent_calls` (not for a rate)."""
+    return refusal.subject.endswith(":max_concurrent_calls")
+
 
 def _refusal(tenant: str, which: str, limit: int, retry_after_s: float | None) -> QuotaExceeded:
     return QuotaExceeded(
@@ -128,6 +163,36 @@ class _Bucket:
         return 0.0 if self.level >= need else (need - self.level) * _WINDOW_S / capacity
 
 
+class _FreedSlots:
+    """Wakes whoever waits for a tenant's slot (`await_slot`) when this process gives one
+    of that tenant's slots back."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+
+    def given_back(self, tenant: str) -> None:
+        """One of `tenant`'s slots was given back: wake its waiters."""
+        for waiter in self._waiters.pop(tenant, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self, tenant: str, *, timeout_s: float | None) -> None:
+        """Return once one of `tenant`'s slots is given back, or after `timeout_s`."""
+        waiter = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(tenant, [])
+        waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in waiters:  # not woken: nothing left behind for a tenant gone quiet
+                waiters.remove(waiter)
+                if not waiters and self._waiters.get(tenant) is waiters:
+                    del self._waiters[tenant]
+
+
 class MemoryTenantLimiter:
     """Token buckets and in-flight counts per tenant, in this process."""
 
@@ -136,6 +201,7 @@ class MemoryTenantLimiter:
         self._requests: dict[str, _Bucket] = {}
         self._tokens: dict[str, _Bucket] = {}
         self._in_flight: dict[str, int] = {}
+        self._freed = _FreedSlots()
 
     def in_flight(self, tenant: str) -> int:
         """Calls of `tenant` admitted and not finished."""
@@ -208,16 +274,42 @@ class MemoryTenantLimiter:
             _too_large(tenant, limits, tokens=tokens, requests=requests)
             raise _refusal(tenant, "max_concurrent_calls", cap, 1.0)
         self.take(tenant, limits, tokens=tokens, requests=requests)
-        self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
-
-        async def release() -> None:
-            self._in_flight[tenant] -= 1
-
-        slot = CallSlot(release)
+        slot = self._hold(tenant)
         try:
             yield slot
         finally:
             await slot.give_back()
+
+    def _hold(self, tenant: str) -> CallSlot:
+        """One more call of `tenant` in flight, until the slot handed out is given back."""
+        self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
+
+        async def release() -> None:
+            self._in_flight[tenant] -= 1
+            self._freed.given_back(tenant)
+
+        return CallSlot(release)
+
+    async def take_turn(
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int = 1,
+        leave_share: float = 0.0,
+    ) -> CallSlot:
+        """See `TenantLimiter.take_turn`."""
+        cap = limits.max_concurrent_calls
+        if cap and self._in_flight.get(tenant, 0) >= cap:
+            _too_large(tenant, limits, tokens=tokens, requests=requests)  # as `admit`
+            raise _refusal(tenant, "max_concurrent_calls", cap, 1.0)
+        self.take(tenant, limits, tokens=tokens, requests=requests, leave_share=leave_share)
+        return self._hold(tenant) if cap else NO_SLOT
+
+    async def await_slot(self, tenant: str, *, timeout_s: float | None) -> None:
+        """See `TenantLimiter.await_slot`: here, only this process holds slots."""
+        await self._freed.wait(tenant, timeout_s=timeout_s)
 
 
 # KEYS: requests bucket, tokens bucket, in-flight sorted set, the lease's released marker.
@@ -306,7 +398,7 @@ class RedisTenantLimiter:
     (shared with the other users of the same Redis client) leaves Redis alone, calls are
     admitted at once, and take no lease to give back. Each call's lease is renewed while
     it runs (`LeaseRenewals`: one task and one script a round for all of them), so a long
-    call (a paced batch) keeps its slot to its end, and a dead replica's leases lapse
+    call keeps its slot to its end, and a dead replica's leases lapse
     within their TTL (`LEASE_TTL_S`, a minute).
     """
 
@@ -317,10 +409,13 @@ class RedisTenantLimiter:
         prefix: str,
         cooldown: StoreCooldown | None = None,
         lease_ttl_s: int = LEASE_TTL_S,
+        slot_poll_s: float = SLOT_POLL_S,
         commands: Any = None,
     ) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._slot_poll_s = slot_poll_s
+        self._freed = _FreedSlots()
         # The per-call scripts and release go through `commands` (a `LeanRedis` beside
         # `redis`, without redis-py's per-command cost) when given.
         self._commands = redis if commands is None else commands
@@ -431,21 +526,77 @@ class RedisTenantLimiter:
         """Hold one concurrent-call slot for the body, or until the `CallSlot` handed out
         is given back; take `requests` and `tokens` now."""
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
-        cap = limits.max_concurrent_calls
-        if not (rpm or tpm or cap):
+        if not (rpm or tpm or limits.max_concurrent_calls):
             yield NO_SLOT
             return
+        slot = await self._take_lease(
+            tenant, limits, rpm=rpm, tpm=tpm, tokens=tokens, requests=requests
+        )
+        try:
+            yield slot
+        finally:
+            await slot.give_back()
+
+    async def take_turn(
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int = 1,
+        leave_share: float = 0.0,
+    ) -> CallSlot:
+        """See `TenantLimiter.take_turn`: one script, as a call's admission, and the
+        lease's release as the upstream call ends."""
+        if not limits.max_concurrent_calls:
+            await self.take_rate(
+                tenant, limits, tokens=tokens, requests=requests, leave_share=leave_share
+            )
+            return NO_SLOT
+        # As `take_rate`: a bucket nothing is taken from is not asked.
+        rpm = limits.requests_per_minute if requests else 0
+        tpm = limits.tokens_per_minute if tokens else 0
+        return await self._take_lease(
+            tenant,
+            limits,
+            rpm=rpm,
+            tpm=tpm,
+            tokens=tokens,
+            requests=requests,
+            leave_share=leave_share,
+        )
+
+    async def await_slot(self, tenant: str, *, timeout_s: float | None) -> None:
+        """See `TenantLimiter.await_slot`: a slot given back here wakes the waiter at once;
+        one given back by another replica, or a lapsed lease, is seen by the next poll."""
+        poll_s = self._slot_poll_s if timeout_s is None else min(timeout_s, self._slot_poll_s)
+        await self._freed.wait(tenant, timeout_s=poll_s)
+
+    async def _take_lease(
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        rpm: int,
+        tpm: int,
+        tokens: int,
+        requests: int,
+        leave_share: float = 0.0,
+    ) -> CallSlot:
+        """Take `requests` and `tokens` (from the buckets of `rpm` and `tpm`, 0: not
+        asked) and a lease under the tenant's `max_concurrent_calls`, in one script;
+        the lease is held (and renewed) until the `CallSlot` handed out is given back."""
+        cap = limits.max_concurrent_calls
         _too_large(tenant, limits, tokens=tokens, requests=requests)
         if self.cooldown.skips():
-            yield NO_SLOT
-            return
+            return NO_SLOT
         lease = uuid.uuid4().hex
         keys = self._keys(tenant, lease)
         is_confirmed = True  # the admission script's reply came
         try:
             which, wait = await self._script(
                 keys=keys,
-                args=[rpm, tpm, requests, tokens, cap, lease, self._lease_ttl_s, 0],
+                args=[rpm, tpm, requests, tokens, cap, lease, self._lease_ttl_s, leave_share],
             )
         except Exception as exc:  # the limit store is down: admit
             self._store_failed(exc)
@@ -464,8 +615,7 @@ class RedisTenantLimiter:
             self.late_releases.store_answered()
         self._refuse(tenant, limits, int(which), wait)
         if not cap:
-            yield NO_SLOT
-            return
+            return NO_SLOT
         self._renewals.hold(lease, (lease, keys))
 
         async def release() -> None:
@@ -473,12 +623,9 @@ class RedisTenantLimiter:
             # was sent, the lease is marked released too.
             is_renewed = self._renewals.let_go(lease)
             await self._give_back(keys, lease, may_come_back=not is_confirmed or is_renewed)
+            self._freed.given_back(tenant)
 
-        slot = CallSlot(release)
-        try:
-            yield slot
-        finally:
-            await slot.give_back()
+        return CallSlot(release)
 
     async def _renew_leases(self, leases: list[_Lease]) -> None:
         """Renew `leases` in one script (`_RENEW_LUA`)."""

@@ -66,8 +66,8 @@ async def collect(call) -> tuple[list[pb.BatchItemResult], pb.BatchSummary]:
 
 
 async def test_an_item_that_waited_for_its_tenants_slot_says_so(start_gateway):
-    """A batch holds one of its tenant's `max_concurrent_calls` (here 1): its second item
-    waits for the first to finish, and reports that wait as `queued_ms`, within its
+    """Each item of a batch takes one of its tenant's `max_concurrent_calls` (here 1): its
+    second item waits for the first to finish, and reports that wait as `queued_ms`, within its
     `total_ms` and apart from its `upstream_ms`. Before, its timings began when its turn
     came: the wait showed nowhere."""
     async with FakeUpstream() as fake:

@@ -28,7 +28,8 @@ from service.keys_cli import keys_command
 from service.lean_redis import LeanRedis
 from service.store_cooldown import COOLDOWN_S, StoreCooldown
 from service.tenant_limits import RedisTenantLimiter
-from tests.conftest import chat, gateway_config
+from tests.conftest import FAKE_MODEL, chat, gateway_config
+from tests.fake_upstream import Reply
 from tests.integration.tenancy_helpers import (
     as_tenant,
     bearer,
@@ -39,6 +40,7 @@ from tests.integration.tenancy_helpers import (
 )
 from tests.integration.test_cache import eventually
 from tests.redis_server import RedisServer
+from tests.scripted_upstream import ScriptedUpstream
 from tests.secret_capture import CALLER_KEY_A, CALLER_KEY_B, register_secret
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -355,12 +357,12 @@ async def test_a_tenant_bucket_hash_the_script_cannot_read_counts_as_full_and_is
 
 
 @pytest.mark.redis
-async def test_a_batch_paced_by_redis_limits_takes_one_request_an_item_and_no_lease(
+async def test_a_batch_paced_by_redis_limits_takes_one_request_and_lease_an_item(
     upstream, start_gateway, redis_url
 ):
     """With the limits in Redis, a batch's items take team-a's three requests a minute one
-    by one as they start (the fourth's turn is 20 s away, after the call's deadline), and
-    only the batch's own call slot is leased, then released: the items take none."""
+    by one as they start (the fourth's turn is 20 s away, after the call's deadline), each
+    with a lease of team-a's one call slot, released as its call ends: none is left."""
     config = secure_config(
         upstream.base_url,
         auth={"redis_url": redis_url, "redis_key_prefix": "t-paced:"},
@@ -411,6 +413,60 @@ async def test_a_batch_paced_by_redis_limits_leaves_its_share_to_other_calls(
     for _ in range(2):
         assert (await second.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
     assert len(upstream.requests) == 10
+
+
+@pytest.mark.redis
+async def test_batches_on_two_replicas_run_no_more_calls_at_once_than_the_cap_in_redis(
+    start_gateway, redis_url
+):
+    """Two replicas sharing Redis, team-a allowed two calls at once: a batch of four on
+    each, asking for four at once, runs two upstream calls at once between them, every
+    item succeeds (one replica's items take the slots the other's give back), a plain
+    call at the cap is refused at once, and no lease is left.
+
+    Before, each batch held one lease and ran two calls itself: four at once."""
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=lambda body: Reply(content="ok", delay_s=0.05)
+    ) as scripted:
+        config = secure_config(
+            scripted.base_url,
+            auth={"redis_url": redis_url, "redis_key_prefix": "t-capped:"},
+            tenants={"team-a": {"max_concurrent_calls": 2}},
+        )
+        replicas = [await start_gateway(config) for _ in range(2)]
+        scripted.gate.clear()
+        batches = [
+            asyncio.ensure_future(
+                _events(gw.stub.CompleteBatch(_batch(name), metadata=as_tenant("team-a")))
+            )
+            for name, gw in zip(("first", "second"), replicas, strict=True)
+        ]
+        await scripted.wait_until(lambda: scripted.in_flight == 2)
+        refused = await rpc_error(replicas[1].stub.Complete(chat(), metadata=as_tenant("team-a")))
+        assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        subject = detail(refused, error_details_pb2.QuotaFailure).violations[0].subject
+        assert subject == "tenant:team-a:max_concurrent_calls"
+        scripted.gate.set()
+        for events in await asyncio.gather(*batches):
+            assert (events[-1].summary.succeeded, events[-1].summary.failed) == (4, 0)
+    assert scripted.peak_in_flight == 2
+    client = redis.Redis.from_url(redis_url)
+    in_flight = client.zcard("t-capped:tenant:{team-a}:inflight")
+    client.close()
+    assert in_flight == 0
+
+
+def _batch(name: str) -> pb.CompleteBatchRequest:
+    """Four items of distinct prompts, all asked for at once."""
+    return pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id=f"{name}-{i}", request=chat(f"{name} {i}")) for i in range(4)],
+        concurrency=4,
+    )
+
+
+async def _events(call: Any) -> list[pb.CompleteBatchResponse]:
+    """Every message of a batch call."""
+    return [event async for event in call]
 
 
 async def _create_key_while_serving(upstream, start_gateway, tmp_path, capsys) -> tuple[Any, str]:

@@ -535,7 +535,7 @@ async def test_tenant_concurrency_limit_refuses_extra_calls_and_frees_slots(
 
 
 async def test_a_batch_runs_no_more_upstream_calls_at_once_than_its_tenant_may(start_gateway):
-    """A batch holds one of team-a's two call slots but makes ten upstream calls: asked
+    """Each of a batch's ten upstream calls takes one of team-a's two call slots: asked
     to run them all at once, it runs two at a time; team-b, unlimited, runs ten."""
 
     async with ScriptedUpstream(
@@ -554,6 +554,87 @@ async def test_a_batch_runs_no_more_upstream_calls_at_once_than_its_tenant_may(s
             events = [e async for e in gw.stub.CompleteBatch(batch, metadata=as_tenant(tenant))]
             assert events[-1].summary.succeeded == 10
             assert scripted.peak_in_flight == peak
+
+
+def _batch_of(name: str, items: int) -> pb.CompleteBatchRequest:
+    """`items` distinct prompts (no two share an answer from the cache), all at once."""
+    return pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id=f"{name}-{i}", request=chat(f"{name} q{i}")) for i in range(items)],
+        concurrency=items,
+    )
+
+
+async def test_a_tenants_batches_together_run_no_more_upstream_calls_than_its_cap(
+    start_gateway,
+):
+    """Three batches of team-a (two calls at once), each asking for four at once, run two
+    upstream calls at once between them, and every item succeeds; meanwhile a plain call
+    of team-a is refused at once for its cap, as before.
+
+    Before, each batch held one slot for all its items and ran up to the cap itself: two
+    batches ran four calls at once, and the third was refused whole."""
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=lambda body: Reply(content="ok", delay_s=0.05)
+    ) as scripted:
+        config = secure_config(scripted.base_url, tenants={"team-a": {"max_concurrent_calls": 2}})
+        gw = await start_gateway(config)
+        scripted.gate.clear()  # the upstream holds every call until the plain one is sent
+        batches = [
+            asyncio.ensure_future(
+                collect_events(gw.stub.CompleteBatch(_batch_of(n, 4), metadata=as_tenant("team-a")))
+            )
+            for n in ("b0", "b1", "b2")
+        ]
+        await scripted.wait_until(lambda: scripted.in_flight == 2)
+        refused = await rpc_error(gw.stub.Complete(chat("plain"), metadata=as_tenant("team-a")))
+        assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        subject = detail(refused, error_details_pb2.QuotaFailure).violations[0].subject
+        assert subject == "tenant:team-a:max_concurrent_calls"
+        assert detail(refused, error_details_pb2.RetryInfo).retry_delay.seconds == 1
+        scripted.gate.set()
+        for events in await asyncio.gather(*batches):
+            assert (events[-1].summary.succeeded, events[-1].summary.failed) == (4, 0)
+    assert scripted.peak_in_flight == 2
+    assert scripted.finished == 12
+
+
+async def test_batches_cancelled_while_their_items_wait_for_slots_leave_none_held(
+    start_gateway,
+):
+    """team-a may run one call at a time: of two batches, one item holds the slot and
+    three wait in line for it when both callers cancel. The waiting items leave the line,
+    the running one's upstream request is closed and its slot given back: team-a's next
+    call is served, not refused for a slot nobody uses.
+
+    Before, the second batch was refused whole for the slot the first held."""
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=lambda body: Reply(content="ok")
+    ) as scripted:
+        config = secure_config(scripted.base_url, tenants={"team-a": {"max_concurrent_calls": 1}})
+        gw = await start_gateway(config)
+        scripted.gate.clear()
+        calls = [
+            gw.stub.CompleteBatch(_batch_of(name, 2), metadata=as_tenant("team-a"))
+            for name in ("b0", "b1")
+        ]
+        batches = [asyncio.ensure_future(collect_events(call)) for call in calls]
+        await scripted.wait_until(lambda: scripted.in_flight == 1)
+        await asyncio.sleep(0.1)  # time for a batch refused whole to be told so
+        for call in calls:
+            call.cancel()
+        for batch in batches:
+            with pytest.raises(asyncio.CancelledError):
+                await batch
+        await scripted.wait_until(lambda: scripted.in_flight == 0)
+        scripted.gate.set()
+        answer = await gw.stub.Complete(chat("after"), metadata=as_tenant("team-a"), timeout=10)
+        assert answer.content == "ok"
+    assert len(scripted.requests) == 2
+
+
+async def collect_events(call: Any) -> list[pb.CompleteBatchResponse]:
+    """Every message of a batch call."""
+    return [event async for event in call]
 
 
 async def test_a_batch_larger_than_a_minutes_allowance_runs_at_its_tenants_rate(
@@ -866,6 +947,58 @@ async def test_a_summary_runs_no_more_upstream_calls_at_once_than_its_tenant_may
             summary = await gw.stub.Summarize(request, metadata=as_tenant(tenant))
             assert summary.upstream_calls > 4
             assert scripted.peak_in_flight == peak
+
+
+async def test_a_tenants_summaries_and_batches_together_run_no_more_calls_than_its_cap(
+    start_gateway,
+):
+    """Two summaries of team-a (two calls at once), each allowed four calls at once, and a
+    batch beside them run two upstream calls at once between them, and all succeed;
+    meanwhile a plain call of team-a is refused at once for its cap.
+
+    Before, each summary held one slot and ran up to the cap itself: two summaries ran
+    four calls at once, and the batch was refused whole."""
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=lambda body: Reply(content="short", delay_s=0.02)
+    ) as scripted:
+        config = secure_config(
+            scripted.base_url,
+            tenants={"team-a": {"max_concurrent_calls": 2}},
+            models=fake_model_window(1024),
+            summarize={"concurrency": 4, "default_target_tokens": 64},
+        )
+        gw = await start_gateway(config)
+        scripted.gate.clear()
+        summaries = [
+            asyncio.ensure_future(
+                gw.stub.Summarize(
+                    pb.SummarizeRequest(model=FAKE_MODEL, document=_document(name)),
+                    metadata=as_tenant("team-a"),
+                )
+            )
+            for name in ("first", "second")
+        ]
+        batch = asyncio.ensure_future(
+            collect_events(gw.stub.CompleteBatch(_batch_of("b", 3), metadata=as_tenant("team-a")))
+        )
+        await scripted.wait_until(lambda: scripted.in_flight == 2)
+        refused = await rpc_error(gw.stub.Complete(chat("plain"), metadata=as_tenant("team-a")))
+        subject = detail(refused, error_details_pb2.QuotaFailure).violations[0].subject
+        assert subject == "tenant:team-a:max_concurrent_calls"
+        scripted.gate.set()
+        for summary in await asyncio.gather(*summaries):
+            assert summary.summary == "short"
+            assert summary.upstream_calls > 4
+        assert (await batch)[-1].summary.succeeded == 3
+    assert scripted.peak_in_flight == 2
+
+
+def _document(name: str) -> str:
+    """A document of about ten parts in a 1024-token window, its words its own."""
+    return "\n\n".join(
+        " ".join(f"{name} paragraph {p} sentence {s} says something." for s in range(5))
+        for p in range(150)
+    )
 
 
 async def test_a_summary_of_more_than_a_minutes_tokens_takes_them_call_by_call(

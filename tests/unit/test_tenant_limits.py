@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from service.auth import Principal
@@ -114,12 +116,47 @@ def _pacer(limits: TenantConfig, clock: FakeClock) -> BatchPacer:
 
 async def test_a_batch_pacer_waits_for_the_bucket_to_refill():
     """60 rpm: a batch's first 60 items start at once, the next ones a second apart, each
-    waiting for its own request (taken in order, holding no call slot)."""
+    waiting for its own request (taken in order, each with the call slot the one before
+    gave back)."""
     clock = FakeClock()
     pacer = _pacer(TenantConfig(requests_per_minute=60, max_concurrent_calls=1), clock)
     for _ in range(62):
-        await pacer.take(0, Deadline.after(None, clock))
+        async with pacer.turn(0, Deadline.after(None, clock)):
+            pass
     assert clock.slept == [pytest.approx(1.0), pytest.approx(1.0)]
+
+
+async def test_a_batch_pacer_waits_for_a_call_slot_to_be_given_back():
+    """Under a cap of one call, an item waits in line for the slot a call holds and
+    takes it as soon as that call gives it back, rather than being refused."""
+    limiter = MemoryTenantLimiter(clock=FakeClock())
+    limits = TenantConfig(max_concurrent_calls=1)
+    pacer = BatchPacer(limiter, Principal(tenant="a", limits=limits))
+    held = await limiter.take_turn("a", limits, tokens=0)
+    waiting = asyncio.ensure_future(pacer.take(0, Deadline.after(None)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    await held.give_back()
+    slot = await asyncio.wait_for(waiting, 5)
+    assert limiter.in_flight("a") == 1
+    await slot.give_back()
+    assert limiter.in_flight("a") == 0
+
+
+async def test_a_batch_pacer_refuses_an_item_still_without_a_slot_at_the_deadline():
+    """An item whose slot is not given back before the call's deadline is refused for
+    the cap, with a retry in a second, and takes none of the tenant's requests."""
+    limiter = MemoryTenantLimiter(clock=FakeClock())
+    limits = TenantConfig(requests_per_minute=2, max_concurrent_calls=1)
+    pacer = BatchPacer(limiter, Principal(tenant="a", limits=limits))
+    held = await limiter.take_turn("a", limits, tokens=0)
+    with pytest.raises(QuotaExceeded) as refused:
+        await pacer.take(0, Deadline.after(0.05))
+    assert refused.value.subject == "tenant:a:max_concurrent_calls"
+    assert refused.value.retry_after_s == 1.0
+    await held.give_back()
+    limiter.take("a", limits, tokens=0)  # the minute's second request is still there
 
 
 async def test_a_batch_pacer_refuses_an_item_it_cannot_take_before_the_deadline():
