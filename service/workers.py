@@ -192,6 +192,9 @@ def _bind_shared(listen: str) -> tuple[socket.socket, int]:
         probe.bind(address)
         address = (address[0], int(probe.getsockname()[1]), *address[2:])
     sock = socket.socket(family, socket.SOCK_STREAM)
+    # As grpc binds: connections the last gateway on this port closed (a drain) linger
+    # in TIME_WAIT for a minute, and would refuse a restart in the meantime.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(address)
     return sock, int(sock.getsockname()[1])
