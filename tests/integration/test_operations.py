@@ -595,6 +595,52 @@ async def test_check_says_a_redis_refuses_the_password_as_serve_does(
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("command", ["serve 1", "serve 2", "check"])
+@pytest.mark.parametrize("section", ["cache", "auth", "ledger"])
+async def test_a_redis_database_past_its_databases_stops_the_start_with_status_2(
+    tmp_path: Path, section: str, command: str
+) -> None:
+    """A database the URL selects that Redis refuses (99 of its 16) stops `serve` (one
+    process, or the workers' supervisor once) and `check` with one config error on the
+    URL's key, as a refused password does.
+
+    Before, the gateway started and `check` said ok, while every command failed: each
+    usage row was lost (`ledger.record_lost`), budgets and tenant limits were open.
+    """
+    redis = RedisServer()
+    await redis.start()
+    try:
+        path = _redis_config(tmp_path, section, f"{redis.url.rpartition('/')[0]}/99", None)
+        name, _, workers = command.partition(" ")
+        args = ("--workers", workers) if workers else ()
+        if name == "check":
+            code, stderr = await _refused_check(path)
+        else:
+            code, stderr = await _refused_start("serve", "--config", str(path), *args)
+    finally:
+        await redis.stop()
+    assert code == 2
+    assert (
+        f"llm-gateway: config error: {path}: {section}.redis_url: Redis refused the database "
+        "the URL selects (Redis said: DB index is out of range)"
+    ) in stderr
+    assert stderr.count("config error") == 1
+    assert "Traceback" not in stderr
+
+
+async def _refused_check(path: Path) -> tuple[int, str]:
+    """`llm-gateway check --config PATH`, expected to refuse the config: its exit code and
+    stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway_client.cli", "check", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
+@pytest.mark.redis
 async def test_a_redis_user_refused_only_ping_starts(tmp_path: Path) -> None:
     """A least-privilege ACL user with every command the gateway sends but PING: its
     credentials were taken, so the gateway starts. Before, the start check's PING got
