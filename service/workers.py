@@ -241,8 +241,10 @@ def _worker_main(
     index: int,
 ) -> None:
     from service.logs import configure_logging
+    from service.main import null_closed_descriptors
     from service.server import report_start_failure, run
 
+    null_closed_descriptors()  # multiprocessing's start may leave 0 or 1 closed here too
     # SIGKILL until it listens: a start stuck in a system call never acts on SIGTERM, and
     # has no calls to drain.
     _stop_with(supervisor, signal.SIGKILL)

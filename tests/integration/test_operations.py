@@ -686,6 +686,47 @@ async def test_a_redis_that_does_not_answer_at_start_is_an_outage_started_throug
     assert returncode == 0
 
 
+def _close_standard_descriptors(*fds: int) -> Callable[[], None]:
+    """A child's `preexec_fn` closing `fds`, as a shell's `>&-` does."""
+
+    def close() -> None:
+        for fd in fds:
+            os.close(fd)
+
+    return close
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("closed", [(1,), (0, 1, 2)], ids=["stdout", "all"])
+async def test_a_gateway_started_without_standard_output_stops_with_status_0(
+    upstream: FakeUpstream, tmp_path: Path, closed: tuple[int, ...], workers: str
+) -> None:
+    """`serve >&-` (a daemonizing script's): it serves, and SIGTERM ends it with 0.
+
+    Before, one process took a descriptor the server opened for fd 1, and at the end of
+    a clean drain the event loop aborted the process as it closed it: `uv__close:
+    Assertion 'fd > STDERR_FILENO' failed`, SIGABRT, status 134 (and a core dump).
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = _write_config(tmp_path, upstream.base_url, listen=f"127.0.0.1:{port}")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(path), "--workers", workers,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=REPO,
+        preexec_fn=_close_standard_descriptors(*closed),
+    )  # fmt: skip
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.CompletionServiceStub(channel)
+            reply = await stub.Complete(chat(), wait_for_ready=True, timeout=30)
+        assert reply.content == "Hello from fake"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), timeout=30)
+    assert process.returncode == 0
+
+
 async def _first_line_then_sigterm(path: Path) -> tuple[str, int | None]:
     """`serve --workers 1` on the config at `path`: its first line on stdout, and its exit
     status once SIGTERM stopped it."""
