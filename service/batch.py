@@ -18,7 +18,7 @@ from typing import Protocol
 from service.clock import Deadline
 from service.config import BatchConfig
 from service.domain import ChatRequest, Completion, Usage
-from service.errors import FieldViolation, GatewayError, InvalidRequest, quoted
+from service.errors import FieldViolation, GatewayError, InvalidRequest, ShuttingDown, quoted
 from service.ledger import PICO, to_pico
 from service.pipeline import Pipeline, PreparedRequest
 from service.validation import CALLER_ID_RULE, chat_request_violations, is_caller_id
@@ -113,14 +113,26 @@ async def run_batch(
     tokens, the deadline): its turn under its tenant's per-minute limits and one of its
     tenant's call slots, held until its upstream call ends. Closing or cancelling the
     iterator cancels the items still running (their upstream requests are closed).
+
+    Once the server is stopping no item starts: those running are yielded as they
+    finish, then `ShuttingDown` is raised in place of the totals, for the caller to run
+    the rest elsewhere (started, they would be cut at the end of the grace, paid for and
+    never delivered).
+
+    Raises:
+        ShuttingDown: the server stopped before every item started.
     """
     started = time.monotonic()
     semaphore = asyncio.Semaphore(max(1, concurrency))
-    finished: asyncio.Queue[ItemOutcome] = asyncio.Queue()
+    # None: an item not started, as the server is stopping.
+    finished: asyncio.Queue[ItemOutcome | None] = asyncio.Queue()
     limits = pipeline.limits
 
     async def run_one(index: int, item: BatchItem) -> None:
         async with semaphore:
+            if pipeline.is_stopping:
+                finished.put_nowait(None)
+                return
             try:
                 if item.refusal is not None:
                     raise item.refusal
@@ -134,6 +146,9 @@ async def run_batch(
                     # it takes any of the tenant's limits: it makes no upstream call.
                     turn = pace(item.tokens(pipeline.prepare(item.request)), deadline)
                 async with turn:
+                    if pipeline.is_stopping:  # it began while the item waited its turn
+                        finished.put_nowait(None)
+                        return
                     # Its timings count from the batch's start: its wait for its turn (the
                     # batch's concurrency, its tenant's limits) is queued time.
                     completion = await pipeline.complete_in_turn(
@@ -147,7 +162,7 @@ async def run_batch(
                 outcome = ItemOutcome(index, item.id, completion=completion)
         finished.put_nowait(outcome)
 
-    succeeded = failed = 0
+    succeeded = failed = not_started = 0
     usage = Usage()
     # Summed as the ledger sums them, in integer pico-dollars: a float sum drifts.
     cost_pico = 0
@@ -157,6 +172,9 @@ async def run_batch(
                 group.create_task(run_one(index, item))
             for _ in items:
                 outcome = await finished.get()
+                if outcome is None:
+                    not_started += 1
+                    continue
                 if outcome.completion is not None:
                     succeeded += 1
                     usage = usage + outcome.completion.usage
@@ -172,6 +190,8 @@ async def run_batch(
         if closing is None or rest is not None:
             raise
         raise GeneratorExit from None
+    if not_started:
+        raise ShuttingDown()
     yield BatchTotals(
         succeeded=succeeded,
         failed=failed,

@@ -96,6 +96,7 @@ def _with_flag(config: GatewayConfig, flag: str, name: str, value: Any) -> Gatew
 
 def serve_command(args: argparse.Namespace) -> int:
     """Load the config and run the server; a config error exits 2 with file and key."""
+    null_closed_descriptors()
     configure_logging(args.log_level)
     try:
         config = with_flags(load_config(args.config), listen=args.listen, workers=args.workers)
@@ -124,6 +125,21 @@ def serve_command(args: argparse.Namespace) -> int:
     except (ConfigError, ListenError, LocalModelUnavailable) as exc:
         return report_start_failure(exc)
     return 0
+
+
+def null_closed_descriptors() -> None:
+    """Open /dev/null on each standard descriptor (0, 1, 2) the process was started
+    without (`>&-`). Else a file the server opens takes that number, and the event loop,
+    which never closes one of 0-2, aborts the process (SIGABRT, status 134) as it closes
+    it at the end of a clean stop."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def null_closed_stderr() -> None:

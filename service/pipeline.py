@@ -145,6 +145,8 @@ class Pipeline:
         self._repeatable: BoundedMemo[RepeatKey, _Repeatable] = BoundedMemo(REPEATABLE_REQUESTS)
         # Whether `repeat` can ever answer: a cache that can recall its recent reads.
         self.takes_repeats = cache is not None and cache.recalls
+        # Set once the server stops: a batch or a summary starts no new upstream call.
+        self.is_stopping = False
 
     @property
     def config(self) -> GatewayConfig:

@@ -5,9 +5,9 @@ budgets and tenant limits fail open, usage rows wait and are lost, the cache nev
 stores, and the log says only that the store is cooling down. So as the gateway starts
 (and in `llm-gateway check`) each configured Redis gets one PING within its section's
 timeout. A refusal of the credentials is a config error on the key that holds them, with
-what Redis said; no answer at all (down, unreachable, hung) is an outage, which the
-gateway starts through as it runs through one, and a user refused PING itself (NOPERM)
-was let in.
+what Redis said, and so is one of the database the URL selects (past its `databases`); no
+answer at all (down, unreachable, hung) is an outage, which the gateway starts through as
+it runs through one, and a user refused PING itself (NOPERM) was let in.
 """
 
 from __future__ import annotations
@@ -31,6 +31,16 @@ __all__ = ["check_redis_access"]
 _AUTHENTICATION = (exceptions.AuthenticationError, exceptions.AuthenticationWrongNumberOfArgsError)
 
 
+# Redis's reply to a SELECT (as redis-py connects) of a database past its `databases`.
+_DATABASE_OUT_OF_RANGE = "DB index is out of range"
+
+
+def _refuses_database(exc: BaseException) -> bool:
+    """Whether Redis refused the database the URL selects: every command would fail the
+    same way, as for a wrong password (usage rows lost, budgets and limits open)."""
+    return isinstance(exc, exceptions.ResponseError) and _DATABASE_OUT_OF_RANGE in str(exc)
+
+
 @dataclass(frozen=True, slots=True)
 class _RedisUse:
     """One section's Redis, as its clients connect to it."""
@@ -40,16 +50,22 @@ class _RedisUse:
     password_env: str | None
     timeout_s: float
 
-    def credentials_key(self) -> str:
-        """The key that holds what Redis refused: the URL when it carries credentials
-        (redis-py prefers them to the variable's), else the password variable's key."""
-        if has_redis_credentials(self.url):
+    def refused_key(self, refusal: BaseException) -> str:
+        """The key that holds what Redis refused: the URL for its database, or when it
+        carries credentials (redis-py prefers them to the variable's), else the password
+        variable's key."""
+        if _refuses_database(refusal) or has_redis_credentials(self.url):
             return f"{self.section}.redis_url"
         return f"{self.section}.redis_password_env"
 
     def problem(self, refusal: BaseException) -> str:
         """What the config error says: never the password, only Redis's reply."""
         said = f"Redis said: {refusal}"
+        if _refuses_database(refusal):
+            return (
+                f"Redis refused the database the URL selects ({said}); name one it has, "
+                "0 to 15 unless its `databases` setting says otherwise"
+            )
         if has_redis_credentials(self.url):
             return f"Redis refused the user or password in the URL ({said})"
         if self.password_env:
@@ -94,6 +110,8 @@ async def _refusal(use: _RedisUse, environ: Mapping[str, str]) -> BaseException 
         async with asyncio.timeout(use.timeout_s):
             await client.ping()
     except Exception as exc:  # any failure but a refusal is an outage: started through
+        if _refuses_database(exc):
+            return exc
         refusal = access_refusal(exc)
         return refusal if isinstance(refusal, _AUTHENTICATION) else None
     finally:
@@ -107,12 +125,12 @@ async def check_redis_access(
     """Ping every Redis `config` uses, at once, each within its section's timeout.
 
     Raises:
-        ConfigError: a Redis refused the credentials, on the key holding them (the
-            first section in the README's order, if several did).
+        ConfigError: a Redis refused the credentials or the database, on the key
+            holding them (the first section in the README's order, if several did).
     """
     uses = _redis_uses(config)
     env = os.environ if environ is None else environ
     refusals = await asyncio.gather(*(_refusal(use, env) for use in uses))
     for use, refusal in zip(uses, refusals, strict=True):
         if refusal is not None:
-            raise config.error(use.credentials_key(), use.problem(refusal))
+            raise config.error(use.refused_key(refusal), use.problem(refusal))

@@ -438,6 +438,8 @@ class GatewayServer:
         """Report NOT_SERVING, stop accepting, let in-flight calls finish, close all."""
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
         if self._server is not None:
+            if self.pipeline is not None:
+                self.pipeline.is_stopping = True
             await self.health.enter_graceful_shutdown()
             stopping = asyncio.ensure_future(self._server.stop(grace))
             # grpc waits out the grace for every open call, health Watch streams too (a

@@ -65,6 +65,7 @@ from service.errors import (
     FieldViolation,
     InvalidRequest,
     QuotaExceeded,
+    ShuttingDown,
     SummarizePartFailed,
     SummarizePartRejected,
     UpstreamContextExceeded,
@@ -932,14 +933,23 @@ class Summarizer:
 
         Returns the summaries in the order of `inputs`, each input's re-split pieces (see
         `_summarise_fitting`) in place of it.
+
+        Raises:
+            ShuttingDown: the server began stopping before every input started; those
+                running were left to finish (and be cached), for a retry elsewhere.
         """
         semaphore = asyncio.Semaphore(run.concurrency)
         results: list[list[str]] = [[] for _ in inputs]
         halt = run.halt
+        not_started = False
 
         async def one(index: int) -> None:
+            nonlocal not_started
             name, text = inputs[index]
             async with semaphore:
+                if self._pipeline.is_stopping:
+                    not_started = True
+                    return
                 slot = _Slot(part=index + 1, parts=len(inputs), level=level)
                 try:
                     results[index] = await self._summarise_fitting(
@@ -961,6 +971,8 @@ class Summarizer:
             halt.parts = [group.create_task(one(index)) for index in range(len(inputs))]
         if halt.failure is not None:
             raise halt.failure
+        if not_started:
+            raise ShuttingDown()
         return [summary for summaries in results for summary in summaries]
 
     async def _summarise_fitting(
@@ -1086,6 +1098,8 @@ class Summarizer:
         async with turn:
             attempts = self._config.chunk_attempts
             for attempt in range(1, attempts + 1):
+                if self._pipeline.is_stopping:  # cut at the grace's end, it would be paid for
+                    raise ShuttingDown()
                 try:
                     # A part waits its turn at its upstream's limits, as a batch's item does.
                     with run.halt.calling():

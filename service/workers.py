@@ -192,6 +192,9 @@ def _bind_shared(listen: str) -> tuple[socket.socket, int]:
         probe.bind(address)
         address = (address[0], int(probe.getsockname()[1]), *address[2:])
     sock = socket.socket(family, socket.SOCK_STREAM)
+    # As grpc binds: connections the last gateway on this port closed (a drain) linger
+    # in TIME_WAIT for a minute, and would refuse a restart in the meantime.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(address)
     return sock, int(sock.getsockname()[1])
@@ -238,8 +241,10 @@ def _worker_main(
     index: int,
 ) -> None:
     from service.logs import configure_logging
+    from service.main import null_closed_descriptors
     from service.server import report_start_failure, run
 
+    null_closed_descriptors()  # multiprocessing's start may leave 0 or 1 closed here too
     # SIGKILL until it listens: a start stuck in a system call never acts on SIGTERM, and
     # has no calls to drain.
     _stop_with(supervisor, signal.SIGKILL)

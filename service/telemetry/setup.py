@@ -6,20 +6,23 @@ leaves the process unless the operator asks. The OTLP protocol comes from
 `OTEL_EXPORTER_OTLP_{TRACES,METRICS}_PROTOCOL` or `OTEL_EXPORTER_OTLP_PROTOCOL`
 (`grpc`, the default, or `http/protobuf`); endpoints, headers, timeouts and batching
 (`OTEL_EXPORTER_OTLP_*`, `OTEL_BSP_*`, `OTEL_METRIC_EXPORT_INTERVAL`) are read by the
-OpenTelemetry exporters themselves. Spans leave through a `BatchSpanProcessor`, whose
-background thread does every export, so a slow or unreachable collector never delays
-a call: it costs dropped spans and a few log lines (`outages`), nothing more.
+OpenTelemetry exporters themselves, once a timeout and a compression are checked here.
+Spans leave through a `BatchSpanProcessor`, whose background thread does every export,
+so a slow or unreachable collector never delays a call: it costs dropped spans and a
+few log lines (`outages`), nothing more.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -125,13 +128,65 @@ def _protocol(environ: Mapping[str, str], signal: str) -> str:
     return protocol
 
 
+# The compressions the OTLP exporters take. The gRPC ones read only `gzip` themselves and
+# raise on anything else, `none` and an empty variable included: they are given it.
+_COMPRESSIONS = {
+    "gzip": grpc.Compression.Gzip,
+    "deflate": grpc.Compression.Deflate,
+    "none": grpc.Compression.NoCompression,
+}
+
+
+def _otlp_setting(environ: Mapping[str, str], signal: str, name: str) -> tuple[str, str] | None:
+    """The variable that sets the OTLP exporters' `name` (TIMEOUT, COMPRESSION) for
+    `signal`, and its value: the signal's own, else the general one, as the exporters
+    read them; None when neither is set."""
+    for variable in (f"OTEL_EXPORTER_OTLP_{signal}_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
+        if variable in environ:
+            return variable, environ[variable]
+    return None
+
+
+def _otlp_compression(environ: Mapping[str, str], signal: str) -> grpc.Compression:
+    """The compression the OTLP exporter of `signal` is to use; raises
+    `TelemetrySetupError` for one no exporter takes."""
+    setting = _otlp_setting(environ, signal, "COMPRESSION")
+    if setting is None:
+        return grpc.Compression.NoCompression
+    variable, value = setting
+    compression = _COMPRESSIONS.get(value.strip().lower())
+    if compression is None:
+        raise TelemetrySetupError(
+            variable, f"OTLP compression {value!r} is not one of gzip, deflate, none"
+        )
+    return compression
+
+
+def _check_otlp_timeout(environ: Mapping[str, str], signal: str) -> None:
+    """Raise `TelemetrySetupError` for an OTLP timeout that is no number of seconds above
+    0: the gRPC exporters raise on one at start, the HTTP ones put 10 s in its place."""
+    setting = _otlp_setting(environ, signal, "TIMEOUT")
+    if setting is None:
+        return
+    variable, value = setting
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise TelemetrySetupError(
+            variable, f"OTLP timeout {value!r} is not a number of seconds above 0"
+        )
+
+
 # The exporters each signal's `OTEL_<SIGNAL>_EXPORTER` may name.
 _EXPORTERS = {"TRACES": ("console", "otlp"), "METRICS": ("console", "prometheus", "otlp")}
 
 
 def _exporter_names(environ: Mapping[str, str], signal: str) -> list[str]:
     """The exporters `OTEL_<signal>_EXPORTER` names; raises `TelemetrySetupError` for one
-    unknown, or for an OTLP protocol unknown, before any exporter is built."""
+    unknown, or for an OTLP protocol, compression or timeout it cannot read, before any
+    exporter is built."""
     variable = f"OTEL_{signal}_EXPORTER"
     names = _names(environ, variable)
     for name in names:
@@ -139,6 +194,8 @@ def _exporter_names(environ: Mapping[str, str], signal: str) -> list[str]:
             raise TelemetrySetupError(variable, f"unknown exporter {name!r}")
         if name == "otlp":
             _protocol(environ, signal)
+            _otlp_compression(environ, signal)
+            _check_otlp_timeout(environ, signal)
     return names
 
 
@@ -153,7 +210,8 @@ def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
                 OTLPSpanExporter as GrpcSpanExporter,
             )
 
-            exporters.append(_watched_spans(GrpcSpanExporter()))
+            compression = _otlp_compression(environ, "TRACES")
+            exporters.append(_watched_spans(GrpcSpanExporter(compression=compression)))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
                 OTLPSpanExporter as HttpSpanExporter,
@@ -209,7 +267,8 @@ def metric_readers(environ: Mapping[str, str]) -> tuple[list[MetricReader], bool
                 OTLPMetricExporter as GrpcMetricExporter,
             )
 
-            readers.append(_watched_metrics(GrpcMetricExporter()))
+            compression = _otlp_compression(environ, "METRICS")
+            readers.append(_watched_metrics(GrpcMetricExporter(compression=compression)))
         else:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
                 OTLPMetricExporter as HttpMetricExporter,

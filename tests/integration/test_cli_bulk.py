@@ -607,6 +607,14 @@ async def test_check_refuses_a_key_with_a_control_character(tmp_path, monkeypatc
             {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
             "OTEL_EXPORTER_OTLP_PROTOCOL: OTLP protocol 'http/json' is not one of",
         ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "abc"},
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT: OTLP timeout 'abc' is not a number of seconds",
+        ),
+        (
+            {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"},
+            "OTEL_EXPORTER_OTLP_COMPRESSION: OTLP compression 'zstd' is not one of",
+        ),
     ],
 )
 async def test_check_refuses_the_telemetry_environment_serve_would(

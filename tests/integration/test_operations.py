@@ -595,6 +595,52 @@ async def test_check_says_a_redis_refuses_the_password_as_serve_does(
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("command", ["serve 1", "serve 2", "check"])
+@pytest.mark.parametrize("section", ["cache", "auth", "ledger"])
+async def test_a_redis_database_past_its_databases_stops_the_start_with_status_2(
+    tmp_path: Path, section: str, command: str
+) -> None:
+    """A database the URL selects that Redis refuses (99 of its 16) stops `serve` (one
+    process, or the workers' supervisor once) and `check` with one config error on the
+    URL's key, as a refused password does.
+
+    Before, the gateway started and `check` said ok, while every command failed: each
+    usage row was lost (`ledger.record_lost`), budgets and tenant limits were open.
+    """
+    redis = RedisServer()
+    await redis.start()
+    try:
+        path = _redis_config(tmp_path, section, f"{redis.url.rpartition('/')[0]}/99", None)
+        name, _, workers = command.partition(" ")
+        args = ("--workers", workers) if workers else ()
+        if name == "check":
+            code, stderr = await _refused_check(path)
+        else:
+            code, stderr = await _refused_start("serve", "--config", str(path), *args)
+    finally:
+        await redis.stop()
+    assert code == 2
+    assert (
+        f"llm-gateway: config error: {path}: {section}.redis_url: Redis refused the database "
+        "the URL selects (Redis said: DB index is out of range)"
+    ) in stderr
+    assert stderr.count("config error") == 1
+    assert "Traceback" not in stderr
+
+
+async def _refused_check(path: Path) -> tuple[int, str]:
+    """`llm-gateway check --config PATH`, expected to refuse the config: its exit code and
+    stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway_client.cli", "check", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
+@pytest.mark.redis
 async def test_a_redis_user_refused_only_ping_starts(tmp_path: Path) -> None:
     """A least-privilege ACL user with every command the gateway sends but PING: its
     credentials were taken, so the gateway starts. Before, the start check's PING got
@@ -638,6 +684,47 @@ async def test_a_redis_that_does_not_answer_at_start_is_an_outage_started_throug
         line, returncode = await _first_line_then_sigterm(path)
     assert line.startswith("llm-gateway listening on 127.0.0.1:")
     assert returncode == 0
+
+
+def _close_standard_descriptors(*fds: int) -> Callable[[], None]:
+    """A child's `preexec_fn` closing `fds`, as a shell's `>&-` does."""
+
+    def close() -> None:
+        for fd in fds:
+            os.close(fd)
+
+    return close
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("closed", [(1,), (0, 1, 2)], ids=["stdout", "all"])
+async def test_a_gateway_started_without_standard_output_stops_with_status_0(
+    upstream: FakeUpstream, tmp_path: Path, closed: tuple[int, ...], workers: str
+) -> None:
+    """`serve >&-` (a daemonizing script's): it serves, and SIGTERM ends it with 0.
+
+    Before, one process took a descriptor the server opened for fd 1, and at the end of
+    a clean drain the event loop aborted the process as it closed it: `uv__close:
+    Assertion 'fd > STDERR_FILENO' failed`, SIGABRT, status 134 (and a core dump).
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = _write_config(tmp_path, upstream.base_url, listen=f"127.0.0.1:{port}")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(path), "--workers", workers,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=REPO,
+        preexec_fn=_close_standard_descriptors(*closed),
+    )  # fmt: skip
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.CompletionServiceStub(channel)
+            reply = await stub.Complete(chat(), wait_for_ready=True, timeout=30)
+        assert reply.content == "Hello from fake"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), timeout=30)
+    assert process.returncode == 0
 
 
 async def _first_line_then_sigterm(path: Path) -> tuple[str, int | None]:

@@ -23,12 +23,16 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import generate_key, hash_key, redis_keys_hash
 from service.errors import RETRY_ELSEWHERE_TRAILER
 from service.ledger import UsageFilter
-from tests.conftest import RunningGateway, chat, chat_stream, gateway_config
+from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply
 from tests.integration.tenancy_helpers import bearer, secure_config
 from tests.integration.test_resilience import error_details
 from tests.integration.test_stream_charges import PRICED_MODELS
+from tests.integration.test_summarize import CONCURRENCY as SUMMARY_CONCURRENCY
+from tests.integration.test_summarize import config as summarize_config
+from tests.integration.test_summarize import default_respond, document
 from tests.redis_server import RedisServer
+from tests.scripted_upstream import ScriptedUpstream
 from tests.telemetry_support import attributes_of, captured_telemetry
 
 GRACE_S = 1.0
@@ -278,6 +282,61 @@ async def test_batch_items_in_flight_are_cut_off_with_the_call(start_gateway: An
         assert_shutting_down(caught.value)
         for _ in range(2):
             await fake.wait_for_disconnect()
+
+
+async def stopping(gateway: RunningGateway) -> asyncio.Future[None]:
+    """Begin stopping the gateway, with a grace long enough that nothing is cut; the
+    stop, once the drain has begun."""
+    stop = asyncio.ensure_future(gateway.server.stop(grace_s=30))
+    while not gateway.server.pipeline.is_stopping:
+        await asyncio.sleep(0.01)
+    return stop
+
+
+async def test_a_draining_batch_delivers_its_items_in_flight_and_starts_no_more(
+    start_gateway: Any,
+) -> None:
+    """Once the drain begins a batch starts no new item: the two running finish and are
+    delivered, then the call ends SHUTTING_DOWN in place of its summary, for its caller
+    to run the other four elsewhere. Before, it went on starting items that the end of
+    the grace would cut, paid for and never delivered."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        fake.gate.clear()  # the first two items are held upstream
+        gateway = await start_gateway(gateway_config(fake.base_url))
+        items = [pb.BatchItem(id=f"q{i}", request=chat(f"question {i}")) for i in range(6)]
+        call = gateway.stub.CompleteBatch(
+            pb.CompleteBatchRequest(items=items, concurrency=2), timeout=30
+        )
+        await fake.wait_until(lambda: fake.in_flight == 2)
+        stop = await stopping(gateway)
+        fake.gate.set()
+        received = []
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for message in call:
+                received.append(message)
+        assert_shutting_down(caught.value)
+        assert sorted(m.result.id for m in received) == ["q0", "q1"]
+        assert all(m.result.response.content == "Hello from fake" for m in received)
+        assert len(fake.requests) == 2
+        await stop
+
+
+async def test_a_draining_summary_starts_no_more_parts(start_gateway: Any) -> None:
+    """The same for Summarize: the parts running finish (and are cached), no other part
+    or the combining call starts, and the call ends SHUTTING_DOWN."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=default_respond) as fake:
+        fake.gate.clear()
+        gateway = await start_gateway(summarize_config(fake.base_url))
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
+        call = asyncio.ensure_future(gateway.stub.Summarize(request, timeout=30))
+        await fake.wait_until(lambda: fake.in_flight == SUMMARY_CONCURRENCY)
+        stop = await stopping(gateway)
+        fake.gate.set()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert_shutting_down(caught.value)
+        assert (len(fake.requests), fake.finished) == (SUMMARY_CONCURRENCY, SUMMARY_CONCURRENCY)
+        await stop
 
 
 def stalled_redis_ledger(redis_server: RedisServer) -> dict[str, Any]:

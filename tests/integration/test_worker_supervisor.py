@@ -373,6 +373,39 @@ async def test_a_port_another_gateway_serves_is_refused(tmp_path, workers):
             assert await first.wait() == 0
 
 
+def _port_closed_by_its_server() -> int:
+    """A free loopback port with a connection in TIME_WAIT on it, as a gateway that
+    drained leaves for a minute: its server side (bound as grpc binds) closed first."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname()) as client:
+            accepted, _ = listener.accept()
+            accepted.close()
+            client.recv(1)  # the server's close has arrived: the client's goes second
+        return int(listener.getsockname()[1])
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_port_the_last_gateway_just_closed_is_served(tmp_path, workers):
+    """A restart on the port of a gateway that has just drained (its connections closed
+    by the server, in TIME_WAIT for a minute) serves with workers as with one process.
+
+    Before, the supervisor reserved the port without SO_REUSEADDR, which grpc binds with:
+    `serve --workers 2` exited 1, "Address already in use", for a minute after a drain.
+    """
+    port = _port_closed_by_its_server()
+    async with FakeUpstream() as fake:
+        path = _write_config(tmp_path, fake.base_url, server={"listen": f"127.0.0.1:{port}"})
+        async with _serve("--config", str(path), "--workers", workers) as process:
+            await _calls(await _listening(process), 2)
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+
+
 def _link_local_host() -> str | None:
     """An IPv6 link-local address of this machine with its zone (`fe80::1%eth0`), if any."""
     found = link_local_address()

@@ -106,6 +106,18 @@ def test_an_unreadable_tls_file_exits_2_naming_its_key(
             {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"},
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: OTLP protocol 'http/json'",
         ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TIMEOUT": "10s"},
+            "OTEL_EXPORTER_OTLP_TIMEOUT: OTLP timeout '10s' is not a number of seconds",
+        ),
+        (
+            {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT": ""},
+            "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT: OTLP timeout '' is not a number of seconds",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"},
+            "OTEL_EXPORTER_OTLP_COMPRESSION: OTLP compression 'zstd' is not one of gzip,",
+        ),
     ],
 )
 def test_an_otel_variable_the_gateway_cannot_use_exits_2_naming_it(
@@ -115,10 +127,11 @@ def test_an_otel_variable_the_gateway_cannot_use_exits_2_naming_it(
     variables: dict[str, str],
     named: str,
 ) -> None:
-    """An unknown OTEL_* exporter or protocol is a one-line config error, not a traceback.
+    """An unknown OTEL_* exporter or protocol, or an OTLP timeout or compression the
+    exporters cannot read, is a one-line config error, not a traceback.
 
     Before, the server's start raised TelemetrySetupError through `serve`: a traceback
-    and status 1.
+    and status 1; and the gRPC exporters' own ValueError for a timeout that is no number.
     """
     for name, value in variables.items():
         monkeypatch.setenv(name, value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
@@ -71,6 +72,34 @@ def test_unknown_exporters_are_refused_at_startup(environ):
     """An exporter or protocol this gateway cannot build is a startup error, not a silent drop."""
     with pytest.raises(TelemetrySetupError):
         span_exporters(environ)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, grpc.Compression.NoCompression),
+        ("none", grpc.Compression.NoCompression),
+        (" GZIP ", grpc.Compression.Gzip),
+        ("deflate", grpc.Compression.Deflate),
+    ],
+)
+def test_otlp_grpc_exporters_take_every_compression(value, expected, monkeypatch):
+    """`none` and `deflate` build the gRPC exporters as `gzip` does. Before, the exporter
+    raised on anything but `gzip`, and the start failed with its traceback."""
+    environ = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp"}
+    if value is not None:
+        environ["OTEL_EXPORTER_OTLP_COMPRESSION"] = value
+    for name, setting in environ.items():
+        monkeypatch.setenv(name, setting)  # the exporters read the process's environment
+    (span_exporter,) = span_exporters(environ)
+    readers, _ = metric_readers(environ)
+    try:
+        assert span_exporter.exporter._compression is expected
+        assert [r._exporter.exporter._compression for r in readers] == [expected]
+    finally:
+        span_exporter.shutdown()
+        for reader in readers:
+            reader.shutdown()
 
 
 def test_metric_readers_follow_otel_metrics_exporter():

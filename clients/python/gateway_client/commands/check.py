@@ -1,10 +1,10 @@
 """`llm-gateway check`: validate the config and every upstream's key, all at once.
 
 First the config errors `serve` would find only as it starts (a listen host this
-machine cannot listen on, the listen policy, the keys file, the `OTEL_*` exporters, a
-TLS pair grpc cannot serve, the workers' Prometheus ports past 65535, a Redis refusing
-the credentials). Then calls `GET {base_url}/models` on each enabled upstream
-(concurrently) and prints a table:
+machine cannot listen on, the listen policy, the keys file, the `OTEL_*` exporters and
+their OTLP timeout and compression, a TLS pair grpc cannot serve, the workers'
+Prometheus ports past 65535, a Redis refusing the credentials). Then calls
+`GET {base_url}/models` on each enabled upstream (concurrently) and prints a table:
 upstream, reachable, key valid, models listed, latency. Exits 2 on a config error, 1
 when any enabled upstream is unreachable, refuses its key or account, or answers with
 another error, else 0: a server that has no `/models` (404, 405) passes, its key
