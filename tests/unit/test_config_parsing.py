@@ -511,6 +511,21 @@ def test_env_override_on_real_file() -> None:
             id="negative-overload-retry-after",
         ),
         pytest.param(
+            # 0 ms to gRPC: every call running past keepalive_time_s was cut UNAVAILABLE.
+            {"server": {"keepalive_timeout_s": 0.0004}},
+            {},
+            "server",
+            "keepalive_timeout_s must be >= 0.001",
+            id="keepalive-timeout-under-a-millisecond",
+        ),
+        pytest.param(
+            {"server": {"keepalive_time_s": 0.0004}},
+            {},
+            "server",
+            "keepalive_time_s must be >= 0.001",
+            id="keepalive-time-under-a-millisecond",
+        ),
+        pytest.param(
             {"local_model": {"threads": -2}},
             {},
             "local_model",
