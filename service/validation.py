@@ -151,8 +151,9 @@ def chat_request_violations(
                 )
         if not message.content.strip():
             # A tool-call turn may have no text, a tool may return none, and a reasoning
-            # model's turn that spent its max_tokens thinking has only its reasoning.
-            if not (message.tool_calls or message.reasoning or message.role is Role.TOOL):
+            # model's turn that spent its max_tokens thinking has only its reasoning
+            # (whitespace alone is none, as in the text and in a cached answer).
+            if not (message.tool_calls or message.reasoning.strip() or message.role is Role.TOOL):
                 found.append(FieldViolation(f"messages[{index}].content", "must not be empty"))
         elif message.role in _CALLERS_ROLES and _CONTROL.search(message.content):
             found.append(

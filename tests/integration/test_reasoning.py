@@ -141,11 +141,17 @@ async def test_a_turn_that_spent_its_max_tokens_thinking_can_be_sent_back(stub, 
     assert sent == {"role": "assistant", "content": "", "reasoning_content": THOUGHT}
 
 
-async def test_an_assistant_turn_with_neither_text_nor_reasoning_is_refused(stub, upstream):
-    """Without tool calls or reasoning, an empty assistant turn is still refused."""
+@pytest.mark.parametrize("reasoning", ["", " \n\n"])
+async def test_an_assistant_turn_with_neither_text_nor_reasoning_is_refused(
+    stub, upstream, reasoning
+):
+    """Without tool calls or reasoning, an empty assistant turn is still refused; reasoning
+    of whitespace alone is none, as text of whitespace alone is.
+
+    Before, a turn of blank text and blank reasoning was sent upstream."""
     messages = [
         pb.Message(role=pb.ROLE_USER, content="Capital of France?"),
-        pb.Message(role=pb.ROLE_ASSISTANT, content=" "),
+        pb.Message(role=pb.ROLE_ASSISTANT, content=" ", reasoning=reasoning),
         pb.Message(role=pb.ROLE_USER, content="Answer in one word."),
     ]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
