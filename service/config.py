@@ -396,6 +396,9 @@ GATEWAY_BODY_FIELDS = frozenset(
 )  # fmt: skip
 
 
+# A default an upstream's `extra_body` may set, which a request's own effort replaces.
+REASONING_EFFORT_FIELD = "reasoning_effort"
+
 # Fields that would change what an answer holds beyond what the gateway reads: several
 # choices (all billed, one relayed) or the legacy `function_call` (a call dropped).
 ANSWER_SHAPE_FIELDS = frozenset({"n", "best_of", "functions", "function_call"})
@@ -567,6 +570,14 @@ class UpstreamConfig:
             f"extra_body must not set {', '.join(shaping)}: the gateway relays one answer, "
             "as content or tool_calls",
         )
+        for name in self.extra_body:
+            # A request's own effort replaces the default in this spelling only: another
+            # would go beside it, and a server matching fields without case reads either.
+            _require(
+                name == REASONING_EFFORT_FIELD or name.lower() != REASONING_EFFORT_FIELD,
+                f"extra_body sets {name}: write reasoning_effort in lower case, as a "
+                "request's own effort replaces it",
+            )
         secret = named_in(_CREDENTIAL_PARAMETERS)
         _require(
             not secret,

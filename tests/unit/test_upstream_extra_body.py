@@ -57,6 +57,13 @@ def test_extra_body_is_parsed_as_json_data() -> None:
         ({"n": 3}, "upstreams[0]", "extra_body must not set n: the gateway relays one answer"),
         ({"best_of": 2, "N": 2}, "upstreams[0]", "must not set N, best_of"),
         ({"functions": [], "function_call": "auto"}, "upstreams[0]", "function_call, functions"),
+        # A default effort the request's own replaces only in this spelling: another one
+        # would be sent beside the request's, and a Go server would read either.
+        (
+            {"Reasoning_Effort": "high"},
+            "upstreams[0]",
+            "write reasoning_effort in lower case, as a request's own effort replaces it",
+        ),
     ],
 )
 def test_bad_extra_body_names_the_key(extra_body: Any, key: str, problem: str) -> None:
