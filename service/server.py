@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from llmgateway.v1 import gateway_pb2
 from service import early_signals
+from service.announce import announce
 from service.cache import CacheStore, ResponseCache
 from service.config import (
     ConfigError,
@@ -761,7 +762,7 @@ async def serve(
                 health = (
                     "" if server.health_address is None else f", health on {server.health_address}"
                 )
-                print(f"llm-gateway listening on {server.address}{health}", flush=True)
+                announce(f"llm-gateway listening on {server.address}{health}")
             else:
                 on_ready(server.address)
             await stopping.wait()

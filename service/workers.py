@@ -37,6 +37,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
 from service import early_signals
+from service.announce import announce
 from service.config import ConfigError, GatewayConfig, host_and_port
 from service.cpus import usable_cpus
 from service.hosts import ListenError
@@ -663,7 +664,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         crashed = False
         if is_up:
             health = "" if health_listen is None else f", health on {health_listen}"
-            print(f"llm-gateway listening on {listen} ({count} workers){health}", flush=True)
+            announce(f"llm-gateway listening on {listen} ({count} workers){health}")
             await _keep_serving(workers, log_level, stopping, local)
             crashed = not stopping.is_set()
         elif started.done():

@@ -1056,3 +1056,37 @@ async def test_a_host_of_this_machine_serves_on_every_listen_key(upstream, tmp_p
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_gateway_whose_output_pipe_has_no_reader_serves_and_stops_with_status_0(
+    upstream: FakeUpstream, tmp_path: Path, workers: str
+) -> None:
+    """`serve | head -0`: the pipe's reader gone before the "listening on" line. The line
+    is lost; the gateway serves and SIGTERM ends it with 0, nothing on stderr but logs.
+
+    Before, the line's BrokenPipeError stopped the server at once, with a traceback."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = _write_config(tmp_path, upstream.base_url, listen=f"127.0.0.1:{port}")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # no reader: a write to the pipe fails EPIPE
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service", "serve", "--config", str(path), "--workers", workers,
+            stdout=write_end, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.CompletionServiceStub(channel)
+            reply = await stub.Complete(chat(), wait_for_ready=True, timeout=30)
+        assert reply.content == "Hello from fake"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0, stderr.decode()
+    assert b"Traceback" not in stderr
+    assert b"BrokenPipeError" not in stderr
