@@ -62,8 +62,9 @@ def _require(condition: bool, problem: str) -> None:
 # there instead (`sk-...`) would be printed as the "variable" by logs, errors and `check`.
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VARIABLE_NAME_RULE = "letters, digits and _, not starting with a digit"
-# The shortest keepalive time or timeout gRPC can take: a millisecond.
-_MIN_KEEPALIVE_S = 0.001
+# The shortest time gRPC's channel arguments can take: a millisecond (under half of one,
+# rounded, is 0).
+_MIN_GRPC_S = 0.001
 
 
 # As long as a request's model name may be (`validation.model_violations`).
@@ -288,14 +289,12 @@ class ServerConfig:
             self.workers is None or 0 <= self.workers <= MAX_WORKERS,
             f"workers must be 0..{MAX_WORKERS} (0: one per core)",
         )
-        _require(self.max_connection_age_s > 0, "max_connection_age_s must be > 0")
+        _require(self.max_connection_age_s >= _MIN_GRPC_S, "max_connection_age_s must be >= 0.001")
         _require(self.stalled_stream_timeout_s >= 0, "stalled_stream_timeout_s must be >= 0")
         # gRPC takes them in whole milliseconds: under half of one is 0, and a ping then
         # never answered in time cuts every call running past keepalive_time_s.
-        _require(self.keepalive_time_s >= _MIN_KEEPALIVE_S, "keepalive_time_s must be >= 0.001")
-        _require(
-            self.keepalive_timeout_s >= _MIN_KEEPALIVE_S, "keepalive_timeout_s must be >= 0.001"
-        )
+        _require(self.keepalive_time_s >= _MIN_GRPC_S, "keepalive_time_s must be >= 0.001")
+        _require(self.keepalive_timeout_s >= _MIN_GRPC_S, "keepalive_timeout_s must be >= 0.001")
         grace = self.max_connection_age_grace_s
         _require(grace is None or grace >= 0, "max_connection_age_grace_s must be >= 0")
 

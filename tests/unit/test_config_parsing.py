@@ -526,6 +526,14 @@ def test_env_override_on_real_file() -> None:
             id="keepalive-time-under-a-millisecond",
         ),
         pytest.param(
+            # 0 ms to gRPC as well.
+            {"server": {"max_connection_age_s": 0.0004}},
+            {},
+            "server",
+            "max_connection_age_s must be >= 0.001",
+            id="connection-age-under-a-millisecond",
+        ),
+        pytest.param(
             {"local_model": {"threads": -2}},
             {},
             "local_model",
