@@ -4,8 +4,8 @@
 
 Runs, in a loop, exactly the telemetry calls of one successful unary cache miss: the
 RPC's SERVER span with its tenant, one upstream attempt's CLIENT span with its
-`traceparent` injection and response attributes, the attempt's outcome and the call's
-usage and cost. "off" is `Telemetry.disabled()` (no-op tracer and meter); "on" records
+`traceparent` injection and response attributes, the attempt's outcome, its tokens and
+the call's usage and cost. "off" is `Telemetry.disabled()` (no-op tracer and meter); "on" records
 everything, spans through a `BatchSpanProcessor` to an exporter that drops them and every
 metric aggregated, as `bench.telemetry_overhead` does. Nothing else runs, so the figure is
 stable on a busy machine where end-to-end throughput is not: it is the measure for
@@ -77,6 +77,7 @@ def one_call(telemetry: Telemetry) -> None:
                 usage=COMPLETION.usage,
             )
         telemetry.record_attempt("mock", is_success=True)
+        telemetry.record_token_usage(attempt, COMPLETION.usage)
         telemetry.record_completion(REQUEST, COMPLETION)
 
 

@@ -430,7 +430,7 @@ class Pipeline:
         cost and where it ran: one place for unary calls, streams and cut streams, which
         puts the usage on the token metric too, once for each upstream call."""
         usage = self._usage(prepared, output, reported)
-        telemetry().record_token_usage(log.metric_attributes, usage)
+        telemetry().record_token_usage(log.span, usage)
         return Completion(
             id=completion_id,
             model=model,
@@ -576,7 +576,7 @@ class Pipeline:
         for attempt in lost:
             usage = self._usage(prepared, _relayed_output(attempt.output), attempt.usage)
             cost_usd = self._prices.cost_usd(request.model, usage)
-            telemetry().record_token_usage(attempt.metric_attributes, usage)
+            telemetry().record_token_usage(attempt.span, usage)
             telemetry().record_lost_attempt(request, cost_usd)
             entries.append(
                 UsageEntry(

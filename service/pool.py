@@ -22,7 +22,6 @@ import random
 import time
 from collections.abc import AsyncIterator, Container, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from service.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from service.clock import SYSTEM_CLOCK, Clock, Deadline
@@ -117,8 +116,8 @@ class LostAttempt:
     """An attempt the upstream most likely billed though its answer was never used."""
 
     upstream: str
-    # Its attributes on the GenAI client metrics (`AttemptSpan.metric_attributes`).
-    metric_attributes: Mapping[str, Any]
+    # Its span, whose metric attributes its tokens are recorded under.
+    span: AttemptSpan | None
     # What it streamed before it was lost (a unary call read as a stream), else nothing.
     output: tuple[TextChunk, ...] = ()
     # The usage its stream reported before it was lost (`AttemptLog.usage`), if any.
@@ -148,9 +147,9 @@ class AttemptLog:
     # Each attempt the gateway gave up on after the upstream most likely billed it
     # (`lose`), whatever came of the call: its answer was never used.
     lost: tuple[LostAttempt, ...] = ()
-    # The last attempt's attributes on the GenAI client metrics: the pipeline records the
-    # call's tokens under them once it knows its usage, reported or estimated.
-    metric_attributes: Mapping[str, Any] = field(default_factory=dict)
+    # The last attempt's span: the pipeline records the call's tokens under its metric
+    # attributes once it knows its usage, reported or estimated.
+    span: AttemptSpan | None = None
     # What the last attempt generated so far, when a unary call is read as a stream
     # (`stream_unary_calls`): billed with its prompt should the attempt be cut.
     output: list[TextChunk] = field(default_factory=list)
@@ -164,7 +163,7 @@ class AttemptLog:
         self.upstream = upstream
         self.is_sent = self.is_cut_after_sending = False
         self.status = None
-        self.metric_attributes = {}
+        self.span = None
         self.output = []
         self.usage = None
 
@@ -215,7 +214,7 @@ class AttemptLog:
         """
         timed_out = self.is_sent and not self.is_refused and isinstance(exc, UpstreamTimeout)
         if (self.is_accepted and not isinstance(exc, UpstreamNotOpenAI)) or timed_out:
-            lost = LostAttempt(upstream, self.metric_attributes, tuple(self.output), self.usage)
+            lost = LostAttempt(upstream, self.span, tuple(self.output), self.usage)
             self.lost = (*self.lost, lost)
 
 
@@ -584,8 +583,8 @@ class UpstreamPool:
         headers: dict[str, str],
         deadline: Deadline,
     ) -> contextlib.AbstractContextManager[AttemptSpan]:
-        """The CLIENT span of this attempt; it puts `traceparent` into `headers`, and its
-        metric attributes into `log`."""
+        """The CLIENT span of this attempt; it puts `traceparent` into `headers`, and
+        itself into `log`."""
         span = telemetry().upstream_attempt(
             request,
             upstream=route.client.name,
@@ -596,7 +595,7 @@ class UpstreamPool:
             retry_wait_s=log.retry_wait_s if log.attempts > 1 else None,
             is_callers_cut=functools.partial(_hit_callers_deadline, deadline=deadline),
         )
-        log.metric_attributes = span.metric_attributes
+        log.span = span
         return span
 
     @staticmethod

@@ -25,6 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
 
 from service.config import TelemetryConfig
 from service.domain import (
@@ -38,8 +39,9 @@ from service.domain import (
 from service.ledger import PICO, to_pico
 from service.pricing import PriceList
 from service.telemetry import tracing as attr
+from service.telemetry.attempt_labels import AnswerLabels, RouteLabels
 from service.telemetry.histograms import AttributeSet
-from service.telemetry.lean_tracer import current_span
+from service.telemetry.lean_tracer import attach_span, current_span
 from service.telemetry.metrics import BREAKER_STATES, Instruments, StoreWrites
 from service.telemetry.propagation import inject_trace_context, is_default
 from service.telemetry.setup import Providers, build_providers
@@ -51,15 +53,10 @@ _SHUTDOWN_TIMEOUT_S = 5.0
 _BAGGAGE_HEADER = "baggage"  # what W3CBaggagePropagator writes
 _NO_CONTEXT = otel_context.Context()  # immutable: what a carrier without trace keys gives
 _MOST_RPC_LABELS = 1024  # (method, status code) pairs: far more than the gateway has
-
-
-def _without_error_type(attributes: Mapping[str, Any]) -> Mapping[str, Any]:
-    """An attempt's metric attributes without `error.type`, which is its duration's alone
-    (no attribute of its tokens): as they are when it has none. (A failed attempt records
-    no time to first chunk at all.)"""
-    if attr.ERROR_TYPE not in attributes:
-        return attributes
-    return {key: value for key, value in attributes.items() if key != attr.ERROR_TYPE}
+# Routes (base URL, upstream, the caller's model, the upstream's) whose metric attribute
+# sets are kept: the configured ones, far fewer; past it, built for each attempt.
+_MOST_ROUTES = 1024
+_NO_ROUTE = RouteLabels({})  # what an attempt records under when nothing is recorded
 
 
 @dataclass(slots=True)
@@ -75,7 +72,10 @@ class AttemptSpan:
     telemetry: Telemetry
     request: ChatRequest
     upstream: str
-    metric_attributes: dict[str, Any]
+    # Its route's attributes on the GenAI client metrics, and the sets its points are
+    # recorded under: without a response model until its answer names one (`finish`).
+    route: RouteLabels
+    answer: AnswerLabels
     is_callers_cut: Callable[[BaseException], bool] | None = None
     started: float = field(default_factory=time.perf_counter)
     first_chunk_s: float | None = None
@@ -95,12 +95,12 @@ class AttemptSpan:
         traceback: TracebackType | None,
     ) -> None:
         telemetry, span = self.telemetry, self.span
+        error_type = None
         try:
             if exc is not None:
-                kind = attr.error_type(exc)
-                self.metric_attributes[attr.ERROR_TYPE] = kind
-                span.set_attribute(attr.ERROR_TYPE, kind)
-                span.set_status(Status(StatusCode.ERROR, kind))
+                error_type = attr.error_type(exc)
+                span.set_attribute(attr.ERROR_TYPE, error_type)
+                span.set_status(Status(StatusCode.ERROR, error_type))
                 # A cut by the caller's own deadline is no fault of the upstream's; once
                 # a stream's text flows, that deadline bounds none of its reads.
                 is_callers_cut = (
@@ -109,7 +109,7 @@ class AttemptSpan:
                     and self.is_callers_cut(exc)
                 )
                 if isinstance(exc, Exception) and not is_callers_cut:
-                    telemetry.record_upstream_error(self.upstream, kind)
+                    telemetry.record_upstream_error(self.upstream, error_type)
         finally:
             elapsed = time.perf_counter() - self.started
             scope = CURRENT_RPC.get()
@@ -118,7 +118,10 @@ class AttemptSpan:
             if exc is None and self.first_chunk_s is not None:
                 self._record_first_chunk(self.first_chunk_s)
             if telemetry.records_metrics:
-                telemetry.instruments.operation_duration.record(elapsed, self.metric_attributes)
+                duration: Mapping[str, Any] = self.answer.duration
+                if error_type is not None:  # its duration's alone: no attribute of its tokens
+                    duration = {**duration, attr.ERROR_TYPE: error_type}
+                telemetry.instruments.operation_duration.record(elapsed, duration)
             span.end()
 
     def _record_first_chunk(self, first_chunk_s: float) -> None:
@@ -133,7 +136,7 @@ class AttemptSpan:
         self.span.set_attribute(attr.TIME_TO_FIRST_TOKEN_MS, first_chunk_s * 1000.0)
         if self.telemetry.records_metrics:
             self.telemetry.instruments.time_to_first_chunk.record(
-                first_chunk_s, self.metric_attributes
+                first_chunk_s, self.answer.duration
             )
 
     def chunk(self, text: str, tool_calls: Sequence[ToolCallDelta] = ()) -> None:
@@ -163,8 +166,8 @@ class AttemptSpan:
         unary answer's; a stream's were gathered by `chunk`."""
         self.waited_s = waited_s
         span = self.span
-        if response_model:
-            self.metric_attributes[attr.GEN_AI_RESPONSE_MODEL] = response_model
+        if response_model and self.telemetry.records_metrics:
+            self.answer = self.route.answered(response_model)
         counts = _reported_counts(usage)
         if not span.is_recording():
             return
@@ -265,6 +268,7 @@ class Telemetry:
         self._propagator = propagate.get_global_textmap()
         self._injects_defaults = is_default(self._propagator)
         self._rpc_labels: dict[tuple[str, int], tuple[AttributeSet, AttributeSet]] = {}
+        self._routes: dict[tuple[str, str, str, str], RouteLabels] = {}
         # The metadata keys the configured propagators read (OTEL_PROPAGATORS).
         self._trace_keys = frozenset(key.lower() for key in self._propagator.fields)
         self._is_closed = False
@@ -359,7 +363,7 @@ class Telemetry:
                     attr.RPC_METHOD: method,
                 },
             )
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
+            token = attach_span(span, parent)
         scope = RpcScope(span=span, method=method)
         self.in_flight += 1
         return RpcContext(self, scope, CURRENT_RPC.set(scope), token)
@@ -453,23 +457,15 @@ class Telemetry:
         An attempt that fails counts in `llm_gateway.upstream.errors`, unless
         `is_callers_cut` says its caller's deadline cut it: the upstream did nothing wrong.
         """
-        host, port, provider = _endpoint(base_url, upstream)
-        metric_attributes: dict[str, Any] = {
-            attr.GEN_AI_OPERATION_NAME: attr.OPERATION_CHAT,
-            attr.GEN_AI_PROVIDER_NAME: provider,
-            # The caller's name, as on the cost, the cache hits and the RPC span: one
-            # series per model offered, whatever each upstream calls it.
-            attr.GEN_AI_REQUEST_MODEL: request.model,
-            attr.UPSTREAM_MODEL: upstream_model,
-            attr.SERVER_ADDRESS: host,
-        }
-        if port is not None:
-            # Conditionally required with `server.address`, on the metrics as on the span.
-            metric_attributes[attr.SERVER_PORT] = port
+        route = _NO_ROUTE
+        if self.records_spans or self.records_metrics:
+            key = (base_url, upstream, request.model, upstream_model)
+            found = self._routes.get(key)
+            route = found if found is not None else self._route_labels(key)
         attributes: dict[str, Any] | None = None
         # With no tracer provider every span is a no-op: skip describing it.
         if self.records_spans:
-            attributes = {**metric_attributes, attr.UPSTREAM: upstream, attr.ATTEMPT: attempt}
+            attributes = {**route.attributes, attr.UPSTREAM: upstream, attr.ATTEMPT: attempt}
             params = request.params
             if params.temperature is not None:
                 attributes[attr.GEN_AI_REQUEST_TEMPERATURE] = params.temperature
@@ -505,11 +501,34 @@ class Telemetry:
             telemetry=self,
             request=request,
             upstream=upstream,
-            metric_attributes=metric_attributes,
+            route=route,
+            answer=route.unanswered,
             is_callers_cut=is_callers_cut,
             _parts=[] if self.capture_content else None,
             _tool_call_pieces=[] if self.capture_content else None,
         )
+
+    def _route_labels(self, key: tuple[str, str, str, str]) -> RouteLabels:
+        """The metric attributes of attempts on the route `key` (base URL, upstream, the
+        caller's model, the upstream's), kept for its next attempts."""
+        base_url, upstream, model, upstream_model = key
+        host, port, provider = _endpoint(base_url, upstream)
+        attributes: dict[str, AttributeValue] = {
+            attr.GEN_AI_OPERATION_NAME: attr.OPERATION_CHAT,
+            attr.GEN_AI_PROVIDER_NAME: provider,
+            # The caller's name, as on the cost, the cache hits and the RPC span: one
+            # series per model offered, whatever each upstream calls it.
+            attr.GEN_AI_REQUEST_MODEL: model,
+            attr.UPSTREAM_MODEL: upstream_model,
+            attr.SERVER_ADDRESS: host,
+        }
+        if port is not None:
+            # Conditionally required with `server.address`, on the metrics as on the span.
+            attributes[attr.SERVER_PORT] = port
+        route = RouteLabels(attributes)
+        if len(self._routes) < _MOST_ROUTES:
+            self._routes[key] = route
+        return route
 
     # --- what a finished call cost ----------------------------------------------------
 
@@ -553,38 +572,35 @@ class Telemetry:
             if scope is not None and scope.span is span:
                 # The RPC's own span: set with the rest of its attributes when it ends.
                 # A batch or a summary makes several calls in one RPC: they add up.
-                if scope.is_multi_call:
-                    _merge_calls(attributes, scope.attributes)
-                _add_usage(attributes, scope.attributes)
-                scope.attributes.update(attributes)
+                earlier = scope.attributes
+                if attr.COST_USD in earlier:  # an earlier call of this RPC's
+                    if scope.is_multi_call:
+                        _merge_calls(attributes, earlier)
+                    _add_usage(attributes, earlier)
+                earlier.update(attributes)
             else:
                 span.set_attributes(attributes)
         self.instruments.cost.add(completion.cost_usd, request.tenant, request.model)
         if completion.is_cache_hit and not completion.is_coalesced:
             self.record_cache_hit(model=request.model)
 
-    def record_token_usage(self, attributes: Mapping[str, Any], usage: Usage) -> None:
+    def record_token_usage(self, attempt: AttemptSpan | None, usage: Usage) -> None:
         """One upstream call's (or lost attempt's) tokens as billed, on
-        `gen_ai.client.token.usage` under its attempt's metric `attributes`.
+        `gen_ai.client.token.usage` under its `attempt`'s metric attributes (with its
+        answer's model, if it named one, and without its `error.type`).
 
         The usage is the one its response and ledger row have: as reported, else
         estimated, which the GenAI conventions allow as offline counting. Leaving
         estimates out had a sum of the metric miss every call whose upstream reports no
         usage; `llm_gateway.usage.estimated` (true or false) tells them apart.
         """
-        if not self.records_metrics:
+        if not self.records_metrics or attempt is None:
             return
-        point = _without_error_type(attributes)
+        answer = attempt.answer
+        inputs, outputs = answer.estimated_tokens if usage.is_estimated else answer.reported_tokens
         token_usage = self.instruments.token_usage
-        for token_type, tokens in (("input", usage.input_tokens), ("output", usage.output_tokens)):
-            token_usage.record(
-                tokens,
-                {
-                    **point,
-                    attr.USAGE_ESTIMATED: usage.is_estimated,
-                    attr.GEN_AI_TOKEN_TYPE: token_type,
-                },
-            )
+        token_usage.record(usage.input_tokens, inputs)
+        token_usage.record(usage.output_tokens, outputs)
 
     def record_lost_attempt(self, request: ChatRequest, cost_usd: float) -> None:
         """The cost of an upstream attempt whose answer was lost (`AttemptLog.lose`): on
@@ -660,13 +676,12 @@ _SHARED_BY_CALLS = (attr.GEN_AI_REQUEST_MODEL, attr.GEN_AI_RESPONSE_MODEL, attr.
 
 
 def _merge_calls(attributes: dict[str, Any], earlier: dict[str, Any]) -> None:
-    """A call of a multi-call RPC (`RpcScope.is_multi_call`) after its earlier ones: the
-    span names a model or an upstream only while every call had the same (a batch's items
-    may each name their own; the last one's named none of the others), is a cache hit
-    only if each call was one, and coalesced only if each call was a hit or coalesced,
-    not all hits: the RPC made no upstream call of its own, but shared one."""
-    if attr.COST_USD not in earlier:  # the first call
-        return
+    """A call of a multi-call RPC (`RpcScope.is_multi_call`) after its earlier ones (whose
+    attributes are `earlier`): the span names a model or an upstream only while every
+    call had the same (a batch's items may each name their own; the last one's named none
+    of the others), is a cache hit only if each call was one, and coalesced only if each
+    call was a hit or coalesced, not all hits: the RPC made no upstream call of its own,
+    but shared one."""
     is_hit = attributes[attr.CACHE_HIT] and earlier[attr.CACHE_HIT]
     is_served = _is_served_by_cache(attributes) and _is_served_by_cache(earlier)
     attributes[attr.CACHE_HIT] = is_hit
@@ -688,9 +703,7 @@ def _is_served_by_cache(attributes: Mapping[str, Any]) -> bool:
 
 
 def _add_usage(attributes: dict[str, Any], earlier: Mapping[str, Any]) -> None:
-    """Add the usage and cost of the RPC's earlier calls (if any) into `attributes`."""
-    if attr.COST_USD not in earlier:
-        return
+    """Add the usage and cost of the RPC's earlier calls (`earlier`) into `attributes`."""
     for key in _SUMMED:
         attributes[key] += earlier[key]
     # In integer pico-dollars, as the ledger and the summaries sum: a float sum drifts.

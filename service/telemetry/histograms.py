@@ -106,8 +106,11 @@ class CumulativeHistogram:
                 self._points[key] = point
             point.count += 1
             point.sum += amount
-            point.min = min(point.min, amount)
-            point.max = max(point.max, amount)
+            # Compared, not `min()`/`max()`: two calls fewer a record, ten a call.
+            if amount < point.min:  # noqa: PLR1730
+                point.min = amount
+            if amount > point.max:  # noqa: PLR1730
+                point.max = amount
             point.bucket_counts[bisect_left(self.bounds, amount)] += 1
 
     def metric(self, now_unix_nano: int) -> Metric | None:

@@ -23,12 +23,16 @@ import contextlib
 import logging
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar, Token
+from random import getrandbits
 from time import time_ns
 from typing import cast
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
-from opentelemetry.context import Context, get_current
+from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk.trace import (
     Event,
     ReadableSpan,
@@ -38,9 +42,18 @@ from opentelemetry.sdk.trace import (
     sampling,
 )
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import (
+    DEFAULT_TRACE_STATE,
+    Link,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.util import types
 
@@ -56,6 +69,8 @@ _FLAGS = {
     for is_sampled in (False, True)
     for is_random in (False, True)
 }
+_TRACE_ID_BITS = (1 << 128) - 1  # the low 128 bits of a draw of 192 (`LeanTracer.start_span`)
+_SPAN_ID_MAX = (1 << 64) - 1
 
 
 class LeanTracer(trace.Tracer):
@@ -76,6 +91,9 @@ class LeanTracer(trace.Tracer):
         self._samples_as_parent = self._sampler is sampling.DEFAULT_ON
         self._ids = provider.id_generator
         self._random_trace_ids = bool(self._ids.is_trace_id_random())  # a key of `_FLAGS`
+        # The SDK's default generator draws ids as `random.getrandbits`: drawn here the
+        # same way, without its two calls an id (any other generator is asked).
+        self._draws_ids = type(self._ids) is RandomIdGenerator
         self.scope = InstrumentationScope(scope_name)
         self.limits = SpanLimits()  # read from OTEL_SPAN_* and OTEL_ATTRIBUTE_* as the SDK does
         self._ends = tuple(_ender(processor) for processor in self.processors)
@@ -95,9 +113,20 @@ class LeanTracer(trace.Tracer):
         parent = current_span(context).get_span_context()
         # A SpanContext is a tuple: one unpacking instead of a property call per field.
         parent_trace_id, _, _, parent_flags, parent_state, has_parent = parent
+        span_id = 0  # 0: not drawn yet (or drawn as the invalid 0), asked of the generator
         if has_parent:
             trace_id = parent_trace_id
             random_trace_id = bool(parent_flags & TraceFlags.RANDOM_TRACE_ID)
+            if self._draws_ids:
+                span_id = getrandbits(64)
+        elif self._draws_ids:
+            # A root's two ids in one draw: its low 128 bits are what the SDK's
+            # `generate_trace_id` would draw, its high 64 its `generate_span_id` next.
+            ids = getrandbits(192)
+            trace_id, span_id = ids & _TRACE_ID_BITS, ids >> 128
+            if not trace_id:  # the invalid 0, which the SDK's generator draws again
+                trace_id = self._ids.generate_trace_id()
+            random_trace_id = True
         else:
             trace_id = self._ids.generate_trace_id()
             random_trace_id = self._random_trace_ids
@@ -111,12 +140,19 @@ class LeanTracer(trace.Tracer):
             # RECORD_ONLY is not told apart: exporting processors drop unsampled spans.
             is_sampled = result.decision is sampling.Decision.RECORD_AND_SAMPLE
             trace_state, initial = result.trace_state, result.attributes
-        span_context = SpanContext(
-            trace_id,
-            self._ids.generate_span_id(),
-            False,
-            _FLAGS[is_sampled, random_trace_id],
-            trace_state,
+        span_id = span_id or self._ids.generate_span_id()
+        # What `SpanContext(trace_id, span_id, False, flags, trace_state)` makes, without
+        # its constructor's Python frame (a test holds the two equal).
+        span_context: SpanContext = tuple.__new__(
+            SpanContext,
+            (
+                trace_id,
+                span_id,
+                False,
+                _FLAGS[is_sampled, random_trace_id],
+                trace_state if trace_state is not None else DEFAULT_TRACE_STATE,
+                0 < trace_id <= _TRACE_ID_BITS and 0 < span_id <= _SPAN_ID_MAX,
+            ),
         )
         if not is_sampled:
             return trace.NonRecordingSpan(span_context)
@@ -188,14 +224,15 @@ class LeanSpan(trace.Span, ReadableSpan):
         self._resource = tracer.resource
         self._status = _UNSET
         self._tracer = tracer
-        self._attributes: dict[str, types.AttributeValue] | BoundedAttributes = (
-            _without_none(attributes) if attributes else {}
-        )
+        copied = dict(attributes) if attributes else {}
+        if None in copied.values():  # dropped, as the SDK drops them
+            copied = {key: value for key, value in copied.items() if value is not None}
+        self._attributes: dict[str, types.AttributeValue] | BoundedAttributes = copied
         self._events: BoundedList[Event] | tuple[()] = ()
 
     def get_span_context(self) -> SpanContext:
         """The span's trace and span ids, and whether it is sampled."""
-        return cast(SpanContext, self._context)  # always given: see `__init__`
+        return self._context  # type: ignore[return-value]  # always given: see `__init__`
 
     def is_recording(self) -> bool:
         """Whether it still takes attributes (until it ends)."""
@@ -308,18 +345,37 @@ def _ender(processor: SpanProcessor) -> Callable[[ReadableSpan], None]:
     return processor.on_end
 
 
+def _runtime_context_variable() -> ContextVar[Context] | None:
+    """The variable OpenTelemetry's default runtime context keeps the current context in,
+    read and set here in one call where its API takes three; None when another runtime
+    context is configured (`OTEL_PYTHON_CONTEXT`) or an API release moved it: the API is
+    used then."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    variable = getattr(runtime, "_current_context", None)
+    if type(runtime) is ContextVarsRuntimeContext and isinstance(variable, ContextVar):
+        return variable
+    return None
+
+
+_CONTEXT_VARIABLE = _runtime_context_variable()
+_current_context: Callable[[], Context] = (
+    _CONTEXT_VARIABLE.get if _CONTEXT_VARIABLE is not None else otel_context.get_current
+)
+_attach: Callable[[Context], Token[Context]] = (
+    _CONTEXT_VARIABLE.set if _CONTEXT_VARIABLE is not None else otel_context.attach
+)
+
+
 def current_span(context: Context | None = None) -> trace.Span:
     """`trace.get_current_span`, in one call rather than four, and without its ABC
-    check when the span is one of the gateway's own."""
-    span = (context if context is not None else get_current()).get(_SPAN_KEY)
-    if type(span) is LeanSpan or isinstance(span, trace.Span):
+    check when the span is one of the gateway's own (or there is none)."""
+    span = (context if context is not None else _current_context()).get(_SPAN_KEY)
+    if type(span) is LeanSpan or (span is not None and isinstance(span, trace.Span)):
         return span
     return trace.INVALID_SPAN
 
 
-def _without_none(attributes: Mapping[str, types.AnyValue]) -> dict[str, types.AttributeValue]:
-    """A copy of `attributes` less its `None` values, which the SDK drops."""
-    copied = dict(attributes)
-    if None in copied.values():
-        return {key: value for key, value in copied.items() if value is not None}
-    return copied
+def attach_span(span: trace.Span, parent: Context) -> Token[Context]:
+    """`context.attach(trace.set_span_in_context(span, parent))`: `span` made current
+    under `parent`, in two calls rather than six. Reset with the token's `var.reset`."""
+    return _attach(Context({**parent, _SPAN_KEY: span}))

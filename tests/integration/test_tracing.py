@@ -33,6 +33,7 @@ TRACEPARENT = f"00-{CALLER_TRACE_ID}-{CALLER_SPAN_ID}-01"
 UNARY_SPAN = "llmgateway.v1.CompletionService/Complete"
 STREAM_SPAN = "llmgateway.v1.CompletionService/CompleteStream"
 ATTEMPT_SPAN = f"chat {FAKE_MODEL}"
+DURATION = "gen_ai.client.operation.duration"
 # The test catalog: 0.14 USD per million input tokens, 0.42 per million output.
 FAKE_REPLY_COST = (7 * 0.14 + 3 * 0.42) / 1e6
 
@@ -314,6 +315,50 @@ async def test_upstream_failure_marks_both_spans_and_counts_the_error(traced, ca
     assert captured.total("gen_ai.client.operation.duration", error__type="500") > 0, (
         "the failed attempt's duration is recorded with its error.type"
     )
+
+
+async def test_each_route_and_answer_model_has_its_own_attempt_points(
+    upstream, start_gateway, captured
+):
+    """Two upstreams of one model: the first fails and the call fails over to the second,
+    which answers as another model; the next call fails there and is answered by the
+    first. Each attempt's duration and tokens are recorded under its own upstream and
+    its answer's model (none for a failure, whose `error.type` is its duration's alone)."""
+    async with FakeUpstream(models=(FAKE_MODEL,)) as second:
+        config = gateway_config(
+            upstream.base_url, second.base_url, resilience={"attempts": 2}, cache={"enabled": False}
+        )
+        gateway = await start_gateway(config, telemetry=captured.telemetry)
+        upstream.script(Status(500), Reply())
+        second.script(Reply(model="snapshot-b"), Status(503))
+        await gateway.stub.Complete(chat())
+        await gateway.stub.Complete(chat())
+        other = urllib.parse.urlsplit(second.base_url).port
+
+    def by_route(name: str) -> dict[tuple[Any, ...], tuple[int, float]]:
+        return {
+            (
+                p.attributes["server.port"],
+                p.attributes.get("gen_ai.response.model"),
+                p.attributes.get("error.type"),
+                p.attributes.get("gen_ai.token.type"),
+            ): (p.count, p.sum)
+            for p in captured.points(name)
+        }
+
+    first = urllib.parse.urlsplit(upstream.base_url).port
+    assert {key: count for key, (count, _) in by_route(DURATION).items()} == {
+        (first, None, "500", None): 1,
+        (other, "snapshot-b", None, None): 1,
+        (other, None, "503", None): 1,
+        (first, FAKE_MODEL, None, None): 1,
+    }
+    assert len(upstream.requests) == len(second.requests) == 2
+    assert by_route("gen_ai.client.token.usage") == {
+        (port, model, None, kind): (1, tokens)
+        for port, model in ((other, "snapshot-b"), (first, FAKE_MODEL))
+        for kind, tokens in (("input", 7), ("output", 3))
+    }
 
 
 async def test_retry_through_the_pool_gives_one_client_span_per_attempt(

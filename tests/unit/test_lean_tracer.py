@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -17,12 +18,17 @@ from opentelemetry.sdk.trace import (
 )
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from service.telemetry.lean_tracer import LeanTracer, current_span
+from service.telemetry.lean_tracer import (
+    LeanTracer,
+    _runtime_context_variable,
+    attach_span,
+    current_span,
+)
 
 RESOURCE = Resource.create({"service.name": "llm-gateway-test"})
 PROPAGATOR = TraceContextTextMapPropagator()
@@ -397,3 +403,76 @@ def test_ids_not_said_to_be_random_leave_the_random_trace_id_flag_unset_as_in_th
     ours = root_flags(LeanTracer(lean_provider, [], scope_name="llm_gateway"))
     theirs = root_flags(sdk_provider.get_tracer("llm_gateway"))
     assert ours == theirs == (TraceFlags.SAMPLED, TraceFlags.SAMPLED)
+
+
+def test_ids_are_the_ones_the_sdks_generator_draws():
+    """A root's trace and span ids, drawn at once, and a child's span id are those the
+    SDK's `RandomIdGenerator` draws from the same `random` state; each context is the
+    one `SpanContext`'s constructor makes."""
+    tracer, _ = lean()
+    random.seed(30)
+    root = tracer.start_span("root")
+    child = tracer.start_span("child", context=trace.set_span_in_context(root))
+    random.seed(30)
+    ids = RandomIdGenerator()
+    expected = (ids.generate_trace_id(), ids.generate_span_id(), ids.generate_span_id())
+    made = root.get_span_context(), child.get_span_context()
+    assert (made[0].trace_id, made[0].span_id, made[1].span_id) == expected
+    assert made[1].trace_id == made[0].trace_id
+    for context in made:
+        rebuilt = SpanContext(
+            context.trace_id, context.span_id, False, context.trace_flags, context.trace_state
+        )
+        assert type(context) is SpanContext
+        assert tuple(context) == tuple(rebuilt)
+        assert context.is_valid
+
+
+def test_a_generator_other_than_the_sdks_default_is_asked_for_every_id():
+    """Ids come from a configured generator, as the SDK's tracer takes them."""
+
+    class Counting(IdGenerator):
+        def __init__(self) -> None:
+            self.last = 0
+
+        def generate_span_id(self) -> int:
+            self.last += 1
+            return self.last
+
+        def generate_trace_id(self) -> int:
+            self.last += 1
+            return self.last
+
+    def ids(tracer: trace.Tracer) -> list[tuple[int, int]]:
+        root = tracer.start_span("root")
+        child = tracer.start_span("child", context=trace.set_span_in_context(root))
+        return [
+            (s.get_span_context().trace_id, s.get_span_context().span_id) for s in (root, child)
+        ]
+
+    lean_provider = TracerProvider(id_generator=Counting(), shutdown_on_exit=False)
+    sdk_provider = TracerProvider(id_generator=Counting(), shutdown_on_exit=False)
+    ours = ids(LeanTracer(lean_provider, [], scope_name="llm_gateway"))
+    assert ours == ids(sdk_provider.get_tracer("llm_gateway")) == [(1, 2), (1, 3)]
+
+
+def test_a_span_attached_under_a_parent_is_current_as_the_api_makes_it():
+    """`attach_span` makes the context `set_span_in_context` would, current until reset."""
+    tracer, _ = lean()
+    span = tracer.start_span("s")
+    parent = context_api.set_value("other-key", "kept")
+    token = attach_span(span, parent)
+    try:
+        assert context_api.get_current() == trace.set_span_in_context(span, parent)
+        assert current_span() is trace.get_current_span() is span
+    finally:
+        token.var.reset(token)
+    assert current_span() is trace.INVALID_SPAN
+
+
+def test_another_runtime_context_is_reached_through_the_api(monkeypatch: pytest.MonkeyPatch):
+    """The current context is read and set directly only in OpenTelemetry's default
+    runtime context; any other (`OTEL_PYTHON_CONTEXT`) goes through its API."""
+    assert _runtime_context_variable() is not None
+    monkeypatch.setattr(context_api, "_RUNTIME_CONTEXT", object())
+    assert _runtime_context_variable() is None

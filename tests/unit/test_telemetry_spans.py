@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
 from service.clock import covered_s
-from service.domain import ChatRequest, Message, Role
+from service.domain import ChatRequest, Message, Role, Usage
 from service.errors import UpstreamUnavailable
 from service.telemetry import setup
+from service.telemetry.attempt_labels import MOST_ANSWER_MODELS
 from service.telemetry.tracing import CURRENT_RPC
 from tests.telemetry_support import attributes_of, captured_telemetry
 
@@ -199,3 +201,133 @@ def test_the_rpc_histograms_count_by_method_and_status_as_the_sdks_do(
             (frozenset({("rpc.method", "Stream")}), 1),
         },
     }
+
+
+def attempt_points(monkeypatch: pytest.MonkeyPatch, *, sdks: bool) -> dict[str, set[Any]]:
+    """The attempt histograms' (attributes, count, sum) after attempts on two routes:
+    answered under a dated model name, failed before answering, answered again under the
+    same name (its counts estimated), and a stream naming no model, recorded by the
+    gateway's histograms or, with `sdks`, by the SDK's."""
+    if sdks:
+        monkeypatch.setattr(setup, "suits", lambda reader: False)
+    captured = captured_telemetry()
+    telemetry = captured.telemetry
+    routes = {"up1": "http://a:8001/v1", "up2": "http://b/v1"}
+    outcomes = [
+        ("up1", "m-0613", Usage(input_tokens=7, output_tokens=3)),
+        ("up1", None, None),
+        ("up1", "m-0613", Usage(input_tokens=20, output_tokens=0, is_estimated=True)),
+        ("up2", "", Usage(input_tokens=5, output_tokens=2)),
+    ]
+    for attempt, (upstream, response_model, usage) in enumerate(outcomes, 1):
+        with (
+            contextlib.suppress(UpstreamUnavailable),
+            telemetry.upstream_attempt(
+                REQUEST,
+                upstream=upstream,
+                base_url=routes[upstream],
+                upstream_model=f"{upstream}-m",
+                attempt=attempt,
+                headers={},
+            ) as span,
+        ):
+            if usage is None:
+                raise UpstreamUnavailable("503", upstream=upstream)
+            if upstream == "up2":
+                span.chunk("hello")
+            span.finish(
+                response_id="r",
+                response_model=response_model or "",
+                finish_reason="stop",
+                usage=usage,
+            )
+        if usage is not None:
+            telemetry.record_token_usage(span, usage)
+    names = (
+        "gen_ai.client.operation.duration",
+        "gen_ai.client.operation.time_to_first_chunk",
+        "gen_ai.client.token.usage",
+    )
+    return {
+        name: {
+            (
+                frozenset(point.attributes.items()),
+                point.count,
+                point.sum if name.endswith("usage") else None,
+            )
+            for point in captured.points(name)
+        }
+        for name in names
+    }
+
+
+def test_the_attempt_histograms_count_by_route_and_answer_as_the_sdks_do(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Their attribute sets are built once per route and answer model, and kept: each
+    attempt's points under its own route, its answer's model (none before it answered)
+    and, for a failure's duration alone, its `error.type`."""
+    ours = attempt_points(monkeypatch, sdks=False)
+    assert ours == attempt_points(monkeypatch, sdks=True)
+    up1 = {
+        ("gen_ai.operation.name", "chat"),
+        ("gen_ai.provider.name", "up1"),
+        ("gen_ai.request.model", "m"),
+        ("llm_gateway.upstream.model", "up1-m"),
+        ("server.address", "a"),
+        ("server.port", 8001),
+    }
+    answered = up1 | {("gen_ai.response.model", "m-0613")}
+    up2 = {
+        ("gen_ai.operation.name", "chat"),
+        ("gen_ai.provider.name", "up2"),
+        ("gen_ai.request.model", "m"),
+        ("llm_gateway.upstream.model", "up2-m"),
+        ("server.address", "b"),
+        ("server.port", 80),
+    }
+
+    def tokens(base: set[Any], kind: str, *, estimated: bool) -> frozenset[Any]:
+        return frozenset(
+            base | {("gen_ai.token.type", kind), ("llm_gateway.usage.estimated", estimated)}
+        )
+
+    assert ours == {
+        "gen_ai.client.operation.duration": {
+            (frozenset(answered), 2, None),
+            (frozenset(up1 | {("error.type", "UpstreamUnavailable")}), 1, None),
+            (frozenset(up2), 1, None),
+        },
+        "gen_ai.client.operation.time_to_first_chunk": {(frozenset(up2), 1, None)},
+        "gen_ai.client.token.usage": {
+            (tokens(answered, "input", estimated=False), 1, 7),
+            (tokens(answered, "output", estimated=False), 1, 3),
+            (tokens(answered, "input", estimated=True), 1, 20),
+            (tokens(answered, "output", estimated=True), 1, 0),
+            (tokens(up2, "input", estimated=False), 1, 5),
+            (tokens(up2, "output", estimated=False), 1, 2),
+        },
+    }
+
+
+def test_a_route_answered_under_ever_new_model_names_records_each_under_its_own():
+    """Past the answer models a route keeps (`MOST_ANSWER_MODELS`), each answer is still
+    recorded under the model it names."""
+    captured = captured_telemetry()
+    telemetry = captured.telemetry
+    models = [f"m-{n}" for n in range(MOST_ANSWER_MODELS + 5)]
+    for model in (*models, models[-1]):
+        with telemetry.upstream_attempt(
+            REQUEST,
+            upstream="up1",
+            base_url="http://a/v1",
+            upstream_model="m",
+            attempt=1,
+            headers={},
+        ) as span:
+            span.finish(response_id="r", response_model=model, finish_reason="stop", usage=None)
+    counts = {
+        point.attributes["gen_ai.response.model"]: point.count
+        for point in captured.points("gen_ai.client.operation.duration")
+    }
+    assert counts == {model: 2 if model == models[-1] else 1 for model in models}
