@@ -94,8 +94,14 @@ _REPLACEMENT = "\ufffd"
 # A stream's fields whose text goes on piece by piece: a piece may end with the first half
 # of a character the next piece ends (`_paired_ends`).
 _STREAMED_TEXT_KEYS = frozenset(
-    {"content", "refusal", "reasoning_content", "reasoning", "arguments"}
+    {"content", "refusal", "reasoning_content", "reasoning", "arguments", "text", "thinking"}
 )
+# The part types of a `content` given as a list (`_content_parts`) whose text is read.
+_TEXT_PART = "text"
+_THINKING_PART = "thinking"
+# How many skipped part types an error names, and how much of each: the upstream's text.
+_MAX_NAMED_PARTS = 4
+_MAX_PART_TYPE_CHARS = 32
 
 
 class MalformedReply(ValueError):
@@ -582,6 +588,68 @@ def _tool_calls(data: object) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
+@dataclass(frozen=True, slots=True)
+class _ContentParts:
+    """A `content` given as a list of typed parts: the text of its text parts, that of its
+    thinking parts, and the types of the parts it had that are neither (skipped)."""
+
+    text: str
+    thinking: str
+    skipped: tuple[str, ...]
+
+
+def _content_parts(value: object) -> _ContentParts:
+    """Read a `content` that is not a string: a list of typed parts, as Mistral's reasoning
+    models (Magistral, and others with `reasoning_effort`) answer and stream it:
+    `[{"type": "thinking", "thinking": [{"type": "text", "text": "..."}]},
+    {"type": "text", "text": "Paris."}]` (https://docs.mistral.ai/capabilities/reasoning/).
+    Other parts (an image, a reference) are skipped: the caller gets what can be read.
+    """
+    if not isinstance(value, list):
+        raise MalformedReply("content is not a string or a list of parts")
+    texts: list[str] = []
+    thoughts: list[str] = []
+    skipped: list[str] = []
+    for part in value:
+        if not isinstance(part, dict):
+            raise MalformedReply("a content part is not an object")
+        kind = part.get("type")
+        if kind is None:  # Mistral's text and thinking chunks may leave their type out
+            kind = _TEXT_PART if "text" in part else _THINKING_PART if "thinking" in part else ""
+        if kind == _TEXT_PART:
+            texts.append(_part_text(part))
+        elif kind == _THINKING_PART:
+            thoughts.append(_thinking_text(part.get("thinking")))
+        else:
+            skipped.append(str(kind)[:_MAX_PART_TYPE_CHARS])
+    return _ContentParts("".join(texts), "".join(thoughts), tuple(skipped))
+
+
+def _part_text(part: dict[str, Any]) -> str:
+    """A text part's text."""
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise MalformedReply("a content part's text is not a string")
+    return text
+
+
+def _thinking_text(value: object) -> str:
+    """A thinking part's text: Mistral's is a list of text parts (others skipped); a
+    relay's may be the text itself, as Anthropic's thinking blocks have it."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if not isinstance(value, list):
+        raise MalformedReply("a thinking part's thinking is not a list of parts")
+    return _content_parts(value).text
+
+
+def _unreadable(skipped: Collection[str]) -> MalformedReply:
+    """The error for an answer whose content parts, of the `skipped` types, hold nothing
+    the gateway can relay."""
+    kinds = ", ".join(sorted(set(skipped))[:_MAX_NAMED_PARTS])
+    return MalformedReply(f"content has no text or thinking part, only: {kinds}")
+
+
 def _reasoning(message: dict[str, Any]) -> str:
     """A message's or a delta's reasoning: DeepSeek, vLLM and llama.cpp spell it
     `reasoning_content`, OpenRouter and newer vLLM `reasoning`; null or absent is none."""
@@ -677,16 +745,22 @@ def parse_completion(
     if not isinstance(message, dict):
         message = {}
     content = message.get("content")
+    parts = None
     if content is not None and not isinstance(content, str):
-        raise MalformedReply("message content is not a string")
+        parts = _content_parts(content)
+        content = parts.text
     raw_tool_calls = message.get("tool_calls")
     tool_calls = () if raw_tool_calls is None else _tool_calls(raw_tool_calls)
     reasoning = _reasoning(message)
+    if parts is not None:
+        reasoning += parts.thinking
     reason = finish_reason(choice.get("finish_reason"))
     if reason is None:
         raise MalformedReply("no finish reason")
     reason = _with_tool_calls(reason, has_tool_calls=bool(tool_calls))
     refusal = _refusal(message)
+    if parts is not None and parts.skipped and not (content or reasoning or tool_calls or refusal):
+        raise _unreadable(parts.skipped)
     if refusal:  # never an empty "stop" answer, cached and served as if answered
         content, reason = (content or "") + refusal, FinishReason.CONTENT_FILTER
     return UpstreamReply(
@@ -739,6 +813,7 @@ class StreamParser:
         "_index",
         "_is_pairing",
         "_reasoning_half",
+        "_skipped_parts",
         "_tool_calls",
         "finish_reason",
         "id",
@@ -764,6 +839,9 @@ class StreamParser:
         self._is_pairing = False
         self._content_half = ""
         self._reasoning_half = ""
+        # Types of content parts skipped (`_content_parts`), a few: an answer of only such
+        # parts is malformed, not an empty answer.
+        self._skipped_parts: set[str] = set()
 
     def _take_usage(self, counts: Usage | None) -> None:
         """A later usage event replaces an earlier one (servers that send it on each
@@ -853,6 +931,17 @@ class StreamParser:
                 known.held.clear()
         return tuple(pieces)
 
+    def _content_parts(self, content: object) -> tuple[str, str]:
+        """A delta's `content` that is not a string, read as typed parts (`_content_parts`):
+        its text and its thinking."""
+        parts = _content_parts(content)
+        if parts.skipped and len(self._skipped_parts) < _MAX_NAMED_PARTS:
+            self._skipped_parts.update(parts.skipped)
+        text = parts.text
+        if text and self._is_pairing:  # a half each side of where two parts meet
+            text = _ends_kept(text)
+        return text, parts.thinking
+
     def parse(self, data: str) -> TextChunk | None:
         """Parse one event; return its text, reasoning and tool-call pieces, if any.
         `[DONE]` marks the end."""
@@ -895,14 +984,19 @@ class StreamParser:
         if not isinstance(delta, dict):
             return None
         content = delta.get("content")
+        thinking = ""
         if content is not None and not isinstance(content, str):
-            raise MalformedReply("delta content is not a string")
+            content, thinking = self._content_parts(content)  # Mistral's, while it thinks
         refusal = _refusal(delta)
         if refusal:
             content, self.is_refused = (content or "") + refusal, True
             if self._is_pairing:  # a half each side of where the two meet
                 content = _ends_kept(content)
         reasoning = _reasoning(delta)
+        if thinking:
+            reasoning += thinking
+            if self._is_pairing:
+                reasoning = _ends_kept(reasoning)
         if self._is_pairing:
             content, self._content_half = _paired_ends(self._content_half, content or "")
             reasoning, self._reasoning_half = _paired_ends(self._reasoning_half, reasoning)
@@ -948,6 +1042,8 @@ class StreamParser:
             raise MalformedReply("the stream ended without a finish reason")
         for call in self._tool_calls.values():
             _check_begun(call)
+        if self._skipped_parts and not self._has_relayed:
+            raise _unreadable(self._skipped_parts)
         reason = (
             FinishReason.CONTENT_FILTER
             if self.is_refused
