@@ -1188,6 +1188,44 @@ def test_a_stream_of_unreadable_parts_alone_is_malformed_at_its_end() -> None:
     assert parser.end().finish_reason is FinishReason.STOP
 
 
+def test_a_legacy_function_call_is_one_tool_call_with_an_id() -> None:
+    """`message.function_call` is one tool call, given an id, finished as tool calls."""
+    message = {"content": None, "function_call": {"name": "f", "arguments": '{"a": 1}'}}
+    body = completion_json(
+        choices=[{"index": 0, "message": message, "finish_reason": "function_call"}]
+    )
+    reply = parse_completion(body)
+    (call,) = reply.tool_calls
+    assert (call.name, call.arguments, call.id[:5], len(call.id)) == ("f", '{"a": 1}', "call_", 29)
+    assert reply.finish_reason is FinishReason.TOOL_CALLS
+    assert parse_completion(body).tool_calls[0].id != call.id, "each answer's call its own id"
+
+
+def test_a_streamed_legacy_function_call_named_late_is_held_until_named() -> None:
+    """`delta.function_call` pieces are one call's: arguments before the name are held and
+    go out with it, the id the gateway's, and the stream ends as a tool-call answer."""
+    parser = StreamParser()
+    assert parser.parse(delta_event({"function_call": {"arguments": '{"a"'}})) is None
+    first = parser.parse(delta_event({"function_call": {"name": "f", "arguments": ": 1"}}))
+    later = parser.parse(delta_event({"function_call": {"arguments": "}"}}))
+    assert first is not None
+    assert later is not None
+    ((head,), (tail,)) = first.tool_calls, later.tool_calls
+    assert (head.index, head.name, head.arguments, head.id[:5]) == (0, "f", '{"a": 1', "call_")
+    assert (tail.index, tail.id, tail.arguments) == (0, "", "}")
+    parser.parse(chunk(finish="function_call"))
+    assert parser.end().finish_reason is FinishReason.TOOL_CALLS
+
+
+def test_a_streamed_function_call_without_a_name_is_malformed_at_the_end() -> None:
+    """A legacy call that never got its name fails as a tool call without one does."""
+    parser = StreamParser()
+    parser.parse(delta_event({"function_call": {"arguments": "{}"}}))
+    parser.parse(chunk(finish="function_call"))
+    with pytest.raises(MalformedReply, match="no function name"):
+        parser.end()
+
+
 def test_stream_parser_holds_nothing_back_from_events_without_halves() -> None:
     """Text of events without a lone half passes as it came, the emoji whole."""
     parser = StreamParser()
