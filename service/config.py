@@ -398,8 +398,9 @@ GATEWAY_BODY_FIELDS = frozenset(
 # A default an upstream's `extra_body` may set, which a request's own effort replaces.
 REASONING_EFFORT_FIELD = "reasoning_effort"
 
-# Fields that would change what an answer holds beyond what the gateway reads: several
-# choices (all billed, one relayed) or the legacy `function_call` (a call dropped).
+# Fields that would change what an answer holds beyond what the caller asked: several
+# choices (all billed, one relayed) or the legacy `functions`/`function_call` (calls of
+# functions the caller never declared).
 ANSWER_SHAPE_FIELDS = frozenset({"n", "best_of", "functions", "function_call"})
 
 

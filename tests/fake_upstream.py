@@ -90,6 +90,10 @@ class Reply:
     `reasoning_tokens`, when set, is sent as is in `usage.completion_tokens_details`.
     `raw_usages` are sent as is instead of the counts' usage object: a stream sends each
     in a usage-only chunk of its own, in order, and a unary answer the last.
+
+    `raw_message` is sent as is as a unary answer's `message`, and `raw_deltas` as a
+    stream's deltas after its role event (each in an event of its own), in place of
+    everything the fields above would send there.
     """
 
     content: str = "Hello from fake"
@@ -130,6 +134,8 @@ class Reply:
     refusal: str = ""
     # The index the answer's choice is numbered with (some proxies number from 1).
     choice_index: int = 0
+    raw_message: Any = None
+    raw_deltas: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,16 +552,19 @@ class FakeUpstream:
         cid = self._new_id()
         chunk = functools.partial(self._chunk, cid, model, index=reply.choice_index)
         events = [chunk({"role": "assistant"})]
-        events += [chunk(delta) for delta in _reasoning_deltas(reply)]
-        events += [
-            chunk({"content": piece})
-            for piece in split_even("" if reply.refusal else reply.content, reply.chunks)
-        ]
-        events += [
-            chunk({"content": None, "refusal": piece})
-            for piece in split_even(reply.refusal, reply.chunks)
-        ]
-        events += [chunk(delta) for delta in _tool_call_deltas(reply)]
+        if reply.raw_deltas:
+            events += [chunk(delta) for delta in reply.raw_deltas]
+        else:
+            events += [chunk(delta) for delta in _reasoning_deltas(reply)]
+            events += [
+                chunk({"content": piece})
+                for piece in split_even("" if reply.refusal else reply.content, reply.chunks)
+            ]
+            events += [
+                chunk({"content": None, "refusal": piece})
+                for piece in split_even(reply.refusal, reply.chunks)
+            ]
+            events += [chunk(delta) for delta in _tool_call_deltas(reply)]
         if reply.cut_after_events is not None:
             await _send(resp, events[: reply.cut_after_events], _Framing())
             await asyncio.sleep(_FLUSH_PAUSE_S)
@@ -611,6 +620,8 @@ class FakeUpstream:
 
 def _message(reply: Reply) -> dict[str, Any]:
     """The `message` of a unary Reply."""
+    if reply.raw_message is not None:
+        return dict(reply.raw_message)
     message: dict[str, Any] = {"role": "assistant", "content": reply.content}
     if reply.refusal:
         message.update(content=None, refusal=reply.refusal)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NoReturn
@@ -94,8 +95,17 @@ _REPLACEMENT = "\ufffd"
 # A stream's fields whose text goes on piece by piece: a piece may end with the first half
 # of a character the next piece ends (`_paired_ends`).
 _STREAMED_TEXT_KEYS = frozenset(
-    {"content", "refusal", "reasoning_content", "reasoning", "arguments"}
+    {"content", "refusal", "reasoning_content", "reasoning", "arguments", "text", "thinking"}
 )
+# The part types of a `content` given as a list (`_content_parts`) whose text is read.
+_TEXT_PART = "text"
+_THINKING_PART = "thinking"
+# Where a stream's legacy `function_call` pieces are kept among its tool calls: an index no
+# upstream's `tool_calls` piece can have (those are 0 or more, or `_NO_INDEX`).
+_FUNCTION_CALL_INDEX = -2
+# How many skipped part types an error names, and how much of each: the upstream's text.
+_MAX_NAMED_PARTS = 4
+_MAX_PART_TYPE_CHARS = 32
 
 
 class MalformedReply(ValueError):
@@ -582,6 +592,93 @@ def _tool_calls(data: object) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
+def _function_call(data: object) -> ToolCall:
+    """A unary answer's legacy `message.function_call` (OpenAI's `functions` API, which some
+    servers and proxies still answer in) as a tool call; it has no id, so it gets one."""
+    name, arguments = _function_call_fields(data)
+    if not name:
+        raise MalformedReply("a function call has no function name")
+    return ToolCall(_new_call_id(), name, arguments or "")
+
+
+def _function_call_fields(data: object) -> tuple[str | None, str | None]:
+    """A legacy `function_call`'s (or one streamed piece's) name and arguments."""
+    if not isinstance(data, dict):
+        raise MalformedReply("function_call is not an object")
+    name, arguments = data.get("name"), data.get("arguments")
+    if not isinstance(name, str | None) or not isinstance(arguments, str | None):
+        raise MalformedReply("a function call has a field that is not a string")
+    return name, arguments
+
+
+def _new_call_id() -> str:
+    """An id for a call the upstream sent without one, in OpenAI's form (`call_` and 24
+    characters): the caller sends it back as the `tool_call_id` of the call's result."""
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+@dataclass(frozen=True, slots=True)
+class _ContentParts:
+    """A `content` given as a list of typed parts: the text of its text parts, that of its
+    thinking parts, and the types of the parts it had that are neither (skipped)."""
+
+    text: str
+    thinking: str
+    skipped: tuple[str, ...]
+
+
+def _content_parts(value: object) -> _ContentParts:
+    """Read a `content` that is not a string: a list of typed parts, as Mistral's reasoning
+    models (Magistral, and others with `reasoning_effort`) answer and stream it:
+    `[{"type": "thinking", "thinking": [{"type": "text", "text": "..."}]},
+    {"type": "text", "text": "Paris."}]` (https://docs.mistral.ai/capabilities/reasoning/).
+    Other parts (an image, a reference) are skipped: the caller gets what can be read.
+    """
+    if not isinstance(value, list):
+        raise MalformedReply("content is not a string or a list of parts")
+    texts: list[str] = []
+    thoughts: list[str] = []
+    skipped: list[str] = []
+    for part in value:
+        if not isinstance(part, dict):
+            raise MalformedReply("a content part is not an object")
+        kind = part.get("type")
+        if kind is None:  # Mistral's text and thinking chunks may leave their type out
+            kind = _TEXT_PART if "text" in part else _THINKING_PART if "thinking" in part else ""
+        if kind == _TEXT_PART:
+            texts.append(_part_text(part))
+        elif kind == _THINKING_PART:
+            thoughts.append(_thinking_text(part.get("thinking")))
+        else:
+            skipped.append(str(kind)[:_MAX_PART_TYPE_CHARS])
+    return _ContentParts("".join(texts), "".join(thoughts), tuple(skipped))
+
+
+def _part_text(part: dict[str, Any]) -> str:
+    """A text part's text."""
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise MalformedReply("a content part's text is not a string")
+    return text
+
+
+def _thinking_text(value: object) -> str:
+    """A thinking part's text: Mistral's is a list of text parts (others skipped); a
+    relay's may be the text itself, as Anthropic's thinking blocks have it."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if not isinstance(value, list):
+        raise MalformedReply("a thinking part's thinking is not a list of parts")
+    return _content_parts(value).text
+
+
+def _unreadable(skipped: Collection[str]) -> MalformedReply:
+    """The error for an answer whose content parts, of the `skipped` types, hold nothing
+    the gateway can relay."""
+    kinds = ", ".join(sorted(set(skipped))[:_MAX_NAMED_PARTS])
+    return MalformedReply(f"content has no text or thinking part, only: {kinds}")
+
+
 def _reasoning(message: dict[str, Any]) -> str:
     """A message's or a delta's reasoning: DeepSeek, vLLM and llama.cpp spell it
     `reasoning_content`, OpenRouter and newer vLLM `reasoning`; null or absent is none."""
@@ -615,17 +712,20 @@ def _choices_by_index(choices: list[Any], part: str) -> dict[int, dict[str, Any]
 
 
 def _carries_something(choice: dict[str, Any], part: str) -> bool:
-    """Whether a choice has a finish reason, or text, tool calls, a refusal or reasoning in
-    its `part`. One with none is no choice: some proxies send an empty `delta` at index 0
-    beside an answer numbered from 1, which counted as a second choice and failed it. A
-    field of the wrong type counts, to fail as malformed where it is read."""
+    """Whether a choice has a finish reason, or text, tool calls (or a legacy function
+    call), a refusal or reasoning in its `part`. One with none is no choice: some proxies
+    send an empty `delta` at index 0 beside an answer numbered from 1, which counted as a
+    second choice and failed it. A field of the wrong type counts, to fail as malformed
+    where it is read."""
     if choice.get("finish_reason"):
         return True
     fields = choice.get(part)
     if not isinstance(fields, dict):
         return False
-    return fields.get("tool_calls") not in (None, []) or any(
-        fields.get(name) not in (None, "") for name in _TEXT_FIELDS
+    return (
+        fields.get("tool_calls") not in (None, [])
+        or fields.get("function_call") is not None
+        or any(fields.get(name) not in (None, "") for name in _TEXT_FIELDS)
     )
 
 
@@ -677,16 +777,25 @@ def parse_completion(
     if not isinstance(message, dict):
         message = {}
     content = message.get("content")
+    parts = None
     if content is not None and not isinstance(content, str):
-        raise MalformedReply("message content is not a string")
+        parts = _content_parts(content)
+        content = parts.text
     raw_tool_calls = message.get("tool_calls")
     tool_calls = () if raw_tool_calls is None else _tool_calls(raw_tool_calls)
+    if not tool_calls and message.get("function_call") is not None:
+        # Only without tool calls: some proxies repeat the first tool call as this too.
+        tool_calls = (_function_call(message["function_call"]),)
     reasoning = _reasoning(message)
+    if parts is not None:
+        reasoning += parts.thinking
     reason = finish_reason(choice.get("finish_reason"))
     if reason is None:
         raise MalformedReply("no finish reason")
     reason = _with_tool_calls(reason, has_tool_calls=bool(tool_calls))
     refusal = _refusal(message)
+    if parts is not None and parts.skipped and not (content or reasoning or tool_calls or refusal):
+        raise _unreadable(parts.skipped)
     if refusal:  # never an empty "stop" answer, cached and served as if answered
         content, reason = (content or "") + refusal, FinishReason.CONTENT_FILTER
     return UpstreamReply(
@@ -739,6 +848,7 @@ class StreamParser:
         "_index",
         "_is_pairing",
         "_reasoning_half",
+        "_skipped_parts",
         "_tool_calls",
         "finish_reason",
         "id",
@@ -764,6 +874,9 @@ class StreamParser:
         self._is_pairing = False
         self._content_half = ""
         self._reasoning_half = ""
+        # Types of content parts skipped (`_content_parts`), a few: an answer of only such
+        # parts is malformed, not an empty answer.
+        self._skipped_parts: set[str] = set()
 
     def _take_usage(self, counts: Usage | None) -> None:
         """A later usage event replaces an earlier one (servers that send it on each
@@ -808,7 +921,7 @@ class StreamParser:
     def _tool_call_pieces(self, data: object) -> tuple[ToolCallDelta, ...]:
         if not isinstance(data, list):
             raise MalformedReply("delta tool_calls is not a list")
-        pieces = []
+        pieces: list[ToolCallDelta] = []
         for item in data:
             if not isinstance(item, dict):
                 raise MalformedReply("a tool call piece is not an object")
@@ -824,34 +937,67 @@ class StreamParser:
             name, arguments = function.get("name"), function.get("arguments")
             if not all(isinstance(v, str | None) for v in (call_id, name, arguments)):
                 raise MalformedReply("a tool call piece has a field that is not a string")
-            known = self._tool_calls.get(index)
-            # A new id at a known index is a new call: Ollama streams every call at index 0.
-            if known is None or (call_id and known.id and call_id != known.id):
-                if known is not None and known.position is None:
-                    _check_begun(known)  # its index is taken: it can never begin
-                if known is not None and known.half and known.position is not None:
-                    # Its arguments' last piece ended with half a character.
-                    pieces.append(ToolCallDelta(known.position, arguments=_REPLACEMENT))
-                known = self._tool_calls[index] = _StreamedCall()
-            if arguments and self._is_pairing:
-                arguments, known.half = _paired_ends(known.half, arguments)
-            if known.position is not None:
-                if arguments:  # some servers repeat the id and name: sent once
-                    pieces.append(ToolCallDelta(known.position, arguments=arguments))
-                continue
-            known.id, known.name = known.id or call_id or "", known.name or name or ""
-            if arguments:
-                known.held.append(arguments)
-                known.held_chars += len(arguments)
-                if known.held_chars > _MAX_HELD_CHARS:
-                    raise MalformedReply("a tool call's arguments ran long before its id and name")
-            if known.id and known.name:
-                known.position, self._calls = self._calls, self._calls + 1
-                pieces.append(
-                    ToolCallDelta(known.position, known.id, known.name, "".join(known.held))
-                )
-                known.held.clear()
+            self._take_piece(pieces, index, call_id, name, arguments)
         return tuple(pieces)
+
+    def _function_call_pieces(self, data: object) -> tuple[ToolCallDelta, ...]:
+        """A legacy `delta.function_call` piece as a piece of one tool call, which gets an
+        id as it begins (the upstream gives none)."""
+        name, arguments = _function_call_fields(data)
+        call_id = None if _FUNCTION_CALL_INDEX in self._tool_calls else _new_call_id()
+        pieces: list[ToolCallDelta] = []
+        self._take_piece(pieces, _FUNCTION_CALL_INDEX, call_id, name, arguments)
+        return tuple(pieces)
+
+    def _has_listed_calls(self) -> bool:
+        """Whether a call came in `tool_calls` pieces, not as a legacy `function_call`."""
+        return any(index != _FUNCTION_CALL_INDEX for index in self._tool_calls)
+
+    def _take_piece(
+        self,
+        pieces: list[ToolCallDelta],
+        index: int,
+        call_id: str | None,
+        name: str | None,
+        arguments: str | None,
+    ) -> None:
+        """Take one tool-call piece at the upstream's `index`; append what it relays."""
+        known = self._tool_calls.get(index)
+        # A new id at a known index is a new call: Ollama streams every call at index 0.
+        if known is None or (call_id and known.id and call_id != known.id):
+            if known is not None and known.position is None:
+                _check_begun(known)  # its index is taken: it can never begin
+            if known is not None and known.half and known.position is not None:
+                # Its arguments' last piece ended with half a character.
+                pieces.append(ToolCallDelta(known.position, arguments=_REPLACEMENT))
+            known = self._tool_calls[index] = _StreamedCall()
+        if arguments and self._is_pairing:
+            arguments, known.half = _paired_ends(known.half, arguments)
+        if known.position is not None:
+            if arguments:  # some servers repeat the id and name: sent once
+                pieces.append(ToolCallDelta(known.position, arguments=arguments))
+            return
+        known.id, known.name = known.id or call_id or "", known.name or name or ""
+        if arguments:
+            known.held.append(arguments)
+            known.held_chars += len(arguments)
+            if known.held_chars > _MAX_HELD_CHARS:
+                raise MalformedReply("a tool call's arguments ran long before its id and name")
+        if known.id and known.name:
+            known.position, self._calls = self._calls, self._calls + 1
+            pieces.append(ToolCallDelta(known.position, known.id, known.name, "".join(known.held)))
+            known.held.clear()
+
+    def _content_parts(self, content: object) -> tuple[str, str]:
+        """A delta's `content` that is not a string, read as typed parts (`_content_parts`):
+        its text and its thinking."""
+        parts = _content_parts(content)
+        if parts.skipped and len(self._skipped_parts) < _MAX_NAMED_PARTS:
+            self._skipped_parts.update(parts.skipped)
+        text = parts.text
+        if text and self._is_pairing:  # a half each side of where two parts meet
+            text = _ends_kept(text)
+        return text, parts.thinking
 
     def parse(self, data: str) -> TextChunk | None:
         """Parse one event; return its text, reasoning and tool-call pieces, if any.
@@ -895,19 +1041,28 @@ class StreamParser:
         if not isinstance(delta, dict):
             return None
         content = delta.get("content")
+        thinking = ""
         if content is not None and not isinstance(content, str):
-            raise MalformedReply("delta content is not a string")
+            content, thinking = self._content_parts(content)  # Mistral's, while it thinks
         refusal = _refusal(delta)
         if refusal:
             content, self.is_refused = (content or "") + refusal, True
             if self._is_pairing:  # a half each side of where the two meet
                 content = _ends_kept(content)
         reasoning = _reasoning(delta)
+        if thinking:
+            reasoning += thinking
+            if self._is_pairing:
+                reasoning = _ends_kept(reasoning)
         if self._is_pairing:
             content, self._content_half = _paired_ends(self._content_half, content or "")
             reasoning, self._reasoning_half = _paired_ends(self._reasoning_half, reasoning)
         tool_calls = delta.get("tool_calls")
         pieces = () if tool_calls is None else self._tool_call_pieces(tool_calls)
+        function_call = delta.get("function_call")
+        # Only without tool calls: some proxies repeat the first tool call as this too.
+        if function_call is not None and not tool_calls and not self._has_listed_calls():
+            pieces = self._function_call_pieces(function_call)
         if content or pieces or reasoning:
             self._has_relayed = True
             return TextChunk(content or "", pieces, reasoning)
@@ -948,6 +1103,8 @@ class StreamParser:
             raise MalformedReply("the stream ended without a finish reason")
         for call in self._tool_calls.values():
             _check_begun(call)
+        if self._skipped_parts and not self._has_relayed:
+            raise _unreadable(self._skipped_parts)
         reason = (
             FinishReason.CONTENT_FILTER
             if self.is_refused

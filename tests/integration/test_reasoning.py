@@ -914,3 +914,156 @@ async def test_a_stream_cut_in_its_close_tag_counts_only_what_the_caller_got(
     assert info.reason == "STREAM_INTERRUPTED"
     assert (_reasoning(received), _text(received)) == (THOUGHT, "")
     assert info.metadata["chars_sent"] == str(len(THOUGHT))
+
+
+# Mistral's reasoning models (Magistral; mistral-medium with `reasoning_effort`), byte for
+# byte as its chat API writes them (https://docs.mistral.ai/capabilities/reasoning/): the
+# message's content a list of typed parts, the thinking a list of text parts of its own.
+def _thinking_part(text: str) -> dict[str, Any]:
+    return {"type": "thinking", "thinking": [{"type": "text", "text": text}]}
+
+
+MISTRAL_MESSAGE = {
+    "role": "assistant",
+    "content": [_thinking_part(THOUGHT), {"type": "text", "text": "Paris."}],
+    "tool_calls": None,
+    "prefix": False,
+}
+MISTRAL = Reply(raw_message=MISTRAL_MESSAGE, completion_tokens=30)
+# Streamed: a list with a thinking part per event while it thinks, the event that ends the
+# thinking with the first text part beside it, then the text as plain strings.
+MISTRAL_DELTAS = (
+    {"content": [_thinking_part(THOUGHT[:20])]},
+    {"content": [_thinking_part(THOUGHT[20:50])]},
+    {"content": [_thinking_part(THOUGHT[50:]), {"type": "text", "text": "Par"}]},
+    {"content": "is"},
+    {"content": "."},
+)
+MISTRAL_STREAM = dataclasses.replace(MISTRAL, raw_deltas=MISTRAL_DELTAS, chunk_delay_s=0.02)
+
+
+async def _mistral_answer(stub: Any, *, is_stream: bool, **fields: Any) -> tuple[str, str, Any]:
+    """The reasoning, the text and the metadata of one call, unary or streamed."""
+    if is_stream:
+        events = await _collect(stub, chat_stream(**fields))
+        return _reasoning(events), _text(events), events[-1].final
+    response = await stub.Complete(chat(**fields))
+    return response.reasoning, response.content, response.metadata
+
+
+async def test_mistral_content_parts_are_the_answer_and_its_thinking_the_reasoning(stub, upstream):
+    """A Magistral answer, its content a list of a thinking part and a text part, comes back
+    as `reasoning` and `content`, as DeepSeek's `reasoning_content` does.
+
+    Before, it failed UNAVAILABLE: "message content is not a string"."""
+    upstream.script(MISTRAL)
+    response = await stub.Complete(chat("Capital of France?"))
+    assert (response.reasoning, response.content) == (THOUGHT, "Paris.")
+    assert response.metadata.finish_reason == pb.FINISH_REASON_STOP
+    assert (response.metadata.usage.output_tokens, response.metadata.usage.estimated) == (30, False)
+    assert len(upstream.requests) == 1
+
+
+async def test_a_mistral_stream_relays_each_thinking_piece_as_reasoning_as_it_arrives(
+    stub, upstream
+):
+    """A Magistral stream's thinking parts go out as `reasoning` pieces, one event's each,
+    before the text, which follows as its parts and then its plain strings arrive."""
+    upstream.script(MISTRAL_STREAM)
+    events = await _collect(stub, chat_stream("Capital of France?"))
+    deltas = _deltas(events)
+    assert (_reasoning(events), _text(events)) == (THOUGHT, "Paris.")
+    assert len([d for d in deltas if d.reasoning]) > 1, "relayed in pieces"
+    assert (deltas[0].reasoning, deltas[0].content) == (THOUGHT[:20], "")
+    assert events[-1].final.finish_reason == pb.FINISH_REASON_STOP
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_content_parts_of_other_types_are_skipped(stub, upstream, is_stream):
+    """Parts that are neither text nor thinking (a reference, an image) are skipped: the
+    answer is what can be read, the text parts' text in order."""
+    reference = {"type": "reference", "reference_ids": [1, 2]}
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    parts = [_thinking_part(THOUGHT), {"type": "text", "text": "Par"}, reference, image]
+    parts.append({"text": "is."})  # a text part may leave its type out
+    upstream.script(
+        Reply(
+            raw_message={"role": "assistant", "content": parts},
+            raw_deltas=({"content": parts[:3]}, {"content": parts[3:]}),
+        )
+    )
+    reasoning, text, _ = await _mistral_answer(stub, is_stream=is_stream)
+    assert (reasoning, text) == (THOUGHT, "Paris.")
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_content_of_unreadable_parts_alone_is_a_malformed_answer(
+    upstream, start_gateway, is_stream
+):
+    """An answer whose parts are all of types the gateway cannot relay (an image alone) is
+    a malformed answer, not an empty one: retried before any output, and UNAVAILABLE
+    naming the upstream and the parts in the end."""
+    image = [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]
+    bad = Reply(
+        raw_message={"role": "assistant", "content": image}, raw_deltas=({"content": image},)
+    )
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    upstream.script(bad, MISTRAL_STREAM if is_stream else MISTRAL)
+    assert (await _mistral_answer(gateway.stub, is_stream=is_stream))[:2] == (THOUGHT, "Paris.")
+    assert len(upstream.requests) == 2
+    upstream.script(bad)
+    one_try = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _mistral_answer(one_try.stub, is_stream=is_stream)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no text or thinking part, only: image_url" in caught.value.details()
+    assert error_info(caught.value).metadata["upstream"] == "up0"
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_mistral_thinking_counts_in_the_output_estimate(stub, upstream, is_stream):
+    """With no usage reported, the output estimate counts the thinking parts as reasoning,
+    which the provider bills as output."""
+    upstream.script(dataclasses.replace(MISTRAL_STREAM, include_usage=False))
+    _, _, meta = await _mistral_answer(stub, is_stream=is_stream)
+    assert meta.usage.estimated
+    assert meta.usage.output_tokens == estimate_text_tokens("Paris.") + estimate_text_tokens(
+        THOUGHT
+    )
+
+
+async def test_a_cached_mistral_answer_keeps_its_reasoning(upstream, start_gateway, cache_section):
+    """A Magistral stream is stored split: a replay sends the reasoning whole first, then
+    the text, and a unary hit has both (memory and Redis)."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache=cache_section))
+    upstream.script(MISTRAL_STREAM)
+    live = await _collect(gateway.stub, chat_stream(cache=CACHED))
+    await settled(gateway)
+    replayed = await _collect(gateway.stub, chat_stream(cache=CACHED))
+    assert (live[-1].final.cache_hit, replayed[-1].final.cache_hit) == (False, True)
+    deltas = _deltas(replayed)
+    assert (deltas[0].reasoning, deltas[0].content) == (THOUGHT, "")
+    assert _text(replayed) == "Paris."
+    hit = await gateway.stub.Complete(chat(cache=CACHED))
+    assert (hit.metadata.cache_hit, hit.reasoning, hit.content) == (True, THOUGHT, "Paris.")
+    assert len(upstream.requests) == 1
+
+
+async def test_followers_of_a_mistral_stream_get_its_reasoning(upstream, start_gateway):
+    """Identical concurrent calls share one Magistral stream: a streaming follower gets the
+    reasoning and the text, a unary one both whole."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache={"backend": "memory"}))
+    upstream.script(dataclasses.replace(MISTRAL_STREAM, delay_s=0.3))
+    request = chat_stream(cache=CACHED)
+    leader = asyncio.ensure_future(_collect(gateway.stub, request))
+    while not upstream.requests:
+        await asyncio.sleep(0.01)
+    follower = asyncio.ensure_future(_collect(gateway.stub, request))
+    unary = asyncio.ensure_future(gateway.stub.Complete(chat(cache=CACHED)))
+    for events in await asyncio.gather(leader, follower):
+        assert (_reasoning(events), _text(events)) == (THOUGHT, "Paris.")
+    response = await unary
+    assert (response.reasoning, response.content) == (THOUGHT, "Paris.")
+    assert response.metadata.cache_hit
+    assert len(upstream.requests) == 1

@@ -13,6 +13,8 @@ import pytest
 from gateway_client import GatewayClient
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
+from service.domain import ToolCall
+from service.tokens import estimate_output_tokens
 from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply, Status, ToolCallReply
 from tests.integration.helpers import error_info, field_violations, retry_delay_s
@@ -918,3 +920,166 @@ async def test_a_call_whose_tools_upstream_is_cooling_down_names_both_reasons(
     assert error_info(caught.value).metadata["upstream"] == "up1"
     assert 20 < retry_delay_s(caught.value) <= 30
     assert (upstream.requests, len(second_upstream.requests)) == ([], sent)
+
+
+# OpenAI's legacy functions API, which some servers and proxies still answer in: one call
+# as the message's `function_call`, with no id, finished "function_call".
+LEGACY_CALL = {"name": "get_weather", "arguments": WEATHER_CALL.arguments}
+LEGACY_REPLY = Reply(
+    finish_reason="function_call",
+    raw_message={"role": "assistant", "content": None, "function_call": LEGACY_CALL},
+    raw_deltas=(
+        {"content": None, "function_call": {"name": "get_weather", "arguments": ""}},
+        {"function_call": {"arguments": '{"city": "Paris",'}},
+        {"function_call": {"arguments": '  "days": 3}'}},
+    ),
+    chunk_delay_s=0.01,
+)
+
+
+def _legacy_call(calls: Any) -> str:
+    """The id of the one call relayed for a legacy function call, checked to be it."""
+    ((call_id, name, arguments),) = calls
+    assert (name, arguments) == ("get_weather", WEATHER_CALL.arguments)
+    assert (call_id[:5], len(call_id)) == ("call_", 29), call_id
+    return str(call_id)
+
+
+async def test_a_legacy_function_call_is_one_tool_call_with_an_id(stub, upstream):
+    """A `function_call` answer comes back as one tool call, finished TOOL_CALLS, with an id
+    the gateway gave it, which the next turn sends back as any call's.
+
+    Before, it came back as an empty STOP answer: the call was dropped."""
+    upstream.script(LEGACY_REPLY, Reply(content="Sunny."))
+    question = pb.Message(role=pb.ROLE_USER, content="Weather in Paris?")
+    first = await stub.Complete(_request(question))
+    call_id = _legacy_call(_calls(first.tool_calls))
+    assert first.metadata.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    turn = pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=first.tool_calls)
+    result = pb.Message(role=pb.ROLE_TOOL, tool_call_id=call_id, content='{"temp_c": 21}')
+    second = await stub.Complete(_request(question, turn, result))
+    assert second.content == "Sunny."
+    sent = upstream.requests[-1].body["messages"]
+    assert [c["id"] for c in sent[1]["tool_calls"]] == [call_id]
+    assert sent[2]["tool_call_id"] == call_id
+
+
+async def test_a_streamed_legacy_function_call_is_relayed_as_tool_call_pieces(stub, upstream):
+    """`delta.function_call` pieces go out as one call's pieces, its first with the index 0,
+    an id and the name, the rest its arguments; the stream finishes TOOL_CALLS."""
+    upstream.script(LEGACY_REPLY)
+    events = await _collect(stub, _request(stream=True))
+    _legacy_call(_assembled(events))
+    assert len([e for e in events if e.delta.tool_calls]) > 1, "relayed in pieces"
+    assert events[-1].final.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_legacy_function_call_counts_in_the_output_estimate(stub, upstream, is_stream):
+    """With no usage reported, the output estimate counts the call, as it counts tool calls.
+
+    Before, the answer had 0 output tokens."""
+    upstream.script(dataclasses.replace(LEGACY_REPLY, include_usage=False))
+    if is_stream:
+        events = await _collect(stub, _request(stream=True))
+        calls, usage = _assembled(events), events[-1].final.usage
+    else:
+        response = await stub.Complete(_request())
+        calls, usage = _calls(response.tool_calls), response.metadata.usage
+    call_id = _legacy_call(calls)
+    assert usage.estimated
+    assert usage.output_tokens == estimate_output_tokens(
+        "", [ToolCall(call_id, "get_weather", WEATHER_CALL.arguments)]
+    )
+
+
+async def test_a_cached_legacy_function_call_keeps_its_id(upstream, start_gateway):
+    """A cache hit, unary or replayed as a stream, has the call with the id it first got."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache={"backend": "memory"}))
+    upstream.script(LEGACY_REPLY)
+    first = await gateway.stub.Complete(_request(cache=CACHED))
+    hit = await gateway.stub.Complete(_request(cache=CACHED))
+    replayed = await _collect(gateway.stub, _request(stream=True, cache=CACHED))
+    assert (first.metadata.cache_hit, hit.metadata.cache_hit) == (False, True)
+    assert replayed[-1].final.cache_hit
+    call_id = _legacy_call(_calls(first.tool_calls))
+    assert _calls(hit.tool_calls) == _assembled(replayed) == _calls(first.tool_calls)
+    assert hit.tool_calls[0].id == call_id
+    assert len(upstream.requests) == 1
+
+
+async def test_followers_of_a_legacy_function_call_get_the_same_call(upstream, start_gateway):
+    """Identical concurrent calls sharing one upstream stream get one call, with one id."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, cache={"backend": "memory"}))
+    upstream.script(dataclasses.replace(LEGACY_REPLY, delay_s=0.3))
+    request = _request(stream=True, cache=CACHED)
+    leader = asyncio.ensure_future(_collect(gateway.stub, request))
+    while not upstream.requests:
+        await asyncio.sleep(0.01)
+    follower = asyncio.ensure_future(_collect(gateway.stub, request))
+    unary = asyncio.ensure_future(gateway.stub.Complete(_request(cache=CACHED)))
+    streams = await asyncio.gather(leader, follower)
+    call_id = _legacy_call(_assembled(streams[0]))
+    assert _assembled(streams[1]) == _assembled(streams[0])
+    response = await unary
+    assert response.metadata.cache_hit
+    assert response.tool_calls[0].id == call_id
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_function_call_beside_tool_calls_is_not_a_second_call(stub, upstream, is_stream):
+    """A proxy that repeats the first tool call as `function_call` has one call relayed,
+    the tool call with its own id."""
+    call = {
+        "id": "call_1",
+        "index": 0,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": WEATHER_CALL.arguments},
+    }
+    both = {"content": None, "tool_calls": [call], "function_call": LEGACY_CALL}
+    upstream.script(
+        Reply(
+            finish_reason="tool_calls",
+            raw_message={"role": "assistant", **both},
+            raw_deltas=(both,),
+        )
+    )
+    if is_stream:
+        calls = _assembled(await _collect(stub, _request(stream=True)))
+    else:
+        calls = _calls((await stub.Complete(_request())).tool_calls)
+    assert calls == [("call_1", "get_weather", WEATHER_CALL.arguments)]
+
+
+MALFORMED_FUNCTION_CALLS = {
+    "not-an-object": "get_weather",
+    "no-name": {"arguments": "{}"},
+    "arguments-object": {"name": "get_weather", "arguments": {}},
+}
+
+
+@pytest.mark.parametrize("shape", list(MALFORMED_FUNCTION_CALLS))
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_malformed_function_call_fails_as_other_malformed_replies(
+    upstream, start_gateway, shape, is_stream
+):
+    """A `function_call` that is not an object, has no name or arguments that are not a
+    string is a malformed answer: UNAVAILABLE naming the upstream in the end."""
+    bad_call = MALFORMED_FUNCTION_CALLS[shape]
+    upstream.script(
+        Reply(
+            finish_reason="function_call",
+            raw_message={"role": "assistant", "content": None, "function_call": bad_call},
+            raw_deltas=({"function_call": bad_call},),
+        )
+    )
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if is_stream:
+            await _collect(gateway.stub, _request(stream=True))
+        else:
+            await gateway.stub.Complete(_request())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "malformed" in caught.value.details()
+    assert error_info(caught.value).metadata["upstream"] == "up0"

@@ -444,12 +444,15 @@ def assert_failed_before_any_text(
     assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
 
 
-@pytest.mark.parametrize("content", [pytest.param(v, id=repr(v)) for v in (0, False, [], {})])
+@pytest.mark.parametrize(
+    "content", [pytest.param(v, id=repr(v)) for v in (0, False, {}, [0], [{"type": "text"}])]
+)
 async def test_delta_content_that_is_no_string_is_a_malformed_stream(
     start_gateway: Callable[..., Any], content: Any
 ) -> None:
-    """Content that is not a string (or null) is malformed, as in a unary answer, even when
-    it is falsy: dropped as no text, the answer was served as if whole."""
+    """Content that is neither a string (or null) nor a list of typed parts (Mistral's),
+    or a text part without its text, is malformed, as in a unary answer, even when it is
+    falsy: dropped as no text, the answer was served as if whole."""
     bad = event(
         {
             "id": "c1",

@@ -1057,6 +1057,27 @@ def relayed(events: list[str]) -> tuple[str, str, str]:
             ("", "", "\ufffd{}"),
             id="arguments-of-a-call-that-ended",
         ),
+        pytest.param(
+            [
+                delta_event({"content": [{"type": "text", "text": "a\ud83d"}]}),
+                delta_event({"content": "\ude00b"}),
+            ],
+            (f"a{EMOJI}b", "", ""),
+            id="text-part-then-text",
+        ),
+        pytest.param(
+            [delta_event({"content": [{"text": "a\ud83d"}, {"text": "\ude00b"}]})],
+            (f"a{EMOJI}b", "", ""),
+            id="where-two-parts-meet",
+        ),
+        pytest.param(
+            [
+                delta_event({"content": [{"type": "thinking", "thinking": [{"text": "a\ud83d"}]}]}),
+                delta_event({"content": [{"type": "thinking", "thinking": "\ude00"}]}),
+            ],
+            ("", f"a{EMOJI}", ""),
+            id="thinking-parts",
+        ),
     ],
 )
 def test_stream_parser_pairs_utf16_halves_across_events(
@@ -1065,6 +1086,144 @@ def test_stream_parser_pairs_utf16_halves_across_events(
     """A character cut into its UTF-16 halves across events, in any text field, comes out
     whole; a half that no other half completes comes out as U+FFFD."""
     assert relayed(events) == expected
+
+
+def _parts_answer(message: dict[str, Any]) -> bytes:
+    return completion_json(choices=[{"index": 0, "message": message, "finish_reason": "stop"}])
+
+
+def _thinking(text: str) -> dict[str, Any]:
+    return {"type": "thinking", "thinking": [{"type": "text", "text": text}]}
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        pytest.param(
+            {"content": [_thinking("hmm"), {"type": "text", "text": "Paris."}]},
+            ("Paris.", "hmm"),
+            id="magistral",
+        ),
+        pytest.param(
+            {"content": [{"thinking": [{"text": "hmm"}]}, {"text": "Paris."}]},
+            ("Paris.", "hmm"),
+            id="parts-without-their-type",
+        ),
+        pytest.param(
+            {"content": [{"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "P"}]},
+            ("P", "hmm"),
+            id="thinking-as-text",
+        ),
+        pytest.param(
+            {
+                "content": [
+                    {"type": "thinking", "thinking": [{"type": "reference"}, {"text": "hmm"}]},
+                    {"type": "reference", "reference_ids": [1]},
+                    {"type": "text", "text": "Paris."},
+                ]
+            },
+            ("Paris.", "hmm"),
+            id="references-skipped",
+        ),
+        pytest.param(
+            {"reasoning_content": "so ", "content": [_thinking("hmm"), {"text": "P"}]},
+            ("P", "so hmm"),
+            id="after-a-reasoning-field",
+        ),
+        pytest.param({"content": []}, ("", ""), id="no-parts"),
+    ],
+)
+def test_parse_completion_reads_content_parts(
+    message: dict[str, Any], expected: tuple[str, str]
+) -> None:
+    """Content given as a list of typed parts (Mistral's) is its text parts' text, the
+    thinking parts' text its reasoning; other parts are skipped."""
+    reply = parse_completion(_parts_answer({"role": "assistant", **message}))
+    assert (reply.content, reply.reasoning) == expected
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        pytest.param([5], "a content part is not an object", id="part-not-object"),
+        pytest.param([{"type": "text", "text": 5}], "text is not a string", id="text-number"),
+        pytest.param(
+            [{"type": "thinking", "thinking": 5}], "not a list of parts", id="thinking-number"
+        ),
+        pytest.param(
+            [{"type": "image_url", "image_url": {}}, {"type": "reference"}],
+            "no text or thinking part, only: image_url, reference",
+            id="nothing-readable",
+        ),
+    ],
+)
+def test_parse_completion_refuses_unreadable_content_parts(content: Any, problem: str) -> None:
+    """Parts that are not objects, or text that is not a string, are malformed; and so is
+    an answer of parts none of which can be read."""
+    with pytest.raises(MalformedReply, match=problem):
+        parse_completion(_parts_answer({"role": "assistant", "content": content}))
+
+
+def test_an_answer_of_unreadable_parts_and_a_tool_call_stands() -> None:
+    """An image part beside a tool call skips the image: the call is the answer."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    image = {"type": "image_url", "image_url": {}}
+    reply = parse_completion(_parts_answer({"content": [image], "tool_calls": [call]}))
+    assert ([c.name for c in reply.tool_calls], reply.content) == (["f"], "")
+
+
+def test_a_stream_of_unreadable_parts_alone_is_malformed_at_its_end() -> None:
+    """A stream whose content parts all were skipped relayed nothing: its end is malformed,
+    where a part skipped beside text is not."""
+    image = {"type": "image_url", "image_url": {}}
+    parser = StreamParser()
+    assert parser.parse(delta_event({"content": [image]})) is None
+    parser.parse(chunk(finish="stop"))
+    with pytest.raises(MalformedReply, match="only: image_url"):
+        parser.end()
+    parser = StreamParser()
+    parser.parse(delta_event({"content": [image]}))
+    assert parser.parse(delta_event({"content": [{"text": "Hi"}]})) == TextChunk("Hi")
+    parser.parse(chunk(finish="stop"))
+    assert parser.end().finish_reason is FinishReason.STOP
+
+
+def test_a_legacy_function_call_is_one_tool_call_with_an_id() -> None:
+    """`message.function_call` is one tool call, given an id, finished as tool calls."""
+    message = {"content": None, "function_call": {"name": "f", "arguments": '{"a": 1}'}}
+    body = completion_json(
+        choices=[{"index": 0, "message": message, "finish_reason": "function_call"}]
+    )
+    reply = parse_completion(body)
+    (call,) = reply.tool_calls
+    assert (call.name, call.arguments, call.id[:5], len(call.id)) == ("f", '{"a": 1}', "call_", 29)
+    assert reply.finish_reason is FinishReason.TOOL_CALLS
+    assert parse_completion(body).tool_calls[0].id != call.id, "each answer's call its own id"
+
+
+def test_a_streamed_legacy_function_call_named_late_is_held_until_named() -> None:
+    """`delta.function_call` pieces are one call's: arguments before the name are held and
+    go out with it, the id the gateway's, and the stream ends as a tool-call answer."""
+    parser = StreamParser()
+    assert parser.parse(delta_event({"function_call": {"arguments": '{"a"'}})) is None
+    first = parser.parse(delta_event({"function_call": {"name": "f", "arguments": ": 1"}}))
+    later = parser.parse(delta_event({"function_call": {"arguments": "}"}}))
+    assert first is not None
+    assert later is not None
+    ((head,), (tail,)) = first.tool_calls, later.tool_calls
+    assert (head.index, head.name, head.arguments, head.id[:5]) == (0, "f", '{"a": 1', "call_")
+    assert (tail.index, tail.id, tail.arguments) == (0, "", "}")
+    parser.parse(chunk(finish="function_call"))
+    assert parser.end().finish_reason is FinishReason.TOOL_CALLS
+
+
+def test_a_streamed_function_call_without_a_name_is_malformed_at_the_end() -> None:
+    """A legacy call that never got its name fails as a tool call without one does."""
+    parser = StreamParser()
+    parser.parse(delta_event({"function_call": {"arguments": "{}"}}))
+    parser.parse(chunk(finish="function_call"))
+    with pytest.raises(MalformedReply, match="no function name"):
+        parser.end()
 
 
 def test_stream_parser_holds_nothing_back_from_events_without_halves() -> None:
