@@ -783,8 +783,9 @@ def parse_completion(
         content = parts.text
     raw_tool_calls = message.get("tool_calls")
     tool_calls = () if raw_tool_calls is None else _tool_calls(raw_tool_calls)
-    if not tool_calls and message.get("function_call") is not None:
-        # Only without tool calls: some proxies repeat the first tool call as this too.
+    # `in`, not `get`: no call for the answers without one. Only without tool calls: some
+    # proxies repeat the first tool call as this too.
+    if not tool_calls and "function_call" in message and message["function_call"] is not None:
         tool_calls = (_function_call(message["function_call"]),)
     reasoning = _reasoning(message)
     if parts is not None:
@@ -1059,10 +1060,15 @@ class StreamParser:
             reasoning, self._reasoning_half = _paired_ends(self._reasoning_half, reasoning)
         tool_calls = delta.get("tool_calls")
         pieces = () if tool_calls is None else self._tool_call_pieces(tool_calls)
-        function_call = delta.get("function_call")
+        # `in`, not `get`: no call for the events without one (every event is parsed here).
         # Only without tool calls: some proxies repeat the first tool call as this too.
-        if function_call is not None and not tool_calls and not self._has_listed_calls():
-            pieces = self._function_call_pieces(function_call)
+        if (
+            "function_call" in delta
+            and delta["function_call"] is not None
+            and not tool_calls
+            and not self._has_listed_calls()
+        ):
+            pieces = self._function_call_pieces(delta["function_call"])
         if content or pieces or reasoning:
             self._has_relayed = True
             return TextChunk(content or "", pieces, reasoning)
