@@ -370,15 +370,19 @@ _WHICH = {1: "requests_per_minute", 2: "tokens_per_minute", 3: "max_concurrent_c
 # marker. ARGV: lease ttl (s), then each lease's id. Moves each lease to expire a whole
 # ttl from now (on Redis's clock, as the admission script does), putting it back if it
 # lapsed (Redis unreachable past its ttl, or restarted empty): its call still runs. Not
-# once marked released, as this may run after that.
+# once marked released, as this may run after that. A set of another type (written by
+# hand) fails its own lease alone (pcall): an error would end the script, and with it
+# the renewal of every other tenant's leases in the round, which would then lapse.
 _RENEW_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ttl = tonumber(ARGV[1])
 for i = 1, #KEYS, 2 do
   if redis.call('EXISTS', KEYS[i + 1]) == 0 then
-    redis.call('ZADD', KEYS[i], now + ttl, ARGV[(i + 1) / 2 + 1])
-    if redis.call('TTL', KEYS[i]) < ttl then redis.call('EXPIRE', KEYS[i], ttl) end
+    local added = redis.pcall('ZADD', KEYS[i], now + ttl, ARGV[(i + 1) / 2 + 1])
+    if type(added) == 'number' and redis.call('TTL', KEYS[i]) < ttl then
+      redis.call('EXPIRE', KEYS[i], ttl)
+    end
   end
 end
 return 0

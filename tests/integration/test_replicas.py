@@ -23,7 +23,7 @@ from tests.integration.helpers import retry_delay_s
 from tests.integration.tenancy_helpers import TENANT_KEYS, as_tenant
 from tests.integration.test_budget_reservations import budget_for, capped, outcome
 from tests.redis_server import RedisServer
-from tests.redis_support import short_leases_setup
+from tests.redis_support import short_leases_setup, use_short_leases
 from tests.scripted_upstream import ScriptedUpstream, user_text
 from tests.secret_capture import register_secret
 
@@ -246,3 +246,52 @@ async def test_a_calls_tenant_slot_and_budget_reservation_lapse_a_minute_after_r
         call.cancel()
     assert len(lapse_at) == 2  # the tenant slot and the budget reservation
     assert all(0 < at - (seconds + micros / 1e6) <= 60 for at in lapse_at), lapse_at
+
+
+# The lease TTL of the test below, shortened from a minute as above.
+_RENEWED_LEASE_TTL_S = 2
+
+
+async def test_one_tenants_unreadable_slot_set_leaves_the_others_leases_renewed(
+    redis_server: RedisServer, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """team-b's set of calls in flight written over by hand (a string) fails its own
+    admission open, and its lease is renewed beside team-a's: team-a's lease is still
+    renewed, so past its TTL another replica refuses team-a a second call at its cap of 1.
+
+    Before, the renewal round failed as a whole on team-b's key (WRONGTYPE): every lease
+    of the replica lapsed while its call ran, and the other replica admitted past the cap."""
+    use_short_leases(monkeypatch, _RENEWED_LEASE_TTL_S)
+
+    def hang(body: dict[str, Any]) -> Behaviour | None:
+        return Hang() if user_text(body) == "held" else None
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=hang) as held:
+        data = gateway_config_data(
+            held.base_url,
+            auth={
+                "mode": "keys",
+                "keys": [{"sha256": hash_key(k), "tenant": t} for t, k in TENANT_KEYS.items()],
+                "redis_url": redis_server.url,
+            },
+            tenants={"team-a": {"max_concurrent_calls": 1}, "team-b": {"max_concurrent_calls": 5}},
+        )
+        one = await start_gateway(parse_config(copy.deepcopy(data), source="<test>"))
+        other = await start_gateway(parse_config(data, source="<test>"))
+        client = Redis.from_url(redis_server.url)
+        try:
+            await client.set("llm_gateway:tenant:{team-b}:inflight", "written by hand")
+        finally:
+            await client.aclose()
+        # team-b's lease first: the round's script met its key before team-a's.
+        calls = [one.stub.Complete(chat("held"), metadata=as_tenant("team-b"))]
+        await held.wait_until(lambda: held.in_flight == 1)
+        calls.append(one.stub.Complete(chat("held"), metadata=as_tenant("team-a")))
+        await held.wait_until(lambda: held.in_flight == 2)
+        await asyncio.sleep(2.5 * _RENEWED_LEASE_TTL_S)  # renewed every third of the TTL
+        refused = await outcome(other.stub.Complete(chat("second"), metadata=as_tenant("team-a")))
+        for call in calls:
+            call.cancel()
+    assert isinstance(refused, grpc.aio.AioRpcError), refused
+    assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_concurrent_calls" in (refused.details() or "")
