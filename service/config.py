@@ -460,7 +460,9 @@ class UpstreamConfig:
     # `fold`: system messages go into the first user message's text, as Gemma's chat
     # template puts them, for a server whose chat format drops the system role (the local
     # model's `gemma`: llama-cpp-python's formatter drops such messages, silently).
-    system_messages: Literal["send", "fold"] = "send"
+    # `merge`: they go as one system message, first, for a format that takes only the
+    # first (llama-cpp-python's `chatml` and most others drop the rest, silently).
+    system_messages: Literal["send", "fold", "merge"] = "send"
     # Whether the upstream takes tools: `false` for a server that would ignore a request's
     # tools and drop tool calls and results without a word (llama-cpp-python's plain chat
     # formats, the local model's `gemma` among them). Calls that use tools avoid it.

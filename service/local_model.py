@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
+from typing import Literal
 
 from service.config import (
     GGUF_TEMPLATE_FORMAT,
@@ -42,6 +43,27 @@ UPSTREAM_NAME = LOCAL_MODEL_UPSTREAM
 # first user message for these. A `chat_template.NAME` renders them as its template says.
 FORMATS_WITHOUT_SYSTEM_ROLE = frozenset(
     {"gemma", "intel", "mistral-instruct", "open-orca", "openbuddy", "phind", "vicuna"}
+)
+# llama-cpp-python's chat formats whose formatter takes the first system message alone,
+# wherever it is, and drops the others without a word: the local upstream merges them
+# into one, first, for these.
+FORMATS_WITH_ONE_SYSTEM_MESSAGE = frozenset(
+    {
+        "alpaca",
+        "baichuan",
+        "baichuan-2",
+        "chatglm3",
+        "chatml",
+        "llama-2",
+        "mistrallite",
+        "oasst_llama",
+        "openchat",
+        "pygmalion",
+        "qwen",
+        "redpajama-incite",
+        "snoozy",
+        "zephyr",
+    }
 )
 # llama-cpp-python's chat formats that take tools: the function-calling handlers. Every
 # plain formatter (`gemma` too) ignores a request's tools and drops assistant tool calls
@@ -145,6 +167,16 @@ def _takes_tools(chat_format: str) -> bool:
     """Whether llama.cpp's server, run with `chat_format`, shows the model a request's tools
     and its tool calls and results."""
     return chat_format in FORMATS_WITH_TOOLS or chat_format.startswith(GGUF_TEMPLATE_FORMAT)
+
+
+def _system_messages(chat_format: str) -> Literal["send", "fold", "merge"]:
+    """How the local upstream sends system messages so that llama.cpp's server, run with
+    `chat_format`, shows the model every one (`UpstreamConfig.system_messages`)."""
+    if chat_format in FORMATS_WITHOUT_SYSTEM_ROLE:
+        return "fold"
+    if chat_format in FORMATS_WITH_ONE_SYSTEM_MESSAGE:
+        return "merge"
+    return "send"
 
 
 def restart_delay_s(base_s: float, in_a_row: int) -> float:
@@ -261,9 +293,7 @@ class LocalModelServer:
             json_schema_format="json_object_schema",
             empty_stream_is_refusal=True,
             stream_unary_calls=True,
-            system_messages=(
-                "fold" if self.config.chat_format in FORMATS_WITHOUT_SYSTEM_ROLE else "send"
-            ),
+            system_messages=_system_messages(self.config.chat_format),
             takes_tools=_takes_tools(self.config.chat_format),
         )
 

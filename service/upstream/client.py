@@ -686,8 +686,8 @@ class UpstreamClient:
         after each chunk (`get_event_publisher`): a unary call cut by its caller would
         generate to its `max_tokens`, every later call queued behind it, where a stream
         stops once its connection closes, as `stream` closes it on any exit.
-        A stream it refused without a word is asked again unary, whose error says why (a
-        prompt over its context window: `UpstreamContextExceeded`, as before).
+        A stream it refused without a word is asked again unary by `stream`, whose error
+        says why (a prompt over its context window: `UpstreamContextExceeded`, as before).
         """
         chunks: list[TextChunk] = []
         end: StreamEnd | None = None
@@ -700,20 +700,14 @@ class UpstreamClient:
                     on_status=on_status,
                     on_usage=on_usage,
                 )
-                try:
-                    async with contextlib.aclosing(events):
-                        async for event in events:
-                            if isinstance(event, TextChunk):
-                                chunks.append(event)
-                                if on_output is not None:
-                                    on_output(event)
-                            else:
-                                end = event
-                except UpstreamRefusedSilently:
-                    unary = dataclasses.replace(call, body=unary_body(call.body))
-                    return await self._complete_unary(
-                        unary, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status
-                    )
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if isinstance(event, TextChunk):
+                            chunks.append(event)
+                            if on_output is not None:
+                                on_output(event)
+                        else:
+                            end = event
         if end is None:  # `stream` always ends with StreamEnd or raises
             raise RuntimeError("stream ended without its end event")
         whole = joined_chunks(chunks)
@@ -789,16 +783,60 @@ class UpstreamClient:
         first caller's deadline. The idle timeout counts the gateway's own waits, never
         the consumer's time between chunks; the upstream's `timeout_s` is the whole
         stream's, from its start, the consumer's time included.
+
+        From an upstream with `empty_stream_is_refusal`, a stream it ends before its first
+        event is asked again unary (`_asked_again_unary`).
         """
-        return self._stream(
+        tally = StreamTally() if tally is None else tally
+        events = self._stream(
             call,
             timeout_s=timeout_s,
             on_sent=on_sent,
             on_status=on_status,
-            tally=StreamTally() if tally is None else tally,
+            tally=tally,
             on_usage=on_usage,
             splitter=ThinkTagSplitter() if self.config.think_tags else None,
         )
+        if not self.config.empty_stream_is_refusal:
+            return events
+        return self._asked_again_unary(
+            events,
+            call,
+            deadline=self._deadline(timeout_s),
+            on_sent=on_sent,
+            on_status=on_status,
+            tally=tally,
+        )
+
+    async def _asked_again_unary(
+        self,
+        events: AsyncGenerator[StreamEvent, None],
+        call: UpstreamCall,
+        *,
+        deadline: float,
+        on_sent: Callable[[], None] | None,
+        on_status: Callable[[int], None] | None,
+        tally: StreamTally,
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """`events`; or, where they end in `UpstreamRefusedSilently`, the same request
+        asked again unary, by `deadline`: its error says why (llama-cpp-python's 400 for a
+        prompt over its context window, `UpstreamContextExceeded`, which the pipeline
+        learns from, as from a unary call's), or its answer comes as one chunk and the end.
+        """
+        async with contextlib.aclosing(events):
+            try:
+                async for event in events:
+                    yield event
+                return
+            except UpstreamRefusedSilently:
+                pass
+        unary = dataclasses.replace(call, body=unary_body(call.body))
+        remaining_s = deadline - asyncio.get_running_loop().time()
+        reply = await self._complete_unary(
+            unary, timeout_s=remaining_s, on_sent=on_sent, on_status=on_status
+        )
+        for event in _reply_events(reply, tally):
+            yield event
 
     async def _stream(
         self,
@@ -846,21 +884,8 @@ class UpstreamClient:
                     reply = self._reply(call, response, body, on_status)
                     if splitter is not None:
                         reply = split_reply(reply)
-                    if reply.content or reply.tool_calls or reply.reasoning:
-                        whole = TextChunk(
-                            reply.content, whole_tool_calls(reply.tool_calls), reply.reasoning
-                        )
-                        # Within the bound, as the body it came in was (`_read_answer`).
-                        tally.chars = output_chars(whole)
-                        yield whole
-                    yield StreamEnd(
-                        id=reply.id,
-                        model=reply.model,
-                        finish_reason=reply.finish_reason,
-                        usage=reply.usage,
-                        rate_limits=reply.rate_limits,
-                        waited_s=reply.waited_s,
-                    )
+                    for event in _reply_events(reply, tally):
+                        yield event
                     return
                 decoder = SSEDecoder()
                 idle_s = self.config.stream_idle_timeout_s
@@ -963,6 +988,24 @@ class UpstreamClient:
                     response.release_at_end(within_s=_STREAM_END_GRACE_S)
                 else:
                     response.release()  # half read: closed, so the provider stops generating
+
+
+def _reply_events(reply: UpstreamReply, tally: StreamTally) -> Iterable[StreamEvent]:
+    """A whole answer as stream events: its output as one chunk (none without output),
+    counted in `tally`, then its end."""
+    if reply.content or reply.tool_calls or reply.reasoning:
+        whole = TextChunk(reply.content, whole_tool_calls(reply.tool_calls), reply.reasoning)
+        # Within the bound, as the body it came in was (`_read_answer`).
+        tally.chars = output_chars(whole)
+        yield whole
+    yield StreamEnd(
+        id=reply.id,
+        model=reply.model,
+        finish_reason=reply.finish_reason,
+        usage=reply.usage,
+        rate_limits=reply.rate_limits,
+        waited_s=reply.waited_s,
+    )
 
 
 def _reply(

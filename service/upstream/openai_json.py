@@ -129,7 +129,7 @@ def request_body(
     max_tokens_field: str = "max_tokens",
     json_schema_format: str = "openai",
     reasoning_field: str = "reasoning_content",
-    system_messages: Literal["send", "fold"] = "send",
+    system_messages: Literal["send", "fold", "merge"] = "send",
 ) -> bytes:
     """Serialise `request` as an OpenAI chat-completions body for one upstream, with the
     upstream's `extra` fields (none of which the request's own fields use, but for a
@@ -137,10 +137,12 @@ def request_body(
     upstream's `max_tokens_field`; a JSON Schema format in its `json_schema_format`, an
     assistant message's reasoning in its `reasoning_field`, and its system messages
     folded into the first user message when `system_messages` is `fold`
-    (`with_system_folded`)."""
+    (`with_system_folded`), or merged into one when it is `merge` (`with_system_merged`)."""
     messages = request.messages
     if system_messages == "fold":
         messages = with_system_folded(messages)
+    elif system_messages == "merge":
+        messages = with_system_merged(messages)
     body: dict[str, Any] = {
         "model": upstream_model,
         "messages": [
@@ -203,6 +205,17 @@ def with_system_folded(messages: Sequence[Message]) -> tuple[Message, ...]:
             rest[index] = replace(message, content=prefix + message.content)
             return tuple(rest)
     return (Message(Role.USER, _AFTER_SYSTEM_TEXT.join(texts)), *rest)
+
+
+def with_system_merged(messages: Sequence[Message]) -> tuple[Message, ...]:
+    """`messages` with their system messages' texts (in order, a blank line between) as one
+    system message, first: for a server whose chat format takes only the first system
+    message, wherever it is, and drops the others without a word."""
+    texts = [m.content for m in messages if m.role is Role.SYSTEM]
+    if len(texts) < 2:
+        return tuple(messages)
+    rest = (m for m in messages if m.role is not Role.SYSTEM)
+    return (Message(Role.SYSTEM, _AFTER_SYSTEM_TEXT.join(texts)), *rest)
 
 
 def unary_body(stream_body: bytes) -> bytes:

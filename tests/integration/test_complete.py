@@ -505,3 +505,35 @@ async def test_an_upstream_set_to_fold_system_messages_gets_them_in_the_first_us
     assert (first.metadata.cache_hit, second.metadata.cache_hit) == (False, True)
     assert second.content == first.content
     assert len(upstream.requests) == 2
+
+
+async def test_an_upstream_set_to_merge_system_messages_gets_them_as_one_first(
+    upstream, start_gateway
+):
+    """`system_messages: merge` (the local model's for `chatml` and the other formats that
+    take the first system message alone): the upstream gets every system text, in order,
+    in one system message first, unary and streamed. Before, they went as they were, and
+    llama.cpp's formatter dropped all but the first without a word."""
+    data = gateway_config_data(upstream.base_url)
+    data["upstreams"][0]["system_messages"] = "merge"
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    messages = [
+        pb.Message(role=pb.ROLE_SYSTEM, content="Always answer in French."),
+        pb.Message(role=pb.ROLE_USER, content="hi"),
+        pb.Message(role=pb.ROLE_ASSISTANT, content="salut"),
+        pb.Message(role=pb.ROLE_SYSTEM, content="Be brief."),
+        pb.Message(role=pb.ROLE_USER, content="how are you?"),
+    ]
+    await gateway.stub.Complete(pb.CompleteRequest(model=FAKE_MODEL, messages=messages))
+    async for _ in gateway.stub.CompleteStream(
+        pb.CompleteStreamRequest(model=FAKE_MODEL, messages=messages)
+    ):
+        pass
+    assert [r.body["messages"] for r in upstream.requests] == 2 * [
+        [
+            {"role": "system", "content": "Always answer in French.\n\nBe brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "salut"},
+            {"role": "user", "content": "how are you?"},
+        ]
+    ]

@@ -20,7 +20,14 @@ from aiohttp import web
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
 from service.tokens import PER_MESSAGE_OVERHEAD, PER_REQUEST_OVERHEAD, estimate_text_tokens
-from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config_data
+from tests.conftest import (
+    FAKE_MODEL,
+    RunningGateway,
+    chat,
+    chat_stream,
+    fake_model_window,
+    gateway_config_data,
+)
 from tests.fake_upstream import (
     Behaviour,
     CutStream,
@@ -31,6 +38,7 @@ from tests.fake_upstream import (
     ToolCallReply,
     split_words,
 )
+from tests.integration.helpers import field_violations
 from tests.integration.test_cache import settled
 from tests.integration.test_resilience import error_details
 from tests.scripted_upstream import ScriptedUpstream, user_text
@@ -312,3 +320,35 @@ async def test_a_streamed_unary_attempt_the_upstream_cuts_after_text_is_charged_
     assert (lost.requests, lost.estimated_requests, lost.usage.estimated) == (0, 1, True)
     assert lost.cost_usd == cut.cost_usd
     assert captured.tokens() == {key: 2 * tokens for key, tokens in expected_tokens.items()}
+
+
+async def test_a_stream_refused_by_an_empty_stream_is_asked_again_unary_and_taught_from(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """A caller's stream that llama-cpp-python ends with no event (a prompt over its
+    context window) is asked again unary, as a unary call's is, and fails as one:
+    INVALID_ARGUMENT, CONTEXT_WINDOW_EXCEEDED with a `BadRequest` on `messages`, in one
+    attempt. The refusal teaches the gateway's calibration, so the same prompt is then
+    refused before it is sent; however many come, the upstream's breaker stays closed.
+
+    Before, such a stream was UPSTREAM_REJECTED_REQUEST, no `BadRequest`, and taught
+    nothing: every stream of it was sent and refused again, and a streamed conversation
+    under TRUNCATION_MODE_KEEP_RECENT was never fitted, where the same call unary was."""
+    async with LlamaLikeUpstream(models=("fake-model",)) as upstream:
+        upstream.window_chars = 20
+        data = gateway_config_data(upstream.base_url, models=fake_model_window(256))
+        data["upstreams"][0] |= {"stream_unary_calls": True, "empty_stream_is_refusal": True}
+        gateway: RunningGateway = await start_gateway(
+            parse_config(data, source="<test>", environ={})
+        )
+        too_long = chat_stream(" ".join(["word"] * 60))
+        for _ in range(11):  # past breaker_consecutive_failures (10)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _event in gateway.stub.CompleteStream(too_long):
+                    pass
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_details(caught.value)[1] == "CONTEXT_WINDOW_EXCEEDED"
+            assert "messages" in field_violations(caught.value)
+        assert [r.body.get("stream", False) for r in upstream.requests] == [True, False]
+        events = [e async for e in gateway.stub.CompleteStream(chat_stream("short"))]
+    assert "".join(e.delta.content for e in events if e.HasField("delta")) == "Hello from fake"

@@ -16,8 +16,7 @@ import orjson
 import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
-from service.config import parse_config
-from tests.conftest import FAKE_MODEL, chat_stream, gateway_config, gateway_config_data
+from tests.conftest import FAKE_MODEL, chat_stream, gateway_config
 from tests.integration.test_resilience import error_details
 from tests.integration.test_upstream_http import read_request, serving, settled
 
@@ -566,36 +565,6 @@ async def test_keep_alive_comments_do_not_hold_off_the_idle_timeout(
     assert deltas == ["Hel"]
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_details(caught.value)[1] == "STREAM_INTERRUPTED"
-
-
-async def test_a_stream_llama_cpp_python_ends_before_any_event_is_the_request_refused(
-    start_gateway: Callable[..., Any],
-) -> None:
-    """llama-cpp-python's server (the local model) refuses a streamed request it cannot
-    serve, such as a prompt its tokenizer finds over the context window, with a 200 and
-    no event. Its upstream set `empty_stream_is_refusal`, that is the request refused:
-    INVALID_ARGUMENT after one attempt, and no failure of the upstream, so however many
-    such calls come, the others' calls still go through.
-
-    Before, it was a malformed answer: tried three times, each a failure of the breaker,
-    so four over-long streams opened the local model's breaker and every caller was
-    refused for its cool-down."""
-    upstream = SSEUpstream(b"")
-    async with upstream as url:
-        data = gateway_config_data(url)
-        data["upstreams"][0]["empty_stream_is_refusal"] = True
-        gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
-        for _ in range(11):  # past breaker_consecutive_failures (10)
-            text, final, error = await relay(gateway, chat_stream("hi"))
-            assert (text, final) == ("", None)
-            assert error is not None
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-            metadata, reason, _ = error_details(error)
-            assert (reason, metadata["attempts"]) == ("UPSTREAM_REJECTED_REQUEST", "1")
-        assert upstream.requests == 11
-        upstream.body = chunk("Hello", "stop") + USAGE + DONE
-        text, final, error = await relay(gateway, chat_stream("hi"))
-    assert (text, error) == ("Hello", None)
 
 
 async def test_a_provider_stream_ended_before_any_event_is_a_malformed_answer(

@@ -9,8 +9,17 @@ import pytest
 
 from service.config import ConfigError, LocalModelConfig
 from service.domain import ChatRequest, Message, Role, ToolCall
-from service.local_model import FORMATS_WITHOUT_SYSTEM_ROLE, LocalModelServer
-from service.upstream.openai_json import request_body, unary_body, with_system_folded
+from service.local_model import (
+    FORMATS_WITH_ONE_SYSTEM_MESSAGE,
+    FORMATS_WITHOUT_SYSTEM_ROLE,
+    LocalModelServer,
+)
+from service.upstream.openai_json import (
+    request_body,
+    unary_body,
+    with_system_folded,
+    with_system_merged,
+)
 from tests.unit.test_config_parsing import parse, upstream
 
 SYSTEM = Message(Role.SYSTEM, "Always answer in French.")
@@ -96,11 +105,14 @@ def test_an_upstream_set_to_fold_is_sent_the_system_text_in_the_user_message() -
     ]
 
 
-def test_an_upstreams_system_messages_is_send_or_fold() -> None:
-    """`send` by default, `fold` when set; any other value is refused, naming the option."""
+def test_an_upstreams_system_messages_is_send_fold_or_merge() -> None:
+    """`send` by default, `fold` or `merge` when set; any other value is refused, naming
+    the option."""
     assert parse({"upstreams": [upstream()]}).upstreams[0].system_messages == "send"
     config = parse({"upstreams": [upstream(system_messages="fold")]})
     assert config.upstreams[0].system_messages == "fold"
+    config = parse({"upstreams": [upstream(system_messages="merge")]})
+    assert config.upstreams[0].system_messages == "merge"
     with pytest.raises(ConfigError) as caught:
         parse({"upstreams": [upstream(system_messages="drop")]})
     assert caught.value.key == "upstreams[0].system_messages"
@@ -111,7 +123,8 @@ def test_an_upstreams_system_messages_is_send_or_fold() -> None:
     [
         ("gemma", "fold"),
         ("mistral-instruct", "fold"),
-        ("chatml", "send"),
+        ("chatml", "merge"),
+        ("llama-2", "merge"),
         ("llama-3", "send"),
         # A template of the model file renders system messages as it says (Gemma's folds).
         ("chat_template.default", "send"),
@@ -120,7 +133,8 @@ def test_an_upstreams_system_messages_is_send_or_fold() -> None:
 def test_the_local_model_folds_system_messages_for_a_format_that_drops_them(
     chat_format: str, expected: str
 ) -> None:
-    """The shipped `gemma` format drops system messages: the local upstream folds them."""
+    """The shipped `gemma` format drops system messages: the local upstream folds them;
+    `chatml` takes the first alone: it merges them."""
     config = LocalModelConfig(chat_format=chat_format)
     local = LocalModelServer(config, python="python").upstream_config()
     assert local.system_messages == expected
@@ -155,3 +169,62 @@ def test_the_formats_folded_for_are_those_whose_formatter_drops_system_messages(
     assert formatters["gemma"](messages=folded).prompt == (
         "<start_of_turn>user\nAlways answer in French.\n\nhi<end_of_turn>\n<start_of_turn>model\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        # One system message or none: the messages as they are.
+        ((USER,), (USER,)),
+        ((SYSTEM, USER), (SYSTEM, USER)),
+        ((USER, SYSTEM), (USER, SYSTEM)),
+        # Several, wherever they are: one, first, their texts in order.
+        (
+            (SYSTEM, USER, Message(Role.ASSISTANT, "salut"), Message(Role.SYSTEM, "Be brief.")),
+            (
+                Message(Role.SYSTEM, "Always answer in French.\n\nBe brief."),
+                USER,
+                Message(Role.ASSISTANT, "salut"),
+            ),
+        ),
+    ],
+)
+def test_system_messages_merge_into_one_first(
+    messages: tuple[Message, ...], expected: tuple[Message, ...]
+) -> None:
+    """`merge`: a format that takes one system message gets all their texts in it."""
+    assert with_system_merged(messages) == expected
+
+
+def test_the_formats_merged_for_are_those_whose_formatter_takes_one_system_message() -> None:
+    """Checked against the installed llama-cpp-python: a format listed shows its prompt the
+    first system message alone, dropping a later one, which merging mends; one not listed
+    (and not folded for) shows both.
+
+    Before, such a format (`chatml`, `llama-2`, ...) was sent every system message as it
+    was, and a later one never reached the model, without a word."""
+    messages = [
+        {"role": "system", "content": "FIRST-SYSTEM"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "salut"},
+        {"role": "system", "content": "LATER-SYSTEM"},
+        {"role": "user", "content": "again"},
+    ]
+    formatters = _formatters()
+    prompts = {name: formatter(messages=messages).prompt for name, formatter in formatters.items()}
+    first_alone = {
+        name for name, prompt in prompts.items() if "FIRST" in prompt and "LATER" not in prompt
+    }
+    assert first_alone == FORMATS_WITH_ONE_SYSTEM_MESSAGE
+    request = ChatRequest(
+        model="m",
+        messages=(
+            Message(Role.SYSTEM, "FIRST-SYSTEM"),
+            USER,
+            Message(Role.ASSISTANT, "salut"),
+            Message(Role.SYSTEM, "LATER-SYSTEM"),
+            Message(Role.USER, "again"),
+        ),
+    )
+    merged = sent_messages(request, system_messages="merge")
+    assert "LATER-SYSTEM" in formatters["chatml"](messages=merged).prompt
