@@ -10,6 +10,7 @@ already has its answer is left to finish with it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Coroutine
@@ -23,9 +24,16 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import generate_key, hash_key, redis_keys_hash
 from service.errors import RETRY_ELSEWHERE_TRAILER
 from service.ledger import UsageFilter
-from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
+from tests.conftest import (
+    FAKE_MODEL,
+    RunningGateway,
+    chat,
+    chat_stream,
+    fake_model_window,
+    gateway_config,
+)
 from tests.fake_upstream import FakeUpstream, Hang, Reply
-from tests.integration.tenancy_helpers import bearer, secure_config
+from tests.integration.tenancy_helpers import as_tenant, bearer, secure_config
 from tests.integration.test_resilience import error_details
 from tests.integration.test_stream_charges import PRICED_MODELS
 from tests.integration.test_summarize import CONCURRENCY as SUMMARY_CONCURRENCY
@@ -337,6 +345,74 @@ async def test_a_draining_summary_starts_no_more_parts(start_gateway: Any) -> No
         assert_shutting_down(caught.value)
         assert (len(fake.requests), fake.finished) == (SUMMARY_CONCURRENCY, SUMMARY_CONCURRENCY)
         await stop
+
+
+def calls_cut_off(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The stop's `server.calls_cut_off` records: calls it had to end at the grace's end."""
+    return [r for r in caplog.records if r.getMessage() == "server.calls_cut_off"]
+
+
+async def test_a_draining_batch_gives_up_an_item_waiting_for_its_tenants_rate(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An item waiting for its turn under its tenant's requests_per_minute as the drain
+    begins starts no more than one not begun: the call ends SHUTTING_DOWN once the item
+    running is delivered, and the grace cuts nothing. Before, the wait went on (6 s here,
+    up to a minute): the call was held open until the turn came, taking the tenant's rate
+    for a call never made, or, as here, until the end of the grace cut it."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        fake.gate.clear()  # the first item is held upstream; the second waits for the rate
+        config = secure_config(fake.base_url, tenants={"team-a": {"requests_per_minute": 2}})
+        gateway = await start_gateway(config)
+        items = [pb.BatchItem(id=f"q{i}", request=chat(f"question {i}")) for i in range(3)]
+        call = gateway.stub.CompleteBatch(
+            pb.CompleteBatchRequest(items=items, concurrency=2),
+            metadata=as_tenant("team-a"),
+            timeout=30,
+        )
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+            stop = asyncio.ensure_future(gateway.server.stop(grace_s=2))
+            fake.gate.set()
+            received = []
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for message in call:
+                    received.append(message)
+            await stop
+        assert_shutting_down(caught.value)
+        assert [m.result.id for m in received] == ["q0"]
+        assert len(fake.requests) == 1
+        assert not calls_cut_off(caplog)
+
+
+async def test_a_draining_summary_gives_up_parts_waiting_for_their_tenants_rate(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same for Summarize parts waiting for their tenant's tokens_per_minute: the call
+    ends SHUTTING_DOWN once the part running is done, not when the grace cuts it."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=default_respond) as fake:
+        fake.gate.clear()
+        config = secure_config(
+            fake.base_url,
+            tenants={"team-a": {"tokens_per_minute": 1500}},
+            models=fake_model_window(1024),
+            summarize={"concurrency": 3, "default_target_tokens": 64},
+        )
+        gateway = await start_gateway(config)
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(30))
+        call = asyncio.ensure_future(
+            gateway.stub.Summarize(request, metadata=as_tenant("team-a"), timeout=30)
+        )
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+            stop = asyncio.ensure_future(gateway.server.stop(grace_s=2))
+            fake.gate.set()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            await stop
+        assert_shutting_down(caught.value)
+        assert (len(fake.requests), fake.finished) == (1, 1)
+        assert not calls_cut_off(caplog)
 
 
 def stalled_redis_ledger(redis_server: RedisServer) -> dict[str, Any]:
