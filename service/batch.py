@@ -145,15 +145,15 @@ async def run_batch(
                     # Refuse an invalid item, or one for a model no upstream serves, before
                     # it takes any of the tenant's limits: it makes no upstream call.
                     turn = pace(item.tokens(pipeline.prepare(item.request)), deadline)
-                async with turn:
-                    if pipeline.is_stopping:  # it began while the item waited its turn
-                        finished.put_nowait(None)
-                        return
+                async with pipeline.in_turn(turn):
                     # Its timings count from the batch's start: its wait for its turn (the
                     # batch's concurrency, its tenant's limits) is queued time.
                     completion = await pipeline.complete_in_turn(
                         item.request, deadline=deadline, waiting_since=started
                     )
+            except ShuttingDown:  # it began while the item waited its turn
+                finished.put_nowait(None)
+                return
             except Exception as exc:  # this item's outcome, not the batch's
                 if not isinstance(exc, GatewayError):
                     log.error("batch.item_unexpected_error", exc_info=exc, extra={"index": index})

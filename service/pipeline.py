@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -32,7 +32,7 @@ from service.domain import (
     Usage,
     assemble_tool_calls,
 )
-from service.errors import UpstreamContextExceeded
+from service.errors import ShuttingDown, UpstreamContextExceeded
 from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.limits import LimitExceeded
 from service.memo import BoundedMemo
@@ -147,6 +147,47 @@ class Pipeline:
         self.takes_repeats = cache is not None and cache.recalls
         # Set once the server stops: a batch or a summary starts no new upstream call.
         self.is_stopping = False
+        # The waits for a turn (`in_turn`) that `begin_stopping` ends.
+        self._turn_waits: set[asyncio.Timeout] = set()
+
+    def begin_stopping(self) -> None:
+        """The server is stopping: no batch item or Summarize part starts from now on, and
+        those waiting for their turn (`in_turn`) stop waiting."""
+        self.is_stopping = True
+        now = asyncio.get_running_loop().time()
+        for wait in self._turn_waits:
+            wait.reschedule(now)
+
+    @contextlib.asynccontextmanager
+    async def in_turn(
+        self, turn: contextlib.AbstractAsyncContextManager[None]
+    ) -> AsyncIterator[None]:
+        """`turn` (a batch item's or a Summarize part's, under its tenant's limits) held
+        for the body: the item's or the part's upstream call.
+
+        Raises:
+            ShuttingDown: the server began stopping before the turn came. Its wait is
+                given up, having taken none of the tenant's limits: it can last a minute,
+                which would hold the call open past the items or parts running, to the
+                end of the grace, and take the tenant's rate for a call never made.
+        """
+        if self.is_stopping:
+            raise ShuttingDown()
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                async with asyncio.timeout(None) as wait:
+                    self._turn_waits.add(wait)
+                    try:
+                        await held.enter_async_context(turn)
+                    finally:
+                        self._turn_waits.discard(wait)
+            except TimeoutError:
+                if wait.expired():
+                    raise ShuttingDown() from None
+                raise
+            if self.is_stopping:  # it began as the turn came
+                raise ShuttingDown()
+            yield
 
     @property
     def config(self) -> GatewayConfig:

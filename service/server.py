@@ -440,7 +440,7 @@ class GatewayServer:
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
         if self._server is not None:
             if self.pipeline is not None:
-                self.pipeline.is_stopping = True
+                self.pipeline.begin_stopping()
             await self.health.enter_graceful_shutdown()
             stopping = asyncio.ensure_future(self._server.stop(grace))
             # grpc waits out the grace for every open call, health Watch streams too (a

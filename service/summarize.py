@@ -1095,7 +1095,7 @@ class Summarizer:
             turn = pacer.turn(
                 part_tokens((system, user), max_tokens=answer_tokens), deadline, requests=0
             )
-        async with turn:
+        async with self._pipeline.in_turn(turn):
             attempts = self._config.chunk_attempts
             for attempt in range(1, attempts + 1):
                 if self._pipeline.is_stopping:  # cut at the grace's end, it would be paid for

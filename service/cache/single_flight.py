@@ -172,9 +172,14 @@ class SingleFlight(Generic[T]):
             yield flight.result.result()
 
     async def aclose(self) -> None:
-        """Cancel every flight and wait for their tasks to end."""
+        """Cancel every flight still calling, and wait for their tasks to end; one that
+        has its result is left to store it (`after`, which the store bounds): a stopping
+        server closes moments after its last calls end, and a Summarize it stopped, retried
+        on another replica, would pay again for each part whose store was cancelled."""
         self._is_closed = True
         tasks = list(self._tasks)
+        storing = {flight.task for flight in self._flights.values() if flight.result.done()}
         for task in tasks:
-            task.cancel()
+            if task not in storing:
+                task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -10,9 +10,11 @@ already has its answer is left to finish with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -21,16 +23,25 @@ import redis.asyncio as aioredis
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.auth import generate_key, hash_key, redis_keys_hash
+from service.config import GatewayConfig
 from service.errors import RETRY_ELSEWHERE_TRAILER
 from service.ledger import UsageFilter
-from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
+from tests.conftest import (
+    FAKE_MODEL,
+    RunningGateway,
+    chat,
+    chat_stream,
+    fake_model_window,
+    gateway_config,
+)
 from tests.fake_upstream import FakeUpstream, Hang, Reply
-from tests.integration.tenancy_helpers import bearer, secure_config
+from tests.integration.tenancy_helpers import as_tenant, bearer, secure_config
 from tests.integration.test_resilience import error_details
 from tests.integration.test_stream_charges import PRICED_MODELS
 from tests.integration.test_summarize import CONCURRENCY as SUMMARY_CONCURRENCY
+from tests.integration.test_summarize import WINDOW as SUMMARY_WINDOW
 from tests.integration.test_summarize import config as summarize_config
-from tests.integration.test_summarize import default_respond, document
+from tests.integration.test_summarize import default_respond, document, is_part
 from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream
 from tests.telemetry_support import attributes_of, captured_telemetry
@@ -337,6 +348,148 @@ async def test_a_draining_summary_starts_no_more_parts(start_gateway: Any) -> No
         assert_shutting_down(caught.value)
         assert (len(fake.requests), fake.finished) == (SUMMARY_CONCURRENCY, SUMMARY_CONCURRENCY)
         await stop
+
+
+def calls_cut_off(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The stop's `server.calls_cut_off` records: calls it had to end at the grace's end."""
+    return [r for r in caplog.records if r.getMessage() == "server.calls_cut_off"]
+
+
+async def test_a_draining_batch_gives_up_an_item_waiting_for_its_tenants_rate(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An item waiting for its turn under its tenant's requests_per_minute as the drain
+    begins starts no more than one not begun: the call ends SHUTTING_DOWN once the item
+    running is delivered, and the grace cuts nothing. Before, the wait went on (6 s here,
+    up to a minute): the call was held open until the turn came, taking the tenant's rate
+    for a call never made, or, as here, until the end of the grace cut it."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        fake.gate.clear()  # the first item is held upstream; the second waits for the rate
+        config = secure_config(fake.base_url, tenants={"team-a": {"requests_per_minute": 2}})
+        gateway = await start_gateway(config)
+        items = [pb.BatchItem(id=f"q{i}", request=chat(f"question {i}")) for i in range(3)]
+        call = gateway.stub.CompleteBatch(
+            pb.CompleteBatchRequest(items=items, concurrency=2),
+            metadata=as_tenant("team-a"),
+            timeout=30,
+        )
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+            stop = asyncio.ensure_future(gateway.server.stop(grace_s=2))
+            fake.gate.set()
+            received = []
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for message in call:
+                    received.append(message)
+            await stop
+        assert_shutting_down(caught.value)
+        assert [m.result.id for m in received] == ["q0"]
+        assert len(fake.requests) == 1
+        assert not calls_cut_off(caplog)
+
+
+async def test_a_draining_summary_gives_up_parts_waiting_for_their_tenants_rate(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same for Summarize parts waiting for their tenant's tokens_per_minute: the call
+    ends SHUTTING_DOWN once the part running is done, not when the grace cuts it."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=default_respond) as fake:
+        fake.gate.clear()
+        config = secure_config(
+            fake.base_url,
+            tenants={"team-a": {"tokens_per_minute": 1500}},
+            models=fake_model_window(1024),
+            summarize={"concurrency": 3, "default_target_tokens": 64},
+        )
+        gateway = await start_gateway(config)
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(30))
+        call = asyncio.ensure_future(
+            gateway.stub.Summarize(request, metadata=as_tenant("team-a"), timeout=30)
+        )
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+            stop = asyncio.ensure_future(gateway.server.stop(grace_s=2))
+            fake.gate.set()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            await stop
+        assert_shutting_down(caught.value)
+        assert (len(fake.requests), fake.finished) == (1, 1)
+        assert not calls_cut_off(caplog)
+
+
+@contextlib.asynccontextmanager
+async def slow_link(port: int, delay_s: float) -> AsyncIterator[int]:
+    """A TCP proxy to `port` on loopback that holds each chunk sent to it `delay_s`, as a
+    distant server's round trip would; its port."""
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, delay: float) -> None:
+        try:
+            while data := await source.read(65536):
+                await asyncio.sleep(delay)
+                sink.write(data)
+                await sink.drain()
+        except ConnectionError:
+            pass
+        finally:
+            sink.close()
+
+    async def link(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(pipe(reader, server_writer, delay_s), pipe(server_reader, writer, 0))
+
+    proxy = await asyncio.start_server(link, "127.0.0.1", 0)
+    try:
+        yield proxy.sockets[0].getsockname()[1]
+    finally:
+        proxy.close()
+
+
+@pytest.mark.redis
+async def test_parts_done_as_a_summary_drains_are_cached_for_its_retry_elsewhere(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """The parts running when the drain begins finish and are stored in the shared cache,
+    even a tenth of a second away: the Summarize retried on another replica pays only for
+    the others. Before, the stop closed the cache moments after the call ended,
+    cancelling their stores, and the retry paid for every part again."""
+    prefix = uuid.uuid4().hex
+    async with (
+        ScriptedUpstream(models=(FAKE_MODEL,), respond=default_respond) as fake,
+        slow_link(redis_server.port, delay_s=0.1) as slow_port,
+    ):
+
+        def cached_on(port: int) -> GatewayConfig:
+            """Summarize's test config, its cache in the shared Redis reached at `port`."""
+            url = f"redis://127.0.0.1:{port}"
+            return gateway_config(
+                fake.base_url,
+                models=fake_model_window(SUMMARY_WINDOW),
+                summarize={"concurrency": SUMMARY_CONCURRENCY, "default_target_tokens": 64},
+                cache={
+                    "backend": "redis",
+                    "redis_url": url,
+                    "key_prefix": prefix,
+                    "operation_timeout_s": 5,
+                },
+            )
+
+        draining = await start_gateway(cached_on(slow_port))
+        other = await start_gateway(cached_on(redis_server.port))
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
+        fake.gate.clear()
+        call = asyncio.ensure_future(draining.stub.Summarize(request, timeout=30))
+        await fake.wait_until(lambda: fake.in_flight == SUMMARY_CONCURRENCY)
+        stop = await stopping(draining)
+        fake.gate.set()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert_shutting_down(caught.value)
+        await stop
+        asked_before = len(fake.requests)
+        summary = await other.stub.Summarize(request, timeout=30)
+        parts_asked = [r for r in fake.requests[asked_before:] if is_part(r.body)]
+        assert len(parts_asked) == summary.chunks - SUMMARY_CONCURRENCY
 
 
 def stalled_redis_ledger(redis_server: RedisServer) -> dict[str, Any]:
