@@ -629,7 +629,10 @@ async def test_batches_cancelled_while_their_items_wait_for_slots_leave_none_hel
         scripted.gate.set()
         answer = await gw.stub.Complete(chat("after"), metadata=as_tenant("team-a"), timeout=10)
         assert answer.content == "ok"
-    assert len(scripted.requests) == 2
+    # The running item, and at most one more: the first cancel to land may free the slot
+    # for the other batch's first waiting item before that batch's own cancel lands.
+    assert 2 <= len(scripted.requests) <= 3
+    assert scripted.requests[-1].body["messages"][-1]["content"] == "after"
 
 
 async def collect_events(call: Any) -> list[pb.CompleteBatchResponse]:
