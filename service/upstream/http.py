@@ -377,7 +377,9 @@ class Response:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:
             raise HttpError("response headers too large")
-        key = name.decode("latin-1").lower()
+        # llhttp's lenient mode takes `Content-Length : 5` as the length; read without the
+        # blank, as it does, so that the body's framing here is the one it parses.
+        key = name.decode("latin-1").rstrip(" \t").lower()
         text = value.decode("latin-1")
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
