@@ -158,6 +158,9 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        # Under a TLS `transport`, the TCP one it writes its records to: what the socket
+        # has not taken yet waits in its buffer, which `transport`'s own size leaves out.
+        self.tcp_transport: asyncio.Transport | None = None
         self.is_closed = False
         self.is_paused = False
         self.idle_since = 0.0
@@ -208,7 +211,9 @@ class _Connection(asyncio.Protocol):
     @property
     def has_sent_all(self) -> bool:
         """Whether every byte written is in the socket, none left in the transport's buffer."""
-        return self.transport is not None and self.transport.get_write_buffer_size() == 0
+        if self.transport is None or self.transport.get_write_buffer_size() > 0:
+            return False
+        return self.tcp_transport is None or self.tcp_transport.get_write_buffer_size() == 0
 
     def finished(self) -> None:
         self._response = None
@@ -377,7 +382,9 @@ class Response:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:
             raise HttpError("response headers too large")
-        key = name.decode("latin-1").lower()
+        # llhttp's lenient mode takes `Content-Length : 5` as the length; read without the
+        # blank, as it does, so that the body's framing here is the one it parses.
+        key = name.decode("latin-1").rstrip(" \t").lower()
         text = value.decode("latin-1")
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
@@ -731,18 +738,30 @@ class HttpPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                _, connection = await loop.create_connection(
-                    _Connection,
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
-                )
+                tcp, connection = await loop.create_connection(_Connection, self._host, self._port)
+                if self._ssl is not None:
+                    await self._secure(tcp, connection)
         except TimeoutError:
             raise
         except OSError as exc:  # refused, unreachable, DNS, TLS handshake (SSLError)
             raise ConnectFailed(f"cannot connect: {exc}") from exc
         return connection  # asyncio and uvloop set TCP_NODELAY on their own
+
+    async def _secure(self, tcp: asyncio.Transport, connection: _Connection) -> None:
+        """TLS with the upstream over `tcp` (its host name for SNI and the certificate
+        check), `connection` then speaking through it. Started here rather than by
+        `create_connection(ssl=...)`, which leaves no hold of `tcp` (`tcp_transport`).
+
+        Raises:
+            OSError: the handshake failed (`ssl.SSLError`), or the connection closed in it.
+        """
+        assert self._ssl is not None
+        loop = asyncio.get_running_loop()
+        tls = await loop.start_tls(tcp, connection, self._ssl, server_hostname=self._host)
+        if tls is None:
+            raise ConnectionResetError("the connection closed during the TLS handshake")
+        connection.connection_made(tls)
+        connection.tcp_transport = tcp
 
     async def _tunnel(self, proxy: Proxy) -> _Connection:
         """A connection to the upstream through `proxy`: TCP to the proxy, `CONNECT
@@ -784,6 +803,7 @@ class HttpPool:
                         raise ProxyFailed("closed the tunnel during TLS", proxy=proxy.address)
                     transport = tls
                     connection.connection_made(tls)
+                    connection.tcp_transport = tunnel.transport
                 if tunnel.is_lost:
                     raise ProxyFailed("closed the tunnel as it opened", proxy=proxy.address)
         except TimeoutError as exc:

@@ -9,6 +9,9 @@ the prompt's estimate as input and no output. A call cut before its request went
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,8 +23,10 @@ from service.tokens import estimate_prompt_tokens
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
 from tests.integration.helpers import rich_status
+from tests.integration.pki import make_pki
 from tests.integration.test_resilience import dataclass_replace_upstream
 from tests.integration.test_stream_charges import PRICED_MODELS, recorded
+from tests.integration.test_upstream_http import read_request
 from tests.scripted_upstream import ScriptedUpstream
 
 _TIMEOUT_S = 10.0
@@ -230,3 +235,57 @@ async def test_a_stream_asked_again_without_stream_options_and_cut_is_charged_it
         call.cancel()
         await upstream.wait_for_disconnect(timeout_s=_TIMEOUT_S)
         assert_prompt_charge(await recorded(gateway, requests=1))
+
+
+# A prompt whose request body (about 2.8 MB: each `"` is sent escaped) is as long as the
+# request limits let one be (2 MiB of text, a million estimated tokens).
+_LONG_PROMPT = '"' * 700_000 + "word " * 278_000
+
+
+@pytest.mark.parametrize("reads", [False, True], ids=["unread", "read"])
+async def test_a_call_cut_while_its_prompt_is_written_over_tls_records_only_once_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Any, reads: bool
+) -> None:
+    """Over TLS, a caller cancels a call with a long prompt while the upstream reads none
+    of it past its start: most of it still waits in the gateway's buffers, so it was not
+    sent and records nothing, as over plain HTTP; one the upstream read whole records its
+    prompt.
+
+    Before, the TLS transport's buffer was asked alone, which leaves out the TCP buffer
+    under it that TLS hands its records to: every long prompt counted as sent."""
+    pki = make_pki(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))  # the trust store, as OpenSSL reads it
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    started, read = asyncio.Event(), asyncio.Event()
+
+    async def read_then_hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()  # the request line: the request is being written
+        started.set()
+        if reads:
+            await read_request(reader)
+            read.set()
+        await asyncio.sleep(30)
+
+    listener = socket.socket()
+    # A small window and segment size: the kernel takes far less of the prompt than that.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    server = await asyncio.start_server(read_then_hang, sock=listener, ssl=context)
+    models = {FAKE_MODEL: {**PRICED_MODELS[FAKE_MODEL], "context_window": 2_000_000}}
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}/v1"
+    gateway = await start_gateway(gateway_config(url, models=models))
+    try:
+        call = gateway.stub.Complete(chat(_LONG_PROMPT), timeout=_TIMEOUT_S)
+        await asyncio.wait_for((read if reads else started).wait(), _TIMEOUT_S)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        if reads:
+            assert (await recorded(gateway, requests=1)).usage.input_tokens > 900_000
+        else:
+            await nothing_recorded(gateway)
+    finally:
+        server.close()

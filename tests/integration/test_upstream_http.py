@@ -846,6 +846,31 @@ async def test_what_rfc_9112_has_a_client_accept_is_an_answer(serve, start_gatew
     assert (reply.content, reply.metadata.attempts, raw.connections) == ("hi", 1, 1)
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [b"Content-Length : %d" % (len(_COMPLETION) + 100), b"Transfer-Encoding : chunked"],
+    ids=["length", "chunked"],
+)
+async def test_a_body_cut_short_of_a_header_with_a_blank_before_its_colon_is_no_answer(
+    serve, start_gateway, framing
+):
+    """llhttp reads `Content-Length : N` (and `Transfer-Encoding : chunked`) as the
+    framing: a body cut short of it by the close is a dropped connection, as without the
+    blank, not an answer served whole."""
+    body = (
+        b"%x\r\n%s\r\n" % (len(_COMPLETION), _COMPLETION) if b"chunked" in framing else _COMPLETION
+    )
+    head = b"HTTP/1.1 200 OK\r\n%s\r\n%s\r\n\r\n" % (_JSON_TYPE, framing)
+    raw = await serve(replying(head + body))
+    gateway = await start_gateway(gateway_config(raw.url))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat(), timeout=10)
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "dropped the connection" in caught.value.details()
+
+
 def _deflated(data: bytes, wbits: int) -> bytes:
     """`data` compressed by zlib with `wbits` (31: gzip, 15: zlib-wrapped, -15: raw)."""
     compressor = zlib.compressobj(wbits=wbits)
