@@ -382,9 +382,11 @@ class Response:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:
             raise HttpError("response headers too large")
-        # llhttp's lenient mode takes `Content-Length : 5` as the length; read without the
-        # blank, as it does, so that the body's framing here is the one it parses.
-        key = name.decode("latin-1").rstrip(" \t").lower()
+        key = name.decode("latin-1").lower()
+        if key[-1:] in (" ", "\t"):  # sliced, not stripped: no call for the usual names
+            # llhttp's lenient mode takes `Content-Length : 5` as the length; read without
+            # the blank, as it does, so that the body's framing here is the one it parses.
+            key = key.rstrip(" \t")
         text = value.decode("latin-1")
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
