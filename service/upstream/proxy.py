@@ -125,7 +125,7 @@ def is_excluded(host: str, port: int, no_proxy: str) -> bool:
     """Whether a `NO_PROXY` value excludes `host:port` from the proxy.
 
     Entries are comma-separated: `*` (everything), a host name, which also excludes its
-    subdomains (`example.com` and `.example.com` both exclude `api.example.com`), an IP
+    subdomains (`example.com`, `.example.com` and `*.example.com` exclude `api.example.com`), an IP
     address or CIDR range (`10.0.0.0/8`), each optionally with `:PORT` (an IPv6 address
     then in brackets) to exclude that port alone. Names match without case, and an
     internationalised one in either form (`bücher.example`, `xn--bcher-kva.example`).
@@ -149,6 +149,8 @@ def is_excluded(host: str, port: int, no_proxy: str) -> bool:
             except ValueError:
                 pass
             continue
+        if pattern.startswith("*."):  # Go's and Docker's `*.example.com`: `.example.com`
+            pattern = pattern[1:]
         pattern = _name(pattern.lstrip("."))
         if pattern and (host == pattern or host.endswith("." + pattern)):
             return True

@@ -125,7 +125,11 @@ def test_an_environment_proxy_the_gateway_cannot_use_is_an_error_naming_the_vari
         ("fd00::5", 80, "[fd00::5]:80", True),
         ("fd00::5", 80, "[fd00::5]:81", False),
         ("fd00::5", 80, "fd00::/16", True),
-        ("api.example.com", 443, "*.example.com", False),
+        # Go's and Docker's form, as `.example.com` (curl knows only that one).
+        ("api.example.com", 443, "*.example.com", True),
+        ("example.com", 443, "*.example.com", True),
+        ("badexample.com", 443, "*.example.com", False),
+        ("api.example.com", 443, "*example.com", False),
         ("api.b\u00fccher.example", 443, "xn--bcher-kva.example", True),
         ("xn--bcher-kva.example", 443, "B\u00dcCHER.example", True),
     ],
