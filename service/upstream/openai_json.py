@@ -728,8 +728,8 @@ def _carries_something(choice: dict[str, Any], part: str) -> bool:
     """Whether a choice has a finish reason, or text, tool calls (or a legacy function
     call), a refusal or reasoning in its `part`. One with none is no choice: some proxies
     send an empty `delta` at index 0 beside an answer numbered from 1, which counted as a
-    second choice and failed it. A field of the wrong type counts, to fail as malformed
-    where it is read."""
+    second choice and failed it. An empty list of content parts is no text, as "" is. A
+    field of the wrong type counts, to fail as malformed where it is read."""
     if choice.get("finish_reason"):
         return True
     fields = choice.get(part)
@@ -738,7 +738,7 @@ def _carries_something(choice: dict[str, Any], part: str) -> bool:
     return (
         fields.get("tool_calls") not in (None, [])
         or fields.get("function_call") is not None
-        or any(fields.get(name) not in (None, "") for name in _TEXT_FIELDS)
+        or any(fields.get(name) not in (None, "", []) for name in _TEXT_FIELDS)
     )
 
 

@@ -398,14 +398,20 @@ def at(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "empty", [pytest.param({}, id="empty-delta"), pytest.param({"content": ""}, id="no-text")]
+    "empty",
+    [
+        pytest.param({}, id="empty-delta"),
+        pytest.param({"content": ""}, id="no-text"),
+        pytest.param({"content": []}, id="no-parts"),
+    ],
 )
 async def test_an_empty_index_0_chunk_after_an_answer_numbered_1_is_no_second_choice(
     start_gateway: Callable[..., Any], empty: dict[str, Any]
 ) -> None:
     """A stream answered at index 1, then a chunk at index 0 carrying nothing (some proxies
     send one): the answer is relayed whole, with its finish and usage. Before, the empty
-    chunk counted as a second choice and the stream failed as malformed after its text."""
+    chunk counted as a second choice and the stream failed as malformed after its text;
+    and an empty list of content parts (Mistral's form) still did."""
     answer = at(1, {"role": "assistant"}) + at(1, {"content": "Hel"}) + at(1, {"content": "lo"})
     body = answer + at(1, {}, "stop") + at(0, empty) + USAGE + DONE
     final = await relayed_cleanly(start_gateway, body, "Hello")
