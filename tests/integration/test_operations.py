@@ -707,15 +707,27 @@ async def test_a_gateway_started_without_standard_output_stops_with_status_0(
     a clean drain the event loop aborted the process as it closed it: `uv__close:
     Assertion 'fd > STDERR_FILENO' failed`, SIGABRT, status 134 (and a core dump).
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     path = _write_config(tmp_path, upstream.base_url, listen=f"127.0.0.1:{port}")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service", "serve", "--config", str(path), "--workers", workers,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=REPO,
         preexec_fn=_close_standard_descriptors(*closed),
     )  # fmt: skip
+    await _answers_then_stops(process, port)
+    assert process.returncode == 0
+
+
+def _free_port() -> int:
+    """A port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def _answers_then_stops(process: asyncio.subprocess.Process, port: int) -> bytes:
+    """One call answered by the gateway `process` serves on `port`, then SIGTERM; what
+    it wrote on stderr (nothing unless piped) once it exited."""
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.CompletionServiceStub(channel)
@@ -723,8 +735,8 @@ async def test_a_gateway_started_without_standard_output_stops_with_status_0(
         assert reply.content == "Hello from fake"
     finally:
         process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), timeout=30)
-    assert process.returncode == 0
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    return stderr or b""
 
 
 async def _first_line_then_sigterm(path: Path) -> tuple[str, int | None]:
@@ -1066,9 +1078,7 @@ async def test_a_gateway_whose_output_pipe_has_no_reader_serves_and_stops_with_s
     is lost; the gateway serves and SIGTERM ends it with 0, nothing on stderr but logs.
 
     Before, the line's BrokenPipeError stopped the server at once, with a traceback."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     path = _write_config(tmp_path, upstream.base_url, listen=f"127.0.0.1:{port}")
     read_end, write_end = os.pipe()
     os.close(read_end)  # no reader: a write to the pipe fails EPIPE
@@ -1079,14 +1089,7 @@ async def test_a_gateway_whose_output_pipe_has_no_reader_serves_and_stops_with_s
         )  # fmt: skip
     finally:
         os.close(write_end)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.CompletionServiceStub(channel)
-            reply = await stub.Complete(chat(), wait_for_ready=True, timeout=30)
-        assert reply.content == "Hello from fake"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    stderr = await _answers_then_stops(process, port)
     assert process.returncode == 0, stderr.decode()
     assert b"Traceback" not in stderr
     assert b"BrokenPipeError" not in stderr
