@@ -30,7 +30,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -474,6 +474,12 @@ async def _stop(run: _Run, *, grace_s: float) -> None:
     await asyncio.shield(run.exited)
 
 
+async def _stop_every(workers: Sequence[_Worker], grace_s: float) -> None:
+    """`_stop` each worker still running (a replacement included)."""
+    runs = [w.run for w in workers if w.run is not None and not w.run.exited.done()]
+    await asyncio.gather(*(_stop(run, grace_s=grace_s) for run in runs))
+
+
 def _ended_cleanly(run: _Run) -> bool:
     """Whether `run`'s worker (exited) ended as a stop ends one: its drain done (status
     0), SIGTERM before it could catch it, or the supervisor's SIGKILL before it listened."""
@@ -645,6 +651,10 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
             not_theirs = dataclasses.replace(config.local_model, enabled="never")
             for worker in workers:
                 worker.config = dataclasses.replace(worker.config, local_model=not_theirs)
+        # However this ends, no worker outlives it: an error of the supervisor's own would
+        # leave it waiting on them as it exits (multiprocessing joins its children), its
+        # stop signals ignored. Each one stopped already is passed over.
+        stack.push_async_callback(_stop_every, workers, config.server.grace_period_s)
         runs = []
         for worker in workers:
             worker.run = _start(worker, log_level, local)

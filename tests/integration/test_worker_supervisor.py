@@ -458,6 +458,25 @@ async def test_workers_stop_when_the_supervisor_is_killed_outright(tmp_path):
         assert alive == []
 
 
+async def test_an_error_of_the_supervisors_own_stops_its_workers_and_it_exits(tmp_path):
+    """An error in the supervisor once its workers listen (here its "listening on" line
+    raising): the workers are stopped, and it exits with the error.
+
+    Before, it exited waiting on them (multiprocessing joins its children at exit), its
+    stop signals ignored: the workers served on and the process hung until SIGKILL."""
+    path = _write_config(tmp_path, server={"grace_period_s": 1})
+    setup = (
+        "def _failing(line):\n"
+        "    raise RuntimeError('the supervisor failed')\n"
+        "workers.announce = _failing\n"
+    )
+    async with _serve("--config", str(path), "--workers", "2", setup=setup) as process:
+        async with asyncio.timeout(_HANG_GUARD_S):
+            _, stderr = await process.communicate()
+    assert process.returncode not in (0, None)
+    assert b"the supervisor failed" in stderr
+
+
 # asyncio.to_thread's default pool: min(32, cores + 4) threads.
 _DEFAULT_POOL_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
