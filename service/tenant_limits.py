@@ -266,6 +266,23 @@ class MemoryTenantLimiter:
     ) -> AsyncIterator[CallSlot]:
         """Hold one concurrent-call slot for the body, or until the `CallSlot` handed out
         is given back; take `requests` and `tokens` now."""
+        slot = self._take_slot(tenant, limits, tokens=tokens, requests=requests)
+        try:
+            yield slot
+        finally:
+            await slot.give_back()
+
+    def _take_slot(
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int,
+        leave_share: float = 0.0,
+    ) -> CallSlot:
+        """Take `requests` and `tokens` (`take`) and one more call of `tenant` in flight,
+        until the slot handed out is given back; or refuse and take nothing."""
         cap = limits.max_concurrent_calls
         if cap and self._in_flight.get(tenant, 0) >= cap:
             # As in Redis, before the cap's: a call no minute can hold is told not to
@@ -273,15 +290,7 @@ class MemoryTenantLimiter:
             # its attempts run out). `take` refuses it when under the cap.
             _too_large(tenant, limits, tokens=tokens, requests=requests)
             raise _refusal(tenant, "max_concurrent_calls", cap, 1.0)
-        self.take(tenant, limits, tokens=tokens, requests=requests)
-        slot = self._hold(tenant)
-        try:
-            yield slot
-        finally:
-            await slot.give_back()
-
-    def _hold(self, tenant: str) -> CallSlot:
-        """One more call of `tenant` in flight, until the slot handed out is given back."""
+        self.take(tenant, limits, tokens=tokens, requests=requests, leave_share=leave_share)
         self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
 
         async def release() -> None:
@@ -299,13 +308,10 @@ class MemoryTenantLimiter:
         requests: int = 1,
         leave_share: float = 0.0,
     ) -> CallSlot:
-        """See `TenantLimiter.take_turn`."""
-        cap = limits.max_concurrent_calls
-        if cap and self._in_flight.get(tenant, 0) >= cap:
-            _too_large(tenant, limits, tokens=tokens, requests=requests)  # as `admit`
-            raise _refusal(tenant, "max_concurrent_calls", cap, 1.0)
-        self.take(tenant, limits, tokens=tokens, requests=requests, leave_share=leave_share)
-        return self._hold(tenant) if cap else NO_SLOT
+        """See `TenantLimiter.take_turn`: as `admit` takes its slot."""
+        return self._take_slot(
+            tenant, limits, tokens=tokens, requests=requests, leave_share=leave_share
+        )
 
     async def await_slot(self, tenant: str, *, timeout_s: float | None) -> None:
         """See `TenantLimiter.await_slot`: here, only this process holds slots."""
