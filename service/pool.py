@@ -74,6 +74,8 @@ _DEFAULT_MAX_TOKENS = 256  # tokens reserved for the answer when the request set
 RESTARTING = "restarting"
 # Why a call that uses tools skips an upstream with `takes_tools: false`.
 TAKES_NO_TOOLS = "takes no tools"
+# Why a call skips an upstream whose circuit breaker is open.
+CIRCUIT_OPEN = "circuit open"
 
 
 # An upstream timeout this close to the caller's deadline was the deadline's doing: both
@@ -671,7 +673,7 @@ class UpstreamPool:
             raise DeadlineExceeded("the caller's deadline passed before the upstream call")
         breaker = state.breaker
         if not breaker.acquire():
-            plan.exclude(route, "circuit open")
+            plan.exclude(route, CIRCUIT_OPEN)
             return None
         probe = breaker.episode if breaker.state is BreakerState.HALF_OPEN else None
         max_wait = self.settings.max_limit_wait_s
@@ -710,7 +712,7 @@ class UpstreamPool:
             # half-open, else the calls queued behind a dead upstream's slots all go on.
             if not breaker.acquire():
                 state.limiter.give_back(tokens)
-                plan.exclude(route, "circuit open")
+                plan.exclude(route, CIRCUIT_OPEN)
                 return None
             probe = breaker.episode
         # A retry follows an attempt of this call on this upstream that was sent and
@@ -848,7 +850,7 @@ class UpstreamPool:
         if breaker.is_key_rejected:
             return "rejected the gateway's key"
         if breaker.state is BreakerState.OPEN:
-            return "circuit open"
+            return CIRCUIT_OPEN
         return "circuit half-open, its probe running"
 
     def _is_set_aside_for_key(self, route: Route) -> bool:

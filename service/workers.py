@@ -686,7 +686,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         stopped = {w.index: w.run for w in workers if w.run is not None}
         runs = list(stopped.values())
         grace_s = config.server.grace_period_s
-        await asyncio.gather(*(_stop(r, grace_s=grace_s) for r in runs))
+        await _stop_every(workers, grace_s)
         for run in runs:
             run.close_local_model()
         # A worker that ended badly before the stop reached it (killed or crashed as the
