@@ -690,11 +690,17 @@ async def test_malformed_tool_calls_fail_as_other_malformed_replies(
     assert len(upstream.requests) == 2
     upstream.script(bad)
     one_try = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    await _fails_as_a_malformed_answer_of_up0(one_try.stub, is_stream=is_stream)
+
+
+async def _fails_as_a_malformed_answer_of_up0(stub: Any, *, is_stream: bool) -> None:
+    """The call (the test's `_request`, streamed or not) fails UNAVAILABLE, as a
+    malformed answer of upstream up0."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         if is_stream:
-            await _collect(one_try.stub, _request(stream=True))
+            await _collect(stub, _request(stream=True))
         else:
-            await one_try.stub.Complete(_request())
+            await stub.Complete(_request())
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "malformed" in caught.value.details()
     assert error_info(caught.value).metadata["upstream"] == "up0"
@@ -1075,11 +1081,4 @@ async def test_a_malformed_function_call_fails_as_other_malformed_replies(
         )
     )
     gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        if is_stream:
-            await _collect(gateway.stub, _request(stream=True))
-        else:
-            await gateway.stub.Complete(_request())
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "malformed" in caught.value.details()
-    assert error_info(caught.value).metadata["upstream"] == "up0"
+    await _fails_as_a_malformed_answer_of_up0(gateway.stub, is_stream=is_stream)

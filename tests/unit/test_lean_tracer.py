@@ -378,28 +378,29 @@ def test_a_processor_other_than_the_sdks_batch_one_is_told_through_on_end(
     assert list(exporter.get_finished_spans()) == [span]
 
 
+class CountingIds(IdGenerator):
+    """Ids from a counter: not random, as `is_trace_id_random` (False) says."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def generate_span_id(self) -> int:
+        self.last += 1
+        return self.last
+
+    def generate_trace_id(self) -> int:
+        self.last += 1
+        return self.last
+
+
 def test_ids_not_said_to_be_random_leave_the_random_trace_id_flag_unset_as_in_the_sdk():
-    class Counting(IdGenerator):
-        """Ids from a counter: not random, as `is_trace_id_random` (False) says."""
-
-        def __init__(self) -> None:
-            self.last = 0
-
-        def generate_span_id(self) -> int:
-            self.last += 1
-            return self.last
-
-        def generate_trace_id(self) -> int:
-            self.last += 1
-            return self.last
-
     def root_flags(tracer: trace.Tracer) -> tuple[int, int]:
         span = tracer.start_span("root")
         child = tracer.start_span("child", context=trace.set_span_in_context(span))
         return span.get_span_context().trace_flags, child.get_span_context().trace_flags
 
-    lean_provider = TracerProvider(id_generator=Counting(), shutdown_on_exit=False)
-    sdk_provider = TracerProvider(id_generator=Counting(), shutdown_on_exit=False)
+    lean_provider = TracerProvider(id_generator=CountingIds(), shutdown_on_exit=False)
+    sdk_provider = TracerProvider(id_generator=CountingIds(), shutdown_on_exit=False)
     ours = root_flags(LeanTracer(lean_provider, [], scope_name="llm_gateway"))
     theirs = root_flags(sdk_provider.get_tracer("llm_gateway"))
     assert ours == theirs == (TraceFlags.SAMPLED, TraceFlags.SAMPLED)
@@ -431,18 +432,6 @@ def test_ids_are_the_ones_the_sdks_generator_draws():
 def test_a_generator_other_than_the_sdks_default_is_asked_for_every_id():
     """Ids come from a configured generator, as the SDK's tracer takes them."""
 
-    class Counting(IdGenerator):
-        def __init__(self) -> None:
-            self.last = 0
-
-        def generate_span_id(self) -> int:
-            self.last += 1
-            return self.last
-
-        def generate_trace_id(self) -> int:
-            self.last += 1
-            return self.last
-
     def ids(tracer: trace.Tracer) -> list[tuple[int, int]]:
         root = tracer.start_span("root")
         child = tracer.start_span("child", context=trace.set_span_in_context(root))
@@ -450,8 +439,8 @@ def test_a_generator_other_than_the_sdks_default_is_asked_for_every_id():
             (s.get_span_context().trace_id, s.get_span_context().span_id) for s in (root, child)
         ]
 
-    lean_provider = TracerProvider(id_generator=Counting(), shutdown_on_exit=False)
-    sdk_provider = TracerProvider(id_generator=Counting(), shutdown_on_exit=False)
+    lean_provider = TracerProvider(id_generator=CountingIds(), shutdown_on_exit=False)
+    sdk_provider = TracerProvider(id_generator=CountingIds(), shutdown_on_exit=False)
     ours = ids(LeanTracer(lean_provider, [], scope_name="llm_gateway"))
     assert ours == ids(sdk_provider.get_tracer("llm_gateway")) == [(1, 2), (1, 3)]
 
