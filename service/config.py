@@ -36,6 +36,7 @@ from redis.asyncio.connection import (
 
 from service.domain import CacheMode, TruncationMode
 from service.hosts import ascii_host, is_loopback_host, listen_hosts_overlap
+from service.upstream.think_tags import ThinkTags
 
 ENV_PREFIX = "LLM_GATEWAY__"
 # The source of a config error in a value a command-line flag gave.
@@ -470,7 +471,8 @@ class UpstreamConfig:
     # Relay a `<think>...</think>` block opening the answer's text as reasoning: what
     # servers without a reasoning parser send (vLLM without `--reasoning-parser`, llama.cpp
     # without `--reasoning-format`). Off by default, as some models write such tags as text.
-    think_tags: bool = False
+    # `forced_open`: the model's chat template opened the block, so the answer starts in it.
+    think_tags: ThinkTags = "false"
     # Fields added to every request body sent to this upstream: a provider's own switches
     # (DeepSeek's `thinking`, vLLM's `chat_template_kwargs`), never one the gateway sets.
     extra_body: Mapping[str, object] = field(default_factory=dict, repr=False)
@@ -1171,6 +1173,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         if isinstance(value, bool) and "off" in args:  # YAML 1.1 reads a bare `off` as false
             value = "on" if value else "off"
+        elif isinstance(value, bool) and "true" in args:  # a switch with a third setting
+            value = "true" if value else "false"
         if value not in args:
             raise ValueError(f"{key}: must be one of {', '.join(map(str, args))}")
         return value

@@ -59,7 +59,7 @@ from service.upstream.openai_json import (
 from service.upstream.proxy import Proxy, choose_proxy
 from service.upstream.relay import relayed_error, secrets_of
 from service.upstream.sse import SSEDecoder
-from service.upstream.think_tags import ThinkTagSplitter, split_reply
+from service.upstream.think_tags import ThinkTagSplitter, split_reply, splitter_for
 from service.upstream.types import (
     StreamEnd,
     StreamEvent,
@@ -742,7 +742,8 @@ class UpstreamClient:
             if response.status >= 300:  # a redirect, a refusal or a failure
                 raise self._error_for_status(response, body)
             reply = self._reply(call, response, body, on_status)
-            return split_reply(reply) if self.config.think_tags else reply
+            splitter = splitter_for(self.config.think_tags)
+            return reply if splitter is None else split_reply(reply, splitter)
 
     def stream(
         self,
@@ -795,7 +796,7 @@ class UpstreamClient:
             on_status=on_status,
             tally=tally,
             on_usage=on_usage,
-            splitter=ThinkTagSplitter() if self.config.think_tags else None,
+            splitter=splitter_for(self.config.think_tags),
         )
         if not self.config.empty_stream_is_refusal:
             return events
@@ -883,7 +884,7 @@ class UpstreamClient:
                         body = await _read_answer(response)
                     reply = self._reply(call, response, body, on_status)
                     if splitter is not None:
-                        reply = split_reply(reply)
+                        reply = split_reply(reply, splitter)
                     for event in _reply_events(reply, tally):
                         yield event
                     return

@@ -5,6 +5,11 @@ llama.cpp's server without `--reasoning-format`, older Ollama, many resellers of
 R1 and Qwen3) open `content` with their thinking inside these tags. For an upstream set
 `think_tags: true` it is relayed as reasoning, and the text after the close tag as the
 answer; only a leading tag counts, as some models write such tags in their answers.
+
+Some chat templates open the block themselves, at the end of the prompt (DeepSeek R1's
+since its 0528 release, its distills', QwQ's): the answer starts inside it and only closes
+it, `hmm</think>Paris.`. For an upstream set `think_tags: forced_open` everything up to
+the first close tag is reasoning, as llama.cpp's `thinking_forced_open` reads it.
 """
 
 from __future__ import annotations
@@ -12,8 +17,12 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import replace
+from typing import Literal
 
 from service.upstream.types import TextChunk, UpstreamReply
+
+# An upstream's `think_tags`: off, a leading block, or a block its chat template opened.
+ThinkTags = Literal["false", "true", "forced_open"]
 
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
@@ -58,10 +67,13 @@ class ThinkTagSplitter:
     (('hmm', ''), ('', 'Paris.'), ('', ''))
     """
 
-    __slots__ = ("_blank", "_has_reasoning", "_held", "_phase")
+    __slots__ = ("_blank", "_forced_open", "_has_reasoning", "_held", "_phase")
 
-    def __init__(self) -> None:
+    def __init__(self, *, forced_open: bool = False) -> None:
         self._phase = _Phase.OPENING
+        # The prompt opened the block: the text is reasoning from its start, a leading open
+        # tag (which such a model may still write) dropped.
+        self._forced_open = forced_open
         # Whitespace held back, in the pieces it came in: before the open tag, or ending
         # the reasoning so far (which a close tag would drop).
         self._blank: list[str] = []
@@ -91,6 +103,10 @@ class ThinkTagSplitter:
         if len(start) < len(OPEN_TAG) and _is_tag_beginning(start, OPEN_TAG):
             self._held = start  # nothing yet, or the tag's beginning
             return "", ""
+        if self._forced_open:
+            self._phase = _Phase.THINKING
+            self._blank.clear()  # whitespace opening the reasoning is none of it
+            return self._thinking(start)
         self._phase = _Phase.ANSWERING  # no tag: the text is the answer, as before
         return "", self._taken_blank() + start
 
@@ -99,6 +115,8 @@ class ThinkTagSplitter:
         close tag never came (cut by `max_tokens`), or text that only began like the tag."""
         blank, held = self._taken_blank(), self._held
         self._held = ""
+        if self._phase is _Phase.OPENING and self._forced_open:
+            return held, ""  # only the open tag's beginning came: reasoning, as any text
         if self._phase is not _Phase.THINKING:
             return "", blank + held
         if not held:  # whitespace ending the reasoning: none of it
@@ -153,10 +171,16 @@ class ThinkTagSplitter:
         return answer
 
 
-def split_reply(reply: UpstreamReply) -> UpstreamReply:
+def splitter_for(think_tags: ThinkTags) -> ThinkTagSplitter | None:
+    """The splitter an upstream's `think_tags` setting asks for; None when it is off."""
+    if think_tags == "false":
+        return None
+    return ThinkTagSplitter(forced_open=think_tags == "forced_open")
+
+
+def split_reply(reply: UpstreamReply, splitter: ThinkTagSplitter) -> UpstreamReply:
     """A unary answer with its leading `<think>` block moved to its reasoning, after any
-    reasoning the server sent in a field of its own."""
-    splitter = ThinkTagSplitter()
+    reasoning the server sent in a field of its own; `splitter` a new one."""
     reasoning, answer = splitter.feed(reply.content)
     held_reasoning, held_answer = splitter.end()
     return replace(
@@ -166,4 +190,11 @@ def split_reply(reply: UpstreamReply) -> UpstreamReply:
     )
 
 
-__all__ = ["CLOSE_TAG", "OPEN_TAG", "ThinkTagSplitter", "split_reply"]
+__all__ = [
+    "CLOSE_TAG",
+    "OPEN_TAG",
+    "ThinkTagSplitter",
+    "ThinkTags",
+    "split_reply",
+    "splitter_for",
+]

@@ -186,7 +186,7 @@ async def test_text_the_think_tags_hold_back_is_no_first_output(pieces, start_ga
     async with server, FakeUpstream() as healthy:
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
         config = gateway_config(url, healthy.base_url, resilience=FAST_RESILIENCE)
-        gateway = await start_gateway(bounded(config, think_tags=True))
+        gateway = await start_gateway(bounded(config, think_tags="true"))
         text, final = await streamed(gateway)
     assert (text, final.upstream, final.attempts) == ("Hello from fake", "up1", 2)
 

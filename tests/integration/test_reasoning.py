@@ -683,7 +683,7 @@ async def test_get_usage_keeps_reasoning_tokens_apart(stub, upstream):
 TAGGED = f"<think>{THOUGHT}</think>\n\nParis."
 
 
-def _think_tags_config(base_url: str, *, think_tags: bool = True, **sections: Any) -> Any:
+def _think_tags_config(base_url: str, *, think_tags: bool | str = True, **sections: Any) -> Any:
     """A gateway config whose one upstream has `think_tags` set as given."""
     data = gateway_config_data(base_url, **sections)
     data["upstreams"][0]["think_tags"] = think_tags
@@ -696,7 +696,7 @@ HOW = ["unary", "stream", "stream-answered-unary", "unary-sent-as-stream"]
 
 
 async def _answer(
-    upstream: Any, start_gateway: Any, how: str, reply: Reply, *, think_tags: bool = True
+    upstream: Any, start_gateway: Any, how: str, reply: Reply, *, think_tags: bool | str = True
 ) -> tuple[str, str, pb.CompletionMetadata]:
     """`reply` through a gateway whose upstream has `think_tags`: reasoning, text, metadata."""
     config = _think_tags_config(upstream.base_url, think_tags=think_tags)
@@ -862,6 +862,44 @@ async def test_without_think_tags_a_think_block_is_text(upstream, start_gateway,
     reply = Reply(content=TAGGED)
     reasoning, content, _ = await _answer(upstream, start_gateway, how, reply, think_tags=False)
     assert (reasoning, content) == ("", TAGGED)
+
+
+# DeepSeek R1 (since 0528) and QwQ: the chat template opens the block, so the answer
+# starts inside it and writes only the close tag.
+FORCED_OPEN = f"{THOUGHT}</think>\n\nParis."
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize(
+    ("think_tags", "split"),
+    [("forced_open", (THOUGHT, "Paris.")), (True, ("", FORCED_OPEN))],
+    ids=["forced_open", "true"],
+)
+async def test_a_block_the_template_opened_is_reasoning_with_forced_open(
+    upstream, start_gateway, how, think_tags, split
+):
+    """`think_tags: forced_open` relays everything before the first close tag as the
+    reasoning and the rest as the answer; `true` waits for an open tag that never comes,
+    so the whole text, close tag and all, is the answer."""
+    reply = Reply(content=FORCED_OPEN, completion_tokens=30, chunks=5)
+    got = await _answer(upstream, start_gateway, how, reply, think_tags=think_tags)
+    assert got[:2] == split
+    assert got[2].finish_reason == pb.FINISH_REASON_STOP
+
+
+async def test_a_forced_open_stream_relays_its_reasoning_as_it_arrives(upstream, start_gateway):
+    """One event a character: the reasoning goes out in pieces before the answer, and no
+    piece of the close tag reaches the caller."""
+    gateway = await start_gateway(_think_tags_config(upstream.base_url, think_tags="forced_open"))
+    text = "hmm, Paris</think>\n\nParis."
+    upstream.script(Reply(content=text, chunks=len(text), chunk_delay_s=0.002))
+    deltas = _deltas(await _collect(gateway.stub, chat_stream()))
+    assert "".join(d.reasoning for d in deltas) == "hmm, Paris"
+    assert "".join(d.content for d in deltas) == "Paris."
+    with_reasoning = [i for i, d in enumerate(deltas) if d.reasoning]
+    assert len(with_reasoning) > 1, "reasoning is relayed as it arrives"
+    assert max(with_reasoning) < min(i for i, d in enumerate(deltas) if d.content)
+    assert not any("<" in d.content or "<" in d.reasoning for d in deltas)
 
 
 @pytest.mark.parametrize("first", ["unary", "stream"])

@@ -35,8 +35,8 @@ CASES = [
 ]
 
 
-def _split_in_pieces(pieces: list[str]) -> tuple[str, str]:
-    splitter = ThinkTagSplitter()
+def _split_in_pieces(pieces: list[str], *, forced_open: bool = False) -> tuple[str, str]:
+    splitter = ThinkTagSplitter(forced_open=forced_open)
     reasoning, answer = [], []
     for piece in [*pieces, None]:
         thought, text = splitter.end() if piece is None else splitter.feed(piece)
@@ -65,6 +65,39 @@ def test_any_cut_into_pieces_splits_as_the_whole_does(
             assert _split_in_pieces(pieces) == (reasoning, answer)
 
 
+# With `forced_open` (the chat template opened the block): (answer's text, reasoning, answer)
+FORCED_OPEN_CASES = [
+    pytest.param("hmm</think>\n\nParis.", "hmm", "Paris.", id="closed-only"),
+    pytest.param("\n hmm \n</think>Paris.", "hmm", "Paris.", id="whitespace"),
+    pytest.param("<think>hmm</think>Paris.", "hmm", "Paris.", id="open-tag-written-too"),
+    pytest.param("</think>Paris.", "", "Paris.", id="empty-block"),
+    pytest.param("hm <think> so</think>x", "hm <think> so", "x", id="open-tag-later"),
+    pytest.param("a</think>b</think>c", "a", "b</think>c", id="first-close-ends-it"),
+    pytest.param("hmm, so the answer is", "hmm, so the answer is", "", id="never-closed"),
+    pytest.param("<th", "<th", "", id="tags-beginning-alone"),
+    pytest.param("<b>hm</b></THINK>ok", "<b>hm</b>", "ok", id="html-and-upper-case"),
+    pytest.param("", "", "", id="empty"),
+]
+
+
+@pytest.mark.parametrize(("text", "reasoning", "answer"), FORCED_OPEN_CASES)
+def test_a_forced_open_block_is_reasoning_up_to_its_close_however_cut(
+    text: str, reasoning: str, answer: str
+) -> None:
+    """An answer that starts inside the block: everything to the first close tag is
+    reasoning (a leading open tag dropped), whole or cut anywhere in two or three pieces.
+    Without `forced_open` such text is the answer, close tag and all."""
+    for first in range(len(text) + 1):
+        assert _split_in_pieces([text[:first], text[first:]], forced_open=True) == (
+            reasoning,
+            answer,
+        )
+        for second in range(first, len(text) + 1):
+            pieces = [text[:first], text[first:second], text[second:]]
+            assert _split_in_pieces(pieces, forced_open=True) == (reasoning, answer)
+    assert _split_in_pieces(["hmm</think>Paris."]) == ("", "hmm</think>Paris.")
+
+
 def test_one_character_at_a_time_holds_back_only_what_may_be_a_tag() -> None:
     """Each character goes out as soon as it cannot be part of a tag: reasoning as it
     comes, never more held than the tag's own length."""
@@ -85,9 +118,11 @@ def _reply(content: str, reasoning: str = "") -> UpstreamReply:
 
 def test_a_unary_answers_block_is_appended_to_the_reasoning_it_sent() -> None:
     """Reasoning sent in a field of its own comes first, the block's after it."""
-    split = split_reply(_reply("<think>b</think>Paris.", reasoning="a"))
+    split = split_reply(_reply("<think>b</think>Paris.", reasoning="a"), ThinkTagSplitter())
     assert (split.reasoning, split.content) == ("ab", "Paris.")
-    assert split_reply(_reply("Paris.", reasoning="a")) == _reply("Paris.", reasoning="a")
+    assert split_reply(_reply("Paris.", reasoning="a"), ThinkTagSplitter()) == _reply(
+        "Paris.", reasoning="a"
+    )
 
 
 def test_chunks_relay_each_pieces_reasoning_and_the_rest_comes_at_the_end() -> None:

@@ -184,13 +184,23 @@ def test_an_upstreams_reasoning_field_is_one_of_the_two_spellings() -> None:
     assert caught.value.key == "upstreams[0].reasoning_field"
 
 
-def test_think_tags_is_off_unless_set_true() -> None:
-    """`think_tags` is off by default (some models write such tags as text), and on only
-    for `true`; any other value is refused at start, naming the option."""
-    assert not parse({"upstreams": [upstream()]}).upstreams[0].think_tags
-    assert parse({"upstreams": [upstream(think_tags=True)]}).upstreams[0].think_tags
+def test_think_tags_is_off_unless_set_true_or_forced_open() -> None:
+    """`think_tags` is off by default (some models write such tags as text), on for
+    `true`, and `forced_open` for a template that opens the block itself; any other value
+    is refused at start, naming the option and its settings."""
+    settings = [
+        parse({"upstreams": [upstream(**given)]}).upstreams[0].think_tags
+        for given in (
+            {},
+            {"think_tags": False},
+            {"think_tags": True},
+            {"think_tags": "forced_open"},
+        )
+    ]
+    assert settings == ["false", "false", "true", "forced_open"]
     with pytest.raises(ConfigError) as caught:
         parse({"upstreams": [upstream(think_tags="yes please")]})
+    assert "false, true, forced_open" in str(caught.value)
     assert caught.value.key == "upstreams[0].think_tags"
 
 
