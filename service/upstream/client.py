@@ -742,8 +742,8 @@ class UpstreamClient:
             if response.status >= 300:  # a redirect, a refusal or a failure
                 raise self._error_for_status(response, body)
             reply = self._reply(call, response, body, on_status)
-            splitter = splitter_for(self.config.think_tags)
-            return reply if splitter is None else split_reply(reply, splitter)
+            think_tags = self.config.think_tags
+            return reply if think_tags == "false" else split_reply(reply, splitter_for(think_tags))
 
     def stream(
         self,
@@ -796,7 +796,9 @@ class UpstreamClient:
             on_status=on_status,
             tally=tally,
             on_usage=on_usage,
-            splitter=splitter_for(self.config.think_tags),
+            splitter=(
+                None if self.config.think_tags == "false" else splitter_for(self.config.think_tags)
+            ),
         )
         if not self.config.empty_stream_is_refusal:
             return events

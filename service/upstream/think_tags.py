@@ -171,10 +171,8 @@ class ThinkTagSplitter:
         return answer
 
 
-def splitter_for(think_tags: ThinkTags) -> ThinkTagSplitter | None:
-    """The splitter an upstream's `think_tags` setting asks for; None when it is off."""
-    if think_tags == "false":
-        return None
+def splitter_for(think_tags: ThinkTags) -> ThinkTagSplitter:
+    """The splitter an upstream's `think_tags` setting, `true` or `forced_open`, asks for."""
     return ThinkTagSplitter(forced_open=think_tags == "forced_open")
 
 
