@@ -144,6 +144,9 @@ class StaticKeyStore:
         return found
 
 
+_GONE = (-1, -1, -1)  # the signature of a keys file that is not there
+
+
 class FileKeyStore:
     """The keys file, re-read when it changes (looked at no more than every `check_s`).
 
@@ -166,6 +169,8 @@ class FileKeyStore:
         self._clock = clock
         self._checked_at = -math.inf
         self._signature: tuple[int, int, int] | None = None
+        # The file seen empty or gone (its signature, `_GONE`), which the next check takes.
+        self._unconfirmed: tuple[int, int, int] | None = None
         self._store = StaticKeyStore(())
         self._refresh(is_strict=True)
 
@@ -177,7 +182,8 @@ class FileKeyStore:
         try:
             stat = os.stat(self._path)
         except FileNotFoundError:
-            self._store, self._signature = StaticKeyStore(()), None
+            if not self._is_held_once(_GONE):
+                self._store, self._signature = StaticKeyStore(()), None
             return
         except OSError as exc:  # its directory turned unreadable, or into a file
             if is_strict:
@@ -185,7 +191,7 @@ class FileKeyStore:
             log.warning("auth.keys_file_unusable", extra={"error": str(exc)})
             return
         signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        if signature == self._signature:
+        if signature == self._signature or (stat.st_size == 0 and self._is_held_once(signature)):
             return
         try:
             # utf-8-sig: a byte order mark (Windows editors save one) is not part of line 1.
@@ -197,7 +203,20 @@ class FileKeyStore:
             log.warning("auth.keys_file_unusable", extra={"error": str(exc)})
             return
         self._store, self._signature = StaticKeyStore(keys), signature
+        self._unconfirmed = None
         log.info("auth.keys_file_loaded", extra={"path": str(self._path), "keys": len(keys)})
+
+    def _is_held_once(self, seen: tuple[int, int, int]) -> bool:
+        """Whether the keys held are kept one check more on finding the file empty or gone
+        (`seen`: its signature, `_GONE`). An editor rewriting the file in place leaves it
+        empty for a moment, one saving by rename leaves it gone: a check landing then
+        would refuse every key until the next. The next check that still sees it so takes
+        it, revoking every key."""
+        if len(self._store) and seen != self._unconfirmed:
+            self._unconfirmed = seen
+            return True
+        self._unconfirmed = None
+        return False
 
     async def tenant_for(self, digest: str) -> str | None:
         """The tenant of `digest` in the file as it is now."""

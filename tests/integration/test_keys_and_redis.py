@@ -545,6 +545,38 @@ async def test_a_keys_file_that_turns_unreachable_keeps_the_last_keys(
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
+@pytest.mark.parametrize("how", ["emptied", "removed"])
+async def test_a_keys_file_seen_mid_save_keeps_its_keys_until_a_second_check(
+    upstream, start_gateway, tmp_path, how
+):
+    """An editor saving the keys file in place leaves it empty for a moment, one saving by
+    rename leaves it gone: a check that lands then keeps the keys it has, and the file
+    saved after it is read as usual. One still empty or gone at the next check is taken,
+    revoking every key.
+
+    Before, the one check in the middle of the save refused every key until the next."""
+    keys = tmp_path / "keys"
+    line = f"{hash_key(CALLER_KEY_A)} team-a\n"
+    keys.write_text(line, encoding="utf-8")
+    auth = {"mode": "keys", "keys_file": str(keys), "keys_file_check_s": 0}
+    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
+
+    def mid_save() -> None:
+        if how == "emptied":
+            keys.write_text("", encoding="utf-8")
+        else:
+            keys.unlink()
+
+    mid_save()
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    keys.write_text(line + f"{hash_key(CALLER_KEY_B)} team-b\n", encoding="utf-8")
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_B))).content
+    mid_save()
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A)))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_a_key_whose_line_an_editor_saving_a_bom_deleted_is_revoked(
     upstream, start_gateway, tmp_path
 ):
