@@ -613,13 +613,22 @@ class Telemetry:
         """One answer served from the cache."""
         self.instruments.cache_hits.add(1, model)
 
-    def record_retry(self, upstream: str, *, wait_s: float | None = None) -> None:
-        """One upstream attempt is being retried after `wait_s`."""
-        self.instruments.retries.add(1, {attr.UPSTREAM: upstream})
+    def record_retry(
+        self, upstream: str, *, wait_s: float | None = None, is_failover: bool = False
+    ) -> None:
+        """One upstream attempt is being retried after `wait_s`: on `upstream` again, or
+        on another (`is_failover`)."""
+        kind = "failover" if is_failover else "retry"
+        self.instruments.retries.add(1, {attr.UPSTREAM: upstream, attr.RETRY_KIND: kind})
         span = current_span()
         if wait_s is not None and span.is_recording():
             span.add_event(
-                "llm_gateway.retry", {attr.UPSTREAM: upstream, attr.RETRY_WAIT_MS: wait_s * 1000.0}
+                "llm_gateway.retry",
+                {
+                    attr.UPSTREAM: upstream,
+                    attr.RETRY_KIND: kind,
+                    attr.RETRY_WAIT_MS: wait_s * 1000.0,
+                },
             )
 
     def waited_on_upstream(self, seconds: float) -> None:
@@ -755,9 +764,10 @@ def record_cache_hit(*, model: str = "") -> None:
     _active.record_cache_hit(model=model)
 
 
-def record_retry(upstream: str, *, wait_s: float | None = None) -> None:
-    """One upstream attempt is being retried after `wait_s` seconds."""
-    _active.record_retry(upstream, wait_s=wait_s)
+def record_retry(upstream: str, *, wait_s: float | None = None, is_failover: bool = False) -> None:
+    """One upstream attempt is being retried after `wait_s` seconds, on another upstream
+    when `is_failover`."""
+    _active.record_retry(upstream, wait_s=wait_s, is_failover=is_failover)
 
 
 def record_upstream_error(upstream: str, error_type: str) -> None:

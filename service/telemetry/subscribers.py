@@ -25,7 +25,11 @@ def subscribe_pool(telemetry: Telemetry, hooks: PoolHooks, *, upstreams: Iterabl
 
     def on_retry(decision: RetryDecision) -> None:
         # Counted against the upstream whose attempt failed: that is the one retried.
-        telemetry.record_retry(decision.failed_upstream, wait_s=decision.wait_s)
+        telemetry.record_retry(
+            decision.failed_upstream,
+            wait_s=decision.wait_s,
+            is_failover=decision.upstream != decision.failed_upstream,
+        )
 
     def on_breaker_change(change: BreakerChange) -> None:
         telemetry.set_breaker_state(change.upstream, change.new.value)

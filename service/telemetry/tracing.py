@@ -58,6 +58,8 @@ UPSTREAM_MODEL = "llm_gateway.upstream.model"
 TIME_TO_FIRST_TOKEN_MS = "llm_gateway.time_to_first_token_ms"
 QUEUED_MS = "llm_gateway.queued_ms"
 RETRY_WAIT_MS = "llm_gateway.retry.wait_ms"
+# `retry` (the failed upstream tried again) or `failover` (another upstream tried next).
+RETRY_KIND = "llm_gateway.retry.kind"
 CACHED_INPUT_TOKENS = "llm_gateway.usage.cached_input_tokens"
 REASONING_TOKENS = "llm_gateway.usage.reasoning_tokens"
 REASONING_EFFORT = "llm_gateway.request.reasoning_effort"

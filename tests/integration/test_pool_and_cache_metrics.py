@@ -18,6 +18,7 @@ from tests.telemetry_support import attributes_of, captured_telemetry
 FAST_RESILIENCE = {"attempts": 3, "backoff_base_s": 0.01, "backoff_cap_s": 0.05}
 DETERMINISTIC = pb.GenerationParams(temperature=0.0)
 UPSTREAM = "llm_gateway__upstream"
+KIND = "llm_gateway__retry__kind"
 
 
 async def test_a_retried_call_counts_a_retry_and_each_attempt_for_its_upstream(start_gateway):
@@ -29,8 +30,9 @@ async def test_a_retried_call_counts_a_retry_and_each_attempt_for_its_upstream(s
         gw = await start_gateway(config, telemetry=captured.telemetry)
         response = await gw.stub.Complete(chat())
     assert response.metadata.attempts == 2
-    assert captured.total("llm_gateway.retries", **{UPSTREAM: "up0"}) == 1
+    assert captured.total("llm_gateway.retries", **{UPSTREAM: "up0", KIND: "retry"}) == 1
     assert captured.total("llm_gateway.retries", **{UPSTREAM: "up1"}) == 0
+    assert captured.total("llm_gateway.retries", **{KIND: "failover"}) == 0
     attempts = {
         p.attributes["llm_gateway.outcome"]: p.value
         for p in captured.points("llm_gateway.upstream.attempts")
@@ -41,6 +43,30 @@ async def test_a_retried_call_counts_a_retry_and_each_attempt_for_its_upstream(s
     [event] = [e for e in rpc.events if e.name == "llm_gateway.retry"]
     assert event.attributes is not None
     assert 0 <= event.attributes["llm_gateway.retry.wait_ms"] <= 1000
+    assert event.attributes["llm_gateway.retry.kind"] == "retry"
+
+
+async def test_a_failover_counts_as_one_apart_from_retries(start_gateway):
+    """up0 answers 500, so the call fails over to up1: `llm_gateway.retries` counts it
+    against up0 with kind `failover`, and the span's retry event says so, so dashboards
+    tell an upstream retried from one abandoned. Before, both were plain retries."""
+    captured = captured_telemetry()
+    async with (
+        FakeUpstream(models=("fake-model",), default=Status(500)) as failing,
+        FakeUpstream(models=("fake-model",)) as working,
+    ):
+        config = gateway_config(
+            failing.base_url, working.base_url, resilience={**FAST_RESILIENCE, "attempts": 2}
+        )
+        gw = await start_gateway(config, telemetry=captured.telemetry)
+        response = await gw.stub.Complete(chat())
+    assert response.metadata.attempts == 2
+    assert captured.total("llm_gateway.retries", **{UPSTREAM: "up0", KIND: "failover"}) == 1
+    assert captured.total("llm_gateway.retries", **{KIND: "retry"}) == 0
+    rpc = captured.span("llmgateway.v1.CompletionService/Complete")
+    [event] = [e for e in rpc.events if e.name == "llm_gateway.retry"]
+    assert event.attributes is not None
+    assert event.attributes["llm_gateway.retry.kind"] == "failover"
 
 
 async def _breaker_gauge(
