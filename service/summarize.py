@@ -840,6 +840,14 @@ class Summarizer:
             if len(chunks) <= widest:
                 break
             widest = 10 ** len(str(len(chunks))) - 1
+        if len(chunks) == 1:
+            # Too long for one call with the target's answer, it fits with a part's: one
+            # call with that shorter answer, where a part and a combine of its one summary
+            # would pay twice for the same text.
+            shorter = document_prompt(target_tokens=part_target, instructions=request.instructions)
+            answer = await self._call_if_fits(run, shorter, request.document, part_target, _WHOLE)
+            if answer is not None:
+                return self._result(answer, 1, 1, run.tally, started)
         inputs = [(_part_name(i, len(chunks)), c) for i, c in enumerate(chunks)]
         # Levels after the first combine groups of summaries into shorter ones.
         group_system = combine_prompt(target_tokens=part_target, instructions=request.instructions)

@@ -185,6 +185,39 @@ async def test_long_document_is_chunked_summarised_concurrently_and_combined(
     assert 2 <= recorder.peak_in_flight <= CONCURRENCY
 
 
+async def test_a_document_one_part_holds_is_summarised_in_one_call(recorder, start_gateway):
+    """A document too long for one call with the target's answer, which one part with a
+    part's shorter answer holds, is summarised in one call asking for that shorter answer.
+    Before, it was summarised as "Part 1 of 1" and that one summary combined again: two
+    calls, the second paying for the same text again. Sizes either side of the gap keep
+    their one call (the whole, with the target's answer) or their parts and combine."""
+    # Answers without usage: the token calibration stays where it starts, so each size
+    # is split as it would be first.
+    recorder.respond = lambda body: dataclasses.replace(default_respond(body), include_usage=False)
+    gateway = await start_gateway(config(recorder.base_url))
+    target = 250  # a part's answer is at most an eighth of the 1024 window: 128
+
+    async def calls(paragraphs: int) -> list[dict]:
+        recorder.requests.clear()
+        # Each size its own text: no part is answered from another's cached call.
+        text = f"Edition {paragraphs}.\n\n{document(paragraphs)}"
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=text, target_tokens=target)
+        response = await gateway.stub.Summarize(request)
+        assert response.upstream_calls == len(recorder.requests)
+        return [r.body for r in recorder.requests]
+
+    sizes = {paragraphs: await calls(paragraphs) for paragraphs in range(4, 16)}
+    shorter = [p for p, bodies in sizes.items() if [b["max_tokens"] for b in bodies] == [128]]
+    assert shorter, "some sizes fall in the gap"
+    for paragraphs in shorter:
+        [body] = sizes[paragraphs]
+        assert not is_part(body)
+        assert "at most about 96 words" in system_text(body)
+    assert [b["max_tokens"] for b in sizes[4]] == [target]  # the whole, the target's answer
+    assert len(sizes[15]) >= 3  # parts and a combine
+    assert all(len(bodies) != 2 for bodies in sizes.values())
+
+
 async def test_every_summarising_call_thinks_at_the_effort_asked_for(recorder, start_gateway):
     """A reasoning effort on the Summarize request reaches every part and combine call
     (thinking is billed as output on each); without one, none is sent."""
