@@ -1523,15 +1523,30 @@ def _with_proxy_authorization(
 
 
 def _with_local_model_in_catalog(config: GatewayConfig) -> GatewayConfig:
-    """`config`, its catalog holding the local model when it serves and the file does not
-    list it: its window is the `n_ctx` the gateway starts llama.cpp with (not the catalog's
-    default for unknown models), and its tokens cost nothing."""
+    """`config`, its catalog holding the local model when it serves: an entry the file does
+    not list has the `n_ctx` the gateway starts llama.cpp with as its window (not the
+    catalog's default for unknown models), and its tokens cost nothing; one it lists keeps
+    its prices, its window held to that `n_ctx`.
+
+    The smaller of the two, not a config error: prompts are fitted per model, before an
+    upstream is picked, so they must fit every upstream serving it, and a larger window in
+    the file may be a provider's beside the local model (`enabled: always`), or a file
+    shared with gateways where a key turns the local model off (`enabled: auto`).
+    """
     local = config.local_model
-    if not config.wants_local_model or local.model in config.models:
+    if not config.wants_local_model:
         return config
-    entry = ModelConfig(
-        context_window=local.context_window, input_usd_per_million=0.0, output_usd_per_million=0.0
-    )
+    listed = config.models.get(local.model)
+    if listed is None:
+        entry = ModelConfig(
+            context_window=local.context_window,
+            input_usd_per_million=0.0,
+            output_usd_per_million=0.0,
+        )
+    elif listed.context_window > local.context_window:
+        entry = dataclasses.replace(listed, context_window=local.context_window)
+    else:
+        return config
     return dataclasses.replace(config, models={**config.models, local.model: entry})
 
 
