@@ -430,6 +430,8 @@ class UpstreamConfig:
     max_connections: int = 100
     weight: int = 1
     max_concurrency: int = 50
+    # The longest a call waits for this upstream's limits; None: `resilience.max_limit_wait_s`.
+    max_limit_wait_s: float | None = None
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     # Keep the two per-minute buckets in `auth.redis_url`'s Redis, shared by every process
@@ -597,6 +599,10 @@ class UpstreamConfig:
         _require(self.max_connections >= 1, "max_connections must be >= 1")
         _require(self.weight >= 1, "weight must be >= 1")
         _require(self.max_concurrency >= 1, "max_concurrency must be >= 1")
+        _require(
+            self.max_limit_wait_s is None or self.max_limit_wait_s >= 0,
+            "max_limit_wait_s must be >= 0",
+        )
         # Past its connections a call would wait for one on the upstream's `timeout_s`, and
         # a timeout there would count against an upstream that answered everything in time.
         _require(
