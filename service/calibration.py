@@ -100,11 +100,19 @@ class TokenCalibration:
         known.samples += 1
 
     def refused_as_too_long(
-        self, model: str, tenant: str, *, estimated_tokens: int, room_tokens: int
+        self,
+        model: str,
+        tenant: str,
+        *,
+        estimated_tokens: int,
+        room_tokens: int,
+        counted: tuple[int, int] | None = None,
     ) -> None:
         """An upstream refused as over `model`'s window a prompt of `tenant` that the
         gateway fitted into `room_tokens` (the window less the answer's reserve) with its
-        factor; `estimated_tokens` is its plain estimate.
+        factor; `estimated_tokens` is its plain estimate; `counted`, where the refusal says
+        them: the upstream's count of the prompt and its own room (its window less the
+        answer's reserve).
 
         The upstream counted more than `room_tokens`, so this prompt's ratio is above
         `room_tokens / estimated_tokens`: the mean is raised to that bound (held to the
@@ -113,10 +121,21 @@ class TokenCalibration:
         estimator's own 1: it is over the tenant's traffic as a whole, and texts the
         estimator counts low (plain-ASCII languages, rare letters) can then run over.
         Answers reporting their prompt tokens learn it down again from there.
+
+        With `counted`, the ratio itself is known, not only a bound: the mean is raised to
+        it, scaled by how much smaller the upstream's room is than the gateway's, so that
+        the next fit is under the upstream's own count at once. The bound alone took a
+        refusal for each step (four, for a conversation 1.6 times over the window): it
+        moves the mean only as far as the room, however far over the prompt was.
         """
         at_least = 1 / (1 + self.margin)
         if estimated_tokens > 0:
-            at_least = max(at_least, min((room_tokens + 1) / estimated_tokens, self._highest))
+            ratio = (room_tokens + 1) / estimated_tokens
+            if counted is not None and counted[1] > 0:
+                prompt_tokens, upstream_room_tokens = counted
+                scale = max(1.0, room_tokens / upstream_room_tokens)
+                ratio = max(ratio, prompt_tokens / estimated_tokens * scale)
+            at_least = max(at_least, min(ratio, self._highest))
         known = self._ratios.setdefault((tenant, model), _Ratio(at_least, 0))
         known.mean = max(known.mean, at_least)
         known.is_refused = True

@@ -431,6 +431,8 @@ class UpstreamConfig:
     max_connections: int = 100
     weight: int = 1
     max_concurrency: int = 50
+    # The longest a call waits for this upstream's limits; None: `resilience.max_limit_wait_s`.
+    max_limit_wait_s: float | None = None
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     # Keep the two per-minute buckets in `auth.redis_url`'s Redis, shared by every process
@@ -599,6 +601,10 @@ class UpstreamConfig:
         _require(self.max_connections >= 1, "max_connections must be >= 1")
         _require(self.weight >= 1, "weight must be >= 1")
         _require(self.max_concurrency >= 1, "max_concurrency must be >= 1")
+        _require(
+            self.max_limit_wait_s is None or self.max_limit_wait_s >= 0,
+            "max_limit_wait_s must be >= 0",
+        )
         # Past its connections a call would wait for one on the upstream's `timeout_s`, and
         # a timeout there would count against an upstream that answered everything in time.
         _require(
@@ -1527,15 +1533,30 @@ def _with_proxy_authorization(
 
 
 def _with_local_model_in_catalog(config: GatewayConfig) -> GatewayConfig:
-    """`config`, its catalog holding the local model when it serves and the file does not
-    list it: its window is the `n_ctx` the gateway starts llama.cpp with (not the catalog's
-    default for unknown models), and its tokens cost nothing."""
+    """`config`, its catalog holding the local model when it serves: an entry the file does
+    not list has the `n_ctx` the gateway starts llama.cpp with as its window (not the
+    catalog's default for unknown models), and its tokens cost nothing; one it lists keeps
+    its prices, its window held to that `n_ctx`.
+
+    The smaller of the two, not a config error: prompts are fitted per model, before an
+    upstream is picked, so they must fit every upstream serving it, and a larger window in
+    the file may be a provider's beside the local model (`enabled: always`), or a file
+    shared with gateways where a key turns the local model off (`enabled: auto`).
+    """
     local = config.local_model
-    if not config.wants_local_model or local.model in config.models:
+    if not config.wants_local_model:
         return config
-    entry = ModelConfig(
-        context_window=local.context_window, input_usd_per_million=0.0, output_usd_per_million=0.0
-    )
+    listed = config.models.get(local.model)
+    if listed is None:
+        entry = ModelConfig(
+            context_window=local.context_window,
+            input_usd_per_million=0.0,
+            output_usd_per_million=0.0,
+        )
+    elif listed.context_window > local.context_window:
+        entry = dataclasses.replace(listed, context_window=local.context_window)
+    else:
+        return config
     return dataclasses.replace(config, models={**config.models, local.model: entry})
 
 

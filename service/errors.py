@@ -400,9 +400,27 @@ class UpstreamRejected(UpstreamError):
 
 class UpstreamContextExceeded(UpstreamRejected):
     """The upstream refused the prompt as over the model's context window: the gateway's
-    estimate (with its calibration) fitted it, the upstream's tokenizer did not."""
+    estimate (with its calibration) fitted it, the upstream's tokenizer did not.
+
+    `window_tokens` and `prompt_tokens`: the window and the prompt's own count, where its
+    refusal says them (llama.cpp's server, vLLM and OpenAI do); else None.
+    """
 
     reason = "CONTEXT_WINDOW_EXCEEDED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream: str,
+        status: int | None = None,
+        relayed: RelayedError | None = None,
+        window_tokens: int | None = None,
+        prompt_tokens: int | None = None,
+    ) -> None:
+        super().__init__(message, upstream=upstream, status=status, relayed=relayed)
+        self.window_tokens = window_tokens
+        self.prompt_tokens = prompt_tokens
 
 
 class UpstreamRefusedSilently(UpstreamRejected):

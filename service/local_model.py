@@ -76,6 +76,8 @@ FORMATS_WITH_TOOLS = frozenset(
 # its environment, which other users cannot read, unlike its command line.
 _API_KEY_VARIABLE = "API_KEY"
 _PROBE_INTERVAL_S = 0.5
+# How long a call to it may take: a long answer on a few cores takes minutes.
+_TIMEOUT_S = 300.0
 # How often a running server is probed (at most: a third of `hang_timeout_s` if shorter).
 _LIVENESS_INTERVAL_S = 5.0
 # Restarts back off from `restart_backoff_s`, doubling to at most this; a child that ran
@@ -289,7 +291,13 @@ class LocalModelServer:
             base_url=self.base_url,
             api_key=self._api_key,
             models={self.config.model: self.config.model},
-            timeout_s=300.0,
+            timeout_s=_TIMEOUT_S,
+            # llama-cpp-python's server generates one answer at a time: more calls wait
+            # here, taking turns by tenant and showing as queued, not in its own line,
+            # first come first served, as upstream time. As long as they would have
+            # waited there: its timeout, or the caller's deadline.
+            max_concurrency=1,
+            max_limit_wait_s=_TIMEOUT_S,
             json_schema_format="json_object_schema",
             empty_stream_is_refusal=True,
             stream_unary_calls=True,

@@ -282,16 +282,25 @@ class Pipeline:
         asked = prepared.asked
         return prepared.calibration == self.calibration.factor(asked.model, asked.tenant)
 
-    def _learn_refusal(self, prepared: PreparedRequest) -> None:
+    def _learn_refusal(self, prepared: PreparedRequest, refusal: UpstreamContextExceeded) -> None:
         """Teach the calibration that an upstream refused `prepared`'s prompt as over its
-        model's window: its own count was over the room the prompt was fitted into."""
+        model's window: its own count was over the room the prompt was fitted into, and
+        was the count its refusal says, where it says it and the window."""
         request = prepared.request
         window = self.context_window(request.model)
+        max_tokens = request.params.max_tokens
+        counted = None
+        if refusal.window_tokens is not None and refusal.prompt_tokens is not None:
+            upstream_room = refusal.window_tokens - answer_reserve(
+                refusal.window_tokens, max_tokens
+            )
+            counted = (refusal.prompt_tokens, upstream_room)
         self.calibration.refused_as_too_long(
             request.model,
             request.tenant,
             estimated_tokens=prepared.prompt_tokens,
-            room_tokens=window - answer_reserve(window, request.params.max_tokens),
+            room_tokens=window - answer_reserve(window, max_tokens),
+            counted=counted,
         )
 
     def _usage(self, prepared: PreparedRequest, output: _Output, reported: Usage | None) -> Usage:
@@ -510,8 +519,8 @@ class Pipeline:
                     reply = await self._pool.complete(
                         request, prompt_tokens=prompt_tokens, deadline=deadline, log=log
                     )
-                except UpstreamContextExceeded:
-                    self._learn_refusal(prepared)
+                except UpstreamContextExceeded as refusal:
+                    self._learn_refusal(prepared, refusal)
                     raise
                 except BaseException:
                     if log.is_cut_after_sending:
@@ -707,8 +716,8 @@ class Pipeline:
                                 yield Delta(event.content, event.tool_calls, event.reasoning)
                             else:
                                 end = event
-                except UpstreamContextExceeded:  # before any text
-                    self._learn_refusal(prepared)
+                except UpstreamContextExceeded as refusal:  # before any text
+                    self._learn_refusal(prepared, refusal)
                     raise
                 except BaseException:
                     # Cut by the upstream, the caller or its deadline: the output sent was

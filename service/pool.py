@@ -13,6 +13,7 @@ upstream out for the call and opens its breaker. Policy lives in `service.retry`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
@@ -364,6 +365,11 @@ def _why_ruled_out(exc: UpstreamError) -> str:
     return "not an OpenAI server" if isinstance(exc, UpstreamNotOpenAI) else "key rejected"
 
 
+def _restarting(plan: _CallPlan) -> str:
+    """The upstreams `plan` left out as restarting (`ErrorInfo` `restarting`), by comma."""
+    return ",".join(name for name, why in plan.excluded.items() if why == RESTARTING)
+
+
 def _sooner_limit(last_error: UpstreamError | None, exc: LimitExceeded) -> UpstreamError:
     """What a call skipping a route for the gateway's own limit (`exc`) ends with, should
     no attempt follow: an upstream's own failure, else the limit that frees first, so that
@@ -435,6 +441,8 @@ class UpstreamPool:
         # Upstreams known to be down whatever their breakers say, with when a restart is
         # due to answer, if one is (`set_down`).
         self._down: dict[str, float | None] = {}
+        # Set when the upstream is next known to be down: ends the retries' back-offs.
+        self._went_down: dict[str, asyncio.Event] = {}
 
     @property
     def models(self) -> Mapping[str, Sequence[Route]]:
@@ -459,6 +467,9 @@ class UpstreamPool:
         restart is due to answer, which the calls refused meanwhile are told to wait for."""
         if is_down:
             self._down[upstream] = retry_at
+            went_down = self._went_down.pop(upstream, None)
+            if went_down is not None:
+                went_down.set()
         else:
             self._down.pop(upstream, None)
 
@@ -636,6 +647,11 @@ class UpstreamPool:
             r.upstream == route.client.name for r in log_.records
         )
         if last_error is not None and last_route is not None:
+            if route.client.name in self._down:
+                # Died under the call (the local model's server): refused at once, as the
+                # calls arriving while it restarts are, not after a retry's back-off.
+                plan.exclude(route, self._why_down(route.client.name))
+                return None
             if retrying:
                 if not state.budget.can_retry():
                     plan.exclude(route, "retry budget exhausted")
@@ -663,8 +679,13 @@ class UpstreamPool:
             )
             log_.retry_wait_s = wait
             if wait > 0:
-                await self._clock.sleep(wait)
-                _waited_on_upstream(log_, wait)  # on the failed upstream's account
+                waited_from = self._clock.now()
+                await self._back_off(last_route.client.name, wait)
+                # On the failed upstream's account.
+                _waited_on_upstream(log_, self._clock.now() - waited_from)
+            if route.client.name in self._down:
+                plan.exclude(route, self._why_down(route.client.name))
+                return None
         left = deadline.remaining_s()
         if left is not None and left < self.settings.min_attempt_s:
             if last_error is not None:
@@ -676,7 +697,10 @@ class UpstreamPool:
             plan.exclude(route, CIRCUIT_OPEN)
             return None
         probe = breaker.episode if breaker.state is BreakerState.HALF_OPEN else None
-        max_wait = self.settings.max_limit_wait_s
+        longest_wait = route.client.config.max_limit_wait_s
+        if longest_wait is None:
+            longest_wait = self.settings.max_limit_wait_s
+        max_wait = longest_wait
         if left is not None:
             max_wait = min(max_wait, left - self.settings.min_attempt_s)
         acquiring = self._clock.now()
@@ -687,7 +711,7 @@ class UpstreamPool:
         except BaseException as exc:
             state.breaker.release(probe=probe)
             if isinstance(exc, LimitExceeded):
-                if max_wait < self.settings.max_limit_wait_s:
+                if max_wait < longest_wait:
                     exc.is_cut_short_by_deadline = True
                 # A wait that ran out (the call fails over, or is refused) was on the
                 # upstream's account as much as one that got the slot.
@@ -810,6 +834,7 @@ class UpstreamPool:
                 # one left out of this call (its limits, its retry budget) says not when.
                 usable = [name for name in open_routes if name not in plan.excluded]
                 last_error.suggest_retry_after(min(map(self._retry_delay_s, usable or open_routes)))
+            last_error.restarting = _restarting(plan)
             return last_error
         why_left_out = dict(plan.excluded)
         for route in plan.order:  # no attempt ran: its breaker turned each of these away
@@ -839,7 +864,7 @@ class UpstreamPool:
             upstream=names,
             retry_after_s=min(retry_delays) if retry_delays else None,
         )
-        error.restarting = ",".join(n for n, why in plan.excluded.items() if why == RESTARTING)
+        error.restarting = _restarting(plan)
         return error
 
     def _why_breaker_refuses(self, upstream: str) -> str | None:
@@ -852,6 +877,20 @@ class UpstreamPool:
         if breaker.state is BreakerState.OPEN:
             return CIRCUIT_OPEN
         return "circuit half-open, its probe running"
+
+    async def _back_off(self, upstream: str, wait_s: float) -> None:
+        """Wait `wait_s` before a retry after `upstream` failed, or until `upstream` is known
+        to be down: the local model's server that dies under a call is most often seen to
+        exit just after the call saw its connection drop."""
+        went_down = self._went_down.setdefault(upstream, asyncio.Event())
+        sleeping = asyncio.ensure_future(self._clock.sleep(wait_s))
+        watching = asyncio.ensure_future(went_down.wait())
+        try:
+            await asyncio.wait((sleeping, watching), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            watching.cancel()
+            await asyncio.gather(sleeping, watching, return_exceptions=True)
 
     def _is_set_aside_for_key(self, route: Route) -> bool:
         """Whether `route`'s breaker is open for a rejected key: once its cool-down has

@@ -47,6 +47,7 @@ from service.upstream.openai_json import (
     ReportedError,
     StreamParser,
     body_without_stream_options,
+    context_counts,
     error_status,
     is_json_or_cut,
     parse_completion,
@@ -164,6 +165,7 @@ def _error_for_status(
             retry_after_s=wait,
         )
     if says_context_exceeded(body, status):
+        window_tokens, prompt_tokens = context_counts(body) or (None, None)
         return UpstreamContextExceeded(
             f"upstream {upstream!r} says the prompt with max_tokens is over the model's "
             f"context window (HTTP {status}); shorten it, or send it again under "
@@ -172,6 +174,8 @@ def _error_for_status(
             upstream=upstream,
             status=status,
             relayed=relayed_error(body, secrets=secrets),
+            window_tokens=window_tokens,
+            prompt_tokens=prompt_tokens,
         )
     return UpstreamRejected(
         f"upstream {upstream!r} rejected the request (HTTP {status})",

@@ -1256,6 +1256,30 @@ def says_stream_options_unknown(body: bytes) -> bool:
     return param == "stream_options" or "stream_options" in message
 
 
+# The sizes OpenAI's refusal states, which llama-cpp-python's server and vLLM write alike:
+# "This model's maximum context length is 512 tokens. However, you requested 818 tokens
+# (810 in the messages, 8 in the completion). ..."
+_CONTEXT_COUNTS = re.compile(
+    r"maximum context length is (\d+) tokens\b.*?\((\d+) in the messages", re.DOTALL
+)
+
+
+def context_counts(body: bytes) -> tuple[int, int] | None:
+    """The (window, prompt tokens) an over-the-window refusal's body states: in its
+    message, or as llama.cpp's own server (C++) says them, `n_ctx` and `n_prompt_tokens`
+    beside it; None when it states not both."""
+    error = _error_of(body)
+    if isinstance(error, dict):
+        window, prompt = error.get("n_ctx"), error.get("n_prompt_tokens")
+        if type(window) is int and type(prompt) is int:
+            return window, prompt
+    explanation = error_explanation(body)
+    match = _CONTEXT_COUNTS.search(explanation[0]) if explanation is not None else None
+    if match is None:
+        return None
+    return int(match[1]), int(match[2])
+
+
 def says_context_exceeded(body: bytes, status: int = 400) -> bool:
     """Whether an error body, with its HTTP `status`, says the prompt (with max_tokens) is
     over the context window."""

@@ -3,6 +3,7 @@
 import json
 import unicodedata
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -695,3 +696,41 @@ async def test_the_shipped_gpt_4_preset_fits_prompts_to_gpt_4s_window(
     response = await gateway.stub.Complete(request)
     assert response.metadata.dropped_messages > 0
     assert [r.body["model"] for r in upstream_small.requests] == ["gpt-4"]
+
+
+def _counts_two_a_word(body: dict[str, Any]) -> Reply | Status:
+    """An upstream counting every word twice as the estimate does (a tokenizer of rare
+    words): over its 1024-token window it refuses as llama-cpp-python's server does,
+    saying its window and its count."""
+    prompt = 2 * sum(len(str(m.get("content") or "").split()) for m in body["messages"])
+    completion = body["max_tokens"]
+    if prompt + completion <= WINDOW:
+        return Reply(prompt_tokens=prompt)
+    message = (
+        f"This model's maximum context length is {WINDOW} tokens. However, you requested "
+        f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the "
+        "completion). Please reduce the length of the messages or completion."
+    )
+    error = {"message": message, "type": "invalid_request_error", "param": "messages"}
+    return Status(400, body=json.dumps({"error": {**error, "code": "context_length_exceeded"}}))
+
+
+async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
+    start_gateway,
+):
+    """A conversation the upstream counts at twice the estimate: the first KEEP_RECENT
+    call is refused, its refusal saying the upstream's count; the next one is fitted to
+    that count and answered.
+
+    Before, the refusal taught only that the count was over the room the prompt was
+    fitted into: each call dropped one more turn and was refused again, four times for a
+    conversation 1.6 times over the local model's window."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=_counts_two_a_word) as upstream:
+        gateway = await start_gateway(small_window_config(upstream.base_url))
+        request = conversation(15, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(request)
+        assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+        answer = await gateway.stub.Complete(request)
+    assert answer.metadata.dropped_messages > 0
+    assert len(upstream.requests) == 2

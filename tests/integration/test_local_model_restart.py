@@ -41,7 +41,7 @@ MODEL = "gemma-3-270m"
 # the environment) and then answers its OpenAI routes only to `Authorization: Bearer KEY`:
 # 401 `{{"detail": "Invalid API key"}}` otherwise (`llama_cpp/server/app.py::authenticate`).
 _STAND_IN = """#!{python}
-import http.server, json, os, sys
+import http.server, json, os, sys, time
 port = int(sys.argv[sys.argv.index("--port") + 1])
 key = os.environ.get("API_KEY")
 class OpenAI(http.server.BaseHTTPRequestHandler):
@@ -66,6 +66,10 @@ class OpenAI(http.server.BaseHTTPRequestHandler):
         if self._refuses():
             return
         message = {{"role": "assistant", "content": "hi"}}
+        if {dies_once!r} and not os.path.exists({dies_once!r}):
+            open({dies_once!r}, "w").close()
+            os._exit(1)  # dies under the call, as llama.cpp crashing mid-answer
+        time.sleep({delay_s!r})
         self._send({{
             "id": "x", "object": "chat.completion", "created": 0, "model": {model!r},
             "choices": [{{"index": 0, "message": message, "finish_reason": "stop"}}],
@@ -77,13 +81,22 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), OpenAI).serve_forever()
 """
 
 
-def stand_in_local_model(tmp_path: Path) -> tuple[Path, Path]:
+def stand_in_local_model(
+    tmp_path: Path, *, answer_delay_s: float = 0.0, dies_at_first_call: bool = False
+) -> tuple[Path, Path]:
     """A file standing in for the model and, as `tmp_path/python`, the stand-in server
-    the supervisor runs as llama.cpp's Python: (model file, stand-in)."""
+    the supervisor runs as llama.cpp's Python: (model file, stand-in). It answers each
+    completion after `answer_delay_s`; with `dies_at_first_call`, the first one (of all
+    its starts) it gets it exits under."""
     model = tmp_path / "model.gguf"
     model.write_bytes(b"not really a model")
     stand_in = tmp_path / "python"
-    stand_in.write_text(_STAND_IN.format(python=sys.executable, model=MODEL))
+    dies_once = str(tmp_path / "died") if dies_at_first_call else ""
+    stand_in.write_text(
+        _STAND_IN.format(
+            python=sys.executable, model=MODEL, delay_s=answer_delay_s, dies_once=dies_once
+        )
+    )
     stand_in.chmod(0o755)
     return model, stand_in
 

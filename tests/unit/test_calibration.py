@@ -108,6 +108,27 @@ def test_a_refused_prompt_is_over_its_room_with_the_factor_it_teaches(samples):
     assert calibration.factor("m", "t") < 1.2
 
 
+@pytest.mark.parametrize(
+    ("counted", "factor"),
+    [
+        ((1600, 1000), 2.0 * 1.1),  # its own count, in a room as large: the ratio itself
+        ((1600, 500), 4.0),  # a room half the gateway's: twice the ratio, at the ceiling
+        ((1200, 400), 4.0),
+        ((900, 1000), 1001 / 800 * 1.1),  # a count under the room says less than the bound
+        ((1600, 0), 1001 / 800 * 1.1),  # no room at all: only the bound
+    ],
+)
+def test_a_refusal_stating_its_count_teaches_the_ratio_itself(counted, factor):
+    """A refusal that says the upstream's count and window raises the factor to the
+    count's ratio to the estimate (scaled by how much smaller the upstream's room is), so
+    the next fit is under that count at once, rather than only past the room."""
+    calibration = TokenCalibration(margin=0.1, ceiling=4.0)
+    calibration.refused_as_too_long(
+        "m", "t", estimated_tokens=800, room_tokens=1000, counted=counted
+    )
+    assert calibration.factor("m", "t") == pytest.approx(factor)
+
+
 def test_a_refusal_teaches_at_most_the_ceiling():
     """A prompt refused far under its room (a catalog window larger than the upstream's)
     moves the factor to its ceiling, no further, and only for its tenant."""

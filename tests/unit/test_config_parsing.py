@@ -1266,7 +1266,8 @@ def test_readme_yaml_examples_parse() -> None:
 def test_the_local_model_is_in_the_catalog_with_the_window_llama_cpp_runs_with() -> None:
     """A config that serves the local model without listing it in `models` fits its
     prompts to the n_ctx the gateway starts llama.cpp with, not the default window of an
-    unknown model (8192, which llama.cpp would refuse); the file's own entry wins."""
+    unknown model (8192, which llama.cpp would refuse); the file's own entry keeps its
+    prices and a window up to that n_ctx."""
     served = parse({"local_model": {"context_window": 4096}})
     entry = served.models[served.local_model.model]
     assert (entry.context_window, entry.input_usd_per_million) == (4096, 0.0)
@@ -1285,6 +1286,25 @@ def test_the_local_model_is_in_the_catalog_with_the_window_llama_cpp_runs_with()
     assert listed.models["gemma-3-270m"].context_window == 1024
     not_served = parse({"upstreams": [upstream()]})
     assert not_served.models == {}
+
+
+def test_a_catalog_window_over_the_local_models_n_ctx_is_held_to_it() -> None:
+    """A `models` entry for the local model with a larger window than llama.cpp runs with
+    is fitted to n_ctx (llama.cpp refuses any prompt past it), its prices kept; with the
+    local model off (a provider key set, `enabled: auto`) the entry is as written."""
+    models = {
+        "gemma-3-270m": {
+            "context_window": 4096,
+            "input_usd_per_million": 1.0,
+            "output_usd_per_million": 2.0,
+        }
+    }
+    served = parse({"local_model": {"context_window": 512}, "models": models})
+    entry = served.models["gemma-3-270m"]
+    assert (entry.context_window, entry.input_usd_per_million) == (512, 1.0)
+    with_key = {"local_model": {"context_window": 512}, "models": models, "upstreams": [upstream()]}
+    not_served = parse(with_key)
+    assert not_served.models["gemma-3-270m"].context_window == 4096
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from service.upstream.openai_json import (
     MalformedReply,
     StreamParser,
     body_without_stream_options,
+    context_counts,
     error_status,
     finish_reason,
     is_json_or_cut,
@@ -883,6 +884,56 @@ def test_stream_parser_fails_on_an_index_0_choice_that_carries_something(
 )
 def test_says_context_exceeded(body: Any, expected: bool) -> None:
     assert says_context_exceeded(json.dumps(body).encode()) is expected
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # llama-cpp-python's server (the local model), as its real server writes it.
+        (
+            {
+                "error": {
+                    "message": "This model's maximum context length is 512 tokens. However, you "
+                    "requested 818 tokens (810 in the messages, 8 in the completion). Please "
+                    "reduce the length of the messages or completion.",
+                    "type": "invalid_request_error",
+                    "param": "messages",
+                    "code": "context_length_exceeded",
+                }
+            },
+            (512, 810),
+        ),
+        # vLLM before 0.10: its error object bare.
+        (
+            {
+                "object": "error",
+                "message": "This model's maximum context length is 1024 tokens. However, you "
+                "requested 1100 tokens (1000 in the messages, 100 in the completion).",
+            },
+            (1024, 1000),
+        ),
+        # llama.cpp's own server: the counts beside its message.
+        (
+            {
+                "error": {
+                    "code": 400,
+                    "message": "the request exceeds the available context size",
+                    "type": "exceed_context_size_error",
+                    "n_prompt_tokens": 1100,
+                    "n_ctx": 1024,
+                }
+            },
+            (1024, 1100),
+        ),
+        # The window alone, or no count at all: nothing to go by.
+        ({"error": {"message": "This model's maximum context length is 8192 tokens"}}, None),
+        ({"error": {"message": "...", "code": "context_length_exceeded"}}, None),
+        ({"error": "prompt over the context window"}, None),
+    ],
+)
+def test_context_counts(body: Any, expected: tuple[int, int] | None) -> None:
+    """The window and prompt count a refusal states, where it states both."""
+    assert context_counts(json.dumps(body).encode()) == expected
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,87 @@
+"""The local model's limits as calls meet them: one answer at a time, and its death
+under a call.
+
+llama.cpp's server is stood in for by the small OpenAI-compatible server of
+test_local_model_restart, run by the gateway's real supervisor as llama.cpp's Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service.config import parse_config
+from tests.integration.helpers import error_info, retry_delay_s
+from tests.integration.test_local_model_restart import (
+    MODEL,
+    run_stand_in_as_llama,
+    stand_in_local_model,
+)
+
+
+def _local_config(model: Path, **resilience: Any) -> Any:
+    data = {
+        "server": {"listen": "127.0.0.1:0", "grace_period_s": 2},
+        "local_model": {"enabled": "always", "model_path": str(model), "restart_backoff_s": 1.0},
+        "resilience": resilience,
+    }
+    return parse_config(data, source="<test>", environ={})
+
+
+def _hello() -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model=MODEL,
+        messages=[pb.Message(role=pb.ROLE_USER, content="Hello")],
+        params=pb.GenerationParams(max_tokens=8),
+        cache=pb.CachePolicy(mode=pb.CACHE_MODE_BYPASS),
+    )
+
+
+async def test_concurrent_calls_wait_their_turn_in_the_gateway_not_in_llama_cpp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """Three calls at once to a server that answers one at a time: the gateway sends one
+    at a time, the others waiting in its line (queued, taking turns by tenant, where a
+    cancel or deadline leaves before anything is sent), and each is answered, though they
+    wait past `resilience.max_limit_wait_s`: the local upstream waits as long as its
+    timeout.
+
+    Before, its upstream took 50 at once: all three went to llama.cpp, to wait in its own
+    line, first come first served, their wait counted as upstream time."""
+    model, stand_in = stand_in_local_model(tmp_path, answer_delay_s=0.3)
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    gateway = await start_gateway(_local_config(model, max_limit_wait_s=0.05))
+    answers = await asyncio.gather(*(gateway.stub.Complete(_hello(), timeout=20) for _ in range(3)))
+    assert [a.metadata.upstream for a in answers] == ["local"] * 3
+    assert sum(a.metadata.timings.queued_ms > 0 for a in answers) == 2
+
+
+async def test_a_call_its_server_dies_under_is_refused_as_restarting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """llama.cpp dies under a call: the call is not retried, and is refused as calls are
+    while it restarts, `UNAVAILABLE` with `restarting: local` in its `ErrorInfo` and a
+    `RetryInfo` saying when the restart should answer (its back-off at least), rather than
+    after a retry's back-off, however long (up to 10 s here).
+
+    Before, it waited out the retry's back-off, then was refused with the connection's
+    error, no word of the restart."""
+    model, stand_in = stand_in_local_model(tmp_path, dies_at_first_call=True)
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    config = _local_config(model, backoff_base_s=10.0, backoff_cap_s=10.0)
+    gateway = await start_gateway(config)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(_hello(), timeout=20)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(caught.value)
+    assert (info.metadata["upstream"], info.metadata["restarting"]) == ("local", "local")
+    assert info.metadata["attempts"] == "1"
+    delay_s = retry_delay_s(caught.value)
+    assert delay_s is not None
+    assert delay_s > 0.5
