@@ -367,10 +367,16 @@ def _why_ruled_out(exc: UpstreamError) -> str:
 def _sooner_limit(last_error: UpstreamError | None, exc: LimitExceeded) -> UpstreamError:
     """What a call skipping a route for the gateway's own limit (`exc`) ends with, should
     no attempt follow: an upstream's own failure, else the limit that frees first, so that
-    the caller's RetryInfo is the shortest wait of the upstreams all at their limits."""
+    the caller's RetryInfo is the shortest wait of the upstreams all at their limits.
+
+    That refusal is replica-local when any of those limits is: another replica has its
+    own slots (and in-memory buckets) for the upstream this one was full at.
+    """
     if isinstance(last_error, LimitExceeded):
         is_sooner = (exc.retry_after_s or 0.0) < (last_error.retry_after_s or 0.0)
-        return exc if is_sooner else last_error
+        sooner = exc if is_sooner else last_error
+        sooner.is_replica_local = exc.is_replica_local or last_error.is_replica_local
+        return sooner
     return last_error or exc
 
 
