@@ -6,7 +6,8 @@ expected cost is the prompt estimate (the estimator errs high), raised by the te
 calibration for the model where it says the upstream counts more, priced as input plus,
 when the request sets `max_tokens`, that many tokens priced as output; without it the
 budget's `reserve_output_tokens` (0 by default: the prompt only, since the output's
-length is unknown). A call that passes holds
+length is unknown), at most what the model's window leaves beside the prompt. A call
+that passes holds
 its expected cost in the ledger until its usage is recorded, or until it fails or is
 cancelled. The check and the reservation are one atomic step, in the process and, with
 a Redis ledger, across replicas, so concurrent calls never pass on the same figure. Its
@@ -86,13 +87,16 @@ class Budgets:
         self, request: ChatRequest, *, prompt_tokens: int, reserve_output_tokens: int = 0
     ) -> float:
         """The most the call can cost: prompt as input, plus `max_tokens` as output if
-        set, else `reserve_output_tokens`, at most the model's context window."""
+        set, else `reserve_output_tokens`, at most what the model's context window leaves
+        beside the prompt."""
         max_tokens = request.params.max_tokens
         if max_tokens is None:
-            # No answer outgrows its model's window (a max_tokens cannot reach it): a
-            # larger reserve refused calls that fit, as never fitting the budget.
-            window = self._prices.context_window(request.model, reserve_output_tokens)
-            max_tokens = min(reserve_output_tokens, window)
+            # No answer outgrows the room its prompt leaves in the model's window: a larger
+            # reserve refused calls that fit (a model the catalog lacks: the reserve).
+            window = self._prices.context_window(
+                request.model, prompt_tokens + reserve_output_tokens
+            )
+            max_tokens = min(reserve_output_tokens, max(0, window - prompt_tokens))
         usage = Usage(input_tokens=prompt_tokens, output_tokens=max_tokens, is_estimated=True)
         return self._prices.cost_usd(request.model, usage)
 

@@ -38,8 +38,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 ERROR_DOMAIN = "llmgateway.v1"
 INTERNAL_ERROR_REASON = "INTERNAL_ERROR"
 RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
-# Sent with a refusal another replica may not give (this one is full, or stopping), so a
-# proxy in front of the replicas (deploy/envoy) retries only those on another one.
+# Sent with a refusal another replica may not give (this one is full, stopping, or at its
+# own limit for every upstream of the model), so a proxy in front of the replicas
+# (deploy/envoy) retries only those on another one.
 RETRY_ELSEWHERE_TRAILER = "llm-gateway-retry-elsewhere"
 # What clients/service_config.json retries.
 _RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -83,7 +84,7 @@ class GatewayError(Exception):
     # No retry can mend it, however long it waits: only an operator can.
     is_retry_futile: bool = False
     # Said by this replica alone: another one may well take the call.
-    is_replica_local: ClassVar[bool] = False
+    is_replica_local: bool = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -617,7 +618,8 @@ def internal_error_status() -> status_pb2.Status:
 
 def retry_elsewhere_trailer(exc: BaseException) -> tuple[tuple[str, str], ...]:
     """`llm-gateway-retry-elsewhere: true` for a refusal of this replica's own (overloaded,
-    shutting down): the one kind a proxy should retry on another replica. Any other
+    shutting down, an upstream's slots or in-memory rate here spent): the one kind a proxy
+    should retry on another replica. Any other
     refusal would be the same there (a tenant's quota, a rejected key), or comes after the
     gateway's own retries and failover, which a proxy's retry would multiply."""
     if isinstance(exc, GatewayError) and exc.is_replica_local:

@@ -41,17 +41,25 @@ MAX_PAUSE_S = 60.0  # seconds: the longest an upstream's hint may pause us
 
 
 class LimitExceeded(UpstreamRateLimited):
-    """The gateway's own limit for an upstream would make the caller wait too long."""
+    """The gateway's own limit for an upstream would make the caller wait too long.
+
+    `is_replica_local`: the limit is this process's alone (its `max_concurrency`, or a
+    per-minute rate kept in memory), so another replica may have room; a pause or learned
+    pace the upstream asked for, or a rate shared through Redis, is the same everywhere.
+    """
 
     reason = "UPSTREAM_LIMIT"
 
-    def __init__(self, upstream: str, *, wait_s: float, what: str) -> None:
+    def __init__(
+        self, upstream: str, *, wait_s: float, what: str, is_replica_local: bool = False
+    ) -> None:
         super().__init__(
             f"upstream {upstream!r} is at its {what} limit",
             upstream=upstream,
             retry_after_s=wait_s,
         )
         self.what = what
+        self.is_replica_local = is_replica_local
 
 
 @dataclass(slots=True)
@@ -117,6 +125,13 @@ class RateBucket(Protocol):
 def _bucket_wait_s(bucket: RateBucket, amount: float, now: float, is_peek: bool) -> float:
     return bucket.peek_wait_s(amount, now) if is_peek else bucket.wait_s(amount, now)
 
+
+# The limits a call waits for, as `LimitExceeded.what` names them: these three are the
+# gateway's own, the pause and learned rate are the upstream's.
+_CONCURRENCY = "concurrency"
+_REQUESTS_PER_MINUTE = "requests-per-minute"
+_TOKENS_PER_MINUTE = "tokens-per-minute"
+_RATES = (_REQUESTS_PER_MINUTE, _TOKENS_PER_MINUTE)
 
 # What `wait_s` finds with nothing to wait for, as its list of waits would give it.
 _NO_WAIT = (0.0, "upstream-requested pause")
@@ -189,9 +204,9 @@ class UpstreamLimiter:
             next_start = min(self._last_start + self.spacing_s, self._spacing_until)
             waits.append((max(0.0, next_start - now), "learned rate"))
         if self._requests is not None:
-            waits.append((_bucket_wait_s(self._requests, 1, now, is_peek), "requests-per-minute"))
+            waits.append((_bucket_wait_s(self._requests, 1, now, is_peek), _REQUESTS_PER_MINUTE))
         if self._tokens is not None:
-            waits.append((_bucket_wait_s(self._tokens, tokens, now, is_peek), "tokens-per-minute"))
+            waits.append((_bucket_wait_s(self._tokens, tokens, now, is_peek), _TOKENS_PER_MINUTE))
         return max(waits)
 
     def starts_now(self, tokens: int) -> bool:
@@ -226,7 +241,7 @@ class UpstreamLimiter:
         else:
             wait, what = self._wait_in_line(tokens)
         if wait > max_wait_s or max_wait_s <= 0:
-            raise LimitExceeded(self.upstream, wait_s=max(0.1, wait), what=what)
+            raise self._refusal(max(0.1, wait), what)
         started = self._clock.now()
         waiter = _Waiter(asyncio.get_running_loop().create_future(), tokens, started + max_wait_s)
         self._waiters.setdefault(tenant, deque()).append(waiter)
@@ -242,7 +257,7 @@ class UpstreamLimiter:
                 if not granted.done() and not self._is_timed(waiter):
                     wait, what = self._wait_in_line(tokens)
                     self._withdraw(tenant, waiter)
-                    raise LimitExceeded(self.upstream, wait_s=max(0.1, wait), what=what) from None
+                    raise self._refusal(max(0.1, wait), what) from None
                 # Its turn is due by its deadline (the timer and this timeout fire about
                 # together): the dispatcher's verdict, start or refusal, stands.
                 await asyncio.shield(granted)
@@ -254,6 +269,17 @@ class UpstreamLimiter:
             raise
         granted.result()  # the dispatcher's refusal, when the call's turn came too late
         return self._clock.now() - started
+
+    @property
+    def is_rate_shared(self) -> bool:
+        """Whether the per-minute buckets are every replica's (in Redis), not this process's."""
+        return False
+
+    def _refusal(self, wait_s: float, what: str) -> LimitExceeded:
+        """The refusal of a call that `what` would hold `wait_s`, replica-local when only
+        this process's own slots or buckets hold it."""
+        is_own = what == _CONCURRENCY or (what in _RATES and not self.is_rate_shared)
+        return LimitExceeded(self.upstream, wait_s=wait_s, what=what, is_replica_local=is_own)
 
     def _start(self, tokens: int) -> None:
         self.in_flight += 1
@@ -286,7 +312,7 @@ class UpstreamLimiter:
         if self._waiters and self.in_flight < self.max_concurrency:
             first = next(iter(self._waiters.values()))[0]
             wait = max(wait, self.wait_s(first.tokens, is_peek=is_peek), key=lambda w: w[0])
-        return wait if wait[0] > 0 else (0.0, "concurrency")
+        return wait if wait[0] > 0 else (0.0, _CONCURRENCY)
 
     def _is_timed(self, waiter: _Waiter) -> bool:
         """Whether the dispatcher's timer will start or refuse `waiter` by its deadline:
@@ -328,7 +354,7 @@ class UpstreamLimiter:
                 # Its turn comes too late for it: refused, and its tenant keeps the turn.
                 if not queue:
                     del self._waiters[tenant]
-                waiter.future.set_exception(LimitExceeded(self.upstream, wait_s=wait, what=what))
+                waiter.future.set_exception(self._refusal(wait, what))
                 continue
             if queue:  # the tenant served goes to the back of the turn order
                 self._waiters.move_to_end(tenant)

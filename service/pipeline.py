@@ -36,7 +36,7 @@ from service.errors import ShuttingDown, UpstreamContextExceeded
 from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.limits import LimitExceeded
 from service.memo import BoundedMemo
-from service.pool import AttemptLog, UpstreamPool
+from service.pool import AttemptLog, LimitWait, UpstreamPool
 from service.pricing import PriceList
 from service.telemetry import active as telemetry
 from service.tokens import estimate_output_tokens
@@ -147,16 +147,37 @@ class Pipeline:
         self.takes_repeats = cache is not None and cache.recalls
         # Set once the server stops: a batch or a summary starts no new upstream call.
         self.is_stopping = False
-        # The waits for a turn (`in_turn`) that `begin_stopping` ends.
+        # The waits for a turn (`in_turn`) or at an upstream's limits (`complete_in_turn`)
+        # that `begin_stopping` ends.
         self._turn_waits: set[asyncio.Timeout] = set()
 
     def begin_stopping(self) -> None:
         """The server is stopping: no batch item or Summarize part starts from now on, and
-        those waiting for their turn (`in_turn`) stop waiting."""
+        those waiting for their turn (`in_turn`) or at their upstream's limits
+        (`complete_in_turn`) stop waiting."""
         self.is_stopping = True
         now = asyncio.get_running_loop().time()
         for wait in self._turn_waits:
             wait.reschedule(now)
+
+    @contextlib.asynccontextmanager
+    async def _ended_by_drain(self) -> AsyncIterator[None]:
+        """The body, a wait of a call the gateway queued itself, ended with `ShuttingDown`
+        as the server begins stopping; at its first pause when it already has, so that a
+        body that need not wait still goes on."""
+        try:
+            async with asyncio.timeout(None) as wait:
+                if self.is_stopping:
+                    wait.reschedule(asyncio.get_running_loop().time())
+                self._turn_waits.add(wait)
+                try:
+                    yield
+                finally:
+                    self._turn_waits.discard(wait)
+        except TimeoutError:
+            if wait.expired():
+                raise ShuttingDown() from None
+            raise
 
     @contextlib.asynccontextmanager
     async def in_turn(
@@ -174,17 +195,8 @@ class Pipeline:
         if self.is_stopping:
             raise ShuttingDown()
         async with contextlib.AsyncExitStack() as held:
-            try:
-                async with asyncio.timeout(None) as wait:
-                    self._turn_waits.add(wait)
-                    try:
-                        await held.enter_async_context(turn)
-                    finally:
-                        self._turn_waits.discard(wait)
-            except TimeoutError:
-                if wait.expired():
-                    raise ShuttingDown() from None
-                raise
+            async with self._ended_by_drain():
+                await held.enter_async_context(turn)
             if self.is_stopping:  # it began as the turn came
                 raise ShuttingDown()
             yield
@@ -360,6 +372,7 @@ class Pipeline:
         deadline: Deadline,
         repeat_key: RepeatKey | None = None,
         waiting_since: float | None = None,
+        is_gateway_queued: bool = False,
     ) -> Completion:
         """One unary completion, from the cache when it has it.
 
@@ -367,6 +380,8 @@ class Pipeline:
         reads is remembered so that `repeat` can answer the same bytes again.
         `waiting_since`: when (`time.monotonic()`) a call the gateway queued itself began
         waiting for its turn; its timings count from then, the wait as queued time.
+        `is_gateway_queued`: such a call (`complete_in_turn`), whose waits at its
+        upstreams' limits end with `ShuttingDown` as the server begins stopping.
         """
         started = time.monotonic()
         prepared = self._prepared(request)
@@ -375,7 +390,13 @@ class Pipeline:
         # only after account() (or on failure), so the cost always counts, reserved or spent.
         async with self._budgets.holding() as hold:
             owed = _Owed()
-            fetch = functools.partial(self._complete, prepared, hold, owed, deadline, started)
+            # A queued call still waiting at its upstream's limits as the server begins
+            # stopping is not sent: it would run into the drain, be cut at the grace's end
+            # and paid for, its answer never delivered.
+            limit_wait = self._ended_by_drain if is_gateway_queued else None
+            fetch = functools.partial(
+                self._complete, prepared, hold, owed, deadline, started, limit_wait=limit_wait
+            )
             try:
                 cache = self._cache
                 if cache is None or (mode := cache.mode_for(request)) is CacheMode.BYPASS:
@@ -409,17 +430,25 @@ class Pipeline:
         its own batch's or summary's other calls, which would otherwise refuse it on every
         run. That bound is for a caller who would rather be told at once; these calls are
         their caller's queue, and wait their turn until its deadline: their timings count
-        from `waiting_since` (else now), every turn they waited as queued time."""
+        from `waiting_since` (else now), every turn they waited as queued time.
+
+        Raises:
+            ShuttingDown: the server began stopping while the call waited at its upstream's
+                limits (or for its next turn there): it took none of them and was not sent.
+        """
         if waiting_since is None:
             waiting_since = time.monotonic()
         while True:
             try:
-                return await self.complete(request, deadline=deadline, waiting_since=waiting_since)
+                return await self.complete(
+                    request, deadline=deadline, waiting_since=waiting_since, is_gateway_queued=True
+                )
             except (LimitExceeded, HeldByCallsInFlight) as exc:
                 left = deadline.remaining_s()
                 if left is not None and left <= (exc.retry_after_s or 0.0):
                     raise  # its turn would come after the deadline: said now, with when
-            await asyncio.sleep(_REQUEUE_PAUSE_S)
+            async with self._ended_by_drain():
+                await asyncio.sleep(_REQUEUE_PAUSE_S)
 
     def _remember(
         self, repeat_key: RepeatKey, prepared: PreparedRequest, mode: CacheMode
@@ -503,8 +532,13 @@ class Pipeline:
         owed: _Owed,
         deadline: Deadline,
         started: float,
+        *,
+        limit_wait: LimitWait | None,
     ) -> Completion:
-        """The upstream call behind a cache miss; budgets are checked and reserved only here."""
+        """The upstream call behind a cache miss; budgets are checked and reserved only here.
+
+        `limit_wait`: around each of its waits at an upstream's limits (`UpstreamPool.complete`).
+        """
         request = prepared.request
         log = AttemptLog()
         # `_billed_prompt_tokens` written out: a Python call less on every miss.
@@ -517,7 +551,11 @@ class Pipeline:
             try:
                 try:
                     reply = await self._pool.complete(
-                        request, prompt_tokens=prompt_tokens, deadline=deadline, log=log
+                        request,
+                        prompt_tokens=prompt_tokens,
+                        deadline=deadline,
+                        log=log,
+                        limit_wait=limit_wait,
                     )
                 except UpstreamContextExceeded as refusal:
                     self._learn_refusal(prepared, refusal)

@@ -21,7 +21,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Container, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from service.breaker import BreakerSettings, BreakerState, CircuitBreaker
@@ -360,6 +360,11 @@ class _CallPlan:
         return None
 
 
+LimitWait = Callable[[], contextlib.AbstractAsyncContextManager[None]]
+"""What a call enters around each of its waits at an upstream's limiter
+(`UpstreamPool.complete`)."""
+
+
 def _why_ruled_out(exc: UpstreamError) -> str:
     """Why a failover-only error (`is_failover_only`) rules its upstream out of the call."""
     return "not an OpenAI server" if isinstance(exc, UpstreamNotOpenAI) else "key rejected"
@@ -373,10 +378,16 @@ def _restarting(plan: _CallPlan) -> str:
 def _sooner_limit(last_error: UpstreamError | None, exc: LimitExceeded) -> UpstreamError:
     """What a call skipping a route for the gateway's own limit (`exc`) ends with, should
     no attempt follow: an upstream's own failure, else the limit that frees first, so that
-    the caller's RetryInfo is the shortest wait of the upstreams all at their limits."""
+    the caller's RetryInfo is the shortest wait of the upstreams all at their limits.
+
+    That refusal is replica-local when any of those limits is: another replica has its
+    own slots (and in-memory buckets) for the upstream this one was full at.
+    """
     if isinstance(last_error, LimitExceeded):
         is_sooner = (exc.retry_after_s or 0.0) < (last_error.retry_after_s or 0.0)
-        return exc if is_sooner else last_error
+        sooner = exc if is_sooner else last_error
+        sooner.is_replica_local = exc.is_replica_local or last_error.is_replica_local
+        return sooner
     return last_error or exc
 
 
@@ -629,6 +640,7 @@ class UpstreamPool:
         log_: AttemptLog,
         last_error: UpstreamError | None,
         last_route: Route | None,
+        limit_wait: LimitWait | None,
     ) -> tuple[float, int | None] | None:
         """Wait and pass breaker, budget and limiter; the attempt's timeout and, when it is
         the breaker's half-open probe, the breaker's episode (else None); or None to skip.
@@ -705,9 +717,15 @@ class UpstreamPool:
             max_wait = min(max_wait, left - self.settings.min_attempt_s)
         acquiring = self._clock.now()
         try:
-            limit_wait = await state.limiter.acquire(
-                tokens=tokens, max_wait_s=max_wait, tenant=request.tenant
-            )
+            if limit_wait is None:  # most calls: nothing to enter around the wait
+                waited_s = await state.limiter.acquire(
+                    tokens=tokens, max_wait_s=max_wait, tenant=request.tenant
+                )
+            else:
+                async with limit_wait():
+                    waited_s = await state.limiter.acquire(
+                        tokens=tokens, max_wait_s=max_wait, tenant=request.tenant
+                    )
         except BaseException as exc:
             state.breaker.release(probe=probe)
             if isinstance(exc, LimitExceeded):
@@ -717,8 +735,8 @@ class UpstreamPool:
                 # upstream's account as much as one that got the slot.
                 _queued_for_upstream(log_, self._clock.now() - acquiring)
             raise
-        if limit_wait > 0:  # most calls start at once
-            _queued_for_upstream(log_, limit_wait)
+        if waited_s > 0:  # most calls start at once
+            _queued_for_upstream(log_, waited_s)
         if route.client.name in self._down:
             # Down since this call's plan (it died under the call, which backs off or waited
             # its turn): whatever answers its old address now is not its server.
@@ -931,6 +949,7 @@ class UpstreamPool:
         progress: _Progress,
         *,
         tokens: int,
+        limit_wait: LimitWait | None = None,
     ) -> tuple[Route, float, int | None] | None:
         """The next route to try, its timeout and its probe's breaker episode (None: not the
         breaker's probe), once waits and admission passed.
@@ -956,6 +975,7 @@ class UpstreamPool:
                     log_=log,
                     last_error=progress.last_error,
                     last_route=progress.last_route,
+                    limit_wait=limit_wait,
                 )
             except LimitExceeded as exc:
                 plan.exclude(route, exc.what + " limit")
@@ -972,18 +992,26 @@ class UpstreamPool:
     # -- the two call shapes ---------------------------------------------------------
 
     async def complete(
-        self, request: ChatRequest, *, prompt_tokens: int, deadline: Deadline, log: AttemptLog
+        self,
+        request: ChatRequest,
+        *,
+        prompt_tokens: int,
+        deadline: Deadline,
+        log: AttemptLog,
+        limit_wait: LimitWait | None = None,
     ) -> UpstreamReply:
         """Send a unary completion, retrying and failing over as the policy allows.
 
         `prompt_tokens`: the prompt's estimate as its tenant's calibration counts it
-        (never below the plain one), for the upstreams' token limits.
+        (never below the plain one), for the upstreams' token limits. `limit_wait`:
+        entered around each wait at an upstream's limiter; what it raises (the server's
+        drain, for a batch item) ends the call, the wait given up and nothing taken.
         """
         tokens = self._tokens(request, prompt_tokens)
         plan = self._plan(request, tokens)
         progress = _Progress()
         while attempt := await self._next_attempt(
-            plan, request, deadline, log, progress, tokens=tokens
+            plan, request, deadline, log, progress, tokens=tokens, limit_wait=limit_wait
         ):
             route, timeout_s, probe = attempt
             state = self._states[route.client.name]
@@ -1167,4 +1195,4 @@ class UpstreamPool:
         raise error
 
 
-__all__ = ["AttemptLog", "LostAttempt", "Route", "UpstreamPool", "UpstreamState"]
+__all__ = ["AttemptLog", "LimitWait", "LostAttempt", "Route", "UpstreamPool", "UpstreamState"]

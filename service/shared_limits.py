@@ -416,6 +416,11 @@ class SharedUpstreamLimiter(UpstreamLimiter):
         self._tokens = rate.tokens
         rate.on_refill = self._dispatch
 
+    @property
+    def is_rate_shared(self) -> bool:
+        """Shared, unless fallen open to this process's own buckets while Redis is away."""
+        return not self.rate.is_failing_open
+
     async def acquire(self, *, tokens: int, max_wait_s: float, tenant: str = "") -> float:
         """As `UpstreamLimiter.acquire`, once the reserves hold the call's units or Redis
         has said when they will."""

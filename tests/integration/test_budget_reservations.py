@@ -199,8 +199,9 @@ async def test_calls_without_max_tokens_hold_the_budgets_output_reserve(held, st
 async def test_an_output_reserve_past_the_models_window_reserves_the_window(
     held, start_gateway, ledger
 ):
-    """A `reserve_output_tokens` larger than the model's window (4,096) reserves the
-    window, the longest answer the model can write: a call that fits the budget so passes.
+    """A `reserve_output_tokens` larger than the model's window (4,096) reserves what the
+    window leaves beside the prompt, the longest answer the model can write: a call that
+    fits the budget so passes.
 
     Before, it reserved the whole 100,000 tokens ($0.042) and was refused as a call that
     can never fit the $0.01 budget (pushback -1), though it can cost at most ~$0.0017."""
@@ -211,12 +212,40 @@ async def test_an_output_reserve_past_the_models_window_reserves_the_window(
     held.gate.clear()
     call = asyncio.create_task(outcome(gateway.stub.Complete(chat("call a"))))
     await held.wait_until(lambda: held.in_flight == 1)
-    window_cost = cost_usd(Usage(input_tokens=0, output_tokens=PRICE.context_window), PRICE)
     reserved = await gateway.server.pipeline.ledger.reserved_usd("default", "day")
-    assert window_cost < reserved < window_cost + 0.0001  # the window, and the prompt
+    assert reserved == pytest.approx(cost_of_the_window_beside("call a"), abs=1e-12)
     held.gate.set()
     assert (await call).content
     await nothing_reserved(gateway)
+
+
+def cost_of_the_window_beside(content: str) -> float:
+    """What a call of one user message `content` without max_tokens can cost at most: its
+    prompt as input and the rest of the model's window as output."""
+    prompt = estimate_prompt_tokens((Message(Role.USER, content),))
+    window = Usage(input_tokens=prompt, output_tokens=PRICE.context_window - prompt)
+    return cost_usd(window, PRICE)
+
+
+async def test_an_output_reserve_past_the_room_the_prompt_leaves_reserves_that_room(
+    held, start_gateway
+):
+    """A prompt of about 3,000 of the window's 4,096 tokens leaves room for about 1,100
+    tokens of answer: a reserve of 4,000 (within the window) reserves only that room, so
+    a budget just big enough for the prompt and that room lets the call through.
+
+    Before, the reserve was capped at the whole window, not what the prompt leaves of it:
+    the call reserved its prompt and 4,000 tokens and was refused as one that can never
+    fit the budget (pushback -1), though it cannot cost that much."""
+    content = "word " * 3000
+    fits_usd = cost_of_the_window_beside(content)
+    budget = {"usd": fits_usd + 1e-7, "period": "day", "reserve_output_tokens": 4000}
+    prompt = estimate_prompt_tokens((Message(Role.USER, content),))
+    assert prompt + 4000 > PRICE.context_window
+    assert cost_usd(Usage(input_tokens=prompt, output_tokens=4000), PRICE) > budget["usd"]
+    gateway = await start_gateway(gateway_config(held.base_url, budgets={"default": budget}))
+    assert (await gateway.stub.Complete(chat(content))).content
+    assert len(held.requests) == 1
 
 
 async def cancel_unary(gateway: RunningGateway, held: ScriptedUpstream) -> None:

@@ -1267,6 +1267,77 @@ async def test_every_upstream_at_its_limit_is_refused_with_the_shortest_wait(sta
         assert (len(slow.requests), len(soon.requests)) == (1, 1)
 
 
+@pytest.mark.parametrize(
+    ("limit", "is_elsewhere"),
+    [("max_concurrency", True), ("requests_per_minute", True), ("paused by a 429", False)],
+)
+async def test_a_refusal_at_this_replicas_own_upstream_limit_says_retry_elsewhere(
+    start_gateway, limit, is_elsewhere
+):
+    """UPSTREAM_LIMIT carries `llm-gateway-retry-elsewhere: true` when the limit is this
+    replica's own, which another replica holds apart: its slots (`max_concurrency`) or its
+    in-memory per-minute bucket. A pause the upstream's 429 asked for would be the same
+    there (the upstream refuses every replica), so it does not. Before, none said so, and
+    a proxy left a call refused for one replica's full slots to the caller."""
+    async with ScriptedUpstream() as fake:
+        resilience = {**FAST_RESILIENCE, "attempts": 1, "max_limit_wait_s": 0}
+        config = gateway_config(fake.base_url, resilience=resilience)
+        held = None
+        if limit == "max_concurrency":
+            gateway = await start_gateway(dataclass_replace_upstream(config, max_concurrency=1))
+            fake.gate.clear()
+            held = asyncio.ensure_future(gateway.stub.Complete(chat("held")))
+            await fake.wait_until(lambda: fake.in_flight == 1)
+        elif limit == "requests_per_minute":
+            gateway = await start_gateway(dataclass_replace_upstream(config, requests_per_minute=1))
+            await gateway.stub.Complete(chat("first"))
+        else:
+            gateway = await start_gateway(config)
+            fake.script(Status(429, headers={"Retry-After": "30"}))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await gateway.stub.Complete(chat("first"))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(chat("refused"))
+        fake.gate.set()
+        if held is not None:
+            await held
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_details(caught.value)[1] == "UPSTREAM_LIMIT"
+    trailers = dict(caught.value.trailing_metadata())
+    assert (RETRY_ELSEWHERE_TRAILER in trailers) is is_elsewhere
+    if is_elsewhere:
+        assert trailers[RETRY_ELSEWHERE_TRAILER] == "true"
+    assert len(fake.requests) == 1
+
+
+async def test_a_refusal_with_one_upstream_full_here_and_another_paused_says_retry_elsewhere(
+    start_gateway,
+):
+    """up0 is at this replica's one slot, up1 paused by its 429: another replica may have
+    a slot of up0 for the call, so the refusal says retry elsewhere (whichever of the two
+    waits, the shorter, it reports)."""
+    async with ScriptedUpstream() as full, FakeUpstream() as paused:
+        resilience = {**FAST_RESILIENCE, "attempts": 1, "max_limit_wait_s": 0}
+        config = gateway_config(full.base_url, paused.base_url, resilience=resilience)
+        one_slot = dataclasses.replace(config.upstreams[0], max_concurrency=1)
+        gateway = await start_gateway(
+            dataclasses.replace(config, upstreams=(one_slot, config.upstreams[1]))
+        )
+        paused.script(Status(429, headers={"Retry-After": "30"}))
+        full.gate.clear()
+        held = asyncio.ensure_future(gateway.stub.Complete(chat("held")))
+        await full.wait_until(lambda: full.in_flight == 1)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("paused"))  # up1's 429 pauses it
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(chat("refused"))
+        full.gate.set()
+        await held
+    assert error_details(caught.value)[1] == "UPSTREAM_LIMIT"
+    assert dict(caught.value.trailing_metadata())[RETRY_ELSEWHERE_TRAILER] == "true"
+    assert (len(full.requests), len(paused.requests)) == (1, 1)
+
+
 async def test_a_call_refused_by_every_limit_is_told_the_shortest_wait_not_the_first(
     start_gateway,
 ):

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from llmgateway.v1 import gateway_pb2 as pb
 from service.clock import SYSTEM_CLOCK
 from service.config import ConfigError, UpstreamConfig, parse_config
+from service.errors import RETRY_ELSEWHERE_TRAILER
 from service.lean_redis import LeanRedis
 from service.limits import LimitExceeded, UpstreamLimiter
 from service.shared_limits import SharedLimits, SharedRate, SharedUpstreamLimiter, bucket_keys
@@ -126,6 +127,39 @@ async def test_redis_down_falls_open_to_the_local_rate_and_says_so_once(
     fallbacks = _logged(caplog, "upstream_limits.shared_unavailable")
     assert len(fallbacks) == 1
     assert getattr(fallbacks[0], "upstream", None) == "up0"
+
+
+async def _second_call_refused(gateway: RunningGateway) -> grpc.aio.AioRpcError:
+    """The refusal of a call after one that spent the upstream's rate of 1 a minute."""
+    await gateway.stub.Complete(chat("first"), timeout=20)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat("second"), timeout=20)
+    assert error_info(caught.value).reason == "UPSTREAM_LIMIT"
+    return caught.value
+
+
+async def test_a_refusal_by_the_shared_rate_does_not_say_retry_elsewhere(
+    upstream: FakeUpstream, redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """Every replica spends the one bucket in Redis: another would refuse the call too,
+    so the refusal carries no `llm-gateway-retry-elsewhere`."""
+    config = _config(upstream, redis_server.url, max_wait_s=0, requests_per_minute=1)
+    refusal = await _second_call_refused(await start_gateway(config))
+    assert RETRY_ELSEWHERE_TRAILER not in dict(refusal.trailing_metadata())
+
+
+async def test_a_refusal_by_the_local_rate_redis_fell_open_to_says_retry_elsewhere(
+    upstream: FakeUpstream, start_gateway: Any
+) -> None:
+    """With Redis away the rate is this process's own bucket again, which another replica
+    holds apart: the refusal says `llm-gateway-retry-elsewhere: true`, as without
+    `shared_limits`."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nobody = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"  # closed as the block ends
+    config = _config(upstream, nobody, max_wait_s=0, requests_per_minute=1)
+    refusal = await _second_call_refused(await start_gateway(config))
+    assert dict(refusal.trailing_metadata())[RETRY_ELSEWHERE_TRAILER] == "true"
 
 
 async def test_the_reserve_left_is_given_back_on_stop(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -416,6 +417,69 @@ async def test_a_draining_summary_gives_up_parts_waiting_for_their_tenants_rate(
         assert_shutting_down(caught.value)
         assert (len(fake.requests), fake.finished) == (1, 1)
         assert not calls_cut_off(caplog)
+
+
+def one_upstream_slot(config: GatewayConfig) -> GatewayConfig:
+    """`config` with its upstream's `max_concurrency` at 1."""
+    (only,) = config.upstreams
+    return dataclasses.replace(config, upstreams=(dataclasses.replace(only, max_concurrency=1),))
+
+
+async def test_a_draining_batch_sends_no_item_waiting_at_its_upstreams_limit(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Items 2 and 3 wait for the upstream's one slot (`max_concurrency: 1`) as the drain
+    begins: they stop waiting, take nothing and count as not started, so the upstream sees
+    one request and the call ends SHUTTING_DOWN once item 1 is delivered. Before, each
+    was sent in turn as the slot freed, into the drain, to be cut at the grace's end and
+    paid for."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        fake.gate.clear()  # the first item holds the slot upstream
+        gateway = await start_gateway(one_upstream_slot(gateway_config(fake.base_url)))
+        items = [pb.BatchItem(id=f"q{i}", request=chat(f"question {i}")) for i in range(3)]
+        call = gateway.stub.CompleteBatch(
+            pb.CompleteBatchRequest(items=items, concurrency=3), timeout=30
+        )
+        limiter = gateway.server.pipeline.pool.state("up0").limiter
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        while limiter.queued < 2:
+            await asyncio.sleep(0.01)
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+            stop = await stopping(gateway)
+            fake.gate.set()
+            received = []
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for message in call:
+                    received.append(message)
+            await stop
+        assert_shutting_down(caught.value)
+        assert [m.result.id for m in received] == ["q0"]
+        assert len(fake.requests) == 1
+        assert (limiter.queued, limiter.in_flight) == (0, 0)
+        assert not calls_cut_off(caplog)
+
+
+async def test_a_draining_summary_sends_no_part_waiting_at_its_upstreams_limit(
+    start_gateway: Any,
+) -> None:
+    """The same for Summarize: the part holding the upstream's one slot finishes, the two
+    waiting for it are not sent, and the call ends SHUTTING_DOWN."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=default_respond) as fake:
+        fake.gate.clear()
+        gateway = await start_gateway(one_upstream_slot(summarize_config(fake.base_url)))
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
+        call = asyncio.ensure_future(gateway.stub.Summarize(request, timeout=30))
+        limiter = gateway.server.pipeline.pool.state("up0").limiter
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        while limiter.queued < SUMMARY_CONCURRENCY - 1:
+            await asyncio.sleep(0.01)
+        stop = await stopping(gateway)
+        fake.gate.set()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert_shutting_down(caught.value)
+        assert (len(fake.requests), fake.finished) == (1, 1)
+        await stop
 
 
 @contextlib.asynccontextmanager
