@@ -83,6 +83,7 @@ from service.tokens import (
 )
 from service.validation import (
     has_control_characters,
+    has_visible_text,
     label_violations,
     model_violations,
     without_control_characters,
@@ -107,15 +108,6 @@ _WORD_BREAK = re.compile(r"(?<=\s)(?=\S)")
 # PDF text extraction writes) is sent as a paragraph break, where a part may end, and a
 # vertical tab (a word processor's line break) as a line break.
 _PAGE_BREAKS = str.maketrans({"\f": "\n\n", "\v": "\n"})
-# A character a reader sees: neither whitespace nor one Unicode has rendered as nothing
-# (Default_Ignorable_Code_Point: a soft hyphen, a zero-width space or joiner, a
-# direction mark, Arabic's among them, a variation selector, a Hangul filler, a tag, a
-# byte order mark).
-_VISIBLE = re.compile(
-    r"[^\s\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
-    r"\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
-    r"\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
-)
 # Tokens kept free besides the estimate, for what the estimate cannot see.
 _SAFETY_TOKENS = 16
 _MIN_CHUNK_TOKENS = 64
@@ -157,12 +149,6 @@ class Summary:
 
 
 # --- chunking (pure) -----------------------------------------------------------------
-
-
-def has_visible_text(text: str) -> bool:
-    """Whether `text` holds anything to summarise: a text of blanks and invisible format
-    characters alone, sent, would be paid for and its summary made up."""
-    return _VISIBLE.search(text) is not None
 
 
 def as_sent(document: str) -> str:
