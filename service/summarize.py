@@ -64,6 +64,7 @@ from service.errors import (
     ContextWindowExceeded,
     FieldViolation,
     InvalidRequest,
+    ModelNotFound,
     QuotaExceeded,
     ShuttingDown,
     SummarizePartFailed,
@@ -559,16 +560,21 @@ class Summarizer:
     def validate(self, request: SummaryRequest) -> int:
         """Check the request; return the target length in tokens.
 
-        Every bad field is reported at once, as Complete's are, except that a model no
-        upstream serves is NOT_FOUND first, and the checks against the model's window
-        wait for a valid model name.
+        Every bad field is reported at once, as Complete's are, and before a model no
+        upstream serves (NOT_FOUND), as Complete's are too; the checks against the
+        model's window wait for a model that is served.
         """
         invalid_model = model_violations(request.model)
         violations = [*request.violations, *invalid_model]
         window = None
+        unknown_model = None
         if not invalid_model:
-            self._pipeline.pool.routes(request.model)  # ModelNotFound first
-            window = self._pipeline.context_window(request.model)
+            try:
+                self._pipeline.pool.routes(request.model)
+            except ModelNotFound as exc:
+                unknown_model = exc
+            else:
+                window = self._pipeline.context_window(request.model)
         target = self._target(request, window)
         if not has_visible_text(request.document):
             violations.append(FieldViolation("document", "must not be empty"))
@@ -613,6 +619,8 @@ class Summarizer:
         violations.extend(label_violations(request.labels, self._pipeline.limits))
         if violations:
             raise InvalidRequest(violations)
+        if unknown_model is not None:
+            raise unknown_model
         return target
 
     def _target(self, request: SummaryRequest, window: int | None) -> int:

@@ -6,7 +6,7 @@ import json
 
 import grpc
 import pytest
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -157,6 +157,52 @@ async def test_stream_validation_fails_before_any_event(stub, upstream):
         async for _ in stub.CompleteStream(chat_stream(params=pb.GenerationParams(max_tokens=0))):
             pass
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert upstream.requests == []
+
+
+async def _refusal(
+    stub: pb_grpc.CompletionServiceStub, rpc: str, *, is_valid: bool
+) -> status_pb2.Status:
+    """The google.rpc.Status `rpc` refuses a request for a model no upstream serves with
+    (for a batch, its one item's), the request otherwise valid or not: a temperature of
+    5, or for Summarize a target of 5 tokens."""
+    model = "no-such-model"
+    if rpc == "Summarize":
+        summary = pb.SummarizeRequest(
+            model=model, document="text", target_tokens=0 if is_valid else 5
+        )
+        return rich_status(await rpc_error(stub.Summarize(summary)))
+    params = pb.GenerationParams() if is_valid else pb.GenerationParams(temperature=5)
+    if rpc == "CompleteStream":
+        stream = stub.CompleteStream(chat_stream(model=model, params=params))
+        return rich_status(await stream_error(stream))
+    request = chat(model=model, params=params)
+    if rpc == "Complete":
+        return rich_status(await rpc_error(stub.Complete(request)))
+    batch = pb.CompleteBatchRequest(items=[pb.BatchItem(id="only", request=request)])
+    events = [event async for event in stub.CompleteBatch(batch)]
+    return events[0].result.error
+
+
+def _violated_fields(status: status_pb2.Status) -> set[str]:
+    found = error_details_pb2.BadRequest()
+    assert any(detail.Unpack(found) for detail in status.details), status
+    return {violation.field for violation in found.field_violations}
+
+
+@pytest.mark.parametrize("rpc", ["Complete", "CompleteStream", "CompleteBatch", "Summarize"])
+async def test_an_invalid_field_is_told_before_an_unknown_model(stub, upstream, rpc):
+    """A request with an invalid field for a model no upstream serves is INVALID_ARGUMENT
+    naming the field, in every RPC alike; the same request with valid fields is NOT_FOUND.
+    The caller mends its own request before it looks for another model.
+
+    Before, Summarize answered NOT_FOUND, and the others INVALID_ARGUMENT."""
+    invalid = await _refusal(stub, rpc, is_valid=False)
+    assert invalid.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    field = "target_tokens" if rpc == "Summarize" else "params.temperature"
+    assert _violated_fields(invalid) == {field}
+    unknown = await _refusal(stub, rpc, is_valid=True)
+    assert unknown.code == grpc.StatusCode.NOT_FOUND.value[0]
     assert upstream.requests == []
 
 
