@@ -13,6 +13,7 @@ certificate's subject common name names the tenant instead.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -352,26 +353,69 @@ _NO_LIMITS = TenantConfig()
 
 class RejectedCallerKeys:
     """`auth.rejected` (INFO) for unknown caller keys: the first, then at most one line
-    every REPEAT_AFTER_S, with `suppressed`, the rejections left out since the line
+    every `interval_s`, with `suppressed`, the rejections left out since the line
     before. Anyone who can reach the port may send unknown keys, as fast as it likes:
-    a line for each would let it flood the log."""
+    a line for each would let it flood the log.
 
-    __slots__ = ("_clock", "_logged_at", "_suppressed")
+    Rejections left out are told when their interval ends, even if none follows to
+    carry their count: the line then names the last of them, `suppressed` the others,
+    so that every line is one rejection and those it left out. A timer task waits for
+    that end only while a count is pending (an idle gateway runs none); `aclose`
+    cancels it and writes the line that was pending.
+    """
 
-    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+    __slots__ = ("_clock", "_interval_s", "_last_digest", "_logged_at", "_suppressed", "_timer")
+
+    def __init__(self, clock: Clock = SYSTEM_CLOCK, *, interval_s: float = REPEAT_AFTER_S) -> None:
         self._clock = clock
+        self._interval_s = interval_s
         self._logged_at = -math.inf
         self._suppressed = 0
+        self._last_digest = ""  # of the last rejection left out
+        self._timer: asyncio.Task[None] | None = None
 
     def rejected(self, digest: str) -> None:
-        """One more unknown key, with SHA-256 `digest`: logged if a line is due."""
+        """One more unknown key, with SHA-256 `digest`: logged if a line is due, else
+        counted, and told when the interval ends."""
         now = self._clock.now()
-        if now - self._logged_at < REPEAT_AFTER_S:
-            self._suppressed += 1
+        if now - self._logged_at >= self._interval_s:
+            self._log(digest, suppressed=self._suppressed)
             return
-        extra = {"key_sha256_prefix": digest[:8], "suppressed": self._suppressed}
-        self._logged_at, self._suppressed = now, 0
-        log.info("auth.rejected", extra=extra)
+        self._suppressed += 1
+        self._last_digest = digest
+        if self._timer is None:
+            self._timer = asyncio.create_task(self._tell_when_due())
+
+    async def aclose(self) -> None:
+        """Stop the timer, and write the line of any rejections still left out."""
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.get_loop() is asyncio.get_running_loop():
+            timer.cancel()
+            await asyncio.gather(timer, return_exceptions=True)
+        self._tell_left_out()
+
+    def _log(self, digest: str, *, suppressed: int) -> None:
+        self._logged_at, self._suppressed = self._clock.now(), 0
+        log.info("auth.rejected", extra={"key_sha256_prefix": digest[:8], "suppressed": suppressed})
+
+    def _tell_left_out(self) -> None:
+        if self._suppressed:
+            self._log(self._last_digest, suppressed=self._suppressed - 1)
+
+    async def _tell_when_due(self) -> None:
+        """Sleep until the interval of the rejections left out ends, then tell them; a
+        line written meanwhile (a rejection after the interval) may have told them
+        already, and those left out after it wait for its own interval's end."""
+        try:
+            while self._suppressed:
+                due_in_s = self._logged_at + self._interval_s - self._clock.now()
+                if due_in_s <= 0:
+                    self._tell_left_out()
+                else:
+                    await self._clock.sleep(due_in_s)
+        finally:
+            if self._timer is asyncio.current_task():
+                self._timer = None
 
 
 class Authenticator:
@@ -397,7 +441,7 @@ class Authenticator:
         self._unlisted = tenants.get(ANY_TENANT) or _NO_LIMITS
         self._stores = tuple(stores)
         self._tenant_from_cert = tenant_from_cert_subject
-        self._rejected = RejectedCallerKeys(clock)
+        self._rejected = RejectedCallerKeys(clock, interval_s=config.rejected_log_interval_s)
 
     @property
     def uses_certificates(self) -> bool:
@@ -409,6 +453,10 @@ class Authenticator:
         """Whether every caller is the anonymous `default` tenant: no key is required,
         there is none to look up, and no certificate names a tenant."""
         return not (self._is_required or self._stores or self._tenant_from_cert)
+
+    async def aclose(self) -> None:
+        """Write the `auth.rejected` line still pending, and stop its timer."""
+        await self._rejected.aclose()
 
     def principal(self, tenant: str, *, is_authenticated: bool = True) -> Principal:
         """The principal of `tenant`; a tenant without its own entry gets the `"*"`

@@ -827,6 +827,8 @@ class AuthConfig:
     keys: tuple[CallerKey, ...] = ()
     keys_file: str | None = None
     keys_file_check_s: float = 2.0  # how often a changed keys file is re-read
+    # At most one `auth.rejected` line this often; those left out are told as it ends.
+    rejected_log_interval_s: float = 60.0
     redis_url: str | None = None
     redis_password_env: str | None = None
     redis_key_prefix: str = "llm_gateway:"
@@ -848,6 +850,7 @@ class AuthConfig:
             _require_redis_address(self.redis_url)
         _require(self.redis_timeout_s > 0, "redis_timeout_s must be > 0")
         _require(self.keys_file_check_s >= 0, "keys_file_check_s must be >= 0")
+        _require(self.rejected_log_interval_s > 0, "rejected_log_interval_s must be > 0")
         _require_one_tenant_a_key(self.keys)
 
 

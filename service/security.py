@@ -178,6 +178,7 @@ async def build_caller_gate(
         tenant_from_cert_subject=config.server.tls.tenant_from_cert_subject,
         requires_client_cert=config.server.tls.require_client_cert,
     )
+    stack.push_async_callback(authenticator.aclose)
     return CallerGate(
         authenticator, limiter, batch_leave_share=config.batch.rate_left_to_other_calls
     )

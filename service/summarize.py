@@ -64,6 +64,7 @@ from service.errors import (
     ContextWindowExceeded,
     FieldViolation,
     InvalidRequest,
+    ModelNotFound,
     QuotaExceeded,
     ShuttingDown,
     SummarizePartFailed,
@@ -83,6 +84,7 @@ from service.tokens import (
 )
 from service.validation import (
     has_control_characters,
+    has_visible_text,
     label_violations,
     model_violations,
     without_control_characters,
@@ -107,15 +109,6 @@ _WORD_BREAK = re.compile(r"(?<=\s)(?=\S)")
 # PDF text extraction writes) is sent as a paragraph break, where a part may end, and a
 # vertical tab (a word processor's line break) as a line break.
 _PAGE_BREAKS = str.maketrans({"\f": "\n\n", "\v": "\n"})
-# A character a reader sees: neither whitespace nor one Unicode has rendered as nothing
-# (Default_Ignorable_Code_Point: a soft hyphen, a zero-width space or joiner, a
-# direction mark, Arabic's among them, a variation selector, a Hangul filler, a tag, a
-# byte order mark).
-_VISIBLE = re.compile(
-    r"[^\s\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
-    r"\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
-    r"\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
-)
 # Tokens kept free besides the estimate, for what the estimate cannot see.
 _SAFETY_TOKENS = 16
 _MIN_CHUNK_TOKENS = 64
@@ -157,12 +150,6 @@ class Summary:
 
 
 # --- chunking (pure) -----------------------------------------------------------------
-
-
-def has_visible_text(text: str) -> bool:
-    """Whether `text` holds anything to summarise: a text of blanks and invisible format
-    characters alone, sent, would be paid for and its summary made up."""
-    return _VISIBLE.search(text) is not None
 
 
 def as_sent(document: str) -> str:
@@ -573,16 +560,21 @@ class Summarizer:
     def validate(self, request: SummaryRequest) -> int:
         """Check the request; return the target length in tokens.
 
-        Every bad field is reported at once, as Complete's are, except that a model no
-        upstream serves is NOT_FOUND first, and the checks against the model's window
-        wait for a valid model name.
+        Every bad field is reported at once, as Complete's are, and before a model no
+        upstream serves (NOT_FOUND), as Complete's are too; the checks against the
+        model's window wait for a model that is served.
         """
         invalid_model = model_violations(request.model)
         violations = [*request.violations, *invalid_model]
         window = None
+        unknown_model = None
         if not invalid_model:
-            self._pipeline.pool.routes(request.model)  # ModelNotFound first
-            window = self._pipeline.context_window(request.model)
+            try:
+                self._pipeline.pool.routes(request.model)
+            except ModelNotFound as exc:
+                unknown_model = exc
+            else:
+                window = self._pipeline.context_window(request.model)
         target = self._target(request, window)
         if not has_visible_text(request.document):
             violations.append(FieldViolation("document", "must not be empty"))
@@ -627,6 +619,8 @@ class Summarizer:
         violations.extend(label_violations(request.labels, self._pipeline.limits))
         if violations:
             raise InvalidRequest(violations)
+        if unknown_model is not None:
+            raise unknown_model
         return target
 
     def _target(self, request: SummaryRequest, window: int | None) -> int:

@@ -24,6 +24,15 @@ _LABEL_KEY = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")  # fullmatch: `$` passes a fi
 # C0 controls other than tab, LF and CR, DEL, and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _CONTROL_RUN = re.compile(_CONTROL.pattern + "+")
+# A character a reader sees: neither whitespace nor one Unicode has rendered as nothing
+# (Default_Ignorable_Code_Point: a soft hyphen, a zero-width space or joiner, a
+# direction mark, Arabic's among them, a variation selector, a Hangul filler, a tag, a
+# byte order mark).
+_VISIBLE = re.compile(
+    r"[^\s\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    r"\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+    r"\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
 # The caller's own text is held to the control-character rule. A model's earlier answer
 # and a tool's output (a shell's ANSI colours) come back as they came: refusing them would
 # stall a conversation or an agent loop on text the caller did not write.
@@ -67,6 +76,13 @@ def _range(
 def has_control_characters(text: str) -> bool:
     """Whether `text` holds a character no message may contain (see `_CONTROL`)."""
     return _CONTROL.search(text) is not None
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether `text` holds anything a reader sees: a text of blanks and invisible format
+    characters alone (a zero-width space, a word joiner), sent, would be paid for and
+    answered as if it said something."""
+    return _VISIBLE.search(text) is not None
 
 
 def without_control_characters(text: str) -> str:
@@ -149,11 +165,15 @@ def chat_request_violations(
                         f"messages[{index}].reasoning", "only on ROLE_ASSISTANT messages"
                     )
                 )
-        if not message.content.strip():
+        if not has_visible_text(message.content):
             # A tool-call turn may have no text, a tool may return none, and a reasoning
             # model's turn that spent its max_tokens thinking has only its reasoning
-            # (whitespace alone is none, as in the text and in a cached answer).
-            if not (message.tool_calls or message.reasoning.strip() or message.role is Role.TOOL):
+            # (whitespace and invisible characters alone are none, as in a Summarize document).
+            if not (
+                message.tool_calls
+                or has_visible_text(message.reasoning)
+                or message.role is Role.TOOL
+            ):
                 found.append(FieldViolation(f"messages[{index}].content", "must not be empty"))
         elif message.role in _CALLERS_ROLES and _CONTROL.search(message.content):
             found.append(

@@ -3,7 +3,8 @@
 The encoding is a JSON array in a fixed order (never a dict, so no key order to get
 wrong) of: the key format version, the tenant, the model, every message as
 `[role, content]` in order, and every generation parameter with unset kept as `null`
-(distinct from `0`). Labels and the idempotency key are left out: they change who is
+(distinct from `0`); a `response_format` of TEXT is keyed as unset, since it asks for
+what an unset one does. Labels and the idempotency key are left out: they change who is
 billed and how the call is retried, not what the model answers.
 
 Tool calling adds to that only where a request uses it, so the keys of every other
@@ -20,7 +21,7 @@ import hashlib
 
 import orjson
 
-from service.domain import ChatRequest
+from service.domain import ChatRequest, ResponseFormatType
 
 __all__ = ["KEY_FORMAT_VERSION", "cache_key", "canonical_request"]
 
@@ -46,8 +47,9 @@ def canonical_request(request: ChatRequest) -> bytes:
         _number(params.frequency_penalty),
     ]
     response_format = params.response_format
-    if response_format is not None:
-        # Appended only when set, so the keys of every other request stay as they were.
+    if response_format is not None and response_format.type is not ResponseFormatType.TEXT:
+        # Appended only when set, so the keys of every other request stay as they were;
+        # TEXT (which carries no schema, name or strict) shares the unset format's entry.
         sampling.append(
             [
                 response_format.type.value,

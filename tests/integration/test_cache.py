@@ -200,6 +200,28 @@ async def test_changing_one_field_misses(
     assert len(upstream.requests) == 2
 
 
+def _text_format(request: pb.CompleteRequest) -> pb.CompleteRequest:
+    request.params.response_format.type = pb.RESPONSE_FORMAT_TYPE_TEXT
+    return request
+
+
+@pytest.mark.parametrize("text_first", [True, False], ids=["text first", "unset first"])
+async def test_a_text_format_shares_the_unset_formats_entry(
+    cached: RunningGateway, upstream: FakeUpstream, text_first: bool
+) -> None:
+    """An explicit text format asks for what an unset one does: the second of the two is
+    a hit, in either order. The first still sends its format as the caller set it."""
+    requests = [_text_format(ask()), ask()]
+    if not text_first:
+        requests.reverse()
+    first = await cached.stub.Complete(requests[0])
+    await settled(cached)
+    second = await cached.stub.Complete(requests[1])
+    assert (first.metadata.cache_hit, second.metadata.cache_hit) == (False, True)
+    [sent] = [request.body.get("response_format") for request in upstream.requests]
+    assert sent == ({"type": "text"} if text_first else None)
+
+
 async def test_tenants_never_share_entries(cached: RunningGateway, upstream: FakeUpstream) -> None:
     """The same request from two tenants is two misses; each tenant then hits its own entry."""
     from service.clock import Deadline

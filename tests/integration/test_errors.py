@@ -6,6 +6,7 @@ import json
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -22,7 +23,7 @@ from tests.fake_upstream import (
     Reset,
     Status,
 )
-from tests.integration.helpers import error_info, field_violations, retry_delay_s
+from tests.integration.helpers import error_info, field_violations, retry_delay_s, rich_status
 from tests.integration.tenancy_helpers import rpc_error, stream_error
 from tests.secret_capture import PROVIDER_KEY
 
@@ -67,6 +68,54 @@ async def test_each_invalid_field_is_named_in_bad_request(stub, upstream, reques
     assert upstream.requests == []
 
 
+async def _refusals(stub: pb_grpc.CompletionServiceStub, content: str) -> list[status_pb2.Status]:
+    """How Complete, CompleteStream and a CompleteBatch item refuse a user message of
+    `content`: each one's google.rpc.Status."""
+    unary = await rpc_error(stub.Complete(chat(content)))
+    stream = await stream_error(stub.CompleteStream(chat_stream(content)))
+    item = pb.BatchItem(id="only", request=chat(content))
+    events = [event async for event in stub.CompleteBatch(pb.CompleteBatchRequest(items=[item]))]
+    return [rich_status(unary), rich_status(stream), events[0].result.error]
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["\u200b\u200b", "\u2060", "\ufeff \u200d\n", "\u00ad\ufe0f", "\U000e0041\u3164"],
+    ids=[
+        "zero-width-spaces",
+        "word-joiner",
+        "bom-joiner-blanks",
+        "soft-hyphen-selector",
+        "tag-filler",
+    ],
+)
+async def test_a_message_of_invisible_characters_alone_is_refused_as_empty(stub, upstream, content):
+    """A message of nothing a reader sees (Unicode's default ignorable characters, with or
+    without blanks) is refused exactly as an empty one is, by Complete, CompleteStream and
+    a batch item alike, as Summarize refuses such a document; nothing reaches the upstream.
+
+    Before, it was sent upstream, paid for and answered as if it said something."""
+    refusals = await _refusals(stub, content)
+    assert refusals == await _refusals(stub, "")
+    assert refusals[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert upstream.requests == []
+
+
+async def test_invisible_text_beside_visible_text_or_where_none_is_needed_is_served(stub, upstream):
+    """A zero-width character in visible text, a tool-call turn and a tool's answer of
+    invisible characters alone (as they may be empty) are still served."""
+    upstream.script(Reply(content="ok"), Reply(content="ok"))
+    await stub.Complete(chat("\u200bhi\u2060"))
+    call = pb.ToolCall(id="call_1", name="get_weather", arguments="{}")
+    messages = [
+        pb.Message(role=pb.ROLE_USER, content="Weather?"),
+        pb.Message(role=pb.ROLE_ASSISTANT, content="\u200b", tool_calls=[call]),
+        pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="\u2060"),
+    ]
+    await stub.Complete(_request(messages=messages, tools=[pb.Tool(name="get_weather")]))
+    assert len(upstream.requests) == 2
+
+
 async def test_all_violations_are_reported_at_once(stub):
     """Several bad fields are all listed in one BadRequest."""
     request = _request(
@@ -108,6 +157,52 @@ async def test_stream_validation_fails_before_any_event(stub, upstream):
         async for _ in stub.CompleteStream(chat_stream(params=pb.GenerationParams(max_tokens=0))):
             pass
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert upstream.requests == []
+
+
+async def _refusal(
+    stub: pb_grpc.CompletionServiceStub, rpc: str, *, is_valid: bool
+) -> status_pb2.Status:
+    """The google.rpc.Status `rpc` refuses a request for a model no upstream serves with
+    (for a batch, its one item's), the request otherwise valid or not: a temperature of
+    5, or for Summarize a target of 5 tokens."""
+    model = "no-such-model"
+    if rpc == "Summarize":
+        summary = pb.SummarizeRequest(
+            model=model, document="text", target_tokens=0 if is_valid else 5
+        )
+        return rich_status(await rpc_error(stub.Summarize(summary)))
+    params = pb.GenerationParams() if is_valid else pb.GenerationParams(temperature=5)
+    if rpc == "CompleteStream":
+        stream = stub.CompleteStream(chat_stream(model=model, params=params))
+        return rich_status(await stream_error(stream))
+    request = chat(model=model, params=params)
+    if rpc == "Complete":
+        return rich_status(await rpc_error(stub.Complete(request)))
+    batch = pb.CompleteBatchRequest(items=[pb.BatchItem(id="only", request=request)])
+    events = [event async for event in stub.CompleteBatch(batch)]
+    return events[0].result.error
+
+
+def _violated_fields(status: status_pb2.Status) -> set[str]:
+    found = error_details_pb2.BadRequest()
+    assert any(detail.Unpack(found) for detail in status.details), status
+    return {violation.field for violation in found.field_violations}
+
+
+@pytest.mark.parametrize("rpc", ["Complete", "CompleteStream", "CompleteBatch", "Summarize"])
+async def test_an_invalid_field_is_told_before_an_unknown_model(stub, upstream, rpc):
+    """A request with an invalid field for a model no upstream serves is INVALID_ARGUMENT
+    naming the field, in every RPC alike; the same request with valid fields is NOT_FOUND.
+    The caller mends its own request before it looks for another model.
+
+    Before, Summarize answered NOT_FOUND, and the others INVALID_ARGUMENT."""
+    invalid = await _refusal(stub, rpc, is_valid=False)
+    assert invalid.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    field = "target_tokens" if rpc == "Summarize" else "params.temperature"
+    assert _violated_fields(invalid) == {field}
+    unknown = await _refusal(stub, rpc, is_valid=True)
+    assert unknown.code == grpc.StatusCode.NOT_FOUND.value[0]
     assert upstream.requests == []
 
 

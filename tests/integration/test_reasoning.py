@@ -141,17 +141,22 @@ async def test_a_turn_that_spent_its_max_tokens_thinking_can_be_sent_back(stub, 
     assert sent == {"role": "assistant", "content": "", "reasoning_content": THOUGHT}
 
 
-@pytest.mark.parametrize("reasoning", ["", " \n\n"])
+@pytest.mark.parametrize(
+    ("content", "reasoning"),
+    [(" ", ""), (" ", " \n\n"), ("\u200b", "\u2060 \u200b"), ("", "\ufeff")],
+    ids=["blank", "blank-reasoning", "invisible", "invisible-reasoning"],
+)
 async def test_an_assistant_turn_with_neither_text_nor_reasoning_is_refused(
-    stub, upstream, reasoning
+    stub, upstream, content, reasoning
 ):
     """Without tool calls or reasoning, an empty assistant turn is still refused; reasoning
-    of whitespace alone is none, as text of whitespace alone is.
+    of whitespace or invisible characters alone is none, as such text is.
 
-    Before, a turn of blank text and blank reasoning was sent upstream."""
+    Before, a turn of blank text and blank reasoning was sent upstream, and one of
+    invisible characters still was."""
     messages = [
         pb.Message(role=pb.ROLE_USER, content="Capital of France?"),
-        pb.Message(role=pb.ROLE_ASSISTANT, content=" ", reasoning=reasoning),
+        pb.Message(role=pb.ROLE_ASSISTANT, content=content, reasoning=reasoning),
         pb.Message(role=pb.ROLE_USER, content="Answer in one word."),
     ]
     with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -748,7 +748,8 @@ async def test_every_bad_field_of_a_summary_is_reported_at_once(recorder, start_
 
 
 async def test_a_long_unknown_model_is_not_found_with_a_short_status(recorder, start_gateway):
-    """An unknown model name is quoted in part: Summarize looks the model up first."""
+    """An unknown model name is quoted in part, in the NOT_FOUND of a request whose
+    fields are valid."""
     gateway = await start_gateway(config(recorder.base_url))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.stub.Summarize(pb.SummarizeRequest(model="m" * 200, document="text"))

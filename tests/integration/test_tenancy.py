@@ -155,6 +155,60 @@ async def test_a_flood_of_unknown_keys_logs_one_rejection(upstream, start_gatewa
     assert upstream.requests == []
 
 
+def _rejection_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int]]:
+    """Each `auth.rejected` line as (its key's SHA-256 prefix, `suppressed`)."""
+    return [
+        (r.key_sha256_prefix, r.suppressed)
+        for r in caplog.records
+        if r.getMessage() == "auth.rejected"
+    ]
+
+
+def _rejection_timers() -> list[asyncio.Task[Any]]:
+    """The tasks of the gateway's `auth.rejected` timer still running."""
+    return [t for t in asyncio.all_tasks() if "RejectedCallerKeys" in repr(t.get_coro())]
+
+
+async def _refuse_unknown_keys(gw: Any, count: int) -> list[str]:
+    """`count` calls with unknown keys, each UNAUTHENTICATED; the keys' SHA-256 prefixes."""
+    keys = [f"wrong-{number}" for number in range(count)]
+    for key in keys:
+        error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(key)))
+        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    return [hash_key(key)[:8] for key in keys]
+
+
+async def test_unknown_keys_left_out_are_told_as_their_interval_ends(
+    upstream, start_gateway, caplog
+):
+    """Rejections left out of the log are told when their interval ends, with no
+    rejection after them to carry the count: the line names the last of them, and
+    `suppressed` the others. The timer that waited for it is gone once it has told them.
+
+    Before, their count waited for the next rejection, and was never logged without one."""
+    caplog.set_level(logging.INFO, logger="llm_gateway.auth")
+    gw = await start_gateway(
+        secure_config(upstream.base_url, auth={"rejected_log_interval_s": 0.2})
+    )
+    prefixes = await _refuse_unknown_keys(gw, 4)
+    assert await settle(lambda: len(_rejection_lines(caplog)) == 2)
+    assert _rejection_lines(caplog) == [(prefixes[0], 0), (prefixes[3], 2)]
+    assert await settle(lambda: not _rejection_timers())
+
+
+async def test_unknown_keys_left_out_are_told_as_the_gateway_stops(upstream, start_gateway, caplog):
+    """Rejections left out within the minute of the line before are told as the gateway
+    stops, which leaves no timer task behind."""
+    caplog.set_level(logging.INFO, logger="llm_gateway.auth")
+    gw = await start_gateway(secure_config(upstream.base_url))
+    prefixes = await _refuse_unknown_keys(gw, 3)
+    assert _rejection_lines(caplog) == [(prefixes[0], 0)]
+    assert _rejection_timers()  # waiting for the minute's end
+    await gw.server.stop(grace_s=0)
+    assert _rejection_lines(caplog) == [(prefixes[0], 0), (prefixes[2], 1)]
+    assert not _rejection_timers()
+
+
 async def test_valid_key_is_served_with_the_provider_key_not_the_callers(upstream, start_gateway):
     """The caller's key authenticates the call and is never forwarded upstream."""
     gw = await start_gateway(secure_config(upstream.base_url))

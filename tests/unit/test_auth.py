@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from service.auth import (
     Authenticator,
     FileKeyStore,
+    RejectedCallerKeys,
     StaticKeyStore,
     bearer_key,
     check_model_allowed,
@@ -30,7 +32,7 @@ from service.security import (
 )
 from service.tenant_limits import MemoryTenantLimiter
 from tests.conftest import gateway_config
-from tests.fake_clock import FakeClock
+from tests.fake_clock import SteppedClock
 
 KEY = "llmgw_unit-test-key"
 
@@ -125,22 +127,59 @@ async def test_unknown_keys_are_logged_once_a_minute_with_those_left_out(caplog)
     """The first unknown key logs `auth.rejected`; those within the next minute log
     nothing, and the first after it logs again with how many were left out."""
     caplog.set_level(logging.INFO, logger="llm_gateway.auth")
-    clock = FakeClock()
+    clock = SteppedClock()
     authenticator = Authenticator(AuthConfig(mode="keys"), {}, [StaticKeyStore([])], clock=clock)
     for seconds in (0.0, 1.0, 58.0, 1.0, 30.0, 31.0):  # at 0, 1, 59, 60, 90, 121 s
         clock.advance(seconds)
         with pytest.raises(Unauthenticated):
             await authenticator.authenticate([("authorization", f"Bearer wrong-{clock.t}")])
-    lines = [
-        (r.getMessage(), r.key_sha256_prefix, r.suppressed)
+    await authenticator.aclose()
+    assert _rejection_lines(caplog) == [
+        (hash_key("wrong-1000.0")[:8], 0),
+        (hash_key("wrong-1060.0")[:8], 2),
+        (hash_key("wrong-1121.0")[:8], 1),
+    ]
+
+
+def _rejection_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int]]:
+    return [
+        (r.key_sha256_prefix, r.suppressed)
         for r in caplog.records
-        if r.name == "llm_gateway.auth"
+        if r.getMessage() == "auth.rejected"
     ]
-    assert lines == [
-        ("auth.rejected", hash_key("wrong-1000.0")[:8], 0),
-        ("auth.rejected", hash_key("wrong-1060.0")[:8], 2),
-        ("auth.rejected", hash_key("wrong-1121.0")[:8], 1),
-    ]
+
+
+async def test_unknown_keys_left_out_are_told_at_their_minutes_end(caplog):
+    """Keys left out are told as their minute ends without a rejection to carry them,
+    the last of them named; a line written before that end (a rejection after the
+    minute) tells them, and keys left out after it wait for its own minute's end, as
+    those still left out at `aclose` are told then."""
+    caplog.set_level(logging.INFO, logger="llm_gateway.auth")
+    clock = SteppedClock()
+    rejected = RejectedCallerKeys(clock, interval_s=60.0)
+
+    async def at(seconds: float, *keys: str) -> list[tuple[str, int]]:
+        clock.advance(seconds)
+        for key in keys:
+            rejected.rejected(hash_key(key))
+        for _ in range(3):  # the timer's turns: woken, then writing
+            await asyncio.sleep(0)
+        return _rejection_lines(caplog)
+
+    def line(key: str, suppressed: int) -> tuple[str, int]:
+        return (hash_key(key)[:8], suppressed)
+
+    assert await at(0.0, "a", "b", "c") == [line("a", 0)]  # b, c left out until 1060 s
+    assert await at(59.0) == [line("a", 0)]
+    assert (await at(1.0))[1:] == [line("c", 1)]  # no rejection came to carry them
+    await at(30.0, "d")  # left out until 1120 s
+    # 1121 s: e's line carries d before the timer wakes; f is left out until 1181 s.
+    assert (await at(31.0, "e", "f"))[2:] == [line("e", 1)]
+    assert (await at(59.0))[3:] == []
+    assert (await at(1.0))[3:] == [line("f", 0)]
+    await at(0.0, "g")
+    await rejected.aclose()
+    assert _rejection_lines(caplog)[4:] == [line("g", 0)]
 
 
 async def test_certificate_subject_names_the_tenant_only_when_enabled():

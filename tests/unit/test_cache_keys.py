@@ -7,7 +7,16 @@ import dataclasses
 import pytest
 
 from service.cache import cache_key
-from service.domain import CacheMode, CachePolicy, ChatRequest, GenerationParams, Message, Role
+from service.domain import (
+    CacheMode,
+    CachePolicy,
+    ChatRequest,
+    GenerationParams,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+)
 
 BASE = ChatRequest(
     model="m",
@@ -51,6 +60,10 @@ CHANGED = {
     "presence_penalty zero": _params(presence_penalty=0.0),
     "frequency_penalty zero": _params(frequency_penalty=0.0),
     "frequency_penalty": _params(frequency_penalty=1.0),
+    "json mode": _params(response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT)),
+    "json schema": _params(
+        response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, json_schema="{}")
+    ),
 }
 
 
@@ -83,10 +96,12 @@ def test_equal_requests_share_a_key() -> None:
         dataclasses.replace(BASE, idempotency_key="abc"),
         dataclasses.replace(BASE, cache=CachePolicy(mode=CacheMode.REFRESH, ttl_s=5)),
         _params(temperature=-0.0),
+        _params(response_format=ResponseFormat(ResponseFormatType.TEXT)),
     ],
 )
 def test_fields_that_do_not_change_the_answer_keep_the_key(same: ChatRequest) -> None:
-    """Labels, idempotency key, cache policy and the sign of zero do not split entries."""
+    """Labels, idempotency key, cache policy, the sign of zero and a text format (what
+    an unset format asks for) do not split entries."""
     assert cache_key(same, prefix="p") == cache_key(BASE, prefix="p")
 
 

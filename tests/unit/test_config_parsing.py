@@ -555,6 +555,13 @@ def test_env_override_on_real_file() -> None:
             id="zero-hang-timeout",
         ),
         pytest.param(
+            {"auth": {"rejected_log_interval_s": 0}},
+            {},
+            "auth",
+            "rejected_log_interval_s must be > 0",
+            id="zero-rejected-log-interval",
+        ),
+        pytest.param(
             {"defaults": {"max_labels": -1}},
             {},
             "defaults",

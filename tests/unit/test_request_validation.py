@@ -62,6 +62,9 @@ def test_valid_request_has_no_violations() -> None:
         pytest.param(dataclasses.replace(BASE, model="gpt\t4"), "model", id="model-tab"),
         pytest.param(dataclasses.replace(BASE, messages=()), "messages", id="no-messages"),
         pytest.param(with_messages(""), "messages[0].content", id="content-empty"),
+        pytest.param(
+            with_messages("\u200b\u2060\ufeff "), "messages[0].content", id="content-invisible"
+        ),
         pytest.param(with_messages("ok", " \n\t "), "messages[1].content", id="content-blank"),
         pytest.param(with_messages("a\x07b"), "messages[0].content", id="content-bell"),
         pytest.param(with_messages("a\x1bb"), "messages[0].content", id="content-escape"),
@@ -169,6 +172,7 @@ def test_each_rule_names_its_field(request_: ChatRequest, field: str) -> None:
         pytest.param(dataclasses.replace(BASE, model="org/model:v1.2"), id="model-punctuation"),
         pytest.param(with_messages("tab\tnew\nline\r\n"), id="content-whitespace-controls"),
         pytest.param(with_messages("Xin chào 世界 🌏"), id="content-unicode"),
+        pytest.param(with_messages("\u200bhi\u2060"), id="content-visible-among-invisible"),
         # What the caller did not write comes back as it came (a model's answer, a tool's
         # output in a shell's colours).
         pytest.param(

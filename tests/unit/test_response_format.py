@@ -145,11 +145,10 @@ def test_good_formats_are_valid(response_format: ResponseFormat) -> None:
 
 
 def test_every_format_has_its_own_cache_key() -> None:
-    """Unset, text, JSON mode, and schemas differing in text, name or `strict` never share
-    an answer."""
+    """Unset, JSON mode, and schemas differing in text, name or `strict` never share an
+    answer."""
     variants = [
         None,
-        ResponseFormat(ResponseFormatType.TEXT),
         ResponseFormat(ResponseFormatType.JSON_OBJECT),
         schema_format(),
         schema_format(json_schema='{"type":"object"}'),
@@ -158,6 +157,20 @@ def test_every_format_has_its_own_cache_key() -> None:
     ]
     keys = {cache_key(with_format(variant), prefix="p") for variant in variants}
     assert len(keys) == len(variants)
+
+
+def test_a_text_format_shares_the_unset_formats_key() -> None:
+    """Text asks for what an unset format does: one entry serves both, with or without an
+    effort."""
+    text = with_format(ResponseFormat(ResponseFormatType.TEXT))
+    for effort in (None, ReasoningEffort.HIGH):
+        pair = [
+            dataclasses.replace(
+                request, params=dataclasses.replace(request.params, reasoning_effort=effort)
+            )
+            for request in (text, BASE)
+        ]
+        assert canonical_request(pair[0]) == canonical_request(pair[1])
 
 
 def test_every_reasoning_effort_has_its_own_cache_key() -> None:
