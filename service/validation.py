@@ -165,7 +165,8 @@ def chat_request_violations(
                         f"messages[{index}].reasoning", "only on ROLE_ASSISTANT messages"
                     )
                 )
-        if not has_visible_text(message.content):
+        # `has_visible_text` written out: a Python call less for every message of a call.
+        if _VISIBLE.search(message.content) is None:
             # A tool-call turn may have no text, a tool may return none, and a reasoning
             # model's turn that spent its max_tokens thinking has only its reasoning
             # (whitespace and invisible characters alone are none, as in a Summarize document).
