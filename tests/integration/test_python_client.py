@@ -32,7 +32,7 @@ from tests.conftest import (
     fake_model_window,
     gateway_config,
 )
-from tests.fake_upstream import FakeUpstream, Reply, Status
+from tests.fake_upstream import CutStream, FakeUpstream, Reply, Status
 
 REPO = Path(__file__).resolve().parents[2]
 StartGateway = Callable[..., Any]
@@ -890,6 +890,27 @@ async def test_a_long_retry_delay_is_described_in_plain_seconds(
     seconds = float(line.removeprefix("  retry after ").removesuffix("s"))
     assert seconds == pytest.approx(details.retry_after_s, abs=0.001)
     assert len(upstream.requests) == 1
+
+
+async def test_a_stream_cut_after_text_ends_its_line_before_the_error(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`complete --stream` cut after some text ends that text's line on stdout, as a whole
+    answer's is, so that on a terminal the status starts a line of its own. Before, it
+    ran on from the last word: `a bUNAVAILABLE: upstream 'up0' dropped the connection`."""
+    upstream.script(CutStream(after_chunks=2))
+    argv = ["complete", "Say hi", "--stream", "--model", FAKE_MODEL]
+    command = [sys.executable, "-m", "gateway_client.cli", *argv]
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        env={**os.environ, "LLM_GATEWAY_ADDRESS": gateway.server.address},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 1
+    assert out.decode() == "a b\n"
+    assert err.decode().startswith("UNAVAILABLE: ")
 
 
 def stdin_of(data: bytes, errors: str) -> io.TextIOWrapper:

@@ -154,6 +154,7 @@ async def complete_command(args: argparse.Namespace) -> int:
         **params,
     )
     started = time.monotonic()
+    has_written = False
     async with GatewayClient(args.address, **connection(args)) as client:
         try:
             if args.stream:
@@ -161,6 +162,7 @@ async def complete_command(args: argparse.Namespace) -> int:
                 async for text in stream:
                     sys.stdout.write(text)
                     sys.stdout.flush()
+                    has_written = True
                 sys.stdout.write("\n")
                 meta = stream.final
             else:
@@ -168,6 +170,10 @@ async def complete_command(args: argparse.Namespace) -> int:
                 print(answer.content)
                 meta = answer.metadata
         except grpc.aio.AioRpcError as error:
+            if has_written:
+                # End the cut answer's line, as a whole one's: on a terminal the status
+                # ran on from its last word ("a bUNAVAILABLE: ...").
+                print(flush=True)
             print(error_details(error).describe(), file=sys.stderr)
             return 1
     if meta is not None:
