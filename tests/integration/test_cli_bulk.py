@@ -218,6 +218,28 @@ async def test_a_line_whose_id_the_gateway_refuses_is_skipped(tmp_path, address,
     assert "done: 2 succeeded, 0 failed, 2 bad lines" in err
 
 
+async def test_calls_of_more_items_than_the_gateway_takes_say_the_option_to_lower(
+    tmp_path, scripted, start_gateway, capsys
+):
+    """A gateway whose `batch.max_items` is under `--items-per-call` refuses every call
+    whole, on every rerun: the CLI says the most it takes and the option that sets it,
+    not to run the same command again. With that option the run goes through."""
+    gateway = await start_gateway(gateway_config(scripted.base_url, batch={"max_items": 4}))
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(source, [f"i{n}" for n in range(10)])
+    argv = [str(source), "-o", str(output), "--address", gateway.server.address]
+    argv += ["--model", FAKE_MODEL, "--no-progress"]
+
+    assert await batch.batch_command(parse(batch, "batch", *argv)) == 1
+    err = capsys.readouterr().err
+    assert "the gateway takes at most 4 items a call: run again with --items-per-call 4" in err
+    assert "re-run the same command" not in err
+    assert not scripted.requests
+
+    assert await batch.batch_command(parse(batch, "batch", *argv, "--items-per-call", "4")) == 0
+    assert len(output_records(output)) == 10
+
+
 def test_the_clis_id_rule_is_the_gateways() -> None:
     """The CLI skips exactly the ids the gateway refuses."""
     assert batch.MAX_ID_CHARS == MAX_CALLER_ID

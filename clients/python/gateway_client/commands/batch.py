@@ -31,6 +31,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -131,6 +132,19 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_connection_arguments(parser)
     parser.set_defaults(handler=batch_command, usage_error=parser.error)
+
+
+# The gateway's refusal of a call with more items than its `batch.max_items`.
+_TOO_MANY_ITEMS = re.compile(r"at most (\d+) items, got \d+")
+
+
+def _most_items_a_call(violations: Sequence[tuple[str, str]]) -> int | None:
+    """The most items the gateway takes in one call, where it refused a call for more."""
+    for name, why in violations:
+        found = _TOO_MANY_ITEMS.fullmatch(why) if name == "items" else None
+        if found is not None:
+            return int(found[1])
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -737,8 +751,17 @@ async def batch_command(args: argparse.Namespace) -> int:
                 )
             except grpc.aio.AioRpcError as error:
                 progress.close()
-                print(error_details(error).describe(), file=sys.stderr)
-                if not is_stdout:  # standard output keeps nothing to resume from
+                details = error_details(error)
+                print(details.describe(), file=sys.stderr)
+                most = _most_items_a_call(details.field_violations)
+                if most is not None and most < args.items_per_call:
+                    # Every call of this size is refused: the same command would be again.
+                    print(
+                        f"the gateway takes at most {most} items a call: run again with "
+                        f"--items-per-call {most}",
+                        file=sys.stderr,
+                    )
+                elif not is_stdout:  # standard output keeps nothing to resume from
                     print("re-run the same command to resume", file=sys.stderr)
                 return 1
     progress.close()
