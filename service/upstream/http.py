@@ -179,14 +179,53 @@ class _Connection(asyncio.Protocol):
             return
         parsed = response.parsed
         response.received_bytes += len(data)
+        pieces = response.head_pieces
+        if pieces is not None:  # the head is not all parsed: kept in case it is parsed again
+            pieces.append(data)
+            if response.held_reason is not None:
+                self._merge_lengths(response, pieces, parsed, response.held_reason)
+                return
+        self._feed(response, self._parser, data, parsed)
+
+    def _feed(
+        self, response: Response, parser: httptools.HttpResponseParser, data: bytes, parsed: int
+    ) -> None:
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             response.fail(NotHttp("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
-            response.fail(NotHttp(f"malformed HTTP response: {exc}"))
+            pieces = response.head_pieces
+            if pieces is not None and "Content-Length" in str(exc):
+                # Perhaps one length sent twice, which llhttp refuses: merged, if so, once
+                # the head is all in (`_merge_lengths`).
+                response.held_reason = str(exc)
+                self._merge_lengths(response, pieces, parsed, str(exc))
+            else:
+                response.fail(NotHttp(f"malformed HTTP response: {exc}"))
         else:
             response.fed(len(data), made_progress=response.parsed != parsed)
+
+    def _merge_lengths(
+        self, response: Response, pieces: list[bytes], parsed: int, reason: str
+    ) -> None:
+        """Parse the response again from its start, its head's `Content-Length` values
+        merged into one (`_one_content_length`), once that head is all in; refuse it with
+        llhttp's `reason` if they are not one number repeated."""
+        received = b"".join(pieces)
+        found = _final_head(received)
+        if found is None:  # the rest of the head is still to come
+            if len(received) > _MAX_HEADER_BYTES:
+                response.fail(HttpError("response headers too large"))
+            return
+        start, end = found
+        head = _one_content_length(received[start:end])
+        if head is None:
+            response.fail(NotHttp(f"malformed HTTP response: {reason}"))
+            return
+        response.restart()
+        self._parser = _response_parser(response)
+        self._feed(response, self._parser, received[:start] + head + received[end:], parsed)
 
     def eof_received(self) -> None:
         # The transport closes itself after this, but calls connection_lost only later:
@@ -254,6 +293,41 @@ def _response_parser(response: Response | _Tunnel) -> httptools.HttpResponsePars
         lenient_spaces_after_chunk_size=True,
     )
     return parser
+
+
+# A `Content-Length` line of a head, the line end included.
+_LENGTH_LINE = re.compile(rb"^content-length[ \t]*:([^\n]*)\n", re.IGNORECASE | re.MULTILINE)
+
+
+def _final_head(received: bytes) -> tuple[int, int] | None:
+    """Where the final head starts and ends in `received` (a response's bytes from its
+    start), past the interim (1xx) heads before it; None while it is not all in."""
+    start = 0
+    while (blank := _HEAD_END.search(received, start)) is not None:
+        status = received[start : blank.end()].split(b"\n", 1)[0].split(b" ", 2)[1:2]
+        if not status or not status[0].startswith(b"1") or status[0] == b"101":
+            return start, blank.end()
+        start = blank.end()
+    return None
+
+
+def _one_content_length(head: bytes) -> bytes | None:
+    """`head` with its `Content-Length` values as one line, when there are several and
+    all are the same number (`Content-Length: 42` twice, `Content-Length: 42, 42`); None
+    when there is no such repeat to merge, or they differ (`42` and `43`).
+
+    RFC 9110 §8.6 lets a recipient read a length repeated so as that one length ("this
+    likely indicates that a duplicate was generated or combined by an upstream message
+    processor"), as curl does; llhttp refuses it. Lengths that differ stay refused: two
+    parsers could frame such an answer differently (response smuggling).
+    """
+    values = [
+        value.strip() for line in _LENGTH_LINE.finditer(head) for value in line.group(1).split(b",")
+    ]
+    if len(values) < 2 or len(set(values)) != 1 or not values[0].isdigit():
+        return None
+    lines = iter([b"Content-Length: " + values[0] + b"\r\n"])  # the first line's place
+    return _LENGTH_LINE.sub(lambda _: next(lines, b""), head)
 
 
 class _Tunnel(asyncio.Protocol):
@@ -371,6 +445,10 @@ class Response:
         self._end_timer: asyncio.TimerHandle | None = None  # set while waiting for the end
         self.sent_at = 0.0  # perf_counter when the request was written
         self._answered_at: float | None = None  # and when the answer's end was read
+        # The bytes received until the final head is parsed (None from then on), and why
+        # llhttp refused a `Content-Length` in it: `_Connection._merge_lengths`.
+        self.head_pieces: list[bytes] | None = []
+        self.held_reason: str | None = None
 
     # httptools callbacks --------------------------------------------------------------
 
@@ -400,6 +478,7 @@ class Response:
             self.headers.clear()
             return
         self.status = status
+        self.head_pieces = None
         self._keep_alive = bool(parser.should_keep_alive())
         self._until_close = (
             "content-length" not in self.headers
@@ -435,6 +514,15 @@ class Response:
             self._wake()
 
     # connection events ---------------------------------------------------------------
+
+    def restart(self) -> None:
+        """Forget the head parsed so far, for it to be parsed again from the start, and
+        never again after that."""
+        self.headers.clear()
+        self._header_bytes = 0
+        self._is_informational = False
+        self.head_pieces = None
+        self.held_reason = None
 
     def fed(self, size: int, *, made_progress: bool) -> None:
         """`size` bytes were parsed: fail once too many held no head, body or end, and
