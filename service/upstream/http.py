@@ -11,11 +11,13 @@ handing the body over as it arrives.
 Only what an OpenAI-compatible API needs: POST and GET with a body in one write,
 responses with Content-Length, chunked or read-until-close bodies (decoded from gzip or
 deflate when a server compresses though asked not to: `codings`), keep-alive reuse,
-TLS (https), a connect timeout, and an HTTP forward proxy (a CONNECT tunnel, opened
-with each new connection, `_tunnel`). The caller bounds the whole exchange (its deadline).
-Addresses are tried in turn, without Happy Eyeballs: uvloop's `create_connection` does
-not take `happy_eyeballs_delay`, so when a host's first address silently drops packets
-the connect fails after `upstreams[].connect_timeout_s`, all addresses counted.
+TLS (https), a connect timeout, and an HTTP forward proxy: an http upstream's requests
+go to it in absolute form (`POST http://host/v1/... HTTP/1.1`), an https one's through a
+CONNECT tunnel, opened with each new connection (`_tunnel`). The caller bounds the
+whole exchange (its deadline). Addresses are tried in turn, without Happy Eyeballs:
+uvloop's `create_connection` does not take `happy_eyeballs_delay`, so when a host's
+first address silently drops packets the connect fails after
+`upstreams[].connect_timeout_s`, all addresses counted.
 """
 
 from __future__ import annotations
@@ -89,10 +91,11 @@ class ProxyFailed(ConnectFailed):
 class ProxyRefused(ProxyFailed):
     """The forward proxy answered CONNECT with a status other than 2xx (`status`): 407
     for missing or wrong credentials, 403 for a destination it does not allow, 502/503
-    when it cannot reach the upstream."""
+    when it cannot reach the upstream. Or it answered a request sent to it in absolute
+    form (`refused="the request"`) with 407, the one status no upstream sends."""
 
-    def __init__(self, status: int, *, proxy: str) -> None:
-        super().__init__(f"refused the tunnel (HTTP {status})", proxy=proxy, status=status)
+    def __init__(self, status: int, *, proxy: str, refused: str = "the tunnel") -> None:
+        super().__init__(f"refused {refused} (HTTP {status})", proxy=proxy, status=status)
 
 
 class ProxyTimeout(ProxyFailed, TimeoutError):
@@ -711,7 +714,7 @@ class HttpPool:
         proxy: Proxy | None = None,
     ) -> None:
         """`headers`: sent with every request, before its own; `proxy`: the forward proxy
-        every connection is tunnelled through (`service.upstream.proxy.choose_proxy`)."""
+        every request goes through (`service.upstream.proxy.choose_proxy`)."""
         parts = urlsplit(base_url)
         self._is_tls = parts.scheme == "https"
         hostname = parts.hostname or ""
@@ -727,6 +730,17 @@ class HttpPool:
         self._ssl = ssl.create_default_context() if self._is_tls else None
         self._proxy = proxy
         self._headers = dict(headers or {})
+        # An http upstream's requests go to the proxy in absolute form (RFC 9112 §3.2.2),
+        # as curl's, requests' and httpx's do: forward proxies refuse CONNECT to ports other
+        # than 443 (squid's default `http_access deny CONNECT !SSL_ports`). Its connections
+        # are this pool's, to this one origin through this one proxy, so its limits and
+        # keep-alive stay the upstream's and no connection carries two upstreams' requests.
+        self._forwards_to = proxy if proxy is not None and not self._is_tls else None
+        self._origin = ""  # before each request's path: the absolute form's scheme and host
+        if self._forwards_to is not None:
+            self._origin = f"http://{self.host_header}"
+            if self._forwards_to.authorization is not None:
+                self._headers["Proxy-Authorization"] = self._forwards_to.authorization
         # Checked and written out once rather than for every request; None when one is
         # refused, as every request carrying it then is.
         self._header_lines: str | None
@@ -771,7 +785,7 @@ class HttpPool:
             ConnectFailed: no connection could be made.
             HttpError: the connection failed or the answer was not HTTP.
         """
-        target = self.path_prefix + path + self.query
+        target = self._origin + self.path_prefix + path + self.query
         checked = self._header_lines
         if checked is None or (headers and not self._headers.keys().isdisjoint(headers)):
             # A request's header of a pool header's name takes its value, in its place.
@@ -809,6 +823,10 @@ class HttpPool:
                     on_sent()
                 response.release()
                 raise
+            if response.status == 407 and self._forwards_to is not None:
+                # The proxy's own refusal, as of a tunnel: the upstream never had the request.
+                response.release()
+                raise ProxyRefused(407, proxy=self._forwards_to.address, refused="the request")
             if on_sent is not None:
                 on_sent()
             return response
@@ -823,6 +841,8 @@ class HttpPool:
         return None
 
     async def _connect(self) -> _Connection:
+        if self._forwards_to is not None:
+            return await self._connect_to_proxy(self._forwards_to)
         if self._proxy is not None:
             return await self._tunnel(self._proxy)
         loop = asyncio.get_running_loop()
@@ -853,11 +873,25 @@ class HttpPool:
         connection.connection_made(tls)
         connection.tcp_transport = tcp
 
+    async def _connect_to_proxy(self, proxy: Proxy) -> _Connection:
+        """A connection to `proxy` itself, for requests in absolute form, within the
+        connect timeout."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                _, connection = await loop.create_connection(_Connection, proxy.host, proxy.port)
+        except TimeoutError as exc:
+            raise ProxyTimeout("was not reached in time", proxy=proxy.address) from exc
+        except OSError as exc:
+            raise ProxyFailed(f"cannot be reached: {exc}", proxy=proxy.address) from exc
+        return connection
+
     async def _tunnel(self, proxy: Proxy) -> _Connection:
-        """A connection to the upstream through `proxy`: TCP to the proxy, `CONNECT
+        """A connection to an https upstream through `proxy`: TCP to the proxy, `CONNECT
         host:port`, its 2xx, then TLS with the upstream (its name for SNI and for the
-        certificate check) for an https one, all within the connect timeout. The pool's
-        own protocol then takes the transport over: nothing after this differs."""
+        certificate check), all within the connect timeout. The pool's own protocol then
+        takes the transport over: nothing after this differs."""
+        assert self._ssl is not None  # an http upstream's requests go in absolute form
         loop = asyncio.get_running_loop()
         host = f"[{self._host}]" if ":" in self._host else self._host
         target = f"{host}:{self._port}"  # the port always, even the scheme's default
@@ -876,24 +910,14 @@ class HttpPool:
                 await tunnel.opened
                 is_answered = True
                 connection = _Connection()
-                if self._ssl is None:
-                    tunnel_transport = tunnel.transport
-                    assert tunnel_transport is not None
-                    tunnel_transport.set_protocol(connection)
-                    connection.connection_made(tunnel_transport)
-                    tunnel_transport.resume_reading()
-                else:
-                    tls = await loop.start_tls(
-                        transport,
-                        connection,
-                        self._ssl,
-                        server_hostname=self._host,
-                    )
-                    if tls is None:  # the proxy closed the tunnel during the handshake
-                        raise ProxyFailed("closed the tunnel during TLS", proxy=proxy.address)
-                    transport = tls
-                    connection.connection_made(tls)
-                    connection.tcp_transport = tunnel.transport
+                tls = await loop.start_tls(
+                    transport, connection, self._ssl, server_hostname=self._host
+                )
+                if tls is None:  # the proxy closed the tunnel during the handshake
+                    raise ProxyFailed("closed the tunnel during TLS", proxy=proxy.address)
+                transport = tls
+                connection.connection_made(tls)
+                connection.tcp_transport = tunnel.transport
                 if tunnel.is_lost:
                     raise ProxyFailed("closed the tunnel as it opened", proxy=proxy.address)
         except TimeoutError as exc:
