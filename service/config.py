@@ -336,7 +336,7 @@ _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-# What a forward proxy's URL may be: `http://HOST:PORT`, the tunnel being CONNECT.
+# What a forward proxy's URL may be: `http://HOST:PORT` (`service.upstream.proxy`).
 PROXY_URL_FORM = "http://HOST:PORT"
 
 
@@ -478,9 +478,10 @@ class UpstreamConfig:
     # Fields added to every request body sent to this upstream: a provider's own switches
     # (DeepSeek's `thinking`, vLLM's `chat_template_kwargs`), never one the gateway sets.
     extra_body: Mapping[str, object] = field(default_factory=dict, repr=False)
-    # An HTTP forward proxy (`http://HOST:PORT`) every connection to this upstream goes
-    # through as a CONNECT tunnel. Unset: `HTTPS_PROXY`/`HTTP_PROXY` and `NO_PROXY` decide
-    # when the client opens (`service.upstream.proxy`).
+    # An HTTP forward proxy (`http://HOST:PORT`) every request to this upstream goes
+    # through: in absolute form for an http upstream, a CONNECT tunnel for https. Unset:
+    # `HTTPS_PROXY`/`HTTP_PROXY` and `NO_PROXY` decide when the client opens
+    # (`service.upstream.proxy`).
     proxy_url: str | None = None
     # The environment variable holding the proxy's `user:password` (sent as
     # `Proxy-Authorization: Basic ...`): never in `proxy_url`, which sits in the file.

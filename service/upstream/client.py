@@ -288,10 +288,10 @@ class _TranslatedErrors:
             self._say_proxy_failed(exc)
             if isinstance(exc, TimeoutError):
                 raise UpstreamTimeout(
-                    f"upstream {upstream!r} timed out: its proxy did not open the tunnel",
+                    f"upstream {upstream!r} timed out: its proxy {exc.problem}",
                     upstream=upstream,
                 ) from exc
-            problem = f"refused the tunnel (HTTP {exc.status})" if exc.status else "failed"
+            problem = exc.problem if exc.status else "failed"
             raise UpstreamUnavailable(
                 f"upstream {upstream!r} could not be reached: its proxy {problem}",
                 upstream=upstream,
@@ -341,8 +341,8 @@ class _TranslatedErrors:
             log.warning(event, extra={"upstream": self._upstream, "cause": cause})
 
     def _say_proxy_failed(self, exc: ProxyFailed) -> None:
-        """Log a proxy's failure to open a tunnel (its address and status, never its
-        credentials), once a minute at most for the same problem."""
+        """Log a proxy's failure (its address and status, never its credentials), once a
+        minute at most for the same problem."""
         if not self._is_due(f"proxy {exc.problem}"):
             return
         extra: dict[str, object] = {"upstream": self._upstream, "proxy": exc.proxy}

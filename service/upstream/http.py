@@ -11,11 +11,13 @@ handing the body over as it arrives.
 Only what an OpenAI-compatible API needs: POST and GET with a body in one write,
 responses with Content-Length, chunked or read-until-close bodies (decoded from gzip or
 deflate when a server compresses though asked not to: `codings`), keep-alive reuse,
-TLS (https), a connect timeout, and an HTTP forward proxy (a CONNECT tunnel, opened
-with each new connection, `_tunnel`). The caller bounds the whole exchange (its deadline).
-Addresses are tried in turn, without Happy Eyeballs: uvloop's `create_connection` does
-not take `happy_eyeballs_delay`, so when a host's first address silently drops packets
-the connect fails after `upstreams[].connect_timeout_s`, all addresses counted.
+TLS (https), a connect timeout, and an HTTP forward proxy: an http upstream's requests
+go to it in absolute form (`POST http://host/v1/... HTTP/1.1`), an https one's through a
+CONNECT tunnel, opened with each new connection (`_tunnel`). The caller bounds the
+whole exchange (its deadline). Addresses are tried in turn, without Happy Eyeballs:
+uvloop's `create_connection` does not take `happy_eyeballs_delay`, so when a host's
+first address silently drops packets the connect fails after
+`upstreams[].connect_timeout_s`, all addresses counted.
 """
 
 from __future__ import annotations
@@ -89,10 +91,11 @@ class ProxyFailed(ConnectFailed):
 class ProxyRefused(ProxyFailed):
     """The forward proxy answered CONNECT with a status other than 2xx (`status`): 407
     for missing or wrong credentials, 403 for a destination it does not allow, 502/503
-    when it cannot reach the upstream."""
+    when it cannot reach the upstream. Or it answered a request sent to it in absolute
+    form (`refused="the request"`) with 407, the one status no upstream sends."""
 
-    def __init__(self, status: int, *, proxy: str) -> None:
-        super().__init__(f"refused the tunnel (HTTP {status})", proxy=proxy, status=status)
+    def __init__(self, status: int, *, proxy: str, refused: str = "the tunnel") -> None:
+        super().__init__(f"refused {refused} (HTTP {status})", proxy=proxy, status=status)
 
 
 class ProxyTimeout(ProxyFailed, TimeoutError):
@@ -179,14 +182,53 @@ class _Connection(asyncio.Protocol):
             return
         parsed = response.parsed
         response.received_bytes += len(data)
+        pieces = response.head_pieces
+        if pieces is not None:  # the head is not all parsed: kept in case it is parsed again
+            pieces.append(data)
+            if response.held_reason is not None:
+                self._merge_lengths(response, pieces, parsed, response.held_reason)
+                return
+        self._feed(response, self._parser, data, parsed)
+
+    def _feed(
+        self, response: Response, parser: httptools.HttpResponseParser, data: bytes, parsed: int
+    ) -> None:
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             response.fail(NotHttp("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
-            response.fail(NotHttp(f"malformed HTTP response: {exc}"))
+            pieces = response.head_pieces
+            if pieces is not None and "Content-Length" in str(exc):
+                # Perhaps one length sent twice, which llhttp refuses: merged, if so, once
+                # the head is all in (`_merge_lengths`).
+                response.held_reason = str(exc)
+                self._merge_lengths(response, pieces, parsed, str(exc))
+            else:
+                response.fail(NotHttp(f"malformed HTTP response: {exc}"))
         else:
             response.fed(len(data), made_progress=response.parsed != parsed)
+
+    def _merge_lengths(
+        self, response: Response, pieces: list[bytes], parsed: int, reason: str
+    ) -> None:
+        """Parse the response again from its start, its head's `Content-Length` values
+        merged into one (`_one_content_length`), once that head is all in; refuse it with
+        llhttp's `reason` if they are not one number repeated."""
+        received = b"".join(pieces)
+        found = _final_head(received)
+        if found is None:  # the rest of the head is still to come
+            if len(received) > _MAX_HEADER_BYTES:
+                response.fail(HttpError("response headers too large"))
+            return
+        start, end = found
+        head = _one_content_length(received[start:end])
+        if head is None:
+            response.fail(NotHttp(f"malformed HTTP response: {reason}"))
+            return
+        response.restart()
+        self._parser = _response_parser(response)
+        self._feed(response, self._parser, received[:start] + head + received[end:], parsed)
 
     def eof_received(self) -> None:
         # The transport closes itself after this, but calls connection_lost only later:
@@ -254,6 +296,41 @@ def _response_parser(response: Response | _Tunnel) -> httptools.HttpResponsePars
         lenient_spaces_after_chunk_size=True,
     )
     return parser
+
+
+# A `Content-Length` line of a head, the line end included.
+_LENGTH_LINE = re.compile(rb"^content-length[ \t]*:([^\n]*)\n", re.IGNORECASE | re.MULTILINE)
+
+
+def _final_head(received: bytes) -> tuple[int, int] | None:
+    """Where the final head starts and ends in `received` (a response's bytes from its
+    start), past the interim (1xx) heads before it; None while it is not all in."""
+    start = 0
+    while (blank := _HEAD_END.search(received, start)) is not None:
+        status = received[start : blank.end()].split(b"\n", 1)[0].split(b" ", 2)[1:2]
+        if not status or not status[0].startswith(b"1") or status[0] == b"101":
+            return start, blank.end()
+        start = blank.end()
+    return None
+
+
+def _one_content_length(head: bytes) -> bytes | None:
+    """`head` with its `Content-Length` values as one line, when there are several and
+    all are the same number (`Content-Length: 42` twice, `Content-Length: 42, 42`); None
+    when there is no such repeat to merge, or they differ (`42` and `43`).
+
+    RFC 9110 §8.6 lets a recipient read a length repeated so as that one length ("this
+    likely indicates that a duplicate was generated or combined by an upstream message
+    processor"), as curl does; llhttp refuses it. Lengths that differ stay refused: two
+    parsers could frame such an answer differently (response smuggling).
+    """
+    values = [
+        value.strip() for line in _LENGTH_LINE.finditer(head) for value in line.group(1).split(b",")
+    ]
+    if len(values) < 2 or len(set(values)) != 1 or not values[0].isdigit():
+        return None
+    lines = iter([b"Content-Length: " + values[0] + b"\r\n"])  # the first line's place
+    return _LENGTH_LINE.sub(lambda _: next(lines, b""), head)
 
 
 class _Tunnel(asyncio.Protocol):
@@ -371,6 +448,10 @@ class Response:
         self._end_timer: asyncio.TimerHandle | None = None  # set while waiting for the end
         self.sent_at = 0.0  # perf_counter when the request was written
         self._answered_at: float | None = None  # and when the answer's end was read
+        # The bytes received until the final head is parsed (None from then on), and why
+        # llhttp refused a `Content-Length` in it: `_Connection._merge_lengths`.
+        self.head_pieces: list[bytes] | None = []
+        self.held_reason: str | None = None
 
     # httptools callbacks --------------------------------------------------------------
 
@@ -400,6 +481,7 @@ class Response:
             self.headers.clear()
             return
         self.status = status
+        self.head_pieces = None
         self._keep_alive = bool(parser.should_keep_alive())
         self._until_close = (
             "content-length" not in self.headers
@@ -435,6 +517,15 @@ class Response:
             self._wake()
 
     # connection events ---------------------------------------------------------------
+
+    def restart(self) -> None:
+        """Forget the head parsed so far, for it to be parsed again from the start, and
+        never again after that."""
+        self.headers.clear()
+        self._header_bytes = 0
+        self._is_informational = False
+        self.head_pieces = None
+        self.held_reason = None
 
     def fed(self, size: int, *, made_progress: bool) -> None:
         """`size` bytes were parsed: fail once too many held no head, body or end, and
@@ -623,7 +714,7 @@ class HttpPool:
         proxy: Proxy | None = None,
     ) -> None:
         """`headers`: sent with every request, before its own; `proxy`: the forward proxy
-        every connection is tunnelled through (`service.upstream.proxy.choose_proxy`)."""
+        every request goes through (`service.upstream.proxy.choose_proxy`)."""
         parts = urlsplit(base_url)
         self._is_tls = parts.scheme == "https"
         hostname = parts.hostname or ""
@@ -639,6 +730,17 @@ class HttpPool:
         self._ssl = ssl.create_default_context() if self._is_tls else None
         self._proxy = proxy
         self._headers = dict(headers or {})
+        # An http upstream's requests go to the proxy in absolute form (RFC 9112 §3.2.2),
+        # as curl's, requests' and httpx's do: forward proxies refuse CONNECT to ports other
+        # than 443 (squid's default `http_access deny CONNECT !SSL_ports`). Its connections
+        # are this pool's, to this one origin through this one proxy, so its limits and
+        # keep-alive stay the upstream's and no connection carries two upstreams' requests.
+        self._forwards_to = proxy if proxy is not None and not self._is_tls else None
+        self._origin = ""  # before each request's path: the absolute form's scheme and host
+        if self._forwards_to is not None:
+            self._origin = f"http://{self.host_header}"
+            if self._forwards_to.authorization is not None:
+                self._headers["Proxy-Authorization"] = self._forwards_to.authorization
         # Checked and written out once rather than for every request; None when one is
         # refused, as every request carrying it then is.
         self._header_lines: str | None
@@ -683,7 +785,7 @@ class HttpPool:
             ConnectFailed: no connection could be made.
             HttpError: the connection failed or the answer was not HTTP.
         """
-        target = self.path_prefix + path + self.query
+        target = self._origin + self.path_prefix + path + self.query
         checked = self._header_lines
         if checked is None or (headers and not self._headers.keys().isdisjoint(headers)):
             # A request's header of a pool header's name takes its value, in its place.
@@ -721,6 +823,10 @@ class HttpPool:
                     on_sent()
                 response.release()
                 raise
+            if response.status == 407 and self._forwards_to is not None:
+                # The proxy's own refusal, as of a tunnel: the upstream never had the request.
+                response.release()
+                raise ProxyRefused(407, proxy=self._forwards_to.address, refused="the request")
             if on_sent is not None:
                 on_sent()
             return response
@@ -735,6 +841,8 @@ class HttpPool:
         return None
 
     async def _connect(self) -> _Connection:
+        if self._forwards_to is not None:
+            return await self._connect_to_proxy(self._forwards_to)
         if self._proxy is not None:
             return await self._tunnel(self._proxy)
         loop = asyncio.get_running_loop()
@@ -765,11 +873,25 @@ class HttpPool:
         connection.connection_made(tls)
         connection.tcp_transport = tcp
 
+    async def _connect_to_proxy(self, proxy: Proxy) -> _Connection:
+        """A connection to `proxy` itself, for requests in absolute form, within the
+        connect timeout."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                _, connection = await loop.create_connection(_Connection, proxy.host, proxy.port)
+        except TimeoutError as exc:
+            raise ProxyTimeout("was not reached in time", proxy=proxy.address) from exc
+        except OSError as exc:
+            raise ProxyFailed(f"cannot be reached: {exc}", proxy=proxy.address) from exc
+        return connection
+
     async def _tunnel(self, proxy: Proxy) -> _Connection:
-        """A connection to the upstream through `proxy`: TCP to the proxy, `CONNECT
+        """A connection to an https upstream through `proxy`: TCP to the proxy, `CONNECT
         host:port`, its 2xx, then TLS with the upstream (its name for SNI and for the
-        certificate check) for an https one, all within the connect timeout. The pool's
-        own protocol then takes the transport over: nothing after this differs."""
+        certificate check), all within the connect timeout. The pool's own protocol then
+        takes the transport over: nothing after this differs."""
+        assert self._ssl is not None  # an http upstream's requests go in absolute form
         loop = asyncio.get_running_loop()
         host = f"[{self._host}]" if ":" in self._host else self._host
         target = f"{host}:{self._port}"  # the port always, even the scheme's default
@@ -788,24 +910,14 @@ class HttpPool:
                 await tunnel.opened
                 is_answered = True
                 connection = _Connection()
-                if self._ssl is None:
-                    tunnel_transport = tunnel.transport
-                    assert tunnel_transport is not None
-                    tunnel_transport.set_protocol(connection)
-                    connection.connection_made(tunnel_transport)
-                    tunnel_transport.resume_reading()
-                else:
-                    tls = await loop.start_tls(
-                        transport,
-                        connection,
-                        self._ssl,
-                        server_hostname=self._host,
-                    )
-                    if tls is None:  # the proxy closed the tunnel during the handshake
-                        raise ProxyFailed("closed the tunnel during TLS", proxy=proxy.address)
-                    transport = tls
-                    connection.connection_made(tls)
-                    connection.tcp_transport = tunnel.transport
+                tls = await loop.start_tls(
+                    transport, connection, self._ssl, server_hostname=self._host
+                )
+                if tls is None:  # the proxy closed the tunnel during the handshake
+                    raise ProxyFailed("closed the tunnel during TLS", proxy=proxy.address)
+                transport = tls
+                connection.connection_made(tls)
+                connection.tcp_transport = tunnel.transport
                 if tunnel.is_lost:
                     raise ProxyFailed("closed the tunnel as it opened", proxy=proxy.address)
         except TimeoutError as exc:

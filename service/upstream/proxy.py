@@ -13,7 +13,8 @@ who set the environment for them gets the same from the gateway:
   environment's proxy.
 
 Decided once, when an upstream's client opens (`choose_proxy`); the connection pool then
-opens every connection through the proxy it was given (`service.upstream.http`). Not
+sends every request through the proxy it was given (`service.upstream.http`): an http
+upstream's in absolute form, an https one's through a CONNECT tunnel. Not
 supported: TLS to the proxy (`https://` proxies), authentication schemes other than
 Basic, SOCKS and PAC files. See https://everything.curl.dev/usingcurl/proxies/env.html
 for the environment variables' conventions.

@@ -1,8 +1,9 @@
-"""Upstreams reached through an HTTP forward proxy, through the real gRPC server.
+"""Upstreams reached through an HTTP forward proxy, through the real gRPC server: an
+http upstream's requests in absolute form, an https one's through a CONNECT tunnel.
 
 The upstream is named `upstream.test`, which resolves nowhere: only the test proxy
 (`tests/forward_proxy.py`), mapping it to the fake upstream's loopback port, can reach
-it. A call answered by that name went through the tunnel.
+it. A call answered by that name went through the proxy.
 """
 
 from __future__ import annotations
@@ -60,24 +61,75 @@ def config_data(*base_urls: str, **upstream_fields: Any) -> dict[str, Any]:
     return data
 
 
-async def test_unary_and_streaming_calls_go_through_proxy_url(
-    upstream, proxy, start_gateway, caplog
+@pytest.mark.parametrize("source", ["proxy_url", "HTTP_PROXY", "http_proxy"])
+async def test_an_http_upstream_behind_a_squid_like_proxy_is_called_in_absolute_form(
+    source, upstream, start_gateway, monkeypatch, caplog
 ):
-    """With `proxy_url`, calls reach the upstream through one CONNECT tunnel, reused; the
-    start logs which proxy the upstream uses, once."""
-    data = config_data(through(upstream), proxy_url=proxy.url)
-    with caplog.at_level(logging.INFO, logger="llm_gateway"):
-        gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
-    reply = await gateway.stub.Complete(chat())
+    """Behind a proxy that refuses CONNECT to any port but 443 (squid's default), an http
+    upstream's unary and streamed calls go to the proxy in absolute form, with its
+    credentials, over one connection reused; the upstream gets its own `Host`, its key in
+    `Authorization` and no proxy credentials. Before, each call was refused (403 to
+    CONNECT). The start logs which proxy the upstream uses, once."""
+    hosts = {NAME: ("127.0.0.1", upstream.port)}
+    async with ForwardProxy(hosts=hosts, connect_ports={443}) as proxy:
+        environ = {"UP_KEY": "sk-up-key"}
+        fields: dict[str, Any] = {"api_key_env": "UP_KEY"}
+        if source == "proxy_url":
+            fields.update(proxy_url=proxy.url, proxy_authorization_env="GW_PROXY_CREDS")
+            environ["GW_PROXY_CREDS"] = f"gw:{PROXY_PASSWORD}"
+        else:
+            monkeypatch.setenv(source, f"http://gw:{PROXY_PASSWORD}@127.0.0.1:{proxy.port}")
+            # The test's own gRPC channel to the gateway reads `http_proxy` too.
+            monkeypatch.setenv("no_proxy", "127.0.0.1")
+        data = config_data(through(upstream), **fields)
+        with caplog.at_level(logging.DEBUG):
+            gateway = await start_gateway(parse_config(data, source="<test>", environ=environ))
+            reply = await gateway.stub.Complete(chat())
+            deltas = [m async for m in gateway.stub.CompleteStream(chat_stream("again"))]
     assert reply.content == "Hello from fake"
-    deltas = [m async for m in gateway.stub.CompleteStream(chat_stream("again"))]
     assert "".join(m.delta.content for m in deltas) == "Hello from fake"
-    assert len(upstream.requests) == 2
-    assert upstream.requests[0].headers["host"] == f"{NAME}:{upstream.port}"
-    assert proxy.targets == [f"{NAME}:{upstream.port}"]  # one connection, reused
+    origin = f"{NAME}:{upstream.port}"
+    assert [(r.method, r.target, r.host_header) for r in proxy.requests] == [
+        ("POST", f"http://{origin}/v1/chat/completions", origin)
+    ] * 2
+    assert {r.proxy_authorization for r in proxy.requests} == {f"Basic {PROXY_BASIC}"}
+    assert proxy.connections == 1  # one connection, reused
+    for request in upstream.requests:
+        assert request.headers["host"] == origin
+        assert request.headers["authorization"] == "Bearer sk-up-key"
+        assert "proxy-authorization" not in {h.lower() for h in request.headers}
     said = [r for r in caplog.records if r.getMessage() == "upstream.proxy"]
     assert [(r.upstream, r.proxy, r.source) for r in said] == [
-        ("up0", f"127.0.0.1:{proxy.port}", "proxy_url")
+        ("up0", f"127.0.0.1:{proxy.port}", source)
+    ]
+    assert PROXY_PASSWORD not in caplog.text + repr([r.__dict__ for r in caplog.records])
+    assert PROXY_BASIC not in caplog.text + repr([r.__dict__ for r in caplog.records])
+
+
+async def test_a_407_to_an_http_upstreams_request_is_the_proxys_refusal(
+    upstream, proxy, start_gateway, caplog
+):
+    """A 407 answering a request in absolute form fails the attempt as a proxy refusing
+    a tunnel does: retried, then `UNAVAILABLE` naming the upstream and the proxy's
+    refusal, the fix logged once; never taken for the upstream's answer."""
+    proxy.mode, proxy.status = "refuse", 407
+    data = config_data(through(upstream), proxy_url=proxy.url)
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    with caplog.at_level(logging.WARNING, logger="llm_gateway"):
+        error = await rpc_error(gateway.stub.Complete(chat(), timeout=20))
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert "its proxy refused the request (HTTP 407)" in error.details()
+    metadata, reason, _ = error_details(error)
+    assert (reason, metadata["upstream"], metadata["attempts"]) == (
+        "UPSTREAM_UNAVAILABLE",
+        "up0",
+        "3",
+    )
+    assert upstream.requests == []
+    assert [r.method for r in proxy.requests] == ["POST"] * 3
+    said = [r for r in caplog.records if r.getMessage().startswith("upstream.proxy_")]
+    assert [(r.getMessage(), r.http_status) for r in said] == [
+        ("upstream.proxy_auth_rejected", 407)
     ]
 
 
@@ -193,7 +245,7 @@ async def test_no_proxy_excludes_an_upstream_from_the_environments_proxy(
     data = config_data(through(upstream))
     gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
     assert (await gateway.stub.Complete(chat())).content == "Hello from fake"
-    assert proxy.targets == [f"{NAME}:{upstream.port}"]
+    assert proxy.targets == [f"{through(upstream)}/chat/completions"]
 
 
 @pytest.mark.parametrize(
@@ -210,13 +262,14 @@ async def test_no_proxy_excludes_an_upstream_from_the_environments_proxy(
 async def test_a_failing_proxy_is_a_connect_failure_of_its_upstream(  # noqa: PLR0917
     mode, status, event, reason, upstream, proxy, start_gateway, caplog
 ):
-    """A proxy that refuses the tunnel, drops the connection, answers garbage or never
-    answers (within `connect_timeout_s`) fails its upstream's attempts like a failed
-    connect: retried, then `UNAVAILABLE` with the upstream named. One log line says what
-    the proxy did, with its status; a 407 says the operator must fix the credentials."""
+    """A proxy that refuses an https upstream's tunnel, drops the connection, answers
+    garbage or never answers (within `connect_timeout_s`) fails its upstream's attempts
+    like a failed connect: retried, then `UNAVAILABLE` with the upstream named. One log
+    line says what the proxy did, with its status; a 407 says the operator must fix the
+    credentials."""
     proxy.mode = mode
     proxy.status = status
-    data = config_data(through(upstream), proxy_url=proxy.url, connect_timeout_s=0.3)
+    data = config_data(through(upstream, "https"), proxy_url=proxy.url, connect_timeout_s=0.3)
     gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
     with caplog.at_level(logging.WARNING, logger="llm_gateway"):
         error = await rpc_error(gateway.stub.Complete(chat(), timeout=20))
@@ -248,27 +301,31 @@ async def test_a_failing_proxy_is_a_connect_failure_of_its_upstream(  # noqa: PL
     ids=["interim-heads", "bare-lf-lines"],
 )
 async def test_an_answer_to_connect_a_client_may_read_opens_the_tunnel(
-    interim, established, upstream, proxy, start_gateway
+    interim, established, tmp_path, monkeypatch, start_gateway
 ):
     """1xx heads before the proxy's 200 (RFC 9110 §15.2: a client reads and drops them),
     and lines ending in LF alone (RFC 9112 §2.2: a client MAY read them), open the tunnel:
     the call is answered through it, not refused, nor waited on until the connect
     timeout as a hang."""
-    proxy.interim = interim
-    if established is not None:
-        proxy.established = established
-    data = config_data(through(upstream), proxy_url=proxy.url)
-    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
-    reply = await gateway.stub.Complete(chat())
-    assert (reply.content, reply.metadata.attempts) == ("Hello from fake", 1)
-    assert proxy.targets == [f"{NAME}:{upstream.port}"]
+    async with _tls_upstream_behind_env_proxy(tmp_path, monkeypatch, trusted=True) as (
+        tls_upstream,
+        env_proxy,
+        data,
+    ):
+        env_proxy.interim = interim
+        if established is not None:
+            env_proxy.established = established
+        gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+        reply = await gateway.stub.Complete(chat())
+        assert (reply.content, reply.metadata.attempts) == ("Hello from fake", 1)
+        assert env_proxy.targets == [f"{NAME}:{tls_upstream.port}"]
 
 
 @pytest.mark.parametrize("name", ["\u4f8b\u3048.test", "b\u00fccher.test"])
 async def test_an_internationalised_host_goes_through_the_proxy_in_its_idna_form(
     name, upstream, start_gateway
 ):
-    """`CONNECT` and `Host` name an upstream's internationalised host by its IDNA
+    """The request line and `Host` name an upstream's internationalised host by its IDNA
     (`xn--`) form, as curl does: a request line or header is ASCII."""
     idna = name.encode("idna").decode("ascii")
     async with ForwardProxy(hosts={idna: ("127.0.0.1", upstream.port)}) as proxy:
@@ -276,7 +333,8 @@ async def test_an_internationalised_host_goes_through_the_proxy_in_its_idna_form
         gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
         reply = await gateway.stub.Complete(chat())
         assert reply.content == "Hello from fake"
-        assert proxy.targets == [f"{idna}:{upstream.port}"]
+        assert proxy.targets == [f"http://{idna}:{upstream.port}/v1/chat/completions"]
+        assert proxy.requests[0].host_header == f"{idna}:{upstream.port}"
         assert upstream.requests[0].headers["host"] == f"{idna}:{upstream.port}"
 
 
@@ -298,11 +356,11 @@ async def test_a_refusing_proxy_fails_over_to_the_next_upstream(
 async def test_a_hanging_proxy_fails_over_within_the_connect_timeout(
     upstream, proxy, start_gateway
 ):
-    """A proxy that never answers CONNECT costs one `connect_timeout_s`, then the call
-    moves on to the next upstream."""
+    """A proxy that never answers an https upstream's CONNECT costs one
+    `connect_timeout_s`, then the call moves on to the next upstream."""
     proxy.mode = "hang"
     data = config_data(
-        through(upstream), upstream.base_url, proxy_url=proxy.url, connect_timeout_s=0.3
+        through(upstream, "https"), upstream.base_url, proxy_url=proxy.url, connect_timeout_s=0.3
     )
     gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
     reply = await gateway.stub.Complete(chat(), timeout=20)
@@ -327,7 +385,7 @@ async def test_health_probes_go_through_the_upstreams_proxy(upstream, proxy, mon
     check = await check_upstream(config, timeout_s=5)
     assert (check.is_reachable, check.problem) == (
         False,
-        "upstream 'up0' could not be reached: its proxy refused the tunnel (HTTP 407)",
+        "upstream 'up0' could not be reached: its proxy refused the request (HTTP 407)",
     )
     assert await answers_http(config, timeout_s=5) is False
     proxy.mode = "tunnel"

@@ -871,6 +871,113 @@ async def test_a_body_cut_short_of_a_header_with_a_blank_before_its_colon_is_no_
     assert "dropped the connection" in caught.value.details()
 
 
+def _lengths_answering(*heads: bytes) -> Handler:
+    """Keep-alive: each request answered `b"N bytes"` under the next of `heads`, where
+    `{n}` is the body's length; a head is written in two, split at its `|`, so that the
+    client reads its second length's value apart from its name."""
+    answers = iter(heads)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            head = next(answers)
+            body = b"%d bytes" % len(head)
+            before, _, after = head.replace(b"{n}", b"%d" % len(body)).partition(b"|")
+            writer.write(before)
+            await writer.drain()
+            await asyncio.sleep(0.02)  # two reads for the client, not one
+            writer.write(after + body)
+            await writer.drain()
+
+    return handler
+
+
+_ONE_LENGTH_TWICE = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nX-A: b\r\nContent-Length:| {n}\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: b\r\nContent-Length: {n},| {n}\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-length: {n}\r\nCONTENT-LENGTH :|{n} \r\n\r\n",
+    b"HTTP/1.1 200 OK\ncontent-length: {n},{n}\ncontent-length: {n}\n|\n",
+    b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nContent-Length: |{n}\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize(
+    "head", _ONE_LENGTH_TWICE, ids=["two-lines", "a-list", "cases", "bare-lf", "interim"]
+)
+async def test_one_content_length_sent_twice_frames_the_body(serve, head):
+    """The same `Content-Length` in two lines or as a list (RFC 9110 §8.6) is that length:
+    the body is read whole and the connection reused for the next answer, framed right."""
+    raw = await serve(_lengths_answering(head, head))
+    pool = pool_for(raw)
+    body = b"%d bytes" % len(head)
+    for _ in range(2):
+        async with await pool.request("POST", "/", {}, b"x") as response:
+            assert response.status == 200
+            assert response.headers["content-length"] == str(len(body))
+            assert await response.read() == body
+    assert (raw.connections, pool.open_connections) == (1, 1)
+    await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nContent-Length:| 1{n}\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: {n},| 1{n}\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: {n}, \r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0{n}, {n}\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -{n}, -{n}\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: {n}\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nContent-Length: {n}\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nX-A: bb\r\nContent-Length: {n}, 1{n}\r\n\r\n",
+    ],
+    ids=["two-lines", "a-list", "an-empty-one", "leading-zero", "negative", "chunked", "interim"],
+)
+async def test_content_lengths_that_differ_stay_refused(serve, head):
+    """Lengths that differ (a smuggling risk), a list with an empty or a signed value, or
+    lengths beside `Transfer-Encoding` are refused as malformed, as before."""
+    raw = await serve(_lengths_answering(head))
+    pool = pool_for(raw)
+    with pytest.raises(HttpError, match=r"malformed HTTP response: .*(Content-Length|Transfer)"):
+        await pool.request("POST", "/", {}, b"x")
+    assert (pool.open_connections, pool.checked_out) == (0, 0)
+    await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    ("lengths", "attempts"),
+    [
+        (b"Content-Length: %(n)d\r\nContent-Length: %(n)d", 1),
+        (b"Content-Length: %(n)d, %(n)d", 1),
+        (b"Content-Length: %(n)d\r\nContent-Length: %(more)d", 0),
+        (b"Content-Length: %(n)d, %(more)d", 0),
+    ],
+    ids=["same-twice", "same-listed", "differing-twice", "differing-listed"],
+)
+async def test_a_length_sent_twice_is_one_answer_and_lengths_that_differ_no_answer(
+    serve, start_gateway, lengths, attempts
+):
+    """Through the gateway: one length repeated answers the call at its first attempt
+    rather than three refused and billed attempts; lengths that differ are refused as an
+    answer other than HTTP/1.1, retried, then UNAVAILABLE."""
+    framing = lengths % {b"n": len(_COMPLETION), b"more": len(_COMPLETION) + 1}
+    head = b"HTTP/1.1 200 OK\r\n%s\r\n%s\r\n\r\n" % (_JSON_TYPE, framing)
+    raw = await serve(replying(head + _COMPLETION, linger_s=0.5))
+    gateway = await start_gateway(gateway_config(raw.url))
+
+    if attempts:
+        reply = await gateway.stub.Complete(chat(), timeout=10)
+        assert (reply.content, reply.metadata.attempts, raw.connections) == ("hi", 1, 1)
+        return
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "something other than HTTP/1.1" in caught.value.details()
+    assert raw.connections == 3
+
+
 def _deflated(data: bytes, wbits: int) -> bytes:
     """`data` compressed by zlib with `wbits` (31: gzip, 15: zlib-wrapped, -15: raw)."""
     compressor = zlib.compressobj(wbits=wbits)

@@ -1,7 +1,8 @@
-"""The upstream HTTP pool through a real CONNECT proxy (`tests/forward_proxy.py`).
+"""The upstream HTTP pool through a real forward proxy (`tests/forward_proxy.py`): an
+http upstream's requests in absolute form, an https one's through a CONNECT tunnel.
 
 The upstream is named `upstream.test`, which resolves nowhere: only the proxy, mapping it
-to a loopback port, can reach it, so a call that got an answer went through the tunnel.
+to a loopback port, can reach it, so a call that got an answer went through the proxy.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import uvloop
 
 from service.upstream.http import (
     ConnectFailed,
+    HttpError,
     HttpPool,
     ProxyFailed,
     ProxyRefused,
@@ -38,31 +40,55 @@ async def _echo_server(context: ssl.SSLContext | None = None) -> tuple[asyncio.S
     return server, int(server.sockets[0].getsockname()[1])
 
 
-async def test_an_http_upstream_is_reached_through_one_reused_tunnel() -> None:
-    """CONNECT names the upstream's host and port (with Host), the answer comes through
-    the tunnel, and a second request reuses the tunnelled connection."""
+# As squid's default `http_access deny CONNECT !SSL_ports`: no CONNECT but to 443.
+SQUID_PORTS = frozenset({443})
+
+
+async def test_an_http_upstream_is_reached_in_absolute_form_over_one_reused_connection() -> None:
+    """Behind a proxy that refuses CONNECT to any port but 443, as squid does, an http
+    upstream's requests go to the proxy in absolute form, with the upstream's `Host`, one
+    connection to the proxy reused; no CONNECT is sent."""
     server, port = await _echo_server()
-    async with ForwardProxy(hosts={NAME: ("127.0.0.1", port)}) as proxy:
+    hosts = {NAME: ("127.0.0.1", port)}
+    async with ForwardProxy(hosts=hosts, connect_ports=SQUID_PORTS) as proxy:
         pool = HttpPool(
-            f"http://{NAME}:{port}/v1", max_connections=2, connect_timeout_s=5, proxy=via(proxy)
+            f"http://{NAME}:{port}/v1?v=1", max_connections=2, connect_timeout_s=5, proxy=via(proxy)
         )
         try:
             for body in (b"one", b"two"):
                 async with await pool.request("POST", "/chat", {}, body) as response:
                     assert response.status == 200
                     assert await response.read() == body
-            assert proxy.targets == [f"{NAME}:{port}"]
-            assert proxy.requests[0].host_header == f"{NAME}:{port}"
+            assert [(r.method, r.target, r.host_header) for r in proxy.requests] == [
+                ("POST", f"http://{NAME}:{port}/v1/chat?v=1", f"{NAME}:{port}")
+            ] * 2
             assert proxy.requests[0].proxy_authorization is None
-            assert pool.open_connections == 1
+            assert (proxy.connections, pool.open_connections) == (1, 1)
         finally:
             await pool.aclose()
     server.close()
     await server.wait_closed()
 
 
+async def test_an_http_upstream_on_the_default_port_is_named_without_it() -> None:
+    """The absolute form names the origin as `Host` does: no `:80`."""
+    async with ForwardProxy(mode="refuse", status=502) as proxy:
+        pool = HttpPool(
+            f"http://{NAME}/v1", max_connections=1, connect_timeout_s=5, proxy=via(proxy)
+        )
+        try:
+            async with await pool.request("GET", "/models", {}) as response:
+                assert response.status == 502
+        finally:
+            await pool.aclose()
+    assert [(r.target, r.host_header) for r in proxy.requests] == [
+        (f"http://{NAME}/v1/models", NAME)
+    ]
+
+
 async def test_the_proxy_authorization_goes_to_the_proxy_alone() -> None:
-    """`Proxy-Authorization` is in the CONNECT, never in the request the upstream gets."""
+    """`Proxy-Authorization` goes to the proxy with the request in absolute form; the
+    request the upstream gets has none."""
     seen: list[bytes] = []
 
     async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -74,7 +100,7 @@ async def test_the_proxy_authorization_goes_to_the_proxy_alone() -> None:
     server = await asyncio.start_server(recording, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     authorization = basic_authorization("gw:proxy-pass")
-    async with ForwardProxy(hosts={NAME: ("127.0.0.1", port)}) as proxy:
+    async with ForwardProxy(hosts={NAME: ("127.0.0.1", port)}, connect_ports=SQUID_PORTS) as proxy:
         pool = HttpPool(
             f"http://{NAME}:{port}/v1",
             max_connections=1,
@@ -88,6 +114,57 @@ async def test_the_proxy_authorization_goes_to_the_proxy_alone() -> None:
             await pool.aclose()
         assert [r.proxy_authorization for r in proxy.requests] == [authorization]
     assert b"proxy-authorization" not in seen[0].lower()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_407_to_a_request_in_absolute_form_is_the_proxys_refusal() -> None:
+    """A 407 answering a request in absolute form is the proxy refusing it, as it would
+    refuse a tunnel: `ProxyRefused` with its status, never an upstream's answer; the
+    connection, its answer read whole, is reused for the next request."""
+    async with ForwardProxy(mode="refuse", status=407) as proxy:
+        pool = HttpPool(
+            f"http://{NAME}:8000/v1", max_connections=1, connect_timeout_s=5, proxy=via(proxy)
+        )
+        try:
+            with pytest.raises(ProxyRefused) as caught:
+                await pool.request("POST", "/chat", {}, b"x")
+            assert (caught.value.status, caught.value.problem) == (
+                407,
+                "refused the request (HTTP 407)",
+            )
+            with pytest.raises(ProxyRefused):
+                await pool.request("POST", "/chat", {}, b"y")
+            assert (proxy.connections, len(proxy.requests), pool.checked_out) == (1, 2, 0)
+        finally:
+            await pool.aclose()
+
+
+async def test_a_proxy_connection_cut_mid_body_is_not_reused_and_one_after_an_error_is():
+    """A proxy that closes mid-body fails that answer and its connection is not reused;
+    an error the proxy answers in full (502, keep-alive) leaves the connection for the
+    next request, whose answer is framed right."""
+    server, port = await _echo_server()
+    async with ForwardProxy(hosts={NAME: ("127.0.0.1", port)}, cut_after=45) as proxy:
+        pool = HttpPool(
+            f"http://{NAME}:{port}/v1", max_connections=1, connect_timeout_s=5, proxy=via(proxy)
+        )
+        try:
+            response = await pool.request("POST", "/", {}, b"x" * 100)
+            with pytest.raises(HttpError, match="mid-response"):
+                await response.read()
+            response.release()
+            assert pool.open_connections == 0
+            proxy.cut_after = None
+            proxy.mode, proxy.status = "refuse", 502
+            async with await pool.request("POST", "/", {}, b"one") as response:
+                assert (response.status, await response.read()) == (502, b"<html>refused</html>")
+            proxy.mode = "tunnel"
+            async with await pool.request("POST", "/", {}, b"two") as response:
+                assert (response.status, await response.read()) == (200, b"two")
+            assert proxy.connections == 2  # the cut one, then one for the 502 and after
+        finally:
+            await pool.aclose()
     server.close()
     await server.wait_closed()
 
@@ -132,13 +209,14 @@ async def test_an_https_upstream_certified_for_another_name_is_refused(tmp_path,
 
 
 async def refused(mode: str, status: int = 407, **options: bytes) -> BaseException:
-    """What a request fails with through a proxy in `mode` (`options`: the proxy's
-    others); nothing is left open."""
+    """What a request to an https upstream fails with through a proxy in `mode`
+    (`options`: the proxy's others), which fails it at CONNECT, before any TLS; nothing
+    is left open."""
     server, port = await _echo_server()
     hosts = {NAME: ("127.0.0.1", port)}
     async with ForwardProxy(hosts, mode=mode, status=status, **options) as proxy:  # type: ignore[arg-type]
         pool = HttpPool(
-            f"http://{NAME}:{port}/v1", max_connections=1, connect_timeout_s=0.5, proxy=via(proxy)
+            f"https://{NAME}:{port}/v1", max_connections=1, connect_timeout_s=0.5, proxy=via(proxy)
         )
         try:
             with pytest.raises(ConnectFailed) as caught:
@@ -187,12 +265,16 @@ async def test_a_proxy_that_drops_or_answers_garbage_fails_the_connect(mode, pro
     ],
     ids=["lf", "lf-header", "crlf-then-lf", "crlf-header-lf-end"],
 )
-async def test_an_answer_with_bare_lf_line_ends_opens_the_tunnel(established):
+async def test_an_answer_with_bare_lf_line_ends_opens_the_tunnel(
+    established, tmp_path, monkeypatch
+):
     """The head's end is its first empty line, each line ending in CRLF or LF alone."""
-    server, port = await _echo_server()
+    context, ca = https_server_context(tmp_path, NAME)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    server, port = await _echo_server(context)
     async with ForwardProxy(hosts={NAME: ("127.0.0.1", port)}, established=established) as proxy:
         pool = HttpPool(
-            f"http://{NAME}:{port}/v1", max_connections=1, connect_timeout_s=5, proxy=via(proxy)
+            f"https://{NAME}:{port}/v1", max_connections=1, connect_timeout_s=5, proxy=via(proxy)
         )
         try:
             async with await pool.request("POST", "/chat", {}, b"through") as response:
@@ -223,10 +305,12 @@ async def test_a_proxy_that_never_answers_times_out_at_the_connect_timeout():
     assert isinstance(error, TimeoutError)
 
 
-async def test_an_unreachable_proxy_is_a_proxy_failure():
-    """Nothing listening at the proxy's address: `ProxyFailed`, naming the proxy."""
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_an_unreachable_proxy_is_a_proxy_failure(scheme):
+    """Nothing listening at the proxy's address: `ProxyFailed`, naming the proxy, in
+    absolute form as through a tunnel."""
     pool = HttpPool(
-        "http://upstream.test/v1",
+        f"{scheme}://upstream.test/v1",
         max_connections=1,
         connect_timeout_s=2,
         proxy=Proxy("127.0.0.1", 1, source="proxy_url"),
@@ -250,7 +334,7 @@ async def test_an_overlong_answer_to_connect_is_refused_not_buffered():
     server = await asyncio.start_server(endless, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     pool = HttpPool(
-        "http://upstream.test/v1",
+        "https://upstream.test/v1",
         max_connections=1,
         connect_timeout_s=5,
         proxy=Proxy("127.0.0.1", port, source="proxy_url"),
@@ -269,8 +353,8 @@ def _on_uvloop(case: Callable[[], Awaitable[object]]) -> None:
 
 
 def test_tunnels_on_uvloop() -> None:
-    """The plain tunnel, a refusal and a hang on the loop the gateway serves on."""
-    _on_uvloop(test_an_http_upstream_is_reached_through_one_reused_tunnel)
+    """The absolute form, a refusal and a hang on the loop the gateway serves on."""
+    _on_uvloop(test_an_http_upstream_is_reached_in_absolute_form_over_one_reused_connection)
     _on_uvloop(lambda: test_a_refusal_is_a_connect_failure_with_the_proxys_status(407))
     _on_uvloop(test_a_proxy_that_never_answers_times_out_at_the_connect_timeout)
     _on_uvloop(lambda: test_a_proxy_that_drops_or_answers_garbage_fails_the_connect(
