@@ -182,39 +182,35 @@ class _Connection(asyncio.Protocol):
             return
         parsed = response.parsed
         response.received_bytes += len(data)
-        pieces = response.head_pieces
-        if pieces is not None:  # the head is not all parsed: kept in case it is parsed again
-            pieces.append(data)
-            if response.held_reason is not None:
-                self._merge_lengths(response, pieces, parsed, response.held_reason)
-                return
-        self._feed(response, self._parser, data, parsed)
-
-    def _feed(
-        self, response: Response, parser: httptools.HttpResponseParser, data: bytes, parsed: int
-    ) -> None:
+        if response.held_reason is not None:  # a head repeating its length, still coming
+            self._merge_lengths(response, data, parsed)
+            return
         try:
-            parser.feed_data(data)
+            self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             response.fail(NotHttp("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
-            pieces = response.head_pieces
-            if pieces is not None and "Content-Length" in str(exc):
+            if response.head_pieces is not None and "Content-Length" in str(exc):
                 # Perhaps one length sent twice, which llhttp refuses: merged, if so, once
                 # the head is all in (`_merge_lengths`).
                 response.held_reason = str(exc)
-                self._merge_lengths(response, pieces, parsed, str(exc))
+                self._merge_lengths(response, data, parsed)
             else:
                 response.fail(NotHttp(f"malformed HTTP response: {exc}"))
         else:
+            pieces = response.head_pieces
+            if pieces is not None:  # the head is not all in: kept, should it be parsed again
+                pieces.append(data)
             response.fed(len(data), made_progress=response.parsed != parsed)
 
-    def _merge_lengths(
-        self, response: Response, pieces: list[bytes], parsed: int, reason: str
-    ) -> None:
-        """Parse the response again from its start, its head's `Content-Length` values
-        merged into one (`_one_content_length`), once that head is all in; refuse it with
-        llhttp's `reason` if they are not one number repeated."""
+    def _merge_lengths(self, response: Response, data: bytes, parsed: int) -> None:
+        """Parse the response again from its start, `data` the last of it received, its
+        head's `Content-Length` values merged into one (`_one_content_length`), once that
+        head is all in; refuse it as llhttp did (`held_reason`) if they are not one number
+        repeated."""
+        pieces = response.head_pieces
+        assert pieces is not None
+        pieces.append(data)
         received = b"".join(pieces)
         found = _final_head(received)
         if found is None:  # the rest of the head is still to come
@@ -224,11 +220,17 @@ class _Connection(asyncio.Protocol):
         start, end = found
         head = _one_content_length(received[start:end])
         if head is None:
-            response.fail(NotHttp(f"malformed HTTP response: {reason}"))
+            response.fail(NotHttp(f"malformed HTTP response: {response.held_reason}"))
             return
         response.restart()
         self._parser = _response_parser(response)
-        self._feed(response, self._parser, received[:start] + head + received[end:], parsed)
+        merged = received[:start] + head + received[end:]
+        try:
+            self._parser.feed_data(merged)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            response.fail(NotHttp(f"malformed HTTP response: {exc}"))
+        else:
+            response.fed(len(merged), made_progress=response.parsed != parsed)
 
     def eof_received(self) -> None:
         # The transport closes itself after this, but calls connection_lost only later:
