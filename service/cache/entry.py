@@ -33,6 +33,7 @@ from service.domain import (
     Usage,
     whole_tool_calls,
 )
+from service.validation import has_visible_text
 
 __all__ = [
     "CACHEABLE_FINISH_REASONS",
@@ -101,11 +102,6 @@ _STORED_FIELDS = tuple(
 )
 
 
-def _has_text(text: str) -> bool:
-    """Whether `text` holds more than whitespace."""
-    return bool(text) and not text.isspace()
-
-
 def _typed(cls: type[T], values: dict[str, Any]) -> T:
     """`cls(**values)`, refusing a scalar of the wrong type: JSON that parses but would
     fail only when the hit is turned into a response."""
@@ -148,11 +144,13 @@ class CachedAnswer:
         """Whether the answer may be stored: a stop, length or tool-call finish with
         something in it. An empty one is most often a provider's glitch (a null message),
         which a stored entry would serve for its whole TTL. Text (or reasoning) of
-        whitespace alone is none, as validation and Summarize read it: sent back, it is
-        refused as empty."""
+        whitespace or invisible characters alone is none, as validation and Summarize read
+        it: sent back, it is refused as empty."""
         answer = self.completion
         return answer.finish_reason in CACHEABLE_FINISH_REASONS and (
-            _has_text(answer.content) or _has_text(answer.reasoning) or bool(answer.tool_calls)
+            has_visible_text(answer.content)
+            or has_visible_text(answer.reasoning)
+            or bool(answer.tool_calls)
         )
 
     def encode(self) -> bytes:

@@ -421,14 +421,17 @@ async def test_errors_and_odd_finishes_are_not_cached(
     assert cache_of(cached).stats.stores == 1
 
 
-@pytest.mark.parametrize("content", ["", " \n\n"], ids=["none", "whitespace"])
+@pytest.mark.parametrize(
+    "content", ["", " \n\n", "\u200b\u2060 "], ids=["none", "whitespace", "invisible"]
+)
 @pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
 async def test_an_empty_answer_is_relayed_but_not_cached(
     cached: RunningGateway, upstream: FakeUpstream, is_stream: bool, content: str
 ) -> None:
-    """An answer with no text (or whitespace alone, which the gateway refuses as an empty
-    turn when it is sent back), reasoning or tool call, finished `stop` (a provider's
-    null message), reaches its caller but is not stored: the next call asks again."""
+    """An answer with no text (or whitespace or invisible characters alone, which the
+    gateway refuses as an empty turn when it is sent back), reasoning or tool call,
+    finished `stop` (a provider's null message), reaches its caller but is not stored:
+    the next call asks again."""
     upstream.script(Reply(content=content, chunks=2), Reply(content="again"))
     request = chat_stream("empty?", params=DETERMINISTIC) if is_stream else ask("empty?")
     if is_stream:

@@ -90,6 +90,9 @@ def test_only_stop_length_and_tool_calls_are_cacheable(
         ("", "\n\n", False),  # reasoning of whitespace alone is none either
         (" ", " \n", False),
         ("x", "\n", True),
+        ("\u200b", "", False),  # invisible characters alone are none either
+        ("\u2060 ", "\ufeff", False),
+        ("\u200bx", "", True),
     ],
 )
 def test_text_of_whitespace_alone_is_no_text(content: str, reasoning: str, cacheable: bool) -> None:
