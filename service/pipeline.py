@@ -373,6 +373,7 @@ class Pipeline:
         repeat_key: RepeatKey | None = None,
         waiting_since: float | None = None,
         is_gateway_queued: bool = False,
+        is_rerun: bool = False,
     ) -> Completion:
         """One unary completion, from the cache when it has it.
 
@@ -382,6 +383,7 @@ class Pipeline:
         waiting for its turn; its timings count from then, the wait as queued time.
         `is_gateway_queued`: such a call (`complete_in_turn`), whose waits at its
         upstreams' limits end with `ShuttingDown` as the server begins stopping.
+        `is_rerun`: the call runs again one that failed (`AttemptLog.is_rerun`).
         """
         started = time.monotonic()
         prepared = self._prepared(request)
@@ -395,7 +397,14 @@ class Pipeline:
             # and paid for, its answer never delivered.
             limit_wait = self._ended_by_drain if is_gateway_queued else None
             fetch = functools.partial(
-                self._complete, prepared, hold, owed, deadline, started, limit_wait=limit_wait
+                self._complete,
+                prepared,
+                hold,
+                owed,
+                deadline,
+                started,
+                limit_wait=limit_wait,
+                is_rerun=is_rerun,
             )
             try:
                 cache = self._cache
@@ -421,7 +430,12 @@ class Pipeline:
         return completion
 
     async def complete_in_turn(
-        self, request: ChatRequest, *, deadline: Deadline, waiting_since: float | None = None
+        self,
+        request: ChatRequest,
+        *,
+        deadline: Deadline,
+        waiting_since: float | None = None,
+        is_rerun: bool = False,
     ) -> Completion:
         """`complete`, for a call the gateway queued itself (a batch's item, a Summarize's
         part): one its upstreams' own limits (concurrency, per-minute rates) kept waiting
@@ -431,6 +445,8 @@ class Pipeline:
         run. That bound is for a caller who would rather be told at once; these calls are
         their caller's queue, and wait their turn until its deadline: their timings count
         from `waiting_since` (else now), every turn they waited as queued time.
+        `is_rerun`: the call runs again one that failed after the pool's own tries (a
+        Summarize part's next try), held to the retry budget as retries are.
 
         Raises:
             ShuttingDown: the server began stopping while the call waited at its upstream's
@@ -441,7 +457,11 @@ class Pipeline:
         while True:
             try:
                 return await self.complete(
-                    request, deadline=deadline, waiting_since=waiting_since, is_gateway_queued=True
+                    request,
+                    deadline=deadline,
+                    waiting_since=waiting_since,
+                    is_gateway_queued=True,
+                    is_rerun=is_rerun,
                 )
             except (LimitExceeded, HeldByCallsInFlight) as exc:
                 left = deadline.remaining_s()
@@ -534,13 +554,14 @@ class Pipeline:
         started: float,
         *,
         limit_wait: LimitWait | None,
+        is_rerun: bool,
     ) -> Completion:
         """The upstream call behind a cache miss; budgets are checked and reserved only here.
 
         `limit_wait`: around each of its waits at an upstream's limits (`UpstreamPool.complete`).
         """
         request = prepared.request
-        log = AttemptLog()
+        log = AttemptLog(is_rerun=is_rerun)
         # `_billed_prompt_tokens` written out: a Python call less on every miss.
         prompt_tokens = self.calibration.billed_tokens(
             request.model, request.tenant, estimated_tokens=prepared.prompt_tokens

@@ -159,6 +159,9 @@ class AttemptLog:
     # The usage the last attempt's stream reported, once it ended: a stream cut after its
     # usage event (before `[DONE]`) is billed as reported, not estimated.
     usage: Usage | None = None
+    # The call runs again one that failed after the pool's own tries (a Summarize part's
+    # next try): every attempt of it is a retry to the retry budget, not a new request.
+    is_rerun: bool = False
 
     def begin(self, upstream: str) -> None:
         """Another attempt starts, to `upstream`: nothing of it is sent or answered yet."""
@@ -759,8 +762,9 @@ class UpstreamPool:
             probe = breaker.episode
         # A retry follows an attempt of this call on this upstream that was sent and
         # failed; a route skipped before any was sent (the gateway's own limits, an open
-        # circuit) leaves this a first attempt.
-        if retrying:
+        # circuit) leaves this a first attempt. A rerun's attempts are all retries: held to
+        # the budget, a failing upstream is not sent each part's tries times the pool's.
+        if retrying or log_.is_rerun:
             if not state.budget.can_retry():  # other calls spent it while this one waited
                 state.limiter.give_back(tokens)  # never sent: its units are not spent
                 state.breaker.release(probe=probe)

@@ -1099,6 +1099,9 @@ class Summarizer:
             )
         async with self._pipeline.in_turn(turn):
             attempts = self._config.chunk_attempts
+            # The last failure an upstream gave: a next try its retry budget or breaker
+            # kept from any upstream says less of why the part failed.
+            answered: UpstreamError | None = None
             for attempt in range(1, attempts + 1):
                 if self._pipeline.is_stopping:  # cut at the grace's end, it would be paid for
                     raise ShuttingDown()
@@ -1106,7 +1109,10 @@ class Summarizer:
                     # A part waits its turn at its upstream's limits, as a batch's item does.
                     with run.halt.calling():
                         completion = await self._pipeline.complete_in_turn(
-                            chat, deadline=deadline, waiting_since=waiting_since
+                            chat,
+                            deadline=deadline,
+                            waiting_since=waiting_since,
+                            is_rerun=attempt > 1,
                         )
                 except UpstreamContextExceeded:
                     raise  # the text is split again (`_call_if_fits`)
@@ -1115,6 +1121,8 @@ class Summarizer:
                         exc, part=slot.part, parts=slot.parts, level=slot.level
                     ) from exc
                 except UpstreamError as exc:
+                    if exc.attempts != 0:
+                        answered = exc
                     wait_s = self._config.retry_backoff_s * 2 ** (attempt - 1)
                     left = deadline.remaining_s()
                     # A rejected key stays rejected: a retry would only find the upstream set
@@ -1122,7 +1130,7 @@ class Summarizer:
                     is_final = attempt == attempts or exc.is_retry_futile
                     if is_final or (left is not None and left <= wait_s):
                         raise SummarizePartFailed(
-                            exc,
+                            exc if answered is None else answered,
                             part=slot.part,
                             parts=slot.parts,
                             level=slot.level,

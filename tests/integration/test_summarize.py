@@ -412,6 +412,34 @@ async def test_failing_part_is_retried_then_fails_the_call(recorder, start_gatew
     assert not any(is_combine(r.body) for r in recorder.requests)
 
 
+async def test_a_failing_parts_next_tries_are_held_to_the_retry_budget(recorder, start_gateway):
+    """A part's next try runs again what failed after the pool's own tries: it is held to
+    the upstream's retry budget as a retry is. With no budget left, a failing upstream
+    gets the part once, not once for each of `chunk_attempts` (times the pool's
+    attempts), and the call still fails SUMMARIZE_PART_FAILED. Before, each try counted as
+    a new request, so a failing provider got every part's tries in full."""
+
+    def respond(body):
+        if is_part(body) and "Paragraph p30 sentence s2" in user_text(body):
+            return Status(500)
+        return default_respond(body)
+
+    recorder.respond = respond
+    settings = config(recorder.base_url, upstream_attempts=1, chunk_attempts=3)
+    no_retries = dataclasses.replace(
+        settings.resilience, retry_budget_ratio=0.0, retry_budget_min_retries=0
+    )
+    gateway = await start_gateway(dataclasses.replace(settings, resilience=no_retries))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(60)))
+    details = error_details(caught.value)
+    assert details.reason == "SUMMARIZE_PART_FAILED"
+    assert "HTTP 500" in details.message  # the upstream's failure, not the budget's refusal
+    poisoned = [r for r in recorder.requests if "Paragraph p30 sentence s2" in user_text(r.body)]
+    assert len(poisoned) == 1
+    assert not any(is_combine(r.body) for r in recorder.requests)
+
+
 async def test_a_summary_run_again_after_a_part_failed_pays_only_for_what_was_missing(
     recorder, start_gateway
 ):
