@@ -132,7 +132,7 @@ def is_excluded(host: str, port: int, no_proxy: str) -> bool:
     internationalised one in either form (`bücher.example`, `xn--bcher-kva.example`).
     """
     host = _name(host.strip("[]"))
-    address = _ip(host)
+    addresses = _addresses(host)
     for raw in no_proxy.split(","):
         entry = raw.strip().lower()
         if not entry:
@@ -143,12 +143,13 @@ def is_excluded(host: str, port: int, no_proxy: str) -> bool:
         if entry_port is not None and entry_port != port:
             continue
         pattern = pattern.strip("[]")
-        if address is not None:
+        if addresses:
             try:
-                if address in ipaddress.ip_network(pattern, strict=False):
-                    return True
+                network = ipaddress.ip_network(pattern, strict=False)
             except ValueError:
-                pass
+                continue
+            if any(address in network for address in addresses):
+                return True
             continue
         if pattern.startswith("*."):  # Go's and Docker's `*.example.com`: `.example.com`
             pattern = pattern[1:]
@@ -164,11 +165,16 @@ def _name(host: str) -> str:
     return ascii_host(host) or host
 
 
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _addresses(host: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    """`host` as an address, and an IPv4-mapped IPv6 one (`::ffff:10.0.0.1`) as the IPv4
+    one it is too, so that an IPv4 range excludes it; none when it is a name."""
     try:
-        return ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return None
+        return ()
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address, address.ipv4_mapped
+    return (address,)
 
 
 def _split_port(entry: str) -> tuple[str, int | None]:

@@ -125,6 +125,11 @@ def test_an_environment_proxy_the_gateway_cannot_use_is_an_error_naming_the_vari
         ("fd00::5", 80, "[fd00::5]:80", True),
         ("fd00::5", 80, "[fd00::5]:81", False),
         ("fd00::5", 80, "fd00::/16", True),
+        # An IPv4-mapped IPv6 address is its IPv4 address too.
+        ("::ffff:10.1.2.3", 80, "10.0.0.0/8", True),
+        ("[::ffff:10.1.2.3]", 80, "10.1.2.3", True),
+        ("::ffff:10.1.2.3", 80, "::ffff:10.0.0.0/104", True),
+        ("::ffff:11.1.2.3", 80, "10.0.0.0/8", False),
         # Go's and Docker's form, as `.example.com` (curl knows only that one).
         ("api.example.com", 443, "*.example.com", True),
         ("example.com", 443, "*.example.com", True),
