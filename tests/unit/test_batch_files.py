@@ -222,7 +222,9 @@ def test_models_table_prints_each_price_whole_and_the_cached_input_price():
     catalog.models.add(
         name="gpt-4", pricing=pb.Pricing(input_usd_per_million=2.5, output_usd_per_million=10)
     )
-    header, deepseek, gpt = (line.split() for line in format_models(catalog).splitlines())
+    lines = format_models(catalog).splitlines()
+    assert all(line == line.rstrip() for line in lines), "no trailing blanks"
+    header, deepseek, gpt = (line.split() for line in lines)
     assert header[:7] == ["MODEL", "CONTEXT", "IN", "$/1M", "CACHED", "IN", "$/1M"]
     assert deepseek[:5] == ["deepseek-v4", "128000", "0.14", "0.028", "0.275"]
     assert gpt[:5] == ["gpt-4", "0", "2.50", "-", "10.00"]

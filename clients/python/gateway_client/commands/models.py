@@ -61,7 +61,9 @@ def format_models(response: pb.ListModelsResponse) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+        # The last column unpadded: no trailing blanks for a diff or a pipe to carry.
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
     )
 
 
