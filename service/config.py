@@ -995,6 +995,13 @@ class TelemetryConfig:
         port = self.prometheus_port
         _require(port is None or 0 <= port <= 65535, "prometheus_port must be 0..65535")
         host = self.prometheus_host
+        # Python's own servers read "" as every address; the endpoint resolves it, finds
+        # nothing, and the start failed (status 1) where `check` said ok.
+        _require(
+            host != "",
+            "prometheus_host must name a host: 0.0.0.0 for every address, 127.0.0.1 for "
+            "this machine alone",
+        )
         # The endpoint takes a bare host, as `server.listen`'s brackets are for its port.
         _require(
             not (host.startswith("[") and host.endswith("]")),

@@ -1045,6 +1045,36 @@ async def test_check_refuses_a_listen_host_as_serve_does(tmp_path, capsys, key, 
     assert ": ok" not in captured.out
 
 
+async def test_check_and_serve_refuse_an_empty_prometheus_host(tmp_path, capsys):
+    """`telemetry.prometheus_host: ""` is a config error on load, from `serve` and `check`
+    alike (exit 2).
+
+    Before, `check` said ok, and `serve` exited 1 naming no key: the endpoint found no
+    address for "" ("Name or service not known").
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n"
+        "telemetry: {prometheus_port: 0, prometheus_host: ''}\n"
+    )
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, serve_err = await asyncio.wait_for(serve.communicate(), timeout=60)
+    refusal = serve_err.decode().strip().splitlines()[-1]
+    assert serve.returncode == 2
+    assert refusal == (
+        f"llm-gateway: config error: {config}: telemetry: prometheus_host must name a host: "
+        "0.0.0.0 for every address, 127.0.0.1 for this machine alone"
+    )
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip() == refusal
+    assert ": ok" not in captured.out
+
+
 async def test_batch_process_killed_by_ctrl_c_resumes(tmp_path, scripted, address):
     """The real `llm-gateway batch` process, stopped with SIGINT, resumes to each id once."""
     ids = [f"q{i}" for i in range(40)]
