@@ -14,6 +14,7 @@ import enum
 import functools
 import importlib
 import inspect
+import ipaddress
 import math
 import os
 import re
@@ -327,8 +328,26 @@ def _require_address(address: str, name: str) -> None:
         ":" not in host or (host.startswith("[") and host.endswith("]")),
         f"{name}'s IPv6 host goes in brackets, as in [::1]:50051",
     )
+    # grpc reads brackets only around an IPv6 address: `[127.0.0.1]:50051` failed the
+    # listen itself, said as a taken port, where `check` said ok.
+    _require(
+        not ("[" in host or "]" in host) or _is_bracketed_ipv6(host),
+        f"{name}'s brackets hold an IPv6 address alone, as in [::1]:50051; write "
+        "another host without them, as in 127.0.0.1:50051",
+    )
     # gRPC takes the port modulo 65536: 70000 would quietly listen on 4464.
     _require(int(port) <= 65535, f"{name}'s port must be 0..65535")
+
+
+def _is_bracketed_ipv6(host: str) -> bool:
+    """Whether `host` is an IPv6 address (a zone allowed) in one pair of brackets."""
+    if not (host.startswith("[") and host.endswith("]")):
+        return False
+    try:
+        ipaddress.IPv6Address(host[1:-1])
+    except ValueError:
+        return False
+    return True
 
 
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gateway_client.commands import batch, check, summarize
 from llmgateway.v1 import gateway_pb2 as pb
@@ -1067,6 +1068,36 @@ async def test_check_and_serve_refuse_an_empty_prometheus_host(tmp_path, capsys)
     assert refusal == (
         f"llm-gateway: config error: {config}: telemetry: prometheus_host must name a host: "
         "0.0.0.0 for every address, 127.0.0.1 for this machine alone"
+    )
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip() == refusal
+    assert ": ok" not in captured.out
+
+
+@pytest.mark.parametrize("key", ["listen", "health_listen"])
+@pytest.mark.parametrize("host", ["[127.0.0.1]", "[localhost]", "[]"])
+async def test_check_and_serve_refuse_brackets_around_no_ipv6_address(tmp_path, capsys, key, host):
+    """A listen address whose brackets hold no IPv6 address (`[127.0.0.1]:0`) is a config
+    error on load naming the key, from `serve` and `check` alike (exit 2).
+
+    Before, `check` said ok, and `serve` exited 1 saying the address was taken or not
+    local: grpc parses no such address.
+    """
+    server = {"listen": "127.0.0.1:0", key: f"{host}:0"}
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"server": server, "local_model": {"enabled": "never"}}))
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, serve_err = await asyncio.wait_for(serve.communicate(), timeout=60)
+    refusal = serve_err.decode().strip().splitlines()[-1]
+    assert serve.returncode == 2
+    assert refusal == (
+        f"llm-gateway: config error: {config}: server: {key}'s brackets hold an IPv6 address "
+        "alone, as in [::1]:50051; write another host without them, as in 127.0.0.1:50051"
     )
     code = await check.check_command(parse(check, "check", "--config", str(config)))
     captured = capsys.readouterr()
