@@ -16,6 +16,8 @@ import yaml
 
 from gateway_client.commands import batch, check, summarize
 from llmgateway.v1 import gateway_pb2 as pb
+from service.config import LocalModelConfig
+from service.local_model import missing_install
 from service.validation import MAX_CALLER_ID
 from tests.conftest import FAKE_MODEL, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
@@ -833,6 +835,8 @@ async def test_check_says_the_local_model_is_served_when_no_upstream_is_configur
     """A config without upstreams (as README's summarize example alone) serves the local
     model: `check` says so, as it does when the upstreams' keys are unset. Before, it said
     only "no upstreams configured", as if `serve` would have nothing to call."""
+    if served and missing_install(LocalModelConfig()) is not None:
+        pytest.skip("the local model is not installed here: check exits 1 saying so")
     config = tmp_path / "gateway.yaml"
     config.write_text(text)
     code = await check.check_command(parse(check, "check", "--config", str(config)))
