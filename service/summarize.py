@@ -75,6 +75,7 @@ from service.errors import (
 )
 from service.ledger import PICO, to_pico
 from service.pipeline import Pipeline
+from service.retry import doubled
 from service.tokens import (
     PER_MESSAGE_OVERHEAD,
     PER_REQUEST_OVERHEAD,
@@ -1113,7 +1114,7 @@ class Summarizer:
                         exc, part=slot.part, parts=slot.parts, level=slot.level
                     ) from exc
                 except UpstreamError as exc:
-                    wait_s = self._config.retry_backoff_s * 2 ** (attempt - 1)
+                    wait_s = doubled(self._config.retry_backoff_s, attempt - 1)
                     left = deadline.remaining_s()
                     # A rejected key stays rejected: a retry would only find the upstream set
                     # aside, and say that instead.
