@@ -166,6 +166,23 @@ def ensure_model_file(config: LocalModelConfig) -> Path:
     return path
 
 
+def start_problem(config: LocalModelConfig) -> str | None:
+    """Why a start of the local model would fail before llama.cpp runs: the `local` extra
+    missing, or a `chat_template.NAME` its model file lacks (when the file is there to
+    read); None when neither (`llm-gateway check` asks)."""
+    missing = missing_install(config)
+    if missing is not None:
+        return missing
+    path = Path(config.model_path).expanduser()
+    if not _has_model_file(path):
+        return None  # assembled at the start, from the package
+    try:
+        check_chat_template(config, path)
+    except LocalModelUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def check_chat_template(config: LocalModelConfig, model_path: Path) -> None:
     """Refuse a `chat_template.NAME` chat format the model file has no template for:
     llama.cpp would start with it and answer every completion with HTTP 500."""
