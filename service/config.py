@@ -14,6 +14,7 @@ import enum
 import functools
 import importlib
 import inspect
+import ipaddress
 import math
 import os
 import re
@@ -327,8 +328,26 @@ def _require_address(address: str, name: str) -> None:
         ":" not in host or (host.startswith("[") and host.endswith("]")),
         f"{name}'s IPv6 host goes in brackets, as in [::1]:50051",
     )
+    # grpc reads brackets only around an IPv6 address: `[127.0.0.1]:50051` failed the
+    # listen itself, said as a taken port, where `check` said ok.
+    _require(
+        not ("[" in host or "]" in host) or _is_bracketed_ipv6(host),
+        f"{name}'s brackets hold an IPv6 address alone, as in [::1]:50051; write "
+        "another host without them, as in 127.0.0.1:50051",
+    )
     # gRPC takes the port modulo 65536: 70000 would quietly listen on 4464.
     _require(int(port) <= 65535, f"{name}'s port must be 0..65535")
+
+
+def _is_bracketed_ipv6(host: str) -> bool:
+    """Whether `host` is an IPv6 address (a zone allowed) in one pair of brackets."""
+    if not (host.startswith("[") and host.endswith("]")):
+        return False
+    try:
+        ipaddress.IPv6Address(host[1:-1])
+    except ValueError:
+        return False
+    return True
 
 
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
@@ -1005,6 +1024,13 @@ class TelemetryConfig:
         port = self.prometheus_port
         _require(port is None or 0 <= port <= 65535, "prometheus_port must be 0..65535")
         host = self.prometheus_host
+        # Python's own servers read "" as every address; the endpoint resolves it, finds
+        # nothing, and the start failed (status 1) where `check` said ok.
+        _require(
+            host != "",
+            "prometheus_host must name a host: 0.0.0.0 for every address, 127.0.0.1 for "
+            "this machine alone",
+        )
         # The endpoint takes a bare host, as `server.listen`'s brackets are for its port.
         _require(
             not (host.startswith("[") and host.endswith("]")),

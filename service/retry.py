@@ -96,8 +96,19 @@ def backoff_s(
     """
     if retry_after_s is not None:
         return max(0.0, min(retry_after_s, policy.max_retry_after_s))
-    ceiling = min(policy.cap_s, policy.base_s * (2 ** max(0, retries_taken)))
+    ceiling = min(policy.cap_s, doubled(policy.base_s, max(0, retries_taken)))
     return rng.uniform(0.0, ceiling)
+
+
+# The most doublings a float takes: 2.0 ** 1024 is none (OverflowError).
+_MAX_DOUBLINGS = 1023
+
+
+def doubled(seconds: float, times: int) -> float:
+    """`seconds` doubled `times` times, infinity past a float's range: the 1025th retry of
+    a config allowing that many (`attempts`, `chunk_attempts`) failed the call INTERNAL
+    on `2 ** 1024`, an int no float holds."""
+    return seconds * 2.0 ** min(times, _MAX_DOUBLINGS)
 
 
 class RetryBudget:

@@ -76,6 +76,7 @@ from service.errors import (
 )
 from service.ledger import PICO, to_pico
 from service.pipeline import Pipeline
+from service.retry import doubled
 from service.tokens import (
     PER_MESSAGE_OVERHEAD,
     PER_REQUEST_OVERHEAD,
@@ -1123,7 +1124,7 @@ class Summarizer:
                 except UpstreamError as exc:
                     if exc.attempts != 0:
                         answered = exc
-                    wait_s = self._config.retry_backoff_s * 2 ** (attempt - 1)
+                    wait_s = doubled(self._config.retry_backoff_s, attempt - 1)
                     left = deadline.remaining_s()
                     # A rejected key stays rejected: a retry would only find the upstream set
                     # aside, and say that instead.

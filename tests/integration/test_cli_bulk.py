@@ -12,9 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gateway_client.commands import batch, check, summarize
 from llmgateway.v1 import gateway_pb2 as pb
+from service.config import LocalModelConfig
+from service.local_model import missing_install
 from service.validation import MAX_CALLER_ID
 from tests.conftest import FAKE_MODEL, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
@@ -854,6 +857,8 @@ async def test_check_says_the_local_model_is_served_when_no_upstream_is_configur
     """A config without upstreams (as README's summarize example alone) serves the local
     model: `check` says so, as it does when the upstreams' keys are unset. Before, it said
     only "no upstreams configured", as if `serve` would have nothing to call."""
+    if served and missing_install(LocalModelConfig()) is not None:
+        pytest.skip("the local model is not installed here: check exits 1 saying so")
     config = tmp_path / "gateway.yaml"
     config.write_text(text)
     code = await check.check_command(parse(check, "check", "--config", str(config)))
@@ -1060,6 +1065,66 @@ async def test_check_refuses_a_listen_host_as_serve_does(tmp_path, capsys, key, 
     refusal = serve_err.decode().strip().splitlines()[-1]
     assert refusal.startswith(f"llm-gateway: config error: {config}: {key}: cannot listen on ")
     assert refusal.endswith(f": {problem}")
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip() == refusal
+    assert ": ok" not in captured.out
+
+
+async def test_check_and_serve_refuse_an_empty_prometheus_host(tmp_path, capsys):
+    """`telemetry.prometheus_host: ""` is a config error on load, from `serve` and `check`
+    alike (exit 2).
+
+    Before, `check` said ok, and `serve` exited 1 naming no key: the endpoint found no
+    address for "" ("Name or service not known").
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n"
+        "telemetry: {prometheus_port: 0, prometheus_host: ''}\n"
+    )
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, serve_err = await asyncio.wait_for(serve.communicate(), timeout=60)
+    refusal = serve_err.decode().strip().splitlines()[-1]
+    assert serve.returncode == 2
+    assert refusal == (
+        f"llm-gateway: config error: {config}: telemetry: prometheus_host must name a host: "
+        "0.0.0.0 for every address, 127.0.0.1 for this machine alone"
+    )
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip() == refusal
+    assert ": ok" not in captured.out
+
+
+@pytest.mark.parametrize("key", ["listen", "health_listen"])
+@pytest.mark.parametrize("host", ["[127.0.0.1]", "[localhost]", "[]"])
+async def test_check_and_serve_refuse_brackets_around_no_ipv6_address(tmp_path, capsys, key, host):
+    """A listen address whose brackets hold no IPv6 address (`[127.0.0.1]:0`) is a config
+    error on load naming the key, from `serve` and `check` alike (exit 2).
+
+    Before, `check` said ok, and `serve` exited 1 saying the address was taken or not
+    local: grpc parses no such address.
+    """
+    server = {"listen": "127.0.0.1:0", key: f"{host}:0"}
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"server": server, "local_model": {"enabled": "never"}}))
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, serve_err = await asyncio.wait_for(serve.communicate(), timeout=60)
+    refusal = serve_err.decode().strip().splitlines()[-1]
+    assert serve.returncode == 2
+    assert refusal == (
+        f"llm-gateway: config error: {config}: server: {key}'s brackets hold an IPv6 address "
+        "alone, as in [::1]:50051; write another host without them, as in 127.0.0.1:50051"
+    )
     code = await check.check_command(parse(check, "check", "--config", str(config)))
     captured = capsys.readouterr()
     assert code == 2

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -74,3 +76,32 @@ async def test_a_chat_template_the_model_file_holds_starts(tmp_path: Path) -> No
     for chat_format in ("chat_template.default", "chat_template.rag"):
         status, line, stderr = await _serve(tmp_path, metadata, chat_format)
         assert (status, line.split()[:3]) == (0, ["llm-gateway", "listening", "on"]), stderr
+
+
+def _check(tmp_path: Path, metadata: dict[str, str], chat_format: str) -> tuple[int, str]:
+    """`llm-gateway check` of the config `_serve` runs: its exit status and stderr."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(gguf_with(metadata))
+    config = tmp_path / "gateway.yaml"
+    local = {"enabled": "always", "model_path": str(model), "chat_format": chat_format}
+    config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"}, "local_model": local}))
+    command = [sys.executable, "-m", "gateway_client.cli", "check", "--config", str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    return done.returncode, done.stderr
+
+
+async def test_check_refuses_a_chat_template_the_model_file_lacks_as_serve_does(
+    tmp_path: Path,
+) -> None:
+    """`check` exits 1 with the line `serve` exits 1 with (less its `llm-gateway: `), and
+    passes a template the file holds.
+
+    Before, `check` exited 0 saying the gateway would serve the local model."""
+    metadata = {"tokenizer.chat_template.tool_use": "{{x}}"}
+    status, _, serve_err = await _serve(tmp_path, metadata, "chat_template.default")
+    assert status == 1
+    code, check_err = _check(tmp_path, metadata, "chat_template.default")
+    assert code == 1
+    refusal = serve_err.strip().splitlines()[-1].removeprefix("llm-gateway: ")
+    assert check_err.strip().splitlines()[-1] == refusal
+    assert _check(tmp_path, metadata, "chat_template.tool_use") == (0, "")

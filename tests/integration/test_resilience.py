@@ -46,6 +46,7 @@ from tests.fake_upstream import (
     Reset,
     Status,
 )
+from tests.integration.helpers import error_info
 from tests.scripted_upstream import ScriptedUpstream, user_text
 
 # Small waits keep the matrix fast; the bounds below are generous for a loaded 2-core box.
@@ -1909,3 +1910,31 @@ async def test_a_call_that_opens_the_last_usable_breaker_waits_the_earliest_prob
         assert retry_s == pytest.approx(FAST_RESILIENCE["backoff_base_s"])
         assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
         assert (await probe).metadata.upstream == "up1"
+
+
+async def test_a_call_retried_past_1024_times_fails_as_its_last_attempt_did(
+    upstream, start_gateway
+):
+    """An upstream that keeps failing, under a config allowing more than 1024 retries
+    (`attempts`, the retry budget and the breaker raised, a microsecond's backoff), ends
+    the call `UNAVAILABLE` naming it, after every attempt.
+
+    Before, the 1025th backoff computed its base times 2 ** 1024, an int no float holds:
+    INTERNAL.
+    """
+    upstream.script(*[Status(503)] * 1100)
+    resilience = {
+        "attempts": 1100,
+        "backoff_base_s": 1e-6,
+        "backoff_cap_s": 1e-6,
+        "retry_budget_min_retries": 10_000,
+        "breaker_consecutive_failures": 10_000,
+        "breaker_min_calls": 10_000,
+    }
+    gateway = await start_gateway(gateway_config(upstream.base_url, resilience=resilience))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat(), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(caught.value)
+    assert info.reason == "UPSTREAM_UNAVAILABLE"
+    assert info.metadata["attempts"] == "1100"

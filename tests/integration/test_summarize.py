@@ -1701,3 +1701,23 @@ async def test_a_summarys_span_has_no_time_to_first_token_of_one_call(recorder, 
     assert "llm_gateway.time_to_first_token_ms" not in rpc
     assert rpc["llm_gateway.queued_ms"] == response.timings.queued_ms
     assert len(attempts) == response.upstream_calls
+
+
+async def test_a_part_retried_past_1024_times_fails_naming_its_attempts(recorder, start_gateway):
+    """A part whose upstream keeps failing, under a config allowing more than 1024 tries
+    without backoff (`chunk_attempts: 1100`, `retry_backoff_s: 0`), fails
+    `SUMMARIZE_PART_FAILED` after them all.
+
+    Before, the 1025th backoff was computed as 0 times 2 ** 1024, an int no float holds:
+    INTERNAL.
+    """
+    recorder.respond = lambda body: Status(503)
+    gateway = await start_gateway(
+        config(recorder.base_url, upstream_attempts=1, chunk_attempts=1100, retry_backoff_s=0)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(2)))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(caught.value)
+    assert info.reason == "SUMMARIZE_PART_FAILED"
+    assert info.metadata["attempts"] == "1100"

