@@ -659,8 +659,10 @@ async def test_node_decodes_field_violations(
     fields = [v["field"] for v in result["details"]["fieldViolations"]]
     assert fields == ["messages[0].content", "params.temperature"]
     assert all(v["description"] for v in result["details"]["fieldViolations"])
-    # INVALID_ARGUMENT is not retryable, and nothing reached the upstream.
+    # INVALID_ARGUMENT is not retryable, here or on another replica, and nothing reached
+    # the upstream.
     assert result["attempts"] == 1
+    assert result["retryElsewhere"] is False
     assert upstream.requests == []
 
 
@@ -727,6 +729,9 @@ async def test_node_overload_exhausts_attempts_and_decodes_retry_info(
     assert details["retryDelayMs"] == pytest.approx(250)
     assert details["errorInfo"]["reason"] == "OVERLOADED"
     assert details["errorInfo"]["domain"] == "llmgateway.v1"
+    # The llm-gateway-retry-elsewhere trailer: another replica may take it. Before, the
+    # error kept none of the trailers, and a Node caller could not tell.
+    assert result["retryElsewhere"] is True
     await upstream.wait_for_disconnect()
     assert len(upstream.requests) == 1
 

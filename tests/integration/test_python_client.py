@@ -28,11 +28,12 @@ from service.pool import upstream_idempotency_key
 from tests.conftest import (
     FAKE_MODEL,
     RunningGateway,
+    chat,
     chat_stream,
     fake_model_window,
     gateway_config,
 )
-from tests.fake_upstream import CutStream, FakeUpstream, Reply, Status
+from tests.fake_upstream import CutStream, FakeUpstream, Hang, Reply, Status
 
 REPO = Path(__file__).resolve().parents[2]
 StartGateway = Callable[..., Any]
@@ -890,6 +891,39 @@ async def test_a_long_retry_delay_is_described_in_plain_seconds(
     seconds = float(line.removeprefix("  retry after ").removesuffix("s"))
     assert seconds == pytest.approx(details.retry_after_s, abs=0.001)
     assert len(upstream.requests) == 1
+
+
+async def test_error_details_tell_the_domain_and_whether_another_replica_may_take_it(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """`error_details` gives ErrorInfo's domain, which the README says to match with the
+    reason, and the `llm-gateway-retry-elsewhere` trailer of a refusal this replica alone
+    makes (overloaded), not of one every replica would make (an unknown model), as the
+    Node client's `GatewayCallError` does. Before, both were left out: a caller had to
+    decode the trailers itself to tell them."""
+    config = gateway_config(
+        upstream.base_url, server={"max_in_flight_calls": 1, "overload_retry_after_s": 0.05}
+    )
+    gateway = await start_gateway(config)
+    async with GatewayClient(gateway.server.address, timeout_s=10) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await client.complete("Say hi", model="no-such-model")
+        upstream.script(Hang())
+        hold = gateway.stub.Complete(chat("hold the slot"))
+        try:
+            async with asyncio.timeout(10):
+                while not upstream.requests:
+                    await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as overloaded:
+                await client.complete("Say hi", model=FAKE_MODEL)
+        finally:
+            hold.cancel()
+    details = error_details(overloaded.value)
+    assert (details.domain, details.reason) == ("llmgateway.v1", "OVERLOADED")
+    assert details.retry_elsewhere
+    details = error_details(unknown.value)
+    assert (details.domain, details.reason) == ("llmgateway.v1", "MODEL_NOT_FOUND")
+    assert not details.retry_elsewhere
 
 
 async def test_a_stream_cut_after_text_ends_its_line_before_the_error(

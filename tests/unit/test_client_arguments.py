@@ -69,6 +69,15 @@ async def test_every_other_text_argument_is_named_when_not_a_str() -> None:
             await client.usage(tenant=7)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("api_key", [b"llmgw_key", ["llmgw_key"], 7])
+def test_a_caller_key_that_is_not_a_str_is_named_without_repeating_it(api_key: Any) -> None:
+    """A caller key as bytes (a secret store's) or a list is refused when the client is
+    made, naming the argument, not the key. Before, bytes and an int failed inside the
+    check with an error naming neither, and a list was sent as `Bearer ['llmgw_key']`."""
+    with pytest.raises(TypeError, match=r"^api_key: expected a str, got \w+$"):
+        GatewayClient("127.0.0.1:9", api_key=api_key)
+
+
 async def test_number_and_time_arguments_are_named_when_malformed() -> None:
     """A summary's `target_tokens`, `cache_ttl_s`, a batch's `concurrency`, `usage`'s
     `since` and `until`, and `timeout_s` are named in their TypeError (or, out of their

@@ -50,6 +50,11 @@ export * from "../../../generated/ts/llmgateway/v1/gateway";
 export const STATUS_DETAILS_KEY = "grpc-status-details-bin";
 /** Trailer the gateway sets on RESOURCE_EXHAUSTED; gRPC retry policies wait this long. */
 export const RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms";
+/**
+ * Trailer the gateway sets, to "true", on a refusal of its replica's own (overloaded,
+ * shutting down, at its own limit for every upstream of the model): another may take it.
+ */
+export const RETRY_ELSEWHERE_KEY = "llm-gateway-retry-elsewhere";
 /** Set by grpc-js on the response (or error) of a call that was retried. */
 export const PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts";
 
@@ -152,6 +157,8 @@ export class GatewayCallError extends Error {
   readonly pushbackMs: number | null;
   /** Attempts the channel's retry policy made, the failed one included. */
   readonly attempts: number;
+  /** The `llm-gateway-retry-elsewhere: true` trailer: another replica may take the call. */
+  readonly retryElsewhere: boolean;
 
   constructor(error: grpc.ServiceError) {
     super(error.details || error.message);
@@ -173,6 +180,7 @@ export class GatewayCallError extends Error {
     const pushback = metadata?.get(RETRY_PUSHBACK_KEY)[0];
     this.pushbackMs = pushback === undefined ? null : Number(pushback);
     this.attempts = attemptsOf(metadata);
+    this.retryElsewhere = metadata?.get(RETRY_ELSEWHERE_KEY)[0] === "true";
   }
 }
 

@@ -169,6 +169,7 @@ function errorJson(error: unknown): Json {
     message: error.message,
     attempts: error.attempts,
     pushbackMs: error.pushbackMs,
+    retryElsewhere: error.retryElsewhere,
     details: error.details,
   };
 }

@@ -306,10 +306,13 @@ def authorization_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     """The caller key as call metadata.
 
     Raises:
+        TypeError: the key is not a str (bytes, or a list, which went as `Bearer ['...']`).
         ValueError: the key has characters gRPC metadata cannot carry (only printable
             ASCII); the message never repeats the key.
     """
-    if not api_key:
+    if api_key is None:
+        return ()
+    if not _text_of(api_key, "api_key"):
         return ()
     if not all(" " <= char <= "~" for char in api_key):
         raise ValueError(

@@ -8,6 +8,10 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+# Sent with a refusal of one replica's own (overloaded, shutting down, at its own limit for
+# every upstream of the model): another replica may take the call.
+RETRY_ELSEWHERE_TRAILER = "llm-gateway-retry-elsewhere"
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorDetails:
@@ -20,6 +24,10 @@ class ErrorDetails:
     metadata: dict[str, str] = field(default_factory=dict)
     retry_after_s: float | None = None
     quota_violations: tuple[tuple[str, str], ...] = ()
+    # ErrorInfo's domain: a reason is the gateway's only with the domain `llmgateway.v1`.
+    domain: str = ""
+    # The `llm-gateway-retry-elsewhere: true` trailer: another replica may take the call.
+    retry_elsewhere: bool = False
 
     def describe(self) -> str:
         """A human-readable, multi-line description."""
@@ -54,7 +62,7 @@ def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
         return base
     violations: list[tuple[str, str]] = []
     quota: list[tuple[str, str]] = []
-    reason, metadata, retry_after = "", {}, None
+    reason, domain, metadata, retry_after = "", "", {}, None
     for detail in status.details:
         bad_request = error_details_pb2.BadRequest()
         info = error_details_pb2.ErrorInfo()
@@ -63,7 +71,7 @@ def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
         if detail.Unpack(bad_request):
             violations += [(v.field, v.description) for v in bad_request.field_violations]
         elif detail.Unpack(info):
-            reason, metadata = info.reason, dict(info.metadata)
+            reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
         elif detail.Unpack(retry):
             retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
         elif detail.Unpack(failure):
@@ -76,4 +84,12 @@ def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
         metadata=metadata,
         retry_after_s=retry_after,
         quota_violations=tuple(quota),
+        domain=domain,
+        retry_elsewhere=_says_retry_elsewhere(error),
     )
+
+
+def _says_retry_elsewhere(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the call's trailers carry `llm-gateway-retry-elsewhere: true`."""
+    trailers = error.trailing_metadata() or ()
+    return any(key == RETRY_ELSEWHERE_TRAILER and value == "true" for key, value in trailers)
