@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway_client import GatewayClient, build_request, cli, error_details
+from gateway_client import GatewayClient, build_request, cli, error_details, status_details
 from gateway_client.client import MAX_TIMEOUT_S, is_loopback_address
 from gateway_client.commands import complete
 from llmgateway.v1 import gateway_pb2 as pb
@@ -840,6 +840,33 @@ async def test_the_idempotency_key_goes_with_every_upstream_attempt(
         upstream_idempotency_key("default", key)
         for key in ("order-7", "order-7", "order-8", "order-8", "order-9")
     ]
+
+
+async def test_status_details_reads_a_batch_items_error(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A failed batch item's error is a `google.rpc.Status`, not a failed call:
+    `status_details` reads it as `error_details` reads a call's, its code's name, its
+    reason and domain, and its field violations. Before, a caller unpacked it by hand."""
+    upstream.script(Status(500), Status(500), Status(500))
+    async with GatewayClient(gateway.server.address) as client:
+        bad = build_request("Say hi", model=FAKE_MODEL)
+        bad.params.temperature = 5.0
+        items = [
+            pb.BatchItem(id="bad", request=bad),
+            pb.BatchItem(id="failing", request=build_request("Say hi", model=FAKE_MODEL)),
+        ]
+        results = {
+            event.result.id: event.result
+            async for event in client.complete_batch(items, concurrency=1)
+            if event.HasField("result")
+        }
+    invalid = status_details(results["bad"].error)
+    assert invalid.code == "INVALID_ARGUMENT"
+    assert [name for name, _ in invalid.field_violations] == ["params.temperature"]
+    failed = status_details(results["failing"].error)
+    assert (failed.code, failed.domain) == ("UNAVAILABLE", "llmgateway.v1")
+    assert failed.reason == "UPSTREAM_UNAVAILABLE"
 
 
 async def test_the_complete_command_takes_a_cache_mode_and_ttl(

@@ -10,7 +10,7 @@ async with GatewayClient("127.0.0.1:50051") as client:
 """
 
 from gateway_client.client import CompletionStream, GatewayClient, build_request, tls_credentials
-from gateway_client.errors import ErrorDetails, error_details
+from gateway_client.errors import ErrorDetails, error_details, status_details
 
 __all__ = [
     "CompletionStream",
@@ -18,5 +18,6 @@ __all__ = [
     "GatewayClient",
     "build_request",
     "error_details",
+    "status_details",
     "tls_credentials",
 ]

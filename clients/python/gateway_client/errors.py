@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import grpc
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 # Sent with a refusal of one replica's own (overloaded, shutting down, at its own limit for
 # every upstream of the model): another replica may take the call.
 RETRY_ELSEWHERE_TRAILER = "llm-gateway-retry-elsewhere"
+# A `google.rpc.Status` code's name, as `grpc.StatusCode` spells it.
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,15 @@ def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
         return base
     if status is None:
         return base
+    details = status_details(status)
+    return dataclasses.replace(
+        details, code=base.code, retry_elsewhere=_says_retry_elsewhere(error)
+    )
+
+
+def status_details(status: status_pb2.Status) -> ErrorDetails:
+    """Unpack BadRequest, ErrorInfo, QuotaFailure and RetryInfo from a `google.rpc.Status`:
+    a failed call's (`error_details`), or a `CompleteBatch` item's `error`."""
     violations: list[tuple[str, str]] = []
     quota: list[tuple[str, str]] = []
     reason, domain, metadata, retry_after = "", "", {}, None
@@ -77,7 +89,7 @@ def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
         elif detail.Unpack(failure):
             quota += [(v.subject, v.description) for v in failure.violations]
     return ErrorDetails(
-        code=base.code,
+        code=_CODE_NAMES.get(status.code, str(status.code)),
         message=status.message,
         field_violations=tuple(violations),
         reason=reason,
@@ -85,7 +97,6 @@ def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
         retry_after_s=retry_after,
         quota_violations=tuple(quota),
         domain=domain,
-        retry_elsewhere=_says_retry_elsewhere(error),
     )
 
 

@@ -41,7 +41,7 @@ from typing import Any, TextIO
 
 import grpc
 from google.protobuf import json_format
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 
 from gateway_client.client import GatewayClient, build_request
 from gateway_client.commands.complete import ctrl_c_interrupts, stdin_bytes
@@ -52,7 +52,7 @@ from gateway_client.connection import (
     text_argument,
 )
 from gateway_client.enums import enum_name
-from gateway_client.errors import error_details
+from gateway_client.errors import error_details, status_details
 from gateway_client.progress import Progress
 from llmgateway.v1 import gateway_pb2 as pb
 
@@ -62,7 +62,6 @@ MAX_CALL_BYTES = 3 * 1024 * 1024
 # The gateway refuses a whole call for one id past this or not printable (a tab, a
 # line break): such a line is skipped instead (`service.validation.MAX_CALLER_ID`).
 MAX_ID_CHARS = 256
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed", "reasoning_effort")
 # What a prompt or messages line may set; a `request` line carries all of it inside.
 _PROMPT_LINE_KEYS = (
@@ -556,28 +555,20 @@ def open_results(
 
 
 def _status_record(status: status_pb2.Status) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "code": _CODE_NAMES.get(status.code, str(status.code)),
-        "message": status.message,
-    }
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        bad_request = error_details_pb2.BadRequest()
-        retry = error_details_pb2.RetryInfo()
-        quota = error_details_pb2.QuotaFailure()
-        if detail.Unpack(info):
-            record["reason"] = info.reason
-            if info.metadata:
-                record["metadata"] = dict(info.metadata)
-        elif detail.Unpack(bad_request):
-            record["field_violations"] = [
-                {"field": v.field, "description": v.description}
-                for v in bad_request.field_violations
-            ]
-        elif detail.Unpack(retry):
-            record["retry_after_s"] = retry.retry_delay.ToTimedelta().total_seconds()
-        elif detail.Unpack(quota):
-            record["quota_violations"] = [v.subject for v in quota.violations]
+    details = status_details(status)
+    record: dict[str, Any] = {"code": details.code, "message": details.message}
+    if details.reason:
+        record["reason"] = details.reason
+        if details.metadata:
+            record["metadata"] = details.metadata
+    if details.field_violations:
+        record["field_violations"] = [
+            {"field": name, "description": why} for name, why in details.field_violations
+        ]
+    if details.retry_after_s is not None:
+        record["retry_after_s"] = details.retry_after_s
+    if details.quota_violations:
+        record["quota_violations"] = [subject for subject, _ in details.quota_violations]
     return record
 
 
