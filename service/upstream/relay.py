@@ -40,6 +40,10 @@ _MAX_NAME_CHARS = 100
 # A secret shorter than this is no credential worth the name, and replacing it would
 # redact ordinary words of the message.
 _MIN_SECRET_CHARS = 8
+# A run this long of a secret's characters is redacted too, wherever it stands: a message
+# may quote a key cut short or without its prefix, and no word of a message shares 16
+# characters in a row with a key by chance.
+_PIECE_CHARS = 16
 # Whitespace and control runs (C0, C1, zero-width and bidirectional marks, separators):
 # one space each, so that no message can forge a line in a log or turn text around.
 _CONTROLS = re.compile(
@@ -86,7 +90,28 @@ def scrubbed(text: str, secrets: Iterable[str]) -> str:
     text = _collapsed_head(text, MAX_RELAYED_BYTES + max(longest, _READ_PAST_CUT_CHARS))
     for secret in secrets:
         text = text.replace(secret, REDACTED)
+    for secret in secrets:
+        text = _without_pieces(text, secret)
     return _cut(_KEY_LIKE.sub(REDACTED, text))
+
+
+def _without_pieces(text: str, secret: str) -> str:
+    """`text` with each run of at least `_PIECE_CHARS` characters that `secret` holds in
+    a row (a key quoted cut short, or without its first characters) replaced whole by
+    `[redacted]`."""
+    for start in range(len(secret) - _PIECE_CHARS + 1):
+        piece = secret[start : start + _PIECE_CHARS]
+        at = text.find(piece)
+        while at != -1:
+            begin, end = at, at + _PIECE_CHARS
+            before, after = start, start + _PIECE_CHARS  # the run's place in `secret`
+            while begin > 0 and before > 0 and text[begin - 1] == secret[before - 1]:
+                begin, before = begin - 1, before - 1
+            while end < len(text) and after < len(secret) and text[end] == secret[after]:
+                end, after = end + 1, after + 1
+            text = text[:begin] + REDACTED + text[end:]
+            at = text.find(piece, begin + len(REDACTED))
+    return text
 
 
 def _collapsed_head(text: str, chars: int) -> str:

@@ -610,6 +610,23 @@ async def test_a_refusal_quoting_a_secret_relays_it_redacted(upstream, start_gat
     assert upstream.requests[0].headers["authorization"] == f"Bearer {PROVIDER_KEY}"
 
 
+async def test_a_refusal_quoting_part_of_a_key_relays_that_part_redacted(upstream, start_gateway):
+    """A 400 quoting the upstream's key cut short, or without its first characters (16
+    characters of it in a row or more), relays that part as `[redacted]`: a key not shaped
+    `sk-...` is otherwise known only whole."""
+    key = "AZ3f9c1e7b5d2a8c4e6f0b9d3a7c1e5f"  # an Azure-style key: no `sk-` to match
+    data = gateway_config_data(upstream.base_url, **ONE_ATTEMPT)
+    data["upstreams"][0] |= {"api_key_env": "KEY_0"}
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={"KEY_0": key}))
+    message = f"header value '{key[:24]}...' is invalid; token {key[2:]}; name AZ3f9c1e ok"
+    upstream.script(Status(400, body=_body_saying(message)))
+    refused = await rpc_error(gateway.stub.Complete(chat()))
+    relayed = error_info(refused).metadata["upstream_message"]
+    assert relayed == "header value '[redacted]...' is invalid; token [redacted]; name AZ3f9c1e ok"
+    assert key[8:24] not in refused.details()
+    assert upstream.requests[0].headers["authorization"] == f"Bearer {key}"
+
+
 async def test_a_huge_message_is_relayed_cut_and_without_control_characters(
     upstream, start_gateway
 ):
