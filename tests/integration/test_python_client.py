@@ -1075,3 +1075,57 @@ async def test_an_answer_stdout_cannot_take_is_one_line_and_exit_1(
         "llm-gateway complete: cannot write: No space left on device"
     ]
     assert process.returncode == 1
+
+
+async def run_cli(
+    gateway: RunningGateway, *arguments: str, env: dict[str, str] | None = None, **streams: Any
+) -> tuple[int, str, str]:
+    """`llm-gateway ARGUMENTS --address GATEWAY --model fake-model` run as its own process,
+    `env` added to its environment: its exit status, stdout and stderr (as UTF-8; what a
+    pipe other than stdout and stderr was given instead is read as empty)."""
+    command = [sys.executable, "-m", "gateway_client.cli", *arguments]
+    command += ["--address", gateway.server.address, "--model", FAKE_MODEL]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **streams}
+    process = await asyncio.create_subprocess_exec(
+        *command, env={**os.environ, **(env or {})}, stdin=subprocess.PIPE, **pipes
+    )
+    item = json.dumps({"id": "q1", "prompt": "Say hi"}) + "\n"
+    out, err = await asyncio.wait_for(process.communicate(item.encode()), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, (out or b"").decode(), (err or b"").decode()
+
+
+NON_ASCII_ANSWER = "Caf\u00e9 \u2014 ol\u00e9"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "env"),
+    [
+        (["complete", "Say hi"], {"PYTHONIOENCODING": "ascii"}),
+        (["complete", "Say hi", "--stream"], {"PYTHONIOENCODING": "ascii"}),
+        (["complete", "Say hi"], {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}),
+    ],
+    ids=["ascii", "ascii-stream", "C-locale"],
+)
+async def test_an_answer_stdouts_encoding_lacks_is_written_escaped(
+    upstream: FakeUpstream, gateway: RunningGateway, arguments: list[str], env: dict[str, str]
+) -> None:
+    """A stdout that cannot encode the answer (`PYTHONIOENCODING=ascii`, the C locale
+    without UTF-8 mode) gets the characters it lacks as backslash escapes, exit 0. Before,
+    the command ended in a UnicodeEncodeError traceback after the call was paid for."""
+    upstream.script(Reply(content=NON_ASCII_ANSWER))
+    status, out, err = await run_cli(gateway, *arguments, env=env)
+    assert (status, out) == (0, "Caf\\xe9 \\u2014 ol\\xe9\n")
+    assert err.startswith("[fake-model via up0] ")
+
+
+async def test_batch_results_on_an_ascii_stdout_are_json_still(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`batch -o -` on a stdout that cannot encode the answer writes JSON's own escapes
+    (`\\u00e9`), not Python's (`\\xe9`, which no JSON reader takes)."""
+    upstream.script(Reply(content=NON_ASCII_ANSWER))
+    argv = ["batch", "-", "-o", "-", "--no-progress"]
+    status, out, _ = await run_cli(gateway, *argv, env={"PYTHONIOENCODING": "ascii"})
+    assert status == 0
+    assert json.loads(out)["content"] == NON_ASCII_ANSWER
