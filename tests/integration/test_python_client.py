@@ -32,7 +32,7 @@ from tests.conftest import (
     fake_model_window,
     gateway_config,
 )
-from tests.fake_upstream import CutStream, FakeUpstream, Reply, Status
+from tests.fake_upstream import CutStream, FakeUpstream, Hang, Reply, Status
 
 REPO = Path(__file__).resolve().parents[2]
 StartGateway = Callable[..., Any]
@@ -1093,6 +1093,18 @@ async def run_cli(
     out, err = await asyncio.wait_for(process.communicate(item.encode()), timeout=30)
     assert process.returncode is not None
     return process.returncode, (out or b"").decode(), (err or b"").decode()
+
+
+async def test_the_complete_timeout_is_the_calls_deadline(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`complete --timeout 0.5` against an upstream that never answers ends in
+    DEADLINE_EXCEEDED, exit 1. Before, the option was refused (exit 2), and a call had
+    the client's fixed 300 s however long a reasoning model would stream."""
+    upstream.script(Hang())
+    status, out, err = await run_cli(gateway, "complete", "Say hi", "--timeout", "0.5")
+    assert (status, out) == (1, "")
+    assert err.startswith("DEADLINE_EXCEEDED: ")
 
 
 NON_ASCII_ANSWER = "Caf\u00e9 \u2014 ol\u00e9"

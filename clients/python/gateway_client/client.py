@@ -55,6 +55,8 @@ MAX_RETRIED_REQUEST_BYTES = 16 * 1024 * 1024
 # overflow gRPC's clock, and the call fails at once with DEADLINE_EXCEEDED, as though the
 # gateway were slow; `None` is the way to ask for no deadline.
 MAX_TIMEOUT_S = 1_000_000.0
+# A call's deadline when neither the call nor the client sets one.
+DEFAULT_TIMEOUT_S = 300.0
 
 
 def _service_config() -> str:
@@ -631,7 +633,7 @@ class GatewayClient:
         *,
         api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
-        timeout_s: float | None = 300.0,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         """`channel_options`: gRPC channel arguments, each replacing the client's own of its

@@ -13,7 +13,13 @@ from typing import Any, BinaryIO
 
 import grpc
 
-from gateway_client.client import CACHE_MODES, REASONING_EFFORTS, GatewayClient, build_request
+from gateway_client.client import (
+    CACHE_MODES,
+    DEFAULT_TIMEOUT_S,
+    REASONING_EFFORTS,
+    GatewayClient,
+    build_request,
+)
 from gateway_client.commands.usage import parse_label
 from gateway_client.connection import (
     DEFAULT_MODEL,
@@ -28,7 +34,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 
 def register(subparsers: Any) -> None:
     """Add the `complete` subcommand."""
-    from gateway_client.cli import INT32, UINT32, int_in
+    from gateway_client.cli import INT32, UINT32, int_in, timeout_seconds
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "complete", help="ask for one completion and print it"
@@ -50,6 +56,12 @@ def register(subparsers: Any) -> None:
         "--reasoning-effort",
         choices=REASONING_EFFORTS,
         help="how much a reasoning model thinks (default: the upstream's)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=timeout_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds to wait (default: %(default)s)",
     )
     parser.add_argument(
         "--cache",
@@ -155,7 +167,7 @@ async def complete_command(args: argparse.Namespace) -> int:
     )
     started = time.monotonic()
     has_written = False
-    async with GatewayClient(args.address, **connection(args)) as client:
+    async with GatewayClient(args.address, **connection(args), timeout_s=args.timeout) as client:
         try:
             if args.stream:
                 stream = client.stream(request)
