@@ -9,7 +9,7 @@ import json
 import numbers
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import unquote
@@ -377,7 +377,8 @@ class CompletionStream:
 
     `reasoning` is the model's reasoning received so far (a reasoning model's "thinking",
     which arrives before the text): all of it once the first text is yielded, or the
-    stream has ended.
+    stream has ended. `on_reasoning`, when given, is called with each reasoning piece as
+    it arrives, to show the model working before its first text.
 
     Leaving the loop early (break, an exception) cancels the call, and with it the
     upstream request, even while the stream object is still referenced; as with
@@ -386,9 +387,13 @@ class CompletionStream:
     """
 
     def __init__(
-        self, call: grpc.aio.UnaryStreamCall[pb.CompleteStreamRequest, pb.CompleteStreamResponse]
+        self,
+        call: grpc.aio.UnaryStreamCall[pb.CompleteStreamRequest, pb.CompleteStreamResponse],
+        *,
+        on_reasoning: Callable[[str], object] | None = None,
     ) -> None:
         self._call = call
+        self._on_reasoning = on_reasoning
         self.final: pb.CompletionMetadata | None = None
         self._tool_calls: list[pb.ToolCall] = []
         # Each call's argument pieces not yet joined into it: `+=` on a protobuf string
@@ -434,6 +439,8 @@ class CompletionStream:
                     continue
                 if event.delta.reasoning:
                     self._reasoning.append(event.delta.reasoning)
+                    if self._on_reasoning is not None:
+                        self._on_reasoning(event.delta.reasoning)
                 for piece in event.delta.tool_calls:
                     if piece.index == len(self._tool_calls):
                         self._tool_calls.append(pb.ToolCall(id=piece.id, name=piece.name))
@@ -697,15 +704,17 @@ class GatewayClient:
         prompt: str | Sequence[Turn] | ReadyRequest,
         *,
         timeout_s: Timeout = CLIENT_TIMEOUT,
+        on_reasoning: Callable[[str], object] | None = None,
         **kwargs: Any,
     ) -> CompletionStream:
         """A streamed completion: iterate for text, then read `.final`; `prompt` as
-        `complete` takes it, a ready CompleteStreamRequest or CompleteRequest included."""
+        `complete` takes it, a ready CompleteStreamRequest or CompleteRequest included.
+        `on_reasoning(piece)` is called with each piece of reasoning as it arrives."""
         request = _request_of(prompt, kwargs, pb.CompleteStreamRequest)
         call = self.stub.CompleteStream(
             request, timeout=self._deadline(timeout_s), metadata=self._metadata
         )
-        return CompletionStream(call)
+        return CompletionStream(call, on_reasoning=on_reasoning)
 
     def complete_batch(
         self,
