@@ -14,6 +14,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -1136,3 +1137,142 @@ async def test_an_answer_stdout_cannot_take_is_one_line_and_exit_1(
         "llm-gateway complete: cannot write: No space left on device"
     ]
     assert process.returncode == 1
+
+
+async def run_cli(
+    gateway: RunningGateway, *arguments: str, env: dict[str, str] | None = None, **streams: Any
+) -> tuple[int, str, str]:
+    """`llm-gateway ARGUMENTS --address GATEWAY --model fake-model` run as its own process,
+    `env` added to its environment: its exit status, stdout and stderr (as UTF-8; what a
+    pipe other than stdout and stderr was given instead is read as empty)."""
+    command = [sys.executable, "-m", "gateway_client.cli", *arguments]
+    command += ["--address", gateway.server.address, "--model", FAKE_MODEL]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **streams}
+    process = await asyncio.create_subprocess_exec(
+        *command, env={**os.environ, **(env or {})}, stdin=subprocess.PIPE, **pipes
+    )
+    item = json.dumps({"id": "q1", "prompt": "Say hi"}) + "\n"
+    out, err = await asyncio.wait_for(process.communicate(item.encode()), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, (out or b"").decode(), (err or b"").decode()
+
+
+REASONING_REPLY = Reply(content="Paris.", reasoning="hmm, France", reasoning_tokens=2)
+USAGE_WITH_REASONING = "[fake-model via up0] tokens in=7 out=3 reasoning=2 cost=$"
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]], ids=["unary", "stream"])
+async def test_show_reasoning_writes_the_reasoning_to_stderr_before_the_answer(
+    upstream: FakeUpstream, gateway: RunningGateway, stream: list[str]
+) -> None:
+    """`complete --show-reasoning`: the reasoning, then a blank line, on stderr; stdout the
+    answer alone; the usage line counts the reasoning tokens. Before, the reasoning and
+    its count were shown nowhere."""
+    upstream.script(REASONING_REPLY)
+    status, out, err = await run_cli(gateway, "complete", "Say hi", "--show-reasoning", *stream)
+    assert (status, out) == (0, "Paris.\n")
+    reasoning, blank, usage, end = err.split("\n")
+    assert (reasoning, blank, end) == ("hmm, France", "", "")
+    assert usage.startswith(USAGE_WITH_REASONING)
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]], ids=["unary", "stream"])
+async def test_without_show_reasoning_the_reasoning_stays_unshown(
+    upstream: FakeUpstream, gateway: RunningGateway, stream: list[str]
+) -> None:
+    """Without `--show-reasoning`, a reasoning model's answer prints as any other's: the
+    answer, and one usage line with no reasoning count."""
+    upstream.script(REASONING_REPLY)
+    status, out, err = await run_cli(gateway, "complete", "Say hi", *stream)
+    assert (status, out) == (0, "Paris.\n")
+    (usage,) = err.splitlines()
+    assert usage.startswith("[fake-model via up0] tokens in=7 out=3 cost=$")
+
+
+async def test_a_stream_cut_after_its_reasoning_shows_the_reasoning_then_the_error(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`complete --stream --show-reasoning` writes each piece of reasoning as it arrives:
+    a stream cut after its reasoning, before any text, shows that reasoning, a blank line,
+    then the error, with nothing on stdout."""
+    upstream.script(replace(REASONING_REPLY, cut_after_events=4))  # role, 3 reasoning pieces
+    argv = ["complete", "Say hi", "--stream", "--show-reasoning"]
+    status, out, err = await run_cli(gateway, *argv)
+    assert (status, out) == (1, "")
+    assert err.startswith("hmm, France\n\nUNAVAILABLE: ")
+
+
+@pytest.mark.parametrize(
+    ("no_color", "reasoning"),
+    [("", "\x1b[2mhmm, France\x1b[22m\r\n\r\n"), ("1", "hmm, France\r\n\r\n")],
+    ids=["dim", "NO_COLOR"],
+)
+async def test_reasoning_shown_on_a_terminal_is_dim(
+    upstream: FakeUpstream, gateway: RunningGateway, no_color: str, reasoning: str
+) -> None:
+    """On a terminal the reasoning is dim (each piece on its own, so that a Ctrl-C cannot
+    leave the terminal dim), unless `$NO_COLOR` is set; the answer is not."""
+    upstream.script(REASONING_REPLY)
+    terminal, stderr = os.openpty()
+    try:
+        argv = ["complete", "Say hi", "--stream", "--show-reasoning"]
+        status, out, _ = await run_cli(gateway, *argv, env={"NO_COLOR": no_color}, stderr=stderr)
+    finally:
+        os.close(stderr)
+    try:
+        written = os.read(terminal, 4096).decode()
+    finally:
+        os.close(terminal)
+    assert (status, out) == (0, "Paris.\n")
+    # The gateway may relay the three pieces as fewer: each one sent is wrapped on its own.
+    assert written.replace("\x1b[22m\x1b[2m", "").startswith(reasoning)
+    assert written.count("\x1b") == (0 if no_color else 2 * written.count("\x1b[2m"))
+    assert USAGE_WITH_REASONING in written
+
+
+async def test_the_complete_timeout_is_the_calls_deadline(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`complete --timeout 0.5` against an upstream that never answers ends in
+    DEADLINE_EXCEEDED, exit 1. Before, the option was refused (exit 2), and a call had
+    the client's fixed 300 s however long a reasoning model would stream."""
+    upstream.script(Hang())
+    status, out, err = await run_cli(gateway, "complete", "Say hi", "--timeout", "0.5")
+    assert (status, out) == (1, "")
+    assert err.startswith("DEADLINE_EXCEEDED: ")
+
+
+NON_ASCII_ANSWER = "Caf\u00e9 \u2014 ol\u00e9"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "env"),
+    [
+        (["complete", "Say hi"], {"PYTHONIOENCODING": "ascii"}),
+        (["complete", "Say hi", "--stream"], {"PYTHONIOENCODING": "ascii"}),
+        (["complete", "Say hi"], {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}),
+    ],
+    ids=["ascii", "ascii-stream", "C-locale"],
+)
+async def test_an_answer_stdouts_encoding_lacks_is_written_escaped(
+    upstream: FakeUpstream, gateway: RunningGateway, arguments: list[str], env: dict[str, str]
+) -> None:
+    """A stdout that cannot encode the answer (`PYTHONIOENCODING=ascii`, the C locale
+    without UTF-8 mode) gets the characters it lacks as backslash escapes, exit 0. Before,
+    the command ended in a UnicodeEncodeError traceback after the call was paid for."""
+    upstream.script(Reply(content=NON_ASCII_ANSWER))
+    status, out, err = await run_cli(gateway, *arguments, env=env)
+    assert (status, out) == (0, "Caf\\xe9 \\u2014 ol\\xe9\n")
+    assert err.startswith("[fake-model via up0] ")
+
+
+async def test_batch_results_on_an_ascii_stdout_are_json_still(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`batch -o -` on a stdout that cannot encode the answer writes JSON's own escapes
+    (`\\u00e9`), not Python's (`\\xe9`, which no JSON reader takes)."""
+    upstream.script(Reply(content=NON_ASCII_ANSWER))
+    argv = ["batch", "-", "-o", "-", "--no-progress"]
+    status, out, _ = await run_cli(gateway, *argv, env={"PYTHONIOENCODING": "ascii"})
+    assert status == 0
+    assert json.loads(out)["content"] == NON_ASCII_ANSWER

@@ -47,7 +47,7 @@ def test_a_window_ending_before_it_starts_is_a_usage_error(since: str, until: st
 
 
 @pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "1e10", "soon"])
-@pytest.mark.parametrize("command", [["summarize", "doc.txt"], ["check"]])
+@pytest.mark.parametrize("command", [["summarize", "doc.txt"], ["check"], ["complete", "Say hi"]])
 def test_a_timeout_no_call_could_keep_is_a_usage_error(
     command: list[str], timeout: str, capsys
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -66,6 +67,7 @@ def timeout_seconds(value: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `llm-gateway` console script."""
     null_closed_stderr()
+    escape_what_output_cannot_encode()
     parser = argparse.ArgumentParser(prog="llm-gateway", description=DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
@@ -95,6 +97,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"llm-gateway {args.command}: cannot write: {exc.strerror}", file=sys.stderr)
             return 1
     return int(result)
+
+
+def escape_what_output_cannot_encode() -> None:
+    """Write a character stdout's (or stderr's) encoding lacks as a backslash escape (`é`
+    as `\\xe9` under `PYTHONIOENCODING=ascii`, or `LC_ALL=C` without UTF-8 mode).
+
+    Python's stdout is strict (`surrogateescape` in the C locale): an answer such an
+    encoding could not hold ended the command in a UnicodeEncodeError traceback, after
+    the call was paid for. Python's stderr escapes already, bar the one that
+    `null_closed_stderr` opens.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _prints_results(args: argparse.Namespace) -> bool:

@@ -9,7 +9,7 @@ import json
 import numbers
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import unquote
@@ -55,6 +55,8 @@ MAX_RETRIED_REQUEST_BYTES = 16 * 1024 * 1024
 # overflow gRPC's clock, and the call fails at once with DEADLINE_EXCEEDED, as though the
 # gateway were slow; `None` is the way to ask for no deadline.
 MAX_TIMEOUT_S = 1_000_000.0
+# A call's deadline when neither the call nor the client sets one.
+DEFAULT_TIMEOUT_S = 300.0
 
 
 def _service_config() -> str:
@@ -378,7 +380,8 @@ class CompletionStream:
 
     `reasoning` is the model's reasoning received so far (a reasoning model's "thinking",
     which arrives before the text): all of it once the first text is yielded, or the
-    stream has ended.
+    stream has ended. `on_reasoning`, when given, is called with each reasoning piece as
+    it arrives, to show the model working before its first text.
 
     Leaving the loop early (break, an exception) cancels the call, and with it the
     upstream request, even while the stream object is still referenced; as with
@@ -387,9 +390,13 @@ class CompletionStream:
     """
 
     def __init__(
-        self, call: grpc.aio.UnaryStreamCall[pb.CompleteStreamRequest, pb.CompleteStreamResponse]
+        self,
+        call: grpc.aio.UnaryStreamCall[pb.CompleteStreamRequest, pb.CompleteStreamResponse],
+        *,
+        on_reasoning: Callable[[str], object] | None = None,
     ) -> None:
         self._call = call
+        self._on_reasoning = on_reasoning
         self.final: pb.CompletionMetadata | None = None
         self._tool_calls: list[pb.ToolCall] = []
         # Each call's argument pieces not yet joined into it: `+=` on a protobuf string
@@ -435,6 +442,8 @@ class CompletionStream:
                     continue
                 if event.delta.reasoning:
                     self._reasoning.append(event.delta.reasoning)
+                    if self._on_reasoning is not None:
+                        self._on_reasoning(event.delta.reasoning)
                 for piece in event.delta.tool_calls:
                     if piece.index == len(self._tool_calls):
                         self._tool_calls.append(pb.ToolCall(id=piece.id, name=piece.name))
@@ -634,7 +643,7 @@ class GatewayClient:
         *,
         api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
-        timeout_s: float | None = 300.0,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         """`channel_options`: gRPC channel arguments, each replacing the client's own of its
@@ -698,15 +707,17 @@ class GatewayClient:
         prompt: str | Sequence[Turn] | ReadyRequest,
         *,
         timeout_s: Timeout = CLIENT_TIMEOUT,
+        on_reasoning: Callable[[str], object] | None = None,
         **kwargs: Any,
     ) -> CompletionStream:
         """A streamed completion: iterate for text, then read `.final`; `prompt` as
-        `complete` takes it, a ready CompleteStreamRequest or CompleteRequest included."""
+        `complete` takes it, a ready CompleteStreamRequest or CompleteRequest included.
+        `on_reasoning(piece)` is called with each piece of reasoning as it arrives."""
         request = _request_of(prompt, kwargs, pb.CompleteStreamRequest)
         call = self.stub.CompleteStream(
             request, timeout=self._deadline(timeout_s), metadata=self._metadata
         )
-        return CompletionStream(call)
+        return CompletionStream(call, on_reasoning=on_reasoning)
 
     def complete_batch(
         self,

@@ -26,6 +26,7 @@ Exit status: 0 when every line was valid and every item succeeded, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import fcntl
 import io
@@ -634,6 +635,9 @@ async def run_items(
 ) -> int:
     """Run `pending`, appending each result to `output` as it arrives; return failures."""
     failed = 0
+    # A stdout that cannot encode every character (`PYTHONIOENCODING=ascii`) would write
+    # them as Python's backslash escapes, which JSON has not: JSON's own `\u00e9` then.
+    is_ascii_only = not codecs.lookup(output.encoding or "ascii").name.startswith("utf")
     for group in slices(pending, max(1, per_call)):
         items = [pb.BatchItem(id=item.id, request=item.request) for item in group]
         async for event in client.complete_batch(items, concurrency=concurrency):
@@ -641,7 +645,7 @@ async def run_items(
                 continue
             result = event.result
             record = result_record(result, group[result.index].line)
-            output.write(json.dumps(record, ensure_ascii=False) + "\n")
+            output.write(json.dumps(record, ensure_ascii=is_ascii_only) + "\n")
             output.flush()
             is_failure = result.HasField("error")
             failed += int(is_failure)

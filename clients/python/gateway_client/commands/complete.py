@@ -1,19 +1,28 @@
-"""`llm-gateway complete "prompt"`: print an answer; usage, cost and latency on stderr."""
+"""`llm-gateway complete "prompt"`: print an answer; usage, cost and latency on stderr
+(and with `--show-reasoning`, a reasoning model's reasoning before them)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
+import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TextIO
 
 import grpc
 
-from gateway_client.client import CACHE_MODES, REASONING_EFFORTS, GatewayClient, build_request
+from gateway_client.client import (
+    CACHE_MODES,
+    DEFAULT_TIMEOUT_S,
+    REASONING_EFFORTS,
+    GatewayClient,
+    build_request,
+)
 from gateway_client.commands.usage import parse_label
 from gateway_client.connection import (
     DEFAULT_MODEL,
@@ -28,7 +37,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 
 def register(subparsers: Any) -> None:
     """Add the `complete` subcommand."""
-    from gateway_client.cli import INT32, UINT32, int_in
+    from gateway_client.cli import INT32, UINT32, int_in, timeout_seconds
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "complete", help="ask for one completion and print it"
@@ -50,6 +59,17 @@ def register(subparsers: Any) -> None:
         "--reasoning-effort",
         choices=REASONING_EFFORTS,
         help="how much a reasoning model thinks (default: the upstream's)",
+    )
+    parser.add_argument(
+        "--show-reasoning",
+        action="store_true",
+        help="print a reasoning model's reasoning on stderr, before the answer",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=timeout_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds to wait (default: %(default)s)",
     )
     parser.add_argument(
         "--cache",
@@ -114,14 +134,60 @@ def stdin_text() -> str:
     return data.decode("utf-8-sig", errors="replace")
 
 
-def usage_line(meta: pb.CompletionMetadata, elapsed_s: float) -> str:
-    """One line of usage, cost and latency for stderr."""
+# SGR dim and back to normal intensity: each reasoning piece is wrapped on its own, so
+# that a Ctrl-C between two pieces cannot leave the terminal dim.
+_DIM, _NORMAL = "\x1b[2m", "\x1b[22m"
+
+
+@dataclasses.dataclass(slots=True)
+class ReasoningOnStderr:
+    """A reasoning model's reasoning, written to `stream` (stderr: stdout stays the answer
+    alone, for pipes) as it arrives, and closed by a blank line before whatever follows.
+
+    Dim on a terminal (unless `$NO_COLOR` is set): reasoning has blank lines of its own,
+    so one more does not tell it apart from the answer there; in a file it is left as it
+    came, with no prefix or escapes to strip.
+    """
+
+    stream: TextIO
+    is_dim: bool = False
+    is_open: bool = False
+    ends_line: bool = True
+
+    @classmethod
+    def on(cls, stream: TextIO) -> ReasoningOnStderr:
+        """The reasoning to write to `stream`, dim when it is a terminal."""
+        return cls(stream, is_dim=stream.isatty() and not os.environ.get("NO_COLOR"))
+
+    def write(self, piece: str) -> None:
+        """Write the next piece of reasoning."""
+        if not piece:
+            return
+        self.stream.write(f"{_DIM}{piece}{_NORMAL}" if self.is_dim else piece)
+        self.stream.flush()
+        self.is_open = True
+        self.ends_line = piece.endswith("\n")
+
+    def close(self) -> None:
+        """End the reasoning's line, then leave a blank one; nothing if none was written."""
+        if self.is_open:
+            self.stream.write("\n" if self.ends_line else "\n\n")
+            self.stream.flush()
+            self.is_open = False
+
+
+def usage_line(
+    meta: pb.CompletionMetadata, elapsed_s: float, *, shows_reasoning: bool = False
+) -> str:
+    """One line of usage, cost and latency for stderr; with `shows_reasoning`, the part of
+    the output tokens that went on reasoning too."""
     usage = meta.usage
+    reasoning = f" reasoning={usage.reasoning_tokens}" if shows_reasoning else ""
     estimated = " (estimated)" if usage.estimated else ""
     cached = " cache hit" if meta.cache_hit else ""
     return (
         f"[{meta.model or '?'} via {meta.upstream or '?'}{cached}] "
-        f"tokens in={usage.input_tokens} out={usage.output_tokens}{estimated} "
+        f"tokens in={usage.input_tokens} out={usage.output_tokens}{reasoning}{estimated} "
         f"cost=${meta.cost_usd:.6f} attempts={meta.attempts} "
         f"ttft={meta.timings.time_to_first_token_ms:.0f}ms "
         f"queued={meta.timings.queued_ms:.0f}ms total={elapsed_s * 1000:.0f}ms "
@@ -155,21 +221,30 @@ async def complete_command(args: argparse.Namespace) -> int:
     )
     started = time.monotonic()
     has_written = False
-    async with GatewayClient(args.address, **connection(args)) as client:
+    reasoning = ReasoningOnStderr.on(sys.stderr)
+    async with GatewayClient(args.address, **connection(args), timeout_s=args.timeout) as client:
         try:
             if args.stream:
-                stream = client.stream(request)
+                stream = client.stream(
+                    request, on_reasoning=reasoning.write if args.show_reasoning else None
+                )
                 async for text in stream:
+                    reasoning.close()
                     sys.stdout.write(text)
                     sys.stdout.flush()
                     has_written = True
+                reasoning.close()
                 sys.stdout.write("\n")
                 meta = stream.final
             else:
                 answer = await client.complete(request)
+                if args.show_reasoning:
+                    reasoning.write(answer.reasoning)
+                    reasoning.close()
                 print(answer.content)
                 meta = answer.metadata
         except grpc.aio.AioRpcError as error:
+            reasoning.close()
             if has_written:
                 # End the cut answer's line, as a whole one's: on a terminal the status
                 # ran on from its last word ("a bUNAVAILABLE: ...").
@@ -177,5 +252,7 @@ async def complete_command(args: argparse.Namespace) -> int:
             print(error_details(error).describe(), file=sys.stderr)
             return 1
     if meta is not None:
-        print(usage_line(meta, time.monotonic() - started), file=sys.stderr)
+        elapsed_s = time.monotonic() - started
+        line = usage_line(meta, elapsed_s, shows_reasoning=args.show_reasoning)
+        print(line, file=sys.stderr)
     return 0
