@@ -1072,6 +1072,24 @@ async def test_check_refuses_a_listen_host_as_serve_does(tmp_path, capsys, key, 
     assert ": ok" not in captured.out
 
 
+async def _serve_and_check_refusal(config: Path, capsys) -> str:
+    """The config error `serve` exits 2 with on `config`, after asserting that `check`
+    exits 2 with the same line and says no "ok"."""
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, serve_err = await asyncio.wait_for(serve.communicate(), timeout=60)
+    refusal = serve_err.decode().strip().splitlines()[-1]
+    assert serve.returncode == 2
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip() == refusal
+    assert ": ok" not in captured.out
+    return refusal
+
+
 async def test_check_and_serve_refuse_an_empty_prometheus_host(tmp_path, capsys):
     """`telemetry.prometheus_host: ""` is a config error on load, from `serve` and `check`
     alike (exit 2).
@@ -1084,22 +1102,10 @@ async def test_check_and_serve_refuse_an_empty_prometheus_host(tmp_path, capsys)
         "server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n"
         "telemetry: {prometheus_port: 0, prometheus_host: ''}\n"
     )
-    serve = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "serve", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, serve_err = await asyncio.wait_for(serve.communicate(), timeout=60)
-    refusal = serve_err.decode().strip().splitlines()[-1]
-    assert serve.returncode == 2
-    assert refusal == (
+    assert await _serve_and_check_refusal(config, capsys) == (
         f"llm-gateway: config error: {config}: telemetry: prometheus_host must name a host: "
         "0.0.0.0 for every address, 127.0.0.1 for this machine alone"
     )
-    code = await check.check_command(parse(check, "check", "--config", str(config)))
-    captured = capsys.readouterr()
-    assert code == 2
-    assert captured.err.strip() == refusal
-    assert ": ok" not in captured.out
 
 
 @pytest.mark.parametrize("key", ["listen", "health_listen"])
@@ -1114,22 +1120,10 @@ async def test_check_and_serve_refuse_brackets_around_no_ipv6_address(tmp_path, 
     server = {"listen": "127.0.0.1:0", key: f"{host}:0"}
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump({"server": server, "local_model": {"enabled": "never"}}))
-    serve = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "serve", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, serve_err = await asyncio.wait_for(serve.communicate(), timeout=60)
-    refusal = serve_err.decode().strip().splitlines()[-1]
-    assert serve.returncode == 2
-    assert refusal == (
+    assert await _serve_and_check_refusal(config, capsys) == (
         f"llm-gateway: config error: {config}: server: {key}'s brackets hold an IPv6 address "
         "alone, as in [::1]:50051; write another host without them, as in 127.0.0.1:50051"
     )
-    code = await check.check_command(parse(check, "check", "--config", str(config)))
-    captured = capsys.readouterr()
-    assert code == 2
-    assert captured.err.strip() == refusal
-    assert ": ok" not in captured.out
 
 
 async def test_batch_process_killed_by_ctrl_c_resumes(tmp_path, scripted, address):

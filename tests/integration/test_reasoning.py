@@ -743,11 +743,18 @@ async def test_a_think_block_follows_the_reasoning_a_server_sent_in_its_field(
     assert (reasoning, content) == ("first. second", "Paris.")
 
 
-async def test_think_tags_cut_across_chunks_are_still_tags(upstream, start_gateway):
+@pytest.mark.parametrize(
+    ("think_tags", "text"),
+    [(True, "<think>hmm</think>\n\nParis."), ("forced_open", "hmm</think>\n\nParis.")],
+    ids=["true", "forced_open"],
+)
+async def test_think_tags_cut_across_chunks_are_still_tags(
+    upstream, start_gateway, think_tags, text
+):
     """One event a character (each tag cut across many events and reads): the reasoning
-    comes in pieces before the text, and no piece of a tag reaches the caller."""
-    gateway = await start_gateway(_think_tags_config(upstream.base_url))
-    text = "<think>hmm</think>\n\nParis."
+    comes in pieces before the text, and no piece of a tag reaches the caller; so with
+    `forced_open`, the block the template opened ending at its close tag."""
+    gateway = await start_gateway(_think_tags_config(upstream.base_url, think_tags=think_tags))
     upstream.script(Reply(content=text, chunks=len(text), chunk_delay_s=0.002))
     deltas = _deltas(await _collect(gateway.stub, chat_stream()))
     assert "".join(d.reasoning for d in deltas) == "hmm"
@@ -890,21 +897,6 @@ async def test_a_block_the_template_opened_is_reasoning_with_forced_open(
     got = await _answer(upstream, start_gateway, how, reply, think_tags=think_tags)
     assert got[:2] == split
     assert got[2].finish_reason == pb.FINISH_REASON_STOP
-
-
-async def test_a_forced_open_stream_relays_its_reasoning_as_it_arrives(upstream, start_gateway):
-    """One event a character: the reasoning goes out in pieces before the answer, and no
-    piece of the close tag reaches the caller."""
-    gateway = await start_gateway(_think_tags_config(upstream.base_url, think_tags="forced_open"))
-    text = "hmm, Paris</think>\n\nParis."
-    upstream.script(Reply(content=text, chunks=len(text), chunk_delay_s=0.002))
-    deltas = _deltas(await _collect(gateway.stub, chat_stream()))
-    assert "".join(d.reasoning for d in deltas) == "hmm, Paris"
-    assert "".join(d.content for d in deltas) == "Paris."
-    with_reasoning = [i for i, d in enumerate(deltas) if d.reasoning]
-    assert len(with_reasoning) > 1, "reasoning is relayed as it arrives"
-    assert max(with_reasoning) < min(i for i, d in enumerate(deltas) if d.content)
-    assert not any("<" in d.content or "<" in d.reasoning for d in deltas)
 
 
 @pytest.mark.parametrize("first", ["unary", "stream"])
