@@ -1258,9 +1258,11 @@ def says_stream_options_unknown(body: bytes) -> bool:
 
 # The sizes OpenAI's refusal states, which llama-cpp-python's server and vLLM write alike:
 # "This model's maximum context length is 512 tokens. However, you requested 818 tokens
-# (810 in the messages, 8 in the completion). ..."
+# (810 in the messages, 8 in the completion). ..." Counts of at most 18 digits, as orjson
+# holds those of `n_ctx` to 64 bits: a longer one is no tokenizer's, and failed the call
+# INTERNAL (past 4300 digits no int, past about 308 no float in the calibration).
 _CONTEXT_COUNTS = re.compile(
-    r"maximum context length is (\d+) tokens\b.*?\((\d+) in the messages", re.DOTALL
+    r"maximum context length is (\d{1,18}) tokens\b.*?\((\d{1,18}) in the messages", re.DOTALL
 )
 
 

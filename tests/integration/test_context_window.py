@@ -734,3 +734,28 @@ async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
         answer = await gateway.stub.Complete(request)
     assert answer.metadata.dropped_messages > 0
     assert len(upstream.requests) == 2
+
+
+@pytest.mark.parametrize("digits", [400, 5000])
+async def test_a_refusal_stating_a_count_no_tokenizer_gives_is_still_context_exceeded(
+    upstream_small, start_gateway, digits
+):
+    """An over-the-window refusal whose count runs to hundreds of digits is refused as
+    over the window, as one stating no count is, and the next call is answered.
+
+    Before, the count failed the call INTERNAL: past 4300 digits it was no int to Python,
+    and past about 308 the calibration's ratio was no float."""
+    count = "1" + "0" * digits
+    message = (
+        f"This model's maximum context length is {WINDOW} tokens. However, you requested "
+        f"{count} tokens ({count} in the messages, 16 in the completion)."
+    )
+    error = {"message": message, "type": "invalid_request_error", "code": "context_length_exceeded"}
+    upstream_small.script(Status(400, body=json.dumps({"error": error})))
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat("hello there"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    answer = await gateway.stub.Complete(chat("hello there"))
+    assert answer.content
