@@ -141,6 +141,8 @@ async def test_the_grace_counts_the_local_models_timeout_as_workers_do(
     gw = await start_gateway(config)
     assert gw.server.local_model is not None
     local = gw.server.local_model.upstream_config()
+    # Its own limit wait (as long as its timeout: it takes one call at a time), not the 5 s.
+    assert local.max_limit_wait_s == local.timeout_s
     assert dict(options)["grpc.max_connection_age_grace_ms"] == round(
-        (3 * (local.timeout_s + 5) + 2 * 60) * 1000
+        (3 * (local.timeout_s + local.max_limit_wait_s) + 2 * 60) * 1000
     )
