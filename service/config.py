@@ -1246,6 +1246,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 )
             converted[str(name)] = _convert(args[1], item, f"{key}.{name}")
         return converted
+    if tp in (float, int) and (misreading := _yaml11_misreading(value)) is not None:
+        raise ValueError(f"{key}: {misreading}")
     if tp is float:
         # Infinity too: no wait, timeout, price or bound here means "forever" (a grace period
         # of `.inf` would hold a shutdown for ever).
@@ -1303,6 +1305,8 @@ def _json_value(value: Any, key: str) -> object:
     or non-string keys."""
     if value is None or isinstance(value, str | bool):
         return value
+    if isinstance(value, int | float) and (misreading := _yaml11_misreading(value)) is not None:
+        raise ValueError(f"{key}: {misreading}")
     if isinstance(value, int):
         if not -(2**63) <= value < 2**64:  # orjson writes no larger integer
             raise ValueError(f"{key}: must be an integer of at most 64 bits")
@@ -1752,6 +1756,41 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+# YAML 1.2's octal, `0o17`: what the error on a YAML 1.1 octal (`017`) says to write when
+# octal is meant. PyYAML's int constructor reads it already (Python's int() takes `0o`).
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?0o[0-7_]+$"), list("-+0")
+)
+
+# An integer YAML 1.1 reads as octal (`017`: 15), or would were it not for an 8 or 9 (`08`,
+# then text): a leading zero is padding to most readers.
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
+
+
+def _yaml11_misreading(value: object) -> str | None:
+    """How YAML 1.1 read a number written with a leading zero (as octal) or with colons (in
+    base 60, as a time), unlike what its writer meant; None for any other value.
+
+    `attempts: 017` is 15 and `attempts: 1:30` 90 to YAML 1.1 (YAML 1.2 and JSON read
+    neither so): the error says what was read and what to write.
+    """
+    if isinstance(value, str) and _LEADING_ZERO.fullmatch(value):
+        decimal = int(value.replace("_", ""), 10)
+        return f"{value} is no number in YAML 1.1, where a leading 0 means octal: write {decimal}"
+    if not isinstance(value, _WrittenInt | _WrittenFloat):
+        return None
+    text = value.written
+    read = str(int(value) if isinstance(value, int) else float(value))
+    if ":" in text:
+        return f"{text} reads as {read} in YAML 1.1 (base 60, as a time): write {read}"
+    if _LEADING_ZERO.fullmatch(text):
+        sign = "-" if text.startswith("-") else ""
+        digits = text.lstrip("+-").replace("_", "").lstrip("0") or "0"
+        return (
+            f"{text} reads as {read} in YAML 1.1: write {sign}{digits}, "
+            f"or {sign}0o{digits} if you mean octal"
+        )
+    return None
 
 
 def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:

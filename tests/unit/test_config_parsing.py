@@ -1574,3 +1574,91 @@ def test_parse_config_leaves_the_data_it_is_given_as_it_was():
     assert data == before
     second = parse_config(data, environ={})
     assert (first.server.listen, second.server.listen) == ("127.0.0.1:7001", "127.0.0.1:7000")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        (
+            "resilience: {attempts: 017}",
+            "resilience.attempts",
+            "017 reads as 15 in YAML 1.1: write 17, or 0o17 if you mean octal",
+        ),
+        (
+            "resilience: {attempts: 1:30}",
+            "resilience.attempts",
+            "1:30 reads as 90 in YAML 1.1 (base 60, as a time): write 90",
+        ),
+        (
+            "server: {grace_period_s: 1:30.5}",
+            "server.grace_period_s",
+            "1:30.5 reads as 90.5 in YAML 1.1 (base 60, as a time): write 90.5",
+        ),
+        (
+            "server: {grace_period_s: 010}",
+            "server.grace_period_s",
+            "010 reads as 8 in YAML 1.1: write 10, or 0o10 if you mean octal",
+        ),
+        (
+            "server: {max_queued_calls: -0_17}",
+            "server.max_queued_calls",
+            "-0_17 reads as -15 in YAML 1.1: write -17, or -0o17 if you mean octal",
+        ),
+        (
+            "resilience: {attempts: 08}",
+            "resilience.attempts",
+            "08 is no number in YAML 1.1, where a leading 0 means octal: write 8",
+        ),
+        (
+            "upstreams: [{name: up, base_url: 'http://h/v1', models: [m],"
+            " extra_body: {seed: 017}}]",
+            "upstreams[0].extra_body.seed",
+            "017 reads as 15 in YAML 1.1: write 17, or 0o17 if you mean octal",
+        ),
+    ],
+)
+def test_a_number_yaml_11_reads_as_octal_or_base_60_is_refused_saying_how(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    """A number written with a leading zero or with colons is a config error saying what
+    YAML 1.1 read it as and what to write.
+
+    Before, `attempts: 017` was 15 attempts and `attempts: 1:30` 90, without a word.
+    """
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, environ={})
+    assert (refused.value.key, refused.value.problem) == (key, problem)
+
+
+def test_a_number_from_a_variable_with_a_leading_zero_is_refused_naming_it() -> None:
+    """A variable's value is read as the file's are, and the error names the variable."""
+    with pytest.raises(ConfigError) as refused:
+        parse({}, LLM_GATEWAY__RESILIENCE__ATTEMPTS="017")
+    assert refused.value.key == "resilience.attempts"
+    assert refused.value.problem == (
+        "017 reads as 15 in YAML 1.1: write 17, or 0o17 if you mean octal "
+        "(set from the environment: LLM_GATEWAY__RESILIENCE__ATTEMPTS)"
+    )
+
+
+def test_numbers_written_as_meant_and_names_with_a_leading_zero_are_taken(
+    tmp_path: Path,
+) -> None:
+    """`0o17` (YAML 1.2's octal), `0`, `1_000` and `+5` are the numbers they say; a name
+    written `017` or `1:30` (a tenant, a model) is that text, as before."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "resilience: {attempts: 0o17, retry_budget_min_retries: 0}\n"
+        "defaults: {max_messages: 1_000, max_labels: +5}\n"
+        "server: {grace_period_s: 0.5}\n"
+        "upstreams: [{name: up, base_url: 'http://h/v1', models: [017, 1:30, 0o17]}]\n"
+        "tenants: {017: {requests_per_minute: 1}}\n",
+        encoding="utf-8",
+    )
+    config = load_config(path, environ={})
+    assert (config.resilience.attempts, config.resilience.retry_budget_min_retries) == (15, 0)
+    assert (config.defaults.max_messages, config.defaults.max_labels) == (1000, 5)
+    assert list(config.upstreams[0].models) == ["017", "1:30", "0o17"]
+    assert list(config.tenants) == ["017"]
