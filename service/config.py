@@ -15,6 +15,7 @@ import functools
 import importlib
 import inspect
 import ipaddress
+import itertools
 import math
 import os
 import re
@@ -1378,8 +1379,9 @@ def _build(cls: type[T], data: Any, key: str) -> T:
         raise _SectionCheckError(f"{key or '(top level)'}: {exc}") from None
 
 
-def _key_in(node: dict[Any, Any], part: str, variable: str, path: list[str]) -> str:
-    """The key of `node` that the lower-cased `part` of a variable's name means.
+def _key_in(node: dict[Any, Any], part: str, variable: str, path: list[str]) -> str | None:
+    """The key of `node` that the lower-cased `part` of a variable's name means; None when
+    `node` has none.
 
     Environment variable names are upper case by convention, so keys are matched without
     case: `LLM_GATEWAY__TENANTS__SEARCH__...` reaches a tenant the file names `Search`.
@@ -1392,11 +1394,29 @@ def _key_in(node: dict[Any, Any], part: str, variable: str, path: list[str]) -> 
         names = ", ".join(sorted(map(str, matches)))
         raise ConfigError(variable, ".".join(path), f"matches more than one key: {names}")
     if not matches:
-        return part
+        return None
     key = matches[0]
     if not isinstance(key, str):  # the key as text, as the rest of the path names it
         node[str(key)] = node.pop(key)
     return str(key)
+
+
+# Sections whose keys are names (of tenants, models), which a variable reaches but does not
+# add: its name would be the lower-cased one, and names are case-sensitive, so the budget of
+# `LLM_GATEWAY__BUDGETS__TEAMA__USD` went to a tenant "teama" while keys named `TeamA`.
+_NAMED_ENTRIES = frozenset({"tenants", "budgets", "models"})
+
+
+def _no_new_entry(variable: str, section: str, name: str) -> ConfigError:
+    """The refusal of a variable that would add the entry `name` to `section`."""
+    return ConfigError(
+        variable,
+        f"{section}.{name}",
+        f"the file lists no entry {name!r} (in any case) under {section}; a variable changes "
+        "an entry the file lists but adds none, as its name cannot say the name's case: add "
+        f"the entry to the file, or set {section} whole, as in "
+        f"{ENV_PREFIX}{section.upper()}='{{Name: {{...}}}}'",
+    )
 
 
 def _override_value(raw: str) -> Any:
@@ -1414,10 +1434,10 @@ def _override_value(raw: str) -> Any:
     return value
 
 
-def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
-    """Set each `LLM_GATEWAY__...` variable's value in `data`; return {key path: variable}."""
-    applied: dict[str, str] = {}
-    for name, raw in environ.items():
+def _override_paths(environ: Mapping[str, str]) -> dict[str, list[str]]:
+    """Each `LLM_GATEWAY__...` variable's key path, lower-cased, in the order of names."""
+    paths: dict[str, list[str]] = {}
+    for name in sorted(environ):  # one order, so that an error names the same variable
         if not name.startswith(ENV_PREFIX):
             # LLM_GATEWAY_SERVER__LISTEN (one underscore short) would be ignored without a
             # word; the gateway's other variables (LLM_GATEWAY_CONFIG, ...) have no "__".
@@ -1427,9 +1447,47 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> di
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
         if not path:
             raise ConfigError(name, "", "names no key")
+        paths[name] = path
+    return paths
+
+
+def _refuse_one_key_from_two(paths: Mapping[str, list[str]]) -> None:
+    """Refuse two variables setting one key: both naming it (`LLM_GATEWAY__SERVER__LISTEN`
+    and `LLM_GATEWAY__Server__Listen`), or one naming it and the other its section whole
+    (`LLM_GATEWAY__SERVER='{grace_period_s: 3}'`, which put `listen` back to its default).
+
+    One of them would win without a word, which one by the order of the environment.
+    """
+    for (first, first_path), (second, second_path) in itertools.combinations(paths.items(), 2):
+        shorter = min(len(first_path), len(second_path))
+        if first_path[:shorter] != second_path[:shorter]:
+            continue
+        if len(first_path) == len(second_path):
+            raise ConfigError(
+                first, ".".join(first_path), f"also set by {second}; set it in one variable"
+            )
+        (key, key_path), (whole, section) = sorted(
+            [(first, first_path), (second, second_path)], key=lambda pair: -len(pair[1])
+        )
+        raise ConfigError(
+            key,
+            ".".join(key_path),
+            f"also set by {whole}, which sets all of {'.'.join(section)}; set it in one variable",
+        )
+
+
+def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Set each `LLM_GATEWAY__...` variable's value in `data`; return {key path: variable}."""
+    paths = _override_paths(environ)
+    _refuse_one_key_from_two(paths)
+    applied: dict[str, str] = {}
+    for name, path in paths.items():
         node = data
         for index, part in enumerate(path):
-            path[index] = _key_in(node, part, name, path)
+            key = _key_in(node, part, name, path)
+            if key is None and index == 1 and path[0] in _NAMED_ENTRIES:
+                raise _no_new_entry(name, path[0], part)
+            path[index] = part if key is None else key
             if index == len(path) - 1:
                 break
             if node.get(path[index]) is None:  # absent, or a section with all keys commented out
@@ -1437,7 +1495,7 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> di
             node = node[path[index]]
             if not isinstance(node, dict):
                 raise ConfigError(name, ".".join(path), "cannot override inside a non-mapping")
-        node[path[-1]] = _override_value(raw)
+        node[path[-1]] = _override_value(environ[name])
         applied[".".join(path)] = name
     return applied
 

@@ -279,6 +279,127 @@ def test_env_override_matching_a_lower_case_key_and_another_is_an_error() -> Non
 
 
 @pytest.mark.parametrize(
+    ("environ", "source", "key", "problem"),
+    [
+        pytest.param(
+            {
+                "LLM_GATEWAY__Server__Listen": "127.0.0.1:2",
+                "LLM_GATEWAY__SERVER__LISTEN": "127.0.0.1:1",
+            },
+            "LLM_GATEWAY__SERVER__LISTEN",
+            "server.listen",
+            "also set by LLM_GATEWAY__Server__Listen; set it in one variable",
+            id="one-key-in-two-cases",
+        ),
+        pytest.param(
+            {
+                "LLM_GATEWAY__SERVER__LISTEN": "127.0.0.1:1",
+                "LLM_GATEWAY__SERVER": "{grace_period_s: 3}",
+            },
+            "LLM_GATEWAY__SERVER__LISTEN",
+            "server.listen",
+            "also set by LLM_GATEWAY__SERVER, which sets all of server; set it in one variable",
+            id="a-key-and-its-section-whole",
+        ),
+        pytest.param(
+            {
+                "LLM_GATEWAY__SERVER": "{grace_period_s: 3}",
+                "LLM_GATEWAY__SERVER__LISTEN": "127.0.0.1:1",
+            },
+            "LLM_GATEWAY__SERVER__LISTEN",
+            "server.listen",
+            "also set by LLM_GATEWAY__SERVER, which sets all of server; set it in one variable",
+            id="a-section-whole-and-its-key",
+        ),
+        pytest.param(
+            {"LLM_GATEWAY__Server": "{tls: {}}", "LLM_GATEWAY__SERVER__TLS__CERT_FILE": "/x"},
+            "LLM_GATEWAY__SERVER__TLS__CERT_FILE",
+            "server.tls.cert_file",
+            "also set by LLM_GATEWAY__Server, which sets all of server; set it in one variable",
+            id="a-section-two-levels-up",
+        ),
+    ],
+)
+def test_two_variables_setting_one_key_are_refused_naming_both(
+    environ: dict[str, str], source: str, key: str, problem: str
+) -> None:
+    """Two variables that set one key, by name in two cases or one of them its whole
+    section, are a config error naming both, whatever the environment's order.
+
+    Before, the one the environment listed last won without a word: a section set whole
+    after `LLM_GATEWAY__SERVER__LISTEN` put `listen` back to its default, 127.0.0.1:50051.
+    """
+    with pytest.raises(ConfigError) as refused:
+        parse({}, **environ)
+    assert (refused.value.source, refused.value.key) == (source, key)
+    assert refused.value.problem == problem
+
+
+def test_variables_setting_keys_side_by_side_are_taken() -> None:
+    """Variables for sibling keys, or for keys that share only a name's start, are not
+    one key set twice."""
+    config = parse(
+        {"tenants": {"a": {}, "ab": {}}},
+        LLM_GATEWAY__SERVER__LISTEN="127.0.0.1:1",
+        LLM_GATEWAY__SERVER__HEALTH_LISTEN="127.0.0.1:2",
+        LLM_GATEWAY__TENANTS__A__REQUESTS_PER_MINUTE="1",
+        LLM_GATEWAY__TENANTS__AB__REQUESTS_PER_MINUTE="2",
+    )
+    assert (config.server.listen, config.server.health_listen) == ("127.0.0.1:1", "127.0.0.1:2")
+    assert [t.requests_per_minute for t in config.tenants.values()] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("data", "variable", "key"),
+    [
+        pytest.param(
+            {"auth": {"keys": [{"sha256": "a" * 64, "tenant": "TeamA"}]}},
+            "LLM_GATEWAY__BUDGETS__TEAMA__USD",
+            "budgets.teama",
+            id="budget-of-a-tenant-the-file-does-not-list",
+        ),
+        pytest.param(
+            {"budgets": {"TeamA": {"usd": 5}}},
+            "LLM_GATEWAY__TENANTS__TEAMA__REQUESTS_PER_MINUTE",
+            "tenants.teama",
+            id="limits-of-a-tenant-only-budgets-lists",
+        ),
+        pytest.param({}, "LLM_GATEWAY__BUDGETS__TEAMA", "budgets.teama", id="a-whole-entry"),
+        pytest.param(
+            {}, "LLM_GATEWAY__MODELS__MYMODEL__CONTEXT_WINDOW", "models.mymodel", id="a-model"
+        ),
+    ],
+)
+def test_a_variable_adding_a_named_entry_is_refused(
+    data: dict[str, Any], variable: str, key: str
+) -> None:
+    """A variable may change an entry of `tenants`, `budgets` or `models` the file lists,
+    but not add one: its name is upper case by convention and the names are not.
+
+    Before, `LLM_GATEWAY__BUDGETS__TEAMA__USD=10` made a budget for a tenant "teama" while
+    keys were issued for `TeamA`, which stayed unbudgeted without a word.
+    """
+    with pytest.raises(ConfigError) as refused:
+        parse(data, **{variable: "{usd: 10}" if variable.endswith("TEAMA") else "10"})
+    assert (refused.value.source, refused.value.key) == (variable, key)
+    section = key.partition(".")[0]
+    assert refused.value.problem.startswith(
+        f"the file lists no entry {key.partition('.')[2]!r} (in any case) under {section}; "
+    )
+    assert f"LLM_GATEWAY__{section.upper()}='{{Name: {{...}}}}'" in refused.value.problem
+
+
+def test_a_named_map_set_whole_from_a_variable_keeps_its_names_case() -> None:
+    """The way to add a tenant from the environment: its section whole, as YAML, whose
+    names keep their case (as in the file, `007` stays `007`)."""
+    config = parse(
+        {"budgets": {"old": {"usd": 1}}},
+        LLM_GATEWAY__BUDGETS="{TeamA: {usd: 10}, 007: {usd: 2}}",
+    )
+    assert {name: b.usd for name, b in config.budgets.items()} == {"TeamA": 10.0, "007": 2.0}
+
+
+@pytest.mark.parametrize(
     ("variable", "value", "key"),
     [
         ("LLM_GATEWAY__SERVER__LISTN", "0.0.0.0:50051", "server.listn"),
