@@ -192,6 +192,12 @@ class TlsConfig:
     tenant_from_cert_subject: bool = False
 
     def __post_init__(self) -> None:
+        # `~/pki/server.pem` is the user's home, as in `auth.keys_file` and
+        # `local_model.model_path`: grpc and the checks open the path as it is.
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self, name)
+            if path is not None:
+                object.__setattr__(self, name, os.path.expanduser(path))
         _require(
             (self.cert_file is None) == (self.key_file is None),
             "cert_file and key_file go together",
@@ -775,6 +781,11 @@ class CacheConfig:
         _require(self.operation_timeout_s > 0, "operation_timeout_s must be > 0")
         _require(self.error_cooldown_s >= 0, "error_cooldown_s must be >= 0")
         _require(bool(self.key_prefix), "key_prefix must not be empty")
+
+    @property
+    def uses_redis(self) -> bool:
+        """Whether the cache connects to Redis: the redis backend, the cache enabled."""
+        return self.enabled and self.backend == "redis"
 
 
 # The most labels `defaults.max_labels` may allow a call, so the most a usage row can
@@ -1696,11 +1707,12 @@ def _check_redis_password_env(config: GatewayConfig, env: Mapping[str, str]) -> 
 
     Whoever named it expects a password to be used: connecting without one would hide the
     missing secret (until Redis refuses every command, a failure far from its cause). Not
-    named: no password. Only sections that connect to Redis are checked.
+    named: no password. Only sections that connect to Redis are checked (not a disabled
+    cache: a staging overlay turning it off need not carry its password).
     """
     named = {
         "cache.redis_password_env": config.cache.redis_password_env
-        if config.cache.backend == "redis"
+        if config.cache.uses_redis
         else None,
         "auth.redis_password_env": config.auth.redis_password_env
         if config.auth.redis_url is not None

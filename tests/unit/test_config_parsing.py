@@ -1210,6 +1210,32 @@ def test_a_redis_password_variable_is_only_required_where_redis_is_used() -> Non
     parse({"ledger": {"redis_password_env": "GW_PW"}})
 
 
+def test_a_disabled_cache_needs_no_redis_password() -> None:
+    """A cache turned off connects to no Redis, so its named password variable may be
+    unset. Before, `cache.enabled: false` beside `backend: redis` still wanted it."""
+    cache = {
+        "backend": "redis",
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "redis_password_env": "GW_NO_SUCH_PASSWORD",
+    }
+    assert parse({"cache": {**cache, "enabled": False}}).cache.redis_password_env
+    with pytest.raises(ConfigError, match="GW_NO_SUCH_PASSWORD is not set"):
+        parse({"cache": cache})
+
+
+def test_tls_paths_expand_the_home_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`~` in `server.tls` paths is the user's home, as in `auth.keys_file` and
+    `local_model.model_path`. Before, the gateway looked for a directory named `~`."""
+    monkeypatch.setenv("HOME", "/home/operator")
+    tls = {"cert_file": "~/pki/server.pem", "key_file": "~/pki/server.key"}
+    config = parse({"server": {"tls": {**tls, "client_ca_file": "~/pki/ca.pem"}}})
+    assert (config.server.tls.cert_file, config.server.tls.key_file) == (
+        "/home/operator/pki/server.pem",
+        "/home/operator/pki/server.key",
+    )
+    assert config.server.tls.client_ca_file == "/home/operator/pki/ca.pem"
+
+
 def test_load_config_missing_file(tmp_path: Path) -> None:
     """A missing file is a ConfigError naming the path."""
     path = tmp_path / "absent.yaml"
