@@ -15,6 +15,7 @@ import functools
 import importlib
 import inspect
 import ipaddress
+import itertools
 import math
 import os
 import re
@@ -191,6 +192,12 @@ class TlsConfig:
     tenant_from_cert_subject: bool = False
 
     def __post_init__(self) -> None:
+        # `~/pki/server.pem` is the user's home, as in `auth.keys_file` and
+        # `local_model.model_path`: grpc and the checks open the path as it is.
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self, name)
+            if path is not None:
+                object.__setattr__(self, name, os.path.expanduser(path))
         _require(
             (self.cert_file is None) == (self.key_file is None),
             "cert_file and key_file go together",
@@ -775,6 +782,11 @@ class CacheConfig:
         _require(self.error_cooldown_s >= 0, "error_cooldown_s must be >= 0")
         _require(bool(self.key_prefix), "key_prefix must not be empty")
 
+    @property
+    def uses_redis(self) -> bool:
+        """Whether the cache connects to Redis: the redis backend, the cache enabled."""
+        return self.enabled and self.backend == "redis"
+
 
 # The most labels `defaults.max_labels` may allow a call, so the most a usage row can
 # carry: a GetUsage filter of more matches nothing under any config, and is refused by
@@ -1246,6 +1258,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 )
             converted[str(name)] = _convert(args[1], item, f"{key}.{name}")
         return converted
+    if tp in (float, int) and (misreading := _yaml11_misreading(value)) is not None:
+        raise ValueError(f"{key}: {misreading}")
     if tp is float:
         # Infinity too: no wait, timeout, price or bound here means "forever" (a grace period
         # of `.inf` would hold a shutdown for ever).
@@ -1303,6 +1317,8 @@ def _json_value(value: Any, key: str) -> object:
     or non-string keys."""
     if value is None or isinstance(value, str | bool):
         return value
+    if isinstance(value, int | float) and (misreading := _yaml11_misreading(value)) is not None:
+        raise ValueError(f"{key}: {misreading}")
     if isinstance(value, int):
         if not -(2**63) <= value < 2**64:  # orjson writes no larger integer
             raise ValueError(f"{key}: must be an integer of at most 64 bits")
@@ -1374,8 +1390,9 @@ def _build(cls: type[T], data: Any, key: str) -> T:
         raise _SectionCheckError(f"{key or '(top level)'}: {exc}") from None
 
 
-def _key_in(node: dict[Any, Any], part: str, variable: str, path: list[str]) -> str:
-    """The key of `node` that the lower-cased `part` of a variable's name means.
+def _key_in(node: dict[Any, Any], part: str, variable: str, path: list[str]) -> str | None:
+    """The key of `node` that the lower-cased `part` of a variable's name means; None when
+    `node` has none.
 
     Environment variable names are upper case by convention, so keys are matched without
     case: `LLM_GATEWAY__TENANTS__SEARCH__...` reaches a tenant the file names `Search`.
@@ -1388,11 +1405,29 @@ def _key_in(node: dict[Any, Any], part: str, variable: str, path: list[str]) -> 
         names = ", ".join(sorted(map(str, matches)))
         raise ConfigError(variable, ".".join(path), f"matches more than one key: {names}")
     if not matches:
-        return part
+        return None
     key = matches[0]
     if not isinstance(key, str):  # the key as text, as the rest of the path names it
         node[str(key)] = node.pop(key)
     return str(key)
+
+
+# Sections whose keys are names (of tenants, models), which a variable reaches but does not
+# add: its name would be the lower-cased one, and names are case-sensitive, so the budget of
+# `LLM_GATEWAY__BUDGETS__TEAMA__USD` went to a tenant "teama" while keys named `TeamA`.
+_NAMED_ENTRIES = frozenset({"tenants", "budgets", "models"})
+
+
+def _no_new_entry(variable: str, section: str, name: str) -> ConfigError:
+    """The refusal of a variable that would add the entry `name` to `section`."""
+    return ConfigError(
+        variable,
+        f"{section}.{name}",
+        f"the file lists no entry {name!r} (in any case) under {section}; a variable changes "
+        "an entry the file lists but adds none, as its name cannot say the name's case: add "
+        f"the entry to the file, or set {section} whole, as in "
+        f"{ENV_PREFIX}{section.upper()}='{{Name: {{...}}}}'",
+    )
 
 
 def _override_value(raw: str) -> Any:
@@ -1410,10 +1445,10 @@ def _override_value(raw: str) -> Any:
     return value
 
 
-def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
-    """Set each `LLM_GATEWAY__...` variable's value in `data`; return {key path: variable}."""
-    applied: dict[str, str] = {}
-    for name, raw in environ.items():
+def _override_paths(environ: Mapping[str, str]) -> dict[str, list[str]]:
+    """Each `LLM_GATEWAY__...` variable's key path, lower-cased, in the order of names."""
+    paths: dict[str, list[str]] = {}
+    for name in sorted(environ):  # one order, so that an error names the same variable
         if not name.startswith(ENV_PREFIX):
             # LLM_GATEWAY_SERVER__LISTEN (one underscore short) would be ignored without a
             # word; the gateway's other variables (LLM_GATEWAY_CONFIG, ...) have no "__".
@@ -1423,9 +1458,47 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> di
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
         if not path:
             raise ConfigError(name, "", "names no key")
+        paths[name] = path
+    return paths
+
+
+def _refuse_one_key_from_two(paths: Mapping[str, list[str]]) -> None:
+    """Refuse two variables setting one key: both naming it (`LLM_GATEWAY__SERVER__LISTEN`
+    and `LLM_GATEWAY__Server__Listen`), or one naming it and the other its section whole
+    (`LLM_GATEWAY__SERVER='{grace_period_s: 3}'`, which put `listen` back to its default).
+
+    One of them would win without a word, which one by the order of the environment.
+    """
+    for (first, first_path), (second, second_path) in itertools.combinations(paths.items(), 2):
+        shorter = min(len(first_path), len(second_path))
+        if first_path[:shorter] != second_path[:shorter]:
+            continue
+        if len(first_path) == len(second_path):
+            raise ConfigError(
+                first, ".".join(first_path), f"also set by {second}; set it in one variable"
+            )
+        (key, key_path), (whole, section) = sorted(
+            [(first, first_path), (second, second_path)], key=lambda pair: -len(pair[1])
+        )
+        raise ConfigError(
+            key,
+            ".".join(key_path),
+            f"also set by {whole}, which sets all of {'.'.join(section)}; set it in one variable",
+        )
+
+
+def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Set each `LLM_GATEWAY__...` variable's value in `data`; return {key path: variable}."""
+    paths = _override_paths(environ)
+    _refuse_one_key_from_two(paths)
+    applied: dict[str, str] = {}
+    for name, path in paths.items():
         node = data
         for index, part in enumerate(path):
-            path[index] = _key_in(node, part, name, path)
+            key = _key_in(node, part, name, path)
+            if key is None and index == 1 and path[0] in _NAMED_ENTRIES:
+                raise _no_new_entry(name, path[0], part)
+            path[index] = part if key is None else key
             if index == len(path) - 1:
                 break
             if node.get(path[index]) is None:  # absent, or a section with all keys commented out
@@ -1433,7 +1506,7 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> di
             node = node[path[index]]
             if not isinstance(node, dict):
                 raise ConfigError(name, ".".join(path), "cannot override inside a non-mapping")
-        node[path[-1]] = _override_value(raw)
+        node[path[-1]] = _override_value(environ[name])
         applied[".".join(path)] = name
     return applied
 
@@ -1634,11 +1707,12 @@ def _check_redis_password_env(config: GatewayConfig, env: Mapping[str, str]) -> 
 
     Whoever named it expects a password to be used: connecting without one would hide the
     missing secret (until Redis refuses every command, a failure far from its cause). Not
-    named: no password. Only sections that connect to Redis are checked.
+    named: no password. Only sections that connect to Redis are checked (not a disabled
+    cache: a staging overlay turning it off need not carry its password).
     """
     named = {
         "cache.redis_password_env": config.cache.redis_password_env
-        if config.cache.backend == "redis"
+        if config.cache.uses_redis
         else None,
         "auth.redis_password_env": config.auth.redis_password_env
         if config.auth.redis_url is not None
@@ -1752,6 +1826,41 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+# YAML 1.2's octal, `0o17`: what the error on a YAML 1.1 octal (`017`) says to write when
+# octal is meant. PyYAML's int constructor reads it already (Python's int() takes `0o`).
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?0o[0-7_]+$"), list("-+0")
+)
+
+# An integer YAML 1.1 reads as octal (`017`: 15), or would were it not for an 8 or 9 (`08`,
+# then text): a leading zero is padding to most readers.
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
+
+
+def _yaml11_misreading(value: object) -> str | None:
+    """How YAML 1.1 read a number written with a leading zero (as octal) or with colons (in
+    base 60, as a time), unlike what its writer meant; None for any other value.
+
+    `attempts: 017` is 15 and `attempts: 1:30` 90 to YAML 1.1 (YAML 1.2 and JSON read
+    neither so): the error says what was read and what to write.
+    """
+    if isinstance(value, str) and _LEADING_ZERO.fullmatch(value):
+        decimal = int(value.replace("_", ""), 10)
+        return f"{value} is no number in YAML 1.1, where a leading 0 means octal: write {decimal}"
+    if not isinstance(value, _WrittenInt | _WrittenFloat):
+        return None
+    text = value.written
+    read = str(int(value) if isinstance(value, int) else float(value))
+    if ":" in text:
+        return f"{text} reads as {read} in YAML 1.1 (base 60, as a time): write {read}"
+    if _LEADING_ZERO.fullmatch(text):
+        sign = "-" if text.startswith("-") else ""
+        digits = text.lstrip("+-").replace("_", "").lstrip("0") or "0"
+        return (
+            f"{text} reads as {read} in YAML 1.1: write {sign}{digits}, "
+            f"or {sign}0o{digits} if you mean octal"
+        )
+    return None
 
 
 def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:

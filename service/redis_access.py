@@ -83,7 +83,7 @@ def _redis_uses(config: GatewayConfig) -> list[_RedisUse]:
     """Each section's Redis, in the README's order: cache, auth, ledger."""
     cache, auth, ledger = config.cache, config.auth, config.ledger
     sections = [
-        ("cache", cache.redis_url if cache.backend == "redis" else None, cache.redis_password_env),
+        ("cache", cache.redis_url if cache.uses_redis else None, cache.redis_password_env),
         ("auth", auth.redis_url, auth.redis_password_env),
         ("ledger", ledger.redis_url, ledger.redis_password_env),
     ]

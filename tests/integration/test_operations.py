@@ -533,6 +533,37 @@ async def test_a_redis_refusing_the_password_stops_the_start_with_status_2(
 
 
 @pytest.mark.redis
+async def test_a_disabled_redis_cache_starts_without_its_password(tmp_path: Path) -> None:
+    """`cache.enabled: false` beside `backend: redis` connects to no Redis: `serve` starts
+    and `check` passes with its password variable unset, before a Redis that wants one.
+
+    Before, both exited 2: first on the unset variable, and without that check on the
+    start's PING of the cache's Redis, refused for want of the password.
+    """
+    redis = RedisServer(password=_REDIS_PASSWORD)
+    await redis.start()
+    try:
+        data = gateway_config_data(
+            "http://127.0.0.1:9/v1",
+            cache={
+                "enabled": False,
+                "backend": "redis",
+                "redis_url": redis.url,
+                "redis_password_env": "GW_TEST_UNSET_REDIS_PW",
+            },
+        )
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump(data))
+        line, _ = await _first_line_then_sigterm(path)
+        code, stderr = await _refused_check(path)
+    finally:
+        await redis.stop()
+    assert line.startswith("llm-gateway listening on 127.0.0.1:")
+    assert "config error" not in stderr
+    assert code == 1  # the upstream at port 9 fails its probe: the config itself passed
+
+
+@pytest.mark.redis
 @pytest.mark.parametrize(
     ("password", "problem"),
     [

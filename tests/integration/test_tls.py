@@ -588,6 +588,53 @@ async def _serve_until_it_exits(
     return path, process.returncode, out, err
 
 
+async def test_tls_files_under_the_home_directory_serve_from_serve_and_pass_check(
+    upstream, pki, tmp_path
+):
+    """`server.tls` paths written `~/pki/...` are the user's home, as `auth.keys_file`
+    and `local_model.model_path` are: `check` passes them and `serve` speaks TLS with them.
+
+    Before, both exited 2, "cannot read ~/pki/server.pem": no path was expanded.
+    """
+    home = tmp_path / "home"
+    (home / "pki").mkdir(parents=True)
+    for source in (pki.server_cert, pki.server_key, pki.ca):
+        (home / "pki" / source.name).write_bytes(source.read_bytes())
+    tls = {"cert_file": "~/pki/server.pem", "key_file": "~/pki/server.key"}
+    config = gateway_config_data(
+        upstream.base_url,
+        server={"listen": "127.0.0.1:0", "tls": {**tls, "client_ca_file": "~/pki/ca.pem"}},
+    )
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_GATEWAY")}
+    env |= {"HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    check = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway_client.cli", "check", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=_REPO, env=env,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(check.communicate(), timeout=_TIMEOUT_S)
+    assert check.returncode == 0, out + err
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", "--config", str(path), "--workers", "1",
+        stdout=asyncio.subprocess.PIPE, cwd=_REPO, env=env,
+    )  # fmt: skip
+    try:
+        assert serve.stdout is not None
+        line = (await asyncio.wait_for(serve.stdout.readline(), timeout=_TIMEOUT_S)).decode()
+        assert line.startswith("llm-gateway listening on "), line
+        address = line.split(" on ", 1)[1].split()[0]
+        credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
+        async with grpc.aio.secure_channel(address, credentials) as channel:
+            response = await pb_grpc.CompletionServiceStub(channel).Complete(
+                chat(), timeout=_TIMEOUT_S
+            )
+    finally:
+        serve.terminate()
+        await asyncio.wait_for(serve.wait(), timeout=_TIMEOUT_S)
+    assert response.content == "Hello from fake"
+
+
 @pytest.mark.parametrize(
     ("files", "expected"),
     [

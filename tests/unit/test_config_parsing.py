@@ -279,6 +279,127 @@ def test_env_override_matching_a_lower_case_key_and_another_is_an_error() -> Non
 
 
 @pytest.mark.parametrize(
+    ("environ", "source", "key", "problem"),
+    [
+        pytest.param(
+            {
+                "LLM_GATEWAY__Server__Listen": "127.0.0.1:2",
+                "LLM_GATEWAY__SERVER__LISTEN": "127.0.0.1:1",
+            },
+            "LLM_GATEWAY__SERVER__LISTEN",
+            "server.listen",
+            "also set by LLM_GATEWAY__Server__Listen; set it in one variable",
+            id="one-key-in-two-cases",
+        ),
+        pytest.param(
+            {
+                "LLM_GATEWAY__SERVER__LISTEN": "127.0.0.1:1",
+                "LLM_GATEWAY__SERVER": "{grace_period_s: 3}",
+            },
+            "LLM_GATEWAY__SERVER__LISTEN",
+            "server.listen",
+            "also set by LLM_GATEWAY__SERVER, which sets all of server; set it in one variable",
+            id="a-key-and-its-section-whole",
+        ),
+        pytest.param(
+            {
+                "LLM_GATEWAY__SERVER": "{grace_period_s: 3}",
+                "LLM_GATEWAY__SERVER__LISTEN": "127.0.0.1:1",
+            },
+            "LLM_GATEWAY__SERVER__LISTEN",
+            "server.listen",
+            "also set by LLM_GATEWAY__SERVER, which sets all of server; set it in one variable",
+            id="a-section-whole-and-its-key",
+        ),
+        pytest.param(
+            {"LLM_GATEWAY__Server": "{tls: {}}", "LLM_GATEWAY__SERVER__TLS__CERT_FILE": "/x"},
+            "LLM_GATEWAY__SERVER__TLS__CERT_FILE",
+            "server.tls.cert_file",
+            "also set by LLM_GATEWAY__Server, which sets all of server; set it in one variable",
+            id="a-section-two-levels-up",
+        ),
+    ],
+)
+def test_two_variables_setting_one_key_are_refused_naming_both(
+    environ: dict[str, str], source: str, key: str, problem: str
+) -> None:
+    """Two variables that set one key, by name in two cases or one of them its whole
+    section, are a config error naming both, whatever the environment's order.
+
+    Before, the one the environment listed last won without a word: a section set whole
+    after `LLM_GATEWAY__SERVER__LISTEN` put `listen` back to its default, 127.0.0.1:50051.
+    """
+    with pytest.raises(ConfigError) as refused:
+        parse({}, **environ)
+    assert (refused.value.source, refused.value.key) == (source, key)
+    assert refused.value.problem == problem
+
+
+def test_variables_setting_keys_side_by_side_are_taken() -> None:
+    """Variables for sibling keys, or for keys that share only a name's start, are not
+    one key set twice."""
+    config = parse(
+        {"tenants": {"a": {}, "ab": {}}},
+        LLM_GATEWAY__SERVER__LISTEN="127.0.0.1:1",
+        LLM_GATEWAY__SERVER__HEALTH_LISTEN="127.0.0.1:2",
+        LLM_GATEWAY__TENANTS__A__REQUESTS_PER_MINUTE="1",
+        LLM_GATEWAY__TENANTS__AB__REQUESTS_PER_MINUTE="2",
+    )
+    assert (config.server.listen, config.server.health_listen) == ("127.0.0.1:1", "127.0.0.1:2")
+    assert [t.requests_per_minute for t in config.tenants.values()] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("data", "variable", "key"),
+    [
+        pytest.param(
+            {"auth": {"keys": [{"sha256": "a" * 64, "tenant": "TeamA"}]}},
+            "LLM_GATEWAY__BUDGETS__TEAMA__USD",
+            "budgets.teama",
+            id="budget-of-a-tenant-the-file-does-not-list",
+        ),
+        pytest.param(
+            {"budgets": {"TeamA": {"usd": 5}}},
+            "LLM_GATEWAY__TENANTS__TEAMA__REQUESTS_PER_MINUTE",
+            "tenants.teama",
+            id="limits-of-a-tenant-only-budgets-lists",
+        ),
+        pytest.param({}, "LLM_GATEWAY__BUDGETS__TEAMA", "budgets.teama", id="a-whole-entry"),
+        pytest.param(
+            {}, "LLM_GATEWAY__MODELS__MYMODEL__CONTEXT_WINDOW", "models.mymodel", id="a-model"
+        ),
+    ],
+)
+def test_a_variable_adding_a_named_entry_is_refused(
+    data: dict[str, Any], variable: str, key: str
+) -> None:
+    """A variable may change an entry of `tenants`, `budgets` or `models` the file lists,
+    but not add one: its name is upper case by convention and the names are not.
+
+    Before, `LLM_GATEWAY__BUDGETS__TEAMA__USD=10` made a budget for a tenant "teama" while
+    keys were issued for `TeamA`, which stayed unbudgeted without a word.
+    """
+    with pytest.raises(ConfigError) as refused:
+        parse(data, **{variable: "{usd: 10}" if variable.endswith("TEAMA") else "10"})
+    assert (refused.value.source, refused.value.key) == (variable, key)
+    section = key.partition(".")[0]
+    assert refused.value.problem.startswith(
+        f"the file lists no entry {key.partition('.')[2]!r} (in any case) under {section}; "
+    )
+    assert f"LLM_GATEWAY__{section.upper()}='{{Name: {{...}}}}'" in refused.value.problem
+
+
+def test_a_named_map_set_whole_from_a_variable_keeps_its_names_case() -> None:
+    """The way to add a tenant from the environment: its section whole, as YAML, whose
+    names keep their case (as in the file, `007` stays `007`)."""
+    config = parse(
+        {"budgets": {"old": {"usd": 1}}},
+        LLM_GATEWAY__BUDGETS="{TeamA: {usd: 10}, 007: {usd: 2}}",
+    )
+    assert {name: b.usd for name, b in config.budgets.items()} == {"TeamA": 10.0, "007": 2.0}
+
+
+@pytest.mark.parametrize(
     ("variable", "value", "key"),
     [
         ("LLM_GATEWAY__SERVER__LISTN", "0.0.0.0:50051", "server.listn"),
@@ -1089,6 +1210,32 @@ def test_a_redis_password_variable_is_only_required_where_redis_is_used() -> Non
     parse({"ledger": {"redis_password_env": "GW_PW"}})
 
 
+def test_a_disabled_cache_needs_no_redis_password() -> None:
+    """A cache turned off connects to no Redis, so its named password variable may be
+    unset. Before, `cache.enabled: false` beside `backend: redis` still wanted it."""
+    cache = {
+        "backend": "redis",
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "redis_password_env": "GW_NO_SUCH_PASSWORD",
+    }
+    assert parse({"cache": {**cache, "enabled": False}}).cache.redis_password_env
+    with pytest.raises(ConfigError, match="GW_NO_SUCH_PASSWORD is not set"):
+        parse({"cache": cache})
+
+
+def test_tls_paths_expand_the_home_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`~` in `server.tls` paths is the user's home, as in `auth.keys_file` and
+    `local_model.model_path`. Before, the gateway looked for a directory named `~`."""
+    monkeypatch.setenv("HOME", "/home/operator")
+    tls = {"cert_file": "~/pki/server.pem", "key_file": "~/pki/server.key"}
+    config = parse({"server": {"tls": {**tls, "client_ca_file": "~/pki/ca.pem"}}})
+    assert (config.server.tls.cert_file, config.server.tls.key_file) == (
+        "/home/operator/pki/server.pem",
+        "/home/operator/pki/server.key",
+    )
+    assert config.server.tls.client_ca_file == "/home/operator/pki/ca.pem"
+
+
 def test_load_config_missing_file(tmp_path: Path) -> None:
     """A missing file is a ConfigError naming the path."""
     path = tmp_path / "absent.yaml"
@@ -1574,3 +1721,91 @@ def test_parse_config_leaves_the_data_it_is_given_as_it_was():
     assert data == before
     second = parse_config(data, environ={})
     assert (first.server.listen, second.server.listen) == ("127.0.0.1:7001", "127.0.0.1:7000")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        (
+            "resilience: {attempts: 017}",
+            "resilience.attempts",
+            "017 reads as 15 in YAML 1.1: write 17, or 0o17 if you mean octal",
+        ),
+        (
+            "resilience: {attempts: 1:30}",
+            "resilience.attempts",
+            "1:30 reads as 90 in YAML 1.1 (base 60, as a time): write 90",
+        ),
+        (
+            "server: {grace_period_s: 1:30.5}",
+            "server.grace_period_s",
+            "1:30.5 reads as 90.5 in YAML 1.1 (base 60, as a time): write 90.5",
+        ),
+        (
+            "server: {grace_period_s: 010}",
+            "server.grace_period_s",
+            "010 reads as 8 in YAML 1.1: write 10, or 0o10 if you mean octal",
+        ),
+        (
+            "server: {max_queued_calls: -0_17}",
+            "server.max_queued_calls",
+            "-0_17 reads as -15 in YAML 1.1: write -17, or -0o17 if you mean octal",
+        ),
+        (
+            "resilience: {attempts: 08}",
+            "resilience.attempts",
+            "08 is no number in YAML 1.1, where a leading 0 means octal: write 8",
+        ),
+        (
+            "upstreams: [{name: up, base_url: 'http://h/v1', models: [m],"
+            " extra_body: {seed: 017}}]",
+            "upstreams[0].extra_body.seed",
+            "017 reads as 15 in YAML 1.1: write 17, or 0o17 if you mean octal",
+        ),
+    ],
+)
+def test_a_number_yaml_11_reads_as_octal_or_base_60_is_refused_saying_how(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    """A number written with a leading zero or with colons is a config error saying what
+    YAML 1.1 read it as and what to write.
+
+    Before, `attempts: 017` was 15 attempts and `attempts: 1:30` 90, without a word.
+    """
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, environ={})
+    assert (refused.value.key, refused.value.problem) == (key, problem)
+
+
+def test_a_number_from_a_variable_with_a_leading_zero_is_refused_naming_it() -> None:
+    """A variable's value is read as the file's are, and the error names the variable."""
+    with pytest.raises(ConfigError) as refused:
+        parse({}, LLM_GATEWAY__RESILIENCE__ATTEMPTS="017")
+    assert refused.value.key == "resilience.attempts"
+    assert refused.value.problem == (
+        "017 reads as 15 in YAML 1.1: write 17, or 0o17 if you mean octal "
+        "(set from the environment: LLM_GATEWAY__RESILIENCE__ATTEMPTS)"
+    )
+
+
+def test_numbers_written_as_meant_and_names_with_a_leading_zero_are_taken(
+    tmp_path: Path,
+) -> None:
+    """`0o17` (YAML 1.2's octal), `0`, `1_000` and `+5` are the numbers they say; a name
+    written `017` or `1:30` (a tenant, a model) is that text, as before."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "resilience: {attempts: 0o17, retry_budget_min_retries: 0}\n"
+        "defaults: {max_messages: 1_000, max_labels: +5}\n"
+        "server: {grace_period_s: 0.5}\n"
+        "upstreams: [{name: up, base_url: 'http://h/v1', models: [017, 1:30, 0o17]}]\n"
+        "tenants: {017: {requests_per_minute: 1}}\n",
+        encoding="utf-8",
+    )
+    config = load_config(path, environ={})
+    assert (config.resilience.attempts, config.resilience.retry_budget_min_retries) == (15, 0)
+    assert (config.defaults.max_messages, config.defaults.max_labels) == (1000, 5)
+    assert list(config.upstreams[0].models) == ["017", "1:30", "0o17"]
+    assert list(config.tenants) == ["017"]

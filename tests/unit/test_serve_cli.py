@@ -404,3 +404,69 @@ def test_a_log_level_flag_leaves_a_bad_variable_unread(
     monkeypatch.setenv("LLM_GATEWAY_LOG_LEVEL", "verbose")
     assert main(["serve", "--config", str(config), "--log-level", "warning"]) == 2
     assert capsys.readouterr().err == f"llm-gateway: config error: {config}: bogus: unknown key\n"
+
+
+_COMMANDS = {
+    "serve": ["-m", "service", "serve", "--workers", "1"],
+    "check": ["-m", "gateway_client.cli", "check"],
+}
+
+
+@pytest.mark.parametrize("command", ["serve", "check"])
+@pytest.mark.parametrize(
+    ("text", "environ", "said"),
+    [
+        pytest.param(
+            "",
+            {
+                "LLM_GATEWAY__SERVER__LISTEN": "127.0.0.1:0",
+                "LLM_GATEWAY__Server__Listen": "127.0.0.1:1",
+            },
+            "LLM_GATEWAY__SERVER__LISTEN: server.listen: also set by LLM_GATEWAY__Server__Listen",
+            id="one-key-from-two-variables",
+        ),
+        pytest.param(
+            "",
+            {"LLM_GATEWAY__SERVER__LISTEN": "127.0.0.1:0", "LLM_GATEWAY__SERVER": "{workers: 1}"},
+            "LLM_GATEWAY__SERVER__LISTEN: server.listen: also set by LLM_GATEWAY__SERVER, which "
+            "sets all of server",
+            id="a-key-and-its-section-from-two-variables",
+        ),
+        pytest.param(
+            "resilience: {attempts: 017}\n",
+            {},
+            "{config}: resilience.attempts: 017 reads as 15 in YAML 1.1: write 17, or 0o17",
+            id="octal-in-the-file",
+        ),
+        pytest.param(
+            "",
+            {"LLM_GATEWAY__RESILIENCE__ATTEMPTS": "1:30"},
+            "{config}: resilience.attempts: 1:30 reads as 90 in YAML 1.1 (base 60, as a time): "
+            "write 90 (set from the environment: LLM_GATEWAY__RESILIENCE__ATTEMPTS)",
+            id="base-60-from-a-variable",
+        ),
+        pytest.param(
+            "auth: {keys: [{sha256: " + "a" * 64 + ", tenant: TeamA}]}\n",
+            {"LLM_GATEWAY__BUDGETS__TEAMA__USD": "10"},
+            "LLM_GATEWAY__BUDGETS__TEAMA__USD: budgets.teama: the file lists no entry 'teama'",
+            id="a-tenant-added-from-a-variable",
+        ),
+    ],
+)
+def test_a_config_that_would_not_do_what_it_says_exits_2_from_serve_and_check(
+    tmp_path: Path, command: str, text: str, environ: dict[str, str], said: str
+) -> None:
+    """`serve` and `check` alike refuse, with exit status 2 and one line naming the key
+    and the variable: two variables setting one key, a number YAML 1.1 reads as octal or
+    base 60, and a variable adding a tenant. Before, both took them without a word."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(text + "local_model: {enabled: never}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_GATEWAY")}
+    done = subprocess.run(
+        [sys.executable, *_COMMANDS[command], "--config", str(config)],
+        env={**env, **environ}, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith("llm-gateway: config error: " + said.format(config=config))
+    assert done.stderr.count("\n") == 1
+    assert "listening" not in done.stdout
