@@ -432,6 +432,93 @@ async def test_node_client_refuses_a_timeout_that_is_not_a_number(
     assert upstream.requests == []
 
 
+INT32_RANGE = "-2147483648..2147483647"
+SAFE_RANGE = "-9007199254740991..9007199254740991"
+# What `complete` and `completeStream` throw for each of the scenario's BAD_REQUESTS.
+REFUSED_REQUESTS = {
+    "max-tokens-past-int32": f"RangeError: params.maxTokens must be an integer {INT32_RANGE}; "
+    "got 4294967312",
+    "max-tokens-fraction": f"RangeError: params.maxTokens must be an integer {INT32_RANGE}; "
+    "got 1.5",
+    "max-tokens-string": "TypeError: params.maxTokens: expected an integer, got string",
+    "ttl-negative": "RangeError: cache.ttlSeconds must be an integer 0..4294967295; got -1",
+    "seed-past-2-53": f"RangeError: params.seed must be an integer {SAFE_RANGE}; "
+    "got 1.1805916207174113e+21",
+    "role-name": "TypeError: messages[0].role: expected a Role (Role.ROLE_SYSTEM, ...), got string",
+    "effort-name": "TypeError: params.reasoningEffort: expected a ReasoningEffort "
+    "(ReasoningEffort.REASONING_EFFORT_NONE, ...), got string",
+    "temperature-string": "TypeError: params.temperature: expected a number, got string",
+    "strict-string": "TypeError: params.responseFormat.strict: expected a boolean, got string",
+    "content-number": "TypeError: messages[0].content: expected a string, got number",
+    "label-number": 'TypeError: labels["team"]: expected a string, got number',
+    "stop-string": "TypeError: params.stop: expected an array, got string",
+    "params-number": "TypeError: params: expected a GenerationParams object, got number",
+    "message-null": "TypeError: messages[0]: expected a Message object, got null",
+    "undefined": "TypeError: request: expected a {message} object, got undefined",
+    "null": "TypeError: request: expected a {message} object, got null",
+}
+# ... for each of its BAD_OPTIONS.
+REFUSED_OPTIONS = {
+    "null": "TypeError: options: expected an object (CallOptions), got null",
+    "number": "TypeError: options: expected an object (CallOptions), got number",
+    "metadata-object": "TypeError: options.metadata: expected a grpc.Metadata, got object",
+    "signal-object": "TypeError: options.signal: expected an AbortSignal, got object",
+}
+
+
+async def test_node_client_refuses_bad_arguments_by_name_before_any_call(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A request field its type cannot hold (`maxTokens: 2 ** 32 + 16` or `1.5` in an
+    int32, `ttlSeconds: -1` in a uint32, a seed past 2**53, a role or effort by name, a
+    string for a number, a boolean or a string field, a string for a list), no request at
+    all, or options that are not CallOptions, is a TypeError or RangeError naming it,
+    from `complete` and `completeStream` alike, and nothing reaches the gateway: the
+    only way to it, a proxy, sees no connection. Before, a field grpc-js could not
+    serialize failed the call INTERNAL ("Request message serialization failure: invalid
+    int32"), the gateway-bug code, naming no field; a string for a number, a boolean or a
+    string went out converted; and a missing request or null options threw "Cannot read
+    properties of undefined"."""
+    name = "gateway.test"
+    port = int(gateway.server.address.rpartition(":")[2])
+    async with ForwardProxy(hosts={name: ("127.0.0.1", port)}) as proxy:
+        env = {"http_proxy": proxy.url, "https_proxy": proxy.url, "no_proxy": ""}
+        seen = await run_node(
+            node_scenarios, "bad-arguments", "--address", f"{name}:{port}", env=env
+        )
+        assert proxy.targets == []
+    assert seen["requests"] == {
+        case: {
+            "complete": refused.format(message="CompleteRequest"),
+            "stream": refused.format(message="CompleteStreamRequest"),
+        }
+        for case, refused in REFUSED_REQUESTS.items()
+    }
+    assert seen["options"] == {
+        case: {"complete": refused, "stream": refused} for case, refused in REFUSED_OPTIONS.items()
+    }
+    assert upstream.requests == []
+
+
+async def test_node_client_sends_the_widest_values_each_field_holds(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """The checks refuse only what the wire cannot carry: a 64-bit seed as a bigint (up to
+    2**63 - 1, exact) or as a safe integer, a uint32 TTL of 2**32 - 1, and null for a field
+    left unset are sent; an int32 `maxTokens` of 2**31 - 1 reaches the gateway, which
+    judges it (INVALID_ARGUMENT, past any model's output)."""
+    seen = await run_against(node_scenarios, gateway, "edge-arguments")
+    assert seen == {
+        "widest": "answered",
+        "max-int32": "INVALID_ARGUMENT",
+        "min-safe-seed": "answered",
+    }
+    assert [request.body["seed"] for request in upstream.requests] == [
+        2**63 - 1,
+        -(2**53 - 1),
+    ]
+
+
 async def test_node_sends_a_typed_reasoning_effort(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -311,6 +311,22 @@ async def test_the_cli_calls_a_mtls_gateway_with_its_certificate(upstream, tls_s
     assert len(upstream.requests) == 1
 
 
+async def test_pems_given_as_text_connect_as_their_bytes(upstream, tls_server, pki):
+    """`tls_credentials` given each PEM as a str (read with `read_text`) is served over
+    mutual TLS as the certificate's tenant, as with bytes. Before, a str failed inside
+    the checks with a TypeError naming no argument."""
+    server = await _serving_cert_tenants(upstream, tls_server, pki)
+    cert, key = pki.client_a
+    credentials = tls_credentials(
+        root_certificates=pki.ca.read_text(),
+        certificate_chain=cert.read_text(),
+        private_key=key.read_text(),
+    )
+    async with GatewayClient(server.address, credentials=credentials) as client:
+        answer = await client.complete("Say hi", model="fake-model", timeout_s=_TIMEOUT_S)
+    assert answer.content == "Hello from fake"
+
+
 @pytest.mark.parametrize(
     "wrong",
     [

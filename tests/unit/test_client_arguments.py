@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import fractions
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from gateway_client import GatewayClient, build_request
+from gateway_client import GatewayClient, build_request, tls_credentials
 from gateway_client.client import check_timeout
+from tests.integration.pki import Pki, make_pki
 
 # (the arguments, how the TypeError's message reads)
 NON_TEXT_ARGUMENTS: list[tuple[dict[str, Any], str]] = [
@@ -124,3 +127,68 @@ def test_integers_and_seconds_of_other_numeric_types_are_taken() -> None:
     assert check_timeout(fractions.Fraction(3, 2)) == 1.5
     with pytest.raises(TypeError, match=r"^timeout_s: expected seconds or None, got bool$"):
         check_timeout(True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA and client certificates signed by it (openssl)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _pems(pki: Pki, *, as_text: bool) -> dict[str, Any]:
+    """tls_credentials' arguments for team-a's mutual TLS, as bytes or as str."""
+    files = {
+        "root_certificates": pki.ca,
+        "certificate_chain": pki.client_a[0],
+        "private_key": pki.client_a[1],
+    }
+    return {
+        name: path.read_text(encoding="ascii") if as_text else path.read_bytes()
+        for name, path in files.items()
+    }
+
+
+def test_tls_credentials_take_pem_text_as_its_ascii_bytes(pki: Pki) -> None:
+    """A PEM given as str (read with `read_text`, or from a secret store's text) is taken
+    as its ASCII bytes, and checked as bytes are: a key that is not the certificate's is
+    still refused. Before, a str failed with "'in <string>' requires string as left
+    operand, not bytes", naming no argument."""
+    assert isinstance(tls_credentials(**_pems(pki, as_text=True)), grpc.ChannelCredentials)
+    mismatched = _pems(pki, as_text=True) | {"private_key": pki.client_b[1].read_text()}
+    with pytest.raises(ValueError, match=r"^the private key is not the client certificate's"):
+        tls_credentials(**mismatched)
+    with pytest.raises(ValueError, match=r"^the root certificates hold no PEM certificate$"):
+        tls_credentials(root_certificates=pki.ca_key.read_text())
+
+
+@pytest.mark.parametrize("name", ["root_certificates", "certificate_chain", "private_key"])
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        (Path("ca.pem"), "expected PEM bytes or str, got PosixPath (a file's path: "
+         "give its contents, path.read_bytes())"),
+        (bytearray(b"-----BEGIN CERTIFICATE-----"), "expected PEM bytes or str, got bytearray"),
+        (5, "expected PEM bytes or str, got int"),
+    ],
+    ids=["path", "bytearray", "int"],
+)  # fmt: skip
+def test_tls_credentials_name_a_pem_neither_bytes_nor_text(
+    pki: Pki, name: str, wrong: object, message: str
+) -> None:
+    """A PEM of another type (a file's `Path`, a bytearray gRPC would refuse) is a
+    TypeError naming the argument, and the fix for a path. Before, each failed inside
+    the checks or gRPC with an error naming none ("argument of type 'PosixPath' is not
+    iterable")."""
+    with pytest.raises(TypeError) as raised:
+        tls_credentials(**(_pems(pki, as_text=False) | {name: wrong}))
+    assert str(raised.value) == f"{name}: {message}"
+
+
+def test_tls_credentials_refuse_pem_text_with_other_than_ascii(pki: Pki) -> None:
+    """A str with characters no PEM has (a curly quote pasted in) is a ValueError naming the
+    argument and never repeating the key."""
+    key = pki.client_a[1].read_text() + "\u2019"
+    with pytest.raises(
+        ValueError, match=r"^private_key: a PEM is ASCII text; this str has other characters$"
+    ):
+        tls_credentials(certificate_chain=pki.client_a[0].read_bytes(), private_key=key)

@@ -43,8 +43,10 @@ import {
   ToolCall,
   ToolCallDelta,
 } from "../../../generated/ts/llmgateway/v1/gateway";
+import { checkRequest, kindOf } from "./requests";
 
 export * from "../../../generated/ts/llmgateway/v1/gateway";
+export { checkRequest } from "./requests";
 
 /** Trailer carrying the full `google.rpc.Status`, details included (gRPC convention). */
 export const STATUS_DETAILS_KEY = "grpc-status-details-bin";
@@ -391,6 +393,30 @@ export interface CallOptions {
 }
 
 /**
+ * `options` when it is what a call takes: an object (or nothing), its `metadata` one with
+ * grpc-js's `Metadata` methods and its `signal` an `AbortSignal`'s. Without this, `null`
+ * or a plain object threw "Cannot read properties of null (reading 'signal')" and alike.
+ */
+function checkedCallOptions(options: unknown): CallOptions {
+  if (options === undefined) {
+    return {};
+  }
+  if (typeof options !== "object" || options === null) {
+    throw new TypeError(`options: expected an object (CallOptions), got ${kindOf(options)}`);
+  }
+  const { metadata, signal } = options as CallOptions;
+  // By their methods, not `instanceof`: a caller's own copy of grpc-js, or an AbortSignal
+  // polyfill, makes objects of other classes that work as well. Null is none, as undefined.
+  if (metadata != null && typeof metadata.clone !== "function") {
+    throw new TypeError(`options.metadata: expected a grpc.Metadata, got ${kindOf(metadata)}`);
+  }
+  if (signal != null && typeof signal.addEventListener !== "function") {
+    throw new TypeError(`options.signal: expected an AbortSignal, got ${kindOf(signal)}`);
+  }
+  return { ...(options as CallOptions), signal: signal ?? undefined };
+}
+
+/**
  * The error of a call cancelled on the client, as grpc-js makes it: for a call whose
  * signal was aborted before it began, and a stream's loop after its cancel.
  */
@@ -655,6 +681,14 @@ export class GatewayClient {
   private readonly defaultTimeoutMs: number | null;
 
   constructor(given: string, options: GatewayClientOptions = {}) {
+    if (typeof given !== "string") {
+      throw new TypeError(`address: expected a string, got ${kindOf(given)}`);
+    }
+    if (typeof options !== "object" || options === null) {
+      throw new TypeError(
+        `options: expected an object (GatewayClientOptions), got ${kindOf(options)}`,
+      );
+    }
     const address = withLowerCaseScheme(given);
     checkAddress(address);
     if (options.apiKey !== undefined && !/^[ -~]*$/.test(options.apiKey)) {
@@ -705,9 +739,15 @@ export class GatewayClient {
     return { deadline: timeoutMs === null ? Infinity : Date.now() + timeoutMs };
   }
 
-  /** One chat completion; rejects with `GatewayCallError`. */
-  complete(request: DeepPartial<CompleteRequest>, options: CallOptions = {}): Promise<CompleteResult> {
+  /**
+   * One chat completion; rejects with `GatewayCallError`, or before any call with a
+   * `TypeError` or `RangeError` naming the argument or request field it cannot take
+   * (`params.maxTokens must be an integer -2147483648..2147483647; got 1.5`).
+   */
+  complete(request: DeepPartial<CompleteRequest>, given?: CallOptions): Promise<CompleteResult> {
     return new Promise((resolve, reject) => {
+      checkRequest(".llmgateway.v1.CompleteRequest", request);
+      const options = checkedCallOptions(given);
       if (options.signal?.aborted) {
         reject(cancelledOnClient());
         return;
@@ -734,11 +774,16 @@ export class GatewayClient {
     });
   }
 
-  /** A streamed chat completion: deltas as they arrive, then one final event. */
+  /**
+   * A streamed chat completion: deltas as they arrive, then one final event. Throws before
+   * any call, as `complete` rejects, for an argument or request field it cannot take.
+   */
   completeStream(
     request: DeepPartial<CompleteStreamRequest>,
-    options: CallOptions = {},
+    given?: CallOptions,
   ): CompletionStream {
+    checkRequest(".llmgateway.v1.CompleteStreamRequest", request);
+    const options = checkedCallOptions(given);
     const call = this.stub.completeStream(
       CompleteStreamRequest.fromPartial(request),
       this.metadataOf(options),

@@ -15,6 +15,7 @@ import * as util from "node:util";
 import * as grpc from "@grpc/grpc-js";
 
 import {
+  CompleteRequest,
   CompleteStreamRequest,
   CompletionMetadata,
   CompletionStream,
@@ -527,6 +528,92 @@ async function timedCalls(client: GatewayClient, args: Args): Promise<Json> {
   };
 }
 
+/**
+ * Requests whose fields their types cannot hold (or that are no request): each refused by
+ * `complete` and by `completeStream` before any call, with what each threw.
+ */
+const BAD_REQUESTS: Record<string, (request: Json) => unknown> = {
+  "max-tokens-past-int32": (request) => ({ ...request, params: { maxTokens: 2 ** 32 + 16 } }),
+  "max-tokens-fraction": (request) => ({ ...request, params: { maxTokens: 1.5 } }),
+  "max-tokens-string": (request) => ({ ...request, params: { maxTokens: "5" } }),
+  "ttl-negative": (request) => ({ ...request, cache: { ttlSeconds: -1 } }),
+  "seed-past-2-53": (request) => ({ ...request, params: { seed: 2 ** 70 } }),
+  "role-name": (request) => ({ ...request, messages: [{ role: "user", content: "Say hi" }] }),
+  "effort-name": (request) => ({ ...request, params: { reasoningEffort: "low" } }),
+  "temperature-string": (request) => ({ ...request, params: { temperature: "0.5" } }),
+  "strict-string": (request) => ({
+    ...request,
+    params: { responseFormat: { type: 2, strict: "yes" } },
+  }),
+  "content-number": (request) => ({ ...request, messages: [{ role: Role.ROLE_USER, content: 5 }] }),
+  "label-number": (request) => ({ ...request, labels: { team: 5 } }),
+  "stop-string": (request) => ({ ...request, params: { stop: "END" } }),
+  "params-number": (request) => ({ ...request, params: 5 }),
+  "message-null": (request) => ({ ...request, messages: [null] }),
+  undefined: () => undefined,
+  null: () => null,
+};
+
+/** Calls whose options (not their request) the client cannot take. */
+const BAD_OPTIONS: Record<string, unknown> = {
+  null: null,
+  number: 500,
+  "metadata-object": { metadata: { authorization: "Bearer x" } },
+  "signal-object": { signal: { aborted: false } },
+};
+
+async function badArguments(client: GatewayClient, args: Args): Promise<Json> {
+  const request = { model: args.model, messages: messages("Say hi") };
+  // As a JavaScript caller, or a TypeScript one casting, would give them.
+  const complete = client.complete.bind(client) as (...given: unknown[]) => Promise<unknown>;
+  const stream = client.completeStream.bind(client) as (...given: unknown[]) => CompletionStream;
+  const requests: Json = {};
+  for (const [name, bad] of Object.entries(BAD_REQUESTS)) {
+    requests[name] = {
+      complete: await outcomeOf(() => complete(bad(request))),
+      stream: await outcomeOf(async () => {
+        for await (const _ of stream(bad(request))) {
+          // refused before its first event, or read to its end
+        }
+      }),
+    };
+  }
+  const options: Json = {};
+  for (const [name, bad] of Object.entries(BAD_OPTIONS)) {
+    options[name] = {
+      complete: await outcomeOf(() => complete(request, bad)),
+      stream: await outcomeOf(async () => {
+        for await (const _ of stream(request, bad)) {
+          // refused before its first event, or read to its end
+        }
+      }),
+    };
+  }
+  return { requests, options };
+}
+
+async function edgeArguments(client: GatewayClient, args: Args): Promise<Json> {
+  // The widest values each field's type holds, and null for fields left unset: each sent,
+  // for the gateway to judge.
+  const request = { model: args.model, messages: messages("Say hi") };
+  const widest = {
+    model: args.model,
+    messages: [{ role: Role.ROLE_USER, content: "Say hi", toolCalls: null }],
+    params: { seed: 2n ** 63n - 1n, temperature: null },
+    cache: { ttlSeconds: 2 ** 32 - 1 },
+    labels: null,
+  } as unknown as CompleteRequest;
+  return {
+    widest: await outcomeOf(() => client.complete(widest)),
+    "max-int32": await outcomeOf(() =>
+      client.complete({ ...request, params: { maxTokens: 2 ** 31 - 1 } }),
+    ),
+    "min-safe-seed": await outcomeOf(() =>
+      client.complete({ ...request, params: { seed: Number.MIN_SAFE_INTEGER } }),
+    ),
+  };
+}
+
 async function shown(client: GatewayClient, args: Args): Promise<Json> {
   // A keyed client as a log line or an error reporter would show it, after a call.
   const answer = await complete(client, args);
@@ -590,6 +677,8 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "late-cut-stream": lateCutStream,
   "without-timeout": withoutTimeout,
   "timed-calls": timedCalls,
+  "bad-arguments": badArguments,
+  "edge-arguments": edgeArguments,
   shown,
   "shown-stream": shownStream,
 };

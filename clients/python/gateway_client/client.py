@@ -10,7 +10,7 @@ import numbers
 import ssl
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import unquote
 
@@ -549,24 +549,51 @@ def check_timeout(timeout_s: float | None) -> float | None:
     return None if timeout_s is None else float(timeout_s)
 
 
+def _pem_bytes(pem: object, name: str) -> bytes | None:
+    """`pem`, the argument `name`, as the bytes gRPC takes: a str (a PEM read as text, from
+    a file or a secret store) encoded as ASCII, which every PEM is (RFC 7468).
+
+    Raises:
+        TypeError: neither bytes, str nor None, naming the argument (never its value).
+        ValueError: a str with characters no PEM has.
+    """
+    if pem is None or isinstance(pem, bytes):
+        return pem
+    if isinstance(pem, str):
+        if not pem.isascii():
+            raise ValueError(f"{name}: a PEM is ASCII text; this str has other characters")
+        return pem.encode("ascii")
+    hint = (
+        " (a file's path: give its contents, path.read_bytes())"
+        if isinstance(pem, PurePath)
+        else ""
+    )
+    raise TypeError(f"{name}: expected PEM bytes or str, got {type(pem).__name__}{hint}")
+
+
 def tls_credentials(
     *,
-    root_certificates: bytes | None = None,
-    certificate_chain: bytes | None = None,
-    private_key: bytes | None = None,
+    root_certificates: bytes | str | None = None,
+    certificate_chain: bytes | str | None = None,
+    private_key: bytes | str | None = None,
 ) -> grpc.ChannelCredentials:
-    """`grpc.ssl_channel_credentials` (PEM bytes; no root certificates: gRPC's own), with
-    a client certificate and key checked to be a pair before any call.
+    """`grpc.ssl_channel_credentials` (PEM bytes, or a str of PEM text; no root
+    certificates: gRPC's own), with a client certificate and key checked to be a pair
+    before any call.
 
     gRPC checks the pair only when it connects, and then fails every call `UNAVAILABLE`
     ("Failed to create security handshaker") once its retries are spent.
 
     Raises:
+        TypeError: a PEM neither bytes nor str (a `Path`), naming the argument.
         ValueError: root certificates holding no PEM certificate (a key, the wrong file),
             a certificate without its key (or a key without its certificate), or a key
             that is not the certificate's, or either of them not PEM gRPC can use (an
-            encrypted key).
+            encrypted key), or a str PEM with characters other than ASCII.
     """
+    root_certificates = _pem_bytes(root_certificates, "root_certificates")
+    certificate_chain = _pem_bytes(certificate_chain, "certificate_chain")
+    private_key = _pem_bytes(private_key, "private_key")
     if root_certificates is not None and not holds_certificate(root_certificates):
         # gRPC would take them, trust nothing, and fail every call `UNAVAILABLE`.
         raise ValueError("the root certificates hold no PEM certificate")
