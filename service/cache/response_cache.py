@@ -188,6 +188,12 @@ class ResponseCache:
             self._recent.pop(key)
             log.warning("cache.bad_entry", extra={"error": str(exc)})
             return None
+        if not answer.is_cacheable:
+            # An older release's entry that this one would not store (text of invisible
+            # characters alone, refused as empty when sent back): a miss, its fresh
+            # answer stored over it if it may be.
+            self._recent.pop(key)
+            return None
         self.stats.hits += 1
         # Not if a write began while the store was read: the bytes may predate it.
         # Only entries `decode_entry` remembers too: the same object, not a second copy.

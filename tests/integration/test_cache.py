@@ -785,6 +785,36 @@ async def test_a_corrupt_redis_entry_is_a_miss_not_an_error(
     assert cache_of(gateway).stats.errors == 1
 
 
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_an_older_releases_invisible_answer_is_a_miss(
+    upstream: FakeUpstream,
+    start_gateway: Callable[..., Any],
+    redis_server: RedisServer,
+    is_stream: bool,
+) -> None:
+    """An entry of invisible characters alone, which releases before this one stored (and
+    old replicas of a rolling upgrade still store), is answered from upstream, as this
+    release never stores such an answer: served, it was refused as an empty turn when sent
+    back, for the entry's whole TTL. The fresh answer replaces it."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(upstream.base_url, cache={"backend": "redis", "redis_url": redis_server.url})
+    )
+    await _cache_one_answer_and_rewrite_it(
+        gateway, redis_server, lambda entry: entry.update(d=["\u200b\u2060"])
+    )
+    if is_stream:
+        final = (await _stream(gateway))[-1].final
+        assert not final.cache_hit
+    else:
+        reply = await gateway.stub.Complete(ask())
+        assert (reply.content, reply.metadata.cache_hit) == ("Hello from fake", False)
+    await settled(gateway)
+    again = await gateway.stub.Complete(ask())
+    assert (again.content, again.metadata.cache_hit) == ("Hello from fake", True)
+    assert len(upstream.requests) == 2
+    assert cache_of(gateway).stats.errors == 0
+
+
 def _as_a_newer_gateway_writes(version: int) -> Callable[[dict[str, Any]], None]:
     """An entry's change into one of a format this gateway does not know, at `version`."""
 
