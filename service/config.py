@@ -1315,6 +1315,8 @@ def _json_depth(value: object) -> int:
 def _json_value(value: Any, key: str) -> object:
     """`value` if JSON can carry it as it is: no dates, sets, NaN, integers past 64 bits
     or non-string keys."""
+    if isinstance(value, _UnquotedLeadingZero):
+        raise ValueError(f"{key}: {_yaml11_misreading(value)}, or quote it for text")
     if value is None or isinstance(value, str | bool):
         return value
     if isinstance(value, int | float) and (misreading := _yaml11_misreading(value)) is not None:
@@ -1333,7 +1335,8 @@ def _json_value(value: Any, key: str) -> object:
         for name in value:
             if not isinstance(name, str):
                 raise ValueError(f"{key}: keys must be strings, got {_shown_name(name)!r}")
-        return {name: _json_value(v, f"{key}.{name}") for name, v in value.items()}
+        # str(): an `_UnquotedLeadingZero` key (`08:`) as the str orjson takes as a key.
+        return {str(name): _json_value(v, f"{key}.{name}") for name, v in value.items()}
     raise ValueError(f"{key}: must be JSON data (a mapping, list, string, number, bool or null)")
 
 
@@ -1835,6 +1838,30 @@ _UniqueKeyLoader.add_implicit_resolver(
 # An integer YAML 1.1 reads as octal (`017`: 15), or would were it not for an 8 or 9 (`08`,
 # then text): a leading zero is padding to most readers.
 _LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
+
+
+class _UnquotedLeadingZero(str):
+    """A plain (unquoted) `08` or `-09_5`: text to YAML 1.1, a number to its writer. Told
+    apart from a quoted `'08'` for `extra_body`, where text is as good as a number, so that
+    `top_k: 08` is refused as `top_k: 017` is rather than sent as the string "08"."""
+
+
+def _construct_unquoted_leading_zero(
+    loader: yaml.SafeLoader, node: yaml.ScalarNode
+) -> _UnquotedLeadingZero:
+    return _UnquotedLeadingZero(loader.construct_scalar(node))
+
+
+_UniqueKeyLoader.add_constructor(
+    "tag:llm-gateway,2025:unquoted-leading-zero", _construct_unquoted_leading_zero
+)
+# After YAML 1.1's int resolvers (the first char's list is tried in order): only what
+# none of them read, a leading zero with an 8 or 9 among its digits.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:llm-gateway,2025:unquoted-leading-zero",
+    re.compile(r"^[-+]?0[0-9_]*[89][0-9_]*$"),
+    list("-+0"),
+)
 
 
 def _yaml11_misreading(value: object) -> str | None:

@@ -454,6 +454,9 @@ REFUSED_REQUESTS = {
     "stop-string": "TypeError: params.stop: expected an array, got string",
     "params-number": "TypeError: params: expected a GenerationParams object, got number",
     "message-null": "TypeError: messages[0]: expected a Message object, got null",
+    "max-tokens-snake-case": "TypeError: params.max_tokens: GenerationParams has no such field "
+    "(the field is maxTokens)",
+    "unknown-field": "TypeError: maxTokens: {message} has no such field",
     "undefined": "TypeError: request: expected a {message} object, got undefined",
     "null": "TypeError: request: expected a {message} object, got null",
 }
@@ -471,8 +474,10 @@ async def test_node_client_refuses_bad_arguments_by_name_before_any_call(
 ) -> None:
     """A request field its type cannot hold (`maxTokens: 2 ** 32 + 16` or `1.5` in an
     int32, `ttlSeconds: -1` in a uint32, a seed past 2**53, a role or effort by name, a
-    string for a number, a boolean or a string field, a string for a list), no request at
-    all, or options that are not CallOptions, is a TypeError or RangeError naming it,
+    string for a number, a boolean or a string field, a string for a list), a name the
+    message has no field for (the contract's `max_tokens` for `maxTokens`, which went out
+    dropped: a call with no output limit), no request at all, or options that are not
+    CallOptions, is a TypeError or RangeError naming it,
     from `complete` and `completeStream` alike, and nothing reaches the gateway: the
     only way to it, a proxy, sees no connection. Before, a field grpc-js could not
     serialize failed the call INTERNAL ("Request message serialization failure: invalid

@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 
@@ -1762,6 +1763,13 @@ def test_parse_config_leaves_the_data_it_is_given_as_it_was():
             "upstreams[0].extra_body.seed",
             "017 reads as 15 in YAML 1.1: write 17, or 0o17 if you mean octal",
         ),
+        (
+            "upstreams: [{name: up, base_url: 'http://h/v1', models: [m],"
+            " extra_body: {top_k: 08}}]",
+            "upstreams[0].extra_body.top_k",
+            "08 is no number in YAML 1.1, where a leading 0 means octal: write 8, "
+            "or quote it for text",
+        ),
     ],
 )
 def test_a_number_yaml_11_reads_as_octal_or_base_60_is_refused_saying_how(
@@ -1809,3 +1817,21 @@ def test_numbers_written_as_meant_and_names_with_a_leading_zero_are_taken(
     assert (config.defaults.max_messages, config.defaults.max_labels) == (1000, 5)
     assert list(config.upstreams[0].models) == ["017", "1:30", "0o17"]
     assert list(config.tenants) == ["017"]
+
+
+def test_an_unquoted_08_in_extra_body_is_refused_and_a_quoted_one_or_a_name_is_text(
+    tmp_path: Path,
+) -> None:
+    """`extra_body: {top_k: 08}` went to the upstream as the string "08" (YAML 1.1 reads
+    no octal with an 8, so text), where `top_k: 017` was refused; `'08'` quoted is the text
+    it says, and so is `08` as a name (a key of `extra_body`, a model, a tenant)."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "upstreams: [{name: up, base_url: 'http://h/v1', models: [08],"
+        " extra_body: {user: '08', 09: 1}}]\n"
+        "tenants: {08: {requests_per_minute: 1}}\n",
+        encoding="utf-8",
+    )
+    config = load_config(path, environ={})
+    assert orjson.loads(orjson.dumps(config.upstreams[0].extra_body)) == {"user": "08", "09": 1}
+    assert (list(config.upstreams[0].models), list(config.tenants)) == (["08"], ["08"])

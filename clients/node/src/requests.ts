@@ -153,10 +153,10 @@ function fieldPath(where: string, name: string): string {
  * caller calls `value` (`request`), or "" for none: then paths start at its fields.
  *
  * A field left out, `undefined` or `null`, is unset, as ts-proto's `fromPartial` takes
- * it. Names the message has no field for are left alone, as `fromPartial` leaves them.
+ * it. A name the message has no field for (`max_tokens` for `maxTokens`) is refused.
  *
  * @throws TypeError a value of the wrong type (a string where a number goes, a number
- *   where an object or an array goes).
+ *   where an object or an array goes), or a name the message has no field for.
  * @throws RangeError a number its field cannot hold: not an integer, or out of its range.
  */
 export function checkRequest(typeName: string, value: unknown, where = ""): void {
@@ -168,11 +168,40 @@ export function checkRequest(typeName: string, value: unknown, where = ""): void
   checkFields(message, value, where);
 }
 
+/** Each message's field names as a request gives them (`maxTokens`), made once a message. */
+const FIELD_NAMES = new Map<DescriptorProto, ReadonlySet<string>>();
+
+function fieldNamesOf(message: DescriptorProto): ReadonlySet<string> {
+  let names = FIELD_NAMES.get(message);
+  if (names === undefined) {
+    names = new Set(message.field.map((field) => field.jsonName));
+    FIELD_NAMES.set(message, names);
+  }
+  return names;
+}
+
+/**
+ * Refuse a name `message` has no field for: `fromPartial` drops it without a word, so
+ * `params: { max_tokens: 5 }` (the contract's own spelling) was sent with no limit at all,
+ * where Python's message types refuse a field they do not have.
+ */
+function checkNames(message: DescriptorProto, value: Record<string, unknown>, where: string): void {
+  const names = fieldNamesOf(message);
+  for (const name of Object.keys(value)) {
+    if (!names.has(name)) {
+      const meant = message.field.find((field) => field.name === name)?.jsonName;
+      const hint = meant === undefined ? "" : ` (the field is ${meant})`;
+      throw new TypeError(`${fieldPath(where, name)}: ${message.name} has no such field${hint}`);
+    }
+  }
+}
+
 function checkFields(
   message: DescriptorProto,
   value: Record<string, unknown>,
   where: string,
 ): void {
+  checkNames(message, value, where);
   for (const field of message.field) {
     const given = value[field.jsonName];
     if (given !== undefined && given !== null) {

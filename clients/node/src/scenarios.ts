@@ -550,6 +550,8 @@ const BAD_REQUESTS: Record<string, (request: Json) => unknown> = {
   "stop-string": (request) => ({ ...request, params: { stop: "END" } }),
   "params-number": (request) => ({ ...request, params: 5 }),
   "message-null": (request) => ({ ...request, messages: [null] }),
+  "max-tokens-snake-case": (request) => ({ ...request, params: { max_tokens: 5 } }),
+  "unknown-field": (request) => ({ ...request, maxTokens: 5 }),
   undefined: () => undefined,
   null: () => null,
 };
