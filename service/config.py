@@ -1509,7 +1509,17 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> di
             node = node[path[index]]
             if not isinstance(node, dict):
                 raise ConfigError(name, ".".join(path), "cannot override inside a non-mapping")
-        node[path[-1]] = _override_value(environ[name])
+        value = _override_value(environ[name])
+        if value is None and isinstance(node.get(path[-1]), dict) and node[path[-1]]:
+            # A template's unfilled variable, most often: it reset what the file set there
+            # (a tenant's limits, all of `resilience`) to the defaults without a word.
+            raise ConfigError(
+                name,
+                ".".join(path),
+                "is empty, which would reset all the file sets there to its defaults: set "
+                "its keys one variable each, or set it to {} to reset it",
+            )
+        node[path[-1]] = value
         applied[".".join(path)] = name
     return applied
 

@@ -390,6 +390,31 @@ def test_a_variable_adding_a_named_entry_is_refused(
     assert f"LLM_GATEWAY__{section.upper()}='{{Name: {{...}}}}'" in refused.value.problem
 
 
+@pytest.mark.parametrize(
+    ("variable", "key"),
+    [
+        ("LLM_GATEWAY__TENANTS__TEAMA", "tenants.TeamA"),
+        ("LLM_GATEWAY__RESILIENCE", "resilience"),
+    ],
+)
+def test_an_empty_variable_for_what_the_file_sets_is_refused(variable: str, key: str) -> None:
+    """An empty variable for an entry or a section the file sets (a template's unfilled
+    one, most often) is a config error naming it; `{}` resets it on purpose, and an empty
+    one for a section the file leaves out, or for one optional value, is no change.
+
+    Before, `LLM_GATEWAY__TENANTS__TEAMA=` took TeamA's rate limits away without a word,
+    and `LLM_GATEWAY__RESILIENCE=` every resilience setting of the file."""
+    data = {"tenants": {"TeamA": {"requests_per_minute": 5}}, "resilience": {"attempts": 5}}
+    with pytest.raises(ConfigError) as refused:
+        parse(data, **{variable: ""})
+    assert (refused.value.source, refused.value.key) == (variable, key)
+    assert "set it to {} to reset it" in refused.value.problem
+    reset = parse(data, **{variable: "{}"})
+    assert (reset.resilience.attempts, reset.tenants["TeamA"].requests_per_minute) != (5, 5)
+    kept = parse(data, LLM_GATEWAY__CACHE="", LLM_GATEWAY__SERVER__WORKERS="")
+    assert (kept.resilience.attempts, kept.tenants["TeamA"].requests_per_minute) == (5, 5)
+
+
 def test_a_named_map_set_whole_from_a_variable_keeps_its_names_case() -> None:
     """The way to add a tenant from the environment: its section whole, as YAML, whose
     names keep their case (as in the file, `007` stays `007`)."""
