@@ -1072,6 +1072,177 @@ async def test_node_stream_gathers_reasoning_and_tool_calls(
     assert upstream.requests[-1].body["tools"][0]["function"]["name"] == "get_weather"
 
 
+async def test_node_batch_streams_each_result_a_decoded_failure_and_the_summary(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`client.completeBatch` yields each item's answer, or its failure with the
+    `google.rpc.Status` decoded as a failed call's (code name, message, field violations),
+    then the summary. Before, the Node client had no completeBatch: a caller used the
+    generated stub, and unpacked each item's status by hand."""
+    result = await run_against(node_scenarios, gateway, "batch")
+    answered, refused, summary = result["events"]
+    assert answered == {"kind": "response", "id": "0", "index": 0, "content": "Hello from fake"}
+    assert (refused["kind"], refused["id"], refused["index"]) == ("error", "hot", 1)
+    error = refused["error"]
+    assert (error["code"], error["codeName"]) == (3, "INVALID_ARGUMENT")
+    assert [v["field"] for v in error["details"]["fieldViolations"]] == ["params.temperature"]
+    assert error["details"]["unknownTypeUrls"] == []
+    assert summary == {
+        "kind": "summary",
+        "succeeded": 1,
+        "failed": 1,
+        "tokens": [7, 3],
+        "costUsd": pytest.approx(expected_cost_usd(7, 3)),
+    }
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("how", ["break", "return", "throw", "cancel", "abort"])
+async def test_node_batch_left_early_cancels_the_items_in_flight(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway, how: str
+) -> None:
+    """A batch left while an item runs (`break`, `return()` on its iterator, an exception
+    in the loop's body, `cancel()`, its signal) cancels the call: the gateway closes that
+    item's upstream request and starts no other, and a later loop yields nothing more and
+    throws CANCELLED."""
+    upstream.script(Reply(content="first"), Hang())
+    result = await run_after_go_ahead(
+        node_scenarios,
+        "leave-batch",
+        "--address",
+        gateway.server.address,
+        "--leave",
+        how,
+        ready=lambda: len(upstream.requests) == 2,
+    )
+    assert result["first"] == {"kind": "response", "id": "0", "index": 0, "content": "first"}
+    left = {
+        "break": "answered",
+        "return": "answered",
+        "throw": "Error: the caller's own",
+        "cancel": "CANCELLED",
+        "abort": "CANCELLED",
+    }[how]
+    assert (result["left"], result["after"], result["outcome"]) == (left, [], "CANCELLED")
+    await upstream.wait_for_disconnect()
+    await wait_until(lambda: gateway.server.admission.in_flight == 0)
+    assert len(upstream.requests) == 2  # the third item never started
+
+
+async def test_node_batch_over_max_items_fails_whole_with_its_field_violation(
+    node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A batch of more items than `batch.max_items` throws GatewayCallError
+    INVALID_ARGUMENT from its loop, the violation on `items` decoded, and yields nothing."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, batch={"max_items": 2}))
+    result = await run_against(node_scenarios, gateway, "batch-refused")
+    assert (result["code"], result["events"]) == ("INVALID_ARGUMENT", [])
+    (violation,) = result["details"]["fieldViolations"]
+    assert violation["field"] == "items"
+    assert "at most 2 items" in violation["description"]
+    assert upstream.requests == []
+
+
+async def test_node_summarize_returns_the_summary_its_chunks_and_usage(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`client.summarize` resolves with the SummarizeResponse: the summary, chunks and
+    levels, usage and cost. Before, the Node client had no summarize."""
+    upstream.script(Reply(content="A summary."))
+    result = await run_against(node_scenarios, gateway, "summarize")
+    assert result == {
+        "summary": "A summary.",
+        "chunks": 1,
+        "levels": 1,
+        "tokens": [7, 3],
+        "costUsd": pytest.approx(expected_cost_usd(7, 3)),
+        "upstreamCalls": 1,
+        "finishReason": "FINISH_REASON_STOP",
+    }
+    assert upstream.requests[0].body["max_tokens"] == 64
+
+
+async def test_node_summarize_of_an_unknown_model_rejects_not_found_decoded(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A Summarize the gateway refuses rejects with GatewayCallError, its ErrorInfo
+    decoded: NOT_FOUND, MODEL_NOT_FOUND, for a model no upstream serves."""
+    address = gateway.server.address
+    result = await run_node(node_scenarios, "summarize", "--address", address, "--model", "nope")
+    assert result["code"] == "NOT_FOUND"
+    assert result["details"]["errorInfo"]["reason"] == "MODEL_NOT_FOUND"
+    assert result["details"]["errorInfo"]["domain"] == "llmgateway.v1"
+    assert upstream.requests == []
+
+
+async def test_node_batch_and_summarize_take_the_deadlines_complete_takes(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A batch and a summary without `timeoutMs` get the client's `defaultTimeoutMs`
+    (against a hung upstream they end, DEADLINE_EXCEEDED), and a `timeoutMs` they cannot
+    keep is a RangeError before any call, as for `complete`."""
+    upstream.script(Hang(), Hang())
+    address = gateway.server.address
+    args = ("--address", address, "--default-timeout-ms", "500")
+    timed = await run_node(node_scenarios, "timed-batch-and-summary", *args)
+    # The gateway counts the deadline from the call's arrival: the client's own passes first,
+    # so the call fails, not its item.
+    assert timed == {"batch": "DEADLINE_EXCEEDED", "events": [], "summarize": "DEADLINE_EXCEEDED"}
+    refused = "RangeError: timeoutMs must be at most 1000000000 ms, or null for no deadline"
+    args = ("--address", address, "--timeout-ms", "NaN")
+    too_long = await run_node(node_scenarios, "timed-batch-and-summary", *args)
+    assert too_long == {
+        "batch": f"{refused}; got NaN",
+        "events": [],
+        "summarize": f"{refused}; got NaN",
+    }
+    assert len(upstream.requests) == 2
+
+
+# What completeBatch and summarize throw for each of their bad requests (scenarios.ts).
+REFUSED_BATCHES = {
+    "item-max-tokens-fraction": "RangeError: items[0].request.params.maxTokens must be an "
+    f"integer {INT32_RANGE}; got 1.5",
+    "item-snake-case": "TypeError: items[0].request.idempotency_key: CompleteRequest has no "
+    "such field (the field is idempotencyKey)",
+    "concurrency-negative": "RangeError: concurrency must be an integer 0..4294967295; got -1",
+    "items-object": "TypeError: items: expected an array, got object",
+    "undefined": "TypeError: request: expected a CompleteBatchRequest object, got undefined",
+}
+REFUSED_SUMMARIES = {
+    "target-tokens-negative": "RangeError: targetTokens must be an integer 0..4294967295; got -1",
+    "target-tokens-snake-case": "TypeError: target_tokens: SummarizeRequest has no such field "
+    "(the field is targetTokens)",
+    "document-number": "TypeError: document: expected a string, got number",
+    "effort-name": "TypeError: reasoningEffort: expected a ReasoningEffort "
+    "(ReasoningEffort.REASONING_EFFORT_NONE, ...), got string",
+    "undefined": "TypeError: request: expected a SummarizeRequest object, got undefined",
+}
+
+
+async def test_node_batch_and_summarize_refuse_bad_arguments_before_any_call(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A batch or summary request with a field its type cannot hold (an item's too), a name
+    its message has no field for, or no request at all, and options that are not
+    CallOptions, are a TypeError or RangeError naming it, as for `complete`, and nothing
+    reaches the gateway: the only way to it, a proxy, sees no connection."""
+    name = "gateway.test"
+    port = int(gateway.server.address.rpartition(":")[2])
+    async with ForwardProxy(hosts={name: ("127.0.0.1", port)}) as proxy:
+        env = {"http_proxy": proxy.url, "https_proxy": proxy.url, "no_proxy": ""}
+        address = f"{name}:{port}"
+        seen = await run_node(
+            node_scenarios, "bad-batch-and-summary", "--address", address, env=env
+        )
+        assert proxy.targets == []
+    assert seen["batches"] == REFUSED_BATCHES
+    assert seen["summaries"] == REFUSED_SUMMARIES
+    refused = REFUSED_OPTIONS["null"]
+    assert seen["options"] == {"batch": refused, "summarize": refused}
+    assert upstream.requests == []
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A CA, a server certificate for 127.0.0.1, two clients and an untrusted one."""

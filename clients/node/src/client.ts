@@ -32,6 +32,9 @@ import {
 } from "../../../generated/ts/google/rpc/error_details";
 import { Status } from "../../../generated/ts/google/rpc/status";
 import {
+  BatchSummary,
+  CompleteBatchRequest,
+  CompleteBatchResponse,
   CompleteRequest,
   CompleteResponse,
   CompleteStreamRequest,
@@ -40,6 +43,8 @@ import {
   CompletionServiceClient,
   DeepPartial,
   Delta,
+  SummarizeRequest,
+  SummarizeResponse,
   ToolCall,
   ToolCallDelta,
 } from "../../../generated/ts/llmgateway/v1/gateway";
@@ -92,24 +97,37 @@ function durationMs(duration: Duration | undefined): number | null {
   return duration.seconds * 1000 + duration.nanos / 1e6;
 }
 
-/**
- * Decode the packed details of a serialized `google.rpc.Status`; with `code`, none when the
- * status is of another code (the call's own status wins over the trailer's).
- */
-export function decodeStatusDetails(statusBytes: Uint8Array, code?: grpc.status): StatusDetails {
-  const status = Status.decode(statusBytes);
-  const details: StatusDetails = {
+/** A status that carries no details. */
+function noDetails(): StatusDetails {
+  return {
     fieldViolations: [],
     quotaViolations: [],
     retryDelayMs: null,
     errorInfo: null,
     unknownTypeUrls: [],
   };
+}
+
+/**
+ * Decode the packed details of a serialized `google.rpc.Status`; with `code`, none when the
+ * status is of another code (the call's own status wins over the trailer's).
+ */
+export function decodeStatusDetails(statusBytes: Uint8Array, code?: grpc.status): StatusDetails {
+  const status = Status.decode(statusBytes);
   if (code !== undefined && status.code !== code) {
     // The call's deadline passed as the gateway sent its error, and gRPC's own
     // DEADLINE_EXCEEDED won: the gateway's details are of another status, not this one.
-    return details;
+    return noDetails();
   }
+  return statusDetails(status);
+}
+
+/**
+ * Decode the details of a `google.rpc.Status`: a failed batch item's `error`, say, as
+ * `GatewayCallError.details` holds a failed call's (Python's `status_details`).
+ */
+export function statusDetails(status: Status): StatusDetails {
+  const details = noDetails();
   for (const packed of status.details) {
     decodeOne(packed, details);
   }
@@ -149,6 +167,11 @@ function attemptsOf(metadata: grpc.Metadata | undefined): number {
   return previous === undefined ? 1 : Number(previous) + 1;
 }
 
+/** A status code's name, e.g. `RESOURCE_EXHAUSTED` for 8. */
+function codeNameOf(code: number): string {
+  return grpc.status[code] ?? String(code);
+}
+
 /** A failed gateway call: the gRPC status plus its decoded `google.rpc` details. */
 export class GatewayCallError extends Error {
   readonly code: grpc.status;
@@ -166,19 +189,10 @@ export class GatewayCallError extends Error {
     super(error.details || error.message);
     this.name = "GatewayCallError";
     this.code = error.code;
-    this.codeName = grpc.status[error.code] ?? String(error.code);
+    this.codeName = codeNameOf(error.code);
     const metadata = error.metadata;
     const raw = metadata?.get(STATUS_DETAILS_KEY)[0];
-    this.details =
-      raw instanceof Buffer
-        ? decodeStatusDetails(raw, error.code)
-        : {
-            fieldViolations: [],
-            quotaViolations: [],
-            retryDelayMs: null,
-            errorInfo: null,
-            unknownTypeUrls: [],
-          };
+    this.details = raw instanceof Buffer ? decodeStatusDetails(raw, error.code) : noDetails();
     const pushback = metadata?.get(RETRY_PUSHBACK_KEY)[0];
     this.pushbackMs = pushback === undefined ? null : Number(pushback);
     this.attempts = attemptsOf(metadata);
@@ -440,6 +454,13 @@ function cancelOnAbort(call: { cancel(): void }, signal: AbortSignal | undefined
   return () => signal.removeEventListener("abort", cancel);
 }
 
+/** A generated unary method, given the call's metadata, options and callback. */
+type SendUnary<Response> = (
+  metadata: grpc.Metadata,
+  options: Partial<grpc.CallOptions>,
+  callback: (error: grpc.ServiceError | null, response: Response) => void,
+) => grpc.ClientUnaryCall;
+
 /** A unary answer and how many attempts the retry policy needed for it. */
 export interface CompleteResult {
   response: CompleteResponse;
@@ -447,34 +468,23 @@ export interface CompleteResult {
 }
 
 /**
- * One event of a streamed completion. A delta's `reasoning` (a reasoning model's thinking,
- * before the text) and `toolCalls` (pieces by index: id and name on a call's first piece,
- * `arguments` to append) are empty when it carries none.
+ * The events of a server-streaming call, each message read as it arrives: iterate them, or
+ * cancel the call. Leaving the loop early (break, an exception in its body, `return()` on
+ * its iterator) cancels the call; a failed call throws `GatewayCallError` from the loop.
  */
-export type StreamEvent =
-  | { kind: "delta"; content: string; reasoning: string; toolCalls: ToolCallDelta[] }
-  | { kind: "final"; metadata: CompletionMetadata };
-
-/**
- * A streamed completion: iterate its events, or cancel it. Once iterated, `reasoning`
- * holds the reasoning received and `toolCalls` the tool calls assembled from their pieces.
- */
-export class CompletionStream implements AsyncIterable<StreamEvent> {
-  reasoning = "";
-  readonly toolCalls: ToolCall[] = [];
-
+abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
   /** The call's failure: rethrown once the loop has read every message before it. */
   private failure: unknown = null;
   /** Set by `cancel()`, the signal, or a loop left early: the loop reads nothing more. */
   #isCancelled = false;
   // A `#` field, as the client's key: util.inspect of the stream would otherwise show the
   // call, and in it the metadata the call was sent with, the caller key included.
-  readonly #call: grpc.ClientReadableStream<CompleteStreamResponse>;
+  readonly #call: grpc.ClientReadableStream<Message>;
   /** Every message of the call, read as it arrives, for the loop to take in its own time. */
   readonly #received: PassThrough;
   readonly #signal: AbortSignal | undefined;
 
-  constructor(call: grpc.ClientReadableStream<CompleteStreamResponse>, signal?: AbortSignal) {
+  constructor(call: grpc.ClientReadableStream<Message>, signal?: AbortSignal) {
     this.#call = call;
     this.#signal = signal;
     // grpc-js emits a failed status as an 'error' event: with no listener yet (a stream not
@@ -498,20 +508,11 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
     call.on("status", stopListening);
   }
 
-  private gather(delta: Delta): void {
-    this.reasoning += delta.reasoning;
-    for (const piece of delta.toolCalls) {
-      const call = this.toolCalls[piece.index];
-      if (call === undefined) {
-        this.toolCalls[piece.index] = { id: piece.id, name: piece.name, arguments: piece.arguments };
-      } else {
-        call.arguments += piece.arguments;
-      }
-    }
-  }
+  /** The event `message` stands for; null for none (a message of a newer contract). */
+  protected abstract eventOf(message: Message): Event | null;
 
   /**
-   * Stop the call; the gateway closes the upstream request at once. The loop then reads
+   * Stop the call; the gateway closes its upstream requests at once. The loop then reads
    * nothing more, not even the messages that had already arrived, and throws `CANCELLED`.
    */
   cancel(): void {
@@ -525,7 +526,7 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
     this.#received.destroy();
   }
 
-  [Symbol.asyncIterator](): AsyncIterableIterator<StreamEvent> {
+  [Symbol.asyncIterator](): AsyncIterableIterator<Event> {
     const events = this.events();
     return {
       next: () => events.next(),
@@ -543,21 +544,17 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
     };
   }
 
-  private async *events(): AsyncGenerator<StreamEvent, void> {
+  private async *events(): AsyncGenerator<Event, void> {
     try {
-      for await (const message of this.#received as AsyncIterable<CompleteStreamResponse>) {
+      for await (const message of this.#received as AsyncIterable<Message>) {
         if (this.#signal?.aborted) {
           // Aborted once the call had ended, its listener gone: what is unread goes too.
           this.cancel();
           break;
         }
-        const event = message.event;
-        if (event?.$case === "delta") {
-          this.gather(event.delta);
-          const { content, reasoning, toolCalls } = event.delta;
-          yield { kind: "delta", content, reasoning, toolCalls };
-        } else if (event?.$case === "final") {
-          yield { kind: "final", metadata: event.final };
+        const event = this.eventOf(message);
+        if (event !== null) {
+          yield event;
         }
       }
     } catch (error) {
@@ -573,6 +570,91 @@ export class CompletionStream implements AsyncIterable<StreamEvent> {
       throw asGatewayError(this.failure);
     }
   }
+}
+
+/**
+ * One event of a streamed completion. A delta's `reasoning` (a reasoning model's thinking,
+ * before the text) and `toolCalls` (pieces by index: id and name on a call's first piece,
+ * `arguments` to append) are empty when it carries none.
+ */
+export type StreamEvent =
+  | { kind: "delta"; content: string; reasoning: string; toolCalls: ToolCallDelta[] }
+  | { kind: "final"; metadata: CompletionMetadata };
+
+/**
+ * A streamed completion: iterate its events, or cancel it. Once iterated, `reasoning`
+ * holds the reasoning received and `toolCalls` the tool calls assembled from their pieces.
+ */
+export class CompletionStream extends CallEvents<CompleteStreamResponse, StreamEvent> {
+  reasoning = "";
+  readonly toolCalls: ToolCall[] = [];
+
+  protected eventOf(message: CompleteStreamResponse): StreamEvent | null {
+    const event = message.event;
+    if (event?.$case === "delta") {
+      this.gather(event.delta);
+      const { content, reasoning, toolCalls } = event.delta;
+      return { kind: "delta", content, reasoning, toolCalls };
+    }
+    return event?.$case === "final" ? { kind: "final", metadata: event.final } : null;
+  }
+
+  private gather(delta: Delta): void {
+    this.reasoning += delta.reasoning;
+    for (const piece of delta.toolCalls) {
+      const call = this.toolCalls[piece.index];
+      if (call === undefined) {
+        this.toolCalls[piece.index] = { id: piece.id, name: piece.name, arguments: piece.arguments };
+      } else {
+        call.arguments += piece.arguments;
+      }
+    }
+  }
+}
+
+/** A failed batch item: its `google.rpc.Status`, decoded as a failed call's. */
+export interface BatchItemError {
+  code: grpc.status;
+  /** The status name, e.g. `NOT_FOUND`. */
+  codeName: string;
+  message: string;
+  details: StatusDetails;
+}
+
+/**
+ * One event of a batch: an item's answer or its failure, each as it finishes (`index` its
+ * position in the request), then the summary, last.
+ */
+export type BatchEvent =
+  | { kind: "response"; id: string; index: number; response: CompleteResponse }
+  | { kind: "error"; id: string; index: number; error: BatchItemError }
+  | { kind: "summary"; summary: BatchSummary };
+
+/** A batch's events: iterate them, or cancel it (the gateway cancels the items in flight). */
+export class BatchResults extends CallEvents<CompleteBatchResponse, BatchEvent> {
+  protected eventOf(message: CompleteBatchResponse): BatchEvent | null {
+    const event = message.event;
+    if (event?.$case === "summary") {
+      return { kind: "summary", summary: event.summary };
+    }
+    if (event?.$case !== "result") {
+      return null;
+    }
+    const { id, index, outcome } = event.result;
+    if (outcome?.$case === "response") {
+      return { kind: "response", id, index, response: outcome.response };
+    }
+    if (outcome?.$case === "error") {
+      return { kind: "error", id, index, error: itemError(outcome.error) };
+    }
+    return null;
+  }
+}
+
+/** A batch item's `google.rpc.Status`, decoded. */
+function itemError(status: Status): BatchItemError {
+  const { code, message } = status;
+  return { code, codeName: codeNameOf(code), message, details: statusDetails(status) };
 }
 
 /** Read and drop every message `stream` holds: destroy() alone keeps them. */
@@ -740,13 +822,17 @@ export class GatewayClient {
   }
 
   /**
-   * One chat completion; rejects with `GatewayCallError`, or before any call with a
-   * `TypeError` or `RangeError` naming the argument or request field it cannot take
-   * (`params.maxTokens must be an integer -2147483648..2147483647; got 1.5`).
+   * A unary call of `send`, its request (a `typeName`) and options checked first: the answer
+   * and the attempts it took, or a rejection, `GatewayCallError` or the check's.
    */
-  complete(request: DeepPartial<CompleteRequest>, given?: CallOptions): Promise<CompleteResult> {
+  private unary<Response>(
+    typeName: string,
+    request: unknown,
+    given: CallOptions | undefined,
+    send: SendUnary<Response>,
+  ): Promise<{ response: Response; attempts: number }> {
     return new Promise((resolve, reject) => {
-      checkRequest(".llmgateway.v1.CompleteRequest", request);
+      checkRequest(typeName, request);
       const options = checkedCallOptions(given);
       if (options.signal?.aborted) {
         reject(cancelledOnClient());
@@ -754,24 +840,33 @@ export class GatewayClient {
       }
       let attempts = 1;
       let stopListening = (): void => {};
-      const call = this.stub.complete(
-        CompleteRequest.fromPartial(request),
-        this.metadataOf(options),
-        this.deadlineOf(options),
-        (error, response) => {
-          stopListening();
-          if (error) {
-            reject(asGatewayError(error));
-          } else {
-            resolve({ response, attempts });
-          }
-        },
-      );
+      const call = send(this.metadataOf(options), this.deadlineOf(options), (error, response) => {
+        stopListening();
+        if (error) {
+          reject(asGatewayError(error));
+        } else {
+          resolve({ response, attempts });
+        }
+      });
       call.on("metadata", (metadata: grpc.Metadata) => {
         attempts = attemptsOf(metadata);
       });
       stopListening = cancelOnAbort(call, options.signal);
     });
+  }
+
+  /**
+   * One chat completion; rejects with `GatewayCallError`, or before any call with a
+   * `TypeError` or `RangeError` naming the argument or request field it cannot take
+   * (`params.maxTokens must be an integer -2147483648..2147483647; got 1.5`).
+   */
+  complete(request: DeepPartial<CompleteRequest>, given?: CallOptions): Promise<CompleteResult> {
+    return this.unary<CompleteResponse>(
+      ".llmgateway.v1.CompleteRequest",
+      request,
+      given,
+      (...call) => this.stub.complete(CompleteRequest.fromPartial(request), ...call),
+    );
   }
 
   /**
@@ -790,6 +885,41 @@ export class GatewayClient {
       this.deadlineOf(options),
     );
     return new CompletionStream(call, options.signal);
+  }
+
+  /**
+   * A batch: each item's answer or failure as it finishes, then the summary. Leaving the
+   * loop early (or `cancel()`, or the signal) cancels the call, and the gateway the items
+   * still in flight. Throws before any call, as `completeStream`, for an argument or
+   * request field it cannot take (`items[2].request.params.maxTokens ...`).
+   */
+  completeBatch(request: DeepPartial<CompleteBatchRequest>, given?: CallOptions): BatchResults {
+    checkRequest(".llmgateway.v1.CompleteBatchRequest", request);
+    const options = checkedCallOptions(given);
+    const call = this.stub.completeBatch(
+      CompleteBatchRequest.fromPartial(request),
+      this.metadataOf(options),
+      this.deadlineOf(options),
+    );
+    return new BatchResults(call, options.signal);
+  }
+
+  /**
+   * A summary of a document of any length; rejects as `complete` does. It takes the
+   * client's default deadline as any call: a long document's can need more than those 5
+   * minutes, its own `timeoutMs`.
+   */
+  async summarize(
+    request: DeepPartial<SummarizeRequest>,
+    given?: CallOptions,
+  ): Promise<SummarizeResponse> {
+    const { response } = await this.unary<SummarizeResponse>(
+      ".llmgateway.v1.SummarizeRequest",
+      request,
+      given,
+      (...call) => this.stub.summarize(SummarizeRequest.fromPartial(request), ...call),
+    );
+    return response;
   }
 
   close(): void {

@@ -2,7 +2,7 @@
  * Scenarios that tests/integration/test_node_client.py runs against a real gateway.
  *
  *   node scenarios.js SCENARIO --address HOST:PORT [--model NAME] [--status-base64 B64]
- *     [--code N] [--leave HOW]
+ *     [--code N] [--leave HOW] [--timeout-ms MS] [--default-timeout-ms MS]
  *     [--tls] [--ca-file PEM] [--cert-file PEM] [--key-file PEM] [--pem-bytes]
  *
  * Each scenario uses the typed client exactly as a caller would and prints one JSON line
@@ -15,6 +15,8 @@ import * as util from "node:util";
 import * as grpc from "@grpc/grpc-js";
 
 import {
+  BatchEvent,
+  BatchResults,
   CompleteRequest,
   CompleteStreamRequest,
   CompletionMetadata,
@@ -616,6 +618,208 @@ async function edgeArguments(client: GatewayClient, args: Args): Promise<Json> {
   };
 }
 
+/** A batch event as JSON: an item's answer or decoded failure, or the summary. */
+function batchEventJson(event: BatchEvent): Json {
+  switch (event.kind) {
+    case "response": {
+      const { kind, id, index, response } = event;
+      return { kind, id, index, content: response.content };
+    }
+    case "error":
+      return { kind: event.kind, id: event.id, index: event.index, error: event.error };
+    case "summary": {
+      const { succeeded, failed, usage, costUsd } = event.summary;
+      const tokens = [usage?.inputTokens, usage?.outputTokens];
+      return { kind: event.kind, succeeded, failed, tokens, costUsd };
+    }
+  }
+}
+
+/** Batch items of `args.model`, one a prompt, with ids "0", "1", ... */
+function batchItems(args: Args, count: number): { id: string; request: Json }[] {
+  return Array.from({ length: count }, (_, index) => ({
+    id: String(index),
+    request: { model: args.model, messages: messages(`Question ${index}`) },
+  }));
+}
+
+async function batch(client: GatewayClient, args: Args): Promise<Json> {
+  // A good item and one the gateway refuses (temperature 9), one at a time, in order.
+  const [good] = batchItems(args, 1);
+  const refused = {
+    id: "hot",
+    request: { model: args.model, messages: messages("Say hi"), params: { temperature: 9 } },
+  };
+  const events: Json[] = [];
+  for await (const event of client.completeBatch(
+    { items: [good, refused], concurrency: 1 },
+    { timeoutMs: 10_000 },
+  )) {
+    events.push(batchEventJson(event));
+  }
+  return { events };
+}
+
+async function batchRefused(client: GatewayClient, args: Args): Promise<Json> {
+  // More items than the test's gateway takes (batch.max_items): the call fails whole.
+  const events: Json[] = [];
+  try {
+    for await (const event of client.completeBatch({ items: batchItems(args, 3) })) {
+      events.push(batchEventJson(event));
+    }
+  } catch (error) {
+    return { ...errorJson(error), events };
+  }
+  return { unexpected: "the batch ran", events };
+}
+
+/**
+ * Read a batch's first event, wait for the test's go-ahead (the next item is at the
+ * upstream), then leave it as `how` says: the first event, and how leaving ended.
+ */
+async function readOneAndLeave(
+  how: string,
+  results: BatchResults,
+  controller: AbortController,
+): Promise<{ first: Json | null; left: string }> {
+  let first: Json | null = null;
+  const goAhead = async (event: BatchEvent): Promise<void> => {
+    first = batchEventJson(event);
+    await lineFromTest();
+    process.stdin.destroy();
+  };
+  const left = await outcomeOf(async () => {
+    if (how === "return") {
+      const events = results[Symbol.asyncIterator]();
+      const { value } = await events.next();
+      await goAhead(value as BatchEvent);
+      await events.return?.();
+      return;
+    }
+    for await (const event of results) {
+      await goAhead(event);
+      if (how === "break") {
+        break;
+      } else if (how === "throw") {
+        throw new Error("the caller's own");
+      } else if (how === "cancel") {
+        results.cancel();
+      } else if (how === "abort") {
+        controller.abort();
+      } else {
+        throw new Error(`unknown --leave ${how}`);
+      }
+    }
+  });
+  return { first, left };
+}
+
+async function leaveBatch(client: GatewayClient, args: Args): Promise<Json> {
+  // Three items one at a time; the batch is left (--leave) while the second runs, then
+  // read on by a new loop.
+  const controller = new AbortController();
+  const results = client.completeBatch(
+    { items: batchItems(args, 3), concurrency: 1 },
+    { timeoutMs: 20_000, signal: controller.signal },
+  );
+  const { first, left } = await readOneAndLeave(args.leave, results, controller);
+  const after: string[] = [];
+  const outcome = await outcomeOf(async () => {
+    for await (const event of results) {
+      after.push(event.kind);
+    }
+  });
+  return { first, left, after, outcome };
+}
+
+async function summarize(client: GatewayClient, args: Args): Promise<Json> {
+  try {
+    const response = await client.summarize(
+      { model: args.model, document: "A short document to summarise.", targetTokens: 64 },
+      { timeoutMs: 10_000 },
+    );
+    const { summary, chunks, levels, usage, costUsd, upstreamCalls } = response;
+    const tokens = [usage?.inputTokens, usage?.outputTokens];
+    return {
+      summary,
+      chunks,
+      levels,
+      tokens,
+      costUsd,
+      upstreamCalls,
+      finishReason: finishReasonToJSON(response.finishReason),
+    };
+  } catch (error) {
+    return errorJson(error);
+  }
+}
+
+async function timedBatchAndSummary(client: GatewayClient, args: Args): Promise<Json> {
+  // A batch of one item and a summary, each with --timeout-ms, or the client's default.
+  const options =
+    args.timeoutMs === undefined ? undefined : { timeoutMs: args.timeoutMs as number };
+  const events: string[] = [];
+  return {
+    batch: await outcomeOf(async () => {
+      for await (const event of client.completeBatch({ items: batchItems(args, 1) }, options)) {
+        events.push(event.kind === "error" ? event.error.codeName : event.kind);
+      }
+    }),
+    events,
+    summarize: await outcomeOf(() =>
+      client.summarize({ model: args.model, document: "A short document." }, options),
+    ),
+  };
+}
+
+/** Batch requests the client refuses before any call. */
+const BAD_BATCHES: Record<string, (item: Json) => unknown> = {
+  "item-max-tokens-fraction": (item) => ({
+    items: [{ ...item, request: { ...(item.request as Json), params: { maxTokens: 1.5 } } }],
+  }),
+  "item-snake-case": (item) => ({
+    items: [{ ...item, request: { ...(item.request as Json), idempotency_key: "k" } }],
+  }),
+  "concurrency-negative": (item) => ({ items: [item], concurrency: -1 }),
+  "items-object": (item) => ({ items: item }),
+  undefined: () => undefined,
+};
+
+/** Summarize requests the client refuses before any call. */
+const BAD_SUMMARIES: Record<string, (request: Json) => unknown> = {
+  "target-tokens-negative": (request) => ({ ...request, targetTokens: -1 }),
+  "target-tokens-snake-case": (request) => ({ ...request, target_tokens: 64 }),
+  "document-number": (request) => ({ ...request, document: 5 }),
+  "effort-name": (request) => ({ ...request, reasoningEffort: "low" }),
+  undefined: () => undefined,
+};
+
+async function badBatchAndSummary(client: GatewayClient, args: Args): Promise<Json> {
+  // As a JavaScript caller, or a TypeScript one casting, would give them.
+  const completeBatch = client.completeBatch.bind(client) as (...given: unknown[]) => BatchResults;
+  const summarizeAny = client.summarize.bind(client) as (...given: unknown[]) => Promise<unknown>;
+  const [item] = batchItems(args, 1);
+  const readAll = async (...given: unknown[]): Promise<void> => {
+    for await (const _ of completeBatch(...given)) {
+      // refused before its first event, or read to its end
+    }
+  };
+  const batches: Json = {};
+  for (const [name, bad] of Object.entries(BAD_BATCHES)) {
+    batches[name] = await outcomeOf(() => readAll(bad(item)));
+  }
+  const document = { model: args.model, document: "A short document." };
+  const summaries: Json = {};
+  for (const [name, bad] of Object.entries(BAD_SUMMARIES)) {
+    summaries[name] = await outcomeOf(() => summarizeAny(bad(document)));
+  }
+  const options = {
+    batch: await outcomeOf(() => readAll({ items: [item] }, null)),
+    summarize: await outcomeOf(() => summarizeAny(document, null)),
+  };
+  return { batches, summaries, options };
+}
+
 async function shown(client: GatewayClient, args: Args): Promise<Json> {
   // A keyed client as a log line or an error reporter would show it, after a call.
   const answer = await complete(client, args);
@@ -683,6 +887,12 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "edge-arguments": edgeArguments,
   shown,
   "shown-stream": shownStream,
+  batch,
+  "batch-refused": batchRefused,
+  "leave-batch": leaveBatch,
+  summarize,
+  "timed-batch-and-summary": timedBatchAndSummary,
+  "bad-batch-and-summary": badBatchAndSummary,
 };
 
 async function main(): Promise<void> {
