@@ -1433,6 +1433,22 @@ def _no_new_entry(variable: str, section: str, name: str) -> ConfigError:
     )
 
 
+def _empty_over_the_file(variable: str, key: str, written: object) -> ConfigError:
+    """The refusal of an empty variable for a key the file sets: a template's unfilled
+    variable, most often, which took what the file set back to the default without a word
+    (a tenant's limits, all of `resilience`, `auth.redis_url`: keys and limits then each
+    process's own)."""
+    if isinstance(written, dict):
+        mend = "set its keys one variable each, or set it to {} to reset it"
+        return ConfigError(
+            variable,
+            key,
+            f"is empty, which would reset all the file sets there to its defaults: {mend}",
+        )
+    mend = "give it a value, or leave the variable out to keep the file's"
+    return ConfigError(variable, key, f"is empty, which would unset what the file sets: {mend}")
+
+
 def _override_value(raw: str) -> Any:
     """An override's value: `raw` read as YAML (numbers, booleans, `[a, b]`), else as it is.
 
@@ -1510,15 +1526,8 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> di
             if not isinstance(node, dict):
                 raise ConfigError(name, ".".join(path), "cannot override inside a non-mapping")
         value = _override_value(environ[name])
-        if value is None and isinstance(node.get(path[-1]), dict) and node[path[-1]]:
-            # A template's unfilled variable, most often: it reset what the file set there
-            # (a tenant's limits, all of `resilience`) to the defaults without a word.
-            raise ConfigError(
-                name,
-                ".".join(path),
-                "is empty, which would reset all the file sets there to its defaults: set "
-                "its keys one variable each, or set it to {} to reset it",
-            )
+        if value is None and node.get(path[-1]) not in (None, {}):
+            raise _empty_over_the_file(name, ".".join(path), node[path[-1]])
         node[path[-1]] = value
         applied[".".join(path)] = name
     return applied

@@ -415,6 +415,25 @@ def test_an_empty_variable_for_what_the_file_sets_is_refused(variable: str, key:
     assert (kept.resilience.attempts, kept.tenants["TeamA"].requests_per_minute) == (5, 5)
 
 
+def test_an_empty_variable_for_a_value_the_file_sets_is_refused() -> None:
+    """An empty variable for one value the file sets, which may be unset (`workers`,
+    `auth.redis_url`), is refused as for a section: it unset it without a word, and an
+    unset `auth.redis_url` makes caller keys and tenant limits each process's own."""
+    data = {"server": {"workers": 4}, "auth": {"redis_url": "redis://127.0.0.1:6379/0"}}
+    for variable, key in (
+        ("LLM_GATEWAY__SERVER__WORKERS", "server.workers"),
+        ("LLM_GATEWAY__AUTH__REDIS_URL", "auth.redis_url"),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            parse(data, **{variable: ""})
+        assert (refused.value.source, refused.value.key) == (variable, key)
+        assert refused.value.problem == (
+            "is empty, which would unset what the file sets: give it a value, or leave the "
+            "variable out to keep the file's"
+        )
+    assert parse(data, LLM_GATEWAY__SERVER__WORKERS="2").server.workers == 2
+
+
 def test_a_named_map_set_whole_from_a_variable_keeps_its_names_case() -> None:
     """The way to add a tenant from the environment: its section whole, as YAML, whose
     names keep their case (as in the file, `007` stays `007`)."""
