@@ -475,6 +475,7 @@ class SummarizePartFailed(UpstreamError):
         self.level = level
         self.attempts = attempts
         self.is_retry_futile = cause.is_retry_futile
+        self.restarting = cause.restarting
 
 
 class SummarizePartRejected(UpstreamRejected):

@@ -1124,7 +1124,7 @@ class Summarizer:
                 except UpstreamError as exc:
                     if exc.attempts != 0:
                         answered = exc
-                    wait_s = doubled(self._config.retry_backoff_s, attempt - 1)
+                    wait_s = _next_try_s(exc, doubled(self._config.retry_backoff_s, attempt - 1))
                     left = deadline.remaining_s()
                     # A rejected key stays rejected: a retry would only find the upstream set
                     # aside, and say that instead.
@@ -1144,6 +1144,15 @@ class Summarizer:
                 _check_summary(completion, slot, attempts=attempt)
                 return completion
             raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
+
+
+def _next_try_s(failure: UpstreamError, backoff_s: float) -> float:
+    """How long a part waits before its next try after `failure`: its back-off, or, while
+    its upstream restarts (the local model's), until the restart should answer (the
+    failure's `RetryInfo`), since each try before it is refused at once, unsent."""
+    if failure.restarting and failure.retry_after_s is not None:
+        return max(backoff_s, failure.retry_after_s)
+    return backoff_s
 
 
 def _smallest_piece_refused(exc: UpstreamContextExceeded, slot: _Slot) -> SummarizePartRejected:

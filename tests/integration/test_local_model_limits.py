@@ -25,11 +25,19 @@ from tests.integration.test_local_model_restart import (
 )
 
 
-def _local_config(model: Path, **resilience: Any) -> Any:
+def _local_config(
+    model: Path,
+    *,
+    restart_backoff_s: float = 1.0,
+    summarize: dict[str, Any] | None = None,
+    **resilience: Any,
+) -> Any:
+    local = {"enabled": "always", "model_path": str(model), "restart_backoff_s": restart_backoff_s}
     data = {
         "server": {"listen": "127.0.0.1:0", "grace_period_s": 2},
-        "local_model": {"enabled": "always", "model_path": str(model), "restart_backoff_s": 1.0},
+        "local_model": local,
         "resilience": resilience,
+        "summarize": summarize or {},
     }
     return parse_config(data, source="<test>", environ={})
 
@@ -85,3 +93,53 @@ async def test_a_call_its_server_dies_under_is_refused_as_restarting(
     delay_s = retry_delay_s(caught.value)
     assert delay_s is not None
     assert delay_s > 0.5
+
+
+async def test_a_summarize_part_its_server_dies_under_waits_for_the_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """llama.cpp dies under a Summarize part: the part's next try waits until the restart
+    should answer (the refusal's `RetryInfo`), within the deadline, and the summary is
+    made once it does.
+
+    Before, the part's next tries followed `summarize.retry_backoff_s` alone, each
+    refused at once as restarting, and a summary of minutes failed
+    `SUMMARIZE_PART_FAILED` well before the restart answered."""
+    model, stand_in = stand_in_local_model(tmp_path, dies_at_first_call=True)
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    # Its tries would all be spent within a fifth of the restart's back-off.
+    config = _local_config(model, summarize={"retry_backoff_s": 0.05, "chunk_attempts": 3})
+    gateway = await start_gateway(config)
+    document = "\n\n".join(
+        f"Paragraph {i}: " + "the harbour opens at dawn. " * 40 for i in range(8)
+    )
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=MODEL, document=document), timeout=30
+    )
+    assert response.summary == "hi"
+    assert response.chunks > 1
+
+
+async def test_a_summarize_part_failed_as_its_server_restarts_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """A part whose restart is due after the call's deadline fails the call at once, and
+    its `ErrorInfo` says `restarting: local`, as a Complete's does, with the restart's
+    `RetryInfo`."""
+    model, stand_in = stand_in_local_model(tmp_path, dies_at_first_call=True)
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    gateway = await start_gateway(_local_config(model, restart_backoff_s=60.0))
+    document = "\n\n".join(
+        f"Paragraph {i}: " + "the harbour opens at dawn. " * 40 for i in range(8)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(
+            pb.SummarizeRequest(model=MODEL, document=document), timeout=20
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(caught.value)
+    assert info.reason == "SUMMARIZE_PART_FAILED"
+    assert info.metadata["restarting"] == "local"
+    delay_s = retry_delay_s(caught.value)
+    assert delay_s is not None
+    assert delay_s > 20
