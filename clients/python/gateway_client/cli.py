@@ -25,7 +25,7 @@ from gateway_client.commands import (
     usage,
 )
 from service import early_signals
-from service.main import null_closed_stderr
+from service.main import null_closed_descriptors, null_closed_stderr
 
 SUBCOMMANDS = [serve, complete, models, batch, summarize, check, usage, keys]
 # What `llm-gateway --help` says: the docstring's first line, not its notes for developers.
@@ -66,6 +66,10 @@ def timeout_seconds(value: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `llm-gateway` console script."""
+    # /dev/null on a descriptor the command was started without (`<&-`): else the event
+    # loop's own file takes its number, and libuv aborts (SIGABRT) closing it at the end,
+    # after the command's clear "standard input is closed". `sys.stdin` stays None.
+    null_closed_descriptors()
     null_closed_stderr()
     escape_what_output_cannot_encode()
     parser = argparse.ArgumentParser(prog="llm-gateway", description=DESCRIPTION)
