@@ -524,6 +524,11 @@ class UpstreamConfig:
         metadata={"from_environment": "proxy_authorization_env"},
     )
 
+    def limit_wait_s(self, default_s: float) -> float:
+        """The longest a call waits for this upstream's limits: its own
+        `max_limit_wait_s`, else `default_s` (`resilience.max_limit_wait_s`)."""
+        return default_s if self.max_limit_wait_s is None else self.max_limit_wait_s
+
     @property
     def sends_key_in_clear(self) -> bool:
         """Whether its key would cross a network unencrypted: `http://` to another host."""

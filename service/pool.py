@@ -267,6 +267,8 @@ class UpstreamState:
         )
         self.key_watch = RejectedKeyWatch(client.name, clock)
         config = client.config
+        # The longest a call waits for its limits (read here once, not at every attempt).
+        self.max_limit_wait_s = config.limit_wait_s(settings.max_limit_wait_s)
         if shared_limits is not None and config.shared_limits:
             self.limiter = shared_limits.limiter(config, clock)
         else:
@@ -712,9 +714,7 @@ class UpstreamPool:
             plan.exclude(route, CIRCUIT_OPEN)
             return None
         probe = breaker.episode if breaker.state is BreakerState.HALF_OPEN else None
-        longest_wait = route.client.config.max_limit_wait_s
-        if longest_wait is None:
-            longest_wait = self.settings.max_limit_wait_s
+        longest_wait = state.max_limit_wait_s
         max_wait = longest_wait
         if left is not None:
             max_wait = min(max_wait, left - self.settings.min_attempt_s)

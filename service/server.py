@@ -540,16 +540,11 @@ def longest_call_s(
     # Each attempt may first wait out its upstream's limits: failing over, a call waits
     # again at the next upstream's.
     attempt_s = max(
-        (u.timeout_s + _limit_wait_s(u, resilience.max_limit_wait_s) for u in served),
+        (u.timeout_s + u.limit_wait_s(resilience.max_limit_wait_s) for u in served),
         default=resilience.max_limit_wait_s,
     )
     attempts_s = resilience.attempts * attempt_s
     return attempts_s + (resilience.attempts - 1) * resilience.max_retry_after_s
-
-
-def _limit_wait_s(upstream: UpstreamConfig, default_s: float) -> float:
-    """The longest a call waits for `upstream`'s limits."""
-    return default_s if upstream.max_limit_wait_s is None else upstream.max_limit_wait_s
 
 
 # gRPC channel arguments are C ints: a longer time (past 24.8 days) would fail the start.
