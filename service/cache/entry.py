@@ -241,16 +241,24 @@ class CachedAnswer:
         )
 
 
-_decode_remembered = functools.lru_cache(maxsize=_REMEMBERED_ENTRIES)(CachedAnswer.decode)
+def _servable(data: bytes) -> CachedAnswer | None:
+    """The entry in `data`, or None when this release would not have stored it: an older
+    release's entry of invisible characters alone (`is_cacheable`), read as a miss."""
+    answer = CachedAnswer.decode(data)
+    return answer if answer.is_cacheable else None
 
 
-def decode_entry(data: bytes) -> CachedAnswer:
-    """`CachedAnswer.decode`, remembered for entries up to 16 KiB.
+_decode_remembered = functools.lru_cache(maxsize=_REMEMBERED_ENTRIES)(_servable)
 
-    A hot key is read far more often than it is written: its bytes are decoded once, not
-    on every hit. Sharing the result is safe because a `CachedAnswer` is immutable; bytes
-    that fail to decode are not remembered and raise every time.
+
+def decode_entry(data: bytes) -> CachedAnswer | None:
+    """The entry in `data`, or None for one this release would not serve (`_servable`),
+    remembered for entries up to 16 KiB.
+
+    A hot key is read far more often than it is written: its bytes are decoded, and
+    checked, once, not on every hit. Sharing the result is safe because a `CachedAnswer`
+    is immutable; bytes that fail to decode are not remembered and raise every time.
     """
     if len(data) > REMEMBERED_MAX_BYTES:
-        return CachedAnswer.decode(data)
+        return _servable(data)
     return _decode_remembered(data)

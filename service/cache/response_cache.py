@@ -188,7 +188,7 @@ class ResponseCache:
             self._recent.pop(key)
             log.warning("cache.bad_entry", extra={"error": str(exc)})
             return None
-        if not answer.is_cacheable:
+        if answer is None:
             # An older release's entry that this one would not store (text of invisible
             # characters alone, refused as empty when sent back): a miss, its fresh
             # answer stored over it if it may be.
