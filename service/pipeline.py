@@ -154,11 +154,13 @@ class Pipeline:
     def begin_stopping(self) -> None:
         """The server is stopping: no batch item or Summarize part starts from now on, and
         those waiting for their turn (`in_turn`) or at their upstream's limits
-        (`complete_in_turn`) stop waiting."""
+        (`complete_in_turn`) stop waiting; so does any call waiting at its upstream's
+        limits, a plain `Complete` or stream included (`UpstreamPool.begin_stopping`)."""
         self.is_stopping = True
         now = asyncio.get_running_loop().time()
         for wait in self._turn_waits:
             wait.reschedule(now)
+        self._pool.begin_stopping()
 
     @contextlib.asynccontextmanager
     async def _ended_by_drain(self) -> AsyncIterator[None]:

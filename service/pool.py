@@ -476,6 +476,12 @@ class UpstreamPool:
         """The breaker, limiter and budget of one upstream, by name."""
         return self._states[upstream]
 
+    def begin_stopping(self) -> None:
+        """The server is stopping: no call waits at an upstream's limits from now on
+        (`UpstreamLimiter.begin_stopping`), whatever kind of call it is."""
+        for state in self._states.values():
+            state.limiter.begin_stopping()
+
     def set_down(self, upstream: str, *, is_down: bool, retry_at: float | None = None) -> None:
         """Say whether `upstream` is known to be down (the local model's server, from its
         exit until a restart answers): its breaker, closed until calls fail, cannot tell.
