@@ -20,6 +20,10 @@ call is looked at: a call that needs more tokens than the bucket holds waits for
 and nobody skips it, so big calls are not starved by small ones (a call larger than the
 bucket waits for a full bucket and overdraws it). A pause or learned spacing that comes
 while calls wait holds them all, as the dispatcher reads the limits afresh each time.
+
+Once the server stops (`begin_stopping`) nobody waits: the calls in line are refused with
+`ShuttingDown`, unsent, and so is any call that would wait from then on, while one that
+can start at once still does.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from service.clock import SYSTEM_CLOCK, Clock
-from service.errors import UpstreamRateLimited
+from service.errors import ShuttingDown, UpstreamRateLimited
 from service.upstream.types import RateLimitHints
 
 DEFAULT_MAX_CONCURRENCY = 50
@@ -186,6 +190,7 @@ class UpstreamLimiter:
         self.spacing_s = 0.0  # seconds between starts while the upstream runs low
         self._spacing_until = 0.0
         self._last_start = float("-inf")
+        self.is_stopping = False
 
     def wait_s(self, tokens: int, *, is_peek: bool = False) -> tuple[float, str]:
         """Seconds before a call of `tokens` may start by rate, and which limit says so;
@@ -242,6 +247,8 @@ class UpstreamLimiter:
             wait, what = self._wait_in_line(tokens)
         if wait > max_wait_s or max_wait_s <= 0:
             raise self._refusal(max(0.1, wait), what)
+        if self.is_stopping:
+            raise ShuttingDown()
         started = self._clock.now()
         waiter = _Waiter(asyncio.get_running_loop().create_future(), tokens, started + max_wait_s)
         self._waiters.setdefault(tenant, deque()).append(waiter)
@@ -268,7 +275,26 @@ class UpstreamLimiter:
                 self._unstart(waiter)
             raise
         granted.result()  # the dispatcher's refusal, when the call's turn came too late
+        if self.is_stopping:  # started as the server began stopping, before it ran on
+            self._unstart(waiter)
+            raise ShuttingDown()
         return self._clock.now() - started
+
+    def begin_stopping(self) -> None:
+        """The server is stopping: the calls waiting to start are refused with
+        `ShuttingDown`, having taken nothing, and so is any call that would wait from now
+        on; one that can start at once still does.
+
+        Nothing of theirs was sent, and another replica may take them at once: waiting on
+        here (for minutes, at the local model's one slot) they would be sent into the
+        drain, or cut at the grace's end.
+        """
+        self.is_stopping = True
+        waiters = [waiter for queue in self._waiters.values() for waiter in queue]
+        self._waiters.clear()
+        for waiter in waiters:
+            waiter.future.set_exception(ShuttingDown())
+        self._dispatch()  # nobody left to wake: its timer is cancelled
 
     @property
     def is_rate_shared(self) -> bool:

@@ -36,7 +36,7 @@ from service.errors import ShuttingDown, UpstreamContextExceeded
 from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.limits import LimitExceeded
 from service.memo import BoundedMemo
-from service.pool import AttemptLog, LimitWait, UpstreamPool
+from service.pool import AttemptLog, UpstreamPool
 from service.pricing import PriceList
 from service.telemetry import active as telemetry
 from service.tokens import estimate_output_tokens
@@ -147,18 +147,20 @@ class Pipeline:
         self.takes_repeats = cache is not None and cache.recalls
         # Set once the server stops: a batch or a summary starts no new upstream call.
         self.is_stopping = False
-        # The waits for a turn (`in_turn`) or at an upstream's limits (`complete_in_turn`)
-        # that `begin_stopping` ends.
+        # The waits for a turn (`in_turn`, and `complete_in_turn`'s pause between turns at
+        # an upstream's limits) that `begin_stopping` ends.
         self._turn_waits: set[asyncio.Timeout] = set()
 
     def begin_stopping(self) -> None:
         """The server is stopping: no batch item or Summarize part starts from now on, and
-        those waiting for their turn (`in_turn`) or at their upstream's limits
-        (`complete_in_turn`) stop waiting."""
+        those waiting for their turn (`in_turn`, `complete_in_turn`) stop waiting; so does
+        every call waiting at its upstream's limits, a plain `Complete` or stream as much
+        as an item or a part (`UpstreamPool.begin_stopping`)."""
         self.is_stopping = True
         now = asyncio.get_running_loop().time()
         for wait in self._turn_waits:
             wait.reschedule(now)
+        self._pool.begin_stopping()
 
     @contextlib.asynccontextmanager
     async def _ended_by_drain(self) -> AsyncIterator[None]:
@@ -372,7 +374,6 @@ class Pipeline:
         deadline: Deadline,
         repeat_key: RepeatKey | None = None,
         waiting_since: float | None = None,
-        is_gateway_queued: bool = False,
         is_rerun: bool = False,
     ) -> Completion:
         """One unary completion, from the cache when it has it.
@@ -381,8 +382,6 @@ class Pipeline:
         reads is remembered so that `repeat` can answer the same bytes again.
         `waiting_since`: when (`time.monotonic()`) a call the gateway queued itself began
         waiting for its turn; its timings count from then, the wait as queued time.
-        `is_gateway_queued`: such a call (`complete_in_turn`), whose waits at its
-        upstreams' limits end with `ShuttingDown` as the server begins stopping.
         `is_rerun`: the call runs again one that failed (`AttemptLog.is_rerun`).
         """
         started = time.monotonic()
@@ -392,19 +391,8 @@ class Pipeline:
         # only after account() (or on failure), so the cost always counts, reserved or spent.
         async with self._budgets.holding() as hold:
             owed = _Owed()
-            # A queued call still waiting at its upstream's limits as the server begins
-            # stopping is not sent: it would run into the drain, be cut at the grace's end
-            # and paid for, its answer never delivered.
-            limit_wait = self._ended_by_drain if is_gateway_queued else None
             fetch = functools.partial(
-                self._complete,
-                prepared,
-                hold,
-                owed,
-                deadline,
-                started,
-                limit_wait=limit_wait,
-                is_rerun=is_rerun,
+                self._complete, prepared, hold, owed, deadline, started, is_rerun=is_rerun
             )
             try:
                 cache = self._cache
@@ -460,7 +448,6 @@ class Pipeline:
                     request,
                     deadline=deadline,
                     waiting_since=waiting_since,
-                    is_gateway_queued=True,
                     is_rerun=is_rerun,
                 )
             except (LimitExceeded, HeldByCallsInFlight) as exc:
@@ -553,13 +540,9 @@ class Pipeline:
         deadline: Deadline,
         started: float,
         *,
-        limit_wait: LimitWait | None,
         is_rerun: bool,
     ) -> Completion:
-        """The upstream call behind a cache miss; budgets are checked and reserved only here.
-
-        `limit_wait`: around each of its waits at an upstream's limits (`UpstreamPool.complete`).
-        """
+        """The upstream call behind a cache miss; budgets are checked and reserved only here."""
         request = prepared.request
         log = AttemptLog(is_rerun=is_rerun)
         # `_billed_prompt_tokens` written out: a Python call less on every miss.
@@ -576,7 +559,6 @@ class Pipeline:
                         prompt_tokens=prompt_tokens,
                         deadline=deadline,
                         log=log,
-                        limit_wait=limit_wait,
                     )
                 except UpstreamContextExceeded as refusal:
                     self._learn_refusal(prepared, refusal)

@@ -21,7 +21,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Container, Mapping, Sequence
+from collections.abc import AsyncIterator, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from service.breaker import BreakerSettings, BreakerState, CircuitBreaker
@@ -365,11 +365,6 @@ class _CallPlan:
         return None
 
 
-LimitWait = Callable[[], contextlib.AbstractAsyncContextManager[None]]
-"""What a call enters around each of its waits at an upstream's limiter
-(`UpstreamPool.complete`)."""
-
-
 def _why_ruled_out(exc: UpstreamError) -> str:
     """Why a failover-only error (`is_failover_only`) rules its upstream out of the call."""
     return "not an OpenAI server" if isinstance(exc, UpstreamNotOpenAI) else "key rejected"
@@ -475,6 +470,12 @@ class UpstreamPool:
     def state(self, upstream: str) -> UpstreamState:
         """The breaker, limiter and budget of one upstream, by name."""
         return self._states[upstream]
+
+    def begin_stopping(self) -> None:
+        """The server is stopping: no call waits at an upstream's limits from now on
+        (`UpstreamLimiter.begin_stopping`), whatever kind of call it is."""
+        for state in self._states.values():
+            state.limiter.begin_stopping()
 
     def set_down(self, upstream: str, *, is_down: bool, retry_at: float | None = None) -> None:
         """Say whether `upstream` is known to be down (the local model's server, from its
@@ -645,7 +646,6 @@ class UpstreamPool:
         log_: AttemptLog,
         last_error: UpstreamError | None,
         last_route: Route | None,
-        limit_wait: LimitWait | None,
     ) -> tuple[float, int | None] | None:
         """Wait and pass breaker, budget and limiter; the attempt's timeout and, when it is
         the breaker's half-open probe, the breaker's episode (else None); or None to skip.
@@ -720,15 +720,10 @@ class UpstreamPool:
             max_wait = min(max_wait, left - self.settings.min_attempt_s)
         acquiring = self._clock.now()
         try:
-            if limit_wait is None:  # most calls: nothing to enter around the wait
-                waited_s = await state.limiter.acquire(
-                    tokens=tokens, max_wait_s=max_wait, tenant=request.tenant
-                )
-            else:
-                async with limit_wait():
-                    waited_s = await state.limiter.acquire(
-                        tokens=tokens, max_wait_s=max_wait, tenant=request.tenant
-                    )
+            # Ends with `ShuttingDown` as the server begins stopping, taking nothing.
+            waited_s = await state.limiter.acquire(
+                tokens=tokens, max_wait_s=max_wait, tenant=request.tenant
+            )
         except BaseException as exc:
             state.breaker.release(probe=probe)
             if isinstance(exc, LimitExceeded):
@@ -953,7 +948,6 @@ class UpstreamPool:
         progress: _Progress,
         *,
         tokens: int,
-        limit_wait: LimitWait | None = None,
     ) -> tuple[Route, float, int | None] | None:
         """The next route to try, its timeout and its probe's breaker episode (None: not the
         breaker's probe), once waits and admission passed.
@@ -979,7 +973,6 @@ class UpstreamPool:
                     log_=log,
                     last_error=progress.last_error,
                     last_route=progress.last_route,
-                    limit_wait=limit_wait,
                 )
             except LimitExceeded as exc:
                 plan.exclude(route, exc.what + " limit")
@@ -996,26 +989,20 @@ class UpstreamPool:
     # -- the two call shapes ---------------------------------------------------------
 
     async def complete(
-        self,
-        request: ChatRequest,
-        *,
-        prompt_tokens: int,
-        deadline: Deadline,
-        log: AttemptLog,
-        limit_wait: LimitWait | None = None,
+        self, request: ChatRequest, *, prompt_tokens: int, deadline: Deadline, log: AttemptLog
     ) -> UpstreamReply:
         """Send a unary completion, retrying and failing over as the policy allows.
 
         `prompt_tokens`: the prompt's estimate as its tenant's calibration counts it
-        (never below the plain one), for the upstreams' token limits. `limit_wait`:
-        entered around each wait at an upstream's limiter; what it raises (the server's
-        drain, for a batch item) ends the call, the wait given up and nothing taken.
+        (never below the plain one), for the upstreams' token limits. A wait at an
+        upstream's limits as the server begins stopping ends the call with `ShuttingDown`
+        (`begin_stopping`), the wait given up and nothing taken.
         """
         tokens = self._tokens(request, prompt_tokens)
         plan = self._plan(request, tokens)
         progress = _Progress()
         while attempt := await self._next_attempt(
-            plan, request, deadline, log, progress, tokens=tokens, limit_wait=limit_wait
+            plan, request, deadline, log, progress, tokens=tokens
         ):
             route, timeout_s, probe = attempt
             state = self._states[route.client.name]
@@ -1199,4 +1186,4 @@ class UpstreamPool:
         raise error
 
 
-__all__ = ["AttemptLog", "LimitWait", "LostAttempt", "Route", "UpstreamPool", "UpstreamState"]
+__all__ = ["AttemptLog", "LostAttempt", "Route", "UpstreamPool", "UpstreamState"]

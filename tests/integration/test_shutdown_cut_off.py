@@ -482,6 +482,51 @@ async def test_a_draining_summary_sends_no_part_waiting_at_its_upstreams_limit(
         await stop
 
 
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_draining_gateway_refuses_a_plain_call_waiting_at_its_upstreams_limit(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    """A Complete or CompleteStream waiting for the upstream's one slot (`max_concurrency:
+    1`, waits of up to a minute, as the local model's) as the drain begins is refused at
+    once, SHUTTING_DOWN with the retry-elsewhere trailer, while the call holding the slot
+    is still upstream: that call then finishes in the grace, and only it is sent and
+    recorded. Before, the second waited on into the drain, to be sent once the slot freed
+    or cut at the grace's end, although another replica could have answered it."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        fake.gate.clear()  # the first call holds the slot upstream
+        config = one_upstream_slot(gateway_config(fake.base_url))
+        (only,) = config.upstreams
+        config = dataclasses.replace(
+            config, upstreams=(dataclasses.replace(only, max_limit_wait_s=60.0),)
+        )
+        gateway = await start_gateway(config)
+        first = asyncio.ensure_future(gateway.stub.Complete(chat("first"), timeout=30))
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        if mode == "unary":
+            waiting = gateway.stub.Complete(chat("second"), timeout=30)
+        else:
+            waiting = collect(gateway.stub.CompleteStream(chat_stream("second"), timeout=30))
+        second = asyncio.ensure_future(waiting)
+        limiter = gateway.server.pipeline.pool.state("up0").limiter
+        while limiter.queued < 1:
+            await asyncio.sleep(0.01)
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+            stop = await stopping(gateway)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async with asyncio.timeout(10):  # a hang guard, far short of its wait
+                    await second
+            assert fake.in_flight == 1  # refused while the slot was still held
+            fake.gate.set()
+            assert (await first).content == "Hello from fake"
+            await stop
+        assert_shutting_down(caught.value)
+        assert len(fake.requests) == 1
+        assert (limiter.queued, limiter.in_flight) == (0, 0)
+        (row,) = await gateway.server.pipeline.ledger.query(UsageFilter())
+        assert row.requests == 1  # the refused call, never sent, is not recorded
+        assert not calls_cut_off(caplog)
+
+
 @contextlib.asynccontextmanager
 async def slow_link(port: int, delay_s: float) -> AsyncIterator[int]:
     """A TCP proxy to `port` on loopback that holds each chunk sent to it `delay_s`, as a

@@ -12,6 +12,7 @@ import pytest
 from service.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from service.errors import (
     Overloaded,
+    ShuttingDown,
     StreamInterrupted,
     UpstreamAuthRejected,
     UpstreamNotOpenAI,
@@ -350,6 +351,49 @@ async def test_a_call_cancelled_as_its_slot_is_handed_over_leaves_the_learned_ra
         await queued
     assert limiter.in_flight == 0
     assert await limiter.acquire(tokens=1, max_wait_s=0.0) == 0.0
+
+
+async def test_a_stopping_limiter_refuses_the_calls_in_line_and_any_that_would_wait():
+    """As the server begins stopping, the calls waiting for the rate or for a slot are
+    refused `ShuttingDown`, having taken nothing, and so is a call that would wait after;
+    a call that can start at once still does."""
+    clock = SteppedClock()
+    limiter = UpstreamLimiter("up0", max_concurrency=3, requests_per_minute=2, clock=clock)
+    await limiter.acquire(tokens=1, max_wait_s=1.0)
+    await limiter.acquire(tokens=1, max_wait_s=1.0)
+    queued = [  # the first waits 30 s for the rate, the others behind it
+        asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=60.0, tenant=tenant))
+        for tenant in ("a", "a", "b")
+    ]
+    await asyncio.sleep(0)
+    assert limiter.queued == 3
+    limiter.begin_stopping()
+    results = await asyncio.gather(*queued, return_exceptions=True)
+    assert all(isinstance(r, ShuttingDown) for r in results)
+    assert (limiter.queued, limiter.in_flight) == (0, 2)
+    assert limiter.wait_s(1) == (pytest.approx(30.0), "requests-per-minute")  # none taken
+    with pytest.raises(ShuttingDown):
+        await limiter.acquire(tokens=1, max_wait_s=60.0)
+    clock.advance(30.0)
+    assert await limiter.acquire(tokens=1, max_wait_s=60.0) == 0.0
+    assert limiter.in_flight == 3
+
+
+async def test_a_call_handed_its_slot_as_the_limiter_stops_gives_it_back_unsent():
+    """The slot reaches a queued call just before the server begins stopping, and the call
+    runs on after: it is refused `ShuttingDown` as the calls still in line are, and the
+    slot goes back."""
+    limiter = UpstreamLimiter("up0", max_concurrency=1)
+    await limiter.acquire(tokens=1, max_wait_s=1.0)
+    queued = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=5.0))
+    await asyncio.sleep(0)
+    limiter.release()
+    await asyncio.sleep(0)  # the slot is handed over; the queued call has not run on yet
+    assert (limiter.queued, limiter.in_flight) == (0, 1)
+    limiter.begin_stopping()
+    with pytest.raises(ShuttingDown):
+        await queued
+    assert limiter.in_flight == 0
 
 
 async def test_calls_leaving_a_long_line_out_of_order_compare_no_waiters_field_by_field():
