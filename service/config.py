@@ -64,7 +64,14 @@ def _require(condition: bool, problem: str) -> None:
 # What `api_key_env` and `redis_password_env` must look like: a key or password pasted
 # there instead (`sk-...`) would be printed as the "variable" by logs, errors and `check`.
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_VARIABLE_NAME_RULE = "letters, digits and _, not starting with a digit"
+# Keys that are valid variable names all the same (`sk_live_51Hx...`, `ghp_...`,
+# `AKIAIOSFODNN7EXAMPLE`) hold a run this long of letters and digits, mixed; the words of
+# a variable's name (`HOLYSHEEP_API_KEY`, `AZURE_KEY_EASTUS2`) are shorter or all letters.
+_KEY_LIKE_RUN = re.compile(r"[A-Za-z0-9]{16,}")
+_VARIABLE_NAME_RULE = (
+    "letters, digits and _, not starting with a digit, and not 16 or more letters and "
+    "digits in a row, mixed, as in a key"
+)
 # The shortest time gRPC's channel arguments can take: a millisecond (under half of one,
 # rounded, is 0).
 _MIN_GRPC_S = 0.001
@@ -80,7 +87,16 @@ def is_model_name(name: str) -> bool:
 
 
 def _is_variable_name(name: str) -> bool:
-    return _VARIABLE_NAME.fullmatch(name) is not None
+    return _VARIABLE_NAME.fullmatch(name) is not None and not _looks_like_a_key(name)
+
+
+def _looks_like_a_key(text: str) -> bool:
+    """Whether `text` reads as a key or password rather than a name: an OpenAI-style key
+    (`sk-...`), or 16 or more letters and digits in a row, digits and letters both among
+    them."""
+    return text[:3].lower() == "sk-" or any(
+        not run.isdigit() and not run.isalpha() for run in _KEY_LIKE_RUN.findall(text)
+    )
 
 
 def has_redis_credentials(url: str) -> bool:
@@ -126,7 +142,7 @@ def _require_redis_address(url: str) -> None:
     _require(
         not unknown,
         f"redis_url's query names options a {parts.scheme}:// connection does not take: "
-        f"{', '.join(unknown)}",
+        f"{', '.join(map(_shown_name, unknown))}",
     )
     _require_redis_option_values(query)
 
@@ -1347,10 +1363,13 @@ def _json_value(value: Any, key: str) -> object:
 
 def _shown_name(name: object) -> str:
     """An unknown key as an error may show it: never a caller key pasted in its place
-    (`llmgw_...`), and no more than 32 characters of anything else."""
+    (`llmgw_...`) nor another that looks like a key (`sk_live_...`), and no more than 32
+    characters of anything else."""
     text = str(name)
     if text.startswith(CALLER_KEY_PREFIX):
         return CALLER_KEY_PREFIX + "…"
+    if _looks_like_a_key(text):
+        return "(a name that looks like a key)"
     return text if len(text) <= 32 else text[:32] + "…"
 
 
@@ -1580,7 +1599,7 @@ def parse_config(
         tenants = getattr(config, section)
         bad_tenant = next((t for t in tenants if not (is_tenant_name(t) or t == ANY_TENANT)), None)
         if bad_tenant is not None:
-            raise config.error(f"{section}.{bad_tenant}", "not a valid tenant name")
+            raise config.error(f"{section}.{_shown_name(bad_tenant)}", "not a valid tenant name")
     if config.tenants.get(ANY_TENANT, TenantConfig()).is_admin:
         # Every unlisted tenant, a mistyped key's included, would read all tenants' usage.
         raise config.error(
@@ -1735,27 +1754,28 @@ def _check_redis_password_env(config: GatewayConfig, env: Mapping[str, str]) -> 
     Whoever named it expects a password to be used: connecting without one would hide the
     missing secret (until Redis refuses every command, a failure far from its cause). Not
     named: no password. Only sections that connect to Redis are checked (not a disabled
-    cache: a staging overlay turning it off need not carry its password).
+    cache: a staging overlay turning it off need not carry its password). Any named one
+    must be a variable's name, as `api_key_env`: a password written there is never shown.
     """
     named = {
-        "cache.redis_password_env": config.cache.redis_password_env
-        if config.cache.uses_redis
-        else None,
-        "auth.redis_password_env": config.auth.redis_password_env
-        if config.auth.redis_url is not None
-        else None,
-        "ledger.redis_password_env": config.ledger.redis_password_env
-        if config.ledger.redis_url
-        else None,
+        "cache.redis_password_env": (config.cache.redis_password_env, config.cache.uses_redis),
+        "auth.redis_password_env": (
+            config.auth.redis_password_env,
+            config.auth.redis_url is not None,
+        ),
+        "ledger.redis_password_env": (
+            config.ledger.redis_password_env,
+            bool(config.ledger.redis_url),
+        ),
     }
-    for key, variable in named.items():
+    for key, (variable, connects) in named.items():
         if variable and not _is_variable_name(variable):
             problem = (
                 f"must name an environment variable ({_VARIABLE_NAME_RULE}), "
                 "not hold the password itself"
             )
             raise config.error(key, problem)
-        if variable and not env.get(variable):
+        if variable and connects and not env.get(variable):
             state = "empty" if variable in env else "not set"
             problem = (
                 f"the environment variable {variable} is {state}; set it to the Redis "

@@ -23,6 +23,7 @@ from tests.conftest import FAKE_MODEL, gateway_config
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
 from tests.integration.pki import make_pki
 from tests.scripted_upstream import ScriptedUpstream, system_text, user_text
+from tests.secret_capture import record_emitted, register_secret
 
 
 def parse(module, *argv: str) -> argparse.Namespace:
@@ -576,6 +577,59 @@ local_model: {{enabled: never}}
     captured = capsys.readouterr()
     assert code == 2
     assert "upstreams[0]: api_key_env must name an environment variable" in captured.err
+    assert "PASTEDKEY" not in captured.out + captured.err
+
+
+# A key that is a valid variable name all the same (Stripe's `sk_live_...`).
+KEY_LIKE_NAME = register_secret("sk_live_51HPASTEDKEYasITSvariable4d9a7c1e")
+
+
+@pytest.mark.parametrize(
+    ("upstreams", "environ", "refusal"),
+    [
+        pytest.param(
+            f"api_key_env: {KEY_LIKE_NAME}",
+            {},
+            "upstreams[0]: api_key_env must name an environment variable",
+            id="api_key_env",
+        ),
+        pytest.param(
+            "api_key_env: GW_CHECK_KEY",
+            {
+                "GW_CHECK_KEY": "k",
+                "LLM_GATEWAY__LEDGER": "{redis_url: 'redis://127.0.0.1:1/0', "
+                f"redis_password_env: {KEY_LIKE_NAME}}}",
+            },
+            "ledger.redis_password_env: must name an environment variable",
+            id="redis_password_env-of-a-section-set-whole",
+        ),
+    ],
+)
+async def test_check_never_prints_a_key_that_is_a_valid_variable_name(
+    tmp_path, monkeypatch, capsys, *, upstreams, environ, refusal
+):
+    """A key pasted as a variable's name that is a valid name all the same (16 or more
+    letters and digits in a row, mixed) is a config error that `check` reports without a
+    word of the key, from the file or from a section the environment sets whole.
+
+    Before, `check` listed the upstream as skipped, `not set ($sk_live_...)`, or said the
+    password variable `sk_live_...` was not set: the key on stdout or stderr.
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"""
+upstreams:
+  - {{name: pasted, base_url: "https://api.example.test/v1", {upstreams}, models: [m]}}
+local_model: {{enabled: never}}
+"""
+    )
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    record_emitted(captured.out, captured.err)
+    assert code == 2
+    assert refusal in captured.err
     assert "PASTEDKEY" not in captured.out + captured.err
 
 

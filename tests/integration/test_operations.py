@@ -32,6 +32,7 @@ from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.host_addresses import link_local_address
 from tests.redis_server import RedisServer
+from tests.secret_capture import record_emitted, register_secret
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -385,6 +386,29 @@ async def test_an_override_variable_misnamed_is_a_config_error(upstream, tmp_pat
         f"llm-gateway: config error: {variable}: (top level): "
         "not an override: those start with LLM_GATEWAY__"
     )
+
+
+# A key that is a valid variable name all the same (Stripe's `sk_live_...`).
+_KEY_LIKE_NAME = register_secret("sk_live_51HPASTEDKEYforSERVE0e8c6a4b2d9f")
+
+
+async def test_serve_never_logs_a_key_pasted_as_a_valid_variable_name(upstream, tmp_path):
+    """A key written as `api_key_env` that is a valid variable name all the same (16 or
+    more letters and digits in a row, mixed) stops `serve` with a config error that holds
+    no word of it.
+
+    Before, the gateway started with the upstream disabled, and its `upstream.disabled`
+    line gave the key as `missing_env`.
+    """
+    data = gateway_config_data(upstream.base_url)
+    data["upstreams"][0]["api_key_env"] = _KEY_LIKE_NAME
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code, stderr = await _refused_start("serve", "--config", str(path))
+    record_emitted(stderr)
+    assert code == 2
+    assert f"{path}: upstreams[0]: api_key_env must name an environment variable" in stderr
+    assert "PASTEDKEY" not in stderr
 
 
 @pytest.mark.parametrize("source", ["--log-level", "LLM_GATEWAY_LOG_LEVEL"])

@@ -25,6 +25,7 @@ from service.config import (
     parse_config,
 )
 from service.domain import CacheMode, TruncationMode
+from tests.secret_capture import register_secret
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "gateway.yaml"
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -34,6 +35,7 @@ PRESET_KEYS = {
     "openai": "OPENAI_API_KEY",
 }
 SECRET = "sk-test-not-a-real-key-0123456789"
+REDIS_CACHE = {"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0"}
 
 
 def upstream(name: str = "up", **fields: Any) -> dict[str, Any]:
@@ -1219,6 +1221,79 @@ def test_a_secret_written_where_its_variable_name_goes_is_refused_unechoed(
     assert caught.value.key == key
     assert "must name an environment variable" in str(caught.value)
     assert "PASTED" not in str(caught.value)
+
+
+# A key that is a valid variable name all the same (Stripe's `sk_live_...`, GitHub's
+# `ghp_...`, AWS's `AKIA...`): taken as a name, logs, errors and `check` printed it.
+KEY_LIKE_NAME = register_secret("sk_live_51HPASTEDinsteadOFitsVARIABLE0123")
+
+
+@pytest.mark.parametrize(
+    ("data", "environ", "key"),
+    [
+        pytest.param(
+            {"upstreams": [upstream(api_key_env=KEY_LIKE_NAME)]}, {}, "upstreams[0]",
+            id="api_key_env",
+        ),
+        pytest.param(
+            {"upstreams": [upstream(proxy_authorization_env=KEY_LIKE_NAME)]}, {},
+            "upstreams[0]", id="proxy_authorization_env",
+        ),
+        pytest.param(
+            {"cache": {**REDIS_CACHE, "redis_password_env": KEY_LIKE_NAME}}, {},
+            "cache.redis_password_env", id="redis_password_env",
+        ),
+        pytest.param(
+            {"cache": {"backend": "memory", "redis_password_env": KEY_LIKE_NAME}}, {},
+            "cache.redis_password_env", id="redis_password_env-of-a-cache-without-redis",
+        ),
+        pytest.param(
+            {},
+            {"LLM_GATEWAY__LEDGER": "{redis_url: 'redis://127.0.0.1:6379/0', "
+                                    f"redis_password_env: {KEY_LIKE_NAME}}}"},
+            "ledger.redis_password_env", id="section-set-whole-from-the-environment",
+        ),
+        pytest.param(
+            {},
+            {"LLM_GATEWAY__UPSTREAMS": "[{name: up, base_url: 'https://api.example.test/v1', "
+                                       f"models: [m], api_key_env: {KEY_LIKE_NAME}}}]"},
+            "upstreams[0]", id="upstreams-set-whole-from-the-environment",
+        ),
+    ],
+)  # fmt: skip
+def test_a_key_that_is_a_valid_variable_name_is_refused_unechoed(
+    data: dict[str, Any], environ: dict[str, str], key: str
+) -> None:
+    """A key pasted where a variable's name goes is refused without a word of it even
+    when it is a valid name (`sk_live_...`): 16 or more letters and digits in a row, mixed,
+    are a key's, not a name's words. Names of words stay names, digits among them.
+
+    Before, such a key was taken as the name: `check` printed it as `not set ($...)`, the
+    log line `upstream.disabled` as `missing_env`, an error for an unset password variable
+    in its text, and a cache without Redis kept it unchecked.
+    """
+    with pytest.raises(ConfigError) as caught:
+        parse(data, **environ)
+    assert caught.value.key == key
+    assert "must name an environment variable" in str(caught.value)
+    assert "PASTED" not in str(caught.value)
+    names = ["HOLYSHEEP_API_KEY", "AZURE_OPENAI_KEY_EASTUS2", "OPENAI_API_KEY_20240101"]
+    names += ["THEPROVIDERSKEYFORPRODUCTION", "_1234567890123456789"]
+    for name in names:
+        assert parse({"upstreams": [upstream(api_key_env=name)]}).upstreams[0].api_key_env
+
+
+def test_an_unknown_name_that_looks_like_a_key_is_not_shown() -> None:
+    """A key pasted where a field's, a Redis URL option's or a tenant's name goes is not
+    shown by the error naming it. Before, up to 32 of its characters were, or all."""
+    for data in (
+        {"server": {KEY_LIKE_NAME: 1}},
+        {"cache": {"backend": "redis", "redis_url": f"redis://127.0.0.1:6379/0?{KEY_LIKE_NAME}"}},
+        {"tenants": {f"Bearer {KEY_LIKE_NAME}": {}}},
+    ):
+        with pytest.raises(ConfigError) as caught:
+            parse(data)
+        assert "PASTED" not in str(caught.value)
 
 
 REDIS_SECTIONS = {

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.config import GatewayConfig, parse_config
+from service.config import GatewayConfig, LocalModelConfig, load_config, parse_config
 from service.errors import RETRY_ELSEWHERE_TRAILER
 from service.workers import worker_configs
 
@@ -101,10 +103,48 @@ def _plain_env(container: dict[str, Any]) -> dict[str, str]:
 
 
 def _production_config() -> GatewayConfig:
-    """deploy/kubernetes/gateway.yaml with the gateway Deployment's env overrides applied."""
+    """deploy/kubernetes/gateway.yaml with the environment of the gateway's pods applied:
+    the image's variables, then the Deployment's."""
     data = yaml.safe_load((KUBE / "gateway.yaml").read_text(encoding="utf-8"))
-    env = _plain_env(_gateway_container(_gateway_deployments()[0]))
+    env = {**_image_env(), **_plain_env(_gateway_container(_gateway_deployments()[0]))}
     return parse_config(data, source="deploy/kubernetes/gateway.yaml", environ=env)
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (KEYWORD, arguments), continued lines joined."""
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    lines = re.sub(r"\\\n", " ", text).splitlines()
+    return [
+        (line.split(maxsplit=1)[0].upper(), line.split(maxsplit=1)[1])
+        for line in lines
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def _image_env() -> dict[str, str]:
+    """The variables the image's runtime stage (the last) sets with ENV."""
+    instructions = _dockerfile_instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    env: dict[str, str] = {}
+    for keyword, arguments in instructions[last_from:]:
+        if keyword == "ENV":
+            for item in shlex.split(arguments):
+                name, _, value = item.partition("=")
+                env[name] = value
+    return env
+
+
+def _image_config(tmp_path: Path) -> Path:
+    """/etc/llm-gateway/gateway.yaml as the image's build writes it."""
+    made = subprocess.run(
+        ["sed", "-f", str(DEPLOY / "image-config.sed"), str(ROOT / "config" / "gateway.yaml")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    path = tmp_path / "gateway.yaml"
+    path.write_text(made.stdout, encoding="utf-8")
+    return path
 
 
 def _kustomization(directory: Path) -> dict[str, Any]:
@@ -818,8 +858,62 @@ def test_dockerfile_is_multi_stage_non_root_and_keyless() -> None:
     (user,) = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
     assert int(user.split(":")[0]) > 0
     assert f"EXPOSE {GRPC_PORT}" in text
-    assert f"LLM_GATEWAY__SERVER__LISTEN=0.0.0.0:{GRPC_PORT}" in text
     assert not re.search(r"^\s*(ENV|ARG)\s+\S*API_KEY", text, flags=re.MULTILINE)
+
+
+IMAGE_MODEL_PATH = "/opt/llm-gateway/models/gemma3-270m-q4_k_m.gguf"
+
+
+def test_the_image_listens_on_every_interface_from_its_config_file(tmp_path: Path) -> None:
+    """`docker run` of the image listens on 0.0.0.0:50051 and finds the model it holds,
+    both set in the config file its build writes (the one `serve` reads), not as
+    LLM_GATEWAY__... variables: the image sets none."""
+    instructions = _dockerfile_instructions()
+    assert ("CMD", '["--config", "/etc/llm-gateway/gateway.yaml"]') in instructions
+    assert any(
+        keyword == "RUN" and "sed -f image-config.sed gateway.yaml" in arguments
+        for keyword, arguments in instructions
+    )
+    env = _image_env()
+    assert env["LLM_GATEWAY_CONFIG"] == "/etc/llm-gateway/gateway.yaml"
+    assert not [name for name in env if name.startswith("LLM_GATEWAY__")]
+    config = load_config(_image_config(tmp_path), environ=env)
+    assert config.server.listen == f"0.0.0.0:{GRPC_PORT}"
+    assert config.local_model.model_path == IMAGE_MODEL_PATH
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "check"),
+    [
+        pytest.param(
+            "LLM_GATEWAY__SERVER",
+            "{listen: '0.0.0.0:6000', grace_period_s: 3}",
+            lambda c: (c.server.listen, c.server.grace_period_s) == ("0.0.0.0:6000", 3),
+            id="server",
+        ),
+        pytest.param(
+            "LLM_GATEWAY__LOCAL_MODEL",
+            "{enabled: never}",
+            lambda c: (
+                (c.local_model.enabled, c.local_model.model_path)
+                == ("never", LocalModelConfig().model_path)
+            ),
+            id="local_model",
+        ),
+    ],
+)
+def test_a_pods_section_set_whole_replaces_the_images(
+    tmp_path: Path, variable: str, value: str, check: Any
+) -> None:
+    """A pod's `LLM_GATEWAY__SERVER='{...}'` replaces the image's `server` section, as it
+    replaces a file's.
+
+    Before, the image set LLM_GATEWAY__SERVER__LISTEN (and ..._LOCAL_MODEL__MODEL_PATH),
+    a second variable for a key of the section: the pod would not start, a config error
+    naming a variable its spec never set.
+    """
+    config = load_config(_image_config(tmp_path), environ={**_image_env(), variable: value})
+    assert check(config)
 
 
 def _ignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
@@ -850,13 +944,14 @@ def _in_build_context(path: str, patterns: list[tuple[bool, re.Pattern[str]]]) -
 
 def _image_needs() -> tuple[set[Path], set[Path]]:
     """What the image's build reads: the wheel's package directories (pyproject.toml's),
-    and single files: those the wheel is built with, the default config, and the targets
-    of links in the packages."""
+    and single files: those the wheel is built with, the default config and the script
+    making the image's of it, and the targets of links in the packages."""
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     tops = {name.split(".")[0] for name in setuptools["packages"]}
     packages = {ROOT / setuptools["package-dir"].get(top, top) for top in tops}
     files = {ROOT / f for f in ("pyproject.toml", "README.md", "constraints.txt")}
     files.add(ROOT / "config" / "gateway.yaml")
+    files.add(DEPLOY / "image-config.sed")
     files.update(p.resolve() for d in packages for p in d.rglob("*") if p.is_symlink())
     return packages, files
 
