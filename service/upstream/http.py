@@ -53,6 +53,9 @@ _MAX_PROXY_HEAD_BYTES = 16 * 1024
 # Where a head ends: the empty line after its last, each line ending in CRLF or a bare LF
 # (RFC 9112 §2.2), as `_response_parser` reads them.
 _HEAD_END = re.compile(rb"\n\r?\n")
+# A structured field's quoted string, its escapes included (RFC 8941 §3.3.3): the commas
+# and semicolons in it separate nothing.
+_QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 # A reused connection the server closes unanswered within this long of a request going
 # out crossed its idle timeout: the close was on its way (a round trip at most) before the
 # request arrived. One closed later was held: the server had the request, and may have
@@ -92,7 +95,7 @@ class ProxyRefused(ProxyFailed):
     """The forward proxy answered CONNECT with a status other than 2xx (`status`): 407
     for missing or wrong credentials, 403 for a destination it does not allow, 502/503
     when it cannot reach the upstream. Or it answered a request sent to it in absolute
-    form (`refused="the request"`) with 407, the one status no upstream sends."""
+    form (`refused="the request"`) with an error of its own (`_is_proxys_own`)."""
 
     def __init__(self, status: int, *, proxy: str, refused: str = "the tunnel") -> None:
         super().__init__(f"refused {refused} (HTTP {status})", proxy=proxy, status=status)
@@ -830,10 +833,16 @@ class HttpPool:
                     on_sent()
                 response.release()
                 raise
-            if response.status == 407 and self._forwards_to is not None:
-                # The proxy's own refusal, as of a tunnel: the upstream never had the request.
+            if (
+                response.status >= 400
+                and self._forwards_to is not None
+                and _is_proxys_own(response)
+            ):
+                # The proxy's own refusal, as of a tunnel: not the upstream's answer.
                 response.release()
-                raise ProxyRefused(407, proxy=self._forwards_to.address, refused="the request")
+                raise ProxyRefused(
+                    response.status, proxy=self._forwards_to.address, refused="the request"
+                )
             if on_sent is not None:
                 on_sent()
             return response
@@ -994,6 +1003,26 @@ class HttpPool:
             connection.close()
         self._idle.clear()
         await asyncio.sleep(0)  # let the transports' close callbacks run
+
+
+def _is_proxys_own(response: Response) -> bool:
+    """Whether an error answer to a request in absolute form is the proxy's own rather
+    than the upstream's it relays: a 407 (no upstream sends one), or one whose head says
+    an intermediary wrote it: `X-Squid-Error` (on the error pages squid writes itself), or
+    a `Proxy-Status` (RFC 9209) whose last member, the intermediary nearest the gateway,
+    carries an `error`. A proxy that marks nothing is read as the upstream, as by curl.
+
+    Nothing else tells them apart: a proxy adds `Via` to every answer it relays, and an
+    http upstream's own front (nginx before vLLM) answers 502 or 504 without JSON too.
+    """
+    headers = response.headers
+    if response.status == 407 or "x-squid-error" in headers:
+        return True
+    proxy_status = headers.get("proxy-status")
+    if proxy_status is None:
+        return False
+    last = _QUOTED_STRING.sub('""', proxy_status).rsplit(",", 1)[-1]
+    return any(param.split("=", 1)[0].strip() == "error" for param in last.split(";")[1:])
 
 
 def _head(
