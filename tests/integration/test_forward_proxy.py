@@ -400,10 +400,15 @@ async def test_a_hanging_proxy_fails_over_within_the_connect_timeout(
     upstream, proxy, start_gateway
 ):
     """A proxy that never answers an https upstream's CONNECT costs one
-    `connect_timeout_s`, then the call moves on to the next upstream."""
+    `connect_timeout_s`, then the call moves on to the next upstream: not the upstream's
+    `timeout_s`, here past the call's deadline."""
     proxy.mode = "hang"
     data = config_data(
-        through(upstream, "https"), upstream.base_url, proxy_url=proxy.url, connect_timeout_s=0.3
+        through(upstream, "https"),
+        upstream.base_url,
+        proxy_url=proxy.url,
+        connect_timeout_s=0.3,
+        timeout_s=60,
     )
     gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
     reply = await gateway.stub.Complete(chat(), timeout=20)
