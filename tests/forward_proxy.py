@@ -46,6 +46,8 @@ class ForwardProxy:
     it). `connect_ports`: the ports CONNECT may name (None: any), others refused with 403
     as squid's `http_access deny CONNECT !SSL_ports` does; `cut_after`: how many bytes of
     a forwarded answer are relayed before the proxy closes the connection (None: all).
+    `refusal_headers`: header lines its own refusals carry (`X-Squid-Error: ...\r\n`);
+    `relay_headers`: those it adds to each answer it forwards (`Via: ...\r\n`).
     """
 
     hosts: Mapping[str, tuple[str, int]] = field(default_factory=dict)
@@ -55,6 +57,8 @@ class ForwardProxy:
     established: bytes = b"HTTP/1.1 200 Connection established\r\n\r\n"
     connect_ports: Collection[int] | None = None
     cut_after: int | None = None
+    refusal_headers: bytes = b""
+    relay_headers: bytes = b""
     requests: list[ProxyRequest] = field(default_factory=list)
     connections: int = 0
     port: int = 0
@@ -131,7 +135,7 @@ class ForwardProxy:
             if self.mode == "refuse" and method != "CONNECT":
                 # An error page framed by its length: the connection lives on, as squid's.
                 await reader.readexactly(int(headers.get("content-length", "0")))
-                await _refuse(writer, self.status)
+                await _refuse(writer, self.status, self.refusal_headers)
                 continue
             if not await self._answered_in_mode(writer):
                 return
@@ -153,7 +157,7 @@ class ForwardProxy:
             await writer.drain()
             return False
         if self.mode == "refuse":
-            await _refuse(writer, self.status)
+            await _refuse(writer, self.status, self.refusal_headers)
             return False
         return True
 
@@ -178,7 +182,7 @@ class ForwardProxy:
         try:
             up_reader, up_writer = await asyncio.open_connection(*address)
         except OSError:
-            await _refuse(writer, 502)
+            await _refuse(writer, 502, self.refusal_headers)
             return False
         self._writers.add(up_writer)
         try:
@@ -189,7 +193,7 @@ class ForwardProxy:
             up_writer.write(f"{request}Connection: close\r\n\r\n".encode("latin-1") + body)
             lines = (await up_reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
             # The origin's `Connection: close` is its own hop's: the client's may live on.
-            kept_lines = [x for x in lines if not x.lower().startswith(b"connection:")]
+            kept_lines = [x for x in lines if x and not x.lower().startswith(b"connection:")]
             length = next(
                 (int(x[15:]) for x in lines if x.lower().startswith(b"content-length:")), None
             )
@@ -197,9 +201,8 @@ class ForwardProxy:
                 x.lower().startswith(b"transfer-encoding:") for x in lines
             )
             # Relayed till its length, or else till the origin closes (asked to, above).
-            await _relay(
-                b"\r\n".join(kept_lines), up_reader, writer, length=length, cut=self.cut_after
-            )
+            head = b"".join(line + b"\r\n" for line in kept_lines) + self.relay_headers + b"\r\n"
+            await _relay(head, up_reader, writer, length=length, cut=self.cut_after)
             return is_framed and self.cut_after is None
         finally:
             self._writers.discard(up_writer)
@@ -211,7 +214,7 @@ class ForwardProxy:
         """Answer CONNECT: refused for a port not in `connect_ports`, else a tunnel."""
         host, _, port = target.rpartition(":")
         if self.connect_ports is not None and int(port) not in self.connect_ports:
-            await _refuse(writer, 403)
+            await _refuse(writer, 403, self.refusal_headers)
             return
         address = self.hosts.get(host.strip("[]"), (host.strip("[]"), int(port)))
         try:
@@ -237,10 +240,11 @@ class ForwardProxy:
             up_writer.transport.abort()
 
 
-async def _refuse(writer: asyncio.StreamWriter, status: int) -> None:
-    """Answer with `status` and a short page, as a proxy refusing does."""
+async def _refuse(writer: asyncio.StreamWriter, status: int, headers: bytes = b"") -> None:
+    """Answer with `status` and a short page, as a proxy refusing does; `headers`: more
+    header lines."""
     body = b"<html>refused</html>"
-    extra = {
+    extra = headers + {
         407: b'Proxy-Authenticate: Basic realm="test"\r\n',
         101: b"Upgrade: h2c\r\nConnection: Upgrade\r\n",
     }.get(status, b"")

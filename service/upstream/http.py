@@ -53,6 +53,9 @@ _MAX_PROXY_HEAD_BYTES = 16 * 1024
 # Where a head ends: the empty line after its last, each line ending in CRLF or a bare LF
 # (RFC 9112 §2.2), as `_response_parser` reads them.
 _HEAD_END = re.compile(rb"\n\r?\n")
+# A structured field's quoted string, its escapes included (RFC 8941 §3.3.3): the commas
+# and semicolons in it separate nothing.
+_QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 # A reused connection the server closes unanswered within this long of a request going
 # out crossed its idle timeout: the close was on its way (a round trip at most) before the
 # request arrived. One closed later was held: the server had the request, and may have
@@ -92,7 +95,7 @@ class ProxyRefused(ProxyFailed):
     """The forward proxy answered CONNECT with a status other than 2xx (`status`): 407
     for missing or wrong credentials, 403 for a destination it does not allow, 502/503
     when it cannot reach the upstream. Or it answered a request sent to it in absolute
-    form (`refused="the request"`) with 407, the one status no upstream sends."""
+    form (`refused="the request"`) with an error of its own (`_is_proxys_own`)."""
 
     def __init__(self, status: int, *, proxy: str, refused: str = "the tunnel") -> None:
         super().__init__(f"refused {refused} (HTTP {status})", proxy=proxy, status=status)
@@ -304,16 +307,27 @@ def _response_parser(response: Response | _Tunnel) -> httptools.HttpResponsePars
 _LENGTH_LINE = re.compile(rb"^content-length[ \t]*:([^\n]*)\n", re.IGNORECASE | re.MULTILINE)
 
 
-def _final_head(received: bytes) -> tuple[int, int] | None:
-    """Where the final head starts and ends in `received` (a response's bytes from its
-    start), past the interim (1xx) heads before it; None while it is not all in."""
+def _final_head(received: bytes | bytearray) -> tuple[int, int] | None:
+    """Where the final head starts and ends in `received` (an answer's bytes from its
+    start), past the interim (1xx) heads before it, which a client reads and drops (RFC
+    9110 §15.2); None while it is not all in. A 101 is final: a switch of protocols."""
     start = 0
     while (blank := _HEAD_END.search(received, start)) is not None:
-        status = received[start : blank.end()].split(b"\n", 1)[0].split(b" ", 2)[1:2]
-        if not status or not status[0].startswith(b"1") or status[0] == b"101":
+        if not _is_interim(received[start : blank.end()].split(b"\n", 1)[0]):
             return start, blank.end()
         start = blank.end()
     return None
+
+
+def _is_interim(status_line: bytes | bytearray) -> bool:
+    """Whether a head's status line is an interim answer's (`HTTP/1.1 100 Continue`)."""
+    status = status_line.split(b" ", 2)[1:2]
+    return (
+        status_line.startswith(b"HTTP/")
+        and bool(status)
+        and status[0][:1] == b"1"
+        and status[0][:3] != b"101"
+    )
 
 
 def _one_content_length(head: bytes) -> bytes | None:
@@ -351,7 +365,6 @@ class _Tunnel(asyncio.Protocol):
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.is_lost = False
         self._head = bytearray()
-        self._start = 0  # where the head not parsed yet begins: past any interim ones
         self._parser: httptools.HttpResponseParser | None = None
         self._status = 0  # stays 0 unless a whole, well-formed head is parsed
 
@@ -364,38 +377,33 @@ class _Tunnel(asyncio.Protocol):
             self._fail(ProxyFailed("sent bytes the tunnel did not ask for", proxy=self._proxy))
             return
         self._head += data
-        status = self._final_status()
-        if status is None:  # the head is not all in yet
+        found = _final_head(self._head)
+        if found is None:  # the head is not all in yet
             if len(self._head) > _MAX_PROXY_HEAD_BYTES:
                 self._fail(ProxyFailed("answered CONNECT with too long a head", proxy=self._proxy))
             return
+        start, end = found
+        status = self._status_of(bytes(self._head[start:end]))
         if not 100 <= status <= 599:
             self._fail(ProxyFailed("answered CONNECT with malformed HTTP", proxy=self._proxy))
         elif not 200 <= status < 300:
             self._fail(ProxyRefused(status, proxy=self._proxy))
-        elif len(self._head) > self._start:
+        elif len(self._head) > end:
             self._fail(ProxyFailed("sent bytes the tunnel did not ask for", proxy=self._proxy))
         else:
             assert self.transport is not None
             self.transport.pause_reading()
             self.opened.set_result(None)
 
-    def _final_status(self) -> int | None:
-        """The final answer's status once its whole head is in (0: not HTTP), past the
-        interim (1xx) heads before it, which a client must read and drop (RFC 9110 §15.2);
-        None while it is still to come."""
-        while (blank := _HEAD_END.search(self._head, self._start)) is not None:
-            head = bytes(self._head[self._start : blank.end()])
-            self._start = blank.end()
-            self._status = 0
-            self._parser = _response_parser(self)
-            # Not HTTP: no status is read. An upgrade (a 101 with `Upgrade`) stops llhttp
-            # after its head is read: a status like any other refusal's.
-            with contextlib.suppress(httptools.HttpParserError, httptools.HttpParserUpgrade):
-                self._parser.feed_data(head)
-            if not (100 <= self._status < 200 and self._status != 101):
-                return self._status
-        return None
+    def _status_of(self, head: bytes) -> int:
+        """The status of the final answer's `head` as llhttp reads it (0: not HTTP). An
+        upgrade (a 101 with `Upgrade`) stops llhttp after its head is read: a status like
+        any other refusal's."""
+        self._status = 0
+        self._parser = _response_parser(self)
+        with contextlib.suppress(httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._parser.feed_data(head)
+        return self._status
 
     def on_headers_complete(self) -> None:  # httptools: the status line and headers are in
         assert self._parser is not None
@@ -825,10 +833,16 @@ class HttpPool:
                     on_sent()
                 response.release()
                 raise
-            if response.status == 407 and self._forwards_to is not None:
-                # The proxy's own refusal, as of a tunnel: the upstream never had the request.
+            if (
+                response.status >= 400
+                and self._forwards_to is not None
+                and _is_proxys_own(response)
+            ):
+                # The proxy's own refusal, as of a tunnel: not the upstream's answer.
                 response.release()
-                raise ProxyRefused(407, proxy=self._forwards_to.address, refused="the request")
+                raise ProxyRefused(
+                    response.status, proxy=self._forwards_to.address, refused="the request"
+                )
             if on_sent is not None:
                 on_sent()
             return response
@@ -989,6 +1003,26 @@ class HttpPool:
             connection.close()
         self._idle.clear()
         await asyncio.sleep(0)  # let the transports' close callbacks run
+
+
+def _is_proxys_own(response: Response) -> bool:
+    """Whether an error answer to a request in absolute form is the proxy's own rather
+    than the upstream's it relays: a 407 (no upstream sends one), or one whose head says
+    an intermediary wrote it: `X-Squid-Error` (on the error pages squid writes itself), or
+    a `Proxy-Status` (RFC 9209) whose last member, the intermediary nearest the gateway,
+    carries an `error`. A proxy that marks nothing is read as the upstream, as by curl.
+
+    Nothing else tells them apart: a proxy adds `Via` to every answer it relays, and an
+    http upstream's own front (nginx before vLLM) answers 502 or 504 without JSON too.
+    """
+    headers = response.headers
+    if response.status == 407 or "x-squid-error" in headers:
+        return True
+    proxy_status = headers.get("proxy-status")
+    if proxy_status is None:
+        return False
+    last = _QUOTED_STRING.sub('""', proxy_status).rsplit(",", 1)[-1]
+    return any(param.split("=", 1)[0].strip() == "error" for param in last.split(";")[1:])
 
 
 def _head(

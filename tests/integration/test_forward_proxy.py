@@ -133,6 +133,49 @@ async def test_a_407_to_an_http_upstreams_request_is_the_proxys_refusal(
     ]
 
 
+@pytest.mark.parametrize(
+    ("status", "marks"),
+    [
+        (403, b"X-Squid-Error: ERR_ACCESS_DENIED 0\r\n"),
+        (403, b"Proxy-Status: test-proxy; error=destination_ip_prohibited\r\n"),
+        (502, b'Proxy-Status: test-proxy; error=connection_refused; details="a, b; c"\r\n'),
+        (
+            504,
+            b"Proxy-Status: origin-cdn; received-status=200\r\n"
+            b"Proxy-Status: test-proxy; error=http_response_timeout\r\n",
+        ),
+    ],
+    ids=["squid-403", "proxy-status-403", "proxy-status-502", "proxy-status-last-504"],
+)
+async def test_an_error_the_proxy_marks_as_its_own_is_its_refusal_not_the_upstreams(  # noqa: PLR0917
+    status, marks, upstream, proxy, start_gateway, caplog
+):
+    """An error answer to an http upstream's request that the proxy marks as its own
+    (squid's `X-Squid-Error`, a `Proxy-Status` whose last entry names an error) fails the
+    attempt as the proxy's refusal of a tunnel does: `UPSTREAM_UNAVAILABLE` naming the
+    proxy's refusal, `upstream.proxy_refused` logged once. Before, a 403 read as the
+    upstream rejecting the gateway's key (`UPSTREAM_AUTH`), and a 502 as the upstream
+    failing."""
+    proxy.mode, proxy.status, proxy.refusal_headers = "refuse", status, marks
+    data = config_data(through(upstream), proxy_url=proxy.url)
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    with caplog.at_level(logging.WARNING, logger="llm_gateway"):
+        error = await rpc_error(gateway.stub.Complete(chat(), timeout=20))
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert f"its proxy refused the request (HTTP {status})" in error.details()
+    metadata, reason, _ = error_details(error)
+    assert (reason, metadata["upstream"], metadata["attempts"]) == (
+        "UPSTREAM_UNAVAILABLE",
+        "up0",
+        "3",
+    )
+    assert upstream.requests == []
+    said = [r for r in caplog.records if r.getMessage().startswith("upstream.proxy_")]
+    assert [(r.getMessage(), r.http_status, r.proxy) for r in said] == [
+        ("upstream.proxy_refused", status, f"127.0.0.1:{proxy.port}")
+    ]
+
+
 async def test_proxy_authorization_is_sent_and_never_emitted(
     upstream, proxy, start_gateway, caplog
 ):
@@ -357,10 +400,15 @@ async def test_a_hanging_proxy_fails_over_within_the_connect_timeout(
     upstream, proxy, start_gateway
 ):
     """A proxy that never answers an https upstream's CONNECT costs one
-    `connect_timeout_s`, then the call moves on to the next upstream."""
+    `connect_timeout_s`, then the call moves on to the next upstream: not the upstream's
+    `timeout_s`, here past the call's deadline."""
     proxy.mode = "hang"
     data = config_data(
-        through(upstream, "https"), upstream.base_url, proxy_url=proxy.url, connect_timeout_s=0.3
+        through(upstream, "https"),
+        upstream.base_url,
+        proxy_url=proxy.url,
+        connect_timeout_s=0.3,
+        timeout_s=60,
     )
     gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
     reply = await gateway.stub.Complete(chat(), timeout=20)

@@ -26,7 +26,7 @@ from service.upstream.http import (
 from service.upstream.proxy import Proxy, basic_authorization
 from tests.forward_proxy import ForwardProxy
 from tests.integration.pki import https_server_context
-from tests.integration.test_upstream_http import answer_forever
+from tests.integration.test_upstream_http import answer_forever, read_request
 
 NAME = "upstream.test"
 
@@ -138,6 +138,45 @@ async def test_a_407_to_a_request_in_absolute_form_is_the_proxys_refusal() -> No
             assert (proxy.connections, len(proxy.requests), pool.checked_out) == (1, 2, 0)
         finally:
             await pool.aclose()
+
+
+async def test_only_an_error_the_proxy_marks_as_its_own_is_its_refusal() -> None:
+    """In absolute form, an error answer the proxy marks as its own (a `Proxy-Status`
+    whose last entry names an error) is `ProxyRefused` with its status. The upstream's
+    own error, relayed by a proxy that marks what it relays (`Via`, an entry of its own
+    after a farther intermediary's error), is the upstream's answer."""
+
+    async def forbidden(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    server = await asyncio.start_server(forbidden, "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])
+    async with ForwardProxy(hosts={NAME: ("127.0.0.1", port)}, mode="refuse", status=403) as proxy:
+        proxy.refusal_headers = b"Proxy-Status: test-proxy; error=destination_ip_prohibited\r\n"
+        proxy.relay_headers = (
+            b"Via: 1.1 test-proxy\r\nProxy-Status: cdn; error=http_protocol_error\r\n"
+            b'Proxy-Status: test-proxy; details="a, b; error"; received-status=403\r\n'
+        )
+        pool = HttpPool(
+            f"http://{NAME}:{port}/v1", max_connections=1, connect_timeout_s=5, proxy=via(proxy)
+        )
+        try:
+            with pytest.raises(ProxyRefused) as caught:
+                await pool.request("POST", "/chat", {}, b"x")
+            assert (caught.value.status, caught.value.problem) == (
+                403,
+                "refused the request (HTTP 403)",
+            )
+            proxy.mode = "tunnel"
+            async with await pool.request("POST", "/chat", {}, b"y") as response:
+                assert (response.status, await response.read()) == (403, b"{}")
+        finally:
+            await pool.aclose()
+    server.close()
+    await server.wait_closed()
 
 
 async def test_a_proxy_connection_cut_mid_body_is_not_reused_and_one_after_an_error_is():
