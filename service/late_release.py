@@ -82,6 +82,7 @@ class LateReleases:
         self._worker: asyncio.Task[None] | None = None
         self._is_closed = False
         self._wake = asyncio.Event()
+        self._is_backing_off = False  # the last try of what waits failed
         self.released = 0
         self.dropped = 0
         self.abandoned = 0  # every write given up, however: expired, crowded out, refused
@@ -97,10 +98,16 @@ class LateReleases:
         *,
         expires_after_s: float | None = None,
         on_give_up: Callable[[], None] | None = None,
+        was_refused: bool = True,
     ) -> None:
         """Keep retrying `release` (which just failed) until it succeeds or, after
         `expires_after_s` (the lease's TTL by default), is no use any more; `on_give_up`
-        is called if it is abandoned instead (expired, crowded out or closed)."""
+        is called if it is abandoned instead (expired, crowded out or closed).
+
+        `was_refused` False: the store did not refuse it, its caller was cancelled while
+        it was sent (a call cut at its deadline), or it waits behind such a write: tried
+        at once, not after the backoff, unless the store is failing meanwhile.
+        """
         loop = asyncio.get_running_loop()
         if self._is_closed:  # a call still ending as the store closed: no worker outlives it
             log.warning("late_release.abandoned", extra={"store": self._store, "releases": 1})
@@ -119,6 +126,13 @@ class LateReleases:
         self._pending.append(_Pending(release, loop.time() + ttl_s, on_give_up))
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._retry_pending())
+        if not (was_refused or self._is_store_failing()):
+            self._wake_pending()
+
+    def _is_store_failing(self) -> bool:
+        """Whether the last try failed (the worker backs off) or the store is left alone."""
+        cooling_down = self._cooldown is not None and self._cooldown.is_cooling_down
+        return self._is_backing_off or cooling_down
 
     async def release_now(self, release: Release) -> None:
         """Run `release` now; if the store refuses it, or the caller is cancelled while
@@ -143,7 +157,7 @@ class LateReleases:
                 )
             self.retry(release)
         except BaseException:
-            self.retry(release)
+            self.retry(release, was_refused=False)
             raise
         else:
             self.store_answered()
@@ -171,6 +185,7 @@ class LateReleases:
                     await self._wake.wait()
             self._wake.clear()
             refusal = await self._release_in_order()
+            self._is_backing_off = refusal is not None
             if refusal is None:
                 delay = self._first_delay_s
                 continue

@@ -962,10 +962,13 @@ class RedisLedger:
             # What an operator needs to add the call by hand, if it did not land.
             log.error("ledger.record_lost", extra=self._lost(entry))
 
-        def retry_late() -> None:
+        def retry_late(*, was_refused: bool = True) -> None:
             self._rows_waiting.setdefault(entry.tenant, set()).add(number)
             self.late_releases.retry(
-                record_late, expires_after_s=RECORD_RETRY_S, on_give_up=give_up
+                record_late,
+                expires_after_s=RECORD_RETRY_S,
+                on_give_up=give_up,
+                was_refused=was_refused,
             )
 
         if self.cooldown.skips():
@@ -982,7 +985,7 @@ class RedisLedger:
             else:
                 retry_late()
         except BaseException:  # cancelled while recording: it may not have reached Redis
-            retry_late()
+            retry_late(was_refused=False)
             raise
         else:
             self.late_releases.store_answered()
@@ -1197,7 +1200,7 @@ class RedisLedger:
         if reservation.tenant in self._rows_waiting:
             # The call's usage row (or an earlier one of the tenant's) is still to land:
             # released after it, so the budget counts the call all along, reserved or spent.
-            self.late_releases.retry(release_now)
+            self.late_releases.retry(release_now, was_refused=False)
             return
         await self.late_releases.release_now(release_now)
 

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from llmgateway.v1 import gateway_pb2 as pb
+from service.config import BudgetConfig
 from tests.conftest import FAKE_MODEL, chat, gateway_config
-from tests.fake_upstream import FakeUpstream, Reply
+from tests.fake_upstream import FakeUpstream, Hang, Reply
 from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.integration.test_budget_reservations import (
     MAX_TOKENS,
@@ -135,8 +139,8 @@ async def test_a_reservation_redis_refused_to_release_is_given_back_once_it_take
         assert (await gateway.stub.Complete(capped("call b"), timeout=_TIMEOUT_S)).content
 
 
-async def _nothing_reserved(ledger: Any) -> bool:
-    return float(await ledger.reserved_usd("default", "day")) == 0.0
+async def _nothing_reserved(ledger: Any, tenant: str = "default") -> bool:
+    return float(await ledger.reserved_usd(tenant, "day")) == 0.0
 
 
 async def test_a_reservation_is_not_released_before_its_usage_row_lands(
@@ -284,3 +288,39 @@ async def test_redis_error_replies_are_logged_once_an_episode_not_once_a_call(
                 )
         finally:
             await client.aclose()
+
+
+async def test_calls_cut_at_their_deadline_record_and_release_at_once_not_after_a_backoff(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """A unary call whose deadline passes while its upstream hangs is cancelled twice: by
+    the gateway's own deadline, then by grpc's as it records its prompt's cost. Its usage
+    row and its reservation's release, cut on their way to Redis though Redis answers,
+    are sent again at once: its budget does not count it twice (spent and reserved) for
+    a backoff (0.5 s; here an hour, so the test sees it), nor its tenant's slot stay held.
+
+    Before, each went to the background queue as a write Redis had refused, waiting out
+    the backoff, and every deadline passed so showed as Redis writes waiting."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    async with FakeUpstream(models=(FAKE_MODEL,), default=Hang()) as fake:
+        config = one_slot_config(fake.base_url, redis_server, prefix)
+        ledger = {"redis_url": redis_server.url, "key_prefix": uuid.uuid4().hex}
+        config = dataclasses.replace(
+            config,
+            ledger=gateway_config(fake.base_url, ledger=ledger).ledger,
+            budgets={"team-a": BudgetConfig(usd=1.0, period="day")},
+        )
+        gateway = await start_gateway(config)
+        usage = gateway.server.pipeline.ledger
+        usage.late_releases._first_delay_s = 3600.0
+        for _ in range(3):  # the second cancel comes as the record is on its way, most often
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await gateway.stub.Complete(chat(), metadata=as_tenant("team-a"), timeout=0.3)
+            assert cut.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            await eventually(lambda: _nothing_reserved(usage, "team-a"))
+        rows = await gateway.stub.GetUsage(pb.GetUsageRequest(), metadata=as_tenant("team-a"))
+        assert rows.total.requests == 3
+        assert rows.total.cost_usd == pytest.approx(await usage.spent_usd("team-a", "day"))
+        fake.default = Reply()
+        answer = await gateway.stub.Complete(chat(), metadata=as_tenant("team-a"), timeout=5)
+        assert answer.content == "Hello from fake"  # its one slot was given back

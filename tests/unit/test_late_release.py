@@ -308,3 +308,30 @@ async def test_a_release_landing_as_it_is_crowded_out_is_not_given_up() -> None:
     assert store.released == ["a", "b"]
     assert given_up == []
     assert (late.released, late.abandoned) == (2, 0)
+
+
+async def test_a_release_cut_by_its_callers_cancel_is_sent_again_at_once() -> None:
+    """A release its caller's cancel cut on its way (the store did not refuse it) is tried
+    again at once, not after the backoff (an hour here)."""
+    store = Store()
+    late = fast(first_delay_s=3600.0)
+    late.retry(store.release("a"), was_refused=False)
+    await drained(late)
+    assert store.released == ["a"]
+
+
+async def test_a_release_cut_while_the_store_fails_waits_out_the_backoff() -> None:
+    """A cut release tried at once and refused: the worker backs off (an hour here), and
+    the next cut one does not hurry it, the store failing."""
+    store = Store(failures=1)
+    late = fast(first_delay_s=3600.0)
+    late.retry(store.release("a"), was_refused=False)
+    async with asyncio.timeout(_TIMEOUT_S):
+        while store.attempts != ["a"]:
+            await asyncio.sleep(0.005)
+    late.retry(store.release("b"), was_refused=False)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert store.attempts == ["a"]
+    await late.aclose()
+    assert store.released == ["a", "b"]  # its last try, as it closes
