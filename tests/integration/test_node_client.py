@@ -724,6 +724,23 @@ async def test_node_stream_read_after_it_was_cut_gets_the_text_before_the_cut(
     assert len(result["kinds"]) == int(info["metadata"]["deltas_sent"])
 
 
+async def test_node_stream_and_batch_read_again_say_they_were_read_already(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A stream or a batch read to its end, then looped over again, throws a TypeError
+    saying its events were read already (they are not kept for a replay); a failed one
+    throws its failure again. Before, the second loop yielded nothing, as though the call
+    had answered nothing, and ended without a word."""
+    seen = await run_against(node_scenarios, gateway, "read-again")
+    said = "TypeError: this {} was read to its end already: its events are read once"
+    for name, kind in [("stream", "CompletionStream"), ("batch", "BatchResults")]:
+        assert seen[name]["first"] == "answered"
+        assert seen[name]["again"].startswith(said.format(kind))
+        assert seen[name]["eventsAgain"] == 0
+    assert seen["failed"] == {"first": "NOT_FOUND", "again": "NOT_FOUND", "eventsAgain": 0}
+    assert len(upstream.requests) == 2
+
+
 async def test_node_stream_prints_deltas_as_they_arrive(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -477,6 +477,8 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
   private failure: unknown = null;
   /** Set by `cancel()`, the signal, or a loop left early: the loop reads nothing more. */
   #isCancelled = false;
+  /** Set once a loop has read the call's every event: a later loop has none to read. */
+  #isReadToEnd = false;
   // A `#` field, as the client's key: util.inspect of the stream would otherwise show the
   // call, and in it the metadata the call was sent with, the caller key included.
   readonly #call: grpc.ClientReadableStream<Message>;
@@ -545,6 +547,14 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
   }
 
   private async *events(): AsyncGenerator<Event, void> {
+    if (this.#isReadToEnd) {
+      // It yielded nothing, as though the call had answered nothing: events are not kept
+      // for a replay (a long answer's would stay in memory as long as the stream did).
+      throw new TypeError(
+        `this ${this.constructor.name} was read to its end already: its events are read ` +
+          "once (keep them as they arrive, or make the call again)",
+      );
+    }
     try {
       for await (const message of this.#received as AsyncIterable<Message>) {
         if (this.#signal?.aborted) {
@@ -569,6 +579,7 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
     if (this.failure !== null) {
       throw asGatewayError(this.failure);
     }
+    this.#isReadToEnd = true;
   }
 }
 

@@ -732,6 +732,33 @@ async function leaveBatch(client: GatewayClient, args: Args): Promise<Json> {
   return { first, left, after, outcome };
 }
 
+/** How `events` ended when read to its end, and then when read again. */
+async function readTwice(events: AsyncIterable<unknown>): Promise<Json> {
+  const first = await outcomeOf(async () => {
+    for await (const _ of events) {
+      // read to its end
+    }
+  });
+  let eventsAgain = 0;
+  const again = await outcomeOf(async () => {
+    for await (const _ of events) {
+      eventsAgain += 1;
+    }
+  });
+  return { first, again, eventsAgain };
+}
+
+async function readAgain(client: GatewayClient, args: Args): Promise<Json> {
+  // A stream, a batch and a failed stream (a model no upstream serves), each read twice.
+  const request = { model: args.model, messages: messages("Say hi") };
+  const unknown = { ...request, model: `${args.model}-unknown` };
+  return {
+    stream: await readTwice(client.completeStream(request, { timeoutMs: 10_000 })),
+    batch: await readTwice(client.completeBatch({ items: batchItems(args, 1) })),
+    failed: await readTwice(client.completeStream(unknown, { timeoutMs: 10_000 })),
+  };
+}
+
 async function summarize(client: GatewayClient, args: Args): Promise<Json> {
   try {
     const response = await client.summarize(
@@ -881,6 +908,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "leave-buffered": leaveBuffered,
   "late-stream": lateStream,
   "late-cut-stream": lateCutStream,
+  "read-again": readAgain,
   "without-timeout": withoutTimeout,
   "timed-calls": timedCalls,
   "bad-arguments": badArguments,
