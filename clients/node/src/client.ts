@@ -86,7 +86,10 @@ export interface StatusDetails {
   /** From `RetryInfo.retry_delay`: milliseconds after which a retry may succeed. */
   retryDelayMs: number | null;
   errorInfo: { reason: string; domain: string; metadata: Record<string, string> } | null;
-  /** type URLs of details this client does not know, kept so nothing is silently lost. */
+  /**
+   * type URLs of details this client does not know (or whose bytes are not their type's),
+   * kept so nothing is silently lost.
+   */
   unknownTypeUrls: string[];
 }
 
@@ -129,9 +132,28 @@ export function decodeStatusDetails(statusBytes: Uint8Array, code?: grpc.status)
 export function statusDetails(status: Status): StatusDetails {
   const details = noDetails();
   for (const packed of status.details) {
-    decodeOne(packed, details);
+    try {
+      decodeOne(packed, details);
+    } catch {
+      // A detail whose bytes are not its type's: kept by its type URL, as an unknown one.
+      details.unknownTypeUrls.push(packed.typeUrl);
+    }
   }
   return details;
+}
+
+/**
+ * The details of the failed call's `grpc-status-details-bin` trailer, none when it is not
+ * a `google.rpc.Status` (set by a proxy on the way, say): thrown from grpc-js's callback,
+ * the decoding error ended the caller's process, and a stream's loop threw it in place of
+ * the call's status.
+ */
+function trailerDetails(raw: Buffer, code: grpc.status): StatusDetails {
+  try {
+    return decodeStatusDetails(raw, code);
+  } catch {
+    return noDetails();
+  }
 }
 
 function decodeOne(packed: Any, into: StatusDetails): void {
@@ -192,7 +214,7 @@ export class GatewayCallError extends Error {
     this.codeName = codeNameOf(error.code);
     const metadata = error.metadata;
     const raw = metadata?.get(STATUS_DETAILS_KEY)[0];
-    this.details = raw instanceof Buffer ? decodeStatusDetails(raw, error.code) : noDetails();
+    this.details = raw instanceof Buffer ? trailerDetails(raw, error.code) : noDetails();
     const pushback = metadata?.get(RETRY_PUSHBACK_KEY)[0];
     this.pushbackMs = pushback === undefined ? null : Number(pushback);
     this.attempts = attemptsOf(metadata);
