@@ -455,6 +455,8 @@ REFUSED_REQUESTS = {
     "stop-string": "TypeError: params.stop: expected an array, got string",
     "params-number": "TypeError: params: expected a GenerationParams object, got number",
     "message-null": "TypeError: messages[0]: expected a Message object, got null",
+    "message-hole": "TypeError: messages[0]: expected a Message object, got undefined",
+    "stop-hole": "TypeError: params.stop[1]: expected a string, got undefined",
     "max-tokens-snake-case": "TypeError: params.max_tokens: GenerationParams has no such field "
     "(the field is maxTokens)",
     "unknown-field": "TypeError: maxTokens: {message} has no such field",
@@ -484,7 +486,10 @@ async def test_node_client_refuses_bad_arguments_by_name_before_any_call(
     serialize failed the call INTERNAL ("Request message serialization failure: invalid
     int32"), the gateway-bug code, naming no field; a string for a number, a boolean or a
     string went out converted; and a missing request or null options threw "Cannot read
-    properties of undefined"."""
+    properties of undefined". A list with a hole (a stray comma) and an option the call
+    has no name for (`timeout_ms`, which left the call on the default deadline) are refused
+    too: before, the hole went out as the stop sequence "undefined", or failed the call
+    INTERNAL, and the option was dropped unread."""
     name = "gateway.test"
     port = int(gateway.server.address.rpartition(":")[2])
     async with ForwardProxy(hosts={name: ("127.0.0.1", port)}) as proxy:

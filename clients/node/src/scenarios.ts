@@ -552,6 +552,9 @@ const BAD_REQUESTS: Record<string, (request: Json) => unknown> = {
   "stop-string": (request) => ({ ...request, params: { stop: "END" } }),
   "params-number": (request) => ({ ...request, params: 5 }),
   "message-null": (request) => ({ ...request, messages: [null] }),
+  // Lists with a hole, as a stray comma writes them.
+  "message-hole": (request) => ({ ...request, messages: [, ...(request.messages as Json[])] }),
+  "stop-hole": (request) => ({ ...request, params: { stop: ["END", , "STOP"] } }),
   "max-tokens-snake-case": (request) => ({ ...request, params: { max_tokens: 5 } }),
   "unknown-field": (request) => ({ ...request, maxTokens: 5 }),
   undefined: () => undefined,
