@@ -469,6 +469,9 @@ REFUSED_OPTIONS = {
     "number": "TypeError: options: expected an object (CallOptions), got number",
     "metadata-object": "TypeError: options.metadata: expected a grpc.Metadata, got object",
     "signal-object": "TypeError: options.signal: expected an AbortSignal, got object",
+    "timeout-snake-case": "TypeError: options.timeout_ms: CallOptions has no such option "
+    "(the option is timeoutMs)",
+    "deadline": "TypeError: options.deadline: CallOptions has no such option",
 }
 
 
@@ -508,6 +511,28 @@ async def test_node_client_refuses_bad_arguments_by_name_before_any_call(
     assert seen["options"] == {
         case: {"complete": refused, "stream": refused} for case, refused in REFUSED_OPTIONS.items()
     }
+    assert upstream.requests == []
+
+
+async def test_node_client_refuses_options_it_has_no_name_for_without_their_values(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A client option of a name the client does not take (`api_key`, `defaultTimeout`, a
+    TLS option's `ca_file`), or `tls` as a file name, is a TypeError naming it, and not its
+    value: a key under a wrong name is still a key. Before, each was dropped unread: the
+    client sent no key, kept the 5-minute default, and verified the gateway against the
+    system's CAs in place of the file named."""
+    seen = await run_against(node_scenarios, gateway, "bad-client-options")
+    assert seen == {
+        "api-key-snake-case": "TypeError: options.api_key: GatewayClientOptions has no such "
+        "option (the option is apiKey)",
+        "default-timeout": "TypeError: options.defaultTimeout: GatewayClientOptions has no "
+        "such option",
+        "tls-string": "TypeError: tls: expected an object (TlsOptions), got string",
+        "tls-snake-case": "TypeError: tls.ca_file: TlsOptions has no such option "
+        "(the option is caFile)",
+    }
+    assert "llmgw_key_under_a_wrong_name" not in json.dumps(seen)
     assert upstream.requests == []
 
 

@@ -255,6 +255,28 @@ export function serviceConfigOptions(serviceConfigJson: string): grpc.ChannelOpt
 }
 
 /**
+ * Refuse a name `given` (the `where` options, a `typeName`) has no option for, naming it but
+ * not its value (an `api_key`'s is a key). Left unread, a typo went unnoticed: `timeout_ms`
+ * left the call on the 5-minute default, `api_key` sent no key, `tls: { ca_file }`
+ * verified the gateway against the system's CAs; the Python client's keywords refuse them.
+ */
+function checkOptionNames(
+  given: object,
+  known: readonly string[],
+  typeName: string,
+  where: string,
+): void {
+  const squashed = (name: string): string => name.replaceAll("_", "").toLowerCase();
+  for (const name of Object.keys(given)) {
+    if (!known.includes(name)) {
+      const meant = known.find((each) => squashed(each) === squashed(name));
+      const hint = meant === undefined ? "" : ` (the option is ${meant})`;
+      throw new TypeError(`${where}.${name}: ${typeName} has no such option${hint}`);
+    }
+  }
+}
+
+/**
  * TLS to a gateway with `server.tls`. Each PEM is a file, or its bytes (from a secret
  * store, say): give one or the other. `{}` verifies the gateway against the system's CAs.
  */
@@ -328,8 +350,22 @@ function pemOf(bytes: Buffer | undefined, file: string | undefined, name: string
   }
 }
 
+const TLS_OPTIONS: readonly (keyof TlsOptions)[] = [
+  "caFile",
+  "ca",
+  "certFile",
+  "cert",
+  "keyFile",
+  "key",
+];
+
 /** Channel credentials for TLS, or mutual TLS when a client certificate and key are given. */
 export function tlsCredentials(tls: TlsOptions = {}): grpc.ChannelCredentials {
+  if (typeof tls !== "object" || tls === null) {
+    // `tls: "ca.pem"` verified the gateway against the system's CAs, not that one.
+    throw new TypeError(`tls: expected an object (TlsOptions), got ${kindOf(tls)}`);
+  }
+  checkOptionNames(tls, TLS_OPTIONS, "TlsOptions", "tls");
   const ca = pemOf(tls.ca, tls.caFile, "ca");
   if (ca !== null && !ca.includes("-----BEGIN CERTIFICATE-----")) {
     // Node would take it and trust nothing: every handshake would blame the gateway.
@@ -368,6 +404,15 @@ export interface GatewayClientOptions {
    */
   defaultTimeoutMs?: number | null;
 }
+
+const CLIENT_OPTIONS: readonly (keyof GatewayClientOptions)[] = [
+  "tls",
+  "credentials",
+  "serviceConfigJson",
+  "channelOptions",
+  "apiKey",
+  "defaultTimeoutMs",
+];
 
 /** What a call waits at most when neither it nor its client says otherwise. */
 export const DEFAULT_TIMEOUT_MS = 300_000;
@@ -428,6 +473,8 @@ export interface CallOptions {
   signal?: AbortSignal;
 }
 
+const CALL_OPTIONS: readonly (keyof CallOptions)[] = ["timeoutMs", "metadata", "signal"];
+
 /**
  * `options` when it is what a call takes: an object (or nothing), its `metadata` one with
  * grpc-js's `Metadata` methods and its `signal` an `AbortSignal`'s. Without this, `null`
@@ -440,6 +487,7 @@ function checkedCallOptions(options: unknown): CallOptions {
   if (typeof options !== "object" || options === null) {
     throw new TypeError(`options: expected an object (CallOptions), got ${kindOf(options)}`);
   }
+  checkOptionNames(options, CALL_OPTIONS, "CallOptions", "options");
   const { metadata, signal } = options as CallOptions;
   // By their methods, not `instanceof`: a caller's own copy of grpc-js, or an AbortSignal
   // polyfill, makes objects of other classes that work as well. Null is none, as undefined.
@@ -804,6 +852,7 @@ export class GatewayClient {
         `options: expected an object (GatewayClientOptions), got ${kindOf(options)}`,
       );
     }
+    checkOptionNames(options, CLIENT_OPTIONS, "GatewayClientOptions", "options");
     const address = withLowerCaseScheme(given);
     checkAddress(address);
     if (options.apiKey !== undefined && !/^[ -~]*$/.test(options.apiKey)) {

@@ -23,6 +23,7 @@ import {
   CompletionStream,
   GatewayCallError,
   GatewayClient,
+  GatewayClientOptions,
   ReasoningEffort,
   STATUS_DETAILS_KEY,
   Role,
@@ -567,7 +568,28 @@ const BAD_OPTIONS: Record<string, unknown> = {
   number: 500,
   "metadata-object": { metadata: { authorization: "Bearer x" } },
   "signal-object": { signal: { aborted: false } },
+  "timeout-snake-case": { timeout_ms: 500 },
+  deadline: { deadline: 500 },
 };
+
+/** Client options the client cannot take, as a caller might mistype them. */
+const BAD_CLIENT_OPTIONS: Record<string, unknown> = {
+  "api-key-snake-case": { api_key: "llmgw_key_under_a_wrong_name" },
+  "default-timeout": { defaultTimeout: 500 },
+  "tls-string": { tls: "ca.pem" },
+  "tls-snake-case": { tls: { ca_file: "ca.pem" } },
+};
+
+async function badClientOptions(_client: GatewayClient, args: Args): Promise<Json> {
+  // Each client made with options it cannot take: what it threw ("answered": made).
+  const refused: Json = {};
+  for (const [name, options] of Object.entries(BAD_CLIENT_OPTIONS)) {
+    refused[name] = await outcomeOf(async () =>
+      new GatewayClient(args.address, options as GatewayClientOptions).close(),
+    );
+  }
+  return refused;
+}
 
 async function badArguments(client: GatewayClient, args: Args): Promise<Json> {
   const request = { model: args.model, messages: messages("Say hi") };
@@ -915,6 +937,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "without-timeout": withoutTimeout,
   "timed-calls": timedCalls,
   "bad-arguments": badArguments,
+  "bad-client-options": badClientOptions,
   "edge-arguments": edgeArguments,
   shown,
   "shown-stream": shownStream,
