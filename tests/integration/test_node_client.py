@@ -58,6 +58,7 @@ SCENARIOS_JS = NODE_DIR / "dist" / "clients" / "node" / "src" / "scenarios.js"
 pytestmark = pytest.mark.xdist_group("node_client")
 
 SERVICE_CONFIG = ROOT / "clients" / "service_config.json"
+STATUS_DETAILS_TRAILER = "grpc-status-details-bin"
 NODE_TIMEOUT_S = 30.0
 # Price of fake-model in gateway_config(): USD per million input / output tokens.
 INPUT_USD_PER_M, OUTPUT_USD_PER_M = 0.14, 0.42
@@ -454,6 +455,8 @@ REFUSED_REQUESTS = {
     "stop-string": "TypeError: params.stop: expected an array, got string",
     "params-number": "TypeError: params: expected a GenerationParams object, got number",
     "message-null": "TypeError: messages[0]: expected a Message object, got null",
+    "message-hole": "TypeError: messages[0]: expected a Message object, got undefined",
+    "stop-hole": "TypeError: params.stop[1]: expected a string, got undefined",
     "max-tokens-snake-case": "TypeError: params.max_tokens: GenerationParams has no such field "
     "(the field is maxTokens)",
     "unknown-field": "TypeError: maxTokens: {message} has no such field",
@@ -466,6 +469,9 @@ REFUSED_OPTIONS = {
     "number": "TypeError: options: expected an object (CallOptions), got number",
     "metadata-object": "TypeError: options.metadata: expected a grpc.Metadata, got object",
     "signal-object": "TypeError: options.signal: expected an AbortSignal, got object",
+    "timeout-snake-case": "TypeError: options.timeout_ms: CallOptions has no such option "
+    "(the option is timeoutMs)",
+    "deadline": "TypeError: options.deadline: CallOptions has no such option",
 }
 
 
@@ -483,7 +489,10 @@ async def test_node_client_refuses_bad_arguments_by_name_before_any_call(
     serialize failed the call INTERNAL ("Request message serialization failure: invalid
     int32"), the gateway-bug code, naming no field; a string for a number, a boolean or a
     string went out converted; and a missing request or null options threw "Cannot read
-    properties of undefined"."""
+    properties of undefined". A list with a hole (a stray comma) and an option the call
+    has no name for (`timeout_ms`, which left the call on the default deadline) are refused
+    too: before, the hole went out as the stop sequence "undefined", or failed the call
+    INTERNAL, and the option was dropped unread."""
     name = "gateway.test"
     port = int(gateway.server.address.rpartition(":")[2])
     async with ForwardProxy(hosts={name: ("127.0.0.1", port)}) as proxy:
@@ -502,6 +511,28 @@ async def test_node_client_refuses_bad_arguments_by_name_before_any_call(
     assert seen["options"] == {
         case: {"complete": refused, "stream": refused} for case, refused in REFUSED_OPTIONS.items()
     }
+    assert upstream.requests == []
+
+
+async def test_node_client_refuses_options_it_has_no_name_for_without_their_values(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A client option of a name the client does not take (`api_key`, `defaultTimeout`, a
+    TLS option's `ca_file`), or `tls` as a file name, is a TypeError naming it, and not its
+    value: a key under a wrong name is still a key. Before, each was dropped unread: the
+    client sent no key, kept the 5-minute default, and verified the gateway against the
+    system's CAs in place of the file named."""
+    seen = await run_against(node_scenarios, gateway, "bad-client-options")
+    assert seen == {
+        "api-key-snake-case": "TypeError: options.api_key: GatewayClientOptions has no such "
+        "option (the option is apiKey)",
+        "default-timeout": "TypeError: options.defaultTimeout: GatewayClientOptions has no "
+        "such option",
+        "tls-string": "TypeError: tls: expected an object (TlsOptions), got string",
+        "tls-snake-case": "TypeError: tls.ca_file: TlsOptions has no such option "
+        "(the option is caFile)",
+    }
+    assert "llmgw_key_under_a_wrong_name" not in json.dumps(seen)
     assert upstream.requests == []
 
 
@@ -722,6 +753,23 @@ async def test_node_stream_read_after_it_was_cut_gets_the_text_before_the_cut(
     assert result["content"]
     assert len(result["content"]) == int(info["metadata"]["chars_sent"])
     assert len(result["kinds"]) == int(info["metadata"]["deltas_sent"])
+
+
+async def test_node_stream_and_batch_read_again_say_they_were_read_already(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A stream or a batch read to its end, then looped over again, throws a TypeError
+    saying its events were read already (they are not kept for a replay); a failed one
+    throws its failure again. Before, the second loop yielded nothing, as though the call
+    had answered nothing, and ended without a word."""
+    seen = await run_against(node_scenarios, gateway, "read-again")
+    said = "TypeError: this {} was read to its end already: its events are read once"
+    for name, kind in [("stream", "CompletionStream"), ("batch", "BatchResults")]:
+        assert seen[name]["first"] == "answered"
+        assert seen[name]["again"].startswith(said.format(kind))
+        assert seen[name]["eventsAgain"] == 0
+    assert seen["failed"] == {"first": "NOT_FOUND", "again": "NOT_FOUND", "eventsAgain": 0}
+    assert len(upstream.requests) == 2
 
 
 async def test_node_stream_prints_deltas_as_they_arrive(
@@ -1000,6 +1048,53 @@ async def test_node_call_error_reads_the_trailers_details_only_for_its_own_code(
     details = seen["details"]
     assert (details["errorInfo"] is not None) is decoded
     assert details["retryDelayMs"] == (pytest.approx(2000) if decoded else None)
+
+
+class GarbledDetailsService(pb_grpc.CompletionServiceServicer):
+    """Fails each call INVALID_ARGUMENT with a `grpc-status-details-bin` trailer that is no
+    `google.rpc.Status`, as a proxy on the way might leave one."""
+
+    async def Complete(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await self.fail(context)
+
+    async def CompleteStream(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        await self.fail(context)
+
+    async def fail(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        context.set_trailing_metadata(((STATUS_DETAILS_TRAILER, b"\xff\xff\xff\xff\x0f"),))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused")
+
+
+async def test_node_call_error_survives_a_details_trailer_that_is_no_status(
+    node_scenarios: Path,
+) -> None:
+    """A call failed with a `grpc-status-details-bin` trailer that does not decode fails
+    with its own code and message, and no details, from `complete` and from a stream's
+    loop. Before, the decoding error was thrown from grpc-js's callback, where nobody
+    could catch it, and ended the caller's process (a stream's loop threw it in place
+    of the call's status)."""
+    server = grpc.aio.server()
+    pb_grpc.add_CompletionServiceServicer_to_server(GarbledDetailsService(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        unary = await run_node(node_scenarios, "try-complete", "--address", address)
+        stream = await run_node(node_scenarios, "late-stream", "--address", address)
+    finally:
+        await server.stop(grace=None)
+    no_details = {
+        "fieldViolations": [],
+        "quotaViolations": [],
+        "retryDelayMs": None,
+        "errorInfo": None,
+        "unknownTypeUrls": [],
+    }
+    for seen in (unary, stream):
+        assert (seen["code"], seen["message"]) == ("INVALID_ARGUMENT", "refused")
+        assert seen["details"] == no_details
 
 
 async def test_python_channel_with_service_config_honours_pushback(

@@ -86,7 +86,10 @@ export interface StatusDetails {
   /** From `RetryInfo.retry_delay`: milliseconds after which a retry may succeed. */
   retryDelayMs: number | null;
   errorInfo: { reason: string; domain: string; metadata: Record<string, string> } | null;
-  /** type URLs of details this client does not know, kept so nothing is silently lost. */
+  /**
+   * type URLs of details this client does not know (or whose bytes are not their type's),
+   * kept so nothing is silently lost.
+   */
   unknownTypeUrls: string[];
 }
 
@@ -129,9 +132,28 @@ export function decodeStatusDetails(statusBytes: Uint8Array, code?: grpc.status)
 export function statusDetails(status: Status): StatusDetails {
   const details = noDetails();
   for (const packed of status.details) {
-    decodeOne(packed, details);
+    try {
+      decodeOne(packed, details);
+    } catch {
+      // A detail whose bytes are not its type's: kept by its type URL, as an unknown one.
+      details.unknownTypeUrls.push(packed.typeUrl);
+    }
   }
   return details;
+}
+
+/**
+ * The details of the failed call's `grpc-status-details-bin` trailer, none when it is not
+ * a `google.rpc.Status` (set by a proxy on the way, say): thrown from grpc-js's callback,
+ * the decoding error ended the caller's process, and a stream's loop threw it in place of
+ * the call's status.
+ */
+function trailerDetails(raw: Buffer, code: grpc.status): StatusDetails {
+  try {
+    return decodeStatusDetails(raw, code);
+  } catch {
+    return noDetails();
+  }
 }
 
 function decodeOne(packed: Any, into: StatusDetails): void {
@@ -192,7 +214,7 @@ export class GatewayCallError extends Error {
     this.codeName = codeNameOf(error.code);
     const metadata = error.metadata;
     const raw = metadata?.get(STATUS_DETAILS_KEY)[0];
-    this.details = raw instanceof Buffer ? decodeStatusDetails(raw, error.code) : noDetails();
+    this.details = raw instanceof Buffer ? trailerDetails(raw, error.code) : noDetails();
     const pushback = metadata?.get(RETRY_PUSHBACK_KEY)[0];
     this.pushbackMs = pushback === undefined ? null : Number(pushback);
     this.attempts = attemptsOf(metadata);
@@ -230,6 +252,28 @@ export function serviceConfigOptions(serviceConfigJson: string): grpc.ChannelOpt
   // Parse once so a broken file fails here, loudly, rather than being ignored by the channel.
   JSON.parse(serviceConfigJson);
   return { "grpc.service_config": serviceConfigJson, "grpc.enable_retries": 1 };
+}
+
+/**
+ * Refuse a name `given` (the `where` options, a `typeName`) has no option for, naming it but
+ * not its value (an `api_key`'s is a key). Left unread, a typo went unnoticed: `timeout_ms`
+ * left the call on the 5-minute default, `api_key` sent no key, `tls: { ca_file }`
+ * verified the gateway against the system's CAs; the Python client's keywords refuse them.
+ */
+function checkOptionNames(
+  given: object,
+  known: readonly string[],
+  typeName: string,
+  where: string,
+): void {
+  const squashed = (name: string): string => name.replaceAll("_", "").toLowerCase();
+  for (const name of Object.keys(given)) {
+    if (!known.includes(name)) {
+      const meant = known.find((each) => squashed(each) === squashed(name));
+      const hint = meant === undefined ? "" : ` (the option is ${meant})`;
+      throw new TypeError(`${where}.${name}: ${typeName} has no such option${hint}`);
+    }
+  }
 }
 
 /**
@@ -306,8 +350,22 @@ function pemOf(bytes: Buffer | undefined, file: string | undefined, name: string
   }
 }
 
+const TLS_OPTIONS: readonly (keyof TlsOptions)[] = [
+  "caFile",
+  "ca",
+  "certFile",
+  "cert",
+  "keyFile",
+  "key",
+];
+
 /** Channel credentials for TLS, or mutual TLS when a client certificate and key are given. */
 export function tlsCredentials(tls: TlsOptions = {}): grpc.ChannelCredentials {
+  if (typeof tls !== "object" || tls === null) {
+    // `tls: "ca.pem"` verified the gateway against the system's CAs, not that one.
+    throw new TypeError(`tls: expected an object (TlsOptions), got ${kindOf(tls)}`);
+  }
+  checkOptionNames(tls, TLS_OPTIONS, "TlsOptions", "tls");
   const ca = pemOf(tls.ca, tls.caFile, "ca");
   if (ca !== null && !ca.includes("-----BEGIN CERTIFICATE-----")) {
     // Node would take it and trust nothing: every handshake would blame the gateway.
@@ -346,6 +404,15 @@ export interface GatewayClientOptions {
    */
   defaultTimeoutMs?: number | null;
 }
+
+const CLIENT_OPTIONS: readonly (keyof GatewayClientOptions)[] = [
+  "tls",
+  "credentials",
+  "serviceConfigJson",
+  "channelOptions",
+  "apiKey",
+  "defaultTimeoutMs",
+];
 
 /** What a call waits at most when neither it nor its client says otherwise. */
 export const DEFAULT_TIMEOUT_MS = 300_000;
@@ -406,6 +473,8 @@ export interface CallOptions {
   signal?: AbortSignal;
 }
 
+const CALL_OPTIONS: readonly (keyof CallOptions)[] = ["timeoutMs", "metadata", "signal"];
+
 /**
  * `options` when it is what a call takes: an object (or nothing), its `metadata` one with
  * grpc-js's `Metadata` methods and its `signal` an `AbortSignal`'s. Without this, `null`
@@ -418,6 +487,7 @@ function checkedCallOptions(options: unknown): CallOptions {
   if (typeof options !== "object" || options === null) {
     throw new TypeError(`options: expected an object (CallOptions), got ${kindOf(options)}`);
   }
+  checkOptionNames(options, CALL_OPTIONS, "CallOptions", "options");
   const { metadata, signal } = options as CallOptions;
   // By their methods, not `instanceof`: a caller's own copy of grpc-js, or an AbortSignal
   // polyfill, makes objects of other classes that work as well. Null is none, as undefined.
@@ -477,6 +547,8 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
   private failure: unknown = null;
   /** Set by `cancel()`, the signal, or a loop left early: the loop reads nothing more. */
   #isCancelled = false;
+  /** Set once a loop has read the call's every event: a later loop has none to read. */
+  #isReadToEnd = false;
   // A `#` field, as the client's key: util.inspect of the stream would otherwise show the
   // call, and in it the metadata the call was sent with, the caller key included.
   readonly #call: grpc.ClientReadableStream<Message>;
@@ -545,6 +617,14 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
   }
 
   private async *events(): AsyncGenerator<Event, void> {
+    if (this.#isReadToEnd) {
+      // It yielded nothing, as though the call had answered nothing: events are not kept
+      // for a replay (a long answer's would stay in memory as long as the stream did).
+      throw new TypeError(
+        `this ${this.constructor.name} was read to its end already: its events are read ` +
+          "once (keep them as they arrive, or make the call again)",
+      );
+    }
     try {
       for await (const message of this.#received as AsyncIterable<Message>) {
         if (this.#signal?.aborted) {
@@ -569,6 +649,7 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
     if (this.failure !== null) {
       throw asGatewayError(this.failure);
     }
+    this.#isReadToEnd = true;
   }
 }
 
@@ -771,6 +852,7 @@ export class GatewayClient {
         `options: expected an object (GatewayClientOptions), got ${kindOf(options)}`,
       );
     }
+    checkOptionNames(options, CLIENT_OPTIONS, "GatewayClientOptions", "options");
     const address = withLowerCaseScheme(given);
     checkAddress(address);
     if (options.apiKey !== undefined && !/^[ -~]*$/.test(options.apiKey)) {

@@ -218,7 +218,11 @@ function checkField(field: FieldDescriptorProto, value: unknown, where: string):
     if (!Array.isArray(value)) {
       throw new TypeError(`${where}: expected an array, got ${kindOf(value)}`);
     }
-    value.forEach((each, index) => checkOne(field, each, `${where}[${index}]`));
+    // Every index, not forEach's: a hole (`[, message]`) skipped here went out as the
+    // string "undefined" (a stop sequence), or failed the call INTERNAL, naming nothing.
+    for (let index = 0; index < value.length; index++) {
+      checkOne(field, value[index], `${where}[${index}]`);
+    }
   } else {
     checkOne(field, value, where);
   }

@@ -23,6 +23,7 @@ import {
   CompletionStream,
   GatewayCallError,
   GatewayClient,
+  GatewayClientOptions,
   ReasoningEffort,
   STATUS_DETAILS_KEY,
   Role,
@@ -552,6 +553,9 @@ const BAD_REQUESTS: Record<string, (request: Json) => unknown> = {
   "stop-string": (request) => ({ ...request, params: { stop: "END" } }),
   "params-number": (request) => ({ ...request, params: 5 }),
   "message-null": (request) => ({ ...request, messages: [null] }),
+  // Lists with a hole, as a stray comma writes them.
+  "message-hole": (request) => ({ ...request, messages: [, ...(request.messages as Json[])] }),
+  "stop-hole": (request) => ({ ...request, params: { stop: ["END", , "STOP"] } }),
   "max-tokens-snake-case": (request) => ({ ...request, params: { max_tokens: 5 } }),
   "unknown-field": (request) => ({ ...request, maxTokens: 5 }),
   undefined: () => undefined,
@@ -564,7 +568,28 @@ const BAD_OPTIONS: Record<string, unknown> = {
   number: 500,
   "metadata-object": { metadata: { authorization: "Bearer x" } },
   "signal-object": { signal: { aborted: false } },
+  "timeout-snake-case": { timeout_ms: 500 },
+  deadline: { deadline: 500 },
 };
+
+/** Client options the client cannot take, as a caller might mistype them. */
+const BAD_CLIENT_OPTIONS: Record<string, unknown> = {
+  "api-key-snake-case": { api_key: "llmgw_key_under_a_wrong_name" },
+  "default-timeout": { defaultTimeout: 500 },
+  "tls-string": { tls: "ca.pem" },
+  "tls-snake-case": { tls: { ca_file: "ca.pem" } },
+};
+
+async function badClientOptions(_client: GatewayClient, args: Args): Promise<Json> {
+  // Each client made with options it cannot take: what it threw ("answered": made).
+  const refused: Json = {};
+  for (const [name, options] of Object.entries(BAD_CLIENT_OPTIONS)) {
+    refused[name] = await outcomeOf(async () =>
+      new GatewayClient(args.address, options as GatewayClientOptions).close(),
+    );
+  }
+  return refused;
+}
 
 async function badArguments(client: GatewayClient, args: Args): Promise<Json> {
   const request = { model: args.model, messages: messages("Say hi") };
@@ -732,6 +757,33 @@ async function leaveBatch(client: GatewayClient, args: Args): Promise<Json> {
   return { first, left, after, outcome };
 }
 
+/** How `events` ended when read to its end, and then when read again. */
+async function readTwice(events: AsyncIterable<unknown>): Promise<Json> {
+  const first = await outcomeOf(async () => {
+    for await (const _ of events) {
+      // read to its end
+    }
+  });
+  let eventsAgain = 0;
+  const again = await outcomeOf(async () => {
+    for await (const _ of events) {
+      eventsAgain += 1;
+    }
+  });
+  return { first, again, eventsAgain };
+}
+
+async function readAgain(client: GatewayClient, args: Args): Promise<Json> {
+  // A stream, a batch and a failed stream (a model no upstream serves), each read twice.
+  const request = { model: args.model, messages: messages("Say hi") };
+  const unknown = { ...request, model: `${args.model}-unknown` };
+  return {
+    stream: await readTwice(client.completeStream(request, { timeoutMs: 10_000 })),
+    batch: await readTwice(client.completeBatch({ items: batchItems(args, 1) })),
+    failed: await readTwice(client.completeStream(unknown, { timeoutMs: 10_000 })),
+  };
+}
+
 async function summarize(client: GatewayClient, args: Args): Promise<Json> {
   try {
     const response = await client.summarize(
@@ -881,9 +933,11 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "leave-buffered": leaveBuffered,
   "late-stream": lateStream,
   "late-cut-stream": lateCutStream,
+  "read-again": readAgain,
   "without-timeout": withoutTimeout,
   "timed-calls": timedCalls,
   "bad-arguments": badArguments,
+  "bad-client-options": badClientOptions,
   "edge-arguments": edgeArguments,
   shown,
   "shown-stream": shownStream,
