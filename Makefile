@@ -24,13 +24,21 @@ BUF := $(NODE_DIR)/node_modules/.bin/buf
 
 setup: $(STAMP)
 
+# llama.cpp is compiled for this CPU (-march=native) but without AMX: some VMs advertise
+# AMX yet fault on its instructions (SIGILL on the first call); an explicit -mno-* beats
+# what -march=native turns on. x86 only: other compilers' targets have no such flags.
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CPU_FLAGS := CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+	CXXFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+endif
+
 # Builds llama-cpp-python from source the first time (about 6 minutes on 2 cores);
 # pip caches the wheel, so later setups take seconds.
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade -c $(CONSTRAINTS) pip wheel setuptools
 	@echo ">>> installing llm-gateway (first run compiles llama.cpp: ~6 min on 2 cores)"
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install --progress-bar on \
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(LLAMA_CPU_FLAGS) $(PY) -m pip install --progress-bar on \
 		-c $(CONSTRAINTS) -e '.[dev,local]'
 	@touch $@
 
