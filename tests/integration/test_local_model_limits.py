@@ -143,3 +143,34 @@ async def test_a_summarize_part_failed_as_its_server_restarts_says_so(
     delay_s = retry_delay_s(caught.value)
     assert delay_s is not None
     assert delay_s > 20
+
+
+async def test_a_summarize_part_that_failed_and_then_met_a_restart_says_restarting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """A part answered 500, after which llama.cpp dies: its next try is refused as
+    restarting, and with the restart due after the call's deadline the call fails saying
+    so, `restarting: local` in its `ErrorInfo` and the restart's `RetryInfo`.
+
+    Before, it failed with the 500 it met first: no word of the restart, and a
+    `RetryInfo` of the usual back-off, for a model that would not answer for a minute."""
+    model, stand_in = stand_in_local_model(
+        tmp_path, dies_at_first_call=True, fails_before_dying=True
+    )
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    # One attempt a try: the pool gives up on the 500 before it sees the server exit.
+    config = _local_config(
+        model, restart_backoff_s=60.0, summarize={"retry_backoff_s": 0.5}, attempts=1
+    )
+    gateway = await start_gateway(config)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(
+            pb.SummarizeRequest(model=MODEL, document="The harbour opens at dawn."), timeout=20
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(caught.value)
+    assert info.reason == "SUMMARIZE_PART_FAILED"
+    assert info.metadata["restarting"] == "local"
+    delay_s = retry_delay_s(caught.value)
+    assert delay_s is not None
+    assert delay_s > 20
