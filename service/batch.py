@@ -18,9 +18,17 @@ from typing import Protocol
 from service.clock import Deadline
 from service.config import BatchConfig
 from service.domain import ChatRequest, Completion, Usage
-from service.errors import FieldViolation, GatewayError, InvalidRequest, ShuttingDown, quoted
+from service.errors import (
+    FieldViolation,
+    GatewayError,
+    InvalidRequest,
+    ShuttingDown,
+    UpstreamError,
+    quoted,
+)
 from service.ledger import PICO, to_pico
 from service.pipeline import Pipeline, PreparedRequest
+from service.retry import restart_wait_s, says_why
 from service.validation import CALLER_ID_RULE, chat_request_violations, is_caller_id
 
 _MS = 1000.0
@@ -148,8 +156,8 @@ async def run_batch(
                 async with pipeline.in_turn(turn):
                     # Its timings count from the batch's start: its wait for its turn (the
                     # batch's concurrency, its tenant's limits) is queued time.
-                    completion = await pipeline.complete_in_turn(
-                        item.request, deadline=deadline, waiting_since=started
+                    completion = await _complete_item(
+                        pipeline, item.request, deadline=deadline, waiting_since=started
                     )
             except ShuttingDown:  # it began while the item waited its turn
                 finished.put_nowait(None)
@@ -199,6 +207,44 @@ async def run_batch(
         cost_usd=cost_pico / PICO,
         wall_ms=(time.monotonic() - started) * _MS,
     )
+
+
+async def _complete_item(
+    pipeline: Pipeline, request: ChatRequest, *, deadline: Deadline, waiting_since: float
+) -> Completion:
+    """One item's completion. An item refused as its upstream restarts (the local model,
+    dead under it or before it) tries again once the restart should answer, as a
+    Summarize part does: once per restart, within the deadline and `resilience.attempts`
+    tries, else it fails with the last failure that says why (`says_why`).
+
+    Raises:
+        ShuttingDown: the server began stopping while the item waited its turn or for
+            the restart.
+    """
+    attempts = pipeline.config.resilience.attempts
+    telling: UpstreamError | None = None
+    # Only a try that was sent makes the next a retry, held to the retry budget: the
+    # items refused unsent while the model restarts would otherwise find it spent.
+    was_sent = False
+    for attempt in range(1, attempts + 1):
+        try:
+            return await pipeline.complete_in_turn(
+                request, deadline=deadline, waiting_since=waiting_since, is_rerun=was_sent
+            )
+        except UpstreamError as exc:
+            if says_why(exc):
+                telling = exc
+            wait_s = restart_wait_s(exc)
+            left = deadline.remaining_s()
+            if wait_s is None or attempt == attempts or (left is not None and left <= wait_s):
+                if telling is None or telling is exc:
+                    raise
+                raise telling from exc
+            was_sent = was_sent or exc.attempts != 0
+        # Ended by the server's stop: the caller runs the item elsewhere, as one not
+        # started (another replica's upstream is not restarting).
+        await pipeline.pause(wait_s)
+    raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
 
 
 __all__ = ["BatchItem", "BatchTotals", "ItemOutcome", "check_batch", "run_batch"]

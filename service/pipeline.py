@@ -454,8 +454,17 @@ class Pipeline:
                 left = deadline.remaining_s()
                 if left is not None and left <= (exc.retry_after_s or 0.0):
                     raise  # its turn would come after the deadline: said now, with when
-            async with self._ended_by_drain():
-                await asyncio.sleep(_REQUEUE_PAUSE_S)
+            await self.pause(_REQUEUE_PAUSE_S)
+
+    async def pause(self, seconds: float) -> None:
+        """Wait `seconds` before a call the gateway queued itself tries again (a batch
+        item's next try, once its upstream's restart should answer).
+
+        Raises:
+            ShuttingDown: the server began stopping before, or while, it waited.
+        """
+        async with self._ended_by_drain():
+            await asyncio.sleep(seconds)
 
     def _remember(
         self, repeat_key: RepeatKey, prepared: PreparedRequest, mode: CacheMode

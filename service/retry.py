@@ -15,6 +15,7 @@ from service.errors import (
     GatewayError,
     StreamInterrupted,
     UpstreamAuthRejected,
+    UpstreamError,
     UpstreamNotOpenAI,
     UpstreamRateLimited,
     UpstreamTimeout,
@@ -165,6 +166,32 @@ def _drop_until(stamps: deque[float], horizon: float) -> None:
         stamps.popleft()
 
 
+def restart_wait_s(failure: UpstreamError) -> float | None:
+    """Seconds until the restart `failure` met should answer (its `RetryInfo`), when the
+    call was refused as its upstream restarts (the local model's, dead under it or before
+    it); None when it met no restart."""
+    if failure.restarting and failure.retry_after_s is not None:
+        return failure.retry_after_s
+    return None
+
+
+def next_try_s(failure: UpstreamError, backoff_s: float) -> float:
+    """How long a call the gateway tries again itself (a Summarize part, a batch item)
+    waits before its next try after `failure`: its back-off, or, while its upstream
+    restarts, until the restart should answer, since each try before it is refused at
+    once, unsent."""
+    return max(backoff_s, restart_wait_s(failure) or 0.0)
+
+
+def says_why(failure: UpstreamError) -> bool:
+    """Whether `failure` of a call the gateway tries again itself is the one to end it
+    with, should no try after it say why: an upstream's own failure (it was sent), or a
+    refusal as its upstream restarts, which says what stopped the call and when to come
+    back. Not a try its retry budget or breaker kept from any upstream: that says less of
+    why the call failed than the failure before it."""
+    return failure.attempts != 0 or bool(failure.restarting)
+
+
 def describe(error: BaseException) -> str:
     """A short, secret-free label of an error for logs and attempt records."""
     if isinstance(error, GatewayError):
@@ -190,4 +217,7 @@ __all__ = [
     "describe",
     "is_failover_only",
     "is_retryable",
+    "next_try_s",
+    "restart_wait_s",
+    "says_why",
 ]

@@ -76,7 +76,7 @@ from service.errors import (
 )
 from service.ledger import PICO, to_pico
 from service.pipeline import Pipeline
-from service.retry import doubled
+from service.retry import doubled, next_try_s, says_why
 from service.tokens import (
     PER_MESSAGE_OVERHEAD,
     PER_REQUEST_OVERHEAD,
@@ -1100,9 +1100,9 @@ class Summarizer:
             )
         async with self._pipeline.in_turn(turn):
             attempts = self._config.chunk_attempts
-            # The last failure an upstream gave: a next try its retry budget or breaker
-            # kept from any upstream says less of why the part failed.
-            answered: UpstreamError | None = None
+            # The last failure that says why the part failed (`says_why`): an upstream's,
+            # or a refusal as its upstream restarts, whatever tries came before it.
+            telling: UpstreamError | None = None
             for attempt in range(1, attempts + 1):
                 if self._pipeline.is_stopping:  # cut at the grace's end, it would be paid for
                     raise ShuttingDown()
@@ -1122,16 +1122,16 @@ class Summarizer:
                         exc, part=slot.part, parts=slot.parts, level=slot.level
                     ) from exc
                 except UpstreamError as exc:
-                    if exc.attempts != 0:
-                        answered = exc
-                    wait_s = _next_try_s(exc, doubled(self._config.retry_backoff_s, attempt - 1))
+                    if says_why(exc):
+                        telling = exc
+                    wait_s = next_try_s(exc, doubled(self._config.retry_backoff_s, attempt - 1))
                     left = deadline.remaining_s()
                     # A rejected key stays rejected: a retry would only find the upstream set
                     # aside, and say that instead.
                     is_final = attempt == attempts or exc.is_retry_futile
                     if is_final or (left is not None and left <= wait_s):
                         raise SummarizePartFailed(
-                            exc if answered is None else answered,
+                            exc if telling is None else telling,
                             part=slot.part,
                             parts=slot.parts,
                             level=slot.level,
@@ -1144,15 +1144,6 @@ class Summarizer:
                 _check_summary(completion, slot, attempts=attempt)
                 return completion
             raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
-
-
-def _next_try_s(failure: UpstreamError, backoff_s: float) -> float:
-    """How long a part waits before its next try after `failure`: its back-off, or, while
-    its upstream restarts (the local model's), until the restart should answer (the
-    failure's `RetryInfo`), since each try before it is refused at once, unsent."""
-    if failure.restarting and failure.retry_after_s is not None:
-        return max(backoff_s, failure.retry_after_s)
-    return backoff_s
 
 
 def _smallest_piece_refused(exc: UpstreamContextExceeded, slot: _Slot) -> SummarizePartRejected:

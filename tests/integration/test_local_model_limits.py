@@ -143,3 +143,57 @@ async def test_a_summarize_part_failed_as_its_server_restarts_says_so(
     delay_s = retry_delay_s(caught.value)
     assert delay_s is not None
     assert delay_s > 20
+
+
+async def test_a_summarize_part_that_failed_and_then_met_a_restart_says_restarting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """A part answered 500, after which llama.cpp dies: its next try is refused as
+    restarting, and with the restart due after the call's deadline the call fails saying
+    so, `restarting: local` in its `ErrorInfo` and the restart's `RetryInfo`.
+
+    Before, it failed with the 500 it met first: no word of the restart, and a
+    `RetryInfo` of the usual back-off, for a model that would not answer for a minute."""
+    model, stand_in = stand_in_local_model(
+        tmp_path, dies_at_first_call=True, fails_before_dying=True
+    )
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    # One attempt a try: the pool gives up on the 500 before it sees the server exit.
+    config = _local_config(
+        model, restart_backoff_s=60.0, summarize={"retry_backoff_s": 0.5}, attempts=1
+    )
+    gateway = await start_gateway(config)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(
+            pb.SummarizeRequest(model=MODEL, document="The harbour opens at dawn."), timeout=20
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(caught.value)
+    assert info.reason == "SUMMARIZE_PART_FAILED"
+    assert info.metadata["restarting"] == "local"
+    delay_s = retry_delay_s(caught.value)
+    assert delay_s is not None
+    assert delay_s > 20
+
+
+async def test_batch_items_the_server_dies_under_or_before_wait_for_the_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """llama.cpp dies under a batch's first item, the others waiting their turn: each
+    tries again once the restart should answer (the refusal's `RetryInfo`), within the
+    deadline, and is answered; those refused unsent are not held to the retry budget
+    (10 retries a window), which would refuse the last of them.
+
+    Before, they all failed `UNAVAILABLE`, `restarting: local`, though the restart
+    answered within seconds and the call had half a minute left."""
+    model, stand_in = stand_in_local_model(tmp_path, dies_at_first_call=True)
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    gateway = await start_gateway(_local_config(model))
+    batch = pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id=f"item-{i}", request=_hello()) for i in range(12)],
+        concurrency=12,
+    )
+    events = [event async for event in gateway.stub.CompleteBatch(batch, timeout=30)]
+    results = [event.result for event in events if event.HasField("result")]
+    assert [r.response.content for r in results] == ["hi"] * 12
+    assert events[-1].summary.succeeded == 12

@@ -68,6 +68,8 @@ class OpenAI(http.server.BaseHTTPRequestHandler):
         message = {{"role": "assistant", "content": "hi"}}
         if {dies_once!r} and not os.path.exists({dies_once!r}):
             open({dies_once!r}, "w").close()
+            if {fails_first!r}:
+                self._send({{"error": {{"message": "llama_decode failed"}}}}, status=500)
             os._exit(1)  # dies under the call, as llama.cpp crashing mid-answer
         time.sleep({delay_s!r})
         self._send({{
@@ -82,19 +84,27 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), OpenAI).serve_forever()
 
 
 def stand_in_local_model(
-    tmp_path: Path, *, answer_delay_s: float = 0.0, dies_at_first_call: bool = False
+    tmp_path: Path,
+    *,
+    answer_delay_s: float = 0.0,
+    dies_at_first_call: bool = False,
+    fails_before_dying: bool = False,
 ) -> tuple[Path, Path]:
     """A file standing in for the model and, as `tmp_path/python`, the stand-in server
     the supervisor runs as llama.cpp's Python: (model file, stand-in). It answers each
     completion after `answer_delay_s`; with `dies_at_first_call`, the first one (of all
-    its starts) it gets it exits under."""
+    its starts) it gets it exits under, having answered it 500 with `fails_before_dying`."""
     model = tmp_path / "model.gguf"
     model.write_bytes(b"not really a model")
     stand_in = tmp_path / "python"
     dies_once = str(tmp_path / "died") if dies_at_first_call else ""
     stand_in.write_text(
         _STAND_IN.format(
-            python=sys.executable, model=MODEL, delay_s=answer_delay_s, dies_once=dies_once
+            python=sys.executable,
+            model=MODEL,
+            delay_s=answer_delay_s,
+            dies_once=dies_once,
+            fails_first=fails_before_dying,
         )
     )
     stand_in.chmod(0o755)
