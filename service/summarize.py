@@ -1103,6 +1103,9 @@ class Summarizer:
             # The last failure that says why the part failed (`says_why`): an upstream's,
             # or a refusal as its upstream restarts, whatever tries came before it.
             telling: UpstreamError | None = None
+            # Only a try that was sent makes the next a retry, held to the retry budget:
+            # the parts refused unsent while the local model restarts would spend it.
+            was_sent = False
             for attempt in range(1, attempts + 1):
                 if self._pipeline.is_stopping:  # cut at the grace's end, it would be paid for
                     raise ShuttingDown()
@@ -1113,7 +1116,7 @@ class Summarizer:
                             chat,
                             deadline=deadline,
                             waiting_since=waiting_since,
-                            is_rerun=attempt > 1,
+                            is_rerun=was_sent,
                         )
                 except UpstreamContextExceeded:
                     raise  # the text is split again (`_call_if_fits`)
@@ -1124,6 +1127,7 @@ class Summarizer:
                 except UpstreamError as exc:
                     if says_why(exc):
                         telling = exc
+                    was_sent = was_sent or exc.attempts != 0
                     wait_s = next_try_s(exc, doubled(self._config.retry_backoff_s, attempt - 1))
                     left = deadline.remaining_s()
                     # A rejected key stays rejected: a retry would only find the upstream set

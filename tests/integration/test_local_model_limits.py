@@ -197,3 +197,25 @@ async def test_batch_items_the_server_dies_under_or_before_wait_for_the_restart(
     results = [event.result for event in events if event.HasField("result")]
     assert [r.response.content for r in results] == ["hi"] * 12
     assert events[-1].summary.succeeded == 12
+
+
+async def test_summarize_parts_refused_unsent_while_the_server_restarts_are_not_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """llama.cpp dies under a summary's first part, a dozen more waiting at its one slot:
+    each is refused unsent as restarting, and tries again once the restart answers. Those
+    next tries are not retries of anything the provider had: not held to the retry budget
+    (10 retries a window), which would refuse the last of them, their tries spent.
+
+    Before, every next try of a part counted as a retry, sent or not: the summary failed."""
+    model, stand_in = stand_in_local_model(tmp_path, dies_at_first_call=True)
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    config = _local_config(model, summarize={"concurrency": 16})
+    gateway = await start_gateway(config)
+    sentences = [f"Harbour log {i}: the ferry left at dawn with {i} crates." for i in range(1200)]
+    summary = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=MODEL, document=" ".join(sentences), target_tokens=64),
+        timeout=30,
+    )
+    assert summary.chunks > 12
+    assert summary.summary
