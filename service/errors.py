@@ -256,7 +256,8 @@ class CallerStalled(GatewayError):
 
 
 class ShuttingDown(GatewayError):
-    """The server is stopping and this call outlasted its grace period.
+    """The server is stopping and this call outlasted its grace period, or waited (at its
+    limits, for a retry) as the drain began.
 
     Another replica can take the call at once, so the retry delay is zero.
     """
@@ -265,8 +266,13 @@ class ShuttingDown(GatewayError):
     reason = "SHUTTING_DOWN"
     is_replica_local = True
 
-    def __init__(self) -> None:
-        super().__init__("the gateway is shutting down; retry the call on another replica")
+    def __init__(self, *, last_error: GatewayError | None = None) -> None:
+        """`last_error`: what the call's last upstream attempt failed with, said in the
+        message (a call stopped waiting to retry)."""
+        message = "the gateway is shutting down; retry the call on another replica"
+        if last_error is not None:
+            message += f" (its last attempt failed: {last_error.message})"
+        super().__init__(message)
 
     @property
     def retry_after_s(self) -> float:

@@ -154,8 +154,8 @@ class Pipeline:
     def begin_stopping(self) -> None:
         """The server is stopping: no batch item or Summarize part starts from now on, and
         those waiting for their turn (`in_turn`, `complete_in_turn`) stop waiting; so does
-        every call waiting at its upstream's limits, a plain `Complete` or stream as much
-        as an item or a part (`UpstreamPool.begin_stopping`)."""
+        every call waiting at its upstream's limits or in a retry's back-off, a plain
+        `Complete` or stream as much as an item or a part (`UpstreamPool.begin_stopping`)."""
         self.is_stopping = True
         now = asyncio.get_running_loop().time()
         for wait in self._turn_waits:

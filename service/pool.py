@@ -32,6 +32,7 @@ from service.errors import (
     DeadlineExceeded,
     GatewayError,
     ModelNotFound,
+    ShuttingDown,
     StreamInterrupted,
     ToolsUnsupported,
     UpstreamAuthRejected,
@@ -454,6 +455,10 @@ class UpstreamPool:
         self._down: dict[str, float | None] = {}
         # Set when the upstream is next known to be down: ends the retries' back-offs.
         self._went_down: dict[str, asyncio.Event] = {}
+        # Set once the server stops (`begin_stopping`): no retry waits out a back-off.
+        self.is_stopping = False
+        # The back-offs under way, each resolved by `begin_stopping`.
+        self._back_offs: set[asyncio.Future[None]] = set()
 
     @property
     def models(self) -> Mapping[str, Sequence[Route]]:
@@ -473,7 +478,12 @@ class UpstreamPool:
 
     def begin_stopping(self) -> None:
         """The server is stopping: no call waits at an upstream's limits from now on
-        (`UpstreamLimiter.begin_stopping`), whatever kind of call it is."""
+        (`UpstreamLimiter.begin_stopping`), whatever kind of call it is, nor in a retry's
+        back-off (`_back_off`)."""
+        self.is_stopping = True
+        for stopped in self._back_offs:
+            if not stopped.done():
+                stopped.set_result(None)
         for state in self._states.values():
             state.limiter.begin_stopping()
 
@@ -697,7 +707,7 @@ class UpstreamPool:
             log_.retry_wait_s = wait
             if wait > 0:
                 waited_from = self._clock.now()
-                await self._back_off(last_route.client.name, wait)
+                await self._back_off(last_route.client.name, wait, last_error)
                 # On the failed upstream's account.
                 _waited_on_upstream(log_, self._clock.now() - waited_from)
             if route.client.name in self._down:
@@ -895,19 +905,33 @@ class UpstreamPool:
             return CIRCUIT_OPEN
         return "circuit half-open, its probe running"
 
-    async def _back_off(self, upstream: str, wait_s: float) -> None:
-        """Wait `wait_s` before a retry after `upstream` failed, or until `upstream` is known
-        to be down: the local model's server that dies under a call is most often seen to
-        exit just after the call saw its connection drop."""
+    async def _back_off(self, upstream: str, wait_s: float, last_error: UpstreamError) -> None:
+        """Wait `wait_s` before a retry after `upstream` failed with `last_error`, or until
+        `upstream` is known to be down: the local model's server that dies under a call is
+        most often seen to exit just after the call saw its connection drop.
+
+        Raises:
+            ShuttingDown: the server is stopping, or began to as the call waited: the retry
+                would be sent into the drain (or cut at its end), where another replica
+                may take the call at once; nothing more of it was sent.
+        """
+        if self.is_stopping:
+            raise ShuttingDown(last_error=last_error)
         went_down = self._went_down.setdefault(upstream, asyncio.Event())
+        stopped = asyncio.get_running_loop().create_future()
+        self._back_offs.add(stopped)
         sleeping = asyncio.ensure_future(self._clock.sleep(wait_s))
         watching = asyncio.ensure_future(went_down.wait())
         try:
-            await asyncio.wait((sleeping, watching), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((sleeping, watching, stopped), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._back_offs.discard(stopped)
+            stopped.cancel()
             sleeping.cancel()
             watching.cancel()
             await asyncio.gather(sleeping, watching, return_exceptions=True)
+        if self.is_stopping:
+            raise ShuttingDown(last_error=last_error)
 
     def _is_set_aside_for_key(self, route: Route) -> bool:
         """Whether `route`'s breaker is open for a rejected key: once its cool-down has
@@ -995,8 +1019,9 @@ class UpstreamPool:
 
         `prompt_tokens`: the prompt's estimate as its tenant's calibration counts it
         (never below the plain one), for the upstreams' token limits. A wait at an
-        upstream's limits as the server begins stopping ends the call with `ShuttingDown`
-        (`begin_stopping`), the wait given up and nothing taken.
+        upstream's limits, or in a retry's back-off, as the server begins stopping ends
+        the call with `ShuttingDown` (`begin_stopping`), the wait given up and nothing
+        more taken or sent.
         """
         tokens = self._tokens(request, prompt_tokens)
         plan = self._plan(request, tokens)

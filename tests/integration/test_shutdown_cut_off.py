@@ -35,7 +35,7 @@ from tests.conftest import (
     fake_model_window,
     gateway_config,
 )
-from tests.fake_upstream import FakeUpstream, Hang, Reply
+from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
 from tests.integration.tenancy_helpers import as_tenant, bearer, secure_config
 from tests.integration.test_resilience import error_details
 from tests.integration.test_stream_charges import PRICED_MODELS
@@ -524,6 +524,69 @@ async def test_a_draining_gateway_refuses_a_plain_call_waiting_at_its_upstreams_
         assert (limiter.queued, limiter.in_flight) == (0, 0)
         (row,) = await gateway.server.pipeline.ledger.query(UsageFilter())
         assert row.requests == 1  # the refused call, never sent, is not recorded
+        assert not calls_cut_off(caplog)
+
+
+# A failure whose retry waits 20 s: far past a hang guard, within the call's deadline.
+FAILED_FOR_20_S = Status(503, headers={"Retry-After": "20"})
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_draining_gateway_ends_a_plain_call_waiting_to_retry(
+    upstream: FakeUpstream, start_gateway: Any, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    """A Complete or CompleteStream whose first attempt failed (a 503 asking for 20 s)
+    and that waits out its retry's back-off as the drain begins ends at once,
+    SHUTTING_DOWN with the retry-elsewhere trailer and the upstream's failure in its
+    message; the retry is never sent. Before, it slept on into the drain, to be sent then
+    or cut at the grace's end, although another replica could take it at once."""
+    upstream.script(FAILED_FOR_20_S, Reply(content="retried"))
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    if mode == "unary":
+        call = gateway.stub.Complete(chat(), timeout=60)
+    else:
+        call = collect(gateway.stub.CompleteStream(chat_stream(), timeout=60))
+    waiting = asyncio.ensure_future(call)
+    pool = gateway.server.pipeline.pool
+    while pool.counters.attempts < 1:  # its attempt failed: it is in its back-off
+        await asyncio.sleep(0.01)
+    with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+        stop = await stopping(gateway)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async with asyncio.timeout(10):  # a hang guard, far short of its back-off
+                await waiting
+        await stop
+    assert_shutting_down(caught.value)
+    assert "its last attempt failed: " in (caught.value.details() or "")
+    assert "503" in (caught.value.details() or "")
+    assert len(upstream.requests) == 1
+    assert pool.counters.retries == 0
+    assert not calls_cut_off(caplog)
+
+
+async def test_a_plain_call_failing_in_the_drain_ends_rather_than_backing_off(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call upstream as the drain begins, whose attempt then fails (a 503 asking for
+    20 s), ends at once SHUTTING_DOWN rather than waiting out its retry's back-off in the
+    drain; nothing more is sent, and the grace cuts nothing. Before, it slept until the
+    grace's end cut it."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        fake.script(FAILED_FOR_20_S, Reply(content="retried"))
+        fake.gate.clear()  # the attempt is held upstream until the drain has begun
+        gateway = await start_gateway(gateway_config(fake.base_url))
+        call = asyncio.ensure_future(gateway.stub.Complete(chat(), timeout=60))
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+            stop = asyncio.ensure_future(gateway.server.stop(grace_s=2))
+            while not gateway.server.pipeline.is_stopping:
+                await asyncio.sleep(0.01)
+            fake.gate.set()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            await stop
+        assert_shutting_down(caught.value)
+        assert len(fake.requests) == 1
         assert not calls_cut_off(caplog)
 
 
