@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from service.config import ANY_TENANT, BudgetConfig
 from service.domain import ChatRequest, Usage
@@ -41,7 +42,25 @@ CALLS_IN_FLIGHT_RETRY_S = 1.0
 
 class HeldByCallsInFlight(QuotaExceeded):
     """A budget refusal only for what the tenant's calls in flight hold: it passes once
-    they end (most often spending less), not at the period's reset."""
+    they end (most often spending less), not at the period's reset.
+
+    `releases_seen`: the count of this process's releases as its check began, for
+    `Budgets.released`.
+    """
+
+    def __init__(
+        self, message: str, *, subject: str, retry_after_s: float, releases_seen: int
+    ) -> None:
+        super().__init__(message, subject=subject, retry_after_s=retry_after_s)
+        self.releases_seen = releases_seen
+
+
+@dataclass(slots=True)
+class _ReleaseWait:
+    """Calls of one tenant waiting for one of its reservations to be released."""
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    waiters: int = 0
 
 
 def _never_fits(tenant: str, cost_usd: float, budget: BudgetConfig) -> QuotaExceeded:
@@ -73,6 +92,12 @@ class Budgets:
         self._ledger = ledger
         self._prices = prices
         self._now = wall_clock
+        # Reservations this process released, and per tenant (one int each) the count at
+        # its last one: a call refused for what its tenant's calls in flight hold tries
+        # again when one of them is released (`released`), during its check included.
+        self._releases = 0
+        self._last_release: dict[str, int] = {}
+        self._release_waits: dict[str, _ReleaseWait] = {}
 
     @property
     def has_any(self) -> bool:
@@ -120,6 +145,7 @@ class Budgets:
             # expected to cost nothing (free input, no output reserved) still bills its
             # answer, so it is refused once the budget is spent.
             return None
+        releases_seen = self._releases
         reservation = await self._ledger.reserve(
             request.tenant, budget.period, cost_usd=cost_usd, limit_usd=budget.usd
         )
@@ -138,7 +164,10 @@ class Budgets:
             # Refused only for what calls in flight hold: released as they end (or turned
             # into what they spent, most often less), seconds from now, not at the reset.
             raise HeldByCallsInFlight(
-                message, subject=subject, retry_after_s=CALLS_IN_FLIGHT_RETRY_S
+                message,
+                subject=subject,
+                retry_after_s=CALLS_IN_FLIGHT_RETRY_S,
+                releases_seen=releases_seen,
             )
         # The end of the period the ledger refused in: past midnight by now, the new
         # day's budget may already have room.
@@ -146,8 +175,37 @@ class Budgets:
         raise QuotaExceeded(message, subject=subject, retry_after_s=retry_after_s)
 
     async def release(self, reservation: Reservation) -> None:
-        """Stop holding a reservation (its call's usage is recorded, or it never ran)."""
+        """Stop holding a reservation (its call's usage is recorded, or it never ran), and
+        wake the calls of its tenant waiting for one (`released`)."""
         await self._ledger.release(reservation)
+        # No call here unless one waits: every call with a budget ends through this.
+        self._releases += 1
+        self._last_release[reservation.tenant] = self._releases
+        if self._release_waits:
+            self._wake(reservation.tenant)
+
+    def _wake(self, tenant: str) -> None:
+        wait = self._release_waits.pop(tenant, None)
+        if wait is not None:
+            wait.event.set()
+
+    async def released(self, tenant: str, *, since: int) -> None:
+        """Return once this process releases a reservation of `tenant`, at once if it
+        did after the check that refused a call (`HeldByCallsInFlight.releases_seen` is
+        `since`). Releases by other replicas are not seen: the caller bounds the wait.
+        """
+        if self._last_release.get(tenant, 0) > since:
+            return
+        wait = self._release_waits.get(tenant)
+        if wait is None:
+            wait = self._release_waits[tenant] = _ReleaseWait()
+        wait.waiters += 1
+        try:
+            await wait.event.wait()
+        finally:
+            wait.waiters -= 1
+            if not wait.waiters and self._release_waits.get(tenant) is wait:
+                del self._release_waits[tenant]  # all gave up (timed out, cancelled)
 
     def holding(self) -> BudgetHold:
         """A hold for one caller's call (`async with`), released on leaving: after its

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from service.budgets import BudgetHold, Budgets, HeldByCallsInFlight
+from service.budgets import CALLS_IN_FLIGHT_RETRY_S, BudgetHold, Budgets, HeldByCallsInFlight
 from service.calibration import TokenCalibration
 from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
@@ -56,7 +56,8 @@ made only for messages up to REPEATABLE_MAX_BYTES."""
 REPEATABLE_REQUESTS = 256
 REPEATABLE_MAX_BYTES = 16 * 1024
 # Between a call's turns in its upstream's line (`complete_in_turn`): a limit that refuses
-# at once (`max_limit_wait_s: 0`) must not have it spin.
+# at once (`max_limit_wait_s: 0`) must not have it spin. (A budget held by calls in flight
+# is waited for until one of them ends: `Pipeline._next_turn`.)
 _REQUEUE_PAUSE_S = 0.1
 
 
@@ -454,7 +455,22 @@ class Pipeline:
                 left = deadline.remaining_s()
                 if left is not None and left <= (exc.retry_after_s or 0.0):
                     raise  # its turn would come after the deadline: said now, with when
-            await self.pause(_REQUEUE_PAUSE_S)
+                refusal = exc
+            async with self._ended_by_drain():
+                await self._next_turn(request.tenant, refusal)
+
+    async def _next_turn(self, tenant: str, refusal: LimitExceeded | HeldByCallsInFlight) -> None:
+        """Wait for a refused call's next try. Refused for what its tenant's calls in
+        flight hold: until this process releases one of the tenant's reservations or the
+        refusal's retry comes (other replicas' releases are not seen here), whichever is
+        first, not a budget check (on Redis, a script) every pause. Refused at an
+        upstream's limits: the pause."""
+        if not isinstance(refusal, HeldByCallsInFlight):
+            await asyncio.sleep(_REQUEUE_PAUSE_S)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(refusal.retry_after_s or CALLS_IN_FLIGHT_RETRY_S):
+                await self._budgets.released(tenant, since=refusal.releases_seen)
 
     async def pause(self, seconds: float) -> None:
         """Wait `seconds` before a call the gateway queued itself tries again (a batch

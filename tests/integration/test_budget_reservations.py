@@ -21,6 +21,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 
+import service.budgets
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import ModelConfig
 from service.domain import Message, Role, Usage
@@ -31,6 +32,7 @@ from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gatewa
 from tests.fake_upstream import FakeUpstream, Reply, Status
 from tests.integration.helpers import retry_delay_s, rich_status
 from tests.integration.tenancy_helpers import as_tenant, secure_config
+from tests.integration.test_batch import collect
 from tests.integration.test_resilience import dataclass_replace_upstream
 from tests.integration.test_stream_charges import (
     CALIBRATED,
@@ -176,6 +178,54 @@ async def test_a_call_refused_for_what_calls_in_flight_hold_is_told_to_retry_in_
     assert (await first).content
     await nothing_reserved(gateway)
     assert (await gateway.stub.Complete(capped("call b"))).content
+
+
+def budget_checks(gateway: RunningGateway) -> list[bool]:
+    """Each budget check its ledger makes from now on (on Redis, one script): granted or not."""
+    ledger = gateway.server.pipeline.ledger
+    reserve = ledger.reserve
+    checks: list[bool] = []
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        reservation = await reserve(*args, **kwargs)
+        checks.append(reservation.is_granted)
+        return reservation
+
+    ledger.reserve = counted  # type: ignore[method-assign]
+    return checks
+
+
+async def test_batch_items_held_by_a_siblings_reservation_wait_for_its_release_not_a_poll(
+    held, start_gateway, ledger, monkeypatch
+):
+    """Three items with room for one at a time: the two refused for what the first holds
+    check the budget again only as a reservation of their tenant's is released, the
+    first's, then the next's: not every 0.1 s while the first runs (on Redis, a script
+    each time), nor only once their retry (1 s, here made 30 s) comes."""
+    monkeypatch.setattr(service.budgets, "CALLS_IN_FLIGHT_RETRY_S", 30.0)
+    contents = ["call a", "call b", "call c"]
+    gateway = await start_gateway(
+        gateway_config(held.base_url, ledger=ledger, budgets={"default": budget_for(1.5)})
+    )
+    checks = budget_checks(gateway)
+    held.gate.clear()
+    items = [pb.BatchItem(id=content, request=capped(content)) for content in contents]
+    call = gateway.stub.CompleteBatch(
+        pb.CompleteBatchRequest(items=items, concurrency=3), timeout=60
+    )
+    batch = asyncio.ensure_future(collect(call))
+    await until(lambda: checks.count(False) == 2)
+    await held.wait_until(lambda: held.in_flight == 1)
+    await asyncio.sleep(0.5)  # five of the pauses they were polled at
+    assert (checks.count(True), checks.count(False)) == (1, 2)
+    held.gate.set()
+    async with asyncio.timeout(_TIMEOUT_S):  # a third of their retry: woken by releases
+        results, summary = await batch
+    assert (summary.succeeded, summary.failed) == (3, 0)
+    assert sorted(result.id for result in results) == contents
+    # The first's release: both try, one passes; the second's: the last passes.
+    assert (checks.count(True), checks.count(False)) == (3, 3)
+    await nothing_reserved(gateway)
 
 
 async def test_calls_without_max_tokens_hold_the_budgets_output_reserve(held, start_gateway):

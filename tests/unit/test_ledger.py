@@ -10,7 +10,7 @@ import itertools
 import pytest
 import redis.asyncio as aioredis
 
-from service.budgets import Budgets
+from service.budgets import Budgets, HeldByCallsInFlight
 from service.config import BudgetConfig, ConfigError, LedgerConfig, ModelConfig, parse_config
 from service.domain import ChatRequest, GenerationParams, Message, Role, Usage
 from service.errors import QuotaExceeded
@@ -322,6 +322,63 @@ async def test_budget_reserves_max_tokens_as_output_and_says_what_calls_in_fligh
         assert reservation is not None
         await budgets.release(reservation)
     assert await ledger.reserved_usd("acme", "day") == 0.0
+
+
+class _RepliesHeld(MemoryLedger):
+    """A memory ledger whose budget checks answer only while `replies` is set, as Redis's
+    answer reaches the replica some time after its script ran."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.replies = asyncio.Event()
+        self.replies.set()
+        self.checked = asyncio.Event()
+
+    async def reserve(self, *args, **kwargs):
+        reservation = await super().reserve(*args, **kwargs)
+        self.checked.set()
+        await self.replies.wait()
+        return reservation
+
+
+async def test_a_call_held_by_calls_in_flight_waits_for_a_release_of_its_tenants():
+    """A call refused for what its tenant's calls in flight hold (`released`) waits until
+    one of them is released, not for another tenant's release; and not at all when one
+    was released while the refusal was on its way back, after the check counted it."""
+    clock = WallClock(NOON)
+    ledger = _RepliesHeld(wall_clock=clock)
+    budgets = Budgets(
+        {"*": BudgetConfig(usd=0.005, period="day")}, ledger=ledger, prices=PRICES, wall_clock=clock
+    )
+    acme, zeta = (
+        dataclasses.replace(request_of(tenant), params=GenerationParams(max_tokens=1000))
+        for tenant in ("acme", "zeta")
+    )
+    tokens = estimate_prompt_tokens(acme.messages)
+    held = [await budgets.reserve(acme, prompt_tokens=tokens) for _ in range(2)]
+    other = await budgets.reserve(zeta, prompt_tokens=tokens)
+    assert None not in (*held, other)
+    with pytest.raises(HeldByCallsInFlight) as refused:
+        await budgets.reserve(acme, prompt_tokens=tokens)
+    waiting = asyncio.ensure_future(budgets.released("acme", since=refused.value.releases_seen))
+    await budgets.release(other)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    await budgets.release(held.pop())
+    await asyncio.wait_for(waiting, 10)
+
+    held.append(await budgets.reserve(acme, prompt_tokens=tokens))
+    ledger.replies.clear()
+    ledger.checked.clear()
+    checking = asyncio.ensure_future(budgets.reserve(acme, prompt_tokens=tokens))
+    await ledger.checked.wait()  # refused: both held as it checked
+    await budgets.release(held.pop())
+    ledger.replies.set()
+    with pytest.raises(HeldByCallsInFlight) as refused:
+        await checking
+    # No release comes from now on: a wait for one would never end.
+    await asyncio.wait_for(budgets.released("acme", since=refused.value.releases_seen), 10)
 
 
 async def test_a_budget_may_reserve_output_for_calls_without_max_tokens():
