@@ -607,6 +607,62 @@ async def test_a_long_prompt_still_waits_out_the_overload_pushback(
     assert len(upstream.requests) == 2
 
 
+class CountingRelay:
+    """A TCP relay on loopback to `target` (`HOST:PORT`) that counts the bytes callers send
+    through it: how many times a request went out."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self.sent = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        their_reader, their_writer = await asyncio.open_connection(*self._target)
+        await asyncio.gather(
+            self._pipe(reader, their_writer, counted=True),
+            self._pipe(their_reader, writer, counted=False),
+        )
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, counted: bool
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                self.sent += len(data) if counted else 0
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_request_past_the_gateways_message_limit_is_sent_once(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A prompt past the gateway's `server.max_receive_message_bytes` (4 MiB), which gRPC
+    refuses RESOURCE_EXHAUSTED with no pushback, goes out once and fails at once. Before,
+    the retry policy sent it five times: a 5 MiB prompt uploaded 25 MiB, over seconds of
+    backoff, for the same refusal."""
+    size = 5 * 1024 * 1024
+    relay = CountingRelay(gateway.server.address)
+    async with relay as address, GatewayClient(address) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.complete("x" * size, model=FAKE_MODEL)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert relay.sent < 2 * size
+    assert upstream.requests == []
+
+
 @pytest.mark.parametrize(
     ("refusal", "reason"),
     [

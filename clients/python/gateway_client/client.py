@@ -49,8 +49,10 @@ SERVICE_CONFIG_PATH = Path(__file__).with_name("service_config.json")
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
 # gRPC retries a call only while its request fits the call's retry buffer, 256 KiB by
 # default: a longer prompt (a 100k-token document) would get the first pushback as its
-# answer. The gateway takes requests of up to 4 MiB (server.max_receive_message_bytes).
-MAX_RETRIED_REQUEST_BYTES = 16 * 1024 * 1024
+# answer. The buffer is the gateway's default `server.max_receive_message_bytes`: a request
+# past it is refused in gRPC itself, RESOURCE_EXHAUSTED with no pushback, which the retry
+# policy would send again four times (a 10 MB document uploaded 50 MB, seconds of backoff).
+MAX_RETRIED_REQUEST_BYTES = 4 * 1024 * 1024
 # The longest deadline a call takes (11.5 days). Past about 7e9 s a deadline's nanoseconds
 # overflow gRPC's clock, and the call fails at once with DEADLINE_EXCEEDED, as though the
 # gateway were slow; `None` is the way to ask for no deadline.
