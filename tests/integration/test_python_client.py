@@ -174,6 +174,27 @@ async def test_a_port_past_65535_is_refused_not_wrapped_onto_another_port(
     assert "the port must be 0..65535" in capsys.readouterr().err
 
 
+def test_an_address_that_is_not_utf8_is_refused_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An address whose bytes are not UTF-8 (`--address $'\\xff:50051'`, a Latin-1
+    `$LLM_GATEWAY_ADDRESS`), which Python holds as lone surrogates, is refused when the
+    client is made (ValueError) and by the CLI as a usage error naming it (exit 2). Before,
+    gRPC's encoding of the target ended the command in a UnicodeEncodeError traceback."""
+    address = b"h\xe9st:50051".decode("utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        GatewayClient(address)
+    with pytest.raises(SystemExit) as usage_error:
+        cli.main(["models", "--address", address])
+    assert usage_error.value.code == 2
+    assert "argument --address: " in capsys.readouterr().err
+    monkeypatch.setenv("LLM_GATEWAY_ADDRESS", address)
+    with pytest.raises(SystemExit) as usage_error:
+        cli.main(["models"])
+    assert usage_error.value.code == 2
+    assert "environment variable LLM_GATEWAY_ADDRESS: " in capsys.readouterr().err
+
+
 async def test_leaving_a_stream_early_closes_the_upstream_request(
     upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:
