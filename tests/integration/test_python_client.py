@@ -174,6 +174,27 @@ async def test_a_port_past_65535_is_refused_not_wrapped_onto_another_port(
     assert "the port must be 0..65535" in capsys.readouterr().err
 
 
+def test_an_address_that_is_not_utf8_is_refused_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An address whose bytes are not UTF-8 (`--address $'\\xff:50051'`, a Latin-1
+    `$LLM_GATEWAY_ADDRESS`), which Python holds as lone surrogates, is refused when the
+    client is made (ValueError) and by the CLI as a usage error naming it (exit 2). Before,
+    gRPC's encoding of the target ended the command in a UnicodeEncodeError traceback."""
+    address = b"h\xe9st:50051".decode("utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        GatewayClient(address)
+    with pytest.raises(SystemExit) as usage_error:
+        cli.main(["models", "--address", address])
+    assert usage_error.value.code == 2
+    assert "argument --address: " in capsys.readouterr().err
+    monkeypatch.setenv("LLM_GATEWAY_ADDRESS", address)
+    with pytest.raises(SystemExit) as usage_error:
+        cli.main(["models"])
+    assert usage_error.value.code == 2
+    assert "environment variable LLM_GATEWAY_ADDRESS: " in capsys.readouterr().err
+
+
 async def test_leaving_a_stream_early_closes_the_upstream_request(
     upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:
@@ -605,6 +626,62 @@ async def test_a_long_prompt_still_waits_out_the_overload_pushback(
         pass
     assert answer.content == "Hello from fake"
     assert len(upstream.requests) == 2
+
+
+class CountingRelay:
+    """A TCP relay on loopback to `target` (`HOST:PORT`) that counts the bytes callers send
+    through it: how many times a request went out."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self.sent = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        their_reader, their_writer = await asyncio.open_connection(*self._target)
+        await asyncio.gather(
+            self._pipe(reader, their_writer, counted=True),
+            self._pipe(their_reader, writer, counted=False),
+        )
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, counted: bool
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                self.sent += len(data) if counted else 0
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_request_past_the_gateways_message_limit_is_sent_once(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A prompt past the gateway's `server.max_receive_message_bytes` (4 MiB), which gRPC
+    refuses RESOURCE_EXHAUSTED with no pushback, goes out once and fails at once. Before,
+    the retry policy sent it five times: a 5 MiB prompt uploaded 25 MiB, over seconds of
+    backoff, for the same refusal."""
+    size = 5 * 1024 * 1024
+    relay = CountingRelay(gateway.server.address)
+    async with relay as address, GatewayClient(address) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.complete("x" * size, model=FAKE_MODEL)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert relay.sent < 2 * size
+    assert upstream.requests == []
 
 
 @pytest.mark.parametrize(

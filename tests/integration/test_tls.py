@@ -754,6 +754,27 @@ async def test_a_provider_key_sent_over_plain_http_to_another_host_is_warned_abo
     assert "sk-test-secret" not in caplog.text
 
 
+@pytest.mark.parametrize("contents", [b"", b"not a certificate\n"], ids=["empty", "no-pem"])
+def test_cli_tls_names_a_system_ca_bundle_holding_no_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    contents: bytes,
+) -> None:  # fmt: skip
+    """`--tls` with `$SSL_CERT_FILE` naming a file with no PEM certificate (a DER bundle,
+    the wrong file) is a usage error naming that variable and file, before any call.
+    Before, it said `--cert-file and --key-file: the root certificates hold no PEM
+    certificate`, blaming options the command was not given."""
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(contents)
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    with pytest.raises(SystemExit) as caught:
+        cli_main(["models", "--tls", "--address", "127.0.0.1:1"])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == (
+        f"llm-gateway: environment variable SSL_CERT_FILE: {bundle} holds no PEM "
+        "certificate to verify the gateway with (give --ca-file)\n"
+    )
+
+
 async def test_cli_tls_verifies_the_gateway_against_the_systems_cas(
     upstream, tls_server, pki, monkeypatch, capsys
 ):

@@ -49,8 +49,10 @@ SERVICE_CONFIG_PATH = Path(__file__).with_name("service_config.json")
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
 # gRPC retries a call only while its request fits the call's retry buffer, 256 KiB by
 # default: a longer prompt (a 100k-token document) would get the first pushback as its
-# answer. The gateway takes requests of up to 4 MiB (server.max_receive_message_bytes).
-MAX_RETRIED_REQUEST_BYTES = 16 * 1024 * 1024
+# answer. The buffer is the gateway's default `server.max_receive_message_bytes`: a request
+# past it is refused in gRPC itself, RESOURCE_EXHAUSTED with no pushback, which the retry
+# policy would send again four times (a 10 MB document uploaded 50 MB, seconds of backoff).
+MAX_RETRIED_REQUEST_BYTES = 4 * 1024 * 1024
 # The longest deadline a call takes (11.5 days). Past about 7e9 s a deadline's nanoseconds
 # overflow gRPC's clock, and the call fails at once with DEADLINE_EXCEEDED, as though the
 # gateway were slow; `None` is the way to ask for no deadline.
@@ -505,9 +507,9 @@ def _is_loopback_host_port(target: str) -> bool:
 
 
 def check_address(address: str) -> None:
-    """Refuse a gRPC target gRPC would misread: an empty one, or a `HOST:PORT` (also as
-    `dns:///HOST:PORT`, `dns:HOST:PORT`, `dns://DNS-SERVER/HOST:PORT`, or in an
-    `ipv4:`/`ipv6:` list) whose port is past 65535.
+    """Refuse a gRPC target gRPC would misread: an empty one, one not UTF-8 text, or a
+    `HOST:PORT` (also as `dns:///HOST:PORT`, `dns:HOST:PORT`, `dns://DNS-SERVER/HOST:PORT`,
+    or in an `ipv4:`/`ipv6:` list) whose port is past 65535.
 
     gRPC takes such a port modulo 65536 (`:115587` is `:50051`), and would send the calls,
     and the caller key with them, to whatever listens there.
@@ -517,6 +519,10 @@ def check_address(address: str) -> None:
     """
     if not address:
         raise ValueError("the gateway's address is empty: give HOST:PORT")
+    if not address.isascii() and not _is_utf8(address):
+        # Bytes of an argument or variable that are not UTF-8, which Python holds as lone
+        # surrogates: gRPC's own encoding of the target failed in a traceback.
+        raise ValueError(f"{address!r}: the address is not UTF-8 text")
     # Read as gRPC reads it: a port with trailing blanks (`:115587 `) or escaped colons
     # (`%3A115587`) is still that port.
     target = _resolved_target(address)
@@ -529,6 +535,15 @@ def check_address(address: str) -> None:
         names_port = names_port and (host.startswith("[") or ":" not in host)
         if names_port and port.isascii() and port.isdigit() and int(port) > 65535:
             raise ValueError(f"{address!r}: the port must be 0..65535")
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether `text` encodes to UTF-8: no lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_timeout(timeout_s: float | None) -> float | None:

@@ -122,13 +122,18 @@ def system_ca_certificates() -> bytes | None:
     gRPC does not read it: left to itself it trusts only the public roots it ships with,
     so a gateway whose private CA is installed on the system would fail `--tls`.
     """
-    cafile = ssl.get_default_verify_paths().cafile
+    cafile = system_ca_file()
     if cafile is None:
         return None
     try:
         return Path(cafile).read_bytes()
     except OSError:
         return None
+
+
+def system_ca_file() -> str | None:
+    """The path of the system's CA bundle, as OpenSSL finds it (None: there is none)."""
+    return ssl.get_default_verify_paths().cafile
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -199,9 +204,12 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
     is_tls = args.tls is True or implies_tls
     if not is_tls:
         return {"api_key": args.api_key, "credentials": None}
+    root_certificates = args.ca_file or system_ca_certificates()
+    if args.ca_file is None and root_certificates is not None:
+        _check_system_cas(root_certificates)
     try:
         credentials = tls_credentials(
-            root_certificates=args.ca_file or system_ca_certificates(),
+            root_certificates=root_certificates,
             private_key=args.key_file,
             certificate_chain=args.cert_file,
         )
@@ -210,3 +218,19 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
         print(f"llm-gateway: {sources}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return {"api_key": args.api_key, "credentials": credentials}
+
+
+def _check_system_cas(pem: bytes) -> None:
+    """Refuse a system CA bundle that holds no certificate (a DER file, the wrong file in
+    `$SSL_CERT_FILE`), naming it: `tls_credentials` would refuse it as though the
+    `--cert-file` and `--key-file` not given were wrong. A usage error, as a bad `--ca-file`."""
+    if holds_certificate(pem):
+        return
+    named = os.environ.get("SSL_CERT_FILE")
+    where = "environment variable SSL_CERT_FILE: " if named else "the system's CA bundle "
+    print(
+        f"llm-gateway: {where}{system_ca_file()} holds no PEM certificate to verify the "
+        "gateway with (give --ca-file)",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
