@@ -10,6 +10,7 @@ last row's key by an opaque `next_page_token`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import uuid
@@ -19,9 +20,11 @@ from typing import Any
 import grpc
 import pytest
 
+from gateway_client import GatewayClient
+from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
 from service.domain import Usage
-from service.ledger import UsageEntry
+from service.ledger import UsageEntry, UsageFilter, UsageRow
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, gateway_config
 from tests.fake_upstream import FakeUpstream
 from tests.integration.helpers import field_violations
@@ -278,3 +281,51 @@ async def test_a_token_reads_no_tenant_the_caller_may_not(
         assert denied.code() is grpc.StatusCode.PERMISSION_DENIED
     own_pages = await pages(gateway, pb.GetUsageRequest(page_size=2), metadata=as_tenant("team-b"))
     assert ids(row for page in own_pages for row in page.rows) == ["b1", "b2", "b3"]
+
+
+async def test_the_python_client_reads_every_page_as_one_answer(gateway: RunningGateway) -> None:
+    """`usage()` answers every row however many pages they take, with the total;
+    `usage_pages()` yields each page, from the first or from a page's token on."""
+    await record(gateway, [f"r{n}" for n in range(7)])
+    async with GatewayClient(gateway.server.address, timeout_s=10) as client:
+        whole = await client.usage(page_size=3)
+        answered = [page async for page in client.usage_pages(page_size=3)]
+        resumed = [
+            page
+            async for page in client.usage_pages(
+                page_size=2, page_token=answered[0].next_page_token
+            )
+        ]
+    assert ids(whole.rows) == [f"r{n}" for n in range(7)]
+    assert whole.total.requests == 7
+    assert not whole.next_page_token
+    assert [ids(page.rows) for page in answered] == [["r0", "r1", "r2"], ["r3", "r4", "r5"], ["r6"]]
+    assert [ids(page.rows) for page in resumed] == [["r3", "r4"], ["r5", "r6"]]
+
+
+async def test_the_usage_command_prints_every_page_as_one_table(
+    gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`llm-gateway usage` over more rows than a page holds reads every page (here two of
+    the default 1,000 rows) and prints one table: every row once, in order, then the
+    total of all of them."""
+    ledger = gateway.server.pipeline.ledger
+    query = ledger.query
+    queries: list[UsageFilter] = []
+
+    async def counted(usage_filter: UsageFilter) -> list[UsageRow]:
+        queries.append(usage_filter)
+        return await query(usage_filter)
+
+    monkeypatch.setattr(ledger, "query", counted)
+    await record(gateway, [f"r{n:04d}" for n in range(1005)])
+    code = await asyncio.to_thread(cli_main, ["usage", "--address", gateway.server.address])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    lines = captured.out.splitlines()
+    assert lines[0].split()[0] == "TENANT"
+    assert [line.split()[3] for line in lines[1:-1]] == [
+        f"request_id=r{n:04d}" for n in range(1005)
+    ]
+    assert lines[-1].split()[:2] == ["TOTAL", "1005"]
+    assert len(queries) == 2
