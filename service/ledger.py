@@ -216,6 +216,10 @@ class UsageRow:
         """The counters by field name."""
         return {name: getattr(self, name) for name in _FIELDS}
 
+    def dims(self) -> Dims:
+        """The row's dimensions: the key rows are sorted by (`Ledger.query`)."""
+        return _dims(self.tenant, self.model, self.upstream, self.labels)
+
 
 def _entry_counters(entry: UsageEntry) -> dict[str, int]:
     return {

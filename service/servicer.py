@@ -70,6 +70,13 @@ from service.telemetry import (
     set_rpc_queued_ms,
     set_rpc_time_to_first_token,
 )
+from service.usage_pages import (
+    page_size_of,
+    page_size_violations,
+    page_token,
+    position_of,
+    rows_after,
+)
 from service.validation import (
     MAX_TOOL_CALLS_PER_MESSAGE,
     MAX_TOOLS,
@@ -522,6 +529,12 @@ def _tenant_concurrency() -> int | None:
 
 
 ALL_TENANTS = "*"
+# A GetUsage page stops short of this many bytes of rows, whatever its page_size asks:
+# with its total and token it fits gRPC's default 4 MiB receive limit, which grpcurl and
+# most clients keep (a row may carry 32 labels of 256 characters: 1,000 are ~10 MB).
+MAX_USAGE_PAGE_BYTES = 3 * 1024 * 1024
+# What a row adds to the page beside its own bytes: its field's tag and length prefix.
+_ROW_FRAMING_BYTES = 6
 
 
 def usage_row_to_proto(row: UsageRow) -> pb.UsageRow:
@@ -544,6 +557,22 @@ def usage_row_to_proto(row: UsageRow) -> pb.UsageRow:
     )
 
 
+def usage_page_to_proto(
+    rows: Sequence[UsageRow], *, page_size: int
+) -> tuple[list[pb.UsageRow], bool]:
+    """The first of `rows` as a page: at most `page_size` of them and about
+    `MAX_USAGE_PAGE_BYTES` (never none while any is left); and whether rows are left."""
+    page: list[pb.UsageRow] = []
+    page_bytes = 0
+    for row in itertools.islice(rows, page_size):
+        message = usage_row_to_proto(row)
+        page_bytes += message.ByteSize() + _ROW_FRAMING_BYTES
+        if page and page_bytes > MAX_USAGE_PAGE_BYTES:
+            break
+        page.append(message)
+    return page, len(page) < len(rows)
+
+
 def usage_filter_from_proto(
     request: pb.GetUsageRequest, *, tenant: str | None, limits: RequestDefaults
 ) -> UsageFilter:
@@ -552,7 +581,8 @@ def usage_filter_from_proto(
     Raises:
         InvalidRequest: a tenant, model or label no call could have been recorded with
             (held to the rules a call's are), a window bound is not a valid Timestamp,
-            or the window ends before it starts.
+            the window ends before it starts, or `page_size` is negative (checked here
+            so that one answer names every field wrong).
     """
     violations: list[FieldViolation] = []
     # Each would match no row: an OK with no rows would read as "no usage".
@@ -566,6 +596,7 @@ def usage_filter_from_proto(
     # Swapped bounds match nothing: an OK with no rows would read as "no usage".
     if start_s is not None and end_s is not None and end_s < start_s:
         violations.append(FieldViolation("end_time", "must not be before start_time"))
+    violations.extend(page_size_violations(request.page_size))
     if violations:
         raise InvalidRequest(violations)
     return UsageFilter(
@@ -902,8 +933,12 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             tenant=None if wanted == ALL_TENANTS else wanted,
             limits=self._pipeline.limits,
         )
+        # Refused before the ledger is read: a token for another query reads nothing.
+        position = position_of(request.page_token, query)
         rows = await self._pipeline.ledger.query(query)
-        return pb.GetUsageResponse(
-            rows=[usage_row_to_proto(r) for r in rows],
-            total=usage_row_to_proto(total_of(rows)),
-        )
+        later = rows_after(rows, position)
+        page, has_more = usage_page_to_proto(later, page_size=page_size_of(request.page_size))
+        response = pb.GetUsageResponse(rows=page, total=usage_row_to_proto(total_of(rows)))
+        if has_more:
+            response.next_page_token = page_token(query, later[len(page) - 1].dims())
+        return response

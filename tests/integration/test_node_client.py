@@ -1257,6 +1257,27 @@ async def test_node_summarize_returns_the_summary_its_chunks_and_usage(
     assert upstream.requests[0].body["max_tokens"] == 64
 
 
+async def test_node_usage_pages_reads_every_page_and_get_usage_one(
+    node_scenarios: Path, gateway: RunningGateway
+) -> None:
+    """`client.usagePages` yields GetUsage's pages in order, each with the whole total,
+    from the first or from a page's token; `getUsage` reads one page and rejects a
+    negative page size or a token sent with another query as INVALID_ARGUMENT on that
+    field, and a page size no int32 holds before any call. Before, the Node client had
+    no call for GetUsage, and the gateway no pages."""
+    for n in range(5):
+        await gateway.stub.Complete(chat(labels={"request_id": f"r{n}"}))
+    result = await run_against(node_scenarios, gateway, "usage-pages")
+    assert result == {
+        "pages": [["r0", "r1"], ["r2", "r3"], ["r4"]],
+        "totals": [5, 5, 5],
+        "resumed": [["r2", "r3", "r4"]],
+        "negative": {"code": "INVALID_ARGUMENT", "fields": ["page_size"]},
+        "foreign": {"code": "INVALID_ARGUMENT", "fields": ["page_token"]},
+        "notInt32": "RangeError: pageSize must be an integer -2147483648..2147483647; got 1.5",
+    }
+
+
 async def test_node_summarize_of_an_unknown_model_rejects_not_found_decoded(
     node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

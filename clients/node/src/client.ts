@@ -43,6 +43,8 @@ import {
   CompletionServiceClient,
   DeepPartial,
   Delta,
+  GetUsageRequest,
+  GetUsageResponse,
   SummarizeRequest,
   SummarizeResponse,
   ToolCall,
@@ -1002,6 +1004,43 @@ export class GatewayClient {
       (...call) => this.stub.summarize(SummarizeRequest.fromPartial(request), ...call),
     );
     return response;
+  }
+
+  /**
+   * One page of the usage ledger (GetUsage): at most `pageSize` rows (0: 1,000; past
+   * 10,000: 10,000) from `pageToken` on, sorted by tenant, model, upstream and labels,
+   * the total of every matching row, and `nextPageToken` ("" on the last page). Rejects
+   * as `complete` does (a token from another query: `INVALID_ARGUMENT` on `page_token`).
+   */
+  async getUsage(
+    request: DeepPartial<GetUsageRequest>,
+    given?: CallOptions,
+  ): Promise<GetUsageResponse> {
+    const { response } = await this.unary<GetUsageResponse>(
+      ".llmgateway.v1.GetUsageRequest",
+      request,
+      given,
+      (...call) => this.stub.getUsage(GetUsageRequest.fromPartial(request), ...call),
+    );
+    return response;
+  }
+
+  /**
+   * Every page of a GetUsage query, each as it arrives: from the request's own
+   * `pageToken` (the first page without one), then each page's `nextPageToken` until one
+   * is "". Each page is one call, with `given`'s options (its own deadline).
+   */
+  async *usagePages(
+    request: DeepPartial<GetUsageRequest>,
+    given?: CallOptions,
+  ): AsyncGenerator<GetUsageResponse, void> {
+    checkRequest(".llmgateway.v1.GetUsageRequest", request);
+    let pageToken = request.pageToken ?? "";
+    do {
+      const page = await this.getUsage({ ...request, pageToken }, given);
+      yield page;
+      pageToken = page.nextPageToken;
+    } while (pageToken !== "");
   }
 
   close(): void {

@@ -27,6 +27,7 @@ import {
   ReasoningEffort,
   STATUS_DETAILS_KEY,
   Role,
+  StatusDetails,
   StreamEvent,
   TlsOptions,
   decodeStatusDetails,
@@ -806,6 +807,42 @@ async function summarize(client: GatewayClient, args: Args): Promise<Json> {
   }
 }
 
+async function usagePages(client: GatewayClient): Promise<Json> {
+  // Pages of two rows, the total on each; then a negative page size and a bad token.
+  const pages: string[][] = [];
+  const totals: number[] = [];
+  for await (const page of client.usagePages({ pageSize: 2 }, { timeoutMs: 10_000 })) {
+    pages.push(page.rows.map((row) => row.labels.request_id ?? ""));
+    totals.push(page.total?.requests ?? -1);
+  }
+  const first = await client.getUsage({ pageSize: 2 });
+  const resumed: string[][] = [];
+  for await (const page of client.usagePages({ pageSize: 3, pageToken: first.nextPageToken })) {
+    resumed.push(page.rows.map((row) => row.labels.request_id ?? ""));
+  }
+  return {
+    pages,
+    totals,
+    resumed,
+    negative: await refusedFields(() => client.getUsage({ pageSize: -1 })),
+    foreign: await refusedFields(() =>
+      client.getUsage({ model: "other-model", pageToken: first.nextPageToken }),
+    ),
+    notInt32: await outcomeOf(() => client.getUsage({ pageSize: 1.5 })),
+  };
+}
+
+/** The code and the fields the BadRequest names of a call that fails; else its outcome. */
+async function refusedFields(call: () => Promise<unknown>): Promise<Json | string> {
+  try {
+    await call();
+    return "answered";
+  } catch (error) {
+    const { code, details } = errorJson(error);
+    return { code, fields: (details as StatusDetails).fieldViolations.map((v) => v.field) };
+  }
+}
+
 async function timedBatchAndSummary(client: GatewayClient, args: Args): Promise<Json> {
   // A batch of one item and a summary, each with --timeout-ms, or the client's default.
   const options =
@@ -947,6 +984,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   summarize,
   "timed-batch-and-summary": timedBatchAndSummary,
   "bad-batch-and-summary": badBatchAndSummary,
+  "usage-pages": usagePages,
 };
 
 async function main(): Promise<void> {

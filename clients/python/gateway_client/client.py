@@ -837,10 +837,44 @@ class GatewayClient:
         labels: Mapping[str, str] | None = None,
         since: datetime.datetime | None = None,
         until: datetime.datetime | None = None,
+        page_size: int = 0,
         timeout_s: Timeout = CLIENT_TIMEOUT,
     ) -> pb.GetUsageResponse:
-        """Requests, tokens and cost recorded by the gateway, filtered; `since` and `until`
-        are aware datetimes (`datetime.now(timezone.utc)`, any zone).
+        """Requests, tokens and cost recorded by the gateway, filtered: every matching row,
+        read page by page (`usage_pages`), as one response; `since` and `until` are aware
+        datetimes (`datetime.now(timezone.utc)`, any zone).
+
+        The rows are each page's in turn; `total` is the last page's (the sum of every
+        matching row as that page was read). `page_size` is the rows each call asks for
+        (0: the gateway's default, 1,000), and `timeout_s` bounds each call.
+
+        Raises:
+            ValueError: `since` or `until` is naive, before any call.
+        """
+        whole = pb.GetUsageResponse()
+        async for page in self.usage_pages(
+            tenant=tenant, model=model, labels=labels, since=since, until=until,
+            page_size=page_size, timeout_s=timeout_s,
+        ):  # fmt: skip
+            whole.rows.extend(page.rows)
+            whole.total.CopyFrom(page.total)
+        return whole
+
+    async def usage_pages(
+        self,
+        *,
+        tenant: str = "",
+        model: str = "",
+        labels: Mapping[str, str] | None = None,
+        since: datetime.datetime | None = None,
+        until: datetime.datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout_s: Timeout = CLIENT_TIMEOUT,
+    ) -> AsyncIterator[pb.GetUsageResponse]:
+        """Each page of `usage`'s answer as the gateway sends it, with its `total` and
+        `next_page_token`, from the first page or from `page_token` (a page's
+        `next_page_token`, with the same filters) on; `timeout_s` bounds each call.
 
         Raises:
             ValueError: `since` or `until` is naive, before any call.
@@ -849,12 +883,18 @@ class GatewayClient:
             tenant=_text_of(tenant, "tenant"),
             model=_text_of(model, "model"),
             labels=_labels_of(labels),
+            page_token=_text_of(page_token, "page_token"),
         )
+        _set_int(request, "page_size", page_size)
         if since is not None:
             request.start_time.FromDatetime(aware(since, name="since"))
         if until is not None:
             request.end_time.FromDatetime(aware(until, name="until"))
-        response: pb.GetUsageResponse = await self.stub.GetUsage(
-            request, timeout=self._deadline(timeout_s), metadata=self._metadata
-        )
-        return response
+        while True:
+            page: pb.GetUsageResponse = await self.stub.GetUsage(
+                request, timeout=self._deadline(timeout_s), metadata=self._metadata
+            )
+            yield page
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token

@@ -1397,9 +1397,21 @@ class GetUsageRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Only an admin caller may ask for another tenant; empty means the caller's."""
     model: _builtins.str
+    page_size: _builtins.int
+    """The most rows to return (AIP-158): 0 means 1,000, more than 10,000 means 10,000, and
+    a negative value is INVALID_ARGUMENT. A page may hold fewer (it stays under gRPC's
+    default 4 MiB message limit): only an empty `next_page_token` ends the rows.
+    """
+    page_token: _builtins.str
+    """The `next_page_token` of the previous page, to continue where it ended; empty for
+    the first page. Every other field must be as on the first page (`page_size` may
+    change): a token from another query, or not from the gateway, is INVALID_ARGUMENT.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Only rows carrying every one of these labels."""
@@ -1416,10 +1428,12 @@ class GetUsageRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "labels", b"labels", "model", b"model", "start_time", b"start_time", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "labels", b"labels", "model", b"model", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1501,25 +1515,38 @@ Global___UsageRow: _TypeAlias = UsageRow  # noqa: Y015
 
 @_typing.final
 class GetUsageResponse(_message.Message):
-    """GetUsageResponse is the matching rows and their total."""
+    """GetUsageResponse is one page of the matching rows and the total of all of them."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ROWS_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The `page_token` of the next page; empty on the last page."""
     @_builtins.property
-    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]: ...
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]:
+        """Sorted by tenant, model, upstream, then labels (sorted by key). Each page goes on
+        after the last row of the one before, so a row there from the first page on comes
+        on exactly one page; a row started between pages comes only if it sorts later.
+        """
+
     @_builtins.property
-    def total(self) -> Global___UsageRow: ...
+    def total(self) -> Global___UsageRow:
+        """The sum of every row the query matches, not only this page's: the same on every
+        page while no usage is recorded between them (then each page's is current).
+        """
+
     def __init__(
         self,
         *,
         rows: _abc.Iterable[Global___UsageRow] | None = ...,
         total: Global___UsageRow | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rows", b"rows", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -851,7 +851,21 @@ export interface GetUsageRequest {
   /** Only rows carrying every one of these labels. */
   labels: { [key: string]: string };
   startTime: Timestamp | undefined;
-  endTime: Timestamp | undefined;
+  endTime:
+    | Timestamp
+    | undefined;
+  /**
+   * The most rows to return (AIP-158): 0 means 1,000, more than 10,000 means 10,000, and
+   * a negative value is INVALID_ARGUMENT. A page may hold fewer (it stays under gRPC's
+   * default 4 MiB message limit): only an empty `next_page_token` ends the rows.
+   */
+  pageSize: number;
+  /**
+   * The `next_page_token` of the previous page, to continue where it ended; empty for
+   * the first page. Every other field must be as on the first page (`page_size` may
+   * change): a token from another query, or not from the gateway, is INVALID_ARGUMENT.
+   */
+  pageToken: string;
 }
 
 export interface GetUsageRequest_LabelsEntry {
@@ -887,10 +901,23 @@ export interface UsageRow_LabelsEntry {
   value: string;
 }
 
-/** GetUsageResponse is the matching rows and their total. */
+/** GetUsageResponse is one page of the matching rows and the total of all of them. */
 export interface GetUsageResponse {
+  /**
+   * Sorted by tenant, model, upstream, then labels (sorted by key). Each page goes on
+   * after the last row of the one before, so a row there from the first page on comes
+   * on exactly one page; a row started between pages comes only if it sorts later.
+   */
   rows: UsageRow[];
-  total: UsageRow | undefined;
+  /**
+   * The sum of every row the query matches, not only this page's: the same on every
+   * page while no usage is recorded between them (then each page's is current).
+   */
+  total:
+    | UsageRow
+    | undefined;
+  /** The `page_token` of the next page; empty on the last page. */
+  nextPageToken: string;
 }
 
 function createBaseMessage(): Message {
@@ -5019,7 +5046,7 @@ export const ListModelsResponse: MessageFns<ListModelsResponse> = {
 };
 
 function createBaseGetUsageRequest(): GetUsageRequest {
-  return { tenant: "", model: "", labels: {}, startTime: undefined, endTime: undefined };
+  return { tenant: "", model: "", labels: {}, startTime: undefined, endTime: undefined, pageSize: 0, pageToken: "" };
 }
 
 export const GetUsageRequest: MessageFns<GetUsageRequest> = {
@@ -5038,6 +5065,12 @@ export const GetUsageRequest: MessageFns<GetUsageRequest> = {
     }
     if (message.endTime !== undefined) {
       Timestamp.encode(message.endTime, writer.uint32(42).fork()).join();
+    }
+    if (message.pageSize !== 0) {
+      writer.uint32(48).int32(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      writer.uint32(58).string(message.pageToken);
     }
     return writer;
   },
@@ -5098,6 +5131,22 @@ export const GetUsageRequest: MessageFns<GetUsageRequest> = {
             message.endTime = Timestamp.decode(reader, reader.uint32());
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.pageSize = reader.int32();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.pageToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5138,6 +5187,16 @@ export const GetUsageRequest: MessageFns<GetUsageRequest> = {
         : isSet(object.end_time)
         ? fromJsonTimestamp(object.end_time)
         : undefined,
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
     };
   },
 
@@ -5164,6 +5223,12 @@ export const GetUsageRequest: MessageFns<GetUsageRequest> = {
     if (message.endTime !== undefined) {
       obj.endTime = fromTimestamp(message.endTime).toISOString();
     }
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
+    }
     return obj;
   },
 
@@ -5189,6 +5254,8 @@ export const GetUsageRequest: MessageFns<GetUsageRequest> = {
     message.endTime = (object.endTime !== undefined && object.endTime !== null)
       ? Timestamp.fromPartial(object.endTime)
       : undefined;
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
     return message;
   },
 };
@@ -5592,7 +5659,7 @@ export const UsageRow_LabelsEntry: MessageFns<UsageRow_LabelsEntry> = {
 };
 
 function createBaseGetUsageResponse(): GetUsageResponse {
-  return { rows: [], total: undefined };
+  return { rows: [], total: undefined, nextPageToken: "" };
 }
 
 export const GetUsageResponse: MessageFns<GetUsageResponse> = {
@@ -5602,6 +5669,9 @@ export const GetUsageResponse: MessageFns<GetUsageResponse> = {
     }
     if (message.total !== undefined) {
       UsageRow.encode(message.total, writer.uint32(18).fork()).join();
+    }
+    if (message.nextPageToken !== "") {
+      writer.uint32(26).string(message.nextPageToken);
     }
     return writer;
   },
@@ -5635,6 +5705,14 @@ export const GetUsageResponse: MessageFns<GetUsageResponse> = {
             message.total = UsageRow.decode(reader, reader.uint32());
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.nextPageToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5651,6 +5729,11 @@ export const GetUsageResponse: MessageFns<GetUsageResponse> = {
     return {
       rows: globalThis.Array.isArray(object?.rows) ? object.rows.map((e: any) => UsageRow.fromJSON(e)) : [],
       total: isSet(object.total) ? UsageRow.fromJSON(object.total) : undefined,
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
     };
   },
 
@@ -5661,6 +5744,9 @@ export const GetUsageResponse: MessageFns<GetUsageResponse> = {
     }
     if (message.total !== undefined) {
       obj.total = UsageRow.toJSON(message.total);
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
     }
     return obj;
   },
@@ -5674,6 +5760,7 @@ export const GetUsageResponse: MessageFns<GetUsageResponse> = {
     message.total = (object.total !== undefined && object.total !== null)
       ? UsageRow.fromPartial(object.total)
       : undefined;
+    message.nextPageToken = object.nextPageToken ?? "";
     return message;
   },
 };
@@ -7921,6 +8008,30 @@ export const protoMetadata: ProtoMetadata = {
         "jsonName": "endTime",
         "options": undefined,
         "proto3Optional": false,
+      }, {
+        "name": "page_size",
+        "number": 6,
+        "label": 1,
+        "type": 5,
+        "typeName": "",
+        "extendee": "",
+        "defaultValue": "",
+        "oneofIndex": 0,
+        "jsonName": "pageSize",
+        "options": undefined,
+        "proto3Optional": false,
+      }, {
+        "name": "page_token",
+        "number": 7,
+        "label": 1,
+        "type": 9,
+        "typeName": "",
+        "extendee": "",
+        "defaultValue": "",
+        "oneofIndex": 0,
+        "jsonName": "pageToken",
+        "options": undefined,
+        "proto3Optional": false,
       }],
       "extension": [],
       "nestedType": [{
@@ -8151,6 +8262,18 @@ export const protoMetadata: ProtoMetadata = {
         "defaultValue": "",
         "oneofIndex": 0,
         "jsonName": "total",
+        "options": undefined,
+        "proto3Optional": false,
+      }, {
+        "name": "next_page_token",
+        "number": 3,
+        "label": 1,
+        "type": 9,
+        "typeName": "",
+        "extendee": "",
+        "defaultValue": "",
+        "oneofIndex": 0,
+        "jsonName": "nextPageToken",
         "options": undefined,
         "proto3Optional": false,
       }],
@@ -9038,7 +9161,7 @@ export const protoMetadata: ProtoMetadata = {
         "leadingDetachedComments": [],
       }, {
         "path": [4, 29],
-        "span": [451, 0, 459, 1],
+        "span": [451, 0, 467, 1],
         "leadingComments": " GetUsageRequest filters the usage ledger; empty fields match everything.\n",
         "trailingComments": "",
         "leadingDetachedComments": [],
@@ -9055,35 +9178,69 @@ export const protoMetadata: ProtoMetadata = {
         "trailingComments": "",
         "leadingDetachedComments": [],
       }, {
+        "path": [4, 29, 2, 5],
+        "span": [462, 2, 22],
+        "leadingComments":
+          " The most rows to return (AIP-158): 0 means 1,000, more than 10,000 means 10,000, and\n a negative value is INVALID_ARGUMENT. A page may hold fewer (it stays under gRPC's\n default 4 MiB message limit): only an empty `next_page_token` ends the rows.\n",
+        "trailingComments": "",
+        "leadingDetachedComments": [],
+      }, {
+        "path": [4, 29, 2, 6],
+        "span": [466, 2, 24],
+        "leadingComments":
+          " The `next_page_token` of the previous page, to continue where it ended; empty for\n the first page. Every other field must be as on the first page (`page_size` may\n change): a token from another query, or not from the gateway, is INVALID_ARGUMENT.\n",
+        "trailingComments": "",
+        "leadingDetachedComments": [],
+      }, {
         "path": [4, 30],
-        "span": [462, 0, 478, 1],
+        "span": [470, 0, 486, 1],
         "leadingComments": " UsageRow is usage for one tenant, model, upstream and label set.\n",
         "trailingComments": "",
         "leadingDetachedComments": [],
       }, {
         "path": [4, 30, 2, 4],
-        "span": [469, 2, 22],
+        "span": [477, 2, 22],
         "leadingComments":
           " Calls. Tokens and cost also count attempts a provider most likely billed but whose\n answer was lost (timed out once sent, or failed after a success status): not calls.\n",
         "trailingComments": "",
         "leadingDetachedComments": [],
       }, {
         "path": [4, 30, 2, 5],
-        "span": [471, 2, 18],
+        "span": [479, 2, 18],
         "leadingComments": " usage.estimated is true when any of the usage counted here was estimated.\n",
         "trailingComments": "",
         "leadingDetachedComments": [],
       }, {
         "path": [4, 30, 2, 7],
-        "span": [477, 2, 32],
+        "span": [485, 2, 32],
         "leadingComments":
           " Requests, and lost attempts, whose usage the gateway estimated: the upstream\n reported none, the stream was cut before it could, the caller cut the call once the\n upstream had it, or the attempt was lost. Their tokens and cost are estimates; with\n lost attempts this can exceed `requests`.\n",
         "trailingComments": "",
         "leadingDetachedComments": [],
       }, {
         "path": [4, 31],
-        "span": [481, 0, 484, 1],
-        "leadingComments": " GetUsageResponse is the matching rows and their total.\n",
+        "span": [489, 0, 499, 1],
+        "leadingComments": " GetUsageResponse is one page of the matching rows and the total of all of them.\n",
+        "trailingComments": "",
+        "leadingDetachedComments": [],
+      }, {
+        "path": [4, 31, 2, 0],
+        "span": [493, 2, 29],
+        "leadingComments":
+          " Sorted by tenant, model, upstream, then labels (sorted by key). Each page goes on\n after the last row of the one before, so a row there from the first page on comes\n on exactly one page; a row started between pages comes only if it sorts later.\n",
+        "trailingComments": "",
+        "leadingDetachedComments": [],
+      }, {
+        "path": [4, 31, 2, 1],
+        "span": [496, 2, 21],
+        "leadingComments":
+          " The sum of every row the query matches, not only this page's: the same on every\n page while no usage is recorded between them (then each page's is current).\n",
+        "trailingComments": "",
+        "leadingDetachedComments": [],
+      }, {
+        "path": [4, 31, 2, 2],
+        "span": [498, 2, 29],
+        "leadingComments": " The `page_token` of the next page; empty on the last page.\n",
         "trailingComments": "",
         "leadingDetachedComments": [],
       }],
