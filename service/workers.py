@@ -23,6 +23,7 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import functools
 import logging
 import multiprocessing
@@ -192,13 +193,36 @@ def _bind_shared(listen: str) -> tuple[socket.socket, int]:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(address)
         address = (address[0], int(probe.getsockname()[1]), *address[2:])
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    # As grpc binds: connections the last gateway on this port closed (a drain) linger
-    # in TIME_WAIT for a minute, and would refuse a restart in the meantime.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(address)
+    try:
+        sock = _bound_port_holder(family, address, reuse_address=False)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # Connections the last gateway on this port closed (a drain) linger in TIME_WAIT
+        # for a minute; those of one that did not share it (one process) refuse a bind
+        # without SO_REUSEADDR, as grpc binds, meanwhile.
+        sock = _bound_port_holder(family, address, reuse_address=True)
     return sock, int(sock.getsockname()[1])
+
+
+def _bound_port_holder(
+    family: socket.AddressFamily, address: tuple[Any, ...], *, reuse_address: bool
+) -> socket.socket:
+    """A socket bound to `address` that the workers' sockets may join (SO_REUSEPORT) and
+    no other may, though it never listens: with SO_REUSEADDR left set, any bind with it
+    (grpc's, another supervisor's check above) would pass while no worker listens (as they
+    start, or are all dead), and a second gateway would take or share the port."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(reuse_address))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        # Once bound, it passes no later bind that lacks SO_REUSEPORT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 # prctl(2): the signal the kernel sends this process when its parent dies.
