@@ -609,6 +609,41 @@ async def _kill_each_replacement(log: _Log, victim: int, deaths: int) -> list[in
     return killed
 
 
+async def test_a_worker_hung_while_serving_is_killed_and_restarted(tmp_path):
+    """A worker that stops answering while serving (SIGSTOP here, a loop blocked for good
+    alike) is killed once silent past the limit and started again; then every call is
+    answered.
+
+    Before, the supervisor never noticed: the kernel went on handing the stopped worker
+    its share of the new connections, and their calls waited for ever.
+    """
+    constants = {"_HUNG_AFTER_S": 3.0}  # 30 s otherwise
+    async with FakeUpstream() as fake:
+        path = _write_config(tmp_path, fake.base_url)
+        args = ("--config", str(path), "--workers", "2")
+        async with _serve_logged(*args, constants=constants) as (process, log):
+            address = await _listening(process)
+            victim, survivor = sorted(_worker_pids(process.pid))
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                hung = await log.nth("workers.worker_hung")
+                died = await log.nth("workers.worker_died")
+                replacement = _pid(await log.nth("workers.worker_restarted"))
+                await log.nth("server.started", 3)
+                await _calls(address, 4)
+                process.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(_HANG_GUARD_S):
+                    code = await process.wait()
+            finally:
+                alive = _killed_if_running((victim, survivor))
+    assert (code, alive) == (0, [])
+    assert " index=0 " in hung
+    assert _pid(hung) == victim
+    assert _pid(died) == victim
+    assert "signal=SIGKILL" in died
+    assert replacement not in (victim, survivor)
+
+
 @pytest.mark.timeout(120)
 async def test_a_worker_that_keeps_dying_stops_the_gateway(tmp_path):
     """A worker killed again each time it is restarted: at its 5th death within a minute
