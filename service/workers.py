@@ -6,10 +6,10 @@ start and at each change, through a pipe of its own; the workers route to it as 
 ordinary upstream, as one process does. It then supervises the workers: SIGTERM, SIGINT
 or SIGHUP is forwarded to each (as SIGTERM), which drains its own calls within the grace
 period. A worker that dies once the gateway serves is started again in its place while
-the others go on serving (see _RESTART_DELAY_S); one that fails during the first start
-stops the gateway, since that is a bad config or a broken install, which restarting
-cannot mend. State kept in memory (cache, usage ledger, limits) is per worker unless
-Redis is configured.
+the others go on serving (see _RESTART_DELAY_S), as is one that hangs (_HUNG_AFTER_S);
+one that fails during the first start stops the gateway, since that is a bad config or
+a broken install, which restarting cannot mend. State kept in memory (cache, usage
+ledger, limits) is per worker unless Redis is configured.
 
 Each worker has its own metrics, so each serves its own Prometheus endpoint: worker `i`
 (from 0) listens on `telemetry.prometheus_port + i` (9464 + i when only
@@ -23,6 +23,7 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import functools
 import logging
 import multiprocessing
@@ -67,6 +68,13 @@ _UNREADY_KILL_AFTER_S = 5.0
 # own 30 s at most). One that hangs (a loop blocked for good, SIGSTOP) kept the
 # supervisor, and the port, for ever, where only an orchestrator would kill it.
 _DRAIN_KILL_MARGIN_S = 60.0
+# A worker that listens tells its supervisor it is alive every _HEARTBEAT_S, from its event
+# loop; one silent for _HUNG_AFTER_S while serving (a loop blocked for good, SIGSTOP) is
+# killed and started again as any death. Else the kernel goes on handing it its share of
+# the new connections, whose callers wait for ever, and a health probe lands on it too
+# rarely (1 in N) for an orchestrator to see it fail three times in a row.
+_HEARTBEAT_S = 1.0
+_HUNG_AFTER_S = 30.0
 
 # A worker that dies while the gateway serves is started again after 1 s, 2 s, 4 s, 8 s
 # for its 1st to 4th death within _CRASH_LOOP_WINDOW_S: at once would spin on a worker
@@ -192,13 +200,36 @@ def _bind_shared(listen: str) -> tuple[socket.socket, int]:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(address)
         address = (address[0], int(probe.getsockname()[1]), *address[2:])
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    # As grpc binds: connections the last gateway on this port closed (a drain) linger
-    # in TIME_WAIT for a minute, and would refuse a restart in the meantime.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(address)
+    try:
+        sock = _bound_port_holder(family, address, reuse_address=False)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # Connections the last gateway on this port closed (a drain) linger in TIME_WAIT
+        # for a minute; those of one that did not share it (one process) refuse a bind
+        # without SO_REUSEADDR, as grpc binds, meanwhile.
+        sock = _bound_port_holder(family, address, reuse_address=True)
     return sock, int(sock.getsockname()[1])
+
+
+def _bound_port_holder(
+    family: socket.AddressFamily, address: tuple[Any, ...], *, reuse_address: bool
+) -> socket.socket:
+    """A socket bound to `address` that the workers' sockets may join (SO_REUSEPORT) and
+    no other may, though it never listens: with SO_REUSEADDR left set, any bind with it
+    (grpc's, another supervisor's check above) would pass while no worker listens (as they
+    start, or are all dead), and a second gateway would take or share the port."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(reuse_address))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        # Once bound, it passes no later bind that lacks SO_REUSEPORT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 # prctl(2): the signal the kernel sends this process when its parent dies.
@@ -218,9 +249,18 @@ def _stop_with(supervisor: int, sig: signal.Signals) -> None:
         os.kill(os.getpid(), sig)
 
 
-def _listening(supervisor: int, ready: Connection) -> None:
+def _listening(supervisor: int, ready: Connection, beats: Connection) -> None:
     _stop_with(supervisor, signal.SIGTERM)  # to drain its calls
     ready.send(os.getpid())
+    os.set_blocking(beats.fileno(), False)  # a supervisor that stops reading blocks no loop
+    _beat(beats)
+
+
+def _beat(beats: Connection) -> None:
+    """Tell the supervisor this worker's loop runs, now and every _HEARTBEAT_S."""
+    with contextlib.suppress(OSError):  # a full pipe (a beat is enough), a supervisor gone
+        os.write(beats.fileno(), b".")
+    asyncio.get_running_loop().call_later(_HEARTBEAT_S, _beat, beats)
 
 
 # What a worker sends its supervisor once a stop reaches it, before it drains.
@@ -240,6 +280,7 @@ def _worker_main(
     local_model: tuple[LocalModelState, Connection] | None = None,
     *,
     index: int,
+    beats: Connection,
 ) -> None:
     from service.logs import configure_logging
     from service.main import null_closed_descriptors
@@ -254,7 +295,7 @@ def _worker_main(
     try:
         run(
             config,
-            on_ready=lambda _address: _listening(supervisor, ready),
+            on_ready=lambda _address: _listening(supervisor, ready, beats),
             on_stopping=lambda: _draining(ready),
             local_model_states=states,
         )
@@ -402,6 +443,9 @@ class _Run:
     drain_killed: bool = False
     # Where the local model's changes are sent, when the supervisor runs one.
     local_model: _LocalModelPipe | None = None
+    # The worker's heartbeats (`_beat`), and when the last was read (loop time).
+    beats: Connection | None = None
+    last_beat: float = 0.0
 
     def close_local_model(self) -> None:
         """Close the pipe telling the worker (exited) the local model's state."""
@@ -435,13 +479,16 @@ def _start(worker: _Worker, log_level: str, local_model: LocalModelServer | None
         # In the arguments, not on the command line: they carry the local model's key.
         updates, sender = _SPAWN.Pipe(duplex=False)
         args = (*args, (local_model.state(), updates))
+    beats, beats_sender = _SPAWN.Pipe(duplex=False)
     process: BaseProcess = _SPAWN.Process(
-        target=_worker_main, args=args, kwargs={"index": worker.index}
+        target=_worker_main, args=args, kwargs={"index": worker.index, "beats": beats_sender}
     )
     with _group_signals_blocked():
         process.start()
     ready_sender.close()  # the worker's copy alone: its exit ends the pipe
-    run = _Run(process, ready, asyncio.ensure_future(_exited(process)))
+    beats_sender.close()
+    os.set_blocking(beats.fileno(), False)
+    run = _Run(process, ready, asyncio.ensure_future(_exited(process)), beats=beats)
     if updates is not None and sender is not None:
         updates.close()
         run.local_model = _LocalModelPipe(sender)
@@ -547,10 +594,11 @@ async def _keep(
     """
     loop = asyncio.get_running_loop()
     while True:
-        # Shielded: the watch goes on when a stop cancels this task, for the caller to await.
-        await asyncio.shield(run.exited)
+        await _exited_or_hung(worker.index, run)
         worker.run = None
         run.ready.close()
+        if run.beats is not None:
+            run.beats.close()
         run.close_local_model()
         log.warning("workers.worker_died", extra=_how_it_ended(worker.index, run))
         run.process.close()  # its sentinel's descriptor, which each restart would leak
@@ -581,6 +629,47 @@ async def _keep(
                 extra={"index": worker.index, "pid": run.process.pid, **timeout},
             )
             await _stop(run, grace_s=worker.config.server.grace_period_s)
+
+
+async def _exited_or_hung(index: int, run: _Run) -> None:
+    """Return once `run`'s worker has exited; one that listened and has sent no heartbeat
+    for _HUNG_AFTER_S is killed first (SIGKILL: a stopped process acts on no other),
+    logged `workers.worker_hung`."""
+    loop = asyncio.get_running_loop()
+    beats = run.beats
+    if beats is None or not run.listened:  # it never serves: no heartbeat to wait for
+        # Shielded: the watch goes on when a stop cancels this task, for the caller to await.
+        await asyncio.shield(run.exited)
+        return
+    pid = run.process.pid
+    assert pid is not None  # started
+    run.last_beat = loop.time()
+    loop.add_reader(beats.fileno(), _read_beats, run)
+    try:
+        while not run.exited.done():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_HEARTBEAT_S):
+                    await asyncio.shield(run.exited)
+            silent_s = loop.time() - run.last_beat
+            if not run.exited.done() and silent_s > _HUNG_AFTER_S:
+                hung = {"index": index, "pid": pid, "silent_s": round(silent_s, 1)}
+                log.error("workers.worker_hung", extra=hung)
+                os.kill(pid, signal.SIGKILL)  # not reaped yet: the pid is still its own
+                await asyncio.shield(run.exited)
+    finally:
+        loop.remove_reader(beats.fileno())
+
+
+def _read_beats(run: _Run) -> None:
+    """Take the heartbeats `run`'s worker sent (its pipe readable), noting when."""
+    assert run.beats is not None
+    try:
+        if not os.read(run.beats.fileno(), 4096):  # the worker has exited
+            asyncio.get_running_loop().remove_reader(run.beats.fileno())
+            return
+    except BlockingIOError:
+        return
+    run.last_beat = asyncio.get_running_loop().time()
 
 
 async def _keep_serving(

@@ -406,6 +406,47 @@ async def test_a_port_the_last_gateway_just_closed_is_served(tmp_path, workers):
     assert process.returncode == 0, err.decode()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_the_port_of_a_gateway_whose_workers_are_all_dead_is_refused(tmp_path, workers):
+    """While every worker is dead (its replacement stuck in its start), the supervisor
+    still holds the port: a second gateway there, one process or workers, exits 1.
+
+    Before, the supervisor held it by a socket bound with SO_REUSEADDR and not listening,
+    which any other bind with SO_REUSEADDR passes (grpc's, a supervisor's check that the
+    port is free): the second gateway served the port, as it did while the first's workers
+    started (the local model's minutes), and a second supervisor's workers then shared it
+    with the first's, the kernel splitting the callers between the two gateways.
+    """
+    path, cert = _tls_config_that_will_hang(tmp_path)
+    constants = {"_UNREADY_KILL_AFTER_S": 0.5}  # the stuck replacements' SIGKILL at the end
+    args = ("--config", str(path), "--workers", "2")
+    async with _serve_logged(*args, constants=constants) as (first, log):
+        address = await _listening(first)
+        _hang_the_next_start(cert)
+        for pid in _worker_pids(first.pid):
+            os.kill(pid, signal.SIGKILL)
+        replacements = [_pid(await log.nth("workers.worker_restarted", n)) for n in (1, 2)]
+        try:
+            for pid in replacements:
+                await _stuck_in_open(pid)
+            (tmp_path / "second").mkdir()
+            other = _write_config(tmp_path / "second", server={"listen": address})
+            async with _serve("--config", str(other), "--workers", workers) as second:
+                assert second.stdout is not None
+                async with asyncio.timeout(_HANG_GUARD_S):
+                    line = await second.stdout.readline()  # b"" once it exits
+                assert b"listening" not in line
+                async with asyncio.timeout(_HANG_GUARD_S):
+                    _, err = await second.communicate()
+            first.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                code = await first.wait()
+        finally:
+            alive = _killed_if_running(replacements)
+    assert (second.returncode, code, alive) == (1, 0, [])
+    assert f"llm-gateway: cannot listen on {address}".encode() in err
+
+
 def _link_local_host() -> str | None:
     """An IPv6 link-local address of this machine with its zone (`fe80::1%eth0`), if any."""
     found = link_local_address()
@@ -566,6 +607,41 @@ async def _kill_each_replacement(log: _Log, victim: int, deaths: int) -> list[in
         killed.append(replacement)
     await log.nth("workers.worker_died", deaths)
     return killed
+
+
+async def test_a_worker_hung_while_serving_is_killed_and_restarted(tmp_path):
+    """A worker that stops answering while serving (SIGSTOP here, a loop blocked for good
+    alike) is killed once silent past the limit and started again; then every call is
+    answered.
+
+    Before, the supervisor never noticed: the kernel went on handing the stopped worker
+    its share of the new connections, and their calls waited for ever.
+    """
+    constants = {"_HUNG_AFTER_S": 3.0}  # 30 s otherwise
+    async with FakeUpstream() as fake:
+        path = _write_config(tmp_path, fake.base_url)
+        args = ("--config", str(path), "--workers", "2")
+        async with _serve_logged(*args, constants=constants) as (process, log):
+            address = await _listening(process)
+            victim, survivor = sorted(_worker_pids(process.pid))
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                hung = await log.nth("workers.worker_hung")
+                died = await log.nth("workers.worker_died")
+                replacement = _pid(await log.nth("workers.worker_restarted"))
+                await log.nth("server.started", 3)
+                await _calls(address, 4)
+                process.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(_HANG_GUARD_S):
+                    code = await process.wait()
+            finally:
+                alive = _killed_if_running((victim, survivor))
+    assert (code, alive) == (0, [])
+    assert " index=0 " in hung
+    assert _pid(hung) == victim
+    assert _pid(died) == victim
+    assert "signal=SIGKILL" in died
+    assert replacement not in (victim, survivor)
 
 
 @pytest.mark.timeout(120)
