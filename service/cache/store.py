@@ -8,6 +8,11 @@ hung Redis does not add its timeout to every request while it is down. Past it o
 operation tries Redis while the others go on skipping it, until that one is answered (the
 store is back) or fails (left alone again): a hung Redis costs one call its timeout each
 cool-down, not every call in flight at its end.
+
+A write Redis refuses with a reply (out of memory under `noeviction`, a read-only replica
+mid-failover, an ACL without SET) is no outage: Redis still answers reads, and only writes
+are skipped for `error_cooldown_s`. Turning the whole store off would have every miss's
+refused write hide the stored answers for the cool-down, and a full Redis serve no hits.
 """
 
 from __future__ import annotations
@@ -134,6 +139,8 @@ class CacheStore:
         self._config = config
         self._clock = clock
         self._cooling_until = _ANSWERING
+        # Past a write Redis refused: writes skip the store until then, reads go on.
+        self._writes_refused_until = _ANSWERING
         self._is_refusing_access = False  # said `store.auth_refused`, not answered since
         self.stats = stats if stats is not None else CacheStats()
         self._cache = _backend(config, os.environ if environ is None else environ)
@@ -160,14 +167,31 @@ class CacheStore:
         self._cooling_until = now + self._config.error_cooldown_s + (self._timeout_s or 0.0)
         return False
 
+    def _are_writes_refused(self) -> bool:
+        if self._writes_refused_until == _ANSWERING:
+            return False
+        if self._clock.now() < self._writes_refused_until:
+            self.stats.unavailable += 1
+            return True
+        return False
+
     def _answered(self) -> None:
         """The store answered: it is back, for every operation."""
         self._cooling_until = _ANSWERING
         self._is_refusing_access = False
 
-    def _failed(self, operation: str, exc: Exception) -> None:
+    def _failed(self, operation: str, exc: Exception, *, is_write_refused: bool = False) -> None:
+        """Count and log a failed operation, and leave the store alone for the cool-down:
+        every operation, or with `is_write_refused` (Redis answered, refusing a write) the
+        writes alone."""
         self.stats.errors += 1
-        self._cooling_until = self._clock.now() + self._config.error_cooldown_s
+        until = self._clock.now() + self._config.error_cooldown_s
+        if is_write_refused:
+            # Not `_answered()`: a refusal of access is said once until a write lands.
+            self._writes_refused_until = until
+            self._cooling_until = _ANSWERING
+        else:
+            self._cooling_until = until
         if refuses_access(exc):
             # An operator's mistake (a password rotated under the gateway, an ACL too
             # narrow) that will not pass: said loudly, once until Redis answers again.
@@ -228,16 +252,22 @@ class CacheStore:
             return False
         if self._is_cooling_down():
             return False
+        if self._are_writes_refused():
+            if replacing:
+                await self._delete(key)  # Redis, refusing writes, still takes a DEL
+            return False
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._cache.set(key, value, ttl=ttl_s)
         except Exception as exc:  # a lost write only costs a later miss
-            self._failed("set", exc)
-            if replacing and isinstance(exc, ResponseError):
+            is_refused = isinstance(exc, ResponseError)
+            self._failed("set", exc, is_write_refused=is_refused)
+            if replacing and is_refused:
                 # Redis answered, so it is up: refusing the SET (out of memory) it still
-                # takes the DEL, which the cool-down just started would skip.
+                # takes the DEL.
                 await self._delete(key)
             return False
+        self._writes_refused_until = _ANSWERING
         self._answered()
         self.stats.stores += 1
         self.stats.bytes_written += len(value)

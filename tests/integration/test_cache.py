@@ -1290,3 +1290,39 @@ async def test_a_refresh_redis_refuses_to_store_for_want_of_memory_removes_the_o
     assert refreshed.content == "new"
     assert (later.content, later.metadata.cache_hit) == ("newest", False)
     assert cache_of(gateway).stats.errors == 1
+
+
+async def test_a_redis_refusing_writes_for_want_of_memory_still_serves_its_entries(
+    upstream: FakeUpstream, start_gateway: Callable[..., Any], redis_server: RedisServer
+) -> None:
+    """Redis out of memory under `noeviction` refuses a miss's SET but answers reads: the
+    entries it holds are still served, and only writes wait out the cool-down (one SET
+    refused, not one per miss).
+
+    Before, the refused SET turned the whole store off for `error_cooldown_s`: with misses
+    coming steadily, a full Redis served no hits at all."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(
+            upstream.base_url,
+            cache={"backend": "redis", "redis_url": redis_server.url, "error_cooldown_s": 60},
+        )
+    )
+    await gateway.stub.Complete(ask("Stored before Redis filled up"))
+    await settled(gateway)
+    client = aioredis.from_url(redis_server.url)
+    try:
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", "1")  # every write that adds memory is refused
+        try:
+            for prompt in ("A first miss", "Stored before Redis filled up", "A second miss"):
+                await gateway.stub.Complete(ask(prompt))
+                await settled(gateway)
+            hit = await gateway.stub.Complete(ask("Stored before Redis filled up"))
+        finally:
+            await client.config_set("maxmemory", "0")
+    finally:
+        await client.aclose()
+    assert hit.metadata.cache_hit
+    assert len(upstream.requests) == 3
+    stats = cache_of(gateway).stats
+    assert (stats.errors, stats.unavailable, stats.hits) == (1, 1, 2)

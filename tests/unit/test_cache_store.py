@@ -97,6 +97,37 @@ async def test_past_the_cool_down_one_operation_tries_a_hung_redis_while_the_res
         await server.stop()
 
 
+async def test_a_write_redis_refuses_skips_writes_alone_until_the_cool_down_ends() -> None:
+    """Redis out of memory refuses a SET but answers reads: reads go on, writes skip the
+    store for the cool-down, and past it one write is tried again (and lands).
+
+    Before, the refused SET turned the whole store off, reads included."""
+    clock = FakeClock()
+    server = RedisServer()
+    await server.start()
+    config = CacheConfig(
+        backend="redis", redis_url=server.url, operation_timeout_s=1.0, error_cooldown_s=5.0
+    )
+    client = aioredis.from_url(server.url)
+    try:
+        async with CacheStore(config, clock=clock) as store:
+            assert await store.set("k", b"v", ttl_s=60)
+            await client.config_set("maxmemory-policy", "noeviction")
+            await client.config_set("maxmemory", "1")
+            assert not await store.set("other", b"w", ttl_s=60)
+            assert await store.get("k") == b"v"
+            assert not await store.set("other", b"w", ttl_s=60)  # skipped, not sent
+            assert (store.stats.errors, store.stats.unavailable) == (1, 1)
+            await client.config_set("maxmemory", "0")
+            clock.t += 5.0
+            assert await store.set("other", b"w", ttl_s=60)
+            assert await store.set("third", b"x", ttl_s=60)
+            assert (store.stats.errors, store.stats.unavailable) == (1, 1)
+    finally:
+        await client.aclose()
+        await server.stop()
+
+
 async def test_password_comes_from_the_environment() -> None:
     """The Redis password is read from the named variable, never from the URL."""
     config = CacheConfig(
