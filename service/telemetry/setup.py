@@ -24,6 +24,9 @@ from typing import Any
 
 import grpc
 from opentelemetry import metrics, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -35,6 +38,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from service.config import ServerConfig, TelemetryConfig, listens_overlap
 from service.hosts import listen_host_problem
@@ -235,12 +239,36 @@ def _watched_metrics(exporter: MetricExporter) -> MetricReader:
 
 def check_environment(config: TelemetryConfig, environ: Mapping[str, str]) -> None:
     """Raise the `TelemetrySetupError` a start with `config` and `environ` would end with
-    (an unknown exporter or OTLP protocol), building nothing (`llm-gateway check` asks).
-    With telemetry off, a start reads no exporter, so none is an error."""
+    (an unknown exporter, OTLP protocol or propagator), building nothing (`llm-gateway
+    check` asks). With telemetry off, a start reads no exporter, so none is an error."""
     if is_off(config, environ):
         return
     for signal in _EXPORTERS:
         _exporter_names(environ, signal)
+    trace_propagator(config, environ)
+
+
+_PROPAGATORS = "OTEL_PROPAGATORS"
+
+
+def trace_propagator(config: TelemetryConfig, environ: Mapping[str, str]) -> TextMapPropagator:
+    """The propagator that reads a caller's trace context and writes an upstream's:
+    OpenTelemetry's global one, built from `OTEL_PROPAGATORS` (or set by an application).
+
+    OpenTelemetry builds it as `opentelemetry.propagate` is first imported, and raises
+    there for a name no installed package provides (a typo; `b3` or `jaeger`, which come
+    in packages of their own): imported with the gateway, every command ended in that
+    traceback. Here it is a `TelemetrySetupError` naming the variable; with telemetry off
+    ("whatever OTEL_* says") the default propagators (W3C trace context and baggage) are
+    used instead.
+    """
+    try:
+        from opentelemetry import propagate
+    except Exception as exc:  # ValueError for a name it cannot find; a package's own error
+        if is_off(config, environ):
+            return CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+        raise TelemetrySetupError(_PROPAGATORS, str(exc)) from None
+    return propagate.get_global_textmap()
 
 
 def is_off(config: TelemetryConfig, environ: Mapping[str, str]) -> bool:

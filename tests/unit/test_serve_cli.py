@@ -470,3 +470,42 @@ def test_a_config_that_would_not_do_what_it_says_exits_2_from_serve_and_check(
     assert done.stderr.startswith("llm-gateway: config error: " + said.format(config=config))
     assert done.stderr.count("\n") == 1
     assert "listening" not in done.stdout
+
+
+_UNKNOWN_PROPAGATOR = "OTEL_PROPAGATORS: Propagator b3multi not found."
+
+
+@pytest.mark.parametrize(
+    ("argv", "telemetry", "said"),
+    [
+        (_COMMANDS["serve"], "", _UNKNOWN_PROPAGATOR),
+        (_COMMANDS["check"], "", _UNKNOWN_PROPAGATOR),
+        (_COMMANDS["check"], "telemetry: {enabled: false}\n", None),
+        (["-m", "gateway_client.cli", "models", "--help"], "", None),
+    ],
+)
+def test_a_propagator_no_package_provides_is_a_config_error_not_a_traceback(
+    tmp_path: Path, argv: list[str], telemetry: str, said: str | None
+) -> None:
+    """`OTEL_PROPAGATORS` naming a propagator no installed package provides (`b3multi`
+    comes in a package of its own, or a typo) is a one-line config error naming the
+    variable from `serve` and `check` (exit 2); with telemetry off, whatever OTEL_* says,
+    it is not; and a command that reads no telemetry (a client's) runs.
+
+    Before, OpenTelemetry raised its ValueError as the gateway's modules were imported:
+    every command, `llm-gateway models --help` too, ended in a traceback and status 1.
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text(telemetry + "local_model: {enabled: never}\n")
+    done = subprocess.run(
+        [sys.executable, *argv, *(() if "--help" in argv else ("--config", str(config)))],
+        env={**os.environ, "OTEL_PROPAGATORS": "b3multi"},
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in done.stderr
+    if said is None:
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 2, done.stdout + done.stderr
+        *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
+        assert last.startswith(f"llm-gateway: config error: environment: {said}")
