@@ -118,6 +118,19 @@ def test_an_unreadable_tls_file_exits_2_naming_its_key(
             {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"},
             "OTEL_EXPORTER_OTLP_COMPRESSION: OTLP compression 'zstd' is not one of gzip,",
         ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_MAX_QUEUE_SIZE": "256"},
+            "OTEL_BSP_MAX_QUEUE_SIZE: a span export batch of 512 "
+            "(OTEL_BSP_MAX_EXPORT_BATCH_SIZE) cannot exceed the queue of 256",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "0"},
+            "OTEL_BSP_SCHEDULE_DELAY: '0' is not a number above 0",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SPAN_EVENT_COUNT_LIMIT": "-1"},
+            "OTEL_SPAN_EVENT_COUNT_LIMIT: '-1' is not a whole number from 0",
+        ),
     ],
 )
 def test_an_otel_variable_the_gateway_cannot_use_exits_2_naming_it(
@@ -128,10 +141,12 @@ def test_an_otel_variable_the_gateway_cannot_use_exits_2_naming_it(
     named: str,
 ) -> None:
     """An unknown OTEL_* exporter or protocol, or an OTLP timeout or compression the
-    exporters cannot read, is a one-line config error, not a traceback.
+    exporters cannot read, or a span batch setting or span limit the SDK refuses, is a
+    one-line config error, not a traceback.
 
     Before, the server's start raised TelemetrySetupError through `serve`: a traceback
-    and status 1; and the gRPC exporters' own ValueError for a timeout that is no number.
+    and status 1; and the gRPC exporters' own ValueError for a timeout that is no number,
+    as the SDK's for a span queue below its batch (`OTEL_BSP_MAX_QUEUE_SIZE=256`).
     """
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
