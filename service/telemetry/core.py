@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
@@ -20,8 +21,9 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from opentelemetry import baggage, propagate, trace
+from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -44,7 +46,7 @@ from service.telemetry.histograms import AttributeSet
 from service.telemetry.lean_tracer import attach_span, current_span
 from service.telemetry.metrics import BREAKER_STATES, Instruments, StoreWrites
 from service.telemetry.propagation import inject_trace_context, is_default
-from service.telemetry.setup import Providers, build_providers
+from service.telemetry.setup import Providers, build_providers, trace_propagator
 from service.telemetry.tracing import CURRENT_RPC, RpcScope
 
 log = logging.getLogger("llm_gateway.telemetry")
@@ -244,6 +246,7 @@ class Telemetry:
         capture_content: bool = False,
         forward_baggage: bool = False,
         prices: PriceList | None = None,
+        propagator: TextMapPropagator,
     ) -> None:
         self.providers = providers
         self.tracer = providers.tracer
@@ -265,7 +268,7 @@ class Telemetry:
         self.capture_content = capture_content
         self.forward_baggage = forward_baggage
         self.prices = prices if prices is not None else PriceList({})
-        self._propagator = propagate.get_global_textmap()
+        self._propagator = propagator
         self._injects_defaults = is_default(self._propagator)
         self._rpc_labels: dict[tuple[str, int], tuple[AttributeSet, AttributeSet]] = {}
         self._routes: dict[tuple[str, str, str, str], RouteLabels] = {}
@@ -284,9 +287,11 @@ class Telemetry:
         metric_readers: Sequence[MetricReader] = (),
     ) -> Telemetry:
         """Telemetry as configured; tests inject in-memory span processors and readers."""
+        env = os.environ if environ is None else environ
+        propagator = trace_propagator(config, env)
         providers = build_providers(
             config,
-            environ=environ,
+            environ=env,
             span_processors=span_processors,
             extra_metric_readers=metric_readers,
         )
@@ -295,6 +300,7 @@ class Telemetry:
             capture_content=config.capture_content,
             forward_baggage=config.forward_baggage,
             prices=prices,
+            propagator=propagator,
         )
 
     @classmethod

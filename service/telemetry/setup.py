@@ -24,6 +24,9 @@ from typing import Any
 
 import grpc
 from opentelemetry import metrics, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -35,6 +38,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from service.config import ServerConfig, TelemetryConfig, listens_overlap
 from service.hosts import listen_host_problem
@@ -182,6 +186,53 @@ def _check_otlp_timeout(environ: Mapping[str, str], signal: str) -> None:
 # The exporters each signal's `OTEL_<SIGNAL>_EXPORTER` may name.
 _EXPORTERS = {"TRACES": ("console", "otlp"), "METRICS": ("console", "prometheus", "otlp")}
 
+# The span batch's settings the SDK's `BatchSpanProcessor` refuses at or below 0, and
+# its defaults (a value that is no whole number it logs, and takes the default for).
+_BSP_QUEUE = "OTEL_BSP_MAX_QUEUE_SIZE"
+_BSP_BATCH = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"
+_BSP_DEFAULTS = {_BSP_QUEUE: 2048, "OTEL_BSP_SCHEDULE_DELAY": 5000, _BSP_BATCH: 512}
+# The span limits the SDK's `SpanLimits` reads: a whole number from 0, or empty (none).
+_SPAN_LIMITS = (
+    "OTEL_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "OTEL_SPAN_EVENT_COUNT_LIMIT",
+    "OTEL_SPAN_LINK_COUNT_LIMIT",
+    "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT",
+)
+
+
+def _check_span_settings(environ: Mapping[str, str]) -> None:
+    """Raise `TelemetrySetupError` for an `OTEL_BSP_*` or span limit the SDK raises its
+    ValueError for as the tracer is built: `serve` ended in a traceback (status 1) while
+    `check` said ok. `OTEL_BSP_MAX_QUEUE_SIZE=256` alone is one: below the default batch."""
+    sizes: dict[str, int] = {}
+    for variable, default in _BSP_DEFAULTS.items():
+        try:
+            sizes[variable] = int(environ.get(variable, default))
+        except ValueError:
+            sizes[variable] = default
+        if sizes[variable] <= 0:
+            raise TelemetrySetupError(variable, f"{environ[variable]!r} is not a number above 0")
+    if sizes[_BSP_BATCH] > sizes[_BSP_QUEUE]:
+        variable = _BSP_BATCH if _BSP_BATCH in environ else _BSP_QUEUE
+        raise TelemetrySetupError(
+            variable,
+            f"a span export batch of {sizes[_BSP_BATCH]} ({_BSP_BATCH}) cannot exceed the "
+            f"queue of {sizes[_BSP_QUEUE]} ({_BSP_QUEUE})",
+        )
+    for variable in _SPAN_LIMITS:
+        value = environ.get(variable, "").strip()
+        try:
+            is_limit = not value or int(value) >= 0  # empty: no limit
+        except ValueError:
+            is_limit = False
+        if not is_limit:
+            problem = f"{environ[variable]!r} is not a whole number from 0"
+            raise TelemetrySetupError(variable, problem)
+
 
 def _exporter_names(environ: Mapping[str, str], signal: str) -> list[str]:
     """The exporters `OTEL_<signal>_EXPORTER` names; raises `TelemetrySetupError` for one
@@ -189,6 +240,8 @@ def _exporter_names(environ: Mapping[str, str], signal: str) -> list[str]:
     exporter is built."""
     variable = f"OTEL_{signal}_EXPORTER"
     names = _names(environ, variable)
+    if signal == "TRACES" and names:
+        _check_span_settings(environ)
     for name in names:
         if name not in _EXPORTERS[signal]:
             raise TelemetrySetupError(variable, f"unknown exporter {name!r}")
@@ -235,12 +288,36 @@ def _watched_metrics(exporter: MetricExporter) -> MetricReader:
 
 def check_environment(config: TelemetryConfig, environ: Mapping[str, str]) -> None:
     """Raise the `TelemetrySetupError` a start with `config` and `environ` would end with
-    (an unknown exporter or OTLP protocol), building nothing (`llm-gateway check` asks).
-    With telemetry off, a start reads no exporter, so none is an error."""
+    (an unknown exporter, OTLP protocol or propagator), building nothing (`llm-gateway
+    check` asks). With telemetry off, a start reads no exporter, so none is an error."""
     if is_off(config, environ):
         return
     for signal in _EXPORTERS:
         _exporter_names(environ, signal)
+    trace_propagator(config, environ)
+
+
+_PROPAGATORS = "OTEL_PROPAGATORS"
+
+
+def trace_propagator(config: TelemetryConfig, environ: Mapping[str, str]) -> TextMapPropagator:
+    """The propagator that reads a caller's trace context and writes an upstream's:
+    OpenTelemetry's global one, built from `OTEL_PROPAGATORS` (or set by an application).
+
+    OpenTelemetry builds it as `opentelemetry.propagate` is first imported, and raises
+    there for a name no installed package provides (a typo; `b3` or `jaeger`, which come
+    in packages of their own): imported with the gateway, every command ended in that
+    traceback. Here it is a `TelemetrySetupError` naming the variable; with telemetry off
+    ("whatever OTEL_* says") the default propagators (W3C trace context and baggage) are
+    used instead.
+    """
+    try:
+        from opentelemetry import propagate
+    except Exception as exc:  # ValueError for a name it cannot find; a package's own error
+        if is_off(config, environ):
+            return CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+        raise TelemetrySetupError(_PROPAGATORS, str(exc)) from None
+    return propagate.get_global_textmap()
 
 
 def is_off(config: TelemetryConfig, environ: Mapping[str, str]) -> bool:

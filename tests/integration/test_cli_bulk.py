@@ -694,6 +694,14 @@ async def test_check_refuses_a_key_with_a_control_character(tmp_path, monkeypatc
             {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"},
             "OTEL_EXPORTER_OTLP_COMPRESSION: OTLP compression 'zstd' is not one of",
         ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4096"},
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE: a span export batch of 4096",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SPAN_LINK_COUNT_LIMIT": "lots"},
+            "OTEL_SPAN_LINK_COUNT_LIMIT: 'lots' is not a whole number from 0",
+        ),
     ],
 )
 async def test_check_refuses_the_telemetry_environment_serve_would(

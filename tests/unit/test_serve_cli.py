@@ -118,6 +118,19 @@ def test_an_unreadable_tls_file_exits_2_naming_its_key(
             {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"},
             "OTEL_EXPORTER_OTLP_COMPRESSION: OTLP compression 'zstd' is not one of gzip,",
         ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_MAX_QUEUE_SIZE": "256"},
+            "OTEL_BSP_MAX_QUEUE_SIZE: a span export batch of 512 "
+            "(OTEL_BSP_MAX_EXPORT_BATCH_SIZE) cannot exceed the queue of 256",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "0"},
+            "OTEL_BSP_SCHEDULE_DELAY: '0' is not a number above 0",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SPAN_EVENT_COUNT_LIMIT": "-1"},
+            "OTEL_SPAN_EVENT_COUNT_LIMIT: '-1' is not a whole number from 0",
+        ),
     ],
 )
 def test_an_otel_variable_the_gateway_cannot_use_exits_2_naming_it(
@@ -128,10 +141,12 @@ def test_an_otel_variable_the_gateway_cannot_use_exits_2_naming_it(
     named: str,
 ) -> None:
     """An unknown OTEL_* exporter or protocol, or an OTLP timeout or compression the
-    exporters cannot read, is a one-line config error, not a traceback.
+    exporters cannot read, or a span batch setting or span limit the SDK refuses, is a
+    one-line config error, not a traceback.
 
     Before, the server's start raised TelemetrySetupError through `serve`: a traceback
-    and status 1; and the gRPC exporters' own ValueError for a timeout that is no number.
+    and status 1; and the gRPC exporters' own ValueError for a timeout that is no number,
+    as the SDK's for a span queue below its batch (`OTEL_BSP_MAX_QUEUE_SIZE=256`).
     """
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
@@ -470,3 +485,42 @@ def test_a_config_that_would_not_do_what_it_says_exits_2_from_serve_and_check(
     assert done.stderr.startswith("llm-gateway: config error: " + said.format(config=config))
     assert done.stderr.count("\n") == 1
     assert "listening" not in done.stdout
+
+
+_UNKNOWN_PROPAGATOR = "OTEL_PROPAGATORS: Propagator b3multi not found."
+
+
+@pytest.mark.parametrize(
+    ("argv", "telemetry", "said"),
+    [
+        (_COMMANDS["serve"], "", _UNKNOWN_PROPAGATOR),
+        (_COMMANDS["check"], "", _UNKNOWN_PROPAGATOR),
+        (_COMMANDS["check"], "telemetry: {enabled: false}\n", None),
+        (["-m", "gateway_client.cli", "models", "--help"], "", None),
+    ],
+)
+def test_a_propagator_no_package_provides_is_a_config_error_not_a_traceback(
+    tmp_path: Path, argv: list[str], telemetry: str, said: str | None
+) -> None:
+    """`OTEL_PROPAGATORS` naming a propagator no installed package provides (`b3multi`
+    comes in a package of its own, or a typo) is a one-line config error naming the
+    variable from `serve` and `check` (exit 2); with telemetry off, whatever OTEL_* says,
+    it is not; and a command that reads no telemetry (a client's) runs.
+
+    Before, OpenTelemetry raised its ValueError as the gateway's modules were imported:
+    every command, `llm-gateway models --help` too, ended in a traceback and status 1.
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text(telemetry + "local_model: {enabled: never}\n")
+    done = subprocess.run(
+        [sys.executable, *argv, *(() if "--help" in argv else ("--config", str(config)))],
+        env={**os.environ, "OTEL_PROPAGATORS": "b3multi"},
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in done.stderr
+    if said is None:
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 2, done.stdout + done.stderr
+        *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
+        assert last.startswith(f"llm-gateway: config error: environment: {said}")
