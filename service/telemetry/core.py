@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
-from service.config import TelemetryConfig
+from service.config import LOCAL_MODEL_UPSTREAM, TelemetryConfig
 from service.domain import (
     ChatRequest,
     Completion,
@@ -528,8 +528,10 @@ class Telemetry:
             attr.UPSTREAM_MODEL: upstream_model,
             attr.SERVER_ADDRESS: host,
         }
-        if port is not None:
+        if port is not None and upstream != LOCAL_MODEL_UPSTREAM:
             # Conditionally required with `server.address`, on the metrics as on the span.
+            # Not the local model's: it restarts on a new free port, each a new series of
+            # every metric (a crash loop would fill the histograms' cap of series for good).
             attributes[attr.SERVER_PORT] = port
         route = RouteLabels(attributes)
         if len(self._routes) < _MOST_ROUTES:

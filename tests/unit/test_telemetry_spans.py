@@ -158,6 +158,31 @@ def test_an_upstream_url_without_a_port_is_named_by_its_schemes_port():
     assert {p.attributes["server.address"]: p.attributes["server.port"] for p in points} == ports
 
 
+def test_the_local_models_restarts_on_new_ports_keep_its_metric_series():
+    """The local model's server restarts on a new free port each time: its attempts stay
+    one series of the GenAI metrics, named by its address alone. With the port,
+    a server crash-looping for a day started a series a restart, filling the histograms'
+    cap of series for good."""
+    captured = captured_telemetry()
+    telemetry = captured.telemetry
+    for attempt, port in enumerate((41001, 41002, 41003), 1):
+        with telemetry.upstream_attempt(
+            REQUEST,
+            upstream="local",
+            base_url=f"http://127.0.0.1:{port}/v1",
+            upstream_model="m",
+            attempt=attempt,
+            headers={},
+        ):
+            pass
+    assert len(captured.spans()) == 3
+    points = captured.points("gen_ai.client.operation.duration")
+    assert len(points) == 1
+    assert points[0].count == 3
+    assert "server.port" not in points[0].attributes
+    assert points[0].attributes["server.address"] == "127.0.0.1"
+
+
 def rpc_points(monkeypatch: pytest.MonkeyPatch, *, sdks: bool) -> dict[str, set[Any]]:
     """The RPC histograms' (attributes, count) after RPCs of two methods and statuses,
     recorded by the gateway's histograms or, with `sdks`, by the SDK's."""
