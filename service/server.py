@@ -441,6 +441,7 @@ class GatewayServer:
         if self._server is not None:
             if self.pipeline is not None:
                 self.pipeline.begin_stopping()
+            self.admission.begin_stopping()
             await self.health.enter_graceful_shutdown()
             stopping = asyncio.ensure_future(self._server.stop(grace))
             # grpc waits out the grace for every open call, health Watch streams too (a

@@ -137,7 +137,8 @@ async def test_a_stream_outliving_the_grace_keeps_its_text_and_is_charged(
 
 
 async def test_queued_calls_are_cut_off_too(start_gateway: Any) -> None:
-    """A call still waiting for a slot when the grace runs out gets the same answer."""
+    """A call queued for a slot as the drain begins gets the same answer (at once, see
+    `test_a_draining_gateway_refuses_the_calls_queued_for_a_slot_at_once`)."""
     async with FakeUpstream(default=Hang()) as fake:
         config = gateway_config(
             fake.base_url, server={"max_in_flight_calls": 1, "max_queued_calls": 1}
@@ -153,6 +154,47 @@ async def test_queued_calls_are_cut_off_too(start_gateway: Any) -> None:
             assert_shutting_down(caught.value)
         assert len(fake.requests) == 1  # the queued call never reached the upstream
         assert (gateway.server.admission.in_flight, gateway.server.admission.queued) == (0, 0)
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_draining_gateway_refuses_the_calls_queued_for_a_slot_at_once(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    """A call queued for the server's one slot (`max_in_flight_calls: 1`,
+    `max_queued_calls: 1`) as the drain begins is refused at once, SHUTTING_DOWN with the
+    retry-elsewhere trailer, while the call holding the slot is still upstream: that call
+    then finishes in the grace, and only it is sent. Before, the queued call waited on,
+    to be handed the slot as the first ended and sent into the drain, or cut at the
+    grace's end, although it had not started and another replica could take it."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        fake.gate.clear()  # the first call holds the slot upstream
+        config = gateway_config(
+            fake.base_url, server={"max_in_flight_calls": 1, "max_queued_calls": 1}
+        )
+        gateway = await start_gateway(config)
+        first = asyncio.ensure_future(gateway.stub.Complete(chat("first"), timeout=30))
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        if mode == "unary":
+            waiting = gateway.stub.Complete(chat("second"), timeout=30)
+        else:
+            waiting = collect(gateway.stub.CompleteStream(chat_stream("second"), timeout=30))
+        second = asyncio.ensure_future(waiting)
+        admission = gateway.server.admission
+        while admission.queued < 1:
+            await asyncio.sleep(0.01)
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+            stop = await stopping(gateway)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async with asyncio.timeout(10):  # a hang guard, far short of the grace
+                    await second
+            assert fake.in_flight == 1  # refused while the slot was still held
+            fake.gate.set()
+            assert (await first).content == "Hello from fake"
+            await stop
+        assert_shutting_down(caught.value)
+        assert len(fake.requests) == 1
+        assert (admission.in_flight, admission.queued) == (0, 0)
+        assert not calls_cut_off(caplog)
 
 
 @pytest.mark.redis
