@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -32,7 +32,7 @@ from service.domain import (
     Usage,
     assemble_tool_calls,
 )
-from service.errors import ShuttingDown, UpstreamContextExceeded
+from service.errors import GatewayError, ShuttingDown, UpstreamContextExceeded
 from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.limits import LimitExceeded
 from service.memo import BoundedMemo
@@ -164,10 +164,13 @@ class Pipeline:
         self._pool.begin_stopping()
 
     @contextlib.asynccontextmanager
-    async def _ended_by_drain(self) -> AsyncIterator[None]:
+    async def _ended_by_drain(
+        self, *, last_error: GatewayError | None = None
+    ) -> AsyncIterator[None]:
         """The body, a wait of a call the gateway queued itself, ended with `ShuttingDown`
-        as the server begins stopping; at its first pause when it already has, so that a
-        body that need not wait still goes on."""
+        (naming `last_error`, the failure it waited to try again after) as the server
+        begins stopping; at its first pause when it already has, so that a body that need
+        not wait still goes on."""
         try:
             async with asyncio.timeout(None) as wait:
                 if self.is_stopping:
@@ -179,7 +182,7 @@ class Pipeline:
                     self._turn_waits.discard(wait)
         except TimeoutError:
             if wait.expired():
-                raise ShuttingDown() from None
+                raise ShuttingDown(last_error=last_error) from None
             raise
 
     @contextlib.asynccontextmanager
@@ -472,15 +475,25 @@ class Pipeline:
             async with asyncio.timeout(refusal.retry_after_s or CALLS_IN_FLIGHT_RETRY_S):
                 await self._budgets.released(tenant, since=refusal.releases_seen)
 
-    async def pause(self, seconds: float) -> None:
-        """Wait `seconds` before a call the gateway queued itself tries again (a batch
-        item's next try, once its upstream's restart should answer).
+    async def pause(
+        self,
+        seconds: float,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        last_error: GatewayError | None = None,
+    ) -> None:
+        """Wait `seconds` with `sleep` (a `Clock`'s, where the caller has one injected)
+        before a call the gateway queued itself tries again: a batch item's next try,
+        once its upstream's restart should answer; a Summarize part's, after its back-off.
 
         Raises:
-            ShuttingDown: the server began stopping before, or while, it waited.
+            ShuttingDown: the server began stopping before, or while, it waited; its
+                message names `last_error`, the failure the next try was for.
         """
-        async with self._ended_by_drain():
-            await asyncio.sleep(seconds)
+        if self.is_stopping:
+            raise ShuttingDown(last_error=last_error)
+        async with self._ended_by_drain(last_error=last_error):
+            await sleep(seconds)
 
     def _remember(
         self, repeat_key: RepeatKey, prepared: PreparedRequest, mode: CacheMode

@@ -1141,7 +1141,14 @@ class Summarizer:
                             level=slot.level,
                             attempts=attempt,
                         ) from exc
-                    await self._clock.sleep(wait_s)
+                    # Ended by the server's stop, naming the failure: another replica
+                    # may take the call at once, where the next try would be sent into
+                    # the drain (or cut at its end).
+                    await self._pipeline.pause(
+                        wait_s,
+                        sleep=self._clock.sleep,
+                        last_error=exc if telling is None else telling,
+                    )
                     waiting_since = None  # a retry's backoff is not queued time
                     continue
                 run.tally.add(completion, now=self._clock.now())

@@ -632,6 +632,36 @@ async def test_a_plain_call_failing_in_the_drain_ends_rather_than_backing_off(
         assert not calls_cut_off(caplog)
 
 
+async def test_a_draining_summary_ends_a_part_waiting_out_its_back_off(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Summarize part whose try failed (a 503, with one try of the pool's own) and that
+    waits out its 20 s back-off (`summarize.retry_backoff_s`) as the drain begins ends
+    the call at once, SHUTTING_DOWN with the retry-elsewhere trailer and the failure in
+    its message; the next try is never sent, and the grace cuts nothing. Before, it slept
+    its whole back-off into the drain first."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        fake.script(Status(503))
+        config = summarize_config(fake.base_url, upstream_attempts=1, retry_backoff_s=20.0)
+        gateway = await start_gateway(config)
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(3))
+        call = asyncio.ensure_future(gateway.stub.Summarize(request, timeout=60))
+        pool = gateway.server.pipeline.pool
+        while pool.counters.attempts < 1:  # its try failed: it is in its back-off
+            await asyncio.sleep(0.01)
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+            stop = await stopping(gateway)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async with asyncio.timeout(10):  # a hang guard, far short of its back-off
+                    await call
+            await stop
+        assert_shutting_down(caught.value)
+        assert "its last attempt failed: " in (caught.value.details() or "")
+        assert "503" in (caught.value.details() or "")
+        assert len(fake.requests) == 1
+        assert not calls_cut_off(caplog)
+
+
 @contextlib.asynccontextmanager
 async def slow_link(port: int, delay_s: float) -> AsyncIterator[int]:
     """A TCP proxy to `port` on loopback that holds each chunk sent to it `delay_s`, as a
