@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from service.budgets import CALLS_IN_FLIGHT_RETRY_S, BudgetHold, Budgets, HeldByCallsInFlight
 from service.calibration import TokenCalibration
@@ -59,6 +59,15 @@ REPEATABLE_MAX_BYTES = 16 * 1024
 # at once (`max_limit_wait_s: 0`) must not have it spin. (A budget held by calls in flight
 # is waited for until one of them ends: `Pipeline._next_turn`.)
 _REQUEUE_PAUSE_S = 0.1
+
+
+class TakenTurn(Protocol):
+    """What a batch item's or a Summarize part's turn took of its tenant's limits
+    (`BatchPacer.turn`)."""
+
+    async def give_back_rate(self) -> None:
+        """Give back the per-minute units the turn took, for a call never sent."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +196,7 @@ class Pipeline:
 
     @contextlib.asynccontextmanager
     async def in_turn(
-        self, turn: contextlib.AbstractAsyncContextManager[None]
+        self, turn: contextlib.AbstractAsyncContextManager[TakenTurn | None]
     ) -> AsyncIterator[None]:
         """`turn` (a batch item's or a Summarize part's, under its tenant's limits) held
         for the body: the item's or the part's upstream call.
@@ -196,14 +205,18 @@ class Pipeline:
             ShuttingDown: the server began stopping before the turn came. Its wait is
                 given up, having taken none of the tenant's limits: it can last a minute,
                 which would hold the call open past the items or parts running, to the
-                end of the grace, and take the tenant's rate for a call never made.
+                end of the grace, and take the tenant's rate for a call never made. A
+                turn that came as the server began stopping goes back whole: its slot,
+                and the per-minute units it took (`TakenTurn.give_back_rate`).
         """
         if self.is_stopping:
             raise ShuttingDown()
         async with contextlib.AsyncExitStack() as held:
             async with self._ended_by_drain():
-                await held.enter_async_context(turn)
+                taken = await held.enter_async_context(turn)
             if self.is_stopping:  # it began as the turn came
+                if taken is not None:
+                    await taken.give_back_rate()
                 raise ShuttingDown()
             yield
 

@@ -27,6 +27,7 @@ from service.auth import generate_key, hash_key, redis_keys_hash
 from service.config import GatewayConfig
 from service.errors import RETRY_ELSEWHERE_TRAILER
 from service.ledger import UsageFilter
+from service.tenant_limits import MemoryTenantLimiter
 from tests.conftest import (
     FAKE_MODEL,
     RunningGateway,
@@ -459,6 +460,41 @@ async def test_a_draining_summary_gives_up_parts_waiting_for_their_tenants_rate(
         assert_shutting_down(caught.value)
         assert (len(fake.requests), fake.finished) == (1, 1)
         assert not calls_cut_off(caplog)
+
+
+async def test_a_batch_item_whose_turn_comes_as_the_drain_begins_gives_its_rate_back(
+    start_gateway: Any,
+) -> None:
+    """An item waiting for its tenant's one call slot (`max_concurrent_calls: 1`) is
+    handed it in the very step the drain begins: it is not sent, the call ends
+    SHUTTING_DOWN, and the request it took of the tenant's requests_per_minute goes back
+    with the slot. Before, the slot went back but the request stayed spent, for a call
+    never made."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        config = secure_config(
+            fake.base_url,
+            tenants={"team-a": {"requests_per_minute": 3, "max_concurrent_calls": 1}},
+        )
+        gateway = await start_gateway(config)
+        limiter = gateway.server.tenant_limiter
+        assert isinstance(limiter, MemoryTenantLimiter)
+        limits = config.tenants["team-a"]
+        # The tenant's one slot, and one of its three requests, held here.
+        held = await limiter.take_turn("team-a", limits, tokens=0)
+        batch = pb.CompleteBatchRequest(items=[pb.BatchItem(id="q0", request=chat())])
+        call = gateway.stub.CompleteBatch(batch, metadata=as_tenant("team-a"), timeout=30)
+        received = asyncio.ensure_future(collect(call))
+        while limiter.awaiting_slot("team-a") < 1:
+            await asyncio.sleep(0.01)
+        await held.give_back()  # the item's turn comes (it runs next) ...
+        gateway.server.pipeline.begin_stopping()  # ... as the drain begins: what stop() does
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await received
+        assert_shutting_down(caught.value)
+        assert not fake.requests
+        assert limiter.in_flight("team-a") == 0
+        # Two of the three requests are left: the item's came back.
+        limiter.take("team-a", limits, tokens=0, requests=2)
 
 
 def one_upstream_slot(config: GatewayConfig) -> GatewayConfig:
