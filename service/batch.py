@@ -27,7 +27,7 @@ from service.errors import (
     quoted,
 )
 from service.ledger import PICO, to_pico
-from service.pipeline import Pipeline, PreparedRequest
+from service.pipeline import Pipeline, PreparedRequest, TakenTurn
 from service.retry import restart_wait_s, says_why
 from service.validation import CALLER_ID_RULE, chat_request_violations, is_caller_id
 
@@ -113,7 +113,8 @@ async def run_batch(
     *,
     concurrency: int,
     deadline: Deadline,
-    pace: Callable[[int, Deadline], contextlib.AbstractAsyncContextManager[None]] | None = None,
+    pace: Callable[[int, Deadline], contextlib.AbstractAsyncContextManager[TakenTurn]]
+    | None = None,
 ) -> AsyncGenerator[ItemOutcome | BatchTotals, None]:
     """Yield each item's outcome as it finishes, then the `BatchTotals`.
 
@@ -148,7 +149,9 @@ async def run_batch(
                     raise InvalidRequest(
                         chat_request_violations(item.request, limits, prior=item.violations)
                     )
-                turn: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+                turn: contextlib.AbstractAsyncContextManager[TakenTurn | None] = (
+                    contextlib.nullcontext()
+                )
                 if pace is not None:
                     # Refuse an invalid item, or one for a model no upstream serves, before
                     # it takes any of the tenant's limits: it makes no upstream call.

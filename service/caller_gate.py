@@ -274,13 +274,37 @@ class BatchPacer:
     @contextlib.asynccontextmanager
     async def turn(
         self, tokens: int, deadline: Deadline, *, requests: int = 1
-    ) -> AsyncIterator[None]:
-        """`take`, and hold the call slot for the body (the upstream call)."""
+    ) -> AsyncIterator[PacedTurn]:
+        """`take`, and hold the call slot for the body (the upstream call); what was
+        taken is handed out, for a call never sent to give its units back."""
         slot = await self.take(tokens, deadline, requests=requests)
         try:
-            yield
+            yield PacedTurn(self._limiter, self._principal, tokens=tokens, requests=requests)
         finally:
             await slot.give_back()
+
+
+class PacedTurn:
+    """What one upstream call's turn (`BatchPacer.turn`) took of its tenant's per-minute
+    limits: `requests` and `tokens`."""
+
+    __slots__ = ("_limiter", "_principal", "requests", "tokens")
+
+    def __init__(
+        self, limiter: TenantLimiter, principal: Principal, *, tokens: int, requests: int
+    ) -> None:
+        self._limiter = limiter
+        self._principal = principal
+        self.tokens = tokens
+        self.requests = requests
+
+    async def give_back_rate(self) -> None:
+        """The call was never sent: its requests and tokens go back to its tenant's
+        per-minute buckets (its slot goes back as its turn ends)."""
+        principal = self._principal
+        await self._limiter.give_back_rate(
+            principal.tenant, principal.limits, tokens=self.tokens, requests=self.requests
+        )
 
 
 def cert_common_name(context: CallContext) -> str | None:

@@ -12,9 +12,9 @@ import dataclasses
 import functools
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from service.budgets import CALLS_IN_FLIGHT_RETRY_S, BudgetHold, Budgets, HeldByCallsInFlight
 from service.calibration import TokenCalibration
@@ -32,7 +32,7 @@ from service.domain import (
     Usage,
     assemble_tool_calls,
 )
-from service.errors import ShuttingDown, UpstreamContextExceeded
+from service.errors import GatewayError, ShuttingDown, UpstreamContextExceeded
 from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.limits import LimitExceeded
 from service.memo import BoundedMemo
@@ -59,6 +59,15 @@ REPEATABLE_MAX_BYTES = 16 * 1024
 # at once (`max_limit_wait_s: 0`) must not have it spin. (A budget held by calls in flight
 # is waited for until one of them ends: `Pipeline._next_turn`.)
 _REQUEUE_PAUSE_S = 0.1
+
+
+class TakenTurn(Protocol):
+    """What a batch item's or a Summarize part's turn took of its tenant's limits
+    (`BatchPacer.turn`)."""
+
+    async def give_back_rate(self) -> None:
+        """Give back the per-minute units the turn took, for a call never sent."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,10 +173,13 @@ class Pipeline:
         self._pool.begin_stopping()
 
     @contextlib.asynccontextmanager
-    async def _ended_by_drain(self) -> AsyncIterator[None]:
+    async def _ended_by_drain(
+        self, *, last_error: GatewayError | None = None
+    ) -> AsyncIterator[None]:
         """The body, a wait of a call the gateway queued itself, ended with `ShuttingDown`
-        as the server begins stopping; at its first pause when it already has, so that a
-        body that need not wait still goes on."""
+        (naming `last_error`, the failure it waited to try again after) as the server
+        begins stopping; at its first pause when it already has, so that a body that need
+        not wait still goes on."""
         try:
             async with asyncio.timeout(None) as wait:
                 if self.is_stopping:
@@ -179,12 +191,12 @@ class Pipeline:
                     self._turn_waits.discard(wait)
         except TimeoutError:
             if wait.expired():
-                raise ShuttingDown() from None
+                raise ShuttingDown(last_error=last_error) from None
             raise
 
     @contextlib.asynccontextmanager
     async def in_turn(
-        self, turn: contextlib.AbstractAsyncContextManager[None]
+        self, turn: contextlib.AbstractAsyncContextManager[TakenTurn | None]
     ) -> AsyncIterator[None]:
         """`turn` (a batch item's or a Summarize part's, under its tenant's limits) held
         for the body: the item's or the part's upstream call.
@@ -193,14 +205,18 @@ class Pipeline:
             ShuttingDown: the server began stopping before the turn came. Its wait is
                 given up, having taken none of the tenant's limits: it can last a minute,
                 which would hold the call open past the items or parts running, to the
-                end of the grace, and take the tenant's rate for a call never made.
+                end of the grace, and take the tenant's rate for a call never made. A
+                turn that came as the server began stopping goes back whole: its slot,
+                and the per-minute units it took (`TakenTurn.give_back_rate`).
         """
         if self.is_stopping:
             raise ShuttingDown()
         async with contextlib.AsyncExitStack() as held:
             async with self._ended_by_drain():
-                await held.enter_async_context(turn)
+                taken = await held.enter_async_context(turn)
             if self.is_stopping:  # it began as the turn came
+                if taken is not None:
+                    await taken.give_back_rate()
                 raise ShuttingDown()
             yield
 
@@ -472,15 +488,25 @@ class Pipeline:
             async with asyncio.timeout(refusal.retry_after_s or CALLS_IN_FLIGHT_RETRY_S):
                 await self._budgets.released(tenant, since=refusal.releases_seen)
 
-    async def pause(self, seconds: float) -> None:
-        """Wait `seconds` before a call the gateway queued itself tries again (a batch
-        item's next try, once its upstream's restart should answer).
+    async def pause(
+        self,
+        seconds: float,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        last_error: GatewayError | None = None,
+    ) -> None:
+        """Wait `seconds` with `sleep` (a `Clock`'s, where the caller has one injected)
+        before a call the gateway queued itself tries again: a batch item's next try,
+        once its upstream's restart should answer; a Summarize part's, after its back-off.
 
         Raises:
-            ShuttingDown: the server began stopping before, or while, it waited.
+            ShuttingDown: the server began stopping before, or while, it waited; its
+                message names `last_error`, the failure the next try was for.
         """
-        async with self._ended_by_drain():
-            await asyncio.sleep(seconds)
+        if self.is_stopping:
+            raise ShuttingDown(last_error=last_error)
+        async with self._ended_by_drain(last_error=last_error):
+            await sleep(seconds)
 
     def _remember(
         self, repeat_key: RepeatKey, prepared: PreparedRequest, mode: CacheMode

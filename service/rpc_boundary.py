@@ -72,7 +72,8 @@ class Admission:
     It also knows each admitted or queued call's task, and each still `arriving` (its
     caller being authenticated, before it asks for a slot), so that a stopping server
     waits for them and can end the calls still running as its grace runs out (`cut_off`)
-    with a status that says why, rather than grpc's bare UNAVAILABLE.
+    with a status that says why, rather than grpc's bare UNAVAILABLE. Once it stops
+    (`begin_stopping`) no call queues.
     """
 
     def __init__(self, *, max_in_flight: int, retry_after_s: float, max_queued: int = 0) -> None:
@@ -81,9 +82,11 @@ class Admission:
         self.retry_after_s = retry_after_s
         self.in_flight = 0
         self.arriving = 0
-        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Each queued call's slot: True once handed a slot, False if refused (stopping).
+        self._queue: collections.deque[asyncio.Future[bool]] = collections.deque()
         self._calls: set[asyncio.Task[Any]] = set()
         self._cut_off: set[asyncio.Task[Any]] = set()
+        self.is_stopping = False
 
     @property
     def queued(self) -> int:
@@ -124,23 +127,31 @@ class Admission:
 
     async def enter(self) -> CallTicket:
         """Admit the calling task's call, queueing it while there is room, or raise
-        `Overloaded`. Give the ticket back to `leave` once the call is done."""
+        `Overloaded`. Give the ticket back to `leave` once the call is done.
+
+        Raises:
+            Overloaded: every slot is taken and the queue is full.
+            ShuttingDown: the server is stopping (`begin_stopping`) and the call would
+                queue, or it was queued as the server began to.
+        """
         task = asyncio.current_task()
         if self.in_flight < self.max_in_flight and not self._queue:
             self.in_flight += 1
             if task is not None:
                 self._calls.add(task)
             return task
+        if self.is_stopping:
+            raise ShuttingDown()
         if len(self._queue) >= self.max_queued:
             raise Overloaded(retry_after_s=self.retry_after_s)
-        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        slot: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.append(slot)
         if task is not None:
             self._calls.add(task)
         try:
-            await slot
+            is_admitted = await slot
         except BaseException:
-            if slot.done() and not slot.cancelled():
+            if slot.done() and not slot.cancelled() and slot.result():
                 self.leave(task)  # a slot was handed to us as we gave up: pass it on
             else:
                 if task is not None:
@@ -148,7 +159,26 @@ class Admission:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(slot)
             raise
+        if not is_admitted:
+            if task is not None:
+                self._calls.discard(task)
+            raise ShuttingDown()
         return task
+
+    def begin_stopping(self) -> None:
+        """The server is stopping: the calls queued for a slot are refused with
+        `ShuttingDown` (UNAVAILABLE, the retry-elsewhere trailer), and so is any call that
+        would queue from now on; one that finds a slot free still runs.
+
+        None of them has started, and another replica may take them at once: queued on
+        here, each would be handed the slot of a call that ends, then sent into the drain
+        or cut at the grace's end.
+        """
+        self.is_stopping = True
+        queued, self._queue = self._queue, collections.deque()
+        for slot in queued:
+            if not slot.done():
+                slot.set_result(False)
 
     def answered(self) -> None:
         """The calling task's call has its answer (the upstream or the cache gave it):
@@ -190,7 +220,7 @@ class Admission:
         while self._queue:
             slot = self._queue.popleft()
             if not slot.done():
-                slot.set_result(None)  # in_flight is unchanged: the slot changes hands
+                slot.set_result(True)  # in_flight is unchanged: the slot changes hands
                 return
         self.in_flight -= 1
 

@@ -65,7 +65,7 @@ from service.telemetry.setup import (
     prometheus_port_problem,
 )
 from service.telemetry.subscribers import observe_cache, observe_store_writes, subscribe_pool
-from service.tenant_limits import RedisTenantLimiter
+from service.tenant_limits import RedisTenantLimiter, TenantLimiter
 from service.upstream.client import UpstreamClient
 from service.upstream.relay import secrets_of
 
@@ -133,6 +133,8 @@ class GatewayServer:
         self.health_port = 0  # of `server.health_listen`, once bound
         self._is_health_started = False
         self.pipeline: Pipeline | None = None
+        # Where the tenants' rate limits and concurrent calls are counted, once started.
+        self.tenant_limiter: TenantLimiter | None = None
         self.local_model: LocalModelServer | None = None
         self._local_model_states = local_model_states
         # The local model's latest state (None: there is none), which its calls follow.
@@ -196,6 +198,7 @@ class GatewayServer:
         await check_redis_access(self.config)  # before the local model's minutes
         auth_redis = open_auth_redis(self.config, self._stack)
         gate = await build_caller_gate(self.config, self._stack, auth_redis)
+        self.tenant_limiter = gate.limiter
         prices = PriceList(self.config.models)
         await self._start_telemetry(prices)
         ledger = open_ledger(self.config.ledger, wall_clock=self._wall_clock)
@@ -441,6 +444,7 @@ class GatewayServer:
         if self._server is not None:
             if self.pipeline is not None:
                 self.pipeline.begin_stopping()
+            self.admission.begin_stopping()
             await self.health.enter_graceful_shutdown()
             stopping = asyncio.ensure_future(self._server.stop(grace))
             # grpc waits out the grace for every open call, health Watch streams too (a

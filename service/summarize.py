@@ -75,7 +75,7 @@ from service.errors import (
     UpstreamUnavailable,
 )
 from service.ledger import PICO, to_pico
-from service.pipeline import Pipeline
+from service.pipeline import Pipeline, TakenTurn
 from service.retry import doubled, next_try_s, says_why
 from service.tokens import (
     PER_MESSAGE_OVERHEAD,
@@ -1093,7 +1093,7 @@ class Summarizer:
         pacer = current_pacer()
         # The tenant's tokens_per_minute, taken as the call starts, and one of its call
         # slots, held until the call (with its retries) ends.
-        turn: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+        turn: contextlib.AbstractAsyncContextManager[TakenTurn | None] = contextlib.nullcontext()
         if pacer is not None:
             turn = pacer.turn(
                 part_tokens((system, user), max_tokens=answer_tokens), deadline, requests=0
@@ -1141,7 +1141,14 @@ class Summarizer:
                             level=slot.level,
                             attempts=attempt,
                         ) from exc
-                    await self._clock.sleep(wait_s)
+                    # Ended by the server's stop, naming the failure: another replica
+                    # may take the call at once, where the next try would be sent into
+                    # the drain (or cut at its end).
+                    await self._pipeline.pause(
+                        wait_s,
+                        sleep=self._clock.sleep,
+                        last_error=exc if telling is None else telling,
+                    )
                     waiting_since = None  # a retry's backoff is not queued time
                     continue
                 run.tally.add(completion, now=self._clock.now())

@@ -110,6 +110,13 @@ class TenantLimiter(Protocol):
         lapsed leases), or after `timeout_s` (None: no limit)."""
         ...
 
+    async def give_back_rate(
+        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+    ) -> None:
+        """Return `requests` and `tokens` that `take_rate` or `take_turn` took for a call
+        never sent to the tenant's per-minute buckets, never past a full bucket."""
+        ...
+
 
 def is_over_call_cap(refusal: QuotaExceeded) -> bool:
     """Whether `refusal` is for the tenant's `max_concurrent_calls` (not for a rate)."""
@@ -162,6 +169,9 @@ class _Bucket:
         need = min(capacity, cost + leave_share * capacity)
         return 0.0 if self.level >= need else (need - self.level) * _WINDOW_S / capacity
 
+    def give_back(self, amount: float, capacity: int) -> None:
+        self.level = min(capacity, self.level + amount)
+
 
 class _FreedSlots:
     """Wakes whoever waits for a tenant's slot (`await_slot`) when this process gives one
@@ -175,6 +185,10 @@ class _FreedSlots:
         for waiter in self._waiters.pop(tenant, ()):
             if not waiter.done():
                 waiter.set_result(None)
+
+    def waiting(self, tenant: str) -> int:
+        """How many wait for one of `tenant`'s slots."""
+        return len(self._waiters.get(tenant, ()))
 
     async def wait(self, tenant: str, *, timeout_s: float | None) -> None:
         """Return once one of `tenant`'s slots is given back, or after `timeout_s`."""
@@ -206,6 +220,10 @@ class MemoryTenantLimiter:
     def in_flight(self, tenant: str) -> int:
         """Calls of `tenant` admitted and not finished."""
         return self._in_flight.get(tenant, 0)
+
+    def awaiting_slot(self, tenant: str) -> int:
+        """Calls of `tenant` waiting for one of its slots (`await_slot`)."""
+        return self._freed.waiting(tenant)
 
     def _bucket(self, table: dict[str, _Bucket], tenant: str, capacity: int) -> _Bucket:
         now = self._clock.now()
@@ -317,6 +335,16 @@ class MemoryTenantLimiter:
         """See `TenantLimiter.await_slot`: here, only this process holds slots."""
         await self._freed.wait(tenant, timeout_s=timeout_s)
 
+    async def give_back_rate(
+        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+    ) -> None:
+        """See `TenantLimiter.give_back_rate`."""
+        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+        if rpm and requests:
+            self._bucket(self._requests, tenant, rpm).give_back(requests, rpm)
+        if tpm and tokens:
+            self._bucket(self._tokens, tenant, tpm).give_back(tokens, tpm)
+
 
 # KEYS: requests bucket, tokens bucket, in-flight sorted set, the lease's released marker.
 # ARGV: rpm, tpm, requests, tokens, max concurrent, lease id, lease ttl (s), the share of
@@ -371,6 +399,26 @@ return {0, ''}
 """
 
 _WHICH = {1: "requests_per_minute", 2: "tokens_per_minute", 3: "max_concurrent_calls"}
+
+# KEYS: requests bucket, tokens bucket. ARGV: rpm, tpm, requests, tokens (0: that bucket is
+# not asked). Puts back units taken for a call never sent, refilled as the admission reads
+# them and never past a full bucket; a bucket missing or unreadable already reads as full.
+_GIVE_BACK_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function give_back(key, cap, amount)
+  if cap <= 0 or amount <= 0 then return end
+  local v = redis.call('HMGET', key, 'level', 'at')
+  local lvl, at = tonumber(v[1]), tonumber(v[2])
+  if lvl == nil or at == nil or not (lvl >= 0) then return end
+  local level = math.min(cap, lvl + math.max(0, now - at) * cap / 60 + amount)
+  redis.call('HSET', key, 'level', tostring(level), 'at', tostring(now))
+  redis.call('EXPIRE', key, 120)
+end
+give_back(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[3]))
+give_back(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[4]))
+return 0
+"""
 
 # Every lease of a round. KEYS: for each lease, its in-flight sorted set and its released
 # marker. ARGV: lease ttl (s), then each lease's id. Moves each lease to expire a whole
@@ -431,6 +479,7 @@ class RedisTenantLimiter:
         self._commands = redis if commands is None else commands
         self._script = self._commands.register_script(_ADMIT_LUA)
         self._renew = self._commands.register_script(_RENEW_LUA)
+        self._give_back_units = self._commands.register_script(_GIVE_BACK_LUA)
         self._lease_ttl_s = lease_ttl_s
         self.cooldown = cooldown if cooldown is not None else StoreCooldown("tenant_limits")
         self.late_releases = LateReleases(
@@ -581,6 +630,25 @@ class RedisTenantLimiter:
         one given back by another replica, or a lapsed lease, is seen by the next poll."""
         poll_s = self._slot_poll_s if timeout_s is None else min(timeout_s, self._slot_poll_s)
         await self._freed.wait(tenant, timeout_s=poll_s)
+
+    async def give_back_rate(
+        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+    ) -> None:
+        """See `TenantLimiter.give_back_rate`: one script. While Redis does not answer
+        the units stay spent (they refill within the minute), and while the cool-down
+        leaves it alone the take took none."""
+        rpm = limits.requests_per_minute if requests else 0
+        tpm = limits.tokens_per_minute if tokens else 0
+        if not (rpm or tpm) or self.cooldown.skips():
+            return
+        try:
+            await self._give_back_units(
+                keys=self._keys(tenant, "")[:2], args=[rpm, tpm, requests, tokens]
+            )
+        except Exception as exc:
+            self._store_failed(exc)
+            return
+        self.late_releases.store_answered()
 
     async def _take_lease(
         self,

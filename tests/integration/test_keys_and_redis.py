@@ -731,6 +731,27 @@ async def test_a_refusal_over_both_rates_tells_the_longer_wait(redis_url):
         await client.aclose()
 
 
+async def test_units_given_back_return_to_the_shared_buckets_up_to_full(redis_url):
+    """Units taken for a call never sent (a batch item whose turn came as the drain began)
+    go back to the tenant's shared buckets, never past a full minute's. Before, there was
+    no way to give them back: they stayed spent for a call never made."""
+    client = aioredis.Redis.from_url(redis_url)
+    limiter = RedisTenantLimiter(client, prefix="t-give-back:")
+    limits = TenantConfig(requests_per_minute=60, tokens_per_minute=600)
+    try:
+        await limiter.take_rate("team-a", limits, tokens=600, requests=60)
+        await limiter.give_back_rate("team-a", limits, tokens=600, requests=60)
+        await limiter.take_rate("team-a", limits, tokens=600, requests=60)
+        await limiter.give_back_rate("team-a", limits, tokens=600, requests=60)
+        await limiter.give_back_rate("team-a", limits, tokens=600, requests=60)  # no more
+        await limiter.take_rate("team-a", limits, tokens=600, requests=60)
+        with pytest.raises(QuotaExceeded):
+            await limiter.take_rate("team-a", limits, tokens=10, requests=1)
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+
+
 async def test_a_call_held_past_its_lease_ttl_keeps_its_slot(redis_url):
     """A call running longer than its lease's TTL (a long paced batch) renews its lease,
     so the tenant's max_concurrent_calls still holds; once it ends, the slot is free.

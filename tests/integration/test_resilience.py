@@ -1099,8 +1099,10 @@ async def test_a_burst_past_admission_is_shed_overloaded_never_cancelled(start_g
         assert (await admitted).content == "Hello from fake"
 
 
-async def test_graceful_shutdown_finishes_accepted_calls(start_gateway):
-    """Stopping under load lets every accepted call (running or queued) finish in the grace."""
+async def test_graceful_shutdown_finishes_running_calls_and_refuses_queued_ones(start_gateway):
+    """Stopping under load lets every running call finish in the grace; the calls queued
+    for a slot, not started, are refused at once with SHUTTING_DOWN and the
+    retry-elsewhere trailer, for another replica to take."""
     async with FakeUpstream(default=Reply(delay_s=0.3)) as fake:
         config = gateway_config(
             fake.base_url,
@@ -1109,10 +1111,16 @@ async def test_graceful_shutdown_finishes_accepted_calls(start_gateway):
         )
         gateway = await start_gateway(config)
         calls = [asyncio.ensure_future(gateway.stub.Complete(chat())) for _ in range(6)]
-        assert await settle(lambda: len(fake.requests) == 3 and gateway.server.admission.queued)
+        admission = gateway.server.admission
+        assert await settle(lambda: len(fake.requests) == 3 and admission.queued == 3)
         await gateway.server.stop(grace_s=5.0)
-        results = await asyncio.gather(*calls)
-        assert [r.content for r in results] == ["Hello from fake"] * 6
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        answered = [r.content for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert answered == ["Hello from fake"] * 3
+        assert [error_details(r)[1] for r in refused] == ["SHUTTING_DOWN"] * 3
+        assert all(dict(r.trailing_metadata())[RETRY_ELSEWHERE_TRAILER] == "true" for r in refused)
+        assert len(fake.requests) == 3
 
 
 @pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])

@@ -27,6 +27,7 @@ from service.auth import generate_key, hash_key, redis_keys_hash
 from service.config import GatewayConfig
 from service.errors import RETRY_ELSEWHERE_TRAILER
 from service.ledger import UsageFilter
+from service.tenant_limits import MemoryTenantLimiter
 from tests.conftest import (
     FAKE_MODEL,
     RunningGateway,
@@ -137,7 +138,8 @@ async def test_a_stream_outliving_the_grace_keeps_its_text_and_is_charged(
 
 
 async def test_queued_calls_are_cut_off_too(start_gateway: Any) -> None:
-    """A call still waiting for a slot when the grace runs out gets the same answer."""
+    """A call queued for a slot as the drain begins gets the same answer (at once, see
+    `test_a_draining_gateway_refuses_the_calls_queued_for_a_slot_at_once`)."""
     async with FakeUpstream(default=Hang()) as fake:
         config = gateway_config(
             fake.base_url, server={"max_in_flight_calls": 1, "max_queued_calls": 1}
@@ -153,6 +155,47 @@ async def test_queued_calls_are_cut_off_too(start_gateway: Any) -> None:
             assert_shutting_down(caught.value)
         assert len(fake.requests) == 1  # the queued call never reached the upstream
         assert (gateway.server.admission.in_flight, gateway.server.admission.queued) == (0, 0)
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_draining_gateway_refuses_the_calls_queued_for_a_slot_at_once(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    """A call queued for the server's one slot (`max_in_flight_calls: 1`,
+    `max_queued_calls: 1`) as the drain begins is refused at once, SHUTTING_DOWN with the
+    retry-elsewhere trailer, while the call holding the slot is still upstream: that call
+    then finishes in the grace, and only it is sent. Before, the queued call waited on,
+    to be handed the slot as the first ended and sent into the drain, or cut at the
+    grace's end, although it had not started and another replica could take it."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        fake.gate.clear()  # the first call holds the slot upstream
+        config = gateway_config(
+            fake.base_url, server={"max_in_flight_calls": 1, "max_queued_calls": 1}
+        )
+        gateway = await start_gateway(config)
+        first = asyncio.ensure_future(gateway.stub.Complete(chat("first"), timeout=30))
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        if mode == "unary":
+            waiting = gateway.stub.Complete(chat("second"), timeout=30)
+        else:
+            waiting = collect(gateway.stub.CompleteStream(chat_stream("second"), timeout=30))
+        second = asyncio.ensure_future(waiting)
+        admission = gateway.server.admission
+        while admission.queued < 1:
+            await asyncio.sleep(0.01)
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+            stop = await stopping(gateway)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async with asyncio.timeout(10):  # a hang guard, far short of the grace
+                    await second
+            assert fake.in_flight == 1  # refused while the slot was still held
+            fake.gate.set()
+            assert (await first).content == "Hello from fake"
+            await stop
+        assert_shutting_down(caught.value)
+        assert len(fake.requests) == 1
+        assert (admission.in_flight, admission.queued) == (0, 0)
+        assert not calls_cut_off(caplog)
 
 
 @pytest.mark.redis
@@ -419,6 +462,41 @@ async def test_a_draining_summary_gives_up_parts_waiting_for_their_tenants_rate(
         assert not calls_cut_off(caplog)
 
 
+async def test_a_batch_item_whose_turn_comes_as_the_drain_begins_gives_its_rate_back(
+    start_gateway: Any,
+) -> None:
+    """An item waiting for its tenant's one call slot (`max_concurrent_calls: 1`) is
+    handed it in the very step the drain begins: it is not sent, the call ends
+    SHUTTING_DOWN, and the request it took of the tenant's requests_per_minute goes back
+    with the slot. Before, the slot went back but the request stayed spent, for a call
+    never made."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        config = secure_config(
+            fake.base_url,
+            tenants={"team-a": {"requests_per_minute": 3, "max_concurrent_calls": 1}},
+        )
+        gateway = await start_gateway(config)
+        limiter = gateway.server.tenant_limiter
+        assert isinstance(limiter, MemoryTenantLimiter)
+        limits = config.tenants["team-a"]
+        # The tenant's one slot, and one of its three requests, held here.
+        held = await limiter.take_turn("team-a", limits, tokens=0)
+        batch = pb.CompleteBatchRequest(items=[pb.BatchItem(id="q0", request=chat())])
+        call = gateway.stub.CompleteBatch(batch, metadata=as_tenant("team-a"), timeout=30)
+        received = asyncio.ensure_future(collect(call))
+        while limiter.awaiting_slot("team-a") < 1:
+            await asyncio.sleep(0.01)
+        await held.give_back()  # the item's turn comes (it runs next) ...
+        gateway.server.pipeline.begin_stopping()  # ... as the drain begins: what stop() does
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await received
+        assert_shutting_down(caught.value)
+        assert not fake.requests
+        assert limiter.in_flight("team-a") == 0
+        # Two of the three requests are left: the item's came back.
+        limiter.take("team-a", limits, tokens=0, requests=2)
+
+
 def one_upstream_slot(config: GatewayConfig) -> GatewayConfig:
     """`config` with its upstream's `max_concurrency` at 1."""
     (only,) = config.upstreams
@@ -586,6 +664,36 @@ async def test_a_plain_call_failing_in_the_drain_ends_rather_than_backing_off(
                 await call
             await stop
         assert_shutting_down(caught.value)
+        assert len(fake.requests) == 1
+        assert not calls_cut_off(caplog)
+
+
+async def test_a_draining_summary_ends_a_part_waiting_out_its_back_off(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Summarize part whose try failed (a 503, with one try of the pool's own) and that
+    waits out its 20 s back-off (`summarize.retry_backoff_s`) as the drain begins ends
+    the call at once, SHUTTING_DOWN with the retry-elsewhere trailer and the failure in
+    its message; the next try is never sent, and the grace cuts nothing. Before, it slept
+    its whole back-off into the drain first."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        fake.script(Status(503))
+        config = summarize_config(fake.base_url, upstream_attempts=1, retry_backoff_s=20.0)
+        gateway = await start_gateway(config)
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(3))
+        call = asyncio.ensure_future(gateway.stub.Summarize(request, timeout=60))
+        pool = gateway.server.pipeline.pool
+        while pool.counters.attempts < 1:  # its try failed: it is in its back-off
+            await asyncio.sleep(0.01)
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+            stop = await stopping(gateway)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async with asyncio.timeout(10):  # a hang guard, far short of its back-off
+                    await call
+            await stop
+        assert_shutting_down(caught.value)
+        assert "its last attempt failed: " in (caught.value.details() or "")
+        assert "503" in (caught.value.details() or "")
         assert len(fake.requests) == 1
         assert not calls_cut_off(caplog)
 

@@ -32,6 +32,21 @@ def test_requests_burst_to_the_limit_then_refill_at_its_rate():
         limiter.take("a", limits, tokens=0)
 
 
+async def test_units_given_back_return_to_the_buckets_up_to_full():
+    """Units taken for a call never sent go back to its tenant's buckets, never past a
+    full minute's. Before, there was no way to give them back."""
+    limiter = MemoryTenantLimiter(clock=FakeClock())
+    limits = TenantConfig(requests_per_minute=60, tokens_per_minute=600)
+    limiter.take("a", limits, tokens=600, requests=60)
+    await limiter.give_back_rate("a", limits, tokens=600, requests=60)
+    limiter.take("a", limits, tokens=600, requests=60)
+    await limiter.give_back_rate("a", limits, tokens=600, requests=60)
+    await limiter.give_back_rate("a", limits, tokens=600, requests=60)  # no more than full
+    limiter.take("a", limits, tokens=600, requests=60)
+    with pytest.raises(QuotaExceeded):
+        limiter.take("a", limits, tokens=1, requests=1)
+
+
 def test_tenants_have_separate_buckets():
     """One tenant's exhaustion never refuses another."""
     limiter = MemoryTenantLimiter(clock=FakeClock())
