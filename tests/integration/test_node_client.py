@@ -41,6 +41,7 @@ from tests.conftest import (
     fake_model_window,
     gateway_config,
 )
+from tests.counting_relay import CountingRelay
 from tests.fake_upstream import CutStream, FakeUpstream, Hang, Reply, ToolCallReply
 from tests.forward_proxy import ForwardProxy
 from tests.integration.pki import Pki, make_pki
@@ -846,6 +847,25 @@ async def test_node_retry_policy_waits_out_overload_pushback_for_a_long_prompt(
     assert result["content"] == "Hello from fake"
     assert 2 <= result["attempts"] <= max_attempts()
     assert len(upstream.requests) == 2
+
+
+async def test_node_request_past_the_gateways_message_limit_is_sent_once(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A prompt past the gateway's `server.max_receive_message_bytes` (4 MiB), which gRPC
+    refuses RESOURCE_EXHAUSTED with no pushback, goes out once and fails at once, as from
+    the Python client. Before, the Node client's 16 MiB retry buffer let the retry policy
+    send it five times: a 5.5 MB prompt uploaded 27 MB, over seconds of backoff."""
+    words = 1_100_000  # "word " each: 5.5 MB
+    relay = CountingRelay(gateway.server.address)
+    async with relay as address:
+        seen = await run_node(
+            node_scenarios, "try-complete", "--address", address, "--prompt-words", str(words)
+        )
+    assert seen["code"] == "RESOURCE_EXHAUSTED"
+    assert seen["attempts"] == 1
+    assert relay.sent < 2 * len("word ") * words
+    assert upstream.requests == []
 
 
 async def test_node_overload_exhausts_attempts_and_decodes_retry_info(
