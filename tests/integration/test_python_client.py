@@ -278,6 +278,66 @@ async def test_a_batch_read_on_by_a_loop_after_a_peeked_first_event_is_not_cut(
     assert sorted(event.result.response.content for event in events[:3]) == ["a", "b", "c"]
 
 
+READ_ALREADY = "was read to its end already: its events are read once"
+
+
+async def test_a_stream_read_to_its_end_then_looped_over_again_says_so(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A second `async for` over a stream read to its end raises a RuntimeError saying it
+    was read already, as the Node client throws. Before, it yielded nothing: a caller that
+    read a stream twice got an empty answer without a word."""
+    upstream.script(Reply(content="word " * 3, chunks=3))
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream("Tell a story", model=FAKE_MODEL)
+        texts = [text async for text in stream]
+        with pytest.raises(RuntimeError, match=f"CompletionStream {READ_ALREADY}"):
+            async for _ in stream:
+                pass
+    assert "".join(texts) == "word " * 3
+    assert stream.final is not None
+
+
+async def test_a_batch_read_to_its_end_then_looped_over_again_says_so(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """As for a stream: a batch's results read to their end, then looped over again,
+    raise a RuntimeError rather than yield nothing."""
+    upstream.script(Reply(content="a"))
+    items = [pb.BatchItem(id="0", request=build_request("x", model=FAKE_MODEL))]
+    async with GatewayClient(gateway.server.address) as client:
+        results = client.complete_batch(items)
+        events = [event async for event in results]
+        with pytest.raises(RuntimeError, match=f"BatchResults {READ_ALREADY}"):
+            async for _ in results:
+                pass
+    assert [event.WhichOneof("event") for event in events] == ["result", "summary"]
+
+
+@pytest.mark.parametrize("kind", ["stream", "batch"])
+async def test_a_failed_stream_or_batch_looped_over_again_raises_its_failure_again(
+    upstream: FakeUpstream, start_gateway: StartGateway, kind: str
+) -> None:
+    """A stream (or batch) whose call failed raises that failure from a later loop too, as
+    the Node client does. Before, the later loop ended at once as though the call had
+    answered nothing."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, batch={"max_items": 1}))
+    async with GatewayClient(gateway.server.address) as client:
+        if kind == "stream":
+            events: Any = client.stream("Say hi", model="no-such-model")
+        else:
+            item = pb.BatchItem(request=build_request("x", model=FAKE_MODEL))
+            events = client.complete_batch([item, item])  # refused whole: over max_items
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                async for _ in events:
+                    pass
+            expected = (
+                grpc.StatusCode.NOT_FOUND if kind == "stream" else grpc.StatusCode.INVALID_ARGUMENT
+            )
+            assert raised.value.code() == expected
+
+
 async def test_cancelling_a_stream_inside_its_loop_ends_the_loop(
     upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:
