@@ -44,6 +44,7 @@ from tests.conftest import (
 from tests.counting_relay import CountingRelay
 from tests.fake_upstream import CutStream, FakeUpstream, Hang, Reply, ToolCallReply
 from tests.forward_proxy import ForwardProxy
+from tests.integration.helpers import garbled_details_server
 from tests.integration.pki import Pki, make_pki
 from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.integration.test_python_client import LOOPBACK_ADDRESSES
@@ -59,7 +60,6 @@ SCENARIOS_JS = NODE_DIR / "dist" / "clients" / "node" / "src" / "scenarios.js"
 pytestmark = pytest.mark.xdist_group("node_client")
 
 SERVICE_CONFIG = ROOT / "clients" / "service_config.json"
-STATUS_DETAILS_TRAILER = "grpc-status-details-bin"
 NODE_TIMEOUT_S = 30.0
 # Price of fake-model in gateway_config(): USD per million input / output tokens.
 INPUT_USD_PER_M, OUTPUT_USD_PER_M = 0.14, 0.42
@@ -1070,23 +1070,6 @@ async def test_node_call_error_reads_the_trailers_details_only_for_its_own_code(
     assert details["retryDelayMs"] == (pytest.approx(2000) if decoded else None)
 
 
-class GarbledDetailsService(pb_grpc.CompletionServiceServicer):
-    """Fails each call INVALID_ARGUMENT with a `grpc-status-details-bin` trailer that is no
-    `google.rpc.Status`, as a proxy on the way might leave one."""
-
-    async def Complete(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await self.fail(context)
-
-    async def CompleteStream(
-        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
-        await self.fail(context)
-
-    async def fail(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        context.set_trailing_metadata(((STATUS_DETAILS_TRAILER, b"\xff\xff\xff\xff\x0f"),))
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused")
-
-
 async def test_node_call_error_survives_a_details_trailer_that_is_no_status(
     node_scenarios: Path,
 ) -> None:
@@ -1095,16 +1078,9 @@ async def test_node_call_error_survives_a_details_trailer_that_is_no_status(
     loop. Before, the decoding error was thrown from grpc-js's callback, where nobody
     could catch it, and ended the caller's process (a stream's loop threw it in place
     of the call's status)."""
-    server = grpc.aio.server()
-    pb_grpc.add_CompletionServiceServicer_to_server(GarbledDetailsService(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        address = f"127.0.0.1:{port}"
+    async with garbled_details_server() as address:
         unary = await run_node(node_scenarios, "try-complete", "--address", address)
         stream = await run_node(node_scenarios, "late-stream", "--address", address)
-    finally:
-        await server.stop(grace=None)
     no_details = {
         "fieldViolations": [],
         "quotaViolations": [],

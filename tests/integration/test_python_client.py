@@ -20,8 +20,17 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
-from gateway_client import GatewayClient, build_request, cli, error_details, status_details
+from gateway_client import (
+    ErrorDetails,
+    GatewayClient,
+    build_request,
+    cli,
+    error_details,
+    status_details,
+)
 from gateway_client.client import MAX_TIMEOUT_S, is_loopback_address
 from gateway_client.commands import complete
 from llmgateway.v1 import gateway_pb2 as pb
@@ -36,6 +45,7 @@ from tests.conftest import (
 )
 from tests.counting_relay import CountingRelay
 from tests.fake_upstream import CutStream, FakeUpstream, Hang, Reply, Status
+from tests.integration.helpers import GARBLED_DETAILS, garbled_details_server
 
 REPO = Path(__file__).resolve().parents[2]
 StartGateway = Callable[..., Any]
@@ -1051,6 +1061,55 @@ async def test_error_details_tell_the_domain_and_whether_another_replica_may_tak
     details = error_details(unknown.value)
     assert (details.domain, details.reason) == ("llmgateway.v1", "MODEL_NOT_FOUND")
     assert not details.retry_elsewhere
+
+
+async def test_a_details_trailer_that_is_no_status_leaves_the_calls_code_and_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A call failed with a `grpc-status-details-bin` trailer that does not decode (a
+    proxy's garbage) gives `error_details` with its code and message and no details, from
+    `complete` and a stream, and `llm-gateway complete` prints them, as the Node client
+    does. Before, protobuf's DecodeError escaped from `error_details`, and the command
+    ended in its traceback."""
+    parser = argparse.ArgumentParser()
+    complete.register(parser.add_subparsers())
+    async with garbled_details_server() as address, GatewayClient(address) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await client.complete("Say hi", model=FAKE_MODEL)
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            async for _ in client.stream("Say hi", model=FAKE_MODEL):
+                pass
+        argv = ["complete", "Say hi", "--model", FAKE_MODEL, "--address", address]
+        assert await complete.complete_command(parser.parse_args(argv)) == 1
+    for error in (unary.value, streamed.value):
+        assert error_details(error) == ErrorDetails(code="INVALID_ARGUMENT", message="refused")
+    assert capsys.readouterr().err == "INVALID_ARGUMENT: refused\n"
+
+
+async def test_a_detail_that_does_not_decode_is_left_out_and_the_others_kept() -> None:
+    """A `google.rpc.Status` one of whose details does not decode as the type its URL
+    names (a BadRequest of garbled bytes) gives the other details, from `error_details`
+    and from `status_details` (a batch item's error). Before, the DecodeError of that one
+    escaped, and the whole error went undescribed."""
+    garbled = any_pb2.Any(
+        type_url="type.googleapis.com/google.rpc.BadRequest", value=GARBLED_DETAILS
+    )
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="REFUSED", domain="example.com"))
+    status = status_pb2.Status(
+        code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="refused", details=[garbled, info]
+    )
+    async with (
+        garbled_details_server(status.SerializeToString()) as address,
+        GatewayClient(address) as client,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.complete("Say hi", model=FAKE_MODEL)
+    expected = ErrorDetails(
+        code="INVALID_ARGUMENT", message="refused", reason="REFUSED", domain="example.com"
+    )
+    assert error_details(refused.value) == expected
+    assert status_details(status) == expected
 
 
 async def test_a_stream_cut_after_text_ends_its_line_before_the_error(
