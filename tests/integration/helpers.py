@@ -1,10 +1,21 @@
-"""Assertions on gRPC errors and their google.rpc details."""
+"""Assertions on gRPC errors and their google.rpc details, and a server that sends
+details no client can decode."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+
+STATUS_DETAILS_TRAILER = "grpc-status-details-bin"
+# A `grpc-status-details-bin` value that is no `google.rpc.Status`: a varint that never ends.
+GARBLED_DETAILS = b"\xff\xff\xff\xff\x0f"
 
 
 def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
@@ -48,3 +59,37 @@ def trailer(error: grpc.aio.AioRpcError, key: str) -> str | None:
         if item.key == key:
             return str(item.value)
     return None
+
+
+class GarbledDetailsService(pb_grpc.CompletionServiceServicer):
+    """Fails each call INVALID_ARGUMENT "refused" with a `grpc-status-details-bin` trailer
+    of its own: by default one that is no `google.rpc.Status`, as a proxy on the way might
+    leave one."""
+
+    def __init__(self, details: bytes = GARBLED_DETAILS) -> None:
+        self._details = details
+
+    async def Complete(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await self.fail(context)
+
+    async def CompleteStream(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        await self.fail(context)
+
+    async def fail(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        context.set_trailing_metadata(((STATUS_DETAILS_TRAILER, self._details),))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused")
+
+
+@contextlib.asynccontextmanager
+async def garbled_details_server(details: bytes = GARBLED_DETAILS) -> AsyncIterator[str]:
+    """A `GarbledDetailsService` on loopback sending `details`: its address."""
+    server = grpc.aio.server()
+    pb_grpc.add_CompletionServiceServicer_to_server(GarbledDetailsService(details), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import codecs
 import io
 import json
 import os
@@ -322,6 +323,78 @@ async def test_a_byte_order_mark_does_not_make_the_first_line_unusable(
     assert code == 0
     assert sorted(r["id"] for r in output_records(output)) == ["a", "b"]
     assert sorted(asked_ids(scripted)) == ["a", "b"]
+
+
+# Text as Windows "Unicode" (UTF-16 LE, Notepad's) and PowerShell 5's `>` save it, and
+# UTF-32 in the other byte order: a byte order mark, then the text.
+MARKED_ENCODINGS = {
+    "utf-16-le": codecs.BOM_UTF16_LE,
+    "utf-32-be": codecs.BOM_UTF32_BE,
+}
+
+
+def marked(text: str, encoding: str) -> bytes:
+    """`text` in `encoding`, after its byte order mark."""
+    return MARKED_ENCODINGS[encoding] + text.encode(encoding)
+
+
+async def run_cli(*argv: str, stdin: bytes = b"") -> tuple[int, str, str]:
+    """The real `llm-gateway ARGV` command line, `stdin` its standard input: its exit
+    status, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway_client.cli", *argv,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        out, err = await process.communicate(stdin)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize("encoding", list(MARKED_ENCODINGS))
+@pytest.mark.parametrize("from_stdin", [False, True], ids=["file", "stdin"])
+async def test_a_batch_input_in_utf16_or_utf32_with_its_byte_order_mark_runs_every_line(
+    tmp_path, scripted, address, encoding, from_stdin
+):
+    """A batch input saved as UTF-16 (Windows "Unicode", PowerShell 5's `>`) or UTF-32,
+    with the byte order mark such a file opens with, is read in that encoding, from a file
+    or standard input. Before, read as UTF-8, every line was skipped as "not JSON"."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(source, ["a", "b"])
+    source.write_bytes(marked(source.read_text(), encoding))
+    argv = ("batch", "-" if from_stdin else str(source), "-o", str(output), "--no-progress")
+    stdin = source.read_bytes() if from_stdin else b""
+    code, _, err = await run_cli(*argv, "--address", address, "--model", FAKE_MODEL, stdin=stdin)
+    assert "skipped" not in err
+    assert code == 0, err
+    assert sorted(r["id"] for r in output_records(output)) == ["a", "b"]
+    assert sorted(asked_ids(scripted)) == ["a", "b"]
+
+
+@pytest.mark.parametrize("encoding", list(MARKED_ENCODINGS))
+@pytest.mark.parametrize("command", ["complete", "summarize", "summarize-file"])
+async def test_a_prompt_or_document_in_utf16_or_utf32_with_its_byte_order_mark_is_its_text(
+    tmp_path, scripted, address, encoding, command
+):
+    """`complete -` and `summarize` (a file, or `-`) read text saved as UTF-16 or UTF-32
+    with its byte order mark in that encoding, and send the text alone. Before, read as
+    UTF-8, its NUL bytes were refused as control characters: "must not contain control
+    characters", as though the text itself were at fault."""
+    text = "The report begins here. It goes on ok."
+    document = tmp_path / "doc.txt"
+    document.write_bytes(marked(text, encoding))
+    name = command.removesuffix("-file")
+    given = str(document) if command == "summarize-file" else "-"
+    stdin = b"" if command == "summarize-file" else document.read_bytes()
+    code, out, err = await run_cli(
+        name, given, "--address", address, "--model", FAKE_MODEL, stdin=stdin
+    )
+    assert code == 0, err
+    assert out.splitlines()[0] == "answer ok."
+    sent = user_text(scripted.requests[0].body)
+    assert text in sent
+    assert "\ufeff" not in sent
 
 
 async def test_a_line_too_large_for_any_call_is_skipped_and_the_rest_still_run(

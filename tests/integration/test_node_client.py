@@ -41,8 +41,10 @@ from tests.conftest import (
     fake_model_window,
     gateway_config,
 )
+from tests.counting_relay import CountingRelay
 from tests.fake_upstream import CutStream, FakeUpstream, Hang, Reply, ToolCallReply
 from tests.forward_proxy import ForwardProxy
+from tests.integration.helpers import garbled_details_server
 from tests.integration.pki import Pki, make_pki
 from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.integration.test_python_client import LOOPBACK_ADDRESSES
@@ -58,7 +60,6 @@ SCENARIOS_JS = NODE_DIR / "dist" / "clients" / "node" / "src" / "scenarios.js"
 pytestmark = pytest.mark.xdist_group("node_client")
 
 SERVICE_CONFIG = ROOT / "clients" / "service_config.json"
-STATUS_DETAILS_TRAILER = "grpc-status-details-bin"
 NODE_TIMEOUT_S = 30.0
 # Price of fake-model in gateway_config(): USD per million input / output tokens.
 INPUT_USD_PER_M, OUTPUT_USD_PER_M = 0.14, 0.42
@@ -848,6 +849,25 @@ async def test_node_retry_policy_waits_out_overload_pushback_for_a_long_prompt(
     assert len(upstream.requests) == 2
 
 
+async def test_node_request_past_the_gateways_message_limit_is_sent_once(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A prompt past the gateway's `server.max_receive_message_bytes` (4 MiB), which gRPC
+    refuses RESOURCE_EXHAUSTED with no pushback, goes out once and fails at once, as from
+    the Python client. Before, the Node client's 16 MiB retry buffer let the retry policy
+    send it five times: a 5.5 MB prompt uploaded 27 MB, over seconds of backoff."""
+    words = 1_100_000  # "word " each: 5.5 MB
+    relay = CountingRelay(gateway.server.address)
+    async with relay as address:
+        seen = await run_node(
+            node_scenarios, "try-complete", "--address", address, "--prompt-words", str(words)
+        )
+    assert seen["code"] == "RESOURCE_EXHAUSTED"
+    assert seen["attempts"] == 1
+    assert relay.sent < 2 * len("word ") * words
+    assert upstream.requests == []
+
+
 async def test_node_overload_exhausts_attempts_and_decodes_retry_info(
     node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
 ) -> None:
@@ -1050,23 +1070,6 @@ async def test_node_call_error_reads_the_trailers_details_only_for_its_own_code(
     assert details["retryDelayMs"] == (pytest.approx(2000) if decoded else None)
 
 
-class GarbledDetailsService(pb_grpc.CompletionServiceServicer):
-    """Fails each call INVALID_ARGUMENT with a `grpc-status-details-bin` trailer that is no
-    `google.rpc.Status`, as a proxy on the way might leave one."""
-
-    async def Complete(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await self.fail(context)
-
-    async def CompleteStream(
-        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
-        await self.fail(context)
-
-    async def fail(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        context.set_trailing_metadata(((STATUS_DETAILS_TRAILER, b"\xff\xff\xff\xff\x0f"),))
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused")
-
-
 async def test_node_call_error_survives_a_details_trailer_that_is_no_status(
     node_scenarios: Path,
 ) -> None:
@@ -1075,16 +1078,9 @@ async def test_node_call_error_survives_a_details_trailer_that_is_no_status(
     loop. Before, the decoding error was thrown from grpc-js's callback, where nobody
     could catch it, and ended the caller's process (a stream's loop threw it in place
     of the call's status)."""
-    server = grpc.aio.server()
-    pb_grpc.add_CompletionServiceServicer_to_server(GarbledDetailsService(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        address = f"127.0.0.1:{port}"
+    async with garbled_details_server() as address:
         unary = await run_node(node_scenarios, "try-complete", "--address", address)
         stream = await run_node(node_scenarios, "late-stream", "--address", address)
-    finally:
-        await server.stop(grace=None)
     no_details = {
         "fieldViolations": [],
         "quotaViolations": [],

@@ -20,8 +20,17 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
-from gateway_client import GatewayClient, build_request, cli, error_details, status_details
+from gateway_client import (
+    ErrorDetails,
+    GatewayClient,
+    build_request,
+    cli,
+    error_details,
+    status_details,
+)
 from gateway_client.client import MAX_TIMEOUT_S, is_loopback_address
 from gateway_client.commands import complete
 from llmgateway.v1 import gateway_pb2 as pb
@@ -34,7 +43,9 @@ from tests.conftest import (
     fake_model_window,
     gateway_config,
 )
+from tests.counting_relay import CountingRelay
 from tests.fake_upstream import CutStream, FakeUpstream, Hang, Reply, Status
+from tests.integration.helpers import GARBLED_DETAILS, garbled_details_server
 
 REPO = Path(__file__).resolve().parents[2]
 StartGateway = Callable[..., Any]
@@ -275,6 +286,66 @@ async def test_a_batch_read_on_by_a_loop_after_a_peeked_first_event_is_not_cut(
     events = [first, *rest]
     assert [event.WhichOneof("event") for event in events] == ["result"] * 3 + ["summary"]
     assert sorted(event.result.response.content for event in events[:3]) == ["a", "b", "c"]
+
+
+READ_ALREADY = "was read to its end already: its events are read once"
+
+
+async def test_a_stream_read_to_its_end_then_looped_over_again_says_so(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A second `async for` over a stream read to its end raises a RuntimeError saying it
+    was read already, as the Node client throws. Before, it yielded nothing: a caller that
+    read a stream twice got an empty answer without a word."""
+    upstream.script(Reply(content="word " * 3, chunks=3))
+    async with GatewayClient(gateway.server.address) as client:
+        stream = client.stream("Tell a story", model=FAKE_MODEL)
+        texts = [text async for text in stream]
+        with pytest.raises(RuntimeError, match=f"CompletionStream {READ_ALREADY}"):
+            async for _ in stream:
+                pass
+    assert "".join(texts) == "word " * 3
+    assert stream.final is not None
+
+
+async def test_a_batch_read_to_its_end_then_looped_over_again_says_so(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """As for a stream: a batch's results read to their end, then looped over again,
+    raise a RuntimeError rather than yield nothing."""
+    upstream.script(Reply(content="a"))
+    items = [pb.BatchItem(id="0", request=build_request("x", model=FAKE_MODEL))]
+    async with GatewayClient(gateway.server.address) as client:
+        results = client.complete_batch(items)
+        events = [event async for event in results]
+        with pytest.raises(RuntimeError, match=f"BatchResults {READ_ALREADY}"):
+            async for _ in results:
+                pass
+    assert [event.WhichOneof("event") for event in events] == ["result", "summary"]
+
+
+@pytest.mark.parametrize("kind", ["stream", "batch"])
+async def test_a_failed_stream_or_batch_looped_over_again_raises_its_failure_again(
+    upstream: FakeUpstream, start_gateway: StartGateway, kind: str
+) -> None:
+    """A stream (or batch) whose call failed raises that failure from a later loop too, as
+    the Node client does. Before, the later loop ended at once as though the call had
+    answered nothing."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, batch={"max_items": 1}))
+    async with GatewayClient(gateway.server.address) as client:
+        if kind == "stream":
+            events: Any = client.stream("Say hi", model="no-such-model")
+        else:
+            item = pb.BatchItem(request=build_request("x", model=FAKE_MODEL))
+            events = client.complete_batch([item, item])  # refused whole: over max_items
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                async for _ in events:
+                    pass
+            expected = (
+                grpc.StatusCode.NOT_FOUND if kind == "stream" else grpc.StatusCode.INVALID_ARGUMENT
+            )
+            assert raised.value.code() == expected
 
 
 async def test_cancelling_a_stream_inside_its_loop_ends_the_loop(
@@ -626,45 +697,6 @@ async def test_a_long_prompt_still_waits_out_the_overload_pushback(
         pass
     assert answer.content == "Hello from fake"
     assert len(upstream.requests) == 2
-
-
-class CountingRelay:
-    """A TCP relay on loopback to `target` (`HOST:PORT`) that counts the bytes callers send
-    through it: how many times a request went out."""
-
-    def __init__(self, target: str) -> None:
-        host, _, port = target.rpartition(":")
-        self._target = (host, int(port))
-        self.sent = 0
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        their_reader, their_writer = await asyncio.open_connection(*self._target)
-        await asyncio.gather(
-            self._pipe(reader, their_writer, counted=True),
-            self._pipe(their_reader, writer, counted=False),
-        )
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, counted: bool
-    ) -> None:
-        try:
-            while data := await reader.read(65536):
-                self.sent += len(data) if counted else 0
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
 
 
 async def test_a_request_past_the_gateways_message_limit_is_sent_once(
@@ -1029,6 +1061,55 @@ async def test_error_details_tell_the_domain_and_whether_another_replica_may_tak
     details = error_details(unknown.value)
     assert (details.domain, details.reason) == ("llmgateway.v1", "MODEL_NOT_FOUND")
     assert not details.retry_elsewhere
+
+
+async def test_a_details_trailer_that_is_no_status_leaves_the_calls_code_and_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A call failed with a `grpc-status-details-bin` trailer that does not decode (a
+    proxy's garbage) gives `error_details` with its code and message and no details, from
+    `complete` and a stream, and `llm-gateway complete` prints them, as the Node client
+    does. Before, protobuf's DecodeError escaped from `error_details`, and the command
+    ended in its traceback."""
+    parser = argparse.ArgumentParser()
+    complete.register(parser.add_subparsers())
+    async with garbled_details_server() as address, GatewayClient(address) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await client.complete("Say hi", model=FAKE_MODEL)
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            async for _ in client.stream("Say hi", model=FAKE_MODEL):
+                pass
+        argv = ["complete", "Say hi", "--model", FAKE_MODEL, "--address", address]
+        assert await complete.complete_command(parser.parse_args(argv)) == 1
+    for error in (unary.value, streamed.value):
+        assert error_details(error) == ErrorDetails(code="INVALID_ARGUMENT", message="refused")
+    assert capsys.readouterr().err == "INVALID_ARGUMENT: refused\n"
+
+
+async def test_a_detail_that_does_not_decode_is_left_out_and_the_others_kept() -> None:
+    """A `google.rpc.Status` one of whose details does not decode as the type its URL
+    names (a BadRequest of garbled bytes) gives the other details, from `error_details`
+    and from `status_details` (a batch item's error). Before, the DecodeError of that one
+    escaped, and the whole error went undescribed."""
+    garbled = any_pb2.Any(
+        type_url="type.googleapis.com/google.rpc.BadRequest", value=GARBLED_DETAILS
+    )
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="REFUSED", domain="example.com"))
+    status = status_pb2.Status(
+        code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="refused", details=[garbled, info]
+    )
+    async with (
+        garbled_details_server(status.SerializeToString()) as address,
+        GatewayClient(address) as client,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.complete("Say hi", model=FAKE_MODEL)
+    expected = ErrorDetails(
+        code="INVALID_ARGUMENT", message="refused", reason="REFUSED", domain="example.com"
+    )
+    assert error_details(refused.value) == expected
+    assert status_details(status) == expected
 
 
 async def test_a_stream_cut_after_text_ends_its_line_before_the_error(

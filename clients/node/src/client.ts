@@ -455,10 +455,12 @@ export const MAX_ANSWER_BYTES = 32 * 1024 * 1024;
 /**
  * grpc-js retries a call only while its request fits the call's retry buffer, 1 MiB by
  * default: a longer prompt (a 300k-token document) would get the first pushback as its
- * answer. The gateway takes requests of up to 4 MiB (`server.max_receive_message_bytes`);
- * grpc-js's buffer for all calls together stays at its default, 16 MiB.
+ * answer. The buffer is the gateway's default `server.max_receive_message_bytes`, 4 MiB: a
+ * request past it is refused in gRPC itself, RESOURCE_EXHAUSTED with no pushback, which the
+ * retry policy would send again four times (a 10 MB document uploaded 50 MB, seconds of
+ * backoff). grpc-js's buffer for all calls together stays at its default, 16 MiB.
  */
-export const MAX_RETRIED_REQUEST_BYTES = 16 * 1024 * 1024;
+export const MAX_RETRIED_REQUEST_BYTES = 4 * 1024 * 1024;
 
 export interface CallOptions {
   /**

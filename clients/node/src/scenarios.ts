@@ -4,6 +4,7 @@
  *   node scenarios.js SCENARIO --address HOST:PORT [--model NAME] [--status-base64 B64]
  *     [--code N] [--leave HOW] [--timeout-ms MS] [--default-timeout-ms MS]
  *     [--tls] [--ca-file PEM] [--cert-file PEM] [--key-file PEM] [--pem-bytes]
+ *     [--prompt-words N]
  *
  * Each scenario uses the typed client exactly as a caller would and prints one JSON line
  * describing what it saw; the Python test decides whether that is right.
@@ -51,7 +52,10 @@ interface Args {
   tls: TlsOptions | undefined;
   /** Hand the client the PEM files' bytes rather than their paths. */
   pemBytes: boolean;
-  /** With `overload-recovers`: the refused call's prompt is this many words, not "Say hi". */
+  /**
+   * With `overload-recovers`, `complete` and `try-complete`: the call's prompt is this many
+   * words, not "Say hi".
+   */
   promptWords: number;
   /** With `timed-calls`: each call's own `timeoutMs` (`timeoutArg`). */
   timeoutMs: unknown;
@@ -188,9 +192,14 @@ async function next(iterator: AsyncIterator<StreamEvent>): Promise<StreamEvent |
   return result.done ? null : result.value;
 }
 
+/** The prompt of `--prompt-words` words, else "Say hi". */
+function promptOf(args: Args): string {
+  return args.promptWords > 0 ? "word ".repeat(args.promptWords) : "Say hi";
+}
+
 async function complete(client: GatewayClient, args: Args): Promise<Json> {
   const { response, attempts } = await client.complete(
-    { model: args.model, messages: messages("Say hi") },
+    { model: args.model, messages: messages(promptOf(args)) },
     { timeoutMs: 10_000 },
   );
   return { content: response.content, attempts, metadata: metadataJson(response.metadata!) };
@@ -287,9 +296,8 @@ async function overloadRecovers(client: GatewayClient, args: Args): Promise<Json
   const holdEvents = hold[Symbol.asyncIterator]();
   const first = await next(holdEvents);
   const started = performance.now();
-  const prompt = args.promptWords > 0 ? "word ".repeat(args.promptWords) : "Say hi";
   const { response, attempts } = await client.complete(
-    { model: args.model, messages: messages(prompt) },
+    { model: args.model, messages: messages(promptOf(args)) },
     { timeoutMs: 15_000 },
   );
   const elapsedMs = performance.now() - started;

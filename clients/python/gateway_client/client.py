@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import enum
 import json
@@ -347,6 +348,43 @@ def _request_of(
     return kind.FromString(request.SerializeToString())
 
 
+class _CallEnd:
+    """How a streaming call's events ended, for a loop begun after one read them to their
+    end: the call's failure again, or a RuntimeError saying they were read, where grpc.aio
+    would yield nothing, as though the call had answered nothing.
+
+    A RuntimeError, as Python's own for a coroutine awaited twice (and httpx's
+    `StreamConsumed`): the object is of the right type, in a state that cannot serve.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._is_read = False
+        self._failure: grpc.aio.AioRpcError | None = None
+
+    def check_unread(self) -> None:
+        """Raise the call's failure, or a RuntimeError, once a loop read it to its end."""
+        if self._failure is not None:
+            raise self._failure
+        if self._is_read:
+            # Its events are not kept for a replay: a long answer's would stay in memory
+            # as long as the stream object did.
+            raise RuntimeError(
+                f"this {self._name} was read to its end already: its events are read once "
+                "(keep them as they arrive, or make the call again)"
+            )
+
+    @contextlib.asynccontextmanager
+    async def watching(self) -> AsyncIterator[None]:
+        """Note the end of the loop it wraps: read to its end, or failed with the call."""
+        try:
+            yield
+        except grpc.aio.AioRpcError as exc:
+            self._failure = exc
+            raise
+        self._is_read = True
+
+
 class BatchResults:
     """A batch's events; each `async for` reads them through a generator of its own, so
     that leaving the loop closes it, and cancels the call, even while this object is
@@ -362,15 +400,18 @@ class BatchResults:
     ) -> None:
         self._call = call
         self._readers = 0
+        self._end = _CallEnd("BatchResults")
 
     def __aiter__(self) -> AsyncIterator[pb.CompleteBatchResponse]:
         self._readers += 1
         return self._events(self._readers)
 
     async def _events(self, reader: int) -> AsyncIterator[pb.CompleteBatchResponse]:
+        self._end.check_unread()
         try:
-            async for event in self._call:
-                yield event
+            async with self._end.watching():
+                async for event in self._call:
+                    yield event
         finally:
             if reader == self._readers:
                 self._call.cancel()  # a no-op once the call has ended
@@ -407,6 +448,7 @@ class CompletionStream:
         self._reasoning: list[str] = []
         self._is_cancelled = False
         self._readers = 0
+        self._end = _CallEnd("CompletionStream")
 
     @property
     def reasoning(self) -> str:
@@ -436,23 +478,30 @@ class CompletionStream:
         self._is_cancelled = True
         self._call.cancel()
 
+    def _gather(self, event: pb.CompleteStreamResponse) -> str:
+        """Keep what `event` carries besides text (the final message, reasoning, tool call
+        pieces); its text, if any."""
+        if event.HasField("final"):
+            self.final = event.final
+            return ""
+        if event.delta.reasoning:
+            self._reasoning.append(event.delta.reasoning)
+            if self._on_reasoning is not None:
+                self._on_reasoning(event.delta.reasoning)
+        for piece in event.delta.tool_calls:
+            if piece.index == len(self._tool_calls):
+                self._tool_calls.append(pb.ToolCall(id=piece.id, name=piece.name))
+                self._arguments.append([])
+            self._arguments[piece.index].append(piece.arguments)
+        return event.delta.content
+
     async def _texts(self, reader: int) -> AsyncIterator[str]:
+        self._end.check_unread()
         try:
-            async for event in self._call:
-                if event.HasField("final"):
-                    self.final = event.final
-                    continue
-                if event.delta.reasoning:
-                    self._reasoning.append(event.delta.reasoning)
-                    if self._on_reasoning is not None:
-                        self._on_reasoning(event.delta.reasoning)
-                for piece in event.delta.tool_calls:
-                    if piece.index == len(self._tool_calls):
-                        self._tool_calls.append(pb.ToolCall(id=piece.id, name=piece.name))
-                        self._arguments.append([])
-                    self._arguments[piece.index].append(piece.arguments)
-                if event.delta.content:
-                    yield event.delta.content
+            async with self._end.watching():
+                async for event in self._call:
+                    if text := self._gather(event):
+                        yield text
         except asyncio.CancelledError:
             # gRPC reports its own cancelled call as CancelledError: out of the loop, it
             # would end the caller's task as though someone had cancelled it.

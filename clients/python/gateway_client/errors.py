@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -61,6 +62,10 @@ def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
         # The details are of another code than the call's: its deadline passed as the
         # gateway sent its error, and gRPC's DEADLINE_EXCEEDED won. They do not apply.
         return base
+    except DecodeError:
+        # The trailer is no `google.rpc.Status` (a proxy's garbage): the code and message
+        # still say what failed.
+        return base
     if status is None:
         return base
     details = status_details(status)
@@ -80,14 +85,17 @@ def status_details(status: status_pb2.Status) -> ErrorDetails:
         info = error_details_pb2.ErrorInfo()
         retry = error_details_pb2.RetryInfo()
         failure = error_details_pb2.QuotaFailure()
-        if detail.Unpack(bad_request):
-            violations += [(v.field, v.description) for v in bad_request.field_violations]
-        elif detail.Unpack(info):
-            reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
-        elif detail.Unpack(retry):
-            retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
-        elif detail.Unpack(failure):
-            quota += [(v.subject, v.description) for v in failure.violations]
+        try:
+            if detail.Unpack(bad_request):
+                violations += [(v.field, v.description) for v in bad_request.field_violations]
+            elif detail.Unpack(info):
+                reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+            elif detail.Unpack(retry):
+                retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+            elif detail.Unpack(failure):
+                quota += [(v.subject, v.description) for v in failure.violations]
+        except DecodeError:
+            continue  # not the type its URL names: left out, as a type this has no field for
     return ErrorDetails(
         code=_CODE_NAMES.get(status.code, str(status.code)),
         message=status.message,

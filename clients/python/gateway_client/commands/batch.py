@@ -29,7 +29,6 @@ import argparse
 import codecs
 import contextlib
 import fcntl
-import io
 import json
 import os
 import re
@@ -55,6 +54,7 @@ from gateway_client.connection import (
 from gateway_client.enums import enum_name
 from gateway_client.errors import error_details, status_details
 from gateway_client.progress import Progress
+from gateway_client.text_input import text_lines
 from llmgateway.v1 import gateway_pb2 as pb
 
 # One call carries at most this many items and bytes; the rest wait for the next call.
@@ -320,21 +320,18 @@ def known_field_like(name: str) -> str | None:
 
 
 def read_input(path: Path, default_model: str) -> BatchInput:
-    """`read_lines` of the file at `path`."""
-    # utf-8-sig: a byte order mark (Windows tools write one) is not part of line 1.
-    with path.open(encoding="utf-8-sig", errors="replace") as lines:
+    """`read_lines` of the file at `path`, in the encoding its byte order mark names (a
+    Windows tool's UTF-16), else UTF-8 (`text_lines`)."""
+    with path.open("rb") as source, text_lines(source) as lines:
         return read_lines(lines, default_model)
 
 
 def read_stdin(default_model: str) -> BatchInput:
     """`read_lines` of standard input, decoded as a file is."""
-    # Read through to its end here, once: a pipe cannot be read again.
-    lines = io.TextIOWrapper(stdin_bytes(), encoding="utf-8-sig", errors="replace")
-    try:
-        with ctrl_c_interrupts():
-            return read_lines(lines, default_model)
-    finally:
-        lines.detach()  # stdin stays open: closing the wrapper would close it
+    # Read through to its end here, once: a pipe cannot be read again. Closing the
+    # wrapper leaves stdin open.
+    with ctrl_c_interrupts(), text_lines(stdin_bytes()) as lines:
+        return read_lines(lines, default_model)
 
 
 def read_lines(lines: Iterable[str], default_model: str) -> BatchInput:

@@ -32,6 +32,7 @@ from gateway_client.connection import (
 )
 from gateway_client.enums import enum_name
 from gateway_client.errors import error_details
+from gateway_client.text_input import decoded_text
 from llmgateway.v1 import gateway_pb2 as pb
 
 
@@ -121,9 +122,9 @@ def stdin_bytes() -> BinaryIO:
 
 
 def stdin_text() -> str:
-    """Standard input as text, bytes that are not UTF-8 replaced (as a file argument is
-    read): strict decoding would end the command with a traceback. A byte order mark
-    opening it is no text, as in a file argument.
+    """Standard input as text, as a file argument is read (`decoded_text`): in the
+    encoding its byte order mark names (a Windows tool's UTF-16), else UTF-8, bytes that
+    do not decode replaced.
 
     Raises:
         OSError: standard input is closed (`<&-`), or cannot be read.
@@ -131,7 +132,7 @@ def stdin_text() -> str:
     source = stdin_bytes()
     with ctrl_c_interrupts():
         data = source.read()
-    return data.decode("utf-8-sig", errors="replace")
+    return decoded_text(data)
 
 
 # SGR dim and back to normal intensity: each reasoning piece is wrapped on its own, so

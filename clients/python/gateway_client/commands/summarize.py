@@ -19,6 +19,7 @@ from gateway_client.connection import (
     text_argument,
 )
 from gateway_client.errors import error_details
+from gateway_client.text_input import file_text
 from llmgateway.v1 import gateway_pb2 as pb
 
 
@@ -66,12 +67,7 @@ async def summarize_command(args: argparse.Namespace) -> int:
         document = (
             stdin_text()
             if args.file == "-"
-            else await asyncio.to_thread(
-                # utf-8-sig: a byte order mark (Windows editors save one) is no text.
-                Path(args.file).read_text,
-                encoding="utf-8-sig",
-                errors="replace",
-            )
+            else await asyncio.to_thread(file_text, Path(args.file))
         )
     except OSError as exc:
         print(f"llm-gateway summarize: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
