@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -642,12 +643,18 @@ asyncio.run(main())
 
 
 async def test_installed_client_waits_out_the_overload_pushback(
-    installed_client: Path, upstream: FakeUpstream, start_gateway: StartGateway
+    installed_client: Path,
+    upstream: FakeUpstream,
+    start_gateway: StartGateway,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Installed from the wheel, GatewayClient still installs the shipped retry policy.
 
     An overloaded gateway refuses with RESOURCE_EXHAUSTED and a pushback; the client's
-    channel waits it out and succeeds once the slot frees up.
+    channel waits it out and succeeds once the slot frees up. The slot is held by a
+    stream the test stops reading (its writes held by flow control) until the gateway
+    has shed the client's call: a slot held for a set time was free again, on a busy
+    machine, before the client's Python had started.
     """
     pushback_s = 0.5
     gateway = await start_gateway(
@@ -656,18 +663,24 @@ async def test_installed_client_waits_out_the_overload_pushback(
             server={"max_in_flight_calls": 1, "overload_retry_after_s": pushback_s},
         )
     )
-    upstream.script(Reply(content="hold the slot", chunks=2, chunk_delay_s=0.15))
+    upstream.script(Reply(content="x" * 8_000_000, chunks=400))
     hold = gateway.stub.CompleteStream(chat_stream("hold the slot"))
     assert (await hold.read()).WhichOneof("event") == "delta"
+    caplog.set_level(logging.DEBUG, logger="llm_gateway.rpc")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", INSTALLED_CLIENT_CALL,
         gateway.server.address, str(installed_client), FAKE_MODEL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(installed_client)}, cwd=installed_client,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    answered = asyncio.ensure_future(process.communicate())
+    async with asyncio.timeout(30):
+        while not any(getattr(r, "reason", None) == "OVERLOADED" for r in caplog.records):
+            assert not answered.done(), "the client was answered without being shed"
+            await asyncio.sleep(0.01)
     while await hold.read() is not grpc.aio.EOF:
         pass
+    out, err = await asyncio.wait_for(answered, timeout=30)
     assert process.returncode == 0, err.decode()
     content, elapsed_s = out.decode().rsplit(" ", 1)
     assert content == "Hello from fake"
