@@ -769,11 +769,11 @@ async def test_a_replacement_that_hangs_in_its_start_is_killed_and_counted_as_a_
     """
     path, cert = _tls_config_that_will_hang(tmp_path)
     # Its timings shortened: the start timeout is minutes, the back-off 15 s in all. The
-    # timeout leaves a replacement time to reach its hang on a busy machine (3 s did not,
-    # beside another test run on 2 cores): one still starting Python takes the SIGTERM it
-    # is sent first, and this test is about the kill.
+    # timeout leaves a replacement time to reach its hang on a busy machine (3 s and 6 s
+    # did not, beside other tests on 2 cores): one still importing the gateway takes the
+    # SIGTERM it is sent first, and this test is about the kill.
     constants = {
-        "_RESTART_START_TIMEOUT_S": 6.0,
+        "_RESTART_START_TIMEOUT_S": 10.0,
         "_UNREADY_KILL_AFTER_S": 0.5,
         "_RESTART_DELAY_S": 0.1,
         "_CRASH_LOOP_DEATHS": 3,
@@ -795,7 +795,7 @@ async def test_a_replacement_that_hangs_in_its_start_is_killed_and_counted_as_a_
     timed_out = log.events("workers.start_timed_out")
     assert [_pid(line) for line in timed_out] == restarted
     assert len(restarted) == 2
-    assert all("timeout_s=6.0" in line for line in timed_out)
+    assert all("timeout_s=10.0" in line for line in timed_out)
     died = log.events("workers.worker_died")
     assert [_pid(line) for line in died] == [victim, *restarted]
     # Deaf to SIGTERM in its start: SIGKILL ends it.
