@@ -9,7 +9,8 @@ period. A worker that dies once the gateway serves is started again in its place
 the others go on serving (see _RESTART_DELAY_S), as is one that hangs (_HUNG_AFTER_S);
 one that fails during the first start stops the gateway, since that is a bad config or
 a broken install, which restarting cannot mend. State kept in memory (cache, usage
-ledger, limits) is per worker unless Redis is configured.
+ledger, limits) is per worker unless Redis is configured (`serve` warns of it at start:
+`workers.state_per_worker`).
 
 Each worker has its own metrics, so each serves its own Prometheus endpoint: worker `i`
 (from 0) listens on `telemetry.prometheus_port + i` (9464 + i when only
@@ -96,11 +97,9 @@ def worker_count(config: GatewayConfig) -> tuple[int, str]:
     """How many worker processes to run, and why.
 
     `server.workers` when set (0: one per core). Unset, one per core as long as nothing
-    that must agree across processes would be kept in each: the usage ledger (GetUsage,
-    budgets), any tenant's rate limits and any upstream's per-minute rates must then be in
-    Redis; otherwise one process, so that a default setup never answers with a fraction of
-    its usage or lets a tenant, or the gateway at a provider, through N times its limit.
-    The response cache may be per process: it only hits less.
+    that must agree across processes would be kept in each (`state_kept_per_worker`);
+    otherwise one process, so that a default setup never answers with a fraction of its
+    usage or lets a tenant, or the gateway at a provider, through N times its limit.
     """
     cores = usable_cpus()
     requested = config.server.workers
@@ -108,21 +107,30 @@ def worker_count(config: GatewayConfig) -> tuple[int, str]:
         # Named as the operator set it: `--workers` or the config's key.
         source = config.flags.get("server.workers", "server.workers")
         return (requested or cores), source if requested else "one per core"
-    if not config.ledger.redis_url:
-        return 1, "the usage ledger is in memory (set ledger.redis_url to share it)"
-    if not config.auth.redis_url and any(t.has_rate_limits for t in config.tenants.values()):
-        return 1, "tenant limits are in memory (set auth.redis_url to share them)"
-    unshared = next(
-        (
-            u.name
-            for u in config.upstreams
-            if (u.requests_per_minute or u.tokens_per_minute) and not u.shared_limits
-        ),
-        None,
-    )
-    if unshared is not None:
-        return 1, f"upstream {unshared!r}'s rates are per process (set its shared_limits: true)"
+    kept_apart = state_kept_per_worker(config)
+    if kept_apart:
+        return 1, kept_apart[0]
     return cores, "one per core: shared state is in Redis"
+
+
+def state_kept_per_worker(config: GatewayConfig) -> list[str]:
+    """What each of several worker processes would keep in its own memory though it must
+    agree across them, each with what shares it: the usage ledger (GetUsage, budgets),
+    tenant limits, an upstream's per-minute rates. Empty when all of it is in Redis.
+
+    The response cache may be per process: it only hits less.
+    """
+    kept = []
+    if not config.ledger.redis_url:
+        kept.append("the usage ledger is in memory (set ledger.redis_url to share it)")
+    if not config.auth.redis_url and any(t.has_rate_limits for t in config.tenants.values()):
+        kept.append("tenant limits are in memory (set auth.redis_url to share them)")
+    kept.extend(
+        f"upstream {u.name!r}'s rates are per process (set its shared_limits: true)"
+        for u in config.upstreams
+        if (u.requests_per_minute or u.tokens_per_minute) and not u.shared_limits
+    )
+    return kept
 
 
 def _set_by(config: GatewayConfig) -> str:
