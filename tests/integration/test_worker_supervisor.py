@@ -259,6 +259,25 @@ async def test_a_config_error_found_at_start_exits_2_at_once(tmp_path, workers):
     assert b"Traceback" not in err
 
 
+async def test_a_config_error_every_worker_finds_is_printed_once(tmp_path):
+    """A keys file each of 3 workers refuses as it starts: one line saying why, status 2.
+
+    Before, each worker printed the line itself: 3 identical lines, read as 3 problems.
+    """
+    keys = tmp_path / "keys"
+    keys.write_text("not-a-digest tenant\n")
+    path = _write_config(tmp_path, auth={"mode": "keys", "keys_file": str(keys)})
+    async with _serve("--config", str(path), "--workers", "3") as process:
+        async with asyncio.timeout(_HANG_GUARD_S):
+            _, err = await process.communicate()
+    assert process.returncode == 2, err.decode()
+    lines = [line for line in err.decode().splitlines() if "config error" in line]
+    assert lines == [
+        f"llm-gateway: config error: {path}: auth.keys_file: {keys}:1: "
+        + ("sha256 must be 64 lowercase hex digits (the key's hash, never the key)")
+    ]
+
+
 @pytest.mark.parametrize("set_by", ["flag", "config"])
 async def test_workers_set_with_state_in_memory_are_warned_of_once(tmp_path, set_by):
     """`--workers 2` (or `server.workers: 2`) with the ledger and an upstream's rate in
