@@ -13,7 +13,7 @@ from service import early_signals
 from service.config import COMMAND_LINE, ConfigError, GatewayConfig, load_config
 from service.logs import SUPERVISOR, configure_logging
 from service.option_variables import naming_variable, variable_default
-from service.workers import worker_count
+from service.workers import state_kept_per_worker, worker_count
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 
@@ -107,9 +107,7 @@ def serve_command(args: argparse.Namespace) -> int:
     count, why = worker_count(config)
     if count > 1:  # this process supervises the workers, whose lines name their index
         configure_logging(args.log_level, writer=SUPERVISOR)
-    logging.getLogger("llm_gateway.workers").info(
-        "server.workers", extra={"workers": count, "why": why}
-    )
+    _log_worker_count(config, count, why)
     config = dataclasses.replace(config, server=dataclasses.replace(server, workers=count))
     from service.hosts import ListenError
     from service.local_model import LocalModelUnavailable
@@ -125,6 +123,19 @@ def serve_command(args: argparse.Namespace) -> int:
     except (ConfigError, ListenError, LocalModelUnavailable) as exc:
         return report_start_failure(exc)
     return 0
+
+
+def _log_worker_count(config: GatewayConfig, count: int, why: str) -> None:
+    """`server.workers` says how many processes serve and why; `workers.state_per_worker`
+    (a warning, once, from the supervisor) what several would each keep apart that must
+    agree across them. Only a count the operator set runs several then (`worker_count`):
+    each worker would let a tenant spend its whole budget, and through its whole rate."""
+    log = logging.getLogger("llm_gateway.workers")
+    log.info("server.workers", extra={"workers": count, "why": why})
+    kept_apart = state_kept_per_worker(config) if count > 1 else []
+    if kept_apart:
+        state = "; ".join(kept_apart)
+        log.warning("workers.state_per_worker", extra={"workers": count, "state": state})
 
 
 def null_closed_descriptors() -> None:

@@ -630,16 +630,23 @@ async def _until(ended: asyncio.Event, items: AsyncIterable[_Item]) -> AsyncIter
 
 
 def report_start_failure(exc: ConfigError | ListenError | LocalModelUnavailable) -> int:
-    """Say on stderr, in one line, why `serve` (or one of its workers) could not start;
-    return the exit status the README documents: 2 for the config, else 1."""
+    """Say on stderr, in one line, why `serve` could not start; return the exit status
+    the README documents: 2 for the config, else 1."""
+    line, status = start_failure(exc)
+    print(line, file=sys.stderr, flush=True)
+    return status
+
+
+def start_failure(exc: ConfigError | ListenError | LocalModelUnavailable) -> tuple[str, int]:
+    """The line saying why `serve` (or one of its workers) could not start, and the exit
+    status the README documents: 2 for the config, else 1."""
     if isinstance(exc, ConfigError):
         line, status = f"config error: {exc}", 2
     elif isinstance(exc, LocalModelUnavailable):  # not installed, or llama.cpp failed
         line, status = f"local model: {exc}", 1
     else:
         line, status = str(exc), 1
-    print(f"llm-gateway: {line}", file=sys.stderr, flush=True)
-    return status
+    return f"llm-gateway: {line}", status
 
 
 def _bind(listen: str, add_port: Callable[[], int]) -> int:

@@ -8,8 +8,10 @@ or SIGHUP is forwarded to each (as SIGTERM), which drains its own calls within t
 period. A worker that dies once the gateway serves is started again in its place while
 the others go on serving (see _RESTART_DELAY_S), as is one that hangs (_HUNG_AFTER_S);
 one that fails during the first start stops the gateway, since that is a bad config or
-a broken install, which restarting cannot mend. State kept in memory (cache, usage
-ledger, limits) is per worker unless Redis is configured.
+a broken install, which restarting cannot mend (the supervisor prints the line saying
+why, once however many workers fail alike). State kept in memory (cache, usage ledger,
+limits) is per worker unless Redis is configured (`serve` warns of it at start:
+`workers.state_per_worker`).
 
 Each worker has its own metrics, so each serves its own Prometheus endpoint: worker `i`
 (from 0) listens on `telemetry.prometheus_port + i` (9464 + i when only
@@ -31,7 +33,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -96,11 +98,9 @@ def worker_count(config: GatewayConfig) -> tuple[int, str]:
     """How many worker processes to run, and why.
 
     `server.workers` when set (0: one per core). Unset, one per core as long as nothing
-    that must agree across processes would be kept in each: the usage ledger (GetUsage,
-    budgets), any tenant's rate limits and any upstream's per-minute rates must then be in
-    Redis; otherwise one process, so that a default setup never answers with a fraction of
-    its usage or lets a tenant, or the gateway at a provider, through N times its limit.
-    The response cache may be per process: it only hits less.
+    that must agree across processes would be kept in each (`state_kept_per_worker`);
+    otherwise one process, so that a default setup never answers with a fraction of its
+    usage or lets a tenant, or the gateway at a provider, through N times its limit.
     """
     cores = usable_cpus()
     requested = config.server.workers
@@ -108,21 +108,30 @@ def worker_count(config: GatewayConfig) -> tuple[int, str]:
         # Named as the operator set it: `--workers` or the config's key.
         source = config.flags.get("server.workers", "server.workers")
         return (requested or cores), source if requested else "one per core"
-    if not config.ledger.redis_url:
-        return 1, "the usage ledger is in memory (set ledger.redis_url to share it)"
-    if not config.auth.redis_url and any(t.has_rate_limits for t in config.tenants.values()):
-        return 1, "tenant limits are in memory (set auth.redis_url to share them)"
-    unshared = next(
-        (
-            u.name
-            for u in config.upstreams
-            if (u.requests_per_minute or u.tokens_per_minute) and not u.shared_limits
-        ),
-        None,
-    )
-    if unshared is not None:
-        return 1, f"upstream {unshared!r}'s rates are per process (set its shared_limits: true)"
+    kept_apart = state_kept_per_worker(config)
+    if kept_apart:
+        return 1, kept_apart[0]
     return cores, "one per core: shared state is in Redis"
+
+
+def state_kept_per_worker(config: GatewayConfig) -> list[str]:
+    """What each of several worker processes would keep in its own memory though it must
+    agree across them, each with what shares it: the usage ledger (GetUsage, budgets),
+    tenant limits, an upstream's per-minute rates. Empty when all of it is in Redis.
+
+    The response cache may be per process: it only hits less.
+    """
+    kept = []
+    if not config.ledger.redis_url:
+        kept.append("the usage ledger is in memory (set ledger.redis_url to share it)")
+    if not config.auth.redis_url and any(t.has_rate_limits for t in config.tenants.values()):
+        kept.append("tenant limits are in memory (set auth.redis_url to share them)")
+    kept.extend(
+        f"upstream {u.name!r}'s rates are per process (set its shared_limits: true)"
+        for u in config.upstreams
+        if (u.requests_per_minute or u.tokens_per_minute) and not u.shared_limits
+    )
+    return kept
 
 
 def _set_by(config: GatewayConfig) -> str:
@@ -267,6 +276,15 @@ def _beat(beats: Connection) -> None:
 _DRAINING = "draining"
 
 
+@dataclasses.dataclass(frozen=True)
+class _StartFailed:
+    """What a worker whose start failed sends its supervisor: the line saying why
+    (`start_failure`), for the supervisor to print. Printed by each worker, the N workers
+    of one config printed the same line N times, which reads as N problems."""
+
+    line: str
+
+
 def _draining(ready: Connection) -> None:
     with contextlib.suppress(OSError):  # a supervisor gone: nobody to tell
         ready.send(_DRAINING)
@@ -284,7 +302,7 @@ def _worker_main(
 ) -> None:
     from service.logs import configure_logging
     from service.main import null_closed_descriptors
-    from service.server import report_start_failure, run
+    from service.server import run
 
     null_closed_descriptors()  # multiprocessing's start may leave 0 or 1 closed here too
     # SIGKILL until it listens: a start stuck in a system call never acts on SIGTERM, and
@@ -300,7 +318,20 @@ def _worker_main(
             local_model_states=states,
         )
     except (ConfigError, ListenError) as exc:  # e.g. the keys file, its Prometheus port
-        sys.exit(report_start_failure(exc))
+        sys.exit(_report_start_failure(exc, ready))
+
+
+def _report_start_failure(exc: ConfigError | ListenError, ready: Connection) -> int:
+    """Send the supervisor the line saying why this worker could not start (printed here
+    when the supervisor is gone); the exit status, 2 for the config."""
+    from service.server import start_failure
+
+    line, status = start_failure(exc)
+    try:
+        ready.send(_StartFailed(line))
+    except OSError:
+        print(line, file=sys.stderr, flush=True)
+    return status
 
 
 async def _local_model_states(
@@ -397,14 +428,40 @@ async def _readable(fd: int) -> None:
 
 
 async def _started(run: _Run) -> bool:
-    """Whether `run`'s worker said it listens (False: it died); `run.listened` says so too."""
+    """Whether `run`'s worker said it listens (False: it died, or said why its start
+    failed: `run.start_failure`); `run.listened` says so too."""
     await _readable(run.ready.fileno())
-    try:
-        run.ready.recv()
-    except EOFError:
-        return False
-    run.listened = True
-    return True
+    with contextlib.suppress(EOFError):
+        _note(run, run.ready.recv())
+    return run.listened
+
+
+def _note(run: _Run, message: object) -> None:
+    """Keep on `run` what its worker said: that it listens (its pid), that a stop reached
+    it (_DRAINING), or why its start failed (_StartFailed)."""
+    if isinstance(message, _StartFailed):
+        run.start_failure = message.line
+    elif message == _DRAINING:
+        run.said_draining = True
+    else:
+        run.listened = True
+
+
+def _note_the_rest(run: _Run) -> None:
+    """`_note` what `run`'s worker (exited) said and was not read yet."""
+    with contextlib.suppress(EOFError, OSError):
+        while run.ready.poll():
+            _note(run, run.ready.recv())
+
+
+def _say_start_failures(runs: Iterable[_Run], said: set[str]) -> None:
+    """Print each line of `runs` saying why a start failed that `said` lacks, adding it
+    there: the workers of one config fail alike, and one line is one problem."""
+    for run in runs:
+        line = run.start_failure
+        if line is not None and line not in said:
+            said.add(line)
+            print(line, file=sys.stderr, flush=True)
 
 
 async def _exited(worker: BaseProcess) -> None:
@@ -446,6 +503,10 @@ class _Run:
     # The worker's heartbeats (`_beat`), and when the last was read (loop time).
     beats: Connection | None = None
     last_beat: float = 0.0
+    # Whether it said a stop reached it (`_DRAINING`), read once it has exited.
+    said_draining: bool = False
+    # The line saying why its start failed, as it sent it (`_StartFailed`).
+    start_failure: str | None = None
 
     def close_local_model(self) -> None:
         """Close the pipe telling the worker (exited) the local model's state."""
@@ -533,15 +594,6 @@ def _ended_cleanly(run: _Run) -> bool:
     return run.killed or run.process.exitcode in (0, -signal.SIGTERM)
 
 
-def _said_draining(ready: Connection) -> bool:
-    """Whether the worker at the other end of `ready` (exited) said a stop reached it."""
-    with contextlib.suppress(EOFError, OSError):
-        while ready.poll():
-            if ready.recv() == _DRAINING:
-                return True
-    return False
-
-
 def _how_it_ended(index: int, run: _Run) -> dict[str, object]:
     """Worker `index`'s process `run`, ended, as its log lines say it: `index`, `pid`, and
     `exit_code=N`, or `signal=SIGKILL` for a process a signal ended."""
@@ -596,6 +648,8 @@ async def _keep(
     while True:
         await _exited_or_hung(worker.index, run)
         worker.run = None
+        _note_the_rest(run)
+        _say_start_failures([run], set())  # a replacement's: each time, as each is a death
         run.ready.close()
         if run.beats is not None:
             run.beats.close()
@@ -769,6 +823,8 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         elif started.done():
             # A worker closed its pipe without listening: wait for its exit (its status).
             await asyncio.wait([any_exit, stop], return_when=asyncio.FIRST_COMPLETED)
+        said: set[str] = set()
+        _say_start_failures(runs, said)
         if not stopping.is_set() and not is_up:
             log.error("workers.start_failed", extra=_why_the_start_failed(runs))
         # Those running now, a replacement still starting included; none is started after.
@@ -778,11 +834,13 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         await _stop_every(workers, grace_s)
         for run in runs:
             run.close_local_model()
+            _note_the_rest(run)
+        _say_start_failures(runs, said)  # of the workers stopped before they were read
         # A worker that ended badly before the stop reached it (killed or crashed as the
         # stop came, whichever the supervisor saw first) is a death, not a failed stop;
         # one that ended badly while it drained is a failed stop.
         unclean = {i: r for i, r in stopped.items() if not _ended_cleanly(r)}
-        failed_drains = [i for i, r in unclean.items() if r.drain_killed or _said_draining(r.ready)]
+        failed_drains = [i for i, r in unclean.items() if r.drain_killed or r.said_draining]
         for index, run in unclean.items():
             ended = _how_it_ended(index, run)
             if run.drain_killed:

@@ -1067,6 +1067,29 @@ async def test_check_names_a_bad_workers_flag(tmp_path, capsys, workers):
     assert err == f"llm-gateway: config error: command line: --workers: {problem}\n"
 
 
+@pytest.mark.parametrize(("workers", "warned"), [("2", True), ("1", False)])
+async def test_check_warns_of_workers_that_would_each_keep_the_ledger(
+    tmp_path, capsys, workers, warned
+):
+    """`check --workers 2` with the usage ledger in memory says it is ok, exits 0, and
+    warns on stderr as `serve --workers 2` does (`workers.state_per_worker`); one worker
+    keeps nothing apart.
+
+    Before, `check` said nothing of it.
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text("local_model: {enabled: never}\n")
+    args = parse(check, "check", "--config", str(config), "--workers", workers)
+    assert await check.check_command(args) == 0
+    captured = capsys.readouterr()
+    assert ": ok" in captured.out
+    warning = (
+        "warning: 2 workers keep state per worker: the usage ledger is in memory "
+        "(set ledger.redis_url to share it)\n"
+    )
+    assert (warning in captured.err) is warned, captured.err
+
+
 @pytest.mark.parametrize("workers", ["flag", "config"])
 async def test_check_refuses_worker_metrics_ports_past_65535_as_serve_does(
     tmp_path, capsys, workers

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.server import LOCAL_MODEL_HEALTH
-from tests.conftest import chat, gateway_config_data
+from tests.conftest import FAKE_MODEL, chat, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Hang
 from tests.host_addresses import link_local_address
 from tests.integration.gateway_process import is_running
@@ -257,6 +257,51 @@ async def test_a_config_error_found_at_start_exits_2_at_once(tmp_path, workers):
     assert b"listening" not in out
     assert f"config error: {path}: auth.keys_file".encode() in err
     assert b"Traceback" not in err
+
+
+async def test_a_config_error_every_worker_finds_is_printed_once(tmp_path):
+    """A keys file each of 3 workers refuses as it starts: one line saying why, status 2.
+
+    Before, each worker printed the line itself: 3 identical lines, read as 3 problems.
+    """
+    keys = tmp_path / "keys"
+    keys.write_text("not-a-digest tenant\n")
+    path = _write_config(tmp_path, auth={"mode": "keys", "keys_file": str(keys)})
+    async with _serve("--config", str(path), "--workers", "3") as process:
+        async with asyncio.timeout(_HANG_GUARD_S):
+            _, err = await process.communicate()
+    assert process.returncode == 2, err.decode()
+    lines = [line for line in err.decode().splitlines() if "config error" in line]
+    assert lines == [
+        f"llm-gateway: config error: {path}: auth.keys_file: {keys}:1: "
+        + ("sha256 must be 64 lowercase hex digits (the key's hash, never the key)")
+    ]
+
+
+@pytest.mark.parametrize("set_by", ["flag", "config"])
+async def test_workers_set_with_state_in_memory_are_warned_of_once(tmp_path, set_by):
+    """`--workers 2` (or `server.workers: 2`) with the ledger and an upstream's rate in
+    memory: one `workers.state_per_worker` warning, from the supervisor, naming both.
+
+    Before, nothing said that each worker then holds its own usage and limits (a tenant
+    through at twice its budget, GetUsage answering half).
+    """
+    upstream = {"name": "up0", "base_url": "http://127.0.0.1:1/v1", "models": [FAKE_MODEL]}
+    upstreams = [{**upstream, "requests_per_minute": 600}]
+    server = {"workers": 2} if set_by == "config" else {}
+    path = _write_config(tmp_path, upstreams=upstreams, server=server)
+    flag = ("--workers", "2") if set_by == "flag" else ()
+    async with _serve_logged("--config", str(path), *flag) as (process, log):
+        await _listening(process)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(_HANG_GUARD_S):
+            assert await process.wait() == 0
+    [warning] = log.events("workers.state_per_worker")
+    assert " WARNING " in warning
+    assert warning.rstrip().endswith("worker=supervisor")
+    assert "workers=2 " in warning
+    assert "ledger.redis_url" in warning
+    assert "upstream 'up0''s rates are per process" in warning
 
 
 def _signalled_at_start(sig: signal.Signals) -> str:

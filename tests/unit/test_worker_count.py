@@ -8,7 +8,7 @@ import pytest
 
 from service.config import parse_config
 from service.cpus import usable_cpus
-from service.workers import worker_count
+from service.workers import state_kept_per_worker, worker_count
 
 CORES = usable_cpus()
 REDIS = "redis://127.0.0.1:6379/0"
@@ -74,3 +74,24 @@ def test_unset_with_shared_state_in_redis_runs_one_process_per_core(
     count, why = worker_count(config(**sections))
     assert count == CORES
     assert "Redis" in why
+
+
+def test_the_state_kept_per_worker_names_each_part_and_what_shares_it() -> None:
+    """Each part several workers would keep apart is named, each unshared upstream too,
+    for `serve --workers N` to warn of: the automatic count names only the first."""
+    upstreams = [
+        {**_upstream(requests_per_minute=600), "name": "up0"},
+        {**_upstream(tokens_per_minute=10_000), "name": "up1"},
+    ]
+    kept = state_kept_per_worker(config(tenants=LIMITED, upstreams=upstreams))
+    assert len(kept) == 4
+    assert "ledger.redis_url" in kept[0]
+    assert "auth.redis_url" in kept[1]
+    assert "'up0'" in kept[2]
+    assert "'up1'" in kept[3]
+
+
+def test_no_state_is_kept_per_worker_when_it_is_all_in_redis() -> None:
+    """The ledger and the limits in Redis, the cache in memory: nothing to warn of."""
+    sections = {"ledger": {"redis_url": REDIS}, "auth": {"redis_url": REDIS}, "tenants": LIMITED}
+    assert state_kept_per_worker(config(**sections)) == []

@@ -10,7 +10,9 @@ when any enabled upstream is unreachable, refuses its key or account, or answers
 another error, or when the gateway would serve the local model and it is not installed
 or its model file lacks the `chat_template.NAME` asked for, else 0: a server that has no
 `/models` (404, 405) passes, its key unknown. Upstreams whose key variable is unset are
-listed as skipped. Keys are never printed.
+listed as skipped. Keys are never printed. Several workers (`--workers N`,
+`server.workers`) that would each keep state in memory that must agree across them are
+warned of, as `serve` warns.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from service.telemetry.setup import (
 from service.upstream.client import probe_models
 from service.upstream.http import HttpError, ProxyRefused
 from service.upstream.proxy import choose_proxy
-from service.workers import worker_configs, worker_count
+from service.workers import state_kept_per_worker, worker_configs, worker_count
 
 
 def register(subparsers: Any) -> None:
@@ -152,6 +154,17 @@ def _check_prometheus_host(config: GatewayConfig) -> None:
         raise config.error("telemetry.prometheus_host", str(exc)) from None
 
 
+def _warn_of_state_per_worker(config: GatewayConfig, workers: int) -> None:
+    """Say on stderr what `workers` processes (more than one) would each keep apart, as
+    `serve` warns `workers.state_per_worker`: not an error, a count the operator chose."""
+    kept_apart = state_kept_per_worker(config) if workers > 1 else []
+    if kept_apart:
+        print(
+            f"warning: {workers} workers keep state per worker: {'; '.join(kept_apart)}",
+            file=sys.stderr,
+        )
+
+
 def format_checks(checks: list[UpstreamCheck]) -> str:
     """The checks as an aligned text table."""
     rows = [("UPSTREAM", "REACHABLE", "KEY", "MODELS", "LATENCY", "PROBLEM")]
@@ -179,7 +192,8 @@ async def check_command(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         config = with_flags(config, workers=args.workers)
         check_start_config(config)  # what `serve` would refuse only once it starts
-        worker_configs(config, worker_count(config)[0])  # each one's Prometheus port
+        workers, _ = worker_count(config)
+        worker_configs(config, workers)  # each one's Prometheus port
         try:
             check_environment(config.telemetry, os.environ)
         except TelemetrySetupError as exc:
@@ -194,6 +208,7 @@ async def check_command(args: argparse.Namespace) -> int:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
         return 2
     print(f"config {config.source}: ok")
+    _warn_of_state_per_worker(config, workers)
     # What `serve` would exit 1 on, where this said the local model would serve.
     problem = start_problem(config.local_model) if config.wants_local_model else None
     if problem is not None:
