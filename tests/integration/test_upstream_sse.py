@@ -217,6 +217,14 @@ RATE_LIMITED_EVENT = event({"error": {"code": 429, "message": "Rate limit exceed
 TOO_LONG_EVENT = event(
     {"error": {"code": 400, "message": "This model's maximum context length is 8192 tokens"}}
 )
+# llama.cpp's server (builds through 2025) writes its error as an `error:` field, which the
+# SSE spec would ignore, and a prompt over its context window is one.
+LLAMA_CPP_TOO_LONG = (
+    b'error: {"code":400,"message":"the request exceeds the available context size. try '
+    b'increasing the context size or enable context shift","type":"invalid_request_error"}\n\n'
+)
+# An `event: error` event whose data is the error object itself, with no `error` around it.
+RATE_LIMITED_ERROR_EVENT = b"event: error\n" + event({"code": 429, "message": "Slow down"})
 
 
 @pytest.mark.parametrize(
@@ -224,8 +232,15 @@ TOO_LONG_EVENT = event(
     [
         (RATE_LIMITED_EVENT, grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", 3),
         (TOO_LONG_EVENT, grpc.StatusCode.INVALID_ARGUMENT, "CONTEXT_WINDOW_EXCEEDED", 1),
+        (LLAMA_CPP_TOO_LONG, grpc.StatusCode.INVALID_ARGUMENT, "CONTEXT_WINDOW_EXCEEDED", 1),
+        (
+            RATE_LIMITED_ERROR_EVENT,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "UPSTREAM_RATE_LIMITED",
+            3,
+        ),
     ],
-    ids=["rate-limited", "context-exceeded"],
+    ids=["rate-limited", "context-exceeded", "llama-cpp-error-field", "bare-error-event"],
 )
 async def test_an_error_event_before_any_output_is_the_error_it_names(
     start_gateway: Callable[..., Any], case: tuple[bytes, grpc.StatusCode, str, int]
