@@ -588,6 +588,31 @@ async def test_keep_alive_comments_do_not_hold_off_the_idle_timeout(
     assert error_details(caught.value)[1] == "STREAM_INTERRUPTED"
 
 
+async def test_a_stream_that_stalls_after_its_finish_reason_ends_as_finished(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """An upstream that sent the whole answer, its finish reason and its usage, and then
+    never `[DONE]` nor its body's end, ends at `stream_idle_timeout_s` as finished, with
+    the usage it reported: not interrupted, which would have its caller ask (and pay)
+    again for an answer it has."""
+    never = asyncio.Event()
+    async with SSEUpstream(chunk("Hello", "stop") + USAGE, end_when=never) as url:
+        config = gateway_config(url)
+        idle = dataclasses.replace(config.upstreams[0], stream_idle_timeout_s=0.5)
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=(idle,)))
+        text, final, error = await relay(gateway, chat_stream("hi"))
+        usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+        never.set()
+    assert error is None
+    assert text == "Hello"
+    assert final is not None
+    assert final.final.finish_reason == pb.FINISH_REASON_STOP
+    reported = (final.final.usage.input_tokens, final.final.usage.output_tokens)
+    assert reported == (3, 2)
+    assert not final.final.usage.estimated
+    assert (usage.total.requests, usage.total.usage.output_tokens) == (1, 2)
+
+
 async def test_a_provider_stream_ended_before_any_event_is_a_malformed_answer(
     start_gateway: Callable[..., Any],
 ) -> None:
