@@ -903,8 +903,16 @@ class UpstreamClient:
                 read_chars = 0  # the output as the upstream sent it, which the bound counts
                 while True:
                     wait_until = deadline if idle_until is None else min(deadline, idle_until)
-                    async with asyncio.timeout_at(wait_until):
-                        raw = await response.next_chunk()
+                    try:
+                        async with asyncio.timeout_at(wait_until):
+                            raw = await response.next_chunk()
+                    except TimeoutError:
+                        if not has_output or parser.finish_reason is None:
+                            raise
+                        # The answer was whole, and said so: only its usage or `[DONE]`
+                        # was to come. Failing it would have its caller ask (and pay)
+                        # again for an answer it has; its connection is closed.
+                        break
                     if raw is None:  # a clean end; a reset raises instead
                         parser.end_of_body(decoder.data_at_end())
                         break

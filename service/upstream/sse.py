@@ -3,15 +3,26 @@
 Follows https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
 for what a chat-completion stream needs: a leading byte order mark skipped, LF, CRLF and CR
 line ends (also split across reads), comment lines (keep-alives), several `data:` lines
-joined by newlines, and events split across or packed into reads. `event:`, `id:` and
-`retry:` fields are ignored: the OpenAI protocol does not use them. As the spec says, an
-event with a `data` field dispatches even when its data is empty (`data:` alone), and one
-without (only comments, `event:` or `id:`) does not.
+joined by newlines, and events split across or packed into reads. `id:` and `retry:`
+fields are ignored, and so is `event:` but for `error`: the OpenAI protocol does not use
+them. As the spec says, an event with a `data` field dispatches even when its data is
+empty (`data:` alone), and one without (only comments, `event:` or `id:`) does not.
+
+An upstream's error is an event too: an `event: error` event, and llama.cpp's server
+(its builds through 2025) writes one as an `error:` field (`error: {"code":400,...}`),
+which the spec would ignore. Each comes out as an error object, `{"error": <its data>}`,
+unless its data is one already, as a stream's `data: {"error": ...}` event is: the error
+it names, not a stream that ended without a finish reason (retried, and billed, as one).
 """
 
 from __future__ import annotations
 
+import orjson
+
 _BOM = b"\xef\xbb\xbf"
+_ERROR_EVENT = b"event: error"
+# What an error event without data says, so that it still reads as an error.
+_NO_MESSAGE = "the upstream sent an error event without a message"
 
 
 def _data_value(line: bytes) -> bytes | None:
@@ -24,10 +35,37 @@ def _data_value(line: bytes) -> bytes | None:
     return value[1:] if value.startswith(b" ") else value
 
 
+def _error_value(line: bytes) -> bytes | None:
+    """The value of llama.cpp's `error` field line, or None for any other line."""
+    if not line.startswith(b"error:"):
+        return None
+    value = line[6:]
+    return value[1:] if value.startswith(b" ") else value
+
+
+def _as_error_object(data: str) -> str:
+    """An error event's data as an error object: as it is when it is one already."""
+    try:
+        error = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        error = data.strip() or _NO_MESSAGE  # a message alone, as `{"error": "..."}` has
+    if isinstance(error, dict) and error.get("error"):
+        return data
+    return orjson.dumps({"error": error or _NO_MESSAGE}).decode()
+
+
 class SSEDecoder:
     """Feed it raw bytes as they arrive; it returns each completed event's data."""
 
-    __slots__ = ("_data", "_data_bytes", "_is_started", "_line", "_line_bytes", "_skip_lf")
+    __slots__ = (
+        "_data",
+        "_data_bytes",
+        "_is_error",
+        "_is_started",
+        "_line",
+        "_line_bytes",
+        "_skip_lf",
+    )
 
     def __init__(self) -> None:
         # The unfinished last line, in the pieces it arrived in: joined once, when it ends,
@@ -38,6 +76,7 @@ class SSEDecoder:
         # The size of `_data` joined: each line's value and the line end after it, so
         # that an event of empty `data:` lines grows too.
         self._data_bytes = 0
+        self._is_error = False  # the event being read is an error (`event: error`, `error:`)
         self._skip_lf = False
         self._is_started = False  # whether the stream's first bytes (and any BOM) are past
 
@@ -75,13 +114,27 @@ class SSEDecoder:
         for line in lines:
             if not line:
                 if self._data:
-                    events.append("\n".join(self._data))
+                    data = "\n".join(self._data)
+                    events.append(_as_error_object(data) if self._is_error else data)
                     self._data = []
                     self._data_bytes = 0
+                self._is_error = False  # the spec's event type lasts one event
             elif (value := _data_value(line)) is not None:
                 self._data.append(value.decode("utf-8", errors="replace"))
                 self._data_bytes += len(value) + 1
+            elif line.startswith(b"e"):  # rare: an `event:` or `error:` field
+                self._take_error_field(line)
         return events
+
+    def _take_error_field(self, line: bytes) -> None:
+        """Mark the event an error for `event: error`; take llama.cpp's `error:` field's
+        value as the data of an error event."""
+        if line.rstrip() in (_ERROR_EVENT, b"event:error"):
+            self._is_error = True
+        elif (value := _error_value(line)) is not None:
+            self._is_error = True
+            self._data.append(value.decode("utf-8", errors="replace"))
+            self._data_bytes += len(value) + 1
 
     def _keep_line(self, line: bytes) -> None:
         if line:

@@ -217,6 +217,14 @@ RATE_LIMITED_EVENT = event({"error": {"code": 429, "message": "Rate limit exceed
 TOO_LONG_EVENT = event(
     {"error": {"code": 400, "message": "This model's maximum context length is 8192 tokens"}}
 )
+# llama.cpp's server (builds through 2025) writes its error as an `error:` field, which the
+# SSE spec would ignore, and a prompt over its context window is one.
+LLAMA_CPP_TOO_LONG = (
+    b'error: {"code":400,"message":"the request exceeds the available context size. try '
+    b'increasing the context size or enable context shift","type":"invalid_request_error"}\n\n'
+)
+# An `event: error` event whose data is the error object itself, with no `error` around it.
+RATE_LIMITED_ERROR_EVENT = b"event: error\n" + event({"code": 429, "message": "Slow down"})
 
 
 @pytest.mark.parametrize(
@@ -224,8 +232,15 @@ TOO_LONG_EVENT = event(
     [
         (RATE_LIMITED_EVENT, grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", 3),
         (TOO_LONG_EVENT, grpc.StatusCode.INVALID_ARGUMENT, "CONTEXT_WINDOW_EXCEEDED", 1),
+        (LLAMA_CPP_TOO_LONG, grpc.StatusCode.INVALID_ARGUMENT, "CONTEXT_WINDOW_EXCEEDED", 1),
+        (
+            RATE_LIMITED_ERROR_EVENT,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "UPSTREAM_RATE_LIMITED",
+            3,
+        ),
     ],
-    ids=["rate-limited", "context-exceeded"],
+    ids=["rate-limited", "context-exceeded", "llama-cpp-error-field", "bare-error-event"],
 )
 async def test_an_error_event_before_any_output_is_the_error_it_names(
     start_gateway: Callable[..., Any], case: tuple[bytes, grpc.StatusCode, str, int]
@@ -571,6 +586,31 @@ async def test_keep_alive_comments_do_not_hold_off_the_idle_timeout(
     assert deltas == ["Hel"]
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_details(caught.value)[1] == "STREAM_INTERRUPTED"
+
+
+async def test_a_stream_that_stalls_after_its_finish_reason_ends_as_finished(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """An upstream that sent the whole answer, its finish reason and its usage, and then
+    never `[DONE]` nor its body's end, ends at `stream_idle_timeout_s` as finished, with
+    the usage it reported: not interrupted, which would have its caller ask (and pay)
+    again for an answer it has."""
+    never = asyncio.Event()
+    async with SSEUpstream(chunk("Hello", "stop") + USAGE, end_when=never) as url:
+        config = gateway_config(url)
+        idle = dataclasses.replace(config.upstreams[0], stream_idle_timeout_s=0.5)
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=(idle,)))
+        text, final, error = await relay(gateway, chat_stream("hi"))
+        usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+        never.set()
+    assert error is None
+    assert text == "Hello"
+    assert final is not None
+    assert final.final.finish_reason == pb.FINISH_REASON_STOP
+    reported = (final.final.usage.input_tokens, final.final.usage.output_tokens)
+    assert reported == (3, 2)
+    assert not final.final.usage.estimated
+    assert (usage.total.requests, usage.total.usage.output_tokens) == (1, 2)
 
 
 async def test_a_provider_stream_ended_before_any_event_is_a_malformed_answer(

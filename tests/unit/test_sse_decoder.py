@@ -230,3 +230,43 @@ def test_empty_data_lines_count_in_the_pending_size() -> None:
     decoder = SSEDecoder()
     decoder.feed(b"data:\n" * 1000)
     assert decoder.pending_bytes >= 1000
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        pytest.param(
+            b'error: {"code":400,"message":"too long"}\n\n',
+            ['{"error":{"code":400,"message":"too long"}}'],
+            id="llama-cpp-error-field",
+        ),
+        pytest.param(
+            b'event: error\ndata: {"message":"overloaded"}\n\n',
+            ['{"error":{"message":"overloaded"}}'],
+            id="error-event-of-a-bare-object",
+        ),
+        pytest.param(
+            b'event: error\ndata: {"error": {"message": "x"}}\n\n',
+            ['{"error": {"message": "x"}}'],
+            id="error-event-of-an-error-object",
+        ),
+        pytest.param(
+            b"event: error\ndata: Internal error\n\n",
+            ['{"error":"Internal error"}'],
+            id="error-event-of-text",
+        ),
+        pytest.param(
+            b"event: error\n\ndata: x\n\n", ["x"], id="error-event-without-data-marks-no-other"
+        ),
+        pytest.param(
+            b'event: error\ndata: {"message":"a"}\n\ndata: {"b": 1}\n\n',
+            ['{"error":{"message":"a"}}', '{"b": 1}'],
+            id="error-type-lasts-one-event",
+        ),
+    ],
+)
+def test_error_events_come_as_error_objects(raw: bytes, expected: list[str]) -> None:
+    """An `event: error` event, or llama.cpp's `error:` field, comes out as an error object,
+    whole or fed a byte at a time."""
+    assert decode(raw) == expected
+    assert decode(*(raw[i : i + 1] for i in range(len(raw)))) == expected
