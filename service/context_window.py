@@ -41,6 +41,13 @@ def answer_reserve(context_window: int, max_tokens: int | None) -> int:
     return min(DEFAULT_ANSWER_RESERVE, context_window // 4)
 
 
+def holds_prompt_and_answer(window_tokens: int, prompt_tokens: int) -> bool:
+    """Whether a window of `window_tokens` holds a prompt of `prompt_tokens` with the room
+    kept for an answer when no max_tokens is asked: an upstream that refused such a prompt
+    as over that window refused the max_tokens asked with it, not the prompt."""
+    return prompt_tokens + answer_reserve(window_tokens, None) <= window_tokens
+
+
 def _turns(messages: Sequence[Message]) -> list[tuple[int, ...]]:
     """For each message, the indexes kept or dropped with it: an assistant message with
     tool calls and the tool messages answering them go together (a provider refuses a tool

@@ -20,7 +20,7 @@ from service.budgets import CALLS_IN_FLIGHT_RETRY_S, BudgetHold, Budgets, HeldBy
 from service.calibration import TokenCalibration
 from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
-from service.context_window import answer_reserve, fit_messages
+from service.context_window import answer_reserve, fit_messages, holds_prompt_and_answer
 from service.domain import (
     CacheMode,
     ChatRequest,
@@ -322,6 +322,17 @@ class Pipeline:
         max_tokens = request.params.max_tokens
         counted = None
         if refusal.window_tokens is not None and refusal.prompt_tokens is not None:
+            if holds_prompt_and_answer(refusal.window_tokens, refusal.prompt_tokens):
+                # Its max_tokens was refused, not the prompt: the count is one as an
+                # answer's usage reports. Taken for the prompt's, it raised the tenant's
+                # factor to the ceiling, refusing its other prompts a quarter the window.
+                self.calibration.observe(
+                    request.model,
+                    request.tenant,
+                    estimated_tokens=prepared.prompt_tokens,
+                    reported_tokens=refusal.prompt_tokens,
+                )
+                return
             upstream_room = refusal.window_tokens - answer_reserve(
                 refusal.window_tokens, max_tokens
             )

@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapp
 import orjson
 
 from service.config import UpstreamConfig
+from service.context_window import holds_prompt_and_answer
 from service.domain import Usage, assemble_tool_calls, whole_tool_calls
 from service.errors import (
     UpstreamAuthRejected,
@@ -165,12 +166,20 @@ def _error_for_status(
             retry_after_s=wait,
         )
     if says_context_exceeded(body, status):
-        window_tokens, prompt_tokens = context_counts(body) or (None, None)
+        counts = context_counts(body)
+        window_tokens, prompt_tokens = counts or (None, None)
+        advice = (
+            "shorten it, or send it again under TRUNCATION_MODE_KEEP_RECENT, which fits it "
+            "to the count this refusal taught the gateway"
+        )
+        if counts is not None and holds_prompt_and_answer(*counts):
+            advice = (
+                f"its window of {counts[0]} tokens holds the prompt ({counts[1]}) but not "
+                "the max_tokens asked with it: lower max_tokens"
+            )
         return UpstreamContextExceeded(
             f"upstream {upstream!r} says the prompt with max_tokens is over the model's "
-            f"context window (HTTP {status}); shorten it, or send it again under "
-            "TRUNCATION_MODE_KEEP_RECENT, which fits it to the count this refusal taught "
-            "the gateway",
+            f"context window (HTTP {status}); {advice}",
             upstream=upstream,
             status=status,
             relayed=relayed_error(body, secrets=secrets),

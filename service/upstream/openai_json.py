@@ -1256,13 +1256,21 @@ def says_stream_options_unknown(body: bytes) -> bool:
     return param == "stream_options" or "stream_options" in message
 
 
-# The sizes OpenAI's refusal states, which llama-cpp-python's server and vLLM write alike:
-# "This model's maximum context length is 512 tokens. However, you requested 818 tokens
-# (810 in the messages, 8 in the completion). ..." Counts of at most 18 digits, as orjson
-# holds those of `n_ctx` to 64 bits: a longer one is no tokenizer's, and failed the call
-# INTERNAL (past 4300 digits no int, past about 308 no float in the calibration).
+# The sizes OpenAI's refusal states, which llama-cpp-python's server and vLLM before 0.10
+# write alike: "This model's maximum context length is 512 tokens. However, you requested
+# 818 tokens (810 in the messages, 8 in the completion). ..."; OpenAI's other wording,
+# "However, your messages resulted in 8367 tokens (8000 in the messages, 367 in the
+# functions)", whose first count is the whole prompt; and vLLM's since 0.10, "However, your
+# request has 1500 input tokens", or for a max_tokens too large, "... maximum context
+# length is 4096 tokens and your request has 2778 input tokens (8000 > 4096 - 2778)".
+# Counts of at most 18 digits, as orjson holds those of `n_ctx` to 64 bits: a longer one
+# is no tokenizer's, and failed the call INTERNAL (past 4300 digits no int, past about 308
+# no float in the calibration).
 _CONTEXT_COUNTS = re.compile(
-    r"maximum context length is (\d{1,18}) tokens\b.*?\((\d{1,18}) in the messages", re.DOTALL
+    r"maximum context length is (\d{1,18}) tokens\b.*?"
+    r"(?:your messages resulted in (\d{1,18}) tokens\b|your request has (\d{1,18}) input tokens"
+    r"|\((\d{1,18}) in the messages)",
+    re.DOTALL,
 )
 
 
@@ -1279,7 +1287,8 @@ def context_counts(body: bytes) -> tuple[int, int] | None:
     match = _CONTEXT_COUNTS.search(explanation[0]) if explanation is not None else None
     if match is None:
         return None
-    return int(match[1]), int(match[2])
+    window, *prompts = match.groups()
+    return int(window), next(int(prompt) for prompt in prompts if prompt is not None)
 
 
 def says_context_exceeded(body: bytes, status: int = 400) -> bool:

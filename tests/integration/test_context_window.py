@@ -1,5 +1,6 @@
 """Context-window handling through the real server: truncation, rejection, calibration."""
 
+import functools
 import json
 import unicodedata
 from pathlib import Path
@@ -698,25 +699,43 @@ async def test_the_shipped_gpt_4_preset_fits_prompts_to_gpt_4s_window(
     assert [r.body["model"] for r in upstream_small.requests] == ["gpt-4"]
 
 
-def _counts_two_a_word(body: dict[str, Any]) -> Reply | Status:
+def _too_long(prompt: int, completion: int, *, wording: str, window: int = WINDOW) -> str:
+    """An over-the-window refusal's message, as llama-cpp-python's server and vLLM before
+    0.10 word it, as OpenAI does, or as vLLM does since 0.10."""
+    if wording == "vllm-0.10":
+        return (
+            f"This model's maximum context length is {window} tokens. However, your request "
+            f"has {prompt} input tokens. Please reduce the length of the input messages."
+        )
+    if wording == "openai":
+        return (
+            f"This model's maximum context length is {window} tokens. However, your messages "
+            f"resulted in {prompt} tokens. Please reduce the length of the messages."
+        )
+    return (
+        f"This model's maximum context length is {window} tokens. However, you requested "
+        f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the "
+        "completion). Please reduce the length of the messages or completion."
+    )
+
+
+def _counts_two_a_word(
+    body: dict[str, Any], *, wording: str = "llama-cpp-python"
+) -> Reply | Status:
     """An upstream counting every word twice as the estimate does (a tokenizer of rare
-    words): over its 1024-token window it refuses as llama-cpp-python's server does,
-    saying its window and its count."""
+    words): over its 1024-token window it refuses, saying its window and its count."""
     prompt = 2 * sum(len(str(m.get("content") or "").split()) for m in body["messages"])
     completion = body["max_tokens"]
     if prompt + completion <= WINDOW:
         return Reply(prompt_tokens=prompt)
-    message = (
-        f"This model's maximum context length is {WINDOW} tokens. However, you requested "
-        f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the "
-        "completion). Please reduce the length of the messages or completion."
-    )
+    message = _too_long(prompt, completion, wording=wording)
     error = {"message": message, "type": "invalid_request_error", "param": "messages"}
     return Status(400, body=json.dumps({"error": {**error, "code": "context_length_exceeded"}}))
 
 
+@pytest.mark.parametrize("wording", ["llama-cpp-python", "openai", "vllm-0.10"])
 async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
-    start_gateway,
+    start_gateway, wording
 ):
     """A conversation the upstream counts at twice the estimate: the first KEEP_RECENT
     call is refused, its refusal saying the upstream's count; the next one is fitted to
@@ -724,8 +743,11 @@ async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
 
     Before, the refusal taught only that the count was over the room the prompt was
     fitted into: each call dropped one more turn and was refused again, four times for a
-    conversation 1.6 times over the local model's window."""
-    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=_counts_two_a_word) as upstream:
+    conversation 1.6 times over the local model's window. And so it still did where the
+    refusal said its count in OpenAI's other words or vLLM's since 0.10, which only
+    llama-cpp-python's (and vLLM's before 0.10) were read in."""
+    respond = functools.partial(_counts_two_a_word, wording=wording)
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
         gateway = await start_gateway(small_window_config(upstream.base_url))
         request = conversation(15, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -734,6 +756,47 @@ async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
         answer = await gateway.stub.Complete(request)
     assert answer.metadata.dropped_messages > 0
     assert len(upstream.requests) == 2
+
+
+def _window_of_512(body: dict[str, Any]) -> Reply | Status:
+    """An upstream whose own window (512) is half the catalog's, counting a token a word
+    and 7 more: a prompt with its max_tokens over that window is refused, saying both."""
+    prompt = 7 + sum(len(str(m.get("content") or "").split()) for m in body["messages"])
+    completion = body.get("max_tokens", 16)
+    if prompt + completion <= 512:
+        return Reply(prompt_tokens=prompt)
+    message = _too_long(prompt, completion, wording="llama-cpp-python", window=512)
+    return Status(400, body=json.dumps({"object": "error", "message": message, "code": 400}))
+
+
+async def test_a_refused_max_tokens_leaves_the_tenants_other_prompts_fitted_as_before(
+    start_gateway,
+):
+    """A call asking a max_tokens past the upstream's own window (smaller than the
+    catalog's) is refused there, its refusal counting a prompt of a few tokens: the caller
+    is told to lower max_tokens, and the tenant's prompt of 300 tokens that the upstream
+    answered before is still sent and answered.
+
+    Before, the refusal was taken for the prompt's being over the window: the tenant's
+    factor went to its ceiling (4), and the same prompt was refused by the gateway as over
+    the window until some twenty answers had taught the factor down again."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=_window_of_512) as upstream:
+        gateway = await start_gateway(small_window_config(upstream.base_url))
+        prompt = pb.CompleteRequest(
+            model=FAKE_MODEL,
+            messages=[pb.Message(role=pb.ROLE_USER, content=" ".join([TURN] * 3))],
+            params=pb.GenerationParams(max_tokens=100),
+        )
+        await gateway.stub.Complete(prompt)
+        long_answer = chat("Say hi", params=pb.GenerationParams(max_tokens=600))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(long_answer)
+        assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+        assert "lower max_tokens" in (caught.value.details() or "")
+        prompt.params.temperature = 0.5  # not a repeat
+        answer = await gateway.stub.Complete(prompt)
+    assert answer.content
+    assert len(upstream.requests) == 3
 
 
 @pytest.mark.parametrize("digits", [400, 5000])

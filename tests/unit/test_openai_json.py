@@ -912,6 +912,43 @@ def test_says_context_exceeded(body: Any, expected: bool) -> None:
             },
             (1024, 1000),
         ),
+        # OpenAI's other wording: its first count is the whole prompt, functions included.
+        (
+            {
+                "error": {
+                    "message": "This model's maximum context length is 8192 tokens. However, "
+                    "your messages resulted in 8367 tokens (8000 in the messages, 367 in the "
+                    "functions). Please reduce the length of the messages or functions.",
+                    "code": "context_length_exceeded",
+                }
+            },
+            (8192, 8367),
+        ),
+        # vLLM since 0.10: a prompt over the window, and a max_tokens too large for it.
+        (
+            {
+                "error": {
+                    "message": "This model's maximum context length is 2048 tokens. However, "
+                    "your request has 3000 input tokens. Please reduce the length of the "
+                    "input messages.",
+                    "type": "BadRequestError",
+                    "code": 400,
+                }
+            },
+            (2048, 3000),
+        ),
+        (
+            {
+                "error": {
+                    "message": "'max_tokens' or 'max_completion_tokens' is too large: 8000. "
+                    "This model's maximum context length is 4096 tokens and your request has "
+                    "2778 input tokens (8000 > 4096 - 2778). None",
+                    "type": "BadRequestError",
+                    "code": 400,
+                }
+            },
+            (4096, 2778),
+        ),
         # llama.cpp's own server: the counts beside its message.
         (
             {
