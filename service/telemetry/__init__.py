@@ -5,9 +5,14 @@ outages.py  a collector outage logged as a few lines, not one per retry
 metrics.py  the instruments
 tracing.py  attribute names, the per-RPC scope
 core.py     `Telemetry` and the hooks other modules call
+sdk_import.py  the SDK imported whatever the variables it reads on import say
 """
 
-from service.telemetry.core import (
+from service.telemetry.sdk_import import import_sdk_trace
+
+import_sdk_trace()  # before the imports below import the SDK: it can raise on import
+
+from service.telemetry.core import (  # noqa: E402
     AttemptSpan,
     Telemetry,
     activate,
@@ -17,8 +22,8 @@ from service.telemetry.core import (
     record_upstream_error,
     set_breaker_state,
 )
-from service.telemetry.setup import TelemetrySetupError
-from service.telemetry.tracing import (
+from service.telemetry.setup import TelemetrySetupError  # noqa: E402
+from service.telemetry.tracing import (  # noqa: E402
     OVERHEAD_TRAILER,
     RpcScope,
     add_rpc_queued_ms,

@@ -50,6 +50,7 @@ from service.telemetry.outages import (
     WatchedSpanExporter,
     install_exporter_log_filter,
 )
+from service.telemetry.sdk_import import span_limit_problem
 
 log = logging.getLogger("llm_gateway.telemetry")
 
@@ -224,13 +225,8 @@ def _check_span_settings(environ: Mapping[str, str]) -> None:
             f"queue of {sizes[_BSP_QUEUE]} ({_BSP_QUEUE})",
         )
     for variable in _SPAN_LIMITS:
-        value = environ.get(variable, "").strip()
-        try:
-            is_limit = not value or int(value) >= 0  # empty: no limit
-        except ValueError:
-            is_limit = False
-        if not is_limit:
-            problem = f"{environ[variable]!r} is not a whole number from 0"
+        problem = span_limit_problem(environ.get(variable, ""))
+        if problem is not None:
             raise TelemetrySetupError(variable, problem)
 
 

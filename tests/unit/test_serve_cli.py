@@ -524,3 +524,46 @@ def test_a_propagator_no_package_provides_is_a_config_error_not_a_traceback(
         assert done.returncode == 2, done.stdout + done.stderr
         *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
         assert last.startswith(f"llm-gateway: config error: environment: {said}")
+
+
+_BAD_SPAN_COUNT_LIMIT = "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT: 'x' is not a whole number from 0"
+
+
+@pytest.mark.parametrize(
+    ("argv", "telemetry", "said"),
+    [
+        (_COMMANDS["serve"], "", _BAD_SPAN_COUNT_LIMIT),
+        (_COMMANDS["check"], "", _BAD_SPAN_COUNT_LIMIT),
+        (_COMMANDS["check"], "telemetry: {enabled: false}\n", None),
+        (["-m", "gateway_client.cli", "models", "--help"], "", None),
+        (["-m", "gateway_client.cli", "serve", "--help"], "", None),
+        (["-m", "service", "serve", "--help"], "", None),
+    ],
+)
+def test_a_span_limit_the_sdk_reads_on_import_is_a_config_error_not_a_traceback(
+    tmp_path: Path, argv: list[str], telemetry: str, said: str | None
+) -> None:
+    """`OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT` that is no whole number from 0 is, with traces
+    exported, a one-line config error naming it from `serve` and `check` (exit 2), as the
+    other span limits are; with telemetry off it is not; and a command that reads no
+    telemetry (a client's, any `--help`) runs.
+
+    Before, OpenTelemetry's SDK raised its ValueError as its trace module was imported,
+    with the gateway's modules: every command, `llm-gateway models --help` too, ended in
+    a traceback and status 1.
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text(telemetry + "local_model: {enabled: never}\n")
+    done = subprocess.run(
+        [sys.executable, *argv, *(() if "--help" in argv else ("--config", str(config)))],
+        env={**os.environ, "OTEL_TRACES_EXPORTER": "console",
+             "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "x"},
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in done.stderr
+    if said is None:
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 2, done.stdout + done.stderr
+        *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
+        assert last == f"llm-gateway: config error: environment: {said}"
