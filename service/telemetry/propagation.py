@@ -26,6 +26,12 @@ _TRACESTATE = "tracestate"
 _DEFAULT_TYPES = [TraceContextTextMapPropagator, W3CBaggagePropagator]
 
 
+def default_propagator() -> CompositePropagator:
+    """OpenTelemetry's default propagator, as `OTEL_PROPAGATORS` unset builds it: trace
+    context, then baggage."""
+    return CompositePropagator([kind() for kind in _DEFAULT_TYPES])
+
+
 def is_default(propagator: TextMapPropagator) -> bool:
     """Whether `propagator` is exactly the default composite: trace context, then baggage.
 

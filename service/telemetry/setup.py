@@ -24,8 +24,6 @@ from typing import Any
 
 import grpc
 from opentelemetry import metrics, trace
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -38,7 +36,6 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from service.config import ServerConfig, TelemetryConfig, listens_overlap
 from service.hosts import listen_host_problem
@@ -50,6 +47,7 @@ from service.telemetry.outages import (
     WatchedSpanExporter,
     install_exporter_log_filter,
 )
+from service.telemetry.propagation import default_propagator
 from service.telemetry.sdk_import import span_limit_problem
 
 log = logging.getLogger("llm_gateway.telemetry")
@@ -311,7 +309,7 @@ def trace_propagator(config: TelemetryConfig, environ: Mapping[str, str]) -> Tex
         from opentelemetry import propagate
     except Exception as exc:  # ValueError for a name it cannot find; a package's own error
         if is_off(config, environ):
-            return CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+            return default_propagator()
         raise TelemetrySetupError(_PROPAGATORS, str(exc)) from None
     return propagate.get_global_textmap()
 
