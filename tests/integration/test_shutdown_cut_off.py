@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -157,6 +157,36 @@ async def test_queued_calls_are_cut_off_too(start_gateway: Any) -> None:
         assert (gateway.server.admission.in_flight, gateway.server.admission.queued) == (0, 0)
 
 
+async def refused_by_the_drain_behind_a_held_call(
+    gateway: RunningGateway,
+    fake: ScriptedUpstream,
+    mode: str,
+    *,
+    is_waiting: Callable[[], bool],
+) -> grpc.aio.AioRpcError:
+    """A first call held upstream (`fake.gate` cleared), a second (`mode`: unary or
+    stream) behind it until `is_waiting`, then the drain: the second's refusal, asserted
+    to come while the first still held its place, the first then answered in the grace."""
+    first = asyncio.ensure_future(gateway.stub.Complete(chat("first"), timeout=30))
+    await fake.wait_until(lambda: fake.in_flight == 1)
+    if mode == "unary":
+        waiting = gateway.stub.Complete(chat("second"), timeout=30)
+    else:
+        waiting = collect(gateway.stub.CompleteStream(chat_stream("second"), timeout=30))
+    second = asyncio.ensure_future(waiting)
+    while not is_waiting():
+        await asyncio.sleep(0.01)
+    stop = await stopping(gateway)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async with asyncio.timeout(10):  # a hang guard, far short of the grace and the wait
+            await second
+    assert fake.in_flight == 1  # refused while the slot was still held
+    fake.gate.set()
+    assert (await first).content == "Hello from fake"
+    await stop
+    return caught.value
+
+
 @pytest.mark.parametrize("mode", ["unary", "stream"])
 async def test_a_draining_gateway_refuses_the_calls_queued_for_a_slot_at_once(
     start_gateway: Any, caplog: pytest.LogCaptureFixture, mode: str
@@ -173,26 +203,12 @@ async def test_a_draining_gateway_refuses_the_calls_queued_for_a_slot_at_once(
             fake.base_url, server={"max_in_flight_calls": 1, "max_queued_calls": 1}
         )
         gateway = await start_gateway(config)
-        first = asyncio.ensure_future(gateway.stub.Complete(chat("first"), timeout=30))
-        await fake.wait_until(lambda: fake.in_flight == 1)
-        if mode == "unary":
-            waiting = gateway.stub.Complete(chat("second"), timeout=30)
-        else:
-            waiting = collect(gateway.stub.CompleteStream(chat_stream("second"), timeout=30))
-        second = asyncio.ensure_future(waiting)
         admission = gateway.server.admission
-        while admission.queued < 1:
-            await asyncio.sleep(0.01)
         with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
-            stop = await stopping(gateway)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                async with asyncio.timeout(10):  # a hang guard, far short of the grace
-                    await second
-            assert fake.in_flight == 1  # refused while the slot was still held
-            fake.gate.set()
-            assert (await first).content == "Hello from fake"
-            await stop
-        assert_shutting_down(caught.value)
+            refusal = await refused_by_the_drain_behind_a_held_call(
+                gateway, fake, mode, is_waiting=lambda: admission.queued >= 1
+            )
+        assert_shutting_down(refusal)
         assert len(fake.requests) == 1
         assert (admission.in_flight, admission.queued) == (0, 0)
         assert not calls_cut_off(caplog)
@@ -578,26 +594,12 @@ async def test_a_draining_gateway_refuses_a_plain_call_waiting_at_its_upstreams_
             config, upstreams=(dataclasses.replace(only, max_limit_wait_s=60.0),)
         )
         gateway = await start_gateway(config)
-        first = asyncio.ensure_future(gateway.stub.Complete(chat("first"), timeout=30))
-        await fake.wait_until(lambda: fake.in_flight == 1)
-        if mode == "unary":
-            waiting = gateway.stub.Complete(chat("second"), timeout=30)
-        else:
-            waiting = collect(gateway.stub.CompleteStream(chat_stream("second"), timeout=30))
-        second = asyncio.ensure_future(waiting)
         limiter = gateway.server.pipeline.pool.state("up0").limiter
-        while limiter.queued < 1:
-            await asyncio.sleep(0.01)
         with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
-            stop = await stopping(gateway)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                async with asyncio.timeout(10):  # a hang guard, far short of its wait
-                    await second
-            assert fake.in_flight == 1  # refused while the slot was still held
-            fake.gate.set()
-            assert (await first).content == "Hello from fake"
-            await stop
-        assert_shutting_down(caught.value)
+            refusal = await refused_by_the_drain_behind_a_held_call(
+                gateway, fake, mode, is_waiting=lambda: limiter.queued >= 1
+            )
+        assert_shutting_down(refusal)
         assert len(fake.requests) == 1
         assert (limiter.queued, limiter.in_flight) == (0, 0)
         (row,) = await gateway.server.pipeline.ledger.query(UsageFilter())
