@@ -487,6 +487,21 @@ def test_a_config_that_would_not_do_what_it_says_exits_2_from_serve_and_check(
     assert "listening" not in done.stdout
 
 
+def _run_with_otel(
+    tmp_path: Path, argv: list[str], telemetry: str, otel: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """`argv` run with the `otel` variables set (a config of `telemetry` given, unless it
+    asks for --help), asserted to end in no traceback."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(telemetry + "local_model: {enabled: never}\n")
+    done = subprocess.run(
+        [sys.executable, *argv, *(() if "--help" in argv else ("--config", str(config)))],
+        env={**os.environ, **otel}, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in done.stderr
+    return done
+
+
 _UNKNOWN_PROPAGATOR = "OTEL_PROPAGATORS: Propagator b3multi not found."
 
 
@@ -510,14 +525,7 @@ def test_a_propagator_no_package_provides_is_a_config_error_not_a_traceback(
     Before, OpenTelemetry raised its ValueError as the gateway's modules were imported:
     every command, `llm-gateway models --help` too, ended in a traceback and status 1.
     """
-    config = tmp_path / "gateway.yaml"
-    config.write_text(telemetry + "local_model: {enabled: never}\n")
-    done = subprocess.run(
-        [sys.executable, *argv, *(() if "--help" in argv else ("--config", str(config)))],
-        env={**os.environ, "OTEL_PROPAGATORS": "b3multi"},
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
-    assert "Traceback" not in done.stderr
+    done = _run_with_otel(tmp_path, argv, telemetry, {"OTEL_PROPAGATORS": "b3multi"})
     if said is None:
         assert done.returncode == 0, done.stderr
     else:
@@ -552,15 +560,8 @@ def test_a_span_limit_the_sdk_reads_on_import_is_a_config_error_not_a_traceback(
     with the gateway's modules: every command, `llm-gateway models --help` too, ended in
     a traceback and status 1.
     """
-    config = tmp_path / "gateway.yaml"
-    config.write_text(telemetry + "local_model: {enabled: never}\n")
-    done = subprocess.run(
-        [sys.executable, *argv, *(() if "--help" in argv else ("--config", str(config)))],
-        env={**os.environ, "OTEL_TRACES_EXPORTER": "console",
-             "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "x"},
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
-    assert "Traceback" not in done.stderr
+    otel = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "x"}
+    done = _run_with_otel(tmp_path, argv, telemetry, otel)
     if said is None:
         assert done.returncode == 0, done.stderr
     else:
