@@ -120,6 +120,18 @@ async def test_a_summarize_part_its_server_dies_under_waits_for_the_restart(
     assert response.chunks > 1
 
 
+def assert_part_failed_restarting(error: grpc.aio.AioRpcError) -> None:
+    """`error` is a Summarize failed at a part refused as the local model restarts, with
+    the restart's `RetryInfo` (due past the call's deadline here: over 20 s)."""
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(error)
+    assert info.reason == "SUMMARIZE_PART_FAILED"
+    assert info.metadata["restarting"] == "local"
+    delay_s = retry_delay_s(error)
+    assert delay_s is not None
+    assert delay_s > 20
+
+
 async def test_a_summarize_part_failed_as_its_server_restarts_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
 ) -> None:
@@ -136,13 +148,7 @@ async def test_a_summarize_part_failed_as_its_server_restarts_says_so(
         await gateway.stub.Summarize(
             pb.SummarizeRequest(model=MODEL, document=document), timeout=20
         )
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    info = error_info(caught.value)
-    assert info.reason == "SUMMARIZE_PART_FAILED"
-    assert info.metadata["restarting"] == "local"
-    delay_s = retry_delay_s(caught.value)
-    assert delay_s is not None
-    assert delay_s > 20
+    assert_part_failed_restarting(caught.value)
 
 
 async def test_a_summarize_part_that_failed_and_then_met_a_restart_says_restarting(
@@ -167,13 +173,7 @@ async def test_a_summarize_part_that_failed_and_then_met_a_restart_says_restarti
         await gateway.stub.Summarize(
             pb.SummarizeRequest(model=MODEL, document="The harbour opens at dawn."), timeout=20
         )
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    info = error_info(caught.value)
-    assert info.reason == "SUMMARIZE_PART_FAILED"
-    assert info.metadata["restarting"] == "local"
-    delay_s = retry_delay_s(caught.value)
-    assert delay_s is not None
-    assert delay_s > 20
+    assert_part_failed_restarting(caught.value)
 
 
 async def test_batch_items_the_server_dies_under_or_before_wait_for_the_restart(
