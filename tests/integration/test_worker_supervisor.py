@@ -386,6 +386,19 @@ async def test_prometheus_ports_past_65535_are_no_error_with_telemetry_off(tmp_p
     assert process.returncode == 0, err.decode()
 
 
+async def _second_gateway_refused(config: Path, workers: str) -> tuple[int | None, bytes]:
+    """A second gateway started on `config` (a port another gateway holds) with
+    `workers`: asserted never to say it listens; its exit status and stderr."""
+    async with _serve("--config", str(config), "--workers", workers) as second:
+        assert second.stdout is not None
+        async with asyncio.timeout(_HANG_GUARD_S):
+            line = await second.stdout.readline()  # b"" once it exits
+        assert b"listening" not in line
+        async with asyncio.timeout(_HANG_GUARD_S):
+            _, err = await second.communicate()
+    return second.returncode, err
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_port_another_gateway_serves_is_refused(tmp_path, workers):
     """Workers bind with SO_REUSEPORT; that must not let a second gateway join a busy port.
@@ -402,17 +415,11 @@ async def test_a_port_another_gateway_serves_is_refused(tmp_path, workers):
         async with asyncio.timeout(_HANG_GUARD_S):
             line = await first.stdout.readline()
         assert b"listening" in line
-        async with _serve("--config", str(path), "--workers", workers) as second:
-            assert second.stdout is not None
-            async with asyncio.timeout(_HANG_GUARD_S):
-                line = await second.stdout.readline()  # b"" once it exits
-            assert b"listening" not in line
-            async with asyncio.timeout(_HANG_GUARD_S):
-                _, err = await second.communicate()
-            assert second.returncode == 1
-            # One line saying why, not a traceback.
-            assert f"llm-gateway: cannot listen on 127.0.0.1:{port}".encode() in err
-            assert b"Traceback" not in err
+        returncode, err = await _second_gateway_refused(path, workers)
+        assert returncode == 1
+        # One line saying why, not a traceback.
+        assert f"llm-gateway: cannot listen on 127.0.0.1:{port}".encode() in err
+        assert b"Traceback" not in err
         first.send_signal(signal.SIGTERM)
         async with asyncio.timeout(_HANG_GUARD_S):
             assert await first.wait() == 0
@@ -476,19 +483,13 @@ async def test_the_port_of_a_gateway_whose_workers_are_all_dead_is_refused(tmp_p
                 await _stuck_in_open(pid)
             (tmp_path / "second").mkdir()
             other = _write_config(tmp_path / "second", server={"listen": address})
-            async with _serve("--config", str(other), "--workers", workers) as second:
-                assert second.stdout is not None
-                async with asyncio.timeout(_HANG_GUARD_S):
-                    line = await second.stdout.readline()  # b"" once it exits
-                assert b"listening" not in line
-                async with asyncio.timeout(_HANG_GUARD_S):
-                    _, err = await second.communicate()
+            second_returncode, err = await _second_gateway_refused(other, workers)
             first.send_signal(signal.SIGTERM)
             async with asyncio.timeout(_HANG_GUARD_S):
                 code = await first.wait()
         finally:
             alive = _killed_if_running(replacements)
-    assert (second.returncode, code, alive) == (1, 0, [])
+    assert (second_returncode, code, alive) == (1, 0, [])
     assert f"llm-gateway: cannot listen on {address}".encode() in err
 
 
