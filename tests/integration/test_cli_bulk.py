@@ -110,6 +110,69 @@ async def test_interrupted_batch_resumes_and_runs_each_id_once(tmp_path, scripte
     assert set(resumed) == set(ids) - done_first
 
 
+async def test_a_batch_a_draining_gateway_ends_is_sent_again_for_the_rest(
+    tmp_path, start_gateway, capsys
+):
+    """A gateway that begins its drain mid-batch delivers the items it runs and ends the
+    call SHUTTING_DOWN; the command sends the other items again, here reaching the second
+    gateway of its address list, and ends with every answer, each item asked once. Before,
+    it stopped there with exit 1 ("re-run the same command to resume")."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        first = await start_gateway(gateway_config(fake.base_url))
+        second = await start_gateway(gateway_config(fake.base_url))
+        fake.gate.clear()  # the first two items are held upstream
+        ids = [f"q{i}" for i in range(6)]
+        source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        write_items(source, ids)
+        address = f"ipv4:{first.server.address},{second.server.address}"
+        argv = (str(source), "-o", str(output), "--concurrency", "2", "--address", address)
+        run = asyncio.create_task(
+            batch.batch_command(parse(batch, "batch", *argv, "--model", FAKE_MODEL))
+        )
+        await fake.wait_until(lambda: fake.in_flight == 2)
+        stop = asyncio.ensure_future(first.server.stop(grace_s=30))
+        while not first.server.pipeline.is_stopping:
+            await asyncio.sleep(0.01)
+        fake.gate.set()
+
+        code = await run
+        await stop
+
+    assert code == 0
+    records = output_records(output)
+    assert sorted(r["id"] for r in records) == ids
+    assert all(r["content"] == "Hello from fake" for r in records)
+    assert sorted(asked_ids(fake)) == ids  # each item asked once, none paid twice
+    assert "sending its 4 unanswered items again" in capsys.readouterr().err
+
+
+async def test_a_batch_whose_only_gateway_drains_away_stops_resumable(
+    tmp_path, start_gateway, capsys
+):
+    """With no other replica to reach, the resend fails and the command stops as it did:
+    the answers delivered are kept, the rest left for the same command to resume."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        gateway = await start_gateway(gateway_config(fake.base_url))
+        fake.gate.clear()
+        source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        write_items(source, [f"q{i}" for i in range(6)])
+        argv = (str(source), "-o", str(output), "--concurrency", "2")
+        argv += ("--address", gateway.server.address, "--model", FAKE_MODEL)
+        run = asyncio.create_task(batch.batch_command(parse(batch, "batch", *argv)))
+        await fake.wait_until(lambda: fake.in_flight == 2)
+        stop = asyncio.ensure_future(gateway.server.stop(grace_s=30))
+        while not gateway.server.pipeline.is_stopping:
+            await asyncio.sleep(0.01)
+        fake.gate.set()
+
+        code = await run
+        await stop
+
+    assert code == 1
+    assert len(output_records(output)) == len(fake.requests) == 2
+    assert "re-run the same command to resume" in capsys.readouterr().err
+
+
 async def test_a_last_result_without_its_line_break_is_kept_not_paid_for_again(
     tmp_path, scripted, address
 ):

@@ -61,6 +61,14 @@ class Progress:
         self.cost_usd += cost_usd
         self._draw(force=False)
 
+    def note(self, text: str) -> None:
+        """Write `text` on a line of its own (even with the bar off), the bar below it."""
+        if self._is_enabled and self._is_tty:
+            self._stream.write("\r\x1b[2K")
+        self._stream.write(text + "\n")
+        self._stream.flush()
+        self._draw(force=True)
+
     def line(self) -> str:
         """The status line as it would be drawn now."""
         elapsed = max(self._clock() - self._started, 1e-9)

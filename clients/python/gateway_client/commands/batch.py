@@ -26,11 +26,13 @@ Exit status: 0 when every line was valid and every item succeeded, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import codecs
 import contextlib
 import fcntl
 import json
 import os
+import random
 import re
 import stat
 import sys
@@ -60,6 +62,11 @@ from llmgateway.v1 import gateway_pb2 as pb
 # One call carries at most this many items and bytes; the rest wait for the next call.
 DEFAULT_ITEMS_PER_CALL = 500
 MAX_CALL_BYTES = 3 * 1024 * 1024
+# A call ended by a replica shutting down is sent again at most this many times in a row
+# without a result, after a jittered back-off from RESEND_BACKOFF_S up to RESEND_MAX_BACKOFF_S.
+MAX_RESENDS = 5
+RESEND_BACKOFF_S = 0.2
+RESEND_MAX_BACKOFF_S = 2.0
 # The gateway refuses a whole call for one id past this or not printable (a tab, a
 # line break): such a line is skipped instead (`service.validation.MAX_CALLER_ID`).
 MAX_ID_CHARS = 256
@@ -630,29 +637,60 @@ async def run_items(
     concurrency: int,
     per_call: int,
 ) -> int:
-    """Run `pending`, appending each result to `output` as it arrives; return failures."""
+    """Run `pending`, appending each result to `output` as it arrives; return failures.
+
+    A call the gateway ends because this replica cannot go on (it is shutting down: the
+    `llm-gateway-retry-elsewhere` trailer) is sent again with the items it gave no result
+    for, up to MAX_RESENDS times in a row, reaching another replica or the restarted one.
+    """
     failed = 0
     # A stdout that cannot encode every character (`PYTHONIOENCODING=ascii`) would write
     # them as Python's backslash escapes, which JSON has not: JSON's own `\u00e9` then.
     is_ascii_only = not codecs.lookup(output.encoding or "ascii").name.startswith("utf")
     for group in slices(pending, max(1, per_call)):
-        items = [pb.BatchItem(id=item.id, request=item.request) for item in group]
-        async for event in client.complete_batch(items, concurrency=concurrency):
-            if not event.HasField("result"):
-                continue
-            result = event.result
-            record = result_record(result, group[result.index].line)
-            output.write(json.dumps(record, ensure_ascii=is_ascii_only) + "\n")
-            output.flush()
-            is_failure = result.HasField("error")
-            failed += int(is_failure)
-            usage = result.response.metadata.usage
-            progress.advance(
-                is_failure=is_failure,
-                tokens=usage.input_tokens + usage.output_tokens,
-                cost_usd=result.response.metadata.cost_usd,
-            )
+        unanswered = group
+        resends = 0
+        while unanswered:
+            answered: set[int] = set()
+            try:
+                items = [pb.BatchItem(id=item.id, request=item.request) for item in unanswered]
+                async for event in client.complete_batch(items, concurrency=concurrency):
+                    if not event.HasField("result"):
+                        continue
+                    result = event.result
+                    answered.add(result.index)
+                    record = result_record(result, unanswered[result.index].line)
+                    output.write(json.dumps(record, ensure_ascii=is_ascii_only) + "\n")
+                    output.flush()
+                    is_failure = result.HasField("error")
+                    failed += int(is_failure)
+                    usage = result.response.metadata.usage
+                    progress.advance(
+                        is_failure=is_failure,
+                        tokens=usage.input_tokens + usage.output_tokens,
+                        cost_usd=result.response.metadata.cost_usd,
+                    )
+                unanswered = []
+            except grpc.aio.AioRpcError as error:
+                details = error_details(error)
+                resends = 0 if answered else resends + 1
+                if not details.retry_elsewhere or resends > MAX_RESENDS:
+                    raise
+                unanswered = [item for i, item in enumerate(unanswered) if i not in answered]
+                progress.note(
+                    f"the gateway ended the call ({details.reason or details.code}): "
+                    f"sending its {len(unanswered)} unanswered items again"
+                )
+                await asyncio.sleep(_resend_delay_s(resends, details.retry_after_s))
     return failed
+
+
+def _resend_delay_s(resends: int, retry_after_s: float | None) -> float:
+    """How long to wait before sending a call again: what the gateway asked (zero when
+    shutting down: at once, elsewhere), then a jittered back-off that grows with each
+    resend that got no result, so that callers of one replica do not all arrive at once."""
+    backoff_s = min(RESEND_MAX_BACKOFF_S, RESEND_BACKOFF_S * 2 ** max(0, resends - 1))
+    return (retry_after_s or 0.0) + random.uniform(0, backoff_s)
 
 
 def _is_no_regular_file(output: str) -> bool:
