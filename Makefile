@@ -63,8 +63,9 @@ redis-server:
 	@command -v redis-server >/dev/null || { echo ">>> installing redis-server"; \
 		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 
+# The slowest tests are listed at the end: CI's log shows where its ten minutes go.
 test: $(STAMP) redis-server node-setup
-	$(PY) -m pytest $(PYTEST_PARALLEL)
+	$(PY) -m pytest $(PYTEST_PARALLEL) --durations=15
 
 test-fast: $(STAMP) redis-server node-setup
 	$(PY) -m pytest $(PYTEST_PARALLEL) -m 'not local_model'
