@@ -234,6 +234,9 @@ async def _complete_item(
             return await pipeline.complete_in_turn(
                 request, deadline=deadline, waiting_since=waiting_since, is_rerun=was_sent
             )
+        except ShuttingDown as stopped:
+            stopped.is_unsent = stopped.is_unsent and not was_sent  # its tries' too
+            raise
         except UpstreamError as exc:
             if says_why(exc):
                 telling = exc
@@ -246,7 +249,7 @@ async def _complete_item(
             was_sent = was_sent or exc.attempts != 0
         # Ended by the server's stop: the caller runs the item elsewhere, as one not
         # started (another replica's upstream is not restarting).
-        await pipeline.pause(wait_s)
+        await pipeline.pause(wait_s, is_unsent=not was_sent)
     raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
 
 

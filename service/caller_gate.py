@@ -244,19 +244,13 @@ class BatchPacer:
                 tokens than a whole minute's allowance).
             DeadlineExceeded: the deadline passed while the item waited for its turn.
         """
-        tenant, limits = self._principal.tenant, self._principal.limits
+        tenant = self._principal.tenant
         async with self._turn:
             while True:
                 if deadline.has_expired:  # taken now, it would be paid for and never sent
                     raise DeadlineExceeded("the caller's deadline passed before the item's turn")
                 try:
-                    return await self._limiter.take_turn(
-                        tenant,
-                        limits,
-                        tokens=tokens,
-                        requests=requests,
-                        leave_share=self._leave_share,
-                    )
+                    return await self._taken_whole(tokens, requests)
                 except QuotaExceeded as refusal:
                     left_s = deadline.remaining_s()
                     if is_over_call_cap(refusal):
@@ -270,6 +264,30 @@ class BatchPacer:
                     if wait_s is None or (left_s is not None and wait_s >= left_s):
                         raise
                     await deadline.clock.sleep(wait_s)
+
+    async def _taken_whole(self, tokens: int, requests: int) -> CallSlot:
+        """`take_turn` for `tokens` and `requests`, seen to its end even when cancelled
+        (the drain ends the wait for a turn): what it took is then given back, slot and
+        per-minute units, for a call that will never be sent."""
+        principal = self._principal
+        taking = asyncio.ensure_future(
+            self._limiter.take_turn(
+                principal.tenant,
+                principal.limits,
+                tokens=tokens,
+                requests=requests,
+                leave_share=self._leave_share,
+            )
+        )
+        try:
+            return await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            # Shielded, not left to a refund script: Redis may run an admission whose
+            # reply the cancel cut off, and only that reply says what it took to give back.
+            await _given_back(
+                taking, PacedTurn(self._limiter, principal, tokens=tokens, requests=requests)
+            )
+            raise
 
     @contextlib.asynccontextmanager
     async def turn(
@@ -305,6 +323,23 @@ class PacedTurn:
         await self._limiter.give_back_rate(
             principal.tenant, principal.limits, tokens=self.tokens, requests=self.requests
         )
+
+
+async def _given_back(taking: asyncio.Future[CallSlot], turn: PacedTurn) -> None:
+    """Once `taking` (a turn's admission whose caller was cancelled) ends, give back what
+    it took: its slot, and `turn`'s per-minute units. Waited for through any further
+    cancel, at most the limit store's command timeout: left behind, a lease it took would
+    be renewed for as long as the process runs."""
+    while not taking.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(taking)
+    if taking.cancelled() or taking.exception() is not None:
+        return  # refused (it took nothing), or the store did not answer (it took nothing known)
+    slot = taking.result()
+    try:
+        await turn.give_back_rate()
+    finally:
+        await slot.give_back()
 
 
 def cert_common_name(context: CallContext) -> str | None:

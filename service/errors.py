@@ -266,13 +266,16 @@ class ShuttingDown(GatewayError):
     reason = "SHUTTING_DOWN"
     is_replica_local = True
 
-    def __init__(self, *, last_error: GatewayError | None = None) -> None:
+    def __init__(self, *, last_error: GatewayError | None = None, is_unsent: bool = False) -> None:
         """`last_error`: what the call's last upstream attempt failed with, said in the
-        message (a call stopped waiting to retry)."""
+        message (a call stopped waiting to retry). `is_unsent`: no attempt of the call it
+        ends was begun, so no upstream can have it (its tenant's units for it go back);
+        False where one may have been sent."""
         message = "the gateway is shutting down; retry the call on another replica"
         if last_error is not None:
             message += f" (its last attempt failed: {last_error.message})"
         super().__init__(message)
+        self.is_unsent = is_unsent
 
     @property
     def retry_after_s(self) -> float:

@@ -174,12 +174,12 @@ class Pipeline:
 
     @contextlib.asynccontextmanager
     async def _ended_by_drain(
-        self, *, last_error: GatewayError | None = None
+        self, *, last_error: GatewayError | None = None, is_unsent: bool = False
     ) -> AsyncIterator[None]:
         """The body, a wait of a call the gateway queued itself, ended with `ShuttingDown`
-        (naming `last_error`, the failure it waited to try again after) as the server
-        begins stopping; at its first pause when it already has, so that a body that need
-        not wait still goes on."""
+        (naming `last_error`, the failure it waited to try again after; `is_unsent`: no
+        try of the call was begun) as the server begins stopping; at its first pause when
+        it already has, so that a body that need not wait still goes on."""
         try:
             async with asyncio.timeout(None) as wait:
                 if self.is_stopping:
@@ -191,7 +191,7 @@ class Pipeline:
                     self._turn_waits.discard(wait)
         except TimeoutError:
             if wait.expired():
-                raise ShuttingDown(last_error=last_error) from None
+                raise ShuttingDown(last_error=last_error, is_unsent=is_unsent) from None
             raise
 
     @contextlib.asynccontextmanager
@@ -207,7 +207,9 @@ class Pipeline:
                 which would hold the call open past the items or parts running, to the
                 end of the grace, and take the tenant's rate for a call never made. A
                 turn that came as the server began stopping goes back whole: its slot,
-                and the per-minute units it took (`TakenTurn.give_back_rate`).
+                and the per-minute units it took (`TakenTurn.give_back_rate`), and so do
+                the units of one the drain ended before any try of it was begun
+                (`ShuttingDown.is_unsent`).
         """
         if self.is_stopping:
             raise ShuttingDown()
@@ -217,8 +219,13 @@ class Pipeline:
             if self.is_stopping:  # it began as the turn came
                 if taken is not None:
                     await taken.give_back_rate()
-                raise ShuttingDown()
-            yield
+                raise ShuttingDown(is_unsent=True)
+            try:
+                yield
+            except ShuttingDown as stopped:
+                if stopped.is_unsent and taken is not None:
+                    await taken.give_back_rate()
+                raise
 
     @property
     def config(self) -> GatewayConfig:
@@ -466,7 +473,8 @@ class Pipeline:
 
         Raises:
             ShuttingDown: the server began stopping while the call waited at its upstream's
-                limits (or for its next turn there): it took none of them and was not sent.
+                limits (or for its next turn there): it took none of them and was not sent
+                (`is_unsent`, unless a try of it was begun before, and failed over).
         """
         if waiting_since is None:
             waiting_since = time.monotonic()
@@ -483,7 +491,8 @@ class Pipeline:
                 if left is not None and left <= (exc.retry_after_s or 0.0):
                     raise  # its turn would come after the deadline: said now, with when
                 refusal = exc
-            async with self._ended_by_drain():
+            # Its tries so far were all refused before any was begun (`_sooner_limit`).
+            async with self._ended_by_drain(is_unsent=True):
                 await self._next_turn(request.tenant, refusal)
 
     async def _next_turn(self, tenant: str, refusal: LimitExceeded | HeldByCallsInFlight) -> None:
@@ -505,6 +514,7 @@ class Pipeline:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         last_error: GatewayError | None = None,
+        is_unsent: bool = False,
     ) -> None:
         """Wait `seconds` with `sleep` (a `Clock`'s, where the caller has one injected)
         before a call the gateway queued itself tries again: a batch item's next try,
@@ -512,11 +522,12 @@ class Pipeline:
 
         Raises:
             ShuttingDown: the server began stopping before, or while, it waited; its
-                message names `last_error`, the failure the next try was for.
+                message names `last_error`, the failure the next try was for, and it says
+                `is_unsent`: no try of the call was begun before.
         """
         if self.is_stopping:
-            raise ShuttingDown(last_error=last_error)
-        async with self._ended_by_drain(last_error=last_error):
+            raise ShuttingDown(last_error=last_error, is_unsent=is_unsent)
+        async with self._ended_by_drain(last_error=last_error, is_unsent=is_unsent):
             await sleep(seconds)
 
     def _remember(

@@ -1002,6 +1002,9 @@ class UpstreamPool:
                 plan.exclude(route, exc.what + " limit")
                 progress.last_error = _sooner_limit(progress.last_error, exc)
                 continue
+            except ShuttingDown as exc:  # refused at its limits or its back-off by the drain
+                exc.is_unsent = log.attempts == 0
+                raise
             except UpstreamError as exc:
                 raise self._final(exc, deadline, log.attempts) from None
             if admitted is None:

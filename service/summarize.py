@@ -1108,7 +1108,7 @@ class Summarizer:
             was_sent = False
             for attempt in range(1, attempts + 1):
                 if self._pipeline.is_stopping:  # cut at the grace's end, it would be paid for
-                    raise ShuttingDown()
+                    raise ShuttingDown(is_unsent=not was_sent)
                 try:
                     # A part waits its turn at its upstream's limits, as a batch's item does.
                     with run.halt.calling():
@@ -1118,6 +1118,9 @@ class Summarizer:
                             waiting_since=waiting_since,
                             is_rerun=was_sent,
                         )
+                except ShuttingDown as stopped:
+                    stopped.is_unsent = stopped.is_unsent and not was_sent  # its tries' too
+                    raise
                 except UpstreamContextExceeded:
                     raise  # the text is split again (`_call_if_fits`)
                 except UpstreamRejected as exc:
@@ -1148,6 +1151,7 @@ class Summarizer:
                         wait_s,
                         sleep=self._clock.sleep,
                         last_error=exc if telling is None else telling,
+                        is_unsent=not was_sent,
                     )
                     waiting_since = None  # a retry's backoff is not queued time
                     continue

@@ -1,5 +1,7 @@
 """A TCP relay on loopback that counts the bytes callers send through it: how many times
-a client sent a request (a retry policy resending one the gateway cannot take)."""
+a client sent a request (a retry policy resending one the gateway cannot take); it can
+hold the server's replies back, the requests still going through (a command the server
+ran, whose reply its client has not had yet)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,16 @@ __all__ = ["CountingRelay"]
 
 class CountingRelay:
     """A TCP relay on loopback to `target` (`HOST:PORT`) that counts the bytes callers send
-    through it: how many times a request went out."""
+    through it: how many times a request went out. `sent_bytes`: what they sent;
+    `replying`, cleared, holds the server's replies until it is set again."""
 
     def __init__(self, target: str) -> None:
         host, _, port = target.rpartition(":")
         self._target = (host, int(port))
         self.sent = 0
+        self.sent_bytes = bytearray()
+        self.replying = asyncio.Event()
+        self.replying.set()
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> str:
@@ -38,7 +44,11 @@ class CountingRelay:
     ) -> None:
         try:
             while data := await reader.read(65536):
-                self.sent += len(data) if counted else 0
+                if counted:
+                    self.sent += len(data)
+                    self.sent_bytes += data
+                else:
+                    await self.replying.wait()
                 writer.write(data)
                 await writer.drain()
         except ConnectionError:
