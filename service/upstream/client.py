@@ -23,8 +23,10 @@ from service.errors import (
     UpstreamAuthRejected,
     UpstreamContextExceeded,
     UpstreamError,
+    UpstreamFailedMidStream,
     UpstreamNotOpenAI,
     UpstreamRateLimited,
+    UpstreamRateLimitedMidStream,
     UpstreamRefusedSilently,
     UpstreamRejected,
     UpstreamTimeout,
@@ -191,6 +193,27 @@ def _error_for_status(
         upstream=upstream,
         status=status,
         relayed=relayed_error(body, secrets=secrets),
+    )
+
+
+def _failed_mid_stream(
+    upstream: str, body: bytes, *, secrets: Iterable[str]
+) -> UpstreamFailedMidStream:
+    """The error of a stream whose upstream reported the error object `body` after its
+    output began, relaying what it said (`secrets` redacted, `relay.relayed_error`) but of
+    the gateway's key or account, which is the operator's, as such a refusal's body is; a
+    rate limit is RESOURCE_EXHAUSTED, as a 429 is."""
+    status = error_status(body)
+    is_out_of_credit = status == 402 or says_out_of_credit(body)
+    is_about_account = (
+        is_out_of_credit or status == 401 or (status == 403 and not says_content_flagged(body))
+    )
+    relayed = None if is_about_account else relayed_error(body, secrets=secrets)
+    kind = UpstreamFailedMidStream
+    if status == 429 and not is_out_of_credit:
+        kind = UpstreamRateLimitedMidStream
+    return kind(
+        f"upstream {upstream!r} reported an error mid-stream", upstream=upstream, relayed=relayed
     )
 
 
@@ -577,6 +600,22 @@ class UpstreamClient:
                 raise _not_openai(self.name, response, media) from exc
             raise
 
+    def _reported_error(
+        self,
+        error: ReportedError,
+        response: Response,
+        on_status: Callable[[int], None] | None,
+        *,
+        has_output: bool,
+    ) -> UpstreamError:
+        """The error a stream's error event stands for. Before any output it is in place of
+        the answer, as a 200 whose body is that error: what OpenRouter sends once its
+        stream began (its 200 and comments). After it, the generation failed part-way."""
+        body = error.data.encode()
+        if has_output:
+            return _failed_mid_stream(self.name, body, secrets=self._secrets())
+        return self._refusal(response, body, error_status(body) or 502, on_status)
+
     def _refusal(
         self,
         response: Response,
@@ -955,13 +994,11 @@ class UpstreamClient:
                             yield chunk
                             if idle_s is not None:
                                 idle_until = loop.time() + idle_s
-                        if isinstance(error, ReportedError) and not has_output:
-                            # In place of the answer, as a 200 whose body is an error: what
-                            # OpenRouter sends once its stream began (its 200 and comments).
-                            body = error.data.encode()
-                            status = error_status(body) or 502
-                            raise self._refusal(response, body, status, on_status) from None
                         if error is not None:
+                            if isinstance(error, ReportedError):
+                                raise self._reported_error(
+                                    error, response, on_status, has_output=has_output
+                                ) from None
                             raise error
                         if parser.is_done:
                             break
