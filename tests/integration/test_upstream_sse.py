@@ -18,10 +18,13 @@ import pytest
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
 from tests.conftest import FAKE_MODEL, chat_stream, gateway_config, gateway_config_data
+from tests.fake_upstream import FakeUpstream, Status
 from tests.integration.test_resilience import error_details
 from tests.integration.test_upstream_http import read_request, serving, settled
 
 DETERMINISTIC = pb.GenerationParams(temperature=0.0)
+# Retries without waiting long for them.
+FAST_RETRIES = {"attempts": 3, "backoff_base_s": 0.01, "backoff_cap_s": 0.05}
 
 
 def event(data: dict[str, Any]) -> bytes:
@@ -923,3 +926,64 @@ async def test_an_account_error_reported_after_text_relays_nothing(
     )
     assert "CANARY" not in (error.details() or "")
     assert not [key for key in metadata if key.startswith("upstream_")]
+
+
+def error_body(error: dict[str, Any], *, indent: bool = False) -> str:
+    """A JSON error object, as a body in place of a stream (pretty-printed with `indent`)."""
+    return orjson.dumps({"error": error}, option=orjson.OPT_INDENT_2 if indent else 0).decode()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (
+            error_body({"code": 429, "message": "Rate limit exceeded"}),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "UPSTREAM_RATE_LIMITED",
+            3,
+        ),
+        (
+            error_body({"message": "maximum context length is 8192 tokens", "code": 400}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "CONTEXT_WINDOW_EXCEEDED",
+            1,
+        ),
+        (
+            error_body({"message": "Incorrect API key provided", "code": "invalid_api_key"}),
+            grpc.StatusCode.UNAVAILABLE,
+            "UPSTREAM_AUTH",
+            1,
+        ),
+        (
+            error_body({"code": 400, "message": "Unknown model 'x'"}, indent=True) + "\n",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UPSTREAM_REJECTED_REQUEST",
+            1,
+        ),
+    ],
+    ids=["rate-limited", "context-exceeded", "key-rejected", "pretty-printed-rejected"],
+)
+async def test_a_json_error_sent_as_an_event_stream_is_the_error_it_names(
+    start_gateway: Callable[..., Any], case: tuple[str, grpc.StatusCode, str, int]
+) -> None:
+    """A 200 `text/event-stream` answer whose body is a bare JSON error object, no SSE
+    lines (as some proxies and providers send), fails as the same JSON in a non-2xx body
+    does: a rate limit is retried as one, a key rejected fails over, a request refused is
+    the caller's to mend; none is billed nor counts against the upstream's health (not a
+    malformed stream, retried, charged and failing its breaker). Each case: the body,
+    then the status, the ErrorInfo reason and the attempts."""
+    body, code, reason, attempts = case
+    as_stream = Status(200, body=body, headers={"Content-Type": "text/event-stream"})
+    async with FakeUpstream(default=as_stream) as upstream:
+        gateway = await start_gateway(gateway_config(upstream.base_url, resilience=FAST_RETRIES))
+        text, final, error = await relay(gateway, chat_stream("hi"))
+        usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+    assert (text, final) == ("", None)
+    assert error is not None
+    assert (error.code(), error_details(error)[1]) == (code, reason)
+    assert len(upstream.requests) == attempts
+    assert (usage.total.requests, usage.total.cost_usd, len(usage.rows)) == (0, 0.0, 0)
+    if reason != "UPSTREAM_AUTH":  # a rejected key opens the breaker: the operator's to mend
+        health = {status.health for model in models.models for status in model.upstreams}
+        assert health == {pb.UPSTREAM_HEALTH_HEALTHY}
