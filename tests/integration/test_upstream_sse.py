@@ -21,6 +21,7 @@ from tests.conftest import FAKE_MODEL, chat_stream, gateway_config, gateway_conf
 from tests.fake_upstream import FakeUpstream, Status
 from tests.integration.test_resilience import error_details
 from tests.integration.test_upstream_http import read_request, serving, settled
+from tests.secret_capture import PROVIDER_KEY
 
 DETERMINISTIC = pb.GenerationParams(temperature=0.0)
 # Retries without waiting long for them.
@@ -888,7 +889,7 @@ async def test_an_error_reported_after_text_is_relayed_with_secrets_redacted(
     """A mid-stream error's message is made safe as a refusal's is: the upstream's key,
     a bearer token and an `sk-` key quoted in it each relay as `[redacted]`."""
     key = "mid-stream-upstream-key-5e1d"
-    message = f"proxy error: key {key}, header Bearer eyJhbGciOiJIUzI1NiJ9.abc1, sk-live-1a2b3c4d"
+    message = f"proxy error: key {key}, header Bearer eyJhbGciOiJIUzI1NiJ9.abc1, {PROVIDER_KEY}"
     failure = event({"error": {"message": message, "type": "server_error"}})
     upstream = SSEUpstream(chunk("Hel") + failure + DONE)
     async with upstream as url:
@@ -900,6 +901,7 @@ async def test_an_error_reported_after_text_is_relayed_with_secrets_redacted(
     relayed = error_details(error)[0]["upstream_message"]
     assert relayed == "proxy error: key [redacted], header [redacted], [redacted]"
     assert key not in (error.details() or "")
+    assert PROVIDER_KEY not in (error.details() or "")
 
 
 async def test_an_account_error_reported_after_text_relays_nothing(
@@ -987,3 +989,23 @@ async def test_a_json_error_sent_as_an_event_stream_is_the_error_it_names(
     if reason != "UPSTREAM_AUTH":  # a rejected key opens the breaker: the operator's to mend
         health = {status.health for model in models.models for status in model.upstreams}
         assert health == {pb.UPSTREAM_HEALTH_HEALTHY}
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [b"event: error\ndata:\n\n", b"event: error\ndata: {}\n\n", b"error: null\n\n"],
+    ids=["empty-data", "empty-object", "llama-cpp-null"],
+)
+async def test_an_error_event_that_says_nothing_relays_nothing(
+    start_gateway: Callable[..., Any], failure: bytes
+) -> None:
+    """An error event with no message, after text, ends the stream with the gateway's
+    sentence alone: no `upstream_message` the upstream never said (the gateway's own
+    placeholder, "the upstream sent an error event without a message", was relayed as it)."""
+    error, _ = await interrupted_by(start_gateway, failure)
+    metadata, reason, _ = error_details(error)
+    assert (error.code(), reason) == (grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED")
+    assert (error.details() or "").startswith(
+        "upstream 'up0' reported an error mid-stream; the stream was cut after 1 deltas"
+    )
+    assert "upstream_message" not in metadata
