@@ -205,17 +205,20 @@ def _failed_mid_stream(
 ) -> UpstreamFailedMidStream:
     """The error of a stream whose upstream reported the error object `body` after its
     output began, relaying what it said (`secrets` redacted, `relay.relayed_error`) but of
-    the gateway's key or account, which is the operator's, as such a refusal's body is; a
-    rate limit is RESOURCE_EXHAUSTED, as a 429 is."""
+    the gateway's key or account, or a rate limit's, which are the operator's, as such a
+    refusal's body is; a rate limit is RESOURCE_EXHAUSTED, as a 429 is."""
     status = error_status(body)
     is_out_of_credit = status == 402 or says_out_of_credit(body)
+    is_rate_limit = status == 429 and not is_out_of_credit
+    # A rate limit's text names the account's organisation and tier, as a 429's body does.
     is_about_account = (
-        is_out_of_credit or status == 401 or (status == 403 and not says_content_flagged(body))
+        is_out_of_credit
+        or is_rate_limit
+        or status == 401
+        or (status == 403 and not says_content_flagged(body))
     )
     relayed = None if is_about_account else relayed_error(body, secrets=secrets)
-    kind = UpstreamFailedMidStream
-    if status == 429 and not is_out_of_credit:
-        kind = UpstreamRateLimitedMidStream
+    kind = UpstreamRateLimitedMidStream if is_rate_limit else UpstreamFailedMidStream
     return kind(
         f"upstream {upstream!r} reported an error mid-stream", upstream=upstream, relayed=relayed
     )
