@@ -438,6 +438,26 @@ class UpstreamRefusedSilently(UpstreamRejected):
     saying not why (`empty_stream_is_refusal`): the same request unary says it."""
 
 
+class UpstreamFailedMidStream(UpstreamUnavailable):
+    """An upstream's stream reported an error (an `error` event) after its output began:
+    the generation failed part-way, the request itself taken. `relayed`, what it said of
+    the failure, ends the message; None when it said nothing a caller may be told."""
+
+    def __init__(self, message: str, *, upstream: str, relayed: RelayedError | None) -> None:
+        if relayed is not None:
+            message = f"{message}: {relayed.message}"
+        super().__init__(message, upstream=upstream)
+        self.relayed = relayed
+
+
+class UpstreamRateLimitedMidStream(UpstreamFailedMidStream):
+    """An upstream's stream reported a rate limit (its code 429) after its output began:
+    RESOURCE_EXHAUSTED, as a 429 is."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "UPSTREAM_RATE_LIMITED"
+
+
 class UpstreamTimeout(UpstreamError):
     """The upstream did not answer within its timeout."""
 
@@ -459,6 +479,25 @@ class StreamInterrupted(UpstreamUnavailable):
         )
         self.deltas_sent = deltas_sent
         self.chars_sent = chars_sent
+        # What the upstream said of the failure, when it reported one mid-stream.
+        self.relayed = cause.relayed if isinstance(cause, UpstreamFailedMidStream) else None
+
+
+class RateLimitedStreamInterrupted(StreamInterrupted):
+    """A stream ended by a rate limit after deltas had reached the caller."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def stream_interrupted(
+    cause: UpstreamError, *, deltas_sent: int, chars_sent: int
+) -> StreamInterrupted:
+    """The error of a stream `cause` ended after deltas had reached the caller, with the
+    code the error table gives `cause`: RESOURCE_EXHAUSTED for a rate limit, else
+    UNAVAILABLE."""
+    if cause.grpc_code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return RateLimitedStreamInterrupted(cause, deltas_sent=deltas_sent, chars_sent=chars_sent)
+    return StreamInterrupted(cause, deltas_sent=deltas_sent, chars_sent=chars_sent)
 
 
 class SummarizePartFailed(UpstreamError):
@@ -574,7 +613,10 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
             metadata["restarting"] = exc.restarting
     if isinstance(exc, UpstreamNotOpenAI):
         metadata["content_type"] = exc.content_type
-    if isinstance(exc, UpstreamRejected) and exc.relayed is not None:
+    if (
+        isinstance(exc, UpstreamRejected | UpstreamFailedMidStream | StreamInterrupted)
+        and exc.relayed is not None
+    ):
         metadata.update(_relayed_metadata(exc.relayed))
     if isinstance(exc, ContextWindowExceeded):
         metadata["estimated_tokens"] = str(exc.estimated_tokens)

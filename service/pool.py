@@ -33,7 +33,6 @@ from service.errors import (
     GatewayError,
     ModelNotFound,
     ShuttingDown,
-    StreamInterrupted,
     ToolsUnsupported,
     UpstreamAuthRejected,
     UpstreamError,
@@ -41,6 +40,7 @@ from service.errors import (
     UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
+    stream_interrupted,
 )
 from service.limits import LimitExceeded, UpstreamLimiter
 from service.pool_hooks import AttemptRecord, PoolCounters, PoolHooks, RetryDecision
@@ -1096,7 +1096,8 @@ class UpstreamPool:
         """Stream a completion; retried and failed over only until the first delta is sent.
 
         Once a delta has reached the caller a failure ends the stream with
-        `StreamInterrupted` (UNAVAILABLE), saying how many deltas were sent.
+        `StreamInterrupted` (UNAVAILABLE; RESOURCE_EXHAUSTED for a rate limit the upstream
+        reported mid-stream), saying how many deltas were sent.
         """
         call_started = time.monotonic()
         tokens = self._tokens(request, prompt_tokens)
@@ -1180,7 +1181,7 @@ class UpstreamPool:
                 )
                 if deltas_sent > 0:
                     # The caller already has part of the answer: a retry would repeat it.
-                    interrupted = StreamInterrupted(
+                    interrupted = stream_interrupted(
                         exc, deltas_sent=deltas_sent, chars_sent=sent.chars
                     )
                     interrupted.__cause__ = exc

@@ -23,8 +23,10 @@ from service.errors import (
     UpstreamAuthRejected,
     UpstreamContextExceeded,
     UpstreamError,
+    UpstreamFailedMidStream,
     UpstreamNotOpenAI,
     UpstreamRateLimited,
+    UpstreamRateLimitedMidStream,
     UpstreamRefusedSilently,
     UpstreamRejected,
     UpstreamTimeout,
@@ -87,6 +89,10 @@ _STREAM_END_GRACE_S = 0.25
 # and a bound on what a broken or hostile upstream (a model looping with no max_tokens)
 # can make the gateway hold in memory, as the relayed stream is kept till its end.
 _MAX_ANSWER_SIZE = 16 * 1024 * 1024
+# How much of a stream's body is held while no event has come, to be read as the JSON
+# error object some proxies and providers send in place of a stream (as
+# `text/event-stream`, without SSE lines): far past any error object's size.
+_MAX_EVENTLESS_HEAD = 64 * 1024
 # A proxy, or a connection below HTTP, that keeps failing the same way is logged once in
 # this long, not per connection.
 _FAILURE_LOG_INTERVAL_S = 60.0
@@ -191,6 +197,30 @@ def _error_for_status(
         upstream=upstream,
         status=status,
         relayed=relayed_error(body, secrets=secrets),
+    )
+
+
+def _failed_mid_stream(
+    upstream: str, body: bytes, *, secrets: Iterable[str]
+) -> UpstreamFailedMidStream:
+    """The error of a stream whose upstream reported the error object `body` after its
+    output began, relaying what it said (`secrets` redacted, `relay.relayed_error`) but of
+    the gateway's key or account, or a rate limit's, which are the operator's, as such a
+    refusal's body is; a rate limit is RESOURCE_EXHAUSTED, as a 429 is."""
+    status = error_status(body)
+    is_out_of_credit = status == 402 or says_out_of_credit(body)
+    is_rate_limit = status == 429 and not is_out_of_credit
+    # A rate limit's text names the account's organisation and tier, as a 429's body does.
+    is_about_account = (
+        is_out_of_credit
+        or is_rate_limit
+        or status == 401
+        or (status == 403 and not says_content_flagged(body))
+    )
+    relayed = None if is_about_account else relayed_error(body, secrets=secrets)
+    kind = UpstreamRateLimitedMidStream if is_rate_limit else UpstreamFailedMidStream
+    return kind(
+        f"upstream {upstream!r} reported an error mid-stream", upstream=upstream, relayed=relayed
     )
 
 
@@ -577,6 +607,40 @@ class UpstreamClient:
                 raise _not_openai(self.name, response, media) from exc
             raise
 
+    def _reported_error(
+        self,
+        error: ReportedError,
+        response: Response,
+        on_status: Callable[[int], None] | None,
+        *,
+        has_output: bool,
+    ) -> UpstreamError:
+        """The error a stream's error event stands for. Before any output it is in place of
+        the answer, as a 200 whose body is that error: what OpenRouter sends once its
+        stream began (its 200 and comments). After it, the generation failed part-way."""
+        body = error.data.encode()
+        if has_output:
+            return _failed_mid_stream(self.name, body, secrets=self._secrets())
+        return self._refusal(response, body, error_status(body) or 502, on_status)
+
+    def _refuse_eventless_stream(
+        self,
+        response: Response,
+        head: bytes,
+        on_status: Callable[[int], None] | None,
+        *,
+        is_empty: bool,
+    ) -> None:
+        """Raise for a stream that ended without an event: the error its body (`head`, its
+        start) holds when that is a JSON error object sent in place of a stream, as a 200
+        whose body is one is; else `_refuse_empty_stream` when it sent nothing but comments,
+        or nothing at all (`is_empty`)."""
+        status = error_status(head)
+        if status is not None:
+            raise self._refusal(response, head, status, on_status)
+        if is_empty:
+            self._refuse_empty_stream()
+
     def _refusal(
         self,
         response: Response,
@@ -910,6 +974,7 @@ class UpstreamClient:
                 # so the consumer's time does not count and comments do not put it off.
                 idle_until: float | None = None
                 read_chars = 0  # the output as the upstream sent it, which the bound counts
+                head = b""  # the body read while no event has come (`_MAX_EVENTLESS_HEAD`)
                 while True:
                     wait_until = deadline if idle_until is None else min(deadline, idle_until)
                     try:
@@ -926,7 +991,11 @@ class UpstreamClient:
                         parser.end_of_body(decoder.data_at_end())
                         break
                     events = decoder.feed(raw)
-                    has_events = has_events or bool(events)
+                    if not has_events:
+                        if events:
+                            has_events = True
+                        elif len(head) < _MAX_EVENTLESS_HEAD:
+                            head += raw
                     while events:
                         # Until output is read, not until it is passed on: a `<think>`
                         # block's beginning, held, is split with the rest of its read.
@@ -955,13 +1024,11 @@ class UpstreamClient:
                             yield chunk
                             if idle_s is not None:
                                 idle_until = loop.time() + idle_s
-                        if isinstance(error, ReportedError) and not has_output:
-                            # In place of the answer, as a 200 whose body is an error: what
-                            # OpenRouter sends once its stream began (its 200 and comments).
-                            body = error.data.encode()
-                            status = error_status(body) or 502
-                            raise self._refusal(response, body, status, on_status) from None
                         if error is not None:
+                            if isinstance(error, ReportedError):
+                                raise self._reported_error(
+                                    error, response, on_status, has_output=has_output
+                                ) from None
                             raise error
                         if parser.is_done:
                             break
@@ -971,8 +1038,10 @@ class UpstreamClient:
                         raise MalformedReply(
                             f"a stream event is larger than {_MAX_ANSWER_SIZE} bytes"
                         )
-                if not has_events and not decoder.has_pending:
-                    self._refuse_empty_stream()
+                if not has_events:
+                    self._refuse_eventless_stream(
+                        response, head, on_status, is_empty=not decoder.has_pending
+                    )
                 end = parser.end()
                 if not parser.is_done and decoder.has_pending:
                     raise MalformedReply("the stream was cut in the middle of an event")

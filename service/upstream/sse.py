@@ -21,8 +21,9 @@ import orjson
 
 _BOM = b"\xef\xbb\xbf"
 _ERROR_EVENT = b"event: error"
-# What an error event without data says, so that it still reads as an error.
-_NO_MESSAGE = "the upstream sent an error event without a message"
+# An error event without data, or with empty data: still an error, but one that says
+# nothing a caller could be told it said.
+_NO_MESSAGE = '{"error":{"message":""}}'
 
 
 def _data_value(line: bytes) -> bytes | None:
@@ -48,10 +49,10 @@ def _as_error_object(data: str) -> str:
     try:
         error = orjson.loads(data)
     except orjson.JSONDecodeError:
-        error = data.strip() or _NO_MESSAGE  # a message alone, as `{"error": "..."}` has
+        error = data.strip()  # a message alone, as `{"error": "..."}` has
     if isinstance(error, dict) and error.get("error"):
         return data
-    return orjson.dumps({"error": error or _NO_MESSAGE}).decode()
+    return orjson.dumps({"error": error}).decode() if error else _NO_MESSAGE
 
 
 class SSEDecoder:

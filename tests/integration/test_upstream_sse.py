@@ -16,11 +16,16 @@ import orjson
 import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
-from tests.conftest import FAKE_MODEL, chat_stream, gateway_config
+from service.config import parse_config
+from tests.conftest import FAKE_MODEL, chat_stream, gateway_config, gateway_config_data
+from tests.fake_upstream import FakeUpstream, Status
 from tests.integration.test_resilience import error_details
 from tests.integration.test_upstream_http import read_request, serving, settled
+from tests.secret_capture import PROVIDER_KEY
 
 DETERMINISTIC = pb.GenerationParams(temperature=0.0)
+# Retries without waiting long for them.
+FAST_RETRIES = {"attempts": 3, "backoff_base_s": 0.01, "backoff_cap_s": 0.05}
 
 
 def event(data: dict[str, Any]) -> bytes:
@@ -797,3 +802,212 @@ async def test_a_refusal_quoting_stream_options_keeps_them_for_later_streams(
     assert not final.final.usage.estimated
     assert (final.final.usage.input_tokens, final.final.usage.output_tokens) == (3, 2)
     assert b"stream_options" in bodies[-1]
+
+
+# What providers send when a generation fails after its text began: OpenAI's and DeepSeek's
+# `error` object, vLLM's (its `code` a number), an `event: error` event whose data is the
+# error itself, and llama.cpp's `error:` field (its builds through 2025).
+OPENAI_MID_STREAM = event(
+    {
+        "error": {
+            "message": "The server had an error while processing your request.",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+)
+VLLM_MID_STREAM = event(
+    {"error": {"object": "error", "message": "Engine loop has died", "code": 500}}
+)
+ERROR_EVENT_MID_STREAM = b"event: error\n" + event({"message": "Upstream idle timeout"})
+LLAMA_CPP_MID_STREAM = (
+    b'error: {"code":500,"message":"slot was released mid-generation","type":"server_error"}\n\n'
+)
+
+
+async def interrupted_by(
+    start_gateway: Callable[..., Any], failure: bytes, **config_sections: Any
+) -> tuple[grpc.aio.AioRpcError, SSEUpstream]:
+    """The error of a stream that sent "Hel" and then `failure`, and its upstream."""
+    upstream = SSEUpstream(chunk("Hel") + failure + DONE)
+    async with upstream as url:
+        gateway = await start_gateway(gateway_config(url, **config_sections))
+        text, final, error = await relay(gateway, chat_stream("hi"))
+    assert (text, final) == ("Hel", None)
+    assert error is not None
+    return error, upstream
+
+
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [
+        (OPENAI_MID_STREAM, "The server had an error while processing your request."),
+        (VLLM_MID_STREAM, "Engine loop has died"),
+        (ERROR_EVENT_MID_STREAM, "Upstream idle timeout"),
+        (LLAMA_CPP_MID_STREAM, "slot was released mid-generation"),
+    ],
+    ids=["openai", "vllm", "error-event", "llama-cpp-error-field"],
+)
+async def test_an_error_reported_after_text_says_what_the_upstream_said(
+    start_gateway: Callable[..., Any], failure: bytes, said: str
+) -> None:
+    """An upstream's own error after its first text ends the stream with its message (in
+    the status and as `upstream_message`), still saying how far the stream got: not the
+    gateway's "malformed answer", which told the caller nothing of what failed."""
+    error, upstream = await interrupted_by(start_gateway, failure)
+    metadata, reason, _ = error_details(error)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert reason == "STREAM_INTERRUPTED"
+    assert (error.details() or "").startswith(
+        f"upstream 'up0' reported an error mid-stream: {said}; the stream was cut after 1 deltas"
+    )
+    assert metadata["upstream_message"] == said
+    assert (metadata["deltas_sent"], metadata["chars_sent"]) == ("1", "3")
+    assert upstream.requests == 1
+
+
+async def test_a_rate_limit_reported_after_text_is_resource_exhausted_and_not_retried(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """A 429 reported mid-stream (OpenRouter's provider limit) is the rate limit the error
+    table says, RESOURCE_EXHAUSTED, its text not relayed (a rate limit's names the account's
+    organisation and tier); after text it is still an interrupted stream: not retried, and
+    saying how far it got."""
+    limited = event({"error": {"code": 429, "message": "Rate limit exceeded: free-models-per-min"}})
+    error, upstream = await interrupted_by(start_gateway, limited)
+    metadata, reason, _ = error_details(error)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reason == "STREAM_INTERRUPTED"
+    assert "upstream_message" not in metadata
+    assert "free-models-per-min" not in (error.details() or "")
+    assert (metadata["deltas_sent"], metadata["chars_sent"]) == ("1", "3")
+    assert upstream.requests == 1
+
+
+async def test_an_error_reported_after_text_is_relayed_with_secrets_redacted(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """A mid-stream error's message is made safe as a refusal's is: the upstream's key,
+    a bearer token and an `sk-` key quoted in it each relay as `[redacted]`."""
+    key = "mid-stream-upstream-key-5e1d"
+    message = f"proxy error: key {key}, header Bearer eyJhbGciOiJIUzI1NiJ9.abc1, {PROVIDER_KEY}"
+    failure = event({"error": {"message": message, "type": "server_error"}})
+    upstream = SSEUpstream(chunk("Hel") + failure + DONE)
+    async with upstream as url:
+        data = gateway_config_data(url)
+        data["upstreams"][0] |= {"api_key_env": "KEY_0"}
+        gateway = await start_gateway(parse_config(data, source="<test>", environ={"KEY_0": key}))
+        _, _, error = await relay(gateway, chat_stream("hi"))
+    assert error is not None
+    relayed = error_details(error)[0]["upstream_message"]
+    assert relayed == "proxy error: key [redacted], header [redacted], [redacted]"
+    assert key not in (error.details() or "")
+    assert PROVIDER_KEY not in (error.details() or "")
+
+
+async def test_an_account_error_reported_after_text_relays_nothing(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """A mid-stream error about the gateway's key or account (OpenAI's
+    `insufficient_quota`) is the operator's, as its 429 or 401 body is: the caller gets the
+    gateway's sentence and how far the stream got, none of the upstream's text."""
+    out_of_credit = event(
+        {
+            "error": {
+                "message": "You exceeded your current quota for org-abc CANARY",
+                "type": "insufficient_quota",
+                "code": "insufficient_quota",
+            }
+        }
+    )
+    error, _ = await interrupted_by(start_gateway, out_of_credit)
+    metadata, reason, _ = error_details(error)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert reason == "STREAM_INTERRUPTED"
+    assert (error.details() or "").startswith(
+        "upstream 'up0' reported an error mid-stream; the stream was cut after 1 deltas"
+    )
+    assert "CANARY" not in (error.details() or "")
+    assert not [key for key in metadata if key.startswith("upstream_")]
+
+
+def error_body(error: dict[str, Any], *, indent: bool = False) -> str:
+    """A JSON error object, as a body in place of a stream (pretty-printed with `indent`)."""
+    return orjson.dumps({"error": error}, option=orjson.OPT_INDENT_2 if indent else 0).decode()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (
+            error_body({"code": 429, "message": "Rate limit exceeded"}),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "UPSTREAM_RATE_LIMITED",
+            3,
+        ),
+        (
+            error_body({"message": "maximum context length is 8192 tokens", "code": 400}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "CONTEXT_WINDOW_EXCEEDED",
+            1,
+        ),
+        (
+            error_body({"message": "Incorrect API key provided", "code": "invalid_api_key"}),
+            grpc.StatusCode.UNAVAILABLE,
+            "UPSTREAM_AUTH",
+            1,
+        ),
+        (
+            error_body({"code": 400, "message": "Unknown model 'x'"}, indent=True) + "\n",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UPSTREAM_REJECTED_REQUEST",
+            1,
+        ),
+    ],
+    ids=["rate-limited", "context-exceeded", "key-rejected", "pretty-printed-rejected"],
+)
+async def test_a_json_error_sent_as_an_event_stream_is_the_error_it_names(
+    start_gateway: Callable[..., Any], case: tuple[str, grpc.StatusCode, str, int]
+) -> None:
+    """A 200 `text/event-stream` answer whose body is a bare JSON error object, no SSE
+    lines (as some proxies and providers send), fails as the same JSON in a non-2xx body
+    does: a rate limit is retried as one, a key rejected fails over, a request refused is
+    the caller's to mend; none is billed nor counts against the upstream's health (not a
+    malformed stream, retried, charged and failing its breaker). Each case: the body,
+    then the status, the ErrorInfo reason and the attempts."""
+    body, code, reason, attempts = case
+    as_stream = Status(200, body=body, headers={"Content-Type": "text/event-stream"})
+    async with FakeUpstream(default=as_stream) as upstream:
+        gateway = await start_gateway(gateway_config(upstream.base_url, resilience=FAST_RETRIES))
+        text, final, error = await relay(gateway, chat_stream("hi"))
+        usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+    assert (text, final) == ("", None)
+    assert error is not None
+    assert (error.code(), error_details(error)[1]) == (code, reason)
+    assert len(upstream.requests) == attempts
+    assert (usage.total.requests, usage.total.cost_usd, len(usage.rows)) == (0, 0.0, 0)
+    if reason != "UPSTREAM_AUTH":  # a rejected key opens the breaker: the operator's to mend
+        health = {status.health for model in models.models for status in model.upstreams}
+        assert health == {pb.UPSTREAM_HEALTH_HEALTHY}
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [b"event: error\ndata:\n\n", b"event: error\ndata: {}\n\n", b"error: null\n\n"],
+    ids=["empty-data", "empty-object", "llama-cpp-null"],
+)
+async def test_an_error_event_that_says_nothing_relays_nothing(
+    start_gateway: Callable[..., Any], failure: bytes
+) -> None:
+    """An error event with no message, after text, ends the stream with the gateway's
+    sentence alone: no `upstream_message` the upstream never said (the gateway's own
+    placeholder, "the upstream sent an error event without a message", was relayed as it)."""
+    error, _ = await interrupted_by(start_gateway, failure)
+    metadata, reason, _ = error_details(error)
+    assert (error.code(), reason) == (grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED")
+    assert (error.details() or "").startswith(
+        "upstream 'up0' reported an error mid-stream; the stream was cut after 1 deltas"
+    )
+    assert "upstream_message" not in metadata

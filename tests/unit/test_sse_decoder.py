@@ -259,6 +259,11 @@ def test_empty_data_lines_count_in_the_pending_size() -> None:
             b"event: error\n\ndata: x\n\n", ["x"], id="error-event-without-data-marks-no-other"
         ),
         pytest.param(
+            b"event: error\ndata:\n\nerror: {}\n\n",
+            ['{"error":{"message":""}}'] * 2,
+            id="error-events-without-a-message",
+        ),
+        pytest.param(
             b'event: error\ndata: {"message":"a"}\n\ndata: {"b": 1}\n\n',
             ['{"error":{"message":"a"}}', '{"b": 1}'],
             id="error-type-lasts-one-event",
