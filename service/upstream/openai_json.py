@@ -1144,6 +1144,7 @@ _CONTEXT_PHRASES = (
     "context length",
     "input token count",  # Gemini: "The input token count (N) exceeds the maximum ..."
     "prompt is too long",  # Anthropic: "prompt is too long: N tokens > M maximum"
+    "exceed context limit",  # Anthropic: "input length and `max_tokens` exceed context limit"
     "input is too long",  # Bedrock: "Input is too long for requested model."
 )
 # TGI's (Together, Hugging Face endpoints), in a 422, its status for any invalid input:
@@ -1274,6 +1275,21 @@ _CONTEXT_COUNTS = re.compile(
 )
 
 
+# The sizes other providers' refusals state, the prompt's count first: Gemini's OpenAI
+# endpoint, "The input token count (1048577) exceeds the maximum number of tokens allowed
+# (1048576)." (its limit on the input alone, taken for the window: a prompt over it is the
+# prompt's fault whatever the room for an answer); Anthropic's, "prompt is too long:
+# 210000 tokens > 200000 maximum", and for a prompt that fits but not with its max_tokens,
+# "input length and `max_tokens` exceed context limit: 198000 + 8192 > 200000, ...".
+_PROMPT_THEN_WINDOW = re.compile(
+    r"input token count \((?P<g_prompt>\d{1,18})\) exceeds the maximum number of tokens "
+    r"allowed \((?P<g_window>\d{1,18})\)"
+    r"|prompt is too long: (?P<a_prompt>\d{1,18}) tokens > (?P<a_window>\d{1,18}) maximum"
+    r"|exceed context limit: (?P<c_prompt>\d{1,18})\s*\+\s*\d{1,18}\s*>\s*(?P<c_window>\d{1,18})",
+    re.IGNORECASE,
+)
+
+
 def context_counts(body: bytes) -> tuple[int, int] | None:
     """The (window, prompt tokens) an over-the-window refusal's body states: in its
     message, or as llama.cpp's own server (C++) says them, `n_ctx` and `n_prompt_tokens`
@@ -1284,11 +1300,17 @@ def context_counts(body: bytes) -> tuple[int, int] | None:
         if type(window) is int and type(prompt) is int:
             return window, prompt
     explanation = error_explanation(body)
-    match = _CONTEXT_COUNTS.search(explanation[0]) if explanation is not None else None
+    if explanation is None:
+        return None
+    match = _CONTEXT_COUNTS.search(explanation[0])
+    if match is not None:
+        window, *prompts = match.groups()
+        return int(window), next(int(prompt) for prompt in prompts if prompt is not None)
+    match = _PROMPT_THEN_WINDOW.search(explanation[0])
     if match is None:
         return None
-    window, *prompts = match.groups()
-    return int(window), next(int(prompt) for prompt in prompts if prompt is not None)
+    prompt, window = (int(count) for count in match.groups() if count is not None)
+    return window, prompt
 
 
 def says_context_exceeded(body: bytes, status: int = 400) -> bool:

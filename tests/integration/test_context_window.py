@@ -719,21 +719,57 @@ def _too_long(prompt: int, completion: int, *, wording: str, window: int = WINDO
     )
 
 
-def _counts_two_a_word(
-    body: dict[str, Any], *, wording: str = "llama-cpp-python"
-) -> Reply | Status:
-    """An upstream counting every word twice as the estimate does (a tokenizer of rare
-    words): over its 1024-token window it refuses, saying its window and its count."""
-    prompt = 2 * sum(len(str(m.get("content") or "").split()) for m in body["messages"])
-    completion = body["max_tokens"]
-    if prompt + completion <= WINDOW:
-        return Reply(prompt_tokens=prompt)
-    message = _too_long(prompt, completion, wording=wording)
+def _refusal(prompt: int, completion: int, *, wording: str, window: int = WINDOW) -> Status:
+    """The 400 an upstream refusing a prompt of `prompt` tokens with a max_tokens of
+    `completion` over its `window` answers, in the body and words of `wording`: Gemini's
+    OpenAI endpoint (its error in a list, its input limit) and Anthropic's (the prompt
+    alone over the window, or with its max_tokens) as they write them, a refusal saying no
+    count ("context length exceeded"), or `_too_long`'s."""
+    if wording == "gemini":
+        message = (
+            f"The input token count ({prompt}) exceeds the maximum number of tokens allowed "
+            f"({window})."
+        )
+        error = {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}
+        return Status(400, body=json.dumps([{"error": error}]))
+    if wording == "anthropic":
+        message = f"prompt is too long: {prompt} tokens > {window} maximum"
+        if prompt <= window:
+            message = (
+                f"input length and `max_tokens` exceed context limit: {prompt} + {completion} "
+                f"> {window}, decrease input length or `max_tokens` and try again"
+            )
+        error = {"type": "invalid_request_error", "message": message}
+        return Status(400, body=json.dumps({"type": "error", "error": error}))
+    message = "context length exceeded"
+    if wording != "no-count":
+        message = _too_long(prompt, completion, wording=wording, window=window)
     error = {"message": message, "type": "invalid_request_error", "param": "messages"}
     return Status(400, body=json.dumps({"error": {**error, "code": "context_length_exceeded"}}))
 
 
-@pytest.mark.parametrize("wording", ["llama-cpp-python", "openai", "vllm-0.10"])
+def _counts_two_a_word(
+    body: dict[str, Any], *, wording: str = "llama-cpp-python"
+) -> Reply | Status:
+    """An upstream counting every word twice as the estimate does (a tokenizer of rare
+    words): over its 1024-token window it refuses, saying its window and its count
+    (Gemini's over its limit on the prompt alone, of 900 tokens)."""
+    prompt = 2 * sum(len(str(m.get("content") or "").split()) for m in body["messages"])
+    completion = body["max_tokens"]
+    if wording == "gemini":
+        return (
+            Reply(prompt_tokens=prompt)
+            if prompt <= 900
+            else _refusal(prompt, 0, wording=wording, window=900)
+        )
+    if prompt + completion <= WINDOW:
+        return Reply(prompt_tokens=prompt)
+    return _refusal(prompt, completion, wording=wording)
+
+
+@pytest.mark.parametrize(
+    "wording", ["llama-cpp-python", "openai", "vllm-0.10", "gemini", "anthropic"]
+)
 async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
     start_gateway, wording
 ):
@@ -758,19 +794,23 @@ async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
     assert len(upstream.requests) == 2
 
 
-def _window_of_512(body: dict[str, Any]) -> Reply | Status:
+def _window_of_512(body: dict[str, Any], *, wording: str) -> Reply | Status:
     """An upstream whose own window (512) is half the catalog's, counting a token a word
-    and 7 more: a prompt with its max_tokens over that window is refused, saying both."""
+    and 7 more: a prompt with its max_tokens over that window is refused, saying both (as
+    vLLM before 0.10 words it and sends it, its error object bare), or in `wording`."""
     prompt = 7 + sum(len(str(m.get("content") or "").split()) for m in body["messages"])
     completion = body.get("max_tokens", 16)
     if prompt + completion <= 512:
         return Reply(prompt_tokens=prompt)
+    if wording != "vllm":
+        return _refusal(prompt, completion, wording=wording, window=512)
     message = _too_long(prompt, completion, wording="llama-cpp-python", window=512)
     return Status(400, body=json.dumps({"object": "error", "message": message, "code": 400}))
 
 
+@pytest.mark.parametrize("wording", ["vllm", "anthropic"])
 async def test_a_refused_max_tokens_leaves_the_tenants_other_prompts_fitted_as_before(
-    start_gateway,
+    start_gateway, wording
 ):
     """A call asking a max_tokens past the upstream's own window (smaller than the
     catalog's) is refused there, its refusal counting a prompt of a few tokens: the caller
@@ -779,8 +819,11 @@ async def test_a_refused_max_tokens_leaves_the_tenants_other_prompts_fitted_as_b
 
     Before, the refusal was taken for the prompt's being over the window: the tenant's
     factor went to its ceiling (4), and the same prompt was refused by the gateway as over
-    the window until some twenty answers had taught the factor down again."""
-    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=_window_of_512) as upstream:
+    the window until some twenty answers had taught the factor down again. And Anthropic's
+    refusal of the two together (`input length and `max_tokens` exceed context limit`)
+    was an upstream rejection."""
+    respond = functools.partial(_window_of_512, wording=wording)
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
         gateway = await start_gateway(small_window_config(upstream.base_url))
         prompt = pb.CompleteRequest(
             model=FAKE_MODEL,
