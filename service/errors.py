@@ -410,7 +410,8 @@ class UpstreamContextExceeded(UpstreamRejected):
     estimate (with its calibration) fitted it, the upstream's tokenizer did not.
 
     `window_tokens` and `prompt_tokens`: the window and the prompt's own count, where its
-    refusal says them (llama.cpp's server, vLLM and OpenAI do); else None.
+    refusal says them (llama.cpp's server, vLLM, OpenAI, Gemini and Anthropic do); else
+    None. `advice`, what the caller can do, follows `message`.
     """
 
     reason = "CONTEXT_WINDOW_EXCEEDED"
@@ -419,15 +420,26 @@ class UpstreamContextExceeded(UpstreamRejected):
         self,
         message: str,
         *,
+        advice: str,
         upstream: str,
         status: int | None = None,
         relayed: RelayedError | None = None,
         window_tokens: int | None = None,
         prompt_tokens: int | None = None,
     ) -> None:
-        super().__init__(message, upstream=upstream, status=status, relayed=relayed)
+        super().__init__(f"{message}; {advice}", upstream=upstream, status=status, relayed=relayed)
+        self._said = message
         self.window_tokens = window_tokens
         self.prompt_tokens = prompt_tokens
+
+    def advise(self, advice: str) -> None:
+        """Give `advice` in place of the one it was made with: the pipeline knows the
+        prompt's estimate and the model's window, which the upstream's client does not."""
+        message = f"{self._said}; {advice}"
+        if self.relayed is not None:
+            message = f"{message}: {self.relayed.message}"
+        self.message = message
+        self.args = (message,)
 
 
 class UpstreamRefusedSilently(UpstreamRejected):

@@ -179,7 +179,8 @@ def _error_for_status(
             )
         return UpstreamContextExceeded(
             f"upstream {upstream!r} says the prompt with max_tokens is over the model's "
-            f"context window (HTTP {status}); {advice}",
+            f"context window (HTTP {status})",
+            advice=advice,
             upstream=upstream,
             status=status,
             relayed=relayed_error(body, secrets=secrets),

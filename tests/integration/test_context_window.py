@@ -808,20 +808,21 @@ def _window_of_512(body: dict[str, Any], *, wording: str) -> Reply | Status:
     return Status(400, body=json.dumps({"object": "error", "message": message, "code": 400}))
 
 
-@pytest.mark.parametrize("wording", ["vllm", "anthropic"])
+@pytest.mark.parametrize("wording", ["vllm", "anthropic", "no-count"])
 async def test_a_refused_max_tokens_leaves_the_tenants_other_prompts_fitted_as_before(
     start_gateway, wording
 ):
     """A call asking a max_tokens past the upstream's own window (smaller than the
-    catalog's) is refused there, its refusal counting a prompt of a few tokens: the caller
-    is told to lower max_tokens, and the tenant's prompt of 300 tokens that the upstream
-    answered before is still sent and answered.
+    catalog's) is refused there, its refusal counting a prompt of a few tokens, or saying
+    no count: the caller is told to lower max_tokens, and the tenant's prompt of 300 tokens
+    that the upstream answered before is still sent and answered.
 
     Before, the refusal was taken for the prompt's being over the window: the tenant's
     factor went to its ceiling (4), and the same prompt was refused by the gateway as over
-    the window until some twenty answers had taught the factor down again. And Anthropic's
-    refusal of the two together (`input length and `max_tokens` exceed context limit`)
-    was an upstream rejection."""
+    the window until some twenty answers had taught the factor down again. So it still
+    was where the refusal said no count, a prompt of 9 tokens taken for one over the
+    1024-token window less the 600 asked; and Anthropic's refusal of the two together
+    (`input length and `max_tokens` exceed context limit`) was an upstream rejection."""
     respond = functools.partial(_window_of_512, wording=wording)
     async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
         gateway = await start_gateway(small_window_config(upstream.base_url))
@@ -840,6 +841,48 @@ async def test_a_refused_max_tokens_leaves_the_tenants_other_prompts_fitted_as_b
         answer = await gateway.stub.Complete(prompt)
     assert answer.content
     assert len(upstream.requests) == 3
+
+
+async def test_a_refusal_saying_no_count_calibrates_only_for_a_prompt_that_may_be_over(
+    start_gateway,
+):
+    """An upstream whose window (512) is half the catalog's says only "context length
+    exceeded". A prompt of a few tokens refused with a max_tokens of 600 leaves the
+    tenant's factor as it was (at its ceiling of 4 the prompt would still fit the window
+    with room for an answer: the max_tokens was refused, not the prompt). A prompt of
+    about 630 tokens, which could be over, still teaches it at once: the same prompt is
+    then refused by the gateway before it is sent."""
+    respond = functools.partial(_window_of_512, wording="no-count")
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
+        gateway = await start_gateway(small_window_config(upstream.base_url))
+        calibration = gateway.server.pipeline.calibration
+        long_answer = chat("Say hi", params=pb.GenerationParams(max_tokens=600))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(long_answer)
+        assert calibration.factor(FAKE_MODEL, "default") == 1.0
+        long_prompt = conversation(6, mode=pb.TRUNCATION_MODE_NONE)
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gateway.stub.Complete(long_prompt)
+            assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert len(upstream.requests) == 2  # the second time, refused by the gateway
+    assert calibration.factor(FAKE_MODEL, "default") > 1.0
+
+
+async def test_a_short_prompt_refused_without_max_tokens_or_a_count_leaves_the_factor(
+    upstream_small, start_gateway
+):
+    """A prompt of a few tokens, with no max_tokens, refused as over the window by an
+    upstream that says no count: the caller is told its window is smaller than the
+    model's, and the tenant's factor stays at 1.0. Before, it went to its ceiling (4),
+    which could not keep that prompt from being sent again, only refuse longer ones."""
+    upstream_small.script(_refusal(9, 16, wording="no-count"))
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat("hello there"))
+    assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert f"far inside the model's window of {WINDOW}" in (caught.value.details() or "")
+    assert gateway.server.pipeline.calibration.factor(FAKE_MODEL, "default") == 1.0
 
 
 @pytest.mark.parametrize("digits", [400, 5000])
