@@ -1288,6 +1288,14 @@ _PROMPT_THEN_WINDOW = re.compile(
     r"|exceed context limit: (?P<c_prompt>\d{1,18})\s*\+\s*\d{1,18}\s*>\s*(?P<c_window>\d{1,18})",
     re.IGNORECASE,
 )
+# TGI's, in its 422, the window first: "`inputs` tokens + `max_new_tokens` must be <= 1024.
+# Given: 1000 `inputs` tokens and 100 `max_new_tokens`", and for a prompt over its
+# `--max-input-tokens` (taken for the window, as Gemini's limit), "`inputs` must have less
+# than 1000 tokens. Given: 1100".
+_TGI_COUNTS = re.compile(
+    r"must be <= (\d{1,18})\. Given: (\d{1,18}) `?inputs"
+    r"|`inputs` must have less than (\d{1,18}) tokens\. Given: (\d{1,18})"
+)
 
 
 def context_counts(body: bytes) -> tuple[int, int] | None:
@@ -1307,9 +1315,13 @@ def context_counts(body: bytes) -> tuple[int, int] | None:
         window, *prompts = match.groups()
         return int(window), next(int(prompt) for prompt in prompts if prompt is not None)
     match = _PROMPT_THEN_WINDOW.search(explanation[0])
+    if match is not None:
+        prompt, window = (int(count) for count in match.groups() if count is not None)
+        return window, prompt
+    match = _TGI_COUNTS.search(explanation[0])
     if match is None:
         return None
-    prompt, window = (int(count) for count in match.groups() if count is not None)
+    window, prompt = (int(count) for count in match.groups() if count is not None)
     return window, prompt
 
 

@@ -732,6 +732,17 @@ def _refusal(prompt: int, completion: int, *, wording: str, window: int = WINDOW
         )
         error = {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}
         return Status(400, body=json.dumps([{"error": error}]))
+    if wording in ("tgi", "tgi-input"):
+        message = (
+            f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {window}. "
+            f"Given: {prompt} `inputs` tokens and {completion} `max_new_tokens`"
+        )
+        if wording == "tgi-input":
+            message = (
+                f"Input validation error: `inputs` must have less than {window} tokens. "
+                f"Given: {prompt}"
+            )
+        return Status(422, body=json.dumps({"error": message, "error_type": "validation"}))
     if wording == "anthropic":
         message = f"prompt is too long: {prompt} tokens > {window} maximum"
         if prompt <= window:
@@ -753,10 +764,11 @@ def _counts_two_a_word(
 ) -> Reply | Status:
     """An upstream counting every word twice as the estimate does (a tokenizer of rare
     words): over its 1024-token window it refuses, saying its window and its count
-    (Gemini's over its limit on the prompt alone, of 900 tokens)."""
+    (Gemini's and TGI's `--max-input-tokens` over their limit on the prompt alone, of 900
+    tokens)."""
     prompt = 2 * sum(len(str(m.get("content") or "").split()) for m in body["messages"])
     completion = body["max_tokens"]
-    if wording == "gemini":
+    if wording in ("gemini", "tgi-input"):
         return (
             Reply(prompt_tokens=prompt)
             if prompt <= 900
@@ -768,7 +780,8 @@ def _counts_two_a_word(
 
 
 @pytest.mark.parametrize(
-    "wording", ["llama-cpp-python", "openai", "vllm-0.10", "gemini", "anthropic"]
+    "wording",
+    ["llama-cpp-python", "openai", "vllm-0.10", "gemini", "anthropic", "tgi", "tgi-input"],
 )
 async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
     start_gateway, wording

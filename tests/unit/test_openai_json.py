@@ -1014,6 +1014,28 @@ def test_says_context_exceeded(body: Any, expected: bool) -> None:
             {"error": "input length and max_tokens exceed context limit: 90402 + 116650 > 204648"},
             (204648, 90402),
         ),
+        # TGI's (its 422 sends the message alone): the window first, then the prompt's
+        # count; over its `--max-input-tokens`, that limit and the count.
+        (
+            {
+                "error": "Input validation error: `inputs` tokens + `max_new_tokens` must be "
+                "<= 2048. Given: 3474 `inputs` tokens and 60 `max_new_tokens`",
+                "error_type": "validation",
+            },
+            (2048, 3474),
+        ),
+        (
+            {"error": "`inputs` tokens + `max_new_tokens`  must be <= 1512. Given: 603 `inputs "},
+            (1512, 603),
+        ),
+        (
+            {
+                "error": "Input validation error: `inputs` must have less than 2048 tokens. "
+                "Given: 2222",
+                "error_type": "validation",
+            },
+            (2048, 2222),
+        ),
         # The window alone, or no count at all: nothing to go by.
         ({"error": {"message": "This model's maximum context length is 8192 tokens"}}, None),
         ({"error": {"message": "prompt is too long: 9 tokens"}}, None),
