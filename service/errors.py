@@ -410,8 +410,10 @@ class UpstreamContextExceeded(UpstreamRejected):
     estimate (with its calibration) fitted it, the upstream's tokenizer did not.
 
     `window_tokens` and `prompt_tokens`: the window and the prompt's own count, where its
-    refusal says them (llama.cpp's server, vLLM, OpenAI, Gemini and Anthropic do); else
-    None. `advice`, what the caller can do, follows `message`.
+    refusal says them (llama.cpp's server, vLLM, OpenAI, Gemini, Anthropic and TGI do);
+    else None. `is_input_limit`: `window_tokens` limits the prompt alone, the answer's
+    room not in it (Gemini's, TGI's `--max-input-tokens`). `advice`, what the caller can
+    do, follows `message`.
     """
 
     reason = "CONTEXT_WINDOW_EXCEEDED"
@@ -426,11 +428,13 @@ class UpstreamContextExceeded(UpstreamRejected):
         relayed: RelayedError | None = None,
         window_tokens: int | None = None,
         prompt_tokens: int | None = None,
+        is_input_limit: bool = False,
     ) -> None:
         super().__init__(f"{message}; {advice}", upstream=upstream, status=status, relayed=relayed)
         self._said = message
         self.window_tokens = window_tokens
         self.prompt_tokens = prompt_tokens
+        self.is_input_limit = is_input_limit
 
     def advise(self, advice: str) -> None:
         """Give `advice` in place of the one it was made with: the pipeline knows the

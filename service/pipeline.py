@@ -337,7 +337,9 @@ class Pipeline:
         if refusal.window_tokens is None or refusal.prompt_tokens is None:
             self._learn_uncounted_refusal(prepared, refusal, window=window, room=room)
             return
-        if holds_prompt_and_answer(refusal.window_tokens, refusal.prompt_tokens):
+        if refusal.is_input_limit:
+            upstream_room = refusal.window_tokens  # a limit on the prompt alone
+        elif holds_prompt_and_answer(refusal.window_tokens, refusal.prompt_tokens):
             # Its max_tokens was refused, not the prompt: the count is one as an
             # answer's usage reports. Taken for the prompt's, it raised the tenant's
             # factor to the ceiling, refusing its other prompts a quarter the window.
@@ -348,7 +350,10 @@ class Pipeline:
                 reported_tokens=refusal.prompt_tokens,
             )
             return
-        upstream_room = refusal.window_tokens - answer_reserve(refusal.window_tokens, max_tokens)
+        else:
+            upstream_room = refusal.window_tokens - answer_reserve(
+                refusal.window_tokens, max_tokens
+            )
         self.calibration.refused_as_too_long(
             request.model,
             request.tenant,

@@ -807,6 +807,39 @@ async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
     assert len(upstream.requests) == 2
 
 
+def _input_limit_of_700(body: dict[str, Any], *, wording: str) -> Reply | Status:
+    """TGI started with `--max-input-tokens 700 --max-total-tokens 1024` (the catalog's
+    window), or Gemini with an input limit of 700, counting every word twice as the
+    estimate does and 7 more: a prompt over 700 is refused, whatever its max_tokens."""
+    prompt = 7 + 2 * sum(len(str(m.get("content") or "").split()) for m in body["messages"])
+    if prompt <= 700:
+        return Reply(prompt_tokens=prompt)
+    return _refusal(prompt, body["max_tokens"], wording=wording, window=700)
+
+
+@pytest.mark.parametrize("wording", ["tgi-input", "gemini"])
+async def test_a_refusal_over_an_input_limit_fits_the_prompt_to_that_limit(start_gateway, wording):
+    """A KEEP_RECENT call with a max_tokens of 300 is refused once by an upstream limiting
+    the prompt alone to 700 tokens, saying its count; the next is fitted to that limit:
+    its prompt, by the upstream's count, is over the 400 the limit less the max_tokens
+    would leave.
+
+    Before, the limit was taken for a window holding the answer too: the room it left
+    was 400, the factor was raised by 724/400 more than the count alone said, and the
+    call sent a third of the turns that fit (about 215 tokens of the 700)."""
+    respond = functools.partial(_input_limit_of_700, wording=wording)
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
+        gateway = await start_gateway(small_window_config(upstream.base_url))
+        request = conversation(15, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
+        request.params.max_tokens = 300
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(request)
+        assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+        answer = await gateway.stub.Complete(request)
+    assert answer.metadata.usage.input_tokens > 700 - 300
+    assert len(upstream.requests) == 2
+
+
 def _window_of_512(body: dict[str, Any], *, wording: str) -> Reply | Status:
     """An upstream whose own window (512) is half the catalog's, counting a token a word
     and 7 more: a prompt with its max_tokens over that window is refused, saying both (as

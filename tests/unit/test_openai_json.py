@@ -20,6 +20,7 @@ from service.domain import (
     Usage,
 )
 from service.upstream.openai_json import (
+    ContextCounts,
     MalformedReply,
     StreamParser,
     body_without_stream_options,
@@ -985,7 +986,7 @@ def test_says_context_exceeded(body: Any, expected: bool) -> None:
                     }
                 }
             ],
-            (1048576, 1048577),
+            (1048576, 1048577, True),
         ),
         # Anthropic's: the prompt alone over the window, and with its max_tokens (the
         # backticks left out, as some relays write it).
@@ -1034,7 +1035,7 @@ def test_says_context_exceeded(body: Any, expected: bool) -> None:
                 "Given: 2222",
                 "error_type": "validation",
             },
-            (2048, 2222),
+            (2048, 2222, True),
         ),
         # The window alone, or no count at all: nothing to go by.
         ({"error": {"message": "This model's maximum context length is 8192 tokens"}}, None),
@@ -1043,9 +1044,11 @@ def test_says_context_exceeded(body: Any, expected: bool) -> None:
         ({"error": "prompt over the context window"}, None),
     ],
 )
-def test_context_counts(body: Any, expected: tuple[int, int] | None) -> None:
-    """The window and prompt count a refusal states, where it states both."""
-    assert context_counts(json.dumps(body).encode()) == expected
+def test_context_counts(body: Any, expected: tuple[int, ...] | None) -> None:
+    """The window (or, a third True, the limit on the prompt alone) and prompt count a
+    refusal states, where it states both."""
+    counts = context_counts(json.dumps(body).encode())
+    assert counts == (None if expected is None else ContextCounts(*expected))
 
 
 @pytest.mark.parametrize(
