@@ -112,7 +112,7 @@ class TokenCalibration:
         gateway fitted into `room_tokens` (the window less the answer's reserve) with its
         factor; `estimated_tokens` is its plain estimate; `counted`, where the refusal says
         them: the upstream's count of the prompt and its own room (its window less the
-        answer's reserve).
+        answer's reserve, or its limit on the prompt alone).
 
         The upstream counted more than `room_tokens`, so this prompt's ratio is above
         `room_tokens / estimated_tokens`: the mean is raised to that bound (held to the

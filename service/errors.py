@@ -413,7 +413,10 @@ class UpstreamContextExceeded(UpstreamRejected):
     estimate (with its calibration) fitted it, the upstream's tokenizer did not.
 
     `window_tokens` and `prompt_tokens`: the window and the prompt's own count, where its
-    refusal says them (llama.cpp's server, vLLM and OpenAI do); else None.
+    refusal says them (llama.cpp's server, vLLM, OpenAI, Gemini, Anthropic and TGI do);
+    else None. `is_input_limit`: `window_tokens` limits the prompt alone, the answer's
+    room not in it (Gemini's, TGI's `--max-input-tokens`). `advice`, what the caller can
+    do, follows `message`.
     """
 
     reason = "CONTEXT_WINDOW_EXCEEDED"
@@ -422,15 +425,28 @@ class UpstreamContextExceeded(UpstreamRejected):
         self,
         message: str,
         *,
+        advice: str,
         upstream: str,
         status: int | None = None,
         relayed: RelayedError | None = None,
         window_tokens: int | None = None,
         prompt_tokens: int | None = None,
+        is_input_limit: bool = False,
     ) -> None:
-        super().__init__(message, upstream=upstream, status=status, relayed=relayed)
+        super().__init__(f"{message}; {advice}", upstream=upstream, status=status, relayed=relayed)
+        self._said = message
         self.window_tokens = window_tokens
         self.prompt_tokens = prompt_tokens
+        self.is_input_limit = is_input_limit
+
+    def advise(self, advice: str) -> None:
+        """Give `advice` in place of the one it was made with: the pipeline knows the
+        prompt's estimate and the model's window, which the upstream's client does not."""
+        message = f"{self._said}; {advice}"
+        if self.relayed is not None:
+            message = f"{message}: {self.relayed.message}"
+        self.message = message
+        self.args = (message,)
 
 
 class UpstreamRefusedSilently(UpstreamRejected):

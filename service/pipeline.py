@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -100,6 +101,18 @@ class _Output:
     content: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
     reasoning: str = ""
+
+
+def _short_prompt_advice(estimated_tokens: int, window: int, max_tokens: int | None) -> str:
+    """What to tell a caller whose prompt an upstream refused as over the window, saying
+    no count, when the prompt is too short to be (`_learn_uncounted_refusal`)."""
+    prompt = f"the prompt ({estimated_tokens} tokens by the gateway's estimate"
+    if max_tokens is None:
+        return f"{prompt}) is far inside the model's window of {window}: the upstream's is smaller"
+    return (
+        f"its window holds {prompt}, far inside the model's {window}) but not the max_tokens "
+        f"asked with it ({max_tokens}): lower max_tokens"
+    )
 
 
 def _believed(reported: Usage, output: _Output) -> Usage:
@@ -327,29 +340,56 @@ class Pipeline:
         request = prepared.request
         window = self.context_window(request.model)
         max_tokens = request.params.max_tokens
-        counted = None
-        if refusal.window_tokens is not None and refusal.prompt_tokens is not None:
-            if holds_prompt_and_answer(refusal.window_tokens, refusal.prompt_tokens):
-                # Its max_tokens was refused, not the prompt: the count is one as an
-                # answer's usage reports. Taken for the prompt's, it raised the tenant's
-                # factor to the ceiling, refusing its other prompts a quarter the window.
-                self.calibration.observe(
-                    request.model,
-                    request.tenant,
-                    estimated_tokens=prepared.prompt_tokens,
-                    reported_tokens=refusal.prompt_tokens,
-                )
-                return
+        room = window - answer_reserve(window, max_tokens)
+        if refusal.window_tokens is None or refusal.prompt_tokens is None:
+            self._learn_uncounted_refusal(prepared, refusal, window=window, room=room)
+            return
+        if refusal.is_input_limit:
+            upstream_room = refusal.window_tokens  # a limit on the prompt alone
+        elif holds_prompt_and_answer(refusal.window_tokens, refusal.prompt_tokens):
+            # Its max_tokens was refused, not the prompt: the count is one as an
+            # answer's usage reports. Taken for the prompt's, it raised the tenant's
+            # factor to the ceiling, refusing its other prompts a quarter the window.
+            self.calibration.observe(
+                request.model,
+                request.tenant,
+                estimated_tokens=prepared.prompt_tokens,
+                reported_tokens=refusal.prompt_tokens,
+            )
+            return
+        else:
             upstream_room = refusal.window_tokens - answer_reserve(
                 refusal.window_tokens, max_tokens
             )
-            counted = (refusal.prompt_tokens, upstream_room)
         self.calibration.refused_as_too_long(
             request.model,
             request.tenant,
             estimated_tokens=prepared.prompt_tokens,
-            room_tokens=window - answer_reserve(window, max_tokens),
-            counted=counted,
+            room_tokens=room,
+            counted=(refusal.prompt_tokens, upstream_room),
+        )
+
+    def _learn_uncounted_refusal(
+        self,
+        prepared: PreparedRequest,
+        refusal: UpstreamContextExceeded,
+        *,
+        window: int,
+        room: int,
+    ) -> None:
+        """`_learn_refusal` for a refusal that says no count ("context length exceeded"):
+        only a prompt that may be over the window teaches the calibration; a shorter one's
+        max_tokens was refused (or the upstream's window is smaller than the catalog's)."""
+        request = prepared.request
+        estimated = prepared.prompt_tokens
+        # The rule: it may be over when its estimate at the ceiling (4x) and the default
+        # answer room are over the window. Raised for a shorter one, the factor refused the
+        # tenant's other prompts a quarter the window long, and left the max_tokens at fault.
+        if holds_prompt_and_answer(window, math.ceil(estimated * self.calibration.ceiling)):
+            refusal.advise(_short_prompt_advice(estimated, window, request.params.max_tokens))
+            return
+        self.calibration.refused_as_too_long(
+            request.model, request.tenant, estimated_tokens=estimated, room_tokens=room
         )
 
     def _usage(self, prepared: PreparedRequest, output: _Output, reported: Usage | None) -> Usage:

@@ -173,24 +173,30 @@ def _error_for_status(
         )
     if says_context_exceeded(body, status):
         counts = context_counts(body)
-        window_tokens, prompt_tokens = counts or (None, None)
         advice = (
             "shorten it, or send it again under TRUNCATION_MODE_KEEP_RECENT, which fits it "
             "to the count this refusal taught the gateway"
         )
-        if counts is not None and holds_prompt_and_answer(*counts):
-            advice = (
-                f"its window of {counts[0]} tokens holds the prompt ({counts[1]}) but not "
-                "the max_tokens asked with it: lower max_tokens"
-            )
+        window_tokens: int | None = None
+        prompt_tokens: int | None = None
+        is_input_limit = False
+        if counts is not None:
+            window_tokens, prompt_tokens, is_input_limit = counts
+            if not is_input_limit and holds_prompt_and_answer(window_tokens, prompt_tokens):
+                advice = (
+                    f"its window of {window_tokens} tokens holds the prompt ({prompt_tokens}) "
+                    "but not the max_tokens asked with it: lower max_tokens"
+                )
         return UpstreamContextExceeded(
             f"upstream {upstream!r} says the prompt with max_tokens is over the model's "
-            f"context window (HTTP {status}); {advice}",
+            f"context window (HTTP {status})",
+            advice=advice,
             upstream=upstream,
             status=status,
             relayed=relayed_error(body, secrets=secrets),
             window_tokens=window_tokens,
             prompt_tokens=prompt_tokens,
+            is_input_limit=is_input_limit,
         )
     return UpstreamRejected(
         f"upstream {upstream!r} rejected the request (HTTP {status})",

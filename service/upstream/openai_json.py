@@ -10,7 +10,7 @@ import re
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NamedTuple, NoReturn
 
 import orjson
 
@@ -1144,6 +1144,7 @@ _CONTEXT_PHRASES = (
     "context length",
     "input token count",  # Gemini: "The input token count (N) exceeds the maximum ..."
     "prompt is too long",  # Anthropic: "prompt is too long: N tokens > M maximum"
+    "exceed context limit",  # Anthropic: "input length and `max_tokens` exceed context limit"
     "input is too long",  # Bedrock: "Input is too long for requested model."
 )
 # TGI's (Together, Hugging Face endpoints), in a 422, its status for any invalid input:
@@ -1274,21 +1275,81 @@ _CONTEXT_COUNTS = re.compile(
 )
 
 
-def context_counts(body: bytes) -> tuple[int, int] | None:
-    """The (window, prompt tokens) an over-the-window refusal's body states: in its
-    message, or as llama.cpp's own server (C++) says them, `n_ctx` and `n_prompt_tokens`
-    beside it; None when it states not both."""
+# The sizes other providers' refusals state, each wording with whether its limit is on
+# the prompt alone (an input limit: the answer's room is not in it). Gemini's OpenAI
+# endpoint: "The input token count (1048577) exceeds the maximum number of tokens allowed
+# (1048576)."; TGI's 422 for a prompt over its `--max-input-tokens`: "`inputs` must have
+# less than 1000 tokens. Given: 1100"; Anthropic's, "prompt is too long: 210000 tokens >
+# 200000 maximum", and for a prompt that fits but not with its max_tokens, "input length
+# and `max_tokens` exceed context limit: 198000 + 8192 > 200000, ..."; TGI's for the two
+# together: "`inputs` tokens + `max_new_tokens` must be <= 1024. Given: 1000 `inputs`
+# tokens and 100 `max_new_tokens`".
+_STATED_COUNTS = (
+    (
+        re.compile(
+            r"input token count \((?P<prompt>\d{1,18})\) exceeds the maximum number of tokens "
+            r"allowed \((?P<window>\d{1,18})\)",
+            re.IGNORECASE,
+        ),
+        True,
+    ),
+    (
+        re.compile(
+            r"`inputs` must have less than (?P<window>\d{1,18}) tokens\. "
+            r"Given: (?P<prompt>\d{1,18})"
+        ),
+        True,
+    ),
+    (
+        re.compile(
+            r"prompt is too long: (?P<prompt>\d{1,18}) tokens > (?P<window>\d{1,18}) maximum",
+            re.IGNORECASE,
+        ),
+        False,
+    ),
+    (
+        re.compile(
+            r"exceed context limit: (?P<prompt>\d{1,18})\s*\+\s*\d{1,18}\s*>\s*"
+            r"(?P<window>\d{1,18})",
+            re.IGNORECASE,
+        ),
+        False,
+    ),
+    (re.compile(r"must be <= (?P<window>\d{1,18})\. Given: (?P<prompt>\d{1,18}) `?inputs"), False),
+)
+
+
+class ContextCounts(NamedTuple):
+    """The sizes an over-the-window refusal states: its window (or, `is_input_limit`, its
+    limit on the prompt alone) and its count of the prompt."""
+
+    window_tokens: int
+    prompt_tokens: int
+    is_input_limit: bool = False
+
+
+def context_counts(body: bytes) -> ContextCounts | None:
+    """The sizes an over-the-window refusal's body states: in its message, or as
+    llama.cpp's own server (C++) says them, `n_ctx` and `n_prompt_tokens` beside it; None
+    when it states not both a limit and the prompt's count."""
     error = _error_of(body)
     if isinstance(error, dict):
         window, prompt = error.get("n_ctx"), error.get("n_prompt_tokens")
         if type(window) is int and type(prompt) is int:
-            return window, prompt
+            return ContextCounts(window, prompt)
     explanation = error_explanation(body)
-    match = _CONTEXT_COUNTS.search(explanation[0]) if explanation is not None else None
-    if match is None:
+    if explanation is None:
         return None
-    window, *prompts = match.groups()
-    return int(window), next(int(prompt) for prompt in prompts if prompt is not None)
+    message = explanation[0]
+    match = _CONTEXT_COUNTS.search(message)
+    if match is not None:
+        window, *prompts = match.groups()
+        return ContextCounts(int(window), next(int(p) for p in prompts if p is not None))
+    for wording, is_input_limit in _STATED_COUNTS:
+        match = wording.search(message)
+        if match is not None:
+            return ContextCounts(int(match["window"]), int(match["prompt"]), is_input_limit)
+    return None
 
 
 def says_context_exceeded(body: bytes, status: int = 400) -> bool:

@@ -719,21 +719,70 @@ def _too_long(prompt: int, completion: int, *, wording: str, window: int = WINDO
     )
 
 
-def _counts_two_a_word(
-    body: dict[str, Any], *, wording: str = "llama-cpp-python"
-) -> Reply | Status:
-    """An upstream counting every word twice as the estimate does (a tokenizer of rare
-    words): over its 1024-token window it refuses, saying its window and its count."""
-    prompt = 2 * sum(len(str(m.get("content") or "").split()) for m in body["messages"])
-    completion = body["max_tokens"]
-    if prompt + completion <= WINDOW:
-        return Reply(prompt_tokens=prompt)
-    message = _too_long(prompt, completion, wording=wording)
+def _refusal(prompt: int, completion: int, *, wording: str, window: int = WINDOW) -> Status:
+    """The 400 an upstream refusing a prompt of `prompt` tokens with a max_tokens of
+    `completion` over its `window` answers, in the body and words of `wording`: Gemini's
+    OpenAI endpoint (its error in a list, its input limit) and Anthropic's (the prompt
+    alone over the window, or with its max_tokens) as they write them, a refusal saying no
+    count ("context length exceeded"), or `_too_long`'s."""
+    if wording == "gemini":
+        message = (
+            f"The input token count ({prompt}) exceeds the maximum number of tokens allowed "
+            f"({window})."
+        )
+        error = {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}
+        return Status(400, body=json.dumps([{"error": error}]))
+    if wording in ("tgi", "tgi-input"):
+        message = (
+            f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {window}. "
+            f"Given: {prompt} `inputs` tokens and {completion} `max_new_tokens`"
+        )
+        if wording == "tgi-input":
+            message = (
+                f"Input validation error: `inputs` must have less than {window} tokens. "
+                f"Given: {prompt}"
+            )
+        return Status(422, body=json.dumps({"error": message, "error_type": "validation"}))
+    if wording == "anthropic":
+        message = f"prompt is too long: {prompt} tokens > {window} maximum"
+        if prompt <= window:
+            message = (
+                f"input length and `max_tokens` exceed context limit: {prompt} + {completion} "
+                f"> {window}, decrease input length or `max_tokens` and try again"
+            )
+        error = {"type": "invalid_request_error", "message": message}
+        return Status(400, body=json.dumps({"type": "error", "error": error}))
+    message = "context length exceeded"
+    if wording != "no-count":
+        message = _too_long(prompt, completion, wording=wording, window=window)
     error = {"message": message, "type": "invalid_request_error", "param": "messages"}
     return Status(400, body=json.dumps({"error": {**error, "code": "context_length_exceeded"}}))
 
 
-@pytest.mark.parametrize("wording", ["llama-cpp-python", "openai", "vllm-0.10"])
+def _counts_two_a_word(
+    body: dict[str, Any], *, wording: str = "llama-cpp-python"
+) -> Reply | Status:
+    """An upstream counting every word twice as the estimate does (a tokenizer of rare
+    words): over its 1024-token window it refuses, saying its window and its count
+    (Gemini's and TGI's `--max-input-tokens` over their limit on the prompt alone, of 900
+    tokens)."""
+    prompt = 2 * sum(len(str(m.get("content") or "").split()) for m in body["messages"])
+    completion = body["max_tokens"]
+    if wording in ("gemini", "tgi-input"):
+        return (
+            Reply(prompt_tokens=prompt)
+            if prompt <= 900
+            else _refusal(prompt, 0, wording=wording, window=900)
+        )
+    if prompt + completion <= WINDOW:
+        return Reply(prompt_tokens=prompt)
+    return _refusal(prompt, completion, wording=wording)
+
+
+@pytest.mark.parametrize(
+    "wording",
+    ["llama-cpp-python", "openai", "vllm-0.10", "gemini", "anthropic", "tgi", "tgi-input"],
+)
 async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
     start_gateway, wording
 ):
@@ -758,29 +807,70 @@ async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
     assert len(upstream.requests) == 2
 
 
-def _window_of_512(body: dict[str, Any]) -> Reply | Status:
+def _input_limit_of_700(body: dict[str, Any], *, wording: str) -> Reply | Status:
+    """TGI started with `--max-input-tokens 700 --max-total-tokens 1024` (the catalog's
+    window), or Gemini with an input limit of 700, counting every word twice as the
+    estimate does and 7 more: a prompt over 700 is refused, whatever its max_tokens."""
+    prompt = 7 + 2 * sum(len(str(m.get("content") or "").split()) for m in body["messages"])
+    if prompt <= 700:
+        return Reply(prompt_tokens=prompt)
+    return _refusal(prompt, body["max_tokens"], wording=wording, window=700)
+
+
+@pytest.mark.parametrize("wording", ["tgi-input", "gemini"])
+async def test_a_refusal_over_an_input_limit_fits_the_prompt_to_that_limit(start_gateway, wording):
+    """A KEEP_RECENT call with a max_tokens of 300 is refused once by an upstream limiting
+    the prompt alone to 700 tokens, saying its count; the next is fitted to that limit:
+    its prompt, by the upstream's count, is over the 400 the limit less the max_tokens
+    would leave.
+
+    Before, the limit was taken for a window holding the answer too: the room it left
+    was 400, the factor was raised by 724/400 more than the count alone said, and the
+    call sent a third of the turns that fit (about 215 tokens of the 700)."""
+    respond = functools.partial(_input_limit_of_700, wording=wording)
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
+        gateway = await start_gateway(small_window_config(upstream.base_url))
+        request = conversation(15, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
+        request.params.max_tokens = 300
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(request)
+        assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+        answer = await gateway.stub.Complete(request)
+    assert answer.metadata.usage.input_tokens > 700 - 300
+    assert len(upstream.requests) == 2
+
+
+def _window_of_512(body: dict[str, Any], *, wording: str) -> Reply | Status:
     """An upstream whose own window (512) is half the catalog's, counting a token a word
-    and 7 more: a prompt with its max_tokens over that window is refused, saying both."""
+    and 7 more: a prompt with its max_tokens over that window is refused, saying both (as
+    vLLM before 0.10 words it and sends it, its error object bare), or in `wording`."""
     prompt = 7 + sum(len(str(m.get("content") or "").split()) for m in body["messages"])
     completion = body.get("max_tokens", 16)
     if prompt + completion <= 512:
         return Reply(prompt_tokens=prompt)
+    if wording != "vllm":
+        return _refusal(prompt, completion, wording=wording, window=512)
     message = _too_long(prompt, completion, wording="llama-cpp-python", window=512)
     return Status(400, body=json.dumps({"object": "error", "message": message, "code": 400}))
 
 
+@pytest.mark.parametrize("wording", ["vllm", "anthropic", "no-count"])
 async def test_a_refused_max_tokens_leaves_the_tenants_other_prompts_fitted_as_before(
-    start_gateway,
+    start_gateway, wording
 ):
     """A call asking a max_tokens past the upstream's own window (smaller than the
-    catalog's) is refused there, its refusal counting a prompt of a few tokens: the caller
-    is told to lower max_tokens, and the tenant's prompt of 300 tokens that the upstream
-    answered before is still sent and answered.
+    catalog's) is refused there, its refusal counting a prompt of a few tokens, or saying
+    no count: the caller is told to lower max_tokens, and the tenant's prompt of 300 tokens
+    that the upstream answered before is still sent and answered.
 
     Before, the refusal was taken for the prompt's being over the window: the tenant's
     factor went to its ceiling (4), and the same prompt was refused by the gateway as over
-    the window until some twenty answers had taught the factor down again."""
-    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=_window_of_512) as upstream:
+    the window until some twenty answers had taught the factor down again. So it still
+    was where the refusal said no count, a prompt of 9 tokens taken for one over the
+    1024-token window less the 600 asked; and Anthropic's refusal of the two together
+    (`input length and `max_tokens` exceed context limit`) was an upstream rejection."""
+    respond = functools.partial(_window_of_512, wording=wording)
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
         gateway = await start_gateway(small_window_config(upstream.base_url))
         prompt = pb.CompleteRequest(
             model=FAKE_MODEL,
@@ -797,6 +887,48 @@ async def test_a_refused_max_tokens_leaves_the_tenants_other_prompts_fitted_as_b
         answer = await gateway.stub.Complete(prompt)
     assert answer.content
     assert len(upstream.requests) == 3
+
+
+async def test_a_refusal_saying_no_count_calibrates_only_for_a_prompt_that_may_be_over(
+    start_gateway,
+):
+    """An upstream whose window (512) is half the catalog's says only "context length
+    exceeded". A prompt of a few tokens refused with a max_tokens of 600 leaves the
+    tenant's factor as it was (at its ceiling of 4 the prompt would still fit the window
+    with room for an answer: the max_tokens was refused, not the prompt). A prompt of
+    about 630 tokens, which could be over, still teaches it at once: the same prompt is
+    then refused by the gateway before it is sent."""
+    respond = functools.partial(_window_of_512, wording="no-count")
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
+        gateway = await start_gateway(small_window_config(upstream.base_url))
+        calibration = gateway.server.pipeline.calibration
+        long_answer = chat("Say hi", params=pb.GenerationParams(max_tokens=600))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(long_answer)
+        assert calibration.factor(FAKE_MODEL, "default") == 1.0
+        long_prompt = conversation(6, mode=pb.TRUNCATION_MODE_NONE)
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gateway.stub.Complete(long_prompt)
+            assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert len(upstream.requests) == 2  # the second time, refused by the gateway
+    assert calibration.factor(FAKE_MODEL, "default") > 1.0
+
+
+async def test_a_short_prompt_refused_without_max_tokens_or_a_count_leaves_the_factor(
+    upstream_small, start_gateway
+):
+    """A prompt of a few tokens, with no max_tokens, refused as over the window by an
+    upstream that says no count: the caller is told its window is smaller than the
+    model's, and the tenant's factor stays at 1.0. Before, it went to its ceiling (4),
+    which could not keep that prompt from being sent again, only refuse longer ones."""
+    upstream_small.script(_refusal(9, 16, wording="no-count"))
+    gateway = await start_gateway(small_window_config(upstream_small.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat("hello there"))
+    assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert f"far inside the model's window of {WINDOW}" in (caught.value.details() or "")
+    assert gateway.server.pipeline.calibration.factor(FAKE_MODEL, "default") == 1.0
 
 
 @pytest.mark.parametrize("digits", [400, 5000])

@@ -20,6 +20,7 @@ from service.domain import (
     Usage,
 )
 from service.upstream.openai_json import (
+    ContextCounts,
     MalformedReply,
     StreamParser,
     body_without_stream_options,
@@ -880,6 +881,17 @@ def test_stream_parser_fails_on_an_index_0_choice_that_carries_something(
         ([{"error": {"code": 400, "message": "The input token count (9) exceeds ..."}}], True),
         ([{"error": {"code": 400, "message": "temperature"}}, {}], False),
         ({"error": {"message": "prompt is too long: 9 tokens > 8 maximum"}}, True),  # Anthropic
+        (
+            {
+                "type": "error",
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": "input length and `max_tokens` exceed context limit: 9 + 8 > 16, "
+                    "decrease input length or `max_tokens` and try again",
+                },
+            },
+            True,
+        ),
     ],
 )
 def test_says_context_exceeded(body: Any, expected: bool) -> None:
@@ -962,15 +974,81 @@ def test_says_context_exceeded(body: Any, expected: bool) -> None:
             },
             (1024, 1100),
         ),
+        # Gemini's OpenAI endpoint, its error in a list: the prompt's count, then its limit.
+        (
+            [
+                {
+                    "error": {
+                        "code": 400,
+                        "message": "The input token count (1048577) exceeds the maximum "
+                        "number of tokens allowed (1048576).",
+                        "status": "INVALID_ARGUMENT",
+                    }
+                }
+            ],
+            (1048576, 1048577, True),
+        ),
+        # Anthropic's: the prompt alone over the window, and with its max_tokens (the
+        # backticks left out, as some relays write it).
+        (
+            {
+                "type": "error",
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": "prompt is too long: 210000 tokens > 200000 maximum",
+                },
+            },
+            (200000, 210000),
+        ),
+        (
+            {
+                "type": "error",
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": "input length and `max_tokens` exceed context limit: 198000 + "
+                    "8192 > 200000, decrease input length or `max_tokens` and try again",
+                },
+            },
+            (200000, 198000),
+        ),
+        (
+            {"error": "input length and max_tokens exceed context limit: 90402 + 116650 > 204648"},
+            (204648, 90402),
+        ),
+        # TGI's (its 422 sends the message alone): the window first, then the prompt's
+        # count; over its `--max-input-tokens`, that limit and the count.
+        (
+            {
+                "error": "Input validation error: `inputs` tokens + `max_new_tokens` must be "
+                "<= 2048. Given: 3474 `inputs` tokens and 60 `max_new_tokens`",
+                "error_type": "validation",
+            },
+            (2048, 3474),
+        ),
+        (
+            {"error": "`inputs` tokens + `max_new_tokens`  must be <= 1512. Given: 603 `inputs "},
+            (1512, 603),
+        ),
+        (
+            {
+                "error": "Input validation error: `inputs` must have less than 2048 tokens. "
+                "Given: 2222",
+                "error_type": "validation",
+            },
+            (2048, 2222, True),
+        ),
         # The window alone, or no count at all: nothing to go by.
         ({"error": {"message": "This model's maximum context length is 8192 tokens"}}, None),
+        ({"error": {"message": "prompt is too long: 9 tokens"}}, None),
         ({"error": {"message": "...", "code": "context_length_exceeded"}}, None),
         ({"error": "prompt over the context window"}, None),
     ],
 )
-def test_context_counts(body: Any, expected: tuple[int, int] | None) -> None:
-    """The window and prompt count a refusal states, where it states both."""
-    assert context_counts(json.dumps(body).encode()) == expected
+def test_context_counts(body: Any, expected: tuple[int, ...] | None) -> None:
+    """The window (or, a third True, the limit on the prompt alone) and prompt count a
+    refusal states, where it states both."""
+    counts = context_counts(json.dumps(body).encode())
+    assert counts == (None if expected is None else ContextCounts(*expected))
 
 
 @pytest.mark.parametrize(
