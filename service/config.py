@@ -38,6 +38,7 @@ from redis.asyncio.connection import (
 
 from service.domain import CacheMode, TruncationMode
 from service.hosts import ascii_host, is_loopback_host, listen_hosts_overlap
+from service.text_encoding import MARK_BYTES, encoding_of, unicode_name
 from service.upstream.think_tags import ThinkTags
 
 ENV_PREFIX = "LLM_GATEWAY__"
@@ -1943,6 +1944,20 @@ def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
     )
 
 
+def _config_text(raw: bytes, source: str) -> str:
+    """The config file's bytes as text, in the encoding its byte order mark names (UTF-16
+    or UTF-32, as Windows tools save; else UTF-8, a mark left out)."""
+    encoding = encoding_of(raw[:MARK_BYTES])
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1 by an editor
+        line = raw[: exc.start].decode(encoding, errors="replace").count("\n") + 1
+        name = unicode_name(encoding)
+        raise ConfigError(
+            source, "", f"not {name} text: line {line} has a byte that is not {name}"
+        ) from None
+
+
 def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     """Read, override and validate the YAML config file at `path`."""
     source = str(path)
@@ -1950,13 +1965,7 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1 by an editor
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(
-            source, "", f"not UTF-8 text: line {line} has a byte that is not UTF-8"
-        ) from None
+    text = _config_text(raw, source)
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:

@@ -259,10 +259,21 @@ def _stop_with(supervisor: int, sig: signal.Signals) -> None:
 
 
 def _listening(supervisor: int, ready: Connection, beats: Connection) -> None:
-    _stop_with(supervisor, signal.SIGTERM)  # to drain its calls
+    # SIGCONT, not SIGTERM: a worker stopped (SIGSTOP) acts on no signal but SIGKILL and
+    # SIGCONT, and with a pending SIGTERM it kept the port for ever. Continued, it sees its
+    # supervisor gone and drains its calls, as on SIGTERM.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGCONT, _drain_if_orphaned, supervisor)
+    _stop_with(supervisor, signal.SIGCONT)
     ready.send(os.getpid())
     os.set_blocking(beats.fileno(), False)  # a supervisor that stops reading blocks no loop
     _beat(beats)
+
+
+def _drain_if_orphaned(supervisor: int) -> None:
+    """SIGTERM to this worker (its drain) once its supervisor is gone; a SIGCONT that
+    merely resumes it (after a SIGSTOP) leaves it serving."""
+    if os.getppid() != supervisor:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _beat(beats: Connection) -> None:

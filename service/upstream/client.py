@@ -340,6 +340,8 @@ class _TranslatedErrors:
             raise UpstreamUnavailable(
                 f"upstream {upstream!r} could not be reached: its proxy {problem}",
                 upstream=upstream,
+                # An overloaded proxy's wait is honoured as an upstream's own 503's is.
+                retry_after_s=exc.retry_after_s if isinstance(exc, ProxyRefused) else None,
             ) from exc
         if isinstance(exc, TimeoutError):
             raise UpstreamTimeout(f"upstream {upstream!r} timed out", upstream=upstream) from exc

@@ -36,6 +36,7 @@ import httptools
 
 from service.hosts import ascii_host
 from service.upstream.codings import BodyDecoder, decoder_for
+from service.upstream.headers import retry_after_s
 
 if TYPE_CHECKING:
     from service.upstream.proxy import Proxy
@@ -50,6 +51,8 @@ _MAX_HEADER_BYTES = 64 * 1024
 _MAX_TRAILING_BODY_BYTES = 64 * 1024
 # A proxy's answer to CONNECT is a status line and a few headers.
 _MAX_PROXY_HEAD_BYTES = 16 * 1024
+# The headers of a proxy's refusal of CONNECT that are kept: the wait it asks for.
+_WAIT_HEADERS = frozenset({"retry-after", "retry-after-ms"})
 # Where a head ends: the empty line after its last, each line ending in CRLF or a bare LF
 # (RFC 9112 §2.2), as `_response_parser` reads them.
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -95,10 +98,22 @@ class ProxyRefused(ProxyFailed):
     """The forward proxy answered CONNECT with a status other than 2xx (`status`): 407
     for missing or wrong credentials, 403 for a destination it does not allow, 502/503
     when it cannot reach the upstream. Or it answered a request sent to it in absolute
-    form (`refused="the request"`) with an error of its own (`_is_proxys_own`)."""
+    form (`refused="the request"`) with an error of its own (`_is_proxys_own`).
 
-    def __init__(self, status: int, *, proxy: str, refused: str = "the tunnel") -> None:
+    `retry_after_s`: the wait its `Retry-After` (or `retry-after-ms`) asked for, as an
+    overloaded proxy's 503 or 429 names one; None without.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        *,
+        proxy: str,
+        refused: str = "the tunnel",
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(f"refused {refused} (HTTP {status})", proxy=proxy, status=status)
+        self.retry_after_s = retry_after_s
 
 
 class ProxyTimeout(ProxyFailed, TimeoutError):
@@ -367,6 +382,7 @@ class _Tunnel(asyncio.Protocol):
         self._head = bytearray()
         self._parser: httptools.HttpResponseParser | None = None
         self._status = 0  # stays 0 unless a whole, well-formed head is parsed
+        self._waits: dict[str, str] = {}  # the final head's Retry-After and retry-after-ms
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -387,7 +403,8 @@ class _Tunnel(asyncio.Protocol):
         if not 100 <= status <= 599:
             self._fail(ProxyFailed("answered CONNECT with malformed HTTP", proxy=self._proxy))
         elif not 200 <= status < 300:
-            self._fail(ProxyRefused(status, proxy=self._proxy))
+            wait = retry_after_s(self._waits, now_epoch_s=time.time()) if self._waits else None
+            self._fail(ProxyRefused(status, proxy=self._proxy, retry_after_s=wait))
         elif len(self._head) > end:
             self._fail(ProxyFailed("sent bytes the tunnel did not ask for", proxy=self._proxy))
         else:
@@ -400,10 +417,17 @@ class _Tunnel(asyncio.Protocol):
         upgrade (a 101 with `Upgrade`) stops llhttp after its head is read: a status like
         any other refusal's."""
         self._status = 0
+        self._waits = {}
         self._parser = _response_parser(self)
         with contextlib.suppress(httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._parser.feed_data(head)
         return self._status
+
+    def on_header(self, name: bytes, value: bytes) -> None:  # httptools: one header line
+        key = name.decode("latin-1").strip().lower()
+        if key in _WAIT_HEADERS:
+            text = value.decode("latin-1")
+            self._waits[key] = f"{self._waits[key]}, {text}" if key in self._waits else text
 
     def on_headers_complete(self) -> None:  # httptools: the status line and headers are in
         assert self._parser is not None
@@ -841,7 +865,10 @@ class HttpPool:
                 # The proxy's own refusal, as of a tunnel: not the upstream's answer.
                 response.release()
                 raise ProxyRefused(
-                    response.status, proxy=self._forwards_to.address, refused="the request"
+                    response.status,
+                    proxy=self._forwards_to.address,
+                    refused="the request",
+                    retry_after_s=retry_after_s(response.headers, now_epoch_s=time.time()),
                 )
             if on_sent is not None:
                 on_sent()

@@ -176,6 +176,39 @@ async def test_an_error_the_proxy_marks_as_its_own_is_its_refusal_not_the_upstre
     ]
 
 
+@pytest.mark.parametrize("status", [503, 429])
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_a_proxys_retry_after_is_honoured_as_an_upstreams_own(
+    scheme, status, upstream, proxy, start_gateway
+):
+    """A proxy refusing an http upstream's request (marked as its own) or an https one's
+    tunnel with a `Retry-After` is waited for as an upstream's own 503 is: the caller's
+    RetryInfo says its wait, and the next call is kept off the proxy until then. Before,
+    the wait was dropped: RetryInfo said the backoff and the next call went to the proxy."""
+    proxy.mode, proxy.status = "refuse", status
+    proxy.refusal_headers = (
+        b"Retry-After: 3\r\nProxy-Status: test-proxy; error=connection_limit_reached\r\n"
+    )
+    resilience = {**FAST_RESILIENCE, "attempts": 1, "max_limit_wait_s": 0.1}
+    data = gateway_config_data(through(upstream, scheme), resilience=resilience)
+    data["upstreams"][0]["proxy_url"] = proxy.url
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    refused = await rpc_error(gateway.stub.Complete(chat(), timeout=20))
+    paused = await rpc_error(gateway.stub.Complete(chat("again"), timeout=20))
+    assert refused.code() is grpc.StatusCode.UNAVAILABLE
+    assert f"its proxy refused the {'request' if scheme == 'http' else 'tunnel'}" in (
+        refused.details()
+    )
+    _, reason, retry_s = error_details(refused)
+    assert (reason, retry_s) == ("UPSTREAM_UNAVAILABLE", pytest.approx(3.0))
+    assert (paused.code(), error_details(paused)[1]) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "UPSTREAM_LIMIT",
+    )
+    assert len(proxy.requests) == 1
+    assert upstream.requests == []
+
+
 async def test_proxy_authorization_is_sent_and_never_emitted(
     upstream, proxy, start_gateway, caplog
 ):

@@ -357,21 +357,55 @@ async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, conte
     assert expected in stderr.decode()
 
 
+@pytest.mark.parametrize(
+    ("content", "encoding"),
+    [
+        (b"server:\n  listen: 127.0.0.1:0\n# caf\xe9 team\n", "UTF-8"),
+        # A UTF-16 file with half a surrogate pair on line 3 (cut by a careless edit).
+        ("server:\n  listen: 127.0.0.1:0\n# ".encode("utf-16") + b"\x3d\xd8\n\x00", "UTF-16"),
+    ],
+    ids=["latin1-in-utf8", "lone-surrogate-in-utf16"],
+)
 @pytest.mark.parametrize("command", [("serve",), ("keys", "create", "--tenant", "search")])
-async def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path, command):
-    """A config whose comment an editor saved as Latin-1 exits 2 naming the file and the
-    line, like any other config error. Before, `serve` died with a UnicodeDecodeError
-    traceback and status 1, and `keys` printed the codec's message without the file."""
+async def test_a_config_file_that_is_not_utf8_is_a_config_error(
+    tmp_path, command, content, encoding
+):
+    """A config whose comment an editor saved as Latin-1 (or a UTF-16 one holding what
+    is not UTF-16) exits 2 naming the file and the line, like any other config error.
+    Before, `serve` died with a UnicodeDecodeError traceback and status 1, and `keys`
+    printed the codec's message without the file."""
     path = tmp_path / "gateway.yaml"
-    path.write_bytes(b"server:\n  listen: 127.0.0.1:0\n# caf\xe9 team\n")
+    path.write_bytes(content)
     process = await _spawn(*command, "--config", str(path))
     _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
     text = stderr.decode()
     assert process.returncode == 2
     assert text.splitlines()[-1].endswith(
-        f"{path}: (top level): not UTF-8 text: line 3 has a byte that is not UTF-8"
+        f"{path}: (top level): not {encoding} text: line 3 has a byte that is not {encoding}"
     )
     assert "Traceback" not in text
+
+
+async def test_a_config_file_saved_as_utf16_serves(upstream, tmp_path):
+    """A config saved by Notepad as "Unicode" (UTF-16 LE after a byte order mark), a
+    comment in it not ASCII: `serve` reads it and answers. Before, it exited 2, the file
+    refused as not UTF-8 text."""
+    path = _write_config(tmp_path, upstream.base_url)
+    path.write_bytes(f"# équipe «search»\n{path.read_text()}".encode("utf-16"))
+    process = await _spawn("serve", "--config", str(path))
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
+        assert line.startswith("llm-gateway listening on "), line
+        async with grpc.aio.insecure_channel(line.split()[3]) as channel:
+            response = await pb_grpc.CompletionServiceStub(channel).Complete(chat(), timeout=10)
+        assert response.content == "Hello from fake"
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 @pytest.mark.parametrize("variable", ["LLM_GATEWAY_SERVER__LISTEN", "LLM_GATEWAY_AUTH__MODE"])

@@ -35,6 +35,8 @@ from gateway_client import (
 from gateway_client.client import MAX_TIMEOUT_S, is_loopback_address
 from gateway_client.commands import complete
 from llmgateway.v1 import gateway_pb2 as pb
+from service import rpc_boundary
+from service.errors import to_rpc_status
 from service.pool import upstream_idempotency_key
 from tests.conftest import (
     FAKE_MODEL,
@@ -46,9 +48,10 @@ from tests.conftest import (
 )
 from tests.counting_relay import CountingRelay
 from tests.fake_upstream import CutStream, FakeUpstream, Hang, Reply, Status
-from tests.integration.helpers import GARBLED_DETAILS, garbled_details_server
+from tests.integration.helpers import GARBLED_DETAILS, garbled_details_server, rich_status
 
 REPO = Path(__file__).resolve().parents[2]
+_QUOTA_FAILURE_URL = "type.googleapis.com/google.rpc.QuotaFailure"
 StartGateway = Callable[..., Any]
 
 
@@ -1102,8 +1105,9 @@ async def test_a_details_trailer_that_is_no_status_leaves_the_calls_code_and_mes
 async def test_a_detail_that_does_not_decode_is_left_out_and_the_others_kept() -> None:
     """A `google.rpc.Status` one of whose details does not decode as the type its URL
     names (a BadRequest of garbled bytes) gives the other details, from `error_details`
-    and from `status_details` (a batch item's error). Before, the DecodeError of that one
-    escaped, and the whole error went undescribed."""
+    and from `status_details` (a batch item's error), and that one's type URL in
+    `unknown_type_urls`. Before, the DecodeError of that one escaped, and the whole error
+    went undescribed."""
     garbled = any_pb2.Any(
         type_url="type.googleapis.com/google.rpc.BadRequest", value=GARBLED_DETAILS
     )
@@ -1119,10 +1123,47 @@ async def test_a_detail_that_does_not_decode_is_left_out_and_the_others_kept() -
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await client.complete("Say hi", model=FAKE_MODEL)
     expected = ErrorDetails(
-        code="INVALID_ARGUMENT", message="refused", reason="REFUSED", domain="example.com"
+        code="INVALID_ARGUMENT",
+        message="refused",
+        reason="REFUSED",
+        domain="example.com",
+        unknown_type_urls=("type.googleapis.com/google.rpc.BadRequest",),
     )
     assert error_details(refused.value) == expected
     assert status_details(status) == expected
+
+
+async def test_a_detail_of_a_type_the_client_does_not_know_is_kept_by_its_type_url(
+    upstream: FakeUpstream, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway's error carrying a detail this client does not decode (a newer gateway's
+    `LocalizedMessage`) and one whose bytes are not its type's: `error_details` and
+    `status_details` give their type URLs in `unknown_type_urls`, in order, beside the
+    details they know, and `describe` names them, as the Node client's `unknownTypeUrls`
+    does. Before, both were dropped without a word."""
+
+    def with_unknown_details(exc: BaseException) -> status_pb2.Status:
+        status = to_rpc_status(exc)
+        localized = any_pb2.Any()
+        localized.Pack(error_details_pb2.LocalizedMessage(locale="fr-FR", message="inconnu"))
+        garbled = any_pb2.Any(type_url=_QUOTA_FAILURE_URL, value=GARBLED_DETAILS)
+        status.details.extend([localized, garbled])
+        return status
+
+    monkeypatch.setattr(rpc_boundary, "to_rpc_status", with_unknown_details)
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    async with GatewayClient(gateway.server.address, timeout_s=10) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.complete("Say hi", model="no-such-model")
+    unknown = ("type.googleapis.com/google.rpc.LocalizedMessage", _QUOTA_FAILURE_URL)
+    details = error_details(refused.value)
+    assert (details.code, details.reason, details.unknown_type_urls) == (
+        "NOT_FOUND",
+        "MODEL_NOT_FOUND",
+        unknown,
+    )
+    assert status_details(rich_status(refused.value)).unknown_type_urls == unknown
+    assert details.describe().splitlines()[-2:] == [f"  undecoded detail {url}" for url in unknown]
 
 
 async def test_a_stream_cut_after_text_ends_its_line_before_the_error(

@@ -521,28 +521,28 @@ async def test_a_link_local_host_with_its_zone_is_served(tmp_path, workers):
 
 
 async def test_workers_stop_when_the_supervisor_is_killed_outright(tmp_path):
-    """SIGKILL to the supervisor alone (not its process group): the workers stop too.
+    """SIGKILL to the supervisor alone (not its process group): the workers drain and
+    stop too, one stopped (SIGSTOP) at the time included.
 
-    The kernel sends each worker SIGTERM when its parent dies; before, they went on
-    serving the port with nobody left to stop them.
+    The kernel signals each worker when its parent dies; before, they went on serving the
+    port with nobody left to stop them. A stopped worker acted on that SIGTERM never, and
+    kept the port: the kernel now sends SIGCONT, which resumes it, and it drains.
     """
     path = _write_config(tmp_path)
-    async with _serve("--config", str(path), "--workers", "2") as process:
-        assert process.stdout is not None
-        async with asyncio.timeout(_HANG_GUARD_S):
-            assert b"listening on" in await process.stdout.readline()
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        await _listening(process)
         workers = _worker_pids(process.pid)
         assert len(workers) == 2
+        os.kill(workers[0], signal.SIGSTOP)
         process.kill()  # not waited for: its pipes stay open while any worker lives
         try:
             async with asyncio.timeout(_HANG_GUARD_S):
                 while alive := [pid for pid in workers if is_running(pid)]:
                     await asyncio.sleep(0.05)
         finally:
-            for pid in workers:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            _killed_if_running(workers)
         assert alive == []
+        await log.nth("server.stopped", 2)  # each drained, none killed
 
 
 async def test_an_error_of_the_supervisors_own_stops_its_workers_and_it_exits(tmp_path):

@@ -59,6 +59,21 @@ def test_repo_config_has_the_presets() -> None:
     assert config.source == str(REPO_CONFIG)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_a_config_file_in_utf16_or_utf32_after_its_mark_is_read(
+    tmp_path: Path, encoding: str
+) -> None:
+    """A config file in UTF-16 or UTF-32 (either byte order) after its byte order mark,
+    as Windows tools save it, reads as its UTF-8 self. Before, it was refused as not
+    UTF-8 text."""
+    text = REPO_CONFIG.read_text(encoding="utf-8")
+    path = tmp_path / "gateway.yaml"
+    path.write_bytes(("\ufeff" + text).encode(encoding))
+    assert load_config(path, environ={}) == dataclasses.replace(
+        load_config(REPO_CONFIG, environ={}), source=str(path)
+    )
+
+
 def test_first_output_timeout_is_unset_unless_given() -> None:
     """`first_output_timeout_s` is off by default (today's bounds alone), and a number
     given is the bound, whole seconds or not."""

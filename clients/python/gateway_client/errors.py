@@ -32,6 +32,10 @@ class ErrorDetails:
     domain: str = ""
     # The `llm-gateway-retry-elsewhere: true` trailer: another replica may take the call.
     retry_elsewhere: bool = False
+    # The type URLs of details this client does not know (a newer gateway's), or whose
+    # bytes are not their type's: kept, so that nothing is lost without a word (the Node
+    # client's `unknownTypeUrls`).
+    unknown_type_urls: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """A human-readable, multi-line description."""
@@ -43,6 +47,7 @@ class ErrorDetails:
             lines.append(f"  reason {self.reason}" + (f": {facts}" if facts else ""))
         if self.retry_after_s is not None:
             lines.append(f"  retry after {_seconds(self.retry_after_s)}s")
+        lines += [f"  undecoded detail {url}" for url in self.unknown_type_urls]
         return "\n".join(lines)
 
 
@@ -76,9 +81,11 @@ def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
 
 def status_details(status: status_pb2.Status) -> ErrorDetails:
     """Unpack BadRequest, ErrorInfo, QuotaFailure and RetryInfo from a `google.rpc.Status`:
-    a failed call's (`error_details`), or a `CompleteBatch` item's `error`."""
+    a failed call's (`error_details`), or a `CompleteBatch` item's `error`; the type URL
+    of any other detail, or of one that does not decode, goes to `unknown_type_urls`."""
     violations: list[tuple[str, str]] = []
     quota: list[tuple[str, str]] = []
+    unknown: list[str] = []
     reason, domain, metadata, retry_after = "", "", {}, None
     for detail in status.details:
         bad_request = error_details_pb2.BadRequest()
@@ -94,8 +101,10 @@ def status_details(status: status_pb2.Status) -> ErrorDetails:
                 retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
             elif detail.Unpack(failure):
                 quota += [(v.subject, v.description) for v in failure.violations]
-        except DecodeError:
-            continue  # not the type its URL names: left out, as a type this has no field for
+            else:
+                unknown.append(detail.type_url)
+        except DecodeError:  # not the type its URL names: kept as a type this does not know
+            unknown.append(detail.type_url)
     return ErrorDetails(
         code=_CODE_NAMES.get(status.code, str(status.code)),
         message=status.message,
@@ -105,6 +114,7 @@ def status_details(status: status_pb2.Status) -> ErrorDetails:
         retry_after_s=retry_after,
         quota_violations=tuple(quota),
         domain=domain,
+        unknown_type_urls=tuple(unknown),
     )
 
 

@@ -10,33 +10,14 @@ as before; a UTF-8 mark (which Windows editors write) is no text.
 
 from __future__ import annotations
 
-import codecs
 import io
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from service.text_encoding import MARK_BYTES, encoding_of
+
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
-
-# UTF-32 LE's mark first: it begins with UTF-16 LE's. The codecs named read the mark to
-# learn the byte order, and leave it out of the text.
-_MARKED_ENCODINGS = (
-    (codecs.BOM_UTF32_LE, "utf-32"),
-    (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF16_LE, "utf-16"),
-    (codecs.BOM_UTF16_BE, "utf-16"),
-)
-# The longest mark: what is read of an input to tell its encoding.
-MARK_BYTES = 4
-
-
-def encoding_of(start: bytes) -> str:
-    """The encoding of text that begins with `start`: the one its UTF-16 or UTF-32 byte
-    order mark names, else UTF-8 (a UTF-8 mark left out)."""
-    for mark, encoding in _MARKED_ENCODINGS:
-        if start.startswith(mark):
-            return encoding
-    return "utf-8-sig"
 
 
 def decoded_text(data: bytes) -> str:
