@@ -205,7 +205,7 @@ class GatewayServer:
         self._stack.push_async_callback(ledger.aclose)
         if self.config.wants_local_model:  # its start can take minutes: say it first
             for listen in (self.config.server.listen, self.config.server.health_listen):
-                _refuse_taken(listen)
+                refuse_taken(listen)
         upstreams = await self._upstream_configs()
         # A refusal one upstream relays shows no upstream's secret, its own or another's.
         secrets = [s for c in upstreams for s in secrets_of(c)]
@@ -662,7 +662,7 @@ def _bind(listen: str, add_port: Callable[[], int]) -> int:
     return port
 
 
-def _refuse_taken(listen: str | None) -> None:
+def refuse_taken(listen: str | None) -> None:
     """Raise `ListenError`, as the bind would, when something listens on `listen`'s port
     at every address grpc would try: it listens on those it can (`localhost` on [::1]
     alone when 127.0.0.1 is taken; a wildcard on 0.0.0.0 when [::] is).

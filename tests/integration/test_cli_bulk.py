@@ -913,6 +913,31 @@ async def test_check_passes_when_all_upstreams_answer(tmp_path, monkeypatch, cap
     assert "good" in capsys.readouterr().out
 
 
+async def test_check_warns_of_a_listen_port_another_process_holds(tmp_path, capsys):
+    """A port something listens on now is named on stderr, where `serve` would exit 1,
+    and the exit status stays 0: `check` may run beside the gateway it checks. A free
+    port gets no warning."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = f"127.0.0.1:{holder.getsockname()[1]}"
+        async with FakeUpstream(models=(FAKE_MODEL,)) as fake:
+            config = tmp_path / "gateway.yaml"
+            body = f"""
+upstreams:
+  - {{name: good, base_url: "{fake.base_url}", models: [{FAKE_MODEL}]}}
+"""
+            config.write_text(f"server: {{listen: '{taken}'}}\n{body}")
+            code = await check.check_command(parse(check, "check", "--config", str(config)))
+            warned = capsys.readouterr().err
+            config.write_text(f"server: {{listen: '127.0.0.1:0'}}\n{body}")
+            code_free = await check.check_command(parse(check, "check", "--config", str(config)))
+            warned_free = capsys.readouterr().err
+    assert code == code_free == 0
+    assert f"warning: server.listen {taken} is in use now: serve would exit 1" in warned
+    assert "in use" not in warned_free
+
+
 async def test_check_reports_an_upstream_listing_its_models_as_null(tmp_path, capsys):
     """A model list of `"data": null` (a Go server's empty list) is a row listing no model,
     not a crash of the whole check.

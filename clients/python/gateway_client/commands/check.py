@@ -27,11 +27,12 @@ from typing import Any
 
 from service.config import ConfigError, GatewayConfig, UpstreamConfig, load_config
 from service.errors import UpstreamError
+from service.hosts import ListenError
 from service.local_model import start_problem
 from service.main import config_path, default_config, with_flags
 from service.redis_access import check_redis_access
 from service.security import check_start_config
-from service.server import TLS_REFUSED, refuses_tls
+from service.server import TLS_REFUSED, refuse_taken, refuses_tls
 from service.telemetry import TelemetrySetupError
 from service.telemetry.setup import (
     MetricsHostError,
@@ -165,6 +166,24 @@ def _warn_of_state_per_worker(config: GatewayConfig, workers: int) -> None:
         )
 
 
+def _warn_of_taken_ports(config: GatewayConfig) -> None:
+    """Say on stderr which of the addresses `serve` listens on another process holds now,
+    where it would exit 1: a warning only, as `check` may well run beside the gateway
+    itself (a pod's shell)."""
+    for key, listen in (
+        ("server.listen", config.server.listen),
+        ("server.health_listen", config.server.health_listen),
+    ):
+        try:
+            refuse_taken(listen)
+        except ListenError:
+            print(
+                f"warning: {key} {listen} is in use now: serve would exit 1 until it is "
+                "free (a gateway already running there?)",
+                file=sys.stderr,
+            )
+
+
 def format_checks(checks: list[UpstreamCheck]) -> str:
     """The checks as an aligned text table."""
     rows = [("UPSTREAM", "REACHABLE", "KEY", "MODELS", "LATENCY", "PROBLEM")]
@@ -209,6 +228,7 @@ async def check_command(args: argparse.Namespace) -> int:
         return 2
     print(f"config {config.source}: ok")
     _warn_of_state_per_worker(config, workers)
+    _warn_of_taken_ports(config)
     # What `serve` would exit 1 on, where this said the local model would serve.
     problem = start_problem(config.local_model) if config.wants_local_model else None
     if problem is not None:
