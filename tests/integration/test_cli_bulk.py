@@ -308,6 +308,29 @@ async def test_calls_of_more_items_than_the_gateway_takes_say_the_option_to_lowe
     assert len(output_records(output)) == 10
 
 
+async def test_a_concurrency_above_the_gateways_says_the_most_it_takes(
+    tmp_path, scripted, start_gateway, capsys
+):
+    """A `--concurrency` above the gateway's `batch.max_concurrency` is refused on every
+    rerun: the CLI says the most it takes and the option to lower, not to run the same
+    command again. With that concurrency the run goes through."""
+    limits = {"max_concurrency": 4, "default_concurrency": 2}
+    gateway = await start_gateway(gateway_config(scripted.base_url, batch=limits))
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(source, ["a", "b", "c"])
+    argv = [str(source), "-o", str(output), "--address", gateway.server.address]
+    argv += ["--model", FAKE_MODEL, "--no-progress"]
+
+    assert await batch.batch_command(parse(batch, "batch", *argv, "--concurrency", "5")) == 1
+    err = capsys.readouterr().err
+    assert "the gateway runs at most 4 items at once: run again with --concurrency 4" in err
+    assert "re-run the same command" not in err
+    assert not scripted.requests
+
+    assert await batch.batch_command(parse(batch, "batch", *argv, "--concurrency", "4")) == 0
+    assert len(output_records(output)) == 3
+
+
 def test_the_clis_id_rule_is_the_gateways() -> None:
     """The CLI skips exactly the ids the gateway refuses."""
     assert batch.MAX_ID_CHARS == MAX_CALLER_ID

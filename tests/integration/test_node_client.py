@@ -580,6 +580,30 @@ async def test_node_example_program_completes_and_streams(
     assert len(upstream.requests) == 2
 
 
+async def test_node_example_whose_reader_left_exits_as_sigpipe_ends_a_program(
+    node_scenarios: Path, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """Piped into a reader that left (`| head`), the example program exits 141, as the
+    Python CLI does, saying nothing. Before, its first answer line threw an unhandled
+    EPIPE with a stack trace."""
+    example = node_scenarios.with_name("example.js")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader left before the first line
+    try:
+        process = await asyncio.create_subprocess_exec(
+            "node",
+            str(example),
+            *("--address", gateway.server.address, "--model", "fake-model", "Say hi"),
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
+    async with asyncio.timeout(NODE_TIMEOUT_S):
+        _, stderr = await process.communicate()
+    assert (process.returncode, stderr.decode()) == (141, "")
+
+
 async def test_node_example_asks_for_the_python_clis_default_model(
     node_scenarios: Path, upstream: FakeUpstream, start_gateway: StartGateway
 ) -> None:

@@ -18,7 +18,8 @@
  * client certificate (mutual TLS). An option's value follows it or an `=` (`--model=NAME`);
  * a value that begins with `--` only after an `=` (`--api-key=--KEY`): after a space it is
  * taken for the next option, and the one before it lacks its value.
- * A bad option (an unknown one too, or one without its value) exits 2, a failed call 1.
+ * A bad option (an unknown one too, or one without its value) exits 2, a failed call 1,
+ * and one piped into a reader that left (`| head`) 141, as the Python CLI.
  */
 import { GatewayCallError, GatewayClient, Role, TlsOptions } from "./client";
 
@@ -146,7 +147,21 @@ function start(argv: string[]): { args: Args; client: GatewayClient } | null {
   }
 }
 
+/**
+ * A reader that left (`| head`) ends the program as SIGPIPE ends a C program, and the
+ * Python CLI: exit 141, with no stack trace (Node emits EPIPE as an unhandled error).
+ */
+function exitWhenTheReaderLeaves(): void {
+  process.stdout.on("error", (error: NodeJS.ErrnoException) => {
+    if (error.code !== "EPIPE") {
+      throw error;
+    }
+    process.exit(141);
+  });
+}
+
 async function main(): Promise<void> {
+  exitWhenTheReaderLeaves();
   const started = start(process.argv.slice(2));
   if (started === null) {
     return;

@@ -141,17 +141,31 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=batch_command, usage_error=parser.error)
 
 
-# The gateway's refusal of a call with more items than its `batch.max_items`.
+# The gateway's refusals of a call with more items than its `batch.max_items`, and of a
+# `concurrency` above its `batch.max_concurrency`.
 _TOO_MANY_ITEMS = re.compile(r"at most (\d+) items, got \d+")
+_TOO_MUCH_CONCURRENCY = re.compile(r"at most (\d+), got \d+")
 
 
-def _most_items_a_call(violations: Sequence[tuple[str, str]]) -> int | None:
-    """The most items the gateway takes in one call, where it refused a call for more."""
+def _options_to_lower(violations: Sequence[tuple[str, str]], items_per_call: int) -> list[str]:
+    """For each of the gateway's batch limits an option passed, the most it takes and the
+    option to run again with: the same command would be refused again, every run."""
+    hints = []
     for name, why in violations:
-        found = _TOO_MANY_ITEMS.fullmatch(why) if name == "items" else None
-        if found is not None:
-            return int(found[1])
-    return None
+        if name == "items" and (found := _TOO_MANY_ITEMS.fullmatch(why)):
+            most = int(found[1])
+            if most < items_per_call:
+                hints.append(
+                    f"the gateway takes at most {most} items a call: run again with "
+                    f"--items-per-call {most}"
+                )
+        elif name == "concurrency" and (found := _TOO_MUCH_CONCURRENCY.fullmatch(why)):
+            most = int(found[1])
+            hints.append(
+                f"the gateway runs at most {most} items at once: run again with "
+                f"--concurrency {most}"
+            )
+    return hints
 
 
 @dataclass(frozen=True, slots=True)
@@ -783,15 +797,10 @@ async def batch_command(args: argparse.Namespace) -> int:
                 progress.close()
                 details = error_details(error)
                 print(details.describe(), file=sys.stderr)
-                most = _most_items_a_call(details.field_violations)
-                if most is not None and most < args.items_per_call:
-                    # Every call of this size is refused: the same command would be again.
-                    print(
-                        f"the gateway takes at most {most} items a call: run again with "
-                        f"--items-per-call {most}",
-                        file=sys.stderr,
-                    )
-                elif not is_stdout:  # standard output keeps nothing to resume from
+                hints = _options_to_lower(details.field_violations, args.items_per_call)
+                for hint in hints:
+                    print(hint, file=sys.stderr)
+                if not hints and not is_stdout:  # standard output keeps nothing to resume from
                     print("re-run the same command to resume", file=sys.stderr)
                 return 1
     progress.close()
