@@ -86,7 +86,7 @@ _KEEPALIVE_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
 ]
-_NO_UPSTREAM_FIX = (
+NO_UPSTREAM_FIX = (
     "no upstream serves any model: set an upstream's api_key_env variable, or "
     "local_model.enabled to auto or always"
 )
@@ -172,7 +172,7 @@ class GatewayServer:
         if not configs:
             # It starts (its keys may come with the next rollout), but every call would be
             # NOT_FOUND: said at start, with what mends it.
-            log.warning("gateway.no_upstream", extra={"fix": _NO_UPSTREAM_FIX})
+            log.warning("gateway.no_upstream", extra={"fix": NO_UPSTREAM_FIX})
         return configs
 
     async def _start_local_model(self) -> LocalModelState | None:

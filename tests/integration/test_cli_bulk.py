@@ -1108,10 +1108,32 @@ async def test_check_says_the_local_model_is_served_when_no_upstream_is_configur
     config = tmp_path / "gateway.yaml"
     config.write_text(text)
     code = await check.check_command(parse(check, "check", "--config", str(config)))
-    out = capsys.readouterr().out
-    assert code == 0
-    assert ("the gateway will serve the local model" in out) is served
-    assert "no upstreams configured" in out
+    captured = capsys.readouterr()
+    assert code == (0 if served else 1)
+    assert ("the gateway will serve the local model" in captured.out) is served
+    assert "no upstreams configured" in captured.out
+    assert ("no upstream serves any model" in captured.err) is not served
+
+
+async def test_check_fails_a_config_whose_every_upstream_lacks_its_key_and_no_local_model(
+    tmp_path, monkeypatch, capsys
+):
+    """Every upstream skipped (its key variable unset) and the local model off: `serve`
+    would start and answer every call NOT_FOUND, so `check` exits 1 saying what mends it.
+    Before, it exited 0 under a table of skipped rows."""
+    monkeypatch.delenv("NOT_SET_KEY", raising=False)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "local_model: {enabled: never}\n"
+        "upstreams:\n"
+        "  - {name: keyless, base_url: 'https://api.example.com/v1', "
+        f"api_key_env: NOT_SET_KEY, models: [{FAKE_MODEL}]}}\n"
+    )
+    code = await check.check_command(parse(check, "check", "--config", str(config)))
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "skipped" in captured.out
+    assert "no upstream serves any model: set an upstream's api_key_env variable" in captured.err
 
 
 async def test_check_config_error_exits_2(tmp_path, capsys):

@@ -32,7 +32,7 @@ from service.local_model import start_problem
 from service.main import config_path, default_config, with_flags
 from service.redis_access import check_redis_access
 from service.security import check_start_config
-from service.server import TLS_REFUSED, refuse_taken, refuses_tls
+from service.server import NO_UPSTREAM_FIX, TLS_REFUSED, refuse_taken, refuses_tls
 from service.telemetry import TelemetrySetupError
 from service.telemetry.setup import (
     MetricsHostError,
@@ -234,12 +234,19 @@ async def check_command(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"local model: {problem}", file=sys.stderr)
         return 1
+    # `serve` starts so (keys may come with the next rollout), but every call is NOT_FOUND.
+    serves_nothing = not config.enabled_upstreams and not config.wants_local_model
     if not config.upstreams:
         local = ": the gateway will serve the local model" if config.wants_local_model else ""
         print(f"no upstreams configured{local}")
-        return 0
+        if serves_nothing:
+            print(NO_UPSTREAM_FIX, file=sys.stderr)
+        return 1 if serves_nothing else 0
     checks = await check_all(config, timeout_s=args.timeout)
     print(format_checks(checks))
+    if serves_nothing:
+        print(NO_UPSTREAM_FIX, file=sys.stderr)
+        return 1
     if not config.enabled_upstreams and config.local_model.enabled != "never":
         print("no provider key set: the gateway will serve the local model")
     failures = [c for c in checks if not c.is_ok]
