@@ -1211,9 +1211,13 @@ async def test_check_warns_of_workers_that_would_each_keep_the_ledger(
     Before, `check` said nothing of it.
     """
     config = tmp_path / "gateway.yaml"
-    config.write_text("local_model: {enabled: never}\n")
-    args = parse(check, "check", "--config", str(config), "--workers", workers)
-    assert await check.check_command(args) == 0
+    async with FakeUpstream(models=(FAKE_MODEL,)) as fake:
+        config.write_text(
+            "local_model: {enabled: never}\n"
+            f"upstreams: [{{name: up, base_url: '{fake.base_url}', models: [{FAKE_MODEL}]}}]\n"
+        )
+        args = parse(check, "check", "--config", str(config), "--workers", workers)
+        assert await check.check_command(args) == 0
     captured = capsys.readouterr()
     assert ": ok" in captured.out
     warning = (
