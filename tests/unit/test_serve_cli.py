@@ -568,3 +568,73 @@ def test_a_span_limit_the_sdk_reads_on_import_is_a_config_error_not_a_traceback(
         assert done.returncode == 2, done.stdout + done.stderr
         *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
         assert last == f"llm-gateway: config error: environment: {said}"
+
+
+_RETRYABLE_CODES = "OTEL_PYTHON_EXPORTER_OTLP_GRPC_RETRYABLE_ERROR_CODES"
+_HTTP_CREDENTIALS = "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER"
+_NO_METER_PROVIDER = "no installed package provides the meter provider 'bogus'"
+
+
+@pytest.mark.parametrize("command", ["serve", "check"])
+@pytest.mark.parametrize(
+    ("otel", "said"),
+    [
+        (
+            {"OTEL_METRICS_EXPORTER": "console", "OTEL_METRICS_EXEMPLAR_FILTER": "bogus"},
+            "OTEL_METRICS_EXEMPLAR_FILTER: 'bogus' is not one of always_on, always_off, "
+            "trace_based",
+        ),
+        (
+            {"OTEL_METRICS_EXPORTER": "console", "OTEL_METRIC_EXPORT_INTERVAL": "-1"},
+            "OTEL_METRIC_EXPORT_INTERVAL: '-1' is not a number of milliseconds above 0",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", _RETRYABLE_CODES: "unavailable, bogus"},
+            f"{_RETRYABLE_CODES}: 'bogus' is not a gRPC status code name",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "console", "OTEL_PYTHON_METER_PROVIDER": "bogus"},
+            f"OTEL_PYTHON_METER_PROVIDER: {_NO_METER_PROVIDER}",
+        ),
+        (
+            {
+                "OTEL_METRICS_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                _HTTP_CREDENTIALS: "bogus",
+            },
+            f"{_HTTP_CREDENTIALS}: no installed package provides the credential provider 'bogus'",
+        ),
+    ],
+)
+def test_a_setting_the_sdk_refuses_as_telemetry_is_built_is_a_config_error(
+    tmp_path: Path, command: str, otel: dict[str, str], said: str
+) -> None:
+    """An exemplar filter, metric export interval, retryable gRPC code, meter provider or
+    OTLP credential provider the OpenTelemetry SDK or an exporter raises for as the
+    gateway builds its telemetry is a one-line config error naming the variable, from
+    `serve` and `check` (exit 2).
+
+    Before, `serve` ended in the SDK's traceback (ValueError, KeyError, StopIteration,
+    RuntimeError), status 1, while `check` said ok.
+    """
+    done = _run_with_otel(tmp_path, _COMMANDS[command], "", otel)
+    assert done.returncode == 2, done.stdout + done.stderr
+    *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
+    assert last == f"llm-gateway: config error: environment: {said}"
+
+
+def test_check_takes_every_such_setting_the_sdk_takes(tmp_path: Path) -> None:
+    """`check` refuses none of the values the SDK and exporters take for those settings:
+    a named exemplar filter, an interval that is no number (the SDK logs it and takes its
+    default), status code names in any case, an installed meter provider."""
+    otel = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_METRICS_EXPORTER": "console,otlp",
+        "OTEL_METRICS_EXEMPLAR_FILTER": "always_on",
+        "OTEL_METRIC_EXPORT_INTERVAL": "soon",
+        _RETRYABLE_CODES: "unavailable,,Resource_Exhausted",
+        "OTEL_PYTHON_METER_PROVIDER": "sdk_meter_provider",
+        _HTTP_CREDENTIALS: "",
+    }
+    done = _run_with_otel(tmp_path, _COMMANDS["check"], "", otel)
+    assert done.returncode == 0, done.stderr
