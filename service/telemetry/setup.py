@@ -40,6 +40,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from service.config import ServerConfig, TelemetryConfig, listens_overlap
 from service.hosts import listen_host_problem
+from service.otel_context import unknown_context
 from service.telemetry.histograms import HistogramExport, suits
 from service.telemetry.lean_tracer import LeanTracer
 from service.telemetry.outages import (
@@ -429,6 +430,13 @@ def trace_propagator(config: TelemetryConfig, environ: Mapping[str, str]) -> Tex
 def is_off(config: TelemetryConfig, environ: Mapping[str, str]) -> bool:
     """Whether the config or `OTEL_SDK_DISABLED` turns all telemetry off."""
     return not config.enabled or environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+def unknown_runtime_context(config: TelemetryConfig, environ: Mapping[str, str]) -> str | None:
+    """The `OTEL_PYTHON_CONTEXT` name no installed package provides, with telemetry on,
+    that `serve` and `check` warn of: OpenTelemetry uses its default in its place
+    (`service.otel_context`). None otherwise."""
+    return None if is_off(config, environ) else unknown_context(environ)
 
 
 def names_prometheus(environ: Mapping[str, str]) -> bool:

@@ -638,3 +638,60 @@ def test_check_takes_every_such_setting_the_sdk_takes(tmp_path: Path) -> None:
     }
     done = _run_with_otel(tmp_path, _COMMANDS["check"], "", otel)
     assert done.returncode == 0, done.stderr
+
+
+_UNKNOWN_CONTEXT = {"OTEL_PYTHON_CONTEXT": "greenlet_context"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "telemetry", "warned"),
+    [
+        (
+            _COMMANDS["check"],
+            "",
+            "warning: OTEL_PYTHON_CONTEXT: no installed package provides the runtime context "
+            "'greenlet_context': OpenTelemetry uses contextvars_context",
+        ),
+        (_COMMANDS["check"], "telemetry: {enabled: false}\n", None),
+        (["-m", "gateway_client.cli", "models", "--help"], "", None),
+    ],
+)
+def test_a_runtime_context_no_package_provides_is_one_warning_not_a_traceback(
+    tmp_path: Path, argv: list[str], telemetry: str, warned: str | None
+) -> None:
+    """`OTEL_PYTHON_CONTEXT` naming a runtime context no installed package provides is,
+    with telemetry on, one warning line from `check`, which still says ok (OpenTelemetry
+    uses its default, the one the gateway needs); a command that reads no telemetry
+    says nothing of it.
+
+    Before, OpenTelemetry logged its failure with a traceback as it was imported, with
+    the gateway's modules: every command, `llm-gateway models --help` too, printed it.
+    """
+    done = _run_with_otel(tmp_path, argv, telemetry, _UNKNOWN_CONTEXT)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ([] if warned is None else [warned])
+
+
+def test_serve_warns_once_of_a_runtime_context_no_package_provides(tmp_path: Path) -> None:
+    """`serve` with an unknown `OTEL_PYTHON_CONTEXT` serves, having logged one warning
+    naming the variable and the context used in its place, and no traceback.
+
+    Before, OpenTelemetry's traceback came first, as its context module was imported.
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text("server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n")
+    serve = subprocess.Popen(
+        [sys.executable, *_COMMANDS["serve"], "--config", str(config)],
+        env={**os.environ, **_UNKNOWN_CONTEXT}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert serve.stdout is not None
+        assert "listening on" in serve.stdout.readline()
+    finally:
+        serve.terminate()
+        _, err = serve.communicate(timeout=30)
+    assert "Traceback" not in err
+    [warning] = [line for line in err.splitlines() if "telemetry.unknown_context" in line]
+    said = "variable=OTEL_PYTHON_CONTEXT context=greenlet_context used=contextvars_context"
+    assert said in warning
