@@ -252,26 +252,26 @@ def _check_meter_provider(environ: Mapping[str, str]) -> None:
         )
 
 
-# Read by each periodic metric reader (console and OTLP metrics), in milliseconds: the SDK
-# raises its ValueError for one at or below 0, and logs one that is no number and takes
-# its default (60 s) for it.
-_METRIC_INTERVAL = "OTEL_METRIC_EXPORT_INTERVAL"
+# Read by each periodic metric reader (console and OTLP metrics), in milliseconds; one
+# that is no number the SDK logs and takes its default for. An interval at or below 0 it
+# raises its ValueError for; a timeout at or below 0 it takes, and then every collection
+# times out on the gateway's gauges' callbacks: no metric ever left, and each interval
+# logged a traceback.
+_METRIC_READER_MILLIS = ("OTEL_METRIC_EXPORT_INTERVAL", "OTEL_METRIC_EXPORT_TIMEOUT")
 
 
-def _check_metric_interval(environ: Mapping[str, str]) -> None:
-    """Raise `TelemetrySetupError` for an `OTEL_METRIC_EXPORT_INTERVAL` the SDK raises
-    for as a periodic reader is built."""
-    value = environ.get(_METRIC_INTERVAL)
-    if value is None:
-        return
-    try:
-        millis = float(value)
-    except ValueError:
-        return
-    if millis <= 0:
-        raise TelemetrySetupError(
-            _METRIC_INTERVAL, f"{value!r} is not a number of milliseconds above 0"
-        )
+def _check_metric_reader_millis(environ: Mapping[str, str]) -> None:
+    """Raise `TelemetrySetupError` for a periodic metric reader's interval or timeout that
+    is a number of milliseconds at or below 0."""
+    for variable in _METRIC_READER_MILLIS:
+        try:
+            millis = float(environ.get(variable, "nan"))
+        except ValueError:
+            continue
+        if millis <= 0:
+            raise TelemetrySetupError(
+                variable, f"{environ[variable]!r} is not a number of milliseconds above 0"
+            )
 
 
 # The exemplar filters the SDK's `MeterProvider` takes by name, spelled exactly so.
@@ -351,7 +351,7 @@ def _exporter_names(environ: Mapping[str, str], signal: str) -> list[str]:
         if name not in _EXPORTERS[signal]:
             raise TelemetrySetupError(variable, f"unknown exporter {name!r}")
         if signal == "METRICS" and name != "prometheus":
-            _check_metric_interval(environ)
+            _check_metric_reader_millis(environ)
         if name == "otlp":
             _check_otlp(environ, signal)
     return names

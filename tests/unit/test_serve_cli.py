@@ -589,6 +589,10 @@ _NO_METER_PROVIDER = "no installed package provides the meter provider 'bogus'"
             "OTEL_METRIC_EXPORT_INTERVAL: '-1' is not a number of milliseconds above 0",
         ),
         (
+            {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_METRIC_EXPORT_TIMEOUT": "0"},
+            "OTEL_METRIC_EXPORT_TIMEOUT: '0' is not a number of milliseconds above 0",
+        ),
+        (
             {"OTEL_TRACES_EXPORTER": "otlp", _RETRYABLE_CODES: "unavailable, bogus"},
             f"{_RETRYABLE_CODES}: 'bogus' is not a gRPC status code name",
         ),
@@ -612,10 +616,11 @@ def test_a_setting_the_sdk_refuses_as_telemetry_is_built_is_a_config_error(
     """An exemplar filter, metric export interval, retryable gRPC code, meter provider or
     OTLP credential provider the OpenTelemetry SDK or an exporter raises for as the
     gateway builds its telemetry is a one-line config error naming the variable, from
-    `serve` and `check` (exit 2).
+    `serve` and `check` (exit 2); so is a metric export timeout at or below 0.
 
     Before, `serve` ended in the SDK's traceback (ValueError, KeyError, StopIteration,
-    RuntimeError), status 1, while `check` said ok.
+    RuntimeError), status 1, while `check` said ok; and with that timeout it served, every
+    metric collection timing out (no metric exported), a traceback logged each interval.
     """
     done = _run_with_otel(tmp_path, _COMMANDS[command], "", otel)
     assert done.returncode == 2, done.stdout + done.stderr
@@ -632,6 +637,7 @@ def test_check_takes_every_such_setting_the_sdk_takes(tmp_path: Path) -> None:
         "OTEL_METRICS_EXPORTER": "console,otlp",
         "OTEL_METRICS_EXEMPLAR_FILTER": "always_on",
         "OTEL_METRIC_EXPORT_INTERVAL": "soon",
+        "OTEL_METRIC_EXPORT_TIMEOUT": "1e3",
         _RETRYABLE_CODES: "unavailable,,Resource_Exhausted",
         "OTEL_PYTHON_METER_PROVIDER": "sdk_meter_provider",
         _HTTP_CREDENTIALS: "",
