@@ -236,6 +236,24 @@ def _provides(group: str, name: str) -> bool:
     return bool(entry_points(group=group, name=name))
 
 
+# The resource detectors the SDK runs as the resource is built, by entry point name (`*`:
+# every one installed); it logs one no package provides as an error, with a traceback,
+# and goes on without it and the attributes it was asked for.
+_RESOURCE_DETECTORS = "OTEL_EXPERIMENTAL_RESOURCE_DETECTORS"
+
+
+def _check_resource_detectors(environ: Mapping[str, str]) -> None:
+    """Raise `TelemetrySetupError` for a resource detector no installed package provides."""
+    for name in environ.get(_RESOURCE_DETECTORS, "").split(","):
+        if name.strip() not in ("", "*") and not _provides(
+            "opentelemetry_resource_detector", name.strip()
+        ):
+            raise TelemetrySetupError(
+                _RESOURCE_DETECTORS,
+                f"no installed package provides the resource detector {name.strip()!r}",
+            )
+
+
 # The meter provider OpenTelemetry's API builds, as its global one, the first time an SDK
 # part asks for one (the tracer and span processor, the OTLP exporters, for their own
 # metrics): by entry point name, raising StopIteration for one no package provides.
@@ -398,6 +416,7 @@ def check_environment(config: TelemetryConfig, environ: Mapping[str, str]) -> No
     exporter, so none is an error."""
     if is_off(config, environ):
         return
+    _check_resource_detectors(environ)
     _exporter_names(environ, "TRACES")
     if _exporter_names(environ, "METRICS") or config.prometheus_port is not None:
         _exemplar_filter(environ)  # read as the meter provider is built
@@ -547,6 +566,7 @@ def build_providers(
     env = os.environ if environ is None else environ
     if is_off(config, env):
         return Providers(trace.NoOpTracer(), metrics.NoOpMeter(_SCOPE))
+    _check_resource_detectors(env)
     resource = Resource.create({"service.name": _service_name_from(env) or config.service_name})
     processors: list[SpanProcessor] = [BatchSpanProcessor(e) for e in span_exporters(env)]
     processors.extend(span_processors)

@@ -608,6 +608,11 @@ _NO_METER_PROVIDER = "no installed package provides the meter provider 'bogus'"
             },
             f"{_HTTP_CREDENTIALS}: no installed package provides the credential provider 'bogus'",
         ),
+        (
+            {"OTEL_EXPERIMENTAL_RESOURCE_DETECTORS": "host, bogus"},
+            "OTEL_EXPERIMENTAL_RESOURCE_DETECTORS: no installed package provides the resource "
+            "detector 'bogus'",
+        ),
     ],
 )
 def test_a_setting_the_sdk_refuses_as_telemetry_is_built_is_a_config_error(
@@ -616,11 +621,14 @@ def test_a_setting_the_sdk_refuses_as_telemetry_is_built_is_a_config_error(
     """An exemplar filter, metric export interval, retryable gRPC code, meter provider or
     OTLP credential provider the OpenTelemetry SDK or an exporter raises for as the
     gateway builds its telemetry is a one-line config error naming the variable, from
-    `serve` and `check` (exit 2); so is a metric export timeout at or below 0.
+    `serve` and `check` (exit 2); so is a metric export timeout at or below 0, and a
+    resource detector no package provides.
 
     Before, `serve` ended in the SDK's traceback (ValueError, KeyError, StopIteration,
     RuntimeError), status 1, while `check` said ok; and with that timeout it served, every
-    metric collection timing out (no metric exported), a traceback logged each interval.
+    metric collection timing out (no metric exported), a traceback logged each interval;
+    with that detector, it served without the attributes asked for, having logged the
+    SDK's traceback.
     """
     done = _run_with_otel(tmp_path, _COMMANDS[command], "", otel)
     assert done.returncode == 2, done.stdout + done.stderr
@@ -631,7 +639,8 @@ def test_a_setting_the_sdk_refuses_as_telemetry_is_built_is_a_config_error(
 def test_check_takes_every_such_setting_the_sdk_takes(tmp_path: Path) -> None:
     """`check` refuses none of the values the SDK and exporters take for those settings:
     a named exemplar filter, an interval that is no number (the SDK logs it and takes its
-    default), status code names in any case, an installed meter provider."""
+    default), status code names in any case, an installed meter provider, `*` among the
+    resource detectors."""
     otel = {
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_METRICS_EXPORTER": "console,otlp",
@@ -641,6 +650,7 @@ def test_check_takes_every_such_setting_the_sdk_takes(tmp_path: Path) -> None:
         _RETRYABLE_CODES: "unavailable,,Resource_Exhausted",
         "OTEL_PYTHON_METER_PROVIDER": "sdk_meter_provider",
         _HTTP_CREDENTIALS: "",
+        "OTEL_EXPERIMENTAL_RESOURCE_DETECTORS": "*, process",
     }
     done = _run_with_otel(tmp_path, _COMMANDS["check"], "", otel)
     assert done.returncode == 0, done.stderr
