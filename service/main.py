@@ -108,6 +108,7 @@ def serve_command(args: argparse.Namespace) -> int:
     if count > 1:  # this process supervises the workers, whose lines name their index
         configure_logging(args.log_level, writer=SUPERVISOR)
     _log_worker_count(config, count, why)
+    _warn_of_unknown_context(config)
     config = dataclasses.replace(config, server=dataclasses.replace(server, workers=count))
     from service.hosts import ListenError
     from service.local_model import LocalModelUnavailable
@@ -136,6 +137,21 @@ def _log_worker_count(config: GatewayConfig, count: int, why: str) -> None:
     if kept_apart:
         state = "; ".join(kept_apart)
         log.warning("workers.state_per_worker", extra={"workers": count, "state": state})
+
+
+def _warn_of_unknown_context(config: GatewayConfig) -> None:
+    """`telemetry.unknown_context` (a warning, once, from the supervisor) for an
+    `OTEL_PYTHON_CONTEXT` no installed package provides, which OpenTelemetry replaced by
+    its default, with its traceback hidden (`service.otel_context`)."""
+    from service.otel_context import CONTEXT, DEFAULT_CONTEXT
+    from service.telemetry.setup import unknown_runtime_context
+
+    name = unknown_runtime_context(config.telemetry, os.environ)
+    if name is not None:
+        logging.getLogger("llm_gateway.telemetry").warning(
+            "telemetry.unknown_context",
+            extra={"variable": CONTEXT, "context": name, "used": DEFAULT_CONTEXT},
+        )
 
 
 def null_closed_descriptors() -> None:

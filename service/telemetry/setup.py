@@ -20,12 +20,13 @@ import os
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any
 
 import grpc
 from opentelemetry import metrics, trace
 from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, ExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     MetricExporter,
@@ -39,6 +40,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from service.config import ServerConfig, TelemetryConfig, listens_overlap
 from service.hosts import listen_host_problem
+from service.otel_context import unknown_context
 from service.telemetry.histograms import HistogramExport, suits
 from service.telemetry.lean_tracer import LeanTracer
 from service.telemetry.outages import (
@@ -228,21 +230,148 @@ def _check_span_settings(environ: Mapping[str, str]) -> None:
             raise TelemetrySetupError(variable, problem)
 
 
+def _provides(group: str, name: str) -> bool:
+    """Whether an installed package provides `name` in the entry point `group`, where the
+    SDK and its exporters look a component named by a variable up."""
+    return bool(entry_points(group=group, name=name))
+
+
+# The resource detectors the SDK runs as the resource is built, by entry point name (`*`:
+# every one installed); it logs one no package provides as an error, with a traceback,
+# and goes on without it and the attributes it was asked for.
+_RESOURCE_DETECTORS = "OTEL_EXPERIMENTAL_RESOURCE_DETECTORS"
+
+
+def _check_resource_detectors(environ: Mapping[str, str]) -> None:
+    """Raise `TelemetrySetupError` for a resource detector no installed package provides."""
+    for name in environ.get(_RESOURCE_DETECTORS, "").split(","):
+        if name.strip() not in ("", "*") and not _provides(
+            "opentelemetry_resource_detector", name.strip()
+        ):
+            raise TelemetrySetupError(
+                _RESOURCE_DETECTORS,
+                f"no installed package provides the resource detector {name.strip()!r}",
+            )
+
+
+# The meter provider OpenTelemetry's API builds, as its global one, the first time an SDK
+# part asks for one (the tracer and span processor, the OTLP exporters, for their own
+# metrics): by entry point name, raising StopIteration for one no package provides.
+_METER_PROVIDER = "OTEL_PYTHON_METER_PROVIDER"
+
+
+def _check_meter_provider(environ: Mapping[str, str]) -> None:
+    """Raise `TelemetrySetupError` for an `OTEL_PYTHON_METER_PROVIDER` no installed
+    package provides: `serve` ended in a traceback (status 1) while `check` said ok."""
+    name = environ.get(_METER_PROVIDER)
+    if name is not None and not _provides("opentelemetry_meter_provider", name):
+        raise TelemetrySetupError(
+            _METER_PROVIDER, f"no installed package provides the meter provider {name!r}"
+        )
+
+
+# Read by each periodic metric reader (console and OTLP metrics), in milliseconds; one
+# that is no number the SDK logs and takes its default for. An interval at or below 0 it
+# raises its ValueError for; a timeout at or below 0 it takes, and then every collection
+# times out on the gateway's gauges' callbacks: no metric ever left, and each interval
+# logged a traceback.
+_METRIC_READER_MILLIS = ("OTEL_METRIC_EXPORT_INTERVAL", "OTEL_METRIC_EXPORT_TIMEOUT")
+
+
+def _check_metric_reader_millis(environ: Mapping[str, str]) -> None:
+    """Raise `TelemetrySetupError` for a periodic metric reader's interval or timeout that
+    is a number of milliseconds at or below 0."""
+    for variable in _METRIC_READER_MILLIS:
+        try:
+            millis = float(environ.get(variable, "nan"))
+        except ValueError:
+            continue
+        if millis <= 0:
+            raise TelemetrySetupError(
+                variable, f"{environ[variable]!r} is not a number of milliseconds above 0"
+            )
+
+
+# The exemplar filters the SDK's `MeterProvider` takes by name, spelled exactly so.
+_EXEMPLAR_FILTER = "OTEL_METRICS_EXEMPLAR_FILTER"
+_EXEMPLAR_FILTERS = ("always_on", "always_off", "trace_based")
+
+
+def _exemplar_filter(environ: Mapping[str, str]) -> ExemplarFilter | None:
+    """The exemplar filter for the meter provider: None, for the SDK's own choice by
+    `OTEL_METRICS_EXEMPLAR_FILTER`, when that is set; else always off, as exemplars cost
+    a reservoir offer on every measurement. Raises `TelemetrySetupError` for a name the
+    SDK raises its ValueError for as the provider is built."""
+    name = environ.get(_EXEMPLAR_FILTER)
+    if not name:
+        return AlwaysOffExemplarFilter()
+    if name not in _EXEMPLAR_FILTERS:
+        raise TelemetrySetupError(
+            _EXEMPLAR_FILTER, f"{name!r} is not one of {', '.join(_EXEMPLAR_FILTERS)}"
+        )
+    return None
+
+
+# The status codes the gRPC OTLP exporters retry an export on: a comma list of
+# `grpc.StatusCode` names in any case; a name that is none raises KeyError as one is built.
+_RETRYABLE_CODES = "OTEL_PYTHON_EXPORTER_OTLP_GRPC_RETRYABLE_ERROR_CODES"
+
+
+def _check_retryable_codes(environ: Mapping[str, str]) -> None:
+    """Raise `TelemetrySetupError` for a name in the gRPC exporters' retryable codes that
+    is no gRPC status code."""
+    for code in environ.get(_RETRYABLE_CODES, "").split(","):
+        if code.strip() and code.strip().upper() not in grpc.StatusCode.__members__:
+            raise TelemetrySetupError(
+                _RETRYABLE_CODES, f"{code.strip()!r} is not a gRPC status code name"
+            )
+
+
+def _check_credential_providers(environ: Mapping[str, str], signal: str, protocol: str) -> None:
+    """Raise `TelemetrySetupError` for a credential provider the OTLP exporter of `signal`
+    and `protocol` is told to load that no installed package provides: the exporter
+    raises its RuntimeError for one as it is built (gRPC's when the endpoint is not
+    insecure; such a name is refused here either way)."""
+    kind = "GRPC" if protocol == _GRPC else "HTTP"
+    for variable in (
+        f"OTEL_PYTHON_EXPORTER_OTLP_{kind}_CREDENTIAL_PROVIDER",
+        f"OTEL_PYTHON_EXPORTER_OTLP_{kind}_{signal}_CREDENTIAL_PROVIDER",
+    ):
+        name = environ.get(variable)
+        if name and not _provides("opentelemetry_otlp_credential_provider", name):
+            raise TelemetrySetupError(
+                variable, f"no installed package provides the credential provider {name!r}"
+            )
+
+
+def _check_otlp(environ: Mapping[str, str], signal: str) -> None:
+    """Raise `TelemetrySetupError` for what the OTLP exporter of `signal` reads and
+    cannot use: a protocol, compression, timeout, retryable code or credential provider."""
+    protocol = _protocol(environ, signal)
+    _otlp_compression(environ, signal)
+    _check_otlp_timeout(environ, signal)
+    if protocol == _GRPC:
+        _check_retryable_codes(environ)
+    _check_credential_providers(environ, signal, protocol)
+    _check_meter_provider(environ)
+
+
 def _exporter_names(environ: Mapping[str, str], signal: str) -> list[str]:
     """The exporters `OTEL_<signal>_EXPORTER` names; raises `TelemetrySetupError` for one
-    unknown, or for an OTLP protocol, compression or timeout it cannot read, before any
-    exporter is built."""
+    unknown, or for a variable that exporter, its span processor or metric reader reads
+    and cannot use, before any exporter is built."""
     variable = f"OTEL_{signal}_EXPORTER"
     names = _names(environ, variable)
     if signal == "TRACES" and names:
         _check_span_settings(environ)
+        _check_meter_provider(environ)
     for name in names:
         if name not in _EXPORTERS[signal]:
             raise TelemetrySetupError(variable, f"unknown exporter {name!r}")
+        if signal == "METRICS" and name != "prometheus":
+            _check_metric_reader_millis(environ)
         if name == "otlp":
-            _protocol(environ, signal)
-            _otlp_compression(environ, signal)
-            _check_otlp_timeout(environ, signal)
+            _check_otlp(environ, signal)
     return names
 
 
@@ -282,12 +411,15 @@ def _watched_metrics(exporter: MetricExporter) -> MetricReader:
 
 def check_environment(config: TelemetryConfig, environ: Mapping[str, str]) -> None:
     """Raise the `TelemetrySetupError` a start with `config` and `environ` would end with
-    (an unknown exporter, OTLP protocol or propagator), building nothing (`llm-gateway
-    check` asks). With telemetry off, a start reads no exporter, so none is an error."""
+    (an unknown exporter, OTLP protocol or propagator, a setting the SDK refuses),
+    building nothing (`llm-gateway check` asks). With telemetry off, a start reads no
+    exporter, so none is an error."""
     if is_off(config, environ):
         return
-    for signal in _EXPORTERS:
-        _exporter_names(environ, signal)
+    _check_resource_detectors(environ)
+    _exporter_names(environ, "TRACES")
+    if _exporter_names(environ, "METRICS") or config.prometheus_port is not None:
+        _exemplar_filter(environ)  # read as the meter provider is built
     trace_propagator(config, environ)
 
 
@@ -317,6 +449,13 @@ def trace_propagator(config: TelemetryConfig, environ: Mapping[str, str]) -> Tex
 def is_off(config: TelemetryConfig, environ: Mapping[str, str]) -> bool:
     """Whether the config or `OTEL_SDK_DISABLED` turns all telemetry off."""
     return not config.enabled or environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+def unknown_runtime_context(config: TelemetryConfig, environ: Mapping[str, str]) -> str | None:
+    """The `OTEL_PYTHON_CONTEXT` name no installed package provides, with telemetry on,
+    that `serve` and `check` warn of: OpenTelemetry uses its default in its place
+    (`service.otel_context`). None otherwise."""
+    return None if is_off(config, environ) else unknown_context(environ)
 
 
 def names_prometheus(environ: Mapping[str, str]) -> bool:
@@ -427,6 +566,7 @@ def build_providers(
     env = os.environ if environ is None else environ
     if is_off(config, env):
         return Providers(trace.NoOpTracer(), metrics.NoOpMeter(_SCOPE))
+    _check_resource_detectors(env)
     resource = Resource.create({"service.name": _service_name_from(env) or config.service_name})
     processors: list[SpanProcessor] = [BatchSpanProcessor(e) for e in span_exporters(env)]
     processors.extend(span_processors)
@@ -434,7 +574,10 @@ def build_providers(
     readers.extend(extra_metric_readers)
     prometheus_server = None
     prometheus_port = config.prometheus_port
-    if prometheus_port is not None or wants_prometheus:
+    wants_prometheus = wants_prometheus or prometheus_port is not None
+    # Refused before the Prometheus endpoint opens, which nothing would then close.
+    exemplar_filter = _exemplar_filter(env) if readers or wants_prometheus else None
+    if wants_prometheus:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import CollectorRegistry, start_http_server
 
@@ -465,10 +608,6 @@ def build_providers(
         providers.tracer_provider = tracer_provider
         providers.tracer = LeanTracer(tracer_provider, processors, scope_name=_SCOPE)
     if readers:
-        # Exemplars cost a reservoir offer on every measurement; off unless asked for.
-        exemplar_filter = (
-            None if env.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
-        )
         meter_provider = MeterProvider(
             metric_readers=readers,
             resource=resource,

@@ -568,3 +568,146 @@ def test_a_span_limit_the_sdk_reads_on_import_is_a_config_error_not_a_traceback(
         assert done.returncode == 2, done.stdout + done.stderr
         *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
         assert last == f"llm-gateway: config error: environment: {said}"
+
+
+_RETRYABLE_CODES = "OTEL_PYTHON_EXPORTER_OTLP_GRPC_RETRYABLE_ERROR_CODES"
+_HTTP_CREDENTIALS = "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER"
+_NO_METER_PROVIDER = "no installed package provides the meter provider 'bogus'"
+
+
+@pytest.mark.parametrize("command", ["serve", "check"])
+@pytest.mark.parametrize(
+    ("otel", "said"),
+    [
+        (
+            {"OTEL_METRICS_EXPORTER": "console", "OTEL_METRICS_EXEMPLAR_FILTER": "bogus"},
+            "OTEL_METRICS_EXEMPLAR_FILTER: 'bogus' is not one of always_on, always_off, "
+            "trace_based",
+        ),
+        (
+            {"OTEL_METRICS_EXPORTER": "console", "OTEL_METRIC_EXPORT_INTERVAL": "-1"},
+            "OTEL_METRIC_EXPORT_INTERVAL: '-1' is not a number of milliseconds above 0",
+        ),
+        (
+            {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_METRIC_EXPORT_TIMEOUT": "0"},
+            "OTEL_METRIC_EXPORT_TIMEOUT: '0' is not a number of milliseconds above 0",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", _RETRYABLE_CODES: "unavailable, bogus"},
+            f"{_RETRYABLE_CODES}: 'bogus' is not a gRPC status code name",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "console", "OTEL_PYTHON_METER_PROVIDER": "bogus"},
+            f"OTEL_PYTHON_METER_PROVIDER: {_NO_METER_PROVIDER}",
+        ),
+        (
+            {
+                "OTEL_METRICS_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                _HTTP_CREDENTIALS: "bogus",
+            },
+            f"{_HTTP_CREDENTIALS}: no installed package provides the credential provider 'bogus'",
+        ),
+        (
+            {"OTEL_EXPERIMENTAL_RESOURCE_DETECTORS": "host, bogus"},
+            "OTEL_EXPERIMENTAL_RESOURCE_DETECTORS: no installed package provides the resource "
+            "detector 'bogus'",
+        ),
+    ],
+)
+def test_a_setting_the_sdk_refuses_as_telemetry_is_built_is_a_config_error(
+    tmp_path: Path, command: str, otel: dict[str, str], said: str
+) -> None:
+    """An exemplar filter, metric export interval, retryable gRPC code, meter provider or
+    OTLP credential provider the OpenTelemetry SDK or an exporter raises for as the
+    gateway builds its telemetry is a one-line config error naming the variable, from
+    `serve` and `check` (exit 2); so is a metric export timeout at or below 0, and a
+    resource detector no package provides.
+
+    Before, `serve` ended in the SDK's traceback (ValueError, KeyError, StopIteration,
+    RuntimeError), status 1, while `check` said ok; and with that timeout it served, every
+    metric collection timing out (no metric exported), a traceback logged each interval;
+    with that detector, it served without the attributes asked for, having logged the
+    SDK's traceback.
+    """
+    done = _run_with_otel(tmp_path, _COMMANDS[command], "", otel)
+    assert done.returncode == 2, done.stdout + done.stderr
+    *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
+    assert last == f"llm-gateway: config error: environment: {said}"
+
+
+def test_check_takes_every_such_setting_the_sdk_takes(tmp_path: Path) -> None:
+    """`check` refuses none of the values the SDK and exporters take for those settings:
+    a named exemplar filter, an interval that is no number (the SDK logs it and takes its
+    default), status code names in any case, an installed meter provider, `*` among the
+    resource detectors."""
+    otel = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_METRICS_EXPORTER": "console,otlp",
+        "OTEL_METRICS_EXEMPLAR_FILTER": "always_on",
+        "OTEL_METRIC_EXPORT_INTERVAL": "soon",
+        "OTEL_METRIC_EXPORT_TIMEOUT": "1e3",
+        _RETRYABLE_CODES: "unavailable,,Resource_Exhausted",
+        "OTEL_PYTHON_METER_PROVIDER": "sdk_meter_provider",
+        _HTTP_CREDENTIALS: "",
+        "OTEL_EXPERIMENTAL_RESOURCE_DETECTORS": "*, process",
+    }
+    done = _run_with_otel(tmp_path, _COMMANDS["check"], "", otel)
+    assert done.returncode == 0, done.stderr
+
+
+_UNKNOWN_CONTEXT = {"OTEL_PYTHON_CONTEXT": "greenlet_context"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "telemetry", "warned"),
+    [
+        (
+            _COMMANDS["check"],
+            "",
+            "warning: OTEL_PYTHON_CONTEXT: no installed package provides the runtime context "
+            "'greenlet_context': OpenTelemetry uses contextvars_context",
+        ),
+        (_COMMANDS["check"], "telemetry: {enabled: false}\n", None),
+        (["-m", "gateway_client.cli", "models", "--help"], "", None),
+    ],
+)
+def test_a_runtime_context_no_package_provides_is_one_warning_not_a_traceback(
+    tmp_path: Path, argv: list[str], telemetry: str, warned: str | None
+) -> None:
+    """`OTEL_PYTHON_CONTEXT` naming a runtime context no installed package provides is,
+    with telemetry on, one warning line from `check`, which still says ok (OpenTelemetry
+    uses its default, the one the gateway needs); a command that reads no telemetry
+    says nothing of it.
+
+    Before, OpenTelemetry logged its failure with a traceback as it was imported, with
+    the gateway's modules: every command, `llm-gateway models --help` too, printed it.
+    """
+    done = _run_with_otel(tmp_path, argv, telemetry, _UNKNOWN_CONTEXT)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ([] if warned is None else [warned])
+
+
+def test_serve_warns_once_of_a_runtime_context_no_package_provides(tmp_path: Path) -> None:
+    """`serve` with an unknown `OTEL_PYTHON_CONTEXT` serves, having logged one warning
+    naming the variable and the context used in its place, and no traceback.
+
+    Before, OpenTelemetry's traceback came first, as its context module was imported.
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text("server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n")
+    serve = subprocess.Popen(
+        [sys.executable, *_COMMANDS["serve"], "--config", str(config)],
+        env={**os.environ, **_UNKNOWN_CONTEXT}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert serve.stdout is not None
+        assert "listening on" in serve.stdout.readline()
+    finally:
+        serve.terminate()
+        _, err = serve.communicate(timeout=30)
+    assert "Traceback" not in err
+    [warning] = [line for line in err.splitlines() if "telemetry.unknown_context" in line]
+    said = "variable=OTEL_PYTHON_CONTEXT context=greenlet_context used=contextvars_context"
+    assert said in warning

@@ -30,6 +30,7 @@ from service.errors import UpstreamError
 from service.hosts import ListenError
 from service.local_model import start_problem
 from service.main import config_path, default_config, with_flags
+from service.otel_context import CONTEXT, DEFAULT_CONTEXT
 from service.redis_access import check_redis_access
 from service.security import check_start_config
 from service.server import NO_UPSTREAM_FIX, TLS_REFUSED, refuse_taken, refuses_tls
@@ -39,6 +40,7 @@ from service.telemetry.setup import (
     check_environment,
     check_prometheus_host,
     prometheus_endpoint_port,
+    unknown_runtime_context,
 )
 from service.upstream.client import probe_models
 from service.upstream.http import HttpError, ProxyRefused
@@ -184,6 +186,19 @@ def _warn_of_taken_ports(config: GatewayConfig) -> None:
             )
 
 
+def _warn_of_unknown_context(config: GatewayConfig) -> None:
+    """Say on stderr that OpenTelemetry uses its default runtime context for an
+    `OTEL_PYTHON_CONTEXT` no installed package provides, as `serve` warns
+    `telemetry.unknown_context`: not an error, the SDK's own fallback."""
+    name = unknown_runtime_context(config.telemetry, os.environ)
+    if name is not None:
+        print(
+            f"warning: {CONTEXT}: no installed package provides the runtime context "
+            f"{name!r}: OpenTelemetry uses {DEFAULT_CONTEXT}",
+            file=sys.stderr,
+        )
+
+
 def format_checks(checks: list[UpstreamCheck]) -> str:
     """The checks as an aligned text table."""
     rows = [("UPSTREAM", "REACHABLE", "KEY", "MODELS", "LATENCY", "PROBLEM")]
@@ -229,6 +244,7 @@ async def check_command(args: argparse.Namespace) -> int:
     print(f"config {config.source}: ok")
     _warn_of_state_per_worker(config, workers)
     _warn_of_taken_ports(config)
+    _warn_of_unknown_context(config)
     # What `serve` would exit 1 on, where this said the local model would serve.
     problem = start_problem(config.local_model) if config.wants_local_model else None
     if problem is not None:
