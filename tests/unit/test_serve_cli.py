@@ -685,7 +685,9 @@ def test_a_runtime_context_no_package_provides_is_one_warning_not_a_traceback(
     """
     done = _run_with_otel(tmp_path, argv, telemetry, _UNKNOWN_CONTEXT)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.splitlines() == ([] if warned is None else [warned])
+    # Its config serves no model, which `check` warns of too.
+    lines = [line for line in done.stderr.splitlines() if "no upstream serves" not in line]
+    assert lines == ([] if warned is None else [warned])
 
 
 def test_serve_warns_once_of_a_runtime_context_no_package_provides(tmp_path: Path) -> None:

@@ -250,19 +250,16 @@ async def check_command(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"local model: {problem}", file=sys.stderr)
         return 1
-    # `serve` starts so (keys may come with the next rollout), but every call is NOT_FOUND.
-    serves_nothing = not config.enabled_upstreams and not config.wants_local_model
+    if not config.enabled_upstreams and not config.wants_local_model:
+        # As `serve` warns `gateway.no_upstream`: it starts so (keys may come with the next
+        # rollout), but answers every call NOT_FOUND.
+        print(f"warning: {NO_UPSTREAM_FIX}", file=sys.stderr)
     if not config.upstreams:
         local = ": the gateway will serve the local model" if config.wants_local_model else ""
         print(f"no upstreams configured{local}")
-        if serves_nothing:
-            print(NO_UPSTREAM_FIX, file=sys.stderr)
-        return 1 if serves_nothing else 0
+        return 0
     checks = await check_all(config, timeout_s=args.timeout)
     print(format_checks(checks))
-    if serves_nothing:
-        print(NO_UPSTREAM_FIX, file=sys.stderr)
-        return 1
     if not config.enabled_upstreams and config.local_model.enabled != "never":
         print("no provider key set: the gateway will serve the local model")
     failures = [c for c in checks if not c.is_ok]
