@@ -61,23 +61,31 @@ def generate_key() -> str:
 
 
 def bearer_key(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
-    """The key of the `authorization: Bearer <key>` header, or None if absent."""
+    """The key of the `authorization: Bearer <key>` header, or None if absent, not in
+    that form, or sent more than once."""
+    key = None
+    sent = 0
     for name, value in metadata:
-        if name.lower() != "authorization" or not isinstance(value, str):
+        if name.lower() != "authorization":
             continue
-        if value[: len(_BEARER)].lower() == _BEARER:
-            key = value[len(_BEARER) :].strip()
-            return key or None
-    return None
+        sent += 1
+        if isinstance(value, str) and value[: len(_BEARER)].lower() == _BEARER:
+            key = value[len(_BEARER) :].strip() or None
+    # Two keys name the caller ambiguously: a proxy or mesh in front may read the other
+    # one, and the gateway would then serve the call as a tenant it did not vouch for.
+    return key if sent == 1 else None
 
 
 _SEND_BEARER = "send metadata 'authorization: Bearer <key>'"
 
 
 def _no_key_problem(metadata: Iterable[tuple[str, str | bytes]]) -> str:
-    """Why no key was read: none sent, or one sent in a form the gateway does not take
-    (never repeating any of it, which may be the key itself)."""
-    if any(name.lower() == "authorization" for name, _ in metadata):
+    """Why no key was read: none sent, more than one, or one sent in a form the gateway
+    does not take (never repeating any of it, which may be the key itself)."""
+    sent = sum(name.lower() == "authorization" for name, _ in metadata)
+    if sent > 1:
+        return f"the 'authorization' metadata was sent {sent} times: {_SEND_BEARER} once"
+    if sent:
         return f"the 'authorization' metadata was sent, but not as 'Bearer <key>': {_SEND_BEARER}"
     return f"missing caller key: {_SEND_BEARER}"
 

@@ -60,10 +60,14 @@ def test_generated_keys_are_random_and_prefixed():
         ([("x-other", "Bearer abc")], None),
         ([("authorization-bin", b"Bearer abc")], None),
         ([], None),
+        ([("authorization", "Bearer abc"), ("authorization", "Bearer def")], None),
+        ([("authorization", "Token abc"), ("authorization", "Bearer def")], None),
+        ([("authorization", "Bearer "), ("authorization", "Bearer def")], None),
     ],
 )
 def test_bearer_key_parsing(metadata, expected):
-    """Only `authorization: Bearer <key>` (any case) yields a key."""
+    """Only one `authorization: Bearer <key>` (any case) yields a key: sent twice, which
+    one names the caller is ambiguous."""
     assert bearer_key(metadata) == expected
 
 
