@@ -197,7 +197,12 @@ class FileKeyStore:
             log.warning("auth.keys_file_unusable", extra={"error": str(exc)})
             return
         signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        if signature == self._signature or (stat.st_size == 0 and self._is_held_once(signature)):
+        if signature == self._signature:
+            # The file read last, back after it was seen gone (moved away and back): that
+            # sighting is over, else the next save by rename would count as its second.
+            self._unconfirmed = None
+            return
+        if stat.st_size == 0 and self._is_held_once(signature):
             return
         try:
             # utf-8-sig: a byte order mark (Windows editors save one) is not part of line 1.

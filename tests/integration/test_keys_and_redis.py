@@ -577,6 +577,25 @@ async def test_a_keys_file_seen_mid_save_keeps_its_keys_until_a_second_check(
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_a_keys_file_moved_away_and_back_still_keeps_its_keys_through_a_later_save(
+    upstream, start_gateway, tmp_path
+):
+    """A keys file moved away and back unchanged (`mv keys keys.bak`, then back) is the
+    file the gateway read: a later save by rename that a check lands in the middle of
+    keeps the keys one check more, as ever. Before, the gone file seen before was still
+    counted, so that one check took the file as removed and refused every key."""
+    keys, moved = tmp_path / "keys", tmp_path / "keys.bak"
+    keys.write_text(f"{hash_key(CALLER_KEY_A)} team-a\n", encoding="utf-8")
+    auth = {"mode": "keys", "keys_file": str(keys), "keys_file_check_s": 0}
+    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
+    keys.rename(moved)
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    moved.rename(keys)
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    keys.unlink()  # an editor's save by rename, between its two steps
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+
+
 async def test_a_key_whose_line_an_editor_saving_a_bom_deleted_is_revoked(
     upstream, start_gateway, tmp_path
 ):
