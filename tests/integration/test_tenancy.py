@@ -121,6 +121,18 @@ async def test_authorization_metadata_sent_twice_is_unauthenticated(upstream, st
     assert upstream.requests == []
 
 
+async def test_with_keys_optional_authorization_sent_twice_is_the_default_tenant(
+    upstream, start_gateway
+):
+    """With keys optional, two `authorization` entries name no tenant, as an unknown key
+    does: the caller is `default` (before, the first key's tenant)."""
+    gw = await start_gateway(secure_config(upstream.base_url, auth={"mode": "off"}))
+    metadata = as_tenant("team-a") + as_tenant("team-b")
+    assert (await gw.stub.Complete(chat(), metadata=metadata)).content
+    usage = await gw.stub.GetUsage(pb.GetUsageRequest(tenant="*"))
+    assert [row.tenant for row in usage.rows] == ["default"]
+
+
 async def test_callers_without_a_valid_key_take_no_server_slot(upstream, start_gateway):
     """With the server's only slot taken and one place to wait, calls without a key or
     with a wrong one are refused at once, and never hold that place: a valid caller
