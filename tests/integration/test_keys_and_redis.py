@@ -96,6 +96,19 @@ def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path, caps
     assert keys_file.stat().st_mode & 0o077 == 0
 
 
+def test_keys_create_names_the_digest_that_revokes_the_key(tmp_path, capsys):
+    """stderr names the stored SHA-256: the line (or Redis field) to delete to revoke
+    this key later, one of several of its tenant's, once the key is given away. Before,
+    it said only that a digest was stored."""
+    keys_file = tmp_path / "keys.txt"
+    config = _write_config(tmp_path / "gw.yaml", {"mode": "keys", "keys_file": str(keys_file)})
+    assert keys_command(["create", "--tenant", "team-a", "--config", str(config)]) == 0
+    printed = capsys.readouterr()
+    key = register_secret(printed.out.strip())
+    assert f"SHA-256 {hash_key(key)} for tenant 'team-a' in {keys_file}" in printed.err
+    assert key not in printed.err
+
+
 def test_llm_gateway_keys_create_issues_a_key_as_python_m_service_does(tmp_path, capsys):
     """`llm-gateway keys create` (the console script every other command is under) issues
     a key whose digest lands in the keys file, and names itself in its usage errors.
