@@ -129,9 +129,11 @@ def keys_command(argv: list[str], *, prog: str = "python -m service keys") -> in
             file=sys.stderr,
         )
         return 1
+    # The digest is what names the key later: to revoke one of a tenant's keys, the line
+    # or hash field to delete, where the key itself may be long given away.
     print(
-        f"stored the key's SHA-256 for tenant {args.tenant!r} in {where}; "
-        "the key itself is shown only this once",
+        f"stored the key's SHA-256 {hash_key(key)} for tenant {args.tenant!r} in {where} "
+        "(delete it there to revoke the key); the key itself is shown only this once",
         file=sys.stderr,
     )
     if config.tenants and args.tenant not in config.tenants:

@@ -96,6 +96,19 @@ def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path, caps
     assert keys_file.stat().st_mode & 0o077 == 0
 
 
+def test_keys_create_names_the_digest_that_revokes_the_key(tmp_path, capsys):
+    """stderr names the stored SHA-256: the line (or Redis field) to delete to revoke
+    this key later, one of several of its tenant's, once the key is given away. Before,
+    it said only that a digest was stored."""
+    keys_file = tmp_path / "keys.txt"
+    config = _write_config(tmp_path / "gw.yaml", {"mode": "keys", "keys_file": str(keys_file)})
+    assert keys_command(["create", "--tenant", "team-a", "--config", str(config)]) == 0
+    printed = capsys.readouterr()
+    key = register_secret(printed.out.strip())
+    assert f"SHA-256 {hash_key(key)} for tenant 'team-a' in {keys_file}" in printed.err
+    assert key not in printed.err
+
+
 def test_llm_gateway_keys_create_issues_a_key_as_python_m_service_does(tmp_path, capsys):
     """`llm-gateway keys create` (the console script every other command is under) issues
     a key whose digest lands in the keys file, and names itself in its usage errors.
@@ -575,6 +588,25 @@ async def test_a_keys_file_seen_mid_save_keeps_its_keys_until_a_second_check(
     assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
     error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A)))
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_keys_file_moved_away_and_back_still_keeps_its_keys_through_a_later_save(
+    upstream, start_gateway, tmp_path
+):
+    """A keys file moved away and back unchanged (`mv keys keys.bak`, then back) is the
+    file the gateway read: a later save by rename that a check lands in the middle of
+    keeps the keys one check more, as ever. Before, the gone file seen before was still
+    counted, so that one check took the file as removed and refused every key."""
+    keys, moved = tmp_path / "keys", tmp_path / "keys.bak"
+    keys.write_text(f"{hash_key(CALLER_KEY_A)} team-a\n", encoding="utf-8")
+    auth = {"mode": "keys", "keys_file": str(keys), "keys_file_check_s": 0}
+    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
+    keys.rename(moved)
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    moved.rename(keys)
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    keys.unlink()  # an editor's save by rename, between its two steps
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
 
 
 async def test_a_key_whose_line_an_editor_saving_a_bom_deleted_is_revoked(

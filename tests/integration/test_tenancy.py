@@ -103,6 +103,36 @@ async def test_a_key_not_sent_as_bearer_is_told_apart_from_a_missing_one(
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize(
+    "first", [f"Bearer {CALLER_KEY_A}", "Token abc", "Bearer "], ids=["two-keys", "token", "empty"]
+)
+async def test_authorization_metadata_sent_twice_is_unauthenticated(upstream, start_gateway, first):
+    """Two `authorization` entries name the caller ambiguously (a proxy in front may
+    vouch for the other one): refused, saying so, never served as either key's tenant
+    (before, the first Bearer entry won, and an empty one hid a valid one after it)."""
+    gw = await start_gateway(secure_config(upstream.base_url))
+    metadata = (("authorization", first), ("authorization", f"Bearer {CALLER_KEY_B}"))
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=metadata))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert detail(error, error_details_pb2.ErrorInfo).reason == "UNAUTHENTICATED"
+    details = error.details() or ""
+    assert details.startswith("the 'authorization' metadata was sent 2 times")
+    assert CALLER_KEY_B.removeprefix("llmgw_")[:8] not in details
+    assert upstream.requests == []
+
+
+async def test_with_keys_optional_authorization_sent_twice_is_the_default_tenant(
+    upstream, start_gateway
+):
+    """With keys optional, two `authorization` entries name no tenant, as an unknown key
+    does: the caller is `default` (before, the first key's tenant)."""
+    gw = await start_gateway(secure_config(upstream.base_url, auth={"mode": "off"}))
+    metadata = as_tenant("team-a") + as_tenant("team-b")
+    assert (await gw.stub.Complete(chat(), metadata=metadata)).content
+    usage = await gw.stub.GetUsage(pb.GetUsageRequest(tenant="*"))
+    assert [row.tenant for row in usage.rows] == ["default"]
+
+
 async def test_callers_without_a_valid_key_take_no_server_slot(upstream, start_gateway):
     """With the server's only slot taken and one place to wait, calls without a key or
     with a wrong one are refused at once, and never hold that place: a valid caller
