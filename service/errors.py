@@ -234,7 +234,13 @@ class QuotaExceeded(GatewayError):
 
 class BudgetExceeded(QuotaExceeded):
     """A tenant's budget refused the call, before any upstream call: the per-minute units
-    its tenant's limits took for it go back (`CallerGate.admit`)."""
+    its tenant's limits took for it go back (`CallerGate.admit`).
+
+    `is_unsent`: set by a batch's item or a Summarize's part whose earlier tries in its
+    turn were not sent either, so that its turn's units go back (`Pipeline.in_turn`).
+    """
+
+    is_unsent: bool = False
 
 
 class Overloaded(QuotaExceeded):

@@ -913,6 +913,52 @@ async def test_calls_their_tenants_budget_refuses_take_nothing_from_its_limits(
     assert len(upstream.requests) == 2
 
 
+async def test_batch_items_and_summaries_their_tenants_budget_refuses_take_nothing_from_its_limits(
+    upstream, start_gateway, limits_auth
+):
+    """A batch's items and a Summarize's part that team-a's budget refuses make no
+    upstream call and give back the request and tokens their turns took: each item fails
+    alone with the budget's refusal, and team-a's minute still holds the two plain calls
+    after them and all their tokens.
+
+    Before, each took its share of the minute: the second item was refused for
+    requests_per_minute, and so were the plain calls after the batch."""
+    tokens_per_minute = 2000
+    config = secure_config(
+        upstream.base_url,
+        auth=limits_auth,
+        tenants={"team-a": {"requests_per_minute": 3, "tokens_per_minute": tokens_per_minute}},
+        budgets={"team-a": {"usd": 0.0001, "period": "day"}},
+        models={
+            FAKE_MODEL: {
+                "context_window": 4096,
+                "input_usd_per_million": 1,
+                "output_usd_per_million": 0,  # the large max_tokens below costs nothing
+            }
+        },
+    )
+    gw = await start_gateway(config)
+    team_a = as_tenant("team-a")
+    costly = "word " * 150  # about 150 tokens of $1 a million: past the $0.0001 budget
+    batch = pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id=f"item-{i}", request=chat(f"{costly}{i}")) for i in range(3)],
+        concurrency=1,
+    )
+    events = [e async for e in gw.stub.CompleteBatch(batch, metadata=team_a, timeout=10)]
+    for result in (e.result for e in events if e.HasField("result")):
+        assert result.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "daily budget" in result.error.message
+    summary = pb.SummarizeRequest(model=FAKE_MODEL, document=costly)
+    refused = await rpc_error(gw.stub.Summarize(summary, metadata=team_a, timeout=10))
+    assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "daily budget" in (refused.details() or "")
+    # The whole minute's tokens but the estimate of "hi" (and a few to spare).
+    whole_minute = pb.GenerationParams(max_tokens=tokens_per_minute - 20)
+    assert (await gw.stub.Complete(chat("hi", params=whole_minute), metadata=team_a)).content
+    assert (await gw.stub.Complete(chat("hi"), metadata=team_a)).content == "Hello from fake"
+    assert len(upstream.requests) == 2
+
+
 @pytest.mark.parametrize(
     ("rpc", "field"),
     [
