@@ -19,6 +19,7 @@ from service.clock import Deadline
 from service.config import BatchConfig
 from service.domain import ChatRequest, Completion, Usage
 from service.errors import (
+    BudgetExceeded,
     FieldViolation,
     GatewayError,
     InvalidRequest,
@@ -236,6 +237,9 @@ async def _complete_item(
             )
         except ShuttingDown as stopped:
             stopped.is_unsent = stopped.is_unsent and not was_sent  # its tries' too
+            raise
+        except BudgetExceeded as refused:
+            refused.is_unsent = not was_sent
             raise
         except UpstreamError as exc:
             if says_why(exc):

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from service.config import ANY_TENANT, BudgetConfig
 from service.domain import ChatRequest, Usage
-from service.errors import QuotaExceeded
+from service.errors import BudgetExceeded
 from service.ledger import PICO, Ledger, Reservation, WallClock, period_key_end_s
 from service.pricing import PriceList
 
@@ -40,7 +40,7 @@ _ADJECTIVE = {"day": "daily", "month": "monthly"}
 CALLS_IN_FLIGHT_RETRY_S = 1.0
 
 
-class HeldByCallsInFlight(QuotaExceeded):
+class HeldByCallsInFlight(BudgetExceeded):
     """A budget refusal only for what the tenant's calls in flight hold: it passes once
     they end (most often spending less), not at the period's reset.
 
@@ -63,9 +63,9 @@ class _ReleaseWait:
     waiters: int = 0
 
 
-def _never_fits(tenant: str, cost_usd: float, budget: BudgetConfig) -> QuotaExceeded:
+def _never_fits(tenant: str, cost_usd: float, budget: BudgetConfig) -> BudgetExceeded:
     """The refusal of a call expected to cost more than the tenant's whole budget."""
-    refusal = QuotaExceeded(
+    refusal = BudgetExceeded(
         f"a call expected to cost ${cost_usd:.6f} (its prompt, and its max_tokens or the "
         f"budget's reserve_output_tokens) can never fit tenant {tenant!r}'s "
         f"${budget.usd:.6f} {_ADJECTIVE[budget.period]} budget",
@@ -172,7 +172,7 @@ class Budgets:
         # The end of the period the ledger refused in: past midnight by now, the new
         # day's budget may already have room.
         retry_after_s = max(0.0, period_key_end_s(reservation.period_key) - self._now())
-        raise QuotaExceeded(message, subject=subject, retry_after_s=retry_after_s)
+        raise BudgetExceeded(message, subject=subject, retry_after_s=retry_after_s)
 
     async def release(self, reservation: Reservation) -> None:
         """Stop holding a reservation (its call's usage is recorded, or it never ran), and

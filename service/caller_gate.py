@@ -32,6 +32,7 @@ from service.auth import (
 from service.clock import Deadline
 from service.config import TenantConfig
 from service.errors import (
+    BudgetExceeded,
     DeadlineExceeded,
     FieldViolation,
     InvalidRequest,
@@ -505,4 +506,12 @@ class CallerGate:
         async with self._limiter.admit(
             principal.tenant, limits, tokens=tokens, requests=demand.requests
         ) as slot:
-            yield slot
+            try:
+                yield slot
+            except BudgetExceeded:
+                # Refused before any upstream call, as a bad field is: the call takes none
+                # of its tenant's minute, nor answers a retry with its rate's refusal.
+                await self._limiter.give_back_rate(
+                    principal.tenant, limits, tokens=tokens, requests=demand.requests
+                )
+                raise

@@ -9,6 +9,7 @@
     ├── Unauthenticated           UNAUTHENTICATED   (ErrorInfo)
     ├── PermissionDenied          PERMISSION_DENIED (ErrorInfo)
     ├── QuotaExceeded             RESOURCE_EXHAUSTED (QuotaFailure, RetryInfo, pushback trailer)
+    │   ├── BudgetExceeded        RESOURCE_EXHAUSTED (QuotaFailure, RetryInfo, pushback trailer)
     │   └── Overloaded            RESOURCE_EXHAUSTED (RetryInfo, pushback trailer)
     ├── DeadlineExceeded          DEADLINE_EXCEEDED
     └── UpstreamError             UNAVAILABLE       (ErrorInfo naming upstream, RetryInfo, pushback)
@@ -229,6 +230,17 @@ class QuotaExceeded(GatewayError):
     @property
     def retry_after_s(self) -> float | None:
         return self._retry_after_s
+
+
+class BudgetExceeded(QuotaExceeded):
+    """A tenant's budget refused the call, before any upstream call: the per-minute units
+    its tenant's limits took for it go back (`CallerGate.admit`).
+
+    `is_unsent`: set by a batch's item or a Summarize's part whose earlier tries in its
+    turn were not sent either, so that its turn's units go back (`Pipeline.in_turn`).
+    """
+
+    is_unsent: bool = False
 
 
 class Overloaded(QuotaExceeded):

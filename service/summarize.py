@@ -61,6 +61,7 @@ from service.domain import (
     Usage,
 )
 from service.errors import (
+    BudgetExceeded,
     ContextWindowExceeded,
     FieldViolation,
     InvalidRequest,
@@ -1120,6 +1121,9 @@ class Summarizer:
                         )
                 except ShuttingDown as stopped:
                     stopped.is_unsent = stopped.is_unsent and not was_sent  # its tries' too
+                    raise
+                except BudgetExceeded as refused:
+                    refused.is_unsent = not was_sent
                     raise
                 except UpstreamContextExceeded:
                     raise  # the text is split again (`_call_if_fits`)

@@ -890,6 +890,105 @@ async def test_calls_refused_before_any_upstream_call_take_nothing_from_the_limi
     assert len(upstream.requests) == 1
 
 
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def limits_auth(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The auth section's extra keys: tenant limits in memory, or in a real Redis."""
+    if request.param == "memory":
+        return {}
+    return {"redis_url": request.getfixturevalue("redis_server").url}
+
+
+async def test_calls_their_tenants_budget_refuses_take_nothing_from_its_limits(
+    upstream, start_gateway, limits_auth
+):
+    """A Complete and a CompleteStream that team-a's budget refuses (each expected to cost
+    more than the whole budget) make no upstream call and take none of its
+    requests_per_minute or tokens_per_minute, in memory and in Redis alike: each is told
+    the budget's refusal (do not retry), and the minute's two requests and its tokens
+    still serve the two small calls after them.
+
+    Before, each refused call took a request and its tokens: the third was refused for
+    requests_per_minute (retry in 30 s) instead of the budget, and the small calls after
+    them were refused too."""
+    config = secure_config(
+        upstream.base_url,
+        auth=limits_auth,
+        tenants={"team-a": {"requests_per_minute": 2, "tokens_per_minute": 1000}},
+        budgets={"team-a": {"usd": 0.0001, "period": "day"}},
+        models={
+            FAKE_MODEL: {
+                "context_window": 4096,
+                "input_usd_per_million": 1,
+                "output_usd_per_million": 1,
+            }
+        },
+    )
+    gw = await start_gateway(config)
+    team_a = as_tenant("team-a")
+    costly = "word " * 150  # about 150 tokens of $1 a million: past the $0.0001 budget
+    refusals = [
+        lambda: rpc_error(gw.stub.Complete(chat(costly), metadata=team_a)),
+        lambda: stream_error(gw.stub.CompleteStream(chat_stream(costly), metadata=team_a)),
+        lambda: rpc_error(gw.stub.Complete(chat(costly), metadata=team_a)),
+    ]
+    for refuse in refusals:  # one after another: a call starts as it is made
+        error = await refuse()
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        quota = detail(error, error_details_pb2.QuotaFailure)
+        assert quota.violations[0].subject == "tenant:team-a"
+        assert "can never fit tenant 'team-a''s $0.000100 daily budget" in (error.details() or "")
+        assert trailer(error, RETRY_PUSHBACK_TRAILER) == "-1"
+    for _ in range(2):
+        assert (await gw.stub.Complete(chat("hi"), metadata=team_a)).content == "Hello from fake"
+    assert len(upstream.requests) == 2
+
+
+async def test_batch_items_and_summaries_their_tenants_budget_refuses_take_nothing_from_its_limits(
+    upstream, start_gateway, limits_auth
+):
+    """A batch's items and a Summarize's part that team-a's budget refuses make no
+    upstream call and give back the request and tokens their turns took: each item fails
+    alone with the budget's refusal, and team-a's minute still holds the two plain calls
+    after them and all their tokens.
+
+    Before, each took its share of the minute: the second item was refused for
+    requests_per_minute, and so were the plain calls after the batch."""
+    tokens_per_minute = 2000
+    config = secure_config(
+        upstream.base_url,
+        auth=limits_auth,
+        tenants={"team-a": {"requests_per_minute": 3, "tokens_per_minute": tokens_per_minute}},
+        budgets={"team-a": {"usd": 0.0001, "period": "day"}},
+        models={
+            FAKE_MODEL: {
+                "context_window": 4096,
+                "input_usd_per_million": 1,
+                "output_usd_per_million": 0,  # the large max_tokens below costs nothing
+            }
+        },
+    )
+    gw = await start_gateway(config)
+    team_a = as_tenant("team-a")
+    costly = "word " * 150  # about 150 tokens of $1 a million: past the $0.0001 budget
+    batch = pb.CompleteBatchRequest(
+        items=[pb.BatchItem(id=f"item-{i}", request=chat(f"{costly}{i}")) for i in range(3)],
+        concurrency=1,
+    )
+    events = [e async for e in gw.stub.CompleteBatch(batch, metadata=team_a, timeout=10)]
+    for result in (e.result for e in events if e.HasField("result")):
+        assert result.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "daily budget" in result.error.message
+    summary = pb.SummarizeRequest(model=FAKE_MODEL, document=costly)
+    refused = await rpc_error(gw.stub.Summarize(summary, metadata=team_a, timeout=10))
+    assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "daily budget" in (refused.details() or "")
+    # The whole minute's tokens but the estimate of "hi" (and a few to spare).
+    whole_minute = pb.GenerationParams(max_tokens=tokens_per_minute - 20)
+    assert (await gw.stub.Complete(chat("hi", params=whole_minute), metadata=team_a)).content
+    assert (await gw.stub.Complete(chat("hi"), metadata=team_a)).content == "Hello from fake"
+    assert len(upstream.requests) == 2
+
+
 @pytest.mark.parametrize(
     ("rpc", "field"),
     [
