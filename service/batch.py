@@ -139,39 +139,42 @@ async def run_batch(
     limits = pipeline.limits
 
     async def run_one(index: int, item: BatchItem) -> None:
-        async with semaphore:
-            if pipeline.is_stopping:
-                finished.put_nowait(None)
-                return
-            try:
-                if item.refusal is not None:
-                    raise item.refusal
-                if item.violations:
-                    raise InvalidRequest(
-                        chat_request_violations(item.request, limits, prior=item.violations)
-                    )
-                turn: contextlib.AbstractAsyncContextManager[TakenTurn | None] = (
-                    contextlib.nullcontext()
+        # The slot is given back once the item's outcome is handed on (below), not as
+        # the item ends: a caller that stops reading stops the batch `concurrency` results
+        # later, where every item would otherwise run, be paid for and wait in memory.
+        await semaphore.acquire()
+        if pipeline.is_stopping:
+            finished.put_nowait(None)
+            return
+        try:
+            if item.refusal is not None:
+                raise item.refusal
+            if item.violations:
+                raise InvalidRequest(
+                    chat_request_violations(item.request, limits, prior=item.violations)
                 )
-                if pace is not None:
-                    # Refuse an invalid item, or one for a model no upstream serves, before
-                    # it takes any of the tenant's limits: it makes no upstream call.
-                    turn = pace(item.tokens(pipeline.prepare(item.request)), deadline)
-                async with pipeline.in_turn(turn):
-                    # Its timings count from the batch's start: its wait for its turn (the
-                    # batch's concurrency, its tenant's limits) is queued time.
-                    completion = await _complete_item(
-                        pipeline, item.request, deadline=deadline, waiting_since=started
-                    )
-            except ShuttingDown:  # it began while the item waited its turn
-                finished.put_nowait(None)
-                return
-            except Exception as exc:  # this item's outcome, not the batch's
-                if not isinstance(exc, GatewayError):
-                    log.error("batch.item_unexpected_error", exc_info=exc, extra={"index": index})
-                outcome = ItemOutcome(index, item.id, error=exc)
-            else:
-                outcome = ItemOutcome(index, item.id, completion=completion)
+            turn: contextlib.AbstractAsyncContextManager[TakenTurn | None] = (
+                contextlib.nullcontext()
+            )
+            if pace is not None:
+                # Refuse an invalid item, or one for a model no upstream serves, before
+                # it takes any of the tenant's limits: it makes no upstream call.
+                turn = pace(item.tokens(pipeline.prepare(item.request)), deadline)
+            async with pipeline.in_turn(turn):
+                # Its timings count from the batch's start: its wait for its turn (the
+                # batch's concurrency, its tenant's limits) is queued time.
+                completion = await _complete_item(
+                    pipeline, item.request, deadline=deadline, waiting_since=started
+                )
+        except ShuttingDown:  # it began while the item waited its turn
+            finished.put_nowait(None)
+            return
+        except Exception as exc:  # this item's outcome, not the batch's
+            if not isinstance(exc, GatewayError):
+                log.error("batch.item_unexpected_error", exc_info=exc, extra={"index": index})
+            outcome = ItemOutcome(index, item.id, error=exc)
+        else:
+            outcome = ItemOutcome(index, item.id, completion=completion)
         finished.put_nowait(outcome)
 
     succeeded = failed = not_started = 0
@@ -186,6 +189,7 @@ async def run_batch(
                 outcome = await finished.get()
                 if outcome is None:
                     not_started += 1
+                    semaphore.release()
                     continue
                 if outcome.completion is not None:
                     succeeded += 1
@@ -193,7 +197,8 @@ async def run_batch(
                     cost_pico += to_pico(outcome.completion.cost_usd)
                 else:
                     failed += 1
-                yield outcome
+                yield outcome  # back once the caller's stream took it
+                semaphore.release()
     except BaseExceptionGroup as group_error:
         # Closed at `yield` (gRPC drops a stream cancelled while it sends a result, and
         # the generator is closed when collected): the group cancelled the items and

@@ -614,6 +614,12 @@ class Summarizer:
         room = None if window is None else window // 8
         if room is not None and estimate_text_tokens_up_to(request.instructions, room + 1) > room:
             violations.append(FieldViolation("instructions", f"at most about {room} tokens"))
+        elif (size := _utf8_size(request.instructions)) > (
+            most := self._pipeline.limits.max_request_bytes // 8
+        ):
+            # Every call sends them: over `max_request_bytes` beside a part, each would be
+            # refused on `messages`, a field the caller never sent.
+            violations.append(FieldViolation("instructions", f"at most {most} bytes, got {size}"))
         elif has_control_characters(request.instructions):
             violations.append(FieldViolation("instructions", "must not contain control characters"))
         # Checked here as well as by each part's call: so before the call takes its

@@ -471,3 +471,29 @@ async def test_an_item_failing_lets_the_items_in_flight_finish_and_be_cached(sta
         _, again = await collect(gateway.stub.CompleteBatch(request))
         assert again.succeeded == 3
         assert [user_text(r.body) for r in upstream.requests[sent:]] == ["fail"]
+
+
+async def test_a_caller_that_stops_reading_stops_the_batch_starting_items(start_gateway):
+    """A caller that takes one result of 40 and reads no further holds the batch a few
+    results later: its items' answers (1 MiB each) fill gRPC's flow-control window, and no
+    item starts while `concurrency` results wait to be taken. Read on, it gets all 40.
+
+    Before, an item's turn was given back as it ended, not as its result was taken: every
+    item ran, was paid for and waited in the server's memory for a caller that may never
+    read it (40 MiB here; up to `max_items` answers of 16 MiB each)."""
+    answer = Reply(content="x " * (1 << 19))
+
+    def respond(_body):
+        return answer
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as fake:
+        gateway = await start_gateway(gateway_config(fake.base_url))
+        call = gateway.stub.CompleteBatch(batch(*(f"q{i}" for i in range(40)), concurrency=2))
+        events = aiter(call)
+        await anext(events)
+        with pytest.raises(TimeoutError):  # unread, the batch stops short of its end
+            await fake.wait_until(lambda: len(fake.requests) == 40, timeout_s=1)
+        assert len(fake.requests) < 40
+        rest = [event async for event in events]
+    assert rest[-1].summary.succeeded == 40
+    assert len(fake.requests) == 40

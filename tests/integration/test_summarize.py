@@ -730,6 +730,31 @@ async def test_long_instructions_are_refused_having_read_only_what_the_limit_nee
     assert recorder.requests == []
 
 
+async def test_instructions_over_an_eighth_of_the_request_bytes_are_refused_on_their_field(
+    recorder, start_gateway
+):
+    """Instructions of 100,011 bytes on a model of a million tokens (within an eighth of its
+    window) under a `max_request_bytes` of 64 KiB: refused on `instructions`, past an eighth
+    of that limit (as of the window: each call holds them beside a part), before any call.
+
+    Before, every call was refused for its size, on `messages`, a field a Summarize does
+    not have, its message never naming the instructions."""
+    gateway = await start_gateway(
+        gateway_config(
+            recorder.base_url,
+            models=fake_model_window(1_000_000),
+            defaults={"max_request_bytes": 65536},
+        )
+    )
+    instructions = "Be brief please. " * 5883
+    request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(3), instructions=instructions)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(request)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == {"instructions": "at most 8192 bytes, got 100011"}
+    assert recorder.requests == []
+
+
 @pytest.mark.parametrize(
     ("model", "problem"),
     [
