@@ -160,8 +160,18 @@ class CircuitBreaker:
         self.is_key_rejected = False
         self._move(BreakerState.CLOSED, reason)  # which also clears the failures counted
 
-    def record_failure(self, *, reason: str = "failure") -> None:
-        """The upstream failed in a way that says it is unhealthy."""
+    def record_failure(self, *, reason: str = "failure", probe: int | None = None) -> None:
+        """The upstream failed in a way that says it is unhealthy.
+
+        `probe`: as `release`'s. Half-open, only the current probe's failure opens the
+        breaker again: any other call failing then was sent before it opened (a long
+        stream, a call the upstream held), and its failure is no newer than the ones that
+        opened it. Taken for the probe's, it reopened the breaker under a probe that went
+        on to succeed, and an upstream back up stayed shunned another cool-down for each
+        such call (with `timeout_s` of minutes and a cool-down of seconds, many).
+        """
+        if probe != self.episode and self.state is BreakerState.HALF_OPEN:
+            return  # older news than the opening: the probe decides
         self._probe_in_flight = False
         self._consecutive += 1
         self._note(failed=True)

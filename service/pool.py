@@ -796,7 +796,7 @@ class UpstreamPool:
             # The caller's deadline, not the upstream's fault.
             state.breaker.release(probe=probe)
         elif counts_against_health(exc):
-            state.breaker.record_failure(reason=describe(exc))
+            state.breaker.record_failure(reason=describe(exc), probe=probe)
         else:
             state.breaker.release(probe=probe)
         if exc.retry_after_s is not None:

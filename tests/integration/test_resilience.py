@@ -26,6 +26,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.breaker import BreakerState
 from service.clock import Deadline
 from service.domain import ChatRequest, Message, Role
 from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER, UpstreamAuthRejected
@@ -47,7 +48,7 @@ from tests.fake_upstream import (
     Status,
 )
 from tests.integration.helpers import error_info
-from tests.scripted_upstream import ScriptedUpstream, user_text
+from tests.scripted_upstream import GatedUpstream, ScriptedUpstream, user_text
 
 # Small waits keep the matrix fast; the bounds below are generous for a loaded 2-core box.
 FAST_RESILIENCE = {
@@ -1789,23 +1790,26 @@ async def test_half_open_lets_one_probe_through_while_older_calls_end(start_gate
 
 
 async def test_a_probe_from_an_earlier_half_open_does_not_free_the_current_probe(start_gateway):
-    """A probe outlives its half-open: an older call's 5xx opens the breaker again, and
-    after the next cool-down a second probe goes out. The first probe's 429 then ends
+    """A probe outlives its half-open: an older call's rejected key opens the breaker
+    again (a 5xx would not: the probe decides), and after the next cool-down a second
+    probe goes out. The first probe's 429 then ends
     nothing but itself: the second probe's slot stays taken, and a third call is kept off
     the upstream while it runs.
     """
     behaviours = {
-        "old": Status(500, delay_s=1.0),  # sent closed; fails while the first probe runs
+        "old": Status(401, delay_s=1.0),  # sent closed; fails while the first probe runs
         "fail": Status(500),
         "probe1": Status(429, delay_s=2.0),
         "probe2": Reply(delay_s=2.5),
     }
     async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
-        gateway, old = await _half_open_beside_an_old_call(start_gateway, fake, cool_down_s=0.4)
+        gateway, old = await _half_open_beside_an_old_call(
+            start_gateway, fake, cool_down_s=0.4, key_rejected_cool_down_s=0.4
+        )
         probe1 = asyncio.ensure_future(gateway.stub.Complete(chat("probe1")))
         assert await settle(lambda: len(fake.requests) == 3)
         with pytest.raises(grpc.aio.AioRpcError):
-            await old  # its 500 opens the breaker again, probe1 still running
+            await old  # its 401 opens the breaker again, probe1 still running
         await asyncio.sleep(0.45)  # half-open again
         probe2 = asyncio.ensure_future(gateway.stub.Complete(chat("probe2")))
         assert await settle(lambda: len(fake.requests) == 4)
@@ -1821,6 +1825,38 @@ async def test_a_probe_from_an_earlier_half_open_does_not_free_the_current_probe
         models = await gateway.stub.ListModels(pb.ListModelsRequest())
         assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
         assert models.models[0].upstreams[0].in_flight == 0
+
+
+async def test_a_call_sent_before_the_breaker_opened_failing_during_its_probe_leaves_it_to_the_probe(
+    start_gateway,
+):
+    """A call sent while the upstream was healthy fails once the breaker is half-open, its
+    probe running: its failure is older news than the opening, so the breaker stays
+    half-open, and the probe's success closes it; the next call reaches the upstream.
+
+    Before, the old call's failure was taken for the probe's: it opened the breaker again
+    for another cool-down, the probe's answer then was ignored as older news, and the
+    upstream, back up, was refused to every caller (`up0 (circuit open)`)."""
+    behaviours = {"old": Status(500), "fail": Status(500), "probe": Reply(), "after": Reply()}
+    async with GatedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        fake.release("fail")
+        fake.release("after")
+        gateway, old = await _half_open_beside_an_old_call(start_gateway, fake, cool_down_s=1.0)
+        breaker = gateway.server.pipeline.pool.state("up0").breaker
+        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
+        assert await settle(lambda: len(fake.requests) == 3)
+        fake.release("old")
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await old
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_PROBING
+        fake.release("probe")
+        assert (await probe).content == "Hello from fake"
+        assert breaker.state is BreakerState.CLOSED
+        after = await gateway.stub.Complete(chat("after"))
+        assert (after.metadata.upstream, after.metadata.attempts) == ("up0", 1)
+        assert [user_text(r.body) for r in fake.requests] == ["old", "fail", "probe", "after"]
 
 
 async def test_a_call_sent_before_the_breaker_opened_does_not_close_it_by_succeeding(

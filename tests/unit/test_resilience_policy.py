@@ -202,10 +202,29 @@ def test_breaker_failed_probe_reopens():
         breaker.record_failure()
     clock.advance(5.0)
     assert breaker.acquire()
-    breaker.record_failure()
+    breaker.record_failure(probe=breaker.episode)
     assert breaker.state is BreakerState.OPEN
     clock.advance(4.9)
     assert breaker.state is BreakerState.OPEN
+
+
+def test_breaker_half_open_is_reopened_by_its_probe_alone():
+    """Half-open, a failing call that is not the probe (sent before the breaker opened)
+    leaves it half-open with its probe running; the probe's success closes it."""
+    clock = FakeClock()
+    breaker = _breaker(clock)
+    for _ in range(3):
+        breaker.record_failure()
+    clock.advance(5.0)
+    assert breaker.acquire()
+    probe = breaker.episode
+    breaker.record_failure(probe=None)
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert not breaker.acquire()  # the probe is still the one running
+    breaker.record_failure(probe=probe - 1)  # a probe of an earlier half-open
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED
 
 
 def test_breaker_opens_on_failure_ratio():
