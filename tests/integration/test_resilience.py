@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import email.utils
 import itertools
 import json
 import logging
@@ -802,6 +803,24 @@ async def test_a_retry_after_past_the_cap_is_passed_on_capped(start_gateway):
     assert reason == "UPSTREAM_RATE_LIMITED"
     assert retry_after_s == pytest.approx(FAST_RESILIENCE["max_retry_after_s"])
     assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "5000"
+
+
+async def test_a_retry_after_sent_twice_with_a_date_is_the_longer_wait(start_gateway):
+    """A 429 whose Retry-After arrives twice, a proxy's 1 s and the provider's HTTP date
+    some seconds on (joined: `1, Wed, 02 Dec ...`): the caller is told the date's wait,
+    the longer. Before, split at every comma, the joined value read as no Retry-After at
+    all, and the caller was told the first backoff (0.02 s), into the rate limit."""
+    later = email.utils.formatdate(time.time() + 4, usegmt=True)
+    limited = Status(429, headers={"Retry-After": f"1, {later}"})
+    async with FakeUpstream(default=limited) as fake:
+        resilience = {**FAST_RESILIENCE, "attempts": 1}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat())
+    _, reason, retry_after_s = error_details(info.value)
+    assert reason == "UPSTREAM_RATE_LIMITED"
+    assert retry_after_s is not None
+    assert 2.0 < retry_after_s <= 4.0  # whole seconds in a date: 3 to 4 s from its writing
 
 
 async def test_a_429_without_retry_after_waits_for_its_exhausted_windows_reset(start_gateway):
