@@ -140,12 +140,16 @@ class CircuitBreaker:
         if probe == self.episode:
             self._probe_in_flight = False
 
-    def record_success(self) -> None:
-        """The upstream answered."""
-        if self._state is not BreakerState.CLOSED and self.state is BreakerState.OPEN:
-            # A call sent before the breaker opened: its answer is older news than the
-            # failures that opened it, and the cool-down stands. (Closed, the usual case,
-            # is known without the state property.)
+    def record_success(self, *, probe: int | None = None) -> None:
+        """The upstream answered; `probe` as `release`'s."""
+        if self._state is not BreakerState.CLOSED and (
+            probe != self.episode or self.state is BreakerState.OPEN
+        ):
+            # A call sent before the breaker opened (the probe alone is sent while it is
+            # not closed): its answer is older news than the failures that opened it, so
+            # the cool-down stands, and half-open the probe decides; closed by it, every
+            # call went on beside the probe. (Closed, the usual case, is known without
+            # the state property.)
             return
         self._probe_in_flight = False
         self._consecutive = 0

@@ -1878,6 +1878,39 @@ async def test_a_call_sent_before_the_breaker_opened_failing_during_its_probe_le
         assert [user_text(r.body) for r in fake.requests] == ["old", "fail", "probe", "after"]
 
 
+async def test_a_call_sent_before_the_breaker_opened_answered_during_its_probe_leaves_it_to_the_probe(
+    start_gateway,
+):
+    """A call sent while the upstream was healthy is answered once the breaker is
+    half-open, its probe running: the breaker stays half-open, a third call is kept off
+    the upstream while the probe runs, and the probe's failure opens it again.
+
+    Before, the old call's answer closed the breaker: every call went on to the upstream
+    beside its probe, and the probe's failure then counted as one of a closed breaker's."""
+    behaviours = {"old": Reply(), "fail": Status(500), "probe": Status(500), "other": Reply()}
+    async with GatedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        fake.release("fail")
+        fake.release("other")
+        gateway, old = await _half_open_beside_an_old_call(
+            start_gateway, fake, cool_down_s=0.3, breaker_consecutive_failures=1
+        )
+        breaker = gateway.server.pipeline.pool.state("up0").breaker
+        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
+        assert await settle(lambda: len(fake.requests) == 3)
+        fake.release("old")
+        assert (await old).content == "Hello from fake"
+        assert breaker.state is BreakerState.HALF_OPEN
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await gateway.stub.Complete(chat("other"))
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "its probe running" in refused.value.details()
+        fake.release("probe")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await probe
+        assert breaker.state is BreakerState.OPEN
+        assert [user_text(r.body) for r in fake.requests] == ["old", "fail", "probe"]
+
+
 async def test_a_call_sent_before_the_breaker_opened_does_not_close_it_by_succeeding(
     start_gateway,
 ):
