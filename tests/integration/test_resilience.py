@@ -1846,7 +1846,7 @@ async def test_a_probe_from_an_earlier_half_open_does_not_free_the_current_probe
         assert models.models[0].upstreams[0].in_flight == 0
 
 
-async def test_a_call_sent_before_the_breaker_opened_failing_during_its_probe_leaves_it_to_the_probe(
+async def test_an_old_call_failing_during_the_probe_leaves_the_breaker_to_the_probe(
     start_gateway,
 ):
     """A call sent while the upstream was healthy fails once the breaker is half-open, its
@@ -1878,7 +1878,7 @@ async def test_a_call_sent_before_the_breaker_opened_failing_during_its_probe_le
         assert [user_text(r.body) for r in fake.requests] == ["old", "fail", "probe", "after"]
 
 
-async def test_a_call_sent_before_the_breaker_opened_answered_during_its_probe_leaves_it_to_the_probe(
+async def test_an_old_call_answered_during_the_probe_leaves_the_breaker_to_the_probe(
     start_gateway,
 ):
     """A call sent while the upstream was healthy is answered once the breaker is
