@@ -140,12 +140,16 @@ class CircuitBreaker:
         if probe == self.episode:
             self._probe_in_flight = False
 
-    def record_success(self) -> None:
-        """The upstream answered."""
-        if self._state is not BreakerState.CLOSED and self.state is BreakerState.OPEN:
-            # A call sent before the breaker opened: its answer is older news than the
-            # failures that opened it, and the cool-down stands. (Closed, the usual case,
-            # is known without the state property.)
+    def record_success(self, *, probe: int | None = None) -> None:
+        """The upstream answered; `probe` as `release`'s."""
+        if self._state is not BreakerState.CLOSED and (
+            probe != self.episode or self.state is BreakerState.OPEN
+        ):
+            # A call sent before the breaker opened (the probe alone is sent while it is
+            # not closed): its answer is older news than the failures that opened it, so
+            # the cool-down stands, and half-open the probe decides; closed by it, every
+            # call went on beside the probe. (Closed, the usual case, is known without
+            # the state property.)
             return
         self._probe_in_flight = False
         self._consecutive = 0
@@ -160,8 +164,18 @@ class CircuitBreaker:
         self.is_key_rejected = False
         self._move(BreakerState.CLOSED, reason)  # which also clears the failures counted
 
-    def record_failure(self, *, reason: str = "failure") -> None:
-        """The upstream failed in a way that says it is unhealthy."""
+    def record_failure(self, *, reason: str = "failure", probe: int | None = None) -> None:
+        """The upstream failed in a way that says it is unhealthy.
+
+        `probe`: as `release`'s. Half-open, only the current probe's failure opens the
+        breaker again: any other call failing then was sent before it opened (a long
+        stream, a call the upstream held), and its failure is no newer than the ones that
+        opened it. Taken for the probe's, it reopened the breaker under a probe that went
+        on to succeed, and an upstream back up stayed shunned another cool-down for each
+        such call (with `timeout_s` of minutes and a cool-down of seconds, many).
+        """
+        if probe != self.episode and self.state is BreakerState.HALF_OPEN:
+            return  # older news than the opening: the probe decides
         self._probe_in_flight = False
         self._consecutive += 1
         self._note(failed=True)

@@ -287,11 +287,11 @@ class UpstreamState:
             clock=clock,
         )
 
-    def record_success(self) -> None:
-        """The upstream answered: tell its breaker, and its key watch unless the breaker
-        took the answer for older news than its opening (a call sent before the key was
-        rejected, ending after)."""
-        self.breaker.record_success()
+    def record_success(self, *, probe: int | None) -> None:
+        """The upstream answered: tell its breaker (`probe` as `CircuitBreaker.release`'s),
+        and its key watch unless the breaker took the answer for older news than its
+        opening (a call sent before the key was rejected, ending after)."""
+        self.breaker.record_success(probe=probe)
         if self.breaker.state is BreakerState.CLOSED:
             self.key_watch.accepted()
 
@@ -796,7 +796,7 @@ class UpstreamPool:
             # The caller's deadline, not the upstream's fault.
             state.breaker.release(probe=probe)
         elif counts_against_health(exc):
-            state.breaker.record_failure(reason=describe(exc))
+            state.breaker.record_failure(reason=describe(exc), probe=probe)
         else:
             state.breaker.release(probe=probe)
         if exc.retry_after_s is not None:
@@ -806,11 +806,16 @@ class UpstreamPool:
             state.limiter.pause(exc.retry_after_s or 0.0)
 
     def _after_success(
-        self, state: UpstreamState, hints: RateLimitHints, *, is_breaker_told: bool = False
+        self,
+        state: UpstreamState,
+        hints: RateLimitHints,
+        *,
+        probe: int | None,
+        is_breaker_told: bool = False,
     ) -> None:
         """Tell the breaker (unless a probe's first output already did) and the limiter."""
         if not is_breaker_told:
-            state.record_success()
+            state.record_success(probe=probe)
         if hints.remaining is not None:  # without rate-limit headers there is nothing to learn
             state.limiter.learn(hints, now_epoch_s=time.time())
 
@@ -1082,7 +1087,7 @@ class UpstreamPool:
                 raise
             finally:
                 state.limiter.release()
-            self._after_success(state, reply.rate_limits)
+            self._after_success(state, reply.rate_limits, probe=probe)
             record(error=None, waited_s=reply.waited_s)
             return reply
         error = self._give_up(request.model, plan, progress.last_error)
@@ -1131,7 +1136,7 @@ class UpstreamPool:
                                     # A probe streaming its answer has shown the upstream
                                     # back: a long stream (a reasoning model's, minutes)
                                     # must not hold off every other call till its end.
-                                    state.record_success()
+                                    state.record_success(probe=probe)
                                     probe, is_breaker_told = None, True
                                 if log.first_token_s is None:
                                     # From the start of the call: retries delay the first token.
@@ -1147,7 +1152,10 @@ class UpstreamPool:
                                     usage=event.usage,
                                 )
                                 self._after_success(
-                                    state, event.rate_limits, is_breaker_told=is_breaker_told
+                                    state,
+                                    event.rate_limits,
+                                    probe=probe,
+                                    is_breaker_told=is_breaker_told,
                                 )
                                 self._record(
                                     log,

@@ -58,10 +58,31 @@ class ScriptedUpstream(FakeUpstream):
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         self._changed.set()
         try:
-            await self.gate.wait()
+            await self._hold(body)
             response = await super()._play(request, body, chosen or behaviour)
             self.finished += 1
             return response
         finally:
             self.in_flight -= 1
             self._changed.set()
+
+    async def _hold(self, body: dict[str, Any]) -> None:
+        """Hold a request, in flight, until it may be answered."""
+        await self.gate.wait()
+
+
+class GatedUpstream(ScriptedUpstream):
+    """Holds each request, in flight, until the gate named by its user text is set
+    (`release`): a test orders when each call is answered by events, not delays."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gates: dict[str, asyncio.Event] = {}
+
+    def release(self, text: str) -> None:
+        """Let the request whose user text is `text` be answered (now or once it comes)."""
+        self.gates.setdefault(text, asyncio.Event()).set()
+
+    async def _hold(self, body: dict[str, Any]) -> None:
+        await super()._hold(body)
+        await self.gates.setdefault(user_text(body), asyncio.Event()).wait()

@@ -25,12 +25,39 @@ def retry_after_s(headers: Mapping[str, str], *, now_epoch_s: float) -> float | 
     raw = headers.get("retry-after")
     if raw is None:
         return None
-    raw = raw.strip()
-    wait = _longest(headers, "retry-after")
-    if wait is not None:
-        return wait
+    # Sent twice (a proxy adding its own), the values arrive joined: the longest wait, of
+    # dates as of numbers. Split at every comma, a date's own was read as the first date
+    # alone (the longer one after it dropped) or as nothing at all after a number.
+    waits = [_one_retry_after(value, now_epoch_s) for value in _retry_after_values(raw)]
+    if None in waits:
+        return None
+    return max(wait for wait in waits if wait is not None)
+
+
+# An HTTP date's weekday, before the comma the date holds ("Sun, 06 Nov 1994 08:49:37
+# GMT", "Sunday, 06-Nov-94 08:49:37 GMT"): no value of Retry-After on its own.
+_WEEKDAY = re.compile(r"[A-Za-z]{3,9}")
+
+
+def _retry_after_values(raw: str) -> list[str]:
+    """The values of a `Retry-After` header sent once or more, each date whole."""
+    values: list[str] = []
+    for part in raw.split(","):
+        if values and _WEEKDAY.fullmatch(values[-1]):
+            values[-1] += ", " + part.strip()
+        else:
+            values.append(part.strip())
+    return values
+
+
+def _one_retry_after(value: str, now_epoch_s: float) -> float | None:
+    """Seconds one `Retry-After` value asks for: delay-seconds or an HTTP date; None
+    for anything else, a negative number among them."""
+    seconds = _finite(value)
+    if seconds is not None:
+        return None if seconds < 0 else seconds
     try:
-        when = email.utils.parsedate_to_datetime(raw)
+        when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):  # a field past any C int
         return None
     if when.tzinfo is None:  # asctime names no zone; every HTTP date is UTC

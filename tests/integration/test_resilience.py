@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import email.utils
 import itertools
 import json
 import logging
@@ -26,6 +27,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
+from service.breaker import BreakerState
 from service.clock import Deadline
 from service.domain import ChatRequest, Message, Role
 from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER, UpstreamAuthRejected
@@ -47,7 +49,7 @@ from tests.fake_upstream import (
     Status,
 )
 from tests.integration.helpers import error_info
-from tests.scripted_upstream import ScriptedUpstream, user_text
+from tests.scripted_upstream import GatedUpstream, ScriptedUpstream, user_text
 
 # Small waits keep the matrix fast; the bounds below are generous for a loaded 2-core box.
 FAST_RESILIENCE = {
@@ -801,6 +803,24 @@ async def test_a_retry_after_past_the_cap_is_passed_on_capped(start_gateway):
     assert reason == "UPSTREAM_RATE_LIMITED"
     assert retry_after_s == pytest.approx(FAST_RESILIENCE["max_retry_after_s"])
     assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "5000"
+
+
+async def test_a_retry_after_sent_twice_with_a_date_is_the_longer_wait(start_gateway):
+    """A 429 whose Retry-After arrives twice, a proxy's 1 s and the provider's HTTP date
+    some seconds on (joined: `1, Wed, 02 Dec ...`): the caller is told the date's wait,
+    the longer. Before, split at every comma, the joined value read as no Retry-After at
+    all, and the caller was told the first backoff (0.02 s), into the rate limit."""
+    later = email.utils.formatdate(time.time() + 4, usegmt=True)
+    limited = Status(429, headers={"Retry-After": f"1, {later}"})
+    async with FakeUpstream(default=limited) as fake:
+        resilience = {**FAST_RESILIENCE, "attempts": 1}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.stub.Complete(chat())
+    _, reason, retry_after_s = error_details(info.value)
+    assert reason == "UPSTREAM_RATE_LIMITED"
+    assert retry_after_s is not None
+    assert 2.0 < retry_after_s <= 4.0  # whole seconds in a date: 3 to 4 s from its writing
 
 
 async def test_a_429_without_retry_after_waits_for_its_exhausted_windows_reset(start_gateway):
@@ -1789,23 +1809,26 @@ async def test_half_open_lets_one_probe_through_while_older_calls_end(start_gate
 
 
 async def test_a_probe_from_an_earlier_half_open_does_not_free_the_current_probe(start_gateway):
-    """A probe outlives its half-open: an older call's 5xx opens the breaker again, and
-    after the next cool-down a second probe goes out. The first probe's 429 then ends
+    """A probe outlives its half-open: an older call's rejected key opens the breaker
+    again (a 5xx would not: the probe decides), and after the next cool-down a second
+    probe goes out. The first probe's 429 then ends
     nothing but itself: the second probe's slot stays taken, and a third call is kept off
     the upstream while it runs.
     """
     behaviours = {
-        "old": Status(500, delay_s=1.0),  # sent closed; fails while the first probe runs
+        "old": Status(401, delay_s=1.0),  # sent closed; fails while the first probe runs
         "fail": Status(500),
         "probe1": Status(429, delay_s=2.0),
         "probe2": Reply(delay_s=2.5),
     }
     async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
-        gateway, old = await _half_open_beside_an_old_call(start_gateway, fake, cool_down_s=0.4)
+        gateway, old = await _half_open_beside_an_old_call(
+            start_gateway, fake, cool_down_s=0.4, key_rejected_cool_down_s=0.4
+        )
         probe1 = asyncio.ensure_future(gateway.stub.Complete(chat("probe1")))
         assert await settle(lambda: len(fake.requests) == 3)
         with pytest.raises(grpc.aio.AioRpcError):
-            await old  # its 500 opens the breaker again, probe1 still running
+            await old  # its 401 opens the breaker again, probe1 still running
         await asyncio.sleep(0.45)  # half-open again
         probe2 = asyncio.ensure_future(gateway.stub.Complete(chat("probe2")))
         assert await settle(lambda: len(fake.requests) == 4)
@@ -1821,6 +1844,71 @@ async def test_a_probe_from_an_earlier_half_open_does_not_free_the_current_probe
         models = await gateway.stub.ListModels(pb.ListModelsRequest())
         assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
         assert models.models[0].upstreams[0].in_flight == 0
+
+
+async def test_an_old_call_failing_during_the_probe_leaves_the_breaker_to_the_probe(
+    start_gateway,
+):
+    """A call sent while the upstream was healthy fails once the breaker is half-open, its
+    probe running: its failure is older news than the opening, so the breaker stays
+    half-open, and the probe's success closes it; the next call reaches the upstream.
+
+    Before, the old call's failure was taken for the probe's: it opened the breaker again
+    for another cool-down, the probe's answer then was ignored as older news, and the
+    upstream, back up, was refused to every caller (`up0 (circuit open)`)."""
+    behaviours = {"old": Status(500), "fail": Status(500), "probe": Reply(), "after": Reply()}
+    async with GatedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        fake.release("fail")
+        fake.release("after")
+        gateway, old = await _half_open_beside_an_old_call(start_gateway, fake, cool_down_s=1.0)
+        breaker = gateway.server.pipeline.pool.state("up0").breaker
+        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
+        assert await settle(lambda: len(fake.requests) == 3)
+        fake.release("old")
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await old
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_PROBING
+        fake.release("probe")
+        assert (await probe).content == "Hello from fake"
+        assert breaker.state is BreakerState.CLOSED
+        after = await gateway.stub.Complete(chat("after"))
+        assert (after.metadata.upstream, after.metadata.attempts) == ("up0", 1)
+        assert [user_text(r.body) for r in fake.requests] == ["old", "fail", "probe", "after"]
+
+
+async def test_an_old_call_answered_during_the_probe_leaves_the_breaker_to_the_probe(
+    start_gateway,
+):
+    """A call sent while the upstream was healthy is answered once the breaker is
+    half-open, its probe running: the breaker stays half-open, a third call is kept off
+    the upstream while the probe runs, and the probe's failure opens it again.
+
+    Before, the old call's answer closed the breaker: every call went on to the upstream
+    beside its probe, and the probe's failure then counted as one of a closed breaker's."""
+    behaviours = {"old": Reply(), "fail": Status(500), "probe": Status(500), "other": Reply()}
+    async with GatedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        fake.release("fail")
+        fake.release("other")
+        gateway, old = await _half_open_beside_an_old_call(
+            start_gateway, fake, cool_down_s=0.3, breaker_consecutive_failures=1
+        )
+        breaker = gateway.server.pipeline.pool.state("up0").breaker
+        probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
+        assert await settle(lambda: len(fake.requests) == 3)
+        fake.release("old")
+        assert (await old).content == "Hello from fake"
+        assert breaker.state is BreakerState.HALF_OPEN
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await gateway.stub.Complete(chat("other"))
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "its probe running" in refused.value.details()
+        fake.release("probe")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await probe
+        assert breaker.state is BreakerState.OPEN
+        assert [user_text(r.body) for r in fake.requests] == ["old", "fail", "probe"]
 
 
 async def test_a_call_sent_before_the_breaker_opened_does_not_close_it_by_succeeding(

@@ -185,7 +185,7 @@ def test_breaker_opens_after_consecutive_failures_and_probes_after_cool_down():
     assert breaker.state is BreakerState.HALF_OPEN
     assert breaker.acquire()
     assert not breaker.acquire()  # only one probe at a time
-    breaker.record_success()
+    breaker.record_success(probe=breaker.episode)
     assert breaker.state is BreakerState.CLOSED
     assert [c.new for c in changes] == [
         BreakerState.OPEN,
@@ -202,10 +202,47 @@ def test_breaker_failed_probe_reopens():
         breaker.record_failure()
     clock.advance(5.0)
     assert breaker.acquire()
-    breaker.record_failure()
+    breaker.record_failure(probe=breaker.episode)
     assert breaker.state is BreakerState.OPEN
     clock.advance(4.9)
     assert breaker.state is BreakerState.OPEN
+
+
+def test_breaker_half_open_is_reopened_by_its_probe_alone():
+    """Half-open, a failing call that is not the probe (sent before the breaker opened)
+    leaves it half-open with its probe running; the probe's success closes it."""
+    clock = FakeClock()
+    breaker = _breaker(clock)
+    for _ in range(3):
+        breaker.record_failure()
+    clock.advance(5.0)
+    assert breaker.acquire()
+    probe = breaker.episode
+    breaker.record_failure(probe=None)
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert not breaker.acquire()  # the probe is still the one running
+    breaker.record_failure(probe=probe - 1)  # a probe of an earlier half-open
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.record_success(probe=probe)
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_breaker_half_open_is_closed_by_its_probe_alone():
+    """Half-open, an answer to a call that is not the probe (sent before the breaker
+    opened) leaves it half-open, its probe still the one call let through; the probe's
+    answer closes it."""
+    clock = FakeClock()
+    breaker = _breaker(clock)
+    for _ in range(3):
+        breaker.record_failure()
+    clock.advance(5.0)
+    assert breaker.acquire()
+    breaker.record_success(probe=None)
+    breaker.record_success(probe=breaker.episode - 1)  # a probe of an earlier half-open
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert not breaker.acquire()
+    breaker.record_success(probe=breaker.episode)
+    assert breaker.state is BreakerState.CLOSED
 
 
 def test_breaker_opens_on_failure_ratio():
@@ -782,7 +819,7 @@ def test_pool_counters_keep_a_bounded_history_of_breaker_changes():
         breaker.record_key_rejected()  # open
         clock.advance(60.0)
         assert breaker.acquire()  # half-open: the probe
-        breaker.record_success()  # closed
+        breaker.record_success(probe=breaker.episode)  # closed
     assert len(counters.breaker_changes) <= 1000
     assert counters.breaker_changes[-1].new is BreakerState.CLOSED
 

@@ -66,6 +66,17 @@ def http_date(epoch_s: float) -> str:
         pytest.param({"retry-after-ms": "500,200"}, 0.5, id="ms-twice"),
         pytest.param({"retry-after": "2, soon"}, None, id="seconds-and-garbage"),
         pytest.param({"retry-after": http_date(NOW + 30)}, 30.0, id="date-has-a-comma-too"),
+        pytest.param(
+            {"retry-after": f"{http_date(NOW + 5)}, {http_date(NOW + 20)}"},
+            20.0,
+            id="date-twice-the-later",
+        ),
+        pytest.param({"retry-after": f"7, {http_date(NOW + 20)}"}, 20.0, id="seconds-then-date"),
+        pytest.param({"retry-after": f"{http_date(NOW + 5)}, 40"}, 40.0, id="date-then-seconds"),
+        pytest.param(
+            {"retry-after": "5, Thursday, 01-Jan-26 00:00:30 GMT"}, 30.0, id="rfc850-date-twice"
+        ),
+        pytest.param({"retry-after": f"{http_date(NOW + 5)}, soon"}, None, id="date-and-garbage"),
     ],
 )
 def test_retry_after_s(headers: dict[str, str], expected: float | None) -> None:
