@@ -86,6 +86,17 @@ _KEEPALIVE_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
 ]
+# The most request metadata (headers) a call may carry, as gRPC counts it: each entry's
+# name and value plus 32 bytes, the pseudo-headers included. gRPC's own soft limit is half
+# its hard one, and between the two it refuses calls at random, RESOURCE_EXHAUSTED growing
+# likelier with the size: a caller whose proxy adds 8 KiB of headers (a certificate chain,
+# a large token, trace baggage) failed about one call in ten, and a retry policy hid it.
+# The same limit for both: taken up to it, refused past it, every time.
+MAX_METADATA_BYTES = 16 * 1024
+_METADATA_OPTIONS = [
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+]
 NO_UPSTREAM_FIX = (
     "no upstream serves any model: set an upstream's api_key_env variable, or "
     "local_model.enabled to auto or always"
@@ -267,6 +278,7 @@ class GatewayServer:
                 ("grpc.max_receive_message_length", self.config.server.max_receive_message_bytes),
                 self._reuse_port_option,
                 *_KEEPALIVE_OPTIONS,
+                *_METADATA_OPTIONS,
                 *caller_keepalive_options(self.config.server),
                 *connection_age_options(self.config, upstreams),
             ],
@@ -323,7 +335,9 @@ class GatewayServer:
         with the rest); None without `listen`."""
         if listen is None:
             return None
-        server = grpc.aio.server(options=[self._reuse_port_option, *_KEEPALIVE_OPTIONS])
+        server = grpc.aio.server(
+            options=[self._reuse_port_option, *_KEEPALIVE_OPTIONS, *_METADATA_OPTIONS]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.health_port = _bind(listen, lambda: int(server.add_insecure_port(listen)))
         self._health_server = server

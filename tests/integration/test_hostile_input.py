@@ -20,7 +20,7 @@ import service.validation
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import GatewayConfig
-from service.server import GatewayServer
+from service.server import MAX_METADATA_BYTES, GatewayServer
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.fake_upstream import FakeUpstream
 from tests.integration.tenancy_helpers import (
@@ -516,6 +516,21 @@ async def test_messages_over_the_grpc_receive_limit_are_refused_by_grpc(upstream
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert (await gw.stub.Complete(chat("small"))).content == "Hello from fake"
     assert len(upstream.requests) == 1
+
+
+async def test_metadata_under_the_limit_is_taken_every_time_and_over_it_refused(upstream, gateway):
+    """Metadata past gRPC's soft limit (8 KiB) and under its hard one was refused at
+    random: a proxy's added headers failed some calls and not others. Taken up to
+    `MAX_METADATA_BYTES` (each entry's name and value and 32 bytes), refused past it."""
+    under = (("x-proxy-added", "a" * (MAX_METADATA_BYTES - 1024)),)
+    for _ in range(10):  # at random, about 8 in 10 of these were refused
+        response = await gateway.stub.Complete(chat(), metadata=under)
+        assert response.content == "Hello from fake"
+    over = (("x-proxy-added", "a" * MAX_METADATA_BYTES),)
+    for _ in range(3):
+        error = await rpc_error(gateway.stub.Complete(chat(), metadata=over))
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(upstream.requests) == 10
 
 
 @contextlib.contextmanager
