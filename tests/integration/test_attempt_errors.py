@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 
+from llmgateway.v1 import gateway_pb2 as pb
 from service.config import GatewayConfig, parse_config
 from tests.conftest import chat, gateway_config, gateway_config_data
 from tests.fake_upstream import Behaviour, FakeUpstream, Hang, Reset, Status
@@ -117,3 +119,22 @@ async def test_a_call_retried_many_times_names_its_first_attempts_and_counts_the
         attempts = "; ".join(["up0: HTTP 503"] * 5) + "; and 3 more"
         assert metadata["attempt_errors"] == attempts
         assert many.value.details() == f"upstream 'up0' failed (HTTP 503) (attempts: {attempts})"
+
+
+async def test_a_batch_items_error_names_each_attempts_failure(start_gateway):
+    """A CompleteBatch item failed by up0's 500 and up1's 401 carries both in its status,
+    as a Complete does."""
+    async with (
+        FakeUpstream(default=Status(500)) as first,
+        FakeUpstream(default=Status(401)) as other,
+    ):
+        gateway = await start_gateway(_two_upstreams_config(first.base_url, other.base_url))
+        request = pb.CompleteBatchRequest(items=[pb.BatchItem(id="item-0", request=chat())])
+        events = [event async for event in gateway.stub.CompleteBatch(request)]
+        failed = events[0].result.error
+        assert failed.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        attempts = "up0: HTTP 500; up1: key rejected (HTTP 401)"
+        assert failed.message.endswith(f" (attempts: {attempts})")
+        info = error_details_pb2.ErrorInfo()
+        assert any(detail.Unpack(info) for detail in failed.details)
+        assert (info.reason, info.metadata["attempt_errors"]) == ("UPSTREAM_AUTH", attempts)
