@@ -55,6 +55,11 @@ MAX_REPORTED_VIOLATIONS = 10
 _MAX_DESCRIPTION_CHARS = 300
 # What a status repeats of a value the caller sent (a model name before it is validated).
 _MAX_ECHOED_CHARS = 100
+# A status names the failures of at most this many of a call's attempts, the first ones,
+# then says how many more there were: a call may be retried hundreds of times.
+MAX_REPORTED_ATTEMPTS = 5
+# What a status says of one attempt's failure without an HTTP status: its message, cut.
+_MAX_ATTEMPT_FAILURE_CHARS = 60
 
 
 def clipped(value: str) -> str:
@@ -337,6 +342,10 @@ class UpstreamError(GatewayError):
         # The upstreams (comma-separated) the call skipped for being down until a restart
         # answers (the local model's): the caller's retry waits for that restart.
         self.restarting = ""
+        # What each attempt of the call failed with, in order, as `upstream: failure`
+        # (`attempt_failure`), set by the pool: the status says them all when there were
+        # several, the decisive one (this error) last.
+        self.attempt_failures: tuple[str, ...] = ()
 
     @property
     def retry_after_s(self) -> float | None:
@@ -591,6 +600,45 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
 
 
+def attempt_failure(error: BaseException) -> str:
+    """What a caller is told of one failed upstream attempt, short and secret-free:
+    `HTTP 500`, `key rejected (HTTP 401)`, `rate limited (HTTP 429)`, else what its
+    message says after the upstream's name (`dropped the connection`, `timed out`), cut
+    to 60 characters, without what an upstream said (`RelayedError`): the decisive
+    failure's message relays that already, once."""
+    if not isinstance(error, UpstreamError):
+        return "cancelled" if not isinstance(error, Exception) else type(error).__name__
+    status = error.status
+    if status is not None:
+        if isinstance(error, UpstreamAuthRejected):
+            what = "key rejected" if status in (401, 403) else "account refused"
+            return f"{what} (HTTP {status})"
+        if isinstance(error, UpstreamRateLimited):
+            return f"rate limited (HTTP {status})"
+        if isinstance(error, UpstreamNotOpenAI):
+            return f"no OpenAI answer (HTTP {status})"
+        if isinstance(error, UpstreamRejected):
+            return f"request rejected (HTTP {status})"
+        return f"HTTP {status}"
+    said = error.message.removeprefix(f"upstream {error.upstream!r} ")
+    relayed = getattr(error, "relayed", None)
+    if isinstance(relayed, RelayedError):
+        said = said.removesuffix(f": {relayed.message}")
+    if len(said) > _MAX_ATTEMPT_FAILURE_CHARS:
+        said = said[:_MAX_ATTEMPT_FAILURE_CHARS] + "..."
+    return said
+
+
+def attempts_said(failures: tuple[str, ...]) -> str:
+    """The failures of a call's attempts as a status says them: `up0: HTTP 500; up1: key
+    rejected (HTTP 401)`, the first `MAX_REPORTED_ATTEMPTS` of them, each cut like
+    `clipped` (an upstream's name is the operator's to choose), then `and 3 more`."""
+    said = "; ".join(clipped(failure) for failure in failures[:MAX_REPORTED_ATTEMPTS])
+    if len(failures) > MAX_REPORTED_ATTEMPTS:
+        said += f"; and {len(failures) - MAX_REPORTED_ATTEMPTS} more"
+    return said
+
+
 def _relayed_metadata(relayed: RelayedError) -> dict[str, str]:
     """`ErrorInfo` metadata for what an upstream said of a request it refused."""
     metadata = {"upstream_message": relayed.message}
@@ -629,6 +677,7 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
             )
         )
     metadata: dict[str, str] = {}
+    message = exc.message
     if isinstance(exc, ModelNotFound | ToolsUnsupported):
         metadata["model"] = clipped(exc.model)
     if isinstance(exc, UpstreamError):
@@ -639,6 +688,12 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
             metadata["attempts"] = str(exc.attempts)
         if exc.restarting:
             metadata["restarting"] = exc.restarting
+        if len(exc.attempt_failures) > 1:
+            # The message names the decisive failure alone; a platform engineer debugging
+            # an outage needs the others too (up0's 500 behind up1's rejected key).
+            said = attempts_said(exc.attempt_failures)
+            metadata["attempt_errors"] = said
+            message = f"{message} (attempts: {said})"
     if isinstance(exc, UpstreamNotOpenAI):
         metadata["content_type"] = exc.content_type
     if (
@@ -681,7 +736,7 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
     if exc.retry_after_s is not None:
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_duration(exc.retry_after_s))))
     code = exc.grpc_code.value[0]
-    return status_pb2.Status(code=code, message=exc.message, details=details)
+    return status_pb2.Status(code=code, message=message, details=details)
 
 
 def internal_error_status() -> status_pb2.Status:

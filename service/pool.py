@@ -40,6 +40,7 @@ from service.errors import (
     UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
+    attempt_failure,
     stream_interrupted,
 )
 from service.limits import LimitExceeded, UpstreamLimiter
@@ -139,6 +140,7 @@ class AttemptLog:
     queued_s: float = 0.0
     first_token_s: float | None = None
     retry_wait_s: float = 0.0
+    # What each failed attempt failed with, as its caller is told it (`attempt_failure`).
     errors: list[str] = field(default_factory=list)
     records: list[AttemptRecord] = field(default_factory=list)
     # Whether the last attempt's request reached the upstream whole (`HttpPool.request`).
@@ -696,7 +698,7 @@ class UpstreamPool:
             if left is not None and wait + self.settings.min_attempt_s > left:
                 # Never sleep into the caller's deadline: tell them now what went wrong.
                 last_error.is_cut_short_by_deadline = True
-                raise self._final(last_error, deadline, log_.attempts)
+                raise self._final(last_error, deadline, log_)
             decision = RetryDecision(
                 upstream=route.client.name,
                 failed_upstream=last_route.client.name,
@@ -717,7 +719,7 @@ class UpstreamPool:
         if left is not None and left < self.settings.min_attempt_s:
             if last_error is not None:
                 last_error.is_cut_short_by_deadline = True
-                raise self._final(last_error, deadline, log_.attempts)
+                raise self._final(last_error, deadline, log_)
             raise DeadlineExceeded("the caller's deadline passed before the upstream call")
         breaker = state.breaker
         if not breaker.acquire():
@@ -850,7 +852,7 @@ class UpstreamPool:
         )
         log_.records.append(record)
         if error is not None:
-            log_.errors.append(f"{route.client.name}: {record.error}")
+            log_.errors.append(f"{route.client.name}: {attempt_failure(error)}")
         self.hooks.attempt(record)
 
     def _give_up(self, model: str, plan: _CallPlan, last_error: UpstreamError | None) -> Exception:
@@ -944,10 +946,12 @@ class UpstreamPool:
         breaker = self._states[route.client.name].breaker
         return breaker.is_key_rejected and breaker.retry_after_s() is not None
 
-    def _final(self, exc: UpstreamError, deadline: Deadline, attempts: int) -> GatewayError:
-        """What the call ends with: `exc` with its attempts and, when it is UNAVAILABLE or a
-        429, a retry delay; or `DeadlineExceeded` when the caller's deadline caused it."""
-        exc.attempts = attempts
+    def _final(self, exc: UpstreamError, deadline: Deadline, log_: AttemptLog) -> GatewayError:
+        """What the call ends with: `exc` with its attempts (and what each failed with)
+        and, when it is UNAVAILABLE or a 429, a retry delay; or `DeadlineExceeded` when the
+        caller's deadline caused it."""
+        exc.attempts = log_.attempts
+        exc.attempt_failures = tuple(log_.errors)
         # Not a stream's timeout after its text (`StreamInterrupted`): only the upstream's
         # own bounds apply then, and a shared stream's followers outlive its first caller.
         if _hit_callers_deadline(exc, deadline):
@@ -1011,7 +1015,7 @@ class UpstreamPool:
                 exc.is_unsent = log.attempts == 0
                 raise
             except UpstreamError as exc:
-                raise self._final(exc, deadline, log.attempts) from None
+                raise self._final(exc, deadline, log) from None
             if admitted is None:
                 continue
             log.begin(route.client.name)
@@ -1077,7 +1081,7 @@ class UpstreamPool:
                 if is_failover_only(exc):
                     plan.exclude(route, _why_ruled_out(exc))
                 elif not is_retryable(exc) or deadline.has_expired:
-                    raise self._final(exc, deadline, log.attempts) from None
+                    raise self._final(exc, deadline, log) from None
                 progress.last_error, progress.last_route = exc, route
                 continue
             except BaseException as exc:  # cancelled: the caller went away
@@ -1092,7 +1096,7 @@ class UpstreamPool:
             return reply
         error = self._give_up(request.model, plan, progress.last_error)
         if isinstance(error, UpstreamError):
-            raise self._final(error, deadline, log.attempts)
+            raise self._final(error, deadline, log)
         raise error
 
     async def stream(
@@ -1193,11 +1197,11 @@ class UpstreamPool:
                         exc, deltas_sent=deltas_sent, chars_sent=sent.chars
                     )
                     interrupted.__cause__ = exc
-                    raise self._final(interrupted, deadline, log.attempts) from exc
+                    raise self._final(interrupted, deadline, log) from exc
                 if is_failover_only(exc):
                     plan.exclude(route, _why_ruled_out(exc))
                 elif not is_retryable(exc) or deadline.has_expired:
-                    raise self._final(exc, deadline, log.attempts) from None
+                    raise self._final(exc, deadline, log) from None
                 progress.last_error, progress.last_route = exc, route
                 continue
             except BaseException as exc:  # cancelled, or the consumer stopped reading
@@ -1219,7 +1223,7 @@ class UpstreamPool:
                 state.limiter.release()
         error = self._give_up(request.model, plan, progress.last_error)
         if isinstance(error, UpstreamError):
-            raise self._final(error, deadline, log.attempts)
+            raise self._final(error, deadline, log)
         raise error
 
 

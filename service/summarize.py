@@ -1113,6 +1113,9 @@ class Summarizer:
             # Only a try that was sent makes the next a retry, held to the retry budget:
             # the parts refused unsent while the local model restarts would spend it.
             was_sent = False
+            # What each upstream attempt of every try failed with, in order: the status
+            # says them all, not only the telling failure's (`attempt_errors`).
+            failures: list[str] = []
             for attempt in range(1, attempts + 1):
                 if self._pipeline.is_stopping:  # cut at the grace's end, it would be paid for
                     raise ShuttingDown(is_unsent=not was_sent)
@@ -1141,19 +1144,22 @@ class Summarizer:
                     if says_why(exc):
                         telling = exc
                     was_sent = was_sent or exc.attempts != 0
+                    failures.extend(exc.attempt_failures)
                     wait_s = next_try_s(exc, doubled(self._config.retry_backoff_s, attempt - 1))
                     left = deadline.remaining_s()
                     # A rejected key stays rejected: a retry would only find the upstream set
                     # aside, and say that instead.
                     is_final = attempt == attempts or exc.is_retry_futile
                     if is_final or (left is not None and left <= wait_s):
-                        raise SummarizePartFailed(
+                        failed = SummarizePartFailed(
                             exc if telling is None else telling,
                             part=slot.part,
                             parts=slot.parts,
                             level=slot.level,
                             attempts=attempt,
-                        ) from exc
+                        )
+                        failed.attempt_failures = tuple(failures)
+                        raise failed from exc
                     # Ended by the server's stop, naming the failure: another replica
                     # may take the call at once, where the next try would be sent into
                     # the drain (or cut at its end).

@@ -412,6 +412,30 @@ async def test_failing_part_is_retried_then_fails_the_call(recorder, start_gatew
     assert not any(is_combine(r.body) for r in recorder.requests)
 
 
+async def test_a_failed_part_names_each_attempt_of_every_try(recorder, start_gateway):
+    """A part failing 500, 502 (its first try's two attempts), then 503, 504 (its next
+    try's): the status names all four in order, not only the 504 its message says. Before,
+    nothing said the earlier three had failed."""
+    statuses = iter((500, 502, 503, 504))
+
+    def respond(body):
+        if is_part(body) and "Paragraph p30 sentence s2" in user_text(body):
+            return Status(next(statuses))
+        return default_respond(body)
+
+    recorder.respond = respond
+    settings = config(recorder.base_url, upstream_attempts=2, chunk_attempts=2)
+    gateway = await start_gateway(settings)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(60)))
+    details = error_details(caught.value)
+    assert (details.reason, details.metadata["attempts"]) == ("SUMMARIZE_PART_FAILED", "2")
+    attempts = "up0: HTTP 500; up0: HTTP 502; up0: HTTP 503; up0: HTTP 504"
+    assert details.metadata["attempt_errors"] == attempts
+    assert "(HTTP 504); no partial summary is returned" in details.message
+    assert details.message.endswith(f" (attempts: {attempts})")
+
+
 async def test_a_failing_parts_next_tries_are_held_to_the_retry_budget(recorder, start_gateway):
     """A part's next try runs again what failed after the pool's own tries: it is held to
     the upstream's retry budget as a retry is. With no budget left, a failing upstream
