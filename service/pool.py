@@ -946,8 +946,10 @@ class UpstreamPool:
 
     def _final(self, exc: UpstreamError, deadline: Deadline, attempts: int) -> GatewayError:
         """What the call ends with: `exc` with its attempts and, when it is UNAVAILABLE or a
-        429, a retry delay; or `DeadlineExceeded` when the caller's deadline caused it."""
+        429, a retry delay; or `DeadlineExceeded` when the caller's deadline caused it.
+        With no attempt begun (`attempts` 0), it says so (`is_unsent`)."""
         exc.attempts = attempts
+        exc.is_unsent = attempts == 0
         # Not a stream's timeout after its text (`StreamInterrupted`): only the upstream's
         # own bounds apply then, and a shared stream's followers outlive its first caller.
         if _hit_callers_deadline(exc, deadline):

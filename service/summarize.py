@@ -1140,20 +1140,22 @@ class Summarizer:
                 except UpstreamError as exc:
                     if says_why(exc):
                         telling = exc
-                    was_sent = was_sent or exc.attempts != 0
+                    was_sent = was_sent or not exc.is_unsent
                     wait_s = next_try_s(exc, doubled(self._config.retry_backoff_s, attempt - 1))
                     left = deadline.remaining_s()
                     # A rejected key stays rejected: a retry would only find the upstream set
                     # aside, and say that instead.
                     is_final = attempt == attempts or exc.is_retry_futile
                     if is_final or (left is not None and left <= wait_s):
-                        raise SummarizePartFailed(
+                        failed = SummarizePartFailed(
                             exc if telling is None else telling,
                             part=slot.part,
                             parts=slot.parts,
                             level=slot.level,
                             attempts=attempt,
-                        ) from exc
+                        )
+                        failed.is_unsent = not was_sent  # its turn's units go back
+                        raise failed from exc
                     # Ended by the server's stop, naming the failure: another replica
                     # may take the call at once, where the next try would be sent into
                     # the drain (or cut at its end).
