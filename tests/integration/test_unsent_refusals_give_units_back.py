@@ -1,6 +1,6 @@
 """A plain Complete or CompleteStream that the upstream pool refuses before any attempt
 of it was begun (every upstream at its own limits past `max_limit_wait_s`, every breaker
-open) gives back the request and tokens it took of its tenant's per-minute limits, kept
+open, the drain) gives back the request and tokens it took of its tenant's per-minute limits, kept
 in memory or in Redis; one whose attempt was sent keeps them.
 
 What is left is read as `test_drain_gives_units_back` reads it: in memory, by taking the
@@ -9,6 +9,7 @@ whole bucket (refused unless it is full); in Redis, by the bucket's stored level
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -29,6 +30,7 @@ from tests.integration.test_drain_gives_units_back import (
     limited_config,
     stored_level,
 )
+from tests.integration.test_shutdown_cut_off import assert_shutting_down
 from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream
 
@@ -73,6 +75,17 @@ async def refused_plain_calls(gateway: RunningGateway) -> list[grpc.aio.AioRpcEr
     ]
 
 
+async def refused_plain_calls_at_once(gateway: RunningGateway) -> list[grpc.aio.AioRpcError]:
+    """team-a's Complete and CompleteStream, made together, each refused."""
+    team_a = as_tenant("team-a")
+    return list(
+        await asyncio.gather(
+            rpc_error(gateway.stub.Complete(chat("one"), metadata=team_a, timeout=30)),
+            stream_error(gateway.stub.CompleteStream(chat_stream("two"), metadata=team_a)),
+        )
+    )
+
+
 async def test_plain_calls_refused_at_the_upstreams_limit_give_their_units_back(
     start_gateway: Any, limits_redis_url: str | None
 ) -> None:
@@ -109,6 +122,30 @@ async def test_plain_calls_refused_with_every_breaker_open_give_their_units_back
         for refused in await refused_plain_calls(gateway):
             assert refused.code() is grpc.StatusCode.UNAVAILABLE
             assert "circuit open" in (refused.details() or "")
+        assert len(fake.requests) == 1  # team-b's alone
+        await assert_minute_whole(gateway, redis_url)
+
+
+async def test_plain_calls_the_drain_refuses_unsent_give_their_units_back(
+    start_gateway: Any, limits_redis_url: str | None
+) -> None:
+    """team-a's Complete and CompleteStream wait for the upstream's one slot, which
+    team-b's call holds, as the drain begins: each ends SHUTTING_DOWN unsent, and the
+    request and tokens each took of team-a's minute go back, as a batch item's do. Before,
+    only its budget's refusal gave a plain call's units back."""
+    redis_url = limits_redis_url
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        gateway = await start_gateway(refusing_config(fake.base_url, redis_url, resilience={}))
+        held = await held_upstream(gateway, fake)
+        refusing = asyncio.ensure_future(refused_plain_calls_at_once(gateway))
+        limiter = gateway.server.pipeline.pool.state("up0").limiter
+        while limiter.queued < 2:
+            await asyncio.sleep(0.01)
+        gateway.server.pipeline.begin_stopping()  # what stop() does first
+        fake.gate.set()
+        for refused in await refusing:
+            assert_shutting_down(refused)
+        assert (await held).content
         assert len(fake.requests) == 1  # team-b's alone
         await assert_minute_whole(gateway, redis_url)
 
