@@ -249,13 +249,16 @@ async def _complete_item(
         except UpstreamError as exc:
             if says_why(exc):
                 telling = exc
+            was_sent = was_sent or not exc.is_unsent
             wait_s = restart_wait_s(exc)
             left = deadline.remaining_s()
             if wait_s is None or attempt == attempts or (left is not None and left <= wait_s):
-                if telling is None or telling is exc:
+                failure = exc if telling is None else telling
+                # Refused unsent (its upstreams' limits, open breakers), as its tries were.
+                failure.is_unsent = not was_sent
+                if failure is exc:
                     raise
-                raise telling from exc
-            was_sent = was_sent or exc.attempts != 0
+                raise failure from exc
         # Ended by the server's stop: the caller runs the item elsewhere, as one not
         # started (another replica's upstream is not restarting).
         await pipeline.pause(wait_s, is_unsent=not was_sent)

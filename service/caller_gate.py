@@ -32,9 +32,9 @@ from service.auth import (
 from service.clock import Deadline
 from service.config import TenantConfig
 from service.errors import (
-    BudgetExceeded,
     DeadlineExceeded,
     FieldViolation,
+    GatewayError,
     InvalidRequest,
     QuotaExceeded,
     Unauthenticated,
@@ -508,10 +508,12 @@ class CallerGate:
         ) as slot:
             try:
                 yield slot
-            except BudgetExceeded:
-                # Refused before any upstream call, as a bad field is: the call takes none
-                # of its tenant's minute, nor answers a retry with its rate's refusal.
-                await self._limiter.give_back_rate(
-                    principal.tenant, limits, tokens=tokens, requests=demand.requests
-                )
+            except GatewayError as refused:
+                if refused.is_unsent:
+                    # Refused before any upstream call (its budget; the pool's limits, open
+                    # breakers, the drain), as a bad field is: the call takes none of its
+                    # tenant's minute, nor answers a retry with its rate's refusal.
+                    await self._limiter.give_back_rate(
+                        principal.tenant, limits, tokens=tokens, requests=demand.requests
+                    )
                 raise

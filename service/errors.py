@@ -91,6 +91,10 @@ class GatewayError(Exception):
     is_retry_futile: bool = False
     # Said by this replica alone: another one may well take the call.
     is_replica_local: bool = False
+    # Refused before any upstream attempt of the call was begun: no upstream can have it,
+    # so the per-minute units its tenant's limits took for it go back (`CallerGate.admit`,
+    # `Pipeline.in_turn`). False where one may have been sent.
+    is_unsent: bool = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -241,11 +245,11 @@ class BudgetExceeded(QuotaExceeded):
     """A tenant's budget refused the call, before any upstream call: the per-minute units
     its tenant's limits took for it go back (`CallerGate.admit`).
 
-    `is_unsent`: set by a batch's item or a Summarize's part whose earlier tries in its
-    turn were not sent either, so that its turn's units go back (`Pipeline.in_turn`).
+    `is_unsent`: cleared by a batch's item or a Summarize's part an earlier try of which
+    in its turn was sent, so that its turn's units stay spent (`Pipeline.in_turn`).
     """
 
-    is_unsent: bool = False
+    is_unsent = True
 
 
 class Overloaded(QuotaExceeded):
@@ -346,6 +350,10 @@ class UpstreamError(GatewayError):
         # (`attempt_failure`), set by the pool: the status says them all when there were
         # several, the decisive one (this error) last.
         self.attempt_failures: tuple[str, ...] = ()
+        # Set by the pool: refused before any attempt was begun (its limits, open
+        # breakers, every upstream ruled out), or by a batch's item or a Summarize's part
+        # none of whose tries was.
+        self.is_unsent = False
 
     @property
     def retry_after_s(self) -> float | None:

@@ -33,7 +33,7 @@ from service.domain import (
     Usage,
     assemble_tool_calls,
 )
-from service.errors import BudgetExceeded, GatewayError, ShuttingDown, UpstreamContextExceeded
+from service.errors import GatewayError, ShuttingDown, UpstreamContextExceeded
 from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.limits import LimitExceeded
 from service.memo import BoundedMemo
@@ -212,9 +212,9 @@ class Pipeline:
         self, turn: contextlib.AbstractAsyncContextManager[TakenTurn | None]
     ) -> AsyncIterator[None]:
         """`turn` (a batch item's or a Summarize part's, under its tenant's limits) held
-        for the body: the item's or the part's upstream call. One its tenant's budget
-        refused before any try of it was sent gives the turn's per-minute units back
-        (`BudgetExceeded.is_unsent`), as a plain call does.
+        for the body: the item's or the part's upstream call. One refused before any try
+        of it was sent (its tenant's budget; its upstreams' limits, open breakers) gives
+        the turn's per-minute units back (`GatewayError.is_unsent`), as a plain call does.
 
         Raises:
             ShuttingDown: the server began stopping before the turn came. Its wait is
@@ -237,7 +237,7 @@ class Pipeline:
                 raise ShuttingDown(is_unsent=True)
             try:
                 yield
-            except (ShuttingDown, BudgetExceeded) as refused:
+            except GatewayError as refused:
                 if refused.is_unsent and taken is not None:
                     await taken.give_back_rate()
                 raise

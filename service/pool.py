@@ -949,9 +949,10 @@ class UpstreamPool:
     def _final(self, exc: UpstreamError, deadline: Deadline, log_: AttemptLog) -> GatewayError:
         """What the call ends with: `exc` with its attempts (and what each failed with)
         and, when it is UNAVAILABLE or a 429, a retry delay; or `DeadlineExceeded` when the
-        caller's deadline caused it."""
+        caller's deadline caused it. With no attempt begun, it says so (`is_unsent`)."""
         exc.attempts = log_.attempts
         exc.attempt_failures = tuple(log_.errors)
+        exc.is_unsent = log_.attempts == 0
         # Not a stream's timeout after its text (`StreamInterrupted`): only the upstream's
         # own bounds apply then, and a shared stream's followers outlive its first caller.
         if _hit_callers_deadline(exc, deadline):

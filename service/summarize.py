@@ -1143,8 +1143,8 @@ class Summarizer:
                 except UpstreamError as exc:
                     if says_why(exc):
                         telling = exc
-                    was_sent = was_sent or exc.attempts != 0
                     failures.extend(exc.attempt_failures)
+                    was_sent = was_sent or not exc.is_unsent
                     wait_s = next_try_s(exc, doubled(self._config.retry_backoff_s, attempt - 1))
                     left = deadline.remaining_s()
                     # A rejected key stays rejected: a retry would only find the upstream set
@@ -1159,6 +1159,7 @@ class Summarizer:
                             attempts=attempt,
                         )
                         failed.attempt_failures = tuple(failures)
+                        failed.is_unsent = not was_sent  # its turn's units go back
                         raise failed from exc
                     # Ended by the server's stop, naming the failure: another replica
                     # may take the call at once, where the next try would be sent into
