@@ -28,8 +28,9 @@ class _TlsVariables:
     ca: str | None
     client_certificate: str | None
     client_key: str | None
-    # The HTTP exporter (requests) also takes a directory of CA certificates.
-    ca_directory_ok: bool = False
+    # The HTTP exporter (requests) also takes a directory of CA certificates, and a
+    # client certificate file that holds its key too, in place of a key file.
+    http: bool = False
 
 
 def tls_file_problem(
@@ -41,7 +42,7 @@ def tls_file_problem(
     certificate. None when there is none. The problem names the file, never its text."""
     variables = _grpc_variables(environ, signal) if grpc else _http_variables(environ, signal)
     if variables.ca is not None:
-        problem = _ca_problem(environ[variables.ca], directory_ok=variables.ca_directory_ok)
+        problem = _ca_problem(environ[variables.ca], directory_ok=variables.http)
         if problem is not None:
             return variables.ca, problem
     return _client_problem(environ, variables)
@@ -107,7 +108,7 @@ def _http_variables(environ: Mapping[str, str], signal: str) -> _TlsVariables:
         ca,
         _set(environ, f"{_OTLP}{signal}_CLIENT_CERTIFICATE", f"{_OTLP}CLIENT_CERTIFICATE"),
         _set(environ, f"{_OTLP}{signal}_CLIENT_KEY", f"{_OTLP}CLIENT_KEY"),
-        ca_directory_ok=True,
+        http=True,
     )
 
 
@@ -141,16 +142,29 @@ def _holds_certificate(path: str) -> bool:
 
 def _client_problem(environ: Mapping[str, str], variables: _TlsVariables) -> tuple[str, str] | None:
     """The variable, and its problem, of a client certificate or key that cannot be read,
-    or of a key that is no unencrypted PEM key matching that certificate."""
+    that holds no PEM certificate or no unencrypted PEM key matching its certificate, or
+    that is half a pair: a key without its certificate (no exporter uses it), a
+    certificate without its key (the HTTP exporter's holding its key aside)."""
     for variable in (variables.client_certificate, variables.client_key):
         problem = None if variable is None else _unreadable(environ[variable])
         if variable is not None and problem is not None:
             return variable, problem
     certificate, key = variables.client_certificate, variables.client_key
     if certificate is None:
-        return None
+        if key is None:
+            return None
+        return key, f"a client key is used only with its certificate: set {_partner(key)}"
     if not _holds_certificate(environ[certificate]):
         return certificate, f"{environ[certificate]} holds no PEM certificate"
+    if key is None and not variables.http:
+        return certificate, (
+            f"the gRPC exporter needs the client certificate's key: set {_partner(certificate)}"
+        )
+    if key is None and not _loads_key(environ[certificate], None):
+        return certificate, (
+            f"{environ[certificate]} holds no unencrypted PEM private key beside its "
+            f"certificate: set {_partner(certificate)}"
+        )
     if key is not None and not _loads_key(environ[certificate], environ[key]):
         return key, (
             f"{environ[key]} holds no unencrypted PEM private key that matches the "
@@ -159,7 +173,14 @@ def _client_problem(environ: Mapping[str, str], variables: _TlsVariables) -> tup
     return None
 
 
-def _loads_key(certificate_path: str, key_path: str) -> bool:
+def _partner(variable: str) -> str:
+    """The client key's variable for a client certificate's, and the other way round."""
+    if variable.endswith("CLIENT_KEY"):
+        return variable.removesuffix("KEY") + "CERTIFICATE"
+    return variable.removesuffix("CERTIFICATE") + "KEY"
+
+
+def _loads_key(certificate_path: str, key_path: str | None) -> bool:
     try:
         # A password asked for is refused, never prompted for on the terminal.
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(

@@ -666,7 +666,7 @@ _NOT_THERE = "cannot read {missing}: No such file or directory"
 def otlp_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """PEM files for the OTLP exporters' TLS variables: a CA, a client certificate it
     signed and its key, a key of another, a file missing, a directory, a file that holds
-    text (that no error may repeat)."""
+    text (that no error may repeat), the client certificate and key in one file."""
     directory = tmp_path_factory.mktemp("otlp-pki")
     ca = make_ca(directory, "ca")
     client = issue(
@@ -674,6 +674,8 @@ def otlp_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     )
     text = directory / "notes.txt"
     text.write_text("SECRET-LOOKING TEXT\n")
+    combined = directory / "combined.pem"
+    combined.write_text(client[0].read_text() + client[1].read_text())
     return {
         "ca": str(ca[0]),
         "cert": str(client[0]),
@@ -682,6 +684,7 @@ def otlp_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "missing": str(directory / "missing.pem"),
         "directory": str(directory),
         "text": str(text),
+        "combined": str(combined),
     }
 
 
@@ -731,6 +734,26 @@ _UNUSABLE_TLS_FILES = [
         },
         f"{_OTLP}CLIENT_KEY: {{other_key}} holds no unencrypted PEM private key that "
         f"matches the certificate in {_OTLP}CLIENT_CERTIFICATE",
+    ),
+    (  # half a pair: the HTTP exporter left the key out; gRPC aborted `serve` (SIGABRT)
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            **_TLS_ENDPOINT,
+            f"{_OTLP}CERTIFICATE": "ca",
+            f"{_OTLP}CLIENT_KEY": "key",
+        },
+        f"{_OTLP}CLIENT_KEY: a client key is used only with its certificate: "
+        f"set {_OTLP}CLIENT_CERTIFICATE",
+    ),
+    (  # every HTTPS export failed
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            f"{_OTLP}TRACES_PROTOCOL": "http/protobuf",
+            **_TLS_ENDPOINT,
+            f"{_OTLP}TRACES_CLIENT_CERTIFICATE": "cert",
+        },
+        f"{_OTLP}TRACES_CLIENT_CERTIFICATE: {{cert}} holds no unencrypted PEM private key "
+        f"beside its certificate: set {_OTLP}TRACES_CLIENT_KEY",
     ),
 ]
 # Such variables no exporter reads, and files one can use: no error.
@@ -787,6 +810,15 @@ _UNREAD_TLS_FILES = [
         },
         None,
     ),
+    (  # the HTTP exporter takes a client certificate holding its key
+        _COMMANDS["check"],
+        {
+            "OTEL_METRICS_EXPORTER": "otlp",
+            f"{_OTLP}PROTOCOL": "http/protobuf",
+            f"{_OTLP}CLIENT_CERTIFICATE": "combined",
+        },
+        None,
+    ),
 ]
 
 
@@ -809,16 +841,20 @@ def test_an_otlp_tls_file_the_exporter_cannot_use_is_a_config_error(
     said: str | None,
 ) -> None:
     """A CA, client certificate or key file an OTLP exporter reads (by the general variable
-    or the signal's own) that is not there, is a directory, holds no PEM certificate, or
-    is no key of that certificate, is a one-line config error naming the variable and
-    the file, never its text, from `serve` and `check` (exit 2). One no exporter reads
+    or the signal's own) that is not there, is a directory, holds no PEM certificate, is
+    no key of that certificate, or is half a pair (a key without its certificate; a
+    certificate without its key, unless HTTP's holding it) is a one-line config error
+    naming the variable and the file, never its text, from `serve` and `check` (exit 2).
+    One no exporter reads
     is not (an insecure gRPC channel's general CA, an HTTP exporter's CA for an http
     endpoint, without an OTLP exporter, with telemetry off, for a command that reads no
     telemetry), and files an exporter can use are taken.
 
     Before, `check` said ok; `serve` served with the gRPC exporter trusting the system's
     roots in place of the CA asked for, having logged a traceback (a directory, it ended
-    in one, status 1); the HTTP exporter failed every export.
+    in one, status 1); the HTTP exporter failed every export, and left a key without its
+    certificate out; a gRPC client key without its certificate aborted `serve` in gRPC's
+    C++ core (SIGABRT, no Python error).
     """
     otel = {name: otlp_pki.get(value, value) for name, value in otel.items()}
     done = _run_with_otel(tmp_path, argv, "", otel)
