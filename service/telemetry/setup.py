@@ -43,6 +43,7 @@ from service.hosts import listen_host_problem
 from service.otel_context import unknown_context
 from service.telemetry.histograms import HistogramExport, suits
 from service.telemetry.lean_tracer import LeanTracer
+from service.telemetry.otlp_tls import tls_file_problem
 from service.telemetry.outages import (
     ExportWatch,
     WatchedMetricExporter,
@@ -346,13 +347,17 @@ def _check_credential_providers(environ: Mapping[str, str], signal: str, protoco
 
 def _check_otlp(environ: Mapping[str, str], signal: str) -> None:
     """Raise `TelemetrySetupError` for what the OTLP exporter of `signal` reads and
-    cannot use: a protocol, compression, timeout, retryable code or credential provider."""
+    cannot use: a protocol, compression, timeout, retryable code, credential provider or
+    TLS file (`otlp_tls`)."""
     protocol = _protocol(environ, signal)
     _otlp_compression(environ, signal)
     _check_otlp_timeout(environ, signal)
     if protocol == _GRPC:
         _check_retryable_codes(environ)
     _check_credential_providers(environ, signal, protocol)
+    tls_problem = tls_file_problem(environ, signal, grpc=protocol == _GRPC)
+    if tls_problem is not None:
+        raise TelemetrySetupError(*tls_problem)
     _check_meter_provider(environ)
 
 

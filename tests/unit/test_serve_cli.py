@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.main import main
+from tests.integration.pki import issue, make_ca
 
 
 @pytest.mark.parametrize(
@@ -654,6 +655,216 @@ def test_check_takes_every_such_setting_the_sdk_takes(tmp_path: Path) -> None:
     }
     done = _run_with_otel(tmp_path, _COMMANDS["check"], "", otel)
     assert done.returncode == 0, done.stderr
+
+
+_OTLP = "OTEL_EXPORTER_OTLP_"
+_TLS_ENDPOINT = {f"{_OTLP}ENDPOINT": "https://127.0.0.1:1"}
+_NOT_THERE = "cannot read {missing}: No such file or directory"
+
+
+@pytest.fixture(scope="module")
+def otlp_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """PEM files for the OTLP exporters' TLS variables: a CA, a client certificate it
+    signed and its key, a key of another, a file missing, a directory, a file that holds
+    text (that no error may repeat), the client certificate and key in one file."""
+    directory = tmp_path_factory.mktemp("otlp-pki")
+    ca = make_ca(directory, "ca")
+    client = issue(
+        directory, "client", ca=ca, common_name="gateway", extensions="extendedKeyUsage=clientAuth"
+    )
+    text = directory / "notes.txt"
+    text.write_text("SECRET-LOOKING TEXT\n")
+    combined = directory / "combined.pem"
+    combined.write_text(client[0].read_text() + client[1].read_text())
+    return {
+        "ca": str(ca[0]),
+        "cert": str(client[0]),
+        "key": str(client[1]),
+        "other_key": str(ca[1]),
+        "missing": str(directory / "missing.pem"),
+        "directory": str(directory),
+        "text": str(text),
+        "combined": str(combined),
+    }
+
+
+# OTLP TLS variables an exporter reads and cannot use, and what `serve` and `check` say.
+_UNUSABLE_TLS_FILES = [
+    (  # the gRPC exporter trusted the system's roots instead, after a traceback
+        {"OTEL_TRACES_EXPORTER": "otlp", **_TLS_ENDPOINT, f"{_OTLP}CERTIFICATE": "missing"},
+        f"{_OTLP}CERTIFICATE: {_NOT_THERE}",
+    ),
+    (  # read whether or not the endpoint is secure
+        {"OTEL_TRACES_EXPORTER": "otlp", f"{_OTLP}TRACES_CERTIFICATE": "missing"},
+        f"{_OTLP}TRACES_CERTIFICATE: {_NOT_THERE}",
+    ),
+    (  # `serve` ended in the gRPC exporter's IsADirectoryError
+        {
+            "OTEL_METRICS_EXPORTER": "otlp",
+            f"{_OTLP}INSECURE": "false",
+            f"{_OTLP}METRICS_CERTIFICATE": "directory",
+        },
+        f"{_OTLP}METRICS_CERTIFICATE: cannot read {{directory}}: Is a directory",
+    ),
+    (  # every HTTP export failed
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            f"{_OTLP}PROTOCOL": "http/protobuf",
+            **_TLS_ENDPOINT,
+            f"{_OTLP}CERTIFICATE": "text",
+        },
+        f"{_OTLP}CERTIFICATE: {{text}} holds no PEM certificate",
+    ),
+    (
+        {
+            "OTEL_METRICS_EXPORTER": "otlp",
+            f"{_OTLP}METRICS_PROTOCOL": "http/protobuf",
+            f"{_OTLP}METRICS_CLIENT_CERTIFICATE": "cert",
+            f"{_OTLP}CLIENT_KEY": "missing",
+        },
+        f"{_OTLP}CLIENT_KEY: {_NOT_THERE}",
+    ),
+    (
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            **_TLS_ENDPOINT,
+            f"{_OTLP}CERTIFICATE": "ca",
+            f"{_OTLP}CLIENT_CERTIFICATE": "cert",
+            f"{_OTLP}CLIENT_KEY": "other_key",
+        },
+        f"{_OTLP}CLIENT_KEY: {{other_key}} holds no unencrypted PEM private key that "
+        f"matches the certificate in {_OTLP}CLIENT_CERTIFICATE",
+    ),
+    (  # half a pair: the HTTP exporter left the key out; gRPC aborted `serve` (SIGABRT)
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            **_TLS_ENDPOINT,
+            f"{_OTLP}CERTIFICATE": "ca",
+            f"{_OTLP}CLIENT_KEY": "key",
+        },
+        f"{_OTLP}CLIENT_KEY: a client key is used only with its certificate: "
+        f"set {_OTLP}CLIENT_CERTIFICATE",
+    ),
+    (  # every HTTPS export failed
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            f"{_OTLP}TRACES_PROTOCOL": "http/protobuf",
+            **_TLS_ENDPOINT,
+            f"{_OTLP}TRACES_CLIENT_CERTIFICATE": "cert",
+        },
+        f"{_OTLP}TRACES_CLIENT_CERTIFICATE: {{cert}} holds no unencrypted PEM private key "
+        f"beside its certificate: set {_OTLP}TRACES_CLIENT_KEY",
+    ),
+]
+# Such variables no exporter reads, and files one can use: no error.
+_UNREAD_TLS_FILES = [
+    (  # an insecure gRPC channel reads no general TLS variable
+        _COMMANDS["check"],
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            f"{_OTLP}ENDPOINT": "http://127.0.0.1:1",
+            f"{_OTLP}CERTIFICATE": "missing",
+        },
+        None,
+    ),
+    (  # the HTTP exporter reads no CA for an http endpoint
+        _COMMANDS["check"],
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            f"{_OTLP}PROTOCOL": "http/protobuf",
+            f"{_OTLP}CERTIFICATE": "missing",
+        },
+        None,
+    ),
+    (  # no OTLP exporter
+        _COMMANDS["check"],
+        {"OTEL_TRACES_EXPORTER": "console", f"{_OTLP}CERTIFICATE": "missing"},
+        None,
+    ),
+    (
+        _COMMANDS["check"],
+        {
+            "OTEL_SDK_DISABLED": "true",
+            "OTEL_TRACES_EXPORTER": "otlp",
+            **_TLS_ENDPOINT,
+            f"{_OTLP}CERTIFICATE": "missing",
+        },
+        None,
+    ),
+    (
+        ["-m", "gateway_client.cli", "models", "--help"],
+        {"OTEL_TRACES_EXPORTER": "otlp", **_TLS_ENDPOINT, f"{_OTLP}CERTIFICATE": "missing"},
+        None,
+    ),
+    (  # files it can use, for both protocols; a directory of CAs for HTTP
+        _COMMANDS["check"],
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_METRICS_EXPORTER": "otlp",
+            f"{_OTLP}METRICS_PROTOCOL": "http/protobuf",
+            **_TLS_ENDPOINT,
+            f"{_OTLP}CERTIFICATE": "ca",
+            f"{_OTLP}METRICS_CERTIFICATE": "directory",
+            f"{_OTLP}CLIENT_CERTIFICATE": "cert",
+            f"{_OTLP}CLIENT_KEY": "key",
+        },
+        None,
+    ),
+    (  # the HTTP exporter takes a client certificate holding its key
+        _COMMANDS["check"],
+        {
+            "OTEL_METRICS_EXPORTER": "otlp",
+            f"{_OTLP}PROTOCOL": "http/protobuf",
+            f"{_OTLP}CLIENT_CERTIFICATE": "combined",
+        },
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "otel", "said"),
+    [
+        *(
+            (_COMMANDS[command], otel, said)
+            for otel, said in _UNUSABLE_TLS_FILES
+            for command in ("serve", "check")
+        ),
+        *_UNREAD_TLS_FILES,
+    ],
+)
+def test_an_otlp_tls_file_the_exporter_cannot_use_is_a_config_error(
+    tmp_path: Path,
+    otlp_pki: dict[str, str],
+    argv: list[str],
+    otel: dict[str, str],
+    said: str | None,
+) -> None:
+    """A CA, client certificate or key file an OTLP exporter reads (by the general variable
+    or the signal's own) that is not there, is a directory, holds no PEM certificate, is
+    no key of that certificate, or is half a pair (a key without its certificate; a
+    certificate without its key, unless HTTP's holding it) is a one-line config error
+    naming the variable and the file, never its text, from `serve` and `check` (exit 2).
+    One no exporter reads
+    is not (an insecure gRPC channel's general CA, an HTTP exporter's CA for an http
+    endpoint, without an OTLP exporter, with telemetry off, for a command that reads no
+    telemetry), and files an exporter can use are taken.
+
+    Before, `check` said ok; `serve` served with the gRPC exporter trusting the system's
+    roots in place of the CA asked for, having logged a traceback (a directory, it ended
+    in one, status 1); the HTTP exporter failed every export, and left a key without its
+    certificate out; a gRPC client key without its certificate aborted `serve` in gRPC's
+    C++ core (SIGABRT, no Python error).
+    """
+    otel = {name: otlp_pki.get(value, value) for name, value in otel.items()}
+    done = _run_with_otel(tmp_path, argv, "", otel)
+    assert "SECRET-LOOKING" not in done.stderr
+    if said is None:
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 2, done.stdout + done.stderr
+        *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
+        assert last == f"llm-gateway: config error: environment: {said.format(**otlp_pki)}"
 
 
 _UNKNOWN_CONTEXT = {"OTEL_PYTHON_CONTEXT": "greenlet_context"}
