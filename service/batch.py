@@ -240,11 +240,8 @@ async def _complete_item(
             return await pipeline.complete_in_turn(
                 request, deadline=deadline, waiting_since=waiting_since, is_rerun=was_sent
             )
-        except ShuttingDown as stopped:
-            stopped.is_unsent = stopped.is_unsent and not was_sent  # its tries' too
-            raise
-        except BudgetExceeded as refused:
-            refused.is_unsent = not was_sent
+        except (ShuttingDown, BudgetExceeded) as refused:  # unsent only if no try was sent
+            refused.is_unsent = refused.is_unsent and not was_sent
             raise
         except UpstreamError as exc:
             if says_why(exc):

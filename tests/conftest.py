@@ -18,7 +18,7 @@ from service import tokens
 from service.config import GatewayConfig, parse_config
 from service.server import GatewayServer
 from tests.fake_upstream import FakeUpstream
-from tests.redis_server import redis_server  # noqa: F401  (fixture)
+from tests.redis_server import limits_redis_url, redis_server  # noqa: F401  (fixtures)
 from tests.secret_capture import (  # noqa: F401  (the secret grep's fixture and hooks)
     capture_emitted_logs,
     pytest_collection_modifyitems,

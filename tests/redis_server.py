@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator
 
+import pytest
 import pytest_asyncio
 
 __all__ = ["RedisServer", "redis_server"]
@@ -132,3 +133,12 @@ async def redis_server() -> AsyncIterator[RedisServer]:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def limits_redis_url(request: pytest.FixtureRequest) -> str | None:
+    """Where the tenants' limits are kept: a real redis-server's URL, or None (memory)."""
+    if request.param == "memory":
+        return None
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url

@@ -110,6 +110,20 @@ async def test_interrupted_batch_resumes_and_runs_each_id_once(tmp_path, scripte
     assert set(resumed) == set(ids) - done_first
 
 
+async def _batch_drained_under(gateway, fake, argv) -> int:
+    """`batch` run with `argv`, `gateway` beginning its drain once two items are held
+    at `fake` (which then answers them): the command's exit status."""
+    run = asyncio.create_task(batch.batch_command(parse(batch, "batch", *argv)))
+    await fake.wait_until(lambda: fake.in_flight == 2)
+    stop = asyncio.ensure_future(gateway.server.stop(grace_s=30))
+    while not gateway.server.pipeline.is_stopping:
+        await asyncio.sleep(0.01)
+    fake.gate.set()
+    code = await run
+    await stop
+    return code
+
+
 async def test_a_batch_a_draining_gateway_ends_is_sent_again_for_the_rest(
     tmp_path, start_gateway, capsys
 ):
@@ -126,17 +140,7 @@ async def test_a_batch_a_draining_gateway_ends_is_sent_again_for_the_rest(
         write_items(source, ids)
         address = f"ipv4:{first.server.address},{second.server.address}"
         argv = (str(source), "-o", str(output), "--concurrency", "2", "--address", address)
-        run = asyncio.create_task(
-            batch.batch_command(parse(batch, "batch", *argv, "--model", FAKE_MODEL))
-        )
-        await fake.wait_until(lambda: fake.in_flight == 2)
-        stop = asyncio.ensure_future(first.server.stop(grace_s=30))
-        while not first.server.pipeline.is_stopping:
-            await asyncio.sleep(0.01)
-        fake.gate.set()
-
-        code = await run
-        await stop
+        code = await _batch_drained_under(first, fake, (*argv, "--model", FAKE_MODEL))
 
     assert code == 0
     records = output_records(output)
@@ -158,15 +162,7 @@ async def test_a_batch_whose_only_gateway_drains_away_stops_resumable(
         write_items(source, [f"q{i}" for i in range(6)])
         argv = (str(source), "-o", str(output), "--concurrency", "2")
         argv += ("--address", gateway.server.address, "--model", FAKE_MODEL)
-        run = asyncio.create_task(batch.batch_command(parse(batch, "batch", *argv)))
-        await fake.wait_until(lambda: fake.in_flight == 2)
-        stop = asyncio.ensure_future(gateway.server.stop(grace_s=30))
-        while not gateway.server.pipeline.is_stopping:
-            await asyncio.sleep(0.01)
-        fake.gate.set()
-
-        code = await run
-        await stop
+        code = await _batch_drained_under(gateway, fake, argv)
 
     assert code == 1
     assert len(output_records(output)) == len(fake.requests) == 2

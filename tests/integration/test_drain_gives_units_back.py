@@ -114,15 +114,6 @@ async def waiting_at_the_upstream(gateway: RunningGateway) -> None:
         await asyncio.sleep(0.01)
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def limits_redis_url(request: pytest.FixtureRequest) -> str | None:
-    """Where the tenants' limits are kept: a real redis-server's URL, or None (memory)."""
-    if request.param == "memory":
-        return None
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return server.url
-
-
 async def test_a_summary_refused_unsent_at_its_upstreams_limit_gives_its_tokens_back(
     start_gateway: Any, limits_redis_url: str | None
 ) -> None:

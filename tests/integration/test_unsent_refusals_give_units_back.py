@@ -31,7 +31,6 @@ from tests.integration.test_drain_gives_units_back import (
     stored_level,
 )
 from tests.integration.test_shutdown_cut_off import assert_shutting_down
-from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream
 
 REQUESTS_PER_MINUTE = 2
@@ -39,15 +38,6 @@ TOKENS_PER_MINUTE = 1000
 LIMITS = {"requests_per_minute": REQUESTS_PER_MINUTE, "tokens_per_minute": TOKENS_PER_MINUTE}
 # One attempt a call, and the first failure opens the breaker for the whole test.
 OPENS_AT_ONCE = {"attempts": 1, "breaker_consecutive_failures": 1, "breaker_cool_down_s": 600}
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def limits_redis_url(request: pytest.FixtureRequest) -> str | None:
-    """Where the tenants' limits are kept: a real redis-server's URL, or None (memory)."""
-    if request.param == "memory":
-        return None
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return server.url
 
 
 def refusing_config(
