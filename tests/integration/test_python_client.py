@@ -655,9 +655,10 @@ async def test_installed_client_waits_out_the_overload_pushback(
 
     An overloaded gateway refuses with RESOURCE_EXHAUSTED and a pushback; the client's
     channel waits it out and succeeds once the slot frees up. The slot is held by a
-    stream the test stops reading (its writes held by flow control) until the gateway
-    has shed the client's call: a slot held for a set time was free again, on a busy
-    machine, before the client's Python had started.
+    stream that lasts a minute until the gateway has shed the client's call, then
+    cancelled: a slot held for a set time was free again, on a busy machine, before the
+    client's Python had started, and so was one held by flow control alone (the stream's
+    whole answer fit in the transport's buffers).
     """
     pushback_s = 0.5
     gateway = await start_gateway(
@@ -666,7 +667,7 @@ async def test_installed_client_waits_out_the_overload_pushback(
             server={"max_in_flight_calls": 1, "overload_retry_after_s": pushback_s},
         )
     )
-    upstream.script(Reply(content="x" * 8_000_000, chunks=400))
+    upstream.script(Reply(content="x " * 600, chunks=600, chunk_delay_s=0.1))
     hold = gateway.stub.CompleteStream(chat_stream("hold the slot"))
     assert (await hold.read()).WhichOneof("event") == "delta"
     caplog.set_level(logging.DEBUG, logger="llm_gateway.rpc")
@@ -681,8 +682,7 @@ async def test_installed_client_waits_out_the_overload_pushback(
         while not any(getattr(r, "reason", None) == "OVERLOADED" for r in caplog.records):
             assert not answered.done(), "the client was answered without being shed"
             await asyncio.sleep(0.01)
-    while await hold.read() is not grpc.aio.EOF:
-        pass
+    hold.cancel()  # the slot frees as the gateway ends the stream
     out, err = await asyncio.wait_for(answered, timeout=30)
     assert process.returncode == 0, err.decode()
     content, elapsed_s = out.decode().rsplit(" ", 1)
