@@ -93,7 +93,9 @@ class GatewayError(Exception):
     is_replica_local: bool = False
     # Refused before any upstream attempt of the call was begun: no upstream can have it,
     # so the per-minute units its tenant's limits took for it go back (`CallerGate.admit`,
-    # `Pipeline.in_turn`). False where one may have been sent.
+    # `Pipeline.in_turn`). False where one may have been sent. Set on an `UpstreamError`
+    # by the pool (its limits, open breakers, every upstream ruled out), or by a batch's
+    # item or a Summarize's part none of whose tries was.
     is_unsent: bool = False
 
     def __init__(self, message: str) -> None:
@@ -350,10 +352,6 @@ class UpstreamError(GatewayError):
         # (`attempt_failure`), set by the pool: the status says them all when there were
         # several, the decisive one (this error) last.
         self.attempt_failures: tuple[str, ...] = ()
-        # Set by the pool: refused before any attempt was begun (its limits, open
-        # breakers, every upstream ruled out), or by a batch's item or a Summarize's part
-        # none of whose tries was.
-        self.is_unsent = False
 
     @property
     def retry_after_s(self) -> float | None:
