@@ -415,6 +415,27 @@ def calls_cut_off(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.getMessage() == "server.calls_cut_off"]
 
 
+async def refused_in_its_back_off(
+    gateway: RunningGateway, call: asyncio.Future[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Begin `gateway`'s drain once the first attempt of `call` failed (a 503: it waits
+    out its back-off), and assert the call ends at once SHUTTING_DOWN naming that failure,
+    the grace cutting nothing."""
+    pool = gateway.server.pipeline.pool
+    while pool.counters.attempts < 1:  # its attempt failed: it is in its back-off
+        await asyncio.sleep(0.01)
+    with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+        stop = await stopping(gateway)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async with asyncio.timeout(10):  # a hang guard, far short of its back-off
+                await call
+        await stop
+    assert_shutting_down(caught.value)
+    assert "its last attempt failed: " in (caught.value.details() or "")
+    assert "503" in (caught.value.details() or "")
+    assert not calls_cut_off(caplog)
+
+
 async def test_a_draining_batch_gives_up_an_item_waiting_for_its_tenants_rate(
     start_gateway: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -626,22 +647,9 @@ async def test_a_draining_gateway_ends_a_plain_call_waiting_to_retry(
         call = gateway.stub.Complete(chat(), timeout=60)
     else:
         call = collect(gateway.stub.CompleteStream(chat_stream(), timeout=60))
-    waiting = asyncio.ensure_future(call)
-    pool = gateway.server.pipeline.pool
-    while pool.counters.attempts < 1:  # its attempt failed: it is in its back-off
-        await asyncio.sleep(0.01)
-    with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
-        stop = await stopping(gateway)
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async with asyncio.timeout(10):  # a hang guard, far short of its back-off
-                await waiting
-        await stop
-    assert_shutting_down(caught.value)
-    assert "its last attempt failed: " in (caught.value.details() or "")
-    assert "503" in (caught.value.details() or "")
+    await refused_in_its_back_off(gateway, asyncio.ensure_future(call), caplog)
     assert len(upstream.requests) == 1
-    assert pool.counters.retries == 0
-    assert not calls_cut_off(caplog)
+    assert gateway.server.pipeline.pool.counters.retries == 0
 
 
 async def test_a_plain_call_failing_in_the_drain_ends_rather_than_backing_off(
@@ -684,20 +692,8 @@ async def test_a_draining_summary_ends_a_part_waiting_out_its_back_off(
         gateway = await start_gateway(config)
         request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(3))
         call = asyncio.ensure_future(gateway.stub.Summarize(request, timeout=60))
-        pool = gateway.server.pipeline.pool
-        while pool.counters.attempts < 1:  # its try failed: it is in its back-off
-            await asyncio.sleep(0.01)
-        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
-            stop = await stopping(gateway)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                async with asyncio.timeout(10):  # a hang guard, far short of its back-off
-                    await call
-            await stop
-        assert_shutting_down(caught.value)
-        assert "its last attempt failed: " in (caught.value.details() or "")
-        assert "503" in (caught.value.details() or "")
+        await refused_in_its_back_off(gateway, call, caplog)
         assert len(fake.requests) == 1
-        assert not calls_cut_off(caplog)
 
 
 @contextlib.asynccontextmanager
