@@ -58,6 +58,7 @@ from gateway_client.errors import error_details, status_details
 from gateway_client.progress import Progress
 from gateway_client.text_input import text_lines
 from llmgateway.v1 import gateway_pb2 as pb
+from service.retry import BackoffPolicy, backoff_s
 
 # One call carries at most this many items and bytes; the rest wait for the next call.
 DEFAULT_ITEMS_PER_CALL = 500
@@ -67,6 +68,8 @@ MAX_CALL_BYTES = 3 * 1024 * 1024
 MAX_RESENDS = 5
 RESEND_BACKOFF_S = 0.2
 RESEND_MAX_BACKOFF_S = 2.0
+_RESEND_BACKOFF = BackoffPolicy(base_s=RESEND_BACKOFF_S, cap_s=RESEND_MAX_BACKOFF_S)
+_RESEND_RNG = random.Random()
 # The gateway refuses a whole call for one id past this or not printable (a tab, a
 # line break): such a line is skipped instead (`service.validation.MAX_CALLER_ID`).
 MAX_ID_CHARS = 256
@@ -703,8 +706,8 @@ def _resend_delay_s(resends: int, retry_after_s: float | None) -> float:
     """How long to wait before sending a call again: what the gateway asked (zero when
     shutting down: at once, elsewhere), then a jittered back-off that grows with each
     resend that got no result, so that callers of one replica do not all arrive at once."""
-    backoff_s = min(RESEND_MAX_BACKOFF_S, RESEND_BACKOFF_S * 2 ** max(0, resends - 1))
-    return (retry_after_s or 0.0) + random.uniform(0, backoff_s)
+    jitter_s = backoff_s(resends - 1, retry_after_s=None, rng=_RESEND_RNG, policy=_RESEND_BACKOFF)
+    return (retry_after_s or 0.0) + jitter_s
 
 
 def _is_no_regular_file(output: str) -> bool:
