@@ -10,7 +10,8 @@ comparison is needed, where a walk comparing every stored entry cost each call 2
 the event loop at 10,000 keys.
 
 With a verified client certificate and `server.tls.tenant_from_cert_subject`, the
-certificate's subject common name names the tenant instead.
+certificate's subject common name names the tenant instead; one that is not a tenant name
+names none, and the call's key names the tenant, as beside a certificate without a CN.
 """
 
 from __future__ import annotations
@@ -489,7 +490,7 @@ class Authenticator:
         """
         if self._tenant_from_cert and cert_common_name:
             if not is_tenant_name(cert_common_name):
-                raise Unauthenticated("the client certificate's common name is not a tenant name")
+                return await self._by_key_beside(metadata, cert_common_name)
             return self.principal(cert_common_name)
         key = bearer_key(metadata)
         if key is None:
@@ -511,6 +512,26 @@ class Authenticator:
             self._rejected.rejected(digest)
             raise Unauthenticated("unknown caller key")
         return self.principal(DEFAULT_TENANT, is_authenticated=False)
+
+    async def _by_key_beside(
+        self, metadata: Sequence[tuple[str, str | bytes]], common_name: str
+    ) -> Principal:
+        """The principal the caller's key names, for a certificate whose common name names
+        no tenant (a CA's "Search Team (prod)"): the key is proof enough, as beside a
+        certificate without a CN. Without a known one, the refusal says why the
+        certificate named no tenant either."""
+        try:
+            principal = await self.authenticate(metadata)
+        except Unauthenticated as exc:
+            problem = exc.message
+        else:
+            if principal.is_authenticated:
+                return principal
+            problem = "no known caller key was sent"  # never the all-seeing `default`
+        raise Unauthenticated(
+            f"the client certificate's common name {quoted(common_name)} is not a tenant "
+            f"name (1-128 of A-Z a-z 0-9 _ . - @ :), and {problem}"
+        )
 
 
 def may_use_model(principal: Principal, model: str) -> bool:

@@ -227,6 +227,10 @@ async def test_certificate_subject_names_the_tenant_only_when_enabled():
         await ignoring.authenticate([], cert_common_name="team-c")
     with pytest.raises(Unauthenticated):
         await by_cert.authenticate([], cert_common_name="Team C; DROP")
+    # A common name that names no tenant never makes its caller the all-seeing `default`.
+    keys_optional = Authenticator(AuthConfig(mode="off"), {}, [], tenant_from_cert_subject=True)
+    with pytest.raises(Unauthenticated, match="not a tenant name"):
+        await keys_optional.authenticate([], cert_common_name="Team C; DROP")
 
 
 async def test_allowed_models():
