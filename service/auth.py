@@ -43,6 +43,7 @@ from service.episodes import REPEAT_AFTER_S
 from service.errors import PermissionDenied, Unauthenticated, UpstreamUnavailable, quoted
 from service.redis_errors import is_unanswered
 from service.store_cooldown import COOLDOWN_S, StoreCooldown
+from service.text_encoding import MARK_BYTES, encoding_of, unicode_name
 
 log = logging.getLogger("llm_gateway.auth")
 
@@ -90,6 +91,23 @@ def _no_key_problem(metadata: Iterable[tuple[str, str | bytes]]) -> str:
     if sent:
         return f"the 'authorization' metadata was sent, but not as 'Bearer <key>': {_SEND_BEARER}"
     return f"missing caller key: {_SEND_BEARER}"
+
+
+def keys_file_text(raw: bytes, *, source: str) -> str:
+    """A keys file's bytes as text, in the encoding its byte order mark names: UTF-16 or
+    UTF-32 (as Windows "Unicode" and PowerShell 5's `>` and `Out-File` save), else UTF-8,
+    a UTF-8 mark (Windows editors save one) no part of line 1.
+
+    Raises:
+        ValueError: naming the file and line of a byte that is not of that encoding.
+    """
+    encoding = encoding_of(raw[:MARK_BYTES])
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1 by an editor
+        line = raw[: exc.start].decode(encoding, errors="replace").count("\n") + 1
+        name = unicode_name(encoding)
+        raise ValueError(f"{source}:{line}: not {name} text: a byte that is not {name}") from None
 
 
 def parse_keys_file(
@@ -206,8 +224,7 @@ class FileKeyStore:
         if stat.st_size == 0 and self._is_held_once(signature):
             return
         try:
-            # utf-8-sig: a byte order mark (Windows editors save one) is not part of line 1.
-            text = self._path.read_text(encoding="utf-8-sig")
+            text = keys_file_text(self._path.read_bytes(), source=str(self._path))
             keys = parse_keys_file(text, source=str(self._path), listed=self._listed)
         except (OSError, ValueError) as exc:
             if is_strict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import shutil
 import subprocess
@@ -630,6 +631,32 @@ async def test_a_key_whose_line_an_editor_saving_a_bom_deleted_is_revoked(
     assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
     restarted = await start_gateway(gateway_config(upstream.base_url, auth=auth))
     assert (await restarted.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+
+
+def _windows_text(text: str, encoding: str) -> bytes:
+    """`text` as a Windows tool saves it: CRLF line ends, after the byte order mark of
+    `encoding` (`utf-16-le`: Notepad's "Unicode" and PowerShell 5's `>`)."""
+    marks = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE,
+             "utf-32-le": codecs.BOM_UTF32_LE, "utf-8": codecs.BOM_UTF8}  # fmt: skip
+    return marks[encoding] + text.replace("\n", "\r\n").encode(encoding)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-8"])
+async def test_a_keys_file_saved_by_windows_tools_serves_its_keys_and_takes_new_ones(
+    upstream, start_gateway, tmp_path, capsys, encoding
+):
+    """A keys file in UTF-16 or UTF-32 after its byte order mark, as Windows tools save
+    it, is read as the config file is: a gateway starts with it and serves its keys, and
+    `keys create` appends the new key in the file's own encoding and line ends, which the
+    running gateway then serves too. Before, a gateway refused to start on it, and
+    `keys create` exited 2 calling it malformed."""
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_bytes(_windows_text(f"{hash_key(CALLER_KEY_A)} team-a\n", encoding))
+    gw, key = await _create_key_while_serving(upstream, start_gateway, tmp_path, capsys)
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    assert (await gw.stub.Complete(chat(), metadata=bearer(key))).content
+    expected = f"{hash_key(CALLER_KEY_A)} team-a\n{hash_key(key)} late\n"
+    assert keys_file.read_bytes() == _windows_text(expected, encoding)
 
 
 async def test_a_key_given_to_two_tenants_is_refused_wherever_it_is_listed(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import logging
 import sys
@@ -384,6 +385,22 @@ def test_a_malformed_keys_file_is_a_startup_error(tmp_path):
     path = tmp_path / "keys"
     path.write_text("nonsense\n")
     with pytest.raises(ValueError, match="keys:1"):
+        FileKeyStore(path, check_s=2.0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        (b"# caf\xe9\n", "keys:1: not UTF-8 text"),
+        (codecs.BOM_UTF16_LE + "# one\n".encode("utf-16-le") + b"\x00", "keys:2: not UTF-16"),
+    ],
+)
+def test_a_keys_file_not_in_its_encoding_is_a_startup_error_naming_the_line(tmp_path, raw, said):
+    """A byte that is not of the file's encoding (a comment saved as Latin-1, a UTF-16 file
+    cut mid-character) names the file and line, as a malformed entry does."""
+    path = tmp_path / "keys"
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=said):
         FileKeyStore(path, check_s=2.0)
 
 
