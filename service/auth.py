@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import secrets
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,10 @@ class StaticKeyStore:
 
 
 _GONE = (-1, -1, -1)  # the signature of a keys file that is not there
+# The coarsest tick a filesystem keeps modification times to (FAT's; 1 s on HFS+, ext3,
+# some network and container mounts). A file rewritten at the same size within the tick
+# it was read in keeps its signature: it is read again until read after that tick.
+_MTIME_TICK_NS = 2_000_000_000
 
 
 class FileKeyStore:
@@ -196,6 +201,9 @@ class FileKeyStore:
         self._signature: tuple[int, int, int] | None = None
         # The file seen empty or gone (its signature, `_GONE`), which the next check takes.
         self._unconfirmed: tuple[int, int, int] | None = None
+        # Whether the file was last read within its modification time's tick.
+        self._is_read_in_its_tick = False
+        self._keys: tuple[CallerKey, ...] = ()
         self._store = StaticKeyStore(())
         self._refresh(is_strict=True)
 
@@ -204,11 +212,12 @@ class FileKeyStore:
         if now - self._checked_at < self._check_s:
             return
         self._checked_at = now
+        seen_ns = time.time_ns()  # before the stat: a write after it is after this too
         try:
             stat = os.stat(self._path)
         except FileNotFoundError:
             if not self._is_held_once(_GONE):
-                self._store, self._signature = StaticKeyStore(()), None
+                self._store, self._signature, self._keys = StaticKeyStore(()), None, ()
             return
         except OSError as exc:  # its directory turned unreadable, or into a file
             if is_strict:
@@ -216,7 +225,7 @@ class FileKeyStore:
             log.warning("auth.keys_file_unusable", extra={"error": str(exc)})
             return
         signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        if signature == self._signature:
+        if signature == self._signature and not self._is_read_in_its_tick:
             # The file read last, back after it was seen gone (moved away and back): that
             # sighting is over, else the next save by rename would count as its second.
             self._unconfirmed = None
@@ -231,9 +240,12 @@ class FileKeyStore:
                 raise
             log.warning("auth.keys_file_unusable", extra={"error": str(exc)})
             return
-        self._store, self._signature = StaticKeyStore(keys), signature
+        is_new = signature != self._signature or keys != self._keys
+        self._store, self._signature, self._keys = StaticKeyStore(keys), signature, keys
         self._unconfirmed = None
-        log.info("auth.keys_file_loaded", extra={"path": str(self._path), "keys": len(keys)})
+        self._is_read_in_its_tick = seen_ns - stat.st_mtime_ns < _MTIME_TICK_NS
+        if is_new:
+            log.info("auth.keys_file_loaded", extra={"path": str(self._path), "keys": len(keys)})
 
     def _is_held_once(self, seen: tuple[int, int, int]) -> bool:
         """Whether the keys held are kept one check more on finding the file empty or gone

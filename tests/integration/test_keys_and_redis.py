@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -631,6 +632,39 @@ async def test_a_key_whose_line_an_editor_saving_a_bom_deleted_is_revoked(
     assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
     restarted = await start_gateway(gateway_config(upstream.base_url, auth=auth))
     assert (await restarted.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+
+
+async def test_a_key_revoked_in_place_within_the_files_mtime_tick_is_refused(
+    upstream, start_gateway, tmp_path
+):
+    """A filesystem keeps modification times to a tick (1 s on HFS+, ext3 and some
+    network mounts): a key's line commented out in place, at the same size, in the tick
+    the gateway read the file in, leaves the file's mtime, size and inode as they were.
+    The gateway reads such a file again, and refuses the revoked key.
+
+    Before, it judged the file unchanged by those three alone, and served the revoked
+    key until some later edit changed one of them."""
+    keys = tmp_path / "keys"
+    line_a, line_b = (
+        f"{hash_key(k)} {t}\n" for k, t in [(CALLER_KEY_A, "team-a"), (CALLER_KEY_B, "team-b")]
+    )
+    keys.write_text(line_b, encoding="utf-8")
+    auth = {"mode": "keys", "keys_file": str(keys), "keys_file_check_s": 0}
+    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
+    keys.write_text(line_a + line_b, encoding="utf-8")
+    read = keys.stat()
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    keys.write_text("#" + line_a[1:] + line_b, encoding="utf-8")
+    os.utime(keys, ns=(read.st_atime_ns, read.st_mtime_ns))  # the tick has not moved on
+    rewritten = keys.stat()
+    assert (rewritten.st_mtime_ns, rewritten.st_size, rewritten.st_ino) == (
+        read.st_mtime_ns,
+        read.st_size,
+        read.st_ino,
+    )
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A)))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_B))).content
 
 
 def _windows_text(text: str, encoding: str) -> bytes:
