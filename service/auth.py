@@ -10,7 +10,8 @@ comparison is needed, where a walk comparing every stored entry cost each call 2
 the event loop at 10,000 keys.
 
 With a verified client certificate and `server.tls.tenant_from_cert_subject`, the
-certificate's subject common name names the tenant instead.
+certificate's subject common name names the tenant instead; one that is not a tenant name
+names none, and the call's key names the tenant, as beside a certificate without a CN.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import math
 import os
 import secrets
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ from service.episodes import REPEAT_AFTER_S
 from service.errors import PermissionDenied, Unauthenticated, UpstreamUnavailable, quoted
 from service.redis_errors import is_unanswered
 from service.store_cooldown import COOLDOWN_S, StoreCooldown
+from service.text_encoding import MARK_BYTES, encoding_of, unicode_name
 
 log = logging.getLogger("llm_gateway.auth")
 
@@ -89,6 +92,23 @@ def _no_key_problem(metadata: Iterable[tuple[str, str | bytes]]) -> str:
     if sent:
         return f"the 'authorization' metadata was sent, but not as 'Bearer <key>': {_SEND_BEARER}"
     return f"missing caller key: {_SEND_BEARER}"
+
+
+def keys_file_text(raw: bytes, *, source: str) -> str:
+    """A keys file's bytes as text, in the encoding its byte order mark names: UTF-16 or
+    UTF-32 (as Windows "Unicode" and PowerShell 5's `>` and `Out-File` save), else UTF-8,
+    a UTF-8 mark (Windows editors save one) no part of line 1.
+
+    Raises:
+        ValueError: naming the file and line of a byte that is not of that encoding.
+    """
+    encoding = encoding_of(raw[:MARK_BYTES])
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1 by an editor
+        line = raw[: exc.start].decode(encoding, errors="replace").count("\n") + 1
+        name = unicode_name(encoding)
+        raise ValueError(f"{source}:{line}: not {name} text: a byte that is not {name}") from None
 
 
 def parse_keys_file(
@@ -151,6 +171,10 @@ class StaticKeyStore:
 
 
 _GONE = (-1, -1, -1)  # the signature of a keys file that is not there
+# The coarsest tick a filesystem keeps modification times to (FAT's; 1 s on HFS+, ext3,
+# some network and container mounts). A file rewritten at the same size within the tick
+# it was read in keeps its signature: it is read again until read after that tick.
+_MTIME_TICK_NS = 2_000_000_000
 
 
 class FileKeyStore:
@@ -177,6 +201,9 @@ class FileKeyStore:
         self._signature: tuple[int, int, int] | None = None
         # The file seen empty or gone (its signature, `_GONE`), which the next check takes.
         self._unconfirmed: tuple[int, int, int] | None = None
+        # Whether the file was last read within its modification time's tick.
+        self._is_read_in_its_tick = False
+        self._keys: tuple[CallerKey, ...] = ()
         self._store = StaticKeyStore(())
         self._refresh(is_strict=True)
 
@@ -185,11 +212,12 @@ class FileKeyStore:
         if now - self._checked_at < self._check_s:
             return
         self._checked_at = now
+        seen_ns = time.time_ns()  # before the stat: a write after it is after this too
         try:
             stat = os.stat(self._path)
         except FileNotFoundError:
             if not self._is_held_once(_GONE):
-                self._store, self._signature = StaticKeyStore(()), None
+                self._store, self._signature, self._keys = StaticKeyStore(()), None, ()
             return
         except OSError as exc:  # its directory turned unreadable, or into a file
             if is_strict:
@@ -197,7 +225,7 @@ class FileKeyStore:
             log.warning("auth.keys_file_unusable", extra={"error": str(exc)})
             return
         signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        if signature == self._signature:
+        if signature == self._signature and not self._is_read_in_its_tick:
             # The file read last, back after it was seen gone (moved away and back): that
             # sighting is over, else the next save by rename would count as its second.
             self._unconfirmed = None
@@ -205,17 +233,19 @@ class FileKeyStore:
         if stat.st_size == 0 and self._is_held_once(signature):
             return
         try:
-            # utf-8-sig: a byte order mark (Windows editors save one) is not part of line 1.
-            text = self._path.read_text(encoding="utf-8-sig")
+            text = keys_file_text(self._path.read_bytes(), source=str(self._path))
             keys = parse_keys_file(text, source=str(self._path), listed=self._listed)
         except (OSError, ValueError) as exc:
             if is_strict:
                 raise
             log.warning("auth.keys_file_unusable", extra={"error": str(exc)})
             return
-        self._store, self._signature = StaticKeyStore(keys), signature
+        is_new = signature != self._signature or keys != self._keys
+        self._store, self._signature, self._keys = StaticKeyStore(keys), signature, keys
         self._unconfirmed = None
-        log.info("auth.keys_file_loaded", extra={"path": str(self._path), "keys": len(keys)})
+        self._is_read_in_its_tick = seen_ns - stat.st_mtime_ns < _MTIME_TICK_NS
+        if is_new:
+            log.info("auth.keys_file_loaded", extra={"path": str(self._path), "keys": len(keys)})
 
     def _is_held_once(self, seen: tuple[int, int, int]) -> bool:
         """Whether the keys held are kept one check more on finding the file empty or gone
@@ -489,7 +519,7 @@ class Authenticator:
         """
         if self._tenant_from_cert and cert_common_name:
             if not is_tenant_name(cert_common_name):
-                raise Unauthenticated("the client certificate's common name is not a tenant name")
+                return await self._by_key_beside(metadata, cert_common_name)
             return self.principal(cert_common_name)
         key = bearer_key(metadata)
         if key is None:
@@ -511,6 +541,26 @@ class Authenticator:
             self._rejected.rejected(digest)
             raise Unauthenticated("unknown caller key")
         return self.principal(DEFAULT_TENANT, is_authenticated=False)
+
+    async def _by_key_beside(
+        self, metadata: Sequence[tuple[str, str | bytes]], common_name: str
+    ) -> Principal:
+        """The principal the caller's key names, for a certificate whose common name names
+        no tenant (a CA's "Search Team (prod)"): the key is proof enough, as beside a
+        certificate without a CN. Without a known one, the refusal says why the
+        certificate named no tenant either."""
+        try:
+            principal = await self.authenticate(metadata)
+        except Unauthenticated as exc:
+            problem = exc.message
+        else:
+            if principal.is_authenticated:
+                return principal
+            problem = "no known caller key was sent"  # never the all-seeing `default`
+        raise Unauthenticated(
+            f"the client certificate's common name {quoted(common_name)} is not a tenant "
+            f"name (1-128 of A-Z a-z 0-9 _ . - @ :), and {problem}"
+        )
 
 
 def may_use_model(principal: Principal, model: str) -> bool:

@@ -18,6 +18,7 @@ from service.auth import (
     generate_key,
     hash_key,
     keys_file_line,
+    keys_file_text,
     parse_keys_file,
     redis_connection_options,
     redis_keys_hash,
@@ -32,6 +33,7 @@ from service.config import (
     load_config,
 )
 from service.main import config_path, default_config
+from service.text_encoding import MARK_BYTES, following_encoding
 
 
 def _append_to_keys_file(path: Path, caller_key: CallerKey, auth: AuthConfig) -> None:
@@ -41,24 +43,29 @@ def _append_to_keys_file(path: Path, caller_key: CallerKey, auth: AuthConfig) ->
     with os.fdopen(descriptor, "a+b") as file:
         file.seek(0)
         existing = file.read()
-        _check_keys_file(existing, path, auth)
-        line = keys_file_line(caller_key).encode("utf-8")
+        text = _check_keys_file(existing, path, auth)
+        newline = "\r\n" if "\r\n" in text else "\n"
+        line = keys_file_line(caller_key).replace("\n", newline)
         # A hand edit can leave the last line without its newline: the new line must not
         # join it (a malformed file, which running gateways ignore and a restart refuses).
-        if existing and not existing.endswith(b"\n"):
-            line = b"\n" + line
-        file.write(line)
+        if text and not text.endswith("\n"):
+            line = newline + line
+        # In the file's own encoding: a UTF-8 line after UTF-16 text is no line of it.
+        file.write(line.encode(following_encoding(existing[:MARK_BYTES])))
 
 
-def _check_keys_file(existing: bytes, path: Path, auth: AuthConfig) -> None:
-    """Raise `ValueError` for a keys file running gateways would not take: they keep the
-    keys they read last, so a key added to it would be refused, and a restart fails."""
+def _check_keys_file(existing: bytes, path: Path, auth: AuthConfig) -> str:
+    """The keys file's text, or raise `ValueError` for one running gateways would not
+    take: they keep the keys they read last, so a key added to it would be refused, and a
+    restart fails."""
     try:
-        parse_keys_file(existing.decode("utf-8-sig"), source=str(path), listed=auth.keys)
-    except ValueError as exc:  # a malformed line, or bytes that are not UTF-8
+        text = keys_file_text(existing, source=str(path))
+        parse_keys_file(text, source=str(path), listed=auth.keys)
+    except ValueError as exc:  # a malformed line, or bytes not of the file's encoding
         raise ValueError(
             f"{exc}; running gateways ignore {path} until it is fixed, so no key was added"
         ) from None
+    return text
 
 
 def _store_in_redis(auth: AuthConfig, caller_key: CallerKey) -> None:

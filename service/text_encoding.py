@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import codecs
 
-__all__ = ["MARK_BYTES", "encoding_of", "unicode_name"]
+__all__ = ["MARK_BYTES", "encoding_of", "following_encoding", "unicode_name"]
 
 # UTF-32 LE's mark first: it begins with UTF-16 LE's. The codecs named read the mark to
-# learn the byte order, and leave it out of the text.
+# learn the byte order, and leave it out of the text; the second codec of each writes text
+# that follows the mark in its byte order, without a mark of its own (`following_encoding`).
 _MARKED_ENCODINGS = (
-    (codecs.BOM_UTF32_LE, "utf-32"),
-    (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF16_LE, "utf-16"),
-    (codecs.BOM_UTF16_BE, "utf-16"),
+    (codecs.BOM_UTF32_LE, "utf-32", "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32", "utf-32-be"),
+    (codecs.BOM_UTF16_LE, "utf-16", "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16", "utf-16-be"),
 )
 # The longest mark: what is read of an input to tell its encoding.
 MARK_BYTES = 4
@@ -27,10 +28,20 @@ MARK_BYTES = 4
 def encoding_of(start: bytes) -> str:
     """The encoding of text that begins with `start`: the one its UTF-16 or UTF-32 byte
     order mark names, else UTF-8 (a UTF-8 mark left out)."""
-    for mark, encoding in _MARKED_ENCODINGS:
+    for mark, encoding, _ in _MARKED_ENCODINGS:
         if start.startswith(mark):
             return encoding
     return "utf-8-sig"
+
+
+def following_encoding(start: bytes) -> str:
+    """The encoding in which to append text to a file that begins with `start`: that of its
+    mark, in its byte order, and no mark again (`utf-16` would write one before each
+    addition, in this machine's byte order); UTF-8 without a mark."""
+    for mark, _, following in _MARKED_ENCODINGS:
+        if start.startswith(mark):
+            return following
+    return "utf-8"
 
 
 def unicode_name(encoding: str) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -630,6 +632,65 @@ async def test_a_key_whose_line_an_editor_saving_a_bom_deleted_is_revoked(
     assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
     restarted = await start_gateway(gateway_config(upstream.base_url, auth=auth))
     assert (await restarted.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+
+
+async def test_a_key_revoked_in_place_within_the_files_mtime_tick_is_refused(
+    upstream, start_gateway, tmp_path
+):
+    """A filesystem keeps modification times to a tick (1 s on HFS+, ext3 and some
+    network mounts): a key's line commented out in place, at the same size, in the tick
+    the gateway read the file in, leaves the file's mtime, size and inode as they were.
+    The gateway reads such a file again, and refuses the revoked key.
+
+    Before, it judged the file unchanged by those three alone, and served the revoked
+    key until some later edit changed one of them."""
+    keys = tmp_path / "keys"
+    line_a, line_b = (
+        f"{hash_key(k)} {t}\n" for k, t in [(CALLER_KEY_A, "team-a"), (CALLER_KEY_B, "team-b")]
+    )
+    keys.write_text(line_b, encoding="utf-8")
+    auth = {"mode": "keys", "keys_file": str(keys), "keys_file_check_s": 0}
+    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
+    keys.write_text(line_a + line_b, encoding="utf-8")
+    read = keys.stat()
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    keys.write_text("#" + line_a[1:] + line_b, encoding="utf-8")
+    os.utime(keys, ns=(read.st_atime_ns, read.st_mtime_ns))  # the tick has not moved on
+    rewritten = keys.stat()
+    assert (rewritten.st_mtime_ns, rewritten.st_size, rewritten.st_ino) == (
+        read.st_mtime_ns,
+        read.st_size,
+        read.st_ino,
+    )
+    error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A)))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_B))).content
+
+
+def _windows_text(text: str, encoding: str) -> bytes:
+    """`text` as a Windows tool saves it: CRLF line ends, after the byte order mark of
+    `encoding` (`utf-16-le`: Notepad's "Unicode" and PowerShell 5's `>`)."""
+    marks = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE,
+             "utf-32-le": codecs.BOM_UTF32_LE, "utf-8": codecs.BOM_UTF8}  # fmt: skip
+    return marks[encoding] + text.replace("\n", "\r\n").encode(encoding)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-8"])
+async def test_a_keys_file_saved_by_windows_tools_serves_its_keys_and_takes_new_ones(
+    upstream, start_gateway, tmp_path, capsys, encoding
+):
+    """A keys file in UTF-16 or UTF-32 after its byte order mark, as Windows tools save
+    it, is read as the config file is: a gateway starts with it and serves its keys, and
+    `keys create` appends the new key in the file's own encoding and line ends, which the
+    running gateway then serves too. Before, a gateway refused to start on it, and
+    `keys create` exited 2 calling it malformed."""
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_bytes(_windows_text(f"{hash_key(CALLER_KEY_A)} team-a\n", encoding))
+    gw, key = await _create_key_while_serving(upstream, start_gateway, tmp_path, capsys)
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    assert (await gw.stub.Complete(chat(), metadata=bearer(key))).content
+    expected = f"{hash_key(CALLER_KEY_A)} team-a\n{hash_key(key)} late\n"
+    assert keys_file.read_bytes() == _windows_text(expected, encoding)
 
 
 async def test_a_key_given_to_two_tenants_is_refused_wherever_it_is_listed(

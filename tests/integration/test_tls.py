@@ -28,7 +28,7 @@ from service.hosts import ListenError
 from service.server import GatewayServer
 from tests.conftest import chat, gateway_config, gateway_config_data
 from tests.integration.pki import Pki, issue, make_pki
-from tests.integration.tenancy_helpers import as_tenant, detail, rpc_error, secure_config
+from tests.integration.tenancy_helpers import as_tenant, bearer, detail, rpc_error, secure_config
 
 _TIMEOUT_S = 20.0
 _REPO = Path(__file__).resolve().parents[2]
@@ -466,6 +466,35 @@ async def test_a_certificate_naming_two_common_names_is_unauthenticated(
         usage = await rpc_error(stub.GetUsage(pb.GetUsageRequest(tenant="*"), timeout=_TIMEOUT_S))
         assert usage.code() is grpc.StatusCode.UNAUTHENTICATED
     assert upstream.requests == []
+
+
+async def test_a_certificate_whose_common_name_is_no_tenant_name_leaves_the_tenant_to_the_key(
+    upstream, tls_server, pki, tmp_path
+):
+    """A CA's certificate whose CN is no tenant name ("Search Team (prod)") names no tenant:
+    the call's valid key names it, as beside a certificate without a CN; without a known
+    key the refusal names both problems. Before, it was refused whatever key it carried."""
+    server = await _serving_cert_tenants(
+        upstream, tls_server, pki, tenants={"team-a": {}, "team-b": {"allowed_models": ["x"]}}
+    )
+    named = issue(
+        tmp_path, "named", ca=(pki.ca, pki.ca_key), common_name="Search Team (prod)",
+        extensions="extendedKeyUsage=clientAuth",
+    )  # fmt: skip
+    async with _channel(server, pki, named) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        served = await stub.Complete(chat(), metadata=as_tenant("team-a"), timeout=_TIMEOUT_S)
+        assert served.content == "Hello from fake"
+        denied = await rpc_error(stub.Complete(chat(), metadata=as_tenant("team-b")))
+        assert denied.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "'team-b'" in (denied.details() or "")
+        for metadata, problem in [((), "missing caller key"), (bearer("llmgw_no"), "unknown")]:
+            refused = await rpc_error(stub.Complete(chat(), metadata=metadata))
+            assert refused.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert detail(refused, error_details_pb2.ErrorInfo).reason == "UNAUTHENTICATED"
+            assert "'Search Team (prod)' is not a tenant name" in (refused.details() or "")
+            assert problem in (refused.details() or "")
+    assert len(upstream.requests) == 1
 
 
 async def test_mtls_refuses_an_untrusted_client_certificate(upstream, tls_server, pki):

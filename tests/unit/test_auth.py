@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import logging
 import sys
@@ -227,6 +228,10 @@ async def test_certificate_subject_names_the_tenant_only_when_enabled():
         await ignoring.authenticate([], cert_common_name="team-c")
     with pytest.raises(Unauthenticated):
         await by_cert.authenticate([], cert_common_name="Team C; DROP")
+    # A common name that names no tenant never makes its caller the all-seeing `default`.
+    keys_optional = Authenticator(AuthConfig(mode="off"), {}, [], tenant_from_cert_subject=True)
+    with pytest.raises(Unauthenticated, match="not a tenant name"):
+        await keys_optional.authenticate([], cert_common_name="Team C; DROP")
 
 
 async def test_allowed_models():
@@ -380,6 +385,22 @@ def test_a_malformed_keys_file_is_a_startup_error(tmp_path):
     path = tmp_path / "keys"
     path.write_text("nonsense\n")
     with pytest.raises(ValueError, match="keys:1"):
+        FileKeyStore(path, check_s=2.0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        (b"# caf\xe9\n", "keys:1: not UTF-8 text"),
+        (codecs.BOM_UTF16_LE + "# one\n".encode("utf-16-le") + b"\x00", "keys:2: not UTF-16"),
+    ],
+)
+def test_a_keys_file_not_in_its_encoding_is_a_startup_error_naming_the_line(tmp_path, raw, said):
+    """A byte that is not of the file's encoding (a comment saved as Latin-1, a UTF-16 file
+    cut mid-character) names the file and line, as a malformed entry does."""
+    path = tmp_path / "keys"
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=said):
         FileKeyStore(path, check_s=2.0)
 
 
