@@ -1017,6 +1017,7 @@ class UpstreamPool:
                 continue
             except ShuttingDown as exc:  # refused at its limits or its back-off by the drain
                 exc.is_unsent = log.attempts == 0
+                exc.attempt_failures = tuple(log.errors)
                 raise
             except UpstreamError as exc:
                 raise self._final(exc, deadline, log) from None
