@@ -97,6 +97,11 @@ class GatewayError(Exception):
     # by the pool (its limits, open breakers, every upstream ruled out), or by a batch's
     # item or a Summarize's part none of whose tries was.
     is_unsent: bool = False
+    # What each upstream attempt of the call failed with, in order, as `upstream: failure`
+    # (`attempt_failure`), set by the pool (a Summarize's part, by its tries): the status
+    # says them all when there were several, the decisive one last, whatever ended the
+    # call (an upstream's failure, the caller's deadline, the drain).
+    attempt_failures: tuple[str, ...] = ()
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -348,10 +353,6 @@ class UpstreamError(GatewayError):
         # The upstreams (comma-separated) the call skipped for being down until a restart
         # answers (the local model's): the caller's retry waits for that restart.
         self.restarting = ""
-        # What each attempt of the call failed with, in order, as `upstream: failure`
-        # (`attempt_failure`), set by the pool: the status says them all when there were
-        # several, the decisive one (this error) last.
-        self.attempt_failures: tuple[str, ...] = ()
 
     @property
     def retry_after_s(self) -> float | None:
@@ -606,12 +607,15 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
 
 
-def attempt_failure(error: BaseException) -> str:
+def attempt_failure(error: BaseException, *, is_callers_cut: bool = False) -> str:
     """What a caller is told of one failed upstream attempt, short and secret-free:
     `HTTP 500`, `key rejected (HTTP 401)`, `rate limited (HTTP 429)`, else what its
     message says after the upstream's name (`dropped the connection`, `timed out`), cut
     to 60 characters, without what an upstream said (`RelayedError`): the decisive
-    failure's message relays that already, once."""
+    failure's message relays that already, once. `is_callers_cut`: the caller's deadline
+    ended it (its timeout was the deadline's, not the upstream's)."""
+    if is_callers_cut and isinstance(error, UpstreamError):
+        return "cut by the caller's deadline"
     if not isinstance(error, UpstreamError):
         return "cancelled" if not isinstance(error, Exception) else type(error).__name__
     status = error.status
@@ -694,12 +698,12 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
             metadata["attempts"] = str(exc.attempts)
         if exc.restarting:
             metadata["restarting"] = exc.restarting
-        if len(exc.attempt_failures) > 1:
-            # The message names the decisive failure alone; a platform engineer debugging
-            # an outage needs the others too (up0's 500 behind up1's rejected key).
-            said = attempts_said(exc.attempt_failures)
-            metadata["attempt_errors"] = said
-            message = f"{message} (attempts: {said})"
+    if len(exc.attempt_failures) > 1:
+        # The message names the decisive failure alone; a platform engineer debugging
+        # an outage needs the others too (up0's 500 behind up1's rejected key).
+        said = attempts_said(exc.attempt_failures)
+        metadata["attempt_errors"] = said
+        message = f"{message} (attempts: {said})"
     if isinstance(exc, UpstreamNotOpenAI):
         metadata["content_type"] = exc.content_type
     if (

@@ -852,7 +852,8 @@ class UpstreamPool:
         )
         log_.records.append(record)
         if error is not None:
-            log_.errors.append(f"{route.client.name}: {attempt_failure(error)}")
+            failure = attempt_failure(error, is_callers_cut=is_callers_cut)
+            log_.errors.append(f"{route.client.name}: {failure}")
         self.hooks.attempt(record)
 
     def _give_up(self, model: str, plan: _CallPlan, last_error: UpstreamError | None) -> Exception:
@@ -956,7 +957,9 @@ class UpstreamPool:
         # Not a stream's timeout after its text (`StreamInterrupted`): only the upstream's
         # own bounds apply then, and a shared stream's followers outlive its first caller.
         if _hit_callers_deadline(exc, deadline):
-            return DeadlineExceeded("the caller's deadline passed")
+            passed = DeadlineExceeded("the caller's deadline passed")
+            passed.attempt_failures = exc.attempt_failures  # the earlier ones' too
+            return passed
         if isinstance(exc, UpstreamUnavailable | UpstreamTimeout | UpstreamRateLimited):
             exc.suggest_retry_after(self._retry_delay_s(exc.upstream))
         return exc
@@ -1014,6 +1017,7 @@ class UpstreamPool:
                 continue
             except ShuttingDown as exc:  # refused at its limits or its back-off by the drain
                 exc.is_unsent = log.attempts == 0
+                exc.attempt_failures = tuple(log.errors)
                 raise
             except UpstreamError as exc:
                 raise self._final(exc, deadline, log) from None

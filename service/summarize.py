@@ -1161,12 +1161,16 @@ class Summarizer:
                     # Ended by the server's stop, naming the failure: another replica
                     # may take the call at once, where the next try would be sent into
                     # the drain (or cut at its end).
-                    await self._pipeline.pause(
-                        wait_s,
-                        sleep=self._clock.sleep,
-                        last_error=exc if telling is None else telling,
-                        is_unsent=not was_sent,
-                    )
+                    try:
+                        await self._pipeline.pause(
+                            wait_s,
+                            sleep=self._clock.sleep,
+                            last_error=exc if telling is None else telling,
+                            is_unsent=not was_sent,
+                        )
+                    except ShuttingDown as stopped:
+                        stopped.attempt_failures = tuple(failures)
+                        raise
                     waiting_since = None  # a retry's backoff is not queued time
                     continue
                 run.tally.add(completion, now=self._clock.now())

@@ -582,6 +582,13 @@ class UpstreamClient:
             self.name, response.status, response.headers, body, secrets=self._secrets()
         )
 
+    def _stalled_refusal(self, response: Response) -> UpstreamError:
+        """The error an error status stands for when its body did not come in time: what
+        its status and headers said (a 429's or a 503's Retry-After, which the caller's
+        RetryInfo and the gateway's own back-off honour), as for a body the gateway cannot
+        decode; the body only refines it. Not a timeout: the upstream answered."""
+        return self._error_for_status(response, b"")
+
     def _refuse_empty_stream(self) -> None:
         """Raise `UpstreamRejected` for a stream that ended before its first event, from an
         upstream that ends so the streams it refuses (`empty_stream_is_refusal`); else let
@@ -817,13 +824,19 @@ class UpstreamClient:
         on_status: Callable[[int], None] | None,
     ) -> UpstreamReply:
         """`complete`, as one unary HTTP exchange."""
+        response: Response | None = None
         with self._translated_errors:
-            async with asyncio.timeout_at(self._deadline(timeout_s)):
-                response = await self._post(call, on_sent, on_status)
-                try:
-                    body = await _read_answer(response)
-                finally:
-                    response.release()
+            try:
+                async with asyncio.timeout_at(self._deadline(timeout_s)):
+                    response = await self._post(call, on_sent, on_status)
+                    try:
+                        body = await _read_answer(response)
+                    finally:
+                        response.release()
+            except TimeoutError as exc:
+                if response is None or response.status < 300:
+                    raise
+                raise self._stalled_refusal(response) from exc
             if response.status >= 300:  # a redirect, a refusal or a failure
                 raise self._error_for_status(response, body)
             reply = self._reply(call, response, body, on_status)
@@ -961,8 +974,11 @@ class UpstreamClient:
             has_events = has_output = False
             try:
                 if response.status >= 300:  # a redirect, a refusal or a failure
-                    async with asyncio.timeout_at(deadline):
-                        body = await _read_answer(response)
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            body = await _read_answer(response)
+                    except TimeoutError as exc:
+                        raise self._stalled_refusal(response) from exc
                     raise self._error_for_status(response, body)
                 if _is_json_media(media):
                     # Some OpenAI-compatible servers ignore `stream: true` and answer with

@@ -7,6 +7,7 @@ its message ends with `(attempts: up0: HTTP 500; up1: key rejected (HTTP 401))`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 
@@ -15,8 +16,13 @@ import pytest
 from google.rpc import error_details_pb2
 
 from llmgateway.v1 import gateway_pb2 as pb
+from service.clock import Deadline
 from service.config import GatewayConfig, parse_config
-from tests.conftest import chat, gateway_config, gateway_config_data
+from service.domain import ChatRequest, Message, Role
+from service.errors import DeadlineExceeded, to_rpc_status
+from service.pool import AttemptLog, UpstreamPool
+from service.upstream.client import UpstreamClient
+from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
 from tests.fake_upstream import Behaviour, FakeUpstream, Hang, Reset, Status
 from tests.integration.test_resilience import FAST_RESILIENCE, call, error_details
 from tests.telemetry_support import attributes_of, captured_telemetry
@@ -138,3 +144,51 @@ async def test_a_batch_items_error_names_each_attempts_failure(start_gateway):
         info = error_details_pb2.ErrorInfo()
         assert any(detail.Unpack(info) for detail in failed.details)
         assert (info.reason, info.metadata["attempt_errors"]) == ("UPSTREAM_AUTH", attempts)
+
+
+async def _fail_through_the_pool(config: GatewayConfig, mode: str, deadline: Deadline) -> Exception:
+    """What one call through a pool of `config`'s upstreams fails with, `mode` unary or
+    stream."""
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(UpstreamClient(upstream))
+            for upstream in config.upstreams
+        ]
+        pool = UpstreamPool(clients, settings=config.resilience)
+        request = ChatRequest(FAKE_MODEL, (Message(Role.USER, "Say hi"),))
+        log = AttemptLog()
+        try:
+            if mode == "unary":
+                await pool.complete(request, prompt_tokens=8, deadline=deadline, log=log)
+            else:
+                stream = pool.stream(request, prompt_tokens=8, deadline=deadline, log=log)
+                async with contextlib.aclosing(stream):
+                    async for _ in stream:
+                        pass
+        except Exception as exc:
+            return exc
+    raise AssertionError("the call did not fail")
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_deadline_ending_the_last_attempt_still_names_the_earlier_ones(mode: str):
+    """up0 answers 500 and up1 hangs until the caller's deadline: DEADLINE_EXCEEDED names
+    up0's 500 and that the deadline cut up1 (before, it said only that the deadline
+    passed). Through the pool: at a caller grpc's own deadline ends the call at that
+    moment too, and either status may reach it."""
+    async with (
+        FakeUpstream(default=Status(500)) as first,
+        FakeUpstream(default=Hang()) as other,
+    ):
+        resilience = {**FAST_RESILIENCE, "attempts": 2}
+        config = gateway_config(first.base_url, other.base_url, resilience=resilience)
+        error = await _fail_through_the_pool(config, mode, Deadline.after(1.5))
+        assert (len(first.requests), len(other.requests)) == (1, 1)
+    assert isinstance(error, DeadlineExceeded)
+    status = to_rpc_status(error)
+    assert status.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    attempts = "up0: HTTP 500; up1: cut by the caller's deadline"
+    assert status.message == f"the caller's deadline passed (attempts: {attempts})"
+    info = error_details_pb2.ErrorInfo()
+    assert any(detail.Unpack(info) for detail in status.details)
+    assert (info.reason, info.metadata["attempt_errors"]) == ("DEADLINE_EXCEEDED", attempts)

@@ -791,6 +791,71 @@ async def test_upstream_429_after_retries_is_resource_exhausted_with_pushback(
         assert len(fake.requests) == 3
 
 
+# A refusal whose status and headers (asking for 2 s) come at once, its body long after
+# the upstream's `timeout_s` (STALLING_TIMEOUT_S) has passed.
+STALLED_BODY_REFUSALS = [
+    Status(code, headers={"Retry-After": "2"}, body_delay_s=2.0) for code in (429, 503)
+]
+STALLING_TIMEOUT_S = 0.3
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+@pytest.mark.parametrize("refusal", STALLED_BODY_REFUSALS, ids=["429", "503"])
+async def test_a_refusal_whose_body_stalls_keeps_what_its_status_and_headers_said(
+    start_gateway, refusal: Status, mode: str
+):
+    """A 429 (or 503) with Retry-After whose body stalls past the upstream's `timeout_s`
+    reaches the caller as its status does, with RetryInfo from the Retry-After. Before,
+    it was a timeout, UNAVAILABLE with the first backoff for RetryInfo."""
+    async with FakeUpstream(default=refusal) as fake:
+        data = gateway_config(fake.base_url, resilience={**FAST_RESILIENCE, "attempts": 1})
+        config = dataclasses.replace(
+            data,
+            upstreams=[dataclasses.replace(data.upstreams[0], timeout_s=STALLING_TIMEOUT_S)],
+        )
+        gateway = await start_gateway(config)
+        error, _ = await call(gateway, mode, timeout_s=10)
+    assert isinstance(error, grpc.aio.AioRpcError)
+    metadata, reason, retry_after_s = error_details(error)
+    if refusal.code == 429:
+        assert (error.code(), reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "UPSTREAM_RATE_LIMITED",
+        )
+    else:
+        assert (error.code(), reason) == (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE")
+    assert metadata["http_status"] == str(refusal.code)
+    assert retry_after_s == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+@pytest.mark.parametrize("refusal", STALLED_BODY_REFUSALS, ids=["429", "503"])
+async def test_the_retry_of_a_refusal_whose_body_stalls_waits_its_retry_after(
+    refusal: Status, mode: str
+):
+    """The pool's own retry after such a refusal waits the 2 s its Retry-After asked for,
+    not the first backoff. (A fake clock keeps the pool's time; the HTTP is real.)"""
+    clock = FakeClock()
+    async with FakeUpstream() as fake:
+        fake.script(refusal, Reply())
+        config = gateway_config(fake.base_url, resilience=FAST_RESILIENCE)
+        upstream = dataclasses.replace(config.upstreams[0], timeout_s=STALLING_TIMEOUT_S)
+        async with UpstreamClient(upstream) as client:
+            pool = UpstreamPool([client], settings=config.resilience, clock=clock)
+            log = AttemptLog()
+            request = ChatRequest(FAKE_MODEL, (Message(Role.USER, "Say hi"),))
+            deadline = Deadline.after(None, clock)
+            if mode == "unary":
+                await pool.complete(request, prompt_tokens=8, deadline=deadline, log=log)
+            else:
+                events = pool.stream(request, prompt_tokens=8, deadline=deadline, log=log)
+                async with contextlib.aclosing(events):
+                    async for _ in events:
+                        pass
+    assert log.attempts == 2
+    assert clock.slept == [pytest.approx(2.0)]
+
+
 async def test_a_retry_after_past_the_cap_is_passed_on_capped(start_gateway):
     """An upstream asking for an hour (or a misread milliseconds value): the gateway
     pauses it `max_retry_after_s` and tells the caller the same, not the hour."""

@@ -416,13 +416,17 @@ def calls_cut_off(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 
 async def refused_in_its_back_off(
-    gateway: RunningGateway, call: asyncio.Future[Any], caplog: pytest.LogCaptureFixture
-) -> None:
-    """Begin `gateway`'s drain once the first attempt of `call` failed (a 503: it waits
-    out its back-off), and assert the call ends at once SHUTTING_DOWN naming that failure,
-    the grace cutting nothing."""
+    gateway: RunningGateway,
+    call: asyncio.Future[Any],
+    caplog: pytest.LogCaptureFixture,
+    *,
+    failed_attempts: int = 1,
+) -> grpc.aio.AioRpcError:
+    """Begin `gateway`'s drain once `failed_attempts` attempts of `call` failed (the last
+    a 503: it waits out its back-off), and assert the call ends at once SHUTTING_DOWN
+    naming that failure, the grace cutting nothing; its error."""
     pool = gateway.server.pipeline.pool
-    while pool.counters.attempts < 1:  # its attempt failed: it is in its back-off
+    while pool.counters.attempts < failed_attempts:  # they failed: it is in its back-off
         await asyncio.sleep(0.01)
     with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
         stop = await stopping(gateway)
@@ -434,6 +438,7 @@ async def refused_in_its_back_off(
     assert "its last attempt failed: " in (caught.value.details() or "")
     assert "503" in (caught.value.details() or "")
     assert not calls_cut_off(caplog)
+    return caught.value
 
 
 async def test_a_draining_batch_gives_up_an_item_waiting_for_its_tenants_rate(
@@ -652,6 +657,32 @@ async def test_a_draining_gateway_ends_a_plain_call_waiting_to_retry(
     assert gateway.server.pipeline.pool.counters.retries == 0
 
 
+def assert_names_each_attempt(error: grpc.aio.AioRpcError, attempts: str) -> None:
+    """`error`'s message ends with `attempts`, each attempt's failure, and its ErrorInfo
+    metadata `attempt_errors` holds them."""
+    assert (error.details() or "").endswith(f" (attempts: {attempts})")
+    assert error_details(error)[0]["attempt_errors"] == attempts
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_call_the_drain_ends_in_its_back_off_names_each_attempts_failure(
+    upstream: FakeUpstream, start_gateway: Any, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    """A call whose attempts failed with a 500, then a 503 asking for 20 s, and that waits
+    out its back-off as the drain begins ends SHUTTING_DOWN naming both failures, as any
+    error after several attempts does. Before, it named the last one alone."""
+    upstream.script(Status(500), FAILED_FOR_20_S, Reply(content="retried"))
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    if mode == "unary":
+        call = gateway.stub.Complete(chat(), timeout=60)
+    else:
+        call = collect(gateway.stub.CompleteStream(chat_stream(), timeout=60))
+    future = asyncio.ensure_future(call)
+    error = await refused_in_its_back_off(gateway, future, caplog, failed_attempts=2)
+    assert_names_each_attempt(error, "up0: HTTP 500; up0: HTTP 503")
+    assert len(upstream.requests) == 2
+
+
 async def test_a_plain_call_failing_in_the_drain_ends_rather_than_backing_off(
     start_gateway: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -694,6 +725,23 @@ async def test_a_draining_summary_ends_a_part_waiting_out_its_back_off(
         call = asyncio.ensure_future(gateway.stub.Summarize(request, timeout=60))
         await refused_in_its_back_off(gateway, call, caplog)
         assert len(fake.requests) == 1
+
+
+async def test_a_summary_the_drain_ends_in_a_parts_back_off_names_each_attempts_failure(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Summarize part whose try failed after two attempts (a 500, then a 503) and that
+    waits out its back-off as the drain begins ends the call SHUTTING_DOWN naming both
+    failures. Before, it named the last one alone."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        fake.script(Status(500), Status(503))
+        config = summarize_config(fake.base_url, upstream_attempts=2, retry_backoff_s=20.0)
+        gateway = await start_gateway(config)
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(3))
+        call = asyncio.ensure_future(gateway.stub.Summarize(request, timeout=60))
+        error = await refused_in_its_back_off(gateway, call, caplog, failed_attempts=2)
+        assert_names_each_attempt(error, "up0: HTTP 500; up0: HTTP 503")
+        assert len(fake.requests) == 2
 
 
 @contextlib.asynccontextmanager
