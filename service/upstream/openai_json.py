@@ -81,7 +81,8 @@ _TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
 # The index of tool-call pieces sent without one (Gemini's OpenAI-compatible streams send
 # each call whole, with no index): a piece with a new id begins the next call.
 _NO_INDEX = -1
-# The most argument text held for a call whose id or name has not come: past any real
+# The most argument text held for calls whose id or name has not come, all of them
+# together (a bound per call let calls at many indexes each hold as much): past any real
 # call's, and a bound on what a broken upstream can make the gateway hold.
 _MAX_HELD_CHARS = 16 * 1024 * 1024
 # OpenAI requires a schema's name; callers may leave it out.
@@ -859,6 +860,7 @@ class StreamParser:
         "_calls",
         "_content_half",
         "_has_relayed",
+        "_held_chars",
         "_index",
         "_is_pairing",
         "_reasoning_half",
@@ -881,6 +883,7 @@ class StreamParser:
         self.is_refused = False  # a `refusal` came: the stream ends as a content filter's
         self._tool_calls: dict[int, _StreamedCall] = {}  # by the upstream's index
         self._calls = 0  # tool calls begun
+        self._held_chars = 0  # the arguments held for calls not begun (`_MAX_HELD_CHARS`)
         self._index: int | None = None  # the answer's choice, once an event named one
         self._has_relayed = False  # text or reasoning of it came out
         # Once an event came with a lone UTF-16 half, each text piece's ends are paired
@@ -995,10 +998,12 @@ class StreamParser:
         if arguments:
             known.held.append(arguments)
             known.held_chars += len(arguments)
-            if known.held_chars > _MAX_HELD_CHARS:
-                raise MalformedReply("a tool call's arguments ran long before its id and name")
+            self._held_chars += len(arguments)
+            if self._held_chars > _MAX_HELD_CHARS:
+                raise MalformedReply("tool calls' arguments ran long before their ids and names")
         if known.id and known.name:
             known.position, self._calls = self._calls, self._calls + 1
+            self._held_chars -= known.held_chars
             pieces.append(ToolCallDelta(known.position, known.id, known.name, "".join(known.held)))
             known.held.clear()
 
