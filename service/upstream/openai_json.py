@@ -1254,12 +1254,28 @@ def says_out_of_credit(body: bytes) -> bool:
 def says_stream_options_unknown(body: bytes) -> bool:
     """Whether an error body refuses the request's `stream_options` as a field it does not
     know: Azure OpenAI before API version 2024-09-01-preview answers "Unrecognized request
-    argument supplied: stream_options", others "Unknown parameter: 'stream_options'"."""
+    argument supplied: stream_options", others "Unknown parameter: 'stream_options'", and
+    Mistral's API (a 422) lists it among the fields its validation forbids, its message an
+    object: `{"detail": [{"type": "extra_forbidden", "loc": ["body", "stream_options"],
+    ...}]}`."""
     explanation = error_explanation(body)
     if explanation is None:
-        return False
+        error = _error_of(body)
+        message = error.get("message") if isinstance(error, dict) else None
+        return isinstance(message, dict) and _locates_stream_options(message.get("detail"))
     message, param, _ = explanation
     return param == "stream_options" or "stream_options" in message
+
+
+def _locates_stream_options(detail: object) -> bool:
+    """Whether a validation error's `detail` (pydantic's list of errors, each with the
+    `loc` of the field it refused) refuses `stream_options` or a field inside it."""
+    return isinstance(detail, list) and any(
+        isinstance(error, dict)
+        and isinstance(error.get("loc"), list)
+        and "stream_options" in error["loc"]
+        for error in detail
+    )
 
 
 # The sizes OpenAI's refusal states, which llama-cpp-python's server and vLLM before 0.10
