@@ -98,6 +98,9 @@ _MAX_EVENTLESS_HEAD = 64 * 1024
 _FAILURE_LOG_INTERVAL_S = 60.0
 # The most kinds of failure remembered for that at once: causes name addresses, which vary.
 _MAX_FAILURES_REMEMBERED = 64
+# The statuses of a refusal of a request field the upstream does not know: most send 400,
+# Mistral's API (its validation's `extra_forbidden`) 422.
+_UNKNOWN_FIELD_STATUSES = (400, 422)
 # What an answer may come as, besides its own media type, and still be the provider's
 # when it parses so: some proxies send an answer, or a stream, as text/plain or untyped.
 _UNTYPED_MEDIA = frozenset({"", "text/plain"})
@@ -692,7 +695,8 @@ class UpstreamClient:
     ) -> Response:
         """`_post` for a stream. The body asks for the stream's usage in `stream_options`;
         an upstream that refuses the field (a 400 naming it: Azure OpenAI before API
-        version 2024-09-01-preview) is asked again at once without it, and never sent it
+        version 2024-09-01-preview; a 422: Mistral's API) is asked again at once without
+        it, and never sent it
         again once that is taken, rather than every stream failing as the caller's bad
         request."""
         if self._omits_stream_options:
@@ -701,7 +705,7 @@ class UpstreamClient:
         # nothing, and the attempt would count as refused, billing none of what follows.
         response = await self._post(call, on_sent, None)
         told = on_status or _ignore_status
-        if response.status != 400:
+        if response.status not in _UNKNOWN_FIELD_STATUSES:
             told(response.status)
             return response
         try:

@@ -81,7 +81,8 @@ _TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
 # The index of tool-call pieces sent without one (Gemini's OpenAI-compatible streams send
 # each call whole, with no index): a piece with a new id begins the next call.
 _NO_INDEX = -1
-# The most argument text held for a call whose id or name has not come: past any real
+# The most argument text held for calls whose id or name has not come, all of them
+# together (a bound per call let calls at many indexes each hold as much): past any real
 # call's, and a bound on what a broken upstream can make the gateway hold.
 _MAX_HELD_CHARS = 16 * 1024 * 1024
 # OpenAI requires a schema's name; callers may leave it out.
@@ -859,6 +860,7 @@ class StreamParser:
         "_calls",
         "_content_half",
         "_has_relayed",
+        "_held_chars",
         "_index",
         "_is_pairing",
         "_reasoning_half",
@@ -881,6 +883,7 @@ class StreamParser:
         self.is_refused = False  # a `refusal` came: the stream ends as a content filter's
         self._tool_calls: dict[int, _StreamedCall] = {}  # by the upstream's index
         self._calls = 0  # tool calls begun
+        self._held_chars = 0  # the arguments held for calls not begun (`_MAX_HELD_CHARS`)
         self._index: int | None = None  # the answer's choice, once an event named one
         self._has_relayed = False  # text or reasoning of it came out
         # Once an event came with a lone UTF-16 half, each text piece's ends are paired
@@ -995,10 +998,12 @@ class StreamParser:
         if arguments:
             known.held.append(arguments)
             known.held_chars += len(arguments)
-            if known.held_chars > _MAX_HELD_CHARS:
-                raise MalformedReply("a tool call's arguments ran long before its id and name")
+            self._held_chars += len(arguments)
+            if self._held_chars > _MAX_HELD_CHARS:
+                raise MalformedReply("tool calls' arguments ran long before their ids and names")
         if known.id and known.name:
             known.position, self._calls = self._calls, self._calls + 1
+            self._held_chars -= known.held_chars
             pieces.append(ToolCallDelta(known.position, known.id, known.name, "".join(known.held)))
             known.held.clear()
 
@@ -1249,12 +1254,28 @@ def says_out_of_credit(body: bytes) -> bool:
 def says_stream_options_unknown(body: bytes) -> bool:
     """Whether an error body refuses the request's `stream_options` as a field it does not
     know: Azure OpenAI before API version 2024-09-01-preview answers "Unrecognized request
-    argument supplied: stream_options", others "Unknown parameter: 'stream_options'"."""
+    argument supplied: stream_options", others "Unknown parameter: 'stream_options'", and
+    Mistral's API (a 422) lists it among the fields its validation forbids, its message an
+    object: `{"detail": [{"type": "extra_forbidden", "loc": ["body", "stream_options"],
+    ...}]}`."""
     explanation = error_explanation(body)
     if explanation is None:
-        return False
+        error = _error_of(body)
+        message = error.get("message") if isinstance(error, dict) else None
+        return isinstance(message, dict) and _locates_stream_options(message.get("detail"))
     message, param, _ = explanation
     return param == "stream_options" or "stream_options" in message
+
+
+def _locates_stream_options(detail: object) -> bool:
+    """Whether a validation error's `detail` (pydantic's list of errors, each with the
+    `loc` of the field it refused) refuses `stream_options` or a field inside it."""
+    return isinstance(detail, list) and any(
+        isinstance(error, dict)
+        and isinstance(error.get("loc"), list)
+        and "stream_options" in error["loc"]
+        for error in detail
+    )
 
 
 # The sizes OpenAI's refusal states, which llama-cpp-python's server and vLLM before 0.10

@@ -22,7 +22,7 @@ from service.tokens import estimate_output_tokens
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
 from tests.integration.test_resilience import error_details
 from tests.integration.test_upstream_http import read_request
-from tests.integration.test_upstream_sse import DONE, USAGE, chunk, event
+from tests.integration.test_upstream_sse import DONE, USAGE, SSEUpstream, chunk, event
 
 BOUND = 64 * 1024
 TEXT = "word " * 200  # one event's text: 1,000 characters
@@ -242,3 +242,33 @@ async def test_a_first_chunk_past_the_bound_is_a_malformed_answer_and_retried(
     assert error is None
     assert text == "fresh"
     assert upstream.requests == 2
+
+
+def nameless_call_piece(index: int, arguments: str) -> bytes:
+    """An event with arguments of the tool call at `index`, which has no id nor name yet."""
+    call = {"index": index, "function": {"arguments": arguments}}
+    choice = {"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}
+    return event({"id": "c1", "model": FAKE_MODEL, "choices": [choice]})
+
+
+async def test_arguments_held_for_calls_at_many_indexes_are_bounded_all_together(
+    start_gateway: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream holding arguments for calls never named, each at an index of its own
+    and each within the bound, is cut off once they pass it all together: a malformed
+    answer, not one whose arguments the gateway holds till the caller's deadline (without
+    limit, however many calls)."""
+    monkeypatch.setattr("service.upstream.openai_json._MAX_HELD_CHARS", BOUND)
+    arguments = "a" * (BOUND // 2)
+    held = b"".join(nameless_call_piece(index, arguments) for index in range(3))
+    never = asyncio.Event()
+    upstream = SSEUpstream(held, end_when=never)
+    async with upstream as url:
+        config = gateway_config(url, models=MODELS, resilience={"attempts": 1})
+        gateway = await start_gateway(config)
+        text, error = await read_stream(gateway)
+        never.set()
+    assert text == ""
+    assert error is not None
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert "arguments ran long before their ids and names" in (error.details() or "")

@@ -643,11 +643,15 @@ UNKNOWN_STREAM_OPTIONS = orjson.dumps(
 
 
 def azure_2024_06(
-    bodies: list[bytes], *, refused_together: int = 1
+    bodies: list[bytes],
+    *,
+    refused_together: int = 1,
+    refusal: tuple[bytes, bytes] = (b"400 Bad Request", UNKNOWN_STREAM_OPTIONS),
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """An upstream answering "Hello" to each stream, but 400 to one with `stream_options`,
-    as Azure OpenAI before 2024-09-01-preview does; each request's body added to `bodies`.
-    The first `refused_together` refusals wait until all of them have come."""
+    as Azure OpenAI before 2024-09-01-preview does (or `refusal`, a status and its body);
+    each request's body added to `bodies`. The first `refused_together` refusals wait until
+    all of them have come."""
     refusals: list[bytes] = []
     all_come = asyncio.Event()
 
@@ -665,11 +669,7 @@ def azure_2024_06(
                 if len(refusals) >= refused_together:
                     all_come.set()
                 await all_come.wait()
-                status, media, answer = (
-                    b"400 Bad Request",
-                    b"application/json",
-                    UNKNOWN_STREAM_OPTIONS,
-                )
+                status, media, answer = (refusal[0], b"application/json", refusal[1])
             head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
             writer.write(head % (status, media, len(answer)) + answer)
             await writer.drain()
@@ -677,17 +677,36 @@ def azure_2024_06(
     return serve
 
 
+def mistral_refusal(*loc: str) -> tuple[bytes, bytes]:
+    """Mistral's API's refusal of a field at `loc` its validation forbids: a 422, the
+    field's place in `loc`, the message an object."""
+    forbidden = {"type": "extra_forbidden", "loc": ["body", *loc], "msg": "Extra inputs"}
+    message = {"detail": [forbidden]}
+    error = {"object": "error", "message": message, "type": "invalid_request_error"}
+    return b"422 Unprocessable Entity", orjson.dumps({**error, "param": None, "code": None})
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        (b"400 Bad Request", UNKNOWN_STREAM_OPTIONS),
+        mistral_refusal("stream_options"),
+        mistral_refusal("stream_options", "include_usage"),
+    ],
+    ids=["azure-400", "mistral-422", "mistral-422-include-usage"],
+)
 async def test_an_upstream_that_refuses_stream_options_streams_without_them(
-    start_gateway: Callable[..., Any],
+    start_gateway: Callable[..., Any], refusal: tuple[bytes, bytes]
 ) -> None:
-    """An upstream that answers 400 to `stream_options` (which asks for the stream's usage)
-    is asked again at once without it, and not sent it again: the streams are served.
+    """An upstream that refuses `stream_options` (which asks for the stream's usage) is
+    asked again at once without it, and not sent it again: the streams are served.
 
     Before, every stream failed INVALID_ARGUMENT, the caller told its request was bad for
-    a field the gateway adds, while unary calls to the same upstream were served."""
+    a field the gateway adds, while unary calls to the same upstream were served: Azure's
+    400 at first, and Mistral's 422 (its message an object) until now."""
     bodies: list[bytes] = []
     async with serving() as serve:
-        raw = await serve(azure_2024_06(bodies))
+        raw = await serve(azure_2024_06(bodies, refusal=refusal))
         gateway = await start_gateway(gateway_config(raw.url))
         for _ in range(2):
             text, final, error = await relay(gateway, chat_stream("hi"))

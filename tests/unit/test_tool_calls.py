@@ -183,6 +183,21 @@ def test_arguments_held_for_a_nameless_call_are_bounded(monkeypatch: pytest.Monk
         parser.parse(_event([{"index": 0, "function": {"arguments": "56789"}}]))
 
 
+def test_arguments_held_for_nameless_calls_are_bounded_all_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bound counts the arguments held for every call not yet named, at whatever
+    index: calls at many indexes, each within it, made the gateway hold as many times as
+    much. What a call's first piece sent on is held no more."""
+    monkeypatch.setattr("service.upstream.openai_json._MAX_HELD_CHARS", 8)
+    parser = StreamParser()
+    parser.parse(_event([{"index": 0, "function": {"arguments": "1234"}}]))
+    parser.parse(_event([{"index": 0, "id": "a", "function": {"name": "f"}}]))
+    parser.parse(_event([{"index": 1, "function": {"arguments": "56789"}}]))
+    with pytest.raises(MalformedReply):
+        parser.parse(_event([{"index": 2, "function": {"arguments": "0000"}}]))
+
+
 def test_a_piece_changing_its_calls_id_is_malformed() -> None:
     """A new id at a known index begins the next call (Ollama's parallel calls), which
     needs its name: a piece that only changes the id is refused, never merged."""
