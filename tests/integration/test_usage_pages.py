@@ -329,3 +329,38 @@ async def test_the_usage_command_prints_every_page_as_one_table(
     ]
     assert lines[-1].split()[:2] == ["TOTAL", "1005"]
     assert len(queries) == 2
+
+
+async def test_the_usage_commands_total_is_the_sum_of_the_rows_it_prints(
+    gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Calls recorded while `llm-gateway usage` reads its pages (one more to a row of the
+    first page, and a new row that sorts before the second) are in the last page's total
+    but in no row printed: the table's TOTAL is the sum of the rows above it, as a reader
+    adding up the column expects, not the last page's total.
+
+    Before, TOTAL said 1007 requests under rows that add up to 1005."""
+    ledger = gateway.server.pipeline.ledger
+    query = ledger.query
+    queries: list[UsageFilter] = []
+
+    async def recorded_between(usage_filter: UsageFilter) -> list[UsageRow]:
+        if queries:  # the second page: calls came in since the first was read
+            await record(gateway, ["r0000", "a"])
+        queries.append(usage_filter)
+        return await query(usage_filter)
+
+    monkeypatch.setattr(ledger, "query", recorded_between)
+    await record(gateway, [f"r{n:04d}" for n in range(1005)])
+    code = await asyncio.to_thread(cli_main, ["usage", "--address", gateway.server.address])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    lines = captured.out.splitlines()
+    printed = [line.split() for line in lines[1:-1]]
+    assert len(printed) == 1005
+    total = lines[-1].split()
+    assert total[0] == "TOTAL"
+    assert int(total[1]) == sum(int(row[4]) for row in printed) == 1005
+    assert int(total[3]) == sum(int(row[6]) for row in printed) == 1005 * 7
+    assert total[-1] == f"{1005e-6:.6f}"
+    assert len(queries) == 2

@@ -7,7 +7,7 @@ import datetime as dt
 import functools
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -18,6 +18,8 @@ from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 
 _UNITS = {"m": 60, "h": 3600, "d": 86400}
+# The ledger counts cost in pico-dollars.
+_PICO = 10**12
 
 
 def utc_now() -> dt.datetime:
@@ -124,11 +126,35 @@ def _row(row: pb.UsageRow, *, name: str | None = None) -> tuple[str, ...]:
     )
 
 
+def total_of(rows: Sequence[pb.UsageRow]) -> pb.UsageRow:
+    """The sum of `rows`, its cost added in pico-dollars (the ledger's unit) so that it
+    drifts by no float's error however many rows there are."""
+    total = pb.UsageRow()
+    cost_pico = 0
+    for row in rows:
+        total.requests += row.requests
+        total.estimated_requests += row.estimated_requests
+        total.usage.input_tokens += row.usage.input_tokens
+        total.usage.output_tokens += row.usage.output_tokens
+        total.usage.reasoning_tokens += row.usage.reasoning_tokens
+        total.usage.cached_input_tokens += row.usage.cached_input_tokens
+        total.usage.estimated |= row.usage.estimated
+        cost_pico += round(row.cost_usd * _PICO)
+    total.cost_usd = cost_pico / _PICO
+    return total
+
+
 def format_usage(response: pb.GetUsageResponse) -> str:
-    """The ledger rows and their total as an aligned text table."""
+    """The ledger rows and their total as an aligned text table.
+
+    The total is the rows' sum, not the response's `total`: read in pages, that is the
+    last page's, which also counts calls recorded after earlier pages were read (in rows
+    printed before them, or in new rows sorting before the last page), so that it
+    disagreed with the column above it.
+    """
     rows: list[tuple[str, ...]] = [_HEADER]
     rows.extend(_row(r) for r in response.rows)
-    rows.append(_row(response.total, name="TOTAL"))
+    rows.append(_row(total_of(response.rows), name="TOTAL"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     numeric = range(4, len(widths))
     return "\n".join(
