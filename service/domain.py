@@ -196,6 +196,13 @@ class ChatRequest:
     tool_choice: ToolChoice = ToolChoice()
 
 
+# The most tokens one count of a call's `Usage` may be: far beyond any real call (no model
+# takes a billion-token prompt), and the most one call adds to a Redis usage row's 64-bit
+# token counts (`service.ledger` leaves a row alone within this of 2^63). Its cost may
+# pass 2^63 pico-dollars: the ledgers count it exactly.
+MAX_TOKEN_COUNT = 2**32
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts of one call; `estimated` when the upstream reported none.

@@ -913,6 +913,35 @@ async def test_stored_deltas_of_the_wrong_type_are_a_miss_not_a_replay(
     assert cache_of(gateway).stats.errors == 1
 
 
+@pytest.mark.parametrize(
+    ("field", "count"),
+    [("input_tokens", 2**63 - 1), ("input_tokens", -1_000_000), ("reasoning_tokens", 2**40)],
+)
+async def test_an_entry_whose_usage_no_call_has_is_a_miss_not_recorded(
+    upstream: FakeUpstream,
+    start_gateway: Callable[..., Any],
+    redis_server: RedisServer,
+    field: str,
+    count: int,
+) -> None:
+    """An entry whose token count no call has (negative, or past any real call) is
+    unreadable: a hit records its usage, and such a count made the tenant's usage rows
+    negative, or past int64, where GetUsage failed with INTERNAL."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(upstream.base_url, cache={"backend": "redis", "redis_url": redis_server.url})
+    )
+    await _cache_one_answer_and_rewrite_it(
+        gateway, redis_server, lambda e: e["c"]["usage"].update({field: count})
+    )
+    replies = [await gateway.stub.Complete(ask()) for _ in range(2)]
+    await settled(gateway)
+    usage = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert [r.metadata.cache_hit for r in replies] == [False, True]
+    assert (usage.requests, usage.usage.input_tokens, usage.usage.reasoning_tokens) == (3, 21, 0)
+    assert len(upstream.requests) == 2
+    assert cache_of(gateway).stats.errors == 1
+
+
 async def test_a_foreign_kind_of_value_under_a_key_is_a_miss_not_a_failing_store(
     upstream: FakeUpstream, start_gateway: Callable[..., Any], redis_server: RedisServer
 ) -> None:
