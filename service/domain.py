@@ -134,6 +134,10 @@ class ResponseFormatType(enum.StrEnum):
     JSON_SCHEMA = "json_schema"
 
 
+# The name a schema left unnamed is sent with, as the contract says (OpenAI requires one).
+DEFAULT_SCHEMA_NAME = "response"
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseFormat:
     """JSON mode, or structured output following `json_schema` (a JSON object as text)."""

@@ -15,6 +15,7 @@ from typing import Any, Literal, NamedTuple, NoReturn
 import orjson
 
 from service.domain import (
+    DEFAULT_SCHEMA_NAME,
     MAX_TOKEN_COUNT,
     ChatRequest,
     FinishReason,
@@ -81,8 +82,6 @@ _NO_INDEX = -1
 # The most argument text held for a call whose id or name has not come: past any real
 # call's, and a bound on what a broken upstream can make the gateway hold.
 _MAX_HELD_CHARS = 16 * 1024 * 1024
-# OpenAI requires a schema's name; callers may leave it out.
-DEFAULT_SCHEMA_NAME = "response"
 # A `\u` escape of a UTF-16 surrogate (U+D800 to U+DFFF), which orjson refuses unpaired.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # A UTF-16 surrogate in a string: what the standard library's json makes of one unpaired.

@@ -222,6 +222,29 @@ async def test_a_text_format_shares_the_unset_formats_entry(
     assert sent == ({"type": "text"} if text_first else None)
 
 
+def _schema_format(name: str) -> pb.CompleteRequest:
+    request = ask("Answer in JSON")
+    request.params.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+    request.params.response_format.json_schema = '{"type": "object"}'
+    request.params.response_format.schema_name = name
+    return request
+
+
+async def test_a_schema_named_response_shares_the_unnamed_schemas_entry(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """An unnamed schema is sent named "response": one so named is the same request, a
+    hit, and a schema of another name is not."""
+    upstream.default = Reply(content='{"a": 1}')
+    replies = []
+    for name in ("", "response", "answer"):
+        replies.append(await cached.stub.Complete(_schema_format(name)))
+        await settled(cached)
+    assert [r.metadata.cache_hit for r in replies] == [False, True, False]
+    names = [r.body["response_format"]["json_schema"]["name"] for r in upstream.requests]
+    assert names == ["response", "answer"]
+
+
 async def test_tenants_never_share_entries(cached: RunningGateway, upstream: FakeUpstream) -> None:
     """The same request from two tenants is two misses; each tenant then hits its own entry."""
     from service.clock import Deadline
