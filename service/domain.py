@@ -134,6 +134,10 @@ class ResponseFormatType(enum.StrEnum):
     JSON_SCHEMA = "json_schema"
 
 
+# The name a schema left unnamed is sent with, as the contract says (OpenAI requires one).
+DEFAULT_SCHEMA_NAME = "response"
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseFormat:
     """JSON mode, or structured output following `json_schema` (a JSON object as text)."""
@@ -194,6 +198,13 @@ class ChatRequest:
     tenant: str = "default"
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = ToolChoice()
+
+
+# The most tokens one count of a call's `Usage` may be: far beyond any real call (no model
+# takes a billion-token prompt), and the most one call adds to a Redis usage row's 64-bit
+# token counts (`service.ledger` leaves a row alone within this of 2^63). Its cost may
+# pass 2^63 pico-dollars: the ledgers count it exactly.
+MAX_TOKEN_COUNT = 2**32
 
 
 @dataclass(frozen=True, slots=True)

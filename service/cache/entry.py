@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import orjson
 
 from service.domain import (
+    MAX_TOKEN_COUNT,
     Completion,
     Delta,
     FinishReason,
@@ -116,6 +117,21 @@ def _typed(cls: type[T], values: dict[str, Any]) -> T:
     return cls(**values)
 
 
+def _counted(usage: Usage) -> Usage:
+    """`usage`, refusing a count no call has (negative, or past `MAX_TOKEN_COUNT`): a
+    hit records its usage, and one such count made the tenant's usage rows negative or
+    past int64, where GetUsage failed on them."""
+    for count in (
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cached_input_tokens,
+        usage.reasoning_tokens,
+    ):
+        if not 0 <= count <= MAX_TOKEN_COUNT:
+            raise EntryDecodeError("a usage count no call has")
+    return usage
+
+
 @dataclass(frozen=True, slots=True)
 class CachedAnswer:
     """A finished answer and the deltas it was streamed as (one delta for a unary answer)."""
@@ -188,7 +204,7 @@ class CachedAnswer:
                     raise EntryDecodeError("content written beside the deltas it joins")
                 fields["content"] = "".join(deltas)
             fields["finish_reason"] = FinishReason(fields["finish_reason"])
-            fields["usage"] = _typed(Usage, dict(fields["usage"]))
+            fields["usage"] = _counted(_typed(Usage, dict(fields["usage"])))
             fields["timings"] = _typed(Timings, dict(fields["timings"]))
             fields["tool_calls"] = tuple(
                 _typed(ToolCall, dict(call)) for call in fields.get("tool_calls", ())

@@ -4,8 +4,9 @@ The encoding is a JSON array in a fixed order (never a dict, so no key order to 
 wrong) of: the key format version, the tenant, the model, every message as
 `[role, content]` in order, and every generation parameter with unset kept as `null`
 (distinct from `0`); a `response_format` of TEXT is keyed as unset, since it asks for
-what an unset one does. Labels and the idempotency key are left out: they change who is
-billed and how the call is retried, not what the model answers.
+what an unset one does, and a schema named "response" as an unnamed one, which is sent
+so. Labels and the idempotency key are left out: they change who is billed and how the
+call is retried, not what the model answers.
 
 Tool calling adds to that only where a request uses it, so the keys of every other
 request (and the entries stored under them) stay as they were: a message with tool calls,
@@ -21,7 +22,7 @@ import hashlib
 
 import orjson
 
-from service.domain import ChatRequest, ResponseFormatType
+from service.domain import DEFAULT_SCHEMA_NAME, ChatRequest, ResponseFormatType
 
 __all__ = ["KEY_FORMAT_VERSION", "cache_key", "canonical_request"]
 
@@ -50,11 +51,13 @@ def canonical_request(request: ChatRequest) -> bytes:
     if response_format is not None and response_format.type is not ResponseFormatType.TEXT:
         # Appended only when set, so the keys of every other request stay as they were;
         # TEXT (which carries no schema, name or strict) shares the unset format's entry.
+        name = response_format.schema_name
         sampling.append(
             [
                 response_format.type.value,
                 response_format.json_schema,
-                response_format.schema_name,
+                # An unnamed schema is sent named "response": the same request.
+                "" if name == DEFAULT_SCHEMA_NAME else name,
                 response_format.is_strict,
             ]
         )

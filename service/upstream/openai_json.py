@@ -15,6 +15,8 @@ from typing import Any, Literal, NamedTuple, NoReturn
 import orjson
 
 from service.domain import (
+    DEFAULT_SCHEMA_NAME,
+    MAX_TOKEN_COUNT,
     ChatRequest,
     FinishReason,
     Message,
@@ -62,10 +64,6 @@ _FAILED_FINISH_REASONS = frozenset(
     }
 )
 _DONE = "[DONE]"  # the data of a stream's last event
-# Far beyond any real call (no model takes a billion-token prompt), and the most one call
-# adds to a Redis usage row's 64-bit token counts (`service.ledger` leaves a row alone
-# within this of 2^63). Its cost may pass 2^63 pico-dollars: the ledgers count it exactly.
-_MAX_TOKEN_COUNT = 2**32
 # A streamed request's last fields, as `request_body` writes them (after `messages`,
 # never the first).
 _STREAM_FIELDS = b',"stream":true,"stream_options":{"include_usage":true}}'
@@ -85,8 +83,6 @@ _NO_INDEX = -1
 # together (a bound per call let calls at many indexes each hold as much): past any real
 # call's, and a bound on what a broken upstream can make the gateway hold.
 _MAX_HELD_CHARS = 16 * 1024 * 1024
-# OpenAI requires a schema's name; callers may leave it out.
-DEFAULT_SCHEMA_NAME = "response"
 # A `\u` escape of a UTF-16 surrogate (U+D800 to U+DFFF), which orjson refuses unpaired.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # A UTF-16 surrogate in a string: what the standard library's json makes of one unpaired.
@@ -359,8 +355,7 @@ def usage(data: object) -> Usage | None:
     except (TypeError, ValueError, OverflowError):
         return None
     if not (
-        0 <= counts.input_tokens <= _MAX_TOKEN_COUNT
-        and 0 <= counts.output_tokens <= _MAX_TOKEN_COUNT
+        0 <= counts.input_tokens <= MAX_TOKEN_COUNT and 0 <= counts.output_tokens <= MAX_TOKEN_COUNT
     ):
         return None
     if counts.cached_input_tokens > counts.input_tokens and prompt is not None:
@@ -390,7 +385,7 @@ def _is_left_out_of_completion(counts: Usage, reasoning: int, total: object) -> 
     except TypeError:
         return False
     output = counts.output_tokens + reasoning
-    return whole == counts.input_tokens + output and output <= _MAX_TOKEN_COUNT
+    return whole == counts.input_tokens + output and output <= MAX_TOKEN_COUNT
 
 
 def _joined(earlier: Usage, later: Usage) -> Usage:
@@ -469,7 +464,7 @@ def _detail_count(value: object) -> int:
         count = _count(value)
     except TypeError:
         return 0
-    return count if 0 <= count <= _MAX_TOKEN_COUNT else 0
+    return count if 0 <= count <= MAX_TOKEN_COUNT else 0
 
 
 def _loads(raw: bytes | str) -> dict[str, Any]:

@@ -222,6 +222,29 @@ async def test_a_text_format_shares_the_unset_formats_entry(
     assert sent == ({"type": "text"} if text_first else None)
 
 
+def _schema_format(name: str) -> pb.CompleteRequest:
+    request = ask("Answer in JSON")
+    request.params.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+    request.params.response_format.json_schema = '{"type": "object"}'
+    request.params.response_format.schema_name = name
+    return request
+
+
+async def test_a_schema_named_response_shares_the_unnamed_schemas_entry(
+    cached: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """An unnamed schema is sent named "response": one so named is the same request, a
+    hit, and a schema of another name is not."""
+    upstream.default = Reply(content='{"a": 1}')
+    replies = []
+    for name in ("", "response", "answer"):
+        replies.append(await cached.stub.Complete(_schema_format(name)))
+        await settled(cached)
+    assert [r.metadata.cache_hit for r in replies] == [False, True, False]
+    names = [r.body["response_format"]["json_schema"]["name"] for r in upstream.requests]
+    assert names == ["response", "answer"]
+
+
 async def test_tenants_never_share_entries(cached: RunningGateway, upstream: FakeUpstream) -> None:
     """The same request from two tenants is two misses; each tenant then hits its own entry."""
     from service.clock import Deadline
@@ -909,6 +932,35 @@ async def test_stored_deltas_of_the_wrong_type_are_a_miss_not_a_replay(
     await settled(gateway)
     assert "".join(e.delta.content for e in streamed[:-1]) == "Hello from fake"
     assert not streamed[-1].final.cache_hit
+    assert len(upstream.requests) == 2
+    assert cache_of(gateway).stats.errors == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "count"),
+    [("input_tokens", 2**63 - 1), ("input_tokens", -1_000_000), ("reasoning_tokens", 2**40)],
+)
+async def test_an_entry_whose_usage_no_call_has_is_a_miss_not_recorded(
+    upstream: FakeUpstream,
+    start_gateway: Callable[..., Any],
+    redis_server: RedisServer,
+    field: str,
+    count: int,
+) -> None:
+    """An entry whose token count no call has (negative, or past any real call) is
+    unreadable: a hit records its usage, and such a count made the tenant's usage rows
+    negative, or past int64, where GetUsage failed with INTERNAL."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(upstream.base_url, cache={"backend": "redis", "redis_url": redis_server.url})
+    )
+    await _cache_one_answer_and_rewrite_it(
+        gateway, redis_server, lambda e: e["c"]["usage"].update({field: count})
+    )
+    replies = [await gateway.stub.Complete(ask()) for _ in range(2)]
+    await settled(gateway)
+    usage = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert [r.metadata.cache_hit for r in replies] == [False, True]
+    assert (usage.requests, usage.usage.input_tokens, usage.usage.reasoning_tokens) == (3, 21, 0)
     assert len(upstream.requests) == 2
     assert cache_of(gateway).stats.errors == 1
 

@@ -105,6 +105,22 @@ def test_fields_that_do_not_change_the_answer_keep_the_key(same: ChatRequest) ->
     assert cache_key(same, prefix="p") == cache_key(BASE, prefix="p")
 
 
+def test_a_schema_named_response_shares_the_unnamed_schemas_key() -> None:
+    """An unnamed schema is sent named "response": naming it so asks for the same answer,
+    and shares its entry; any other name does not."""
+
+    def schema(name: str) -> ChatRequest:
+        return _params(
+            response_format=ResponseFormat(
+                ResponseFormatType.JSON_SCHEMA, json_schema="{}", schema_name=name
+            )
+        )
+
+    unnamed = cache_key(schema(""), prefix="p")
+    assert cache_key(schema("response"), prefix="p") == unnamed
+    assert cache_key(schema("answer"), prefix="p") != unnamed
+
+
 def test_key_has_prefix_and_version_and_no_prompt_text() -> None:
     """The key is namespaced, versioned, and never contains the prompt."""
     key = cache_key(BASE, prefix="llmgw")
