@@ -43,7 +43,7 @@ from service.hosts import listen_host_problem
 from service.otel_context import unknown_context
 from service.telemetry.histograms import HistogramExport, suits
 from service.telemetry.lean_tracer import LeanTracer
-from service.telemetry.otlp_tls import tls_file_problem
+from service.telemetry.otlp_tls import grpc_client_credentials, tls_file_problem
 from service.telemetry.outages import (
     ExportWatch,
     WatchedMetricExporter,
@@ -391,8 +391,11 @@ def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
                 OTLPSpanExporter as GrpcSpanExporter,
             )
 
-            compression = _otlp_compression(environ, "TRACES")
-            exporters.append(_watched_spans(GrpcSpanExporter(compression=compression)))
+            exporter = GrpcSpanExporter(
+                credentials=grpc_client_credentials(environ, "TRACES"),
+                compression=_otlp_compression(environ, "TRACES"),
+            )
+            exporters.append(_watched_spans(exporter))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
                 OTLPSpanExporter as HttpSpanExporter,
@@ -482,8 +485,11 @@ def metric_readers(environ: Mapping[str, str]) -> tuple[list[MetricReader], bool
                 OTLPMetricExporter as GrpcMetricExporter,
             )
 
-            compression = _otlp_compression(environ, "METRICS")
-            readers.append(_watched_metrics(GrpcMetricExporter(compression=compression)))
+            exporter = GrpcMetricExporter(
+                credentials=grpc_client_credentials(environ, "METRICS"),
+                compression=_otlp_compression(environ, "METRICS"),
+            )
+            readers.append(_watched_metrics(exporter))
         else:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
                 OTLPMetricExporter as HttpMetricExporter,

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from opentelemetry.proto.collector.metrics.v1 import (
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
+)
 
 from service.main import main
 from tests.integration.pki import issue, make_ca
@@ -665,8 +673,9 @@ _NOT_THERE = "cannot read {missing}: No such file or directory"
 @pytest.fixture(scope="module")
 def otlp_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """PEM files for the OTLP exporters' TLS variables: a CA, a client certificate it
-    signed and its key, a key of another, a file missing, a directory, a file that holds
-    text (that no error may repeat), the client certificate and key in one file."""
+    signed and its key, a collector's certificate for 127.0.0.1 it signed and its key, a
+    key of another, a file missing, a directory, a file that holds text (that no error
+    may repeat), the client certificate and key in one file."""
     directory = tmp_path_factory.mktemp("otlp-pki")
     ca = make_ca(directory, "ca")
     client = issue(
@@ -676,8 +685,14 @@ def otlp_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     text.write_text("SECRET-LOOKING TEXT\n")
     combined = directory / "combined.pem"
     combined.write_text(client[0].read_text() + client[1].read_text())
+    server = issue(
+        directory, "server", ca=ca, common_name="127.0.0.1",
+        extensions="subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+    )  # fmt: skip
     return {
         "ca": str(ca[0]),
+        "server_cert": str(server[0]),
+        "server_key": str(server[1]),
         "cert": str(client[0]),
         "key": str(client[1]),
         "other_key": str(ca[1]),
@@ -734,6 +749,16 @@ _UNUSABLE_TLS_FILES = [
         },
         f"{_OTLP}CLIENT_KEY: {{other_key}} holds no unencrypted PEM private key that "
         f"matches the certificate in {_OTLP}CLIENT_CERTIFICATE",
+    ),
+    (  # a gRPC client's pair without its group's CA, once not read
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            **_TLS_ENDPOINT,
+            f"{_OTLP}TRACES_CLIENT_CERTIFICATE": "cert",
+            f"{_OTLP}TRACES_CLIENT_KEY": "other_key",
+        },
+        f"{_OTLP}TRACES_CLIENT_KEY: {{other_key}} holds no unencrypted PEM private key that "
+        f"matches the certificate in {_OTLP}TRACES_CLIENT_CERTIFICATE",
     ),
     (  # half a pair: the HTTP exporter left the key out; gRPC aborted `serve` (SIGABRT)
         {
@@ -865,6 +890,91 @@ def test_an_otlp_tls_file_the_exporter_cannot_use_is_a_config_error(
         assert done.returncode == 2, done.stdout + done.stderr
         *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
         assert last == f"llm-gateway: config error: environment: {said.format(**otlp_pki)}"
+
+
+class _MutualTlsCollector(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """An OTLP/gRPC metrics receiver that notes the common name of each client
+    certificate an export came with (its TLS refuses a connection without one)."""
+
+    def __init__(self) -> None:
+        self.exported = threading.Event()
+        self.client_names: list[bytes] = []
+
+    def Export(self, request, context):
+        self.client_names.extend(context.auth_context().get("x509_common_name", []))
+        self.exported.set()
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+@pytest.fixture
+def mutual_tls_collector(otlp_pki: dict[str, str]) -> Iterator[tuple[_MutualTlsCollector, int]]:
+    """A real OTLP/gRPC receiver on loopback, with a certificate `otlp_pki`'s CA signed,
+    that takes only clients with a certificate that CA signed; and its port."""
+    collector = _MutualTlsCollector()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
+    credentials = grpc.ssl_server_credentials(
+        [(Path(otlp_pki["server_key"]).read_bytes(), Path(otlp_pki["server_cert"]).read_bytes())],
+        root_certificates=Path(otlp_pki["ca"]).read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    yield collector, port
+    server.stop(0)
+
+
+@pytest.mark.parametrize(
+    "otel",
+    [
+        {f"{_OTLP}CLIENT_CERTIFICATE": "cert", f"{_OTLP}CLIENT_KEY": "key"},
+        {f"{_OTLP}METRICS_CLIENT_CERTIFICATE": "cert", f"{_OTLP}METRICS_CLIENT_KEY": "key"},
+        {  # the CA by the general variable, the client's by the signal's own
+            f"{_OTLP}CERTIFICATE": "ca",
+            f"{_OTLP}METRICS_CLIENT_CERTIFICATE": "cert",
+            f"{_OTLP}METRICS_CLIENT_KEY": "key",
+        },
+    ],
+)
+def test_an_otlp_grpc_client_certificate_without_its_groups_ca_is_shown_to_the_collector(
+    tmp_path: Path,
+    otlp_pki: dict[str, str],
+    mutual_tls_collector: tuple[_MutualTlsCollector, int],
+    otel: dict[str, str],
+) -> None:
+    """A client certificate and key set for the gRPC OTLP exporter with no CA beside
+    them (by the general variables or the signal's own) are shown to a collector that
+    asks for one: the collector trusted by the CA set for the signal, else by the system's
+    roots (here `GRPC_DEFAULT_SSL_ROOTS_FILE_PATH`).
+
+    Before, the exporter read a client certificate only beside a CA of its own group:
+    without one it opened TLS with no client certificate, the collector refused every
+    export, and the operator's mTLS was silently not used.
+    """
+    collector, port = mutual_tls_collector
+    config = tmp_path / "gateway.yaml"
+    config.write_text("server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n")
+    env = {
+        **os.environ,
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_METRIC_EXPORT_INTERVAL": "100",
+        f"{_OTLP}ENDPOINT": f"https://127.0.0.1:{port}",
+        "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": otlp_pki["ca"],
+        **{name: otlp_pki[value] for name, value in otel.items()},
+    }
+    serve = subprocess.Popen(
+        [sys.executable, *_COMMANDS["serve"], "--config", str(config)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert serve.stdout is not None
+        assert "listening on" in serve.stdout.readline()
+        exported = collector.exported.wait(timeout=30)  # a hang guard: it exports each 0.1 s
+    finally:
+        serve.terminate()
+        _, err = serve.communicate(timeout=30)
+    assert exported, err
+    assert b"gateway" in collector.client_names
 
 
 _UNKNOWN_CONTEXT = {"OTEL_PYTHON_CONTEXT": "greenlet_context"}
