@@ -231,6 +231,42 @@ def _check_span_settings(environ: Mapping[str, str]) -> None:
             raise TelemetrySetupError(variable, problem)
 
 
+# The samplers the SDK's tracer provider takes by `OTEL_TRACES_SAMPLER` (in any case), and
+# those of them that read a ratio from `OTEL_TRACES_SAMPLER_ARG` (1.0 when it is unset or
+# empty). For any other name, or a ratio that is no number from 0 to 1, it logs a warning
+# and samples every trace (opentelemetry-sdk 1.45).
+_SAMPLER = "OTEL_TRACES_SAMPLER"
+_SAMPLER_ARG = "OTEL_TRACES_SAMPLER_ARG"
+_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "traceidratio",
+    "parentbased_traceidratio",
+)
+_RATIO_SAMPLERS = ("traceidratio", "parentbased_traceidratio")
+
+
+def _check_sampler(environ: Mapping[str, str]) -> None:
+    """Raise `TelemetrySetupError` for a sampler name, or a ratio sampler's ratio, the SDK
+    would put `parentbased_always_on` or 1.0 in the place of. An empty name is unset."""
+    name = environ.get(_SAMPLER, "").lower()
+    if name and name not in _SAMPLERS:
+        raise TelemetrySetupError(
+            _SAMPLER, f"{environ[_SAMPLER]!r} is not one of {', '.join(_SAMPLERS)}"
+        )
+    ratio = environ.get(_SAMPLER_ARG, "")
+    if name not in _RATIO_SAMPLERS or not ratio.strip():
+        return
+    try:
+        is_ratio = 0 <= float(ratio) <= 1
+    except ValueError:
+        is_ratio = False
+    if not is_ratio:
+        raise TelemetrySetupError(_SAMPLER_ARG, f"{ratio!r} is not a sampling ratio from 0 to 1")
+
+
 def _provides(group: str, name: str) -> bool:
     """Whether an installed package provides `name` in the entry point `group`, where the
     SDK and its exporters look a component named by a variable up."""
@@ -369,6 +405,7 @@ def _exporter_names(environ: Mapping[str, str], signal: str) -> list[str]:
     names = _names(environ, variable)
     if signal == "TRACES" and names:
         _check_span_settings(environ)
+        _check_sampler(environ)
         _check_meter_provider(environ)
     for name in names:
         if name not in _EXPORTERS[signal]:

@@ -665,6 +665,91 @@ def test_check_takes_every_such_setting_the_sdk_takes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+_SAMPLERS = (
+    "always_on, always_off, parentbased_always_on, parentbased_always_off, traceidratio, "
+    "parentbased_traceidratio"
+)
+_RATIO = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}
+
+
+@pytest.mark.parametrize("command", ["serve", "check"])
+@pytest.mark.parametrize(
+    ("otel", "said"),
+    [
+        (
+            {"OTEL_TRACES_SAMPLER": "always_of"},
+            f"OTEL_TRACES_SAMPLER: 'always_of' is not one of {_SAMPLERS}",
+        ),
+        (
+            {**_RATIO, "OTEL_TRACES_SAMPLER_ARG": "0,1"},
+            "OTEL_TRACES_SAMPLER_ARG: '0,1' is not a sampling ratio from 0 to 1",
+        ),
+        (
+            {"OTEL_TRACES_SAMPLER": "TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "10%"},
+            "OTEL_TRACES_SAMPLER_ARG: '10%' is not a sampling ratio from 0 to 1",
+        ),
+        (
+            {**_RATIO, "OTEL_TRACES_SAMPLER_ARG": "2"},
+            "OTEL_TRACES_SAMPLER_ARG: '2' is not a sampling ratio from 0 to 1",
+        ),
+    ],
+)
+def test_a_trace_sampler_the_sdk_does_not_know_is_a_config_error(
+    tmp_path: Path, command: str, otel: dict[str, str], said: str
+) -> None:
+    """With traces exported, an `OTEL_TRACES_SAMPLER` the SDK does not know, or a ratio
+    sampler's `OTEL_TRACES_SAMPLER_ARG` that is no number from 0 to 1, is a one-line
+    config error naming the variable, from `serve` and `check` (exit 2).
+
+    Before, the SDK logged a warning and sampled every trace: an unknown name as
+    `parentbased_always_on`, a ratio it could not take as 1.0.
+    """
+    otel = {"OTEL_TRACES_EXPORTER": "console", **otel}
+    done = _run_with_otel(tmp_path, _COMMANDS[command], "", otel)
+    assert done.returncode == 2, done.stdout + done.stderr
+    *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
+    assert last == f"llm-gateway: config error: environment: {said}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "otel"),
+    [
+        (_COMMANDS["check"], {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "Always_Off"}),
+        (_COMMANDS["check"], {"OTEL_TRACES_EXPORTER": "console", **_RATIO}),  # 1.0, as specified
+        (
+            _COMMANDS["check"],
+            {"OTEL_TRACES_EXPORTER": "console", **_RATIO, "OTEL_TRACES_SAMPLER_ARG": " 0.25 "},
+        ),
+        (  # only the ratio samplers read it
+            _COMMANDS["check"],
+            {"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER_ARG": "bogus"},
+        ),
+        (_COMMANDS["check"], {"OTEL_METRICS_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "bogus"}),
+        (
+            _COMMANDS["check"],
+            {
+                "OTEL_SDK_DISABLED": "true",
+                "OTEL_TRACES_EXPORTER": "console",
+                **_RATIO,
+                "OTEL_TRACES_SAMPLER_ARG": "bogus",
+            },
+        ),
+        (
+            ["-m", "gateway_client.cli", "models", "--help"],
+            {"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "bogus"},
+        ),
+    ],
+)
+def test_a_trace_sampler_the_sdk_takes_or_does_not_read_is_no_error(
+    tmp_path: Path, argv: list[str], otel: dict[str, str]
+) -> None:
+    """A sampler name in any case, a ratio sampler without its argument (1.0) or with one
+    from 0 to 1, an argument only a ratio sampler reads, and a sampler with no traces
+    exported, telemetry off, or for a command that reads no telemetry, are taken."""
+    done = _run_with_otel(tmp_path, argv, "", otel)
+    assert done.returncode == 0, done.stderr
+
+
 _OTLP = "OTEL_EXPORTER_OTLP_"
 _TLS_ENDPOINT = {f"{_OTLP}ENDPOINT": "https://127.0.0.1:1"}
 _NOT_THERE = "cannot read {missing}: No such file or directory"
