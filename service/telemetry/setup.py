@@ -50,6 +50,7 @@ from service.telemetry.outages import (
     WatchedSpanExporter,
     install_exporter_log_filter,
 )
+from service.telemetry.pairs import header_problem, resource_attribute_problem
 from service.telemetry.propagation import default_propagator
 from service.telemetry.sdk_import import span_limit_problem
 
@@ -381,13 +382,34 @@ def _check_credential_providers(environ: Mapping[str, str], signal: str, protoco
             )
 
 
+def _check_otlp_headers(environ: Mapping[str, str], signal: str) -> None:
+    """Raise `TelemetrySetupError` for headers the OTLP exporter of `signal` would drop:
+    it reads the signal's own variable, else (unset or empty) the general one."""
+    own = f"OTEL_EXPORTER_OTLP_{signal}_HEADERS"
+    variable = own if environ.get(own) else "OTEL_EXPORTER_OTLP_HEADERS"
+    problem = header_problem(environ.get(variable, ""))
+    if problem is not None:
+        raise TelemetrySetupError(variable, problem)
+
+
+_RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
+
+
+def _check_resource_attributes(environ: Mapping[str, str]) -> None:
+    """Raise `TelemetrySetupError` for resource attributes the SDK would drop."""
+    problem = resource_attribute_problem(environ.get(_RESOURCE_ATTRIBUTES, ""))
+    if problem is not None:
+        raise TelemetrySetupError(_RESOURCE_ATTRIBUTES, problem)
+
+
 def _check_otlp(environ: Mapping[str, str], signal: str) -> None:
     """Raise `TelemetrySetupError` for what the OTLP exporter of `signal` reads and
     cannot use: a protocol, compression, timeout, retryable code, credential provider or
-    TLS file (`otlp_tls`)."""
+    TLS file (`otlp_tls`), or headers."""
     protocol = _protocol(environ, signal)
     _otlp_compression(environ, signal)
     _check_otlp_timeout(environ, signal)
+    _check_otlp_headers(environ, signal)
     if protocol == _GRPC:
         _check_retryable_codes(environ)
     _check_credential_providers(environ, signal, protocol)
@@ -462,9 +484,14 @@ def check_environment(config: TelemetryConfig, environ: Mapping[str, str]) -> No
     if is_off(config, environ):
         return
     _check_resource_detectors(environ)
-    _exporter_names(environ, "TRACES")
-    if _exporter_names(environ, "METRICS") or config.prometheus_port is not None:
+    exports_spans = bool(_exporter_names(environ, "TRACES"))
+    exports_metrics = (
+        bool(_exporter_names(environ, "METRICS")) or config.prometheus_port is not None
+    )
+    if exports_metrics:
         _exemplar_filter(environ)  # read as the meter provider is built
+    if exports_spans or exports_metrics:
+        _check_resource_attributes(environ)  # read as the resource of either is built
     trace_propagator(config, environ)
 
 
@@ -615,7 +642,6 @@ def build_providers(
     if is_off(config, env):
         return Providers(trace.NoOpTracer(), metrics.NoOpMeter(_SCOPE))
     _check_resource_detectors(env)
-    resource = Resource.create({"service.name": _service_name_from(env) or config.service_name})
     processors: list[SpanProcessor] = [BatchSpanProcessor(e) for e in span_exporters(env)]
     processors.extend(span_processors)
     readers, wants_prometheus = metric_readers(env)
@@ -625,6 +651,9 @@ def build_providers(
     wants_prometheus = wants_prometheus or prometheus_port is not None
     # Refused before the Prometheus endpoint opens, which nothing would then close.
     exemplar_filter = _exemplar_filter(env) if readers or wants_prometheus else None
+    if processors or readers or wants_prometheus:
+        _check_resource_attributes(env)
+    resource = Resource.create({"service.name": _service_name_from(env) or config.service_name})
     if wants_prometheus:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import CollectorRegistry, start_http_server

@@ -750,6 +750,128 @@ def test_a_trace_sampler_the_sdk_takes_or_does_not_read_is_no_error(
     assert done.returncode == 0, done.stderr
 
 
+_NO_HEADER = (
+    "is no name=value header the OTLP exporters can send (its text is not shown): "
+    "URL-encode any comma, semicolon, double quote, backslash or non-ASCII character in a value"
+)
+_NO_ATTRIBUTE = "is no key=value attribute (its text is not shown): URL-encode any comma in a value"
+
+
+@pytest.mark.parametrize("command", ["serve", "check"])
+@pytest.mark.parametrize(
+    ("otel", "said"),
+    [
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=a, authorization:Bearer CANARY",
+            },
+            f"OTEL_EXPORTER_OTLP_HEADERS: entry 2 of 2 {_NO_HEADER}",
+        ),
+        (
+            {
+                "OTEL_METRICS_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=a",
+                "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "api-key=CANARY;tenant=a",
+            },
+            f"OTEL_EXPORTER_OTLP_METRICS_HEADERS: entry 1 of 1 {_NO_HEADER}",
+        ),
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "api-key=clé-CANARY",
+            },
+            f"OTEL_EXPORTER_OTLP_TRACES_HEADERS: entry 1 of 1 {_NO_HEADER}",
+        ),
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "console",
+                "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,CANARY",
+            },
+            f"OTEL_RESOURCE_ATTRIBUTES: entry 2 of 2 {_NO_ATTRIBUTE}",
+        ),
+        (
+            {"OTEL_METRICS_EXPORTER": "console", "OTEL_RESOURCE_ATTRIBUTES": " =CANARY"},
+            f"OTEL_RESOURCE_ATTRIBUTES: entry 1 of 1 {_NO_ATTRIBUTE}",
+        ),
+    ],
+)
+def test_a_header_or_resource_attribute_the_sdk_would_drop_is_a_config_error(
+    tmp_path: Path, command: str, otel: dict[str, str], said: str
+) -> None:
+    """An OTLP header (by the general variable, or the signal's own that the exporter
+    reads in its place) that is no name=value pair the exporters take, or a resource
+    attribute with no `=` or no key, is, with an exporter that reads it, a one-line
+    config error naming the variable and the entry's place, never its text (headers hold
+    secrets), from `serve` and `check` (exit 2).
+
+    Before, the exporter or SDK dropped it with a warning: a collector's auth header went
+    missing, and every export was refused, the exporters' warning quoting the header.
+    """
+    done = _run_with_otel(tmp_path, _COMMANDS[command], "", otel)
+    assert "CANARY" not in done.stdout + done.stderr
+    assert done.returncode == 2, done.stdout + done.stderr
+    *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
+    assert last == f"llm-gateway: config error: environment: {said}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "otel"),
+    [
+        (  # a value with a space, as the exporters take it; an empty signal's own
+            _COMMANDS["check"],
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_METRICS_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer a.b.c , x-scope=a%2Cb,",
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "",
+                "OTEL_RESOURCE_ATTRIBUTES": "team=ml,service.name=billing%20gw,",
+            },
+        ),
+        (  # the signal's own in the general one's place
+            _COMMANDS["check"],
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_HEADERS": "bogus",
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-tenant=a",
+            },
+        ),
+        (  # no exporter reads them
+            _COMMANDS["check"],
+            {
+                "OTEL_TRACES_EXPORTER": "console",
+                "OTEL_EXPORTER_OTLP_HEADERS": "bogus",
+                "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "bogus",
+            },
+        ),
+        (_COMMANDS["check"], {"OTEL_RESOURCE_ATTRIBUTES": "bogus"}),
+        (
+            _COMMANDS["check"],
+            {
+                "OTEL_SDK_DISABLED": "true",
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_HEADERS": "bogus",
+                "OTEL_RESOURCE_ATTRIBUTES": "bogus",
+            },
+        ),
+        (
+            ["-m", "gateway_client.cli", "models", "--help"],
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_HEADERS": "bogus"},
+        ),
+    ],
+)
+def test_headers_and_resource_attributes_the_sdk_takes_or_does_not_read_are_no_error(
+    tmp_path: Path, argv: list[str], otel: dict[str, str]
+) -> None:
+    """Headers and resource attributes the exporters and SDK take (a header value with a
+    space, URL-encoded characters, a trailing comma), and ones nothing reads (a signal's
+    own set in the general one's place, no OTLP exporter, no exporter at all, telemetry
+    off, a command that reads no telemetry), are no error."""
+    done = _run_with_otel(tmp_path, argv, "", otel)
+    assert done.returncode == 0, done.stderr
+
+
 _OTLP = "OTEL_EXPORTER_OTLP_"
 _TLS_ENDPOINT = {f"{_OTLP}ENDPOINT": "https://127.0.0.1:1"}
 _NOT_THERE = "cannot read {missing}: No such file or directory"
