@@ -8,6 +8,14 @@ could not open with a traceback and trusted the system's roots in place of the C
 for (a directory, it raised for); the HTTP one failed every export. Which variables each
 reads follows the exporters' own rules (opentelemetry-exporter-otlp-proto-grpc and -http
 1.45), so one they do not read is no error here either.
+
+But for one: the gRPC exporter reads a client certificate and key only beside a CA of
+its own group (the signal's or the general), so a pair set without one, or by the
+signal's variables beside the general CA, was silently not shown: the collector that
+asks for it refused every export. With such a pair on a secure channel the gateway
+gives the exporter its credentials itself (`grpc_client_credentials`), each file by the
+signal's variable, else the general one, as the OTLP specification has it; no CA, the
+roots the exporter trusts without one.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import ssl
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from grpc import ChannelCredentials, ssl_channel_credentials
 
 _OTLP = "OTEL_EXPORTER_OTLP_"
 
@@ -54,20 +64,75 @@ def _set(environ: Mapping[str, str], *variables: str) -> str | None:
     return next((variable for variable in variables if environ.get(variable)), None)
 
 
-def _grpc_variables(environ: Mapping[str, str], signal: str) -> _TlsVariables:
-    """The files the gRPC exporter reads: the signal's own CA, client certificate and key
-    when its CA variable is set and its `_INSECURE` is not true (even where the channel
-    then turns out insecure), unless its credential provider is set or that CA is empty;
-    else the general ones, on a secure channel with no credential provider set. The
-    client certificate and key only beside a CA."""
+def grpc_client_credentials(environ: Mapping[str, str], signal: str) -> ChannelCredentials | None:
+    """The credentials the gateway gives the gRPC OTLP exporter of `signal`: for a client
+    certificate it would not show (`_gateway_reads`), else None (it reads its own)."""
+    variables = _gateway_reads(environ, signal)
+    if variables is None:
+        return None
+
+    def read(variable: str | None) -> bytes | None:
+        return None if variable is None else _read(environ[variable])
+
+    return ssl_channel_credentials(
+        root_certificates=read(variables.ca),
+        private_key=read(variables.client_key),
+        certificate_chain=read(variables.client_certificate),
+    )
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def _gateway_reads(environ: Mapping[str, str], signal: str) -> _TlsVariables | None:
+    """The files the gateway reads for the gRPC exporter of `signal` in its place: where
+    a client certificate or key is set (the signal's own pair, else the general), the
+    channel is secure and no credential provider is to be used; each file by the signal's
+    variable, else the general one. None where the exporter reads its own."""
+    own = f"{_OTLP}{signal}_"
+    if _grpc_provider(environ, signal) or not _grpc_secure(environ, signal):
+        return None
+    pair = own if _set(environ, f"{own}CLIENT_CERTIFICATE", f"{own}CLIENT_KEY") else _OTLP
+    if not _set(environ, f"{pair}CLIENT_CERTIFICATE", f"{pair}CLIENT_KEY"):
+        return None
+    return _TlsVariables(
+        _set(environ, f"{own}CERTIFICATE", f"{_OTLP}CERTIFICATE"),
+        _set(environ, f"{pair}CLIENT_CERTIFICATE"),
+        _set(environ, f"{pair}CLIENT_KEY"),
+    )
+
+
+def _reads_own_group(environ: Mapping[str, str], signal: str) -> bool:
+    """Whether the gRPC exporter of `signal` takes its signal's own TLS variables (or
+    credential provider): when its CA variable is set and its `_INSECURE` is not true."""
     own = f"{_OTLP}{signal}_"
     own_insecure = environ.get(f"{own}INSECURE")
-    if f"{own}CERTIFICATE" in environ and (own_insecure or "").lower() != "true":
-        provider = f"OTEL_PYTHON_EXPORTER_OTLP_GRPC_{signal}_CREDENTIAL_PROVIDER"
-        return _grpc_group(environ, own, read=not environ.get(provider))
-    provider = "OTEL_PYTHON_EXPORTER_OTLP_GRPC_CREDENTIAL_PROVIDER"
+    return f"{own}CERTIFICATE" in environ and (own_insecure or "").lower() != "true"
+
+
+def _grpc_provider(environ: Mapping[str, str], signal: str) -> str | None:
+    """The credential provider the gRPC exporter of `signal` uses (by name), if any."""
+    scope = f"{signal}_" if _reads_own_group(environ, signal) else ""
+    return environ.get(f"OTEL_PYTHON_EXPORTER_OTLP_GRPC_{scope}CREDENTIAL_PROVIDER") or None
+
+
+def _grpc_variables(environ: Mapping[str, str], signal: str) -> _TlsVariables:
+    """The files the gRPC exporter reads: those the gateway reads in its place, if any
+    (`_gateway_reads`); else the signal's own CA, client certificate and key when its CA
+    variable is set and its `_INSECURE` is not true (even where the channel then turns
+    out insecure), unless its credential provider is set or that CA is empty; else the
+    general ones, on a secure channel with no credential provider set. The client
+    certificate and key only beside a CA."""
+    gateway_reads = _gateway_reads(environ, signal)
+    if gateway_reads is not None:
+        return gateway_reads
+    no_provider = not _grpc_provider(environ, signal)
+    if _reads_own_group(environ, signal):
+        return _grpc_group(environ, f"{_OTLP}{signal}_", read=no_provider)
     secure = _grpc_secure(environ, signal)
-    return _grpc_group(environ, _OTLP, read=secure and not environ.get(provider))
+    return _grpc_group(environ, _OTLP, read=secure and no_provider)
 
 
 def _grpc_group(environ: Mapping[str, str], prefix: str, *, read: bool) -> _TlsVariables:

@@ -43,13 +43,14 @@ from service.hosts import listen_host_problem
 from service.otel_context import unknown_context
 from service.telemetry.histograms import HistogramExport, suits
 from service.telemetry.lean_tracer import LeanTracer
-from service.telemetry.otlp_tls import tls_file_problem
+from service.telemetry.otlp_tls import grpc_client_credentials, tls_file_problem
 from service.telemetry.outages import (
     ExportWatch,
     WatchedMetricExporter,
     WatchedSpanExporter,
     install_exporter_log_filter,
 )
+from service.telemetry.pairs import header_problem, resource_attribute_problem
 from service.telemetry.propagation import default_propagator
 from service.telemetry.sdk_import import span_limit_problem
 
@@ -231,6 +232,42 @@ def _check_span_settings(environ: Mapping[str, str]) -> None:
             raise TelemetrySetupError(variable, problem)
 
 
+# The samplers the SDK's tracer provider takes by `OTEL_TRACES_SAMPLER` (in any case), and
+# those of them that read a ratio from `OTEL_TRACES_SAMPLER_ARG` (1.0 when it is unset or
+# empty). For any other name, or a ratio that is no number from 0 to 1, it logs a warning
+# and samples every trace (opentelemetry-sdk 1.45).
+_SAMPLER = "OTEL_TRACES_SAMPLER"
+_SAMPLER_ARG = "OTEL_TRACES_SAMPLER_ARG"
+_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "traceidratio",
+    "parentbased_traceidratio",
+)
+_RATIO_SAMPLERS = ("traceidratio", "parentbased_traceidratio")
+
+
+def _check_sampler(environ: Mapping[str, str]) -> None:
+    """Raise `TelemetrySetupError` for a sampler name, or a ratio sampler's ratio, the SDK
+    would put `parentbased_always_on` or 1.0 in the place of. An empty name is unset."""
+    name = environ.get(_SAMPLER, "").lower()
+    if name and name not in _SAMPLERS:
+        raise TelemetrySetupError(
+            _SAMPLER, f"{environ[_SAMPLER]!r} is not one of {', '.join(_SAMPLERS)}"
+        )
+    ratio = environ.get(_SAMPLER_ARG, "")
+    if name not in _RATIO_SAMPLERS or not ratio.strip():
+        return
+    try:
+        is_ratio = 0 <= float(ratio) <= 1
+    except ValueError:
+        is_ratio = False
+    if not is_ratio:
+        raise TelemetrySetupError(_SAMPLER_ARG, f"{ratio!r} is not a sampling ratio from 0 to 1")
+
+
 def _provides(group: str, name: str) -> bool:
     """Whether an installed package provides `name` in the entry point `group`, where the
     SDK and its exporters look a component named by a variable up."""
@@ -345,13 +382,34 @@ def _check_credential_providers(environ: Mapping[str, str], signal: str, protoco
             )
 
 
+def _check_otlp_headers(environ: Mapping[str, str], signal: str) -> None:
+    """Raise `TelemetrySetupError` for headers the OTLP exporter of `signal` would drop:
+    it reads the signal's own variable, else (unset or empty) the general one."""
+    own = f"OTEL_EXPORTER_OTLP_{signal}_HEADERS"
+    variable = own if environ.get(own) else "OTEL_EXPORTER_OTLP_HEADERS"
+    problem = header_problem(environ.get(variable, ""))
+    if problem is not None:
+        raise TelemetrySetupError(variable, problem)
+
+
+_RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
+
+
+def _check_resource_attributes(environ: Mapping[str, str]) -> None:
+    """Raise `TelemetrySetupError` for resource attributes the SDK would drop."""
+    problem = resource_attribute_problem(environ.get(_RESOURCE_ATTRIBUTES, ""))
+    if problem is not None:
+        raise TelemetrySetupError(_RESOURCE_ATTRIBUTES, problem)
+
+
 def _check_otlp(environ: Mapping[str, str], signal: str) -> None:
     """Raise `TelemetrySetupError` for what the OTLP exporter of `signal` reads and
     cannot use: a protocol, compression, timeout, retryable code, credential provider or
-    TLS file (`otlp_tls`)."""
+    TLS file (`otlp_tls`), or headers."""
     protocol = _protocol(environ, signal)
     _otlp_compression(environ, signal)
     _check_otlp_timeout(environ, signal)
+    _check_otlp_headers(environ, signal)
     if protocol == _GRPC:
         _check_retryable_codes(environ)
     _check_credential_providers(environ, signal, protocol)
@@ -369,6 +427,7 @@ def _exporter_names(environ: Mapping[str, str], signal: str) -> list[str]:
     names = _names(environ, variable)
     if signal == "TRACES" and names:
         _check_span_settings(environ)
+        _check_sampler(environ)
         _check_meter_provider(environ)
     for name in names:
         if name not in _EXPORTERS[signal]:
@@ -391,8 +450,11 @@ def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
                 OTLPSpanExporter as GrpcSpanExporter,
             )
 
-            compression = _otlp_compression(environ, "TRACES")
-            exporters.append(_watched_spans(GrpcSpanExporter(compression=compression)))
+            exporter = GrpcSpanExporter(
+                credentials=grpc_client_credentials(environ, "TRACES"),
+                compression=_otlp_compression(environ, "TRACES"),
+            )
+            exporters.append(_watched_spans(exporter))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
                 OTLPSpanExporter as HttpSpanExporter,
@@ -422,9 +484,14 @@ def check_environment(config: TelemetryConfig, environ: Mapping[str, str]) -> No
     if is_off(config, environ):
         return
     _check_resource_detectors(environ)
-    _exporter_names(environ, "TRACES")
-    if _exporter_names(environ, "METRICS") or config.prometheus_port is not None:
+    exports_spans = bool(_exporter_names(environ, "TRACES"))
+    exports_metrics = (
+        bool(_exporter_names(environ, "METRICS")) or config.prometheus_port is not None
+    )
+    if exports_metrics:
         _exemplar_filter(environ)  # read as the meter provider is built
+    if exports_spans or exports_metrics:
+        _check_resource_attributes(environ)  # read as the resource of either is built
     trace_propagator(config, environ)
 
 
@@ -482,8 +549,11 @@ def metric_readers(environ: Mapping[str, str]) -> tuple[list[MetricReader], bool
                 OTLPMetricExporter as GrpcMetricExporter,
             )
 
-            compression = _otlp_compression(environ, "METRICS")
-            readers.append(_watched_metrics(GrpcMetricExporter(compression=compression)))
+            exporter = GrpcMetricExporter(
+                credentials=grpc_client_credentials(environ, "METRICS"),
+                compression=_otlp_compression(environ, "METRICS"),
+            )
+            readers.append(_watched_metrics(exporter))
         else:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
                 OTLPMetricExporter as HttpMetricExporter,
@@ -572,7 +642,6 @@ def build_providers(
     if is_off(config, env):
         return Providers(trace.NoOpTracer(), metrics.NoOpMeter(_SCOPE))
     _check_resource_detectors(env)
-    resource = Resource.create({"service.name": _service_name_from(env) or config.service_name})
     processors: list[SpanProcessor] = [BatchSpanProcessor(e) for e in span_exporters(env)]
     processors.extend(span_processors)
     readers, wants_prometheus = metric_readers(env)
@@ -582,6 +651,9 @@ def build_providers(
     wants_prometheus = wants_prometheus or prometheus_port is not None
     # Refused before the Prometheus endpoint opens, which nothing would then close.
     exemplar_filter = _exemplar_filter(env) if readers or wants_prometheus else None
+    if processors or readers or wants_prometheus:
+        _check_resource_attributes(env)
+    resource = Resource.create({"service.name": _service_name_from(env) or config.service_name})
     if wants_prometheus:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import CollectorRegistry, start_http_server

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from opentelemetry.proto.collector.metrics.v1 import (
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
+)
 
 from service.main import main
 from tests.integration.pki import issue, make_ca
@@ -657,6 +665,213 @@ def test_check_takes_every_such_setting_the_sdk_takes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+_SAMPLERS = (
+    "always_on, always_off, parentbased_always_on, parentbased_always_off, traceidratio, "
+    "parentbased_traceidratio"
+)
+_RATIO = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}
+
+
+@pytest.mark.parametrize("command", ["serve", "check"])
+@pytest.mark.parametrize(
+    ("otel", "said"),
+    [
+        (
+            {"OTEL_TRACES_SAMPLER": "always_of"},
+            f"OTEL_TRACES_SAMPLER: 'always_of' is not one of {_SAMPLERS}",
+        ),
+        (
+            {**_RATIO, "OTEL_TRACES_SAMPLER_ARG": "0,1"},
+            "OTEL_TRACES_SAMPLER_ARG: '0,1' is not a sampling ratio from 0 to 1",
+        ),
+        (
+            {"OTEL_TRACES_SAMPLER": "TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "10%"},
+            "OTEL_TRACES_SAMPLER_ARG: '10%' is not a sampling ratio from 0 to 1",
+        ),
+        (
+            {**_RATIO, "OTEL_TRACES_SAMPLER_ARG": "2"},
+            "OTEL_TRACES_SAMPLER_ARG: '2' is not a sampling ratio from 0 to 1",
+        ),
+    ],
+)
+def test_a_trace_sampler_the_sdk_does_not_know_is_a_config_error(
+    tmp_path: Path, command: str, otel: dict[str, str], said: str
+) -> None:
+    """With traces exported, an `OTEL_TRACES_SAMPLER` the SDK does not know, or a ratio
+    sampler's `OTEL_TRACES_SAMPLER_ARG` that is no number from 0 to 1, is a one-line
+    config error naming the variable, from `serve` and `check` (exit 2).
+
+    Before, the SDK logged a warning and sampled every trace: an unknown name as
+    `parentbased_always_on`, a ratio it could not take as 1.0.
+    """
+    otel = {"OTEL_TRACES_EXPORTER": "console", **otel}
+    done = _run_with_otel(tmp_path, _COMMANDS[command], "", otel)
+    assert done.returncode == 2, done.stdout + done.stderr
+    *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
+    assert last == f"llm-gateway: config error: environment: {said}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "otel"),
+    [
+        (_COMMANDS["check"], {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "Always_Off"}),
+        (_COMMANDS["check"], {"OTEL_TRACES_EXPORTER": "console", **_RATIO}),  # 1.0, as specified
+        (
+            _COMMANDS["check"],
+            {"OTEL_TRACES_EXPORTER": "console", **_RATIO, "OTEL_TRACES_SAMPLER_ARG": " 0.25 "},
+        ),
+        (  # only the ratio samplers read it
+            _COMMANDS["check"],
+            {"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER_ARG": "bogus"},
+        ),
+        (_COMMANDS["check"], {"OTEL_METRICS_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "bogus"}),
+        (
+            _COMMANDS["check"],
+            {
+                "OTEL_SDK_DISABLED": "true",
+                "OTEL_TRACES_EXPORTER": "console",
+                **_RATIO,
+                "OTEL_TRACES_SAMPLER_ARG": "bogus",
+            },
+        ),
+        (
+            ["-m", "gateway_client.cli", "models", "--help"],
+            {"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "bogus"},
+        ),
+    ],
+)
+def test_a_trace_sampler_the_sdk_takes_or_does_not_read_is_no_error(
+    tmp_path: Path, argv: list[str], otel: dict[str, str]
+) -> None:
+    """A sampler name in any case, a ratio sampler without its argument (1.0) or with one
+    from 0 to 1, an argument only a ratio sampler reads, and a sampler with no traces
+    exported, telemetry off, or for a command that reads no telemetry, are taken."""
+    done = _run_with_otel(tmp_path, argv, "", otel)
+    assert done.returncode == 0, done.stderr
+
+
+_NO_HEADER = (
+    "is no name=value header the OTLP exporters can send (its text is not shown): "
+    "URL-encode any comma, semicolon, double quote, backslash or non-ASCII character in a value"
+)
+_NO_ATTRIBUTE = "is no key=value attribute (its text is not shown): URL-encode any comma in a value"
+
+
+@pytest.mark.parametrize("command", ["serve", "check"])
+@pytest.mark.parametrize(
+    ("otel", "said"),
+    [
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=a, authorization:Bearer CANARY",
+            },
+            f"OTEL_EXPORTER_OTLP_HEADERS: entry 2 of 2 {_NO_HEADER}",
+        ),
+        (
+            {
+                "OTEL_METRICS_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=a",
+                "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "api-key=CANARY;tenant=a",
+            },
+            f"OTEL_EXPORTER_OTLP_METRICS_HEADERS: entry 1 of 1 {_NO_HEADER}",
+        ),
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "api-key=clé-CANARY",
+            },
+            f"OTEL_EXPORTER_OTLP_TRACES_HEADERS: entry 1 of 1 {_NO_HEADER}",
+        ),
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "console",
+                "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,CANARY",
+            },
+            f"OTEL_RESOURCE_ATTRIBUTES: entry 2 of 2 {_NO_ATTRIBUTE}",
+        ),
+        (
+            {"OTEL_METRICS_EXPORTER": "console", "OTEL_RESOURCE_ATTRIBUTES": " =CANARY"},
+            f"OTEL_RESOURCE_ATTRIBUTES: entry 1 of 1 {_NO_ATTRIBUTE}",
+        ),
+    ],
+)
+def test_a_header_or_resource_attribute_the_sdk_would_drop_is_a_config_error(
+    tmp_path: Path, command: str, otel: dict[str, str], said: str
+) -> None:
+    """An OTLP header (by the general variable, or the signal's own that the exporter
+    reads in its place) that is no name=value pair the exporters take, or a resource
+    attribute with no `=` or no key, is, with an exporter that reads it, a one-line
+    config error naming the variable and the entry's place, never its text (headers hold
+    secrets), from `serve` and `check` (exit 2).
+
+    Before, the exporter or SDK dropped it with a warning: a collector's auth header went
+    missing, and every export was refused, the exporters' warning quoting the header.
+    """
+    done = _run_with_otel(tmp_path, _COMMANDS[command], "", otel)
+    assert "CANARY" not in done.stdout + done.stderr
+    assert done.returncode == 2, done.stdout + done.stderr
+    *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
+    assert last == f"llm-gateway: config error: environment: {said}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "otel"),
+    [
+        (  # a value with a space, as the exporters take it; an empty signal's own
+            _COMMANDS["check"],
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_METRICS_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer a.b.c , x-scope=a%2Cb,",
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "",
+                "OTEL_RESOURCE_ATTRIBUTES": "team=ml,service.name=billing%20gw,",
+            },
+        ),
+        (  # the signal's own in the general one's place
+            _COMMANDS["check"],
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_HEADERS": "bogus",
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-tenant=a",
+            },
+        ),
+        (  # no exporter reads them
+            _COMMANDS["check"],
+            {
+                "OTEL_TRACES_EXPORTER": "console",
+                "OTEL_EXPORTER_OTLP_HEADERS": "bogus",
+                "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "bogus",
+            },
+        ),
+        (_COMMANDS["check"], {"OTEL_RESOURCE_ATTRIBUTES": "bogus"}),
+        (
+            _COMMANDS["check"],
+            {
+                "OTEL_SDK_DISABLED": "true",
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_HEADERS": "bogus",
+                "OTEL_RESOURCE_ATTRIBUTES": "bogus",
+            },
+        ),
+        (
+            ["-m", "gateway_client.cli", "models", "--help"],
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_HEADERS": "bogus"},
+        ),
+    ],
+)
+def test_headers_and_resource_attributes_the_sdk_takes_or_does_not_read_are_no_error(
+    tmp_path: Path, argv: list[str], otel: dict[str, str]
+) -> None:
+    """Headers and resource attributes the exporters and SDK take (a header value with a
+    space, URL-encoded characters, a trailing comma), and ones nothing reads (a signal's
+    own set in the general one's place, no OTLP exporter, no exporter at all, telemetry
+    off, a command that reads no telemetry), are no error."""
+    done = _run_with_otel(tmp_path, argv, "", otel)
+    assert done.returncode == 0, done.stderr
+
+
 _OTLP = "OTEL_EXPORTER_OTLP_"
 _TLS_ENDPOINT = {f"{_OTLP}ENDPOINT": "https://127.0.0.1:1"}
 _NOT_THERE = "cannot read {missing}: No such file or directory"
@@ -665,8 +880,9 @@ _NOT_THERE = "cannot read {missing}: No such file or directory"
 @pytest.fixture(scope="module")
 def otlp_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """PEM files for the OTLP exporters' TLS variables: a CA, a client certificate it
-    signed and its key, a key of another, a file missing, a directory, a file that holds
-    text (that no error may repeat), the client certificate and key in one file."""
+    signed and its key, a collector's certificate for 127.0.0.1 it signed and its key, a
+    key of another, a file missing, a directory, a file that holds text (that no error
+    may repeat), the client certificate and key in one file."""
     directory = tmp_path_factory.mktemp("otlp-pki")
     ca = make_ca(directory, "ca")
     client = issue(
@@ -676,8 +892,14 @@ def otlp_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     text.write_text("SECRET-LOOKING TEXT\n")
     combined = directory / "combined.pem"
     combined.write_text(client[0].read_text() + client[1].read_text())
+    server = issue(
+        directory, "server", ca=ca, common_name="127.0.0.1",
+        extensions="subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+    )  # fmt: skip
     return {
         "ca": str(ca[0]),
+        "server_cert": str(server[0]),
+        "server_key": str(server[1]),
         "cert": str(client[0]),
         "key": str(client[1]),
         "other_key": str(ca[1]),
@@ -734,6 +956,16 @@ _UNUSABLE_TLS_FILES = [
         },
         f"{_OTLP}CLIENT_KEY: {{other_key}} holds no unencrypted PEM private key that "
         f"matches the certificate in {_OTLP}CLIENT_CERTIFICATE",
+    ),
+    (  # a gRPC client's pair without its group's CA, once not read
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            **_TLS_ENDPOINT,
+            f"{_OTLP}TRACES_CLIENT_CERTIFICATE": "cert",
+            f"{_OTLP}TRACES_CLIENT_KEY": "other_key",
+        },
+        f"{_OTLP}TRACES_CLIENT_KEY: {{other_key}} holds no unencrypted PEM private key that "
+        f"matches the certificate in {_OTLP}TRACES_CLIENT_CERTIFICATE",
     ),
     (  # half a pair: the HTTP exporter left the key out; gRPC aborted `serve` (SIGABRT)
         {
@@ -865,6 +1097,91 @@ def test_an_otlp_tls_file_the_exporter_cannot_use_is_a_config_error(
         assert done.returncode == 2, done.stdout + done.stderr
         *_, last = done.stderr.splitlines()  # after `serve`'s line on its workers
         assert last == f"llm-gateway: config error: environment: {said.format(**otlp_pki)}"
+
+
+class _MutualTlsCollector(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """An OTLP/gRPC metrics receiver that notes the common name of each client
+    certificate an export came with (its TLS refuses a connection without one)."""
+
+    def __init__(self) -> None:
+        self.exported = threading.Event()
+        self.client_names: list[bytes] = []
+
+    def Export(self, request, context):
+        self.client_names.extend(context.auth_context().get("x509_common_name", []))
+        self.exported.set()
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+@pytest.fixture
+def mutual_tls_collector(otlp_pki: dict[str, str]) -> Iterator[tuple[_MutualTlsCollector, int]]:
+    """A real OTLP/gRPC receiver on loopback, with a certificate `otlp_pki`'s CA signed,
+    that takes only clients with a certificate that CA signed; and its port."""
+    collector = _MutualTlsCollector()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
+    credentials = grpc.ssl_server_credentials(
+        [(Path(otlp_pki["server_key"]).read_bytes(), Path(otlp_pki["server_cert"]).read_bytes())],
+        root_certificates=Path(otlp_pki["ca"]).read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    yield collector, port
+    server.stop(0)
+
+
+@pytest.mark.parametrize(
+    "otel",
+    [
+        {f"{_OTLP}CLIENT_CERTIFICATE": "cert", f"{_OTLP}CLIENT_KEY": "key"},
+        {f"{_OTLP}METRICS_CLIENT_CERTIFICATE": "cert", f"{_OTLP}METRICS_CLIENT_KEY": "key"},
+        {  # the CA by the general variable, the client's by the signal's own
+            f"{_OTLP}CERTIFICATE": "ca",
+            f"{_OTLP}METRICS_CLIENT_CERTIFICATE": "cert",
+            f"{_OTLP}METRICS_CLIENT_KEY": "key",
+        },
+    ],
+)
+def test_an_otlp_grpc_client_certificate_without_its_groups_ca_is_shown_to_the_collector(
+    tmp_path: Path,
+    otlp_pki: dict[str, str],
+    mutual_tls_collector: tuple[_MutualTlsCollector, int],
+    otel: dict[str, str],
+) -> None:
+    """A client certificate and key set for the gRPC OTLP exporter with no CA beside
+    them (by the general variables or the signal's own) are shown to a collector that
+    asks for one: the collector trusted by the CA set for the signal, else by the system's
+    roots (here `GRPC_DEFAULT_SSL_ROOTS_FILE_PATH`).
+
+    Before, the exporter read a client certificate only beside a CA of its own group:
+    without one it opened TLS with no client certificate, the collector refused every
+    export, and the operator's mTLS was silently not used.
+    """
+    collector, port = mutual_tls_collector
+    config = tmp_path / "gateway.yaml"
+    config.write_text("server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n")
+    env = {
+        **os.environ,
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_METRIC_EXPORT_INTERVAL": "100",
+        f"{_OTLP}ENDPOINT": f"https://127.0.0.1:{port}",
+        "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": otlp_pki["ca"],
+        **{name: otlp_pki[value] for name, value in otel.items()},
+    }
+    serve = subprocess.Popen(
+        [sys.executable, *_COMMANDS["serve"], "--config", str(config)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert serve.stdout is not None
+        assert "listening on" in serve.stdout.readline()
+        exported = collector.exported.wait(timeout=30)  # a hang guard: it exports each 0.1 s
+    finally:
+        serve.terminate()
+        _, err = serve.communicate(timeout=30)
+    assert exported, err
+    assert b"gateway" in collector.client_names
 
 
 _UNKNOWN_CONTEXT = {"OTEL_PYTHON_CONTEXT": "greenlet_context"}
