@@ -312,6 +312,12 @@ class DeadlineExceeded(GatewayError):
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
 
+    def __init__(self, message: str, *, is_unsent: bool = False) -> None:
+        """`is_unsent`: no upstream attempt of the call was begun (it waited at its
+        upstreams' limits till its deadline), so its tenant's units for it go back."""
+        super().__init__(message)
+        self.is_unsent = is_unsent
+
 
 class NotImplementedYet(GatewayError):
     """The RPC exists in the contract but this server does not offer it yet."""

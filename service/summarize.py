@@ -63,6 +63,7 @@ from service.domain import (
 from service.errors import (
     BudgetExceeded,
     ContextWindowExceeded,
+    DeadlineExceeded,
     FieldViolation,
     InvalidRequest,
     ModelNotFound,
@@ -1128,7 +1129,8 @@ class Summarizer:
                             waiting_since=waiting_since,
                             is_rerun=was_sent,
                         )
-                except (ShuttingDown, BudgetExceeded) as refused:  # unsent only if no try was sent
+                # Refused before this try was sent: unsent only if no earlier try was.
+                except (ShuttingDown, BudgetExceeded, DeadlineExceeded) as refused:
                     refused.is_unsent = refused.is_unsent and not was_sent
                     raise
                 except UpstreamContextExceeded:

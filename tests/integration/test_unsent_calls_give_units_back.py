@@ -1,0 +1,95 @@
+"""A call the gateway never sent upstream gives back the per-minute units its tenant's
+limits took for it, kept in memory or in Redis; one any attempt of which was sent keeps
+them: a Summarize's own request, a call its deadline ends while it waits at its
+upstream's own limit, and a call that shared another's upstream call (single flight).
+
+What is left is read through the limiter itself (`assert_bucket_full`), as in
+`test_drain_gives_units_back`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grpc
+import pytest
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service.config import GatewayConfig
+from service.errors import QuotaExceeded
+from service.tenant_limits import MemoryTenantLimiter
+from tests.conftest import FAKE_MODEL, RunningGateway, chat
+from tests.integration.tenancy_helpers import as_tenant, rpc_error
+from tests.integration.test_drain_gives_units_back import (
+    REQUESTS_PER_MINUTE,
+    assert_bucket_full,
+    held_upstream,
+    limited_config,
+    stored_level,
+)
+from tests.scripted_upstream import ScriptedUpstream
+
+RATE = {"requests_per_minute": REQUESTS_PER_MINUTE}
+
+
+async def assert_one_request_spent(gateway: RunningGateway, redis_url: str | None) -> None:
+    """team-a's requests_per_minute bucket holds one request less than its capacity."""
+    if redis_url is not None:
+        assert await stored_level(redis_url, "rpm") == pytest.approx(
+            REQUESTS_PER_MINUTE - 1, abs=0.01
+        )
+        return
+    limiter = gateway.server.tenant_limiter
+    assert isinstance(limiter, MemoryTenantLimiter)
+    limits = gateway.server.config.tenants["team-a"]
+    limiter.take("team-a", limits, tokens=0, requests=REQUESTS_PER_MINUTE - 1)
+    with pytest.raises(QuotaExceeded, match="requests_per_minute"):
+        limiter.take("team-a", limits, tokens=0, requests=1)
+
+
+def a_second_per_attempt(config: GatewayConfig) -> GatewayConfig:
+    """`config` with a second as the least time an upstream attempt may start with."""
+    resilience = dataclasses.replace(config.resilience, min_attempt_s=1.0)
+    return dataclasses.replace(config, resilience=resilience)
+
+
+async def test_an_item_its_deadline_ends_at_its_upstreams_limit_gives_its_units_back(
+    start_gateway: Any, limits_redis_url: str | None
+) -> None:
+    """team-a's batch item takes its turn (one of its tenant's requests a minute) and
+    waits for the upstream's one slot (team-b's call holds it), in line again after each
+    wait, until its deadline leaves too little for an attempt: it fails
+    DEADLINE_EXCEEDED, never sent, and its request goes back. Before, the pool's
+    DeadlineExceeded did not say that nothing was sent, and the request stayed spent."""
+    redis_url = limits_redis_url
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        config = limited_config(fake.base_url, RATE, redis_url=redis_url)
+        gateway = await start_gateway(a_second_per_attempt(config))
+        held = await held_upstream(gateway, fake)
+        batch = pb.CompleteBatchRequest(items=[pb.BatchItem(id="q0", request=chat("q0"))])
+        call = gateway.stub.CompleteBatch(batch, metadata=as_tenant("team-a"), timeout=3)
+        item = await anext(aiter(call))
+        assert item.result.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], item
+        call.cancel()
+        fake.gate.set()
+        assert (await held).content
+        assert len(fake.requests) == 1  # team-b's alone
+        await assert_bucket_full(gateway, "rpm", REQUESTS_PER_MINUTE, redis_url)
+
+
+async def test_a_call_its_deadline_ends_once_it_was_sent_keeps_its_units(
+    start_gateway: Any, limits_redis_url: str | None
+) -> None:
+    """team-a's Complete is sent, and its deadline ends it while the upstream holds the
+    answer back: it is told DEADLINE_EXCEEDED, and its request stays spent."""
+    redis_url = limits_redis_url
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        gateway = await start_gateway(limited_config(fake.base_url, RATE, redis_url=redis_url))
+        fake.gate.clear()
+        call = gateway.stub.Complete(chat("q0"), metadata=as_tenant("team-a"), timeout=2)
+        error = await rpc_error(call)
+        assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED, error
+        fake.gate.set()
+        assert len(fake.requests) == 1
+        await assert_one_request_spent(gateway, redis_url)
