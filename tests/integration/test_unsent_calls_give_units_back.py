@@ -9,6 +9,7 @@ What is left is read through the limiter itself (`assert_bucket_full`), as in
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -20,14 +21,19 @@ from service.config import GatewayConfig
 from service.errors import QuotaExceeded
 from service.tenant_limits import MemoryTenantLimiter
 from tests.conftest import FAKE_MODEL, RunningGateway, chat
+from tests.fake_upstream import Status
 from tests.integration.tenancy_helpers import as_tenant, rpc_error
 from tests.integration.test_drain_gives_units_back import (
     REQUESTS_PER_MINUTE,
+    SHORT_DOCUMENT,
     assert_bucket_full,
     held_upstream,
     limited_config,
     stored_level,
+    waiting_at_the_upstream,
 )
+from tests.integration.test_shutdown_cut_off import assert_shutting_down
+from tests.integration.test_summarize import default_respond
 from tests.scripted_upstream import ScriptedUpstream
 
 RATE = {"requests_per_minute": REQUESTS_PER_MINUTE}
@@ -46,6 +52,52 @@ async def assert_one_request_spent(gateway: RunningGateway, redis_url: str | Non
     limiter.take("team-a", limits, tokens=0, requests=REQUESTS_PER_MINUTE - 1)
     with pytest.raises(QuotaExceeded, match="requests_per_minute"):
         limiter.take("team-a", limits, tokens=0, requests=1)
+
+
+async def test_a_summary_the_drain_refuses_before_any_part_is_sent_gives_its_request_back(
+    start_gateway: Any, limits_redis_url: str | None
+) -> None:
+    """team-a's Summarize takes one of its three requests a minute as it is admitted; its
+    one part waits for the upstream's one slot (team-b's call holds it) as the drain
+    begins: nothing of it was sent, it ends SHUTTING_DOWN, and its request goes back.
+    Before, only its part's turn gave back what it took; the Summarize's own request stayed
+    spent."""
+    redis_url = limits_redis_url
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=default_respond) as fake:
+        gateway = await start_gateway(limited_config(fake.base_url, RATE, redis_url=redis_url))
+        held = await held_upstream(gateway, fake)
+        call = gateway.stub.Summarize(
+            pb.SummarizeRequest(model=FAKE_MODEL, document=SHORT_DOCUMENT),
+            metadata=as_tenant("team-a"),
+            timeout=30,
+        )
+        refused = asyncio.ensure_future(rpc_error(call))
+        await waiting_at_the_upstream(gateway)
+        gateway.server.pipeline.begin_stopping()
+        fake.gate.set()
+        assert_shutting_down(await refused)
+        assert (await held).content
+        assert len(fake.requests) == 1  # team-b's alone
+        await assert_bucket_full(gateway, "rpm", REQUESTS_PER_MINUTE, redis_url)
+
+
+async def test_a_summary_whose_part_was_sent_keeps_its_request(
+    start_gateway: Any, limits_redis_url: str | None
+) -> None:
+    """team-a's Summarize, whose one part the upstream refuses (HTTP 400), was sent: it
+    fails, and its request stays spent."""
+    redis_url = limits_redis_url
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=lambda _: Status(400)) as fake:
+        gateway = await start_gateway(limited_config(fake.base_url, RATE, redis_url=redis_url))
+        call = gateway.stub.Summarize(
+            pb.SummarizeRequest(model=FAKE_MODEL, document=SHORT_DOCUMENT),
+            metadata=as_tenant("team-a"),
+            timeout=30,
+        )
+        refused = await rpc_error(call)
+        assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT, refused
+        assert len(fake.requests) == 1
+        await assert_one_request_spent(gateway, redis_url)
 
 
 def a_second_per_attempt(config: GatewayConfig) -> GatewayConfig:
