@@ -20,6 +20,7 @@ from service.config import BatchConfig
 from service.domain import ChatRequest, Completion, Usage
 from service.errors import (
     BudgetExceeded,
+    DeadlineExceeded,
     FieldViolation,
     GatewayError,
     InvalidRequest,
@@ -240,7 +241,8 @@ async def _complete_item(
             return await pipeline.complete_in_turn(
                 request, deadline=deadline, waiting_since=waiting_since, is_rerun=was_sent
             )
-        except (ShuttingDown, BudgetExceeded) as refused:  # unsent only if no try was sent
+        # Refused before this try was sent: unsent only if no earlier try was.
+        except (ShuttingDown, BudgetExceeded, DeadlineExceeded) as refused:
             refused.is_unsent = refused.is_unsent and not was_sent
             raise
         except UpstreamError as exc:

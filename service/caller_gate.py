@@ -498,7 +498,14 @@ class CallerGate:
             await self._limiter.take_rate(principal.tenant, limits, tokens=0, requests=1)
             if limits.tokens_per_minute or limits.max_concurrent_calls:
                 self._pace(principal)
-            yield NO_SLOT
+            try:
+                yield NO_SLOT
+            except GatewayError as refused:
+                if refused.is_unsent:  # none of its calls was sent (`Summarizer.summarize`)
+                    await self._limiter.give_back_rate(
+                        principal.tenant, limits, tokens=0, requests=1
+                    )
+                raise
             return
         # KEEP_RECENT sends what fits the window: a long history the caller keeps sending
         # would otherwise count in full, and once past a minute's tokens "never fit".

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -94,8 +94,10 @@ class GatewayError(Exception):
     # Refused before any upstream attempt of the call was begun: no upstream can have it,
     # so the per-minute units its tenant's limits took for it go back (`CallerGate.admit`,
     # `Pipeline.in_turn`). False where one may have been sent. Set on an `UpstreamError`
-    # by the pool (its limits, open breakers, every upstream ruled out), or by a batch's
-    # item or a Summarize's part none of whose tries was.
+    # by the pool (its limits, open breakers, every upstream ruled out; its
+    # `DeadlineExceeded` too), by a batch's item or a Summarize's part none of whose tries
+    # was, or by a Summarize none of whose calls was. Each caller sharing a call (single
+    # flight) gets its own copy of the error (`__copy__`) to set it on.
     is_unsent: bool = False
     # What each upstream attempt of the call failed with, in order, as `upstream: failure`
     # (`attempt_failure`), set by the pool (a Summarize's part, by its tries): the status
@@ -106,6 +108,19 @@ class GatewayError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def __copy__(self) -> Self:
+        """The same error (its fields, cause and traceback) as an object of its own, whose
+        flags (`is_unsent`) one caller may set without changing another's: each caller
+        sharing an upstream call (single flight) gets one. Not through the constructor,
+        whose arguments most subclasses do not keep."""
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.args = self.args
+        clone.__cause__ = self.__cause__
+        clone.__context__ = self.__context__
+        clone.__suppress_context__ = self.__suppress_context__
+        return clone.with_traceback(self.__traceback__)
 
     @property
     def retry_after_s(self) -> float | None:
@@ -316,6 +331,12 @@ class DeadlineExceeded(GatewayError):
 
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
+
+    def __init__(self, message: str, *, is_unsent: bool = False) -> None:
+        """`is_unsent`: no upstream attempt of the call was begun (it waited at its
+        upstreams' limits till its deadline), so its tenant's units for it go back."""
+        super().__init__(message)
+        self.is_unsent = is_unsent
 
 
 class NotImplementedYet(GatewayError):

@@ -720,7 +720,12 @@ class UpstreamPool:
             if last_error is not None:
                 last_error.is_cut_short_by_deadline = True
                 raise self._final(last_error, deadline, log_)
-            raise DeadlineExceeded("the caller's deadline passed before the upstream call")
+            # Never sent when it is the first (a queued call's deadline, spent waiting its
+            # turn at the upstreams' limits): its tenant's units for it go back.
+            raise DeadlineExceeded(
+                "the caller's deadline passed before the upstream call",
+                is_unsent=log_.attempts == 0,
+            )
         breaker = state.breaker
         if not breaker.acquire():
             plan.exclude(route, CIRCUIT_OPEN)
@@ -957,7 +962,7 @@ class UpstreamPool:
         # Not a stream's timeout after its text (`StreamInterrupted`): only the upstream's
         # own bounds apply then, and a shared stream's followers outlive its first caller.
         if _hit_callers_deadline(exc, deadline):
-            passed = DeadlineExceeded("the caller's deadline passed")
+            passed = DeadlineExceeded("the caller's deadline passed", is_unsent=exc.is_unsent)
             passed.attempt_failures = exc.attempt_failures  # the earlier ones' too
             return passed
         if isinstance(exc, UpstreamUnavailable | UpstreamTimeout | UpstreamRateLimited):

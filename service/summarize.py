@@ -63,7 +63,9 @@ from service.domain import (
 from service.errors import (
     BudgetExceeded,
     ContextWindowExceeded,
+    DeadlineExceeded,
     FieldViolation,
+    GatewayError,
     InvalidRequest,
     ModelNotFound,
     QuotaExceeded,
@@ -417,8 +419,12 @@ class _Tally:
     # Their waits on the gateway's limits, each placed just before its upstream wait.
     queued_waits: list[tuple[float, float]] = field(default_factory=list)
     parts_cut: int = 0  # summaries to combine that their max_tokens cut off
+    # A call of the summary was sent (one whose failure may have been sent too), or
+    # answered from the cache: the summary's own request stays spent (`summarize`).
+    was_sent: bool = False
 
     def add(self, completion: Completion, *, now: float) -> None:
+        self.was_sent = True
         self.usage = self.usage + completion.usage
         self.cost_pico += to_pico(completion.cost_usd)
         timings = completion.timings
@@ -430,6 +436,17 @@ class _Tally:
         if timings.upstream_ms or not completion.is_cache_hit:
             # Its own call's, or one it shared (single flight), whose wait it waited.
             self.upstream_waits.append((upstream_from, now))
+
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[None]:
+        """Around one try of a call: its failure, unless refused unsent (`is_unsent`),
+        counts as sent."""
+        try:
+            yield
+        except GatewayError as exc:
+            if not exc.is_unsent:
+                self.was_sent = True
+            raise
 
     def queued_s(self) -> float:
         """The moments some call waited on the gateway's limits while none waited on an
@@ -786,7 +803,34 @@ class Summarizer:
         `validated`: `validate` passed on this very request (the caller gate's check), so
         the document is not encoded and scanned again; only the target is read again,
         now that the tenant's tokens_per_minute is known.
+
+        Raises:
+            GatewayError: the summary failed; `is_unsent` when none of its calls was sent
+                (nor answered from the cache), so that the request its tenant's limits
+                took for it goes back (`CallerGate.admit`).
         """
+        tally = _Tally()
+        try:
+            return await self._summarize(
+                request,
+                tally,
+                deadline=deadline,
+                max_concurrency=max_concurrency,
+                validated=validated,
+            )
+        except GatewayError as failed:
+            failed.is_unsent = not tally.was_sent
+            raise
+
+    async def _summarize(
+        self,
+        request: SummaryRequest,
+        tally: _Tally,
+        *,
+        deadline: Deadline,
+        max_concurrency: int | None,
+        validated: bool,
+    ) -> Summary:
         started = self._clock.now()
         model = request.model
         window = self._pipeline.context_window(model)
@@ -800,7 +844,7 @@ class Summarizer:
         part_system = part_prompt(target_tokens=part_target, instructions=request.instructions)
         combine_system = combine_prompt(target_tokens=target, instructions=request.instructions)
         concurrency = self._config.concurrency
-        run = _Run(request, deadline, min(concurrency, max_concurrency or concurrency))
+        run = _Run(request, deadline, min(concurrency, max_concurrency or concurrency), tally)
         document_system = document_prompt(target_tokens=target, instructions=request.instructions)
         whole = await asyncio.to_thread(estimate_text_tokens, request.document)
         if whole <= self._room(request, system=document_system, header="", answer_tokens=target):
@@ -1121,14 +1165,15 @@ class Summarizer:
                     raise ShuttingDown(is_unsent=not was_sent)
                 try:
                     # A part waits its turn at its upstream's limits, as a batch's item does.
-                    with run.halt.calling():
+                    with run.halt.calling(), run.tally.sending():
                         completion = await self._pipeline.complete_in_turn(
                             chat,
                             deadline=deadline,
                             waiting_since=waiting_since,
                             is_rerun=was_sent,
                         )
-                except (ShuttingDown, BudgetExceeded) as refused:  # unsent only if no try was sent
+                # Refused before this try was sent: unsent only if no earlier try was.
+                except (ShuttingDown, BudgetExceeded, DeadlineExceeded) as refused:
                     refused.is_unsent = refused.is_unsent and not was_sent
                     raise
                 except UpstreamContextExceeded:

@@ -8,16 +8,22 @@ others. When the last follower leaves before the result, nobody wants the answer
 more, so the call is cancelled (which closes the upstream request; the pipeline records
 what the provider bills for it all the same).
 `aclose()` cancels and awaits every flight: no task outlives its owner.
+
+A failed call's `GatewayError` reaches each follower as a copy of its own: a follower
+that marks it (`is_unsent`, cleared by a batch item or Summarize part an earlier try of
+which was sent) leaves the others' as the shared call left it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
 from service.domain import Delta
+from service.errors import GatewayError
 
 __all__ = ["Flight", "SingleFlight"]
 
@@ -154,9 +160,14 @@ class SingleFlight(Generic[T]):
                 flight.task.cancel()
 
     async def wait(self, flight: Flight[T]) -> T:
-        """The flight's result (or its error); cancelling this waiter leaves the call running."""
+        """The flight's result (or its error, this follower's own copy of a gateway error);
+        cancelling this waiter leaves the call running."""
         async with self._following(flight):
-            return await asyncio.shield(flight.result)
+            try:
+                return await asyncio.shield(flight.result)
+            except GatewayError as shared:
+                own = copy.copy(shared)
+            raise own  # outside the handler: not chained to the error it copies
 
     async def follow(self, flight: Flight[T]) -> AsyncGenerator[Delta | T, None]:
         """Every delta the flight publishes (from the first), then its result."""
@@ -169,7 +180,14 @@ class SingleFlight(Generic[T]):
                 if flight.result.done():
                     break
                 await flight._until_changed()
-            yield flight.result.result()
+            try:
+                result = flight.result.result()
+            except GatewayError as shared:
+                own = copy.copy(shared)
+            else:
+                yield result
+                return
+            raise own  # this follower's own copy, as `wait` raises
 
     async def aclose(self) -> None:
         """Cancel every flight still calling, and wait for their tasks to end; one that

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from service.cache import SingleFlight
+from service.errors import ShuttingDown
 
 
 class Upstream:
@@ -93,6 +94,33 @@ async def test_last_waiter_leaving_cancels_the_call() -> None:
     await asyncio.gather(flight.task, return_exceptions=True)
     assert upstream.cancelled == 1
     assert len(flights) == 0
+
+
+async def test_each_waiter_and_follower_gets_its_own_copy_of_a_gateway_error() -> None:
+    """A call's `GatewayError` reaches every waiter and stream follower as an object of
+    its own, with its fields: one setting `is_unsent` on its copy changes no other's."""
+    flights: SingleFlight[str] = SingleFlight()
+    upstream = Upstream()
+    upstream.error = ShuttingDown(is_unsent=True)
+    flight, _ = flights.join("k", upstream)
+
+    async def follow() -> None:
+        async for _ in flights.follow(flight):
+            pass
+
+    waiters = [asyncio.create_task(flights.wait(flight)) for _ in range(2)]
+    waiters.append(asyncio.create_task(follow()))
+    await asyncio.sleep(0)
+    upstream.release.set()
+    errors = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(e, ShuttingDown) and e.is_unsent for e in errors)
+    assert len({id(e) for e in errors}) == 3
+    first = errors[0]
+    assert isinstance(first, ShuttingDown)
+    first.is_unsent = False
+    assert [getattr(e, "is_unsent", None) for e in errors] == [False, True, True]
+    assert all(str(e) == str(upstream.error) for e in errors)
+    await flights.aclose()
 
 
 async def test_followers_see_every_delta_then_the_result() -> None:
