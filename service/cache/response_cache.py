@@ -173,7 +173,13 @@ class ResponseCache:
 
     async def _read(self, key: str) -> CachedAnswer | None:
         writes_before = self._writes
+        storing = self._flights.current(key)
         data = await self._store.get(key)
+        if data is None and storing is not None and self._flights.current(key) is None:
+            # The shared call of this key ended during the read, its answer stored perhaps
+            # after the read looked: read again, or this call would pay the upstream for an
+            # answer the cache has (and a follower that came a moment sooner got free).
+            data = await self._store.get(key)
         if data is None:
             self._recent.pop(key)  # gone from the store (expired): gone for `recall` too
             return None

@@ -80,6 +80,10 @@ class SingleFlight(Generic[T]):
         """Callers following a flight now."""
         return sum(flight.followers for flight in self._flights.values())
 
+    def current(self, key: str) -> Flight[T] | None:
+        """The flight for `key` now (calling, or storing its result: `after`), if any."""
+        return self._flights.get(key)
+
     def join(
         self,
         key: str,

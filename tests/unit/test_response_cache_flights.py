@@ -9,7 +9,15 @@ import pytest
 from service.cache import CacheStore, ResponseCache
 from service.clock import Deadline
 from service.config import CacheConfig
-from service.domain import ChatRequest, Completion, GenerationParams, Message, Role
+from service.domain import (
+    ChatRequest,
+    Completion,
+    FinishReason,
+    GenerationParams,
+    Message,
+    Role,
+    Usage,
+)
 
 
 async def _never_called() -> Completion:
@@ -37,3 +45,63 @@ async def test_a_flight_cancelled_before_its_task_ran_leaves_no_storage_plan() -
         await asyncio.wait_for(call, timeout=2.0)
     assert cache._plans == {}
     assert cache.in_flight == 0
+
+
+class _GatedStore(CacheStore):
+    """The memory store, whose writes wait for `writes` and whose reads, once `reads` is
+    cleared, look before they wait for it: a read that misses an answer stored while it
+    was on its way back, as a Redis GET sent just before a SET lands."""
+
+    def __init__(self, settings: CacheConfig) -> None:
+        super().__init__(settings)
+        self.writes = asyncio.Event()
+        self.reads = asyncio.Event()
+        self.reads.set()
+        self.reads_held = 0
+
+    async def get(self, key: str) -> bytes | None:
+        value = await super().get(key)
+        if not self.reads.is_set():
+            self.reads_held += 1
+            await self.reads.wait()
+        return value
+
+    async def set(self, key: str, value: bytes, *, ttl_s: int, replacing: bool = False) -> bool:
+        await self.writes.wait()
+        return await super().set(key, value, ttl_s=ttl_s, replacing=replacing)
+
+
+async def test_a_read_that_missed_the_answer_its_shared_call_stored_meanwhile_reads_again() -> None:
+    """A call whose read of the store began while an identical call's answer was being
+    stored, and missed it, reads again once that call has ended: it is answered from the
+    cache. Before, it became a new shared call of its own and paid the upstream again."""
+    settings = CacheConfig()
+    store = _GatedStore(settings)
+    cache = ResponseCache(settings, store=store)
+    request = ChatRequest(
+        model="m", messages=(Message(Role.USER, "hi"),), params=GenerationParams(temperature=0.0)
+    )
+    fetched = 0
+
+    async def fetch() -> Completion:
+        nonlocal fetched
+        fetched += 1
+        return Completion("id", "m", "hello", FinishReason.STOP, Usage(3, 1), 0.5, "up0")
+
+    deadline = Deadline.after(None)
+    first = await cache.complete(request, fetch=fetch, deadline=deadline)
+    assert cache.in_flight == 1  # answered; its shared call is storing the answer
+    store.reads.clear()
+    second = asyncio.create_task(cache.complete(request, fetch=fetch, deadline=deadline))
+    async with asyncio.timeout(5):
+        while not store.reads_held:  # its read looked and found nothing yet
+            await asyncio.sleep(0)
+    store.writes.set()
+    async with asyncio.timeout(5):
+        while cache.in_flight:  # stored: the shared call has ended
+            await asyncio.sleep(0)
+    store.reads.set()
+    answer = await asyncio.wait_for(second, timeout=5)
+    assert (first.is_cache_hit, fetched) == (False, 1)
+    assert (answer.content, answer.is_cache_hit, answer.saved_cost_usd) == ("hello", True, 0.5)
+    await cache.aclose()
