@@ -319,6 +319,9 @@ class ShuttingDown(GatewayError):
             message += f" (its last attempt failed: {last_error.message})"
         super().__init__(message)
         self.is_unsent = is_unsent
+        # Whether the message names the last attempt's failure; one ended at a limit
+        # (`Limiter.acquire`) does not, and its status names it (`to_rpc_status`).
+        self.names_last_error = last_error is not None
 
     @property
     def retry_after_s(self) -> float:
@@ -725,6 +728,9 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
         said = attempts_said(exc.attempt_failures)
         metadata["attempt_errors"] = said
         message = f"{message} (attempts: {said})"
+    elif exc.attempt_failures and isinstance(exc, ShuttingDown) and not exc.names_last_error:
+        # The drain's sentence alone (it ended a wait at a limit) would name no failure.
+        message = f"{message} (after {attempts_said(exc.attempt_failures)})"
     if isinstance(exc, UpstreamNotOpenAI):
         metadata["content_type"] = exc.content_type
     if (

@@ -787,8 +787,14 @@ class UpstreamClient:
         """
         chunks: list[TextChunk] = []
         end: StreamEnd | None = None
+        deadline = self._deadline(timeout_s)
         with self._translated_errors:
-            async with asyncio.timeout_at(self._deadline(timeout_s)):
+            # Armed at the first output: till then the stream's own waits end by
+            # `timeout_s` (a refusal's stalled body as its status and headers said,
+            # `_stalled_refusal`), and after it only the upstream's `timeout_s` does. Armed
+            # from the start, it fired a moment before the stream's own timer: a 429 whose
+            # body stalled was a timeout, its Retry-After lost.
+            async with asyncio.timeout(None) as after_first_output:
                 events = self.stream(
                     call,
                     timeout_s=timeout_s,
@@ -799,6 +805,8 @@ class UpstreamClient:
                 async with contextlib.aclosing(events):
                     async for event in events:
                         if isinstance(event, TextChunk):
+                            if not chunks:
+                                after_first_output.reschedule(deadline)
                             chunks.append(event)
                             if on_output is not None:
                                 on_output(event)

@@ -1252,25 +1252,65 @@ def says_stream_options_unknown(body: bytes) -> bool:
     argument supplied: stream_options", others "Unknown parameter: 'stream_options'", and
     Mistral's API (a 422) lists it among the fields its validation forbids, its message an
     object: `{"detail": [{"type": "extra_forbidden", "loc": ["body", "stream_options"],
-    ...}]}`."""
+    ...}]}` (as a FastAPI server's bare `{"detail": [...]}` does)."""
     explanation = error_explanation(body)
     if explanation is None:
-        error = _error_of(body)
-        message = error.get("message") if isinstance(error, dict) else None
-        return isinstance(message, dict) and _locates_stream_options(message.get("detail"))
+        return any(
+            isinstance(error, dict)
+            and isinstance(error.get("loc"), list)
+            and "stream_options" in error["loc"]
+            for error in _validation_errors(body)
+        )
     message, param, _ = explanation
     return param == "stream_options" or "stream_options" in message
 
 
-def _locates_stream_options(detail: object) -> bool:
-    """Whether a validation error's `detail` (pydantic's list of errors, each with the
-    `loc` of the field it refused) refuses `stream_options` or a field inside it."""
-    return isinstance(detail, list) and any(
-        isinstance(error, dict)
-        and isinstance(error.get("loc"), list)
-        and "stream_options" in error["loc"]
-        for error in detail
-    )
+# How many of a validation refusal's errors are told: the first few say what to mend, and
+# a request with many bad fields is mended a few at a time.
+_MAX_VALIDATION_ERRORS_TOLD = 3
+
+
+def _validation_errors(body: bytes) -> list[object]:
+    """The errors of a pydantic validation refusal (a 422 of a FastAPI server, some vLLM
+    and TGI front ends, as `{"detail": [...]}`; Mistral's API's, as its error's `message`,
+    an object: `{"object": "error", "message": {"detail": [...]}, ...}`), each a mapping
+    with the `loc` of the field it refused, its `msg` and `type`; [] when there are none."""
+    holder = _error_of(body)
+    if isinstance(holder, dict):
+        holder = holder.get("message")
+    elif holder is None:
+        try:
+            holder = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return []
+    detail = holder.get("detail") if isinstance(holder, dict) else None
+    return detail if isinstance(detail, list) else []
+
+
+def validation_explanation(body: bytes) -> str | None:
+    """What a pydantic validation refusal's errors say of the request, its first few as
+    `loc: msg (type)` (`body.seed: Extra inputs are not permitted (extra_forbidden)`),
+    then how many more; None when its body holds no such error. Each error's `input` (the
+    value refused: it may be the caller's prompt, or a secret) is never part of it."""
+    errors = _validation_errors(body)
+    told = [_told(error) for error in errors[:_MAX_VALIDATION_ERRORS_TOLD]]
+    told = [text for text in told if text]
+    if not told:
+        return None
+    left = len(errors) - _MAX_VALIDATION_ERRORS_TOLD
+    return "; ".join(told) + (f"; and {left} more" if left > 0 else "")
+
+
+def _told(error: object) -> str:
+    """One validation error as `loc: msg (type)`, of its parts those that are strings
+    (and the `loc` its strings and integers); "" when it has no `msg`."""
+    if not isinstance(error, dict) or not _text(error.get("msg")):
+        return ""
+    loc = error.get("loc")
+    places = [str(p) for p in loc if type(p) in (str, int)] if isinstance(loc, list) else []
+    kind = _text(error.get("type"))
+    told = f"{'.'.join(places)}: {error['msg']}" if places else error["msg"]
+    return f"{told} ({kind})" if kind else told
 
 
 # The sizes OpenAI's refusal states, which llama-cpp-python's server and vLLM before 0.10

@@ -3,7 +3,8 @@
 An upstream that refuses the request itself (a 400, 404 or 422, a moderation 403, a
 prompt over its context window) says why in its error body: the caller cannot mend its
 request without that. What is relayed is the error's `message` (and its `param` and
-`code`), as strings only, its control characters replaced, cut to a bound, and every
+`code`), or a validation refusal's first few errors (each its field and why, never the
+value refused), as strings only, its control characters replaced, cut to a bound, and every
 secret the gateway knows, or anything that looks like a key, replaced by `[redacted]`.
 Refusals that are about the gateway's key or account, its rate or the upstream's health
 (401, 403, 402, 429, 5xx) relay nothing: their bodies can quote the gateway's key
@@ -20,7 +21,7 @@ from collections.abc import Iterable
 
 from service.config import UpstreamConfig
 from service.errors import RelayedError
-from service.upstream.openai_json import error_explanation
+from service.upstream.openai_json import error_explanation, validation_explanation
 from service.upstream.proxy import Proxy
 
 REDACTED = "[redacted]"
@@ -139,11 +140,15 @@ def _cut(text: str) -> str:
 
 def relayed_error(body: bytes, *, secrets: Iterable[str]) -> RelayedError | None:
     """What an upstream's error `body` says of the request it refused, made safe to relay
-    (`scrubbed` of `secrets`); None when the body says nothing a caller can be told (not
+    (`scrubbed` of `secrets`): its error's message, else its validation errors
+    (`validation_explanation`); None when the body says nothing a caller can be told (not
     JSON, as a proxy's HTML page, or no message in it)."""
     explanation = error_explanation(body)
     if explanation is None:
-        return None
+        validation = validation_explanation(body)
+        if validation is None:
+            return None
+        explanation = (validation, "", "")
     secrets = tuple(secrets)
     message, param, code = (scrubbed(text, secrets) for text in explanation)
     if not message:

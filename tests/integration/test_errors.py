@@ -549,6 +549,78 @@ async def test_a_streams_refusal_says_why(upstream, start_gateway):
     assert error_info(refused).metadata["upstream_param"] == "tools[0].function.name"
 
 
+def _extra_forbidden(field: str, value: object) -> dict[str, object]:
+    """A pydantic validation error refusing `field`, quoting the value refused."""
+    return {
+        "type": "extra_forbidden",
+        "loc": ["body", field],
+        "msg": "Extra inputs are not permitted",
+        "input": value,
+    }
+
+
+# Mistral's API's 422, its message an object; and a FastAPI server's bare one, each error's
+# `input` quoting the request (the caller's prompt, a key).
+MISTRAL_422 = json.dumps(
+    {
+        "object": "error",
+        "message": {"detail": [_extra_forbidden("seed", f"SECRET-PROMPT {PROVIDER_KEY}")]},
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+)
+FASTAPI_422 = json.dumps(
+    {
+        "detail": [
+            {
+                "type": "string_type",
+                "loc": ["body", "messages", 0, "content"],
+                "msg": "Input should be a valid string",
+                "input": "SECRET-PROMPT",
+            },
+            *(_extra_forbidden(f"field_{i}", "SECRET-PROMPT") for i in range(4)),
+        ]
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (MISTRAL_422, "body.seed: Extra inputs are not permitted (extra_forbidden)"),
+        (
+            FASTAPI_422,
+            "body.messages.0.content: Input should be a valid string (string_type); "
+            "body.field_0: Extra inputs are not permitted (extra_forbidden); "
+            "body.field_1: Extra inputs are not permitted (extra_forbidden); and 2 more",
+        ),
+    ],
+    ids=["mistral", "fastapi"],
+)
+async def test_a_validation_refusal_says_which_fields_and_why(
+    upstream, start_gateway, body, message
+):
+    """A 422 of pydantic's validation errors (Mistral's API, its message an object; a
+    FastAPI server's bare `detail`) relays each error's field and why, the first three,
+    never the value it refused (the caller's prompt, a key), unary and streamed alike.
+
+    Before, it relayed nothing: the caller heard only `rejected the request (HTTP 422)`."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    upstream.script(Status(422, body=body))
+    unary = await rpc_error(gateway.stub.Complete(chat()))
+    upstream.script(Status(422, body=body))
+    streamed = await stream_error(gateway.stub.CompleteStream(chat_stream()))
+    for refused in (unary, streamed):
+        assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.details() == f"upstream 'up0' rejected the request (HTTP 422): {message}"
+        info = error_info(refused)
+        assert info.reason == "UPSTREAM_REJECTED_REQUEST"
+        relayed = {k: v for k, v in info.metadata.items() if k.startswith("upstream_")}
+        assert relayed == {"upstream_message": message}
+        assert "SECRET-PROMPT" not in str(rich_status(refused))
+
+
 def _body_saying(message: str) -> str:
     return json.dumps({"error": {"message": message, "type": "invalid_request_error"}})
 

@@ -29,6 +29,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.breaker import BreakerState
 from service.clock import Deadline
+from service.config import GatewayConfig, UpstreamConfig
 from service.domain import ChatRequest, Message, Role
 from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER, UpstreamAuthRejected
 from service.pipeline import Pipeline
@@ -799,22 +800,35 @@ STALLED_BODY_REFUSALS = [
 STALLING_TIMEOUT_S = 0.3
 
 
-@pytest.mark.parametrize("mode", ["unary", "stream"])
+# How a call reaches the upstream: a unary call, a stream, or a unary call sent as a
+# stream (`stream_unary_calls`, as llama-cpp-python's server takes them).
+STALLED_BODY_MODES = ["unary", "stream", "streamed-unary"]
+
+
+def stalling_upstream(config: GatewayConfig, mode: str) -> UpstreamConfig:
+    """`config`'s upstream with STALLING_TIMEOUT_S, taking unary calls as streams in the
+    `streamed-unary` mode."""
+    return dataclasses.replace(
+        config.upstreams[0],
+        timeout_s=STALLING_TIMEOUT_S,
+        stream_unary_calls=mode == "streamed-unary",
+    )
+
+
+@pytest.mark.parametrize("mode", STALLED_BODY_MODES)
 @pytest.mark.parametrize("refusal", STALLED_BODY_REFUSALS, ids=["429", "503"])
 async def test_a_refusal_whose_body_stalls_keeps_what_its_status_and_headers_said(
     start_gateway, refusal: Status, mode: str
 ):
     """A 429 (or 503) with Retry-After whose body stalls past the upstream's `timeout_s`
     reaches the caller as its status does, with RetryInfo from the Retry-After. Before,
-    it was a timeout, UNAVAILABLE with the first backoff for RetryInfo."""
+    it was a timeout, UNAVAILABLE with the first backoff for RetryInfo (a unary call sent
+    as a stream until later: its own timer fired a moment before the stream's)."""
     async with FakeUpstream(default=refusal) as fake:
         data = gateway_config(fake.base_url, resilience={**FAST_RESILIENCE, "attempts": 1})
-        config = dataclasses.replace(
-            data,
-            upstreams=[dataclasses.replace(data.upstreams[0], timeout_s=STALLING_TIMEOUT_S)],
-        )
+        config = dataclasses.replace(data, upstreams=[stalling_upstream(data, mode)])
         gateway = await start_gateway(config)
-        error, _ = await call(gateway, mode, timeout_s=10)
+        error, _ = await call(gateway, mode.removeprefix("streamed-"), timeout_s=10)
     assert isinstance(error, grpc.aio.AioRpcError)
     metadata, reason, retry_after_s = error_details(error)
     if refusal.code == 429:
@@ -828,7 +842,7 @@ async def test_a_refusal_whose_body_stalls_keeps_what_its_status_and_headers_sai
     assert retry_after_s == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("mode", ["unary", "stream"])
+@pytest.mark.parametrize("mode", STALLED_BODY_MODES)
 @pytest.mark.parametrize("refusal", STALLED_BODY_REFUSALS, ids=["429", "503"])
 async def test_the_retry_of_a_refusal_whose_body_stalls_waits_its_retry_after(
     refusal: Status, mode: str
@@ -839,13 +853,12 @@ async def test_the_retry_of_a_refusal_whose_body_stalls_waits_its_retry_after(
     async with FakeUpstream() as fake:
         fake.script(refusal, Reply())
         config = gateway_config(fake.base_url, resilience=FAST_RESILIENCE)
-        upstream = dataclasses.replace(config.upstreams[0], timeout_s=STALLING_TIMEOUT_S)
-        async with UpstreamClient(upstream) as client:
+        async with UpstreamClient(stalling_upstream(config, mode)) as client:
             pool = UpstreamPool([client], settings=config.resilience, clock=clock)
             log = AttemptLog()
             request = ChatRequest(FAKE_MODEL, (Message(Role.USER, "Say hi"),))
             deadline = Deadline.after(None, clock)
-            if mode == "unary":
+            if mode != "stream":
                 await pool.complete(request, prompt_tokens=8, deadline=deadline, log=log)
             else:
                 events = pool.stream(request, prompt_tokens=8, deadline=deadline, log=log)

@@ -633,6 +633,34 @@ async def test_a_draining_gateway_refuses_a_plain_call_waiting_at_its_upstreams_
         assert not calls_cut_off(caplog)
 
 
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_call_the_drain_ends_at_a_limit_after_one_failed_attempt_names_it(
+    start_gateway: Any, mode: str
+) -> None:
+    """A call whose one attempt failed (up0's 500) and that waits, failed over, for up1's
+    one slot (`max_concurrency: 1`) as the drain begins ends SHUTTING_DOWN naming that
+    failure, `(after up0: HTTP 500)`, as one the drain ends after several names each.
+    Before, it named nothing: the limiter's refusal knew of no attempt, and the status
+    listed them only from two on."""
+    async with (
+        FakeUpstream(default=Status(500)) as failing,
+        ScriptedUpstream(models=(FAKE_MODEL,)) as fake,
+    ):
+        fake.gate.clear()  # the first call holds up1's slot upstream
+        config = gateway_config(failing.base_url, fake.base_url)
+        first, second = config.upstreams
+        second = dataclasses.replace(second, max_concurrency=1, max_limit_wait_s=60.0)
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=(first, second)))
+        limiter = gateway.server.pipeline.pool.state("up1").limiter
+        refusal = await refused_by_the_drain_behind_a_held_call(
+            gateway, fake, mode, is_waiting=lambda: limiter.queued >= 1
+        )
+    assert_shutting_down(refusal)
+    assert (refusal.details() or "").endswith(" (after up0: HTTP 500)")
+    assert len(failing.requests) == 2  # each call's first attempt
+    assert len(fake.requests) == 1
+
+
 # A failure whose retry waits 20 s: far past a hang guard, within the call's deadline.
 FAILED_FOR_20_S = Status(503, headers={"Retry-After": "20"})
 
