@@ -1264,13 +1264,15 @@ def says_stream_options_unknown(body: bytes) -> bool:
 # functions)", whose first count is the whole prompt; and vLLM's since 0.10, "However, your
 # request has 1500 input tokens", or for a max_tokens too large, "... maximum context
 # length is 4096 tokens and your request has 2778 input tokens (8000 > 4096 - 2778)".
+# With tools, OpenAI's first wording counts them apart: "you requested 16610 tokens (14138
+# in the messages, 226 in the functions, and 2246 in the completion)"; the prompt is both.
 # Counts of at most 18 digits, as orjson holds those of `n_ctx` to 64 bits: a longer one
 # is no tokenizer's, and failed the call INTERNAL (past 4300 digits no int, past about 308
 # no float in the calibration).
 _CONTEXT_COUNTS = re.compile(
     r"maximum context length is (\d{1,18}) tokens\b.*?"
     r"(?:your messages resulted in (\d{1,18}) tokens\b|your request has (\d{1,18}) input tokens"
-    r"|\((\d{1,18}) in the messages)",
+    r"|\((\d{1,18}) in the messages(?:, (\d{1,18}) in the functions)?)",
     re.DOTALL,
 )
 
@@ -1343,8 +1345,11 @@ def context_counts(body: bytes) -> ContextCounts | None:
     message = explanation[0]
     match = _CONTEXT_COUNTS.search(message)
     if match is not None:
-        window, *prompts = match.groups()
-        return ContextCounts(int(window), next(int(p) for p in prompts if p is not None))
+        window, resulted, request_has, messages, functions = match.groups()
+        prompt = resulted or request_has
+        if prompt is None:
+            return ContextCounts(int(window), int(messages) + int(functions or 0))
+        return ContextCounts(int(window), int(prompt))
     for wording, is_input_limit in _STATED_COUNTS:
         match = wording.search(message)
         if match is not None:

@@ -840,6 +840,54 @@ async def test_a_refusal_over_an_input_limit_fits_the_prompt_to_that_limit(start
     assert len(upstream.requests) == 2
 
 
+# A tool whose definition an upstream counts at 3 tokens a word (its chat template
+# spells a schema out at length), about 450 tokens; the gateway estimates it at 160.
+LOOKUP = pb.Tool(name="lookup", description=" ".join(["word"] * 150))
+
+
+def _counts_the_functions_apart(body: dict[str, Any]) -> Reply | Status:
+    """An upstream counting a message's words and 4 more, and a tool's description at 3
+    tokens a word, refusing a prompt over its 1024-token window in OpenAI's wording with
+    tools: `(N in the messages, M in the functions, and K in the completion)`."""
+    messages = sum(4 + len(str(m.get("content") or "").split()) for m in body["messages"])
+    functions = sum(3 * len(t["function"]["description"].split()) for t in body["tools"])
+    completion = body["max_tokens"]
+    if messages + functions + completion <= WINDOW:
+        return Reply(prompt_tokens=messages + functions)
+    message = (
+        f"This model's maximum context length is {WINDOW} tokens. However, you requested "
+        f"{messages + functions + completion} tokens ({messages} in the messages, {functions} "
+        f"in the functions, and {completion} in the completion). Please reduce the length of "
+        "the messages, functions, or completion."
+    )
+    error = {"message": message, "type": "invalid_request_error", "code": "context_length_exceeded"}
+    return Status(400, body=json.dumps({"error": error}))
+
+
+async def test_a_refusal_counting_the_functions_apart_counts_them_in_the_prompt(start_gateway):
+    """A KEEP_RECENT call with a tool is refused once by an upstream that counts the tool
+    far above the estimate, its refusal saying the messages' and the functions' counts
+    apart (OpenAI's wording with tools); the next call is fitted to both and answered.
+
+    Before, the messages' count alone was read as the prompt's: it fitted the window with
+    room for an answer, so the refusal was taken for a max_tokens too large (its message
+    said to lower it, and the factor stayed): the same prompt was sent, and refused, on
+    every call."""
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=_counts_the_functions_apart
+    ) as upstream:
+        gateway = await start_gateway(small_window_config(upstream.base_url))
+        request = conversation(15, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
+        request.tools.append(LOOKUP)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(request)
+        assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+        assert "lower max_tokens" not in caught.value.details()
+        answer = await gateway.stub.Complete(request)
+    assert answer.metadata.dropped_messages > 0
+    assert len(upstream.requests) == 2
+
+
 def _window_of_512(body: dict[str, Any], *, wording: str) -> Reply | Status:
     """An upstream whose own window (512) is half the catalog's, counting a token a word
     and 7 more: a prompt with its max_tokens over that window is refused, saying both (as

@@ -936,6 +936,19 @@ def test_says_context_exceeded(body: Any, expected: bool) -> None:
             },
             (8192, 8367),
         ),
+        # OpenAI's first wording with tools: the prompt is the messages and the functions.
+        (
+            {
+                "error": {
+                    "message": "This model's maximum context length is 16385 tokens. However, "
+                    "you requested 16610 tokens (14138 in the messages, 226 in the functions, "
+                    "and 2246 in the completion). Please reduce the length of the messages, "
+                    "functions, or completion.",
+                    "code": "context_length_exceeded",
+                }
+            },
+            (16385, 14364),
+        ),
         # vLLM since 0.10: a prompt over the window, and a max_tokens too large for it.
         (
             {
