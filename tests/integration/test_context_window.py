@@ -902,6 +902,34 @@ def _window_of_512(body: dict[str, Any], *, wording: str) -> Reply | Status:
     return Status(400, body=json.dumps({"object": "error", "message": message, "code": 400}))
 
 
+@pytest.mark.parametrize("wording", ["vllm", "anthropic", "gemini"])
+async def test_a_refusal_from_a_window_far_smaller_than_the_catalogs_does_not_promise_a_fit(
+    start_gateway, wording
+):
+    """The catalog gives the model a window of 8192; its upstream's is 512 (a vLLM started
+    with a smaller `--max-model-len`), more than the calibration's ceiling of four times
+    makes up for: a KEEP_RECENT call is refused, and so is the same call again, as fitted
+    to a quarter of the catalog's window. The refusal says why, and to shorten the prompt.
+
+    Before, each refusal told the caller to send it again under TRUNCATION_MODE_KEEP_RECENT,
+    which would fit it to the count the refusal taught: it was sent and refused again."""
+    respond = functools.partial(_window_of_512, wording=wording)
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
+        config = gateway_config(upstream.base_url, models=fake_model_window(8192))
+        gateway = await start_gateway(config)
+        request = conversation(41, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gateway.stub.Complete(request)
+            assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+            said = caught.value.details() or ""
+            assert "which fits it" not in said
+            assert "(512 tokens) is far smaller than the model's window in the gateway's " in said
+            assert "catalog (8192)" in said
+            assert "TRUNCATION_MODE_KEEP_RECENT would send it over again" in said
+    assert len(upstream.requests) == 2
+
+
 @pytest.mark.parametrize("wording", ["vllm", "anthropic", "no-count"])
 async def test_a_refused_max_tokens_leaves_the_tenants_other_prompts_fitted_as_before(
     start_gateway, wording
