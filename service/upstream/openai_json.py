@@ -1266,13 +1266,17 @@ def says_stream_options_unknown(body: bytes) -> bool:
 # length is 4096 tokens and your request has 2778 input tokens (8000 > 4096 - 2778)".
 # With tools, OpenAI's first wording counts them apart: "you requested 16610 tokens (14138
 # in the messages, 226 in the functions, and 2246 in the completion)"; the prompt is both.
+# OpenRouter's: "This endpoint's maximum context length is 256000 tokens. However, you
+# requested about 424983 tokens (358454 of text input, 56529 of tool input, 10000 in the
+# output)", the prompt both inputs.
 # Counts of at most 18 digits, as orjson holds those of `n_ctx` to 64 bits: a longer one
 # is no tokenizer's, and failed the call INTERNAL (past 4300 digits no int, past about 308
 # no float in the calibration).
 _CONTEXT_COUNTS = re.compile(
     r"maximum context length is (\d{1,18}) tokens\b.*?"
     r"(?:your messages resulted in (\d{1,18}) tokens\b|your request has (\d{1,18}) input tokens"
-    r"|\((\d{1,18}) in the messages(?:, (\d{1,18}) in the functions)?)",
+    r"|\((\d{1,18}) in the messages(?:, (\d{1,18}) in the functions)?"
+    r"|\((\d{1,18}) of text input(?:, (\d{1,18}) of tool input)?)",
     re.DOTALL,
 )
 
@@ -1345,11 +1349,12 @@ def context_counts(body: bytes) -> ContextCounts | None:
     message = explanation[0]
     match = _CONTEXT_COUNTS.search(message)
     if match is not None:
-        window, resulted, request_has, messages, functions = match.groups()
+        window, resulted, request_has, *parts = match.groups()
         prompt = resulted or request_has
-        if prompt is None:
-            return ContextCounts(int(window), int(messages) + int(functions or 0))
-        return ContextCounts(int(window), int(prompt))
+        if prompt is not None:
+            return ContextCounts(int(window), int(prompt))
+        # The messages' (or text's) count, and the functions' (or tools') beside it.
+        return ContextCounts(int(window), sum(int(part) for part in parts if part is not None))
     for wording, is_input_limit in _STATED_COUNTS:
         match = wording.search(message)
         if match is not None:

@@ -701,7 +701,14 @@ async def test_the_shipped_gpt_4_preset_fits_prompts_to_gpt_4s_window(
 
 def _too_long(prompt: int, completion: int, *, wording: str, window: int = WINDOW) -> str:
     """An over-the-window refusal's message, as llama-cpp-python's server and vLLM before
-    0.10 word it, as OpenAI does, or as vLLM does since 0.10."""
+    0.10 word it, as OpenAI does, as vLLM does since 0.10, or as OpenRouter does."""
+    if wording == "openrouter":
+        return (
+            f"This endpoint's maximum context length is {window} tokens. However, you "
+            f"requested about {prompt + completion} tokens ({prompt} of text input, "
+            f"{completion} in the output). Please reduce the length of either one, or use "
+            'the "middle-out" transform to compress your prompt automatically.'
+        )
     if wording == "vllm-0.10":
         return (
             f"This model's maximum context length is {window} tokens. However, your request "
@@ -781,7 +788,16 @@ def _counts_two_a_word(
 
 @pytest.mark.parametrize(
     "wording",
-    ["llama-cpp-python", "openai", "vllm-0.10", "gemini", "anthropic", "tgi", "tgi-input"],
+    [
+        "llama-cpp-python",
+        "openai",
+        "vllm-0.10",
+        "openrouter",
+        "gemini",
+        "anthropic",
+        "tgi",
+        "tgi-input",
+    ],
 )
 async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
     start_gateway, wording
@@ -794,7 +810,7 @@ async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
     fitted into: each call dropped one more turn and was refused again, four times for a
     conversation 1.6 times over the local model's window. And so it still did where the
     refusal said its count in OpenAI's other words or vLLM's since 0.10, which only
-    llama-cpp-python's (and vLLM's before 0.10) were read in."""
+    llama-cpp-python's (and vLLM's before 0.10) were read in, and in OpenRouter's."""
     respond = functools.partial(_counts_two_a_word, wording=wording)
     async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
         gateway = await start_gateway(small_window_config(upstream.base_url))

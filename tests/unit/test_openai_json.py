@@ -949,6 +949,31 @@ def test_says_context_exceeded(body: Any, expected: bool) -> None:
             },
             (16385, 14364),
         ),
+        # OpenRouter's: its estimate of the text and of the tools, the prompt both.
+        (
+            {
+                "error": {
+                    "message": "This endpoint's maximum context length is 256000 tokens. "
+                    "However, you requested about 424983 tokens (358454 of text input, 56529 "
+                    "of tool input, 10000 in the output). Please reduce the length of either "
+                    'one, or use the "middle-out" transform to compress your prompt '
+                    "automatically.",
+                    "code": 400,
+                }
+            },
+            (256000, 414983),
+        ),
+        (
+            {
+                "error": {
+                    "message": "This endpoint's maximum context length is 131072 tokens. "
+                    "However, you requested about 139521 tokens (138021 of text input, 1500 "
+                    "in the output).",
+                    "code": 400,
+                }
+            },
+            (131072, 138021),
+        ),
         # vLLM since 0.10: a prompt over the window, and a max_tokens too large for it.
         (
             {
