@@ -1289,7 +1289,8 @@ _CONTEXT_COUNTS = re.compile(
 # 200000 maximum", and for a prompt that fits but not with its max_tokens, "input length
 # and `max_tokens` exceed context limit: 198000 + 8192 > 200000, ..."; TGI's for the two
 # together: "`inputs` tokens + `max_new_tokens` must be <= 1024. Given: 1000 `inputs`
-# tokens and 100 `max_new_tokens`".
+# tokens and 100 `max_new_tokens`"; Mistral's, "Prompt contains 300000 tokens, too large
+# for model with 131072 maximum context length" (some add "and 0 draft tokens").
 _STATED_COUNTS = (
     (
         re.compile(
@@ -1322,6 +1323,14 @@ _STATED_COUNTS = (
         False,
     ),
     (re.compile(r"must be <= (?P<window>\d{1,18})\. Given: (?P<prompt>\d{1,18}) `?inputs"), False),
+    (
+        re.compile(
+            r"prompt contains (?P<prompt>\d{1,18}) tokens\b.{0,64}?too large for model with "
+            r"(?P<window>\d{1,18}) maximum context length",
+            re.IGNORECASE | re.DOTALL,
+        ),
+        False,
+    ),
 )
 
 

@@ -701,7 +701,13 @@ async def test_the_shipped_gpt_4_preset_fits_prompts_to_gpt_4s_window(
 
 def _too_long(prompt: int, completion: int, *, wording: str, window: int = WINDOW) -> str:
     """An over-the-window refusal's message, as llama-cpp-python's server and vLLM before
-    0.10 word it, as OpenAI does, as vLLM does since 0.10, or as OpenRouter does."""
+    0.10 word it, as OpenAI does, as vLLM does since 0.10, or as OpenRouter or Mistral
+    does."""
+    if wording == "mistral":
+        return (
+            f"Prompt contains {prompt} tokens and 0 draft tokens, too large for model with "
+            f"{window} maximum context length"
+        )
     if wording == "openrouter":
         return (
             f"This endpoint's maximum context length is {window} tokens. However, you "
@@ -793,6 +799,7 @@ def _counts_two_a_word(
         "openai",
         "vllm-0.10",
         "openrouter",
+        "mistral",
         "gemini",
         "anthropic",
         "tgi",
@@ -810,7 +817,8 @@ async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
     fitted into: each call dropped one more turn and was refused again, four times for a
     conversation 1.6 times over the local model's window. And so it still did where the
     refusal said its count in OpenAI's other words or vLLM's since 0.10, which only
-    llama-cpp-python's (and vLLM's before 0.10) were read in, and in OpenRouter's."""
+    llama-cpp-python's (and vLLM's before 0.10) were read in, and in OpenRouter's and
+    Mistral's."""
     respond = functools.partial(_counts_two_a_word, wording=wording)
     async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
         gateway = await start_gateway(small_window_config(upstream.base_url))

@@ -974,6 +974,26 @@ def test_says_context_exceeded(body: Any, expected: bool) -> None:
             },
             (131072, 138021),
         ),
+        # Mistral's, with the draft tokens some of its servers add and without.
+        (
+            {
+                "object": "error",
+                "message": "Prompt contains 40000 tokens and 0 draft tokens, too large for "
+                "model with 32768 maximum context length",
+                "type": "invalid_request_error",
+                "code": 3051,
+            },
+            (32768, 40000),
+        ),
+        (
+            {
+                "error": {
+                    "message": "Prompt contains 300000 tokens, too large for model with "
+                    "131072 maximum context length"
+                }
+            },
+            (131072, 300000),
+        ),
         # vLLM since 0.10: a prompt over the window, and a max_tokens too large for it.
         (
             {
