@@ -107,7 +107,7 @@ class TokenCalibration:
         estimated_tokens: int,
         room_tokens: int,
         counted: tuple[int, int] | None = None,
-    ) -> None:
+    ) -> bool:
         """An upstream refused as over `model`'s window a prompt of `tenant` that the
         gateway fitted into `room_tokens` (the window less the answer's reserve) with its
         factor; `estimated_tokens` is its plain estimate; `counted`, where the refusal says
@@ -127,18 +127,26 @@ class TokenCalibration:
         the next fit is under the upstream's own count at once. The bound alone took a
         refusal for each step (four, for a conversation 1.6 times over the window): it
         moves the mean only as far as the room, however far over the prompt was.
+
+        Returns:
+            False when `counted` says a ratio past what the factor can follow (its
+            ceiling): the same prompt fitted again is still over the upstream's count, as
+            a window far smaller than the catalog's makes it. Else True.
         """
         at_least = 1 / (1 + self.margin)
+        is_followed = True
         if estimated_tokens > 0:
             ratio = (room_tokens + 1) / estimated_tokens
             if counted is not None and counted[1] > 0:
                 prompt_tokens, upstream_room_tokens = counted
                 scale = max(1.0, room_tokens / upstream_room_tokens)
                 ratio = max(ratio, prompt_tokens / estimated_tokens * scale)
+                is_followed = ratio <= self._highest
             at_least = max(at_least, min(ratio, self._highest))
         known = self._ratios.setdefault((tenant, model), _Ratio(at_least, 0))
         known.mean = max(known.mean, at_least)
         known.is_refused = True
+        return is_followed
 
     def factor(self, model: str, tenant: str) -> float:
         """What to multiply `tenant`'s estimates for `model` by (1.0 until enough is known)."""

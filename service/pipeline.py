@@ -115,6 +115,21 @@ def _short_prompt_advice(estimated_tokens: int, window: int, max_tokens: int | N
     )
 
 
+def _past_the_factor_advice(refusal: UpstreamContextExceeded, window: int) -> str:
+    """What to tell a caller whose prompt an upstream refused with a count past what the
+    calibration can follow (`TokenCalibration.refused_as_too_long`): fitted again, under
+    KEEP_RECENT too, it would be sent over the upstream's count again."""
+    why = "the upstream counts it at more than the gateway's fitting can make up for"
+    limit = refusal.window_tokens
+    if limit is not None and limit < window:
+        what = "limit on the prompt" if refusal.is_input_limit else "window"
+        why = (
+            f"the upstream's {what} ({limit} tokens) is far smaller than the model's window "
+            f"in the gateway's catalog ({window}), more than its fitting can make up for"
+        )
+    return f"shorten it: {why}, and TRUNCATION_MODE_KEEP_RECENT would send it over again"
+
+
 def _believed(reported: Usage, output: _Output) -> Usage:
     """`reported`, flagged estimated where a count of 0 cannot be true, so that it is
     estimated as a count left out is: a prompt is never read in 0 tokens (every call sends
@@ -363,13 +378,15 @@ class Pipeline:
             upstream_room = refusal.window_tokens - answer_reserve(
                 refusal.window_tokens, max_tokens
             )
-        self.calibration.refused_as_too_long(
+        is_followed = self.calibration.refused_as_too_long(
             request.model,
             request.tenant,
             estimated_tokens=prepared.prompt_tokens,
             room_tokens=room,
             counted=(refusal.prompt_tokens, upstream_room),
         )
+        if not is_followed:
+            refusal.advise(_past_the_factor_advice(refusal, window))
 
     def _learn_uncounted_refusal(
         self,

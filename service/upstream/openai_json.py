@@ -1320,13 +1320,19 @@ def _told(error: object) -> str:
 # functions)", whose first count is the whole prompt; and vLLM's since 0.10, "However, your
 # request has 1500 input tokens", or for a max_tokens too large, "... maximum context
 # length is 4096 tokens and your request has 2778 input tokens (8000 > 4096 - 2778)".
+# With tools, OpenAI's first wording counts them apart: "you requested 16610 tokens (14138
+# in the messages, 226 in the functions, and 2246 in the completion)"; the prompt is both.
+# OpenRouter's: "This endpoint's maximum context length is 256000 tokens. However, you
+# requested about 424983 tokens (358454 of text input, 56529 of tool input, 10000 in the
+# output)", the prompt both inputs.
 # Counts of at most 18 digits, as orjson holds those of `n_ctx` to 64 bits: a longer one
 # is no tokenizer's, and failed the call INTERNAL (past 4300 digits no int, past about 308
 # no float in the calibration).
 _CONTEXT_COUNTS = re.compile(
     r"maximum context length is (\d{1,18}) tokens\b.*?"
     r"(?:your messages resulted in (\d{1,18}) tokens\b|your request has (\d{1,18}) input tokens"
-    r"|\((\d{1,18}) in the messages)",
+    r"|\((\d{1,18}) in the messages(?:, (\d{1,18}) in the functions)?"
+    r"|\((\d{1,18}) of text input(?:, (\d{1,18}) of tool input)?)",
     re.DOTALL,
 )
 
@@ -1339,7 +1345,8 @@ _CONTEXT_COUNTS = re.compile(
 # 200000 maximum", and for a prompt that fits but not with its max_tokens, "input length
 # and `max_tokens` exceed context limit: 198000 + 8192 > 200000, ..."; TGI's for the two
 # together: "`inputs` tokens + `max_new_tokens` must be <= 1024. Given: 1000 `inputs`
-# tokens and 100 `max_new_tokens`".
+# tokens and 100 `max_new_tokens`"; Mistral's, "Prompt contains 300000 tokens, too large
+# for model with 131072 maximum context length" (some add "and 0 draft tokens").
 _STATED_COUNTS = (
     (
         re.compile(
@@ -1372,6 +1379,14 @@ _STATED_COUNTS = (
         False,
     ),
     (re.compile(r"must be <= (?P<window>\d{1,18})\. Given: (?P<prompt>\d{1,18}) `?inputs"), False),
+    (
+        re.compile(
+            r"prompt contains (?P<prompt>\d{1,18}) tokens\b.{0,64}?too large for model with "
+            r"(?P<window>\d{1,18}) maximum context length",
+            re.IGNORECASE | re.DOTALL,
+        ),
+        False,
+    ),
 )
 
 
@@ -1399,8 +1414,12 @@ def context_counts(body: bytes) -> ContextCounts | None:
     message = explanation[0]
     match = _CONTEXT_COUNTS.search(message)
     if match is not None:
-        window, *prompts = match.groups()
-        return ContextCounts(int(window), next(int(p) for p in prompts if p is not None))
+        window, resulted, request_has, *parts = match.groups()
+        prompt = resulted or request_has
+        if prompt is not None:
+            return ContextCounts(int(window), int(prompt))
+        # The messages' (or text's) count, and the functions' (or tools') beside it.
+        return ContextCounts(int(window), sum(int(part) for part in parts if part is not None))
     for wording, is_input_limit in _STATED_COUNTS:
         match = wording.search(message)
         if match is not None:

@@ -701,7 +701,20 @@ async def test_the_shipped_gpt_4_preset_fits_prompts_to_gpt_4s_window(
 
 def _too_long(prompt: int, completion: int, *, wording: str, window: int = WINDOW) -> str:
     """An over-the-window refusal's message, as llama-cpp-python's server and vLLM before
-    0.10 word it, as OpenAI does, or as vLLM does since 0.10."""
+    0.10 word it, as OpenAI does, as vLLM does since 0.10, or as OpenRouter or Mistral
+    does."""
+    if wording == "mistral":
+        return (
+            f"Prompt contains {prompt} tokens and 0 draft tokens, too large for model with "
+            f"{window} maximum context length"
+        )
+    if wording == "openrouter":
+        return (
+            f"This endpoint's maximum context length is {window} tokens. However, you "
+            f"requested about {prompt + completion} tokens ({prompt} of text input, "
+            f"{completion} in the output). Please reduce the length of either one, or use "
+            'the "middle-out" transform to compress your prompt automatically.'
+        )
     if wording == "vllm-0.10":
         return (
             f"This model's maximum context length is {window} tokens. However, your request "
@@ -781,7 +794,17 @@ def _counts_two_a_word(
 
 @pytest.mark.parametrize(
     "wording",
-    ["llama-cpp-python", "openai", "vllm-0.10", "gemini", "anthropic", "tgi", "tgi-input"],
+    [
+        "llama-cpp-python",
+        "openai",
+        "vllm-0.10",
+        "openrouter",
+        "mistral",
+        "gemini",
+        "anthropic",
+        "tgi",
+        "tgi-input",
+    ],
 )
 async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
     start_gateway, wording
@@ -794,7 +817,8 @@ async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
     fitted into: each call dropped one more turn and was refused again, four times for a
     conversation 1.6 times over the local model's window. And so it still did where the
     refusal said its count in OpenAI's other words or vLLM's since 0.10, which only
-    llama-cpp-python's (and vLLM's before 0.10) were read in."""
+    llama-cpp-python's (and vLLM's before 0.10) were read in, and in OpenRouter's and
+    Mistral's."""
     respond = functools.partial(_counts_two_a_word, wording=wording)
     async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
         gateway = await start_gateway(small_window_config(upstream.base_url))
@@ -840,6 +864,54 @@ async def test_a_refusal_over_an_input_limit_fits_the_prompt_to_that_limit(start
     assert len(upstream.requests) == 2
 
 
+# A tool whose definition an upstream counts at 3 tokens a word (its chat template
+# spells a schema out at length), about 450 tokens; the gateway estimates it at 160.
+LOOKUP = pb.Tool(name="lookup", description=" ".join(["word"] * 150))
+
+
+def _counts_the_functions_apart(body: dict[str, Any]) -> Reply | Status:
+    """An upstream counting a message's words and 4 more, and a tool's description at 3
+    tokens a word, refusing a prompt over its 1024-token window in OpenAI's wording with
+    tools: `(N in the messages, M in the functions, and K in the completion)`."""
+    messages = sum(4 + len(str(m.get("content") or "").split()) for m in body["messages"])
+    functions = sum(3 * len(t["function"]["description"].split()) for t in body["tools"])
+    completion = body["max_tokens"]
+    if messages + functions + completion <= WINDOW:
+        return Reply(prompt_tokens=messages + functions)
+    message = (
+        f"This model's maximum context length is {WINDOW} tokens. However, you requested "
+        f"{messages + functions + completion} tokens ({messages} in the messages, {functions} "
+        f"in the functions, and {completion} in the completion). Please reduce the length of "
+        "the messages, functions, or completion."
+    )
+    error = {"message": message, "type": "invalid_request_error", "code": "context_length_exceeded"}
+    return Status(400, body=json.dumps({"error": error}))
+
+
+async def test_a_refusal_counting_the_functions_apart_counts_them_in_the_prompt(start_gateway):
+    """A KEEP_RECENT call with a tool is refused once by an upstream that counts the tool
+    far above the estimate, its refusal saying the messages' and the functions' counts
+    apart (OpenAI's wording with tools); the next call is fitted to both and answered.
+
+    Before, the messages' count alone was read as the prompt's: it fitted the window with
+    room for an answer, so the refusal was taken for a max_tokens too large (its message
+    said to lower it, and the factor stayed): the same prompt was sent, and refused, on
+    every call."""
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=_counts_the_functions_apart
+    ) as upstream:
+        gateway = await start_gateway(small_window_config(upstream.base_url))
+        request = conversation(15, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
+        request.tools.append(LOOKUP)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(request)
+        assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+        assert "lower max_tokens" not in caught.value.details()
+        answer = await gateway.stub.Complete(request)
+    assert answer.metadata.dropped_messages > 0
+    assert len(upstream.requests) == 2
+
+
 def _window_of_512(body: dict[str, Any], *, wording: str) -> Reply | Status:
     """An upstream whose own window (512) is half the catalog's, counting a token a word
     and 7 more: a prompt with its max_tokens over that window is refused, saying both (as
@@ -852,6 +924,34 @@ def _window_of_512(body: dict[str, Any], *, wording: str) -> Reply | Status:
         return _refusal(prompt, completion, wording=wording, window=512)
     message = _too_long(prompt, completion, wording="llama-cpp-python", window=512)
     return Status(400, body=json.dumps({"object": "error", "message": message, "code": 400}))
+
+
+@pytest.mark.parametrize("wording", ["vllm", "anthropic", "gemini"])
+async def test_a_refusal_from_a_window_far_smaller_than_the_catalogs_does_not_promise_a_fit(
+    start_gateway, wording
+):
+    """The catalog gives the model a window of 8192; its upstream's is 512 (a vLLM started
+    with a smaller `--max-model-len`), more than the calibration's ceiling of four times
+    makes up for: a KEEP_RECENT call is refused, and so is the same call again, as fitted
+    to a quarter of the catalog's window. The refusal says why, and to shorten the prompt.
+
+    Before, each refusal told the caller to send it again under TRUNCATION_MODE_KEEP_RECENT,
+    which would fit it to the count the refusal taught: it was sent and refused again."""
+    respond = functools.partial(_window_of_512, wording=wording)
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
+        config = gateway_config(upstream.base_url, models=fake_model_window(8192))
+        gateway = await start_gateway(config)
+        request = conversation(41, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gateway.stub.Complete(request)
+            assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+            said = caught.value.details() or ""
+            assert "which fits it" not in said
+            assert "(512 tokens) is far smaller than the model's window in the gateway's " in said
+            assert "catalog (8192)" in said
+            assert "TRUNCATION_MODE_KEEP_RECENT would send it over again" in said
+    assert len(upstream.requests) == 2
 
 
 @pytest.mark.parametrize("wording", ["vllm", "anthropic", "no-count"])

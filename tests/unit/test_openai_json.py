@@ -936,6 +936,64 @@ def test_says_context_exceeded(body: Any, expected: bool) -> None:
             },
             (8192, 8367),
         ),
+        # OpenAI's first wording with tools: the prompt is the messages and the functions.
+        (
+            {
+                "error": {
+                    "message": "This model's maximum context length is 16385 tokens. However, "
+                    "you requested 16610 tokens (14138 in the messages, 226 in the functions, "
+                    "and 2246 in the completion). Please reduce the length of the messages, "
+                    "functions, or completion.",
+                    "code": "context_length_exceeded",
+                }
+            },
+            (16385, 14364),
+        ),
+        # OpenRouter's: its estimate of the text and of the tools, the prompt both.
+        (
+            {
+                "error": {
+                    "message": "This endpoint's maximum context length is 256000 tokens. "
+                    "However, you requested about 424983 tokens (358454 of text input, 56529 "
+                    "of tool input, 10000 in the output). Please reduce the length of either "
+                    'one, or use the "middle-out" transform to compress your prompt '
+                    "automatically.",
+                    "code": 400,
+                }
+            },
+            (256000, 414983),
+        ),
+        (
+            {
+                "error": {
+                    "message": "This endpoint's maximum context length is 131072 tokens. "
+                    "However, you requested about 139521 tokens (138021 of text input, 1500 "
+                    "in the output).",
+                    "code": 400,
+                }
+            },
+            (131072, 138021),
+        ),
+        # Mistral's, with the draft tokens some of its servers add and without.
+        (
+            {
+                "object": "error",
+                "message": "Prompt contains 40000 tokens and 0 draft tokens, too large for "
+                "model with 32768 maximum context length",
+                "type": "invalid_request_error",
+                "code": 3051,
+            },
+            (32768, 40000),
+        ),
+        (
+            {
+                "error": {
+                    "message": "Prompt contains 300000 tokens, too large for model with "
+                    "131072 maximum context length"
+                }
+            },
+            (131072, 300000),
+        ),
         # vLLM since 0.10: a prompt over the window, and a max_tokens too large for it.
         (
             {
