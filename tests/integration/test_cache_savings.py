@@ -15,7 +15,7 @@ from gateway_client.cli import main as cli_main
 from llmgateway.v1 import gateway_pb2 as pb
 from tests.conftest import FAKE_MODEL, RunningGateway, gateway_config
 from tests.fake_upstream import FakeUpstream, Reply
-from tests.integration.test_cache import ask, settled
+from tests.integration.test_cache import _rewrite_the_entry, ask, settled
 from tests.integration.test_cost_and_usage import (
     MOST_TOKENS,
     PRICED_MODELS,
@@ -121,6 +121,42 @@ async def test_a_redis_row_the_older_release_wrote_reads_as_no_hits_and_takes_ne
     after = (await _usage(gateway)).total
     assert (after.requests, after.cache_hits) == (3, 1)
     assert (pico(after.cost_usd), pico(after.saved_cost_usd)) == (pico(miss.cost_usd),) * 2
+
+
+@pytest.mark.parametrize(
+    ("cost_usd", "is_bad"),
+    [(-0.5, True), (1e30, True), (0.100001, True), (0.1, False)],
+    ids=["negative", "huge", "past-the-highest-price", "at-the-highest-price"],
+)
+async def test_an_entry_whose_cost_no_call_has_is_a_miss_not_a_saving(
+    upstream: FakeUpstream,
+    start_gateway: Callable[..., Any],
+    redis_server: RedisServer,
+    cost_usd: float,
+    is_bad: bool,
+) -> None:
+    """An entry whose `cost_usd` is negative, or more than its 10 tokens cost at the
+    highest price a config allows ($10,000 a million: $0.1), is unreadable: answered from
+    upstream, not recorded as a saving that made the tenant's row negative or past any
+    bill. At that price exactly, it is a hit that saved $0.1."""
+    gateway: RunningGateway = await start_gateway(
+        gateway_config(upstream.base_url, cache={"backend": "redis", "redis_url": redis_server.url})
+    )
+    first = await gateway.stub.Complete(ask())
+    assert first.metadata.usage.input_tokens + first.metadata.usage.output_tokens == 10
+    await settled(gateway)
+    await _rewrite_the_entry(redis_server, lambda e: e["c"].update(cost_usd=cost_usd))
+    replies = [await gateway.stub.Complete(ask()) for _ in range(2)]
+    await settled(gateway)
+    total = (await _usage(gateway)).total
+    if is_bad:
+        assert [r.metadata.cache_hit for r in replies] == [False, True]
+        assert len(upstream.requests) == 2
+        assert (total.cache_hits, pico(total.saved_cost_usd)) == (1, pico(first.metadata.cost_usd))
+    else:
+        assert [r.metadata.cache_hit for r in replies] == [True, True]
+        assert len(upstream.requests) == 1
+        assert (total.cache_hits, pico(total.saved_cost_usd)) == (2, 2 * pico(cost_usd))
 
 
 async def test_usage_command_shows_hits_and_savings(
