@@ -11,8 +11,9 @@ process for `MemoryLedger` and in Redis, for every replica, for `RedisLedger`.
 
 `MemoryLedger` lives in the process; `RedisLedger` is shared by every replica:
 
-    {prefix}:row:{bucket}:{row_id}   hash: requests, input_tokens, ..., cost_pico and
-                                     cost_usd_millions (HINCRBY), and
+    {prefix}:row:{bucket}:{row_id}   hash: requests, input_tokens, ..., cache_hits,
+                                     cost_pico and cost_usd_millions, saved_pico and
+                                     saved_usd_millions (HINCRBY), and
                                      `dims`: JSON of tenant, model, upstream, labels
     {prefix}:rows:{bucket}:{tenant}  set of the tenant's row ids seen in that bucket
     {prefix}:tenants:{bucket}        set of the tenants seen in that bucket
@@ -89,17 +90,20 @@ RECORD_RETRY_S = 3600
 _OLD_DIMS_GRACE_S = 86400
 # Row names remembered (a pair for each tenant, model, upstream and label set in use).
 _ROW_NAMES = 1024
-_FIELDS = (
+# A row's counts, then its pico-dollar amounts, each with its whole millions of USD
+# beside it once the amount reaches them (`_WIDE_LUA`), in the order the record script
+# takes them.
+_COUNTS = (
     "requests",
     "estimated_requests",
     "input_tokens",
     "output_tokens",
     "cached_input_tokens",
     "reasoning_tokens",
-    "cost_pico",  # last: the record script reads it by position
+    "cache_hits",
 )
-# A row's whole millions of USD beside `cost_pico`, once its cost reaches them.
-_COST_MILLIONS = "cost_usd_millions"
+_AMOUNTS = {"cost_pico": "cost_usd_millions", "saved_pico": "saved_usd_millions"}
+_FIELDS = (*_COUNTS, *_AMOUNTS)
 
 WallClock = Callable[[], float]
 # A tenant's budget keys for one period, in the order `_SWEEP_LUA` takes them.
@@ -164,6 +168,9 @@ class UsageEntry:
     # moment's UTC day and month, which its reservation held it against, even when it
     # ends in the next. None (no reservation): when it is recorded.
     admitted_s: float | None = None
+    # A call answered from the cache (`cost_usd` 0), and what it would have cost.
+    is_cache_hit: bool = False
+    saved_cost_usd: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,22 +202,34 @@ class UsageRow:
     # Of `output_tokens`, those a reasoning model spent thinking (rows written before
     # they were kept apart count none).
     reasoning_tokens: int = 0
+    # Of `requests`, those answered from the cache (at no cost), and what they saved:
+    # each one's `saved_cost_usd` (rows written before count none).
+    cache_hits: int = 0
     cost_pico: int = 0
+    saved_pico: int = 0
 
     @property
     def cost_usd(self) -> float:
         """The summed cost in USD."""
         return self.cost_pico / PICO
 
+    @property
+    def saved_cost_usd(self) -> float:
+        """What the row's cache hits saved, in USD."""
+        return self.saved_pico / PICO
+
     def add(self, other: Mapping[str, int]) -> None:
-        """Add counters (by field name) to this row."""
-        self.requests += other.get("requests", 0)
-        self.estimated_requests += other.get("estimated_requests", 0)
-        self.input_tokens += other.get("input_tokens", 0)
-        self.output_tokens += other.get("output_tokens", 0)
-        self.cached_input_tokens += other.get("cached_input_tokens", 0)
-        self.reasoning_tokens += other.get("reasoning_tokens", 0)
-        self.cost_pico += other.get("cost_pico", 0)
+        """Add counters (every one of `_FIELDS`, by name) to this row."""
+        # Indexed, not `.get`: this runs on every call a memory ledger records.
+        self.requests += other["requests"]
+        self.estimated_requests += other["estimated_requests"]
+        self.input_tokens += other["input_tokens"]
+        self.output_tokens += other["output_tokens"]
+        self.cached_input_tokens += other["cached_input_tokens"]
+        self.reasoning_tokens += other["reasoning_tokens"]
+        self.cache_hits += other["cache_hits"]
+        self.cost_pico += other["cost_pico"]
+        self.saved_pico += other["saved_pico"]
 
     def counters(self) -> dict[str, int]:
         """The counters by field name."""
@@ -229,7 +248,9 @@ def _entry_counters(entry: UsageEntry) -> dict[str, int]:
         "output_tokens": entry.usage.output_tokens,
         "cached_input_tokens": entry.usage.cached_input_tokens,
         "reasoning_tokens": entry.usage.reasoning_tokens,
+        "cache_hits": 1 if entry.is_cache_hit else 0,
         "cost_pico": to_pico(entry.cost_usd),
+        "saved_pico": to_pico(entry.saved_cost_usd) if entry.is_cache_hit else 0,
     }
 
 
@@ -277,7 +298,8 @@ def _read_row(
     try:
         # A row from before a counter was kept counts none of it.
         values = {name: int(counters.get(name, 0)) for name in _FIELDS}
-        values["cost_pico"] += int(counters.get(_COST_MILLIONS, 0)) * MILLION_USD_PICO
+        for amount, millions in _AMOUNTS.items():
+            values[amount] += int(counters.get(millions, 0)) * MILLION_USD_PICO
         return dims, values
     except ValueError:
         return "a counter is not an integer"
@@ -667,8 +689,8 @@ _RESERVE_LUA = _SWEEP_LUA + _RESERVE
 # month spend's millions.
 # ARGV: row id, dims JSON, row TTL, bucket, drop buckets before, record number, lowest
 # unconfirmed number, applied numbers' TTL, tenant, old dims' TTL, overflow row id, its
-# dims JSON, max rows per tenant, the counters in _FIELDS order (the cost in pico-dollar
-# digits), then the day and month spend's TTLs.
+# dims JSON, max rows per tenant, the counters in _FIELDS order (the cost and the saving
+# in pico-dollar digits), then the day and month spend's TTLs.
 # A row that is not a hash of integers (written by hand or a bad migration), or that has
 # a count too near 2^63 to take one more call's, is left as it is, but the rest is
 # applied: HINCRBY on it would stop the script before the spend.
@@ -684,8 +706,8 @@ redis.call('EXPIRE', KEYS[7], ARGV[8])
 local counts = {COUNTS}
 for k = 5, 6 do
   add(strings(KEYS[k], KEYS[k + 5]), ARGV[14 + #counts], '')
-  redis.call('EXPIRE', KEYS[k], ARGV[10 + #counts + k])
-  redis.call('EXPIRE', KEYS[k + 5], ARGV[10 + #counts + k])
+  redis.call('EXPIRE', KEYS[k], ARGV[11 + #counts + k])
+  redis.call('EXPIRE', KEYS[k + 5], ARGV[11 + #counts + k])
 end
 local row, row_id, dims, applied = KEYS[1], ARGV[1], ARGV[2], 1
 if redis.call('SISMEMBER', KEYS[2], row_id) == 0
@@ -705,13 +727,16 @@ if kind == 'hash' then
   for _, value in ipairs(redis.call('HMGET', row, unpack(counts))) do
     if value and not integer(value, '9223372032559808511') then sound = false end
   end
-  local cost = redis.call('HGET', row, 'cost_pico')
-  if cost and not integer(cost, '9223372036854775807') then sound = false end
+  for _, amount in ipairs(redis.call('HMGET', row, 'cost_pico', 'saved_pico')) do
+    if amount and not integer(amount, '9223372036854775807') then sound = false end
+  end
 end
 if sound then
   redis.call('HSETNX', row, 'dims', dims)
   for i, name in ipairs(counts) do redis.call('HINCRBY', row, name, ARGV[13 + i]) end
   add(fields(row, 'cost_pico', 'cost_usd_millions'), ARGV[14 + #counts], '')
+  local saved = ARGV[15 + #counts]
+  if saved ~= '0' then add(fields(row, 'saved_pico', 'saved_usd_millions'), saved, '') end
   redis.call('EXPIRE', row, ARGV[3])
 else
   applied = applied + 2
@@ -725,7 +750,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[5])
 redis.call('EXPIRE', KEYS[4], ARGV[3])
 if redis.call('TTL', KEYS[8]) == -1 then redis.call('EXPIRE', KEYS[8], ARGV[10]) end
 return applied
-""".replace("COUNTS", ", ".join(f"'{name}'" for name in _FIELDS[:-1]))
+""".replace("COUNTS", ", ".join(f"'{name}'" for name in _COUNTS))
 )
 _APPLIED_TO_OVERFLOW = 2
 _ROW_LEFT_ALONE = "not a hash of integers, or a count near 2^63: the call's usage left out"
@@ -996,7 +1021,13 @@ class RedisLedger:
 
     @staticmethod
     def _lost(entry: UsageEntry) -> dict[str, object]:
-        return {"tenant": entry.tenant, "model": entry.model, "cost_usd": entry.cost_usd}
+        return {
+            "tenant": entry.tenant,
+            "model": entry.model,
+            "cost_usd": entry.cost_usd,
+            "cache_hit": entry.is_cache_hit,
+            "saved_cost_usd": entry.saved_cost_usd,
+        }
 
     def _row_settled(self, tenant: str, number: int) -> None:
         """Row `number` of `tenant` landed or was given up (either, or both, may say so)."""

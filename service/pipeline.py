@@ -285,6 +285,8 @@ class Pipeline:
                 usage=completion.usage,
                 cost_usd=completion.cost_usd,
                 admitted_s=admitted_s,
+                is_cache_hit=completion.is_cache_hit,
+                saved_cost_usd=completion.saved_cost_usd,
             )
         )
 

@@ -554,6 +554,8 @@ def usage_row_to_proto(row: UsageRow) -> pb.UsageRow:
         ),
         cost_usd=row.cost_usd,
         estimated_requests=row.estimated_requests,
+        cache_hits=row.cache_hits,
+        saved_cost_usd=row.saved_cost_usd,
     )
 
 

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
 
+from service.config import MAX_PRICE_USD_PER_MILLION
 from service.domain import (
     MAX_TOKEN_COUNT,
     Completion,
@@ -63,6 +65,8 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
 }
 # The proto's integers are int64: a JSON integer past them is as unreadable as a string.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# Slack for a cost's float arithmetic and its rounding to 12 digits (`pricing.cost_usd`).
+_COST_REL_SLACK, _COST_ABS_SLACK_USD = 1e-9, 1e-12
 # Decoded entries remembered by their bytes: at most this many, each at most this long.
 _REMEMBERED_ENTRIES = 256
 REMEMBERED_MAX_BYTES = 16 * 1024
@@ -130,6 +134,22 @@ def _counted(usage: Usage) -> Usage:
         if not 0 <= count <= MAX_TOKEN_COUNT:
             raise EntryDecodeError("a usage count no call has")
     return usage
+
+
+def _priced(completion: Completion) -> Completion:
+    """`completion`, refusing a cost no call has: negative, not finite, or past what its
+    usage costs at the highest price a config allows. A hit records the cost as what it
+    saved its tenant, and one such cost made the tenant's savings negative, NaN or past
+    any bill."""
+    usage = completion.usage
+    most_usd = (usage.input_tokens + usage.output_tokens) * MAX_PRICE_USD_PER_MILLION / 1e6
+    cost_usd = completion.cost_usd
+    if not (
+        math.isfinite(cost_usd)
+        and 0 <= cost_usd <= most_usd * (1 + _COST_REL_SLACK) + _COST_ABS_SLACK_USD
+    ):
+        raise EntryDecodeError("a cost no call has")
+    return completion
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +229,7 @@ class CachedAnswer:
             fields["tool_calls"] = tuple(
                 _typed(ToolCall, dict(call)) for call in fields.get("tool_calls", ())
             )
-            return cls(_typed(Completion, fields), tuple(deltas))
+            return cls(_priced(_typed(Completion, fields)), tuple(deltas))
         except EntryDecodeError:
             raise
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

@@ -720,8 +720,8 @@ async def test_usage_command_prints_a_table(priced, capsys):
     out = capsys.readouterr().out.splitlines()
     assert code == 0
     assert out[0].split() == [
-        "TENANT", "MODEL", "UPSTREAM", "LABELS", "REQUESTS", "ESTIMATED", "IN", "OUT",
-        "REASONING", "CACHED", "COST", "$",
+        "TENANT", "MODEL", "UPSTREAM", "LABELS", "REQUESTS", "ESTIMATED", "HITS", "IN", "OUT",
+        "REASONING", "CACHED", "COST", "$", "SAVED", "$",
     ]  # fmt: skip
     assert out[1].split()[:6] == ["default", FAKE_MODEL, "up0", "team=search", "2", "0"]
     assert out[-1].split()[0] == "TOTAL"

@@ -361,6 +361,6 @@ async def test_the_usage_commands_total_is_the_sum_of_the_rows_it_prints(
     total = lines[-1].split()
     assert total[0] == "TOTAL"
     assert int(total[1]) == sum(int(row[4]) for row in printed) == 1005
-    assert int(total[3]) == sum(int(row[6]) for row in printed) == 1005 * 7
-    assert total[-1] == f"{1005e-6:.6f}"
+    assert int(total[4]) == sum(int(row[7]) for row in printed) == 1005 * 7
+    assert total[-2:] == [f"{1005e-6:.6f}", f"{0:.6f}"]  # cost, saved
     assert len(queries) == 2

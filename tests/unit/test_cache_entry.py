@@ -17,7 +17,7 @@ COMPLETION = Completion(
     content='héllo 👋\n"quoted"',
     finish_reason=FinishReason.LENGTH,
     usage=Usage(input_tokens=7, output_tokens=3, cached_input_tokens=2, is_estimated=True),
-    cost_usd=0.1 + 0.2,
+    cost_usd=(0.1 + 0.2) / 1000,  # no short decimal form; what 10 tokens can cost
     upstream="up0",
     attempts=2,
     timings=Timings(total_ms=12.345678901234, upstream_ms=1e-9, time_to_first_token_ms=3.0),

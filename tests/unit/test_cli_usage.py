@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gateway_client.cli import main
+from gateway_client.commands.usage import total_of
+from llmgateway.v1 import gateway_pb2 as pb
 
 
 @pytest.mark.parametrize(
@@ -58,3 +60,11 @@ def test_a_timeout_no_call_could_keep_is_a_usage_error(
         main([*command, "--timeout", timeout])
     assert caught.value.code == 2
     assert "argument --timeout: " in capsys.readouterr().err
+
+
+def test_the_total_adds_hits_and_savings_exactly() -> None:
+    """TOTAL adds the rows' cache hits, and their savings in pico-dollars: ten rows that
+    each saved $0.1 saved $1, where adding floats says $0.9999999999999999."""
+    rows = [pb.UsageRow(requests=2, cache_hits=1, saved_cost_usd=0.1) for _ in range(10)]
+    total = total_of(rows)
+    assert (total.requests, total.cache_hits, total.saved_cost_usd) == (20, 10, 1.0)

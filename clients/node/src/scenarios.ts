@@ -31,6 +31,7 @@ import {
   StatusDetails,
   StreamEvent,
   TlsOptions,
+  UsageRow,
   decodeStatusDetails,
   finishReasonToJSON,
   isLoopbackAddress,
@@ -840,6 +841,13 @@ async function usagePages(client: GatewayClient): Promise<Json> {
   };
 }
 
+async function usageSavings(client: GatewayClient): Promise<Json> {
+  // Each row's requests, cache hits and savings, and the total's.
+  const { rows, total } = await client.getUsage({});
+  const summed = (row: UsageRow | undefined) => [row?.requests, row?.cacheHits, row?.savedCostUsd];
+  return { rows: rows.map(summed), total: summed(total) };
+}
+
 /** The code and the fields the BadRequest names of a call that fails; else its outcome. */
 async function refusedFields(call: () => Promise<unknown>): Promise<Json | string> {
   try {
@@ -993,6 +1001,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "timed-batch-and-summary": timedBatchAndSummary,
   "bad-batch-and-summary": badBatchAndSummary,
   "usage-pages": usagePages,
+  "usage-savings": usageSavings,
 };
 
 async function main(): Promise<void> {

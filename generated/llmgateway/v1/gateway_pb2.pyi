@@ -1473,6 +1473,8 @@ class UsageRow(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
     ESTIMATED_REQUESTS_FIELD_NUMBER: _builtins.int
+    CACHE_HITS_FIELD_NUMBER: _builtins.int
+    SAVED_COST_USD_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model: _builtins.str
     upstream: _builtins.str
@@ -1487,6 +1489,12 @@ class UsageRow(_message.Message):
     upstream had it, or the attempt was lost. Their tokens and cost are estimates; with
     lost attempts this can exceed `requests`.
     """
+    cache_hits: _builtins.int
+    """Of `requests`, those answered from the cache: counted in `usage` at no cost (rows
+    written before hits were counted count none).
+    """
+    saved_cost_usd: _builtins.float
+    """USD the cache saved: the sum of those hits' `saved_cost_usd`."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -1504,10 +1512,12 @@ class UsageRow(_message.Message):
         usage: Global___Usage | None = ...,
         cost_usd: _builtins.float = ...,
         estimated_requests: _builtins.int = ...,
+        cache_hits: _builtins.int = ...,
+        saved_cost_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "estimated_requests", b"estimated_requests", "labels", b"labels", "model", b"model", "requests", b"requests", "tenant", b"tenant", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hits", b"cache_hits", "cost_usd", b"cost_usd", "estimated_requests", b"estimated_requests", "labels", b"labels", "model", b"model", "requests", b"requests", "saved_cost_usd", b"saved_cost_usd", "tenant", b"tenant", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

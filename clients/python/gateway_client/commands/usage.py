@@ -1,4 +1,5 @@
-"""`llm-gateway usage`: requests, tokens and cost from the gateway's ledger, as a table."""
+"""`llm-gateway usage`: requests, tokens, cost and what the cache saved, from the gateway's
+ledger, as a table."""
 
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def register(subparsers: Any, *, clock: Callable[[], dt.datetime] = utc_now) -> 
     # `--until 1h --since 1h` a window ending before it starts.
     window_bound = functools.partial(parse_time, now=clock())
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "usage", help="requests, tokens and cost by tenant, model, upstream and label"
+        "usage",
+        help="requests, cache hits, tokens, cost and savings by tenant, model, upstream and label",
     )
     add_connection_arguments(parser)
     parser.add_argument(
@@ -105,7 +107,7 @@ def window_error(since: dt.datetime | None, until: dt.datetime | None) -> str | 
 # The row dimensions, then the counters (right-aligned).
 _HEADER = (
     *("TENANT", "MODEL", "UPSTREAM", "LABELS"),
-    *("REQUESTS", "ESTIMATED", "IN", "OUT", "REASONING", "CACHED", "COST $"),
+    *("REQUESTS", "ESTIMATED", "HITS", "IN", "OUT", "REASONING", "CACHED", "COST $", "SAVED $"),
 )
 
 
@@ -118,29 +120,34 @@ def _row(row: pb.UsageRow, *, name: str | None = None) -> tuple[str, ...]:
         labels,
         str(row.requests),
         str(row.estimated_requests),
+        str(row.cache_hits),
         str(row.usage.input_tokens),
         str(row.usage.output_tokens),
         str(row.usage.reasoning_tokens),
         str(row.usage.cached_input_tokens),
         f"{row.cost_usd:.6f}",
+        f"{row.saved_cost_usd:.6f}",
     )
 
 
 def total_of(rows: Sequence[pb.UsageRow]) -> pb.UsageRow:
-    """The sum of `rows`, its cost added in pico-dollars (the ledger's unit) so that it
-    drifts by no float's error however many rows there are."""
+    """The sum of `rows`, its cost and savings added in pico-dollars (the ledger's unit)
+    so that they drift by no float's error however many rows there are."""
     total = pb.UsageRow()
-    cost_pico = 0
+    cost_pico = saved_pico = 0
     for row in rows:
         total.requests += row.requests
         total.estimated_requests += row.estimated_requests
+        total.cache_hits += row.cache_hits
         total.usage.input_tokens += row.usage.input_tokens
         total.usage.output_tokens += row.usage.output_tokens
         total.usage.reasoning_tokens += row.usage.reasoning_tokens
         total.usage.cached_input_tokens += row.usage.cached_input_tokens
         total.usage.estimated |= row.usage.estimated
         cost_pico += round(row.cost_usd * _PICO)
+        saved_pico += round(row.saved_cost_usd * _PICO)
     total.cost_usd = cost_pico / _PICO
+    total.saved_cost_usd = saved_pico / _PICO
     return total
 
 

@@ -894,6 +894,13 @@ export interface UsageRow {
    * lost attempts this can exceed `requests`.
    */
   estimatedRequests: number;
+  /**
+   * Of `requests`, those answered from the cache: counted in `usage` at no cost (rows
+   * written before hits were counted count none).
+   */
+  cacheHits: number;
+  /** USD the cache saved: the sum of those hits' `saved_cost_usd`. */
+  savedCostUsd: number;
 }
 
 export interface UsageRow_LabelsEntry {
@@ -5355,6 +5362,8 @@ function createBaseUsageRow(): UsageRow {
     usage: undefined,
     costUsd: 0,
     estimatedRequests: 0,
+    cacheHits: 0,
+    savedCostUsd: 0,
   };
 }
 
@@ -5383,6 +5392,12 @@ export const UsageRow: MessageFns<UsageRow> = {
     }
     if (message.estimatedRequests !== 0) {
       writer.uint32(64).uint64(message.estimatedRequests);
+    }
+    if (message.cacheHits !== 0) {
+      writer.uint32(72).uint64(message.cacheHits);
+    }
+    if (message.savedCostUsd !== 0) {
+      writer.uint32(81).double(message.savedCostUsd);
     }
     return writer;
   },
@@ -5467,6 +5482,22 @@ export const UsageRow: MessageFns<UsageRow> = {
             message.estimatedRequests = longToNumber(reader.uint64());
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.cacheHits = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 81) {
+              break;
+            }
+
+            message.savedCostUsd = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5510,6 +5541,16 @@ export const UsageRow: MessageFns<UsageRow> = {
         : isSet(object.estimated_requests)
         ? globalThis.Number(object.estimated_requests)
         : 0,
+      cacheHits: isSet(object.cacheHits)
+        ? globalThis.Number(object.cacheHits)
+        : isSet(object.cache_hits)
+        ? globalThis.Number(object.cache_hits)
+        : 0,
+      savedCostUsd: isSet(object.savedCostUsd)
+        ? globalThis.Number(object.savedCostUsd)
+        : isSet(object.saved_cost_usd)
+        ? globalThis.Number(object.saved_cost_usd)
+        : 0,
     };
   },
 
@@ -5545,6 +5586,12 @@ export const UsageRow: MessageFns<UsageRow> = {
     if (message.estimatedRequests !== 0) {
       obj.estimatedRequests = Math.round(message.estimatedRequests);
     }
+    if (message.cacheHits !== 0) {
+      obj.cacheHits = Math.round(message.cacheHits);
+    }
+    if (message.savedCostUsd !== 0) {
+      obj.savedCostUsd = floatToJson(message.savedCostUsd);
+    }
     return obj;
   },
 
@@ -5569,6 +5616,8 @@ export const UsageRow: MessageFns<UsageRow> = {
     message.usage = (object.usage !== undefined && object.usage !== null) ? Usage.fromPartial(object.usage) : undefined;
     message.costUsd = object.costUsd ?? 0;
     message.estimatedRequests = object.estimatedRequests ?? 0;
+    message.cacheHits = object.cacheHits ?? 0;
+    message.savedCostUsd = object.savedCostUsd ?? 0;
     return message;
   },
 };
@@ -8184,6 +8233,30 @@ export const protoMetadata: ProtoMetadata = {
         "jsonName": "estimatedRequests",
         "options": undefined,
         "proto3Optional": false,
+      }, {
+        "name": "cache_hits",
+        "number": 9,
+        "label": 1,
+        "type": 4,
+        "typeName": "",
+        "extendee": "",
+        "defaultValue": "",
+        "oneofIndex": 0,
+        "jsonName": "cacheHits",
+        "options": undefined,
+        "proto3Optional": false,
+      }, {
+        "name": "saved_cost_usd",
+        "number": 10,
+        "label": 1,
+        "type": 1,
+        "typeName": "",
+        "extendee": "",
+        "defaultValue": "",
+        "oneofIndex": 0,
+        "jsonName": "savedCostUsd",
+        "options": undefined,
+        "proto3Optional": false,
       }],
       "extension": [],
       "nestedType": [{
@@ -9193,7 +9266,7 @@ export const protoMetadata: ProtoMetadata = {
         "leadingDetachedComments": [],
       }, {
         "path": [4, 30],
-        "span": [470, 0, 486, 1],
+        "span": [470, 0, 491, 1],
         "leadingComments": " UsageRow is usage for one tenant, model, upstream and label set.\n",
         "trailingComments": "",
         "leadingDetachedComments": [],
@@ -9218,28 +9291,41 @@ export const protoMetadata: ProtoMetadata = {
         "trailingComments": "",
         "leadingDetachedComments": [],
       }, {
+        "path": [4, 30, 2, 8],
+        "span": [488, 2, 24],
+        "leadingComments":
+          " Of `requests`, those answered from the cache: counted in `usage` at no cost (rows\n written before hits were counted count none).\n",
+        "trailingComments": "",
+        "leadingDetachedComments": [],
+      }, {
+        "path": [4, 30, 2, 9],
+        "span": [490, 2, 29],
+        "leadingComments": " USD the cache saved: the sum of those hits' `saved_cost_usd`.\n",
+        "trailingComments": "",
+        "leadingDetachedComments": [],
+      }, {
         "path": [4, 31],
-        "span": [489, 0, 499, 1],
+        "span": [494, 0, 504, 1],
         "leadingComments": " GetUsageResponse is one page of the matching rows and the total of all of them.\n",
         "trailingComments": "",
         "leadingDetachedComments": [],
       }, {
         "path": [4, 31, 2, 0],
-        "span": [493, 2, 29],
+        "span": [498, 2, 29],
         "leadingComments":
           " Sorted by tenant, model, upstream, then labels (sorted by key). Each page goes on\n after the last row of the one before, so a row there from the first page on comes\n on exactly one page; a row started between pages comes only if it sorts later.\n",
         "trailingComments": "",
         "leadingDetachedComments": [],
       }, {
         "path": [4, 31, 2, 1],
-        "span": [496, 2, 21],
+        "span": [501, 2, 21],
         "leadingComments":
           " The sum of every row the query matches, not only this page's: the same on every\n page while no usage is recorded between them (then each page's is current).\n",
         "trailingComments": "",
         "leadingDetachedComments": [],
       }, {
         "path": [4, 31, 2, 2],
-        "span": [498, 2, 29],
+        "span": [503, 2, 29],
         "leadingComments": " The `page_token` of the next page; empty on the last page.\n",
         "trailingComments": "",
         "leadingDetachedComments": [],
