@@ -27,6 +27,7 @@ import pytest
 
 from gateway_client import GatewayClient
 from gateway_client.connection import DEFAULT_MODEL
+from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.errors import (
@@ -45,7 +46,7 @@ from tests.conftest import (
     gateway_config,
 )
 from tests.counting_relay import CountingRelay
-from tests.fake_upstream import CutStream, FakeUpstream, Hang, Reply, ToolCallReply
+from tests.fake_upstream import CutStream, FakeUpstream, Hang, Reply, Status, ToolCallReply
 from tests.forward_proxy import ForwardProxy
 from tests.integration.helpers import garbled_details_server
 from tests.integration.pki import Pki, make_pki
@@ -814,6 +815,30 @@ async def test_node_example_refuses_an_option_whose_value_is_the_next_option(
     assert upstream.requests == []
     await run_program(example, *address, "--model=fake-model", "--api-key=--not-an-option", "hi")
     assert [request.body["model"] for request in upstream.requests] == ["fake-model"] * 2
+
+
+async def test_node_example_says_an_errors_facts_as_the_python_cli_does(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A failed call's ErrorInfo is said whole by the example program, its facts (the
+    upstream, its HTTP status, the attempts) on the reason's line as the Python CLI writes
+    them. Before, the example said the reason alone: which upstream failed, and how, was
+    lost."""
+    # A gateway for each client: the first refusal opens the upstream's circuit breaker.
+    config = gateway_config(upstream.base_url, resilience={"attempts": 1})
+    node_gateway, python_gateway = await start_gateway(config), await start_gateway(config)
+    upstream.script(Status(401), Status(401))
+    args = ("--address", node_gateway.server.address, "--model", "fake-model", "Say hi")
+    returncode, _, stderr = await run_process(node_scenarios.example, *args)
+    assert returncode == 1
+    async with GatewayClient(python_gateway.server.address) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as python:
+            await client.complete("Say hi", model=FAKE_MODEL)
+    described = error_details(python.value).describe().splitlines()
+    (reason,) = [line for line in described if line.startswith("  reason ")]
+    assert reason.startswith("  reason UPSTREAM_AUTH: ")
+    assert "upstream=up0" in reason
+    assert reason in stderr.splitlines()
 
 
 async def test_node_example_refuses_an_llm_gateway_tls_neither_on_nor_off(
