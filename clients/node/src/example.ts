@@ -126,8 +126,18 @@ function printError(error: unknown): void {
   if (error.details.retryDelayMs !== null) {
     console.error(`  retry after ${error.details.retryDelayMs} ms`);
   }
-  if (error.details.errorInfo !== null) {
-    console.error(`  reason ${error.details.errorInfo.reason}`);
+  const info = error.details.errorInfo;
+  if (info !== null) {
+    // Its facts (the upstream, its HTTP status, each attempt's failure) as the Python
+    // CLI says them: before, the reason alone, and the rest was lost.
+    const facts = Object.keys(info.metadata)
+      .sort()
+      .map((key) => `${key}=${info.metadata[key]}`)
+      .join(", ");
+    console.error(`  reason ${info.reason}${facts ? `: ${facts}` : ""}`);
+  }
+  for (const typeUrl of error.details.unknownTypeUrls) {
+    console.error(`  undecoded detail ${typeUrl}`);
   }
 }
 

@@ -5,11 +5,13 @@
  *     [--code N] [--leave HOW] [--timeout-ms MS] [--default-timeout-ms MS]
  *     [--tls] [--ca-file PEM] [--cert-file PEM] [--key-file PEM] [--pem-bytes]
  *     [--prompt-words N]
+ *   node scenarios.js serve    (scenarios' arguments as JSON lines on stdin: see `serve`)
  *
  * Each scenario uses the typed client exactly as a caller would and prints one JSON line
  * describing what it saw; the Python test decides whether that is right.
  */
 import * as fs from "node:fs";
+import * as readline from "node:readline";
 import { performance } from "node:perf_hooks";
 import * as util from "node:util";
 
@@ -38,6 +40,12 @@ import {
 } from "./client";
 
 type Json = Record<string, unknown>;
+
+/**
+ * The deadline of a scenario's calls that need none of their own: a hang guard, long enough
+ * for a busy CI machine, and shorter than the test's guard on the whole scenario.
+ */
+const CALL_GUARD_MS = 60_000;
 
 interface Args {
   scenario: string;
@@ -201,7 +209,7 @@ function promptOf(args: Args): string {
 async function complete(client: GatewayClient, args: Args): Promise<Json> {
   const { response, attempts } = await client.complete(
     { model: args.model, messages: messages(promptOf(args)) },
-    { timeoutMs: 10_000 },
+    { timeoutMs: CALL_GUARD_MS },
   );
   return { content: response.content, attempts, metadata: metadataJson(response.metadata!) };
 }
@@ -210,7 +218,7 @@ async function longAnswer(client: GatewayClient, args: Args): Promise<Json> {
   // An answer over gRPC's default 4 MiB message: its length, not its text.
   const { response } = await client.complete(
     { model: args.model, messages: messages("Say it all") },
-    { timeoutMs: 30_000 },
+    { timeoutMs: CALL_GUARD_MS },
   );
   return { length: response.content.length, start: response.content.slice(0, 10) };
 }
@@ -231,7 +239,7 @@ async function reasoningEffort(client: GatewayClient, args: Args): Promise<Json>
       messages: messages("Say hi"),
       params: { reasoningEffort: ReasoningEffort.REASONING_EFFORT_LOW },
     },
-    { timeoutMs: 10_000 },
+    { timeoutMs: CALL_GUARD_MS },
   );
   return { content: response.content };
 }
@@ -242,7 +250,7 @@ async function stream(client: GatewayClient, args: Args): Promise<Json> {
   let final: Json | null = null;
   for await (const event of client.completeStream(
     { model: args.model, messages: messages("Say hi") },
-    { timeoutMs: 10_000 },
+    { timeoutMs: CALL_GUARD_MS },
   )) {
     if (event.kind === "delta") {
       deltas.push({ content: event.content, atMs: performance.now() - started });
@@ -261,7 +269,7 @@ async function streamTools(client: GatewayClient, args: Args): Promise<Json> {
       messages: messages("Weather in Paris?"),
       tools: [{ name: "get_weather", description: "", parameters: '{"type": "object"}' }],
     },
-    { timeoutMs: 10_000 },
+    { timeoutMs: CALL_GUARD_MS },
   );
   const pieces: number[] = [];
   for await (const event of events) {
@@ -299,7 +307,7 @@ async function overloadRecovers(client: GatewayClient, args: Args): Promise<Json
   const started = performance.now();
   const { response, attempts } = await client.complete(
     { model: args.model, messages: messages(promptOf(args)) },
-    { timeoutMs: 15_000 },
+    { timeoutMs: CALL_GUARD_MS },
   );
   const elapsedMs = performance.now() - started;
   while ((await next(holdEvents)) !== null) {
@@ -314,7 +322,7 @@ async function overloadExhausted(client: GatewayClient, args: Args): Promise<Jso
   try {
     await client.complete(
       { model: args.model, messages: messages("Say hi") },
-      { timeoutMs: 15_000 },
+      { timeoutMs: CALL_GUARD_MS },
     );
   } catch (error) {
     return { ...errorJson(error), elapsedMs: performance.now() - started };
@@ -345,7 +353,7 @@ async function abortComplete(client: GatewayClient, args: Args): Promise<Json> {
   const controller = new AbortController();
   const answer = client.complete(
     { model: args.model, messages: messages("Say hi") },
-    { timeoutMs: 20_000, signal: controller.signal },
+    { timeoutMs: CALL_GUARD_MS, signal: controller.signal },
   );
   void lineFromTest().then(() => controller.abort());
   try {
@@ -365,7 +373,7 @@ async function abortedBeforeComplete(client: GatewayClient, args: Args): Promise
   try {
     await client.complete(
       { model: args.model, messages: messages("Say hi") },
-      { timeoutMs: 10_000, signal: controller.signal },
+      { timeoutMs: CALL_GUARD_MS, signal: controller.signal },
     );
   } catch (error) {
     return errorJson(error);
@@ -447,7 +455,7 @@ async function leaveBuffered(client: GatewayClient, args: Args): Promise<Json> {
   const call = client.stub.completeStream(
     CompleteStreamRequest.fromPartial({ model: args.model, messages: messages("Say hi") }),
     new grpc.Metadata(),
-    { deadline: Date.now() + 10_000 },
+    { deadline: Date.now() + CALL_GUARD_MS },
   );
   const ended = new Promise((resolve) => call.on("status", resolve));
   const controller = new AbortController();
@@ -484,7 +492,7 @@ async function readAfterItsStatus(client: GatewayClient, model: string): Promise
   const call = client.stub.completeStream(
     CompleteStreamRequest.fromPartial({ model, messages: messages("Say hi") }),
     new grpc.Metadata(),
-    { deadline: Date.now() + 10_000 },
+    { deadline: Date.now() + CALL_GUARD_MS },
   );
   const stream = new CompletionStream(call);
   // Not events.once: it would take the call's 'error' event for itself.
@@ -688,7 +696,7 @@ async function batch(client: GatewayClient, args: Args): Promise<Json> {
   const events: Json[] = [];
   for await (const event of client.completeBatch(
     { items: [good, refused], concurrency: 1 },
-    { timeoutMs: 10_000 },
+    { timeoutMs: CALL_GUARD_MS },
   )) {
     events.push(batchEventJson(event));
   }
@@ -755,7 +763,7 @@ async function leaveBatch(client: GatewayClient, args: Args): Promise<Json> {
   const controller = new AbortController();
   const results = client.completeBatch(
     { items: batchItems(args, 3), concurrency: 1 },
-    { timeoutMs: 20_000, signal: controller.signal },
+    { timeoutMs: CALL_GUARD_MS, signal: controller.signal },
   );
   const { first, left } = await readOneAndLeave(args.leave, results, controller);
   const after: string[] = [];
@@ -788,9 +796,9 @@ async function readAgain(client: GatewayClient, args: Args): Promise<Json> {
   const request = { model: args.model, messages: messages("Say hi") };
   const unknown = { ...request, model: `${args.model}-unknown` };
   return {
-    stream: await readTwice(client.completeStream(request, { timeoutMs: 10_000 })),
+    stream: await readTwice(client.completeStream(request, { timeoutMs: CALL_GUARD_MS })),
     batch: await readTwice(client.completeBatch({ items: batchItems(args, 1) })),
-    failed: await readTwice(client.completeStream(unknown, { timeoutMs: 10_000 })),
+    failed: await readTwice(client.completeStream(unknown, { timeoutMs: CALL_GUARD_MS })),
   };
 }
 
@@ -798,7 +806,7 @@ async function summarize(client: GatewayClient, args: Args): Promise<Json> {
   try {
     const response = await client.summarize(
       { model: args.model, document: "A short document to summarise.", targetTokens: 64 },
-      { timeoutMs: 10_000 },
+      { timeoutMs: CALL_GUARD_MS },
     );
     const { summary, chunks, levels, usage, costUsd, upstreamCalls } = response;
     const tokens = [usage?.inputTokens, usage?.outputTokens];
@@ -820,7 +828,7 @@ async function usagePages(client: GatewayClient): Promise<Json> {
   // Pages of two rows, the total on each; then a negative page size and a bad token.
   const pages: string[][] = [];
   const totals: number[] = [];
-  for await (const page of client.usagePages({ pageSize: 2 }, { timeoutMs: 10_000 })) {
+  for await (const page of client.usagePages({ pageSize: 2 }, { timeoutMs: CALL_GUARD_MS })) {
     pages.push(page.rows.map((row) => row.labels.request_id ?? ""));
     totals.push(page.total?.requests ?? -1);
   }
@@ -939,7 +947,7 @@ async function shownStream(client: GatewayClient, args: Args): Promise<Json> {
   // A keyed client's stream as an error reporter would show it, before and after its loop.
   const events = client.completeStream(
     { model: args.model, messages: messages("Say hi") },
-    { timeoutMs: 10_000 },
+    { timeoutMs: CALL_GUARD_MS },
   );
   const before = util.inspect(events, { depth: null, showHidden: true });
   let content = "";
@@ -1004,18 +1012,19 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "usage-savings": usageSavings,
 };
 
-async function main(): Promise<void> {
-  const argv = process.argv.slice(2);
+/**
+ * What one scenario's command line (`argv`) saw, as its JSON line; `channelOptions` go to
+ * its client, made for it alone and closed after it.
+ */
+async function answerOf(argv: string[], channelOptions?: grpc.ChannelOptions): Promise<Json> {
   if (argv[0] === "loopback") {
     // Each address given: whether the client calls it past the machine's proxy.
     const told = argv.slice(1).map((address) => [address, isLoopbackAddress(address)]);
-    console.log(JSON.stringify(Object.fromEntries(told)));
-    return;
+    return Object.fromEntries(told);
   }
   const args = parseArgs(argv);
   if (args.scenario === "decode") {
-    console.log(JSON.stringify(await decode(args)));
-    return;
+    return await decode(args);
   }
   const run = SCENARIOS[args.scenario];
   if (run === undefined) {
@@ -1027,17 +1036,59 @@ async function main(): Promise<void> {
       apiKey: args.apiKey,
       defaultTimeoutMs: args.defaultTimeoutMs as number,
       tls: args.pemBytes && args.tls !== undefined ? asPemBytes(args.tls) : args.tls,
+      channelOptions,
     });
   } catch (error) {
     // Options the client refuses (a certificate without its key): what it said.
-    console.log(JSON.stringify({ refused: (error as Error).message }));
-    return;
+    return { refused: (error as Error).message };
   }
   try {
-    console.log(JSON.stringify(await run(client, args)));
+    return await run(client, args);
   } finally {
     client.close();
   }
+}
+
+/** Print `line` as one line of JSON; resolves once stdout has taken it. */
+function print(line: Json): Promise<void> {
+  return new Promise((resolve) => {
+    process.stdout.write(`${JSON.stringify(line)}\n`, () => resolve());
+  });
+}
+
+/**
+ * `serve`: one scenario after another in this process, saving the test a Node start for
+ * each: a JSON array of a scenario's arguments on each stdin line, its JSON line printed
+ * back, or `{"crashed": STACK}` (as a scenario's own process exits 2). Each scenario's
+ * client has connections of its own (a local subchannel pool), as in a process of its
+ * own; anything thrown out of reach of a scenario (an unhandled rejection) is printed as
+ * `crashed` and ends the process, as it would end a scenario's own.
+ */
+async function serve(): Promise<void> {
+  const crash = (error: unknown): void => {
+    void print({ crashed: util.inspect(error) }).then(() => process.exit(1));
+  };
+  process.on("uncaughtException", crash);
+  process.on("unhandledRejection", crash);
+  const ownConnections = { "grpc.use_local_subchannel_pool": 1 };
+  for await (const line of readline.createInterface({ input: process.stdin })) {
+    let answer: Json;
+    try {
+      answer = await answerOf(JSON.parse(line) as string[], ownConnections);
+    } catch (error) {
+      answer = { crashed: util.inspect(error) };
+    }
+    await print(answer);
+  }
+}
+
+async function main(): Promise<void> {
+  const argv = process.argv.slice(2);
+  if (argv[0] === "serve") {
+    await serve();
+    return;
+  }
+  console.log(JSON.stringify(await answerOf(argv)));
 }
 
 main().catch((error: unknown) => {
