@@ -25,15 +25,8 @@ from tests.secret_capture import (  # noqa: F401  (the secret grep's fixture and
     pytest_sessionfinish,
     pytest_testnodedown,
 )
-from tests.xdist_groups import GroupedNodeIds
 
 FAKE_MODEL = "fake-model"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Tests of one `xdist_group` on one worker (`tests/xdist_groups.py`)."""
-    config.pluginmanager.register(GroupedNodeIds(), "grouped-node-ids")
-
 
 # The machine's proxy is not the tests': with it, an upstream a test names by a host other
 # than loopback would be tunnelled through the CI's proxy (or refused, for one the gateway
