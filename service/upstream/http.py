@@ -219,6 +219,11 @@ class _Connection(asyncio.Protocol):
             pieces = response.head_pieces
             if pieces is not None:  # the head is not all in: kept, should it be parsed again
                 pieces.append(data)
+                if response.received_bytes > _MAX_HEADER_BYTES:
+                    # All of it heads, interim ones (`100 Continue`) among them: each parsed
+                    # is progress, so an endless run of them was kept here without bound.
+                    response.fail(HttpError("response headers too large"))
+                    return
             response.fed(len(data), made_progress=response.parsed != parsed)
 
     def _merge_lengths(self, response: Response, data: bytes, parsed: int) -> None:

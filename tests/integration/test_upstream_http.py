@@ -771,6 +771,25 @@ async def test_a_header_that_never_ends_is_refused_not_buffered(serve):
     await pool.aclose()
 
 
+async def test_interim_answers_that_never_end_are_refused_not_buffered(serve):
+    """Endless `100 Continue` heads, each whole, are heads past the same limit: the bytes
+    kept until the final head (for a repeated `Content-Length`) grew without bound."""
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        while True:  # until the client closes: the write then fails
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" * 1024)
+            await writer.drain()
+
+    raw = await serve(endless)
+    pool = pool_for(raw)
+    with pytest.raises(HttpError, match="too large"):
+        async with asyncio.timeout(5):
+            await pool.request("POST", "/", {}, b"x")
+    assert (pool.open_connections, pool.checked_out) == (0, 0)
+    await pool.aclose()
+
+
 async def test_a_trailer_that_never_ends_is_refused_not_buffered(serve):
     """The same limit holds for a chunked body's trailer, which is parsed like headers."""
 
@@ -1298,6 +1317,7 @@ ON_UVLOOP = [
     test_a_connection_paused_on_a_whole_unread_body_is_reused_unpaused,
     test_an_informational_response_is_skipped_for_the_real_one,
     test_a_header_that_never_ends_is_refused_not_buffered,
+    test_interim_answers_that_never_end_are_refused_not_buffered,
     test_a_trailer_that_never_ends_is_refused_not_buffered,
     test_a_body_released_before_its_end_is_reused_once_the_end_arrives,
     test_a_body_whose_end_never_comes_is_closed_after_the_grace,
