@@ -767,6 +767,10 @@ class HttpPool:
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._ssl = ssl.create_default_context() if self._is_tls else None
+        # The name TLS sends (SNI) and checks the certificate for: without the trailing dot
+        # of a fully qualified `api.example.com.` (which spares a resolver its search
+        # domains), as RFC 6066 §3 writes SNI and curl checks it; no certificate names one.
+        self._tls_name = self._host.rstrip(".")
         self._proxy = proxy
         self._headers = dict(headers or {})
         # An http upstream's requests go to the proxy in absolute form (RFC 9112 §3.2.2),
@@ -915,7 +919,7 @@ class HttpPool:
         """
         assert self._ssl is not None
         loop = asyncio.get_running_loop()
-        tls = await loop.start_tls(tcp, connection, self._ssl, server_hostname=self._host)
+        tls = await loop.start_tls(tcp, connection, self._ssl, server_hostname=self._tls_name)
         if tls is None:
             raise ConnectionResetError("the connection closed during the TLS handshake")
         connection.connection_made(tls)
@@ -959,7 +963,7 @@ class HttpPool:
                 is_answered = True
                 connection = _Connection()
                 tls = await loop.start_tls(
-                    transport, connection, self._ssl, server_hostname=self._host
+                    transport, connection, self._ssl, server_hostname=self._tls_name
                 )
                 if tls is None:  # the proxy closed the tunnel during the handshake
                     raise ProxyFailed("closed the tunnel during TLS", proxy=proxy.address)

@@ -1298,6 +1298,32 @@ async def test_an_https_upstream_with_an_untrusted_certificate_is_refused(tmp_pa
     await https_call(tmp_path, None)
 
 
+async def test_a_fully_qualified_name_with_its_trailing_dot_is_verified_without_it(
+    tmp_path, monkeypatch
+):
+    """`https://localhost.:PORT` (the absolute form Kubernetes users write to skip the
+    resolver's search domains) is checked against the certificate's `localhost`: with
+    the dot sent as SNI and matched, every call failed "Hostname mismatch"."""
+    resolve = socket.getaddrinfo
+
+    def without_search_domains(host: object, *args: object, **kwargs: object) -> object:
+        name = host.rstrip(".") if isinstance(host, str) else host  # as DNS reads the dot
+        return resolve(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", without_search_domains)
+    server, ca = await _https_server(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    port = server.sockets[0].getsockname()[1]
+    pool = HttpPool(f"https://localhost.:{port}/v1", max_connections=2, connect_timeout_s=5)
+    try:
+        async with await pool.request("POST", "/", {}, b"fqdn") as response:
+            assert await response.read() == b"fqdn"
+    finally:
+        await pool.aclose()
+        server.close()
+        await server.wait_closed()
+
+
 # The suite's other tests run on asyncio's own loop; the gateway runs on uvloop, whose
 # transports differ (no happy_eyeballs_delay, its own TLS and flow control): the pool's
 # framing, reuse, back-pressure, faults and TLS cases run there too.
