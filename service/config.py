@@ -574,7 +574,9 @@ class UpstreamConfig:
         _require_port(parts, "base_url")
         _require(
             ascii_host(parts.hostname or "") is not None,
-            "base_url's host must be a valid host name (no empty label, none over 63 characters)",
+            "base_url's host must be a valid host name (no empty label, none over 63 characters, "
+            "no ß, ς or zero-width joiner, which IDNA 2003 and 2008 write as two hosts: write "
+            "its xn-- form)",
         )
         _require(
             parts.username is None and parts.password is None,

@@ -37,14 +37,23 @@ def is_loopback_host(host: str) -> bool:
     return address.is_loopback
 
 
+# The letters IDNA 2003 (Python's `idna` codec) maps to others and IDNA 2008 (curl's
+# libidn2, browsers) keeps (UTS #46's deviations): `faß.de` is fass.de to the one and
+# xn--fa-hia.de to the other, two hosts with two owners.
+_IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")  # ß, final ς, ZWNJ, ZWJ
+
+
 def ascii_host(host: str) -> str | None:
     """`host` as it goes on the wire (a `Host` header, `CONNECT`, SNI) and is matched: an
     internationalised name in its IDNA (`xn--`) form, as curl sends it; None when it is
     not a valid one: an empty label or one over 63 characters (which the resolver would
     refuse with a UnicodeError rather than an OSError, ASCII or not), a space or a
-    control character."""
+    control character, or a letter IDNA 2003 and 2008 write differently (`ß`: the codec
+    here would send a key for `faß.de` to fass.de, where curl reaches xn--fa-hia.de)."""
     if any(c.isspace() or not c.isprintable() for c in host):
         return None  # the idna codec passes them: `pro xy` failed only at the first call
+    if not _IDNA_DEVIATIONS.isdisjoint(host.lower()):
+        return None
     try:
         return host.encode("idna").decode("ascii")
     except UnicodeError:

@@ -219,6 +219,11 @@ class _Connection(asyncio.Protocol):
             pieces = response.head_pieces
             if pieces is not None:  # the head is not all in: kept, should it be parsed again
                 pieces.append(data)
+                if response.received_bytes > _MAX_HEADER_BYTES:
+                    # All of it heads, interim ones (`100 Continue`) among them: each parsed
+                    # is progress, so an endless run of them was kept here without bound.
+                    response.fail(HttpError("response headers too large"))
+                    return
             response.fed(len(data), made_progress=response.parsed != parsed)
 
     def _merge_lengths(self, response: Response, data: bytes, parsed: int) -> None:
@@ -762,6 +767,10 @@ class HttpPool:
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._ssl = ssl.create_default_context() if self._is_tls else None
+        # The name TLS sends (SNI) and checks the certificate for: without the trailing dot
+        # of a fully qualified `api.example.com.` (which spares a resolver its search
+        # domains), as RFC 6066 §3 writes SNI and curl checks it; no certificate names one.
+        self._tls_name = self._host.rstrip(".")
         self._proxy = proxy
         self._headers = dict(headers or {})
         # An http upstream's requests go to the proxy in absolute form (RFC 9112 §3.2.2),
@@ -910,7 +919,7 @@ class HttpPool:
         """
         assert self._ssl is not None
         loop = asyncio.get_running_loop()
-        tls = await loop.start_tls(tcp, connection, self._ssl, server_hostname=self._host)
+        tls = await loop.start_tls(tcp, connection, self._ssl, server_hostname=self._tls_name)
         if tls is None:
             raise ConnectionResetError("the connection closed during the TLS handshake")
         connection.connection_made(tls)
@@ -954,7 +963,7 @@ class HttpPool:
                 is_answered = True
                 connection = _Connection()
                 tls = await loop.start_tls(
-                    transport, connection, self._ssl, server_hostname=self._host
+                    transport, connection, self._ssl, server_hostname=self._tls_name
                 )
                 if tls is None:  # the proxy closed the tunnel during the handshake
                     raise ProxyFailed("closed the tunnel during TLS", proxy=proxy.address)

@@ -771,6 +771,25 @@ async def test_a_header_that_never_ends_is_refused_not_buffered(serve):
     await pool.aclose()
 
 
+async def test_interim_answers_that_never_end_are_refused_not_buffered(serve):
+    """Endless `100 Continue` heads, each whole, are heads past the same limit: the bytes
+    kept until the final head (for a repeated `Content-Length`) grew without bound."""
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        while True:  # until the client closes: the write then fails
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" * 1024)
+            await writer.drain()
+
+    raw = await serve(endless)
+    pool = pool_for(raw)
+    with pytest.raises(HttpError, match="too large"):
+        async with asyncio.timeout(5):
+            await pool.request("POST", "/", {}, b"x")
+    assert (pool.open_connections, pool.checked_out) == (0, 0)
+    await pool.aclose()
+
+
 async def test_a_trailer_that_never_ends_is_refused_not_buffered(serve):
     """The same limit holds for a chunked body's trailer, which is parsed like headers."""
 
@@ -1279,6 +1298,32 @@ async def test_an_https_upstream_with_an_untrusted_certificate_is_refused(tmp_pa
     await https_call(tmp_path, None)
 
 
+async def test_a_fully_qualified_name_with_its_trailing_dot_is_verified_without_it(
+    tmp_path, monkeypatch
+):
+    """`https://localhost.:PORT` (the absolute form Kubernetes users write to skip the
+    resolver's search domains) is checked against the certificate's `localhost`: with
+    the dot sent as SNI and matched, every call failed "Hostname mismatch"."""
+    resolve = socket.getaddrinfo
+
+    def without_search_domains(host: object, *args: object, **kwargs: object) -> object:
+        name = host.rstrip(".") if isinstance(host, str) else host  # as DNS reads the dot
+        return resolve(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", without_search_domains)
+    server, ca = await _https_server(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    port = server.sockets[0].getsockname()[1]
+    pool = HttpPool(f"https://localhost.:{port}/v1", max_connections=2, connect_timeout_s=5)
+    try:
+        async with await pool.request("POST", "/", {}, b"fqdn") as response:
+            assert await response.read() == b"fqdn"
+    finally:
+        await pool.aclose()
+        server.close()
+        await server.wait_closed()
+
+
 # The suite's other tests run on asyncio's own loop; the gateway runs on uvloop, whose
 # transports differ (no happy_eyeballs_delay, its own TLS and flow control): the pool's
 # framing, reuse, back-pressure, faults and TLS cases run there too.
@@ -1298,6 +1343,7 @@ ON_UVLOOP = [
     test_a_connection_paused_on_a_whole_unread_body_is_reused_unpaused,
     test_an_informational_response_is_skipped_for_the_real_one,
     test_a_header_that_never_ends_is_refused_not_buffered,
+    test_interim_answers_that_never_end_are_refused_not_buffered,
     test_a_trailer_that_never_ends_is_refused_not_buffered,
     test_a_body_released_before_its_end_is_reused_once_the_end_arrives,
     test_a_body_whose_end_never_comes_is_closed_after_the_grace,

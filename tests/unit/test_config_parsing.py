@@ -25,6 +25,7 @@ from service.config import (
     parse_config,
 )
 from service.domain import CacheMode, TruncationMode
+from service.hosts import ascii_host
 from tests.secret_capture import register_secret
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "gateway.yaml"
@@ -1690,6 +1691,27 @@ def test_a_base_url_whose_port_is_not_a_number_is_a_config_error(base_url: str) 
         parse({"upstreams": [upstream(base_url=base_url)]})
     assert caught.value.key == "upstreams[0]"
     assert "base_url" in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "fa\u00df.example",
+        "FA\u1e9e.example",
+        "\u03bb\u03bf\u03b3\u03bf\u03c2.example",
+        "a\u200db.example",
+    ],
+)
+def test_a_host_idna_2003_and_2008_write_as_two_hosts_is_a_config_error(host: str) -> None:
+    """`faß.example` went on the wire as fass.example (Python's IDNA 2003 codec), where
+    curl and browsers (IDNA 2008) reach xn--fa-hia.example: the key went to another host.
+    The proxy's host (and the upstream's matched in `NO_PROXY`) are refused alike."""
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [upstream(base_url=f"https://{host}/v1")]})
+    assert "write its xn-- form" in caught.value.problem
+    with pytest.raises(ConfigError, match="not a valid host name"):
+        parse({"upstreams": [upstream(proxy_url=f"http://{host}:3128")]})
+    assert ascii_host("xn--fa-hia.example") == "xn--fa-hia.example"
 
 
 def test_an_unknown_local_chat_format_is_refused_naming_the_valid_ones() -> None:
