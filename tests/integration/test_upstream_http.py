@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
@@ -1154,15 +1155,19 @@ async def test_a_stream_decoding_to_much_more_lets_other_calls_run(serve, start_
         await writer.drain()
 
     raw = await serve(answer)
-    gateway = await start_gateway(gateway_config(raw.url))
+    config = gateway_config(raw.url)
+    # Decoding takes seconds, more on a loaded CI machine: past the tests' usual 10 s
+    # upstream timeout there, which would cut the stream, not what this test is about.
+    upstream = dataclasses.replace(config.upstreams[0], timeout_s=120.0)
+    gateway = await start_gateway(dataclasses.replace(config, upstreams=(upstream,)))
 
     other: asyncio.Future[pb.CompleteResponse] | None = None
     texts = []
-    async for message in gateway.stub.CompleteStream(chat_stream("blank lines"), timeout=60):
+    async for message in gateway.stub.CompleteStream(chat_stream("blank lines"), timeout=120):
         if message.HasField("delta"):
             texts.append(message.delta.content)
             if other is None:  # the stream's first text: its blank lines are next
-                other = asyncio.ensure_future(gateway.stub.Complete(chat("other"), timeout=60))
+                other = asyncio.ensure_future(gateway.stub.Complete(chat("other"), timeout=120))
             else:
                 answered_first = other.done()
     assert other is not None
