@@ -575,6 +575,9 @@ class Summarizer:
         self._pipeline = pipeline
         self._config = config
         self._clock = clock
+        # Models whose upstream refused the summarising calls' temperature 0 (OpenAI's
+        # reasoning models take only their default): their calls go without one.
+        self._refusing_temperature: set[str] = set()
 
     def validate(self, request: SummaryRequest) -> int:
         """Check the request; return the target length in tokens.
@@ -1132,7 +1135,7 @@ class Summarizer:
                 # A summary should be faithful, not sampled; and so deterministic, it is
                 # cached by default: a Summarize run again (after a part failed, say) pays
                 # only for the parts not summarised before.
-                temperature=0.0,
+                temperature=None if request.model in self._refusing_temperature else 0.0,
                 reasoning_effort=request.reasoning_effort,
             ),
             truncation=TruncationMode.NONE,
@@ -1166,7 +1169,7 @@ class Summarizer:
                 try:
                     # A part waits its turn at its upstream's limits, as a batch's item does.
                     with run.halt.calling(), run.tally.sending():
-                        completion = await self._pipeline.complete_in_turn(
+                        completion = await self._complete_part(
                             chat,
                             deadline=deadline,
                             waiting_since=waiting_since,
@@ -1222,6 +1225,37 @@ class Summarizer:
                 _check_summary(completion, slot, attempts=attempt)
                 return completion
             raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
+
+    async def _complete_part(
+        self, chat: ChatRequest, *, deadline: Deadline, waiting_since: float | None, is_rerun: bool
+    ) -> Completion:
+        """One try of a summarising call. An upstream that refuses its temperature (OpenAI's
+        reasoning models answer 400 naming `temperature` for any but their default) has it
+        asked again at once without one, and so are its model's later calls: the caller
+        never set it, and could not stop it being sent."""
+        if chat.params.temperature is not None and chat.model in self._refusing_temperature:
+            chat = _without_temperature(chat)
+        try:
+            return await self._pipeline.complete_in_turn(
+                chat, deadline=deadline, waiting_since=waiting_since, is_rerun=is_rerun
+            )
+        except UpstreamRejected as exc:
+            if chat.params.temperature is None or not _refuses_temperature(exc):
+                raise
+        self._refusing_temperature.add(chat.model)
+        return await self._pipeline.complete_in_turn(
+            _without_temperature(chat), deadline=deadline, waiting_since=None, is_rerun=is_rerun
+        )
+
+
+def _refuses_temperature(refusal: UpstreamRejected) -> bool:
+    """Whether an upstream refused a request for its temperature (its error's `param`)."""
+    return refusal.relayed is not None and refusal.relayed.param == "temperature"
+
+
+def _without_temperature(chat: ChatRequest) -> ChatRequest:
+    """`chat` with its temperature unset: the upstream's default."""
+    return dataclasses.replace(chat, params=dataclasses.replace(chat.params, temperature=None))
 
 
 def _smallest_piece_refused(exc: UpstreamContextExceeded, slot: _Slot) -> SummarizePartRejected:

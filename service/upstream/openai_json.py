@@ -67,6 +67,9 @@ _DONE = "[DONE]"  # the data of a stream's last event
 # A streamed request's last fields, as `request_body` writes them (after `messages`,
 # never the first).
 _STREAM_FIELDS = b',"stream":true,"stream_options":{"include_usage":true}}'
+# An `extra_body` field that goes only with a request that declares tools: OpenAI refuses
+# it in any other ("'parallel_tool_calls' is only allowed when 'tools' are specified").
+_TOOLS_SWITCH = "parallel_tool_calls"
 # What a tool without parameters sends: some servers refuse a function without them.
 _NO_PARAMETERS = orjson.Fragment(b'{"type":"object","properties":{}}')
 # What follows system text folded into a user message, as Gemma 3's chat template writes it.
@@ -130,7 +133,8 @@ def request_body(
 ) -> bytes:
     """Serialise `request` as an OpenAI chat-completions body for one upstream, with the
     upstream's `extra` fields (none of which the request's own fields use, but for a
-    `reasoning_effort` the request's own replaces) and `params.max_tokens` in the
+    `reasoning_effort` the request's own replaces; `parallel_tool_calls` only with tools)
+    and `params.max_tokens` in the
     upstream's `max_tokens_field`; a JSON Schema format in its `json_schema_format`, an
     assistant message's reasoning in its `reasoning_field`, and its system messages
     folded into the first user message when `system_messages` is `fold`
@@ -173,6 +177,8 @@ def request_body(
         body["response_format"] = _response_format(params.response_format, json_schema_format)
     if extra:
         body.update(extra)
+        if not request.tools and _TOOLS_SWITCH in extra:
+            del body[_TOOLS_SWITCH]  # OpenAI refuses it without tools (400)
     if params.reasoning_effort is not None:
         # After `extra`: an upstream's `extra_body` may set a default the caller overrides.
         body["reasoning_effort"] = params.reasoning_effort.value

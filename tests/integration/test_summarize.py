@@ -322,6 +322,58 @@ def full_answer(body) -> Reply:
     return Reply(content=" ".join(words), prompt_tokens=0)
 
 
+# OpenAI's reasoning models (o-series, gpt-5) take only their default temperature.
+TEMPERATURE_REFUSED = (
+    '{"error": {"message": "Unsupported value: \'temperature\' does not support 0 with this '
+    'model. Only the default (1) value is supported.", "type": "invalid_request_error", '
+    '"param": "temperature", "code": "unsupported_value"}}'
+)
+
+
+async def test_a_model_that_refuses_temperature_0_is_summarised_without_it(recorder, start_gateway):
+    """An upstream that refuses the summarising calls' temperature 0 (OpenAI's reasoning
+    models answer 400 for any but their default) has the part asked again at once without
+    one, and the model's later parts and summaries go without it. Before, every Summarize
+    of such a model failed INVALID_ARGUMENT on a temperature the caller never set, and no
+    setting could stop the gateway sending it."""
+
+    def respond(body):
+        if "temperature" in body:
+            return Status(400, body=TEMPERATURE_REFUSED)
+        return default_respond(body)
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url, concurrency=1))
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(60))
+    )
+    assert response.summary == "FINAL"
+    assert response.chunks > 2
+    refused = [r.body for r in recorder.requests if "temperature" in r.body]
+    assert len(refused) == 1  # the first part's first try; the others went without
+    answered = [r.body for r in recorder.requests if "temperature" not in r.body]
+    assert response.upstream_calls == len(answered)
+    assert header(refused[0]) == header(answered[0])  # the refused part, asked again
+
+
+async def test_a_temperature_refused_by_an_upstream_that_takes_it_still_fails_the_call(
+    recorder, start_gateway
+):
+    """The part is asked again without its temperature once only: an upstream that
+    refuses that too fails the call, as any refusal does, naming the part."""
+
+    def respond(body):
+        return Status(400, body=TEMPERATURE_REFUSED) if is_part(body) else default_respond(body)
+
+    recorder.respond = respond
+    gateway = await start_gateway(config(recorder.base_url, concurrency=1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(60)))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).reason == "UPSTREAM_REJECTED_REQUEST"
+    assert [("temperature" in r.body) for r in recorder.requests] == [True, False]
+
+
 @pytest.mark.parametrize("max_levels", [2, 3])
 async def test_a_document_needing_more_levels_than_max_levels_is_refused_up_front(
     recorder, start_gateway, max_levels

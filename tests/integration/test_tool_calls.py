@@ -18,6 +18,7 @@ from service.tokens import estimate_output_tokens
 from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply, Status, ToolCallReply
 from tests.integration.helpers import error_info, field_violations, retry_delay_s
+from tests.scripted_upstream import ScriptedUpstream
 
 ONE_ATTEMPT: dict[str, object] = {"resilience": {"attempts": 1}}
 CACHED = pb.CachePolicy(mode=pb.CACHE_MODE_DEFAULT)
@@ -1082,3 +1083,39 @@ async def test_a_malformed_function_call_fails_as_other_malformed_replies(
     )
     gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
     await _fails_as_a_malformed_answer_of_up0(gateway.stub, is_stream=is_stream)
+
+
+# OpenAI's refusal of `parallel_tool_calls` in a request that declares no tools.
+PARALLEL_WITHOUT_TOOLS = (
+    '{"error": {"message": "Invalid value for \'parallel_tool_calls\': \'parallel_tool_calls\' '
+    'is only allowed when \'tools\' are specified.", "type": "invalid_request_error", '
+    '"param": "parallel_tool_calls", "code": null}}'
+)
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_parallel_tool_calls_of_extra_body_goes_only_with_tools(start_gateway, is_stream):
+    """An upstream whose `extra_body` turns parallel tool calls off gets the switch with
+    the calls that declare tools, and not with the others, which OpenAI refuses with it.
+    Before, every call without tools (and every Summarize part) to such an upstream
+    failed INVALID_ARGUMENT."""
+
+    def respond(body: dict[str, Any]) -> Status | None:
+        if "parallel_tool_calls" in body and "tools" not in body:
+            return Status(400, body=PARALLEL_WITHOUT_TOOLS)
+        return None
+
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as fake:
+        data = gateway_config_data(fake.base_url, **ONE_ATTEMPT)
+        data["upstreams"][0]["extra_body"] = {"parallel_tool_calls": False, "user": "gw"}
+        gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+        for request in (chat("Say hi"), chat("Weather?", tools=[WEATHER])):
+            if is_stream:
+                # The same fields under the same numbers.
+                stream = pb.CompleteStreamRequest.FromString(request.SerializeToString())
+                await _collect(gateway.stub, stream)
+            else:
+                await gateway.stub.Complete(request)
+        plain, with_tools = (r.body for r in fake.requests)
+    assert (plain.get("parallel_tool_calls"), plain["user"]) == (None, "gw")
+    assert (with_tools["parallel_tool_calls"], with_tools["user"]) == (False, "gw")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from typing import Any
 
@@ -82,6 +83,23 @@ def test_request_body_adds_the_extra_fields() -> None:
     assert body["chat_template_kwargs"] == {"n": [1, 2.5, None]}
     assert body["messages"] == [{"role": "user", "content": "hi"}]
     assert body["stream"] is True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_parallel_tool_calls_goes_only_with_tools(stream: bool) -> None:
+    """`parallel_tool_calls` is sent with a request that declares tools, and left out of
+    one that declares none, which OpenAI refuses with it; the other extra fields go with
+    both."""
+    extra = {"parallel_tool_calls": False, "user": "gw"}
+    plain = ChatRequest(model="m", messages=(Message(Role.USER, "hi"),))
+    with_tools = dataclasses.replace(plain, tools=(Tool("t"),))
+    bodies = [
+        orjson.loads(request_body(request, upstream_model="up", stream=stream, extra=extra))
+        for request in (plain, with_tools)
+    ]
+    assert [body.get("parallel_tool_calls") for body in bodies] == [None, False]
+    assert [body["user"] for body in bodies] == ["gw", "gw"]
+    assert extra == {"parallel_tool_calls": False, "user": "gw"}  # the config's, untouched
 
 
 def test_the_gateway_fields_cover_every_field_it_writes() -> None:
