@@ -38,6 +38,9 @@ MAX_CONNECTIONS = 100
 _CLOSED_BY_SERVER = "Connection closed by server."
 # As redis-py's blocking pool words a wait for a connection that timed out.
 _NO_CONNECTION = "No connection available."
+# Redis's reply to a long command from a connection that has not authenticated, before
+# it closes it ("... multibulk length", "... bulk length"); a short one gets NOAUTH.
+_UNAUTHENTICATED = "Protocol error: unauthenticated "
 # The reply to AUTH from a Redis that has no password (each version's wording).
 _NO_PASSWORD_SET = tuple(NO_AUTH_SET_ERROR)
 
@@ -251,12 +254,14 @@ class LeanRedis:
             # Timed out, failed or cancelled before the reply: that reply may still come.
             self._drop(conn)
             raise
-        if isinstance(reply, exceptions.ConnectionError):
-            self._drop(conn)  # LOADING, too many clients: redis-py drops the connection too
+        if isinstance(reply, Exception):  # an error reply, mapped by redis-py's parser
+            reply = _unauthenticated_as_refusal(reply)
+            if isinstance(reply, exceptions.ConnectionError):
+                self._drop(conn)  # LOADING, too many clients: redis-py drops it too
+            else:
+                self._give_back(conn)
             raise reply
         self._give_back(conn)
-        if isinstance(reply, Exception):  # an error reply, mapped by redis-py's parser
-            raise reply
         return reply
 
     async def _take(self) -> _Connection:
@@ -431,6 +436,19 @@ class LeanScript:
         except exceptions.NoScriptError:
             self.sha = await self._client.execute_command("SCRIPT", "LOAD", self._lua)
             return await self._client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+def _unauthenticated_as_refusal(reply: Exception) -> Exception:
+    """`reply`, or NOAUTH's AuthenticationError for Redis's refusal of a command too long
+    to take from a connection that has not authenticated (over 10 arguments, as the
+    scripts send, or one over 16 KiB), which it closes after: a password required under a
+    gateway that sends none. redis-py's connections meet it as a refused handshake; taken
+    for a refusal for good, it would have usage rows given up at once."""
+    if isinstance(reply, exceptions.ResponseError) and str(reply).startswith(_UNAUTHENTICATED):
+        refusal = exceptions.AuthenticationError(f"Authentication required ({reply}).")
+        refusal.__cause__ = reply
+        return refusal
+    return reply
 
 
 def _connect_error(where: str, exc: OSError) -> str:

@@ -5,7 +5,8 @@ budgets and tenant limits fail open, usage rows wait and are lost, the cache nev
 stores, and the log says only that the store is cooling down. So as the gateway starts
 (and in `llm-gateway check`) each configured Redis gets one PING within its section's
 timeout. A refusal of the credentials is a config error on the key that holds them, with
-what Redis said, and so is one of the database the URL selects (past its `databases`); no
+what Redis said, and so are one of the database the URL selects (past its `databases`)
+and protected mode's refusal of the gateway's host (DENIED: no password set at all); no
 answer at all (down, unreachable, hung) is an outage, which the gateway starts through as
 it runs through one, and a user refused PING itself (NOPERM) was let in.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from redis import exceptions
 
 from service.config import GatewayConfig, has_redis_credentials, redis_password
-from service.redis_errors import access_refusal
+from service.redis_errors import access_refusal, is_denied
 
 __all__ = ["check_redis_access"]
 
@@ -54,7 +55,7 @@ class _RedisUse:
         """The key that holds what Redis refused: the URL for its database, or when it
         carries credentials (redis-py prefers them to the variable's), else the password
         variable's key."""
-        if _refuses_database(refusal) or has_redis_credentials(self.url):
+        if _refuses_database(refusal) or is_denied(refusal) or has_redis_credentials(self.url):
             return f"{self.section}.redis_url"
         return f"{self.section}.redis_password_env"
 
@@ -65,6 +66,12 @@ class _RedisUse:
             return (
                 f"Redis refused the database the URL selects ({said}); name one it has, "
                 "0 to 15 unless its `databases` setting says otherwise"
+            )
+        if is_denied(refusal):
+            return (
+                f"Redis refuses connections from other hosts in protected mode (Redis said: "
+                f"{_first_sentence(str(refusal))}); give its default user a password (and "
+                "name the variable holding it in redis_password_env), or turn protected-mode off"
             )
         if has_redis_credentials(self.url):
             return f"Redis refused the user or password in the URL ({said})"
@@ -77,6 +84,11 @@ class _RedisUse:
             f"Redis asks for a password and none is configured ({said}); name the "
             "environment variable holding it here"
         )
+
+
+def _first_sentence(reply: str) -> str:
+    """The first sentence of Redis's reply: protected mode's goes on for a paragraph."""
+    return reply.partition(". ")[0].rstrip(".") + "."
 
 
 def _redis_uses(config: GatewayConfig) -> list[_RedisUse]:
@@ -110,7 +122,7 @@ async def _refusal(use: _RedisUse, environ: Mapping[str, str]) -> BaseException 
         async with asyncio.timeout(use.timeout_s):
             await client.ping()
     except Exception as exc:  # any failure but a refusal is an outage: started through
-        if _refuses_database(exc):
+        if _refuses_database(exc) or is_denied(exc):
             return exc
         refusal = access_refusal(exc)
         return refusal if isinstance(refusal, _AUTHENTICATION) else None

@@ -34,21 +34,39 @@ _PIPELINE_ERROR = " of pipeline caused error: "
 
 def refused_for_good(exc: BaseException) -> bool:
     """Whether Redis answered `exc` to this very command, so sending it again cannot
-    succeed; connection errors, timeouts and "not now" replies may pass."""
+    succeed; connection errors, timeouts, "not now" replies and a refusal of the
+    connection itself (protected mode's) may pass."""
     if not isinstance(exc, ResponseError) or isinstance(exc, _NOT_NOW_ERRORS):
         return False
+    return not _reply(exc).startswith((*_NOT_NOW_CODES, _PROTECTED_MODE))
+
+
+def _reply(exc: ResponseError) -> str:
+    """Redis's reply in `exc`, a pipeline's command's included."""
     reply = str(exc)
     if reply.startswith("Command # ") and _PIPELINE_ERROR in reply:
         # "Command # 1 (ZREM k m) of pipeline caused error: ('NOREPLICAS ...',)"
         reply = reply.partition(_PIPELINE_ERROR)[2].lstrip("('\"")
-    return not reply.startswith(_NOT_NOW_CODES)
+    return reply
+
+
+# What Redis in protected mode (no password for its default user) says to a connection
+# from another host as it accepts it, then closes it: no command will ever run there, as
+# under NOAUTH, until an operator sets a password (or turns protected mode off).
+_PROTECTED_MODE = "DENIED "
+
+
+def is_denied(exc: BaseException) -> bool:
+    """Whether `exc` is protected mode's refusal of the connection (a ResponseError)."""
+    return isinstance(exc, ResponseError) and _reply(exc).startswith(_PROTECTED_MODE)
 
 
 # Redis refusing the gateway's credentials (WRONGPASS; NOAUTH: none sent where it asks for
 # one; AUTH with a user to a Redis before 6, which knows none: the wrong-number-of-args
 # error) or its user the command or key (NOPERM); AuthorizationError is redis-py's own
 # refusal of a TLS server whose OCSP status it may not read. redis-py maps the first ones
-# to ConnectionErrors, NOPERM to a ResponseError.
+# to ConnectionErrors, NOPERM to a ResponseError. (Protected mode's DENIED, a
+# ResponseError of no class of its own, is `is_denied`.)
 _ACCESS_REFUSED = (
     exceptions.AuthenticationError,
     exceptions.AuthenticationWrongNumberOfArgsError,
@@ -64,7 +82,7 @@ def access_refusal(exc: BaseException) -> BaseException | None:
     from the refusal: missed, a wrong password on `unix://` passed for an outage."""
     cause: BaseException | None = exc
     for _ in range(_MOST_CAUSES):
-        if cause is None or isinstance(cause, _ACCESS_REFUSED):
+        if cause is None or isinstance(cause, _ACCESS_REFUSED) or is_denied(cause):
             return cause
         cause = cause.__cause__
     return None
@@ -85,9 +103,10 @@ _UNANSWERED = (exceptions.ConnectionError, exceptions.TimeoutError, TimeoutError
 
 
 def is_unanswered(exc: BaseException) -> bool:
-    """Whether Redis gave no answer: the operation timed out, or could not connect. Any
-    other error is an answer, so Redis is up."""
-    return isinstance(exc, _UNANSWERED)
+    """Whether Redis gave no answer: the operation timed out, or could not connect (or
+    was refused the connection: NOAUTH, protected mode's DENIED). Any other error is an
+    answer, so Redis is up."""
+    return isinstance(exc, _UNANSWERED) or is_denied(exc)
 
 
 def replacing_closed_connections() -> dict[str, Any]:

@@ -426,3 +426,48 @@ async def test_a_password_rotated_under_the_gateway_is_one_error_per_store_and_c
     assert not [r for r in caplog.records if r.getMessage() == "store.cooldown_started"]
     assert cache_errors >= 1
     assert rows_waiting >= CALLS  # every usage row, kept to retry
+
+
+async def test_a_password_required_under_a_gateway_that_sends_none_loses_no_usage_row(
+    redis_server: RedisServer, start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis given a password while a gateway that has none runs: Redis refuses a long
+    command from a connection that has not authenticated (a script's, over 10 arguments)
+    with a protocol error, not NOAUTH. It is a refusal of the credentials, as NOAUTH is:
+    `store.auth_refused` per store, every call answered, and each usage row kept to
+    retry, landing once when Redis takes no password again.
+
+    Before, the lean client raised it as an error reply Redis would give again: each row
+    was given up at once (`ledger.record_lost`).
+    """
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with FakeUpstream() as fake:
+            captured = captured_telemetry()
+            config = hung_redis_config(fake, redis_server, prefix)
+            gateway = await start_gateway(config, telemetry=captured.telemetry)
+
+            async def call() -> None:
+                reply = await gateway.stub.Complete(
+                    chat(), metadata=as_tenant("team-a"), timeout=10
+                )
+                assert reply.content
+
+            await call()  # connected while Redis takes no password
+            await admin.config_set("requirepass", _PASSWORD)
+            await admin.client_kill_filter(_type="normal", skipme=True)
+            for _ in range(CALLS):
+                await call()
+            rows_waiting = writes_waiting(captured, "ledger")
+            await admin.execute_command("AUTH", _PASSWORD)
+            await admin.config_set("requirepass", "")
+            await eventually(lambda: writes_waiting(captured) == 0)
+            usage = await gateway.stub.GetUsage(pb.GetUsageRequest(), metadata=as_tenant("team-a"))
+    finally:
+        await admin.aclose()
+    assert not [r for r in caplog.records if r.getMessage() == "ledger.record_lost"]
+    refusals = [r for r in caplog.records if r.getMessage() == "store.auth_refused"]
+    assert sorted(getattr(r, "store", "") for r in refusals) == ["auth", "ledger"]
+    assert rows_waiting >= CALLS
+    assert usage.total.requests == CALLS + 1

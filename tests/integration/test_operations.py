@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -728,6 +729,66 @@ async def _refused_check(path: Path) -> tuple[int, str]:
     _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode is not None
     return process.returncode, stderr.decode()
+
+
+# What Redis in protected mode (its default setting, with no password for its default
+# user) writes to each connection from a host other than its own as it accepts it,
+# before closing it: a real one cannot be made to on loopback.
+_PROTECTED_MODE_REPLY = (
+    b"-DENIED Redis is running in protected mode because protected mode is enabled and no "
+    b"password is set for the default user. In this mode connections are only accepted "
+    b"from the loopback interface. If you want to connect from external computers to Redis "
+    b"you may adopt one of the following solutions: ...\r\n"
+)
+
+
+@contextlib.asynccontextmanager
+async def _redis_in_protected_mode() -> AsyncIterator[str]:
+    """The URL of a Redis refusing every connection as protected mode does."""
+
+    async def deny(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_PROTECTED_MODE_REPLY)
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(deny, "127.0.0.1", 0)
+    try:
+        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("command", ["serve 1", "serve 2", "check"])
+@pytest.mark.parametrize("section", ["cache", "auth", "ledger"])
+async def test_a_redis_in_protected_mode_stops_the_start_with_status_2(
+    tmp_path: Path, section: str, command: str
+) -> None:
+    """A Redis that refuses the gateway's connections in protected mode (DENIED: no
+    password for its default user, and the gateway on another host) stops `serve` and
+    `check` with one config error on the URL's key, as a password it asks for does.
+
+    Before, the gateway started and `check` said ok, while every command failed: each
+    usage row was lost (`ledger.record_lost`), budgets and tenant limits were open.
+    """
+    async with _redis_in_protected_mode() as url:
+        path = _redis_config(tmp_path, section, url, None)
+        name, _, workers = command.partition(" ")
+        args = ("--workers", workers) if workers else ()
+        if name == "check":
+            code, stderr = await _refused_check(path)
+        else:
+            code, stderr = await _refused_start("serve", "--config", str(path), *args)
+    assert code == 2
+    assert (
+        f"llm-gateway: config error: {path}: {section}.redis_url: Redis refuses connections "
+        "from other hosts in protected mode (Redis said: DENIED Redis is running in protected "
+        "mode because protected mode is enabled and no password is set for the default user.)"
+        "; give its default user a password"
+    ) in stderr
+    assert stderr.count("config error") == 1
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.redis

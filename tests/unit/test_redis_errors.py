@@ -10,7 +10,7 @@ import pytest
 from redis._parsers.base import BaseParser
 from redis.exceptions import ConnectionError, TimeoutError
 
-from service.redis_errors import refused_for_good, refuses_access
+from service.redis_errors import is_unanswered, refused_for_good, refuses_access
 
 
 @pytest.mark.parametrize(
@@ -69,6 +69,30 @@ def test_connection_errors_and_timeouts_may_pass(error: Exception) -> None:
 def test_a_refusal_of_the_credentials_or_rights_is_told_apart(reply: str, refuses: bool) -> None:
     """WRONGPASS, NOAUTH and NOPERM are an operator's to mend; other replies are not."""
     assert refuses_access(BaseParser.parse_error(reply)) is refuses
+
+
+# As Redis in protected mode (no password for its default user) answers a connection
+# from another host, then closes it.
+DENIED = (
+    "DENIED Redis is running in protected mode because protected mode is enabled and no "
+    "password is set for the default user. In this mode connections are only accepted from "
+    "the loopback interface."
+)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [DENIED, f"Command # 1 (EVALSHA abc 0) of pipeline caused error: ('{DENIED}',)"],
+    ids=["reply", "pipeline"],
+)
+def test_protected_mode_refusing_the_connection_is_a_refusal_that_may_pass(reply: str) -> None:
+    """DENIED: no command will run until an operator sets a password, as under NOAUTH.
+    Before, it was an error reply Redis would give again: each usage row written was
+    given up at once (`ledger.record_lost`), logged `store.error_replies`."""
+    denied = BaseParser.parse_error(reply)
+    assert refuses_access(denied)
+    assert is_unanswered(denied)
+    assert not refused_for_good(denied)
 
 
 def test_no_answer_is_no_refusal() -> None:

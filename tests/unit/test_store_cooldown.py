@@ -151,6 +151,23 @@ def test_a_refused_password_on_a_unix_socket_is_an_error_too(
     assert caplog.records[0].__dict__["error"] == "AuthenticationError"
 
 
+def test_protected_mode_refusing_the_connection_is_one_error_and_a_cool_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DENIED (Redis in protected mode, a connection from another host) cools the store
+    down and says `store.auth_refused` at ERROR once, as NOAUTH does: not an error reply
+    to try again at every call."""
+    cooldown = StoreCooldown("ledger", clock=FakeClock())
+    denied = BaseParser.parse_error("DENIED Redis is running in protected mode because ...")
+    with caplog.at_level(logging.INFO, logger="llm_gateway.store"):
+        cooldown.failed(denied)
+        cooldown.failed(denied)
+    assert cooldown.skips()
+    assert [(r.message, r.levelno) for r in caplog.records] == [
+        ("store.auth_refused", logging.ERROR)
+    ]
+
+
 def test_a_noperm_reply_starts_its_episode_with_an_error(caplog: pytest.LogCaptureFixture) -> None:
     """NOPERM (an ACL too narrow) is an error reply, logged by episode, its first line
     `store.auth_refused` at ERROR rather than `store.error_replies`."""
