@@ -86,7 +86,7 @@ async def test_a_read_that_missed_the_answer_its_shared_call_stored_meanwhile_re
     async def fetch() -> Completion:
         nonlocal fetched
         fetched += 1
-        return Completion("id", "m", "hello", FinishReason.STOP, Usage(3, 1), 0.5, "up0")
+        return Completion("id", "m", "hello", FinishReason.STOP, Usage(3, 1), 0.02, "up0")
 
     deadline = Deadline.after(None)
     first = await cache.complete(request, fetch=fetch, deadline=deadline)
@@ -103,5 +103,5 @@ async def test_a_read_that_missed_the_answer_its_shared_call_stored_meanwhile_re
     store.reads.set()
     answer = await asyncio.wait_for(second, timeout=5)
     assert (first.is_cache_hit, fetched) == (False, 1)
-    assert (answer.content, answer.is_cache_hit, answer.saved_cost_usd) == ("hello", True, 0.5)
+    assert (answer.content, answer.is_cache_hit, answer.saved_cost_usd) == ("hello", True, 0.02)
     await cache.aclose()

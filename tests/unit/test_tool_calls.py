@@ -297,7 +297,7 @@ def test_every_tool_field_changes_the_key(changed: dict[str, object]) -> None:
 
 
 def _completion(**fields: object) -> Completion:
-    return Completion("i", "m", "", FinishReason.TOOL_CALLS, Usage(1, 2), 0.5, "up", **fields)  # type: ignore[arg-type]
+    return Completion("i", "m", "", FinishReason.TOOL_CALLS, Usage(1, 2), 0.02, "up", **fields)  # type: ignore[arg-type]
 
 
 def test_entries_keep_tool_calls_and_replay_each_whole() -> None:
