@@ -44,7 +44,7 @@ from service.episodes import REPEAT_AFTER_S
 from service.errors import PermissionDenied, Unauthenticated, UpstreamUnavailable, quoted
 from service.redis_errors import is_unanswered
 from service.store_cooldown import COOLDOWN_S, StoreCooldown
-from service.text_encoding import MARK_BYTES, encoding_of, unicode_name
+from service.text_encoding import NotMarkedText, marked_text
 
 log = logging.getLogger("llm_gateway.auth")
 
@@ -102,13 +102,12 @@ def keys_file_text(raw: bytes, *, source: str) -> str:
     Raises:
         ValueError: naming the file and line of a byte that is not of that encoding.
     """
-    encoding = encoding_of(raw[:MARK_BYTES])
     try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1 by an editor
-        line = raw[: exc.start].decode(encoding, errors="replace").count("\n") + 1
-        name = unicode_name(encoding)
-        raise ValueError(f"{source}:{line}: not {name} text: a byte that is not {name}") from None
+        return marked_text(raw)
+    except NotMarkedText as exc:
+        raise ValueError(
+            f"{source}:{exc.line}: not {exc.name} text: a byte that is not {exc.name}"
+        ) from None
 
 
 def parse_keys_file(

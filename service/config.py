@@ -38,7 +38,7 @@ from redis.asyncio.connection import (
 
 from service.domain import CacheMode, TruncationMode
 from service.hosts import ascii_host, is_loopback_host, listen_hosts_overlap
-from service.text_encoding import MARK_BYTES, encoding_of, unicode_name
+from service.text_encoding import NotMarkedText, marked_text
 from service.upstream.think_tags import ThinkTags
 
 ENV_PREFIX = "LLM_GATEWAY__"
@@ -1949,14 +1949,11 @@ def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
 def _config_text(raw: bytes, source: str) -> str:
     """The config file's bytes as text, in the encoding its byte order mark names (UTF-16
     or UTF-32, as Windows tools save; else UTF-8, a mark left out)."""
-    encoding = encoding_of(raw[:MARK_BYTES])
     try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1 by an editor
-        line = raw[: exc.start].decode(encoding, errors="replace").count("\n") + 1
-        name = unicode_name(encoding)
+        return marked_text(raw)
+    except NotMarkedText as exc:
         raise ConfigError(
-            source, "", f"not {name} text: line {line} has a byte that is not {name}"
+            source, "", f"not {exc.name} text: line {exc.line} has a byte that is not {exc.name}"
         ) from None
 
 

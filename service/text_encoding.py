@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import codecs
 
-__all__ = ["MARK_BYTES", "encoding_of", "following_encoding", "unicode_name"]
+__all__ = [
+    "MARK_BYTES",
+    "NotMarkedText",
+    "encoding_of",
+    "following_encoding",
+    "marked_text",
+    "unicode_name",
+]
 
 # UTF-32 LE's mark first: it begins with UTF-16 LE's. The codecs named read the mark to
 # learn the byte order, and leave it out of the text; the second codec of each writes text
@@ -47,3 +54,27 @@ def following_encoding(start: bytes) -> str:
 def unicode_name(encoding: str) -> str:
     """`encoding_of`'s answer as a user knows it: `UTF-8`, `UTF-16` or `UTF-32`."""
     return encoding.removesuffix("-sig").upper()
+
+
+class NotMarkedText(ValueError):
+    """A file's bytes hold one that is not of the encoding its byte order mark names."""
+
+    def __init__(self, line: int, name: str) -> None:
+        super().__init__(f"line {line}: a byte that is not {name}")
+        self.line = line  # the line (from 1) of the first such byte
+        self.name = name  # `unicode_name` of the encoding
+
+
+def marked_text(raw: bytes) -> str:
+    """A file's bytes as text, in the encoding its byte order mark names (`encoding_of`).
+
+    Raises:
+        NotMarkedText: at the first byte that is not of that encoding (a comment saved
+            as Latin-1 by an editor, a UTF-16 file cut mid-character).
+    """
+    encoding = encoding_of(raw[:MARK_BYTES])
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].decode(encoding, errors="replace").count("\n") + 1
+        raise NotMarkedText(line, unicode_name(encoding)) from None
