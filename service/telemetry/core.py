@@ -100,16 +100,17 @@ class AttemptSpan:
         error_type = None
         try:
             if exc is not None:
-                error_type = attr.error_type(exc)
-                span.set_attribute(attr.ERROR_TYPE, error_type)
-                span.set_status(Status(StatusCode.ERROR, error_type))
-                # A cut by the caller's own deadline is no fault of the upstream's; once
-                # a stream's text flows, that deadline bounds none of its reads.
+                # A cut by the caller's own deadline is no fault of the upstream's: it is
+                # `cancelled`, as a cut by the caller's cancel is, not the upstream's
+                # timeout. Once a stream's text flows, that deadline bounds none of its reads.
                 is_callers_cut = (
                     self.first_chunk_s is None
                     and self.is_callers_cut is not None
                     and self.is_callers_cut(exc)
                 )
+                error_type = attr.CANCELLED if is_callers_cut else attr.error_type(exc)
+                span.set_attribute(attr.ERROR_TYPE, error_type)
+                span.set_status(Status(StatusCode.ERROR, error_type))
                 if isinstance(exc, Exception) and not is_callers_cut:
                     telemetry.record_upstream_error(self.upstream, error_type)
         finally:
@@ -424,7 +425,7 @@ class Telemetry:
         # A status the call was already ended with (`RpcScope.fail`) stands.
         if exc_type is not None and scope.error_type is None:
             if issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
-                scope.fail(status_code=1, error_type="cancelled")
+                scope.fail(status_code=1, error_type=attr.CANCELLED)
             else:
                 scope.fail(status_code=2, error_type=exc_type.__name__)
         try:

@@ -72,6 +72,8 @@ CACHE_DIRECTION = "llm_gateway.cache.direction"
 STORE = "llm_gateway.store"
 
 OPERATION_CHAT = "chat"
+# The `error.type` of a call or attempt its caller cut: cancelled, or its deadline passed.
+CANCELLED = "cancelled"
 OVERHEAD_TRAILER = "llm-gateway-overhead-ms"
 
 # gRPC codes a server span reports as errors (the rest are the caller's doing).
@@ -110,7 +112,7 @@ def error_type(exc: BaseException) -> str:
     if isinstance(status, int):
         return str(status)
     if isinstance(exc, GeneratorExit | asyncio.CancelledError):
-        return "cancelled"
+        return CANCELLED
     return type(exc).__name__
 
 

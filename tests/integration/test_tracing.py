@@ -1160,6 +1160,36 @@ async def test_an_attempt_the_callers_deadline_cut_is_no_upstream_error(
     assert errors == (0 if cut_by == "caller's deadline" else 1)
 
 
+@pytest.mark.parametrize("cut_by", ["caller's deadline", "upstream's timeout_s"])
+async def test_an_attempt_the_callers_deadline_cut_is_cancelled_not_an_upstream_timeout(
+    upstream, start_gateway, captured, cut_by
+):
+    """The attempt span's and its duration's `error.type` say `cancelled` for an attempt
+    its caller's deadline cut, as for one its caller cancelled, and as
+    `llm_gateway.upstream.attempts` counts it; one past the upstream's own `timeout_s`
+    is its `UpstreamTimeout`.
+
+    Before, both said `UpstreamTimeout`: a GenAI dashboard of failed operations by
+    `error.type` blamed the provider for its callers' tight deadlines.
+    """
+    timeout_s, deadline_s = (5.0, 0.3) if cut_by == "caller's deadline" else (0.3, 5.0)
+    config = gateway_config(upstream.base_url, resilience={"attempts": 1})
+    config = dataclasses.replace(
+        config, upstreams=(dataclasses.replace(config.upstreams[0], timeout_s=timeout_s),)
+    )
+    gateway = await start_gateway(config, telemetry=captured.telemetry)
+    upstream.script(Hang())
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.Complete(chat(), timeout=deadline_s)
+    await captured.ended(UNARY_SPAN)
+    expected = "cancelled" if cut_by == "caller's deadline" else "UpstreamTimeout"
+    attempt = captured.span(ATTEMPT_SPAN)
+    assert attributes_of(attempt)["error.type"] == expected
+    assert attempt.status.description == expected
+    [duration] = captured.points(DURATION)
+    assert duration.attributes["error.type"] == expected
+
+
 @pytest.mark.parametrize(
     "depth",
     [
