@@ -1243,9 +1243,15 @@ class Summarizer:
             if chat.params.temperature is None or not _refuses_temperature(exc):
                 raise
         self._refusing_temperature.add(chat.model)
-        return await self._pipeline.complete_in_turn(
-            _without_temperature(chat), deadline=deadline, waiting_since=None, is_rerun=is_rerun
-        )
+        try:
+            return await self._pipeline.complete_in_turn(
+                _without_temperature(chat), deadline=deadline, waiting_since=None, is_rerun=is_rerun
+            )
+        except GatewayError as refused:
+            # The try refused for its temperature was sent: so was this one's call, whatever
+            # stopped it (its turn's units, and the Summarize's request, stay spent).
+            refused.is_unsent = False
+            raise
 
 
 def _refuses_temperature(refusal: UpstreamRejected) -> bool:
