@@ -1176,7 +1176,12 @@ class Summarizer:
                             is_rerun=was_sent,
                         )
                 # Refused before this try was sent: unsent only if no earlier try was.
-                except (ShuttingDown, BudgetExceeded, DeadlineExceeded) as refused:
+                except (
+                    ShuttingDown,
+                    BudgetExceeded,
+                    DeadlineExceeded,
+                    ContextWindowExceeded,  # the text is split again (`_call_if_fits`)
+                ) as refused:
                     refused.is_unsent = refused.is_unsent and not was_sent
                     raise
                 except UpstreamContextExceeded:
