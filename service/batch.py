@@ -20,6 +20,7 @@ from service.config import BatchConfig
 from service.domain import ChatRequest, Completion, Usage
 from service.errors import (
     BudgetExceeded,
+    ContextWindowExceeded,
     DeadlineExceeded,
     FieldViolation,
     GatewayError,
@@ -242,7 +243,7 @@ async def _complete_item(
                 request, deadline=deadline, waiting_since=waiting_since, is_rerun=was_sent
             )
         # Refused before this try was sent: unsent only if no earlier try was.
-        except (ShuttingDown, BudgetExceeded, DeadlineExceeded) as refused:
+        except (ShuttingDown, BudgetExceeded, DeadlineExceeded, ContextWindowExceeded) as refused:
             refused.is_unsent = refused.is_unsent and not was_sent
             raise
         except UpstreamError as exc:

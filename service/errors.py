@@ -148,9 +148,16 @@ class InvalidRequest(GatewayError):
 class ContextWindowExceeded(InvalidRequest):
     """The prompt does not fit the model's context window and truncation is off (or
     cannot help): the violation is on `messages`, or on `params.max_tokens` when that
-    alone fills the window."""
+    alone fills the window.
+
+    Always found before the call is sent (`is_unsent`): the per-minute units a batch
+    item's or a Summarize part's turn took for it go back (`Pipeline.in_turn`), as the
+    part is split and its pieces take their own. Cleared by an item or a part an earlier
+    try of which was sent.
+    """
 
     reason = "CONTEXT_WINDOW_EXCEEDED"
+    is_unsent = True
 
     def __init__(
         self,

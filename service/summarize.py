@@ -1176,7 +1176,12 @@ class Summarizer:
                             is_rerun=was_sent,
                         )
                 # Refused before this try was sent: unsent only if no earlier try was.
-                except (ShuttingDown, BudgetExceeded, DeadlineExceeded) as refused:
+                except (
+                    ShuttingDown,
+                    BudgetExceeded,
+                    DeadlineExceeded,
+                    ContextWindowExceeded,  # the text is split again (`_call_if_fits`)
+                ) as refused:
                     refused.is_unsent = refused.is_unsent and not was_sent
                     raise
                 except UpstreamContextExceeded:
@@ -1243,9 +1248,15 @@ class Summarizer:
             if chat.params.temperature is None or not _refuses_temperature(exc):
                 raise
         self._refusing_temperature.add(chat.model)
-        return await self._pipeline.complete_in_turn(
-            _without_temperature(chat), deadline=deadline, waiting_since=None, is_rerun=is_rerun
-        )
+        try:
+            return await self._pipeline.complete_in_turn(
+                _without_temperature(chat), deadline=deadline, waiting_since=None, is_rerun=is_rerun
+            )
+        except GatewayError as refused:
+            # The try refused for its temperature was sent: so was this one's call, whatever
+            # stopped it (its turn's units, and the Summarize's request, stay spent).
+            refused.is_unsent = False
+            raise
 
 
 def _refuses_temperature(refusal: UpstreamRejected) -> bool:
