@@ -48,6 +48,15 @@ def holds_prompt_and_answer(window_tokens: int, prompt_tokens: int) -> bool:
     return prompt_tokens + answer_reserve(window_tokens, None) <= window_tokens
 
 
+def max_tokens_refused_advice(window_tokens: int, prompt_tokens: int) -> str:
+    """What to tell a caller whose max_tokens, not its prompt, an upstream's window of
+    `window_tokens` refused (`holds_prompt_and_answer`)."""
+    return (
+        f"its window of {window_tokens} tokens holds the prompt ({prompt_tokens}) but not the "
+        "max_tokens asked with it: lower max_tokens"
+    )
+
+
 def _turns(messages: Sequence[Message]) -> list[tuple[int, ...]]:
     """For each message, the indexes kept or dropped with it: an assistant message with
     tool calls and the tool messages answering them go together (a provider refuses a tool

@@ -474,8 +474,9 @@ class UpstreamContextExceeded(UpstreamRejected):
     `window_tokens` and `prompt_tokens`: the window and the prompt's own count, where its
     refusal says them (llama.cpp's server, vLLM, OpenAI, Gemini, Anthropic and TGI do);
     else None. `is_input_limit`: `window_tokens` limits the prompt alone, the answer's
-    room not in it (Gemini's, TGI's `--max-input-tokens`). `advice`, what the caller can
-    do, follows `message`.
+    room not in it (Gemini's, TGI's `--max-input-tokens`). `counts_answer`: `prompt_tokens`
+    counts the prompt and the answer's room together (Moonshot's). `advice`, what the
+    caller can do, follows `message`.
     """
 
     reason = "CONTEXT_WINDOW_EXCEEDED"
@@ -491,12 +492,14 @@ class UpstreamContextExceeded(UpstreamRejected):
         window_tokens: int | None = None,
         prompt_tokens: int | None = None,
         is_input_limit: bool = False,
+        counts_answer: bool = False,
     ) -> None:
         super().__init__(f"{message}; {advice}", upstream=upstream, status=status, relayed=relayed)
         self._said = message
         self.window_tokens = window_tokens
         self.prompt_tokens = prompt_tokens
         self.is_input_limit = is_input_limit
+        self.counts_answer = counts_answer
 
     def advise(self, advice: str) -> None:
         """Give `advice` in place of the one it was made with: the pipeline knows the

@@ -75,10 +75,27 @@ def _store_in_redis(auth: AuthConfig, caller_key: CallerKey) -> None:
     client = redis.Redis.from_url(auth.redis_url or "", **options)
     try:
         client.hset(redis_keys_hash(auth.redis_key_prefix), caller_key.sha256, caller_key.tenant)
-    except redis.RedisError as exc:  # the URL may hold a password: do not print it
-        raise OSError(f"cannot store the key in Redis ({type(exc).__name__})") from None
+    except redis.RedisError as exc:
+        raise OSError(f"cannot store the key in Redis ({_redis_failure(exc)})") from None
     finally:
         client.close()
+
+
+def _redis_failure(exc: BaseException) -> str:
+    """What `exc` says of a failed write to Redis: its class, and Redis's own reply where
+    Redis refused it (an ACL's NOPERM names the user and the command or key, a WRONGPASS
+    the credentials' fault), which holds no secret. Else the class alone: redis-py's own
+    messages may hold the URL, and with it a password."""
+    from redis.exceptions import ResponseError
+
+    from service.redis_errors import access_refusal
+
+    reply = access_refusal(exc)
+    if reply is None and isinstance(exc, ResponseError):
+        reply = exc
+    if reply is None:
+        return type(exc).__name__
+    return f"{type(reply).__name__}: Redis said: {reply}"
 
 
 def create_key(auth: AuthConfig, tenant: str) -> tuple[str, str]:

@@ -21,7 +21,12 @@ from service.budgets import CALLS_IN_FLIGHT_RETRY_S, BudgetHold, Budgets, HeldBy
 from service.calibration import TokenCalibration
 from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
-from service.context_window import answer_reserve, fit_messages, holds_prompt_and_answer
+from service.context_window import (
+    answer_reserve,
+    fit_messages,
+    holds_prompt_and_answer,
+    max_tokens_refused_advice,
+)
 from service.domain import (
     CacheMode,
     ChatRequest,
@@ -363,9 +368,17 @@ class Pipeline:
         if refusal.window_tokens is None or refusal.prompt_tokens is None:
             self._learn_uncounted_refusal(prepared, refusal, window=window, room=room)
             return
+        prompt_tokens = refusal.prompt_tokens
+        if refusal.counts_answer:
+            # Moonshot's count is of the prompt and the max_tokens sent (or its own default)
+            # together: taken for the prompt's, it raised the factor by the max_tokens. Less
+            # the max_tokens sent it is the prompt's; with none sent, less the room the
+            # gateway keeps, which the fit must leave free beside the prompt anyway.
+            reserved = answer_reserve(refusal.window_tokens, max_tokens)
+            prompt_tokens = max(0, prompt_tokens - reserved)
         if refusal.is_input_limit:
             upstream_room = refusal.window_tokens  # a limit on the prompt alone
-        elif holds_prompt_and_answer(refusal.window_tokens, refusal.prompt_tokens):
+        elif holds_prompt_and_answer(refusal.window_tokens, prompt_tokens):
             # Its max_tokens was refused, not the prompt: the count is one as an
             # answer's usage reports. Taken for the prompt's, it raised the tenant's
             # factor to the ceiling, refusing its other prompts a quarter the window.
@@ -373,8 +386,10 @@ class Pipeline:
                 request.model,
                 request.tenant,
                 estimated_tokens=prepared.prompt_tokens,
-                reported_tokens=refusal.prompt_tokens,
+                reported_tokens=prompt_tokens,
             )
+            if refusal.counts_answer and prompt_tokens > 0:
+                refusal.advise(max_tokens_refused_advice(refusal.window_tokens, prompt_tokens))
             return
         else:
             upstream_room = refusal.window_tokens - answer_reserve(
@@ -385,7 +400,7 @@ class Pipeline:
             request.tenant,
             estimated_tokens=prepared.prompt_tokens,
             room_tokens=room,
-            counted=(refusal.prompt_tokens, upstream_room),
+            counted=(prompt_tokens, upstream_room),
         )
         if not is_followed:
             refusal.advise(_past_the_factor_advice(refusal, window))

@@ -1175,7 +1175,8 @@ class Summarizer:
                             waiting_since=waiting_since,
                             is_rerun=was_sent,
                         )
-                # Refused before this try was sent: unsent only if no earlier try was.
+                # Refused before this try was sent: unsent only if no earlier try was, and
+                # naming the earlier tries' failures with this one's.
                 except (
                     ShuttingDown,
                     BudgetExceeded,
@@ -1183,6 +1184,7 @@ class Summarizer:
                     ContextWindowExceeded,  # the text is split again (`_call_if_fits`)
                 ) as refused:
                     refused.is_unsent = refused.is_unsent and not was_sent
+                    refused.attempt_failures = (*failures, *refused.attempt_failures)
                     raise
                 except UpstreamContextExceeded:
                     raise  # the text is split again (`_call_if_fits`)

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapp
 import orjson
 
 from service.config import UpstreamConfig
-from service.context_window import holds_prompt_and_answer
+from service.context_window import holds_prompt_and_answer, max_tokens_refused_advice
 from service.domain import Usage, assemble_tool_calls, whole_tool_calls
 from service.errors import (
     UpstreamAuthRejected,
@@ -182,14 +182,12 @@ def _error_for_status(
         )
         window_tokens: int | None = None
         prompt_tokens: int | None = None
-        is_input_limit = False
+        is_input_limit = counts_answer = False
         if counts is not None:
-            window_tokens, prompt_tokens, is_input_limit = counts
-            if not is_input_limit and holds_prompt_and_answer(window_tokens, prompt_tokens):
-                advice = (
-                    f"its window of {window_tokens} tokens holds the prompt ({prompt_tokens}) "
-                    "but not the max_tokens asked with it: lower max_tokens"
-                )
+            window_tokens, prompt_tokens, is_input_limit, counts_answer = counts
+            is_prompt_alone = not (is_input_limit or counts_answer)
+            if is_prompt_alone and holds_prompt_and_answer(window_tokens, prompt_tokens):
+                advice = max_tokens_refused_advice(window_tokens, prompt_tokens)
         return UpstreamContextExceeded(
             f"upstream {upstream!r} says the prompt with max_tokens is over the model's "
             f"context window (HTTP {status})",
@@ -200,6 +198,7 @@ def _error_for_status(
             window_tokens=window_tokens,
             prompt_tokens=prompt_tokens,
             is_input_limit=is_input_limit,
+            counts_answer=counts_answer,
         )
     return UpstreamRejected(
         f"upstream {upstream!r} rejected the request (HTTP {status})",

@@ -1152,6 +1152,7 @@ _CONTEXT_PHRASES = (
     "prompt is too long",  # Anthropic: "prompt is too long: N tokens > M maximum"
     "exceed context limit",  # Anthropic: "input length and `max_tokens` exceed context limit"
     "input is too long",  # Bedrock: "Input is too long for requested model."
+    "exceeded model token limit",  # Moonshot (Kimi): "exceeded model token limit: N"
 )
 # TGI's (Together, Hugging Face endpoints), in a 422, its status for any invalid input:
 # only these two say too long there. The second refuses a prompt over its
@@ -1394,15 +1395,25 @@ _STATED_COUNTS = (
         False,
     ),
 )
+# Moonshot's (Kimi's): "Your request exceeded model token limit: 262144 (requested:
+# 300000)". Its window holds the prompt and the answer together, and its count is of both:
+# the prompt and the max_tokens asked (or its own default, when none is).
+_PROMPT_AND_ANSWER_COUNTS = re.compile(
+    r"exceeded model token limit: (?P<window>\d{1,18}) \(requested: (?P<total>\d{1,18})\)",
+    re.IGNORECASE,
+)
 
 
 class ContextCounts(NamedTuple):
     """The sizes an over-the-window refusal states: its window (or, `is_input_limit`, its
-    limit on the prompt alone) and its count of the prompt."""
+    limit on the prompt alone) and its count of the prompt (or, `counts_answer`, of the
+    prompt and the answer's room together: the prompt's own is less by a max_tokens the
+    refusal does not say)."""
 
     window_tokens: int
     prompt_tokens: int
     is_input_limit: bool = False
+    counts_answer: bool = False
 
 
 def context_counts(body: bytes) -> ContextCounts | None:
@@ -1430,6 +1441,9 @@ def context_counts(body: bytes) -> ContextCounts | None:
         match = wording.search(message)
         if match is not None:
             return ContextCounts(int(match["window"]), int(match["prompt"]), is_input_limit)
+    match = _PROMPT_AND_ANSWER_COUNTS.search(message)
+    if match is not None:
+        return ContextCounts(int(match["window"]), int(match["total"]), counts_answer=True)
     return None
 
 

@@ -64,10 +64,13 @@ def trailer(error: grpc.aio.AioRpcError, key: str) -> str | None:
 class GarbledDetailsService(pb_grpc.CompletionServiceServicer):
     """Fails each call INVALID_ARGUMENT "refused" with a `grpc-status-details-bin` trailer
     of its own: by default one that is no `google.rpc.Status`, as a proxy on the way might
-    leave one."""
+    leave one; `trailers`, other trailers beside it."""
 
-    def __init__(self, details: bytes = GARBLED_DETAILS) -> None:
+    def __init__(
+        self, details: bytes = GARBLED_DETAILS, trailers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self._details = details
+        self._trailers = trailers
 
     async def Complete(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await self.fail(context)
@@ -78,15 +81,18 @@ class GarbledDetailsService(pb_grpc.CompletionServiceServicer):
         await self.fail(context)
 
     async def fail(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        context.set_trailing_metadata(((STATUS_DETAILS_TRAILER, self._details),))
+        context.set_trailing_metadata(((STATUS_DETAILS_TRAILER, self._details), *self._trailers))
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused")
 
 
 @contextlib.asynccontextmanager
-async def garbled_details_server(details: bytes = GARBLED_DETAILS) -> AsyncIterator[str]:
-    """A `GarbledDetailsService` on loopback sending `details`: its address."""
+async def garbled_details_server(
+    details: bytes = GARBLED_DETAILS, trailers: tuple[tuple[str, str], ...] = ()
+) -> AsyncIterator[str]:
+    """A `GarbledDetailsService` on loopback sending `details` and `trailers`: its address."""
     server = grpc.aio.server()
-    pb_grpc.add_CompletionServiceServicer_to_server(GarbledDetailsService(details), server)
+    service = GarbledDetailsService(details, trailers)
+    pb_grpc.add_CompletionServiceServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

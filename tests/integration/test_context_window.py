@@ -736,8 +736,9 @@ def _refusal(prompt: int, completion: int, *, wording: str, window: int = WINDOW
     """The 400 an upstream refusing a prompt of `prompt` tokens with a max_tokens of
     `completion` over its `window` answers, in the body and words of `wording`: Gemini's
     OpenAI endpoint (its error in a list, its input limit) and Anthropic's (the prompt
-    alone over the window, or with its max_tokens) as they write them, a refusal saying no
-    count ("context length exceeded"), or `_too_long`'s."""
+    alone over the window, or with its max_tokens) and Moonshot's (its count of the prompt
+    and the max_tokens together, neither code nor type saying too long) as they write
+    them, a refusal saying no count ("context length exceeded"), or `_too_long`'s."""
     if wording == "gemini":
         message = (
             f"The input token count ({prompt}) exceeds the maximum number of tokens allowed "
@@ -765,6 +766,13 @@ def _refusal(prompt: int, completion: int, *, wording: str, window: int = WINDOW
             )
         error = {"type": "invalid_request_error", "message": message}
         return Status(400, body=json.dumps({"type": "error", "error": error}))
+    if wording == "moonshot":
+        message = (
+            "Invalid request: Your request exceeded model token limit: "
+            f"{window} (requested: {prompt + completion})"
+        )
+        error = {"message": message, "type": "invalid_request_error"}
+        return Status(400, body=json.dumps({"error": error}))
     message = "context length exceeded"
     if wording != "no-count":
         message = _too_long(prompt, completion, wording=wording, window=window)
@@ -800,6 +808,7 @@ def _counts_two_a_word(
         "vllm-0.10",
         "openrouter",
         "mistral",
+        "moonshot",
         "gemini",
         "anthropic",
         "tgi",
@@ -818,7 +827,8 @@ async def test_keep_recent_fits_after_one_refusal_that_says_the_upstreams_count(
     conversation 1.6 times over the local model's window. And so it still did where the
     refusal said its count in OpenAI's other words or vLLM's since 0.10, which only
     llama-cpp-python's (and vLLM's before 0.10) were read in, and in OpenRouter's and
-    Mistral's."""
+    Mistral's. Moonshot's was not read as too long at all: an upstream rejection that
+    taught nothing, and so the same call's every time."""
     respond = functools.partial(_counts_two_a_word, wording=wording)
     async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
         gateway = await start_gateway(small_window_config(upstream.base_url))
@@ -954,7 +964,7 @@ async def test_a_refusal_from_a_window_far_smaller_than_the_catalogs_does_not_pr
     assert len(upstream.requests) == 2
 
 
-@pytest.mark.parametrize("wording", ["vllm", "anthropic", "no-count"])
+@pytest.mark.parametrize("wording", ["vllm", "anthropic", "moonshot", "no-count"])
 async def test_a_refused_max_tokens_leaves_the_tenants_other_prompts_fitted_as_before(
     start_gateway, wording
 ):
@@ -968,7 +978,9 @@ async def test_a_refused_max_tokens_leaves_the_tenants_other_prompts_fitted_as_b
     the window until some twenty answers had taught the factor down again. So it still
     was where the refusal said no count, a prompt of 9 tokens taken for one over the
     1024-token window less the 600 asked; and Anthropic's refusal of the two together
-    (`input length and `max_tokens` exceed context limit`) was an upstream rejection."""
+    (`input length and `max_tokens` exceed context limit`) was an upstream rejection, as
+    Moonshot's (`exceeded model token limit: 512 (requested: N)`) was, whose count is of
+    the prompt and the max_tokens together."""
     respond = functools.partial(_window_of_512, wording=wording)
     async with ScriptedUpstream(models=(FAKE_MODEL,), respond=respond) as upstream:
         gateway = await start_gateway(small_window_config(upstream.base_url))
@@ -1054,3 +1066,36 @@ async def test_a_refusal_stating_a_count_no_tokenizer_gives_is_still_context_exc
     assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
     answer = await gateway.stub.Complete(chat("hello there"))
     assert answer.content
+
+
+def _moonshot_window(body: dict[str, Any]) -> Reply | Status:
+    """Moonshot's API, its window the catalog's (1024), counting every word twice as the
+    estimate does and 7 more: a prompt whose count with the max_tokens asked is over the
+    window is refused, saying the window and the two counts' sum."""
+    prompt = 7 + 2 * sum(len(str(m.get("content") or "").split()) for m in body["messages"])
+    if prompt + body["max_tokens"] <= WINDOW:
+        return Reply(prompt_tokens=prompt)
+    return _refusal(prompt, body["max_tokens"], wording="moonshot")
+
+
+async def test_a_refusal_counting_the_prompt_with_its_max_tokens_fits_the_prompt_alone(
+    start_gateway,
+):
+    """A KEEP_RECENT call with a max_tokens of 300 is refused once by Moonshot, saying its
+    window and its count of the prompt and the max_tokens together; the next is fitted to
+    the prompt's own count (the sum less the max_tokens), and answered.
+
+    Taken for the prompt's, the sum would raise the factor by the max_tokens: the call
+    would send a third of what fits."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=_moonshot_window) as upstream:
+        gateway = await start_gateway(small_window_config(upstream.base_url))
+        request = conversation(15, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
+        request.params.max_tokens = 300
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(request)
+        assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+        answer = await gateway.stub.Complete(request)
+    # About 620 of the 724 the max_tokens leaves (a turn is about 200); the sum read as
+    # the prompt's count left 215.
+    assert answer.metadata.usage.input_tokens > (WINDOW - 300) // 2
+    assert len(upstream.requests) == 2

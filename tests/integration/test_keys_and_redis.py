@@ -285,6 +285,41 @@ async def test_keys_created_in_redis_work_on_running_replicas(
 
 
 @pytest.mark.redis
+async def test_keys_create_against_a_redis_refusing_the_write_says_what_redis_said(
+    tmp_path, capsys, monkeypatch
+):
+    """A Redis whose ACL lets the gateway's user (its default, by the password in
+    `redis_password_env`) do all but HSET refuses the key: `keys create` exits 2 naming
+    what Redis said (the user and the command it lacks), never the password. Before, it
+    said only `cannot store the key in Redis (NoPermissionError)`, which did not tell the
+    operator what the user lacked."""
+    server = RedisServer(password="redis-secret-pw")
+    await server.start()
+    try:
+        admin = aioredis.Redis.from_url(server.url, password="redis-secret-pw")
+        await admin.acl_setuser("default", enabled=True, commands=["-hset"])
+        await admin.aclose()
+        monkeypatch.setenv("TEST_KEYS_REDIS_PASSWORD", "redis-secret-pw")
+        auth = {
+            "mode": "keys",
+            "redis_url": server.url,
+            "redis_password_env": "TEST_KEYS_REDIS_PASSWORD",
+        }
+        config_file = _write_config(tmp_path / "gw.yaml", auth)
+        assert keys_command(["create", "--tenant", "team-r", "--config", str(config_file)]) == 2
+    finally:
+        await server.stop()
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    said = printed.err
+    # Redis 7.0 says "this user", 7.2 on names it: "User default".
+    assert said.startswith("llm-gateway keys: cannot store the key in Redis (NoPermissionError: ")
+    assert "Redis said: " in said
+    assert "has no permissions to run the 'hset' command)" in said
+    assert "redis-secret-pw" not in said
+
+
+@pytest.mark.redis
 async def test_tenant_limits_in_redis_are_shared_by_replicas(upstream, start_gateway, redis_url):
     """Three calls a minute for team-a, spread over two replicas: the fourth is refused."""
     config = secure_config(

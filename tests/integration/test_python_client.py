@@ -34,6 +34,7 @@ from gateway_client import (
 )
 from gateway_client.client import MAX_TIMEOUT_S, is_loopback_address
 from gateway_client.commands import complete
+from gateway_client.errors import RETRY_ELSEWHERE_TRAILER
 from llmgateway.v1 import gateway_pb2 as pb
 from service import rpc_boundary
 from service.errors import to_rpc_status
@@ -1100,6 +1101,33 @@ async def test_a_details_trailer_that_is_no_status_leaves_the_calls_code_and_mes
     for error in (unary.value, streamed.value):
         assert error_details(error) == ErrorDetails(code="INVALID_ARGUMENT", message="refused")
     assert capsys.readouterr().err == "INVALID_ARGUMENT: refused\n"
+
+
+# A details trailer `error_details` cannot read: one that is no `google.rpc.Status`, and
+# one of another code than the call's (as when its deadline passed as the gateway sent it).
+UNREAD_DETAILS = [
+    GARBLED_DETAILS,
+    status_pb2.Status(code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0]).SerializeToString(),
+]
+
+
+@pytest.mark.parametrize("details", UNREAD_DETAILS, ids=["garbled", "other-code"])
+async def test_the_retry_elsewhere_trailer_is_read_beside_details_that_are_not(
+    details: bytes,
+) -> None:
+    """A call failed with `llm-gateway-retry-elsewhere: true` beside a details trailer
+    `error_details` cannot read gives `retry_elsewhere`, as the Node client's
+    `retryElsewhere`, read from the trailers alone, does. Before, it was read only with
+    details that decoded: a caller was told to wait for this replica instead."""
+    trailers = ((RETRY_ELSEWHERE_TRAILER, "true"),)
+    async with (
+        garbled_details_server(details, trailers) as address,
+        GatewayClient(address) as client,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.complete("Say hi", model=FAKE_MODEL)
+    expected = ErrorDetails(code="INVALID_ARGUMENT", message="refused", retry_elsewhere=True)
+    assert error_details(refused.value) == expected
 
 
 async def test_a_detail_that_does_not_decode_is_left_out_and_the_others_kept() -> None:

@@ -772,6 +772,45 @@ async def test_a_summary_the_drain_ends_in_a_parts_back_off_names_each_attempts_
         assert len(fake.requests) == 2
 
 
+async def test_a_summary_the_drain_ends_at_a_limit_after_a_failed_try_names_it(
+    start_gateway: Any,
+) -> None:
+    """A Summarize part whose first try failed (up1's 503, one attempt of the pool's own,
+    its Retry-After pausing up1) and whose retry waits for up0's one slot
+    (`max_concurrency: 1`), held by a plain call, as the drain begins ends the call
+    SHUTTING_DOWN naming that failure, `(after up1: HTTP 503)`. Before, it named nothing:
+    the limiter's refusal knew only the retry's attempts, none, and the part's earlier
+    tries' failures were dropped."""
+    async with (
+        ScriptedUpstream(models=(FAKE_MODEL,)) as fake,
+        FakeUpstream(default=FAILED_FOR_20_S) as failing,
+    ):
+        fake.gate.clear()  # the plain call holds up0's slot upstream
+        config = summarize_config(fake.base_url, upstream_attempts=1)
+        held, failed = gateway_config(fake.base_url, failing.base_url).upstreams
+        held = dataclasses.replace(held, max_concurrency=1, max_limit_wait_s=60.0)
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=(held, failed)))
+        limiter = gateway.server.pipeline.pool.state("up0").limiter
+        first = asyncio.ensure_future(gateway.stub.Complete(chat("first"), timeout=30))
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        request = pb.SummarizeRequest(model=FAKE_MODEL, document=document(3))
+        call = asyncio.ensure_future(gateway.stub.Summarize(request, timeout=60))
+        while limiter.queued < 1:  # its first try failed on up1: its retry waits for up0
+            await asyncio.sleep(0.01)
+        stop = await stopping(gateway)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async with asyncio.timeout(10):  # a hang guard, far short of the grace and wait
+                await call
+        assert fake.in_flight == 1  # refused while the slot was still held
+        fake.gate.set()
+        assert (await first).content == "Hello from fake"
+        await stop
+    assert_shutting_down(caught.value)
+    assert (caught.value.details() or "").endswith(" (after up1: HTTP 503)")
+    assert len(failing.requests) == 1
+    assert len(fake.requests) == 1
+
+
 @contextlib.asynccontextmanager
 async def slow_link(port: int, delay_s: float) -> AsyncIterator[int]:
     """A TCP proxy to `port` on loopback that holds each chunk sent to it `delay_s`, as a

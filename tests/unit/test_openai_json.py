@@ -892,6 +892,17 @@ def test_stream_parser_fails_on_an_index_0_choice_that_carries_something(
             },
             True,
         ),
+        # Moonshot's (Kimi's): neither code nor type says it, the message does.
+        (
+            {
+                "error": {
+                    "message": "Invalid request: Your request exceeded model token limit: "
+                    "262144 (requested: 300000)",
+                    "type": "invalid_request_error",
+                }
+            },
+            True,
+        ),
     ],
 )
 def test_says_context_exceeded(body: Any, expected: bool) -> None:
@@ -1095,16 +1106,30 @@ def test_says_context_exceeded(body: Any, expected: bool) -> None:
             },
             (2048, 2222, True),
         ),
+        # Moonshot's (Kimi's): its window, and its count of the prompt and the max_tokens
+        # together (a fourth True).
+        (
+            {
+                "error": {
+                    "message": "Invalid request: Your request exceeded model token limit: "
+                    "262144 (requested: 300000)",
+                    "type": "invalid_request_error",
+                }
+            },
+            (262144, 300000, False, True),
+        ),
         # The window alone, or no count at all: nothing to go by.
         ({"error": {"message": "This model's maximum context length is 8192 tokens"}}, None),
+        ({"error": {"message": "Your request exceeded model token limit: 8192"}}, None),
         ({"error": {"message": "prompt is too long: 9 tokens"}}, None),
         ({"error": {"message": "...", "code": "context_length_exceeded"}}, None),
         ({"error": "prompt over the context window"}, None),
     ],
 )
 def test_context_counts(body: Any, expected: tuple[int, ...] | None) -> None:
-    """The window (or, a third True, the limit on the prompt alone) and prompt count a
-    refusal states, where it states both."""
+    """The window (or, a third True, the limit on the prompt alone) and prompt count (or,
+    a fourth True, the prompt's and the answer's together) a refusal states, where it
+    states both."""
     counts = context_counts(json.dumps(body).encode())
     assert counts == (None if expected is None else ContextCounts(*expected))
 

@@ -58,9 +58,15 @@ def _seconds(value: float) -> str:
 
 
 def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
-    """Unpack BadRequest, ErrorInfo, QuotaFailure and RetryInfo from a failed call."""
+    """Unpack BadRequest, ErrorInfo, QuotaFailure and RetryInfo from a failed call, and
+    its retry-elsewhere trailer, which is read apart from them (as the Node client does):
+    details that do not decode leave it standing."""
     code = error.code()
-    base = ErrorDetails(code=code.name if code else "UNKNOWN", message=error.details() or "")
+    base = ErrorDetails(
+        code=code.name if code else "UNKNOWN",
+        message=error.details() or "",
+        retry_elsewhere=_says_retry_elsewhere(error),
+    )
     try:
         status = rpc_status.from_call(error)
     except ValueError:
@@ -74,9 +80,7 @@ def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
     if status is None:
         return base
     details = status_details(status)
-    return dataclasses.replace(
-        details, code=base.code, retry_elsewhere=_says_retry_elsewhere(error)
-    )
+    return dataclasses.replace(details, code=base.code, retry_elsewhere=base.retry_elsewhere)
 
 
 def status_details(status: status_pb2.Status) -> ErrorDetails:
