@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     null_closed_descriptors()
     null_closed_stderr()
     escape_what_output_cannot_encode()
+    write_output_by_line()
     parser = argparse.ArgumentParser(prog="llm-gateway", description=DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
@@ -115,6 +116,19 @@ def escape_what_output_cannot_encode() -> None:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
+
+
+def write_output_by_line() -> None:
+    """Flush stdout at each line break wherever it goes, as on a terminal.
+
+    Block-buffered (a pipe, a file), a command's output was written only as Python exited:
+    a reader gone (`| head -0`) or a full disk then failed there, "Exception ignored ...
+    BrokenPipeError" and status 120 instead of the command's one line and status 141 or
+    1; and with stderr in the same file (`2>&1 | tee log`) the usage line came before the
+    answer it describes.
+    """
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
 
 
 def _prints_results(args: argparse.Namespace) -> bool:
