@@ -77,9 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.register(subparsers)
-    args = parser.parse_args(argv)
-    if args.command != "serve":
-        early_signals.release()  # held by the console script for `serve` alone
+    try:
+        args = parser.parse_args(argv)
+        if args.command != "serve":
+            # A Ctrl-C held since the console script's first line (the imports take most
+            # of a second) is raised here: a traceback, before.
+            early_signals.release()  # held by the console script for `serve` alone
+    except KeyboardInterrupt:
+        return 130
     if sys.stdout is None and _prints_results(args):
         # `>&-`: Python sets up no stdout, and print() writes nowhere. An answer paid for
         # was lost with exit 0, a stream or `batch -o -` ended in a traceback.
