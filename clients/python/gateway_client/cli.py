@@ -34,6 +34,10 @@ DESCRIPTION = "run the gateway, or call it from a shell ('llm-gateway COMMAND --
 
 INT32 = (-(2**31), 2**31 - 1)
 UINT32 = (0, 2**32 - 1)
+# What every gateway refuses outside (`service.validation`): a usage error here, exit 2,
+# rather than a call failed INVALID_ARGUMENT, exit 1, as though it might pass again.
+MAX_TOKENS = (1, INT32[1])
+TEMPERATURE = (0.0, 2.0)
 
 
 def int_in(bounds: tuple[int, int]) -> Callable[[str], int]:
@@ -47,6 +51,22 @@ def int_in(bounds: tuple[int, int]) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
         if not low <= number <= high:
             raise argparse.ArgumentTypeError(f"{number} is outside {low}..{high}")
+        return number
+
+    return parse
+
+
+def float_in(bounds: tuple[float, float]) -> Callable[[str], float]:
+    """An argparse type: a number from `bounds`' low to its high, both included."""
+    low, high = bounds
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not low <= number <= high:  # nan fails both
+            raise argparse.ArgumentTypeError(f"{value} is outside {low:g}..{high:g}")
         return number
 
     return parse
