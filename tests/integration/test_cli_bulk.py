@@ -1767,6 +1767,10 @@ async def test_batch_output_that_cannot_be_written_is_one_line_and_exit_1(
     ("command", "option"),
     [
         ("complete", "--max-tokens=99999999999"),
+        ("complete", "--max-tokens=0"),
+        ("complete", "--temperature=2.5"),
+        ("complete", "--temperature=-0.1"),
+        ("complete", "--temperature=nan"),
         ("batch", "--concurrency=-5"),
         ("batch", "--items-per-call=0"),
         ("summarize", "--target-tokens=-1"),
@@ -1775,7 +1779,9 @@ async def test_batch_output_that_cannot_be_written_is_one_line_and_exit_1(
 async def test_numbers_a_request_cannot_carry_are_usage_errors(
     tmp_path, scripted, address, command, option
 ):
-    """A number outside its protobuf field's range is an exit-2 usage error, not a traceback."""
+    """A number outside its protobuf field's range is an exit-2 usage error, not a traceback,
+    and so is a `--max-tokens` under 1 or a `--temperature` outside 0..2, which every
+    gateway refuses: before, those were sent, and failed INVALID_ARGUMENT, exit 1."""
     source = tmp_path / "in.txt"
     write_items(source, ["q1"])
     args = {

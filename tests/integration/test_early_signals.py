@@ -150,3 +150,26 @@ async def test_a_signal_again_as_the_stopped_gateway_exits_keeps_its_status_0(
             await process.wait()
     assert process.returncode == 0, err.decode()
     assert "Traceback" not in err.decode()
+
+
+async def test_a_ctrl_c_held_while_a_client_command_started_is_status_130_and_no_call():
+    """A Ctrl-C in the first moments of `llm-gateway complete` (held by the console
+    script with the rest, while the imports run): status 130, as one during the call, no
+    traceback and no call. Before, the CLI raised it as it let the held signals go, and
+    the command ended in a KeyboardInterrupt traceback."""
+    started = (
+        "import signal, sys\n"
+        "from service import early_signals\n"
+        "early_signals.hold()\n"
+        "signal.raise_signal(signal.SIGINT)  # as a Ctrl-C while the imports run\n"
+        "from gateway_client.cli import main\n"
+        "sys.exit(main(['complete', 'Say hi', '--address', '127.0.0.1:1']))\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", started,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    async with asyncio.timeout(_HANG_GUARD_S):
+        out, err = await process.communicate()
+    # A call to nothing at 127.0.0.1:1 would have said UNAVAILABLE on stderr.
+    assert (process.returncode, out, err.decode()) == (130, b"", "")

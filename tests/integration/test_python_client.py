@@ -1356,27 +1356,97 @@ async def test_a_closed_stderr_leaves_stdout_the_result_alone(
         assert stdout.decode() == expected
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def block_buffered_environ() -> dict[str, str]:
+    """The environment, less `PYTHONUNBUFFERED` (set on some CI machines): a user's
+    shell has none, and Python buffers a stdout that is no terminal in blocks."""
+    return {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+
+
+# Each command that prints its result on stdout, `llm-gateway` and its arguments but the
+# address (`summarize` reads the file `doc.txt` in its working directory).
+PRINTING_COMMANDS = {
+    "complete": ["complete", "Say hi", "--model", FAKE_MODEL],
+    "stream": ["complete", "Say hi", "--stream", "--model", FAKE_MODEL],
+    "summarize": ["summarize", "doc.txt", "--model", FAKE_MODEL],
+    "models": ["models"],
+    "usage": ["usage"],
+}
+
+
+async def run_printing_command(
+    gateway: RunningGateway, tmp_path: Path, name: str, *, stdout: int, stderr: int
+) -> tuple[int, bytes, bytes]:
+    """`PRINTING_COMMANDS[name]` run on `gateway` as a user's shell runs it (stdout
+    block-buffered), its stdout and stderr given: its status, and what it wrote to the
+    pipes asked for."""
+    (tmp_path / "doc.txt").write_text("A short document.\n")
+    command = [sys.executable, "-m", "gateway_client.cli", *PRINTING_COMMANDS[name]]
+    command += ["--address", gateway.server.address]
+    process = await asyncio.create_subprocess_exec(
+        *command, env=block_buffered_environ(), cwd=tmp_path, stdout=stdout, stderr=stderr
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, out or b"", err or b""
+
+
+@pytest.mark.parametrize("name", PRINTING_COMMANDS)
 async def test_an_answer_stdout_cannot_take_is_one_line_and_exit_1(
-    upstream: FakeUpstream, gateway: RunningGateway, stream: bool
+    upstream: FakeUpstream, gateway: RunningGateway, tmp_path: Path, name: str
 ) -> None:
     """`llm-gateway complete ... > file` on a full disk: one line saying so, exit status 1.
-    Before, the command died of an uncaught OSError, printing its traceback."""
-    command = [sys.executable, "-m", "gateway_client.cli", "complete", "Say hi"]
-    command += ["--address", gateway.server.address, "--model", FAKE_MODEL]
-    command += ["--stream"] if stream else []
+    Before, the command died of an uncaught OSError, printing its traceback; later, with
+    stdout buffered in blocks (no `PYTHONUNBUFFERED`), a unary answer, `models`, `usage`
+    and `summarize` failed only at Python's exit: "Exception ignored", status 120."""
     full = os.open("/dev/full", os.O_WRONLY)
     try:
-        process = await asyncio.create_subprocess_exec(
-            *command, stdout=full, stderr=asyncio.subprocess.PIPE
+        status, _, err = await run_printing_command(
+            gateway, tmp_path, name, stdout=full, stderr=subprocess.PIPE
         )
     finally:
         os.close(full)
-    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
-    assert stderr.decode().splitlines() == [
-        "llm-gateway complete: cannot write: No space left on device"
+    command = PRINTING_COMMANDS[name][0]
+    assert err.decode().splitlines()[-1:] == [
+        f"llm-gateway {command}: cannot write: No space left on device"
     ]
-    assert process.returncode == 1
+    assert "Exception ignored" not in err.decode()
+    assert status == 1
+
+
+@pytest.mark.parametrize("name", PRINTING_COMMANDS)
+async def test_a_result_whose_reader_has_left_is_status_141(
+    upstream: FakeUpstream, gateway: RunningGateway, tmp_path: Path, name: str
+) -> None:
+    """`llm-gateway models | head -0` (a reader gone before the result is written): status
+    141, as a process SIGPIPE ends, and nothing on stderr. Before, with stdout buffered in
+    blocks, every command but a stream wrote its result only at Python's exit, where the
+    broken pipe was "Exception ignored ... BrokenPipeError", status 120."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        status, _, err = await run_printing_command(
+            gateway, tmp_path, name, stdout=writer, stderr=subprocess.PIPE
+        )
+    finally:
+        os.close(writer)
+    assert (status, err.decode()) == (141, "")
+
+
+@pytest.mark.parametrize("name", ["complete", "stream", "summarize"])
+async def test_the_answer_comes_before_its_usage_line_in_one_log(
+    upstream: FakeUpstream, gateway: RunningGateway, tmp_path: Path, name: str
+) -> None:
+    """`llm-gateway complete ... 2>&1 | tee log`: the answer's line, then the usage line
+    describing it. Before, stdout buffered in blocks was written at Python's exit: the
+    usage line came first (a unary answer, a summary), or ran on from a stream's last
+    word, whose line break followed it."""
+    status, out, _ = await run_printing_command(
+        gateway, tmp_path, name, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert status == 0
+    answer, usage = out.decode().splitlines()
+    assert answer == "Hello from fake"
+    assert usage.startswith("[fake-model")
 
 
 async def run_cli(

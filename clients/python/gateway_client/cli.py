@@ -34,6 +34,10 @@ DESCRIPTION = "run the gateway, or call it from a shell ('llm-gateway COMMAND --
 
 INT32 = (-(2**31), 2**31 - 1)
 UINT32 = (0, 2**32 - 1)
+# What every gateway refuses outside (`service.validation`): a usage error here, exit 2,
+# rather than a call failed INVALID_ARGUMENT, exit 1, as though it might pass again.
+MAX_TOKENS = (1, INT32[1])
+TEMPERATURE = (0.0, 2.0)
 
 
 def int_in(bounds: tuple[int, int]) -> Callable[[str], int]:
@@ -47,6 +51,22 @@ def int_in(bounds: tuple[int, int]) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
         if not low <= number <= high:
             raise argparse.ArgumentTypeError(f"{number} is outside {low}..{high}")
+        return number
+
+    return parse
+
+
+def float_in(bounds: tuple[float, float]) -> Callable[[str], float]:
+    """An argparse type: a number from `bounds`' low to its high, both included."""
+    low, high = bounds
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not low <= number <= high:  # nan fails both
+            raise argparse.ArgumentTypeError(f"{value} is outside {low:g}..{high:g}")
         return number
 
     return parse
@@ -72,13 +92,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     null_closed_descriptors()
     null_closed_stderr()
     escape_what_output_cannot_encode()
+    write_output_by_line()
     parser = argparse.ArgumentParser(prog="llm-gateway", description=DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.register(subparsers)
-    args = parser.parse_args(argv)
-    if args.command != "serve":
-        early_signals.release()  # held by the console script for `serve` alone
+    try:
+        args = parser.parse_args(argv)
+        if args.command != "serve":
+            # A Ctrl-C held since the console script's first line (the imports take most
+            # of a second) is raised here: a traceback, before.
+            early_signals.release()  # held by the console script for `serve` alone
+    except KeyboardInterrupt:
+        return 130
     if sys.stdout is None and _prints_results(args):
         # `>&-`: Python sets up no stdout, and print() writes nowhere. An answer paid for
         # was lost with exit 0, a stream or `batch -o -` ended in a traceback.
@@ -115,6 +141,19 @@ def escape_what_output_cannot_encode() -> None:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
+
+
+def write_output_by_line() -> None:
+    """Flush stdout at each line break wherever it goes, as on a terminal.
+
+    Block-buffered (a pipe, a file), a command's output was written only as Python exited:
+    a reader gone (`| head -0`) or a full disk then failed there, "Exception ignored ...
+    BrokenPipeError" and status 120 instead of the command's one line and status 141 or
+    1; and with stderr in the same file (`2>&1 | tee log`) the usage line came before the
+    answer it describes.
+    """
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
 
 
 def _prints_results(args: argparse.Namespace) -> bool:

@@ -38,7 +38,14 @@ from llmgateway.v1 import gateway_pb2 as pb
 
 def register(subparsers: Any) -> None:
     """Add the `complete` subcommand."""
-    from gateway_client.cli import INT32, UINT32, int_in, timeout_seconds
+    from gateway_client.cli import (
+        MAX_TOKENS,
+        TEMPERATURE,
+        UINT32,
+        float_in,
+        int_in,
+        timeout_seconds,
+    )
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "complete", help="ask for one completion and print it"
@@ -54,8 +61,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--system", type=text_argument, help="a system message to put first")
     parser.add_argument("--stream", action="store_true", help="print tokens as they arrive")
-    parser.add_argument("--max-tokens", type=int_in(INT32), help="upper bound on generated tokens")
-    parser.add_argument("--temperature", type=float, help="sampling temperature, 0 to 2")
+    parser.add_argument(
+        "--max-tokens", type=int_in(MAX_TOKENS), help="upper bound on generated tokens"
+    )
+    parser.add_argument(
+        "--temperature", type=float_in(TEMPERATURE), help="sampling temperature, 0 to 2"
+    )
     parser.add_argument(
         "--reasoning-effort",
         choices=REASONING_EFFORTS,
