@@ -226,10 +226,29 @@ def restart_delay_s(base_s: float, in_a_row: int) -> float:
 # What llama-cpp-python's server reads from its environment over the command line the
 # gateway gives it: `HOST` and `PORT` (its address: `HOST=0.0.0.0`, set in many images,
 # opened the model to the network unauthenticated; a platform's `PORT` moved it off the
-# port the gateway probes) and `CONFIG_FILE` (in place of every argument); and, in any
-# case, settings that would replace the gateway's key or make it speak TLS.
+# port the gateway probes) and `CONFIG_FILE` (in place of every argument).
 _SERVER_VARIABLES = frozenset({"HOST", "PORT", "CONFIG_FILE"})
-_SERVER_SETTINGS = frozenset({"api_key", "ssl_keyfile", "ssl_certfile"})
+# Every setting of its server (`llama_cpp.server.settings.Settings`, pydantic settings:
+# read from the variable of its name, in any case, wherever the command line leaves it
+# unset): a `SEED`, `CACHE`, `VOCAB_ONLY` or `ROOT_PATH` meant for something else changed
+# its answers or failed every completion; `API_KEY` would replace the gateway's key.
+# tests/integration/test_local_model_secrets.py holds this to the installed version's list.
+_SERVER_SETTINGS = frozenset(
+    {
+        "api_key", "cache", "cache_size", "cache_type", "chat_format",
+        "chat_template_kwargs", "clip_model_path", "disable_ping_events", "draft_model",
+        "draft_model_num_pred_tokens", "embedding", "flash_attn", "hf_model_repo_id",
+        "hf_pretrained_model_name_or_path", "hf_tokenizer_config_path", "host",
+        "interrupt_requests", "kv_overrides", "last_n_tokens_size", "logits_all",
+        "lora_base", "lora_path", "main_gpu", "model", "model_alias", "mul_mat_q",
+        "n_batch", "n_ctx", "n_gpu_layers", "n_threads", "n_threads_batch", "n_ubatch",
+        "numa", "offload_kqv", "port", "root_path", "rope_freq_base", "rope_freq_scale",
+        "rope_scaling_type", "rpc_servers", "seed", "split_mode", "ssl_certfile",
+        "ssl_keyfile", "tensor_split", "type_k", "type_v", "use_mlock", "use_mmap",
+        "verbose", "vocab_only", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow",
+        "yarn_ext_factor", "yarn_orig_ctx",
+    }
+)  # fmt: skip
 
 
 def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> dict[str, str]:

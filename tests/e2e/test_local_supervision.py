@@ -120,7 +120,10 @@ async def test_the_environment_cannot_move_or_open_the_local_server(
     assert _listening_addresses(gateway.server.local_model.port) == {
         f"0100007F:{gateway.server.local_model.port:04X}"
     }
-    for name, value in {"PORT": "1", "CONFIG_FILE": "/nonexistent.yaml", "API_KEY": "k"}.items():
+    overriding = {"PORT": "1", "CONFIG_FILE": "/nonexistent.yaml", "API_KEY": "k"}
+    # Any of its settings: this one, read, fails every completion with HTTP 500.
+    overriding["VOCAB_ONLY"] = "true"
+    for name, value in overriding.items():
         monkeypatch.setenv(name, value)
     os.kill(gateway.server.local_model.pid, signal.SIGKILL)  # restarted with them set
     health = health_pb2_grpc.HealthStub(gateway.channel)
