@@ -368,11 +368,15 @@ class LocalModelServer:
 
     def _command(self, model_path: Path) -> list[str]:
         threads = self.config.threads or usable_cpus()
+        # `-P`, in both: neither Python puts the gateway's working directory first on its
+        # path, where a `ctypes.py` or `uvicorn.py` there would be run in llama.cpp's place.
         return [
             self._python,
+            "-P",
             "-c",
             _DIE_WITH_PARENT,
             str(os.getpid()),
+            "-P",
             "-m",
             "llama_cpp.server",
             "--model",
