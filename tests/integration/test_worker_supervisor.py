@@ -262,14 +262,14 @@ async def test_a_config_error_found_at_start_exits_2_at_once(tmp_path, workers):
 
 
 async def test_a_config_error_every_worker_finds_is_printed_once(tmp_path):
-    """A keys file each of 3 workers refuses as it starts: one line saying why, status 2.
+    """A keys file each of 2 workers refuses as it starts: one line saying why, status 2.
 
-    Before, each worker printed the line itself: 3 identical lines, read as 3 problems.
+    Before, each worker printed the line itself: 2 identical lines, read as 2 problems.
     """
     keys = tmp_path / "keys"
     keys.write_text("not-a-digest tenant\n")
     path = _write_config(tmp_path, auth={"mode": "keys", "keys_file": str(keys)})
-    async with _serve("--config", str(path), "--workers", "3") as process:
+    async with _serve("--config", str(path), "--workers", "2") as process:
         async with asyncio.timeout(_HANG_GUARD_S):
             _, err = await process.communicate()
     assert process.returncode == 2, err.decode()
@@ -473,7 +473,7 @@ async def test_the_port_of_a_gateway_whose_workers_are_all_dead_is_refused(tmp_p
     """
     path, cert = _tls_config_that_will_hang(tmp_path)
     # The stuck replacements' SIGKILL at the end; they are started at once.
-    constants = {"_UNREADY_KILL_AFTER_S": 0.5, **_SHORT_BACK_OFF}
+    constants = {"_UNREADY_KILL_AFTER_S": 0.1, **_SHORT_BACK_OFF}
     args = ("--config", str(path), "--workers", "2")
     async with _serve_logged(*args, constants=constants) as (first, log):
         address = await _listening(first)
@@ -482,11 +482,15 @@ async def test_the_port_of_a_gateway_whose_workers_are_all_dead_is_refused(tmp_p
             os.kill(pid, signal.SIGKILL)
         replacements = [_pid(await log.nth("workers.worker_restarted", n)) for n in (1, 2)]
         try:
-            for pid in replacements:
-                await _stuck_in_open(pid)
             (tmp_path / "second").mkdir()
             other = _write_config(tmp_path / "second", server={"listen": address})
-            second_returncode, err = await _second_gateway_refused(other, workers)
+            # Started as the replacements import the gateway, which none of them gets past
+            # (its certificate is read before it binds): they never listen.
+            async with asyncio.TaskGroup() as group:
+                second = group.create_task(_second_gateway_refused(other, workers))
+                for pid in replacements:
+                    group.create_task(_stuck_in_open(pid))
+            second_returncode, err = second.result()
             first.send_signal(signal.SIGTERM)
             async with asyncio.timeout(_HANG_GUARD_S):
                 code = await first.wait()
@@ -567,8 +571,18 @@ async def test_an_error_of_the_supervisors_own_stops_its_workers_and_it_exits(tm
     assert b"the supervisor failed" in stderr
 
 
-# asyncio.to_thread's default pool: min(32, cores + 4) threads.
-_DEFAULT_POOL_THREADS = min(32, (os.cpu_count() or 1) + 4)
+# Code for the supervisor: its loop's default pool (asyncio.to_thread's, min(32, cores + 4)
+# threads otherwise) has one thread, which a test's few workers outnumber.
+_DEFAULT_POOL_THREADS = 1
+_ONE_THREAD_DEFAULT_POOL = (
+    "import asyncio, concurrent.futures\n"
+    "supervise = workers._supervise\n"
+    "async def one_thread(*args, **kwargs):\n"
+    "    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)\n"
+    "    asyncio.get_running_loop().set_default_executor(pool)\n"
+    "    return await supervise(*args, **kwargs)\n"
+    "workers._supervise = one_thread\n"
+)
 
 
 @pytest.mark.timeout(180)
@@ -580,10 +594,13 @@ async def test_any_worker_killed_while_serving_is_restarted_however_many_there_a
     that pool's size (32 on a machine of 28 cores or more) the last workers' exits were
     never watched, and one of them dying went unnoticed while the gateway ran short.
     """
+    # Past the supervisor's default pool, shrunk to one thread: one worker per thread of
+    # the real pool (7 on 2 cores) took 15 s to start on a loaded machine.
     count = _DEFAULT_POOL_THREADS + 1
     path = _write_config(tmp_path)
     args = ("--config", str(path), "--workers", str(count))
-    async with _serve_logged(*args, constants=_SHORT_BACK_OFF) as (process, log):
+    setup = _ONE_THREAD_DEFAULT_POOL
+    async with _serve_logged(*args, constants=_SHORT_BACK_OFF, setup=setup) as (process, log):
         await _listening(process)
         workers = sorted(_worker_pids(process.pid))  # in the order they were started
         assert len(workers) == count
@@ -803,7 +820,7 @@ async def test_sigterm_while_a_replacement_hangs_in_its_start_stops_it_too(tmp_p
     path, cert = _tls_config_that_will_hang(tmp_path)
     args = ("--config", str(path), "--workers", "2")
     # The wait before SIGKILL shortened (5 s otherwise): it is what the test waits out.
-    constants = {"_UNREADY_KILL_AFTER_S": 0.5, **_SHORT_BACK_OFF}
+    constants = {"_UNREADY_KILL_AFTER_S": 0.1, **_SHORT_BACK_OFF}
     async with _serve_logged(*args, constants=constants) as (process, log):
         survivor, replacement = await _a_replacement_stuck_in_its_start(process, log, cert)
         process.send_signal(signal.SIGTERM)
@@ -844,10 +861,11 @@ async def test_a_replacement_that_hangs_in_its_start_is_killed_and_counted_as_a_
     # Its timings shortened: the start timeout is minutes, the back-off 15 s in all. Each
     # replacement hangs (SIGSTOP) as soon as it is started, so the timeout need not leave
     # it time to reach a hang of its own: one still importing the gateway would take the
-    # SIGTERM it is sent first, and this test is about the kill.
+    # SIGTERM it is sent first, and this test is about the kill. Stopped, it acts on no
+    # SIGTERM however long the wait before SIGKILL.
     constants = {
-        "_RESTART_START_TIMEOUT_S": 1.0,
-        "_UNREADY_KILL_AFTER_S": 0.5,
+        "_RESTART_START_TIMEOUT_S": 0.2,
+        "_UNREADY_KILL_AFTER_S": 0.1,
         "_RESTART_DELAY_S": 0.1,
         "_CRASH_LOOP_DEATHS": 3,
     }
@@ -868,7 +886,7 @@ async def test_a_replacement_that_hangs_in_its_start_is_killed_and_counted_as_a_
     timed_out = log.events("workers.start_timed_out")
     assert [_pid(line) for line in timed_out] == restarted
     assert len(restarted) == 2
-    assert all("timeout_s=1.0" in line for line in timed_out)
+    assert all("timeout_s=0.2" in line for line in timed_out)
     died = log.events("workers.worker_died")
     assert [_pid(line) for line in died] == [victim, *restarted]
     # Deaf to SIGTERM in its start: SIGKILL ends it.
