@@ -250,12 +250,14 @@ async def test_cli_stream_prints_deltas(gateway_process):
 
 
 async def test_cli_reports_errors_with_details(gateway_process):
-    """A failed call exits 1 and prints the status with its field violations."""
+    """A failed call exits 1 and prints the status with its field violations (a
+    max_tokens past the gateway's cap, which the CLI leaves the gateway to refuse: a
+    temperature out of range is the CLI's own usage error now)."""
     _, address = gateway_process
-    code, _, err = await _run_cli(address, "hi", "--temperature", "5")
+    code, _, err = await _run_cli(address, "hi", "--max-tokens", "2000000")
     assert code == 1
     assert "INVALID_ARGUMENT" in err
-    assert "params.temperature" in err
+    assert "params.max_tokens" in err
 
 
 async def test_cli_error_shows_the_reason_and_its_metadata(upstream, gateway):
