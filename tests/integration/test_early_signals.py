@@ -159,6 +159,9 @@ async def test_a_ctrl_c_held_while_a_client_command_started_is_status_130_and_no
     the command ended in a KeyboardInterrupt traceback."""
     started = (
         "import signal, sys\n"
+        # As Python sets it up in a terminal's foreground: a background job (the test's
+        # own runner, started with `&`) begins with SIGINT ignored, and keeps it so.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from service import early_signals\n"
         "early_signals.hold()\n"
         "signal.raise_signal(signal.SIGINT)  # as a Ctrl-C while the imports run\n"
