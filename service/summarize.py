@@ -1134,8 +1134,9 @@ class Summarizer:
                 max_tokens=answer_tokens,
                 # A summary should be faithful, not sampled; and so deterministic, it is
                 # cached by default: a Summarize run again (after a part failed, say) pays
-                # only for the parts not summarised before.
-                temperature=None if request.model in self._refusing_temperature else 0.0,
+                # only for the parts not summarised before. Dropped for a model that
+                # refuses it, at each try (`_complete_part`).
+                temperature=0.0,
                 reasoning_effort=request.reasoning_effort,
             ),
             truncation=TruncationMode.NONE,
