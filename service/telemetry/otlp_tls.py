@@ -25,6 +25,7 @@ import ssl
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from grpc import ChannelCredentials, ssl_channel_credentials
 
@@ -72,18 +73,13 @@ def grpc_client_credentials(environ: Mapping[str, str], signal: str) -> ChannelC
         return None
 
     def read(variable: str | None) -> bytes | None:
-        return None if variable is None else _read(environ[variable])
+        return None if variable is None else Path(environ[variable]).read_bytes()
 
     return ssl_channel_credentials(
         root_certificates=read(variables.ca),
         private_key=read(variables.client_key),
         certificate_chain=read(variables.client_certificate),
     )
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as file:
-        return file.read()
 
 
 def _gateway_reads(environ: Mapping[str, str], signal: str) -> _TlsVariables | None:
