@@ -433,7 +433,7 @@ GATEWAY_BODY_FIELDS = frozenset(
     {
         "model", "messages", "stream", "stream_options", "tools", "tool_choice",
         "response_format", "temperature", "top_p", "max_tokens", "max_completion_tokens",
-        "stop", "seed",
+        "stop", "seed", "random_seed",
         "presence_penalty", "frequency_penalty",
     }
 )  # fmt: skip
@@ -484,6 +484,9 @@ class UpstreamConfig:
     # The body field a request's `max_tokens` is sent in: OpenAI's reasoning models
     # (o-series, gpt-5) refuse `max_tokens` and take only `max_completion_tokens`.
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # The body field a request's `seed` is sent in: Mistral's API takes only `random_seed`
+    # and refuses `seed` (422, `extra_forbidden`).
+    seed_field: Literal["seed", "random_seed"] = "seed"
     # The header the key goes in: `Authorization: Bearer KEY`, or Azure OpenAI's
     # `api-key: KEY` (its key authentication takes no bearer token).
     api_key_header: Literal["authorization", "api-key"] = "authorization"

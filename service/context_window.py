@@ -48,6 +48,27 @@ def holds_prompt_and_answer(window_tokens: int, prompt_tokens: int) -> bool:
     return prompt_tokens + answer_reserve(window_tokens, None) <= window_tokens
 
 
+def prompt_in_count_with_answer(count_tokens: int, max_tokens: int | None) -> int | None:
+    """The prompt's own count in an upstream's count of the prompt and the answer's room
+    together (Moonshot's): that less the `max_tokens` sent. None with none sent: the room
+    it then counts is its own default (1024 for Moonshot's moonshot-v1), which may be more
+    than the gateway keeps; read less the gateway's, the count was over the prompt's."""
+    if max_tokens is None:
+        return None
+    return max(0, count_tokens - max_tokens)
+
+
+def default_answer_room_advice(window_tokens: int, count_tokens: int) -> str:
+    """What to tell a caller whose prompt, sent without max_tokens, an upstream refused
+    counting it with the answer's room it keeps by default (`prompt_in_count_with_answer`)."""
+    return (
+        f"its count ({count_tokens} tokens, over its window of {window_tokens}) is of the "
+        "prompt and the room it keeps for an answer when no max_tokens is asked, which the "
+        "gateway cannot tell apart: set max_tokens, so that its count says the prompt's, "
+        "and send it again"
+    )
+
+
 def max_tokens_refused_advice(window_tokens: int, prompt_tokens: int) -> str:
     """What to tell a caller whose max_tokens, not its prompt, an upstream's window of
     `window_tokens` refused (`holds_prompt_and_answer`)."""

@@ -23,9 +23,11 @@ from service.clock import Deadline
 from service.config import GatewayConfig, RequestDefaults
 from service.context_window import (
     answer_reserve,
+    default_answer_room_advice,
     fit_messages,
     holds_prompt_and_answer,
     max_tokens_refused_advice,
+    prompt_in_count_with_answer,
 )
 from service.domain import (
     CacheMode,
@@ -371,11 +373,14 @@ class Pipeline:
         prompt_tokens = refusal.prompt_tokens
         if refusal.counts_answer:
             # Moonshot's count is of the prompt and the max_tokens sent (or its own default)
-            # together: taken for the prompt's, it raised the factor by the max_tokens. Less
-            # the max_tokens sent it is the prompt's; with none sent, less the room the
-            # gateway keeps, which the fit must leave free beside the prompt anyway.
-            reserved = answer_reserve(refusal.window_tokens, max_tokens)
-            prompt_tokens = max(0, prompt_tokens - reserved)
+            # together: taken for the prompt's, it raised the factor by the max_tokens.
+            prompt_alone = prompt_in_count_with_answer(prompt_tokens, max_tokens)
+            if prompt_alone is None:
+                # Read less the gateway's own reserve, it was over the prompt's by the rest
+                # of Moonshot's default, and raised the factor for all the tenant's prompts.
+                refusal.advise(default_answer_room_advice(refusal.window_tokens, prompt_tokens))
+                return
+            prompt_tokens = prompt_alone
         if refusal.is_input_limit:
             upstream_room = refusal.window_tokens  # a limit on the prompt alone
         elif holds_prompt_and_answer(refusal.window_tokens, prompt_tokens):

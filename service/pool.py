@@ -610,6 +610,7 @@ class UpstreamPool:
                 stream=stream,
                 extra=config.extra_body,
                 max_tokens_field=config.max_tokens_field,
+                seed_field=config.seed_field,
                 json_schema_format=config.json_schema_format,
                 reasoning_field=config.reasoning_field,
                 system_messages=config.system_messages,

@@ -73,10 +73,16 @@ def _ran_out_of_its_leaders_time(exc: BaseException) -> bool:
 def is_deterministic(request: ChatRequest) -> bool:
     """Whether the request asks for a reproducible answer: temperature 0 or a seed.
 
-    A negative seed asks for none: llama.cpp reads -1 as "pick a random seed".
+    A negative seed asks for none: llama.cpp reads -1 as "pick a random seed". Nor does
+    one whose low 32 bits are all ones (4294967295, 8589934591): llama.cpp keeps only
+    those, so it reads it as -1. Whatever the model's upstreams, as a call may fail over
+    to one that is llama.cpp.
     """
     params = request.params
-    return params.temperature == 0 or (params.seed is not None and params.seed >= 0)
+    seed = params.seed
+    return params.temperature == 0 or (
+        seed is not None and seed >= 0 and seed & 0xFFFFFFFF != 0xFFFFFFFF
+    )
 
 
 @dataclass(slots=True)

@@ -127,18 +127,19 @@ def request_body(
     stream: bool,
     extra: Mapping[str, object] | None = None,
     max_tokens_field: str = "max_tokens",
+    seed_field: str = "seed",
     json_schema_format: str = "openai",
     reasoning_field: str = "reasoning_content",
     system_messages: Literal["send", "fold", "merge"] = "send",
 ) -> bytes:
     """Serialise `request` as an OpenAI chat-completions body for one upstream, with the
     upstream's `extra` fields (none of which the request's own fields use, but for a
-    `reasoning_effort` the request's own replaces; `parallel_tool_calls` only with tools)
-    and `params.max_tokens` in the
-    upstream's `max_tokens_field`; a JSON Schema format in its `json_schema_format`, an
-    assistant message's reasoning in its `reasoning_field`, and its system messages
-    folded into the first user message when `system_messages` is `fold`
-    (`with_system_folded`), or merged into one when it is `merge` (`with_system_merged`)."""
+    `reasoning_effort` the request's own replaces; `parallel_tool_calls` only with tools),
+    `params.max_tokens` in the upstream's `max_tokens_field`, `params.seed` in its
+    `seed_field`, a JSON Schema format in its `json_schema_format`, an assistant message's
+    reasoning in its `reasoning_field`, and its system messages folded into the first
+    user message when `system_messages` is `fold` (`with_system_folded`), or merged into
+    one when it is `merge` (`with_system_merged`)."""
     messages = request.messages
     if system_messages == "fold":
         messages = with_system_folded(messages)
@@ -168,7 +169,7 @@ def request_body(
     if params.stop:
         body["stop"] = list(params.stop)
     if params.seed is not None:
-        body["seed"] = params.seed
+        body[seed_field] = params.seed
     if params.presence_penalty is not None:
         body["presence_penalty"] = params.presence_penalty
     if params.frequency_penalty is not None:

@@ -393,6 +393,26 @@ async def test_sampled_requests_are_not_cached_by_default(
     assert len(upstream.requests) == 3
 
 
+@pytest.mark.parametrize("seed", [0xFFFFFFFF, 0x1FFFFFFFF])
+async def test_a_seed_llama_cpp_reads_as_random_is_not_cached_by_default(
+    cached: RunningGateway, upstream: FakeUpstream, seed: int
+) -> None:
+    """llama.cpp keeps a seed's low 32 bits and reads all ones (its -1) as "pick one at
+    random": a request with such a seed is sampled, not cached by default; an ordinary
+    seed's still is.
+
+    Before, any seed of 0 or more was deterministic: a random answer was stored and
+    served to every caller asking with the same seed."""
+    random_seed = chat("random", params=pb.GenerationParams(seed=seed))
+    fixed_seed = chat("fixed", params=pb.GenerationParams(seed=seed - 1))
+    hits = []
+    for request in (random_seed, random_seed, fixed_seed, fixed_seed):
+        hits.append((await cached.stub.Complete(request)).metadata.cache_hit)
+        await settled(cached)
+    assert hits == [False, False, False, True]
+    assert len(upstream.requests) == 3
+
+
 async def test_a_ttl_alone_does_not_opt_a_sampled_request_in(
     cached: RunningGateway, upstream: FakeUpstream
 ) -> None:

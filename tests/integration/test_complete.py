@@ -62,6 +62,22 @@ async def test_unary_sends_every_set_parameter_and_omits_unset_ones(stub, upstre
     )
 
 
+async def test_an_upstream_taking_random_seed_gets_the_callers_seed_there(upstream, start_gateway):
+    """Mistral's API refuses `seed` (422: `body.seed: Extra inputs are not permitted`): an
+    upstream configured with `seed_field: random_seed` gets the caller's seed in that
+    field, unary and streamed, and no `seed`."""
+    data = gateway_config_data(upstream.base_url)
+    data["upstreams"][0]["seed_field"] = "random_seed"
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    params = pb.GenerationParams(seed=42)
+    await gateway.stub.Complete(chat("hi", params=params))
+    _ = [event async for event in gateway.stub.CompleteStream(chat_stream("ho", params=params))]
+    assert len(upstream.requests) == 2
+    for request in upstream.requests:
+        assert request.body["random_seed"] == 42
+        assert "seed" not in request.body
+
+
 async def test_upstream_model_alias_is_sent_and_caller_name_is_priced(upstream, start_gateway):
     """A model mapped to another upstream name is sent under that name and priced as asked."""
     config = gateway_config(upstream.base_url)

@@ -1099,3 +1099,41 @@ async def test_a_refusal_counting_the_prompt_with_its_max_tokens_fits_the_prompt
     # the prompt's count left 215.
     assert answer.metadata.usage.input_tokens > (WINDOW - 300) // 2
     assert len(upstream.requests) == 2
+
+
+def _moonshot_default_room(body: dict[str, Any]) -> Reply | Status:
+    """Moonshot's API, its window the catalog's (1024), counting a token a word and 7
+    more, and keeping 600 tokens for the answer when the request asks no max_tokens (its
+    own default, as moonshot-v1 keeps 1024 in windows of 8192 and more): a prompt whose
+    count with that room is over the window is refused, saying the window and the sum."""
+    prompt = 7 + sum(len(str(m.get("content") or "").split()) for m in body["messages"])
+    completion = body.get("max_tokens", 600)
+    if prompt + completion <= WINDOW:
+        return Reply(prompt_tokens=prompt)
+    return _refusal(prompt, completion, wording="moonshot")
+
+
+async def test_a_refusal_counting_a_default_answer_room_leaves_the_factor(start_gateway):
+    """A KEEP_RECENT call without max_tokens is refused by Moonshot, its count of the
+    prompt and its own default room for an answer (600 here, more than the 256 the gateway
+    keeps): the caller is told to set max_tokens, the tenant's factor stays at 1.0, and
+    the call sent again with a max_tokens of 300 is fitted as before, and answered.
+
+    Before, the count less the gateway's reserve was read as the prompt's: 344 tokens
+    over it, it raised the factor to about 1.5, the refusal promised a fit under
+    KEEP_RECENT that did not come, and the call with max_tokens sent 313 tokens of the
+    724 that fit."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=_moonshot_default_room) as upstream:
+        gateway = await start_gateway(small_window_config(upstream.base_url))
+        request = conversation(15, mode=pb.TRUNCATION_MODE_KEEP_RECENT)
+        request.params.ClearField("max_tokens")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(request)
+        assert error_details(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+        assert "set max_tokens" in (caught.value.details() or "")
+        assert gateway.server.pipeline.calibration.factor(FAKE_MODEL, "default") == 1.0
+        request.params.max_tokens = 300
+        answer = await gateway.stub.Complete(request)
+    # Five turns (about 515): a seventh would not fit. Three, under the raised factor.
+    assert answer.metadata.usage.input_tokens > (WINDOW - 300) // 2
+    assert len(upstream.requests) == 2

@@ -33,6 +33,11 @@ def _cache(**config: object) -> ResponseCache:
         ("deterministic", {"seed": 0}, None, M.DEFAULT),
         ("deterministic", {"seed": -1}, None, M.BYPASS),  # llama.cpp: a random seed
         ("deterministic", {"seed": -1, "temperature": 0.0}, None, M.DEFAULT),
+        # llama.cpp keeps a seed's low 32 bits: all ones is its -1, a random seed.
+        ("deterministic", {"seed": 0xFFFFFFFF}, None, M.BYPASS),
+        ("deterministic", {"seed": 0x1FFFFFFFF}, None, M.BYPASS),
+        ("deterministic", {"seed": 0xFFFFFFFE}, None, M.DEFAULT),
+        ("deterministic", {"seed": 0x100000000}, None, M.DEFAULT),
         ("deterministic", {}, None, M.BYPASS),
         ("deterministic", {"temperature": 0.7}, None, M.BYPASS),
         ("deterministic", {"temperature": 0.7}, M.DEFAULT, M.DEFAULT),

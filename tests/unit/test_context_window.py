@@ -4,7 +4,12 @@ import math
 
 import pytest
 
-from service.context_window import DEFAULT_ANSWER_RESERVE, answer_reserve, fit_messages
+from service.context_window import (
+    DEFAULT_ANSWER_RESERVE,
+    answer_reserve,
+    fit_messages,
+    prompt_in_count_with_answer,
+)
 from service.domain import Message, Role, ToolCall, TruncationMode
 from service.errors import ContextWindowExceeded
 from service.tokens import estimate_prompt_tokens
@@ -155,6 +160,18 @@ def test_max_tokens_is_reserved():
 def test_answer_reserve(window, max_tokens, reserve):
     """The answer's reserve is max_tokens, else the default capped at a quarter window."""
     assert answer_reserve(window, max_tokens) == reserve
+
+
+@pytest.mark.parametrize(
+    ("count", "max_tokens", "prompt"), [(1300, 300, 1000), (200, 300, 0), (1300, None, None)]
+)
+def test_prompt_in_count_with_answer(count, max_tokens, prompt):
+    """A count of the prompt and the answer's room together (Moonshot's) is the prompt's
+    less the max_tokens sent; with none sent it says no prompt's count: the upstream's
+    own default room is in it, which may be more than the gateway's reserve (Moonshot's
+    moonshot-v1 keeps 1024, the gateway 256). Before, it was read less the gateway's
+    reserve: over the prompt's by the rest, which raised the calibration."""
+    assert prompt_in_count_with_answer(count, max_tokens) == prompt
 
 
 @pytest.mark.parametrize(("factor", "fits"), [(1.0, True), (1.5, False), (0.5, True)])

@@ -122,12 +122,16 @@ def test_the_gateway_fields_cover_every_field_it_writes() -> None:
         tool_choice=ToolChoice(ToolChoiceMode.AUTO),
     )
     body = orjson.loads(request_body(request, upstream_model="up", stream=True))
-    reasoning_body = orjson.loads(
+    other_fields_body = orjson.loads(
         request_body(
-            request, upstream_model="up", stream=True, max_tokens_field="max_completion_tokens"
+            request,
+            upstream_model="up",
+            stream=True,
+            max_tokens_field="max_completion_tokens",
+            seed_field="random_seed",
         )
     )
-    assert set(body) | set(reasoning_body) == GATEWAY_BODY_FIELDS
+    assert set(body) | set(other_fields_body) == GATEWAY_BODY_FIELDS
 
 
 def test_max_tokens_goes_in_the_upstreams_field() -> None:
@@ -152,6 +156,29 @@ def test_max_tokens_goes_in_the_upstreams_field() -> None:
     with pytest.raises(ConfigError) as caught:
         parse({"upstreams": [upstream(extra_body={"max_completion_tokens": 10})]})
     assert "must not set max_completion_tokens" in caught.value.problem
+
+
+def test_the_seed_goes_in_the_upstreams_field() -> None:
+    """Mistral's API refuses `seed` (422, `extra_forbidden`) and takes `random_seed`: an
+    upstream set so gets the request's seed there, and no `seed`; `seed` is the default,
+    any other name a config error, and `extra_body` may set neither."""
+    request = ChatRequest(
+        model="m", messages=(Message(Role.USER, "hi"),), params=GenerationParams(seed=7)
+    )
+    body = orjson.loads(
+        request_body(request, upstream_model="mistral", stream=False, seed_field="random_seed")
+    )
+    assert body["random_seed"] == 7
+    assert "seed" not in body
+    config = parse({"upstreams": [upstream(seed_field="random_seed")]})
+    assert config.upstreams[0].seed_field == "random_seed"
+    assert parse({"upstreams": [upstream()]}).upstreams[0].seed_field == "seed"
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [upstream(seed_field="sampling_seed")]})
+    assert caught.value.key == "upstreams[0].seed_field"
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [upstream(extra_body={"random_seed": 1})]})
+    assert "must not set random_seed" in caught.value.problem
 
 
 def test_an_upstream_taking_json_object_schemas_gets_the_schema_in_that_shape() -> None:
