@@ -10,7 +10,8 @@ handing the body over as it arrives.
 
 Only what an OpenAI-compatible API needs: POST and GET with a body in one write,
 responses with Content-Length, chunked or read-until-close bodies (decoded from gzip or
-deflate when a server compresses though asked not to: `codings`), keep-alive reuse,
+deflate when a server compresses though asked not to, as a content or a transfer coding:
+`codings`), keep-alive reuse,
 TLS (https), a connect timeout, and an HTTP forward proxy: an http upstream's requests
 go to it in absolute form (`POST http://host/v1/... HTTP/1.1`), an https one's through a
 CONNECT tunnel, opened with each new connection (`_tunnel`). The caller bounds the
@@ -522,14 +523,23 @@ class Response:
         self.status = status
         self.head_pieces = None
         self._keep_alive = bool(parser.should_keep_alive())
-        self._until_close = (
-            "content-length" not in self.headers
-            and "chunked" not in self.headers.get("transfer-encoding", "").lower()
-        )
-        if "content-encoding" in self.headers:
-            self._decoder = decoder_for(self.headers["content-encoding"])
+        headers = self.headers
+        transfer = headers.get("transfer-encoding")
+        if transfer is None or transfer == "chunked":  # all but a rare few
+            self._until_close = transfer is None and "content-length" not in headers
+            if "content-encoding" in headers:
+                self._decoder = decoder_for(headers["content-encoding"])
+        else:
+            self._read_transfer_codings(transfer)
         if not self._head_ready.done():
             self._head_ready.set_result(None)
+
+    def _read_transfer_codings(self, transfer: str) -> None:
+        """Frame and decode a body as its `Transfer-Encoding` says, as llhttp frames it:
+        chunked when that is the final coding, else read until the close (RFC 9112 §6.3);
+        a coding before it (`gzip, chunked`) decoded as a content coding is."""
+        self._until_close = transfer.rpartition(",")[2].strip().lower() != "chunked"
+        self._decoder = decoder_for(self.headers.get("content-encoding"), transfer)
 
     def on_body(self, body: bytes) -> None:
         self.parsed += 1

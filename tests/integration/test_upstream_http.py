@@ -1032,6 +1032,100 @@ async def test_a_compressed_answer_is_decoded(serve, start_gateway, coding, wbit
     assert (reply.content, reply.metadata.attempts, raw.connections) == ("hi", 1, 1)
 
 
+def _transfer_coded_answer(transfer: bytes, body: bytes, *, content: bytes = b"") -> bytes:
+    """A whole answer with `Transfer-Encoding: transfer` and `body` (coded already but
+    for `chunked`, applied here in one chunk when `transfer` ends in it); `content`: a
+    `Content-Encoding` line's value, if any."""
+    if transfer.rpartition(b",")[2].strip().lower() == b"chunked":
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    coding = b"Content-Encoding: %s\r\n" % content if content else b""
+    head = b"HTTP/1.1 200 OK\r\n%s\r\n%sTransfer-Encoding: %s\r\n\r\n" % (
+        _JSON_TYPE,
+        coding,
+        transfer,
+    )
+    return head + body
+
+
+@pytest.mark.parametrize(
+    ("transfer", "body", "content"),
+    [
+        (b"gzip, chunked", _deflated(_COMPLETION, 31), b""),
+        (b"Deflate , Chunked", _deflated(_COMPLETION, 15), b""),
+        (b"x-gzip, identity, chunked", _deflated(_COMPLETION, 31), b""),
+        (b"gzip", _deflated(_COMPLETION, 31), b""),
+        (b"gzip, chunked", _deflated(_deflated(_COMPLETION, -15), 31), b"deflate"),
+    ],
+    ids=["gzip-chunked", "deflate-chunked", "x-gzip-identity-chunked", "gzip-to-close", "both"],
+)
+async def test_a_transfer_coded_answer_is_decoded(serve, start_gateway, transfer, body, content):
+    """A coding before `chunked` in `Transfer-Encoding` (RFC 9112 §6.1), or alone on a
+    body read until the close, is decoded as a content coding is, and a content coding
+    under it after it: answered once, not passed on still coded and refused as malformed."""
+    raw = await serve(replying(_transfer_coded_answer(transfer, body, content=content)))
+    gateway = await start_gateway(gateway_config(raw.url))
+
+    reply = await gateway.stub.Complete(chat(), timeout=10)
+
+    assert (reply.content, reply.metadata.attempts, raw.connections) == ("hi", 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("transfer", "named"),
+    [
+        (b"br, chunked", "transfer coding 'br'"),
+        (b"xchunked", "transfer coding 'xchunked'"),
+        (b"gzip, gzip, chunked", "transfer coding 'gzip, gzip'"),
+        (b"chunked, gzip", "Transfer-Encoding 'chunked, gzip' holds chunked other than once"),
+        (b"chunked, chunked", "Transfer-Encoding 'chunked, chunked' holds chunked other than"),
+    ],
+    ids=["br", "not-chunked", "gzip-twice", "chunked-first", "chunked-twice"],
+)
+async def test_a_transfer_coding_the_gateway_cannot_decode_is_named(
+    serve, start_gateway, transfer, named
+):
+    """A transfer coding other than gzip or deflate, or `chunked` other than once and
+    last, fails the attempt as a malformed answer whose message names it: not passed on
+    still coded, nor read to the close and reported as a dropped connection."""
+    answer = _transfer_coded_answer(transfer, _deflated(_COMPLETION, 31))
+    raw = await serve(replying(answer, linger_s=0.5))
+    gateway = await start_gateway(gateway_config(raw.url, resilience={"attempts": 1}))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat(), timeout=10)
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "UPSTREAM_UNAVAILABLE"
+    assert "sent a malformed answer: the answer" in caught.value.details()
+    assert named in caught.value.details()
+
+
+async def test_a_transfer_coded_body_leaves_its_connection_for_the_next(serve):
+    """A `gzip, chunked` body read whole ends at its last chunk: its connection carries
+    the next request, and the next body, in no coding, is handed over as it came."""
+    answers = iter(
+        [
+            _transfer_coded_answer(b"gzip, chunked", _deflated(b"first", 31)),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond",
+        ]
+    )
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for answer in answers:
+            await read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+
+    raw = await serve(handler)
+    pool = pool_for(raw)
+    bodies = []
+    for _ in range(2):
+        async with await pool.request("POST", "/", {}, b"x") as response:
+            bodies.append(await response.read())
+    assert (bodies, raw.connections) == ([b"first", b"second"], 1)
+    await pool.aclose()
+
+
 def _sse_event(data: dict[str, object]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
