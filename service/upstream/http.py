@@ -313,11 +313,14 @@ def _response_parser(response: Response | _Tunnel) -> httptools.HttpResponsePars
     Refused, each was an attempt the server answered (and billed) reported as a dropped
     connection and sent again. aiohttp's response parser enables these three leniencies
     outside its debug mode (`_http_parser.pyx`); nothing downstream parses these bytes
-    again, so no request smuggling comes of them.
+    again, so no request smuggling comes of them. A `Content-Length` beside
+    `Transfer-Encoding` is read as RFC 9112 §6.3 frames it, by the latter, as curl's and
+    Go's clients read it; the connection then goes (`Response._read_transfer_codings`).
     """
     parser = httptools.HttpResponseParser(response)
     parser.set_dangerous_leniencies(
         lenient_headers=True,
+        lenient_chunked_length=True,
         lenient_optional_cr_before_lf=True,
         lenient_spaces_after_chunk_size=True,
     )
@@ -525,11 +528,14 @@ class Response:
         self._keep_alive = bool(parser.should_keep_alive())
         headers = self.headers
         transfer = headers.get("transfer-encoding")
-        if transfer is None or transfer == "chunked":  # all but a rare few
-            self._until_close = transfer is None and "content-length" not in headers
+        if transfer is None:
+            self._until_close = "content-length" not in headers
             if "content-encoding" in headers:
                 self._decoder = decoder_for(headers["content-encoding"])
-        else:
+        elif transfer == "chunked" and "content-length" not in headers:
+            if "content-encoding" in headers:
+                self._decoder = decoder_for(headers["content-encoding"])
+        else:  # rare: a coding besides chunked, or a length beside it
             self._read_transfer_codings(transfer)
         if not self._head_ready.done():
             self._head_ready.set_result(None)
@@ -537,9 +543,16 @@ class Response:
     def _read_transfer_codings(self, transfer: str) -> None:
         """Frame and decode a body as its `Transfer-Encoding` says, as llhttp frames it:
         chunked when that is the final coding, else read until the close (RFC 9112 §6.3);
-        a coding before it (`gzip, chunked`) decoded as a content coding is."""
+        a coding before it (`gzip, chunked`) decoded as a content coding is.
+
+        A `Content-Length` beside it is ignored (RFC 9112 §6.3: Transfer-Encoding
+        overrides it), as curl, Go and Python's clients ignore it, but the connection is
+        not reused: the server framed its answer two ways, and the next answer on the
+        connection may start where its other framing ends (response smuggling)."""
         self._until_close = transfer.rpartition(",")[2].strip().lower() != "chunked"
         self._decoder = decoder_for(self.headers.get("content-encoding"), transfer)
+        if "content-length" in self.headers:
+            self._keep_alive = False
 
     def on_body(self, body: bytes) -> None:
         self.parsed += 1

@@ -949,20 +949,53 @@ async def test_one_content_length_sent_twice_frames_the_body(serve, head):
         b"HTTP/1.1 200 OK\r\nContent-Length: 0{n}, {n}\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: -{n}, -{n}\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nTransfer-Encoding: chunked\r\n"
-        b"Content-Length: {n}\r\n\r\n",
+        b"Content-Length: 1{n}\r\n\r\n",
         b"HTTP/1.1 103 Early Hints\r\nContent-Length: {n}\r\n\r\n"
         b"HTTP/1.1 200 OK\r\nX-A: bb\r\nContent-Length: {n}, 1{n}\r\n\r\n",
     ],
     ids=["two-lines", "a-list", "an-empty-one", "leading-zero", "negative", "chunked", "interim"],
 )
 async def test_content_lengths_that_differ_stay_refused(serve, head):
-    """Lengths that differ (a smuggling risk), a list with an empty or a signed value, or
-    lengths beside `Transfer-Encoding` are refused as malformed, as before."""
+    """Lengths that differ (a smuggling risk), a list with an empty or a signed value,
+    beside `Transfer-Encoding` too, are refused as malformed, as before."""
     raw = await serve(_lengths_answering(head))
     pool = pool_for(raw)
     with pytest.raises(HttpError, match=r"malformed HTTP response: .*(Content-Length|Transfer)"):
         await pool.request("POST", "/", {}, b"x")
     assert (pool.open_connections, pool.checked_out) == (0, 0)
+    await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [b"Content-Length: 3", b"Content-Length: 3\r\nContent-Length: 3"],
+    ids=["once", "twice"],
+)
+async def test_a_length_beside_transfer_encoding_yields_to_it_and_ends_the_connection(
+    serve, lengths
+):
+    """`Transfer-Encoding: chunked` frames an answer that also has a `Content-Length`
+    (RFC 9112 §6.3), rather than the answer being refused, and each attempt's billed
+    answer with it; the connection is not reused, as the server framed its answer two
+    ways: the next request goes on a new one, and its answer is read right."""
+    first = b"HTTP/1.1 200 OK\r\n%s\r\nTransfer-Encoding: chunked\r\n\r\n" % lengths
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(first + b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+            await writer.drain()
+
+    raw = await serve(handler)
+    pool = pool_for(raw)
+    bodies = []
+    for _ in range(2):
+        async with await pool.request("POST", "/", {}, b"x") as response:
+            bodies.append(await response.read())
+    assert (bodies, raw.connections) == ([b"hello world", b"hello world"], 2)
     await pool.aclose()
 
 
