@@ -215,7 +215,7 @@ class _Connection(asyncio.Protocol):
                 response.held_reason = str(exc)
                 self._merge_lengths(response, data, parsed)
             else:
-                response.fail(NotHttp(f"malformed HTTP response: {exc}"))
+                response.fail(_parse_failure(exc))
         else:
             pieces = response.head_pieces
             if pieces is not None:  # the head is not all in: kept, should it be parsed again
@@ -252,7 +252,7 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(merged)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            response.fail(NotHttp(f"malformed HTTP response: {exc}"))
+            response.fail(_parse_failure(exc))
         else:
             response.fed(len(merged), made_progress=response.parsed != parsed)
 
@@ -301,6 +301,16 @@ class _Connection(asyncio.Protocol):
         self.is_closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+def _parse_failure(exc: httptools.HttpParserError | httptools.HttpParserUpgrade) -> HttpError:
+    """What llhttp's refusal of a response says: the gateway's own error when one of
+    `Response`'s callbacks raised it (a head too large), which httptools hands on only
+    as the context of its own (`on_header_field callback error`)."""
+    cause = exc.__context__
+    if isinstance(cause, HttpError):
+        return cause
+    return NotHttp(f"malformed HTTP response: {exc}")
 
 
 def _response_parser(response: Response | _Tunnel) -> httptools.HttpResponseParser:
@@ -550,9 +560,14 @@ class Response:
         not reused: the server framed its answer two ways, and the next answer on the
         connection may start where its other framing ends (response smuggling)."""
         self._until_close = transfer.rpartition(",")[2].strip().lower() != "chunked"
-        self._decoder = decoder_for(self.headers.get("content-encoding"), transfer)
         if "content-length" in self.headers:
+            if self._until_close:  # to be read until a close a server framing by length delays
+                raise NotHttp(
+                    "malformed HTTP response: Content-Length beside a Transfer-Encoding not "
+                    "ending in chunked"
+                )
             self._keep_alive = False
+        self._decoder = decoder_for(self.headers.get("content-encoding"), transfer)
 
     def on_body(self, body: bytes) -> None:
         self.parsed += 1

@@ -772,6 +772,25 @@ async def test_a_header_that_never_ends_is_refused_not_buffered(serve):
     await pool.aclose()
 
 
+async def test_a_head_of_many_headers_past_the_limit_says_so(serve):
+    """Headers past the limit in one read are refused as too large, as one endless header
+    is: the reason the log gives, not httptools' `on_header_field callback error`."""
+    lines = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(1000))
+
+    async def many(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n%sContent-Length: 0\r\n\r\n" % lines)
+        await writer.drain()
+        await asyncio.sleep(1.5)
+
+    raw = await serve(many)
+    pool = pool_for(raw)
+    with pytest.raises(HttpError, match="response headers too large"):
+        await pool.request("POST", "/", {}, b"x")
+    assert (pool.open_connections, pool.checked_out) == (0, 0)
+    await pool.aclose()
+
+
 async def test_interim_answers_that_never_end_are_refused_not_buffered(serve):
     """Endless `100 Continue` heads, each whole, are heads past the same limit: the bytes
     kept until the final head (for a repeated `Content-Length`) grew without bound."""
@@ -950,14 +969,26 @@ async def test_one_content_length_sent_twice_frames_the_body(serve, head):
         b"HTTP/1.1 200 OK\r\nContent-Length: -{n}, -{n}\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nTransfer-Encoding: chunked\r\n"
         b"Content-Length: 1{n}\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: {n}\r\n\r\n",
         b"HTTP/1.1 103 Early Hints\r\nContent-Length: {n}\r\n\r\n"
         b"HTTP/1.1 200 OK\r\nX-A: bb\r\nContent-Length: {n}, 1{n}\r\n\r\n",
     ],
-    ids=["two-lines", "a-list", "an-empty-one", "leading-zero", "negative", "chunked", "interim"],
+    ids=[
+        "two-lines",
+        "a-list",
+        "an-empty-one",
+        "leading-zero",
+        "negative",
+        "chunked",
+        "beside-identity",
+        "interim",
+    ],
 )
 async def test_content_lengths_that_differ_stay_refused(serve, head):
     """Lengths that differ (a smuggling risk), a list with an empty or a signed value,
-    beside `Transfer-Encoding` too, are refused as malformed, as before."""
+    beside `Transfer-Encoding` too, are refused as malformed, as before; and so is a
+    length beside a `Transfer-Encoding` that does not end in chunked, which would be read
+    until a close that a server framing its answer by the length delays."""
     raw = await serve(_lengths_answering(head))
     pool = pool_for(raw)
     with pytest.raises(HttpError, match=r"malformed HTTP response: .*(Content-Length|Transfer)"):
