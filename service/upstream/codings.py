@@ -1,5 +1,5 @@
-"""Content codings (RFC 9110 §8.4.1) an answer may come in: gzip and deflate, decoded
-as the body arrives, in bounded pieces.
+"""Content codings (RFC 9110 §8.4.1) and transfer codings (RFC 9112 §7) an answer may
+come in: gzip and deflate, decoded as the body arrives, in bounded pieces.
 
 The gateway asks for `identity`, but some servers and proxies compress anyway. A body
 in `gzip` (or `x-gzip`) or `deflate` is decoded with the standard library's zlib: for
@@ -8,6 +8,11 @@ in `gzip` (or `x-gzip`) or `deflate` is decoded with the standard library's zlib
 bytes and keeps the rest of its input for the next, so that a small body decoding to
 gigabytes (a decompression bomb) meets its reader's byte limit, not the memory's. Any
 other coding (`br`, `zstd`, ...) is refused, by its name, once there is a body to decode.
+
+A transfer coding before `chunked` (`Transfer-Encoding: gzip, chunked`), or alone on a
+body read until the close, is decoded so too: llhttp undoes `chunked`, this the rest, and
+then the content coding. `chunked` anywhere but last, or twice, is refused: RFC 9112 §6.1
+has a sender apply it once, last (llhttp reads such a body until the close, still coded).
 """
 
 from __future__ import annotations
@@ -92,24 +97,40 @@ class _Inflate:
         return output
 
 
+class _Chain:
+    """Two codings applied in turn: `first` (the one applied last) undone, then `then`,
+    each call's output bounded as each decoder bounds its own."""
+
+    __slots__ = ("_first", "_then")
+
+    def __init__(self, first: BodyDecoder, then: BodyDecoder) -> None:
+        self._first = first
+        self._then = then
+
+    @property
+    def has_more(self) -> bool:
+        return self._first.has_more or self._then.has_more
+
+    def decode(self, data: bytes) -> bytes:
+        if self._then.has_more:  # called with b"": what `then` holds comes out first
+            return self._then.decode(b"")
+        return self._then.decode(self._first.decode(data))
+
+
 class _Refused:
     """A coding the gateway cannot decode: refused with the first byte of body."""
 
-    __slots__ = ("_coding",)
+    __slots__ = ("_problem",)
 
-    def __init__(self, coding: str) -> None:
-        self._coding = coding
+    def __init__(self, problem: str) -> None:
+        self._problem = problem
 
     @property
     def has_more(self) -> bool:
         return False
 
     def decode(self, data: bytes) -> bytes:
-        raise UndecodableBody(
-            f"the answer came in content coding {self._coding!r}, which the gateway "
-            "cannot decode (it asks for identity; gzip and deflate are decoded): check "
-            "what compresses it"
-        )
+        raise UndecodableBody(self._problem)
 
 
 _NAMES = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate"}
@@ -117,21 +138,58 @@ _NAMES = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate"}
 _MAX_NAMED_CHARS = 40
 
 
-def decoder_for(content_encoding: str | None) -> BodyDecoder | None:
-    """The decoder of a body sent with `content_encoding` (its `Content-Encoding`);
-    None for none or `identity`, which need no decoding."""
-    if not content_encoding:
-        return None
-    codings = [c.strip().lower() for c in content_encoding.split(",")]
+def decoder_for(
+    content_encoding: str | None, transfer_encoding: str | None = None
+) -> BodyDecoder | None:
+    """The decoder of a body sent with `content_encoding` (its `Content-Encoding`) and
+    `transfer_encoding` (its `Transfer-Encoding`, whose final `chunked` the parser
+    undoes); None when neither names a coding to undo (none, `identity`, `chunked`)."""
+    content = _undone(content_encoding, "content coding") if content_encoding else None
+    if transfer_encoding is None:
+        return content
+    transfer = _transfer_decoder(transfer_encoding)
+    if isinstance(transfer, _Refused) or content is None:
+        return transfer
+    return content if transfer is None else _Chain(transfer, content)
+
+
+def _transfer_decoder(transfer_encoding: str) -> BodyDecoder | None:
+    """The decoder of the codings `transfer_encoding` lists before its final `chunked`
+    (all of them without one: a body read until the close)."""
+    codings = [c.strip().lower() for c in transfer_encoding.split(",")]
+    if codings[-1] == "chunked":  # as llhttp reads it: `chunked,` does not end in chunked
+        codings.pop()
+    if "chunked" in codings:
+        return _Refused(
+            f"the answer's Transfer-Encoding {_named(transfer_encoding)!r} holds chunked "
+            "other than once and last, where a server applies it (RFC 9112 §6.1): check "
+            "what sends it"
+        )
+    return _undone(", ".join(codings), "transfer coding")
+
+
+def _undone(listed: str, kind: str) -> BodyDecoder | None:
+    """The decoder of one `kind` of coding, `listed` as its header lists them."""
+    codings = [c.strip().lower() for c in listed.split(",")]
     codings = [c for c in codings if c and c != "identity"]
     if not codings:
         return None
     if len(codings) == 1 and codings[0] in _NAMES:
         return _Inflate(_NAMES[codings[0]])
-    named = ", ".join(codings)  # one it does not know, or several applied in turn
-    if len(named) > _MAX_NAMED_CHARS or not named.isprintable():
-        named = named[:_MAX_NAMED_CHARS].encode("ascii", "backslashreplace").decode() + "..."
-    return _Refused(named)
+    # One it does not know, or several applied in turn.
+    return _Refused(
+        f"the answer came in {kind} {_named(', '.join(codings))!r}, which the gateway "
+        "cannot decode (it asks for identity; gzip and deflate are decoded): check what "
+        "compresses it"
+    )
+
+
+def _named(codings: str) -> str:
+    """`codings` as an error names them: short and printable, the header being the
+    upstream's to fill."""
+    if len(codings) > _MAX_NAMED_CHARS or not codings.isprintable():
+        return codings[:_MAX_NAMED_CHARS].encode("ascii", "backslashreplace").decode() + "..."
+    return codings
 
 
 __all__ = ["DECODED_PIECE_BYTES", "BodyDecoder", "UndecodableBody", "decoder_for"]

@@ -10,7 +10,8 @@ handing the body over as it arrives.
 
 Only what an OpenAI-compatible API needs: POST and GET with a body in one write,
 responses with Content-Length, chunked or read-until-close bodies (decoded from gzip or
-deflate when a server compresses though asked not to: `codings`), keep-alive reuse,
+deflate when a server compresses though asked not to, as a content or a transfer coding:
+`codings`), keep-alive reuse,
 TLS (https), a connect timeout, and an HTTP forward proxy: an http upstream's requests
 go to it in absolute form (`POST http://host/v1/... HTTP/1.1`), an https one's through a
 CONNECT tunnel, opened with each new connection (`_tunnel`). The caller bounds the
@@ -214,7 +215,7 @@ class _Connection(asyncio.Protocol):
                 response.held_reason = str(exc)
                 self._merge_lengths(response, data, parsed)
             else:
-                response.fail(NotHttp(f"malformed HTTP response: {exc}"))
+                response.fail(_parse_failure(exc))
         else:
             pieces = response.head_pieces
             if pieces is not None:  # the head is not all in: kept, should it be parsed again
@@ -251,7 +252,7 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(merged)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            response.fail(NotHttp(f"malformed HTTP response: {exc}"))
+            response.fail(_parse_failure(exc))
         else:
             response.fed(len(merged), made_progress=response.parsed != parsed)
 
@@ -302,6 +303,16 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def _parse_failure(exc: httptools.HttpParserError | httptools.HttpParserUpgrade) -> HttpError:
+    """What llhttp's refusal of a response says: the gateway's own error when one of
+    `Response`'s callbacks raised it (a head too large), which httptools hands on only
+    as the context of its own (`on_header_field callback error`)."""
+    cause = exc.__context__
+    if isinstance(cause, HttpError):
+        return cause
+    return NotHttp(f"malformed HTTP response: {exc}")
+
+
 def _response_parser(response: Response | _Tunnel) -> httptools.HttpResponseParser:
     """llhttp's parser for one response (or a proxy's answer to CONNECT), as tolerant as
     the aiohttp client it replaced.
@@ -312,11 +323,14 @@ def _response_parser(response: Response | _Tunnel) -> httptools.HttpResponsePars
     Refused, each was an attempt the server answered (and billed) reported as a dropped
     connection and sent again. aiohttp's response parser enables these three leniencies
     outside its debug mode (`_http_parser.pyx`); nothing downstream parses these bytes
-    again, so no request smuggling comes of them.
+    again, so no request smuggling comes of them. A `Content-Length` beside
+    `Transfer-Encoding` is read as RFC 9112 §6.3 frames it, by the latter, as curl's and
+    Go's clients read it; the connection then goes (`Response._read_transfer_codings`).
     """
     parser = httptools.HttpResponseParser(response)
     parser.set_dangerous_leniencies(
         lenient_headers=True,
+        lenient_chunked_length=True,
         lenient_optional_cr_before_lf=True,
         lenient_spaces_after_chunk_size=True,
     )
@@ -522,14 +536,38 @@ class Response:
         self.status = status
         self.head_pieces = None
         self._keep_alive = bool(parser.should_keep_alive())
-        self._until_close = (
-            "content-length" not in self.headers
-            and "chunked" not in self.headers.get("transfer-encoding", "").lower()
-        )
-        if "content-encoding" in self.headers:
-            self._decoder = decoder_for(self.headers["content-encoding"])
+        headers = self.headers
+        transfer = headers.get("transfer-encoding")
+        if transfer is None:
+            self._until_close = "content-length" not in headers
+            if "content-encoding" in headers:
+                self._decoder = decoder_for(headers["content-encoding"])
+        elif transfer == "chunked" and "content-length" not in headers:
+            if "content-encoding" in headers:
+                self._decoder = decoder_for(headers["content-encoding"])
+        else:  # rare: a coding besides chunked, or a length beside it
+            self._read_transfer_codings(transfer)
         if not self._head_ready.done():
             self._head_ready.set_result(None)
+
+    def _read_transfer_codings(self, transfer: str) -> None:
+        """Frame and decode a body as its `Transfer-Encoding` says, as llhttp frames it:
+        chunked when that is the final coding, else read until the close (RFC 9112 §6.3);
+        a coding before it (`gzip, chunked`) decoded as a content coding is.
+
+        A `Content-Length` beside it is ignored (RFC 9112 §6.3: Transfer-Encoding
+        overrides it), as curl, Go and Python's clients ignore it, but the connection is
+        not reused: the server framed its answer two ways, and the next answer on the
+        connection may start where its other framing ends (response smuggling)."""
+        self._until_close = transfer.rpartition(",")[2].strip().lower() != "chunked"
+        if "content-length" in self.headers:
+            if self._until_close:  # to be read until a close a server framing by length delays
+                raise NotHttp(
+                    "malformed HTTP response: Content-Length beside a Transfer-Encoding not "
+                    "ending in chunked"
+                )
+            self._keep_alive = False
+        self._decoder = decoder_for(self.headers.get("content-encoding"), transfer)
 
     def on_body(self, body: bytes) -> None:
         self.parsed += 1

@@ -772,6 +772,25 @@ async def test_a_header_that_never_ends_is_refused_not_buffered(serve):
     await pool.aclose()
 
 
+async def test_a_head_of_many_headers_past_the_limit_says_so(serve):
+    """Headers past the limit in one read are refused as too large, as one endless header
+    is: the reason the log gives, not httptools' `on_header_field callback error`."""
+    lines = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(1000))
+
+    async def many(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n%sContent-Length: 0\r\n\r\n" % lines)
+        await writer.drain()
+        await asyncio.sleep(1.5)
+
+    raw = await serve(many)
+    pool = pool_for(raw)
+    with pytest.raises(HttpError, match="response headers too large"):
+        await pool.request("POST", "/", {}, b"x")
+    assert (pool.open_connections, pool.checked_out) == (0, 0)
+    await pool.aclose()
+
+
 async def test_interim_answers_that_never_end_are_refused_not_buffered(serve):
     """Endless `100 Continue` heads, each whole, are heads past the same limit: the bytes
     kept until the final head (for a repeated `Content-Length`) grew without bound."""
@@ -949,20 +968,65 @@ async def test_one_content_length_sent_twice_frames_the_body(serve, head):
         b"HTTP/1.1 200 OK\r\nContent-Length: 0{n}, {n}\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: -{n}, -{n}\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nTransfer-Encoding: chunked\r\n"
-        b"Content-Length: {n}\r\n\r\n",
+        b"Content-Length: 1{n}\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: {n}\r\n\r\n",
         b"HTTP/1.1 103 Early Hints\r\nContent-Length: {n}\r\n\r\n"
         b"HTTP/1.1 200 OK\r\nX-A: bb\r\nContent-Length: {n}, 1{n}\r\n\r\n",
     ],
-    ids=["two-lines", "a-list", "an-empty-one", "leading-zero", "negative", "chunked", "interim"],
+    ids=[
+        "two-lines",
+        "a-list",
+        "an-empty-one",
+        "leading-zero",
+        "negative",
+        "chunked",
+        "beside-identity",
+        "interim",
+    ],
 )
 async def test_content_lengths_that_differ_stay_refused(serve, head):
-    """Lengths that differ (a smuggling risk), a list with an empty or a signed value, or
-    lengths beside `Transfer-Encoding` are refused as malformed, as before."""
+    """Lengths that differ (a smuggling risk), a list with an empty or a signed value,
+    beside `Transfer-Encoding` too, are refused as malformed, as before; and so is a
+    length beside a `Transfer-Encoding` that does not end in chunked, which would be read
+    until a close that a server framing its answer by the length delays."""
     raw = await serve(_lengths_answering(head))
     pool = pool_for(raw)
     with pytest.raises(HttpError, match=r"malformed HTTP response: .*(Content-Length|Transfer)"):
         await pool.request("POST", "/", {}, b"x")
     assert (pool.open_connections, pool.checked_out) == (0, 0)
+    await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [b"Content-Length: 3", b"Content-Length: 3\r\nContent-Length: 3"],
+    ids=["once", "twice"],
+)
+async def test_a_length_beside_transfer_encoding_yields_to_it_and_ends_the_connection(
+    serve, lengths
+):
+    """`Transfer-Encoding: chunked` frames an answer that also has a `Content-Length`
+    (RFC 9112 §6.3), rather than the answer being refused, and each attempt's billed
+    answer with it; the connection is not reused, as the server framed its answer two
+    ways: the next request goes on a new one, and its answer is read right."""
+    first = b"HTTP/1.1 200 OK\r\n%s\r\nTransfer-Encoding: chunked\r\n\r\n" % lengths
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(first + b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+            await writer.drain()
+
+    raw = await serve(handler)
+    pool = pool_for(raw)
+    bodies = []
+    for _ in range(2):
+        async with await pool.request("POST", "/", {}, b"x") as response:
+            bodies.append(await response.read())
+    assert (bodies, raw.connections) == ([b"hello world", b"hello world"], 2)
     await pool.aclose()
 
 
@@ -1030,6 +1094,100 @@ async def test_a_compressed_answer_is_decoded(serve, start_gateway, coding, wbit
     reply = await gateway.stub.Complete(chat(), timeout=10)
 
     assert (reply.content, reply.metadata.attempts, raw.connections) == ("hi", 1, 1)
+
+
+def _transfer_coded_answer(transfer: bytes, body: bytes, *, content: bytes = b"") -> bytes:
+    """A whole answer with `Transfer-Encoding: transfer` and `body` (coded already but
+    for `chunked`, applied here in one chunk when `transfer` ends in it); `content`: a
+    `Content-Encoding` line's value, if any."""
+    if transfer.rpartition(b",")[2].strip().lower() == b"chunked":
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    coding = b"Content-Encoding: %s\r\n" % content if content else b""
+    head = b"HTTP/1.1 200 OK\r\n%s\r\n%sTransfer-Encoding: %s\r\n\r\n" % (
+        _JSON_TYPE,
+        coding,
+        transfer,
+    )
+    return head + body
+
+
+@pytest.mark.parametrize(
+    ("transfer", "body", "content"),
+    [
+        (b"gzip, chunked", _deflated(_COMPLETION, 31), b""),
+        (b"Deflate , Chunked", _deflated(_COMPLETION, 15), b""),
+        (b"x-gzip, identity, chunked", _deflated(_COMPLETION, 31), b""),
+        (b"gzip", _deflated(_COMPLETION, 31), b""),
+        (b"gzip, chunked", _deflated(_deflated(_COMPLETION, -15), 31), b"deflate"),
+    ],
+    ids=["gzip-chunked", "deflate-chunked", "x-gzip-identity-chunked", "gzip-to-close", "both"],
+)
+async def test_a_transfer_coded_answer_is_decoded(serve, start_gateway, transfer, body, content):
+    """A coding before `chunked` in `Transfer-Encoding` (RFC 9112 §6.1), or alone on a
+    body read until the close, is decoded as a content coding is, and a content coding
+    under it after it: answered once, not passed on still coded and refused as malformed."""
+    raw = await serve(replying(_transfer_coded_answer(transfer, body, content=content)))
+    gateway = await start_gateway(gateway_config(raw.url))
+
+    reply = await gateway.stub.Complete(chat(), timeout=10)
+
+    assert (reply.content, reply.metadata.attempts, raw.connections) == ("hi", 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("transfer", "named"),
+    [
+        (b"br, chunked", "transfer coding 'br'"),
+        (b"xchunked", "transfer coding 'xchunked'"),
+        (b"gzip, gzip, chunked", "transfer coding 'gzip, gzip'"),
+        (b"chunked, gzip", "Transfer-Encoding 'chunked, gzip' holds chunked other than once"),
+        (b"chunked, chunked", "Transfer-Encoding 'chunked, chunked' holds chunked other than"),
+    ],
+    ids=["br", "not-chunked", "gzip-twice", "chunked-first", "chunked-twice"],
+)
+async def test_a_transfer_coding_the_gateway_cannot_decode_is_named(
+    serve, start_gateway, transfer, named
+):
+    """A transfer coding other than gzip or deflate, or `chunked` other than once and
+    last, fails the attempt as a malformed answer whose message names it: not passed on
+    still coded, nor read to the close and reported as a dropped connection."""
+    answer = _transfer_coded_answer(transfer, _deflated(_COMPLETION, 31))
+    raw = await serve(replying(answer, linger_s=0.5))
+    gateway = await start_gateway(gateway_config(raw.url, resilience={"attempts": 1}))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Complete(chat(), timeout=10)
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "UPSTREAM_UNAVAILABLE"
+    assert "sent a malformed answer: the answer" in caught.value.details()
+    assert named in caught.value.details()
+
+
+async def test_a_transfer_coded_body_leaves_its_connection_for_the_next(serve):
+    """A `gzip, chunked` body read whole ends at its last chunk: its connection carries
+    the next request, and the next body, in no coding, is handed over as it came."""
+    answers = iter(
+        [
+            _transfer_coded_answer(b"gzip, chunked", _deflated(b"first", 31)),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond",
+        ]
+    )
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for answer in answers:
+            await read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+
+    raw = await serve(handler)
+    pool = pool_for(raw)
+    bodies = []
+    for _ in range(2):
+        async with await pool.request("POST", "/", {}, b"x") as response:
+            bodies.append(await response.read())
+    assert (bodies, raw.connections) == ([b"first", b"second"], 1)
+    await pool.aclose()
 
 
 def _sse_event(data: dict[str, object]) -> bytes:
