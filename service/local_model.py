@@ -27,12 +27,13 @@ from typing import Literal
 from service.config import (
     GGUF_TEMPLATE_FORMAT,
     LOCAL_MODEL_UPSTREAM,
+    GatewayConfig,
     LocalModelConfig,
     UpstreamConfig,
 )
 from service.cpus import usable_cpus
 from service.errors import UpstreamError
-from service.gguf import chat_templates
+from service.gguf import chat_templates, model_file_problem
 from service.upstream.client import answers_http, probe_models
 
 log = logging.getLogger("llm_gateway.local_model")
@@ -150,10 +151,29 @@ def _refuse_a_directory(path: Path) -> None:
         )
 
 
+def refuse_a_bad_model_file(config: GatewayConfig) -> None:
+    """Raise the config error of a `local_model.model_path` file that llama.cpp could not
+    load (`model_file_problem`: not a GGUF, or cut short), before anything starts; one not
+    there yet is assembled at the start. `serve` and `llm-gateway check` ask."""
+    path = Path(config.local_model.model_path).expanduser()
+    problem = model_file_problem(path) if _has_model_file(path) else None
+    if problem is not None:
+        raise config.error("local_model.model_path", problem)
+
+
 def ensure_model_file(config: LocalModelConfig) -> Path:
-    """The GGUF file, assembled from the model package's chunks on first use."""
+    """The GGUF file, assembled from the model package's chunks on first use.
+
+    Raises:
+        LocalModelUnavailable: it cannot be written, or the file there is no GGUF
+            llama.cpp could load (replaced since the start, say: a restart says so, not
+            llama.cpp's own error, seconds later).
+    """
     path = Path(config.model_path).expanduser()
     if _has_model_file(path):
+        problem = model_file_problem(path)
+        if problem is not None:
+            raise LocalModelUnavailable(f"local_model.model_path: {problem}")
         return path
     _refuse_a_directory(path)
     try:
