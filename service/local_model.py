@@ -321,11 +321,16 @@ class LocalModelState:
     `retry_at`, while it is down: when its restart should answer (the restart's back-off,
     then as long as the last start took to answer), in `time.monotonic()` seconds: one
     clock for every process of the machine, the workers' included.
+
+    `turns_path`: the file whose lock each of the supervisor's workers takes for each call
+    to it, so that they send it one call at a time between them (`service.machine_turns`);
+    None for a server one process alone calls.
     """
 
     upstream: UpstreamConfig
     is_up: bool
     retry_at: float | None = None
+    turns_path: str | None = None
 
 
 class LocalModelServer:
@@ -343,8 +348,11 @@ class LocalModelServer:
         python: str = sys.executable,
         on_availability: Callable[[LocalModelState], Awaitable[None]] | None = None,
         withheld_env: Collection[str] = (),
+        turns_path: Path | None = None,
     ) -> None:
         self.config = config
+        # Where the processes calling it take turns (`LocalModelState.turns_path`).
+        self._turns_path = None if turns_path is None else str(turns_path)
         self._python = python
         # Variables holding the gateway's secrets (`GatewayConfig.secret_variables`).
         self._withheld_env = frozenset(withheld_env)
@@ -396,7 +404,9 @@ class LocalModelServer:
     def state(self) -> LocalModelState:
         """Where the server listens now, with its key, and whether it answers."""
         retry_at = None if self.is_up else self._retry_at
-        return LocalModelState(self.upstream_config(), is_up=self.is_up, retry_at=retry_at)
+        return LocalModelState(
+            self.upstream_config(), is_up=self.is_up, retry_at=retry_at, turns_path=self._turns_path
+        )
 
     def _command(self, model_path: Path) -> list[str]:
         threads = self.config.threads or usable_cpus()
