@@ -1,4 +1,5 @@
-"""The chat templates a GGUF model file holds, read from its metadata (no tensors).
+"""What a GGUF model file holds, read from its header: its chat templates (metadata), and
+whether it is a whole GGUF llama.cpp can load at all (`model_file_problem`).
 
 llama-cpp-python offers each as the chat format `chat_template.NAME`: the file's
 `tokenizer.chat_template` as `chat_template.default`, and `tokenizer.chat_template.NAME`
@@ -11,17 +12,33 @@ length-prefixed list.
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 _MAGIC = b"GGUF"
+# The versions llama.cpp loads: it refuses GGUFv1 ("no longer supported") and any later
+# than its own, 3.
+_VERSIONS = frozenset({2, 3})
 # Bytes of each fixed-size metadata value type (GGUF's type ids).
 _FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
 _DEFAULT_KEY = "tokenizer.chat_template"
 # Longer keys are a corrupt length, not a key: never read into memory.
 _MAX_KEY_BYTES = 65536
+_ALIGNMENT_KEY, _DEFAULT_ALIGNMENT = "general.alignment", 32
+_UINT32 = 4
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+# (values per block, bytes per block) of the ggml tensor types of common model files, by
+# type id; a tensor of another type counts from its offset alone.
+_TENSOR_BLOCKS = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
+    14: (256, 210), 15: (256, 292), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8),
+    28: (1, 8), 30: (1, 2),
+}  # fmt: skip
 
 
 class _NotGguf(Exception):
@@ -38,24 +55,99 @@ def chat_templates(path: Path) -> frozenset[str] | None:
         return None
 
 
-def _template_formats(file: BinaryIO) -> list[str]:
-    if file.read(4) != _MAGIC:
+def model_file_problem(path: Path) -> str | None:
+    """Why the file at `path` is no GGUF model llama.cpp could load: not a GGUF at all (a
+    text file, an HTML error page saved under the model's name), a version llama.cpp does
+    not read, or cut short (a download that did not finish); None when it is whole as far
+    as its header tells.
+
+    llama.cpp finds the same only once started, seconds later, in a line of its own.
+    """
+    try:
+        with path.open("rb") as file:
+            head = file.read(8)
+            if len(head) < 8 or head[:4] != _MAGIC:
+                return (
+                    f"{path} is not a GGUF model file: it begins with {head[:8]!r}, where a "
+                    f"GGUF file begins with {_MAGIC!r} and its version"
+                )
+            (version,) = struct.unpack("<I", head[4:])
+            if version not in _VERSIONS:
+                return (
+                    f"{path} is GGUF version {version}, which llama.cpp cannot load "
+                    "(it loads versions 2 and 3)"
+                )
+            file.seek(0)
+            needed, size = _bytes_needed(file), os.fstat(file.fileno()).st_size
+    except OSError as exc:
+        return f"{path} cannot be read: {exc.strerror or exc}"
+    except (_NotGguf, struct.error, UnicodeDecodeError):
+        return f"{path} is cut short or corrupt: its GGUF header does not read to its end"
+    if needed > size:
+        return (
+            f"{path} is cut short: it holds {size} bytes, where its tensors end at byte "
+            f"{needed} (a download or copy that did not finish?)"
+        )
+    return None
+
+
+def _bytes_needed(file: BinaryIO) -> int:
+    """How long a file whose header `file` reads must be to hold every tensor it lists."""
+    tensors, entries = _counts(file)
+    alignment = _DEFAULT_ALIGNMENT
+    for key, kind in _metadata(file, entries):
+        if key == _ALIGNMENT_KEY and kind == _UINT32:
+            alignment = _read(file, "<I") or _DEFAULT_ALIGNMENT
+        else:
+            _skip_value(file, kind)
+    ends = [_tensor_end(file) for _ in range(tensors)]
+    if not ends:  # a file of metadata alone needs no padding to its (empty) data
+        return file.tell()
+    data_start = -(-file.tell() // alignment) * alignment
+    return data_start + max(ends)
+
+
+def _tensor_end(file: BinaryIO) -> int:
+    """Where the tensor whose entry `file` reads next ends, from the data's start."""
+    file.seek(_read(file, "<Q"), 1)  # its name
+    dims = _read(file, "<I")
+    if dims > _MAX_DIMS:
         raise _NotGguf
-    _read(file, "<I")  # version
-    _read(file, "<Q")  # tensor count
+    values = 1
+    for _ in range(dims):
+        values *= _read(file, "<Q")
+    kind, offset = _read(file, "<I"), _read(file, "<Q")
+    per_block, block_bytes = _TENSOR_BLOCKS.get(kind, (1, 0))
+    return offset + values // per_block * block_bytes
+
+
+def _template_formats(file: BinaryIO) -> list[str]:
     formats = []
-    for _ in range(_read(file, "<Q")):
-        length = _read(file, "<Q")
-        if length > _MAX_KEY_BYTES:
-            raise _NotGguf
-        key = file.read(length).decode()
-        kind = _read(file, "<I")
+    for key, kind in _metadata(file, _counts(file)[1]):
         if key == _DEFAULT_KEY:
             formats.append("chat_template.default")
         elif key.startswith(f"{_DEFAULT_KEY}."):
             formats.append(key.removeprefix("tokenizer."))
         _skip_value(file, kind)
     return formats
+
+
+def _counts(file: BinaryIO) -> tuple[int, int]:
+    """The tensor and metadata entry counts of the GGUF `file` reads from its start."""
+    if file.read(4) != _MAGIC:
+        raise _NotGguf
+    _read(file, "<I")  # version
+    return _read(file, "<Q"), _read(file, "<Q")
+
+
+def _metadata(file: BinaryIO, entries: int) -> Iterator[tuple[str, int]]:
+    """Each of the `entries` metadata keys `file` reads next, with its value's type id;
+    the caller reads or skips the value before the next."""
+    for _ in range(entries):
+        length = _read(file, "<Q")
+        if length > _MAX_KEY_BYTES:
+            raise _NotGguf
+        yield file.read(length).decode(), _read(file, "<I")
 
 
 def _read(file: BinaryIO, layout: str) -> int:

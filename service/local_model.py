@@ -27,12 +27,13 @@ from typing import Literal
 from service.config import (
     GGUF_TEMPLATE_FORMAT,
     LOCAL_MODEL_UPSTREAM,
+    GatewayConfig,
     LocalModelConfig,
     UpstreamConfig,
 )
 from service.cpus import usable_cpus
 from service.errors import UpstreamError
-from service.gguf import chat_templates
+from service.gguf import chat_templates, model_file_problem
 from service.upstream.client import answers_http, probe_models
 
 log = logging.getLogger("llm_gateway.local_model")
@@ -150,10 +151,29 @@ def _refuse_a_directory(path: Path) -> None:
         )
 
 
+def refuse_a_bad_model_file(config: GatewayConfig) -> None:
+    """Raise the config error of a `local_model.model_path` file that llama.cpp could not
+    load (`model_file_problem`: not a GGUF, or cut short), before anything starts; one not
+    there yet is assembled at the start. `serve` and `llm-gateway check` ask."""
+    path = Path(config.local_model.model_path).expanduser()
+    problem = model_file_problem(path) if _has_model_file(path) else None
+    if problem is not None:
+        raise config.error("local_model.model_path", problem)
+
+
 def ensure_model_file(config: LocalModelConfig) -> Path:
-    """The GGUF file, assembled from the model package's chunks on first use."""
+    """The GGUF file, assembled from the model package's chunks on first use.
+
+    Raises:
+        LocalModelUnavailable: it cannot be written, or the file there is no GGUF
+            llama.cpp could load (replaced since the start, say: a restart says so, not
+            llama.cpp's own error, seconds later).
+    """
     path = Path(config.model_path).expanduser()
     if _has_model_file(path):
+        problem = model_file_problem(path)
+        if problem is not None:
+            raise LocalModelUnavailable(f"local_model.model_path: {problem}")
         return path
     _refuse_a_directory(path)
     try:
@@ -301,11 +321,16 @@ class LocalModelState:
     `retry_at`, while it is down: when its restart should answer (the restart's back-off,
     then as long as the last start took to answer), in `time.monotonic()` seconds: one
     clock for every process of the machine, the workers' included.
+
+    `turns_path`: the file whose lock each of the supervisor's workers takes for each call
+    to it, so that they send it one call at a time between them (`service.machine_turns`);
+    None for a server one process alone calls.
     """
 
     upstream: UpstreamConfig
     is_up: bool
     retry_at: float | None = None
+    turns_path: str | None = None
 
 
 class LocalModelServer:
@@ -323,8 +348,11 @@ class LocalModelServer:
         python: str = sys.executable,
         on_availability: Callable[[LocalModelState], Awaitable[None]] | None = None,
         withheld_env: Collection[str] = (),
+        turns_path: Path | None = None,
     ) -> None:
         self.config = config
+        # Where the processes calling it take turns (`LocalModelState.turns_path`).
+        self._turns_path = None if turns_path is None else str(turns_path)
         self._python = python
         # Variables holding the gateway's secrets (`GatewayConfig.secret_variables`).
         self._withheld_env = frozenset(withheld_env)
@@ -376,7 +404,9 @@ class LocalModelServer:
     def state(self) -> LocalModelState:
         """Where the server listens now, with its key, and whether it answers."""
         retry_at = None if self.is_up else self._retry_at
-        return LocalModelState(self.upstream_config(), is_up=self.is_up, retry_at=retry_at)
+        return LocalModelState(
+            self.upstream_config(), is_up=self.is_up, retry_at=retry_at, turns_path=self._turns_path
+        )
 
     def _command(self, model_path: Path) -> list[str]:
         threads = self.config.threads or usable_cpus()

@@ -111,16 +111,19 @@ def serve_command(args: argparse.Namespace) -> int:
     _warn_of_unknown_context(config)
     config = dataclasses.replace(config, server=dataclasses.replace(server, workers=count))
     from service.hosts import ListenError
-    from service.local_model import LocalModelUnavailable
+    from service.local_model import LocalModelUnavailable, refuse_a_bad_model_file
     from service.server import report_start_failure, run
 
     try:
+        if config.wants_local_model:  # at once, not once llama.cpp failed on it
+            refuse_a_bad_model_file(config)
         if count > 1:
             from service.workers import run_workers
 
             return run_workers(config, count=count, log_level=args.log_level)
         run(config)
-    # Found only at start: a malformed auth.keys_file, a taken port, llama.cpp failing.
+    # Found only at start: a malformed auth.keys_file or model file, a taken port, llama.cpp
+    # failing.
     except (ConfigError, ListenError, LocalModelUnavailable) as exc:
         return report_start_failure(exc)
     return 0

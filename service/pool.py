@@ -44,6 +44,7 @@ from service.errors import (
     stream_interrupted,
 )
 from service.limits import LimitExceeded, UpstreamLimiter
+from service.machine_turns import MachineTurnLimiter, MachineTurns
 from service.pool_hooks import AttemptRecord, PoolCounters, PoolHooks, RetryDecision
 from service.rejected_keys import RejectedKeyWatch
 from service.retry import (
@@ -253,6 +254,8 @@ class UpstreamState:
         clock: Clock,
         hooks: PoolHooks,
         shared_limits: SharedLimits | None = None,
+        *,
+        machine_turns: MachineTurns | None = None,
     ) -> None:
         self.client = client
         self.breaker = CircuitBreaker(
@@ -274,6 +277,10 @@ class UpstreamState:
         self.max_limit_wait_s = config.limit_wait_s(settings.max_limit_wait_s)
         if shared_limits is not None and config.shared_limits:
             self.limiter = shared_limits.limiter(config, clock)
+        elif machine_turns is not None:
+            self.limiter = MachineTurnLimiter(
+                client.name, machine_turns, max_concurrency=config.max_concurrency, clock=clock
+            )
         else:
             self.limiter = UpstreamLimiter(
                 client.name,
@@ -423,8 +430,11 @@ class UpstreamPool:
         rng: random.Random | None = None,
         hooks: PoolHooks | None = None,
         shared_limits: SharedLimits | None = None,
+        machine_turns: Mapping[str, MachineTurns] | None = None,
     ) -> None:
-        """`shared_limits`: the rates of the upstreams with `shared_limits: true`."""
+        """`shared_limits`: the rates of the upstreams with `shared_limits: true`;
+        `machine_turns`: by upstream name, the turn its calls take with the other processes
+        of the machine (the local model's, under `--workers N`)."""
         self.clients = tuple(clients)
         self.settings = settings or ResilienceConfig()
         self.hooks = hooks or PoolHooks()
@@ -437,7 +447,14 @@ class UpstreamPool:
             max_retry_after_s=self.settings.max_retry_after_s,
         )
         self._states = {
-            c.name: UpstreamState(c, self.settings, clock, self.hooks, shared_limits)
+            c.name: UpstreamState(
+                c,
+                self.settings,
+                clock,
+                self.hooks,
+                shared_limits,
+                machine_turns=(machine_turns or {}).get(c.name),
+            )
             for c in clients
         }
         self._routes: dict[str, list[Route]] = {}

@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -37,6 +38,7 @@ from service.hosts import ListenError, bind_failure
 from service.ledger import RedisLedger, WallClock, open_ledger
 from service.local_model import UPSTREAM_NAME as LOCAL_UPSTREAM
 from service.local_model import LocalModelServer, LocalModelState, LocalModelUnavailable
+from service.machine_turns import MachineTurns
 from service.pipeline import Pipeline
 from service.pool import UpstreamPool
 from service.pricing import PriceList
@@ -202,6 +204,16 @@ class GatewayServer:
         )
         return self.local_model.state()
 
+    def _local_model_turns(self) -> dict[str, MachineTurns]:
+        """The turn the local model's calls take with the other workers of the machine,
+        when its supervisor runs it for several (`service.machine_turns`)."""
+        state = self._local_model_state
+        if state is None or state.turns_path is None:
+            return {}
+        turns = MachineTurns(Path(state.turns_path))
+        self._stack.callback(turns.close)
+        return {LOCAL_UPSTREAM: turns}
+
     async def start(self) -> None:
         """Build everything and start listening."""
         check_listen_hosts(self.config)  # before the policy, which would call 127.1 public
@@ -235,6 +247,7 @@ class GatewayServer:
             clients,
             settings=self.config.resilience,
             shared_limits=self._shared_limits(auth_redis),
+            machine_turns=self._local_model_turns(),
         )
         _warn_of_unpriced_models(pool, prices)
         assert self.telemetry is not None  # installed by _start_telemetry

@@ -33,10 +33,12 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any, TypeVar
 
 from service import early_signals
@@ -758,6 +760,16 @@ async def _keep_serving(
         await asyncio.gather(*keepers, stop, return_exceptions=True)
 
 
+def _turns_file(stack: contextlib.AsyncExitStack) -> Path:
+    """A new empty file, the supervisor's user's alone, removed as `stack` closes: where the
+    workers take turns calling the local model (`service.machine_turns`)."""
+    fd, name = tempfile.mkstemp(prefix="llm-gateway-local-turns-")
+    os.close(fd)
+    path = Path(name)
+    stack.callback(path.unlink, missing_ok=True)
+    return path
+
+
 async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
     config, count = configs[0], len(configs)
     # From the start: a SIGTERM while the workers start must stop them too, not kill this
@@ -795,6 +807,7 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
                     config.local_model,
                     on_availability=functools.partial(_tell_workers, workers),
                     withheld_env=config.secret_variables,
+                    turns_path=_turns_file(stack),
                 )
             )
             local = await _unless_stopped(starting, stopping)

@@ -19,6 +19,7 @@ from service.config import LocalModelConfig, parse_config
 from service.local_model import LocalModelServer, LocalModelUnavailable
 from service.server import LOCAL_MODEL_HEALTH, GatewayServer
 from tests.e2e.conftest import LOCAL_MODEL, REPO
+from tests.gguf_files import STAND_IN_MODEL
 from tests.integration.gateway_process import is_running
 
 pytestmark = [pytest.mark.local_model, pytest.mark.xdist_group("local_model")]
@@ -145,7 +146,7 @@ async def test_the_environment_cannot_move_or_open_the_local_server(
 def test_a_model_file_llama_cpp_cannot_load_exits_1_with_its_reason(tmp_path: Path) -> None:
     """A corrupt GGUF: one line naming llama.cpp's own reason, exit 1, no traceback."""
     model = tmp_path / "corrupt.gguf"
-    model.write_bytes(b"GGUF" + b"\0" * 60)
+    model.write_bytes(STAND_IN_MODEL)
     config = tmp_path / "gateway.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -177,7 +178,7 @@ async def test_nothing_in_the_gateways_working_directory_runs_in_the_local_serve
     `uvicorn.py` there (any file named as a module they import) ran in the server, under
     `llm-gateway serve` too, whose own Python leaves that directory off its path."""
     model = tmp_path / "corrupt.gguf"
-    model.write_bytes(b"GGUF" + b"\0" * 60)
+    model.write_bytes(STAND_IN_MODEL)
     here = tmp_path / "cwd"
     here.mkdir()
     for module in ("ctypes", "uvicorn"):

@@ -9,25 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from tests.gguf_files import gguf_with
 from tests.integration.test_local_model_restart import serve_with_stand_in, stand_in_local_model
-
-_STRING = 8
-
-
-def gguf_with(metadata: dict[str, str]) -> bytes:
-    """A GGUF file with string `metadata` and no tensors."""
-    out = [b"GGUF", struct.pack("<IQQ", 3, 0, len(metadata))]
-    for key, value in metadata.items():
-        out.append(struct.pack("<Q", len(key)) + key.encode())
-        out.append(struct.pack("<IQ", _STRING, len(value)) + value.encode())
-    return b"".join(out)
 
 
 async def _serve(

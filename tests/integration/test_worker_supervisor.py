@@ -1341,3 +1341,48 @@ async def test_a_replacement_worker_follows_the_local_model_from_its_start(
     assert down == dict.fromkeys(ports, (grpc.StatusCode.UNAVAILABLE, unhealthy))
     assert up == dict.fromkeys(ports, (grpc.StatusCode.OK, "hi", "local", healthy))
     assert (code, alive) == (0, [])
+
+
+async def test_the_workers_send_the_local_model_one_call_at_a_time_between_them(
+    tmp_path: Path,
+) -> None:
+    """With `--workers 2`, calls to the local model reach llama.cpp one at a time across
+    both workers: the others wait their turn in the gateway, and all are answered.
+
+    Before, each worker sent it one call at a time of its own: two at once, the second
+    queued in llama.cpp, its wait counted as the model's time."""
+    local = _HeldLocalModel(tmp_path)
+    overlapped = tmp_path / "overlapped"
+    stand_in = tmp_path / "python"
+    script = stand_in.read_text().replace("class OpenAI", "busy = []\nclass OpenAI", 1)
+    answering = (
+        "        busy.append(1)\n"
+        f"        if len(busy) > 1: open({str(overlapped)!r}, 'w').close()\n"
+        "        time.sleep(0.2)\n        busy.pop()\n"
+    )
+    stand_in.write_text(script.replace("        time.sleep(0.0)\n", answering, 1))
+    args = ("--config", str(local.config(tmp_path)), "--workers", "2")
+    async with _serve_logged(*args, setup=local.setup) as (process, log):
+        try:
+            address = await _listening(process)
+            ports = await _metrics_ports(log, 2)
+            options = [("grpc.use_local_subchannel_pool", 1)]  # a connection each
+            channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(12)]
+            try:
+                calls = (
+                    pb_grpc.CompletionServiceStub(c).Complete(_local_call(), timeout=_HANG_GUARD_S)
+                    for c in channels
+                )
+                replies = await asyncio.gather(*calls)
+            finally:
+                await asyncio.gather(*(c.close() for c in channels))
+            answered = [await _calls_answered(port) for port in ports]
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                code = await process.wait()
+        finally:
+            alive = _killed_if_running(start.pid for start in local.starts)
+    assert [r.content for r in replies] == ["hi"] * 12
+    assert all(answered), answered  # both workers had calls (12 connections, kernel-spread)
+    assert not overlapped.exists()
+    assert (code, alive) == (0, [])

@@ -16,6 +16,7 @@ import yaml
 
 from service.config import LocalModelConfig
 from service.local_model import LocalModelServer
+from tests.gguf_files import STAND_IN_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +27,7 @@ NEVER_READY = "#!/bin/sh\nexec sleep 120\n"  # takes llama.cpp's arguments, neve
 def stand_in_for_llama_cpp(tmp_path: Path, script: str) -> tuple[Path, Path]:
     """A model file llama.cpp never reads, and `script` as the Python the supervisor runs."""
     model = tmp_path / "model.gguf"
-    model.write_bytes(b"not really a model")
+    model.write_bytes(STAND_IN_MODEL)
     python = tmp_path / "python"
     python.write_text(script)
     python.chmod(0o755)

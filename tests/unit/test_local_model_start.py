@@ -149,3 +149,29 @@ async def test_two_gateways_starting_at_once_on_a_fresh_machine_both_start(
     finally:
         await asyncio.gather(*(server.stop(grace_s=0) for server in servers))
     assert [path.name for path in model.parent.iterdir()] == [model.name]
+
+
+def test_a_model_file_that_is_not_gguf_is_a_config_error_for_serve_and_check(
+    tmp_path: Path,
+) -> None:
+    """A text file saved under the model's name: `serve` and `check` exit 2 at once with
+    one line naming `local_model.model_path`, the file and why, before llama.cpp starts.
+
+    Before, `check` passed it and `serve` started llama.cpp, which exited 1 seconds later
+    with its own `Failed to load model from file` line."""
+    model = tmp_path / "model.gguf"
+    model.write_text("<!DOCTYPE html><html>Not Found</html>\n")
+    config = tmp_path / "gateway.yaml"
+    local = {"enabled": "always", "model_path": str(model)}
+    config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"}, "local_model": local}))
+    served, checked = (
+        _run_cli([command, "--config", str(config)]) for command in ("serve", "check")
+    )
+    reason = (
+        f"{config}: local_model.model_path: {model} is not a GGUF model file: it begins with "
+        "b'<!DOCTYP', where a GGUF file begins with b'GGUF' and its version"
+    )
+    assert served.returncode == 2, served.stderr
+    assert served.stderr.strip().splitlines()[-1] == f"llm-gateway: config error: {reason}"
+    assert checked.returncode == 2, checked.stderr
+    assert checked.stderr.strip().splitlines()[-1] == f"llm-gateway: config error: {reason}"

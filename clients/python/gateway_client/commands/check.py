@@ -3,7 +3,8 @@
 First the config errors `serve` would find only as it starts (a listen host this
 machine cannot listen on, the listen policy, the keys file, the `OTEL_*` exporters and
 their OTLP timeout and compression, a TLS pair grpc cannot serve, the workers'
-Prometheus ports past 65535, a Redis refusing the credentials). Then calls
+Prometheus ports past 65535, a Redis refusing the credentials, a local model file that
+is no GGUF llama.cpp could load). Then calls
 `GET {base_url}/models` on each enabled upstream (concurrently) and prints a table:
 upstream, reachable, key valid, models listed, latency. Exits 2 on a config error, 1
 when any enabled upstream is unreachable, refuses its key or account, or answers with
@@ -28,7 +29,7 @@ from typing import Any
 from service.config import ConfigError, GatewayConfig, UpstreamConfig, load_config
 from service.errors import UpstreamError
 from service.hosts import ListenError
-from service.local_model import start_problem
+from service.local_model import refuse_a_bad_model_file, start_problem
 from service.main import config_path, default_config, with_flags
 from service.otel_context import CONTEXT, DEFAULT_CONTEXT
 from service.redis_access import check_redis_access
@@ -238,6 +239,8 @@ async def check_command(args: argparse.Namespace) -> int:
         if config.server.tls.is_enabled and await refuses_tls(config.server):
             raise config.error("server.tls.cert_file", TLS_REFUSED)
         await check_redis_access(config)
+        if config.wants_local_model:
+            refuse_a_bad_model_file(config)
     except ConfigError as exc:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
         return 2

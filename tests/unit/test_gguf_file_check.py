@@ -1,0 +1,63 @@
+"""`model_file_problem`: a local model file that is no GGUF llama.cpp could load is named
+with its reason, read from its header alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.gguf import model_file_problem
+from tests.gguf_files import gguf_with, whole_gguf
+
+_WHOLE = whole_gguf({"general.architecture": "gemma3"}, tensors=3)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"version https://git-lfs.github.com/spec/v1\n", "is not a GGUF model file"),
+        (b"<!DOCTYPE html><html>Not Found</html>", "is not a GGUF model file"),
+        (b"GGUF", "is not a GGUF model file"),
+        (gguf_with({}, version=1), "is GGUF version 1, which llama.cpp cannot load"),
+        (gguf_with({}, version=4), "is GGUF version 4, which llama.cpp cannot load"),
+        (_WHOLE[:40], "is cut short or corrupt: its GGUF header does not read to its end"),
+        (_WHOLE[:-1], "is cut short: it holds"),
+        (gguf_with({}, tensors=2), "is cut short: it holds"),
+    ],
+    ids=["lfs-pointer", "html", "magic-alone", "v1", "v4", "header-cut", "data-cut", "no-data"],
+)
+def test_a_file_llama_cpp_cannot_load_is_named_with_why(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
+    """Not a GGUF, a version llama.cpp refuses, or cut short: the path and why."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(content)
+    problem = model_file_problem(model)
+    assert problem is not None
+    assert problem.startswith(f"{model} {reason}"), problem
+
+
+@pytest.mark.parametrize(
+    "content", [_WHOLE, gguf_with({"tokenizer.chat_template": "{{x}}"})], ids=["whole", "metadata"]
+)
+def test_a_whole_gguf_passes(tmp_path: Path, content: bytes) -> None:
+    """A file holding every tensor its header lists (none, for a metadata-only one) passes."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(content)
+    assert model_file_problem(model) is None
+
+
+def test_the_shipped_model_file_passes() -> None:
+    """The Gemma GGUF the local model serves (where assembled) is whole by this check."""
+    model = Path("~/.cache/llm-gateway/gemma3-270m-q4_k_m.gguf").expanduser()
+    if not model.is_file():
+        pytest.skip("the model file is not assembled on this machine")
+    assert model_file_problem(model) is None
+
+
+def test_an_unreadable_file_says_so(tmp_path: Path) -> None:
+    """A path that cannot be opened as a file is named with the system's reason."""
+    problem = model_file_problem(tmp_path)
+    assert problem is not None
+    assert problem.startswith(f"{tmp_path} cannot be read: ")
