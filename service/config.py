@@ -1210,8 +1210,9 @@ class GatewayConfig:
 def _with_variables(
     problem: str, key: str, overrides: Mapping[str, str], *, section_check: bool = False
 ) -> str:
-    """`problem`, saying which variables set `key` (or keys under it): the file may not
-    hold the key at all.
+    """`problem`, saying which variables set `key`, keys under it, or a section above it
+    whole (`LLM_GATEWAY__UPSTREAMS='[...]'` for `upstreams[0]`): the file may not hold the
+    key at all.
 
     A section's own check (`section_check`: `server: grace_period_s must be >= 0`) names
     the keys it is about, and only their variables are named: one setting another key of
@@ -1221,6 +1222,7 @@ def _with_variables(
         v
         for k, v in overrides.items()
         if k == key
+        or key.startswith((f"{k}.", f"{k}["))
         or (
             k.startswith(f"{key}.")
             and (not section_check or _names_key(problem, k[len(key) + 1 :].split(".")[0]))

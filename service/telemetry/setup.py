@@ -392,6 +392,31 @@ def _check_otlp_headers(environ: Mapping[str, str], signal: str) -> None:
         raise TelemetrySetupError(variable, problem)
 
 
+def _check_otlp_endpoint(environ: Mapping[str, str], signal: str, protocol: str) -> None:
+    """Raise `TelemetrySetupError` for an OTLP endpoint no export could reach, said without
+    its text (it may hold a password): a port that is no number 0..65535 (the HTTP
+    exporter logged "Failed to parse: URL" for each batch), or, over gRPC, a user or
+    password, which gRPC reads as part of the host name: every export failed, and each
+    outage was logged with the endpoint, password and all. The exporters read the
+    signal's own variable, else (unset or empty) the general one."""
+    own = f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"
+    variable = own if environ.get(own) else "OTEL_EXPORTER_OTLP_ENDPOINT"
+    parts = urllib.parse.urlsplit(environ.get(variable, ""))
+    try:
+        parts.port  # noqa: B018  (raises ValueError when not a number 0..65535)
+    except ValueError:
+        raise TelemetrySetupError(
+            variable, "the OTLP endpoint's port is no number 0..65535 (its text is not shown)"
+        ) from None
+    if protocol == _GRPC and "@" in parts.netloc:
+        raise TelemetrySetupError(
+            variable,
+            "the OTLP endpoint carries a user or password (its text is not shown), which the "
+            "gRPC exporter cannot send: put credentials in OTEL_EXPORTER_OTLP_HEADERS "
+            "(authorization=Basic%20...)",
+        )
+
+
 _RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
 
 
@@ -405,11 +430,12 @@ def _check_resource_attributes(environ: Mapping[str, str]) -> None:
 def _check_otlp(environ: Mapping[str, str], signal: str) -> None:
     """Raise `TelemetrySetupError` for what the OTLP exporter of `signal` reads and
     cannot use: a protocol, compression, timeout, retryable code, credential provider or
-    TLS file (`otlp_tls`), or headers."""
+    TLS file (`otlp_tls`), headers, or an endpoint."""
     protocol = _protocol(environ, signal)
     _otlp_compression(environ, signal)
     _check_otlp_timeout(environ, signal)
     _check_otlp_headers(environ, signal)
+    _check_otlp_endpoint(environ, signal, protocol)
     if protocol == _GRPC:
         _check_retryable_codes(environ)
     _check_credential_providers(environ, signal, protocol)

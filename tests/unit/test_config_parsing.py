@@ -483,6 +483,34 @@ def test_a_bad_env_override_is_named_in_the_error(variable: str, value: str, key
     assert value not in caught.value.problem
 
 
+UPSTREAM = "{name: a, base_url: 'http://127.0.0.1:1/v1', models: [m]"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "key"),
+    [
+        ("LLM_GATEWAY__LEDGER", "{redis_url: 'redis://h:1/0', bogus: 1}", "ledger.bogus"),
+        ("LLM_GATEWAY__SERVER", "{grace_period_s: soon}", "server.grace_period_s"),
+        ("LLM_GATEWAY__UPSTREAMS", f"[{UPSTREAM}, timeout_s: -1}}]", "upstreams[0]"),
+        ("LLM_GATEWAY__UPSTREAMS", f"[{UPSTREAM}, api_key_env: 'sk-x'}}]", "upstreams[0]"),
+        ("LLM_GATEWAY__UPSTREAMS", f"[{UPSTREAM}, shared_limits: true}}]", "upstreams[0]"),
+    ],
+)
+def test_an_error_under_a_section_a_variable_set_whole_names_it(
+    variable: str, value: str, key: str
+) -> None:
+    """A section set whole from the environment (`LLM_GATEWAY__UPSTREAMS='[...]'`, as the
+    README shows for `budgets`) is to blame for an error in any key under it.
+
+    Before, "<test>: upstreams[0]: timeouts must be > 0" named no variable, sending the
+    reader to a file that has no upstreams at all.
+    """
+    with pytest.raises(ConfigError) as caught:
+        parse({}, **{variable: value})
+    assert caught.value.key.startswith(key)
+    assert caught.value.problem.endswith(f"(set from the environment: {variable})")
+
+
 @pytest.mark.parametrize(
     ("variable", "key", "data", "environ"),
     [

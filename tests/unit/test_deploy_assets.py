@@ -774,6 +774,17 @@ def test_hpa_and_pdb_target_the_gateway() -> None:
     assert hpa["spec"]["minReplicas"] - pdb["spec"]["maxUnavailable"] >= 1
 
 
+def test_the_autoscaled_deployment_leaves_its_replica_count_to_the_autoscaler() -> None:
+    """The Deployment the autoscaler scales declares no `replicas`, as Kubernetes' HPA
+    documentation asks: with one, each `kubectl apply -k` (a config edit, which rolls the
+    pods) set the count back to it, scaling a busy gateway of 10 pods down to 2 at once,
+    then up again as the autoscaler noticed."""
+    (hpa,) = _of_kind("HorizontalPodAutoscaler")
+    target = hpa["spec"]["scaleTargetRef"]
+    (deployment,) = [d for d in _of_kind(target["kind"]) if d["metadata"]["name"] == target["name"]]
+    assert "replicas" not in deployment["spec"]
+
+
 def test_kustomization_lists_every_manifest_but_the_secret_example() -> None:
     """kustomization.yaml applies every manifest and the config, never the example Secret."""
     kustomization = _kustomization(KUBE)

@@ -816,6 +816,56 @@ def test_a_header_or_resource_attribute_the_sdk_would_drop_is_a_config_error(
     assert last == f"llm-gateway: config error: environment: {said}"
 
 
+_ENDPOINT_PORT = "the OTLP endpoint's port is no number 0..65535 (its text is not shown)"
+
+
+@pytest.mark.parametrize("command", ["serve", "check"])
+@pytest.mark.parametrize(
+    ("otel", "said"),
+    [
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://gw:CANARY@127.0.0.1:4317",
+            },
+            "OTEL_EXPORTER_OTLP_ENDPOINT: the OTLP endpoint carries a user or password",
+        ),
+        (
+            {
+                "OTEL_METRICS_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "https://CANARY@collector:4317",
+            },
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT: the OTLP endpoint carries a user or password",
+        ),
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://gw:CANARY@127.0.0.1:431800",
+            },
+            f"OTEL_EXPORTER_OTLP_ENDPOINT: {_ENDPOINT_PORT}",
+        ),
+    ],
+)
+def test_an_otlp_endpoint_no_export_could_reach_is_a_config_error(
+    tmp_path: Path, command: str, otel: dict[str, str], said: str
+) -> None:
+    """An OTLP endpoint with a user or password over gRPC (which reads them as part of the
+    host name), or with a port past 65535, is a config error naming its variable, never
+    its text, from `serve` and `check` (exit 2).
+
+    Before, `check` said ok and every export failed, `telemetry.export_failed` quoting the
+    endpoint, password and all ("errors resolving gw:CANARY@127.0.0.1:4317", "Failed to
+    parse: http://gw:CANARY@...").
+    """
+    done = _run_with_otel(tmp_path, _COMMANDS[command], "", otel)
+    assert "CANARY" not in done.stdout + done.stderr
+    assert done.returncode == 2, done.stdout + done.stderr
+    *_, last = done.stderr.splitlines()
+    assert last.startswith(f"llm-gateway: config error: environment: {said}")
+
+
 @pytest.mark.parametrize(
     ("argv", "otel"),
     [
@@ -858,6 +908,14 @@ def test_a_header_or_resource_attribute_the_sdk_would_drop_is_a_config_error(
         (
             ["-m", "gateway_client.cli", "models", "--help"],
             {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_HEADERS": "bogus"},
+        ),
+        (  # HTTP (requests) sends an endpoint's user and password as Basic auth
+            _COMMANDS["check"],
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://gw:pw@127.0.0.1:4318",
+            },
         ),
     ],
 )
