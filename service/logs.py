@@ -77,6 +77,37 @@ class DeadlineRaceFilter(logging.Filter):
         return logging.getLogger().isEnabledFor(logging.INFO)
 
 
+# OpenTelemetry's loggers that warn of a caller's `traceparent`, `tracestate` or `baggage`
+# header they cannot take, by the header each reads.
+CALLER_HEADER_LOGGERS: Final = {
+    "opentelemetry.baggage.propagation": "baggage",
+    "opentelemetry.trace.propagation.tracecontext": "traceparent",
+    "opentelemetry.trace.span": "tracestate",
+}
+
+
+class CallerHeaderFilter(logging.Filter):
+    """OpenTelemetry's WARNING for a caller's trace header it ignores (or part of one), as
+    the DEBUG event `rpc.trace_header_ignored` naming the header, not its text.
+
+    The propagators read these headers on every call, before its key is checked, and warn
+    of each entry they drop, quoting it: one call's `baggage` of 180 bad entries wrote 180
+    WARNING lines of the caller's text, so whoever reached the port could flood the log a
+    call at a time. The header is the caller's to mend, and the call is served without it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite a WARNING of the propagators; let every record through."""
+        header = CALLER_HEADER_LOGGERS.get(record.name)
+        if header is None or record.levelno != logging.WARNING:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg, record.args = "rpc.trace_header_ignored", ()
+        record.header = header
+        # Let through only as far as a DEBUG record would have been.
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def configure_logging(level: str = "INFO", *, writer: Writer | None = None) -> None:
     """Send the gateway's logs to stderr with the event formatter; with several processes
     (`serve --workers N`), each line names its `writer`: a worker's index, or SUPERVISOR."""
@@ -90,3 +121,7 @@ def configure_logging(level: str = "INFO", *, writer: Writer | None = None) -> N
     grpc_aio = logging.getLogger(GRPC_AIO_LOGGER)
     if not any(isinstance(f, DeadlineRaceFilter) for f in grpc_aio.filters):
         grpc_aio.addFilter(DeadlineRaceFilter())
+    for name in CALLER_HEADER_LOGGERS:
+        propagation = logging.getLogger(name)
+        if not any(isinstance(f, CallerHeaderFilter) for f in propagation.filters):
+            propagation.addFilter(CallerHeaderFilter())

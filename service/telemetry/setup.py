@@ -591,15 +591,17 @@ def metric_readers(environ: Mapping[str, str]) -> tuple[list[MetricReader], bool
 
 def _service_name_from(environ: Mapping[str, str]) -> str | None:
     """The service name the environment gives, as the SDK reads it: `OTEL_SERVICE_NAME`,
-    else `service.name` in `OTEL_RESOURCE_ATTRIBUTES`. It wins over the config's, which
+    else the last `service.name` in `OTEL_RESOURCE_ATTRIBUTES` (the SDK's detector fills a
+    dict, so a repeated key's last value wins). It wins over the config's, which
     `Resource.create` would otherwise put over the environment's."""
     if name := environ.get("OTEL_SERVICE_NAME", "").strip():
         return name
+    last_value = ""
     for pair in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
         key, is_pair, value = pair.partition("=")
-        if is_pair and key.strip() == "service.name" and value.strip():
-            return urllib.parse.unquote(value.strip())
-    return None
+        if is_pair and key.strip() == "service.name":
+            last_value = value.strip()
+    return urllib.parse.unquote(last_value) if last_value else None
 
 
 @dataclass(slots=True)

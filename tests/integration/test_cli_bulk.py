@@ -659,6 +659,26 @@ async def test_summarize_leaves_a_byte_order_mark_out_of_the_document(
     assert "\ufeff" not in sent
 
 
+@pytest.mark.parametrize("from_stdin", [False, True], ids=["file", "stdin"])
+async def test_summarize_reads_windows_line_ends_as_newlines(
+    tmp_path, scripted, address, monkeypatch, from_stdin
+):
+    """A document with CRLF line ends is sent with `\\n` ones whether it is named as a file
+    or piped in, so the same text is the same request (one cache key). Before, standard
+    input kept each `\\r`, where a file was read with universal newlines."""
+    data = b"The report begins here.\r\nIt goes on.\r\n"
+    document = tmp_path / "doc.txt"
+    document.write_bytes(data)
+    if from_stdin:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+    argv = ("summarize", "-" if from_stdin else str(document), "--model", FAKE_MODEL)
+    code = await summarize.summarize_command(parse(summarize, *argv, "--address", address))
+    assert code == 0
+    sent = user_text(scripted.requests[0].body)
+    assert "The report begins here.\nIt goes on." in sent
+    assert "\r" not in sent
+
+
 @pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
 async def test_summarize_reads_a_document_that_is_not_utf8_from_stdin(
     scripted, address, capsys, monkeypatch, errors

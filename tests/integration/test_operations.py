@@ -219,6 +219,30 @@ async def test_a_stop_signal_finishes_in_flight_call_then_exits_cleanly(
         )
 
 
+async def test_a_callers_bad_trace_headers_are_not_written_to_the_log(gateway_process):
+    """A caller's `baggage` and `tracestate` the propagators cannot take are ignored with
+    no WARNING and none of their text in the log (at DEBUG, `rpc.trace_header_ignored`).
+
+    Before, OpenTelemetry warned of each entry it dropped, quoting it: one call's 180 bad
+    baggage entries wrote 180 lines of the caller's text, before its key was checked."""
+    process, address = gateway_process
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    metadata = (
+        ("traceparent", traceparent),
+        ("tracestate", "caller-text-in-tracestate"),
+        ("baggage", ",".join(["=caller-text-in-baggage"] * 180)),
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.CompletionServiceStub(channel)
+        assert (await stub.Complete(chat(), metadata=metadata)).content == "Hello from fake"
+    process.send_signal(signal.SIGTERM)
+    assert process.stderr is not None
+    stderr = (await asyncio.wait_for(process.stderr.read(), timeout=20)).decode()
+    assert await asyncio.wait_for(process.wait(), timeout=20) == 0
+    assert "caller-text-in" not in stderr
+    assert " WARNING opentelemetry." not in stderr
+
+
 async def test_cli_complete_prints_answer_and_usage(gateway_process):
     """`llm-gateway complete` prints the answer on stdout and usage and cost on stderr."""
     _, address = gateway_process

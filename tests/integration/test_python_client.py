@@ -1241,6 +1241,24 @@ async def test_the_complete_command_reads_a_prompt_that_is_not_utf8_from_stdin(
     assert upstream.requests[0].body["messages"][-1]["content"] == "Caf\ufffd ol\ufffd"
 
 
+async def test_the_complete_command_reads_windows_line_ends_from_stdin_as_newlines(
+    upstream: FakeUpstream,
+    gateway: RunningGateway,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`complete -` sends a piped prompt's CRLF (or lone CR) line ends as `\\n`, as a file
+    is read, so the same text is the same request (one cache key) however it came.
+    Before, each `\\r` went upstream."""
+    monkeypatch.setattr(sys, "stdin", stdin_of(b"Line one\r\nLine two\rEnd\r\n", "strict"))
+    parser = argparse.ArgumentParser()
+    complete.register(parser.add_subparsers())
+    argv = ["complete", "-", "--model", FAKE_MODEL, "--address", gateway.server.address]
+    assert await complete.complete_command(parser.parse_args(argv)) == 0
+    assert capsys.readouterr().out == "Hello from fake\n"
+    assert upstream.requests[0].body["messages"][-1]["content"] == "Line one\nLine two\nEnd\n"
+
+
 async def test_the_complete_command_takes_arguments_that_are_not_utf8(
     upstream: FakeUpstream, gateway: RunningGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -12,7 +12,14 @@ from grpc._cython import cygrpc
 
 from service.errors import DeadlineExceeded, UpstreamUnavailable
 from service.grpc_core_logs import GRPC_VERBOSITY, quiet_grpc_core
-from service.logs import GRPC_AIO_LOGGER, DeadlineRaceFilter, EventFormatter, configure_logging
+from service.logs import (
+    CALLER_HEADER_LOGGERS,
+    GRPC_AIO_LOGGER,
+    CallerHeaderFilter,
+    DeadlineRaceFilter,
+    EventFormatter,
+    configure_logging,
+)
 
 METHOD = "/llmgateway.v1.CompletionService/Complete"
 
@@ -103,19 +110,46 @@ def test_the_rewritten_event_is_dropped_below_the_configured_level(grpc_log) -> 
     assert capture.records == []
 
 
-def test_configure_logging_installs_the_filter_once() -> None:
+def test_configure_logging_installs_the_filters_once() -> None:
     logger = logging.getLogger(GRPC_AIO_LOGGER)
+    propagation = [logging.getLogger(name) for name in CALLER_HEADER_LOGGERS]
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
         configure_logging("INFO")
         configure_logging("INFO")
         assert sum(isinstance(f, DeadlineRaceFilter) for f in logger.filters) == 1
+        for each in propagation:
+            assert sum(isinstance(f, CallerHeaderFilter) for f in each.filters) == 1
     finally:
         for found in [f for f in logger.filters if isinstance(f, DeadlineRaceFilter)]:
             logger.removeFilter(found)
+        for each in propagation:
+            for found in [f for f in each.filters if isinstance(f, CallerHeaderFilter)]:
+                each.removeFilter(found)
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+def test_a_propagators_warning_of_a_caller_header_is_a_debug_event_without_its_text(
+    level: int,
+) -> None:
+    """Dropped below DEBUG; at DEBUG, `rpc.trace_header_ignored` naming the header only."""
+    logger, root = logging.getLogger("opentelemetry.baggage.propagation"), logging.getLogger()
+    capture, ignored, previous = Capture(), CallerHeaderFilter(), root.level
+    logger.addHandler(capture)
+    logger.addFilter(ignored)
+    root.setLevel(level)
+    try:
+        logger.warning("Invalid baggage entry: `%s`", "=caller-text")
+    finally:
+        logger.removeHandler(capture)
+        logger.removeFilter(ignored)
+        root.setLevel(previous)
+    lines = [(r.levelname, r.getMessage(), r.__dict__.get("header")) for r in capture.records]
+    shown = [("DEBUG", "rpc.trace_header_ignored", "baggage")]
+    assert lines == (shown if level == logging.DEBUG else [])
 
 
 def test_the_extras_stay_on_the_event_line_ahead_of_a_traceback() -> None:

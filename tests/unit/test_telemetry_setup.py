@@ -142,6 +142,8 @@ class _Drop(SpanExporter):
         ({}, "llm-gateway"),
         ({"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod"}, "llm-gateway"),
         ({"OTEL_RESOURCE_ATTRIBUTES": "team=ml,service.name=billing%20gw"}, "billing gw"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=first,team=ml,service.name=last"}, "last"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=first, service.name = "}, "llm-gateway"),
         (
             {"OTEL_RESOURCE_ATTRIBUTES": "service.name=billing", "OTEL_SERVICE_NAME": "edge"},
             "edge",
@@ -149,8 +151,8 @@ class _Drop(SpanExporter):
     ],
 )
 def test_the_environments_service_name_wins_over_the_configs(monkeypatch, environ, expected):
-    """As in the SDK: OTEL_SERVICE_NAME, else OTEL_RESOURCE_ATTRIBUTES' service.name, else
-    the config's `telemetry.service_name`."""
+    """As in the SDK: OTEL_SERVICE_NAME, else OTEL_RESOURCE_ATTRIBUTES' last service.name,
+    else the config's `telemetry.service_name`."""
     for name, value in environ.items():
         monkeypatch.setenv(name, value)  # the SDK's resource detector reads os.environ too
     providers = build_providers(

@@ -20,12 +20,6 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 
-def decoded_text(data: bytes) -> str:
-    """`data` as text in the encoding its mark names (`encoding_of`), bytes that do not
-    decode replaced (U+FFFD): strict decoding would end a command in a traceback."""
-    return data.decode(encoding_of(data[:MARK_BYTES]), errors="replace")
-
-
 def file_text(path: Path) -> str:
     """The text of the file at `path`, read as `text_lines` reads it (line breaks as
     `\\n`, as a file read as text has them).

@@ -32,7 +32,7 @@ from gateway_client.connection import (
 )
 from gateway_client.enums import enum_name
 from gateway_client.errors import error_details
-from gateway_client.text_input import decoded_text
+from gateway_client.text_input import text_lines
 from llmgateway.v1 import gateway_pb2 as pb
 
 
@@ -133,17 +133,17 @@ def stdin_bytes() -> BinaryIO:
 
 
 def stdin_text() -> str:
-    """Standard input as text, as a file argument is read (`decoded_text`): in the
-    encoding its byte order mark names (a Windows tool's UTF-16), else UTF-8, bytes that
-    do not decode replaced.
+    """Standard input as text, as a file argument is read (`text_lines`): in the encoding
+    its byte order mark names (a Windows tool's UTF-16), else UTF-8, bytes that do not
+    decode replaced, line breaks as `\n`, so that the same text piped or named as a file
+    is the same request (one cache key).
 
     Raises:
         OSError: standard input is closed (`<&-`), or cannot be read.
     """
     source = stdin_bytes()
-    with ctrl_c_interrupts():
-        data = source.read()
-    return decoded_text(data)
+    with ctrl_c_interrupts(), text_lines(source) as text:
+        return text.read()
 
 
 # SGR dim and back to normal intensity: each reasoning piece is wrapped on its own, so
