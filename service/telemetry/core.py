@@ -607,9 +607,7 @@ class Telemetry:
             return
         answer = attempt.answer
         inputs, outputs = answer.estimated_tokens if usage.is_estimated else answer.reported_tokens
-        token_usage = self.instruments.token_usage
-        token_usage.record(usage.input_tokens, inputs)
-        token_usage.record(usage.output_tokens, outputs)
+        self.instruments.record_tokens(usage.input_tokens, inputs, usage.output_tokens, outputs)
 
     def record_lost_attempt(self, request: ChatRequest, cost_usd: float) -> None:
         """The cost of an upstream attempt whose answer was lost (`AttemptLog.lose`): on
