@@ -36,6 +36,12 @@ class PriceList:
 
     def __init__(self, models: Mapping[str, ModelConfig]) -> None:
         self._models = dict(models)
+        # The usage priced last, of which model, and its cost: with telemetry on, an
+        # attempt's span prices its answer's usage, and the call then prices the same
+        # `Usage` (immutable) again at once.
+        self._last_usage: Usage | None = None
+        self._last_model = ""
+        self._last_cost = 0.0
 
     def price(self, model: str) -> ModelConfig | None:
         """The model's catalog entry, if any."""
@@ -54,7 +60,11 @@ class PriceList:
 
     def cost_usd(self, model: str, usage: Usage) -> float:
         """What `usage` of `model` costs."""
-        return cost_usd(usage, self._models.get(model))
+        if usage is self._last_usage and model == self._last_model:
+            return self._last_cost
+        cost = cost_usd(usage, self._models.get(model))
+        self._last_usage, self._last_model, self._last_cost = usage, model, cost
+        return cost
 
     def context_window(self, model: str, default: int) -> int:
         """The model's context window, or `default` when the catalog has none."""

@@ -61,20 +61,28 @@ class AnswerLabels:
 class RouteLabels:
     """A route's attributes on the GenAI client metrics (operation, provider, the caller's
     model and the upstream's, server address and port), and its attempts' `AnswerLabels`
-    by the model their answers name, built on first use."""
+    by the model their answers name (`answered[response_model]`), built on first use."""
 
-    __slots__ = ("_answered", "attributes", "unanswered")
+    __slots__ = ("answered", "attributes", "unanswered")
 
     def __init__(self, attributes: Mapping[str, AttributeValue]) -> None:
         self.attributes = attributes  # not to be changed: the sets are built on it
         self.unanswered = AnswerLabels.of(attributes)
-        self._answered: dict[str, AnswerLabels] = {}
+        self.answered = _AnswersByModel(attributes)
 
-    def answered(self, response_model: str) -> AnswerLabels:
-        """The sets of an attempt whose answer named `response_model`."""
-        labels = self._answered.get(response_model)
-        if labels is None:
-            labels = AnswerLabels.of({**self.attributes, GEN_AI_RESPONSE_MODEL: response_model})
-            if len(self._answered) < MOST_ANSWER_MODELS:
-                self._answered[response_model] = labels
+
+class _AnswersByModel(dict[str, AnswerLabels]):
+    """A route's `AnswerLabels` by the model an answer names: indexed, a kept one is found
+    without a call (every attempt that answers looks its model up)."""
+
+    __slots__ = ("_attributes",)
+
+    def __init__(self, attributes: Mapping[str, AttributeValue]) -> None:
+        super().__init__()
+        self._attributes = attributes
+
+    def __missing__(self, response_model: str) -> AnswerLabels:
+        labels = AnswerLabels.of({**self._attributes, GEN_AI_RESPONSE_MODEL: response_model})
+        if len(self) < MOST_ANSWER_MODELS:
+            self[response_model] = labels
         return labels

@@ -43,7 +43,7 @@ from service.pricing import PriceList
 from service.telemetry import tracing as attr
 from service.telemetry.attempt_labels import AnswerLabels, RouteLabels
 from service.telemetry.histograms import AttributeSet
-from service.telemetry.lean_tracer import attach_span, current_span
+from service.telemetry.lean_tracer import attach_span, current_context, current_span
 from service.telemetry.metrics import BREAKER_STATES, Instruments, StoreWrites
 from service.telemetry.propagation import inject_trace_context, is_default
 from service.telemetry.setup import Providers, build_providers, trace_propagator
@@ -170,8 +170,7 @@ class AttemptSpan:
         self.waited_s = waited_s
         span = self.span
         if response_model and self.telemetry.records_metrics:
-            self.answer = self.route.answered(response_model)
-        counts = _reported_counts(usage)
+            self.answer = self.route.answered[response_model]
         if not span.is_recording():
             return
         # One call: each set_attribute takes the span's lock and validates on its own.
@@ -180,11 +179,15 @@ class AttemptSpan:
             attr.GEN_AI_RESPONSE_MODEL: response_model,
             attr.GEN_AI_RESPONSE_FINISH_REASONS: (finish_reason,),
         }
-        if "input" in counts:
-            attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] = counts["input"]
-        if "output" in counts:
-            attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] = counts["output"]
         if usage is not None:
+            # The counts the upstream reported: a usage with one left out (`is_estimated`)
+            # holds 0 in its place, which the pipeline estimates. That is no count of 0
+            # tokens, so it is left out here.
+            is_estimated = usage.is_estimated
+            if usage.input_tokens or not is_estimated:
+                attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] = usage.input_tokens
+            if usage.output_tokens or not is_estimated:
+                attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] = usage.output_tokens
             attributes[attr.CACHED_INPUT_TOKENS] = usage.cached_input_tokens
             attributes[attr.REASONING_TOKENS] = usage.reasoning_tokens
         if usage is not None and not usage.is_estimated:
@@ -402,8 +405,9 @@ class Telemetry:
         self.instruments.requests.add(1, scope.method, scope.status_code)
         if not self.records_metrics:
             return  # the histograms are no-ops: skip building their attributes
-        labels = self._rpc_labels.get((scope.method, scope.status_code))
-        if labels is None:
+        try:  # indexed, not `get`: a call fewer; only a method's first status misses
+            labels = self._rpc_labels[scope.method, scope.status_code]
+        except KeyError:
             labels = self._rpc_labels_of(scope.method, scope.status_code)
         by_status, by_method = labels
         self.instruments.rpc_duration.record(elapsed, by_status)
@@ -467,8 +471,11 @@ class Telemetry:
         route = _NO_ROUTE
         if self.records_spans or self.records_metrics:
             key = (base_url, upstream, request.model, upstream_model)
-            found = self._routes.get(key)
-            route = found if found is not None else self._route_labels(key)
+            # Indexed, not `get`: a call fewer; only a route's first attempt misses.
+            try:
+                route = self._routes[key]
+            except KeyError:
+                route = self._route_labels(key)
         attributes: dict[str, Any] | None = None
         # With no tracer provider every span is a no-op: skip describing it.
         if self.records_spans:
@@ -499,10 +506,10 @@ class Telemetry:
                 self._propagator.inject(headers, context=trace.set_span_in_context(span))
         else:
             span = trace.INVALID_SPAN
-            if otel_context.get_current():  # the caller's context, passed on unchanged
+            if current_context():  # the caller's context, passed on unchanged
                 self._propagator.inject(headers)
-        if not self.forward_baggage:
-            headers.pop(_BAGGAGE_HEADER, None)
+        if not self.forward_baggage and _BAGGAGE_HEADER in headers:
+            del headers[_BAGGAGE_HEADER]
         return AttemptSpan(
             span=span,
             telemetry=self,
@@ -607,9 +614,7 @@ class Telemetry:
             return
         answer = attempt.answer
         inputs, outputs = answer.estimated_tokens if usage.is_estimated else answer.reported_tokens
-        token_usage = self.instruments.token_usage
-        token_usage.record(usage.input_tokens, inputs)
-        token_usage.record(usage.output_tokens, outputs)
+        self.instruments.record_tokens(usage.input_tokens, inputs, usage.output_tokens, outputs)
 
     def record_lost_attempt(self, request: ChatRequest, cost_usd: float) -> None:
         """The cost of an upstream attempt whose answer was lost (`AttemptLog.lose`): on
@@ -673,20 +678,6 @@ _SUMMED = (
     attr.REASONING_TOKENS,
     attr.ATTEMPTS,
 )
-
-
-def _reported_counts(usage: Usage | None) -> dict[str, int]:
-    """The token counts an upstream reported, by `gen_ai.token.type`.
-
-    A usage with one count left out (`is_estimated`) holds 0 in its place, which the
-    pipeline estimates: that is no count of 0 tokens, so it is left out here.
-    """
-    if usage is None:
-        return {}
-    counts = {"input": usage.input_tokens, "output": usage.output_tokens}
-    if usage.is_estimated:
-        return {token_type: tokens for token_type, tokens in counts.items() if tokens}
-    return counts
 
 
 # What a batch's or a summary's span names only when every one of its calls had the same.

@@ -47,6 +47,7 @@ from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     DEFAULT_TRACE_STATE,
+    INVALID_SPAN_CONTEXT,
     Link,
     SpanContext,
     SpanKind,
@@ -70,6 +71,14 @@ _FLAGS = {
     for is_random in (False, True)
 }
 _TRACE_ID_BITS = (1 << 128) - 1  # the low 128 bits of a draw of 192 (`LeanTracer.start_span`)
+_RATIO_TRACE_ID_BITS = sampling.TraceIdRatioBased.TRACE_ID_LIMIT  # what its ratio decides on
+# `ParentBased`'s delegates by default: a child samples as its parent did, remote or local.
+_PARENTS_DELEGATES = {
+    "_remote_parent_sampled": sampling.ALWAYS_ON,
+    "_remote_parent_not_sampled": sampling.ALWAYS_OFF,
+    "_local_parent_sampled": sampling.ALWAYS_ON,
+    "_local_parent_not_sampled": sampling.ALWAYS_OFF,
+}
 _SPAN_ID_MAX = (1 << 64) - 1
 
 
@@ -87,8 +96,12 @@ class LeanTracer(trace.Tracer):
         self.processors = tuple(processors)
         self.resource = provider.resource
         self._sampler = provider.sampler
-        # ParentBased(ALWAYS_ON): sample what the parent sampled, and every root.
-        self._samples_as_parent = self._sampler is sampling.DEFAULT_ON
+        # The bound a root's trace id is sampled under when the sampler samples what the
+        # parent sampled and decides a root by its trace id (every `parentbased_*`
+        # sampler OTEL_TRACES_SAMPLER names, the default `parentbased_always_on`
+        # included): decided inline, as its `should_sample` decides, without its calls.
+        # None: the sampler is asked.
+        self._root_bound = _root_bound(self._sampler)
         self._ids = provider.id_generator
         self._random_trace_ids = bool(self._ids.is_trace_id_random())  # a key of `_FLAGS`
         # The SDK's default generator draws ids as `random.getrandbits`: drawn here the
@@ -110,7 +123,19 @@ class LeanTracer(trace.Tracer):
         set_status_on_exception: bool = True,
     ) -> trace.Span:
         """A span under `context`'s (else the current) span, sampled by the provider's sampler."""
-        parent = current_span(context).get_span_context()
+        # `current_span(context).get_span_context()`, without calling either for no span
+        # (an RPC whose caller sent no trace context) or one of the gateway's own (an
+        # attempt's parent, its RPC's). `in` and indexing: a `Context` is a dict.
+        parent_context = context if context is not None else _current_context()
+        found = parent_context[_SPAN_KEY] if _SPAN_KEY in parent_context else None  # noqa: SIM401
+        if found is None:
+            parent = INVALID_SPAN_CONTEXT
+        elif type(found) is LeanSpan:
+            parent = found._context  # type: ignore[assignment]  # always given: see `__init__`
+        elif type(found) is trace.NonRecordingSpan:  # an unsampled parent's span
+            parent = found.get_span_context()
+        else:
+            parent = current_span(parent_context).get_span_context()
         # A SpanContext is a tuple: one unpacking instead of a property call per field.
         parent_trace_id, _, _, parent_flags, parent_state, has_parent = parent
         span_id = 0  # 0: not drawn yet (or drawn as the invalid 0), asked of the generator
@@ -130,10 +155,18 @@ class LeanTracer(trace.Tracer):
         else:
             trace_id = self._ids.generate_trace_id()
             random_trace_id = self._random_trace_ids
-        if self._samples_as_parent:
-            # The SDK's default sampler, decided inline: its call costs a few µs a span.
-            is_sampled = bool(parent_flags & TraceFlags.SAMPLED) if has_parent else True
-            trace_state = parent_state if has_parent else None
+        root_bound = self._root_bound
+        if root_bound is not None:
+            # `ParentBased` with its default delegates, decided inline: its calls cost a
+            # few µs a span (twenty-odd calls). A child is sampled as its parent was, with
+            # its parent's trace state; a root by the low 64 bits of its trace id, as
+            # `TraceIdRatioBased` decides (always, or never, for the static samplers).
+            if has_parent:
+                is_sampled = bool(parent_flags & TraceFlags.SAMPLED)
+                trace_state = parent_state
+            else:
+                is_sampled = trace_id & _RATIO_TRACE_ID_BITS < root_bound
+                trace_state = None
             initial = attributes if is_sampled else None
         else:
             result = self._sampler.should_sample(context, trace_id, name, kind, attributes, links)
@@ -332,6 +365,28 @@ class LeanSpan(trace.Span, ReadableSpan):
             on_end(self)
 
 
+def _root_bound(sampler: sampling.Sampler) -> int | None:
+    """The bound under which `sampler` samples a root span's trace id (the low 64 bits),
+    when it is a `ParentBased` with its default delegates whose root sampler is the
+    SDK's ratio or always-on or always-off one; else None (`LeanTracer` asks it).
+
+    Read from the sampler's private fields, as no public accessor exists; a sampler
+    without them (an SDK release that moved them) is asked as any other."""
+    if type(sampler) not in {sampling.ParentBased, sampling.ParentBasedTraceIdRatio}:
+        return None
+    for name, delegate in _PARENTS_DELEGATES.items():
+        if getattr(sampler, name, None) is not delegate:
+            return None
+    root = getattr(sampler, "_root", None)
+    if root is sampling.ALWAYS_ON:
+        return _RATIO_TRACE_ID_BITS + 1
+    if root is sampling.ALWAYS_OFF:
+        return 0
+    if type(root) is sampling.TraceIdRatioBased:
+        return root.bound
+    return None
+
+
 def _ender(processor: SpanProcessor) -> Callable[[ReadableSpan], None]:
     """What ends a span into `processor`: its `on_end`, or for the SDK's batch processor
     the queue's `emit` its `on_end` calls once it has checked the span is sampled, as
@@ -361,6 +416,8 @@ _CONTEXT_VARIABLE = _runtime_context_variable()
 _current_context: Callable[[], Context] = (
     _CONTEXT_VARIABLE.get if _CONTEXT_VARIABLE is not None else otel_context.get_current
 )
+# `context.get_current`, in one call rather than three.
+current_context = _current_context
 _attach: Callable[[Context], Token[Context]] = (
     _CONTEXT_VARIABLE.set if _CONTEXT_VARIABLE is not None else otel_context.attach
 )
@@ -368,9 +425,15 @@ _attach: Callable[[Context], Token[Context]] = (
 
 def current_span(context: Context | None = None) -> trace.Span:
     """`trace.get_current_span`, in one call rather than four, and without its ABC
-    check when the span is one of the gateway's own (or there is none)."""
-    span = (context if context is not None else _current_context()).get(_SPAN_KEY)
-    if type(span) is LeanSpan or (span is not None and isinstance(span, trace.Span)):
+    check when the span is one of the gateway's own, sampled or not (or there is none)."""
+    if context is None:
+        context = _current_context()
+    # `in` and indexing rather than `get`: a call fewer (a `Context` is a dict).
+    span = context[_SPAN_KEY] if _SPAN_KEY in context else None  # noqa: SIM401
+    kind = type(span)
+    if kind is LeanSpan or kind is trace.NonRecordingSpan:  # the gateway's, sampled or not
+        return span  # type: ignore[return-value]  # one of the two
+    if span is not None and isinstance(span, trace.Span):
         return span
     return trace.INVALID_SPAN
 

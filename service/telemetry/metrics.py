@@ -14,7 +14,7 @@ from typing import Protocol
 from opentelemetry import metrics
 from opentelemetry.util.types import AttributeValue
 
-from service.telemetry.histograms import HistogramExport
+from service.telemetry.histograms import AttributeSet, CumulativeHistogram, HistogramExport
 from service.telemetry.tracing import (
     CACHE_DIRECTION,
     CACHE_RESULT,
@@ -60,7 +60,11 @@ class Tally:
     def add(self, amount: float, *values: AttributeValue) -> None:
         """Add `amount` for the attribute values given in `attribute_names` order."""
         with self._lock:
-            self._sums[values] = self._sums.get(values, 0) + amount
+            # Indexed, not `get`: a call fewer; only an attribute set's first add misses.
+            try:
+                self._sums[values] += amount
+            except KeyError:
+                self._sums[values] = amount
 
     def observe(self, _: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
         """Every sum so far, with its attributes."""
@@ -86,6 +90,26 @@ class HistogramInstrument(Protocol):
     def record(
         self, amount: float, attributes: Mapping[str, AttributeValue] | None = None
     ) -> None: ...
+
+
+def _pair_recorder(
+    histogram: HistogramInstrument,
+) -> Callable[[float, AttributeSet, float, AttributeSet], None]:
+    """What records two amounts into `histogram` (an upstream call's input and output
+    tokens): the gateway's own histogram does it in one call."""
+    if isinstance(histogram, CumulativeHistogram):
+        return histogram.record_pair
+
+    def record_pair(
+        first: float,
+        first_attributes: AttributeSet,
+        second: float,
+        second_attributes: AttributeSet,
+    ) -> None:
+        histogram.record(first, first_attributes)
+        histogram.record(second, second_attributes)
+
+    return record_pair
 
 
 class Instruments:
@@ -125,6 +149,7 @@ class Instruments:
             description="Input and output tokens per upstream operation",
             bounds=TOKEN_BUCKETS,
         )
+        self.record_tokens = _pair_recorder(self.token_usage)
         self.time_to_first_chunk = histogram(
             "gen_ai.client.operation.time_to_first_chunk",
             unit="s",

@@ -824,6 +824,7 @@ class HttpPool:
                 self._headers["Proxy-Authorization"] = self._forwards_to.authorization
         # Checked and written out once rather than for every request; None when one is
         # refused, as every request carrying it then is.
+        self._header_names = frozenset(self._headers)  # `isdisjoint` in one call a request
         self._header_lines: str | None
         try:
             self._header_lines = _header_lines(self._headers)
@@ -868,7 +869,7 @@ class HttpPool:
         """
         target = self._origin + self.path_prefix + path + self.query
         checked = self._header_lines
-        if checked is None or (headers and not self._headers.keys().isdisjoint(headers)):
+        if checked is None or (headers and not self._header_names.isdisjoint(headers)):
             # A request's header of a pool header's name takes its value, in its place.
             merged = {**self._headers, **headers}
             head = _head(method, target, self.host_header, merged, len(body))
@@ -1120,9 +1121,11 @@ def _head(
 def _header_lines(headers: Mapping[str, str]) -> str:
     """`headers` as lines, each ending in CRLF; a CR or LF in any of them, or a colon in a
     name, is refused (no injection)."""
-    lines = []
+    # Added up rather than joined from a list: a request carries one or two (its
+    # `traceparent`, an idempotency key), and each `append` and the `join` are a call.
+    lines = ""
     for name, value in headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
             raise ValueError(f"request header {name!r} holds a line break or colon")
-        lines.append(f"{name}: {value}\r\n")
-    return "".join(lines)
+        lines += f"{name}: {value}\r\n"
+    return lines

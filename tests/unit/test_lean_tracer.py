@@ -293,6 +293,77 @@ def test_a_spans_context_is_the_sdks_under_any_parent(
     assert contexts(lean_tracer) == contexts(sdk_tracer)
 
 
+PARENTS = (
+    None,
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+)
+
+
+def sampled_contexts(tracer: trace.Tracer, parents: int) -> list[tuple[Context, trace.Span]]:
+    """Spans started by `tracer` under no parent, a sampled and an unsampled remote parent
+    (each with a trace state) and a local span under each, `parents` times over."""
+    started = []
+    for _ in range(parents):
+        for traceparent in PARENTS:
+            carrier = {"tracestate": "vendor=a"}
+            if traceparent is not None:
+                carrier["traceparent"] = traceparent
+            remote = PROPAGATOR.extract(carrier)
+            local = trace.set_span_in_context(tracer.start_span("local", context=remote))
+            for context in (remote, local):
+                started.append((context, tracer.start_span("s", context=context)))
+    return started
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        sampling.DEFAULT_ON,
+        sampling.DEFAULT_OFF,
+        sampling.ParentBasedTraceIdRatio(0.3),
+        sampling.ParentBased(sampling.TraceIdRatioBased(0.7)),
+    ],
+    ids=["parentbased_always_on", "parentbased_always_off", "ratio 0.3", "ratio 0.7"],
+)
+def test_parent_based_samplers_are_decided_as_they_decide_without_being_asked(
+    sampler: sampling.Sampler, monkeypatch: pytest.MonkeyPatch
+):
+    """The samplers `OTEL_TRACES_SAMPLER` names `parentbased_*` (the default among them)
+    decide each span as their `should_sample` does, roots by their trace id and children
+    by their parent, remote or local, with its trace state: without a call to it."""
+    decide = sampling.ParentBased.should_sample
+    asked: list[str] = []
+
+    def counted(self: sampling.ParentBased, *args: Any, **kwargs: Any) -> sampling.SamplingResult:
+        asked.append("should_sample")
+        return decide(self, *args, **kwargs)
+
+    monkeypatch.setattr(sampling.ParentBased, "should_sample", counted)
+    tracer, _ = lean(sampler)
+    outcomes = set()
+    for context, span in sampled_contexts(tracer, parents=100):
+        made = span.get_span_context()
+        expected = decide(sampler, context, made.trace_id, "s")  # type: ignore[arg-type]
+        is_sampled = expected.decision is sampling.Decision.RECORD_AND_SAMPLE
+        assert made.trace_flags.sampled is is_sampled
+        assert span.is_recording() is is_sampled
+        assert made.trace_state == (expected.trace_state or trace.DEFAULT_TRACE_STATE)
+        outcomes.add(is_sampled)
+    assert asked == []
+    assert outcomes == {True, False}  # each sampler samples some of these, and not others
+
+
+def test_a_parent_based_sampler_with_other_delegates_is_asked():
+    """One that samples under an unsampled remote parent is no default one: asked."""
+    sampler = sampling.ParentBased(sampling.ALWAYS_ON, remote_parent_not_sampled=sampling.ALWAYS_ON)
+    tracer, _ = lean(sampler)
+    remote = PROPAGATOR.extract({"traceparent": PARENTS[2] or ""})
+    span = tracer.start_span("s", context=remote)
+    assert span.get_span_context().trace_flags.sampled
+    assert span.is_recording()
+
+
 def test_a_span_keeps_no_reference_to_the_attributes_it_was_given():
     tracer, spans = lean()
     given: dict[str, Any] = {"a": 1}

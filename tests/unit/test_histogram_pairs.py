@@ -1,0 +1,72 @@
+"""Two amounts recorded in one call (an upstream call's input and output tokens) count
+exactly as two records do, in the gateway's histograms and through the SDK's."""
+
+from __future__ import annotations
+
+import itertools
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from service.telemetry.histograms import MOST_ATTRIBUTE_SETS, AttributeSet, HistogramExport
+from service.telemetry.metrics import Instruments
+from tests.unit.test_telemetry_histograms import AMOUNTS, BOUNDS, RESOURCE, points
+
+INPUT = AttributeSet({"gen_ai.token.type": "input", "gen_ai.request.model": "m"})
+OUTPUT = AttributeSet({"gen_ai.token.type": "output", "gen_ai.request.model": "m"})
+
+
+def two_histograms() -> tuple[InMemoryMetricReader, HistogramExport]:
+    """A reader collecting the histograms the returned export creates."""
+    reader = InMemoryMetricReader()
+    MeterProvider([reader], resource=RESOURCE)
+    export = HistogramExport(InstrumentationScope("llm_gateway"), RESOURCE)
+    export.install(reader)
+    return reader, export
+
+
+def test_a_pair_counts_as_two_records_with_dropped_amounts_and_overflow():
+    """Every pair of amounts (those the SDK drops too) under two sets, then past the
+    limit on attribute sets: the same points as recorded one at a time."""
+    pair_reader, pair_export = two_histograms()
+    paired = pair_export.create("t", unit="{token}", description="", bounds=BOUNDS)
+    one_reader, one_export = two_histograms()
+    single = one_export.create("t", unit="{token}", description="", bounds=BOUNDS)
+    for first, second in itertools.product(AMOUNTS, repeat=2):
+        paired.record_pair(first, INPUT, second, OUTPUT)
+        single.record(first, INPUT)
+        single.record(second, OUTPUT)
+    for model in range(MOST_ATTRIBUTE_SETS + 3):
+        first_set = AttributeSet({"gen_ai.response.model": f"m{model}", "type": "input"})
+        second_set = AttributeSet({"gen_ai.response.model": f"m{model}", "type": "output"})
+        paired.record_pair(1.0, first_set, 2.0, second_set)
+        single.record(1.0, first_set)
+        single.record(2.0, second_set)
+    got = points(pair_reader.get_metrics_data(), "t")
+    expected = points(one_reader.get_metrics_data(), "t")
+    assert got.keys() == expected.keys()
+    assert frozenset({("otel.metric.overflow", True)}) in got
+    for key, (_, _, point) in got.items():
+        want = expected[key][2]
+        assert (point.count, point.sum, point.min, point.max) == (
+            want.count,
+            want.sum,
+            want.min,
+            want.max,
+        )
+        assert tuple(point.bucket_counts) == tuple(want.bucket_counts)
+
+
+def test_the_sdks_histogram_takes_a_pair_as_two_records():
+    """Where the SDK's histograms are used (a reader wanting delta points, exemplars),
+    `record_tokens` records both amounts into its token histogram."""
+    reader = InMemoryMetricReader()
+    meter = MeterProvider([reader], resource=RESOURCE).get_meter("llm_gateway")
+    instruments = Instruments(meter, in_flight=lambda: 0)
+    instruments.record_tokens(3, INPUT, 5, OUTPUT)
+    got = points(reader.get_metrics_data(), "gen_ai.client.token.usage")
+    assert {key: point.sum for key, (_, _, point) in got.items()} == {
+        INPUT.key: 3,
+        OUTPUT.key: 5,
+    }
