@@ -539,6 +539,39 @@ async def test_a_batch_item_whose_turn_comes_as_the_drain_begins_gives_its_rate_
         limiter.take("team-a", limits, tokens=0, requests=2)
 
 
+async def test_a_batch_item_the_drain_ends_as_it_waits_for_a_restart_names_both(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch's one item is sent, and up0 dies under it (down until its restart, due in
+    30 s) before its 500 comes: the item waits for the restart to try again, and the drain
+    ends that wait. The item counts as not started (no result), and the call ends
+    SHUTTING_DOWN naming the restart it waited for and its attempt's failure, as a
+    Summarize part's or a plain call's does. Before, the refusal was bare."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), default=Status(500)) as fake:
+        fake.gate.clear()
+        gateway = await start_gateway(gateway_config(fake.base_url))
+        pool = gateway.server.pipeline.pool
+        batch = pb.CompleteBatchRequest(items=[pb.BatchItem(id="q0", request=chat())])
+        call = asyncio.ensure_future(collect(gateway.stub.CompleteBatch(batch, timeout=60)))
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        pool.set_down("up0", is_down=True, retry_at=time.monotonic() + 30)
+        fake.gate.set()  # its 500: the item now waits for the restart
+        while pool.counters.attempts < 1:
+            await asyncio.sleep(0.01)
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+            stop = await stopping(gateway)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async with asyncio.timeout(10):  # a hang guard, far short of the restart
+                    await call
+            await stop
+    assert_shutting_down(caught.value)
+    details = caught.value.details() or ""
+    assert "restart of up0" in details, details
+    assert "500" in details, details
+    assert len(fake.requests) == 1
+    assert not calls_cut_off(caplog)
+
+
 def one_upstream_slot(config: GatewayConfig) -> GatewayConfig:
     """`config` with its upstream's `max_concurrency` at 1."""
     (only,) = config.upstreams
