@@ -394,18 +394,17 @@ def _sooner_limit(last_error: UpstreamError | None, exc: LimitExceeded) -> Upstr
     return last_error or exc
 
 
-def _deadline_at_limit(refusal: LimitExceeded, log_: AttemptLog) -> DeadlineExceeded:
-    """What a call ends with whose deadline ended its wait in line at `refusal`'s limit:
-    the deadline's doing, not the limit's, which had not refused it (a wait it reckons
-    longer than the deadline is refused at once, RESOURCE_EXHAUSTED with its wait). No
-    attempt was begun since the last one failed, so the call is unsent if none was."""
-    passed = DeadlineExceeded(
+def _deadline_at_limit(refusal: LimitExceeded) -> DeadlineExceeded:
+    """What a call none of whose attempts was begun ends with when its deadline ended its
+    wait in line at `refusal`'s limit: the deadline's doing, not the limit's, which had not
+    refused it (a wait it reckons longer than the deadline is refused, RESOURCE_EXHAUSTED
+    with its wait). After a failed attempt the call ends with that failure instead, cut
+    short by the deadline, as one whose back-off the deadline leaves no room for does."""
+    return DeadlineExceeded(
         f"the caller's deadline passed while the call waited at upstream "
         f"{refusal.upstream!r}'s {refusal.what} limit",
-        is_unsent=log_.attempts == 0,
+        is_unsent=True,
     )
-    passed.attempt_failures = tuple(log_.errors)
-    return passed
 
 
 def _waited_on_upstream(log_: AttemptLog, seconds: float) -> None:
@@ -762,8 +761,8 @@ class UpstreamPool:
                 # upstream's account as much as one that got the slot.
                 _queued_for_upstream(log_, self._clock.now() - acquiring)
                 if max_wait < longest_wait:
-                    if exc.is_waited_out:
-                        raise _deadline_at_limit(exc, log_) from None
+                    if exc.is_waited_out and log_.attempts == 0:
+                        raise _deadline_at_limit(exc) from None
                     exc.is_cut_short_by_deadline = True
             raise
         if waited_s > 0:  # most calls start at once
