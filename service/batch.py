@@ -257,9 +257,11 @@ async def _complete_item(
             return await pipeline.complete_in_turn(
                 request, deadline=deadline, waiting_since=waiting_since, is_rerun=was_sent
             )
-        # Refused before this try was sent: unsent only if no earlier try was.
+        # Refused before this try was sent: unsent only if no earlier try was, and
+        # naming the earlier tries' failures with this one's.
         except (ShuttingDown, BudgetExceeded, DeadlineExceeded, ContextWindowExceeded) as refused:
             refused.is_unsent = refused.is_unsent and not was_sent
+            refused.attempt_failures = (*failures, *refused.attempt_failures)
             raise
         except UpstreamError as exc:
             if says_why(exc):
