@@ -138,6 +138,8 @@ async def run_batch(
     semaphore = asyncio.Semaphore(max(1, concurrency))
     # None: an item not started, as the server is stopping.
     finished: asyncio.Queue[ItemOutcome | None] = asyncio.Queue()
+    # The drain's refusals of the items it stopped waiting, for the call's own (`_stopped`).
+    stopped: list[ShuttingDown] = []
     limits = pipeline.limits
 
     async def run_one(index: int, item: BatchItem) -> None:
@@ -168,7 +170,8 @@ async def run_batch(
                 completion = await _complete_item(
                     pipeline, item.request, deadline=deadline, waiting_since=started
                 )
-        except ShuttingDown:  # it began while the item waited its turn
+        except ShuttingDown as refused:  # it began while the item waited its turn
+            stopped.append(refused)
             finished.put_nowait(None)
             return
         except Exception as exc:  # this item's outcome, not the batch's
@@ -210,7 +213,7 @@ async def run_batch(
             raise
         raise GeneratorExit from None
     if not_started:
-        raise ShuttingDown()
+        raise _stopped(stopped)
     yield BatchTotals(
         succeeded=succeeded,
         failed=failed,
@@ -218,6 +221,16 @@ async def run_batch(
         cost_usd=cost_pico / PICO,
         wall_ms=(time.monotonic() - started) * _MS,
     )
+
+
+def _stopped(refusals: Sequence[ShuttingDown]) -> ShuttingDown:
+    """What a batch the drain stopped ends with: the first of its items' refusals that
+    names what the item waited after (a restart, its tries' failures), as a Summarize
+    names its stopped part's; else a bare one (they waited for their turn, or a limit)."""
+    for refused in refusals:
+        if refused.names_last_error or refused.attempt_failures:
+            return refused
+    return ShuttingDown()
 
 
 async def _complete_item(
@@ -237,18 +250,24 @@ async def _complete_item(
     # Only a try that was sent makes the next a retry, held to the retry budget: the
     # items refused unsent while the model restarts would otherwise find it spent.
     was_sent = False
+    # What each upstream attempt of every try failed with, in order: a refusal names them.
+    failures: list[str] = []
     for attempt in range(1, attempts + 1):
         try:
             return await pipeline.complete_in_turn(
                 request, deadline=deadline, waiting_since=waiting_since, is_rerun=was_sent
             )
-        # Refused before this try was sent: unsent only if no earlier try was.
+        # Refused before this try was sent: unsent only if no earlier try was, and
+        # naming the earlier tries' failures with this one's.
         except (ShuttingDown, BudgetExceeded, DeadlineExceeded, ContextWindowExceeded) as refused:
             refused.is_unsent = refused.is_unsent and not was_sent
+            refused.attempt_failures = (*failures, *refused.attempt_failures)
             raise
         except UpstreamError as exc:
             if says_why(exc):
                 telling = exc
+            failures.extend(exc.attempt_failures)
+            waited_after = exc
             was_sent = was_sent or not exc.is_unsent
             wait_s = restart_wait_s(exc)
             left = deadline.remaining_s()
@@ -260,8 +279,12 @@ async def _complete_item(
                     raise
                 raise failure from exc
         # Ended by the server's stop: the caller runs the item elsewhere, as one not
-        # started (another replica's upstream is not restarting).
-        await pipeline.pause(wait_s, is_unsent=not was_sent)
+        # started (another replica's upstream is not restarting), told what it waited for.
+        try:
+            await pipeline.pause(wait_s, last_error=waited_after, is_unsent=not was_sent)
+        except ShuttingDown as refused:
+            refused.attempt_failures = tuple(failures)
+            raise
     raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
 
 

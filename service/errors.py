@@ -323,7 +323,10 @@ class ShuttingDown(GatewayError):
         False where one may have been sent."""
         message = "the gateway is shutting down; retry the call on another replica"
         if last_error is not None:
-            message += f" (its last attempt failed: {last_error.message})"
+            restarting = getattr(last_error, "restarting", "")
+            # It waited for that restart to try again.
+            waited = f"it waited for the restart of {restarting}; " if restarting else ""
+            message += f" ({waited}its last attempt failed: {last_error.message})"
         super().__init__(message)
         self.is_unsent = is_unsent
         # Whether the message names the last attempt's failure; one ended at a limit

@@ -50,6 +50,10 @@ class LimitExceeded(UpstreamRateLimited):
     `is_replica_local`: the limit is this process's alone (its `max_concurrency`, or a
     per-minute rate kept in memory), so another replica may have room; a pause or learned
     pace the upstream asked for, or a rate shared through Redis, is the same everywhere.
+
+    `is_waited_out`: the call waited in line all the time it was given and had not
+    started, rather than being refused, at once or as its turn came, for a wait the limit
+    reckoned longer than that time.
     """
 
     reason = "UPSTREAM_LIMIT"
@@ -64,6 +68,7 @@ class LimitExceeded(UpstreamRateLimited):
         )
         self.what = what
         self.is_replica_local = is_replica_local
+        self.is_waited_out = False
 
 
 @dataclass(slots=True)
@@ -264,7 +269,9 @@ class UpstreamLimiter:
                 if not granted.done() and not self._is_timed(waiter):
                     wait, what = self._wait_in_line(tokens)
                     self._withdraw(tenant, waiter)
-                    raise self._refusal(max(0.1, wait), what) from None
+                    refusal = self._refusal(max(0.1, wait), what)
+                    refusal.is_waited_out = True
+                    raise refusal from None
                 # Its turn is due by its deadline (the timer and this timeout fire about
                 # together): the dispatcher's verdict, start or refusal, stands.
                 await asyncio.shield(granted)

@@ -401,6 +401,19 @@ def _sooner_limit(last_error: UpstreamError | None, exc: LimitExceeded) -> Upstr
     return last_error or exc
 
 
+def _deadline_at_limit(refusal: LimitExceeded) -> DeadlineExceeded:
+    """What a call none of whose attempts was begun ends with when its deadline ended its
+    wait in line at `refusal`'s limit: the deadline's doing, not the limit's, which had not
+    refused it (a wait it reckons longer than the deadline is refused, RESOURCE_EXHAUSTED
+    with its wait). After a failed attempt the call ends with that failure instead, cut
+    short by the deadline, as one whose back-off the deadline leaves no room for does."""
+    return DeadlineExceeded(
+        f"the caller's deadline passed while the call waited at upstream "
+        f"{refusal.upstream!r}'s {refusal.what} limit",
+        is_unsent=True,
+    )
+
+
 def _waited_on_upstream(log_: AttemptLog, seconds: float) -> None:
     """The call was held back `seconds` by an upstream (a retry's backoff or its
     Retry-After): upstream time, not the gateway's overhead."""
@@ -762,11 +775,13 @@ class UpstreamPool:
         except BaseException as exc:
             state.breaker.release(probe=probe)
             if isinstance(exc, LimitExceeded):
-                if max_wait < longest_wait:
-                    exc.is_cut_short_by_deadline = True
                 # A wait that ran out (the call fails over, or is refused) was on the
                 # upstream's account as much as one that got the slot.
                 _queued_for_upstream(log_, self._clock.now() - acquiring)
+                if max_wait < longest_wait:
+                    if exc.is_waited_out and log_.attempts == 0:
+                        raise _deadline_at_limit(exc) from None
+                    exc.is_cut_short_by_deadline = True
             raise
         if waited_s > 0:  # most calls start at once
             _queued_for_upstream(log_, waited_s)

@@ -35,7 +35,7 @@ from typing import Any
 
 from service.clock import SYSTEM_CLOCK, Clock
 from service.config import UpstreamConfig
-from service.limits import TokenBucket, UpstreamLimiter
+from service.limits import LimitExceeded, TokenBucket, UpstreamLimiter
 from service.store_cooldown import COOLDOWN_S, StoreCooldown
 
 log = logging.getLogger("llm_gateway.upstream_limits")
@@ -239,22 +239,23 @@ class SharedRate:
         pairs = ((self.requests, 1.0), (self.tokens, float(tokens)))
         return [(bucket, amount) for bucket, amount in pairs if bucket is not None]
 
-    async def ready(self, tokens: int) -> None:
+    async def ready(self, tokens: int) -> float:
         """Before a call of `tokens`: when the reserves lack its units and Redis may have
         them, wait for one fetch (shared with the calls asking meanwhile); when Redis is
-        short, return at once, for the limiter to wait or refuse by its estimate."""
+        short, return at once, for the limiter to wait or refuse by its estimate. The
+        seconds it waited (0.0: none)."""
         if self.is_failing_open:
-            return
+            return 0.0
         now = self._clock.now()
         is_lacking = False
         for bucket, amount in self._amounts(tokens):
             missing = bucket.missing(amount)
             if missing > 0:
                 if bucket.estimate_s(missing, now) > 0:
-                    return
+                    return 0.0
                 is_lacking = True
         if not is_lacking:
-            return
+            return 0.0
         for bucket, amount in self._amounts(tokens):
             bucket.asked += amount
             bucket.least = min(bucket.least, amount)
@@ -264,6 +265,7 @@ class SharedRate:
         fetched = self._fetched
         self.fetch()
         await asyncio.shield(fetched)
+        return self._clock.now() - now
 
     def fetch(self) -> None:
         """Have the refiller take a chunk (it starts on the running loop, once)."""
@@ -423,9 +425,18 @@ class SharedUpstreamLimiter(UpstreamLimiter):
 
     async def acquire(self, *, tokens: int, max_wait_s: float, tenant: str = "") -> float:
         """As `UpstreamLimiter.acquire`, once the reserves hold the call's units or Redis
-        has said when they will."""
-        await self.rate.ready(tokens)
-        return await super().acquire(tokens=tokens, max_wait_s=max_wait_s, tenant=tenant)
+        has said when they will: the wait for Redis's answer is part of `max_wait_s` (a
+        caller's deadline bounds it), and one that spent it all is waited out."""
+        fetching_s = await self.rate.ready(tokens)
+        if not fetching_s:
+            return await super().acquire(tokens=tokens, max_wait_s=max_wait_s, tenant=tenant)
+        left_s = max_wait_s - fetching_s
+        try:
+            return await super().acquire(tokens=tokens, max_wait_s=left_s, tenant=tenant)
+        except LimitExceeded as refusal:
+            if left_s <= 0 < max_wait_s:  # refused for the time the fetch took
+                refusal.is_waited_out = True
+            raise
 
 
 class SharedLimits:

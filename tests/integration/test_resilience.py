@@ -1717,6 +1717,38 @@ async def test_a_streams_window_reset_counts_from_its_headers_not_from_its_end(s
         assert len(fake.requests) == 2
 
 
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_call_its_deadline_ends_at_a_limit_after_a_failed_attempt_names_that_failure(
+    mode, start_gateway
+):
+    """A call whose attempt on up0 failed (HTTP 500) fails over to up1, whose one slot
+    another call holds, and waits there until its deadline leaves no room for an attempt:
+    it ends with up0's failure, cut short by the deadline, as one whose retry's back-off
+    the deadline leaves no room for does, not with a DEADLINE_EXCEEDED naming only the
+    slot (a call none of whose attempts began gets that)."""
+    async with (
+        FakeUpstream(default=Status(500)) as failing,
+        ScriptedUpstream(models=(FAKE_MODEL,)) as full,
+    ):
+        resilience = {**FAST_RESILIENCE, "min_attempt_s": 1.0, "max_limit_wait_s": 30.0}
+        config = gateway_config(failing.base_url, full.base_url, resilience=resilience)
+        first, second = config.upstreams
+        second = dataclasses.replace(second, max_concurrency=1)
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=(first, second)))
+        full.gate.clear()
+        held = asyncio.ensure_future(gateway.stub.Complete(chat("held"), timeout=30))
+        await full.wait_until(lambda: full.in_flight == 1)
+        failed, deltas = await call(gateway, mode, timeout_s=3.0)
+        full.gate.set()
+        await held
+    assert isinstance(failed, grpc.aio.AioRpcError), failed
+    assert failed.code() is grpc.StatusCode.UNAVAILABLE, failed
+    metadata, _, _ = error_details(failed)
+    assert (metadata["upstream"], metadata["http_status"]) == ("up0", "500")
+    assert deltas == []
+    assert len(full.requests) == 1  # the held call's
+
+
 async def test_a_call_queued_for_a_slot_honours_a_retry_after_given_meanwhile(start_gateway):
     """A 429's Retry-After pauses the upstream for calls already queued on its limiter too.
 

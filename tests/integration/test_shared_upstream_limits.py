@@ -456,3 +456,46 @@ async def test_a_shared_upstream_takes_its_turns_beside_one_with_its_own_rate(
         gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
         assert await _calls([gateway], 6) == ["ok"] * 6
         assert (len(upstream.requests), len(other.requests)) == (3, 3)
+
+
+async def test_a_fetch_that_outlasts_a_calls_wait_leaves_it_none_to_wait_in_line(
+    redis_server: RedisServer,
+) -> None:
+    """A call whose units Redis must send (its reserve empty) while the upstream's one slot
+    is taken waits for that fetch; Redis answers only after the call's whole wait (0.5 s)
+    has passed. It is then refused at once, its wait spent (`is_waited_out`: a pool whose
+    caller's deadline bounded the wait ends it DEADLINE_EXCEEDED), not put in line for as
+    long again. Before, it then waited its whole bound more, past its caller's deadline,
+    and took the slot freed meanwhile."""
+    client = Redis.from_url(redis_server.url, socket_timeout=10)
+    lean = LeanRedis.beside(client)
+    rate = SharedRate(
+        "up0",
+        requests_per_minute=30,
+        tokens_per_minute=None,
+        commands=lean,
+        prefix="spent:",
+        cooldown=StoreCooldown("auth"),
+    )
+    limiter = SharedUpstreamLimiter("up0", rate, max_concurrency=1, clock=SYSTEM_CLOCK)
+    try:
+        await limiter.acquire(tokens=1, max_wait_s=0)  # it holds the one slot
+        redis_server.pause()
+        waiting = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=0.5))
+        while not rate._is_taking:  # its fetch on its way
+            await asyncio.sleep(0)
+        await asyncio.sleep(1.0)  # Redis still away past the call's wait
+        redis_server.resume()
+        async with asyncio.timeout(10):
+            while not waiting.done() and limiter.queued == 0:
+                await asyncio.sleep(0)
+        limiter.release()  # the slot frees: a call still in line would take it
+        with pytest.raises(LimitExceeded) as refused:
+            await waiting
+        assert refused.value.is_waited_out
+        assert limiter.in_flight == 0
+    finally:
+        redis_server.resume()
+        await rate.aclose()
+        await lean.aclose()
+        await client.aclose()

@@ -45,7 +45,7 @@ from tests.integration.test_summarize import WINDOW as SUMMARY_WINDOW
 from tests.integration.test_summarize import config as summarize_config
 from tests.integration.test_summarize import default_respond, document, is_part
 from tests.redis_server import RedisServer
-from tests.scripted_upstream import ScriptedUpstream
+from tests.scripted_upstream import GatedUpstream, ScriptedUpstream, user_text
 from tests.telemetry_support import attributes_of, captured_telemetry
 
 GRACE_S = 1.0
@@ -537,6 +537,83 @@ async def test_a_batch_item_whose_turn_comes_as_the_drain_begins_gives_its_rate_
         assert limiter.in_flight("team-a") == 0
         # Two of the three requests are left: the item's came back.
         limiter.take("team-a", limits, tokens=0, requests=2)
+
+
+async def test_a_batch_item_the_drain_ends_as_it_waits_for_a_restart_names_both(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch's one item is sent, and up0 dies under it (down until its restart, due in
+    30 s) before its 500 comes: the item waits for the restart to try again, and the drain
+    ends that wait. The item counts as not started (no result), and the call ends
+    SHUTTING_DOWN naming the restart it waited for and its attempt's failure, as a
+    Summarize part's or a plain call's does. Before, the refusal was bare."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), default=Status(500)) as fake:
+        fake.gate.clear()
+        gateway = await start_gateway(gateway_config(fake.base_url))
+        pool = gateway.server.pipeline.pool
+        batch = pb.CompleteBatchRequest(items=[pb.BatchItem(id="q0", request=chat())])
+        call = asyncio.ensure_future(collect(gateway.stub.CompleteBatch(batch, timeout=60)))
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        pool.set_down("up0", is_down=True, retry_at=time.monotonic() + 30)
+        fake.gate.set()  # its 500: the item now waits for the restart
+        while pool.counters.attempts < 1:
+            await asyncio.sleep(0.01)
+        with caplog.at_level(logging.WARNING, logger="llm_gateway.server"):
+            stop = await stopping(gateway)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async with asyncio.timeout(10):  # a hang guard, far short of the restart
+                    await call
+            await stop
+    assert_shutting_down(caught.value)
+    details = caught.value.details() or ""
+    assert "restart of up0" in details, details
+    assert "500" in details, details
+    assert len(fake.requests) == 1
+    assert not calls_cut_off(caplog)
+
+
+async def test_a_batch_item_the_drain_ends_at_a_limit_after_a_failed_try_names_it(
+    start_gateway: Any,
+) -> None:
+    """A batch's item is sent and fails (HTTP 500) as up0 dies under it; once the restart
+    answers, its next try waits for up0's one slot, which team-b's plain call holds, as
+    the drain begins. The call ends SHUTTING_DOWN naming the earlier try's failure,
+    `(after up0: HTTP 500)`, as a Summarize does for its part's tries. Before, the pool's
+    refusal knew only of the try it ended, which had no failure to name."""
+    tries: list[str] = []
+
+    def first_try_fails(body: dict[str, Any]) -> Status | None:
+        if user_text(body) != "q0":
+            return None
+        tries.append("q0")
+        return Status(500) if len(tries) == 1 else None
+
+    async with GatedUpstream(models=(FAKE_MODEL,), respond=first_try_fails) as fake:
+        gateway = await start_gateway(one_upstream_slot(gateway_config(fake.base_url)))
+        pool = gateway.server.pipeline.pool
+        limiter = pool.state("up0").limiter
+        batch = pb.CompleteBatchRequest(items=[pb.BatchItem(id="q0", request=chat("q0"))])
+        call = asyncio.ensure_future(collect(gateway.stub.CompleteBatch(batch, timeout=60)))
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        pool.set_down("up0", is_down=True, retry_at=time.monotonic() + 2.0)
+        fake.release("q0")  # its 500: the item waits for the restart
+        while pool.counters.attempts < 1:
+            await asyncio.sleep(0.01)
+        pool.set_down("up0", is_down=False)  # the restart answers
+        held = asyncio.ensure_future(gateway.stub.Complete(chat("b"), timeout=60))
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        while limiter.queued < 1:  # the item's next try, waiting for the slot
+            await asyncio.sleep(0.01)
+        stop = await stopping(gateway)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async with asyncio.timeout(10):  # a hang guard
+                await call
+        fake.release("b")
+        assert (await held).content
+        await stop
+    assert_shutting_down(caught.value)
+    assert (caught.value.details() or "").endswith(" (after up0: HTTP 500)")
+    assert tries == ["q0"]
 
 
 def one_upstream_slot(config: GatewayConfig) -> GatewayConfig:

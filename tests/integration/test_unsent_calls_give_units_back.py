@@ -20,7 +20,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.config import GatewayConfig
 from service.errors import QuotaExceeded
 from service.tenant_limits import MemoryTenantLimiter
-from tests.conftest import FAKE_MODEL, RunningGateway, chat
+from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream
 from tests.fake_upstream import Status
 from tests.integration.tenancy_helpers import as_tenant, rpc_error
 from tests.integration.test_drain_gives_units_back import (
@@ -32,7 +32,8 @@ from tests.integration.test_drain_gives_units_back import (
     stored_level,
     waiting_at_the_upstream,
 )
-from tests.integration.test_shutdown_cut_off import assert_shutting_down
+from tests.integration.test_resilience import error_details
+from tests.integration.test_shutdown_cut_off import assert_shutting_down, collect
 from tests.integration.test_summarize import default_respond
 from tests.scripted_upstream import GatedUpstream, ScriptedUpstream, user_text
 
@@ -124,6 +125,40 @@ async def test_an_item_its_deadline_ends_at_its_upstreams_limit_gives_its_units_
         item = await anext(aiter(call))
         assert item.result.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], item
         call.cancel()
+        fake.gate.set()
+        assert (await held).content
+        assert len(fake.requests) == 1  # team-b's alone
+        await assert_bucket_full(gateway, "rpm", REQUESTS_PER_MINUTE, redis_url)
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_plain_call_its_deadline_ends_at_its_upstreams_slot_gives_its_units_back(
+    start_gateway: Any, limits_redis_url: str | None, mode: str
+) -> None:
+    """team-a's Complete (CompleteStream) waits for the upstream's one slot (team-b's call
+    holds it; `max_limit_wait_s` is longer than its deadline) until its deadline leaves
+    too little for an attempt: it fails DEADLINE_EXCEEDED, naming the slot it waited for,
+    never sent, and its request goes back. Before, it was RESOURCE_EXHAUSTED
+    (`UPSTREAM_LIMIT`), as though the limit had refused it, where a batch item's wait so
+    ended is DEADLINE_EXCEEDED."""
+    redis_url = limits_redis_url
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        config = limited_config(fake.base_url, RATE, redis_url=redis_url)
+        gateway = await start_gateway(a_second_per_attempt(config))
+        held = await held_upstream(gateway, fake)
+        metadata = as_tenant("team-a")
+        if mode == "unary":
+            call = gateway.stub.Complete(chat("q0"), metadata=metadata, timeout=3)
+        else:
+            stream = gateway.stub.CompleteStream(chat_stream("q0"), metadata=metadata, timeout=3)
+            call = collect(stream)
+        waiting = asyncio.ensure_future(rpc_error(call))
+        await waiting_at_the_upstream(gateway)
+        error = await waiting
+        assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED, error
+        assert error_details(error)[1] == "DEADLINE_EXCEEDED"
+        assert "'up0'" in (error.details() or "")
+        assert "concurrency limit" in (error.details() or "")
         fake.gate.set()
         assert (await held).content
         assert len(fake.requests) == 1  # team-b's alone
