@@ -85,9 +85,12 @@ class MachineTurnLimiter(UpstreamLimiter):
                 if self.is_stopping:
                     raise ShuttingDown()
                 if waited + self._clock.now() - started >= max_wait_s:
-                    raise LimitExceeded(
+                    refusal = LimitExceeded(
                         self.upstream, wait_s=_POLL_S, what=_CONCURRENCY, is_replica_local=True
                     )
+                    # Waited in line all its time: a deadline that bounded it ends the call.
+                    refusal.is_waited_out = True
+                    raise refusal
                 await self._clock.sleep(_POLL_S)
         except BaseException:
             self.give_back(tokens)  # never sent: its slot and units go back

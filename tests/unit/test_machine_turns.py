@@ -57,4 +57,5 @@ async def test_a_turn_that_does_not_come_in_time_is_refused_and_frees_the_slot(
     with pytest.raises(LimitExceeded) as refused:
         await second.acquire(tokens=1, max_wait_s=0.05)
     assert refused.value.is_replica_local
+    assert refused.value.is_waited_out  # the pool's DEADLINE_EXCEEDED when a deadline bound it
     assert second.in_flight == 0
