@@ -733,6 +733,40 @@ async def test_breaker_opens_after_failures_then_probe_closes_it(start_gateway):
         assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
 
 
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_retry_after_shorter_than_the_cool_down_it_opened_is_not_what_the_caller_waits(
+    start_gateway, mode
+):
+    """An upstream's 503 with `Retry-After: 1` opens its breaker for 10 s: the caller is
+    told to come back once the breaker lets a call through, not in a second, when the
+    gateway itself refuses its retry (`circuit open`).
+
+    Before, the Retry-After won: the retry came back a second later, was refused without
+    an attempt, and only then was told the cool-down."""
+    async with FakeUpstream(default=Status(503, headers={"Retry-After": "1"})) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 2,
+            "breaker_cool_down_s": 10.0,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        first, _ = await call(gateway, mode, timeout_s=30)
+        assert error_details(first)[2] == 1.0  # the breaker is still closed: its Retry-After
+        opening, _ = await call(gateway, mode, timeout_s=30)
+        assert gateway.server.pipeline.pool.state("up0").breaker.state is BreakerState.OPEN
+        metadata, reason, retry_s = error_details(opening)
+        assert (reason, metadata["attempts"], metadata["upstream"]) == (
+            "UPSTREAM_UNAVAILABLE",
+            "1",
+            "up0",
+        )
+        assert retry_s is not None
+        assert 1.0 < retry_s <= 10.0
+        assert int(dict(opening.trailing_metadata())[RETRY_PUSHBACK_TRAILER]) > 1000
+        assert len(fake.requests) == 2
+
+
 async def test_a_streamed_probe_closes_the_breaker_with_its_first_output(start_gateway):
     """A stream sent as the half-open probe closes the breaker once its first output comes:
     other calls are served while it streams on, rather than refused until its end (a
