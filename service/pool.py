@@ -899,11 +899,15 @@ class UpstreamPool:
                 upstream=names,
             )
         # The caller's retry is for the others: a rejected key's cool-down is not its wait,
-        # and one whose probe is running may be back by the first backoff.
+        # and one whose probe is running may be back by the first backoff. One whose breaker
+        # opened as the call waited its turn there (left out as `circuit open`) says when
+        # by its cool-down, as one found open does: left out, every upstream was, and the
+        # caller was told the first backoff while each stayed open for its cool-down.
         retry_delays = [
             self._retry_delay_s(r.client.name)
             for r in plan.order
-            if r.client.name not in plan.excluded and r.client.name not in set_aside
+            if plan.excluded.get(r.client.name, CIRCUIT_OPEN) == CIRCUIT_OPEN
+            and r.client.name not in set_aside
         ]
         error = UpstreamUnavailable(
             f"no upstream for model {model!r} is available" + (f": {reasons}" if reasons else ""),

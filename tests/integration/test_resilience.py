@@ -1832,6 +1832,56 @@ async def test_a_call_queued_for_a_slot_is_not_sent_once_the_breaker_opened(mode
         assert limiter.in_flight == 0
 
 
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_call_whose_every_upstream_opened_as_it_waited_is_told_their_cool_down(
+    mode, start_gateway
+):
+    """A call waits for up0's one slot, whose call's 503 opens up0's breaker; it moves to
+    up1, waits for its one slot, and that call's 503 opens up1's. Refused with no attempt,
+    both named `circuit open`, it is told to come back as their cool-down ends, as a call
+    finding them open is.
+
+    Before, left out of both as it waited, neither counted for its RetryInfo: it was told
+    the first backoff (and a pushback of 20 ms) while both stayed open for a minute."""
+    async with (
+        ScriptedUpstream(default=Status(503)) as fake0,
+        ScriptedUpstream(default=Status(503)) as fake1,
+    ):
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 60.0,
+        }
+        config = gateway_config(fake0.base_url, fake1.base_url, resilience=resilience)
+        upstreams = tuple(dataclasses.replace(u, max_concurrency=1) for u in config.upstreams)
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=upstreams))
+        pool = gateway.server.pipeline.pool
+        fakes = {"up0": fake0, "up1": fake1}
+        for fake in fakes.values():
+            fake.gate.clear()
+        first = [asyncio.ensure_future(call(gateway, mode, timeout_s=10.0)) for _ in fakes]
+        assert await settle(lambda: fake0.in_flight == fake1.in_flight == 1)
+        queued = asyncio.ensure_future(call(gateway, mode, timeout_s=10.0))
+        assert await settle(lambda: any(pool.state(n).limiter.queued for n in fakes))
+        waited_at = next(n for n in fakes if pool.state(n).limiter.queued)
+        [then_at] = set(fakes) - {waited_at}
+        fakes[waited_at].gate.set()  # its call's 503 opens its breaker
+        assert await settle(lambda: pool.state(then_at).limiter.queued == 1)
+        fakes[then_at].gate.set()
+        refused, deltas = await queued
+        await asyncio.gather(*first)
+        assert isinstance(refused, grpc.aio.AioRpcError), type(refused)
+        assert refused.code() is grpc.StatusCode.UNAVAILABLE
+        assert "up0 (circuit open), up1 (circuit open)" in refused.details()
+        metadata, reason, retry_s = error_details(refused)
+        assert (reason, metadata["attempts"]) == ("UPSTREAM_UNAVAILABLE", "0")
+        assert retry_s == pytest.approx(60.0, abs=5.0)
+        assert dict(refused.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "-1"  # past 10 s
+        assert deltas == []
+        assert len(fake0.requests) == len(fake1.requests) == 1
+
+
 async def test_a_probe_queued_past_its_half_open_is_not_sent_once_the_breaker_opened_again(
     start_gateway,
 ):
