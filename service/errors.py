@@ -402,6 +402,12 @@ class UpstreamError(GatewayError):
         if self._retry_after_s is not None:
             self._retry_after_s = min(self._retry_after_s, most_s)
 
+    def defer_retry_after(self, least_s: float) -> None:
+        """Suggest at least `least_s`: before then the gateway itself refuses the retry (every
+        upstream it could go to has its circuit open), whatever the upstream's Retry-After."""
+        if self._retry_after_s is not None:
+            self._retry_after_s = max(self._retry_after_s, least_s)
+
 
 class UpstreamRateLimited(UpstreamError):
     """The upstream answered 429."""

@@ -906,7 +906,12 @@ class UpstreamPool:
                 # necessarily the one that failed last (its breaker may have just opened);
                 # one left out of this call (its limits, its retry budget) says not when.
                 usable = [name for name in open_routes if name not in plan.excluded]
-                last_error.suggest_retry_after(min(map(self._retry_delay_s, usable or open_routes)))
+                candidates = usable or open_routes
+                last_error.suggest_retry_after(min(map(self._retry_delay_s, candidates)))
+                # Nor sooner than one of them lets a call through: an upstream's Retry-After
+                # shorter than the cool-down its failure opened sent the retry into the
+                # gateway's own refusal ("circuit open").
+                last_error.defer_retry_after(min(map(self._shut_for_s, candidates)))
             last_error.restarting = _restarting(plan)
             return last_error
         why_left_out = dict(plan.excluded)
@@ -926,11 +931,15 @@ class UpstreamPool:
                 upstream=names,
             )
         # The caller's retry is for the others: a rejected key's cool-down is not its wait,
-        # and one whose probe is running may be back by the first backoff.
+        # and one whose probe is running may be back by the first backoff. One whose breaker
+        # opened as the call waited its turn there (left out as `circuit open`) says when
+        # by its cool-down, as one found open does: left out, every upstream was, and the
+        # caller was told the first backoff while each stayed open for its cool-down.
         retry_delays = [
             self._retry_delay_s(r.client.name)
             for r in plan.order
-            if r.client.name not in plan.excluded and r.client.name not in set_aside
+            if plan.excluded.get(r.client.name, CIRCUIT_OPEN) == CIRCUIT_OPEN
+            and r.client.name not in set_aside
         ]
         error = UpstreamUnavailable(
             f"no upstream for model {model!r} is available" + (f": {reasons}" if reasons else ""),
@@ -1001,6 +1010,15 @@ class UpstreamPool:
         if isinstance(exc, UpstreamUnavailable | UpstreamTimeout | UpstreamRateLimited):
             exc.suggest_retry_after(self._retry_delay_s(exc.upstream))
         return exc
+
+    def _shut_for_s(self, upstream: str) -> float:
+        """Seconds until `upstream` may take a call again: its breaker's cool-down, its
+        restart while it is down for one; 0 when it may now."""
+        state = self._states.get(upstream)
+        cool_down = state.breaker.retry_after_s() if state is not None else None
+        retry_at = self._down.get(upstream)
+        restart_s = retry_at - self._clock.now() if retry_at is not None else 0.0
+        return max(cool_down or 0.0, restart_s)
 
     def _retry_delay_s(self, upstream: str) -> float:
         """When a caller may try again after the gateway's own retries failed, if the

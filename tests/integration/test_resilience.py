@@ -733,6 +733,40 @@ async def test_breaker_opens_after_failures_then_probe_closes_it(start_gateway):
         assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
 
 
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_retry_after_shorter_than_the_cool_down_it_opened_is_not_what_the_caller_waits(
+    start_gateway, mode
+):
+    """An upstream's 503 with `Retry-After: 1` opens its breaker for 10 s: the caller is
+    told to come back once the breaker lets a call through, not in a second, when the
+    gateway itself refuses its retry (`circuit open`).
+
+    Before, the Retry-After won: the retry came back a second later, was refused without
+    an attempt, and only then was told the cool-down."""
+    async with FakeUpstream(default=Status(503, headers={"Retry-After": "1"})) as fake:
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 2,
+            "breaker_cool_down_s": 10.0,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        first, _ = await call(gateway, mode, timeout_s=30)
+        assert error_details(first)[2] == 1.0  # the breaker is still closed: its Retry-After
+        opening, _ = await call(gateway, mode, timeout_s=30)
+        assert gateway.server.pipeline.pool.state("up0").breaker.state is BreakerState.OPEN
+        metadata, reason, retry_s = error_details(opening)
+        assert (reason, metadata["attempts"], metadata["upstream"]) == (
+            "UPSTREAM_UNAVAILABLE",
+            "1",
+            "up0",
+        )
+        assert retry_s is not None
+        assert 1.0 < retry_s <= 10.0
+        assert int(dict(opening.trailing_metadata())[RETRY_PUSHBACK_TRAILER]) > 1000
+        assert len(fake.requests) == 2
+
+
 async def test_a_streamed_probe_closes_the_breaker_with_its_first_output(start_gateway):
     """A stream sent as the half-open probe closes the breaker once its first output comes:
     other calls are served while it streams on, rather than refused until its end (a
@@ -1828,6 +1862,56 @@ async def test_a_call_queued_for_a_slot_is_not_sent_once_the_breaker_opened(mode
         assert deltas == []
         assert len(fake.requests) == 1
         assert limiter.in_flight == 0
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_call_whose_every_upstream_opened_as_it_waited_is_told_their_cool_down(
+    mode, start_gateway
+):
+    """A call waits for up0's one slot, whose call's 503 opens up0's breaker; it moves to
+    up1, waits for its one slot, and that call's 503 opens up1's. Refused with no attempt,
+    both named `circuit open`, it is told to come back as their cool-down ends, as a call
+    finding them open is.
+
+    Before, left out of both as it waited, neither counted for its RetryInfo: it was told
+    the first backoff (and a pushback of 20 ms) while both stayed open for a minute."""
+    async with (
+        ScriptedUpstream(default=Status(503)) as fake0,
+        ScriptedUpstream(default=Status(503)) as fake1,
+    ):
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 60.0,
+        }
+        config = gateway_config(fake0.base_url, fake1.base_url, resilience=resilience)
+        upstreams = tuple(dataclasses.replace(u, max_concurrency=1) for u in config.upstreams)
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=upstreams))
+        pool = gateway.server.pipeline.pool
+        fakes = {"up0": fake0, "up1": fake1}
+        for fake in fakes.values():
+            fake.gate.clear()
+        first = [asyncio.ensure_future(call(gateway, mode, timeout_s=10.0)) for _ in fakes]
+        assert await settle(lambda: fake0.in_flight == fake1.in_flight == 1)
+        queued = asyncio.ensure_future(call(gateway, mode, timeout_s=10.0))
+        assert await settle(lambda: any(pool.state(n).limiter.queued for n in fakes))
+        waited_at = next(n for n in fakes if pool.state(n).limiter.queued)
+        [then_at] = set(fakes) - {waited_at}
+        fakes[waited_at].gate.set()  # its call's 503 opens its breaker
+        assert await settle(lambda: pool.state(then_at).limiter.queued == 1)
+        fakes[then_at].gate.set()
+        refused, deltas = await queued
+        await asyncio.gather(*first)
+        assert isinstance(refused, grpc.aio.AioRpcError), type(refused)
+        assert refused.code() is grpc.StatusCode.UNAVAILABLE
+        assert "up0 (circuit open), up1 (circuit open)" in refused.details()
+        metadata, reason, retry_s = error_details(refused)
+        assert (reason, metadata["attempts"]) == ("UPSTREAM_UNAVAILABLE", "0")
+        assert retry_s == pytest.approx(60.0, abs=5.0)
+        assert dict(refused.trailing_metadata())[RETRY_PUSHBACK_TRAILER] == "-1"  # past 10 s
+        assert deltas == []
+        assert len(fake0.requests) == len(fake1.requests) == 1
 
 
 async def test_a_probe_queued_past_its_half_open_is_not_sent_once_the_breaker_opened_again(
