@@ -250,14 +250,16 @@ class BatchPacer:
             while True:
                 if deadline.has_expired:  # taken now, it would be paid for and never sent
                     raise DeadlineExceeded("the caller's deadline passed before the item's turn")
+                given_back = self._limiter.slots_given_back
                 try:
                     return await self._taken_whole(tokens, requests)
                 except QuotaExceeded as refusal:
                     left_s = deadline.remaining_s()
                     if is_over_call_cap(refusal):
                         # When a slot is given back is not known: wait for one until the
-                        # deadline, then be refused for the cap.
-                        await self._limiter.await_slot(tenant, timeout_s=left_s)
+                        # deadline, then be refused for the cap; at once if one was given
+                        # back since the take began (its wake-up came before this wait).
+                        await self._limiter.await_slot(tenant, timeout_s=left_s, since=given_back)
                         if deadline.has_expired:
                             raise
                         continue

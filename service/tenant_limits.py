@@ -104,10 +104,19 @@ class TenantLimiter(Protocol):
         """
         ...
 
-    async def await_slot(self, tenant: str, *, timeout_s: float | None) -> None:
+    @property
+    def slots_given_back(self) -> int:
+        """A count of the slots this process gave back, every tenant's: read before a
+        take, for `await_slot`'s `since`."""
+        ...
+
+    async def await_slot(
+        self, tenant: str, *, timeout_s: float | None, since: int | None = None
+    ) -> None:
         """Return once one of `tenant`'s slots may be free again (given back in this
         process; in Redis, also after a short poll interval, for other replicas' and
-        lapsed leases), or after `timeout_s` (None: no limit)."""
+        lapsed leases), or after `timeout_s` (None: no limit); at once if one was given
+        back after `since` (`slots_given_back` as the refused take began)."""
         ...
 
     async def give_back_rate(
@@ -179,9 +188,17 @@ class _FreedSlots:
 
     def __init__(self) -> None:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        # Slots given back (every tenant's), and per tenant the count at its last one: a
+        # slot given back after a take was refused and before its caller waits (the
+        # refusal's reply and the caller's wake-up are loop turns apart) wakes no one, and
+        # would leave the caller waiting for a slot already free (`wait`'s `since`).
+        self.count = 0
+        self._last: dict[str, int] = {}
 
     def given_back(self, tenant: str) -> None:
         """One of `tenant`'s slots was given back: wake its waiters."""
+        self.count += 1
+        self._last[tenant] = self.count
         for waiter in self._waiters.pop(tenant, ()):
             if not waiter.done():
                 waiter.set_result(None)
@@ -190,8 +207,11 @@ class _FreedSlots:
         """How many wait for one of `tenant`'s slots."""
         return len(self._waiters.get(tenant, ()))
 
-    async def wait(self, tenant: str, *, timeout_s: float | None) -> None:
-        """Return once one of `tenant`'s slots is given back, or after `timeout_s`."""
+    async def wait(self, tenant: str, *, timeout_s: float | None, since: int | None = None) -> None:
+        """Return once one of `tenant`'s slots is given back, or after `timeout_s`; at
+        once if one was given back after `since` (a `count`)."""
+        if since is not None and self._last.get(tenant, 0) > since:
+            return
         waiter = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault(tenant, [])
         waiters.append(waiter)
@@ -331,9 +351,16 @@ class MemoryTenantLimiter:
             tenant, limits, tokens=tokens, requests=requests, leave_share=leave_share
         )
 
-    async def await_slot(self, tenant: str, *, timeout_s: float | None) -> None:
+    @property
+    def slots_given_back(self) -> int:
+        """See `TenantLimiter.slots_given_back`."""
+        return self._freed.count
+
+    async def await_slot(
+        self, tenant: str, *, timeout_s: float | None, since: int | None = None
+    ) -> None:
         """See `TenantLimiter.await_slot`: here, only this process holds slots."""
-        await self._freed.wait(tenant, timeout_s=timeout_s)
+        await self._freed.wait(tenant, timeout_s=timeout_s, since=since)
 
     async def give_back_rate(
         self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
@@ -625,11 +652,18 @@ class RedisTenantLimiter:
             leave_share=leave_share,
         )
 
-    async def await_slot(self, tenant: str, *, timeout_s: float | None) -> None:
+    @property
+    def slots_given_back(self) -> int:
+        """See `TenantLimiter.slots_given_back`: this replica's."""
+        return self._freed.count
+
+    async def await_slot(
+        self, tenant: str, *, timeout_s: float | None, since: int | None = None
+    ) -> None:
         """See `TenantLimiter.await_slot`: a slot given back here wakes the waiter at once;
         one given back by another replica, or a lapsed lease, is seen by the next poll."""
         poll_s = self._slot_poll_s if timeout_s is None else min(timeout_s, self._slot_poll_s)
-        await self._freed.wait(tenant, timeout_s=poll_s)
+        await self._freed.wait(tenant, timeout_s=poll_s, since=since)
 
     async def give_back_rate(
         self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1

@@ -20,10 +20,11 @@ from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.auth import hash_key
 from service.caller_gate import part_tokens
 from service.config import load_config, parse_config
-from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER
+from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER, QuotaExceeded
 from service.security import InsecureListen
 from service.server import GatewayServer
 from service.summarize import document_prompt
+from service.tenant_limits import is_over_call_cap
 from service.tokens import estimate_text_tokens
 from tests.conftest import (
     FAKE_MODEL,
@@ -717,6 +718,56 @@ async def test_batches_cancelled_while_their_items_wait_for_slots_leave_none_hel
     # for the other batch's first waiting item before that batch's own cancel lands.
     assert 2 <= len(scripted.requests) <= 3
     assert scripted.requests[-1].body["messages"][-1]["content"] == "after"
+
+
+async def test_a_slot_given_back_as_an_item_is_refused_for_the_cap_is_taken_at_once(
+    start_gateway, monkeypatch
+):
+    """team-a may run one call at a time. A batch item is refused for its cap while a
+    plain call holds the slot, and that call gives it back before the item starts waiting
+    (the refusal's reply and the item's wake-up are loop turns apart): the item takes the
+    slot at once and runs.
+
+    Before, the slot given back woke no one, and the item waited for another one to its
+    deadline (here the batch's, 5 s), then failed for a cap nobody held; without a
+    deadline it waited for good."""
+    refused, slot_free = asyncio.Event(), asyncio.Event()
+    take_turn = service.tenant_limits.MemoryTenantLimiter.take_turn
+
+    async def refused_as_the_slot_frees(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await take_turn(self, *args, **kwargs)
+        except QuotaExceeded as refusal:
+            if is_over_call_cap(refusal) and not refused.is_set():
+                refused.set()
+                await slot_free.wait()  # the plain call gives its slot back now
+            raise
+
+    monkeypatch.setattr(
+        service.tenant_limits.MemoryTenantLimiter, "take_turn", refused_as_the_slot_frees
+    )
+    async with ScriptedUpstream(
+        models=(FAKE_MODEL,), respond=lambda body: Reply(content="ok")
+    ) as scripted:
+        config = secure_config(scripted.base_url, tenants={"team-a": {"max_concurrent_calls": 1}})
+        gw = await start_gateway(config)
+        scripted.gate.clear()
+        plain = asyncio.ensure_future(gw.stub.Complete(chat("plain"), metadata=as_tenant("team-a")))
+        await scripted.wait_until(lambda: scripted.in_flight == 1)
+        batch = asyncio.ensure_future(
+            collect_events(
+                gw.stub.CompleteBatch(_batch_of("b", 1), metadata=as_tenant("team-a"), timeout=5)
+            )
+        )
+        await refused.wait()
+        scripted.gate.set()
+        assert (await plain).content == "ok"
+        limiter = gw.server.tenant_limiter
+        assert isinstance(limiter, service.tenant_limits.MemoryTenantLimiter)
+        assert await settle(lambda: limiter.in_flight("team-a") == 0)
+        slot_free.set()
+        events = await batch
+    assert (events[-1].summary.succeeded, events[-1].summary.failed) == (1, 0)
 
 
 async def collect_events(call: Any) -> list[pb.CompleteBatchResponse]:
