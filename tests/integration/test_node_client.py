@@ -1122,6 +1122,28 @@ async def test_node_unary_call_aborted_by_its_signal_closes_the_upstream_request
     await wait_until(lambda: gateway.server.admission.in_flight == 0)
 
 
+async def test_node_client_closed_cancels_its_calls_in_flight(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`close()` cancels the client's calls still in flight (a stream never read too): each
+    fails CANCELLED saying the client was closed, as in the Python client, the gateway
+    closes their upstream requests, and the process ends. Before, grpc-js's close let them
+    run on, and the process with them, until their deadline."""
+    upstream.script(Hang(), Hang(), Hang(), Hang())
+    result = await run_after_go_ahead(
+        node_scenarios,
+        "close-in-flight",
+        "--address",
+        gateway.server.address,
+        ready=lambda: len(upstream.requests) == 4,
+    )
+    closed = {"code": "CANCELLED", "message": "the client was closed while the call was in flight"}
+    assert result == {"complete": closed, "stream": closed, "batch": closed}
+    for _ in range(4):
+        await upstream.wait_for_disconnect(timeout_s=WAIT_S)
+    await wait_until(lambda: gateway.server.admission.in_flight == 0)
+
+
 async def test_node_unary_call_with_an_aborted_signal_never_reaches_the_gateway(
     node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -54,6 +54,8 @@ from tests.integration.helpers import GARBLED_DETAILS, garbled_details_server, r
 REPO = Path(__file__).resolve().parents[2]
 _QUOTA_FAILURE_URL = "type.googleapis.com/google.rpc.QuotaFailure"
 StartGateway = Callable[..., Any]
+# A hang guard, not a timing: a wait for the upstream to reach a state.
+WAIT_S = 30.0
 
 
 # Targets gRPC reads as HOST:PORT (the dns: scheme in any case, with or without slashes,
@@ -415,6 +417,44 @@ async def test_a_stream_still_ends_when_its_task_is_cancelled(
         with pytest.raises(asyncio.CancelledError):
             await task
         await upstream.wait_for_disconnect(timeout_s=2.0)
+
+
+async def test_a_call_cut_by_closing_the_client_fails_cancelled_not_its_task(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """Closing the client cancels the calls still in flight: each fails CANCELLED, an
+    `AioRpcError` as any failed call, in tasks nobody cancelled. Before, gRPC's
+    `asyncio.CancelledError` came out of `complete`, the stream's and the batch's loops,
+    and ended each caller's task as though it had been cancelled. A call whose own task
+    was cancelled stays a cancellation (an `asyncio.timeout` around it reads it so)."""
+    upstream.script(Hang(), Hang(), Hang(), Hang())
+    client = GatewayClient(gateway.server.address)
+    item = pb.BatchItem(id="q1", request=build_request("Say hi", model=FAKE_MODEL))
+
+    async def read_stream() -> None:
+        async for _ in client.stream("Say hi", model=FAKE_MODEL):
+            pass
+
+    async def read_batch() -> None:
+        async for _ in client.complete_batch([item]):
+            pass
+
+    calls = [client.complete("Say hi", model=FAKE_MODEL), read_stream(), read_batch()]
+    tasks = [asyncio.create_task(call) for call in calls]
+    cancelled = asyncio.create_task(client.complete("Say hi", model=FAKE_MODEL))
+    async with asyncio.timeout(WAIT_S):
+        while len(upstream.requests) < len(tasks) + 1:
+            await asyncio.sleep(0.01)
+    cancelled.cancel()
+    await client.close()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    for task in tasks:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await task
+        assert caught.value.code() == grpc.StatusCode.CANCELLED
+        assert "closed" in (caught.value.details() or "")
+        assert not task.cancelled()
 
 
 # Over gRPC's default 4 MiB message, within the 16 MiB the gateway takes from an upstream.

@@ -504,14 +504,20 @@ function checkedCallOptions(options: unknown): CallOptions {
   return { ...(options as CallOptions), signal: signal ?? undefined };
 }
 
+/** What grpc-js says of a call cancelled on the client. */
+const CANCELLED_ON_CLIENT = "Cancelled on client";
+/** What a call cut by `GatewayClient.close()` says, as the Python client's. */
+const CLIENT_CLOSED = "the client was closed while the call was in flight";
+
 /**
  * The error of a call cancelled on the client, as grpc-js makes it: for a call whose
- * signal was aborted before it began, and a stream's loop after its cancel.
+ * signal was aborted before it began, and a stream's loop after its cancel; with
+ * `CLIENT_CLOSED`, of a call cut by `close()`.
  */
-function cancelledOnClient(): GatewayCallError {
-  const error = Object.assign(new Error("1 CANCELLED: Cancelled on client"), {
+function cancelledOnClient(details: string = CANCELLED_ON_CLIENT): GatewayCallError {
+  const error = Object.assign(new Error(`1 CANCELLED: ${details}`), {
     code: grpc.status.CANCELLED,
-    details: "Cancelled on client",
+    details,
     metadata: new grpc.Metadata(),
   });
   return new GatewayCallError(error);
@@ -551,6 +557,8 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
   private failure: unknown = null;
   /** Set by `cancel()`, the signal, or a loop left early: the loop reads nothing more. */
   #isCancelled = false;
+  /** What the loop's CANCELLED says: set apart by the client's `close()`. */
+  #cancelDetails = CANCELLED_ON_CLIENT;
   /** Set once a loop has read the call's every event: a later loop has none to read. */
   #isReadToEnd = false;
   // A `#` field, as the client's key: util.inspect of the stream would otherwise show the
@@ -602,6 +610,14 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
     this.#received.destroy();
   }
 
+  /** Cancel the call as `close()` on its client does: its loop throws CANCELLED saying so. */
+  cancelAsClosed(): void {
+    if (!this.#isCancelled) {
+      this.#cancelDetails = CLIENT_CLOSED;
+      this.cancel();
+    }
+  }
+
   [Symbol.asyncIterator](): AsyncIterableIterator<Event> {
     const events = this.events();
     return {
@@ -648,7 +664,7 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
       }
     }
     if (this.#isCancelled) {
-      throw cancelledOnClient();
+      throw cancelledOnClient(this.#cancelDetails);
     }
     if (this.failure !== null) {
       throw asGatewayError(this.failure);
@@ -846,6 +862,11 @@ export class GatewayClient {
   // JSON.stringify show every ordinary property, and would print the caller key.
   readonly #apiKey: string | undefined;
   private readonly defaultTimeoutMs: number | null;
+  /**
+   * The calls in flight, each by how `close()` cancels it: grpc-js's own close lets them
+   * run on, and the process with them, until they end (a stream never read, its deadline).
+   */
+  readonly #inFlight = new Set<() => void>();
 
   constructor(given: string, options: GatewayClientOptions = {}) {
     if (typeof given !== "string") {
@@ -887,6 +908,12 @@ export class GatewayClient {
     );
   }
 
+  /** Keep `call` in flight until its status arrives, for `close()` to cancel it by `cancel`. */
+  private track(call: grpc.Call, cancel: () => void): void {
+    this.#inFlight.add(cancel);
+    call.on("status", () => this.#inFlight.delete(cancel));
+  }
+
   /** The call's metadata: its own, with the client's key unless it sets one itself. */
   private metadataOf(options: CallOptions): grpc.Metadata {
     const metadata = options.metadata?.clone() ?? new grpc.Metadata();
@@ -926,16 +953,21 @@ export class GatewayClient {
       }
       let attempts = 1;
       let stopListening = (): void => {};
+      let isCutByClose = false;
       const call = send(this.metadataOf(options), this.deadlineOf(options), (error, response) => {
         stopListening();
         if (error) {
-          reject(asGatewayError(error));
+          reject(isCutByClose ? cancelledOnClient(CLIENT_CLOSED) : asGatewayError(error));
         } else {
           resolve({ response, attempts });
         }
       });
       call.on("metadata", (metadata: grpc.Metadata) => {
         attempts = attemptsOf(metadata);
+      });
+      this.track(call, () => {
+        isCutByClose = true;
+        call.cancel();
       });
       stopListening = cancelOnAbort(call, options.signal);
     });
@@ -970,7 +1002,9 @@ export class GatewayClient {
       this.metadataOf(options),
       this.deadlineOf(options),
     );
-    return new CompletionStream(call, options.signal);
+    const stream = new CompletionStream(call, options.signal);
+    this.track(call, () => stream.cancelAsClosed());
+    return stream;
   }
 
   /**
@@ -987,7 +1021,9 @@ export class GatewayClient {
       this.metadataOf(options),
       this.deadlineOf(options),
     );
-    return new BatchResults(call, options.signal);
+    const results = new BatchResults(call, options.signal);
+    this.track(call, () => results.cancelAsClosed());
+    return results;
   }
 
   /**
@@ -1045,7 +1081,15 @@ export class GatewayClient {
     } while (pageToken !== "");
   }
 
+  /**
+   * Close the channel, cancelling the calls still in flight: each fails CANCELLED ("the
+   * client was closed while the call was in flight"), as in the Python client, and the
+   * process is not held open by them.
+   */
   close(): void {
+    for (const cancel of [...this.#inFlight]) {
+      cancel();
+    }
     this.stub.close();
   }
 }

@@ -366,6 +366,34 @@ async function abortComplete(client: GatewayClient, args: Args): Promise<Json> {
   return { unexpected: "the aborted call succeeded" };
 }
 
+async function closeInFlight(client: GatewayClient, args: Args): Promise<Json> {
+  // A call of each kind in flight (and a stream never read) when the test says the upstream
+  // has them all: `close()` cuts them, and this process ends without waiting out any.
+  const request = { model: args.model, messages: messages("Say hi") };
+  const options = { timeoutMs: CALL_GUARD_MS };
+  const outcome = (run: () => Promise<unknown>): Promise<Json> =>
+    run().then(
+      () => ({ unexpected: "the call succeeded" }),
+      (error: unknown) => ({ code: errorJson(error).code, message: errorJson(error).message }),
+    );
+  const readAll = async (events: AsyncIterable<unknown>): Promise<void> => {
+    for await (const _ of events) {
+      // read on
+    }
+  };
+  client.completeStream(request, options); // never read
+  const outcomes = Promise.all([
+    outcome(() => client.complete(request, options)),
+    outcome(() => readAll(client.completeStream(request, options))),
+    outcome(() => readAll(client.completeBatch({ items: [{ id: "q1", request }] }, options))),
+  ]);
+  await lineFromTest();
+  process.stdin.destroy();
+  client.close();
+  const [complete, stream, batch] = await outcomes;
+  return { complete, stream, batch };
+}
+
 async function abortedBeforeComplete(client: GatewayClient, args: Args): Promise<Json> {
   // A signal aborted before the call: it fails at once, the gateway never called.
   const controller = new AbortController();
@@ -990,6 +1018,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "abort-stream": abortStream,
   "abort-complete": abortComplete,
   "aborted-before-complete": abortedBeforeComplete,
+  "close-in-flight": closeInFlight,
   "stalled-stream": stalledStream,
   "leave-buffered": leaveBuffered,
   "late-stream": lateStream,

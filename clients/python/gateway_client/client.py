@@ -10,7 +10,7 @@ import json
 import numbers
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import unquote
@@ -33,6 +33,7 @@ Turn = tuple[str, str] | pb.Message
 # A request `complete` and `stream` take as it is: the two messages have the same fields.
 ReadyRequest = pb.CompleteRequest | pb.CompleteStreamRequest
 _Request = TypeVar("_Request", pb.CompleteRequest, pb.CompleteStreamRequest)
+_Answer = TypeVar("_Answer")
 
 
 class _Default(enum.Enum):
@@ -348,6 +349,34 @@ def _request_of(
     return kind.FromString(request.SerializeToString())
 
 
+class _ClientLife:
+    """Whether the client was closed, which its calls' ends read.
+
+    Closing the channel cancels the calls still in flight, and gRPC reports each as
+    `asyncio.CancelledError`: out of the call, that ended the caller's task as though
+    someone had cancelled it (a TaskGroup's, or `gather`'s, with it).
+    """
+
+    def __init__(self) -> None:
+        self.is_closed = False
+
+    def is_cut_by_close(self) -> bool:
+        """Whether a call that gRPC reports cancelled was cut by `close()`, not by the
+        cancellation of the task awaiting it (which stays a cancellation)."""
+        task = asyncio.current_task()
+        return self.is_closed and not (task is not None and task.cancelling())
+
+
+def _closed_client_error() -> grpc.aio.AioRpcError:
+    """The failure of a call cut by `close()`: CANCELLED, as the error any other call's."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.CANCELLED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="the client was closed while the call was in flight",
+    )
+
+
 class _CallEnd:
     """How a streaming call's events ended, for a loop begun after one read them to their
     end: the call's failure again, or a RuntimeError saying they were read, where grpc.aio
@@ -396,9 +425,13 @@ class BatchResults:
     """
 
     def __init__(
-        self, call: grpc.aio.UnaryStreamCall[pb.CompleteBatchRequest, pb.CompleteBatchResponse]
+        self,
+        call: grpc.aio.UnaryStreamCall[pb.CompleteBatchRequest, pb.CompleteBatchResponse],
+        *,
+        client_life: _ClientLife | None = None,
     ) -> None:
         self._call = call
+        self._client_life = client_life or _ClientLife()
         self._readers = 0
         self._end = _CallEnd("BatchResults")
 
@@ -412,6 +445,10 @@ class BatchResults:
             async with self._end.watching():
                 async for event in self._call:
                     yield event
+        except asyncio.CancelledError:
+            if self._client_life.is_cut_by_close():
+                raise _closed_client_error() from None
+            raise
         finally:
             if reader == self._readers:
                 self._call.cancel()  # a no-op once the call has ended
@@ -437,9 +474,11 @@ class CompletionStream:
         call: grpc.aio.UnaryStreamCall[pb.CompleteStreamRequest, pb.CompleteStreamResponse],
         *,
         on_reasoning: Callable[[str], object] | None = None,
+        client_life: _ClientLife | None = None,
     ) -> None:
         self._call = call
         self._on_reasoning = on_reasoning
+        self._client_life = client_life or _ClientLife()
         self.final: pb.CompletionMetadata | None = None
         self._tool_calls: list[pb.ToolCall] = []
         # Each call's argument pieces not yet joined into it: `+=` on a protobuf string
@@ -506,8 +545,13 @@ class CompletionStream:
             # gRPC reports its own cancelled call as CancelledError: out of the loop, it
             # would end the caller's task as though someone had cancelled it.
             task = asyncio.current_task()
-            if not self._is_cancelled or (task is not None and task.cancelling()):
+            if task is not None and task.cancelling():
                 raise
+            if self._is_cancelled:
+                return
+            if self._client_life.is_cut_by_close():
+                raise _closed_client_error() from None
+            raise
         finally:
             # Whole at the end, for a list (or a call) of `tool_calls` kept from earlier.
             self._join_arguments()
@@ -763,6 +807,7 @@ class GatewayClient:
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = pb_grpc.CompletionServiceStub(self._channel)
+        self._life = _ClientLife()
 
     def _deadline(self, timeout_s: Timeout) -> float | None:
         return self._timeout_s if timeout_s is CLIENT_TIMEOUT else check_timeout(timeout_s)
@@ -774,8 +819,19 @@ class GatewayClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel."""
+        """Close the channel; a call still in flight fails `CANCELLED`, an `AioRpcError`
+        as any failed call, in the task awaiting it."""
+        self._life.is_closed = True
         await self._channel.close()
+
+    async def _answer(self, call: Awaitable[_Answer]) -> _Answer:
+        """The answer of the unary `call`; cut by `close()`, it fails `CANCELLED`."""
+        try:
+            return await call
+        except asyncio.CancelledError:
+            if self._life.is_cut_by_close():
+                raise _closed_client_error() from None
+            raise
 
     async def complete(
         self,
@@ -788,10 +844,9 @@ class GatewayClient:
         CompleteRequest (or CompleteStreamRequest). Every method takes `timeout_s`, this
         call's deadline in seconds (None: none), else the client's."""
         request = _request_of(prompt, kwargs, pb.CompleteRequest)
-        response: pb.CompleteResponse = await self.stub.Complete(
-            request, timeout=self._deadline(timeout_s), metadata=self._metadata
+        return await self._answer(
+            self.stub.Complete(request, timeout=self._deadline(timeout_s), metadata=self._metadata)
         )
-        return response
 
     def stream(
         self,
@@ -808,7 +863,7 @@ class GatewayClient:
         call = self.stub.CompleteStream(
             request, timeout=self._deadline(timeout_s), metadata=self._metadata
         )
-        return CompletionStream(call, on_reasoning=on_reasoning)
+        return CompletionStream(call, on_reasoning=on_reasoning, client_life=self._life)
 
     def complete_batch(
         self,
@@ -829,7 +884,7 @@ class GatewayClient:
             timeout=self._deadline(timeout_s),
             metadata=self._metadata,
         )
-        return BatchResults(call)
+        return BatchResults(call, client_life=self._life)
 
     async def summarize(
         self,
@@ -859,19 +914,17 @@ class GatewayClient:
             ),
         )
         _set_int(request, "target_tokens", target_tokens)
-        response: pb.SummarizeResponse = await self.stub.Summarize(
-            request,
-            timeout=self._deadline(timeout_s),
-            metadata=self._metadata,
+        return await self._answer(
+            self.stub.Summarize(request, timeout=self._deadline(timeout_s), metadata=self._metadata)
         )
-        return response
 
     async def list_models(self, *, timeout_s: Timeout = CLIENT_TIMEOUT) -> pb.ListModelsResponse:
         """The model catalog with upstream health."""
-        response: pb.ListModelsResponse = await self.stub.ListModels(
-            pb.ListModelsRequest(), timeout=self._deadline(timeout_s), metadata=self._metadata
+        return await self._answer(
+            self.stub.ListModels(
+                pb.ListModelsRequest(), timeout=self._deadline(timeout_s), metadata=self._metadata
+            )
         )
-        return response
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -940,8 +993,10 @@ class GatewayClient:
         if until is not None:
             request.end_time.FromDatetime(aware(until, name="until"))
         while True:
-            page: pb.GetUsageResponse = await self.stub.GetUsage(
-                request, timeout=self._deadline(timeout_s), metadata=self._metadata
+            page = await self._answer(
+                self.stub.GetUsage(
+                    request, timeout=self._deadline(timeout_s), metadata=self._metadata
+                )
             )
             yield page
             if not page.next_page_token:
