@@ -1012,6 +1012,7 @@ class UpstreamClient:
                 idle_until: float | None = None
                 read_chars = 0  # the output as the upstream sent it, which the bound counts
                 head = b""  # the body read while no event has come (`_MAX_EVENTLESS_HEAD`)
+                is_stalled_whole = False  # ended by a timeout once its finish reason came
                 while True:
                     wait_until = deadline if idle_until is None else min(deadline, idle_until)
                     try:
@@ -1022,7 +1023,9 @@ class UpstreamClient:
                             raise
                         # The answer was whole, and said so: only its usage or `[DONE]`
                         # was to come. Failing it would have its caller ask (and pay)
-                        # again for an answer it has; its connection is closed.
+                        # again for an answer it has; its connection is closed, and
+                        # an event it began (its usage, cut by the stall) left unread.
+                        is_stalled_whole = True
                         break
                     if raw is None:  # a clean end; a reset raises instead
                         parser.end_of_body(decoder.data_at_end())
@@ -1080,7 +1083,7 @@ class UpstreamClient:
                         response, head, on_status, is_empty=not decoder.has_pending
                     )
                 end = parser.end()
-                if not parser.is_done and decoder.has_pending:
+                if not (parser.is_done or is_stalled_whole) and decoder.has_pending:
                     raise MalformedReply("the stream was cut in the middle of an event")
                 if (last := _last_output(parser, splitter)) is not None:
                     tally.chars += output_chars(last)

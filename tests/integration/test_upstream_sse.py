@@ -593,15 +593,19 @@ async def test_keep_alive_comments_do_not_hold_off_the_idle_timeout(
     assert error_details(caught.value)[1] == "STREAM_INTERRUPTED"
 
 
+@pytest.mark.parametrize(
+    "usage_sent", [USAGE, USAGE + USAGE[: len(USAGE) // 2]], ids=["whole", "then-half-of-one"]
+)
 async def test_a_stream_that_stalls_after_its_finish_reason_ends_as_finished(
-    start_gateway: Callable[..., Any],
+    start_gateway: Callable[..., Any], usage_sent: bytes
 ) -> None:
     """An upstream that sent the whole answer, its finish reason and its usage, and then
     never `[DONE]` nor its body's end, ends at `stream_idle_timeout_s` as finished, with
     the usage it reported: not interrupted, which would have its caller ask (and pay)
-    again for an answer it has."""
+    again for an answer it has. So does one that stalls in the middle of an event after
+    it (a second usage event, cut by the stall): that event is left unread."""
     never = asyncio.Event()
-    async with SSEUpstream(chunk("Hello", "stop") + USAGE, end_when=never) as url:
+    async with SSEUpstream(chunk("Hello", "stop") + usage_sent, end_when=never) as url:
         config = gateway_config(url)
         idle = dataclasses.replace(config.upstreams[0], stream_idle_timeout_s=0.5)
         gateway = await start_gateway(dataclasses.replace(config, upstreams=(idle,)))
