@@ -786,31 +786,27 @@ class UpstreamClient:
         """
         chunks: list[TextChunk] = []
         end: StreamEnd | None = None
-        deadline = self._deadline(timeout_s)
-        with self._translated_errors:
-            # Armed at the first output: till then the stream's own waits end by
-            # `timeout_s` (a refusal's stalled body as its status and headers said,
-            # `_stalled_refusal`), and after it only the upstream's `timeout_s` does. Armed
-            # from the start, it fired a moment before the stream's own timer: a 429 whose
-            # body stalled was a timeout, its Retry-After lost.
-            async with asyncio.timeout(None) as after_first_output:
-                events = self.stream(
-                    call,
-                    timeout_s=timeout_s,
-                    on_sent=on_sent,
-                    on_status=on_status,
-                    on_usage=on_usage,
-                )
-                async with contextlib.aclosing(events):
-                    async for event in events:
-                        if isinstance(event, TextChunk):
-                            if not chunks:
-                                after_first_output.reschedule(deadline)
-                            chunks.append(event)
-                            if on_output is not None:
-                                on_output(event)
-                        else:
-                            end = event
+        # The stream's own waits end by `timeout_s`, after its first output too
+        # (`whole_timeout_s`), not an outer timer's: one fired a moment before the stream's
+        # own, so a 429 whose body stalled was a timeout (its Retry-After lost), and an
+        # answer whose finish reason came was a timeout, retried and billed again, where
+        # the stream's own ends it as finished.
+        events = self.stream(
+            call,
+            timeout_s=timeout_s,
+            on_sent=on_sent,
+            on_status=on_status,
+            on_usage=on_usage,
+            whole_timeout_s=timeout_s,
+        )
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, TextChunk):
+                    chunks.append(event)
+                    if on_output is not None:
+                        on_output(event)
+                else:
+                    end = event
         if end is None:  # `stream` always ends with StreamEnd or raises
             raise RuntimeError("stream ended without its end event")
         whole = joined_chunks(chunks)
@@ -863,6 +859,7 @@ class UpstreamClient:
         on_status: Callable[[int], None] | None = None,
         tally: StreamTally | None = None,
         on_usage: Callable[[Usage], None] | None = None,
+        whole_timeout_s: float | None = None,
     ) -> AsyncGenerator[StreamEvent, None]:
         """Yield text chunks as they arrive, then one `StreamEnd`; `on_sent` and
         `on_status` as in `complete`; `tally` counts the output yielded; `on_usage` is
@@ -892,7 +889,9 @@ class UpstreamClient:
         cancels each call), and a stream the cache shares among callers must not end at its
         first caller's deadline. The idle timeout counts the gateway's own waits, never
         the consumer's time between chunks; the upstream's `timeout_s` is the whole
-        stream's, from its start, the consumer's time included.
+        stream's, from its start, the consumer's time included. `whole_timeout_s` (within
+        it) bounds the whole stream instead, as a unary call's deadline bounds its answer
+        (`_complete_streamed`): an answer whose finish reason came ends by it as finished.
 
         From an upstream with `empty_stream_is_refusal`, a stream it ends before its first
         event is asked again unary (`_asked_again_unary`).
@@ -908,6 +907,7 @@ class UpstreamClient:
             splitter=(
                 None if self.config.think_tags == "false" else splitter_for(self.config.think_tags)
             ),
+            whole_timeout_s=self.config.timeout_s if whole_timeout_s is None else whole_timeout_s,
         )
         if not self.config.empty_stream_is_refusal:
             return events
@@ -960,14 +960,16 @@ class UpstreamClient:
         tally: StreamTally,
         on_usage: Callable[[Usage], None] | None,
         splitter: ThinkTagSplitter | None,
+        whole_timeout_s: float,
     ) -> AsyncGenerator[StreamEvent, None]:
-        """`stream`, each chunk's text split by `splitter` when given.
+        """`stream`, each chunk's text split by `splitter` when given, and over by
+        `whole_timeout_s` once its output flows.
 
         The bound counts the output as the upstream sent it (tags and text held included);
         `tally`, what is passed on, the `chars_sent` of a cut stream.
         """
         deadline = self._deadline(timeout_s)
-        whole_stream_deadline = self._deadline(self.config.timeout_s)
+        whole_stream_deadline = self._deadline(whole_timeout_s)
         first_output_by = self._first_output_deadline(deadline)
         if first_output_by is not None:
             deadline = first_output_by
@@ -1010,6 +1012,7 @@ class UpstreamClient:
                 idle_until: float | None = None
                 read_chars = 0  # the output as the upstream sent it, which the bound counts
                 head = b""  # the body read while no event has come (`_MAX_EVENTLESS_HEAD`)
+                is_stalled_whole = False  # ended by a timeout once its finish reason came
                 while True:
                     wait_until = deadline if idle_until is None else min(deadline, idle_until)
                     try:
@@ -1020,7 +1023,9 @@ class UpstreamClient:
                             raise
                         # The answer was whole, and said so: only its usage or `[DONE]`
                         # was to come. Failing it would have its caller ask (and pay)
-                        # again for an answer it has; its connection is closed.
+                        # again for an answer it has; its connection is closed, and
+                        # an event it began (its usage, cut by the stall) left unread.
+                        is_stalled_whole = True
                         break
                     if raw is None:  # a clean end; a reset raises instead
                         parser.end_of_body(decoder.data_at_end())
@@ -1078,7 +1083,7 @@ class UpstreamClient:
                         response, head, on_status, is_empty=not decoder.has_pending
                     )
                 end = parser.end()
-                if not parser.is_done and decoder.has_pending:
+                if not (parser.is_done or is_stalled_whole) and decoder.has_pending:
                     raise MalformedReply("the stream was cut in the middle of an event")
                 if (last := _last_output(parser, splitter)) is not None:
                     tally.chars += output_chars(last)

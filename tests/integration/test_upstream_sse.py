@@ -17,7 +17,7 @@ import pytest
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
-from tests.conftest import FAKE_MODEL, chat_stream, gateway_config, gateway_config_data
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Status
 from tests.integration.test_resilience import error_details
 from tests.integration.test_upstream_http import read_request, serving, settled
@@ -593,15 +593,19 @@ async def test_keep_alive_comments_do_not_hold_off_the_idle_timeout(
     assert error_details(caught.value)[1] == "STREAM_INTERRUPTED"
 
 
+@pytest.mark.parametrize(
+    "usage_sent", [USAGE, USAGE + USAGE[: len(USAGE) // 2]], ids=["whole", "then-half-of-one"]
+)
 async def test_a_stream_that_stalls_after_its_finish_reason_ends_as_finished(
-    start_gateway: Callable[..., Any],
+    start_gateway: Callable[..., Any], usage_sent: bytes
 ) -> None:
     """An upstream that sent the whole answer, its finish reason and its usage, and then
     never `[DONE]` nor its body's end, ends at `stream_idle_timeout_s` as finished, with
     the usage it reported: not interrupted, which would have its caller ask (and pay)
-    again for an answer it has."""
+    again for an answer it has. So does one that stalls in the middle of an event after
+    it (a second usage event, cut by the stall): that event is left unread."""
     never = asyncio.Event()
-    async with SSEUpstream(chunk("Hello", "stop") + USAGE, end_when=never) as url:
+    async with SSEUpstream(chunk("Hello", "stop") + usage_sent, end_when=never) as url:
         config = gateway_config(url)
         idle = dataclasses.replace(config.upstreams[0], stream_idle_timeout_s=0.5)
         gateway = await start_gateway(dataclasses.replace(config, upstreams=(idle,)))
@@ -615,6 +619,31 @@ async def test_a_stream_that_stalls_after_its_finish_reason_ends_as_finished(
     reported = (final.final.usage.input_tokens, final.final.usage.output_tokens)
     assert reported == (3, 2)
     assert not final.final.usage.estimated
+    assert (usage.total.requests, usage.total.usage.output_tokens) == (1, 2)
+
+
+async def test_a_unary_call_read_as_a_stream_that_stalls_after_its_finish_reason_is_answered(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """The same stall, from an upstream that takes unary calls as streams
+    (`stream_unary_calls`), ends at its `timeout_s` as finished too: not a timeout, which
+    was retried (each attempt generating, and billed, the whole answer again) and then
+    failed UNAVAILABLE."""
+    never = asyncio.Event()
+    upstream = SSEUpstream(chunk("Hello", "stop") + USAGE, end_when=never)
+    async with upstream as url:
+        config = gateway_config(url, resilience=FAST_RETRIES)
+        streamed = dataclasses.replace(config.upstreams[0], stream_unary_calls=True, timeout_s=0.5)
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=(streamed,)))
+        try:
+            answer = await gateway.stub.Complete(chat("hi"), timeout=8)
+            usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+        finally:
+            never.set()
+    assert answer.content == "Hello"
+    assert answer.metadata.finish_reason == pb.FINISH_REASON_STOP
+    assert (answer.metadata.usage.input_tokens, answer.metadata.usage.output_tokens) == (3, 2)
+    assert (answer.metadata.attempts, upstream.requests) == (1, 1)
     assert (usage.total.requests, usage.total.usage.output_tokens) == (1, 2)
 
 
