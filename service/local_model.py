@@ -34,6 +34,7 @@ from service.config import (
 from service.cpus import usable_cpus
 from service.errors import UpstreamError
 from service.gguf import chat_templates, model_file_problem
+from service.machine_turns import TurnsFile
 from service.upstream.client import answers_http, probe_models
 
 log = logging.getLogger("llm_gateway.local_model")
@@ -322,15 +323,16 @@ class LocalModelState:
     then as long as the last start took to answer), in `time.monotonic()` seconds: one
     clock for every process of the machine, the workers' included.
 
-    `turns_path`: the file whose lock each of the supervisor's workers takes for each call
-    to it, so that they send it one call at a time between them (`service.machine_turns`);
-    None for a server one process alone calls.
+    `turns`: in the state a worker of the supervisor is spawned with, the file whose lock it
+    takes for each call to it, so that the workers send it one call at a time between them
+    (`service.machine_turns`); None in the states sent later, and for a server one process
+    alone calls.
     """
 
     upstream: UpstreamConfig
     is_up: bool
     retry_at: float | None = None
-    turns_path: str | None = None
+    turns: TurnsFile | None = None
 
 
 class LocalModelServer:
@@ -348,11 +350,8 @@ class LocalModelServer:
         python: str = sys.executable,
         on_availability: Callable[[LocalModelState], Awaitable[None]] | None = None,
         withheld_env: Collection[str] = (),
-        turns_path: Path | None = None,
     ) -> None:
         self.config = config
-        # Where the processes calling it take turns (`LocalModelState.turns_path`).
-        self._turns_path = None if turns_path is None else str(turns_path)
         self._python = python
         # Variables holding the gateway's secrets (`GatewayConfig.secret_variables`).
         self._withheld_env = frozenset(withheld_env)
@@ -404,9 +403,7 @@ class LocalModelServer:
     def state(self) -> LocalModelState:
         """Where the server listens now, with its key, and whether it answers."""
         retry_at = None if self.is_up else self._retry_at
-        return LocalModelState(
-            self.upstream_config(), is_up=self.is_up, retry_at=retry_at, turns_path=self._turns_path
-        )
+        return LocalModelState(self.upstream_config(), is_up=self.is_up, retry_at=retry_at)
 
     def _command(self, model_path: Path) -> list[str]:
         threads = self.config.threads or usable_cpus()

@@ -4,9 +4,9 @@ llama-cpp-python's server generates one answer at a time, and each worker's limi
 one call at a time go to it (`max_concurrency: 1`): N workers sent it up to N at once. It
 queued them itself, first come first served, their wait counted as the model's time
 (against its 300 s timeout) rather than as `queued`, and a cancelled one was not let go
-while it waited there. So a call to it also takes the machine's turn: an exclusive
-`flock` on a file the supervisor made (`LocalModelState.turns_path`), which the kernel lets
-go when its holder dies, so a worker killed mid-call never keeps it.
+while it waited there. So a call to it also takes the machine's turn: an exclusive lock on
+a file the supervisor made (`TurnsFile`), which the kernel lets go when its holder dies, so
+a worker killed mid-call never keeps it.
 
 A waiting worker asks again every `_POLL_S`; one that just gave the turn up waits that long
 before taking it again, so that a worker whose own line is long hands it on to the others
@@ -16,10 +16,14 @@ that has waited is only likelier to be next.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import math
 import os
-from pathlib import Path
+import tempfile
+from multiprocessing import reduction
+from multiprocessing.context import get_spawning_popen
+from typing import Any
 
 from service.clock import SYSTEM_CLOCK, Clock
 from service.errors import ShuttingDown
@@ -29,11 +33,52 @@ _POLL_S = 0.01
 _CONCURRENCY = "concurrency"
 
 
+class TurnsFile:
+    """The open file whose lock the workers take turns by.
+
+    The supervisor makes it and removes its name at once: a name in the temporary directory
+    could be cleaned away under a long-running gateway (systemd-tmpfiles, tmpreaper), and a
+    worker started after that in a dead one's place could not open it (a new file of that
+    name would be a lock the other workers do not take); nor is one left behind by a
+    supervisor killed outright. Each worker is given the open file as it is spawned (its
+    descriptor passed to it: `__reduce__`), so all of them share it: they lock it with POSIX
+    record locks, held per process, where a `flock`, held per open file, would let every
+    worker take it at once.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def create(cls) -> TurnsFile:
+        """A new empty file, the supervisor's user's alone, with no name."""
+        fd, name = tempfile.mkstemp(prefix="llm-gateway-local-turns-")
+        os.unlink(name)
+        return cls(fd)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        if get_spawning_popen() is None:
+            # Sent down a pipe it would open a descriptor in the worker at each message.
+            raise TypeError("a TurnsFile goes to a worker only in its spawn arguments")
+        return _received, (reduction.DupFd(self.fd),)
+
+    def close(self) -> None:
+        """Close this process's descriptor of it."""
+        os.close(self.fd)
+
+
+def _received(duplicate: Any) -> TurnsFile:
+    """The `TurnsFile` a spawned worker was given: its descriptor, not passed on further."""
+    fd = duplicate.detach()
+    os.set_inheritable(fd, False)
+    return TurnsFile(fd)
+
+
 class MachineTurns:
     """One process's hold on the turn every process of the machine takes, one at a time."""
 
-    def __init__(self, path: Path, *, clock: Clock = SYSTEM_CLOCK) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    def __init__(self, turns: TurnsFile, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._fd = turns.fd
         self._clock = clock
         self._given_at = -math.inf
         self.is_held = False
@@ -43,21 +88,23 @@ class MachineTurns:
         if self._clock.now() - self._given_at < _POLL_S:
             return False  # the others' turn first
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):  # another process holds it
+                return False
+            raise
         self.is_held = True
         return True
 
     def give(self) -> None:
         """Let the turn go, if held."""
         if self.is_held:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
             self.is_held = False
             self._given_at = self._clock.now()
 
     def close(self) -> None:
-        """Let the turn go and close the file."""
+        """Let the turn go and close the file (this process's descriptor of it)."""
         self.give()
         os.close(self._fd)
 
@@ -103,4 +150,4 @@ class MachineTurnLimiter(UpstreamLimiter):
         super().release()
 
 
-__all__ = ["MachineTurnLimiter", "MachineTurns"]
+__all__ = ["MachineTurnLimiter", "MachineTurns", "TurnsFile"]

@@ -13,7 +13,6 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -208,9 +207,9 @@ class GatewayServer:
         """The turn the local model's calls take with the other workers of the machine,
         when its supervisor runs it for several (`service.machine_turns`)."""
         state = self._local_model_state
-        if state is None or state.turns_path is None:
+        if state is None or state.turns is None:
             return {}
-        turns = MachineTurns(Path(state.turns_path))
+        turns = MachineTurns(state.turns)
         self._stack.callback(turns.close)
         return {LOCAL_UPSTREAM: turns}
 

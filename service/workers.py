@@ -33,12 +33,10 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import Any, TypeVar
 
 from service import early_signals
@@ -47,6 +45,7 @@ from service.config import ConfigError, GatewayConfig, host_and_port
 from service.cpus import usable_cpus
 from service.hosts import ListenError
 from service.local_model import LocalModelServer, LocalModelState
+from service.machine_turns import TurnsFile
 from service.telemetry.setup import (
     DEFAULT_PROMETHEUS_PORT,
     is_off,
@@ -539,7 +538,20 @@ class _Worker:
     deaths: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
 
 
-def _start(worker: _Worker, log_level: str, local_model: LocalModelServer | None) -> _Run:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _LocalModel:
+    """The local model the supervisor runs, and the file its workers take turns by."""
+
+    server: LocalModelServer
+    turns: TurnsFile
+
+    def state_at_spawn(self) -> LocalModelState:
+        """Its state now, with the turns file: what a worker is spawned with (the states
+        sent later carry none: `TurnsFile` goes to a worker only as it is spawned)."""
+        return dataclasses.replace(self.server.state(), turns=self.turns)
+
+
+def _start(worker: _Worker, log_level: str, local_model: _LocalModel | None) -> _Run:
     """A process of `worker` started with its config and index (and `local_model`'s state
     now, then a pipe for its changes), its exit watched on the loop.
 
@@ -552,7 +564,7 @@ def _start(worker: _Worker, log_level: str, local_model: LocalModelServer | None
     if local_model is not None:
         # In the arguments, not on the command line: they carry the local model's key.
         updates, sender = _SPAWN.Pipe(duplex=False)
-        args = (*args, (local_model.state(), updates))
+        args = (*args, (local_model.state_at_spawn(), updates))
     beats, beats_sender = _SPAWN.Pipe(duplex=False)
     process: BaseProcess = _SPAWN.Process(
         target=_worker_main, args=args, kwargs={"index": worker.index, "beats": beats_sender}
@@ -649,7 +661,7 @@ def _a_crash_loop(worker: _Worker, now: float, *, forget: bool) -> bool:
 
 
 async def _keep(
-    worker: _Worker, run: _Run, log_level: str, local_model: LocalModelServer | None
+    worker: _Worker, run: _Run, log_level: str, local_model: _LocalModel | None
 ) -> None:
     """Start `worker` again each time it dies, after a back-off; return once it dies
     _CRASH_LOOP_DEATHS times within _CRASH_LOOP_WINDOW_S (a crash loop).
@@ -743,7 +755,7 @@ async def _keep_serving(
     workers: list[_Worker],
     log_level: str,
     stopping: asyncio.Event,
-    local_model: LocalModelServer | None,
+    local_model: _LocalModel | None,
 ) -> None:
     """Restart the workers that die until a stop, or until one of them crash-loops."""
     keepers = [
@@ -758,16 +770,6 @@ async def _keep_serving(
         for task in (*keepers, stop):
             task.cancel()
         await asyncio.gather(*keepers, stop, return_exceptions=True)
-
-
-def _turns_file(stack: contextlib.AsyncExitStack) -> Path:
-    """A new empty file, the supervisor's user's alone, removed as `stack` closes: where the
-    workers take turns calling the local model (`service.machine_turns`)."""
-    fd, name = tempfile.mkstemp(prefix="llm-gateway-local-turns-")
-    os.close(fd)
-    path = Path(name)
-    stack.callback(path.unlink, missing_ok=True)
-    return path
 
 
 async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
@@ -802,18 +804,21 @@ async def _supervise(configs: list[GatewayConfig], log_level: str) -> int:
         ]
         local = None
         if config.wants_local_model:
+            # Where the workers take turns calling it (`service.machine_turns`).
+            turns = TurnsFile.create()
+            stack.callback(turns.close)
             starting = stack.enter_async_context(
                 LocalModelServer(
                     config.local_model,
                     on_availability=functools.partial(_tell_workers, workers),
                     withheld_env=config.secret_variables,
-                    turns_path=_turns_file(stack),
                 )
             )
-            local = await _unless_stopped(starting, stopping)
-            if local is None:  # it can take local_model.startup_timeout_s to answer
+            running = await _unless_stopped(starting, stopping)
+            if running is None:  # it can take local_model.startup_timeout_s to answer
                 log.info("workers.stopped_while_starting")
                 return 0
+            local = _LocalModel(running, turns)
             # It runs here, and the workers follow it (`_tell_workers`): none runs its own.
             not_theirs = dataclasses.replace(config.local_model, enabled="never")
             for worker in workers:

@@ -1352,30 +1352,13 @@ async def test_the_workers_send_the_local_model_one_call_at_a_time_between_them(
     Before, each worker sent it one call at a time of its own: two at once, the second
     queued in llama.cpp, its wait counted as the model's time."""
     local = _HeldLocalModel(tmp_path)
-    overlapped = tmp_path / "overlapped"
-    stand_in = tmp_path / "python"
-    script = stand_in.read_text().replace("class OpenAI", "busy = []\nclass OpenAI", 1)
-    answering = (
-        "        busy.append(1)\n"
-        f"        if len(busy) > 1: open({str(overlapped)!r}, 'w').close()\n"
-        "        time.sleep(0.2)\n        busy.pop()\n"
-    )
-    stand_in.write_text(script.replace("        time.sleep(0.0)\n", answering, 1))
+    overlapped = _marking_overlaps(tmp_path)
     args = ("--config", str(local.config(tmp_path)), "--workers", "2")
     async with _serve_logged(*args, setup=local.setup) as (process, log):
         try:
             address = await _listening(process)
             ports = await _metrics_ports(log, 2)
-            options = [("grpc.use_local_subchannel_pool", 1)]  # a connection each
-            channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(12)]
-            try:
-                calls = (
-                    pb_grpc.CompletionServiceStub(c).Complete(_local_call(), timeout=_HANG_GUARD_S)
-                    for c in channels
-                )
-                replies = await asyncio.gather(*calls)
-            finally:
-                await asyncio.gather(*(c.close() for c in channels))
+            replies = await _at_once(address, 12)
             answered = [await _calls_answered(port) for port in ports]
             process.send_signal(signal.SIGTERM)
             async with asyncio.timeout(_HANG_GUARD_S):
@@ -1385,4 +1368,80 @@ async def test_the_workers_send_the_local_model_one_call_at_a_time_between_them(
     assert [r.content for r in replies] == ["hi"] * 12
     assert all(answered), answered  # both workers had calls (12 connections, kernel-spread)
     assert not overlapped.exists()
+    assert (code, alive) == (0, [])
+
+
+def _marking_overlaps(tmp_path: Path) -> Path:
+    """Make `_HeldLocalModel`'s stand-in take 0.2 s an answer and write the file returned
+    should it ever be answering two calls at once."""
+    overlapped = tmp_path / "overlapped"
+    stand_in = tmp_path / "python"
+    script = stand_in.read_text().replace("class OpenAI", "busy = []\nclass OpenAI", 1)
+    answering = (
+        "        busy.append(1)\n"
+        f"        if len(busy) > 1: open({str(overlapped)!r}, 'w').close()\n"
+        "        time.sleep(0.2)\n        busy.pop()\n"
+    )
+    stand_in.write_text(script.replace("        time.sleep(0.0)\n", answering, 1))
+    return overlapped
+
+
+async def _at_once(address: str, count: int) -> list[pb.CompleteResponse]:
+    """`count` calls to the local model at once, each on a connection of its own (so the
+    kernel spreads them over the workers)."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
+    try:
+        calls = (
+            pb_grpc.CompletionServiceStub(c).Complete(_local_call(), timeout=_HANG_GUARD_S)
+            for c in channels
+        )
+        return list(await asyncio.gather(*calls))
+    finally:
+        await asyncio.gather(*(c.close() for c in channels))
+
+
+async def test_a_replacement_worker_takes_turns_with_the_others_once_tmp_was_cleaned(
+    tmp_path: Path,
+) -> None:
+    """A worker started in a dead one's place, after a cleaner of /tmp (systemd-tmpfiles,
+    tmpreaper) removed the files there, serves the local model and takes turns calling it
+    with the other worker, one call at a time between them.
+
+    Before, each worker opened a file by its name in the temporary directory to take its
+    turns: the replacement found none, failed its start and was restarted until the
+    gateway stopped as a crash loop (and a new file of that name would have been a lock
+    that the other workers did not take)."""
+    local = _HeldLocalModel(tmp_path)
+    overlapped = _marking_overlaps(tmp_path)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    setup = f"{local.setup}import tempfile\ntempfile.tempdir = {str(tmp)!r}\n"
+    args = ("--config", str(local.config(tmp_path)), "--workers", "2")
+    async with _serve_logged(*args, constants=_SHORT_BACK_OFF, setup=setup) as (process, log):
+        workers: list[int] = []
+        try:
+            address = await _listening(process)
+            await _metrics_ports(log, 2)
+            workers = sorted(_worker_pids(process.pid))
+            for cleaned in tmp.iterdir():
+                cleaned.unlink()
+            os.kill(workers[0], signal.SIGKILL)
+            await log.nth("workers.worker_restarted")
+            ports = await _metrics_ports(log, 3)
+            serving = [p for p in ports if await _calls_answered(p) is not None]
+            replies = await _at_once(address, 12)
+            answered = [await _calls_answered(port) for port in serving]
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                code = await process.wait()
+        finally:
+            started = [start.pid for start in local.starts]
+            restarted = [_pid(line) for line in log.events("workers.worker_restarted")]
+            alive = _killed_if_running((*started, *workers, *restarted))
+    assert len(serving) == 2
+    assert [r.content for r in replies] == ["hi"] * 12
+    assert all(answered), answered  # the replacement had calls too
+    assert not overlapped.exists()
+    assert not list(tmp.iterdir())
     assert (code, alive) == (0, [])

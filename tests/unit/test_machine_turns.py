@@ -1,61 +1,121 @@
-"""`MachineTurnLimiter`: calls of several processes (here: limiters on files opened apart,
-as each worker opens it) take the machine's one turn, one at a time."""
+"""`MachineTurnLimiter`: calls of several processes take the machine's one turn, one at a
+time. The other process is a worker spawned as the supervisor spawns them: given the same
+open `TurnsFile`, which has no name."""
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+import contextlib
+import multiprocessing
+import pickle
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
 
 import pytest
 
 from service.clock import SYSTEM_CLOCK
 from service.limits import LimitExceeded
-from service.machine_turns import MachineTurnLimiter, MachineTurns
+from service.machine_turns import MachineTurnLimiter, MachineTurns, TurnsFile
+
+_SPAWN = multiprocessing.get_context("spawn")
 
 
-def _limiters(path: Path, count: int) -> list[MachineTurnLimiter]:
-    path.touch()
-    return [
-        MachineTurnLimiter("local", MachineTurns(path), max_concurrency=1, clock=SYSTEM_CLOCK)
-        for _ in range(count)
-    ]
+def _other_worker(turns: TurnsFile, orders: Connection) -> None:
+    """Another worker of the machine: takes the turn (asking again until it comes, as a
+    worker does) or gives it, as told, and says when it has."""
+    held = MachineTurns(turns)
+    while (order := orders.recv()) != "stop":
+        if order == "take" and not held.try_take():
+            orders.send("waiting")
+            while not held.try_take():
+                time.sleep(0.005)
+        elif order == "give":
+            held.give()
+        orders.send(order)
 
 
-async def test_a_call_waits_for_the_turn_another_process_holds(tmp_path: Path) -> None:
-    """A second worker's call starts only once the first one's call has ended."""
-    first, second = _limiters(tmp_path / "turns", 2)
-    await first.acquire(tokens=1, max_wait_s=5)
-    waiting = asyncio.ensure_future(second.acquire(tokens=1, max_wait_s=5))
-    await asyncio.sleep(0.05)
-    assert not waiting.done()
-    first.release()
-    await waiting
-    assert (first.in_flight, second.in_flight) == (0, 1)
+@contextlib.contextmanager
+def _another_worker(turns: TurnsFile) -> Iterator[Connection]:
+    """A process spawned with `turns`, as a worker is; the pipe taking its orders."""
+    orders, theirs = _SPAWN.Pipe()
+    process = _SPAWN.Process(target=_other_worker, args=(turns, theirs))
+    process.start()
+    theirs.close()
+    try:
+        yield orders
+    finally:
+        orders.send("stop")
+        process.join(10)
 
 
-async def test_the_turn_goes_to_the_other_process_first(tmp_path: Path) -> None:
+async def _reply(orders: Connection) -> object:
+    """What the other worker says next (None if nothing within 10 s)."""
+    return await asyncio.to_thread(lambda: orders.recv() if orders.poll(10) else None)
+
+
+async def _told(orders: Connection, order: str) -> None:
+    orders.send(order)
+    assert await _reply(orders) == order
+
+
+@pytest.fixture
+def turns() -> Iterator[TurnsFile]:
+    made = TurnsFile.create()
+    yield made
+    made.close()
+
+
+def _limiter(turns: TurnsFile) -> MachineTurnLimiter:
+    return MachineTurnLimiter("local", MachineTurns(turns), max_concurrency=1, clock=SYSTEM_CLOCK)
+
+
+async def test_a_call_waits_for_the_turn_another_process_holds(turns: TurnsFile) -> None:
+    """A worker's call starts only once another worker's call has ended, though both
+    share one open file (a lock held per open file, as `flock`'s, would let both in)."""
+    limiter = _limiter(turns)
+    with _another_worker(turns) as other:
+        await _told(other, "take")
+        waiting = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=5))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await _told(other, "give")
+        await waiting
+    assert limiter.in_flight == 1
+
+
+async def test_the_turn_goes_to_the_other_process_first(turns: TurnsFile) -> None:
     """A worker that gives the turn up while another waits does not take it back first,
     however long its own line."""
-    first, second = _limiters(tmp_path / "turns", 2)
-    await first.acquire(tokens=1, max_wait_s=5)
-    waiting = asyncio.ensure_future(second.acquire(tokens=1, max_wait_s=5))
-    await asyncio.sleep(0.05)
-    first.release()
-    again = asyncio.ensure_future(first.acquire(tokens=1, max_wait_s=5))
-    done, _ = await asyncio.wait([waiting, again], return_when=asyncio.FIRST_COMPLETED)
-    assert done == {waiting}
-    second.release()
-    await again
+    limiter = _limiter(turns)
+    with _another_worker(turns) as other:
+        await limiter.acquire(tokens=1, max_wait_s=5)
+        other.send("take")
+        assert await _reply(other) == "waiting"
+        limiter.release()
+        again = asyncio.ensure_future(limiter.acquire(tokens=1, max_wait_s=5))
+        assert await _reply(other) == "take"
+        assert not again.done()
+        await _told(other, "give")
+        await again
 
 
 async def test_a_turn_that_does_not_come_in_time_is_refused_and_frees_the_slot(
-    tmp_path: Path,
+    turns: TurnsFile,
 ) -> None:
     """Past `max_wait_s`, `LimitExceeded` (replica-local), its process's slot given back."""
-    first, second = _limiters(tmp_path / "turns", 2)
-    await first.acquire(tokens=1, max_wait_s=5)
-    with pytest.raises(LimitExceeded) as refused:
-        await second.acquire(tokens=1, max_wait_s=0.05)
+    limiter = _limiter(turns)
+    with _another_worker(turns) as other:
+        await _told(other, "take")
+        with pytest.raises(LimitExceeded) as refused:
+            await limiter.acquire(tokens=1, max_wait_s=0.05)
     assert refused.value.is_replica_local
     assert refused.value.is_waited_out  # the pool's DEADLINE_EXCEEDED when a deadline bound it
-    assert second.in_flight == 0
+    assert limiter.in_flight == 0
+
+
+def test_a_turns_file_goes_to_a_worker_only_as_it_is_spawned(turns: TurnsFile) -> None:
+    """Sent down a pipe (a state the supervisor sends later), it would open a descriptor
+    in the worker at each message: refused, not leaked."""
+    with pytest.raises(TypeError):
+        pickle.dumps(turns)
