@@ -924,6 +924,7 @@ class UpstreamPool:
                 # shorter than the cool-down its failure opened sent the retry into the
                 # gateway's own refusal ("circuit open").
                 last_error.defer_retry_after(min(map(self._shut_for_s, candidates)))
+                last_error.shut_for_s = self._every_shut_for_s(open_routes)
             last_error.restarting = _restarting(plan)
             return last_error
         why_left_out = dict(plan.excluded)
@@ -959,7 +960,17 @@ class UpstreamPool:
             retry_after_s=min(retry_delays) if retry_delays else None,
         )
         error.restarting = _restarting(plan)
+        error.shut_for_s = self._every_shut_for_s(
+            [r.client.name for r in plan.order if r.client.name not in set_aside]
+        )
         return error
+
+    def _every_shut_for_s(self, upstreams: Sequence[str]) -> float | None:
+        """Seconds until the first of `upstreams` takes a call again, when none takes one
+        now (each open, probing or restarting: `_shut_for_s`); None when one does, or for
+        an upstream kept off for another reason (down with no restart due, its limits)."""
+        shut_s = min(map(self._shut_for_s, upstreams), default=0.0)
+        return shut_s if shut_s > 0 else None
 
     def _why_breaker_refuses(self, upstream: str) -> str | None:
         """Why `upstream`'s breaker lets no call through now; None when it lets one."""
