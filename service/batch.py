@@ -31,7 +31,7 @@ from service.errors import (
 )
 from service.ledger import PICO, to_pico
 from service.pipeline import Pipeline, PreparedRequest, TakenTurn
-from service.retry import restart_wait_s, says_why
+from service.retry import reopen_wait_s, says_why
 from service.validation import CALLER_ID_RULE, chat_request_violations, is_caller_id
 
 _MS = 1000.0
@@ -237,9 +237,11 @@ async def _complete_item(
     pipeline: Pipeline, request: ChatRequest, *, deadline: Deadline, waiting_since: float
 ) -> Completion:
     """One item's completion. An item refused as its upstream restarts (the local model,
-    dead under it or before it) tries again once the restart should answer, as a
-    Summarize part does: once per restart, within the deadline and `resilience.attempts`
-    tries, else it fails with the last failure that says why (`says_why`).
+    dead under it or before it), or failed with every upstream of its model kept off by
+    its breaker (open, or its probe running), tries again once the restart should answer
+    or the first breaker lets a call through (`reopen_wait_s`), as a Summarize part does:
+    within the deadline and `resilience.attempts` tries, else it fails with the last
+    failure that says why (`says_why`).
 
     Raises:
         ShuttingDown: the server began stopping while the item waited its turn or for
@@ -269,7 +271,7 @@ async def _complete_item(
             failures.extend(exc.attempt_failures)
             waited_after = exc
             was_sent = was_sent or not exc.is_unsent
-            wait_s = restart_wait_s(exc)
+            wait_s = reopen_wait_s(exc)
             left = deadline.remaining_s()
             if wait_s is None or attempt == attempts or (left is not None and left <= wait_s):
                 failure = exc if telling is None else telling

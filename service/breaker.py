@@ -3,7 +3,10 @@
 Closed lets every call through and counts failures. Too many consecutive failures, or
 a failure ratio over a sliding window (once enough calls were seen), opens it: calls
 skip the upstream until the cool-down passes. Then it is half-open and lets exactly one
-probe through; the probe's success closes it, its failure opens it again.
+probe through; the probe's success closes it, its failure opens it again. A probe still
+running a cool-down after it was sent (an upstream that takes the request and hangs, up
+to its `timeout_s`) lets one more through: a hung probe does not keep every call off a
+mended upstream for minutes, and the upstream still gets one new call per cool-down.
 
 A rejected key (401/403) or account (402) opens it at once for a longer cool-down:
 retrying a bad key in a loop only burns quota and fills logs. Whether it is open for a
@@ -86,9 +89,13 @@ class CircuitBreaker:
         self._consecutive = 0
         self._outcomes: deque[tuple[float, bool]] = deque()  # (when, failed)
         self._probe_in_flight = False
+        self._probe_sent_at = 0.0
         self.is_key_rejected = False
-        # Times opened: a probe belongs to the half-open that follows one of them.
+        # Times opened, and probes sent after one that ran a cool-down: a probe is the
+        # current one while it is `episode`; one numbered from `_opening` on, a probe of
+        # the current half-open, overtaken or not, whose answer shows the upstream back.
         self.episode = 0
+        self._opening = 0
         # Reads the state when the cool-down ends, so that it turns half-open then (and
         # its hook tells the gauge) rather than at the next call: an idle upstream's
         # breaker read "open" on dashboards long after it would let a probe through.
@@ -110,6 +117,13 @@ class CircuitBreaker:
             return None
         return max(0.0, self._opened_at + self._cool_down_s - self._clock.now())
 
+    def probe_due_s(self) -> float | None:
+        """Seconds until a half-open breaker whose probe is running lets another through,
+        should that probe not have answered by then (None when no probe holds it)."""
+        if self.state is not BreakerState.HALF_OPEN or not self._probe_in_flight:
+            return None
+        return max(0.0, self._probe_sent_at + self.settings.cool_down_s - self._clock.now())
+
     def allows(self) -> bool:
         """Whether a call may be sent now (without claiming the half-open probe)."""
         if self._state is BreakerState.CLOSED:  # the usual answer; only OPEN changes as read
@@ -117,17 +131,28 @@ class CircuitBreaker:
         state = self.state
         if state is BreakerState.CLOSED:
             return True
-        return state is BreakerState.HALF_OPEN and not self._probe_in_flight
+        return state is BreakerState.HALF_OPEN and (
+            not self._probe_in_flight or self._is_probe_overdue()
+        )
 
     def acquire(self) -> bool:
-        """Claim permission for one call; in half-open, only one probe at a time."""
+        """Claim permission for one call; in half-open, only one probe at a time (another
+        once the running one has gone a cool-down without an answer)."""
         if self._state is BreakerState.CLOSED:
             return True
         if not self.allows():
             return False
         if self._state is BreakerState.HALF_OPEN:
+            if self._probe_in_flight:
+                # Overtaken: its end frees nothing, its failure leaves the decision to the
+                # new probe; its success still closes the breaker (`record_success`).
+                self.episode += 1
             self._probe_in_flight = True
+            self._probe_sent_at = self._clock.now()
         return True
+
+    def _is_probe_overdue(self) -> bool:
+        return self._clock.now() - self._probe_sent_at >= self.settings.cool_down_s
 
     def release(self, *, probe: int | None) -> None:
         """A claimed call ended without an outcome that says anything about health.
@@ -143,13 +168,14 @@ class CircuitBreaker:
     def record_success(self, *, probe: int | None = None) -> None:
         """The upstream answered; `probe` as `release`'s."""
         if self._state is not BreakerState.CLOSED and (
-            probe != self.episode or self.state is BreakerState.OPEN
+            probe is None or probe < self._opening or self.state is BreakerState.OPEN
         ):
-            # A call sent before the breaker opened (the probe alone is sent while it is
+            # A call sent before the breaker opened (the probes alone are sent while it is
             # not closed): its answer is older news than the failures that opened it, so
             # the cool-down stands, and half-open the probe decides; closed by it, every
             # call went on beside the probe. (Closed, the usual case, is known without
-            # the state property.)
+            # the state property.) A probe overtaken by a later one still closes it: with
+            # answers slower than the cool-down, each probe is overtaken before it answers.
             return
         self._probe_in_flight = False
         self._consecutive = 0
@@ -213,6 +239,7 @@ class CircuitBreaker:
 
     def _open(self, cool_down_s: float, reason: str) -> None:
         self.episode += 1
+        self._opening = self.episode
         self._opened_at = self._clock.now()
         self._cool_down_s = cool_down_s
         self._move(BreakerState.OPEN, reason)

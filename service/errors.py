@@ -387,6 +387,10 @@ class UpstreamError(GatewayError):
         # The upstreams (comma-separated) the call skipped for being down until a restart
         # answers (the local model's): the caller's retry waits for that restart.
         self.restarting = ""
+        # Seconds until one of the model's upstreams takes a call again, set by the pool
+        # when the call ended with none that would (open breakers, a probe running, a
+        # restart): what a call the gateway tries again itself waits (`retry.reopen_wait_s`).
+        self.shut_for_s: float | None = None
 
     @property
     def retry_after_s(self) -> float | None:

@@ -385,6 +385,18 @@ def _restarting(plan: _CallPlan) -> str:
     return ",".join(name for name, why in plan.excluded.items() if why == RESTARTING)
 
 
+def _breaker_wait_s(breaker: CircuitBreaker) -> float | None:
+    """Seconds until `breaker` lets a call through: an open one's cool-down, or while its
+    probe runs, until that probe may be overtaken (it has answered by then, or hangs);
+    None when it lets one now or nothing is known.
+
+    Not the first backoff while a probe runs: a probe that hangs holds the breaker
+    half-open up to its upstream's `timeout_s` (minutes), and callers told to come back
+    after a backoff hammered the gateway all that while."""
+    cool_down = breaker.retry_after_s()
+    return cool_down if cool_down is not None else breaker.probe_due_s()
+
+
 def _sooner_limit(last_error: UpstreamError | None, exc: LimitExceeded) -> UpstreamError:
     """What a call skipping a route for the gateway's own limit (`exc`) ends with, should
     no attempt follow: an upstream's own failure, else the limit that frees first, so that
@@ -912,6 +924,7 @@ class UpstreamPool:
                 # shorter than the cool-down its failure opened sent the retry into the
                 # gateway's own refusal ("circuit open").
                 last_error.defer_retry_after(min(map(self._shut_for_s, candidates)))
+                last_error.shut_for_s = self._every_shut_for_s(open_routes)
             last_error.restarting = _restarting(plan)
             return last_error
         why_left_out = dict(plan.excluded)
@@ -930,11 +943,11 @@ class UpstreamPool:
                 "account; an operator must mend it",
                 upstream=names,
             )
-        # The caller's retry is for the others: a rejected key's cool-down is not its wait,
-        # and one whose probe is running may be back by the first backoff. One whose breaker
-        # opened as the call waited its turn there (left out as `circuit open`) says when
-        # by its cool-down, as one found open does: left out, every upstream was, and the
-        # caller was told the first backoff while each stayed open for its cool-down.
+        # The caller's retry is for the others: a rejected key's cool-down is not its wait;
+        # one whose probe is running says when by that probe (`_breaker_wait_s`). One whose
+        # breaker opened as the call waited its turn there (left out as `circuit open`) says
+        # when by its cool-down, as one found open does: left out, every upstream was, and
+        # the caller was told the first backoff while each stayed open for its cool-down.
         retry_delays = [
             self._retry_delay_s(r.client.name)
             for r in plan.order
@@ -947,7 +960,17 @@ class UpstreamPool:
             retry_after_s=min(retry_delays) if retry_delays else None,
         )
         error.restarting = _restarting(plan)
+        error.shut_for_s = self._every_shut_for_s(
+            [r.client.name for r in plan.order if r.client.name not in set_aside]
+        )
         return error
+
+    def _every_shut_for_s(self, upstreams: Sequence[str]) -> float | None:
+        """Seconds until the first of `upstreams` takes a call again, when none takes one
+        now (each open, probing or restarting: `_shut_for_s`); None when one does, or for
+        an upstream kept off for another reason (down with no restart due, its limits)."""
+        shut_s = min(map(self._shut_for_s, upstreams), default=0.0)
+        return shut_s if shut_s > 0 else None
 
     def _why_breaker_refuses(self, upstream: str) -> str | None:
         """Why `upstream`'s breaker lets no call through now; None when it lets one."""
@@ -1015,17 +1038,18 @@ class UpstreamPool:
         """Seconds until `upstream` may take a call again: its breaker's cool-down, its
         restart while it is down for one; 0 when it may now."""
         state = self._states.get(upstream)
-        cool_down = state.breaker.retry_after_s() if state is not None else None
+        cool_down = _breaker_wait_s(state.breaker) if state is not None else None
         retry_at = self._down.get(upstream)
         restart_s = retry_at - self._clock.now() if retry_at is not None else 0.0
         return max(cool_down or 0.0, restart_s)
 
     def _retry_delay_s(self, upstream: str) -> float:
         """When a caller may try again after the gateway's own retries failed, if the
-        upstream did not say: once its breaker lets a probe through, else the first backoff;
-        and not before its restart is due to answer, while it is down for one."""
+        upstream did not say: once its breaker lets a probe through (or, while its probe
+        runs, once that has answered or another may go), else the first backoff; and not
+        before its restart is due to answer, while it is down for one."""
         state = self._states.get(upstream)
-        cool_down = state.breaker.retry_after_s() if state is not None else None
+        cool_down = _breaker_wait_s(state.breaker) if state is not None else None
         delay_s = cool_down if cool_down is not None else self.settings.backoff_base_s
         retry_at = self._down.get(upstream)
         if retry_at is not None:

@@ -175,12 +175,23 @@ def restart_wait_s(failure: UpstreamError) -> float | None:
     return None
 
 
+def reopen_wait_s(failure: UpstreamError) -> float | None:
+    """Seconds until an upstream of the call that ended with `failure` takes a call again,
+    when the call found none that would: the restart it met (`restart_wait_s`), or the
+    first of its upstreams' breakers to let a call through (`shut_for_s`); None when
+    neither kept it off every upstream."""
+    restart_s = restart_wait_s(failure)
+    if failure.shut_for_s is None:
+        return restart_s
+    return max(restart_s or 0.0, failure.shut_for_s)
+
+
 def next_try_s(failure: UpstreamError, backoff_s: float) -> float:
     """How long a call the gateway tries again itself (a Summarize part, a batch item)
-    waits before its next try after `failure`: its back-off, or, while its upstream
-    restarts, until the restart should answer, since each try before it is refused at
-    once, unsent."""
-    return max(backoff_s, restart_wait_s(failure) or 0.0)
+    waits before its next try after `failure`: its back-off, or, while its upstreams
+    restart or their breakers keep every call off, until one takes calls again, since
+    each try before that is refused at once, unsent."""
+    return max(backoff_s, reopen_wait_s(failure) or 0.0)
 
 
 def says_why(failure: UpstreamError) -> bool:
@@ -218,6 +229,7 @@ __all__ = [
     "is_failover_only",
     "is_retryable",
     "next_try_s",
+    "reopen_wait_s",
     "restart_wait_s",
     "says_why",
 ]

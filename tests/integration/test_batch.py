@@ -223,6 +223,21 @@ async def test_an_item_whose_turn_comes_after_the_deadline_is_refused_at_once(st
     assert len(fake.requests) == 1
 
 
+async def test_an_item_whose_failure_opened_the_breaker_waits_its_cool_down(start_gateway):
+    """An item's 500 opens its only upstream's breaker: the item tries again once the
+    cool-down lets a probe through, its deadline outlasting it, as it waits for a restart;
+    the probe's answer is its result. Before, it failed with the 500 at once."""
+    async with FakeUpstream(models=(FAKE_MODEL,)) as fake:
+        fake.script(Status(500))
+        # Two tries an item (`resilience.attempts`); the call's own retry is kept off.
+        breaker = {"attempts": 2, "breaker_consecutive_failures": 1, "breaker_cool_down_s": 0.5}
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=breaker))
+        results, summary = await collect(gateway.stub.CompleteBatch(batch("a"), timeout=10))
+    assert (summary.succeeded, summary.failed) == (1, 0)
+    assert results[0].response.content == "Hello from fake"
+    assert len(fake.requests) == 2
+
+
 async def test_items_a_budget_refuses_for_their_siblings_holds_wait_their_turn(
     scripted, start_gateway
 ):

@@ -15,6 +15,7 @@ import email.utils
 import itertools
 import json
 import logging
+import math
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -532,11 +533,24 @@ async def _refused_during_probe(gateway: RunningGateway, probed: Any) -> grpc.ai
     return refused.value
 
 
+def told_to_wait_out_the_probe(error: grpc.aio.AioRpcError, cool_down_s: float) -> float:
+    """The RetryInfo of a call refused while a probe runs: until that probe has answered
+    or another may go (its breaker's cool-down from its start), not the first backoff;
+    the pushback trailer the same. The seconds, for a test to say more."""
+    retry_s = error_details(error)[2]
+    assert retry_s is not None
+    assert FAST_RESILIENCE["backoff_base_s"] < retry_s <= cool_down_s
+    pushback = dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER)
+    assert pushback == str(math.ceil(retry_s * 1000 - 1e-6))
+    return retry_s
+
+
 async def test_a_call_during_a_rejected_keys_probe_is_not_told_to_give_up(start_gateway):
     """Once the key cool-down has passed, the upstream is half-open and its probe may find
     the key mended: a call arriving while the probe runs is no longer one that finds the
-    upstream set aside for its key, so it gets UPSTREAM_UNAVAILABLE with a pushback (it
-    got UPSTREAM_AUTH and -1, "do not retry", though the probe then succeeded)."""
+    upstream set aside for its key, so it gets UPSTREAM_UNAVAILABLE with a pushback until
+    the probe has answered or another may go (it got UPSTREAM_AUTH and -1, "do not retry",
+    though the probe then succeeded)."""
     behaviours = {"bad": Status(401), "probe": Reply(delay_s=1.5)}
     async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
         resilience = {**FAST_RESILIENCE, "attempts": 1, "key_rejected_cool_down_s": 0.4}
@@ -548,7 +562,7 @@ async def test_a_call_during_a_rejected_keys_probe_is_not_told_to_give_up(start_
         error = await _refused_during_probe(gateway, fake)
         assert error.code() is grpc.StatusCode.UNAVAILABLE
         assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
-        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
+        told_to_wait_out_the_probe(error, cool_down_s=15.0)  # breaker_cool_down_s's default
         assert [user_text(r.body) for r in fake.requests] == ["bad", "probe"]
 
 
@@ -595,7 +609,7 @@ async def test_a_rejected_keys_probe_answered_5xx_is_unavailable_not_upstream_au
 async def test_a_key_rejected_beside_a_rejected_keys_probe_leaves_the_retry_open(start_gateway):
     """up0 rejected the key earlier; its cool-down has passed and a probe is finding out
     whether the key was mended. A call that up1 now rejects the key of is told to retry
-    after the backoff, when up0's probe may have closed it, not "do not retry" (-1)."""
+    once up0's probe has answered (or another may go), not "do not retry" (-1)."""
     up0 = {"bad": Status(401), "probe": Reply(delay_s=1.5)}
     up1 = {"another": Status(401)}
     async with (
@@ -614,7 +628,7 @@ async def test_a_key_rejected_beside_a_rejected_keys_probe_leaves_the_retry_open
         assert [user_text(r.body) for r in second.requests] == ["bad", "up1's turn", "another"]
         assert error.code() is grpc.StatusCode.UNAVAILABLE
         assert error_details(error)[1] == "UPSTREAM_AUTH"
-        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
+        told_to_wait_out_the_probe(error, cool_down_s=15.0)  # breaker_cool_down_s's default
 
 
 async def test_a_rejected_key_does_not_push_back_a_retry_past_the_other_upstreams_probe(
@@ -622,9 +636,9 @@ async def test_a_rejected_key_does_not_push_back_a_retry_past_the_other_upstream
 ):
     """One upstream's key is rejected (set aside for its long cool-down), the other is
     half-open with its probe running: the call that finds neither usable is told to come
-    back after the retry backoff, when the probe may have closed the other, not after the
-    rejected key's cool-down (the rejected upstream is set aside)."""
-    behaviours = {"fail": Status(500), "probe": Reply(delay_s=1.5)}
+    back once the probe has answered (or another may go), not after the rejected key's
+    cool-down (the rejected upstream is set aside)."""
+    behaviours = {"fail": Status(500), "probe": Reply(delay_s=2.5)}
     async with (
         FakeUpstream(default=Status(401)) as rejected,
         ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as flaky,
@@ -633,7 +647,7 @@ async def test_a_rejected_key_does_not_push_back_a_retry_past_the_other_upstream
             **FAST_RESILIENCE,
             "attempts": 2,
             "breaker_consecutive_failures": 1,
-            "breaker_cool_down_s": 0.4,
+            "breaker_cool_down_s": 1.0,
             "key_rejected_cool_down_s": 4.0,
         }
         gateway = await start_gateway(
@@ -642,11 +656,11 @@ async def test_a_rejected_key_does_not_push_back_a_retry_past_the_other_upstream
         with pytest.raises(grpc.aio.AioRpcError):
             await gateway.stub.Complete(chat("fail"))  # up0's 500, then up1's 401
         assert (len(flaky.requests), len(rejected.requests)) == (1, 1)
-        await asyncio.sleep(0.45)  # up0 half-open; up1's key cool-down lasts
+        await asyncio.sleep(1.05)  # up0 half-open; up1's key cool-down lasts
         error = await _refused_during_probe(gateway, flaky)
         assert error.code() is grpc.StatusCode.UNAVAILABLE
         assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
-        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
+        told_to_wait_out_the_probe(error, cool_down_s=1.0)
         assert len(rejected.requests) == 1
 
 
@@ -1987,11 +2001,13 @@ async def test_half_open_lets_one_probe_through_while_older_calls_end(start_gate
     The old call's 400 says nothing about the upstream's health; it must not release the
     probe slot of the call that is probing.
     """
-    behaviours = {"old": Status(400, delay_s=2.0), "fail": Status(500), "probe": Reply(delay_s=2.5)}
-    async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
-        gateway, old = await _half_open_beside_an_old_call(start_gateway, fake, cool_down_s=0.5)
+    behaviours = {"old": Status(400), "fail": Status(500), "probe": Reply()}
+    async with GatedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        fake.release("fail")
+        gateway, old = await _half_open_beside_an_old_call(start_gateway, fake, cool_down_s=1.0)
         probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
         assert await settle(lambda: fake.in_flight == 2)
+        fake.release("old")
         with pytest.raises(grpc.aio.AioRpcError) as rejected:
             await old
         assert rejected.value.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -1999,6 +2015,7 @@ async def test_half_open_lets_one_probe_through_while_older_calls_end(start_gate
             await gateway.stub.Complete(chat("another"))
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
         assert [user_text(r.body) for r in fake.requests] == ["old", "fail", "probe"]
+        fake.release("probe")
         assert (await probe).content == "Hello from fake"
 
 
@@ -2010,22 +2027,25 @@ async def test_a_probe_from_an_earlier_half_open_does_not_free_the_current_probe
     the upstream while it runs.
     """
     behaviours = {
-        "old": Status(401, delay_s=1.0),  # sent closed; fails while the first probe runs
+        "old": Status(401),  # sent closed; fails while the first probe runs
         "fail": Status(500),
-        "probe1": Status(429, delay_s=2.0),
-        "probe2": Reply(delay_s=2.5),
+        "probe1": Status(429),
+        "probe2": Reply(),
     }
-    async with ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+    async with GatedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        fake.release("fail")
         gateway, old = await _half_open_beside_an_old_call(
-            start_gateway, fake, cool_down_s=0.4, key_rejected_cool_down_s=0.4
+            start_gateway, fake, cool_down_s=1.0, key_rejected_cool_down_s=0.4
         )
         probe1 = asyncio.ensure_future(gateway.stub.Complete(chat("probe1")))
         assert await settle(lambda: len(fake.requests) == 3)
+        fake.release("old")
         with pytest.raises(grpc.aio.AioRpcError):
             await old  # its 401 opens the breaker again, probe1 still running
         await asyncio.sleep(0.45)  # half-open again
         probe2 = asyncio.ensure_future(gateway.stub.Complete(chat("probe2")))
         assert await settle(lambda: len(fake.requests) == 4)
+        fake.release("probe1")
         with pytest.raises(grpc.aio.AioRpcError) as limited:
             await probe1
         assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -2034,6 +2054,7 @@ async def test_a_probe_from_an_earlier_half_open_does_not_free_the_current_probe
             await gateway.stub.Complete(chat("another"))
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
         assert [user_text(r.body) for r in fake.requests] == ["old", "fail", "probe1", "probe2"]
+        fake.release("probe2")
         assert (await probe2).content == "Hello from fake"
         models = await gateway.stub.ListModels(pb.ListModelsRequest())
         assert models.models[0].upstreams[0].health == pb.UPSTREAM_HEALTH_HEALTHY
@@ -2125,12 +2146,13 @@ async def test_a_call_sent_before_the_breaker_opened_does_not_close_it_by_succee
         assert [user_text(r.body) for r in fake.requests] == ["old", "fail"]
 
 
-async def test_a_call_finding_one_upstream_open_and_the_other_probing_waits_the_backoff(
+async def test_a_call_finding_one_upstream_open_and_the_other_probing_waits_the_sooner(
     start_gateway,
 ):
-    """up0's breaker is half-open with its probe running, up1's is open for a while yet:
-    the call that finds neither usable is told to come back after the retry backoff, when
-    the probe may have closed up0 (as with up0 alone), not after up1's cool-down."""
+    """up0's breaker is half-open with its probe running, up1's is open for about a second
+    more: the call that finds neither usable is told to come back when up1's cool-down
+    ends, sooner than up0's probe may be overtaken (a cool-down from its start), and not
+    after the retry backoff, as though the probe were sure to have answered by then."""
     behaviours = {"probe": Reply(delay_s=1.5)}
     async with ScriptedUpstream(
         respond=lambda body: behaviours.get(user_text(body)), default=Status(500)
@@ -2153,8 +2175,8 @@ async def test_a_call_finding_one_upstream_open_and_the_other_probing_waits_the_
         error = await _refused_during_probe(gateway, flaky)
         assert error.code() is grpc.StatusCode.UNAVAILABLE
         assert error_details(error)[1] == "UPSTREAM_UNAVAILABLE"
-        assert error_details(error)[2] == pytest.approx(FAST_RESILIENCE["backoff_base_s"])
-        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
+        # up1's cool-down has under a second left; up0's probe window most of 2 s.
+        assert told_to_wait_out_the_probe(error, cool_down_s=2.0) < 1.5
         assert [user_text(r.body) for r in flaky.requests] == ["fail", "fail", "probe"]
 
 
@@ -2163,10 +2185,10 @@ async def test_a_call_that_opens_the_last_usable_breaker_waits_the_earliest_prob
     start_gateway, mode
 ):
     """up1 is half-open with its probe running; a call's 5xx on up0 opens up0's breaker
-    too, leaving no upstream for the call: it is told to come back after the retry
-    backoff, when up1's probe may have closed it, as the next call finding both unusable
-    is, not after up0's cool-down (which it was, as the upstream it tried)."""
-    behaviours = {"fail": Status(500), "probe": Reply(delay_s=1.5)}
+    too, leaving no upstream for the call: it is told to come back once up1's probe has
+    answered or another may go, as the next call finding both unusable is, not after
+    up0's cool-down (which it was, as the upstream it tried), nor after the backoff."""
+    behaviours = {"fail": Status(500), "probe": Reply(delay_s=2.5)}
     async with (
         FakeUpstream() as steady,
         ScriptedUpstream(respond=lambda body: behaviours.get(user_text(body))) as flaky,
@@ -2174,7 +2196,7 @@ async def test_a_call_that_opens_the_last_usable_breaker_waits_the_earliest_prob
         resilience = {
             **FAST_RESILIENCE,
             "breaker_consecutive_failures": 1,
-            "breaker_cool_down_s": 0.4,
+            "breaker_cool_down_s": 1.0,
         }
         gateway = await start_gateway(
             gateway_config(steady.base_url, flaky.base_url, resilience=resilience)
@@ -2182,7 +2204,7 @@ async def test_a_call_that_opens_the_last_usable_breaker_waits_the_earliest_prob
         # Round robin: up0, then up1 (whose 500 opens it; the call fails over to up0).
         assert (await gateway.stub.Complete(chat("first"))).metadata.upstream == "up0"
         assert (await gateway.stub.Complete(chat("fail"))).metadata.upstream == "up0"
-        await asyncio.sleep(0.45)  # up1's cool-down has passed: half-open
+        await asyncio.sleep(1.05)  # up1's cool-down has passed: half-open
         # Round robin again: up0, then up1, whose call is its probe.
         assert (await gateway.stub.Complete(chat("third"))).metadata.upstream == "up0"
         probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
@@ -2197,9 +2219,48 @@ async def test_a_call_that_opens_the_last_usable_breaker_waits_the_earliest_prob
             "up0",
             "1",
         )
-        assert retry_s == pytest.approx(FAST_RESILIENCE["backoff_base_s"])
-        assert dict(error.trailing_metadata()).get(RETRY_PUSHBACK_TRAILER) == "20"
+        # Sooner than up0's whole cool-down: up1's probe was sent before the call.
+        assert told_to_wait_out_the_probe(error, cool_down_s=1.0) == retry_s < 1.0
         assert (await probe).metadata.upstream == "up1"
+
+
+async def test_a_hung_probe_lets_another_through_after_a_cool_down(start_gateway):
+    """The half-open breaker's probe is taken and held by the upstream (the default
+    `timeout_s`: two minutes). A call meanwhile is refused with a RetryInfo that says when
+    the probe will have answered or may be overtaken, not the first backoff (callers
+    retried every backoff for the whole timeout); once the probe has run a cool-down,
+    one more call goes through as a probe, and its answer closes the breaker."""
+    behaviours = {"fail": Status(500), "hung": Reply(), "second": Reply(), "after": Reply()}
+    async with GatedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        for text in ("fail", "second", "after"):
+            fake.release(text)
+        resilience = {
+            **FAST_RESILIENCE,
+            "attempts": 1,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 1.0,
+        }
+        gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
+        breaker = gateway.server.pipeline.pool.state("up0").breaker
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat("fail"))  # opens the breaker
+        assert await settle(lambda: breaker.state is BreakerState.HALF_OPEN)
+        hung = asyncio.ensure_future(gateway.stub.Complete(chat("hung")))
+        assert await settle(lambda: fake.in_flight == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await gateway.stub.Complete(chat("refused"))
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "its probe running" in refused.value.details()
+        told_to_wait_out_the_probe(refused.value, cool_down_s=1.0)
+        assert await settle(breaker.allows)  # the hung probe has run a cool-down
+        second = await gateway.stub.Complete(chat("second"))
+        assert (second.metadata.upstream, second.metadata.attempts) == ("up0", 1)
+        assert breaker.state is BreakerState.CLOSED
+        assert (await gateway.stub.Complete(chat("after"))).metadata.upstream == "up0"
+        assert not hung.done()
+        fake.release("hung")
+        assert (await hung).content == "Hello from fake"
+        assert [user_text(r.body) for r in fake.requests] == ["fail", "hung", "second", "after"]
 
 
 async def test_a_call_retried_past_1024_times_fails_as_its_last_attempt_did(

@@ -723,6 +723,26 @@ async def test_part_that_fails_once_is_retried(recorder, start_gateway):
     assert response.upstream_calls == response.chunks + 1
 
 
+async def test_a_part_whose_failure_opened_the_breaker_waits_its_cool_down(recorder, start_gateway):
+    """A part's 500 opens its only upstream's breaker: its next try waits for the
+    cool-down, its deadline outlasting it, and is sent as the breaker's probe. Before, it
+    came after `retry_backoff_s`, was refused `circuit open` unsent at once, and so was
+    every later try: the summary failed in milliseconds though parts are retried."""
+    answers = iter((Status(500), Reply(content="WHOLE")))
+    recorder.respond = lambda body: next(answers)
+    settings = config(recorder.base_url, upstream_attempts=1, chunk_attempts=3)
+    breaker = {"breaker_consecutive_failures": 1, "breaker_cool_down_s": 0.5}
+    resilience = dataclasses.replace(settings.resilience, **breaker)
+    gateway = await start_gateway(dataclasses.replace(settings, resilience=resilience))
+    response = await gateway.stub.Summarize(
+        pb.SummarizeRequest(model=FAKE_MODEL, document=document(2)), timeout=10
+    )
+    assert (response.summary, response.upstream_calls) == ("WHOLE", 1)
+    assert len(recorder.requests) == 2
+    health = (await gateway.stub.ListModels(pb.ListModelsRequest())).models[0].upstreams[0]
+    assert health.health == pb.UPSTREAM_HEALTH_HEALTHY
+
+
 @pytest.mark.parametrize(
     ("request_", "code", "field"),
     [
@@ -1813,9 +1833,13 @@ async def test_a_part_retried_past_1024_times_fails_naming_its_attempts(recorder
     INTERNAL.
     """
     recorder.respond = lambda body: Status(503)
-    gateway = await start_gateway(
-        config(recorder.base_url, upstream_attempts=1, chunk_attempts=1100, retry_backoff_s=0)
+    settings = config(
+        recorder.base_url, upstream_attempts=1, chunk_attempts=1100, retry_backoff_s=0
     )
+    # A breaker that never opens: open, each next try would wait out its cool-down.
+    never_opens = {"breaker_consecutive_failures": 2000, "breaker_min_calls": 2000}
+    resilience = dataclasses.replace(settings.resilience, **never_opens)
+    gateway = await start_gateway(dataclasses.replace(settings, resilience=resilience))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.stub.Summarize(pb.SummarizeRequest(model=FAKE_MODEL, document=document(2)))
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

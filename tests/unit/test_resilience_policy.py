@@ -245,6 +245,62 @@ def test_breaker_half_open_is_closed_by_its_probe_alone():
     assert breaker.state is BreakerState.CLOSED
 
 
+def _half_open_with_its_probe(clock: FakeClock) -> tuple[CircuitBreaker, int]:
+    """A breaker opened by three failures, half-open, its probe claimed: (it, the probe)."""
+    breaker = _breaker(clock)
+    for _ in range(3):
+        breaker.record_failure()
+    clock.advance(5.0)
+    assert breaker.acquire()
+    return breaker, breaker.episode
+
+
+def test_breaker_probe_running_a_cool_down_lets_one_more_through():
+    """A probe that has not answered a cool-down after it was sent (an upstream that took
+    it and hangs, up to its `timeout_s`) lets one more probe through, and only one; until
+    then, calls are told when that will be, not kept off for the hung probe's timeout."""
+    clock = FakeClock()
+    breaker, _ = _half_open_with_its_probe(clock)
+    assert breaker.probe_due_s() == pytest.approx(5.0)
+    clock.advance(4.9)
+    assert not breaker.allows()
+    assert breaker.probe_due_s() == pytest.approx(0.1)
+    clock.advance(0.1)
+    assert breaker.allows()
+    assert breaker.acquire()
+    assert not breaker.acquire()  # the second probe holds the slot for its own cool-down
+    assert breaker.probe_due_s() == pytest.approx(5.0)
+    assert breaker.state is BreakerState.HALF_OPEN
+
+
+def test_breaker_overtaken_probe_frees_nothing_and_its_failure_leaves_the_decision():
+    """The overtaken probe's end (a 4xx, its caller gone) frees nothing, and its failure
+    (its timeout, at last) leaves the breaker to the probe sent after it."""
+    clock = FakeClock()
+    breaker, hung = _half_open_with_its_probe(clock)
+    clock.advance(5.0)
+    assert breaker.acquire()
+    breaker.release(probe=hung)
+    assert not breaker.acquire()
+    breaker.record_failure(probe=hung)
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert not breaker.acquire()
+    breaker.record_failure(probe=breaker.episode)
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_breaker_overtaken_probe_that_answers_closes_it():
+    """An upstream whose answers take longer than the cool-down has each probe overtaken
+    before it answers: the overtaken probe's success still closes the breaker, else the
+    upstream, healthy, stayed half-open for good."""
+    clock = FakeClock()
+    breaker, slow = _half_open_with_its_probe(clock)
+    clock.advance(5.0)
+    assert breaker.acquire()
+    breaker.record_success(probe=slow)
+    assert breaker.state is BreakerState.CLOSED
+
+
 def test_breaker_opens_on_failure_ratio():
     """Half the calls failing in the window opens it, even without a streak of three."""
     clock = FakeClock()
