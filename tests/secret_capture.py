@@ -7,6 +7,8 @@ its file for every key in `SECRETS` (and those added with `register_secret`); th
 fails if any process found one. Under pytest-xdist each worker greps its own file and
 hands what it found to the controller, which reports and fails the run.
 `tests/test_zz_secret_grep.py` exercises every path a key takes and checks the capture.
+The gateway's loggers are captured from DEBUG up; a test that carries a secret asks for
+`every_logger_at_debug` to have every library's DEBUG lines captured too.
 """
 
 from __future__ import annotations
@@ -90,6 +92,21 @@ def capture_emitted_logs() -> Iterator[Path]:
         root.removeHandler(handler)
         handler.close()
         gateway.setLevel(previous)
+
+
+@pytest.fixture
+def every_logger_at_debug() -> Iterator[None]:
+    """The root logger at DEBUG for this test, so that the capture holds every library's
+    DEBUG lines (urllib3's, redis's, grpc's, OpenTelemetry's), as `serve --log-level
+    DEBUG` writes them: a library that starts logging a header or a URL with a password
+    fails the grep. Only for the tests that carry secrets, to keep the capture small."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
 
 
 _WORKER_LEAKS = pytest.StashKey[list[str]]()
