@@ -141,6 +141,31 @@ def parse_keys_file(
     return tuple(keys)
 
 
+def serves_anonymous_callers(
+    config: AuthConfig, *, tenant_from_cert_subject: bool, requires_client_cert: bool
+) -> bool:
+    """Whether callers without a valid key are served, as the tenant `DEFAULT_TENANT`:
+    under `auth.mode: off`, unless client certificates that must name the tenant identify
+    every caller (one that names none must not fall back to the all-seeing `default`)."""
+    return config.mode == "off" and not (tenant_from_cert_subject and requires_client_cert)
+
+
+def _warn_of_default_tenant_keys(entries: Iterable[str]) -> None:
+    """Log each key entry (`auth.keys[2]`, `PATH:LINE`) naming `DEFAULT_TENANT` where
+    callers without a valid key are served as it."""
+    for entry in entries:
+        log.warning("auth.default_tenant_key", extra={"entry": entry, "tenant": DEFAULT_TENANT})
+
+
+def _keys_file_lines_naming(text: str, tenant: str) -> list[int]:
+    """The numbers of the lines of a parsed keys file that give a key to `tenant`."""
+    return [
+        number
+        for number, raw in enumerate(text.splitlines(), start=1)
+        if raw.split("#", 1)[0].split()[1:] == [tenant]
+    ]
+
+
 def keys_file_line(caller_key: CallerKey) -> str:
     """One line of a keys file."""
     return f"{caller_key.sha256} {caller_key.tenant}\n"
@@ -190,10 +215,12 @@ class FileKeyStore:
         *,
         check_s: float,
         listed: Sequence[CallerKey] = (),
+        warns_of_default_tenant: bool = False,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._path = path
         self._listed = tuple(listed)
+        self._warns_of_default_tenant = warns_of_default_tenant
         self._check_s = check_s
         self._clock = clock
         self._checked_at = -math.inf
@@ -245,6 +272,9 @@ class FileKeyStore:
         self._is_read_in_its_tick = seen_ns - stat.st_mtime_ns < _MTIME_TICK_NS
         if is_new:
             log.info("auth.keys_file_loaded", extra={"path": str(self._path), "keys": len(keys)})
+            if self._warns_of_default_tenant:
+                lines = _keys_file_lines_naming(text, DEFAULT_TENANT)
+                _warn_of_default_tenant_keys(f"{self._path}:{number}" for number in lines)
 
     def _is_held_once(self, seen: tuple[int, int, int]) -> bool:
         """Whether the keys held are kept one check more on finding the file empty or gone
@@ -356,17 +386,30 @@ class RedisKeyStore:
         return tenant
 
 
-def local_key_stores(config: AuthConfig) -> list[KeyStore]:
+def local_key_stores(config: AuthConfig, *, serves_anonymous: bool = False) -> list[KeyStore]:
     """The config's keys, and the keys file if one is named (missing: no keys yet).
+    `serves_anonymous` (`serves_anonymous_callers`): each key entry, there and in every
+    version of the file read, that names `DEFAULT_TENANT` is logged as a warning.
 
     Raises:
         ValueError: the keys file is malformed.
         OSError: the keys file exists but cannot be read.
     """
+    if serves_anonymous:
+        _warn_of_default_tenant_keys(
+            f"auth.keys[{i}]" for i, key in enumerate(config.keys) if key.tenant == DEFAULT_TENANT
+        )
     stores: list[KeyStore] = [StaticKeyStore(config.keys)] if config.keys else []
     if config.keys_file:
         path = Path(config.keys_file).expanduser()
-        stores.append(FileKeyStore(path, check_s=config.keys_file_check_s, listed=config.keys))
+        stores.append(
+            FileKeyStore(
+                path,
+                check_s=config.keys_file_check_s,
+                listed=config.keys,
+                warns_of_default_tenant=serves_anonymous,
+            )
+        )
     return stores
 
 
@@ -470,10 +513,10 @@ class Authenticator:
         requires_client_cert: bool = False,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        # Certificates that must name the tenant identify every caller: one that names
-        # none (no CN) must not fall back to the anonymous, all-seeing `default` tenant.
-        self._is_required = config.mode == "keys" or (
-            tenant_from_cert_subject and requires_client_cert
+        self._is_required = not serves_anonymous_callers(
+            config,
+            tenant_from_cert_subject=tenant_from_cert_subject,
+            requires_client_cert=requires_client_cert,
         )
         self._tenants = tenants
         # Looked up once here, so that each call's lookup stays one dict get.

@@ -15,6 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from service.auth import (
+    DEFAULT_TENANT,
     generate_key,
     hash_key,
     keys_file_line,
@@ -98,12 +99,24 @@ def _redis_failure(exc: BaseException) -> str:
     return f"{type(reply).__name__}: Redis said: {reply}"
 
 
+# Refused whatever `auth.mode` says now: the mode may be set to `off` later (to roll keys
+# out to new callers), and the key would then quietly join the anonymous callers.
+_DEFAULT_TENANT_REFUSAL = (
+    f"tenant {DEFAULT_TENANT!r} is the one callers without a valid key are served as "
+    "under auth.mode: off: its key's holders would share their usage rows, limits and "
+    "budget with those callers; issue the key for another tenant; no key was added"
+)
+
+
 def create_key(auth: AuthConfig, tenant: str) -> tuple[str, str]:
     """Make a key for `tenant`, store its digest; returns (key, where it was stored).
 
     Raises:
-        ValueError: the tenant name is invalid or the config names no key store.
+        ValueError: the tenant name is invalid or `DEFAULT_TENANT`, or the config names
+            no key store.
     """
+    if tenant == DEFAULT_TENANT:
+        raise ValueError(_DEFAULT_TENANT_REFUSAL)
     key = generate_key()
     caller_key = CallerKey(sha256=hash_key(key), tenant=tenant)
     if auth.redis_url:

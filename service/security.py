@@ -20,6 +20,7 @@ from service.auth import (
     RedisKeyStore,
     local_key_stores,
     redis_connection_options,
+    serves_anonymous_callers,
 )
 from service.caller_gate import CallerGate
 from service.config import ConfigError, GatewayConfig, host_and_port
@@ -115,9 +116,9 @@ def check_start_config(config: GatewayConfig) -> None:
     _local_key_stores(config)
 
 
-def _local_key_stores(config: GatewayConfig) -> list[KeyStore]:
+def _local_key_stores(config: GatewayConfig, *, serves_anonymous: bool = False) -> list[KeyStore]:
     try:
-        return local_key_stores(config.auth)
+        return local_key_stores(config.auth, serves_anonymous=serves_anonymous)
     except (OSError, ValueError) as exc:
         raise config.error("auth.keys_file", str(exc)) from None
 
@@ -160,7 +161,13 @@ async def build_caller_gate(
     """The gate for `config`, its keys and tenant limits in `redis` (`open_auth_redis`:
     the clients of `auth.redis_url`, None without it); what it opens is closed by `stack`."""
     auth = config.auth
-    stores = _local_key_stores(config)
+    tls = config.server.tls
+    serves_anonymous = serves_anonymous_callers(
+        auth,
+        tenant_from_cert_subject=tls.tenant_from_cert_subject,
+        requires_client_cert=tls.require_client_cert,
+    )
+    stores = _local_key_stores(config, serves_anonymous=serves_anonymous)
     limiter: TenantLimiter = MemoryTenantLimiter()
     if redis is not None:
         stores.append(
@@ -175,8 +182,8 @@ async def build_caller_gate(
         auth,
         config.tenants,
         stores,
-        tenant_from_cert_subject=config.server.tls.tenant_from_cert_subject,
-        requires_client_cert=config.server.tls.require_client_cert,
+        tenant_from_cert_subject=tls.tenant_from_cert_subject,
+        requires_client_cert=tls.require_client_cert,
     )
     stack.push_async_callback(authenticator.aclose)
     return CallerGate(

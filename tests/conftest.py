@@ -21,6 +21,7 @@ from tests.fake_upstream import FakeUpstream
 from tests.redis_server import limits_redis_url, redis_server  # noqa: F401  (fixtures)
 from tests.secret_capture import (  # noqa: F401  (the secret grep's fixture and hooks)
     capture_emitted_logs,
+    every_logger_at_debug,
     pytest_collection_modifyitems,
     pytest_sessionfinish,
     pytest_testnodedown,

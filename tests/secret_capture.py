@@ -7,6 +7,8 @@ its file for every key in `SECRETS` (and those added with `register_secret`); th
 fails if any process found one. Under pytest-xdist each worker greps its own file and
 hands what it found to the controller, which reports and fails the run.
 `tests/test_zz_secret_grep.py` exercises every path a key takes and checks the capture.
+The gateway's loggers are captured from DEBUG up; a test that carries a secret asks for
+`every_logger_at_debug` to have every library's DEBUG lines captured too.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +75,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: "test_zz_secret_grep" in item.nodeid)
 
 
+def _keeping_capture(
+    configure: Callable[..., None], handler: logging.Handler
+) -> Callable[..., None]:
+    """`configure_logging`, then the capture's handler put back beside the one it sets."""
+
+    def configure_keeping_capture(*args: Any, **kwargs: Any) -> None:
+        configure(*args, **kwargs)
+        logging.getLogger().addHandler(handler)
+
+    return configure_keeping_capture
+
+
 @pytest.fixture(scope="session", autouse=True)
 def capture_emitted_logs() -> Iterator[Path]:
-    """Write every record of the gateway's loggers (DEBUG and up) to `EMITTED_PATH`."""
+    """Write every record of the gateway's loggers (DEBUG and up) to `EMITTED_PATH`.
+
+    `serve` run in the test process (`main(["serve", ...])`) sets the root logger's
+    handlers to its own alone: the capture's handler is put back each time, else the
+    grep saw nothing the process logged from then on."""
+    import service.logs
+    import service.main
+
     handler = logging.FileHandler(EMITTED_PATH, encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(_EverythingFormatter())
     handler.setLevel(logging.DEBUG)
@@ -84,12 +105,32 @@ def capture_emitted_logs() -> Iterator[Path]:
     previous = gateway.level
     gateway.setLevel(logging.DEBUG)
     root.addHandler(handler)
+    configure = service.logs.configure_logging
+    service.logs.configure_logging = service.main.configure_logging = _keeping_capture(
+        configure, handler
+    )
     try:
         yield EMITTED_PATH
     finally:
+        service.logs.configure_logging = service.main.configure_logging = configure
         root.removeHandler(handler)
         handler.close()
         gateway.setLevel(previous)
+
+
+@pytest.fixture
+def every_logger_at_debug() -> Iterator[None]:
+    """The root logger at DEBUG for this test, so that the capture holds every library's
+    DEBUG lines (urllib3's, redis's, grpc's, OpenTelemetry's), as `serve --log-level
+    DEBUG` writes them: a library that starts logging a header or a URL with a password
+    fails the grep. Only for the tests that carry secrets, to keep the capture small."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
 
 
 _WORKER_LEAKS = pytest.StashKey[list[str]]()

@@ -12,6 +12,7 @@ covers the other workers' tests too.
 from __future__ import annotations
 
 import json
+import re
 
 import grpc
 
@@ -59,8 +60,9 @@ async def _exercise_every_key_path(start_gateway, captured: Captured) -> None:
         assert rejecting.requests[0].headers["authorization"] == f"Bearer {PROVIDER_KEY}"
 
 
-async def test_no_key_appears_in_logs_errors_or_responses(start_gateway):
-    """Every key used in the run is absent from all logs, errors, trailers and responses."""
+async def test_no_key_appears_in_logs_errors_or_responses(start_gateway, every_logger_at_debug):
+    """Every key used in the run is absent from all logs, errors, trailers and responses,
+    every library's DEBUG lines included (those `serve --log-level DEBUG` writes)."""
     captured = captured_telemetry(capture_content=True)
     await _exercise_every_key_path(start_gateway, captured)
     # The RPC span names the tenant the key authenticated, never the key itself.
@@ -79,5 +81,6 @@ async def test_no_key_appears_in_logs_errors_or_responses(start_gateway):
     assert "rpc.failed" in emitted
     assert "UNAUTHENTICATED" in emitted
     assert "UPSTREAM_AUTH" in emitted
+    assert re.search(r"^(?!llm_gateway)\S+ DEBUG ", emitted, re.MULTILINE)  # grpc's, at least
     leaked = leaked_secrets(emitted)
     assert leaked == [], f"keys found in emitted output: {leaked}"

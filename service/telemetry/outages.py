@@ -14,6 +14,11 @@ wraps each OTLP exporter in a watch of its signal (`WatchedSpanExporter`,
 What the exporters log during a watched export (WARNING and above) is dropped by the
 filter `install_exporter_log_filter` puts on their loggers; what they log at any other
 time (a misconfiguration at start, a call after shutdown) is left as it is.
+
+The complaint quotes the collector (a gRPC status's details, an HTTP reason phrase), and
+a collector or a proxy in front of it may quote the request's headers there: the value
+of each OTLP exporter header (`OTEL_EXPORTER_OTLP_HEADERS`, a signal's own) is redacted
+from it, and it is cut to one line of at most COMPLAINT_CHARS, its status first.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,6 +50,44 @@ EXPORTER_LOGGERS = (
 
 
 Signal = Literal["traces", "metrics"]
+
+# The variables the OTLP exporters read their headers from.
+HEADER_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+)
+
+# The most of an exporter's complaint `telemetry.export_failed` quotes: the exporter's
+# words and the status come first, what the collector said after them.
+COMPLAINT_CHARS = 300
+
+# Shorter header values (and words of them) are left in the complaint: no secret is this
+# short, and redacting one could take a status's digits with it.
+_SHORTEST_REDACTED = 8
+REDACTED = "[redacted]"
+
+
+def header_secrets(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The values of the OTLP exporters' headers as written (URL-encoded) and as sent,
+    and each long word of them (the token of `Bearer <token>`), longest first."""
+    found: set[str] = set()
+    for variable in HEADER_VARIABLES:
+        for entry in environ.get(variable, "").split(","):
+            written = entry.partition("=")[2].strip()
+            sent = urllib.parse.unquote(written).strip()
+            found.update((written, sent, *sent.split()))
+    return tuple(sorted((s for s in found if len(s) >= _SHORTEST_REDACTED), key=len, reverse=True))
+
+
+def quotable_complaint(complaint: str, secrets: Sequence[str]) -> str:
+    """`complaint` on one line, without any of `secrets`, cut to COMPLAINT_CHARS."""
+    line = " ".join(complaint.split())
+    for secret in secrets:
+        line = line.replace(secret, REDACTED)
+    if len(line) > COMPLAINT_CHARS:
+        line = line[: COMPLAINT_CHARS - 1] + "…"
+    return line
 
 
 @dataclass(slots=True)
@@ -89,6 +133,8 @@ class ExportWatch:
 
     signal: Signal
     clock: Callable[[], float] = time.monotonic
+    # What a complaint must not quote: `header_secrets`.
+    secrets: Sequence[str] = ()
     _episode: FailureEpisode = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -118,7 +164,8 @@ class ExportWatch:
             if is_success:
                 self._episode.succeeded({"signal": self.signal})
             else:
-                error = complaint or "the exporter said nothing"
+                error = quotable_complaint(complaint, self.secrets) if complaint else None
+                error = error or "the exporter said nothing"
                 self._episode.failed({"signal": self.signal, "error": error})
 
 

@@ -48,6 +48,7 @@ from service.telemetry.outages import (
     ExportWatch,
     WatchedMetricExporter,
     WatchedSpanExporter,
+    header_secrets,
     install_exporter_log_filter,
 )
 from service.telemetry.pairs import header_problem, resource_attribute_problem
@@ -480,26 +481,28 @@ def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
                 credentials=grpc_client_credentials(environ, "TRACES"),
                 compression=_otlp_compression(environ, "TRACES"),
             )
-            exporters.append(_watched_spans(exporter))
+            exporters.append(_watched_spans(exporter, environ))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
                 OTLPSpanExporter as HttpSpanExporter,
             )
 
-            exporters.append(_watched_spans(HttpSpanExporter()))
+            exporters.append(_watched_spans(HttpSpanExporter(), environ))
     return exporters
 
 
-def _watched_spans(exporter: SpanExporter) -> SpanExporter:
-    """An OTLP span exporter whose failures the gateway logs, as a few lines (`outages`)."""
+def _watched_spans(exporter: SpanExporter, environ: Mapping[str, str]) -> SpanExporter:
+    """An OTLP span exporter whose failures the gateway logs, as a few lines (`outages`),
+    never quoting its headers."""
     install_exporter_log_filter()
-    return WatchedSpanExporter(exporter, ExportWatch("traces"))
+    return WatchedSpanExporter(exporter, ExportWatch("traces", secrets=header_secrets(environ)))
 
 
-def _watched_metrics(exporter: MetricExporter) -> MetricReader:
+def _watched_metrics(exporter: MetricExporter, environ: Mapping[str, str]) -> MetricReader:
     """A periodic reader for an OTLP metric exporter whose failures the gateway logs."""
     install_exporter_log_filter()
-    return PeriodicExportingMetricReader(WatchedMetricExporter(exporter, ExportWatch("metrics")))
+    watch = ExportWatch("metrics", secrets=header_secrets(environ))
+    return PeriodicExportingMetricReader(WatchedMetricExporter(exporter, watch))
 
 
 def check_environment(config: TelemetryConfig, environ: Mapping[str, str]) -> None:
@@ -579,13 +582,13 @@ def metric_readers(environ: Mapping[str, str]) -> tuple[list[MetricReader], bool
                 credentials=grpc_client_credentials(environ, "METRICS"),
                 compression=_otlp_compression(environ, "METRICS"),
             )
-            readers.append(_watched_metrics(exporter))
+            readers.append(_watched_metrics(exporter, environ))
         else:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
                 OTLPMetricExporter as HttpMetricExporter,
             )
 
-            readers.append(_watched_metrics(HttpMetricExporter()))
+            readers.append(_watched_metrics(HttpMetricExporter(), environ))
     return readers, wants_prometheus
 
 

@@ -448,7 +448,9 @@ async def test_a_hanging_proxy_fails_over_within_the_connect_timeout(
     assert (reply.metadata.upstream, reply.metadata.attempts) == ("up1", 2)
 
 
-async def test_health_probes_go_through_the_upstreams_proxy(upstream, proxy, monkeypatch):
+async def test_health_probes_go_through_the_upstreams_proxy(
+    upstream, proxy, monkeypatch, every_logger_at_debug
+):
     """`probe_models`, `answers_http` and `llm-gateway check` reach the upstream through
     its proxy, `proxy_url` or the environment's; a refusal is a failed check that says
     so without the credentials."""

@@ -36,6 +36,7 @@ from tests.fake_upstream import FakeUpstream
 from tests.integration.tenancy_helpers import as_tenant, bearer, rpc_error, secure_config
 from tests.integration.test_cache import eventually
 from tests.redis_server import RedisServer
+from tests.secret_capture import register_secret
 from tests.telemetry_support import Captured, captured_telemetry
 
 pytestmark = pytest.mark.redis
@@ -366,12 +367,15 @@ async def test_calls_queued_for_a_connection_to_a_hung_redis_open_no_more_of_the
 
 
 # The password the gateway is given, and the one Redis is rotated to under it.
-_PASSWORD = "before-rotation-0123456789"
-_ROTATED = "after-rotation-9876543210"
+_PASSWORD = register_secret("before-rotation-0123456789")
+_ROTATED = register_secret("after-rotation-9876543210")
 
 
 async def test_a_password_rotated_under_the_gateway_is_one_error_per_store_and_calls_go_on(
-    start_gateway: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    start_gateway: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    every_logger_at_debug: None,
 ) -> None:
     """Redis's password rotated under a running gateway (its connections dropped, as a
     restart or an idle timeout drops them): many calls later, each store (the cache, the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -237,6 +238,22 @@ def test_keys_create_refuses_bad_tenants_and_configs_without_a_store(tmp_path, c
     assert not (tmp_path / "k").exists()
 
 
+@pytest.mark.parametrize("mode", ["off", "keys"])
+def test_keys_create_refuses_the_default_tenant_saying_why(mode, tmp_path, capsys):
+    """`default` is the tenant of callers without a valid key under `auth.mode: off`: a
+    key for it would have its holders share their usage rows, limits and budget with
+    them. Refused (exit 2, nothing stored) under either mode, as the mode may be `off`
+    later. Before, the key was issued."""
+    keys_file = tmp_path / "keys.txt"
+    config = _write_config(tmp_path / "gw.yaml", {"mode": mode, "keys_file": str(keys_file)})
+    assert keys_command(["create", "--tenant", "default", "--config", str(config)]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert "tenant 'default' is the one callers without a valid key are served as" in printed.err
+    assert "issue the key for another tenant; no key was added" in printed.err
+    assert not keys_file.exists()
+
+
 def test_python_m_service_keys_create(tmp_path):
     """`python -m service keys create` is wired into the server's command line."""
     keys_file = tmp_path / "keys.txt"
@@ -248,6 +265,37 @@ def test_python_m_service_keys_create(tmp_path):
     )  # fmt: skip
     key = register_secret(done.stdout.strip())
     assert keys_file.read_text() == f"{hash_key(key)} ops\n"
+
+
+async def test_key_entries_naming_the_default_tenant_are_warned_of_where_keys_are_optional(
+    upstream, start_gateway, tmp_path, caplog
+):
+    """With keys optional (`auth.mode: off`), an entry of `auth.keys` or of the keys file
+    (as it is at start, and each version read later) giving a key to tenant `default` is
+    a WARNING naming the entry, never the key; with `mode: keys` no caller is `default`
+    unless its key says so, and nothing is said. Before, the key's holders silently
+    shared the anonymous callers' usage rows, limits and budget."""
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"{hash_key(CALLER_KEY_A)} team-a\n{hash_key(CALLER_KEY_B)} default\n")
+    listed = [
+        {"sha256": hash_key("llmgw_some-other-key"), "tenant": "team-c"},
+        {"sha256": hash_key("llmgw_yet-another-key"), "tenant": "default"},
+    ]
+    auth = {"keys": listed, "keys_file": str(keys_file), "keys_file_check_s": 0}
+
+    def warned() -> list[str]:
+        return [r.entry for r in caplog.records if r.getMessage() == "auth.default_tenant_key"]
+
+    caplog.set_level(logging.INFO, logger="llm_gateway")
+    await start_gateway(gateway_config(upstream.base_url, auth={"mode": "keys", **auth}))
+    assert warned() == []
+    gw = await start_gateway(gateway_config(upstream.base_url, auth={"mode": "off", **auth}))
+    assert warned() == ["auth.keys[1]", f"{keys_file}:2"]
+    with keys_file.open("a") as file:
+        file.write(f"{hash_key('llmgw_a-third-key')} default  # added later\n")
+    # A key's lookup reads the changed file.
+    assert (await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    assert warned()[2:] == [f"{keys_file}:2", f"{keys_file}:3"]
 
 
 async def test_a_created_key_authenticates_through_the_keys_file(

@@ -94,7 +94,10 @@ async def test_two_processes_share_cache_rate_limit_and_ledger(
 
 
 async def test_cache_ledger_and_keys_share_one_password_protected_redis(
-    upstream: FakeUpstream, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+    upstream: FakeUpstream,
+    start_gateway: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    every_logger_at_debug: None,
 ) -> None:
     """One credential-free URL and one password variable serve all three Redis users, as
     the Kubernetes manifests pass them: a hit, the usage and the caller key all work."""

@@ -37,6 +37,7 @@ from service.config import TelemetryConfig
 from service.telemetry import Telemetry
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import Reply, Status
+from tests.secret_capture import register_secret
 
 ATTEMPT_SPAN = f"chat {FAKE_MODEL}"
 
@@ -271,6 +272,90 @@ async def test_a_collector_outage_is_a_line_as_it_starts_and_one_as_it_ends(
         await telemetry.aclose()  # while the collector still listens
     finally:
         await server.stop(0)
+
+
+# The collector's token, sent in each export's `authorization` header.
+OTLP_TOKEN = register_secret("FAKEOTLPTOKEN-5c1e8a3f7b9d2e4a")
+
+
+class EchoingCollector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC receiver refusing every export, its error's details quoting the
+    request's metadata (as a collector's auth extension or a proxy in front may)."""
+
+    async def Export(self, request, context):
+        metadata = dict(context.invocation_metadata())
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"bad credentials: {metadata}")
+
+
+@contextlib.asynccontextmanager
+async def echoing_http_collector(status: int) -> AsyncIterator[str]:
+    """An OTLP/HTTP receiver answering `status`, its reason phrase and body quoting the
+    request's `authorization` header and all the headers; its endpoint."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        headers = dict(request.headers)
+        reason = f"Refused {headers.get('Authorization')}"
+        return web.Response(status=status, reason=reason, text=f"headers: {headers}")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", refuse)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def echoing_collector(protocol: str) -> AsyncIterator[str]:
+    """A collector of `protocol` refusing exports, quoting their headers; its endpoint."""
+    if protocol == "grpc":
+        server = grpc.aio.server()
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(EchoingCollector(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            await server.stop(0)
+    else:
+        async with echoing_http_collector(401) as endpoint:
+            yield endpoint
+
+
+@pytest.mark.parametrize(
+    ("protocol", "status"),
+    [("grpc", "StatusCode.UNAUTHENTICATED"), ("http/protobuf", "code: 401")],
+)
+async def test_a_collector_quoting_the_export_headers_is_logged_without_them(  # noqa: PLR0917
+    protocol, status, upstream, start_gateway, otel_environ, caplog, every_logger_at_debug
+):
+    """A collector refusing exports, quoting their `authorization` header in its answer
+    (a gRPC status's details; an HTTP reason phrase and body): `telemetry.export_failed`
+    keeps the status and the rest of what it said, the header's value redacted.
+
+    Before, the exporter's complaint was logged as it was, token and all.
+    """
+    async with echoing_collector(protocol) as endpoint:
+        otel_environ(
+            OTEL_TRACES_EXPORTER="otlp",
+            OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+            OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+            OTEL_EXPORTER_OTLP_INSECURE="true",
+            OTEL_EXPORTER_OTLP_HEADERS=f"authorization=Bearer%20{OTLP_TOKEN}",
+        )
+        telemetry = Telemetry.from_config(TelemetryConfig())
+        gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+        await gw.stub.Complete(chat())
+        await asyncio.to_thread(telemetry.providers.force_flush)
+        await telemetry.aclose()
+    [failed] = [r for r in caplog.records if r.getMessage() == "telemetry.export_failed"]
+    assert status in failed.error
+    assert "[redacted]" in failed.error
+    assert OTLP_TOKEN not in repr([r.__dict__ for r in caplog.records])
 
 
 async def test_metrics_are_served_on_the_prometheus_endpoint(upstream, start_gateway, otel_environ):

@@ -12,11 +12,14 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from service.telemetry.outages import (
+    COMPLAINT_CHARS,
     EXPORTER_LOGGERS,
     ExportWatch,
     WatchedMetricExporter,
     WatchedSpanExporter,
+    header_secrets,
     install_exporter_log_filter,
+    quotable_complaint,
 )
 from tests.fake_clock import FakeClock
 
@@ -133,3 +136,23 @@ def test_each_signal_has_its_own_outage_on_a_shared_logger(caplog):
     assert [(r.getMessage(), r.signal) for r in caplog.records] == [
         ("telemetry.export_failed", "traces")
     ]
+
+
+def test_a_complaint_is_one_bounded_line_without_the_export_headers():
+    """The headers' values are redacted as written and as sent, and a token alone; short
+    values are left (a status's digits with them); a long complaint is cut, its start kept."""
+    environ = {
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20tok-0123456789,x-n=401",
+        "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "api-key = metrics-key-abcdef ",
+    }
+    secrets = header_secrets(environ)
+    complaint = (
+        "code: 401, reason: Bearer%20tok-0123456789 / Bearer tok-0123456789 /\n"
+        "tok-0123456789 / metrics-key-abcdef"
+    )
+    assert quotable_complaint(complaint, secrets) == (
+        "code: 401, reason: [redacted] / [redacted] / [redacted] / [redacted]"
+    )
+    long = quotable_complaint("code: 503 " + "x" * 1000, secrets)
+    assert long.startswith("code: 503 ")
+    assert len(long) == COMPLAINT_CHARS
