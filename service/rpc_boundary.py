@@ -479,7 +479,8 @@ def _guard_unary(
             principal, ticket = await _enter(context, name, rpc, admission, gate)
             try:
                 if gate is None:  # nothing to admit (see `guard_servicer`): no `async with`
-                    _refuse_undecodable(request)
+                    if isinstance(request, UndecodableRequest):  # checked here: a frame less
+                        _refuse_undecodable(request)
                     rpc.set_tenant(current_tenant())
                     response = await method(request, context)
                 else:
