@@ -301,7 +301,8 @@ class UpstreamState:
         and its key watch unless the breaker took the answer for older news than its
         opening (a call sent before the key was rejected, ending after)."""
         self.breaker.record_success(probe=probe)
-        if self.breaker.state is BreakerState.CLOSED:
+        # `is_closed` first: the usual answer, without the `state` property's call.
+        if self.breaker.is_closed or self.breaker.state is BreakerState.CLOSED:
             self.key_watch.accepted()
 
 
@@ -761,7 +762,9 @@ class UpstreamPool:
         if not breaker.acquire():
             plan.exclude(route, CIRCUIT_OPEN)
             return None
-        probe = breaker.episode if breaker.state is BreakerState.HALF_OPEN else None
+        # `is_closed` first: the usual answer, without the `state` property's call.
+        is_probe = not breaker.is_closed and breaker.state is BreakerState.HALF_OPEN
+        probe = breaker.episode if is_probe else None
         longest_wait = state.max_limit_wait_s
         max_wait = longest_wait
         if left is not None:
