@@ -672,11 +672,6 @@ class UpstreamPool:
         log.span = span
         return span
 
-    @staticmethod
-    def _tokens(request: ChatRequest, prompt_tokens: int) -> int:
-        """What one attempt takes from the upstream's tokens-per-minute limit."""
-        return prompt_tokens + (request.params.max_tokens or _DEFAULT_MAX_TOKENS)
-
     # -- the steps of one attempt, shared by `complete` and `stream` ----------------
 
     async def _prepare_attempt(
@@ -1099,7 +1094,8 @@ class UpstreamPool:
         the call with `ShuttingDown` (`begin_stopping`), the wait given up and nothing
         more taken or sent.
         """
-        tokens = self._tokens(request, prompt_tokens)
+        # What one attempt takes from the upstream's tokens-per-minute limit.
+        tokens = prompt_tokens + (request.params.max_tokens or _DEFAULT_MAX_TOKENS)
         plan = self._plan(request, tokens)
         progress = _Progress()
         while attempt := await self._next_attempt(
@@ -1173,7 +1169,8 @@ class UpstreamPool:
         reported mid-stream), saying how many deltas were sent.
         """
         call_started = time.monotonic()
-        tokens = self._tokens(request, prompt_tokens)
+        # What one attempt takes from the upstream's tokens-per-minute limit.
+        tokens = prompt_tokens + (request.params.max_tokens or _DEFAULT_MAX_TOKENS)
         plan = self._plan(request, tokens)
         progress = _Progress()
         while attempt := await self._next_attempt(
