@@ -350,8 +350,10 @@ class _CallPlan:
         """The first usable route: where the call's first attempt goes."""
         for route in self.order:  # `is_usable` written out: every call runs this
             name = route.client.name
-            if name not in self.excluded and states[name].breaker.allows():
-                return route
+            if name not in self.excluded:
+                breaker = states[name].breaker
+                if breaker.is_closed or breaker.allows():  # closed: allowed, without a call
+                    return route
         return None
 
     def is_usable(self, route: Route, states: Mapping[str, UpstreamState]) -> bool:
@@ -754,7 +756,7 @@ class UpstreamPool:
                 is_unsent=log_.attempts == 0,
             )
         breaker = state.breaker
-        if not breaker.acquire():
+        if not breaker.is_closed and not breaker.acquire():  # closed: acquired, without a call
             plan.exclude(route, CIRCUIT_OPEN)
             return None
         # `is_closed` first: the usual answer, without the `state` property's call.
