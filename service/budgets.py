@@ -89,6 +89,8 @@ class Budgets:
         wall_clock: WallClock,
     ) -> None:
         self._budgets = dict(budgets)
+        # Whether any tenant has a budget: without one, no call reserves anything.
+        self.has_any = bool(self._budgets)
         self._ledger = ledger
         self._prices = prices
         self._now = wall_clock
@@ -98,11 +100,6 @@ class Budgets:
         self._releases = 0
         self._last_release: dict[str, int] = {}
         self._release_waits: dict[str, _ReleaseWait] = {}
-
-    @property
-    def has_any(self) -> bool:
-        """Whether any tenant has a budget: without one, no call reserves anything."""
-        return bool(self._budgets)
 
     def budget_of(self, tenant: str) -> BudgetConfig | None:
         """The budget that applies to `tenant`, if any."""
@@ -224,20 +221,28 @@ class BudgetHold:
     follow) releases its own reservation.
     """
 
-    __slots__ = ("_admitted_s", "_budgets", "_is_closed", "_kept")
+    # Attributes, not properties, and `close` written out in `__aexit__`: every cache
+    # miss reads them, a Python call each.
+    __slots__ = ("_budgets", "_kept", "admitted_s", "caller_has_left")
 
     def __init__(self, budgets: Budgets) -> None:
         self._budgets = budgets
         self._kept: list[Reservation] = []
-        self._is_closed = False
-        self._admitted_s: float | None = None
+        # Whether the caller has left (`close`d), with its upstream part maybe still running.
+        self.caller_has_left = False
+        # When the budget admitted the call (None: nothing reserved): its usage is recorded
+        # with it (`UsageEntry.admitted_s`), so that its cost is spent in the period it was
+        # reserved in.
+        self.admitted_s: float | None = None
 
     # A class, not a generator context manager: every call, cache hits too, enters one.
     async def __aenter__(self) -> BudgetHold:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+        self.caller_has_left = True
+        if self._kept:
+            await self._release_kept()
 
     def reserving(
         self, request: ChatRequest, *, prompt_tokens: int
@@ -254,39 +259,28 @@ class BudgetHold:
     async def _reserve(self, request: ChatRequest, prompt_tokens: int) -> Reservation | None:
         reservation = await self._budgets.reserve(request, prompt_tokens=prompt_tokens)
         if reservation is not None:
-            self._admitted_s = reservation.at_s
+            self.admitted_s = reservation.at_s
         return reservation
 
     async def _settle(self, reservation: Reservation, *, has_failed: bool) -> None:
         """After the body: release a failed call's reservation, or one whose caller left;
         else keep it until the caller leaves."""
-        if has_failed or self._is_closed:
+        if has_failed or self.caller_has_left:
             await self._budgets.release(reservation)
         else:
             self._kept.append(reservation)
 
-    @property
-    def admitted_s(self) -> float | None:
-        """When the budget admitted the call (None: nothing reserved): its usage is
-        recorded with it (`UsageEntry.admitted_s`), so that its cost is spent in the
-        period it was reserved in."""
-        return self._admitted_s
-
-    @property
-    def caller_has_left(self) -> bool:
-        """Whether the caller has left (`close`d), with its upstream part maybe still running."""
-        return self._is_closed
-
     async def close(self) -> None:
-        """Release what was kept; anything reserved from now on releases itself.
+        """Release what was kept; anything reserved from now on releases itself."""
+        self.caller_has_left = True
+        if self._kept:
+            await self._release_kept()
 
-        Shielded from the caller's cancellation: a reservation left unreleased would be
-        renewed for as long as the replica runs (`LeaseRenewals`), not lapse.
-        """
-        self._is_closed = True
+    async def _release_kept(self) -> None:
+        """Shielded from the caller's cancellation: a reservation left unreleased would be
+        renewed for as long as the replica runs (`LeaseRenewals`), not lapse."""
         kept, self._kept = self._kept, []
-        if kept:
-            await asyncio.shield(self._release_all(kept))
+        await asyncio.shield(self._release_all(kept))
 
     async def _release_all(self, kept: list[Reservation]) -> None:
         for reservation in kept:

@@ -28,27 +28,27 @@ class FailureEpisode:
     count_key: str
     now: Callable[[], float]
     # Failures since the last success.
-    _failures: int = 0
+    failures: int = 0
     _logged_at: float = 0.0
 
     def failed(self, extra: dict[str, object]) -> None:
         """One more failure: logged if it is the first, or a reminder is due."""
-        self._failures += 1
+        self.failures += 1
         now = self.now()
-        if self._failures == 1:
+        if self.failures == 1:
             self._logged_at = now
             self.logger.error(self.failed_event, extra=extra)
         elif now - self._logged_at >= REPEAT_AFTER_S:
             self._logged_at = now
             self.logger.warning(
-                self.still_failing_event, extra={**extra, self.count_key: self._failures}
+                self.still_failing_event, extra={**extra, self.count_key: self.failures}
             )
 
     def succeeded(self, extra: dict[str, object]) -> None:
         """A success: the episode's end logged, if there was one."""
-        if not self._failures:  # the usual case, on every success
+        if not self.failures:  # the usual case, on every success
             return
-        failures, self._failures = self._failures, 0
+        failures, self.failures = self.failures, 0
         self.logger.info(self.ended_event, extra={**extra, self.count_key: failures})
 
 

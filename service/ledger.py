@@ -129,6 +129,13 @@ def _period_key_of_minute(period: str, minute: int) -> str:
     return f"day:{when:%Y-%m-%d}" if period == "day" else f"month:{when:%Y-%m}"
 
 
+@functools.lru_cache(maxsize=64)
+def _spend_periods_of_minute(minute: int) -> tuple[str, ...]:
+    """`period_key` of each of `_PERIODS` for the minute: every recorded call adds its
+    spend to each, and a remembered answer costs no Python call."""
+    return tuple(_period_key_of_minute(period, minute) for period in _PERIODS)
+
+
 def period_end_s(period: str, at_s: float) -> float:
     """When the UTC period containing `at_s` ends (epoch seconds)."""
     when = dt.datetime.fromtimestamp(at_s, dt.UTC)
@@ -249,7 +256,7 @@ def _entry_counters(entry: UsageEntry) -> dict[str, int]:
         "cached_input_tokens": entry.usage.cached_input_tokens,
         "reasoning_tokens": entry.usage.reasoning_tokens,
         "cache_hits": 1 if entry.is_cache_hit else 0,
-        "cost_pico": to_pico(entry.cost_usd),
+        "cost_pico": to_pico(entry.cost_usd) if entry.cost_usd else 0,  # 0: a cache hit
         "saved_pico": to_pico(entry.saved_cost_usd) if entry.is_cache_hit else 0,
     }
 
@@ -483,8 +490,8 @@ class MemoryLedger:
         cost_pico = counters["cost_pico"]
         if not cost_pico:
             return  # a cache hit or a free model: no spend to add
-        for period in _PERIODS:
-            spend_key = (entry.tenant, period_key(period, admitted))
+        for spent_in in _spend_periods_of_minute(int(admitted // 60)):
+            spend_key = (entry.tenant, spent_in)
             self._spend[spend_key] = self._spend.get(spend_key, 0) + cost_pico
 
     def _row_key(self, bucket: int, entry: UsageEntry) -> tuple[int, Dims]:
@@ -940,7 +947,10 @@ class RedisLedger:
         overflow_dims = _dims(entry.tenant, entry.model, entry.upstream, OVERFLOW_LABELS)
         overflow_id, overflow_json = self._row_name(overflow_dims)
         admitted = now if entry.admitted_s is None else entry.admitted_s
-        spends = [self._spend_keys(entry.tenant, period_key(p, admitted)) for p in _PERIODS]
+        spends = [
+            self._spend_keys(entry.tenant, spent_in)
+            for spent_in in _spend_periods_of_minute(int(admitted // 60))
+        ]
         overflow_row = self._row_key(bucket, overflow_id)
         keys = [
             self._row_key(bucket, row_id),

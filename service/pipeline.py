@@ -335,7 +335,8 @@ class Pipeline:
             request.messages,
             tools=request.tools,
             response_format=params.response_format,
-            context_window=self.context_window(model),
+            # `self.context_window`, written out: a frame less on every call.
+            context_window=self._prices.context_window(model, _DEFAULT_CONTEXT_WINDOW),
             max_tokens=params.max_tokens,
             mode=request.truncation or defaults.truncation,
             calibration=calibration,

@@ -301,7 +301,8 @@ class UpstreamState:
         and its key watch unless the breaker took the answer for older news than its
         opening (a call sent before the key was rejected, ending after)."""
         self.breaker.record_success(probe=probe)
-        if self.breaker.state is BreakerState.CLOSED:
+        # `is_closed` first: the usual answer, without the `state` property's call.
+        if self.breaker.is_closed or self.breaker.state is BreakerState.CLOSED:
             self.key_watch.accepted()
 
 
@@ -349,8 +350,10 @@ class _CallPlan:
         """The first usable route: where the call's first attempt goes."""
         for route in self.order:  # `is_usable` written out: every call runs this
             name = route.client.name
-            if name not in self.excluded and states[name].breaker.allows():
-                return route
+            if name not in self.excluded:
+                breaker = states[name].breaker
+                if breaker.is_closed or breaker.allows():  # closed: allowed, without a call
+                    return route
         return None
 
     def is_usable(self, route: Route, states: Mapping[str, UpstreamState]) -> bool:
@@ -683,11 +686,6 @@ class UpstreamPool:
         log.span = span
         return span
 
-    @staticmethod
-    def _tokens(request: ChatRequest, prompt_tokens: int) -> int:
-        """What one attempt takes from the upstream's tokens-per-minute limit."""
-        return prompt_tokens + (request.params.max_tokens or _DEFAULT_MAX_TOKENS)
-
     # -- the steps of one attempt, shared by `complete` and `stream` ----------------
 
     async def _prepare_attempt(
@@ -770,10 +768,12 @@ class UpstreamPool:
                 is_unsent=log_.attempts == 0,
             )
         breaker = state.breaker
-        if not breaker.acquire():
+        if not breaker.is_closed and not breaker.acquire():  # closed: acquired, without a call
             plan.exclude(route, CIRCUIT_OPEN)
             return None
-        probe = breaker.episode if breaker.state is BreakerState.HALF_OPEN else None
+        # `is_closed` first: the usual answer, without the `state` property's call.
+        is_probe = not breaker.is_closed and breaker.state is BreakerState.HALF_OPEN
+        probe = breaker.episode if is_probe else None
         longest_wait = state.max_limit_wait_s
         max_wait = longest_wait
         if left is not None:
@@ -1120,7 +1120,8 @@ class UpstreamPool:
         the call with `ShuttingDown` (`begin_stopping`), the wait given up and nothing
         more taken or sent.
         """
-        tokens = self._tokens(request, prompt_tokens)
+        # What one attempt takes from the upstream's tokens-per-minute limit.
+        tokens = prompt_tokens + (request.params.max_tokens or _DEFAULT_MAX_TOKENS)
         plan = self._plan(request, tokens)
         progress = _Progress()
         while attempt := await self._next_attempt(
@@ -1194,7 +1195,8 @@ class UpstreamPool:
         reported mid-stream), saying how many deltas were sent.
         """
         call_started = time.monotonic()
-        tokens = self._tokens(request, prompt_tokens)
+        # What one attempt takes from the upstream's tokens-per-minute limit.
+        tokens = prompt_tokens + (request.params.max_tokens or _DEFAULT_MAX_TOKENS)
         plan = self._plan(request, tokens)
         progress = _Progress()
         while attempt := await self._next_attempt(

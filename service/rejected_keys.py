@@ -46,7 +46,8 @@ class RejectedKeyWatch:
 
     def accepted(self) -> None:
         """An attempt was answered: the key is good, logged once if it was rejected."""
-        self._episode.succeeded({"upstream": self.upstream})
+        if self._episode.failures:  # else nothing to log: every answered attempt asks
+            self._episode.succeeded({"upstream": self.upstream})
 
 
 __all__ = ["RejectedKeyWatch"]

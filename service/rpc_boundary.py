@@ -406,7 +406,9 @@ async def _enter(
             with admission.arriving_call():
                 principal = await gate.authenticate(context)
             rpc.set_tenant(principal.tenant)  # on the span even if the call is then shed
-        return principal, await _admitted(admission, rpc)
+        if not admission.is_full:  # most calls: a slot at once
+            return principal, await admission.enter()
+        return principal, await _queued_for_slot(admission, rpc)
     except asyncio.CancelledError:
         await _end_if_cut_off(context, method, rpc, admission)
         raise
@@ -414,11 +416,9 @@ async def _enter(
         await abort_with(context, exc, method, rpc)
 
 
-async def _admitted(admission: Admission, rpc: RpcScope) -> CallTicket:
-    """A slot of `admission`; a wait for one in its queue is the call's queued time
-    (`Timings.queued_ms`), timed only when it queues."""
-    if not admission.is_full:  # most calls: a slot at once
-        return await admission.enter()
+async def _queued_for_slot(admission: Admission, rpc: RpcScope) -> CallTicket:
+    """A slot of a full `admission` (or `Overloaded`): the wait for one in its queue is
+    the call's queued time (`Timings.queued_ms`). Timed only when it queues."""
     queued_from = time.perf_counter()  # the clock `RpcScope` reads
     ticket = await admission.enter()
     rpc.queued_s += time.perf_counter() - queued_from
@@ -479,7 +479,8 @@ def _guard_unary(
             principal, ticket = await _enter(context, name, rpc, admission, gate)
             try:
                 if gate is None:  # nothing to admit (see `guard_servicer`): no `async with`
-                    _refuse_undecodable(request)
+                    if isinstance(request, UndecodableRequest):  # checked here: a frame less
+                        _refuse_undecodable(request)
                     rpc.set_tenant(current_tenant())
                     response = await method(request, context)
                 else:

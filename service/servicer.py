@@ -70,6 +70,7 @@ from service.telemetry import (
     set_rpc_queued_ms,
     set_rpc_time_to_first_token,
 )
+from service.telemetry.tracing import rpc_arrival_ms
 from service.usage_pages import (
     page_size_of,
     page_size_violations,
@@ -380,16 +381,17 @@ def timed_from_arrival(timings: pb.Timings) -> None:
     pipeline took it up: a call queued for admission (`server.max_queued_calls`) waited
     before, and its caller waited with it, that wait counted as queued too. The RPC span's
     time to first token and queued time say the same."""
-    elapsed_ms = ms_since_rpc_start()
-    if elapsed_ms is None:
+    arrival = rpc_arrival_ms()
+    if arrival is None:
         return
+    elapsed_ms, admission_ms = arrival
     before_ms = elapsed_ms - timings.total_ms
     if before_ms > 0:
         timings.total_ms = elapsed_ms
         if timings.time_to_first_token_ms:
             timings.time_to_first_token_ms += before_ms
             set_rpc_time_to_first_token(timings.time_to_first_token_ms)
-        timings.queued_ms += min(rpc_queued_ms(), before_ms)  # 0 for most calls: none queued
+        timings.queued_ms += min(admission_ms, before_ms)  # 0 for most calls: none queued
     # Even when it did not queue for admission: a summary's span has none of its calls'.
     set_rpc_queued_ms(timings.queued_ms)
 
@@ -743,20 +745,21 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
     async def Complete(
         self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CompleteResponse:
+        # `_checked_for`, `tenant_of` and `deadline_of` written out: a frame each, every call.
         pipeline = self._pipeline
-        checked = _checked_for(request)
+        checked = _checked.get()
         prepared = None
-        if checked is not None:
+        if checked is not None and checked.message is request:
             repeat_key, prepared = checked.repeat_key, checked.prepared
         elif pipeline.takes_repeats:
-            repeat_key = repeat_key_of(request, tenant=tenant_of(context))
+            repeat_key = repeat_key_of(request, tenant=current_tenant())
         else:
             repeat_key = None
         completion = None if repeat_key is None else await pipeline.repeat(repeat_key)
         if completion is None:
             completion = await pipeline.complete(
                 prepared or self._request(request),
-                deadline=deadline_of(context),
+                deadline=Deadline.after(context.time_remaining()),
                 repeat_key=repeat_key,
             )
         response = response_to_proto(completion)

@@ -239,6 +239,16 @@ def ms_since_rpc_start() -> float | None:
     return None if scope is None else scope.elapsed_s() * 1000.0
 
 
+def rpc_arrival_ms() -> tuple[float, float] | None:
+    """Milliseconds since the current RPC reached the gateway, and those it waited in the
+    server's admission queue (None outside one): `ms_since_rpc_start` and `rpc_queued_ms`
+    in one call, for a call's response, which reads both."""
+    scope = CURRENT_RPC.get()
+    if scope is None:
+        return None
+    return (time.perf_counter() - scope.started) * 1000.0, scope.queued_s * 1000.0
+
+
 def rpc_queued_ms() -> float:
     """Milliseconds the current RPC waited in the server's admission queue (0 outside one)."""
     scope = CURRENT_RPC.get()

@@ -338,7 +338,8 @@ def usage(data: object) -> Usage | None:
     total = data.get("total_tokens")
     if prompt is None or completion is None:
         prompt, completion = _with_total(prompt, completion, total)
-    elif _is_zero(prompt) != _is_zero(completion):
+    elif not (prompt and completion) and _is_zero(prompt) != _is_zero(completion):
+        # (Two counts that are both true are neither 0: most answers, settled without a call.)
         prompt, completion = _zero_from_total(prompt, completion, total)
     # A count still left out is 0 here and flagged: `Pipeline` estimates it, as it
     # estimates a call with no usage. Billing it as 0 would make the answer free.
@@ -356,7 +357,7 @@ def usage(data: object) -> Usage | None:
         counts = Usage(
             input_tokens=_count(prompt),
             output_tokens=_count(completion),
-            cached_input_tokens=_detail_count(cached),
+            cached_input_tokens=_detail_count(cached) if cached else 0,  # 0: most answers
             is_estimated=is_partial,
         )
     except (TypeError, ValueError, OverflowError):
@@ -809,8 +810,9 @@ def parse_completion(
     reason = finish_reason(choice.get("finish_reason"))
     if reason is None:
         raise MalformedReply("no finish reason")
-    reason = _with_tool_calls(reason, has_tool_calls=bool(tool_calls))
-    refusal = _refusal(message)
+    if tool_calls or reason is FinishReason.TOOL_CALLS:  # else nothing to correct
+        reason = _with_tool_calls(reason, has_tool_calls=bool(tool_calls))
+    refusal = _refusal(message) if "refusal" in message else ""
     if parts is not None and parts.skipped and not (content or reasoning or tool_calls or refusal):
         raise _unreadable(parts.skipped)
     if refusal:  # never an empty "stop" answer, cached and served as if answered
