@@ -9,6 +9,8 @@ Secret references against upstream key names).
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import os
 import re
@@ -50,7 +52,14 @@ def _yaml_files() -> list[Path]:
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+    """The file's documents, fresh objects each call (tests mutate them): the checks read
+    the manifests dozens of times a test, and pure-Python YAML parsing took seconds."""
+    return copy.deepcopy(_parsed(path.read_text(encoding="utf-8")))
+
+
+@functools.cache
+def _parsed(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d is not None]
 
 
 # Objects of a custom resource (the Prometheus Operator's): no schema of the Kubernetes API
@@ -105,7 +114,7 @@ def _plain_env(container: dict[str, Any]) -> dict[str, str]:
 def _production_config() -> GatewayConfig:
     """deploy/kubernetes/gateway.yaml with the environment of the gateway's pods applied:
     the image's variables, then the Deployment's."""
-    data = yaml.safe_load((KUBE / "gateway.yaml").read_text(encoding="utf-8"))
+    (data,) = _documents(KUBE / "gateway.yaml")
     env = {**_image_env(), **_plain_env(_gateway_container(_gateway_deployments()[0]))}
     return parse_config(data, source="deploy/kubernetes/gateway.yaml", environ=env)
 
@@ -148,12 +157,12 @@ def _image_config(tmp_path: Path) -> Path:
 
 
 def _kustomization(directory: Path) -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    (loaded,) = _documents(directory / "kustomization.yaml")
     return loaded
 
 
 def _envoy() -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.safe_load((ENVOY / "envoy.yaml").read_text(encoding="utf-8"))
+    (loaded,) = _documents(ENVOY / "envoy.yaml")
     return loaded
 
 
