@@ -18,7 +18,8 @@
         │   └── UpstreamNotOpenAI a 200 that is no OpenAI answer at all: a wrong base_url
         ├── UpstreamAuthRejected  401/402/403: the upstream's key or account, not the caller's
         ├── UpstreamRejected      INVALID_ARGUMENT: 400/404/422, the request itself, with
-        │                         what the upstream said of it (`RelayedError`)
+        │   │                     what the upstream said of it (`RelayedError`)
+        │   └── UpstreamLacksModel a 404 (or a 400 saying so): no such model there, failed over
         ├── UpstreamTimeout       the upstream took longer than its timeout
         └── SummarizePartFailed   one part of a Summarize still failed after its retries
 
@@ -524,6 +525,13 @@ class UpstreamContextExceeded(UpstreamRejected):
         self.args = (message,)
 
 
+class UpstreamLacksModel(UpstreamRejected):
+    """The upstream has no such model (`openai_json.says_model_missing`): one provider
+    dropped or renamed it, or never had it. Nothing is wrong with the request, and another
+    upstream of the model may serve it: failed over, not retried there, and with no other
+    upstream left the caller is told as for any refusal."""
+
+
 class UpstreamRefusedSilently(UpstreamRejected):
     """The upstream refused the request by ending its stream before the first event,
     saying not why (`empty_stream_is_refusal`): the same request unary says it."""
@@ -674,6 +682,8 @@ def attempt_failure(error: BaseException, *, is_callers_cut: bool = False) -> st
             return f"rate limited (HTTP {status})"
         if isinstance(error, UpstreamNotOpenAI):
             return f"no OpenAI answer (HTTP {status})"
+        if isinstance(error, UpstreamLacksModel):
+            return f"model not served (HTTP {status})"
         if isinstance(error, UpstreamRejected):
             return f"request rejected (HTTP {status})"
         return f"HTTP {status}"

@@ -36,6 +36,7 @@ from service.errors import (
     ToolsUnsupported,
     UpstreamAuthRejected,
     UpstreamError,
+    UpstreamLacksModel,
     UpstreamNotOpenAI,
     UpstreamRateLimited,
     UpstreamTimeout,
@@ -80,6 +81,8 @@ RESTARTING = "restarting"
 TAKES_NO_TOOLS = "takes no tools"
 # Why a call skips an upstream whose circuit breaker is open.
 CIRCUIT_OPEN = "circuit open"
+# Why a call skips an upstream that answered it has no such model (`UpstreamLacksModel`).
+LACKS_MODEL = "model not served there"
 
 
 # An upstream timeout this close to the caller's deadline was the deadline's doing: both
@@ -235,6 +238,14 @@ class _Progress:
     last_error: UpstreamError | None = None
     last_route: Route | None = None
 
+    def failed(self, exc: UpstreamError, route: Route) -> None:
+        """An attempt on `route` failed with `exc`, which becomes the last failure unless it
+        is an upstream's lack of the model after a failure time may mend (a 5xx): that one
+        says why the call failed, and its upstream is where a retry goes, not the lack."""
+        if isinstance(exc, UpstreamLacksModel) and self.last_error is not None:
+            return
+        self.last_error, self.last_route = exc, route
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -380,6 +391,8 @@ class _CallPlan:
 
 def _why_ruled_out(exc: UpstreamError) -> str:
     """Why a failover-only error (`is_failover_only`) rules its upstream out of the call."""
+    if isinstance(exc, UpstreamLacksModel):
+        return LACKS_MODEL
     return "not an OpenAI server" if isinstance(exc, UpstreamNotOpenAI) else "key rejected"
 
 
@@ -403,7 +416,8 @@ def _breaker_wait_s(breaker: CircuitBreaker) -> float | None:
 def _sooner_limit(last_error: UpstreamError | None, exc: LimitExceeded) -> UpstreamError:
     """What a call skipping a route for the gateway's own limit (`exc`) ends with, should
     no attempt follow: an upstream's own failure, else the limit that frees first, so that
-    the caller's RetryInfo is the shortest wait of the upstreams all at their limits.
+    the caller's RetryInfo is the shortest wait of the upstreams all at their limits. An
+    upstream's lack of the model yields to the limit of one that may serve it.
 
     That refusal is replica-local when any of those limits is: another replica has its
     own slots (and in-memory buckets) for the upstream this one was full at.
@@ -413,6 +427,8 @@ def _sooner_limit(last_error: UpstreamError | None, exc: LimitExceeded) -> Upstr
         sooner = exc if is_sooner else last_error
         sooner.is_replica_local = exc.is_replica_local or last_error.is_replica_local
         return sooner
+    if isinstance(last_error, UpstreamLacksModel):
+        return exc
     return last_error or exc
 
 
@@ -908,6 +924,14 @@ class UpstreamPool:
 
     def _give_up(self, model: str, plan: _CallPlan, last_error: UpstreamError | None) -> Exception:
         """The error to raise when no attempt is left: the last failure, or why none ran."""
+        if isinstance(last_error, UpstreamLacksModel):
+            if not self._kept_off_serving(plan):
+                # Every upstream tried lacks the model: a refusal, as from a single one.
+                return last_error
+            # One that may serve it is only kept off for now (its breaker, a restart):
+            # the caller's retry may reach it, as after any call none of whose
+            # upstreams could take it.
+            last_error = None
         if last_error is not None:
             open_routes = [r.client.name for r in plan.order if not self._is_set_aside_for_key(r)]
             if open_routes:
@@ -964,6 +988,16 @@ class UpstreamPool:
             [r.client.name for r in plan.order if r.client.name not in set_aside]
         )
         return error
+
+    def _kept_off_serving(self, plan: _CallPlan) -> bool:
+        """Whether an upstream of `plan` not known to lack the model was kept off the call
+        (ruled out, or its breaker refusing calls): one that may serve it later."""
+        for route in plan.order:
+            name = route.client.name
+            why = plan.excluded.get(name) or self._why_breaker_refuses(name)
+            if why is not None and why != LACKS_MODEL:
+                return True
+        return False
 
     def _every_shut_for_s(self, upstreams: Sequence[str]) -> float | None:
         """Seconds until the first of `upstreams` takes a call again, when none takes one
@@ -1168,7 +1202,7 @@ class UpstreamPool:
                     plan.exclude(route, _why_ruled_out(exc))
                 elif not is_retryable(exc) or deadline.has_expired:
                     raise self._final(exc, deadline, log) from None
-                progress.last_error, progress.last_route = exc, route
+                progress.failed(exc, route)
                 continue
             except BaseException as exc:  # cancelled: the caller went away
                 log.cut()
@@ -1289,7 +1323,7 @@ class UpstreamPool:
                     plan.exclude(route, _why_ruled_out(exc))
                 elif not is_retryable(exc) or deadline.has_expired:
                     raise self._final(exc, deadline, log) from None
-                progress.last_error, progress.last_route = exc, route
+                progress.failed(exc, route)
                 continue
             except BaseException as exc:  # cancelled, or the consumer stopped reading
                 state.breaker.release(probe=probe)

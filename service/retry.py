@@ -16,6 +16,7 @@ from service.errors import (
     StreamInterrupted,
     UpstreamAuthRejected,
     UpstreamError,
+    UpstreamLacksModel,
     UpstreamNotOpenAI,
     UpstreamRateLimited,
     UpstreamTimeout,
@@ -56,9 +57,10 @@ def is_retryable(error: BaseException) -> bool:
 
 def is_failover_only(error: BaseException) -> bool:
     """Whether the error rules out this upstream but another one may still serve the call:
-    its key rejected, or an answer from some other server than an OpenAI one (a wrong
-    base_url's login page will not have changed by the next backoff)."""
-    return isinstance(error, UpstreamAuthRejected | UpstreamNotOpenAI)
+    its key rejected, an answer from some other server than an OpenAI one (a wrong
+    base_url's login page will not have changed by the next backoff), or no such model
+    there (a provider that dropped or renamed it; the request is fine elsewhere)."""
+    return isinstance(error, UpstreamAuthRejected | UpstreamNotOpenAI | UpstreamLacksModel)
 
 
 def counts_against_health(error: BaseException) -> bool:

@@ -24,6 +24,7 @@ from service.errors import (
     UpstreamContextExceeded,
     UpstreamError,
     UpstreamFailedMidStream,
+    UpstreamLacksModel,
     UpstreamNotOpenAI,
     UpstreamRateLimited,
     UpstreamRateLimitedMidStream,
@@ -56,6 +57,7 @@ from service.upstream.openai_json import (
     parse_completion,
     says_content_flagged,
     says_context_exceeded,
+    says_model_missing,
     says_out_of_credit,
     says_stream_options_unknown,
     unary_body,
@@ -199,6 +201,13 @@ def _error_for_status(
             prompt_tokens=prompt_tokens,
             is_input_limit=is_input_limit,
             counts_answer=counts_answer,
+        )
+    if says_model_missing(body, status):
+        return UpstreamLacksModel(
+            f"upstream {upstream!r} does not serve the model (HTTP {status})",
+            upstream=upstream,
+            status=status,
+            relayed=relayed_error(body, secrets=secrets),
         )
     return UpstreamRejected(
         f"upstream {upstream!r} rejected the request (HTTP {status})",

@@ -1463,3 +1463,38 @@ def says_context_exceeded(body: bytes, status: int = 400) -> bool:
         error = error.get("message")
     # Some servers send the message alone: {"error": "..."}.
     return isinstance(error, str) and any(p in error.lower() for p in phrases)
+
+
+# How a 400 says the upstream has no such model: OpenAI's (and Groq's) `code`, and the
+# messages of OpenAI, vLLM and Ollama ("The model `x` does not exist", "model 'x' not
+# found"), DeepSeek ("Model Not Exist") and Mistral ("Invalid model: x"). Read in the
+# message's head only: a refusal's message may run to megabytes.
+_MODEL_MISSING_CODES = frozenset({"model_not_found"})
+_MODEL_MISSING_WORDS = re.compile(
+    r"\bmodel\b.{0,100}?\b(?:not exist|not found)|\b(?:invalid|unknown|no such) model\b",
+    re.IGNORECASE,
+)
+_MODEL_MISSING_HEAD_CHARS = 1000
+
+
+def says_model_missing(body: bytes, status: int) -> bool:
+    """Whether an error body, with its HTTP `status`, says the upstream serves no such
+    model (one provider dropped or renamed it, or never had it): any 404 with an error
+    body (the model, or an Azure deployment, unknown there), or a 400 whose `code` or
+    `type` is `model_not_found` or whose message says the model does not exist. A 404
+    with no error body (a wrong base_url's path, a proxy's page) says nothing of it."""
+    if status not in (400, 404):
+        return False
+    explanation = error_explanation(body)
+    if explanation is None:
+        return False
+    if status == 404:
+        return True
+    message, _, code = explanation
+    error = _error_of(body)
+    kind = error.get("type") if isinstance(error, dict) else None
+    return (
+        code in _MODEL_MISSING_CODES
+        or kind in _MODEL_MISSING_CODES
+        or _MODEL_MISSING_WORDS.search(message[:_MODEL_MISSING_HEAD_CHARS]) is not None
+    )

@@ -404,6 +404,213 @@ async def test_a_prompt_flagged_by_moderation_fails_alone_and_leaves_the_upstrea
         assert served == {"up0", "up1"}  # round robin goes on reaching the moderated one
 
 
+# How upstreams say they have no such model: OpenAI's 404, vLLM's (its bare error
+# object) and DeepSeek's 400.
+OPENAI_MODEL_NOT_FOUND = Status(
+    404,
+    json.dumps(
+        {
+            "error": {
+                "message": "The model `fake-model` does not exist or you do not have access to it.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "model_not_found",
+            }
+        }
+    ),
+)
+VLLM_MODEL_NOT_FOUND = Status(
+    404,
+    json.dumps(
+        {
+            "object": "error",
+            "message": "The model `fake-model` does not exist.",
+            "type": "NotFoundError",
+            "param": None,
+            "code": 404,
+        }
+    ),
+)
+DEEPSEEK_MODEL_NOT_FOUND = Status(
+    400,
+    '{"error": {"message": "Model Not Exist", "type": "invalid_request_error", "param": null, '
+    '"code": "invalid_request_error"}}',
+)
+MODEL_NOT_FOUND_REFUSALS = [
+    pytest.param(OPENAI_MODEL_NOT_FOUND, id="openai-404"),
+    pytest.param(VLLM_MODEL_NOT_FOUND, id="vllm-404"),
+    pytest.param(DEEPSEEK_MODEL_NOT_FOUND, id="deepseek-400"),
+]
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+@pytest.mark.parametrize("refusal", MODEL_NOT_FOUND_REFUSALS)
+async def test_an_upstream_without_the_model_fails_over_to_one_that_serves_it(
+    start_gateway, mode, refusal
+):
+    """One provider dropped or renamed the model, another still serves it: the call goes
+    to the other at once and is answered (attempts 2), the first neither retried nor
+    marked unhealthy. Before, the 404 ended the call INVALID_ARGUMENT, as if the request
+    were at fault."""
+    async with FakeUpstream(default=refusal) as lacking, FakeUpstream() as serving:
+        gateway = await start_gateway(
+            gateway_config(lacking.base_url, serving.base_url, resilience=FAST_RESILIENCE)
+        )
+        metadata, _ = await call(gateway, mode, timeout_s=10)
+        assert not isinstance(metadata, grpc.aio.AioRpcError), metadata
+        assert (metadata.upstream, metadata.attempts) == ("up1", 2)
+        assert (len(lacking.requests), len(serving.requests)) == (1, 1)
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        health = {u.name: u.health for u in models.models[0].upstreams}
+        assert health == {"up0": pb.UPSTREAM_HEALTH_HEALTHY, "up1": pb.UPSTREAM_HEALTH_HEALTHY}
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_model_its_only_upstream_lacks_is_still_a_rejected_request(start_gateway, mode):
+    """With no other upstream the lack is the caller's to hear as before: INVALID_ARGUMENT,
+    UPSTREAM_REJECTED_REQUEST with what the upstream said, one attempt, no RetryInfo; with
+    two that both lack it, the same, naming both attempts."""
+    async with FakeUpstream(default=OPENAI_MODEL_NOT_FOUND) as only:
+        gateway = await start_gateway(gateway_config(only.base_url, resilience=FAST_RESILIENCE))
+        error, _ = await call(gateway, mode, timeout_s=10)
+        assert isinstance(error, grpc.aio.AioRpcError)
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details().endswith(
+            "(HTTP 404): The model `fake-model` does not exist or you do not have access to it."
+        )
+        metadata, reason, retry_s = error_details(error)
+        assert (reason, metadata["attempts"], metadata["upstream_code"], retry_s) == (
+            "UPSTREAM_REJECTED_REQUEST",
+            "1",
+            "model_not_found",
+            None,
+        )
+        assert len(only.requests) == 1
+    async with (
+        FakeUpstream(default=OPENAI_MODEL_NOT_FOUND) as first,
+        FakeUpstream(default=VLLM_MODEL_NOT_FOUND) as second,
+    ):
+        gateway = await start_gateway(
+            gateway_config(first.base_url, second.base_url, resilience=FAST_RESILIENCE)
+        )
+        error, _ = await call(gateway, mode, timeout_s=10)
+        assert isinstance(error, grpc.aio.AioRpcError)
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        metadata, reason, retry_s = error_details(error)
+        assert (reason, metadata["attempts"], retry_s) == ("UPSTREAM_REJECTED_REQUEST", "2", None)
+        assert metadata["attempt_errors"] == (
+            "up0: model not served (HTTP 404); up1: model not served (HTTP 404)"
+        )
+        assert (len(first.requests), len(second.requests)) == (1, 1)
+
+
+async def test_a_refusal_of_a_parameter_is_not_failed_over(start_gateway):
+    """A 400 about the request itself would fail the same on every upstream: the caller
+    gets it at once, and the other upstream sees nothing of the call."""
+    bad_temperature = Status(
+        400,
+        '{"error": {"message": "Invalid \'temperature\': must be at most 2.", "type": '
+        '"invalid_request_error", "param": "temperature", "code": "invalid_value"}}',
+    )
+    async with FakeUpstream(default=bad_temperature) as first, FakeUpstream() as other:
+        gateway = await start_gateway(
+            gateway_config(first.base_url, other.base_url, resilience=FAST_RESILIENCE)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await gateway.stub.Complete(chat())
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        metadata, reason, _ = error_details(refused.value)
+        assert (reason, metadata["attempts"]) == ("UPSTREAM_REJECTED_REQUEST", "1")
+        assert other.requests == []
+
+
+async def test_a_lack_of_the_model_after_a_5xx_leaves_the_5xx_to_say_why(start_gateway):
+    """up0 answers 503, up1 lacks the model, and the attempts run out: the call ends with
+    up0's 503 (UNAVAILABLE, with a RetryInfo: up0 may serve the retry), not with up1's
+    lack as if the request were at fault; and with a third attempt up0 is tried again."""
+    async with FakeUpstream() as flaky, FakeUpstream(default=OPENAI_MODEL_NOT_FOUND) as lacking:
+        flaky.script(Status(503))
+        resilience = {**FAST_RESILIENCE, "attempts": 2}
+        gateway = await start_gateway(
+            gateway_config(flaky.base_url, lacking.base_url, resilience=resilience)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await gateway.stub.Complete(chat())
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        metadata, reason, retry_s = error_details(failed.value)
+        assert (reason, metadata["upstream"], metadata["http_status"]) == (
+            "UPSTREAM_UNAVAILABLE",
+            "up0",
+            "503",
+        )
+        assert metadata["attempt_errors"] == "up0: HTTP 503; up1: model not served (HTTP 404)"
+        assert retry_s is not None
+    async with FakeUpstream() as flaky, FakeUpstream(default=OPENAI_MODEL_NOT_FOUND) as lacking:
+        flaky.script(Status(503))
+        gateway = await start_gateway(
+            gateway_config(flaky.base_url, lacking.base_url, resilience=FAST_RESILIENCE)
+        )
+        answer = await gateway.stub.Complete(chat())
+        assert (answer.metadata.upstream, answer.metadata.attempts) == ("up0", 3)
+        assert (len(flaky.requests), len(lacking.requests)) == (2, 1)
+
+
+async def test_a_lack_of_the_model_beside_an_open_breaker_is_unavailable(start_gateway):
+    """up0 lacks the model and up1, which serves it, has its breaker open: the call ends
+    UNAVAILABLE saying why each was passed over, with RetryInfo for up1's cool-down, since
+    the caller's retry may reach up1 once it is back; not INVALID_ARGUMENT."""
+    async with (
+        FakeUpstream(default=OPENAI_MODEL_NOT_FOUND) as lacking,
+        FakeUpstream(default=Status(500)) as failing,
+    ):
+        resilience = {
+            **FAST_RESILIENCE,
+            "breaker_consecutive_failures": 1,
+            "breaker_cool_down_s": 30.0,
+        }
+        gateway = await start_gateway(
+            gateway_config(lacking.base_url, failing.base_url, resilience=resilience)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as opened:
+            await gateway.stub.Complete(chat())  # up0's lack, then up1's 500 opens it
+        assert error_details(opened.value)[1] == "UPSTREAM_UNAVAILABLE"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await gateway.stub.Complete(chat())
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert refused.value.details().startswith(
+            "no upstream for model 'fake-model' is available: "
+            "up0 (model not served there), up1 (circuit open)"
+        )
+        metadata, reason, retry_s = error_details(refused.value)
+        assert (reason, metadata["attempts"]) == ("UPSTREAM_UNAVAILABLE", "1")
+        assert retry_s is not None
+        assert FAST_RESILIENCE["backoff_cap_s"] < retry_s <= 30.0
+        assert (len(lacking.requests), len(failing.requests)) == (2, 1)
+
+
+async def test_a_lack_of_the_model_beside_an_upstream_at_its_limit_is_that_limit(start_gateway):
+    """up0 lacks the model and up1, which serves it, is paused past `max_limit_wait_s`
+    (`X-RateLimit-Remaining: 0` for 30 s): the call ends with up1's limit
+    (RESOURCE_EXHAUSTED, UPSTREAM_LIMIT, with its wait), the soonest the model is served."""
+    paused = Reply(headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "30"})
+    async with FakeUpstream(default=OPENAI_MODEL_NOT_FOUND) as lacking, FakeUpstream() as busy:
+        busy.script(paused)
+        resilience = {**FAST_RESILIENCE, "max_limit_wait_s": 0.2}
+        gateway = await start_gateway(
+            gateway_config(lacking.base_url, busy.base_url, resilience=resilience)
+        )
+        first = await gateway.stub.Complete(chat())  # its answer pauses up1
+        assert (first.metadata.upstream, first.metadata.attempts) == ("up1", 2)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await gateway.stub.Complete(chat())
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        _, reason, retry_s = error_details(refused.value)
+        assert reason == "UPSTREAM_LIMIT"
+        assert retry_s is not None
+        assert 0 < retry_s <= 30.0
+        assert (len(lacking.requests), len(busy.requests)) == (2, 1)
+
+
 # OpenAI's answer to an account with no quota left: a 429 no wait mends.
 OUT_OF_QUOTA = Status(
     429,

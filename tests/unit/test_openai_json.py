@@ -31,6 +31,7 @@ from service.upstream.openai_json import (
     parse_completion,
     request_body,
     says_context_exceeded,
+    says_model_missing,
     says_out_of_credit,
     unary_body,
     usage,
@@ -1166,6 +1167,44 @@ def test_a_422_says_too_long_only_in_tgis_words() -> None:
     assert says_context_exceeded(body, 400)
     assert not says_context_exceeded(body, 422)
     assert not says_context_exceeded(b'{"error": {"code": "context_length_exceeded"}}', 422)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        # OpenAI's (and Groq's) 404 for a model the key cannot reach.
+        (
+            404,
+            {"error": {"message": "The model `x` does not exist", "code": "model_not_found"}},
+            True,
+        ),
+        # vLLM's bare error object; Azure's deployment unknown: any 404 with an error body.
+        (404, {"object": "error", "message": "The model `x` does not exist."}, True),
+        (404, {"error": {"code": "DeploymentNotFound", "message": "The API deployment ..."}}, True),
+        # A 404 with no error body is a path no server routes (a wrong base_url).
+        (404, {"detail": "Not Found"}, False),
+        # A 400 saying so: its code, DeepSeek's, Ollama's and Mistral's words.
+        (400, {"error": {"message": "no access", "code": "model_not_found"}}, True),
+        (400, {"error": {"message": "Model Not Exist", "type": "invalid_request_error"}}, True),
+        (400, {"error": "model 'llama3' not found, try pulling it first"}, True),
+        (400, {"object": "error", "message": "Invalid model: mistral-x", "code": "1500"}, True),
+        # A 400 about the request fails the same on every upstream.
+        (
+            400,
+            {"error": {"message": "Invalid 'temperature': above 2", "param": "temperature"}},
+            False,
+        ),
+        (400, {"error": {"message": "This model's maximum context length is 8192 tokens"}}, False),
+        (422, {"error": {"message": "The model `x` does not exist"}}, False),
+    ],
+)
+def test_says_model_missing(status: int, body: Any, expected: bool) -> None:
+    assert says_model_missing(json.dumps(body).encode(), status) is expected
+
+
+def test_a_404_that_is_not_json_says_no_model_missing() -> None:
+    """A wrong base_url's page (a proxy's, a login page) says nothing of the model."""
+    assert not says_model_missing(b"<html>404 Not Found</html>", 404)
 
 
 @pytest.mark.parametrize("body", [b"", b"<html>Bad Request</html>", b"\xff\xfe"])

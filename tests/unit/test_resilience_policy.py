@@ -15,6 +15,7 @@ from service.errors import (
     ShuttingDown,
     StreamInterrupted,
     UpstreamAuthRejected,
+    UpstreamLacksModel,
     UpstreamNotOpenAI,
     UpstreamRateLimited,
     UpstreamRejected,
@@ -71,6 +72,16 @@ def test_status_policy(status, retryable, failover_only, unhealthy):
     assert is_retryable(error) is retryable
     assert is_failover_only(error) is failover_only
     assert counts_against_health(error) is unhealthy
+
+
+def test_an_upstream_without_the_model_is_failed_over_and_stays_healthy():
+    """A 404 (or a 400 saying so) for a model the upstream does not have: the request is
+    fine and another upstream may serve it, so it is failed over, not retried there, and
+    the upstream is no less healthy for it."""
+    error = UpstreamLacksModel("x", upstream="u", status=404)
+    assert is_failover_only(error)
+    assert not is_retryable(error)
+    assert not counts_against_health(error)
 
 
 def test_an_answer_from_some_other_server_is_failed_over_and_unhealthy():
