@@ -440,10 +440,13 @@ DELTA_PIECE_CHARS = 512 * 1024
 
 
 def delta_chars(delta: Delta) -> int:
-    """The characters a delta's message carries."""
+    """The characters a delta's message carries: its calls' ids and names too, as one
+    event may begin thousands of calls."""
     chars = len(delta.content) + len(delta.reasoning)
     if delta.tool_calls:
-        chars += sum(len(call.arguments) for call in delta.tool_calls)
+        chars += sum(
+            len(call.id) + len(call.name) + len(call.arguments) for call in delta.tool_calls
+        )
     return chars
 
 
