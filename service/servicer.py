@@ -426,6 +426,15 @@ def response_to_proto(completion: Completion) -> pb.CompleteResponse:
     return response
 
 
+# The events that end a streaming method's messages: CompleteStream's and CompleteBatch's.
+_LAST_EVENTS = frozenset({"final", "summary"})
+
+
+def is_last_message(message: pb.CompleteStreamResponse | pb.CompleteBatchResponse) -> bool:
+    """Whether `message` is its stream's last: a CompleteStream's final, a batch's summary."""
+    return message.WhichOneof("event") in _LAST_EVENTS
+
+
 def stream_final_to_proto(completion: Completion) -> pb.CompleteStreamResponse:
     """A stream's last message: the completion's metadata."""
     message = pb.CompleteStreamResponse()
