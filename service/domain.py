@@ -58,6 +58,13 @@ class TruncationMode(enum.Enum):
     KEEP_RECENT = "keep_recent"
 
 
+# The most characters of a tool call's id, and of its function's name: what a caller may
+# send back in an assistant message (`validation`), and so what an upstream's answer may
+# hold (`openai_json`). A model may call a function it was never given, whose name need
+# not follow the rule for declared tools (64 characters), but real ids and names are tens.
+MAX_TOOL_CALL_FIELD = 256
+
+
 @dataclass(frozen=True, slots=True)
 class ToolCall:
     """One call of a tool the model asked for; `arguments` is JSON text as the model wrote it."""

@@ -314,10 +314,16 @@ class StalledStreams:
     `timeout_s` apart while any stream runs, looks at the writes in progress, rather
     than a timer for each message; a timer, not a task, so that a stream starting costs
     no more than a dict entry on its way to its first token.
+
+    A caller that stalled at the stream's last message (`is_last`), and then reads it,
+    has the whole answer: the call ends as it would have, not `CallerStalled`.
     """
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(
+        self, timeout_s: float, *, is_last: Callable[[Any], bool] = lambda message: False
+    ) -> None:
         self.timeout_s = timeout_s
+        self._is_last = is_last
         self._watched: dict[asyncio.Task[Any], _Watched] = {}
         self._sweep_timer: asyncio.TimerHandle | None = None
 
@@ -351,6 +357,8 @@ class StalledStreams:
                     # Shielded: a cancel now (the caller leaving, a shutdown's cut) must
                     # not cut the close short, and the `finally` below waits for it anyway.
                     await asyncio.shield(watched.closing)
+                    if self._is_last(item):  # taken: nothing was to follow it
+                        break
                     raise CallerStalled(self.timeout_s)
         finally:
             if task is not None:

@@ -56,7 +56,7 @@ from service.security import (
     check_listen_hosts,
     open_auth_redis,
 )
-from service.servicer import CompletionServicer
+from service.servicer import CompletionServicer, is_last_message
 from service.shared_limits import SharedLimits
 from service.telemetry import Telemetry, TelemetrySetupError, activate
 from service.telemetry.setup import (
@@ -273,7 +273,9 @@ class GatewayServer:
         servicer = CompletionServicer(self.pipeline)
         stalls = None
         if self.config.server.stalled_stream_timeout_s:
-            stalls = StalledStreams(self.config.server.stalled_stream_timeout_s)
+            stalls = StalledStreams(
+                self.config.server.stalled_stream_timeout_s, is_last=is_last_message
+            )
             self._stack.push_async_callback(stalls.aclose)
         # A gate that would admit everyone as the unlimited default tenant is skipped.
         guard_servicer(

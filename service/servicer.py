@@ -428,6 +428,15 @@ def response_to_proto(completion: Completion) -> pb.CompleteResponse:
     return response
 
 
+# The events that end a streaming method's messages: CompleteStream's and CompleteBatch's.
+_LAST_EVENTS = frozenset({"final", "summary"})
+
+
+def is_last_message(message: pb.CompleteStreamResponse | pb.CompleteBatchResponse) -> bool:
+    """Whether `message` is its stream's last: a CompleteStream's final, a batch's summary."""
+    return message.WhichOneof("event") in _LAST_EVENTS
+
+
 def stream_final_to_proto(completion: Completion) -> pb.CompleteStreamResponse:
     """A stream's last message: the completion's metadata."""
     message = pb.CompleteStreamResponse()
@@ -442,10 +451,13 @@ DELTA_PIECE_CHARS = 512 * 1024
 
 
 def delta_chars(delta: Delta) -> int:
-    """The characters a delta's message carries."""
+    """The characters a delta's message carries: its calls' ids and names too, as one
+    event may begin thousands of calls."""
     chars = len(delta.content) + len(delta.reasoning)
     if delta.tool_calls:
-        chars += sum(len(call.arguments) for call in delta.tool_calls)
+        chars += sum(
+            len(call.id) + len(call.name) + len(call.arguments) for call in delta.tool_calls
+        )
     return chars
 
 

@@ -11,7 +11,14 @@ from types import MappingProxyType
 import orjson
 
 from service.config import MAX_LABELS, MAX_MODEL_NAME, RequestDefaults, is_model_name
-from service.domain import ChatRequest, Message, ResponseFormat, ResponseFormatType, Role
+from service.domain import (
+    MAX_TOOL_CALL_FIELD,
+    ChatRequest,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+)
 from service.errors import FieldViolation, InvalidRequest, clipped
 from service.tokens import estimate_prompt_tokens
 
@@ -49,7 +56,6 @@ MAX_TOOLS = 128  # OpenAI's limit
 # Tool calls a message sent back may carry: a model's parallel calls are a handful; more
 # is no conversation, and converting millions of them would hold the event loop.
 MAX_TOOL_CALLS_PER_MESSAGE = 128
-_MAX_TOOL_CALL_FIELD = 256  # a sent-back tool call's id, and its name
 # A message's tool calls whose bad ids and names are each a violation; those after are
 # counted in one: 1,000 messages of 128 empty calls (261 KB) were 256,000 violations,
 # 0.6 s of the event loop to build, of which a caller is shown ten.
@@ -349,14 +355,14 @@ def _tool_message_violations(
         # for declared tools: a model may call one it was never given ("python.run"), and
         # refusing the turn that carries it would leave the caller no way to answer it.
         for name, value in (("id", call.id), ("name", call.name)):
-            if not value or len(value) > _MAX_TOOL_CALL_FIELD or not value.isprintable():
+            if not value or len(value) > MAX_TOOL_CALL_FIELD or not value.isprintable():
                 if number >= _TOOL_CALLS_TOLD_APART:
                     more_bad_fields += 1
                     continue
                 found.append(
                     FieldViolation(
                         f"{path}.tool_calls[{number}].{name}",
-                        f"must be 1 to {_MAX_TOOL_CALL_FIELD} printable characters",
+                        f"must be 1 to {MAX_TOOL_CALL_FIELD} printable characters",
                     )
                 )
         call_ids.add(call.id)
@@ -365,7 +371,7 @@ def _tool_message_violations(
             FieldViolation(
                 f"{path}.tool_calls",
                 f"{more_bad_fields} more ids and names (from tool_calls[{_TOOL_CALLS_TOLD_APART}]) "
-                f"must be 1 to {_MAX_TOOL_CALL_FIELD} printable characters",
+                f"must be 1 to {MAX_TOOL_CALL_FIELD} printable characters",
             )
         )
     if message.role is Role.TOOL:

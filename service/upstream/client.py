@@ -900,7 +900,8 @@ class UpstreamClient:
         the consumer's time between chunks; the upstream's `timeout_s` is the whole
         stream's, from its start, the consumer's time included. `whole_timeout_s` (within
         it) bounds the whole stream instead, as a unary call's deadline bounds its answer
-        (`_complete_streamed`): an answer whose finish reason came ends by it as finished.
+        (`_complete_streamed`): an answer whose finish reason came ends by it as finished,
+        as it does when its body is then reset or cut in the middle of an event.
 
         From an upstream with `empty_stream_is_refusal`, a stream it ends before its first
         event is asked again unary (`_asked_again_unary`).
@@ -1021,20 +1022,18 @@ class UpstreamClient:
                 idle_until: float | None = None
                 read_chars = 0  # the output as the upstream sent it, which the bound counts
                 head = b""  # the body read while no event has come (`_MAX_EVENTLESS_HEAD`)
-                is_stalled_whole = False  # ended by a timeout once its finish reason came
                 while True:
                     wait_until = deadline if idle_until is None else min(deadline, idle_until)
                     try:
                         async with asyncio.timeout_at(wait_until):
                             raw = await response.next_chunk()
-                    except TimeoutError:
+                    except (TimeoutError, HttpError):
                         if not has_output or parser.finish_reason is None:
                             raise
                         # The answer was whole, and said so: only its usage or `[DONE]`
-                        # was to come. Failing it would have its caller ask (and pay)
-                        # again for an answer it has; its connection is closed, and
-                        # an event it began (its usage, cut by the stall) left unread.
-                        is_stalled_whole = True
+                        # was to come. Failing it, stalled or reset, would have its caller
+                        # ask (and pay) again for an answer it has; its connection is
+                        # closed, and an event it began (its usage) left unread.
                         break
                     if raw is None:  # a clean end; a reset raises instead
                         parser.end_of_body(decoder.data_at_end())
@@ -1092,7 +1091,10 @@ class UpstreamClient:
                         response, head, on_status, is_empty=not decoder.has_pending
                     )
                 end = parser.end()
-                if not (parser.is_done or is_stalled_whole) and decoder.has_pending:
+                # Once output and its finish reason came, an event its end cut (its usage,
+                # `[DONE]`) is left unread, however the body ended (`next_chunk` above).
+                is_whole = parser.is_done or (has_output and parser.finish_reason is not None)
+                if not is_whole and decoder.has_pending:
                     raise MalformedReply("the stream was cut in the middle of an event")
                 if (last := _last_output(parser, splitter)) is not None:
                     tally.chars += output_chars(last)

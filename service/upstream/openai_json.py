@@ -17,6 +17,7 @@ import orjson
 from service.domain import (
     DEFAULT_SCHEMA_NAME,
     MAX_TOKEN_COUNT,
+    MAX_TOOL_CALL_FIELD,
     ChatRequest,
     FinishReason,
     Message,
@@ -605,8 +606,20 @@ def _tool_calls(data: object) -> tuple[ToolCall, ...]:
             raise MalformedReply("a tool call has no function name")
         if arguments is not None and not isinstance(arguments, str):
             raise MalformedReply("tool call arguments are not a string")
+        _check_lengths(call_id, name)
         calls.append(ToolCall(call_id, name, arguments or ""))
     return tuple(calls)
+
+
+def _check_lengths(call_id: str, name: str) -> None:
+    """Raise for a tool call's id or function name past `MAX_TOOL_CALL_FIELD`: its caller
+    could not send it back, and a stream's message carrying it could pass the 4 MiB its
+    caller's client takes (a broken upstream's name of megabytes)."""
+    for what, value in (("id", call_id), ("function name", name)):
+        if len(value) > MAX_TOOL_CALL_FIELD:
+            raise MalformedReply(
+                f"a tool call's {what} is longer than {MAX_TOOL_CALL_FIELD} characters"
+            )
 
 
 def _function_call(data: object) -> ToolCall:
@@ -615,7 +628,9 @@ def _function_call(data: object) -> ToolCall:
     name, arguments = _function_call_fields(data)
     if not name:
         raise MalformedReply("a function call has no function name")
-    return ToolCall(_new_call_id(), name, arguments or "")
+    call_id = _new_call_id()
+    _check_lengths(call_id, name)
+    return ToolCall(call_id, name, arguments or "")
 
 
 def _function_call_fields(data: object) -> tuple[str | None, str | None]:
@@ -999,6 +1014,7 @@ class StreamParser:
                 pieces.append(ToolCallDelta(known.position, arguments=arguments))
             return
         known.id, known.name = known.id or call_id or "", known.name or name or ""
+        _check_lengths(known.id, known.name)  # before it is held, waiting for the other
         if arguments:
             known.held.append(arguments)
             known.held_chars += len(arguments)

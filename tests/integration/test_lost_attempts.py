@@ -546,9 +546,10 @@ async def test_a_streamed_unary_attempt_lost_after_its_usage_is_charged_that_usa
     fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: Any
 ) -> None:
     """up0 reads unary calls as streams (`stream_unary_calls`) and resets one after its
-    usage event, before `[DONE]`: the call is answered by up1, and the attempt lost on up0
-    is charged the usage it reported, cached input at its price, as a stream cut there is
-    (before, the prompt's estimate at the full input price, and the text's estimate)."""
+    usage event, before its finish reason: the call is answered by up1, and the attempt
+    lost on up0 is charged the usage it reported, cached input at its price, as a stream
+    cut there is (before, the prompt's estimate at the full input price, and the text's
+    estimate)."""
     data = gateway_config_data(
         *(fake.base_url for fake in fakes),
         models=CACHE_PRICED_MODELS,
@@ -556,7 +557,7 @@ async def test_a_streamed_unary_attempt_lost_after_its_usage_is_charged_that_usa
     )
     data["upstreams"][0]["stream_unary_calls"] = True
     gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
-    fakes[0].script(dataclasses.replace(CACHED_PROMPT, cut_before_done=True))
+    fakes[0].script(dataclasses.replace(CACHED_PROMPT, cut_before_done=True, finish_reason=None))
     fakes[1].script(ANSWER)
     assert_the_answers_own(await call(gateway, "unary"), attempts=2)
     lost = by_upstream(await usage(gateway))["up0"]

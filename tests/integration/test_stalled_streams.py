@@ -52,6 +52,37 @@ async def test_a_caller_that_stops_reading_lets_go_of_the_upstream_then_hears_wh
         assert len(upstream.requests) == 1
 
 
+# A caller's stream window of about 1 KiB (gRPC's lookahead, not grown by BDP probes): a
+# delta of this many characters fills it so far that the final message waits.
+_SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+_FILLS_THE_WINDOW = 975
+
+
+def _logged(caplog: pytest.LogCaptureFixture, event: str) -> bool:
+    return any(record.msg == event for record in caplog.records)
+
+
+async def test_a_caller_stalled_at_the_final_message_gets_the_answer_whole(start_gateway, caplog):
+    """The caller takes nothing until its stream's last write, the final message, waited
+    past `stalled_stream_timeout_s`: reading on, it gets the delta and the final, and the
+    call ends OK, not DEADLINE_EXCEEDED (CALLER_STALLED) after a whole answer, which
+    failed it as far as its client could tell."""
+    reply = Reply(content="x" * _FILLS_THE_WINDOW, chunks=1)
+    async with FakeUpstream(default=reply) as upstream:
+        gateway = await start_gateway(
+            gateway_config(upstream.base_url, server={"stalled_stream_timeout_s": 0.3})
+        )
+        async with grpc.aio.insecure_channel(gateway.server.address, options=_SMALL_WINDOW) as ch:
+            call = pb_grpc.CompletionServiceStub(ch).CompleteStream(chat_stream("long"))
+            assert await settle(lambda: _logged(caplog, "rpc.caller_stalled"), timeout_s=30)
+            assert await settle(lambda: gateway.server.admission.is_idle)
+            events = [message.WhichOneof("event") async for message in call]
+            assert await call.code() is grpc.StatusCode.OK
+    assert events == ["delta", "final"]
+    usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+    assert (usage.total.requests, usage.total.estimated_requests) == (1, 0)
+
+
 async def test_a_stalled_stream_gives_its_server_slot_to_other_callers(start_gateway):
     """Once its upstream is let go, a stalled stream holds no slot of the server's
     `max_in_flight_calls`: one tenant's callers that stop reading cannot refuse every

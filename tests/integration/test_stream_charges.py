@@ -262,11 +262,13 @@ CACHED_PROMPT_USD = (200 * 0.27 + 800 * 0.07 + 3 * 1.10) / 1e6
 async def test_a_stream_cut_after_its_usage_is_charged_that_usage(
     upstream: FakeUpstream, start_gateway: Any
 ) -> None:
-    """The upstream resets a stream after its usage event, before `[DONE]`: the call is
-    charged the usage reported, cached input at its price, as the same answer whole is
-    (before, the prompt's estimate at the full input price, and the text's estimate)."""
+    """The upstream resets a stream after its usage event, before its finish reason (a
+    reset after it ends the stream as finished): the call is charged the usage reported,
+    cached input at its price, as the same answer whole is (before, the prompt's estimate
+    at the full input price, and the text's estimate)."""
     gateway = await start_gateway(gateway_config(upstream.base_url, models=CACHE_PRICED_MODELS))
-    upstream.script(CACHED_PROMPT, dataclasses.replace(CACHED_PROMPT, cut_before_done=True))
+    cut = dataclasses.replace(CACHED_PROMPT, cut_before_done=True, finish_reason=None)
+    upstream.script(CACHED_PROMPT, cut)
     await gateway.stub.Complete(chat(labels=WHOLE), timeout=_TIMEOUT_S)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in gateway.stub.CompleteStream(chat_stream(labels=CUT), timeout=_TIMEOUT_S):

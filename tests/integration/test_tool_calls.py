@@ -669,6 +669,11 @@ MALFORMED_TOOL_CALLS = {
     "no-name": [{"id": "call_1", "index": 0, "function": {"arguments": "{}"}}],
     "no-id": [{"index": 0, "function": {"name": "get_weather", "arguments": "{}"}}],
     "arguments-object": [{"id": "call_1", "index": 0, "function": {"name": "f", "arguments": {}}}],
+    # Past what a caller may send back (256 characters); one of megabytes made a stream's
+    # message larger than the 4 MiB a caller's client takes.
+    "id-too-long": [{"id": "c" * 257, "index": 0, "function": {"name": "f", "arguments": "{}"}}],
+    "name-too-long": [{"id": "call_1", "index": 0, "function": {"name": "f" * 257}}],
+    "name-of-megabytes": [{"id": "call_1", "index": 0, "function": {"name": "f" * (5 << 20)}}],
 }
 
 
@@ -1063,6 +1068,7 @@ MALFORMED_FUNCTION_CALLS = {
     "not-an-object": "get_weather",
     "no-name": {"arguments": "{}"},
     "arguments-object": {"name": "get_weather", "arguments": {}},
+    "name-too-long": {"name": "f" * 257, "arguments": "{}"},
 }
 
 

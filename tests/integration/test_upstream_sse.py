@@ -377,11 +377,12 @@ async def test_a_done_line_with_blanks_around_it_ends_the_stream_cleanly(
         pytest.param(b"data: [DONE]\n", "reset", id="done-then-reset"),
     ],
 )
-async def test_a_body_cut_before_done_is_whole_is_an_interrupted_stream(
+async def test_a_body_cut_before_its_finish_reason_is_an_interrupted_stream(
     start_gateway: Callable[..., Any], done: bytes, framing: Framing
 ) -> None:
-    """A partial `[DONE]` at the body's end, or a whole one before a reset: a cut stream."""
-    upstream = SSEUpstream(chunk("Hel") + chunk("lo", "stop") + USAGE + done, framing=framing)
+    """A partial `[DONE]` at the body's end, or a whole one before a reset, with no finish
+    reason before it: a cut stream, its usage reported or not."""
+    upstream = SSEUpstream(chunk("Hel") + chunk("lo") + USAGE + done, framing=framing)
     async with upstream as url:
         gateway = await start_gateway(gateway_config(url))
         text, final, error = await relay(gateway, chat_stream("hi"))
@@ -391,6 +392,60 @@ async def test_a_body_cut_before_done_is_whole_is_an_interrupted_stream(
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert error_details(error)[1] == "STREAM_INTERRUPTED"
     assert upstream.requests == 1
+
+
+# What follows a finish reason before the body's end, and how it ends: each leaves only
+# the usage or `[DONE]` unread.
+AFTER_THE_FINISH = [
+    pytest.param(b"", "reset", False, id="reset"),
+    pytest.param(USAGE, "reset", True, id="usage-then-reset"),
+    pytest.param(USAGE[: len(USAGE) // 2], "reset", False, id="half-a-usage-then-reset"),
+    pytest.param(USAGE + b"data: [DONE]\n", "reset", True, id="done-then-reset"),
+    pytest.param(USAGE + b"data: [DO", "chunked", True, id="partial-done-then-clean-end"),
+    pytest.param(USAGE + b"data: [DO", "close", True, id="partial-done-then-close"),
+]
+
+
+@pytest.mark.parametrize(("after", "framing", "has_usage"), AFTER_THE_FINISH)
+async def test_a_stream_cut_after_its_finish_reason_ends_as_finished(
+    start_gateway: Callable[..., Any], after: bytes, framing: Framing, has_usage: bool
+) -> None:
+    """A stream reset (SO_LINGER 0), or ended in the middle of an event, once its text and
+    finish reason came ends as finished, as one that stalls there does: its caller has the
+    whole answer, and failing it STREAM_INTERRUPTED would have it ask (and pay) again. Its
+    usage is the one reported, else estimated."""
+    upstream = SSEUpstream(chunk("Hel") + chunk("lo", "stop") + after, framing=framing)
+    async with upstream as url:
+        gateway = await start_gateway(gateway_config(url))
+        text, final, error = await relay(gateway, chat_stream("hi"))
+        usage = await gateway.stub.GetUsage(pb.GetUsageRequest())
+    assert error is None
+    assert text == "Hello"
+    assert final is not None
+    assert final.final.finish_reason == pb.FINISH_REASON_STOP
+    assert final.final.usage.estimated is not has_usage
+    if has_usage:
+        assert (final.final.usage.input_tokens, final.final.usage.output_tokens) == (3, 2)
+    assert (usage.total.requests, upstream.requests) == (1, 1)
+
+
+async def test_a_unary_call_read_as_a_stream_reset_after_its_finish_reason_is_answered(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """The same reset, from an upstream that takes unary calls as streams
+    (`stream_unary_calls`), answers the call: not a cut stream, which was retried (the
+    whole answer generated, and billed, again) and failed UNAVAILABLE once every attempt
+    was reset."""
+    upstream = SSEUpstream(chunk("Hello", "stop") + USAGE, framing="reset")
+    async with upstream as url:
+        config = gateway_config(url, resilience=FAST_RETRIES)
+        streamed = dataclasses.replace(config.upstreams[0], stream_unary_calls=True)
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=(streamed,)))
+        answer = await gateway.stub.Complete(chat("hi"), timeout=8)
+    assert answer.content == "Hello"
+    assert answer.metadata.finish_reason == pb.FINISH_REASON_STOP
+    assert (answer.metadata.usage.input_tokens, answer.metadata.usage.output_tokens) == (3, 2)
+    assert (answer.metadata.attempts, upstream.requests) == (1, 1)
 
 
 async def test_only_the_first_choice_is_relayed_when_an_event_carries_others(
