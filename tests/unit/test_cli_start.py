@@ -1,0 +1,88 @@
+"""What `llm-gateway` imports to start a command that only calls the gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The `service` modules a calling command shares with the gateway: the console script's
+# own (signals held, grpc's logs quieted, OpenTelemetry's context), `serve`'s options,
+# and the client's helpers. Each imports the standard library, grpc or protobuf only.
+SHARED = {
+    "service",
+    "service.clock",
+    "service.command_line",
+    "service.console",
+    "service.early_signals",
+    "service.errors",
+    "service.grpc_core_logs",
+    "service.hosts",
+    "service.option_variables",
+    "service.otel_context",
+    "service.retry",
+    "service.text_encoding",
+}
+# What the gateway alone needs: Redis, telemetry, the config's YAML, llama.cpp, aiohttp.
+GATEWAY_PACKAGES = {"redis", "opentelemetry", "yaml", "pydantic", "llama_cpp", "aiohttp"}
+
+# The console script's entry point, run as `llm-gateway ARGS`; then what it imported.
+STARTED = """
+import json, sys
+from service.console import main
+sys.argv = ["llm-gateway", *json.loads(sys.argv[1])]
+try:
+    main()
+except SystemExit:
+    pass
+print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+"""
+
+
+def imported_by(*argv: str) -> set[str]:
+    """The modules `llm-gateway ARGV` had imported when it ended."""
+    environ = {k: v for k, v in os.environ.items() if k != "OTEL_PYTHON_CONTEXT"}
+    done = subprocess.run(
+        [sys.executable, "-c", STARTED, json.dumps(argv)],
+        capture_output=True, text=True, cwd=REPO, env=environ, timeout=60, check=False,
+    )  # fmt: skip
+    return set(json.loads(done.stderr.splitlines()[-1]))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--help",),
+        ("complete", "--help"),
+        ("models", "--help"),
+        ("usage", "--help"),
+        ("batch", "--help"),
+        ("summarize", "--help"),
+        ("complete", "Say hi", "--address", "127.0.0.1:1"),  # a call, refused
+    ],
+)
+def test_a_calling_command_starts_without_the_gateway(argv: tuple[str, ...]) -> None:
+    """Every command was registered with the modules that run it: `check` and `serve`
+    imported the gateway (config, Redis, telemetry, the local model) for each `complete`
+    and `models` too, three quarters of their start's CPU. Those commands import it now
+    as they run."""
+    imported = imported_by(*argv)
+    gateway_modules = {
+        name for name in imported if name.split(".")[0] == "service" and name not in SHARED
+    }
+    gateway_packages = {name.split(".")[0] for name in imported} & GATEWAY_PACKAGES
+    assert sorted(gateway_modules | gateway_packages) == []
+    assert "gateway_client.cli" in imported  # the command did start
+
+
+def test_check_and_serve_still_import_what_they_run() -> None:
+    """The commands that need the gateway get it as they run: `check` with a config
+    that is not there reads it (a config error) rather than failing to import."""
+    imported = imported_by("check", "--config", str(REPO / "no-such-config.yaml"))
+    assert {"service.config", "gateway_client.commands.check"} <= imported
