@@ -13,7 +13,6 @@ from service import early_signals
 from service.command_line import add_serve_arguments, null_closed_descriptors, null_closed_stderr
 from service.config import COMMAND_LINE, ConfigError, GatewayConfig, load_config
 from service.logs import SUPERVISOR, configure_logging
-from service.workers import state_kept_per_worker, worker_count
 
 
 def with_flags(
@@ -55,6 +54,10 @@ def serve_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
         return 2
+    # Only now: a config error is told without loading the workers' supervisor, the local
+    # model and telemetry (a third of a second's CPU).
+    from service.workers import worker_count
+
     server = config.server
     count, why = worker_count(config)
     if count > 1:  # this process supervises the workers, whose lines name their index
@@ -86,6 +89,8 @@ def _log_worker_count(config: GatewayConfig, count: int, why: str) -> None:
     (a warning, once, from the supervisor) what several would each keep apart that must
     agree across them. Only a count the operator set runs several then (`worker_count`):
     each worker would let a tenant spend its whole budget, and through its whole rate."""
+    from service.workers import state_kept_per_worker
+
     log = logging.getLogger("llm_gateway.workers")
     log.info("server.workers", extra={"workers": count, "why": why})
     kept_apart = state_kept_per_worker(config) if count > 1 else []

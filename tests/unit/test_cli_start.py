@@ -1,4 +1,5 @@
-"""What `llm-gateway` imports to start a command that only calls the gateway."""
+"""What `llm-gateway` imports to start a command that only calls the gateway, and
+`python -m service serve` to refuse a config."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,14 +47,30 @@ print(json.dumps(sorted(sys.modules)), file=sys.stderr)
 """
 
 
-def imported_by(*argv: str) -> set[str]:
-    """The modules `llm-gateway ARGV` had imported when it ended."""
+# `python -m service ARGS`; then its status and what it imported.
+SERVED = """
+import json, runpy, sys
+sys.argv = ["python -m service", *json.loads(sys.argv[1])]
+try:
+    runpy.run_module("service", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    print(json.dumps([exc.code, sorted(sys.modules)]), file=sys.stderr)
+"""
+
+
+def last_line_of(script: str, *argv: str) -> Any:
+    """What `script`, run with ARGV, wrote as JSON on its last line of stderr."""
     environ = {k: v for k, v in os.environ.items() if k != "OTEL_PYTHON_CONTEXT"}
     done = subprocess.run(
-        [sys.executable, "-c", STARTED, json.dumps(argv)],
+        [sys.executable, "-c", script, json.dumps(argv)],
         capture_output=True, text=True, cwd=REPO, env=environ, timeout=60, check=False,
     )  # fmt: skip
-    return set(json.loads(done.stderr.splitlines()[-1]))
+    return json.loads(done.stderr.splitlines()[-1])
+
+
+def imported_by(*argv: str) -> set[str]:
+    """The modules `llm-gateway ARGV` had imported when it ended."""
+    return set(last_line_of(STARTED, *argv))
 
 
 @pytest.mark.parametrize(
@@ -86,3 +104,13 @@ def test_check_and_serve_still_import_what_they_run() -> None:
     that is not there reads it (a config error) rather than failing to import."""
     imported = imported_by("check", "--config", str(REPO / "no-such-config.yaml"))
     assert {"service.config", "gateway_client.commands.check"} <= imported
+
+
+def test_serve_refuses_a_config_before_importing_the_workers(tmp_path: Path) -> None:
+    """`serve` with a bad value in its config exits 2 having loaded the config alone:
+    it imported the workers' supervisor, the local model and telemetry first."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("server:\n  workers: many\n")
+    status, imported = last_line_of(SERVED, "serve", "--config", str(config))
+    started = {"service.workers", "service.local_model", "service.telemetry", "service.server"}
+    assert (status, sorted(started & set(imported))) == (2, [])
