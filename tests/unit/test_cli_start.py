@@ -114,3 +114,32 @@ def test_serve_refuses_a_config_before_importing_the_workers(tmp_path: Path) -> 
     status, imported = last_line_of(SERVED, "serve", "--config", str(config))
     started = {"service.workers", "service.local_model", "service.telemetry", "service.server"}
     assert (status, sorted(started & set(imported))) == (2, [])
+
+
+# A Ctrl-C as `check`'s modules are imported (now as the command runs, once the signals
+# held from the console script's first line were let go).
+CTRL_C_IN_CHECKS_IMPORT = """
+import signal, sys
+
+class CtrlCAtTheConfig:
+    def find_spec(self, name, path, target=None):
+        if name == "service.config":
+            signal.raise_signal(signal.SIGINT)
+        return None
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal's foreground
+sys.meta_path.insert(0, CtrlCAtTheConfig())
+from service.console import main
+sys.argv = ["llm-gateway", "check", "--config", sys.argv[1]]
+sys.exit(main())
+"""
+
+
+def test_a_ctrl_c_while_check_imports_its_modules_is_status_130(tmp_path: Path) -> None:
+    """As while they were imported with every command, signals held: status 130, no
+    traceback and no check (the config file's absence is not said)."""
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_IN_CHECKS_IMPORT, str(tmp_path / "gone.yaml")],
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "")
