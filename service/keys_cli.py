@@ -24,6 +24,7 @@ from service.auth import (
     redis_connection_options,
     redis_keys_hash,
 )
+from service.command_line import config_path, default_config
 from service.config import (
     ANY_TENANT,
     AuthConfig,
@@ -33,7 +34,6 @@ from service.config import (
     GatewayConfig,
     load_config,
 )
-from service.main import config_path, default_config
 from service.text_encoding import MARK_BYTES, following_encoding
 
 

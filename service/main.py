@@ -10,58 +10,9 @@ import sys
 from typing import Any
 
 from service import early_signals
+from service.command_line import add_serve_arguments, null_closed_descriptors, null_closed_stderr
 from service.config import COMMAND_LINE, ConfigError, GatewayConfig, load_config
 from service.logs import SUPERVISOR, configure_logging
-from service.option_variables import naming_variable, variable_default
-from service.workers import state_kept_per_worker, worker_count
-
-DEFAULT_CONFIG = "config/gateway.yaml"
-
-
-def default_config() -> str:
-    """The file `$LLM_GATEWAY_CONFIG` names, else `DEFAULT_CONFIG`: an empty variable (a
-    script's unset one passed on) is unset, as for `make run` and the CLI's variables."""
-    return os.environ.get("LLM_GATEWAY_CONFIG") or DEFAULT_CONFIG
-
-
-def config_path(value: str) -> str:
-    """--config: a path; an empty one would be read as the current directory."""
-    if not value:
-        raise argparse.ArgumentTypeError("names no file")
-    return value
-
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def log_level(value: str) -> str:
-    """--log-level: a level name logging knows, in any case."""
-    if value.upper() not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
-    return value.upper()
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `serve` subcommand's options."""
-    parser.add_argument(
-        "--config",
-        type=config_path,
-        default=default_config(),
-        help="YAML config file (default: $LLM_GATEWAY_CONFIG or config/gateway.yaml)",
-    )
-    parser.add_argument("--listen", help="HOST:PORT to listen on, overriding the config")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        help="processes sharing the port (SO_REUSEPORT); 0: one per core "
-        "(default: server.workers, else one per core when state is shared in Redis)",
-    )
-    parser.add_argument(
-        "--log-level",
-        type=naming_variable(log_level),
-        default=variable_default("LLM_GATEWAY_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: $LLM_GATEWAY_LOG_LEVEL or INFO)",
-    )
 
 
 def with_flags(
@@ -103,6 +54,10 @@ def serve_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
         return 2
+    # Only now: a config error is told without loading the workers' supervisor, the local
+    # model and telemetry (a third of a second's CPU).
+    from service.workers import worker_count
+
     server = config.server
     count, why = worker_count(config)
     if count > 1:  # this process supervises the workers, whose lines name their index
@@ -134,6 +89,8 @@ def _log_worker_count(config: GatewayConfig, count: int, why: str) -> None:
     (a warning, once, from the supervisor) what several would each keep apart that must
     agree across them. Only a count the operator set runs several then (`worker_count`):
     each worker would let a tenant spend its whole budget, and through its whole rate."""
+    from service.workers import state_kept_per_worker
+
     log = logging.getLogger("llm_gateway.workers")
     log.info("server.workers", extra={"workers": count, "why": why})
     kept_apart = state_kept_per_worker(config) if count > 1 else []
@@ -155,29 +112,6 @@ def _warn_of_unknown_context(config: GatewayConfig) -> None:
             "telemetry.unknown_context",
             extra={"variable": CONTEXT, "context": name, "used": DEFAULT_CONTEXT},
         )
-
-
-def null_closed_descriptors() -> None:
-    """Open /dev/null on each standard descriptor (0, 1, 2) the process was started
-    without (`>&-`). Else a file the server opens takes that number, and the event loop,
-    which never closes one of 0-2, aborts the process (SIGABRT, status 134) as it closes
-    it at the end of a clean stop."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
-
-
-def null_closed_stderr() -> None:
-    """Send standard error to /dev/null when it is closed (`2>&-`): Python then sets up no
-    `sys.stderr`, and `print(..., file=sys.stderr)` writes to stdout, into the answer, the
-    key printed or `batch -o -`'s results."""
-    if sys.stderr is None:
-        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (kept open)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -312,8 +312,8 @@ def _worker_main(
     index: int,
     beats: Connection,
 ) -> None:
+    from service.command_line import null_closed_descriptors
     from service.logs import configure_logging
-    from service.main import null_closed_descriptors
     from service.server import run
 
     null_closed_descriptors()  # multiprocessing's start may leave 0 or 1 closed here too

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from gateway_client.client import MAX_TIMEOUT_S
 from gateway_client.commands import (
     batch,
-    check,
+    check_options,
     complete,
     keys,
     models,
@@ -25,9 +25,11 @@ from gateway_client.commands import (
     usage,
 )
 from service import early_signals
-from service.main import null_closed_descriptors, null_closed_stderr
+from service.command_line import null_closed_descriptors, null_closed_stderr
 
-SUBCOMMANDS = [serve, complete, models, batch, summarize, check, usage, keys]
+# Each registers without importing the gateway (`serve`, `check` and `keys` import it as
+# they run): every `complete` or `models` would pay for it, most of its start.
+SUBCOMMANDS = [serve, complete, models, batch, summarize, check_options, usage, keys]
 # What `llm-gateway --help` says: the docstring's first line, not its notes for developers.
 DESCRIPTION = "run the gateway, or call it from a shell ('llm-gateway COMMAND --help' for each)"
 

@@ -1,19 +1,6 @@
-"""`llm-gateway check`: validate the config and every upstream's key, all at once.
-
-First the config errors `serve` would find only as it starts (a listen host this
-machine cannot listen on, the listen policy, the keys file, the `OTEL_*` exporters and
-their OTLP timeout and compression, a TLS pair grpc cannot serve, the workers'
-Prometheus ports past 65535, a Redis refusing the credentials, a local model file that
-is no GGUF llama.cpp could load). Then calls
-`GET {base_url}/models` on each enabled upstream (concurrently) and prints a table:
-upstream, reachable, key valid, models listed, latency. Exits 2 on a config error, 1
-when any enabled upstream is unreachable, refuses its key or account, or answers with
-another error, or when the gateway would serve the local model and it is not installed
-or its model file lacks the `chat_template.NAME` asked for, else 0: a server that has no
-`/models` (404, 405) passes, its key unknown. Upstreams whose key variable is unset are
-listed as skipped. Keys are never printed. Several workers (`--workers N`,
-`server.workers`) that would each keep state in memory that must agree across them are
-warned of, as `serve` warns.
+"""`llm-gateway check`'s work: what it checks and its exit statuses are said in
+`check_options`, which registers the command (its docstring is `check --help`) without
+importing this module and the gateway modules it needs.
 """
 
 from __future__ import annotations
@@ -24,13 +11,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
 
+from gateway_client.commands import check_options
 from service.config import ConfigError, GatewayConfig, UpstreamConfig, load_config
 from service.errors import UpstreamError
 from service.hosts import ListenError
 from service.local_model import refuse_a_bad_model_file, start_problem
-from service.main import config_path, default_config, with_flags
+from service.main import with_flags
 from service.otel_context import CONTEXT, DEFAULT_CONTEXT
 from service.redis_access import check_redis_access
 from service.security import check_start_config
@@ -48,32 +35,8 @@ from service.upstream.http import HttpError, ProxyRefused
 from service.upstream.proxy import choose_proxy
 from service.workers import state_kept_per_worker, worker_configs, worker_count
 
-
-def register(subparsers: Any) -> None:
-    """Add the `check` subcommand."""
-    from gateway_client.cli import timeout_seconds  # cli imports this module
-
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "check", help="validate the config and every upstream's key", description=__doc__
-    )
-    parser.add_argument(
-        "--config",
-        type=config_path,
-        default=default_config(),
-        help="YAML config file (default: $LLM_GATEWAY_CONFIG or config/gateway.yaml)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        help="the worker processes `serve --workers N` would run (default: as serve decides)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=timeout_seconds,
-        default=10.0,
-        help="seconds per upstream (default: %(default)s)",
-    )
-    parser.set_defaults(handler=check_command)
+# Where this module is imported anyway (tests, a program running `check_command`).
+register = check_options.register
 
 
 @dataclass(frozen=True, slots=True)
