@@ -1068,27 +1068,29 @@ class UpstreamPool:
             exc.suggest_retry_after(self._retry_delay_s(exc.upstream))
         return exc
 
-    def _shut_for_s(self, upstream: str) -> float:
-        """Seconds until `upstream` may take a call again: its breaker's cool-down, its
-        restart while it is down for one; 0 when it may now."""
+    def _held_off_s(self, upstream: str) -> tuple[float | None, float | None]:
+        """Seconds until `upstream`'s breaker lets a call through (`_breaker_wait_s`), and
+        until its restart is due to answer while it is down for one; None for either that
+        does not hold it off."""
         state = self._states.get(upstream)
         cool_down = _breaker_wait_s(state.breaker) if state is not None else None
         retry_at = self._down.get(upstream)
-        restart_s = retry_at - self._clock.now() if retry_at is not None else 0.0
-        return max(cool_down or 0.0, restart_s)
+        return cool_down, None if retry_at is None else retry_at - self._clock.now()
+
+    def _shut_for_s(self, upstream: str) -> float:
+        """Seconds until `upstream` may take a call again: its breaker's cool-down, its
+        restart while it is down for one; 0 when it may now."""
+        cool_down, restart_s = self._held_off_s(upstream)
+        return max(cool_down or 0.0, restart_s or 0.0)
 
     def _retry_delay_s(self, upstream: str) -> float:
         """When a caller may try again after the gateway's own retries failed, if the
         upstream did not say: once its breaker lets a probe through (or, while its probe
         runs, once that has answered or another may go), else the first backoff; and not
         before its restart is due to answer, while it is down for one."""
-        state = self._states.get(upstream)
-        cool_down = _breaker_wait_s(state.breaker) if state is not None else None
+        cool_down, restart_s = self._held_off_s(upstream)
         delay_s = cool_down if cool_down is not None else self.settings.backoff_base_s
-        retry_at = self._down.get(upstream)
-        if retry_at is not None:
-            delay_s = max(delay_s, retry_at - self._clock.now())
-        return delay_s
+        return delay_s if restart_s is None else max(delay_s, restart_s)
 
     async def _next_attempt(
         self,
