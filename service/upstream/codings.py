@@ -144,7 +144,7 @@ def decoder_for(
     """The decoder of a body sent with `content_encoding` (its `Content-Encoding`) and
     `transfer_encoding` (its `Transfer-Encoding`, whose final `chunked` the parser
     undoes); None when neither names a coding to undo (none, `identity`, `chunked`)."""
-    content = _undone(content_encoding, "content coding") if content_encoding else None
+    content = _undone(_listed(content_encoding), "content coding") if content_encoding else None
     if transfer_encoding is None:
         return content
     transfer = _transfer_decoder(transfer_encoding)
@@ -156,7 +156,7 @@ def decoder_for(
 def _transfer_decoder(transfer_encoding: str) -> BodyDecoder | None:
     """The decoder of the codings `transfer_encoding` lists before its final `chunked`
     (all of them without one: a body read until the close)."""
-    codings = [c.strip().lower() for c in transfer_encoding.split(",")]
+    codings = _listed(transfer_encoding)
     if codings[-1] == "chunked":  # as llhttp reads it: `chunked,` does not end in chunked
         codings.pop()
     if "chunked" in codings:
@@ -165,13 +165,17 @@ def _transfer_decoder(transfer_encoding: str) -> BodyDecoder | None:
             "other than once and last, where a server applies it (RFC 9112 §6.1): check "
             "what sends it"
         )
-    return _undone(", ".join(codings), "transfer coding")
+    return _undone(codings, "transfer coding")
 
 
-def _undone(listed: str, kind: str) -> BodyDecoder | None:
-    """The decoder of one `kind` of coding, `listed` as its header lists them."""
-    codings = [c.strip().lower() for c in listed.split(",")]
-    codings = [c for c in codings if c and c != "identity"]
+def _listed(header: str) -> list[str]:
+    """The codings a `Content-Encoding` or `Transfer-Encoding` header lists, in order."""
+    return [c.strip().lower() for c in header.split(",")]
+
+
+def _undone(listed: list[str], kind: str) -> BodyDecoder | None:
+    """The decoder of the codings of one `kind` a header `listed` (`_listed`)."""
+    codings = [c for c in listed if c and c != "identity"]
     if not codings:
         return None
     if len(codings) == 1 and codings[0] in _NAMES:
