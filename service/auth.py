@@ -23,7 +23,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,6 +110,15 @@ def keys_file_text(raw: bytes, *, source: str) -> str:
         ) from None
 
 
+def _entry_lines(text: str) -> Iterator[tuple[int, list[str]]]:
+    """Each line of a keys file that holds an entry: its number and its fields, a `#`
+    comment cut off (blank and comment-only lines left out)."""
+    for number, raw in enumerate(text.splitlines(), start=1):
+        parts = raw.split("#", 1)[0].split()
+        if parts:
+            yield number, parts
+
+
 def parse_keys_file(
     text: str, *, source: str, listed: Sequence[CallerKey] = ()
 ) -> tuple[CallerKey, ...]:
@@ -123,10 +132,7 @@ def parse_keys_file(
     # Each digest's first place and tenant. The config's keys are looked up first, so a
     # line giving one to another tenant would be served silently as the config's.
     first_given = {k.sha256: (f"auth.keys[{i}]", k.tenant) for i, k in enumerate(listed)}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        parts = raw.split("#", 1)[0].split()
-        if not parts:
-            continue
+    for number, parts in _entry_lines(text):
         try:
             if len(parts) != 2:
                 raise ValueError("expected 'SHA256HEX TENANT'")
@@ -159,11 +165,7 @@ def _warn_of_default_tenant_keys(entries: Iterable[str]) -> None:
 
 def _keys_file_lines_naming(text: str, tenant: str) -> list[int]:
     """The numbers of the lines of a parsed keys file that give a key to `tenant`."""
-    return [
-        number
-        for number, raw in enumerate(text.splitlines(), start=1)
-        if raw.split("#", 1)[0].split()[1:] == [tenant]
-    ]
+    return [number for number, parts in _entry_lines(text) if parts[1:] == [tenant]]
 
 
 def keys_file_line(caller_key: CallerKey) -> str:
