@@ -1998,12 +1998,14 @@ async def test_reading_a_closed_standard_input_is_one_line_and_status_1(command)
     says it cannot read it, exit status 1, as `batch -` does.
 
     Before, it ended in a traceback (`'NoneType' object has no attribute 'buffer'`)."""
+    # A shell closes it, not a `preexec_fn`: that runs Python in the forked child of this
+    # threaded test process, where grpc's fork handler can abort it before the exec (-6).
     process = await asyncio.create_subprocess_exec(
+        *("sh", "-c", 'exec "$@" <&-', "sh"),
         *(sys.executable, "-m", "gateway_client.cli", command, "-"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        preexec_fn=lambda: os.close(0),
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=30)
-    assert (process.returncode, out) == (1, b"")
+    assert (process.returncode, out) == (1, b""), err.decode()
     assert err.decode() == f"llm-gateway {command}: cannot read -: standard input is closed\n"

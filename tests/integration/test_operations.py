@@ -863,14 +863,14 @@ async def test_a_redis_that_does_not_answer_at_start_is_an_outage_started_throug
     assert returncode == 0
 
 
-def _close_standard_descriptors(*fds: int) -> Callable[[], None]:
-    """A child's `preexec_fn` closing `fds`, as a shell's `>&-` does."""
+def _without_descriptors(*fds: int) -> tuple[str, ...]:
+    """The start of a command line that runs the rest with `fds` closed, as `>&-` does.
 
-    def close() -> None:
-        for fd in fds:
-            os.close(fd)
-
-    return close
+    A shell rather than a `preexec_fn`: that runs Python in the forked child of this
+    threaded test process, where a library's fork handler can abort it before the exec
+    (status -6, the gateway never started)."""
+    closing = " ".join(f"{fd}>&-" for fd in fds)
+    return ("sh", "-c", f'exec "$@" {closing}', "sh")
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -887,9 +887,9 @@ async def test_a_gateway_started_without_standard_output_stops_with_status_0(
     port = _free_port()
     path = _write_config(tmp_path, upstream.base_url, listen=f"127.0.0.1:{port}")
     process = await asyncio.create_subprocess_exec(
+        *_without_descriptors(*closed),
         sys.executable, "-m", "service", "serve", "--config", str(path), "--workers", workers,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=REPO,
-        preexec_fn=_close_standard_descriptors(*closed),
     )  # fmt: skip
     await _answers_then_stops(process, port)
     assert process.returncode == 0
