@@ -17,9 +17,10 @@ time (a misconfiguration at start, a call after shutdown) is left as it is.
 
 The complaint quotes the collector (a gRPC status's details, an HTTP reason phrase), and
 a collector or a proxy in front of it may quote the request's headers there: the value
-of each OTLP exporter header (`OTEL_EXPORTER_OTLP_HEADERS`, a signal's own) is redacted
-from it (`HeaderSecrets`), and it is cut to one line of at most COMPLAINT_CHARS, its
-status first.
+of each OTLP exporter header (`OTEL_EXPORTER_OTLP_HEADERS`, a signal's own), and each
+query value and password of an endpoint (quoted with the URL the HTTP exporter could not
+reach), is redacted from it (`ExporterSecrets`), and it is cut to one line of at most
+COMPLAINT_CHARS, its status first.
 """
 
 from __future__ import annotations
@@ -59,13 +60,20 @@ HEADER_VARIABLES = (
     "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
     "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
 )
+# And their endpoints, whose query (`?api_key=...`) and password the HTTP exporter's
+# complaint about a connection it could not make quotes with the URL.
+ENDPOINT_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+)
 
 # The most of an exporter's complaint `telemetry.export_failed` quotes: the exporter's
 # words and the status come first, what the collector said after them.
 COMPLAINT_CHARS = 300
 
 # Header values (and words of them) this long are redacted wherever they stand; shorter
-# ones only where they stand as their header's value or quoted (`HeaderSecrets`).
+# ones only where they stand as their header's value or quoted (`ExporterSecrets`).
 _SHORTEST_REDACTED = 8
 REDACTED = "[redacted]"
 # What may close a short value quoted as its header's: a quote, a space, or the next
@@ -74,8 +82,9 @@ _VALUE_END = r"(?=[\s'\",;&)}\]]|$)"
 
 
 @dataclass(frozen=True, slots=True)
-class HeaderSecrets:
-    """The OTLP exporters' header values, as a complaint must not quote them.
+class ExporterSecrets:
+    """The OTLP exporters' header values (and endpoints' query values and passwords), as
+    a complaint must not quote them.
 
     A value of `_SHORTEST_REDACTED` characters or more (or a word that long of one: the
     token of `Bearer <token>`) is redacted wherever it stands: no word of a complaint
@@ -97,7 +106,7 @@ class HeaderSecrets:
         return text
 
 
-# What each pattern of `HeaderSecrets.short` matches, as it is replaced: its `head` kept.
+# What each pattern of `ExporterSecrets.short` matches, as it is replaced: its `head` kept.
 _HEAD_REDACTED = r"\g<head>" + REDACTED
 
 
@@ -112,32 +121,46 @@ def _short_value_patterns(name: str, value: str) -> tuple[re.Pattern[str], ...]:
     )
 
 
-def header_secrets(environ: Mapping[str, str]) -> HeaderSecrets:
+def exporter_secrets(environ: Mapping[str, str]) -> ExporterSecrets:
     """The values of the OTLP exporters' headers as written (URL-encoded) and as sent,
-    and each word of them (the token of `Bearer <token>`)."""
+    and each word of them (the token of `Bearer <token>`); and their endpoints' query
+    values and passwords, as written and as sent."""
     anywhere: set[str] = set()
     short: set[tuple[str, str]] = set()
-    for variable in HEADER_VARIABLES:
-        for entry in environ.get(variable, "").split(","):
-            written_name, _, written = entry.partition("=")
-            name = urllib.parse.unquote(written_name).strip()
-            written = written.strip()
-            sent = urllib.parse.unquote(written).strip()
-            for value in (written, sent, *sent.split()):
-                if len(value) >= _SHORTEST_REDACTED:
-                    anywhere.add(value)
-                elif value and name:
-                    short.add((name, value))
-    return HeaderSecrets(
+    for name, written in _configured_values(environ):
+        sent = urllib.parse.unquote(written).strip()
+        for value in (written, sent, *sent.split()):
+            if len(value) >= _SHORTEST_REDACTED:
+                anywhere.add(value)
+            elif value and name:
+                short.add((name, value))
+    return ExporterSecrets(
         anywhere=tuple(sorted(anywhere, key=len, reverse=True)),
         short=tuple(p for n, v in sorted(short) for p in _short_value_patterns(n, v)),
     )
 
 
-NO_HEADER_SECRETS = HeaderSecrets()
+def _configured_values(environ: Mapping[str, str]) -> Iterator[tuple[str, str]]:
+    """Each header's name and value as written, and each endpoint query parameter's and
+    password's (named `password`), URL-encoded as written."""
+    for variable in HEADER_VARIABLES:
+        for entry in environ.get(variable, "").split(","):
+            written_name, _, written = entry.partition("=")
+            yield urllib.parse.unquote(written_name).strip(), written.strip()
+    for variable in ENDPOINT_VARIABLES:
+        parts = urllib.parse.urlsplit(environ.get(variable, "").strip())
+        for parameter in parts.query.split("&"):
+            written_name, _, written = parameter.partition("=")
+            yield urllib.parse.unquote_plus(written_name), written
+        user_info, at, _ = parts.netloc.rpartition("@")
+        if at:
+            yield "password", user_info.partition(":")[2]
 
 
-def quotable_complaint(complaint: str, secrets: HeaderSecrets) -> str:
+NO_EXPORTER_SECRETS = ExporterSecrets()
+
+
+def quotable_complaint(complaint: str, secrets: ExporterSecrets) -> str:
     """`complaint` on one line, without any of `secrets`, cut to COMPLAINT_CHARS."""
     line = secrets.redacted(" ".join(complaint.split()))
     if len(line) > COMPLAINT_CHARS:
@@ -188,8 +211,8 @@ class ExportWatch:
 
     signal: Signal
     clock: Callable[[], float] = time.monotonic
-    # What a complaint must not quote: `header_secrets`.
-    secrets: HeaderSecrets = NO_HEADER_SECRETS
+    # What a complaint must not quote: `exporter_secrets`.
+    secrets: ExporterSecrets = NO_EXPORTER_SECRETS
     _episode: FailureEpisode = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -361,6 +361,8 @@ async def test_a_collector_quoting_the_export_headers_is_logged_without_them(  #
 
 # A short header value: a token of a few characters, as some collectors' API keys are.
 SHORT_OTLP_KEY = "Zq7k2x"
+# A collector's key, sent in its endpoint's query.
+OTLP_QUERY_KEY = register_secret("FAKEOTLPQUERYKEY-8e2b6d0c4a7f1e3b")
 
 
 @pytest.mark.parametrize(
@@ -394,6 +396,36 @@ async def test_a_collector_quoting_a_short_header_value_is_logged_without_it(  #
     assert status in failed.error
     assert re.search(r"x-api-key\W+\[redacted\]", failed.error, re.IGNORECASE)
     assert re.search(r"x-debug\W+\[redacted\]", failed.error, re.IGNORECASE)
+
+
+async def test_an_unreachable_http_collector_is_logged_without_its_endpoints_query_key(
+    upstream, start_gateway, otel_environ, caplog, every_logger_at_debug
+):
+    """An OTLP/HTTP endpoint carrying a key in its query (`?api_key=...`, as some hosted
+    collectors take one), its collector down: `telemetry.export_failed` quotes the URL
+    the exporter could not reach, the key's value redacted, short or long.
+
+    Before, the exporter's complaint ("Max retries exceeded with url: ...") was logged
+    with the key in it.
+    """
+    otel_environ(
+        OTEL_TRACES_EXPORTER="otlp",
+        OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=(
+            f"http://127.0.0.1:{free_port()}/v1/traces?api_key={OTLP_QUERY_KEY}&org={SHORT_OTLP_KEY}"
+        ),
+        # Past the first backoff (1 s, jitter 20%) and short of the second: the first
+        # complaint is the connection refused, with the URL, and the export ends in 1 s.
+        OTEL_EXPORTER_OTLP_TIMEOUT="2",
+    )
+    telemetry = Telemetry.from_config(TelemetryConfig())
+    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+    await gw.stub.Complete(chat())
+    await asyncio.to_thread(telemetry.providers.force_flush)
+    await telemetry.aclose()
+    [failed] = [r for r in caplog.records if r.getMessage() == "telemetry.export_failed"]
+    assert "/v1/traces?api_key=[redacted]&org=[redacted]" in failed.error
+    assert SHORT_OTLP_KEY not in repr([r.__dict__ for r in caplog.records])
 
 
 async def test_metrics_are_served_on_the_prometheus_endpoint(upstream, start_gateway, otel_environ):

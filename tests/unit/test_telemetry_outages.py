@@ -17,7 +17,7 @@ from service.telemetry.outages import (
     ExportWatch,
     WatchedMetricExporter,
     WatchedSpanExporter,
-    header_secrets,
+    exporter_secrets,
     install_exporter_log_filter,
     quotable_complaint,
 )
@@ -146,7 +146,7 @@ def test_a_complaint_is_one_bounded_line_without_the_export_headers():
         "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20tok-0123456789,x-n=401",
         "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "api-key = metrics-key-abcdef ",
     }
-    secrets = header_secrets(environ)
+    secrets = exporter_secrets(environ)
     complaint = (
         "code: 401, reason: Bearer%20tok-0123456789 / Bearer tok-0123456789 /\n"
         "tok-0123456789 / metrics-key-abcdef"
@@ -189,4 +189,4 @@ def test_a_short_header_value_is_redacted_where_it_stands_as_the_headers(complai
     """A header value under 8 characters is redacted where it stands as its header's
     value (`name: value`, `name=value`, `'name': 'value'`) or quoted whole, and nowhere
     else: a value `1` or `on` takes no digit or word of the rest of the complaint."""
-    assert quotable_complaint(complaint, header_secrets(_SHORT_HEADERS)) == quoted
+    assert quotable_complaint(complaint, exporter_secrets(_SHORT_HEADERS)) == quoted
