@@ -330,6 +330,11 @@ class RedisKeyStore:
     Redis client) leaves it alone, a key Redis named in the last `known_key_s` keeps its
     tenant; any other lookup fails at once. Redis is asked on every call while it
     answers, so a key removed there is refused at once, and forgotten.
+
+    With `warns_of_default_tenant` (`serves_anonymous_callers`), an entry naming
+    `DEFAULT_TENANT` is logged as `auth.default_tenant_key` the first time its key is
+    looked up, once a process: entries are written by hand at any time, and a scan of a
+    hash of millions at start would cost more than the warning is worth.
     """
 
     def __init__(
@@ -339,12 +344,16 @@ class RedisKeyStore:
         prefix: str,
         cooldown: StoreCooldown | None = None,
         known_key_s: float = KNOWN_KEY_S,
+        warns_of_default_tenant: bool = False,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._redis = redis
         self._hash = redis_keys_hash(prefix)
         self._cooldown = cooldown if cooldown is not None else StoreCooldown("auth")
         self._known: TTLCache[str, str] = TTLCache(_KNOWN_KEYS, known_key_s, timer=clock.now)
+        self._warns_of_default_tenant = warns_of_default_tenant
+        # Bounded by the hash's entries naming `default`, which only its writers add.
+        self._warned_digests: set[str] = set()
 
     async def tenant_for(self, digest: str) -> str | None:
         """Look the digest up; Redis only ever sees digests, never keys. An entry whose
@@ -378,7 +387,15 @@ class RedisKeyStore:
             self._known.pop(digest, None)
         else:
             self._known[digest] = name
+            if name == DEFAULT_TENANT and self._warns_of_default_tenant:
+                self._warn_of_default_tenant_entry(digest)
         return name
+
+    def _warn_of_default_tenant_entry(self, digest: str) -> None:
+        """Log the entry (`HASH DIGEST`: a digest is no secret, and `HDEL` needs it) once."""
+        if digest not in self._warned_digests:
+            self._warned_digests.add(digest)
+            _warn_of_default_tenant_keys([f"{self._hash} {digest}"])
 
     def _known_tenant(self, digest: str) -> str:
         """The tenant Redis last named for `digest`, if lately; else fail closed."""

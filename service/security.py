@@ -171,7 +171,12 @@ async def build_caller_gate(
     limiter: TenantLimiter = MemoryTenantLimiter()
     if redis is not None:
         stores.append(
-            RedisKeyStore(redis.client, prefix=auth.redis_key_prefix, cooldown=redis.cooldown)
+            RedisKeyStore(
+                redis.client,
+                prefix=auth.redis_key_prefix,
+                cooldown=redis.cooldown,
+                warns_of_default_tenant=serves_anonymous,
+            )
         )
         redis_limiter = RedisTenantLimiter(
             redis.client, prefix=auth.redis_key_prefix, cooldown=redis.cooldown, commands=redis.lean

@@ -17,14 +17,17 @@ time (a misconfiguration at start, a call after shutdown) is left as it is.
 
 The complaint quotes the collector (a gRPC status's details, an HTTP reason phrase), and
 a collector or a proxy in front of it may quote the request's headers there: the value
-of each OTLP exporter header (`OTEL_EXPORTER_OTLP_HEADERS`, a signal's own) is redacted
-from it, and it is cut to one line of at most COMPLAINT_CHARS, its status first.
+of each OTLP exporter header (`OTEL_EXPORTER_OTLP_HEADERS`, a signal's own), and each
+query value and password of an endpoint (quoted with the URL the HTTP exporter could not
+reach), is redacted from it (`ExporterSecrets`), and it is cut to one line of at most
+COMPLAINT_CHARS, its status first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 import urllib.parse
@@ -57,34 +60,109 @@ HEADER_VARIABLES = (
     "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
     "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
 )
+# And their endpoints, whose query (`?api_key=...`) and password the HTTP exporter's
+# complaint about a connection it could not make quotes with the URL.
+ENDPOINT_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+)
 
 # The most of an exporter's complaint `telemetry.export_failed` quotes: the exporter's
 # words and the status come first, what the collector said after them.
 COMPLAINT_CHARS = 300
 
-# Shorter header values (and words of them) are left in the complaint: no secret is this
-# short, and redacting one could take a status's digits with it.
+# Header values (and words of them) this long are redacted wherever they stand; shorter
+# ones only where they stand as their header's value or quoted (`ExporterSecrets`).
 _SHORTEST_REDACTED = 8
 REDACTED = "[redacted]"
+# What may close a short value quoted as its header's: a quote, a space, or the next
+# entry of a list, a dict or a query string.
+_VALUE_END = r"(?=[\s'\",;&)}\]]|$)"
 
 
-def header_secrets(environ: Mapping[str, str]) -> tuple[str, ...]:
+@dataclass(frozen=True, slots=True)
+class ExporterSecrets:
+    """The OTLP exporters' header values (and endpoints' query values and passwords), as
+    a complaint must not quote them.
+
+    A value of `_SHORTEST_REDACTED` characters or more (or a word that long of one: the
+    token of `Bearer <token>`) is redacted wherever it stands: no word of a complaint
+    shares it by chance. A shorter one (an API key of six characters) is redacted where
+    it stands as its header's value, `name: value`, `name=value` or `'name': 'value'`
+    (the name in any case), and where it stands quoted whole, `'value'` or `"value"`:
+    anywhere, a value `1` or `on` would take every "1" (a status's, a port's) with it.
+    """
+
+    anywhere: tuple[str, ...] = ()  # longest first: one holding another goes whole
+    short: tuple[re.Pattern[str], ...] = ()
+
+    def redacted(self, text: str) -> str:
+        """`text` with every header value replaced by `[redacted]`."""
+        for secret in self.anywhere:
+            text = text.replace(secret, REDACTED)
+        for pattern in self.short:
+            text = pattern.sub(_HEAD_REDACTED, text)
+        return text
+
+
+# What each pattern of `ExporterSecrets.short` matches, as it is replaced: its `head` kept.
+_HEAD_REDACTED = r"\g<head>" + REDACTED
+
+
+def _short_value_patterns(name: str, value: str) -> tuple[re.Pattern[str], ...]:
+    """Where `value` (shorter than `_SHORTEST_REDACTED`) stands as header `name`'s
+    value, and where it stands quoted whole; the part before it is the group `head`."""
+    escaped = re.escape(value)
+    as_its_value = rf"(?P<head>(?<![\w-])(?i:{re.escape(name)})['\"]?\s*[:=]\s*['\"]?)"
+    return (
+        re.compile(rf"{as_its_value}{escaped}{_VALUE_END}"),
+        re.compile(rf"(?P<head>['\"]){escaped}(?=(?P=head))"),
+    )
+
+
+def exporter_secrets(environ: Mapping[str, str]) -> ExporterSecrets:
     """The values of the OTLP exporters' headers as written (URL-encoded) and as sent,
-    and each long word of them (the token of `Bearer <token>`), longest first."""
-    found: set[str] = set()
+    and each word of them (the token of `Bearer <token>`); and their endpoints' query
+    values and passwords, as written and as sent."""
+    anywhere: set[str] = set()
+    short: set[tuple[str, str]] = set()
+    for name, written in _configured_values(environ):
+        sent = urllib.parse.unquote(written).strip()
+        for value in (written, sent, *sent.split()):
+            if len(value) >= _SHORTEST_REDACTED:
+                anywhere.add(value)
+            elif value and name:
+                short.add((name, value))
+    return ExporterSecrets(
+        anywhere=tuple(sorted(anywhere, key=len, reverse=True)),
+        short=tuple(p for n, v in sorted(short) for p in _short_value_patterns(n, v)),
+    )
+
+
+def _configured_values(environ: Mapping[str, str]) -> Iterator[tuple[str, str]]:
+    """Each header's name and value as written, and each endpoint query parameter's and
+    password's (named `password`), URL-encoded as written."""
     for variable in HEADER_VARIABLES:
         for entry in environ.get(variable, "").split(","):
-            written = entry.partition("=")[2].strip()
-            sent = urllib.parse.unquote(written).strip()
-            found.update((written, sent, *sent.split()))
-    return tuple(sorted((s for s in found if len(s) >= _SHORTEST_REDACTED), key=len, reverse=True))
+            written_name, _, written = entry.partition("=")
+            yield urllib.parse.unquote(written_name).strip(), written.strip()
+    for variable in ENDPOINT_VARIABLES:
+        parts = urllib.parse.urlsplit(environ.get(variable, "").strip())
+        for parameter in parts.query.split("&"):
+            written_name, _, written = parameter.partition("=")
+            yield urllib.parse.unquote_plus(written_name), written
+        user_info, at, _ = parts.netloc.rpartition("@")
+        if at:
+            yield "password", user_info.partition(":")[2]
 
 
-def quotable_complaint(complaint: str, secrets: Sequence[str]) -> str:
+NO_EXPORTER_SECRETS = ExporterSecrets()
+
+
+def quotable_complaint(complaint: str, secrets: ExporterSecrets) -> str:
     """`complaint` on one line, without any of `secrets`, cut to COMPLAINT_CHARS."""
-    line = " ".join(complaint.split())
-    for secret in secrets:
-        line = line.replace(secret, REDACTED)
+    line = secrets.redacted(" ".join(complaint.split()))
     if len(line) > COMPLAINT_CHARS:
         line = line[: COMPLAINT_CHARS - 1] + "…"
     return line
@@ -133,8 +211,8 @@ class ExportWatch:
 
     signal: Signal
     clock: Callable[[], float] = time.monotonic
-    # What a complaint must not quote: `header_secrets`.
-    secrets: Sequence[str] = ()
+    # What a complaint must not quote: `exporter_secrets`.
+    secrets: ExporterSecrets = NO_EXPORTER_SECRETS
     _episode: FailureEpisode = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

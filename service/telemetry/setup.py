@@ -48,7 +48,7 @@ from service.telemetry.outages import (
     ExportWatch,
     WatchedMetricExporter,
     WatchedSpanExporter,
-    header_secrets,
+    exporter_secrets,
     install_exporter_log_filter,
 )
 from service.telemetry.pairs import header_problem, resource_attribute_problem
@@ -495,13 +495,13 @@ def _watched_spans(exporter: SpanExporter, environ: Mapping[str, str]) -> SpanEx
     """An OTLP span exporter whose failures the gateway logs, as a few lines (`outages`),
     never quoting its headers."""
     install_exporter_log_filter()
-    return WatchedSpanExporter(exporter, ExportWatch("traces", secrets=header_secrets(environ)))
+    return WatchedSpanExporter(exporter, ExportWatch("traces", secrets=exporter_secrets(environ)))
 
 
 def _watched_metrics(exporter: MetricExporter, environ: Mapping[str, str]) -> MetricReader:
     """A periodic reader for an OTLP metric exporter whose failures the gateway logs."""
     install_exporter_log_filter()
-    watch = ExportWatch("metrics", secrets=header_secrets(environ))
+    watch = ExportWatch("metrics", secrets=exporter_secrets(environ))
     return PeriodicExportingMetricReader(WatchedMetricExporter(exporter, watch))
 
 

@@ -298,6 +298,35 @@ async def test_key_entries_naming_the_default_tenant_are_warned_of_where_keys_ar
     assert warned()[2:] == [f"{keys_file}:2", f"{keys_file}:3"]
 
 
+@pytest.mark.redis
+async def test_a_redis_key_naming_the_default_tenant_is_warned_of_as_it_is_first_used(
+    upstream, start_gateway, redis_url, caplog
+):
+    """With keys optional, a key entry written into the Redis hash by hand for tenant
+    `default` is a WARNING the first time this process serves its key (once, naming the
+    hash and the key's digest, never the key): a scan of a big hash at start would cost
+    too much, and an entry may be added at any time. With `mode: keys` nothing is said.
+    Before, only `auth.keys` and the keys file were warned of."""
+    client = redis.Redis.from_url(redis_url)
+    client.hset("t-default:keys", hash_key(CALLER_KEY_A), "default")
+    client.hset("t-default:keys", hash_key(CALLER_KEY_B), "team-b")
+    client.close()
+    auth = {"redis_url": redis_url, "redis_key_prefix": "t-default:"}
+
+    def warned() -> list[str]:
+        return [r.entry for r in caplog.records if r.getMessage() == "auth.default_tenant_key"]
+
+    caplog.set_level(logging.INFO, logger="llm_gateway")
+    required = await start_gateway(gateway_config(upstream.base_url, auth={"mode": "keys", **auth}))
+    assert (await required.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A))).content
+    assert warned() == []
+    optional = await start_gateway(gateway_config(upstream.base_url, auth={"mode": "off", **auth}))
+    assert warned() == []
+    for key in (CALLER_KEY_A, CALLER_KEY_B, CALLER_KEY_A):
+        assert (await optional.stub.Complete(chat(), metadata=bearer(key))).content
+    assert warned() == [f"t-default:keys {hash_key(CALLER_KEY_A)}"]
+
+
 async def test_a_created_key_authenticates_through_the_keys_file(
     upstream, start_gateway, tmp_path, capsys
 ):

@@ -289,12 +289,13 @@ class EchoingCollector(trace_service_pb2_grpc.TraceServiceServicer):
 
 @contextlib.asynccontextmanager
 async def echoing_http_collector(status: int) -> AsyncIterator[str]:
-    """An OTLP/HTTP receiver answering `status`, its reason phrase and body quoting the
-    request's `authorization` header and all the headers; its endpoint."""
+    """An OTLP/HTTP receiver answering `status`, its reason phrase quoting the request's
+    headers (`Name: value; ...`, as the exporter logs the reason, not the body) and its
+    body all the headers; its endpoint."""
 
     async def refuse(request: web.Request) -> web.Response:
         headers = dict(request.headers)
-        reason = f"Refused {headers.get('Authorization')}"
+        reason = "Refused " + "; ".join(f"{name}: {value}" for name, value in headers.items())
         return web.Response(status=status, reason=reason, text=f"headers: {headers}")
 
     app = web.Application()
@@ -356,6 +357,75 @@ async def test_a_collector_quoting_the_export_headers_is_logged_without_them(  #
     assert status in failed.error
     assert "[redacted]" in failed.error
     assert OTLP_TOKEN not in repr([r.__dict__ for r in caplog.records])
+
+
+# A short header value: a token of a few characters, as some collectors' API keys are.
+SHORT_OTLP_KEY = "Zq7k2x"
+# A collector's key, sent in its endpoint's query.
+OTLP_QUERY_KEY = register_secret("FAKEOTLPQUERYKEY-8e2b6d0c4a7f1e3b")
+
+
+@pytest.mark.parametrize(
+    ("protocol", "status"),
+    [("grpc", "StatusCode.UNAUTHENTICATED"), ("http/protobuf", "code: 401")],
+)
+async def test_a_collector_quoting_a_short_header_value_is_logged_without_it(  # noqa: PLR0917
+    protocol, status, upstream, start_gateway, otel_environ, caplog, every_logger_at_debug
+):
+    """A header value under 8 characters (`x-api-key: Zq7k2x`) is redacted where the
+    collector quotes it as its header's value, while a one-character value of another
+    header (`x-debug: 1`) takes no digit of the status or the address with it.
+
+    Before, values under 8 characters were left in the complaint, a short key with them.
+    """
+    async with echoing_collector(protocol) as endpoint:
+        otel_environ(
+            OTEL_TRACES_EXPORTER="otlp",
+            OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+            OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+            OTEL_EXPORTER_OTLP_INSECURE="true",
+            OTEL_EXPORTER_OTLP_HEADERS=f"x-api-key={SHORT_OTLP_KEY},x-debug=1",
+        )
+        telemetry = Telemetry.from_config(TelemetryConfig())
+        gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+        await gw.stub.Complete(chat())
+        await asyncio.to_thread(telemetry.providers.force_flush)
+        await telemetry.aclose()
+    [failed] = [r for r in caplog.records if r.getMessage() == "telemetry.export_failed"]
+    assert SHORT_OTLP_KEY not in repr([r.__dict__ for r in caplog.records])
+    assert status in failed.error
+    assert re.search(r"x-api-key\W+\[redacted\]", failed.error, re.IGNORECASE)
+    assert re.search(r"x-debug\W+\[redacted\]", failed.error, re.IGNORECASE)
+
+
+async def test_an_unreachable_http_collector_is_logged_without_its_endpoints_query_key(
+    upstream, start_gateway, otel_environ, caplog, every_logger_at_debug
+):
+    """An OTLP/HTTP endpoint carrying a key in its query (`?api_key=...`, as some hosted
+    collectors take one), its collector down: `telemetry.export_failed` quotes the URL
+    the exporter could not reach, the key's value redacted, short or long.
+
+    Before, the exporter's complaint ("Max retries exceeded with url: ...") was logged
+    with the key in it.
+    """
+    otel_environ(
+        OTEL_TRACES_EXPORTER="otlp",
+        OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=(
+            f"http://127.0.0.1:{free_port()}/v1/traces?api_key={OTLP_QUERY_KEY}&org={SHORT_OTLP_KEY}"
+        ),
+        # Past the first backoff (1 s, jitter 20%) and short of the second: the first
+        # complaint is the connection refused, with the URL, and the export ends in 1 s.
+        OTEL_EXPORTER_OTLP_TIMEOUT="2",
+    )
+    telemetry = Telemetry.from_config(TelemetryConfig())
+    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+    await gw.stub.Complete(chat())
+    await asyncio.to_thread(telemetry.providers.force_flush)
+    await telemetry.aclose()
+    [failed] = [r for r in caplog.records if r.getMessage() == "telemetry.export_failed"]
+    assert "/v1/traces?api_key=[redacted]&org=[redacted]" in failed.error
+    assert SHORT_OTLP_KEY not in repr([r.__dict__ for r in caplog.records])
 
 
 async def test_metrics_are_served_on_the_prometheus_endpoint(upstream, start_gateway, otel_environ):

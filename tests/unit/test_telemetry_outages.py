@@ -17,7 +17,7 @@ from service.telemetry.outages import (
     ExportWatch,
     WatchedMetricExporter,
     WatchedSpanExporter,
-    header_secrets,
+    exporter_secrets,
     install_exporter_log_filter,
     quotable_complaint,
 )
@@ -139,13 +139,14 @@ def test_each_signal_has_its_own_outage_on_a_shared_logger(caplog):
 
 
 def test_a_complaint_is_one_bounded_line_without_the_export_headers():
-    """The headers' values are redacted as written and as sent, and a token alone; short
-    values are left (a status's digits with them); a long complaint is cut, its start kept."""
+    """The headers' values are redacted as written and as sent, and a token alone; a short
+    value not beside its header's name is left (a status's digits with it); a long
+    complaint is cut, its start kept."""
     environ = {
         "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20tok-0123456789,x-n=401",
         "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "api-key = metrics-key-abcdef ",
     }
-    secrets = header_secrets(environ)
+    secrets = exporter_secrets(environ)
     complaint = (
         "code: 401, reason: Bearer%20tok-0123456789 / Bearer tok-0123456789 /\n"
         "tok-0123456789 / metrics-key-abcdef"
@@ -156,3 +157,36 @@ def test_a_complaint_is_one_bounded_line_without_the_export_headers():
     long = quotable_complaint("code: 503 " + "x" * 1000, secrets)
     assert long.startswith("code: 503 ")
     assert len(long) == COMPLAINT_CHARS
+
+
+_SHORT_HEADERS = {"OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=Zq7k2x,x-debug=1,x-on=on"}
+
+
+@pytest.mark.parametrize(
+    ("complaint", "quoted"),
+    [
+        # gRPC: the details quote the metadata as a dict.
+        (
+            "details: {'x-api-key': 'Zq7k2x', 'x-debug': '1'}",
+            "details: {'x-api-key': '[redacted]', 'x-debug': '[redacted]'}",
+        ),
+        # HTTP: a reason phrase of `Name: value` pairs, the name in any case.
+        (
+            "code: 401, reason: X-Api-Key: Zq7k2x; X-Debug: 1",
+            "code: 401, reason: X-Api-Key: [redacted]; X-Debug: [redacted]",
+        ),
+        ("x-api-key=Zq7k2x&x-debug=1", "x-api-key=[redacted]&x-debug=[redacted]"),
+        ('no such key "Zq7k2x"', 'no such key "[redacted]"'),
+        # Elsewhere a short value is a word of the text: statuses and ports keep their digits.
+        (
+            "127.0.0.1:4317 code: 401, turned on, Zq7k2x1",
+            "127.0.0.1:4317 code: 401, turned on, Zq7k2x1",
+        ),
+        ("x-api-key: Zq7k2xy", "x-api-key: Zq7k2xy"),  # another value than the header's
+    ],
+)
+def test_a_short_header_value_is_redacted_where_it_stands_as_the_headers(complaint, quoted):
+    """A header value under 8 characters is redacted where it stands as its header's
+    value (`name: value`, `name=value`, `'name': 'value'`) or quoted whole, and nowhere
+    else: a value `1` or `on` takes no digit or word of the rest of the complaint."""
+    assert quotable_complaint(complaint, exporter_secrets(_SHORT_HEADERS)) == quoted
