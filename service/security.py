@@ -62,22 +62,15 @@ def check_listen_hosts(config: GatewayConfig) -> None:
             raise config.error(key, f"cannot listen on {listen}: {problem}")
 
 
-def check_caller_security(config: GatewayConfig) -> None:
+def check_caller_security(config: GatewayConfig, *, log_warning: bool = True) -> None:
     """Raise `InsecureListen` when auth is off on a public address and that is not forced,
-    and a `ConfigError` when `auth.mode: keys` has nowhere to find a key."""
+    and a `ConfigError` when `auth.mode: keys` has nowhere to find a key; log what
+    `public_listen_warning` says (`log_warning=False`: `check` prints it in its words)."""
     _check_keys_have_a_source(config)
     forced = (
         config.auth.allow_auth_off_on_public_listen or config.server.allow_insecure_public_listen
     )
-    if config.server.is_loopback:
-        return
-    if is_caller_auth_on(config):
-        if not config.server.tls.is_enabled:
-            # Fine behind a proxy or mesh that terminates TLS; otherwise keys cross the
-            # network in clear text.
-            log.warning("security.keys_without_tls", extra={"listen": config.server.listen})
-        return
-    if not forced:
+    if not (config.server.is_loopback or is_caller_auth_on(config) or forced):
         raise config.error(
             "server.listen",
             f"refusing to listen on {config.server.listen} with auth.mode: off (callers "
@@ -87,7 +80,31 @@ def check_caller_security(config: GatewayConfig) -> None:
             "auth.allow_auth_off_on_public_listen: true to force it",
             kind=InsecureListen,
         )
-    log.warning("security.auth_off_on_public_listen", extra={"listen": config.server.listen})
+    warning = public_listen_warning(config)
+    if warning is not None and log_warning:
+        log.warning(warning[0], extra={"listen": config.server.listen})
+
+
+def public_listen_warning(config: GatewayConfig) -> tuple[str, str] | None:
+    """The event and sentence of what a start is warned of on a non-loopback address
+    the listen policy lets it serve: keys without TLS (fine behind a proxy or mesh that
+    terminates TLS; otherwise keys cross the network in clear text), or auth off forced."""
+    if config.server.is_loopback:
+        return None
+    listen = config.server.listen
+    if not is_caller_auth_on(config):
+        return (
+            "security.auth_off_on_public_listen",
+            f"server.listen {listen} serves every caller with no key (auth.mode: off, "
+            "forced): anyone who reaches the port is served",
+        )
+    if config.server.tls.is_enabled:
+        return None
+    return (
+        "security.keys_without_tls",
+        f"server.listen {listen} takes caller keys without server.tls: they cross the "
+        "network in clear text unless a proxy or mesh in front terminates TLS",
+    )
 
 
 def _check_keys_have_a_source(config: GatewayConfig) -> None:
@@ -110,9 +127,9 @@ def _check_keys_have_a_source(config: GatewayConfig) -> None:
 def check_start_config(config: GatewayConfig) -> None:
     """Raise the `ConfigError` a start with `config` would end with: a listen host,
     the listen policy, or a keys file that cannot be read or parsed (`llm-gateway check`
-    asks)."""
+    asks, and prints `public_listen_warning` itself)."""
     check_listen_hosts(config)
-    check_caller_security(config)
+    check_caller_security(config, log_warning=False)
     _local_key_stores(config)
 
 

@@ -1246,6 +1246,47 @@ async def test_check_warns_of_workers_that_would_each_keep_the_ledger(
     assert (warning in captured.err) is warned, captured.err
 
 
+@pytest.mark.parametrize(
+    ("auth", "warning"),
+    [
+        (
+            f"auth: {{mode: keys, keys: [{{sha256: '{'ab' * 32}', tenant: search}}]}}\n",
+            "warning: server.listen 0.0.0.0:0 takes caller keys without server.tls: they "
+            "cross the network in clear text unless a proxy or mesh in front terminates "
+            "TLS (security.keys_without_tls)\n",
+        ),
+        (
+            "auth: {mode: off, allow_auth_off_on_public_listen: true}\n",
+            "warning: server.listen 0.0.0.0:0 serves every caller with no key (auth.mode: "
+            "off, forced): anyone who reaches the port is served "
+            "(security.auth_off_on_public_listen)\n",
+        ),
+    ],
+    ids=["keys_without_tls", "auth_off_forced"],
+)
+async def test_check_warns_of_a_public_listen_in_words(tmp_path, capsys, caplog, auth, warning):
+    """`check` of a config `serve` would warn of its listen address (caller keys on
+    `0.0.0.0` without `server.tls`, auth off forced there) says it is ok, exits 0 and
+    warns on stderr in words, as it warns of workers that keep state apart.
+
+    Before, the listen policy it shares with `serve` logged the event through logging,
+    which `check` does not set up: Python's last-resort handler printed the bare event
+    name (`security.keys_without_tls`) on stderr, without the address or what it means.
+    """
+    config = tmp_path / "gateway.yaml"
+    async with FakeUpstream(models=(FAKE_MODEL,)) as fake:
+        config.write_text(
+            "server: {listen: '0.0.0.0:0'}\n" + auth + "local_model: {enabled: never}\n"
+            f"upstreams: [{{name: up, base_url: '{fake.base_url}', models: [{FAKE_MODEL}]}}]\n"
+        )
+        args = parse(check, "check", "--config", str(config), "--workers", "1")
+        assert await check.check_command(args) == 0
+    captured = capsys.readouterr()
+    assert ": ok" in captured.out
+    assert warning in captured.err, captured.err
+    assert [r for r in caplog.records if r.name == "llm_gateway.security"] == []
+
+
 @pytest.mark.parametrize("workers", ["flag", "config"])
 async def test_check_refuses_worker_metrics_ports_past_65535_as_serve_does(
     tmp_path, capsys, workers

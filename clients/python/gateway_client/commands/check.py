@@ -20,7 +20,7 @@ from service.local_model import refuse_a_bad_model_file, start_problem
 from service.main import with_flags
 from service.otel_context import CONTEXT, DEFAULT_CONTEXT
 from service.redis_access import check_redis_access
-from service.security import check_start_config
+from service.security import check_start_config, public_listen_warning
 from service.server import NO_UPSTREAM_FIX, TLS_REFUSED, refuse_taken, refuses_tls
 from service.telemetry import TelemetrySetupError
 from service.telemetry.setup import (
@@ -132,6 +132,15 @@ def _warn_of_state_per_worker(config: GatewayConfig, workers: int) -> None:
         )
 
 
+def _warn_of_public_listen(config: GatewayConfig) -> None:
+    """Say on stderr what `serve` warns of its listen address (keys without TLS, auth off
+    forced on a public address), in words, not the bare event name a log line without a
+    handler left on stderr."""
+    warning = public_listen_warning(config)
+    if warning is not None:
+        print(f"warning: {warning[1]} ({warning[0]})", file=sys.stderr)
+
+
 def _warn_of_taken_ports(config: GatewayConfig) -> None:
     """Say on stderr which of the addresses `serve` listens on another process holds now,
     where it would exit 1: a warning only, as `check` may well run beside the gateway
@@ -208,6 +217,7 @@ async def check_command(args: argparse.Namespace) -> int:
         print(f"llm-gateway: config error: {exc}", file=sys.stderr)
         return 2
     print(f"config {config.source}: ok")
+    _warn_of_public_listen(config)
     _warn_of_state_per_worker(config, workers)
     _warn_of_taken_ports(config)
     _warn_of_unknown_context(config)
