@@ -59,6 +59,9 @@ class CallSlot:
 
 # Holds nothing: for a call that takes no slot.
 NO_SLOT = CallSlot()
+# Holds nothing, and took none of the tenant's units: a call admitted while the limit store
+# was left alone (its cool-down), which has nothing to give back if it is never sent.
+NOTHING_TAKEN = CallSlot()
 
 
 class TenantLimiter(Protocol):
@@ -752,7 +755,7 @@ class RedisTenantLimiter:
         cap = limits.max_concurrent_calls
         _too_large(tenant, limits, tokens=tokens, requests=requests)
         if self.cooldown.skips():
-            return NO_SLOT
+            return NOTHING_TAKEN
         lease = uuid.uuid4().hex
         keys = self._keys(tenant, lease)
         is_confirmed = True  # the admission script's reply came

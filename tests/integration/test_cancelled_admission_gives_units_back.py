@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,19 +22,26 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from service.store_cooldown import COOLDOWN_S
+from service.tenant_limits import RedisTenantLimiter
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream
 from tests.counting_relay import CountingRelay
-from tests.integration.tenancy_helpers import as_tenant
+from tests.integration.tenancy_helpers import as_tenant, rpc_error
 from tests.integration.test_drain_gives_units_back import (
     REQUESTS_PER_MINUTE,
+    held_upstream,
     leases_held,
     limited_config,
     stored_level,
+    waiting_at_the_upstream,
 )
+from tests.integration.test_shutdown_cut_off import assert_shutting_down
 from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream
 
 pytestmark = pytest.mark.redis
+# Each Redis command's timeout where Redis hangs.
+TIMEOUT_S = 0.5
 
 
 @contextlib.asynccontextmanager
@@ -159,4 +167,41 @@ async def test_a_call_whose_script_never_ran_gives_back_nothing(
             await settled(gateway)
     finally:
         await admin.aclose()
+    await assert_one_request_spent(redis_server.url)
+
+
+async def test_a_call_admitted_in_the_cool_down_and_refused_unsent_gives_back_nothing(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    """Redis hangs: team-b's admission times out and starts the tenant limits' cool-down,
+    and team-a's call, admitted in it, takes nothing from Redis; it waits for the
+    upstream's one slot (team-b's call holds it) until the drain refuses it unsent, Redis
+    answering again. It gives back nothing. Before, it gave back the request it never
+    took, and team-a's first call's request with it."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        limits = {"requests_per_minute": REQUESTS_PER_MINUTE}
+        config = limited_config(fake.base_url, limits, redis_url=redis_server.url, team_b=limits)
+        config = dataclasses.replace(
+            config, auth=dataclasses.replace(config.auth, redis_timeout_s=TIMEOUT_S)
+        )
+        gateway = await start_gateway(config)
+        first = await gateway.stub.Complete(chat(), metadata=as_tenant("team-a"), timeout=30)
+        assert first.content
+        redis_server.pause()
+        try:
+            held = await held_upstream(gateway, fake)  # team-b's, admitted as Redis hangs
+            call = gateway.stub.Complete(chat("q"), metadata=as_tenant("team-a"), timeout=30)
+            refused = asyncio.ensure_future(rpc_error(call))
+            await waiting_at_the_upstream(gateway)
+        finally:
+            redis_server.resume()
+        limiter = gateway.server.tenant_limiter
+        assert isinstance(limiter, RedisTenantLimiter)
+        assert limiter.cooldown.skipped == 1  # team-a's admission: left Redis alone
+        await asyncio.sleep(COOLDOWN_S)  # the give-back then tries Redis, which answers
+        gateway.server.pipeline.begin_stopping()
+        assert_shutting_down(await refused)
+        fake.gate.set()
+        assert (await held).content
+        assert len(fake.requests) == 2  # the first call's and team-b's
     await assert_one_request_spent(redis_server.url)
