@@ -39,7 +39,13 @@ from service.errors import (
     QuotaExceeded,
     Unauthenticated,
 )
-from service.tenant_limits import NO_SLOT, CallSlot, TenantLimiter, is_over_call_cap
+from service.tenant_limits import (
+    NO_SLOT,
+    NOTHING_TAKEN,
+    CallSlot,
+    TenantLimiter,
+    is_over_call_cap,
+)
 from service.tokens import PER_MESSAGE_OVERHEAD, estimate_text_tokens
 
 log = logging.getLogger("llm_gateway.caller_gate")
@@ -518,10 +524,11 @@ class CallerGate:
             try:
                 yield slot
             except GatewayError as refused:
-                if refused.is_unsent:
-                    # Refused before any upstream call (its budget; the pool's limits, open
-                    # breakers, the drain), as a bad field is: the call takes none of its
-                    # tenant's minute, nor answers a retry with its rate's refusal.
+                # Refused before any upstream call (its budget; the pool's limits, open
+                # breakers, the drain), as a bad field is: the call takes none of its
+                # tenant's minute, nor answers a retry with its rate's refusal. Unless its
+                # admission took none (the store's cool-down): nothing is given back then.
+                if refused.is_unsent and slot is not NOTHING_TAKEN:
                     await self._limiter.give_back_rate(
                         principal.tenant, limits, tokens=tokens, requests=demand.requests
                     )

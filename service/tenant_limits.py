@@ -59,6 +59,9 @@ class CallSlot:
 
 # Holds nothing: for a call that takes no slot.
 NO_SLOT = CallSlot()
+# Holds nothing, and took none of the tenant's units: a call admitted while the limit store
+# was left alone (its cool-down), which has nothing to give back if it is never sent.
+NOTHING_TAKEN = CallSlot()
 
 
 class TenantLimiter(Protocol):
@@ -373,11 +376,14 @@ class MemoryTenantLimiter:
             self._bucket(self._tokens, tenant, tpm).give_back(tokens, tpm)
 
 
-# KEYS: requests bucket, tokens bucket, in-flight sorted set, the lease's released marker.
-# ARGV: rpm, tpm, requests, tokens, max concurrent, lease id, lease ttl (s), the share of
-# each bucket to leave to other calls (`take_rate`'s `leave_share`).
-# Returns {0, ""} when admitted, else {1 rpm | 2 tpm | 3 concurrency, wait_s as string}:
-# of rpm and tpm, the one that holds the call longer.
+# KEYS: requests bucket, tokens bucket, in-flight sorted set, the lease's released marker,
+# its taken record. ARGV: rpm, tpm, requests, tokens, max concurrent, lease id ('': none),
+# lease ttl (s), the share of each bucket to leave to other calls (`take_rate`'s
+# `leave_share`). Returns {0, ""} when admitted, else {1 rpm | 2 tpm | 3 concurrency,
+# wait_s as string}: of rpm and tpm, the one that holds the call longer. A lease marked
+# `off` (`_CALL_OFF_LUA` ran first) takes nothing; one marked released takes no lease.
+# Admitted with a lease id and no cap, it records that it took its units (no lease in the
+# in-flight set shows it) for 10 s, for a call-off that comes as its caller is cancelled.
 _ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -385,6 +391,11 @@ local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local nreq, ntok = tonumber(ARGV[3]), tonumber(ARGV[4])
 local maxc, ttl = tonumber(ARGV[5]), tonumber(ARGV[7])
 local leave = tonumber(ARGV[8])
+local lease, mark = ARGV[6], false
+if lease ~= '' then
+  mark = redis.call('GET', KEYS[4])
+  if mark == 'off' then return {0, ''} end
+end
 local function level(key, cap)
   local v = redis.call('HMGET', key, 'level', 'at')
   local lvl, at = tonumber(v[1]), tonumber(v[2])
@@ -417,10 +428,15 @@ if tpm > 0 then
   redis.call('HSET', KEYS[2], 'level', tostring(tl - ntok), 'at', tostring(now))
   redis.call('EXPIRE', KEYS[2], 120)
 end
-if maxc > 0 and redis.call('EXISTS', KEYS[4]) == 0 then
-  redis.call('ZADD', KEYS[3], now + ttl, ARGV[6])
-  -- Never shortened: a replica of an older release (a rolling upgrade) may hold longer leases.
-  if redis.call('TTL', KEYS[3]) < ttl then redis.call('EXPIRE', KEYS[3], ttl) end
+if maxc > 0 then
+  if not mark then
+    redis.call('ZADD', KEYS[3], now + ttl, lease)
+    -- Never shortened: a replica of an older release (a rolling upgrade) may hold longer
+    -- leases.
+    if redis.call('TTL', KEYS[3]) < ttl then redis.call('EXPIRE', KEYS[3], ttl) end
+  end
+elseif lease ~= '' then
+  redis.call('SET', KEYS[5], '1', 'EX', 10)
 end
 return {0, ''}
 """
@@ -430,7 +446,7 @@ _WHICH = {1: "requests_per_minute", 2: "tokens_per_minute", 3: "max_concurrent_c
 # KEYS: requests bucket, tokens bucket. ARGV: rpm, tpm, requests, tokens (0: that bucket is
 # not asked). Puts back units taken for a call never sent, refilled as the admission reads
 # them and never past a full bucket; a bucket missing or unreadable already reads as full.
-_GIVE_BACK_LUA = """
+_GIVE_BACK_FUNCTION = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local function give_back(key, cap, amount)
@@ -442,10 +458,34 @@ local function give_back(key, cap, amount)
   redis.call('HSET', key, 'level', tostring(level), 'at', tostring(now))
   redis.call('EXPIRE', key, 120)
 end
+"""
+_GIVE_BACK_LUA = (
+    _GIVE_BACK_FUNCTION
+    + """
 give_back(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[3]))
 give_back(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[4]))
 return 0
 """
+)
+
+# Calls off an admission whose reply its caller, cancelled, never had: it may have run, or
+# may still sit in Redis's input and run later. Marks the lease `off`, so that the
+# admission takes nothing if it runs after; if it ran, gives back what it took: its lease,
+# and its units (as `_GIVE_BACK_LUA`), known by the lease in the in-flight set or, without
+# a cap, its taken record. Once: a retry of a call-off whose reply was lost finds the mark.
+# KEYS: as the admission's. ARGV: rpm, tpm, requests, tokens (0: not asked), lease id, the
+# mark's ttl (s). Returns 1 if the admission had run, else 0.
+_CALL_OFF_LUA = (
+    _GIVE_BACK_FUNCTION
+    + """
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+redis.call('SET', KEYS[4], 'off', 'EX', tonumber(ARGV[6]))
+if redis.call('ZREM', KEYS[3], ARGV[5]) + redis.call('DEL', KEYS[5]) == 0 then return 0 end
+give_back(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[3]))
+give_back(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[4]))
+return 1
+"""
+)
 
 # Every lease of a round. KEYS: for each lease, its in-flight sorted set and its released
 # marker. ARGV: lease ttl (s), then each lease's id. Moves each lease to expire a whole
@@ -507,6 +547,7 @@ class RedisTenantLimiter:
         self._script = self._commands.register_script(_ADMIT_LUA)
         self._renew = self._commands.register_script(_RENEW_LUA)
         self._give_back_units = self._commands.register_script(_GIVE_BACK_LUA)
+        self._call_off_admission = self._commands.register_script(_CALL_OFF_LUA)
         self._lease_ttl_s = lease_ttl_s
         self.cooldown = cooldown if cooldown is not None else StoreCooldown("tenant_limits")
         self.late_releases = LateReleases(
@@ -541,9 +582,22 @@ class RedisTenantLimiter:
                 lambda: self._commands.execute_command("ZREM", keys[2], lease)
             )
 
+    async def _call_off(self, keys: list[str], lease: str, units: list[int]) -> None:
+        """Call off the admission of `lease` whose reply never came (`_CALL_OFF_LUA`):
+        what it took comes back, now or, if Redis does not answer, in the background; its
+        `units`: rpm, tpm, requests and tokens, as the admission was asked."""
+        args = [*units, lease, self._lease_ttl_s]
+        await self.late_releases.release_now(lambda: self._call_off_admission(keys=keys, args=args))
+
     def _keys(self, tenant: str, lease: str) -> list[str]:
         base = f"{self._prefix}tenant:{{{tenant}}}:"
-        return [base + "rpm", base + "tpm", base + "inflight", base + "released:" + lease]
+        return [
+            base + "rpm",
+            base + "tpm",
+            base + "inflight",
+            base + "released:" + lease,
+            base + "taken:" + lease,
+        ]
 
     async def _release_for_good(self, keys: list[str], lease: str) -> None:
         """Give back a lease that a command sent before may still put back.
@@ -701,7 +755,7 @@ class RedisTenantLimiter:
         cap = limits.max_concurrent_calls
         _too_large(tenant, limits, tokens=tokens, requests=requests)
         if self.cooldown.skips():
-            return NO_SLOT
+            return NOTHING_TAKEN
         lease = uuid.uuid4().hex
         keys = self._keys(tenant, lease)
         is_confirmed = True  # the admission script's reply came
@@ -718,10 +772,9 @@ class RedisTenantLimiter:
             # tenant's slot until it expires.
             is_confirmed = False
         except BaseException:
-            # Cancelled awaiting the reply: the script may have taken a lease; give it back
-            # now rather than hold the tenant's slot until the lease expires.
-            if cap:
-                await self._give_back(keys, lease, may_come_back=True)
+            # Cancelled awaiting the reply: the script may have taken units and a lease, or
+            # may run later; only Redis knows which, so it is called off there.
+            await self._call_off(keys, lease, [rpm, tpm, requests, tokens])
             raise
         else:
             self.late_releases.store_answered()

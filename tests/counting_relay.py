@@ -1,7 +1,7 @@
 """A TCP relay on loopback that counts the bytes callers send through it: how many times
 a client sent a request (a retry policy resending one the gateway cannot take); it can
 hold the server's replies back, the requests still going through (a command the server
-ran, whose reply its client has not had yet)."""
+ran, whose reply its client has not had yet), and counts the connections callers closed."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ __all__ = ["CountingRelay"]
 class CountingRelay:
     """A TCP relay on loopback to `target` (`HOST:PORT`) that counts the bytes callers send
     through it: how many times a request went out. `sent_bytes`: what they sent;
-    `replying`, cleared, holds the server's replies until it is set again."""
+    `replying`, cleared, holds the server's replies until it is set again; `closed`: the
+    connections callers closed (or reset)."""
 
     def __init__(self, target: str) -> None:
         host, _, port = target.rpartition(":")
         self._target = (host, int(port))
         self.sent = 0
         self.sent_bytes = bytearray()
+        self.closed = 0
         self.replying = asyncio.Event()
         self.replying.set()
         self._server: asyncio.Server | None = None
@@ -55,3 +57,5 @@ class CountingRelay:
             pass
         finally:
             writer.close()
+            if counted:
+                self.closed += 1
