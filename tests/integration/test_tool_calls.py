@@ -15,7 +15,13 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
 from service.domain import ToolCall
 from service.tokens import estimate_output_tokens
-from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
+from tests.conftest import (
+    FAKE_MODEL,
+    chat,
+    fake_model_window,
+    gateway_config,
+    gateway_config_data,
+)
 from tests.fake_upstream import FakeUpstream, Reply, Status, ToolCallReply
 from tests.integration.helpers import error_info, field_violations, retry_delay_s
 from tests.scripted_upstream import ScriptedUpstream
@@ -314,8 +320,9 @@ async def test_stream_cut_after_a_tool_call_piece_is_not_retried(upstream, start
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_info(caught.value).reason == "STREAM_INTERRUPTED"
     assert any(e.delta.tool_calls for e in received)
-    sent = sum(len(p.arguments) for e in received for p in e.delta.tool_calls)
-    assert sent > 0
+    # Characters of the calls' ids, names and arguments.
+    sent = sum(len(p.id + p.name + p.arguments) for e in received for p in e.delta.tool_calls)
+    assert sent > len("call_1get_weather")
     assert int(error_info(caught.value).metadata["chars_sent"]) == sent
     assert len(upstream.requests) == 1
     total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
@@ -710,6 +717,103 @@ async def _fails_as_a_malformed_answer_of_up0(stub: Any, *, is_stream: bool) -> 
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "malformed" in caught.value.details()
     assert error_info(caught.value).metadata["upstream"] == "up0"
+
+
+# The most tool calls one answer may make (the README's bound).
+MAX_CALLS = 1024
+
+
+def _many_calls(count: int) -> list[dict[str, Any]]:
+    """`count` tool calls with short names and no arguments, each at an index of its own:
+    what a broken upstream can send on and on, within every bound on characters."""
+    return [
+        {"index": i, "id": f"c{i}", "type": "function", "function": {"name": "f"}}
+        for i in range(count)
+    ]
+
+
+def _making_calls(count: int, *, one_event_a_call: bool = False) -> Reply:
+    """An answer making `count` such calls; streamed in one event, or one event a call."""
+    calls = _many_calls(count)
+    if one_event_a_call:
+        deltas = tuple([call] for call in calls)
+        return Reply(content="", finish_reason="tool_calls", raw_tool_call_deltas=deltas)
+    return Reply(content="", finish_reason="tool_calls", raw_tool_calls=calls)
+
+
+@pytest.mark.parametrize("mode", ["unary", "streamed-unary", "stream"])
+async def test_an_answer_making_more_tool_calls_than_the_bound_is_malformed(
+    upstream, start_gateway, mode
+):
+    """1,025 tool calls in one answer (a JSON body, a stream read whole for a unary call,
+    or one stream event) are a malformed answer: retried before any output, not cached,
+    charged as a lost attempt; 1,024 are an answer. Before, any number was held and relayed."""
+    data = gateway_config_data(upstream.base_url, cache={"backend": "memory"})
+    data["upstreams"][0]["stream_unary_calls"] = mode == "streamed-unary"
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    upstream.script(_making_calls(MAX_CALLS + 1), _making_calls(MAX_CALLS))
+    if mode == "stream":
+        events = await _collect(gateway.stub, _request(stream=True, cache=CACHED))
+        calls, metadata = _assembled(events), events[-1].final
+    else:
+        response = await gateway.stub.Complete(_request(cache=CACHED))
+        calls, metadata = _calls(response.tool_calls), response.metadata
+    assert len(calls) == MAX_CALLS
+    assert metadata.attempts == 2
+    assert len(upstream.requests) == 2
+    total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.requests, total.estimated_requests) == (1, 1)  # the answer; the lost attempt
+    assert total.usage.output_tokens == 3  # the answer's, as reported
+    data["resilience"] = {"attempts": 1}
+    one_try = await start_gateway(parse_config(data, source="<test>", environ={}))
+    for _ in range(2):  # never cached: each call asks the upstream
+        upstream.script(_making_calls(MAX_CALLS + 1))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if mode == "stream":
+                await _collect(one_try.stub, _request(stream=True, cache=CACHED))
+            else:
+                await one_try.stub.Complete(_request(cache=CACHED))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "malformed answer: the answer makes more than 1024 tool calls" in (
+            caught.value.details() or ""
+        )
+        assert error_info(caught.value).metadata["upstream"] == "up0"
+    assert len(upstream.requests) == 4
+
+
+async def test_a_stream_opening_more_tool_calls_than_the_bound_is_cut_and_charged_for_them(
+    upstream, start_gateway
+):
+    """A stream that opens a new call in each event is cut at the 1,025th: the caller has
+    the 1,024 relayed, then STREAM_INTERRUPTED naming the bound; the cut stream is charged
+    for the calls relayed and never cached. Before, it went on without limit."""
+    # A window past the estimate of what was relayed, which caps it.
+    models = fake_model_window(100_000)
+    config = gateway_config(
+        upstream.base_url, cache={"backend": "memory"}, models=models, **ONE_ATTEMPT
+    )
+    gateway = await start_gateway(config)
+    upstream.script(_making_calls(MAX_CALLS + 1, one_event_a_call=True))
+    received: list[pb.CompleteStreamResponse] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for event in gateway.stub.CompleteStream(_request(stream=True, cache=CACHED)):
+            received.append(event)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "the answer makes more than 1024 tool calls" in (caught.value.details() or "")
+    info = error_info(caught.value)
+    assert info.reason == "STREAM_INTERRUPTED"
+    relayed = _assembled(received)
+    assert relayed == [(f"c{i}", "f", "") for i in range(MAX_CALLS)]
+    assert int(info.metadata["chars_sent"]) == sum(len(i) + len(n) for i, n, _ in relayed)
+    total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.requests, total.estimated_requests) == (1, 1)
+    assert total.usage.output_tokens == estimate_output_tokens(
+        "", [ToolCall(*call) for call in relayed]
+    )
+    upstream.script(_making_calls(1))
+    again = await _collect(gateway.stub, _request(stream=True, cache=CACHED))
+    assert _assembled(again) == [("c0", "f", "")]
+    assert len(upstream.requests) == 2
 
 
 async def test_batch_item_with_tools_carries_its_tool_calls(stub, upstream):

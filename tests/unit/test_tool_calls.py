@@ -183,6 +183,39 @@ def test_arguments_held_for_a_nameless_call_are_bounded(monkeypatch: pytest.Monk
         parser.parse(_event([{"index": 0, "function": {"arguments": "56789"}}]))
 
 
+# Calls with short names and no arguments, by the upstream's index (`_MAX_TOOL_CALLS`).
+OPENED_CALLS = {
+    "new-index": lambda i: {"index": i, "id": f"c{i}", "function": {"name": "f"}},
+    "index-0": lambda i: {"index": 0, "id": f"c{i}", "function": {"name": "f"}},  # Ollama
+    "never-named": lambda i: {"index": i, "id": f"c{i}"},
+}
+
+
+@pytest.mark.parametrize("shape", list(OPENED_CALLS))
+def test_a_stream_opening_more_calls_than_the_bound_is_malformed(shape: str) -> None:
+    """The 1,025th call a stream opens, begun or not, is malformed: each is held to the
+    stream's end, and none counts against the bound on characters."""
+    parser = StreamParser()
+    opened = OPENED_CALLS[shape]
+    for index in range(1024):
+        parser.parse(_event([opened(index)]))
+    with pytest.raises(MalformedReply, match="more than 1024 tool calls"):
+        parser.parse(_event([opened(1024)]))
+
+
+def test_a_unary_answer_making_more_calls_than_the_bound_is_malformed() -> None:
+    """1,024 calls are an answer; 1,025 a malformed one."""
+    calls = [{"id": f"c{i}", "function": {"name": "f"}} for i in range(1025)]
+
+    def answer(calls: list[dict[str, object]]) -> bytes:
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
+        return orjson.dumps({"choices": [{"message": message, "finish_reason": "tool_calls"}]})
+
+    assert len(parse_completion(answer(calls[:1024])).tool_calls) == 1024
+    with pytest.raises(MalformedReply, match="more than 1024 tool calls"):
+        parse_completion(answer(calls))
+
+
 def test_arguments_held_for_nameless_calls_are_bounded_all_together(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
