@@ -93,6 +93,11 @@ _MAX_TOOL_CALLS = 1024
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # A UTF-16 surrogate in a string: what the standard library's json makes of one unpaired.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Where an answer's tool calls are, and the keys of a call's id and its function's name
+# there: a lone UTF-16 half in either is kept as it is parsed, to be refused with the
+# call (`_check_id_and_name`), not made U+FFFD, an id or a name the upstream never sent.
+_CALL_KEYS = frozenset({"tool_calls", "function_call"})
+_CALL_NAME_KEYS = frozenset({"id", "name"})
 # What a character cut in two and never made whole becomes, as in invalid UTF-8 (`sse.py`).
 _REPLACEMENT = "\ufffd"
 # A stream's fields whose text goes on piece by piece: a piece may end with the first half
@@ -519,18 +524,23 @@ def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
-def _halves_replaced(value: Any, kept_at_ends: Collection[str] = (), key: str = "") -> Any:
+def _halves_replaced(
+    value: Any, kept_at_ends: Collection[str] = (), key: str = "", *, is_in_call: bool = False
+) -> Any:
     """Parsed JSON `value` with each lone UTF-16 half in its strings U+FFFD, and each pair of
     halves one character, but for the halves at the ends of a string under a key in
-    `kept_at_ends` (`_ends_kept`)."""
+    `kept_at_ends` (`_ends_kept`), and those of a tool call's id or name (`_CALL_KEYS`)."""
     if isinstance(value, str):
-        if not _SURROGATE.search(value):
+        if not _SURROGATE.search(value) or (is_in_call and key in _CALL_NAME_KEYS):
             return value
         return _ends_kept(value) if key in kept_at_ends else _paired(value)
     if isinstance(value, dict):
-        return {k: _halves_replaced(v, kept_at_ends, k) for k, v in value.items()}
+        return {
+            k: _halves_replaced(v, kept_at_ends, k, is_in_call=is_in_call or k in _CALL_KEYS)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_halves_replaced(v, kept_at_ends, key) for v in value]
+        return [_halves_replaced(v, kept_at_ends, key, is_in_call=is_in_call) for v in value]
     return value
 
 
@@ -585,7 +595,22 @@ def is_json_or_cut(body: bytes) -> bool:
     try:
         orjson.loads(text)
     except orjson.JSONDecodeError as exc:
+        if exc.pos < len(text.rstrip()) and _SURROGATE_ESCAPE.search(text):
+            return _is_json_with_halves_or_cut(text)
         return exc.pos >= len(text.rstrip())
+    return True
+
+
+def _is_json_with_halves_or_cut(text: str) -> bool:
+    """`is_json_or_cut` for a `text` orjson refused with a UTF-16 half escaped in it, which
+    JSON allows and orjson refuses alone (`_loads_with_halves`): a provider's answer that
+    has one where it is refused (a tool call's id) was read as some other server's page."""
+    try:
+        json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        return exc.pos >= len(text.rstrip())
+    except (ValueError, RecursionError):
+        return False
     return True
 
 
@@ -610,19 +635,28 @@ def _tool_calls(data: object) -> tuple[ToolCall, ...]:
             raise MalformedReply("a tool call has no function name")
         if arguments is not None and not isinstance(arguments, str):
             raise MalformedReply("tool call arguments are not a string")
-        _check_lengths(call_id, name)
+        _check_id_and_name(call_id, name)
         calls.append(ToolCall(call_id, name, arguments or ""))
     return tuple(calls)
 
 
-def _check_lengths(call_id: str, name: str) -> None:
-    """Raise for a tool call's id or function name past `MAX_TOOL_CALL_FIELD`: its caller
-    could not send it back, and a stream's message carrying it could pass the 4 MiB its
-    caller's client takes (a broken upstream's name of megabytes)."""
+def _check_id_and_name(call_id: str, name: str) -> None:
+    """Raise for a tool call's id or function name its caller could not send back
+    (`validation`): past `MAX_TOOL_CALL_FIELD` (a stream's message carrying a broken
+    upstream's name of megabytes could pass the 4 MiB its caller's client takes), or not
+    printable: a control character (a NUL, a line break, an escape sequence, which would
+    reach the caller's logs and the cache too), a zero-width or direction mark, or a lone
+    UTF-16 half (no character: protobuf cannot encode it). Dots, spaces and letters of
+    any script are printable: a model may call `python.run`, never declared."""
     for what, value in (("id", call_id), ("function name", name)):
         if len(value) > MAX_TOOL_CALL_FIELD:
             raise MalformedReply(
                 f"a tool call's {what} is longer than {MAX_TOOL_CALL_FIELD} characters"
+            )
+        if not value.isprintable():
+            raise MalformedReply(
+                f"a tool call's {what} has a character that is not printable (a control "
+                "or format character, or a lone UTF-16 surrogate)"
             )
 
 
@@ -638,7 +672,7 @@ def _function_call(data: object) -> ToolCall:
     if not name:
         raise MalformedReply("a function call has no function name")
     call_id = _new_call_id()
-    _check_lengths(call_id, name)
+    _check_id_and_name(call_id, name)
     return ToolCall(call_id, name, arguments or "")
 
 
@@ -1028,7 +1062,7 @@ class StreamParser:
                 pieces.append(ToolCallDelta(known.position, arguments=arguments))
             return
         known.id, known.name = known.id or call_id or "", known.name or name or ""
-        _check_lengths(known.id, known.name)  # before it is held, waiting for the other
+        _check_id_and_name(known.id, known.name)  # before it is held, waiting for the other
         if arguments:
             known.held.append(arguments)
             known.held_chars += len(arguments)

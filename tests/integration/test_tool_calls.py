@@ -816,6 +816,84 @@ async def test_a_stream_opening_more_tool_calls_than_the_bound_is_cut_and_charge
     assert len(upstream.requests) == 2
 
 
+# Ids and names a broken upstream may send, which would reach the caller, its logs and
+# the cache, and which the caller may not send back: control characters (C0, DEL, C1),
+# format characters, lone UTF-16 halves (JSON escapes them as `\ud800`; protobuf cannot
+# encode one).
+UNPRINTABLE_CALLS = {
+    "nul-in-id": ("call_\x00", "get_weather"),
+    "c1-in-id": ("call_\x85", "get_weather"),
+    "lone-surrogate-in-id": ("call_\ud800", "get_weather"),
+    "line-break-in-name": ("call_1", "get_weather\nrm"),
+    "escape-in-name": ("call_1", "get_weather\x1b[31m"),
+    "del-in-name": ("call_1", "get_weather\x7f"),
+    "zero-width-space-in-name": ("call_1", "get\u200bweather"),
+    "lone-surrogate-in-name": ("call_1", "get_\udc00weather"),
+}
+
+
+@pytest.mark.parametrize("shape", list(UNPRINTABLE_CALLS))
+@pytest.mark.parametrize("mode", ["unary", "streamed-unary", "stream"])
+async def test_a_tool_calls_id_or_name_that_is_not_printable_is_malformed(
+    upstream, start_gateway, mode, shape
+):
+    """A tool call whose id or function name is not printable (a control or format
+    character, a lone UTF-16 half) is a malformed answer: UNAVAILABLE naming the upstream,
+    never cached (the same call asks again), charged as a lost attempt with no output.
+    Before, it was relayed, cached and billed (a lone half as U+FFFD, an id the upstream
+    never sent), and the caller's next turn, sending it back, was refused."""
+    call_id, name = UNPRINTABLE_CALLS[shape]
+    what = "id" if shape.endswith("-id") else "function name"
+    data = gateway_config_data(upstream.base_url, cache={"backend": "memory"}, **ONE_ATTEMPT)
+    data["upstreams"][0]["stream_unary_calls"] = mode == "streamed-unary"
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    bad = [{"index": 0, "id": call_id, "type": "function", "function": {"name": name}}]
+    for _ in range(2):
+        upstream.script(Reply(content="", finish_reason="tool_calls", raw_tool_calls=bad))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if mode == "stream":
+                await _collect(gateway.stub, _request(stream=True, cache=CACHED))
+            else:
+                await gateway.stub.Complete(_request(cache=CACHED))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.details() == (
+            f"upstream 'up0' sent a malformed answer: a tool call's {what} has a character "
+            "that is not printable (a control or format character, or a lone UTF-16 surrogate)"
+        )
+        assert error_info(caught.value).metadata["upstream"] == "up0"
+    assert len(upstream.requests) == 2
+    total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.requests, total.estimated_requests) == (0, 2)
+    assert total.usage.output_tokens == 0
+
+
+# Names outside OpenAI's rule for declared tools, with dots, letters of other scripts, a
+# space or an emoji (a pair of UTF-16 halves in JSON): an upstream's, and printable.
+SLOPPY_NAMES = ("python.run", "météo_du_jour", "天気", "get weather", "f\U0001f600")
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_sloppy_but_printable_tool_names_are_relayed_and_only_a_control_character_refused(
+    upstream, start_gateway, is_stream
+):
+    """Calls with sloppy names, and ids in other scripts, are an upstream's answer:
+    relayed as written. The same answer with a tab in one name is malformed."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    calls = [(f"call_é{i}", name, "") for i, name in enumerate(SLOPPY_NAMES)]
+    for names in (SLOPPY_NAMES, (*SLOPPY_NAMES[:-1], SLOPPY_NAMES[-1] + "\t")):
+        raw = [
+            {"index": i, "id": f"call_é{i}", "type": "function", "function": {"name": name}}
+            for i, name in enumerate(names)
+        ]
+        upstream.script(Reply(content="", finish_reason="tool_calls", raw_tool_calls=raw))
+        if names is not SLOPPY_NAMES:
+            await _fails_as_a_malformed_answer_of_up0(gateway.stub, is_stream=is_stream)
+        elif is_stream:
+            assert _assembled(await _collect(gateway.stub, _request(stream=True))) == calls
+        else:
+            assert _calls((await gateway.stub.Complete(_request())).tool_calls) == calls
+
+
 async def test_batch_item_with_tools_carries_its_tool_calls(stub, upstream):
     """A CompleteBatch item sends its tools and its result carries the tool calls."""
     upstream.script(TOOL_REPLY)
@@ -1173,6 +1251,8 @@ MALFORMED_FUNCTION_CALLS = {
     "no-name": {"arguments": "{}"},
     "arguments-object": {"name": "get_weather", "arguments": {}},
     "name-too-long": {"name": "f" * 257, "arguments": "{}"},
+    "escape-in-name": {"name": "get_weather\x1b[2J", "arguments": "{}"},
+    "lone-surrogate-in-name": {"name": "get_weather\ud800", "arguments": "{}"},
 }
 
 
