@@ -86,10 +86,10 @@ _KEEPALIVE_S = 30.0
 # closed rather than reused: a server sends that chunk right after its last event.
 _STREAM_END_GRACE_S = 0.25
 # The largest answer read, whole (decoded bytes of a body, or of one stream event) or
-# streamed (characters of a stream's output: text, reasoning and tool-call arguments,
-# never more than the bytes of the events they came in): far past any real completion,
-# and a bound on what a broken or hostile upstream (a model looping with no max_tokens)
-# can make the gateway hold in memory, as the relayed stream is kept till its end.
+# streamed (characters of a stream's output: text, reasoning and tool calls' ids, names
+# and arguments, never more than the bytes of the events they came in): far past any real
+# completion, and a bound on what a broken or hostile upstream (a model looping with no
+# max_tokens) can make the gateway hold in memory, as the relayed stream is kept till its end.
 _MAX_ANSWER_SIZE = 16 * 1024 * 1024
 # How much of a stream's body is held while no event has come, to be read as the JSON
 # error object some proxies and providers send in place of a stream (as
@@ -1055,11 +1055,11 @@ class UpstreamClient:
                             # `output_chars`, inline: a Python call less for every chunk.
                             chars = read_chars + len(chunk.content) + len(chunk.reasoning)
                             for piece in chunk.tool_calls:
-                                chars += len(piece.arguments)
+                                chars += len(piece.id) + len(piece.name) + len(piece.arguments)
                             if chars > _MAX_ANSWER_SIZE:
                                 raise MalformedReply(
                                     f"the stream's output is longer than {_MAX_ANSWER_SIZE} "
-                                    "characters (text, reasoning and tool-call arguments)"
+                                    "characters (text, reasoning and tool calls)"
                                 )
                             read_chars = chars
                             if splitter is None:

@@ -87,10 +87,17 @@ _NO_INDEX = -1
 # together (a bound per call let calls at many indexes each hold as much): past any real
 # call's, and a bound on what a broken upstream can make the gateway hold.
 _MAX_HELD_CHARS = 16 * 1024 * 1024
+# Tool calls one answer may make: OpenAI documents no bound on parallel calls; models make a few.
+_MAX_TOOL_CALLS = 1024
 # A `\u` escape of a UTF-16 surrogate (U+D800 to U+DFFF), which orjson refuses unpaired.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # A UTF-16 surrogate in a string: what the standard library's json makes of one unpaired.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Where an answer's tool calls are, and the keys of a call's id and its function's name
+# there: a lone UTF-16 half in either is kept as it is parsed, to be refused with the
+# call (`_check_id_and_name`), not made U+FFFD, an id or a name the upstream never sent.
+_CALL_KEYS = frozenset({"tool_calls", "function_call"})
+_CALL_NAME_KEYS = frozenset({"id", "name"})
 # What a character cut in two and never made whole becomes, as in invalid UTF-8 (`sse.py`).
 _REPLACEMENT = "\ufffd"
 # A stream's fields whose text goes on piece by piece: a piece may end with the first half
@@ -517,18 +524,23 @@ def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
-def _halves_replaced(value: Any, kept_at_ends: Collection[str] = (), key: str = "") -> Any:
+def _halves_replaced(
+    value: Any, kept_at_ends: Collection[str] = (), key: str = "", *, is_in_call: bool = False
+) -> Any:
     """Parsed JSON `value` with each lone UTF-16 half in its strings U+FFFD, and each pair of
     halves one character, but for the halves at the ends of a string under a key in
-    `kept_at_ends` (`_ends_kept`)."""
+    `kept_at_ends` (`_ends_kept`), and those of a tool call's id or name (`_CALL_KEYS`)."""
     if isinstance(value, str):
-        if not _SURROGATE.search(value):
+        if not _SURROGATE.search(value) or (is_in_call and key in _CALL_NAME_KEYS):
             return value
         return _ends_kept(value) if key in kept_at_ends else _paired(value)
     if isinstance(value, dict):
-        return {k: _halves_replaced(v, kept_at_ends, k) for k, v in value.items()}
+        return {
+            k: _halves_replaced(v, kept_at_ends, k, is_in_call=is_in_call or k in _CALL_KEYS)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_halves_replaced(v, kept_at_ends, key) for v in value]
+        return [_halves_replaced(v, kept_at_ends, key, is_in_call=is_in_call) for v in value]
     return value
 
 
@@ -583,7 +595,22 @@ def is_json_or_cut(body: bytes) -> bool:
     try:
         orjson.loads(text)
     except orjson.JSONDecodeError as exc:
+        if exc.pos < len(text.rstrip()) and _SURROGATE_ESCAPE.search(text):
+            return _is_json_with_halves_or_cut(text)
         return exc.pos >= len(text.rstrip())
+    return True
+
+
+def _is_json_with_halves_or_cut(text: str) -> bool:
+    """`is_json_or_cut` for a `text` orjson refused with a UTF-16 half escaped in it, which
+    JSON allows and orjson refuses alone (`_loads_with_halves`): a provider's answer that
+    has one where it is refused (a tool call's id) was read as some other server's page."""
+    try:
+        json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        return exc.pos >= len(text.rstrip())
+    except (ValueError, RecursionError):
+        return False
     return True
 
 
@@ -593,6 +620,8 @@ def _tool_calls(data: object) -> tuple[ToolCall, ...]:
         return ()
     if not isinstance(data, list):
         raise MalformedReply("tool_calls is not a list")
+    if len(data) > _MAX_TOOL_CALLS:
+        raise _too_many_calls()
     calls = []
     for item in data:
         function = item.get("function") if isinstance(item, dict) else None
@@ -606,20 +635,34 @@ def _tool_calls(data: object) -> tuple[ToolCall, ...]:
             raise MalformedReply("a tool call has no function name")
         if arguments is not None and not isinstance(arguments, str):
             raise MalformedReply("tool call arguments are not a string")
-        _check_lengths(call_id, name)
+        _check_id_and_name(call_id, name)
         calls.append(ToolCall(call_id, name, arguments or ""))
     return tuple(calls)
 
 
-def _check_lengths(call_id: str, name: str) -> None:
-    """Raise for a tool call's id or function name past `MAX_TOOL_CALL_FIELD`: its caller
-    could not send it back, and a stream's message carrying it could pass the 4 MiB its
-    caller's client takes (a broken upstream's name of megabytes)."""
+def _check_id_and_name(call_id: str, name: str) -> None:
+    """Raise for a tool call's id or function name its caller could not send back
+    (`validation`): past `MAX_TOOL_CALL_FIELD` (a stream's message carrying a broken
+    upstream's name of megabytes could pass the 4 MiB its caller's client takes), or not
+    printable: a control character (a NUL, a line break, an escape sequence, which would
+    reach the caller's logs and the cache too), a zero-width or direction mark, or a lone
+    UTF-16 half (no character: protobuf cannot encode it). Dots, spaces and letters of
+    any script are printable: a model may call `python.run`, never declared."""
     for what, value in (("id", call_id), ("function name", name)):
         if len(value) > MAX_TOOL_CALL_FIELD:
             raise MalformedReply(
                 f"a tool call's {what} is longer than {MAX_TOOL_CALL_FIELD} characters"
             )
+        if not value.isprintable():
+            raise MalformedReply(
+                f"a tool call's {what} has a character that is not printable (a control "
+                "or format character, or a lone UTF-16 surrogate)"
+            )
+
+
+def _too_many_calls() -> MalformedReply:
+    """The error of an answer making more than `_MAX_TOOL_CALLS` tool calls."""
+    return MalformedReply(f"the answer makes more than {_MAX_TOOL_CALLS} tool calls")
 
 
 def _function_call(data: object) -> ToolCall:
@@ -629,7 +672,7 @@ def _function_call(data: object) -> ToolCall:
     if not name:
         raise MalformedReply("a function call has no function name")
     call_id = _new_call_id()
-    _check_lengths(call_id, name)
+    _check_id_and_name(call_id, name)
     return ToolCall(call_id, name, arguments or "")
 
 
@@ -877,6 +920,7 @@ class StreamParser:
 
     __slots__ = (
         "_calls",
+        "_calls_opened",
         "_content_half",
         "_has_relayed",
         "_held_chars",
@@ -902,6 +946,7 @@ class StreamParser:
         self.is_refused = False  # a `refusal` came: the stream ends as a content filter's
         self._tool_calls: dict[int, _StreamedCall] = {}  # by the upstream's index
         self._calls = 0  # tool calls begun
+        self._calls_opened = 0  # begun or not (`_MAX_TOOL_CALLS`)
         self._held_chars = 0  # the arguments held for calls not begun (`_MAX_HELD_CHARS`)
         self._index: int | None = None  # the answer's choice, once an event named one
         self._has_relayed = False  # text or reasoning of it came out
@@ -1006,6 +1051,9 @@ class StreamParser:
             if known is not None and known.half and known.position is not None:
                 # Its arguments' last piece ended with half a character.
                 pieces.append(ToolCallDelta(known.position, arguments=_REPLACEMENT))
+            if self._calls_opened == _MAX_TOOL_CALLS:
+                raise _too_many_calls()
+            self._calls_opened += 1
             known = self._tool_calls[index] = _StreamedCall()
         if arguments and self._is_pairing:
             arguments, known.half = _paired_ends(known.half, arguments)
@@ -1014,7 +1062,7 @@ class StreamParser:
                 pieces.append(ToolCallDelta(known.position, arguments=arguments))
             return
         known.id, known.name = known.id or call_id or "", known.name or name or ""
-        _check_lengths(known.id, known.name)  # before it is held, waiting for the other
+        _check_id_and_name(known.id, known.name)  # before it is held, waiting for the other
         if arguments:
             known.held.append(arguments)
             known.held_chars += len(arguments)

@@ -91,17 +91,17 @@ class TextChunk:
 @dataclass(slots=True)
 class StreamTally:
     """How much output a stream has passed on so far, counted once where its events
-    become chunks (`UpstreamClient.stream`): characters of text, reasoning and tool-call
-    arguments, what its bound and a cut stream's `chars_sent` count."""
+    become chunks (`UpstreamClient.stream`): characters of text, reasoning and tool calls
+    (ids, names and arguments), what its bound and a cut stream's `chars_sent` count."""
 
     chars: int = 0
 
 
 def output_chars(chunk: TextChunk) -> int:
     """The characters of output `chunk` passes on, as `StreamTally` counts them: its text,
-    reasoning and tool-call arguments."""
-    arguments = sum(len(piece.arguments) for piece in chunk.tool_calls)
-    return len(chunk.content) + len(chunk.reasoning) + arguments
+    reasoning and tool calls' ids, names and arguments."""
+    calls = sum(len(call.id) + len(call.name) + len(call.arguments) for call in chunk.tool_calls)
+    return len(chunk.content) + len(chunk.reasoning) + calls
 
 
 def joined_chunks(chunks: Sequence[TextChunk]) -> TextChunk:

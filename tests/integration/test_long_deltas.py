@@ -86,17 +86,24 @@ async def test_a_long_cached_answer_is_replayed_in_pieces(upstream, start_gatewa
 async def test_many_tool_calls_begun_in_one_event_reach_a_default_client_in_pieces(
     gateway, upstream
 ):
-    """One event beginning 2,200 calls, each with an id and a name of 256 emoji (the most
-    either may hold) and no arguments: over 4 MiB of ids and names, which went out as one
-    message a default client refuses, as they were not counted in a delta's size."""
+    """One event beginning 1,024 calls (the most an answer may make), each with an id and
+    a name of 256 emoji (the most either may hold) and 512 emoji of arguments: over 4 MiB,
+    which went out as one message a default client refuses while ids and names were not
+    counted in a delta's size (the arguments alone are 512 Ki characters, not over it)."""
     emoji = "\U0001f600" * 256
+    arguments = emoji * 2
     pieces = [
-        {"index": i, "id": f"{i:04}" + emoji[4:], "function": {"name": emoji, "arguments": ""}}
-        for i in range(2200)
+        {
+            "index": i,
+            "id": f"{i:04}" + emoji[4:],
+            "function": {"name": emoji, "arguments": arguments},
+        }
+        for i in range(1024)
     ]
     upstream.script(Reply(content="", finish_reason="tool_calls", raw_tool_call_deltas=(pieces,)))
     tool = pb.Tool(name="store", parameters='{"type": "object"}')
     events = await _collect(gateway.stub, _ask(tools=[tool]))
     calls = [piece for event in events for piece in event.delta.tool_calls]
-    assert [(call.index, call.name) for call in calls] == [(i, emoji) for i in range(2200)]
+    assert [(call.index, call.name) for call in calls] == [(i, emoji) for i in range(1024)]
+    assert all(call.arguments == arguments for call in calls)
     assert events[-1].final.finish_reason == pb.FINISH_REASON_TOOL_CALLS

@@ -272,3 +272,39 @@ async def test_arguments_held_for_calls_at_many_indexes_are_bounded_all_together
     assert error is not None
     assert error.code() is grpc.StatusCode.UNAVAILABLE
     assert "arguments ran long before their ids and names" in (error.details() or "")
+
+
+def named_call_piece(index: int) -> bytes:
+    """An event opening the tool call at `index` with an id and a name of 256 characters,
+    the most either may have, and no arguments."""
+    call = {"index": index, "id": f"{index:0256d}", "function": {"name": "f" * 256}}
+    choice = {"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}
+    return event({"id": "c1", "model": FAKE_MODEL, "choices": [choice]})
+
+
+async def test_tool_calls_ids_and_names_count_in_the_bound(
+    start_gateway: Callable[..., Any],
+) -> None:
+    """A stream of calls with long ids and names and no arguments, each held to the
+    stream's end as text is, is cut at the bound as text is, `chars_sent` counting the ids
+    and names relayed. Before, only arguments counted: it was relayed whole."""
+    calls = 2 * BOUND // 512  # within the bound on the number of calls (1,024)
+    pieces = b"".join(named_call_piece(index) for index in range(calls))
+    upstream = RunawayUpstream(first=pieces + chunk(None, "tool_calls") + USAGE + DONE)
+    async with upstream as url:
+        config = gateway_config(url, models=MODELS, resilience={"attempts": 1})
+        gateway = await start_gateway(config)
+        relayed: list[pb.ToolCallDelta] = []
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            request = chat_stream(params=DETERMINISTIC)
+            async for item in gateway.stub.CompleteStream(request, timeout=_TIMEOUT_S):
+                relayed.extend(item.delta.tool_calls)
+    error = caught.value
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert f"longer than {BOUND} characters" in (error.details() or "")
+    metadata, reason, _ = error_details(error)
+    assert reason == "STREAM_INTERRUPTED"
+    sent = sum(len(piece.id) + len(piece.name) for piece in relayed)
+    assert 0 < sent <= BOUND
+    assert metadata["chars_sent"] == str(sent)
+    assert upstream.requests == 1

@@ -15,7 +15,13 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
 from service.domain import ToolCall
 from service.tokens import estimate_output_tokens
-from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
+from tests.conftest import (
+    FAKE_MODEL,
+    chat,
+    fake_model_window,
+    gateway_config,
+    gateway_config_data,
+)
 from tests.fake_upstream import FakeUpstream, Reply, Status, ToolCallReply
 from tests.integration.helpers import error_info, field_violations, retry_delay_s
 from tests.scripted_upstream import ScriptedUpstream
@@ -314,8 +320,9 @@ async def test_stream_cut_after_a_tool_call_piece_is_not_retried(upstream, start
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_info(caught.value).reason == "STREAM_INTERRUPTED"
     assert any(e.delta.tool_calls for e in received)
-    sent = sum(len(p.arguments) for e in received for p in e.delta.tool_calls)
-    assert sent > 0
+    # Characters of the calls' ids, names and arguments.
+    sent = sum(len(p.id + p.name + p.arguments) for e in received for p in e.delta.tool_calls)
+    assert sent > len("call_1get_weather")
     assert int(error_info(caught.value).metadata["chars_sent"]) == sent
     assert len(upstream.requests) == 1
     total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
@@ -712,6 +719,181 @@ async def _fails_as_a_malformed_answer_of_up0(stub: Any, *, is_stream: bool) -> 
     assert error_info(caught.value).metadata["upstream"] == "up0"
 
 
+# The most tool calls one answer may make (the README's bound).
+MAX_CALLS = 1024
+
+
+def _many_calls(count: int) -> list[dict[str, Any]]:
+    """`count` tool calls with short names and no arguments, each at an index of its own:
+    what a broken upstream can send on and on, within every bound on characters."""
+    return [
+        {"index": i, "id": f"c{i}", "type": "function", "function": {"name": "f"}}
+        for i in range(count)
+    ]
+
+
+def _making_calls(count: int, *, one_event_a_call: bool = False) -> Reply:
+    """An answer making `count` such calls; streamed in one event, or one event a call."""
+    calls = _many_calls(count)
+    if one_event_a_call:
+        deltas = tuple([call] for call in calls)
+        return Reply(content="", finish_reason="tool_calls", raw_tool_call_deltas=deltas)
+    return Reply(content="", finish_reason="tool_calls", raw_tool_calls=calls)
+
+
+@pytest.mark.parametrize("mode", ["unary", "streamed-unary", "stream"])
+async def test_an_answer_making_more_tool_calls_than_the_bound_is_malformed(
+    upstream, start_gateway, mode
+):
+    """1,025 tool calls in one answer (a JSON body, a stream read whole for a unary call,
+    or one stream event) are a malformed answer: retried before any output, not cached,
+    charged as a lost attempt; 1,024 are an answer. Before, any number was held and relayed."""
+    data = gateway_config_data(upstream.base_url, cache={"backend": "memory"})
+    data["upstreams"][0]["stream_unary_calls"] = mode == "streamed-unary"
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    upstream.script(_making_calls(MAX_CALLS + 1), _making_calls(MAX_CALLS))
+    if mode == "stream":
+        events = await _collect(gateway.stub, _request(stream=True, cache=CACHED))
+        calls, metadata = _assembled(events), events[-1].final
+    else:
+        response = await gateway.stub.Complete(_request(cache=CACHED))
+        calls, metadata = _calls(response.tool_calls), response.metadata
+    assert len(calls) == MAX_CALLS
+    assert metadata.attempts == 2
+    assert len(upstream.requests) == 2
+    total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.requests, total.estimated_requests) == (1, 1)  # the answer; the lost attempt
+    assert total.usage.output_tokens == 3  # the answer's, as reported
+    data["resilience"] = {"attempts": 1}
+    one_try = await start_gateway(parse_config(data, source="<test>", environ={}))
+    for _ in range(2):  # never cached: each call asks the upstream
+        upstream.script(_making_calls(MAX_CALLS + 1))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if mode == "stream":
+                await _collect(one_try.stub, _request(stream=True, cache=CACHED))
+            else:
+                await one_try.stub.Complete(_request(cache=CACHED))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "malformed answer: the answer makes more than 1024 tool calls" in (
+            caught.value.details() or ""
+        )
+        assert error_info(caught.value).metadata["upstream"] == "up0"
+    assert len(upstream.requests) == 4
+
+
+async def test_a_stream_opening_more_tool_calls_than_the_bound_is_cut_and_charged_for_them(
+    upstream, start_gateway
+):
+    """A stream that opens a new call in each event is cut at the 1,025th: the caller has
+    the 1,024 relayed, then STREAM_INTERRUPTED naming the bound; the cut stream is charged
+    for the calls relayed and never cached. Before, it went on without limit."""
+    # A window past the estimate of what was relayed, which caps it.
+    models = fake_model_window(100_000)
+    config = gateway_config(
+        upstream.base_url, cache={"backend": "memory"}, models=models, **ONE_ATTEMPT
+    )
+    gateway = await start_gateway(config)
+    upstream.script(_making_calls(MAX_CALLS + 1, one_event_a_call=True))
+    received: list[pb.CompleteStreamResponse] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for event in gateway.stub.CompleteStream(_request(stream=True, cache=CACHED)):
+            received.append(event)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "the answer makes more than 1024 tool calls" in (caught.value.details() or "")
+    info = error_info(caught.value)
+    assert info.reason == "STREAM_INTERRUPTED"
+    relayed = _assembled(received)
+    assert relayed == [(f"c{i}", "f", "") for i in range(MAX_CALLS)]
+    assert int(info.metadata["chars_sent"]) == sum(len(i) + len(n) for i, n, _ in relayed)
+    total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.requests, total.estimated_requests) == (1, 1)
+    assert total.usage.output_tokens == estimate_output_tokens(
+        "", [ToolCall(*call) for call in relayed]
+    )
+    upstream.script(_making_calls(1))
+    again = await _collect(gateway.stub, _request(stream=True, cache=CACHED))
+    assert _assembled(again) == [("c0", "f", "")]
+    assert len(upstream.requests) == 2
+
+
+# Ids and names a broken upstream may send, which would reach the caller, its logs and
+# the cache, and which the caller may not send back: control characters (C0, DEL, C1),
+# format characters, lone UTF-16 halves (JSON escapes them as `\ud800`; protobuf cannot
+# encode one).
+UNPRINTABLE_CALLS = {
+    "nul-in-id": ("call_\x00", "get_weather"),
+    "c1-in-id": ("call_\x85", "get_weather"),
+    "lone-surrogate-in-id": ("call_\ud800", "get_weather"),
+    "line-break-in-name": ("call_1", "get_weather\nrm"),
+    "escape-in-name": ("call_1", "get_weather\x1b[31m"),
+    "del-in-name": ("call_1", "get_weather\x7f"),
+    "zero-width-space-in-name": ("call_1", "get\u200bweather"),
+    "lone-surrogate-in-name": ("call_1", "get_\udc00weather"),
+}
+
+
+@pytest.mark.parametrize("shape", list(UNPRINTABLE_CALLS))
+@pytest.mark.parametrize("mode", ["unary", "streamed-unary", "stream"])
+async def test_a_tool_calls_id_or_name_that_is_not_printable_is_malformed(
+    upstream, start_gateway, mode, shape
+):
+    """A tool call whose id or function name is not printable (a control or format
+    character, a lone UTF-16 half) is a malformed answer: UNAVAILABLE naming the upstream,
+    never cached (the same call asks again), charged as a lost attempt with no output.
+    Before, it was relayed, cached and billed (a lone half as U+FFFD, an id the upstream
+    never sent), and the caller's next turn, sending it back, was refused."""
+    call_id, name = UNPRINTABLE_CALLS[shape]
+    what = "id" if shape.endswith("-id") else "function name"
+    data = gateway_config_data(upstream.base_url, cache={"backend": "memory"}, **ONE_ATTEMPT)
+    data["upstreams"][0]["stream_unary_calls"] = mode == "streamed-unary"
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    bad = [{"index": 0, "id": call_id, "type": "function", "function": {"name": name}}]
+    for _ in range(2):
+        upstream.script(Reply(content="", finish_reason="tool_calls", raw_tool_calls=bad))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if mode == "stream":
+                await _collect(gateway.stub, _request(stream=True, cache=CACHED))
+            else:
+                await gateway.stub.Complete(_request(cache=CACHED))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.details() == (
+            f"upstream 'up0' sent a malformed answer: a tool call's {what} has a character "
+            "that is not printable (a control or format character, or a lone UTF-16 surrogate)"
+        )
+        assert error_info(caught.value).metadata["upstream"] == "up0"
+    assert len(upstream.requests) == 2
+    total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
+    assert (total.requests, total.estimated_requests) == (0, 2)
+    assert total.usage.output_tokens == 0
+
+
+# Names outside OpenAI's rule for declared tools, with dots, letters of other scripts, a
+# space or an emoji (a pair of UTF-16 halves in JSON): an upstream's, and printable.
+SLOPPY_NAMES = ("python.run", "météo_du_jour", "天気", "get weather", "f\U0001f600")
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_sloppy_but_printable_tool_names_are_relayed_and_only_a_control_character_refused(
+    upstream, start_gateway, is_stream
+):
+    """Calls with sloppy names, and ids in other scripts, are an upstream's answer:
+    relayed as written. The same answer with a tab in one name is malformed."""
+    gateway = await start_gateway(gateway_config(upstream.base_url, **ONE_ATTEMPT))
+    calls = [(f"call_é{i}", name, "") for i, name in enumerate(SLOPPY_NAMES)]
+    for names in (SLOPPY_NAMES, (*SLOPPY_NAMES[:-1], SLOPPY_NAMES[-1] + "\t")):
+        raw = [
+            {"index": i, "id": f"call_é{i}", "type": "function", "function": {"name": name}}
+            for i, name in enumerate(names)
+        ]
+        upstream.script(Reply(content="", finish_reason="tool_calls", raw_tool_calls=raw))
+        if names is not SLOPPY_NAMES:
+            await _fails_as_a_malformed_answer_of_up0(gateway.stub, is_stream=is_stream)
+        elif is_stream:
+            assert _assembled(await _collect(gateway.stub, _request(stream=True))) == calls
+        else:
+            assert _calls((await gateway.stub.Complete(_request())).tool_calls) == calls
+
+
 async def test_batch_item_with_tools_carries_its_tool_calls(stub, upstream):
     """A CompleteBatch item sends its tools and its result carries the tool calls."""
     upstream.script(TOOL_REPLY)
@@ -1069,6 +1251,8 @@ MALFORMED_FUNCTION_CALLS = {
     "no-name": {"arguments": "{}"},
     "arguments-object": {"name": "get_weather", "arguments": {}},
     "name-too-long": {"name": "f" * 257, "arguments": "{}"},
+    "escape-in-name": {"name": "get_weather\x1b[2J", "arguments": "{}"},
+    "lone-surrogate-in-name": {"name": "get_weather\ud800", "arguments": "{}"},
 }
 
 

@@ -32,6 +32,7 @@ from service.tokens import estimate_output_tokens, estimate_prompt_tokens
 from service.upstream.openai_json import (
     MalformedReply,
     StreamParser,
+    is_json_or_cut,
     parse_completion,
     request_body,
 )
@@ -181,6 +182,90 @@ def test_arguments_held_for_a_nameless_call_are_bounded(monkeypatch: pytest.Monk
     parser.parse(_event([{"index": 0, "id": "a", "function": {"arguments": "1234"}}]))
     with pytest.raises(MalformedReply):
         parser.parse(_event([{"index": 0, "function": {"arguments": "56789"}}]))
+
+
+# Calls with short names and no arguments, by the upstream's index (`_MAX_TOOL_CALLS`).
+OPENED_CALLS = {
+    "new-index": lambda i: {"index": i, "id": f"c{i}", "function": {"name": "f"}},
+    "index-0": lambda i: {"index": 0, "id": f"c{i}", "function": {"name": "f"}},  # Ollama
+    "never-named": lambda i: {"index": i, "id": f"c{i}"},
+}
+
+
+@pytest.mark.parametrize("shape", list(OPENED_CALLS))
+def test_a_stream_opening_more_calls_than_the_bound_is_malformed(shape: str) -> None:
+    """The 1,025th call a stream opens, begun or not, is malformed: each is held to the
+    stream's end, and none counts against the bound on characters."""
+    parser = StreamParser()
+    opened = OPENED_CALLS[shape]
+    for index in range(1024):
+        parser.parse(_event([opened(index)]))
+    with pytest.raises(MalformedReply, match="more than 1024 tool calls"):
+        parser.parse(_event([opened(1024)]))
+
+
+def test_a_unary_answer_making_more_calls_than_the_bound_is_malformed() -> None:
+    """1,024 calls are an answer; 1,025 a malformed one."""
+    calls = [{"id": f"c{i}", "function": {"name": "f"}} for i in range(1025)]
+
+    def answer(calls: list[dict[str, object]]) -> bytes:
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
+        return orjson.dumps({"choices": [{"message": message, "finish_reason": "tool_calls"}]})
+
+    assert len(parse_completion(answer(calls[:1024])).tool_calls) == 1024
+    with pytest.raises(MalformedReply, match="more than 1024 tool calls"):
+        parse_completion(answer(calls))
+
+
+def _answer(*, call_id: str, name: str, arguments: str = "", completion_id: str = "c1") -> bytes:
+    """A unary answer making one call, JSON-escaped as Python's json writes it."""
+    call = {"id": call_id, "function": {"name": name, "arguments": arguments}}
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    choice = {"message": message, "finish_reason": "tool_calls"}
+    return json.dumps({"id": completion_id, "choices": [choice]}).encode()
+
+
+# Printable, though outside OpenAI's rule for declared tools: dots, other scripts, an emoji.
+SLOPPY_NAME = "python.run_météo-天気\U0001f600\ufffd"
+
+
+@pytest.mark.parametrize(
+    "char", ["\x00", "\t", "\n", "\x1f", "\x7f", "\x85", "\x9f", "\u200b", "\u202e", "\ud800"]
+)
+@pytest.mark.parametrize("field", ["id", "name"])
+def test_a_call_id_or_name_that_is_not_printable_is_malformed(char: str, field: str) -> None:
+    """C0, DEL and C1 control characters, format characters (a zero-width space, a
+    direction override) and lone UTF-16 halves in a call's id or name are malformed, as a
+    caller may not send them back, in a unary answer and a stream alike; the printable
+    rest is taken."""
+    call = ToolCall("call_é1", SLOPPY_NAME, "")
+    assert parse_completion(_answer(call_id=call.id, name=call.name)).tool_calls == (call,)
+    call_id, name = (call.id + char, call.name) if field == "id" else (call.id, call.name + char)
+    with pytest.raises(MalformedReply, match="not printable"):
+        parse_completion(_answer(call_id=call_id, name=name))
+    piece = {"index": 0, "id": call_id, "function": {"name": name}}
+    with pytest.raises(MalformedReply, match="not printable"):
+        StreamParser().parse(_event([piece]))
+
+
+def test_a_lone_half_is_refused_only_in_a_calls_id_or_name() -> None:
+    """The completion's own id, and a call's arguments, have a lone half made U+FFFD, as
+    before; only a call's id and name keep it, to be refused."""
+    reply = parse_completion(
+        _answer(call_id="call_1", name="f", arguments="\udc00", completion_id="c\ud800")
+    )
+    assert (reply.id, reply.tool_calls) == ("c\ufffd", (ToolCall("call_1", "f", "\ufffd"),))
+    with pytest.raises(MalformedReply):
+        parse_completion(_answer(call_id="call_\ud800", name="f", completion_id="c\ud800"))
+
+
+def test_json_with_an_escaped_lone_half_is_json() -> None:
+    """A body orjson refuses for a lone half (which JSON allows) is JSON, or JSON cut
+    short, and so a provider's answer (billed), not some other server's page."""
+    body = _answer(call_id="call_\ud800", name="f")
+    assert is_json_or_cut(body)
+    assert is_json_or_cut(body[:-3])
+    assert not is_json_or_cut(b"<html>\\ud800</html>")
 
 
 def test_arguments_held_for_nameless_calls_are_bounded_all_together(
