@@ -63,6 +63,11 @@ class TruncationMode(enum.Enum):
 # hold (`openai_json`). A model may call a function it was never given, whose name need
 # not follow the rule for declared tools (64 characters), but real ids and names are tens.
 MAX_TOOL_CALL_FIELD = 256
+# The most tool calls in one message: an upstream's answer may make no more (`openai_json`;
+# OpenAI documents no bound on parallel calls, and models make a few), and a caller may
+# send as many back (`validation`), so that every answer can go on to its next turn.
+# Past it, converting millions of them would hold the event loop.
+MAX_TOOL_CALLS_PER_MESSAGE = 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from service.caller_gate import (
 from service.clock import Deadline
 from service.config import RequestDefaults, is_tenant_name
 from service.domain import (
+    MAX_TOOL_CALLS_PER_MESSAGE,
     CacheMode,
     CachePolicy,
     ChatRequest,
@@ -79,7 +80,6 @@ from service.usage_pages import (
     rows_after,
 )
 from service.validation import (
-    MAX_TOOL_CALLS_PER_MESSAGE,
     MAX_TOOLS,
     chat_request_violations,
     label_violations,

@@ -13,6 +13,7 @@ import orjson
 from service.config import MAX_LABELS, MAX_MODEL_NAME, RequestDefaults, is_model_name
 from service.domain import (
     MAX_TOOL_CALL_FIELD,
+    MAX_TOOL_CALLS_PER_MESSAGE,
     ChatRequest,
     Message,
     ResponseFormat,
@@ -53,9 +54,6 @@ _MAX_TOKENS_CAP = 1_000_000
 # OpenAI's rule for a tool's and a JSON schema's name (fullmatch, as _LABEL_KEY).
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 MAX_TOOLS = 128  # OpenAI's limit
-# Tool calls a message sent back may carry: a model's parallel calls are a handful; more
-# is no conversation, and converting millions of them would hold the event loop.
-MAX_TOOL_CALLS_PER_MESSAGE = 128
 # A message's tool calls whose bad ids and names are each a violation; those after are
 # counted in one: 1,000 messages of 128 empty calls (261 KB) were 256,000 violations,
 # 0.6 s of the event loop to build, of which a caller is shown ten.

@@ -18,6 +18,7 @@ from service.domain import (
     DEFAULT_SCHEMA_NAME,
     MAX_TOKEN_COUNT,
     MAX_TOOL_CALL_FIELD,
+    MAX_TOOL_CALLS_PER_MESSAGE,
     ChatRequest,
     FinishReason,
     Message,
@@ -87,8 +88,6 @@ _NO_INDEX = -1
 # together (a bound per call let calls at many indexes each hold as much): past any real
 # call's, and a bound on what a broken upstream can make the gateway hold.
 _MAX_HELD_CHARS = 16 * 1024 * 1024
-# Tool calls one answer may make: OpenAI documents no bound on parallel calls; models make a few.
-_MAX_TOOL_CALLS = 1024
 # A `\u` escape of a UTF-16 surrogate (U+D800 to U+DFFF), which orjson refuses unpaired.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # A UTF-16 surrogate in a string: what the standard library's json makes of one unpaired.
@@ -620,7 +619,7 @@ def _tool_calls(data: object) -> tuple[ToolCall, ...]:
         return ()
     if not isinstance(data, list):
         raise MalformedReply("tool_calls is not a list")
-    if len(data) > _MAX_TOOL_CALLS:
+    if len(data) > MAX_TOOL_CALLS_PER_MESSAGE:
         raise _too_many_calls()
     calls = []
     for item in data:
@@ -661,8 +660,8 @@ def _check_id_and_name(call_id: str, name: str) -> None:
 
 
 def _too_many_calls() -> MalformedReply:
-    """The error of an answer making more than `_MAX_TOOL_CALLS` tool calls."""
-    return MalformedReply(f"the answer makes more than {_MAX_TOOL_CALLS} tool calls")
+    """The error of an answer making more than `MAX_TOOL_CALLS_PER_MESSAGE` tool calls."""
+    return MalformedReply(f"the answer makes more than {MAX_TOOL_CALLS_PER_MESSAGE} tool calls")
 
 
 def _function_call(data: object) -> ToolCall:
@@ -946,7 +945,7 @@ class StreamParser:
         self.is_refused = False  # a `refusal` came: the stream ends as a content filter's
         self._tool_calls: dict[int, _StreamedCall] = {}  # by the upstream's index
         self._calls = 0  # tool calls begun
-        self._calls_opened = 0  # begun or not (`_MAX_TOOL_CALLS`)
+        self._calls_opened = 0  # begun or not (`MAX_TOOL_CALLS_PER_MESSAGE`)
         self._held_chars = 0  # the arguments held for calls not begun (`_MAX_HELD_CHARS`)
         self._index: int | None = None  # the answer's choice, once an event named one
         self._has_relayed = False  # text or reasoning of it came out
@@ -1051,7 +1050,7 @@ class StreamParser:
             if known is not None and known.half and known.position is not None:
                 # Its arguments' last piece ended with half a character.
                 pieces.append(ToolCallDelta(known.position, arguments=_REPLACEMENT))
-            if self._calls_opened == _MAX_TOOL_CALLS:
+            if self._calls_opened == MAX_TOOL_CALLS_PER_MESSAGE:
                 raise _too_many_calls()
             self._calls_opened += 1
             known = self._tool_calls[index] = _StreamedCall()

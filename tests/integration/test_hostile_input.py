@@ -202,7 +202,7 @@ async def test_far_too_many_tool_calls_sent_back_are_refused_by_their_count_at_o
     violations = detail(error, error_details_pb2.BadRequest).field_violations
     assert (violations[0].field, violations[0].description) == (
         "messages[0].tool_calls",
-        "at most 128 tool calls, got 1500000",
+        "at most 1024 tool calls, got 1500000",
     )
     assert upstream.requests == []
 

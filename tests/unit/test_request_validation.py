@@ -335,10 +335,11 @@ def test_only_first_messages_are_checked_past_the_limit() -> None:
     assert fields_of(request, TIGHT) == ["messages"]
 
 
-@pytest.mark.parametrize(("calls", "refused"), [(128, False), (129, True)])
-def test_a_message_sends_back_at_most_128_tool_calls(calls: int, refused: bool) -> None:
-    """An assistant turn's tool calls are limited as the tools are: 128 pass, 129 are
-    refused on that message's `tool_calls`, by their count, not one by one."""
+@pytest.mark.parametrize(("calls", "refused"), [(1024, False), (1025, True)])
+def test_a_message_sends_back_at_most_1024_tool_calls(calls: int, refused: bool) -> None:
+    """An assistant turn's tool calls are limited as an answer's are: 1,024 pass (every
+    answer can be sent back), 1,025 are refused on that message's `tool_calls`, by their
+    count, not one by one."""
     turn = Message(
         Role.ASSISTANT,
         "",
@@ -346,9 +347,10 @@ def test_a_message_sends_back_at_most_128_tool_calls(calls: int, refused: bool) 
     )
     answers = tuple(Message(Role.TOOL, "ok", tool_call_id=f"call_{i}") for i in range(calls))
     request = dataclasses.replace(BASE, messages=(BASE.messages[0], turn, *answers))
-    found = [(v.field, v.description) for v in chat_request_violations(request, LIMITS)]
+    roomy = dataclasses.replace(LIMITS, max_messages=2 + calls)  # each call's answer
+    found = [(v.field, v.description) for v in chat_request_violations(request, roomy)]
     if refused:
-        assert found[0] == ("messages[1].tool_calls", "at most 128 tool calls, got 129")
+        assert found[0] == ("messages[1].tool_calls", "at most 1024 tool calls, got 1025")
     else:
         assert found == []
 

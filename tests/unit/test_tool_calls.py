@@ -184,7 +184,7 @@ def test_arguments_held_for_a_nameless_call_are_bounded(monkeypatch: pytest.Monk
         parser.parse(_event([{"index": 0, "function": {"arguments": "56789"}}]))
 
 
-# Calls with short names and no arguments, by the upstream's index (`_MAX_TOOL_CALLS`).
+# Calls with short names and no arguments, by the upstream's index (`MAX_TOOL_CALLS_PER_MESSAGE`).
 OPENED_CALLS = {
     "new-index": lambda i: {"index": i, "id": f"c{i}", "function": {"name": "f"}},
     "index-0": lambda i: {"index": 0, "id": f"c{i}", "function": {"name": "f"}},  # Ollama
