@@ -116,6 +116,15 @@ def test_serve_refuses_a_config_before_importing_the_workers(tmp_path: Path) -> 
     assert (status, sorted(started & set(imported))) == (2, [])
 
 
+def test_serve_refuses_a_config_naming_redis_without_importing_redis(tmp_path: Path) -> None:
+    """A config error found past a valid `redis_url` exits 2 without redis-py, which the
+    config imported at its top to check a URL's query options: half of the error's CPU."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("auth:\n  redis_url: redis://127.0.0.1:6379/0\n  redis_timeout_s: -1\n")
+    status, imported = last_line_of(SERVED, "serve", "--config", str(config))
+    assert (status, sorted(name for name in imported if name.split(".")[0] == "redis")) == (2, [])
+
+
 # A Ctrl-C as `check`'s modules are imported (now as the command runs, once the signals
 # held from the console script's first line were let go).
 CTRL_C_IN_CHECKS_IMPORT = """
