@@ -29,12 +29,6 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import yaml
-from redis.asyncio.connection import (
-    URL_QUERY_ARGUMENT_PARSERS,
-    Connection,
-    SSLConnection,
-    UnixDomainSocketConnection,
-)
 
 from service.domain import CacheMode, TruncationMode
 from service.hosts import ascii_host, is_loopback_host, listen_hosts_overlap
@@ -139,6 +133,8 @@ def _require_redis_address(url: str) -> None:
         "redis_url's db query parameter must be a number, as in unix:///PATH?db=0",
     )
     query = parse_qs(parts.query, keep_blank_values=True)
+    if not query:
+        return  # nothing for redis-py to read: not imported (most of a config error's CPU)
     unknown = sorted(set(query) - {"username", "password"} - _redis_url_options(parts.scheme))
     _require(
         not unknown,
@@ -156,6 +152,8 @@ def _require_redis_option_values(query: Mapping[str, list[str]]) -> None:
     """Refuse an option value redis-py cannot read (`socket_timeout=abc`), or a TLS file
     that cannot be read: both fail the start with a traceback. Said by the option's name
     alone: a value could be anything, a secret pasted in the wrong place among them."""
+    from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
+
     for name, values in query.items():
         value = values[0]
         if not value:
@@ -184,6 +182,13 @@ def _redis_url_options(scheme: str) -> frozenset[str]:
     """The query options a Redis URL of `scheme` may carry: any other reaches redis-py's
     connection as an unknown argument and fails the start with a TypeError (an `ssl_`
     option on a redis:// URL too)."""
+    from redis.asyncio.connection import (
+        URL_QUERY_ARGUMENT_PARSERS,
+        Connection,
+        SSLConnection,
+        UnixDomainSocketConnection,
+    )
+
     connection = {"rediss": SSLConnection, "unix": UnixDomainSocketConnection}.get(
         scheme, Connection
     )

@@ -1,5 +1,6 @@
 """What a GGUF model file holds, read from its header: its chat templates (metadata), and
-whether it is a whole GGUF llama.cpp can load at all (`model_file_problem`).
+whether it is a whole GGUF llama.cpp can load at all (`model_file_problem`), both from one
+walk of the header, remembered while the file stays as it is.
 
 llama-cpp-python offers each as the chat format `chat_template.NAME`: the file's
 `tokenizer.chat_template` as `chat_template.default`, and `tokenizer.chat_template.NAME`
@@ -12,11 +13,15 @@ length-prefixed list.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from service.memo import BoundedMemo
 
 _MAGIC = b"GGUF"
 # The versions llama.cpp loads: it refuses GGUFv1 ("no longer supported") and any later
@@ -45,14 +50,30 @@ class _NotGguf(Exception):
     """The file is not a GGUF this reader understands."""
 
 
+@dataclass(frozen=True, slots=True)
+class ModelFileHeader:
+    """What the header of a GGUF model file tells: why llama.cpp could not load the file
+    (`model_file_problem`; None when whole as far as its header tells), and its
+    `chat_template.NAME` formats (`chat_templates`; None when its header cannot be read
+    as a GGUF llama.cpp loads)."""
+
+    problem: str | None
+    chat_templates: frozenset[str] | None
+
+
+# A file as read: its path (named in a problem), device, inode, size and times.
+_FileIdentity = tuple[str, int, int, int, int, int]
+# The last file read, and what its header told: `serve` checks the model file, then the
+# local model's start checks it again and reads its chat templates. Each walk of the
+# shipped Gemma file's header (its vocabulary's 262,144 strings) takes a fifth of a
+# second's CPU. A file replaced or written to since is another identity, read again.
+_LAST_READ: BoundedMemo[_FileIdentity, ModelFileHeader] = BoundedMemo(1)
+
+
 def chat_templates(path: Path) -> frozenset[str] | None:
     """The `chat_template.NAME` formats of the file at `path`; None when it cannot be read
     as a GGUF (llama.cpp, loading it, says why)."""
-    try:
-        with path.open("rb") as file:
-            return frozenset(_template_formats(file))
-    except (OSError, _NotGguf, struct.error, UnicodeDecodeError):
-        return None
+    return model_file_header(path).chat_templates
 
 
 def model_file_problem(path: Path) -> str | None:
@@ -63,48 +84,91 @@ def model_file_problem(path: Path) -> str | None:
 
     llama.cpp finds the same only once started, seconds later, in a line of its own.
     """
+    return model_file_header(path).problem
+
+
+def model_file_header(path: Path) -> ModelFileHeader:
+    """What the header of the file at `path` tells; read once while the file stays as it
+    was (`_LAST_READ`)."""
+    with contextlib.suppress(OSError):
+        known = _LAST_READ.get(_identity(path, os.stat(path)))
+        if known is not None:
+            return known
+    identity, header = _read_header(path)
+    if identity is not None:
+        _LAST_READ.put(identity, header)
+    return header
+
+
+def _identity(path: Path, status: os.stat_result) -> _FileIdentity:
+    # ctime too: a copy that keeps its source's mtime (`cp -p`, `rsync -t`) changes it.
+    return (
+        str(path), status.st_dev, status.st_ino, status.st_size,
+        status.st_mtime_ns, status.st_ctime_ns,
+    )  # fmt: skip
+
+
+def _read_header(path: Path) -> tuple[_FileIdentity | None, ModelFileHeader]:
+    """The file's identity as opened (None when it could not be), and its header."""
     try:
         with path.open("rb") as file:
-            head = file.read(8)
-            if len(head) < 8 or head[:4] != _MAGIC:
-                return (
-                    f"{path} is not a GGUF model file: it begins with {head[:8]!r}, where a "
-                    f"GGUF file begins with {_MAGIC!r} and its version"
-                )
-            (version,) = struct.unpack("<I", head[4:])
-            if version not in _VERSIONS:
-                return (
-                    f"{path} is GGUF version {version}, which llama.cpp cannot load "
-                    "(it loads versions 2 and 3)"
-                )
-            file.seek(0)
-            needed, size = _bytes_needed(file), os.fstat(file.fileno()).st_size
+            status = os.fstat(file.fileno())  # before reading: a write since is seen next
+            return _identity(path, status), _header(file, path, status.st_size)
     except OSError as exc:
-        return f"{path} cannot be read: {exc.strerror or exc}"
+        return None, ModelFileHeader(f"{path} cannot be read: {exc.strerror or exc}", None)
+
+
+def _header(file: BinaryIO, path: Path, size: int) -> ModelFileHeader:
+    """The header `file` reads from its start, `size` bytes long; raises OSError."""
+    head = file.read(8)
+    if len(head) < 8 or head[:4] != _MAGIC:
+        problem = (
+            f"{path} is not a GGUF model file: it begins with {head[:8]!r}, where a "
+            f"GGUF file begins with {_MAGIC!r} and its version"
+        )
+        return ModelFileHeader(problem, None)
+    (version,) = struct.unpack("<I", head[4:])
+    if version not in _VERSIONS:
+        problem = (
+            f"{path} is GGUF version {version}, which llama.cpp cannot load "
+            "(it loads versions 2 and 3)"
+        )
+        return ModelFileHeader(problem, None)
+    file.seek(0)
+    try:
+        needed, templates = _walk(file)
     except (_NotGguf, struct.error, UnicodeDecodeError):
-        return f"{path} is cut short or corrupt: its GGUF header does not read to its end"
+        problem = f"{path} is cut short or corrupt: its GGUF header does not read to its end"
+        return ModelFileHeader(problem, None)
     if needed > size:
-        return (
+        problem = (
             f"{path} is cut short: it holds {size} bytes, where its tensors end at byte "
             f"{needed} (a download or copy that did not finish?)"
         )
-    return None
+        return ModelFileHeader(problem, templates)
+    return ModelFileHeader(None, templates)
 
 
-def _bytes_needed(file: BinaryIO) -> int:
-    """How long a file whose header `file` reads must be to hold every tensor it lists."""
+def _walk(file: BinaryIO) -> tuple[int, frozenset[str]]:
+    """How long a file whose header `file` reads must be to hold every tensor it lists,
+    and the `chat_template.NAME` formats of its metadata."""
     tensors, entries = _counts(file)
     alignment = _DEFAULT_ALIGNMENT
+    templates = []
     for key, kind in _metadata(file, entries):
+        if key == _DEFAULT_KEY:
+            templates.append("chat_template.default")
+        elif key.startswith(f"{_DEFAULT_KEY}."):
+            templates.append(key.removeprefix("tokenizer."))
         if key == _ALIGNMENT_KEY and kind == _UINT32:
             alignment = _read(file, "<I") or _DEFAULT_ALIGNMENT
         else:
             _skip_value(file, kind)
     ends = [_tensor_end(file) for _ in range(tensors)]
     if not ends:  # a file of metadata alone needs no padding to its (empty) data
-        return file.tell()
+        return file.tell(), frozenset(templates)
     data_start = -(-file.tell() // alignment) * alignment
-    return data_start + max(ends)
+    return data_start + max(ends), frozenset(templates)
 
 
 def _tensor_end(file: BinaryIO) -> int:
@@ -119,17 +183,6 @@ def _tensor_end(file: BinaryIO) -> int:
     kind, offset = _read(file, "<I"), _read(file, "<Q")
     per_block, block_bytes = _TENSOR_BLOCKS.get(kind, (1, 0))
     return offset + values // per_block * block_bytes
-
-
-def _template_formats(file: BinaryIO) -> list[str]:
-    formats = []
-    for key, kind in _metadata(file, _counts(file)[1]):
-        if key == _DEFAULT_KEY:
-            formats.append("chat_template.default")
-        elif key.startswith(f"{_DEFAULT_KEY}."):
-            formats.append(key.removeprefix("tokenizer."))
-        _skip_value(file, kind)
-    return formats
 
 
 def _counts(file: BinaryIO) -> tuple[int, int]:

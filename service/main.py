@@ -129,8 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.command == "keys":
+        return _keys(args.keys_args)
+    return serve_command(args)
+
+
+def _keys(argv: list[str]) -> int:
+    """`python -m service keys ARGV`; status 130 on a Ctrl-C, as it starts too (held until
+    now, then raised) or as its modules are imported: no traceback."""
+    try:
         early_signals.release()  # held for `serve` alone
         from service.keys_cli import keys_command
 
-        return keys_command(args.keys_args)
-    return serve_command(args)
+        return keys_command(argv)
+    except KeyboardInterrupt:
+        return 130

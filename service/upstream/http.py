@@ -57,6 +57,8 @@ _WAIT_HEADERS = frozenset({"retry-after", "retry-after-ms"})
 # Where a head ends: the empty line after its last, each line ending in CRLF or a bare LF
 # (RFC 9112 §2.2), as `_response_parser` reads them.
 _HEAD_END = re.compile(rb"\n\r?\n")
+# An obs-fold (RFC 9112 §5.2): a line end followed by blanks, continuing the line before.
+_OBS_FOLD = re.compile(rb"\r?\n[ \t]+")
 # A structured field's quoted string, its escapes included (RFC 8941 §3.3.3): the commas
 # and semicolons in it separate nothing.
 _QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -69,6 +71,17 @@ _IDLE_CLOSE_RACE_S = 1.0
 
 class HttpError(Exception):
     """The exchange failed below HTTP semantics: connect, reset, malformed, cut short."""
+
+
+class _FramedApart(Exception):
+    """Raised in llhttp's head callback for a `Transfer-Encoding` other than `chunked`
+    (rare): llhttp frames one folded over lines (`gzip,<fold> chunked`) as its value does
+    not say, so such a head is parsed once more, unfolded, before any of its body is read
+    (`_Connection._parse_again`). `pieces`: the response's bytes before those just fed."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        super().__init__()
+        self.pieces = pieces
 
 
 class NotHttp(HttpError):
@@ -202,20 +215,23 @@ class _Connection(asyncio.Protocol):
         parsed = response.parsed
         response.received_bytes += len(data)
         if response.held_reason is not None:  # a head repeating its length, still coming
-            self._merge_lengths(response, data, parsed)
+            self._parse_again(response, data, parsed)
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             response.fail(NotHttp("the upstream switched protocols"))
+            return
         except httptools.HttpParserError as exc:
             if response.head_pieces is not None and "Content-Length" in str(exc):
                 # Perhaps one length sent twice, which llhttp refuses: merged, if so, once
-                # the head is all in (`_merge_lengths`).
+                # the head is all in (`_parse_again`).
                 response.held_reason = str(exc)
-                self._merge_lengths(response, data, parsed)
+            elif isinstance(exc.__context__, _FramedApart):
+                response.head_pieces = exc.__context__.pieces
             else:
                 response.fail(_parse_failure(exc))
+                return
         else:
             pieces = response.head_pieces
             if pieces is not None:  # the head is not all in: kept, should it be parsed again
@@ -226,12 +242,16 @@ class _Connection(asyncio.Protocol):
                     response.fail(HttpError("response headers too large"))
                     return
             response.fed(len(data), made_progress=response.parsed != parsed)
+            return
+        # Not in the `except`: a callback's error in the parse again would be chained to
+        # the first parse's error there, not to its own (`_parse_failure` reads it).
+        self._parse_again(response, data, parsed)
 
-    def _merge_lengths(self, response: Response, data: bytes, parsed: int) -> None:
-        """Parse the response again from its start, `data` the last of it received, its
-        head's `Content-Length` values merged into one (`_one_content_length`), once that
-        head is all in; refuse it as llhttp did (`held_reason`) if they are not one number
-        repeated."""
+    def _parse_again(self, response: Response, data: bytes, parsed: int) -> None:
+        """Parse the response again from its start, `data` the last of it received, once
+        its head is all in: unfolded (`_unfolded`), and with a `held_reason` its
+        `Content-Length` values merged into one (`_one_content_length`); refuse it as
+        llhttp did (`held_reason`) if they are not one number repeated."""
         pieces = response.head_pieces
         assert pieces is not None
         pieces.append(data)
@@ -242,19 +262,22 @@ class _Connection(asyncio.Protocol):
                 response.fail(HttpError("response headers too large"))
             return
         start, end = found
-        head = _one_content_length(received[start:end])
-        if head is None:
-            response.fail(NotHttp(f"malformed HTTP response: {response.held_reason}"))
-            return
+        head = _unfolded(received[start:end])
+        if response.held_reason is not None:
+            merged = _one_content_length(head)
+            if merged is None:
+                response.fail(NotHttp(f"malformed HTTP response: {response.held_reason}"))
+                return
+            head = merged
         response.restart()
         self._parser = _response_parser(response)
-        merged = received[:start] + head + received[end:]
+        rewritten = received[:start] + head + received[end:]
         try:
-            self._parser.feed_data(merged)
+            self._parser.feed_data(rewritten)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             response.fail(_parse_failure(exc))
         else:
-            response.fed(len(merged), made_progress=response.parsed != parsed)
+            response.fed(len(rewritten), made_progress=response.parsed != parsed)
 
     def eof_received(self) -> None:
         # The transport closes itself after this, but calls connection_lost only later:
@@ -362,6 +385,14 @@ def _is_interim(status_line: bytes | bytearray) -> bool:
         and status[0][:1] == b"1"
         and status[0][:3] != b"101"
     )
+
+
+def _unfolded(head: bytes) -> bytes:
+    """`head` with each obs-fold a space, as RFC 9112 §5.2 has a user agent read it before
+    the field's value: llhttp's lenient mode reads a folded value's text whole, as the
+    gateway's headers hold it, but frames a folded `Transfer-Encoding` (or length) apart,
+    `gzip,<fold> chunked` as not chunked."""
+    return _OBS_FOLD.sub(b" ", head)
 
 
 def _one_content_length(head: bytes) -> bytes | None:
@@ -502,7 +533,7 @@ class Response:
         self.sent_at = 0.0  # perf_counter when the request was written
         self._answered_at: float | None = None  # and when the answer's end was read
         # The bytes received until the final head is parsed (None from then on), and why
-        # llhttp refused a `Content-Length` in it: `_Connection._merge_lengths`.
+        # llhttp refused a `Content-Length` in it: `_Connection._parse_again`.
         self.head_pieces: list[bytes] | None = []
         self.held_reason: str | None = None
 
@@ -534,7 +565,7 @@ class Response:
             self.headers.clear()
             return
         self.status = status
-        self.head_pieces = None
+        pieces, self.head_pieces = self.head_pieces, None
         self._keep_alive = bool(parser.should_keep_alive())
         headers = self.headers
         transfer = headers.get("transfer-encoding")
@@ -546,6 +577,8 @@ class Response:
             if "content-encoding" in headers:
                 self._decoder = decoder_for(headers["content-encoding"])
         else:  # rare: a coding besides chunked, or a length beside it
+            if pieces is not None:  # not parsed again yet: a fold in it is framed apart
+                raise _FramedApart(pieces)
             self._read_transfer_codings(transfer)
         if not self._head_ready.done():
             self._head_ready.set_result(None)

@@ -20,16 +20,19 @@ from tests.integration.test_local_model_restart import serve_with_stand_in, stan
 
 
 async def _serve(
-    tmp_path: Path, metadata: dict[str, str], chat_format: str
+    tmp_path: Path, metadata: dict[str, str], chat_format: str, *, prelude: str = ""
 ) -> tuple[int, str, str]:
     """`serve` with the stand-in on a model file holding `metadata`: its exit status (0
-    once it listened, then stopped), its first stdout line and its stderr."""
+    once it listened, then stopped), its first stdout line and its stderr. `prelude`:
+    Python the gateway's process runs first."""
     model, stand_in = stand_in_local_model(tmp_path)
     model.write_bytes(gguf_with(metadata))
     config = tmp_path / "gateway.yaml"
     local = {"enabled": "always", "model_path": str(model), "chat_format": chat_format}
     config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"}, "local_model": local}))
-    gateway = await serve_with_stand_in(stand_in, config, stderr=asyncio.subprocess.PIPE)
+    gateway = await serve_with_stand_in(
+        stand_in, config, stderr=asyncio.subprocess.PIPE, prelude=prelude
+    )
     assert gateway.stdout is not None
     assert gateway.stderr is not None
     async with asyncio.timeout(60):
@@ -65,6 +68,30 @@ async def test_a_chat_template_the_model_file_holds_starts(tmp_path: Path) -> No
     for chat_format in ("chat_template.default", "chat_template.rag"):
         status, line, stderr = await _serve(tmp_path, metadata, chat_format)
         assert (status, line.split()[:3]) == (0, ["llm-gateway", "listening", "on"]), stderr
+
+
+# The opens of the model file by the gateway's process (llama.cpp's stand-in is another),
+# counted by an audit hook and said on stderr's last line as it exits.
+_COUNT_MODEL_FILE_OPENS = """
+import atexit, sys
+opens = []
+sys.addaudithook(lambda event, args: event == "open" and args[0] == {model!r} and opens.append(1))
+atexit.register(lambda: print(f"model file opens: {{len(opens)}}", file=sys.stderr))
+"""
+
+
+async def test_the_start_reads_the_model_file_header_once(tmp_path: Path) -> None:
+    """`serve` reads the header once for its checks of the file (whole, its chat template)
+    and the local model's start. It read it three times: `serve`'s check that llama.cpp
+    could load it, the start's again, then its templates; each walks the whole header, a
+    fifth of a second's CPU for the shipped Gemma file (its vocabulary's strings)."""
+    prelude = _COUNT_MODEL_FILE_OPENS.format(model=str(tmp_path / "model.gguf"))
+    metadata = {"tokenizer.chat_template": "{{x}}"}
+    status, line, stderr = await _serve(
+        tmp_path, metadata, "chat_template.default", prelude=prelude
+    )
+    assert (status, line.split()[:2]) == (0, ["llm-gateway", "listening"]), stderr
+    assert stderr.strip().splitlines()[-1] == "model file opens: 1"
 
 
 def _check(tmp_path: Path, metadata: dict[str, str], chat_format: str) -> tuple[int, str]:

@@ -139,13 +139,13 @@ def run_stand_in_as_llama(monkeypatch: pytest.MonkeyPatch, stand_in: Path) -> No
 
 
 async def serve_with_stand_in(
-    stand_in: Path, config: Path, *, stderr: int
+    stand_in: Path, config: Path, *, stderr: int, prelude: str = ""
 ) -> asyncio.subprocess.Process:
     """`llm-gateway serve --config CONFIG` in a process of its own, one worker, with no
     provider key, whose supervisor runs the stand-in as llama.cpp's Python (it runs
-    `sys.executable`); its stdout piped."""
+    `sys.executable`); its stdout piped. `prelude`: Python run first."""
     driver = (
-        f"import sys; sys.executable = {str(stand_in)!r}\n"
+        f"{prelude}import sys; sys.executable = {str(stand_in)!r}\n"
         "from service.main import main\n"
         f"raise SystemExit(main(['serve', '--config', {str(config)!r}, '--workers', '1']))\n"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gzip
 import logging
 import socket
 import ssl
@@ -885,6 +886,52 @@ async def test_what_rfc_9112_has_a_client_accept_is_an_answer(serve, start_gatew
     assert (reply.content, reply.metadata.attempts, raw.connections) == ("hi", 1, 1)
 
 
+_GZIPPED = gzip.compress(_COMPLETION)
+
+
+def _answering_each(answer: bytes) -> Handler:
+    """Keep-alive: every request on a connection answered with `answer`."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Transfer-Encoding: gzip,\r\n chunked",
+        b"Transfer-Encoding: gzip\r\n\t,chunked",
+        b"Transfer-Encoding: chunked\r\n ",
+        b"Content-Encoding: gzip\r\nContent-Length: %d,\r\n %d" % (len(_GZIPPED), len(_GZIPPED)),
+    ],
+    ids=["coding-then-chunked", "fold-before-comma", "blank-fold", "length-repeated"],
+)
+async def test_a_folded_framing_header_frames_the_answer_as_unfolded(serve, start_gateway, framing):
+    """A framing header folded over two lines (RFC 9112 §5.2 obs-fold) is read as its
+    value with the fold a space, as every other header is: `gzip,<fold> chunked` frames a
+    chunked body, answered once and the connection kept. llhttp framed such a
+    `Transfer-Encoding` as not ending in chunked, where the value the gateway read did: the
+    body, chunk sizes and all, was refused as no gzip, or waited on until the deadline for
+    a close a keep-alive server never sends; a folded repeated length was refused."""
+    chunked = b"chunked" in framing
+    body = _GZIPPED if b"gzip" in framing else _COMPLETION
+    if chunked:
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    head = b"HTTP/1.1 200 OK\r\n%s\r\n%s\r\n\r\n" % (_JSON_TYPE, framing)
+    raw = await serve(_answering_each(head + body))
+    gateway = await start_gateway(gateway_config(raw.url))
+
+    for _ in range(2):
+        reply = await gateway.stub.Complete(chat(), timeout=10)
+        assert (reply.content, reply.metadata.attempts) == ("hi", 1)
+    assert raw.connections == 1
+
+
 @pytest.mark.parametrize(
     "framing",
     [b"Content-Length : %d" % (len(_COMPLETION) + 100), b"Transfer-Encoding : chunked"],
@@ -970,6 +1017,8 @@ async def test_one_content_length_sent_twice_frames_the_body(serve, head):
         b"HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nTransfer-Encoding: chunked\r\n"
         b"Content-Length: 1{n}\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: {n}\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: {n}\r\n"
+        b"Content-Length: |{n}\r\n\r\n",
         b"HTTP/1.1 103 Early Hints\r\nContent-Length: {n}\r\n\r\n"
         b"HTTP/1.1 200 OK\r\nX-A: bb\r\nContent-Length: {n}, 1{n}\r\n\r\n",
     ],
@@ -981,6 +1030,7 @@ async def test_one_content_length_sent_twice_frames_the_body(serve, head):
         "negative",
         "chunked",
         "beside-identity",
+        "repeated-beside-identity",
         "interim",
     ],
 )

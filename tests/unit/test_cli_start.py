@@ -116,6 +116,15 @@ def test_serve_refuses_a_config_before_importing_the_workers(tmp_path: Path) -> 
     assert (status, sorted(started & set(imported))) == (2, [])
 
 
+def test_serve_refuses_a_config_naming_redis_without_importing_redis(tmp_path: Path) -> None:
+    """A config error found past a valid `redis_url` exits 2 without redis-py, which the
+    config imported at its top to check a URL's query options: half of the error's CPU."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("auth:\n  redis_url: redis://127.0.0.1:6379/0\n  redis_timeout_s: -1\n")
+    status, imported = last_line_of(SERVED, "serve", "--config", str(config))
+    assert (status, sorted(name for name in imported if name.split(".")[0] == "redis")) == (2, [])
+
+
 # A Ctrl-C as `check`'s modules are imported (now as the command runs, once the signals
 # held from the console script's first line were let go).
 CTRL_C_IN_CHECKS_IMPORT = """
@@ -140,6 +149,51 @@ def test_a_ctrl_c_while_check_imports_its_modules_is_status_130(tmp_path: Path) 
     traceback and no check (the config file's absence is not said)."""
     done = subprocess.run(
         [sys.executable, "-c", CTRL_C_IN_CHECKS_IMPORT, str(tmp_path / "gone.yaml")],
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "")
+
+
+# A Ctrl-C as `keys` starts, at the import of MODULE: `llm-gateway keys` (the console
+# script) or `python -m service keys`, whose first lines hold the signals until `keys` is
+# chosen; its own modules are imported after.
+CTRL_C_IN_KEYS_START = """
+import json, runpy, signal, sys
+
+entry, module, config = json.loads(sys.argv[1])
+
+class CtrlCAtTheModule:
+    def find_spec(self, name, path, target=None):
+        if name == module:
+            signal.raise_signal(signal.SIGINT)
+        return None
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal's foreground
+sys.meta_path.insert(0, CtrlCAtTheModule())
+sys.argv = [entry, "keys", "create", "--tenant", "team-a", "--config", config]
+if entry == "llm-gateway":
+    from service.console import main
+    sys.exit(main())
+runpy.run_module("service", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize(
+    ("entry", "module"),
+    [
+        ("llm-gateway", "gateway_client.cli"),  # held
+        ("llm-gateway", "service.keys_cli"),
+        ("python -m service", "service.main"),  # held
+        ("python -m service", "service.keys_cli"),
+    ],
+)
+def test_a_ctrl_c_while_keys_starts_is_status_130(tmp_path: Path, entry: str, module: str) -> None:
+    """As for every other command: status 130, no traceback and no key (the config file's
+    absence is not said). It ended in a KeyboardInterrupt traceback, `python -m service
+    keys` for one held as it started too."""
+    arguments = json.dumps([entry, module, str(tmp_path / "gone.yaml")])
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_IN_KEYS_START, arguments],
         capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
     )  # fmt: skip
     assert (done.returncode, done.stdout, done.stderr) == (130, "", "")

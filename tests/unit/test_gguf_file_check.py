@@ -61,3 +61,18 @@ def test_an_unreadable_file_says_so(tmp_path: Path) -> None:
     problem = model_file_problem(tmp_path)
     assert problem is not None
     assert problem.startswith(f"{tmp_path} cannot be read: ")
+
+
+def test_a_file_changed_since_it_was_read_is_read_again(tmp_path: Path) -> None:
+    """The header read is remembered for the file as it was (the local model's start reads
+    it after `serve` did): one written to or replaced since, as a restart may find it, is
+    read again."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(_WHOLE)
+    assert model_file_problem(model) is None
+    model.write_bytes(_WHOLE[:-1])  # in place
+    assert (model_file_problem(model) or "").startswith(f"{model} is cut short: it holds")
+    page = tmp_path / "page.html"
+    page.write_bytes(b"<html>".ljust(len(_WHOLE) - 1))  # its size, another inode
+    page.replace(model)
+    assert (model_file_problem(model) or "").startswith(f"{model} is not a GGUF model file")

@@ -114,7 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"llm-gateway {args.command}: cannot write: standard output is closed", file=sys.stderr
         )
         return 1
-    result = args.handler(args)
+    try:
+        result = args.handler(args)
+    except KeyboardInterrupt:  # a Ctrl-C as `keys` imports the gateway's modules, or runs
+        return 130
     if asyncio.iscoroutine(result):
         try:
             result = asyncio.run(result)
