@@ -18,7 +18,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterator, Sequence
 from typing import Any, NoReturn, TypeAlias
 
 import grpc
@@ -622,11 +622,19 @@ def _tolerant_parser(message_class: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def add_service(server: grpc.aio.Server, servicer: object, service: Any) -> None:
+def add_service(
+    server: grpc.aio.Server,
+    servicer: object,
+    service: Any,
+    *,
+    registered: Collection[str] | None = None,
+) -> None:
     """Register every method of `service` (a ServiceDescriptor) on `servicer`.
 
     Does what the generated `add_*Servicer_to_server` does, except that request
-    parsing is `_tolerant_parser`'s.
+    parsing is `_tolerant_parser`'s, and that only the methods named in `registered`
+    (all of them when None) go on grpc's registered-method path; the others are found
+    through the generic handler, as `GenericOnly` leaves a service's.
     """
     handlers = {}
     for method in service.methods:
@@ -645,4 +653,28 @@ def add_service(server: grpc.aio.Server, servicer: object, service: Any) -> None
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
+    if registered is not None:
+        handlers = {name: handlers[name] for name in registered}
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+class GenericOnly:
+    """A server as a generated `add_*Servicer_to_server` sees it, that registers the
+    service's methods with the generic handler only, not on grpc's registered-method path.
+
+    grpc.aio's server waits for its next call with `asyncio.wait` over one pending task
+    per registered method, and one for everything else, and sets that wait up again
+    after every call it accepts: each registered method costs every call about nine
+    Python calls (the wait's checks, done callbacks added and removed), whichever
+    method the call is for. A method called now and then (health, reflection) is
+    found through the generic handler as quickly as it needs to be.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[Any]) -> None:
+        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name: str, handlers: Any) -> None:
+        """Left to the generic handler the same call registers."""

@@ -44,6 +44,7 @@ from service.pricing import PriceList
 from service.redis_access import check_redis_access
 from service.rpc_boundary import (
     Admission,
+    GenericOnly,
     StalledStreams,
     add_service,
     guard_servicer,
@@ -106,6 +107,10 @@ NO_UPSTREAM_FIX = (
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["CompletionService"]
 SERVICE_NAME = SERVICE.full_name
 RPC_METHODS = [m.name for m in SERVICE.methods]
+# The methods on grpc's registered-method path: the ones that carry the calls. Every
+# method registered there costs every call accepted (`GenericOnly`), so the others, and
+# the health and reflection services, are found through the generic handler.
+REGISTERED_METHODS = ("Complete", "CompleteStream")
 # The health service name that follows the local model's llama.cpp server alone.
 LOCAL_MODEL_HEALTH = "llm_gateway.local_model"
 
@@ -297,15 +302,15 @@ class GatewayServer:
                 *connection_age_options(self.config, upstreams),
             ],
         )
-        add_service(server, servicer, SERVICE)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        add_service(server, servicer, SERVICE, registered=REGISTERED_METHODS)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, GenericOnly(server))
         reflected = [
             SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ]
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            EndableReflection(reflected, ended=self.health.ended), server
+            EndableReflection(reflected, ended=self.health.ended), GenericOnly(server)
         )
         listen = self.config.server.listen
         # The health port first: a grpc server lets its port go only once started, and the

@@ -102,7 +102,9 @@ class SingleFlight(Generic[T]):
         flight = self._flights.get(key)
         if flight is not None:
             return flight, False
-        flight = Flight[T](key)
+        # Not `Flight[T](key)`: calling the subscripted alias costs two Python calls more
+        # (typing's cache of the alias, then its `__call__` setting `__orig_class__`).
+        flight = Flight(key)
         self._flights[key] = flight
         task = asyncio.get_running_loop().create_task(
             self._run(flight, call, after), name=f"single-flight {key[-12:]}"

@@ -24,12 +24,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import parse_config
 from service.hosts import ListenError
 from service.local_model import LocalModelUnavailable
 from service.server import GatewayServer
-from tests.conftest import FAKE_MODEL, chat, gateway_config, gateway_config_data
+from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.host_addresses import link_local_address
 from tests.redis_server import RedisServer
@@ -44,6 +45,36 @@ async def test_health_reports_serving_for_server_and_service(gateway):
     for service in ("", "llmgateway.v1.CompletionService"):
         response = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _calls_awaited_per_registered_method() -> int:
+    """The tasks grpc.aio's accept loop holds for the next call of a method registered on
+    its fast path: one each, and each one set up again for every call it accepts."""
+    return sum(
+        getattr(task.get_coro(), "__qualname__", "") == "AioServer._request_registered_call"
+        for task in asyncio.all_tasks()
+    )
+
+
+async def test_only_complete_and_its_stream_are_on_grpcs_registered_method_path(gateway, upstream):
+    """Each method on grpc's registered-method path costs every accepted call a pending
+    task to wait on: only Complete and CompleteStream are there, and every other method,
+    health's and reflection's too, is still answered through the generic handler."""
+    assert _calls_awaited_per_registered_method() == 2
+    assert (await gateway.stub.Complete(chat())).content == "Hello from fake"
+    async for _ in gateway.stub.CompleteStream(chat_stream()):
+        pass
+    assert FAKE_MODEL in [
+        m.name for m in (await gateway.stub.ListModels(pb.ListModelsRequest())).models
+    ]
+    assert (await gateway.stub.GetUsage(pb.GetUsageRequest())).total.requests == 2
+    health = health_pb2_grpc.HealthStub(gateway.channel)
+    answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    services, content = await asyncio.to_thread(_call_through_reflection, gateway.server.address)
+    assert "grpc.reflection.v1alpha.ServerReflection" in services
+    assert content == "Hello from fake"
+    assert _calls_awaited_per_registered_method() == 2
 
 
 async def _stop_with_a_call_in_flight(gateway, fake: FakeUpstream) -> None:

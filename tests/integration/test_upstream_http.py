@@ -21,6 +21,7 @@ import pytest
 import uvloop
 
 from llmgateway.v1 import gateway_pb2 as pb
+from service.upstream import http
 from service.upstream.http import BodyTooLarge, ConnectFailed, HttpError, HttpPool, _head
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config
 from tests.integration.helpers import error_info
@@ -792,6 +793,38 @@ async def test_a_head_of_many_headers_past_the_limit_says_so(serve):
     await pool.aclose()
 
 
+async def test_header_names_are_read_alike_and_those_kept_for_reuse_stay_bounded(serve):
+    """Each header name is keyed in lower case (a repeated one's values joined), the same
+    the first time and once kept for the next answer; an upstream sending ever new names
+    does not grow what is kept for them past its bound."""
+    answers = 0
+
+    async def new_names(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answers
+        while True:
+            await read_request(reader)
+            answers += 1
+            made_up = b"".join(b"X-Made-Up-%d-%d: v\r\n" % (answers, i) for i in range(300))
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Twice: a\r\n"
+                b"x-twice: b\r\n%sContent-Length : 2\r\n\r\nok" % made_up
+            )
+            await writer.drain()
+
+    raw = await serve(new_names)
+    pool = pool_for(raw)
+    for answer in range(1, 4):
+        async with await pool.request("POST", "/", {}, b"x") as response:
+            assert await response.read() == b"ok"
+            assert response.headers["content-type"] == "text/plain"
+            assert response.headers["x-twice"] == "a, b"
+            assert response.headers["content-length"] == "2"
+            assert response.headers[f"x-made-up-{answer}-299"] == "v"
+            assert len(response.headers) == 303
+    assert len(http._header_keys) <= http._MAX_HEADER_KEYS
+    await pool.aclose()
+
+
 async def test_interim_answers_that_never_end_are_refused_not_buffered(serve):
     """Endless `100 Continue` heads, each whole, are heads past the same limit: the bytes
     kept until the final head (for a repeated `Content-Length`) grew without bound."""
@@ -1556,6 +1589,7 @@ ON_UVLOOP = [
     test_a_connection_paused_on_a_whole_unread_body_is_reused_unpaused,
     test_an_informational_response_is_skipped_for_the_real_one,
     test_a_header_that_never_ends_is_refused_not_buffered,
+    test_header_names_are_read_alike_and_those_kept_for_reuse_stay_bounded,
     test_interim_answers_that_never_end_are_refused_not_buffered,
     test_a_trailer_that_never_ends_is_refused_not_buffered,
     test_a_body_released_before_its_end_is_reused_once_the_end_arrives,
