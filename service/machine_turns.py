@@ -119,8 +119,8 @@ class MachineTurns:
 
     async def take(self) -> None:
         """Wait in line for the turn `try_take` refused, however long (a caller bounds it
-        with a timeout). Cancelled,
-        nothing is held: a turn that came meanwhile goes on to the next call, or is let go.
+        with a timeout). Cancelled, nothing is held: a turn that came meanwhile goes on to
+        the next call, or is let go.
 
         Raises:
             ShuttingDown: the server stopped while it waited (`refuse_waiters`).
