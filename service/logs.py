@@ -108,6 +108,48 @@ class CallerHeaderFilter(logging.Filter):
         return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
+# The start-up warnings `serve --workers N` says once for the gateway, not once a process:
+# the supervisor says its listen policy's itself, before any worker starts...
+SAID_BY_THE_SUPERVISOR: Final = frozenset(
+    {"security.keys_without_tls", "security.auth_off_on_public_listen"}
+)
+# ...and worker 0 these, which only a worker finds as it starts: its upstreams (keys over
+# plain http, none at all), their models' prices, key entries naming tenant `default`.
+SAID_BY_WORKER_0: Final = frozenset(
+    {
+        "upstream.key_over_plain_http",
+        "gateway.no_upstream",
+        "pricing.model_without_price",
+        "auth.default_tenant_key",
+    }
+)
+
+
+class SaidOnceAtStart(logging.Filter):
+    """In worker `index` of `serve --workers N`, until it listens (`remove`): drops the
+    start-up warnings another process says for the whole gateway (`SAID_BY_THE_SUPERVISOR`,
+    and but in worker 0 `SAID_BY_WORKER_0`). Each worker finds the same ones in the same
+    config: with 2 workers a warning was said 3 times, read as 3 problems. Past its start a
+    worker says all its own (a Redis key naming `default` that a call of its own found)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self._dropped = SAID_BY_THE_SUPERVISOR | (SAID_BY_WORKER_0 if index else frozenset())
+        self._handlers = list(logging.getLogger().handlers)
+        for handler in self._handlers:
+            handler.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Let every record through but those warnings."""
+        msg = record.msg
+        return not (record.levelno == logging.WARNING and type(msg) is str and msg in self._dropped)
+
+    def remove(self) -> None:
+        """Let every record through from now on: the worker has started."""
+        for handler in self._handlers:
+            handler.removeFilter(self)
+
+
 def configure_logging(level: str = "INFO", *, writer: Writer | None = None) -> None:
     """Send the gateway's logs to stderr with the event formatter; with several processes
     (`serve --workers N`), each line names its `writer`: a worker's index, or SUPERVISOR."""

@@ -45,6 +45,7 @@ from service.config import ConfigError, GatewayConfig, host_and_port
 from service.cpus import usable_cpus
 from service.hosts import ListenError
 from service.local_model import LocalModelServer, LocalModelState
+from service.logs import SaidOnceAtStart
 from service.machine_turns import TurnsFile
 from service.telemetry.setup import (
     DEFAULT_PROMETHEUS_PORT,
@@ -259,7 +260,10 @@ def _stop_with(supervisor: int, sig: signal.Signals) -> None:
         os.kill(os.getpid(), sig)
 
 
-def _listening(supervisor: int, ready: Connection, beats: Connection) -> None:
+def _listening(
+    supervisor: int, ready: Connection, beats: Connection, said_once: SaidOnceAtStart
+) -> None:
+    said_once.remove()
     # SIGCONT, not SIGTERM: a worker stopped (SIGSTOP) acts on no signal but SIGKILL and
     # SIGCONT, and with a pending SIGTERM it kept the port for ever. Continued, it sees its
     # supervisor gone and drains its calls, as on SIGTERM.
@@ -321,11 +325,12 @@ def _worker_main(
     # has no calls to drain.
     _stop_with(supervisor, signal.SIGKILL)
     configure_logging(log_level, writer=index)
+    said_once = SaidOnceAtStart(index)
     states = None if local_model is None else _local_model_states(*local_model)
     try:
         run(
             config,
-            on_ready=lambda _address: _listening(supervisor, ready, beats),
+            on_ready=lambda _address: _listening(supervisor, ready, beats, said_once),
             on_stopping=lambda: _draining(ready),
             local_model_states=states,
         )

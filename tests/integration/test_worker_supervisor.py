@@ -306,6 +306,95 @@ async def test_workers_set_with_state_in_memory_are_warned_of_once(tmp_path, set
     assert "upstream 'up0''s rates are per process" in warning
 
 
+_A_DIGEST = "1" * 64
+
+
+def _keys_in_clear(tmp_path: Path) -> dict[str, object]:
+    """Caller keys on every address without TLS; an upstream's key over plain http to
+    another host, for a model without a price."""
+    upstream = {
+        "name": "up0",
+        "base_url": "http://10.255.255.1:1/v1",  # never called: the gateway only starts
+        "models": ["unpriced-model"],
+        "api_key_env": "WORKERS_TEST_KEY",
+    }
+    return {
+        "server": {"listen": "0.0.0.0:0"},
+        "auth": {"mode": "keys", "keys": [{"sha256": _A_DIGEST, "tenant": "t1"}]},
+        "upstreams": [upstream],
+    }
+
+
+def _auth_off_forced(tmp_path: Path) -> dict[str, object]:
+    """Auth off forced on every address, keys naming tenant `default` (in the config and
+    in the keys file), and no upstream enabled."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"{'2' * 64} default\n")
+    auth = {
+        "mode": "off",
+        "allow_auth_off_on_public_listen": True,
+        "keys": [{"sha256": _A_DIGEST, "tenant": "default"}],
+        "keys_file": str(keys),
+    }
+    upstream = {
+        "name": "up0",
+        "base_url": "http://127.0.0.1:1/v1",
+        "models": [FAKE_MODEL],
+        "api_key_env": "WORKERS_TEST_UNSET",
+    }
+    return {"server": {"listen": "0.0.0.0:0"}, "auth": auth, "upstreams": [upstream]}
+
+
+@pytest.mark.parametrize(
+    ("sections", "warnings"),
+    [
+        (
+            _keys_in_clear,
+            [
+                "security.keys_without_tls",
+                "upstream.key_over_plain_http upstream=up0",
+                "pricing.model_without_price model=unpriced-model",
+            ],
+        ),
+        (
+            _auth_off_forced,
+            [
+                "security.auth_off_on_public_listen",
+                "auth.default_tenant_key entry=auth.keys[0]",
+                "auth.default_tenant_key entry={tmp_path}/keys:1",
+                "gateway.no_upstream",
+            ],
+        ),
+    ],
+)
+async def test_each_start_warning_is_said_once_by_the_gateway(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    sections: Callable[[Path], dict[str, object]],
+    warnings: list[str],
+) -> None:
+    """With `--workers 2`, each warning of the config found at start is one line: the
+    listen policy's from the supervisor, the rest from worker 0.
+
+    Before, the supervisor and each worker said the listen policy's, and each worker the
+    others: 3 and 2 lines of one problem, read as several."""
+    monkeypatch.setenv("WORKERS_TEST_KEY", "sk-test")
+    monkeypatch.delenv("WORKERS_TEST_UNSET", raising=False)
+    path = _write_config(tmp_path, **sections(tmp_path))
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        await _listening(process)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(_HANG_GUARD_S):
+            assert await process.wait() == 0
+    said = {}
+    for warning in warnings:
+        event, _, detail = warning.format(tmp_path=tmp_path).partition(" ")
+        said[warning] = [line for line in log.events(event) if detail in line]
+    assert {w: len(lines) for w, lines in said.items()} == dict.fromkeys(warnings, 1), said
+    writers = [lines[0].rstrip().rpartition(" ")[2] for lines in said.values()]
+    assert writers == ["worker=supervisor"] + ["worker=0"] * (len(warnings) - 1)
+
+
 def _signalled_at_start(sig: signal.Signals) -> str:
     """Code for the supervisor: worker 0's first process gets `sig` as soon as it is
     started, before it can listen."""
