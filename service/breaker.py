@@ -1,4 +1,4 @@
-"""A per-upstream circuit breaker: closed → open → half-open → closed.
+"""Circuit breakers, one per upstream and one per model there: closed → open → half-open → closed.
 
 Closed lets every call through and counts failures. Too many consecutive failures, or
 a failure ratio over a sliding window (once enough calls were seen), opens it: calls
@@ -36,6 +36,13 @@ COOL_DOWN_S = 15.0  # seconds open before a probe is let through
 KEY_REJECTED_COOL_DOWN_S = 300.0  # seconds
 
 
+class FailureScope(enum.Enum):
+    """What a failure that counts against health says is unhealthy."""
+
+    UPSTREAM = "upstream"  # the upstream itself: every model it serves
+    MODEL = "model"  # the model the call asked for, there
+
+
 class BreakerState(enum.Enum):
     """The breaker's view of an upstream's health."""
 
@@ -64,10 +71,13 @@ class BreakerChange:
     old: BreakerState
     new: BreakerState
     reason: str
+    # The upstream's name of the model whose breaker it is; None for the upstream's own.
+    model: str | None = None
 
 
 class CircuitBreaker:
-    """Decides whether a call may go to one upstream; told the outcome of each call."""
+    """Decides whether a call may go to one upstream, or to one model there (`model`, the
+    upstream's name of it); told the outcome of each call."""
 
     def __init__(
         self,
@@ -76,8 +86,10 @@ class CircuitBreaker:
         *,
         clock: Clock = SYSTEM_CLOCK,
         on_change: Callable[[BreakerChange], None] | None = None,
+        model: str | None = None,
     ) -> None:
         self.upstream = upstream
+        self.model = model
         self.settings = settings
         self._clock = clock
         self._on_change = on_change
@@ -154,6 +166,14 @@ class CircuitBreaker:
     def _is_probe_overdue(self) -> bool:
         return self._clock.now() - self._probe_sent_at >= self.settings.cool_down_s
 
+    def overtake_probe(self) -> None:
+        """Take a running probe for overtaken (as `acquire` takes a hung one): its end frees
+        nothing, its failure leaves the decision to the next probe, which may go at once;
+        its success still closes the breaker."""
+        if self._probe_in_flight:
+            self.episode += 1
+            self._probe_in_flight = False
+
     def release(self, *, probe: int | None) -> None:
         """A claimed call ended without an outcome that says anything about health.
 
@@ -183,6 +203,18 @@ class CircuitBreaker:
         if self._state is not BreakerState.CLOSED:
             self.is_key_rejected = False
             self._move(BreakerState.CLOSED, "probe succeeded")
+
+    def note_success(self) -> None:
+        """Count a success of a closed breaker with no probe (`record_success`'s part that
+        its probe and its opening leave aside)."""
+        self._consecutive = 0
+        # `_note` written out: every call's success comes here.
+        now = self._clock.now()
+        outcomes = self._outcomes
+        outcomes.append((now, False))
+        horizon = now - self.settings.window_s
+        while outcomes[0][0] <= horizon:
+            outcomes.popleft()
 
     def reset(self, reason: str) -> None:
         """The upstream is known to be back (a restart answered): forget its failures."""
@@ -262,12 +294,133 @@ class CircuitBreaker:
             self._consecutive = 0
         if old is new:
             return
-        log.info(
-            "breaker.state_changed",
-            extra={"upstream": self.upstream, "from": old.value, "to": new.value, "why": reason},
-        )
+        extra = {"upstream": self.upstream, "from": old.value, "to": new.value, "why": reason}
+        if self.model is not None:
+            extra["model"] = self.model
+        log.info("breaker.state_changed", extra=extra)
         if self._on_change is not None:
-            self._on_change(BreakerChange(self.upstream, old, new, reason))
+            self._on_change(BreakerChange(self.upstream, old, new, reason, self.model))
+
+
+# The episodes (`CircuitBreaker.episode`) of the upstream's and the model's breaker in
+# which a call was let through as that breaker's half-open probe; None: not its probe.
+RouteProbe = tuple[int | None, int | None]
+
+
+class RouteBreaker:
+    """The two breakers a call to one model on one upstream passes: the upstream's own,
+    shared by every model it serves, and the model's there. A call goes through only when
+    both let it; it may be the probe of either, or of both."""
+
+    __slots__ = ("model", "upstream")
+
+    def __init__(self, upstream: CircuitBreaker, model: CircuitBreaker) -> None:
+        self.upstream = upstream
+        self.model = model
+
+    def allows(self) -> bool:
+        """Whether a call may be sent now (without claiming a half-open probe)."""
+        return self.upstream.allows() and self.model.allows()
+
+    def acquire(self) -> bool:
+        """Claim permission for one call of both breakers (each half-open one's probe), or
+        of neither."""
+        if not self.allows():
+            return False
+        self.upstream.acquire()
+        self.model.acquire()
+        return True
+
+    def claimed_probe(self) -> RouteProbe | None:
+        """After `acquire`: the breakers whose probe the call is; None when neither."""
+        upstream = _probe_episode(self.upstream)
+        model = _probe_episode(self.model)
+        return None if upstream is None and model is None else (upstream, model)
+
+    def reclaim(self, probe: RouteProbe | None) -> tuple[bool, RouteProbe | None]:
+        """After the call waited its turn (`probe` claimed before): whether it may still go,
+        and the breakers whose probe it is now. A probe of a half-open that ended meanwhile
+        (the breaker opened again) is none; a breaker that is no longer closed is claimed
+        again, as for a call planned now. Refused, it releases what it held."""
+        upstream, model = probe or (None, None)
+        if upstream is not None and upstream != self.upstream.episode:
+            upstream = None
+        if model is not None and model != self.model.episode:
+            model = None
+        claims_upstream = upstream is None and not self.upstream.is_closed
+        claims_model = model is None and not self.model.is_closed
+        if (claims_upstream and not self.upstream.allows()) or (
+            claims_model and not self.model.allows()
+        ):
+            self.release((upstream, model))
+            return False, None
+        if claims_upstream:
+            self.upstream.acquire()
+            upstream = _probe_episode(self.upstream)
+        if claims_model:
+            self.model.acquire()
+            model = _probe_episode(self.model)
+        return True, None if upstream is None and model is None else (upstream, model)
+
+    def release(self, probe: RouteProbe | None) -> None:
+        """A claimed call ended without an outcome that says anything about health."""
+        upstream, model = probe or (None, None)
+        self.upstream.release(probe=upstream)
+        self.model.release(probe=model)
+
+    def record_success(self, *, probe: RouteProbe | None) -> bool:
+        """The model answered; whether the upstream's own breaker is closed after it (for
+        the upstream's key watch: not when it took the answer for older news)."""
+        upstream, model = self.upstream, self.model
+        if probe is None and upstream.is_closed and model.is_closed:
+            # Both closed, the usual answer: counted without `record_success`'s frames
+            # (every call's success path comes here).
+            upstream.note_success()
+            model.note_success()
+            return True
+        upstream_probe, model_probe = probe or (None, None)
+        upstream.record_success(probe=upstream_probe)
+        model.record_success(probe=model_probe)
+        return upstream.is_closed or upstream.state is BreakerState.CLOSED
+
+    def record_failure(self, scope: FailureScope, *, reason: str, probe: RouteProbe | None) -> None:
+        """The call failed in a way that says `scope` is unhealthy: a failure of the
+        upstream itself counts against the upstream's breaker, one of the model against the
+        model's alone, unless the call was the probe of the upstream's half-open breaker,
+        whose failure of any kind opens it again (it was to show the upstream serving)."""
+        upstream_probe, model_probe = probe or (None, None)
+        if scope is FailureScope.UPSTREAM:
+            self.upstream.record_failure(reason=reason, probe=upstream_probe)
+            self.model.release(probe=model_probe)
+            return
+        if upstream_probe is not None and self._is_current_probe(upstream_probe):
+            self.upstream.record_failure(reason=reason, probe=upstream_probe)
+        self.model.record_failure(reason=reason, probe=model_probe)
+
+    def _is_current_probe(self, upstream_probe: int) -> bool:
+        """Whether `upstream_probe` is the probe of the upstream's breaker now half-open."""
+        upstream = self.upstream
+        return upstream_probe == upstream.episode and upstream.state is BreakerState.HALF_OPEN
+
+    def record_key_rejected(self, *, probe: RouteProbe | None) -> None:
+        """The upstream rejected the gateway's key: its own breaker opens, for every model."""
+        self.upstream.record_key_rejected()
+        self.model.release(probe=None if probe is None else probe[1])
+
+    @property
+    def state(self) -> BreakerState:
+        """The route's state: open when either breaker is, else half-open when either is."""
+        upstream, model = self.upstream.state, self.model.state
+        if BreakerState.OPEN in (upstream, model):
+            return BreakerState.OPEN
+        if BreakerState.HALF_OPEN in (upstream, model):
+            return BreakerState.HALF_OPEN
+        return BreakerState.CLOSED
+
+
+def _probe_episode(breaker: CircuitBreaker) -> int | None:
+    """The episode of `breaker` when a call it just let through is its probe, else None."""
+    return breaker.episode if breaker.state is BreakerState.HALF_OPEN else None
 
 
 __all__ = [
@@ -275,4 +428,7 @@ __all__ = [
     "BreakerSettings",
     "BreakerState",
     "CircuitBreaker",
+    "FailureScope",
+    "RouteBreaker",
+    "RouteProbe",
 ]

@@ -24,7 +24,14 @@ import time
 from collections.abc import AsyncIterator, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from service.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from service.breaker import (
+    BreakerChange,
+    BreakerSettings,
+    BreakerState,
+    CircuitBreaker,
+    RouteBreaker,
+    RouteProbe,
+)
 from service.clock import SYSTEM_CLOCK, Clock, Deadline
 from service.config import ResilienceConfig
 from service.domain import ChatRequest, Role, Usage
@@ -52,8 +59,8 @@ from service.retry import (
     BackoffPolicy,
     RetryBudget,
     backoff_s,
-    counts_against_health,
     describe,
+    failure_scope,
     is_failover_only,
     is_retryable,
 )
@@ -249,14 +256,17 @@ class _Progress:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """One upstream able to serve a model, and the model's name there."""
+    """One upstream able to serve a model, the model's name there, and the breakers a call
+    to it passes: the upstream's and that model's there."""
 
     client: UpstreamClient
     upstream_model: str
+    breaker: RouteBreaker
 
 
 class UpstreamState:
-    """Everything the pool keeps about one upstream: breaker, limiter, retry budget."""
+    """Everything the pool keeps about one upstream: breakers (its own and one per model it
+    serves, by the model's name there), limiter, retry budget."""
 
     def __init__(
         self,
@@ -269,19 +279,29 @@ class UpstreamState:
         machine_turns: MachineTurns | None = None,
     ) -> None:
         self.client = client
-        self.breaker = CircuitBreaker(
-            client.name,
-            BreakerSettings(
-                consecutive_failures=settings.breaker_consecutive_failures,
-                failure_ratio=settings.breaker_failure_ratio,
-                min_calls=settings.breaker_min_calls,
-                window_s=settings.breaker_window_s,
-                cool_down_s=settings.breaker_cool_down_s,
-                key_rejected_cool_down_s=settings.key_rejected_cool_down_s,
-            ),
-            clock=clock,
-            on_change=hooks.breaker_changed,
+        breaker_settings = BreakerSettings(
+            consecutive_failures=settings.breaker_consecutive_failures,
+            failure_ratio=settings.breaker_failure_ratio,
+            min_calls=settings.breaker_min_calls,
+            window_s=settings.breaker_window_s,
+            cool_down_s=settings.breaker_cool_down_s,
+            key_rejected_cool_down_s=settings.key_rejected_cool_down_s,
         )
+        self._hooks = hooks
+        self.breaker = CircuitBreaker(
+            client.name, breaker_settings, clock=clock, on_change=self._breaker_changed
+        )
+        # Models come from the config, never from callers: their number stays bounded.
+        self.model_breakers = {
+            model: CircuitBreaker(
+                client.name,
+                breaker_settings,
+                clock=clock,
+                on_change=hooks.breaker_changed,
+                model=model,
+            )
+            for model in dict.fromkeys(client.config.models.values())
+        }
         self.key_watch = RejectedKeyWatch(client.name, clock)
         config = client.config
         # The longest a call waits for its limits (read here once, not at every attempt).
@@ -307,13 +327,31 @@ class UpstreamState:
             clock=clock,
         )
 
-    def record_success(self, *, probe: int | None) -> None:
-        """The upstream answered: tell its breaker (`probe` as `CircuitBreaker.release`'s),
-        and its key watch unless the breaker took the answer for older news than its
-        opening (a call sent before the key was rejected, ending after)."""
-        self.breaker.record_success(probe=probe)
-        # `is_closed` first: the usual answer, without the `state` property's call.
-        if self.breaker.is_closed or self.breaker.state is BreakerState.CLOSED:
+    def _breaker_changed(self, change: BreakerChange) -> None:
+        """The upstream's own breaker changed: told to the hooks. Open, it keeps every model
+        off: a model's probe sent before it opened is overtaken, so that the upstream's
+        next probe probes the model too rather than wait for an answer to older news."""
+        if change.new is BreakerState.OPEN:
+            for breaker in self.model_breakers.values():
+                breaker.overtake_probe()
+        self._hooks.breaker_changed(change)
+
+    def route_breaker(self, upstream_model: str) -> RouteBreaker:
+        """The breakers a call to `upstream_model` here passes."""
+        return RouteBreaker(self.breaker, self.model_breakers[upstream_model])
+
+    def reset_breakers(self, reason: str) -> None:
+        """The upstream is known to be back (a restart answered): every breaker of it
+        forgets its failures."""
+        self.breaker.reset(reason)
+        for breaker in self.model_breakers.values():
+            breaker.reset(reason)
+
+    def record_success(self, route: Route, *, probe: RouteProbe | None) -> None:
+        """`route`'s model answered: tell its breakers (`probe` as `RouteBreaker.release`'s),
+        and the key watch unless the upstream's breaker took the answer for older news
+        than its opening (a call sent before the key was rejected, ending after)."""
+        if route.breaker.record_success(probe=probe):
             self.key_watch.accepted()
 
 
@@ -357,36 +395,35 @@ class _CallPlan:
     def exclude(self, route: Route, why: str) -> None:
         self.excluded[route.client.name] = why
 
-    def first_route(self, states: Mapping[str, UpstreamState]) -> Route | None:
+    def first_route(self) -> Route | None:
         """The first usable route: where the call's first attempt goes."""
         for route in self.order:  # `is_usable` written out: every call runs this
-            name = route.client.name
-            if name not in self.excluded:
-                breaker = states[name].breaker
-                if breaker.is_closed or breaker.allows():  # closed: allowed, without a call
+            if route.client.name not in self.excluded:
+                breaker = route.breaker
+                # Both closed: allowed, without a call.
+                if (breaker.upstream.is_closed and breaker.model.is_closed) or breaker.allows():
                     return route
         return None
 
-    def is_usable(self, route: Route, states: Mapping[str, UpstreamState]) -> bool:
-        """Whether `route` may take an attempt: not ruled out, and its breaker allows."""
-        name = route.client.name
-        return name not in self.excluded and states[name].breaker.allows()
+    def is_usable(self, route: Route) -> bool:
+        """Whether `route` may take an attempt: not ruled out, and its breakers allow."""
+        return route.client.name not in self.excluded and route.breaker.allows()
 
-    def usable_routes(
-        self, states: Mapping[str, UpstreamState], *, skipping: Container[str]
-    ) -> list[Route]:
+    def usable_routes(self, *, skipping: Container[str]) -> list[Route]:
         """The usable routes in the plan's order, but those whose upstream is in `skipping`."""
-        return [
-            r for r in self.order if r.client.name not in skipping and self.is_usable(r, states)
-        ]
+        return [r for r in self.order if r.client.name not in skipping and self.is_usable(r)]
 
-    def route_after(self, after: Route, states: Mapping[str, UpstreamState]) -> Route | None:
+    def route_after(self, after: Route) -> Route | None:
         """The first usable route after `after`, `after` itself last."""
         at = self.order.index(after)
         for route in self.order[at + 1 :] + self.order[: at + 1]:
-            if self.is_usable(route, states):
+            if self.is_usable(route):
                 return route
         return None
+
+    def route_to(self, upstream: str) -> Route | None:
+        """The plan's route to `upstream`, if it has one."""
+        return next((r for r in self.order if r.client.name == upstream), None)
 
 
 def _why_ruled_out(exc: UpstreamError) -> str:
@@ -411,6 +448,17 @@ def _breaker_wait_s(breaker: CircuitBreaker) -> float | None:
     after a backoff hammered the gateway all that while."""
     cool_down = breaker.retry_after_s()
     return cool_down if cool_down is not None else breaker.probe_due_s()
+
+
+def _route_wait_s(breaker: RouteBreaker) -> float | None:
+    """Seconds until both of a route's breakers let a call through (`_breaker_wait_s`):
+    the later of the two; None when both let one now or nothing is known."""
+    waits = [
+        wait
+        for wait in (_breaker_wait_s(breaker.upstream), _breaker_wait_s(breaker.model))
+        if wait is not None
+    ]
+    return max(waits) if waits else None
 
 
 def _sooner_limit(last_error: UpstreamError | None, exc: LimitExceeded) -> UpstreamError:
@@ -503,8 +551,10 @@ class UpstreamPool:
         }
         self._routes: dict[str, list[Route]] = {}
         for client in self.clients:
+            state = self._states[client.name]
             for model, upstream_model in client.config.models.items():
-                self._routes.setdefault(model, []).append(Route(client, upstream_model))
+                route = Route(client, upstream_model, state.route_breaker(upstream_model))
+                self._routes.setdefault(model, []).append(route)
         self._balancers = {m: _WeightedRoundRobin(len(r)) for m, r in self._routes.items()}
         # The models some of whose upstreams take no tools, with those upstreams: a call to
         # any other model never looks at its tools (nor makes a Python call to decide).
@@ -539,6 +589,14 @@ class UpstreamPool:
         """The breaker, limiter and budget of one upstream, by name."""
         return self._states[upstream]
 
+    def breaker(self, upstream: str, model: str) -> RouteBreaker:
+        """The breakers a call to `model` on `upstream` passes; raises `ModelNotFound` when
+        none serves it, `KeyError` when `upstream` does not."""
+        for route in self.routes(model):
+            if route.client.name == upstream:
+                return route.breaker
+        raise KeyError(upstream)
+
     def begin_stopping(self) -> None:
         """The server is stopping: no call waits at an upstream's limits from now on
         (`UpstreamLimiter.begin_stopping`), whatever kind of call it is, nor in a retry's
@@ -566,11 +624,17 @@ class UpstreamPool:
     def _why_down(self, upstream: str) -> str:
         return RESTARTING if self._down.get(upstream) is not None else "down"
 
-    def health(self, upstream: str) -> tuple[BreakerState, int]:
-        """An upstream's breaker state (open while it is known to be down) and calls in
-        flight to it (for ListModels)."""
+    def health(self, upstream: str, model: str | None = None) -> tuple[BreakerState, int]:
+        """An upstream's breaker state for `model` (its own breaker's and that model's
+        there together; its own alone without one), open while it is known to be down, and
+        calls in flight to it (for ListModels)."""
         state = self._states[upstream]
-        breaker = BreakerState.OPEN if upstream in self._down else state.breaker.state
+        if upstream in self._down:
+            breaker = BreakerState.OPEN
+        elif model is None:
+            breaker = state.breaker.state
+        else:
+            breaker = self.breaker(upstream, model).state
         return breaker, state.limiter.in_flight
 
     def toolless_upstreams(self, request: ChatRequest) -> frozenset[str]:
@@ -614,10 +678,13 @@ class UpstreamPool:
         none does, among those it would wait in least (most often one)."""
         states = [self._states[r.client.name] for r in routes]
         allowed = [
-            state.breaker.allows()
-            and state.client.name not in self._down
-            and state.client.name not in skipping
-            for state in states
+            (
+                (r.breaker.upstream.is_closed and r.breaker.model.is_closed)  # without a call
+                or r.breaker.allows()
+            )
+            and r.client.name not in self._down
+            and r.client.name not in skipping
+            for r in routes
         ]
         ready = [
             ok and state.limiter.starts_now(tokens)
@@ -642,11 +709,11 @@ class UpstreamPool:
         starts it now, else the one it would wait in least; once it has tried every usable
         one, the next after `after`, a retry (`_prepare_attempt`)."""
         tried = {record.upstream for record in log_.records}
-        untried = plan.usable_routes(self._states, skipping=tried.union(self._down))
+        untried = plan.usable_routes(skipping=tried.union(self._down))
         if len(untried) <= 1:
             # Nothing to choose between: an untried upstream, however busy, goes before
             # trying a failed one again.
-            return untried[0] if untried else plan.route_after(after, self._states)
+            return untried[0] if untried else plan.route_after(after)
         limiters = [self._states[r.client.name].limiter for r in untried]
         for route, limiter in zip(untried, limiters, strict=True):
             if limiter.starts_now(tokens):
@@ -715,9 +782,10 @@ class UpstreamPool:
         log_: AttemptLog,
         last_error: UpstreamError | None,
         last_route: Route | None,
-    ) -> tuple[float, int | None] | None:
-        """Wait and pass breaker, budget and limiter; the attempt's timeout and, when it is
-        the breaker's half-open probe, the breaker's episode (else None); or None to skip.
+    ) -> tuple[float, RouteProbe | None] | None:
+        """Wait and pass breakers, budget and limiter; the attempt's timeout and, when it is
+        a half-open breaker's probe, which (`RouteBreaker.claimed_probe`; else None); or
+        None to skip.
 
         Raises the last error when the caller's deadline leaves no room for the attempt.
         """
@@ -755,7 +823,7 @@ class UpstreamPool:
             if left is not None and wait + self.settings.min_attempt_s > left:
                 # Never sleep into the caller's deadline: tell them now what went wrong.
                 last_error.is_cut_short_by_deadline = True
-                raise self._final(last_error, deadline, log_)
+                raise self._final(last_error, deadline, log_, plan)
             decision = RetryDecision(
                 upstream=route.client.name,
                 failed_upstream=last_route.client.name,
@@ -776,20 +844,20 @@ class UpstreamPool:
         if left is not None and left < self.settings.min_attempt_s:
             if last_error is not None:
                 last_error.is_cut_short_by_deadline = True
-                raise self._final(last_error, deadline, log_)
+                raise self._final(last_error, deadline, log_, plan)
             # Never sent when it is the first (a queued call's deadline, spent waiting its
             # turn at the upstreams' limits): its tenant's units for it go back.
             raise DeadlineExceeded(
                 "the caller's deadline passed before the upstream call",
                 is_unsent=log_.attempts == 0,
             )
-        breaker = state.breaker
-        if not breaker.is_closed and not breaker.acquire():  # closed: acquired, without a call
-            plan.exclude(route, CIRCUIT_OPEN)
-            return None
-        # `is_closed` first: the usual answer, without the `state` property's call.
-        is_probe = not breaker.is_closed and breaker.state is BreakerState.HALF_OPEN
-        probe = breaker.episode if is_probe else None
+        breaker = route.breaker
+        probe: RouteProbe | None = None
+        if not (breaker.upstream.is_closed and breaker.model.is_closed):  # closed: acquired
+            if not breaker.acquire():
+                plan.exclude(route, CIRCUIT_OPEN)
+                return None
+            probe = breaker.claimed_probe()
         longest_wait = state.max_limit_wait_s
         max_wait = longest_wait
         if left is not None:
@@ -801,7 +869,7 @@ class UpstreamPool:
                 tokens=tokens, max_wait_s=max_wait, tenant=request.tenant
             )
         except BaseException as exc:
-            state.breaker.release(probe=probe)
+            breaker.release(probe)
             if isinstance(exc, LimitExceeded):
                 # A wait that ran out (the call fails over, or is refused) was on the
                 # upstream's account as much as one that got the slot.
@@ -817,22 +885,20 @@ class UpstreamPool:
             # Down since this call's plan (it died under the call, which backs off or waited
             # its turn): whatever answers its old address now is not its server.
             state.limiter.give_back(tokens)
-            state.breaker.release(probe=probe)
+            breaker.release(probe)
             plan.exclude(route, self._why_down(route.client.name))
             return None
-        if probe is not None and probe != breaker.episode:
-            # The half-open it was to probe ended while it waited (an older call's failure
-            # opened the breaker again, freeing the slot): no probe now, judged as any call.
-            probe = None
-        if probe is None and not breaker.is_closed:
-            # Opened while this call waited its turn (the failures of the calls ahead of it):
-            # kept off the upstream as a call planned now would be, or its probe once
-            # half-open, else the calls queued behind a dead upstream's slots all go on.
-            if not breaker.acquire():
+        if probe is not None or not (breaker.upstream.is_closed and breaker.model.is_closed):
+            # A half-open it was to probe may have ended while it waited (an older call's
+            # failure opened the breaker again, freeing the slot: judged as any call), and a
+            # breaker may have opened meanwhile (the failures of the calls ahead of it): kept
+            # off the upstream as a call planned now would be, or its probe once half-open,
+            # else the calls queued behind a dead upstream's slots all go on.
+            is_admitted, probe = breaker.reclaim(probe)
+            if not is_admitted:
                 state.limiter.give_back(tokens)
                 plan.exclude(route, CIRCUIT_OPEN)
                 return None
-            probe = breaker.episode
         # A retry follows an attempt of this call on this upstream that was sent and
         # failed; a route skipped before any was sent (the gateway's own limits, an open
         # circuit) leaves this a first attempt. A rerun's attempts are all retries: held to
@@ -840,7 +906,7 @@ class UpstreamPool:
         if retrying or log_.is_rerun:
             if not state.budget.can_retry():  # other calls spent it while this one waited
                 state.limiter.give_back(tokens)  # never sent: its units are not spent
-                state.breaker.release(probe=probe)
+                breaker.release(probe)
                 plan.exclude(route, "retry budget exhausted")
                 return None
             state.budget.record_retry()
@@ -853,20 +919,31 @@ class UpstreamPool:
         return deadline.bound(route.client.config.timeout_s), probe
 
     def _after_failure(
-        self, state: UpstreamState, exc: UpstreamError, *, is_callers_cut: bool, probe: int | None
+        self,
+        state: UpstreamState,
+        route: Route,
+        exc: UpstreamError,
+        *,
+        is_callers_cut: bool,
+        is_sent: bool,
+        probe: RouteProbe | None,
     ) -> None:
-        """Tell the breaker and limiter what the failure says about the upstream;
-        `is_callers_cut`: the caller's deadline caused it."""
+        """Tell the breakers and limiter what the failure says about the upstream or its
+        model (`failure_scope`); `is_callers_cut`: the caller's deadline caused it;
+        `is_sent`: the request reached the upstream whole."""
+        breaker = route.breaker
         if isinstance(exc, UpstreamAuthRejected):
             state.key_watch.rejected(http_status=exc.status)
-            state.breaker.record_key_rejected()
+            breaker.record_key_rejected(probe=probe)
         elif is_callers_cut:
             # The caller's deadline, not the upstream's fault.
-            state.breaker.release(probe=probe)
-        elif counts_against_health(exc):
-            state.breaker.record_failure(reason=describe(exc), probe=probe)
+            breaker.release(probe)
         else:
-            state.breaker.release(probe=probe)
+            scope = failure_scope(exc, is_sent=is_sent)
+            if scope is None:
+                breaker.release(probe)
+            else:
+                breaker.record_failure(scope, reason=describe(exc), probe=probe)
         if exc.retry_after_s is not None:
             # A 429 or 503 with Retry-After: no call goes to this upstream until then. The
             # caller is told no longer a wait than the gateway itself keeps.
@@ -876,14 +953,16 @@ class UpstreamPool:
     def _after_success(
         self,
         state: UpstreamState,
+        route: Route,
         hints: RateLimitHints,
         *,
-        probe: int | None,
+        probe: RouteProbe | None,
         is_breaker_told: bool = False,
     ) -> None:
-        """Tell the breaker (unless a probe's first output already did) and the limiter."""
-        if not is_breaker_told:
-            state.record_success(probe=probe)
+        """Tell the breakers (unless a probe's first output already did) and the limiter."""
+        if not is_breaker_told and route.breaker.record_success(probe=probe):
+            # `UpstreamState.record_success` written out: every call's success comes here.
+            state.key_watch.accepted()
         if hints.remaining is not None:  # without rate-limit headers there is nothing to learn
             state.limiter.learn(hints, now_epoch_s=time.time())
 
@@ -933,7 +1012,7 @@ class UpstreamPool:
             # upstreams could take it.
             last_error = None
         if last_error is not None:
-            open_routes = [r.client.name for r in plan.order if not self._is_set_aside_for_key(r)]
+            open_routes = [r for r in plan.order if not self._is_set_aside_for_key(r)]
             if open_routes:
                 # Another upstream failed in a way time mends (a 5xx, its own limits, an
                 # open breaker): the caller's retry can reach it, once it may.
@@ -941,7 +1020,7 @@ class UpstreamPool:
                 # The retry goes to whichever upstream lets it through first, not
                 # necessarily the one that failed last (its breaker may have just opened);
                 # one left out of this call (its limits, its retry budget) says not when.
-                usable = [name for name in open_routes if name not in plan.excluded]
+                usable = [r for r in open_routes if r.client.name not in plan.excluded]
                 candidates = usable or open_routes
                 last_error.suggest_retry_after(min(map(self._retry_delay_s, candidates)))
                 # Nor sooner than one of them lets a call through: an upstream's Retry-After
@@ -953,7 +1032,7 @@ class UpstreamPool:
             return last_error
         why_left_out = dict(plan.excluded)
         for route in plan.order:  # no attempt ran: its breaker turned each of these away
-            why = self._why_breaker_refuses(route.client.name)
+            why = self._why_breaker_refuses(route)
             if why is not None:
                 why_left_out.setdefault(route.client.name, why)
         reasons = ", ".join(f"{name} ({why})" for name, why in sorted(why_left_out.items()))
@@ -973,7 +1052,7 @@ class UpstreamPool:
         # when by its cool-down, as one found open does: left out, every upstream was, and
         # the caller was told the first backoff while each stayed open for its cool-down.
         retry_delays = [
-            self._retry_delay_s(r.client.name)
+            self._retry_delay_s(r)
             for r in plan.order
             if plan.excluded.get(r.client.name, CIRCUIT_OPEN) == CIRCUIT_OPEN
             and r.client.name not in set_aside
@@ -985,7 +1064,7 @@ class UpstreamPool:
         )
         error.restarting = _restarting(plan)
         error.shut_for_s = self._every_shut_for_s(
-            [r.client.name for r in plan.order if r.client.name not in set_aside]
+            [r for r in plan.order if r.client.name not in set_aside]
         )
         return error
 
@@ -993,24 +1072,26 @@ class UpstreamPool:
         """Whether an upstream of `plan` not known to lack the model was kept off the call
         (ruled out, or its breaker refusing calls): one that may serve it later."""
         for route in plan.order:
-            name = route.client.name
-            why = plan.excluded.get(name) or self._why_breaker_refuses(name)
+            why = plan.excluded.get(route.client.name) or self._why_breaker_refuses(route)
             if why is not None and why != LACKS_MODEL:
                 return True
         return False
 
-    def _every_shut_for_s(self, upstreams: Sequence[str]) -> float | None:
-        """Seconds until the first of `upstreams` takes a call again, when none takes one
+    def _every_shut_for_s(self, routes: Sequence[Route]) -> float | None:
+        """Seconds until the first of `routes` takes a call again, when none takes one
         now (each open, probing or restarting: `_shut_for_s`); None when one does, or for
         an upstream kept off for another reason (down with no restart due, its limits)."""
-        shut_s = min(map(self._shut_for_s, upstreams), default=0.0)
+        shut_s = min(map(self._shut_for_s, routes), default=0.0)
         return shut_s if shut_s > 0 else None
 
-    def _why_breaker_refuses(self, upstream: str) -> str | None:
-        """Why `upstream`'s breaker lets no call through now; None when it lets one."""
-        breaker = self._states[upstream].breaker
+    def _why_breaker_refuses(self, route: Route) -> str | None:
+        """Why `route`'s breakers let no call through now (the upstream's own first);
+        None when they let one."""
+        breaker = route.breaker.upstream
         if breaker.allows():
-            return None
+            breaker = route.breaker.model
+            if breaker.allows():
+                return None
         if breaker.is_key_rejected:
             return "rejected the gateway's key"
         if breaker.state is BreakerState.OPEN:
@@ -1048,13 +1129,16 @@ class UpstreamPool:
     def _is_set_aside_for_key(self, route: Route) -> bool:
         """Whether `route`'s breaker is open for a rejected key: once its cool-down has
         passed, a probe may find the key mended."""
-        breaker = self._states[route.client.name].breaker
+        breaker = route.breaker.upstream
         return breaker.is_key_rejected and breaker.retry_after_s() is not None
 
-    def _final(self, exc: UpstreamError, deadline: Deadline, log_: AttemptLog) -> GatewayError:
-        """What the call ends with: `exc` with its attempts (and what each failed with)
-        and, when it is UNAVAILABLE or a 429, a retry delay; or `DeadlineExceeded` when the
-        caller's deadline caused it. With no attempt begun, it says so (`is_unsent`)."""
+    def _final(
+        self, exc: UpstreamError, deadline: Deadline, log_: AttemptLog, plan: _CallPlan
+    ) -> GatewayError:
+        """What the call of `plan` ends with: `exc` with its attempts (and what each failed
+        with) and, when it is UNAVAILABLE or a 429, a retry delay; or `DeadlineExceeded`
+        when the caller's deadline caused it. With no attempt begun, it says so
+        (`is_unsent`)."""
         exc.attempts = log_.attempts
         exc.attempt_failures = tuple(log_.errors)
         exc.is_unsent = log_.attempts == 0
@@ -1065,30 +1149,31 @@ class UpstreamPool:
             passed.attempt_failures = exc.attempt_failures  # the earlier ones' too
             return passed
         if isinstance(exc, UpstreamUnavailable | UpstreamTimeout | UpstreamRateLimited):
-            exc.suggest_retry_after(self._retry_delay_s(exc.upstream))
+            route = plan.route_to(exc.upstream)
+            delay_s = self.settings.backoff_base_s if route is None else self._retry_delay_s(route)
+            exc.suggest_retry_after(delay_s)
         return exc
 
-    def _held_off_s(self, upstream: str) -> tuple[float | None, float | None]:
-        """Seconds until `upstream`'s breaker lets a call through (`_breaker_wait_s`), and
-        until its restart is due to answer while it is down for one; None for either that
-        does not hold it off."""
-        state = self._states.get(upstream)
-        cool_down = _breaker_wait_s(state.breaker) if state is not None else None
-        retry_at = self._down.get(upstream)
+    def _held_off_s(self, route: Route) -> tuple[float | None, float | None]:
+        """Seconds until `route`'s breakers let a call through (`_route_wait_s`), and until
+        its upstream's restart is due to answer while it is down for one; None for either
+        that does not hold it off."""
+        cool_down = _route_wait_s(route.breaker)
+        retry_at = self._down.get(route.client.name)
         return cool_down, None if retry_at is None else retry_at - self._clock.now()
 
-    def _shut_for_s(self, upstream: str) -> float:
-        """Seconds until `upstream` may take a call again: its breaker's cool-down, its
-        restart while it is down for one; 0 when it may now."""
-        cool_down, restart_s = self._held_off_s(upstream)
+    def _shut_for_s(self, route: Route) -> float:
+        """Seconds until `route` may take a call again: its breakers' cool-down, its
+        upstream's restart while it is down for one; 0 when it may now."""
+        cool_down, restart_s = self._held_off_s(route)
         return max(cool_down or 0.0, restart_s or 0.0)
 
-    def _retry_delay_s(self, upstream: str) -> float:
+    def _retry_delay_s(self, route: Route) -> float:
         """When a caller may try again after the gateway's own retries failed, if the
-        upstream did not say: once its breaker lets a probe through (or, while its probe
+        upstream did not say: once `route`'s breakers let a probe through (or, while a probe
         runs, once that has answered or another may go), else the first backoff; and not
-        before its restart is due to answer, while it is down for one."""
-        cool_down, restart_s = self._held_off_s(upstream)
+        before its upstream's restart is due to answer, while it is down for one."""
+        cool_down, restart_s = self._held_off_s(route)
         delay_s = cool_down if cool_down is not None else self.settings.backoff_base_s
         return delay_s if restart_s is None else max(delay_s, restart_s)
 
@@ -1101,9 +1186,9 @@ class UpstreamPool:
         progress: _Progress,
         *,
         tokens: int,
-    ) -> tuple[Route, float, int | None] | None:
-        """The next route to try, its timeout and its probe's breaker episode (None: not the
-        breaker's probe), once waits and admission passed.
+    ) -> tuple[Route, float, RouteProbe | None] | None:
+        """The next route to try, its timeout and the breakers whose probe it is (None:
+        neither's), once waits and admission passed.
 
         None when the attempts or the routes are used up; raises when the caller's
         deadline leaves no room for another attempt.
@@ -1111,7 +1196,7 @@ class UpstreamPool:
         while log.attempts < self.settings.attempts:
             after = progress.last_route
             if after is None:
-                route = plan.first_route(self._states)
+                route = plan.first_route()
             else:
                 route = self._failover_route(plan, after, log, tokens=tokens)
             if route is None:
@@ -1136,7 +1221,7 @@ class UpstreamPool:
                 exc.attempt_failures = tuple(log.errors)
                 raise
             except UpstreamError as exc:
-                raise self._final(exc, deadline, log) from None
+                raise self._final(exc, deadline, log, plan) from None
             if admitted is None:
                 continue
             log.begin(route.client.name)
@@ -1198,27 +1283,34 @@ class UpstreamPool:
                     log.cut()
                 else:
                     log.lose(route.client.name, exc)
-                self._after_failure(state, exc, is_callers_cut=is_callers_cut, probe=probe)
+                self._after_failure(
+                    state,
+                    route,
+                    exc,
+                    is_callers_cut=is_callers_cut,
+                    is_sent=log.is_sent,
+                    probe=probe,
+                )
                 record(error=exc, is_callers_cut=is_callers_cut)
                 if is_failover_only(exc):
                     plan.exclude(route, _why_ruled_out(exc))
                 elif not is_retryable(exc) or deadline.has_expired:
-                    raise self._final(exc, deadline, log) from None
+                    raise self._final(exc, deadline, log, plan) from None
                 progress.failed(exc, route)
                 continue
             except BaseException as exc:  # cancelled: the caller went away
                 log.cut()
-                state.breaker.release(probe=probe)
+                route.breaker.release(probe)
                 record(error=exc, is_callers_cut=not isinstance(exc, Exception))
                 raise
             finally:
                 state.limiter.release()
-            self._after_success(state, reply.rate_limits, probe=probe)
+            self._after_success(state, route, reply.rate_limits, probe=probe)
             record(error=None, waited_s=reply.waited_s)
             return reply
         error = self._give_up(request.model, plan, progress.last_error)
         if isinstance(error, UpstreamError):
-            raise self._final(error, deadline, log)
+            raise self._final(error, deadline, log, plan)
         raise error
 
     async def stream(
@@ -1263,7 +1355,7 @@ class UpstreamPool:
                                     # A probe streaming its answer has shown the upstream
                                     # back: a long stream (a reasoning model's, minutes)
                                     # must not hold off every other call till its end.
-                                    state.record_success(probe=probe)
+                                    state.record_success(route, probe=probe)
                                     probe, is_breaker_told = None, True
                                 if log.first_token_s is None:
                                     # From the start of the call: retries delay the first token.
@@ -1280,6 +1372,7 @@ class UpstreamPool:
                                 )
                                 self._after_success(
                                     state,
+                                    route,
                                     event.rate_limits,
                                     probe=probe,
                                     is_breaker_told=is_breaker_told,
@@ -1303,7 +1396,14 @@ class UpstreamPool:
                     log.cut()
                 elif deltas_sent == 0:  # after text, the pipeline records the cut stream
                     log.lose(route.client.name, exc)
-                self._after_failure(state, exc, is_callers_cut=is_callers_cut, probe=probe)
+                self._after_failure(
+                    state,
+                    route,
+                    exc,
+                    is_callers_cut=is_callers_cut,
+                    is_sent=log.is_sent,
+                    probe=probe,
+                )
                 self._record(
                     log,
                     route,
@@ -1320,15 +1420,15 @@ class UpstreamPool:
                         exc, deltas_sent=deltas_sent, chars_sent=sent.chars
                     )
                     interrupted.__cause__ = exc
-                    raise self._final(interrupted, deadline, log) from exc
+                    raise self._final(interrupted, deadline, log, plan) from exc
                 if is_failover_only(exc):
                     plan.exclude(route, _why_ruled_out(exc))
                 elif not is_retryable(exc) or deadline.has_expired:
-                    raise self._final(exc, deadline, log) from None
+                    raise self._final(exc, deadline, log, plan) from None
                 progress.failed(exc, route)
                 continue
             except BaseException as exc:  # cancelled, or the consumer stopped reading
-                state.breaker.release(probe=probe)
+                route.breaker.release(probe)
                 if not is_finished:
                     log.cut()
                     self._record(
@@ -1346,7 +1446,7 @@ class UpstreamPool:
                 state.limiter.release()
         error = self._give_up(request.model, plan, progress.last_error)
         if isinstance(error, UpstreamError):
-            raise self._final(error, deadline, log)
+            raise self._final(error, deadline, log, plan)
         raise error
 
 

@@ -10,6 +10,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
+from service.breaker import FailureScope
 from service.clock import SYSTEM_CLOCK, Clock
 from service.errors import (
     GatewayError,
@@ -72,6 +73,30 @@ def counts_against_health(error: BaseException) -> bool:
     if isinstance(error, UpstreamRateLimited):
         return False
     return isinstance(error, UpstreamAuthRejected | UpstreamTimeout | UpstreamUnavailable)
+
+
+def failure_scope(error: BaseException, *, is_sent: bool) -> FailureScope | None:
+    """What a failed attempt counts against, for the circuit breakers: the upstream itself
+    (every model it serves) or the model the call asked for there; None when it says
+    nothing of health (`counts_against_health`). `is_sent`: the request reached the
+    upstream whole (`AttemptLog.is_sent`: its answer began, or the wait for it ran out
+    after every byte was written).
+
+    The model's, once the upstream took the request: an error status (5xx, 408, 409), the
+    wait for the answer timed out, a malformed or cut answer, a stream's error event.
+    The upstream's, when the request never reached it whole (refused, reset or closed
+    before any answer, a name that does not resolve, TLS, a proxy's failure, a connect
+    timeout), and for what its address answers every model alike: a rejected key or
+    account, a redirect, an answer that is no OpenAI one (a wrong base_url).
+    """
+    if not counts_against_health(error):
+        return None
+    if not is_sent or isinstance(error, UpstreamAuthRejected | UpstreamNotOpenAI):
+        return FailureScope.UPSTREAM
+    status = error.status if isinstance(error, UpstreamError) else None
+    if status is not None and 300 <= status < 400:
+        return FailureScope.UPSTREAM
+    return FailureScope.MODEL
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +253,7 @@ __all__ = [
     "backoff_s",
     "counts_against_health",
     "describe",
+    "failure_scope",
     "is_failover_only",
     "is_retryable",
     "next_try_s",

@@ -255,7 +255,14 @@ class GatewayServer:
         )
         _warn_of_unpriced_models(pool, prices)
         assert self.telemetry is not None  # installed by _start_telemetry
-        subscribe_pool(self.telemetry, pool.hooks, upstreams=[c.name for c in clients])
+        subscribe_pool(
+            self.telemetry,
+            pool.hooks,
+            upstreams=[c.name for c in clients],
+            upstream_models=[
+                (c.name, model) for c in clients for model in pool.state(c.name).model_breakers
+            ],
+        )
         self._stack.callback(observe_cache(self.telemetry, cache.stats.as_dict))
         late_writes = {
             name: store.late_releases
@@ -413,7 +420,7 @@ class GatewayServer:
             if state.is_up:
                 # Calls refused while it was down opened its breaker: without this, health
                 # says SERVING again while every call is refused until the cool-down ends.
-                pool.state(LOCAL_UPSTREAM).breaker.reset("local model restarted")
+                pool.state(LOCAL_UPSTREAM).reset_breakers("local model restarted")
 
     def _follow_supervisors_local_model(self) -> None:
         """Apply each state the supervisor sends from now on, until the server closes."""

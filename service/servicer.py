@@ -495,10 +495,11 @@ def stream_delta_to_proto(
 
 
 def upstream_status_to_proto(
-    pipeline: Pipeline, upstream: str, *, shows_load: bool
+    pipeline: Pipeline, upstream: str, *, model: str, shows_load: bool
 ) -> pb.UpstreamStatus:
-    """An upstream's circuit-breaker health and, if `shows_load`, its calls in flight."""
-    state, in_flight = pipeline.pool.health(upstream)
+    """An upstream's circuit-breaker health for `model` (its own breaker's and the model's
+    there) and, if `shows_load`, its calls in flight."""
+    state, in_flight = pipeline.pool.health(upstream, model)
     return pb.UpstreamStatus(
         name=upstream, health=_HEALTH[state], in_flight=in_flight if shows_load else 0
     )
@@ -830,7 +831,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                     pricing=pricing,
                     upstreams=[
                         upstream_status_to_proto(
-                            self._pipeline, r.client.name, shows_load=shows_load
+                            self._pipeline, r.client.name, model=name, shows_load=shows_load
                         )
                         for r in routes
                     ],

@@ -666,9 +666,13 @@ class Telemetry:
         outcome = "success" if is_success else "cancelled" if is_callers_cut else "failure"
         self.instruments.attempts.add(1, upstream, outcome)
 
-    def set_breaker_state(self, upstream: str, state: str) -> None:
-        """The breaker of `upstream` is now `state` (closed, half_open or open)."""
-        self.instruments.breaker_state.set(BREAKER_STATES[state], {attr.UPSTREAM: upstream})
+    def set_breaker_state(self, upstream: str, state: str, *, model: str | None = None) -> None:
+        """The breaker of `upstream` (of `model` there, the upstream's name of it, when
+        given) is now `state` (closed, half_open or open)."""
+        attributes = {attr.UPSTREAM: upstream}
+        if model is not None:
+            attributes[attr.UPSTREAM_MODEL] = model
+        self.instruments.breaker_state.set(BREAKER_STATES[state], attributes)
 
 
 _SUMMED = (
@@ -775,6 +779,7 @@ def record_upstream_error(upstream: str, error_type: str) -> None:
     _active.record_upstream_error(upstream, error_type)
 
 
-def set_breaker_state(upstream: str, state: str) -> None:
-    """The breaker of `upstream` is now `closed`, `half_open` or `open`."""
-    _active.set_breaker_state(upstream, state)
+def set_breaker_state(upstream: str, state: str, *, model: str | None = None) -> None:
+    """The breaker of `upstream` (of `model` there, when given) is now `closed`,
+    `half_open` or `open`."""
+    _active.set_breaker_state(upstream, state, model=model)

@@ -17,10 +17,17 @@ from service.telemetry.core import Telemetry
 from service.telemetry.metrics import StoreWrites
 
 
-def subscribe_pool(telemetry: Telemetry, hooks: PoolHooks, *, upstreams: Iterable[str]) -> None:
+def subscribe_pool(
+    telemetry: Telemetry,
+    hooks: PoolHooks,
+    *,
+    upstreams: Iterable[str],
+    upstream_models: Iterable[tuple[str, str]] = (),
+) -> None:
     """Feed the pool's retries, breaker changes and attempts to `telemetry`.
 
-    Every breaker starts closed, so the gauge reports each upstream from the start.
+    Every breaker starts closed, so the gauge reports each upstream, and each model there
+    (`upstream_models`: upstream and the model's name there), from the start.
     """
 
     def on_retry(decision: RetryDecision) -> None:
@@ -32,7 +39,7 @@ def subscribe_pool(telemetry: Telemetry, hooks: PoolHooks, *, upstreams: Iterabl
         )
 
     def on_breaker_change(change: BreakerChange) -> None:
-        telemetry.set_breaker_state(change.upstream, change.new.value)
+        telemetry.set_breaker_state(change.upstream, change.new.value, model=change.model)
 
     def on_attempt(record: AttemptRecord) -> None:
         telemetry.record_attempt(
@@ -44,6 +51,8 @@ def subscribe_pool(telemetry: Telemetry, hooks: PoolHooks, *, upstreams: Iterabl
     hooks.on_attempt.append(on_attempt)
     for upstream in upstreams:
         telemetry.set_breaker_state(upstream, "closed")
+    for upstream, model in upstream_models:
+        telemetry.set_breaker_state(upstream, "closed", model=model)
 
 
 def observe_cache(

@@ -975,7 +975,7 @@ async def test_a_retry_after_shorter_than_the_cool_down_it_opened_is_not_what_th
         first, _ = await call(gateway, mode, timeout_s=30)
         assert error_details(first)[2] == 1.0  # the breaker is still closed: its Retry-After
         opening, _ = await call(gateway, mode, timeout_s=30)
-        assert gateway.server.pipeline.pool.state("up0").breaker.state is BreakerState.OPEN
+        assert gateway.server.pipeline.pool.breaker("up0", FAKE_MODEL).state is BreakerState.OPEN
         metadata, reason, retry_s = error_details(opening)
         assert (reason, metadata["attempts"], metadata["upstream"]) == (
             "UPSTREAM_UNAVAILABLE",
@@ -2283,7 +2283,7 @@ async def test_an_old_call_failing_during_the_probe_leaves_the_breaker_to_the_pr
         fake.release("fail")
         fake.release("after")
         gateway, old = await _half_open_beside_an_old_call(start_gateway, fake, cool_down_s=1.0)
-        breaker = gateway.server.pipeline.pool.state("up0").breaker
+        breaker = gateway.server.pipeline.pool.breaker("up0", FAKE_MODEL)
         probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
         assert await settle(lambda: len(fake.requests) == 3)
         fake.release("old")
@@ -2316,7 +2316,7 @@ async def test_an_old_call_answered_during_the_probe_leaves_the_breaker_to_the_p
         gateway, old = await _half_open_beside_an_old_call(
             start_gateway, fake, cool_down_s=0.3, breaker_consecutive_failures=1
         )
-        breaker = gateway.server.pipeline.pool.state("up0").breaker
+        breaker = gateway.server.pipeline.pool.breaker("up0", FAKE_MODEL)
         probe = asyncio.ensure_future(gateway.stub.Complete(chat("probe")))
         assert await settle(lambda: len(fake.requests) == 3)
         fake.release("old")
@@ -2448,7 +2448,7 @@ async def test_a_hung_probe_lets_another_through_after_a_cool_down(start_gateway
             "breaker_cool_down_s": 1.0,
         }
         gateway = await start_gateway(gateway_config(fake.base_url, resilience=resilience))
-        breaker = gateway.server.pipeline.pool.state("up0").breaker
+        breaker = gateway.server.pipeline.pool.breaker("up0", FAKE_MODEL)
         with pytest.raises(grpc.aio.AioRpcError):
             await gateway.stub.Complete(chat("fail"))  # opens the breaker
         assert await settle(lambda: breaker.state is BreakerState.HALF_OPEN)

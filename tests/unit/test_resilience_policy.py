@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from service.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from service.breaker import BreakerSettings, BreakerState, CircuitBreaker, FailureScope
 from service.errors import (
     Overloaded,
     ShuttingDown,
@@ -29,6 +29,7 @@ from service.retry import (
     RetryBudget,
     backoff_s,
     counts_against_health,
+    failure_scope,
     is_failover_only,
     is_retryable,
 )
@@ -90,6 +91,39 @@ def test_an_answer_from_some_other_server_is_failed_over_and_unhealthy():
     error = UpstreamNotOpenAI("x", upstream="u", status=200, content_type="text/html")
     assert is_failover_only(error)
     assert counts_against_health(error)
+
+
+@pytest.mark.parametrize(
+    ("error", "is_sent", "scope"),
+    [
+        # The upstream took the request: what failed is the model's.
+        (UpstreamUnavailable("x", upstream="u", status=500), True, FailureScope.MODEL),
+        (UpstreamUnavailable("x", upstream="u", status=503), True, FailureScope.MODEL),
+        (UpstreamUnavailable("x", upstream="u", status=408), True, FailureScope.MODEL),
+        (UpstreamTimeout("waited for the answer", upstream="u"), True, FailureScope.MODEL),
+        (UpstreamUnavailable("malformed or cut", upstream="u"), True, FailureScope.MODEL),
+        # It never reached the upstream whole: the upstream's.
+        (UpstreamUnavailable("refused or reset", upstream="u"), False, FailureScope.UPSTREAM),
+        (UpstreamTimeout("connect timed out", upstream="u"), False, FailureScope.UPSTREAM),
+        # What the upstream's address answers every model alike: the upstream's.
+        (UpstreamUnavailable("x", upstream="u", status=301), True, FailureScope.UPSTREAM),
+        (
+            UpstreamNotOpenAI("x", upstream="u", status=200, content_type="text/html"),
+            True,
+            FailureScope.UPSTREAM,
+        ),
+        (UpstreamAuthRejected("x", upstream="u", status=401), True, FailureScope.UPSTREAM),
+        # Nothing of health.
+        (UpstreamRateLimited("x", upstream="u", status=429), True, None),
+        (UpstreamRejected("x", upstream="u", status=400), True, None),
+        (UpstreamLacksModel("x", upstream="u", status=404), True, None),
+    ],
+)
+def test_failure_scope(error, is_sent, scope):
+    """A failure counts against the model's breaker once its request reached the upstream
+    whole, against the upstream's own when it did not or when its address answers every
+    model alike (a redirect, no OpenAI answer, a rejected key)."""
+    assert failure_scope(error, is_sent=is_sent) is scope
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,166 @@
+"""Circuit breakers per upstream and model: one model's failures on an upstream keep that
+model off it, not the other models it serves; the upstream's own failures keep them all off.
+
+Each test runs the real server on loopback in front of one local upstream serving two
+models (`MODEL_A`, `MODEL_B`) and calls it through the generated stubs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+import pytest
+
+from llmgateway.v1 import gateway_pb2 as pb
+from service.breaker import BreakerState
+from service.config import GatewayConfig, parse_config
+from service.telemetry.metrics import BREAKER_STATES
+from service.telemetry.tracing import UPSTREAM, UPSTREAM_MODEL
+from tests.conftest import RunningGateway, chat, gateway_config_data
+from tests.fake_upstream import Status
+from tests.integration.helpers import error_info, retry_delay_s
+from tests.integration.test_resilience import FAST_RESILIENCE, closed_port_url, settle
+from tests.scripted_upstream import GatedUpstream, ScriptedUpstream, user_text
+from tests.telemetry_support import captured_telemetry
+
+MODEL_A = "model-a"
+MODEL_B = "model-b"
+PRICE = {"context_window": 4096, "input_usd_per_million": 0.14, "output_usd_per_million": 0.42}
+
+
+def two_model_config(base_url: str, **resilience: Any) -> GatewayConfig:
+    """One upstream, up0, serving both models; one attempt a call, no retry to wait out."""
+    data = gateway_config_data(
+        base_url, resilience={**FAST_RESILIENCE, "attempts": 1, **resilience}
+    )
+    data["upstreams"][0]["models"] = [MODEL_A, MODEL_B]
+    data["models"] = {MODEL_A: PRICE, MODEL_B: PRICE}
+    return parse_config(data, source="<test>", environ={})
+
+
+def failing_for(model: str) -> Any:
+    """A `respond` answering 500 to the requests for `model`, the others as by default."""
+    return lambda body: Status(500) if body.get("model") == model else None
+
+
+async def health(gateway: RunningGateway) -> dict[str, int]:
+    """up0's health in ListModels, by model."""
+    listed = await gateway.stub.ListModels(pb.ListModelsRequest())
+    return {m.name: m.upstreams[0].health for m in listed.models}
+
+
+async def fails(gateway: RunningGateway, request: pb.CompleteRequest) -> grpc.aio.AioRpcError:
+    """The error `request` fails with."""
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await gateway.stub.Complete(request)
+    return failed.value
+
+
+async def test_a_models_5xx_opens_its_breaker_alone(start_gateway, caplog):
+    """model-a's 500s open model-a's breaker on up0: its next call is refused without an
+    attempt and told to come back after the cool-down, while model-b's calls still go to
+    up0 at the first attempt. ListModels, the breaker gauge and the log name the model.
+
+    Before, up0 had one breaker: model-a's 500s opened it and model-b, healthy, was
+    refused as well (`up0 (circuit open)`)."""
+    caplog.set_level(logging.INFO, logger="llm_gateway.breaker")
+    captured = captured_telemetry()
+    async with ScriptedUpstream(respond=failing_for(MODEL_A)) as fake:
+        config = two_model_config(
+            fake.base_url, breaker_consecutive_failures=2, breaker_cool_down_s=30.0
+        )
+        gateway = await start_gateway(config, telemetry=captured.telemetry)
+        for _ in range(2):
+            failed = await fails(gateway, chat(model=MODEL_A))
+            assert failed.code() is grpc.StatusCode.UNAVAILABLE
+        refused = await fails(gateway, chat(model=MODEL_A))
+        assert "up0 (circuit open)" in refused.details()
+        assert error_info(refused).metadata["attempts"] == "0"
+        delay_s = retry_delay_s(refused)
+        assert delay_s is not None
+        assert 1.0 < delay_s <= 30.0  # the open circuit's cool-down, not the first backoff
+        answered = await gateway.stub.Complete(chat(model=MODEL_B))
+        assert (answered.metadata.upstream, answered.metadata.attempts) == ("up0", 1)
+        assert [r.body["model"] for r in fake.requests] == [MODEL_A, MODEL_A, MODEL_B]
+        assert await health(gateway) == {
+            MODEL_A: pb.UPSTREAM_HEALTH_UNHEALTHY,
+            MODEL_B: pb.UPSTREAM_HEALTH_HEALTHY,
+        }
+
+    def gauge(**attributes: str) -> float:
+        return captured.total("llm_gateway.upstream.breaker.state", **attributes)
+
+    assert gauge(**{UPSTREAM: "up0", UPSTREAM_MODEL: MODEL_A}) == BREAKER_STATES["open"]
+    assert gauge(**{UPSTREAM: "up0", UPSTREAM_MODEL: MODEL_B}) == BREAKER_STATES["closed"]
+    changes = [r for r in caplog.records if r.getMessage() == "breaker.state_changed"]
+    assert [(r.upstream, getattr(r, "model", None), r.to) for r in changes] == [
+        ("up0", MODEL_A, "open")
+    ]
+
+
+async def test_a_refused_connection_opens_the_upstreams_own_breaker_for_every_model(
+    start_gateway, caplog
+):
+    """Connections to up0 refused, for model-a's calls: they count against up0's own
+    breaker, which keeps model-b off up0 too (refused without an attempt); the models'
+    own breakers stay closed, and the log's breaker change names no model."""
+    caplog.set_level(logging.INFO, logger="llm_gateway.breaker")
+    config = two_model_config(
+        closed_port_url(), breaker_consecutive_failures=2, breaker_cool_down_s=30.0
+    )
+    gateway = await start_gateway(config)
+    for _ in range(2):
+        failed = await fails(gateway, chat(model=MODEL_A))
+        assert error_info(failed).metadata["attempts"] == "1"
+    refused = await fails(gateway, chat(model=MODEL_B))
+    assert "up0 (circuit open)" in refused.details()
+    assert error_info(refused).metadata["attempts"] == "0"
+    pool = gateway.server.pipeline.pool
+    assert pool.state("up0").breaker.state is BreakerState.OPEN
+    for model in (MODEL_A, MODEL_B):
+        assert pool.breaker("up0", model).model.state is BreakerState.CLOSED
+    assert await health(gateway) == {
+        MODEL_A: pb.UPSTREAM_HEALTH_UNHEALTHY,
+        MODEL_B: pb.UPSTREAM_HEALTH_UNHEALTHY,
+    }
+    changes = [r for r in caplog.records if r.getMessage() == "breaker.state_changed"]
+    assert [(r.upstream, getattr(r, "model", None), r.to) for r in changes] == [
+        ("up0", None, "open")
+    ]
+
+
+async def test_a_models_breaker_recovers_by_its_own_probe(start_gateway):
+    """model-a's breaker, half-open after its cool-down, lets one probe through: while
+    it runs another model-a call is refused (`its probe running`) and model-b's calls go
+    on to up0; the probe's answer closes model-a's breaker, and model-a's calls reach up0
+    again."""
+    behaviours = {"fail": Status(500)}
+    async with GatedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
+        for text in ("fail", "b", "after"):
+            fake.release(text)
+        config = two_model_config(
+            fake.base_url, breaker_consecutive_failures=1, breaker_cool_down_s=0.3
+        )
+        gateway = await start_gateway(config)
+        breaker = gateway.server.pipeline.pool.breaker("up0", MODEL_A)
+        await fails(gateway, chat("fail", model=MODEL_A))
+        assert breaker.state is BreakerState.OPEN
+        assert await settle(lambda: breaker.state is BreakerState.HALF_OPEN)
+        probe = gateway.stub.Complete(chat("probe", model=MODEL_A))
+        assert await settle(lambda: fake.in_flight == 1)
+        refused = await fails(gateway, chat("refused", model=MODEL_A))
+        assert "its probe running" in refused.details()
+        answered = await gateway.stub.Complete(chat("b", model=MODEL_B))
+        assert (answered.metadata.upstream, answered.metadata.attempts) == ("up0", 1)
+        assert await health(gateway) == {
+            MODEL_A: pb.UPSTREAM_HEALTH_PROBING,
+            MODEL_B: pb.UPSTREAM_HEALTH_HEALTHY,
+        }
+        fake.release("probe")
+        assert (await probe).metadata.upstream == "up0"
+        assert breaker.state is BreakerState.CLOSED
+        after = await gateway.stub.Complete(chat("after", model=MODEL_A))
+        assert (after.metadata.upstream, after.metadata.attempts) == ("up0", 1)
+        assert [user_text(r.body) for r in fake.requests] == ["fail", "probe", "b", "after"]
