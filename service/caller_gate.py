@@ -38,6 +38,7 @@ from service.errors import (
     InvalidRequest,
     QuotaExceeded,
     Unauthenticated,
+    ended_unsent,
 )
 from service.tenant_limits import (
     NO_SLOT,
@@ -523,12 +524,13 @@ class CallerGate:
         ) as slot:
             try:
                 yield slot
-            except GatewayError as refused:
+            except (GatewayError, asyncio.CancelledError) as ended:
                 # Refused before any upstream call (its budget; the pool's limits, open
-                # breakers, the drain), as a bad field is: the call takes none of its
-                # tenant's minute, nor answers a retry with its rate's refusal. Unless its
-                # admission took none (the store's cool-down): nothing is given back then.
-                if refused.is_unsent and slot is not NOTHING_TAKEN:
+                # breakers, the drain), as a bad field is, or cancelled by its caller while
+                # it waited there: the call takes none of its tenant's minute, nor answers a
+                # retry with its rate's refusal. Unless its admission took none (the store's
+                # cool-down): nothing is given back then.
+                if ended_unsent(ended) and slot is not NOTHING_TAKEN:
                     await self._limiter.give_back_rate(
                         principal.tenant, limits, tokens=tokens, requests=demand.requests
                     )
