@@ -645,19 +645,18 @@ class RedisTenantLimiter:
         tpm = limits.tokens_per_minute if tokens else 0
         if not (rpm or tpm):
             return
-        _too_large(tenant, limits, tokens=tokens, requests=requests)
-        if self.cooldown.skips():
-            return
-        try:
-            which, wait = await self._script(
-                keys=self._keys(tenant, ""),
-                args=[rpm, tpm, requests, tokens, 0, "", 0, leave_share],
-            )
-        except Exception as exc:  # the limit store is down: take nothing, pass
-            self._store_failed(exc)
-            return
-        self.late_releases.store_answered()
-        self._refuse(tenant, limits, int(which), wait)
+        # With a lease id, as a plain call's admission: cancelled awaiting the script's
+        # reply (a Summarize's own request), it is called off rather than kept.
+        await self._take_lease(
+            tenant,
+            limits,
+            rpm=rpm,
+            tpm=tpm,
+            tokens=tokens,
+            requests=requests,
+            cap=0,
+            leave_share=leave_share,
+        )
 
     @contextlib.asynccontextmanager
     async def admit(
@@ -670,7 +669,13 @@ class RedisTenantLimiter:
             yield NO_SLOT
             return
         slot = await self._take_lease(
-            tenant, limits, rpm=rpm, tpm=tpm, tokens=tokens, requests=requests
+            tenant,
+            limits,
+            rpm=rpm,
+            tpm=tpm,
+            tokens=tokens,
+            requests=requests,
+            cap=limits.max_concurrent_calls,
         )
         try:
             yield slot
@@ -703,6 +708,7 @@ class RedisTenantLimiter:
             tpm=tpm,
             tokens=tokens,
             requests=requests,
+            cap=limits.max_concurrent_calls,
             leave_share=leave_share,
         )
 
@@ -747,12 +753,13 @@ class RedisTenantLimiter:
         tpm: int,
         tokens: int,
         requests: int,
+        cap: int,
         leave_share: float = 0.0,
     ) -> CallSlot:
         """Take `requests` and `tokens` (from the buckets of `rpm` and `tpm`, 0: not
-        asked) and a lease under the tenant's `max_concurrent_calls`, in one script;
-        the lease is held (and renewed) until the `CallSlot` handed out is given back."""
-        cap = limits.max_concurrent_calls
+        asked) and a lease under `cap` (the tenant's `max_concurrent_calls`; 0: no lease),
+        in one script; the lease is held (and renewed) until the `CallSlot` handed out is
+        given back."""
         _too_large(tenant, limits, tokens=tokens, requests=requests)
         if self.cooldown.skips():
             return NOTHING_TAKEN

@@ -1,10 +1,10 @@
-"""A plain call (Complete, CompleteStream) whose caller cancels while its tenant's
-admission script is on its way to Redis gives back the per-minute units the script took,
-and its lease under a `max_concurrent_calls`: whether Redis ran the script before the
-cancel (its reply held back by a relay) or only after it (Redis frozen with the script in
-its input, run as it wakes, before or after the give-back). One whose script Redis never
-ran (paused for writes: the command of a client that left meanwhile is dropped) gives
-back nothing it never took.
+"""A plain call (Complete, CompleteStream), or a Summarize (its own request), whose
+caller cancels while its tenant's admission script is on its way to Redis gives back the
+per-minute units the script took, and its lease under a `max_concurrent_calls`: whether
+Redis ran the script before the cancel (its reply held back by a relay) or only after it
+(Redis frozen with the script in its input, run as it wakes, before or after the
+give-back). One whose script Redis never ran (paused for writes: the command of a client
+that left meanwhile is dropped) gives back nothing it never took.
 
 team-a's first call spends one of its three requests a minute, so that what is left shows
 a give-back too many as well as one too few.
@@ -22,6 +22,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from llmgateway.v1 import gateway_pb2 as pb
 from service.store_cooldown import COOLDOWN_S
 from service.tenant_limits import RedisTenantLimiter
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream
@@ -29,6 +30,7 @@ from tests.counting_relay import CountingRelay
 from tests.integration.tenancy_helpers import as_tenant, rpc_error
 from tests.integration.test_drain_gives_units_back import (
     REQUESTS_PER_MINUTE,
+    SHORT_DOCUMENT,
     held_upstream,
     leases_held,
     limited_config,
@@ -69,10 +71,14 @@ async def relayed_gateway(
 
 
 def plain_call(gateway: RunningGateway, mode: str) -> Any:
-    """team-a's Complete (`unary`) or CompleteStream (`stream`), started."""
+    """team-a's Complete (`unary`), CompleteStream (`stream`) or Summarize (`summary`),
+    started."""
     metadata = as_tenant("team-a")
     if mode == "unary":
         return gateway.stub.Complete(chat("q"), metadata=metadata, timeout=30)
+    if mode == "summary":
+        summary = pb.SummarizeRequest(model=FAKE_MODEL, document=SHORT_DOCUMENT)
+        return gateway.stub.Summarize(summary, metadata=metadata, timeout=30)
     return gateway.stub.CompleteStream(chat_stream("q"), metadata=metadata, timeout=30)
 
 
@@ -85,7 +91,7 @@ async def cancel_in_admission(gateway: RunningGateway, relay: CountingRelay, mod
         await asyncio.sleep(0.01)
     call.cancel()
     with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-        await call if mode == "unary" else [m async for m in call]
+        await call if mode != "stream" else [m async for m in call]
     while relay.closed == closed:
         await asyncio.sleep(0.01)
 
@@ -106,13 +112,21 @@ async def assert_one_request_spent(redis_url: str) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "max_concurrent_calls"),
-    [("unary", 0), ("unary", 2), ("stream", 0), ("stream", 2)],
+    [
+        ("unary", 0),
+        ("unary", 2),
+        ("stream", 0),
+        ("stream", 2),
+        ("summary", 0),
+        ("summary", 2),
+    ],
 )
 async def test_a_call_cancelled_after_its_script_ran_gives_back_what_it_took(
     redis_server: RedisServer, start_gateway: Any, mode: str, max_concurrent_calls: int
 ) -> None:
     """Redis runs team-a's admission script, its reply is held back, and the caller
-    cancels: the request the script took goes back. Before, only the lease went back."""
+    cancels: the request the script took goes back. Before, only the lease went back, and
+    a Summarize's request stayed spent."""
     async with relayed_gateway(redis_server, start_gateway, max_concurrent_calls) as (
         gateway,
         relay,
@@ -124,9 +138,11 @@ async def test_a_call_cancelled_after_its_script_ran_gives_back_what_it_took(
     await assert_one_request_spent(redis_server.url)
 
 
-@pytest.mark.parametrize("max_concurrent_calls", [0, 2])
+@pytest.mark.parametrize(
+    ("mode", "max_concurrent_calls"), [("unary", 0), ("unary", 2), ("summary", 0)]
+)
 async def test_a_call_cancelled_before_its_script_ran_gives_back_what_it_then_took(
-    redis_server: RedisServer, start_gateway: Any, max_concurrent_calls: int
+    redis_server: RedisServer, start_gateway: Any, mode: str, max_concurrent_calls: int
 ) -> None:
     """Redis is frozen while team-a's admission script waits in its input, and the caller
     cancels: as Redis wakes, the script runs and the give-back too, in either order, and
@@ -138,7 +154,7 @@ async def test_a_call_cancelled_before_its_script_ran_gives_back_what_it_then_to
     ):
         redis_server.pause()
         try:
-            await cancel_in_admission(gateway, relay, "unary")
+            await cancel_in_admission(gateway, relay, mode)
         finally:
             redis_server.resume()
         await settled(gateway)
