@@ -82,9 +82,11 @@ class TenantLimiter(Protocol):
         tokens: int,
         requests: int = 1,
         leave_share: float = 0.0,
-    ) -> None:
+    ) -> CallSlot:
         """Take `requests` and `tokens` from the tenant's per-minute buckets, holding no
-        call slot (a batch's item as it starts); or refuse and take nothing.
+        call slot (a batch's item as it starts); or refuse and take nothing. What it
+        took is handed out, for `give_back_rate`: `NO_SLOT`, or `NOTHING_TAKEN` where it
+        took none (nothing asked, the limit store left alone).
 
         `leave_share` of each bucket's capacity is left to the tenant's other calls: a
         take needs that much in the bucket beyond its own cost (never more than the
@@ -104,6 +106,7 @@ class TenantLimiter(Protocol):
         """`take_rate`, and one concurrent-call slot (under a `max_concurrent_calls`) for
         one upstream call of a batch or a summary, held until the `CallSlot` is given
         back; or refuse (`is_over_call_cap` when the slots are all held) and take nothing.
+        The `CallSlot` says what it took, as `take_rate`'s does.
         """
         ...
 
@@ -123,10 +126,17 @@ class TenantLimiter(Protocol):
         ...
 
     async def give_back_rate(
-        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int = 1,
+        taken: CallSlot = NO_SLOT,
     ) -> None:
-        """Return `requests` and `tokens` that `take_rate` or `take_turn` took for a call
-        never sent to the tenant's per-minute buckets, never past a full bucket."""
+        """Return `requests` and `tokens` that `admit`, `take_rate` or `take_turn` took
+        for a call never sent to the tenant's per-minute buckets, never past a full
+        bucket; none where what it handed out (`taken`) says it took none."""
         ...
 
 
@@ -297,9 +307,10 @@ class MemoryTenantLimiter:
         tokens: int,
         requests: int = 1,
         leave_share: float = 0.0,
-    ) -> None:
+    ) -> CallSlot:
         """`take`, for callers of the `TenantLimiter` protocol."""
         self.take(tenant, limits, tokens=tokens, requests=requests, leave_share=leave_share)
+        return NO_SLOT
 
     @contextlib.asynccontextmanager
     async def admit(
@@ -366,9 +377,17 @@ class MemoryTenantLimiter:
         await self._freed.wait(tenant, timeout_s=timeout_s, since=since)
 
     async def give_back_rate(
-        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int = 1,
+        taken: CallSlot = NO_SLOT,
     ) -> None:
         """See `TenantLimiter.give_back_rate`."""
+        if taken is NOTHING_TAKEN:
+            return
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
         if rpm and requests:
             self._bucket(self._requests, tenant, rpm).give_back(requests, rpm)
@@ -635,19 +654,19 @@ class RedisTenantLimiter:
         tokens: int,
         requests: int = 1,
         leave_share: float = 0.0,
-    ) -> None:
+    ) -> CallSlot:
         """Take `requests` and `tokens` from the tenant's per-minute buckets, holding no
         call slot (the script takes no lease without a concurrency cap); or refuse.
-        `leave_share` as in `TenantLimiter.take_rate`."""
+        `leave_share` and what is handed out as in `TenantLimiter.take_rate`."""
         # A bucket nothing is taken from is not asked (0: no such limit): a Summarize's
         # calls take no request.
         rpm = limits.requests_per_minute if requests else 0
         tpm = limits.tokens_per_minute if tokens else 0
         if not (rpm or tpm):
-            return
+            return NOTHING_TAKEN
         # With a lease id, as a plain call's admission: cancelled awaiting the script's
         # reply (a Summarize's own request), it is called off rather than kept.
-        await self._take_lease(
+        return await self._take_lease(
             tenant,
             limits,
             rpm=rpm,
@@ -694,10 +713,9 @@ class RedisTenantLimiter:
         """See `TenantLimiter.take_turn`: one script, as a call's admission, and the
         lease's release as the upstream call ends."""
         if not limits.max_concurrent_calls:
-            await self.take_rate(
+            return await self.take_rate(
                 tenant, limits, tokens=tokens, requests=requests, leave_share=leave_share
             )
-            return NO_SLOT
         # As `take_rate`: a bucket nothing is taken from is not asked.
         rpm = limits.requests_per_minute if requests else 0
         tpm = limits.tokens_per_minute if tokens else 0
@@ -726,14 +744,20 @@ class RedisTenantLimiter:
         await self._freed.wait(tenant, timeout_s=poll_s, since=since)
 
     async def give_back_rate(
-        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int = 1,
+        taken: CallSlot = NO_SLOT,
     ) -> None:
-        """See `TenantLimiter.give_back_rate`: one script. While Redis does not answer
-        the units stay spent (they refill within the minute), and while the cool-down
-        leaves it alone the take took none."""
+        """See `TenantLimiter.give_back_rate`: one script. While Redis does not answer,
+        or the cool-down leaves it alone, the units stay spent (they refill within the
+        minute)."""
         rpm = limits.requests_per_minute if requests else 0
         tpm = limits.tokens_per_minute if tokens else 0
-        if not (rpm or tpm) or self.cooldown.skips():
+        if not (rpm or tpm) or taken is NOTHING_TAKEN or self.cooldown.skips():
             return
         try:
             await self._give_back_units(

@@ -27,7 +27,7 @@ from service.store_cooldown import COOLDOWN_S
 from service.tenant_limits import RedisTenantLimiter
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream
 from tests.counting_relay import CountingRelay
-from tests.integration.tenancy_helpers import as_tenant, rpc_error
+from tests.integration.tenancy_helpers import as_tenant, rpc_error, stream_error
 from tests.integration.test_drain_gives_units_back import (
     REQUESTS_PER_MINUTE,
     SHORT_DOCUMENT,
@@ -38,6 +38,7 @@ from tests.integration.test_drain_gives_units_back import (
     waiting_at_the_upstream,
 )
 from tests.integration.test_shutdown_cut_off import assert_shutting_down
+from tests.integration.test_summarize import default_respond
 from tests.redis_server import RedisServer
 from tests.scripted_upstream import ScriptedUpstream
 
@@ -186,15 +187,27 @@ async def test_a_call_whose_script_never_ran_gives_back_nothing(
     await assert_one_request_spent(redis_server.url)
 
 
+def refused_call(gateway: RunningGateway, mode: str) -> asyncio.Future[grpc.aio.AioRpcError]:
+    """team-a's Complete (`unary`), CompleteBatch of one item (`batch`) or Summarize
+    (`summary`), started, and the error it is to end with."""
+    if mode == "batch":
+        batch = pb.CompleteBatchRequest(items=[pb.BatchItem(id="q0", request=chat("q0"))])
+        call = gateway.stub.CompleteBatch(batch, metadata=as_tenant("team-a"), timeout=30)
+        return asyncio.ensure_future(stream_error(call))
+    return asyncio.ensure_future(rpc_error(plain_call(gateway, mode)))
+
+
+@pytest.mark.parametrize("mode", ["unary", "batch", "summary"])
 async def test_a_call_admitted_in_the_cool_down_and_refused_unsent_gives_back_nothing(
-    redis_server: RedisServer, start_gateway: Any
+    redis_server: RedisServer, start_gateway: Any, mode: str
 ) -> None:
     """Redis hangs: team-b's admission times out and starts the tenant limits' cool-down,
-    and team-a's call, admitted in it, takes nothing from Redis; it waits for the
-    upstream's one slot (team-b's call holds it) until the drain refuses it unsent, Redis
-    answering again. It gives back nothing. Before, it gave back the request it never
-    took, and team-a's first call's request with it."""
-    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+    and team-a's call (a plain call; a batch's item as its turn comes; a Summarize, its
+    request), admitted in it, takes nothing from Redis; it waits for the upstream's one
+    slot (team-b's call holds it) until the drain refuses it unsent, Redis answering
+    again. It gives back nothing. Before, it gave back the request it never took, and
+    team-a's first call's request with it (a batch's item and a Summarize until now)."""
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=default_respond) as fake:
         limits = {"requests_per_minute": REQUESTS_PER_MINUTE}
         config = limited_config(fake.base_url, limits, redis_url=redis_server.url, team_b=limits)
         config = dataclasses.replace(
@@ -206,8 +219,7 @@ async def test_a_call_admitted_in_the_cool_down_and_refused_unsent_gives_back_no
         redis_server.pause()
         try:
             held = await held_upstream(gateway, fake)  # team-b's, admitted as Redis hangs
-            call = gateway.stub.Complete(chat("q"), metadata=as_tenant("team-a"), timeout=30)
-            refused = asyncio.ensure_future(rpc_error(call))
+            refused = refused_call(gateway, mode)
             await waiting_at_the_upstream(gateway)
         finally:
             redis_server.resume()
