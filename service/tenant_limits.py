@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,10 +45,19 @@ class CallSlot:
     """One call's slot of its tenant's concurrent calls, held from `admit` until the end
     of its body, or given back earlier (`give_back`): once either way."""
 
-    __slots__ = ("_release",)
+    __slots__ = ("_release", "call_off")
 
-    def __init__(self, release: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        release: Callable[[], Awaitable[None]] | None = None,
+        *,
+        call_off: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._release = release
+        # For an admission whose reply never came (the limit store timed out): gives back
+        # what it took, if it ran, and nothing if not, in place of `give_back_rate`'s
+        # units (`RedisTenantLimiter`); None when what it took is known.
+        self.call_off = call_off
 
     async def give_back(self) -> None:
         """Give the slot back, if still held (a stalled stream's, once its upstream is
@@ -136,7 +146,8 @@ class TenantLimiter(Protocol):
     ) -> None:
         """Return `requests` and `tokens` that `admit`, `take_rate` or `take_turn` took
         for a call never sent to the tenant's per-minute buckets, never past a full
-        bucket; none where what it handed out (`taken`) says it took none."""
+        bucket; none where what it handed out (`taken`) says it took none, and where its
+        reply never came only what it took, if anything (`CallSlot.call_off`)."""
         ...
 
 
@@ -627,7 +638,8 @@ class RedisTenantLimiter:
         """
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zrem(keys[2], lease)
-            pipe.set(keys[3], 1, ex=self._lease_ttl_s)
+            # Not over a call-off's `off` mark, after which the admission takes nothing.
+            pipe.set(keys[3], 1, ex=self._lease_ttl_s, nx=True)
             await pipe.execute()
 
     def _store_failed(self, exc: Exception) -> None:
@@ -754,10 +766,17 @@ class RedisTenantLimiter:
     ) -> None:
         """See `TenantLimiter.give_back_rate`: one script. While Redis does not answer,
         or the cool-down leaves it alone, the units stay spent (they refill within the
-        minute)."""
+        minute), except those of an admission whose reply never came: it is called off,
+        now or once Redis answers, and gives back what Redis recorded it took (without a
+        cap, that record lasts 10 s: after it, the units stay spent)."""
         rpm = limits.requests_per_minute if requests else 0
         tpm = limits.tokens_per_minute if tokens else 0
-        if not (rpm or tpm) or taken is NOTHING_TAKEN or self.cooldown.skips():
+        if not (rpm or tpm) or taken is NOTHING_TAKEN:
+            return
+        if taken.call_off is not None:
+            await taken.call_off()
+            return
+        if self.cooldown.skips():
             return
         try:
             await self._give_back_units(
@@ -810,8 +829,11 @@ class RedisTenantLimiter:
         else:
             self.late_releases.store_answered()
         self._refuse(tenant, limits, int(which), wait)
+        call_off = None
+        if not is_confirmed:  # its reply lost, what it took is Redis's to say
+            call_off = functools.partial(self._call_off, keys, lease, [rpm, tpm, requests, tokens])
         if not cap:
-            return NO_SLOT
+            return NO_SLOT if call_off is None else CallSlot(call_off=call_off)
         self._renewals.hold(lease, (lease, keys))
 
         async def release() -> None:
@@ -821,7 +843,7 @@ class RedisTenantLimiter:
             await self._give_back(keys, lease, may_come_back=not is_confirmed or is_renewed)
             self._freed.given_back(tenant)
 
-        return CallSlot(release)
+        return CallSlot(release, call_off=call_off)
 
     async def _renew_leases(self, leases: list[_Lease]) -> None:
         """Renew `leases` in one script (`_RENEW_LUA`)."""

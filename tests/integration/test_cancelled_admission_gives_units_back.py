@@ -233,3 +233,66 @@ async def test_a_call_admitted_in_the_cool_down_and_refused_unsent_gives_back_no
         assert (await held).content
         assert len(fake.requests) == 2  # the first call's and team-b's
     await assert_one_request_spent(redis_server.url)
+
+
+@pytest.mark.parametrize(
+    ("mode", "max_concurrent_calls", "is_run"),
+    [
+        ("unary", 0, False),
+        ("unary", 2, False),
+        ("batch", 0, False),
+        ("summary", 0, False),
+        ("unary", 0, True),
+        ("unary", 2, True),
+    ],
+)
+async def test_a_call_whose_admission_timed_out_and_refused_unsent_gives_back_what_it_took(
+    redis_server: RedisServer,
+    start_gateway: Any,
+    mode: str,
+    max_concurrent_calls: int,
+    is_run: bool,
+) -> None:
+    """team-a's admission script waits in Redis (paused for writes; or frozen, `is_run`)
+    past its timeout, and the call goes on, admitted, to wait for the upstream's one slot
+    (team-b's call holds it) until the drain refuses it unsent, Redis answering again. A
+    script Redis dropped (its client left) took nothing, and nothing is given back; one
+    Redis ran as it woke took the request, which goes back. Before, the request was given
+    back whether or not the script had run: with team-a's first call's request, when it
+    had not."""
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with ScriptedUpstream(models=(FAKE_MODEL,), respond=default_respond) as fake:
+            limits = {"requests_per_minute": REQUESTS_PER_MINUTE}
+            if max_concurrent_calls:
+                limits["max_concurrent_calls"] = max_concurrent_calls
+            config = limited_config(fake.base_url, limits, redis_url=redis_server.url)
+            config = dataclasses.replace(
+                config, auth=dataclasses.replace(config.auth, redis_timeout_s=TIMEOUT_S)
+            )
+            gateway = await start_gateway(config)
+            first = await gateway.stub.Complete(chat(), metadata=as_tenant("team-a"), timeout=30)
+            assert first.content
+            held = await held_upstream(gateway, fake)  # team-b's: unlimited, no script
+            if is_run:
+                redis_server.pause()
+            else:
+                await admin.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+            try:
+                refused = refused_call(gateway, mode)
+                await waiting_at_the_upstream(gateway)  # admitted once its reply timed out
+            finally:
+                if is_run:
+                    redis_server.resume()
+                else:
+                    await admin.execute_command("CLIENT", "UNPAUSE")
+            await asyncio.sleep(COOLDOWN_S)  # the give-back then tries Redis, which answers
+            gateway.server.pipeline.begin_stopping()
+            assert_shutting_down(await refused)
+            fake.gate.set()
+            assert (await held).content
+            await settled(gateway)
+            assert len(fake.requests) == 2  # the first call's and team-b's
+    finally:
+        await admin.aclose()
+    await assert_one_request_spent(redis_server.url)
