@@ -38,10 +38,10 @@ from service.errors import (
     InvalidRequest,
     QuotaExceeded,
     Unauthenticated,
+    ended_unsent,
 )
 from service.tenant_limits import (
     NO_SLOT,
-    NOTHING_TAKEN,
     CallSlot,
     TenantLimiter,
     is_over_call_cap,
@@ -293,9 +293,7 @@ class BatchPacer:
         except asyncio.CancelledError:
             # Shielded, not left to a refund script: Redis may run an admission whose
             # reply the cancel cut off, and only that reply says what it took to give back.
-            await _given_back(
-                taking, PacedTurn(self._limiter, principal, tokens=tokens, requests=requests)
-            )
+            await _given_back(taking, self._limiter, principal, tokens=tokens, requests=requests)
             raise
 
     @contextlib.asynccontextmanager
@@ -306,45 +304,66 @@ class BatchPacer:
         taken is handed out, for a call never sent to give its units back."""
         slot = await self.take(tokens, deadline, requests=requests)
         try:
-            yield PacedTurn(self._limiter, self._principal, tokens=tokens, requests=requests)
+            yield PacedTurn(
+                self._limiter, self._principal, tokens=tokens, requests=requests, taken=slot
+            )
         finally:
             await slot.give_back()
 
 
 class PacedTurn:
     """What one upstream call's turn (`BatchPacer.turn`) took of its tenant's per-minute
-    limits: `requests` and `tokens`."""
+    limits: `requests` and `tokens`, as `taken` (its take's `CallSlot`) says."""
 
-    __slots__ = ("_limiter", "_principal", "requests", "tokens")
+    __slots__ = ("_limiter", "_principal", "requests", "taken", "tokens")
 
     def __init__(
-        self, limiter: TenantLimiter, principal: Principal, *, tokens: int, requests: int
+        self,
+        limiter: TenantLimiter,
+        principal: Principal,
+        *,
+        tokens: int,
+        requests: int,
+        taken: CallSlot,
     ) -> None:
         self._limiter = limiter
         self._principal = principal
         self.tokens = tokens
         self.requests = requests
+        self.taken = taken
 
     async def give_back_rate(self) -> None:
         """The call was never sent: its requests and tokens go back to its tenant's
         per-minute buckets (its slot goes back as its turn ends)."""
         principal = self._principal
         await self._limiter.give_back_rate(
-            principal.tenant, principal.limits, tokens=self.tokens, requests=self.requests
+            principal.tenant,
+            principal.limits,
+            tokens=self.tokens,
+            requests=self.requests,
+            taken=self.taken,
         )
 
 
-async def _given_back(taking: asyncio.Future[CallSlot], turn: PacedTurn) -> None:
+async def _given_back(
+    taking: asyncio.Future[CallSlot],
+    limiter: TenantLimiter,
+    principal: Principal,
+    *,
+    tokens: int,
+    requests: int,
+) -> None:
     """Once `taking` (a turn's admission whose caller was cancelled) ends, give back what
-    it took: its slot, and `turn`'s per-minute units. Waited for through any further
-    cancel, at most the limit store's command timeout: left behind, a lease it took would
-    be renewed for as long as the process runs."""
+    it took: its slot, and its per-minute units (`tokens` and `requests`). Waited for
+    through any further cancel, at most the limit store's command timeout: left behind, a
+    lease it took would be renewed for as long as the process runs."""
     while not taking.done():
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(taking)
     if taking.cancelled() or taking.exception() is not None:
         return  # refused (it took nothing), or the store did not answer (it took nothing known)
     slot = taking.result()
+    turn = PacedTurn(limiter, principal, tokens=tokens, requests=requests, taken=slot)
     try:
         await turn.give_back_rate()
     finally:
@@ -503,7 +522,7 @@ class CallerGate:
             # A Summarize takes its request now, and no slot: each of its calls takes its
             # tokens and a slot as it starts, as a batch's items do; a document of more
             # than a minute's allowance then runs at the tenant's rate.
-            await self._limiter.take_rate(principal.tenant, limits, tokens=0, requests=1)
+            taken = await self._limiter.take_rate(principal.tenant, limits, tokens=0, requests=1)
             if limits.tokens_per_minute or limits.max_concurrent_calls:
                 self._pace(principal)
             try:
@@ -511,7 +530,7 @@ class CallerGate:
             except GatewayError as refused:
                 if refused.is_unsent:  # none of its calls was sent (`Summarizer.summarize`)
                     await self._limiter.give_back_rate(
-                        principal.tenant, limits, tokens=0, requests=1
+                        principal.tenant, limits, tokens=0, requests=1, taken=taken
                     )
                 raise
             return
@@ -523,13 +542,18 @@ class CallerGate:
         ) as slot:
             try:
                 yield slot
-            except GatewayError as refused:
+            except (GatewayError, asyncio.CancelledError) as ended:
                 # Refused before any upstream call (its budget; the pool's limits, open
-                # breakers, the drain), as a bad field is: the call takes none of its
-                # tenant's minute, nor answers a retry with its rate's refusal. Unless its
-                # admission took none (the store's cool-down): nothing is given back then.
-                if refused.is_unsent and slot is not NOTHING_TAKEN:
+                # breakers, the drain), as a bad field is, or cancelled by its caller while
+                # it waited there: the call takes none of its tenant's minute, nor answers a
+                # retry with its rate's refusal. Unless its admission took none (the store's
+                # cool-down, `NOTHING_TAKEN`): nothing is given back then.
+                if ended_unsent(ended):
                     await self._limiter.give_back_rate(
-                        principal.tenant, limits, tokens=tokens, requests=demand.requests
+                        principal.tenant,
+                        limits,
+                        tokens=tokens,
+                        requests=demand.requests,
+                        taken=slot,
                     )
                 raise

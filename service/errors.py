@@ -588,6 +588,20 @@ class RateLimitedStreamInterrupted(StreamInterrupted):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def mark_unsent(cancel: BaseException) -> None:
+    """Mark `cancel` (the caller's `asyncio.CancelledError`) as ending a call before any
+    upstream attempt of it was begun, as a `GatewayError` says it (`is_unsent`): the pool
+    marks it on its way out, the caller gate reads it (`ended_unsent`). Set on the one
+    exception rather than kept per call: nothing is added to a call that is not cut."""
+    vars(cancel)["is_unsent"] = True
+
+
+def ended_unsent(ended: BaseException) -> bool:
+    """Whether `ended` (a `GatewayError`, or a cancel `mark_unsent` marked) ended its call
+    before any upstream attempt of it was begun."""
+    return getattr(ended, "is_unsent", False) is True
+
+
 def stream_interrupted(
     cause: UpstreamError, *, deltas_sent: int, chars_sent: int
 ) -> StreamInterrupted:

@@ -49,6 +49,7 @@ from service.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
     attempt_failure,
+    mark_unsent,
     stream_interrupted,
 )
 from service.limits import LimitExceeded, UpstreamLimiter
@@ -1222,6 +1223,10 @@ class UpstreamPool:
                 raise
             except UpstreamError as exc:
                 raise self._final(exc, deadline, log, plan) from None
+            except asyncio.CancelledError as cancel:  # the caller left as the call waited
+                if log.attempts == 0:  # at its limits, a breaker, a restart: none was sent
+                    mark_unsent(cancel)
+                raise
             if admitted is None:
                 continue
             log.begin(route.client.name)

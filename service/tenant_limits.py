@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,10 +45,19 @@ class CallSlot:
     """One call's slot of its tenant's concurrent calls, held from `admit` until the end
     of its body, or given back earlier (`give_back`): once either way."""
 
-    __slots__ = ("_release",)
+    __slots__ = ("_release", "call_off")
 
-    def __init__(self, release: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        release: Callable[[], Awaitable[None]] | None = None,
+        *,
+        call_off: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._release = release
+        # For an admission whose reply never came (the limit store timed out): gives back
+        # what it took, if it ran, and nothing if not, in place of `give_back_rate`'s
+        # units (`RedisTenantLimiter`); None when what it took is known.
+        self.call_off = call_off
 
     async def give_back(self) -> None:
         """Give the slot back, if still held (a stalled stream's, once its upstream is
@@ -82,9 +92,11 @@ class TenantLimiter(Protocol):
         tokens: int,
         requests: int = 1,
         leave_share: float = 0.0,
-    ) -> None:
+    ) -> CallSlot:
         """Take `requests` and `tokens` from the tenant's per-minute buckets, holding no
-        call slot (a batch's item as it starts); or refuse and take nothing.
+        call slot (a batch's item as it starts); or refuse and take nothing. What it
+        took is handed out, for `give_back_rate`: `NO_SLOT`, or `NOTHING_TAKEN` where it
+        took none (nothing asked, the limit store left alone).
 
         `leave_share` of each bucket's capacity is left to the tenant's other calls: a
         take needs that much in the bucket beyond its own cost (never more than the
@@ -104,6 +116,7 @@ class TenantLimiter(Protocol):
         """`take_rate`, and one concurrent-call slot (under a `max_concurrent_calls`) for
         one upstream call of a batch or a summary, held until the `CallSlot` is given
         back; or refuse (`is_over_call_cap` when the slots are all held) and take nothing.
+        The `CallSlot` says what it took, as `take_rate`'s does.
         """
         ...
 
@@ -123,10 +136,18 @@ class TenantLimiter(Protocol):
         ...
 
     async def give_back_rate(
-        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int = 1,
+        taken: CallSlot = NO_SLOT,
     ) -> None:
-        """Return `requests` and `tokens` that `take_rate` or `take_turn` took for a call
-        never sent to the tenant's per-minute buckets, never past a full bucket."""
+        """Return `requests` and `tokens` that `admit`, `take_rate` or `take_turn` took
+        for a call never sent to the tenant's per-minute buckets, never past a full
+        bucket; none where what it handed out (`taken`) says it took none, and where its
+        reply never came only what it took, if anything (`CallSlot.call_off`)."""
         ...
 
 
@@ -297,9 +318,10 @@ class MemoryTenantLimiter:
         tokens: int,
         requests: int = 1,
         leave_share: float = 0.0,
-    ) -> None:
+    ) -> CallSlot:
         """`take`, for callers of the `TenantLimiter` protocol."""
         self.take(tenant, limits, tokens=tokens, requests=requests, leave_share=leave_share)
+        return NO_SLOT
 
     @contextlib.asynccontextmanager
     async def admit(
@@ -366,9 +388,17 @@ class MemoryTenantLimiter:
         await self._freed.wait(tenant, timeout_s=timeout_s, since=since)
 
     async def give_back_rate(
-        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int = 1,
+        taken: CallSlot = NO_SLOT,
     ) -> None:
         """See `TenantLimiter.give_back_rate`."""
+        if taken is NOTHING_TAKEN:
+            return
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
         if rpm and requests:
             self._bucket(self._requests, tenant, rpm).give_back(requests, rpm)
@@ -608,7 +638,8 @@ class RedisTenantLimiter:
         """
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zrem(keys[2], lease)
-            pipe.set(keys[3], 1, ex=self._lease_ttl_s)
+            # Not over a call-off's `off` mark, after which the admission takes nothing.
+            pipe.set(keys[3], 1, ex=self._lease_ttl_s, nx=True)
             await pipe.execute()
 
     def _store_failed(self, exc: Exception) -> None:
@@ -635,29 +666,28 @@ class RedisTenantLimiter:
         tokens: int,
         requests: int = 1,
         leave_share: float = 0.0,
-    ) -> None:
+    ) -> CallSlot:
         """Take `requests` and `tokens` from the tenant's per-minute buckets, holding no
         call slot (the script takes no lease without a concurrency cap); or refuse.
-        `leave_share` as in `TenantLimiter.take_rate`."""
+        `leave_share` and what is handed out as in `TenantLimiter.take_rate`."""
         # A bucket nothing is taken from is not asked (0: no such limit): a Summarize's
         # calls take no request.
         rpm = limits.requests_per_minute if requests else 0
         tpm = limits.tokens_per_minute if tokens else 0
         if not (rpm or tpm):
-            return
-        _too_large(tenant, limits, tokens=tokens, requests=requests)
-        if self.cooldown.skips():
-            return
-        try:
-            which, wait = await self._script(
-                keys=self._keys(tenant, ""),
-                args=[rpm, tpm, requests, tokens, 0, "", 0, leave_share],
-            )
-        except Exception as exc:  # the limit store is down: take nothing, pass
-            self._store_failed(exc)
-            return
-        self.late_releases.store_answered()
-        self._refuse(tenant, limits, int(which), wait)
+            return NOTHING_TAKEN
+        # With a lease id, as a plain call's admission: cancelled awaiting the script's
+        # reply (a Summarize's own request), it is called off rather than kept.
+        return await self._take_lease(
+            tenant,
+            limits,
+            rpm=rpm,
+            tpm=tpm,
+            tokens=tokens,
+            requests=requests,
+            cap=0,
+            leave_share=leave_share,
+        )
 
     @contextlib.asynccontextmanager
     async def admit(
@@ -670,7 +700,13 @@ class RedisTenantLimiter:
             yield NO_SLOT
             return
         slot = await self._take_lease(
-            tenant, limits, rpm=rpm, tpm=tpm, tokens=tokens, requests=requests
+            tenant,
+            limits,
+            rpm=rpm,
+            tpm=tpm,
+            tokens=tokens,
+            requests=requests,
+            cap=limits.max_concurrent_calls,
         )
         try:
             yield slot
@@ -689,10 +725,9 @@ class RedisTenantLimiter:
         """See `TenantLimiter.take_turn`: one script, as a call's admission, and the
         lease's release as the upstream call ends."""
         if not limits.max_concurrent_calls:
-            await self.take_rate(
+            return await self.take_rate(
                 tenant, limits, tokens=tokens, requests=requests, leave_share=leave_share
             )
-            return NO_SLOT
         # As `take_rate`: a bucket nothing is taken from is not asked.
         rpm = limits.requests_per_minute if requests else 0
         tpm = limits.tokens_per_minute if tokens else 0
@@ -703,6 +738,7 @@ class RedisTenantLimiter:
             tpm=tpm,
             tokens=tokens,
             requests=requests,
+            cap=limits.max_concurrent_calls,
             leave_share=leave_share,
         )
 
@@ -720,14 +756,27 @@ class RedisTenantLimiter:
         await self._freed.wait(tenant, timeout_s=poll_s, since=since)
 
     async def give_back_rate(
-        self, tenant: str, limits: TenantConfig, *, tokens: int, requests: int = 1
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        *,
+        tokens: int,
+        requests: int = 1,
+        taken: CallSlot = NO_SLOT,
     ) -> None:
-        """See `TenantLimiter.give_back_rate`: one script. While Redis does not answer
-        the units stay spent (they refill within the minute), and while the cool-down
-        leaves it alone the take took none."""
+        """See `TenantLimiter.give_back_rate`: one script. While Redis does not answer,
+        or the cool-down leaves it alone, the units stay spent (they refill within the
+        minute), except those of an admission whose reply never came: it is called off,
+        now or once Redis answers, and gives back what Redis recorded it took (without a
+        cap, that record lasts 10 s: after it, the units stay spent)."""
         rpm = limits.requests_per_minute if requests else 0
         tpm = limits.tokens_per_minute if tokens else 0
-        if not (rpm or tpm) or self.cooldown.skips():
+        if not (rpm or tpm) or taken is NOTHING_TAKEN:
+            return
+        if taken.call_off is not None:
+            await taken.call_off()
+            return
+        if self.cooldown.skips():
             return
         try:
             await self._give_back_units(
@@ -747,12 +796,13 @@ class RedisTenantLimiter:
         tpm: int,
         tokens: int,
         requests: int,
+        cap: int,
         leave_share: float = 0.0,
     ) -> CallSlot:
         """Take `requests` and `tokens` (from the buckets of `rpm` and `tpm`, 0: not
-        asked) and a lease under the tenant's `max_concurrent_calls`, in one script;
-        the lease is held (and renewed) until the `CallSlot` handed out is given back."""
-        cap = limits.max_concurrent_calls
+        asked) and a lease under `cap` (the tenant's `max_concurrent_calls`; 0: no lease),
+        in one script; the lease is held (and renewed) until the `CallSlot` handed out is
+        given back."""
         _too_large(tenant, limits, tokens=tokens, requests=requests)
         if self.cooldown.skips():
             return NOTHING_TAKEN
@@ -779,8 +829,11 @@ class RedisTenantLimiter:
         else:
             self.late_releases.store_answered()
         self._refuse(tenant, limits, int(which), wait)
+        call_off = None
+        if not is_confirmed:  # its reply lost, what it took is Redis's to say
+            call_off = functools.partial(self._call_off, keys, lease, [rpm, tpm, requests, tokens])
         if not cap:
-            return NO_SLOT
+            return NO_SLOT if call_off is None else CallSlot(call_off=call_off)
         self._renewals.hold(lease, (lease, keys))
 
         async def release() -> None:
@@ -790,7 +843,7 @@ class RedisTenantLimiter:
             await self._give_back(keys, lease, may_come_back=not is_confirmed or is_renewed)
             self._freed.given_back(tenant)
 
-        return CallSlot(release)
+        return CallSlot(release, call_off=call_off)
 
     async def _renew_leases(self, leases: list[_Lease]) -> None:
         """Renew `leases` in one script (`_RENEW_LUA`)."""

@@ -1,0 +1,99 @@
+"""A call its caller cancels once admitted, before any of it was sent upstream (waiting
+for its upstream's one slot), gives back the per-minute units its admission took of its
+tenant's limits, kept in memory or in Redis, as a call refused there does; one cancelled
+after its request reached the upstream keeps them (the upstream may bill it).
+
+team-a's first call holds the upstream's one slot (`max_concurrency: 1`) and its second
+waits for it; both are cancelled, and team-a's three requests a minute then hold two: the
+sent call's request spent, the waiting call's given back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import grpc
+import pytest
+
+from service.errors import QuotaExceeded
+from service.tenant_limits import MemoryTenantLimiter
+from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream
+from tests.integration.tenancy_helpers import as_tenant
+from tests.integration.test_drain_gives_units_back import (
+    REQUESTS_PER_MINUTE,
+    leases_held,
+    limited_config,
+    stored_level,
+    waiting_at_the_upstream,
+)
+from tests.integration.test_shutdown_cut_off import collect
+from tests.scripted_upstream import ScriptedUpstream
+
+
+def started_call(gateway: RunningGateway, mode: str, text: str) -> tuple[Any, asyncio.Future[Any]]:
+    """team-a's Complete (`unary`) or CompleteStream (`stream`, read) of `text`, started,
+    and its end as the caller sees it."""
+    metadata = as_tenant("team-a")
+    if mode == "unary":
+        call = gateway.stub.Complete(chat(text), metadata=metadata, timeout=30)
+        return call, asyncio.ensure_future(call)
+    call = gateway.stub.CompleteStream(chat_stream(text), metadata=metadata, timeout=30)
+    return call, asyncio.ensure_future(collect(call))
+
+
+async def cancelled(call: Any, ending: asyncio.Future[Any]) -> None:
+    """Cancel a started call and wait for the caller's side to end."""
+    call.cancel()
+    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+        await ending
+
+
+async def settled(gateway: RunningGateway) -> None:
+    """Return once every call ended, its give-back awaited."""
+    while not gateway.server.admission.is_idle:
+        await asyncio.sleep(0.01)
+
+
+async def assert_requests_left(gateway: RunningGateway, left: int, redis_url: str | None) -> None:
+    """team-a's requests bucket holds `left` of its requests (and what refilled since),
+    and, in Redis, no lease."""
+    if redis_url is not None:
+        level = await stored_level(redis_url, "rpm")
+        assert left <= level < left + 0.5, level
+        assert await leases_held(redis_url) == 0
+        return
+    limiter = gateway.server.tenant_limiter
+    assert isinstance(limiter, MemoryTenantLimiter)
+    limits = gateway.server.config.tenants["team-a"]
+    with pytest.raises(QuotaExceeded):
+        limiter.take("team-a", limits, tokens=0, requests=left + 1)
+    limiter.take("team-a", limits, tokens=0, requests=left)
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+@pytest.mark.parametrize("max_concurrent_calls", [0, 2])
+async def test_a_call_cancelled_before_it_was_sent_gives_its_request_back(
+    start_gateway: Any, limits_redis_url: str | None, mode: str, max_concurrent_calls: int
+) -> None:
+    """team-a's second call waits for the upstream's slot, which its first call holds
+    upstream, and both are cancelled: the second's request goes back, the first's stays
+    spent. Before, a cancel was no refusal unsent, and both stayed spent."""
+    redis_url = limits_redis_url
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        limits = {"requests_per_minute": REQUESTS_PER_MINUTE}
+        if max_concurrent_calls:
+            limits["max_concurrent_calls"] = max_concurrent_calls
+        gateway = await start_gateway(limited_config(fake.base_url, limits, redis_url=redis_url))
+        fake.gate.clear()
+        sent = started_call(gateway, mode, "sent")
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        waiting = started_call(gateway, mode, "waiting")
+        await waiting_at_the_upstream(gateway)
+        await cancelled(*waiting)
+        await cancelled(*sent)
+        await settled(gateway)
+        await fake.wait_until(lambda: fake.in_flight == 0)
+        assert len(fake.requests) == 1  # the first call's alone
+        await assert_requests_left(gateway, REQUESTS_PER_MINUTE - 1, redis_url)
