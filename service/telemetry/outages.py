@@ -25,6 +25,7 @@ COMPLAINT_CHARS, its status first.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import re
@@ -142,7 +143,8 @@ def exporter_secrets(environ: Mapping[str, str]) -> ExporterSecrets:
 
 def _configured_values(environ: Mapping[str, str]) -> Iterator[tuple[str, str]]:
     """Each header's name and value as written, and each endpoint query parameter's and
-    password's (named `password`), URL-encoded as written."""
+    password's (named `password`), URL-encoded as written; and the `authorization` the
+    HTTP exporter sends for an endpoint's user and password (`_basic_credentials`)."""
     for variable in HEADER_VARIABLES:
         for entry in environ.get(variable, "").split(","):
             written_name, _, written = entry.partition("=")
@@ -155,6 +157,20 @@ def _configured_values(environ: Mapping[str, str]) -> Iterator[tuple[str, str]]:
         user_info, at, _ = parts.netloc.rpartition("@")
         if at:
             yield "password", user_info.partition(":")[2]
+            yield "authorization", _basic_credentials(user_info)
+
+
+def _basic_credentials(user_info: str) -> str:
+    """The `authorization` value the HTTP exporter's `requests` sends for an endpoint's
+    `user:password@` (its user and password unquoted, in base64), which a collector
+    quoting the request's headers quotes: the password, decoded in a moment."""
+    user, _, password = (urllib.parse.unquote(part) for part in user_info.partition(":"))
+    pair = f"{user}:{password}"
+    try:
+        raw = pair.encode("latin-1")  # as `requests` encodes it
+    except UnicodeEncodeError:
+        raw = pair.encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
 NO_EXPORTER_SECRETS = ExporterSecrets()

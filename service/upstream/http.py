@@ -251,7 +251,8 @@ class _Connection(asyncio.Protocol):
         """Parse the response again from its start, `data` the last of it received, once
         its head is all in: unfolded (`_unfolded`), and with a `held_reason` its
         `Content-Length` values merged into one (`_one_content_length`); refuse it as
-        llhttp did (`held_reason`) if they are not one number repeated."""
+        llhttp did (`held_reason`) if they are not one number repeated and no fold was
+        unfolded."""
         pieces = response.head_pieces
         assert pieces is not None
         pieces.append(data)
@@ -262,13 +263,17 @@ class _Connection(asyncio.Protocol):
                 response.fail(HttpError("response headers too large"))
             return
         start, end = found
-        head = _unfolded(received[start:end])
+        folded = received[start:end]
+        head = _unfolded(folded)
         if response.held_reason is not None:
             merged = _one_content_length(head)
-            if merged is None:
+            if merged is None and head == folded:
                 response.fail(NotHttp(f"malformed HTTP response: {response.held_reason}"))
                 return
-            head = merged
+            # No repeat to merge, but a fold llhttp refused the length for (a blank line
+            # folded onto it, `Content-Length: 42<fold>`): the unfolded head is parsed as
+            # it stands, and refused then if its length is no length.
+            head = merged or head
         response.restart()
         self._parser = _response_parser(response)
         rewritten = received[:start] + head + received[end:]

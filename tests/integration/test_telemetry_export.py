@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -426,6 +427,38 @@ async def test_an_unreachable_http_collector_is_logged_without_its_endpoints_que
     [failed] = [r for r in caplog.records if r.getMessage() == "telemetry.export_failed"]
     assert "/v1/traces?api_key=[redacted]&org=[redacted]" in failed.error
     assert SHORT_OTLP_KEY not in repr([r.__dict__ for r in caplog.records])
+
+
+async def test_a_collector_quoting_the_basic_credentials_of_its_endpoint_is_logged_without_them(
+    upstream, start_gateway, otel_environ, caplog, every_logger_at_debug
+):
+    """An OTLP/HTTP endpoint with a user and password (`http://otel:pw@host`), which the
+    HTTP exporter sends as `authorization: Basic <user:pw in base64>`, to a collector
+    that refuses exports quoting their headers: `telemetry.export_failed` quotes neither
+    the password nor those credentials.
+
+    Before, the password alone was redacted, and the credentials were quoted whole: the
+    password in base64."""
+    credentials = base64.b64encode(f"otel:{SHORT_OTLP_KEY}".encode()).decode()
+    async with echoing_http_collector(401) as endpoint:
+        otel_environ(
+            OTEL_TRACES_EXPORTER="otlp",
+            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+            OTEL_EXPORTER_OTLP_ENDPOINT=endpoint.replace(
+                "http://", f"http://otel:{SHORT_OTLP_KEY}@"
+            ),
+        )
+        telemetry = Telemetry.from_config(TelemetryConfig())
+        gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+        await gw.stub.Complete(chat())
+        await asyncio.to_thread(telemetry.providers.force_flush)
+        await telemetry.aclose()
+    [failed] = [r for r in caplog.records if r.getMessage() == "telemetry.export_failed"]
+    assert "code: 401" in failed.error
+    assert re.search(r"authorization\W+\[redacted\]", failed.error, re.IGNORECASE)
+    logged = repr([r.__dict__ for r in caplog.records])
+    assert credentials not in logged
+    assert SHORT_OTLP_KEY not in logged
 
 
 async def test_metrics_are_served_on_the_prometheus_endpoint(upstream, start_gateway, otel_environ):

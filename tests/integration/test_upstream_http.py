@@ -941,8 +941,15 @@ def _answering_each(answer: bytes) -> Handler:
         b"Transfer-Encoding: gzip\r\n\t,chunked",
         b"Transfer-Encoding: chunked\r\n ",
         b"Content-Encoding: gzip\r\nContent-Length: %d,\r\n %d" % (len(_GZIPPED), len(_GZIPPED)),
+        b"Content-Length: %d\r\n " % len(_COMPLETION),
     ],
-    ids=["coding-then-chunked", "fold-before-comma", "blank-fold", "length-repeated"],
+    ids=[
+        "coding-then-chunked",
+        "fold-before-comma",
+        "blank-fold",
+        "length-repeated",
+        "length-blank-fold",
+    ],
 )
 async def test_a_folded_framing_header_frames_the_answer_as_unfolded(serve, start_gateway, framing):
     """A framing header folded over two lines (RFC 9112 §5.2 obs-fold) is read as its
@@ -950,7 +957,8 @@ async def test_a_folded_framing_header_frames_the_answer_as_unfolded(serve, star
     chunked body, answered once and the connection kept. llhttp framed such a
     `Transfer-Encoding` as not ending in chunked, where the value the gateway read did: the
     body, chunk sizes and all, was refused as no gzip, or waited on until the deadline for
-    a close a keep-alive server never sends; a folded repeated length was refused."""
+    a close a keep-alive server never sends; a folded repeated length was refused, and so
+    was a length with a blank line folded onto it, as malformed (and sent again)."""
     chunked = b"chunked" in framing
     body = _GZIPPED if b"gzip" in framing else _COMPLETION
     if chunked:
