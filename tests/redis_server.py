@@ -18,6 +18,8 @@ import pytest_asyncio
 __all__ = ["RedisServer", "redis_server"]
 
 _START_TIMEOUT_S = 10.0
+_START_ATTEMPTS = 3
+_PING_TIMEOUT_S = 0.5
 
 
 def _free_port() -> int:
@@ -53,13 +55,25 @@ class RedisServer:
         return self._process is not None and self._process.poll() is None
 
     async def start(self) -> None:
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it answers PING. Its port, free when probed, may
+        be bound by another test process (xdist) before the server binds it: the server
+        then exits at once, and starts again on another port."""
+        for _ in range(_START_ATTEMPTS - 1):
+            if await self._started():
+                return
+            self.port = _free_port()
+        if not await self._started():
+            raise RuntimeError("redis-server exited at start")
+
+    async def _started(self) -> bool:
+        """Spawn the server: whether it answers PING (False: it exited first)."""
         self._spawn()
         async with asyncio.timeout(_START_TIMEOUT_S):
             while not await self._answers_ping():
                 if not self.is_running:
-                    raise RuntimeError("redis-server exited at start")
+                    return False
                 await asyncio.sleep(0.02)
+        return True
 
     def _spawn(self) -> None:
         binary = shutil.which("redis-server")
@@ -81,6 +95,14 @@ class RedisServer:
         )  # fmt: skip
 
     async def _answers_ping(self) -> bool:
+        # Bounded: a listener that is not this server (see `start`) answers nothing.
+        try:
+            async with asyncio.timeout(_PING_TIMEOUT_S):
+                return await self._ping()
+        except TimeoutError:
+            return False
+
+    async def _ping(self) -> bool:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         except OSError:

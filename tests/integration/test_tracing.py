@@ -1242,7 +1242,9 @@ async def test_a_stream_past_its_deadline_while_the_gateway_writes_is_deadline_e
     generator later (GeneratorExit, not CancelledError): recorded as the caller's cancel.
     """
     upstream.script(Reply(content="x" * 40_000_000, chunks=800))
-    call = traced.stub.CompleteStream(chat_stream(), timeout=1.5)
+    # The fake builds all 40 MB of events before its first (0.25 s of CPU): a loaded
+    # machine took 1.5-2.5 s to the first delta, past a 1.5 s deadline.
+    call = traced.stub.CompleteStream(chat_stream(), timeout=5)
     await call.read()  # then reads nothing more: gRPC's flow control holds the writes
     assert (await call.code()) is grpc.StatusCode.DEADLINE_EXCEEDED
     server = await captured.ended(STREAM_SPAN)
