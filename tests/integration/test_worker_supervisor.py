@@ -32,7 +32,7 @@ from tests.integration.pki import make_pki
 from tests.integration.test_local_model_restart import MODEL, _squatting, stand_in_local_model
 
 REPO = Path(__file__).resolve().parents[2]
-_HANG_GUARD_S = 30.0
+_HANG_GUARD_S = 60.0
 # A dead worker's replacement started after 0.1 s (1 s otherwise), where a test waits for it.
 _SHORT_BACK_OFF = {"_RESTART_DELAY_S": 0.1}
 
