@@ -36,8 +36,8 @@ from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER, Upst
 from service.pipeline import Pipeline
 from service.pool import AttemptLog, UpstreamPool
 from service.pool_hooks import RetryDecision
-from service.retry import LACKING_MODEL_MEMORY_S
 from service.pricing import PriceList
+from service.retry import LACKING_MODEL_MEMORY_S
 from service.upstream.client import UpstreamClient
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_clock import FakeClock
@@ -573,6 +573,63 @@ async def test_a_model_its_only_upstream_lacks_is_still_a_rejected_request(start
         assert isinstance(again, grpc.aio.AioRpcError)
         assert error_details(again)[0]["attempts"] == "2"
         assert (len(first.requests), len(second.requests)) == (2, 2)
+
+
+# What servers answer for a path they do not route (a wrong base_url): llama.cpp's server,
+# OpenAI's API ("Invalid URL"), Azure's, as JSON error bodies; Ollama's (Go) as text. None
+# says a model is missing.
+NO_SUCH_PATH_REFUSALS = [
+    pytest.param(
+        Status(404, '{"error":{"code":404,"message":"File Not Found","type":"not_found_error"}}'),
+        id="llama.cpp",
+    ),
+    pytest.param(
+        Status(
+            404,
+            '{"error": {"message": "Invalid URL (POST /v1/v1/chat/completions)", '
+            '"type": "invalid_request_error", "param": null, "code": null}}',
+        ),
+        id="openai",
+    ),
+    pytest.param(
+        Status(404, '{"error":{"code":"404","message":"Resource not found"}}'), id="azure"
+    ),
+    pytest.param(
+        Status(404, "404 page not found", headers={"Content-Type": "text/plain"}), id="ollama"
+    ),
+]
+
+
+@pytest.mark.parametrize("refusal", NO_SUCH_PATH_REFUSALS)
+async def test_a_404_for_a_path_is_a_wrong_base_url_not_a_missing_model(
+    start_gateway, refusal, caplog
+):
+    """A 404 that says no model is missing is a path the server does not route: a wrong
+    base_url, which fails every model there. The call fails over as for an answer that is
+    no OpenAI one, and the upstream's own breaker is told (open after one failure here),
+    not the model passed over there as if it lacked it. Its only upstream's caller gets
+    UNAVAILABLE saying to check the base_url, not INVALID_ARGUMENT. Before, a JSON 404 was
+    taken for the model missing (and, with the lack remembered, kept the model off a
+    misconfigured upstream whose breaker never opened); a text one for the request at
+    fault."""
+    caplog.set_level(logging.INFO, logger="llm_gateway.pool")
+    resilience = {**FAST_RESILIENCE, "breaker_consecutive_failures": 1}
+    async with FakeUpstream(default=refusal) as misrouted, FakeUpstream() as serving:
+        gateway = await start_gateway(
+            gateway_config(misrouted.base_url, serving.base_url, resilience=resilience)
+        )
+        answer = await gateway.stub.Complete(chat())
+        assert (answer.metadata.upstream, answer.metadata.attempts) == ("up1", 2)
+        assert gateway.server.pipeline.pool.state("up0").breaker.state is BreakerState.OPEN
+    assert not [r for r in caplog.records if r.getMessage() == "pool.upstream_lacks_model"]
+    async with FakeUpstream(default=refusal) as only:
+        gateway = await start_gateway(gateway_config(only.base_url, resilience=FAST_RESILIENCE))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await gateway.stub.Complete(chat())
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "check its base_url" in failed.value.details()
+        metadata, reason, _ = error_details(failed.value)
+        assert (reason, metadata["http_status"]) == ("UPSTREAM_UNAVAILABLE", "404")
 
 
 async def test_a_refusal_of_a_parameter_is_not_failed_over(start_gateway):
