@@ -15,7 +15,8 @@
     └── UpstreamError             UNAVAILABLE       (ErrorInfo naming upstream, RetryInfo, pushback)
         ├── UpstreamRateLimited   RESOURCE_EXHAUSTED (RetryInfo from Retry-After)
         ├── UpstreamUnavailable   5xx, reset, refused, malformed or cut stream
-        │   └── UpstreamNotOpenAI a 200 that is no OpenAI answer at all: a wrong base_url
+        │   └── UpstreamNotOpenAI a 200 that is no OpenAI answer at all, or a 404 for a path
+        │                         the server does not route: a wrong base_url
         ├── UpstreamAuthRejected  401/402/403: the upstream's key or account, not the caller's
         ├── UpstreamRejected      INVALID_ARGUMENT: 400/404/422, the request itself, with
         │   │                     what the upstream said of it (`RelayedError`)
@@ -430,7 +431,9 @@ class UpstreamUnavailable(UpstreamError):
 class UpstreamNotOpenAI(UpstreamUnavailable):
     """A success status whose answer is no OpenAI answer at all (a login page, a captive
     portal, a proxy's error page): some other server than the provider answered, which
-    bills nothing. `content_type` is the answer's media type ("" when it sent none)."""
+    bills nothing; or a 404 that names no missing model, for a path the server does not
+    route (`openai_json.what_is_missing`). Either way the base_url is wrong. `content_type`
+    is the answer's media type ("" when it sent none)."""
 
     def __init__(self, message: str, *, upstream: str, status: int, content_type: str) -> None:
         super().__init__(message, upstream=upstream, status=status)
@@ -526,7 +529,7 @@ class UpstreamContextExceeded(UpstreamRejected):
 
 
 class UpstreamLacksModel(UpstreamRejected):
-    """The upstream has no such model (`openai_json.says_model_missing`): one provider
+    """The upstream has no such model (`openai_json.what_is_missing`): one provider
     dropped or renamed it, or never had it. Nothing is wrong with the request, and another
     upstream of the model may serve it: failed over, not retried there, and with no other
     upstream left the caller is told as for any refusal."""

@@ -57,6 +57,7 @@ from service.machine_turns import MachineTurnLimiter, MachineTurns
 from service.pool_hooks import AttemptRecord, PoolCounters, PoolHooks, RetryDecision
 from service.rejected_keys import RejectedKeyWatch
 from service.retry import (
+    LACKING_MODEL_MEMORY_S,
     BackoffPolicy,
     RetryBudget,
     backoff_s,
@@ -564,6 +565,11 @@ class UpstreamPool:
             toolless = frozenset(r.client.name for r in routes if not r.client.config.takes_tools)
             if toolless:
                 self.toolless[model] = toolless
+        # By (upstream, the model's name there): when an upstream found lacking that model
+        # may be tried for it again (`_remember_lack`). Bounded: both come from the config.
+        self._lacking: dict[tuple[str, str], float] = {}
+        # Those the operator was told of (`pool.upstream_lacks_model`), once each.
+        self._said_lacking: set[tuple[str, str]] = set()
         # Upstreams known to be down whatever their breakers say, with when a restart is
         # due to answer, if one is (`set_down`).
         self._down: dict[str, float | None] = {}
@@ -632,6 +638,8 @@ class UpstreamPool:
         state = self._states[upstream]
         if upstream in self._down:
             breaker = BreakerState.OPEN
+        elif model is not None and self._lacking and self._is_lacking(upstream, model):
+            breaker = BreakerState.OPEN  # passed over for the model (`_lacking_upstreams`)
         elif model is None:
             breaker = state.breaker.state
         else:
@@ -661,6 +669,14 @@ class UpstreamPool:
         down = self._down
         if len(routes) == 1:
             plan = _CallPlan(routes, 0)  # nothing to choose between
+        elif self._lacking:
+            lacking = self._lacking_upstreams(routes, skipping=toolless)
+            skipping = lacking.union(toolless)
+            first = self._first_route(model, routes, tokens, skipping=skipping)
+            plan = _CallPlan(routes, first, toolless=toolless)
+            for route in plan.order:
+                if route.client.name in lacking:
+                    plan.exclude(route, LACKS_MODEL)
         else:
             first = self._first_route(model, routes, tokens, skipping=toolless)
             plan = _CallPlan(routes, first, toolless=toolless)
@@ -670,6 +686,55 @@ class UpstreamPool:
                     # Sent nothing: whatever answers its old address now is not its server.
                     plan.exclude(route, self._why_down(route.client.name))
         return plan
+
+    def _lacking_upstreams(
+        self, routes: Sequence[Route], *, skipping: Container[str]
+    ) -> frozenset[str]:
+        """The upstreams of `routes` (but those in `skipping`) that a call passes over as
+        found lacking the model lately (`_remember_lack`): none when every one of them is,
+        so that the caller hears an upstream's own answer, as with a single one."""
+        now = self._clock.now()
+        lacking: set[str] = set()
+        has_others = False
+        for route in routes:
+            name = route.client.name
+            if name in skipping:
+                continue
+            key = (name, route.upstream_model)
+            until = self._lacking.get(key)
+            if until is not None and until <= now:
+                del self._lacking[key]  # tried again: access granted, a deployment created
+                until = None
+            if until is None:
+                has_others = True
+            else:
+                lacking.add(name)
+        return frozenset(lacking) if has_others else frozenset()
+
+    def _is_lacking(self, upstream: str, model: str) -> bool:
+        """Whether `upstream` was found lacking `model` lately (for ListModels)."""
+        for route in self.routes(model):
+            if route.client.name == upstream:
+                until = self._lacking.get((upstream, route.upstream_model))
+                return until is not None and until > self._clock.now()
+        return False
+
+    def _remember_lack(self, route: Route) -> None:
+        """`route`'s upstream answered that it has no such model: passed over for it for
+        `LACKING_MODEL_MEMORY_S` while another may serve it (`_lacking_upstreams`), and
+        the operator told the first time, since a config mistake is likely."""
+        key = (route.client.name, route.upstream_model)
+        self._lacking[key] = self._clock.now() + LACKING_MODEL_MEMORY_S
+        if key not in self._said_lacking:
+            self._said_lacking.add(key)
+            log.warning(
+                "pool.upstream_lacks_model",
+                extra={
+                    "upstream": route.client.name,
+                    "upstream_model": route.upstream_model,
+                    "passed_over_s": LACKING_MODEL_MEMORY_S,
+                },
+            )
 
     def _first_route(
         self, model: str, routes: Sequence[Route], tokens: int, *, skipping: Container[str]
@@ -933,6 +998,8 @@ class UpstreamPool:
         model (`failure_scope`); `is_callers_cut`: the caller's deadline caused it;
         `is_sent`: the request reached the upstream whole."""
         breaker = route.breaker
+        if isinstance(exc, UpstreamLacksModel):
+            self._remember_lack(route)
         if isinstance(exc, UpstreamAuthRejected):
             state.key_watch.rejected(http_status=exc.status)
             breaker.record_key_rejected(probe=probe)

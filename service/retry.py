@@ -32,6 +32,10 @@ RETRY_BUDGET_RATIO = 0.2  # retries per request, per upstream, over the window
 RETRY_BUDGET_WINDOW_S = 10.0  # seconds
 RETRY_BUDGET_MIN_RETRIES = 10  # retries always allowed per window, so quiet upstreams retry
 MIN_ATTEMPT_S = 0.05  # seconds: no attempt starts with less than this before the deadline
+# Seconds an upstream found lacking a model is passed over for it, when another may serve
+# it: long enough to spare each call the round trip, short enough that access granted or
+# a deployment created is found without a restart.
+LACKING_MODEL_MEMORY_S = 60.0
 
 # HTTP statuses worth another try: timeout, conflict, rate limit and every 5xx.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
@@ -241,6 +245,7 @@ def describe(error: BaseException) -> str:
 __all__ = [
     "DEFAULT_ATTEMPTS",
     "INITIAL_BACKOFF_S",
+    "LACKING_MODEL_MEMORY_S",
     "MAX_BACKOFF_S",
     "MAX_RETRY_AFTER_S",
     "MIN_ATTEMPT_S",

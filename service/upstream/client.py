@@ -48,6 +48,7 @@ from service.upstream.http import (
 )
 from service.upstream.openai_json import (
     MalformedReply,
+    Missing,
     ReportedError,
     StreamParser,
     body_without_stream_options,
@@ -57,10 +58,10 @@ from service.upstream.openai_json import (
     parse_completion,
     says_content_flagged,
     says_context_exceeded,
-    says_model_missing,
     says_out_of_credit,
     says_stream_options_unknown,
     unary_body,
+    what_is_missing,
 )
 from service.upstream.proxy import Proxy, choose_proxy
 from service.upstream.relay import relayed_error, secrets_of
@@ -202,12 +203,23 @@ def _error_for_status(
             is_input_limit=is_input_limit,
             counts_answer=counts_answer,
         )
-    if says_model_missing(body, status):
+    missing = what_is_missing(body, status)
+    if missing is Missing.MODEL:
         return UpstreamLacksModel(
             f"upstream {upstream!r} does not serve the model (HTTP {status})",
             upstream=upstream,
             status=status,
             relayed=relayed_error(body, secrets=secrets),
+        )
+    if missing is Missing.PATH:
+        # Every model there fails so: the upstream's fault, as an answer that is no OpenAI
+        # one is (failed over, its own breaker told), not the request's nor one model's.
+        return UpstreamNotOpenAI(
+            f"upstream {upstream!r} answered HTTP {status} for a path it does not route, "
+            "saying no model is missing: check its base_url",
+            upstream=upstream,
+            status=status,
+            content_type=clipped(media_type(headers)),
         )
     return UpstreamRejected(
         f"upstream {upstream!r} rejected the request (HTTP {status})",

@@ -5,6 +5,7 @@ https://platform.openai.com/docs/api-reference/chat — the only module that kno
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 import uuid
@@ -1528,36 +1529,49 @@ def says_context_exceeded(body: bytes, status: int = 400) -> bool:
     return isinstance(error, str) and any(p in error.lower() for p in phrases)
 
 
-# How a 400 says the upstream has no such model: OpenAI's (and Groq's) `code`, and the
-# messages of OpenAI, vLLM and Ollama ("The model `x` does not exist", "model 'x' not
-# found"), DeepSeek ("Model Not Exist") and Mistral ("Invalid model: x"). Read in the
-# message's head only: a refusal's message may run to megabytes.
-_MODEL_MISSING_CODES = frozenset({"model_not_found"})
+# How a 400 or 404 says the upstream has no such model: OpenAI's (and Groq's) `code`
+# `model_not_found`, Azure's `DeploymentNotFound`, Together's `model_not_available`; the
+# messages of OpenAI, Groq, vLLM ("The model `x` does not exist"), Ollama ("model 'x' not
+# found, try pulling it first"), Fireworks ("Model not found"), DeepSeek ("Model Not
+# Exist"), Mistral ("Invalid model: x"), LiteLLM's proxy ("Invalid model name passed"),
+# OpenRouter ("x is not a valid model ID") and Anthropic's ("model: x"). A 404 that says
+# none of that is a path the server does not route, a wrong base_url: llama.cpp's server
+# (`{"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}}`),
+# OpenAI's ("Invalid URL (POST /v1/...)"), Azure's ("Resource not found"), FastAPI's
+# (vLLM, LiteLLM: `{"detail": "Not Found"}`), Go's (Ollama: "404 page not found"), a
+# proxy's page. Read in the message's head only: a refusal's message may run to megabytes.
+_MODEL_MISSING_CODES = frozenset({"model_not_found", "DeploymentNotFound", "model_not_available"})
 _MODEL_MISSING_WORDS = re.compile(
-    r"\bmodel\b.{0,100}?\b(?:not exist|not found)|\b(?:invalid|unknown|no such) model\b",
+    r"\bmodel\b.{0,100}?\b(?:not exist|not found)|\b(?:invalid|unknown|no such) model\b"
+    r"|\bnot a valid model\b|^model: \S",
     re.IGNORECASE,
 )
 _MODEL_MISSING_HEAD_CHARS = 1000
 
 
-def says_model_missing(body: bytes, status: int) -> bool:
-    """Whether an error body, with its HTTP `status`, says the upstream serves no such
-    model (one provider dropped or renamed it, or never had it): any 404 with an error
-    body (the model, or an Azure deployment, unknown there), or a 400 whose `code` or
-    `type` is `model_not_found` or whose message says the model does not exist. A 404
-    with no error body (a wrong base_url's path, a proxy's page) says nothing of it."""
+class Missing(enum.Enum):
+    """What an error status says the upstream lacks (`what_is_missing`)."""
+
+    MODEL = "model"  # no such model there: another upstream of it may serve the call
+    PATH = "path"  # no such path: its base_url is wrong, for every model it serves
+
+
+def what_is_missing(body: bytes, status: int) -> Missing | None:
+    """What an error body, with its HTTP `status`, says the upstream lacks: the model
+    (one provider dropped or renamed it, or never had it) when a 400 or a 404 says so by
+    its `code` or `type` or its message (the shapes above); the path, for any other 404
+    with a body; None for anything else, a 404 with no body included (nothing is known)."""
     if status not in (400, 404):
-        return False
+        return None
     explanation = error_explanation(body)
-    if explanation is None:
-        return False
-    if status == 404:
-        return True
-    message, _, code = explanation
-    error = _error_of(body)
-    kind = error.get("type") if isinstance(error, dict) else None
-    return (
-        code in _MODEL_MISSING_CODES
-        or kind in _MODEL_MISSING_CODES
-        or _MODEL_MISSING_WORDS.search(message[:_MODEL_MISSING_HEAD_CHARS]) is not None
-    )
+    if explanation is not None:
+        message, _, code = explanation
+        error = _error_of(body)
+        kind = error.get("type") if isinstance(error, dict) else None
+        if (
+            code in _MODEL_MISSING_CODES
+            or kind in _MODEL_MISSING_CODES
+            or _MODEL_MISSING_WORDS.search(message[:_MODEL_MISSING_HEAD_CHARS]) is not None
+        ):
+            return Missing.MODEL
+    return Missing.PATH if status == 404 and body.strip() else None

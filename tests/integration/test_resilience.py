@@ -37,6 +37,7 @@ from service.pipeline import Pipeline
 from service.pool import AttemptLog, UpstreamPool
 from service.pool_hooks import RetryDecision
 from service.pricing import PriceList
+from service.retry import LACKING_MODEL_MEMORY_S
 from service.upstream.client import UpstreamClient
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gateway_config
 from tests.fake_clock import FakeClock
@@ -449,9 +450,9 @@ async def test_an_upstream_without_the_model_fails_over_to_one_that_serves_it(
     start_gateway, mode, refusal
 ):
     """One provider dropped or renamed the model, another still serves it: the call goes
-    to the other at once and is answered (attempts 2), the first neither retried nor
-    marked unhealthy. Before, the 404 ended the call INVALID_ARGUMENT, as if the request
-    were at fault."""
+    to the other at once and is answered (attempts 2), the first not retried, and shown
+    unhealthy for the model while it is passed over for it (its breaker is not told).
+    Before, the 404 ended the call INVALID_ARGUMENT, as if the request were at fault."""
     async with FakeUpstream(default=refusal) as lacking, FakeUpstream() as serving:
         gateway = await start_gateway(
             gateway_config(lacking.base_url, serving.base_url, resilience=FAST_RESILIENCE)
@@ -462,14 +463,76 @@ async def test_an_upstream_without_the_model_fails_over_to_one_that_serves_it(
         assert (len(lacking.requests), len(serving.requests)) == (1, 1)
         models = await gateway.stub.ListModels(pb.ListModelsRequest())
         health = {u.name: u.health for u in models.models[0].upstreams}
-        assert health == {"up0": pb.UPSTREAM_HEALTH_HEALTHY, "up1": pb.UPSTREAM_HEALTH_HEALTHY}
+        assert health == {"up0": pb.UPSTREAM_HEALTH_UNHEALTHY, "up1": pb.UPSTREAM_HEALTH_HEALTHY}
+        pool = gateway.server.pipeline.pool
+        assert pool.breaker("up0", FAKE_MODEL).state is BreakerState.CLOSED
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_an_upstream_found_lacking_the_model_is_passed_over_for_it(
+    start_gateway, mode, caplog
+):
+    """Once up0 has answered that it lacks the model, the calls that follow go straight to
+    up1 (attempts 1), whose turn in the round-robin up0's would have been: up0 got one
+    request in four calls, not two. ListModels shows it unhealthy for the model meanwhile,
+    and the operator is told once, not per call. Before, every other call paid up0's 404
+    (a round trip, and on a metered reseller maybe a request) before up1 answered it."""
+    caplog.set_level(logging.INFO, logger="llm_gateway.pool")
+    async with FakeUpstream(default=OPENAI_MODEL_NOT_FOUND) as lacking, FakeUpstream() as serving:
+        gateway = await start_gateway(
+            gateway_config(lacking.base_url, serving.base_url, resilience=FAST_RESILIENCE)
+        )
+        served = []
+        for _ in range(4):
+            metadata, _ = await call(gateway, mode, timeout_s=10)
+            assert not isinstance(metadata, grpc.aio.AioRpcError), metadata
+            served.append((metadata.upstream, metadata.attempts))
+        assert served == [("up1", 2), ("up1", 1), ("up1", 1), ("up1", 1)]
+        assert (len(lacking.requests), len(serving.requests)) == (1, 4)
+        models = await gateway.stub.ListModels(pb.ListModelsRequest())
+        health = {u.name: u.health for u in models.models[0].upstreams}
+        assert health == {"up0": pb.UPSTREAM_HEALTH_UNHEALTHY, "up1": pb.UPSTREAM_HEALTH_HEALTHY}
+    [said] = [r for r in caplog.records if r.getMessage() == "pool.upstream_lacks_model"]
+    assert (said.levelname, said.upstream, said.upstream_model) == ("WARNING", "up0", FAKE_MODEL)
+
+
+async def test_an_upstream_found_lacking_the_model_is_tried_again_after_a_while():
+    """The lack is remembered for `LACKING_MODEL_MEMORY_S` only: OpenAI's `model_not_found`
+    also means no access, which can be granted, and an Azure deployment can be created.
+    Once it has passed, up0 takes its turn again, and serves the model it now has. (A
+    fake clock moves the pool's time; the HTTP is real.)"""
+    clock = FakeClock()
+    async with FakeUpstream(default=OPENAI_MODEL_NOT_FOUND) as lacking, FakeUpstream() as serving:
+        config = gateway_config(lacking.base_url, serving.base_url, resilience=FAST_RESILIENCE)
+        async with (
+            UpstreamClient(config.upstreams[0]) as first,
+            UpstreamClient(config.upstreams[1]) as second,
+        ):
+            pool = UpstreamPool([first, second], settings=config.resilience, clock=clock)
+            pipeline = Pipeline(config, pool, PriceList(config.models))
+
+            async def served_by(number: int) -> str:
+                request = ChatRequest(FAKE_MODEL, (Message(Role.USER, f"call {number}"),))
+                completion = await pipeline.complete(request, deadline=Deadline.after(None, clock))
+                return completion.upstream
+
+            assert [await served_by(n) for n in range(4)] == ["up1"] * 4
+            assert len(lacking.requests) == 1
+            clock.advance(LACKING_MODEL_MEMORY_S - 1.0)
+            assert [await served_by(n) for n in range(4, 6)] == ["up1"] * 2
+            assert len(lacking.requests) == 1
+            clock.advance(1.0)
+            lacking.default = Reply()  # the deployment was created meanwhile
+            assert {await served_by(n) for n in range(6, 8)} == {"up0", "up1"}
+            assert len(lacking.requests) == 2
 
 
 @pytest.mark.parametrize("mode", ["unary", "stream"])
 async def test_a_model_its_only_upstream_lacks_is_still_a_rejected_request(start_gateway, mode):
     """With no other upstream the lack is the caller's to hear as before: INVALID_ARGUMENT,
     UPSTREAM_REJECTED_REQUEST with what the upstream said, one attempt, no RetryInfo; with
-    two that both lack it, the same, naming both attempts."""
+    two that both lack it, the same, naming both attempts. Found lacking it, neither is
+    passed over by the next call: no other upstream may serve it."""
     async with FakeUpstream(default=OPENAI_MODEL_NOT_FOUND) as only:
         gateway = await start_gateway(gateway_config(only.base_url, resilience=FAST_RESILIENCE))
         error, _ = await call(gateway, mode, timeout_s=10)
@@ -486,6 +549,10 @@ async def test_a_model_its_only_upstream_lacks_is_still_a_rejected_request(start
             None,
         )
         assert len(only.requests) == 1
+        again, _ = await call(gateway, mode, timeout_s=10)  # not passed over: no other serves it
+        assert isinstance(again, grpc.aio.AioRpcError)
+        assert error_details(again)[1] == "UPSTREAM_REJECTED_REQUEST"
+        assert len(only.requests) == 2
     async with (
         FakeUpstream(default=OPENAI_MODEL_NOT_FOUND) as first,
         FakeUpstream(default=VLLM_MODEL_NOT_FOUND) as second,
@@ -502,6 +569,67 @@ async def test_a_model_its_only_upstream_lacks_is_still_a_rejected_request(start
             "up0: model not served (HTTP 404); up1: model not served (HTTP 404)"
         )
         assert (len(first.requests), len(second.requests)) == (1, 1)
+        again, _ = await call(gateway, mode, timeout_s=10)  # each lacks it: neither passed over
+        assert isinstance(again, grpc.aio.AioRpcError)
+        assert error_details(again)[0]["attempts"] == "2"
+        assert (len(first.requests), len(second.requests)) == (2, 2)
+
+
+# What servers answer for a path they do not route (a wrong base_url): llama.cpp's server,
+# OpenAI's API ("Invalid URL"), Azure's, as JSON error bodies; Ollama's (Go) as text. None
+# says a model is missing.
+NO_SUCH_PATH_REFUSALS = [
+    pytest.param(
+        Status(404, '{"error":{"code":404,"message":"File Not Found","type":"not_found_error"}}'),
+        id="llama.cpp",
+    ),
+    pytest.param(
+        Status(
+            404,
+            '{"error": {"message": "Invalid URL (POST /v1/v1/chat/completions)", '
+            '"type": "invalid_request_error", "param": null, "code": null}}',
+        ),
+        id="openai",
+    ),
+    pytest.param(
+        Status(404, '{"error":{"code":"404","message":"Resource not found"}}'), id="azure"
+    ),
+    pytest.param(
+        Status(404, "404 page not found", headers={"Content-Type": "text/plain"}), id="ollama"
+    ),
+]
+
+
+@pytest.mark.parametrize("refusal", NO_SUCH_PATH_REFUSALS)
+async def test_a_404_for_a_path_is_a_wrong_base_url_not_a_missing_model(
+    start_gateway, refusal, caplog
+):
+    """A 404 that says no model is missing is a path the server does not route: a wrong
+    base_url, which fails every model there. The call fails over as for an answer that is
+    no OpenAI one, and the upstream's own breaker is told (open after one failure here),
+    not the model passed over there as if it lacked it. Its only upstream's caller gets
+    UNAVAILABLE saying to check the base_url, not INVALID_ARGUMENT. Before, a JSON 404 was
+    taken for the model missing (and, with the lack remembered, kept the model off a
+    misconfigured upstream whose breaker never opened); a text one for the request at
+    fault."""
+    caplog.set_level(logging.INFO, logger="llm_gateway.pool")
+    resilience = {**FAST_RESILIENCE, "breaker_consecutive_failures": 1}
+    async with FakeUpstream(default=refusal) as misrouted, FakeUpstream() as serving:
+        gateway = await start_gateway(
+            gateway_config(misrouted.base_url, serving.base_url, resilience=resilience)
+        )
+        answer = await gateway.stub.Complete(chat())
+        assert (answer.metadata.upstream, answer.metadata.attempts) == ("up1", 2)
+        assert gateway.server.pipeline.pool.state("up0").breaker.state is BreakerState.OPEN
+    assert not [r for r in caplog.records if r.getMessage() == "pool.upstream_lacks_model"]
+    async with FakeUpstream(default=refusal) as only:
+        gateway = await start_gateway(gateway_config(only.base_url, resilience=FAST_RESILIENCE))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await gateway.stub.Complete(chat())
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "check its base_url" in failed.value.details()
+        metadata, reason, _ = error_details(failed.value)
+        assert (reason, metadata["http_status"]) == ("UPSTREAM_UNAVAILABLE", "404")
 
 
 async def test_a_refusal_of_a_parameter_is_not_failed_over(start_gateway):
@@ -558,7 +686,8 @@ async def test_a_lack_of_the_model_after_a_5xx_leaves_the_5xx_to_say_why(start_g
 async def test_a_lack_of_the_model_beside_an_open_breaker_is_unavailable(start_gateway):
     """up0 lacks the model and up1, which serves it, has its breaker open: the call ends
     UNAVAILABLE saying why each was passed over, with RetryInfo for up1's cool-down, since
-    the caller's retry may reach up1 once it is back; not INVALID_ARGUMENT."""
+    the caller's retry may reach up1 once it is back; not INVALID_ARGUMENT. up0, found
+    lacking the model by the first call, is passed over without a request (attempts 0)."""
     async with (
         FakeUpstream(default=OPENAI_MODEL_NOT_FOUND) as lacking,
         FakeUpstream(default=Status(500)) as failing,
@@ -582,16 +711,17 @@ async def test_a_lack_of_the_model_beside_an_open_breaker_is_unavailable(start_g
             "up0 (model not served there), up1 (circuit open)"
         )
         metadata, reason, retry_s = error_details(refused.value)
-        assert (reason, metadata["attempts"]) == ("UPSTREAM_UNAVAILABLE", "1")
+        assert (reason, metadata["attempts"]) == ("UPSTREAM_UNAVAILABLE", "0")
         assert retry_s is not None
         assert FAST_RESILIENCE["backoff_cap_s"] < retry_s <= 30.0
-        assert (len(lacking.requests), len(failing.requests)) == (2, 1)
+        assert (len(lacking.requests), len(failing.requests)) == (1, 1)
 
 
 async def test_a_lack_of_the_model_beside_an_upstream_at_its_limit_is_that_limit(start_gateway):
     """up0 lacks the model and up1, which serves it, is paused past `max_limit_wait_s`
     (`X-RateLimit-Remaining: 0` for 30 s): the call ends with up1's limit
-    (RESOURCE_EXHAUSTED, UPSTREAM_LIMIT, with its wait), the soonest the model is served."""
+    (RESOURCE_EXHAUSTED, UPSTREAM_LIMIT, with its wait), the soonest the model is served;
+    up0, found lacking it by the first call, is not asked again."""
     paused = Reply(headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "30"})
     async with FakeUpstream(default=OPENAI_MODEL_NOT_FOUND) as lacking, FakeUpstream() as busy:
         busy.script(paused)
@@ -608,7 +738,7 @@ async def test_a_lack_of_the_model_beside_an_upstream_at_its_limit_is_that_limit
         assert reason == "UPSTREAM_LIMIT"
         assert retry_s is not None
         assert 0 < retry_s <= 30.0
-        assert (len(lacking.requests), len(busy.requests)) == (2, 1)
+        assert (len(lacking.requests), len(busy.requests)) == (1, 1)
 
 
 # OpenAI's answer to an account with no quota left: a 429 no wait mends.

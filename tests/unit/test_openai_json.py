@@ -22,6 +22,7 @@ from service.domain import (
 from service.upstream.openai_json import (
     ContextCounts,
     MalformedReply,
+    Missing,
     StreamParser,
     body_without_stream_options,
     context_counts,
@@ -31,10 +32,10 @@ from service.upstream.openai_json import (
     parse_completion,
     request_body,
     says_context_exceeded,
-    says_model_missing,
     says_out_of_credit,
     unary_body,
     usage,
+    what_is_missing,
 )
 from service.upstream.types import StreamEnd, TextChunk, UpstreamReply
 
@@ -1169,6 +1170,9 @@ def test_a_422_says_too_long_only_in_tgis_words() -> None:
     assert not says_context_exceeded(b'{"error": {"code": "context_length_exceeded"}}', 422)
 
 
+MODEL, PATH = Missing.MODEL, Missing.PATH
+
+
 @pytest.mark.parametrize(
     ("status", "body", "expected"),
     [
@@ -1176,35 +1180,48 @@ def test_a_422_says_too_long_only_in_tgis_words() -> None:
         (
             404,
             {"error": {"message": "The model `x` does not exist", "code": "model_not_found"}},
-            True,
+            MODEL,
         ),
-        # vLLM's bare error object; Azure's deployment unknown: any 404 with an error body.
-        (404, {"object": "error", "message": "The model `x` does not exist."}, True),
-        (404, {"error": {"code": "DeploymentNotFound", "message": "The API deployment ..."}}, True),
-        # A 404 with no error body is a path no server routes (a wrong base_url).
-        (404, {"detail": "Not Found"}, False),
-        # A 400 saying so: its code, DeepSeek's, Ollama's and Mistral's words.
-        (400, {"error": {"message": "no access", "code": "model_not_found"}}, True),
-        (400, {"error": {"message": "Model Not Exist", "type": "invalid_request_error"}}, True),
-        (400, {"error": "model 'llama3' not found, try pulling it first"}, True),
-        (400, {"object": "error", "message": "Invalid model: mistral-x", "code": "1500"}, True),
+        # vLLM's bare error object; Azure's deployment unknown; Ollama's; Anthropic's.
+        (404, {"object": "error", "message": "The model `x` does not exist.", "code": 404}, MODEL),
+        (404, {"error": {"code": "DeploymentNotFound", "message": "The API deployment"}}, MODEL),
+        (404, {"error": {"message": 'model "x" not found, try pulling it first'}}, MODEL),
+        (404, {"error": {"type": "not_found_error", "message": "model: claude-x"}}, MODEL),
+        # A path the server does not route: llama.cpp's, OpenAI's, Azure's, FastAPI's.
+        (
+            404,
+            {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}},
+            PATH,
+        ),
+        (404, {"error": {"message": "Invalid URL (POST /v1/chat/completion)", "code": None}}, PATH),
+        (404, {"error": {"code": "404", "message": "Resource not found"}}, PATH),
+        (404, {"detail": "Not Found"}, PATH),
+        # A 400 saying so: its code, DeepSeek's, Ollama's, Mistral's, OpenRouter's words.
+        (400, {"error": {"message": "no access", "code": "model_not_found"}}, MODEL),
+        (400, {"error": {"message": "Model Not Exist", "type": "invalid_request_error"}}, MODEL),
+        (400, {"error": "model 'llama3' not found, try pulling it first"}, MODEL),
+        (400, {"object": "error", "message": "Invalid model: mistral-x", "code": "1500"}, MODEL),
+        (400, {"error": {"message": "x/y is not a valid model ID", "code": 400}}, MODEL),
         # A 400 about the request fails the same on every upstream.
         (
             400,
             {"error": {"message": "Invalid 'temperature': above 2", "param": "temperature"}},
-            False,
+            None,
         ),
-        (400, {"error": {"message": "This model's maximum context length is 8192 tokens"}}, False),
-        (422, {"error": {"message": "The model `x` does not exist"}}, False),
+        (400, {"error": {"message": "This model's maximum context length is 8192 tokens"}}, None),
+        (422, {"error": {"message": "The model `x` does not exist"}}, None),
     ],
 )
-def test_says_model_missing(status: int, body: Any, expected: bool) -> None:
-    assert says_model_missing(json.dumps(body).encode(), status) is expected
+def test_what_is_missing(status: int, body: Any, expected: Missing | None) -> None:
+    assert what_is_missing(json.dumps(body).encode(), status) is expected
 
 
-def test_a_404_that_is_not_json_says_no_model_missing() -> None:
-    """A wrong base_url's page (a proxy's, a login page) says nothing of the model."""
-    assert not says_model_missing(b"<html>404 Not Found</html>", 404)
+def test_a_404_that_is_not_json_says_its_path_is_missing() -> None:
+    """A wrong base_url's page (a proxy's, Ollama's text) names no model; an empty 404
+    says nothing (its body may not have come in time)."""
+    assert what_is_missing(b"<html>404 Not Found</html>", 404) is PATH
+    assert what_is_missing(b"404 page not found", 404) is PATH
+    assert what_is_missing(b"", 404) is None
 
 
 @pytest.mark.parametrize("body", [b"", b"<html>Bad Request</html>", b"\xff\xfe"])
