@@ -215,8 +215,11 @@ class RpcScope:
         """Time not spent waiting on an upstream (never negative: a wait reported as a
         duration is placed as ending when it is reported, a little after it ended), of
         `elapsed_s` when given (the RPC's `elapsed_s()` just read), else of now."""
-        elapsed = self.elapsed_s() if elapsed_s is None else elapsed_s
-        return max(0.0, elapsed - self.upstream_s)
+        # `elapsed_s()` and `upstream_s` written out: every RPC asks twice (its trailer,
+        # its end), a frame each time.
+        elapsed = time.perf_counter() - self.started if elapsed_s is None else elapsed_s
+        waits = self.upstream_waits
+        return max(0.0, elapsed - covered_s(waits)) if waits else max(0.0, elapsed)
 
     def set_tenant(self, tenant: str) -> None:
         """Name the tenant the caller was authenticated as (the tenant id, never a key)."""
