@@ -356,7 +356,11 @@ def _fill_metadata(target: pb.CompletionMetadata, completion: Completion) -> Non
     """
     target.id = completion.id
     target.model = completion.model
-    target.finish_reason = _finish_reason_to_proto(completion)
+    finish_reason = completion.finish_reason
+    if finish_reason is FinishReason.UNKNOWN:  # the rare case in its own frame
+        target.finish_reason = _finish_reason_to_proto(completion)
+    else:
+        target.finish_reason = _FINISH[finish_reason]
     usage = completion.usage
     target.usage.input_tokens = usage.input_tokens
     target.usage.output_tokens = usage.output_tokens
